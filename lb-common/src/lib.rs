@@ -1,0 +1,264 @@
+//! Types shared by edgelb's XDP programs (`lb-ebpf`) and its controller (`lb-userspace`).
+//!
+//! Everything here is `#[repr(C)]` and laid out without implicit padding, because the same bytes
+//! are written by user space into eBPF maps and read back by the verifier-checked XDP program.
+//! The flow hash lives here too: the kernel and the `edgelb route` command must pick the same
+//! backend for the same client, so there is exactly one implementation of it.
+//!
+//! Addresses are stored as four `u32` words holding the address bytes in network order, loaded
+//! with the host's native endianness (`u32::from_ne_bytes`). That is what the XDP program gets
+//! when it reads the packet header as `u32`, so no byte swapping is ever needed on the fast path.
+//! An IPv4 address uses word 0 and leaves words 1..3 zero.
+#![no_std]
+#![deny(missing_docs)]
+
+pub mod hash;
+pub mod stats;
+
+/// Default and largest Maglev ring size: a prime, as Maglev requires, and Katran's default.
+pub const DEFAULT_RING_SIZE: u32 = 65_537;
+/// Largest ring a VIP may use. Each VIP owns two regions of this many slots in [`maps::RINGS`].
+pub const MAX_RING_SIZE: u32 = 65_537;
+/// How many VIPs one balancer serves. Bounds the ring array: `MAX_VIPS * 2 * MAX_RING_SIZE` u32s
+/// (16 MiB at 32 VIPs).
+pub const MAX_VIPS: u32 = 32;
+/// How many backends (over all VIPs) the backend table holds.
+pub const MAX_BACKENDS: u32 = 4096;
+/// Connection-table entries (split across CPUs: the table has per-CPU LRU lists).
+pub const CONNTRACK_ENTRIES: u32 = 262_144;
+/// Seed of the flow hash. Fixed so that every node of a fleet behind ECMP picks the same backend
+/// for the same client.
+pub const HASH_SEED: u32 = 0x6564_6765; // "edge"
+
+/// Address family tags used in keys ([`AF_INET`] and [`AF_INET6`] as on Linux).
+pub const AF_INET: u8 = 2;
+/// IPv6 address family tag.
+pub const AF_INET6: u8 = 10;
+
+/// IP protocol numbers the data path understands.
+pub mod proto {
+    /// ICMP.
+    pub const ICMP: u8 = 1;
+    /// IPv4-in-IP encapsulation.
+    pub const IPIP: u8 = 4;
+    /// TCP.
+    pub const TCP: u8 = 6;
+    /// UDP.
+    pub const UDP: u8 = 17;
+    /// IPv6-in-IP encapsulation.
+    pub const IPV6: u8 = 41;
+    /// ICMPv6.
+    pub const ICMPV6: u8 = 58;
+}
+
+/// Map names, shared so user space never spells one differently from the ELF.
+pub mod maps {
+    /// `HashMap<VipKey, VipMeta>`: which (address, port, protocol) are VIPs.
+    pub const VIPS: &str = "VIPS";
+    /// `HashMap<AddrKey, u32>`: every VIP address (any port), for ICMP and fragment policy.
+    pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    /// `Array<u32>`: Maglev rings, `ring_base + slot` -> backend id.
+    pub const RINGS: &str = "RINGS";
+    /// `Array<Backend>`: backend id -> where to send.
+    pub const BACKENDS: &str = "BACKENDS";
+    /// `LruHashMap<FlowKey, Conn>` with per-CPU LRU lists: established flows.
+    pub const CONNTRACK: &str = "CONNTRACK";
+    /// `Array<GlobalConfig>` with one element: node-wide settings.
+    pub const CONFIG: &str = "CONFIG";
+    /// `PerCpuArray<Counters>`, indexed by VIP index.
+    pub const VIP_STATS: &str = "VIP_STATS";
+    /// `PerCpuArray<Counters>`, indexed by backend id.
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    /// `PerCpuArray<u64>`, indexed by [`crate::stats::Reason`].
+    pub const REASONS: &str = "REASONS";
+}
+
+/// Program names in the ELF objects.
+pub mod programs {
+    /// The balancer, in `edgelb-xdp`.
+    pub const BALANCER: &str = "edgelb_balancer";
+    /// Backend-side IPIP/IP6IP6 decapsulator, in `edgelb-aux`.
+    pub const DECAP: &str = "edgelb_decap";
+    /// Passes everything; a baseline and the veth peer program the testbed needs for XDP_TX.
+    pub const PASS: &str = "edgelb_pass";
+    /// Swaps MACs and sends back: the trivial XDP_TX baseline for benchmarks.
+    pub const TX_SWAP: &str = "edgelb_tx_swap";
+}
+
+/// VIP flags ([`VipMeta::flags`]).
+pub mod vip_flags {
+    /// Hash the whole 5-tuple instead of the client address only.
+    pub const HASH_5TUPLE: u32 = 1 << 0;
+    /// L7 VIP: pass to the kernel stack, where the proxy terminates it.
+    pub const L7: u32 = 1 << 1;
+    /// Forward by rewriting the destination MAC (L2 DSR) instead of encapsulating.
+    pub const L2_DSR: u32 = 1 << 2;
+}
+
+/// Backend flags ([`Backend::flags`]).
+pub mod backend_flags {
+    /// The backend is in its pool (serving or draining). Cleared when it is removed or dead:
+    /// its established flows then re-hash.
+    pub const PRESENT: u8 = 1 << 0;
+}
+
+/// Key of the VIP table. Port 0 means any port of that address and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    /// Address words (see the crate docs).
+    pub addr: [u32; 4],
+    /// Destination port in network byte order, or 0 for any port.
+    pub port: u16,
+    /// IP protocol (TCP or UDP).
+    pub proto: u8,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u8,
+}
+
+/// Key of the VIP address set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AddrKey {
+    /// Address words.
+    pub addr: [u32; 4],
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u8,
+    /// Zero.
+    pub _pad: [u8; 3],
+}
+
+/// What the data path needs to know about one VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipMeta {
+    /// [`vip_flags`] bits.
+    pub flags: u32,
+    /// Index into the per-VIP counters (0..[`MAX_VIPS`]).
+    pub vip_index: u32,
+    /// First slot of this VIP's current ring in [`maps::RINGS`]. User space flips it between two
+    /// regions, so a packet always sees a complete ring.
+    pub ring_base: u32,
+    /// Ring size M (prime, at most [`MAX_RING_SIZE`]); 0 means the VIP has no backend.
+    pub ring_size: u32,
+}
+
+/// One backend: where encapsulated (or MAC-rewritten) packets go.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Address words of the backend's real address.
+    pub addr: [u32; 4],
+    /// Bumped every time the id is given to a different backend, so a stale connection-table
+    /// entry never follows an id to a stranger.
+    pub generation: u32,
+    /// Next-hop MAC for this backend: the backend's own MAC on the same segment, or the gateway.
+    pub mac: [u8; 6],
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u8,
+    /// [`backend_flags`] bits.
+    pub flags: u8,
+}
+
+/// Connection-table key: one direction of one flow, as the client sent it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Client address words.
+    pub src: [u32; 4],
+    /// VIP address words.
+    pub dst: [u32; 4],
+    /// Client port (network order); 0 for ICMP.
+    pub sport: u16,
+    /// VIP port (network order).
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u8,
+    /// Zero.
+    pub _pad: [u8; 2],
+}
+
+/// Connection-table value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Conn {
+    /// Backend id the flow is pinned to.
+    pub backend: u32,
+    /// [`Backend::generation`] when the flow was pinned.
+    pub generation: u32,
+}
+
+/// Node-wide settings, element 0 of [`maps::CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalConfig {
+    /// Outer source prefix for IPv4 encapsulation; the low [`GlobalConfig::src_v4_host_bits`]
+    /// bits are filled from the flow hash so backends' RSS spreads the load.
+    pub src_v4: u32,
+    /// Outer source prefix for IPv6 encapsulation; the last word is filled from the flow hash.
+    pub src_v6: [u32; 4],
+    /// How many low bits of `src_v4` vary per flow (0..=16).
+    pub src_v4_host_bits: u32,
+    /// Largest IP packet the egress link carries; encapsulated packets larger than this are
+    /// answered with ICMP frag-needed / packet-too-big. 0 disables the check.
+    pub mtu: u32,
+    /// Source MAC for frames we send (the balancer's interface); all zero keeps the frame's
+    /// destination MAC as the new source.
+    pub src_mac: [u8; 6],
+    /// Zero.
+    pub _pad: [u8; 2],
+}
+
+/// Per-VIP and per-backend counters (one per CPU; user space sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Packets forwarded.
+    pub packets: u64,
+    /// Bytes forwarded (as received, before encapsulation).
+    pub bytes: u64,
+    /// Flows that missed the connection table and were placed by the ring.
+    pub new_flows: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is #[repr(C)], made only of integers and byte arrays, with explicit
+    // padding fields, so any bit pattern is valid and there are no uninitialised bytes.
+    unsafe impl aya::Pod for super::VipKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AddrKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::VipMeta {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Conn {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GlobalConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Counters {}
+}
+
+#[cfg(test)]
+mod layout {
+    use super::*;
+    use core::mem::size_of;
+
+    // The eBPF side relies on these sizes having no implicit padding.
+    #[test]
+    fn sizes_have_no_hidden_padding() {
+        assert_eq!(size_of::<VipKey>(), 20);
+        assert_eq!(size_of::<AddrKey>(), 20);
+        assert_eq!(size_of::<VipMeta>(), 16);
+        assert_eq!(size_of::<Backend>(), 28);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<Conn>(), 8);
+        assert_eq!(size_of::<GlobalConfig>(), 36);
+        assert_eq!(size_of::<Counters>(), 24);
+    }
+}

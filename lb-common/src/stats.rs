@@ -1,0 +1,74 @@
+//! Why a packet was passed, dropped or sent: named slots of the per-CPU `REASONS` array.
+//!
+//! Invariant: every packet the balancer sees increments exactly one reason slot, so the slots
+//! add up to the packets seen (tests rely on it).
+
+/// A named reason slot. The discriminant is the array index.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): passed untouched.
+    PassNotIp = 0,
+    /// IP, but not for any VIP: passed untouched.
+    PassNotVip,
+    /// For an L7 VIP: passed to the kernel stack (the proxy).
+    PassL7,
+    /// Headers too short or inconsistent: passed untouched for the kernel to judge.
+    PassMalformed,
+    /// For a VIP address but a protocol or port no VIP serves: passed untouched.
+    PassNoService,
+    /// Fragment for a VIP address: dropped (no L4 header to balance on).
+    DropFragment,
+    /// IPv4 options or IPv6 extension headers towards a VIP address: dropped.
+    DropIpOptions,
+    /// The VIP has no backend in its ring.
+    DropNoBackend,
+    /// The packet did not fit after encapsulation and the ICMP answer could not be built.
+    DropTooBig,
+    /// Head/tail adjustment failed (no headroom).
+    DropAdjustFailed,
+    /// Encapsulated (IPIP, IP6IP6, 4in6) and sent.
+    TxEncap,
+    /// Destination MAC rewritten (L2 DSR) and sent.
+    TxL2,
+    /// ICMP echo to a VIP answered.
+    TxIcmpEcho,
+    /// ICMP frag-needed / packet-too-big sent back to the client.
+    TxIcmpTooBig,
+    /// ICMP error about a VIP flow forwarded to that flow's backend.
+    TxIcmpToBackend,
+}
+
+/// Number of reason slots.
+pub const REASON_COUNT: u32 = 15;
+
+/// Slot names as they appear in metrics and `edgelb status`, in index order.
+pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
+    "pass_not_ip",
+    "pass_not_vip",
+    "pass_l7",
+    "pass_malformed",
+    "pass_no_service",
+    "drop_fragment",
+    "drop_ip_options",
+    "drop_no_backend",
+    "drop_too_big",
+    "drop_adjust_failed",
+    "tx_encap",
+    "tx_l2",
+    "tx_icmp_echo",
+    "tx_icmp_too_big",
+    "tx_icmp_to_backend",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_match_indices() {
+        assert_eq!(REASON_NAMES[Reason::TxIcmpToBackend as usize], "tx_icmp_to_backend");
+        assert_eq!(Reason::TxIcmpToBackend as u32 + 1, REASON_COUNT);
+        assert_eq!(REASON_NAMES[Reason::PassNoService as usize], "pass_no_service");
+    }
+}

@@ -1,0 +1,211 @@
+//! Forwarding: IPIP / IP6IP6 / 4in6 encapsulation for DSR, and L2 DSR (MAC rewrite).
+//!
+//! Encapsulation grows the packet at the front with `bpf_xdp_adjust_head`, moves the L2 header
+//! (with its VLAN tag, if any) to the new start and writes the outer IP header behind it. All
+//! packet pointers are re-derived after the head moves.
+
+use crate::parse::{
+    ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, VlanHdr, ETH_LEN, ETH_P_IPV6, IPV4_LEN, IPV6_LEN, IP_DF,
+};
+use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use lb_common::{proto, Backend, GlobalConfig};
+
+/// Outer TTL / hop limit of encapsulated packets.
+const OUTER_TTL: u8 = 64;
+
+/// Folds a 32-bit one's-complement sum into the final 16-bit checksum.
+#[inline(always)]
+pub fn csum_fold(mut sum: u64) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Adds a 32-bit word (address half-words) to a checksum accumulator.
+#[inline(always)]
+pub fn csum_add32(sum: u64, w: u32) -> u64 {
+    sum + (w & 0xffff) as u64 + (w >> 16) as u64
+}
+
+/// Header checksum of an IPv4 header without options (its `check` field taken as zero).
+#[inline(always)]
+pub fn ipv4_csum(h: &Ipv4Hdr) -> u16 {
+    let mut s: u64 = u16::from_ne_bytes([h.ver_ihl, h.tos]) as u64;
+    s += h.tot_len as u64 + h.id as u64 + h.frag_off as u64;
+    s += u16::from_ne_bytes([h.ttl, h.proto]) as u64;
+    s = csum_add32(s, h.saddr);
+    s = csum_add32(s, h.daddr);
+    csum_fold(s)
+}
+
+/// RFC 1624 incremental update of `check` when a 16-bit word changes from `old` to `new`.
+#[inline(always)]
+pub fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {
+    let s = (!check) as u64 + (!old) as u64 + new as u64;
+    csum_fold(s)
+}
+
+/// Moves the L2 header (14 bytes, or 18 with a VLAN tag) from `grown` bytes in to the packet
+/// start after the head grew by `grown`, sets the next-hop MACs and the EtherType.
+#[inline(always)]
+fn move_l2(
+    ctx: &XdpContext,
+    grown: usize,
+    vlan: bool,
+    dst_mac: &[u8; 6],
+    cfg: &GlobalConfig,
+    ethertype: u16,
+) -> Result<(), ()> {
+    let new_eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    let old_eth: *const EthHdr = ptr_at(ctx, grown)?;
+    // SAFETY: both headers were bounds-checked by ptr_at; they may overlap, so the old one is
+    // copied out before the new one is written.
+    unsafe {
+        let old = *old_eth;
+        let src = if cfg.src_mac == [0; 6] { old.dst } else { cfg.src_mac };
+        (*new_eth).dst = *dst_mac;
+        (*new_eth).src = src;
+        (*new_eth).proto = old.proto;
+    }
+    if vlan {
+        let new_tag: *mut VlanHdr = ptr_at(ctx, ETH_LEN)?;
+        let old_tag: *const VlanHdr = ptr_at(ctx, ETH_LEN + grown)?;
+        // SAFETY: bounds-checked by ptr_at.
+        unsafe {
+            let old = *old_tag;
+            (*new_tag).tci = old.tci;
+            (*new_tag).proto = ethertype;
+        }
+    } else {
+        // SAFETY: bounds-checked above.
+        unsafe { (*new_eth).proto = ethertype };
+    }
+    Ok(())
+}
+
+/// Wraps the IPv4 packet at `l3_off` (of `inner_len` bytes, TOS `tos`) in an outer IPv4 header
+/// to `backend`, from the per-flow source `src`.
+#[inline(always)]
+pub fn encap_v4(
+    ctx: &XdpContext,
+    l3_off: usize,
+    inner_len: u16,
+    tos: u8,
+    backend: &Backend,
+    src: u32,
+    cfg: &GlobalConfig,
+) -> Result<(), ()> {
+    let ethertype = crate::parse::ETH_P_IP;
+    // SAFETY: the helper only moves ctx->data; every pointer is re-derived below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV4_LEN as i32)) } != 0 {
+        return Err(());
+    }
+    move_l2(ctx, IPV4_LEN, l3_off != ETH_LEN, &backend.mac, cfg, ethertype)?;
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, l3_off)?;
+    let mut h = Ipv4Hdr {
+        ver_ihl: 0x45,
+        tos,
+        tot_len: (inner_len + IPV4_LEN as u16).to_be(),
+        id: 0,
+        frag_off: IP_DF,
+        ttl: OUTER_TTL,
+        proto: proto::IPIP,
+        check: 0,
+        saddr: src,
+        daddr: backend.addr[0],
+    };
+    h.check = ipv4_csum(&h);
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe { *ip = h };
+    Ok(())
+}
+
+/// Wraps the packet at `l3_off` (`inner_len` bytes, IP protocol `inner_proto`: IPv6 or IPIP for
+/// 4in6) in an outer IPv6 header to `backend`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn encap_v6(
+    ctx: &XdpContext,
+    l3_off: usize,
+    inner_len: u16,
+    inner_proto: u8,
+    backend: &Backend,
+    src: &[u32; 4],
+    flow_label: u32,
+    cfg: &GlobalConfig,
+) -> Result<(), ()> {
+    // SAFETY: as in encap_v4.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV6_LEN as i32)) } != 0 {
+        return Err(());
+    }
+    move_l2(ctx, IPV6_LEN, l3_off != ETH_LEN, &backend.mac, cfg, ETH_P_IPV6)?;
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, l3_off)?;
+    let h = Ipv6Hdr {
+        vtc_flow: (0x6000_0000u32 | (flow_label & 0x000f_ffff)).to_be(),
+        payload_len: inner_len.to_be(),
+        next_hdr: inner_proto,
+        hop_limit: OUTER_TTL,
+        saddr: *src,
+        daddr: backend.addr,
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe { *ip = h };
+    Ok(())
+}
+
+/// L2 DSR: the backend holds the VIP and sits on this segment, so only the MACs change.
+#[inline(always)]
+pub fn rewrite_l2(ctx: &XdpContext, backend: &Backend, cfg: &GlobalConfig) -> Result<(), ()> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe {
+        let old_dst = (*eth).dst;
+        (*eth).src = if cfg.src_mac == [0; 6] { old_dst } else { cfg.src_mac };
+        (*eth).dst = backend.mac;
+    }
+    Ok(())
+}
+
+/// Swaps source and destination MACs, for answers sent back where the frame came from.
+#[inline(always)]
+pub fn swap_macs(ctx: &XdpContext) -> Result<(), ()> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe {
+        let e = *eth;
+        (*eth).dst = e.src;
+        (*eth).src = e.dst;
+    }
+    Ok(())
+}
+
+/// Outer IPv4 source: the configured prefix with its host bits taken from the flow hash, so a
+/// backend's RSS spreads flows over its queues.
+#[inline(always)]
+pub fn outer_src_v4(cfg: &GlobalConfig, fhash: u32) -> u32 {
+    let bits = cfg.src_v4_host_bits & 31;
+    let mask = (1u32 << bits) - 1;
+    (u32::from_be(cfg.src_v4) & !mask | (fhash & mask)).to_be()
+}
+
+/// Outer IPv6 source: the configured prefix with the last word from the flow hash.
+#[inline(always)]
+pub fn outer_src_v6(cfg: &GlobalConfig, fhash: u32) -> [u32; 4] {
+    [cfg.src_v6[0], cfg.src_v6[1], cfg.src_v6[2], fhash]
+}
+
+/// Like `move_l2` for answers to the sender: the frame goes back where it came from.
+#[inline(always)]
+pub fn move_l2_reply(
+    ctx: &XdpContext,
+    grown: usize,
+    vlan: bool,
+    cfg: &GlobalConfig,
+    ethertype: u16,
+) -> Result<(), ()> {
+    let old_eth: *const EthHdr = ptr_at(ctx, grown)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let back_to = unsafe { (*old_eth).src };
+    move_l2(ctx, grown, vlan, &back_to, cfg, ethertype)
+}

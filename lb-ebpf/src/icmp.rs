@@ -1,0 +1,278 @@
+//! ICMP for VIPs: echo answered here, errors about a VIP flow routed to the backend that owns the
+//! flow (so path-MTU discovery works with DSR), and frag-needed / packet-too-big generated when
+//! an encapsulated packet would not fit the egress MTU.
+
+use crate::{
+    encap::{csum_add32, csum_fold, csum_replace2, ipv4_csum, move_l2_reply, swap_macs},
+    forward, is_vip_addr, lookup_vip,
+    parse::{ptr_at, IcmpHdr, Ipv4Hdr, Ipv6Hdr, Ports, ETH_LEN, ETH_P_IP, ETH_P_IPV6, ICMP_LEN,
+        IPV4_LEN, IPV6_LEN},
+    stats::count,
+    L3,
+};
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::{proto, stats::Reason, vip_flags, FlowKey, GlobalConfig, AF_INET};
+
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMP_ECHO: u8 = 8;
+const ICMPV6_PKT_TOO_BIG: u8 = 2;
+const ICMPV6_ECHO: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+/// TTL / hop limit of packets we originate.
+const REPLY_TTL: u8 = 64;
+
+/// ICMP or ICMPv6 towards a VIP address.
+#[inline(always)]
+pub fn handle(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
+    if (l3.family == AF_INET) != (l3.proto == proto::ICMP) {
+        // ICMPv6 inside IPv4 or ICMP inside IPv6: not ours to judge.
+        return Ok(crate::not_served(&l3.dst, l3.family));
+    }
+    if !is_vip_addr(&l3.dst, l3.family) {
+        count(Reason::PassNotVip);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let icmp: *mut IcmpHdr = ptr_at(ctx, l3.l4_off)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let h = unsafe { *icmp };
+    if l3.family == AF_INET {
+        if h.ty == ICMP_ECHO {
+            return echo_v4(ctx, l3, icmp);
+        }
+        if h.ty == ICMP_DEST_UNREACH && h.code == ICMP_FRAG_NEEDED {
+            return error_to_backend(ctx, l3);
+        }
+    } else {
+        if h.ty == ICMPV6_ECHO {
+            return echo_v6(ctx, l3, icmp);
+        }
+        if h.ty == ICMPV6_PKT_TOO_BIG {
+            return error_to_backend(ctx, l3);
+        }
+    }
+    count(Reason::PassNoService);
+    Ok(xdp_action::XDP_PASS)
+}
+
+#[inline(always)]
+fn echo_v4(ctx: &XdpContext, l3: &L3, icmp: *mut IcmpHdr) -> Result<u32, ()> {
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, l3.l3_off)?;
+    // SAFETY: both headers were bounds-checked by ptr_at (icmp by the caller).
+    unsafe {
+        let mut h = *ip;
+        h.saddr = l3.dst[0];
+        h.daddr = l3.src[0];
+        h.ttl = REPLY_TTL;
+        h.check = 0;
+        h.check = ipv4_csum(&h);
+        *ip = h;
+        let old = u16::from_ne_bytes([(*icmp).ty, (*icmp).code]);
+        let new = u16::from_ne_bytes([ICMP_ECHO_REPLY, (*icmp).code]);
+        (*icmp).check = csum_replace2((*icmp).check, old, new);
+        (*icmp).ty = ICMP_ECHO_REPLY;
+    }
+    swap_macs(ctx)?;
+    count(Reason::TxIcmpEcho);
+    Ok(xdp_action::XDP_TX)
+}
+
+#[inline(always)]
+fn echo_v6(ctx: &XdpContext, l3: &L3, icmp: *mut IcmpHdr) -> Result<u32, ()> {
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, l3.l3_off)?;
+    // SAFETY: bounds-checked by ptr_at. Swapping the addresses leaves the pseudo-header sum as
+    // it was, so only the type change enters the checksum.
+    unsafe {
+        (*ip).saddr = l3.dst;
+        (*ip).daddr = l3.src;
+        (*ip).hop_limit = REPLY_TTL;
+        let old = u16::from_ne_bytes([(*icmp).ty, (*icmp).code]);
+        let new = u16::from_ne_bytes([ICMPV6_ECHO_REPLY, (*icmp).code]);
+        (*icmp).check = csum_replace2((*icmp).check, old, new);
+        (*icmp).ty = ICMPV6_ECHO_REPLY;
+    }
+    swap_macs(ctx)?;
+    count(Reason::TxIcmpEcho);
+    Ok(xdp_action::XDP_TX)
+}
+
+/// An ICMP error quotes the packet the VIP "sent" (VIP -> client). Reverse the quoted header to
+/// get the client's flow, find that flow's backend and send the error there.
+#[inline(always)]
+fn error_to_backend(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
+    let inner_off = l3.l4_off + ICMP_LEN;
+    let (vip, client, inner_proto, ports_off) = if l3.family == AF_INET {
+        let inner: *const Ipv4Hdr = ptr_at(ctx, inner_off)?;
+        // SAFETY: bounds-checked by ptr_at.
+        let h = unsafe { *inner };
+        if h.ver_ihl != 0x45 {
+            count(Reason::PassNoService);
+            return Ok(xdp_action::XDP_PASS);
+        }
+        ([h.saddr, 0, 0, 0], [h.daddr, 0, 0, 0], h.proto, inner_off + IPV4_LEN)
+    } else {
+        let inner: *const Ipv6Hdr = ptr_at(ctx, inner_off)?;
+        // SAFETY: bounds-checked by ptr_at.
+        let h = unsafe { *inner };
+        (h.saddr, h.daddr, h.next_hdr, inner_off + IPV6_LEN)
+    };
+    if inner_proto != proto::TCP && inner_proto != proto::UDP {
+        count(Reason::PassNoService);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let ports: *const Ports = ptr_at(ctx, ports_off)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let p = unsafe { *ports };
+    let Some(meta) = lookup_vip(&vip, p.src, inner_proto, l3.family) else {
+        count(Reason::PassNoService);
+        return Ok(xdp_action::XDP_PASS);
+    };
+    if meta.flags & vip_flags::L7 != 0 {
+        count(Reason::PassL7);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let key = FlowKey {
+        src: client,
+        dst: vip,
+        sport: p.dst,
+        dport: p.src,
+        proto: inner_proto,
+        family: l3.family,
+        _pad: [0; 2],
+    };
+    Ok(forward(ctx, l3, &key, &meta, Reason::TxIcmpToBackend))
+}
+
+/// Bytes of the offending packet quoted in the error: its IP header and 8 bytes of transport.
+const QUOTE_V4: usize = IPV4_LEN + 8;
+const QUOTE_V6: usize = IPV6_LEN + 8;
+
+/// Turns the packet into ICMP frag-needed (IPv4) or packet-too-big (IPv6) back to its sender,
+/// advertising `mtu`.
+#[inline(always)]
+pub fn too_big(ctx: &XdpContext, l3: &L3, mtu: u32, cfg: &GlobalConfig) -> u32 {
+    let done = if l3.family == AF_INET {
+        too_big_v4(ctx, l3, mtu, cfg)
+    } else {
+        too_big_v6(ctx, l3, mtu, cfg)
+    };
+    match done {
+        Ok(()) => {
+            count(Reason::TxIcmpTooBig);
+            xdp_action::XDP_TX
+        }
+        Err(()) => {
+            count(Reason::DropTooBig);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+/// Cuts the packet to the L2 header plus `quote` bytes of the IP packet and grows `grow` bytes of
+/// room in front, moving the L2 header there with the MACs swapped.
+#[inline(always)]
+fn reshape(ctx: &XdpContext, l3: &L3, quote: usize, grow: usize, ethertype: u16, cfg: &GlobalConfig) -> Result<(), ()> {
+    let len = ctx.data_end() - ctx.data();
+    let want = l3.l3_off + quote;
+    if len < want {
+        return Err(());
+    }
+    // SAFETY: the helpers only move ctx->data / data_end; pointers are re-derived afterwards.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - want) as i32)) } != 0 {
+        return Err(());
+    }
+    // SAFETY: as above.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(grow as i32)) } != 0 {
+        return Err(());
+    }
+    move_l2_reply(ctx, grow, l3.l3_off != ETH_LEN, cfg, ethertype)
+}
+
+#[inline(always)]
+fn too_big_v4(ctx: &XdpContext, l3: &L3, mtu: u32, cfg: &GlobalConfig) -> Result<(), ()> {
+    reshape(ctx, l3, QUOTE_V4, IPV4_LEN + ICMP_LEN, ETH_P_IP, cfg)?;
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, l3.l3_off)?;
+    let mut h = Ipv4Hdr {
+        ver_ihl: 0x45,
+        tos: 0,
+        tot_len: ((IPV4_LEN + ICMP_LEN + QUOTE_V4) as u16).to_be(),
+        id: 0,
+        frag_off: 0,
+        ttl: REPLY_TTL,
+        proto: proto::ICMP,
+        check: 0,
+        saddr: l3.dst[0],
+        daddr: l3.src[0],
+    };
+    h.check = ipv4_csum(&h);
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe { *ip = h };
+    let icmp_off = l3.l3_off + IPV4_LEN;
+    let body: *mut [u16; (ICMP_LEN + QUOTE_V4) / 2] = ptr_at(ctx, icmp_off)?;
+    let icmp: *mut IcmpHdr = body.cast();
+    let mtu = (mtu as u16).to_be_bytes();
+    // SAFETY: `body` covers the ICMP header and the quote, checked by ptr_at.
+    unsafe {
+        *icmp = IcmpHdr {
+            ty: ICMP_DEST_UNREACH,
+            code: ICMP_FRAG_NEEDED,
+            check: 0,
+            rest: u32::from_ne_bytes([0, 0, mtu[0], mtu[1]]),
+        };
+        let mut sum = 0u64;
+        let words = &*body;
+        let mut i = 0;
+        while i < words.len() {
+            sum += words[i] as u64;
+            i += 1;
+        }
+        (*icmp).check = csum_fold(sum);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn too_big_v6(ctx: &XdpContext, l3: &L3, mtu: u32, cfg: &GlobalConfig) -> Result<(), ()> {
+    reshape(ctx, l3, QUOTE_V6, IPV6_LEN + ICMP_LEN, ETH_P_IPV6, cfg)?;
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, l3.l3_off)?;
+    let payload = (ICMP_LEN + QUOTE_V6) as u16;
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe {
+        *ip = Ipv6Hdr {
+            vtc_flow: 0x6000_0000u32.to_be(),
+            payload_len: payload.to_be(),
+            next_hdr: proto::ICMPV6,
+            hop_limit: REPLY_TTL,
+            saddr: l3.dst,
+            daddr: l3.src,
+        };
+    }
+    let body: *mut [u16; (ICMP_LEN + QUOTE_V6) / 2] = ptr_at(ctx, l3.l3_off + IPV6_LEN)?;
+    let icmp: *mut IcmpHdr = body.cast();
+    // Pseudo-header: addresses, upper-layer length, next header.
+    let mut sum = 0u64;
+    let mut i = 0;
+    while i < 4 {
+        sum = csum_add32(sum, l3.dst[i]);
+        sum = csum_add32(sum, l3.src[i]);
+        i += 1;
+    }
+    sum += payload.to_be() as u64 + (proto::ICMPV6 as u16).to_be() as u64;
+    // SAFETY: `body` covers the ICMPv6 header and the quote, checked by ptr_at.
+    unsafe {
+        *icmp = IcmpHdr { ty: ICMPV6_PKT_TOO_BIG, code: 0, check: 0, rest: mtu.to_be() };
+        let words = &*body;
+        let mut i = 0;
+        while i < words.len() {
+            sum += words[i] as u64;
+            i += 1;
+        }
+        (*icmp).check = csum_fold(sum);
+    }
+    Ok(())
+}

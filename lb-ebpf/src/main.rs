@@ -1,0 +1,324 @@
+//! edgelb's L4 balancer, run at the NIC driver's XDP hook.
+//!
+//! `edgelb_balancer` parses the packet, matches (VIP, port, protocol), picks a backend (connection
+//! table, then Maglev ring) and forwards by encapsulation or MAC rewrite with XDP_TX. Each step
+//! either hands on to the next or ends in a verdict; anything not for a VIP, malformed or not
+//! understood is passed to the kernel untouched. Nothing is logged per packet: every packet
+//! counts into exactly one reason slot instead.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod encap;
+mod icmp;
+mod maps;
+mod parse;
+mod stats;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use lb_common::{
+    proto, stats::Reason, vip_flags, AddrKey, FlowKey, GlobalConfig, VipKey, VipMeta, AF_INET,
+    AF_INET6,
+};
+use maps::{CONFIG, VIPS, VIP_ADDRS};
+use parse::{ptr_at, Ipv4Hdr, Ipv6Hdr, Ports, ETH_P_IP, ETH_P_IPV6, IPV4_LEN, IPV6_LEN};
+use stats::count;
+
+/// The network-layer facts every later step needs.
+pub struct L3 {
+    /// Offset of the IP header.
+    pub l3_off: usize,
+    /// Offset of the transport header.
+    pub l4_off: usize,
+    /// AF_INET or AF_INET6.
+    pub family: u8,
+    /// Source address words.
+    pub src: [u32; 4],
+    /// Destination address words.
+    pub dst: [u32; 4],
+    /// Transport protocol.
+    pub proto: u8,
+    /// Length of the whole IP packet (header included), from the header.
+    pub tot_len: u16,
+    /// IPv4 TOS / IPv6 traffic class.
+    pub tos: u8,
+    /// IPv4 DF bit (always true for IPv6, which routers never fragment).
+    pub df: bool,
+}
+
+/// Either go on with a value or stop with an XDP verdict.
+pub enum Step<T> {
+    /// Continue processing.
+    Go(T),
+    /// Final verdict.
+    Done(u32),
+}
+
+#[xdp]
+pub fn edgelb_balancer(ctx: XdpContext) -> u32 {
+    match try_balance(&ctx) {
+        Ok(action) => action,
+        Err(()) => {
+            count(Reason::PassMalformed);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+#[inline(always)]
+fn try_balance(ctx: &XdpContext) -> Result<u32, ()> {
+    let l2 = parse::parse_l2(ctx)?;
+    let step = if l2.proto == ETH_P_IP {
+        parse_v4(ctx, l2.l3_off)?
+    } else if l2.proto == ETH_P_IPV6 {
+        parse_v6(ctx, l2.l3_off)?
+    } else {
+        count(Reason::PassNotIp);
+        return Ok(xdp_action::XDP_PASS);
+    };
+    let l3 = match step {
+        Step::Go(l3) => l3,
+        Step::Done(action) => return Ok(action),
+    };
+    match l3.proto {
+        proto::TCP | proto::UDP => balance_l4(ctx, &l3),
+        proto::ICMP | proto::ICMPV6 => icmp::handle(ctx, &l3),
+        _ => Ok(not_served(&l3.dst, l3.family)),
+    }
+}
+
+/// Is `addr` the address of some VIP (any port, any protocol)?
+#[inline(always)]
+pub fn is_vip_addr(addr: &[u32; 4], family: u8) -> bool {
+    let key = AddrKey { addr: *addr, family, _pad: [0; 3] };
+    // SAFETY: only presence is checked; the value is not read.
+    unsafe { VIP_ADDRS.get(&key) }.is_some()
+}
+
+/// Verdict for traffic towards an address with nothing to balance it: pass, counted by whether
+/// the address is a VIP's.
+#[inline(always)]
+pub fn not_served(dst: &[u32; 4], family: u8) -> u32 {
+    if is_vip_addr(dst, family) {
+        count(Reason::PassNoService);
+    } else {
+        count(Reason::PassNotVip);
+    }
+    xdp_action::XDP_PASS
+}
+
+/// Policy for fragments, IPv4 options and IPv6 extension headers: dropped (counted under
+/// `reason`) when aimed at a VIP address, which cannot balance them; passed otherwise.
+#[inline(always)]
+fn unbalanceable(dst: &[u32; 4], family: u8, reason: Reason) -> Step<L3> {
+    if is_vip_addr(dst, family) {
+        count(reason);
+        Step::Done(xdp_action::XDP_DROP)
+    } else {
+        count(Reason::PassNotVip);
+        Step::Done(xdp_action::XDP_PASS)
+    }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &XdpContext, l3_off: usize) -> Result<Step<L3>, ()> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let h = unsafe { *ip };
+    let ihl = (h.ver_ihl & 0x0f) as u16;
+    let tot_len = u16::from_be(h.tot_len);
+    if h.ver_ihl >> 4 != 4 || ihl < 5 || tot_len < ihl * 4 {
+        return Err(());
+    }
+    if l3_off + tot_len as usize > ctx.data_end() - ctx.data() {
+        return Err(());
+    }
+    let dst = [h.daddr, 0, 0, 0];
+    if ihl != 5 {
+        return Ok(unbalanceable(&dst, AF_INET, Reason::DropIpOptions));
+    }
+    if h.frag_off & parse::IP_MF_OFFSET != 0 {
+        return Ok(unbalanceable(&dst, AF_INET, Reason::DropFragment));
+    }
+    Ok(Step::Go(L3 {
+        l3_off,
+        l4_off: l3_off + IPV4_LEN,
+        family: AF_INET,
+        src: [h.saddr, 0, 0, 0],
+        dst,
+        proto: h.proto,
+        tot_len,
+        tos: h.tos,
+        df: h.frag_off & parse::IP_DF != 0,
+    }))
+}
+
+/// IPv6 extension headers we do not walk: hop-by-hop, routing, destination options, AH, ESP
+/// (fragment is handled on its own).
+const IPV6_EXT_HEADERS: [u8; 5] = [0, 43, 60, 51, 50];
+const IPV6_FRAGMENT: u8 = 44;
+
+#[inline(always)]
+fn parse_v6(ctx: &XdpContext, l3_off: usize) -> Result<Step<L3>, ()> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, l3_off)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let h = unsafe { *ip };
+    let vtc = u32::from_be(h.vtc_flow);
+    let payload = u16::from_be(h.payload_len);
+    if vtc >> 28 != 6 || payload > u16::MAX - IPV6_LEN as u16 {
+        return Err(());
+    }
+    let tot_len = payload + IPV6_LEN as u16;
+    if l3_off + tot_len as usize > ctx.data_end() - ctx.data() {
+        return Err(());
+    }
+    let daddr = h.daddr;
+    if h.next_hdr == IPV6_FRAGMENT {
+        return Ok(unbalanceable(&daddr, AF_INET6, Reason::DropFragment));
+    }
+    let mut i = 0;
+    while i < IPV6_EXT_HEADERS.len() {
+        if h.next_hdr == IPV6_EXT_HEADERS[i] {
+            return Ok(unbalanceable(&daddr, AF_INET6, Reason::DropIpOptions));
+        }
+        i += 1;
+    }
+    Ok(Step::Go(L3 {
+        l3_off,
+        l4_off: l3_off + IPV6_LEN,
+        family: AF_INET6,
+        src: h.saddr,
+        dst: daddr,
+        proto: h.next_hdr,
+        tot_len,
+        tos: (vtc >> 20) as u8,
+        df: true,
+    }))
+}
+
+/// Finds the VIP for (address, port, protocol), trying the exact port, then "any port".
+#[inline(always)]
+pub fn lookup_vip(addr: &[u32; 4], port: u16, proto: u8, family: u8) -> Option<VipMeta> {
+    let mut key = VipKey { addr: *addr, port, proto, family };
+    // SAFETY: the value is copied out at once.
+    if let Some(meta) = unsafe { VIPS.get(&key) } {
+        return Some(*meta);
+    }
+    key.port = 0;
+    // SAFETY: as above.
+    unsafe { VIPS.get(&key) }.copied()
+}
+
+#[inline(always)]
+fn balance_l4(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
+    let ports: *const Ports = ptr_at(ctx, l3.l4_off)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let p = unsafe { *ports };
+    let Some(meta) = lookup_vip(&l3.dst, p.dst, l3.proto, l3.family) else {
+        count(Reason::PassNotVip);
+        return Ok(xdp_action::XDP_PASS);
+    };
+    if meta.flags & vip_flags::L7 != 0 {
+        count(Reason::PassL7);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let key = FlowKey {
+        src: l3.src,
+        dst: l3.dst,
+        sport: p.src,
+        dport: p.dst,
+        proto: l3.proto,
+        family: l3.family,
+        _pad: [0; 2],
+    };
+    Ok(forward(ctx, l3, &key, &meta, Reason::TxEncap))
+}
+
+/// Global config, or all-zero defaults before user space wrote it.
+#[inline(always)]
+pub fn config() -> GlobalConfig {
+    CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// Sends the packet described by `l3` to the backend of flow `key` on VIP `meta`.
+///
+/// `reason` is the slot counted on success: TxEncap for data packets (which also create a
+/// connection-table entry), TxIcmpToBackend for ICMP errors (which only read it).
+#[inline(always)]
+pub fn forward(ctx: &XdpContext, l3: &L3, key: &FlowKey, meta: &VipMeta, reason: Reason) -> u32 {
+    let data_packet = reason as u32 == Reason::TxEncap as u32;
+    let fhash = conntrack::flow_hash(key, meta);
+    let Some(pick) = conntrack::pick(key, meta, fhash, data_packet) else {
+        count(Reason::DropNoBackend);
+        return xdp_action::XDP_DROP;
+    };
+    let cfg = config();
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    if meta.flags & vip_flags::L2_DSR != 0 {
+        if encap::rewrite_l2(ctx, &pick.backend, &cfg).is_err() {
+            count(Reason::DropAdjustFailed);
+            return xdp_action::XDP_DROP;
+        }
+        count(if data_packet { Reason::TxL2 } else { reason });
+        stats::count_forward(meta.vip_index, pick.id, bytes, pick.new_flow);
+        return xdp_action::XDP_TX;
+    }
+    let overhead = if pick.backend.family == AF_INET { IPV4_LEN } else { IPV6_LEN } as u32;
+    if cfg.mtu != 0 && l3.tot_len as u32 + overhead > cfg.mtu {
+        if data_packet && l3.df && cfg.mtu > overhead {
+            return icmp::too_big(ctx, l3, cfg.mtu - overhead, &cfg);
+        }
+        count(Reason::DropTooBig);
+        return xdp_action::XDP_DROP;
+    }
+    let sent = match (l3.family, pick.backend.family) {
+        (AF_INET, AF_INET) => encap::encap_v4(
+            ctx,
+            l3.l3_off,
+            l3.tot_len,
+            l3.tos,
+            &pick.backend,
+            encap::outer_src_v4(&cfg, fhash),
+            &cfg,
+        ),
+        (AF_INET, AF_INET6) => encap::encap_v6(
+            ctx,
+            l3.l3_off,
+            l3.tot_len,
+            proto::IPIP,
+            &pick.backend,
+            &encap::outer_src_v6(&cfg, fhash),
+            fhash,
+            &cfg,
+        ),
+        (AF_INET6, AF_INET6) => encap::encap_v6(
+            ctx,
+            l3.l3_off,
+            l3.tot_len,
+            proto::IPV6,
+            &pick.backend,
+            &encap::outer_src_v6(&cfg, fhash),
+            fhash,
+            &cfg,
+        ),
+        // IPv6 VIPs with IPv4 backends are rejected by config validation.
+        _ => Err(()),
+    };
+    if sent.is_err() {
+        count(Reason::DropAdjustFailed);
+        return xdp_action::XDP_DROP;
+    }
+    count(reason);
+    stats::count_forward(meta.vip_index, pick.id, bytes, pick.new_flow);
+    xdp_action::XDP_TX
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

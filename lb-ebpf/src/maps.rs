@@ -1,0 +1,51 @@
+//! The balancer's maps. User space (lb-userspace `dataplane::maps`) fills all but CONNTRACK and
+//! the counters; names and layouts come from lb-common.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    AddrKey, Backend, Conn, Counters, FlowKey, GlobalConfig, VipKey, VipMeta, CONNTRACK_ENTRIES,
+    MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, stats::REASON_COUNT,
+};
+
+/// Per-CPU LRU lists (BPF_F_NO_COMMON_LRU): no cross-CPU lock on the hot path.
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
+/// (address, port, protocol) -> VIP metadata. Port 0 entries match any port.
+#[map]
+pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS * 4, 0);
+
+/// Every VIP address, for ICMP echo, ICMP errors and the fragment/options policy.
+#[map]
+pub static VIP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_VIPS * 4, 0);
+
+/// Maglev rings: two regions of MAX_RING_SIZE slots per VIP; each slot holds a backend id.
+#[map]
+pub static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * 2 * MAX_RING_SIZE, 0);
+
+/// Backend id -> backend.
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Established flows -> their backend.
+#[map]
+pub static CONNTRACK: LruHashMap<FlowKey, Conn> =
+    LruHashMap::with_max_entries(CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// Node-wide settings (one element).
+#[map]
+pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+
+/// Per-VIP counters, by VIP index.
+#[map]
+pub static VIP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+
+/// Per-backend counters, by backend id.
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Pass/drop/tx reasons (lb_common::stats::Reason).
+#[map]
+pub static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);

@@ -1,0 +1,124 @@
+//! Packet header layouts and bounds-checked access.
+//!
+//! Every read goes through [`ptr_at`], which checks the whole header against `data_end` right
+//! before it is used, as the verifier demands. Headers are `packed(2)`: after a 14-byte Ethernet
+//! header the IP header is only 2-byte aligned, and the layouts must not promise more.
+
+use aya_ebpf::programs::XdpContext;
+use core::mem::size_of;
+
+/// EtherType of IPv4, as read from the wire in native order.
+pub const ETH_P_IP: u16 = 0x0800u16.to_be();
+/// EtherType of IPv6.
+pub const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
+/// EtherType of an 802.1Q tag.
+pub const ETH_P_8021Q: u16 = 0x8100u16.to_be();
+
+/// Ethernet header.
+#[repr(C, packed(2))]
+#[derive(Clone, Copy)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub proto: u16,
+}
+
+/// 802.1Q tag (follows the source MAC; `proto` is the inner EtherType).
+#[repr(C, packed(2))]
+#[derive(Clone, Copy)]
+pub struct VlanHdr {
+    pub tci: u16,
+    pub proto: u16,
+}
+
+/// IPv4 header without options.
+#[repr(C, packed(2))]
+#[derive(Clone, Copy)]
+pub struct Ipv4Hdr {
+    pub ver_ihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub saddr: u32,
+    pub daddr: u32,
+}
+
+/// IPv6 fixed header.
+#[repr(C, packed(2))]
+#[derive(Clone, Copy)]
+pub struct Ipv6Hdr {
+    pub vtc_flow: u32,
+    pub payload_len: u16,
+    pub next_hdr: u8,
+    pub hop_limit: u8,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+}
+
+/// The first four bytes of TCP and UDP: the ports.
+#[repr(C, packed(2))]
+#[derive(Clone, Copy)]
+pub struct Ports {
+    pub src: u16,
+    pub dst: u16,
+}
+
+/// ICMP / ICMPv6 header.
+#[repr(C, packed(2))]
+#[derive(Clone, Copy)]
+pub struct IcmpHdr {
+    pub ty: u8,
+    pub code: u8,
+    pub check: u16,
+    pub rest: u32,
+}
+
+pub const ETH_LEN: usize = size_of::<EthHdr>();
+pub const VLAN_LEN: usize = size_of::<VlanHdr>();
+pub const IPV4_LEN: usize = size_of::<Ipv4Hdr>();
+pub const IPV6_LEN: usize = size_of::<Ipv6Hdr>();
+pub const ICMP_LEN: usize = size_of::<IcmpHdr>();
+
+/// IPv4 "more fragments" flag and fragment offset bits of `frag_off` (native order).
+pub const IP_MF_OFFSET: u16 = 0x3FFFu16.to_be();
+/// IPv4 "don't fragment" bit.
+pub const IP_DF: u16 = 0x4000u16.to_be();
+
+/// Returns a pointer to a `T` at `offset` from the packet start, or `Err` when the packet is too
+/// short. The check covers all of `T`.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return Err(());
+    }
+    Ok((start + offset) as *mut T)
+}
+
+/// Where the network header starts and which EtherType it has.
+pub struct L2 {
+    /// Offset of the IP header: 14, or 18 behind one 802.1Q tag.
+    pub l3_off: usize,
+    /// Inner EtherType (native order of the wire bytes).
+    pub proto: u16,
+}
+
+/// Parses Ethernet and at most one 802.1Q tag.
+#[inline(always)]
+pub fn parse_l2(ctx: &XdpContext) -> Result<L2, ()> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: ptr_at checked that the header lies inside the packet.
+    let proto = unsafe { (*eth).proto };
+    if proto == ETH_P_8021Q {
+        let vlan: *const VlanHdr = ptr_at(ctx, ETH_LEN)?;
+        // SAFETY: checked by ptr_at.
+        let inner = unsafe { (*vlan).proto };
+        return Ok(L2 { l3_off: ETH_LEN + VLAN_LEN, proto: inner });
+    }
+    Ok(L2 { l3_off: ETH_LEN, proto })
+}
