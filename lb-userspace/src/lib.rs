@@ -1,0 +1,18 @@
+//! edgelb: an XDP + io_uring edge load balancer. This crate is the controller (`edgelb` binary):
+//! it turns a TOML config into the XDP balancer's maps and keeps them in step.
+//!
+//! The binary's `main.rs` is a thin CLI over this library, so tests and benches drive the same
+//! code. Subsystems, one module each:
+//! - [`config`]: the TOML schema and its validation (errors point at file:line:column);
+//! - [`maglev`]: the consistent-hash ring builder;
+//! - [`dataplane`]: loading, attaching and incrementally updating the eBPF maps;
+//! - [`controller`]: the `edgelb run` loop (signals, reload, counters in the log);
+//! - [`testbed`]: network-namespace topologies for `cargo xtask run` and the end-to-end tests.
+#![deny(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod controller;
+pub mod dataplane;
+pub mod maglev;
+pub mod testbed;

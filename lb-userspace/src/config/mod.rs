@@ -1,0 +1,412 @@
+//! The TOML configuration: what the operator writes, and the validated form the rest of edgelb
+//! uses.
+//!
+//! Parsing happens in two layers. [`raw`] mirrors the file with serde and keeps the byte span of
+//! every value the validator may complain about; [`Config::from_str`] then checks meaning (valid
+//! addresses, prime ring sizes, modes that fit the backends...) and reports the first problem as
+//! `file:line:column: what is wrong`, so an operator can jump straight to it.
+
+mod raw;
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use lb_common::{DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS};
+use serde::Serialize;
+
+/// The default config `cargo xtask run` brings the testbed up with, also a worked example.
+pub const EXAMPLE: &str = include_str!("../../../docs/edgelb.example.toml");
+
+/// A configuration problem, located in the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read config: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, does not match the schema, or fails validation.
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Validated configuration.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Config {
+    /// Node-wide settings.
+    pub node: Node,
+    /// VIPs, in file order.
+    pub vips: Vec<Vip>,
+}
+
+/// How to attach the XDP program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpAttachMode {
+    /// Native (driver) mode, falling back to generic mode with a warning.
+    Auto,
+    /// Native (driver) mode only.
+    Native,
+    /// Generic (skb) mode: works everywhere, slower.
+    Generic,
+}
+
+/// Node-wide settings.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Node {
+    /// Interfaces the balancer attaches to.
+    pub interfaces: Vec<String>,
+    /// XDP attach mode.
+    pub xdp_mode: XdpAttachMode,
+    /// Outer source prefix for IPv4 encapsulation (address, prefix length).
+    pub encap_source_v4: Option<(Ipv4Addr, u8)>,
+    /// Outer source prefix for IPv6 encapsulation; the last 32 bits vary per flow.
+    pub encap_source_v6: Option<Ipv6Addr>,
+    /// Next-hop MAC for encapsulated packets to backends without a `mac`.
+    pub gateway_mac: Option<[u8; 6]>,
+    /// Source MAC of frames we send; None keeps the interface's (the frame's destination).
+    pub src_mac: Option<[u8; 6]>,
+    /// Egress MTU for the too-big check (0 disables it).
+    pub mtu: u32,
+}
+
+/// Transport protocol of a VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::proto::TCP,
+            Protocol::Udp => lb_common::proto::UDP,
+        }
+    }
+}
+
+/// What a VIP's ring hashes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HashMode {
+    /// The client address only: one client sticks to one backend (default).
+    Client,
+    /// The 5-tuple: one client's flows spread over backends.
+    FiveTuple,
+}
+
+/// How a VIP's packets reach the backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// IPIP / IP6IP6 / 4in6 encapsulation, direct server return (default).
+    Ipip,
+    /// Rewrite the destination MAC; backends on the same segment hold the VIP.
+    L2,
+    /// Not balanced in XDP: passed to the kernel stack for the L7 proxy.
+    L7,
+}
+
+/// One VIP.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Vip {
+    /// Operator's name for it, unique.
+    pub name: String,
+    /// VIP address.
+    pub address: IpAddr,
+    /// Port, 0 for any port.
+    pub port: u16,
+    /// Transport protocol.
+    pub protocol: Protocol,
+    /// Hash input.
+    pub hash: HashMode,
+    /// Forwarding mode.
+    pub forwarding: Forwarding,
+    /// Maglev ring size (prime).
+    pub ring_size: u32,
+    /// Backends.
+    pub backends: Vec<Backend>,
+}
+
+/// One backend of a VIP.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Backend {
+    /// Real address (encapsulation target, health checks).
+    pub address: IpAddr,
+    /// Relative weight; 0 drains (no new flows, established ones stay).
+    pub weight: u32,
+    /// Next-hop MAC: the backend's own on this segment (required for L2 forwarding), otherwise
+    /// the node's `gateway_mac` is used.
+    pub mac: Option<[u8; 6]>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Validates config text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let fail = |span: Option<Range<usize>>, message: String| {
+            let (line, column) = line_col(text, span.map_or(0, |s| s.start));
+            ConfigError::Invalid { path: path.to_owned(), line, column, message }
+        };
+        let raw: raw::File =
+            toml::from_str(text).map_err(|e| fail(e.span(), e.message().trim().to_owned()))?;
+        validate(raw).map_err(|Invalid(span, message)| fail(Some(span), message))
+    }
+
+    /// Finds a VIP by name, by address, or by `address:port` / `[v6]:port`.
+    pub fn find_vip(&self, spec: &str) -> Option<&Vip> {
+        if let Some(v) = self.vips.iter().find(|v| v.name == spec) {
+            return Some(v);
+        }
+        if let Ok(addr) = spec.parse::<IpAddr>() {
+            return self.vips.iter().find(|v| v.address == addr);
+        }
+        let sa: std::net::SocketAddr = spec.parse().ok()?;
+        self.vips.iter().find(|v| v.address == sa.ip() && (v.port == sa.port() || v.port == 0))
+    }
+}
+
+impl fmt::Display for Vip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = match self.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        match (self.address, self.port) {
+            (IpAddr::V6(a), 0) => write!(f, "{} ([{a}]:*/{proto})", self.name),
+            (IpAddr::V6(a), p) => write!(f, "{} ([{a}]:{p}/{proto})", self.name),
+            (a, 0) => write!(f, "{} ({a}:*/{proto})", self.name),
+            (a, p) => write!(f, "{} ({a}:{p}/{proto})", self.name),
+        }
+    }
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// A validation failure: where, and what.
+struct Invalid(Range<usize>, String);
+
+fn bad<T>(span: Range<usize>, message: impl Into<String>) -> Result<T, Invalid> {
+    Err(Invalid(span, message.into()))
+}
+
+fn parse_mac(s: &raw::Sp<String>) -> Result<[u8; 6], Invalid> {
+    let parts: Vec<&str> = s.get_ref().split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return bad(s.span(), format!("`{}` is not a MAC address (aa:bb:cc:dd:ee:ff)", s.get_ref()));
+    }
+    for (i, p) in parts.iter().enumerate() {
+        mac[i] = u8::from_str_radix(p, 16).or_else(|_| {
+            bad(s.span(), format!("`{}` is not a MAC address (aa:bb:cc:dd:ee:ff)", s.get_ref()))
+        })?;
+    }
+    Ok(mac)
+}
+
+fn parse_ip(s: &raw::Sp<String>, what: &str) -> Result<IpAddr, Invalid> {
+    s.get_ref()
+        .parse()
+        .or_else(|_| bad(s.span(), format!("`{}` is not an IP address ({what})", s.get_ref())))
+}
+
+fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u32;
+    while d.saturating_mul(d) <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+fn validate(raw: raw::File) -> Result<Config, Invalid> {
+    let n = raw.node;
+    if n.interfaces.get_ref().is_empty() {
+        return bad(n.interfaces.span(), "node.interfaces must name at least one interface");
+    }
+    let xdp_mode = match n.xdp_mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+        None | Some(("auto", _)) => XdpAttachMode::Auto,
+        Some(("native", _)) => XdpAttachMode::Native,
+        Some(("generic", _)) => XdpAttachMode::Generic,
+        Some((other, span)) => {
+            return bad(span, format!("xdp_mode `{other}`: expected auto, native or generic"));
+        }
+    };
+    let encap_source_v4 = match &n.encap_source_v4 {
+        None => None,
+        Some(s) => {
+            let (addr, len) = s.get_ref().split_once('/').unwrap_or((s.get_ref(), "32"));
+            let addr: Ipv4Addr = addr.parse().or_else(|_| {
+                bad(s.span(), format!("encap_source_v4 `{}` is not an IPv4 prefix", s.get_ref()))
+            })?;
+            let len: u8 = match len.parse() {
+                Ok(l @ 16..=32) => l,
+                _ => return bad(s.span(), "encap_source_v4 prefix length must be 16..=32"),
+            };
+            Some((addr, len))
+        }
+    };
+    let encap_source_v6 = match &n.encap_source_v6 {
+        None => None,
+        Some(s) => {
+            let (addr, len) = s.get_ref().split_once('/').unwrap_or((s.get_ref(), "96"));
+            let addr: Ipv6Addr = addr.parse().or_else(|_| {
+                bad(s.span(), format!("encap_source_v6 `{}` is not an IPv6 prefix", s.get_ref()))
+            })?;
+            if len != "96" {
+                return bad(s.span(), "encap_source_v6 must be a /96: the last 32 bits vary per flow");
+            }
+            Some(addr)
+        }
+    };
+    let node = Node {
+        interfaces: n.interfaces.into_inner(),
+        xdp_mode,
+        encap_source_v4,
+        encap_source_v6,
+        gateway_mac: n.gateway_mac.as_ref().map(parse_mac).transpose()?,
+        src_mac: n.src_mac.as_ref().map(parse_mac).transpose()?,
+        mtu: match n.mtu {
+            None => 1500,
+            Some(m) if *m.get_ref() == 0 || (576..=65535).contains(m.get_ref()) => *m.get_ref(),
+            Some(m) => return bad(m.span(), "mtu must be 0 (no check) or 576..=65535"),
+        },
+    };
+
+    if raw.vip.len() > MAX_VIPS as usize {
+        return bad(raw.vip[MAX_VIPS as usize].span(), format!("at most {MAX_VIPS} VIPs are supported"));
+    }
+    let mut names = HashSet::new();
+    let mut keys = HashSet::new();
+    let mut all_backends = HashSet::new();
+    let mut vips = Vec::new();
+    for v in raw.vip {
+        let vspan = v.span();
+        let v = v.into_inner();
+        if !names.insert(v.name.get_ref().clone()) {
+            return bad(v.name.span(), format!("duplicate VIP name `{}`", v.name.get_ref()));
+        }
+        let vip_addr = parse_ip(&v.address, "VIP address")?;
+        let port = v.port.as_ref().map_or(0, |p| *p.get_ref());
+        let protocol = match v.protocol.as_ref().map(|p| (p.get_ref().as_str(), p.span())) {
+            None | Some(("tcp", _)) => Protocol::Tcp,
+            Some(("udp", _)) => Protocol::Udp,
+            Some((other, span)) => return bad(span, format!("protocol `{other}`: expected tcp or udp")),
+        };
+        if !keys.insert((vip_addr, port, protocol)) {
+            return bad(vspan, format!("VIP {vip_addr} port {port} {protocol:?} is defined twice"));
+        }
+        let hash = match v.hash.as_ref().map(|h| (h.get_ref().as_str(), h.span())) {
+            None | Some(("client", _)) => HashMode::Client,
+            Some(("5tuple", _)) => HashMode::FiveTuple,
+            Some((other, span)) => return bad(span, format!("hash `{other}`: expected client or 5tuple")),
+        };
+        let forwarding = match v.forwarding.as_ref().map(|h| (h.get_ref().as_str(), h.span())) {
+            None | Some(("ipip", _)) => Forwarding::Ipip,
+            Some(("l2", _)) => Forwarding::L2,
+            Some(("l7", _)) => Forwarding::L7,
+            Some((other, span)) => {
+                return bad(span, format!("forwarding `{other}`: expected ipip, l2 or l7"));
+            }
+        };
+        let ring_size = match &v.ring_size {
+            None => DEFAULT_RING_SIZE,
+            Some(m) if is_prime(*m.get_ref()) && (3..=MAX_RING_SIZE).contains(m.get_ref()) => *m.get_ref(),
+            Some(m) => {
+                return bad(m.span(), format!("ring_size must be a prime between 3 and {MAX_RING_SIZE}"));
+            }
+        };
+        let mut seen = HashSet::new();
+        let mut backends = Vec::new();
+        for b in &v.backends {
+            let address = parse_ip(&b.address, "backend address")?;
+            if !seen.insert(address) {
+                return bad(b.address.span(), format!("backend {address} is listed twice in this VIP"));
+            }
+            let weight = b.weight.as_ref().map_or(1, |w| *w.get_ref());
+            if weight > 10_000 {
+                return bad(b.weight.as_ref().unwrap().span(), "weight must be 0..=10000");
+            }
+            let mac = b.mac.as_ref().map(parse_mac).transpose()?;
+            match forwarding {
+                Forwarding::L2 if mac.is_none() => {
+                    return bad(b.address.span(), "l2 forwarding needs a `mac` for every backend");
+                }
+                Forwarding::Ipip => {
+                    if address.is_ipv4() && vip_addr.is_ipv6() {
+                        return bad(b.address.span(), "an IPv6 VIP needs IPv6 backends (6in4 is not supported)");
+                    }
+                    if mac.is_none() && node.gateway_mac.is_none() {
+                        return bad(b.address.span(), "backend has no `mac` and node.gateway_mac is not set: no next hop");
+                    }
+                    if address.is_ipv4() && node.encap_source_v4.is_none() {
+                        return bad(b.address.span(), "IPv4 backends need node.encap_source_v4 for the outer source");
+                    }
+                    if address.is_ipv6() && node.encap_source_v6.is_none() {
+                        return bad(b.address.span(), "IPv6 backends need node.encap_source_v6 for the outer source");
+                    }
+                }
+                _ => {}
+            }
+            all_backends.insert(address);
+            backends.push(Backend { address, weight, mac });
+        }
+        vips.push(Vip {
+            name: v.name.into_inner(),
+            address: vip_addr,
+            port,
+            protocol,
+            hash,
+            forwarding,
+            ring_size,
+            backends,
+        });
+    }
+    if all_backends.len() > MAX_BACKENDS as usize {
+        return bad(0..0, format!("at most {MAX_BACKENDS} distinct backends are supported"));
+    }
+    Ok(Config { node, vips })
+}
+
+#[cfg(test)]
+mod tests;

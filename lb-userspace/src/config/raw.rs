@@ -1,0 +1,48 @@
+//! The config file as serde sees it: every value validation may reject keeps its span.
+
+use serde::Deserialize;
+
+/// A value with its byte range in the file.
+pub type Sp<T> = toml::Spanned<T>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub node: Node,
+    #[serde(default)]
+    pub vip: Vec<Sp<Vip>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub interfaces: Sp<Vec<String>>,
+    pub xdp_mode: Option<Sp<String>>,
+    pub encap_source_v4: Option<Sp<String>>,
+    pub encap_source_v6: Option<Sp<String>>,
+    pub gateway_mac: Option<Sp<String>>,
+    pub src_mac: Option<Sp<String>>,
+    pub mtu: Option<Sp<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vip {
+    pub name: Sp<String>,
+    pub address: Sp<String>,
+    pub port: Option<Sp<u16>>,
+    pub protocol: Option<Sp<String>>,
+    pub hash: Option<Sp<String>>,
+    pub forwarding: Option<Sp<String>>,
+    pub ring_size: Option<Sp<u32>>,
+    #[serde(default)]
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub address: Sp<String>,
+    pub weight: Option<Sp<u32>>,
+    pub mac: Option<Sp<String>>,
+}

@@ -1,0 +1,91 @@
+//! Typed handles on the balancer's maps: the only code that touches aya maps.
+//!
+//! Each map is taken out of the loaded object once and converted to its typed wrapper, so key and
+//! value sizes are checked at load time rather than on first use.
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    sys::SyscallError,
+};
+use lb_common::{
+    AddrKey, Backend, Conn, Counters, FlowKey, GlobalConfig, VipKey, VipMeta, maps as names,
+    stats::REASON_COUNT,
+};
+
+use super::DataplaneError;
+
+/// The balancer's maps.
+pub struct Maps {
+    /// VIP table.
+    pub vips: HashMap<MapData, VipKey, VipMeta>,
+    /// VIP address set.
+    pub vip_addrs: HashMap<MapData, AddrKey, u32>,
+    /// Maglev rings.
+    pub rings: Array<MapData, u32>,
+    /// Backend table.
+    pub backends: Array<MapData, Backend>,
+    /// Connection table (LRU hash; aya reads it as a plain hash map).
+    pub conntrack: HashMap<MapData, FlowKey, Conn>,
+    /// Global config.
+    pub config: Array<MapData, GlobalConfig>,
+    /// Per-VIP counters.
+    pub vip_stats: PerCpuArray<MapData, Counters>,
+    /// Per-backend counters.
+    pub backend_stats: PerCpuArray<MapData, Counters>,
+    /// Reason counters.
+    pub reasons: PerCpuArray<MapData, u64>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| DataplaneError::Map { name, source })
+}
+
+impl Maps {
+    /// Takes every map out of `ebpf`.
+    pub fn take(ebpf: &mut Ebpf) -> Result<Maps, DataplaneError> {
+        Ok(Maps {
+            vips: take(ebpf, names::VIPS)?,
+            vip_addrs: take(ebpf, names::VIP_ADDRS)?,
+            rings: take(ebpf, names::RINGS)?,
+            backends: take(ebpf, names::BACKENDS)?,
+            conntrack: take(ebpf, names::CONNTRACK)?,
+            config: take(ebpf, names::CONFIG)?,
+            vip_stats: take(ebpf, names::VIP_STATS)?,
+            backend_stats: take(ebpf, names::BACKEND_STATS)?,
+            reasons: take(ebpf, names::REASONS)?,
+        })
+    }
+
+    /// Sum over CPUs of one per-CPU counter slot.
+    pub fn sum_counters(map: &PerCpuArray<MapData, Counters>, index: u32) -> Result<Counters, MapError> {
+        let per_cpu = map.get(&index, 0)?;
+        Ok(per_cpu.iter().fold(Counters::default(), |a, c| Counters {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+            new_flows: a.new_flows + c.new_flows,
+        }))
+    }
+
+    /// Sum over CPUs of every reason slot.
+    pub fn reasons(&self) -> Result<[u64; REASON_COUNT as usize], MapError> {
+        let mut out = [0u64; REASON_COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = self.reasons.get(&(i as u32), 0)?.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Zeroes one per-CPU counter slot (a VIP index or backend id given to someone new).
+    pub fn reset_counters(map: &mut PerCpuArray<MapData, Counters>, index: u32) -> Result<(), MapError> {
+        let syscall = |call, io_error| MapError::SyscallError(SyscallError { call, io_error });
+        let cpus = aya::util::nr_cpus().map_err(|(call, e)| syscall(call, e))?.get();
+        let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus as usize])
+            .map_err(|e| syscall("nr_cpus", e))?;
+        map.set(index, zeros, 0)
+    }
+}

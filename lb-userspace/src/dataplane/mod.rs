@@ -1,0 +1,510 @@
+//! The XDP data path as the controller sees it: load the programs, attach them, and keep the
+//! maps in step with the config.
+//!
+//! [`Dataplane::apply`] is the one way config reaches the kernel. It is incremental and ordered so
+//! that no packet sees an inconsistent state: new backends are written before any ring names
+//! them; a changed ring is written into the VIP's *inactive* region (only the slots that differ
+//! from what that region already holds) and then published by one atomic update of the VIP entry;
+//! removed backends are retired only after no ring points at them.
+
+pub mod maps;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    ffi::CString,
+    net::IpAddr,
+    path::Path,
+};
+
+use aya::{
+    Ebpf, EbpfError,
+    maps::MapError,
+    programs::{ProgramError, Xdp, XdpMode, links::FdLink, xdp::XdpLinkId},
+};
+use lb_common::{
+    AF_INET, AF_INET6, AddrKey, Backend, Counters, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE,
+    MAX_VIPS, VipKey, VipMeta, backend_flags, programs, vip_flags,
+};
+use tracing::{info, warn};
+
+use crate::{
+    config::{Config, Forwarding, HashMode, Vip, XdpAttachMode},
+    maglev::{ConsistentHash, Maglev, RingMember},
+};
+pub use maps::Maps;
+
+/// The balancer object, built from lb-ebpf by build.rs.
+pub static BALANCER_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/edgelb-xdp"));
+/// The auxiliary programs (decap, pass, tx_swap).
+pub static AUX_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/edgelb-aux"));
+
+/// What went wrong in the data path.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The ELF object could not be loaded (maps created, BTF...).
+    #[error("loading the eBPF object failed")]
+    Load(#[from] EbpfError),
+    /// A program is missing from the object or failed verification/attachment.
+    #[error("eBPF program `{name}`: {source}")]
+    Program {
+        /// Program name.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: ProgramError,
+    },
+    /// A map the code expects is not in the object.
+    #[error("map `{0}` is missing from the eBPF object")]
+    MissingMap(&'static str),
+    /// A map operation failed.
+    #[error("map `{name}`: {source}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: MapError,
+    },
+    /// Attaching to an interface failed.
+    #[error("attaching XDP to `{interface}` ({mode}) failed: {source}")]
+    Attach {
+        /// Interface name.
+        interface: String,
+        /// Mode tried.
+        mode: &'static str,
+        /// Cause.
+        #[source]
+        source: ProgramError,
+    },
+    /// Pinning a link failed.
+    #[error("pinning to {path}: {reason}")]
+    Pin {
+        /// Pin path.
+        path: std::path::PathBuf,
+        /// Cause.
+        reason: String,
+    },
+    /// More VIPs or backends than the maps hold.
+    #[error("{0}")]
+    Capacity(String),
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+/// Address words of `addr` as the data path stores them (see lb-common).
+pub fn addr_words(addr: IpAddr) -> ([u32; 4], u8) {
+    match addr {
+        IpAddr::V4(a) => ([u32::from_ne_bytes(a.octets()), 0, 0, 0], AF_INET),
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([w(0), w(4), w(8), w(12)], AF_INET6)
+        }
+    }
+}
+
+/// The map key of a configured VIP.
+pub fn vip_key(vip: &Vip) -> VipKey {
+    let (addr, family) = addr_words(vip.address);
+    VipKey { addr, port: vip.port.to_be(), proto: vip.protocol.number(), family }
+}
+
+/// The ring a VIP gets for its configured backends, as indices into `vip.backends`.
+pub fn vip_ring(vip: &Vip) -> Option<Vec<u32>> {
+    if vip.forwarding == Forwarding::L7 {
+        return None;
+    }
+    let members: Vec<RingMember> =
+        vip.backends.iter().map(|b| RingMember::from_addr(b.address, b.weight)).collect();
+    Maglev.build(&members, vip.ring_size)
+}
+
+/// The backend a new flow from `client` (with `sport`, for 5-tuple VIPs) gets on `vip`: the same
+/// hash and ring the XDP program uses. `None` when the VIP has no backend with weight.
+pub fn route(vip: &Vip, client: IpAddr, sport: u16) -> Option<&crate::config::Backend> {
+    let ring = vip_ring(vip)?;
+    let (src, family) = addr_words(client);
+    let h = match vip.hash {
+        HashMode::Client => lb_common::hash::client_hash(&src, lb_common::HASH_SEED),
+        HashMode::FiveTuple => {
+            let key = vip_key(vip);
+            let fk = lb_common::FlowKey {
+                src,
+                dst: key.addr,
+                sport: sport.to_be(),
+                dport: key.port,
+                proto: key.proto,
+                family,
+                _pad: [0; 2],
+            };
+            lb_common::hash::five_tuple_hash(&fk, lb_common::HASH_SEED)
+        }
+    };
+    Some(&vip.backends[ring[(h % vip.ring_size) as usize] as usize])
+}
+
+/// What user space remembers about a VIP's slot in the maps.
+struct VipSlot {
+    index: u32,
+    /// Which of the two ring regions is live.
+    active: usize,
+    /// What each region holds (backend ids), as last written.
+    regions: [Vec<u32>; 2],
+    meta: VipMeta,
+}
+
+/// A backend id's current owner.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct BackendSlot {
+    entry: Backend,
+}
+
+/// Summary of one [`Dataplane::apply`], for logs and tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Ring slots written.
+    pub ring_slots_written: usize,
+    /// VIPs added.
+    pub vips_added: usize,
+    /// VIPs removed.
+    pub vips_removed: usize,
+    /// VIP entries (re)published.
+    pub vips_updated: usize,
+    /// Backends added.
+    pub backends_added: usize,
+    /// Backends retired.
+    pub backends_removed: usize,
+}
+
+/// The loaded balancer and the controller's view of its maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    maps: Maps,
+    vips: HashMap<VipKey, VipSlot>,
+    backend_ids: HashMap<IpAddr, u32>,
+    backends: Vec<Option<BackendSlot>>,
+    generations: Vec<u32>,
+    addrs: BTreeSet<([u32; 4], u8)>,
+    config: Option<GlobalConfig>,
+    attached: Vec<(String, &'static str)>,
+}
+
+impl Dataplane {
+    /// Loads the balancer object and verifies its program (not attached yet).
+    pub fn load() -> Result<Dataplane, DataplaneError> {
+        let mut ebpf = Ebpf::load(BALANCER_OBJ)?;
+        let prog: &mut Xdp = program(&mut ebpf, programs::BALANCER)?;
+        prog.load().map_err(|source| DataplaneError::Program { name: programs::BALANCER, source })?;
+        let maps = Maps::take(&mut ebpf)?;
+        Ok(Dataplane {
+            ebpf,
+            maps,
+            vips: HashMap::new(),
+            backend_ids: HashMap::new(),
+            backends: vec![None; MAX_BACKENDS as usize],
+            generations: vec![0; MAX_BACKENDS as usize],
+            addrs: BTreeSet::new(),
+            config: None,
+            attached: Vec::new(),
+        })
+    }
+
+    /// The balancer program, for BPF_PROG_TEST_RUN.
+    pub fn balancer(&mut self) -> &mut Xdp {
+        program(&mut self.ebpf, programs::BALANCER).expect("checked at load")
+    }
+
+    /// The maps, for counters and inspection.
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    /// Mutable maps, for tests that stage connection-table state.
+    pub fn maps_mut(&mut self) -> &mut Maps {
+        &mut self.maps
+    }
+
+    /// Interfaces attached so far and the mode each got.
+    pub fn attached(&self) -> &[(String, &'static str)] {
+        &self.attached
+    }
+
+    /// Attaches the balancer to `interface` (by name, in the calling thread's network
+    /// namespace). Auto mode tries native first and falls back to generic with a warning.
+    pub fn attach(&mut self, interface: &str, mode: XdpAttachMode) -> Result<&'static str, DataplaneError> {
+        let (used, _) = attach_xdp(program(&mut self.ebpf, programs::BALANCER)?, interface, mode)?;
+        self.attached.push((interface.to_owned(), used));
+        Ok(used)
+    }
+
+    /// Brings the maps in line with `cfg` (see the module docs for the order of writes).
+    pub fn apply(&mut self, cfg: &Config) -> Result<ApplyReport, DataplaneError> {
+        let mut report = ApplyReport::default();
+
+        // 1. Backends: every address any VIP names, with its next-hop MAC.
+        let mut wanted: HashMap<IpAddr, [u8; 6]> = HashMap::new();
+        for vip in &cfg.vips {
+            for b in &vip.backends {
+                let mac = b.mac.or(cfg.node.gateway_mac).unwrap_or([0; 6]);
+                wanted.entry(b.address).or_insert(mac);
+            }
+        }
+        let mut addrs: Vec<&IpAddr> = wanted.keys().collect();
+        addrs.sort();
+        for addr in addrs {
+            let (words, family) = addr_words(*addr);
+            let id = match self.backend_ids.get(addr) {
+                Some(&id) => id,
+                None => {
+                    let id = self.backends.iter().position(Option::is_none).ok_or_else(|| {
+                        DataplaneError::Capacity(format!("more than {MAX_BACKENDS} backends"))
+                    })? as u32;
+                    self.generations[id as usize] = self.generations[id as usize].wrapping_add(1);
+                    Maps::reset_counters(&mut self.maps.backend_stats, id)
+                        .map_err(map_err(lb_common::maps::BACKEND_STATS))?;
+                    self.backend_ids.insert(*addr, id);
+                    report.backends_added += 1;
+                    id
+                }
+            };
+            let entry = Backend {
+                addr: words,
+                generation: self.generations[id as usize],
+                mac: wanted[addr],
+                family,
+                flags: backend_flags::PRESENT,
+            };
+            let slot = Some(BackendSlot { entry });
+            if self.backends[id as usize] != slot {
+                self.maps.backends.set(id, &entry, 0).map_err(map_err(lb_common::maps::BACKENDS))?;
+                self.backends[id as usize] = slot;
+            }
+        }
+
+        // 2. Node-wide settings.
+        let gc = global_config(cfg);
+        if self.config != Some(gc) {
+            self.maps.config.set(0, &gc, 0).map_err(map_err(lb_common::maps::CONFIG))?;
+            self.config = Some(gc);
+        }
+
+        // 3. VIPs: rings into the inactive region, then publish.
+        let mut live_keys = Vec::new();
+        for vip in &cfg.vips {
+            let key = vip_key(vip);
+            live_keys.push(key);
+            let ring: Vec<u32> = match vip_ring(vip) {
+                Some(r) => r.iter().map(|&i| self.backend_ids[&vip.backends[i as usize].address]).collect(),
+                None => Vec::new(),
+            };
+            let mut flags = 0;
+            if vip.hash == HashMode::FiveTuple {
+                flags |= vip_flags::HASH_5TUPLE;
+            }
+            match vip.forwarding {
+                Forwarding::L2 => flags |= vip_flags::L2_DSR,
+                Forwarding::L7 => flags |= vip_flags::L7,
+                Forwarding::Ipip => {}
+            }
+            if !self.vips.contains_key(&key) {
+                let used: BTreeSet<u32> = self.vips.values().map(|s| s.index).collect();
+                let index = (0..MAX_VIPS).find(|i| !used.contains(i)).ok_or_else(|| {
+                    DataplaneError::Capacity(format!("more than {MAX_VIPS} VIPs"))
+                })?;
+                Maps::reset_counters(&mut self.maps.vip_stats, index)
+                    .map_err(map_err(lb_common::maps::VIP_STATS))?;
+                self.vips.insert(
+                    key,
+                    VipSlot { index, active: 1, regions: [Vec::new(), Vec::new()], meta: VipMeta::default() },
+                );
+                report.vips_added += 1;
+                info!(vip = %vip, index, "VIP added");
+            }
+            let slot = self.vips.get_mut(&key).expect("inserted above");
+            let mut meta = VipMeta { flags, vip_index: slot.index, ..slot.meta };
+            let current = &slot.regions[slot.active];
+            if ring.is_empty() {
+                meta.ring_size = 0;
+            } else if *current != ring || slot.meta.ring_size == 0 {
+                let target = 1 - slot.active;
+                let base = (slot.index * 2 + target as u32) * MAX_RING_SIZE;
+                let old = &slot.regions[target];
+                for (i, &id) in ring.iter().enumerate() {
+                    if old.get(i) != Some(&id) {
+                        self.maps.rings.set(base + i as u32, &id, 0).map_err(map_err(lb_common::maps::RINGS))?;
+                        report.ring_slots_written += 1;
+                    }
+                }
+                slot.regions[target] = ring;
+                slot.active = target;
+                meta.ring_base = base;
+                meta.ring_size = vip.ring_size;
+            }
+            if meta != slot.meta {
+                self.maps.vips.insert(&key, &meta, 0).map_err(map_err(lb_common::maps::VIPS))?;
+                slot.meta = meta;
+                report.vips_updated += 1;
+            }
+        }
+
+        // 4. VIP addresses (for ICMP and the fragment policy).
+        let wanted_addrs: BTreeSet<([u32; 4], u8)> = live_keys.iter().map(|k| (k.addr, k.family)).collect();
+        for &(addr, family) in wanted_addrs.difference(&self.addrs) {
+            self.maps
+                .vip_addrs
+                .insert(&AddrKey { addr, family, _pad: [0; 3] }, &1, 0)
+                .map_err(map_err(lb_common::maps::VIP_ADDRS))?;
+        }
+
+        // 5. Removed VIPs, then addresses no VIP uses any more.
+        let gone: Vec<VipKey> = self.vips.keys().filter(|k| !live_keys.contains(k)).copied().collect();
+        for key in gone {
+            match self.maps.vips.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(lb_common::maps::VIPS)(e)),
+            }
+            self.vips.remove(&key);
+            report.vips_removed += 1;
+        }
+        for &(addr, family) in self.addrs.difference(&wanted_addrs) {
+            match self.maps.vip_addrs.remove(&AddrKey { addr, family, _pad: [0; 3] }) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(lb_common::maps::VIP_ADDRS)(e)),
+            }
+        }
+        self.addrs = wanted_addrs;
+
+        // 6. Retire backends no VIP names: their flows re-hash on their next packet.
+        let retired: Vec<(IpAddr, u32)> =
+            self.backend_ids.iter().filter(|(a, _)| !wanted.contains_key(a)).map(|(a, i)| (*a, *i)).collect();
+        for (addr, id) in retired {
+            let mut entry = self.backends[id as usize].expect("owned id").entry;
+            entry.flags = 0;
+            self.maps.backends.set(id, &entry, 0).map_err(map_err(lb_common::maps::BACKENDS))?;
+            self.backends[id as usize] = None;
+            self.backend_ids.remove(&addr);
+            report.backends_removed += 1;
+            info!(backend = %addr, id, "backend retired");
+        }
+        Ok(report)
+    }
+
+    /// Backend id of `addr`, if it is in use.
+    pub fn backend_id(&self, addr: IpAddr) -> Option<u32> {
+        self.backend_ids.get(&addr).copied()
+    }
+
+    /// Counter index of a VIP, if it is configured.
+    pub fn vip_index(&self, vip: &Vip) -> Option<u32> {
+        self.vips.get(&vip_key(vip)).map(|s| s.index)
+    }
+
+    /// Summed counters of a VIP.
+    pub fn vip_counters(&self, vip: &Vip) -> Result<Counters, DataplaneError> {
+        let Some(index) = self.vip_index(vip) else { return Ok(Counters::default()) };
+        Maps::sum_counters(&self.maps.vip_stats, index).map_err(map_err(lb_common::maps::VIP_STATS))
+    }
+
+    /// Summed counters of a backend.
+    pub fn backend_counters(&self, addr: IpAddr) -> Result<Counters, DataplaneError> {
+        let Some(id) = self.backend_id(addr) else { return Ok(Counters::default()) };
+        Maps::sum_counters(&self.maps.backend_stats, id).map_err(map_err(lb_common::maps::BACKEND_STATS))
+    }
+}
+
+fn global_config(cfg: &Config) -> GlobalConfig {
+    let (src_v4, bits) = match cfg.node.encap_source_v4 {
+        Some((a, len)) => (u32::from_ne_bytes(a.octets()), 32 - len as u32),
+        None => (0, 0),
+    };
+    let src_v6 = cfg.node.encap_source_v6.map_or([0; 4], |a| addr_words(IpAddr::V6(a)).0);
+    GlobalConfig {
+        src_v4,
+        src_v6,
+        src_v4_host_bits: bits,
+        mtu: cfg.node.mtu,
+        src_mac: cfg.node.src_mac.unwrap_or([0; 6]),
+        _pad: [0; 2],
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
+    let prog = ebpf.program_mut(name).ok_or(DataplaneError::Program {
+        name,
+        source: ProgramError::UnexpectedProgramType,
+    })?;
+    prog.try_into().map_err(|source| DataplaneError::Program { name, source })
+}
+
+fn attach_xdp(
+    prog: &mut Xdp,
+    interface: &str,
+    mode: XdpAttachMode,
+) -> Result<(&'static str, XdpLinkId), DataplaneError> {
+    let name = CString::new(interface).map_err(|_| DataplaneError::Attach {
+        interface: interface.to_owned(),
+        mode: "none",
+        source: ProgramError::UnexpectedProgramType,
+    })?;
+    let try_mode = |prog: &mut Xdp, m: XdpMode, label: &'static str| {
+        prog.attach(aya::programs::NetworkInterface::Name(&name), m)
+            .map(|id| (label, id))
+            .map_err(|source| DataplaneError::Attach { interface: interface.to_owned(), mode: label, source })
+    };
+    match mode {
+        XdpAttachMode::Native => try_mode(prog, XdpMode::Driver, "native"),
+        XdpAttachMode::Generic => try_mode(prog, XdpMode::Skb, "generic"),
+        XdpAttachMode::Auto => match try_mode(prog, XdpMode::Driver, "native") {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                warn!(interface, error = %e, "native XDP unavailable, falling back to generic mode (slower)");
+                try_mode(prog, XdpMode::Skb, "generic")
+            }
+        },
+    }
+}
+
+/// The auxiliary programs: decap for backends, pass and tx_swap baselines.
+pub struct AuxPrograms {
+    ebpf: Ebpf,
+}
+
+impl AuxPrograms {
+    /// Loads and verifies all auxiliary programs.
+    pub fn load() -> Result<AuxPrograms, DataplaneError> {
+        let mut ebpf = Ebpf::load(AUX_OBJ)?;
+        for name in [programs::DECAP, programs::PASS, programs::TX_SWAP] {
+            program(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        Ok(AuxPrograms { ebpf })
+    }
+
+    /// One of the programs, for attaching or BPF_PROG_TEST_RUN.
+    pub fn program(&mut self, name: &'static str) -> Result<&mut Xdp, DataplaneError> {
+        program(&mut self.ebpf, name)
+    }
+
+    /// Attaches program `name` to `interface` in the calling thread's namespace. With `pin`,
+    /// the link is pinned there and outlives this process until the pin is removed.
+    pub fn attach(
+        &mut self,
+        name: &'static str,
+        interface: &str,
+        mode: XdpAttachMode,
+        pin: Option<&Path>,
+    ) -> Result<&'static str, DataplaneError> {
+        let prog = program(&mut self.ebpf, name)?;
+        let (used, id) = attach_xdp(prog, interface, mode)?;
+        if let Some(path) = pin {
+            let pin_err = |e: String| DataplaneError::Pin { path: path.to_owned(), reason: e };
+            let link = prog.take_link(id).map_err(|e| pin_err(e.to_string()))?;
+            let fd: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| pin_err(e.to_string()))?;
+            fd.pin(path).map_err(|e| pin_err(e.to_string()))?;
+        }
+        Ok(used)
+    }
+}

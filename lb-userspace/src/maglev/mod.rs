@@ -1,0 +1,131 @@
+//! Maglev consistent hashing (Eisenbud et al., NSDI 2016), with weights.
+//!
+//! The ring is built in user space and only indexed by the data path. Each backend walks its own
+//! permutation of the M slots (an offset and a skip derived from its identity), and backends take
+//! turns claiming the next free slot on their walk. Weights are honoured exactly: every backend's
+//! quota is the floor or the ceiling of its weighted share of M (largest-remainder rounding), and
+//! a backend stops claiming once it has its quota. Weight 0 (drained) gets no slot.
+//!
+//! The result depends only on the set of (identity, weight) pairs, never on their order in the
+//! config: backends are sorted by identity first.
+
+/// Something that can turn a backend set into a ring: Maglev here, a trait so that another
+/// table (or a test double) can stand in.
+pub trait ConsistentHash {
+    /// Returns `ring_size` entries, each an index into `backends`; `None` when no backend has
+    /// weight.
+    fn build(&self, backends: &[RingMember], ring_size: u32) -> Option<Vec<u32>>;
+}
+
+/// One backend as the ring builder sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingMember {
+    /// Stable identity (the backend address as 16 bytes); the permutation derives from it.
+    pub id: [u8; 16],
+    /// Relative weight; 0 means no slots.
+    pub weight: u32,
+}
+
+impl RingMember {
+    /// A member identified by its IP address.
+    pub fn from_addr(addr: std::net::IpAddr, weight: u32) -> Self {
+        let id = match addr {
+            std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            std::net::IpAddr::V6(a) => a.octets(),
+        };
+        RingMember { id, weight }
+    }
+}
+
+/// The Maglev builder.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Maglev;
+
+/// 64-bit FNV-1a with a seed, for the permutation parameters (cold path, any decent hash does).
+fn fnv(bytes: &[u8], seed: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // Final avalanche (splitmix64), so nearby addresses get unrelated permutations.
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// Each backend's slot quota: floor or ceil of `m * w / total`, summing to exactly `m`.
+fn quotas(weights: &[u32], m: u32) -> Vec<u32> {
+    let total: u64 = weights.iter().map(|&w| w as u64).sum();
+    let mut q: Vec<u32> = weights.iter().map(|&w| ((m as u64 * w as u64) / total) as u32).collect();
+    let mut left = m - q.iter().sum::<u32>();
+    // Largest remainders first; ties broken by position (the sorted identity order).
+    let mut rem: Vec<(u64, usize)> = weights
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| ((m as u64 * w as u64) % total, i))
+        .collect();
+    rem.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (r, i) in rem {
+        if left == 0 {
+            break;
+        }
+        if r > 0 {
+            q[i] += 1;
+            left -= 1;
+        }
+    }
+    q
+}
+
+impl ConsistentHash for Maglev {
+    fn build(&self, backends: &[RingMember], ring_size: u32) -> Option<Vec<u32>> {
+        let m = ring_size as u64;
+        // Sort by identity so config order cannot matter; keep original indices for the output.
+        let mut order: Vec<usize> = (0..backends.len()).filter(|&i| backends[i].weight > 0).collect();
+        if order.is_empty() {
+            return None;
+        }
+        order.sort_by_key(|&i| backends[i].id);
+        let weights: Vec<u32> = order.iter().map(|&i| backends[i].weight).collect();
+        let quota = quotas(&weights, ring_size);
+        let mut offset = Vec::with_capacity(order.len());
+        let mut skip = Vec::with_capacity(order.len());
+        for &i in &order {
+            offset.push(fnv(&backends[i].id, 0xdead_beef) % m);
+            skip.push(fnv(&backends[i].id, 0x00c0_ffee) % (m - 1) + 1);
+        }
+        let mut next = vec![0u64; order.len()];
+        let mut taken = vec![0u32; order.len()];
+        const EMPTY: u32 = u32::MAX;
+        let mut ring = vec![EMPTY; ring_size as usize];
+        let mut filled = 0u32;
+        while filled < ring_size {
+            for k in 0..order.len() {
+                if taken[k] == quota[k] {
+                    continue;
+                }
+                // The walk is a full cycle (skip and M are coprime, M prime), so it always finds
+                // a free slot.
+                let mut slot = (offset[k] + next[k] * skip[k]) % m;
+                while ring[slot as usize] != EMPTY {
+                    next[k] += 1;
+                    slot = (offset[k] + next[k] * skip[k]) % m;
+                }
+                ring[slot as usize] = order[k] as u32;
+                next[k] += 1;
+                taken[k] += 1;
+                filled += 1;
+                if filled == ring_size {
+                    break;
+                }
+            }
+        }
+        Some(ring)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,143 @@
+//! Tiny backend servers and clients for the testbed: each backend answers with its own name, so
+//! the client can see where the balancer sent it. Std sockets only; every loop is bounded.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use super::netns;
+
+/// Backend servers running in a namespace; stopped and joined on drop.
+pub struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts, inside namespace `ns`, an HTTP/1.0-style server on `tcp` and a UDP echo-name server
+/// on `udp`; both answer with `name`.
+pub fn spawn(ns: &str, name: &str, tcp: SocketAddr, udp: SocketAddr) -> std::io::Result<Servers> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
+    let mut threads = Vec::new();
+    {
+        let (ns, name, stop, tx) = (ns.to_owned(), name.to_owned(), stop.clone(), tx.clone());
+        threads.push(std::thread::spawn(move || {
+            let l = netns::enter(&ns).and_then(|()| TcpListener::bind(tcp)).and_then(|l| {
+                l.set_nonblocking(true)?;
+                Ok(l)
+            });
+            let l = match l {
+                Ok(l) => {
+                    let _ = tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            while !stop.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                        let mut buf = [0u8; 1024];
+                        let _ = s.read(&mut buf);
+                        let body = format!("{name}\n");
+                        let _ = write!(
+                            s,
+                            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        }));
+    }
+    {
+        let (ns, name, stop) = (ns.to_owned(), name.to_owned(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            let s = netns::enter(&ns).and_then(|()| UdpSocket::bind(udp)).and_then(|s| {
+                s.set_read_timeout(Some(Duration::from_millis(50)))?;
+                Ok(s)
+            });
+            let s = match s {
+                Ok(s) => {
+                    let _ = tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut buf = [0u8; 1500];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((_, peer)) = s.recv_from(&mut buf) {
+                    let _ = s.send_to(name.as_bytes(), peer);
+                }
+            }
+        }));
+    }
+    let servers = Servers { stop, threads };
+    for _ in 0..2 {
+        rx.recv().expect("server thread reports")?;
+    }
+    Ok(servers)
+}
+
+/// One HTTP GET to `vip` from source address `src` (port chosen by the kernel); returns the body
+/// (the backend's name). Call it from a thread inside the client namespace.
+pub fn http_get(src: Option<SocketAddr>, vip: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let mut s = match src {
+        None => TcpStream::connect_timeout(&vip, timeout)?,
+        Some(src) => connect_from(src, vip, timeout)?,
+    };
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: edgelb\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned();
+    if !resp.starts_with("HTTP/1.0 200") || body.is_empty() {
+        return Err(std::io::Error::other(format!("bad response: {resp:?}")));
+    }
+    Ok(body)
+}
+
+/// Connects from a specific local address (std has no bind-before-connect).
+fn connect_from(src: SocketAddr, dst: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let domain = if dst.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&src.into())?;
+    sock.connect_timeout(&dst.into(), timeout)?;
+    Ok(sock.into())
+}
+
+/// One UDP request to `vip` from `src`; returns the answering backend's name.
+pub fn udp_ask(src: SocketAddr, vip: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let s = UdpSocket::bind(src)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.send_to(b"who?", vip)?;
+    let mut buf = [0u8; 256];
+    let (n, _) = s.recv_from(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
