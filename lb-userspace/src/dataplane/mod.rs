@@ -121,12 +121,11 @@ pub fn vip_ring(vip: &Vip) -> Option<Vec<u32>> {
     Maglev.build(&members, vip.ring_size)
 }
 
-/// The backend a new flow from `client` (with `sport`, for 5-tuple VIPs) gets on `vip`: the same
-/// hash and ring the XDP program uses. `None` when the VIP has no backend with weight.
-pub fn route(vip: &Vip, client: IpAddr, sport: u16) -> Option<&crate::config::Backend> {
-    let ring = vip_ring(vip)?;
+/// The flow hash the XDP program computes for a packet from `client:sport` to `vip` (sport only
+/// matters for 5-tuple VIPs).
+pub fn flow_hash(vip: &Vip, client: IpAddr, sport: u16) -> u32 {
     let (src, family) = addr_words(client);
-    let h = match vip.hash {
+    match vip.hash {
         HashMode::Client => lb_common::hash::client_hash(&src, lb_common::HASH_SEED),
         HashMode::FiveTuple => {
             let key = vip_key(vip);
@@ -141,7 +140,14 @@ pub fn route(vip: &Vip, client: IpAddr, sport: u16) -> Option<&crate::config::Ba
             };
             lb_common::hash::five_tuple_hash(&fk, lb_common::HASH_SEED)
         }
-    };
+    }
+}
+
+/// The backend a new flow from `client` (with `sport`, for 5-tuple VIPs) gets on `vip`: the same
+/// hash and ring the XDP program uses. `None` when the VIP has no backend with weight.
+pub fn route(vip: &Vip, client: IpAddr, sport: u16) -> Option<&crate::config::Backend> {
+    let ring = vip_ring(vip)?;
+    let h = flow_hash(vip, client, sport);
     Some(&vip.backends[ring[(h % vip.ring_size) as usize] as usize])
 }
 

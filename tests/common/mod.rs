@@ -1,0 +1,99 @@
+//! Shared helpers for the integration tests: a packet builder and the fixture config.
+#![allow(dead_code)]
+
+pub mod packet;
+
+/// Config for the packet-fixture tests: one VIP per forwarding case. Not attached anywhere.
+pub const FIXTURE_CONFIG: &str = r#"
+[node]
+interfaces = ["lo"]
+encap_source_v4 = "198.19.0.0/16"
+encap_source_v6 = "2001:2:0:ff::/96"
+mtu = 1500
+
+[[vip]]
+name = "v4tcp"
+address = "198.18.1.1"
+port = 80
+backends = [
+    { address = "198.18.0.11", mac = "02:ed:00:00:00:11" },
+    { address = "198.18.0.12", mac = "02:ed:00:00:00:12" },
+    { address = "198.18.0.13", mac = "02:ed:00:00:00:13" },
+]
+
+[[vip]]
+name = "v4udp"
+address = "198.18.1.1"
+port = 53
+protocol = "udp"
+backends = [
+    { address = "198.18.0.11", mac = "02:ed:00:00:00:11" },
+    { address = "198.18.0.12", mac = "02:ed:00:00:00:12" },
+    { address = "198.18.0.13", mac = "02:ed:00:00:00:13" },
+]
+
+[[vip]]
+name = "v6"
+address = "2001:2:0:1::1"
+port = 80
+backends = [
+    { address = "2001:2::11", mac = "02:ed:00:00:00:11" },
+    { address = "2001:2::12", mac = "02:ed:00:00:00:12" },
+    { address = "2001:2::13", mac = "02:ed:00:00:00:13" },
+]
+
+[[vip]]
+name = "v6udp"
+address = "2001:2:0:1::1"
+port = 53
+protocol = "udp"
+backends = [
+    { address = "2001:2::11", mac = "02:ed:00:00:00:11" },
+    { address = "2001:2::12", mac = "02:ed:00:00:00:12" },
+]
+
+[[vip]]
+name = "v4to6"
+address = "198.18.1.2"
+port = 80
+backends = [
+    { address = "2001:2::11", mac = "02:ed:00:00:00:11" },
+    { address = "2001:2::12", mac = "02:ed:00:00:00:12" },
+]
+
+[[vip]]
+name = "anyport"
+address = "198.18.1.3"
+backends = [
+    { address = "198.18.0.11", mac = "02:ed:00:00:00:11" },
+    { address = "198.18.0.12", mac = "02:ed:00:00:00:12" },
+]
+
+[[vip]]
+name = "five"
+address = "198.18.1.4"
+port = 80
+hash = "5tuple"
+backends = [
+    { address = "198.18.0.11", mac = "02:ed:00:00:00:11" },
+    { address = "198.18.0.12", mac = "02:ed:00:00:00:12" },
+    { address = "198.18.0.13", mac = "02:ed:00:00:00:13" },
+]
+
+[[vip]]
+name = "l2"
+address = "198.18.1.5"
+port = 80
+forwarding = "l2"
+backends = [
+    { address = "198.18.0.11", mac = "02:ed:00:00:00:11" },
+    { address = "198.18.0.12", mac = "02:ed:00:00:00:12" },
+]
+
+[[vip]]
+name = "l7"
+address = "198.18.1.6"
+port = 80
+forwarding = "l7"
+backends = [{ address = "198.18.0.11", mac = "02:ed:00:00:00:11" }]
+"#;
