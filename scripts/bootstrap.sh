@@ -49,14 +49,21 @@ rustup set auto-self-update disable >/dev/null 2>&1 || true
 
 have_toolchain() { rustup toolchain list 2>/dev/null | grep -q "^$1"; }
 
-if have_toolchain "$HOST_TOOLCHAIN"; then
-    say "toolchain $HOST_TOOLCHAIN present"
+has_components() {
+    local tc=$1; shift
+    local installed
+    installed=$(rustup component list --toolchain "$tc" --installed 2>/dev/null) || return 1
+    for c in "$@"; do grep -q "^$c" <<<"$installed" || return 1; done
+}
+
+if have_toolchain "$HOST_TOOLCHAIN" && has_components "$HOST_TOOLCHAIN" clippy rustfmt; then
+    say "toolchain $HOST_TOOLCHAIN with clippy, rustfmt present"
 else
     say "rustup toolchain install $HOST_TOOLCHAIN (minimal + clippy, rustfmt)"
     rustup toolchain install "$HOST_TOOLCHAIN" --profile minimal -c clippy -c rustfmt --no-self-update
 fi
 
-if have_toolchain "$EBPF_TOOLCHAIN" && rustup component list --toolchain "$EBPF_TOOLCHAIN" --installed 2>/dev/null | grep -q '^rust-src'; then
+if have_toolchain "$EBPF_TOOLCHAIN" && has_components "$EBPF_TOOLCHAIN" rust-src; then
     say "toolchain $EBPF_TOOLCHAIN with rust-src present"
 else
     say "rustup toolchain install $EBPF_TOOLCHAIN (minimal + rust-src, clippy)"

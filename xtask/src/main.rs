@@ -1,1 +1,229 @@
-fn main(){}
+//! Developer tasks for edgelb: `cargo xtask run | test | testbed up/down`.
+//!
+//! Run through `./x` (or `scripts/bootstrap.sh` first): the pinned toolchains and bpf-linker must
+//! exist before cargo can even start this binary.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use edgelb::testbed::{self, Testbed, netns, servers};
+
+#[derive(Parser)]
+#[command(about = "edgelb developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build edgelb, bring up the namespace testbed, start edgelb on the balancer node with the
+    /// default config and show traffic flowing. Ctrl-C (or --duration) tears it all down.
+    Run {
+        /// Stop after this many seconds instead of waiting for Ctrl-C.
+        #[arg(long)]
+        duration: Option<u64>,
+    },
+    /// Run every test: unit, BPF_PROG_TEST_RUN fixtures, namespace end-to-end. Needs root for the
+    /// privileged ones (they skip otherwise, or fail with EDGELB_REQUIRE_PRIVILEGED=1).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Manage the standalone testbed (namespaces prefixed `edgelb`).
+    Testbed {
+        #[command(subcommand)]
+        action: TestbedAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum TestbedAction {
+    /// Build it and leave it up (helper XDP links pinned under /sys/fs/bpf).
+    Up,
+    /// Tear it down (also what Ctrl-C does to `run`).
+    Down,
+}
+
+/// Prefix of the namespaces `run` and `testbed up` create.
+const PREFIX: &str = "edgelb";
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Run { duration } => run(duration),
+        Task::Test { args } => test(&args),
+        Task::Testbed { action: TestbedAction::Up } => {
+            require_root("testbed up")?;
+            let tb = Testbed::up(PREFIX, true).context("building the testbed")?;
+            std::mem::forget(tb); // keep it up; `cargo xtask testbed down` removes it
+            println!("testbed `{PREFIX}` is up: namespaces {PREFIX}-{{sw,client,lb,b1,b2,b3}}");
+            println!("tear down with: cargo xtask testbed down");
+            Ok(())
+        }
+        Task::Testbed { action: TestbedAction::Down } => {
+            require_root("testbed down")?;
+            Testbed::down(PREFIX);
+            println!("testbed `{PREFIX}` removed");
+            Ok(())
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_owned()
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if netns::euid() != 0 {
+        bail!("{what} needs root (network namespaces, XDP): run it as root or with sudo -E");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    eprintln!("+ cargo {}", args.join(" "));
+    let status = Command::new(env!("CARGO")).args(args).current_dir(workspace_root()).status()?;
+    if !status.success() {
+        bail!("cargo {} failed", args.join(" "));
+    }
+    Ok(())
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    if netns::euid() != 0 {
+        eprintln!("note: not root: privileged tests (XDP, namespaces) will skip with a reason");
+    }
+    cargo(&["build", "--bins"])?;
+    let mut args = vec!["test", "--no-fail-fast", "--", "--test-threads=1"];
+    args.extend(extra.iter().map(String::as_str));
+    cargo(&args)
+}
+
+/// The edgelb child process, stopped by PID on drop.
+struct Edgelb(Child);
+
+impl Drop for Edgelb {
+    fn drop(&mut self) {
+        let pid = self.0.id() as i32;
+        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run(duration: Option<u64>) -> Result<()> {
+    require_root("xtask run")?;
+    cargo(&["build", "--bin", "edgelb"])?;
+    let root = workspace_root();
+    let edgelb_bin = root.join("target/debug/edgelb");
+    let dir = root.join("target/testbed");
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("edgelb.toml");
+    std::fs::write(&config, edgelb::config::EXAMPLE)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+
+    eprintln!("== testbed: client, balancer node, 3 backends in namespaces `{PREFIX}-*`");
+    let tb = Testbed::up(PREFIX, false).context("building the testbed")?;
+    let _servers = tb.start_servers().context("starting backend servers")?;
+    eprintln!("== starting edgelb on the balancer node: {} run --config {}", edgelb_bin.display(), config.display());
+    let child = Command::new("nsenter")
+        .arg(format!("--net={}", netns::netns_path(&tb.names.lb).display()))
+        .arg(&edgelb_bin)
+        .args(["run", "--config"])
+        .arg(&config)
+        .spawn()
+        .context("starting edgelb")?;
+    let mut edgelb = Edgelb(child);
+
+    let vip = SocketAddr::new(IpAddr::V4(testbed::VIP), 80);
+    let timeout = Duration::from_secs(2);
+    // Wait for edgelb to attach: the VIP answers once XDP forwards.
+    let started = Instant::now();
+    loop {
+        if let Ok(Some(status)) = edgelb.0.try_wait() {
+            bail!("edgelb exited early: {status}");
+        }
+        let ok = netns::in_netns(&tb.names.client, || servers::http_get(None, vip, timeout).is_ok())?;
+        if ok {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            bail!("the VIP did not answer within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    eprintln!("== 300 HTTP requests from 300 client addresses to {vip}:");
+    let spread = netns::in_netns(&tb.names.client, || {
+        let mut per: BTreeMap<String, u32> = BTreeMap::new();
+        for n in 0..300u32 {
+            let src = SocketAddr::new(IpAddr::V4((u32::from(testbed::CLIENT_POOL.0) + n).into()), 0);
+            let who = servers::http_get(Some(src), vip, timeout).unwrap_or_else(|e| format!("error: {e}"));
+            *per.entry(who).or_default() += 1;
+        }
+        per
+    })?;
+    for (who, n) in &spread {
+        eprintln!("   {who:<12} {n:>4} responses");
+    }
+    if spread.keys().any(|k| k.starts_with("error")) {
+        bail!("some requests failed: {spread:?}");
+    }
+    eprintln!("== edgelb is balancing. One request per second from a rotating client follows;");
+    match duration {
+        Some(d) => eprintln!("   stopping in {d} s."),
+        None => eprintln!("   Ctrl-C stops edgelb and removes the testbed."),
+    }
+    let until = duration.map(|d| Instant::now() + Duration::from_secs(d));
+    let mut n = 0u32;
+    while !stop.load(Ordering::Relaxed) && until.is_none_or(|u| Instant::now() < u) {
+        if let Ok(Some(status)) = edgelb.0.try_wait() {
+            bail!("edgelb exited: {status}");
+        }
+        let src = SocketAddr::new(IpAddr::V4((u32::from(testbed::CLIENT_POOL.0) + n % 1000).into()), 0);
+        let who = netns::in_netns(&tb.names.client, || servers::http_get(Some(src), vip, timeout))?;
+        match who {
+            Ok(b) => eprintln!("   {} -> {vip} answered by {b}", src.ip()),
+            Err(e) => eprintln!("   {} -> {vip} FAILED: {e}", src.ip()),
+        }
+        n += 1;
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    eprintln!("== stopping edgelb and removing the testbed");
+    drop(edgelb);
+    drop(tb);
+    Ok(())
+}
