@@ -1,1 +1,70 @@
+//! The `edgelb` binary's command line: exit codes and messages operators and scripts rely on.
 
+use std::process::Command;
+
+fn edgelb(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_edgelb")).args(args).output().expect("run edgelb");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn example_file() -> tempfile_path::TempPath {
+    tempfile_path::write("example.toml", edgelb::config::EXAMPLE)
+}
+
+/// A file under the target dir that is removed on drop.
+mod tempfile_path {
+    pub struct TempPath(pub std::path::PathBuf);
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    pub fn write(name: &str, text: &str) -> TempPath {
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let p = dir.join(format!("{}-{name}", std::process::id()));
+        std::fs::write(&p, text).unwrap();
+        TempPath(p)
+    }
+}
+
+#[test]
+fn check_accepts_the_example() {
+    let f = example_file();
+    let (code, out, _) = edgelb(&["check", "--config", f.0.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("ok (2 VIPs"), "{out}");
+}
+
+#[test]
+fn check_reports_file_line_column_and_exits_2() {
+    let bad = edgelb::config::EXAMPLE.replace("port = 53", "port = 99999");
+    let f = tempfile_path::write("bad.toml", &bad);
+    let (code, _, err) = edgelb(&["check", "--config", f.0.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    let line = bad.lines().position(|l| l.contains("99999")).unwrap() + 1;
+    let want = format!("{}:{line}:8: ", f.0.display());
+    assert!(err.starts_with(&want), "stderr {err:?} should start with {want:?}");
+}
+
+#[test]
+fn check_on_missing_file_exits_2() {
+    let (code, _, err) = edgelb(&["check", "--config", "/nonexistent/edgelb.toml"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/edgelb.toml: cannot read config"), "{err}");
+}
+
+#[test]
+fn route_prints_the_backend_the_library_computes() {
+    let f = example_file();
+    let cfg = edgelb::config::Config::parse(edgelb::config::EXAMPLE, "x".as_ref()).unwrap();
+    let web = cfg.find_vip("web").unwrap();
+    for client in ["198.18.4.1", "198.18.4.2", "198.18.4.3", "198.18.7.200"] {
+        let (code, out, err) = edgelb(&["route", "--config", f.0.to_str().unwrap(), client, "web"]);
+        assert_eq!(code, 0, "{err}");
+        let want = edgelb::dataplane::route(web, client.parse().unwrap(), 0).unwrap().address;
+        assert_eq!(out.trim(), want.to_string());
+    }
+    let (code, _, err) = edgelb(&["route", "--config", f.0.to_str().unwrap(), "198.18.4.1", "nope"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no VIP `nope`"), "{err}");
+}

@@ -46,10 +46,10 @@ pub fn pick(key: &FlowKey, meta: &VipMeta, fhash: u32, remember: bool) -> Option
     // a stale copy, which the generation check below rejects.
     if let Some(conn) = unsafe { CONNTRACK.get(key) } {
         let conn = *conn;
-        if let Some(backend) = live_backend(conn.backend) {
-            if backend.generation == conn.generation {
-                return Some(Pick { id: conn.backend, backend, new_flow: false });
-            }
+        if let Some(backend) = live_backend(conn.backend)
+            && backend.generation == conn.generation
+        {
+            return Some(Pick { id: conn.backend, backend, new_flow: false });
         }
     }
     if meta.ring_size == 0 {

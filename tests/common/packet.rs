@@ -94,14 +94,14 @@ impl V4 {
     /// The IPv4 packet: header (checksummed) + payload.
     pub fn packet(&self, payload: &[u8]) -> Vec<u8> {
         let hlen = 20 + self.options.len();
-        assert!(hlen % 4 == 0);
+        assert!(hlen.is_multiple_of(4));
         let mut h = Vec::new();
         h.push(0x40 | (hlen / 4) as u8);
         h.push(self.tos);
         h.extend(((hlen + payload.len()) as u16).to_be_bytes());
         h.extend(self.id.to_be_bytes());
         let flags = (if self.df { 0x4000 } else { 0 }) | (if self.mf { 0x2000 } else { 0 }) | self.frag_offset;
-        h.extend((flags as u16).to_be_bytes());
+        h.extend(flags.to_be_bytes());
         h.push(self.ttl);
         h.push(self.proto);
         h.extend([0, 0]);

@@ -1,0 +1,121 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("t.toml"))
+}
+
+/// The error's `file:line:column: message` text.
+fn err(text: &str) -> String {
+    parse(text).expect_err("config should be rejected").to_string()
+}
+
+const NODE: &str = "[node]\ninterfaces = [\"eth0\"]\nencap_source_v4 = \"198.19.0.0/16\"\n";
+
+#[test]
+fn example_config_is_valid() {
+    let cfg = parse(EXAMPLE).unwrap();
+    assert_eq!(cfg.vips.len(), 2);
+    assert_eq!(cfg.vips[0].ring_size, DEFAULT_RING_SIZE);
+    assert_eq!(cfg.vips[0].hash, HashMode::Client);
+    assert_eq!(cfg.node.xdp_mode, XdpAttachMode::Auto);
+}
+
+#[test]
+fn defaults_are_applied() {
+    let cfg = parse(&format!(
+        "{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nbackends = [{{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }}]\n"
+    ))
+    .unwrap();
+    let v = &cfg.vips[0];
+    assert_eq!((v.port, v.protocol, v.forwarding), (0, Protocol::Tcp, Forwarding::Ipip));
+    assert_eq!(v.backends[0].weight, 1);
+    assert_eq!(cfg.node.mtu, 1500);
+}
+
+#[test]
+fn toml_syntax_error_has_line_and_column() {
+    let e = err("[node]\ninterfaces = [\"eth0\"\n");
+    assert!(e.starts_with("t.toml:2:"), "{e}");
+}
+
+#[test]
+fn unknown_field_is_rejected_with_its_location() {
+    let e = err(&format!("{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nprot = 80\n"));
+    assert!(e.starts_with("t.toml:7:1:"), "{e}");
+    assert!(e.contains("prot"), "{e}");
+}
+
+#[test]
+fn semantic_errors_point_at_the_field() {
+    let e = err(&format!("{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.999\"\n"));
+    assert!(e.starts_with("t.toml:6:11:"), "{e}");
+    assert!(e.contains("not an IP address"), "{e}");
+
+    let e = err(&format!("{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nring_size = 65536\n"));
+    assert!(e.starts_with("t.toml:7:13:") && e.contains("prime"), "{e}");
+
+    let e = err(&format!("{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nprotocol = \"sctp\"\n"));
+    assert!(e.starts_with("t.toml:7:12:") && e.contains("tcp or udp"), "{e}");
+}
+
+#[test]
+fn l2_needs_macs_and_ipip_needs_a_next_hop() {
+    let e = err(&format!(
+        "{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nforwarding = \"l2\"\nbackends = [{{ address = \"198.18.0.11\" }}]\n"
+    ));
+    assert!(e.contains("needs a `mac`"), "{e}");
+    let e = err(&format!(
+        "{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nbackends = [{{ address = \"198.18.0.11\" }}]\n"
+    ));
+    assert!(e.contains("gateway_mac"), "{e}");
+}
+
+#[test]
+fn v6_vip_with_v4_backend_is_rejected() {
+    let e = err(&format!(
+        "{NODE}[[vip]]\nname = \"a\"\naddress = \"2001:2::1\"\nbackends = [{{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }}]\n"
+    ));
+    assert!(e.contains("IPv6 VIP needs IPv6 backends"), "{e}");
+}
+
+#[test]
+fn ipv6_backends_need_an_encap_source() {
+    let e = err(&format!(
+        "{NODE}[[vip]]\nname = \"a\"\naddress = \"2001:2::1\"\nbackends = [{{ address = \"2001:2::11\", mac = \"02:00:00:00:00:01\" }}]\n"
+    ));
+    assert!(e.contains("encap_source_v6"), "{e}");
+}
+
+#[test]
+fn duplicates_are_rejected() {
+    let vip = "[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nport = 80\n";
+    let e = err(&format!("{NODE}{vip}{vip}"));
+    assert!(e.contains("duplicate VIP name"), "{e}");
+    let e = err(&format!(
+        "{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nbackends = [{{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }}, {{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }}]\n"
+    ));
+    assert!(e.contains("listed twice"), "{e}");
+}
+
+#[test]
+fn bad_mac_and_mtu() {
+    let e = err("[node]\ninterfaces = [\"eth0\"]\ngateway_mac = \"02:00:00:00:00\"\n");
+    assert!(e.starts_with("t.toml:3:15:") && e.contains("MAC"), "{e}");
+    let e = err("[node]\ninterfaces = [\"eth0\"]\nmtu = 100\n");
+    assert!(e.starts_with("t.toml:3:7:"), "{e}");
+}
+
+#[test]
+fn find_vip_by_name_address_and_socket() {
+    let cfg = parse(EXAMPLE).unwrap();
+    assert_eq!(cfg.find_vip("dns").unwrap().port, 53);
+    assert_eq!(cfg.find_vip("198.18.1.1:53").unwrap().name, "dns");
+    assert_eq!(cfg.find_vip("198.18.1.1:80").unwrap().name, "web");
+    assert!(cfg.find_vip("198.18.9.9").is_none());
+}
+
+#[test]
+fn line_col_counts_from_one() {
+    assert_eq!(line_col("ab\ncd", 0), (1, 1));
+    assert_eq!(line_col("ab\ncd", 4), (2, 2));
+}

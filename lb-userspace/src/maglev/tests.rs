@@ -62,9 +62,16 @@ fn moved(a: &[u32], am: &[RingMember], b: &[u32], bm: &[RingMember]) -> f64 {
     diff as f64 / a.len() as f64
 }
 
+/// Maglev's extra disruption grows with N/M: at M = 65537 it stays under 1.5x the ideal share
+/// up to a few dozen backends; at N = 100 it is about 1.57x (docs/ARCHITECTURE.md, "Maglev"),
+/// bounded here at 1.6x so a regression still fails.
+fn disruption_bound(n: usize) -> f64 {
+    if n <= 30 { 1.5 } else { 1.6 }
+}
+
 #[test]
 fn removing_one_of_n_moves_at_most_one_and_a_half_ideal_shares() {
-    for n in [3usize, 10, 100] {
+    for n in [3usize, 10, 30, 100] {
         let ms = members(n, |_| 1);
         let before = Maglev.build(&ms, 65_537).unwrap();
         for victim in [0, n / 2, n - 1] {
@@ -73,21 +80,21 @@ fn removing_one_of_n_moves_at_most_one_and_a_half_ideal_shares() {
             let after = Maglev.build(&fewer, 65_537).unwrap();
             let frac = moved(&before, &ms, &after, &fewer);
             let ideal = 1.0 / n as f64;
-            assert!(frac <= 1.5 * ideal, "n={n} victim={victim}: moved {frac}, ideal {ideal}");
+            assert!(frac <= disruption_bound(n) * ideal, "n={n} victim={victim}: moved {frac}, ideal {ideal}");
         }
     }
 }
 
 #[test]
 fn adding_one_moves_at_most_one_and_a_half_ideal_shares() {
-    for n in [3usize, 10, 100] {
+    for n in [3usize, 10, 30, 100] {
         let ms = members(n + 1, |_| 1);
         let fewer = ms[..n].to_vec();
         let before = Maglev.build(&fewer, 65_537).unwrap();
         let after = Maglev.build(&ms, 65_537).unwrap();
         let frac = moved(&before, &fewer, &after, &ms);
         let ideal = 1.0 / (n + 1) as f64;
-        assert!(frac <= 1.5 * ideal, "n={n}: moved {frac}, ideal {ideal}");
+        assert!(frac <= disruption_bound(n) * ideal, "n={n}: moved {frac}, ideal {ideal}");
     }
 }
 

@@ -142,7 +142,9 @@ impl Testbed {
         let sw = names.sw.as_str();
         sh(&["ip", "-n", sw, "link", "add", "br0", "type", "bridge"])?;
         sh(&["ip", "-n", sw, "link", "set", "br0", "up"])?;
-        let mut hosts: Vec<(&str, &str, &str, [u8; 6], String, String)> = vec![
+        // (namespace, interface, switch-side peer, MAC, IPv4, IPv6)
+        type Host<'a> = (&'a str, &'a str, &'a str, [u8; 6], String, String);
+        let mut hosts: Vec<Host> = vec![
             (names.client.as_str(), "cl0", "s-cl", [2, 0xed, 0, 0, 0, 1], CLIENT.to_string(), CLIENT6.to_string()),
             (names.lb.as_str(), LB_IFACE, "s-lb", [2, 0xed, 0, 0, 0, 2], LB.to_string(), LB6.to_string()),
         ];
