@@ -4,7 +4,11 @@ use std::process::Command;
 
 fn edgelb(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_edgelb")).args(args).output().expect("run edgelb");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn example_file() -> tempfile_path::TempPath {
@@ -64,7 +68,8 @@ fn route_prints_the_backend_the_library_computes() {
         let want = edgelb::dataplane::route(web, client.parse().unwrap(), 0).unwrap().address;
         assert_eq!(out.trim(), want.to_string());
     }
-    let (code, _, err) = edgelb(&["route", "--config", f.0.to_str().unwrap(), "198.18.4.1", "nope"]);
+    let (code, _, err) =
+        edgelb(&["route", "--config", f.0.to_str().unwrap(), "198.18.4.1", "nope"]);
     assert_eq!(code, 2);
     assert!(err.contains("no VIP `nope`"), "{err}");
 }

@@ -50,13 +50,15 @@ fn client_to_backends_through_xdp() {
     let cfg = e2e_config();
     let mut dp = Dataplane::load().expect("balancer loads");
     dp.apply(&cfg).expect("maps filled");
-    let mode = netns::in_netns(&tb.names.lb, || dp.attach(testbed::LB_IFACE, XdpAttachMode::Native))
-        .unwrap()
-        .expect("attach");
+    let mode =
+        netns::in_netns(&tb.names.lb, || dp.attach(testbed::LB_IFACE, XdpAttachMode::Native))
+            .unwrap()
+            .expect("attach");
     assert_eq!(mode, "native", "veth supports native XDP on this kernel");
 
     // The node's own (non-VIP) traffic must still work: a listener on the balancer node.
-    let lb_listener = netns::in_netns(&tb.names.lb, || TcpListener::bind((testbed::LB, 9000))).unwrap().unwrap();
+    let lb_listener =
+        netns::in_netns(&tb.names.lb, || TcpListener::bind((testbed::LB, 9000))).unwrap().unwrap();
 
     let web = cfg.find_vip("web").unwrap().clone();
     let dns = cfg.find_vip("dns").unwrap().clone();
@@ -66,7 +68,12 @@ fn client_to_backends_through_xdp() {
         .iter()
         .enumerate()
         .map(|(i, a)| (IpAddr::V4(*a), format!("backend-{}", i + 1)))
-        .chain(testbed::BACKENDS6.iter().enumerate().map(|(i, a)| (IpAddr::V6(*a), format!("backend-{}", i + 1))))
+        .chain(
+            testbed::BACKENDS6
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (IpAddr::V6(*a), format!("backend-{}", i + 1))),
+        )
         .collect();
 
     netns::in_netns(&tb.names.client, || {
@@ -82,7 +89,8 @@ fn client_to_backends_through_xdp() {
         let mut per_backend: HashMap<String, u32> = HashMap::new();
         for n in 0..1000 {
             let src = SocketAddr::new(IpAddr::V4(pool_addr(n)), 0);
-            let got = servers::http_get(Some(src), vip, TIMEOUT).expect("HTTP through the balancer");
+            let got =
+                servers::http_get(Some(src), vip, TIMEOUT).expect("HTTP through the balancer");
             let want = &names[&route(&web, src.ip(), 0).unwrap().address];
             assert_eq!(&got, want, "client {} answered by the backend route() names", src.ip());
             *per_backend.entry(got).or_default() += 1;
@@ -105,17 +113,22 @@ fn client_to_backends_through_xdp() {
         // UDP, answered directly by the backend.
         for n in 0..30 {
             let src = SocketAddr::new(IpAddr::V4(pool_addr(n)), 0);
-            let got = servers::udp_ask(src, SocketAddr::new(IpAddr::V4(testbed::VIP), 53), TIMEOUT).expect("UDP reply");
+            let got = servers::udp_ask(src, SocketAddr::new(IpAddr::V4(testbed::VIP), 53), TIMEOUT)
+                .expect("UDP reply");
             assert_eq!(got, names[&route(&dns, src.ip(), 0).unwrap().address]);
         }
 
         // IPv6 VIP (IP6IP6).
         let src6 = SocketAddr::new(IpAddr::V6(testbed::CLIENT6), 0);
-        let got = servers::http_get(Some(src6), SocketAddr::new(IpAddr::V6(testbed::VIP6), 80), TIMEOUT).expect("HTTP over IPv6");
+        let got =
+            servers::http_get(Some(src6), SocketAddr::new(IpAddr::V6(testbed::VIP6), 80), TIMEOUT)
+                .expect("HTTP over IPv6");
         assert_eq!(got, names[&route(&web6, src6.ip(), 0).unwrap().address]);
 
         // Traffic to the balancer node itself passes through XDP untouched.
-        let mut s = TcpStream::connect_timeout(&SocketAddr::new(IpAddr::V4(testbed::LB), 9000), TIMEOUT).expect("connect to node");
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::new(IpAddr::V4(testbed::LB), 9000), TIMEOUT)
+                .expect("connect to node");
         s.write_all(b"hi").unwrap();
     })
     .unwrap();

@@ -60,14 +60,22 @@ impl Harness {
     /// Runs one frame; returns the verdict and the output frame.
     fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; input.len() + 256];
-        let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() };
+        let opts =
+            TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() };
         let r = self.dp.balancer().test_run(opts).expect("BPF_PROG_TEST_RUN");
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
     }
 
     /// Runs a frame and checks verdict, output and that exactly `reason` moved by one.
-    fn check(&mut self, name: &str, input: &[u8], action: u32, expect: Option<&[u8]>, reason: Reason) {
+    fn check(
+        &mut self,
+        name: &str,
+        input: &[u8],
+        action: u32,
+        expect: Option<&[u8]>,
+        reason: Reason,
+    ) {
         let before = self.reasons();
         let (got, out) = self.run(input);
         let after = self.reasons();
@@ -82,7 +90,13 @@ impl Harness {
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().chunks(16).map(|c| c.join(" ")).collect::<Vec<_>>().join("\n")
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .chunks(16)
+        .map(|c| c.join(" "))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn mac_of(vip: &Vip, backend: IpAddr) -> [u8; 6] {
@@ -90,7 +104,13 @@ fn mac_of(vip: &Vip, backend: IpAddr) -> [u8; 6] {
 }
 
 /// Expected IPIP (v4 backend) or 4in6/IP6IP6 (v6 backend) frame for `inner` (an IP packet).
-fn encapsulated(vip: &Vip, backend: IpAddr, fhash: u32, inner: &[u8], vlan: Option<u16>) -> Vec<u8> {
+fn encapsulated(
+    vip: &Vip,
+    backend: IpAddr,
+    fhash: u32,
+    inner: &[u8],
+    vlan: Option<u16>,
+) -> Vec<u8> {
     let mac = mac_of(vip, backend);
     let (ethertype, ip) = match backend {
         IpAddr::V4(b) => {
@@ -138,16 +158,63 @@ fn forwarding_fixtures() {
     let c4: IpAddr = v4("198.18.4.7").into();
     let c6: IpAddr = v6("2001:2::77").into();
 
-    forwarded(&mut h, "v4 TCP SYN, IPIP", "v4tcp", c4, 40000, tcp4("198.18.4.7", 40000, "198.18.1.1", 80, SYN));
-    let udp4 = V4::new(v4("198.18.4.7"), v4("198.18.1.1"), 17)
-        .packet(&udp(c4, v4("198.18.1.1").into(), 5353, 53, b"query"));
+    forwarded(
+        &mut h,
+        "v4 TCP SYN, IPIP",
+        "v4tcp",
+        c4,
+        40000,
+        tcp4("198.18.4.7", 40000, "198.18.1.1", 80, SYN),
+    );
+    let udp4 = V4::new(v4("198.18.4.7"), v4("198.18.1.1"), 17).packet(&udp(
+        c4,
+        v4("198.18.1.1").into(),
+        5353,
+        53,
+        b"query",
+    ));
     forwarded(&mut h, "v4 UDP, IPIP", "v4udp", c4, 5353, udp4);
-    forwarded(&mut h, "v6 TCP SYN, IP6IP6", "v6", c6, 40000, tcp6("2001:2::77", 40000, "2001:2:0:1::1", 80, SYN));
-    let udp6 = ipv6(v6("2001:2::77"), v6("2001:2:0:1::1"), 17, 0, 64, &udp(c6, v6("2001:2:0:1::1").into(), 5353, 53, b"q"));
+    forwarded(
+        &mut h,
+        "v6 TCP SYN, IP6IP6",
+        "v6",
+        c6,
+        40000,
+        tcp6("2001:2::77", 40000, "2001:2:0:1::1", 80, SYN),
+    );
+    let udp6 = ipv6(
+        v6("2001:2::77"),
+        v6("2001:2:0:1::1"),
+        17,
+        0,
+        64,
+        &udp(c6, v6("2001:2:0:1::1").into(), 5353, 53, b"q"),
+    );
     forwarded(&mut h, "v6 UDP, IP6IP6", "v6udp", c6, 5353, udp6);
-    forwarded(&mut h, "v4 VIP, v6 backend (4in6)", "v4to6", c4, 40001, tcp4("198.18.4.7", 40001, "198.18.1.2", 80, SYN));
-    forwarded(&mut h, "any-port VIP", "anyport", c4, 40002, tcp4("198.18.4.7", 40002, "198.18.1.3", 12345, SYN));
-    forwarded(&mut h, "5-tuple VIP", "five", c4, 40003, tcp4("198.18.4.7", 40003, "198.18.1.4", 80, SYN));
+    forwarded(
+        &mut h,
+        "v4 VIP, v6 backend (4in6)",
+        "v4to6",
+        c4,
+        40001,
+        tcp4("198.18.4.7", 40001, "198.18.1.2", 80, SYN),
+    );
+    forwarded(
+        &mut h,
+        "any-port VIP",
+        "anyport",
+        c4,
+        40002,
+        tcp4("198.18.4.7", 40002, "198.18.1.3", 12345, SYN),
+    );
+    forwarded(
+        &mut h,
+        "5-tuple VIP",
+        "five",
+        c4,
+        40003,
+        tcp4("198.18.4.7", 40003, "198.18.1.4", 80, SYN),
+    );
 
     // TOS is copied to the outer header.
     let mut hdr = V4::new(v4("198.18.4.7"), v4("198.18.1.1"), 6);
@@ -174,13 +241,26 @@ fn forwarding_fixtures() {
 
 #[test]
 fn client_hash_sticks_and_five_tuple_spreads() {
-    let Some(mut h) = Harness::new("client_hash_sticks_and_five_tuple_spreads", FIXTURE_CONFIG) else { return };
+    let Some(mut h) = Harness::new("client_hash_sticks_and_five_tuple_spreads", FIXTURE_CONFIG)
+    else {
+        return;
+    };
     let mut client_backends = std::collections::HashSet::new();
     let mut five_backends = std::collections::HashSet::new();
     for sport in 1000..1064u16 {
-        let (_, out) = h.run(&eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4("198.18.4.9", sport, "198.18.1.1", 80, SYN)));
+        let (_, out) = h.run(&eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IP,
+            &tcp4("198.18.4.9", sport, "198.18.1.1", 80, SYN),
+        ));
         client_backends.insert(out[0..6].to_vec());
-        let (_, out) = h.run(&eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4("198.18.4.9", sport, "198.18.1.4", 80, SYN)));
+        let (_, out) = h.run(&eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IP,
+            &tcp4("198.18.4.9", sport, "198.18.1.4", 80, SYN),
+        ));
         five_backends.insert(out[0..6].to_vec());
     }
     assert_eq!(client_backends.len(), 1, "client-address hashing keeps one client on one backend");
@@ -197,53 +277,117 @@ fn icmp_fixtures() {
     let mut req = V4::new(client, vip4, 1);
     req.ttl = 57;
     req.id = 0x1234;
-    let input = eth(LB_MAC, CLIENT_MAC, ETH_IP, &req.packet(&icmp4(8, 0, [0, 7, 0, 1], b"ping-payload")));
+    let input =
+        eth(LB_MAC, CLIENT_MAC, ETH_IP, &req.packet(&icmp4(8, 0, [0, 7, 0, 1], b"ping-payload")));
     let mut rep = V4::new(vip4, client, 1);
     rep.id = 0x1234;
-    let want = eth(CLIENT_MAC, LB_MAC, ETH_IP, &rep.packet(&icmp4(0, 0, [0, 7, 0, 1], b"ping-payload")));
+    let want =
+        eth(CLIENT_MAC, LB_MAC, ETH_IP, &rep.packet(&icmp4(0, 0, [0, 7, 0, 1], b"ping-payload")));
     h.check("ICMP echo v4", &input, XDP_TX, Some(&want), Reason::TxIcmpEcho);
 
     // Echo v6.
     let (c6, vip6) = (v6("2001:2::77"), v6("2001:2:0:1::1"));
-    let input = eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &ipv6(c6, vip6, 58, 0, 50, &icmp6(c6, vip6, 128, 0, [0, 9, 0, 1], b"ping6")));
-    let want = eth(CLIENT_MAC, LB_MAC, ETH_IPV6, &ipv6(vip6, c6, 58, 0, 64, &icmp6(vip6, c6, 129, 0, [0, 9, 0, 1], b"ping6")));
+    let input = eth(
+        LB_MAC,
+        CLIENT_MAC,
+        ETH_IPV6,
+        &ipv6(c6, vip6, 58, 0, 50, &icmp6(c6, vip6, 128, 0, [0, 9, 0, 1], b"ping6")),
+    );
+    let want = eth(
+        CLIENT_MAC,
+        LB_MAC,
+        ETH_IPV6,
+        &ipv6(vip6, c6, 58, 0, 64, &icmp6(vip6, c6, 129, 0, [0, 9, 0, 1], b"ping6")),
+    );
     h.check("ICMPv6 echo", &input, XDP_TX, Some(&want), Reason::TxIcmpEcho);
 
     // Echo to a non-VIP passes untouched.
     let other = V4::new(client, v4("198.18.0.2"), 1).packet(&icmp4(8, 0, [0, 1, 0, 1], b"x"));
-    h.check("ICMP echo to non-VIP", &eth(LB_MAC, CLIENT_MAC, ETH_IP, &other), XDP_PASS, None, Reason::PassNotVip);
+    h.check(
+        "ICMP echo to non-VIP",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IP, &other),
+        XDP_PASS,
+        None,
+        Reason::PassNotVip,
+    );
 
     // Frag-needed from a router about VIP:80 -> client:40000 goes to that flow's backend.
     let router = v4("198.18.0.254");
-    let quoted = V4::new(vip4, client, 6).packet(&tcp(vip4.into(), client.into(), 80, 40000, ACK, b""));
+    let quoted =
+        V4::new(vip4, client, 6).packet(&tcp(vip4.into(), client.into(), 80, 40000, ACK, b""));
     let icmp_pkt = V4::new(router, vip4, 1).packet(&icmp4(3, 4, [0, 0, 0x05, 0x00], &quoted[..28]));
     let vip = h.vip("v4tcp");
     let b = route(&vip, client.into(), 40000).unwrap().address;
     let want = encapsulated(&vip, b, flow_hash(&vip, client.into(), 40000), &icmp_pkt, None);
-    h.check("frag-needed to owning backend", &eth(LB_MAC, CLIENT_MAC, ETH_IP, &icmp_pkt), XDP_TX, Some(&want), Reason::TxIcmpToBackend);
+    h.check(
+        "frag-needed to owning backend",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IP, &icmp_pkt),
+        XDP_TX,
+        Some(&want),
+        Reason::TxIcmpToBackend,
+    );
 
     // Packet-too-big v6 likewise.
     let router6 = v6("2001:2::fe");
     let quoted6 = ipv6(vip6, c6, 6, 0, 64, &tcp(vip6.into(), c6.into(), 80, 40000, ACK, b""));
-    let ptb = ipv6(router6, vip6, 58, 0, 64, &icmp6(router6, vip6, 2, 0, 1280u32.to_be_bytes(), &quoted6));
+    let ptb = ipv6(
+        router6,
+        vip6,
+        58,
+        0,
+        64,
+        &icmp6(router6, vip6, 2, 0, 1280u32.to_be_bytes(), &quoted6),
+    );
     let vip = h.vip("v6");
     let b = route(&vip, c6.into(), 40000).unwrap().address;
     let want = encapsulated(&vip, b, flow_hash(&vip, c6.into(), 40000), &ptb, None);
-    h.check("packet-too-big to owning backend", &eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &ptb), XDP_TX, Some(&want), Reason::TxIcmpToBackend);
+    h.check(
+        "packet-too-big to owning backend",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &ptb),
+        XDP_TX,
+        Some(&want),
+        Reason::TxIcmpToBackend,
+    );
 
     // Oversize v4 with DF: 1500-byte IP packet + 20 > MTU 1500 -> frag-needed advertising 1480.
-    let big = V4::new(client, vip4, 6).packet(&tcp(client.into(), vip4.into(), 40000, 80, ACK, &[0x5a; 1460]));
+    let big = V4::new(client, vip4, 6).packet(&tcp(
+        client.into(),
+        vip4.into(),
+        40000,
+        80,
+        ACK,
+        &[0x5a; 1460],
+    ));
     assert_eq!(big.len(), 1500);
     let mut err = V4::new(vip4, client, 1);
     err.df = false;
-    let want = eth(CLIENT_MAC, LB_MAC, ETH_IP, &err.packet(&icmp4(3, 4, [0, 0, 0x05, 0xc8], &big[..28])));
-    h.check("oversize v4 -> frag-needed", &eth(LB_MAC, CLIENT_MAC, ETH_IP, &big), XDP_TX, Some(&want), Reason::TxIcmpTooBig);
+    let want =
+        eth(CLIENT_MAC, LB_MAC, ETH_IP, &err.packet(&icmp4(3, 4, [0, 0, 0x05, 0xc8], &big[..28])));
+    h.check(
+        "oversize v4 -> frag-needed",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IP, &big),
+        XDP_TX,
+        Some(&want),
+        Reason::TxIcmpTooBig,
+    );
 
     // Oversize v6: 1500 + 40 > 1500 -> packet-too-big advertising 1460.
-    let big6 = ipv6(c6, vip6, 6, 0, 64, &tcp(c6.into(), vip6.into(), 40000, 80, ACK, &[0x5a; 1440]));
+    let big6 =
+        ipv6(c6, vip6, 6, 0, 64, &tcp(c6.into(), vip6.into(), 40000, 80, ACK, &[0x5a; 1440]));
     assert_eq!(big6.len(), 1500);
-    let want = eth(CLIENT_MAC, LB_MAC, ETH_IPV6, &ipv6(vip6, c6, 58, 0, 64, &icmp6(vip6, c6, 2, 0, 1460u32.to_be_bytes(), &big6[..48])));
-    h.check("oversize v6 -> packet-too-big", &eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &big6), XDP_TX, Some(&want), Reason::TxIcmpTooBig);
+    let want = eth(
+        CLIENT_MAC,
+        LB_MAC,
+        ETH_IPV6,
+        &ipv6(vip6, c6, 58, 0, 64, &icmp6(vip6, c6, 2, 0, 1460u32.to_be_bytes(), &big6[..48])),
+    );
+    h.check(
+        "oversize v6 -> packet-too-big",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &big6),
+        XDP_TX,
+        Some(&want),
+        Reason::TxIcmpTooBig,
+    );
 }
 
 #[test]
@@ -256,43 +400,120 @@ fn pass_and_drop_policy_fixtures() {
     let mut o = V4::new(c, vip, 6);
     o.options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
     let p = o.packet(&tcp(c.into(), vip.into(), 40000, 80, SYN, b""));
-    h.check("IPv4 options to VIP", &eth(LB_MAC, CLIENT_MAC, ETH_IP, &p), XDP_DROP, Some(&eth(LB_MAC, CLIENT_MAC, ETH_IP, &p)), Reason::DropIpOptions);
+    h.check(
+        "IPv4 options to VIP",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IP, &p),
+        XDP_DROP,
+        Some(&eth(LB_MAC, CLIENT_MAC, ETH_IP, &p)),
+        Reason::DropIpOptions,
+    );
     o.dst = v4("198.18.0.2");
     let p = o.packet(&tcp(c.into(), o.dst.into(), 40000, 80, SYN, b""));
-    h.check("IPv4 options to non-VIP", &eth(LB_MAC, CLIENT_MAC, ETH_IP, &p), XDP_PASS, None, Reason::PassNotVip);
+    h.check(
+        "IPv4 options to non-VIP",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IP, &p),
+        XDP_PASS,
+        None,
+        Reason::PassNotVip,
+    );
 
     // Fragments towards a VIP: dropped (first and later fragments alike).
     let mut f = V4::new(c, vip, 17);
     f.mf = true;
     let p = f.packet(&udp(c.into(), vip.into(), 5353, 53, &[0; 32]));
-    h.check("v4 first fragment to VIP", &eth(LB_MAC, CLIENT_MAC, ETH_IP, &p), XDP_DROP, Some(&eth(LB_MAC, CLIENT_MAC, ETH_IP, &p)), Reason::DropFragment);
+    h.check(
+        "v4 first fragment to VIP",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IP, &p),
+        XDP_DROP,
+        Some(&eth(LB_MAC, CLIENT_MAC, ETH_IP, &p)),
+        Reason::DropFragment,
+    );
     f.mf = false;
     f.frag_offset = 5;
     let p = f.packet(&[0; 16]);
-    h.check("v4 last fragment to VIP", &eth(LB_MAC, CLIENT_MAC, ETH_IP, &p), XDP_DROP, Some(&eth(LB_MAC, CLIENT_MAC, ETH_IP, &p)), Reason::DropFragment);
+    h.check(
+        "v4 last fragment to VIP",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IP, &p),
+        XDP_DROP,
+        Some(&eth(LB_MAC, CLIENT_MAC, ETH_IP, &p)),
+        Reason::DropFragment,
+    );
     f.dst = v4("198.18.0.2");
     let p = f.packet(&[0; 16]);
-    h.check("v4 fragment to non-VIP", &eth(LB_MAC, CLIENT_MAC, ETH_IP, &p), XDP_PASS, None, Reason::PassNotVip);
+    h.check(
+        "v4 fragment to non-VIP",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IP, &p),
+        XDP_PASS,
+        None,
+        Reason::PassNotVip,
+    );
 
     let (c6, vip6) = (v6("2001:2::77"), v6("2001:2:0:1::1"));
     let frag_hdr = [6u8, 0, 0, 1, 0, 0, 0, 42];
-    let p = ipv6(c6, vip6, 44, 0, 64, &[&frag_hdr[..], &tcp(c6.into(), vip6.into(), 1, 80, SYN, b"")].concat());
-    h.check("v6 fragment to VIP", &eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &p), XDP_DROP, Some(&eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &p)), Reason::DropFragment);
+    let p = ipv6(
+        c6,
+        vip6,
+        44,
+        0,
+        64,
+        &[&frag_hdr[..], &tcp(c6.into(), vip6.into(), 1, 80, SYN, b"")].concat(),
+    );
+    h.check(
+        "v6 fragment to VIP",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &p),
+        XDP_DROP,
+        Some(&eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &p)),
+        Reason::DropFragment,
+    );
     let hbh = [6u8, 0, 1, 4, 0, 0, 0, 0];
-    let p = ipv6(c6, vip6, 0, 0, 64, &[&hbh[..], &tcp(c6.into(), vip6.into(), 1, 80, SYN, b"")].concat());
-    h.check("v6 extension header to VIP", &eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &p), XDP_DROP, Some(&eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &p)), Reason::DropIpOptions);
+    let p = ipv6(
+        c6,
+        vip6,
+        0,
+        0,
+        64,
+        &[&hbh[..], &tcp(c6.into(), vip6.into(), 1, 80, SYN, b"")].concat(),
+    );
+    h.check(
+        "v6 extension header to VIP",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &p),
+        XDP_DROP,
+        Some(&eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &p)),
+        Reason::DropIpOptions,
+    );
 
     // Not for a VIP: untouched.
     let p = tcp4("198.18.4.7", 40000, "198.18.0.2", 22, SYN);
     h.check("non-VIP v4", &eth(LB_MAC, CLIENT_MAC, ETH_IP, &p), XDP_PASS, None, Reason::PassNotVip);
     let p = tcp6("2001:2::77", 40000, "2001:2::2", 22, SYN);
-    h.check("non-VIP v6", &eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &p), XDP_PASS, None, Reason::PassNotVip);
+    h.check(
+        "non-VIP v6",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &p),
+        XDP_PASS,
+        None,
+        Reason::PassNotVip,
+    );
     let p = tcp4("198.18.4.7", 40000, "198.18.1.1", 8080, SYN);
-    h.check("VIP address, unserved port", &eth(LB_MAC, CLIENT_MAC, ETH_IP, &p), XDP_PASS, None, Reason::PassNotVip);
-    let arp = [0u8, 1, 8, 0, 6, 4, 0, 1, 2, 0xed, 0, 0, 0, 1, 198, 18, 0, 1, 0, 0, 0, 0, 0, 0, 198, 18, 0, 2];
+    h.check(
+        "VIP address, unserved port",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IP, &p),
+        XDP_PASS,
+        None,
+        Reason::PassNotVip,
+    );
+    let arp = [
+        0u8, 1, 8, 0, 6, 4, 0, 1, 2, 0xed, 0, 0, 0, 1, 198, 18, 0, 1, 0, 0, 0, 0, 0, 0, 198, 18, 0,
+        2,
+    ];
     h.check("ARP", &eth([0xff; 6], CLIENT_MAC, ETH_ARP, &arp), XDP_PASS, None, Reason::PassNotIp);
     let gre = V4::new(c, vip, 47).packet(&[0; 8]);
-    h.check("other protocol to VIP address", &eth(LB_MAC, CLIENT_MAC, ETH_IP, &gre), XDP_PASS, None, Reason::PassNoService);
+    h.check(
+        "other protocol to VIP address",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IP, &gre),
+        XDP_PASS,
+        None,
+        Reason::PassNoService,
+    );
 
     // L7 VIP: to the kernel stack.
     let p = tcp4("198.18.4.7", 40000, "198.18.1.6", 80, SYN);
@@ -301,16 +522,28 @@ fn pass_and_drop_policy_fixtures() {
 
 #[test]
 fn truncated_headers_pass_untouched() {
-    let Some(mut h) = Harness::new("truncated_headers_pass_untouched", FIXTURE_CONFIG) else { return };
+    let Some(mut h) = Harness::new("truncated_headers_pass_untouched", FIXTURE_CONFIG) else {
+        return;
+    };
     let v4f = eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4("198.18.4.7", 40000, "198.18.1.1", 80, SYN));
-    let v6f = eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &tcp6("2001:2::77", 40000, "2001:2:0:1::1", 80, SYN));
-    let vlan = eth_vlan(LB_MAC, CLIENT_MAC, 7, ETH_IP, &tcp4("198.18.4.7", 40000, "198.18.1.1", 80, SYN));
+    let v6f =
+        eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &tcp6("2001:2::77", 40000, "2001:2:0:1::1", 80, SYN));
+    let vlan =
+        eth_vlan(LB_MAC, CLIENT_MAC, 7, ETH_IP, &tcp4("198.18.4.7", 40000, "198.18.1.1", 80, SYN));
     // Cut inside the VLAN tag, the IP header, and the ports: every layer. (BPF_PROG_TEST_RUN
     // needs at least an Ethernet header, so the shortest frame is 14 bytes.)
-    for (name, frame, cut_to) in [("v4", &v4f, 14 + 20 + 4), ("v6", &v6f, 14 + 40 + 4), ("vlan", &vlan, 18 + 20 + 4)] {
+    for (name, frame, cut_to) in
+        [("v4", &v4f, 14 + 20 + 4), ("v6", &v6f, 14 + 40 + 4), ("vlan", &vlan, 18 + 20 + 4)]
+    {
         for len in 14..cut_to {
             let f = &frame[..len];
-            h.check(&format!("{name} truncated to {len}"), f, XDP_PASS, None, Reason::PassMalformed);
+            h.check(
+                &format!("{name} truncated to {len}"),
+                f,
+                XDP_PASS,
+                None,
+                Reason::PassMalformed,
+            );
         }
     }
     // IP total length larger than the frame.
@@ -345,7 +578,11 @@ fn outer_dst(frame: &[u8]) -> IpAddr {
 #[test]
 fn connection_table_keeps_flows_across_ring_changes() {
     let three = [("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)];
-    let Some(mut h) = Harness::new("connection_table_keeps_flows_across_ring_changes", &one_vip(&three)) else { return };
+    let Some(mut h) =
+        Harness::new("connection_table_keeps_flows_across_ring_changes", &one_vip(&three))
+    else {
+        return;
+    };
     // Find a client whose backend changes when a fourth backend joins.
     let four = [three[0], three[1], three[2], ("198.18.0.14", 1)];
     let cfg4 = Config::parse(&one_vip(&four), "x".as_ref()).unwrap();
@@ -369,12 +606,17 @@ fn connection_table_keeps_flows_across_ring_changes() {
     let moved_to = route(&h.vip("v4tcp"), client.into(), 0).unwrap().address;
     let (_, out) = h.run(&frame(50000, ACK));
     assert_eq!(outer_dst(&out), first, "established flow keeps its backend after a ring change");
-    assert_eq!(h.dp.vip_counters(&h.vip("v4tcp")).unwrap().new_flows, new_flows, "a table hit is not a new flow");
+    assert_eq!(
+        h.dp.vip_counters(&h.vip("v4tcp")).unwrap().new_flows,
+        new_flows,
+        "a table hit is not a new flow"
+    );
     let (_, out) = h.run(&frame(50001, SYN));
     assert_eq!(outer_dst(&out), moved_to, "new flow follows the new ring");
 
     // Drain (weight 0): the established flow keeps going; new flows avoid the drained backend.
-    let drained: Vec<(&str, u32)> = four.iter().map(|&(a, w)| (a, if a == first.to_string() { 0 } else { w })).collect();
+    let drained: Vec<(&str, u32)> =
+        four.iter().map(|&(a, w)| (a, if a == first.to_string() { 0 } else { w })).collect();
     let first_s = first.to_string();
     h.apply(&one_vip(&drained));
     let (_, out) = h.run(&frame(50000, ACK));
@@ -395,30 +637,59 @@ fn connection_table_keeps_flows_across_ring_changes() {
 
 #[test]
 fn userspace_route_matches_the_kernel() {
-    let Some(mut h) = Harness::new("userspace_route_matches_the_kernel", FIXTURE_CONFIG) else { return };
+    let Some(mut h) = Harness::new("userspace_route_matches_the_kernel", FIXTURE_CONFIG) else {
+        return;
+    };
     let vip = h.vip("v4tcp");
     let five = h.vip("five");
     let mut seen = std::collections::HashMap::new();
     for i in 0..500u32 {
         let c = Ipv4Addr::from(u32::from(v4("198.18.8.0")) + i);
         let sport = 1024 + (i * 7) as u16;
-        let (_, out) = h.run(&eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4(&c.to_string(), sport, "198.18.1.1", 80, SYN)));
+        let (_, out) = h.run(&eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IP,
+            &tcp4(&c.to_string(), sport, "198.18.1.1", 80, SYN),
+        ));
         let got = outer_dst(&out);
         assert_eq!(got, route(&vip, c.into(), sport).unwrap().address, "client {c}");
         *seen.entry(got).or_insert(0) += 1;
-        let (_, out) = h.run(&eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4(&c.to_string(), sport, "198.18.1.4", 80, SYN)));
-        assert_eq!(outer_dst(&out), route(&five, c.into(), sport).unwrap().address, "5-tuple {c}:{sport}");
+        let (_, out) = h.run(&eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IP,
+            &tcp4(&c.to_string(), sport, "198.18.1.4", 80, SYN),
+        ));
+        assert_eq!(
+            outer_dst(&out),
+            route(&five, c.into(), sport).unwrap().address,
+            "5-tuple {c}:{sport}"
+        );
     }
     assert_eq!(seen.len(), 3);
 }
 
 #[test]
 fn counters_follow_forwarded_traffic() {
-    let Some(mut h) = Harness::new("counters_follow_forwarded_traffic", FIXTURE_CONFIG) else { return };
+    let Some(mut h) = Harness::new("counters_follow_forwarded_traffic", FIXTURE_CONFIG) else {
+        return;
+    };
     let vip = h.vip("v4udp");
     let c: IpAddr = v4("198.18.4.50").into();
     let b = route(&vip, c, 0).unwrap().address;
-    let frame = eth(LB_MAC, CLIENT_MAC, ETH_IP, &V4::new(v4("198.18.4.50"), v4("198.18.1.1"), 17).packet(&udp(c, v4("198.18.1.1").into(), 999, 53, b"abc")));
+    let frame = eth(
+        LB_MAC,
+        CLIENT_MAC,
+        ETH_IP,
+        &V4::new(v4("198.18.4.50"), v4("198.18.1.1"), 17).packet(&udp(
+            c,
+            v4("198.18.1.1").into(),
+            999,
+            53,
+            b"abc",
+        )),
+    );
     let before = h.dp.backend_counters(b).unwrap();
     for _ in 0..10 {
         assert_eq!(h.run(&frame).0, XDP_TX);

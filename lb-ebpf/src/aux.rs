@@ -10,9 +10,13 @@
 #[allow(dead_code)]
 mod parse;
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext,
+};
 use lb_common::proto;
-use parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, VlanHdr, ETH_LEN, ETH_P_IP, ETH_P_IPV6, IPV4_LEN, IPV6_LEN};
+use parse::{
+    ETH_LEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_LEN, IPV6_LEN, Ipv4Hdr, Ipv6Hdr, VlanHdr, ptr_at,
+};
 
 #[xdp]
 pub fn edgelb_decap(ctx: XdpContext) -> u32 {

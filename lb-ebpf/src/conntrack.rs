@@ -5,9 +5,7 @@
 //! recorded. Otherwise the flow re-hashes onto the current ring.
 
 use crate::maps::{BACKENDS, CONNTRACK, RINGS};
-use lb_common::{
-    backend_flags, hash, vip_flags, Backend, Conn, FlowKey, VipMeta, HASH_SEED,
-};
+use lb_common::{Backend, Conn, FlowKey, HASH_SEED, VipMeta, backend_flags, hash, vip_flags};
 
 /// The chosen backend.
 pub struct Pick {

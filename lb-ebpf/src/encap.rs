@@ -5,10 +5,10 @@
 //! packet pointers are re-derived after the head moves.
 
 use crate::parse::{
-    ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, VlanHdr, ETH_LEN, ETH_P_IPV6, IPV4_LEN, IPV6_LEN, IP_DF,
+    ETH_LEN, ETH_P_IPV6, EthHdr, IP_DF, IPV4_LEN, IPV6_LEN, Ipv4Hdr, Ipv6Hdr, VlanHdr, ptr_at,
 };
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{proto, Backend, GlobalConfig};
+use lb_common::{Backend, GlobalConfig, proto};
 
 /// Outer TTL / hop limit of encapsulated packets.
 const OUTER_TTL: u8 = 64;

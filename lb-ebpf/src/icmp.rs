@@ -3,19 +3,21 @@
 //! an encapsulated packet would not fit the egress MTU.
 
 use crate::{
+    L3,
     encap::{csum_add32, csum_fold, csum_replace2, ipv4_csum, move_l2_reply, swap_macs},
     forward, is_vip_addr, lookup_vip,
-    parse::{ptr_at, IcmpHdr, Ipv4Hdr, Ipv6Hdr, Ports, ETH_LEN, ETH_P_IP, ETH_P_IPV6, ICMP_LEN,
-        IPV4_LEN, IPV6_LEN},
+    parse::{
+        ETH_LEN, ETH_P_IP, ETH_P_IPV6, ICMP_LEN, IPV4_LEN, IPV6_LEN, IcmpHdr, Ipv4Hdr, Ipv6Hdr,
+        Ports, ptr_at,
+    },
     stats::count,
-    L3,
 };
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{proto, stats::Reason, vip_flags, FlowKey, GlobalConfig, AF_INET};
+use lb_common::{AF_INET, FlowKey, GlobalConfig, proto, stats::Reason, vip_flags};
 
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -176,7 +178,14 @@ pub fn too_big(ctx: &XdpContext, l3: &L3, mtu: u32, cfg: &GlobalConfig) -> u32 {
 /// Cuts the packet to the L2 header plus `quote` bytes of the IP packet and grows `grow` bytes of
 /// room in front, moving the L2 header there with the MACs swapped.
 #[inline(always)]
-fn reshape(ctx: &XdpContext, l3: &L3, quote: usize, grow: usize, ethertype: u16, cfg: &GlobalConfig) -> Result<(), ()> {
+fn reshape(
+    ctx: &XdpContext,
+    l3: &L3,
+    quote: usize,
+    grow: usize,
+    ethertype: u16,
+    cfg: &GlobalConfig,
+) -> Result<(), ()> {
     let len = ctx.data_end() - ctx.data();
     let want = l3.l3_off + quote;
     if len < want {

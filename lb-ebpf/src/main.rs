@@ -17,11 +17,11 @@ mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    proto, stats::Reason, vip_flags, AddrKey, FlowKey, GlobalConfig, VipKey, VipMeta, AF_INET,
-    AF_INET6,
+    AF_INET, AF_INET6, AddrKey, FlowKey, GlobalConfig, VipKey, VipMeta, proto, stats::Reason,
+    vip_flags,
 };
-use maps::{CONFIG, VIPS, VIP_ADDRS};
-use parse::{ptr_at, Ipv4Hdr, Ipv6Hdr, Ports, ETH_P_IP, ETH_P_IPV6, IPV4_LEN, IPV6_LEN};
+use maps::{CONFIG, VIP_ADDRS, VIPS};
+use parse::{ETH_P_IP, ETH_P_IPV6, IPV4_LEN, IPV6_LEN, Ipv4Hdr, Ipv6Hdr, Ports, ptr_at};
 use stats::count;
 
 /// The network-layer facts every later step needs.

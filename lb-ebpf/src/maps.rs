@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, Backend, Conn, Counters, FlowKey, GlobalConfig, VipKey, VipMeta, CONNTRACK_ENTRIES,
-    MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, stats::REASON_COUNT,
+    AddrKey, Backend, CONNTRACK_ENTRIES, Conn, Counters, FlowKey, GlobalConfig, MAX_BACKENDS,
+    MAX_RING_SIZE, MAX_VIPS, VipKey, VipMeta, stats::REASON_COUNT,
 };
 
 /// Per-CPU LRU lists (BPF_F_NO_COMMON_LRU): no cross-CPU lock on the hot path.

@@ -45,8 +45,8 @@ pub fn run(path: &Path) -> Result<(), RunError> {
         let mode = dp.attach(&iface, cfg.node.xdp_mode)?;
         info!(interface = %iface, mode, "XDP balancer attached");
     }
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM]).map_err(RunError::Signals)?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
+        .map_err(RunError::Signals)?;
     let mut last = HashMap::new();
     let mut next_report = Instant::now() + REPORT_EVERY;
     loop {
@@ -54,14 +54,18 @@ pub fn run(path: &Path) -> Result<(), RunError> {
             match sig {
                 SIGHUP => match Config::load(path) {
                     Ok(new) if new.node.interfaces != cfg.node.interfaces => {
-                        error!("reload rejected: node.interfaces changed (restart to change them); running config kept");
+                        error!(
+                            "reload rejected: node.interfaces changed (restart to change them); running config kept"
+                        );
                     }
                     Ok(new) => match dp.apply(&new) {
                         Ok(report) => {
                             info!(?report, "config reloaded");
                             cfg = new;
                         }
-                        Err(e) => error!(error = %e, "applying the new config failed; maps may be partly updated, retry the reload"),
+                        Err(e) => {
+                            error!(error = %e, "applying the new config failed; maps may be partly updated, retry the reload")
+                        }
                     },
                     Err(e) => error!(error = %e, "reload rejected, running config kept"),
                 },

@@ -69,7 +69,12 @@ fn main() -> ExitCode {
         Command::Check { config } => match Config::load(&config) {
             Ok(cfg) => {
                 let backends: usize = cfg.vips.iter().map(|v| v.backends.len()).sum();
-                println!("{}: ok ({} VIPs, {} backend entries)", config.display(), cfg.vips.len(), backends);
+                println!(
+                    "{}: ok ({} VIPs, {} backend entries)",
+                    config.display(),
+                    cfg.vips.len(),
+                    backends
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

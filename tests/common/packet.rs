@@ -15,7 +15,11 @@ pub const ETH_ARP: u16 = 0x0806;
 /// Internet checksum of `data` (plus an initial sum).
 pub fn csum_with(mut sum: u32, data: &[u8]) -> u16 {
     for chunk in data.chunks(2) {
-        let w = if chunk.len() == 2 { u16::from_be_bytes([chunk[0], chunk[1]]) } else { u16::from_be_bytes([chunk[0], 0]) };
+        let w = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from_be_bytes([chunk[0], 0])
+        };
         sum += w as u32;
     }
     while sum >> 16 != 0 {
@@ -88,7 +92,18 @@ pub struct V4 {
 
 impl V4 {
     pub fn new(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> V4 {
-        V4 { src, dst, proto, tos: 0, id: 0, df: true, mf: false, frag_offset: 0, ttl: 64, options: Vec::new() }
+        V4 {
+            src,
+            dst,
+            proto,
+            tos: 0,
+            id: 0,
+            df: true,
+            mf: false,
+            frag_offset: 0,
+            ttl: 64,
+            options: Vec::new(),
+        }
     }
 
     /// The IPv4 packet: header (checksummed) + payload.
@@ -100,7 +115,9 @@ impl V4 {
         h.push(self.tos);
         h.extend(((hlen + payload.len()) as u16).to_be_bytes());
         h.extend(self.id.to_be_bytes());
-        let flags = (if self.df { 0x4000 } else { 0 }) | (if self.mf { 0x2000 } else { 0 }) | self.frag_offset;
+        let flags = (if self.df { 0x4000 } else { 0 })
+            | (if self.mf { 0x2000 } else { 0 })
+            | self.frag_offset;
         h.extend(flags.to_be_bytes());
         h.push(self.ttl);
         h.push(self.proto);
@@ -169,7 +186,14 @@ pub fn icmp4(ty: u8, code: u8, rest: [u8; 4], payload: &[u8]) -> Vec<u8> {
 }
 
 /// ICMPv6 message (checksum over the pseudo header).
-pub fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, ty: u8, code: u8, rest: [u8; 4], payload: &[u8]) -> Vec<u8> {
+pub fn icmp6(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    ty: u8,
+    code: u8,
+    rest: [u8; 4],
+    payload: &[u8],
+) -> Vec<u8> {
     let mut m = vec![ty, code, 0, 0];
     m.extend(rest);
     m.extend(payload);

@@ -41,6 +41,9 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Lints: rustfmt, clippy on the host crates and (with the eBPF nightly) on lb-ebpf, all
+    /// warnings as errors.
+    Lint,
     /// Manage the standalone testbed (namespaces prefixed `edgelb`).
     Testbed {
         #[command(subcommand)]
@@ -74,6 +77,7 @@ fn real_main() -> Result<()> {
     match cli.task {
         Task::Run { duration } => run(duration),
         Task::Test { args } => test(&args),
+        Task::Lint => lint(),
         Task::Testbed { action: TestbedAction::Up } => {
             require_root("testbed up")?;
             let tb = Testbed::up(PREFIX, true).context("building the testbed")?;
@@ -121,6 +125,35 @@ fn test(extra: &[String]) -> Result<()> {
     cargo(&args)
 }
 
+/// Must match lb-userspace/build.rs.
+const EBPF_TOOLCHAIN: &str = "+nightly-2026-08-05";
+
+fn lint() -> Result<()> {
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    let ebpf = [
+        EBPF_TOOLCHAIN,
+        "clippy",
+        "-p",
+        "lb-ebpf",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ];
+    eprintln!("+ cargo {}", ebpf.join(" "));
+    // `cargo` here must be rustup's proxy so that +toolchain works, not the toolchain's cargo.
+    let status = Command::new("cargo").args(ebpf).current_dir(workspace_root()).status()?;
+    if !status.success() {
+        bail!("clippy on lb-ebpf failed");
+    }
+    Ok(())
+}
+
 /// The edgelb child process, stopped by PID on drop.
 struct Edgelb(Child);
 
@@ -158,7 +191,11 @@ fn run(duration: Option<u64>) -> Result<()> {
     eprintln!("== testbed: client, balancer node, 3 backends in namespaces `{PREFIX}-*`");
     let tb = Testbed::up(PREFIX, false).context("building the testbed")?;
     let _servers = tb.start_servers().context("starting backend servers")?;
-    eprintln!("== starting edgelb on the balancer node: {} run --config {}", edgelb_bin.display(), config.display());
+    eprintln!(
+        "== starting edgelb on the balancer node: {} run --config {}",
+        edgelb_bin.display(),
+        config.display()
+    );
     let child = Command::new("nsenter")
         .arg(format!("--net={}", netns::netns_path(&tb.names.lb).display()))
         .arg(&edgelb_bin)
@@ -176,7 +213,8 @@ fn run(duration: Option<u64>) -> Result<()> {
         if let Ok(Some(status)) = edgelb.0.try_wait() {
             bail!("edgelb exited early: {status}");
         }
-        let ok = netns::in_netns(&tb.names.client, || servers::http_get(None, vip, timeout).is_ok())?;
+        let ok =
+            netns::in_netns(&tb.names.client, || servers::http_get(None, vip, timeout).is_ok())?;
         if ok {
             break;
         }
@@ -190,8 +228,10 @@ fn run(duration: Option<u64>) -> Result<()> {
     let spread = netns::in_netns(&tb.names.client, || {
         let mut per: BTreeMap<String, u32> = BTreeMap::new();
         for n in 0..300u32 {
-            let src = SocketAddr::new(IpAddr::V4((u32::from(testbed::CLIENT_POOL.0) + n).into()), 0);
-            let who = servers::http_get(Some(src), vip, timeout).unwrap_or_else(|e| format!("error: {e}"));
+            let src =
+                SocketAddr::new(IpAddr::V4((u32::from(testbed::CLIENT_POOL.0) + n).into()), 0);
+            let who = servers::http_get(Some(src), vip, timeout)
+                .unwrap_or_else(|e| format!("error: {e}"));
             *per.entry(who).or_default() += 1;
         }
         per
@@ -213,7 +253,8 @@ fn run(duration: Option<u64>) -> Result<()> {
         if let Ok(Some(status)) = edgelb.0.try_wait() {
             bail!("edgelb exited: {status}");
         }
-        let src = SocketAddr::new(IpAddr::V4((u32::from(testbed::CLIENT_POOL.0) + n % 1000).into()), 0);
+        let src =
+            SocketAddr::new(IpAddr::V4((u32::from(testbed::CLIENT_POOL.0) + n % 1000).into()), 0);
         let who = netns::in_netns(&tb.names.client, || servers::http_get(Some(src), vip, timeout))?;
         match who {
             Ok(b) => eprintln!("   {} -> {vip} answered by {b}", src.ip()),

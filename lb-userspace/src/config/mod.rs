@@ -229,7 +229,10 @@ fn parse_mac(s: &raw::Sp<String>) -> Result<[u8; 6], Invalid> {
     let parts: Vec<&str> = s.get_ref().split(':').collect();
     let mut mac = [0u8; 6];
     if parts.len() != 6 {
-        return bad(s.span(), format!("`{}` is not a MAC address (aa:bb:cc:dd:ee:ff)", s.get_ref()));
+        return bad(
+            s.span(),
+            format!("`{}` is not a MAC address (aa:bb:cc:dd:ee:ff)", s.get_ref()),
+        );
     }
     for (i, p) in parts.iter().enumerate() {
         mac[i] = u8::from_str_radix(p, 16).or_else(|_| {
@@ -294,7 +297,10 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 bad(s.span(), format!("encap_source_v6 `{}` is not an IPv6 prefix", s.get_ref()))
             })?;
             if len != "96" {
-                return bad(s.span(), "encap_source_v6 must be a /96: the last 32 bits vary per flow");
+                return bad(
+                    s.span(),
+                    "encap_source_v6 must be a /96: the last 32 bits vary per flow",
+                );
             }
             Some(addr)
         }
@@ -314,7 +320,10 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
     };
 
     if raw.vip.len() > MAX_VIPS as usize {
-        return bad(raw.vip[MAX_VIPS as usize].span(), format!("at most {MAX_VIPS} VIPs are supported"));
+        return bad(
+            raw.vip[MAX_VIPS as usize].span(),
+            format!("at most {MAX_VIPS} VIPs are supported"),
+        );
     }
     let mut names = HashSet::new();
     let mut keys = HashSet::new();
@@ -331,7 +340,9 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
         let protocol = match v.protocol.as_ref().map(|p| (p.get_ref().as_str(), p.span())) {
             None | Some(("tcp", _)) => Protocol::Tcp,
             Some(("udp", _)) => Protocol::Udp,
-            Some((other, span)) => return bad(span, format!("protocol `{other}`: expected tcp or udp")),
+            Some((other, span)) => {
+                return bad(span, format!("protocol `{other}`: expected tcp or udp"));
+            }
         };
         if !keys.insert((vip_addr, port, protocol)) {
             return bad(vspan, format!("VIP {vip_addr} port {port} {protocol:?} is defined twice"));
@@ -339,7 +350,9 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
         let hash = match v.hash.as_ref().map(|h| (h.get_ref().as_str(), h.span())) {
             None | Some(("client", _)) => HashMode::Client,
             Some(("5tuple", _)) => HashMode::FiveTuple,
-            Some((other, span)) => return bad(span, format!("hash `{other}`: expected client or 5tuple")),
+            Some((other, span)) => {
+                return bad(span, format!("hash `{other}`: expected client or 5tuple"));
+            }
         };
         let forwarding = match v.forwarding.as_ref().map(|h| (h.get_ref().as_str(), h.span())) {
             None | Some(("ipip", _)) => Forwarding::Ipip,
@@ -351,9 +364,14 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
         };
         let ring_size = match &v.ring_size {
             None => DEFAULT_RING_SIZE,
-            Some(m) if is_prime(*m.get_ref()) && (3..=MAX_RING_SIZE).contains(m.get_ref()) => *m.get_ref(),
+            Some(m) if is_prime(*m.get_ref()) && (3..=MAX_RING_SIZE).contains(m.get_ref()) => {
+                *m.get_ref()
+            }
             Some(m) => {
-                return bad(m.span(), format!("ring_size must be a prime between 3 and {MAX_RING_SIZE}"));
+                return bad(
+                    m.span(),
+                    format!("ring_size must be a prime between 3 and {MAX_RING_SIZE}"),
+                );
             }
         };
         let mut seen = HashSet::new();
@@ -361,7 +379,10 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
         for b in &v.backends {
             let address = parse_ip(&b.address, "backend address")?;
             if !seen.insert(address) {
-                return bad(b.address.span(), format!("backend {address} is listed twice in this VIP"));
+                return bad(
+                    b.address.span(),
+                    format!("backend {address} is listed twice in this VIP"),
+                );
             }
             let weight = b.weight.as_ref().map_or(1, |w| *w.get_ref());
             if weight > 10_000 {
@@ -374,16 +395,28 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 }
                 Forwarding::Ipip => {
                     if address.is_ipv4() && vip_addr.is_ipv6() {
-                        return bad(b.address.span(), "an IPv6 VIP needs IPv6 backends (6in4 is not supported)");
+                        return bad(
+                            b.address.span(),
+                            "an IPv6 VIP needs IPv6 backends (6in4 is not supported)",
+                        );
                     }
                     if mac.is_none() && node.gateway_mac.is_none() {
-                        return bad(b.address.span(), "backend has no `mac` and node.gateway_mac is not set: no next hop");
+                        return bad(
+                            b.address.span(),
+                            "backend has no `mac` and node.gateway_mac is not set: no next hop",
+                        );
                     }
                     if address.is_ipv4() && node.encap_source_v4.is_none() {
-                        return bad(b.address.span(), "IPv4 backends need node.encap_source_v4 for the outer source");
+                        return bad(
+                            b.address.span(),
+                            "IPv4 backends need node.encap_source_v4 for the outer source",
+                        );
                     }
                     if address.is_ipv6() && node.encap_source_v6.is_none() {
-                        return bad(b.address.span(), "IPv6 backends need node.encap_source_v6 for the outer source");
+                        return bad(
+                            b.address.span(),
+                            "IPv6 backends need node.encap_source_v6 for the outer source",
+                        );
                     }
                 }
                 _ => {}

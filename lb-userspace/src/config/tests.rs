@@ -51,10 +51,13 @@ fn semantic_errors_point_at_the_field() {
     assert!(e.starts_with("t.toml:6:11:"), "{e}");
     assert!(e.contains("not an IP address"), "{e}");
 
-    let e = err(&format!("{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nring_size = 65536\n"));
+    let e =
+        err(&format!("{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nring_size = 65536\n"));
     assert!(e.starts_with("t.toml:7:13:") && e.contains("prime"), "{e}");
 
-    let e = err(&format!("{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nprotocol = \"sctp\"\n"));
+    let e = err(&format!(
+        "{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nprotocol = \"sctp\"\n"
+    ));
     assert!(e.starts_with("t.toml:7:12:") && e.contains("tcp or udp"), "{e}");
 }
 

@@ -62,7 +62,10 @@ impl Maps {
     }
 
     /// Sum over CPUs of one per-CPU counter slot.
-    pub fn sum_counters(map: &PerCpuArray<MapData, Counters>, index: u32) -> Result<Counters, MapError> {
+    pub fn sum_counters(
+        map: &PerCpuArray<MapData, Counters>,
+        index: u32,
+    ) -> Result<Counters, MapError> {
         let per_cpu = map.get(&index, 0)?;
         Ok(per_cpu.iter().fold(Counters::default(), |a, c| Counters {
             packets: a.packets + c.packets,
@@ -81,7 +84,10 @@ impl Maps {
     }
 
     /// Zeroes one per-CPU counter slot (a VIP index or backend id given to someone new).
-    pub fn reset_counters(map: &mut PerCpuArray<MapData, Counters>, index: u32) -> Result<(), MapError> {
+    pub fn reset_counters(
+        map: &mut PerCpuArray<MapData, Counters>,
+        index: u32,
+    ) -> Result<(), MapError> {
         let syscall = |call, io_error| MapError::SyscallError(SyscallError { call, io_error });
         let cpus = aya::util::nr_cpus().map_err(|(call, e)| syscall(call, e))?.get();
         let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus as usize])

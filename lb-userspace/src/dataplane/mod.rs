@@ -34,7 +34,8 @@ use crate::{
 pub use maps::Maps;
 
 /// The balancer object, built from lb-ebpf by build.rs.
-pub static BALANCER_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/edgelb-xdp"));
+pub static BALANCER_OBJ: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/edgelb-xdp"));
 /// The auxiliary programs (decap, pass, tx_swap).
 pub static AUX_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/edgelb-aux"));
 
@@ -202,7 +203,8 @@ impl Dataplane {
     pub fn load() -> Result<Dataplane, DataplaneError> {
         let mut ebpf = Ebpf::load(BALANCER_OBJ)?;
         let prog: &mut Xdp = program(&mut ebpf, programs::BALANCER)?;
-        prog.load().map_err(|source| DataplaneError::Program { name: programs::BALANCER, source })?;
+        prog.load()
+            .map_err(|source| DataplaneError::Program { name: programs::BALANCER, source })?;
         let maps = Maps::take(&mut ebpf)?;
         Ok(Dataplane {
             ebpf,
@@ -239,7 +241,11 @@ impl Dataplane {
 
     /// Attaches the balancer to `interface` (by name, in the calling thread's network
     /// namespace). Auto mode tries native first and falls back to generic with a warning.
-    pub fn attach(&mut self, interface: &str, mode: XdpAttachMode) -> Result<&'static str, DataplaneError> {
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        mode: XdpAttachMode,
+    ) -> Result<&'static str, DataplaneError> {
         let (used, _) = attach_xdp(program(&mut self.ebpf, programs::BALANCER)?, interface, mode)?;
         self.attached.push((interface.to_owned(), used));
         Ok(used)
@@ -284,7 +290,10 @@ impl Dataplane {
             };
             let slot = Some(BackendSlot { entry });
             if self.backends[id as usize] != slot {
-                self.maps.backends.set(id, &entry, 0).map_err(map_err(lb_common::maps::BACKENDS))?;
+                self.maps
+                    .backends
+                    .set(id, &entry, 0)
+                    .map_err(map_err(lb_common::maps::BACKENDS))?;
                 self.backends[id as usize] = slot;
             }
         }
@@ -302,7 +311,9 @@ impl Dataplane {
             let key = vip_key(vip);
             live_keys.push(key);
             let ring: Vec<u32> = match vip_ring(vip) {
-                Some(r) => r.iter().map(|&i| self.backend_ids[&vip.backends[i as usize].address]).collect(),
+                Some(r) => {
+                    r.iter().map(|&i| self.backend_ids[&vip.backends[i as usize].address]).collect()
+                }
                 None => Vec::new(),
             };
             let mut flags = 0;
@@ -323,7 +334,12 @@ impl Dataplane {
                     .map_err(map_err(lb_common::maps::VIP_STATS))?;
                 self.vips.insert(
                     key,
-                    VipSlot { index, active: 1, regions: [Vec::new(), Vec::new()], meta: VipMeta::default() },
+                    VipSlot {
+                        index,
+                        active: 1,
+                        regions: [Vec::new(), Vec::new()],
+                        meta: VipMeta::default(),
+                    },
                 );
                 report.vips_added += 1;
                 info!(vip = %vip, index, "VIP added");
@@ -339,7 +355,10 @@ impl Dataplane {
                 let old = &slot.regions[target];
                 for (i, &id) in ring.iter().enumerate() {
                     if old.get(i) != Some(&id) {
-                        self.maps.rings.set(base + i as u32, &id, 0).map_err(map_err(lb_common::maps::RINGS))?;
+                        self.maps
+                            .rings
+                            .set(base + i as u32, &id, 0)
+                            .map_err(map_err(lb_common::maps::RINGS))?;
                         report.ring_slots_written += 1;
                     }
                 }
@@ -356,7 +375,8 @@ impl Dataplane {
         }
 
         // 4. VIP addresses (for ICMP and the fragment policy).
-        let wanted_addrs: BTreeSet<([u32; 4], u8)> = live_keys.iter().map(|k| (k.addr, k.family)).collect();
+        let wanted_addrs: BTreeSet<([u32; 4], u8)> =
+            live_keys.iter().map(|k| (k.addr, k.family)).collect();
         for &(addr, family) in wanted_addrs.difference(&self.addrs) {
             self.maps
                 .vip_addrs
@@ -365,7 +385,8 @@ impl Dataplane {
         }
 
         // 5. Removed VIPs, then addresses no VIP uses any more.
-        let gone: Vec<VipKey> = self.vips.keys().filter(|k| !live_keys.contains(k)).copied().collect();
+        let gone: Vec<VipKey> =
+            self.vips.keys().filter(|k| !live_keys.contains(k)).copied().collect();
         for key in gone {
             match self.maps.vips.remove(&key) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
@@ -383,8 +404,12 @@ impl Dataplane {
         self.addrs = wanted_addrs;
 
         // 6. Retire backends no VIP names: their flows re-hash on their next packet.
-        let retired: Vec<(IpAddr, u32)> =
-            self.backend_ids.iter().filter(|(a, _)| !wanted.contains_key(a)).map(|(a, i)| (*a, *i)).collect();
+        let retired: Vec<(IpAddr, u32)> = self
+            .backend_ids
+            .iter()
+            .filter(|(a, _)| !wanted.contains_key(a))
+            .map(|(a, i)| (*a, *i))
+            .collect();
         for (addr, id) in retired {
             let mut entry = self.backends[id as usize].expect("owned id").entry;
             entry.flags = 0;
@@ -416,7 +441,8 @@ impl Dataplane {
     /// Summed counters of a backend.
     pub fn backend_counters(&self, addr: IpAddr) -> Result<Counters, DataplaneError> {
         let Some(id) = self.backend_id(addr) else { return Ok(Counters::default()) };
-        Maps::sum_counters(&self.maps.backend_stats, id).map_err(map_err(lb_common::maps::BACKEND_STATS))
+        Maps::sum_counters(&self.maps.backend_stats, id)
+            .map_err(map_err(lb_common::maps::BACKEND_STATS))
     }
 }
 
@@ -437,10 +463,9 @@ fn global_config(cfg: &Config) -> GlobalConfig {
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
-    let prog = ebpf.program_mut(name).ok_or(DataplaneError::Program {
-        name,
-        source: ProgramError::UnexpectedProgramType,
-    })?;
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::Program { name, source: ProgramError::UnexpectedProgramType })?;
     prog.try_into().map_err(|source| DataplaneError::Program { name, source })
 }
 
@@ -455,9 +480,13 @@ fn attach_xdp(
         source: ProgramError::UnexpectedProgramType,
     })?;
     let try_mode = |prog: &mut Xdp, m: XdpMode, label: &'static str| {
-        prog.attach(aya::programs::NetworkInterface::Name(&name), m)
-            .map(|id| (label, id))
-            .map_err(|source| DataplaneError::Attach { interface: interface.to_owned(), mode: label, source })
+        prog.attach(aya::programs::NetworkInterface::Name(&name), m).map(|id| (label, id)).map_err(
+            |source| DataplaneError::Attach {
+                interface: interface.to_owned(),
+                mode: label,
+                source,
+            },
+        )
     };
     match mode {
         XdpAttachMode::Native => try_mode(prog, XdpMode::Driver, "native"),
@@ -508,7 +537,9 @@ impl AuxPrograms {
         if let Some(path) = pin {
             let pin_err = |e: String| DataplaneError::Pin { path: path.to_owned(), reason: e };
             let link = prog.take_link(id).map_err(|e| pin_err(e.to_string()))?;
-            let fd: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| pin_err(e.to_string()))?;
+            let fd: FdLink = link
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| pin_err(e.to_string()))?;
             fd.pin(path).map_err(|e| pin_err(e.to_string()))?;
         }
         Ok(used)

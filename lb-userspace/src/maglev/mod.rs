@@ -62,11 +62,8 @@ fn quotas(weights: &[u32], m: u32) -> Vec<u32> {
     let mut q: Vec<u32> = weights.iter().map(|&w| ((m as u64 * w as u64) / total) as u32).collect();
     let mut left = m - q.iter().sum::<u32>();
     // Largest remainders first; ties broken by position (the sorted identity order).
-    let mut rem: Vec<(u64, usize)> = weights
-        .iter()
-        .enumerate()
-        .map(|(i, &w)| ((m as u64 * w as u64) % total, i))
-        .collect();
+    let mut rem: Vec<(u64, usize)> =
+        weights.iter().enumerate().map(|(i, &w)| ((m as u64 * w as u64) % total, i)).collect();
     rem.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     for (r, i) in rem {
         if left == 0 {
@@ -84,7 +81,8 @@ impl ConsistentHash for Maglev {
     fn build(&self, backends: &[RingMember], ring_size: u32) -> Option<Vec<u32>> {
         let m = ring_size as u64;
         // Sort by identity so config order cannot matter; keep original indices for the output.
-        let mut order: Vec<usize> = (0..backends.len()).filter(|&i| backends[i].weight > 0).collect();
+        let mut order: Vec<usize> =
+            (0..backends.len()).filter(|&i| backends[i].weight > 0).collect();
         if order.is_empty() {
             return None;
         }

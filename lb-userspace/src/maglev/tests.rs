@@ -80,7 +80,10 @@ fn removing_one_of_n_moves_at_most_one_and_a_half_ideal_shares() {
             let after = Maglev.build(&fewer, 65_537).unwrap();
             let frac = moved(&before, &ms, &after, &fewer);
             let ideal = 1.0 / n as f64;
-            assert!(frac <= disruption_bound(n) * ideal, "n={n} victim={victim}: moved {frac}, ideal {ideal}");
+            assert!(
+                frac <= disruption_bound(n) * ideal,
+                "n={n} victim={victim}: moved {frac}, ideal {ideal}"
+            );
         }
     }
 }

@@ -145,8 +145,22 @@ impl Testbed {
         // (namespace, interface, switch-side peer, MAC, IPv4, IPv6)
         type Host<'a> = (&'a str, &'a str, &'a str, [u8; 6], String, String);
         let mut hosts: Vec<Host> = vec![
-            (names.client.as_str(), "cl0", "s-cl", [2, 0xed, 0, 0, 0, 1], CLIENT.to_string(), CLIENT6.to_string()),
-            (names.lb.as_str(), LB_IFACE, "s-lb", [2, 0xed, 0, 0, 0, 2], LB.to_string(), LB6.to_string()),
+            (
+                names.client.as_str(),
+                "cl0",
+                "s-cl",
+                [2, 0xed, 0, 0, 0, 1],
+                CLIENT.to_string(),
+                CLIENT6.to_string(),
+            ),
+            (
+                names.lb.as_str(),
+                LB_IFACE,
+                "s-lb",
+                [2, 0xed, 0, 0, 0, 2],
+                LB.to_string(),
+                LB6.to_string(),
+            ),
         ];
         for i in 0..3 {
             hosts.push((
@@ -159,21 +173,56 @@ impl Testbed {
             ));
         }
         for (ns, ifname, peer, mac, v4, v6) in &hosts {
-            sh(&["ip", "-n", sw, "link", "add", peer, "type", "veth", "peer", "name", ifname, "netns", ns])?;
+            sh(&[
+                "ip", "-n", sw, "link", "add", peer, "type", "veth", "peer", "name", ifname,
+                "netns", ns,
+            ])?;
             sh(&["ip", "-n", sw, "link", "set", peer, "master", "br0", "up"])?;
             sh(&["ip", "-n", ns, "link", "set", ifname, "address", &mac_str(*mac), "up"])?;
             sh(&["ip", "-n", ns, "addr", "add", &format!("{v4}/24"), "dev", ifname])?;
-            sh(&["ip", "-n", ns, "-6", "addr", "add", &format!("{v6}/64"), "dev", ifname, "nodad"])?;
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                ifname,
+                "nodad",
+            ])?;
         }
         let client = names.client.as_str();
         sh(&["ip", "-n", client, "route", "add", "198.18.1.0/24", "via", &LB.to_string()])?;
-        sh(&["ip", "-n", client, "-6", "route", "add", "2001:2:0:1::/64", "via", &LB6.to_string()])?;
+        sh(&[
+            "ip",
+            "-n",
+            client,
+            "-6",
+            "route",
+            "add",
+            "2001:2:0:1::/64",
+            "via",
+            &LB6.to_string(),
+        ])?;
         let pool = format!("{}/{}", CLIENT_POOL.0, CLIENT_POOL.1);
         sh(&["ip", "-n", client, "route", "add", "local", &pool, "dev", "lo"])?;
         sh(&["ip", "netns", "exec", client, "ethtool", "-K", "cl0", "tx", "off"])?;
         for ns in &names.backends {
             sh(&["ip", "-n", ns, "addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
-            sh(&["ip", "-n", ns, "-6", "addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"])?;
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "-6",
+                "addr",
+                "add",
+                &format!("{VIP6}/128"),
+                "dev",
+                "lo",
+                "nodad",
+            ])?;
             sh(&["ip", "-n", ns, "route", "add", &pool, "via", &CLIENT.to_string()])?;
         }
 
@@ -183,12 +232,15 @@ impl Testbed {
             std::fs::create_dir_all(&dir)?;
         }
         let pin = |file: &str| persist.then(|| dir.join(file));
-        let mut attach = |ns: &str, prog: &'static str, iface: &str, file: &str| -> io::Result<()> {
-            let pin = pin(file);
-            netns::in_netns(ns, || aux.attach(prog, iface, XdpAttachMode::Native, pin.as_deref()))?
+        let mut attach =
+            |ns: &str, prog: &'static str, iface: &str, file: &str| -> io::Result<()> {
+                let pin = pin(file);
+                netns::in_netns(ns, || {
+                    aux.attach(prog, iface, XdpAttachMode::Native, pin.as_deref())
+                })?
                 .map(|_| ())
                 .map_err(io::Error::other)
-        };
+            };
         attach(sw, programs::PASS, "s-lb", "pass-s-lb")?;
         for (i, ns) in names.backends.iter().enumerate() {
             attach(ns, programs::DECAP, "be0", &format!("decap-b{}", i + 1))?;

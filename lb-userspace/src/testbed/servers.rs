@@ -105,7 +105,11 @@ pub fn spawn(ns: &str, name: &str, tcp: SocketAddr, udp: SocketAddr) -> std::io:
 
 /// One HTTP GET to `vip` from source address `src` (port chosen by the kernel); returns the body
 /// (the backend's name). Call it from a thread inside the client namespace.
-pub fn http_get(src: Option<SocketAddr>, vip: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+pub fn http_get(
+    src: Option<SocketAddr>,
+    vip: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<String> {
     let mut s = match src {
         None => TcpStream::connect_timeout(&vip, timeout)?,
         Some(src) => connect_from(src, vip, timeout)?,
