@@ -120,9 +120,41 @@ fn test(extra: &[String]) -> Result<()> {
         eprintln!("note: not root: privileged tests (XDP, namespaces) will skip with a reason");
     }
     cargo(&["build", "--bins"])?;
+    // Tests share kernel state (namespaces, XDP attachments), so one at a time, as aya does.
     let mut args = vec!["test", "--no-fail-fast", "--", "--test-threads=1"];
     args.extend(extra.iter().map(String::as_str));
-    cargo(&args)
+    eprintln!("+ cargo {}", args.join(" "));
+    let mut child = Command::new(env!("CARGO"))
+        .args(&args)
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    // Echo the output and add up every binary's "test result:" line into one closing line.
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let stdout = child.stdout.take().expect("piped");
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(what), Some(n)) = (words.next(), words.next()) else { continue };
+                let n: u64 = n.parse().unwrap_or(0);
+                match what {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    "ignored" => ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed");
+    }
+    Ok(())
 }
 
 /// Must match lb-userspace/build.rs.

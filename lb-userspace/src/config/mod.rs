@@ -327,7 +327,8 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
     }
     let mut names = HashSet::new();
     let mut keys = HashSet::new();
-    let mut all_backends = HashSet::new();
+    let mut all_backends: std::collections::HashMap<IpAddr, Option<[u8; 6]>> =
+        std::collections::HashMap::new();
     let mut vips = Vec::new();
     for v in raw.vip {
         let vspan = v.span();
@@ -421,7 +422,18 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 }
                 _ => {}
             }
-            all_backends.insert(address);
+            match all_backends.get(&address) {
+                Some(Some(prev)) if mac.is_some_and(|m| m != *prev) => {
+                    return bad(
+                        b.mac.as_ref().expect("mac is set").span(),
+                        format!("backend {address} has a different `mac` in another VIP"),
+                    );
+                }
+                Some(Some(_)) => {}
+                _ => {
+                    all_backends.insert(address, mac);
+                }
+            }
             backends.push(Backend { address, weight, mac });
         }
         vips.push(Vip {

@@ -122,3 +122,15 @@ fn line_col_counts_from_one() {
     assert_eq!(line_col("ab\ncd", 0), (1, 1));
     assert_eq!(line_col("ab\ncd", 4), (2, 2));
 }
+
+#[test]
+fn one_backend_cannot_have_two_macs() {
+    let b = |mac: &str| format!("backends = [{{ address = \"198.18.0.11\", mac = \"{mac}\" }}]\n");
+    let e = err(&format!(
+        "{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\n{}[[vip]]\nname = \"b\"\naddress = \"198.18.1.2\"\n{}",
+        b("02:00:00:00:00:01"),
+        b("02:00:00:00:00:02")
+    ));
+    assert!(e.contains("different `mac`"), "{e}");
+    assert!(e.starts_with("t.toml:11:"), "{e}");
+}
