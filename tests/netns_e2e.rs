@@ -48,7 +48,7 @@ fn client_to_backends_through_xdp() {
     let tb = Testbed::up(&prefix, false).expect("testbed up");
     let _servers = tb.start_servers().expect("backend servers");
     let cfg = e2e_config();
-    let mut dp = Dataplane::load().expect("balancer loads");
+    let mut dp = Dataplane::load(None).expect("balancer loads");
     dp.apply(&cfg).expect("maps filled");
     let mode =
         netns::in_netns(&tb.names.lb, || dp.attach(testbed::LB_IFACE, XdpAttachMode::Native))

@@ -39,7 +39,7 @@ impl Harness {
             return None;
         }
         let cfg = Config::parse(toml, "fixture.toml".as_ref()).expect("fixture config is valid");
-        let mut dp = Dataplane::load().expect("balancer loads and verifies");
+        let mut dp = Dataplane::load(None).expect("balancer loads and verifies");
         dp.apply(&cfg).expect("maps filled");
         Some(Harness { dp, cfg })
     }
@@ -690,12 +690,12 @@ fn counters_follow_forwarded_traffic() {
             b"abc",
         )),
     );
-    let before = h.dp.backend_counters(b).unwrap();
+    let before = h.dp.backend_counters(&vip, b).unwrap();
     for _ in 0..10 {
         assert_eq!(h.run(&frame).0, XDP_TX);
     }
     let vc = h.dp.vip_counters(&vip).unwrap();
     assert_eq!((vc.packets, vc.bytes, vc.new_flows), (10, 10 * frame.len() as u64, 1));
-    let bc = h.dp.backend_counters(b).unwrap();
+    let bc = h.dp.backend_counters(&vip, b).unwrap();
     assert_eq!(bc.packets - before.packets, 10);
 }

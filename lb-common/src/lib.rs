@@ -158,6 +158,10 @@ pub struct Backend {
     pub family: u8,
     /// [`backend_flags`] bits.
     pub flags: u8,
+    /// Index of the VIP this backend entry belongs to (each VIP has its own entries, so health
+    /// and drain are per VIP). Not read by the data path; lets a restarted controller adopt the
+    /// pinned maps.
+    pub vip_index: u32,
 }
 
 /// Connection-table key: one direction of one flow, as the client sent it.
@@ -255,7 +259,7 @@ mod layout {
         assert_eq!(size_of::<VipKey>(), 20);
         assert_eq!(size_of::<AddrKey>(), 20);
         assert_eq!(size_of::<VipMeta>(), 16);
-        assert_eq!(size_of::<Backend>(), 28);
+        assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Conn>(), 8);
         assert_eq!(size_of::<GlobalConfig>(), 36);

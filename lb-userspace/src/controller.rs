@@ -1,20 +1,31 @@
-//! `edgelb run`: load, fill the maps, attach, then serve until told to stop.
+//! `edgelb run`: the controller loop.
 //!
-//! SIGHUP reloads the config file: the new file is validated first, and a bad one is logged and
-//! ignored, so the running config stays. SIGINT/SIGTERM stop the process (detaching XDP).
+//! It owns the configured state (the config file), the observed state (health verdicts, runtime
+//! drains) and the data plane, and after every change writes the *effective* config, configured
+//! minus dead backends with drained ones at weight 0, to the maps. `Dataplane::apply` only
+//! rewrites what changed, so this is cheap and safe to do on every event.
+//!
+//! Lifecycle: maps and XDP links are pinned under `node.pin_dir`. SIGTERM, SIGINT and
+//! `edgelb stop --detach` end the controller but leave the data plane running, so a restart or
+//! upgrade adopts it without dropping a packet; `edgelb stop` tears everything down. SIGHUP and
+//! `edgelb reload` re-read the config; a bad file is rejected and the running config stays.
 
 use std::{
-    collections::HashMap,
-    path::Path,
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::mpsc::{self, Receiver, RecvTimeoutError},
     time::{Duration, Instant},
 };
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{
-    config::Config,
-    dataplane::{Dataplane, DataplaneError},
+    admin::{self, BackendStatus, Pending, Request, Response, Status, VipStatus},
+    config::{Backend, Config, Forwarding},
+    dataplane::{Dataplane, DataplaneError, vip_ring},
+    health::{Checker, HealthEvent},
 };
 
 /// Why `run` stopped early.
@@ -29,82 +40,342 @@ pub enum RunError {
     /// Signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    /// The admin socket could not be served.
+    #[error("admin socket {path}: {source}")]
+    Admin {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// How often the counters are logged (only when they changed).
 const REPORT_EVERY: Duration = Duration::from_secs(2);
 
-/// Runs the balancer with the config at `path` until SIGINT or SIGTERM.
-pub fn run(path: &Path) -> Result<(), RunError> {
-    let mut cfg = Config::load(path)?;
-    let mut dp = Dataplane::load()?;
-    // Maps first, then attach: the first packet already sees the whole config.
-    let report = dp.apply(&cfg)?;
-    info!(?report, "maps filled");
-    for iface in cfg.node.interfaces.clone() {
-        let mode = dp.attach(&iface, cfg.node.xdp_mode)?;
-        info!(interface = %iface, mode, "XDP balancer attached");
-    }
-    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
-        .map_err(RunError::Signals)?;
-    let mut last = HashMap::new();
-    let mut next_report = Instant::now() + REPORT_EVERY;
-    loop {
-        for sig in signals.pending() {
-            match sig {
-                SIGHUP => match Config::load(path) {
-                    Ok(new) if new.node.interfaces != cfg.node.interfaces => {
-                        error!(
-                            "reload rejected: node.interfaces changed (restart to change them); running config kept"
-                        );
-                    }
-                    Ok(new) => match dp.apply(&new) {
-                        Ok(report) => {
-                            info!(?report, "config reloaded");
-                            cfg = new;
-                        }
-                        Err(e) => {
-                            error!(error = %e, "applying the new config failed; maps may be partly updated, retry the reload")
-                        }
-                    },
-                    Err(e) => error!(error = %e, "reload rejected, running config kept"),
-                },
-                _ => {
-                    info!(signal = sig, "stopping; XDP detached");
-                    return Ok(());
-                }
-            }
-        }
-        if Instant::now() >= next_report {
-            log_counters(&dp, &cfg, &mut last);
-            next_report = Instant::now() + REPORT_EVERY;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// How the loop ended.
+enum Exit {
+    /// Leave XDP attached and maps pinned.
+    Detach,
+    /// Remove the data plane too.
+    Teardown,
 }
 
-fn log_counters(dp: &Dataplane, cfg: &Config, last: &mut HashMap<String, u64>) {
-    for vip in &cfg.vips {
-        let Ok(c) = dp.vip_counters(vip) else { continue };
-        let before = last.insert(vip.name.clone(), c.packets).unwrap_or(0);
-        if c.packets == before {
-            continue;
+struct Controller {
+    path: PathBuf,
+    cfg: Config,
+    dp: Dataplane,
+    checker: Checker,
+    health_rx: Receiver<HealthEvent>,
+    admin_rx: Receiver<Pending>,
+    /// (VIP name, backend) declared dead by its health check.
+    down: HashSet<(String, IpAddr)>,
+    /// Runtime drains: (VIP name or all VIPs, backend).
+    drained: HashSet<(Option<String>, IpAddr)>,
+    /// Last non-empty backend set per VIP, kept when every backend is down (fail open).
+    last_alive: HashMap<String, Vec<Backend>>,
+    fail_open: HashSet<String>,
+}
+
+/// Runs the balancer with the config at `path` until SIGINT/SIGTERM or `edgelb stop`.
+pub fn run(path: &Path) -> Result<(), RunError> {
+    let cfg = Config::load(path)?;
+    // The admin socket first: if another controller already runs, stop before touching anything.
+    let (admin_tx, admin_rx) = mpsc::channel();
+    admin::serve(&cfg.node.admin_socket, admin_tx)
+        .map_err(|source| RunError::Admin { path: cfg.node.admin_socket.clone(), source })?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM]).map_err(RunError::Signals)?;
+
+    let dp = Dataplane::load(Some(&cfg.node.pin_dir))?;
+    if dp.adopted() {
+        info!(pin_dir = %cfg.node.pin_dir.display(), "a previous edgelb left the data plane running: adopting it");
+    }
+    let (health_tx, health_rx) = mpsc::channel();
+    let mut ctl = Controller {
+        path: path.to_owned(),
+        cfg,
+        dp,
+        checker: Checker::new(health_tx),
+        health_rx,
+        admin_rx,
+        down: HashSet::new(),
+        drained: HashSet::new(),
+        last_alive: HashMap::new(),
+        fail_open: HashSet::new(),
+    };
+    // Maps first, then attach: the first packet already sees the whole config.
+    let report = ctl.apply()?;
+    info!(?report, "maps in line with the config");
+    for iface in ctl.cfg.node.interfaces.clone() {
+        let mode = ctl.dp.attach(&iface, ctl.cfg.node.xdp_mode)?;
+        info!(interface = %iface, mode, "XDP balancer attached");
+    }
+    ctl.checker.reconcile(&ctl.cfg);
+    info!(checks = ctl.checker.len(), admin = %ctl.cfg.node.admin_socket.display(), "edgelb running");
+
+    let exit = ctl.serve(&mut signals);
+    let socket = ctl.cfg.node.admin_socket.clone();
+    let pin_dir = ctl.cfg.node.pin_dir.clone();
+    drop(ctl.checker);
+    let _ = std::fs::remove_file(&socket);
+    match exit {
+        Exit::Detach => {
+            info!(pin_dir = %pin_dir.display(), "controller stopped; the data plane keeps running (`edgelb stop` removes it)");
         }
-        let per_backend: Vec<String> = vip
-            .backends
-            .iter()
-            .map(|b| {
-                let bc = dp.backend_counters(b.address).unwrap_or_default();
-                format!("{}={}", b.address, bc.packets)
-            })
-            .collect();
-        info!(
-            vip = %vip,
-            packets = c.packets,
-            bytes = c.bytes,
-            new_flows = c.new_flows,
-            backends = %per_backend.join(" "),
-            "traffic"
-        );
+        Exit::Teardown => {
+            Dataplane::teardown(&pin_dir).map_err(|e| DataplaneError::Pin {
+                path: pin_dir.clone(),
+                reason: format!("teardown: {e}"),
+            })?;
+            info!("data plane removed: XDP detached, pins deleted");
+        }
+    }
+    Ok(())
+}
+
+impl Controller {
+    fn is_drained(&self, vip: &str, addr: IpAddr) -> bool {
+        self.drained.contains(&(None, addr)) || self.drained.contains(&(Some(vip.to_owned()), addr))
+    }
+
+    /// Configured minus dead backends, drained ones at weight 0; fail open per VIP.
+    fn effective(&mut self) -> Config {
+        let mut eff = self.cfg.clone();
+        for vip in &mut eff.vips {
+            let mut alive: Vec<Backend> = vip
+                .backends
+                .iter()
+                .filter(|b| !self.down.contains(&(vip.name.clone(), b.address)))
+                .cloned()
+                .collect();
+            if alive.is_empty() && !vip.backends.is_empty() {
+                if self.fail_open.insert(vip.name.clone()) {
+                    error!(vip = %vip, "every backend is down: keeping the last known set (fail open)");
+                }
+                alive = self.last_alive.get(&vip.name).cloned().unwrap_or_else(|| vip.backends.clone());
+            } else {
+                if self.fail_open.remove(&vip.name) {
+                    warn!(vip = %vip, "backends are back: fail-open mode ended");
+                }
+                self.last_alive.insert(vip.name.clone(), alive.clone());
+            }
+            for b in &mut alive {
+                if self.is_drained(&vip.name, b.address) {
+                    b.weight = 0;
+                }
+            }
+            vip.backends = alive;
+        }
+        eff
+    }
+
+    fn apply(&mut self) -> Result<crate::dataplane::ApplyReport, DataplaneError> {
+        let eff = self.effective();
+        self.dp.apply(&eff)
+    }
+
+    fn apply_logged(&mut self, why: &str) {
+        match self.apply() {
+            Ok(r) if !r.is_empty() => info!(?r, "{why}: maps updated"),
+            Ok(_) => {}
+            Err(e) => error!(error = %e, "{why}: updating the maps failed"),
+        }
+    }
+
+    fn serve(&mut self, signals: &mut signal_hook::iterator::Signals) -> Exit {
+        let mut last_packets = HashMap::new();
+        let mut next_report = Instant::now() + REPORT_EVERY;
+        loop {
+            for sig in signals.pending() {
+                if sig == SIGHUP {
+                    let r = self.reload();
+                    if !r.ok {
+                        error!("{}", r.message);
+                    }
+                } else {
+                    info!(signal = sig, "signal received");
+                    return Exit::Detach;
+                }
+            }
+            let mut changed = false;
+            while let Ok(ev) = self.health_rx.try_recv() {
+                changed |= self.on_health(ev);
+            }
+            if changed {
+                self.apply_logged("health change");
+            }
+            match self.admin_rx.recv_timeout(Duration::from_millis(50)) {
+                Ok((req, reply)) => {
+                    let stop = match &req {
+                        Request::Stop { detach } => Some(if *detach { Exit::Detach } else { Exit::Teardown }),
+                        _ => None,
+                    };
+                    let resp = self.on_admin(req);
+                    let _ = reply.send(resp);
+                    if let Some(exit) = stop {
+                        return exit;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {}
+            }
+            if Instant::now() >= next_report {
+                self.log_counters(&mut last_packets);
+                next_report = Instant::now() + REPORT_EVERY;
+            }
+        }
+    }
+
+    fn on_health(&mut self, ev: HealthEvent) -> bool {
+        let key = (ev.vip.clone(), ev.backend);
+        if !self.cfg.vips.iter().any(|v| v.name == ev.vip && v.backends.iter().any(|b| b.address == ev.backend)) {
+            return false; // a check that was just reconciled away
+        }
+        if ev.healthy {
+            info!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend UP: back in the ring");
+            self.down.remove(&key)
+        } else {
+            warn!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend DOWN: leaves the ring, its flows re-hash");
+            self.down.insert(key)
+        }
+    }
+
+    fn on_admin(&mut self, req: Request) -> Response {
+        match req {
+            Request::Status => Response { status: Some(self.status()), ..Response::ok("status") },
+            Request::Drain { backend, vip } | Request::Undrain { backend, vip }
+                if !self.cfg.vips.iter().any(|v| {
+                    vip.as_ref().is_none_or(|n| *n == v.name) && v.backends.iter().any(|b| b.address == backend)
+                }) =>
+            {
+                Response::err(format!(
+                    "backend {backend} is not in {}",
+                    vip.map_or("any VIP".to_owned(), |v| format!("VIP `{v}`"))
+                ))
+            }
+            Request::Drain { backend, vip } => {
+                info!(%backend, vip = ?vip, "drain: no new flows, established flows stay");
+                self.drained.insert((vip, backend));
+                self.apply_logged("drain");
+                Response::ok(format!("{backend} drained"))
+            }
+            Request::Undrain { backend, vip } => {
+                info!(%backend, vip = ?vip, "undrain");
+                self.drained.remove(&(vip.clone(), backend));
+                if vip.is_none() {
+                    self.drained.retain(|(_, a)| *a != backend);
+                }
+                self.apply_logged("undrain");
+                Response::ok(format!("{backend} undrained"))
+            }
+            Request::Reload => self.reload(),
+            Request::Stop { detach: true } => Response::ok("stopping; the data plane keeps running"),
+            Request::Stop { detach: false } => Response::ok("stopping and removing the data plane"),
+        }
+    }
+
+    fn reload(&mut self) -> Response {
+        let new = match Config::load(&self.path) {
+            Ok(c) => c,
+            Err(e) => return Response::err(format!("reload rejected, running config kept: {e}")),
+        };
+        let (old, n) = (&self.cfg.node, &new.node);
+        if n.interfaces != old.interfaces || n.pin_dir != old.pin_dir || n.admin_socket != old.admin_socket {
+            return Response::err(
+                "reload rejected, running config kept: node.interfaces, pin_dir and admin_socket need a restart",
+            );
+        }
+        self.cfg = new;
+        let cfg = &self.cfg;
+        self.down.retain(|(v, a)| {
+            cfg.vips.iter().any(|x| x.name == *v && x.health.is_some() && x.backends.iter().any(|b| b.address == *a))
+        });
+        self.checker.reconcile(&self.cfg);
+        match self.apply() {
+            Ok(r) => {
+                info!(?r, "config reloaded");
+                Response::ok(format!("reloaded: {r:?}"))
+            }
+            Err(e) => {
+                error!(error = %e, "reload: updating the maps failed");
+                Response::err(format!("reload: updating the maps failed: {e}"))
+            }
+        }
+    }
+
+    fn status(&mut self) -> Status {
+        let eff = self.effective();
+        let mut vips = Vec::new();
+        for (vip, evip) in self.cfg.vips.iter().zip(&eff.vips) {
+            let c = self.dp.vip_counters(vip).unwrap_or_default();
+            let ring = vip_ring(evip);
+            let mut backends = Vec::new();
+            for b in &vip.backends {
+                let share = match (&ring, evip.backends.iter().position(|e| e.address == b.address)) {
+                    (Some(r), Some(i)) => {
+                        r.iter().filter(|&&x| x as usize == i).count() as f64 / r.len() as f64
+                    }
+                    _ => 0.0,
+                };
+                let bc = self.dp.backend_counters(vip, b.address).unwrap_or_default();
+                backends.push(BackendStatus {
+                    address: b.address,
+                    weight: b.weight,
+                    healthy: !self.down.contains(&(vip.name.clone(), b.address)),
+                    drained: b.weight == 0 || self.is_drained(&vip.name, b.address),
+                    ring_share: share,
+                    packets: bc.packets,
+                    bytes: bc.bytes,
+                    new_flows: bc.new_flows,
+                });
+            }
+            vips.push(VipStatus {
+                name: vip.name.clone(),
+                listen: vip.to_string(),
+                forwarding: match vip.forwarding {
+                    Forwarding::Ipip => "ipip",
+                    Forwarding::L2 => "l2",
+                    Forwarding::L7 => "l7",
+                }
+                .to_owned(),
+                packets: c.packets,
+                bytes: c.bytes,
+                new_flows: c.new_flows,
+                fail_open: self.fail_open.contains(&vip.name),
+                backends,
+            });
+        }
+        Status {
+            config: self.path.clone(),
+            interfaces: self.dp.attached().iter().map(|(i, m)| (i.clone(), (*m).to_owned())).collect(),
+            vips,
+        }
+    }
+
+    fn log_counters(&self, last: &mut HashMap<String, u64>) {
+        for vip in &self.cfg.vips {
+            let Ok(c) = self.dp.vip_counters(vip) else { continue };
+            let before = last.insert(vip.name.clone(), c.packets).unwrap_or(0);
+            if c.packets == before {
+                continue;
+            }
+            let per_backend: Vec<String> = vip
+                .backends
+                .iter()
+                .map(|b| {
+                    let bc = self.dp.backend_counters(vip, b.address).unwrap_or_default();
+                    format!("{}={}", b.address, bc.packets)
+                })
+                .collect();
+            info!(
+                vip = %vip,
+                packets = c.packets,
+                bytes = c.bytes,
+                new_flows = c.new_flows,
+                backends = %per_backend.join(" "),
+                "traffic"
+            );
+        }
     }
 }

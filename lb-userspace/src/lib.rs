@@ -6,13 +6,18 @@
 //! - [`config`]: the TOML schema and its validation (errors point at file:line:column);
 //! - [`maglev`]: the consistent-hash ring builder;
 //! - [`dataplane`]: loading, attaching and incrementally updating the eBPF maps;
-//! - [`controller`]: the `edgelb run` loop (signals, reload, counters in the log);
+//! - [`controller`]: the `edgelb run` loop: effective config from health and drains, reload,
+//!   hitless stop/start, counters in the log;
+//! - [`health`]: active TCP/HTTP/UDP health checks with rise/fall;
+//! - [`admin`]: the root-only Unix socket behind `edgelb status | drain | reload | stop`;
 //! - [`testbed`]: network-namespace topologies for `cargo xtask run` and the end-to-end tests.
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod config;
 pub mod controller;
 pub mod dataplane;
+pub mod health;
 pub mod maglev;
 pub mod testbed;

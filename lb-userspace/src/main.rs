@@ -2,7 +2,11 @@
 use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use edgelb::config::Config;
+use edgelb::{
+    admin::{AdminError, Request, Response},
+    config::Config,
+    dataplane::Dataplane,
+};
 
 /// edgelb: XDP edge load balancer.
 #[derive(Parser)]
@@ -17,23 +21,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the config, fill the maps, attach XDP and balance until SIGINT/SIGTERM (SIGHUP
-    /// reloads the config).
+    /// Load the config, fill the maps, attach XDP and balance. SIGHUP or `edgelb reload` re-reads
+    /// the config; SIGTERM/SIGINT stop the controller and leave the data plane running for the
+    /// next `edgelb run` to adopt; `edgelb stop` removes everything.
     Run {
         /// Config file.
-        #[arg(long, short)]
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Validate a config file: exit 0 if valid, 2 with file:line:column and the problem if not.
     Check {
         /// Config file.
-        #[arg(long, short)]
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
-    /// Print the backend a new flow from CLIENT to VIP gets (the hash and ring the kernel uses).
+    /// Print the backend a new flow from CLIENT to VIP gets (the hash and ring the kernel uses,
+    /// over the configured backends).
     Route {
         /// Config file.
-        #[arg(long, short)]
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Client address.
         client: IpAddr,
@@ -43,6 +49,72 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         sport: u16,
     },
+    /// Show VIPs, backends, weights, health, ring shares and counters of the running edgelb.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain a backend: weight 0, no new flows, established flows keep going.
+    Drain {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Backend address.
+        backend: IpAddr,
+        /// Only in this VIP (default: every VIP that lists the backend).
+        #[arg(long)]
+        vip: Option<String>,
+    },
+    /// Undo `edgelb drain`.
+    Undrain {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Backend address.
+        backend: IpAddr,
+        /// Only in this VIP.
+        #[arg(long)]
+        vip: Option<String>,
+    },
+    /// Re-read the config file; an invalid one is rejected and the running config stays.
+    Reload {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Stop edgelb and remove its data plane (XDP detached, pins deleted). With --detach, stop
+    /// only the controller and leave the data plane running for the next `edgelb run`.
+    Stop {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Leave XDP attached and the maps pinned.
+        #[arg(long)]
+        detach: bool,
+    },
+}
+
+/// Where to find the running controller.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Config file (its node.admin_socket and node.pin_dir are used).
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Admin socket, overriding the config's.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+const DEFAULT_CONFIG: &str = "/etc/edgelb/edgelb.toml";
+
+impl AdminArgs {
+    fn socket(&self) -> PathBuf {
+        if let Some(s) = &self.socket {
+            return s.clone();
+        }
+        Config::load(&self.config)
+            .map(|c| c.node.admin_socket)
+            .unwrap_or_else(|_| PathBuf::from(edgelb::config::DEFAULT_ADMIN_SOCKET))
+    }
 }
 
 fn main() -> ExitCode {
@@ -104,6 +176,117 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+        Command::Status { admin, json } => admin_call(&admin, &Request::Status, |resp| {
+            let status = resp.status.unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status).expect("status serialises"));
+            } else {
+                print_status(&status);
+            }
+        }),
+        Command::Drain { admin, backend, vip } => {
+            admin_call(&admin, &Request::Drain { backend, vip }, |r| println!("{}", r.message))
+        }
+        Command::Undrain { admin, backend, vip } => {
+            admin_call(&admin, &Request::Undrain { backend, vip }, |r| println!("{}", r.message))
+        }
+        Command::Reload { admin } => {
+            admin_call(&admin, &Request::Reload, |r| println!("{}", r.message))
+        }
+        Command::Stop { admin, detach } => stop(&admin, detach),
+    }
+}
+
+/// Sends `req`; prints with `show` on success; exit 1 when refused, 3 when unreachable.
+fn admin_call(admin: &AdminArgs, req: &Request, show: impl FnOnce(Response)) -> ExitCode {
+    match edgelb::admin::request(&admin.socket(), req) {
+        Ok(resp) if resp.ok => {
+            show(resp);
+            ExitCode::SUCCESS
+        }
+        Ok(resp) => {
+            eprintln!("edgelb: {}", resp.message);
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("edgelb: {e}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
+    let socket = admin.socket();
+    match edgelb::admin::request(&socket, &Request::Stop { detach }) {
+        Ok(resp) => {
+            // Wait for the controller to finish (it removes its socket on the way out).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while socket.exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            println!("{}", resp.message);
+            ExitCode::SUCCESS
+        }
+        Err(AdminError::Connect { .. }) if !detach => {
+            // No controller: remove a data plane a detached one may have left.
+            let cfg = match Config::load(&admin.config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("edgelb: no controller answers on {}, and {e}", socket.display());
+                    return ExitCode::from(2);
+                }
+            };
+            match Dataplane::teardown(&cfg.node.pin_dir) {
+                Ok(()) => {
+                    println!("no controller running; data plane under {} removed", cfg.node.pin_dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("edgelb: removing {}: {e}", cfg.node.pin_dir.display());
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("edgelb: {e}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+fn print_status(s: &edgelb::admin::Status) {
+    println!("config {}", s.config.display());
+    for (iface, mode) in &s.interfaces {
+        println!("interface {iface}: XDP {mode}");
+    }
+    for v in &s.vips {
+        println!();
+        println!(
+            "VIP {} [{}]{}  packets {}  bytes {}  new flows {}",
+            v.listen,
+            v.forwarding,
+            if v.fail_open { "  FAIL-OPEN (all backends down)" } else { "" },
+            v.packets,
+            v.bytes,
+            v.new_flows
+        );
+        println!(
+            "  {:<40} {:>6} {:>7} {:>8} {:>7} {:>12} {:>14} {:>10}",
+            "BACKEND", "WEIGHT", "HEALTH", "DRAINED", "RING%", "PACKETS", "BYTES", "NEW FLOWS"
+        );
+        for b in &v.backends {
+            println!(
+                "  {:<40} {:>6} {:>7} {:>8} {:>7.2} {:>12} {:>14} {:>10}",
+                b.address.to_string(),
+                b.weight,
+                if b.healthy { "up" } else { "DOWN" },
+                if b.drained { "yes" } else { "no" },
+                b.ring_share * 100.0,
+                b.packets,
+                b.bytes,
+                b.new_flows
+            );
         }
     }
 }

@@ -186,22 +186,30 @@ fn lint() -> Result<()> {
     Ok(())
 }
 
-/// The edgelb child process, stopped by PID on drop.
-struct Edgelb(Child);
+/// The edgelb child process. On drop: `edgelb stop` (controller exits and removes the data plane),
+/// then SIGTERM and SIGKILL by PID if it is still there.
+struct Edgelb {
+    child: Child,
+    bin: PathBuf,
+    config: PathBuf,
+}
 
 impl Drop for Edgelb {
     fn drop(&mut self) {
-        let pid = self.0.id() as i32;
-        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let _ = Command::new(&self.bin).arg("stop").arg("--config").arg(&self.config).status();
+        let pid = self.child.id() as i32;
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
+            if let Ok(Some(_)) = self.child.try_wait() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -235,14 +243,14 @@ fn run(duration: Option<u64>) -> Result<()> {
         .arg(&config)
         .spawn()
         .context("starting edgelb")?;
-    let mut edgelb = Edgelb(child);
+    let mut edgelb = Edgelb { child, bin: edgelb_bin.clone(), config: config.clone() };
 
     let vip = SocketAddr::new(IpAddr::V4(testbed::VIP), 80);
     let timeout = Duration::from_secs(2);
     // Wait for edgelb to attach: the VIP answers once XDP forwards.
     let started = Instant::now();
     loop {
-        if let Ok(Some(status)) = edgelb.0.try_wait() {
+        if let Ok(Some(status)) = edgelb.child.try_wait() {
             bail!("edgelb exited early: {status}");
         }
         let ok =
@@ -282,7 +290,7 @@ fn run(duration: Option<u64>) -> Result<()> {
     let until = duration.map(|d| Instant::now() + Duration::from_secs(d));
     let mut n = 0u32;
     while !stop.load(Ordering::Relaxed) && until.is_none_or(|u| Instant::now() < u) {
-        if let Ok(Some(status)) = edgelb.0.try_wait() {
+        if let Ok(Some(status)) = edgelb.child.try_wait() {
             bail!("edgelb exited: {status}");
         }
         let src =

@@ -14,6 +14,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     ops::Range,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use lb_common::{DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS};
@@ -86,6 +87,58 @@ pub struct Node {
     pub src_mac: Option<[u8; 6]>,
     /// Egress MTU for the too-big check (0 disables it).
     pub mtu: u32,
+    /// bpffs directory where maps and XDP links are pinned, so restarts are hitless.
+    pub pin_dir: PathBuf,
+    /// Unix socket the admin commands (`edgelb status`, `drain`, `reload`, `stop`) talk to.
+    pub admin_socket: PathBuf,
+}
+
+/// Default [`Node::pin_dir`].
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/edgelb";
+/// Default [`Node::admin_socket`].
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/edgelb/admin.sock";
+
+/// An active health check, run from the balancer node against each backend's real address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct HealthCheck {
+    /// What to probe.
+    pub kind: CheckKind,
+    /// Backend port to probe.
+    pub port: u16,
+    /// Time between probes of one backend.
+    pub interval: Duration,
+    /// Probe timeout (at most the interval).
+    pub timeout: Duration,
+    /// Consecutive successes that bring a dead backend back.
+    pub rise: u32,
+    /// Consecutive failures that declare a backend dead.
+    pub fall: u32,
+}
+
+/// The probe a health check sends.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// The TCP handshake completes.
+    Tcp,
+    /// `GET path` answers `expect_status`, with `expect_body` in the body if set.
+    Http {
+        /// Request path.
+        path: String,
+        /// Host header (default: the backend address).
+        host: Option<String>,
+        /// Expected status code.
+        expect_status: u16,
+        /// Substring the body must contain.
+        expect_body: Option<String>,
+    },
+    /// A datagram `send` is answered (containing `expect`, if set) within the timeout.
+    Udp {
+        /// Payload sent.
+        send: String,
+        /// Substring the answer must contain.
+        expect: Option<String>,
+    },
 }
 
 /// Transport protocol of a VIP.
@@ -149,6 +202,8 @@ pub struct Vip {
     pub ring_size: u32,
     /// Backends.
     pub backends: Vec<Backend>,
+    /// Active health check of this VIP's backends; none means always healthy.
+    pub health: Option<HealthCheck>,
 }
 
 /// One backend of a VIP.
@@ -317,6 +372,16 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             Some(m) if *m.get_ref() == 0 || (576..=65535).contains(m.get_ref()) => *m.get_ref(),
             Some(m) => return bad(m.span(), "mtu must be 0 (no check) or 576..=65535"),
         },
+        pin_dir: match &n.pin_dir {
+            None => PathBuf::from(DEFAULT_PIN_DIR),
+            Some(p) if p.get_ref().starts_with("/sys/fs/bpf/") => PathBuf::from(p.get_ref()),
+            Some(p) => return bad(p.span(), "pin_dir must be a directory under /sys/fs/bpf/"),
+        },
+        admin_socket: match &n.admin_socket {
+            None => PathBuf::from(DEFAULT_ADMIN_SOCKET),
+            Some(p) if p.get_ref().starts_with('/') => PathBuf::from(p.get_ref()),
+            Some(p) => return bad(p.span(), "admin_socket must be an absolute path"),
+        },
     };
 
     if raw.vip.len() > MAX_VIPS as usize {
@@ -436,6 +501,7 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             }
             backends.push(Backend { address, weight, mac });
         }
+        let health = v.health.as_ref().map(|h| health_check(h, port, protocol)).transpose()?;
         vips.push(Vip {
             name: v.name.into_inner(),
             address: vip_addr,
@@ -445,12 +511,72 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             forwarding,
             ring_size,
             backends,
+            health,
         });
     }
     if all_backends.len() > MAX_BACKENDS as usize {
         return bad(0..0, format!("at most {MAX_BACKENDS} distinct backends are supported"));
     }
     Ok(Config { node, vips })
+}
+
+fn health_check(
+    h: &raw::Sp<raw::Health>,
+    vip_port: u16,
+    protocol: Protocol,
+) -> Result<HealthCheck, Invalid> {
+    let span = h.span();
+    let h = h.get_ref();
+    let get = |v: &Option<raw::Sp<String>>| v.as_ref().map(|s| s.get_ref().clone());
+    let kind = match h.kind.as_ref().map(|k| (k.get_ref().as_str(), k.span())) {
+        None if protocol == Protocol::Udp => "udp",
+        None => "tcp",
+        Some((k @ ("tcp" | "http" | "udp"), _)) => k,
+        Some((other, span)) => {
+            return bad(span, format!("health kind `{other}`: expected tcp, http or udp"));
+        }
+    };
+    let kind = match kind {
+        "tcp" => CheckKind::Tcp,
+        "http" => CheckKind::Http {
+            path: get(&h.path).unwrap_or_else(|| "/".to_owned()),
+            host: get(&h.host),
+            expect_status: h.expect_status.as_ref().map_or(200, |s| *s.get_ref()),
+            expect_body: get(&h.expect_body),
+        },
+        _ => match &h.send {
+            Some(s) => CheckKind::Udp { send: s.get_ref().clone(), expect: get(&h.expect) },
+            None => return bad(span, "a udp health check needs `send` (the probe payload)"),
+        },
+    };
+    let port = match (&h.port, vip_port) {
+        (Some(p), _) => *p.get_ref(),
+        (None, 0) => return bad(span, "health.port is required when the VIP serves any port"),
+        (None, p) => p,
+    };
+    let ms = |v: &Option<raw::Sp<u64>>, default: u64, what: &str| match v {
+        None => Ok(default),
+        Some(x) if (10..=600_000).contains(x.get_ref()) => Ok(*x.get_ref()),
+        Some(x) => bad(x.span(), format!("{what} must be 10..=600000 milliseconds")),
+    };
+    let interval = ms(&h.interval_ms, 2_000, "interval_ms")?;
+    let timeout = ms(&h.timeout_ms, interval.min(1_000), "timeout_ms")?;
+    if timeout > interval {
+        return bad(h.timeout_ms.as_ref().map_or(span.clone(), |t| t.span()), "timeout_ms must not exceed interval_ms");
+    }
+    let count = |v: &Option<raw::Sp<u32>>, default: u32, what: &str| match v {
+        None => Ok(default),
+        Some(x) if (1..=100).contains(x.get_ref()) => Ok(*x.get_ref()),
+        Some(x) => bad(x.span(), format!("{what} must be 1..=100")),
+    };
+    Ok(HealthCheck {
+        kind,
+        port,
+        interval: Duration::from_millis(interval),
+        timeout: Duration::from_millis(timeout),
+        rise: count(&h.rise, 2, "rise")?,
+        fall: count(&h.fall, 3, "fall")?,
+    })
 }
 
 #[cfg(test)]

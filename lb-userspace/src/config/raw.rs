@@ -23,6 +23,8 @@ pub struct Node {
     pub gateway_mac: Option<Sp<String>>,
     pub src_mac: Option<Sp<String>>,
     pub mtu: Option<Sp<u32>>,
+    pub pin_dir: Option<Sp<String>>,
+    pub admin_socket: Option<Sp<String>>,
 }
 
 #[derive(Deserialize)]
@@ -37,6 +39,24 @@ pub struct Vip {
     pub ring_size: Option<Sp<u32>>,
     #[serde(default)]
     pub backends: Vec<Backend>,
+    pub health: Option<Sp<Health>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    pub kind: Option<Sp<String>>,
+    pub port: Option<Sp<u16>>,
+    pub interval_ms: Option<Sp<u64>>,
+    pub timeout_ms: Option<Sp<u64>>,
+    pub rise: Option<Sp<u32>>,
+    pub fall: Option<Sp<u32>>,
+    pub path: Option<Sp<String>>,
+    pub host: Option<Sp<String>>,
+    pub expect_status: Option<Sp<u16>>,
+    pub expect_body: Option<Sp<String>>,
+    pub send: Option<Sp<String>>,
+    pub expect: Option<Sp<String>>,
 }
 
 #[derive(Deserialize)]

@@ -13,13 +13,17 @@ use std::{
     collections::{BTreeSet, HashMap},
     ffi::CString,
     net::IpAddr,
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use aya::{
-    Ebpf, EbpfError,
+    Ebpf, EbpfError, EbpfLoader,
     maps::MapError,
-    programs::{ProgramError, Xdp, XdpMode, links::FdLink, xdp::XdpLinkId},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use lb_common::{
     AF_INET, AF_INET6, AddrKey, Backend, Counters, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE,
@@ -157,15 +161,10 @@ struct VipSlot {
     index: u32,
     /// Which of the two ring regions is live.
     active: usize,
-    /// What each region holds (backend ids), as last written.
-    regions: [Vec<u32>; 2],
+    /// What each region holds (backend ids), as last written; `None` when unknown (adopted from
+    /// a previous process), which makes the next write to that region a full one.
+    regions: [Option<Vec<u32>>; 2],
     meta: VipMeta,
-}
-
-/// A backend id's current owner.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct BackendSlot {
-    entry: Backend,
 }
 
 /// Summary of one [`Dataplane::apply`], for logs and tests.
@@ -183,32 +182,83 @@ pub struct ApplyReport {
     pub backends_added: usize,
     /// Backends retired.
     pub backends_removed: usize,
+    /// Backend entries rewritten in place (MAC changed).
+    pub backends_updated: usize,
 }
+
+impl ApplyReport {
+    /// True when nothing was written.
+    pub fn is_empty(&self) -> bool {
+        *self == ApplyReport::default()
+    }
+}
+
+/// A backend entry is owned by one VIP: health and drain are per VIP.
+type BackendKey = (VipKey, IpAddr);
 
 /// The loaded balancer and the controller's view of its maps.
 pub struct Dataplane {
     ebpf: Ebpf,
     maps: Maps,
+    pins: Option<PathBuf>,
     vips: HashMap<VipKey, VipSlot>,
-    backend_ids: HashMap<IpAddr, u32>,
-    backends: Vec<Option<BackendSlot>>,
+    backend_ids: HashMap<BackendKey, u32>,
+    backends: Vec<Option<Backend>>,
     generations: Vec<u32>,
     addrs: BTreeSet<([u32; 4], u8)>,
     config: Option<GlobalConfig>,
     attached: Vec<(String, &'static str)>,
+    adopted: bool,
+}
+
+/// Every map the balancer has, for pinning.
+const MAP_NAMES: [&str; 9] = [
+    lb_common::maps::VIPS,
+    lb_common::maps::VIP_ADDRS,
+    lb_common::maps::RINGS,
+    lb_common::maps::BACKENDS,
+    lb_common::maps::CONNTRACK,
+    lb_common::maps::CONFIG,
+    lb_common::maps::VIP_STATS,
+    lb_common::maps::BACKEND_STATS,
+    lb_common::maps::REASONS,
+];
+
+/// Pin file of the XDP link on `interface`.
+fn link_pin(dir: &Path, interface: &str) -> PathBuf {
+    dir.join(format!("link-{interface}"))
 }
 
 impl Dataplane {
     /// Loads the balancer object and verifies its program (not attached yet).
-    pub fn load() -> Result<Dataplane, DataplaneError> {
-        let mut ebpf = Ebpf::load(BALANCER_OBJ)?;
+    ///
+    /// With `pins`, every map is pinned in that bpffs directory, or re-used from it if a previous
+    /// edgelb left it there: the connection table, rings and counters then carry over, and the
+    /// controller's view is rebuilt from the maps (see [`Dataplane::adopted`]).
+    pub fn load(pins: Option<&Path>) -> Result<Dataplane, DataplaneError> {
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, PathBuf)> = match pins {
+            Some(dir) => {
+                ensure_bpffs().map_err(|reason| DataplaneError::Pin { path: dir.to_owned(), reason })?;
+                std::fs::create_dir_all(dir).map_err(|e| DataplaneError::Pin {
+                    path: dir.to_owned(),
+                    reason: format!("creating the pin directory: {e}"),
+                })?;
+                MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(BALANCER_OBJ)?;
         let prog: &mut Xdp = program(&mut ebpf, programs::BALANCER)?;
-        prog.load()
-            .map_err(|source| DataplaneError::Program { name: programs::BALANCER, source })?;
+        prog.load().map_err(|source| DataplaneError::Program { name: programs::BALANCER, source })?;
         let maps = Maps::take(&mut ebpf)?;
-        Ok(Dataplane {
+        let mut dp = Dataplane {
             ebpf,
             maps,
+            pins: pins.map(Path::to_owned),
             vips: HashMap::new(),
             backend_ids: HashMap::new(),
             backends: vec![None; MAX_BACKENDS as usize],
@@ -216,7 +266,71 @@ impl Dataplane {
             addrs: BTreeSet::new(),
             config: None,
             attached: Vec::new(),
-        })
+            adopted: false,
+        };
+        if pins.is_some() {
+            dp.adopt()?;
+        }
+        Ok(dp)
+    }
+
+    /// True when the maps were inherited from a previous process (hitless restart).
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Rebuilds the controller's view from maps a previous process left pinned.
+    fn adopt(&mut self) -> Result<(), DataplaneError> {
+        let vips: Vec<(VipKey, VipMeta)> = self
+            .maps
+            .vips
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(lb_common::maps::VIPS))?;
+        if vips.is_empty() {
+            return Ok(());
+        }
+        let mut by_index = HashMap::new();
+        for (key, meta) in vips {
+            let mut regions = [None, None];
+            let active = if meta.ring_size == 0 {
+                1
+            } else {
+                let active = (meta.ring_base / MAX_RING_SIZE - meta.vip_index * 2) as usize;
+                let mut ring = Vec::with_capacity(meta.ring_size as usize);
+                for i in 0..meta.ring_size {
+                    ring.push(
+                        self.maps
+                            .rings
+                            .get(&(meta.ring_base + i), 0)
+                            .map_err(map_err(lb_common::maps::RINGS))?,
+                    );
+                }
+                regions[active] = Some(ring);
+                active
+            };
+            by_index.insert(meta.vip_index, key);
+            self.vips.insert(key, VipSlot { index: meta.vip_index, active, regions, meta });
+        }
+        for id in 0..MAX_BACKENDS {
+            let b = self.maps.backends.get(&id, 0).map_err(map_err(lb_common::maps::BACKENDS))?;
+            self.generations[id as usize] = b.generation;
+            if b.flags & backend_flags::PRESENT == 0 {
+                continue;
+            }
+            let Some(key) = by_index.get(&b.vip_index) else { continue };
+            self.backend_ids.insert((*key, words_addr(b.addr, b.family)), id);
+            self.backends[id as usize] = Some(b);
+        }
+        for k in self.maps.vip_addrs.keys() {
+            let k = k.map_err(map_err(lb_common::maps::VIP_ADDRS))?;
+            self.addrs.insert((k.addr, k.family));
+        }
+        self.config =
+            Some(self.maps.config.get(&0, 0).map_err(map_err(lb_common::maps::CONFIG))?);
+        self.adopted = true;
+        info!(vips = self.vips.len(), backends = self.backend_ids.len(), "adopted pinned data-plane state");
+        Ok(())
     }
 
     /// The balancer program, for BPF_PROG_TEST_RUN.
@@ -241,60 +355,141 @@ impl Dataplane {
 
     /// Attaches the balancer to `interface` (by name, in the calling thread's network
     /// namespace). Auto mode tries native first and falls back to generic with a warning.
+    ///
+    /// With a pin directory, an XDP link a previous edgelb pinned there is taken over and its
+    /// program replaced atomically (no packet sees an interface without a program); a new link is
+    /// pinned so that the next process can do the same.
     pub fn attach(
         &mut self,
         interface: &str,
         mode: XdpAttachMode,
     ) -> Result<&'static str, DataplaneError> {
-        let (used, _) = attach_xdp(program(&mut self.ebpf, programs::BALANCER)?, interface, mode)?;
+        let pins = self.pins.clone();
+        let prog = program(&mut self.ebpf, programs::BALANCER)?;
+        let used = match pins.as_deref().map(|d| link_pin(d, interface)) {
+            Some(pin) if pin.exists() => {
+                let pin_err = |reason: String| DataplaneError::Pin { path: pin.clone(), reason };
+                let pinned = PinnedLink::from_pin(&pin).map_err(|e| pin_err(e.to_string()))?;
+                let link = XdpLink::try_from(FdLink::from(pinned))
+                    .map_err(|e| pin_err(e.to_string()))?;
+                prog.attach_to_link(link).map_err(|source| DataplaneError::Attach {
+                    interface: interface.to_owned(),
+                    mode: "replace",
+                    source,
+                })?;
+                info!(interface, "took over the pinned XDP link (program replaced atomically)");
+                "adopted"
+            }
+            pin => {
+                let (used, id) = attach_xdp(prog, interface, mode)?;
+                if let Some(pin) = pin {
+                    pin_link(prog, id, &pin)?;
+                }
+                used
+            }
+        };
         self.attached.push((interface.to_owned(), used));
         Ok(used)
     }
 
-    /// Brings the maps in line with `cfg` (see the module docs for the order of writes).
+    /// Removes everything edgelb pinned in `dir`: XDP links (which detaches the programs) and
+    /// maps. Missing files are fine; used by `edgelb stop` and tests.
+    pub fn teardown(dir: &Path) -> std::io::Result<()> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        // Links first, so no program runs with half its maps gone.
+        let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        files.sort_by_key(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link-")));
+        for f in files {
+            std::fs::remove_file(&f)?;
+        }
+        std::fs::remove_dir(dir)
+    }
+
+    /// Brings the maps in line with `cfg` (see the module docs for the order of writes). `cfg`
+    /// is the *effective* config: the controller has already dropped dead backends and zeroed
+    /// drained ones.
     pub fn apply(&mut self, cfg: &Config) -> Result<ApplyReport, DataplaneError> {
         let mut report = ApplyReport::default();
 
-        // 1. Backends: every address any VIP names, with its next-hop MAC.
-        let mut wanted: HashMap<IpAddr, [u8; 6]> = HashMap::new();
+        // 1. VIP indices, then backend entries: one per (VIP, backend address).
+        let mut vip_index_of: HashMap<VipKey, u32> = HashMap::new();
+        let mut live_keys = Vec::new();
         for vip in &cfg.vips {
+            let key = vip_key(vip);
+            live_keys.push(key);
+            let index = match self.vips.get(&key) {
+                Some(slot) => slot.index,
+                None => {
+                    let used: BTreeSet<u32> = self.vips.values().map(|s| s.index).collect();
+                    let index = (0..MAX_VIPS).find(|i| !used.contains(i)).ok_or_else(|| {
+                        DataplaneError::Capacity(format!("more than {MAX_VIPS} VIPs"))
+                    })?;
+                    Maps::reset_counters(&mut self.maps.vip_stats, index)
+                        .map_err(map_err(lb_common::maps::VIP_STATS))?;
+                    self.vips.insert(
+                        key,
+                        VipSlot {
+                            index,
+                            active: 1,
+                            regions: [Some(Vec::new()), Some(Vec::new())],
+                            meta: VipMeta::default(),
+                        },
+                    );
+                    report.vips_added += 1;
+                    info!(vip = %vip, index, "VIP added");
+                    index
+                }
+            };
+            vip_index_of.insert(key, index);
+        }
+        let mut wanted: HashMap<BackendKey, Backend> = HashMap::new();
+        for vip in &cfg.vips {
+            let key = vip_key(vip);
             for b in &vip.backends {
-                let mac = b.mac.or(cfg.node.gateway_mac).unwrap_or([0; 6]);
-                wanted.entry(b.address).or_insert(mac);
+                let (addr, family) = addr_words(b.address);
+                wanted.insert(
+                    (key, b.address),
+                    Backend {
+                        addr,
+                        generation: 0,
+                        mac: b.mac.or(cfg.node.gateway_mac).unwrap_or([0; 6]),
+                        family,
+                        flags: backend_flags::PRESENT,
+                        vip_index: vip_index_of[&key],
+                    },
+                );
             }
         }
-        let mut addrs: Vec<&IpAddr> = wanted.keys().collect();
-        addrs.sort();
-        for addr in addrs {
-            let (words, family) = addr_words(*addr);
-            let id = match self.backend_ids.get(addr) {
+        let mut order: Vec<&BackendKey> = wanted.keys().collect();
+        order.sort_by_key(|(k, a)| (vip_index_of[k], *a));
+        for bk in order {
+            let id = match self.backend_ids.get(bk) {
                 Some(&id) => id,
                 None => {
                     let id = self.backends.iter().position(Option::is_none).ok_or_else(|| {
-                        DataplaneError::Capacity(format!("more than {MAX_BACKENDS} backends"))
+                        DataplaneError::Capacity(format!(
+                            "more than {MAX_BACKENDS} backend entries"
+                        ))
                     })? as u32;
                     self.generations[id as usize] = self.generations[id as usize].wrapping_add(1);
                     Maps::reset_counters(&mut self.maps.backend_stats, id)
                         .map_err(map_err(lb_common::maps::BACKEND_STATS))?;
-                    self.backend_ids.insert(*addr, id);
+                    self.backend_ids.insert(*bk, id);
                     report.backends_added += 1;
                     id
                 }
             };
-            let entry = Backend {
-                addr: words,
-                generation: self.generations[id as usize],
-                mac: wanted[addr],
-                family,
-                flags: backend_flags::PRESENT,
-            };
-            let slot = Some(BackendSlot { entry });
-            if self.backends[id as usize] != slot {
-                self.maps
-                    .backends
-                    .set(id, &entry, 0)
-                    .map_err(map_err(lb_common::maps::BACKENDS))?;
-                self.backends[id as usize] = slot;
+            let entry = Backend { generation: self.generations[id as usize], ..wanted[bk] };
+            if self.backends[id as usize] != Some(entry) {
+                if self.backends[id as usize].is_some() {
+                    report.backends_updated += 1;
+                }
+                self.maps.backends.set(id, &entry, 0).map_err(map_err(lb_common::maps::BACKENDS))?;
+                self.backends[id as usize] = Some(entry);
             }
         }
 
@@ -305,15 +500,14 @@ impl Dataplane {
             self.config = Some(gc);
         }
 
-        // 3. VIPs: rings into the inactive region, then publish.
-        let mut live_keys = Vec::new();
+        // 3. Rings into the inactive region, then publish the VIP entry.
         for vip in &cfg.vips {
             let key = vip_key(vip);
-            live_keys.push(key);
             let ring: Vec<u32> = match vip_ring(vip) {
-                Some(r) => {
-                    r.iter().map(|&i| self.backend_ids[&vip.backends[i as usize].address]).collect()
-                }
+                Some(r) => r
+                    .iter()
+                    .map(|&i| self.backend_ids[&(key, vip.backends[i as usize].address)])
+                    .collect(),
                 None => Vec::new(),
             };
             let mut flags = 0;
@@ -325,36 +519,18 @@ impl Dataplane {
                 Forwarding::L7 => flags |= vip_flags::L7,
                 Forwarding::Ipip => {}
             }
-            if !self.vips.contains_key(&key) {
-                let used: BTreeSet<u32> = self.vips.values().map(|s| s.index).collect();
-                let index = (0..MAX_VIPS).find(|i| !used.contains(i)).ok_or_else(|| {
-                    DataplaneError::Capacity(format!("more than {MAX_VIPS} VIPs"))
-                })?;
-                Maps::reset_counters(&mut self.maps.vip_stats, index)
-                    .map_err(map_err(lb_common::maps::VIP_STATS))?;
-                self.vips.insert(
-                    key,
-                    VipSlot {
-                        index,
-                        active: 1,
-                        regions: [Vec::new(), Vec::new()],
-                        meta: VipMeta::default(),
-                    },
-                );
-                report.vips_added += 1;
-                info!(vip = %vip, index, "VIP added");
-            }
-            let slot = self.vips.get_mut(&key).expect("inserted above");
+            let slot = self.vips.get_mut(&key).expect("allocated in step 1");
             let mut meta = VipMeta { flags, vip_index: slot.index, ..slot.meta };
-            let current = &slot.regions[slot.active];
+            let live = slot.meta.ring_size != 0
+                && slot.regions[slot.active].as_deref() == Some(ring.as_slice());
             if ring.is_empty() {
                 meta.ring_size = 0;
-            } else if *current != ring || slot.meta.ring_size == 0 {
+            } else if !live {
                 let target = 1 - slot.active;
                 let base = (slot.index * 2 + target as u32) * MAX_RING_SIZE;
-                let old = &slot.regions[target];
+                let old = slot.regions[target].take();
                 for (i, &id) in ring.iter().enumerate() {
-                    if old.get(i) != Some(&id) {
+                    if old.as_ref().and_then(|o| o.get(i)) != Some(&id) {
                         self.maps
                             .rings
                             .set(base + i as u32, &id, 0)
@@ -362,7 +538,7 @@ impl Dataplane {
                         report.ring_slots_written += 1;
                     }
                 }
-                slot.regions[target] = ring;
+                slot.regions[target] = Some(ring);
                 slot.active = target;
                 meta.ring_base = base;
                 meta.ring_size = vip.ring_size;
@@ -403,28 +579,27 @@ impl Dataplane {
         }
         self.addrs = wanted_addrs;
 
-        // 6. Retire backends no VIP names: their flows re-hash on their next packet.
-        let retired: Vec<(IpAddr, u32)> = self
+        // 6. Retire backend entries no VIP lists: their flows re-hash on their next packet.
+        let retired: Vec<(BackendKey, u32)> = self
             .backend_ids
             .iter()
-            .filter(|(a, _)| !wanted.contains_key(a))
-            .map(|(a, i)| (*a, *i))
+            .filter(|(k, _)| !wanted.contains_key(k))
+            .map(|(k, i)| (*k, *i))
             .collect();
-        for (addr, id) in retired {
-            let mut entry = self.backends[id as usize].expect("owned id").entry;
+        for (bk, id) in retired {
+            let mut entry = self.backends[id as usize].expect("owned id");
             entry.flags = 0;
             self.maps.backends.set(id, &entry, 0).map_err(map_err(lb_common::maps::BACKENDS))?;
             self.backends[id as usize] = None;
-            self.backend_ids.remove(&addr);
+            self.backend_ids.remove(&bk);
             report.backends_removed += 1;
-            info!(backend = %addr, id, "backend retired");
         }
         Ok(report)
     }
 
-    /// Backend id of `addr`, if it is in use.
-    pub fn backend_id(&self, addr: IpAddr) -> Option<u32> {
-        self.backend_ids.get(&addr).copied()
+    /// Backend entry id of `addr` in `vip`, if it is in the maps.
+    pub fn backend_id(&self, vip: &Vip, addr: IpAddr) -> Option<u32> {
+        self.backend_ids.get(&(vip_key(vip), addr)).copied()
     }
 
     /// Counter index of a VIP, if it is configured.
@@ -438,12 +613,62 @@ impl Dataplane {
         Maps::sum_counters(&self.maps.vip_stats, index).map_err(map_err(lb_common::maps::VIP_STATS))
     }
 
-    /// Summed counters of a backend.
-    pub fn backend_counters(&self, addr: IpAddr) -> Result<Counters, DataplaneError> {
-        let Some(id) = self.backend_id(addr) else { return Ok(Counters::default()) };
+    /// Summed counters of one VIP's backend.
+    pub fn backend_counters(&self, vip: &Vip, addr: IpAddr) -> Result<Counters, DataplaneError> {
+        let Some(id) = self.backend_id(vip, addr) else { return Ok(Counters::default()) };
         Maps::sum_counters(&self.maps.backend_stats, id)
             .map_err(map_err(lb_common::maps::BACKEND_STATS))
     }
+}
+
+/// Inverse of [`addr_words`].
+pub fn words_addr(words: [u32; 4], family: u8) -> IpAddr {
+    if family == AF_INET {
+        IpAddr::V4(std::net::Ipv4Addr::from(words[0].to_ne_bytes()))
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::V6(std::net::Ipv6Addr::from(o))
+    }
+}
+
+/// Where bpffs lives.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// Mounts bpffs on /sys/fs/bpf unless it already is (systemd usually does it; minimal systems
+/// and fresh VMs may not).
+pub fn ensure_bpffs() -> Result<(), String> {
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|e| format!("/proc/mounts: {e}"))?;
+    if mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 2 && f[1] == BPFFS && f[2] == "bpf"
+    }) {
+        return Ok(());
+    }
+    info!("mounting bpffs on {BPFFS}");
+    let out = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf", BPFFS])
+        .output()
+        .map_err(|e| format!("running mount: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "mounting bpffs on {BPFFS} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+fn pin_link(prog: &mut Xdp, id: XdpLinkId, pin: &Path) -> Result<(), DataplaneError> {
+    let pin_err = |reason: String| DataplaneError::Pin { path: pin.to_owned(), reason };
+    let link = prog.take_link(id).map_err(|e| pin_err(e.to_string()))?;
+    let fd: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| {
+        pin_err(format!("{e} (netlink-attached XDP cannot be pinned: restarts will not be hitless)"))
+    })?;
+    fd.pin(pin).map_err(|e| pin_err(e.to_string()))?;
+    Ok(())
 }
 
 fn global_config(cfg: &Config) -> GlobalConfig {
@@ -535,12 +760,7 @@ impl AuxPrograms {
         let prog = program(&mut self.ebpf, name)?;
         let (used, id) = attach_xdp(prog, interface, mode)?;
         if let Some(path) = pin {
-            let pin_err = |e: String| DataplaneError::Pin { path: path.to_owned(), reason: e };
-            let link = prog.take_link(id).map_err(|e| pin_err(e.to_string()))?;
-            let fd: FdLink = link
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| pin_err(e.to_string()))?;
-            fd.pin(path).map_err(|e| pin_err(e.to_string()))?;
+            pin_link(prog, id, path)?;
         }
         Ok(used)
     }

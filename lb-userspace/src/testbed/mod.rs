@@ -229,6 +229,7 @@ impl Testbed {
         let mut aux = AuxPrograms::load().map_err(io::Error::other)?;
         let dir = pin_dir(prefix);
         if persist {
+            crate::dataplane::ensure_bpffs().map_err(io::Error::other)?;
             std::fs::create_dir_all(&dir)?;
         }
         let pin = |file: &str| persist.then(|| dir.join(file));

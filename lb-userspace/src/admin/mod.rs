@@ -1,0 +1,210 @@
+//! The admin socket: a root-only Unix socket (mode 0600, in a 0700 directory) through which
+//! `edgelb status | drain | undrain | reload | stop` talk to the running controller.
+//!
+//! One JSON request per connection, one JSON response back. The listener thread only forwards
+//! requests to the controller loop, which owns all state, so there is no locking.
+
+use std::{
+    io::{BufRead, BufReader, Read as _, Write},
+    net::IpAddr,
+    os::unix::{
+        fs::PermissionsExt,
+        net::{UnixListener, UnixStream},
+    },
+    path::{Path, PathBuf},
+    sync::mpsc::{self, Sender},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// A command for the controller.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    /// Report VIPs, backends, health and counters.
+    Status,
+    /// Give `backend` weight 0 (in `vip`, or in every VIP listing it): no new flows.
+    Drain {
+        /// Backend address.
+        backend: IpAddr,
+        /// Only in this VIP (name).
+        vip: Option<String>,
+    },
+    /// Undo a drain.
+    Undrain {
+        /// Backend address.
+        backend: IpAddr,
+        /// Only in this VIP (name).
+        vip: Option<String>,
+    },
+    /// Re-read the config file; a bad file is rejected and the running config stays.
+    Reload,
+    /// Stop the controller. `detach`: leave XDP attached and the maps pinned (a later `edgelb
+    /// run` adopts them); otherwise tear the data plane down too.
+    Stop {
+        /// Leave the data plane running.
+        detach: bool,
+    },
+}
+
+/// The controller's answer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Response {
+    /// Whether the request was carried out.
+    pub ok: bool,
+    /// What happened, or why not.
+    pub message: String,
+    /// For `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+impl Response {
+    /// A success.
+    pub fn ok(message: impl Into<String>) -> Response {
+        Response { ok: true, message: message.into(), status: None }
+    }
+
+    /// A refusal.
+    pub fn err(message: impl Into<String>) -> Response {
+        Response { ok: false, message: message.into(), status: None }
+    }
+}
+
+/// Snapshot of the balancer for `edgelb status`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+pub struct Status {
+    /// Config file in use.
+    pub config: PathBuf,
+    /// Interfaces and attach modes.
+    pub interfaces: Vec<(String, String)>,
+    /// Per VIP.
+    pub vips: Vec<VipStatus>,
+}
+
+/// One VIP in [`Status`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+pub struct VipStatus {
+    /// Name.
+    pub name: String,
+    /// `address:port/proto`.
+    pub listen: String,
+    /// Forwarding mode.
+    pub forwarding: String,
+    /// Packets forwarded.
+    pub packets: u64,
+    /// Bytes forwarded.
+    pub bytes: u64,
+    /// New flows placed by the ring.
+    pub new_flows: u64,
+    /// True when every backend is down and the last known set is kept (fail open).
+    pub fail_open: bool,
+    /// Backends.
+    pub backends: Vec<BackendStatus>,
+}
+
+/// One backend in [`VipStatus`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BackendStatus {
+    /// Address.
+    pub address: IpAddr,
+    /// Configured weight.
+    pub weight: u32,
+    /// Health-check verdict (true without a check).
+    pub healthy: bool,
+    /// Drained by `edgelb drain` or weight 0.
+    pub drained: bool,
+    /// Fraction of the ring's slots it holds.
+    pub ring_share: f64,
+    /// Packets forwarded to it.
+    pub packets: u64,
+    /// Bytes forwarded to it.
+    pub bytes: u64,
+    /// New flows sent to it.
+    pub new_flows: u64,
+}
+
+/// Why an admin request failed on the client side.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// No controller listens on the socket.
+    #[error("cannot reach edgelb at {path}: {source} (is `edgelb run` running?)")]
+    Connect {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The exchange failed midway.
+    #[error("admin socket {path}: {reason}")]
+    Exchange {
+        /// Socket path.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Sends one request and waits for the answer.
+pub fn request(socket: &Path, req: &Request) -> Result<Response, AdminError> {
+    let fail = |reason: String| AdminError::Exchange { path: socket.to_owned(), reason };
+    let mut s = UnixStream::connect(socket)
+        .map_err(|source| AdminError::Connect { path: socket.to_owned(), source })?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| fail(e.to_string()))?;
+    let mut line = serde_json::to_string(req).map_err(|e| fail(e.to_string()))?;
+    line.push('\n');
+    s.write_all(line.as_bytes()).map_err(|e| fail(e.to_string()))?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).map_err(|e| fail(e.to_string()))?;
+    serde_json::from_str(&answer).map_err(|e| fail(format!("bad answer {answer:?}: {e}")))
+}
+
+/// A request waiting for the controller, with the way back.
+pub type Pending = (Request, Sender<Response>);
+
+/// Binds the socket (replacing a stale one) and forwards requests to `to_controller` from a
+/// background thread.
+pub fn serve(socket: &Path, to_controller: Sender<Pending>) -> std::io::Result<()> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    if UnixStream::connect(socket).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("another edgelb answers on {}", socket.display()),
+        ));
+    }
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    std::thread::Builder::new().name("admin".into()).spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let _ = handle(conn, &to_controller);
+        }
+    })?;
+    Ok(())
+}
+
+fn handle(conn: UnixStream, to_controller: &Sender<Pending>) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = String::new();
+    BufReader::new(&conn).take(64 * 1024).read_line(&mut line)?;
+    let resp = match serde_json::from_str::<Request>(&line) {
+        Err(e) => Response::err(format!("bad request: {e}")),
+        Ok(req) => {
+            let (tx, rx) = mpsc::channel();
+            if to_controller.send((req, tx)).is_err() {
+                Response::err("controller is shutting down")
+            } else {
+                rx.recv().unwrap_or_else(|_| Response::err("controller is shutting down"))
+            }
+        }
+    };
+    let mut out = serde_json::to_string(&resp).map_err(std::io::Error::other)?;
+    out.push('\n');
+    (&conn).write_all(out.as_bytes())
+}

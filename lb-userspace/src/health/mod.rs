@@ -1,0 +1,223 @@
+//! Active health checks: one small thread per (VIP, backend, check), probing the backend's real
+//! address from the balancer node.
+//!
+//! A backend flips state only after `fall` consecutive failures or `rise` consecutive successes
+//! (it starts healthy, so a restart never blackholes a pool), and each flip is reported once, with
+//! the reason, on the controller's channel. First probes are spread over the interval by a hash of
+//! the target, so a pool is not checked in bursts.
+
+mod probe;
+
+use std::{
+    collections::HashMap,
+    hash::{Hash, Hasher},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc::Sender,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crate::config::{Config, HealthCheck};
+
+/// A health state change (or, with `changed == false`, a periodic latency sample).
+#[derive(Clone, Debug)]
+pub struct HealthEvent {
+    /// VIP name.
+    pub vip: String,
+    /// Backend address.
+    pub backend: IpAddr,
+    /// New state.
+    pub healthy: bool,
+    /// Why (the last probe's result).
+    pub reason: String,
+}
+
+/// What to probe: one backend of one VIP with that VIP's check.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Target {
+    vip: String,
+    backend: IpAddr,
+    check: HealthCheck,
+}
+
+struct Running {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+/// The set of running checks, reconciled with the config on every (re)load.
+pub struct Checker {
+    running: HashMap<Target, Running>,
+    events: Sender<HealthEvent>,
+}
+
+impl Checker {
+    /// A checker that reports state changes on `events`.
+    pub fn new(events: Sender<HealthEvent>) -> Checker {
+        Checker { running: HashMap::new(), events }
+    }
+
+    /// Starts checks for targets new in `cfg` and stops those gone from it. A target whose check
+    /// changed restarts (healthy).
+    pub fn reconcile(&mut self, cfg: &Config) {
+        let mut wanted = Vec::new();
+        for vip in &cfg.vips {
+            let Some(check) = &vip.health else { continue };
+            for b in &vip.backends {
+                wanted.push(Target { vip: vip.name.clone(), backend: b.address, check: check.clone() });
+            }
+        }
+        let gone: Vec<Target> =
+            self.running.keys().filter(|t| !wanted.contains(t)).cloned().collect();
+        for t in gone {
+            if let Some(r) = self.running.remove(&t) {
+                r.stop.store(true, Ordering::Relaxed);
+                let _ = r.thread.join();
+            }
+        }
+        for t in wanted {
+            if self.running.contains_key(&t) {
+                continue;
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            let thread = {
+                let (t, stop, events) = (t.clone(), stop.clone(), self.events.clone());
+                std::thread::Builder::new()
+                    .name(format!("health {}", t.backend))
+                    .stack_size(256 * 1024)
+                    .spawn(move || run(t, stop, events))
+                    .expect("spawning a health-check thread")
+            };
+            self.running.insert(t, Running { stop, thread });
+        }
+    }
+
+    /// Number of running checks.
+    pub fn len(&self) -> usize {
+        self.running.len()
+    }
+
+    /// True when no check runs.
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        for r in self.running.values() {
+            r.stop.store(true, Ordering::Relaxed);
+        }
+        for (_, r) in self.running.drain() {
+            let _ = r.thread.join();
+        }
+    }
+}
+
+/// Rise/fall state of one target: flips only after enough consecutive opposite results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hysteresis {
+    healthy: bool,
+    streak: u32,
+}
+
+impl Hysteresis {
+    /// Starts healthy.
+    pub fn new() -> Hysteresis {
+        Hysteresis { healthy: true, streak: 0 }
+    }
+
+    /// Current state.
+    pub fn healthy(&self) -> bool {
+        self.healthy
+    }
+
+    /// Records one probe result; returns true when the state flipped.
+    pub fn record(&mut self, ok: bool, rise: u32, fall: u32) -> bool {
+        if ok == self.healthy {
+            self.streak = 0;
+            return false;
+        }
+        self.streak += 1;
+        if self.streak >= if ok { rise } else { fall } {
+            self.healthy = ok;
+            self.streak = 0;
+            return true;
+        }
+        false
+    }
+}
+
+impl Default for Hysteresis {
+    fn default() -> Self {
+        Hysteresis::new()
+    }
+}
+
+/// Sleeps until `until` unless `stop` is raised first; returns false when stopped.
+fn sleep_until(until: Instant, stop: &AtomicBool) -> bool {
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= until {
+            return true;
+        }
+        std::thread::sleep((until - now).min(Duration::from_millis(50)));
+    }
+}
+
+fn run(t: Target, stop: Arc<AtomicBool>, events: Sender<HealthEvent>) {
+    let addr = SocketAddr::new(t.backend, t.check.port);
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    t.hash(&mut h);
+    let interval = t.check.interval;
+    let offset = Duration::from_nanos(h.finish() % interval.as_nanos().max(1) as u64);
+    let mut next = Instant::now() + offset;
+    let mut state = Hysteresis::new();
+    while sleep_until(next, &stop) {
+        next += interval;
+        let result = probe::probe(&t.check, addr);
+        let ok = result.is_ok();
+        if state.record(ok, t.check.rise, t.check.fall) {
+            let reason = match result {
+                Ok(d) => format!("{} consecutive successes (last in {} ms)", t.check.rise, d.as_millis()),
+                Err(e) => format!("{} consecutive failures (last: {e})", t.check.fall),
+            };
+            let ev = HealthEvent { vip: t.vip.clone(), backend: t.backend, healthy: ok, reason };
+            if events.send(ev).is_err() {
+                return;
+            }
+        }
+        // A probe that overran the interval starts the next one at once, but never piles up.
+        if next < Instant::now() {
+            next = Instant::now();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flips_only_after_fall_failures_and_rise_successes() {
+        let mut h = Hysteresis::new();
+        assert!(!h.record(false, 2, 3));
+        assert!(!h.record(false, 2, 3));
+        assert!(h.healthy());
+        assert!(h.record(false, 2, 3));
+        assert!(!h.healthy());
+        assert!(!h.record(true, 2, 3));
+        // A failure in between resets the streak.
+        assert!(!h.record(false, 2, 3));
+        assert!(!h.record(true, 2, 3));
+        assert!(h.record(true, 2, 3));
+        assert!(h.healthy());
+    }
+}
