@@ -85,8 +85,8 @@ pub fn run(path: &Path) -> Result<(), RunError> {
     let (admin_tx, admin_rx) = mpsc::channel();
     admin::serve(&cfg.node.admin_socket, admin_tx)
         .map_err(|source| RunError::Admin { path: cfg.node.admin_socket.clone(), source })?;
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM]).map_err(RunError::Signals)?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
+        .map_err(RunError::Signals)?;
 
     let dp = Dataplane::load(Some(&cfg.node.pin_dir))?;
     if dp.adopted() {
@@ -154,7 +154,8 @@ impl Controller {
                 if self.fail_open.insert(vip.name.clone()) {
                     error!(vip = %vip, "every backend is down: keeping the last known set (fail open)");
                 }
-                alive = self.last_alive.get(&vip.name).cloned().unwrap_or_else(|| vip.backends.clone());
+                alive =
+                    self.last_alive.get(&vip.name).cloned().unwrap_or_else(|| vip.backends.clone());
             } else {
                 if self.fail_open.remove(&vip.name) {
                     warn!(vip = %vip, "backends are back: fail-open mode ended");
@@ -209,7 +210,9 @@ impl Controller {
             match self.admin_rx.recv_timeout(Duration::from_millis(50)) {
                 Ok((req, reply)) => {
                     let stop = match &req {
-                        Request::Stop { detach } => Some(if *detach { Exit::Detach } else { Exit::Teardown }),
+                        Request::Stop { detach } => {
+                            Some(if *detach { Exit::Detach } else { Exit::Teardown })
+                        }
                         _ => None,
                     };
                     let resp = self.on_admin(req);
@@ -229,7 +232,12 @@ impl Controller {
 
     fn on_health(&mut self, ev: HealthEvent) -> bool {
         let key = (ev.vip.clone(), ev.backend);
-        if !self.cfg.vips.iter().any(|v| v.name == ev.vip && v.backends.iter().any(|b| b.address == ev.backend)) {
+        if !self
+            .cfg
+            .vips
+            .iter()
+            .any(|v| v.name == ev.vip && v.backends.iter().any(|b| b.address == ev.backend))
+        {
             return false; // a check that was just reconciled away
         }
         if ev.healthy {
@@ -246,7 +254,8 @@ impl Controller {
             Request::Status => Response { status: Some(self.status()), ..Response::ok("status") },
             Request::Drain { backend, vip } | Request::Undrain { backend, vip }
                 if !self.cfg.vips.iter().any(|v| {
-                    vip.as_ref().is_none_or(|n| *n == v.name) && v.backends.iter().any(|b| b.address == backend)
+                    vip.as_ref().is_none_or(|n| *n == v.name)
+                        && v.backends.iter().any(|b| b.address == backend)
                 }) =>
             {
                 Response::err(format!(
@@ -270,7 +279,9 @@ impl Controller {
                 Response::ok(format!("{backend} undrained"))
             }
             Request::Reload => self.reload(),
-            Request::Stop { detach: true } => Response::ok("stopping; the data plane keeps running"),
+            Request::Stop { detach: true } => {
+                Response::ok("stopping; the data plane keeps running")
+            }
             Request::Stop { detach: false } => Response::ok("stopping and removing the data plane"),
         }
     }
@@ -281,7 +292,10 @@ impl Controller {
             Err(e) => return Response::err(format!("reload rejected, running config kept: {e}")),
         };
         let (old, n) = (&self.cfg.node, &new.node);
-        if n.interfaces != old.interfaces || n.pin_dir != old.pin_dir || n.admin_socket != old.admin_socket {
+        if n.interfaces != old.interfaces
+            || n.pin_dir != old.pin_dir
+            || n.admin_socket != old.admin_socket
+        {
             return Response::err(
                 "reload rejected, running config kept: node.interfaces, pin_dir and admin_socket need a restart",
             );
@@ -289,7 +303,9 @@ impl Controller {
         self.cfg = new;
         let cfg = &self.cfg;
         self.down.retain(|(v, a)| {
-            cfg.vips.iter().any(|x| x.name == *v && x.health.is_some() && x.backends.iter().any(|b| b.address == *a))
+            cfg.vips.iter().any(|x| {
+                x.name == *v && x.health.is_some() && x.backends.iter().any(|b| b.address == *a)
+            })
         });
         self.checker.reconcile(&self.cfg);
         match self.apply() {
@@ -312,7 +328,8 @@ impl Controller {
             let ring = vip_ring(evip);
             let mut backends = Vec::new();
             for b in &vip.backends {
-                let share = match (&ring, evip.backends.iter().position(|e| e.address == b.address)) {
+                let share = match (&ring, evip.backends.iter().position(|e| e.address == b.address))
+                {
                     (Some(r), Some(i)) => {
                         r.iter().filter(|&&x| x as usize == i).count() as f64 / r.len() as f64
                     }
@@ -348,7 +365,12 @@ impl Controller {
         }
         Status {
             config: self.path.clone(),
-            interfaces: self.dp.attached().iter().map(|(i, m)| (i.clone(), (*m).to_owned())).collect(),
+            interfaces: self
+                .dp
+                .attached()
+                .iter()
+                .map(|(i, m)| (i.clone(), (*m).to_owned()))
+                .collect(),
             vips,
         }
     }

@@ -111,9 +111,7 @@ impl AdminArgs {
         if let Some(s) = &self.socket {
             return s.clone();
         }
-        Config::load(&self.config)
-            .map(|c| c.node.admin_socket)
-            .unwrap_or_else(|_| PathBuf::from(edgelb::config::DEFAULT_ADMIN_SOCKET))
+        edgelb::config::admin_socket_of(&self.config)
     }
 }
 
@@ -239,7 +237,10 @@ fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
             };
             match Dataplane::teardown(&cfg.node.pin_dir) {
                 Ok(()) => {
-                    println!("no controller running; data plane under {} removed", cfg.node.pin_dir.display());
+                    println!(
+                        "no controller running; data plane under {} removed",
+                        cfg.node.pin_dir.display()
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -265,6 +265,16 @@ impl fmt::Display for Vip {
     }
 }
 
+/// The admin socket named by the config at `path`, read leniently: `edgelb reload` must find the
+/// running controller even when the file now holds an invalid config. Falls back to the default.
+pub fn admin_socket_of(path: &Path) -> PathBuf {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+        .and_then(|t| t.get("node")?.get("admin_socket")?.as_str().map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET))
+}
+
 /// 1-based line and column of byte `offset` in `text`.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -562,7 +572,10 @@ fn health_check(
     let interval = ms(&h.interval_ms, 2_000, "interval_ms")?;
     let timeout = ms(&h.timeout_ms, interval.min(1_000), "timeout_ms")?;
     if timeout > interval {
-        return bad(h.timeout_ms.as_ref().map_or(span.clone(), |t| t.span()), "timeout_ms must not exceed interval_ms");
+        return bad(
+            h.timeout_ms.as_ref().map_or(span.clone(), |t| t.span()),
+            "timeout_ms must not exceed interval_ms",
+        );
     }
     let count = |v: &Option<raw::Sp<u32>>, default: u32, what: &str| match v {
         None => Ok(default),

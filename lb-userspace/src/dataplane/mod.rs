@@ -239,7 +239,8 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&str, PathBuf)> = match pins {
             Some(dir) => {
-                ensure_bpffs().map_err(|reason| DataplaneError::Pin { path: dir.to_owned(), reason })?;
+                ensure_bpffs()
+                    .map_err(|reason| DataplaneError::Pin { path: dir.to_owned(), reason })?;
                 std::fs::create_dir_all(dir).map_err(|e| DataplaneError::Pin {
                     path: dir.to_owned(),
                     reason: format!("creating the pin directory: {e}"),
@@ -253,7 +254,8 @@ impl Dataplane {
         }
         let mut ebpf = loader.load(BALANCER_OBJ)?;
         let prog: &mut Xdp = program(&mut ebpf, programs::BALANCER)?;
-        prog.load().map_err(|source| DataplaneError::Program { name: programs::BALANCER, source })?;
+        prog.load()
+            .map_err(|source| DataplaneError::Program { name: programs::BALANCER, source })?;
         let maps = Maps::take(&mut ebpf)?;
         let mut dp = Dataplane {
             ebpf,
@@ -326,10 +328,13 @@ impl Dataplane {
             let k = k.map_err(map_err(lb_common::maps::VIP_ADDRS))?;
             self.addrs.insert((k.addr, k.family));
         }
-        self.config =
-            Some(self.maps.config.get(&0, 0).map_err(map_err(lb_common::maps::CONFIG))?);
+        self.config = Some(self.maps.config.get(&0, 0).map_err(map_err(lb_common::maps::CONFIG))?);
         self.adopted = true;
-        info!(vips = self.vips.len(), backends = self.backend_ids.len(), "adopted pinned data-plane state");
+        info!(
+            vips = self.vips.len(),
+            backends = self.backend_ids.len(),
+            "adopted pinned data-plane state"
+        );
         Ok(())
     }
 
@@ -370,8 +375,8 @@ impl Dataplane {
             Some(pin) if pin.exists() => {
                 let pin_err = |reason: String| DataplaneError::Pin { path: pin.clone(), reason };
                 let pinned = PinnedLink::from_pin(&pin).map_err(|e| pin_err(e.to_string()))?;
-                let link = XdpLink::try_from(FdLink::from(pinned))
-                    .map_err(|e| pin_err(e.to_string()))?;
+                let link =
+                    XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_err(e.to_string()))?;
                 prog.attach_to_link(link).map_err(|source| DataplaneError::Attach {
                     interface: interface.to_owned(),
                     mode: "replace",
@@ -402,7 +407,9 @@ impl Dataplane {
         };
         // Links first, so no program runs with half its maps gone.
         let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-        files.sort_by_key(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link-")));
+        files.sort_by_key(|p| {
+            !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link-"))
+        });
         for f in files {
             std::fs::remove_file(&f)?;
         }
@@ -488,7 +495,10 @@ impl Dataplane {
                 if self.backends[id as usize].is_some() {
                     report.backends_updated += 1;
                 }
-                self.maps.backends.set(id, &entry, 0).map_err(map_err(lb_common::maps::BACKENDS))?;
+                self.maps
+                    .backends
+                    .set(id, &entry, 0)
+                    .map_err(map_err(lb_common::maps::BACKENDS))?;
                 self.backends[id as usize] = Some(entry);
             }
         }
@@ -640,7 +650,8 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 /// Mounts bpffs on /sys/fs/bpf unless it already is (systemd usually does it; minimal systems
 /// and fresh VMs may not).
 pub fn ensure_bpffs() -> Result<(), String> {
-    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|e| format!("/proc/mounts: {e}"))?;
+    let mounts =
+        std::fs::read_to_string("/proc/mounts").map_err(|e| format!("/proc/mounts: {e}"))?;
     if mounts.lines().any(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
         f.len() > 2 && f[1] == BPFFS && f[2] == "bpf"
@@ -665,7 +676,9 @@ fn pin_link(prog: &mut Xdp, id: XdpLinkId, pin: &Path) -> Result<(), DataplaneEr
     let pin_err = |reason: String| DataplaneError::Pin { path: pin.to_owned(), reason };
     let link = prog.take_link(id).map_err(|e| pin_err(e.to_string()))?;
     let fd: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| {
-        pin_err(format!("{e} (netlink-attached XDP cannot be pinned: restarts will not be hitless)"))
+        pin_err(format!(
+            "{e} (netlink-attached XDP cannot be pinned: restarts will not be hitless)"
+        ))
     })?;
     fd.pin(pin).map_err(|e| pin_err(e.to_string()))?;
     Ok(())

@@ -68,7 +68,11 @@ impl Checker {
         for vip in &cfg.vips {
             let Some(check) = &vip.health else { continue };
             for b in &vip.backends {
-                wanted.push(Target { vip: vip.name.clone(), backend: b.address, check: check.clone() });
+                wanted.push(Target {
+                    vip: vip.name.clone(),
+                    backend: b.address,
+                    check: check.clone(),
+                });
             }
         }
         let gone: Vec<Target> =
@@ -186,7 +190,9 @@ fn run(t: Target, stop: Arc<AtomicBool>, events: Sender<HealthEvent>) {
         let ok = result.is_ok();
         if state.record(ok, t.check.rise, t.check.fall) {
             let reason = match result {
-                Ok(d) => format!("{} consecutive successes (last in {} ms)", t.check.rise, d.as_millis()),
+                Ok(d) => {
+                    format!("{} consecutive successes (last in {} ms)", t.check.rise, d.as_millis())
+                }
                 Err(e) => format!("{} consecutive failures (last: {e})", t.check.fall),
             };
             let ev = HealthEvent { vip: t.vip.clone(), backend: t.backend, healthy: ok, reason };

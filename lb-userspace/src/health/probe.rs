@@ -15,7 +15,8 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, String> 
     let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     match &check.kind {
         CheckKind::Tcp => {
-            TcpStream::connect_timeout(&addr, check.timeout).map_err(|e| format!("connect: {e}"))?;
+            TcpStream::connect_timeout(&addr, check.timeout)
+                .map_err(|e| format!("connect: {e}"))?;
         }
         CheckKind::Http { path, host, expect_status, expect_body } => {
             let mut s = TcpStream::connect_timeout(&addr, check.timeout)
@@ -57,8 +58,11 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, String> 
             }
         }
         CheckKind::Udp { send, expect } => {
-            let local: SocketAddr =
-                if addr.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+            let local: SocketAddr = if addr.is_ipv4() {
+                "0.0.0.0:0".parse().unwrap()
+            } else {
+                "[::]:0".parse().unwrap()
+            };
             let s = UdpSocket::bind(local).map_err(|e| format!("bind: {e}"))?;
             s.connect(addr).map_err(|e| format!("connect: {e}"))?;
             s.send(send.as_bytes()).map_err(|e| format!("send: {e}"))?;

@@ -72,7 +72,7 @@ pub fn spawn(ns: &str, name: &str, tcp: SocketAddr, udp: SocketAddr) -> std::io:
         }));
     }
     {
-        let (ns, name, stop) = (ns.to_owned(), name.to_owned(), stop.clone());
+        let (ns, name, stop, tx) = (ns.to_owned(), name.to_owned(), stop.clone(), tx.clone());
         threads.push(std::thread::spawn(move || {
             let s = netns::enter(&ns).and_then(|()| UdpSocket::bind(udp)).and_then(|s| {
                 s.set_read_timeout(Some(Duration::from_millis(50)))?;
@@ -96,11 +96,109 @@ pub fn spawn(ns: &str, name: &str, tcp: SocketAddr, udp: SocketAddr) -> std::io:
             }
         }));
     }
+    {
+        // Long-lived echo on port 7: each line comes back prefixed with the backend's name.
+        let (ns, name, stop, tx) = (ns.to_owned(), name.to_owned(), stop.clone(), tx.clone());
+        let echo = SocketAddr::new(tcp.ip(), 7);
+        threads.push(std::thread::spawn(move || {
+            let l = netns::enter(&ns).and_then(|()| TcpListener::bind(echo)).and_then(|l| {
+                l.set_nonblocking(true)?;
+                Ok(l)
+            });
+            let l = match l {
+                Ok(l) => {
+                    let _ = tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut conns: Vec<JoinHandle<()>> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((s, _)) => {
+                        let (name, stop) = (name.clone(), stop.clone());
+                        conns.push(std::thread::spawn(move || echo_conn(s, &name, &stop)));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            for c in conns {
+                let _ = c.join();
+            }
+        }));
+    }
     let servers = Servers { stop, threads };
-    for _ in 0..2 {
+    for _ in 0..3 {
         rx.recv().expect("server thread reports")?;
     }
     Ok(servers)
+}
+
+fn echo_conn(s: TcpStream, name: &str, stop: &AtomicBool) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+    let mut reader = std::io::BufReader::new(match s.try_clone() {
+        Ok(r) => r,
+        Err(_) => return,
+    });
+    let mut w = s;
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        match std::io::BufRead::read_line(&mut reader, &mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if write!(w, "{name}:{line}").is_err() {
+                    return;
+                }
+                line.clear();
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// A long-lived connection to the echo service on port 7.
+pub struct EchoConn {
+    reader: std::io::BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl EchoConn {
+    /// Connects from `src` (port chosen by the kernel) to `vip` port 7. Call it inside the client
+    /// namespace; the connection can be used from any thread afterwards.
+    pub fn connect(
+        src: SocketAddr,
+        vip: std::net::IpAddr,
+        timeout: Duration,
+    ) -> std::io::Result<EchoConn> {
+        let s = connect_from(src, SocketAddr::new(vip, 7), timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        Ok(EchoConn { reader: std::io::BufReader::new(s.try_clone()?), writer: s })
+    }
+
+    /// Sends one line and returns the answer: `backend-N:line`.
+    pub fn ask(&mut self, line: &str) -> std::io::Result<String> {
+        writeln!(self.writer, "{line}")?;
+        let mut answer = String::new();
+        if std::io::BufRead::read_line(&mut self.reader, &mut answer)? == 0 {
+            return Err(std::io::Error::other("connection closed"));
+        }
+        Ok(answer.trim_end().to_owned())
+    }
+
+    /// The backend that answers this connection.
+    pub fn backend(&mut self) -> std::io::Result<String> {
+        let a = self.ask("who")?;
+        Ok(a.split(':').next().unwrap_or("").to_owned())
+    }
 }
 
 /// One HTTP GET to `vip` from source address `src` (port chosen by the kernel); returns the body

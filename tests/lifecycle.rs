@@ -1,0 +1,541 @@
+//! Health checks, drain, reload and hitless restart, with the real `edgelb` binary running on the
+//! balancer node of a namespace testbed and real backends that die and come back.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use edgelb::{
+    admin::Status,
+    config::{self, Config},
+    dataplane::route,
+    testbed::{self, Testbed, netns, servers},
+};
+
+const TIMEOUT: Duration = Duration::from_secs(1);
+/// Health-check settings of the test config.
+const INTERVAL: Duration = Duration::from_millis(200);
+const FALL: u32 = 2;
+const RISE: u32 = 2;
+
+fn pool_addr(n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(testbed::CLIENT_POOL.0) + n)
+}
+
+/// The testbed config with fast health checks, an echo VIP on port 7 and per-test pin dir and
+/// admin socket. `echo_backends` picks which backends (1-based) the echo VIP lists.
+fn config_text(tag: &str, echo_backends: &[usize]) -> String {
+    let mac = |i: usize| format!("02:ed:00:00:00:{:02x}", 0x10 + i);
+    let backends = |list: &[usize]| {
+        list.iter()
+            .map(|&i| format!("{{ address = \"198.18.0.{}\", mac = \"{}\" }}", 10 + i, mac(i)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        r#"[node]
+interfaces = ["lb0"]
+encap_source_v4 = "198.19.0.0/16"
+pin_dir = "/sys/fs/bpf/edgelb-t-{tag}"
+admin_socket = "/run/edgelb/t-{tag}.sock"
+
+[[vip]]
+name = "web"
+address = "198.18.1.1"
+port = 80
+backends = [{}]
+[vip.health]
+kind = "http"
+interval_ms = {}
+timeout_ms = 150
+rise = {RISE}
+fall = {FALL}
+
+[[vip]]
+name = "echo"
+address = "198.18.1.1"
+port = 7
+backends = [{}]
+"#,
+        backends(&[1, 2, 3]),
+        INTERVAL.as_millis(),
+        backends(echo_backends)
+    )
+}
+
+/// A running `edgelb run` in the balancer namespace.
+struct Edgelb {
+    child: Option<Child>,
+    config: PathBuf,
+    ns: String,
+    log: PathBuf,
+}
+
+impl Edgelb {
+    fn start(ns: &str, config: &PathBuf, log: &PathBuf) -> Edgelb {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", netns::netns_path(ns).display()))
+            .arg(env!("CARGO_BIN_EXE_edgelb"))
+            .args(["run", "--config"])
+            .arg(config)
+            .stderr(out)
+            .spawn()
+            .expect("start edgelb");
+        let mut e = Edgelb {
+            child: Some(child),
+            config: config.clone(),
+            ns: ns.to_owned(),
+            log: log.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while e.cli(&["status", "--json"]).status.code() != Some(0) {
+            if let Ok(Some(st)) = e.child.as_mut().unwrap().try_wait() {
+                panic!(
+                    "edgelb exited: {st}; log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "edgelb never answered on its admin socket");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        e
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_edgelb"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run edgelb CLI")
+    }
+
+    fn status(&self) -> Status {
+        let out = self.cli(&["status", "--json"]);
+        assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    fn healthy(&self, vip: &str, backend: &str) -> bool {
+        let st = self.status();
+        let v = st.vips.iter().find(|v| v.name == vip).expect("vip in status");
+        v.backends.iter().find(|b| b.address.to_string() == backend).expect("backend").healthy
+    }
+
+    /// SIGTERM by PID: the controller exits and leaves the data plane running.
+    fn terminate(mut self) {
+        let mut child = self.child.take().unwrap();
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let st = child.wait().unwrap();
+        assert!(st.success(), "edgelb exit status {st}");
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Edgelb {
+    fn drop(&mut self) {
+        // A running controller: full teardown through the admin socket, then make sure the
+        // process is gone. (After `terminate` there is none, and the pins stay for the next.)
+        if let Some(mut c) = self.child.take() {
+            let _ = self.cli(&["stop"]);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Everything one test needs; torn down in reverse order on drop.
+struct Bed {
+    edgelb: Option<Edgelb>,
+    servers: Vec<Option<servers::Servers>>,
+    tb: Testbed,
+    cfg_path: PathBuf,
+    tag: String,
+}
+
+impl Bed {
+    fn up(name: &str, echo_backends: &[usize]) -> Option<Bed> {
+        if !netns::require_privileged(name) {
+            return None;
+        }
+        let tag = format!("{}-{name}", std::process::id());
+        let tb = Testbed::up(&format!("elbl{}", std::process::id()), false).expect("testbed");
+        let servers = tb.start_servers().expect("servers").into_iter().map(Some).collect();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let cfg_path = dir.join(format!("lifecycle-{tag}.toml"));
+        std::fs::write(&cfg_path, config_text(&tag, echo_backends)).unwrap();
+        let log = dir.join(format!("lifecycle-{tag}.log"));
+        let _ = std::fs::remove_file(&log);
+        let edgelb = Edgelb::start(&tb.names.lb, &cfg_path, &log);
+        let bed = Bed { edgelb: Some(edgelb), servers, tb, cfg_path, tag };
+        bed.wait_vip();
+        Some(bed)
+    }
+
+    fn e(&self) -> &Edgelb {
+        self.edgelb.as_ref().unwrap()
+    }
+
+    fn cfg(&self) -> Config {
+        Config::load(&self.cfg_path).unwrap()
+    }
+
+    fn wait_vip(&self) {
+        let vip = SocketAddr::new(IpAddr::V4(testbed::VIP), 80);
+        netns::in_netns(&self.tb.names.client, || {
+            let start = Instant::now();
+            while servers::http_get(None, vip, TIMEOUT).is_err() {
+                assert!(start.elapsed() < Duration::from_secs(10), "VIP never answered");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+        .unwrap();
+    }
+
+    fn kill_backend(&mut self, i: usize) {
+        self.servers[i - 1] = None;
+    }
+
+    fn revive_backend(&mut self, i: usize) {
+        let ns = &self.tb.names.backends[i - 1];
+        let any = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+        self.servers[i - 1] = Some(
+            servers::spawn(
+                ns,
+                &format!("backend-{i}"),
+                SocketAddr::new(any, 80),
+                SocketAddr::new(any, 53),
+            )
+            .expect("restart servers"),
+        );
+    }
+
+    /// Runs HTTP requests from rotating client addresses on a background thread until stopped
+    /// (at most `max` long); returns the log of (time, client, result).
+    fn load(&self, max: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ns = self.tb.names.client.clone();
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            netns::enter(&ns).expect("client netns");
+            let vip = SocketAddr::new(IpAddr::V4(testbed::VIP), 80);
+            let mut log = Vec::new();
+            let start = Instant::now();
+            let mut n = 0u32;
+            while !flag.load(Ordering::Relaxed) && start.elapsed() < max {
+                let src = IpAddr::V4(pool_addr(n % 300));
+                let r = servers::http_get(Some(SocketAddr::new(src, 0)), vip, TIMEOUT);
+                log.push((Instant::now(), src, r.map_err(|e| e.to_string())));
+                n += 1;
+            }
+            log
+        });
+        Load { stop, handle }
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        self.edgelb = None;
+        let dir = format!("/sys/fs/bpf/edgelb-t-{}", self.tag);
+        let _ = edgelb::dataplane::Dataplane::teardown(dir.as_ref());
+        let _ = std::fs::remove_file(&self.cfg_path);
+    }
+}
+
+/// One request of a load run: when it ended, from which client, and the backend or the error.
+type Sample = (Instant, IpAddr, Result<String, String>);
+
+struct Load {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<Sample>>,
+}
+
+impl Load {
+    fn finish(self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap()
+    }
+}
+
+fn backend_name(cfg: &Config, vip: &str, client: IpAddr) -> String {
+    let v = cfg.find_vip(vip).unwrap();
+    let addr = route(v, client, 0).unwrap().address;
+    let i = v.backends.iter().position(|b| b.address == addr).unwrap();
+    format!("backend-{}", i + 1)
+}
+
+#[test]
+fn dead_backend_leaves_the_ring_and_returns() {
+    let Some(mut bed) = Bed::up("failover", &[1, 2, 3]) else { return };
+    let cfg = bed.cfg();
+    let load = bed.load(Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed_at = Instant::now();
+    bed.kill_backend(2);
+    let bound = INTERVAL * (FALL + 1);
+    std::thread::sleep(bound + Duration::from_millis(1500));
+    let log = load.finish();
+
+    let mut last_failure = None;
+    let mut after = HashMap::<String, u32>::new();
+    for (t, client, r) in &log {
+        let home = backend_name(&cfg, "web", *client);
+        match r {
+            Err(e) => {
+                assert_eq!(home, "backend-2", "a client of a live backend failed: {client}: {e}");
+                assert!(*t > killed_at, "failure before the kill: {e}");
+                last_failure = Some(*t);
+            }
+            Ok(b) if *t > killed_at + bound + Duration::from_millis(300) => {
+                *after.entry(b.clone()).or_default() += 1;
+            }
+            Ok(_) => {}
+        }
+    }
+    let failover = last_failure.map_or(Duration::ZERO, |t| t - killed_at);
+    eprintln!(
+        "failover: last failed connection {} ms after the kill (bound interval*fall + interval = {} ms); {} requests, after failover: {after:?}",
+        failover.as_millis(),
+        bound.as_millis(),
+        log.len()
+    );
+    assert!(failover <= bound + Duration::from_millis(300), "failover took {failover:?}");
+    assert!(!after.contains_key("backend-2"), "traffic reached the dead backend after failover");
+    assert!(after.contains_key("backend-1") && after.contains_key("backend-3"));
+    assert!(!bed.e().healthy("web", "198.18.0.12"));
+    assert!(bed.e().log().contains("backend DOWN"), "state change logged");
+
+    // Back: healthy again after `rise` good probes, and its clients return to it.
+    let revived = Instant::now();
+    bed.revive_backend(2);
+    while !bed.e().healthy("web", "198.18.0.12") {
+        assert!(
+            revived.elapsed() < INTERVAL * (RISE + 2) + Duration::from_secs(1),
+            "backend-2 never came back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("recovery: healthy {} ms after the restart", revived.elapsed().as_millis());
+    let client = (0..300)
+        .map(|n| IpAddr::V4(pool_addr(n)))
+        .find(|c| backend_name(&cfg, "web", *c) == "backend-2")
+        .unwrap();
+    let got = netns::in_netns(&bed.tb.names.client, || {
+        servers::http_get(
+            Some(SocketAddr::new(client, 0)),
+            SocketAddr::new(IpAddr::V4(testbed::VIP), 80),
+            TIMEOUT,
+        )
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(got, "backend-2");
+
+    // Every backend down: the pool keeps its last known set (fail open) and says so.
+    for i in 1..=3 {
+        bed.kill_backend(i);
+    }
+    let all_down = Instant::now();
+    loop {
+        let st = bed.e().status();
+        let web = st.vips.iter().find(|v| v.name == "web").unwrap();
+        if web.fail_open {
+            assert!(web.backends.iter().all(|b| !b.healthy));
+            let share: f64 = web.backends.iter().map(|b| b.ring_share).sum();
+            assert!((share - 1.0).abs() < 1e-9, "the ring stays populated: {share}");
+            break;
+        }
+        assert!(all_down.elapsed() < bound + Duration::from_secs(1), "fail-open never reported");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(bed.e().log().contains("every backend is down"), "fail open is logged loudly");
+}
+
+/// Sources whose echo flows the config sends to backend `want`.
+fn clients_of(cfg: &Config, want: &str, n: usize) -> Vec<IpAddr> {
+    (0..1000)
+        .map(|i| IpAddr::V4(pool_addr(i)))
+        .filter(|c| backend_name(cfg, "echo", *c) == want)
+        .take(n)
+        .collect()
+}
+
+#[test]
+fn drained_backend_keeps_its_connections() {
+    let Some(bed) = Bed::up("drain", &[1, 2, 3]) else { return };
+    let cfg = bed.cfg();
+    let clients = clients_of(&cfg, "backend-1", 10);
+    let mut conns = netns::in_netns(&bed.tb.names.client, || {
+        clients
+            .iter()
+            .map(|c| {
+                servers::EchoConn::connect(
+                    SocketAddr::new(*c, 0),
+                    IpAddr::V4(testbed::VIP),
+                    TIMEOUT,
+                )
+                .unwrap()
+            })
+            .collect::<Vec<_>>()
+    })
+    .unwrap();
+    for c in &mut conns {
+        assert_eq!(c.backend().unwrap(), "backend-1");
+    }
+    let out = bed.e().cli(&["drain", "198.18.0.11"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (i, c) in conns.iter_mut().enumerate() {
+        assert_eq!(
+            c.ask(&format!("still there {i}")).unwrap(),
+            format!("backend-1:still there {i}")
+        );
+    }
+    let fresh = netns::in_netns(&bed.tb.names.client, || {
+        clients
+            .iter()
+            .map(|c| {
+                servers::EchoConn::connect(
+                    SocketAddr::new(*c, 0),
+                    IpAddr::V4(testbed::VIP),
+                    TIMEOUT,
+                )
+                .unwrap()
+                .backend()
+                .unwrap()
+            })
+            .collect::<Vec<_>>()
+    })
+    .unwrap();
+    assert!(
+        fresh.iter().all(|b| b != "backend-1"),
+        "new flows avoid the drained backend: {fresh:?}"
+    );
+    let st = bed.e().status();
+    let echo = st.vips.iter().find(|v| v.name == "echo").unwrap();
+    assert!(echo.backends[0].drained && echo.backends[0].ring_share == 0.0);
+    // Undrain: its clients come back for new flows.
+    assert!(bed.e().cli(&["undrain", "198.18.0.11"]).status.success());
+    let back = netns::in_netns(&bed.tb.names.client, || {
+        servers::EchoConn::connect(
+            SocketAddr::new(clients[0], 0),
+            IpAddr::V4(testbed::VIP),
+            TIMEOUT,
+        )
+        .unwrap()
+        .backend()
+        .unwrap()
+    })
+    .unwrap();
+    assert_eq!(back, "backend-1");
+}
+
+#[test]
+fn restart_under_load_loses_nothing() {
+    let Some(mut bed) = Bed::up("restart", &[1, 2, 3]) else { return };
+    let load = bed.load(Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(1000));
+    let old = bed.edgelb.take().unwrap();
+    let (config, ns, log_path) = (old.config.clone(), old.ns.clone(), old.log.clone());
+    old.terminate();
+    // The data plane runs on without a controller for a moment...
+    std::thread::sleep(Duration::from_millis(500));
+    // ...and the new process adopts it.
+    bed.edgelb = Some(Edgelb::start(&ns, &config, &log_path));
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = load.finish();
+    let failed: Vec<_> = log.iter().filter(|(_, _, r)| r.is_err()).collect();
+    eprintln!("restart under load: {} requests, {} failed", log.len(), failed.len());
+    assert!(log.len() > 100, "load ran");
+    assert!(failed.is_empty(), "requests failed across the restart: {failed:?}");
+    let text = bed.e().log();
+    assert!(text.contains("adopting it"), "second process adopted the pinned state:\n{text}");
+    assert!(text.contains("took over the pinned XDP link"), "{text}");
+}
+
+#[test]
+fn reload_rejects_bad_files_and_keeps_connections() {
+    let Some(bed) = Bed::up("reload", &[1, 2]) else { return };
+    let cfg = bed.cfg();
+    let clients: Vec<IpAddr> = (0..30).map(|i| IpAddr::V4(pool_addr(i))).collect();
+    let mut conns = netns::in_netns(&bed.tb.names.client, || {
+        clients
+            .iter()
+            .map(|c| {
+                servers::EchoConn::connect(
+                    SocketAddr::new(*c, 0),
+                    IpAddr::V4(testbed::VIP),
+                    TIMEOUT,
+                )
+                .unwrap()
+            })
+            .collect::<Vec<_>>()
+    })
+    .unwrap();
+    let before: Vec<String> = conns.iter_mut().map(|c| c.backend().unwrap()).collect();
+    for (c, b) in clients.iter().zip(&before) {
+        assert_eq!(*b, backend_name(&cfg, "echo", *c));
+    }
+    let status_before = bed.e().status();
+
+    // An invalid file: rejected with the reason, nothing changes.
+    let good = std::fs::read_to_string(&bed.cfg_path).unwrap();
+    std::fs::write(&bed.cfg_path, good.replace("port = 7", "port = 70000")).unwrap();
+    let out = bed.e().cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("reload rejected") && err.contains(":"), "{err}");
+    assert_eq!(bed.e().status().vips.len(), status_before.vips.len());
+    assert_eq!(bed.e().status().vips[1].backends, status_before.vips[1].backends);
+
+    // Adding a backend: every established connection stays where it was.
+    std::fs::write(&bed.cfg_path, config_text(&bed.tag, &[1, 2, 3])).unwrap();
+    let out = bed.e().cli(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let new_cfg = bed.cfg();
+    for (c, b) in conns.iter_mut().zip(&before) {
+        assert_eq!(&c.backend().unwrap(), b, "established connection moved");
+    }
+    // New connections follow the new ring, some to the new backend.
+    let fresh: Vec<String> = netns::in_netns(&bed.tb.names.client, || {
+        clients
+            .iter()
+            .map(|c| {
+                servers::EchoConn::connect(
+                    SocketAddr::new(*c, 0),
+                    IpAddr::V4(testbed::VIP),
+                    TIMEOUT,
+                )
+                .unwrap()
+                .backend()
+                .unwrap()
+            })
+            .collect()
+    })
+    .unwrap();
+    for (c, b) in clients.iter().zip(&fresh) {
+        assert_eq!(*b, backend_name(&new_cfg, "echo", *c));
+    }
+    assert!(fresh.iter().any(|b| b == "backend-3"));
+    let _ = config::EXAMPLE;
+}
