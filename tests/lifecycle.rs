@@ -64,10 +64,18 @@ name = "echo"
 address = "198.18.1.1"
 port = 7
 backends = [{}]
+
+[[vip]]
+name = "dns"
+address = "198.18.1.1"
+port = 53
+protocol = "udp"
+backends = [{}]
 "#,
         backends(&[1, 2, 3]),
         INTERVAL.as_millis(),
-        backends(echo_backends)
+        backends(echo_backends),
+        backends(&[1, 2, 3])
     )
 }
 
@@ -294,6 +302,15 @@ fn dead_backend_leaves_the_ring_and_returns() {
     let killed_at = Instant::now();
     bed.kill_backend(2);
     let bound = INTERVAL * (FALL + 1);
+    // `edgelb status` shows the change within one interval of the backend being declared dead.
+    while bed.e().healthy("web", "198.18.0.12") {
+        assert!(
+            killed_at.elapsed() < bound + INTERVAL + Duration::from_millis(300),
+            "status never showed DOWN"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("status shows backend-2 DOWN {} ms after the kill", killed_at.elapsed().as_millis());
     std::thread::sleep(bound + Duration::from_millis(1500));
     let log = load.finish();
 
@@ -538,4 +555,78 @@ fn reload_rejects_bad_files_and_keeps_connections() {
     }
     assert!(fresh.iter().any(|b| b == "backend-3"));
     let _ = config::EXAMPLE;
+}
+
+/// One GET /metrics from inside the balancer namespace (the endpoint is on its loopback).
+fn scrape(bed: &Bed) -> String {
+    use std::io::{Read, Write};
+    netns::in_netns(&bed.tb.names.lb, || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", 9110)).expect("metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200"), "{out}");
+        out
+    })
+    .unwrap()
+}
+
+/// The value of the sample `name{labels}` (labels as written in the exposition), or 0.
+fn metric(text: &str, name: &str, labels: &str) -> f64 {
+    let want = format!("{name}{{{labels}}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&want))
+        .map_or(0.0, |v| v.trim().parse().expect("numeric sample"))
+}
+
+#[test]
+fn metrics_match_the_traffic_sent_and_capabilities_are_dropped() {
+    let Some(bed) = Bed::up("metrics", &[1, 2, 3]) else { return };
+    let cfg = bed.cfg();
+    let before = scrape(&bed);
+    let clients: Vec<IpAddr> = (0..100).map(|i| IpAddr::V4(pool_addr(500 + i))).collect();
+    netns::in_netns(&bed.tb.names.client, || {
+        for c in &clients {
+            let got = servers::udp_ask(
+                SocketAddr::new(*c, 0),
+                SocketAddr::new(IpAddr::V4(testbed::VIP), 53),
+                TIMEOUT,
+            )
+            .expect("UDP answer");
+            assert_eq!(got, backend_name(&cfg, "dns", *c));
+        }
+    })
+    .unwrap();
+    let after = scrape(&bed);
+    let delta =
+        |name: &str, labels: &str| metric(&after, name, labels) - metric(&before, name, labels);
+    assert_eq!(delta("edgelb_vip_packets_total", "vip=\"dns\""), 100.0, "{after}");
+    assert_eq!(delta("edgelb_vip_new_flows_total", "vip=\"dns\""), 100.0);
+    // Each query is one 46-byte frame: Ethernet 14 + IPv4 20 + UDP 8 + "who?".
+    assert_eq!(delta("edgelb_vip_bytes_total", "vip=\"dns\""), 100.0 * 46.0);
+    for i in 1..=3 {
+        let addr = format!("198.18.0.{}", 10 + i);
+        let sent = clients
+            .iter()
+            .filter(|c| backend_name(&cfg, "dns", **c) == format!("backend-{i}"))
+            .count();
+        let labels = format!("vip=\"dns\",backend=\"{addr}\"");
+        assert_eq!(delta("edgelb_backend_packets_total", &labels), sent as f64, "backend {addr}");
+        let web = format!("vip=\"web\",backend=\"{addr}\"");
+        assert_eq!(metric(&after, "edgelb_backend_up", &web), 1.0);
+        assert!(
+            metric(&after, "edgelb_health_check_duration_seconds_count", &web) > 0.0,
+            "{after}"
+        );
+    }
+    assert!(delta("edgelb_xdp_verdicts_total", "action=\"tx\",reason=\"encap\"") >= 100.0);
+    assert!(after.contains("# TYPE edgelb_health_check_duration_seconds histogram"), "{after}");
+
+    // The long-running controller holds no capability at all.
+    let pid = bed.e().child.as_ref().expect("running").id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        let line = status.lines().find(|l| l.starts_with(set)).unwrap();
+        assert!(line.ends_with("0000000000000000"), "{line}");
+    }
 }

@@ -26,6 +26,7 @@ use crate::{
     config::{Backend, Config, Forwarding},
     dataplane::{Dataplane, DataplaneError, vip_ring},
     health::{Checker, HealthEvent},
+    metrics::{BackendSample, KernelSnapshot, Metrics, Scrape},
 };
 
 /// Why `run` stopped early.
@@ -40,6 +41,15 @@ pub enum RunError {
     /// Signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    /// The metrics endpoint could not be served.
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        /// Listen address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The admin socket could not be served.
     #[error("admin socket {path}: {source}")]
     Admin {
@@ -51,8 +61,32 @@ pub enum RunError {
     },
 }
 
-/// How often the counters are logged (only when they changed).
-const REPORT_EVERY: Duration = Duration::from_secs(2);
+/// How often counters are sampled for rates (and logged at debug level when they changed).
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// Packet and byte rates from the last two counter samples.
+#[derive(Default)]
+struct Rates {
+    samples: HashMap<String, [(Instant, u64, u64); 2]>,
+}
+
+impl Rates {
+    fn record(&mut self, key: String, now: Instant, c: lb_common::Counters) {
+        let e = self.samples.entry(key).or_insert([(now, c.packets, c.bytes); 2]);
+        e[0] = e[1];
+        e[1] = (now, c.packets, c.bytes);
+    }
+
+    /// (packets/s, bytes/s) for `key`.
+    fn get(&self, key: &str) -> (f64, f64) {
+        let Some([(t0, p0, b0), (t1, p1, b1)]) = self.samples.get(key) else { return (0.0, 0.0) };
+        let dt = t1.duration_since(*t0).as_secs_f64();
+        if dt <= 0.0 {
+            return (0.0, 0.0);
+        }
+        ((p1.saturating_sub(*p0)) as f64 / dt, (b1.saturating_sub(*b0)) as f64 / dt)
+    }
+}
 
 /// How the loop ended.
 enum Exit {
@@ -69,6 +103,9 @@ struct Controller {
     checker: Checker,
     health_rx: Receiver<HealthEvent>,
     admin_rx: Receiver<Pending>,
+    scrape_rx: Receiver<Scrape>,
+    metrics: Metrics,
+    rates: Rates,
     /// (VIP name, backend) declared dead by its health check.
     down: HashSet<(String, IpAddr)>,
     /// Runtime drains: (VIP name or all VIPs, backend).
@@ -87,6 +124,12 @@ pub fn run(path: &Path) -> Result<(), RunError> {
         .map_err(|source| RunError::Admin { path: cfg.node.admin_socket.clone(), source })?;
     let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
         .map_err(RunError::Signals)?;
+    let (scrape_tx, scrape_rx) = mpsc::channel();
+    if let Some(addr) = cfg.metrics {
+        crate::metrics::serve(addr, scrape_tx)
+            .map_err(|source| RunError::Metrics { addr, source })?;
+        info!(%addr, "metrics on http://{addr}/metrics");
+    }
 
     let dp = Dataplane::load(Some(&cfg.node.pin_dir))?;
     if dp.adopted() {
@@ -100,6 +143,9 @@ pub fn run(path: &Path) -> Result<(), RunError> {
         checker: Checker::new(health_tx),
         health_rx,
         admin_rx,
+        scrape_rx,
+        metrics: Metrics::new(),
+        rates: Rates::default(),
         down: HashSet::new(),
         drained: HashSet::new(),
         last_alive: HashMap::new(),
@@ -113,6 +159,7 @@ pub fn run(path: &Path) -> Result<(), RunError> {
         info!(interface = %iface, mode, "XDP balancer attached");
     }
     ctl.checker.reconcile(&ctl.cfg);
+    drop_capabilities();
     info!(checks = ctl.checker.len(), admin = %ctl.cfg.node.admin_socket.display(), "edgelb running");
 
     let exit = ctl.serve(&mut signals);
@@ -133,6 +180,28 @@ pub fn run(path: &Path) -> Result<(), RunError> {
         }
     }
     Ok(())
+}
+
+/// Everything privileged is done by now (programs loaded, links attached and pinned, sockets
+/// bound), and the maps are used through open fds, which needs no capability. Give them all up,
+/// bounding set included, so a bug in the long-running loop cannot be turned into more.
+fn drop_capabilities() {
+    use caps::CapSet;
+    let mut result = Ok(());
+    for cap in caps::all() {
+        if let Err(e) = caps::drop(None, CapSet::Bounding, cap) {
+            result = Err(e);
+        }
+    }
+    for set in [CapSet::Ambient, CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
+        if let Err(e) = caps::clear(None, set) {
+            result = Err(e);
+        }
+    }
+    match result {
+        Ok(()) => info!("all capabilities dropped"),
+        Err(e) => warn!(error = %e, "could not drop every capability"),
+    }
 }
 
 impl Controller {
@@ -187,7 +256,7 @@ impl Controller {
 
     fn serve(&mut self, signals: &mut signal_hook::iterator::Signals) -> Exit {
         let mut last_packets = HashMap::new();
-        let mut next_report = Instant::now() + REPORT_EVERY;
+        let mut next_sample = Instant::now();
         loop {
             for sig in signals.pending() {
                 if sig == SIGHUP {
@@ -223,9 +292,12 @@ impl Controller {
                 }
                 Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {}
             }
-            if Instant::now() >= next_report {
-                self.log_counters(&mut last_packets);
-                next_report = Instant::now() + REPORT_EVERY;
+            while let Ok(reply) = self.scrape_rx.try_recv() {
+                let _ = reply.send(self.scrape());
+            }
+            if Instant::now() >= next_sample {
+                self.sample(&mut last_packets);
+                next_sample = Instant::now() + SAMPLE_EVERY;
             }
         }
     }
@@ -240,6 +312,15 @@ impl Controller {
         {
             return false; // a check that was just reconciled away
         }
+        if let Some(latency) = ev.latency {
+            self.metrics.observe_probe(&ev.vip, ev.backend, latency);
+        }
+        // Every probe reports the checker's verdict, so a restarted check (which starts healthy)
+        // also corrects the controller's view.
+        if ev.healthy != self.down.contains(&key) {
+            return false;
+        }
+        self.metrics.transition(&ev.vip, ev.backend, ev.healthy);
         if ev.healthy {
             info!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend UP: back in the ring");
             self.down.remove(&key)
@@ -295,9 +376,10 @@ impl Controller {
         if n.interfaces != old.interfaces
             || n.pin_dir != old.pin_dir
             || n.admin_socket != old.admin_socket
+            || new.metrics != self.cfg.metrics
         {
             return Response::err(
-                "reload rejected, running config kept: node.interfaces, pin_dir and admin_socket need a restart",
+                "reload rejected, running config kept: node.interfaces, pin_dir, admin_socket and metrics need a restart",
             );
         }
         self.cfg = new;
@@ -320,6 +402,31 @@ impl Controller {
         }
     }
 
+    /// Refreshes the kernel snapshot and renders the exposition text.
+    fn scrape(&mut self) -> String {
+        let eff = self.effective();
+        let mut snap = KernelSnapshot::default();
+        for (vip, evip) in self.cfg.vips.iter().zip(&eff.vips) {
+            snap.vips.push((vip.name.clone(), self.dp.vip_counters(vip).unwrap_or_default()));
+            for b in &vip.backends {
+                let weight =
+                    evip.backends.iter().find(|e| e.address == b.address).map_or(0, |e| e.weight);
+                snap.backends.push(BackendSample {
+                    vip: vip.name.clone(),
+                    backend: b.address.to_string(),
+                    counters: self.dp.backend_counters(vip, b.address).unwrap_or_default(),
+                    up: !self.down.contains(&(vip.name.clone(), b.address)),
+                    weight,
+                });
+            }
+        }
+        snap.reasons = self.dp.maps().reasons().map(|r| r.to_vec()).unwrap_or_default();
+        if let Ok(mut k) = self.metrics.kernel.lock() {
+            *k = snap;
+        }
+        self.metrics.encode()
+    }
+
     fn status(&mut self) -> Status {
         let eff = self.effective();
         let mut vips = Vec::new();
@@ -336,7 +443,10 @@ impl Controller {
                     _ => 0.0,
                 };
                 let bc = self.dp.backend_counters(vip, b.address).unwrap_or_default();
+                let (pps, bps) = self.rates.get(&format!("{}/{}", vip.name, b.address));
                 backends.push(BackendStatus {
+                    pps,
+                    bps,
                     address: b.address,
                     weight: b.weight,
                     healthy: !self.down.contains(&(vip.name.clone(), b.address)),
@@ -347,7 +457,10 @@ impl Controller {
                     new_flows: bc.new_flows,
                 });
             }
+            let (pps, bps) = self.rates.get(&vip.name);
             vips.push(VipStatus {
+                pps,
+                bps,
                 name: vip.name.clone(),
                 listen: vip.to_string(),
                 forwarding: match vip.forwarding {
@@ -375,9 +488,16 @@ impl Controller {
         }
     }
 
-    fn log_counters(&self, last: &mut HashMap<String, u64>) {
+    /// Samples counters for rates; logs changed ones at debug level (never per packet).
+    fn sample(&mut self, last: &mut HashMap<String, u64>) {
+        let now = Instant::now();
         for vip in &self.cfg.vips {
             let Ok(c) = self.dp.vip_counters(vip) else { continue };
+            self.rates.record(vip.name.clone(), now, c);
+            for b in &vip.backends {
+                let bc = self.dp.backend_counters(vip, b.address).unwrap_or_default();
+                self.rates.record(format!("{}/{}", vip.name, b.address), now, bc);
+            }
             let before = last.insert(vip.name.clone(), c.packets).unwrap_or(0);
             if c.packets == before {
                 continue;
@@ -390,7 +510,7 @@ impl Controller {
                     format!("{}={}", b.address, bc.packets)
                 })
                 .collect();
-            info!(
+            tracing::debug!(
                 vip = %vip,
                 packets = c.packets,
                 bytes = c.bytes,

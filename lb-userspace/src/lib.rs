@@ -10,6 +10,7 @@
 //!   hitless stop/start, counters in the log;
 //! - [`health`]: active TCP/HTTP/UDP health checks with rise/fall;
 //! - [`admin`]: the root-only Unix socket behind `edgelb status | drain | reload | stop`;
+//! - [`metrics`]: Prometheus `/metrics` (kernel counters, health, transitions);
 //! - [`testbed`]: network-namespace topologies for `cargo xtask run` and the end-to-end tests.
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
@@ -20,4 +21,5 @@ pub mod controller;
 pub mod dataplane;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod testbed;

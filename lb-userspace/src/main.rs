@@ -264,21 +264,31 @@ fn print_status(s: &edgelb::admin::Status) {
     for v in &s.vips {
         println!();
         println!(
-            "VIP {} [{}]{}  packets {}  bytes {}  new flows {}",
+            "VIP {} [{}]{}  packets {}  bytes {}  new flows {}  now {:.0} pkt/s {:.0} B/s",
             v.listen,
             v.forwarding,
             if v.fail_open { "  FAIL-OPEN (all backends down)" } else { "" },
             v.packets,
             v.bytes,
-            v.new_flows
+            v.new_flows,
+            v.pps,
+            v.bps
         );
         println!(
-            "  {:<40} {:>6} {:>7} {:>8} {:>7} {:>12} {:>14} {:>10}",
-            "BACKEND", "WEIGHT", "HEALTH", "DRAINED", "RING%", "PACKETS", "BYTES", "NEW FLOWS"
+            "  {:<40} {:>6} {:>7} {:>8} {:>7} {:>12} {:>14} {:>10} {:>10}",
+            "BACKEND",
+            "WEIGHT",
+            "HEALTH",
+            "DRAINED",
+            "RING%",
+            "PACKETS",
+            "BYTES",
+            "NEW FLOWS",
+            "PKT/S"
         );
         for b in &v.backends {
             println!(
-                "  {:<40} {:>6} {:>7} {:>8} {:>7.2} {:>12} {:>14} {:>10}",
+                "  {:<40} {:>6} {:>7} {:>8} {:>7.2} {:>12} {:>14} {:>10} {:>10.0}",
                 b.address.to_string(),
                 b.weight,
                 if b.healthy { "up" } else { "DOWN" },
@@ -286,7 +296,8 @@ fn print_status(s: &edgelb::admin::Status) {
                 b.ring_share * 100.0,
                 b.packets,
                 b.bytes,
-                b.new_flows
+                b.new_flows,
+                b.pps
             );
         }
     }

@@ -282,6 +282,8 @@ fn run(duration: Option<u64>) -> Result<()> {
     if spread.keys().any(|k| k.starts_with("error")) {
         bail!("some requests failed: {spread:?}");
     }
+    eprintln!("== edgelb status:");
+    let _ = Command::new(&edgelb_bin).args(["status", "--config"]).arg(&config).status();
     eprintln!("== edgelb is balancing. One request per second from a rotating client follows;");
     match duration {
         Some(d) => eprintln!("   stopping in {d} s."),

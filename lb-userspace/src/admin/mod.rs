@@ -98,6 +98,10 @@ pub struct VipStatus {
     pub bytes: u64,
     /// New flows placed by the ring.
     pub new_flows: u64,
+    /// Packets per second over the last sampling period (about a second).
+    pub pps: f64,
+    /// Bytes per second over the last sampling period.
+    pub bps: f64,
     /// True when every backend is down and the last known set is kept (fail open).
     pub fail_open: bool,
     /// Backends.
@@ -123,6 +127,10 @@ pub struct BackendStatus {
     pub bytes: u64,
     /// New flows sent to it.
     pub new_flows: u64,
+    /// Packets per second over the last sampling period.
+    pub pps: f64,
+    /// Bytes per second over the last sampling period.
+    pub bps: f64,
 }
 
 /// Why an admin request failed on the client side.

@@ -54,6 +54,8 @@ pub enum ConfigError {
 pub struct Config {
     /// Node-wide settings.
     pub node: Node,
+    /// Where `/metrics` is served; None when disabled.
+    pub metrics: Option<std::net::SocketAddr>,
     /// VIPs, in file order.
     pub vips: Vec<Vip>,
 }
@@ -92,6 +94,9 @@ pub struct Node {
     /// Unix socket the admin commands (`edgelb status`, `drain`, `reload`, `stop`) talk to.
     pub admin_socket: PathBuf,
 }
+
+/// Default `[metrics] listen`: loopback only.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9110";
 
 /// Default [`Node::pin_dir`].
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/edgelb";
@@ -527,7 +532,37 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
     if all_backends.len() > MAX_BACKENDS as usize {
         return bad(0..0, format!("at most {MAX_BACKENDS} distinct backends are supported"));
     }
-    Ok(Config { node, vips })
+    let metrics = match raw.metrics {
+        None => Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
+        Some(m) => {
+            let m = m.into_inner();
+            if m.enabled.as_ref().is_some_and(|e| !*e.get_ref()) {
+                None
+            } else {
+                let addr: std::net::SocketAddr = match &m.listen {
+                    None => DEFAULT_METRICS_LISTEN.parse().expect("valid default"),
+                    Some(l) => l.get_ref().parse().or_else(|_| {
+                        bad(
+                            l.span(),
+                            format!("metrics.listen `{}` is not an address:port", l.get_ref()),
+                        )
+                    })?,
+                };
+                let remote_ok = m.allow_remote.as_ref().is_some_and(|a| *a.get_ref());
+                if !addr.ip().is_loopback() && !remote_ok {
+                    let span = m.listen.as_ref().map_or(0..0, |l| l.span());
+                    return bad(
+                        span,
+                        format!(
+                            "metrics.listen {addr} is reachable from other hosts: set metrics.allow_remote = true to allow it"
+                        ),
+                    );
+                }
+                Some(addr)
+            }
+        }
+    };
+    Ok(Config { node, metrics, vips })
 }
 
 fn health_check(

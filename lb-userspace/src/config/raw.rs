@@ -9,6 +9,7 @@ pub type Sp<T> = toml::Spanned<T>;
 #[serde(deny_unknown_fields)]
 pub struct File {
     pub node: Node,
+    pub metrics: Option<Sp<Metrics>>,
     #[serde(default)]
     pub vip: Vec<Sp<Vip>>,
 }
@@ -25,6 +26,14 @@ pub struct Node {
     pub mtu: Option<Sp<u32>>,
     pub pin_dir: Option<Sp<String>>,
     pub admin_socket: Option<Sp<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    pub listen: Option<Sp<String>>,
+    pub allow_remote: Option<Sp<bool>>,
+    pub enabled: Option<Sp<bool>>,
 }
 
 #[derive(Deserialize)]

@@ -118,6 +118,34 @@ fn find_vip_by_name_address_and_socket() {
 }
 
 #[test]
+fn metrics_default_to_loopback_and_refuse_remote_unless_allowed() {
+    let cfg = parse(NODE).unwrap();
+    assert_eq!(cfg.metrics.unwrap().to_string(), DEFAULT_METRICS_LISTEN);
+    let e = err(&format!("{NODE}[metrics]\nlisten = \"0.0.0.0:9110\"\n"));
+    assert!(e.starts_with("t.toml:5:10:") && e.contains("allow_remote"), "{e}");
+    let cfg = parse(&format!("{NODE}[metrics]\nlisten = \"0.0.0.0:9110\"\nallow_remote = true\n"))
+        .unwrap();
+    assert_eq!(cfg.metrics.unwrap().port(), 9110);
+    let cfg = parse(&format!("{NODE}[metrics]\nenabled = false\n")).unwrap();
+    assert!(cfg.metrics.is_none());
+}
+
+#[test]
+fn health_defaults_and_limits() {
+    let base =
+        format!("{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nport = 80\n[vip.health]\n");
+    let h = parse(&base).unwrap().vips[0].health.clone().unwrap();
+    assert_eq!((h.kind, h.port, h.rise, h.fall), (CheckKind::Tcp, 80, 2, 3));
+    assert_eq!((h.interval, h.timeout), (Duration::from_secs(2), Duration::from_secs(1)));
+    let e = err(&format!("{base}interval_ms = 100\ntimeout_ms = 200\n"));
+    assert!(e.contains("must not exceed interval_ms"), "{e}");
+    let e = err(&format!("{base}kind = \"udp\"\n"));
+    assert!(e.contains("needs `send`"), "{e}");
+    let e = err(&format!("{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\n[vip.health]\n"));
+    assert!(e.contains("health.port is required"), "{e}");
+}
+
+#[test]
 fn line_col_counts_from_one() {
     assert_eq!(line_col("ab\ncd", 0), (1, 1));
     assert_eq!(line_col("ab\ncd", 4), (2, 2));

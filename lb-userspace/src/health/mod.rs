@@ -23,16 +23,20 @@ use std::{
 
 use crate::config::{Config, HealthCheck};
 
-/// A health state change (or, with `changed == false`, a periodic latency sample).
+/// One probe's outcome; `changed` marks a state flip.
 #[derive(Clone, Debug)]
 pub struct HealthEvent {
     /// VIP name.
     pub vip: String,
     /// Backend address.
     pub backend: IpAddr,
-    /// New state.
+    /// State after this probe.
     pub healthy: bool,
-    /// Why (the last probe's result).
+    /// True when this probe flipped the state.
+    pub changed: bool,
+    /// Latency of a successful probe.
+    pub latency: Option<Duration>,
+    /// Why (the last probe's result), for flips.
     pub reason: String,
 }
 
@@ -188,17 +192,24 @@ fn run(t: Target, stop: Arc<AtomicBool>, events: Sender<HealthEvent>) {
         next += interval;
         let result = probe::probe(&t.check, addr);
         let ok = result.is_ok();
-        if state.record(ok, t.check.rise, t.check.fall) {
-            let reason = match result {
-                Ok(d) => {
-                    format!("{} consecutive successes (last in {} ms)", t.check.rise, d.as_millis())
-                }
-                Err(e) => format!("{} consecutive failures (last: {e})", t.check.fall),
-            };
-            let ev = HealthEvent { vip: t.vip.clone(), backend: t.backend, healthy: ok, reason };
-            if events.send(ev).is_err() {
-                return;
+        let changed = state.record(ok, t.check.rise, t.check.fall);
+        let reason = match &result {
+            Ok(d) if changed => {
+                format!("{} consecutive successes (last in {} ms)", t.check.rise, d.as_millis())
             }
+            Err(e) if changed => format!("{} consecutive failures (last: {e})", t.check.fall),
+            _ => String::new(),
+        };
+        let ev = HealthEvent {
+            vip: t.vip.clone(),
+            backend: t.backend,
+            healthy: state.healthy(),
+            changed,
+            latency: result.ok(),
+            reason,
+        };
+        if events.send(ev).is_err() {
+            return;
         }
         // A probe that overran the interval starts the next one at once, but never piles up.
         if next < Instant::now() {

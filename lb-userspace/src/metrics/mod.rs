@@ -1,0 +1,246 @@
+//! Prometheus metrics on `metrics.listen` (default 127.0.0.1:9110, loopback only unless
+//! `metrics.allow_remote` says otherwise), in the OpenMetrics text format of `prometheus-client`.
+//!
+//! Kernel counters live in per-CPU maps that only the controller thread reads, so a scrape is a
+//! message to the controller: it refreshes a [`KernelSnapshot`] from the maps, then encodes the
+//! registry, whose [`KernelCollector`] renders that snapshot. Health-check latency histograms and
+//! state-transition counters are ordinary registered metrics, updated as events arrive.
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        mpsc::{self, Sender},
+    },
+    time::Duration,
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        histogram::Histogram,
+    },
+    registry::{Registry, Unit},
+};
+
+use lb_common::{Counters, stats::REASON_NAMES};
+
+/// Labels of per-backend health metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// VIP name.
+    pub vip: String,
+    /// Backend address.
+    pub backend: String,
+}
+
+/// Labels of health-state transitions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    /// VIP name.
+    pub vip: String,
+    /// Backend address.
+    pub backend: String,
+    /// New state: "up" or "down".
+    pub to: String,
+}
+
+/// One backend's numbers at scrape time.
+#[derive(Clone, Debug, Default)]
+pub struct BackendSample {
+    /// VIP name.
+    pub vip: String,
+    /// Backend address.
+    pub backend: String,
+    /// Kernel counters.
+    pub counters: Counters,
+    /// Health verdict.
+    pub up: bool,
+    /// Effective weight (0 when drained or dead).
+    pub weight: u32,
+}
+
+/// The kernel-side numbers, refreshed by the controller before each scrape.
+#[derive(Clone, Debug, Default)]
+pub struct KernelSnapshot {
+    /// (VIP name, counters).
+    pub vips: Vec<(String, Counters)>,
+    /// Per backend.
+    pub backends: Vec<BackendSample>,
+    /// Reason slots, in `REASON_NAMES` order.
+    pub reasons: Vec<u64>,
+}
+
+/// A counter family: name suffix, help text, and how to read it from [`Counters`].
+type CounterField = (&'static str, &'static str, fn(&Counters) -> u64);
+
+/// Renders a [`KernelSnapshot`] at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct KernelCollector(pub Arc<Mutex<KernelSnapshot>>);
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let snap = self.0.lock().map_err(|_| fmt::Error)?;
+        let counters: [CounterField; 3] = [
+            ("packets", "Packets forwarded by the XDP balancer", |c| c.packets),
+            ("bytes", "Bytes forwarded by the XDP balancer (as received)", |c| c.bytes),
+            ("new_flows", "Flows placed by the Maglev ring (connection-table misses)", |c| {
+                c.new_flows
+            }),
+        ];
+        for (what, help, get) in counters {
+            let name = format!("edgelb_vip_{what}");
+            let mut m = encoder.encode_descriptor(&name, help, None, MetricType::Counter)?;
+            for (vip, c) in &snap.vips {
+                ConstCounter::new(get(c)).encode(m.encode_family(&labels(&[("vip", vip)]))?)?;
+            }
+            let name = format!("edgelb_backend_{what}");
+            let mut m = encoder.encode_descriptor(&name, help, None, MetricType::Counter)?;
+            for b in &snap.backends {
+                let l = labels(&[("vip", &b.vip), ("backend", &b.backend)]);
+                ConstCounter::new(get(&b.counters)).encode(m.encode_family(&l)?)?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "edgelb_xdp_verdicts",
+            "Packets seen by the XDP balancer, by what it did with them and why",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, v) in REASON_NAMES.iter().zip(&snap.reasons) {
+            let (action, reason) = name.split_once('_').unwrap_or(("pass", name));
+            let l = labels(&[("action", action), ("reason", reason)]);
+            ConstCounter::new(*v).encode(m.encode_family(&l)?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "edgelb_backend_up",
+            "1 when the backend passes its health check (or has none), 0 when it is down",
+            None,
+            MetricType::Gauge,
+        )?;
+        for b in &snap.backends {
+            let l = labels(&[("vip", &b.vip), ("backend", &b.backend)]);
+            ConstGauge::new(i64::from(b.up)).encode(m.encode_family(&l)?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "edgelb_backend_weight",
+            "Effective weight in the ring (0 when drained or down)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for b in &snap.backends {
+            let l = labels(&[("vip", &b.vip), ("backend", &b.backend)]);
+            ConstGauge::new(i64::from(b.weight)).encode(m.encode_family(&l)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The controller's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Refreshed before each scrape.
+    pub kernel: Arc<Mutex<KernelSnapshot>>,
+    health_latency: Family<BackendLabels, Histogram>,
+    transitions: Family<TransitionLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every edgelb metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let kernel = Arc::new(Mutex::new(KernelSnapshot::default()));
+        registry.register_collector(Box::new(KernelCollector(kernel.clone())));
+        let health_latency = Family::<BackendLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0])
+        });
+        registry.register_with_unit(
+            "edgelb_health_check_duration",
+            "Duration of successful health-check probes",
+            Unit::Seconds,
+            health_latency.clone(),
+        );
+        let transitions = Family::<TransitionLabels, Counter>::default();
+        registry.register(
+            "edgelb_backend_transitions",
+            "Health state changes of backends",
+            transitions.clone(),
+        );
+        Metrics { registry, kernel, health_latency, transitions }
+    }
+
+    /// Records a successful probe's latency.
+    pub fn observe_probe(&self, vip: &str, backend: IpAddr, latency: Duration) {
+        self.health_latency
+            .get_or_create(&BackendLabels { vip: vip.to_owned(), backend: backend.to_string() })
+            .observe(latency.as_secs_f64());
+    }
+
+    /// Counts a health transition.
+    pub fn transition(&self, vip: &str, backend: IpAddr, up: bool) {
+        self.transitions
+            .get_or_create(&TransitionLabels {
+                vip: vip.to_owned(),
+                backend: backend.to_string(),
+                to: if up { "up" } else { "down" }.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The exposition text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// A scrape waiting for the controller: the reply channel gets the exposition text.
+pub type Scrape = Sender<String>;
+
+/// Serves `GET /metrics` on `listen` from a background thread; each scrape asks the controller
+/// through `to_controller`.
+pub fn serve(listen: SocketAddr, to_controller: Sender<Scrape>) -> std::io::Result<()> {
+    let server = tiny_http::Server::http(listen).map_err(std::io::Error::other)?;
+    std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        for req in server.incoming_requests() {
+            if req.url() != "/metrics" || *req.method() != tiny_http::Method::Get {
+                let _ = req
+                    .respond(tiny_http::Response::from_string("not found\n").with_status_code(404));
+                continue;
+            }
+            let (tx, rx) = mpsc::channel();
+            let body = match to_controller.send(tx) {
+                Ok(()) => rx.recv_timeout(Duration::from_secs(10)).ok(),
+                Err(_) => None,
+            };
+            let resp = match body {
+                Some(b) => tiny_http::Response::from_string(b).with_header(
+                    "Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8"
+                        .parse::<tiny_http::Header>()
+                        .expect("static header"),
+                ),
+                None => tiny_http::Response::from_string("controller busy\n").with_status_code(503),
+            };
+            let _ = req.respond(resp);
+        }
+    })?;
+    Ok(())
+}
