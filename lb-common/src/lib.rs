@@ -83,6 +83,10 @@ pub mod programs {
     pub const PASS: &str = "edgelb_pass";
     /// Swaps MACs and sends back: the trivial XDP_TX baseline for benchmarks.
     pub const TX_SWAP: &str = "edgelb_tx_swap";
+    /// Live-frames packet generator for the packet-rate benchmark.
+    pub const GEN: &str = "edgelb_gen";
+    /// Counting drop program, the packet-rate benchmark's receiver.
+    pub const SINK: &str = "edgelb_sink";
 }
 
 /// VIP flags ([`VipMeta::flags`]).

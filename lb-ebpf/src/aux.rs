@@ -4,6 +4,11 @@
 //! - `edgelb_pass`: passes everything. Attached to veth peers, because XDP_TX on veth only
 //!   delivers when the receiving side runs an XDP program; also the pass baseline in benchmarks.
 //! - `edgelb_tx_swap`: swaps MACs and sends back, the trivial XDP_TX baseline in benchmarks.
+//! - `edgelb_gen`: the packet-rate benchmark's generator, run in BPF_PROG_TEST_RUN live-frames
+//!   mode. Live frames recycle pages without re-copying the template, and the program on the far
+//!   side rewrites them (encapsulation), so every frame gets its headers written afresh from
+//!   `GEN_TEMPLATE`, plus a new IPv4 source, before it is sent with XDP_TX.
+//! - `edgelb_sink`: counts and drops what comes back, the benchmark's receiver.
 #![no_std]
 #![no_main]
 
@@ -11,7 +16,11 @@
 mod parse;
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext,
+    bindings::xdp_action,
+    helpers::bpf_xdp_adjust_head,
+    macros::{map, xdp},
+    maps::PerCpuArray,
+    programs::XdpContext,
 };
 use lb_common::proto;
 use parse::{
@@ -90,6 +99,74 @@ pub fn edgelb_tx_swap(ctx: XdpContext) -> u32 {
         (*eth).src = e.dst;
     }
     xdp_action::XDP_TX
+}
+
+/// Generator state: slot 0 is the per-CPU frame counter.
+#[map]
+static GEN_STATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Bytes written at the start of every generated frame: Ethernet, IPv4, UDP headers and the
+/// first bytes of payload.
+pub const TEMPLATE_LEN: usize = 48;
+
+/// The generator's frame template (one element), set by user space.
+#[map]
+static GEN_TEMPLATE: aya_ebpf::maps::Array<[u8; TEMPLATE_LEN]> =
+    aya_ebpf::maps::Array::with_max_entries(1, 0);
+
+/// Frames the sink received (slot 0), per CPU.
+#[map]
+static SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[xdp]
+pub fn edgelb_gen(ctx: XdpContext) -> u32 {
+    try_gen(&ctx).unwrap_or(xdp_action::XDP_DROP)
+}
+
+#[inline(always)]
+fn try_gen(ctx: &XdpContext) -> Result<u32, ()> {
+    let n = GEN_STATE.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: per-CPU slot, only this CPU touches it during the run.
+    let n = unsafe {
+        *n += 1;
+        *n
+    };
+    let template = GEN_TEMPLATE.get(0).ok_or(())?;
+    let head: *mut [u8; TEMPLATE_LEN] = ptr_at(ctx, 0)?;
+    // SAFETY: bounds-checked by ptr_at; the template is a map value valid for this run.
+    unsafe { *head = *template };
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
+    // SAFETY: bounds-checked by ptr_at. The low 16 bits of the source vary per frame (a /16 of
+    // clients), and the header checksum is rebuilt from scratch.
+    unsafe {
+        let mut h = *ip;
+        let base = u32::from_be(h.saddr) & 0xffff_0000;
+        h.saddr = (base | (n as u32 & 0xffff)).to_be();
+        h.check = 0;
+        let mut sum: u64 = u16::from_ne_bytes([h.ver_ihl, h.tos]) as u64
+            + h.tot_len as u64
+            + h.id as u64
+            + h.frag_off as u64
+            + u16::from_ne_bytes([h.ttl, h.proto]) as u64
+            + (h.saddr & 0xffff) as u64
+            + (h.saddr >> 16) as u64
+            + (h.daddr & 0xffff) as u64
+            + (h.daddr >> 16) as u64;
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        h.check = !(sum as u16);
+        *ip = h;
+    }
+    Ok(xdp_action::XDP_TX)
+}
+
+#[xdp]
+pub fn edgelb_sink(_ctx: XdpContext) -> u32 {
+    if let Some(c) = SINK_COUNT.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot.
+        unsafe { *c += 1 };
+    }
+    xdp_action::XDP_DROP
 }
 
 #[cfg(not(test))]

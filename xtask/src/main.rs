@@ -41,6 +41,13 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Benchmarks: `xdp` (ns/packet), `veth` (packet rate), `maglev` (table quality); all by
+    /// default. Prints markdown tables and merges figures into target/bench/results.json. Needs
+    /// root for xdp and veth.
+    Bench {
+        /// Parts to run.
+        parts: Vec<String>,
+    },
     /// Lints: rustfmt, clippy on the host crates and (with the eBPF nightly) on lb-ebpf, all
     /// warnings as errors.
     Lint,
@@ -78,6 +85,11 @@ fn real_main() -> Result<()> {
         Task::Run { duration } => run(duration),
         Task::Test { args } => test(&args),
         Task::Lint => lint(),
+        Task::Bench { parts } => {
+            let mut args = vec!["bench", "-p", "lb-userspace", "--bench", "dataplane", "--"];
+            args.extend(parts.iter().map(String::as_str));
+            cargo(&args)
+        }
         Task::Testbed { action: TestbedAction::Up } => {
             require_root("testbed up")?;
             let tb = Testbed::up(PREFIX, true).context("building the testbed")?;

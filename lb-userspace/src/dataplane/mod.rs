@@ -748,12 +748,32 @@ impl AuxPrograms {
     /// Loads and verifies all auxiliary programs.
     pub fn load() -> Result<AuxPrograms, DataplaneError> {
         let mut ebpf = Ebpf::load(AUX_OBJ)?;
-        for name in [programs::DECAP, programs::PASS, programs::TX_SWAP] {
+        for name in [programs::DECAP, programs::PASS, programs::TX_SWAP, programs::GEN, programs::SINK] {
             program(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
         Ok(AuxPrograms { ebpf })
+    }
+
+    /// Sum over CPUs of slot 0 of one of the auxiliary per-CPU counters (`GEN_STATE`,
+    /// `SINK_COUNT`), for the packet-rate benchmark.
+    pub fn counter(&self, map: &'static str) -> Result<u64, DataplaneError> {
+        let m = self.ebpf.map(map).ok_or(DataplaneError::MissingMap(map))?;
+        let arr = aya::maps::PerCpuArray::<_, u64>::try_from(m).map_err(map_err(map))?;
+        Ok(arr.get(&0, 0).map_err(map_err(map))?.iter().sum())
+    }
+
+    /// Sets the packet generator's frame template (its first 48 bytes are rewritten into every
+    /// generated frame).
+    pub fn set_gen_template(&mut self, frame: &[u8]) -> Result<(), DataplaneError> {
+        const NAME: &str = "GEN_TEMPLATE";
+        let mut t = [0u8; 48];
+        let n = frame.len().min(48);
+        t[..n].copy_from_slice(&frame[..n]);
+        let m = self.ebpf.map_mut(NAME).ok_or(DataplaneError::MissingMap(NAME))?;
+        let mut arr = aya::maps::Array::<_, [u8; 48]>::try_from(m).map_err(map_err(NAME))?;
+        arr.set(0, &t, 0).map_err(map_err(NAME))
     }
 
     /// One of the programs, for attaching or BPF_PROG_TEST_RUN.
