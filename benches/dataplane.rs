@@ -89,7 +89,11 @@ fn results_path() -> PathBuf {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -98,7 +102,8 @@ fn machine() -> String {
 
 fn main() {
     let parts: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let parts = if parts.is_empty() { vec!["xdp".into(), "veth".into(), "maglev".into()] } else { parts };
+    let parts =
+        if parts.is_empty() { vec!["xdp".into(), "veth".into(), "maglev".into()] } else { parts };
     let path = results_path();
     let mut results: Value = std::fs::read_to_string(&path)
         .ok()
@@ -136,7 +141,11 @@ fn time_runs(prog: &Xdp, iters: usize, mut frame: impl FnMut(usize) -> Vec<u8>, 
     let mut out = vec![0u8; 512];
     for i in 0..iters {
         let input = frame(i);
-        let opts = TestRunOptions { data_in: Some(&input), data_out: Some(&mut out), ..Default::default() };
+        let opts = TestRunOptions {
+            data_in: Some(&input),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
         let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
         assert_eq!(r.return_value, want, "unexpected verdict");
         ns.push(r.duration.as_nanos() as u64);
@@ -149,7 +158,12 @@ fn time_runs(prog: &Xdp, iters: usize, mut frame: impl FnMut(usize) -> Vec<u8>, 
 /// they found it, or whose rewrite does not change the path).
 fn time_repeat(prog: &Xdp, frame: &[u8], repeat: u32) -> f64 {
     let mut out = vec![0u8; 512];
-    let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat, ..Default::default() };
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat,
+        ..Default::default()
+    };
     prog.test_run(opts).expect("BPF_PROG_TEST_RUN").duration.as_nanos() as f64
 }
 
@@ -168,10 +182,16 @@ fn xdp(results: &mut Value) {
     dp.apply(&cfg).unwrap();
     let mut aux = AuxPrograms::load().expect("aux programs");
     let vip = Ipv4Addr::new(198, 18, 1, 1);
-    let client = |i: usize| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 8, 0)) + (i / 50_000) as u32);
+    let client =
+        |i: usize| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 8, 0)) + (i / 50_000) as u32);
     let udp_frame = {
         let c = Ipv4Addr::new(198, 18, 4, 7);
-        eth(LB_MAC, CLIENT_MAC, ETH_IP, &V4::new(c, vip, 17).packet(&udp(c.into(), vip.into(), 5353, 53, &[0; 18])))
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IP,
+            &V4::new(c, vip, 17).packet(&udp(c.into(), vip.into(), 5353, 53, &[0; 18])),
+        )
     };
     let pass = time_runs(aux.program(programs::PASS).unwrap(), ITERS, |_| udp_frame.clone(), 2);
     let tx = time_runs(aux.program(programs::TX_SWAP).unwrap(), ITERS, |_| udp_frame.clone(), 3);
@@ -185,22 +205,38 @@ fn xdp(results: &mut Value) {
     let hit = syn4(Ipv4Addr::new(198, 18, 4, 9), 40000, vip, ACK);
     time_runs(lb, 1, |_| hit.clone(), 3);
     let hit_v4 = time_runs(lb, ITERS, |_| hit.clone(), 3);
-    let (c6, vip6) = ("2001:2::77".parse::<Ipv6Addr>().unwrap(), "2001:2:0:1::1".parse::<Ipv6Addr>().unwrap());
+    let (c6, vip6) =
+        ("2001:2::77".parse::<Ipv6Addr>().unwrap(), "2001:2:0:1::1".parse::<Ipv6Addr>().unwrap());
     let new_v6 = time_runs(
         lb,
         ITERS,
         |i| {
             let sport = 1024 + (i % 50_000) as u16;
             let c = Ipv6Addr::from(u128::from(c6) + (i / 50_000) as u128);
-            eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &ipv6(c, vip6, 6, 0, 64, &tcp(c.into(), vip6.into(), sport, 80, SYN, b"")))
+            eth(
+                LB_MAC,
+                CLIENT_MAC,
+                ETH_IPV6,
+                &ipv6(c, vip6, 6, 0, 64, &tcp(c.into(), vip6.into(), sport, 80, SYN, b"")),
+            )
         },
         3,
     );
     let l2vip = Ipv4Addr::new(198, 18, 1, 5);
-    let l2 = time_runs(lb, ITERS, |i| syn4(client(i + 1_000_000), 1024 + (i % 50_000) as u16, l2vip, SYN), 3);
+    let l2 = time_runs(
+        lb,
+        ITERS,
+        |i| syn4(client(i + 1_000_000), 1024 + (i % 50_000) as u16, l2vip, SYN),
+        3,
+    );
     let echo = {
         let c = Ipv4Addr::new(198, 18, 4, 7);
-        eth(LB_MAC, CLIENT_MAC, ETH_IP, &V4::new(c, vip, 1).packet(&icmp4(8, 0, [0, 1, 0, 1], &[0; 32])))
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IP,
+            &V4::new(c, vip, 1).packet(&icmp4(8, 0, [0, 1, 0, 1], &[0; 32])),
+        )
     };
     let icmp = time_runs(lb, ITERS, |_| echo.clone(), 3);
 
@@ -214,7 +250,9 @@ fn xdp(results: &mut Value) {
     println!("## XDP ns/packet (BPF_PROG_TEST_RUN, median of {ITERS} single runs each)\n");
     println!("| path | ns/packet | × trivial XDP_TX | target |");
     println!("|---|---:|---:|---|");
-    let row = |name: &str, v: f64, target: &str| println!("| {name} | {v:.0} | {:.2} | {target} |", v / tx);
+    let row = |name: &str, v: f64, target: &str| {
+        println!("| {name} | {v:.0} | {:.2} | {target} |", v / tx)
+    };
     row("trivial XDP_PASS (baseline)", pass, "");
     row("trivial MAC-swap XDP_TX (baseline)", tx, "");
     row("non-VIP pass", non_vip_ns, "");
@@ -251,19 +289,45 @@ fn veth(results: &mut Value) {
     for ns in [&pair.gen_ns, &pair.lb_ns] {
         sh(&["ip", "netns", "add", ns]).unwrap();
     }
-    sh(&["ip", "-n", &pair.gen_ns, "link", "add", "gen0", "type", "veth", "peer", "name", "lb0", "netns", &pair.lb_ns]).unwrap();
-    sh(&["ip", "-n", &pair.gen_ns, "link", "set", "gen0", "address", "02:ed:00:00:00:01", "up"]).unwrap();
-    sh(&["ip", "-n", &pair.lb_ns, "link", "set", "lb0", "address", "02:ed:00:00:00:02", "up"]).unwrap();
+    sh(&[
+        "ip",
+        "-n",
+        &pair.gen_ns,
+        "link",
+        "add",
+        "gen0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "lb0",
+        "netns",
+        &pair.lb_ns,
+    ])
+    .unwrap();
+    sh(&["ip", "-n", &pair.gen_ns, "link", "set", "gen0", "address", "02:ed:00:00:00:01", "up"])
+        .unwrap();
+    sh(&["ip", "-n", &pair.lb_ns, "link", "set", "lb0", "address", "02:ed:00:00:00:02", "up"])
+        .unwrap();
 
     let cfg = Config::parse(CONFIG, "bench.toml".as_ref()).unwrap();
     let mut aux = AuxPrograms::load().expect("aux programs");
-    netns::in_netns(&pair.gen_ns, || aux.attach(programs::SINK, "gen0", XdpAttachMode::Native, None)).unwrap().expect("sink");
+    netns::in_netns(&pair.gen_ns, || {
+        aux.attach(programs::SINK, "gen0", XdpAttachMode::Native, None)
+    })
+    .unwrap()
+    .expect("sink");
     let ifindex: u32 = netns::in_netns(&pair.gen_ns, || {
-        std::fs::read_to_string("/sys/class/net/gen0/ifindex").ok().and_then(|s| s.trim().parse().ok())
+        std::fs::read_to_string("/sys/class/net/gen0/ifindex")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
     })
     .unwrap()
     .or_else(|| {
-        let out = std::process::Command::new("ip").args(["-n", &pair.gen_ns, "-o", "link", "show", "gen0"]).output().ok()?;
+        let out = std::process::Command::new("ip")
+            .args(["-n", &pair.gen_ns, "-o", "link", "show", "gen0"])
+            .output()
+            .ok()?;
         String::from_utf8_lossy(&out.stdout).split(':').next()?.trim().parse().ok()
     })
     .expect("gen0 ifindex");
@@ -271,7 +335,12 @@ fn veth(results: &mut Value) {
     // 64-byte UDP frames to the VIP from 198.18.x.y (the generator varies the low 16 bits).
     let vip = Ipv4Addr::new(198, 18, 1, 1);
     let src = Ipv4Addr::new(198, 18, 0, 0);
-    let frame = eth(LB_MAC, CLIENT_MAC, ETH_IP, &V4::new(src, vip, 17).packet(&udp(src.into(), vip.into(), 5353, 53, &[0; 18])));
+    let frame = eth(
+        LB_MAC,
+        CLIENT_MAC,
+        ETH_IP,
+        &V4::new(src, vip, 17).packet(&udp(src.into(), vip.into(), 5353, 53, &[0; 18])),
+    );
     assert_eq!(frame.len(), 60);
     aux.set_gen_template(&frame).expect("generator template");
 
@@ -302,7 +371,9 @@ fn veth(results: &mut Value) {
 
     let mut dp = Dataplane::load(None).expect("balancer");
     dp.apply(&cfg).unwrap();
-    netns::in_netns(&pair.lb_ns, || dp.attach("lb0", XdpAttachMode::Native)).unwrap().expect("attach balancer");
+    netns::in_netns(&pair.lb_ns, || dp.attach("lb0", XdpAttachMode::Native))
+        .unwrap()
+        .expect("attach balancer");
     let (edgelb_mpps, edgelb_n) = run(&mut aux);
     let reasons = dp.maps().reasons().unwrap();
     let seen: Vec<String> = lb_common::stats::REASON_NAMES
@@ -314,9 +385,11 @@ fn veth(results: &mut Value) {
     println!("edgelb verdicts during the run: {}", seen.join(" "));
     drop(dp); // detaches
     let mut tx_aux = AuxPrograms::load().expect("aux programs");
-    netns::in_netns(&pair.lb_ns, || tx_aux.attach(programs::TX_SWAP, "lb0", XdpAttachMode::Native, None))
-        .unwrap()
-        .expect("attach tx_swap");
+    netns::in_netns(&pair.lb_ns, || {
+        tx_aux.attach(programs::TX_SWAP, "lb0", XdpAttachMode::Native, None)
+    })
+    .unwrap()
+    .expect("attach tx_swap");
     let (tx_mpps, tx_n) = run(&mut aux);
     drop(tx_aux);
     drop(pair);
@@ -336,17 +409,25 @@ fn veth(results: &mut Value) {
 
 fn members(n: usize) -> Vec<RingMember> {
     (0..n)
-        .map(|i| RingMember::from_addr(IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 1)) + i as u32)), 1))
+        .map(|i| {
+            RingMember::from_addr(
+                IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 1)) + i as u32)),
+                1,
+            )
+        })
         .collect()
 }
 
 fn moved(a: &[u32], am: &[RingMember], b: &[u32], bm: &[RingMember]) -> f64 {
-    a.iter().zip(b).filter(|(x, y)| am[**x as usize].id != bm[**y as usize].id).count() as f64 / a.len() as f64
+    a.iter().zip(b).filter(|(x, y)| am[**x as usize].id != bm[**y as usize].id).count() as f64
+        / a.len() as f64
 }
 
 fn maglev(results: &mut Value) {
     println!("## Maglev\n");
-    println!("| N | M | build ms (median of 5) | imbalance max/mean | moved on remove / ideal | moved on add / ideal |");
+    println!(
+        "| N | M | build ms (median of 5) | imbalance max/mean | moved on remove / ideal | moved on add / ideal |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|");
     let mut out = json!({});
     for m in [65_537u32, 655_373] {
@@ -369,7 +450,10 @@ fn maglev(results: &mut Value) {
             let removed = moved(&ring, &ms, &Maglev.build(&fewer, m).unwrap(), &fewer) * n as f64;
             let more = members(n + 1);
             let added = moved(&ring, &ms, &Maglev.build(&more, m).unwrap(), &more) * (n + 1) as f64;
-            println!("| {n} | {m} | {:.2} | {imbalance:.4} | {removed:.2} | {added:.2} |", times[2]);
+            println!(
+                "| {n} | {m} | {:.2} | {imbalance:.4} | {removed:.2} | {added:.2} |",
+                times[2]
+            );
             out[format!("n{n}_m{m}")] = json!({"build_ms": times[2], "imbalance": imbalance, "moved_remove_over_ideal": removed, "moved_add_over_ideal": added});
             if m == 65_537 && n == 100 {
                 out["imbalance_n100"] = json!(imbalance);
@@ -380,6 +464,8 @@ fn maglev(results: &mut Value) {
             }
         }
     }
-    println!("\ntargets: imbalance ≤ 1.01 at N=100, M=65537; moved ≤ 1.5× ideal; build < 10 ms at N=1000, M=65537\n");
+    println!(
+        "\ntargets: imbalance ≤ 1.01 at N=100, M=65537; moved ≤ 1.5× ideal; build < 10 ms at N=1000, M=65537\n"
+    );
     results["maglev"] = out;
 }

@@ -50,6 +50,9 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    /// The L7 proxy could not start.
+    #[error("L7 proxy: {0}")]
+    Proxy(String),
     /// The admin socket could not be served.
     #[error("admin socket {path}: {source}")]
     Admin {
@@ -106,6 +109,7 @@ struct Controller {
     scrape_rx: Receiver<Scrape>,
     metrics: Metrics,
     rates: Rates,
+    proxy: Option<crate::proxy::Proxy>,
     /// (VIP name, backend) declared dead by its health check.
     down: HashSet<(String, IpAddr)>,
     /// Runtime drains: (VIP name or all VIPs, backend).
@@ -146,6 +150,7 @@ pub fn run(path: &Path) -> Result<(), RunError> {
         scrape_rx,
         metrics: Metrics::new(),
         rates: Rates::default(),
+        proxy: None,
         down: HashSet::new(),
         drained: HashSet::new(),
         last_alive: HashMap::new(),
@@ -158,11 +163,22 @@ pub fn run(path: &Path) -> Result<(), RunError> {
         let mode = ctl.dp.attach(&iface, ctl.cfg.node.xdp_mode)?;
         info!(interface = %iface, mode, "XDP balancer attached");
     }
+    if !crate::proxy::l7_listeners(&ctl.cfg).is_empty() {
+        let eff = ctl.effective();
+        let proxy =
+            crate::proxy::Proxy::start(&eff, ctl.cfg.node.l7_threads, ctl.metrics.l7.clone())
+                .map_err(|e| RunError::Proxy(e.to_string()))?;
+        ctl.proxy = Some(proxy);
+    }
     ctl.checker.reconcile(&ctl.cfg);
     drop_capabilities();
     info!(checks = ctl.checker.len(), admin = %ctl.cfg.node.admin_socket.display(), "edgelb running");
 
     let exit = ctl.serve(&mut signals);
+    if let Some(proxy) = ctl.proxy.take() {
+        info!("L7 proxy: draining (up to 5 s)");
+        proxy.shutdown(Duration::from_secs(5));
+    }
     let socket = ctl.cfg.node.admin_socket.clone();
     let pin_dir = ctl.cfg.node.pin_dir.clone();
     drop(ctl.checker);
@@ -243,6 +259,9 @@ impl Controller {
 
     fn apply(&mut self) -> Result<crate::dataplane::ApplyReport, DataplaneError> {
         let eff = self.effective();
+        if let Some(p) = &mut self.proxy {
+            p.update(&eff);
+        }
         self.dp.apply(&eff)
     }
 
@@ -377,9 +396,10 @@ impl Controller {
             || n.pin_dir != old.pin_dir
             || n.admin_socket != old.admin_socket
             || new.metrics != self.cfg.metrics
+            || crate::proxy::l7_listeners(&new) != crate::proxy::l7_listeners(&self.cfg)
         {
             return Response::err(
-                "reload rejected, running config kept: node.interfaces, pin_dir, admin_socket and metrics need a restart",
+                "reload rejected, running config kept: node.interfaces, pin_dir, admin_socket, metrics and the set of L7 VIPs need a restart",
             );
         }
         self.cfg = new;

@@ -10,7 +10,8 @@
 //!   hitless stop/start, counters in the log;
 //! - [`health`]: active TCP/HTTP/UDP health checks with rise/fall;
 //! - [`admin`]: the root-only Unix socket behind `edgelb status | drain | reload | stop`;
-//! - [`metrics`]: Prometheus `/metrics` (kernel counters, health, transitions);
+//! - [`metrics`]: Prometheus `/metrics` (kernel counters, health, transitions, L7);
+//! - [`proxy`]: the io_uring L7 proxy (HTTP/1.1 and TCP) for VIPs marked `l7`;
 //! - [`testbed`]: network-namespace topologies for `cargo xtask run` and the end-to-end tests.
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
@@ -22,4 +23,5 @@ pub mod dataplane;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
+pub mod proxy;
 pub mod testbed;

@@ -93,6 +93,8 @@ pub struct Node {
     pub pin_dir: PathBuf,
     /// Unix socket the admin commands (`edgelb status`, `drain`, `reload`, `stop`) talk to.
     pub admin_socket: PathBuf,
+    /// io_uring runtimes (threads) of the L7 proxy; default one per core.
+    pub l7_threads: usize,
 }
 
 /// Default `[metrics] listen`: loopback only.
@@ -209,6 +211,107 @@ pub struct Vip {
     pub backends: Vec<Backend>,
     /// Active health check of this VIP's backends; none means always healthy.
     pub health: Option<HealthCheck>,
+    /// Proxy settings, for `forwarding = "l7"`.
+    pub l7: Option<L7>,
+}
+
+/// How the L7 proxy handles a VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum L7Mode {
+    /// HTTP/1.1 reverse proxy.
+    Http,
+    /// Plain TCP relay.
+    Tcp,
+}
+
+/// How the L7 proxy picks a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Each backend in turn.
+    RoundRobin,
+    /// Smooth weighted round-robin (nginx).
+    Weighted,
+    /// Uniformly at random.
+    Random,
+    /// Power of two choices: the less loaded (in-flight / weight) of two random backends.
+    P2c,
+    /// Fewest in-flight requests per unit of weight.
+    LeastConn,
+    /// Consistent hash of the client address (the Maglev ring the XDP path uses).
+    Hash,
+    /// Sticky by a signed cookie naming the backend; new clients by weighted round-robin.
+    Cookie,
+}
+
+impl Algorithm {
+    fn parse(s: &str) -> Option<Algorithm> {
+        Some(match s {
+            "round_robin" => Algorithm::RoundRobin,
+            "weighted" => Algorithm::Weighted,
+            "random" => Algorithm::Random,
+            "p2c" => Algorithm::P2c,
+            "least_conn" => Algorithm::LeastConn,
+            "hash" => Algorithm::Hash,
+            "cookie" => Algorithm::Cookie,
+            _ => return None,
+        })
+    }
+}
+
+/// A routing rule: requests whose Host and path match go to its own pool.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Route {
+    /// Host header to match (case-insensitive, port ignored); none matches any.
+    pub host: Option<String>,
+    /// Path prefix to match; none matches any.
+    pub path_prefix: Option<String>,
+    /// Algorithm for this pool (default: the VIP's).
+    pub algorithm: Algorithm,
+    /// The pool.
+    pub backends: Vec<Backend>,
+}
+
+/// L7 proxy settings of one VIP.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct L7 {
+    /// HTTP or TCP.
+    pub mode: L7Mode,
+    /// Default algorithm.
+    pub algorithm: Algorithm,
+    /// Routes, tried in order before the VIP's own backends (HTTP only).
+    pub routes: Vec<Route>,
+    /// Further backends to try after a failure, for idempotent requests.
+    pub retries: u32,
+    /// Upstream connect timeout.
+    pub connect_timeout: Duration,
+    /// Time a client has to send a complete request head.
+    pub header_timeout: Duration,
+    /// Time a backend has to send its response head.
+    pub response_timeout: Duration,
+    /// Idle keep-alive time, both sides.
+    pub idle_timeout: Duration,
+    /// Whole-request deadline (client and backend together).
+    pub request_timeout: Duration,
+    /// Largest request head.
+    pub max_header_bytes: usize,
+    /// Most request headers.
+    pub max_headers: usize,
+    /// Most concurrent client connections (per VIP).
+    pub max_connections: usize,
+    /// Add X-Forwarded-For / X-Forwarded-Proto and Forwarded.
+    pub forwarded_for: bool,
+    /// Send a PROXY protocol header (1 or 2) to backends.
+    pub proxy_protocol: Option<u8>,
+    /// Sticky cookie name.
+    pub cookie_name: String,
+    /// Key that signs sticky cookies (the same on every node).
+    pub cookie_secret: String,
+    /// Consecutive failures that take a backend out (passive health).
+    pub max_fails: u32,
+    /// How long a passively failed backend stays out.
+    pub fail_timeout: Duration,
 }
 
 /// One backend of a VIP.
@@ -221,6 +324,8 @@ pub struct Backend {
     /// Next-hop MAC: the backend's own on this segment (required for L2 forwarding), otherwise
     /// the node's `gateway_mac` is used.
     pub mac: Option<[u8; 6]>,
+    /// Port (L7 only; L4 keeps the client's destination port). Default: the VIP's port.
+    pub port: u16,
 }
 
 impl Config {
@@ -397,6 +502,11 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             Some(p) if p.get_ref().starts_with('/') => PathBuf::from(p.get_ref()),
             Some(p) => return bad(p.span(), "admin_socket must be an absolute path"),
         },
+        l7_threads: match &n.l7_threads {
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Some(t) if (1..=256).contains(t.get_ref()) => *t.get_ref() as usize,
+            Some(t) => return bad(t.span(), "l7_threads must be 1..=256"),
+        },
     };
 
     if raw.vip.len() > MAX_VIPS as usize {
@@ -459,7 +569,13 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
         let mut backends = Vec::new();
         for b in &v.backends {
             let address = parse_ip(&b.address, "backend address")?;
-            if !seen.insert(address) {
+            // L4 backends are addresses (the client's port is kept); L7 ones are address:port.
+            let port_key = if forwarding == Forwarding::L7 {
+                b.port.as_ref().map_or(port, |p| *p.get_ref())
+            } else {
+                0
+            };
+            if !seen.insert((address, port_key)) {
                 return bad(
                     b.address.span(),
                     format!("backend {address} is listed twice in this VIP"),
@@ -514,9 +630,28 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                     all_backends.insert(address, mac);
                 }
             }
-            backends.push(Backend { address, weight, mac });
+            let bport = b.port.as_ref().map_or(port, |p| *p.get_ref());
+            backends.push(Backend { address, weight, mac, port: bport });
         }
         let health = v.health.as_ref().map(|h| health_check(h, port, protocol)).transpose()?;
+        let l7 = match (forwarding, &v.l7) {
+            (Forwarding::L7, l7) => {
+                if port == 0 {
+                    return bad(vspan, "an l7 VIP needs a port (the proxy listens on it)");
+                }
+                if protocol != Protocol::Tcp {
+                    return bad(vspan, "an l7 VIP must be tcp");
+                }
+                Some(l7_settings(l7.as_ref(), &v.route, port)?)
+            }
+            (_, Some(l7)) => return bad(l7.span(), "[vip.l7] needs forwarding = \"l7\""),
+            (_, None) => {
+                if let Some(r) = v.route.first() {
+                    return bad(r.span(), "routes need forwarding = \"l7\"");
+                }
+                None
+            }
+        };
         vips.push(Vip {
             name: v.name.into_inner(),
             address: vip_addr,
@@ -527,6 +662,7 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             ring_size,
             backends,
             health,
+            l7,
         });
     }
     if all_backends.len() > MAX_BACKENDS as usize {
@@ -563,6 +699,135 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
         }
     };
     Ok(Config { node, metrics, vips })
+}
+
+fn l7_settings(
+    l7: Option<&raw::Sp<raw::L7>>,
+    routes: &[raw::Sp<raw::Route>],
+    port: u16,
+) -> Result<L7, Invalid> {
+    let empty = raw::L7 {
+        mode: None,
+        algorithm: None,
+        retries: None,
+        connect_timeout_ms: None,
+        header_timeout_ms: None,
+        response_timeout_ms: None,
+        idle_timeout_ms: None,
+        request_timeout_ms: None,
+        max_header_bytes: None,
+        max_headers: None,
+        max_connections: None,
+        forwarded_for: None,
+        proxy_protocol: None,
+        cookie_name: None,
+        cookie_secret: None,
+        max_fails: None,
+        fail_timeout_ms: None,
+    };
+    let l = l7.map_or(&empty, |l| l.get_ref());
+    let algo = |a: &Option<raw::Sp<String>>, default: Algorithm| {
+        match a {
+        None => Ok(default),
+        Some(s) => Algorithm::parse(s.get_ref()).ok_or(()).or_else(|()| {
+            bad(s.span(), format!("algorithm `{}`: expected round_robin, weighted, random, p2c, least_conn, hash or cookie", s.get_ref()))
+        }),
+    }
+    };
+    let ms = |v: &Option<raw::Sp<u64>>, default: u64, what: &str| match v {
+        None => Ok(Duration::from_millis(default)),
+        Some(x) if (1..=3_600_000).contains(x.get_ref()) => Ok(Duration::from_millis(*x.get_ref())),
+        Some(x) => bad(x.span(), format!("{what} must be 1..=3600000 milliseconds")),
+    };
+    let num = |v: &Option<raw::Sp<u32>>,
+               default: u32,
+               range: std::ops::RangeInclusive<u32>,
+               what: &str| match v {
+        None => Ok(default),
+        Some(x) if range.contains(x.get_ref()) => Ok(*x.get_ref()),
+        Some(x) => bad(x.span(), format!("{what} must be {}..={}", range.start(), range.end())),
+    };
+    let mode = match l.mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+        None | Some(("http", _)) => L7Mode::Http,
+        Some(("tcp", _)) => L7Mode::Tcp,
+        Some((other, span)) => {
+            return bad(span, format!("l7 mode `{other}`: expected http or tcp"));
+        }
+    };
+    let algorithm = algo(&l.algorithm, Algorithm::RoundRobin)?;
+    if mode == L7Mode::Tcp && algorithm == Algorithm::Cookie {
+        return bad(
+            l.algorithm.as_ref().map_or(0..0, |a| a.span()),
+            "cookie stickiness needs mode = \"http\"",
+        );
+    }
+    let mut out_routes = Vec::new();
+    for r in routes {
+        let span = r.span();
+        let r = r.get_ref();
+        if mode == L7Mode::Tcp {
+            return bad(span, "routes need mode = \"http\"");
+        }
+        let mut backends = Vec::new();
+        for b in &r.backends {
+            let address = parse_ip(&b.address, "backend address")?;
+            let weight = b.weight.as_ref().map_or(1, |w| *w.get_ref());
+            let bport = b.port.as_ref().map_or(port, |p| *p.get_ref());
+            backends.push(Backend { address, weight, mac: None, port: bport });
+        }
+        if backends.is_empty() {
+            return bad(span, "a route needs backends");
+        }
+        out_routes.push(Route {
+            host: r.host.as_ref().map(|h| h.get_ref().to_ascii_lowercase()),
+            path_prefix: r.path_prefix.as_ref().map(|p| p.get_ref().clone()),
+            algorithm: algo(&r.algorithm, algorithm)?,
+            backends,
+        });
+    }
+    let proxy_protocol = match &l.proxy_protocol {
+        None => None,
+        Some(v) if matches!(v.get_ref(), 1 | 2) => Some(*v.get_ref()),
+        Some(v) => return bad(v.span(), "proxy_protocol must be 1 or 2"),
+    };
+    let cookie_secret = match &l.cookie_secret {
+        Some(s) if s.get_ref().len() >= 16 => s.get_ref().clone(),
+        Some(s) => return bad(s.span(), "cookie_secret must be at least 16 characters"),
+        None if algorithm == Algorithm::Cookie
+            || out_routes.iter().any(|r| r.algorithm == Algorithm::Cookie) =>
+        {
+            return bad(
+                l7.map_or(0..0, |l| l.span()),
+                "cookie stickiness needs l7.cookie_secret (the same on every node)",
+            );
+        }
+        None => String::new(),
+    };
+    Ok(L7 {
+        mode,
+        algorithm,
+        routes: out_routes,
+        retries: num(&l.retries, 2, 0..=10, "retries")?,
+        connect_timeout: ms(&l.connect_timeout_ms, 1_000, "connect_timeout_ms")?,
+        header_timeout: ms(&l.header_timeout_ms, 10_000, "header_timeout_ms")?,
+        response_timeout: ms(&l.response_timeout_ms, 30_000, "response_timeout_ms")?,
+        idle_timeout: ms(&l.idle_timeout_ms, 60_000, "idle_timeout_ms")?,
+        request_timeout: ms(&l.request_timeout_ms, 120_000, "request_timeout_ms")?,
+        max_header_bytes: num(&l.max_header_bytes, 16_384, 1_024..=1_048_576, "max_header_bytes")?
+            as usize,
+        max_headers: num(&l.max_headers, 100, 1..=1_000, "max_headers")? as usize,
+        max_connections: num(&l.max_connections, 10_000, 1..=1_000_000, "max_connections")?
+            as usize,
+        forwarded_for: l.forwarded_for.as_ref().is_none_or(|f| *f.get_ref()),
+        proxy_protocol,
+        cookie_name: l
+            .cookie_name
+            .as_ref()
+            .map_or_else(|| "edgelb".to_owned(), |c| c.get_ref().clone()),
+        cookie_secret,
+        max_fails: num(&l.max_fails, 3, 1..=100, "max_fails")?,
+        fail_timeout: ms(&l.fail_timeout_ms, 10_000, "fail_timeout_ms")?,
+    })
 }
 
 fn health_check(

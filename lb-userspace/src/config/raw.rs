@@ -24,6 +24,7 @@ pub struct Node {
     pub gateway_mac: Option<Sp<String>>,
     pub src_mac: Option<Sp<String>>,
     pub mtu: Option<Sp<u32>>,
+    pub l7_threads: Option<Sp<u32>>,
     pub pin_dir: Option<Sp<String>>,
     pub admin_socket: Option<Sp<String>>,
 }
@@ -49,6 +50,40 @@ pub struct Vip {
     #[serde(default)]
     pub backends: Vec<Backend>,
     pub health: Option<Sp<Health>>,
+    pub l7: Option<Sp<L7>>,
+    #[serde(default)]
+    pub route: Vec<Sp<Route>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct L7 {
+    pub mode: Option<Sp<String>>,
+    pub algorithm: Option<Sp<String>>,
+    pub retries: Option<Sp<u32>>,
+    pub connect_timeout_ms: Option<Sp<u64>>,
+    pub header_timeout_ms: Option<Sp<u64>>,
+    pub response_timeout_ms: Option<Sp<u64>>,
+    pub idle_timeout_ms: Option<Sp<u64>>,
+    pub request_timeout_ms: Option<Sp<u64>>,
+    pub max_header_bytes: Option<Sp<u32>>,
+    pub max_headers: Option<Sp<u32>>,
+    pub max_connections: Option<Sp<u32>>,
+    pub forwarded_for: Option<Sp<bool>>,
+    pub proxy_protocol: Option<Sp<u8>>,
+    pub cookie_name: Option<Sp<String>>,
+    pub cookie_secret: Option<Sp<String>>,
+    pub max_fails: Option<Sp<u32>>,
+    pub fail_timeout_ms: Option<Sp<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub host: Option<Sp<String>>,
+    pub path_prefix: Option<Sp<String>>,
+    pub algorithm: Option<Sp<String>>,
+    pub backends: Vec<Backend>,
 }
 
 #[derive(Deserialize)]
@@ -72,6 +107,7 @@ pub struct Health {
 #[serde(deny_unknown_fields)]
 pub struct Backend {
     pub address: Sp<String>,
+    pub port: Option<Sp<u16>>,
     pub weight: Option<Sp<u32>>,
     pub mac: Option<Sp<String>>,
 }

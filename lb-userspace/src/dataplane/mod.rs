@@ -454,7 +454,7 @@ impl Dataplane {
             vip_index_of.insert(key, index);
         }
         let mut wanted: HashMap<BackendKey, Backend> = HashMap::new();
-        for vip in &cfg.vips {
+        for vip in cfg.vips.iter().filter(|v| v.forwarding != Forwarding::L7) {
             let key = vip_key(vip);
             for b in &vip.backends {
                 let (addr, family) = addr_words(b.address);
@@ -748,7 +748,9 @@ impl AuxPrograms {
     /// Loads and verifies all auxiliary programs.
     pub fn load() -> Result<AuxPrograms, DataplaneError> {
         let mut ebpf = Ebpf::load(AUX_OBJ)?;
-        for name in [programs::DECAP, programs::PASS, programs::TX_SWAP, programs::GEN, programs::SINK] {
+        for name in
+            [programs::DECAP, programs::PASS, programs::TX_SWAP, programs::GEN, programs::SINK]
+        {
             program(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;

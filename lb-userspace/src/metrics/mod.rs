@@ -153,6 +153,8 @@ pub struct Metrics {
     pub kernel: Arc<Mutex<KernelSnapshot>>,
     health_latency: Family<BackendLabels, Histogram>,
     transitions: Family<TransitionLabels, Counter>,
+    /// The L7 proxy's metrics, in the same registry.
+    pub l7: Arc<crate::proxy::L7Metrics>,
 }
 
 impl Default for Metrics {
@@ -182,7 +184,8 @@ impl Metrics {
             "Health state changes of backends",
             transitions.clone(),
         );
-        Metrics { registry, kernel, health_latency, transitions }
+        let l7 = crate::proxy::L7Metrics::register(&mut registry);
+        Metrics { registry, kernel, health_latency, transitions, l7 }
     }
 
     /// Records a successful probe's latency.

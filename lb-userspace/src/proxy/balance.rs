@@ -1,0 +1,329 @@
+//! Backend selection for the L7 proxy.
+//!
+//! A [`Pool`] is built from an immutable snapshot of backends (Pingora's "rebuild cold, read
+//! hot"); selection yields one backend, skipping those excluded by the caller (already tried for
+//! this request), passively failed, or down by active health, and failing open to all of them
+//! when nothing else is left. State that must survive snapshot swaps (in-flight counts, passive
+//! failures) lives in [`BackendState`], shared by `Arc` across snapshots and threads; the smooth
+//! weighted round-robin state is per thread, as in nginx's workers.
+
+use std::{
+    cell::RefCell,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::{
+    config::Algorithm,
+    maglev::{ConsistentHash, Maglev, RingMember},
+};
+
+/// Live state of one backend, shared by every snapshot and thread.
+#[derive(Debug)]
+pub struct BackendState {
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// Requests (HTTP) or connections (TCP) in flight.
+    pub in_flight: AtomicUsize,
+    /// Consecutive failures (passive health).
+    pub fails: AtomicU32,
+    /// Passively down until this many ms after [`epoch`].
+    pub down_until_ms: AtomicU64,
+    /// Requests sent (for tests and status).
+    pub requests: AtomicU64,
+}
+
+impl BackendState {
+    /// Fresh state for `addr`.
+    pub fn new(addr: SocketAddr) -> BackendState {
+        BackendState {
+            addr,
+            in_flight: AtomicUsize::new(0),
+            fails: AtomicU32::new(0),
+            down_until_ms: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// Records a success: the failure streak ends.
+    pub fn success(&self) {
+        self.fails.store(0, Ordering::Relaxed);
+    }
+
+    /// Records a failure; after `max_fails` in a row the backend is out for `fail_timeout`.
+    /// Returns true when this failure took it out.
+    pub fn failure(&self, max_fails: u32, fail_timeout: Duration) -> bool {
+        let n = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= max_fails {
+            self.fails.store(0, Ordering::Relaxed);
+            let until = now_ms() + fail_timeout.as_millis() as u64;
+            self.down_until_ms.store(until, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// True while passively down.
+    pub fn passive_down(&self) -> bool {
+        self.down_until_ms.load(Ordering::Relaxed) > now_ms()
+    }
+}
+
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+/// One backend in a pool snapshot.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Shared live state.
+    pub state: Arc<BackendState>,
+    /// Weight (0: drained, never picked for new work).
+    pub weight: u32,
+    /// Active health verdict from the controller.
+    pub up: bool,
+}
+
+/// A pool snapshot and its algorithm.
+#[derive(Debug)]
+pub struct Pool {
+    /// Members, in config order.
+    pub members: Vec<Member>,
+    /// Algorithm.
+    pub algorithm: Algorithm,
+    /// Consistent-hash ring over members (for `Hash`).
+    ring: Vec<u32>,
+    /// Round-robin cursor.
+    rr: AtomicUsize,
+    /// Identifies the snapshot, so per-thread weighted state resets when it changes.
+    id: u64,
+}
+
+thread_local! {
+    /// Smooth weighted round-robin current weights, per pool snapshot, per thread.
+    static SWRR: RefCell<std::collections::HashMap<u64, Vec<i64>>> = RefCell::new(Default::default());
+    static RNG: RefCell<u64> = RefCell::new(seed());
+}
+
+fn seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new().build_hasher().finish() | 1
+}
+
+fn rand() -> u64 {
+    RNG.with(|r| {
+        let mut s = r.borrow_mut();
+        *s ^= *s << 13;
+        *s ^= *s >> 7;
+        *s ^= *s << 17;
+        *s
+    })
+}
+
+/// Ring size of `Hash` pools: prime, large enough for even shares of small pools.
+const L7_RING: u32 = 4093;
+
+impl Pool {
+    /// A pool over `members`.
+    pub fn new(members: Vec<Member>, algorithm: Algorithm) -> Pool {
+        static IDS: AtomicU64 = AtomicU64::new(1);
+        let ring_members: Vec<RingMember> = members
+            .iter()
+            .map(|m| RingMember::from_addr(m.state.addr.ip(), m.weight.max(1)))
+            .collect();
+        let ring = Maglev.build(&ring_members, L7_RING).unwrap_or_default();
+        Pool {
+            members,
+            algorithm,
+            ring,
+            rr: AtomicUsize::new(0),
+            id: IDS.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// Which members may take new work: weight > 0, up, not passively down, not excluded.
+    /// Fails open: if none qualifies, every non-excluded member with weight does.
+    fn eligible(&self, exclude: &[usize]) -> Vec<usize> {
+        let ok = |i: &usize| !exclude.contains(i) && self.members[*i].weight > 0;
+        let healthy: Vec<usize> = (0..self.members.len())
+            .filter(ok)
+            .filter(|&i| self.members[i].up && !self.members[i].state.passive_down())
+            .collect();
+        if !healthy.is_empty() {
+            return healthy;
+        }
+        (0..self.members.len()).filter(ok).collect()
+    }
+
+    /// Picks a member for a request from `client`; `sticky` is a member a valid cookie named.
+    pub fn pick(&self, client: IpAddr, exclude: &[usize], sticky: Option<usize>) -> Option<usize> {
+        let cand = self.eligible(exclude);
+        if cand.is_empty() {
+            return None;
+        }
+        let load = |i: usize| {
+            let m = &self.members[i];
+            (m.state.in_flight.load(Ordering::Relaxed) as f64 + 1.0) / m.weight as f64
+        };
+        Some(match self.algorithm {
+            Algorithm::RoundRobin => cand[self.rr.fetch_add(1, Ordering::Relaxed) % cand.len()],
+            Algorithm::Random => cand[(rand() % cand.len() as u64) as usize],
+            Algorithm::P2c => {
+                if cand.len() == 1 {
+                    cand[0]
+                } else {
+                    let a = (rand() % cand.len() as u64) as usize;
+                    let mut b = (rand() % (cand.len() as u64 - 1)) as usize;
+                    if b >= a {
+                        b += 1;
+                    }
+                    if load(cand[b]) < load(cand[a]) { cand[b] } else { cand[a] }
+                }
+            }
+            Algorithm::LeastConn => {
+                // Ties go round-robin, so an idle pool still spreads.
+                let start = self.rr.fetch_add(1, Ordering::Relaxed);
+                let mut best = cand[start % cand.len()];
+                for k in 0..cand.len() {
+                    let i = cand[(start + k) % cand.len()];
+                    if load(i) < load(best) {
+                        best = i;
+                    }
+                }
+                best
+            }
+            Algorithm::Hash => {
+                let h = match client {
+                    IpAddr::V4(a) => lb_common::hash::client_hash(
+                        &[u32::from_ne_bytes(a.octets()), 0, 0, 0],
+                        lb_common::HASH_SEED,
+                    ),
+                    IpAddr::V6(a) => {
+                        let o = a.octets();
+                        let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                        lb_common::hash::client_hash(
+                            &[w(0), w(4), w(8), w(12)],
+                            lb_common::HASH_SEED,
+                        )
+                    }
+                };
+                // Walk the ring from the client's slot to the first eligible member.
+                let n = self.ring.len();
+                (0..n)
+                    .map(|k| self.ring[(h as usize + k) % n] as usize)
+                    .find(|i| cand.contains(i))
+                    .unwrap_or(cand[0])
+            }
+            Algorithm::Weighted | Algorithm::Cookie => {
+                if let Some(s) = sticky.filter(|s| cand.contains(s)) {
+                    return Some(s);
+                }
+                self.smooth_weighted(&cand)
+            }
+        })
+    }
+
+    /// nginx's smooth weighted round-robin over `cand`.
+    fn smooth_weighted(&self, cand: &[usize]) -> usize {
+        SWRR.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() > 64 {
+                s.clear();
+            }
+            let cur = s.entry(self.id).or_insert_with(|| vec![0; self.members.len()]);
+            let total: i64 = cand.iter().map(|&i| self.members[i].weight as i64).sum();
+            let mut best = cand[0];
+            for &i in cand {
+                cur[i] += self.members[i].weight as i64;
+                if cur[i] > cur[best] {
+                    best = i;
+                }
+            }
+            cur[best] -= total;
+            best
+        })
+    }
+}
+
+/// Cookie value naming `addr`, signed with `secret`: `<addr>~<hex hmac>`.
+pub fn sign_cookie(secret: &str, addr: SocketAddr) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(addr.to_string().as_bytes());
+    let tag = mac.finalize().into_bytes();
+    let hex: String = tag[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{addr}~{hex}")
+}
+
+/// The backend a cookie value names, if its signature checks out.
+pub fn verify_cookie(secret: &str, value: &str) -> Option<SocketAddr> {
+    let (addr, _) = value.split_once('~')?;
+    let addr: SocketAddr = addr.parse().ok()?;
+    // Constant-time comparison through the MAC.
+    let want = sign_cookie(secret, addr);
+    let ok = want.len() == value.len()
+        && want.bytes().zip(value.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    ok.then_some(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(weights: &[u32], algorithm: Algorithm) -> Pool {
+        let members = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| Member {
+                state: Arc::new(BackendState::new(
+                    format!("127.0.0.{}:80", i + 1).parse().unwrap(),
+                )),
+                weight: w,
+                up: true,
+            })
+            .collect();
+        Pool::new(members, algorithm)
+    }
+
+    #[test]
+    fn smooth_weighted_is_exact_and_interleaved() {
+        let p = pool(&[5, 1, 1], Algorithm::Weighted);
+        let picks: Vec<usize> =
+            (0..7).map(|_| p.pick("1.1.1.1".parse().unwrap(), &[], None).unwrap()).collect();
+        assert_eq!(picks, vec![0, 0, 1, 0, 2, 0, 0]); // nginx's documented sequence for 5/1/1
+    }
+
+    #[test]
+    fn excluded_down_and_drained_members_are_skipped_and_it_fails_open() {
+        let mut p = pool(&[1, 1, 0], Algorithm::RoundRobin);
+        for _ in 0..10 {
+            assert_ne!(p.pick("1.1.1.1".parse().unwrap(), &[0], None), Some(2));
+        }
+        p.members[0].up = false;
+        assert_eq!(p.pick("1.1.1.1".parse().unwrap(), &[], None), Some(1));
+        p.members[1].state.failure(1, Duration::from_secs(60));
+        // Everyone with weight is unhealthy: fail open.
+        assert!(p.pick("1.1.1.1".parse().unwrap(), &[], None).is_some());
+    }
+
+    #[test]
+    fn cookies_verify_only_with_the_right_key_and_value() {
+        let a: SocketAddr = "198.18.0.11:80".parse().unwrap();
+        let c = sign_cookie("0123456789abcdef", a);
+        assert_eq!(verify_cookie("0123456789abcdef", &c), Some(a));
+        assert_eq!(verify_cookie("fedcba9876543210", &c), None);
+        let forged = c.replace("198.18.0.11", "198.18.0.12");
+        assert_eq!(verify_cookie("0123456789abcdef", &forged), None);
+    }
+}

@@ -1,0 +1,159 @@
+//! Finds where a chunked body ends without decoding it: the proxy forwards chunked bodies as they
+//! are, byte for byte, and only needs to know which bytes belong to the message (anything after
+//! is the next pipelined message).
+
+/// Chunked-encoding framing errors.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadChunk;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Reading the hex size; `digits` seen so far.
+    Size { size: u64, digits: u8 },
+    /// Skipping a chunk extension up to CR.
+    Ext { size: u64 },
+    /// Expecting LF after the size line.
+    SizeLf { size: u64 },
+    /// Inside chunk data, this many bytes left.
+    Data { left: u64 },
+    /// Expecting CR after chunk data.
+    DataCr,
+    /// Expecting LF after chunk data.
+    DataLf,
+    /// In the trailer section, at the start of a line (len 0) or inside one.
+    Trailer { line: u64 },
+    /// Expecting LF after a trailer line's CR.
+    TrailerLf { line: u64 },
+    /// The message is complete.
+    Done,
+}
+
+/// Incremental chunked-body framer.
+#[derive(Debug, Clone)]
+pub struct Chunked {
+    state: State,
+}
+
+impl Default for Chunked {
+    fn default() -> Self {
+        Chunked { state: State::Size { size: 0, digits: 0 } }
+    }
+}
+
+/// Largest chunk size accepted (1 TiB: a bound against overflow, not a policy).
+const MAX_CHUNK: u64 = 1 << 40;
+/// Longest trailer line.
+const MAX_TRAILER_LINE: u64 = 8192;
+
+impl Chunked {
+    /// True once the terminating chunk and trailers were seen.
+    pub fn done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Consumes `input`; returns how many of its bytes belong to the body (all of them unless
+    /// the body ended inside `input`).
+    pub fn feed(&mut self, input: &[u8]) -> Result<usize, BadChunk> {
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            self.state = match self.state {
+                State::Done => return Ok(i),
+                State::Data { left } => {
+                    let take = left.min((input.len() - i) as u64);
+                    i += take as usize;
+                    self.state = if left == take {
+                        State::DataCr
+                    } else {
+                        State::Data { left: left - take }
+                    };
+                    continue;
+                }
+                State::Size { size, digits } => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        let d = (b as char).to_digit(16).expect("hex digit") as u64;
+                        let size = size * 16 + d;
+                        if size > MAX_CHUNK || digits >= 16 {
+                            return Err(BadChunk);
+                        }
+                        State::Size { size, digits: digits + 1 }
+                    }
+                    b';' | b' ' | b'\t' if digits > 0 => State::Ext { size },
+                    b'\r' if digits > 0 => State::SizeLf { size },
+                    _ => return Err(BadChunk),
+                },
+                State::Ext { size } => match b {
+                    b'\r' => State::SizeLf { size },
+                    b'\n' => return Err(BadChunk),
+                    _ => State::Ext { size },
+                },
+                State::SizeLf { size } => match (b, size) {
+                    (b'\n', 0) => State::Trailer { line: 0 },
+                    (b'\n', n) => State::Data { left: n },
+                    _ => return Err(BadChunk),
+                },
+                State::DataCr => match b {
+                    b'\r' => State::DataLf,
+                    _ => return Err(BadChunk),
+                },
+                State::DataLf => match b {
+                    b'\n' => State::Size { size: 0, digits: 0 },
+                    _ => return Err(BadChunk),
+                },
+                State::Trailer { line } => match b {
+                    b'\r' => State::TrailerLf { line },
+                    b'\n' => return Err(BadChunk),
+                    _ if line >= MAX_TRAILER_LINE => return Err(BadChunk),
+                    _ => State::Trailer { line: line + 1 },
+                },
+                State::TrailerLf { line } => match (b, line) {
+                    (b'\n', 0) => {
+                        self.state = State::Done;
+                        return Ok(i + 1);
+                    }
+                    (b'\n', _) => State::Trailer { line: 0 },
+                    _ => return Err(BadChunk),
+                },
+            };
+            i += 1;
+        }
+        Ok(i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_end_and_leaves_the_rest() {
+        let msg = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\nGET / HTTP/1.1";
+        let mut c = Chunked::default();
+        let n = c.feed(msg).unwrap();
+        assert!(c.done());
+        assert_eq!(&msg[n..], b"GET / HTTP/1.1");
+    }
+
+    #[test]
+    fn works_byte_by_byte() {
+        let msg = b"a\r\n0123456789\r\n0\r\n\r\n";
+        let mut c = Chunked::default();
+        for (i, b) in msg.iter().enumerate() {
+            assert!(!c.done(), "done early at {i}");
+            assert_eq!(c.feed(&[*b]).unwrap(), 1);
+        }
+        assert!(c.done());
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        for bad in [&b"zz\r\n"[..], b"\r\n", b"4\nWiki", b"4\r\nWikiX", b"fffffffffffffffff\r\n"] {
+            assert_eq!(
+                Chunked::default().feed(bad),
+                Err(BadChunk),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}

@@ -1,0 +1,808 @@
+//! The HTTP/1.1 proxy: one task per client connection, requests handled one at a time in order
+//! (so pipelined requests are safe: the next one is only read once the previous response is
+//! complete), bodies streamed in both directions (never buffered whole), keep-alive on both sides
+//! with a per-thread pool of idle backend connections.
+//!
+//! Phases of a request: read and parse the head (httparse; header-size, header-count and time
+//! limits) → pick a pool by Host and path → pick a backend → send the rewritten head and stream
+//! the body → read the response head (response timeout) → stream the response back. Connect
+//! errors, timeouts and 502/503/504 answers are retried on another backend for idempotent
+//! requests without a body; anything else gets one clean error response.
+
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    rc::Rc,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use tokio::time::timeout_at;
+use tokio_uring::net::TcpStream;
+
+use super::{
+    RequestLabels, Shared, VipLabel, VipRuntime,
+    balance::{Pool, sign_cookie, verify_cookie},
+    chunked::Chunked,
+    client_ip,
+};
+use crate::config::{Algorithm, L7Mode};
+
+/// Idle backend connections kept per backend and thread.
+const POOL_PER_BACKEND: usize = 64;
+/// Pooled connections idle longer than this are not reused (backends time out idle keep-alive
+/// connections; a stale one would fail the next request).
+const POOL_MAX_IDLE: Duration = Duration::from_secs(4);
+/// Read size.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Idle connections to one backend, with the time each became idle.
+type IdleList = Vec<(TcpStream, Instant)>;
+
+/// Idle keep-alive connections to backends, per thread.
+#[derive(Clone, Default)]
+pub struct UpstreamPool {
+    idle: Rc<RefCell<HashMap<SocketAddr, IdleList>>>,
+}
+
+impl UpstreamPool {
+    fn take(&self, addr: SocketAddr) -> Option<TcpStream> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(&addr)?;
+        while let Some((s, since)) = list.pop() {
+            if since.elapsed() < POOL_MAX_IDLE {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    fn put(&self, addr: SocketAddr, s: TcpStream) {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(addr).or_default();
+        if list.len() < POOL_PER_BACKEND {
+            list.push((s, Instant::now()));
+        }
+    }
+}
+
+/// Reads more bytes into `buf` (appending); Ok(0) at end of stream.
+async fn read_more(s: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let mut b = std::mem::take(buf);
+    b.reserve(READ_CHUNK);
+    let (r, b) = s.read(b).await;
+    *buf = b;
+    r
+}
+
+async fn write(s: &TcpStream, data: Vec<u8>) -> io::Result<()> {
+    let (r, _) = s.write_all(data).await;
+    r
+}
+
+/// Answers with a complete error response and no body from upstream.
+async fn respond(s: &TcpStream, status: u16, reason: &str, close: bool) -> io::Result<()> {
+    let body = format!("{status} {reason}\n");
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
+        body.len(),
+        if close { "close" } else { "keep-alive" }
+    );
+    write(s, head.into_bytes()).await
+}
+
+/// Over the connection limit: a 503 for HTTP, a plain close for TCP.
+pub async fn refuse(s: &TcpStream, mode: L7Mode) {
+    if mode == L7Mode::Http {
+        let _ = respond(s, 503, "Service Unavailable", true).await;
+    }
+}
+
+/// How a message body is delimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// A parsed request head.
+struct ReqHead {
+    method: String,
+    path: String,
+    http10: bool,
+    headers: Vec<(String, Vec<u8>)>,
+    len: usize,
+}
+
+enum HeadError {
+    Bad,
+    TooLarge,
+}
+
+fn parse_request(buf: &[u8], max_headers: usize) -> Result<Option<ReqHead>, HeadError> {
+    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Partial) => Ok(None),
+        Ok(httparse::Status::Complete(len)) => Ok(Some(ReqHead {
+            method: req.method.unwrap_or("").to_owned(),
+            path: req.path.unwrap_or("/").to_owned(),
+            http10: req.version == Some(0),
+            headers: req.headers.iter().map(|h| (h.name.to_owned(), h.value.to_vec())).collect(),
+            len,
+        })),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge),
+        Err(_) => Err(HeadError::Bad),
+    }
+}
+
+fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> impl Iterator<Item = &'a [u8]> {
+    headers.iter().filter(move |(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice())
+}
+
+fn tokens(headers: &[(String, Vec<u8>)], name: &str) -> Vec<String> {
+    header(headers, name)
+        .flat_map(|v| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus those `Connection` lists.
+fn hop_by_hop(headers: &[(String, Vec<u8>)]) -> Vec<String> {
+    let mut h: Vec<String> = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "transfer-encoding",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    h.extend(tokens(headers, "connection"));
+    h
+}
+
+/// Body framing of a message with `headers` (RFC 9112 6.3); Err for ambiguous or invalid framing.
+fn body_framing(headers: &[(String, Vec<u8>)], request: bool) -> Result<Framing, ()> {
+    let te = tokens(headers, "transfer-encoding");
+    let cl: Vec<&[u8]> = header(headers, "content-length").collect();
+    if !te.is_empty() {
+        if !cl.is_empty() || te.last().map(String::as_str) != Some("chunked") {
+            // Both, or a coding we cannot frame: request smuggling territory.
+            return if request { Err(()) } else { Ok(Framing::UntilClose) };
+        }
+        return Ok(Framing::Chunked);
+    }
+    let mut len = None;
+    for v in cl {
+        let s = std::str::from_utf8(v).map_err(|_| ())?;
+        for part in s.split(',') {
+            let n: u64 = part.trim().parse().map_err(|_| ())?;
+            if len.is_some_and(|l| l != n) {
+                return Err(());
+            }
+            len = Some(n);
+        }
+    }
+    Ok(match len {
+        Some(0) => Framing::None,
+        Some(n) => Framing::Length(n),
+        None if request => Framing::None,
+        None => Framing::UntilClose,
+    })
+}
+
+/// Streams a body framed by `framing` from `src` (with `pending` bytes already read) to `dst`.
+/// Bytes after the body stay in `pending`. Errors say which side failed.
+async fn stream_body(
+    src: &TcpStream,
+    pending: &mut Vec<u8>,
+    dst: &TcpStream,
+    framing: Framing,
+    deadline: tokio::time::Instant,
+) -> Result<(), Side> {
+    match framing {
+        Framing::None => Ok(()),
+        Framing::Length(mut left) => loop {
+            let take = (pending.len() as u64).min(left) as usize;
+            if take > 0 {
+                let rest = pending.split_off(take);
+                let chunk = std::mem::replace(pending, rest);
+                write(dst, chunk).await.map_err(|_| Side::Dst)?;
+                left -= take as u64;
+            }
+            if left == 0 {
+                return Ok(());
+            }
+            match timeout_at(deadline, read_more(src, pending)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Err(Side::Src),
+                Ok(Ok(_)) => {}
+                Err(_) => return Err(Side::Timeout),
+            }
+        },
+        Framing::Chunked => {
+            let mut c = Chunked::default();
+            loop {
+                let take = c.feed(pending).map_err(|_| Side::Src)?;
+                if take > 0 {
+                    let rest = pending.split_off(take);
+                    let chunk = std::mem::replace(pending, rest);
+                    write(dst, chunk).await.map_err(|_| Side::Dst)?;
+                }
+                if c.done() {
+                    return Ok(());
+                }
+                match timeout_at(deadline, read_more(src, pending)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return Err(Side::Src),
+                    Ok(Ok(_)) => {}
+                    Err(_) => return Err(Side::Timeout),
+                }
+            }
+        }
+        Framing::UntilClose => loop {
+            if !pending.is_empty() {
+                write(dst, std::mem::take(pending)).await.map_err(|_| Side::Dst)?;
+            }
+            match timeout_at(deadline, read_more(src, pending)).await {
+                Ok(Ok(0)) => return Ok(()),
+                Ok(Err(_)) => return Err(Side::Src),
+                Ok(Ok(_)) => {}
+                Err(_) => return Err(Side::Timeout),
+            }
+        },
+    }
+}
+
+/// Which side of a copy failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Src,
+    Dst,
+    Timeout,
+}
+
+/// The PROXY protocol header for a connection from `peer` to `local`.
+pub fn proxy_header(version: u8, peer: SocketAddr, local: SocketAddr) -> Vec<u8> {
+    let (peer, local) = (
+        SocketAddr::new(client_ip(peer), peer.port()),
+        SocketAddr::new(client_ip(local), local.port()),
+    );
+    if version == 1 {
+        let fam = if peer.is_ipv4() && local.is_ipv4() { "TCP4" } else { "TCP6" };
+        let ip = |a: SocketAddr| match (fam, a.ip()) {
+            ("TCP6", IpAddr::V4(v4)) => v4.to_ipv6_mapped().to_string(),
+            (_, ip) => ip.to_string(),
+        };
+        return format!(
+            "PROXY {fam} {} {} {} {}\r\n",
+            ip(peer),
+            ip(local),
+            peer.port(),
+            local.port()
+        )
+        .into_bytes();
+    }
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.push(0x21); // version 2, PROXY command
+    match (peer.ip(), local.ip()) {
+        (IpAddr::V4(p), IpAddr::V4(l)) => {
+            h.push(0x11);
+            h.extend(12u16.to_be_bytes());
+            h.extend(p.octets());
+            h.extend(l.octets());
+        }
+        (p, l) => {
+            let v6 = |a: IpAddr| match a {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            h.push(0x21);
+            h.extend(36u16.to_be_bytes());
+            h.extend(v6(p).octets());
+            h.extend(v6(l).octets());
+        }
+    }
+    h.extend(peer.port().to_be_bytes());
+    h.extend(local.port().to_be_bytes());
+    h
+}
+
+fn idempotent(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
+}
+
+fn status_class(status: u16) -> String {
+    format!("{}xx", status / 100)
+}
+
+/// The request head as sent to the backend.
+fn upstream_head(
+    req: &ReqHead,
+    framing: Framing,
+    peer: SocketAddr,
+    forwarded_for: bool,
+) -> Vec<u8> {
+    let skip = hop_by_hop(&req.headers);
+    let mut out = format!("{} {} HTTP/1.1\r\n", req.method, req.path).into_bytes();
+    let mut xff = None;
+    let mut fwd = None;
+    for (name, value) in &req.headers {
+        let lower = name.to_ascii_lowercase();
+        if skip.contains(&lower) {
+            continue;
+        }
+        if forwarded_for && lower == "x-forwarded-for" {
+            xff = Some(String::from_utf8_lossy(value).into_owned());
+            continue;
+        }
+        if forwarded_for && lower == "forwarded" {
+            fwd = Some(String::from_utf8_lossy(value).into_owned());
+            continue;
+        }
+        if forwarded_for && lower == "x-forwarded-proto" {
+            continue;
+        }
+        out.extend(name.as_bytes());
+        out.extend(b": ");
+        out.extend(value);
+        out.extend(b"\r\n");
+    }
+    if forwarded_for {
+        let ip = client_ip(peer);
+        let xff = xff.map_or_else(|| ip.to_string(), |x| format!("{x}, {ip}"));
+        let node = match ip {
+            IpAddr::V4(a) => a.to_string(),
+            IpAddr::V6(a) => format!("\"[{a}]\""),
+        };
+        let fwd = fwd.map_or_else(
+            || format!("for={node};proto=http"),
+            |f| format!("{f}, for={node};proto=http"),
+        );
+        out.extend(
+            format!("X-Forwarded-For: {xff}\r\nX-Forwarded-Proto: http\r\nForwarded: {fwd}\r\n")
+                .as_bytes(),
+        );
+    }
+    if framing == Framing::Chunked {
+        out.extend(b"Transfer-Encoding: chunked\r\n");
+    }
+    out.extend(b"Connection: keep-alive\r\n\r\n");
+    out
+}
+
+/// A parsed response head.
+struct RespHead {
+    status: u16,
+    reason: String,
+    headers: Vec<(String, Vec<u8>)>,
+    len: usize,
+}
+
+fn parse_response(buf: &[u8]) -> Result<Option<RespHead>, ()> {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Partial) => Ok(None),
+        Ok(httparse::Status::Complete(len)) => Ok(Some(RespHead {
+            status: resp.code.unwrap_or(0),
+            reason: resp.reason.unwrap_or("").to_owned(),
+            headers: resp.headers.iter().map(|h| (h.name.to_owned(), h.value.to_vec())).collect(),
+            len,
+        })),
+        Err(_) => Err(()),
+    }
+}
+
+/// Why an attempt on one backend failed.
+enum Attempt {
+    /// Could not connect (or the connection broke before the request was sent).
+    Connect,
+    /// No response head in time.
+    Timeout,
+    /// Connection broke or garbage before a response head.
+    Broken,
+    /// The client broke off while sending its body.
+    ClientGone,
+}
+
+/// Serves one client connection until it closes, errs, or the proxy stops.
+pub async fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    listen: SocketAddr,
+    vip: Arc<VipRuntime>,
+    shared: Arc<Shared>,
+    upstream: UpstreamPool,
+) {
+    let mut vip = vip;
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let label = VipLabel { vip: vip.name.clone() };
+    let mut first = true;
+    loop {
+        // Pick up the newest pools for every request on a keep-alive connection.
+        if let Some(v) = shared.snapshot.load().vips.get(&vip.name) {
+            vip = v.clone();
+        }
+        let cfg = &vip.cfg;
+        // 1. Request head, within the header timeout (idle timeout while waiting for a
+        // keep-alive request to start).
+        let started = Instant::now();
+        let head_deadline = tokio::time::Instant::now() + cfg.header_timeout;
+        let idle_deadline = tokio::time::Instant::now() + cfg.idle_timeout;
+        let req = loop {
+            match parse_request(&buf, cfg.max_headers) {
+                Ok(Some(r)) => break r,
+                Ok(None) if buf.len() > cfg.max_header_bytes => {
+                    let _ = respond(&client, 431, "Request Header Fields Too Large", true).await;
+                    return;
+                }
+                Ok(None) => {}
+                Err(HeadError::TooLarge) => {
+                    let _ = respond(&client, 431, "Request Header Fields Too Large", true).await;
+                    return;
+                }
+                Err(HeadError::Bad) => {
+                    let _ = respond(&client, 400, "Bad Request", true).await;
+                    return;
+                }
+            }
+            let waiting_for_start = buf.is_empty() && !first;
+            let deadline = if waiting_for_start { idle_deadline } else { head_deadline };
+            let read = tokio::select! {
+                r = timeout_at(deadline, read_more(&client, &mut buf)) => r,
+                _ = super::wait_stopping(&shared), if buf.is_empty() => return,
+            };
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Ok(Ok(_)) => {}
+                Err(_) if buf.is_empty() => return,
+                Err(_) => {
+                    let _ = respond(&client, 408, "Request Timeout", true).await;
+                    return;
+                }
+            }
+        };
+        first = false;
+        if req.len > cfg.max_header_bytes {
+            let _ = respond(&client, 431, "Request Header Fields Too Large", true).await;
+            return;
+        }
+        buf.drain(..req.len);
+        let Ok(framing) = body_framing(&req.headers, true) else {
+            let _ = respond(&client, 400, "Bad Request", true).await;
+            return;
+        };
+        let conn_tokens = tokens(&req.headers, "connection");
+        let client_keepalive = if req.http10 {
+            conn_tokens.iter().any(|t| t == "keep-alive")
+        } else {
+            !conn_tokens.iter().any(|t| t == "close")
+        };
+        let deadline = tokio::time::Instant::now() + cfg.request_timeout;
+        let host =
+            header(&req.headers, "host").next().map(|h| String::from_utf8_lossy(h).into_owned());
+        let pool = vip.pool_for(host.as_deref(), &req.path).clone();
+
+        // Sticky cookie, if the pool uses them.
+        let sticky = (pool.algorithm == Algorithm::Cookie)
+            .then(|| {
+                header(&req.headers, "cookie")
+                    .flat_map(|v| {
+                        String::from_utf8_lossy(v)
+                            .split(';')
+                            .map(|c| c.trim().to_owned())
+                            .collect::<Vec<_>>()
+                    })
+                    .find_map(|c| {
+                        c.strip_prefix(&format!("{}=", cfg.cookie_name)).map(str::to_owned)
+                    })
+                    .and_then(|v| verify_cookie(&cfg.cookie_secret, &v))
+                    .and_then(|addr| pool.members.iter().position(|m| m.state.addr == addr))
+            })
+            .flatten();
+
+        // 2..4. Pick, send, read the response head; retry where that is safe.
+        let can_retry = idempotent(&req.method) && framing == Framing::None;
+        let head = upstream_head(&req, framing, peer, cfg.forwarded_for);
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last = Attempt::Connect;
+        let mut done = None;
+        for attempt in 0..=cfg.retries {
+            let Some(i) = pool.pick(client_ip(peer), &tried, sticky) else { break };
+            if attempt > 0 {
+                shared.metrics.retries.get_or_create(&label).inc();
+            }
+            tried.push(i);
+            let member = &pool.members[i];
+            member.state.in_flight.fetch_add(1, Ordering::Relaxed);
+            member.state.requests.fetch_add(1, Ordering::Relaxed);
+            let r = attempt_once(
+                &client, &mut buf, &upstream, &vip, &pool, i, &head, framing, peer, listen,
+                deadline,
+            )
+            .await;
+            member.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+            match r {
+                Ok((up, resp, ubuf)) => {
+                    let retryable = matches!(resp.status, 502..=504);
+                    if retryable && can_retry && attempt < cfg.retries {
+                        member.state.failure(cfg.max_fails, cfg.fail_timeout);
+                        continue;
+                    }
+                    if retryable {
+                        member.state.failure(cfg.max_fails, cfg.fail_timeout);
+                    } else {
+                        member.state.success();
+                    }
+                    done = Some((i, up, resp, ubuf));
+                    break;
+                }
+                Err(Attempt::ClientGone) => return,
+                Err(e) => {
+                    member.state.failure(cfg.max_fails, cfg.fail_timeout);
+                    let sent = matches!(e, Attempt::Timeout | Attempt::Broken);
+                    last = e;
+                    if sent && !can_retry {
+                        break;
+                    }
+                }
+            }
+        }
+        let Some((i, up, resp, mut ubuf)) = done else {
+            let (status, reason) = match (tried.is_empty(), last) {
+                (true, _) => (503, "Service Unavailable"),
+                (false, Attempt::Timeout) => (504, "Gateway Timeout"),
+                _ => (502, "Bad Gateway"),
+            };
+            shared
+                .metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    vip: vip.name.clone(),
+                    class: status_class(status),
+                })
+                .inc();
+            // The request body may be unread: the connection cannot continue.
+            let _ = respond(&client, status, reason, true).await;
+            return;
+        };
+
+        // 5. Response head and body to the client.
+        let head_req = req.method == "HEAD";
+        let rframing = if head_req || resp.status == 204 || resp.status == 304 {
+            Framing::None
+        } else {
+            body_framing(&resp.headers, false).unwrap_or(Framing::UntilClose)
+        };
+        let upstream_keepalive = !tokens(&resp.headers, "connection").iter().any(|t| t == "close")
+            && rframing != Framing::UntilClose;
+        let keep = client_keepalive
+            && rframing != Framing::UntilClose
+            && !shared.stopping.load(Ordering::Relaxed);
+        let mut out = format!("HTTP/1.1 {} {}\r\n", resp.status, resp.reason).into_bytes();
+        let skip = hop_by_hop(&resp.headers);
+        for (name, value) in &resp.headers {
+            let lower = name.to_ascii_lowercase();
+            if skip.contains(&lower)
+                && !(lower == "transfer-encoding" && rframing == Framing::Chunked)
+            {
+                continue;
+            }
+            out.extend(name.as_bytes());
+            out.extend(b": ");
+            out.extend(value);
+            out.extend(b"\r\n");
+        }
+        if pool.algorithm == Algorithm::Cookie && sticky != Some(i) {
+            let value = sign_cookie(&vip.cfg.cookie_secret, pool.members[i].state.addr);
+            out.extend(
+                format!("Set-Cookie: {}={value}; Path=/; HttpOnly\r\n", vip.cfg.cookie_name)
+                    .as_bytes(),
+            );
+        }
+        out.extend(if keep {
+            &b"Connection: keep-alive\r\n\r\n"[..]
+        } else {
+            &b"Connection: close\r\n\r\n"[..]
+        });
+        if write(&client, out).await.is_err() {
+            return;
+        }
+        let body = stream_body(&up, &mut ubuf, &client, rframing, deadline).await;
+        shared
+            .metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                vip: vip.name.clone(),
+                class: status_class(resp.status),
+            })
+            .inc();
+        shared.metrics.duration.get_or_create(&label).observe(started.elapsed().as_secs_f64());
+        if body.is_err() {
+            return;
+        }
+        if upstream_keepalive && ubuf.is_empty() && vip.cfg.proxy_protocol.is_none() {
+            upstream.put(pool.members[i].state.addr, up);
+        }
+        if !keep {
+            return;
+        }
+    }
+}
+
+/// One try on member `i`: connect (or reuse), send head and body, read the response head.
+#[allow(clippy::too_many_arguments)]
+async fn attempt_once(
+    client: &TcpStream,
+    buf: &mut Vec<u8>,
+    upstream: &UpstreamPool,
+    vip: &VipRuntime,
+    pool: &Pool,
+    i: usize,
+    head: &[u8],
+    framing: Framing,
+    peer: SocketAddr,
+    listen: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Result<(TcpStream, RespHead, Vec<u8>), Attempt> {
+    let cfg = &vip.cfg;
+    let addr = pool.members[i].state.addr;
+    // A pooled connection may have been closed by the backend meanwhile; then try a fresh one
+    // (the request was not processed, so this is safe for any method).
+    let mut reused = if cfg.proxy_protocol.is_none() { upstream.take(addr) } else { None };
+    loop {
+        let fresh = reused.is_none();
+        let up = match reused.take() {
+            Some(s) => s,
+            None => {
+                let connect =
+                    tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await;
+                let s = match connect {
+                    Ok(Ok(s)) => s,
+                    _ => return Err(Attempt::Connect),
+                };
+                let _ = s.set_nodelay(true);
+                if let Some(v) = cfg.proxy_protocol {
+                    write(&s, proxy_header(v, peer, listen)).await.map_err(|_| Attempt::Connect)?;
+                }
+                s
+            }
+        };
+        if write(&up, head.to_vec()).await.is_err() {
+            if fresh {
+                return Err(Attempt::Connect);
+            }
+            continue;
+        }
+        match stream_body(client, buf, &up, framing, deadline).await {
+            Ok(()) => {}
+            Err(Side::Dst) if fresh => return Err(Attempt::Broken),
+            Err(Side::Dst) if framing == Framing::None => continue,
+            Err(Side::Dst) => return Err(Attempt::Broken),
+            Err(_) => return Err(Attempt::ClientGone),
+        }
+        let resp_deadline = (tokio::time::Instant::now() + cfg.response_timeout).min(deadline);
+        let mut ubuf = Vec::with_capacity(READ_CHUNK);
+        let resp = loop {
+            match parse_response(&ubuf) {
+                Ok(Some(r)) if (100..200).contains(&r.status) && r.status != 101 => {
+                    // Interim response (100 Continue...): pass it on, wait for the final one.
+                    let interim = ubuf.drain(..r.len).collect::<Vec<u8>>();
+                    write(client, interim).await.map_err(|_| Attempt::ClientGone)?;
+                    continue;
+                }
+                Ok(Some(r)) => break r,
+                Ok(None) if ubuf.len() > 64 * 1024 => return Err(Attempt::Broken),
+                Ok(None) => {}
+                Err(()) => return Err(Attempt::Broken),
+            }
+            match timeout_at(resp_deadline, read_more(&up, &mut ubuf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) if ubuf.is_empty() && !fresh && framing == Framing::None => {
+                    // Stale pooled connection: retry on a fresh one.
+                    break RespHead {
+                        status: 0,
+                        reason: String::new(),
+                        headers: Vec::new(),
+                        len: 0,
+                    };
+                }
+                Ok(Ok(0)) | Ok(Err(_)) => return Err(Attempt::Broken),
+                Ok(Ok(_)) => {}
+                Err(_) => return Err(Attempt::Timeout),
+            }
+        };
+        if resp.status == 0 {
+            continue;
+        }
+        ubuf.drain(..resp.len);
+        return Ok((up, resp, ubuf));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+        pairs.iter().map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec())).collect()
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        assert_eq!(body_framing(&h(&[]), true), Ok(Framing::None));
+        assert_eq!(body_framing(&h(&[]), false), Ok(Framing::UntilClose));
+        assert_eq!(body_framing(&h(&[("Content-Length", "10")]), true), Ok(Framing::Length(10)));
+        assert_eq!(
+            body_framing(&h(&[("Content-Length", "10, 10")]), true),
+            Ok(Framing::Length(10))
+        );
+        assert_eq!(
+            body_framing(&h(&[("Content-Length", "10"), ("content-length", "11")]), true),
+            Err(())
+        );
+        assert_eq!(
+            body_framing(&h(&[("Transfer-Encoding", "gzip, chunked")]), true),
+            Ok(Framing::Chunked)
+        );
+        assert_eq!(
+            body_framing(&h(&[("Transfer-Encoding", "chunked"), ("Content-Length", "3")]), true),
+            Err(())
+        );
+        assert_eq!(body_framing(&h(&[("Content-Length", "x")]), true), Err(()));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_connection_tokens_are_dropped() {
+        let req = ReqHead {
+            method: "GET".into(),
+            path: "/a".into(),
+            http10: false,
+            headers: h(&[
+                ("Host", "x"),
+                ("Connection", "keep-alive, X-Secret"),
+                ("X-Secret", "1"),
+                ("Keep-Alive", "timeout=5"),
+                ("X-Forwarded-For", "203.0.113.9"),
+                ("Accept", "*/*"),
+            ]),
+            len: 0,
+        };
+        let out = String::from_utf8(upstream_head(
+            &req,
+            Framing::None,
+            "198.18.4.1:5000".parse().unwrap(),
+            true,
+        ))
+        .unwrap();
+        assert!(out.starts_with("GET /a HTTP/1.1\r\nHost: x\r\n"), "{out}");
+        assert!(!out.contains("X-Secret") && !out.contains("Keep-Alive"), "{out}");
+        assert!(out.contains("X-Forwarded-For: 203.0.113.9, 198.18.4.1\r\n"), "{out}");
+        assert!(out.contains("Forwarded: for=198.18.4.1;proto=http\r\n"), "{out}");
+        assert!(out.ends_with("Accept: */*\r\nX-Forwarded-For: 203.0.113.9, 198.18.4.1\r\nX-Forwarded-Proto: http\r\nForwarded: for=198.18.4.1;proto=http\r\nConnection: keep-alive\r\n\r\n"), "{out}");
+    }
+
+    #[test]
+    fn proxy_protocol_headers() {
+        let v1 =
+            proxy_header(1, "198.18.4.1:5000".parse().unwrap(), "198.18.1.6:80".parse().unwrap());
+        assert_eq!(v1, b"PROXY TCP4 198.18.4.1 198.18.1.6 5000 80\r\n");
+        let v2 =
+            proxy_header(2, "198.18.4.1:5000".parse().unwrap(), "198.18.1.6:80".parse().unwrap());
+        assert_eq!(&v2[..12], b"\r\n\r\n\0\r\nQUIT\n");
+        assert_eq!(&v2[12..16], &[0x21, 0x11, 0, 12]);
+        assert_eq!(&v2[16..20], &[198, 18, 4, 1]);
+        assert_eq!(&v2[24..28], &[0x13, 0x88, 0, 80]);
+    }
+}

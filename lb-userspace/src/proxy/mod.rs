@@ -1,0 +1,409 @@
+//! The L7 fallback: VIPs with `forwarding = "l7"` pass through XDP to the kernel stack, where this
+//! proxy terminates them on io_uring (tokio-uring) and balances HTTP/1.1 requests or TCP
+//! connections over their pools.
+//!
+//! Thread per core: every thread runs its own tokio-uring runtime with its own SO_REUSEPORT
+//! listener per VIP, its own upstream keep-alive pool and its own weighted round-robin state, so
+//! threads share nothing on the hot path but the pool snapshot (an `ArcSwap`, swapped by the
+//! controller when health, drains or the config change) and atomic counters.
+//!
+//! Listeners are bound when the proxy starts, before edgelb drops its capabilities, so ports
+//! below 1024 work; adding or removing L7 VIPs therefore needs a restart.
+
+pub mod balance;
+mod chunked;
+mod http;
+mod tcp;
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::{Registry, Unit},
+};
+use tracing::{info, warn};
+
+use crate::config::{Config, L7, L7Mode};
+use balance::{BackendState, Member, Pool};
+
+/// Labels for per-VIP L7 metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VipLabel {
+    /// VIP name.
+    pub vip: String,
+}
+
+/// Labels for L7 request counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// VIP name.
+    pub vip: String,
+    /// Status class: 2xx, 3xx, 4xx, 5xx (1xx never ends a request).
+    pub class: String,
+}
+
+/// The proxy's Prometheus metrics (shared by every proxy thread).
+#[derive(Clone)]
+pub struct L7Metrics {
+    /// Requests by status class.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Request latency, from a complete request head to the end of the response.
+    pub duration: Family<VipLabel, Histogram, fn() -> Histogram>,
+    /// Open client connections.
+    pub active: Family<VipLabel, Gauge>,
+    /// Retries on another backend.
+    pub retries: Family<VipLabel, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ])
+}
+
+impl L7Metrics {
+    /// Fresh metrics, registered in `registry`.
+    pub fn register(registry: &mut Registry) -> Arc<L7Metrics> {
+        let m = L7Metrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+            active: Family::default(),
+            retries: Family::default(),
+        };
+        registry.register(
+            "edgelb_l7_requests",
+            "L7 requests by response status class",
+            m.requests.clone(),
+        );
+        registry.register_with_unit(
+            "edgelb_l7_request_duration",
+            "L7 request latency",
+            Unit::Seconds,
+            m.duration.clone(),
+        );
+        registry.register(
+            "edgelb_l7_active_connections",
+            "Open L7 client connections",
+            m.active.clone(),
+        );
+        registry.register(
+            "edgelb_l7_retries",
+            "L7 requests retried on another backend",
+            m.retries.clone(),
+        );
+        Arc::new(m)
+    }
+}
+
+/// One L7 VIP as the proxy threads see it: settings and pools.
+#[derive(Debug)]
+pub struct VipRuntime {
+    /// VIP name.
+    pub name: String,
+    /// Settings.
+    pub cfg: L7,
+    /// (host, path prefix, pool), tried in order.
+    pub routes: Vec<(Option<String>, Option<String>, Arc<Pool>)>,
+    /// The VIP's own backends.
+    pub default: Arc<Pool>,
+}
+
+impl VipRuntime {
+    /// The pool for a request with `host` and `path`.
+    pub fn pool_for(&self, host: Option<&str>, path: &str) -> &Arc<Pool> {
+        let host = host.map(|h| {
+            let h = h
+                .rsplit_once(':')
+                .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+                .map_or(h, |(h, _)| h);
+            h.to_ascii_lowercase()
+        });
+        for (rh, rp, pool) in &self.routes {
+            let host_ok = rh.as_ref().is_none_or(|want| host.as_deref() == Some(want.as_str()));
+            let path_ok = rp.as_ref().is_none_or(|p| path.starts_with(p.as_str()));
+            if host_ok && path_ok {
+                return pool;
+            }
+        }
+        &self.default
+    }
+}
+
+/// What every proxy thread reads.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// By VIP name.
+    pub vips: HashMap<String, Arc<VipRuntime>>,
+}
+
+/// Everything the threads share.
+pub(crate) struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub metrics: Arc<L7Metrics>,
+    pub stopping: AtomicBool,
+    /// Set when the grace period is over: threads drop their remaining connections.
+    pub force: AtomicBool,
+    /// Open client connections, all threads.
+    pub open: AtomicUsize,
+}
+
+/// The running proxy.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    states: HashMap<(String, SocketAddr), Arc<BackendState>>,
+    listeners: Vec<(String, SocketAddr)>,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// A listener could not be bound.
+    #[error("L7 VIP `{vip}`: binding {addr}: {source}")]
+    Bind {
+        /// VIP name.
+        vip: String,
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A thread could not be started.
+    #[error("starting an L7 thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+fn listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    // The VIP may not be configured on a local interface yet (XDP passes its packets up).
+    if addr.is_ipv4() {
+        s.set_freebind_v4(true)?;
+    } else {
+        s.set_freebind_v6(true)?;
+    }
+    s.set_tcp_nodelay(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(s.into())
+}
+
+/// The L7 VIPs of `cfg`: (name, listen address).
+pub fn l7_listeners(cfg: &Config) -> Vec<(String, SocketAddr)> {
+    cfg.vips
+        .iter()
+        .filter(|v| v.l7.is_some())
+        .map(|v| (v.name.clone(), SocketAddr::new(v.address, v.port)))
+        .collect()
+}
+
+impl Proxy {
+    /// Binds every L7 VIP on `threads` threads and starts serving `cfg` (the effective config:
+    /// dead backends already removed, drained ones at weight 0).
+    pub fn start(
+        cfg: &Config,
+        threads: usize,
+        metrics: Arc<L7Metrics>,
+    ) -> Result<Proxy, ProxyError> {
+        let listeners = l7_listeners(cfg);
+        let shared = Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            metrics,
+            stopping: AtomicBool::new(false),
+            force: AtomicBool::new(false),
+            open: AtomicUsize::new(0),
+        });
+        let mut proxy = Proxy {
+            shared,
+            threads: Vec::new(),
+            states: HashMap::new(),
+            listeners: listeners.clone(),
+        };
+        proxy.update(cfg);
+        for t in 0..threads.max(1) {
+            let mut socks = Vec::new();
+            for (vip, addr) in &listeners {
+                let l = listener(*addr).map_err(|source| ProxyError::Bind {
+                    vip: vip.clone(),
+                    addr: *addr,
+                    source,
+                })?;
+                let mode = cfg
+                    .vips
+                    .iter()
+                    .find(|v| &v.name == vip)
+                    .and_then(|v| v.l7.as_ref())
+                    .map_or(L7Mode::Http, |l| l.mode);
+                socks.push((vip.clone(), *addr, mode, l));
+            }
+            let shared = proxy.shared.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("l7-{t}"))
+                .spawn(move || tokio_uring::start(run_thread(socks, shared)))
+                .map_err(ProxyError::Thread)?;
+            proxy.threads.push(handle);
+        }
+        info!(vips = listeners.len(), threads, "L7 proxy listening");
+        Ok(proxy)
+    }
+
+    /// The (name, address) of every listener.
+    pub fn listeners(&self) -> &[(String, SocketAddr)] {
+        &self.listeners
+    }
+
+    /// Publishes a new pool snapshot from `cfg` (effective config). Per-backend live state
+    /// (in-flight counts, passive failures) carries over.
+    pub fn update(&mut self, cfg: &Config) {
+        let mut vips = HashMap::new();
+        let mut keep = HashMap::new();
+        for vip in &cfg.vips {
+            let Some(l7) = &vip.l7 else { continue };
+            let mut member = |b: &crate::config::Backend| {
+                let addr = SocketAddr::new(b.address, b.port);
+                let key = (vip.name.clone(), addr);
+                let state = self
+                    .states
+                    .get(&key)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(BackendState::new(addr)));
+                keep.insert(key, state.clone());
+                Member { state, weight: b.weight, up: true }
+            };
+            let default =
+                Arc::new(Pool::new(vip.backends.iter().map(&mut member).collect(), l7.algorithm));
+            let routes = l7
+                .routes
+                .iter()
+                .map(|r| {
+                    let pool = Pool::new(r.backends.iter().map(&mut member).collect(), r.algorithm);
+                    (r.host.clone(), r.path_prefix.clone(), Arc::new(pool))
+                })
+                .collect();
+            vips.insert(
+                vip.name.clone(),
+                Arc::new(VipRuntime { name: vip.name.clone(), cfg: l7.clone(), routes, default }),
+            );
+        }
+        self.states = keep;
+        self.shared.snapshot.store(Arc::new(Snapshot { vips }));
+    }
+
+    /// Live state of a backend of an L7 VIP (for tests and status).
+    pub fn backend_state(&self, vip: &str, addr: SocketAddr) -> Option<Arc<BackendState>> {
+        self.states.get(&(vip.to_owned(), addr)).cloned()
+    }
+
+    /// Stops accepting, lets in-flight requests finish for up to `grace`, then stops the threads.
+    pub fn shutdown(mut self, grace: Duration) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + grace;
+        while self.shared.open.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let left = self.shared.open.load(Ordering::SeqCst);
+        if left > 0 {
+            warn!(connections = left, "L7 drain deadline passed; closing the rest");
+        }
+        self.shared.force.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One proxy thread: accept loops until the proxy stops, then this thread's connections finish
+/// until the grace period ends (dropping the runtime then closes whatever is left).
+async fn run_thread(
+    socks: Vec<(String, SocketAddr, L7Mode, std::net::TcpListener)>,
+    shared: Arc<Shared>,
+) {
+    let upstream = http::UpstreamPool::default();
+    let mut accepts = Vec::new();
+    for (vip, addr, mode, l) in socks {
+        let l = tokio_uring::net::TcpListener::from_std(l);
+        let shared = shared.clone();
+        let upstream = upstream.clone();
+        accepts.push(tokio_uring::spawn(async move {
+            accept_loop(l, vip, addr, mode, shared, upstream).await;
+        }));
+    }
+    for a in accepts {
+        let _ = a.await;
+    }
+    while shared.open.load(Ordering::SeqCst) > 0 && !shared.force.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn accept_loop(
+    l: tokio_uring::net::TcpListener,
+    vip: String,
+    listen: SocketAddr,
+    mode: L7Mode,
+    shared: Arc<Shared>,
+    upstream: http::UpstreamPool,
+) {
+    let label = VipLabel { vip: vip.clone() };
+    loop {
+        let accepted = tokio::select! {
+            r = l.accept() => r,
+            _ = wait_stopping(&shared) => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(vip, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Some(rt) = shared.snapshot.load().vips.get(&vip).cloned() else { continue };
+        let open = shared.open.fetch_add(1, Ordering::SeqCst) + 1;
+        let gauge = shared.metrics.active.get_or_create(&label).clone();
+        gauge.inc();
+        let (shared2, upstream2) = (shared.clone(), upstream.clone());
+        tokio_uring::spawn(async move {
+            if open > rt.cfg.max_connections {
+                http::refuse(&stream, mode).await;
+            } else {
+                match mode {
+                    L7Mode::Http => {
+                        http::serve(stream, peer, listen, rt, shared2.clone(), upstream2).await
+                    }
+                    L7Mode::Tcp => tcp::serve(stream, peer, listen, rt, shared2.clone()).await,
+                }
+            }
+            gauge.dec();
+            shared2.open.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+pub(crate) async fn wait_stopping(shared: &Shared) {
+    while !shared.stopping.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The client address as the proxy reports it (IPv4-mapped IPv6 shown as IPv4).
+pub(crate) fn client_ip(peer: SocketAddr) -> IpAddr {
+    match peer.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}

@@ -1,0 +1,80 @@
+//! Plain TCP relay: one backend per client connection, bytes copied both ways, half-close passed
+//! on (when one side finishes sending, the other side's write half is shut down, and the relay
+//! ends once both directions are done).
+
+use std::{
+    net::{Shutdown, SocketAddr},
+    rc::Rc,
+    sync::{Arc, atomic::Ordering},
+};
+
+use tokio_uring::net::TcpStream;
+
+use super::{Shared, VipRuntime, client_ip, http::proxy_header};
+
+async fn pump(from: Rc<TcpStream>, to: Rc<TcpStream>, idle: std::time::Duration) {
+    let mut buf = Vec::with_capacity(16 * 1024);
+    loop {
+        buf.clear();
+        let (r, b) = match tokio::time::timeout(idle, from.read(buf)).await {
+            Ok(x) => x,
+            Err(_) => break,
+        };
+        buf = b;
+        match r {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let (w, b) = to.write_all(buf).await;
+        buf = b;
+        if w.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// Relays one client connection to a backend of `vip`.
+pub async fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    listen: SocketAddr,
+    vip: Arc<VipRuntime>,
+    shared: Arc<Shared>,
+) {
+    let _ = shared.stopping.load(Ordering::Relaxed);
+    let cfg = &vip.cfg;
+    let pool = &vip.default;
+    let mut tried = Vec::new();
+    let mut up = None;
+    for _ in 0..=cfg.retries {
+        let Some(i) = pool.pick(client_ip(peer), &tried, None) else { break };
+        tried.push(i);
+        let addr = pool.members[i].state.addr;
+        match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                pool.members[i].state.success();
+                up = Some((i, s));
+                break;
+            }
+            _ => {
+                pool.members[i].state.failure(cfg.max_fails, cfg.fail_timeout);
+            }
+        }
+    }
+    let Some((i, up)) = up else { return };
+    if let Some(v) = cfg.proxy_protocol {
+        let (r, _) = up.write_all(proxy_header(v, peer, listen)).await;
+        if r.is_err() {
+            return;
+        }
+    }
+    let member = &pool.members[i];
+    member.state.in_flight.fetch_add(1, Ordering::Relaxed);
+    member.state.requests.fetch_add(1, Ordering::Relaxed);
+    let (client, up) = (Rc::new(client), Rc::new(up));
+    let a = tokio_uring::spawn(pump(client.clone(), up.clone(), cfg.idle_timeout));
+    pump(up, client, cfg.idle_timeout).await;
+    let _ = a.await;
+    member.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+}

@@ -1,0 +1,565 @@
+//! The io_uring L7 proxy over real loopback sockets against real (threaded) backends.
+//! Unprivileged: everything here runs on 127.0.0.0/8.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use edgelb::{config::Config, metrics::Metrics, proxy::Proxy};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Ok,
+    Status(u16),
+    Reset,
+    Silent,
+    Slow(u64),
+    Echo,
+}
+
+struct Backend {
+    addr: SocketAddr,
+    conns: Arc<AtomicUsize>,
+    reqs: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reads one request (head and body); returns (head text, body).
+fn read_request(r: &mut BufReader<TcpStream>) -> Option<(String, Vec<u8>)> {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let lower = head.to_ascii_lowercase();
+    let mut body = Vec::new();
+    if lower.contains("transfer-encoding: chunked") {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).ok()?;
+            let n = usize::from_str_radix(size.trim(), 16).ok()?;
+            let mut chunk = vec![0u8; n + 2];
+            r.read_exact(&mut chunk).ok()?;
+            if n == 0 {
+                break;
+            }
+            body.extend(&chunk[..n]);
+        }
+    } else if let Some(l) = lower.lines().find_map(|l| l.strip_prefix("content-length: ")) {
+        let mut b = vec![0u8; l.trim().parse().ok()?];
+        r.read_exact(&mut b).ok()?;
+        body = b;
+    }
+    Some((head, body))
+}
+
+fn backend(name: &'static str, mode: Mode) -> Backend {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (conns, reqs, stop) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (c2, r2, s2) = (conns.clone(), reqs.clone(), stop.clone());
+    let thread = std::thread::spawn(move || {
+        for s in l.incoming() {
+            if s2.load(Ordering::Relaxed) {
+                return;
+            }
+            let Ok(s) = s else { continue };
+            c2.fetch_add(1, Ordering::Relaxed);
+            let (r2, s2) = (r2.clone(), s2.clone());
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                if mode == Mode::Echo {
+                    let mut s = s;
+                    let mut all = Vec::new();
+                    let _ = s.read_to_end(&mut all);
+                    let _ = s.write_all(&all);
+                    return;
+                }
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                while let Some((head, body)) = read_request(&mut r) {
+                    r2.fetch_add(1, Ordering::Relaxed);
+                    let xff = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("X-Forwarded-For: "))
+                        .unwrap_or("-")
+                        .to_owned();
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                    let status = match mode {
+                        Mode::Reset => return,
+                        Mode::Silent => {
+                            while !s2.load(Ordering::Relaxed) {
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                            return;
+                        }
+                        Mode::Slow(ms) => {
+                            std::thread::sleep(Duration::from_millis(ms));
+                            200
+                        }
+                        Mode::Status(s) => s,
+                        _ => 200,
+                    };
+                    let text = format!("{name} {path} xff={xff} len={}", body.len());
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{text}",
+                        text.len()
+                    );
+                    if w.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Backend { addr, conns, reqs, stop, thread: Some(thread) }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Running {
+    proxy: Option<Proxy>,
+    addr: SocketAddr,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(p) = self.proxy.take() {
+            p.shutdown(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Starts the proxy for one L7 VIP on 127.0.0.1 with `backends` and extra `[vip.l7]` lines.
+fn proxy(backends: &[(&Backend, u32)], l7: &str, extra: &str) -> Running {
+    let port = free_port();
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(b, w)| {
+            format!("{{ address = \"127.0.0.1\", port = {}, weight = {w} }}", b.addr.port())
+        })
+        .collect();
+    let text = format!(
+        "[node]\ninterfaces = [\"lo\"]\n\n[[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = {port}\nforwarding = \"l7\"\nbackends = [{}]\n[vip.l7]\n{l7}\n{extra}",
+        list.join(", ")
+    );
+    let cfg = Config::parse(&text, "l7.toml".as_ref()).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let metrics = Metrics::new();
+    let proxy = Proxy::start(&cfg, 2, metrics.l7.clone()).expect("proxy starts");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let start = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Running { proxy: Some(proxy), addr }
+}
+
+/// A response: status, headers (lower-case names), body.
+type Resp = (u16, HashMap<String, String>, String);
+
+fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<Resp> {
+    let mut status_line = String::new();
+    if r.read_line(&mut status_line)? == 0 {
+        return Err(std::io::Error::other("closed"));
+    }
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(status_line.clone()))?;
+    let mut headers = HashMap::new();
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some((n, v)) = line.split_once(':') {
+            headers.insert(n.trim().to_ascii_lowercase(), v.trim().to_owned());
+        }
+    }
+    let mut body =
+        vec![0u8; headers.get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0)];
+    r.read_exact(&mut body)?;
+    Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// One request on a new connection from `src` (127.0.0.1 if none).
+fn request(addr: SocketAddr, src: Option<&str>, raw: &str) -> std::io::Result<Resp> {
+    let s = match src {
+        None => TcpStream::connect(addr)?,
+        Some(src) => {
+            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            sock.bind(&format!("{src}:0").parse::<SocketAddr>().unwrap().into())?;
+            sock.connect(&addr.into())?;
+            sock.into()
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    (&s).write_all(raw.as_bytes())?;
+    read_response(&mut BufReader::new(s))
+}
+
+fn get(addr: SocketAddr, path: &str) -> Resp {
+    request(addr, None, &format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"))
+        .expect("response")
+}
+
+fn who(r: &Resp) -> String {
+    r.2.split_whitespace().next().unwrap_or("").to_owned()
+}
+
+fn count(addr: SocketAddr, n: usize) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for _ in 0..n {
+        let r = get(addr, "/");
+        assert_eq!(r.0, 200, "{r:?}");
+        *m.entry(who(&r)).or_default() += 1;
+    }
+    m
+}
+
+#[test]
+fn round_robin_is_even() {
+    let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));
+    let p = proxy(&[(&a, 1), (&b, 1), (&c, 1)], "algorithm = \"round_robin\"", "");
+    let m = count(p.addr, 300);
+    assert_eq!((m["a"], m["b"], m["c"]), (100, 100, 100), "{m:?}");
+}
+
+#[test]
+fn weighted_respects_weights_within_5_percent() {
+    let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));
+    let p = proxy(&[(&a, 1), (&b, 2), (&c, 3)], "algorithm = \"weighted\"", "");
+    let m = count(p.addr, 600);
+    for (name, want) in [("a", 100.0), ("b", 200.0), ("c", 300.0)] {
+        let got = m[name] as f64;
+        assert!((got - want).abs() <= 0.05 * want, "{name}: {got} vs {want} ({m:?})");
+    }
+}
+
+#[test]
+fn random_and_p2c_spread_over_all_backends() {
+    for algo in ["random", "p2c"] {
+        let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));
+        let p = proxy(&[(&a, 1), (&b, 1), (&c, 1)], &format!("algorithm = \"{algo}\""), "");
+        let m = count(p.addr, 600);
+        for name in ["a", "b", "c"] {
+            assert!((m[name] as f64 - 200.0).abs() <= 60.0, "{algo}: {m:?}");
+        }
+    }
+}
+
+#[test]
+fn least_conn_avoids_the_busy_backend() {
+    let (fast, slow) = (backend("fast", Mode::Ok), backend("slow", Mode::Slow(100)));
+    let p = proxy(&[(&fast, 1), (&slow, 1)], "algorithm = \"least_conn\"", "");
+    let addr = p.addr;
+    let counts = Arc::new(std::sync::Mutex::new(HashMap::<String, usize>::new()));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let counts = counts.clone();
+            std::thread::spawn(move || {
+                for _ in 0..25 {
+                    let r = get(addr, "/");
+                    *counts.lock().unwrap().entry(who(&r)).or_default() += 1;
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    let m = counts.lock().unwrap();
+    assert!(m["fast"] > 3 * m.get("slow").copied().unwrap_or(0), "{m:?}");
+}
+
+#[test]
+fn client_hash_sticks_per_client_address() {
+    let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));
+    let p = proxy(&[(&a, 1), (&b, 1), (&c, 1)], "algorithm = \"hash\"", "");
+    let mut used = std::collections::HashSet::new();
+    for i in 1..=60 {
+        let src = format!("127.0.{}.{}", i / 250, i % 250 + 2);
+        let first = who(&request(
+            p.addr,
+            Some(&src),
+            "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap());
+        for _ in 0..4 {
+            let again = who(&request(
+                p.addr,
+                Some(&src),
+                "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            )
+            .unwrap());
+            assert_eq!(again, first, "client {src} moved");
+        }
+        used.insert(first);
+    }
+    assert_eq!(used.len(), 3);
+}
+
+#[test]
+fn cookie_stickiness_with_signed_cookies() {
+    let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));
+    let p = proxy(
+        &[(&a, 1), (&b, 1), (&c, 1)],
+        "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef0123\"",
+        "",
+    );
+    let first = get(p.addr, "/");
+    let cookie = first.1["set-cookie"].split(';').next().unwrap().to_owned();
+    assert!(cookie.starts_with("edgelb="), "{cookie}");
+    for _ in 0..20 {
+        let r = request(
+            p.addr,
+            None,
+            &format!(
+                "GET / HTTP/1.1\r\nHost: t\r\nCookie: x=1; {cookie}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(who(&r), who(&first));
+        assert!(!r.1.contains_key("set-cookie"), "a valid cookie is not re-issued");
+    }
+    // A forged cookie (another backend, old signature) is ignored and replaced.
+    let other = [&a, &b, &c]
+        .into_iter()
+        .find(|x| x.addr.to_string() != cookie.split(['=', '~']).nth(1).unwrap())
+        .unwrap();
+    let forged = format!("{}~{}", other.addr, cookie.rsplit('~').next().unwrap());
+    let r = request(
+        p.addr,
+        None,
+        &format!(
+            "GET / HTTP/1.1\r\nHost: t\r\nCookie: edgelb={forged}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .unwrap();
+    assert!(r.1.contains_key("set-cookie"), "forged cookie replaced");
+    // Without a cookie, new clients spread by weighted round-robin (per thread, so within 5 %).
+    let m = count(p.addr, 300);
+    assert!(m.values().all(|n| (*n as f64 - 100.0).abs() <= 5.0), "{m:?}");
+}
+
+#[test]
+fn retries_idempotent_requests_but_not_posts() {
+    for bad_mode in [Mode::Status(503), Mode::Reset] {
+        let (bad, good) = (backend("bad", bad_mode), backend("good", Mode::Ok));
+        let p = proxy(&[(&bad, 1), (&good, 1)], "algorithm = \"round_robin\"\nmax_fails = 100", "");
+        for _ in 0..10 {
+            let r = get(p.addr, "/");
+            assert_eq!(
+                (r.0, who(&r)),
+                (200, "good".to_owned()),
+                "GET is retried on the other backend"
+            );
+        }
+        assert!(bad.reqs.load(Ordering::Relaxed) >= 4, "the bad backend was tried");
+        let mut failed = 0;
+        for _ in 0..10 {
+            let r = request(
+                p.addr,
+                None,
+                "POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+            )
+            .unwrap();
+            match r.0 {
+                200 => assert_eq!(who(&r), "good"),
+                s => {
+                    assert_eq!(s, if bad_mode == Mode::Reset { 502 } else { 503 });
+                    failed += 1;
+                }
+            }
+        }
+        assert!(failed >= 4, "POSTs that reached the bad backend were not retried ({failed})");
+    }
+}
+
+#[test]
+fn timeouts_and_limits_answer_cleanly() {
+    let silent = backend("silent", Mode::Silent);
+    let p = proxy(
+        &[(&silent, 1)],
+        "header_timeout_ms = 500\nresponse_timeout_ms = 400\nmax_header_bytes = 2048\nmax_headers = 20",
+        "",
+    );
+
+    // A backend that never answers: 504 within the response timeout.
+    let t = Instant::now();
+    let r = get(p.addr, "/");
+    assert_eq!(r.0, 504);
+    assert!(t.elapsed() < Duration::from_millis(1500), "504 after {:?}", t.elapsed());
+
+    // Oversized head: 431.
+    let big = format!("GET / HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n", "a".repeat(4096));
+    assert_eq!(request(p.addr, None, &big).unwrap().0, 431);
+    let many: String = (0..30).map(|i| format!("X-{i}: v\r\n")).collect();
+    assert_eq!(
+        request(p.addr, None, &format!("GET / HTTP/1.1\r\nHost: t\r\n{many}\r\n")).unwrap().0,
+        431
+    );
+
+    // Malformed request line: 400.
+    assert_eq!(request(p.addr, None, "GARBAGE\r\n\r\n").unwrap().0, 400);
+    assert_eq!(
+        request(p.addr, None, "GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx")
+            .unwrap()
+            .0,
+        400
+    );
+
+    // A byte-per-interval client is cut off at the header timeout.
+    let mut s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t = Instant::now();
+    let mut cut = false;
+    for b in b"GET / HTTP/1.1\r\nHost: slow-client\r\n" {
+        if s.write_all(&[*b]).is_err() {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        if t.elapsed() > Duration::from_millis(900) {
+            break;
+        }
+    }
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    assert!(cut || resp.starts_with("HTTP/1.1 408"), "{resp:?}");
+    assert!(t.elapsed() < Duration::from_millis(1500), "cut after {:?}", t.elapsed());
+}
+
+#[test]
+fn upstream_connections_are_reused() {
+    let a = backend("a", Mode::Ok);
+    let p = proxy(&[(&a, 1)], "", "");
+    let s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    // Pipelined: two requests written at once, answered in order.
+    (&s).write_all(b"GET /1 HTTP/1.1\r\nHost: t\r\n\r\nGET /2 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert!(read_response(&mut r).unwrap().2.contains(" /1 "));
+    assert!(read_response(&mut r).unwrap().2.contains(" /2 "));
+    for i in 0..48 {
+        (&s).write_all(format!("GET /{i} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).unwrap();
+        assert_eq!(read_response(&mut r).unwrap().0, 200);
+    }
+    assert_eq!(a.reqs.load(Ordering::Relaxed), 50);
+    assert_eq!(a.conns.load(Ordering::Relaxed), 1, "one upstream connection for 50 requests");
+    // New client connections reuse the idle upstream connections too (one pool per thread).
+    for _ in 0..20 {
+        assert_eq!(get(p.addr, "/").0, 200);
+    }
+    assert!(
+        a.conns.load(Ordering::Relaxed) <= 3,
+        "{} upstream connections",
+        a.conns.load(Ordering::Relaxed)
+    );
+}
+
+#[test]
+fn routes_by_host_and_path_and_streams_chunked_bodies() {
+    let (api, stat, def) =
+        (backend("api", Mode::Ok), backend("static", Mode::Ok), backend("default", Mode::Ok));
+    let routes = format!(
+        "[[vip.route]]\nhost = \"api.example\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n[[vip.route]]\npath_prefix = \"/static/\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n",
+        api.addr.port(),
+        stat.addr.port()
+    );
+    let p = proxy(&[(&def, 1)], "", &routes);
+    let r = request(
+        p.addr,
+        None,
+        "GET /x HTTP/1.1\r\nHost: API.example:8080\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(who(&r), "api");
+    assert_eq!(who(&get(p.addr, "/static/a.css")), "static");
+    assert_eq!(who(&get(p.addr, "/other")), "default");
+    // X-Forwarded-For carries the client address.
+    assert!(get(p.addr, "/").2.contains("xff=127.0.0.1"));
+    // A chunked upload, sent in pieces, arrives whole.
+    let s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    (&s).write_all(b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+    for _ in 0..10 {
+        (&s).write_all(b"400\r\n").unwrap();
+        (&s).write_all(&[b'x'; 1024]).unwrap();
+        (&s).write_all(b"\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (&s).write_all(b"0\r\n\r\n").unwrap();
+    let r = read_response(&mut BufReader::new(s)).unwrap();
+    assert!(r.2.ends_with("len=10240"), "{r:?}");
+}
+
+#[test]
+fn tcp_mode_relays_with_half_close() {
+    let echo = backend("echo", Mode::Echo);
+    let p = proxy(&[(&echo, 1)], "mode = \"tcp\"", "");
+    let mut s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let data: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+    s.write_all(&data).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).unwrap();
+    assert_eq!(back, data, "everything came back after the half-close");
+}
+
+#[test]
+fn passive_health_takes_a_failing_backend_out() {
+    let (bad, good) = (backend("bad", Mode::Reset), backend("good", Mode::Ok));
+    let p = proxy(
+        &[(&bad, 1), (&good, 1)],
+        "algorithm = \"round_robin\"\nmax_fails = 2\nfail_timeout_ms = 60000",
+        "",
+    );
+    for _ in 0..6 {
+        assert_eq!(get(p.addr, "/").0, 200);
+    }
+    let tried = bad.reqs.load(Ordering::Relaxed);
+    assert!(tried <= 2, "bad backend tried {tried} times before being taken out");
+    for _ in 0..20 {
+        assert_eq!(get(p.addr, "/").0, 200);
+    }
+    assert_eq!(
+        bad.reqs.load(Ordering::Relaxed),
+        tried,
+        "no more requests to a passively failed backend"
+    );
+}
