@@ -23,6 +23,8 @@ enum Mode {
     Silent,
     Slow(u64),
     Echo,
+    /// Writes its response a few bytes at a time.
+    Dribble,
 }
 
 struct Backend {
@@ -562,4 +564,30 @@ fn passive_health_takes_a_failing_backend_out() {
         tried,
         "no more requests to a passively failed backend"
     );
+}
+
+#[test]
+fn responses_arriving_in_pieces_are_reassembled() {
+    let d = backend("dribble", Mode::Dribble);
+    let p = proxy(&[(&d, 1)], "", "");
+    for i in 0..10 {
+        let r = get(p.addr, &format!("/{i}"));
+        assert_eq!(r.0, 200);
+        assert!(r.2.starts_with(&format!("dribble /{i} ")), "{r:?}");
+    }
+}
+
+#[test]
+fn graceful_shutdown_finishes_in_flight_requests() {
+    let slow = backend("slow", Mode::Slow(400));
+    let mut p = proxy(&[(&slow, 1)], "", "");
+    let addr = p.addr;
+    let inflight = std::thread::spawn(move || get(addr, "/long"));
+    std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    p.proxy.take().unwrap().shutdown(Duration::from_secs(3));
+    let r = inflight.join().unwrap();
+    assert_eq!((r.0, who(&r)), (200, "slow".to_owned()), "the in-flight request completed");
+    assert!(t.elapsed() < Duration::from_secs(2), "shutdown waited only for the in-flight request");
+    assert!(TcpStream::connect(addr).is_err(), "listeners are closed");
 }

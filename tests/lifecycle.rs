@@ -71,11 +71,31 @@ address = "198.18.1.1"
 port = 53
 protocol = "udp"
 backends = [{}]
+
+[[vip]]
+name = "web7"
+address = "198.18.1.6"
+port = 80
+forwarding = "l7"
+backends = [{}]
+[vip.l7]
+algorithm = "round_robin"
+[vip.health]
+kind = "http"
+interval_ms = {}
+timeout_ms = 150
+rise = {RISE}
+fall = {FALL}
 "#,
         backends(&[1, 2, 3]),
         INTERVAL.as_millis(),
         backends(echo_backends),
-        backends(&[1, 2, 3])
+        backends(&[1, 2, 3]),
+        (1..=3)
+            .map(|i| format!("{{ address = \"198.18.0.{}\", port = 80 }}", 10 + i))
+            .collect::<Vec<_>>()
+            .join(", "),
+        INTERVAL.as_millis()
     )
 }
 
@@ -628,5 +648,51 @@ fn metrics_match_the_traffic_sent_and_capabilities_are_dropped() {
     for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
         let line = status.lines().find(|l| l.starts_with(set)).unwrap();
         assert!(line.ends_with("0000000000000000"), "{line}");
+    }
+}
+
+#[test]
+fn l7_vip_passes_xdp_to_the_proxy_which_follows_health() {
+    let Some(mut bed) = Bed::up("l7", &[1, 2, 3]) else { return };
+    let vip = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    let ask = |bed: &Bed, n: u32| {
+        netns::in_netns(&bed.tb.names.client, || {
+            (0..n)
+                .map(|i| {
+                    servers::http_get(
+                        Some(SocketAddr::new(IpAddr::V4(pool_addr(i)), 0)),
+                        vip,
+                        TIMEOUT,
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap()
+    };
+    let before = scrape(&bed);
+    let answers = ask(&bed, 30);
+    let mut seen = HashMap::<String, u32>::new();
+    for a in answers {
+        *seen.entry(a.expect("L7 request through the proxy")).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 3, "round-robin over three backends: {seen:?}");
+    let after = scrape(&bed);
+    let delta =
+        |name: &str, labels: &str| metric(&after, name, labels) - metric(&before, name, labels);
+    assert!(
+        delta("edgelb_xdp_verdicts_total", "action=\"pass\",reason=\"l7\"") >= 30.0 * 3.0,
+        "{after}"
+    );
+    assert_eq!(delta("edgelb_l7_requests_total", "vip=\"web7\",class=\"2xx\""), 30.0, "{after}");
+
+    // A dead backend leaves the L7 pool through the same active health view as L4.
+    bed.kill_backend(2);
+    let t = Instant::now();
+    while bed.e().healthy("web7", "198.18.0.12") {
+        assert!(t.elapsed() < INTERVAL * (FALL + 2) + Duration::from_secs(1), "never marked down");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for a in ask(&bed, 30) {
+        assert_ne!(a.expect("no failure once the backend is out"), "backend-2");
     }
 }

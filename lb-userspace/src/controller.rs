@@ -470,6 +470,13 @@ impl Controller {
                     address: b.address,
                     weight: b.weight,
                     healthy: !self.down.contains(&(vip.name.clone(), b.address)),
+                    passive_down: self
+                        .proxy
+                        .as_ref()
+                        .and_then(|p| {
+                            p.backend_state(&vip.name, std::net::SocketAddr::new(b.address, b.port))
+                        })
+                        .is_some_and(|s| s.passive_down()),
                     drained: b.weight == 0 || self.is_drained(&vip.name, b.address),
                     ring_share: share,
                     packets: bc.packets,

@@ -291,7 +291,11 @@ fn print_status(s: &edgelb::admin::Status) {
                 "  {:<40} {:>6} {:>7} {:>8} {:>7.2} {:>12} {:>14} {:>10} {:>10.0}",
                 b.address.to_string(),
                 b.weight,
-                if b.healthy { "up" } else { "DOWN" },
+                match (b.healthy, b.passive_down) {
+                    (false, _) => "DOWN",
+                    (true, true) => "FAILING",
+                    (true, false) => "up",
+                },
                 if b.drained { "yes" } else { "no" },
                 b.ring_share * 100.0,
                 b.packets,

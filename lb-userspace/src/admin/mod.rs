@@ -117,6 +117,9 @@ pub struct BackendStatus {
     pub weight: u32,
     /// Health-check verdict (true without a check).
     pub healthy: bool,
+    /// L7 only: taken out by passive health (consecutive request failures) for a while.
+    #[serde(default)]
+    pub passive_down: bool,
     /// Drained by `edgelb drain` or weight 0.
     pub drained: bool,
     /// Fraction of the ring's slots it holds.

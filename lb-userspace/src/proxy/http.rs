@@ -20,7 +20,7 @@ use std::{
 };
 
 use tokio::time::timeout_at;
-use tokio_uring::net::TcpStream;
+use tokio_uring::{buf::BoundedBuf, net::TcpStream};
 
 use super::{
     RequestLabels, Shared, VipLabel, VipRuntime,
@@ -69,11 +69,15 @@ impl UpstreamPool {
 }
 
 /// Reads more bytes into `buf` (appending); Ok(0) at end of stream.
+///
+/// tokio-uring reads into a buffer from its start, so the read goes into a slice of the spare
+/// capacity, which appends.
 async fn read_more(s: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     let mut b = std::mem::take(buf);
     b.reserve(READ_CHUNK);
-    let (r, b) = s.read(b).await;
-    *buf = b;
+    let (len, cap) = (b.len(), b.capacity());
+    let (r, slice) = s.read(b.slice(len..cap)).await;
+    *buf = slice.into_inner();
     r
 }
 
@@ -551,6 +555,13 @@ pub async fn serve(
                 }
                 Err(Attempt::ClientGone) => return,
                 Err(e) => {
+                    tracing::debug!(
+                        vip = %vip.name,
+                        backend = %member.state.addr,
+                        attempt,
+                        failure = match e { Attempt::Connect => "connect", Attempt::Timeout => "timeout", Attempt::Broken => "broken", Attempt::ClientGone => "client gone" },
+                        "L7 attempt failed"
+                    );
                     member.state.failure(cfg.max_fails, cfg.fail_timeout);
                     let sent = matches!(e, Attempt::Timeout | Attempt::Broken);
                     last = e;
@@ -706,7 +717,10 @@ async fn attempt_once(
                 Ok(Some(r)) => break r,
                 Ok(None) if ubuf.len() > 64 * 1024 => return Err(Attempt::Broken),
                 Ok(None) => {}
-                Err(()) => return Err(Attempt::Broken),
+                Err(()) => {
+                    tracing::debug!(%addr, head = %String::from_utf8_lossy(&ubuf[..ubuf.len().min(200)]), "unparsable response head");
+                    return Err(Attempt::Broken);
+                }
             }
             match timeout_at(resp_deadline, read_more(&up, &mut ubuf)).await {
                 Ok(Ok(0)) | Ok(Err(_)) if ubuf.is_empty() && !fresh && framing == Framing::None => {
@@ -718,7 +732,14 @@ async fn attempt_once(
                         len: 0,
                     };
                 }
-                Ok(Ok(0)) | Ok(Err(_)) => return Err(Attempt::Broken),
+                Ok(Ok(0)) => {
+                    tracing::debug!(%addr, got = ubuf.len(), fresh, "backend closed before a response head");
+                    return Err(Attempt::Broken);
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%addr, got = ubuf.len(), fresh, error = %e, "backend connection failed before a response head");
+                    return Err(Attempt::Broken);
+                }
                 Ok(Ok(_)) => {}
                 Err(_) => return Err(Attempt::Timeout),
             }

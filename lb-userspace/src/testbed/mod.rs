@@ -4,6 +4,7 @@
 //! ```text
 //!   client (cl0)  198.18.0.1   2001:2::1        pool 198.18.4.0/22 (AnyIP sources)
 //!   lb     (lb0)  198.18.0.2   2001:2::2        XDP balancer
+//!                 L7 VIP 198.18.1.6 on lo (the proxy terminates it here)
 //!   b1..b3 (be0)  198.18.0.11-13  2001:2::11-13 VIPs on lo, XDP decap on be0
 //!                 all joined by br0 in the switch namespace
 //! ```
@@ -52,6 +53,8 @@ pub const BACKEND_MACS: [[u8; 6]; 3] =
     [[2, 0xed, 0, 0, 0, 0x11], [2, 0xed, 0, 0, 0, 0x12], [2, 0xed, 0, 0, 0, 0x13]];
 /// The IPv4 VIP the backends hold.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+/// The L7 VIP: held by the balancer node itself (on its `lo`), where the proxy terminates it.
+pub const VIP_L7: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 6);
 /// The IPv6 VIP the backends hold.
 pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 1);
 /// The balancer's interface inside its namespace.
@@ -209,6 +212,8 @@ impl Testbed {
         let pool = format!("{}/{}", CLIENT_POOL.0, CLIENT_POOL.1);
         sh(&["ip", "-n", client, "route", "add", "local", &pool, "dev", "lo"])?;
         sh(&["ip", "netns", "exec", client, "ethtool", "-K", "cl0", "tx", "off"])?;
+        sh(&["ip", "-n", &names.lb, "addr", "add", &format!("{VIP_L7}/32"), "dev", "lo"])?;
+        sh(&["ip", "-n", &names.lb, "route", "add", &pool, "via", &CLIENT.to_string()])?;
         for ns in &names.backends {
             sh(&["ip", "-n", ns, "addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
             sh(&[

@@ -218,7 +218,8 @@ pub fn http_get(
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned();
-    if !resp.starts_with("HTTP/1.0 200") || body.is_empty() {
+    let ok = resp.starts_with("HTTP/1.0 200") || resp.starts_with("HTTP/1.1 200");
+    if !ok || body.is_empty() {
         return Err(std::io::Error::other(format!("bad response: {resp:?}")));
     }
     Ok(body)
