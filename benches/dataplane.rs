@@ -12,6 +12,10 @@
 //!   edgelb's XDP program on the far side and sent back with XDP_TX to a counting sink; then the
 //!   same with the trivial XDP_TX program in edgelb's place.
 //! - `maglev`: table build time, load imbalance and disruption.
+//! - `l7`: wrk through edgelb's proxy, HAProxy and nginx (Debian packages) in the same run, same
+//!   nginx backend, same concurrency, each proxy with one worker pinned to CPU 0 (wrk and the
+//!   backend share CPU 1), plus the direct-to-backend ceiling; requests/s, p50/p99 latency and
+//!   the proxy's own CPU seconds from /proc.
 #![allow(missing_docs)]
 
 #[path = "../tests/common/packet.rs"]
@@ -101,6 +105,12 @@ fn machine() -> String {
 }
 
 fn main() {
+    // Re-executed by the l7 part as the edgelb proxy under test (pinned with taskset).
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("l7-serve") {
+        l7_serve(&args[2]);
+        return;
+    }
     let parts: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let parts =
         if parts.is_empty() { vec!["xdp".into(), "veth".into(), "maglev".into()] } else { parts };
@@ -116,8 +126,9 @@ fn main() {
             "xdp" => xdp(&mut results),
             "veth" => veth(&mut results),
             "maglev" => maglev(&mut results),
+            "l7" => l7(&mut results),
             other => {
-                eprintln!("unknown part `{other}`: xdp, veth or maglev");
+                eprintln!("unknown part `{other}`: xdp, veth, maglev or l7");
                 std::process::exit(2);
             }
         }
@@ -468,4 +479,213 @@ fn maglev(results: &mut Value) {
         "\ntargets: imbalance ≤ 1.01 at N=100, M=65537; moved ≤ 1.5× ideal; build < 10 ms at N=1000, M=65537\n"
     );
     results["maglev"] = out;
+}
+
+const BACKEND_PORT: u16 = 18080;
+
+fn l7_serve(config: &str) {
+    let text = std::fs::read_to_string(config).expect("config");
+    let cfg = Config::parse(&text, config.as_ref()).expect("valid config");
+    let metrics = edgelb::metrics::Metrics::new();
+    let _proxy = edgelb::proxy::Proxy::start(&cfg, 1, metrics.l7.clone()).expect("proxy");
+    // Serve until killed.
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// A child process killed (by PID) on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(cmd: &[&str]) -> Child {
+    Child(
+        std::process::Command::new(cmd[0])
+            .args(&cmd[1..])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", cmd[0])),
+    )
+}
+
+fn wait_port(port: u16) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// utime + stime of `pid` and its threads, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// (requests/s, p50 ms, p99 ms) from wrk's --latency output.
+fn wrk(port: u16, conns: u32, secs: u32) -> (f64, f64, f64) {
+    let out = std::process::Command::new("taskset")
+        .args(["-c", "1", "wrk", "-t1", &format!("-c{conns}"), &format!("-d{secs}s"), "--latency"])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .expect("wrk");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ms = |v: &str| -> f64 {
+        let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
+        let n: f64 = num.parse().unwrap_or(f64::NAN);
+        match unit {
+            "us" => n / 1000.0,
+            "ms" => n,
+            "s" => n * 1000.0,
+            _ => f64::NAN,
+        }
+    };
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    let pct = |p: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(p).map(|v| ms(v.trim())))
+            .unwrap_or(f64::NAN)
+    };
+    let errors = text.lines().find(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
+    if let Some(e) = errors {
+        println!("  (wrk on port {port}, c{conns}: {})", e.trim());
+    }
+    (rps, pct("50%"), pct("99%"))
+}
+
+fn l7(results: &mut Value) {
+    for tool in ["wrk", "haproxy", "nginx", "taskset"] {
+        if std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map_or(true, |o| !o.status.success())
+        {
+            println!("l7: skipped, `{tool}` missing (apt-get install wrk haproxy nginx-light)");
+            return;
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("edgelb-l7-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.display();
+    let nginx_conf = |name: &str, body: &str| {
+        let path = dir.join(format!("{name}.conf"));
+        std::fs::write(
+            &path,
+            format!("worker_processes 1;\nmaster_process off;\ndaemon off;\npid {d}/{name}.pid;\nerror_log {d}/{name}.err;\nevents {{ worker_connections 8192; }}\nhttp {{\n access_log off;\n client_body_temp_path {d};\n proxy_temp_path {d};\n {body}\n}}\n"),
+        )
+        .unwrap();
+        path
+    };
+    let backend = nginx_conf(
+        "backend",
+        &format!(
+            "server {{ listen 127.0.0.1:{BACKEND_PORT} reuseport; keepalive_requests 1000000; location / {{ return 200 \"ok\\n\"; }} }}"
+        ),
+    );
+    let nginx_proxy = nginx_conf(
+        "proxy",
+        &format!(
+            "upstream b {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 256; }}\n server {{ listen 127.0.0.1:18083; keepalive_requests 1000000; location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
+        ),
+    );
+    let haproxy_cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &haproxy_cfg,
+        format!("global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n  http-reuse safe\nfrontend f\n  bind 127.0.0.1:18082\n  default_backend b\nbackend b\n  server s1 127.0.0.1:{BACKEND_PORT}\n"),
+    )
+    .unwrap();
+    let edgelb_cfg = dir.join("edgelb.toml");
+    std::fs::write(
+        &edgelb_cfg,
+        format!("[node]\ninterfaces = [\"lo\"]\n[metrics]\nenabled = false\n[[vip]]\nname = \"bench\"\naddress = \"127.0.0.1\"\nport = 18081\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {BACKEND_PORT} }}]\n[vip.l7]\nmax_connections = 100000\n"),
+    )
+    .unwrap();
+
+    let _backend = spawn(&["taskset", "-c", "1", "nginx", "-c", backend.to_str().unwrap()]);
+    wait_port(BACKEND_PORT);
+    let me = std::env::current_exe().unwrap();
+    let proxies: Vec<(&str, u16, Option<Child>)> = vec![
+        ("direct", BACKEND_PORT, None),
+        (
+            "edgelb",
+            18081,
+            Some(spawn(&[
+                "taskset",
+                "-c",
+                "0",
+                me.to_str().unwrap(),
+                "l7-serve",
+                edgelb_cfg.to_str().unwrap(),
+            ])),
+        ),
+        (
+            "haproxy",
+            18082,
+            Some(spawn(&["taskset", "-c", "0", "haproxy", "-f", haproxy_cfg.to_str().unwrap()])),
+        ),
+        (
+            "nginx",
+            18083,
+            Some(spawn(&["taskset", "-c", "0", "nginx", "-c", nginx_proxy.to_str().unwrap()])),
+        ),
+    ];
+    for (_, port, _) in &proxies {
+        wait_port(*port);
+    }
+    const SECS: u32 = 5;
+    let mut out = json!({});
+    println!(
+        "## L7: wrk -t1 -d{SECS}s through each proxy (one worker pinned to CPU 0; wrk and an nginx backend on CPU 1)\n"
+    );
+    println!(
+        "| conns | proxy | requests/s | p50 ms | p99 ms | proxy CPU s | requests per proxy CPU-second |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|");
+    for conns in [64u32, 256] {
+        let key = format!("c{conns}");
+        out[&key] = json!({});
+        for (name, port, child) in &proxies {
+            wrk(*port, conns, 1); // warm-up
+            let pid = child.as_ref().map(|c| c.0.id());
+            let before = pid.map_or(0.0, cpu_seconds);
+            let (rps, p50, p99) = wrk(*port, conns, SECS);
+            let cpu = pid.map_or(0.0, cpu_seconds) - before;
+            let per_cpu = if cpu > 0.0 { rps * SECS as f64 / cpu } else { f64::NAN };
+            println!(
+                "| {conns} | {name} | {rps:.0} | {p50:.2} | {p99:.2} | {cpu:.2} | {per_cpu:.0} |"
+            );
+            if *name == "direct" {
+                out[&key]["direct_rps"] = json!(rps);
+            } else {
+                out[&key][format!("{name}_rps")] = json!(rps);
+                out[&key][format!("{name}_p50_ms")] = json!(p50);
+                out[&key][format!("{name}_p99_ms")] = json!(p99);
+                out[&key][format!("{name}_req_per_cpu_s")] = json!(per_cpu);
+            }
+        }
+    }
+    let c = &out["c64"];
+    let ratio = c["edgelb_req_per_cpu_s"].as_f64().unwrap_or(0.0)
+        / c["haproxy_req_per_cpu_s"].as_f64().unwrap_or(1.0);
+    println!("\nc64: edgelb requests per CPU-second / HAProxy's = {ratio:.2} (target ≥ 1.3)\n");
+    out["method"] = json!(
+        "wrk -t1, keep-alive, 5 s after a 1 s warm-up; CPU seconds from /proc/<pid>/stat; oha fixed-rate p99 not measured"
+    );
+    results["l7"] = out;
+    drop(proxies);
+    let _ = std::fs::remove_dir_all(&dir);
 }
