@@ -23,7 +23,7 @@ use tokio::time::timeout_at;
 use tokio_uring::{buf::BoundedBuf, net::TcpStream};
 
 use super::{
-    RequestLabels, Shared, VipLabel, VipRuntime,
+    Shared, VipRuntime,
     balance::{Pool, sign_cookie, verify_cookie},
     chunked::Chunked,
     client_ip,
@@ -160,22 +160,14 @@ fn tokens(headers: &[(String, Vec<u8>)], name: &str) -> Vec<String> {
         .collect()
 }
 
-/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus those `Connection` lists.
-fn hop_by_hop(headers: &[(String, Vec<u8>)]) -> Vec<String> {
-    let mut h: Vec<String> = [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "upgrade",
-        "transfer-encoding",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    h.extend(tokens(headers, "connection"));
-    h
+/// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 7] =
+    ["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "transfer-encoding"];
+
+/// Is `name` hop-by-hop, by the fixed list or because `Connection` (`listed`) names it?
+fn is_hop(name: &str, listed: &[String]) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+        || listed.iter().any(|l| name.eq_ignore_ascii_case(l))
 }
 
 /// Body framing of a message with `headers` (RFC 9112 6.3); Err for ambiguous or invalid framing.
@@ -327,10 +319,6 @@ fn idempotent(method: &str) -> bool {
     matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
 }
 
-fn status_class(status: u16) -> String {
-    format!("{}xx", status / 100)
-}
-
 /// The request head as sent to the backend.
 fn upstream_head(
     req: &ReqHead,
@@ -338,24 +326,27 @@ fn upstream_head(
     peer: SocketAddr,
     forwarded_for: bool,
 ) -> Vec<u8> {
-    let skip = hop_by_hop(&req.headers);
-    let mut out = format!("{} {} HTTP/1.1\r\n", req.method, req.path).into_bytes();
+    let listed = tokens(&req.headers, "connection");
+    let mut out = Vec::with_capacity(256 + req.headers.len() * 32);
+    out.extend(req.method.as_bytes());
+    out.push(b' ');
+    out.extend(req.path.as_bytes());
+    out.extend(b" HTTP/1.1\r\n");
     let mut xff = None;
     let mut fwd = None;
     for (name, value) in &req.headers {
-        let lower = name.to_ascii_lowercase();
-        if skip.contains(&lower) {
+        if is_hop(name, &listed) {
             continue;
         }
-        if forwarded_for && lower == "x-forwarded-for" {
+        if forwarded_for && name.eq_ignore_ascii_case("x-forwarded-for") {
             xff = Some(String::from_utf8_lossy(value).into_owned());
             continue;
         }
-        if forwarded_for && lower == "forwarded" {
+        if forwarded_for && name.eq_ignore_ascii_case("forwarded") {
             fwd = Some(String::from_utf8_lossy(value).into_owned());
             continue;
         }
-        if forwarded_for && lower == "x-forwarded-proto" {
+        if forwarded_for && name.eq_ignore_ascii_case("x-forwarded-proto") {
             continue;
         }
         out.extend(name.as_bytes());
@@ -432,7 +423,8 @@ pub async fn serve(
 ) {
     let mut vip = vip;
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-    let label = VipLabel { vip: vip.name.clone() };
+    // Backend read buffer, reused for every request of this connection.
+    let mut ubuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut first = true;
     loop {
         // Pick up the newest pools for every request on a keep-alive connection.
@@ -526,20 +518,20 @@ pub async fn serve(
         for attempt in 0..=cfg.retries {
             let Some(i) = pool.pick(client_ip(peer), &tried, sticky) else { break };
             if attempt > 0 {
-                shared.metrics.retries.get_or_create(&label).inc();
+                vip.retries.inc();
             }
             tried.push(i);
             let member = &pool.members[i];
             member.state.in_flight.fetch_add(1, Ordering::Relaxed);
             member.state.requests.fetch_add(1, Ordering::Relaxed);
             let r = attempt_once(
-                &client, &mut buf, &upstream, &vip, &pool, i, &head, framing, peer, listen,
-                deadline,
+                &client, &mut buf, &mut ubuf, &upstream, &vip, &pool, i, &head, framing, peer,
+                listen, deadline,
             )
             .await;
             member.state.in_flight.fetch_sub(1, Ordering::Relaxed);
             match r {
-                Ok((up, resp, ubuf)) => {
+                Ok((up, resp)) => {
                     let retryable = matches!(resp.status, 502..=504);
                     if retryable && can_retry && attempt < cfg.retries {
                         member.state.failure(cfg.max_fails, cfg.fail_timeout);
@@ -550,7 +542,7 @@ pub async fn serve(
                     } else {
                         member.state.success();
                     }
-                    done = Some((i, up, resp, ubuf));
+                    done = Some((i, up, resp));
                     break;
                 }
                 Err(Attempt::ClientGone) => return,
@@ -571,20 +563,13 @@ pub async fn serve(
                 }
             }
         }
-        let Some((i, up, resp, mut ubuf)) = done else {
+        let Some((i, up, resp)) = done else {
             let (status, reason) = match (tried.is_empty(), last) {
                 (true, _) => (503, "Service Unavailable"),
                 (false, Attempt::Timeout) => (504, "Gateway Timeout"),
                 _ => (502, "Bad Gateway"),
             };
-            shared
-                .metrics
-                .requests
-                .get_or_create(&RequestLabels {
-                    vip: vip.name.clone(),
-                    class: status_class(status),
-                })
-                .inc();
+            vip.count(status);
             // The request body may be unread: the connection cannot continue.
             let _ = respond(&client, status, reason, true).await;
             return;
@@ -602,12 +587,12 @@ pub async fn serve(
         let keep = client_keepalive
             && rframing != Framing::UntilClose
             && !shared.stopping.load(Ordering::Relaxed);
-        let mut out = format!("HTTP/1.1 {} {}\r\n", resp.status, resp.reason).into_bytes();
-        let skip = hop_by_hop(&resp.headers);
+        let mut out = Vec::with_capacity(512);
+        out.extend(format!("HTTP/1.1 {} {}\r\n", resp.status, resp.reason).as_bytes());
+        let listed = tokens(&resp.headers, "connection");
         for (name, value) in &resp.headers {
-            let lower = name.to_ascii_lowercase();
-            if skip.contains(&lower)
-                && !(lower == "transfer-encoding" && rframing == Framing::Chunked)
+            if is_hop(name, &listed)
+                && !(name.eq_ignore_ascii_case("transfer-encoding") && rframing == Framing::Chunked)
             {
                 continue;
             }
@@ -628,19 +613,19 @@ pub async fn serve(
         } else {
             &b"Connection: close\r\n\r\n"[..]
         });
+        // One write for the head and whatever of a content-length body is already here.
+        let mut rframing = rframing;
+        if let Framing::Length(n) = rframing {
+            let take = (ubuf.len() as u64).min(n) as usize;
+            out.extend(ubuf.drain(..take));
+            rframing = if take as u64 == n { Framing::None } else { Framing::Length(n - take as u64) };
+        }
         if write(&client, out).await.is_err() {
             return;
         }
         let body = stream_body(&up, &mut ubuf, &client, rframing, deadline).await;
-        shared
-            .metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                vip: vip.name.clone(),
-                class: status_class(resp.status),
-            })
-            .inc();
-        shared.metrics.duration.get_or_create(&label).observe(started.elapsed().as_secs_f64());
+        vip.count(resp.status);
+        vip.duration.observe(started.elapsed().as_secs_f64());
         if body.is_err() {
             return;
         }
@@ -658,6 +643,7 @@ pub async fn serve(
 async fn attempt_once(
     client: &TcpStream,
     buf: &mut Vec<u8>,
+    ubuf: &mut Vec<u8>,
     upstream: &UpstreamPool,
     vip: &VipRuntime,
     pool: &Pool,
@@ -667,7 +653,7 @@ async fn attempt_once(
     peer: SocketAddr,
     listen: SocketAddr,
     deadline: tokio::time::Instant,
-) -> Result<(TcpStream, RespHead, Vec<u8>), Attempt> {
+) -> Result<(TcpStream, RespHead), Attempt> {
     let cfg = &vip.cfg;
     let addr = pool.members[i].state.addr;
     // A pooled connection may have been closed by the backend meanwhile; then try a fresh one
@@ -705,9 +691,9 @@ async fn attempt_once(
             Err(_) => return Err(Attempt::ClientGone),
         }
         let resp_deadline = (tokio::time::Instant::now() + cfg.response_timeout).min(deadline);
-        let mut ubuf = Vec::with_capacity(READ_CHUNK);
+        ubuf.clear();
         let resp = loop {
-            match parse_response(&ubuf) {
+            match parse_response(ubuf) {
                 Ok(Some(r)) if (100..200).contains(&r.status) && r.status != 101 => {
                     // Interim response (100 Continue...): pass it on, wait for the final one.
                     let interim = ubuf.drain(..r.len).collect::<Vec<u8>>();
@@ -722,7 +708,7 @@ async fn attempt_once(
                     return Err(Attempt::Broken);
                 }
             }
-            match timeout_at(resp_deadline, read_more(&up, &mut ubuf)).await {
+            match timeout_at(resp_deadline, read_more(&up, ubuf)).await {
                 Ok(Ok(0)) | Ok(Err(_)) if ubuf.is_empty() && !fresh && framing == Framing::None => {
                     // Stale pooled connection: retry on a fresh one.
                     break RespHead {
@@ -748,7 +734,7 @@ async fn attempt_once(
             continue;
         }
         ubuf.drain(..resp.len);
-        return Ok((up, resp, ubuf));
+        return Ok((up, resp));
     }
 }
 

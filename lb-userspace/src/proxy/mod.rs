@@ -117,6 +117,21 @@ pub struct VipRuntime {
     pub routes: Vec<(Option<String>, Option<String>, Arc<Pool>)>,
     /// The VIP's own backends.
     pub default: Arc<Pool>,
+    /// Request counters by status class (index 0 = 1xx ... 4 = 5xx), resolved once per
+    /// snapshot so the hot path does not hash label sets.
+    pub requests: [Counter; 5],
+    /// Latency histogram of this VIP.
+    pub duration: Histogram,
+    /// Retries of this VIP.
+    pub retries: Counter,
+}
+
+impl VipRuntime {
+    /// Counts a finished request by its status.
+    pub fn count(&self, status: u16) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.requests[class].inc();
+    }
 }
 
 impl VipRuntime {
@@ -294,9 +309,22 @@ impl Proxy {
                     (r.host.clone(), r.path_prefix.clone(), Arc::new(pool))
                 })
                 .collect();
+            let m = &self.shared.metrics;
+            let class = |c: &str| {
+                m.requests.get_or_create(&RequestLabels { vip: vip.name.clone(), class: c.to_owned() }).clone()
+            };
+            let label = VipLabel { vip: vip.name.clone() };
             vips.insert(
                 vip.name.clone(),
-                Arc::new(VipRuntime { name: vip.name.clone(), cfg: l7.clone(), routes, default }),
+                Arc::new(VipRuntime {
+                    name: vip.name.clone(),
+                    cfg: l7.clone(),
+                    routes,
+                    default,
+                    requests: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+                    duration: m.duration.get_or_create(&label).clone(),
+                    retries: m.retries.get_or_create(&label).clone(),
+                }),
             );
         }
         self.states = keep;
