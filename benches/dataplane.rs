@@ -112,8 +112,11 @@ fn main() {
         return;
     }
     let parts: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let parts =
-        if parts.is_empty() { vec!["xdp".into(), "veth".into(), "maglev".into()] } else { parts };
+    let parts = if parts.is_empty() {
+        vec!["xdp".into(), "veth".into(), "maglev".into(), "l7".into()]
+    } else {
+        parts
+    };
     let path = results_path();
     let mut results: Value = std::fs::read_to_string(&path)
         .ok()
@@ -675,6 +678,53 @@ fn l7(results: &mut Value) {
                 out[&key][format!("{name}_p50_ms")] = json!(p50);
                 out[&key][format!("{name}_p99_ms")] = json!(p99);
                 out[&key][format!("{name}_req_per_cpu_s")] = json!(per_cpu);
+            }
+        }
+    }
+    // Closed-loop wrk understates tails: p99 at a fixed rate below saturation, with oha's
+    // coordinated-omission correction (`cargo install oha`), when oha is installed.
+    let oha = ["oha", &format!("{}/.cargo/bin/oha", std::env::var("HOME").unwrap_or_default())]
+        .into_iter()
+        .find(|o| {
+            std::process::Command::new(o)
+                .arg("--version")
+                .output()
+                .is_ok_and(|x| x.status.success())
+        })
+        .map(str::to_owned);
+    const RATE: u32 = 20_000;
+    match oha {
+        None => println!("\n(oha not installed: no fixed-rate p99; `cargo install oha`)"),
+        Some(oha) => {
+            println!(
+                "\n| fixed rate {RATE} req/s, 64 conns, oha --latency-correction | p50 ms | p99 ms |"
+            );
+            println!("|---|---:|---:|");
+            for (name, port, _) in &proxies {
+                let o = std::process::Command::new("taskset")
+                    .args([
+                        "-c",
+                        "1",
+                        &oha,
+                        "-z",
+                        "5s",
+                        "-q",
+                        &RATE.to_string(),
+                        "-c",
+                        "64",
+                        "--latency-correction",
+                        "--no-tui",
+                        "--output-format",
+                        "json",
+                    ])
+                    .arg(format!("http://127.0.0.1:{port}/"))
+                    .output()
+                    .expect("oha");
+                let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(json!({}));
+                let p = |q: &str| v["latencyPercentiles"][q].as_f64().unwrap_or(f64::NAN) * 1000.0;
+                println!("| {name} | {:.2} | {:.2} |", p("p50"), p("p99"));
+                out["fixed_rate"][*name] =
+                    json!({"rate": RATE, "p50_ms": p("p50"), "p99_ms": p("p99")});
             }
         }
     }

@@ -36,7 +36,7 @@ fn check_accepts_the_example() {
     let f = example_file();
     let (code, out, _) = edgelb(&["check", "--config", f.0.to_str().unwrap()]);
     assert_eq!(code, 0);
-    assert!(out.contains("ok (2 VIPs"), "{out}");
+    assert!(out.contains("ok (3 VIPs"), "{out}");
 }
 
 #[test]

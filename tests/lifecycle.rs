@@ -287,6 +287,7 @@ impl Drop for Bed {
         self.edgelb = None;
         let dir = format!("/sys/fs/bpf/edgelb-t-{}", self.tag);
         let _ = edgelb::dataplane::Dataplane::teardown(dir.as_ref());
+        let _ = std::fs::remove_file(format!("/run/edgelb/t-{}.sock", self.tag));
         let _ = std::fs::remove_file(&self.cfg_path);
     }
 }

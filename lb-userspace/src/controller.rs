@@ -464,19 +464,19 @@ impl Controller {
                 };
                 let bc = self.dp.backend_counters(vip, b.address).unwrap_or_default();
                 let (pps, bps) = self.rates.get(&format!("{}/{}", vip.name, b.address));
+                let l7_state = self.proxy.as_ref().and_then(|p| {
+                    p.backend_state(&vip.name, std::net::SocketAddr::new(b.address, b.port))
+                });
                 backends.push(BackendStatus {
                     pps,
                     bps,
                     address: b.address,
                     weight: b.weight,
                     healthy: !self.down.contains(&(vip.name.clone(), b.address)),
-                    passive_down: self
-                        .proxy
+                    passive_down: l7_state.as_ref().is_some_and(|s| s.passive_down()),
+                    l7_requests: l7_state
                         .as_ref()
-                        .and_then(|p| {
-                            p.backend_state(&vip.name, std::net::SocketAddr::new(b.address, b.port))
-                        })
-                        .is_some_and(|s| s.passive_down()),
+                        .map_or(0, |s| s.requests.load(std::sync::atomic::Ordering::Relaxed)),
                     drained: b.weight == 0 || self.is_drained(&vip.name, b.address),
                     ring_share: share,
                     packets: bc.packets,

@@ -274,6 +274,9 @@ fn print_status(s: &edgelb::admin::Status) {
             v.pps,
             v.bps
         );
+        if v.forwarding == "l7" {
+            println!("  (L7: PACKETS counts proxied requests; RING% does not apply)");
+        }
         println!(
             "  {:<40} {:>6} {:>7} {:>8} {:>7} {:>12} {:>14} {:>10} {:>10}",
             "BACKEND",
@@ -286,7 +289,10 @@ fn print_status(s: &edgelb::admin::Status) {
             "NEW FLOWS",
             "PKT/S"
         );
+        let l7 = v.forwarding == "l7";
         for b in &v.backends {
+            let (packets, bytes, new_flows) =
+                if l7 { (b.l7_requests, 0, 0) } else { (b.packets, b.bytes, b.new_flows) };
             println!(
                 "  {:<40} {:>6} {:>7} {:>8} {:>7.2} {:>12} {:>14} {:>10} {:>10.0}",
                 b.address.to_string(),
@@ -298,9 +304,9 @@ fn print_status(s: &edgelb::admin::Status) {
                 },
                 if b.drained { "yes" } else { "no" },
                 b.ring_share * 100.0,
-                b.packets,
-                b.bytes,
-                b.new_flows,
+                packets,
+                bytes,
+                new_flows,
                 b.pps
             );
         }

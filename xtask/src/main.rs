@@ -41,9 +41,10 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Benchmarks: `xdp` (ns/packet), `veth` (packet rate), `maglev` (table quality); all by
-    /// default. Prints markdown tables and merges figures into target/bench/results.json. Needs
-    /// root for xdp and veth.
+    /// Benchmarks: `xdp` (ns/packet), `veth` (packet rate), `maglev` (table quality), `l7` (wrk
+    /// through edgelb, HAProxy and nginx); all by default. Prints markdown tables and merges
+    /// figures into target/bench/results.json. Needs root for xdp and veth (and to install the
+    /// l7 peers from Debian).
     Bench {
         /// Parts to run.
         parts: Vec<String>,
@@ -86,6 +87,9 @@ fn real_main() -> Result<()> {
         Task::Test { args } => test(&args),
         Task::Lint => lint(),
         Task::Bench { parts } => {
+            if parts.is_empty() || parts.iter().any(|p| p == "l7") {
+                bench_tools()?;
+            }
             let mut args = vec!["bench", "-p", "lb-userspace", "--bench", "dataplane", "--"];
             args.extend(parts.iter().map(String::as_str));
             cargo(&args)
@@ -165,6 +169,41 @@ fn test(extra: &[String]) -> Result<()> {
     println!("{passed} passed, {failed} failed, {ignored} skipped");
     if !status.success() {
         bail!("cargo test failed");
+    }
+    Ok(())
+}
+
+/// The L7 benchmark's peers and load generator, from Debian (installed when running as root).
+fn bench_tools() -> Result<()> {
+    let missing: Vec<&str> = [("wrk", "wrk"), ("haproxy", "haproxy"), ("nginx", "nginx-light")]
+        .into_iter()
+        .filter(|(bin, _)| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {bin}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(|(_, pkg)| pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if netns::euid() != 0 {
+        eprintln!(
+            "note: the l7 benchmark needs {}: apt-get install {}",
+            missing.join(", "),
+            missing.join(" ")
+        );
+        return Ok(());
+    }
+    eprintln!("+ apt-get install {}", missing.join(" "));
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()?;
+    if !status.success() {
+        bail!("apt-get install {} failed", missing.join(" "));
     }
     Ok(())
 }
@@ -293,6 +332,27 @@ fn run(duration: Option<u64>) -> Result<()> {
     }
     if spread.keys().any(|k| k.starts_with("error")) {
         bail!("some requests failed: {spread:?}");
+    }
+    let vip7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    eprintln!(
+        "== 30 HTTP requests to the L7 VIP {vip7} (XDP passes them to edgelb's io_uring proxy):"
+    );
+    let spread7 = netns::in_netns(&tb.names.client, || {
+        let mut per: BTreeMap<String, u32> = BTreeMap::new();
+        for n in 0..30u32 {
+            let src =
+                SocketAddr::new(IpAddr::V4((u32::from(testbed::CLIENT_POOL.0) + n).into()), 0);
+            let who = servers::http_get(Some(src), vip7, timeout)
+                .unwrap_or_else(|e| format!("error: {e}"));
+            *per.entry(who).or_default() += 1;
+        }
+        per
+    })?;
+    for (who, n) in &spread7 {
+        eprintln!("   {who:<12} {n:>4} responses");
+    }
+    if spread7.keys().any(|k| k.starts_with("error")) {
+        bail!("some L7 requests failed: {spread7:?}");
     }
     eprintln!("== edgelb status:");
     let _ = Command::new(&edgelb_bin).args(["status", "--config"]).arg(&config).status();

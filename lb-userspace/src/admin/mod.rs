@@ -120,6 +120,9 @@ pub struct BackendStatus {
     /// L7 only: taken out by passive health (consecutive request failures) for a while.
     #[serde(default)]
     pub passive_down: bool,
+    /// L7 only: requests (HTTP) or connections (TCP) sent to it by the proxy.
+    #[serde(default)]
+    pub l7_requests: u64,
     /// Drained by `edgelb drain` or weight 0.
     pub drained: bool,
     /// Fraction of the ring's slots it holds.

@@ -14,7 +14,8 @@ const NODE: &str = "[node]\ninterfaces = [\"eth0\"]\nencap_source_v4 = \"198.19.
 #[test]
 fn example_config_is_valid() {
     let cfg = parse(EXAMPLE).unwrap();
-    assert_eq!(cfg.vips.len(), 2);
+    assert_eq!(cfg.vips.len(), 3);
+    assert!(cfg.vips[2].l7.is_some());
     assert_eq!(cfg.vips[0].ring_size, DEFAULT_RING_SIZE);
     assert_eq!(cfg.vips[0].hash, HashMode::Client);
     assert_eq!(cfg.node.xdp_mode, XdpAttachMode::Auto);

@@ -161,8 +161,15 @@ fn tokens(headers: &[(String, Vec<u8>)], name: &str) -> Vec<String> {
 }
 
 /// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 7] =
-    ["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "transfer-encoding"];
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "transfer-encoding",
+];
 
 /// Is `name` hop-by-hop, by the fixed list or because `Connection` (`listed`) names it?
 fn is_hop(name: &str, listed: &[String]) -> bool {
@@ -618,7 +625,8 @@ pub async fn serve(
         if let Framing::Length(n) = rframing {
             let take = (ubuf.len() as u64).min(n) as usize;
             out.extend(ubuf.drain(..take));
-            rframing = if take as u64 == n { Framing::None } else { Framing::Length(n - take as u64) };
+            rframing =
+                if take as u64 == n { Framing::None } else { Framing::Length(n - take as u64) };
         }
         if write(&client, out).await.is_err() {
             return;

@@ -311,7 +311,9 @@ impl Proxy {
                 .collect();
             let m = &self.shared.metrics;
             let class = |c: &str| {
-                m.requests.get_or_create(&RequestLabels { vip: vip.name.clone(), class: c.to_owned() }).clone()
+                m.requests
+                    .get_or_create(&RequestLabels { vip: vip.name.clone(), class: c.to_owned() })
+                    .clone()
             };
             let label = VipLabel { vip: vip.name.clone() };
             vips.insert(
@@ -321,7 +323,13 @@ impl Proxy {
                     cfg: l7.clone(),
                     routes,
                     default,
-                    requests: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+                    requests: [
+                        class("1xx"),
+                        class("2xx"),
+                        class("3xx"),
+                        class("4xx"),
+                        class("5xx"),
+                    ],
                     duration: m.duration.get_or_create(&label).clone(),
                     retries: m.retries.get_or_create(&label).clone(),
                 }),

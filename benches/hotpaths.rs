@@ -1,0 +1,91 @@
+#![allow(missing_docs)] // criterion_group! generates undocumented items
+//! Criterion benches for the user-space hot spots: the flow hash (also run per packet in XDP),
+//! the Maglev table build, the L7 balancer's pick and the HTTP request-head parse.
+//! `cargo bench -p lb-userspace --bench hotpaths`.
+use std::{
+    hint::black_box,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use edgelb::maglev::{ConsistentHash, Maglev, RingMember};
+use lb_common::{FlowKey, HASH_SEED, hash};
+
+fn flow_hash(c: &mut Criterion) {
+    let addr = [0x0104_12c6u32, 0, 0, 0];
+    c.bench_function("client_hash", |b| b.iter(|| hash::client_hash(black_box(&addr), HASH_SEED)));
+    let key = FlowKey {
+        src: addr,
+        dst: [0x0101_12c6, 0, 0, 0],
+        sport: 1234,
+        dport: 80,
+        proto: 6,
+        family: 2,
+        _pad: [0; 2],
+    };
+    c.bench_function("five_tuple_hash", |b| {
+        b.iter(|| hash::five_tuple_hash(black_box(&key), HASH_SEED))
+    });
+}
+
+fn maglev_build(c: &mut Criterion) {
+    for n in [10usize, 100, 1000] {
+        let members: Vec<RingMember> = (0..n)
+            .map(|i| {
+                RingMember::from_addr(
+                    IpAddr::V4(Ipv4Addr::new(198, 18, (i / 250) as u8, (i % 250) as u8 + 1)),
+                    1,
+                )
+            })
+            .collect();
+        c.bench_function(&format!("maglev_build_n{n}_m65537"), |b| {
+            b.iter(|| Maglev.build(black_box(&members), 65_537))
+        });
+    }
+}
+
+fn l7_pick(c: &mut Criterion) {
+    use edgelb::{
+        config::Algorithm,
+        proxy::balance::{BackendState, Member, Pool},
+    };
+    use std::sync::Arc;
+    let members = |n: usize| -> Vec<Member> {
+        (0..n)
+            .map(|i| Member {
+                state: Arc::new(BackendState::new(
+                    format!("198.18.0.{}:80", i + 1).parse().unwrap(),
+                )),
+                weight: 1 + (i % 3) as u32,
+                up: true,
+            })
+            .collect()
+    };
+    let client: IpAddr = "198.18.4.7".parse().unwrap();
+    for algo in [
+        Algorithm::RoundRobin,
+        Algorithm::Weighted,
+        Algorithm::P2c,
+        Algorithm::LeastConn,
+        Algorithm::Hash,
+    ] {
+        let pool = Pool::new(members(16), algo);
+        c.bench_function(&format!("l7_pick_{algo:?}_16"), |b| {
+            b.iter(|| pool.pick(black_box(client), &[], None))
+        });
+    }
+}
+
+fn http_parse(c: &mut Criterion) {
+    let req = b"GET /api/v1/items?id=42 HTTP/1.1\r\nHost: www.example.com\r\nUser-Agent: bench/1.0\r\nAccept: */*\r\nAccept-Encoding: gzip, deflate\r\nConnection: keep-alive\r\nCookie: session=abcdef0123456789\r\n\r\n";
+    c.bench_function("http_request_head_parse", |b| {
+        b.iter(|| {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut r = httparse::Request::new(&mut headers);
+            r.parse(black_box(req)).unwrap()
+        })
+    });
+}
+
+criterion_group!(benches, flow_hash, maglev_build, l7_pick, http_parse);
+criterion_main!(benches);
