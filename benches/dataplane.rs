@@ -18,9 +18,8 @@
 //!   the proxy's own CPU seconds from /proc.
 #![allow(missing_docs)]
 
-#[path = "../tests/common/packet.rs"]
-#[allow(dead_code)]
-mod packet;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -29,6 +28,7 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp};
+use common::packet::*;
 use edgelb::{
     config::{Config, XdpAttachMode},
     dataplane::{AuxPrograms, Dataplane},
@@ -36,55 +36,10 @@ use edgelb::{
     testbed::{netns, sh},
 };
 use lb_common::programs;
-use packet::*;
 use serde_json::{Value, json};
 
-const CONFIG: &str = r#"
-[node]
-interfaces = ["lb0"]
-encap_source_v4 = "198.19.0.0/16"
-encap_source_v6 = "2001:2:0:ff::/96"
-
-[[vip]]
-name = "v4"
-address = "198.18.1.1"
-port = 80
-backends = [
-    { address = "198.18.0.11", mac = "02:ed:00:00:00:11" },
-    { address = "198.18.0.12", mac = "02:ed:00:00:00:12" },
-    { address = "198.18.0.13", mac = "02:ed:00:00:00:13" },
-]
-
-[[vip]]
-name = "v4udp"
-address = "198.18.1.1"
-port = 53
-protocol = "udp"
-backends = [
-    { address = "198.18.0.11", mac = "02:ed:00:00:00:11" },
-    { address = "198.18.0.12", mac = "02:ed:00:00:00:12" },
-    { address = "198.18.0.13", mac = "02:ed:00:00:00:13" },
-]
-
-[[vip]]
-name = "v6"
-address = "2001:2:0:1::1"
-port = 80
-backends = [
-    { address = "2001:2::11", mac = "02:ed:00:00:00:11" },
-    { address = "2001:2::12", mac = "02:ed:00:00:00:12" },
-]
-
-[[vip]]
-name = "l2"
-address = "198.18.1.5"
-port = 80
-forwarding = "l2"
-backends = [
-    { address = "198.18.0.11", mac = "02:ed:00:00:00:11" },
-    { address = "198.18.0.12", mac = "02:ed:00:00:00:12" },
-]
-"#;
+/// The packet-fixture config (tests/common): IPIP, IP6IP6 and L2 VIPs with three backends.
+const CONFIG: &str = common::FIXTURE_CONFIG;
 
 fn results_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench/results.json")

@@ -410,6 +410,24 @@ fn dead_backend_leaves_the_ring_and_returns() {
     assert!(bed.e().log().contains("every backend is down"), "fail open is logged loudly");
 }
 
+/// Opens one long-lived echo connection to the VIP from each of `clients`.
+fn echo_conns(bed: &Bed, clients: &[IpAddr]) -> Vec<servers::EchoConn> {
+    netns::in_netns(&bed.tb.names.client, || {
+        clients
+            .iter()
+            .map(|c| {
+                servers::EchoConn::connect(
+                    SocketAddr::new(*c, 0),
+                    IpAddr::V4(testbed::VIP),
+                    TIMEOUT,
+                )
+                .expect("echo connection")
+            })
+            .collect()
+    })
+    .unwrap()
+}
+
 /// Sources whose echo flows the config sends to backend `want`.
 fn clients_of(cfg: &Config, want: &str, n: usize) -> Vec<IpAddr> {
     (0..1000)
@@ -424,20 +442,7 @@ fn drained_backend_keeps_its_connections() {
     let Some(bed) = Bed::up("drain", &[1, 2, 3]) else { return };
     let cfg = bed.cfg();
     let clients = clients_of(&cfg, "backend-1", 10);
-    let mut conns = netns::in_netns(&bed.tb.names.client, || {
-        clients
-            .iter()
-            .map(|c| {
-                servers::EchoConn::connect(
-                    SocketAddr::new(*c, 0),
-                    IpAddr::V4(testbed::VIP),
-                    TIMEOUT,
-                )
-                .unwrap()
-            })
-            .collect::<Vec<_>>()
-    })
-    .unwrap();
+    let mut conns = echo_conns(&bed, &clients);
     for c in &mut conns {
         assert_eq!(c.backend().unwrap(), "backend-1");
     }
@@ -449,22 +454,8 @@ fn drained_backend_keeps_its_connections() {
             format!("backend-1:still there {i}")
         );
     }
-    let fresh = netns::in_netns(&bed.tb.names.client, || {
-        clients
-            .iter()
-            .map(|c| {
-                servers::EchoConn::connect(
-                    SocketAddr::new(*c, 0),
-                    IpAddr::V4(testbed::VIP),
-                    TIMEOUT,
-                )
-                .unwrap()
-                .backend()
-                .unwrap()
-            })
-            .collect::<Vec<_>>()
-    })
-    .unwrap();
+    let fresh =
+        echo_conns(&bed, &clients).iter_mut().map(|c| c.backend().unwrap()).collect::<Vec<_>>();
     assert!(
         fresh.iter().all(|b| b != "backend-1"),
         "new flows avoid the drained backend: {fresh:?}"
@@ -516,20 +507,7 @@ fn reload_rejects_bad_files_and_keeps_connections() {
     let Some(bed) = Bed::up("reload", &[1, 2]) else { return };
     let cfg = bed.cfg();
     let clients: Vec<IpAddr> = (0..30).map(|i| IpAddr::V4(pool_addr(i))).collect();
-    let mut conns = netns::in_netns(&bed.tb.names.client, || {
-        clients
-            .iter()
-            .map(|c| {
-                servers::EchoConn::connect(
-                    SocketAddr::new(*c, 0),
-                    IpAddr::V4(testbed::VIP),
-                    TIMEOUT,
-                )
-                .unwrap()
-            })
-            .collect::<Vec<_>>()
-    })
-    .unwrap();
+    let mut conns = echo_conns(&bed, &clients);
     let before: Vec<String> = conns.iter_mut().map(|c| c.backend().unwrap()).collect();
     for (c, b) in clients.iter().zip(&before) {
         assert_eq!(*b, backend_name(&cfg, "echo", *c));
@@ -555,22 +533,8 @@ fn reload_rejects_bad_files_and_keeps_connections() {
         assert_eq!(&c.backend().unwrap(), b, "established connection moved");
     }
     // New connections follow the new ring, some to the new backend.
-    let fresh: Vec<String> = netns::in_netns(&bed.tb.names.client, || {
-        clients
-            .iter()
-            .map(|c| {
-                servers::EchoConn::connect(
-                    SocketAddr::new(*c, 0),
-                    IpAddr::V4(testbed::VIP),
-                    TIMEOUT,
-                )
-                .unwrap()
-                .backend()
-                .unwrap()
-            })
-            .collect()
-    })
-    .unwrap();
+    let fresh: Vec<String> =
+        echo_conns(&bed, &clients).iter_mut().map(|c| c.backend().unwrap()).collect::<Vec<_>>();
     for (c, b) in clients.iter().zip(&fresh) {
         assert_eq!(*b, backend_name(&new_cfg, "echo", *c));
     }
