@@ -591,3 +591,65 @@ fn graceful_shutdown_finishes_in_flight_requests() {
     assert!(t.elapsed() < Duration::from_secs(2), "shutdown waited only for the in-flight request");
     assert!(TcpStream::connect(addr).is_err(), "listeners are closed");
 }
+
+/// Pseudo-random garbage (a fixed xorshift stream, so failures reproduce) and hostile framing:
+/// the proxy answers each with a clean 4xx/5xx or closes, never hangs past its timeouts, and
+/// keeps serving valid requests afterwards.
+#[test]
+fn survives_hostile_input() {
+    let a = backend("a", Mode::Ok);
+    let p = proxy(
+        &[(&a, 1)],
+        "header_timeout_ms = 300\nidle_timeout_ms = 500\nmax_header_bytes = 4096",
+        "",
+    );
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut cases: Vec<Vec<u8>> = vec![
+        b"GET / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_vec(),
+        b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello".to_vec(),
+        b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: -1\r\n\r\n".to_vec(),
+        b"GET / HTTP/9.9\r\n\r\n".to_vec(),
+        b"\r\n\r\n\r\n".to_vec(),
+        b"GET /\x00\x01 HTTP/1.1\r\n\r\n".to_vec(),
+        b"GET / HTTP/1.1\r\nHost: t\r\nX: \xff\xfe\r\n\r\n".to_vec(),
+        format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(8000)).into_bytes(),
+        b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc".to_vec(),
+    ];
+    for _ in 0..40 {
+        let len = (rnd() % 300) as usize;
+        cases.push((0..len).map(|_| rnd() as u8).collect());
+    }
+    let only: Option<usize> = std::env::var("CASE").ok().and_then(|c| c.parse().ok());
+    for (i, case) in cases.iter().enumerate() {
+        if only.is_some_and(|o| o != i) {
+            continue;
+        }
+        let mut s = TcpStream::connect(p.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let t = Instant::now();
+        let _ = s.write_all(case);
+        let mut resp = Vec::new();
+        let _ = s.read_to_end(&mut resp);
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "case {i}: no answer or close for {:?}: {:?}",
+            t.elapsed(),
+            String::from_utf8_lossy(&resp)
+        );
+        let text = String::from_utf8_lossy(&resp);
+        if !resp.is_empty() {
+            let status: u16 =
+                text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+            assert!((200..600).contains(&status), "case {i}: {text:?}");
+        }
+    }
+    for _ in 0..5 {
+        assert_eq!(get(p.addr, "/after").0, 200, "still serving");
+    }
+}

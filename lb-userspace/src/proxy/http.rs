@@ -215,7 +215,10 @@ async fn stream_body(
     dst: &TcpStream,
     framing: Framing,
     deadline: tokio::time::Instant,
+    idle: Duration,
 ) -> Result<(), Side> {
+    // Each read waits at most `idle`, and never past the whole-request deadline.
+    let next = || (tokio::time::Instant::now() + idle).min(deadline);
     match framing {
         Framing::None => Ok(()),
         Framing::Length(mut left) => loop {
@@ -229,7 +232,7 @@ async fn stream_body(
             if left == 0 {
                 return Ok(());
             }
-            match timeout_at(deadline, read_more(src, pending)).await {
+            match timeout_at(next(), read_more(src, pending)).await {
                 Ok(Ok(0)) | Ok(Err(_)) => return Err(Side::Src),
                 Ok(Ok(_)) => {}
                 Err(_) => return Err(Side::Timeout),
@@ -247,7 +250,7 @@ async fn stream_body(
                 if c.done() {
                     return Ok(());
                 }
-                match timeout_at(deadline, read_more(src, pending)).await {
+                match timeout_at(next(), read_more(src, pending)).await {
                     Ok(Ok(0)) | Ok(Err(_)) => return Err(Side::Src),
                     Ok(Ok(_)) => {}
                     Err(_) => return Err(Side::Timeout),
@@ -258,7 +261,7 @@ async fn stream_body(
             if !pending.is_empty() {
                 write(dst, std::mem::take(pending)).await.map_err(|_| Side::Dst)?;
             }
-            match timeout_at(deadline, read_more(src, pending)).await {
+            match timeout_at(next(), read_more(src, pending)).await {
                 Ok(Ok(0)) => return Ok(()),
                 Ok(Err(_)) => return Err(Side::Src),
                 Ok(Ok(_)) => {}
@@ -428,6 +431,20 @@ pub async fn serve(
     shared: Arc<Shared>,
     upstream: UpstreamPool,
 ) {
+    serve_conn(&client, peer, listen, vip, shared, upstream).await;
+    // A read abandoned on a timeout stays pending in the kernel and keeps the fd open; shutting
+    // the socket down completes it, so the connection really closes.
+    let _ = client.shutdown(std::net::Shutdown::Both);
+}
+
+async fn serve_conn(
+    client: &TcpStream,
+    peer: SocketAddr,
+    listen: SocketAddr,
+    vip: Arc<VipRuntime>,
+    shared: Arc<Shared>,
+    upstream: UpstreamPool,
+) {
     let mut vip = vip;
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     // Backend read buffer, reused for every request of this connection.
@@ -448,43 +465,46 @@ pub async fn serve(
             match parse_request(&buf, cfg.max_headers) {
                 Ok(Some(r)) => break r,
                 Ok(None) if buf.len() > cfg.max_header_bytes => {
-                    let _ = respond(&client, 431, "Request Header Fields Too Large", true).await;
+                    let _ = respond(client, 431, "Request Header Fields Too Large", true).await;
                     return;
                 }
                 Ok(None) => {}
                 Err(HeadError::TooLarge) => {
-                    let _ = respond(&client, 431, "Request Header Fields Too Large", true).await;
+                    let _ = respond(client, 431, "Request Header Fields Too Large", true).await;
                     return;
                 }
                 Err(HeadError::Bad) => {
-                    let _ = respond(&client, 400, "Bad Request", true).await;
+                    let _ = respond(client, 400, "Bad Request", true).await;
                     return;
                 }
             }
             let waiting_for_start = buf.is_empty() && !first;
             let deadline = if waiting_for_start { idle_deadline } else { head_deadline };
+            // A cancelled read loses its buffer (tokio-uring owns it until the kernel is done),
+            // so decide now what a timeout means.
+            let partial = !buf.is_empty();
             let read = tokio::select! {
-                r = timeout_at(deadline, read_more(&client, &mut buf)) => r,
+                r = timeout_at(deadline, read_more(client, &mut buf)) => r,
                 _ = super::wait_stopping(&shared), if buf.is_empty() => return,
             };
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) => return,
                 Ok(Ok(_)) => {}
-                Err(_) if buf.is_empty() => return,
+                Err(_) if !partial => return,
                 Err(_) => {
-                    let _ = respond(&client, 408, "Request Timeout", true).await;
+                    let _ = respond(client, 408, "Request Timeout", true).await;
                     return;
                 }
             }
         };
         first = false;
         if req.len > cfg.max_header_bytes {
-            let _ = respond(&client, 431, "Request Header Fields Too Large", true).await;
+            let _ = respond(client, 431, "Request Header Fields Too Large", true).await;
             return;
         }
         buf.drain(..req.len);
         let Ok(framing) = body_framing(&req.headers, true) else {
-            let _ = respond(&client, 400, "Bad Request", true).await;
+            let _ = respond(client, 400, "Bad Request", true).await;
             return;
         };
         let conn_tokens = tokens(&req.headers, "connection");
@@ -532,7 +552,7 @@ pub async fn serve(
             member.state.in_flight.fetch_add(1, Ordering::Relaxed);
             member.state.requests.fetch_add(1, Ordering::Relaxed);
             let r = attempt_once(
-                &client, &mut buf, &mut ubuf, &upstream, &vip, &pool, i, &head, framing, peer,
+                client, &mut buf, &mut ubuf, &upstream, &vip, &pool, i, &head, framing, peer,
                 listen, deadline,
             )
             .await;
@@ -578,7 +598,7 @@ pub async fn serve(
             };
             vip.count(status);
             // The request body may be unread: the connection cannot continue.
-            let _ = respond(&client, status, reason, true).await;
+            let _ = respond(client, status, reason, true).await;
             return;
         };
 
@@ -628,13 +648,15 @@ pub async fn serve(
             rframing =
                 if take as u64 == n { Framing::None } else { Framing::Length(n - take as u64) };
         }
-        if write(&client, out).await.is_err() {
+        if write(client, out).await.is_err() {
             return;
         }
-        let body = stream_body(&up, &mut ubuf, &client, rframing, deadline).await;
+        let body =
+            stream_body(&up, &mut ubuf, client, rframing, deadline, vip.cfg.idle_timeout).await;
         vip.count(resp.status);
         vip.duration.observe(started.elapsed().as_secs_f64());
         if body.is_err() {
+            let _ = up.shutdown(std::net::Shutdown::Both);
             return;
         }
         if upstream_keepalive && ubuf.is_empty() && vip.cfg.proxy_protocol.is_none() {
@@ -644,6 +666,13 @@ pub async fn serve(
             return;
         }
     }
+}
+
+/// Shuts a backend connection down (completing any read left pending by a timeout, so the fd
+/// closes) and passes `why` on.
+fn abandon(up: &TcpStream, why: Attempt) -> Attempt {
+    let _ = up.shutdown(std::net::Shutdown::Both);
+    why
 }
 
 /// One try on member `i`: connect (or reuse), send head and body, read the response head.
@@ -691,12 +720,12 @@ async fn attempt_once(
             }
             continue;
         }
-        match stream_body(client, buf, &up, framing, deadline).await {
+        match stream_body(client, buf, &up, framing, deadline, cfg.idle_timeout).await {
             Ok(()) => {}
-            Err(Side::Dst) if fresh => return Err(Attempt::Broken),
+            Err(Side::Dst) if fresh => return Err(abandon(&up, Attempt::Broken)),
             Err(Side::Dst) if framing == Framing::None => continue,
-            Err(Side::Dst) => return Err(Attempt::Broken),
-            Err(_) => return Err(Attempt::ClientGone),
+            Err(Side::Dst) => return Err(abandon(&up, Attempt::Broken)),
+            Err(_) => return Err(abandon(&up, Attempt::ClientGone)),
         }
         let resp_deadline = (tokio::time::Instant::now() + cfg.response_timeout).min(deadline);
         ubuf.clear();
@@ -709,11 +738,11 @@ async fn attempt_once(
                     continue;
                 }
                 Ok(Some(r)) => break r,
-                Ok(None) if ubuf.len() > 64 * 1024 => return Err(Attempt::Broken),
+                Ok(None) if ubuf.len() > 64 * 1024 => return Err(abandon(&up, Attempt::Broken)),
                 Ok(None) => {}
                 Err(()) => {
                     tracing::debug!(%addr, head = %String::from_utf8_lossy(&ubuf[..ubuf.len().min(200)]), "unparsable response head");
-                    return Err(Attempt::Broken);
+                    return Err(abandon(&up, Attempt::Broken));
                 }
             }
             match timeout_at(resp_deadline, read_more(&up, ubuf)).await {
@@ -728,14 +757,14 @@ async fn attempt_once(
                 }
                 Ok(Ok(0)) => {
                     tracing::debug!(%addr, got = ubuf.len(), fresh, "backend closed before a response head");
-                    return Err(Attempt::Broken);
+                    return Err(abandon(&up, Attempt::Broken));
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(%addr, got = ubuf.len(), fresh, error = %e, "backend connection failed before a response head");
-                    return Err(Attempt::Broken);
+                    return Err(abandon(&up, Attempt::Broken));
                 }
                 Ok(Ok(_)) => {}
-                Err(_) => return Err(Attempt::Timeout),
+                Err(_) => return Err(abandon(&up, Attempt::Timeout)),
             }
         };
         if resp.status == 0 {

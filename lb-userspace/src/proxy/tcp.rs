@@ -74,7 +74,10 @@ pub async fn serve(
     member.state.requests.fetch_add(1, Ordering::Relaxed);
     let (client, up) = (Rc::new(client), Rc::new(up));
     let a = tokio_uring::spawn(pump(client.clone(), up.clone(), cfg.idle_timeout));
-    pump(up, client, cfg.idle_timeout).await;
+    pump(up.clone(), client.clone(), cfg.idle_timeout).await;
     let _ = a.await;
+    // Reads abandoned on an idle timeout stay pending until the sockets are shut down.
+    let _ = client.shutdown(Shutdown::Both);
+    let _ = up.shutdown(Shutdown::Both);
     member.state.in_flight.fetch_sub(1, Ordering::Relaxed);
 }
