@@ -609,11 +609,18 @@ fn metrics_match_the_traffic_sent_and_capabilities_are_dropped() {
 
     // The long-running controller holds no capability at all.
     let pid = bed.e().child.as_ref().expect("running").id();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        let line = status.lines().find(|l| l.starts_with(set)).unwrap();
-        assert!(line.ends_with("0000000000000000"), "{line}");
+    // Capabilities are per thread: check every thread (admin, metrics, L7, health checks...).
+    let mut threads = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let name = status.lines().next().unwrap_or("").to_owned();
+        for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            let line = status.lines().find(|l| l.starts_with(set)).unwrap();
+            assert!(line.ends_with("0000000000000000"), "thread {name}: {line}");
+        }
+        threads += 1;
     }
+    assert!(threads > 3, "helper threads exist and were checked ({threads})");
 }
 
 #[test]

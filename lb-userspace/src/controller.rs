@@ -123,17 +123,22 @@ struct Controller {
 pub fn run(path: &Path) -> Result<(), RunError> {
     let cfg = Config::load(path)?;
     // The admin socket first: if another controller already runs, stop before touching anything.
-    let (admin_tx, admin_rx) = mpsc::channel();
-    admin::serve(&cfg.node.admin_socket, admin_tx)
+    // Capabilities are per thread, so everything privileged happens on this thread first (binding
+    // sockets, loading and attaching programs), then capabilities are dropped, and only then are
+    // the helper threads started: they inherit nothing.
+    let admin_listener = admin::bind(&cfg.node.admin_socket)
         .map_err(|source| RunError::Admin { path: cfg.node.admin_socket.clone(), source })?;
     let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
         .map_err(RunError::Signals)?;
+    let metrics_listener = match cfg.metrics {
+        Some(addr) => Some((
+            addr,
+            crate::metrics::bind(addr).map_err(|source| RunError::Metrics { addr, source })?,
+        )),
+        None => None,
+    };
+    let (admin_tx, admin_rx) = mpsc::channel();
     let (scrape_tx, scrape_rx) = mpsc::channel();
-    if let Some(addr) = cfg.metrics {
-        crate::metrics::serve(addr, scrape_tx)
-            .map_err(|source| RunError::Metrics { addr, source })?;
-        info!(%addr, "metrics on http://{addr}/metrics");
-    }
 
     let dp = Dataplane::load(Some(&cfg.node.pin_dir))?;
     if dp.adopted() {
@@ -163,15 +168,31 @@ pub fn run(path: &Path) -> Result<(), RunError> {
         let mode = ctl.dp.attach(&iface, ctl.cfg.node.xdp_mode)?;
         info!(interface = %iface, mode, "XDP balancer attached");
     }
-    if !crate::proxy::l7_listeners(&ctl.cfg).is_empty() {
+    let l7 = if crate::proxy::l7_listeners(&ctl.cfg).is_empty() {
+        None
+    } else {
+        Some(
+            crate::proxy::Proxy::bind(&ctl.cfg, ctl.cfg.node.l7_threads)
+                .map_err(|e| RunError::Proxy(e.to_string()))?,
+        )
+    };
+    drop_capabilities();
+
+    // Unprivileged from here on, helper threads included.
+    let admin_path = ctl.cfg.node.admin_socket.clone();
+    admin::serve(admin_listener, admin_tx)
+        .map_err(|source| RunError::Admin { path: admin_path, source })?;
+    if let Some((addr, l)) = metrics_listener {
+        crate::metrics::serve(l, scrape_tx).map_err(|source| RunError::Metrics { addr, source })?;
+        info!(%addr, "metrics on http://{addr}/metrics");
+    }
+    if let Some(bound) = l7 {
         let eff = ctl.effective();
-        let proxy =
-            crate::proxy::Proxy::start(&eff, ctl.cfg.node.l7_threads, ctl.metrics.l7.clone())
-                .map_err(|e| RunError::Proxy(e.to_string()))?;
+        let proxy = crate::proxy::Proxy::start_bound(&eff, bound, ctl.metrics.l7.clone())
+            .map_err(|e| RunError::Proxy(e.to_string()))?;
         ctl.proxy = Some(proxy);
     }
     ctl.checker.reconcile(&ctl.cfg);
-    drop_capabilities();
     info!(checks = ctl.checker.len(), admin = %ctl.cfg.node.admin_socket.display(), "edgelb running");
 
     let exit = ctl.serve(&mut signals);
@@ -201,6 +222,7 @@ pub fn run(path: &Path) -> Result<(), RunError> {
 /// Everything privileged is done by now (programs loaded, links attached and pinned, sockets
 /// bound), and the maps are used through open fds, which needs no capability. Give them all up,
 /// bounding set included, so a bug in the long-running loop cannot be turned into more.
+/// Capabilities are per thread: this must run before any helper thread is started.
 fn drop_capabilities() {
     use caps::CapSet;
     let mut result = Ok(());

@@ -178,9 +178,10 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, AdminError> {
 /// A request waiting for the controller, with the way back.
 pub type Pending = (Request, Sender<Response>);
 
-/// Binds the socket (replacing a stale one) and forwards requests to `to_controller` from a
-/// background thread.
-pub fn serve(socket: &Path, to_controller: Sender<Pending>) -> std::io::Result<()> {
+/// Binds the socket, replacing a stale one, but refusing when another controller answers on it.
+/// Binding is separate from serving so that the serving thread starts after edgelb has dropped
+/// its capabilities (they are per thread).
+pub fn bind(socket: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
@@ -194,6 +195,11 @@ pub fn serve(socket: &Path, to_controller: Sender<Pending>) -> std::io::Result<(
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Forwards requests arriving on `listener` to `to_controller`, from a background thread.
+pub fn serve(listener: UnixListener, to_controller: Sender<Pending>) -> std::io::Result<()> {
     std::thread::Builder::new().name("admin".into()).spawn(move || {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { continue };

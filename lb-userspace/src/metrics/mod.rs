@@ -218,10 +218,19 @@ impl Metrics {
 /// A scrape waiting for the controller: the reply channel gets the exposition text.
 pub type Scrape = Sender<String>;
 
-/// Serves `GET /metrics` on `listen` from a background thread; each scrape asks the controller
+/// Binds the metrics listener (separately from serving it, so the serving threads start after
+/// edgelb has dropped its capabilities).
+pub fn bind(listen: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(listen)
+}
+
+/// Serves `GET /metrics` on `listener` from background threads; each scrape asks the controller
 /// through `to_controller`.
-pub fn serve(listen: SocketAddr, to_controller: Sender<Scrape>) -> std::io::Result<()> {
-    let server = tiny_http::Server::http(listen).map_err(std::io::Error::other)?;
+pub fn serve(
+    listener: std::net::TcpListener,
+    to_controller: Sender<Scrape>,
+) -> std::io::Result<()> {
+    let server = tiny_http::Server::from_listener(listener, None).map_err(std::io::Error::other)?;
     std::thread::Builder::new().name("metrics".into()).spawn(move || {
         for req in server.incoming_requests() {
             if req.url() != "/metrics" || *req.method() != tiny_http::Method::Get {

@@ -226,12 +226,52 @@ pub fn l7_listeners(cfg: &Config) -> Vec<(String, SocketAddr)> {
         .collect()
 }
 
+/// Listening sockets for every proxy thread, bound (with the privileges that may need) before
+/// any thread starts.
+pub struct Bound {
+    per_thread: Vec<Vec<(String, SocketAddr, L7Mode, std::net::TcpListener)>>,
+}
+
 impl Proxy {
+    /// Binds one SO_REUSEPORT listener per L7 VIP for each of `threads` threads.
+    pub fn bind(cfg: &Config, threads: usize) -> Result<Bound, ProxyError> {
+        let mut per_thread = Vec::new();
+        for _ in 0..threads.max(1) {
+            let mut socks = Vec::new();
+            for (vip, addr) in l7_listeners(cfg) {
+                let l = listener(addr).map_err(|source| ProxyError::Bind {
+                    vip: vip.clone(),
+                    addr,
+                    source,
+                })?;
+                let mode = cfg
+                    .vips
+                    .iter()
+                    .find(|v| v.name == vip)
+                    .and_then(|v| v.l7.as_ref())
+                    .map_or(L7Mode::Http, |l| l.mode);
+                socks.push((vip, addr, mode, l));
+            }
+            per_thread.push(socks);
+        }
+        Ok(Bound { per_thread })
+    }
+
     /// Binds every L7 VIP on `threads` threads and starts serving `cfg` (the effective config:
     /// dead backends already removed, drained ones at weight 0).
     pub fn start(
         cfg: &Config,
         threads: usize,
+        metrics: Arc<L7Metrics>,
+    ) -> Result<Proxy, ProxyError> {
+        let bound = Proxy::bind(cfg, threads)?;
+        Proxy::start_bound(cfg, bound, metrics)
+    }
+
+    /// Starts the threads on listeners from [`Proxy::bind`].
+    pub fn start_bound(
+        cfg: &Config,
+        bound: Bound,
         metrics: Arc<L7Metrics>,
     ) -> Result<Proxy, ProxyError> {
         let listeners = l7_listeners(cfg);
@@ -249,22 +289,8 @@ impl Proxy {
             listeners: listeners.clone(),
         };
         proxy.update(cfg);
-        for t in 0..threads.max(1) {
-            let mut socks = Vec::new();
-            for (vip, addr) in &listeners {
-                let l = listener(*addr).map_err(|source| ProxyError::Bind {
-                    vip: vip.clone(),
-                    addr: *addr,
-                    source,
-                })?;
-                let mode = cfg
-                    .vips
-                    .iter()
-                    .find(|v| &v.name == vip)
-                    .and_then(|v| v.l7.as_ref())
-                    .map_or(L7Mode::Http, |l| l.mode);
-                socks.push((vip.clone(), *addr, mode, l));
-            }
+        let threads = bound.per_thread.len();
+        for (t, socks) in bound.per_thread.into_iter().enumerate() {
             let shared = proxy.shared.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("l7-{t}"))
