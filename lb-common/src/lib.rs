@@ -53,16 +53,20 @@ pub mod proto {
 
 /// Map names, shared so user space never spells one differently from the ELF.
 pub mod maps {
-    /// `HashMap<VipKey, VipMeta>`: which (address, port, protocol) are VIPs.
+    /// `HashMap<VipKey, VipMeta>`: which (address, port, protocol) are IPv6 VIPs.
     pub const VIPS: &str = "VIPS";
+    /// `HashMap<VipKeyV4, VipMeta>`: IPv4 VIPs, with a compact key (cheaper to hash per packet).
+    pub const VIPS_V4: &str = "VIPS_V4";
     /// `HashMap<AddrKey, u32>`: every VIP address (any port), for ICMP and fragment policy.
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
     /// `Array<u32>`: Maglev rings, `ring_base + slot` -> backend id.
     pub const RINGS: &str = "RINGS";
     /// `Array<Backend>`: backend id -> where to send.
     pub const BACKENDS: &str = "BACKENDS";
-    /// `LruHashMap<FlowKey, Conn>` with per-CPU LRU lists: established flows.
+    /// `LruHashMap<FlowKey, Conn>` with per-CPU LRU lists: established IPv6 flows.
     pub const CONNTRACK: &str = "CONNTRACK";
+    /// `LruHashMap<FlowKeyV4, Conn>` with per-CPU LRU lists: established IPv4 flows.
+    pub const CONNTRACK_V4: &str = "CONNTRACK_V4";
     /// `Array<GlobalConfig>` with one element: node-wide settings.
     pub const CONFIG: &str = "CONFIG";
     /// `PerCpuArray<Counters>`, indexed by VIP index.
@@ -118,6 +122,59 @@ pub struct VipKey {
     pub proto: u8,
     /// [`AF_INET`] or [`AF_INET6`].
     pub family: u8,
+}
+
+/// Compact key of the IPv4 VIP table (8 bytes instead of 20: the kernel hashes it per packet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKeyV4 {
+    /// Address word.
+    pub addr: u32,
+    /// Destination port in network byte order, or 0 for any port.
+    pub port: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Zero.
+    pub _pad: u8,
+}
+
+impl VipKey {
+    /// The compact key of an IPv4 VIP.
+    pub const fn v4(&self) -> VipKeyV4 {
+        VipKeyV4 { addr: self.addr[0], port: self.port, proto: self.proto, _pad: 0 }
+    }
+}
+
+/// Compact connection-table key of an IPv4 flow (16 bytes instead of 40).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKeyV4 {
+    /// Client address word.
+    pub src: u32,
+    /// VIP address word.
+    pub dst: u32,
+    /// Client port (network order).
+    pub sport: u16,
+    /// VIP port (network order).
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Zero.
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// The compact key of an IPv4 flow.
+    pub const fn v4(&self) -> FlowKeyV4 {
+        FlowKeyV4 {
+            src: self.src[0],
+            dst: self.dst[0],
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
 }
 
 /// Key of the VIP address set.
@@ -239,6 +296,10 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AddrKey {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::VipKeyV4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKeyV4 {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::VipMeta {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Backend {}
@@ -265,6 +326,8 @@ mod layout {
         assert_eq!(size_of::<VipMeta>(), 16);
         assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<VipKeyV4>(), 8);
+        assert_eq!(size_of::<FlowKeyV4>(), 16);
         assert_eq!(size_of::<Conn>(), 8);
         assert_eq!(size_of::<GlobalConfig>(), 36);
         assert_eq!(size_of::<Counters>(), 24);

@@ -4,8 +4,10 @@
 //! the table entry is trusted only while the backend is PRESENT and has the generation the entry
 //! recorded. Otherwise the flow re-hashes onto the current ring.
 
-use crate::maps::{BACKENDS, CONNTRACK, RINGS};
-use lb_common::{Backend, Conn, FlowKey, HASH_SEED, VipMeta, backend_flags, hash, vip_flags};
+use crate::maps::{BACKENDS, CONNTRACK, CONNTRACK_V4, RINGS};
+use lb_common::{
+    AF_INET, Backend, Conn, FlowKey, HASH_SEED, VipMeta, backend_flags, hash, vip_flags,
+};
 
 /// The chosen backend.
 pub struct Pick {
@@ -42,8 +44,13 @@ fn live_backend(id: u32) -> Option<Backend> {
 pub fn pick(key: &FlowKey, meta: &VipMeta, fhash: u32, remember: bool) -> Option<Pick> {
     // SAFETY: the value is copied out at once; an LRU entry evicted concurrently yields at worst
     // a stale copy, which the generation check below rejects.
-    if let Some(conn) = unsafe { CONNTRACK.get(key) } {
-        let conn = *conn;
+    let found = if key.family == AF_INET {
+        unsafe { CONNTRACK_V4.get(&key.v4()) }.copied()
+    } else {
+        // SAFETY: as above.
+        unsafe { CONNTRACK.get(key) }.copied()
+    };
+    if let Some(conn) = found {
         if let Some(backend) = live_backend(conn.backend)
             && backend.generation == conn.generation
         {
@@ -60,7 +67,11 @@ pub fn pick(key: &FlowKey, meta: &VipMeta, fhash: u32, remember: bool) -> Option
         let conn = Conn { backend: id, generation: backend.generation };
         // A full table evicts the least recently used entry; an error here only means the next
         // packet of this flow is placed by the ring again, which picks the same backend.
-        let _ = CONNTRACK.insert(key, &conn, 0);
+        let _ = if key.family == AF_INET {
+            CONNTRACK_V4.insert(&key.v4(), &conn, 0)
+        } else {
+            CONNTRACK.insert(key, &conn, 0)
+        };
     }
     Some(Pick { id, backend, new_flow: true })
 }

@@ -17,10 +17,10 @@ mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    AF_INET, AF_INET6, AddrKey, FlowKey, GlobalConfig, VipKey, VipMeta, proto, stats::Reason,
-    vip_flags,
+    AF_INET, AF_INET6, AddrKey, FlowKey, GlobalConfig, VipKey, VipKeyV4, VipMeta, proto,
+    stats::Reason, vip_flags,
 };
-use maps::{CONFIG, VIP_ADDRS, VIPS};
+use maps::{CONFIG, VIP_ADDRS, VIPS, VIPS_V4};
 use parse::{ETH_P_IP, ETH_P_IPV6, IPV4_LEN, IPV6_LEN, Ipv4Hdr, Ipv6Hdr, Ports, ptr_at};
 use stats::count;
 
@@ -199,6 +199,16 @@ fn parse_v6(ctx: &XdpContext, l3_off: usize) -> Result<Step<L3>, ()> {
 /// Finds the VIP for (address, port, protocol), trying the exact port, then "any port".
 #[inline(always)]
 pub fn lookup_vip(addr: &[u32; 4], port: u16, proto: u8, family: u8) -> Option<VipMeta> {
+    if family == AF_INET {
+        let mut key = VipKeyV4 { addr: addr[0], port, proto, _pad: 0 };
+        // SAFETY: the value is copied out at once.
+        if let Some(meta) = unsafe { VIPS_V4.get(&key) } {
+            return Some(*meta);
+        }
+        key.port = 0;
+        // SAFETY: as above.
+        return unsafe { VIPS_V4.get(&key) }.copied();
+    }
     let mut key = VipKey { addr: *addr, port, proto, family };
     // SAFETY: the value is copied out at once.
     if let Some(meta) = unsafe { VIPS.get(&key) } {

@@ -6,16 +6,20 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, Backend, CONNTRACK_ENTRIES, Conn, Counters, FlowKey, GlobalConfig, MAX_BACKENDS,
-    MAX_RING_SIZE, MAX_VIPS, VipKey, VipMeta, stats::REASON_COUNT,
+    AddrKey, Backend, CONNTRACK_ENTRIES, Conn, Counters, FlowKey, FlowKeyV4, GlobalConfig,
+    MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, VipKey, VipKeyV4, VipMeta, stats::REASON_COUNT,
 };
 
 /// Per-CPU LRU lists (BPF_F_NO_COMMON_LRU): no cross-CPU lock on the hot path.
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
-/// (address, port, protocol) -> VIP metadata. Port 0 entries match any port.
+/// IPv6 (address, port, protocol) -> VIP metadata. Port 0 entries match any port.
 #[map]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS * 4, 0);
+
+/// IPv4 VIPs, with the compact key.
+#[map]
+pub static VIPS_V4: HashMap<VipKeyV4, VipMeta> = HashMap::with_max_entries(MAX_VIPS * 4, 0);
 
 /// Every VIP address, for ICMP echo, ICMP errors and the fragment/options policy.
 #[map]
@@ -29,9 +33,14 @@ pub static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * 2 * MAX_RING_S
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// Established flows -> their backend.
+/// Established IPv6 flows -> their backend.
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, Conn> =
+    LruHashMap::with_max_entries(CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// Established IPv4 flows -> their backend, with the compact key.
+#[map]
+pub static CONNTRACK_V4: LruHashMap<FlowKeyV4, Conn> =
     LruHashMap::with_max_entries(CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 /// Node-wide settings (one element).

@@ -9,24 +9,28 @@ use aya::{
     sys::SyscallError,
 };
 use lb_common::{
-    AddrKey, Backend, Conn, Counters, FlowKey, GlobalConfig, VipKey, VipMeta, maps as names,
-    stats::REASON_COUNT,
+    AddrKey, Backend, Conn, Counters, FlowKey, FlowKeyV4, GlobalConfig, VipKey, VipKeyV4, VipMeta,
+    maps as names, stats::REASON_COUNT,
 };
 
 use super::DataplaneError;
 
 /// The balancer's maps.
 pub struct Maps {
-    /// VIP table.
+    /// IPv6 VIP table.
     pub vips: HashMap<MapData, VipKey, VipMeta>,
+    /// IPv4 VIP table (compact keys).
+    pub vips_v4: HashMap<MapData, VipKeyV4, VipMeta>,
     /// VIP address set.
     pub vip_addrs: HashMap<MapData, AddrKey, u32>,
     /// Maglev rings.
     pub rings: Array<MapData, u32>,
     /// Backend table.
     pub backends: Array<MapData, Backend>,
-    /// Connection table (LRU hash; aya reads it as a plain hash map).
+    /// IPv6 connection table (LRU hash; aya reads it as a plain hash map).
     pub conntrack: HashMap<MapData, FlowKey, Conn>,
+    /// IPv4 connection table (compact keys).
+    pub conntrack_v4: HashMap<MapData, FlowKeyV4, Conn>,
     /// Global config.
     pub config: Array<MapData, GlobalConfig>,
     /// Per-VIP counters.
@@ -50,15 +54,43 @@ impl Maps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Maps, DataplaneError> {
         Ok(Maps {
             vips: take(ebpf, names::VIPS)?,
+            vips_v4: take(ebpf, names::VIPS_V4)?,
             vip_addrs: take(ebpf, names::VIP_ADDRS)?,
             rings: take(ebpf, names::RINGS)?,
             backends: take(ebpf, names::BACKENDS)?,
             conntrack: take(ebpf, names::CONNTRACK)?,
+            conntrack_v4: take(ebpf, names::CONNTRACK_V4)?,
             config: take(ebpf, names::CONFIG)?,
             vip_stats: take(ebpf, names::VIP_STATS)?,
             backend_stats: take(ebpf, names::BACKEND_STATS)?,
             reasons: take(ebpf, names::REASONS)?,
         })
+    }
+
+    /// Publishes a VIP entry in the table for its family (one atomic map update).
+    pub fn put_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<(), DataplaneError> {
+        if key.family == lb_common::AF_INET {
+            self.vips_v4
+                .insert(&key.v4(), meta, 0)
+                .map_err(|source| DataplaneError::Map { name: names::VIPS_V4, source })
+        } else {
+            self.vips
+                .insert(key, meta, 0)
+                .map_err(|source| DataplaneError::Map { name: names::VIPS, source })
+        }
+    }
+
+    /// Removes a VIP entry (absent is fine).
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
+        let (r, name) = if key.family == lb_common::AF_INET {
+            (self.vips_v4.remove(&key.v4()), names::VIPS_V4)
+        } else {
+            (self.vips.remove(key), names::VIPS)
+        };
+        match r {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(DataplaneError::Map { name, source }),
+        }
     }
 
     /// Sum over CPUs of one per-CPU counter slot.

@@ -212,8 +212,10 @@ pub struct Dataplane {
 }
 
 /// Every map the balancer has, for pinning.
-const MAP_NAMES: [&str; 9] = [
+const MAP_NAMES: [&str; 11] = [
     lb_common::maps::VIPS,
+    lb_common::maps::VIPS_V4,
+    lb_common::maps::CONNTRACK_V4,
     lb_common::maps::VIP_ADDRS,
     lb_common::maps::RINGS,
     lb_common::maps::BACKENDS,
@@ -283,12 +285,18 @@ impl Dataplane {
 
     /// Rebuilds the controller's view from maps a previous process left pinned.
     fn adopt(&mut self) -> Result<(), DataplaneError> {
-        let vips: Vec<(VipKey, VipMeta)> = self
+        let mut vips: Vec<(VipKey, VipMeta)> = self
             .maps
             .vips
             .iter()
             .collect::<Result<_, _>>()
             .map_err(map_err(lb_common::maps::VIPS))?;
+        for kv in self.maps.vips_v4.iter() {
+            let (k, meta) = kv.map_err(map_err(lb_common::maps::VIPS_V4))?;
+            let key =
+                VipKey { addr: [k.addr, 0, 0, 0], port: k.port, proto: k.proto, family: AF_INET };
+            vips.push((key, meta));
+        }
         if vips.is_empty() {
             return Ok(());
         }
@@ -554,7 +562,7 @@ impl Dataplane {
                 meta.ring_size = vip.ring_size;
             }
             if meta != slot.meta {
-                self.maps.vips.insert(&key, &meta, 0).map_err(map_err(lb_common::maps::VIPS))?;
+                self.maps.put_vip(&key, &meta)?;
                 slot.meta = meta;
                 report.vips_updated += 1;
             }
@@ -574,10 +582,7 @@ impl Dataplane {
         let gone: Vec<VipKey> =
             self.vips.keys().filter(|k| !live_keys.contains(k)).copied().collect();
         for key in gone {
-            match self.maps.vips.remove(&key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(lb_common::maps::VIPS)(e)),
-            }
+            self.maps.remove_vip(&key)?;
             self.vips.remove(&key);
             report.vips_removed += 1;
         }
