@@ -50,12 +50,11 @@ pub fn pick(key: &FlowKey, meta: &VipMeta, fhash: u32, remember: bool) -> Option
         // SAFETY: as above.
         unsafe { CONNTRACK.get(key) }.copied()
     };
-    if let Some(conn) = found {
-        if let Some(backend) = live_backend(conn.backend)
-            && backend.generation == conn.generation
-        {
-            return Some(Pick { id: conn.backend, backend, new_flow: false });
-        }
+    if let Some(conn) = found
+        && let Some(backend) = live_backend(conn.backend)
+        && backend.generation == conn.generation
+    {
+        return Some(Pick { id: conn.backend, backend, new_flow: false });
     }
     if meta.ring_size == 0 {
         return None;
