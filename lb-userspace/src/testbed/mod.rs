@@ -112,6 +112,15 @@ pub fn sh(args: &[&str]) -> io::Result<()> {
     Ok(())
 }
 
+/// Adds `cidr` to `dev` in namespace `ns` (IPv6 without duplicate-address detection).
+fn add_addr(ns: &str, cidr: &str, dev: &str) -> io::Result<()> {
+    if cidr.contains(':') {
+        sh(&["ip", "-n", ns, "-6", "addr", "add", cidr, "dev", dev, "nodad"])
+    } else {
+        sh(&["ip", "-n", ns, "addr", "add", cidr, "dev", dev])
+    }
+}
+
 fn mac_str(m: [u8; 6]) -> String {
     m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
@@ -182,19 +191,8 @@ impl Testbed {
             ])?;
             sh(&["ip", "-n", sw, "link", "set", peer, "master", "br0", "up"])?;
             sh(&["ip", "-n", ns, "link", "set", ifname, "address", &mac_str(*mac), "up"])?;
-            sh(&["ip", "-n", ns, "addr", "add", &format!("{v4}/24"), "dev", ifname])?;
-            sh(&[
-                "ip",
-                "-n",
-                ns,
-                "-6",
-                "addr",
-                "add",
-                &format!("{v6}/64"),
-                "dev",
-                ifname,
-                "nodad",
-            ])?;
+            add_addr(ns, &format!("{v4}/24"), ifname)?;
+            add_addr(ns, &format!("{v6}/64"), ifname)?;
         }
         let client = names.client.as_str();
         sh(&["ip", "-n", client, "route", "add", "198.18.1.0/24", "via", &LB.to_string()])?;
@@ -212,22 +210,11 @@ impl Testbed {
         let pool = format!("{}/{}", CLIENT_POOL.0, CLIENT_POOL.1);
         sh(&["ip", "-n", client, "route", "add", "local", &pool, "dev", "lo"])?;
         sh(&["ip", "netns", "exec", client, "ethtool", "-K", "cl0", "tx", "off"])?;
-        sh(&["ip", "-n", &names.lb, "addr", "add", &format!("{VIP_L7}/32"), "dev", "lo"])?;
+        add_addr(&names.lb, &format!("{VIP_L7}/32"), "lo")?;
         sh(&["ip", "-n", &names.lb, "route", "add", &pool, "via", &CLIENT.to_string()])?;
         for ns in &names.backends {
-            sh(&["ip", "-n", ns, "addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
-            sh(&[
-                "ip",
-                "-n",
-                ns,
-                "-6",
-                "addr",
-                "add",
-                &format!("{VIP6}/128"),
-                "dev",
-                "lo",
-                "nodad",
-            ])?;
+            add_addr(ns, &format!("{VIP}/32"), "lo")?;
+            add_addr(ns, &format!("{VIP6}/128"), "lo")?;
             sh(&["ip", "-n", ns, "route", "add", &pool, "via", &CLIENT.to_string()])?;
         }
 

@@ -29,6 +29,31 @@ impl Drop for Servers {
     }
 }
 
+/// On a fresh server thread: enters `ns`, runs `open` and reports the outcome on `ready`, so
+/// `spawn` returns only once every socket is bound (or with the first error).
+fn open_in<T>(
+    ns: &str,
+    ready: &std::sync::mpsc::Sender<std::io::Result<()>>,
+    open: impl FnOnce() -> std::io::Result<T>,
+) -> Option<T> {
+    match netns::enter(ns).and_then(|()| open()) {
+        Ok(v) => {
+            let _ = ready.send(Ok(()));
+            Some(v)
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            None
+        }
+    }
+}
+
+fn nonblocking_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let l = TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
 /// Starts, inside namespace `ns`, an HTTP/1.0-style server on `tcp` and a UDP echo-name server
 /// on `udp`; both answer with `name`.
 pub fn spawn(ns: &str, name: &str, tcp: SocketAddr, udp: SocketAddr) -> std::io::Result<Servers> {
@@ -38,20 +63,7 @@ pub fn spawn(ns: &str, name: &str, tcp: SocketAddr, udp: SocketAddr) -> std::io:
     {
         let (ns, name, stop, tx) = (ns.to_owned(), name.to_owned(), stop.clone(), tx.clone());
         threads.push(std::thread::spawn(move || {
-            let l = netns::enter(&ns).and_then(|()| TcpListener::bind(tcp)).and_then(|l| {
-                l.set_nonblocking(true)?;
-                Ok(l)
-            });
-            let l = match l {
-                Ok(l) => {
-                    let _ = tx.send(Ok(()));
-                    l
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
+            let Some(l) = open_in(&ns, &tx, || nonblocking_listener(tcp)) else { return };
             while !stop.load(Ordering::Relaxed) {
                 match l.accept() {
                     Ok((mut s, _)) => {
@@ -74,19 +86,12 @@ pub fn spawn(ns: &str, name: &str, tcp: SocketAddr, udp: SocketAddr) -> std::io:
     {
         let (ns, name, stop, tx) = (ns.to_owned(), name.to_owned(), stop.clone(), tx.clone());
         threads.push(std::thread::spawn(move || {
-            let s = netns::enter(&ns).and_then(|()| UdpSocket::bind(udp)).and_then(|s| {
+            let Some(s) = open_in(&ns, &tx, || {
+                let s = UdpSocket::bind(udp)?;
                 s.set_read_timeout(Some(Duration::from_millis(50)))?;
                 Ok(s)
-            });
-            let s = match s {
-                Ok(s) => {
-                    let _ = tx.send(Ok(()));
-                    s
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
+            }) else {
+                return;
             };
             let mut buf = [0u8; 1500];
             while !stop.load(Ordering::Relaxed) {
@@ -101,20 +106,7 @@ pub fn spawn(ns: &str, name: &str, tcp: SocketAddr, udp: SocketAddr) -> std::io:
         let (ns, name, stop, tx) = (ns.to_owned(), name.to_owned(), stop.clone(), tx.clone());
         let echo = SocketAddr::new(tcp.ip(), 7);
         threads.push(std::thread::spawn(move || {
-            let l = netns::enter(&ns).and_then(|()| TcpListener::bind(echo)).and_then(|l| {
-                l.set_nonblocking(true)?;
-                Ok(l)
-            });
-            let l = match l {
-                Ok(l) => {
-                    let _ = tx.send(Ok(()));
-                    l
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
+            let Some(l) = open_in(&ns, &tx, || nonblocking_listener(echo)) else { return };
             let mut conns: Vec<JoinHandle<()>> = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 match l.accept() {
