@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::{
@@ -25,10 +25,6 @@ const TIMEOUT: Duration = Duration::from_secs(1);
 const INTERVAL: Duration = Duration::from_millis(200);
 const FALL: u32 = 2;
 const RISE: u32 = 2;
-
-fn pool_addr(n: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(testbed::CLIENT_POOL.0) + n)
-}
 
 /// The testbed config with fast health checks, an echo VIP on port 7 and per-test pin dir and
 /// admin socket. `echo_backends` picks which backends (1-based) the echo VIP lists.
@@ -271,7 +267,7 @@ impl Bed {
             let start = Instant::now();
             let mut n = 0u32;
             while !flag.load(Ordering::Relaxed) && start.elapsed() < max {
-                let src = IpAddr::V4(pool_addr(n % 300));
+                let src = IpAddr::V4(testbed::pool_addr(n % 300));
                 let r = servers::http_get(Some(SocketAddr::new(src, 0)), vip, TIMEOUT);
                 log.push((Instant::now(), src, r.map_err(|e| e.to_string())));
                 n += 1;
@@ -376,7 +372,7 @@ fn dead_backend_leaves_the_ring_and_returns() {
     }
     eprintln!("recovery: healthy {} ms after the restart", revived.elapsed().as_millis());
     let client = (0..300)
-        .map(|n| IpAddr::V4(pool_addr(n)))
+        .map(|n| IpAddr::V4(testbed::pool_addr(n)))
         .find(|c| backend_name(&cfg, "web", *c) == "backend-2")
         .unwrap();
     let got = netns::in_netns(&bed.tb.names.client, || {
@@ -431,7 +427,7 @@ fn echo_conns(bed: &Bed, clients: &[IpAddr]) -> Vec<servers::EchoConn> {
 /// Sources whose echo flows the config sends to backend `want`.
 fn clients_of(cfg: &Config, want: &str, n: usize) -> Vec<IpAddr> {
     (0..1000)
-        .map(|i| IpAddr::V4(pool_addr(i)))
+        .map(|i| IpAddr::V4(testbed::pool_addr(i)))
         .filter(|c| backend_name(cfg, "echo", *c) == want)
         .take(n)
         .collect()
@@ -506,7 +502,7 @@ fn restart_under_load_loses_nothing() {
 fn reload_rejects_bad_files_and_keeps_connections() {
     let Some(bed) = Bed::up("reload", &[1, 2]) else { return };
     let cfg = bed.cfg();
-    let clients: Vec<IpAddr> = (0..30).map(|i| IpAddr::V4(pool_addr(i))).collect();
+    let clients: Vec<IpAddr> = (0..30).map(|i| IpAddr::V4(testbed::pool_addr(i))).collect();
     let mut conns = echo_conns(&bed, &clients);
     let before: Vec<String> = conns.iter_mut().map(|c| c.backend().unwrap()).collect();
     for (c, b) in clients.iter().zip(&before) {
@@ -569,7 +565,7 @@ fn metrics_match_the_traffic_sent_and_capabilities_are_dropped() {
     let Some(bed) = Bed::up("metrics", &[1, 2, 3]) else { return };
     let cfg = bed.cfg();
     let before = scrape(&bed);
-    let clients: Vec<IpAddr> = (0..100).map(|i| IpAddr::V4(pool_addr(500 + i))).collect();
+    let clients: Vec<IpAddr> = (0..100).map(|i| IpAddr::V4(testbed::pool_addr(500 + i))).collect();
     netns::in_netns(&bed.tb.names.client, || {
         for c in &clients {
             let got = servers::udp_ask(
@@ -632,7 +628,7 @@ fn l7_vip_passes_xdp_to_the_proxy_which_follows_health() {
             (0..n)
                 .map(|i| {
                     servers::http_get(
-                        Some(SocketAddr::new(IpAddr::V4(pool_addr(i)), 0)),
+                        Some(SocketAddr::new(IpAddr::V4(testbed::pool_addr(i)), 0)),
                         vip,
                         TIMEOUT,
                     )

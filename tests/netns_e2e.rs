@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap,
     io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     time::{Duration, Instant},
 };
 
@@ -32,11 +32,6 @@ fn e2e_config() -> Config {
             .join("\n")
     );
     Config::parse(&text, "e2e.toml".as_ref()).expect("e2e config is valid")
-}
-
-/// The n-th address of the client's AnyIP pool.
-fn pool_addr(n: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(testbed::CLIENT_POOL.0) + n)
 }
 
 #[test]
@@ -88,7 +83,7 @@ fn client_to_backends_through_xdp() {
         // on the backend `edgelb route` names.
         let mut per_backend: HashMap<String, u32> = HashMap::new();
         for n in 0..1000 {
-            let src = SocketAddr::new(IpAddr::V4(pool_addr(n)), 0);
+            let src = SocketAddr::new(IpAddr::V4(testbed::pool_addr(n)), 0);
             let got =
                 servers::http_get(Some(src), vip, TIMEOUT).expect("HTTP through the balancer");
             let want = &names[&route(&web, src.ip(), 0).unwrap().address];
@@ -103,7 +98,7 @@ fn client_to_backends_through_xdp() {
 
         // Stickiness: repeated connections from one client land on one backend.
         for n in [3u32, 500, 999] {
-            let src = SocketAddr::new(IpAddr::V4(pool_addr(n)), 0);
+            let src = SocketAddr::new(IpAddr::V4(testbed::pool_addr(n)), 0);
             let first = servers::http_get(Some(src), vip, TIMEOUT).unwrap();
             for _ in 0..10 {
                 assert_eq!(servers::http_get(Some(src), vip, TIMEOUT).unwrap(), first);
@@ -112,7 +107,7 @@ fn client_to_backends_through_xdp() {
 
         // UDP, answered directly by the backend.
         for n in 0..30 {
-            let src = SocketAddr::new(IpAddr::V4(pool_addr(n)), 0);
+            let src = SocketAddr::new(IpAddr::V4(testbed::pool_addr(n)), 0);
             let got = servers::udp_ask(src, SocketAddr::new(IpAddr::V4(testbed::VIP), 53), TIMEOUT)
                 .expect("UDP reply");
             assert_eq!(got, names[&route(&dns, src.ip(), 0).unwrap().address]);

@@ -264,6 +264,28 @@ impl Drop for Edgelb {
     }
 }
 
+/// `n` HTTP requests to `vip` from `n` client addresses; prints which backend answered how
+/// often, and fails if any request did.
+fn show_spread(tb: &Testbed, vip: SocketAddr, n: u32, timeout: Duration) -> Result<()> {
+    let spread = netns::in_netns(&tb.names.client, || {
+        let mut per: BTreeMap<String, u32> = BTreeMap::new();
+        for i in 0..n {
+            let src = SocketAddr::new(IpAddr::V4(testbed::pool_addr(i)), 0);
+            let who = servers::http_get(Some(src), vip, timeout)
+                .unwrap_or_else(|e| format!("error: {e}"));
+            *per.entry(who).or_default() += 1;
+        }
+        per
+    })?;
+    for (who, count) in &spread {
+        eprintln!("   {who:<12} {count:>4} responses");
+    }
+    if spread.keys().any(|k| k.starts_with("error")) {
+        bail!("some requests to {vip} failed: {spread:?}");
+    }
+    Ok(())
+}
+
 fn run(duration: Option<u64>) -> Result<()> {
     require_root("xtask run")?;
     cargo(&["build", "--bin", "edgelb"])?;
@@ -316,44 +338,12 @@ fn run(duration: Option<u64>) -> Result<()> {
     }
 
     eprintln!("== 300 HTTP requests from 300 client addresses to {vip}:");
-    let spread = netns::in_netns(&tb.names.client, || {
-        let mut per: BTreeMap<String, u32> = BTreeMap::new();
-        for n in 0..300u32 {
-            let src =
-                SocketAddr::new(IpAddr::V4((u32::from(testbed::CLIENT_POOL.0) + n).into()), 0);
-            let who = servers::http_get(Some(src), vip, timeout)
-                .unwrap_or_else(|e| format!("error: {e}"));
-            *per.entry(who).or_default() += 1;
-        }
-        per
-    })?;
-    for (who, n) in &spread {
-        eprintln!("   {who:<12} {n:>4} responses");
-    }
-    if spread.keys().any(|k| k.starts_with("error")) {
-        bail!("some requests failed: {spread:?}");
-    }
+    show_spread(&tb, vip, 300, timeout)?;
     let vip7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
     eprintln!(
         "== 30 HTTP requests to the L7 VIP {vip7} (XDP passes them to edgelb's io_uring proxy):"
     );
-    let spread7 = netns::in_netns(&tb.names.client, || {
-        let mut per: BTreeMap<String, u32> = BTreeMap::new();
-        for n in 0..30u32 {
-            let src =
-                SocketAddr::new(IpAddr::V4((u32::from(testbed::CLIENT_POOL.0) + n).into()), 0);
-            let who = servers::http_get(Some(src), vip7, timeout)
-                .unwrap_or_else(|e| format!("error: {e}"));
-            *per.entry(who).or_default() += 1;
-        }
-        per
-    })?;
-    for (who, n) in &spread7 {
-        eprintln!("   {who:<12} {n:>4} responses");
-    }
-    if spread7.keys().any(|k| k.starts_with("error")) {
-        bail!("some L7 requests failed: {spread7:?}");
-    }
+    show_spread(&tb, vip7, 30, timeout)?;
     eprintln!("== edgelb status:");
     let _ = Command::new(&edgelb_bin).args(["status", "--config"]).arg(&config).status();
     eprintln!("== edgelb is balancing. One request per second from a rotating client follows;");
@@ -367,8 +357,7 @@ fn run(duration: Option<u64>) -> Result<()> {
         if let Ok(Some(status)) = edgelb.child.try_wait() {
             bail!("edgelb exited: {status}");
         }
-        let src =
-            SocketAddr::new(IpAddr::V4((u32::from(testbed::CLIENT_POOL.0) + n % 1000).into()), 0);
+        let src = SocketAddr::new(IpAddr::V4(testbed::pool_addr(n % 1000)), 0);
         let who = netns::in_netns(&tb.names.client, || servers::http_get(Some(src), vip, timeout))?;
         match who {
             Ok(b) => eprintln!("   {} -> {vip} answered by {b}", src.ip()),

@@ -447,7 +447,7 @@ async fn accept_loop(
                     L7Mode::Http => {
                         http::serve(stream, peer, listen, rt, shared2.clone(), upstream2).await
                     }
-                    L7Mode::Tcp => tcp::serve(stream, peer, listen, rt, shared2.clone()).await,
+                    L7Mode::Tcp => tcp::serve(stream, peer, listen, rt).await,
                 }
             }
             gauge.dec();

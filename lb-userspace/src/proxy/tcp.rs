@@ -10,7 +10,7 @@ use std::{
 
 use tokio_uring::net::TcpStream;
 
-use super::{Shared, VipRuntime, client_ip, http::proxy_header};
+use super::{VipRuntime, client_ip, http::proxy_header};
 
 async fn pump(from: Rc<TcpStream>, to: Rc<TcpStream>, idle: std::time::Duration) {
     let mut buf = Vec::with_capacity(16 * 1024);
@@ -35,14 +35,7 @@ async fn pump(from: Rc<TcpStream>, to: Rc<TcpStream>, idle: std::time::Duration)
 }
 
 /// Relays one client connection to a backend of `vip`.
-pub async fn serve(
-    client: TcpStream,
-    peer: SocketAddr,
-    listen: SocketAddr,
-    vip: Arc<VipRuntime>,
-    shared: Arc<Shared>,
-) {
-    let _ = shared.stopping.load(Ordering::Relaxed);
+pub async fn serve(client: TcpStream, peer: SocketAddr, listen: SocketAddr, vip: Arc<VipRuntime>) {
     let cfg = &vip.cfg;
     let pool = &vip.default;
     let mut tried = Vec::new();

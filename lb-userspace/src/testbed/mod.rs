@@ -35,6 +35,12 @@ pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
 /// Extra client source addresses: 198.18.4.0/22, routed as local on the client (AnyIP).
 pub const CLIENT_POOL: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 18, 4, 0), 22);
+/// The `n`-th address of the client's AnyIP source pool (wraps within the /22).
+pub fn pool_addr(n: u32) -> Ipv4Addr {
+    let size = 1u32 << (32 - CLIENT_POOL.1);
+    Ipv4Addr::from(u32::from(CLIENT_POOL.0) + n % size)
+}
+
 /// Balancer node address.
 pub const LB: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// Balancer node IPv6 address.
