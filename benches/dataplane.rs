@@ -146,6 +146,8 @@ fn xdp(results: &mut Value) {
         return;
     }
     const ITERS: usize = 20_000;
+    // The connection table is per CPU: stay on one, so the hit path hits this CPU's table.
+    netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
     let cfg = Config::parse(CONFIG, "bench.toml".as_ref()).unwrap();
     let mut dp = Dataplane::load(None).expect("balancer");
     dp.apply(&cfg).unwrap();
@@ -208,6 +210,7 @@ fn xdp(results: &mut Value) {
         )
     };
     let icmp = time_runs(lb, ITERS, |_| echo.clone(), 3);
+    netns::pin_current_thread(None).expect("unpin");
 
     results["xdp_ns"] = json!({
         "method": "median of single runs (repeat=1, fresh frame each run), kernel-measured",

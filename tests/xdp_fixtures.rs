@@ -12,7 +12,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use common::{FIXTURE_CONFIG, packet::*};
 use edgelb::{
     config::{Config, Vip},
-    dataplane::{Dataplane, flow_hash, route},
+    dataplane::{Dataplane, flow_hash, route, vip_ring},
     testbed::netns::require_privileged,
 };
 use lb_common::stats::{REASON_COUNT, REASON_NAMES, Reason};
@@ -635,6 +635,85 @@ fn connection_table_keeps_flows_across_ring_changes() {
     assert_ne!(now, first);
 }
 
+/// The IPv4 connection-table bucket of a TCP flow to 198.18.1.1:80, as the XDP program computes it.
+fn bucket_of(client: Ipv4Addr, sport: u16) -> u32 {
+    let key = lb_common::FlowKeyV4 {
+        src: u32::from_ne_bytes(client.octets()),
+        dst: u32::from_ne_bytes([198, 18, 1, 1]),
+        sport: sport.to_be(),
+        dport: 80u16.to_be(),
+        proto: 6,
+        _pad: [0; 3],
+    };
+    lb_common::hash::flow_key_v4_hash(&key, lb_common::HASH_SEED) % lb_common::CONNTRACK_V4_BUCKETS
+}
+
+#[test]
+fn connection_table_buckets_are_lru_and_searched_across_cpus() {
+    let three = [("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)];
+    let Some(mut h) = Harness::new("connection_table_buckets_are_lru", &one_vip(&three)) else {
+        return;
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    edgelb::testbed::netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
+
+    // Flows whose backend changes when a fourth backend joins: after that change, a flow still
+    // on its first backend must have come from the table, one on the new ring's choice did not.
+    let four = [three[0], three[1], three[2], ("198.18.0.14", 1)];
+    let cfg4 = Config::parse(&one_vip(&four), "x".as_ref()).unwrap();
+    let (vip3, vip4) = (h.vip("v4tcp"), cfg4.vips[0].clone());
+    let (ring3, ring4) = (vip_ring(&vip3).unwrap(), vip_ring(&vip4).unwrap());
+    let backend = |vip: &Vip, ring: &[u32], c: Ipv4Addr| {
+        let slot = flow_hash(vip, c.into(), 0) % vip.ring_size;
+        vip.backends[ring[slot as usize] as usize].address
+    };
+    // Five such flows in one bucket (CONNTRACK_WAYS + 1).
+    let mut by_bucket: std::collections::HashMap<u32, Vec<(Ipv4Addr, u16)>> = Default::default();
+    let same_bucket = (0..1u32 << 16)
+        .map(|n| Ipv4Addr::from(u32::from(v4("198.18.64.0")) + n))
+        .filter(|&c| backend(&vip3, &ring3, c) != backend(&vip4, &ring4, c))
+        .flat_map(|c| (1024..1280u16).map(move |p| (c, p)))
+        .find_map(|(c, p)| {
+            let flows = by_bucket.entry(bucket_of(c, p)).or_default();
+            flows.push((c, p));
+            (flows.len() == lb_common::CONNTRACK_WAYS + 1).then(|| flows.clone())
+        })
+        .expect("five moving flows share a bucket");
+    let frame = |(c, p): (Ipv4Addr, u16), flags: u8| {
+        eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4(&c.to_string(), p, "198.18.1.1", 80, flags))
+    };
+    let first = |f: (Ipv4Addr, u16)| backend(&vip3, &ring3, f.0);
+    let moved = |f: (Ipv4Addr, u16)| backend(&vip4, &ring4, f.0);
+
+    // Flows 0..4 fill the bucket; touching flow 0 again makes flow 1 the least recently used;
+    // flow 4 then pushes flow 1 out.
+    for &f in &same_bucket[..4] {
+        assert_eq!(outer_dst(&h.run(&frame(f, SYN)).1), first(f));
+    }
+    h.run(&frame(same_bucket[0], ACK));
+    h.run(&frame(same_bucket[4], SYN));
+    h.apply(&one_vip(&four));
+    // (Flow 1 last: placing it again would push another flow out.)
+    for i in [0, 2, 3, 4] {
+        let f = same_bucket[i];
+        assert_eq!(outer_dst(&h.run(&frame(f, ACK)).1), first(f), "flow {i} kept");
+    }
+    let f = same_bucket[1];
+    assert_eq!(outer_dst(&h.run(&frame(f, ACK)).1), moved(f), "flow 1 evicted (least recent)");
+
+    // Another CPU: an established TCP flow it has never seen is found in CPU 0's table; a SYN
+    // for a new flow is placed by the ring without searching.
+    if cpus < 2 {
+        eprintln!("one CPU: cross-CPU search not exercised");
+        return;
+    }
+    edgelb::testbed::netns::pin_current_thread(Some(1)).expect("pin to CPU 1");
+    let f = same_bucket[2];
+    assert_eq!(outer_dst(&h.run(&frame(f, ACK)).1), first(f), "established flow found on CPU 0");
+    let syn = same_bucket[3];
+    assert_eq!(outer_dst(&h.run(&frame(syn, SYN)).1), moved(syn), "a SYN is placed by the ring");
+}
+
 #[test]
 fn userspace_route_matches_the_kernel() {
     let Some(mut h) = Harness::new("userspace_route_matches_the_kernel", FIXTURE_CONFIG) else {
@@ -698,4 +777,52 @@ fn counters_follow_forwarded_traffic() {
     assert_eq!((vc.packets, vc.bytes, vc.new_flows), (10, 10 * frame.len() as u64, 1));
     let bc = h.dp.backend_counters(&vip, b).unwrap();
     assert_eq!(bc.packets - before.packets, 10);
+}
+
+#[test]
+fn pinned_maps_with_another_layout_are_replaced_not_reused() {
+    if !require_privileged("pinned_maps_with_another_layout_are_replaced_not_reused") {
+        return;
+    }
+    let dir =
+        std::path::PathBuf::from(format!("/sys/fs/bpf/edgelb-fixture-{}", std::process::id()));
+    struct Cleanup<'a>(&'a std::path::Path);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = Dataplane::teardown(self.0);
+        }
+    }
+    let _cleanup = Cleanup(&dir);
+    let cfg = Config::parse(&one_vip(&[("198.18.0.11", 1)]), "x".as_ref()).unwrap();
+    let mut dp = Dataplane::load(Some(&dir)).expect("first load pins the maps");
+    dp.apply(&cfg).unwrap();
+    drop(dp);
+    let again = Dataplane::load(Some(&dir)).expect("same layout is re-used");
+    assert!(again.adopted(), "maps of the same layout are adopted");
+    drop(again);
+
+    // What an upgrade that changed maps looks like: a map of another layout under a name this
+    // build uses, and a pin under a name it no longer uses.
+    let (vips, ct) = (dir.join(lb_common::maps::VIPS_V4), dir.join(lb_common::maps::CONNTRACK_V4));
+    let tmp = dir.join("swap");
+    std::fs::rename(&vips, &tmp).unwrap();
+    std::fs::rename(&ct, &vips).unwrap();
+    std::fs::rename(&tmp, &ct).unwrap();
+    std::fs::rename(dir.join(lb_common::maps::REASONS), dir.join(lb_common::maps::RETIRED[0]))
+        .unwrap();
+    let mut dp = Dataplane::load(Some(&dir)).expect("loads over incompatible pins");
+    assert!(!dp.adopted(), "nothing adopted from incompatible maps");
+    assert!(!dir.join(lb_common::maps::RETIRED[0]).exists(), "retired pin removed");
+    assert!(dir.join(lb_common::maps::REASONS).exists(), "fresh maps pinned");
+    assert_eq!(
+        edgelb::dataplane::reconcile_pins(&dir).unwrap(),
+        Vec::<String>::new(),
+        "the fresh pins match this build"
+    );
+    dp.apply(&cfg).unwrap();
+    let mut h = Harness { dp, cfg };
+    let (verdict, out) =
+        h.run(&eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4("198.18.4.7", 40000, "198.18.1.1", 80, SYN)));
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(outer_dst(&out), v4("198.18.0.11"));
 }

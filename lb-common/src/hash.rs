@@ -4,7 +4,7 @@
 //! It is MurmurHash3's 32-bit block mix and finaliser over whole words: a handful of multiplies
 //! and rotates, no tables and no loops the verifier has to bound.
 
-use crate::FlowKey;
+use crate::{FlowKey, FlowKeyV4};
 
 #[inline(always)]
 const fn mix(h: u32, k: u32) -> u32 {
@@ -48,6 +48,17 @@ pub const fn five_tuple_hash(key: &FlowKey, seed: u32) -> u32 {
     h = mix(h, (key.sport as u32) | ((key.dport as u32) << 16));
     h = mix(h, key.proto as u32);
     finish(h, 40)
+}
+
+/// Connection-table bucket hash of an IPv4 flow (four words instead of ten).
+#[inline(always)]
+pub const fn flow_key_v4_hash(key: &FlowKeyV4, seed: u32) -> u32 {
+    let mut h = seed;
+    h = mix(h, key.src);
+    h = mix(h, key.dst);
+    h = mix(h, (key.sport as u32) | ((key.dport as u32) << 16));
+    h = mix(h, key.proto as u32);
+    finish(h, 16)
 }
 
 #[cfg(test)]

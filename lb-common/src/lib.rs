@@ -24,8 +24,12 @@ pub const MAX_RING_SIZE: u32 = 65_537;
 pub const MAX_VIPS: u32 = 32;
 /// How many backends (over all VIPs) the backend table holds.
 pub const MAX_BACKENDS: u32 = 4096;
-/// Connection-table entries (split across CPUs: the table has per-CPU LRU lists).
-pub const CONNTRACK_ENTRIES: u32 = 262_144;
+/// Flows one connection-table bucket holds, kept in least-recently-used order.
+pub const CONNTRACK_WAYS: usize = 4;
+/// IPv4 connection-table buckets per CPU (x [`CONNTRACK_WAYS`] = 131 072 flows per CPU, 3 MiB).
+pub const CONNTRACK_V4_BUCKETS: u32 = 32_768;
+/// IPv6 connection-table buckets per CPU (x [`CONNTRACK_WAYS`] = 65 536 flows per CPU, 3 MiB).
+pub const CONNTRACK_V6_BUCKETS: u32 = 16_384;
 /// Seed of the flow hash. Fixed so that every node of a fleet behind ECMP picks the same backend
 /// for the same client.
 pub const HASH_SEED: u32 = 0x6564_6765; // "edge"
@@ -63,10 +67,13 @@ pub mod maps {
     pub const RINGS: &str = "RINGS";
     /// `Array<Backend>`: backend id -> where to send.
     pub const BACKENDS: &str = "BACKENDS";
-    /// `LruHashMap<FlowKey, Conn>` with per-CPU LRU lists: established IPv6 flows.
-    pub const CONNTRACK: &str = "CONNTRACK";
-    /// `LruHashMap<FlowKeyV4, Conn>` with per-CPU LRU lists: established IPv4 flows.
-    pub const CONNTRACK_V4: &str = "CONNTRACK_V4";
+    /// `PerCpuArray<ConnBucket>`: established IPv6 flows, a set-associative LRU table per CPU.
+    pub const CONNTRACK: &str = "CT_V6";
+    /// `PerCpuArray<ConnBucketV4>`: established IPv4 flows, likewise.
+    pub const CONNTRACK_V4: &str = "CT_V4";
+    /// Names the connection tables had before they became per-CPU bucket arrays (pins left by
+    /// an older edgelb under these names are removed on load).
+    pub const RETIRED: [&str; 2] = ["CONNTRACK", "CONNTRACK_V4"];
     /// `Array<GlobalConfig>` with one element: node-wide settings.
     pub const CONFIG: &str = "CONFIG";
     /// `PerCpuArray<Counters>`, indexed by VIP index.
@@ -255,6 +262,49 @@ pub struct Conn {
     pub generation: u32,
 }
 
+/// One connection-table entry: an IPv4 flow and where it goes. An all-zero key is an empty way
+/// (no real flow has protocol 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEntryV4 {
+    /// The flow.
+    pub key: FlowKeyV4,
+    /// Its backend.
+    pub conn: Conn,
+}
+
+/// One bucket of the IPv4 connection table: [`CONNTRACK_WAYS`] flows, most recently used
+/// first. A new flow goes to the front and pushes the least recently used one out.
+///
+/// Why not the kernel's LRU hash: it hashes the key with jhash on every lookup and again on
+/// insert, and an insert takes a bucket lock and a node off the LRU lists. This table is indexed
+/// by the flow hash the program computes anyway, is per CPU (no locks, no atomics), and a miss
+/// plus insert touches one bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnBucketV4 {
+    /// The ways, most recently used first.
+    pub ways: [ConnEntryV4; CONNTRACK_WAYS],
+}
+
+/// One connection-table entry for an IPv6 flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEntry {
+    /// The flow.
+    pub key: FlowKey,
+    /// Its backend.
+    pub conn: Conn,
+}
+
+/// One bucket of the IPv6 connection table (see [`ConnBucketV4`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnBucket {
+    /// The ways, most recently used first.
+    pub ways: [ConnEntry; CONNTRACK_WAYS],
+}
+
 /// Node-wide settings, element 0 of [`maps::CONFIG`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -308,6 +358,10 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Conn {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnBucketV4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnBucket {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::GlobalConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Counters {}
@@ -329,6 +383,8 @@ mod layout {
         assert_eq!(size_of::<VipKeyV4>(), 8);
         assert_eq!(size_of::<FlowKeyV4>(), 16);
         assert_eq!(size_of::<Conn>(), 8);
+        assert_eq!(size_of::<ConnBucketV4>(), 96);
+        assert_eq!(size_of::<ConnBucket>(), 192);
         assert_eq!(size_of::<GlobalConfig>(), 36);
         assert_eq!(size_of::<Counters>(), 24);
     }

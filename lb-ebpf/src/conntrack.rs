@@ -3,10 +3,24 @@
 //! A flow stays on its backend for as long as that backend is in the pool (serving or drained):
 //! the table entry is trusted only while the backend is PRESENT and has the generation the entry
 //! recorded. Otherwise the flow re-hashes onto the current ring.
+//!
+//! The table is per CPU (XDP runs one packet at a time per CPU with migration disabled, so a
+//! bucket is never written concurrently) and set-associative: a flow's hash names one bucket of
+//! [`CONNTRACK_WAYS`] flows kept most recently used first. A hit moves the flow to the front; a
+//! new flow goes to the front and the least recently used one of that bucket is forgotten (it
+//! re-hashes onto the ring if it ever sends again, which picks the same backend unless the pool
+//! changed meanwhile). One bucket, one or two cache lines, no kernel hashing, no locks.
+
+use aya_ebpf::{
+    cty::c_void,
+    helpers::{bpf_get_smp_processor_id, bpf_loop, bpf_map_lookup_percpu_elem},
+};
 
 use crate::maps::{BACKENDS, CONNTRACK, CONNTRACK_V4, RINGS};
 use lb_common::{
-    AF_INET, Backend, Conn, FlowKey, HASH_SEED, VipMeta, backend_flags, hash, vip_flags,
+    AF_INET, Backend, CONNTRACK_V4_BUCKETS, CONNTRACK_V6_BUCKETS, CONNTRACK_WAYS, Conn, ConnBucket,
+    ConnBucketV4, ConnEntry, FlowKey, FlowKeyV4, HASH_SEED, VipMeta, backend_flags, hash,
+    vip_flags,
 };
 
 /// The chosen backend.
@@ -38,22 +52,249 @@ fn live_backend(id: u32) -> Option<Backend> {
     Some(*b)
 }
 
-/// Picks the backend for `key`. With `remember`, a ring placement is stored in the connection
-/// table (data packets); without it (ICMP errors) the table is only read.
+const _: () = assert!(CONNTRACK_WAYS == 4, "promote() and find() are written for 4 ways");
+
+/// Moves way `at` to the front of `ways`, shifting the ones before it back by one. Constant
+/// indices only: no bounds checks for the verifier to choke on, no memmove loop.
 #[inline(always)]
-pub fn pick(key: &FlowKey, meta: &VipMeta, fhash: u32, remember: bool) -> Option<Pick> {
-    // SAFETY: the value is copied out at once; an LRU entry evicted concurrently yields at worst
-    // a stale copy, which the generation check below rejects.
-    let found = if key.family == AF_INET {
-        unsafe { CONNTRACK_V4.get(&key.v4()) }.copied()
-    } else {
-        // SAFETY: as above.
-        unsafe { CONNTRACK.get(key) }.copied()
+fn promote<T: Copy>(ways: &mut [T; CONNTRACK_WAYS], at: usize) {
+    let moved = match at {
+        1 => ways[1],
+        2 => ways[2],
+        3 => ways[3],
+        _ => return,
     };
-    if let Some(conn) = found
-        && let Some(backend) = live_backend(conn.backend)
-        && backend.generation == conn.generation
+    if at >= 3 {
+        ways[3] = ways[2];
+    }
+    if at >= 2 {
+        ways[2] = ways[1];
+    }
+    ways[1] = ways[0];
+    ways[0] = moved;
+}
+
+/// Same IPv4 flow? Field by field, so no byte-wise memcmp is emitted.
+#[inline(always)]
+fn same_v4(a: &FlowKeyV4, b: &FlowKeyV4) -> bool {
+    a.src == b.src
+        && a.dst == b.dst
+        && a.sport == b.sport
+        && a.dport == b.dport
+        && a.proto == b.proto
+}
+
+/// Same flow (any family)? Field by field, as above.
+#[inline(always)]
+fn same(a: &FlowKey, b: &FlowKey) -> bool {
+    a.src[0] == b.src[0]
+        && a.src[1] == b.src[1]
+        && a.src[2] == b.src[2]
+        && a.src[3] == b.src[3]
+        && a.dst[0] == b.dst[0]
+        && a.dst[1] == b.dst[1]
+        && a.dst[2] == b.dst[2]
+        && a.dst[3] == b.dst[3]
+        && a.sport == b.sport
+        && a.dport == b.dport
+        && a.proto == b.proto
+        && a.family == b.family
+}
+
+/// A connection-table bucket of one address family.
+trait Bucket {
+    /// Way holding `key` and its entry, if any.
+    fn find(&self, key: &FlowKey) -> Option<(usize, Conn)>;
+    /// Makes way `at` the most recently used.
+    fn touch(&mut self, at: usize);
+    /// Stores `key -> conn` in front, in way `at` if the key is there already, else in place of
+    /// the least recently used way.
+    fn store(&mut self, at: Option<usize>, key: &FlowKey, conn: Conn);
+}
+
+impl Bucket for ConnBucketV4 {
+    #[inline(always)]
+    fn find(&self, key: &FlowKey) -> Option<(usize, Conn)> {
+        let k = key.v4();
+        for (i, way) in self.ways.iter().enumerate() {
+            if same_v4(&way.key, &k) {
+                return Some((i, way.conn));
+            }
+        }
+        None
+    }
+    #[inline(always)]
+    fn touch(&mut self, at: usize) {
+        promote(&mut self.ways, at);
+    }
+    #[inline(always)]
+    fn store(&mut self, at: Option<usize>, key: &FlowKey, conn: Conn) {
+        promote(&mut self.ways, at.unwrap_or(CONNTRACK_WAYS - 1));
+        // Field by field: the key's zero padding is zero in every way already, and storing a
+        // whole key (3-byte pad included) compiles to a call to a byte-wise memset.
+        let way = &mut self.ways[0];
+        way.key.src = key.src[0];
+        way.key.dst = key.dst[0];
+        way.key.sport = key.sport;
+        way.key.dport = key.dport;
+        way.key.proto = key.proto;
+        way.conn = conn;
+    }
+}
+
+impl Bucket for ConnBucket {
+    #[inline(always)]
+    fn find(&self, key: &FlowKey) -> Option<(usize, Conn)> {
+        for (i, way) in self.ways.iter().enumerate() {
+            if same(&way.key, key) {
+                return Some((i, way.conn));
+            }
+        }
+        None
+    }
+    #[inline(always)]
+    fn touch(&mut self, at: usize) {
+        promote(&mut self.ways, at);
+    }
+    #[inline(always)]
+    fn store(&mut self, at: Option<usize>, key: &FlowKey, conn: Conn) {
+        promote(&mut self.ways, at.unwrap_or(CONNTRACK_WAYS - 1));
+        self.ways[0] = ConnEntry { key: *key, conn };
+    }
+}
+
+/// How many CPUs an established flow is looked for on (CPUs past this are not searched; their
+/// flows re-hash onto the ring, which picks the same backend while the pool is unchanged).
+const MAX_SEARCH_CPUS: u32 = 256;
+
+/// Picks the backend for `key`. With `remember`, a ring placement is stored in the connection
+/// table (data packets); without it (ICMP errors) the table is only read. With `search`, a flow
+/// missing from this CPU's table is looked for in the other CPUs' (established TCP, ICMP errors)
+/// and, when found, copied here.
+#[inline(always)]
+pub fn pick(
+    key: &FlowKey,
+    meta: &VipMeta,
+    fhash: u32,
+    remember: bool,
+    search: bool,
+) -> Option<Pick> {
+    if key.family == AF_INET {
+        let k = key.v4();
+        let slot = hash::flow_key_v4_hash(&k, HASH_SEED) % CONNTRACK_V4_BUCKETS;
+        let bucket = CONNTRACK_V4.get_ptr_mut(slot)?;
+        let map = core::ptr::addr_of!(CONNTRACK_V4) as *mut c_void;
+        // SAFETY: a per-CPU array element, valid for this run of the program and written by no
+        // other CPU; XDP does not preempt itself on one CPU, so this is the only reference.
+        let bucket = unsafe { &mut *bucket };
+        pick_in(bucket, search.then_some((map, slot)), key, meta, fhash, remember)
+    } else {
+        let slot = hash::five_tuple_hash(key, HASH_SEED) % CONNTRACK_V6_BUCKETS;
+        let bucket = CONNTRACK.get_ptr_mut(slot)?;
+        let map = core::ptr::addr_of!(CONNTRACK) as *mut c_void;
+        // SAFETY: as above.
+        let bucket = unsafe { &mut *bucket };
+        pick_in(bucket, search.then_some((map, slot)), key, meta, fhash, remember)
+    }
+}
+
+/// The backend of table entry `conn`, if it may still be used for a flow of `meta`: present,
+/// same generation, same VIP (an entry read from another CPU's table may be torn by a
+/// concurrent write; these checks keep a torn entry from sending a flow anywhere it could not
+/// legitimately go).
+#[inline(always)]
+fn valid(conn: &Conn, meta: &VipMeta) -> Option<Backend> {
+    let backend = live_backend(conn.backend)?;
+    (backend.generation == conn.generation && backend.vip_index == meta.vip_index)
+        .then_some(backend)
+}
+
+/// State of one search through the other CPUs' tables (the `bpf_loop` callback's context).
+struct Search {
+    map: *mut c_void,
+    slot: u32,
+    me: u32,
+    key: FlowKey,
+    found: Option<Conn>,
+}
+
+/// One step of the search: CPU `cpu`'s copy of the bucket. Returns 1 (stop) when the flow is
+/// found or there are no more CPUs, 0 to go on. Run through `bpf_loop`, so the verifier checks
+/// this body once instead of once per CPU.
+extern "C" fn search_step<B: Bucket>(cpu: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `Search` on the caller's stack that `search_other_cpus` passed to
+    // bpf_loop, alive for the whole loop.
+    let s = unsafe { &mut *(ctx as *mut Search) };
+    let cpu = cpu as u32;
+    if cpu == s.me {
+        return 0;
+    }
+    // SAFETY: `map` is the address of a per-CPU array map definition (the loader relocates it
+    // into the map) and `slot` a valid index; the helper returns NULL past the last CPU.
+    let other =
+        unsafe { bpf_map_lookup_percpu_elem(s.map, core::ptr::addr_of!(s.slot).cast(), cpu) }
+            as *const B;
+    if other.is_null() {
+        return 1;
+    }
+    // SAFETY: non-NULL, a bucket of another CPU, which may be writing it: only a copy of the
+    // entry is kept, and the caller validates it (`valid`) before use.
+    match unsafe { &*other }.find(&s.key) {
+        Some((_, conn)) => {
+            s.found = Some(conn);
+            1
+        }
+        None => 0,
+    }
+}
+
+/// Looks for `key` in bucket `slot` of every other CPU's copy of `map`.
+#[inline(always)]
+fn search_other_cpus<B: Bucket>(
+    map: *mut c_void,
+    slot: u32,
+    key: &FlowKey,
+    meta: &VipMeta,
+) -> Option<(Conn, Backend)> {
+    // SAFETY: a helper without preconditions.
+    let me = unsafe { bpf_get_smp_processor_id() };
+    let mut search = Search { map, slot, me, key: *key, found: None };
+    // SAFETY: the callback has bpf_loop's signature and `search` outlives the call.
+    unsafe {
+        bpf_loop(
+            MAX_SEARCH_CPUS,
+            search_step::<B> as *mut c_void,
+            core::ptr::addr_of_mut!(search).cast(),
+            0,
+        )
+    };
+    let conn = search.found?;
+    Some((conn, valid(&conn, meta)?))
+}
+
+#[inline(always)]
+fn pick_in<B: Bucket>(
+    bucket: &mut B,
+    search: Option<(*mut c_void, u32)>,
+    key: &FlowKey,
+    meta: &VipMeta,
+    fhash: u32,
+    remember: bool,
+) -> Option<Pick> {
+    let found = bucket.find(key);
+    if let Some((at, conn)) = found {
+        if let Some(backend) = valid(&conn, meta) {
+            if remember {
+                bucket.touch(at);
+            }
+            return Some(Pick { id: conn.backend, backend, new_flow: false });
+        }
+    } else if let Some((map, slot)) = search
+        && let Some((conn, backend)) = search_other_cpus::<B>(map, slot, key, meta)
     {
+        if remember {
+            bucket.store(None, key, conn);
+        }
         return Some(Pick { id: conn.backend, backend, new_flow: false });
     }
     if meta.ring_size == 0 {
@@ -63,14 +304,12 @@ pub fn pick(key: &FlowKey, meta: &VipMeta, fhash: u32, remember: bool) -> Option
     let id = *RINGS.get(slot)?;
     let backend = live_backend(id)?;
     if remember {
-        let conn = Conn { backend: id, generation: backend.generation };
-        // A full table evicts the least recently used entry; an error here only means the next
-        // packet of this flow is placed by the ring again, which picks the same backend.
-        let _ = if key.family == AF_INET {
-            CONNTRACK_V4.insert(&key.v4(), &conn, 0)
-        } else {
-            CONNTRACK.insert(key, &conn, 0)
-        };
+        // A stale entry for this flow (backend gone or replaced) is overwritten in place.
+        bucket.store(
+            found.map(|(at, _)| at),
+            key,
+            Conn { backend: id, generation: backend.generation },
+        );
     }
     Some(Pick { id, backend, new_flow: true })
 }

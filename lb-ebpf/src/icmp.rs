@@ -147,7 +147,8 @@ fn error_to_backend(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
         family: l3.family,
         _pad: [0; 2],
     };
-    Ok(forward(ctx, l3, &key, &meta, Reason::TxIcmpToBackend))
+    // The quoted flow is established by definition: look for it on every CPU.
+    Ok(forward(ctx, l3, &key, &meta, Reason::TxIcmpToBackend, true))
 }
 
 /// Bytes of the offending packet quoted in the error: its IP header and 8 bytes of transport.

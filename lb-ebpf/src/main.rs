@@ -90,7 +90,11 @@ fn try_balance(ctx: &XdpContext) -> Result<u32, ()> {
 /// Is `addr` the address of some VIP (any port, any protocol)?
 #[inline(always)]
 pub fn is_vip_addr(addr: &[u32; 4], family: u8) -> bool {
-    let key = AddrKey { addr: *addr, family, _pad: [0; 3] };
+    // Built from a zeroed key: a literal `_pad: [0; 3]` compiles to a call to a byte-wise memset.
+    // SAFETY: AddrKey is plain integers; all-zero is a valid value.
+    let mut key: AddrKey = unsafe { core::mem::zeroed() };
+    key.addr = *addr;
+    key.family = family;
     // SAFETY: only presence is checked; the value is not read.
     unsafe { VIP_ADDRS.get(&key) }.is_some()
 }
@@ -241,7 +245,17 @@ fn balance_l4(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
         family: l3.family,
         _pad: [0; 2],
     };
-    Ok(forward(ctx, l3, &key, &meta, Reason::TxEncap))
+    // A TCP segment without SYN belongs to a connection that should already be in the table; if
+    // this CPU has not seen it (RSS or IRQ affinity moved the flow), the other CPUs' tables are
+    // searched before the ring re-places it. SYNs and UDP never search: a new flow costs one
+    // bucket.
+    let established = l3.proto == proto::TCP
+        && match parse::ptr_at::<u8>(ctx, l3.l4_off + parse::TCP_FLAGS_OFF) {
+            // SAFETY: bounds-checked by ptr_at.
+            Ok(flags) => (unsafe { *flags }) & parse::TCP_SYN == 0,
+            Err(()) => false,
+        };
+    Ok(forward(ctx, l3, &key, &meta, Reason::TxEncap, established))
 }
 
 /// Global config, or all-zero defaults before user space wrote it.
@@ -253,12 +267,20 @@ pub fn config() -> GlobalConfig {
 /// Sends the packet described by `l3` to the backend of flow `key` on VIP `meta`.
 ///
 /// `reason` is the slot counted on success: TxEncap for data packets (which also create a
-/// connection-table entry), TxIcmpToBackend for ICMP errors (which only read it).
+/// connection-table entry), TxIcmpToBackend for ICMP errors (which only read it). With
+/// `established`, a flow this CPU does not know is looked for in the other CPUs' tables.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, l3: &L3, key: &FlowKey, meta: &VipMeta, reason: Reason) -> u32 {
+pub fn forward(
+    ctx: &XdpContext,
+    l3: &L3,
+    key: &FlowKey,
+    meta: &VipMeta,
+    reason: Reason,
+    established: bool,
+) -> u32 {
     let data_packet = reason as u32 == Reason::TxEncap as u32;
     let fhash = conntrack::flow_hash(key, meta);
-    let Some(pick) = conntrack::pick(key, meta, fhash, data_packet) else {
+    let Some(pick) = conntrack::pick(key, meta, fhash, data_packet, established) else {
         count(Reason::DropNoBackend);
         return xdp_action::XDP_DROP;
     };

@@ -3,15 +3,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, Backend, CONNTRACK_ENTRIES, Conn, Counters, FlowKey, FlowKeyV4, GlobalConfig,
-    MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, VipKey, VipKeyV4, VipMeta, stats::REASON_COUNT,
+    AddrKey, Backend, CONNTRACK_V4_BUCKETS, CONNTRACK_V6_BUCKETS, ConnBucket, ConnBucketV4,
+    Counters, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, VipKey, VipKeyV4, VipMeta,
+    stats::REASON_COUNT,
 };
-
-/// Per-CPU LRU lists (BPF_F_NO_COMMON_LRU): no cross-CPU lock on the hot path.
-const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
 /// IPv6 (address, port, protocol) -> VIP metadata. Port 0 entries match any port.
 #[map]
@@ -33,15 +31,16 @@ pub static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * 2 * MAX_RING_S
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// Established IPv6 flows -> their backend.
-#[map]
-pub static CONNTRACK: LruHashMap<FlowKey, Conn> =
-    LruHashMap::with_max_entries(CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
+/// Established IPv6 flows -> their backend: per-CPU set-associative LRU buckets, indexed by the
+/// flow's hash (see `conntrack`).
+#[map(name = "CT_V6")]
+pub static CONNTRACK: PerCpuArray<ConnBucket> =
+    PerCpuArray::with_max_entries(CONNTRACK_V6_BUCKETS, 0);
 
-/// Established IPv4 flows -> their backend, with the compact key.
-#[map]
-pub static CONNTRACK_V4: LruHashMap<FlowKeyV4, Conn> =
-    LruHashMap::with_max_entries(CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
+/// Established IPv4 flows -> their backend, likewise with the compact key.
+#[map(name = "CT_V4")]
+pub static CONNTRACK_V4: PerCpuArray<ConnBucketV4> =
+    PerCpuArray::with_max_entries(CONNTRACK_V4_BUCKETS, 0);
 
 /// Node-wide settings (one element).
 #[map]

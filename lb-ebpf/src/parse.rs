@@ -23,6 +23,46 @@ pub struct EthHdr {
     pub proto: u16,
 }
 
+/// The Ethernet header as seven 16-bit words (destination MAC 0..3, source MAC 3..6, EtherType
+/// 6). Headers are copied through this view with a volatile read: copying the byte arrays of
+/// `EthHdr` between overlapping places in the packet makes LLVM emit a call to a byte-wise
+/// `memmove`, which cost a fifth of the program's time per packet.
+pub type EthWords = [u16; 7];
+
+/// A MAC address as the three 16-bit words it occupies in [`EthWords`].
+#[inline(always)]
+pub fn mac_words(m: &[u8; 6]) -> [u16; 3] {
+    [
+        u16::from_ne_bytes([m[0], m[1]]),
+        u16::from_ne_bytes([m[2], m[3]]),
+        u16::from_ne_bytes([m[4], m[5]]),
+    ]
+}
+
+/// Reads the Ethernet header at `offset` as words, with no copy elision into a memmove.
+#[inline(always)]
+pub fn read_eth(ctx: &XdpContext, offset: usize) -> Result<EthWords, ()> {
+    let p: *const EthWords = ptr_at(ctx, offset)?;
+    // SAFETY: bounds-checked by ptr_at; Ethernet headers start at even offsets of a packet
+    // buffer, which is at least 2-byte aligned.
+    Ok(unsafe { core::ptr::read_volatile(p) })
+}
+
+/// Writes an Ethernet header at `offset`.
+#[inline(always)]
+pub fn write_eth(
+    ctx: &XdpContext,
+    offset: usize,
+    dst: [u16; 3],
+    src: [u16; 3],
+    proto: u16,
+) -> Result<(), ()> {
+    let p: *mut EthWords = ptr_at(ctx, offset)?;
+    // SAFETY: as in read_eth.
+    unsafe { *p = [dst[0], dst[1], dst[2], src[0], src[1], src[2], proto] };
+    Ok(())
+}
+
 /// 802.1Q tag (follows the source MAC; `proto` is the inner EtherType).
 #[repr(C, packed(2))]
 #[derive(Clone, Copy)]
@@ -58,6 +98,11 @@ pub struct Ipv6Hdr {
     pub saddr: [u32; 4],
     pub daddr: [u32; 4],
 }
+
+/// Offset of the flags byte in the TCP header.
+pub const TCP_FLAGS_OFF: usize = 13;
+/// The SYN flag.
+pub const TCP_SYN: u8 = 0x02;
 
 /// The first four bytes of TCP and UDP: the ports.
 #[repr(C, packed(2))]

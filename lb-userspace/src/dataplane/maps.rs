@@ -9,7 +9,7 @@ use aya::{
     sys::SyscallError,
 };
 use lb_common::{
-    AddrKey, Backend, Conn, Counters, FlowKey, FlowKeyV4, GlobalConfig, VipKey, VipKeyV4, VipMeta,
+    AddrKey, Backend, ConnBucket, ConnBucketV4, Counters, GlobalConfig, VipKey, VipKeyV4, VipMeta,
     maps as names, stats::REASON_COUNT,
 };
 
@@ -27,10 +27,11 @@ pub struct Maps {
     pub rings: Array<MapData, u32>,
     /// Backend table.
     pub backends: Array<MapData, Backend>,
-    /// IPv6 connection table (LRU hash; aya reads it as a plain hash map).
-    pub conntrack: HashMap<MapData, FlowKey, Conn>,
-    /// IPv4 connection table (compact keys).
-    pub conntrack_v4: HashMap<MapData, FlowKeyV4, Conn>,
+    /// IPv6 connection table (per-CPU buckets; written only by the data path, held here so a
+    /// wrong layout fails at load and so it can be pinned).
+    pub conntrack: PerCpuArray<MapData, ConnBucket>,
+    /// IPv4 connection table (per-CPU buckets, compact keys).
+    pub conntrack_v4: PerCpuArray<MapData, ConnBucketV4>,
     /// Global config.
     pub config: Array<MapData, GlobalConfig>,
     /// Per-VIP counters.

@@ -18,7 +18,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::MapError,
+    maps::{MapError, MapInfo, MapType},
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -226,6 +226,94 @@ const MAP_NAMES: [&str; 11] = [
     lb_common::maps::REASONS,
 ];
 
+/// What each pinned map must look like to be re-used: (name, type, key size, value size, max
+/// entries). Mirrors lb-ebpf's `maps.rs`; a test checks it against the loaded object.
+fn map_layouts() -> [(&'static str, MapType, u32, u32, u32); 11] {
+    use lb_common::{
+        CONNTRACK_V4_BUCKETS, CONNTRACK_V6_BUCKETS, ConnBucket, ConnBucketV4, VipKeyV4, maps as n,
+        stats::REASON_COUNT,
+    };
+    use std::mem::size_of;
+    let sz = |s: usize| s as u32;
+    [
+        (n::VIPS, MapType::Hash, sz(size_of::<VipKey>()), sz(size_of::<VipMeta>()), MAX_VIPS * 4),
+        (
+            n::VIPS_V4,
+            MapType::Hash,
+            sz(size_of::<VipKeyV4>()),
+            sz(size_of::<VipMeta>()),
+            MAX_VIPS * 4,
+        ),
+        (
+            n::CONNTRACK_V4,
+            MapType::PerCpuArray,
+            4,
+            sz(size_of::<ConnBucketV4>()),
+            CONNTRACK_V4_BUCKETS,
+        ),
+        (n::VIP_ADDRS, MapType::Hash, sz(size_of::<AddrKey>()), 4, MAX_VIPS * 4),
+        (n::RINGS, MapType::Array, 4, 4, MAX_VIPS * 2 * MAX_RING_SIZE),
+        (n::BACKENDS, MapType::Array, 4, sz(size_of::<Backend>()), MAX_BACKENDS),
+        (n::CONNTRACK, MapType::PerCpuArray, 4, sz(size_of::<ConnBucket>()), CONNTRACK_V6_BUCKETS),
+        (n::CONFIG, MapType::Array, 4, sz(size_of::<GlobalConfig>()), 1),
+        (n::VIP_STATS, MapType::PerCpuArray, 4, sz(size_of::<Counters>()), MAX_VIPS),
+        (n::BACKEND_STATS, MapType::PerCpuArray, 4, sz(size_of::<Counters>()), MAX_BACKENDS),
+        (n::REASONS, MapType::PerCpuArray, 4, 8, REASON_COUNT),
+    ]
+}
+
+/// Makes the map pins in `dir` safe to re-use: pins under names edgelb no longer uses are
+/// removed, and if any pinned map's layout differs from this build's (an upgrade that changed a
+/// map), every map pin is removed so the maps start fresh and consistent. XDP link pins stay: the
+/// running program keeps its old maps until the new program replaces it with
+/// `bpf_link_update`, so traffic flows throughout; established flows then re-hash onto the rings
+/// (which pick the same backends while the pool is unchanged). Returns the problems found.
+pub fn reconcile_pins(dir: &Path) -> Result<Vec<String>, DataplaneError> {
+    let rm = |path: &Path| {
+        std::fs::remove_file(path)
+            .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+            .map_err(|e| DataplaneError::Pin {
+                path: path.to_owned(),
+                reason: format!("removing: {e}"),
+            })
+    };
+    let mut problems = Vec::new();
+    for name in lb_common::maps::RETIRED {
+        let path = dir.join(name);
+        if path.exists() {
+            problems.push(format!("{name}: pinned by an older edgelb, no longer used"));
+            rm(&path)?;
+        }
+    }
+    let mut mismatched = false;
+    for (name, ty, key, value, max) in map_layouts() {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let found = match MapInfo::from_pin(&path) {
+            Ok(info) => info
+                .map_type()
+                .ok()
+                .map(|t| (t, info.key_size(), info.value_size(), info.max_entries())),
+            Err(_) => None,
+        };
+        if found != Some((ty, key, value, max)) {
+            problems.push(format!(
+                "{name}: pinned map is {found:?}, this edgelb needs {:?}",
+                (ty, key, value, max)
+            ));
+            mismatched = true;
+        }
+    }
+    if mismatched {
+        for name in MAP_NAMES {
+            rm(&dir.join(name))?;
+        }
+    }
+    Ok(problems)
+}
+
 /// Pin file of the XDP link on `interface`.
 fn link_pin(dir: &Path, interface: &str) -> PathBuf {
     dir.join(format!("link-{interface}"))
@@ -247,6 +335,9 @@ impl Dataplane {
                     path: dir.to_owned(),
                     reason: format!("creating the pin directory: {e}"),
                 })?;
+                for problem in reconcile_pins(dir)? {
+                    warn!(%problem, "pinned map not re-used (established flows re-hash once)");
+                }
                 MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect()
             }
             None => Vec::new(),

@@ -44,6 +44,30 @@ pub fn euid() -> u32 {
     }
 }
 
+/// Pins the calling thread to `cpu`. The connection table is per CPU, and BPF_PROG_TEST_RUN runs
+/// the program on the caller's CPU: tests and benchmarks that care which CPU's table a packet
+/// sees pin themselves first.
+/// `None` lets the thread run anywhere again (children inherit affinity, so undo a pin before
+/// spawning load generators).
+pub fn pin_current_thread(cpu: Option<usize>) -> std::io::Result<()> {
+    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+    #[allow(unsafe_code)]
+    // SAFETY: `set` is a plain bit set owned by this frame; sched_setaffinity only reads it, and
+    // pid 0 names the calling thread.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        match cpu {
+            Some(cpu) => libc::CPU_SET(cpu, &mut set),
+            None => (0..all).for_each(|c| libc::CPU_SET(c, &mut set)),
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Gate for tests that need root (CAP_BPF, CAP_NET_ADMIN). Returns true when the test may run.
 ///
 /// Unprivileged, it prints why the test is skipped and returns false, unless
