@@ -5,7 +5,8 @@
 //! packet pointers are re-derived after the head moves.
 
 use crate::parse::{
-    ETH_LEN, ETH_P_IPV6, EthHdr, IP_DF, IPV4_LEN, IPV6_LEN, Ipv4Hdr, Ipv6Hdr, VlanHdr, ptr_at,
+    ETH_LEN, ETH_P_IPV6, IP_DF, IPV4_LEN, IPV6_LEN, Ipv4Hdr, Ipv6Hdr, VlanHdr, mac_words, ptr_at,
+    read_eth, write_eth,
 };
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{Backend, GlobalConfig, proto};
@@ -46,6 +47,13 @@ pub fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {
     csum_fold(s)
 }
 
+/// Our source MAC for a frame we send on: the configured one, or else the address the frame
+/// was sent to (`old_dst`, ours on that interface).
+#[inline(always)]
+fn source_mac(cfg: &GlobalConfig, old_dst: [u16; 3]) -> [u16; 3] {
+    if cfg.src_mac == [0; 6] { old_dst } else { mac_words(&cfg.src_mac) }
+}
+
 /// Moves the L2 header (14 bytes, or 18 with a VLAN tag) from `grown` bytes in to the packet
 /// start after the head grew by `grown`, sets the next-hop MACs and the EtherType.
 #[inline(always)]
@@ -53,33 +61,23 @@ fn move_l2(
     ctx: &XdpContext,
     grown: usize,
     vlan: bool,
-    dst_mac: &[u8; 6],
+    dst_mac: [u16; 3],
     cfg: &GlobalConfig,
     ethertype: u16,
 ) -> Result<(), ()> {
-    let new_eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    let old_eth: *const EthHdr = ptr_at(ctx, grown)?;
-    // SAFETY: both headers were bounds-checked by ptr_at; they may overlap, so the old one is
-    // copied out before the new one is written.
-    unsafe {
-        let old = *old_eth;
-        let src = if cfg.src_mac == [0; 6] { old.dst } else { cfg.src_mac };
-        (*new_eth).dst = *dst_mac;
-        (*new_eth).src = src;
-        (*new_eth).proto = old.proto;
-    }
+    // The old header is read whole before the new one (which may overlap it) is written.
+    let old = read_eth(ctx, grown)?;
+    let src = source_mac(cfg, [old[0], old[1], old[2]]);
     if vlan {
-        let new_tag: *mut VlanHdr = ptr_at(ctx, ETH_LEN)?;
         let old_tag: *const VlanHdr = ptr_at(ctx, ETH_LEN + grown)?;
+        // SAFETY: bounds-checked by ptr_at; read before anything overlapping it is written.
+        let tci = unsafe { core::ptr::read_volatile(old_tag) }.tci;
+        write_eth(ctx, 0, dst_mac, src, old[6])?;
+        let new_tag: *mut VlanHdr = ptr_at(ctx, ETH_LEN)?;
         // SAFETY: bounds-checked by ptr_at.
-        unsafe {
-            let old = *old_tag;
-            (*new_tag).tci = old.tci;
-            (*new_tag).proto = ethertype;
-        }
+        unsafe { *new_tag = VlanHdr { tci, proto: ethertype } };
     } else {
-        // SAFETY: bounds-checked above.
-        unsafe { (*new_eth).proto = ethertype };
+        write_eth(ctx, 0, dst_mac, src, ethertype)?;
     }
     Ok(())
 }
@@ -101,7 +99,7 @@ pub fn encap_v4(
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV4_LEN as i32)) } != 0 {
         return Err(());
     }
-    move_l2(ctx, IPV4_LEN, l3_off != ETH_LEN, &backend.mac, cfg, ethertype)?;
+    move_l2(ctx, IPV4_LEN, l3_off != ETH_LEN, mac_words(&backend.mac), cfg, ethertype)?;
     let ip: *mut Ipv4Hdr = ptr_at(ctx, l3_off)?;
     let mut h = Ipv4Hdr {
         ver_ihl: 0x45,
@@ -139,7 +137,7 @@ pub fn encap_v6(
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV6_LEN as i32)) } != 0 {
         return Err(());
     }
-    move_l2(ctx, IPV6_LEN, l3_off != ETH_LEN, &backend.mac, cfg, ETH_P_IPV6)?;
+    move_l2(ctx, IPV6_LEN, l3_off != ETH_LEN, mac_words(&backend.mac), cfg, ETH_P_IPV6)?;
     let ip: *mut Ipv6Hdr = ptr_at(ctx, l3_off)?;
     let h = Ipv6Hdr {
         vtc_flow: (0x6000_0000u32 | (flow_label & 0x000f_ffff)).to_be(),
@@ -157,27 +155,16 @@ pub fn encap_v6(
 /// L2 DSR: the backend holds the VIP and sits on this segment, so only the MACs change.
 #[inline(always)]
 pub fn rewrite_l2(ctx: &XdpContext, backend: &Backend, cfg: &GlobalConfig) -> Result<(), ()> {
-    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY: bounds-checked by ptr_at.
-    unsafe {
-        let old_dst = (*eth).dst;
-        (*eth).src = if cfg.src_mac == [0; 6] { old_dst } else { cfg.src_mac };
-        (*eth).dst = backend.mac;
-    }
-    Ok(())
+    let old = read_eth(ctx, 0)?;
+    let src = source_mac(cfg, [old[0], old[1], old[2]]);
+    write_eth(ctx, 0, mac_words(&backend.mac), src, old[6])
 }
 
 /// Swaps source and destination MACs, for answers sent back where the frame came from.
 #[inline(always)]
 pub fn swap_macs(ctx: &XdpContext) -> Result<(), ()> {
-    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY: bounds-checked by ptr_at.
-    unsafe {
-        let e = *eth;
-        (*eth).dst = e.src;
-        (*eth).src = e.dst;
-    }
-    Ok(())
+    let e = read_eth(ctx, 0)?;
+    write_eth(ctx, 0, [e[3], e[4], e[5]], [e[0], e[1], e[2]], e[6])
 }
 
 /// Outer IPv4 source: the configured prefix with its host bits taken from the flow hash, so a
@@ -204,8 +191,6 @@ pub fn move_l2_reply(
     cfg: &GlobalConfig,
     ethertype: u16,
 ) -> Result<(), ()> {
-    let old_eth: *const EthHdr = ptr_at(ctx, grown)?;
-    // SAFETY: bounds-checked by ptr_at.
-    let back_to = unsafe { (*old_eth).src };
-    move_l2(ctx, grown, vlan, &back_to, cfg, ethertype)
+    let old = read_eth(ctx, grown)?;
+    move_l2(ctx, grown, vlan, [old[3], old[4], old[5]], cfg, ethertype)
 }
