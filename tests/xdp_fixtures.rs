@@ -797,6 +797,7 @@ fn pinned_maps_with_another_layout_are_replaced_not_reused() {
     let mut dp = Dataplane::load(Some(&dir)).expect("first load pins the maps");
     dp.apply(&cfg).unwrap();
     drop(dp);
+    assert_eq!(edgelb::dataplane::reconcile_pins(&dir).unwrap(), Vec::<String>::new());
     let again = Dataplane::load(Some(&dir)).expect("same layout is re-used");
     assert!(again.adopted(), "maps of the same layout are adopted");
     drop(again);

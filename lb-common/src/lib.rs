@@ -67,9 +67,10 @@ pub mod maps {
     pub const RINGS: &str = "RINGS";
     /// `Array<Backend>`: backend id -> where to send.
     pub const BACKENDS: &str = "BACKENDS";
-    /// `PerCpuArray<ConnBucket>`: established IPv6 flows, a set-associative LRU table per CPU.
+    /// `Array<ConnBucket>`: established IPv6 flows, a region of set-associative LRU buckets per
+    /// CPU (`cpu * CONNTRACK_V6_BUCKETS + bucket`).
     pub const CONNTRACK: &str = "CT_V6";
-    /// `PerCpuArray<ConnBucketV4>`: established IPv4 flows, likewise.
+    /// `Array<ConnBucketV4>`: established IPv4 flows, likewise.
     pub const CONNTRACK_V4: &str = "CT_V4";
     /// Names the connection tables had before they became per-CPU bucket arrays (pins left by
     /// an older edgelb under these names are removed on load).

@@ -4,8 +4,11 @@
 //! the table entry is trusted only while the backend is PRESENT and has the generation the entry
 //! recorded. Otherwise the flow re-hashes onto the current ring.
 //!
-//! The table is per CPU (XDP runs one packet at a time per CPU with migration disabled, so a
-//! bucket is never written concurrently) and set-associative: a flow's hash names one bucket of
+//! The table is per CPU: one array, a region of buckets per CPU (`cpu * BUCKETS + bucket`), sized
+//! by user space for the machine's CPUs. XDP runs one packet at a time per CPU with migration
+//! disabled, so a region is only ever written by its CPU. (A plain array rather than a per-CPU
+//! array map: its lookup is one address computation, where a per-CPU array first loads the
+//! element's per-CPU pointer from a table, another cache miss per packet.) It is set-associative: a flow's hash names one bucket of
 //! [`CONNTRACK_WAYS`] flows kept most recently used first. A hit moves the flow to the front; a
 //! new flow goes to the front and the least recently used one of that bucket is forgotten (it
 //! re-hashes onto the ring if it ever sends again, which picks the same backend unless the pool
@@ -13,7 +16,7 @@
 
 use aya_ebpf::{
     cty::c_void,
-    helpers::{bpf_get_smp_processor_id, bpf_loop, bpf_map_lookup_percpu_elem},
+    helpers::{bpf_get_smp_processor_id, bpf_loop},
 };
 
 use crate::maps::{BACKENDS, CONNTRACK, CONNTRACK_V4, RINGS};
@@ -102,7 +105,11 @@ fn same(a: &FlowKey, b: &FlowKey) -> bool {
 }
 
 /// A connection-table bucket of one address family.
-trait Bucket {
+trait Bucket: Sized + 'static {
+    /// Buckets in each CPU's region of the table.
+    const BUCKETS: u32;
+    /// Bucket `index` of the whole table (`cpu * BUCKETS + bucket`); `None` past its end.
+    fn at(index: u32) -> Option<*mut Self>;
     /// Way holding `key` and its entry, if any.
     fn find(&self, key: &FlowKey) -> Option<(usize, Conn)>;
     /// Makes way `at` the most recently used.
@@ -113,6 +120,11 @@ trait Bucket {
 }
 
 impl Bucket for ConnBucketV4 {
+    const BUCKETS: u32 = CONNTRACK_V4_BUCKETS;
+    #[inline(always)]
+    fn at(index: u32) -> Option<*mut Self> {
+        CONNTRACK_V4.get_ptr_mut(index)
+    }
     #[inline(always)]
     fn find(&self, key: &FlowKey) -> Option<(usize, Conn)> {
         let k = key.v4();
@@ -143,6 +155,11 @@ impl Bucket for ConnBucketV4 {
 }
 
 impl Bucket for ConnBucket {
+    const BUCKETS: u32 = CONNTRACK_V6_BUCKETS;
+    #[inline(always)]
+    fn at(index: u32) -> Option<*mut Self> {
+        CONNTRACK.get_ptr_mut(index)
+    }
     #[inline(always)]
     fn find(&self, key: &FlowKey) -> Option<(usize, Conn)> {
         for (i, way) in self.ways.iter().enumerate() {
@@ -180,21 +197,11 @@ pub fn pick(
     search: bool,
 ) -> Option<Pick> {
     if key.family == AF_INET {
-        let k = key.v4();
-        let slot = hash::flow_key_v4_hash(&k, HASH_SEED) % CONNTRACK_V4_BUCKETS;
-        let bucket = CONNTRACK_V4.get_ptr_mut(slot)?;
-        let map = core::ptr::addr_of!(CONNTRACK_V4) as *mut c_void;
-        // SAFETY: a per-CPU array element, valid for this run of the program and written by no
-        // other CPU; XDP does not preempt itself on one CPU, so this is the only reference.
-        let bucket = unsafe { &mut *bucket };
-        pick_in(bucket, search.then_some((map, slot)), key, meta, fhash, remember)
+        let slot = hash::flow_key_v4_hash(&key.v4(), HASH_SEED) % CONNTRACK_V4_BUCKETS;
+        pick_in::<ConnBucketV4>(slot, search, key, meta, fhash, remember)
     } else {
         let slot = hash::five_tuple_hash(key, HASH_SEED) % CONNTRACK_V6_BUCKETS;
-        let bucket = CONNTRACK.get_ptr_mut(slot)?;
-        let map = core::ptr::addr_of!(CONNTRACK) as *mut c_void;
-        // SAFETY: as above.
-        let bucket = unsafe { &mut *bucket };
-        pick_in(bucket, search.then_some((map, slot)), key, meta, fhash, remember)
+        pick_in::<ConnBucket>(slot, search, key, meta, fhash, remember)
     }
 }
 
@@ -211,7 +218,6 @@ fn valid(conn: &Conn, meta: &VipMeta) -> Option<Backend> {
 
 /// State of one search through the other CPUs' tables (the `bpf_loop` callback's context).
 struct Search {
-    map: *mut c_void,
     slot: u32,
     me: u32,
     key: FlowKey,
@@ -229,16 +235,11 @@ extern "C" fn search_step<B: Bucket>(cpu: u64, ctx: *mut c_void) -> i64 {
     if cpu == s.me {
         return 0;
     }
-    // SAFETY: `map` is the address of a per-CPU array map definition (the loader relocates it
-    // into the map) and `slot` a valid index; the helper returns NULL past the last CPU.
-    let other =
-        unsafe { bpf_map_lookup_percpu_elem(s.map, core::ptr::addr_of!(s.slot).cast(), cpu) }
-            as *const B;
-    if other.is_null() {
-        return 1;
-    }
-    // SAFETY: non-NULL, a bucket of another CPU, which may be writing it: only a copy of the
-    // entry is kept, and the caller validates it (`valid`) before use.
+    let Some(other) = B::at(cpu * B::BUCKETS + s.slot) else {
+        return 1; // past the last CPU's region
+    };
+    // SAFETY: a bucket in another CPU's region, which that CPU may be writing: only a copy of
+    // the entry is kept, and the caller validates it (`valid`) before use.
     match unsafe { &*other }.find(&s.key) {
         Some((_, conn)) => {
             s.found = Some(conn);
@@ -248,17 +249,15 @@ extern "C" fn search_step<B: Bucket>(cpu: u64, ctx: *mut c_void) -> i64 {
     }
 }
 
-/// Looks for `key` in bucket `slot` of every other CPU's copy of `map`.
+/// Looks for `key` in bucket `slot` of every other CPU's region.
 #[inline(always)]
 fn search_other_cpus<B: Bucket>(
-    map: *mut c_void,
+    me: u32,
     slot: u32,
     key: &FlowKey,
     meta: &VipMeta,
 ) -> Option<(Conn, Backend)> {
-    // SAFETY: a helper without preconditions.
-    let me = unsafe { bpf_get_smp_processor_id() };
-    let mut search = Search { map, slot, me, key: *key, found: None };
+    let mut search = Search { slot, me, key: *key, found: None };
     // SAFETY: the callback has bpf_loop's signature and `search` outlives the call.
     unsafe {
         bpf_loop(
@@ -274,13 +273,23 @@ fn search_other_cpus<B: Bucket>(
 
 #[inline(always)]
 fn pick_in<B: Bucket>(
-    bucket: &mut B,
-    search: Option<(*mut c_void, u32)>,
+    slot: u32,
+    search: bool,
     key: &FlowKey,
     meta: &VipMeta,
     fhash: u32,
     remember: bool,
 ) -> Option<Pick> {
+    // SAFETY: a helper without preconditions.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    // Without this CPU's region (a table sized for fewer CPUs than the machine has), flows are
+    // placed by the ring alone.
+    let Some(bucket) = B::at(cpu * B::BUCKETS + slot) else {
+        return place::<B>(None, None, key, meta, fhash, false);
+    };
+    // SAFETY: this CPU's region is written only by this CPU, and XDP does not preempt itself
+    // on one CPU, so this is the only reference for this run of the program.
+    let bucket = unsafe { &mut *bucket };
     let found = bucket.find(key);
     if let Some((at, conn)) = found {
         if let Some(backend) = valid(&conn, meta) {
@@ -289,27 +298,33 @@ fn pick_in<B: Bucket>(
             }
             return Some(Pick { id: conn.backend, backend, new_flow: false });
         }
-    } else if let Some((map, slot)) = search
-        && let Some((conn, backend)) = search_other_cpus::<B>(map, slot, key, meta)
-    {
+    } else if search && let Some((conn, backend)) = search_other_cpus::<B>(cpu, slot, key, meta) {
         if remember {
             bucket.store(None, key, conn);
         }
         return Some(Pick { id: conn.backend, backend, new_flow: false });
     }
+    place(Some(bucket), found.map(|(at, _)| at), key, meta, fhash, remember)
+}
+
+/// Places a flow by the VIP's ring and, with `remember`, stores it in `bucket` (over way `at`
+/// when a stale entry for this flow is there).
+#[inline(always)]
+fn place<B: Bucket>(
+    bucket: Option<&mut B>,
+    at: Option<usize>,
+    key: &FlowKey,
+    meta: &VipMeta,
+    fhash: u32,
+    remember: bool,
+) -> Option<Pick> {
     if meta.ring_size == 0 {
         return None;
     }
-    let slot = meta.ring_base + fhash % meta.ring_size;
-    let id = *RINGS.get(slot)?;
+    let id = *RINGS.get(meta.ring_base + fhash % meta.ring_size)?;
     let backend = live_backend(id)?;
-    if remember {
-        // A stale entry for this flow (backend gone or replaced) is overwritten in place.
-        bucket.store(
-            found.map(|(at, _)| at),
-            key,
-            Conn { backend: id, generation: backend.generation },
-        );
+    if remember && let Some(bucket) = bucket {
+        bucket.store(at, key, Conn { backend: id, generation: backend.generation });
     }
     Some(Pick { id, backend, new_flow: true })
 }

@@ -31,16 +31,15 @@ pub static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * 2 * MAX_RING_S
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// Established IPv6 flows -> their backend: per-CPU set-associative LRU buckets, indexed by the
-/// flow's hash (see `conntrack`).
+/// Established IPv6 flows -> their backend: a region of set-associative LRU buckets per CPU,
+/// indexed by the flow's hash (see `conntrack`). User space sets the size to CPUs x buckets at
+/// load time; the size here (one region) is only the object's default.
 #[map(name = "CT_V6")]
-pub static CONNTRACK: PerCpuArray<ConnBucket> =
-    PerCpuArray::with_max_entries(CONNTRACK_V6_BUCKETS, 0);
+pub static CONNTRACK: Array<ConnBucket> = Array::with_max_entries(CONNTRACK_V6_BUCKETS, 0);
 
 /// Established IPv4 flows -> their backend, likewise with the compact key.
 #[map(name = "CT_V4")]
-pub static CONNTRACK_V4: PerCpuArray<ConnBucketV4> =
-    PerCpuArray::with_max_entries(CONNTRACK_V4_BUCKETS, 0);
+pub static CONNTRACK_V4: Array<ConnBucketV4> = Array::with_max_entries(CONNTRACK_V4_BUCKETS, 0);
 
 /// Node-wide settings (one element).
 #[map]

@@ -27,11 +27,11 @@ pub struct Maps {
     pub rings: Array<MapData, u32>,
     /// Backend table.
     pub backends: Array<MapData, Backend>,
-    /// IPv6 connection table (per-CPU buckets; written only by the data path, held here so a
-    /// wrong layout fails at load and so it can be pinned).
-    pub conntrack: PerCpuArray<MapData, ConnBucket>,
-    /// IPv4 connection table (per-CPU buckets, compact keys).
-    pub conntrack_v4: PerCpuArray<MapData, ConnBucketV4>,
+    /// IPv6 connection table (a region of buckets per CPU; written only by the data path, held
+    /// here so a wrong layout fails at load).
+    pub conntrack: Array<MapData, ConnBucket>,
+    /// IPv4 connection table (likewise, compact keys).
+    pub conntrack_v4: Array<MapData, ConnBucketV4>,
     /// Global config.
     pub config: Array<MapData, GlobalConfig>,
     /// Per-VIP counters.

@@ -226,6 +226,11 @@ const MAP_NAMES: [&str; 11] = [
     lb_common::maps::REASONS,
 ];
 
+/// CPUs the connection table has a region for: every possible CPU.
+fn table_cpus() -> u32 {
+    aya::util::nr_cpus().map_or(1, |n| n.get())
+}
+
 /// What each pinned map must look like to be re-used: (name, type, key size, value size, max
 /// entries). Mirrors lb-ebpf's `maps.rs`; a test checks it against the loaded object.
 fn map_layouts() -> [(&'static str, MapType, u32, u32, u32); 11] {
@@ -235,6 +240,7 @@ fn map_layouts() -> [(&'static str, MapType, u32, u32, u32); 11] {
     };
     use std::mem::size_of;
     let sz = |s: usize| s as u32;
+    let cpus = table_cpus();
     [
         (n::VIPS, MapType::Hash, sz(size_of::<VipKey>()), sz(size_of::<VipMeta>()), MAX_VIPS * 4),
         (
@@ -246,15 +252,15 @@ fn map_layouts() -> [(&'static str, MapType, u32, u32, u32); 11] {
         ),
         (
             n::CONNTRACK_V4,
-            MapType::PerCpuArray,
+            MapType::Array,
             4,
             sz(size_of::<ConnBucketV4>()),
-            CONNTRACK_V4_BUCKETS,
+            cpus * CONNTRACK_V4_BUCKETS,
         ),
         (n::VIP_ADDRS, MapType::Hash, sz(size_of::<AddrKey>()), 4, MAX_VIPS * 4),
         (n::RINGS, MapType::Array, 4, 4, MAX_VIPS * 2 * MAX_RING_SIZE),
         (n::BACKENDS, MapType::Array, 4, sz(size_of::<Backend>()), MAX_BACKENDS),
-        (n::CONNTRACK, MapType::PerCpuArray, 4, sz(size_of::<ConnBucket>()), CONNTRACK_V6_BUCKETS),
+        (n::CONNTRACK, MapType::Array, 4, sz(size_of::<ConnBucket>()), cpus * CONNTRACK_V6_BUCKETS),
         (n::CONFIG, MapType::Array, 4, sz(size_of::<GlobalConfig>()), 1),
         (n::VIP_STATS, MapType::PerCpuArray, 4, sz(size_of::<Counters>()), MAX_VIPS),
         (n::BACKEND_STATS, MapType::PerCpuArray, 4, sz(size_of::<Counters>()), MAX_BACKENDS),
@@ -345,6 +351,15 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
+        // One region of connection-table buckets per CPU.
+        loader.set_max_entries(
+            lb_common::maps::CONNTRACK_V4,
+            table_cpus() * lb_common::CONNTRACK_V4_BUCKETS,
+        );
+        loader.set_max_entries(
+            lb_common::maps::CONNTRACK,
+            table_cpus() * lb_common::CONNTRACK_V6_BUCKETS,
+        );
         let mut ebpf = loader.load(BALANCER_OBJ)?;
         let prog: &mut Xdp = program(&mut ebpf, programs::BALANCER)?;
         prog.load()

@@ -133,4 +133,3 @@ fn property_quotas_exact_for_random_sets() {
         }
     }
 }
-
