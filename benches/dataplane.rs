@@ -104,23 +104,57 @@ fn require_root(what: &str) -> bool {
     true
 }
 
-/// Median kernel-measured duration (ns) of one run of `prog` over `iters` frames from `frame`.
-fn time_runs(prog: &Xdp, iters: usize, mut frame: impl FnMut(usize) -> Vec<u8>, want: u32) -> f64 {
-    let mut ns = Vec::with_capacity(iters);
+/// One path to time: its program, a frame maker (called with a running index, so new-flow paths
+/// can make every frame a new 5-tuple) and the verdict every run must return.
+struct Path<'a> {
+    prog: &'a Xdp,
+    frame: Box<dyn FnMut(usize) -> Vec<u8> + 'a>,
+    want: u32,
+}
+
+/// Median kernel-measured duration (ns) of single runs of each path, measured interleaved: in
+/// each of `rounds` rounds every path runs `per_round` times in turn, so that the VM's noise
+/// (which moves a whole run by up to 30 %) falls on the baselines and the subjects alike. Returns
+/// per path the median over rounds of the per-round medians, and the median over rounds of its
+/// per-round ratio to path `base`.
+fn time_interleaved(
+    paths: &mut [Path],
+    rounds: usize,
+    per_round: usize,
+    base: usize,
+) -> Vec<(f64, f64)> {
     let mut out = vec![0u8; 512];
-    for i in 0..iters {
-        let input = frame(i);
-        let opts = TestRunOptions {
-            data_in: Some(&input),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
-        assert_eq!(r.return_value, want, "unexpected verdict");
-        ns.push(r.duration.as_nanos() as u64);
+    let mut index = vec![0usize; paths.len()];
+    let mut medians: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); paths.len()];
+    for _ in 0..rounds {
+        for (p, path) in paths.iter_mut().enumerate() {
+            let mut ns = Vec::with_capacity(per_round);
+            for _ in 0..per_round {
+                let input = (path.frame)(index[p]);
+                index[p] += 1;
+                let opts = TestRunOptions {
+                    data_in: Some(&input),
+                    data_out: Some(&mut out),
+                    ..Default::default()
+                };
+                let r = path.prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+                assert_eq!(r.return_value, path.want, "unexpected verdict");
+                ns.push(r.duration.as_nanos() as u64);
+            }
+            ns.sort_unstable();
+            medians[p].push(ns[per_round / 2] as f64);
+        }
     }
-    ns.sort_unstable();
-    ns[iters / 2] as f64
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    (0..paths.len())
+        .map(|p| {
+            let ratios = (0..rounds).map(|r| medians[p][r] / medians[base][r]).collect();
+            (median(medians[p].clone()), median(ratios))
+        })
+        .collect()
 }
 
 /// Average ns per run with the kernel's repeat loop (only for programs that leave the frame as
@@ -146,6 +180,7 @@ fn xdp(results: &mut Value) {
         return;
     }
     const ITERS: usize = 20_000;
+    const ROUNDS: usize = 20;
     // The connection table is per CPU: stay on one, so the hit path hits this CPU's table.
     netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
     let cfg = Config::parse(CONFIG, "bench.toml".as_ref()).unwrap();
@@ -164,42 +199,15 @@ fn xdp(results: &mut Value) {
             &V4::new(c, vip, 17).packet(&udp(c.into(), vip.into(), 5353, 53, &[0; 18])),
         )
     };
-    let pass = time_runs(aux.program(programs::PASS).unwrap(), ITERS, |_| udp_frame.clone(), 2);
-    let tx = time_runs(aux.program(programs::TX_SWAP).unwrap(), ITERS, |_| udp_frame.clone(), 3);
     let pass_loop = time_repeat(aux.program(programs::PASS).unwrap(), &udp_frame, 1_000_000);
     let tx_loop = time_repeat(aux.program(programs::TX_SWAP).unwrap(), &udp_frame, 1_000_000);
     let lb = dp.balancer();
     let non_vip = syn4(Ipv4Addr::new(198, 18, 4, 7), 1000, Ipv4Addr::new(198, 18, 0, 2), SYN);
-    let non_vip_ns = time_runs(lb, ITERS, |_| non_vip.clone(), 2);
     let non_vip_loop = time_repeat(lb, &non_vip, 1_000_000);
-    let new_v4 = time_runs(lb, ITERS, |i| syn4(client(i), 1024 + (i % 50_000) as u16, vip, SYN), 3);
     let hit = syn4(Ipv4Addr::new(198, 18, 4, 9), 40000, vip, ACK);
-    time_runs(lb, 1, |_| hit.clone(), 3);
-    let hit_v4 = time_runs(lb, ITERS, |_| hit.clone(), 3);
     let (c6, vip6) =
         ("2001:2::77".parse::<Ipv6Addr>().unwrap(), "2001:2:0:1::1".parse::<Ipv6Addr>().unwrap());
-    let new_v6 = time_runs(
-        lb,
-        ITERS,
-        |i| {
-            let sport = 1024 + (i % 50_000) as u16;
-            let c = Ipv6Addr::from(u128::from(c6) + (i / 50_000) as u128);
-            eth(
-                LB_MAC,
-                CLIENT_MAC,
-                ETH_IPV6,
-                &ipv6(c, vip6, 6, 0, 64, &tcp(c.into(), vip6.into(), sport, 80, SYN, b"")),
-            )
-        },
-        3,
-    );
     let l2vip = Ipv4Addr::new(198, 18, 1, 5);
-    let l2 = time_runs(
-        lb,
-        ITERS,
-        |i| syn4(client(i + 1_000_000), 1024 + (i % 50_000) as u16, l2vip, SYN),
-        3,
-    );
     let echo = {
         let c = Ipv4Addr::new(198, 18, 4, 7);
         eth(
@@ -209,30 +217,78 @@ fn xdp(results: &mut Value) {
             &V4::new(c, vip, 1).packet(&icmp4(8, 0, [0, 1, 0, 1], &[0; 32])),
         )
     };
-    let icmp = time_runs(lb, ITERS, |_| echo.clone(), 3);
+    // A second copy of the aux object, so both baselines can be borrowed at once.
+    let mut aux2 = AuxPrograms::load().expect("aux programs");
+    let (pass_prog, tx_prog) =
+        (aux.program(programs::PASS).unwrap(), aux2.program(programs::TX_SWAP).unwrap());
+    let same = |f: &Vec<u8>| {
+        let f = f.clone();
+        Box::new(move |_| f.clone()) as Box<dyn FnMut(usize) -> Vec<u8>>
+    };
+    let mut paths = vec![
+        Path { prog: pass_prog, frame: same(&udp_frame), want: 2 },
+        Path { prog: tx_prog, frame: same(&udp_frame), want: 3 },
+        Path { prog: lb, frame: same(&non_vip), want: 2 },
+        Path {
+            prog: lb,
+            frame: Box::new(|i| syn4(client(i), 1024 + (i % 50_000) as u16, vip, SYN)),
+            want: 3,
+        },
+        Path { prog: lb, frame: same(&hit), want: 3 },
+        Path {
+            prog: lb,
+            frame: Box::new(move |i| {
+                let sport = 1024 + (i % 50_000) as u16;
+                let c = Ipv6Addr::from(u128::from(c6) + (i / 50_000) as u128);
+                eth(
+                    LB_MAC,
+                    CLIENT_MAC,
+                    ETH_IPV6,
+                    &ipv6(c, vip6, 6, 0, 64, &tcp(c.into(), vip6.into(), sport, 80, SYN, b"")),
+                )
+            }),
+            want: 3,
+        },
+        Path {
+            prog: lb,
+            frame: Box::new(|i| {
+                syn4(client(i + 1_000_000), 1024 + (i % 50_000) as u16, l2vip, SYN)
+            }),
+            want: 3,
+        },
+        Path { prog: lb, frame: same(&echo), want: 3 },
+    ];
+    let t = time_interleaved(&mut paths, ROUNDS, ITERS / ROUNDS, 1);
     netns::pin_current_thread(None).expect("unpin");
-
+    let [pass, tx, non_vip_ns, new_v4, hit_v4, new_v6, l2, icmp] =
+        [0, 1, 2, 3, 4, 5, 6, 7].map(|i| t[i].0);
+    let ratio = |i: usize| t[i].1;
     results["xdp_ns"] = json!({
-        "method": "median of single runs (repeat=1, fresh frame each run), kernel-measured",
+        "method": "single runs (repeat=1, fresh frame each run), kernel-measured; 20 interleaved rounds of 1000 per path; median of per-round medians",
+        "x_trivial_tx": {"non_vip_pass": ratio(2), "new_flow_v4": ratio(3), "conntrack_hit_v4": ratio(4),
+            "new_flow_v6": ratio(5), "l2_dsr": ratio(6), "icmp_echo": ratio(7)},
         "trivial_pass": pass, "trivial_tx": tx, "non_vip_pass": non_vip_ns,
         "new_flow_v4": new_v4, "conntrack_hit_v4": hit_v4, "new_flow_v6": new_v6,
         "l2_dsr": l2, "icmp_echo": icmp,
         "repeat_loop": {"trivial_pass": pass_loop, "trivial_tx": tx_loop, "non_vip_pass": non_vip_loop},
     });
-    println!("## XDP ns/packet (BPF_PROG_TEST_RUN, median of {ITERS} single runs each)\n");
-    println!("| path | ns/packet | × trivial XDP_TX | target |");
+    println!(
+        "## XDP ns/packet (BPF_PROG_TEST_RUN single runs, {ROUNDS} interleaved rounds of {} per path)\n",
+        ITERS / ROUNDS
+    );
+    println!("| path | ns/packet | × trivial XDP_TX (median of per-round ratios) | target |");
     println!("|---|---:|---:|---|");
-    let row = |name: &str, v: f64, target: &str| {
-        println!("| {name} | {v:.0} | {:.2} | {target} |", v / tx)
+    let row = |name: &str, v: f64, r: f64, target: &str| {
+        println!("| {name} | {v:.0} | {r:.2} | {target} |")
     };
-    row("trivial XDP_PASS (baseline)", pass, "");
-    row("trivial MAC-swap XDP_TX (baseline)", tx, "");
-    row("non-VIP pass", non_vip_ns, "");
-    row("new TCP flow, v4 VIP, IPIP", new_v4, "≤ 2.5×");
-    row("connection-table hit, v4, IPIP", hit_v4, "≤ 2×");
-    row("new TCP flow, v6 VIP, IP6IP6", new_v6, "");
-    row("L2 DSR (new flow)", l2, "");
-    row("ICMP echo to VIP", icmp, "");
+    row("trivial XDP_PASS (baseline)", pass, ratio(0), "");
+    row("trivial MAC-swap XDP_TX (baseline)", tx, 1.0, "");
+    row("non-VIP pass", non_vip_ns, ratio(2), "");
+    row("new TCP flow, v4 VIP, IPIP", new_v4, ratio(3), "≤ 2.5×");
+    row("connection-table hit, v4, IPIP", hit_v4, ratio(4), "≤ 2×");
+    row("new TCP flow, v6 VIP, IP6IP6", new_v6, ratio(5), "");
+    row("L2 DSR (new flow)", l2, ratio(6), "");
+    row("ICMP echo to VIP", icmp, ratio(7), "");
     println!(
         "\nKernel repeat loop (1e6 runs, frame unchanged): trivial pass {pass_loop:.1} ns, trivial tx {tx_loop:.1} ns, non-VIP pass {non_vip_loop:.1} ns\n"
     );

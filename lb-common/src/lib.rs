@@ -26,7 +26,7 @@ pub const MAX_VIPS: u32 = 32;
 pub const MAX_BACKENDS: u32 = 4096;
 /// Flows one connection-table bucket holds, kept in least-recently-used order.
 pub const CONNTRACK_WAYS: usize = 4;
-/// IPv4 connection-table buckets per CPU (x [`CONNTRACK_WAYS`] = 131 072 flows per CPU, 3 MiB).
+/// IPv4 connection-table buckets per CPU (x [`CONNTRACK_WAYS`] = 131 072 flows per CPU, 2 MiB).
 pub const CONNTRACK_V4_BUCKETS: u32 = 32_768;
 /// IPv6 connection-table buckets per CPU (x [`CONNTRACK_WAYS`] = 65 536 flows per CPU, 3 MiB).
 pub const CONNTRACK_V6_BUCKETS: u32 = 16_384;
@@ -263,24 +263,51 @@ pub struct Conn {
     pub generation: u32,
 }
 
-/// One connection-table entry: an IPv4 flow and where it goes. An all-zero key is an empty way
-/// (no real flow has protocol 0).
+/// Bits of [`Backend::generation`] a connection-table entry keeps. A stale entry could only be
+/// mistaken for current after its backend id was handed out again 4096 times, and then only to
+/// another backend of the same VIP (entries are also checked against the VIP), which is where a
+/// re-hash would send the flow anyway: its own backend is gone.
+pub const CONN_GENERATION_BITS: u32 = 12;
+/// Mask of [`CONN_GENERATION_BITS`].
+pub const CONN_GENERATION_MASK: u32 = (1 << CONN_GENERATION_BITS) - 1;
+const _: () = assert!(MAX_BACKENDS <= 1 << 12, "backend ids must fit ConnEntryV4::tag");
+
+/// One IPv4 connection-table entry: a flow and where it goes, packed into 16 bytes so that a
+/// bucket of [`CONNTRACK_WAYS`] is exactly one cache line. An all-zero entry is an empty way (no
+/// real flow has protocol 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnEntryV4 {
-    /// The flow.
-    pub key: FlowKeyV4,
-    /// Its backend.
-    pub conn: Conn,
+    /// Client address word.
+    pub src: u32,
+    /// VIP address word.
+    pub dst: u32,
+    /// Client port | VIP port << 16 (each as read from the packet, network order).
+    pub ports: u32,
+    /// Backend id (bits 0..12) | low bits of its generation (12..24) | IP protocol (24..32).
+    pub tag: u32,
+}
+
+impl ConnEntryV4 {
+    /// The `tag` of a flow of `proto` on backend `id` at `generation`.
+    pub const fn tag(proto: u8, id: u32, generation: u32) -> u32 {
+        (proto as u32) << 24 | (generation & CONN_GENERATION_MASK) << 12 | (id & 0xfff)
+    }
+
+    /// The backend this entry names.
+    pub const fn conn(&self) -> Conn {
+        Conn { backend: self.tag & 0xfff, generation: (self.tag >> 12) & CONN_GENERATION_MASK }
+    }
 }
 
 /// One bucket of the IPv4 connection table: [`CONNTRACK_WAYS`] flows, most recently used
-/// first. A new flow goes to the front and pushes the least recently used one out.
+/// first, in one cache line (the map is created mmapable, which page-aligns its values). A new
+/// flow goes to the front and pushes the least recently used one out.
 ///
 /// Why not the kernel's LRU hash: it hashes the key with jhash on every lookup and again on
 /// insert, and an insert takes a bucket lock and a node off the LRU lists. This table is indexed
 /// by the flow hash the program computes anyway, is per CPU (no locks, no atomics), and a miss
-/// plus insert touches one bucket.
+/// plus insert touches one cache line.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnBucketV4 {
@@ -384,7 +411,7 @@ mod layout {
         assert_eq!(size_of::<VipKeyV4>(), 8);
         assert_eq!(size_of::<FlowKeyV4>(), 16);
         assert_eq!(size_of::<Conn>(), 8);
-        assert_eq!(size_of::<ConnBucketV4>(), 96);
+        assert_eq!(size_of::<ConnBucketV4>(), 64);
         assert_eq!(size_of::<ConnBucket>(), 192);
         assert_eq!(size_of::<GlobalConfig>(), 36);
         assert_eq!(size_of::<Counters>(), 24);

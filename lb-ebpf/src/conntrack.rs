@@ -21,9 +21,9 @@ use aya_ebpf::{
 
 use crate::maps::{BACKENDS, CONNTRACK, CONNTRACK_V4, RINGS};
 use lb_common::{
-    AF_INET, Backend, CONNTRACK_V4_BUCKETS, CONNTRACK_V6_BUCKETS, CONNTRACK_WAYS, Conn, ConnBucket,
-    ConnBucketV4, ConnEntry, FlowKey, FlowKeyV4, HASH_SEED, VipMeta, backend_flags, hash,
-    vip_flags,
+    AF_INET, Backend, CONN_GENERATION_MASK, CONNTRACK_V4_BUCKETS, CONNTRACK_V6_BUCKETS,
+    CONNTRACK_WAYS, Conn, ConnBucket, ConnBucketV4, ConnEntry, ConnEntryV4, FlowKey, HASH_SEED,
+    VipMeta, backend_flags, hash, vip_flags,
 };
 
 /// The chosen backend.
@@ -77,16 +77,6 @@ fn promote<T: Copy>(ways: &mut [T; CONNTRACK_WAYS], at: usize) {
     ways[0] = moved;
 }
 
-/// Same IPv4 flow? Field by field, so no byte-wise memcmp is emitted.
-#[inline(always)]
-fn same_v4(a: &FlowKeyV4, b: &FlowKeyV4) -> bool {
-    a.src == b.src
-        && a.dst == b.dst
-        && a.sport == b.sport
-        && a.dport == b.dport
-        && a.proto == b.proto
-}
-
 /// Same flow (any family)? Field by field, as above.
 #[inline(always)]
 fn same(a: &FlowKey, b: &FlowKey) -> bool {
@@ -127,10 +117,14 @@ impl Bucket for ConnBucketV4 {
     }
     #[inline(always)]
     fn find(&self, key: &FlowKey) -> Option<(usize, Conn)> {
-        let k = key.v4();
+        let ports = key.sport as u32 | (key.dport as u32) << 16;
         for (i, way) in self.ways.iter().enumerate() {
-            if same_v4(&way.key, &k) {
-                return Some((i, way.conn));
+            if way.src == key.src[0]
+                && way.dst == key.dst[0]
+                && way.ports == ports
+                && way.tag >> 24 == key.proto as u32
+            {
+                return Some((i, way.conn()));
             }
         }
         None
@@ -142,15 +136,12 @@ impl Bucket for ConnBucketV4 {
     #[inline(always)]
     fn store(&mut self, at: Option<usize>, key: &FlowKey, conn: Conn) {
         promote(&mut self.ways, at.unwrap_or(CONNTRACK_WAYS - 1));
-        // Field by field: the key's zero padding is zero in every way already, and storing a
-        // whole key (3-byte pad included) compiles to a call to a byte-wise memset.
-        let way = &mut self.ways[0];
-        way.key.src = key.src[0];
-        way.key.dst = key.dst[0];
-        way.key.sport = key.sport;
-        way.key.dport = key.dport;
-        way.key.proto = key.proto;
-        way.conn = conn;
+        self.ways[0] = ConnEntryV4 {
+            src: key.src[0],
+            dst: key.dst[0],
+            ports: key.sport as u32 | (key.dport as u32) << 16,
+            tag: ConnEntryV4::tag(key.proto, conn.backend, conn.generation),
+        };
     }
 }
 
@@ -212,7 +203,8 @@ pub fn pick(
 #[inline(always)]
 fn valid(conn: &Conn, meta: &VipMeta) -> Option<Backend> {
     let backend = live_backend(conn.backend)?;
-    (backend.generation == conn.generation && backend.vip_index == meta.vip_index)
+    ((backend.generation ^ conn.generation) & CONN_GENERATION_MASK == 0
+        && backend.vip_index == meta.vip_index)
         .then_some(backend)
 }
 

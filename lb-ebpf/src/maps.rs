@@ -11,6 +11,10 @@ use lb_common::{
     stats::REASON_COUNT,
 };
 
+/// Mmapable arrays have page-aligned values, which puts every 64-byte connection-table bucket on
+/// exactly one cache line (a plain array's values start at an offset of its header).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
 /// IPv6 (address, port, protocol) -> VIP metadata. Port 0 entries match any port.
 #[map]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS * 4, 0);
@@ -35,11 +39,13 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// indexed by the flow's hash (see `conntrack`). User space sets the size to CPUs x buckets at
 /// load time; the size here (one region) is only the object's default.
 #[map(name = "CT_V6")]
-pub static CONNTRACK: Array<ConnBucket> = Array::with_max_entries(CONNTRACK_V6_BUCKETS, 0);
+pub static CONNTRACK: Array<ConnBucket> =
+    Array::with_max_entries(CONNTRACK_V6_BUCKETS, BPF_F_MMAPABLE);
 
 /// Established IPv4 flows -> their backend, likewise with the compact key.
 #[map(name = "CT_V4")]
-pub static CONNTRACK_V4: Array<ConnBucketV4> = Array::with_max_entries(CONNTRACK_V4_BUCKETS, 0);
+pub static CONNTRACK_V4: Array<ConnBucketV4> =
+    Array::with_max_entries(CONNTRACK_V4_BUCKETS, BPF_F_MMAPABLE);
 
 /// Node-wide settings (one element).
 #[map]

@@ -352,11 +352,11 @@ impl Dataplane {
             loader.map_pin_path(name, path.as_path());
         }
         // One region of connection-table buckets per CPU.
-        loader.set_max_entries(
+        loader.map_max_entries(
             lb_common::maps::CONNTRACK_V4,
             table_cpus() * lb_common::CONNTRACK_V4_BUCKETS,
         );
-        loader.set_max_entries(
+        loader.map_max_entries(
             lb_common::maps::CONNTRACK,
             table_cpus() * lb_common::CONNTRACK_V6_BUCKETS,
         );
