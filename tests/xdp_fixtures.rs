@@ -827,3 +827,27 @@ fn pinned_maps_with_another_layout_are_replaced_not_reused() {
     assert_eq!(verdict, XDP_TX);
     assert_eq!(outer_dst(&out), v4("198.18.0.11"));
 }
+
+#[test]
+fn vip_lookup_cache_follows_vip_changes() {
+    let one = one_vip(&[("198.18.0.11", 1)]);
+    let Some(mut h) = Harness::new("vip_lookup_cache_follows_vip_changes", &one) else {
+        return;
+    };
+    edgelb::testbed::netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
+    let to = |port: u16| {
+        eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4("198.18.4.7", 40000, "198.18.1.1", port, SYN))
+    };
+    // Cached answers, positive and negative, on this CPU.
+    assert_eq!(h.run(&to(80)).0, XDP_TX);
+    assert_eq!(h.run(&to(81)).0, XDP_PASS);
+    assert_eq!(h.run(&to(80)).0, XDP_TX);
+    assert_eq!(h.run(&to(81)).0, XDP_PASS);
+    // The VIP moves from port 80 to 81: both cached answers must go.
+    h.apply(&one.replace("port = 80", "port = 81"));
+    assert_eq!(h.run(&to(80)).0, XDP_PASS, "removed VIP no longer served from the cache");
+    assert_eq!(h.run(&to(81)).0, XDP_TX, "added VIP not hidden by a cached miss");
+    // A changed backend set republishes the VIP (new ring): the cached entry is refreshed.
+    h.apply(&one_vip(&[("198.18.0.12", 1)]).replace("port = 80", "port = 81"));
+    assert_eq!(outer_dst(&h.run(&to(81)).1), v4("198.18.0.12"));
+}

@@ -61,6 +61,12 @@ pub mod maps {
     pub const VIPS: &str = "VIPS";
     /// `HashMap<VipKeyV4, VipMeta>`: IPv4 VIPs, with a compact key (cheaper to hash per packet).
     pub const VIPS_V4: &str = "VIPS_V4";
+    /// `Array<u32>` with one element: bumped by user space after every change to the VIP tables,
+    /// which invalidates every CPU's VIP lookup cache.
+    pub const VIP_EPOCH: &str = "VIP_EPOCH";
+    /// `PerCpuArray<VipCacheEntry>`: per-CPU cache of IPv4 VIP lookups (not pinned: a fresh one
+    /// starts empty).
+    pub const VIP_CACHE: &str = "VIP_CACHE";
     /// `HashMap<AddrKey, u32>`: every VIP address (any port), for ICMP and fragment policy.
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
     /// `Array<u32>`: Maglev rings, `ring_base + slot` -> backend id.
@@ -145,6 +151,44 @@ pub struct VipKeyV4 {
     /// Zero.
     pub _pad: u8,
 }
+
+/// One entry of the per-CPU IPv4 VIP lookup cache (`maps::VIP_CACHE`): the answer the VIP
+/// table gave for (address, port, protocol), exact port first and then "any port", while the
+/// table's epoch (`maps::VIP_EPOCH`) was `epoch`. Saves the kernel's jhash and bucket walk (one
+/// or two of them) on most packets; an entry is trusted only while the epoch is unchanged, and
+/// user space bumps it after every change to the table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipCacheEntry {
+    /// Destination address word.
+    pub addr: u32,
+    /// Destination port (network order).
+    pub port: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// [`VIP_CACHE_EMPTY`], [`VIP_CACHE_HIT`] (`meta` is the VIP) or [`VIP_CACHE_NONE`] (no VIP).
+    pub state: u8,
+    /// `VIP_EPOCH` when the answer was looked up.
+    pub epoch: u32,
+    /// The VIP, when `state` is [`VIP_CACHE_HIT`].
+    pub meta: VipMeta,
+}
+
+/// [`VipCacheEntry::state`]: nothing cached.
+pub const VIP_CACHE_EMPTY: u8 = 0;
+/// [`VipCacheEntry::state`]: the destination is a VIP.
+pub const VIP_CACHE_HIT: u8 = 1;
+/// [`VipCacheEntry::state`]: the destination is no VIP.
+pub const VIP_CACHE_NONE: u8 = 2;
+/// Entries of the per-CPU VIP lookup cache (direct-mapped by a hash of the destination).
+pub const VIP_CACHE_ENTRIES: u32 = 64;
+
+/// The VIP cache slot of an IPv4 destination (one multiply; the cache is direct-mapped).
+#[inline(always)]
+pub const fn vip_cache_slot(addr: u32, port: u16, proto: u8) -> u32 {
+    (addr ^ ((port as u32) << 16) ^ proto as u32).wrapping_mul(0x9e37_79b1) >> 26
+}
+const _: () = assert!(VIP_CACHE_ENTRIES == 1 << (32 - 26));
 
 impl VipKey {
     /// The compact key of an IPv4 VIP.
@@ -393,6 +437,8 @@ mod pod {
     unsafe impl aya::Pod for super::GlobalConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Counters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::VipCacheEntry {}
 }
 
 #[cfg(test)]
@@ -415,5 +461,6 @@ mod layout {
         assert_eq!(size_of::<ConnBucket>(), 192);
         assert_eq!(size_of::<GlobalConfig>(), 36);
         assert_eq!(size_of::<Counters>(), 24);
+        assert_eq!(size_of::<VipCacheEntry>(), 28);
     }
 }

@@ -17,10 +17,10 @@ mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    AF_INET, AF_INET6, AddrKey, FlowKey, GlobalConfig, VipKey, VipKeyV4, VipMeta, proto,
-    stats::Reason, vip_flags,
+    AF_INET, AF_INET6, AddrKey, FlowKey, GlobalConfig, VIP_CACHE_EMPTY, VIP_CACHE_HIT,
+    VIP_CACHE_NONE, VipKey, VipKeyV4, VipMeta, proto, stats::Reason, vip_cache_slot, vip_flags,
 };
-use maps::{CONFIG, VIP_ADDRS, VIPS, VIPS_V4};
+use maps::{CONFIG, VIP_ADDRS, VIP_CACHE, VIP_EPOCH, VIPS, VIPS_V4};
 use parse::{ETH_P_IP, ETH_P_IPV6, IPV4_LEN, IPV6_LEN, Ipv4Hdr, Ipv6Hdr, Ports, ptr_at};
 use stats::count;
 
@@ -200,18 +200,54 @@ fn parse_v6(ctx: &XdpContext, l3_off: usize) -> Result<Step<L3>, ()> {
     }))
 }
 
+/// The IPv4 VIP table lookup (exact port, then "any port"), through this CPU's cache.
+#[inline(always)]
+fn lookup_vip_v4(addr: u32, port: u16, proto: u8) -> Option<VipMeta> {
+    let epoch = VIP_EPOCH.get(0).copied().unwrap_or(0);
+    let cached = VIP_CACHE.get_ptr_mut(vip_cache_slot(addr, port, proto));
+    if let Some(e) = cached {
+        // SAFETY: a per-CPU array element, valid for this run and touched by no other CPU.
+        let e = unsafe { &*e };
+        if e.state != VIP_CACHE_EMPTY
+            && e.epoch == epoch
+            && e.addr == addr
+            && e.port == port
+            && e.proto == proto
+        {
+            return if e.state == VIP_CACHE_HIT { Some(e.meta) } else { None };
+        }
+    }
+    let mut key = VipKeyV4 { addr, port, proto, _pad: 0 };
+    // SAFETY: the value is copied out at once.
+    let mut found = unsafe { VIPS_V4.get(&key) }.copied();
+    if found.is_none() {
+        key.port = 0;
+        // SAFETY: as above.
+        found = unsafe { VIPS_V4.get(&key) }.copied();
+    }
+    if let Some(e) = cached {
+        // SAFETY: as above; this CPU is the only writer.
+        let e = unsafe { &mut *e };
+        e.addr = addr;
+        e.port = port;
+        e.proto = proto;
+        e.epoch = epoch;
+        match found {
+            Some(meta) => {
+                e.meta = meta;
+                e.state = VIP_CACHE_HIT;
+            }
+            None => e.state = VIP_CACHE_NONE,
+        }
+    }
+    found
+}
+
 /// Finds the VIP for (address, port, protocol), trying the exact port, then "any port".
 #[inline(always)]
 pub fn lookup_vip(addr: &[u32; 4], port: u16, proto: u8, family: u8) -> Option<VipMeta> {
     if family == AF_INET {
-        let mut key = VipKeyV4 { addr: addr[0], port, proto, _pad: 0 };
-        // SAFETY: the value is copied out at once.
-        if let Some(meta) = unsafe { VIPS_V4.get(&key) } {
-            return Some(*meta);
-        }
-        key.port = 0;
-        // SAFETY: as above.
-        return unsafe { VIPS_V4.get(&key) }.copied();
+        return lookup_vip_v4(addr[0], port, proto);
     }
     let mut key = VipKey { addr: *addr, port, proto, family };
     // SAFETY: the value is copied out at once.

@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AddrKey, Backend, CONNTRACK_V4_BUCKETS, CONNTRACK_V6_BUCKETS, ConnBucket, ConnBucketV4,
-    Counters, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, VipKey, VipKeyV4, VipMeta,
-    stats::REASON_COUNT,
+    Counters, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, VIP_CACHE_ENTRIES,
+    VipCacheEntry, VipKey, VipKeyV4, VipMeta, stats::REASON_COUNT,
 };
 
 /// Mmapable arrays have page-aligned values, which puts every 64-byte connection-table bucket on
@@ -22,6 +22,15 @@ pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS *
 /// IPv4 VIPs, with the compact key.
 #[map]
 pub static VIPS_V4: HashMap<VipKeyV4, VipMeta> = HashMap::with_max_entries(MAX_VIPS * 4, 0);
+
+/// Epoch of the VIP tables (one element), bumped by user space after every change.
+#[map]
+pub static VIP_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Per-CPU cache of IPv4 VIP lookups, checked against VIP_EPOCH.
+#[map]
+pub static VIP_CACHE: PerCpuArray<VipCacheEntry> =
+    PerCpuArray::with_max_entries(VIP_CACHE_ENTRIES, 0);
 
 /// Every VIP address, for ICMP echo, ICMP errors and the fragment/options policy.
 #[map]

@@ -21,6 +21,9 @@ pub struct Maps {
     pub vips: HashMap<MapData, VipKey, VipMeta>,
     /// IPv4 VIP table (compact keys).
     pub vips_v4: HashMap<MapData, VipKeyV4, VipMeta>,
+    /// Epoch of the VIP tables: bumped after every change, invalidating the XDP program's
+    /// per-CPU VIP lookup caches.
+    pub vip_epoch: Array<MapData, u32>,
     /// VIP address set.
     pub vip_addrs: HashMap<MapData, AddrKey, u32>,
     /// Maglev rings.
@@ -56,6 +59,7 @@ impl Maps {
         Ok(Maps {
             vips: take(ebpf, names::VIPS)?,
             vips_v4: take(ebpf, names::VIPS_V4)?,
+            vip_epoch: take(ebpf, names::VIP_EPOCH)?,
             vip_addrs: take(ebpf, names::VIP_ADDRS)?,
             rings: take(ebpf, names::RINGS)?,
             backends: take(ebpf, names::BACKENDS)?,
@@ -68,17 +72,28 @@ impl Maps {
         })
     }
 
-    /// Publishes a VIP entry in the table for its family (one atomic map update).
+    /// Publishes a VIP entry in the table for its family (one atomic map update), then bumps the
+    /// epoch so no CPU keeps answering from a cached lookup.
     pub fn put_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<(), DataplaneError> {
         if key.family == lb_common::AF_INET {
             self.vips_v4
                 .insert(&key.v4(), meta, 0)
-                .map_err(|source| DataplaneError::Map { name: names::VIPS_V4, source })
+                .map_err(|source| DataplaneError::Map { name: names::VIPS_V4, source })?;
         } else {
             self.vips
                 .insert(key, meta, 0)
-                .map_err(|source| DataplaneError::Map { name: names::VIPS, source })
+                .map_err(|source| DataplaneError::Map { name: names::VIPS, source })?;
         }
+        self.bump_vip_epoch()
+    }
+
+    /// Invalidates the per-CPU VIP lookup caches. A CPU that read the old epoch a moment before
+    /// may still use an answer from before the change for that one packet, exactly as if it had
+    /// looked the table up a moment before the change.
+    fn bump_vip_epoch(&mut self) -> Result<(), DataplaneError> {
+        let err = |source| DataplaneError::Map { name: names::VIP_EPOCH, source };
+        let epoch = self.vip_epoch.get(&0, 0).map_err(err)?;
+        self.vip_epoch.set(0, &epoch.wrapping_add(1), 0).map_err(err)
     }
 
     /// Removes a VIP entry (absent is fine).
@@ -89,7 +104,7 @@ impl Maps {
             (self.vips.remove(key), names::VIPS)
         };
         match r {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Ok(()) | Err(MapError::KeyNotFound) => self.bump_vip_epoch(),
             Err(source) => Err(DataplaneError::Map { name, source }),
         }
     }
