@@ -653,3 +653,43 @@ fn survives_hostile_input() {
         assert_eq!(get(p.addr, "/after").0, 200, "still serving");
     }
 }
+
+/// Two waves of 150 concurrent requests on 150 keep-alive client connections; returns the backend
+/// connections opened by the first wave and in all.
+fn two_waves(l7: &str) -> (usize, usize) {
+    let a = backend("a", Mode::Slow(300));
+    let p = proxy(&[(&a, 1)], l7, "");
+    let clients: Vec<TcpStream> = (0..150)
+        .map(|_| {
+            let s = TcpStream::connect(p.addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        })
+        .collect();
+    let wave = |clients: &[TcpStream]| {
+        std::thread::scope(|sc| {
+            for s in clients {
+                sc.spawn(move || {
+                    (&*s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+                    let mut r = BufReader::new(s.try_clone().unwrap());
+                    assert_eq!(read_response(&mut r).unwrap().0, 200);
+                });
+            }
+        })
+    };
+    wave(&clients);
+    let first = a.conns.load(Ordering::Relaxed);
+    wave(&clients);
+    (first, a.conns.load(Ordering::Relaxed))
+}
+
+#[test]
+fn busy_moments_do_not_churn_upstream_connections() {
+    // Default pool: every connection the first wave needed is kept and reused by the second.
+    let (first, all) = two_waves("");
+    assert!(first >= 140, "the slow backend saw concurrent requests ({first} connections)");
+    assert_eq!(all, first, "second wave reused the first wave's upstream connections");
+    // A small pool (4 per backend and thread, 2 threads) keeps only that many.
+    let (first, all) = two_waves("upstream_keepalive = 4");
+    assert!(all - first >= first - 8, "{first} then {all}: only 8 connections kept");
+}

@@ -300,6 +300,9 @@ pub struct L7 {
     pub max_headers: usize,
     /// Most concurrent client connections (per VIP).
     pub max_connections: usize,
+    /// Most idle keep-alive connections kept per backend and proxy thread; at least the
+    /// concurrency a backend sees, or busy moments end with connections closed and reopened.
+    pub upstream_keepalive: usize,
     /// Add X-Forwarded-For / X-Forwarded-Proto and Forwarded.
     pub forwarded_for: bool,
     /// Send a PROXY protocol header (1 or 2) to backends.
@@ -718,6 +721,7 @@ fn l7_settings(
         max_header_bytes: None,
         max_headers: None,
         max_connections: None,
+        upstream_keepalive: None,
         forwarded_for: None,
         proxy_protocol: None,
         cookie_name: None,
@@ -817,6 +821,8 @@ fn l7_settings(
             as usize,
         max_headers: num(&l.max_headers, 100, 1..=1_000, "max_headers")? as usize,
         max_connections: num(&l.max_connections, 10_000, 1..=1_000_000, "max_connections")?
+            as usize,
+        upstream_keepalive: num(&l.upstream_keepalive, 1_024, 0..=100_000, "upstream_keepalive")?
             as usize,
         forwarded_for: l.forwarded_for.as_ref().is_none_or(|f| *f.get_ref()),
         proxy_protocol,

@@ -30,13 +30,11 @@ use super::{
 };
 use crate::config::{Algorithm, L7Mode};
 
-/// Idle backend connections kept per backend and thread.
-const POOL_PER_BACKEND: usize = 64;
 /// Pooled connections idle longer than this are not reused (backends time out idle keep-alive
 /// connections; a stale one would fail the next request).
 const POOL_MAX_IDLE: Duration = Duration::from_secs(4);
 /// Read size.
-const READ_CHUNK: usize = 16 * 1024;
+const READ_CHUNK: usize = 4 * 1024;
 
 /// Idle connections to one backend, with the time each became idle.
 type IdleList = Vec<(TcpStream, Instant)>;
@@ -59,10 +57,11 @@ impl UpstreamPool {
         None
     }
 
-    fn put(&self, addr: SocketAddr, s: TcpStream) {
+    /// Keeps `s` for reuse unless `max` connections to `addr` are idle already.
+    fn put(&self, addr: SocketAddr, s: TcpStream, max: usize) {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(addr).or_default();
-        if list.len() < POOL_PER_BACKEND {
+        if list.len() < max {
             list.push((s, Instant::now()));
         }
     }
@@ -660,7 +659,7 @@ async fn serve_conn(
             return;
         }
         if upstream_keepalive && ubuf.is_empty() && vip.cfg.proxy_protocol.is_none() {
-            upstream.put(pool.members[i].state.addr, up);
+            upstream.put(pool.members[i].state.addr, up, vip.cfg.upstream_keepalive);
         }
         if !keep {
             return;
