@@ -134,12 +134,17 @@ fn try_gen(ctx: &XdpContext) -> Result<u32, ()> {
     // into registers first (a direct map-to-packet copy becomes a byte-wise memmove call).
     unsafe { *head = core::ptr::read_volatile(template) };
     let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
-    // SAFETY: bounds-checked by ptr_at. The low 16 bits of the source vary per frame (a /16 of
+    // SAFETY: bounds-checked by ptr_at. The low bits of the source vary per frame (up to a /16 of
     // clients), and the header checksum is rebuilt from scratch.
     unsafe {
         let mut h = *ip;
         let base = u32::from_be(h.saddr) & 0xffff_0000;
-        h.saddr = (base | (n as u32 & 0xffff)).to_be();
+        // The template's IP ID holds the source mask (sources - 1); 0 means all 65 536.
+        let mask = match u16::from_be(h.id) as u32 {
+            0 => 0xffff,
+            m => m,
+        };
+        h.saddr = (base | (n as u32 & mask)).to_be();
         h.check = 0;
         let mut sum: u64 = u16::from_ne_bytes([h.ver_ihl, h.tos]) as u64
             + h.tot_len as u64
