@@ -388,17 +388,22 @@ impl Proxy {
     }
 }
 
-/// Submission-queue size of each proxy thread's io_uring. tokio-uring's default (256) is smaller
-/// than the operations in flight with a few hundred connections (an idle read per client, a
-/// read and a write per request upstream): a full queue forces an extra `io_uring_enter` per
-/// operation and completions overflow into the kernel's slow path. The completion queue is twice
-/// this. Each entry costs 64 + 2 x 16 bytes of locked memory.
-const URING_ENTRIES: u32 = 4096;
+/// Submission-queue size of each proxy thread's io_uring. tokio-uring hands queued operations to
+/// the kernel only when the thread goes idle or the queue is full, so under sustained load this
+/// bounds how long an operation can wait before it starts: small, for latency (a queue of 4096
+/// gave a p99 of 30-90 ms at 20 000 req/s here, against 10-25 ms at 64).
+const URING_SQ_ENTRIES: u32 = 64;
+/// Completion-queue size: every operation in flight needs room (an idle read per client
+/// connection, a read and a write per request upstream), or completions overflow into the
+/// kernel's slow path and submissions fail with EBUSY until they are reaped.
+const URING_CQ_ENTRIES: u32 = 16_384;
 
 /// The runtime of one proxy thread.
 fn uring_runtime() -> tokio_uring::Builder {
+    let mut ring = tokio_uring::uring_builder();
+    ring.setup_cqsize(URING_CQ_ENTRIES);
     let mut b = tokio_uring::builder();
-    b.entries(URING_ENTRIES);
+    b.entries(URING_SQ_ENTRIES).uring_builder(&ring);
     b
 }
 
