@@ -713,21 +713,43 @@ async fn attempt_once(
                 s
             }
         };
-        if write(&up, head.to_vec()).await.is_err() {
-            if fresh {
-                return Err(Attempt::Connect);
+        let mut first_read = None;
+        ubuf.clear();
+        if framing == Framing::None {
+            // A bodiless request: the read of the response is issued together with the write
+            // of the head, which saves the thread a round through its event loop per request.
+            // A failed write shuts the connection down, which ends the read at once.
+            let resp_deadline = (tokio::time::Instant::now() + cfg.response_timeout).min(deadline);
+            let send = async {
+                let r = write(&up, head.to_vec()).await;
+                if r.is_err() {
+                    let _ = up.shutdown(std::net::Shutdown::Both);
+                }
+                r
+            };
+            let (sent, read) = tokio::join!(send, timeout_at(resp_deadline, read_more(&up, ubuf)));
+            if sent.is_err() {
+                if fresh {
+                    return Err(Attempt::Connect);
+                }
+                continue;
             }
-            continue;
-        }
-        match stream_body(client, buf, &up, framing, deadline, cfg.idle_timeout).await {
-            Ok(()) => {}
-            Err(Side::Dst) if fresh => return Err(abandon(&up, Attempt::Broken)),
-            Err(Side::Dst) if framing == Framing::None => continue,
-            Err(Side::Dst) => return Err(abandon(&up, Attempt::Broken)),
-            Err(_) => return Err(abandon(&up, Attempt::ClientGone)),
+            first_read = Some(read);
+        } else {
+            if write(&up, head.to_vec()).await.is_err() {
+                if fresh {
+                    return Err(Attempt::Connect);
+                }
+                continue;
+            }
+            match stream_body(client, buf, &up, framing, deadline, cfg.idle_timeout).await {
+                Ok(()) => {}
+                Err(Side::Dst) if fresh => return Err(abandon(&up, Attempt::Broken)),
+                Err(Side::Dst) => return Err(abandon(&up, Attempt::Broken)),
+                Err(_) => return Err(abandon(&up, Attempt::ClientGone)),
+            }
         }
         let resp_deadline = (tokio::time::Instant::now() + cfg.response_timeout).min(deadline);
-        ubuf.clear();
         let resp = loop {
             match parse_response(ubuf) {
                 Ok(Some(r)) if (100..200).contains(&r.status) && r.status != 101 => {
@@ -744,7 +766,11 @@ async fn attempt_once(
                     return Err(abandon(&up, Attempt::Broken));
                 }
             }
-            match timeout_at(resp_deadline, read_more(&up, ubuf)).await {
+            let read = match first_read.take() {
+                Some(read) => read,
+                None => timeout_at(resp_deadline, read_more(&up, ubuf)).await,
+            };
+            match read {
                 Ok(Ok(0)) | Ok(Err(_)) if ubuf.is_empty() && !fresh && framing == Framing::None => {
                     // Stale pooled connection: retry on a fresh one.
                     break RespHead {

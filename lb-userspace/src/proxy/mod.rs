@@ -402,6 +402,11 @@ const URING_CQ_ENTRIES: u32 = 16_384;
 fn uring_runtime() -> tokio_uring::Builder {
     let mut ring = tokio_uring::uring_builder();
     ring.setup_cqsize(URING_CQ_ENTRIES);
+    // Completions arriving while the thread runs are handled at its next system call instead of
+    // interrupting it with an IPI to run io_uring's task work (perf at 20 000 req/s: a quarter of
+    // the thread's time went to that interrupt path). A thread asleep in epoll_wait is still
+    // woken at once.
+    ring.setup_coop_taskrun();
     let mut b = tokio_uring::builder();
     b.entries(URING_SQ_ENTRIES).uring_builder(&ring);
     b
