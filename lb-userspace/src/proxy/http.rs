@@ -9,6 +9,7 @@
 //! errors, timeouts and 502/503/504 answers are retried on another backend for idempotent
 //! requests without a body; anything else gets one clean error response.
 
+use std::mem::MaybeUninit;
 use std::{
     cell::RefCell,
     collections::HashMap,
@@ -126,10 +127,21 @@ enum HeadError {
     TooLarge,
 }
 
+/// Header slots parsed on the stack; configs allowing more use the heap.
+const STACK_HEADERS: usize = 64;
+
 fn parse_request(buf: &[u8], max_headers: usize) -> Result<Option<ReqHead>, HeadError> {
-    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
+    // Uninitialised slots: no per-request allocation or 32-byte-per-slot initialisation.
+    let mut stack = [const { MaybeUninit::<httparse::Header>::uninit() }; STACK_HEADERS];
+    let mut heap = Vec::new();
+    let slots: &mut [MaybeUninit<httparse::Header>] = if max_headers <= STACK_HEADERS {
+        &mut stack[..max_headers]
+    } else {
+        heap.resize_with(max_headers, MaybeUninit::uninit);
+        &mut heap
+    };
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(buf, slots) {
         Ok(httparse::Status::Partial) => Ok(None),
         Ok(httparse::Status::Complete(len)) => Ok(Some(ReqHead {
             method: req.method.unwrap_or("").to_owned(),
@@ -147,16 +159,18 @@ fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> impl Iterator<Ite
     headers.iter().filter(move |(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice())
 }
 
-fn tokens(headers: &[(String, Vec<u8>)], name: &str) -> Vec<String> {
+/// The comma-separated tokens of every `name` header, trimmed (empty ones skipped), without
+/// allocating.
+fn tokens<'a>(headers: &'a [(String, Vec<u8>)], name: &'a str) -> impl Iterator<Item = &'a [u8]> {
     header(headers, name)
-        .flat_map(|v| {
-            String::from_utf8_lossy(v)
-                .split(',')
-                .map(|t| t.trim().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|v| v.split(|&b| b == b','))
+        .map(|t| t.trim_ascii())
         .filter(|t| !t.is_empty())
-        .collect()
+}
+
+/// Does a `name` header list `token` (case-insensitively)?
+fn has_token(headers: &[(String, Vec<u8>)], name: &str, token: &str) -> bool {
+    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1).
@@ -170,25 +184,26 @@ const HOP_BY_HOP: [&str; 7] = [
     "transfer-encoding",
 ];
 
-/// Is `name` hop-by-hop, by the fixed list or because `Connection` (`listed`) names it?
-fn is_hop(name: &str, listed: &[String]) -> bool {
+/// Is `name` hop-by-hop, by the fixed list or because a `Connection` header of `headers` names
+/// it?
+fn is_hop(name: &str, headers: &[(String, Vec<u8>)]) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-        || listed.iter().any(|l| name.eq_ignore_ascii_case(l))
+        || has_token(headers, "connection", name)
 }
 
 /// Body framing of a message with `headers` (RFC 9112 6.3); Err for ambiguous or invalid framing.
 fn body_framing(headers: &[(String, Vec<u8>)], request: bool) -> Result<Framing, ()> {
-    let te = tokens(headers, "transfer-encoding");
-    let cl: Vec<&[u8]> = header(headers, "content-length").collect();
-    if !te.is_empty() {
-        if !cl.is_empty() || te.last().map(String::as_str) != Some("chunked") {
+    let te_last = tokens(headers, "transfer-encoding").last();
+    let has_cl = header(headers, "content-length").next().is_some();
+    if let Some(last) = te_last {
+        if has_cl || !last.eq_ignore_ascii_case(b"chunked") {
             // Both, or a coding we cannot frame: request smuggling territory.
             return if request { Err(()) } else { Ok(Framing::UntilClose) };
         }
         return Ok(Framing::Chunked);
     }
     let mut len = None;
-    for v in cl {
+    for v in header(headers, "content-length") {
         let s = std::str::from_utf8(v).map_err(|_| ())?;
         for part in s.split(',') {
             let n: u64 = part.trim().parse().map_err(|_| ())?;
@@ -335,7 +350,6 @@ fn upstream_head(
     peer: SocketAddr,
     forwarded_for: bool,
 ) -> Vec<u8> {
-    let listed = tokens(&req.headers, "connection");
     let mut out = Vec::with_capacity(256 + req.headers.len() * 32);
     out.extend(req.method.as_bytes());
     out.push(b' ');
@@ -344,7 +358,7 @@ fn upstream_head(
     let mut xff = None;
     let mut fwd = None;
     for (name, value) in &req.headers {
-        if is_hop(name, &listed) {
+        if is_hop(name, &req.headers) {
             continue;
         }
         if forwarded_for && name.eq_ignore_ascii_case("x-forwarded-for") {
@@ -506,11 +520,10 @@ async fn serve_conn(
             let _ = respond(client, 400, "Bad Request", true).await;
             return;
         };
-        let conn_tokens = tokens(&req.headers, "connection");
         let client_keepalive = if req.http10 {
-            conn_tokens.iter().any(|t| t == "keep-alive")
+            has_token(&req.headers, "connection", "keep-alive")
         } else {
-            !conn_tokens.iter().any(|t| t == "close")
+            !has_token(&req.headers, "connection", "close")
         };
         let deadline = tokio::time::Instant::now() + cfg.request_timeout;
         let host =
@@ -608,16 +621,15 @@ async fn serve_conn(
         } else {
             body_framing(&resp.headers, false).unwrap_or(Framing::UntilClose)
         };
-        let upstream_keepalive = !tokens(&resp.headers, "connection").iter().any(|t| t == "close")
-            && rframing != Framing::UntilClose;
+        let upstream_keepalive =
+            !has_token(&resp.headers, "connection", "close") && rframing != Framing::UntilClose;
         let keep = client_keepalive
             && rframing != Framing::UntilClose
             && !shared.stopping.load(Ordering::Relaxed);
         let mut out = Vec::with_capacity(512);
         out.extend(format!("HTTP/1.1 {} {}\r\n", resp.status, resp.reason).as_bytes());
-        let listed = tokens(&resp.headers, "connection");
         for (name, value) in &resp.headers {
-            if is_hop(name, &listed)
+            if is_hop(name, &resp.headers)
                 && !(name.eq_ignore_ascii_case("transfer-encoding") && rframing == Framing::Chunked)
             {
                 continue;
