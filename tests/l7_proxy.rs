@@ -693,3 +693,51 @@ fn busy_moments_do_not_churn_upstream_connections() {
     let (first, all) = two_waves("upstream_keepalive = 4");
     assert!(all - first >= first - 8, "{first} then {all}: only 8 connections kept");
 }
+
+#[test]
+fn max_connections_counts_each_vip_alone() {
+    let a = backend("a", Mode::Ok);
+    let (web, other) = (free_port(), free_port());
+    let text = format!(
+        "[node]\ninterfaces = [\"lo\"]\n\n[[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = {web}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n[vip.l7]\nmax_connections = 2\n\n[[vip]]\nname = \"other\"\naddress = \"127.0.0.1\"\nport = {other}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n",
+        a.addr.port(),
+        a.addr.port()
+    );
+    let cfg = Config::parse(&text, "l7.toml".as_ref()).unwrap();
+    let p = Proxy::start(&cfg, 2, Metrics::new().l7.clone()).expect("proxy starts");
+    let _stop = Running { proxy: Some(p), addr: format!("127.0.0.1:{web}").parse().unwrap() };
+    let (web, other): (SocketAddr, SocketAddr) = (
+        format!("127.0.0.1:{web}").parse().unwrap(),
+        format!("127.0.0.1:{other}").parse().unwrap(),
+    );
+    let open = |addr: SocketAddr| {
+        let start = Instant::now();
+        loop {
+            if let Ok(s) = TcpStream::connect(addr) {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                return s;
+            }
+            assert!(start.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let ask = |s: &TcpStream| {
+        (&*s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        read_response(&mut BufReader::new(s.try_clone().unwrap())).map(|r| r.0)
+    };
+    // Connections to another VIP do not count against this one's limit.
+    let busy: Vec<TcpStream> = (0..3).map(|_| open(other)).collect();
+    for s in &busy {
+        assert_eq!(ask(s).unwrap(), 200);
+    }
+    let (c1, c2) = (open(web), open(web));
+    assert_eq!(ask(&c1).unwrap(), 200);
+    assert_eq!(ask(&c2).unwrap(), 200);
+    // The third concurrent connection to this VIP is over its limit.
+    let c3 = open(web);
+    assert_eq!(ask(&c3).unwrap_or(503), 503, "over max_connections");
+    // A closed connection frees its place.
+    drop(c1);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(ask(&open(web)).unwrap(), 200);
+}
