@@ -96,78 +96,110 @@ fn same(a: &FlowKey, b: &FlowKey) -> bool {
 
 /// A connection-table bucket of one address family.
 trait Bucket: Sized + 'static {
+    /// One way of the bucket.
+    type Way: Copy;
     /// Buckets in each CPU's region of the table.
     const BUCKETS: u32;
     /// Bucket `index` of the whole table (`cpu * BUCKETS + bucket`); `None` past its end.
     fn at(index: u32) -> Option<*mut Self>;
+    /// The ways, most recently used first.
+    fn ways(&self) -> &[Self::Way; CONNTRACK_WAYS];
+    /// The ways, to reorder or overwrite.
+    fn ways_mut(&mut self) -> &mut [Self::Way; CONNTRACK_WAYS];
+    /// The backend of `way` if it holds `key`.
+    fn matches(way: &Self::Way, key: &FlowKey) -> Option<Conn>;
+    /// A way holding `key -> conn`.
+    fn way(key: &FlowKey, conn: Conn) -> Self::Way;
+
     /// Way holding `key` and its entry, if any.
-    fn find(&self, key: &FlowKey) -> Option<(usize, Conn)>;
+    #[inline(always)]
+    fn find(&self, key: &FlowKey) -> Option<(usize, Conn)> {
+        for (i, way) in self.ways().iter().enumerate() {
+            if let Some(conn) = Self::matches(way, key) {
+                return Some((i, conn));
+            }
+        }
+        None
+    }
+
     /// Makes way `at` the most recently used.
-    fn touch(&mut self, at: usize);
+    #[inline(always)]
+    fn touch(&mut self, at: usize) {
+        promote(self.ways_mut(), at);
+    }
+
     /// Stores `key -> conn` in front, in way `at` if the key is there already, else in place of
     /// the least recently used way.
-    fn store(&mut self, at: Option<usize>, key: &FlowKey, conn: Conn);
+    #[inline(always)]
+    fn store(&mut self, at: Option<usize>, key: &FlowKey, conn: Conn) {
+        let ways = self.ways_mut();
+        promote(ways, at.unwrap_or(CONNTRACK_WAYS - 1));
+        ways[0] = Self::way(key, conn);
+    }
 }
 
 impl Bucket for ConnBucketV4 {
+    type Way = ConnEntryV4;
     const BUCKETS: u32 = CONNTRACK_V4_BUCKETS;
     #[inline(always)]
     fn at(index: u32) -> Option<*mut Self> {
         CONNTRACK_V4.get_ptr_mut(index)
     }
     #[inline(always)]
-    fn find(&self, key: &FlowKey) -> Option<(usize, Conn)> {
-        let ports = key.sport as u32 | (key.dport as u32) << 16;
-        for (i, way) in self.ways.iter().enumerate() {
-            if way.src == key.src[0]
-                && way.dst == key.dst[0]
-                && way.ports == ports
-                && way.tag >> 24 == key.proto as u32
-            {
-                return Some((i, way.conn()));
-            }
-        }
-        None
+    fn ways(&self) -> &[ConnEntryV4; CONNTRACK_WAYS] {
+        &self.ways
     }
     #[inline(always)]
-    fn touch(&mut self, at: usize) {
-        promote(&mut self.ways, at);
+    fn ways_mut(&mut self) -> &mut [ConnEntryV4; CONNTRACK_WAYS] {
+        &mut self.ways
     }
     #[inline(always)]
-    fn store(&mut self, at: Option<usize>, key: &FlowKey, conn: Conn) {
-        promote(&mut self.ways, at.unwrap_or(CONNTRACK_WAYS - 1));
-        self.ways[0] = ConnEntryV4 {
+    fn matches(way: &ConnEntryV4, key: &FlowKey) -> Option<Conn> {
+        (way.src == key.src[0]
+            && way.dst == key.dst[0]
+            && way.ports == ports(key)
+            && way.tag >> 24 == key.proto as u32)
+            .then(|| way.conn())
+    }
+    #[inline(always)]
+    fn way(key: &FlowKey, conn: Conn) -> ConnEntryV4 {
+        ConnEntryV4 {
             src: key.src[0],
             dst: key.dst[0],
-            ports: key.sport as u32 | (key.dport as u32) << 16,
+            ports: ports(key),
             tag: ConnEntryV4::tag(key.proto, conn.backend, conn.generation),
-        };
+        }
     }
 }
 
+/// Both ports in one word, as [`ConnEntryV4::ports`] holds them.
+#[inline(always)]
+fn ports(key: &FlowKey) -> u32 {
+    key.sport as u32 | (key.dport as u32) << 16
+}
+
 impl Bucket for ConnBucket {
+    type Way = ConnEntry;
     const BUCKETS: u32 = CONNTRACK_V6_BUCKETS;
     #[inline(always)]
     fn at(index: u32) -> Option<*mut Self> {
         CONNTRACK.get_ptr_mut(index)
     }
     #[inline(always)]
-    fn find(&self, key: &FlowKey) -> Option<(usize, Conn)> {
-        for (i, way) in self.ways.iter().enumerate() {
-            if same(&way.key, key) {
-                return Some((i, way.conn));
-            }
-        }
-        None
+    fn ways(&self) -> &[ConnEntry; CONNTRACK_WAYS] {
+        &self.ways
     }
     #[inline(always)]
-    fn touch(&mut self, at: usize) {
-        promote(&mut self.ways, at);
+    fn ways_mut(&mut self) -> &mut [ConnEntry; CONNTRACK_WAYS] {
+        &mut self.ways
     }
     #[inline(always)]
-    fn store(&mut self, at: Option<usize>, key: &FlowKey, conn: Conn) {
-        promote(&mut self.ways, at.unwrap_or(CONNTRACK_WAYS - 1));
-        self.ways[0] = ConnEntry { key: *key, conn };
+    fn matches(way: &ConnEntry, key: &FlowKey) -> Option<Conn> {
+        same(&way.key, key).then_some(way.conn)
+    }
+    #[inline(always)]
+    fn way(key: &FlowKey, conn: Conn) -> ConnEntry {
+        ConnEntry { key: *key, conn }
     }
 }
 
