@@ -602,6 +602,11 @@ fn metrics_match_the_traffic_sent_and_capabilities_are_dropped() {
     }
     assert!(delta("edgelb_xdp_verdicts_total", "action=\"tx\",reason=\"encap\"") >= 100.0);
     assert!(after.contains("# TYPE edgelb_health_check_duration_seconds histogram"), "{after}");
+    // 100 flows in a table of 131 072 per CPU: none pushed out.
+    assert_eq!(delta("edgelb_conntrack_events_total", "event=\"evicted\""), 0.0, "{after}");
+    for event in lb_common::ct_stats::NAMES {
+        assert!(after.contains(&format!("edgelb_conntrack_events_total{{event=\"{event}\"}}")));
+    }
 
     // The long-running controller holds no capability at all.
     let pid = bed.e().child.as_ref().expect("running").id();

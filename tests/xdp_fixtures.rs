@@ -691,7 +691,10 @@ fn connection_table_buckets_are_lru_and_searched_across_cpus() {
         assert_eq!(outer_dst(&h.run(&frame(f, SYN)).1), first(f));
     }
     h.run(&frame(same_bucket[0], ACK));
+    let ct = |h: &Harness| h.dp.maps().ct_stats().unwrap();
+    assert_eq!(ct(&h)[lb_common::ct_stats::EVICTED as usize], 0, "four flows fit a bucket");
     h.run(&frame(same_bucket[4], SYN));
+    assert_eq!(ct(&h)[lb_common::ct_stats::EVICTED as usize], 1, "the fifth evicts one");
     h.apply(&one_vip(&four));
     // (Flow 1 last: placing it again would push another flow out.)
     for i in [0, 2, 3, 4] {
@@ -709,7 +712,9 @@ fn connection_table_buckets_are_lru_and_searched_across_cpus() {
     }
     edgelb::testbed::netns::pin_current_thread(Some(1)).expect("pin to CPU 1");
     let f = same_bucket[2];
+    let found = ct(&h)[lb_common::ct_stats::FOUND_ON_OTHER_CPU as usize];
     assert_eq!(outer_dst(&h.run(&frame(f, ACK)).1), first(f), "established flow found on CPU 0");
+    assert_eq!(ct(&h)[lb_common::ct_stats::FOUND_ON_OTHER_CPU as usize], found + 1);
     let syn = same_bucket[3];
     assert_eq!(outer_dst(&h.run(&frame(syn, SYN)).1), moved(syn), "a SYN is placed by the ring");
 }

@@ -67,6 +67,8 @@ pub mod maps {
     /// `PerCpuArray<VipCacheEntry>`: per-CPU cache of IPv4 VIP lookups (not pinned: a fresh one
     /// starts empty).
     pub const VIP_CACHE: &str = "VIP_CACHE";
+    /// `PerCpuArray<u64>`, indexed by [`crate::ct_stats`]: connection-table events.
+    pub const CT_STATS: &str = "CT_STATS";
     /// `HashMap<AddrKey, u32>`: every VIP address (any port), for ICMP and fragment policy.
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
     /// `Array<u32>`: Maglev rings, `ring_base + slot` -> backend id.
@@ -305,6 +307,19 @@ pub struct Conn {
     pub backend: u32,
     /// [`Backend::generation`] when the flow was pinned.
     pub generation: u32,
+}
+
+/// Slots of `maps::CT_STATS`: what happens in the connection table, for operators to size it
+/// and to see flows moving between CPUs.
+pub mod ct_stats {
+    /// A new flow pushed the least recently used flow of its bucket out.
+    pub const EVICTED: u32 = 0;
+    /// An established TCP flow this CPU did not know was found in another CPU's table.
+    pub const FOUND_ON_OTHER_CPU: u32 = 1;
+    /// Number of slots.
+    pub const COUNT: u32 = 2;
+    /// Slot names, for metrics.
+    pub const NAMES: [&str; COUNT as usize] = ["evicted", "found_on_other_cpu"];
 }
 
 /// Bits of [`Backend::generation`] a connection-table entry keeps. A stale entry could only be

@@ -19,11 +19,14 @@ use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_loop},
 };
 
-use crate::maps::{BACKENDS, CONNTRACK, CONNTRACK_V4, RINGS};
+use crate::{
+    maps::{BACKENDS, CONNTRACK, CONNTRACK_V4, RINGS},
+    stats::count_ct,
+};
 use lb_common::{
     AF_INET, Backend, CONN_GENERATION_MASK, CONNTRACK_V4_BUCKETS, CONNTRACK_V6_BUCKETS,
     CONNTRACK_WAYS, Conn, ConnBucket, ConnBucketV4, ConnEntry, ConnEntryV4, FlowKey, HASH_SEED,
-    VipMeta, backend_flags, hash, vip_flags,
+    VipMeta, backend_flags, ct_stats, hash, vip_flags,
 };
 
 /// The chosen backend.
@@ -110,6 +113,8 @@ trait Bucket: Sized + 'static {
     fn matches(way: &Self::Way, key: &FlowKey) -> Option<Conn>;
     /// A way holding `key -> conn`.
     fn way(key: &FlowKey, conn: Conn) -> Self::Way;
+    /// Does `way` hold a flow?
+    fn occupied(way: &Self::Way) -> bool;
 
     /// Way holding `key` and its entry, if any.
     #[inline(always)]
@@ -133,6 +138,9 @@ trait Bucket: Sized + 'static {
     #[inline(always)]
     fn store(&mut self, at: Option<usize>, key: &FlowKey, conn: Conn) {
         let ways = self.ways_mut();
+        if at.is_none() && Self::occupied(&ways[CONNTRACK_WAYS - 1]) {
+            count_ct(ct_stats::EVICTED);
+        }
         promote(ways, at.unwrap_or(CONNTRACK_WAYS - 1));
         ways[0] = Self::way(key, conn);
     }
@@ -170,6 +178,10 @@ impl Bucket for ConnBucketV4 {
             tag: ConnEntryV4::tag(key.proto, conn.backend, conn.generation),
         }
     }
+    #[inline(always)]
+    fn occupied(way: &ConnEntryV4) -> bool {
+        way.tag != 0
+    }
 }
 
 /// Both ports in one word, as [`ConnEntryV4::ports`] holds them.
@@ -200,6 +212,10 @@ impl Bucket for ConnBucket {
     #[inline(always)]
     fn way(key: &FlowKey, conn: Conn) -> ConnEntry {
         ConnEntry { key: *key, conn }
+    }
+    #[inline(always)]
+    fn occupied(way: &ConnEntry) -> bool {
+        way.key.proto != 0
     }
 }
 
@@ -323,6 +339,7 @@ fn pick_in<B: Bucket>(
             return Some(Pick { id: conn.backend, backend, new_flow: false });
         }
     } else if search && let Some((conn, backend)) = search_other_cpus::<B>(cpu, slot, key, meta) {
+        count_ct(ct_stats::FOUND_ON_OTHER_CPU);
         if remember {
             bucket.store(None, key, conn);
         }

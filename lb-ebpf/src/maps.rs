@@ -1,5 +1,5 @@
-//! The balancer's maps. User space (lb-userspace `dataplane::maps`) fills all but CONNTRACK and
-//! the counters; names and layouts come from lb-common.
+//! The balancer's maps. User space (lb-userspace `dataplane::maps`) fills all but the connection
+//! tables, the VIP cache and the counters; names and layouts come from lb-common.
 
 use aya_ebpf::{
     macros::map,
@@ -8,7 +8,7 @@ use aya_ebpf::{
 use lb_common::{
     AddrKey, Backend, CONNTRACK_V4_BUCKETS, CONNTRACK_V6_BUCKETS, ConnBucket, ConnBucketV4,
     Counters, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, VIP_CACHE_ENTRIES,
-    VipCacheEntry, VipKey, VipKeyV4, VipMeta, stats::REASON_COUNT,
+    VipCacheEntry, VipKey, VipKeyV4, VipMeta, ct_stats, stats::REASON_COUNT,
 };
 
 /// Mmapable arrays have page-aligned values, which puts every 64-byte connection-table bucket on
@@ -67,6 +67,10 @@ pub static VIP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_
 /// Per-backend counters, by backend id.
 #[map]
 pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Connection-table events (lb_common::ct_stats).
+#[map]
+pub static CT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ct_stats::COUNT, 0);
 
 /// Pass/drop/tx reasons (lb_common::stats::Reason).
 #[map]

@@ -1,6 +1,6 @@
 //! Counter updates. Per-CPU slots, so plain adds are race-free.
 
-use crate::maps::{BACKEND_STATS, REASONS, VIP_STATS};
+use crate::maps::{BACKEND_STATS, CT_STATS, REASONS, VIP_STATS};
 use lb_common::stats::Reason;
 
 /// Counts one packet under `reason`.
@@ -32,5 +32,14 @@ pub fn count_forward(vip_index: u32, backend: u32, bytes: u64, new_flow: bool) {
             (*c).bytes += bytes;
             (*c).new_flows += new;
         }
+    }
+}
+
+/// Counts one connection-table event (a `lb_common::ct_stats` slot).
+#[inline(always)]
+pub fn count_ct(slot: u32) {
+    if let Some(c) = CT_STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU array element, see `count`.
+        unsafe { *c += 1 };
     }
 }

@@ -463,6 +463,7 @@ impl Controller {
             }
         }
         snap.reasons = self.dp.maps().reasons().map(|r| r.to_vec()).unwrap_or_default();
+        snap.conntrack = self.dp.maps().ct_stats().map(|r| r.to_vec()).unwrap_or_default();
         if let Ok(mut k) = self.metrics.kernel.lock() {
             *k = snap;
         }

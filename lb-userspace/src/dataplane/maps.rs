@@ -10,7 +10,7 @@ use aya::{
 };
 use lb_common::{
     AddrKey, Backend, ConnBucket, ConnBucketV4, Counters, GlobalConfig, VipKey, VipKeyV4, VipMeta,
-    maps as names, stats::REASON_COUNT,
+    ct_stats, maps as names, stats::REASON_COUNT,
 };
 
 use super::DataplaneError;
@@ -43,6 +43,8 @@ pub struct Maps {
     pub backend_stats: PerCpuArray<MapData, Counters>,
     /// Reason counters.
     pub reasons: PerCpuArray<MapData, u64>,
+    /// Connection-table events (`lb_common::ct_stats`).
+    pub ct_stats: PerCpuArray<MapData, u64>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
@@ -69,6 +71,7 @@ impl Maps {
             vip_stats: take(ebpf, names::VIP_STATS)?,
             backend_stats: take(ebpf, names::BACKEND_STATS)?,
             reasons: take(ebpf, names::REASONS)?,
+            ct_stats: take(ebpf, names::CT_STATS)?,
         })
     }
 
@@ -127,6 +130,15 @@ impl Maps {
         let mut out = [0u64; REASON_COUNT as usize];
         for (i, slot) in out.iter_mut().enumerate() {
             *slot = self.reasons.get(&(i as u32), 0)?.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Sum over CPUs of every connection-table event slot.
+    pub fn ct_stats(&self) -> Result<[u64; ct_stats::COUNT as usize], MapError> {
+        let mut out = [0u64; ct_stats::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = self.ct_stats.get(&(i as u32), 0)?.iter().sum();
         }
         Ok(out)
     }

@@ -212,7 +212,8 @@ pub struct Dataplane {
 }
 
 /// Every map the balancer has, for pinning.
-const MAP_NAMES: [&str; 12] = [
+const MAP_NAMES: [&str; 13] = [
+    lb_common::maps::CT_STATS,
     lb_common::maps::VIPS,
     lb_common::maps::VIP_EPOCH,
     lb_common::maps::VIPS_V4,
@@ -234,7 +235,7 @@ fn table_cpus() -> u32 {
 
 /// What each pinned map must look like to be re-used: (name, type, key size, value size, max
 /// entries). Mirrors lb-ebpf's `maps.rs`; a test checks it against the loaded object.
-fn map_layouts() -> [(&'static str, MapType, u32, u32, u32); 12] {
+fn map_layouts() -> [(&'static str, MapType, u32, u32, u32); 13] {
     use lb_common::{
         CONNTRACK_V4_BUCKETS, CONNTRACK_V6_BUCKETS, ConnBucket, ConnBucketV4, VipKeyV4, maps as n,
         stats::REASON_COUNT,
@@ -259,6 +260,7 @@ fn map_layouts() -> [(&'static str, MapType, u32, u32, u32); 12] {
             cpus * CONNTRACK_V4_BUCKETS,
         ),
         (n::VIP_EPOCH, MapType::Array, 4, 4, 1),
+        (n::CT_STATS, MapType::PerCpuArray, 4, 8, lb_common::ct_stats::COUNT),
         (n::VIP_ADDRS, MapType::Hash, sz(size_of::<AddrKey>()), 4, MAX_VIPS * 4),
         (n::RINGS, MapType::Array, 4, 4, MAX_VIPS * 2 * MAX_RING_SIZE),
         (n::BACKENDS, MapType::Array, 4, sz(size_of::<Backend>()), MAX_BACKENDS),

@@ -75,6 +75,8 @@ pub struct KernelSnapshot {
     pub backends: Vec<BackendSample>,
     /// Reason slots, in `REASON_NAMES` order.
     pub reasons: Vec<u64>,
+    /// Connection-table events, in `lb_common::ct_stats::NAMES` order.
+    pub conntrack: Vec<u64>,
 }
 
 /// A counter family: name suffix, help text, and how to read it from [`Counters`].
@@ -121,6 +123,17 @@ impl Collector for KernelCollector {
             let (action, reason) = name.split_once('_').unwrap_or(("pass", name));
             let l = labels(&[("action", action), ("reason", reason)]);
             ConstCounter::new(*v).encode(m.encode_family(&l)?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "edgelb_conntrack_events",
+            "Connection-table events: flows evicted from a full bucket by new ones (a table too \
+             small for the flows it sees), and established flows found on another CPU's table \
+             (RSS or IRQ affinity moved them)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, v) in lb_common::ct_stats::NAMES.iter().zip(&snap.conntrack) {
+            ConstCounter::new(*v).encode(m.encode_family(&labels(&[("event", name)]))?)?;
         }
         let mut m = encoder.encode_descriptor(
             "edgelb_backend_up",
