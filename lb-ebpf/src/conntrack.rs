@@ -4,15 +4,17 @@
 //! the table entry is trusted only while the backend is PRESENT and has the generation the entry
 //! recorded. Otherwise the flow re-hashes onto the current ring.
 //!
-//! The table is per CPU: one array, a region of buckets per CPU (`cpu * BUCKETS + bucket`), sized
-//! by user space for the machine's CPUs. XDP runs one packet at a time per CPU with migration
-//! disabled, so a region is only ever written by its CPU. (A plain array rather than a per-CPU
-//! array map: its lookup is one address computation, where a per-CPU array first loads the
-//! element's per-CPU pointer from a table, another cache miss per packet.) It is set-associative: a flow's hash names one bucket of
-//! [`CONNTRACK_WAYS`] flows kept most recently used first. A hit moves the flow to the front; a
-//! new flow goes to the front and the least recently used one of that bucket is forgotten (it
-//! re-hashes onto the ring if it ever sends again, which picks the same backend unless the pool
-//! changed meanwhile). One bucket, one or two cache lines, no kernel hashing, no locks.
+//! The table is per CPU: one array, a region of buckets per CPU (`cpu * BUCKETS + bucket`),
+//! sized by user space for the machine's CPUs. XDP runs one packet at a time per CPU with
+//! migration disabled, so a region is only ever written by its CPU. (A plain array rather than a
+//! per-CPU array map: its lookup is one address computation, where a per-CPU array first loads
+//! the element's per-CPU pointer from a table, another cache miss per packet.) It is
+//! set-associative: a flow's hash names one bucket of [`CONNTRACK_WAYS`] flows kept most recently
+//! used first. A hit moves the flow to the front; a new flow goes to the front and the least
+//! recently used one of that bucket is forgotten (it re-hashes onto the ring if it ever sends
+//! again, which picks the same backend unless the pool changed meanwhile). An IPv4 bucket is one
+//! cache line (16-byte entries, page-aligned mmapable map), an IPv6 bucket three; no kernel
+//! hashing, no locks.
 
 use aya_ebpf::{
     cty::c_void,
