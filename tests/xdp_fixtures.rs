@@ -645,7 +645,8 @@ fn bucket_of(client: Ipv4Addr, sport: u16) -> u32 {
         proto: 6,
         _pad: [0; 3],
     };
-    lb_common::hash::flow_key_v4_hash(&key, lb_common::HASH_SEED) % lb_common::CONNTRACK_V4_BUCKETS
+    let buckets = edgelb::dataplane::conntrack_buckets().0;
+    lb_common::hash::flow_key_v4_hash(&key, lb_common::HASH_SEED) & (buckets - 1)
 }
 
 #[test]

@@ -26,10 +26,23 @@ pub const MAX_VIPS: u32 = 32;
 pub const MAX_BACKENDS: u32 = 4096;
 /// Flows one connection-table bucket holds, kept in least-recently-used order.
 pub const CONNTRACK_WAYS: usize = 4;
-/// IPv4 connection-table buckets per CPU (x [`CONNTRACK_WAYS`] = 131 072 flows per CPU, 2 MiB).
+/// Most IPv4 connection-table buckets per CPU (x [`CONNTRACK_WAYS`] = 131 072 flows per CPU,
+/// 2 MiB). Machines with many CPUs get fewer (a power of two), so that the table stays within
+/// [`CONNTRACK_BUDGET`]; the count is set when the program is loaded.
 pub const CONNTRACK_V4_BUCKETS: u32 = 32_768;
-/// IPv6 connection-table buckets per CPU (x [`CONNTRACK_WAYS`] = 65 536 flows per CPU, 3 MiB).
+/// Most IPv6 connection-table buckets per CPU (x [`CONNTRACK_WAYS`] = 65 536 flows per CPU,
+/// 3 MiB), likewise.
 pub const CONNTRACK_V6_BUCKETS: u32 = 16_384;
+/// Memory each of the two connection tables may take over all CPUs (bytes).
+pub const CONNTRACK_BUDGET: u64 = 128 << 20;
+
+/// Names of the XDP program's load-time constants (read-only globals the loader overrides).
+pub mod globals {
+    /// `u32`: IPv4 connection-table buckets per CPU (a power of two).
+    pub const CT_V4_BUCKETS: &str = "CT_V4_BUCKETS";
+    /// `u32`: IPv6 connection-table buckets per CPU (a power of two).
+    pub const CT_V6_BUCKETS: &str = "CT_V6_BUCKETS";
+}
 /// Seed of the flow hash. Fixed so that every node of a fleet behind ECMP picks the same backend
 /// for the same client.
 pub const HASH_SEED: u32 = 0x6564_6765; // "edge"

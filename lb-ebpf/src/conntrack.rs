@@ -4,8 +4,8 @@
 //! the table entry is trusted only while the backend is PRESENT and has the generation the entry
 //! recorded. Otherwise the flow re-hashes onto the current ring.
 //!
-//! The table is per CPU: one array, a region of buckets per CPU (`cpu * BUCKETS + bucket`),
-//! sized by user space for the machine's CPUs. XDP runs one packet at a time per CPU with
+//! The table is per CPU: one array, a region of buckets per CPU (`cpu * buckets + bucket`),
+//! sized by user space for the machine's CPUs (the bucket count is a load-time constant). XDP runs one packet at a time per CPU with
 //! migration disabled, so a region is only ever written by its CPU. (A plain array rather than a
 //! per-CPU array map: its lookup is one address computation, where a per-CPU array first loads
 //! the element's per-CPU pointer from a table, another cache miss per packet.) It is
@@ -22,13 +22,12 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, CONNTRACK_V4, RINGS},
+    maps::{BACKENDS, CONNTRACK, CONNTRACK_V4, CT_V4_BUCKETS, CT_V6_BUCKETS, RINGS},
     stats::count_ct,
 };
 use lb_common::{
-    AF_INET, Backend, CONN_GENERATION_MASK, CONNTRACK_V4_BUCKETS, CONNTRACK_V6_BUCKETS,
-    CONNTRACK_WAYS, Conn, ConnBucket, ConnBucketV4, ConnEntry, ConnEntryV4, FlowKey, HASH_SEED,
-    VipMeta, backend_flags, ct_stats, hash, vip_flags,
+    AF_INET, Backend, CONN_GENERATION_MASK, CONNTRACK_WAYS, Conn, ConnBucket, ConnBucketV4,
+    ConnEntry, ConnEntryV4, FlowKey, HASH_SEED, VipMeta, backend_flags, ct_stats, hash, vip_flags,
 };
 
 /// The chosen backend.
@@ -103,9 +102,9 @@ fn same(a: &FlowKey, b: &FlowKey) -> bool {
 trait Bucket: Sized + 'static {
     /// One way of the bucket.
     type Way: Copy;
-    /// Buckets in each CPU's region of the table.
-    const BUCKETS: u32;
-    /// Bucket `index` of the whole table (`cpu * BUCKETS + bucket`); `None` past its end.
+    /// Buckets in each CPU's region of the table (a power of two, fixed at load).
+    fn buckets() -> u32;
+    /// Bucket `index` of the whole table (`cpu * buckets() + bucket`); `None` past its end.
     fn at(index: u32) -> Option<*mut Self>;
     /// The ways, most recently used first.
     fn ways(&self) -> &[Self::Way; CONNTRACK_WAYS];
@@ -150,7 +149,10 @@ trait Bucket: Sized + 'static {
 
 impl Bucket for ConnBucketV4 {
     type Way = ConnEntryV4;
-    const BUCKETS: u32 = CONNTRACK_V4_BUCKETS;
+    #[inline(always)]
+    fn buckets() -> u32 {
+        CT_V4_BUCKETS.load()
+    }
     #[inline(always)]
     fn at(index: u32) -> Option<*mut Self> {
         CONNTRACK_V4.get_ptr_mut(index)
@@ -194,7 +196,10 @@ fn ports(key: &FlowKey) -> u32 {
 
 impl Bucket for ConnBucket {
     type Way = ConnEntry;
-    const BUCKETS: u32 = CONNTRACK_V6_BUCKETS;
+    #[inline(always)]
+    fn buckets() -> u32 {
+        CT_V6_BUCKETS.load()
+    }
     #[inline(always)]
     fn at(index: u32) -> Option<*mut Self> {
         CONNTRACK.get_ptr_mut(index)
@@ -238,10 +243,10 @@ pub fn pick(
     search: bool,
 ) -> Option<Pick> {
     if key.family == AF_INET {
-        let slot = hash::flow_key_v4_hash(&key.v4(), HASH_SEED) % CONNTRACK_V4_BUCKETS;
+        let slot = hash::flow_key_v4_hash(&key.v4(), HASH_SEED) & (ConnBucketV4::buckets() - 1);
         pick_in::<ConnBucketV4>(slot, search, key, meta, fhash, remember)
     } else {
-        let slot = hash::five_tuple_hash(key, HASH_SEED) % CONNTRACK_V6_BUCKETS;
+        let slot = hash::five_tuple_hash(key, HASH_SEED) & (ConnBucket::buckets() - 1);
         pick_in::<ConnBucket>(slot, search, key, meta, fhash, remember)
     }
 }
@@ -277,7 +282,7 @@ extern "C" fn search_step<B: Bucket>(cpu: u64, ctx: *mut c_void) -> i64 {
     if cpu == s.me {
         return 0;
     }
-    let Some(other) = B::at(cpu * B::BUCKETS + s.slot) else {
+    let Some(other) = B::at(cpu * B::buckets() + s.slot) else {
         return 1; // past the last CPU's region
     };
     // SAFETY: a bucket in another CPU's region, which that CPU may be writing: only a copy of
@@ -326,7 +331,7 @@ fn pick_in<B: Bucket>(
     let cpu = unsafe { bpf_get_smp_processor_id() };
     // Without this CPU's region (a table sized for fewer CPUs than the machine has), flows are
     // placed by the ring alone.
-    let Some(bucket) = B::at(cpu * B::BUCKETS + slot) else {
+    let Some(bucket) = B::at(cpu * B::buckets() + slot) else {
         return place::<B>(None, None, key, meta, fhash, false);
     };
     // SAFETY: this CPU's region is written only by this CPU, and XDP does not preempt itself

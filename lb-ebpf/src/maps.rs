@@ -2,6 +2,7 @@
 //! tables, the VIP cache and the counters; names and layouts come from lb-common.
 
 use aya_ebpf::{
+    Global,
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
@@ -43,6 +44,14 @@ pub static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * 2 * MAX_RING_S
 /// Backend id -> backend.
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// IPv4 connection-table buckets per CPU, set by the loader (lb_common::globals).
+#[unsafe(no_mangle)]
+pub static CT_V4_BUCKETS: Global<u32> = Global::new(CONNTRACK_V4_BUCKETS);
+
+/// IPv6 connection-table buckets per CPU, set by the loader.
+#[unsafe(no_mangle)]
+pub static CT_V6_BUCKETS: Global<u32> = Global::new(CONNTRACK_V6_BUCKETS);
 
 /// Established IPv6 flows -> their backend: a region of set-associative LRU buckets per CPU,
 /// indexed by the flow's hash (see `conntrack`). User space sets the size to CPUs x buckets at

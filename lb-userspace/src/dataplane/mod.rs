@@ -233,16 +233,39 @@ fn table_cpus() -> u32 {
     aya::util::nr_cpus().map_or(1, |n| n.get())
 }
 
+/// Connection-table buckets per CPU, (IPv4, IPv6), on this machine (see [`buckets_for`]).
+pub fn conntrack_buckets() -> (u32, u32) {
+    let cpus = table_cpus();
+    (
+        buckets_for(
+            cpus,
+            std::mem::size_of::<lb_common::ConnBucketV4>(),
+            lb_common::CONNTRACK_V4_BUCKETS,
+        ),
+        buckets_for(
+            cpus,
+            std::mem::size_of::<lb_common::ConnBucket>(),
+            lb_common::CONNTRACK_V6_BUCKETS,
+        ),
+    )
+}
+
+/// Buckets per CPU for a table of `bucket`-byte buckets on `cpus` CPUs: `most`, or fewer when
+/// the table would pass `lb_common::CONNTRACK_BUDGET`; a power of two, at least 1024.
+pub fn buckets_for(cpus: u32, bucket: usize, most: u32) -> u32 {
+    let n = (lb_common::CONNTRACK_BUDGET / bucket as u64 / u64::from(cpus.max(1)))
+        .clamp(1024, u64::from(most));
+    1u32 << (63 - n.leading_zeros())
+}
+
 /// What each pinned map must look like to be re-used: (name, type, key size, value size, max
 /// entries). Mirrors lb-ebpf's `maps.rs`; a test checks it against the loaded object.
 fn map_layouts() -> [(&'static str, MapType, u32, u32, u32); 13] {
-    use lb_common::{
-        CONNTRACK_V4_BUCKETS, CONNTRACK_V6_BUCKETS, ConnBucket, ConnBucketV4, VipKeyV4, maps as n,
-        stats::REASON_COUNT,
-    };
+    use lb_common::{ConnBucket, ConnBucketV4, VipKeyV4, maps as n, stats::REASON_COUNT};
     use std::mem::size_of;
     let sz = |s: usize| s as u32;
     let cpus = table_cpus();
+    let (v4_buckets, v6_buckets) = conntrack_buckets();
     [
         (n::VIPS, MapType::Hash, sz(size_of::<VipKey>()), sz(size_of::<VipMeta>()), MAX_VIPS * 4),
         (
@@ -252,19 +275,13 @@ fn map_layouts() -> [(&'static str, MapType, u32, u32, u32); 13] {
             sz(size_of::<VipMeta>()),
             MAX_VIPS * 4,
         ),
-        (
-            n::CONNTRACK_V4,
-            MapType::Array,
-            4,
-            sz(size_of::<ConnBucketV4>()),
-            cpus * CONNTRACK_V4_BUCKETS,
-        ),
+        (n::CONNTRACK_V4, MapType::Array, 4, sz(size_of::<ConnBucketV4>()), cpus * v4_buckets),
         (n::VIP_EPOCH, MapType::Array, 4, 4, 1),
         (n::CT_STATS, MapType::PerCpuArray, 4, 8, lb_common::ct_stats::COUNT),
         (n::VIP_ADDRS, MapType::Hash, sz(size_of::<AddrKey>()), 4, MAX_VIPS * 4),
         (n::RINGS, MapType::Array, 4, 4, MAX_VIPS * 2 * MAX_RING_SIZE),
         (n::BACKENDS, MapType::Array, 4, sz(size_of::<Backend>()), MAX_BACKENDS),
-        (n::CONNTRACK, MapType::Array, 4, sz(size_of::<ConnBucket>()), cpus * CONNTRACK_V6_BUCKETS),
+        (n::CONNTRACK, MapType::Array, 4, sz(size_of::<ConnBucket>()), cpus * v6_buckets),
         (n::CONFIG, MapType::Array, 4, sz(size_of::<GlobalConfig>()), 1),
         (n::VIP_STATS, MapType::PerCpuArray, 4, sz(size_of::<Counters>()), MAX_VIPS),
         (n::BACKEND_STATS, MapType::PerCpuArray, 4, sz(size_of::<Counters>()), MAX_BACKENDS),
@@ -355,15 +372,14 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        // One region of connection-table buckets per CPU.
-        loader.map_max_entries(
-            lb_common::maps::CONNTRACK_V4,
-            table_cpus() * lb_common::CONNTRACK_V4_BUCKETS,
-        );
-        loader.map_max_entries(
-            lb_common::maps::CONNTRACK,
-            table_cpus() * lb_common::CONNTRACK_V6_BUCKETS,
-        );
+        // One region of connection-table buckets per CPU; the program learns the region size as
+        // a load-time constant.
+        let (v4_buckets, v6_buckets) = conntrack_buckets();
+        loader
+            .map_max_entries(lb_common::maps::CONNTRACK_V4, table_cpus() * v4_buckets)
+            .map_max_entries(lb_common::maps::CONNTRACK, table_cpus() * v6_buckets)
+            .override_global(lb_common::globals::CT_V4_BUCKETS, &v4_buckets, true)
+            .override_global(lb_common::globals::CT_V6_BUCKETS, &v6_buckets, true);
         let mut ebpf = loader.load(BALANCER_OBJ)?;
         let prog: &mut Xdp = program(&mut ebpf, programs::BALANCER)?;
         prog.load()
@@ -913,5 +929,22 @@ impl AuxPrograms {
             pin_link(prog, id, path)?;
         }
         Ok(used)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::buckets_for;
+
+    #[test]
+    fn connection_table_fits_its_budget_on_big_machines() {
+        // A few CPUs: the full table (IPv4 64-byte buckets, IPv6 192-byte buckets).
+        assert_eq!(buckets_for(2, 64, 32_768), 32_768);
+        assert_eq!(buckets_for(2, 192, 16_384), 16_384);
+        // 128 CPUs: 128 MiB each at most, rounded down to a power of two.
+        assert_eq!(buckets_for(128, 64, 32_768), 16_384);
+        assert_eq!(buckets_for(128, 192, 16_384), 4_096);
+        // Absurdly many: never below 1024 per CPU.
+        assert_eq!(buckets_for(100_000, 64, 32_768), 1_024);
     }
 }
