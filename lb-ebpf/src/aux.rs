@@ -23,10 +23,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::proto;
-use parse::{
-    ETH_LEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_LEN, IPV6_LEN, Ipv4Hdr, Ipv6Hdr, VlanHdr, ptr_at,
-    read_eth, write_eth,
-};
+use parse::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_LEN, IPV6_LEN, Ipv4Hdr, Ipv6Hdr, ptr_at};
 
 #[xdp]
 pub fn edgelb_decap(ctx: XdpContext) -> u32 {
@@ -57,20 +54,8 @@ fn try_decap(ctx: &XdpContext) -> Result<u32, ()> {
         return Ok(xdp_action::XDP_PASS);
     };
     // Move the L2 header forward over the outer IP header, then drop the bytes in front.
-    // The old header is read whole before the new one (which may overlap it) is written.
-    let e = read_eth(ctx, 0)?;
-    let (dst, src) = ([e[0], e[1], e[2]], [e[3], e[4], e[5]]);
-    if l2.l3_off != ETH_LEN {
-        let tag: *const VlanHdr = ptr_at(ctx, ETH_LEN)?;
-        // SAFETY: bounds-checked by ptr_at; read before anything overlapping it is written.
-        let tci = unsafe { core::ptr::read_volatile(tag) }.tci;
-        write_eth(ctx, outer, dst, src, e[6])?;
-        let new_tag: *mut VlanHdr = ptr_at(ctx, ETH_LEN + outer)?;
-        // SAFETY: bounds-checked by ptr_at.
-        unsafe { *new_tag = VlanHdr { tci, proto: inner_type } };
-    } else {
-        write_eth(ctx, outer, dst, src, inner_type)?;
-    }
+    let keep_macs = |e: &parse::EthWords| (parse::eth_dst(e), parse::eth_src(e));
+    parse::move_l2(ctx, 0, outer, l2.l3_off != ETH_LEN, inner_type, keep_macs)?;
     // SAFETY: shrinks the head; no pointer is used afterwards.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer as i32) } != 0 {
         return Ok(xdp_action::XDP_DROP);

@@ -5,8 +5,8 @@
 //! packet pointers are re-derived after the head moves.
 
 use crate::parse::{
-    ETH_LEN, ETH_P_IPV6, IP_DF, IPV4_LEN, IPV6_LEN, Ipv4Hdr, Ipv6Hdr, VlanHdr, mac_words, ptr_at,
-    read_eth, write_eth,
+    self, ETH_LEN, ETH_P_IPV6, IP_DF, IPV4_LEN, IPV6_LEN, Ipv4Hdr, Ipv6Hdr, eth_dst, eth_src,
+    mac_words, ptr_at, read_eth, write_eth,
 };
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{Backend, GlobalConfig, proto};
@@ -54,8 +54,8 @@ fn source_mac(cfg: &GlobalConfig, old_dst: [u16; 3]) -> [u16; 3] {
     if cfg.src_mac == [0; 6] { old_dst } else { mac_words(&cfg.src_mac) }
 }
 
-/// Moves the L2 header (14 bytes, or 18 with a VLAN tag) from `grown` bytes in to the packet
-/// start after the head grew by `grown`, sets the next-hop MACs and the EtherType.
+/// Moves the L2 header (with its VLAN tag, if any) from `grown` bytes in to the packet start
+/// after the head grew by `grown`, addressed to `dst_mac` from us, with `ethertype`.
 #[inline(always)]
 fn move_l2(
     ctx: &XdpContext,
@@ -65,21 +65,7 @@ fn move_l2(
     cfg: &GlobalConfig,
     ethertype: u16,
 ) -> Result<(), ()> {
-    // The old header is read whole before the new one (which may overlap it) is written.
-    let old = read_eth(ctx, grown)?;
-    let src = source_mac(cfg, [old[0], old[1], old[2]]);
-    if vlan {
-        let old_tag: *const VlanHdr = ptr_at(ctx, ETH_LEN + grown)?;
-        // SAFETY: bounds-checked by ptr_at; read before anything overlapping it is written.
-        let tci = unsafe { core::ptr::read_volatile(old_tag) }.tci;
-        write_eth(ctx, 0, dst_mac, src, old[6])?;
-        let new_tag: *mut VlanHdr = ptr_at(ctx, ETH_LEN)?;
-        // SAFETY: bounds-checked by ptr_at.
-        unsafe { *new_tag = VlanHdr { tci, proto: ethertype } };
-    } else {
-        write_eth(ctx, 0, dst_mac, src, ethertype)?;
-    }
-    Ok(())
+    parse::move_l2(ctx, grown, 0, vlan, ethertype, |old| (dst_mac, source_mac(cfg, eth_dst(old))))
 }
 
 /// Wraps the IPv4 packet at `l3_off` (of `inner_len` bytes, TOS `tos`) in an outer IPv4 header
@@ -156,15 +142,14 @@ pub fn encap_v6(
 #[inline(always)]
 pub fn rewrite_l2(ctx: &XdpContext, backend: &Backend, cfg: &GlobalConfig) -> Result<(), ()> {
     let old = read_eth(ctx, 0)?;
-    let src = source_mac(cfg, [old[0], old[1], old[2]]);
-    write_eth(ctx, 0, mac_words(&backend.mac), src, old[6])
+    write_eth(ctx, 0, mac_words(&backend.mac), source_mac(cfg, eth_dst(&old)), old[6])
 }
 
 /// Swaps source and destination MACs, for answers sent back where the frame came from.
 #[inline(always)]
 pub fn swap_macs(ctx: &XdpContext) -> Result<(), ()> {
     let e = read_eth(ctx, 0)?;
-    write_eth(ctx, 0, [e[3], e[4], e[5]], [e[0], e[1], e[2]], e[6])
+    write_eth(ctx, 0, eth_src(&e), eth_dst(&e), e[6])
 }
 
 /// Outer IPv4 source: the configured prefix with its host bits taken from the flow hash, so a
@@ -191,6 +176,7 @@ pub fn move_l2_reply(
     cfg: &GlobalConfig,
     ethertype: u16,
 ) -> Result<(), ()> {
-    let old = read_eth(ctx, grown)?;
-    move_l2(ctx, grown, vlan, [old[3], old[4], old[5]], cfg, ethertype)
+    parse::move_l2(ctx, grown, 0, vlan, ethertype, |old| {
+        (eth_src(old), source_mac(cfg, eth_dst(old)))
+    })
 }

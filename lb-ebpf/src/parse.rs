@@ -39,6 +39,18 @@ pub fn mac_words(m: &[u8; 6]) -> [u16; 3] {
     ]
 }
 
+/// The destination MAC of a header.
+#[inline(always)]
+pub fn eth_dst(e: &EthWords) -> [u16; 3] {
+    [e[0], e[1], e[2]]
+}
+
+/// The source MAC of a header.
+#[inline(always)]
+pub fn eth_src(e: &EthWords) -> [u16; 3] {
+    [e[3], e[4], e[5]]
+}
+
 /// Reads the Ethernet header at `offset` as words, with no copy elision into a memmove.
 #[inline(always)]
 pub fn read_eth(ctx: &XdpContext, offset: usize) -> Result<EthWords, ()> {
@@ -60,6 +72,36 @@ pub fn write_eth(
     let p: *mut EthWords = ptr_at(ctx, offset)?;
     // SAFETY: as in read_eth.
     unsafe { *p = [dst[0], dst[1], dst[2], src[0], src[1], src[2], proto] };
+    Ok(())
+}
+
+/// Moves the L2 header (14 bytes, or 18 with `vlan`) from offset `from` to offset `to`, which may
+/// overlap: the old header is read whole before the new one is written. The new header gets the
+/// (destination, source) MACs `macs` picks from the old one and `ethertype` as its innermost
+/// EtherType; a VLAN tag keeps its TCI. For encapsulation (moving towards the start) and
+/// decapsulation (moving away from it) alike.
+#[inline(always)]
+pub fn move_l2(
+    ctx: &XdpContext,
+    from: usize,
+    to: usize,
+    vlan: bool,
+    ethertype: u16,
+    macs: impl FnOnce(&EthWords) -> ([u16; 3], [u16; 3]),
+) -> Result<(), ()> {
+    let old = read_eth(ctx, from)?;
+    let (dst, src) = macs(&old);
+    if vlan {
+        let old_tag: *const VlanHdr = ptr_at(ctx, from + ETH_LEN)?;
+        // SAFETY: bounds-checked by ptr_at; read before anything overlapping it is written.
+        let tci = unsafe { core::ptr::read_volatile(old_tag) }.tci;
+        write_eth(ctx, to, dst, src, old[6])?;
+        let new_tag: *mut VlanHdr = ptr_at(ctx, to + ETH_LEN)?;
+        // SAFETY: bounds-checked by ptr_at.
+        unsafe { *new_tag = VlanHdr { tci, proto: ethertype } };
+    } else {
+        write_eth(ctx, to, dst, src, ethertype)?;
+    }
     Ok(())
 }
 
