@@ -104,6 +104,8 @@ trait Bucket: Sized + 'static {
     type Way: Copy;
     /// Buckets in each CPU's region of the table (a power of two, fixed at load).
     fn buckets() -> u32;
+    /// The hash that picks `key`'s bucket.
+    fn hash(key: &FlowKey) -> u32;
     /// Bucket `index` of the whole table (`cpu * buckets() + bucket`); `None` past its end.
     fn at(index: u32) -> Option<*mut Self>;
     /// The ways, most recently used first.
@@ -154,6 +156,10 @@ impl Bucket for ConnBucketV4 {
         CT_V4_BUCKETS.load()
     }
     #[inline(always)]
+    fn hash(key: &FlowKey) -> u32 {
+        hash::flow_key_v4_hash(&key.v4(), HASH_SEED)
+    }
+    #[inline(always)]
     fn at(index: u32) -> Option<*mut Self> {
         CONNTRACK_V4.get_ptr_mut(index)
     }
@@ -201,6 +207,10 @@ impl Bucket for ConnBucket {
         CT_V6_BUCKETS.load()
     }
     #[inline(always)]
+    fn hash(key: &FlowKey) -> u32 {
+        hash::five_tuple_hash(key, HASH_SEED)
+    }
+    #[inline(always)]
     fn at(index: u32) -> Option<*mut Self> {
         CONNTRACK.get_ptr_mut(index)
     }
@@ -243,11 +253,9 @@ pub fn pick(
     search: bool,
 ) -> Option<Pick> {
     if key.family == AF_INET {
-        let slot = hash::flow_key_v4_hash(&key.v4(), HASH_SEED) & (ConnBucketV4::buckets() - 1);
-        pick_in::<ConnBucketV4>(slot, search, key, meta, fhash, remember)
+        pick_in::<ConnBucketV4>(search, key, meta, fhash, remember)
     } else {
-        let slot = hash::five_tuple_hash(key, HASH_SEED) & (ConnBucket::buckets() - 1);
-        pick_in::<ConnBucket>(slot, search, key, meta, fhash, remember)
+        pick_in::<ConnBucket>(search, key, meta, fhash, remember)
     }
 }
 
@@ -320,13 +328,13 @@ fn search_other_cpus<B: Bucket>(
 
 #[inline(always)]
 fn pick_in<B: Bucket>(
-    slot: u32,
     search: bool,
     key: &FlowKey,
     meta: &VipMeta,
     fhash: u32,
     remember: bool,
 ) -> Option<Pick> {
+    let slot = B::hash(key) & (B::buckets() - 1);
     // SAFETY: a helper without preconditions.
     let cpu = unsafe { bpf_get_smp_processor_id() };
     // Without this CPU's region (a table sized for fewer CPUs than the machine has), flows are

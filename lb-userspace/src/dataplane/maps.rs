@@ -55,6 +55,15 @@ where
     T::try_from(map).map_err(|source| DataplaneError::Map { name, source })
 }
 
+/// Sum over CPUs of each of the first `N` slots of a per-CPU counter array.
+fn sum_slots<const N: usize>(map: &PerCpuArray<MapData, u64>) -> Result<[u64; N], MapError> {
+    let mut out = [0u64; N];
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = map.get(&(i as u32), 0)?.iter().sum();
+    }
+    Ok(out)
+}
+
 impl Maps {
     /// Takes every map out of `ebpf`.
     pub fn take(ebpf: &mut Ebpf) -> Result<Maps, DataplaneError> {
@@ -127,20 +136,12 @@ impl Maps {
 
     /// Sum over CPUs of every reason slot.
     pub fn reasons(&self) -> Result<[u64; REASON_COUNT as usize], MapError> {
-        let mut out = [0u64; REASON_COUNT as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            *slot = self.reasons.get(&(i as u32), 0)?.iter().sum();
-        }
-        Ok(out)
+        sum_slots(&self.reasons)
     }
 
     /// Sum over CPUs of every connection-table event slot.
     pub fn ct_stats(&self) -> Result<[u64; ct_stats::COUNT as usize], MapError> {
-        let mut out = [0u64; ct_stats::COUNT as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            *slot = self.ct_stats.get(&(i as u32), 0)?.iter().sum();
-        }
-        Ok(out)
+        sum_slots(&self.ct_stats)
     }
 
     /// Zeroes one per-CPU counter slot (a VIP index or backend id given to someone new).

@@ -211,23 +211,6 @@ pub struct Dataplane {
     adopted: bool,
 }
 
-/// Every map the balancer has, for pinning.
-const MAP_NAMES: [&str; 13] = [
-    lb_common::maps::CT_STATS,
-    lb_common::maps::VIPS,
-    lb_common::maps::VIP_EPOCH,
-    lb_common::maps::VIPS_V4,
-    lb_common::maps::CONNTRACK_V4,
-    lb_common::maps::VIP_ADDRS,
-    lb_common::maps::RINGS,
-    lb_common::maps::BACKENDS,
-    lb_common::maps::CONNTRACK,
-    lb_common::maps::CONFIG,
-    lb_common::maps::VIP_STATS,
-    lb_common::maps::BACKEND_STATS,
-    lb_common::maps::REASONS,
-];
-
 /// CPUs the connection table has a region for: every possible CPU.
 fn table_cpus() -> u32 {
     aya::util::nr_cpus().map_or(1, |n| n.get())
@@ -258,8 +241,9 @@ pub fn buckets_for(cpus: u32, bucket: usize, most: u32) -> u32 {
     1u32 << (63 - n.leading_zeros())
 }
 
-/// What each pinned map must look like to be re-used: (name, type, key size, value size, max
-/// entries). Mirrors lb-ebpf's `maps.rs`; a test checks it against the loaded object.
+/// Every map the balancer pins, and what a pinned one must look like to be re-used: (name,
+/// type, key size, value size, max entries). Mirrors lb-ebpf's `maps.rs` (all maps but the
+/// per-CPU VIP cache, which starts empty); a test checks it against the loaded object.
 fn map_layouts() -> [(&'static str, MapType, u32, u32, u32); 13] {
     use lb_common::{ConnBucket, ConnBucketV4, VipKeyV4, maps as n, stats::REASON_COUNT};
     use std::mem::size_of;
@@ -334,7 +318,7 @@ pub fn reconcile_pins(dir: &Path) -> Result<Vec<String>, DataplaneError> {
         }
     }
     if mismatched {
-        for name in MAP_NAMES {
+        for (name, ..) in map_layouts() {
             rm(&dir.join(name))?;
         }
     }
@@ -365,7 +349,7 @@ impl Dataplane {
                 for problem in reconcile_pins(dir)? {
                     warn!(%problem, "pinned map not re-used (established flows re-hash once)");
                 }
-                MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect()
+                map_layouts().iter().map(|(n, ..)| (*n, dir.join(n))).collect()
             }
             None => Vec::new(),
         };
