@@ -264,7 +264,7 @@ fn xdp(results: &mut Value) {
         [0, 1, 2, 3, 4, 5, 6, 7].map(|i| t[i].0);
     let ratio = |i: usize| t[i].1;
     results["xdp_ns"] = json!({
-        "method": "single runs (repeat=1, fresh frame each run), kernel-measured; 20 interleaved rounds of 1000 per path; median of per-round medians",
+        "method": format!("single runs (repeat=1, fresh frame each run), kernel-measured; {ROUNDS} interleaved rounds of {} per path; median of per-round medians", ITERS / ROUNDS),
         "x_trivial_tx": {"non_vip_pass": ratio(2), "new_flow_v4": ratio(3), "conntrack_hit_v4": ratio(4),
             "new_flow_v6": ratio(5), "l2_dsr": ratio(6), "icmp_echo": ratio(7)},
         "trivial_pass": pass, "trivial_tx": tx, "non_vip_pass": non_vip_ns,

@@ -9,11 +9,11 @@
 //! errors, timeouts and 502/503/504 answers are retried on another backend for idempotent
 //! requests without a body; anything else gets one clean error response.
 
-use std::mem::MaybeUninit;
 use std::{
     cell::RefCell,
     collections::HashMap,
     io,
+    mem::MaybeUninit,
     net::{IpAddr, SocketAddr},
     rc::Rc,
     sync::{Arc, atomic::Ordering},
@@ -727,7 +727,7 @@ async fn attempt_once(
         };
         let mut first_read = None;
         ubuf.clear();
-        if framing == Framing::None {
+        let sent = if framing == Framing::None {
             // A bodiless request: the read of the response is issued together with the write
             // of the head, which saves the thread a round through its event loop per request.
             // A failed write shuts the connection down, which ends the read at once.
@@ -740,23 +740,20 @@ async fn attempt_once(
                 r
             };
             let (sent, read) = tokio::join!(send, timeout_at(resp_deadline, read_more(&up, ubuf)));
-            if sent.is_err() {
-                if fresh {
-                    return Err(Attempt::Connect);
-                }
-                continue;
-            }
             first_read = Some(read);
+            sent
         } else {
-            if write(&up, head.to_vec()).await.is_err() {
-                if fresh {
-                    return Err(Attempt::Connect);
-                }
-                continue;
+            write(&up, head.to_vec()).await
+        };
+        if sent.is_err() {
+            if fresh {
+                return Err(Attempt::Connect);
             }
+            continue;
+        }
+        if framing != Framing::None {
             match stream_body(client, buf, &up, framing, deadline, cfg.idle_timeout).await {
                 Ok(()) => {}
-                Err(Side::Dst) if fresh => return Err(abandon(&up, Attempt::Broken)),
                 Err(Side::Dst) => return Err(abandon(&up, Attempt::Broken)),
                 Err(_) => return Err(abandon(&up, Attempt::ClientGone)),
             }
