@@ -25,6 +25,10 @@ enum Mode {
     Echo,
     /// Writes its response a few bytes at a time.
     Dribble,
+    /// Answers with a body of this many bytes.
+    Big(usize),
+    /// Sends an interim `100 Continue` before each response.
+    Continue,
 }
 
 struct Backend {
@@ -131,7 +135,15 @@ fn backend(name: &'static str, mode: Mode) -> Backend {
                         Mode::Status(s) => s,
                         _ => 200,
                     };
-                    let text = format!("{name} {path} xff={xff} len={}", body.len());
+                    let mut text = format!("{name} {path} xff={xff} len={}", body.len());
+                    if let Mode::Big(n) = mode {
+                        text = format!("{text} {}", "x".repeat(n - text.len() - 1));
+                    }
+                    if mode == Mode::Continue
+                        && w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err()
+                    {
+                        return;
+                    }
                     let resp = format!(
                         "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{text}",
                         text.len()
@@ -740,4 +752,68 @@ fn max_connections_counts_each_vip_alone() {
     drop(c1);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(ask(&open(web)).unwrap(), 200);
+}
+
+#[test]
+fn pipelined_requests_with_bodies_are_answered_in_order() {
+    let b = backend("b", Mode::Ok);
+    let p = proxy(&[(&b, 1)], "", "");
+    // Four requests in one write: a body far larger than one read, a bodiless one, a chunked
+    // one, and a last one that closes.
+    let mut all = b"POST /one HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n".to_vec();
+    all.extend([b'a'; 100_000]);
+    all.extend(b"GET /two HTTP/1.1\r\nHost: t\r\n\r\n");
+    all.extend(b"POST /three HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n");
+    all.extend(b"5\r\nhello\r\n0\r\n\r\n");
+    all.extend(b"GET /four HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    let s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let writer = {
+        let mut s = s.try_clone().unwrap();
+        std::thread::spawn(move || s.write_all(&all))
+    };
+    let mut r = BufReader::new(s);
+    for (path, len) in [("/one", 100_000), ("/two", 0), ("/three", 5), ("/four", 0)] {
+        let resp = read_response(&mut r).unwrap();
+        assert_eq!(resp.0, 200, "{resp:?}");
+        assert!(resp.2.starts_with(&format!("b {path} ")), "{resp:?}");
+        assert!(resp.2.ends_with(&format!(" len={len}")), "{resp:?}");
+    }
+    writer.join().unwrap().unwrap();
+    // Connection: close was honoured after the last response.
+    assert_eq!(r.read(&mut [0u8; 1]).unwrap(), 0);
+}
+
+#[test]
+fn large_responses_and_interim_responses_pass_through() {
+    let big = backend("big", Mode::Big(300_000));
+    let p = proxy(&[(&big, 1)], "", "");
+    let s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    // Two on one keep-alive connection: the second follows a streamed body.
+    for path in ["/a", "/b"] {
+        (&s).write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).unwrap();
+        let resp = read_response(&mut r).unwrap();
+        assert_eq!(resp.0, 200);
+        assert_eq!(resp.2.len(), 300_000);
+        assert!(resp.2.starts_with(&format!("big {path} ")), "{}", &resp.2[..40]);
+        assert!(resp.2.bytes().skip(100).all(|c| c == b'x'));
+    }
+    drop(p);
+
+    let cont = backend("cont", Mode::Continue);
+    let p = proxy(&[(&cont, 1)], "", "");
+    let s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    (&s).write_all(
+        b"POST /c HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc",
+    )
+    .unwrap();
+    let mut r = BufReader::new(s);
+    let interim = read_response(&mut r).unwrap();
+    assert_eq!(interim.0, 100, "{interim:?}");
+    let fin = read_response(&mut r).unwrap();
+    assert_eq!(fin.0, 200, "{fin:?}");
+    assert!(fin.2.starts_with("cont /c ") && fin.2.ends_with(" len=3"), "{fin:?}");
 }

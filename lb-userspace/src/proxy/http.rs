@@ -11,8 +11,8 @@
 
 use std::{
     cell::RefCell,
-    collections::HashMap,
-    io,
+    fmt::Write as _,
+    io::{self, Write as _},
     mem::MaybeUninit,
     net::{IpAddr, SocketAddr},
     rc::Rc,
@@ -20,8 +20,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ahash::AHashMap;
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::time::timeout_at;
-use tokio_uring::{buf::BoundedBuf, net::TcpStream};
+use tokio_uring::{
+    buf::{BoundedBuf, IoBuf},
+    net::TcpStream,
+};
 
 use super::{
     Shared, VipRuntime,
@@ -43,7 +48,7 @@ type IdleList = Vec<(TcpStream, Instant)>;
 /// Idle keep-alive connections to backends, per thread.
 #[derive(Clone, Default)]
 pub struct UpstreamPool {
-    idle: Rc<RefCell<HashMap<SocketAddr, IdleList>>>,
+    idle: Rc<RefCell<AHashMap<SocketAddr, IdleList>>>,
 }
 
 impl UpstreamPool {
@@ -71,8 +76,9 @@ impl UpstreamPool {
 /// Reads more bytes into `buf` (appending); Ok(0) at end of stream.
 ///
 /// tokio-uring reads into a buffer from its start, so the read goes into a slice of the spare
-/// capacity, which appends.
-async fn read_more(s: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+/// capacity, which appends. Once the parts split off `buf` earlier (heads, body chunks) are
+/// dropped, `reserve` takes their room back, so a connection keeps re-using one allocation.
+async fn read_more(s: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
     let mut b = std::mem::take(buf);
     b.reserve(READ_CHUNK);
     let (len, cap) = (b.len(), b.capacity());
@@ -81,7 +87,8 @@ async fn read_more(s: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     r
 }
 
-async fn write(s: &TcpStream, data: Vec<u8>) -> io::Result<()> {
+/// Writes all of `data` (a `Vec`, or `Bytes` split off a read buffer without copying).
+async fn write<B: IoBuf>(s: &TcpStream, data: B) -> io::Result<()> {
     let (r, _) = s.write_all(data).await;
     r
 }
@@ -113,13 +120,66 @@ enum Framing {
     UntilClose,
 }
 
+/// Where a part of a message head lies in its bytes.
+#[derive(Clone, Copy, Default)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl Span {
+    /// The position of `part`, a sub-slice of `base` (as httparse hands them out).
+    fn of(base: &[u8], part: &[u8]) -> Span {
+        let start = (part.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize);
+        if part.is_empty() || start + part.len() > base.len() {
+            return Span::default();
+        }
+        Span { start: start as u32, end: (start + part.len()) as u32 }
+    }
+}
+
+/// A parsed message head, kept as the bytes it arrived in (split off the read buffer, not
+/// copied); names, values, method, path and reason are positions in them. This saves the two
+/// allocations per header that owned strings cost.
+struct Head {
+    bytes: Bytes,
+    headers: Vec<(Span, Span)>,
+}
+
+impl Head {
+    fn at(&self, s: Span) -> &[u8] {
+        &self.bytes[s.start as usize..s.end as usize]
+    }
+
+    /// (name, value) of every header, in order.
+    fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.headers.iter().map(|&(n, v)| (self.at(n), self.at(v)))
+    }
+
+    /// Positions of `headers` within `buf`.
+    fn spans(buf: &[u8], headers: &[httparse::Header]) -> Vec<(Span, Span)> {
+        headers.iter().map(|h| (Span::of(buf, h.name.as_bytes()), Span::of(buf, h.value))).collect()
+    }
+}
+
 /// A parsed request head.
 struct ReqHead {
-    method: String,
-    path: String,
+    head: Head,
+    method: Span,
+    path: Span,
     http10: bool,
-    headers: Vec<(String, Vec<u8>)>,
-    len: usize,
+}
+
+impl ReqHead {
+    fn method(&self) -> &str {
+        // httparse checked the method is a token (ASCII).
+        std::str::from_utf8(self.head.at(self.method)).unwrap_or("")
+    }
+
+    fn path(&self) -> &str {
+        // httparse hands the path out as a str, so this always succeeds.
+        std::str::from_utf8(self.head.at(self.path)).unwrap_or("/")
+    }
 }
 
 enum HeadError {
@@ -130,7 +190,8 @@ enum HeadError {
 /// Header slots parsed on the stack; configs allowing more use the heap.
 const STACK_HEADERS: usize = 64;
 
-fn parse_request(buf: &[u8], max_headers: usize) -> Result<Option<ReqHead>, HeadError> {
+/// Parses a request head at the start of `buf`; when complete, splits it off `buf`.
+fn parse_request(buf: &mut BytesMut, max_headers: usize) -> Result<Option<ReqHead>, HeadError> {
     // Uninitialised slots: no per-request allocation or 32-byte-per-slot initialisation.
     let mut stack = [const { MaybeUninit::<httparse::Header>::uninit() }; STACK_HEADERS];
     let mut heap = Vec::new();
@@ -141,36 +202,38 @@ fn parse_request(buf: &[u8], max_headers: usize) -> Result<Option<ReqHead>, Head
         &mut heap
     };
     let mut req = httparse::Request::new(&mut []);
-    match req.parse_with_uninit_headers(buf, slots) {
-        Ok(httparse::Status::Partial) => Ok(None),
-        Ok(httparse::Status::Complete(len)) => Ok(Some(ReqHead {
-            method: req.method.unwrap_or("").to_owned(),
-            path: req.path.unwrap_or("/").to_owned(),
-            http10: req.version == Some(0),
-            headers: req.headers.iter().map(|h| (h.name.to_owned(), h.value.to_vec())).collect(),
-            len,
-        })),
-        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge),
-        Err(_) => Err(HeadError::Bad),
-    }
+    let len = match req.parse_with_uninit_headers(buf, slots) {
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Ok(httparse::Status::Complete(len)) => len,
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(HeadError::Bad),
+    };
+    let (method, path) = (
+        Span::of(buf, req.method.unwrap_or("").as_bytes()),
+        Span::of(buf, req.path.unwrap_or("").as_bytes()),
+    );
+    let (http10, headers) = (req.version == Some(0), Head::spans(buf, req.headers));
+    let head = Head { bytes: buf.split_to(len).freeze(), headers };
+    Ok(Some(ReqHead { head, method, path, http10 }))
 }
 
-fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> impl Iterator<Item = &'a [u8]> {
-    headers.iter().filter(move |(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice())
+/// The values of every `name` header.
+fn header<'a>(head: &'a Head, name: &str) -> impl Iterator<Item = &'a [u8]> {
+    head.headers().filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes())).map(|(_, v)| v)
 }
 
 /// The comma-separated tokens of every `name` header, trimmed (empty ones skipped), without
 /// allocating.
-fn tokens<'a>(headers: &'a [(String, Vec<u8>)], name: &'a str) -> impl Iterator<Item = &'a [u8]> {
-    header(headers, name)
+fn tokens<'a>(head: &'a Head, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
+    header(head, name)
         .flat_map(|v| v.split(|&b| b == b','))
         .map(|t| t.trim_ascii())
         .filter(|t| !t.is_empty())
 }
 
 /// Does a `name` header list `token` (case-insensitively)?
-fn has_token(headers: &[(String, Vec<u8>)], name: &str, token: &str) -> bool {
-    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+fn has_token(head: &Head, name: &str, token: &[u8]) -> bool {
+    tokens(head, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1).
@@ -186,15 +249,15 @@ const HOP_BY_HOP: [&str; 7] = [
 
 /// Is `name` hop-by-hop, by the fixed list or because a `Connection` header of `headers` names
 /// it?
-fn is_hop(name: &str, headers: &[(String, Vec<u8>)]) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-        || has_token(headers, "connection", name)
+fn is_hop(name: &[u8], head: &Head) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+        || has_token(head, "connection", name)
 }
 
 /// Body framing of a message with `headers` (RFC 9112 6.3); Err for ambiguous or invalid framing.
-fn body_framing(headers: &[(String, Vec<u8>)], request: bool) -> Result<Framing, ()> {
-    let te_last = tokens(headers, "transfer-encoding").last();
-    let has_cl = header(headers, "content-length").next().is_some();
+fn body_framing(head: &Head, request: bool) -> Result<Framing, ()> {
+    let te_last = tokens(head, "transfer-encoding").last();
+    let has_cl = header(head, "content-length").next().is_some();
     if let Some(last) = te_last {
         if has_cl || !last.eq_ignore_ascii_case(b"chunked") {
             // Both, or a coding we cannot frame: request smuggling territory.
@@ -203,7 +266,7 @@ fn body_framing(headers: &[(String, Vec<u8>)], request: bool) -> Result<Framing,
         return Ok(Framing::Chunked);
     }
     let mut len = None;
-    for v in header(headers, "content-length") {
+    for v in header(head, "content-length") {
         let s = std::str::from_utf8(v).map_err(|_| ())?;
         for part in s.split(',') {
             let n: u64 = part.trim().parse().map_err(|_| ())?;
@@ -225,7 +288,7 @@ fn body_framing(headers: &[(String, Vec<u8>)], request: bool) -> Result<Framing,
 /// Bytes after the body stay in `pending`. Errors say which side failed.
 async fn stream_body(
     src: &TcpStream,
-    pending: &mut Vec<u8>,
+    pending: &mut BytesMut,
     dst: &TcpStream,
     framing: Framing,
     deadline: tokio::time::Instant,
@@ -238,9 +301,7 @@ async fn stream_body(
         Framing::Length(mut left) => loop {
             let take = (pending.len() as u64).min(left) as usize;
             if take > 0 {
-                let rest = pending.split_off(take);
-                let chunk = std::mem::replace(pending, rest);
-                write(dst, chunk).await.map_err(|_| Side::Dst)?;
+                write(dst, pending.split_to(take).freeze()).await.map_err(|_| Side::Dst)?;
                 left -= take as u64;
             }
             if left == 0 {
@@ -257,9 +318,7 @@ async fn stream_body(
             loop {
                 let take = c.feed(pending).map_err(|_| Side::Src)?;
                 if take > 0 {
-                    let rest = pending.split_off(take);
-                    let chunk = std::mem::replace(pending, rest);
-                    write(dst, chunk).await.map_err(|_| Side::Dst)?;
+                    write(dst, pending.split_to(take).freeze()).await.map_err(|_| Side::Dst)?;
                 }
                 if c.done() {
                     return Ok(());
@@ -273,7 +332,7 @@ async fn stream_body(
         }
         Framing::UntilClose => loop {
             if !pending.is_empty() {
-                write(dst, std::mem::take(pending)).await.map_err(|_| Side::Dst)?;
+                write(dst, pending.split().freeze()).await.map_err(|_| Side::Dst)?;
             }
             match timeout_at(next(), read_more(src, pending)).await {
                 Ok(Ok(0)) => return Ok(()),
@@ -343,84 +402,78 @@ fn idempotent(method: &str) -> bool {
     matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
 }
 
-/// The request head as sent to the backend.
-fn upstream_head(
-    req: &ReqHead,
-    framing: Framing,
-    peer: SocketAddr,
-    forwarded_for: bool,
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + req.headers.len() * 32);
-    out.extend(req.method.as_bytes());
+/// The request head as sent to the backend (shared by every attempt without copying).
+fn upstream_head(req: &ReqHead, framing: Framing, peer: SocketAddr, forwarded_for: bool) -> Bytes {
+    let head = &req.head;
+    let mut out = Vec::with_capacity(256 + head.bytes.len());
+    out.extend(req.method().as_bytes());
     out.push(b' ');
-    out.extend(req.path.as_bytes());
+    out.extend(req.path().as_bytes());
     out.extend(b" HTTP/1.1\r\n");
-    let mut xff = None;
-    let mut fwd = None;
-    for (name, value) in &req.headers {
-        if is_hop(name, &req.headers) {
+    for (name, value) in head.headers() {
+        if is_hop(name, head) {
             continue;
         }
-        if forwarded_for && name.eq_ignore_ascii_case("x-forwarded-for") {
-            xff = Some(String::from_utf8_lossy(value).into_owned());
+        // Rewritten below, with the client appended.
+        if forwarded_for
+            && ["x-forwarded-for", "forwarded", "x-forwarded-proto"]
+                .iter()
+                .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+        {
             continue;
         }
-        if forwarded_for && name.eq_ignore_ascii_case("forwarded") {
-            fwd = Some(String::from_utf8_lossy(value).into_owned());
-            continue;
-        }
-        if forwarded_for && name.eq_ignore_ascii_case("x-forwarded-proto") {
-            continue;
-        }
-        out.extend(name.as_bytes());
+        out.extend(name);
         out.extend(b": ");
         out.extend(value);
         out.extend(b"\r\n");
     }
     if forwarded_for {
+        // Every earlier hop the client's headers list, in order, then this one.
         let ip = client_ip(peer);
-        let xff = xff.map_or_else(|| ip.to_string(), |x| format!("{x}, {ip}"));
-        let node = match ip {
-            IpAddr::V4(a) => a.to_string(),
-            IpAddr::V6(a) => format!("\"[{a}]\""),
+        let append = |out: &mut Vec<u8>, name: &str| {
+            out.extend(name.as_bytes());
+            out.extend(b": ");
+            for v in header(head, name) {
+                out.extend(v);
+                out.extend(b", ");
+            }
         };
-        let fwd = fwd.map_or_else(
-            || format!("for={node};proto=http"),
-            |f| format!("{f}, for={node};proto=http"),
-        );
-        out.extend(
-            format!("X-Forwarded-For: {xff}\r\nX-Forwarded-Proto: http\r\nForwarded: {fwd}\r\n")
-                .as_bytes(),
-        );
+        append(&mut out, "X-Forwarded-For");
+        // Writes into a Vec cannot fail.
+        let _ = write!(out, "{ip}\r\nX-Forwarded-Proto: http\r\n");
+        append(&mut out, "Forwarded");
+        let _ = match ip {
+            IpAddr::V4(a) => write!(out, "for={a};proto=http\r\n"),
+            IpAddr::V6(a) => write!(out, "for=\"[{a}]\";proto=http\r\n"),
+        };
     }
     if framing == Framing::Chunked {
         out.extend(b"Transfer-Encoding: chunked\r\n");
     }
     out.extend(b"Connection: keep-alive\r\n\r\n");
-    out
+    Bytes::from(out)
 }
 
 /// A parsed response head.
 struct RespHead {
+    head: Head,
     status: u16,
-    reason: String,
-    headers: Vec<(String, Vec<u8>)>,
-    len: usize,
+    reason: Span,
 }
 
-fn parse_response(buf: &[u8]) -> Result<Option<RespHead>, ()> {
+/// Parses a response head at the start of `buf`; when complete, splits it off `buf`.
+fn parse_response(buf: &mut BytesMut) -> Result<Option<RespHead>, ()> {
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(buf) {
-        Ok(httparse::Status::Partial) => Ok(None),
-        Ok(httparse::Status::Complete(len)) => Ok(Some(RespHead {
-            status: resp.code.unwrap_or(0),
-            reason: resp.reason.unwrap_or("").to_owned(),
-            headers: resp.headers.iter().map(|h| (h.name.to_owned(), h.value.to_vec())).collect(),
-            len,
-        })),
-        Err(_) => Err(()),
-    }
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Ok(httparse::Status::Complete(len)) => len,
+        Err(_) => return Err(()),
+    };
+    let (status, reason) =
+        (resp.code.unwrap_or(0), Span::of(buf, resp.reason.unwrap_or("").as_bytes()));
+    let headers = Head::spans(buf, resp.headers);
+    Ok(Some(RespHead { head: Head { bytes: buf.split_to(len).freeze(), headers }, status, reason }))
 }
 
 /// Why an attempt on one backend failed.
@@ -459,9 +512,13 @@ async fn serve_conn(
     upstream: UpstreamPool,
 ) {
     let mut vip = vip;
-    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-    // Backend read buffer, reused for every request of this connection.
-    let mut ubuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    // Read buffers for the client and the backend side, and the buffer response heads are
+    // built in: each keeps one allocation for the whole connection (heads and body chunks are
+    // split off and sent without copies, and their room is taken back once they are dropped).
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut ubuf = BytesMut::with_capacity(READ_CHUNK);
+    let mut out = BytesMut::with_capacity(512);
+    let mut tried: Vec<usize> = Vec::new();
     let mut first = true;
     loop {
         // Pick up the newest pools for every request on a keep-alive connection.
@@ -475,7 +532,7 @@ async fn serve_conn(
         let head_deadline = tokio::time::Instant::now() + cfg.header_timeout;
         let idle_deadline = tokio::time::Instant::now() + cfg.idle_timeout;
         let req = loop {
-            match parse_request(&buf, cfg.max_headers) {
+            match parse_request(&mut buf, cfg.max_headers) {
                 Ok(Some(r)) => break r,
                 Ok(None) if buf.len() > cfg.max_header_bytes => {
                     let _ = respond(client, 431, "Request Header Fields Too Large", true).await;
@@ -511,29 +568,27 @@ async fn serve_conn(
             }
         };
         first = false;
-        if req.len > cfg.max_header_bytes {
+        if req.head.bytes.len() > cfg.max_header_bytes {
             let _ = respond(client, 431, "Request Header Fields Too Large", true).await;
             return;
         }
-        buf.drain(..req.len);
-        let Ok(framing) = body_framing(&req.headers, true) else {
+        let Ok(framing) = body_framing(&req.head, true) else {
             let _ = respond(client, 400, "Bad Request", true).await;
             return;
         };
         let client_keepalive = if req.http10 {
-            has_token(&req.headers, "connection", "keep-alive")
+            has_token(&req.head, "connection", b"keep-alive")
         } else {
-            !has_token(&req.headers, "connection", "close")
+            !has_token(&req.head, "connection", b"close")
         };
         let deadline = tokio::time::Instant::now() + cfg.request_timeout;
-        let host =
-            header(&req.headers, "host").next().map(|h| String::from_utf8_lossy(h).into_owned());
-        let pool = vip.pool_for(host.as_deref(), &req.path).clone();
+        let host = header(&req.head, "host").next().map(String::from_utf8_lossy);
+        let pool = vip.pool_for(host.as_deref(), req.path()).clone();
 
         // Sticky cookie, if the pool uses them.
         let sticky = (pool.algorithm == Algorithm::Cookie)
             .then(|| {
-                header(&req.headers, "cookie")
+                header(&req.head, "cookie")
                     .flat_map(|v| {
                         String::from_utf8_lossy(v)
                             .split(';')
@@ -549,9 +604,9 @@ async fn serve_conn(
             .flatten();
 
         // 2..4. Pick, send, read the response head; retry where that is safe.
-        let can_retry = idempotent(&req.method) && framing == Framing::None;
+        let can_retry = idempotent(req.method()) && framing == Framing::None;
         let head = upstream_head(&req, framing, peer, cfg.forwarded_for);
-        let mut tried: Vec<usize> = Vec::new();
+        tried.clear();
         let mut last = Attempt::Connect;
         let mut done = None;
         for attempt in 0..=cfg.retries {
@@ -615,56 +670,61 @@ async fn serve_conn(
         };
 
         // 5. Response head and body to the client.
-        let head_req = req.method == "HEAD";
+        let head_req = req.method() == "HEAD";
         let rframing = if head_req || resp.status == 204 || resp.status == 304 {
             Framing::None
         } else {
-            body_framing(&resp.headers, false).unwrap_or(Framing::UntilClose)
+            body_framing(&resp.head, false).unwrap_or(Framing::UntilClose)
         };
         let upstream_keepalive =
-            !has_token(&resp.headers, "connection", "close") && rframing != Framing::UntilClose;
+            !has_token(&resp.head, "connection", b"close") && rframing != Framing::UntilClose;
         let keep = client_keepalive
             && rframing != Framing::UntilClose
             && !shared.stopping.load(Ordering::Relaxed);
-        let mut out = Vec::with_capacity(512);
-        out.extend(format!("HTTP/1.1 {} {}\r\n", resp.status, resp.reason).as_bytes());
-        for (name, value) in &resp.headers {
-            if is_hop(name, &resp.headers)
-                && !(name.eq_ignore_ascii_case("transfer-encoding") && rframing == Framing::Chunked)
+        // Formatting into a BytesMut cannot fail.
+        let _ = write!(out, "HTTP/1.1 {} ", resp.status);
+        out.extend_from_slice(resp.head.at(resp.reason));
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in resp.head.headers() {
+            if is_hop(name, &resp.head)
+                && !(name.eq_ignore_ascii_case(b"transfer-encoding")
+                    && rframing == Framing::Chunked)
             {
                 continue;
             }
-            out.extend(name.as_bytes());
-            out.extend(b": ");
-            out.extend(value);
-            out.extend(b"\r\n");
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
         }
         if pool.algorithm == Algorithm::Cookie && sticky != Some(i) {
             let value = sign_cookie(&vip.cfg.cookie_secret, pool.members[i].state.addr);
-            out.extend(
-                format!("Set-Cookie: {}={value}; Path=/; HttpOnly\r\n", vip.cfg.cookie_name)
-                    .as_bytes(),
-            );
+            let _ =
+                write!(out, "Set-Cookie: {}={value}; Path=/; HttpOnly\r\n", vip.cfg.cookie_name);
         }
-        out.extend(if keep {
+        out.extend_from_slice(if keep {
             &b"Connection: keep-alive\r\n\r\n"[..]
         } else {
             &b"Connection: close\r\n\r\n"[..]
         });
+        // The backend's head is copied out: drop it, so its room in `ubuf` can be re-used.
+        let status = resp.status;
+        drop(resp);
         // One write for the head and whatever of a content-length body is already here.
         let mut rframing = rframing;
         if let Framing::Length(n) = rframing {
             let take = (ubuf.len() as u64).min(n) as usize;
-            out.extend(ubuf.drain(..take));
+            out.extend_from_slice(&ubuf[..take]);
+            ubuf.advance(take);
             rframing =
                 if take as u64 == n { Framing::None } else { Framing::Length(n - take as u64) };
         }
-        if write(client, out).await.is_err() {
+        if write(client, out.split().freeze()).await.is_err() {
             return;
         }
         let body =
             stream_body(&up, &mut ubuf, client, rframing, deadline, vip.cfg.idle_timeout).await;
-        vip.count(resp.status);
+        vip.count(status);
         vip.duration.observe(started.elapsed().as_secs_f64());
         if body.is_err() {
             let _ = up.shutdown(std::net::Shutdown::Both);
@@ -690,13 +750,13 @@ fn abandon(up: &TcpStream, why: Attempt) -> Attempt {
 #[allow(clippy::too_many_arguments)]
 async fn attempt_once(
     client: &TcpStream,
-    buf: &mut Vec<u8>,
-    ubuf: &mut Vec<u8>,
+    buf: &mut BytesMut,
+    ubuf: &mut BytesMut,
     upstream: &UpstreamPool,
     vip: &VipRuntime,
     pool: &Pool,
     i: usize,
-    head: &[u8],
+    head: &Bytes,
     framing: Framing,
     peer: SocketAddr,
     listen: SocketAddr,
@@ -733,7 +793,7 @@ async fn attempt_once(
             // A failed write shuts the connection down, which ends the read at once.
             let resp_deadline = (tokio::time::Instant::now() + cfg.response_timeout).min(deadline);
             let send = async {
-                let r = write(&up, head.to_vec()).await;
+                let r = write(&up, head.clone()).await;
                 if r.is_err() {
                     let _ = up.shutdown(std::net::Shutdown::Both);
                 }
@@ -743,7 +803,7 @@ async fn attempt_once(
             first_read = Some(read);
             sent
         } else {
-            write(&up, head.to_vec()).await
+            write(&up, head.clone()).await
         };
         if sent.is_err() {
             if fresh {
@@ -763,11 +823,10 @@ async fn attempt_once(
             match parse_response(ubuf) {
                 Ok(Some(r)) if (100..200).contains(&r.status) && r.status != 101 => {
                     // Interim response (100 Continue...): pass it on, wait for the final one.
-                    let interim = ubuf.drain(..r.len).collect::<Vec<u8>>();
-                    write(client, interim).await.map_err(|_| Attempt::ClientGone)?;
+                    write(client, r.head.bytes).await.map_err(|_| Attempt::ClientGone)?;
                     continue;
                 }
-                Ok(Some(r)) => break r,
+                Ok(Some(r)) => break Some(r),
                 Ok(None) if ubuf.len() > 64 * 1024 => return Err(abandon(&up, Attempt::Broken)),
                 Ok(None) => {}
                 Err(()) => {
@@ -782,12 +841,7 @@ async fn attempt_once(
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) if ubuf.is_empty() && !fresh && framing == Framing::None => {
                     // Stale pooled connection: retry on a fresh one.
-                    break RespHead {
-                        status: 0,
-                        reason: String::new(),
-                        headers: Vec::new(),
-                        len: 0,
-                    };
+                    break None;
                 }
                 Ok(Ok(0)) => {
                     tracing::debug!(%addr, got = ubuf.len(), fresh, "backend closed before a response head");
@@ -801,11 +855,10 @@ async fn attempt_once(
                 Err(_) => return Err(abandon(&up, Attempt::Timeout)),
             }
         };
-        if resp.status == 0 {
-            continue;
+        match resp {
+            Some(resp) => return Ok((up, resp)),
+            None => continue,
         }
-        ubuf.drain(..resp.len);
-        return Ok((up, resp));
     }
 }
 
@@ -813,8 +866,21 @@ async fn attempt_once(
 mod tests {
     use super::*;
 
-    fn h(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
-        pairs.iter().map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec())).collect()
+    /// A request with `pairs` as its headers, parsed.
+    fn req(pairs: &[(&str, &str)]) -> ReqHead {
+        let mut text = String::from("GET /a HTTP/1.1\r\n");
+        for (n, v) in pairs {
+            text += &format!("{n}: {v}\r\n");
+        }
+        text += "\r\n";
+        let mut buf = BytesMut::from(text.as_bytes());
+        let r = parse_request(&mut buf, 64).ok().flatten().expect("a complete head");
+        assert!(buf.is_empty());
+        r
+    }
+
+    fn h(pairs: &[(&str, &str)]) -> Head {
+        req(pairs).head
     }
 
     #[test]
@@ -843,26 +909,17 @@ mod tests {
 
     #[test]
     fn hop_by_hop_headers_and_connection_tokens_are_dropped() {
-        let req = ReqHead {
-            method: "GET".into(),
-            path: "/a".into(),
-            http10: false,
-            headers: h(&[
-                ("Host", "x"),
-                ("Connection", "keep-alive, X-Secret"),
-                ("X-Secret", "1"),
-                ("Keep-Alive", "timeout=5"),
-                ("X-Forwarded-For", "203.0.113.9"),
-                ("Accept", "*/*"),
-            ]),
-            len: 0,
-        };
-        let out = String::from_utf8(upstream_head(
-            &req,
-            Framing::None,
-            "198.18.4.1:5000".parse().unwrap(),
-            true,
-        ))
+        let req = req(&[
+            ("Host", "x"),
+            ("Connection", "keep-alive, X-Secret"),
+            ("X-Secret", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("X-Forwarded-For", "203.0.113.9"),
+            ("Accept", "*/*"),
+        ]);
+        let out = String::from_utf8(
+            upstream_head(&req, Framing::None, "198.18.4.1:5000".parse().unwrap(), true).to_vec(),
+        )
         .unwrap();
         assert!(out.starts_with("GET /a HTTP/1.1\r\nHost: x\r\n"), "{out}");
         assert!(!out.contains("X-Secret") && !out.contains("Keep-Alive"), "{out}");
