@@ -12,7 +12,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use common::{FIXTURE_CONFIG, packet::*};
 use edgelb::{
     config::{Config, Vip},
-    dataplane::{Dataplane, flow_hash, route, vip_ring},
+    dataplane::{Dataplane, conn_hash, flow_hash, route, vip_ring},
     testbed::netns::require_privileged,
 };
 use lb_common::stats::{REASON_COUNT, REASON_NAMES, Reason};
@@ -104,26 +104,20 @@ fn mac_of(vip: &Vip, backend: IpAddr) -> [u8; 6] {
 }
 
 /// Expected IPIP (v4 backend) or 4in6/IP6IP6 (v6 backend) frame for `inner` (an IP packet).
-fn encapsulated(
-    vip: &Vip,
-    backend: IpAddr,
-    fhash: u32,
-    inner: &[u8],
-    vlan: Option<u16>,
-) -> Vec<u8> {
+fn encapsulated(vip: &Vip, backend: IpAddr, hash: u32, inner: &[u8], vlan: Option<u16>) -> Vec<u8> {
     let mac = mac_of(vip, backend);
     let (ethertype, ip) = match backend {
         IpAddr::V4(b) => {
-            let o = u32::from_be_bytes(v4("198.19.0.0").octets()) | (fhash & 0xffff);
+            let o = u32::from_be_bytes(v4("198.19.0.0").octets()) | (hash & 0xffff);
             let mut h = V4::new(Ipv4Addr::from(o), b, 4);
             h.tos = if inner[0] >> 4 == 4 { inner[1] } else { 0 };
             (ETH_IP, h.packet(inner))
         }
         IpAddr::V6(b) => {
             let mut src = v6("2001:2:0:ff::").octets();
-            src[12..16].copy_from_slice(&fhash.to_ne_bytes());
+            src[12..16].copy_from_slice(&hash.to_ne_bytes());
             let next = if inner[0] >> 4 == 4 { 4 } else { 41 };
-            (ETH_IPV6, ipv6(Ipv6Addr::from(src), b, next, fhash & 0xfffff, 64, inner))
+            (ETH_IPV6, ipv6(Ipv6Addr::from(src), b, next, hash & 0xfffff, 64, inner))
         }
     };
     match vlan {
@@ -148,7 +142,10 @@ fn forwarded(h: &mut Harness, name: &str, vip_name: &str, client: IpAddr, sport:
     let backend = route(&vip, client, sport).unwrap().address;
     let ethertype = if ip[0] >> 4 == 4 { ETH_IP } else { ETH_IPV6 };
     let input = eth(LB_MAC, CLIENT_MAC, ethertype, &ip);
-    let want = encapsulated(&vip, backend, flow_hash(&vip, client, sport), &ip, None);
+    // The destination port as sent (an any-port VIP has none of its own).
+    let l4 = if ip[0] >> 4 == 4 { (ip[0] & 0xf) as usize * 4 } else { 40 };
+    let dport = u16::from_be_bytes([ip[l4 + 2], ip[l4 + 3]]);
+    let want = encapsulated(&vip, backend, conn_hash(&vip, client, sport, dport), &ip, None);
     h.check(name, &input, XDP_TX, Some(&want), Reason::TxEncap);
 }
 
@@ -227,7 +224,7 @@ fn forwarding_fixtures() {
     let ip = tcp4("198.18.4.7", 40005, "198.18.1.1", 80, SYN);
     let input = eth_vlan(LB_MAC, CLIENT_MAC, 42, ETH_IP, &ip);
     let b = route(&vip, c4, 0).unwrap().address;
-    let want = encapsulated(&vip, b, flow_hash(&vip, c4, 0), &ip, Some(42));
+    let want = encapsulated(&vip, b, conn_hash(&vip, c4, 40005, 80), &ip, Some(42));
     h.check("VLAN-tagged v4", &input, XDP_TX, Some(&want), Reason::TxEncap);
 
     // L2 DSR: only the MACs change.
@@ -318,7 +315,7 @@ fn icmp_fixtures() {
     let icmp_pkt = V4::new(router, vip4, 1).packet(&icmp4(3, 4, [0, 0, 0x05, 0x00], &quoted[..28]));
     let vip = h.vip("v4tcp");
     let b = route(&vip, client.into(), 40000).unwrap().address;
-    let want = encapsulated(&vip, b, flow_hash(&vip, client.into(), 40000), &icmp_pkt, None);
+    let want = encapsulated(&vip, b, conn_hash(&vip, client.into(), 40000, 80), &icmp_pkt, None);
     h.check(
         "frag-needed to owning backend",
         &eth(LB_MAC, CLIENT_MAC, ETH_IP, &icmp_pkt),
@@ -340,7 +337,7 @@ fn icmp_fixtures() {
     );
     let vip = h.vip("v6");
     let b = route(&vip, c6.into(), 40000).unwrap().address;
-    let want = encapsulated(&vip, b, flow_hash(&vip, c6.into(), 40000), &ptb, None);
+    let want = encapsulated(&vip, b, conn_hash(&vip, c6.into(), 40000, 80), &ptb, None);
     h.check(
         "packet-too-big to owning backend",
         &eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &ptb),

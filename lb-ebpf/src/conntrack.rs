@@ -38,6 +38,10 @@ pub struct Pick {
     pub backend: Backend,
     /// True when the flow was placed by the ring now (a new flow).
     pub new_flow: bool,
+    /// The flow's connection-table hash (of its whole 5-tuple), also the entropy of the outer
+    /// source address and flow label: computed for every packet anyway, unlike the ring hash,
+    /// which only a flow the table does not know needs.
+    pub hash: u32,
 }
 
 /// The hash that places `key` on `meta`'s ring.
@@ -245,17 +249,11 @@ const MAX_SEARCH_CPUS: u32 = 256;
 /// missing from this CPU's table is looked for in the other CPUs' (established TCP, ICMP errors)
 /// and, when found, copied here.
 #[inline(always)]
-pub fn pick(
-    key: &FlowKey,
-    meta: &VipMeta,
-    fhash: u32,
-    remember: bool,
-    search: bool,
-) -> Option<Pick> {
+pub fn pick(key: &FlowKey, meta: &VipMeta, remember: bool, search: bool) -> Option<Pick> {
     if key.family == AF_INET {
-        pick_in::<ConnBucketV4>(search, key, meta, fhash, remember)
+        pick_in::<ConnBucketV4>(search, key, meta, remember)
     } else {
-        pick_in::<ConnBucket>(search, key, meta, fhash, remember)
+        pick_in::<ConnBucket>(search, key, meta, remember)
     }
 }
 
@@ -327,20 +325,15 @@ fn search_other_cpus<B: Bucket>(
 }
 
 #[inline(always)]
-fn pick_in<B: Bucket>(
-    search: bool,
-    key: &FlowKey,
-    meta: &VipMeta,
-    fhash: u32,
-    remember: bool,
-) -> Option<Pick> {
-    let slot = B::hash(key) & (B::buckets() - 1);
+fn pick_in<B: Bucket>(search: bool, key: &FlowKey, meta: &VipMeta, remember: bool) -> Option<Pick> {
+    let hash = B::hash(key);
+    let slot = hash & (B::buckets() - 1);
     // SAFETY: a helper without preconditions.
     let cpu = unsafe { bpf_get_smp_processor_id() };
     // Without this CPU's region (a table sized for fewer CPUs than the machine has), flows are
     // placed by the ring alone.
     let Some(bucket) = B::at(cpu * B::buckets() + slot) else {
-        return place::<B>(None, None, key, meta, fhash, false);
+        return place::<B>(None, None, key, meta, hash, false);
     };
     // SAFETY: this CPU's region is written only by this CPU, and XDP does not preempt itself
     // on one CPU, so this is the only reference for this run of the program.
@@ -351,36 +344,37 @@ fn pick_in<B: Bucket>(
             if remember {
                 bucket.touch(at);
             }
-            return Some(Pick { id: conn.backend, backend, new_flow: false });
+            return Some(Pick { id: conn.backend, backend, new_flow: false, hash });
         }
     } else if search && let Some((conn, backend)) = search_other_cpus::<B>(cpu, slot, key, meta) {
         count_ct(ct_stats::FOUND_ON_OTHER_CPU);
         if remember {
             bucket.store(None, key, conn);
         }
-        return Some(Pick { id: conn.backend, backend, new_flow: false });
+        return Some(Pick { id: conn.backend, backend, new_flow: false, hash });
     }
-    place(Some(bucket), found.map(|(at, _)| at), key, meta, fhash, remember)
+    place(Some(bucket), found.map(|(at, _)| at), key, meta, hash, remember)
 }
 
-/// Places a flow by the VIP's ring and, with `remember`, stores it in `bucket` (over way `at`
-/// when a stale entry for this flow is there).
+/// Places a flow by the VIP's ring (by [`flow_hash`]) and, with `remember`, stores it in
+/// `bucket` (over way `at` when a stale entry for this flow is there). `hash` is the flow's
+/// table hash, handed on in the [`Pick`].
 #[inline(always)]
 fn place<B: Bucket>(
     bucket: Option<&mut B>,
     at: Option<usize>,
     key: &FlowKey,
     meta: &VipMeta,
-    fhash: u32,
+    hash: u32,
     remember: bool,
 ) -> Option<Pick> {
     if meta.ring_size == 0 {
         return None;
     }
-    let id = *RINGS.get(meta.ring_base + fhash % meta.ring_size)?;
+    let id = *RINGS.get(meta.ring_base + flow_hash(key, meta) % meta.ring_size)?;
     let backend = live_backend(id)?;
     if remember && let Some(bucket) = bucket {
         bucket.store(at, key, Conn { backend: id, generation: backend.generation });
     }
-    Some(Pick { id, backend, new_flow: true })
+    Some(Pick { id, backend, new_flow: true, hash })
 }

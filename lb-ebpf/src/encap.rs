@@ -152,19 +152,19 @@ pub fn swap_macs(ctx: &XdpContext) -> Result<(), ()> {
     write_eth(ctx, 0, eth_src(&e), eth_dst(&e), e[6])
 }
 
-/// Outer IPv4 source: the configured prefix with its host bits taken from the flow hash, so a
-/// backend's RSS spreads flows over its queues.
+/// Outer IPv4 source: the configured prefix with its host bits taken from the flow's
+/// (5-tuple) hash, so a backend's RSS spreads flows over its queues.
 #[inline(always)]
-pub fn outer_src_v4(cfg: &GlobalConfig, fhash: u32) -> u32 {
+pub fn outer_src_v4(cfg: &GlobalConfig, hash: u32) -> u32 {
     let bits = cfg.src_v4_host_bits & 31;
     let mask = (1u32 << bits) - 1;
-    (u32::from_be(cfg.src_v4) & !mask | (fhash & mask)).to_be()
+    (u32::from_be(cfg.src_v4) & !mask | (hash & mask)).to_be()
 }
 
-/// Outer IPv6 source: the configured prefix with the last word from the flow hash.
+/// Outer IPv6 source: the configured prefix with the last word from the flow's hash.
 #[inline(always)]
-pub fn outer_src_v6(cfg: &GlobalConfig, fhash: u32) -> [u32; 4] {
-    [cfg.src_v6[0], cfg.src_v6[1], cfg.src_v6[2], fhash]
+pub fn outer_src_v6(cfg: &GlobalConfig, hash: u32) -> [u32; 4] {
+    [cfg.src_v6[0], cfg.src_v6[1], cfg.src_v6[2], hash]
 }
 
 /// Like `move_l2` for answers to the sender: the frame goes back where it came from.

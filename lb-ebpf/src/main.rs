@@ -315,8 +315,7 @@ pub fn forward(
     established: bool,
 ) -> u32 {
     let data_packet = reason as u32 == Reason::TxEncap as u32;
-    let fhash = conntrack::flow_hash(key, meta);
-    let Some(pick) = conntrack::pick(key, meta, fhash, data_packet, established) else {
+    let Some(pick) = conntrack::pick(key, meta, data_packet, established) else {
         count(Reason::DropNoBackend);
         return xdp_action::XDP_DROP;
     };
@@ -346,7 +345,7 @@ pub fn forward(
             l3.tot_len,
             l3.tos,
             &pick.backend,
-            encap::outer_src_v4(&cfg, fhash),
+            encap::outer_src_v4(&cfg, pick.hash),
             &cfg,
         ),
         (AF_INET, AF_INET6) => encap::encap_v6(
@@ -355,8 +354,8 @@ pub fn forward(
             l3.tot_len,
             proto::IPIP,
             &pick.backend,
-            &encap::outer_src_v6(&cfg, fhash),
-            fhash,
+            &encap::outer_src_v6(&cfg, pick.hash),
+            pick.hash,
             &cfg,
         ),
         (AF_INET6, AF_INET6) => encap::encap_v6(
@@ -365,8 +364,8 @@ pub fn forward(
             l3.tot_len,
             proto::IPV6,
             &pick.backend,
-            &encap::outer_src_v6(&cfg, fhash),
-            fhash,
+            &encap::outer_src_v6(&cfg, pick.hash),
+            pick.hash,
             &cfg,
         ),
         // IPv6 VIPs with IPv4 backends are rejected by config validation.

@@ -126,25 +126,43 @@ pub fn vip_ring(vip: &Vip) -> Option<Vec<u32>> {
     Maglev.build(&members, vip.ring_size)
 }
 
-/// The flow hash the XDP program computes for a packet from `client:sport` to `vip` (sport only
+/// The flow key the XDP program builds for a packet from `client:sport` to `vip` at `dport`.
+fn flow_key(vip: &Vip, client: IpAddr, sport: u16, dport: u16) -> lb_common::FlowKey {
+    let (src, family) = addr_words(client);
+    let key = vip_key(vip);
+    lb_common::FlowKey {
+        src,
+        dst: key.addr,
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: key.proto,
+        family,
+        _pad: [0; 2],
+    }
+}
+
+/// The ring hash the XDP program computes for a packet from `client:sport` to `vip` (sport only
 /// matters for 5-tuple VIPs).
 pub fn flow_hash(vip: &Vip, client: IpAddr, sport: u16) -> u32 {
-    let (src, family) = addr_words(client);
     match vip.hash {
-        HashMode::Client => lb_common::hash::client_hash(&src, lb_common::HASH_SEED),
-        HashMode::FiveTuple => {
-            let key = vip_key(vip);
-            let fk = lb_common::FlowKey {
-                src,
-                dst: key.addr,
-                sport: sport.to_be(),
-                dport: key.port,
-                proto: key.proto,
-                family,
-                _pad: [0; 2],
-            };
-            lb_common::hash::five_tuple_hash(&fk, lb_common::HASH_SEED)
+        HashMode::Client => {
+            lb_common::hash::client_hash(&addr_words(client).0, lb_common::HASH_SEED)
         }
+        HashMode::FiveTuple => lb_common::hash::five_tuple_hash(
+            &flow_key(vip, client, sport, vip.port),
+            lb_common::HASH_SEED,
+        ),
+    }
+}
+
+/// The connection-table hash of the flow `client:sport` → `vip` at `dport`, which also gives
+/// the outer source address (and IPv6 flow label) of its encapsulated packets.
+pub fn conn_hash(vip: &Vip, client: IpAddr, sport: u16, dport: u16) -> u32 {
+    let key = flow_key(vip, client, sport, dport);
+    if key.family == lb_common::AF_INET {
+        lb_common::hash::flow_key_v4_hash(&key.v4(), lb_common::HASH_SEED)
+    } else {
+        lb_common::hash::five_tuple_hash(&key, lb_common::HASH_SEED)
     }
 }
 
