@@ -212,7 +212,7 @@ impl Bucket for ConnBucket {
     }
     #[inline(always)]
     fn hash(key: &FlowKey) -> u32 {
-        hash::five_tuple_hash(key, HASH_SEED)
+        hash::flow_key_hash(key, HASH_SEED)
     }
     #[inline(always)]
     fn at(index: u32) -> Option<*mut Self> {

@@ -162,7 +162,7 @@ pub fn conn_hash(vip: &Vip, client: IpAddr, sport: u16, dport: u16) -> u32 {
     if key.family == lb_common::AF_INET {
         lb_common::hash::flow_key_v4_hash(&key.v4(), lb_common::HASH_SEED)
     } else {
-        lb_common::hash::five_tuple_hash(&key, lb_common::HASH_SEED)
+        lb_common::hash::flow_key_hash(&key, lb_common::HASH_SEED)
     }
 }
 
