@@ -607,6 +607,23 @@ fn metrics_match_the_traffic_sent_and_capabilities_are_dropped() {
     for event in lb_common::ct_stats::NAMES {
         assert!(after.contains(&format!("edgelb_conntrack_events_total{{event=\"{event}\"}}")));
     }
+    // `edgelb status` gives the table's shape and the same event counts.
+    let ct = bed.e().status().conntrack;
+    let (v4_buckets, v6_buckets) = edgelb::dataplane::conntrack_buckets();
+    let cpus = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    let last_cpu: u32 = cpus.trim().rsplit(['-', ',']).next().unwrap().parse().unwrap();
+    assert_eq!(ct.cpus, last_cpu + 1);
+    assert_eq!(ct.v4_flows_per_cpu, u64::from(v4_buckets) * 4);
+    assert_eq!(ct.v6_flows_per_cpu, u64::from(v6_buckets) * 4);
+    let events = scrape(&bed);
+    assert_eq!(
+        ct.evicted as f64,
+        metric(&events, "edgelb_conntrack_events_total", "event=\"evicted\"")
+    );
+    assert_eq!(
+        ct.found_on_other_cpu as f64,
+        metric(&events, "edgelb_conntrack_events_total", "event=\"found_on_other_cpu\"")
+    );
 
     // The long-running controller holds no capability at all.
     let pid = bed.e().child.as_ref().expect("running").id();

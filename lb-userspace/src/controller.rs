@@ -22,7 +22,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{error, info, warn};
 
 use crate::{
-    admin::{self, BackendStatus, Pending, Request, Response, Status, VipStatus},
+    admin::{self, BackendStatus, ConntrackStatus, Pending, Request, Response, Status, VipStatus},
     config::{Backend, Config, Forwarding},
     dataplane::{Dataplane, DataplaneError, vip_ring},
     health::{Checker, HealthEvent},
@@ -526,7 +526,16 @@ impl Controller {
                 backends,
             });
         }
+        let events = self.dp.maps().ct_stats().unwrap_or_default();
+        let (cpus, v4_flows_per_cpu, v6_flows_per_cpu) = crate::dataplane::conntrack_capacity();
         Status {
+            conntrack: ConntrackStatus {
+                cpus,
+                v4_flows_per_cpu,
+                v6_flows_per_cpu,
+                evicted: events[lb_common::ct_stats::EVICTED as usize],
+                found_on_other_cpu: events[lb_common::ct_stats::FOUND_ON_OTHER_CPU as usize],
+            },
             config: self.path.clone(),
             interfaces: self
                 .dp

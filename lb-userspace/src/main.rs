@@ -261,6 +261,11 @@ fn print_status(s: &edgelb::admin::Status) {
     for (iface, mode) in &s.interfaces {
         println!("interface {iface}: XDP {mode}");
     }
+    let ct = &s.conntrack;
+    println!(
+        "connection table: {} CPUs × ({} IPv4 + {} IPv6 flows); {} evicted from full buckets, {} found on another CPU",
+        ct.cpus, ct.v4_flows_per_cpu, ct.v6_flows_per_cpu, ct.evicted, ct.found_on_other_cpu
+    );
     for v in &s.vips {
         println!();
         println!(

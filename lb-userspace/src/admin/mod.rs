@@ -81,6 +81,28 @@ pub struct Status {
     pub interfaces: Vec<(String, String)>,
     /// Per VIP.
     pub vips: Vec<VipStatus>,
+    /// The XDP connection table (absent from an older daemon's answer).
+    #[serde(default)]
+    pub conntrack: ConntrackStatus,
+}
+
+/// The XDP connection table, node-wide: its size and how it copes. A steadily rising `evicted`
+/// means the table is too small for the traffic (or a flood of new flows is passing through):
+/// flows pushed out re-hash onto the ring if they send again, which keeps them on their backend
+/// only while the pool does not change.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+pub struct ConntrackStatus {
+    /// CPUs with a region of the table (every possible CPU).
+    pub cpus: u32,
+    /// IPv4 flows one CPU's region holds (buckets × ways).
+    pub v4_flows_per_cpu: u64,
+    /// IPv6 flows one CPU's region holds.
+    pub v6_flows_per_cpu: u64,
+    /// Flows pushed out of a full bucket by a new one, since the maps were created.
+    pub evicted: u64,
+    /// Flows found in another CPU's region (their packets moved CPU), since the maps were
+    /// created.
+    pub found_on_other_cpu: u64,
 }
 
 /// One VIP in [`Status`].

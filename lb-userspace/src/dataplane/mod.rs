@@ -234,6 +234,14 @@ fn table_cpus() -> u32 {
     aya::util::nr_cpus().map_or(1, |n| n.get())
 }
 
+/// The connection table's shape on this machine: (CPUs with a region, IPv4 flows per CPU,
+/// IPv6 flows per CPU).
+pub fn conntrack_capacity() -> (u32, u64, u64) {
+    let (v4, v6) = conntrack_buckets();
+    let ways = lb_common::CONNTRACK_WAYS as u64;
+    (table_cpus(), u64::from(v4) * ways, u64::from(v6) * ways)
+}
+
 /// Connection-table buckets per CPU, (IPv4, IPv6), on this machine (see [`buckets_for`]).
 pub fn conntrack_buckets() -> (u32, u32) {
     let cpus = table_cpus();
