@@ -4,6 +4,10 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::process::CommandExt,
+    },
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::{
@@ -105,15 +109,43 @@ struct Edgelb {
 
 impl Edgelb {
     fn start(ns: &str, config: &PathBuf, log: &PathBuf) -> Edgelb {
+        Edgelb::start_with(ns, config, log, None)
+    }
+
+    /// Starts edgelb, with `listener` passed as systemd's socket activation does: as descriptor
+    /// 3, with LISTEN_FDS=1 and LISTEN_PID naming the edgelb process.
+    fn start_with(ns: &str, config: &PathBuf, log: &PathBuf, listener: Option<&OwnedFd>) -> Edgelb {
         let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", netns::netns_path(ns).display()))
-            .arg(env!("CARGO_BIN_EXE_edgelb"))
-            .args(["run", "--config"])
-            .arg(config)
-            .stderr(out)
-            .spawn()
-            .expect("start edgelb");
+        let netns = format!("--net={}", netns::netns_path(ns).display());
+        let mut cmd = match listener {
+            None => {
+                let mut c = Command::new("nsenter");
+                c.arg(netns).arg(env!("CARGO_BIN_EXE_edgelb")).args(["run", "--config"]);
+                c
+            }
+            Some(fd) => {
+                // The shell's PID is edgelb's: nsenter and then edgelb replace it by exec.
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(r#"export LISTEN_PID=$$ LISTEN_FDS=1; exec nsenter "$1" "$2" run --config "$3""#)
+                    .args(["sh", &netns, env!("CARGO_BIN_EXE_edgelb")]);
+                let raw = fd.as_raw_fd();
+                // SAFETY: between fork and exec only dup2 and fcntl run, both async-signal-safe;
+                // `raw` stays open in the parent until spawn returns.
+                unsafe {
+                    c.pre_exec(move || {
+                        let rc = if raw == 3 {
+                            libc::fcntl(3, libc::F_SETFD, 0)
+                        } else {
+                            libc::dup2(raw, 3)
+                        };
+                        if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+                    });
+                }
+                c
+            }
+        };
+        let child = cmd.arg(config).stderr(out).spawn().expect("start edgelb");
         let mut e = Edgelb {
             child: Some(child),
             config: config.clone(),
@@ -257,18 +289,22 @@ impl Bed {
     /// Runs HTTP requests from rotating client addresses on a background thread until stopped
     /// (at most `max` long); returns the log of (time, client, result).
     fn load(&self, max: Duration) -> Load {
+        self.load_to(SocketAddr::new(IpAddr::V4(testbed::VIP), 80), TIMEOUT, max)
+    }
+
+    /// Like `load`, to `vip`, each request given `timeout`.
+    fn load_to(&self, vip: SocketAddr, timeout: Duration, max: Duration) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ns = self.tb.names.client.clone();
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
             netns::enter(&ns).expect("client netns");
-            let vip = SocketAddr::new(IpAddr::V4(testbed::VIP), 80);
             let mut log = Vec::new();
             let start = Instant::now();
             let mut n = 0u32;
             while !flag.load(Ordering::Relaxed) && start.elapsed() < max {
                 let src = IpAddr::V4(testbed::pool_addr(n % 300));
-                let r = servers::http_get(Some(SocketAddr::new(src, 0)), vip, TIMEOUT);
+                let r = servers::http_get(Some(SocketAddr::new(src, 0)), vip, timeout);
                 log.push((Instant::now(), src, r.map_err(|e| e.to_string())));
                 n += 1;
             }
@@ -685,4 +721,59 @@ fn l7_vip_passes_xdp_to_the_proxy_which_follows_health() {
     for a in ask(&bed, 30) {
         assert_ne!(a.expect("no failure once the backend is out"), "backend-2");
     }
+}
+
+#[test]
+fn l7_listener_from_the_service_manager_keeps_connections_across_a_restart() {
+    let Some(mut bed) = Bed::up("socketact", &[1, 2, 3]) else { return };
+    let vip = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    let first = bed.edgelb.take().unwrap();
+    let (config, ns, log_path) = (first.config.clone(), first.ns.clone(), first.log.clone());
+    first.terminate();
+    // The test plays systemd: it binds the L7 VIP's socket (ListenStream= with ReusePort= and
+    // FreeBind=) in the balancer's namespace and keeps it open across edgelb restarts.
+    let listener: OwnedFd = netns::in_netns(&ns, || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.set_reuse_port(true).unwrap();
+        s.set_freebind_v4(true).unwrap();
+        s.bind(&vip.into()).unwrap();
+        s.listen(4096).unwrap();
+        OwnedFd::from(s)
+    })
+    .unwrap();
+    bed.edgelb = Some(Edgelb::start_with(&ns, &config, &log_path, Some(&listener)));
+    netns::in_netns(&bed.tb.names.client, || {
+        let start = Instant::now();
+        while servers::http_get(None, vip, TIMEOUT).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "L7 VIP never answered");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .unwrap();
+    assert!(
+        bed.e().log().contains("L7 VIP listens on the socket passed by the service manager"),
+        "{}",
+        bed.e().log()
+    );
+
+    // New connections all along, while one process stops and, after a pause with none, the
+    // next starts: those arriving in between wait in the socket's backlog.
+    let load = bed.load_to(vip, Duration::from_secs(15), Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(1000));
+    bed.edgelb.take().unwrap().terminate();
+    let stopped = Instant::now();
+    std::thread::sleep(Duration::from_millis(700));
+    bed.edgelb = Some(Edgelb::start_with(&ns, &config, &log_path, Some(&listener)));
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = load.finish();
+    let failed: Vec<_> = log.iter().filter(|(_, _, r)| r.is_err()).collect();
+    let after = log.iter().filter(|(t, _, _)| *t > stopped).count();
+    eprintln!(
+        "L7 restart on an inherited socket: {} requests ({after} finished after the stop), {} failed",
+        log.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "requests failed across the restart: {failed:?}");
+    assert!(after > 20, "the new process served the VIP");
 }

@@ -53,6 +53,9 @@ pub enum RunError {
     /// The L7 proxy could not start.
     #[error("L7 proxy: {0}")]
     Proxy(String),
+    /// The listening sockets passed by the service manager are unusable.
+    #[error(transparent)]
+    Inherited(#[from] crate::proxy::inherited::InheritError),
     /// The admin socket could not be served.
     #[error("admin socket {path}: {source}")]
     Admin {
@@ -121,6 +124,9 @@ struct Controller {
 
 /// Runs the balancer with the config at `path` until SIGINT/SIGTERM or `edgelb stop`.
 pub fn run(path: &Path) -> Result<(), RunError> {
+    // Sockets from the service manager (socket activation) are taken first, so that they have an
+    // owner whatever happens next.
+    let inherited = crate::proxy::inherited::Inherited::from_env()?;
     let cfg = Config::load(path)?;
     // The admin socket first: if another controller already runs, stop before touching anything.
     // Capabilities are per thread, so everything privileged happens on this thread first (binding
@@ -169,13 +175,18 @@ pub fn run(path: &Path) -> Result<(), RunError> {
         info!(interface = %iface, mode, "XDP balancer attached");
     }
     let l7 = if crate::proxy::l7_listeners(&ctl.cfg).is_empty() {
+        if !inherited.is_empty() {
+            warn!("the service manager passed listening sockets but no VIP is L7; unused");
+        }
         None
     } else {
         Some(
-            crate::proxy::Proxy::bind(&ctl.cfg, ctl.cfg.node.l7_threads)
+            crate::proxy::Proxy::bind(&ctl.cfg, ctl.cfg.node.l7_threads, &inherited)
                 .map_err(|e| RunError::Proxy(e.to_string()))?,
         )
     };
+    // The proxy threads hold their own descriptors of inherited sockets.
+    drop(inherited);
     drop_capabilities();
 
     // Unprivileged from here on, helper threads included.

@@ -13,6 +13,7 @@
 pub mod balance;
 mod chunked;
 mod http;
+pub mod inherited;
 mod tcp;
 
 use std::{
@@ -32,7 +33,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::{Registry, Unit},
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::{Config, L7, L7Mode};
 use balance::{BackendState, Member, Pool};
@@ -235,17 +236,32 @@ pub struct Bound {
 }
 
 impl Proxy {
-    /// Binds one SO_REUSEPORT listener per L7 VIP for each of `threads` threads.
-    pub fn bind(cfg: &Config, threads: usize) -> Result<Bound, ProxyError> {
+    /// Binds one SO_REUSEPORT listener per L7 VIP for each of `threads` threads; a VIP whose
+    /// address the service manager passed a socket for (`inherited`) uses that socket on every
+    /// thread instead, so it keeps listening across restarts.
+    pub fn bind(
+        cfg: &Config,
+        threads: usize,
+        inherited: &inherited::Inherited,
+    ) -> Result<Bound, ProxyError> {
+        for (vip, addr) in l7_listeners(cfg) {
+            if inherited.get(addr).is_some() {
+                info!(vip, %addr, "L7 VIP listens on the socket passed by the service manager");
+            }
+        }
+        for addr in inherited.addrs() {
+            if !l7_listeners(cfg).iter().any(|(_, a)| *a == addr) {
+                warn!(%addr, "the service manager passed a socket no L7 VIP listens on; unused");
+            }
+        }
         let mut per_thread = Vec::new();
         for _ in 0..threads.max(1) {
             let mut socks = Vec::new();
             for (vip, addr) in l7_listeners(cfg) {
-                let l = listener(addr).map_err(|source| ProxyError::Bind {
-                    vip: vip.clone(),
-                    addr,
-                    source,
-                })?;
+                let l = inherited
+                    .get(addr)
+                    .unwrap_or_else(|| listener(addr))
+                    .map_err(|source| ProxyError::Bind { vip: vip.clone(), addr, source })?;
                 let mode = cfg
                     .vips
                     .iter()
@@ -266,7 +282,7 @@ impl Proxy {
         threads: usize,
         metrics: Arc<L7Metrics>,
     ) -> Result<Proxy, ProxyError> {
-        let bound = Proxy::bind(cfg, threads)?;
+        let bound = Proxy::bind(cfg, threads, &inherited::Inherited::default())?;
         Proxy::start_bound(cfg, bound, metrics)
     }
 
@@ -425,7 +441,6 @@ async fn run_thread(
     let upstream = http::UpstreamPool::default();
     let mut accepts = Vec::new();
     for (vip, addr, mode, l) in socks {
-        let l = tokio_uring::net::TcpListener::from_std(l);
         let shared = shared.clone();
         let upstream = upstream.clone();
         accepts.push(tokio_uring::spawn(async move {
@@ -440,20 +455,41 @@ async fn run_thread(
     }
 }
 
+/// Accepts connections on `l` until the proxy stops.
+///
+/// Accepting goes through tokio's readiness reactor (which tokio-uring's runtime also runs), not
+/// an io_uring accept: an io_uring accept abandoned at stop stays armed in the kernel and would
+/// take (and lose) connections after the proxy stopped accepting, and keep the listener open. A
+/// readiness wait is dropped cleanly, so once stopping, this thread's descriptor closes at once;
+/// connections still queued on a socket the service manager holds wait for the next process.
 async fn accept_loop(
-    l: tokio_uring::net::TcpListener,
+    l: std::net::TcpListener,
     vip: String,
     listen: SocketAddr,
     mode: L7Mode,
     shared: Arc<Shared>,
     upstream: http::UpstreamPool,
 ) {
+    let l = match l.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(l)) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(vip, error = %e, "cannot accept on the L7 listener");
+            return;
+        }
+    };
     let label = VipLabel { vip: vip.clone() };
     loop {
         let accepted = tokio::select! {
             r = l.accept() => r,
             _ = wait_stopping(&shared) => return,
         };
+        // io_uring honours O_NONBLOCK (an operation that would wait fails with EAGAIN instead),
+        // so the accepted socket goes back to blocking mode for tokio-uring.
+        let accepted = accepted.and_then(|(s, peer)| {
+            let s = s.into_std()?;
+            s.set_nonblocking(false)?;
+            Ok((tokio_uring::net::TcpStream::from_std(s), peer))
+        });
         let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
