@@ -165,6 +165,7 @@ fn free_port() -> u16 {
 struct Running {
     proxy: Option<Proxy>,
     addr: SocketAddr,
+    metrics: Metrics,
 }
 
 impl Drop for Running {
@@ -197,7 +198,7 @@ fn proxy(backends: &[(&Backend, u32)], l7: &str, extra: &str) -> Running {
         assert!(start.elapsed() < Duration::from_secs(5));
         std::thread::sleep(Duration::from_millis(10));
     }
-    Running { proxy: Some(proxy), addr }
+    Running { proxy: Some(proxy), addr, metrics }
 }
 
 /// A response: status, headers (lower-case names), body.
@@ -716,8 +717,10 @@ fn max_connections_counts_each_vip_alone() {
         a.addr.port()
     );
     let cfg = Config::parse(&text, "l7.toml".as_ref()).unwrap();
-    let p = Proxy::start(&cfg, 2, Metrics::new().l7.clone()).expect("proxy starts");
-    let _stop = Running { proxy: Some(p), addr: format!("127.0.0.1:{web}").parse().unwrap() };
+    let metrics = Metrics::new();
+    let p = Proxy::start(&cfg, 2, metrics.l7.clone()).expect("proxy starts");
+    let _stop =
+        Running { proxy: Some(p), addr: format!("127.0.0.1:{web}").parse().unwrap(), metrics };
     let (web, other): (SocketAddr, SocketAddr) = (
         format!("127.0.0.1:{web}").parse().unwrap(),
         format!("127.0.0.1:{other}").parse().unwrap(),
@@ -816,4 +819,30 @@ fn large_responses_and_interim_responses_pass_through() {
     let fin = read_response(&mut r).unwrap();
     assert_eq!(fin.0, 200, "{fin:?}");
     assert!(fin.2.starts_with("cont /c ") && fin.2.ends_with(" len=3"), "{fin:?}");
+}
+
+#[test]
+fn request_latency_leaves_out_the_keep_alive_wait() {
+    let b = backend("b", Mode::Ok);
+    let p = proxy(&[(&b, 1)], "", "");
+    let s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    // Three requests on one connection, each after the client idled 300 ms.
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        assert_eq!(read_response(&mut r).unwrap().0, 200);
+    }
+    let text = p.metrics.encode();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in\n{text}"))
+    };
+    assert_eq!(value("edgelb_l7_request_duration_seconds_count"), 3.0, "{text}");
+    let sum = value("edgelb_l7_request_duration_seconds_sum");
+    assert!(sum < 0.3, "the 0.9 s of keep-alive idling counted as latency: {sum} s");
 }
