@@ -1,5 +1,5 @@
 #![allow(missing_docs)] // criterion_group! generates undocumented items
-//! Criterion benches for the user-space hot spots: the flow hash (also run per packet in XDP),
+//! Criterion benches for the user-space hot spots: the flow hashes (also run per packet in XDP),
 //! the Maglev table build, the L7 balancer's pick and the HTTP request-head parse.
 //! `cargo bench -p lb-userspace --bench hotpaths`.
 use std::{
@@ -25,6 +25,14 @@ fn flow_hash(c: &mut Criterion) {
     };
     c.bench_function("five_tuple_hash", |b| {
         b.iter(|| hash::five_tuple_hash(black_box(&key), HASH_SEED))
+    });
+    // The connection-table bucket hashes, run for every packet.
+    let v4 = key.v4();
+    c.bench_function("flow_key_v4_hash", |b| {
+        b.iter(|| hash::flow_key_v4_hash(black_box(&v4), HASH_SEED))
+    });
+    c.bench_function("flow_key_hash", |b| {
+        b.iter(|| hash::flow_key_hash(black_box(&key), HASH_SEED))
     });
 }
 
