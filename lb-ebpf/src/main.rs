@@ -55,6 +55,7 @@ pub enum Step<T> {
 }
 
 #[xdp]
+#[inline(always)]
 pub fn edgelb_balancer(ctx: XdpContext) -> u32 {
     match try_balance(&ctx) {
         Ok(action) => action,
