@@ -201,6 +201,14 @@ fn proxy(backends: &[(&Backend, u32)], l7: &str, extra: &str) -> Running {
     Running { proxy: Some(proxy), addr, metrics }
 }
 
+/// A keep-alive client connection to `addr` (reads time out after 5 s) and a reader on it.
+fn client(addr: SocketAddr) -> (TcpStream, BufReader<TcpStream>) {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let r = BufReader::new(s.try_clone().unwrap());
+    (s, r)
+}
+
 /// A response: status, headers (lower-case names), body.
 type Resp = (u16, HashMap<String, String>, String);
 
@@ -481,9 +489,7 @@ fn timeouts_and_limits_answer_cleanly() {
 fn upstream_connections_are_reused() {
     let a = backend("a", Mode::Ok);
     let p = proxy(&[(&a, 1)], "", "");
-    let s = TcpStream::connect(p.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
+    let (s, mut r) = client(p.addr);
     // Pipelined: two requests written at once, answered in order.
     (&s).write_all(b"GET /1 HTTP/1.1\r\nHost: t\r\n\r\nGET /2 HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
@@ -791,9 +797,7 @@ fn pipelined_requests_with_bodies_are_answered_in_order() {
 fn large_responses_and_interim_responses_pass_through() {
     let big = backend("big", Mode::Big(300_000));
     let p = proxy(&[(&big, 1)], "", "");
-    let s = TcpStream::connect(p.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
+    let (s, mut r) = client(p.addr);
     // Two on one keep-alive connection: the second follows a streamed body.
     for path in ["/a", "/b"] {
         (&s).write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).unwrap();
@@ -825,9 +829,7 @@ fn large_responses_and_interim_responses_pass_through() {
 fn request_latency_leaves_out_the_keep_alive_wait() {
     let b = backend("b", Mode::Ok);
     let p = proxy(&[(&b, 1)], "", "");
-    let s = TcpStream::connect(p.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
+    let (s, mut r) = client(p.addr);
     // Three requests on one connection, each after the client idled 300 ms.
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(300));

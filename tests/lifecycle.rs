@@ -244,7 +244,7 @@ impl Bed {
         let _ = std::fs::remove_file(&log);
         let edgelb = Edgelb::start(&tb.names.lb, &cfg_path, &log);
         let bed = Bed { edgelb: Some(edgelb), servers, tb, cfg_path, tag };
-        bed.wait_vip();
+        bed.wait_for(SocketAddr::new(IpAddr::V4(testbed::VIP), 80));
         Some(bed)
     }
 
@@ -256,12 +256,12 @@ impl Bed {
         Config::load(&self.cfg_path).unwrap()
     }
 
-    fn wait_vip(&self) {
-        let vip = SocketAddr::new(IpAddr::V4(testbed::VIP), 80);
+    /// Waits until HTTP to `vip` from the client namespace answers.
+    fn wait_for(&self, vip: SocketAddr) {
         netns::in_netns(&self.tb.names.client, || {
             let start = Instant::now();
             while servers::http_get(None, vip, TIMEOUT).is_err() {
-                assert!(start.elapsed() < Duration::from_secs(10), "VIP never answered");
+                assert!(start.elapsed() < Duration::from_secs(10), "{vip} never answered");
                 std::thread::sleep(Duration::from_millis(100));
             }
         })
@@ -743,14 +743,7 @@ fn l7_listener_from_the_service_manager_keeps_connections_across_a_restart() {
     })
     .unwrap();
     bed.edgelb = Some(Edgelb::start_with(&ns, &config, &log_path, Some(&listener)));
-    netns::in_netns(&bed.tb.names.client, || {
-        let start = Instant::now();
-        while servers::http_get(None, vip, TIMEOUT).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(10), "L7 VIP never answered");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    })
-    .unwrap();
+    bed.wait_for(vip);
     assert!(
         bed.e().log().contains("L7 VIP listens on the socket passed by the service manager"),
         "{}",
