@@ -73,3 +73,20 @@ fn route_prints_the_backend_the_library_computes() {
     assert_eq!(code, 2);
     assert!(err.contains("no VIP `nope`"), "{err}");
 }
+
+#[test]
+fn run_refuses_a_passed_descriptor_that_is_not_a_listening_socket() {
+    // As systemd would pass sockets (LISTEN_PID is the shell's PID, which edgelb inherits by
+    // exec), but descriptor 3 is a file. Refused before anything else happens.
+    let f = tempfile_path::write("passed-fd.toml", edgelb::config::EXAMPLE);
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(r#"export LISTEN_PID=$$ LISTEN_FDS=1; exec "$0" run --config "$1" 3</dev/null"#)
+        .arg(env!("CARGO_BIN_EXE_edgelb"))
+        .arg(&f.0)
+        .output()
+        .expect("run edgelb");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("descriptor 3 passed by the service manager"), "{err}");
+}
