@@ -427,9 +427,6 @@ fn uring_runtime() -> tokio_uring::Builder {
     // the thread's time went to that interrupt path). A thread asleep in epoll_wait is still
     // woken at once.
     ring.setup_coop_taskrun();
-    // Only this thread (which creates the ring) submits to it: the kernel can skip the locking
-    // that guards a ring shared between submitters.
-    ring.setup_single_issuer();
     let mut b = tokio_uring::builder();
     b.entries(URING_SQ_ENTRIES).uring_builder(&ring);
     b
