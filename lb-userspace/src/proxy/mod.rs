@@ -89,7 +89,7 @@ impl L7Metrics {
         );
         registry.register_with_unit(
             "edgelb_l7_request_duration",
-            "L7 request latency",
+            "L7 request latency, from the complete request head to the end of the response",
             Unit::Seconds,
             m.duration.clone(),
         );
