@@ -853,4 +853,26 @@ fn vip_lookup_cache_follows_vip_changes() {
     // A changed backend set republishes the VIP (new ring): the cached entry is refreshed.
     h.apply(&one_vip(&[("198.18.0.12", 1)]).replace("port = 80", "port = 81"));
     assert_eq!(outer_dst(&h.run(&to(81)).1), v4("198.18.0.12"));
+
+    // The same for IPv6 VIPs, which have a cache of their own.
+    let six = |port: u16, backend: u8| {
+        format!(
+            "[node]\ninterfaces = [\"lo\"]\nencap_source_v6 = \"2001:2:0:ff::/96\"\n\n[[vip]]\nname = \"v6\"\naddress = \"2001:2:0:1::1\"\nport = {port}\nbackends = [{{ address = \"2001:2::{backend:x}\", mac = \"02:ed:00:00:00:{backend:02x}\" }}]\n"
+        )
+    };
+    let to6 = |port: u16| {
+        eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &tcp6("2001:2::77", 40000, "2001:2:0:1::1", port, SYN))
+    };
+    // Outer IPv6 destination of an IP6IP6 frame.
+    let outer_dst6 = |frame: &[u8]| Ipv6Addr::from(<[u8; 16]>::try_from(&frame[38..54]).unwrap());
+    h.apply(&six(80, 0x11));
+    for _ in 0..2 {
+        assert_eq!(h.run(&to6(80)).0, XDP_TX);
+        assert_eq!(h.run(&to6(81)).0, XDP_PASS);
+    }
+    h.apply(&six(81, 0x11));
+    assert_eq!(h.run(&to6(80)).0, XDP_PASS, "removed IPv6 VIP no longer served from the cache");
+    assert_eq!(h.run(&to6(81)).0, XDP_TX, "added IPv6 VIP not hidden by a cached miss");
+    h.apply(&six(81, 0x12));
+    assert_eq!(outer_dst6(&h.run(&to6(81)).1), v6("2001:2::12"));
 }

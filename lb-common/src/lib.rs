@@ -80,6 +80,8 @@ pub mod maps {
     /// `PerCpuArray<VipCacheEntry>`: per-CPU cache of IPv4 VIP lookups (not pinned: a fresh one
     /// starts empty).
     pub const VIP_CACHE: &str = "VIP_CACHE";
+    /// `PerCpuArray<VipCacheEntryV6>`: the same for IPv6 VIP lookups (not pinned either).
+    pub const VIP_CACHE_V6: &str = "VIP_CACHE_V6";
     /// `PerCpuArray<u64>`, indexed by [`crate::ct_stats`]: connection-table events.
     pub const CT_STATS: &str = "CT_STATS";
     /// `HashMap<AddrKey, u32>`: every VIP address (any port), for ICMP and fragment policy.
@@ -167,16 +169,16 @@ pub struct VipKeyV4 {
     pub _pad: u8,
 }
 
-/// One entry of the per-CPU IPv4 VIP lookup cache (`maps::VIP_CACHE`): the answer the VIP
-/// table gave for (address, port, protocol), exact port first and then "any port", while the
-/// table's epoch (`maps::VIP_EPOCH`) was `epoch`. Saves the kernel's jhash and bucket walk (one
-/// or two of them) on most packets; an entry is trusted only while the epoch is unchanged, and
-/// user space bumps it after every change to the table.
+/// One entry of a per-CPU VIP lookup cache (`maps::VIP_CACHE` for IPv4, `maps::VIP_CACHE_V6`
+/// for IPv6): the answer the VIP table gave for (address, port, protocol), exact port first and
+/// then "any port", while the tables' epoch (`maps::VIP_EPOCH`) was `epoch`. Saves the kernel's
+/// jhash and bucket walk (one or two of them) on most packets; an entry is trusted only while
+/// the epoch is unchanged, and user space bumps it after every change to the tables.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct VipCacheEntry {
-    /// Destination address word.
-    pub addr: u32,
+pub struct VipCacheEntryOf<A> {
+    /// Destination address word(s).
+    pub addr: A,
     /// Destination port (network order).
     pub port: u16,
     /// IP protocol.
@@ -188,6 +190,11 @@ pub struct VipCacheEntry {
     /// The VIP, when `state` is [`VIP_CACHE_HIT`].
     pub meta: VipMeta,
 }
+
+/// An entry of the IPv4 VIP cache.
+pub type VipCacheEntry = VipCacheEntryOf<u32>;
+/// An entry of the IPv6 VIP cache.
+pub type VipCacheEntryV6 = VipCacheEntryOf<[u32; 4]>;
 
 /// [`VipCacheEntry::state`]: nothing cached.
 pub const VIP_CACHE_EMPTY: u8 = 0;
@@ -204,6 +211,12 @@ pub const fn vip_cache_slot(addr: u32, port: u16, proto: u8) -> u32 {
     (addr ^ ((port as u32) << 16) ^ proto as u32).wrapping_mul(0x9e37_79b1) >> 26
 }
 const _: () = assert!(VIP_CACHE_ENTRIES == 1 << (32 - 26));
+
+/// The VIP cache slot of an IPv6 destination: its words folded, then as IPv4.
+#[inline(always)]
+pub const fn vip_cache_slot_v6(addr: &[u32; 4], port: u16, proto: u8) -> u32 {
+    vip_cache_slot(addr[0] ^ addr[1] ^ addr[2] ^ addr[3], port, proto)
+}
 
 impl VipKey {
     /// The compact key of an IPv4 VIP.
@@ -490,5 +503,6 @@ mod layout {
         assert_eq!(size_of::<GlobalConfig>(), 36);
         assert_eq!(size_of::<Counters>(), 24);
         assert_eq!(size_of::<VipCacheEntry>(), 28);
+        assert_eq!(size_of::<VipCacheEntryV6>(), 40);
     }
 }

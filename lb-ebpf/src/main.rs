@@ -15,12 +15,13 @@ mod maps;
 mod parse;
 mod stats;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, macros::xdp, maps::PerCpuArray, programs::XdpContext};
 use lb_common::{
     AF_INET, AF_INET6, AddrKey, FlowKey, GlobalConfig, VIP_CACHE_EMPTY, VIP_CACHE_HIT,
-    VIP_CACHE_NONE, VipKey, VipKeyV4, VipMeta, proto, stats::Reason, vip_cache_slot, vip_flags,
+    VIP_CACHE_NONE, VipCacheEntryOf, VipKey, VipKeyV4, VipMeta, proto, stats::Reason,
+    vip_cache_slot, vip_cache_slot_v6, vip_flags,
 };
-use maps::{CONFIG, VIP_ADDRS, VIP_CACHE, VIP_EPOCH, VIPS, VIPS_V4};
+use maps::{CONFIG, VIP_ADDRS, VIP_CACHE, VIP_CACHE_V6, VIP_EPOCH, VIPS, VIPS_V4};
 use parse::{ETH_P_IP, ETH_P_IPV6, IPV4_LEN, IPV6_LEN, Ipv4Hdr, Ipv6Hdr, Ports, ptr_at};
 use stats::count;
 
@@ -201,31 +202,52 @@ fn parse_v6(ctx: &XdpContext, l3_off: usize) -> Result<Step<L3>, ()> {
     }))
 }
 
-/// The IPv4 VIP table lookup (exact port, then "any port"), through this CPU's cache.
+/// An address the VIP caches are keyed by: compared word by word (an array comparison could
+/// compile to a `bcmp` call, which BPF cannot make).
+trait CacheAddr: Copy {
+    fn same(&self, other: &Self) -> bool;
+}
+
+impl CacheAddr for u32 {
+    #[inline(always)]
+    fn same(&self, other: &u32) -> bool {
+        self == other
+    }
+}
+
+impl CacheAddr for [u32; 4] {
+    #[inline(always)]
+    fn same(&self, other: &[u32; 4]) -> bool {
+        self[0] == other[0] && self[1] == other[1] && self[2] == other[2] && self[3] == other[3]
+    }
+}
+
+/// A VIP table lookup (exact port, then "any port", by `table`) through this CPU's cache
+/// `cache`, at `slot`.
 #[inline(always)]
-fn lookup_vip_v4(addr: u32, port: u16, proto: u8) -> Option<VipMeta> {
+fn lookup_vip_cached<A: CacheAddr>(
+    cache: &PerCpuArray<VipCacheEntryOf<A>>,
+    slot: u32,
+    addr: A,
+    port: u16,
+    proto: u8,
+    table: impl Fn(u16) -> Option<VipMeta>,
+) -> Option<VipMeta> {
     let epoch = VIP_EPOCH.get(0).copied().unwrap_or(0);
-    let cached = VIP_CACHE.get_ptr_mut(vip_cache_slot(addr, port, proto));
+    let cached = cache.get_ptr_mut(slot);
     if let Some(e) = cached {
         // SAFETY: a per-CPU array element, valid for this run and touched by no other CPU.
         let e = unsafe { &*e };
         if e.state != VIP_CACHE_EMPTY
             && e.epoch == epoch
-            && e.addr == addr
+            && e.addr.same(&addr)
             && e.port == port
             && e.proto == proto
         {
             return if e.state == VIP_CACHE_HIT { Some(e.meta) } else { None };
         }
     }
-    let mut key = VipKeyV4 { addr, port, proto, _pad: 0 };
-    // SAFETY: the value is copied out at once.
-    let mut found = unsafe { VIPS_V4.get(&key) }.copied();
-    if found.is_none() {
-        key.port = 0;
-        // SAFETY: as above.
-        found = unsafe { VIPS_V4.get(&key) }.copied();
-    }
+    let found = table(port).or_else(|| table(0));
     if let Some(e) = cached {
         // SAFETY: as above; this CPU is the only writer.
         let e = unsafe { &mut *e };
@@ -244,20 +266,24 @@ fn lookup_vip_v4(addr: u32, port: u16, proto: u8) -> Option<VipMeta> {
     found
 }
 
-/// Finds the VIP for (address, port, protocol), trying the exact port, then "any port".
+/// Finds the VIP for (address, port, protocol), trying the exact port, then "any port", through
+/// this CPU's cache of answers for the address family.
 #[inline(always)]
 pub fn lookup_vip(addr: &[u32; 4], port: u16, proto: u8, family: u8) -> Option<VipMeta> {
     if family == AF_INET {
-        return lookup_vip_v4(addr[0], port, proto);
+        let slot = vip_cache_slot(addr[0], port, proto);
+        return lookup_vip_cached(&VIP_CACHE, slot, addr[0], port, proto, |port| {
+            let key = VipKeyV4 { addr: addr[0], port, proto, _pad: 0 };
+            // SAFETY: the value is copied out at once.
+            unsafe { VIPS_V4.get(&key) }.copied()
+        });
     }
-    let mut key = VipKey { addr: *addr, port, proto, family };
-    // SAFETY: the value is copied out at once.
-    if let Some(meta) = unsafe { VIPS.get(&key) } {
-        return Some(*meta);
-    }
-    key.port = 0;
-    // SAFETY: as above.
-    unsafe { VIPS.get(&key) }.copied()
+    let slot = vip_cache_slot_v6(addr, port, proto);
+    lookup_vip_cached(&VIP_CACHE_V6, slot, *addr, port, proto, |port| {
+        let key = VipKey { addr: *addr, port, proto, family };
+        // SAFETY: the value is copied out at once.
+        unsafe { VIPS.get(&key) }.copied()
+    })
 }
 
 #[inline(always)]

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use lb_common::{
     AddrKey, Backend, CONNTRACK_V4_BUCKETS, CONNTRACK_V6_BUCKETS, ConnBucket, ConnBucketV4,
     Counters, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, VIP_CACHE_ENTRIES,
-    VipCacheEntry, VipKey, VipKeyV4, VipMeta, ct_stats, stats::REASON_COUNT,
+    VipCacheEntry, VipCacheEntryV6, VipKey, VipKeyV4, VipMeta, ct_stats, stats::REASON_COUNT,
 };
 
 /// Mmapable arrays have page-aligned values, which puts every 64-byte connection-table bucket on
@@ -31,6 +31,11 @@ pub static VIP_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
 /// Per-CPU cache of IPv4 VIP lookups, checked against VIP_EPOCH.
 #[map]
 pub static VIP_CACHE: PerCpuArray<VipCacheEntry> =
+    PerCpuArray::with_max_entries(VIP_CACHE_ENTRIES, 0);
+
+/// Per-CPU cache of IPv6 VIP lookups, likewise.
+#[map]
+pub static VIP_CACHE_V6: PerCpuArray<VipCacheEntryV6> =
     PerCpuArray::with_max_entries(VIP_CACHE_ENTRIES, 0);
 
 /// Every VIP address, for ICMP echo, ICMP errors and the fragment/options policy.
