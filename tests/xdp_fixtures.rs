@@ -632,6 +632,60 @@ fn connection_table_keeps_flows_across_ring_changes() {
     assert_ne!(now, first);
 }
 
+/// A config with one IPv6 VIP, 2001:2:0:1::1 port `port`, on backends 2001:2::`b` (hex).
+fn one_vip6(port: u16, backends: &[u8]) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|b| format!("{{ address = \"2001:2::{b:x}\", mac = \"02:ed:00:00:00:{b:02x}\" }}"))
+        .collect();
+    format!(
+        "[node]\ninterfaces = [\"lo\"]\nencap_source_v6 = \"2001:2:0:ff::/96\"\n\n[[vip]]\nname = \"v6\"\naddress = \"2001:2:0:1::1\"\nport = {port}\nbackends = [{}]\n",
+        list.join(", ")
+    )
+}
+
+/// Outer destination of an IP6IP6 frame.
+fn outer_dst6(frame: &[u8]) -> Ipv6Addr {
+    Ipv6Addr::from(<[u8; 16]>::try_from(&frame[38..54]).unwrap())
+}
+
+#[test]
+fn ipv6_connection_table_keeps_flows_across_ring_changes() {
+    let Some(mut h) =
+        Harness::new("ipv6_connection_table_keeps_flows", &one_vip6(80, &[0x11, 0x12, 0x13]))
+    else {
+        return;
+    };
+    edgelb::testbed::netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
+    let cfg4 = Config::parse(&one_vip6(80, &[0x11, 0x12, 0x13, 0x14]), "x".as_ref()).unwrap();
+    let (client, first) = (1..=250u16)
+        .map(|i| Ipv6Addr::new(0x2001, 2, 0, 5, 0, 0, 0, i))
+        .find_map(|c| {
+            let before = route(&h.vip("v6"), c.into(), 0).unwrap().address;
+            let after = route(&cfg4.vips[0], c.into(), 0).unwrap().address;
+            (before != after).then_some((c, before))
+        })
+        .expect("some client moves when a backend is added");
+    let frame = |sport: u16, flags: u8| {
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IPV6,
+            &tcp6(&client.to_string(), sport, "2001:2:0:1::1", 80, flags),
+        )
+    };
+    assert_eq!(IpAddr::V6(outer_dst6(&h.run(&frame(50000, SYN)).1)), first);
+    h.apply(&one_vip6(80, &[0x11, 0x12, 0x13, 0x14]));
+    let moved_to = route(&h.vip("v6"), client.into(), 0).unwrap().address;
+    assert_ne!(moved_to, first);
+    assert_eq!(
+        IpAddr::V6(outer_dst6(&h.run(&frame(50000, ACK)).1)),
+        first,
+        "established IPv6 flow keeps its backend after a ring change"
+    );
+    assert_eq!(IpAddr::V6(outer_dst6(&h.run(&frame(50001, SYN)).1)), moved_to, "new flow moves");
+}
+
 /// The IPv4 connection-table bucket of a TCP flow to 198.18.1.1:80, as the XDP program computes it.
 fn bucket_of(client: Ipv4Addr, sport: u16) -> u32 {
     let key = lb_common::FlowKeyV4 {
@@ -855,16 +909,10 @@ fn vip_lookup_cache_follows_vip_changes() {
     assert_eq!(outer_dst(&h.run(&to(81)).1), v4("198.18.0.12"));
 
     // The same for IPv6 VIPs, which have a cache of their own.
-    let six = |port: u16, backend: u8| {
-        format!(
-            "[node]\ninterfaces = [\"lo\"]\nencap_source_v6 = \"2001:2:0:ff::/96\"\n\n[[vip]]\nname = \"v6\"\naddress = \"2001:2:0:1::1\"\nport = {port}\nbackends = [{{ address = \"2001:2::{backend:x}\", mac = \"02:ed:00:00:00:{backend:02x}\" }}]\n"
-        )
-    };
+    let six = |port: u16, backend: u8| one_vip6(port, &[backend]);
     let to6 = |port: u16| {
         eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &tcp6("2001:2::77", 40000, "2001:2:0:1::1", port, SYN))
     };
-    // Outer IPv6 destination of an IP6IP6 frame.
-    let outer_dst6 = |frame: &[u8]| Ipv6Addr::from(<[u8; 16]>::try_from(&frame[38..54]).unwrap());
     h.apply(&six(80, 0x11));
     for _ in 0..2 {
         assert_eq!(h.run(&to6(80)).0, XDP_TX);

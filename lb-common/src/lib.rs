@@ -31,7 +31,7 @@ pub const CONNTRACK_WAYS: usize = 4;
 /// [`CONNTRACK_BUDGET`]; the count is set when the program is loaded.
 pub const CONNTRACK_V4_BUCKETS: u32 = 32_768;
 /// Most IPv6 connection-table buckets per CPU (x [`CONNTRACK_WAYS`] = 65 536 flows per CPU,
-/// 3 MiB), likewise.
+/// 2 MiB), likewise.
 pub const CONNTRACK_V6_BUCKETS: u32 = 16_384;
 /// Memory each of the two connection tables may take over all CPUs (bytes).
 pub const CONNTRACK_BUDGET: u64 = 128 << 20;
@@ -381,7 +381,12 @@ impl ConnEntryV4 {
 
     /// The backend this entry names.
     pub const fn conn(&self) -> Conn {
-        Conn { backend: self.tag & 0xfff, generation: (self.tag >> 12) & CONN_GENERATION_MASK }
+        Self::conn_of(self.tag)
+    }
+
+    /// The backend a `tag` names.
+    pub const fn conn_of(tag: u32) -> Conn {
+        Conn { backend: tag & 0xfff, generation: (tag >> 12) & CONN_GENERATION_MASK }
     }
 }
 
@@ -400,14 +405,24 @@ pub struct ConnBucketV4 {
     pub ways: [ConnEntryV4; CONNTRACK_WAYS],
 }
 
-/// One connection-table entry for an IPv6 flow.
+/// One connection-table entry for an IPv6 flow, packed into 32 bytes so that a bucket of
+/// [`CONNTRACK_WAYS`] is two cache lines rather than three. The VIP is named by its index rather
+/// than its 16-byte address: the VIP lookup, which comes first, has already turned destination
+/// address, port and protocol into that index, so (client address, ports, VIP, protocol) is the
+/// same flow as the 5-tuple. An all-zero entry is an empty way (no real flow has protocol 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnEntry {
-    /// The flow.
-    pub key: FlowKey,
-    /// Its backend.
-    pub conn: Conn,
+    /// Client address words.
+    pub src: [u32; 4],
+    /// Client port | VIP port << 16 (each as read from the packet, network order).
+    pub ports: u32,
+    /// As [`ConnEntryV4::tag`]: backend id, low bits of its generation, IP protocol.
+    pub tag: u32,
+    /// The VIP's index ([`VipMeta::vip_index`]).
+    pub vip: u32,
+    /// Zero.
+    pub _pad: u32,
 }
 
 /// One bucket of the IPv6 connection table (see [`ConnBucketV4`]).
@@ -499,7 +514,7 @@ mod layout {
         assert_eq!(size_of::<FlowKeyV4>(), 16);
         assert_eq!(size_of::<Conn>(), 8);
         assert_eq!(size_of::<ConnBucketV4>(), 64);
-        assert_eq!(size_of::<ConnBucket>(), 192);
+        assert_eq!(size_of::<ConnBucket>(), 128);
         assert_eq!(size_of::<GlobalConfig>(), 36);
         assert_eq!(size_of::<Counters>(), 24);
         assert_eq!(size_of::<VipCacheEntry>(), 28);

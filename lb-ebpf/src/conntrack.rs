@@ -13,7 +13,8 @@
 //! used first. A hit moves the flow to the front; a new flow goes to the front and the least
 //! recently used one of that bucket is forgotten (it re-hashes onto the ring if it ever sends
 //! again, which picks the same backend unless the pool changed meanwhile). An IPv4 bucket is one
-//! cache line (16-byte entries, page-aligned mmapable map), an IPv6 bucket three; no kernel
+//! cache line (16-byte entries, page-aligned mmapable map), an IPv6 bucket two (32-byte
+//! entries that name the VIP by its index rather than its address); no kernel
 //! hashing, no locks.
 
 use aya_ebpf::{
@@ -85,21 +86,10 @@ fn promote<T: Copy>(ways: &mut [T; CONNTRACK_WAYS], at: usize) {
     ways[0] = moved;
 }
 
-/// Same flow (any family)? Field by field, as above.
+/// Same address? Word by word (an array comparison could compile to a `bcmp` call).
 #[inline(always)]
-fn same(a: &FlowKey, b: &FlowKey) -> bool {
-    a.src[0] == b.src[0]
-        && a.src[1] == b.src[1]
-        && a.src[2] == b.src[2]
-        && a.src[3] == b.src[3]
-        && a.dst[0] == b.dst[0]
-        && a.dst[1] == b.dst[1]
-        && a.dst[2] == b.dst[2]
-        && a.dst[3] == b.dst[3]
-        && a.sport == b.sport
-        && a.dport == b.dport
-        && a.proto == b.proto
-        && a.family == b.family
+fn same_addr(a: &[u32; 4], b: &[u32; 4]) -> bool {
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
 }
 
 /// A connection-table bucket of one address family.
@@ -116,18 +106,18 @@ trait Bucket: Sized + 'static {
     fn ways(&self) -> &[Self::Way; CONNTRACK_WAYS];
     /// The ways, to reorder or overwrite.
     fn ways_mut(&mut self) -> &mut [Self::Way; CONNTRACK_WAYS];
-    /// The backend of `way` if it holds `key`.
-    fn matches(way: &Self::Way, key: &FlowKey) -> Option<Conn>;
-    /// A way holding `key -> conn`.
-    fn way(key: &FlowKey, conn: Conn) -> Self::Way;
+    /// The backend of `way` if it holds `key` (a flow of VIP index `vip`).
+    fn matches(way: &Self::Way, key: &FlowKey, vip: u32) -> Option<Conn>;
+    /// A way holding `key -> conn` (a flow of VIP index `vip`).
+    fn way(key: &FlowKey, vip: u32, conn: Conn) -> Self::Way;
     /// Does `way` hold a flow?
     fn occupied(way: &Self::Way) -> bool;
 
-    /// Way holding `key` and its entry, if any.
+    /// Way holding `key` (of VIP index `vip`) and its entry, if any.
     #[inline(always)]
-    fn find(&self, key: &FlowKey) -> Option<(usize, Conn)> {
+    fn find(&self, key: &FlowKey, vip: u32) -> Option<(usize, Conn)> {
         for (i, way) in self.ways().iter().enumerate() {
-            if let Some(conn) = Self::matches(way, key) {
+            if let Some(conn) = Self::matches(way, key, vip) {
                 return Some((i, conn));
             }
         }
@@ -143,13 +133,13 @@ trait Bucket: Sized + 'static {
     /// Stores `key -> conn` in front, in way `at` if the key is there already, else in place of
     /// the least recently used way.
     #[inline(always)]
-    fn store(&mut self, at: Option<usize>, key: &FlowKey, conn: Conn) {
+    fn store(&mut self, at: Option<usize>, key: &FlowKey, vip: u32, conn: Conn) {
         let ways = self.ways_mut();
         if at.is_none() && Self::occupied(&ways[CONNTRACK_WAYS - 1]) {
             count_ct(ct_stats::EVICTED);
         }
         promote(ways, at.unwrap_or(CONNTRACK_WAYS - 1));
-        ways[0] = Self::way(key, conn);
+        ways[0] = Self::way(key, vip, conn);
     }
 }
 
@@ -176,7 +166,7 @@ impl Bucket for ConnBucketV4 {
         &mut self.ways
     }
     #[inline(always)]
-    fn matches(way: &ConnEntryV4, key: &FlowKey) -> Option<Conn> {
+    fn matches(way: &ConnEntryV4, key: &FlowKey, _vip: u32) -> Option<Conn> {
         (way.src == key.src[0]
             && way.dst == key.dst[0]
             && way.ports == ports(key)
@@ -184,7 +174,7 @@ impl Bucket for ConnBucketV4 {
             .then(|| way.conn())
     }
     #[inline(always)]
-    fn way(key: &FlowKey, conn: Conn) -> ConnEntryV4 {
+    fn way(key: &FlowKey, _vip: u32, conn: Conn) -> ConnEntryV4 {
         ConnEntryV4 {
             src: key.src[0],
             dst: key.dst[0],
@@ -227,16 +217,26 @@ impl Bucket for ConnBucket {
         &mut self.ways
     }
     #[inline(always)]
-    fn matches(way: &ConnEntry, key: &FlowKey) -> Option<Conn> {
-        same(&way.key, key).then_some(way.conn)
+    fn matches(way: &ConnEntry, key: &FlowKey, vip: u32) -> Option<Conn> {
+        (same_addr(&way.src, &key.src)
+            && way.ports == ports(key)
+            && way.vip == vip
+            && way.tag >> 24 == key.proto as u32)
+            .then(|| ConnEntryV4::conn_of(way.tag))
     }
     #[inline(always)]
-    fn way(key: &FlowKey, conn: Conn) -> ConnEntry {
-        ConnEntry { key: *key, conn }
+    fn way(key: &FlowKey, vip: u32, conn: Conn) -> ConnEntry {
+        ConnEntry {
+            src: key.src,
+            ports: ports(key),
+            tag: ConnEntryV4::tag(key.proto, conn.backend, conn.generation),
+            vip,
+            _pad: 0,
+        }
     }
     #[inline(always)]
     fn occupied(way: &ConnEntry) -> bool {
-        way.key.proto != 0
+        way.tag != 0
     }
 }
 
@@ -274,6 +274,7 @@ struct Search {
     slot: u32,
     me: u32,
     key: FlowKey,
+    vip: u32,
     found: Option<Conn>,
 }
 
@@ -293,7 +294,7 @@ extern "C" fn search_step<B: Bucket>(cpu: u64, ctx: *mut c_void) -> i64 {
     };
     // SAFETY: a bucket in another CPU's region, which that CPU may be writing: only a copy of
     // the entry is kept, and the caller validates it (`valid`) before use.
-    match unsafe { &*other }.find(&s.key) {
+    match unsafe { &*other }.find(&s.key, s.vip) {
         Some((_, conn)) => {
             s.found = Some(conn);
             1
@@ -310,7 +311,7 @@ fn search_other_cpus<B: Bucket>(
     key: &FlowKey,
     meta: &VipMeta,
 ) -> Option<(Conn, Backend)> {
-    let mut search = Search { slot, me, key: *key, found: None };
+    let mut search = Search { slot, me, key: *key, vip: meta.vip_index, found: None };
     // SAFETY: the callback has bpf_loop's signature and `search` outlives the call.
     unsafe {
         bpf_loop(
@@ -338,7 +339,7 @@ fn pick_in<B: Bucket>(search: bool, key: &FlowKey, meta: &VipMeta, remember: boo
     // SAFETY: this CPU's region is written only by this CPU, and XDP does not preempt itself
     // on one CPU, so this is the only reference for this run of the program.
     let bucket = unsafe { &mut *bucket };
-    let found = bucket.find(key);
+    let found = bucket.find(key, meta.vip_index);
     if let Some((at, conn)) = found {
         if let Some(backend) = valid(&conn, meta) {
             if remember {
@@ -349,7 +350,7 @@ fn pick_in<B: Bucket>(search: bool, key: &FlowKey, meta: &VipMeta, remember: boo
     } else if search && let Some((conn, backend)) = search_other_cpus::<B>(cpu, slot, key, meta) {
         count_ct(ct_stats::FOUND_ON_OTHER_CPU);
         if remember {
-            bucket.store(None, key, conn);
+            bucket.store(None, key, meta.vip_index, conn);
         }
         return Some(Pick { id: conn.backend, backend, new_flow: false, hash });
     }
@@ -374,7 +375,7 @@ fn place<B: Bucket>(
     let id = *RINGS.get(meta.ring_base + flow_hash(key, meta) % meta.ring_size)?;
     let backend = live_backend(id)?;
     if remember && let Some(bucket) = bucket {
-        bucket.store(at, key, Conn { backend: id, generation: backend.generation });
+        bucket.store(at, key, meta.vip_index, Conn { backend: id, generation: backend.generation });
     }
     Some(Pick { id, backend, new_flow: true, hash })
 }
