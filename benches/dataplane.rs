@@ -390,6 +390,10 @@ fn veth(results: &mut Value) {
         let gen_prog = aux.program(programs::GEN).unwrap();
         let start = Instant::now();
         netns::in_netns(&pair.gen_ns, || {
+            // One CPU generates, and so runs both sides' NAPI and edgelb's per-CPU table, as one
+            // RSS queue would: a generator thread moving between CPUs would make flows new on
+            // each CPU it visits.
+            netns::pin_current_thread(Some(0)).expect("pin the generator");
             let opts = TestRunOptions {
                 data_in: Some(&frame),
                 ctx_in: Some(&ctx),
