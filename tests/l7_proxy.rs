@@ -85,7 +85,15 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<(String, Vec<u8>)> {
 }
 
 fn backend(name: &'static str, mode: Mode) -> Backend {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    // A deep accept queue: std's listen backlog is 128, and a test that sends 150 concurrent
+    // requests to a slow backend would see connect failures (502s) whenever this accept thread
+    // falls behind on a loaded machine.
+    let l: TcpListener = {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        s.listen(1024).unwrap();
+        s.into()
+    };
     let addr = l.local_addr().unwrap();
     let (conns, reqs, stop) = (
         Arc::new(AtomicUsize::new(0)),
