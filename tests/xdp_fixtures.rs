@@ -572,6 +572,21 @@ fn outer_dst(frame: &[u8]) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]))
 }
 
+/// The first of `clients` whose new flows move when `vip` becomes `next` (other backends), and
+/// its backend on `vip`.
+fn client_that_moves(
+    vip: &Vip,
+    next: &Vip,
+    mut clients: impl Iterator<Item = IpAddr>,
+) -> (IpAddr, IpAddr) {
+    clients
+        .find_map(|c| {
+            let before = route(vip, c, 0).unwrap().address;
+            (before != route(next, c, 0).unwrap().address).then_some((c, before))
+        })
+        .expect("some client moves when a backend is added")
+}
+
 #[test]
 fn connection_table_keeps_flows_across_ring_changes() {
     let three = [("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)];
@@ -583,14 +598,8 @@ fn connection_table_keeps_flows_across_ring_changes() {
     // Find a client whose backend changes when a fourth backend joins.
     let four = [three[0], three[1], three[2], ("198.18.0.14", 1)];
     let cfg4 = Config::parse(&one_vip(&four), "x".as_ref()).unwrap();
-    let (client, first) = (1..=250u8)
-        .map(|i| Ipv4Addr::new(198, 18, 5, i))
-        .find_map(|c| {
-            let before = route(&h.vip("v4tcp"), c.into(), 0).unwrap().address;
-            let after = route(&cfg4.vips[0], c.into(), 0).unwrap().address;
-            (before != after).then_some((c, before))
-        })
-        .expect("some client moves when a backend is added");
+    let clients = (1..=250u8).map(|i| IpAddr::V4(Ipv4Addr::new(198, 18, 5, i)));
+    let (client, first) = client_that_moves(&h.vip("v4tcp"), &cfg4.vips[0], clients);
     let frame = |sport: u16, flags: u8| {
         eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4(&client.to_string(), sport, "198.18.1.1", 80, flags))
     };
@@ -600,7 +609,7 @@ fn connection_table_keeps_flows_across_ring_changes() {
 
     // Ring change: the established flow stays, a new flow from the same client moves.
     h.apply(&one_vip(&four));
-    let moved_to = route(&h.vip("v4tcp"), client.into(), 0).unwrap().address;
+    let moved_to = route(&h.vip("v4tcp"), client, 0).unwrap().address;
     let (_, out) = h.run(&frame(50000, ACK));
     assert_eq!(outer_dst(&out), first, "established flow keeps its backend after a ring change");
     assert_eq!(
@@ -626,7 +635,7 @@ fn connection_table_keeps_flows_across_ring_changes() {
     // Removal: the flow re-hashes onto the current ring.
     let removed: Vec<(&str, u32)> = four.iter().copied().filter(|(a, _)| *a != first_s).collect();
     h.apply(&one_vip(&removed));
-    let now = route(&h.vip("v4tcp"), client.into(), 0).unwrap().address;
+    let now = route(&h.vip("v4tcp"), client, 0).unwrap().address;
     let (_, out) = h.run(&frame(50000, ACK));
     assert_eq!(outer_dst(&out), now, "removed backend's flow is re-hashed");
     assert_ne!(now, first);
@@ -658,14 +667,8 @@ fn ipv6_connection_table_keeps_flows_across_ring_changes() {
     };
     edgelb::testbed::netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
     let cfg4 = Config::parse(&one_vip6(80, &[0x11, 0x12, 0x13, 0x14]), "x".as_ref()).unwrap();
-    let (client, first) = (1..=250u16)
-        .map(|i| Ipv6Addr::new(0x2001, 2, 0, 5, 0, 0, 0, i))
-        .find_map(|c| {
-            let before = route(&h.vip("v6"), c.into(), 0).unwrap().address;
-            let after = route(&cfg4.vips[0], c.into(), 0).unwrap().address;
-            (before != after).then_some((c, before))
-        })
-        .expect("some client moves when a backend is added");
+    let clients = (1..=250u16).map(|i| IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, 5, 0, 0, 0, i)));
+    let (client, first) = client_that_moves(&h.vip("v6"), &cfg4.vips[0], clients);
     let frame = |sport: u16, flags: u8| {
         eth(
             LB_MAC,
@@ -676,7 +679,7 @@ fn ipv6_connection_table_keeps_flows_across_ring_changes() {
     };
     assert_eq!(IpAddr::V6(outer_dst6(&h.run(&frame(50000, SYN)).1)), first);
     h.apply(&one_vip6(80, &[0x11, 0x12, 0x13, 0x14]));
-    let moved_to = route(&h.vip("v6"), client.into(), 0).unwrap().address;
+    let moved_to = route(&h.vip("v6"), client, 0).unwrap().address;
     assert_ne!(moved_to, first);
     assert_eq!(
         IpAddr::V6(outer_dst6(&h.run(&frame(50000, ACK)).1)),
