@@ -355,7 +355,27 @@ pub mod ct_stats {
 pub const CONN_GENERATION_BITS: u32 = 12;
 /// Mask of [`CONN_GENERATION_BITS`].
 pub const CONN_GENERATION_MASK: u32 = (1 << CONN_GENERATION_BITS) - 1;
-const _: () = assert!(MAX_BACKENDS <= 1 << 12, "backend ids must fit ConnEntryV4::tag");
+const _: () = assert!(MAX_BACKENDS <= 1 << 12, "backend ids must fit a connection tag");
+
+impl Conn {
+    /// The tag word a connection-table entry (IPv4 or IPv6) keeps for this backend and a flow of
+    /// `proto`: backend id (bits 0..12) | low bits of its generation (12..24) | protocol (24..32).
+    pub const fn tag(&self, proto: u8) -> u32 {
+        (proto as u32) << 24
+            | (self.generation & CONN_GENERATION_MASK) << 12
+            | (self.backend & 0xfff)
+    }
+
+    /// The backend a tag names.
+    pub const fn from_tag(tag: u32) -> Conn {
+        Conn { backend: tag & 0xfff, generation: (tag >> 12) & CONN_GENERATION_MASK }
+    }
+
+    /// The IP protocol of the flow a tag belongs to.
+    pub const fn tag_proto(tag: u32) -> u8 {
+        (tag >> 24) as u8
+    }
+}
 
 /// One IPv4 connection-table entry: a flow and where it goes, packed into 16 bytes so that a
 /// bucket of [`CONNTRACK_WAYS`] is exactly one cache line. An all-zero entry is an empty way (no
@@ -369,25 +389,8 @@ pub struct ConnEntryV4 {
     pub dst: u32,
     /// Client port | VIP port << 16 (each as read from the packet, network order).
     pub ports: u32,
-    /// Backend id (bits 0..12) | low bits of its generation (12..24) | IP protocol (24..32).
+    /// The backend and protocol ([`Conn::tag`]).
     pub tag: u32,
-}
-
-impl ConnEntryV4 {
-    /// The `tag` of a flow of `proto` on backend `id` at `generation`.
-    pub const fn tag(proto: u8, id: u32, generation: u32) -> u32 {
-        (proto as u32) << 24 | (generation & CONN_GENERATION_MASK) << 12 | (id & 0xfff)
-    }
-
-    /// The backend this entry names.
-    pub const fn conn(&self) -> Conn {
-        Self::conn_of(self.tag)
-    }
-
-    /// The backend a `tag` names.
-    pub const fn conn_of(tag: u32) -> Conn {
-        Conn { backend: tag & 0xfff, generation: (tag >> 12) & CONN_GENERATION_MASK }
-    }
 }
 
 /// One bucket of the IPv4 connection table: [`CONNTRACK_WAYS`] flows, most recently used
@@ -417,7 +420,7 @@ pub struct ConnEntry {
     pub src: [u32; 4],
     /// Client port | VIP port << 16 (each as read from the packet, network order).
     pub ports: u32,
-    /// As [`ConnEntryV4::tag`]: backend id, low bits of its generation, IP protocol.
+    /// The backend and protocol ([`Conn::tag`]).
     pub tag: u32,
     /// The VIP's index ([`VipMeta::vip_index`]).
     pub vip: u32,

@@ -24,6 +24,7 @@ use aya_ebpf::{
 
 use crate::{
     maps::{BACKENDS, CONNTRACK, CONNTRACK_V4, CT_V4_BUCKETS, CT_V6_BUCKETS, RINGS},
+    same_addr,
     stats::count_ct,
 };
 use lb_common::{
@@ -84,12 +85,6 @@ fn promote<T: Copy>(ways: &mut [T; CONNTRACK_WAYS], at: usize) {
     }
     ways[1] = ways[0];
     ways[0] = moved;
-}
-
-/// Same address? Word by word (an array comparison could compile to a `bcmp` call).
-#[inline(always)]
-fn same_addr(a: &[u32; 4], b: &[u32; 4]) -> bool {
-    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
 }
 
 /// A connection-table bucket of one address family.
@@ -170,8 +165,8 @@ impl Bucket for ConnBucketV4 {
         (way.src == key.src[0]
             && way.dst == key.dst[0]
             && way.ports == ports(key)
-            && way.tag >> 24 == key.proto as u32)
-            .then(|| way.conn())
+            && Conn::tag_proto(way.tag) == key.proto)
+            .then(|| Conn::from_tag(way.tag))
     }
     #[inline(always)]
     fn way(key: &FlowKey, _vip: u32, conn: Conn) -> ConnEntryV4 {
@@ -179,7 +174,7 @@ impl Bucket for ConnBucketV4 {
             src: key.src[0],
             dst: key.dst[0],
             ports: ports(key),
-            tag: ConnEntryV4::tag(key.proto, conn.backend, conn.generation),
+            tag: conn.tag(key.proto),
         }
     }
     #[inline(always)]
@@ -221,18 +216,12 @@ impl Bucket for ConnBucket {
         (same_addr(&way.src, &key.src)
             && way.ports == ports(key)
             && way.vip == vip
-            && way.tag >> 24 == key.proto as u32)
-            .then(|| ConnEntryV4::conn_of(way.tag))
+            && Conn::tag_proto(way.tag) == key.proto)
+            .then(|| Conn::from_tag(way.tag))
     }
     #[inline(always)]
     fn way(key: &FlowKey, vip: u32, conn: Conn) -> ConnEntry {
-        ConnEntry {
-            src: key.src,
-            ports: ports(key),
-            tag: ConnEntryV4::tag(key.proto, conn.backend, conn.generation),
-            vip,
-            _pad: 0,
-        }
+        ConnEntry { src: key.src, ports: ports(key), tag: conn.tag(key.proto), vip, _pad: 0 }
     }
     #[inline(always)]
     fn occupied(way: &ConnEntry) -> bool {

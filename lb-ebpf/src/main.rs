@@ -202,8 +202,14 @@ fn parse_v6(ctx: &XdpContext, l3_off: usize) -> Result<Step<L3>, ()> {
     }))
 }
 
-/// An address the VIP caches are keyed by: compared word by word (an array comparison could
-/// compile to a `bcmp` call, which BPF cannot make).
+/// Same address? Word by word: an array comparison could compile to a `bcmp` call, which BPF
+/// cannot make.
+#[inline(always)]
+pub fn same_addr(a: &[u32; 4], b: &[u32; 4]) -> bool {
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
+}
+
+/// An address the VIP caches are keyed by.
 trait CacheAddr: Copy {
     fn same(&self, other: &Self) -> bool;
 }
@@ -218,7 +224,7 @@ impl CacheAddr for u32 {
 impl CacheAddr for [u32; 4] {
     #[inline(always)]
     fn same(&self, other: &[u32; 4]) -> bool {
-        self[0] == other[0] && self[1] == other[1] && self[2] == other[2] && self[3] == other[3]
+        same_addr(self, other)
     }
 }
 
