@@ -479,15 +479,9 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::VipKeyV4 {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::FlowKeyV4 {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::VipMeta {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Backend {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::FlowKey {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::Conn {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnBucketV4 {}
     // SAFETY: as above.
@@ -496,8 +490,6 @@ mod pod {
     unsafe impl aya::Pod for super::GlobalConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Counters {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::VipCacheEntry {}
 }
 
 #[cfg(test)]

@@ -5,17 +5,17 @@
 //! recorded. Otherwise the flow re-hashes onto the current ring.
 //!
 //! The table is per CPU: one array, a region of buckets per CPU (`cpu * buckets + bucket`),
-//! sized by user space for the machine's CPUs (the bucket count is a load-time constant). XDP runs one packet at a time per CPU with
-//! migration disabled, so a region is only ever written by its CPU. (A plain array rather than a
-//! per-CPU array map: its lookup is one address computation, where a per-CPU array first loads
-//! the element's per-CPU pointer from a table, another cache miss per packet.) It is
-//! set-associative: a flow's hash names one bucket of [`CONNTRACK_WAYS`] flows kept most recently
-//! used first. A hit moves the flow to the front; a new flow goes to the front and the least
-//! recently used one of that bucket is forgotten (it re-hashes onto the ring if it ever sends
-//! again, which picks the same backend unless the pool changed meanwhile). An IPv4 bucket is one
-//! cache line (16-byte entries, page-aligned mmapable map), an IPv6 bucket two (32-byte
-//! entries that name the VIP by its index rather than its address); no kernel
-//! hashing, no locks.
+//! sized by user space for the machine's CPUs (the bucket count is a load-time constant). XDP
+//! runs one packet at a time per CPU with migration disabled, so a region is only ever written
+//! by its CPU. (A plain array rather than a per-CPU array map: its lookup is one address
+//! computation, where a per-CPU array first loads the element's per-CPU pointer from a table,
+//! another cache miss per packet.) It is set-associative: a flow's hash names one bucket of
+//! [`CONNTRACK_WAYS`] flows kept most recently used first. A hit moves the flow to the front; a
+//! new flow goes to the front and the least recently used one of that bucket is forgotten (it
+//! re-hashes onto the ring if it ever sends again, which picks the same backend unless the pool
+//! changed meanwhile). An IPv4 bucket is one cache line (16-byte entries, page-aligned mmapable
+//! map), an IPv6 bucket two (32-byte entries that name the VIP by its index rather than its
+//! address); no kernel hashing, no locks.
 
 use aya_ebpf::{
     cty::c_void,
@@ -240,9 +240,9 @@ const MAX_SEARCH_CPUS: u32 = 256;
 #[inline(always)]
 pub fn pick(key: &FlowKey, meta: &VipMeta, remember: bool, search: bool) -> Option<Pick> {
     if key.family == AF_INET {
-        pick_in::<ConnBucketV4>(search, key, meta, remember)
+        pick_in::<ConnBucketV4>(key, meta, remember, search)
     } else {
-        pick_in::<ConnBucket>(search, key, meta, remember)
+        pick_in::<ConnBucket>(key, meta, remember, search)
     }
 }
 
@@ -315,7 +315,7 @@ fn search_other_cpus<B: Bucket>(
 }
 
 #[inline(always)]
-fn pick_in<B: Bucket>(search: bool, key: &FlowKey, meta: &VipMeta, remember: bool) -> Option<Pick> {
+fn pick_in<B: Bucket>(key: &FlowKey, meta: &VipMeta, remember: bool, search: bool) -> Option<Pick> {
     let hash = B::hash(key);
     let slot = hash & (B::buckets() - 1);
     // SAFETY: a helper without preconditions.
