@@ -948,11 +948,13 @@ mod tests {
 
     #[test]
     fn connection_table_fits_its_budget_on_big_machines() {
-        // A few CPUs: the full table (IPv4 64-byte buckets, IPv6 192-byte buckets).
+        // A few CPUs: the full table (IPv4 64-byte buckets, IPv6 128-byte buckets).
         assert_eq!(buckets_for(2, 64, 32_768), 32_768);
-        assert_eq!(buckets_for(2, 192, 16_384), 16_384);
+        assert_eq!(buckets_for(2, 128, 16_384), 16_384);
         // 128 CPUs: 128 MiB each at most, rounded down to a power of two.
         assert_eq!(buckets_for(128, 64, 32_768), 16_384);
+        assert_eq!(buckets_for(128, 128, 16_384), 8_192);
+        // A size that does not divide evenly rounds down: 128 MiB / 192 B / 128 CPUs = 5461.
         assert_eq!(buckets_for(128, 192, 16_384), 4_096);
         // Absurdly many: never below 1024 per CPU.
         assert_eq!(buckets_for(100_000, 64, 32_768), 1_024);

@@ -91,6 +91,11 @@ impl Inherited {
         self.by_addr.get(&addr).map(TcpListener::try_clone)
     }
 
+    /// Was a socket listening on `addr` passed?
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        self.by_addr.contains_key(&addr)
+    }
+
     /// Addresses of every inherited socket.
     pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         self.by_addr.keys().copied()

@@ -244,20 +244,21 @@ impl Proxy {
         threads: usize,
         inherited: &inherited::Inherited,
     ) -> Result<Bound, ProxyError> {
-        for (vip, addr) in l7_listeners(cfg) {
-            if inherited.get(addr).is_some() {
+        let listeners = l7_listeners(cfg);
+        for (vip, addr) in &listeners {
+            if inherited.contains(*addr) {
                 info!(vip, %addr, "L7 VIP listens on the socket passed by the service manager");
             }
         }
         for addr in inherited.addrs() {
-            if !l7_listeners(cfg).iter().any(|(_, a)| *a == addr) {
+            if !listeners.iter().any(|(_, a)| *a == addr) {
                 warn!(%addr, "the service manager passed a socket no L7 VIP listens on; unused");
             }
         }
         let mut per_thread = Vec::new();
         for _ in 0..threads.max(1) {
             let mut socks = Vec::new();
-            for (vip, addr) in l7_listeners(cfg) {
+            for (vip, addr) in listeners.iter().cloned() {
                 let l = inherited
                     .get(addr)
                     .unwrap_or_else(|| listener(addr))
