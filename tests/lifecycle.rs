@@ -29,6 +29,8 @@ const TIMEOUT: Duration = Duration::from_secs(1);
 const INTERVAL: Duration = Duration::from_millis(200);
 const FALL: u32 = 2;
 const RISE: u32 = 2;
+/// Flows per CPU the test beds size their connection tables to (`node.conntrack_flows_per_cpu`).
+const CT_FLOWS: u64 = 8192;
 
 /// The testbed config with fast health checks, an echo VIP on port 7 and per-test pin dir and
 /// admin socket. `echo_backends` picks which backends (1-based) the echo VIP lists.
@@ -46,6 +48,7 @@ interfaces = ["lb0"]
 encap_source_v4 = "198.19.0.0/16"
 pin_dir = "/sys/fs/bpf/edgelb-t-{tag}"
 admin_socket = "/run/edgelb/t-{tag}.sock"
+conntrack_flows_per_cpu = {CT_FLOWS}
 
 [[vip]]
 name = "web"
@@ -556,6 +559,19 @@ fn reload_rejects_bad_files_and_keeps_connections() {
     assert_eq!(bed.e().status().vips.len(), status_before.vips.len());
     assert_eq!(bed.e().status().vips[1].backends, status_before.vips[1].backends);
 
+    // Another connection-table size: the maps are sized at load, so it waits for a restart.
+    let resized = good.replace(
+        &format!("conntrack_flows_per_cpu = {CT_FLOWS}"),
+        &format!("conntrack_flows_per_cpu = {}", CT_FLOWS * 2),
+    );
+    assert_ne!(resized, good);
+    std::fs::write(&bed.cfg_path, resized).unwrap();
+    let out = bed.e().cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("conntrack_flows_per_cpu") && err.contains("restart"), "{err}");
+    assert_eq!(bed.e().status().conntrack.v4_flows_per_cpu, CT_FLOWS);
+
     // Adding a backend: every established connection stays where it was.
     std::fs::write(&bed.cfg_path, config_text(&bed.tag, &[1, 2, 3])).unwrap();
     let out = bed.e().cli(&["reload"]);
@@ -638,19 +654,17 @@ fn metrics_match_the_traffic_sent_and_capabilities_are_dropped() {
     }
     assert!(delta("edgelb_xdp_verdicts_total", "action=\"tx\",reason=\"encap\"") >= 100.0);
     assert!(after.contains("# TYPE edgelb_health_check_duration_seconds histogram"), "{after}");
-    // 100 flows in a table of 131 072 per CPU: none pushed out.
+    // 100 flows in a table of 8192 per CPU: none pushed out.
     assert_eq!(delta("edgelb_conntrack_events_total", "event=\"evicted\""), 0.0, "{after}");
     for event in lb_common::ct_stats::NAMES {
         assert!(after.contains(&format!("edgelb_conntrack_events_total{{event=\"{event}\"}}")));
     }
-    // `edgelb status` gives the table's shape and the same event counts.
+    // `edgelb status` gives the table's shape (as configured) and the same event counts.
     let ct = bed.e().status().conntrack;
-    let (v4_buckets, v6_buckets) = edgelb::dataplane::conntrack_buckets();
     let cpus = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
     let last_cpu: u32 = cpus.trim().rsplit(['-', ',']).next().unwrap().parse().unwrap();
     assert_eq!(ct.cpus, last_cpu + 1);
-    assert_eq!(ct.v4_flows_per_cpu, u64::from(v4_buckets) * 4);
-    assert_eq!(ct.v6_flows_per_cpu, u64::from(v6_buckets) * 4);
+    assert_eq!((ct.v4_flows_per_cpu, ct.v6_flows_per_cpu), (CT_FLOWS, CT_FLOWS));
     let events = scrape(&bed);
     assert_eq!(
         ct.evicted as f64,

@@ -12,7 +12,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use common::{FIXTURE_CONFIG, packet::*};
 use edgelb::{
     config::{Config, Vip},
-    dataplane::{Dataplane, conn_hash, flow_hash, route, vip_ring},
+    dataplane::{Dataplane, TableShape, conn_hash, flow_hash, route, vip_ring},
     testbed::netns::require_privileged,
 };
 use lb_common::stats::{REASON_COUNT, REASON_NAMES, Reason};
@@ -39,7 +39,8 @@ impl Harness {
             return None;
         }
         let cfg = Config::parse(toml, "fixture.toml".as_ref()).expect("fixture config is valid");
-        let mut dp = Dataplane::load(None).expect("balancer loads and verifies");
+        let shape = TableShape::for_flows(cfg.node.conntrack_flows_per_cpu);
+        let mut dp = Dataplane::load_with_table(None, shape).expect("balancer loads and verifies");
         dp.apply(&cfg).expect("maps filled");
         Some(Harness { dp, cfg })
     }
@@ -689,8 +690,9 @@ fn ipv6_connection_table_keeps_flows_across_ring_changes() {
     assert_eq!(IpAddr::V6(outer_dst6(&h.run(&frame(50001, SYN)).1)), moved_to, "new flow moves");
 }
 
-/// The IPv4 connection-table bucket of a TCP flow to 198.18.1.1:80, as the XDP program computes it.
-fn bucket_of(client: Ipv4Addr, sport: u16) -> u32 {
+/// The IPv4 connection-table bucket of a TCP flow to 198.18.1.1:80, as the XDP program computes it
+/// in a table of `buckets` buckets per CPU.
+fn bucket_of(buckets: u32, client: Ipv4Addr, sport: u16) -> u32 {
     let key = lb_common::FlowKeyV4 {
         src: u32::from_ne_bytes(client.octets()),
         dst: u32::from_ne_bytes([198, 18, 1, 1]),
@@ -699,7 +701,6 @@ fn bucket_of(client: Ipv4Addr, sport: u16) -> u32 {
         proto: 6,
         _pad: [0; 3],
     };
-    let buckets = edgelb::dataplane::conntrack_buckets().0;
     lb_common::hash::flow_key_v4_hash(&key, lb_common::HASH_SEED) & (buckets - 1)
 }
 
@@ -711,6 +712,7 @@ fn connection_table_buckets_are_lru_and_searched_across_cpus() {
     };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     edgelb::testbed::netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
+    let buckets = h.dp.table_shape().v4_buckets;
 
     // Flows whose backend changes when a fourth backend joins: after that change, a flow still
     // on its first backend must have come from the table, one on the new ring's choice did not.
@@ -729,7 +731,7 @@ fn connection_table_buckets_are_lru_and_searched_across_cpus() {
         .filter(|&c| backend(&vip3, &ring3, c) != backend(&vip4, &ring4, c))
         .flat_map(|c| (1024..1280u16).map(move |p| (c, p)))
         .find_map(|(c, p)| {
-            let flows = by_bucket.entry(bucket_of(c, p)).or_default();
+            let flows = by_bucket.entry(bucket_of(buckets, c, p)).or_default();
             flows.push((c, p));
             (flows.len() == lb_common::CONNTRACK_WAYS + 1).then(|| flows.clone())
         })
@@ -857,7 +859,10 @@ fn pinned_maps_with_another_layout_are_replaced_not_reused() {
     let mut dp = Dataplane::load(Some(&dir)).expect("first load pins the maps");
     dp.apply(&cfg).unwrap();
     drop(dp);
-    assert_eq!(edgelb::dataplane::reconcile_pins(&dir).unwrap(), Vec::<String>::new());
+    assert_eq!(
+        edgelb::dataplane::reconcile_pins(&dir, TableShape::auto()).unwrap(),
+        Vec::<String>::new()
+    );
     let again = Dataplane::load(Some(&dir)).expect("same layout is re-used");
     assert!(again.adopted(), "maps of the same layout are adopted");
     drop(again);
@@ -876,7 +881,7 @@ fn pinned_maps_with_another_layout_are_replaced_not_reused() {
     assert!(!dir.join(lb_common::maps::RETIRED[0]).exists(), "retired pin removed");
     assert!(dir.join(lb_common::maps::REASONS).exists(), "fresh maps pinned");
     assert_eq!(
-        edgelb::dataplane::reconcile_pins(&dir).unwrap(),
+        edgelb::dataplane::reconcile_pins(&dir, TableShape::auto()).unwrap(),
         Vec::<String>::new(),
         "the fresh pins match this build"
     );
@@ -886,6 +891,52 @@ fn pinned_maps_with_another_layout_are_replaced_not_reused() {
         h.run(&eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4("198.18.4.7", 40000, "198.18.1.1", 80, SYN)));
     assert_eq!(verdict, XDP_TX);
     assert_eq!(outer_dst(&out), v4("198.18.0.11"));
+    drop(h);
+
+    // Another connection-table size (node.conntrack_flows_per_cpu changed between runs): the
+    // tables cannot be re-used, so every map starts fresh at the new size.
+    let small = TableShape::for_flows(Some(4096));
+    assert_ne!(small, TableShape::auto());
+    let dp = Dataplane::load_with_table(Some(&dir), small).expect("loads at another size");
+    assert!(!dp.adopted(), "tables of another size are not adopted");
+    assert_eq!(dp.table_shape(), small);
+    assert_eq!(edgelb::dataplane::reconcile_pins(&dir, small).unwrap(), Vec::<String>::new());
+}
+
+#[test]
+fn a_configured_table_size_is_the_one_the_program_indexes() {
+    let three = [("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)];
+    let toml = one_vip(&three).replacen("[node]\n", "[node]\nconntrack_flows_per_cpu = 4096\n", 1);
+    let Some(mut h) = Harness::new("a_configured_table_size_is_the_one_the_program_indexes", &toml)
+    else {
+        return;
+    };
+    assert_eq!(h.cfg.node.conntrack_flows_per_cpu, Some(4096));
+    let shape = h.dp.table_shape();
+    assert_eq!((shape.v4_buckets, shape.v6_buckets), (1024, 1024));
+    assert_eq!((shape.v4_flows_per_cpu(), shape.v6_flows_per_cpu()), (4096, 4096));
+    edgelb::testbed::netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
+    // Five flows in one bucket of the 1024-bucket table, which the default table (32 768
+    // buckets) would spread: only a program indexing the small table evicts one of them.
+    let auto = TableShape::auto().v4_buckets;
+    let mut by_bucket: std::collections::HashMap<u32, Vec<u16>> = Default::default();
+    let client = v4("198.18.64.1");
+    let five = (1024..u16::MAX)
+        .find_map(|p| {
+            let flows = by_bucket.entry(bucket_of(1024, client, p)).or_default();
+            flows.push(p);
+            (flows.len() == lb_common::CONNTRACK_WAYS + 1).then(|| flows.clone())
+        })
+        .expect("five flows share a bucket");
+    let spread: std::collections::HashSet<u32> =
+        five.iter().map(|&p| bucket_of(auto, client, p)).collect();
+    assert!(spread.len() > 1, "the default table would spread these flows");
+    let ct = |h: &Harness| h.dp.maps().ct_stats().unwrap()[lb_common::ct_stats::EVICTED as usize];
+    for (i, &p) in five.iter().enumerate() {
+        let frame = eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4("198.18.64.1", p, "198.18.1.1", 80, SYN));
+        assert_eq!(h.run(&frame).0, XDP_TX);
+        assert_eq!(ct(&h), u64::from(i == lb_common::CONNTRACK_WAYS), "after flow {i}");
+    }
 }
 
 #[test]

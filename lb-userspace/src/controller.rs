@@ -24,7 +24,7 @@ use tracing::{error, info, warn};
 use crate::{
     admin::{self, BackendStatus, ConntrackStatus, Pending, Request, Response, Status, VipStatus},
     config::{Backend, Config, Forwarding},
-    dataplane::{Dataplane, DataplaneError, vip_ring},
+    dataplane::{Dataplane, DataplaneError, TableShape, vip_ring},
     health::{Checker, HealthEvent},
     metrics::{BackendSample, KernelSnapshot, Metrics, Scrape},
 };
@@ -146,7 +146,10 @@ pub fn run(path: &Path) -> Result<(), RunError> {
     let (admin_tx, admin_rx) = mpsc::channel();
     let (scrape_tx, scrape_rx) = mpsc::channel();
 
-    let dp = Dataplane::load(Some(&cfg.node.pin_dir))?;
+    let dp = Dataplane::load_with_table(
+        Some(&cfg.node.pin_dir),
+        TableShape::for_flows(cfg.node.conntrack_flows_per_cpu),
+    )?;
     if dp.adopted() {
         info!(pin_dir = %cfg.node.pin_dir.display(), "a previous edgelb left the data plane running: adopting it");
     }
@@ -427,12 +430,13 @@ impl Controller {
         let (old, n) = (&self.cfg.node, &new.node);
         if n.interfaces != old.interfaces
             || n.pin_dir != old.pin_dir
+            || n.conntrack_flows_per_cpu != old.conntrack_flows_per_cpu
             || n.admin_socket != old.admin_socket
             || new.metrics != self.cfg.metrics
             || crate::proxy::l7_listeners(&new) != crate::proxy::l7_listeners(&self.cfg)
         {
             return Response::err(
-                "reload rejected, running config kept: node.interfaces, pin_dir, admin_socket, metrics and the set of L7 VIPs need a restart",
+                "reload rejected, running config kept: node.interfaces, pin_dir, admin_socket, conntrack_flows_per_cpu, metrics and the set of L7 VIPs need a restart",
             );
         }
         self.cfg = new;
@@ -538,12 +542,12 @@ impl Controller {
             });
         }
         let events = self.dp.maps().ct_stats().unwrap_or_default();
-        let (cpus, v4_flows_per_cpu, v6_flows_per_cpu) = crate::dataplane::conntrack_capacity();
+        let shape = self.dp.table_shape();
         Status {
             conntrack: ConntrackStatus {
-                cpus,
-                v4_flows_per_cpu,
-                v6_flows_per_cpu,
+                cpus: shape.cpus,
+                v4_flows_per_cpu: shape.v4_flows_per_cpu(),
+                v6_flows_per_cpu: shape.v6_flows_per_cpu(),
                 evicted: events[lb_common::ct_stats::EVICTED as usize],
                 found_on_other_cpu: events[lb_common::ct_stats::FOUND_ON_OTHER_CPU as usize],
             },

@@ -95,7 +95,18 @@ pub struct Node {
     pub admin_socket: PathBuf,
     /// io_uring runtimes (threads) of the L7 proxy; default one per core.
     pub l7_threads: usize,
+    /// Flows each CPU's connection table holds, per address family; None sizes the tables
+    /// automatically (131 072 IPv4 and 65 536 IPv6 flows per CPU, fewer on machines with very
+    /// many CPUs). A table that fits the CPU's cache is faster, one too small evicts flows.
+    pub conntrack_flows_per_cpu: Option<u32>,
 }
+
+/// Fewest flows per CPU `node.conntrack_flows_per_cpu` may ask for (1024 buckets).
+pub const MIN_CONNTRACK_FLOWS: u32 = 4096;
+/// Most flows per CPU `node.conntrack_flows_per_cpu` may ask for: 16 MiB (IPv4) and 32 MiB
+/// (IPv6) per CPU, and few enough that `CPUs x buckets` indexes a table in 32 bits on any
+/// machine.
+pub const MAX_CONNTRACK_FLOWS: u32 = 1 << 20;
 
 /// Default `[metrics] listen`: loopback only.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9110";
@@ -509,6 +520,24 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
             Some(t) if (1..=256).contains(t.get_ref()) => *t.get_ref() as usize,
             Some(t) => return bad(t.span(), "l7_threads must be 1..=256"),
+        },
+        conntrack_flows_per_cpu: match &n.conntrack_flows_per_cpu {
+            None => None,
+            Some(f)
+                if f.get_ref().is_power_of_two()
+                    && (MIN_CONNTRACK_FLOWS..=MAX_CONNTRACK_FLOWS).contains(f.get_ref()) =>
+            {
+                Some(*f.get_ref())
+            }
+            Some(f) => {
+                return bad(
+                    f.span(),
+                    format!(
+                        "conntrack_flows_per_cpu must be a power of two from {MIN_CONNTRACK_FLOWS} to {MAX_CONNTRACK_FLOWS} (got {})",
+                        f.get_ref()
+                    ),
+                );
+            }
         },
     };
 

@@ -110,6 +110,19 @@ fn bad_mac_and_mtu() {
 }
 
 #[test]
+fn conntrack_size_is_a_power_of_two_within_limits() {
+    assert_eq!(parse(NODE).unwrap().node.conntrack_flows_per_cpu, None);
+    for ok in [MIN_CONNTRACK_FLOWS, 65_536, MAX_CONNTRACK_FLOWS] {
+        let cfg = parse(&format!("{NODE}conntrack_flows_per_cpu = {ok}\n")).unwrap();
+        assert_eq!(cfg.node.conntrack_flows_per_cpu, Some(ok));
+    }
+    for bad in [0, 2048, 100_000, 2 * MAX_CONNTRACK_FLOWS] {
+        let e = err(&format!("{NODE}conntrack_flows_per_cpu = {bad}\n"));
+        assert!(e.starts_with("t.toml:4:27:") && e.contains("power of two"), "{e}");
+    }
+}
+
+#[test]
 fn find_vip_by_name_address_and_socket() {
     let cfg = parse(EXAMPLE).unwrap();
     assert_eq!(cfg.find_vip("dns").unwrap().port, 53);

@@ -32,7 +32,9 @@ use lb_common::{
 use tracing::{info, warn};
 
 use crate::{
-    config::{Config, Forwarding, HashMode, Vip, XdpAttachMode},
+    config::{
+        Config, Forwarding, HashMode, MAX_CONNTRACK_FLOWS, MIN_CONNTRACK_FLOWS, Vip, XdpAttachMode,
+    },
     maglev::{ConsistentHash, Maglev, RingMember},
 };
 pub use maps::Maps;
@@ -227,6 +229,7 @@ pub struct Dataplane {
     config: Option<GlobalConfig>,
     attached: Vec<(String, &'static str)>,
     adopted: bool,
+    shape: TableShape,
 }
 
 /// CPUs the connection table has a region for: every possible CPU.
@@ -234,29 +237,61 @@ fn table_cpus() -> u32 {
     aya::util::nr_cpus().map_or(1, |n| n.get())
 }
 
-/// The connection table's shape on this machine: (CPUs with a region, IPv4 flows per CPU,
-/// IPv6 flows per CPU).
-pub fn conntrack_capacity() -> (u32, u64, u64) {
-    let (v4, v6) = conntrack_buckets();
-    let ways = lb_common::CONNTRACK_WAYS as u64;
-    (table_cpus(), u64::from(v4) * ways, u64::from(v6) * ways)
+/// The connection tables' shape: a region of buckets per CPU, for each address family. It is
+/// fixed when the program is loaded (the program learns the bucket counts as load-time
+/// constants, and the maps are sized by it), so changing it takes a restart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableShape {
+    /// CPUs with a region: every possible CPU.
+    pub cpus: u32,
+    /// IPv4 buckets per CPU (a power of two).
+    pub v4_buckets: u32,
+    /// IPv6 buckets per CPU (a power of two).
+    pub v6_buckets: u32,
 }
 
-/// Connection-table buckets per CPU, (IPv4, IPv6), on this machine (see [`buckets_for`]).
-pub fn conntrack_buckets() -> (u32, u32) {
-    let cpus = table_cpus();
-    (
-        buckets_for(
+impl TableShape {
+    /// The default shape on this machine: [`lb_common::CONNTRACK_V4_BUCKETS`] and
+    /// [`lb_common::CONNTRACK_V6_BUCKETS`] buckets per CPU, or fewer where that would take either
+    /// table past [`lb_common::CONNTRACK_BUDGET`] (see [`buckets_for`]).
+    pub fn auto() -> TableShape {
+        let cpus = table_cpus();
+        TableShape {
             cpus,
-            std::mem::size_of::<lb_common::ConnBucketV4>(),
-            lb_common::CONNTRACK_V4_BUCKETS,
-        ),
-        buckets_for(
-            cpus,
-            std::mem::size_of::<lb_common::ConnBucket>(),
-            lb_common::CONNTRACK_V6_BUCKETS,
-        ),
-    )
+            v4_buckets: buckets_for(
+                cpus,
+                std::mem::size_of::<lb_common::ConnBucketV4>(),
+                lb_common::CONNTRACK_V4_BUCKETS,
+            ),
+            v6_buckets: buckets_for(
+                cpus,
+                std::mem::size_of::<lb_common::ConnBucket>(),
+                lb_common::CONNTRACK_V6_BUCKETS,
+            ),
+        }
+    }
+
+    /// The shape for `node.conntrack_flows_per_cpu`: that many flows per CPU in each family's
+    /// table, or [`TableShape::auto`] when unset. Config validation keeps the count a power of
+    /// two within [`MIN_CONNTRACK_FLOWS`]..=[`MAX_CONNTRACK_FLOWS`]; a count outside is clamped.
+    pub fn for_flows(flows_per_cpu: Option<u32>) -> TableShape {
+        let Some(flows) = flows_per_cpu else {
+            return TableShape::auto();
+        };
+        let flows = flows.clamp(MIN_CONNTRACK_FLOWS, MAX_CONNTRACK_FLOWS);
+        let buckets = 1u32 << (31 - (flows / lb_common::CONNTRACK_WAYS as u32).leading_zeros());
+        TableShape { cpus: table_cpus(), v4_buckets: buckets, v6_buckets: buckets }
+    }
+
+    /// IPv4 flows each CPU's table holds.
+    pub fn v4_flows_per_cpu(&self) -> u64 {
+        u64::from(self.v4_buckets) * lb_common::CONNTRACK_WAYS as u64
+    }
+
+    /// IPv6 flows each CPU's table holds.
+    pub fn v6_flows_per_cpu(&self) -> u64 {
+        u64::from(self.v6_buckets) * lb_common::CONNTRACK_WAYS as u64
+    }
 }
 
 /// Buckets per CPU for a table of `bucket`-byte buckets on `cpus` CPUs: `most`, or fewer when
@@ -270,12 +305,11 @@ pub fn buckets_for(cpus: u32, bucket: usize, most: u32) -> u32 {
 /// Every map the balancer pins, and what a pinned one must look like to be re-used: (name,
 /// type, key size, value size, max entries). Mirrors lb-ebpf's `maps.rs` (all maps but the
 /// per-CPU VIP cache, which starts empty); a test checks it against the loaded object.
-fn map_layouts() -> [(&'static str, MapType, u32, u32, u32); 13] {
+fn map_layouts(shape: TableShape) -> [(&'static str, MapType, u32, u32, u32); 13] {
     use lb_common::{ConnBucket, ConnBucketV4, VipKeyV4, maps as n, stats::REASON_COUNT};
     use std::mem::size_of;
     let sz = |s: usize| s as u32;
-    let cpus = table_cpus();
-    let (v4_buckets, v6_buckets) = conntrack_buckets();
+    let TableShape { cpus, v4_buckets, v6_buckets } = shape;
     [
         (n::VIPS, MapType::Hash, sz(size_of::<VipKey>()), sz(size_of::<VipMeta>()), MAX_VIPS * 4),
         (
@@ -304,8 +338,10 @@ fn map_layouts() -> [(&'static str, MapType, u32, u32, u32); 13] {
 /// map), every map pin is removed so the maps start fresh and consistent. XDP link pins stay: the
 /// running program keeps its old maps until the new program replaces it with
 /// `bpf_link_update`, so traffic flows throughout; established flows then re-hash onto the rings
-/// (which pick the same backends while the pool is unchanged). Returns the problems found.
-pub fn reconcile_pins(dir: &Path) -> Result<Vec<String>, DataplaneError> {
+/// (which pick the same backends while the pool is unchanged). A connection table of another
+/// `shape` (`node.conntrack_flows_per_cpu` changed, or the CPU count) is such a difference.
+/// Returns the problems found.
+pub fn reconcile_pins(dir: &Path, shape: TableShape) -> Result<Vec<String>, DataplaneError> {
     let rm = |path: &Path| {
         std::fs::remove_file(path)
             .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
@@ -323,7 +359,7 @@ pub fn reconcile_pins(dir: &Path) -> Result<Vec<String>, DataplaneError> {
         }
     }
     let mut mismatched = false;
-    for (name, ty, key, value, max) in map_layouts() {
+    for (name, ty, key, value, max) in map_layouts(shape) {
         let path = dir.join(name);
         if !path.exists() {
             continue;
@@ -344,7 +380,7 @@ pub fn reconcile_pins(dir: &Path) -> Result<Vec<String>, DataplaneError> {
         }
     }
     if mismatched {
-        for (name, ..) in map_layouts() {
+        for (name, ..) in map_layouts(shape) {
             rm(&dir.join(name))?;
         }
     }
@@ -363,6 +399,14 @@ impl Dataplane {
     /// edgelb left it there: the connection table, rings and counters then carry over, and the
     /// controller's view is rebuilt from the maps (see [`Dataplane::adopted`]).
     pub fn load(pins: Option<&Path>) -> Result<Dataplane, DataplaneError> {
+        Dataplane::load_with_table(pins, TableShape::auto())
+    }
+
+    /// [`Dataplane::load`] with connection tables of `shape` (see [`TableShape::for_flows`]).
+    pub fn load_with_table(
+        pins: Option<&Path>,
+        shape: TableShape,
+    ) -> Result<Dataplane, DataplaneError> {
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&str, PathBuf)> = match pins {
             Some(dir) => {
@@ -372,10 +416,10 @@ impl Dataplane {
                     path: dir.to_owned(),
                     reason: format!("creating the pin directory: {e}"),
                 })?;
-                for problem in reconcile_pins(dir)? {
+                for problem in reconcile_pins(dir, shape)? {
                     warn!(%problem, "pinned map not re-used (established flows re-hash once)");
                 }
-                map_layouts().iter().map(|(n, ..)| (*n, dir.join(n))).collect()
+                map_layouts(shape).iter().map(|(n, ..)| (*n, dir.join(n))).collect()
             }
             None => Vec::new(),
         };
@@ -384,10 +428,10 @@ impl Dataplane {
         }
         // One region of connection-table buckets per CPU; the program learns the region size as
         // a load-time constant.
-        let (v4_buckets, v6_buckets) = conntrack_buckets();
+        let TableShape { cpus, v4_buckets, v6_buckets } = shape;
         loader
-            .map_max_entries(lb_common::maps::CONNTRACK_V4, table_cpus() * v4_buckets)
-            .map_max_entries(lb_common::maps::CONNTRACK, table_cpus() * v6_buckets)
+            .map_max_entries(lb_common::maps::CONNTRACK_V4, cpus * v4_buckets)
+            .map_max_entries(lb_common::maps::CONNTRACK, cpus * v6_buckets)
             .override_global(lb_common::globals::CT_V4_BUCKETS, &v4_buckets, true)
             .override_global(lb_common::globals::CT_V6_BUCKETS, &v6_buckets, true);
         let mut ebpf = loader.load(BALANCER_OBJ)?;
@@ -407,11 +451,17 @@ impl Dataplane {
             config: None,
             attached: Vec::new(),
             adopted: false,
+            shape,
         };
         if pins.is_some() {
             dp.adopt()?;
         }
         Ok(dp)
+    }
+
+    /// The connection tables' shape this program was loaded with.
+    pub fn table_shape(&self) -> TableShape {
+        self.shape
     }
 
     /// True when the maps were inherited from a previous process (hitless restart).
@@ -944,7 +994,7 @@ impl AuxPrograms {
 
 #[cfg(test)]
 mod tests {
-    use super::buckets_for;
+    use super::{MAX_CONNTRACK_FLOWS, MIN_CONNTRACK_FLOWS, TableShape, buckets_for};
 
     #[test]
     fn connection_table_fits_its_budget_on_big_machines() {
@@ -958,5 +1008,18 @@ mod tests {
         assert_eq!(buckets_for(128, 192, 16_384), 4_096);
         // Absurdly many: never below 1024 per CPU.
         assert_eq!(buckets_for(100_000, 64, 32_768), 1_024);
+    }
+
+    #[test]
+    fn a_configured_size_gives_both_tables_that_many_flows() {
+        assert_eq!(TableShape::for_flows(None), TableShape::auto());
+        let small = TableShape::for_flows(Some(MIN_CONNTRACK_FLOWS));
+        assert_eq!((small.v4_buckets, small.v6_buckets), (1024, 1024));
+        assert_eq!(small.v4_flows_per_cpu(), u64::from(MIN_CONNTRACK_FLOWS));
+        let big = TableShape::for_flows(Some(MAX_CONNTRACK_FLOWS));
+        assert_eq!((big.v4_flows_per_cpu(), big.v6_flows_per_cpu()), (1 << 20, 1 << 20));
+        // Past the limits (config validation refuses these): clamped.
+        assert_eq!(TableShape::for_flows(Some(1)), small);
+        assert_eq!(TableShape::for_flows(Some(u32::MAX)), big);
     }
 }
