@@ -978,3 +978,242 @@ fn vip_lookup_cache_follows_vip_changes() {
     h.apply(&six(81, 0x12));
     assert_eq!(outer_dst6(&h.run(&to6(81)).1), v6("2001:2::12"));
 }
+
+/// Where a frame's IP packet starts and its ethertype (one VLAN tag is skipped).
+fn l3_of(frame: &[u8]) -> (usize, u16) {
+    let at = |o: usize| u16::from_be_bytes([frame[o], frame[o + 1]]);
+    if at(12) == 0x8100 && frame.len() >= 18 { (18, at(16)) } else { (14, at(12)) }
+}
+
+/// Length an IP packet's header declares for it (IPv4 total length, IPv6 40 + payload length).
+fn declared_len(ip: &[u8]) -> usize {
+    let be = |o: usize| u16::from_be_bytes([ip[o], ip[o + 1]]) as usize;
+    if ip[0] >> 4 == 4 { be(2) } else { 40 + be(4) }
+}
+
+/// What a sent frame must be, given the reason it was counted under: an encapsulation carrying
+/// the input's IP packet unchanged, the input with new MACs only, or an ICMP answer to it.
+fn check_sent(case: &str, input: &[u8], out: &[u8], reason: usize) {
+    let (in_l3, _) = l3_of(input);
+    let (l3, ethertype) = l3_of(out);
+    let inner_in = &input[in_l3..];
+    let ip = &out[l3..];
+    // L2 DSR (data, or an ICMP error about an L2 VIP's flow) changes nothing past the MACs.
+    if reason == Reason::TxL2 as usize
+        || (reason == Reason::TxIcmpToBackend as usize && ip == inner_in)
+    {
+        assert_eq!(hex(ip), hex(inner_in), "{case}: L2 DSR changes nothing past the MACs");
+        return;
+    }
+    let v4_header_ok = |h: &[u8]| h[0] == 0x45 && csum(&h[..20]) == 0;
+    if reason == Reason::TxEncap as usize || reason == Reason::TxIcmpToBackend as usize {
+        let inner_len = declared_len(inner_in);
+        let (outer_len, carried) = match ethertype {
+            ETH_IP => {
+                assert!(v4_header_ok(ip), "{case}: outer IPv4 header {}", hex(&ip[..20]));
+                assert_eq!(ip[9], 4, "{case}: IPIP");
+                (u16::from_be_bytes([ip[2], ip[3]]) as usize, &ip[20..])
+            }
+            ETH_IPV6 => {
+                assert!(ip[6] == 4 || ip[6] == 41, "{case}: next header {}", ip[6]);
+                (40 + u16::from_be_bytes([ip[4], ip[5]]) as usize, &ip[40..])
+            }
+            other => panic!("{case}: sent a frame of ethertype {other:#x}"),
+        };
+        assert_eq!(outer_len, out.len() - l3 - (carried.len() - inner_len), "{case}: outer length");
+        assert_eq!(hex(&carried[..inner_len]), hex(&inner_in[..inner_len]), "{case}: inner packet");
+        return;
+    }
+    // ICMP answers go back to the client: addresses swapped.
+    let (got, want) = match ethertype {
+        ETH_IP => ((&ip[12..16], &ip[16..20]), (&inner_in[16..20], &inner_in[12..16])),
+        ETH_IPV6 => ((&ip[8..24], &ip[24..40]), (&inner_in[24..40], &inner_in[8..24])),
+        other => panic!("{case}: sent a frame of ethertype {other:#x}"),
+    };
+    assert_eq!(got, want, "{case}: answer goes back to the sender");
+    // Too-big messages are built afresh: checksums right whatever the input held.
+    if reason == Reason::TxIcmpTooBig as usize && ethertype == ETH_IP {
+        assert!(v4_header_ok(ip), "{case}: frag-needed IPv4 header {}", hex(&ip[..20]));
+        let len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+        assert_eq!(csum(&ip[20..len]), 0, "{case}: frag-needed ICMP checksum");
+    }
+    if reason == Reason::TxIcmpTooBig as usize && ethertype == ETH_IPV6 {
+        assert_eq!(ip[6], 58, "{case}: ICMPv6");
+        let len = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+        let mut pseudo = ip[8..40].to_vec();
+        pseudo.extend((len as u32).to_be_bytes());
+        pseudo.extend([0, 0, 0, 58]);
+        pseudo.extend(&ip[40..40 + len]);
+        assert_eq!(csum(&pseudo), 0, "{case}: packet-too-big ICMPv6 checksum");
+    }
+}
+
+/// Random damage to valid frames of every kind the program handles: it never aborts, counts
+/// each frame under exactly one reason, passes what it passes untouched, and whatever it sends
+/// is well formed (see `check_sent`).
+#[test]
+fn damaged_frames_are_passed_dropped_or_sent_well_formed() {
+    let Some(mut h) = Harness::new("damaged_frames", FIXTURE_CONFIG) else { return };
+    let (c4, vip4) = (v4("198.18.4.7"), v4("198.18.1.1"));
+    let (c6, vip6) = (v6("2001:2::77"), v6("2001:2:0:1::1"));
+    let quoted = V4::new(vip4, c4, 6).packet(&tcp(vip4.into(), c4.into(), 80, 40000, ACK, b""));
+    let mut df = V4::new(c4, vip4, 6);
+    df.df = true;
+    let v4p = |dst: &str, l4: Vec<u8>, proto: u8| V4::new(c4, v4(dst), proto).packet(&l4);
+    let t4 = |dst: &str, flags| tcp(c4.into(), v4(dst).into(), 40000, 80, flags, b"hello");
+    let bases: Vec<Vec<u8>> = vec![
+        eth(LB_MAC, CLIENT_MAC, ETH_IP, &v4p("198.18.1.1", t4("198.18.1.1", SYN), 6)),
+        eth(LB_MAC, CLIENT_MAC, ETH_IP, &v4p("198.18.1.1", t4("198.18.1.1", ACK), 6)),
+        eth(LB_MAC, CLIENT_MAC, ETH_IP, &v4p("198.18.1.2", t4("198.18.1.2", SYN), 6)),
+        eth(LB_MAC, CLIENT_MAC, ETH_IP, &v4p("198.18.1.4", t4("198.18.1.4", SYN), 6)),
+        eth(LB_MAC, CLIENT_MAC, ETH_IP, &v4p("198.18.1.5", t4("198.18.1.5", ACK), 6)),
+        eth(LB_MAC, CLIENT_MAC, ETH_IP, &v4p("198.18.1.6", t4("198.18.1.6", SYN), 6)),
+        eth(LB_MAC, CLIENT_MAC, ETH_IP, &v4p("198.18.0.2", t4("198.18.0.2", SYN), 6)),
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IP,
+            &v4p("198.18.1.1", udp(c4.into(), vip4.into(), 5353, 53, b"query"), 17),
+        ),
+        eth(LB_MAC, CLIENT_MAC, ETH_IP, &v4p("198.18.1.1", icmp4(8, 0, [0, 7, 0, 1], b"ping"), 1)),
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IP,
+            &V4::new(v4("198.18.0.254"), vip4, 1).packet(&icmp4(3, 4, [0, 0, 5, 0], &quoted)),
+        ),
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IP,
+            &df.packet(&tcp(c4.into(), vip4.into(), 40000, 80, ACK, &[0x5a; 1460])),
+        ),
+        eth_vlan(LB_MAC, CLIENT_MAC, 7, ETH_IP, &v4p("198.18.1.1", t4("198.18.1.1", SYN), 6)),
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IPV6,
+            &ipv6(c6, vip6, 6, 0, 64, &tcp(c6.into(), vip6.into(), 40000, 80, SYN, b"hi")),
+        ),
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IPV6,
+            &ipv6(c6, vip6, 17, 0, 64, &udp(c6.into(), vip6.into(), 5353, 53, b"q")),
+        ),
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IPV6,
+            &ipv6(c6, vip6, 58, 0, 64, &icmp6(c6, vip6, 128, 0, [0, 9, 0, 1], b"ping6")),
+        ),
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IPV6,
+            &ipv6(c6, vip6, 6, 0, 64, &tcp(c6.into(), vip6.into(), 40000, 80, ACK, &[7; 1440])),
+        ),
+        eth(LB_MAC, CLIENT_MAC, ETH_ARP, &[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1]),
+    ];
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let mut seen = [0u64; REASON_COUNT as usize];
+    for i in 0..20_000 {
+        let mut f = bases[rnd(bases.len())].clone();
+        let mut what = Vec::new();
+        for _ in 0..1 + rnd(3) {
+            let header = f.len().min(96);
+            match rnd(6) {
+                0 => {
+                    let at = rnd(header);
+                    f[at] ^= 1 << rnd(8);
+                    what.push(format!("bit flip at {at}"));
+                }
+                1 => {
+                    let at = rnd(header);
+                    f[at] = [0, 0xff, rnd(256) as u8][rnd(3)];
+                    what.push(format!("byte {at} = {:#x}", f[at]));
+                }
+                2 => {
+                    let len = 14 + rnd(f.len() - 13);
+                    f.truncate(len);
+                    what.push(format!("cut to {len}"));
+                }
+                3 => {
+                    let n = 1 + rnd(40);
+                    f.extend((0..n).map(|_| rnd(256) as u8));
+                    what.push(format!("{n} bytes appended"));
+                }
+                4 => {
+                    // An IP length field (IPv4 total length or IPv6 payload length) rewritten.
+                    let (l3, _) = l3_of(&f);
+                    let at = l3 + if f.get(l3).is_some_and(|b| b >> 4 == 6) { 4 } else { 2 };
+                    if at + 2 <= f.len() {
+                        let v = rnd(1600) as u16;
+                        f[at..at + 2].copy_from_slice(&v.to_be_bytes());
+                        what.push(format!("length field at {at} = {v}"));
+                    }
+                }
+                _ => {
+                    // IPv4 flags/fragment offset, IHL or protocol; TCP flags.
+                    let (l3, _) = l3_of(&f);
+                    let at = l3 + [0, 6, 7, 9, 33][rnd(5)];
+                    if at < f.len() {
+                        f[at] = rnd(256) as u8;
+                        what.push(format!("byte {at} = {:#x}", f[at]));
+                    }
+                }
+            }
+        }
+        let case = format!("case {i} ({}), frame {}", what.join(", "), hex(&f));
+        let before = h.reasons();
+        let (verdict, out) = h.run(&f);
+        let after = h.reasons();
+        let moved: Vec<usize> =
+            (0..REASON_COUNT as usize).filter(|&r| after[r] != before[r]).collect();
+        assert_eq!(moved.len(), 1, "{case}: counted under {moved:?}");
+        let reason = moved[0];
+        assert_eq!(after[reason] - before[reason], 1, "{case}");
+        seen[reason] += 1;
+        let name = REASON_NAMES[reason];
+        match verdict {
+            XDP_PASS => {
+                assert!(name.starts_with("pass_"), "{case}: passed, counted as {name}");
+                assert_eq!(hex(&out), hex(&f), "{case}: passed frames are untouched");
+            }
+            XDP_DROP => assert!(name.starts_with("drop_"), "{case}: dropped, counted as {name}"),
+            XDP_TX => {
+                assert!(name.starts_with("tx_"), "{case}: sent, counted as {name}");
+                check_sent(&case, &f, &out, reason);
+            }
+            other => panic!("{case}: verdict {other}"),
+        }
+    }
+    let summary: Vec<String> =
+        REASON_NAMES.iter().zip(seen).map(|(n, c)| format!("{n}={c}")).collect();
+    eprintln!("damaged frames by reason: {}", summary.join(" "));
+    // The damage must leave enough frames whole that every sending path was checked.
+    for r in [
+        Reason::TxEncap,
+        Reason::TxL2,
+        Reason::TxIcmpEcho,
+        Reason::TxIcmpTooBig,
+        Reason::TxIcmpToBackend,
+        Reason::PassMalformed,
+        Reason::PassNotVip,
+        Reason::PassL7,
+        Reason::DropFragment,
+        Reason::DropIpOptions,
+    ] {
+        assert!(
+            seen[r as usize] > 0,
+            "no damaged frame was counted as {}",
+            REASON_NAMES[r as usize]
+        );
+    }
+}
