@@ -21,7 +21,7 @@ use std::{
 };
 
 use ahash::AHashMap;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::time::timeout_at;
 use tokio_uring::{
     buf::{BoundedBuf, IoBuf},
@@ -294,6 +294,60 @@ fn is_hop(name: &[u8], head: &Head) -> bool {
         || head.connection_lists(name)
 }
 
+/// A Content-Length value: 1*DIGIT (RFC 9110 8.6). `str::parse` would also take a leading `+`,
+/// which other parsers on the path may read differently (request smuggling).
+fn decimal(text: &[u8]) -> Option<u64> {
+    if text.is_empty() || !text.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(text).ok()?.parse().ok()
+}
+
+/// Writes the one `Content-Length` a forwarded message carries: its framing's, or 0 when the
+/// original declared an empty body (or, for `declared`, the length a HEAD or 304 response
+/// describes). Original Content-Length headers are never copied: duplicates and odd spellings
+/// that this proxy accepted could be read differently by the next parser.
+fn content_length(out: &mut impl BufMut, framing: Framing, declared: Option<u64>) {
+    let n = match framing {
+        Framing::Length(n) => n,
+        Framing::None => match declared {
+            Some(n) => n,
+            None => return,
+        },
+        Framing::Chunked | Framing::UntilClose => return,
+    };
+    out.put_slice(b"Content-Length: ");
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.put_slice(&digits[at..]);
+    out.put_slice(b"\r\n");
+}
+
+/// The length a head's Content-Length declares, if it declares one validly (see
+/// [`body_framing`]).
+fn declared_length(head: &Head) -> Option<u64> {
+    let mut len = None;
+    for value in header(head, "content-length") {
+        for part in value.split(|&b| b == b',') {
+            let n = decimal(part.trim_ascii())?;
+            if len.is_some_and(|l| l != n) {
+                return None;
+            }
+            len = Some(n);
+        }
+    }
+    len
+}
+
 /// Body framing of a message with `head` (RFC 9112 6.3); Err for ambiguous or invalid framing.
 /// One pass over the headers.
 fn body_framing(head: &Head, request: bool) -> Result<Framing, ()> {
@@ -309,7 +363,7 @@ fn body_framing(head: &Head, request: bool) -> Result<Framing, ()> {
         } else if name.eq_ignore_ascii_case(b"content-length") {
             has_cl = true;
             for part in value.split(|&b| b == b',') {
-                let n = std::str::from_utf8(part.trim_ascii()).ok().and_then(|p| p.parse().ok());
+                let n = decimal(part.trim_ascii());
                 len = match (len, n) {
                     (Ok(None), Some(n)) => Ok(Some(n)),
                     (Ok(Some(l)), Some(n)) if l == n => Ok(Some(l)),
@@ -460,7 +514,8 @@ fn upstream_head(req: &ReqHead, framing: Framing, peer: SocketAddr, forwarded_fo
     out.extend(req.path().as_bytes());
     out.extend(b" HTTP/1.1\r\n");
     for (name, value) in head.headers() {
-        if is_hop(name, head) {
+        // Content-Length is written once, below.
+        if is_hop(name, head) || name.eq_ignore_ascii_case(b"content-length") {
             continue;
         }
         // Rewritten below, with the client appended.
@@ -499,6 +554,7 @@ fn upstream_head(req: &ReqHead, framing: Framing, peer: SocketAddr, forwarded_fo
     if framing == Framing::Chunked {
         out.extend(b"Transfer-Encoding: chunked\r\n");
     }
+    content_length(&mut out, framing, declared_length(head));
     out.extend(b"Connection: keep-alive\r\n\r\n");
     Bytes::from(out)
 }
@@ -743,9 +799,10 @@ async fn serve_conn(
         out.extend_from_slice(resp.head.at(resp.reason));
         out.extend_from_slice(b"\r\n");
         for (name, value) in resp.head.headers() {
-            if is_hop(name, &resp.head)
+            if (is_hop(name, &resp.head)
                 && !(name.eq_ignore_ascii_case(b"transfer-encoding")
-                    && rframing == Framing::Chunked)
+                    && rframing == Framing::Chunked))
+                || name.eq_ignore_ascii_case(b"content-length")
             {
                 continue;
             }
@@ -754,6 +811,9 @@ async fn serve_conn(
             out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
         }
+        // 204 has no length; HEAD and 304 responses describe the one a GET would have.
+        let declared = if resp.status == 204 { None } else { declared_length(&resp.head) };
+        content_length(&mut out, rframing, declared);
         if pool.algorithm == Algorithm::Cookie && sticky != Some(i) {
             let value = sign_cookie(&vip.cfg.cookie_secret, pool.members[i].state.addr);
             let _ =
@@ -968,6 +1028,41 @@ mod tests {
             Err(())
         );
         assert_eq!(body_framing(&h(&[("Content-Length", "x")]), true), Err(()));
+        // 1*DIGIT only: a sign or inner space is another parser's number (smuggling).
+        for bad in ["+3", "-0", "3 3", "0x3", ""] {
+            assert_eq!(body_framing(&h(&[("Content-Length", bad)]), true), Err(()), "{bad:?}");
+        }
+        assert_eq!(
+            body_framing(&h(&[("Content-Length", "+3"), ("Content-Length", "3")]), true),
+            Err(())
+        );
+        assert_eq!(
+            body_framing(&h(&[("Content-Length", "99999999999999999999999")]), true),
+            Err(())
+        );
+    }
+
+    #[test]
+    fn forwarded_requests_carry_one_content_length() {
+        let fwd = |pairs: &[(&str, &str)]| {
+            let r = req(pairs);
+            let framing = body_framing(&r.head, true).unwrap();
+            let out = upstream_head(&r, framing, "198.18.4.1:5000".parse().unwrap(), false);
+            String::from_utf8(out.to_vec()).unwrap()
+        };
+        let out = fwd(&[("Host", "x"), ("Content-Length", "3"), ("content-length", "3, 3")]);
+        assert_eq!(out.matches("Content-Length").count(), 1, "{out}");
+        assert!(out.contains("\r\nContent-Length: 3\r\n"), "{out}");
+        let out = fwd(&[("Host", "x"), ("Content-Length", "0")]);
+        assert!(out.contains("\r\nContent-Length: 0\r\n"), "{out}");
+        let out = fwd(&[("Host", "x")]);
+        assert!(!out.to_ascii_lowercase().contains("content-length"), "{out}");
+        let out = fwd(&[("Host", "x"), ("Transfer-Encoding", "chunked")]);
+        assert!(!out.to_ascii_lowercase().contains("content-length"), "{out}");
+        assert!(out.contains("Transfer-Encoding: chunked\r\n"), "{out}");
+        let mut buf = Vec::new();
+        content_length(&mut buf, Framing::Length(1_234_567), None);
+        assert_eq!(buf, b"Content-Length: 1234567\r\n");
     }
 
     #[test]
