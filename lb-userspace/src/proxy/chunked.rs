@@ -10,6 +10,9 @@ pub struct BadChunk;
 enum State {
     /// Reading the hex size; `digits` seen so far.
     Size { size: u64, digits: u8 },
+    /// Whitespace after the size, which only a chunk extension may follow (RFC 9112 7.1.1: BWS
+    /// before `;`; not before the line's end).
+    Bws { size: u64 },
     /// Skipping a chunk extension up to CR.
     Ext { size: u64 },
     /// Expecting LF after the size line.
@@ -78,13 +81,22 @@ impl Chunked {
                         }
                         State::Size { size, digits: digits + 1 }
                     }
-                    b';' | b' ' | b'\t' if digits > 0 => State::Ext { size },
+                    b';' if digits > 0 => State::Ext { size },
+                    b' ' | b'\t' if digits > 0 => State::Bws { size },
                     b'\r' if digits > 0 => State::SizeLf { size },
+                    _ => return Err(BadChunk),
+                },
+                // "0 1", "6\tx=1" or "0 " may be read otherwise by a laxer parser downstream.
+                State::Bws { size } => match b {
+                    b' ' | b'\t' => State::Bws { size },
+                    b';' => State::Ext { size },
                     _ => return Err(BadChunk),
                 },
                 State::Ext { size } => match b {
                     b'\r' => State::SizeLf { size },
-                    b'\n' => return Err(BadChunk),
+                    // Control characters (bare LF, NUL...) have no place in an extension.
+                    b'\t' => State::Ext { size },
+                    0..=0x1f | 0x7f => return Err(BadChunk),
                     _ => State::Ext { size },
                 },
                 State::SizeLf { size } => match (b, size) {
@@ -127,7 +139,7 @@ mod tests {
 
     #[test]
     fn finds_the_end_and_leaves_the_rest() {
-        let msg = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\nGET / HTTP/1.1";
+        let msg = b"4\r\nWiki\r\n5 ;ext=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\nGET / HTTP/1.1";
         let mut c = Chunked::default();
         let n = c.feed(msg).unwrap();
         assert!(c.done());
@@ -147,7 +159,18 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in [&b"zz\r\n"[..], b"\r\n", b"4\nWiki", b"4\r\nWikiX", b"fffffffffffffffff\r\n"] {
+        for bad in [
+            &b"zz\r\n"[..],
+            b"\r\n",
+            b"4\nWiki",
+            b"4\r\nWikiX",
+            b"fffffffffffffffff\r\n",
+            b"0 1\r\n",
+            b"0 \r\n",
+            b"6\tx=1\r\n",
+            b"+6\r\n",
+            b"6;a\x00b\r\n",
+        ] {
             assert_eq!(
                 Chunked::default().feed(bad),
                 Err(BadChunk),
