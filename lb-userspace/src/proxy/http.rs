@@ -332,6 +332,20 @@ fn content_length(out: &mut impl BufMut, framing: Framing, declared: Option<u64>
     out.put_slice(b"\r\n");
 }
 
+/// Writes the Transfer-Encoding of a chunked message that is passed on without decoding: every
+/// coding the sender listed, in order, in one header (empty list elements, which RFC 9110 5.6.1
+/// lets a sender write, dropped so that no later parser has to cope with them).
+fn transfer_encoding(out: &mut impl BufMut, head: &Head) {
+    out.put_slice(b"Transfer-Encoding: ");
+    for (i, coding) in tokens(head, "transfer-encoding").enumerate() {
+        if i > 0 {
+            out.put_slice(b", ");
+        }
+        out.put_slice(coding);
+    }
+    out.put_slice(b"\r\n");
+}
+
 /// The length a head's Content-Length declares, if it declares one validly (see
 /// [`body_framing`]).
 fn declared_length(head: &Head) -> Option<u64> {
@@ -552,7 +566,7 @@ fn upstream_head(req: &ReqHead, framing: Framing, peer: SocketAddr, forwarded_fo
         };
     }
     if framing == Framing::Chunked {
-        out.extend(b"Transfer-Encoding: chunked\r\n");
+        transfer_encoding(&mut out, head);
     }
     content_length(&mut out, framing, declared_length(head));
     out.extend(b"Connection: keep-alive\r\n\r\n");
@@ -577,6 +591,11 @@ fn parse_response(buf: &mut BytesMut) -> Result<Option<RespHead>, ()> {
     };
     let (status, reason) =
         (resp.code.unwrap_or(0), Span::of(buf, resp.reason.unwrap_or("").as_bytes()));
+    // httparse takes any three digits; RFC 9110 15 defines 100..=599, and a client may take
+    // anything else as the start of another message.
+    if !(100..=599).contains(&status) {
+        return Err(());
+    }
     let headers = Head::spans(buf, resp.headers);
     Ok(Some(RespHead { head: Head::new(buf.split_to(len).freeze(), headers), status, reason }))
 }
@@ -799,17 +818,17 @@ async fn serve_conn(
         out.extend_from_slice(resp.head.at(resp.reason));
         out.extend_from_slice(b"\r\n");
         for (name, value) in resp.head.headers() {
-            if (is_hop(name, &resp.head)
-                && !(name.eq_ignore_ascii_case(b"transfer-encoding")
-                    && rframing == Framing::Chunked))
-                || name.eq_ignore_ascii_case(b"content-length")
-            {
+            // Transfer-Encoding (hop-by-hop) and Content-Length are written below.
+            if is_hop(name, &resp.head) || name.eq_ignore_ascii_case(b"content-length") {
                 continue;
             }
             out.extend_from_slice(name);
             out.extend_from_slice(b": ");
             out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
+        }
+        if rframing == Framing::Chunked {
+            transfer_encoding(&mut out, &resp.head);
         }
         // 204 has no length; HEAD and 304 responses describe the one a GET would have.
         let declared = if resp.status == 204 { None } else { declared_length(&resp.head) };
@@ -944,7 +963,10 @@ async fn attempt_once(
         let resp_deadline = (sent_at + cfg.response_timeout).min(deadline);
         let resp = loop {
             match parse_response(ubuf) {
-                Ok(Some(r)) if (100..200).contains(&r.status) && r.status != 101 => {
+                // 101 answers an Upgrade, which this proxy never forwards: unsolicited, the
+                // connection would carry another protocol from here on.
+                Ok(Some(r)) if r.status == 101 => return Err(abandon(&up, Attempt::Broken)),
+                Ok(Some(r)) if (100..200).contains(&r.status) => {
                     // Interim response (100 Continue...): pass it on, wait for the final one.
                     write(client, r.head.bytes).await.map_err(|_| Attempt::ClientGone)?;
                     continue;
@@ -1060,6 +1082,14 @@ mod tests {
         let out = fwd(&[("Host", "x"), ("Transfer-Encoding", "chunked")]);
         assert!(!out.to_ascii_lowercase().contains("content-length"), "{out}");
         assert!(out.contains("Transfer-Encoding: chunked\r\n"), "{out}");
+        // Codings the proxy does not decode go on as listed, in one header, empties dropped.
+        let out = fwd(&[
+            ("Host", "x"),
+            ("Transfer-Encoding", "gzip,"),
+            ("transfer-encoding", " chunked,"),
+        ]);
+        assert!(out.contains("\r\nTransfer-Encoding: gzip, chunked\r\n"), "{out}");
+        assert_eq!(out.to_ascii_lowercase().matches("transfer-encoding").count(), 1, "{out}");
         let mut buf = Vec::new();
         content_length(&mut buf, Framing::Length(1_234_567), None);
         assert_eq!(buf, b"Content-Length: 1234567\r\n");
