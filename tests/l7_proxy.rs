@@ -1238,3 +1238,213 @@ fn responses_carry_one_valid_content_length() {
     assert!(plus.starts_with("HTTP/1.1 200 ") && count(&plus) == 0, "{plus:?}");
     assert!(plus.contains("Connection: close\r\n") && plus.ends_with("\r\n\r\nok"), "{plus:?}");
 }
+
+/// Checks what a client received for one GET: interim responses, then one final response,
+/// each a valid head with RFC 9112 framing, and nothing after it. A stream cut short is fine
+/// (the proxy closes a response it cannot finish); anything else is returned as an error.
+fn check_one_response(mut got: &[u8]) -> Result<(), String> {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 100];
+        let mut resp = httparse::Response::new(&mut headers);
+        let head = match resp.parse(got) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if got.is_empty() => return Ok(()),
+            Ok(httparse::Status::Partial) => return Err("incomplete head".into()),
+            Err(e) => return Err(format!("unparsable head ({e})")),
+        };
+        let code = resp.code.unwrap_or(0);
+        if !(100..600).contains(&code) {
+            return Err(format!("status {code}"));
+        }
+        let (mut lengths, mut chunked, mut close) = (Vec::new(), false, false);
+        let mut te_last = String::new();
+        for h in resp.headers.iter() {
+            let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
+            if h.name.eq_ignore_ascii_case("content-length") {
+                lengths.push(v);
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                // A chain of codings (gzip, chunked) may pass through; chunked must end it.
+                chunked = true;
+                te_last = v.rsplit(',').next().unwrap_or("").trim().to_owned();
+            } else if h.name.eq_ignore_ascii_case("connection") {
+                close |= v.split(',').any(|t| t.trim() == "close");
+            }
+        }
+        let body = &got[head..];
+        if (100..200).contains(&code) {
+            got = body;
+            continue;
+        }
+        let rest = if code == 204 || code == 304 {
+            body
+        } else if chunked {
+            if te_last != "chunked" {
+                return Err(format!("transfer-encoding ending in {te_last:?}"));
+            }
+            if !lengths.is_empty() {
+                return Err("content-length with chunked".into());
+            }
+            match chunked_len(body)? {
+                Some(n) => &body[n..],
+                None => return Ok(()),
+            }
+        } else if let [one] = &lengths[..] {
+            let n: usize = match one.bytes().all(|b| b.is_ascii_digit()) {
+                true => one.parse().map_err(|_| format!("content-length {one:?}"))?,
+                false => return Err(format!("content-length {one:?}")),
+            };
+            &body[n.min(body.len())..]
+        } else if lengths.is_empty() {
+            // Delimited by the close: the connection must say so, and nothing can follow.
+            return if close { Ok(()) } else { Err("no length and no close".into()) };
+        } else {
+            return Err(format!("content-lengths {lengths:?}"));
+        };
+        return if rest.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} bytes after the response", rest.len()))
+        };
+    }
+}
+
+/// The response-side twin of `damaged_requests_never_reach_the_backend_malformed`: a backend
+/// answers request `/r/<i>` with a valid response damaged by case `i`'s own seed; every client
+/// must get well-framed responses (or a close) within the timeouts, never bytes past its one
+/// response (response splitting), and the proxy keeps serving.
+#[test]
+fn damaged_responses_reach_clients_well_framed() {
+    fn rnd_from(mut seed: u64) -> impl FnMut(usize) -> usize {
+        move |n| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        }
+    }
+    fn damaged(i: usize) -> (Vec<u8>, bool) {
+        let bases: [(&[u8], bool); 8] = [
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false),
+            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n3;e=1\r\nabc\r\n0\r\nT: 1\r\n\r\n", false),
+            (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", false),
+            (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the close", true),
+            (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+            (b"HTTP/1.1 204 No Content\r\n\r\n", false),
+            (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", false),
+            (b"HTTP/1.1 503 Busy\r\nContent-Length: 3\r\nConnection: keep-alive, X-A\r\nX-A: 1\r\n\r\nabc", false),
+        ];
+        let seed: u64 = std::env::var("FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
+        let mut rnd = rnd_from(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i as u64 + 1));
+        for _ in 0..4 {
+            rnd(2);
+        }
+        let (base, close) = bases[rnd(bases.len())];
+        let mut c = base.to_vec();
+        let alphabet: &[u8] = b" \t\r\n:;,0123456789abcdefxX-+\x00\x80";
+        let lines: [&[u8]; 6] = [
+            b"Content-Length: 7\r\n",
+            b"Content-Length: +5\r\n",
+            b"Content-Length: 5, 6\r\n",
+            b"Transfer-Encoding: chunked\r\n",
+            b"Transfer-Encoding: gzip\r\n",
+            b"Connection: close\r\n",
+        ];
+        for _ in 0..1 + rnd(3) {
+            let at = rnd(c.len() + 1);
+            match rnd(5) {
+                0 if at < c.len() => c[at] = alphabet[rnd(alphabet.len())],
+                1 => c.insert(at, alphabet[rnd(alphabet.len())]),
+                2 if at < c.len() => {
+                    let n = (1 + rnd(4)).min(c.len() - at);
+                    c.drain(at..at + n);
+                }
+                3 => {
+                    let start = c[..at].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                    c.splice(start..start, lines[rnd(lines.len())].iter().copied());
+                }
+                _ => c.truncate(at.max(1)),
+            }
+        }
+        (c, close)
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = l.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::spawn(move || {
+        for s in l.incoming() {
+            if stop2.load(Ordering::Relaxed) {
+                return;
+            }
+            let Ok(s) = s else { continue };
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                while let Some((head, _)) = read_request(&mut r) {
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                    let Some(i) = path.strip_prefix("/r/").and_then(|i| i.parse().ok()) else {
+                        let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                        continue;
+                    };
+                    let (resp, close) = damaged(i);
+                    if w.write_all(&resp).is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let b = Backend {
+        addr: backend_addr,
+        conns: Default::default(),
+        reqs: Default::default(),
+        stop,
+        thread: Some(thread),
+    };
+    let p = proxy(
+        &[(&b, 1)],
+        "response_timeout_ms = 300\nidle_timeout_ms = 300\nrequest_timeout_ms = 1000\nretries = 0\nmax_fails = 100",
+        "",
+    );
+    let next = AtomicUsize::new(0);
+    let failures = std::sync::Mutex::new(Vec::new());
+    const CASES: usize = 1200;
+    std::thread::scope(|scope| {
+        for _ in 0..32 {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= CASES {
+                        return;
+                    }
+                    let mut s = TcpStream::connect(p.addr).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+                    let t = Instant::now();
+                    let _ = s.write_all(format!("GET /r/{i} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+                    if i.is_multiple_of(2) {
+                        let _ = s.shutdown(Shutdown::Write);
+                    }
+                    let mut got = Vec::new();
+                    let _ = s.read_to_end(&mut got);
+                    let took = t.elapsed();
+                    let verdict = check_one_response(&got);
+                    if took > Duration::from_secs(3) || verdict.is_err() {
+                        failures.lock().unwrap().push(format!(
+                            "case {i}: backend sent {:?}; client got {:?} after {took:?}: {verdict:?}",
+                            String::from_utf8_lossy(&damaged(i).0),
+                            String::from_utf8_lossy(&got)
+                        ));
+                    }
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    assert!(failures.is_empty(), "{} cases failed:\n{}", failures.len(), failures.join("\n"));
+    for _ in 0..5 {
+        let r =
+            request(p.addr, None, "GET /after HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        assert_eq!(r.expect("still serving").0, 200);
+    }
+}
