@@ -1263,7 +1263,11 @@ fn check_one_response(mut got: &[u8]) -> Result<(), String> {
             if h.name.eq_ignore_ascii_case("content-length") {
                 lengths.push(v);
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                // A chain of codings (gzip, chunked) may pass through; chunked must end it.
+                // A chain of codings (gzip, chunked) may pass through; chunked must end it,
+                // once.
+                if chunked || v.split(',').filter(|t| t.trim() == "chunked").count() > 1 {
+                    return Err(format!("transfer-encoding twice or chunked twice: {v:?}"));
+                }
                 chunked = true;
                 te_last = v.rsplit(',').next().unwrap_or("").trim().to_owned();
             } else if h.name.eq_ignore_ascii_case("connection") {

@@ -364,16 +364,27 @@ fn declared_length(head: &Head) -> Option<u64> {
 
 /// Body framing of a message with `head` (RFC 9112 6.3); Err for ambiguous or invalid framing.
 /// One pass over the headers.
+///
+/// Requests may only be chunked with `chunked` as their one transfer coding (as nginx does):
+/// stacked or repeated codings, and spellings other parsers may read otherwise, are how
+/// requests get smuggled past a proxy. Responses may list other codings before `chunked`, which
+/// the proxy passes on without decoding; any other Transfer-Encoding makes the response
+/// delimited by the close (RFC 9112 6.3, which is also where an Err for a response leads).
 fn body_framing(head: &Head, request: bool) -> Result<Framing, ()> {
-    let mut te_last = None;
+    // Transfer codings: how many, whether each is a token, whether `chunked` is among the
+    // ones before the last, and the last.
+    let (mut codings, mut valid, mut early_chunked, mut te_last) = (0, true, false, None);
     let mut has_cl = false;
     // A bad or conflicting Content-Length only matters without Transfer-Encoding.
     let mut len: Result<Option<u64>, ()> = Ok(None);
     for (name, value) in head.headers() {
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            let mut tokens =
-                value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty());
-            te_last = tokens.next_back().or(te_last);
+            for t in value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty()) {
+                codings += 1;
+                valid &= t.iter().all(|&b| is_tchar(b));
+                early_chunked |= te_last.is_some_and(|l: &[u8]| l.eq_ignore_ascii_case(b"chunked"));
+                te_last = Some(t);
+            }
         } else if name.eq_ignore_ascii_case(b"content-length") {
             has_cl = true;
             for part in value.split(|&b| b == b',') {
@@ -387,8 +398,9 @@ fn body_framing(head: &Head, request: bool) -> Result<Framing, ()> {
         }
     }
     if let Some(last) = te_last {
-        if has_cl || !last.eq_ignore_ascii_case(b"chunked") {
-            // Both, or a coding we cannot frame: request smuggling territory.
+        let chunked = last.eq_ignore_ascii_case(b"chunked") && valid && !early_chunked;
+        if has_cl || !chunked || (request && codings != 1) {
+            // Both, or codings we will not frame: request smuggling territory.
             return if request { Err(()) } else { Ok(Framing::UntilClose) };
         }
         return Ok(Framing::Chunked);
@@ -399,6 +411,11 @@ fn body_framing(head: &Head, request: bool) -> Result<Framing, ()> {
         None if request => Framing::None,
         None => Framing::UntilClose,
     })
+}
+
+/// A token character (RFC 9110 5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// Streams a body framed by `framing` from `src` (with `pending` bytes already read) to `dst`.
@@ -1041,9 +1058,33 @@ mod tests {
             body_framing(&h(&[("Content-Length", "10"), ("content-length", "11")]), true),
             Err(())
         );
+        // Requests: `chunked` alone. Responses: other codings may come first.
+        assert_eq!(body_framing(&h(&[("Transfer-Encoding", "gzip, chunked")]), true), Err(()));
         assert_eq!(
-            body_framing(&h(&[("Transfer-Encoding", "gzip, chunked")]), true),
+            body_framing(&h(&[("Transfer-Encoding", "gzip, chunked")]), false),
             Ok(Framing::Chunked)
+        );
+        assert_eq!(
+            body_framing(
+                &h(&[("Transfer-Encoding", "chunked,"), ("Transfer-Encoding", " ")]),
+                true
+            ),
+            Ok(Framing::Chunked)
+        );
+        for bad in ["chunked, chunked", "ch unked", "chunked;q=1", "chunked, gzip", "xchunked"] {
+            assert_eq!(body_framing(&h(&[("Transfer-Encoding", bad)]), true), Err(()), "{bad}");
+            assert_eq!(
+                body_framing(&h(&[("Transfer-Encoding", bad)]), false),
+                Ok(Framing::UntilClose),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            body_framing(
+                &h(&[("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")]),
+                true
+            ),
+            Err(())
         );
         assert_eq!(
             body_framing(&h(&[("Transfer-Encoding", "chunked"), ("Content-Length", "3")]), true),
@@ -1082,14 +1123,18 @@ mod tests {
         let out = fwd(&[("Host", "x"), ("Transfer-Encoding", "chunked")]);
         assert!(!out.to_ascii_lowercase().contains("content-length"), "{out}");
         assert!(out.contains("Transfer-Encoding: chunked\r\n"), "{out}");
-        // Codings the proxy does not decode go on as listed, in one header, empties dropped.
-        let out = fwd(&[
-            ("Host", "x"),
-            ("Transfer-Encoding", "gzip,"),
-            ("transfer-encoding", " chunked,"),
-        ]);
-        assert!(out.contains("\r\nTransfer-Encoding: gzip, chunked\r\n"), "{out}");
+        // One clean header whatever the client's spelling.
+        let out =
+            fwd(&[("Host", "x"), ("Transfer-Encoding", "chunked,"), ("transfer-encoding", " ")]);
+        assert!(out.contains("\r\nTransfer-Encoding: chunked\r\n"), "{out}");
         assert_eq!(out.to_ascii_lowercase().matches("transfer-encoding").count(), 1, "{out}");
+        // Codings the proxy does not decode go on as listed (responses may carry them).
+        let mut buf = Vec::new();
+        transfer_encoding(
+            &mut buf,
+            &h(&[("Transfer-Encoding", "gzip,"), ("Transfer-Encoding", "chunked")]),
+        );
+        assert_eq!(buf, b"Transfer-Encoding: gzip, chunked\r\n");
         let mut buf = Vec::new();
         content_length(&mut buf, Framing::Length(1_234_567), None);
         assert_eq!(buf, b"Content-Length: 1234567\r\n");
