@@ -1276,6 +1276,9 @@ fn check_one_response(mut got: &[u8]) -> Result<(), String> {
         }
         let body = &got[head..];
         if (100..200).contains(&code) {
+            if chunked || !lengths.is_empty() {
+                return Err("a length or transfer coding on an interim response".into());
+            }
             got = body;
             continue;
         }

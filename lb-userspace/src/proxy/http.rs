@@ -597,6 +597,27 @@ struct RespHead {
     reason: Span,
 }
 
+/// Writes `resp`'s status line and its end-to-end headers: not the hop-by-hop ones, nor
+/// Content-Length, which a caller writes from the framing it uses (see [`content_length`]).
+fn status_and_headers(out: &mut impl BufMut, resp: &RespHead) {
+    // parse_response admits 100..=599 only: three digits.
+    let code = resp.status;
+    out.put_slice(b"HTTP/1.1 ");
+    out.put_slice(&[b'0' + (code / 100) as u8, b'0' + (code / 10 % 10) as u8]);
+    out.put_slice(&[b'0' + (code % 10) as u8, b' ']);
+    out.put_slice(resp.head.at(resp.reason));
+    out.put_slice(b"\r\n");
+    for (name, value) in resp.head.headers() {
+        if is_hop(name, &resp.head) || name.eq_ignore_ascii_case(b"content-length") {
+            continue;
+        }
+        out.put_slice(name);
+        out.put_slice(b": ");
+        out.put_slice(value);
+        out.put_slice(b"\r\n");
+    }
+}
+
 /// Parses a response head at the start of `buf`; when complete, splits it off `buf`.
 fn parse_response(buf: &mut BytesMut) -> Result<Option<RespHead>, ()> {
     let mut headers = [httparse::EMPTY_HEADER; 128];
@@ -827,23 +848,8 @@ async fn serve_conn(
         let keep = client_keepalive
             && rframing != Framing::UntilClose
             && !shared.stopping.load(Ordering::Relaxed);
-        // httparse accepts only three-digit codes.
-        let code = resp.status.min(999);
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(&[b'0' + (code / 100) as u8, b'0' + (code / 10 % 10) as u8]);
-        out.extend_from_slice(&[b'0' + (code % 10) as u8, b' ']);
-        out.extend_from_slice(resp.head.at(resp.reason));
-        out.extend_from_slice(b"\r\n");
-        for (name, value) in resp.head.headers() {
-            // Transfer-Encoding (hop-by-hop) and Content-Length are written below.
-            if is_hop(name, &resp.head) || name.eq_ignore_ascii_case(b"content-length") {
-                continue;
-            }
-            out.extend_from_slice(name);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
-        }
+        // Transfer-Encoding and Content-Length are written below.
+        status_and_headers(&mut out, &resp);
         if rframing == Framing::Chunked {
             transfer_encoding(&mut out, &resp.head);
         }
@@ -985,7 +991,12 @@ async fn attempt_once(
                 Ok(Some(r)) if r.status == 101 => return Err(abandon(&up, Attempt::Broken)),
                 Ok(Some(r)) if (100..200).contains(&r.status) => {
                     // Interim response (100 Continue...): pass it on, wait for the final one.
-                    write(client, r.head.bytes).await.map_err(|_| Attempt::ClientGone)?;
+                    // Rewritten like a final head: a 1xx has no body, and a Content-Length or
+                    // Transfer-Encoding a backend put in one could make a client expect one.
+                    let mut head = Vec::with_capacity(r.head.bytes.len());
+                    status_and_headers(&mut head, &r);
+                    head.extend_from_slice(b"\r\n");
+                    write(client, head).await.map_err(|_| Attempt::ClientGone)?;
                     continue;
                 }
                 Ok(Some(r)) => break Some(r),
