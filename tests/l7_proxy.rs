@@ -1455,3 +1455,111 @@ fn damaged_responses_reach_clients_well_framed() {
         assert_eq!(r.expect("still serving").0, 200);
     }
 }
+
+#[test]
+fn upgraded_connections_are_relayed_and_unsolicited_101_refused() {
+    // A WebSocket-like backend: /ws switches protocols when asked to and then echoes; /decline
+    // answers normally; /rogue switches even when not asked.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = l.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::spawn(move || {
+        for s in l.incoming() {
+            if stop2.load(Ordering::Relaxed) {
+                return;
+            }
+            let Ok(s) = s else { continue };
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                while let Some((head, _)) = read_request(&mut r) {
+                    let lower = head.to_ascii_lowercase();
+                    let asked = lower.contains("\r\nupgrade: websocket\r\n")
+                        && lower.contains("\r\nconnection: upgrade\r\n");
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                    if path == "/ws" && asked || path == "/rogue" {
+                        let _ = w.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nhello;");
+                        // From here on: echo until the proxy ends its side.
+                        let mut rest = Vec::new();
+                        let mut chunk = [0u8; 1024];
+                        rest.extend_from_slice(r.buffer());
+                        let _ = w.write_all(&rest);
+                        let mut s = r.into_inner();
+                        while let Ok(n) = s.read(&mut chunk) {
+                            if n == 0 || w.write_all(&chunk[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = w.shutdown(Shutdown::Write);
+                        return;
+                    }
+                    let text = if asked { "declined" } else { "plain" };
+                    let resp =
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}", text.len());
+                    if w.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let b = Backend {
+        addr: backend_addr,
+        conns: Default::default(),
+        reqs: Default::default(),
+        stop,
+        thread: Some(thread),
+    };
+    let p = proxy(&[(&b, 1)], "idle_timeout_ms = 2000\nretries = 0", "");
+
+    // Switched: the 101 with its Upgrade header, then bytes both ways, including those sent
+    // right behind each head, until the client ends its side.
+    let (mut s, mut r) = client(p.addr);
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\nearly;").unwrap();
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 101 "), "{status:?}");
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        head += &line;
+        if line == "\r\n" {
+            break;
+        }
+    }
+    assert!(
+        head.contains("Upgrade: websocket\r\n") && head.contains("Connection: upgrade\r\n"),
+        "{head}"
+    );
+    let mut got = vec![0u8; "hello;early;".len()];
+    r.read_exact(&mut got).unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), "hello;early;");
+    s.write_all(b"ping").unwrap();
+    let mut got = [0u8; 4];
+    r.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping");
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+
+    // Declined: an ordinary response, and the connection goes on as HTTP.
+    let (mut s, mut r) = client(p.addr);
+    s.write_all(
+        b"GET /decline HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .unwrap();
+    let resp = read_response(&mut r).unwrap();
+    assert_eq!((resp.0, resp.2.as_str()), (200, "declined"));
+    s.write_all(b"GET /again HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let resp = read_response(&mut r).unwrap();
+    assert_eq!((resp.0, resp.2.as_str()), (200, "plain"));
+
+    // Not asked for: a backend switching protocols anyway is a bad gateway.
+    let resp = request(p.addr, None, "GET /rogue HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    assert_eq!(resp.0, 502);
+}

@@ -536,7 +536,17 @@ fn idempotent(method: &str) -> bool {
     matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
 }
 
-/// The request head as sent to the backend (shared by every attempt without copying).
+/// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`, named by `Connection`, as
+/// WebSocket handshakes do), if it asks and has no body.
+fn upgrade_of(req: &ReqHead, framing: Framing) -> Option<&[u8]> {
+    if req.http10 || framing != Framing::None || !req.head.connection_lists(b"upgrade") {
+        return None;
+    }
+    header(&req.head, "upgrade").next().filter(|v| !v.trim_ascii().is_empty())
+}
+
+/// The request head as sent to the backend (shared by every attempt without copying). An
+/// upgrade request keeps its `Upgrade` header and says `Connection: upgrade`.
 fn upstream_head(req: &ReqHead, framing: Framing, peer: SocketAddr, forwarded_for: bool) -> Bytes {
     let head = &req.head;
     let mut out = Vec::with_capacity(256 + head.bytes.len());
@@ -586,7 +596,14 @@ fn upstream_head(req: &ReqHead, framing: Framing, peer: SocketAddr, forwarded_fo
         transfer_encoding(&mut out, head);
     }
     content_length(&mut out, framing, declared_length(head));
-    out.extend(b"Connection: keep-alive\r\n\r\n");
+    match upgrade_of(req, framing) {
+        Some(protocol) => {
+            out.extend(b"Upgrade: ");
+            out.extend(protocol);
+            out.extend(b"\r\nConnection: upgrade\r\n\r\n");
+        }
+        None => out.extend(b"Connection: keep-alive\r\n\r\n"),
+    }
     Bytes::from(out)
 }
 
@@ -771,6 +788,7 @@ async fn serve_conn(
         // 2..4. Pick, send, read the response head; retry where that is safe.
         let can_retry = idempotent(req.method()) && framing == Framing::None;
         let head = upstream_head(&req, framing, peer, cfg.forwarded_for);
+        let upgrade = upgrade_of(&req, framing).is_some();
         tried.clear();
         let mut last = Attempt::Connect;
         let mut done = None;
@@ -786,8 +804,8 @@ async fn serve_conn(
             // The first attempt starts with the request; a retry reads the clock again.
             let now = if attempt == 0 { started } else { Instant::now() };
             let r = attempt_once(
-                client, &mut buf, &mut ubuf, &upstream, &vip, &pool, i, &head, framing, peer,
-                listen, now, deadline,
+                client, &mut buf, &mut ubuf, &upstream, &vip, &pool, i, &head, framing, upgrade,
+                peer, listen, now, deadline,
             )
             .await;
             member.state.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -835,6 +853,40 @@ async fn serve_conn(
             let _ = respond(client, status, reason, true).await;
             return;
         };
+
+        if resp.status == 101 {
+            // The backend switched protocols (attempt_once admits 101 only for an upgrade
+            // request): pass its answer on, then relay bytes both ways until both sides are
+            // done, as TCP mode does. The connection is no longer HTTP.
+            status_and_headers(&mut out, &resp);
+            let protocol = header(&resp.head, "upgrade")
+                .next()
+                .or_else(|| upgrade_of(&req, framing))
+                .unwrap_or_default();
+            out.extend_from_slice(b"Upgrade: ");
+            out.extend_from_slice(protocol);
+            out.extend_from_slice(b"\r\nConnection: upgrade\r\n\r\n");
+            // Whatever the backend sent after its head already belongs to the new protocol.
+            out.extend_from_slice(&ubuf);
+            ubuf.clear();
+            drop(resp);
+            vip.count(101);
+            vip.duration.observe(started.elapsed().as_secs_f64());
+            // So does whatever the client sent after its request head.
+            let sent = write(client, out.split().freeze()).await.is_ok()
+                && (buf.is_empty() || write(&up, buf.split().freeze()).await.is_ok());
+            if sent {
+                let idle = vip.cfg.idle_timeout;
+                tokio::join!(
+                    super::tcp::pump(client, &up, idle),
+                    super::tcp::pump(&up, client, idle)
+                );
+            }
+            // Reads abandoned on an idle timeout stay pending until the sockets are shut down.
+            let _ = up.shutdown(std::net::Shutdown::Both);
+            let _ = client.shutdown(std::net::Shutdown::Both);
+            return;
+        }
 
         // 5. Response head and body to the client.
         let head_req = req.method() == "HEAD";
@@ -919,6 +971,7 @@ async fn attempt_once(
     i: usize,
     head: &Bytes,
     framing: Framing,
+    upgrade: bool,
     peer: SocketAddr,
     listen: SocketAddr,
     now: Instant,
@@ -986,8 +1039,9 @@ async fn attempt_once(
         let resp_deadline = (sent_at + cfg.response_timeout).min(deadline);
         let resp = loop {
             match parse_response(ubuf) {
-                // 101 answers an Upgrade, which this proxy never forwards: unsolicited, the
-                // connection would carry another protocol from here on.
+                // 101 is final for an upgrade request. Unsolicited, the connection would carry
+                // another protocol from here on: a broken response.
+                Ok(Some(r)) if r.status == 101 && upgrade => break Some(r),
                 Ok(Some(r)) if r.status == 101 => return Err(abandon(&up, Attempt::Broken)),
                 Ok(Some(r)) if (100..200).contains(&r.status) => {
                     // Interim response (100 Continue...): pass it on, wait for the final one.

@@ -4,7 +4,6 @@
 
 use std::{
     net::{Shutdown, SocketAddr},
-    rc::Rc,
     sync::{Arc, atomic::Ordering},
 };
 
@@ -12,7 +11,10 @@ use tokio_uring::net::TcpStream;
 
 use super::{VipRuntime, client_ip, http::proxy_header};
 
-async fn pump(from: Rc<TcpStream>, to: Rc<TcpStream>, idle: std::time::Duration) {
+/// Copies `from` to `to` until `from` ends, fails or is idle for `idle`, then shuts `to`'s
+/// write half (so the far end sees the end of what this side sends). Also relays upgraded
+/// HTTP connections (WebSocket).
+pub(super) async fn pump(from: &TcpStream, to: &TcpStream, idle: std::time::Duration) {
     let mut buf = Vec::with_capacity(16 * 1024);
     loop {
         buf.clear();
@@ -65,10 +67,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, listen: SocketAddr, vip:
     let member = &pool.members[i];
     member.state.in_flight.fetch_add(1, Ordering::Relaxed);
     member.state.requests.fetch_add(1, Ordering::Relaxed);
-    let (client, up) = (Rc::new(client), Rc::new(up));
-    let a = tokio_uring::spawn(pump(client.clone(), up.clone(), cfg.idle_timeout));
-    pump(up.clone(), client.clone(), cfg.idle_timeout).await;
-    let _ = a.await;
+    tokio::join!(pump(&client, &up, cfg.idle_timeout), pump(&up, &client, cfg.idle_timeout));
     // Reads abandoned on an idle timeout stay pending until the sockets are shut down.
     let _ = client.shutdown(Shutdown::Both);
     let _ = up.shutdown(Shutdown::Both);
