@@ -863,8 +863,11 @@ fn pinned_maps_with_another_layout_are_replaced_not_reused() {
         edgelb::dataplane::reconcile_pins(&dir, TableShape::auto()).unwrap(),
         Vec::<String>::new()
     );
-    let again = Dataplane::load(Some(&dir)).expect("same layout is re-used");
+    let mut again = Dataplane::load(Some(&dir)).expect("same layout is re-used");
     assert!(again.adopted(), "maps of the same layout are adopted");
+    // The rings read back whole: the same config writes no slot.
+    let report = again.apply(&cfg).unwrap();
+    assert_eq!(report.ring_slots_written, 0, "{report:?}");
     drop(again);
 
     // What an upgrade that changed maps looks like: a map of another layout under a name this

@@ -493,15 +493,8 @@ impl Dataplane {
                 1
             } else {
                 let active = (meta.ring_base / MAX_RING_SIZE - meta.vip_index * 2) as usize;
-                let mut ring = Vec::with_capacity(meta.ring_size as usize);
-                for i in 0..meta.ring_size {
-                    ring.push(
-                        self.maps
-                            .rings
-                            .get(&(meta.ring_base + i), 0)
-                            .map_err(map_err(lb_common::maps::RINGS))?,
-                    );
-                }
+                let ring = maps::get_slots(&self.maps.rings, meta.ring_base, meta.ring_size)
+                    .map_err(map_err(lb_common::maps::RINGS))?;
                 regions[active] = Some(ring);
                 active
             };
@@ -733,15 +726,17 @@ impl Dataplane {
                 let target = 1 - slot.active;
                 let base = (slot.index * 2 + target as u32) * MAX_RING_SIZE;
                 let old = slot.regions[target].take();
+                // Only the slots that differ, in one batch.
+                let (mut keys, mut ids) = (Vec::new(), Vec::new());
                 for (i, &id) in ring.iter().enumerate() {
                     if old.as_ref().and_then(|o| o.get(i)) != Some(&id) {
-                        self.maps
-                            .rings
-                            .set(base + i as u32, &id, 0)
-                            .map_err(map_err(lb_common::maps::RINGS))?;
-                        report.ring_slots_written += 1;
+                        keys.push(base + i as u32);
+                        ids.push(id);
                     }
                 }
+                maps::set_slots(&self.maps.rings, &keys, &ids)
+                    .map_err(map_err(lb_common::maps::RINGS))?;
+                report.ring_slots_written += keys.len();
                 slot.regions[target] = Some(ring);
                 slot.active = target;
                 meta.ring_base = base;
