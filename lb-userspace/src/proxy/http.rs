@@ -733,9 +733,12 @@ async fn serve_conn(
             // A cancelled read loses its buffer (tokio-uring owns it until the kernel is done),
             // so decide now what a timeout means.
             let partial = !buf.is_empty();
+            // Stopping closes a keep-alive connection idle between requests (as nginx and
+            // HAProxy do), but not one just accepted: its client has sent, or is sending, a
+            // request that nobody else will answer, so it is read and served (with `close`).
             let read = tokio::select! {
                 r = timeout_at(deadline, read_more(client, &mut buf)) => r,
-                _ = super::wait_stopping(&shared), if buf.is_empty() => return,
+                _ = super::wait_stopping(&shared), if waiting_for_start => return,
             };
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) => return,
