@@ -15,6 +15,8 @@ use std::{
 
 use edgelb::{config::Config, metrics::Metrics, proxy::Proxy};
 
+mod common;
+
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
     Ok,
@@ -85,6 +87,61 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<(String, Vec<u8>)> {
 }
 
 fn backend(name: &'static str, mode: Mode) -> Backend {
+    serve_backend(move |s, r2, s2| {
+        if mode == Mode::Echo {
+            let mut s = s;
+            let mut all = Vec::new();
+            let _ = s.read_to_end(&mut all);
+            let _ = s.write_all(&all);
+            return;
+        }
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while let Some((head, body)) = read_request(&mut r) {
+            r2.fetch_add(1, Ordering::Relaxed);
+            let xff = head
+                .lines()
+                .find_map(|l| l.strip_prefix("X-Forwarded-For: "))
+                .unwrap_or("-")
+                .to_owned();
+            let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+            let status = match mode {
+                Mode::Reset => return,
+                Mode::Silent => {
+                    while !s2.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    return;
+                }
+                Mode::Slow(ms) => {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    200
+                }
+                Mode::Status(s) => s,
+                _ => 200,
+            };
+            let mut text = format!("{name} {path} xff={xff} len={}", body.len());
+            if let Mode::Big(n) = mode {
+                text = format!("{text} {}", "x".repeat(n - text.len() - 1));
+            }
+            if mode == Mode::Continue && w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err() {
+                return;
+            }
+            let resp =
+                format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{text}", text.len());
+            if w.write_all(resp.as_bytes()).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// A backend on loopback that serves each connection it accepts with `conn`, on a thread of its
+/// own (reads time out after 5 s), given the backend's request counter and stop flag.
+fn serve_backend<F>(conn: F) -> Backend
+where
+    F: Fn(TcpStream, &AtomicUsize, &AtomicBool) + Send + Sync + 'static,
+{
     // A deep accept queue: std's listen backlog is 128, and a test that sends 150 concurrent
     // requests to a slow backend would see connect failures (502s) whenever this accept thread
     // falls behind on a loaded machine.
@@ -101,6 +158,7 @@ fn backend(name: &'static str, mode: Mode) -> Backend {
         Arc::new(AtomicBool::new(false)),
     );
     let (c2, r2, s2) = (conns.clone(), reqs.clone(), stop.clone());
+    let conn = Arc::new(conn);
     let thread = std::thread::spawn(move || {
         for s in l.incoming() {
             if s2.load(Ordering::Relaxed) {
@@ -108,58 +166,10 @@ fn backend(name: &'static str, mode: Mode) -> Backend {
             }
             let Ok(s) = s else { continue };
             c2.fetch_add(1, Ordering::Relaxed);
-            let (r2, s2) = (r2.clone(), s2.clone());
+            let (conn, r2, s2) = (conn.clone(), r2.clone(), s2.clone());
             std::thread::spawn(move || {
                 let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                if mode == Mode::Echo {
-                    let mut s = s;
-                    let mut all = Vec::new();
-                    let _ = s.read_to_end(&mut all);
-                    let _ = s.write_all(&all);
-                    return;
-                }
-                let mut w = s.try_clone().unwrap();
-                let mut r = BufReader::new(s);
-                while let Some((head, body)) = read_request(&mut r) {
-                    r2.fetch_add(1, Ordering::Relaxed);
-                    let xff = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("X-Forwarded-For: "))
-                        .unwrap_or("-")
-                        .to_owned();
-                    let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
-                    let status = match mode {
-                        Mode::Reset => return,
-                        Mode::Silent => {
-                            while !s2.load(Ordering::Relaxed) {
-                                std::thread::sleep(Duration::from_millis(20));
-                            }
-                            return;
-                        }
-                        Mode::Slow(ms) => {
-                            std::thread::sleep(Duration::from_millis(ms));
-                            200
-                        }
-                        Mode::Status(s) => s,
-                        _ => 200,
-                    };
-                    let mut text = format!("{name} {path} xff={xff} len={}", body.len());
-                    if let Mode::Big(n) = mode {
-                        text = format!("{text} {}", "x".repeat(n - text.len() - 1));
-                    }
-                    if mode == Mode::Continue
-                        && w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err()
-                    {
-                        return;
-                    }
-                    let resp = format!(
-                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{text}",
-                        text.len()
-                    );
-                    if w.write_all(resp.as_bytes()).is_err() {
-                        return;
-                    }
-                }
+                conn(s, &r2, &s2);
             });
         }
     });
@@ -657,16 +667,10 @@ fn survives_hostile_input() {
         if only.is_some_and(|o| o != i) {
             continue;
         }
-        let mut s = TcpStream::connect(p.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        let t = Instant::now();
-        let _ = s.write_all(case);
-        let mut resp = Vec::new();
-        let _ = s.read_to_end(&mut resp);
+        let (resp, took) = exchange(p.addr, case, false, Duration::from_secs(3));
         assert!(
-            t.elapsed() < Duration::from_secs(2),
-            "case {i}: no answer or close for {:?}: {:?}",
-            t.elapsed(),
+            took < Duration::from_secs(2),
+            "case {i}: no answer or close for {took:?}: {:?}",
             String::from_utf8_lossy(&resp)
         );
         let text = String::from_utf8_lossy(&resp);
@@ -911,93 +915,96 @@ fn chunked_len(buf: &[u8]) -> Result<Option<usize>, String> {
 /// proxy must never forward, whatever its clients send. A stream cut short is not a violation
 /// (the proxy aborts a request it cannot finish). Answers every request with 200.
 fn strict_backend() -> (Backend, Violations) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let (conns, reqs, stop) = (
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicBool::new(false)),
-    );
     let violations: Violations = Default::default();
-    let (c2, r2, s2, v2) = (conns.clone(), reqs.clone(), stop.clone(), violations.clone());
-    let thread = std::thread::spawn(move || {
-        for s in l.incoming() {
-            if s2.load(Ordering::Relaxed) {
+    let v2 = violations.clone();
+    let b = serve_backend(move |mut s, r2, _| {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let bad = |why: String, buf: &[u8]| {
+            let shown = String::from_utf8_lossy(&buf[..buf.len().min(300)]).into_owned();
+            v2.lock().unwrap().push(format!("{why}: {shown:?}"));
+        };
+        loop {
+            // One request: head, then its body.
+            let mut headers = [httparse::EMPTY_HEADER; 100];
+            let mut req = httparse::Request::new(&mut headers);
+            let head_len = match req.parse(&buf) {
+                Ok(httparse::Status::Complete(n)) => n,
+                Ok(httparse::Status::Partial) => match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        buf.extend_from_slice(&chunk[..n]);
+                        continue;
+                    }
+                },
+                Err(e) => return bad(format!("unparsable head ({e})"), &buf),
+            };
+            let (mut length, mut chunked) = (None::<usize>, false);
+            for h in req.headers.iter() {
+                if h.name.eq_ignore_ascii_case("content-length") {
+                    let v = std::str::from_utf8(h.value).ok().and_then(|v| v.parse().ok());
+                    if v.is_none() || length.is_some() {
+                        return bad("content-length".into(), &buf);
+                    }
+                    length = v;
+                } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                    if chunked || !h.value.eq_ignore_ascii_case(b"chunked") {
+                        return bad("transfer-encoding".into(), &buf);
+                    }
+                    chunked = true;
+                }
+            }
+            if chunked && length.is_some() {
+                return bad("both content-length and chunked".into(), &buf);
+            }
+            let body_len = loop {
+                let have = &buf[head_len..];
+                let need = if chunked {
+                    match chunked_len(have) {
+                        Ok(n) => n,
+                        Err(why) => return bad(why, &buf),
+                    }
+                } else {
+                    let n = length.unwrap_or(0);
+                    (have.len() >= n).then_some(n)
+                };
+                if let Some(n) = need {
+                    break n;
+                }
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            buf.drain(..head_len + body_len);
+            r2.fetch_add(1, Ordering::Relaxed);
+            if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").is_err() {
                 return;
             }
-            let Ok(mut s) = s else { continue };
-            c2.fetch_add(1, Ordering::Relaxed);
-            let (r2, v2) = (r2.clone(), v2.clone());
-            std::thread::spawn(move || {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let bad = |why: String, buf: &[u8]| {
-                    let shown = String::from_utf8_lossy(&buf[..buf.len().min(300)]).into_owned();
-                    v2.lock().unwrap().push(format!("{why}: {shown:?}"));
-                };
-                loop {
-                    // One request: head, then its body.
-                    let mut headers = [httparse::EMPTY_HEADER; 100];
-                    let mut req = httparse::Request::new(&mut headers);
-                    let head_len = match req.parse(&buf) {
-                        Ok(httparse::Status::Complete(n)) => n,
-                        Ok(httparse::Status::Partial) => match s.read(&mut chunk) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => {
-                                buf.extend_from_slice(&chunk[..n]);
-                                continue;
-                            }
-                        },
-                        Err(e) => return bad(format!("unparsable head ({e})"), &buf),
-                    };
-                    let (mut length, mut chunked) = (None::<usize>, false);
-                    for h in req.headers.iter() {
-                        if h.name.eq_ignore_ascii_case("content-length") {
-                            let v = std::str::from_utf8(h.value).ok().and_then(|v| v.parse().ok());
-                            if v.is_none() || length.is_some() {
-                                return bad("content-length".into(), &buf);
-                            }
-                            length = v;
-                        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                            if chunked || !h.value.eq_ignore_ascii_case(b"chunked") {
-                                return bad("transfer-encoding".into(), &buf);
-                            }
-                            chunked = true;
-                        }
-                    }
-                    if chunked && length.is_some() {
-                        return bad("both content-length and chunked".into(), &buf);
-                    }
-                    let body_len = loop {
-                        let have = &buf[head_len..];
-                        let need = if chunked {
-                            match chunked_len(have) {
-                                Ok(n) => n,
-                                Err(why) => return bad(why, &buf),
-                            }
-                        } else {
-                            let n = length.unwrap_or(0);
-                            (have.len() >= n).then_some(n)
-                        };
-                        if let Some(n) = need {
-                            break n;
-                        }
-                        match s.read(&mut chunk) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    buf.drain(..head_len + body_len);
-                    r2.fetch_add(1, Ordering::Relaxed);
-                    if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").is_err() {
-                        return;
-                    }
-                }
-            });
         }
     });
-    (Backend { addr, conns, reqs, stop, thread: Some(thread) }, violations)
+    (b, violations)
+}
+
+/// One to three random changes to message `c`: a byte replaced by or inserted from `alphabet`,
+/// up to four bytes cut, one of `lines` inserted at the start of a line, or the end cut off.
+fn damage(c: &mut Vec<u8>, rnd: &mut impl FnMut(usize) -> usize, alphabet: &[u8], lines: &[&[u8]]) {
+    for _ in 0..1 + rnd(3) {
+        let at = rnd(c.len() + 1);
+        match rnd(5) {
+            0 if at < c.len() => c[at] = alphabet[rnd(alphabet.len())],
+            1 => c.insert(at, alphabet[rnd(alphabet.len())]),
+            2 if at < c.len() => {
+                let n = (1 + rnd(4)).min(c.len() - at);
+                c.drain(at..at + n);
+            }
+            3 => {
+                let start = c[..at].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                c.splice(start..start, lines[rnd(lines.len())].iter().copied());
+            }
+            _ => c.truncate(at.max(1)),
+        }
+    }
 }
 
 /// Valid requests (bodies by length and chunked, pipelined, hop-by-hop headers) damaged at
@@ -1054,38 +1061,11 @@ fn damaged_requests_never_reach_the_backend_malformed() {
         b" folded: continuation\r\n",
     ];
     // A fixed seed, so a failure reproduces; FUZZ_SEED=<n> explores others.
-    let mut seed = std::env::var("FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x9e37_79b9_7f4a_7c15u64);
-    let mut rnd = move |n: usize| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed % n as u64) as usize
-    };
+    let mut rnd = common::rng(common::fuzz_seed(0x9e37_79b9_7f4a_7c15));
     let cases: Vec<Vec<u8>> = (0..1200)
         .map(|_| {
             let mut c = bases[rnd(bases.len())].to_vec();
-            for _ in 0..1 + rnd(3) {
-                let at = rnd(c.len() + 1);
-                match rnd(5) {
-                    0 if at < c.len() => c[at] = alphabet[rnd(alphabet.len())],
-                    1 => c.insert(at, alphabet[rnd(alphabet.len())]),
-                    2 if at < c.len() => {
-                        let n = (1 + rnd(4)).min(c.len() - at);
-                        c.drain(at..at + n);
-                    }
-                    3 => {
-                        // A framing header line, at the start of some line.
-                        let line_start =
-                            c[..at].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-                        let l = lines[rnd(lines.len())];
-                        c.splice(line_start..line_start, l.iter().copied());
-                    }
-                    _ => c.truncate(at.max(1)),
-                }
-            }
+            damage(&mut c, &mut rnd, alphabet, &lines);
             c
         })
         .collect();
@@ -1101,18 +1081,10 @@ fn damaged_requests_never_reach_the_backend_malformed() {
                     if only.is_some_and(|o| o != i) {
                         continue;
                     }
-                    let mut s = TcpStream::connect(p.addr).unwrap();
-                    s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
-                    let t = Instant::now();
-                    let _ = s.write_all(case);
                     // Half the clients end their side, half leave the connection open (an
                     // incomplete request must then meet a timeout).
-                    if i.is_multiple_of(2) {
-                        let _ = s.shutdown(Shutdown::Write);
-                    }
-                    let mut resp = Vec::new();
-                    let _ = s.read_to_end(&mut resp);
-                    let took = t.elapsed();
+                    let (resp, took) =
+                        exchange(p.addr, case, i.is_multiple_of(2), Duration::from_secs(4));
                     let text = String::from_utf8_lossy(&resp);
                     // Every answer on the connection starts with a status line.
                     let statuses_ok = resp.is_empty()
@@ -1154,49 +1126,46 @@ fn damaged_requests_never_reach_the_backend_malformed() {
 /// A backend that answers each request with the raw response `answer(path)` gives, then closes
 /// if told to.
 fn raw_backend(answer: fn(&str) -> (&'static str, bool)) -> Backend {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let (conns, reqs, stop) = (
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let (c2, r2, s2) = (conns.clone(), reqs.clone(), stop.clone());
-    let thread = std::thread::spawn(move || {
-        for s in l.incoming() {
-            if s2.load(Ordering::Relaxed) {
+    serve_backend(move |s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while let Some((head, _)) = read_request(&mut r) {
+            r2.fetch_add(1, Ordering::Relaxed);
+            let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+            let (resp, close) = answer(&path);
+            if w.write_all(resp.as_bytes()).is_err() || close {
                 return;
             }
-            let Ok(s) = s else { continue };
-            c2.fetch_add(1, Ordering::Relaxed);
-            let r2 = r2.clone();
-            std::thread::spawn(move || {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut w = s.try_clone().unwrap();
-                let mut r = BufReader::new(s);
-                while let Some((head, _)) = read_request(&mut r) {
-                    r2.fetch_add(1, Ordering::Relaxed);
-                    let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
-                    let (resp, close) = answer(&path);
-                    if w.write_all(resp.as_bytes()).is_err() || close {
-                        return;
-                    }
-                }
-            });
         }
-    });
-    Backend { addr, conns, reqs, stop, thread: Some(thread) }
+    })
 }
 
 /// Raw response text from one request on a fresh connection (read until the proxy closes or
 /// 1 s of quiet).
 fn raw_exchange(addr: SocketAddr, req: &str) -> String {
+    let (out, _) = exchange(addr, req.as_bytes(), false, Duration::from_secs(1));
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Sends `bytes` on a new connection to `addr`, ending the client's side when `half_close`,
+/// and reads until the proxy closes or `wait` passes with nothing; returns what came back and
+/// how long that took.
+fn exchange(
+    addr: SocketAddr,
+    bytes: &[u8],
+    half_close: bool,
+    wait: Duration,
+) -> (Vec<u8>, Duration) {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-    s.write_all(req.as_bytes()).unwrap();
+    s.set_read_timeout(Some(wait)).unwrap();
+    let t = Instant::now();
+    let _ = s.write_all(bytes);
+    if half_close {
+        let _ = s.shutdown(Shutdown::Write);
+    }
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
-    String::from_utf8_lossy(&out).into_owned()
+    (out, t.elapsed())
 }
 
 #[test]
@@ -1321,14 +1290,6 @@ fn check_one_response(mut got: &[u8]) -> Result<(), String> {
 /// response (response splitting), and the proxy keeps serving.
 #[test]
 fn damaged_responses_reach_clients_well_framed() {
-    fn rnd_from(mut seed: u64) -> impl FnMut(usize) -> usize {
-        move |n| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        }
-    }
     fn damaged(i: usize) -> (Vec<u8>, bool) {
         let bases: [(&[u8], bool); 8] = [
             (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false),
@@ -1340,8 +1301,8 @@ fn damaged_responses_reach_clients_well_framed() {
             (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", false),
             (b"HTTP/1.1 503 Busy\r\nContent-Length: 3\r\nConnection: keep-alive, X-A\r\nX-A: 1\r\n\r\nabc", false),
         ];
-        let seed: u64 = std::env::var("FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
-        let mut rnd = rnd_from(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i as u64 + 1));
+        let seed = common::fuzz_seed(7);
+        let mut rnd = common::rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i as u64 + 1));
         for _ in 0..4 {
             rnd(2);
         }
@@ -1356,59 +1317,24 @@ fn damaged_responses_reach_clients_well_framed() {
             b"Transfer-Encoding: gzip\r\n",
             b"Connection: close\r\n",
         ];
-        for _ in 0..1 + rnd(3) {
-            let at = rnd(c.len() + 1);
-            match rnd(5) {
-                0 if at < c.len() => c[at] = alphabet[rnd(alphabet.len())],
-                1 => c.insert(at, alphabet[rnd(alphabet.len())]),
-                2 if at < c.len() => {
-                    let n = (1 + rnd(4)).min(c.len() - at);
-                    c.drain(at..at + n);
-                }
-                3 => {
-                    let start = c[..at].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-                    c.splice(start..start, lines[rnd(lines.len())].iter().copied());
-                }
-                _ => c.truncate(at.max(1)),
-            }
-        }
+        damage(&mut c, &mut rnd, alphabet, &lines);
         (c, close)
     }
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let backend_addr = l.local_addr().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let thread = std::thread::spawn(move || {
-        for s in l.incoming() {
-            if stop2.load(Ordering::Relaxed) {
+    let b = serve_backend(|s, _, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while let Some((head, _)) = read_request(&mut r) {
+            let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+            let Some(i) = path.strip_prefix("/r/").and_then(|i| i.parse().ok()) else {
+                let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                continue;
+            };
+            let (resp, close) = damaged(i);
+            if w.write_all(&resp).is_err() || close {
                 return;
             }
-            let Ok(s) = s else { continue };
-            std::thread::spawn(move || {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut w = s.try_clone().unwrap();
-                let mut r = BufReader::new(s);
-                while let Some((head, _)) = read_request(&mut r) {
-                    let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
-                    let Some(i) = path.strip_prefix("/r/").and_then(|i| i.parse().ok()) else {
-                        let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
-                        continue;
-                    };
-                    let (resp, close) = damaged(i);
-                    if w.write_all(&resp).is_err() || close {
-                        return;
-                    }
-                }
-            });
         }
     });
-    let b = Backend {
-        addr: backend_addr,
-        conns: Default::default(),
-        reqs: Default::default(),
-        stop,
-        thread: Some(thread),
-    };
     let p = proxy(
         &[(&b, 1)],
         "response_timeout_ms = 300\nidle_timeout_ms = 300\nrequest_timeout_ms = 1000\nretries = 0\nmax_fails = 100",
@@ -1425,16 +1351,13 @@ fn damaged_responses_reach_clients_well_framed() {
                     if i >= CASES {
                         return;
                     }
-                    let mut s = TcpStream::connect(p.addr).unwrap();
-                    s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
-                    let t = Instant::now();
-                    let _ = s.write_all(format!("GET /r/{i} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
-                    if i.is_multiple_of(2) {
-                        let _ = s.shutdown(Shutdown::Write);
-                    }
-                    let mut got = Vec::new();
-                    let _ = s.read_to_end(&mut got);
-                    let took = t.elapsed();
+                    let req = format!("GET /r/{i} HTTP/1.1\r\nHost: t\r\n\r\n");
+                    let (got, took) = exchange(
+                        p.addr,
+                        req.as_bytes(),
+                        i.is_multiple_of(2),
+                        Duration::from_secs(4),
+                    );
                     let verdict = check_one_response(&got);
                     if took > Duration::from_secs(3) || verdict.is_err() {
                         failures.lock().unwrap().push(format!(
@@ -1460,58 +1383,37 @@ fn damaged_responses_reach_clients_well_framed() {
 fn upgraded_connections_are_relayed_and_unsolicited_101_refused() {
     // A WebSocket-like backend: /ws switches protocols when asked to and then echoes; /decline
     // answers normally; /rogue switches even when not asked.
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let backend_addr = l.local_addr().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let thread = std::thread::spawn(move || {
-        for s in l.incoming() {
-            if stop2.load(Ordering::Relaxed) {
-                return;
-            }
-            let Ok(s) = s else { continue };
-            std::thread::spawn(move || {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut w = s.try_clone().unwrap();
-                let mut r = BufReader::new(s);
-                while let Some((head, _)) = read_request(&mut r) {
-                    let lower = head.to_ascii_lowercase();
-                    let asked = lower.contains("\r\nupgrade: websocket\r\n")
-                        && lower.contains("\r\nconnection: upgrade\r\n");
-                    let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
-                    if path == "/ws" && asked || path == "/rogue" {
-                        let _ = w.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nhello;");
-                        // From here on: echo until the proxy ends its side.
-                        let mut rest = Vec::new();
-                        let mut chunk = [0u8; 1024];
-                        rest.extend_from_slice(r.buffer());
-                        let _ = w.write_all(&rest);
-                        let mut s = r.into_inner();
-                        while let Ok(n) = s.read(&mut chunk) {
-                            if n == 0 || w.write_all(&chunk[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = w.shutdown(Shutdown::Write);
-                        return;
-                    }
-                    let text = if asked { "declined" } else { "plain" };
-                    let resp =
-                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}", text.len());
-                    if w.write_all(resp.as_bytes()).is_err() {
-                        return;
+    let b = serve_backend(|s, _, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while let Some((head, _)) = read_request(&mut r) {
+            let lower = head.to_ascii_lowercase();
+            let asked = lower.contains("\r\nupgrade: websocket\r\n")
+                && lower.contains("\r\nconnection: upgrade\r\n");
+            let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+            if path == "/ws" && asked || path == "/rogue" {
+                let _ = w.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nhello;");
+                // From here on: echo until the proxy ends its side.
+                let mut rest = Vec::new();
+                let mut chunk = [0u8; 1024];
+                rest.extend_from_slice(r.buffer());
+                let _ = w.write_all(&rest);
+                let mut s = r.into_inner();
+                while let Ok(n) = s.read(&mut chunk) {
+                    if n == 0 || w.write_all(&chunk[..n]).is_err() {
+                        break;
                     }
                 }
-            });
+                let _ = w.shutdown(Shutdown::Write);
+                return;
+            }
+            let text = if asked { "declined" } else { "plain" };
+            let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}", text.len());
+            if w.write_all(resp.as_bytes()).is_err() {
+                return;
+            }
         }
     });
-    let b = Backend {
-        addr: backend_addr,
-        conns: Default::default(),
-        reqs: Default::default(),
-        stop,
-        thread: Some(thread),
-    };
     let p = proxy(&[(&b, 1)], "idle_timeout_ms = 2000\nretries = 0", "");
 
     // Switched: the 101 with its Upgrade header, then bytes both ways, including those sent

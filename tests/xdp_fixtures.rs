@@ -1119,16 +1119,7 @@ fn damaged_frames_are_passed_dropped_or_sent_well_formed() {
         eth(LB_MAC, CLIENT_MAC, ETH_ARP, &[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1]),
     ];
     // A fixed seed, so a failure reproduces; FUZZ_SEED=<n> explores others.
-    let mut seed = std::env::var("FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x2545_f491_4f6c_dd1du64);
-    let mut rnd = move |n: usize| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed % n as u64) as usize
-    };
+    let mut rnd = common::rng(common::fuzz_seed(0x2545_f491_4f6c_dd1d));
     let mut seen = [0u64; REASON_COUNT as usize];
     for i in 0..20_000 {
         let mut f = bases[rnd(bases.len())].clone();

@@ -97,3 +97,20 @@ port = 80
 forwarding = "l7"
 backends = [{ address = "198.18.0.11", mac = "02:ed:00:00:00:11" }]
 "#;
+
+/// The seed of a damage test: FUZZ_SEED when set (to explore other cases), else `default`, so a
+/// failure reproduces.
+pub fn fuzz_seed(default: u64) -> u64 {
+    std::env::var("FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+/// A small deterministic generator (xorshift64) for damage tests: `rnd(n)` is in `0..n`.
+pub fn rng(seed: u64) -> impl FnMut(usize) -> usize {
+    let mut seed = seed.max(1);
+    move |n| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    }
+}
