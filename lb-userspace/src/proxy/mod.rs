@@ -174,6 +174,10 @@ pub(crate) struct Shared {
     pub force: AtomicBool,
     /// Open client connections, all threads.
     pub open: AtomicUsize,
+    /// Accept loops not finished yet, all threads. The drain at stop waits for them before it
+    /// trusts `open`: a connection an accept loop took just as the stop began is counted only
+    /// after the accept returns, and finding `open` at zero before that would drop it unserved.
+    pub accepting: AtomicUsize,
 }
 
 /// The running proxy.
@@ -301,6 +305,8 @@ impl Proxy {
             stop: tokio::sync::Notify::new(),
             force: AtomicBool::new(false),
             open: AtomicUsize::new(0),
+            // Every accept loop counts from the start, so none can be missed by an early stop.
+            accepting: AtomicUsize::new(bound.per_thread.iter().map(Vec::len).sum()),
         });
         let mut proxy = Proxy {
             shared,
@@ -395,7 +401,10 @@ impl Proxy {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.stop.notify_waiters();
         let deadline = Instant::now() + grace;
-        while self.shared.open.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        while (self.shared.accepting.load(Ordering::SeqCst) > 0
+            || self.shared.open.load(Ordering::SeqCst) > 0)
+            && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(20));
         }
         let left = self.shared.open.load(Ordering::SeqCst);
@@ -445,7 +454,9 @@ async fn run_thread(
         let shared = shared.clone();
         let upstream = upstream.clone();
         accepts.push(tokio_uring::spawn(async move {
-            accept_loop(l, vip, addr, mode, shared, upstream).await;
+            accept_loop(l, vip, addr, mode, shared.clone(), upstream).await;
+            // Every connection this loop took is counted in `open` by now.
+            shared.accepting.fetch_sub(1, Ordering::SeqCst);
         }));
     }
     for a in accepts {
@@ -480,9 +491,12 @@ async fn accept_loop(
     };
     let label = VipLabel { vip: vip.clone() };
     loop {
+        // Stopping first: once it is set, no further connection is taken off the socket (one
+        // the service manager holds keeps it for the next process).
         let accepted = tokio::select! {
-            r = l.accept() => r,
+            biased;
             _ = wait_stopping(&shared) => return,
+            r = l.accept() => r,
         };
         // io_uring honours O_NONBLOCK (an operation that would wait fails with EAGAIN instead),
         // so the accepted socket goes back to blocking mode for tokio-uring.
