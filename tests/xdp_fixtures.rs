@@ -1117,6 +1117,29 @@ fn damaged_frames_are_passed_dropped_or_sent_well_formed() {
             &ipv6(c6, vip6, 6, 0, 64, &tcp(c6.into(), vip6.into(), 40000, 80, ACK, &[7; 1440])),
         ),
         eth(LB_MAC, CLIENT_MAC, ETH_ARP, &[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1]),
+        // ICMP errors about VIP flows: IPv6 packet-too-big (TCP), IPv4 port unreachable (UDP).
+        {
+            let quoted6 =
+                ipv6(vip6, c6, 6, 0, 64, &tcp(vip6.into(), c6.into(), 80, 40000, ACK, b""));
+            let router6 = v6("2001:2::fe");
+            let ptb = icmp6(router6, vip6, 2, 0, 1280u32.to_be_bytes(), &quoted6);
+            eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &ipv6(router6, vip6, 58, 0, 64, &ptb))
+        },
+        {
+            let quoted = V4::new(vip4, c4, 17).packet(&udp(vip4.into(), c4.into(), 53, 5353, b"a"));
+            eth(
+                LB_MAC,
+                CLIENT_MAC,
+                ETH_IP,
+                &V4::new(v4("198.18.0.254"), vip4, 1).packet(&icmp4(3, 3, [0; 4], &quoted)),
+            )
+        },
+        // An IPv6 extension header (hop-by-hop) in front of TCP to a VIP.
+        {
+            let mut ext = vec![6u8, 0, 1, 4, 0, 0, 0, 0];
+            ext.extend(tcp(c6.into(), vip6.into(), 40000, 80, SYN, b""));
+            eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &ipv6(c6, vip6, 0, 0, 64, &ext))
+        },
     ];
     // A fixed seed, so a failure reproduces; FUZZ_SEED=<n> explores others.
     let mut rnd = common::rng(common::fuzz_seed(0x2545_f491_4f6c_dd1d));
