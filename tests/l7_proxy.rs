@@ -1047,6 +1047,7 @@ fn damaged_requests_never_reach_the_backend_malformed() {
         b"GET /1 HTTP/1.1\r\nHost: t\r\n\r\nPOST /2 HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabcGET /3 HTTP/1.1\r\nHost: t\r\n\r\n",
         b"PUT /u HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         b"GET /o HTTP/1.0\r\nHost: t\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
     ];
     // Bytes that matter to an HTTP parser, and header lines that matter to framing.
     let alphabet: &[u8] = b" \t\r\n:;,0123456789abcdefxX-+\"\x00\x7f\x80\xff";
