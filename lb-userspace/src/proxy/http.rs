@@ -536,6 +536,16 @@ fn idempotent(method: &str) -> bool {
     matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
 }
 
+/// Does the client wait for `100 Continue` before sending its body (RFC 9110 10.1.1)? The proxy
+/// answers that itself as it starts streaming the body: passing the expectation on would leave
+/// the backend's `100` unread behind a body the client holds back, until the client gives up
+/// waiting (curl waits a second).
+fn expects_continue(req: &ReqHead, framing: Framing) -> bool {
+    !req.http10
+        && framing != Framing::None
+        && header(&req.head, "expect").any(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue"))
+}
+
 /// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`, named by `Connection`, as
 /// WebSocket handshakes do), if it asks and has no body.
 fn upgrade_of(req: &ReqHead, framing: Framing) -> Option<&[u8]> {
@@ -555,8 +565,13 @@ fn upstream_head(req: &ReqHead, framing: Framing, peer: SocketAddr, forwarded_fo
     out.extend(req.path().as_bytes());
     out.extend(b" HTTP/1.1\r\n");
     for (name, value) in head.headers() {
-        // Content-Length is written once, below.
-        if is_hop(name, head) || name.eq_ignore_ascii_case(b"content-length") {
+        // Content-Length is written once, below; a 100-continue expectation is answered by
+        // the proxy itself (see `expects_continue`).
+        if is_hop(name, head)
+            || name.eq_ignore_ascii_case(b"content-length")
+            || (name.eq_ignore_ascii_case(b"expect")
+                && value.trim_ascii().eq_ignore_ascii_case(b"100-continue"))
+        {
             continue;
         }
         // Rewritten below, with the client appended.
@@ -788,6 +803,11 @@ async fn serve_conn(
             })
             .flatten();
 
+        let continued = expects_continue(&req, framing);
+        if continued && write(client, &b"HTTP/1.1 100 Continue\r\n\r\n"[..]).await.is_err() {
+            return;
+        }
+
         // 2..4. Pick, send, read the response head; retry where that is safe.
         let can_retry = idempotent(req.method()) && framing == Framing::None;
         let head = upstream_head(&req, framing, peer, cfg.forwarded_for);
@@ -808,7 +828,7 @@ async fn serve_conn(
             let now = if attempt == 0 { started } else { Instant::now() };
             let r = attempt_once(
                 client, &mut buf, &mut ubuf, &upstream, &vip, &pool, i, &head, framing, upgrade,
-                peer, listen, now, deadline,
+                continued, peer, listen, now, deadline,
             )
             .await;
             member.state.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -978,6 +998,7 @@ async fn attempt_once(
     head: &Bytes,
     framing: Framing,
     upgrade: bool,
+    continued: bool,
     peer: SocketAddr,
     listen: SocketAddr,
     now: Instant,
@@ -1049,6 +1070,8 @@ async fn attempt_once(
                 // another protocol from here on: a broken response.
                 Ok(Some(r)) if r.status == 101 && upgrade => break Some(r),
                 Ok(Some(r)) if r.status == 101 => return Err(abandon(&up, Attempt::Broken)),
+                // The client had its 100 Continue from the proxy already.
+                Ok(Some(r)) if r.status == 100 && continued => continue,
                 Ok(Some(r)) if (100..200).contains(&r.status) => {
                     // Interim response (100 Continue...): pass it on, wait for the final one.
                     // Rewritten like a final head: a 1xx has no body, and a Content-Length or
