@@ -317,9 +317,14 @@ fn content_length(out: &mut impl BufMut, framing: Framing, declared: Option<u64>
         Framing::Chunked | Framing::UntilClose => return,
     };
     out.put_slice(b"Content-Length: ");
+    put_decimal(out, n);
+    out.put_slice(b"\r\n");
+}
+
+/// Writes `n` in decimal, without `core::fmt` (heads are written per request).
+fn put_decimal(out: &mut impl BufMut, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
-    let mut n = n;
     loop {
         at -= 1;
         digits[at] = b'0' + (n % 10) as u8;
@@ -329,7 +334,6 @@ fn content_length(out: &mut impl BufMut, framing: Framing, declared: Option<u64>
         }
     }
     out.put_slice(&digits[at..]);
-    out.put_slice(b"\r\n");
 }
 
 /// Writes the Transfer-Encoding of a chunked message that is passed on without decoding: every
@@ -346,20 +350,24 @@ fn transfer_encoding(out: &mut impl BufMut, head: &Head) {
     out.put_slice(b"\r\n");
 }
 
+/// Folds one element of a Content-Length list into the length found so far: Err once an
+/// element is not 1*DIGIT or two disagree (RFC 9112 6.3).
+fn fold_length(len: Result<Option<u64>, ()>, part: &[u8]) -> Result<Option<u64>, ()> {
+    match (len, decimal(part.trim_ascii())) {
+        (Ok(None), Some(n)) => Ok(Some(n)),
+        (Ok(Some(l)), Some(n)) if l == n => Ok(Some(l)),
+        _ => Err(()),
+    }
+}
+
 /// The length a head's Content-Length declares, if it declares one validly (see
 /// [`body_framing`]).
 fn declared_length(head: &Head) -> Option<u64> {
-    let mut len = None;
-    for value in header(head, "content-length") {
-        for part in value.split(|&b| b == b',') {
-            let n = decimal(part.trim_ascii())?;
-            if len.is_some_and(|l| l != n) {
-                return None;
-            }
-            len = Some(n);
-        }
-    }
-    len
+    header(head, "content-length")
+        .flat_map(|v| v.split(|&b| b == b','))
+        .fold(Ok(None), fold_length)
+        .ok()
+        .flatten()
 }
 
 /// Body framing of a message with `head` (RFC 9112 6.3); Err for ambiguous or invalid framing.
@@ -387,14 +395,7 @@ fn body_framing(head: &Head, request: bool) -> Result<Framing, ()> {
             }
         } else if name.eq_ignore_ascii_case(b"content-length") {
             has_cl = true;
-            for part in value.split(|&b| b == b',') {
-                let n = decimal(part.trim_ascii());
-                len = match (len, n) {
-                    (Ok(None), Some(n)) => Ok(Some(n)),
-                    (Ok(Some(l)), Some(n)) if l == n => Ok(Some(l)),
-                    _ => Err(()),
-                };
-            }
+            len = value.split(|&b| b == b',').fold(len, fold_length);
         }
     }
     if let Some(last) = te_last {
@@ -556,19 +557,30 @@ fn upgrade_of(req: &ReqHead, framing: Framing) -> Option<&[u8]> {
 }
 
 /// The request head as sent to the backend (shared by every attempt without copying). An
-/// upgrade request keeps its `Upgrade` header and says `Connection: upgrade`.
-fn upstream_head(req: &ReqHead, framing: Framing, peer: SocketAddr, forwarded_for: bool) -> Bytes {
+/// upgrade request (`upgrade`, from [`upgrade_of`]) keeps its `Upgrade` header and says
+/// `Connection: upgrade`.
+fn upstream_head(
+    req: &ReqHead,
+    framing: Framing,
+    upgrade: Option<&[u8]>,
+    peer: SocketAddr,
+    forwarded_for: bool,
+) -> Bytes {
     let head = &req.head;
     let mut out = Vec::with_capacity(256 + head.bytes.len());
     out.extend(req.method().as_bytes());
     out.push(b' ');
     out.extend(req.path().as_bytes());
     out.extend(b" HTTP/1.1\r\n");
+    let mut had_length = false;
     for (name, value) in head.headers() {
-        // Content-Length is written once, below; a 100-continue expectation is answered by
-        // the proxy itself (see `expects_continue`).
+        // Content-Length is written once, below.
+        if name.eq_ignore_ascii_case(b"content-length") {
+            had_length = true;
+            continue;
+        }
+        // A 100-continue expectation is answered by the proxy itself (see `expects_continue`).
         if is_hop(name, head)
-            || name.eq_ignore_ascii_case(b"content-length")
             || (name.eq_ignore_ascii_case(b"expect")
                 && value.trim_ascii().eq_ignore_ascii_case(b"100-continue"))
         {
@@ -610,8 +622,10 @@ fn upstream_head(req: &ReqHead, framing: Framing, peer: SocketAddr, forwarded_fo
     if framing == Framing::Chunked {
         transfer_encoding(&mut out, head);
     }
-    content_length(&mut out, framing, declared_length(head));
-    match upgrade_of(req, framing) {
+    // A request framed without a body that had a Content-Length had one of 0: body_framing
+    // refuses any other value that does not frame a body.
+    content_length(&mut out, framing, had_length.then_some(0));
+    match upgrade {
         Some(protocol) => {
             out.extend(b"Upgrade: ");
             out.extend(protocol);
@@ -633,10 +647,9 @@ struct RespHead {
 /// Content-Length, which a caller writes from the framing it uses (see [`content_length`]).
 fn status_and_headers(out: &mut impl BufMut, resp: &RespHead) {
     // parse_response admits 100..=599 only: three digits.
-    let code = resp.status;
     out.put_slice(b"HTTP/1.1 ");
-    out.put_slice(&[b'0' + (code / 100) as u8, b'0' + (code / 10 % 10) as u8]);
-    out.put_slice(&[b'0' + (code % 10) as u8, b' ']);
+    put_decimal(out, u64::from(resp.status));
+    out.put_slice(b" ");
     out.put_slice(resp.head.at(resp.reason));
     out.put_slice(b"\r\n");
     for (name, value) in resp.head.headers() {
@@ -810,8 +823,8 @@ async fn serve_conn(
 
         // 2..4. Pick, send, read the response head; retry where that is safe.
         let can_retry = idempotent(req.method()) && framing == Framing::None;
-        let head = upstream_head(&req, framing, peer, cfg.forwarded_for);
-        let upgrade = upgrade_of(&req, framing).is_some();
+        let upgrade = upgrade_of(&req, framing);
+        let head = upstream_head(&req, framing, upgrade, peer, cfg.forwarded_for);
         tried.clear();
         let mut last = Attempt::Connect;
         let mut done = None;
@@ -827,8 +840,21 @@ async fn serve_conn(
             // The first attempt starts with the request; a retry reads the clock again.
             let now = if attempt == 0 { started } else { Instant::now() };
             let r = attempt_once(
-                client, &mut buf, &mut ubuf, &upstream, &vip, &pool, i, &head, framing, upgrade,
-                continued, peer, listen, now, deadline,
+                client,
+                &mut buf,
+                &mut ubuf,
+                &upstream,
+                &vip,
+                &pool,
+                i,
+                &head,
+                framing,
+                upgrade.is_some(),
+                continued,
+                peer,
+                listen,
+                now,
+                deadline,
             )
             .await;
             member.state.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -882,10 +908,7 @@ async fn serve_conn(
             // request): pass its answer on, then relay bytes both ways until both sides are
             // done, as TCP mode does. The connection is no longer HTTP.
             status_and_headers(&mut out, &resp);
-            let protocol = header(&resp.head, "upgrade")
-                .next()
-                .or_else(|| upgrade_of(&req, framing))
-                .unwrap_or_default();
+            let protocol = header(&resp.head, "upgrade").next().or(upgrade).unwrap_or_default();
             out.extend_from_slice(b"Upgrade: ");
             out.extend_from_slice(protocol);
             out.extend_from_slice(b"\r\nConnection: upgrade\r\n\r\n");
@@ -931,8 +954,13 @@ async fn serve_conn(
         if rframing == Framing::Chunked {
             transfer_encoding(&mut out, &resp.head);
         }
-        // 204 has no length; HEAD and 304 responses describe the one a GET would have.
-        let declared = if resp.status == 204 { None } else { declared_length(&resp.head) };
+        // Only a response framed without a body needs its declared length: 204 has none; HEAD
+        // and 304 responses describe the one a GET would have; others declared 0.
+        let declared = if rframing == Framing::None && resp.status != 204 {
+            declared_length(&resp.head)
+        } else {
+            None
+        };
         content_length(&mut out, rframing, declared);
         if pool.algorithm == Algorithm::Cookie && sticky != Some(i) {
             let value = sign_cookie(&vip.cfg.cookie_secret, pool.members[i].state.addr);
@@ -1204,7 +1232,7 @@ mod tests {
         let fwd = |pairs: &[(&str, &str)]| {
             let r = req(pairs);
             let framing = body_framing(&r.head, true).unwrap();
-            let out = upstream_head(&r, framing, "198.18.4.1:5000".parse().unwrap(), false);
+            let out = upstream_head(&r, framing, None, "198.18.4.1:5000".parse().unwrap(), false);
             String::from_utf8(out.to_vec()).unwrap()
         };
         let out = fwd(&[("Host", "x"), ("Content-Length", "3"), ("content-length", "3, 3")]);
@@ -1245,7 +1273,8 @@ mod tests {
             ("Accept", "*/*"),
         ]);
         let out = String::from_utf8(
-            upstream_head(&req, Framing::None, "198.18.4.1:5000".parse().unwrap(), true).to_vec(),
+            upstream_head(&req, Framing::None, None, "198.18.4.1:5000".parse().unwrap(), true)
+                .to_vec(),
         )
         .unwrap();
         assert!(out.starts_with("GET /a HTTP/1.1\r\nHost: x\r\n"), "{out}");
