@@ -922,18 +922,11 @@ async fn serve_conn(
             let sent = write(client, out.split().freeze()).await.is_ok()
                 && (buf.is_empty() || write(&up, buf.split().freeze()).await.is_ok());
             if sent {
-                // A long-lived relay counts as in flight, as in TCP mode (least-connections).
-                let state = &pool.members[i].state;
-                state.in_flight.fetch_add(1, Ordering::Relaxed);
-                let idle = vip.cfg.idle_timeout;
-                tokio::join!(
-                    super::tcp::pump(client, &up, idle),
-                    super::tcp::pump(&up, client, idle)
-                );
-                state.in_flight.fetch_sub(1, Ordering::Relaxed);
-            } // Reads abandoned on an idle timeout stay pending until the sockets are shut down.
-            let _ = up.shutdown(std::net::Shutdown::Both);
-            let _ = client.shutdown(std::net::Shutdown::Both);
+                super::tcp::relay(client, &up, vip.cfg.idle_timeout, &pool.members[i].state).await;
+            } else {
+                let _ = up.shutdown(std::net::Shutdown::Both);
+                let _ = client.shutdown(std::net::Shutdown::Both);
+            }
             return;
         }
 

@@ -9,12 +9,28 @@ use std::{
 
 use tokio_uring::net::TcpStream;
 
-use super::{VipRuntime, client_ip, http::proxy_header};
+use super::{VipRuntime, balance::BackendState, client_ip, http::proxy_header};
+
+/// Relays bytes both ways between `client` and backend `up` until both directions are done,
+/// with `up`'s member `state` counting the relay as in flight (least-connections sees it), then
+/// shuts both sockets down. TCP mode and upgraded HTTP connections (WebSocket) end in this.
+pub(super) async fn relay(
+    client: &TcpStream,
+    up: &TcpStream,
+    idle: std::time::Duration,
+    state: &BackendState,
+) {
+    state.in_flight.fetch_add(1, Ordering::Relaxed);
+    tokio::join!(pump(client, up, idle), pump(up, client, idle));
+    // Reads abandoned on an idle timeout stay pending until the sockets are shut down.
+    let _ = client.shutdown(Shutdown::Both);
+    let _ = up.shutdown(Shutdown::Both);
+    state.in_flight.fetch_sub(1, Ordering::Relaxed);
+}
 
 /// Copies `from` to `to` until `from` ends, fails or is idle for `idle`, then shuts `to`'s
-/// write half (so the far end sees the end of what this side sends). Also relays upgraded
-/// HTTP connections (WebSocket).
-pub(super) async fn pump(from: &TcpStream, to: &TcpStream, idle: std::time::Duration) {
+/// write half (so the far end sees the end of what this side sends).
+async fn pump(from: &TcpStream, to: &TcpStream, idle: std::time::Duration) {
     let mut buf = Vec::with_capacity(16 * 1024);
     loop {
         buf.clear();
@@ -64,12 +80,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, listen: SocketAddr, vip:
             return;
         }
     }
-    let member = &pool.members[i];
-    member.state.in_flight.fetch_add(1, Ordering::Relaxed);
-    member.state.requests.fetch_add(1, Ordering::Relaxed);
-    tokio::join!(pump(&client, &up, cfg.idle_timeout), pump(&up, &client, cfg.idle_timeout));
-    // Reads abandoned on an idle timeout stay pending until the sockets are shut down.
-    let _ = client.shutdown(Shutdown::Both);
-    let _ = up.shutdown(Shutdown::Both);
-    member.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+    let state = &pool.members[i].state;
+    state.requests.fetch_add(1, Ordering::Relaxed);
+    relay(&client, &up, cfg.idle_timeout, state).await;
 }
