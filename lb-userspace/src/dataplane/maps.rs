@@ -176,9 +176,23 @@ struct BatchAttr {
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
-/// Runs one batch command; returns how many elements the kernel processed.
+/// A batch command's failure, as aya reports other system calls'.
+fn batch_error(call: &'static str, io_error: std::io::Error) -> MapError {
+    MapError::SyscallError(SyscallError { call, io_error })
+}
+
+/// Runs one batch command on `map` (`attr.map_fd` is set here); returns how many elements the
+/// kernel processed, an error if none.
 #[allow(unsafe_code)]
-fn batch(cmd: libc::c_long, call: &'static str, attr: &mut BatchAttr) -> Result<u32, MapError> {
+fn batch(
+    map: &Array<MapData, u32>,
+    cmd: libc::c_long,
+    call: &'static str,
+    mut attr: BatchAttr,
+) -> Result<usize, MapError> {
+    use aya::maps::IterableMap;
+    use std::os::fd::{AsFd, AsRawFd};
+    attr.map_fd = map.map().fd().as_fd().as_raw_fd() as u32;
     // SAFETY: `attr` is an initialised `bpf_attr` prefix of the size passed, with the trailing
     // fields the kernel checks left zero; every pointer in it refers to a buffer the caller
     // keeps alive across the call and sized for `attr.count` elements of the map's key and
@@ -187,42 +201,33 @@ fn batch(cmd: libc::c_long, call: &'static str, attr: &mut BatchAttr) -> Result<
         libc::syscall(
             libc::SYS_bpf,
             cmd,
-            attr as *mut BatchAttr,
+            &mut attr as *mut BatchAttr,
             std::mem::size_of::<BatchAttr>() as libc::c_uint,
         )
     };
     if r < 0 {
-        let io_error = std::io::Error::last_os_error();
-        return Err(MapError::SyscallError(SyscallError { call, io_error }));
+        return Err(batch_error(call, std::io::Error::last_os_error()));
     }
-    Ok(attr.count)
+    match attr.count {
+        0 => Err(batch_error(call, std::io::Error::other("the kernel processed no slot"))),
+        n => Ok(n as usize),
+    }
 }
 
 /// Writes `values[k]` into slot `keys[k]` of a `u32` array map in one system call
 /// (`BPF_MAP_UPDATE_BATCH`, Linux 5.6) instead of one per slot: filling a Maglev ring is 65 537
 /// writes.
 pub fn set_slots(map: &Array<MapData, u32>, keys: &[u32], values: &[u32]) -> Result<(), MapError> {
-    use aya::maps::IterableMap;
-    use std::os::fd::{AsFd, AsRawFd};
     assert_eq!(keys.len(), values.len(), "one value per key");
     let mut done = 0;
     while done < keys.len() {
-        let mut attr = BatchAttr {
+        let attr = BatchAttr {
             keys: keys[done..].as_ptr() as u64,
             values: values[done..].as_ptr() as u64,
             count: (keys.len() - done) as u32,
-            map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
             ..Default::default()
         };
-        let n = batch(BPF_MAP_UPDATE_BATCH, "bpf_map_update_batch", &mut attr)?;
-        if n == 0 {
-            let io_error = std::io::Error::other("the kernel wrote no slot");
-            return Err(MapError::SyscallError(SyscallError {
-                call: "bpf_map_update_batch",
-                io_error,
-            }));
-        }
-        done += n as usize;
+        done += batch(map, BPF_MAP_UPDATE_BATCH, "bpf_map_update_batch", attr)?;
     }
     Ok(())
 }
@@ -230,41 +235,26 @@ pub fn set_slots(map: &Array<MapData, u32>, keys: &[u32], values: &[u32]) -> Res
 /// Reads slots `first..first + count` of a `u32` array map in one system call
 /// (`BPF_MAP_LOOKUP_BATCH`) instead of one per slot.
 pub fn get_slots(map: &Array<MapData, u32>, first: u32, count: u32) -> Result<Vec<u32>, MapError> {
-    use aya::maps::IterableMap;
-    use std::os::fd::{AsFd, AsRawFd};
     let (mut keys, mut values) = (vec![0u32; count as usize], vec![0u32; count as usize]);
     let mut got = 0usize;
     while got < count as usize {
         // The batch starts after the key `in_batch` names (at slot 0 without one).
-        let prev = first + got as u32;
-        let prev = prev.checked_sub(1);
+        let prev = (first + got as u32).checked_sub(1);
         let mut cursor = 0u32;
-        let mut attr = BatchAttr {
+        let attr = BatchAttr {
             in_batch: prev.as_ref().map_or(0, |p| p as *const u32 as u64),
             out_batch: &mut cursor as *mut u32 as u64,
             keys: keys[got..].as_mut_ptr() as u64,
             values: values[got..].as_mut_ptr() as u64,
             count: count - got as u32,
-            map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
             ..Default::default()
         };
-        let n = batch(BPF_MAP_LOOKUP_BATCH, "bpf_map_lookup_batch", &mut attr)? as usize;
-        if n == 0 {
-            let io_error = std::io::Error::other("the kernel read no slot");
-            return Err(MapError::SyscallError(SyscallError {
-                call: "bpf_map_lookup_batch",
-                io_error,
-            }));
-        }
-        got += n;
+        got += batch(map, BPF_MAP_LOOKUP_BATCH, "bpf_map_lookup_batch", attr)?;
     }
     // An array map's batches go key by key; anything else would be a misread ring.
     if keys.iter().enumerate().any(|(i, &k)| k != first + i as u32) {
         let io_error = std::io::Error::other("slots came back out of order");
-        return Err(MapError::SyscallError(SyscallError {
-            call: "bpf_map_lookup_batch",
-            io_error,
-        }));
+        return Err(batch_error("bpf_map_lookup_batch", io_error));
     }
     Ok(values)
 }
