@@ -704,6 +704,23 @@ fn bucket_of(buckets: u32, client: Ipv4Addr, sport: u16) -> u32 {
     lb_common::hash::flow_key_v4_hash(&key, lb_common::HASH_SEED) & (buckets - 1)
 }
 
+/// The first `CONNTRACK_WAYS + 1` of `flows` (client, source port) that fall in one bucket of a
+/// table of `buckets` buckets: one more than a bucket holds.
+fn bucket_overflow(
+    buckets: u32,
+    flows: impl Iterator<Item = (Ipv4Addr, u16)>,
+) -> Vec<(Ipv4Addr, u16)> {
+    let mut by_bucket: std::collections::HashMap<u32, Vec<(Ipv4Addr, u16)>> = Default::default();
+    for (c, p) in flows {
+        let same = by_bucket.entry(bucket_of(buckets, c, p)).or_default();
+        same.push((c, p));
+        if same.len() == lb_common::CONNTRACK_WAYS + 1 {
+            return same.clone();
+        }
+    }
+    panic!("no {} flows share a bucket", lb_common::CONNTRACK_WAYS + 1)
+}
+
 #[test]
 fn connection_table_buckets_are_lru_and_searched_across_cpus() {
     let three = [("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)];
@@ -725,17 +742,13 @@ fn connection_table_buckets_are_lru_and_searched_across_cpus() {
         vip.backends[ring[slot as usize] as usize].address
     };
     // Five such flows in one bucket (CONNTRACK_WAYS + 1).
-    let mut by_bucket: std::collections::HashMap<u32, Vec<(Ipv4Addr, u16)>> = Default::default();
-    let same_bucket = (0..1u32 << 16)
-        .map(|n| Ipv4Addr::from(u32::from(v4("198.18.64.0")) + n))
-        .filter(|&c| backend(&vip3, &ring3, c) != backend(&vip4, &ring4, c))
-        .flat_map(|c| (1024..1280u16).map(move |p| (c, p)))
-        .find_map(|(c, p)| {
-            let flows = by_bucket.entry(bucket_of(buckets, c, p)).or_default();
-            flows.push((c, p));
-            (flows.len() == lb_common::CONNTRACK_WAYS + 1).then(|| flows.clone())
-        })
-        .expect("five moving flows share a bucket");
+    let same_bucket = bucket_overflow(
+        buckets,
+        (0..1u32 << 16)
+            .map(|n| Ipv4Addr::from(u32::from(v4("198.18.64.0")) + n))
+            .filter(|&c| backend(&vip3, &ring3, c) != backend(&vip4, &ring4, c))
+            .flat_map(|c| (1024..1280u16).map(move |p| (c, p))),
+    );
     let frame = |(c, p): (Ipv4Addr, u16), flags: u8| {
         eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4(&c.to_string(), p, "198.18.1.1", 80, flags))
     };
@@ -922,20 +935,13 @@ fn a_configured_table_size_is_the_one_the_program_indexes() {
     // Five flows in one bucket of the 1024-bucket table, which the default table (32 768
     // buckets) would spread: only a program indexing the small table evicts one of them.
     let auto = TableShape::auto().v4_buckets;
-    let mut by_bucket: std::collections::HashMap<u32, Vec<u16>> = Default::default();
     let client = v4("198.18.64.1");
-    let five = (1024..u16::MAX)
-        .find_map(|p| {
-            let flows = by_bucket.entry(bucket_of(1024, client, p)).or_default();
-            flows.push(p);
-            (flows.len() == lb_common::CONNTRACK_WAYS + 1).then(|| flows.clone())
-        })
-        .expect("five flows share a bucket");
+    let five = bucket_overflow(1024, (1024..u16::MAX).map(|p| (client, p)));
     let spread: std::collections::HashSet<u32> =
-        five.iter().map(|&p| bucket_of(auto, client, p)).collect();
+        five.iter().map(|&(c, p)| bucket_of(auto, c, p)).collect();
     assert!(spread.len() > 1, "the default table would spread these flows");
     let ct = |h: &Harness| h.dp.maps().ct_stats().unwrap()[lb_common::ct_stats::EVICTED as usize];
-    for (i, &p) in five.iter().enumerate() {
+    for (i, &(_, p)) in five.iter().enumerate() {
         let frame = eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4("198.18.64.1", p, "198.18.1.1", 80, SYN));
         assert_eq!(h.run(&frame).0, XDP_TX);
         assert_eq!(ct(&h), u64::from(i == lb_common::CONNTRACK_WAYS), "after flow {i}");
