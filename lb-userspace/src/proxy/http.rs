@@ -23,16 +23,14 @@ use std::{
 use ahash::AHashMap;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::time::timeout_at;
-use tokio_uring::{
-    buf::{BoundedBuf, IoBuf},
-    net::TcpStream,
-};
+use tokio_uring::buf::IoBuf;
 
 use super::{
     Shared, VipRuntime,
     balance::{Pool, sign_cookie, verify_cookie},
     chunked::Chunked,
     client_ip,
+    uring::Socket,
 };
 use crate::config::{Algorithm, L7Mode};
 
@@ -43,7 +41,7 @@ const POOL_MAX_IDLE: Duration = Duration::from_secs(4);
 const READ_CHUNK: usize = 4 * 1024;
 
 /// Idle connections to one backend, with the time each became idle.
-type IdleList = Vec<(TcpStream, Instant)>;
+type IdleList = Vec<(Socket, Instant)>;
 
 /// Idle keep-alive connections to backends, per thread.
 #[derive(Clone, Default)]
@@ -53,7 +51,7 @@ pub struct UpstreamPool {
 
 impl UpstreamPool {
     /// An idle connection to `addr` that has not been idle too long at `now`.
-    fn take(&self, addr: SocketAddr, now: Instant) -> Option<TcpStream> {
+    fn take(&self, addr: SocketAddr, now: Instant) -> Option<Socket> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
         while let Some((s, since)) = list.pop() {
@@ -66,7 +64,7 @@ impl UpstreamPool {
 
     /// Keeps `s`, idle since `now`, for reuse unless `max` connections to `addr` are idle
     /// already.
-    fn put(&self, addr: SocketAddr, s: TcpStream, max: usize, now: Instant) {
+    fn put(&self, addr: SocketAddr, s: Socket, max: usize, now: Instant) {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(addr).or_default();
         if list.len() < max {
@@ -75,28 +73,22 @@ impl UpstreamPool {
     }
 }
 
-/// Reads more bytes into `buf` (appending); Ok(0) at end of stream.
-///
-/// tokio-uring reads into a buffer from its start, so the read goes into a slice of the spare
-/// capacity, which appends. Once the parts split off `buf` earlier (heads, body chunks) are
-/// dropped, `reserve` takes their room back, so a connection keeps re-using one allocation.
-async fn read_more(s: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    let mut b = std::mem::take(buf);
-    b.reserve(READ_CHUNK);
-    let (len, cap) = (b.len(), b.capacity());
-    let (r, slice) = s.read(b.slice(len..cap)).await;
-    *buf = slice.into_inner();
+/// Reads more bytes into `buf` (appending); Ok(0) at end of stream. Once the parts split off
+/// `buf` earlier (heads, body chunks) are dropped, the receive's `reserve` takes their room back,
+/// so a connection keeps re-using one allocation.
+async fn read_more(s: &Socket, buf: &mut BytesMut) -> io::Result<usize> {
+    let (r, b) = s.recv(std::mem::take(buf), READ_CHUNK).await;
+    *buf = b;
     r
 }
 
 /// Writes all of `data` (a `Vec`, or `Bytes` split off a read buffer without copying).
-async fn write<B: IoBuf>(s: &TcpStream, data: B) -> io::Result<()> {
-    let (r, _) = s.write_all(data).await;
-    r
+async fn write<B: IoBuf>(s: &Socket, data: B) -> io::Result<()> {
+    s.send_all(data).await.0
 }
 
 /// Answers with a complete error response and no body from upstream.
-async fn respond(s: &TcpStream, status: u16, reason: &str, close: bool) -> io::Result<()> {
+async fn respond(s: &Socket, status: u16, reason: &str, close: bool) -> io::Result<()> {
     let body = format!("{status} {reason}\n");
     let head = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
@@ -107,7 +99,7 @@ async fn respond(s: &TcpStream, status: u16, reason: &str, close: bool) -> io::R
 }
 
 /// Over the connection limit: a 503 for HTTP, a plain close for TCP.
-pub async fn refuse(s: &TcpStream, mode: L7Mode) {
+pub async fn refuse(s: &Socket, mode: L7Mode) {
     if mode == L7Mode::Http {
         let _ = respond(s, 503, "Service Unavailable", true).await;
     }
@@ -422,9 +414,9 @@ fn is_tchar(b: u8) -> bool {
 /// Streams a body framed by `framing` from `src` (with `pending` bytes already read) to `dst`.
 /// Bytes after the body stay in `pending`. Errors say which side failed.
 async fn stream_body(
-    src: &TcpStream,
+    src: &Socket,
     pending: &mut BytesMut,
-    dst: &TcpStream,
+    dst: &Socket,
     framing: Framing,
     deadline: tokio::time::Instant,
     idle: Duration,
@@ -697,7 +689,7 @@ enum Attempt {
 
 /// Serves one client connection until it closes, errs, or the proxy stops.
 pub async fn serve(
-    client: TcpStream,
+    client: Socket,
     peer: SocketAddr,
     listen: SocketAddr,
     vip: Arc<VipRuntime>,
@@ -711,7 +703,7 @@ pub async fn serve(
 }
 
 async fn serve_conn(
-    client: &TcpStream,
+    client: &Socket,
     peer: SocketAddr,
     listen: SocketAddr,
     vip: Arc<VipRuntime>,
@@ -1000,7 +992,7 @@ async fn serve_conn(
 
 /// Shuts a backend connection down (completing any read left pending by a timeout, so the fd
 /// closes) and passes `why` on.
-fn abandon(up: &TcpStream, why: Attempt) -> Attempt {
+fn abandon(up: &Socket, why: Attempt) -> Attempt {
     let _ = up.shutdown(std::net::Shutdown::Both);
     why
 }
@@ -1009,7 +1001,7 @@ fn abandon(up: &TcpStream, why: Attempt) -> Attempt {
 /// response head.
 #[allow(clippy::too_many_arguments)]
 async fn attempt_once(
-    client: &TcpStream,
+    client: &Socket,
     buf: &mut BytesMut,
     ubuf: &mut BytesMut,
     upstream: &UpstreamPool,
@@ -1024,7 +1016,7 @@ async fn attempt_once(
     listen: SocketAddr,
     now: Instant,
     deadline: tokio::time::Instant,
-) -> Result<(TcpStream, RespHead), Attempt> {
+) -> Result<(Socket, RespHead), Attempt> {
     let cfg = &vip.cfg;
     let addr = pool.members[i].state.addr;
     // A pooled connection may have been closed by the backend meanwhile; then try a fresh one
@@ -1038,7 +1030,7 @@ async fn attempt_once(
             Some(s) => s,
             None => {
                 let connect =
-                    tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await;
+                    tokio::time::timeout(cfg.connect_timeout, Socket::connect(addr)).await;
                 let s = match connect {
                     Ok(Ok(s)) => s,
                     _ => return Err(Attempt::Connect),

@@ -15,6 +15,7 @@ mod chunked;
 mod http;
 pub mod inherited;
 mod tcp;
+mod uring;
 
 use std::{
     collections::HashMap,
@@ -503,7 +504,7 @@ async fn accept_loop(
         let accepted = accepted.and_then(|(s, peer)| {
             let s = s.into_std()?;
             s.set_nonblocking(false)?;
-            Ok((tokio_uring::net::TcpStream::from_std(s), peer))
+            Ok((uring::Socket::new(tokio_uring::net::TcpStream::from_std(s)), peer))
         });
         let (stream, peer) = match accepted {
             Ok(x) => x,

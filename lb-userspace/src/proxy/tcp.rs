@@ -7,16 +7,16 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
-use tokio_uring::net::TcpStream;
+use bytes::BytesMut;
 
-use super::{VipRuntime, balance::BackendState, client_ip, http::proxy_header};
+use super::{VipRuntime, balance::BackendState, client_ip, http::proxy_header, uring::Socket};
 
 /// Relays bytes both ways between `client` and backend `up` until both directions are done,
 /// with `up`'s member `state` counting the relay as in flight (least-connections sees it), then
 /// shuts both sockets down. TCP mode and upgraded HTTP connections (WebSocket) end in this.
 pub(super) async fn relay(
-    client: &TcpStream,
-    up: &TcpStream,
+    client: &Socket,
+    up: &Socket,
     idle: std::time::Duration,
     state: &BackendState,
 ) {
@@ -30,11 +30,11 @@ pub(super) async fn relay(
 
 /// Copies `from` to `to` until `from` ends, fails or is idle for `idle`, then shuts `to`'s
 /// write half (so the far end sees the end of what this side sends).
-async fn pump(from: &TcpStream, to: &TcpStream, idle: std::time::Duration) {
-    let mut buf = Vec::with_capacity(16 * 1024);
+async fn pump(from: &Socket, to: &Socket, idle: std::time::Duration) {
+    let mut buf = BytesMut::new();
     loop {
         buf.clear();
-        let (r, b) = match tokio::time::timeout(idle, from.read(buf)).await {
+        let (r, b) = match tokio::time::timeout(idle, from.recv(buf, 16 * 1024)).await {
             Ok(x) => x,
             Err(_) => break,
         };
@@ -43,7 +43,7 @@ async fn pump(from: &TcpStream, to: &TcpStream, idle: std::time::Duration) {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
-        let (w, b) = to.write_all(buf).await;
+        let (w, b) = to.send_all(buf).await;
         buf = b;
         if w.is_err() {
             break;
@@ -53,7 +53,7 @@ async fn pump(from: &TcpStream, to: &TcpStream, idle: std::time::Duration) {
 }
 
 /// Relays one client connection to a backend of `vip`.
-pub async fn serve(client: TcpStream, peer: SocketAddr, listen: SocketAddr, vip: Arc<VipRuntime>) {
+pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Arc<VipRuntime>) {
     let cfg = &vip.cfg;
     let pool = &vip.default;
     let mut tried = Vec::new();
@@ -62,7 +62,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, listen: SocketAddr, vip:
         let Some(i) = pool.pick(client_ip(peer), &tried, None) else { break };
         tried.push(i);
         let addr = pool.members[i].state.addr;
-        match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await {
+        match tokio::time::timeout(cfg.connect_timeout, Socket::connect(addr)).await {
             Ok(Ok(s)) => {
                 pool.members[i].state.success();
                 up = Some((i, s));
@@ -75,7 +75,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, listen: SocketAddr, vip:
     }
     let Some((i, up)) = up else { return };
     if let Some(v) = cfg.proxy_protocol {
-        let (r, _) = up.write_all(proxy_header(v, peer, listen)).await;
+        let (r, _) = up.send_all(proxy_header(v, peer, listen)).await;
         if r.is_err() {
             return;
         }
