@@ -567,6 +567,45 @@ fn routes_by_host_and_path_and_streams_chunked_bodies() {
 }
 
 #[test]
+fn routing_and_the_backend_see_one_host() {
+    let (api, def) = (backend("api", Mode::Ok), backend("default", Mode::Ok));
+    let routes = format!(
+        "[[vip.route]]\nhost = \"api.example\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n",
+        api.addr.port()
+    );
+    let p = proxy(&[(&def, 1)], "", &routes);
+    let send = |raw: &str| request(p.addr, None, raw).expect("an answer");
+    // An absolute-form target names the host (its Host header is ignored), and the backend gets
+    // the origin form.
+    let r = send(
+        "GET http://api.example/x?y HTTP/1.1\r\nHost: www.example\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(
+        (r.0, r.2.split_whitespace().take(2).collect::<Vec<_>>()),
+        (200, vec!["api", "/x?y"]),
+        "{r:?}"
+    );
+    let r =
+        send("GET http://www.example/ HTTP/1.1\r\nHost: api.example\r\nConnection: close\r\n\r\n");
+    assert_eq!(who(&r), "default", "{r:?}");
+    // A host the router and the backend could read differently is refused.
+    for raw in [
+        "GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: www.example\r\nHost: api.example\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: api.example/x\r\n\r\n",
+        "GET http://u@api.example/ HTTP/1.1\r\nHost: api.example\r\n\r\n",
+    ] {
+        assert_eq!(send(raw).0, 400, "{raw:?}");
+    }
+    // HTTP/1.0 needs no Host; the backend still gets one.
+    let r = send("GET /old HTTP/1.0\r\n\r\n");
+    assert_eq!((r.0, who(&r)), (200, "default".to_owned()), "{r:?}");
+    // No tunnels through a reverse proxy.
+    assert_eq!(send("CONNECT api.example:443 HTTP/1.1\r\nHost: api.example:443\r\n\r\n").0, 501);
+    assert_eq!(def.reqs.load(Ordering::Relaxed) + api.reqs.load(Ordering::Relaxed), 3);
+}
+
+#[test]
 fn tcp_mode_relays_with_half_close() {
     let echo = backend("echo", Mode::Echo);
     let p = proxy(&[(&echo, 1)], "mode = \"tcp\"", "");
@@ -949,6 +988,25 @@ fn strict_backend() -> (Backend, Violations) {
                 },
                 Err(e) => return bad(format!("unparsable head ({e})"), &buf),
             };
+            // One Host, a valid one, and a target in origin form (or `*`): the host the proxy
+            // routed by is the one the backend sees.
+            let hosts: Vec<&[u8]> = req
+                .headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("host"))
+                .map(|h| h.value)
+                .collect();
+            let host_ok = |h: &[u8]| {
+                !h.is_empty()
+                    && h.iter()
+                        .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b))
+            };
+            if hosts.len() != 1 || !host_ok(hosts[0]) {
+                return bad("host".into(), &buf);
+            }
+            if !req.path.is_some_and(|p| p.starts_with('/') || p == "*") {
+                return bad("request target".into(), &buf);
+            }
             let (mut length, mut chunked) = (None::<usize>, false);
             for h in req.headers.iter() {
                 if h.name.eq_ignore_ascii_case("content-length") {
@@ -1026,10 +1084,12 @@ fn damaged_requests_never_reach_the_backend_malformed() {
     let (b, violations) = strict_backend();
     // The backend's checks catch what they are for: sent to it directly, these are violations.
     for bad in [
-        &b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
-        b"GET / HTTP/1.1\r\n\r\nxyz\r\n\r\n",
-        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0 1\r\n\r\n",
+        &b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: t\r\n\r\nxyz\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
     ] {
         let mut s = TcpStream::connect(b.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -1038,7 +1098,7 @@ fn damaged_requests_never_reach_the_backend_malformed() {
         let _ = s.read_to_end(&mut Vec::new());
     }
     let start = Instant::now();
-    while violations.lock().unwrap().len() < 4 {
+    while violations.lock().unwrap().len() < 6 {
         assert!(start.elapsed() < Duration::from_secs(5), "{:?}", violations.lock().unwrap());
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -1058,10 +1118,12 @@ fn damaged_requests_never_reach_the_backend_malformed() {
         b"PUT /u HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         b"GET /o HTTP/1.0\r\nHost: t\r\n\r\n",
         b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"GET http://t/abs?q HTTP/1.1\r\nHost: other\r\n\r\n",
+        b"GET /h HTTP/1.0\r\n\r\n",
     ];
     // Bytes that matter to an HTTP parser, and header lines that matter to framing.
     let alphabet: &[u8] = b" \t\r\n:;,0123456789abcdefxX-+\"\x00\x7f\x80\xff";
-    let lines: [&[u8]; 8] = [
+    let lines: [&[u8]; 9] = [
         b"Content-Length: 7\r\n",
         b"Content-Length: +3\r\n",
         b"Content-Length: 3, 4\r\n",
@@ -1070,6 +1132,7 @@ fn damaged_requests_never_reach_the_backend_malformed() {
         b"Transfer-Encoding : chunked\r\n",
         b"Transfer-Encoding:\tchunked \r\n",
         b" folded: continuation\r\n",
+        b"Host: u\r\n",
     ];
     // A fixed seed, so a failure reproduces; FUZZ_SEED=<n> explores others.
     let mut rnd = common::rng(common::fuzz_seed(0x9e37_79b9_7f4a_7c15));

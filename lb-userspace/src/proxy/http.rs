@@ -548,11 +548,86 @@ fn upgrade_of(req: &ReqHead, framing: Framing) -> Option<&[u8]> {
     header(&req.head, "upgrade").next().filter(|v| !v.trim_ascii().is_empty())
 }
 
+/// Where a request is going: the host it names and the target sent on to the backend.
+struct Target<'a> {
+    /// The host (and port) the request names, for routing: from an absolute-form target, else
+    /// from the Host header; `None` for an HTTP/1.0 request without one.
+    host: Option<&'a [u8]>,
+    /// The request target in origin form (or `*`), as the backend gets it.
+    path: &'a str,
+    /// The Host header the backend gets instead of the client's, if any: the authority of an
+    /// absolute-form target, or for an HTTP/1.0 request without Host the address the client
+    /// connected to (HTTP/1.1 backends require one).
+    host_out: Option<HostOut<'a>>,
+}
+
+/// A Host header written by the proxy.
+enum HostOut<'a> {
+    /// The authority of an absolute-form target.
+    Authority(&'a [u8]),
+    /// The listening address the client connected to.
+    Listen,
+}
+
+/// The request's [`Target`], or `None` when it must be refused with 400: a target in neither
+/// origin, absolute nor asterisk form, an absolute-form target with user information or an
+/// invalid host, more than one Host header, none in an HTTP/1.1 request, or an invalid one
+/// (RFC 9112 3.2). Routing and the backend then see one and the same host: a request cannot
+/// be routed by one Host and served by another.
+fn target(req: &ReqHead) -> Option<Target<'_>> {
+    let mut hosts = header(&req.head, "host");
+    let host = hosts.next().map(|h| h.trim_ascii());
+    if hosts.next().is_some() || host.is_some_and(|h| !valid_host(h)) {
+        return None;
+    }
+    let path = req.path();
+    if path.starts_with('/') || (path == "*" && req.method() == "OPTIONS") {
+        return match host {
+            Some(h) => Some(Target { host: Some(h), path, host_out: None }),
+            None if req.http10 => {
+                Some(Target { host: None, path, host_out: Some(HostOut::Listen) })
+            }
+            None => None,
+        };
+    }
+    // Absolute form (a client talking to the proxy as a forward proxy): its authority is the
+    // host (RFC 9112 3.2.2: the Host header is ignored), and the backend gets the origin form.
+    let scheme_len = ["http://", "https://"]
+        .iter()
+        .find(|s| path.len() >= s.len() && path[..s.len()].eq_ignore_ascii_case(s))?
+        .len();
+    let rest = &path[scheme_len..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, origin) = rest.split_at(end);
+    if !valid_host(authority.as_bytes()) || origin.starts_with('#') {
+        return None;
+    }
+    // "http://h?q" has an empty path: its origin form is "/?q", which would need a copy; such
+    // targets are rare enough to refuse as a bare authority with a query.
+    let path = match origin {
+        "" => "/",
+        o if o.starts_with('/') => o,
+        _ => return None,
+    };
+    let a = authority.as_bytes();
+    Some(Target { host: Some(a), path, host_out: Some(HostOut::Authority(a)) })
+}
+
+/// Is `h` a valid Host value: `uri-host [":" port]` (RFC 3986 reg-name or IP literal), not
+/// empty, without user information?
+fn valid_host(h: &[u8]) -> bool {
+    !h.is_empty()
+        && h.iter().all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b))
+}
+
 /// The request head as sent to the backend (shared by every attempt without copying). An
 /// upgrade request (`upgrade`, from [`upgrade_of`]) keeps its `Upgrade` header and says
-/// `Connection: upgrade`.
+/// `Connection: upgrade`. The request line and Host come from `target` (`listen` names the
+/// address the client connected to, for a Host the proxy adds).
 fn upstream_head(
     req: &ReqHead,
+    target: &Target,
+    listen: SocketAddr,
     framing: Framing,
     upgrade: Option<&[u8]>,
     peer: SocketAddr,
@@ -562,10 +637,24 @@ fn upstream_head(
     let mut out = Vec::with_capacity(256 + head.bytes.len());
     out.extend(req.method().as_bytes());
     out.push(b' ');
-    out.extend(req.path().as_bytes());
+    out.extend(target.path.as_bytes());
     out.extend(b" HTTP/1.1\r\n");
+    match target.host_out {
+        Some(HostOut::Authority(a)) => {
+            out.extend(b"Host: ");
+            out.extend(a);
+            out.extend(b"\r\n");
+        }
+        // Writes into a Vec cannot fail.
+        Some(HostOut::Listen) => drop(write!(out, "Host: {listen}\r\n")),
+        None => {}
+    }
     let mut had_length = false;
     for (name, value) in head.headers() {
+        // The client's Host is replaced by an absolute-form target's authority.
+        if target.host_out.is_some() && name.eq_ignore_ascii_case(b"host") {
+            continue;
+        }
         // Content-Length is written once, below.
         if name.eq_ignore_ascii_case(b"content-length") {
             had_length = true;
@@ -787,8 +876,18 @@ async fn serve_conn(
             !req.head.connection_lists(b"close")
         };
         let deadline = tokio::time::Instant::from_std(started) + cfg.request_timeout;
-        let host = header(&req.head, "host").next().map(String::from_utf8_lossy);
-        let pool = vip.pool_for(host.as_deref(), req.path()).clone();
+        // CONNECT asks for a tunnel, which only a forward proxy gives.
+        if req.method() == "CONNECT" {
+            let _ = respond(client, 501, "Not Implemented", true).await;
+            return;
+        }
+        let Some(target) = target(&req) else {
+            let _ = respond(client, 400, "Bad Request", true).await;
+            return;
+        };
+        // valid_host admits ASCII only.
+        let host = target.host.and_then(|h| std::str::from_utf8(h).ok());
+        let pool = vip.pool_for(host, target.path).clone();
 
         // Sticky cookie, if the pool uses them.
         let sticky = (pool.algorithm == Algorithm::Cookie)
@@ -816,7 +915,7 @@ async fn serve_conn(
         // 2..4. Pick, send, read the response head; retry where that is safe.
         let can_retry = idempotent(req.method()) && framing == Framing::None;
         let upgrade = upgrade_of(&req, framing);
-        let head = upstream_head(&req, framing, upgrade, peer, cfg.forwarded_for);
+        let head = upstream_head(&req, &target, listen, framing, upgrade, peer, cfg.forwarded_for);
         tried.clear();
         let mut last = Attempt::Connect;
         let mut done = None;
@@ -1137,7 +1236,11 @@ mod tests {
 
     /// A request with `pairs` as its headers, parsed.
     fn req(pairs: &[(&str, &str)]) -> ReqHead {
-        let mut text = String::from("GET /a HTTP/1.1\r\n");
+        req_line("GET /a HTTP/1.1", pairs)
+    }
+
+    fn req_line(line: &str, pairs: &[(&str, &str)]) -> ReqHead {
+        let mut text = format!("{line}\r\n");
         for (n, v) in pairs {
             text += &format!("{n}: {v}\r\n");
         }
@@ -1212,13 +1315,75 @@ mod tests {
         );
     }
 
+    /// The head sent to the backend for `r` (client 198.18.4.1:5000 on VIP 198.18.1.6:80).
+    fn forward(r: &ReqHead, framing: Framing, forwarded_for: bool) -> String {
+        let t = target(r).expect("a valid target");
+        let (peer, listen) = ("198.18.4.1:5000".parse().unwrap(), "198.18.1.6:80".parse().unwrap());
+        String::from_utf8(upstream_head(r, &t, listen, framing, None, peer, forwarded_for).to_vec())
+            .unwrap()
+    }
+
+    #[test]
+    fn targets_and_hosts_are_checked_and_one_host_reaches_the_backend() {
+        let host = |line: &str, pairs: &[(&str, &str)]| {
+            let r = req_line(line, pairs);
+            target(&r).map(|t| {
+                (t.host.map(|h| String::from_utf8_lossy(h).into_owned()), t.path.to_owned())
+            })
+        };
+        let some = |h: &str, p: &str| Some((Some(h.to_owned()), p.to_owned()));
+        assert_eq!(
+            host("GET /a HTTP/1.1", &[("Host", "a.example:8080")]),
+            some("a.example:8080", "/a")
+        );
+        assert_eq!(host("OPTIONS * HTTP/1.1", &[("Host", "a")]), some("a", "*"));
+        assert_eq!(host("GET / HTTP/1.0", &[]), Some((None, "/".to_owned())));
+        // Absolute form: the authority is the host, whatever Host says.
+        assert_eq!(
+            host("GET http://b.example/x?y HTTP/1.1", &[("Host", "a.example")]),
+            some("b.example", "/x?y")
+        );
+        assert_eq!(
+            host("GET HTTPS://[2001:db8::1]:8443 HTTP/1.1", &[]),
+            some("[2001:db8::1]:8443", "/")
+        );
+        // Refused: no Host in HTTP/1.1, two, invalid ones, user information, other forms.
+        for (line, pairs) in [
+            ("GET / HTTP/1.1", &[][..]),
+            ("GET / HTTP/1.1", &[("Host", "a"), ("Host", "b")][..]),
+            ("GET / HTTP/1.1", &[("Host", "a"), ("host", "a")][..]),
+            ("GET / HTTP/1.1", &[("Host", "")][..]),
+            ("GET / HTTP/1.1", &[("Host", "a b")][..]),
+            ("GET / HTTP/1.1", &[("Host", "a/b")][..]),
+            ("GET / HTTP/1.1", &[("Host", "user@a")][..]),
+            ("GET http://user@b/ HTTP/1.1", &[("Host", "b")][..]),
+            ("GET http:///x HTTP/1.1", &[("Host", "b")][..]),
+            ("GET http://b?q HTTP/1.1", &[("Host", "b")][..]),
+            ("GET ftp://b/ HTTP/1.1", &[("Host", "b")][..]),
+            ("GET x HTTP/1.1", &[("Host", "b")][..]),
+            ("GET * HTTP/1.1", &[("Host", "b")][..]),
+        ] {
+            assert!(host(line, pairs).is_none(), "{line} {pairs:?}");
+        }
+        // The backend gets the origin form and exactly one Host.
+        let r = req_line(
+            "GET http://b.example/x HTTP/1.1",
+            &[("Host", "a.example"), ("Accept", "*/*")],
+        );
+        let out = forward(&r, Framing::None, false);
+        assert!(out.starts_with("GET /x HTTP/1.1\r\nHost: b.example\r\nAccept: */*\r\n"), "{out}");
+        assert_eq!(out.matches("Host:").count(), 1, "{out}");
+        // HTTP/1.0 without Host: the address the client connected to.
+        let out = forward(&req_line("GET / HTTP/1.0", &[]), Framing::None, false);
+        assert!(out.starts_with("GET / HTTP/1.1\r\nHost: 198.18.1.6:80\r\n"), "{out}");
+    }
+
     #[test]
     fn forwarded_requests_carry_one_content_length() {
         let fwd = |pairs: &[(&str, &str)]| {
             let r = req(pairs);
             let framing = body_framing(&r.head, true).unwrap();
-            let out = upstream_head(&r, framing, None, "198.18.4.1:5000".parse().unwrap(), false);
-            String::from_utf8(out.to_vec()).unwrap()
+            forward(&r, framing, false)
         };
         let out = fwd(&[("Host", "x"), ("Content-Length", "3"), ("content-length", "3, 3")]);
         assert_eq!(out.matches("Content-Length").count(), 1, "{out}");
@@ -1257,11 +1422,7 @@ mod tests {
             ("X-Forwarded-For", "203.0.113.9"),
             ("Accept", "*/*"),
         ]);
-        let out = String::from_utf8(
-            upstream_head(&req, Framing::None, None, "198.18.4.1:5000".parse().unwrap(), true)
-                .to_vec(),
-        )
-        .unwrap();
+        let out = forward(&req, Framing::None, true);
         assert!(out.starts_with("GET /a HTTP/1.1\r\nHost: x\r\n"), "{out}");
         assert!(!out.contains("X-Secret") && !out.contains("Keep-Alive"), "{out}");
         assert!(out.contains("X-Forwarded-For: 203.0.113.9, 198.18.4.1\r\n"), "{out}");
