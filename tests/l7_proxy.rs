@@ -877,6 +877,41 @@ fn large_responses_and_interim_responses_pass_through() {
 }
 
 #[test]
+fn http10_clients_get_responses_they_can_read() {
+    // Chunked, with an interim 103 first: neither is HTTP/1.0.
+    let b = raw_backend(|_| {
+        (
+            "HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nWiki\r\n5;e=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\n",
+            false,
+        )
+    });
+    let p = proxy(&[(&b, 1)], "", "");
+    for keep in ["", "Connection: keep-alive\r\n"] {
+        let mut s = TcpStream::connect(p.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(format!("GET / HTTP/1.0\r\n{keep}\r\n").as_bytes()).unwrap();
+        // The proxy closes once the body is through: it has no length to give.
+        let mut got = String::new();
+        s.read_to_string(&mut got).expect("the proxy closes after the body");
+        let (head, body) = got.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 "), "{got:?}");
+        let lower = head.to_ascii_lowercase();
+        assert!(
+            !lower.contains("transfer-encoding") && lower.contains("connection: close"),
+            "{got:?}"
+        );
+        assert_eq!(body, "Wikipedia", "{got:?}");
+    }
+    // HTTP/1.1 clients get the chunked body and the interim response as they were.
+    let got = raw_exchange(p.addr, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    assert!(got.starts_with("HTTP/1.1 103 "), "{got:?}");
+    assert!(
+        got.contains("Transfer-Encoding: chunked\r\n") && got.ends_with("0\r\nX-T: 1\r\n\r\n"),
+        "{got:?}"
+    );
+}
+
+#[test]
 fn request_latency_leaves_out_the_keep_alive_wait() {
     let b = backend("b", Mode::Ok);
     let p = proxy(&[(&b, 1)], "", "");

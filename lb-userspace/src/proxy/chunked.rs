@@ -1,6 +1,7 @@
 //! Finds where a chunked body ends without decoding it: the proxy forwards chunked bodies as they
 //! are, byte for byte, and only needs to know which bytes belong to the message (anything after
-//! is the next pipelined message).
+//! is the next pipelined message). For an HTTP/1.0 client, which cannot read the chunked coding,
+//! it also hands out where the chunk data lies, so the proxy can send the body decoded.
 
 /// Chunked-encoding framing errors.
 #[derive(Debug, PartialEq, Eq)]
@@ -57,6 +58,17 @@ impl Chunked {
     /// Consumes `input`; returns how many of its bytes belong to the body (all of them unless
     /// the body ended inside `input`).
     pub fn feed(&mut self, input: &[u8]) -> Result<usize, BadChunk> {
+        self.feed_with(input, |_| {})
+    }
+
+    /// [`feed`](Self::feed), also handing `data` the range of `input` each run of chunk data
+    /// takes up, in order: what the body is once decoded (for a client that cannot read the
+    /// chunked coding).
+    pub fn feed_with(
+        &mut self,
+        input: &[u8],
+        mut data: impl FnMut(std::ops::Range<usize>),
+    ) -> Result<usize, BadChunk> {
         let mut i = 0;
         while i < input.len() {
             let b = input[i];
@@ -64,6 +76,7 @@ impl Chunked {
                 State::Done => return Ok(i),
                 State::Data { left } => {
                     let take = left.min((input.len() - i) as u64);
+                    data(i..i + take as usize);
                     i += take as usize;
                     self.state = if left == take {
                         State::DataCr
@@ -155,6 +168,22 @@ mod tests {
             assert_eq!(c.feed(&[*b]).unwrap(), 1);
         }
         assert!(c.done());
+    }
+
+    #[test]
+    fn hands_out_the_decoded_data() {
+        let msg = b"4\r\nWiki\r\n5;e=1\r\npedia\r\n0\r\n\r\nnext";
+        for split in 0..msg.len() {
+            let (mut c, mut body) = (Chunked::default(), Vec::new());
+            let (first, second) = msg.split_at(split);
+            let mut end = c.feed_with(first, |r| body.extend_from_slice(&first[r])).unwrap();
+            if !c.done() {
+                end = split + c.feed_with(second, |r| body.extend_from_slice(&second[r])).unwrap();
+            }
+            assert!(c.done());
+            assert_eq!(&msg[end..], b"next", "split at {split}");
+            assert_eq!(body, b"Wikipedia", "split at {split}");
+        }
     }
 
     #[test]

@@ -411,13 +411,16 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-/// Streams a body framed by `framing` from `src` (with `pending` bytes already read) to `dst`.
-/// Bytes after the body stay in `pending`. Errors say which side failed.
+/// Streams a body framed by `framing` from `src` (with `pending` bytes already read) to `dst`;
+/// with `decode`, a chunked body goes on decoded (for an HTTP/1.0 client, which the response
+/// then reaches delimited by the connection's close). Bytes after the body stay in `pending`.
+/// Errors say which side failed.
 async fn stream_body(
     src: &Socket,
     pending: &mut BytesMut,
     dst: &Socket,
     framing: Framing,
+    decode: bool,
     deadline: tokio::time::Instant,
     idle: Duration,
 ) -> Result<(), Side> {
@@ -443,9 +446,21 @@ async fn stream_body(
         Framing::Chunked => {
             let mut c = Chunked::default();
             loop {
-                let take = c.feed(pending).map_err(|_| Side::Src)?;
-                if take > 0 {
-                    write(dst, pending.split_to(take).freeze()).await.map_err(|_| Side::Dst)?;
+                if decode {
+                    // The data runs copied out: a rare path (HTTP/1.0 clients), kept simple.
+                    let mut data = Vec::new();
+                    let take = c
+                        .feed_with(pending, |r| data.extend_from_slice(&pending[r]))
+                        .map_err(|_| Side::Src)?;
+                    pending.advance(take);
+                    if !data.is_empty() {
+                        write(dst, data).await.map_err(|_| Side::Dst)?;
+                    }
+                } else {
+                    let take = c.feed(pending).map_err(|_| Side::Src)?;
+                    if take > 0 {
+                        write(dst, pending.split_to(take).freeze()).await.map_err(|_| Side::Dst)?;
+                    }
                 }
                 if c.done() {
                     return Ok(());
@@ -942,6 +957,7 @@ async fn serve_conn(
                 framing,
                 upgrade.is_some(),
                 continued,
+                req.http10,
                 peer,
                 listen,
                 now,
@@ -1030,12 +1046,16 @@ async fn serve_conn(
         };
         let upstream_keepalive =
             !resp.head.connection_lists(b"close") && rframing != Framing::UntilClose;
+        // An HTTP/1.0 client cannot read the chunked coding (RFC 9112 6.1): it gets the body
+        // decoded, delimited by the connection's close.
+        let decode = req.http10 && rframing == Framing::Chunked;
         let keep = client_keepalive
             && rframing != Framing::UntilClose
+            && !decode
             && !shared.stopping.load(Ordering::Relaxed);
         // Transfer-Encoding and Content-Length are written below.
         status_and_headers(&mut out, &resp);
-        if rframing == Framing::Chunked {
+        if rframing == Framing::Chunked && !decode {
             transfer_encoding(&mut out, &resp.head);
         }
         // Only a response framed without a body needs its declared length: 204 has none; HEAD
@@ -1072,7 +1092,8 @@ async fn serve_conn(
             return;
         }
         let body =
-            stream_body(&up, &mut ubuf, client, rframing, deadline, vip.cfg.idle_timeout).await;
+            stream_body(&up, &mut ubuf, client, rframing, decode, deadline, vip.cfg.idle_timeout)
+                .await;
         vip.count(status);
         let end = Instant::now();
         vip.duration.observe(end.saturating_duration_since(started).as_secs_f64());
@@ -1111,6 +1132,7 @@ async fn attempt_once(
     framing: Framing,
     upgrade: bool,
     continued: bool,
+    http10: bool,
     peer: SocketAddr,
     listen: SocketAddr,
     now: Instant,
@@ -1168,7 +1190,7 @@ async fn attempt_once(
             continue;
         }
         if framing != Framing::None {
-            match stream_body(client, buf, &up, framing, deadline, cfg.idle_timeout).await {
+            match stream_body(client, buf, &up, framing, false, deadline, cfg.idle_timeout).await {
                 Ok(()) => {}
                 Err(Side::Dst) => return Err(abandon(&up, Attempt::Broken)),
                 Err(_) => return Err(abandon(&up, Attempt::ClientGone)),
@@ -1184,6 +1206,8 @@ async fn attempt_once(
                 Ok(Some(r)) if r.status == 101 => return Err(abandon(&up, Attempt::Broken)),
                 // The client had its 100 Continue from the proxy already.
                 Ok(Some(r)) if r.status == 100 && continued => continue,
+                // An HTTP/1.0 client gets no interim responses (RFC 9110 15.2).
+                Ok(Some(r)) if (100..200).contains(&r.status) && http10 => continue,
                 Ok(Some(r)) if (100..200).contains(&r.status) => {
                     // Interim response (100 Continue...): pass it on, wait for the final one.
                     // Rewritten like a final head: a 1xx has no body, and a Content-Length or
