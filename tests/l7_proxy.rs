@@ -640,6 +640,12 @@ fn passive_health_takes_a_failing_backend_out() {
         tried,
         "no more requests to a passively failed backend"
     );
+    // Taken out once, and counted once, by backend.
+    let text = p.metrics.encode();
+    let want =
+        format!("edgelb_l7_backend_ejections_total{{vip=\"web\",backend=\"{}\"}} 1", bad.addr);
+    assert!(text.lines().any(|l| l == want), "{want} in\n{text}");
+    assert!(!text.contains(&format!("backend=\"{}\"", good.addr)), "{text}");
 }
 
 #[test]

@@ -969,11 +969,11 @@ async fn serve_conn(
                 Ok((up, resp)) => {
                     let retryable = matches!(resp.status, 502..=504);
                     if retryable && can_retry && attempt < cfg.retries {
-                        member.state.failure(cfg.max_fails, cfg.fail_timeout);
+                        vip.failed(&member.state);
                         continue;
                     }
                     if retryable {
-                        member.state.failure(cfg.max_fails, cfg.fail_timeout);
+                        vip.failed(&member.state);
                     } else {
                         member.state.success();
                     }
@@ -989,7 +989,7 @@ async fn serve_conn(
                         failure = match e { Attempt::Connect => "connect", Attempt::Timeout => "timeout", Attempt::Broken => "broken", Attempt::ClientGone => "client gone" },
                         "L7 attempt failed"
                     );
-                    member.state.failure(cfg.max_fails, cfg.fail_timeout);
+                    vip.failed(&member.state);
                     let sent = matches!(e, Attempt::Timeout | Attempt::Broken);
                     last = e;
                     if sent && !can_retry {

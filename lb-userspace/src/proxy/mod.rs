@@ -46,6 +46,15 @@ pub struct VipLabel {
     pub vip: String,
 }
 
+/// Labels for per-backend L7 metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabel {
+    /// VIP name.
+    pub vip: String,
+    /// Backend address and port.
+    pub backend: String,
+}
+
 /// Labels for L7 request counts.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -66,6 +75,8 @@ pub struct L7Metrics {
     pub active: Family<VipLabel, Gauge>,
     /// Retries on another backend.
     pub retries: Family<VipLabel, Counter>,
+    /// Backends taken out by passive health.
+    pub ejections: Family<BackendLabel, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -82,6 +93,7 @@ impl L7Metrics {
             duration: Family::new_with_constructor(latency_histogram),
             active: Family::default(),
             retries: Family::default(),
+            ejections: Family::default(),
         };
         registry.register(
             "edgelb_l7_requests",
@@ -103,6 +115,11 @@ impl L7Metrics {
             "edgelb_l7_retries",
             "L7 requests retried on another backend",
             m.retries.clone(),
+        );
+        registry.register(
+            "edgelb_l7_backend_ejections",
+            "L7 backends taken out by passive health (max_fails failures in a row)",
+            m.ejections.clone(),
         );
         Arc::new(m)
     }
@@ -126,9 +143,29 @@ pub struct VipRuntime {
     pub duration: Histogram,
     /// Retries of this VIP.
     pub retries: Counter,
+    /// Passive-health ejections, by backend.
+    pub ejections: Family<BackendLabel, Counter>,
 }
 
 impl VipRuntime {
+    /// Records a failed request or connection on backend `state`. After `max_fails` in a row it
+    /// is out of rotation for `fail_timeout`; taking it out is logged and counted, once per
+    /// ejection (failures while it is out, as when a pool fails open, are not).
+    pub fn failed(&self, state: &BackendState) {
+        let was_out = state.passive_down();
+        if state.failure(self.cfg.max_fails, self.cfg.fail_timeout) && !was_out {
+            warn!(
+                vip = %self.name,
+                backend = %state.addr,
+                failures = self.cfg.max_fails,
+                out_ms = self.cfg.fail_timeout.as_millis() as u64,
+                "L7 backend failed too often in a row; out of rotation for a while (passive health)"
+            );
+            let label = BackendLabel { vip: self.name.clone(), backend: state.addr.to_string() };
+            self.ejections.get_or_create(&label).inc();
+        }
+    }
+
     /// Counts a finished request by its status.
     pub fn count(&self, status: u16) {
         let class = (status / 100).clamp(1, 5) as usize - 1;
@@ -385,6 +422,7 @@ impl Proxy {
                     ],
                     duration: m.duration.get_or_create(&label).clone(),
                     retries: m.retries.get_or_create(&label).clone(),
+                    ejections: m.ejections.clone(),
                 }),
             );
         }

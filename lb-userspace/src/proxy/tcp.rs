@@ -69,7 +69,7 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
                 break;
             }
             _ => {
-                pool.members[i].state.failure(cfg.max_fails, cfg.fail_timeout);
+                vip.failed(&pool.members[i].state);
             }
         }
     }
