@@ -908,6 +908,12 @@ fn http10_clients_get_responses_they_can_read() {
         );
         assert_eq!(body, "Wikipedia", "{got:?}");
     }
+    // Transfer-Encoding in an HTTP/1.0 request is faulty framing: refused, not forwarded.
+    let before = b.reqs.load(Ordering::Relaxed);
+    let got =
+        raw_exchange(p.addr, "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+    assert!(got.starts_with("HTTP/1.1 400 "), "{got:?}");
+    assert_eq!(b.reqs.load(Ordering::Relaxed), before);
     // HTTP/1.1 clients get the chunked body and the interim response as they were.
     let got = raw_exchange(p.addr, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
     assert!(got.starts_with("HTTP/1.1 103 "), "{got:?}");

@@ -881,7 +881,9 @@ async fn serve_conn(
             let _ = respond(client, 431, "Request Header Fields Too Large", true).await;
             return;
         }
-        let Ok(framing) = body_framing(&req.head, true) else {
+        // Transfer-Encoding in an HTTP/1.0 message means faulty framing (RFC 9112 6.1).
+        let te10 = req.http10 && header(&req.head, "transfer-encoding").next().is_some();
+        let Some(framing) = body_framing(&req.head, true).ok().filter(|_| !te10) else {
             let _ = respond(client, 400, "Bad Request", true).await;
             return;
         };
