@@ -674,6 +674,10 @@ fn metrics_match_the_traffic_sent_and_capabilities_are_dropped() {
         ct.found_on_other_cpu as f64,
         metric(&events, "edgelb_conntrack_events_total", "event=\"found_on_other_cpu\"")
     );
+    assert_eq!(
+        ct.missed_established as f64,
+        metric(&events, "edgelb_conntrack_events_total", "event=\"missed_established\"")
+    );
 
     // The long-running controller holds no capability at all.
     let pid = bed.e().child.as_ref().expect("running").id();

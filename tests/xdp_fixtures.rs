@@ -704,21 +704,22 @@ fn bucket_of(buckets: u32, client: Ipv4Addr, sport: u16) -> u32 {
     lb_common::hash::flow_key_v4_hash(&key, lb_common::HASH_SEED) & (buckets - 1)
 }
 
-/// The first `CONNTRACK_WAYS + 1` of `flows` (client, source port) that fall in one bucket of a
-/// table of `buckets` buckets: one more than a bucket holds.
+/// The first `n` of `flows` (client, source port) that fall in one bucket of a table of
+/// `buckets` buckets (more than `CONNTRACK_WAYS`: more than a bucket holds).
 fn bucket_overflow(
     buckets: u32,
+    n: usize,
     flows: impl Iterator<Item = (Ipv4Addr, u16)>,
 ) -> Vec<(Ipv4Addr, u16)> {
     let mut by_bucket: std::collections::HashMap<u32, Vec<(Ipv4Addr, u16)>> = Default::default();
     for (c, p) in flows {
         let same = by_bucket.entry(bucket_of(buckets, c, p)).or_default();
         same.push((c, p));
-        if same.len() == lb_common::CONNTRACK_WAYS + 1 {
+        if same.len() == n {
             return same.clone();
         }
     }
-    panic!("no {} flows share a bucket", lb_common::CONNTRACK_WAYS + 1)
+    panic!("no {n} flows share a bucket")
 }
 
 #[test]
@@ -741,9 +742,10 @@ fn connection_table_buckets_are_lru_and_searched_across_cpus() {
         let slot = flow_hash(vip, c.into(), 0) % vip.ring_size;
         vip.backends[ring[slot as usize] as usize].address
     };
-    // Five such flows in one bucket (CONNTRACK_WAYS + 1).
+    // Six such flows in one bucket (CONNTRACK_WAYS + 2).
     let same_bucket = bucket_overflow(
         buckets,
+        lb_common::CONNTRACK_WAYS + 2,
         (0..1u32 << 16)
             .map(|n| Ipv4Addr::from(u32::from(v4("198.18.64.0")) + n))
             .filter(|&c| backend(&vip3, &ring3, c) != backend(&vip4, &ring4, c))
@@ -754,25 +756,37 @@ fn connection_table_buckets_are_lru_and_searched_across_cpus() {
     };
     let first = |f: (Ipv4Addr, u16)| backend(&vip3, &ring3, f.0);
     let moved = |f: (Ipv4Addr, u16)| backend(&vip4, &ring4, f.0);
+    let ct = |h: &Harness, event: u32| h.dp.maps().ct_stats().unwrap()[event as usize];
+    use lb_common::ct_stats::{EVICTED, FOUND_ON_OTHER_CPU, MISSED_ESTABLISHED};
 
-    // Flows 0..4 fill the bucket; touching flow 0 again makes flow 1 the least recently used;
-    // flow 4 then pushes flow 1 out.
+    // Segments without SYN of flows no table holds (as after a restart without pins) are
+    // counted as missed and stored most recent first. Flows 0..4 fill the bucket; touching flow
+    // 0 again makes flow 1 the least recently used; flow 4 then pushes flow 1 out.
     for &f in &same_bucket[..4] {
-        assert_eq!(outer_dst(&h.run(&frame(f, SYN)).1), first(f));
+        assert_eq!(outer_dst(&h.run(&frame(f, ACK)).1), first(f));
     }
+    assert_eq!(ct(&h, MISSED_ESTABLISHED), 4);
     h.run(&frame(same_bucket[0], ACK));
-    let ct = |h: &Harness| h.dp.maps().ct_stats().unwrap();
-    assert_eq!(ct(&h)[lb_common::ct_stats::EVICTED as usize], 0, "four flows fit a bucket");
-    h.run(&frame(same_bucket[4], SYN));
-    assert_eq!(ct(&h)[lb_common::ct_stats::EVICTED as usize], 1, "the fifth evicts one");
+    assert_eq!(ct(&h, EVICTED), 0, "four flows fit a bucket");
+    h.run(&frame(same_bucket[4], ACK));
+    assert_eq!(ct(&h, EVICTED), 1, "the fifth evicts one");
+    // Order now 4, 0, 3, 2. A SYN is written over the least recent way (flow 2) without reading
+    // the bucket, so without counting what it pushes out; its retransmission lands there again.
+    for _ in 0..2 {
+        assert_eq!(outer_dst(&h.run(&frame(same_bucket[5], SYN)).1), first(same_bucket[5]));
+    }
+    assert_eq!((ct(&h, EVICTED), ct(&h, MISSED_ESTABLISHED)), (1, 5));
     h.apply(&one_vip(&four));
-    // (Flow 1 last: placing it again would push another flow out.)
-    for i in [0, 2, 3, 4] {
+    for i in [0, 3, 4, 5] {
         let f = same_bucket[i];
         assert_eq!(outer_dst(&h.run(&frame(f, ACK)).1), first(f), "flow {i} kept");
     }
-    let f = same_bucket[1];
-    assert_eq!(outer_dst(&h.run(&frame(f, ACK)).1), moved(f), "flow 1 evicted (least recent)");
+    assert_eq!(ct(&h, MISSED_ESTABLISHED), 5, "all four found");
+    for i in [1, 2] {
+        let f = same_bucket[i];
+        assert_eq!(outer_dst(&h.run(&frame(f, ACK)).1), moved(f), "flow {i} pushed out");
+    }
+    assert_eq!(ct(&h, MISSED_ESTABLISHED), 7, "both missed");
 
     // Another CPU: an established TCP flow it has never seen is found in CPU 0's table; a SYN
     // for a new flow is placed by the ring without searching.
@@ -781,11 +795,12 @@ fn connection_table_buckets_are_lru_and_searched_across_cpus() {
         return;
     }
     edgelb::testbed::netns::pin_current_thread(Some(1)).expect("pin to CPU 1");
-    let f = same_bucket[2];
-    let found = ct(&h)[lb_common::ct_stats::FOUND_ON_OTHER_CPU as usize];
+    // (CPU 0's bucket now holds flows 2, 1, 5, 4: placing 1 and 2 pushed 0 and 3 out.)
+    let f = same_bucket[4];
+    let found = ct(&h, FOUND_ON_OTHER_CPU);
     assert_eq!(outer_dst(&h.run(&frame(f, ACK)).1), first(f), "established flow found on CPU 0");
-    assert_eq!(ct(&h)[lb_common::ct_stats::FOUND_ON_OTHER_CPU as usize], found + 1);
-    let syn = same_bucket[3];
+    assert_eq!(ct(&h, FOUND_ON_OTHER_CPU), found + 1);
+    let syn = same_bucket[5];
     assert_eq!(outer_dst(&h.run(&frame(syn, SYN)).1), moved(syn), "a SYN is placed by the ring");
 }
 
@@ -936,13 +951,15 @@ fn a_configured_table_size_is_the_one_the_program_indexes() {
     // buckets) would spread: only a program indexing the small table evicts one of them.
     let auto = TableShape::auto().v4_buckets;
     let client = v4("198.18.64.1");
-    let five = bucket_overflow(1024, (1024..u16::MAX).map(|p| (client, p)));
+    let five =
+        bucket_overflow(1024, lb_common::CONNTRACK_WAYS + 1, (1024..u16::MAX).map(|p| (client, p)));
     let spread: std::collections::HashSet<u32> =
         five.iter().map(|&(c, p)| bucket_of(auto, c, p)).collect();
     assert!(spread.len() > 1, "the default table would spread these flows");
     let ct = |h: &Harness| h.dp.maps().ct_stats().unwrap()[lb_common::ct_stats::EVICTED as usize];
     for (i, &(_, p)) in five.iter().enumerate() {
-        let frame = eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4("198.18.64.1", p, "198.18.1.1", 80, SYN));
+        // Without SYN: a SYN's insert does not read the bucket, so it counts no eviction.
+        let frame = eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4("198.18.64.1", p, "198.18.1.1", 80, ACK));
         assert_eq!(h.run(&frame).0, XDP_TX);
         assert_eq!(ct(&h), u64::from(i == lb_common::CONNTRACK_WAYS), "after flow {i}");
     }

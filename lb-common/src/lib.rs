@@ -338,14 +338,20 @@ pub struct Conn {
 /// Slots of `maps::CT_STATS`: what happens in the connection table, for operators to size it
 /// and to see flows moving between CPUs.
 pub mod ct_stats {
-    /// A new flow pushed the least recently used flow of its bucket out.
+    /// A new flow (other than a TCP SYN, which is written without reading its bucket) pushed
+    /// the least recently used flow of its bucket out.
     pub const EVICTED: u32 = 0;
     /// An established TCP flow this CPU did not know was found in another CPU's table.
     pub const FOUND_ON_OTHER_CPU: u32 = 1;
+    /// A TCP segment without SYN whose flow no CPU's table held: a flow pushed out before it
+    /// ended (the table is small for the traffic), or one older than the table. It is placed
+    /// again by the ring.
+    pub const MISSED_ESTABLISHED: u32 = 2;
     /// Number of slots.
-    pub const COUNT: u32 = 2;
+    pub const COUNT: u32 = 3;
     /// Slot names, for metrics.
-    pub const NAMES: [&str; COUNT as usize] = ["evicted", "found_on_other_cpu"];
+    pub const NAMES: [&str; COUNT as usize] =
+        ["evicted", "found_on_other_cpu", "missed_established"];
 }
 
 /// Bits of [`Backend::generation`] a connection-table entry keeps. A stale entry could only be

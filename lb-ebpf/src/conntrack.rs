@@ -229,6 +229,19 @@ impl Bucket for ConnBucket {
     }
 }
 
+/// How a packet's flow is looked up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// In this CPU's table (UDP, and TCP segments whose flags could not be read).
+    Table,
+    /// In this CPU's table, then in the other CPUs' (TCP without SYN, and ICMP errors quoting a
+    /// flow): the flow should be known somewhere.
+    Established,
+    /// Not at all: a TCP SYN starts a new flow, placed by the ring and written over the bucket's
+    /// least recently used way without reading the bucket first.
+    Syn,
+}
+
 /// How many CPUs an established flow is looked for on (CPUs past this are not searched; their
 /// flows re-hash onto the ring, which picks the same backend while the pool is unchanged).
 const MAX_SEARCH_CPUS: u32 = 256;
@@ -238,11 +251,11 @@ const MAX_SEARCH_CPUS: u32 = 256;
 /// missing from this CPU's table is looked for in the other CPUs' (established TCP, ICMP errors)
 /// and, when found, copied here.
 #[inline(always)]
-pub fn pick(key: &FlowKey, meta: &VipMeta, remember: bool, search: bool) -> Option<Pick> {
+pub fn pick(key: &FlowKey, meta: &VipMeta, remember: bool, lookup: Lookup) -> Option<Pick> {
     if key.family == AF_INET {
-        pick_in::<ConnBucketV4>(key, meta, remember, search)
+        pick_in::<ConnBucketV4>(key, meta, remember, lookup)
     } else {
-        pick_in::<ConnBucket>(key, meta, remember, search)
+        pick_in::<ConnBucket>(key, meta, remember, lookup)
     }
 }
 
@@ -315,7 +328,12 @@ fn search_other_cpus<B: Bucket>(
 }
 
 #[inline(always)]
-fn pick_in<B: Bucket>(key: &FlowKey, meta: &VipMeta, remember: bool, search: bool) -> Option<Pick> {
+fn pick_in<B: Bucket>(
+    key: &FlowKey,
+    meta: &VipMeta,
+    remember: bool,
+    lookup: Lookup,
+) -> Option<Pick> {
     let hash = B::hash(key);
     let slot = hash & (B::buckets() - 1);
     // SAFETY: a helper without preconditions.
@@ -328,6 +346,10 @@ fn pick_in<B: Bucket>(key: &FlowKey, meta: &VipMeta, remember: bool, search: boo
     // SAFETY: this CPU's region is written only by this CPU, and XDP does not preempt itself
     // on one CPU, so this is the only reference for this run of the program.
     let bucket = unsafe { &mut *bucket };
+    if lookup == Lookup::Syn {
+        return place_blind(bucket, key, meta, hash, remember);
+    }
+    let search = lookup == Lookup::Established;
     let found = bucket.find(key, meta.vip_index);
     if let Some((at, conn)) = found {
         if let Some(backend) = valid(&conn, meta) {
@@ -336,14 +358,48 @@ fn pick_in<B: Bucket>(key: &FlowKey, meta: &VipMeta, remember: bool, search: boo
             }
             return Some(Pick { id: conn.backend, backend, new_flow: false, hash });
         }
-    } else if search && let Some((conn, backend)) = search_other_cpus::<B>(cpu, slot, key, meta) {
-        count_ct(ct_stats::FOUND_ON_OTHER_CPU);
-        if remember {
-            bucket.store(None, key, meta.vip_index, conn);
+    } else if search {
+        if let Some((conn, backend)) = search_other_cpus::<B>(cpu, slot, key, meta) {
+            count_ct(ct_stats::FOUND_ON_OTHER_CPU);
+            if remember {
+                bucket.store(None, key, meta.vip_index, conn);
+            }
+            return Some(Pick { id: conn.backend, backend, new_flow: false, hash });
         }
-        return Some(Pick { id: conn.backend, backend, new_flow: false, hash });
+        if remember {
+            count_ct(ct_stats::MISSED_ESTABLISHED);
+        }
     }
     place(Some(bucket), found.map(|(at, _)| at), key, meta, hash, remember)
+}
+
+/// Places a new flow (a TCP SYN) by the VIP's ring and, with `remember`, writes it over
+/// `bucket`'s least recently used way. Nothing is read from the bucket: on a cold bucket a read
+/// is a cache miss the packet would wait for, while a write drains in the background. So a SYN
+/// neither looks for an entry of its 5-tuple (a retransmitted SYN lands in the same way; a
+/// reused 5-tuple whose old entry is still in a more recent way keeps that entry's backend,
+/// while it is valid) nor counts the flow it pushes out. Only the least recent way is ever
+/// overwritten, so a SYN flood cannot push out the three flows of a bucket most recently
+/// used; a new flow whose way a second SYN takes before its own next packet arrives is
+/// placed again by the ring then (the same backend, unless the pool changed meanwhile).
+#[inline(always)]
+fn place_blind<B: Bucket>(
+    bucket: &mut B,
+    key: &FlowKey,
+    meta: &VipMeta,
+    hash: u32,
+    remember: bool,
+) -> Option<Pick> {
+    if meta.ring_size == 0 {
+        return None;
+    }
+    let id = *RINGS.get(meta.ring_base + flow_hash(key, meta) % meta.ring_size)?;
+    let backend = live_backend(id)?;
+    if remember {
+        let conn = Conn { backend: id, generation: backend.generation };
+        bucket.ways_mut()[CONNTRACK_WAYS - 1] = B::way(key, meta.vip_index, conn);
+    }
+    Some(Pick { id, backend, new_flow: true, hash })
 }
 
 /// Places a flow by the VIP's ring (by [`flow_hash`]) and, with `remember`, stores it in

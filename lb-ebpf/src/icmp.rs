@@ -4,6 +4,7 @@
 
 use crate::{
     L3,
+    conntrack::Lookup,
     encap::{csum_add32, csum_fold, csum_replace2, ipv4_csum, move_l2_reply, swap_macs},
     forward, is_vip_addr, lookup_vip,
     parse::{
@@ -148,7 +149,7 @@ fn error_to_backend(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
         _pad: [0; 2],
     };
     // The quoted flow is established by definition: look for it on every CPU.
-    Ok(forward(ctx, l3, &key, &meta, Reason::TxIcmpToBackend, true))
+    Ok(forward(ctx, l3, &key, &meta, Reason::TxIcmpToBackend, Lookup::Established))
 }
 
 /// Bytes of the offending packet quoted in the error: its IP header and 8 bytes of transport.

@@ -16,6 +16,7 @@ mod parse;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, maps::PerCpuArray, programs::XdpContext};
+use conntrack::Lookup;
 use lb_common::{
     AF_INET, AF_INET6, AddrKey, FlowKey, GlobalConfig, VIP_CACHE_EMPTY, VIP_CACHE_HIT,
     VIP_CACHE_NONE, VipCacheEntryOf, VipKey, VipKeyV4, VipMeta, proto, stats::Reason,
@@ -318,13 +319,17 @@ fn balance_l4(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
     // this CPU has not seen it (RSS or IRQ affinity moved the flow), the other CPUs' tables are
     // searched before the ring re-places it. SYNs and UDP never search: a new flow costs one
     // bucket.
-    let established = l3.proto == proto::TCP
-        && match parse::ptr_at::<u8>(ctx, l3.l4_off + parse::TCP_FLAGS_OFF) {
+    let lookup = if l3.proto != proto::TCP {
+        Lookup::Table
+    } else {
+        match parse::ptr_at::<u8>(ctx, l3.l4_off + parse::TCP_FLAGS_OFF) {
             // SAFETY: bounds-checked by ptr_at.
-            Ok(flags) => (unsafe { *flags }) & parse::TCP_SYN == 0,
-            Err(()) => false,
-        };
-    Ok(forward(ctx, l3, &key, &meta, Reason::TxEncap, established))
+            Ok(flags) if (unsafe { *flags }) & parse::TCP_SYN != 0 => Lookup::Syn,
+            Ok(_) => Lookup::Established,
+            Err(()) => Lookup::Table,
+        }
+    };
+    Ok(forward(ctx, l3, &key, &meta, Reason::TxEncap, lookup))
 }
 
 /// Global config, or all-zero defaults before user space wrote it.
@@ -345,10 +350,10 @@ pub fn forward(
     key: &FlowKey,
     meta: &VipMeta,
     reason: Reason,
-    established: bool,
+    lookup: Lookup,
 ) -> u32 {
     let data_packet = reason as u32 == Reason::TxEncap as u32;
-    let Some(pick) = conntrack::pick(key, meta, data_packet, established) else {
+    let Some(pick) = conntrack::pick(key, meta, data_packet, lookup) else {
         count(Reason::DropNoBackend);
         return xdp_action::XDP_DROP;
     };

@@ -550,6 +550,7 @@ impl Controller {
                 v6_flows_per_cpu: shape.v6_flows_per_cpu(),
                 evicted: events[lb_common::ct_stats::EVICTED as usize],
                 found_on_other_cpu: events[lb_common::ct_stats::FOUND_ON_OTHER_CPU as usize],
+                missed_established: events[lb_common::ct_stats::MISSED_ESTABLISHED as usize],
             },
             config: self.path.clone(),
             interfaces: self

@@ -126,9 +126,10 @@ impl Collector for KernelCollector {
         }
         let mut m = encoder.encode_descriptor(
             "edgelb_conntrack_events",
-            "Connection-table events: flows evicted from a full bucket by new ones (a table too \
-             small for the flows it sees), and established flows found on another CPU's table \
-             (RSS or IRQ affinity moved them)",
+            "Connection-table events: flows evicted from a full bucket by new ones other than TCP \
+             SYNs, established flows found on another CPU's table (RSS or IRQ affinity moved \
+             them), and established TCP flows no table held (pushed out before they ended: a \
+             table too small for the traffic)",
             None,
             MetricType::Counter,
         )?;
