@@ -424,6 +424,15 @@ fn veth(results: &mut Value) {
     aux.set_gen_template(&frame_for(4096)).expect("generator template");
     let (warm_mpps, _) = run(&mut aux);
     aux.set_gen_template(&frame).expect("generator template");
+    // For information (not the target's configuration): the same 65 536 clients to the UDP VIP
+    // with its connection table off (`conntrack = false`), as a stateless service would be set
+    // up: every packet placed by the ring, no table memory touched.
+    let stateless =
+        CONFIG.replacen("protocol = \"udp\"\n", "protocol = \"udp\"\nconntrack = false\n", 1);
+    assert_ne!(stateless, CONFIG, "the fixture has a UDP VIP");
+    dp.apply(&Config::parse(&stateless, "bench.toml".as_ref()).unwrap()).unwrap();
+    let (stateless_mpps, _) = run(&mut aux);
+    dp.apply(&cfg).unwrap();
     let reasons = dp.maps().reasons().unwrap();
     let seen: Vec<String> = lb_common::stats::REASON_NAMES
         .iter()
@@ -461,6 +470,7 @@ fn veth(results: &mut Value) {
         "edgelb_4096_clients": warm_mpps, "ratio_4096_clients": warm_mpps / tx_mpps,
         "edgelb_small_table_all_misses": small_mpps, "ratio_small_table_all_misses": small_mpps / tx_mpps,
         "small_table_evictions": evicted,
+        "edgelb_no_conntrack": stateless_mpps, "ratio_no_conntrack": stateless_mpps / tx_mpps,
         "frames_sent": FRAMES, "frames_back": {"edgelb": edgelb_n, "trivial_tx": tx_n},
         "method": "BPF_PROG_TEST_RUN live frames (batch 64) into a veth pair, XDP_TX back to a counting sink",
     });
@@ -474,10 +484,14 @@ fn veth(results: &mut Value) {
         "| edgelb, 65 536 clients, table of 16 384 flows per CPU (every packet a miss: {evicted} evictions) | {small_mpps:.2} | |"
     );
     println!(
-        "\nratio edgelb / trivial: {:.2} with 65 536 clients (target ≥ 0.85), {:.2} with 4096, {:.2} with 65 536 through the cached small table\n",
+        "| edgelb, 65 536 clients, UDP VIP with `conntrack = false` (no connection table; for information) | {stateless_mpps:.2} | |"
+    );
+    println!(
+        "\nratio edgelb / trivial: {:.2} with 65 536 clients (target ≥ 0.85), {:.2} with 4096, {:.2} with 65 536 through the cached small table, {:.2} without a connection table\n",
         edgelb_mpps / tx_mpps,
         warm_mpps / tx_mpps,
-        small_mpps / tx_mpps
+        small_mpps / tx_mpps,
+        stateless_mpps / tx_mpps
     );
 }
 

@@ -642,6 +642,40 @@ fn connection_table_keeps_flows_across_ring_changes() {
     assert_ne!(now, first);
 }
 
+#[test]
+fn vips_without_a_connection_table_follow_the_ring() {
+    let three = [("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)];
+    let off =
+        |b: &[(&str, u32)]| one_vip(b).replacen("port = 80\n", "port = 80\nconntrack = false\n", 1);
+    let Some(mut h) = Harness::new("vips_without_a_connection_table", &off(&three)) else {
+        return;
+    };
+    let four = [three[0], three[1], three[2], ("198.18.0.14", 1)];
+    let cfg4 = Config::parse(&one_vip(&four), "x".as_ref()).unwrap();
+    let clients = (1..=250u8).map(|i| IpAddr::V4(Ipv4Addr::new(198, 18, 5, i)));
+    let (client, first) = client_that_moves(&h.vip("v4tcp"), &cfg4.vips[0], clients);
+    let frame = |flags: u8| {
+        eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4(&client.to_string(), 50000, "198.18.1.1", 80, flags))
+    };
+    let missed = |h: &Harness| {
+        h.dp.maps().ct_stats().unwrap()[lb_common::ct_stats::MISSED_ESTABLISHED as usize]
+    };
+    for flags in [SYN, ACK, ACK] {
+        assert_eq!(outer_dst(&h.run(&frame(flags)).1), first);
+    }
+    assert_eq!(missed(&h), 0, "segments without SYN found no table to miss");
+    // A ring change moves the flow: nothing pins it.
+    h.apply(&off(&four));
+    let moved_to = route(&h.vip("v4tcp"), client, 0).unwrap().address;
+    assert_eq!(outer_dst(&h.run(&frame(ACK)).1), moved_to, "the flow follows the ring");
+    // With the table on again, the flow is not in it: nothing was stored while it was off.
+    h.apply(&one_vip(&three));
+    assert_eq!(outer_dst(&h.run(&frame(ACK)).1), first);
+    assert_eq!(missed(&h), 1, "the flow was never stored");
+    h.apply(&one_vip(&four));
+    assert_eq!(outer_dst(&h.run(&frame(ACK)).1), first, "and now it is kept");
+}
+
 /// A config with one IPv6 VIP, 2001:2:0:1::1 port `port`, on backends 2001:2::`b` (hex).
 fn one_vip6(port: u16, backends: &[u8]) -> String {
     let list: Vec<String> = backends

@@ -132,6 +132,8 @@ pub mod vip_flags {
     pub const L7: u32 = 1 << 1;
     /// Forward by rewriting the destination MAC (L2 DSR) instead of encapsulating.
     pub const L2_DSR: u32 = 1 << 2;
+    /// No connection table: every packet is placed by the ring (`conntrack = false`).
+    pub const NO_CONNTRACK: u32 = 1 << 3;
 }
 
 /// Backend flags ([`Backend::flags`]).

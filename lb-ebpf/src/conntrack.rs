@@ -252,10 +252,13 @@ const MAX_SEARCH_CPUS: u32 = 256;
 /// and, when found, copied here.
 #[inline(always)]
 pub fn pick(key: &FlowKey, meta: &VipMeta, remember: bool, lookup: Lookup) -> Option<Pick> {
-    if key.family == AF_INET {
-        pick_in::<ConnBucketV4>(key, meta, remember, lookup)
-    } else {
-        pick_in::<ConnBucket>(key, meta, remember, lookup)
+    // A VIP without a connection table: the ring alone, nothing read or written.
+    let stateless = meta.flags & vip_flags::NO_CONNTRACK != 0;
+    match (key.family == AF_INET, stateless) {
+        (true, false) => pick_in::<ConnBucketV4>(key, meta, remember, lookup),
+        (false, false) => pick_in::<ConnBucket>(key, meta, remember, lookup),
+        (true, true) => ring_pick(key, meta, ConnBucketV4::hash(key)),
+        (false, true) => ring_pick(key, meta, ConnBucket::hash(key)),
     }
 }
 
@@ -390,16 +393,12 @@ fn place_blind<B: Bucket>(
     hash: u32,
     remember: bool,
 ) -> Option<Pick> {
-    if meta.ring_size == 0 {
-        return None;
-    }
-    let id = *RINGS.get(meta.ring_base + flow_hash(key, meta) % meta.ring_size)?;
-    let backend = live_backend(id)?;
+    let pick = ring_pick(key, meta, hash)?;
     if remember {
-        let conn = Conn { backend: id, generation: backend.generation };
+        let conn = Conn { backend: pick.id, generation: pick.backend.generation };
         bucket.ways_mut()[CONNTRACK_WAYS - 1] = B::way(key, meta.vip_index, conn);
     }
-    Some(Pick { id, backend, new_flow: true, hash })
+    Some(pick)
 }
 
 /// Places a flow by the VIP's ring (by [`flow_hash`]) and, with `remember`, stores it in
@@ -414,13 +413,22 @@ fn place<B: Bucket>(
     hash: u32,
     remember: bool,
 ) -> Option<Pick> {
+    let pick = ring_pick(key, meta, hash)?;
+    if remember && let Some(bucket) = bucket {
+        let conn = Conn { backend: pick.id, generation: pick.backend.generation };
+        bucket.store(at, key, meta.vip_index, conn);
+    }
+    Some(pick)
+}
+
+/// The backend `meta`'s ring gives the flow of `key` (by [`flow_hash`]), as a new flow with
+/// table hash `hash`; `None` without a ring or when that backend is gone.
+#[inline(always)]
+fn ring_pick(key: &FlowKey, meta: &VipMeta, hash: u32) -> Option<Pick> {
     if meta.ring_size == 0 {
         return None;
     }
     let id = *RINGS.get(meta.ring_base + flow_hash(key, meta) % meta.ring_size)?;
     let backend = live_backend(id)?;
-    if remember && let Some(bucket) = bucket {
-        bucket.store(at, key, meta.vip_index, Conn { backend: id, generation: backend.generation });
-    }
     Some(Pick { id, backend, new_flow: true, hash })
 }

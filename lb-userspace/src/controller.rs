@@ -534,6 +534,7 @@ impl Controller {
                     Forwarding::L7 => "l7",
                 }
                 .to_owned(),
+                conntrack: vip.conntrack,
                 packets: c.packets,
                 bytes: c.bytes,
                 new_flows: c.new_flows,

@@ -274,9 +274,10 @@ fn print_status(s: &edgelb::admin::Status) {
     for v in &s.vips {
         println!();
         println!(
-            "VIP {} [{}]{}  packets {}  bytes {}  new flows {}  now {:.0} pkt/s {:.0} B/s",
+            "VIP {} [{}{}]{}  packets {}  bytes {}  new flows {}  now {:.0} pkt/s {:.0} B/s",
             v.listen,
             v.forwarding,
+            if v.conntrack { "" } else { ", no connection table" },
             if v.fail_open { "  FAIL-OPEN (all backends down)" } else { "" },
             v.packets,
             v.bytes,

@@ -110,6 +110,11 @@ pub struct ConntrackStatus {
     pub missed_established: u64,
 }
 
+/// Serde default for flags that are true unless said otherwise.
+fn yes() -> bool {
+    true
+}
+
 /// One VIP in [`Status`].
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
 pub struct VipStatus {
@@ -119,6 +124,10 @@ pub struct VipStatus {
     pub listen: String,
     /// Forwarding mode.
     pub forwarding: String,
+    /// False when the VIP has no connection table (`conntrack = false`): every packet is placed
+    /// by the ring.
+    #[serde(default = "yes")]
+    pub conntrack: bool,
     /// Packets forwarded.
     pub packets: u64,
     /// Bytes forwarded.

@@ -218,6 +218,11 @@ pub struct Vip {
     pub forwarding: Forwarding,
     /// Maglev ring size (prime).
     pub ring_size: u32,
+    /// Whether flows are kept on their backend by the connection table. Without it every packet
+    /// is placed by the ring alone (Katran's LRU bypass): for stateless services such as DNS,
+    /// whose packets need no pinning, it saves the table's memory traffic and leaves the table
+    /// to the flows that need it; a pool change then moves the flows its ring change remaps.
+    pub conntrack: bool,
     /// Backends.
     pub backends: Vec<Backend>,
     /// Active health check of this VIP's backends; none means always healthy.
@@ -666,6 +671,13 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             backends.push(Backend { address, weight, mac, port: bport });
         }
         let health = v.health.as_ref().map(|h| health_check(h, port, protocol)).transpose()?;
+        let conntrack = match &v.conntrack {
+            Some(c) if forwarding == Forwarding::L7 => {
+                return bad(c.span(), "conntrack applies to VIPs XDP forwards, not to l7 ones");
+            }
+            Some(c) => *c.get_ref(),
+            None => true,
+        };
         let l7 = match (forwarding, &v.l7) {
             (Forwarding::L7, l7) => {
                 if port == 0 {
@@ -692,6 +704,7 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             hash,
             forwarding,
             ring_size,
+            conntrack,
             backends,
             health,
             l7,

@@ -48,6 +48,7 @@ pub struct Vip {
     pub hash: Option<Sp<String>>,
     pub forwarding: Option<Sp<String>>,
     pub ring_size: Option<Sp<u32>>,
+    pub conntrack: Option<Sp<bool>>,
     #[serde(default)]
     pub backends: Vec<Backend>,
     pub health: Option<Sp<Health>>,

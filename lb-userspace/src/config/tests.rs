@@ -34,6 +34,24 @@ fn defaults_are_applied() {
 }
 
 #[test]
+fn conntrack_can_be_turned_off_for_vips_xdp_forwards() {
+    let vip = |extra: &str| {
+        format!(
+            "{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nport = 53\nprotocol = \"udp\"\n{extra}\nbackends = [{{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }}]\n"
+        )
+    };
+    assert!(parse(&vip("")).unwrap().vips[0].conntrack);
+    assert!(!parse(&vip("conntrack = false")).unwrap().vips[0].conntrack);
+    let e = err(&vip("conntrack = \"no\""));
+    assert!(e.starts_with("t.toml:9:13:"), "{e}");
+    let l7 = format!(
+        "{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nport = 80\nforwarding = \"l7\"\nconntrack = false\nbackends = [{{ address = \"198.18.0.11\", port = 80 }}]\n"
+    );
+    let e = err(&l7);
+    assert!(e.starts_with("t.toml:9:13:") && e.contains("not to l7"), "{e}");
+}
+
+#[test]
 fn toml_syntax_error_has_line_and_column() {
     let e = err("[node]\ninterfaces = [\"eth0\"\n");
     assert!(e.starts_with("t.toml:2:"), "{e}");

@@ -711,6 +711,9 @@ impl Dataplane {
             if vip.hash == HashMode::FiveTuple {
                 flags |= vip_flags::HASH_5TUPLE;
             }
+            if !vip.conntrack {
+                flags |= vip_flags::NO_CONNTRACK;
+            }
             match vip.forwarding {
                 Forwarding::L2 => flags |= vip_flags::L2_DSR,
                 Forwarding::L7 => flags |= vip_flags::L7,
