@@ -136,6 +136,28 @@ trait Bucket: Sized + 'static {
         promote(ways, at.unwrap_or(CONNTRACK_WAYS - 1));
         ways[0] = Self::way(key, vip, conn);
     }
+
+    /// Writes `key -> conn` over the least recently used way without reading the bucket (a TCP
+    /// SYN's new flow): on a cold bucket a read is a cache miss the packet would wait for, while
+    /// a write drains in the background. So a SYN neither looks for an entry of its 5-tuple (a
+    /// retransmitted SYN lands in the same way; a reused 5-tuple whose old entry is still in a
+    /// more recent way keeps that entry's backend, while it is valid) nor counts the flow it
+    /// pushes out. Only the least recent way is ever overwritten, so a SYN flood cannot push out
+    /// the three flows of a bucket most recently used; a new flow whose way a second SYN takes
+    /// before its own next packet arrives is placed again by the ring then (the same backend,
+    /// unless the pool changed meanwhile).
+    #[inline(always)]
+    fn store_blind(&mut self, key: &FlowKey, vip: u32, conn: Conn) {
+        self.ways_mut()[CONNTRACK_WAYS - 1] = Self::way(key, vip, conn);
+    }
+}
+
+impl Pick {
+    /// The connection-table entry that keeps a flow on this pick.
+    #[inline(always)]
+    fn conn(&self) -> Conn {
+        Conn { backend: self.id, generation: self.backend.generation }
+    }
 }
 
 impl Bucket for ConnBucketV4 {
@@ -350,7 +372,11 @@ fn pick_in<B: Bucket>(
     // on one CPU, so this is the only reference for this run of the program.
     let bucket = unsafe { &mut *bucket };
     if lookup == Lookup::Syn {
-        return place_blind(bucket, key, meta, hash, remember);
+        let pick = ring_pick(key, meta, hash)?;
+        if remember {
+            bucket.store_blind(key, meta.vip_index, pick.conn());
+        }
+        return Some(pick);
     }
     let search = lookup == Lookup::Established;
     let found = bucket.find(key, meta.vip_index);
@@ -376,31 +402,6 @@ fn pick_in<B: Bucket>(
     place(Some(bucket), found.map(|(at, _)| at), key, meta, hash, remember)
 }
 
-/// Places a new flow (a TCP SYN) by the VIP's ring and, with `remember`, writes it over
-/// `bucket`'s least recently used way. Nothing is read from the bucket: on a cold bucket a read
-/// is a cache miss the packet would wait for, while a write drains in the background. So a SYN
-/// neither looks for an entry of its 5-tuple (a retransmitted SYN lands in the same way; a
-/// reused 5-tuple whose old entry is still in a more recent way keeps that entry's backend,
-/// while it is valid) nor counts the flow it pushes out. Only the least recent way is ever
-/// overwritten, so a SYN flood cannot push out the three flows of a bucket most recently
-/// used; a new flow whose way a second SYN takes before its own next packet arrives is
-/// placed again by the ring then (the same backend, unless the pool changed meanwhile).
-#[inline(always)]
-fn place_blind<B: Bucket>(
-    bucket: &mut B,
-    key: &FlowKey,
-    meta: &VipMeta,
-    hash: u32,
-    remember: bool,
-) -> Option<Pick> {
-    let pick = ring_pick(key, meta, hash)?;
-    if remember {
-        let conn = Conn { backend: pick.id, generation: pick.backend.generation };
-        bucket.ways_mut()[CONNTRACK_WAYS - 1] = B::way(key, meta.vip_index, conn);
-    }
-    Some(pick)
-}
-
 /// Places a flow by the VIP's ring (by [`flow_hash`]) and, with `remember`, stores it in
 /// `bucket` (over way `at` when a stale entry for this flow is there). `hash` is the flow's
 /// table hash, handed on in the [`Pick`].
@@ -415,8 +416,7 @@ fn place<B: Bucket>(
 ) -> Option<Pick> {
     let pick = ring_pick(key, meta, hash)?;
     if remember && let Some(bucket) = bucket {
-        let conn = Conn { backend: pick.id, generation: pick.backend.generation };
-        bucket.store(at, key, meta.vip_index, conn);
+        bucket.store(at, key, meta.vip_index, pick.conn());
     }
     Some(pick)
 }
