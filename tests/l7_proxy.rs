@@ -482,6 +482,13 @@ fn timeouts_and_limits_answer_cleanly() {
         400
     );
 
+    // The proxy's own answers count among the requests, as the backends' do.
+    let text = p.metrics.encode();
+    for (class, n) in [("4xx", 4), ("5xx", 1)] {
+        let line = format!("edgelb_l7_requests_total{{vip=\"web\",class=\"{class}\"}} {n}");
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    }
+
     // A byte-per-interval client is cut off at the header timeout.
     let mut s = TcpStream::connect(p.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -501,6 +508,66 @@ fn timeouts_and_limits_answer_cleanly() {
     let _ = s.read_to_string(&mut resp);
     assert!(cut || resp.starts_with("HTTP/1.1 408"), "{resp:?}");
     assert!(t.elapsed() < Duration::from_millis(1500), "cut after {:?}", t.elapsed());
+}
+
+/// Access-log lines (log target `edgelb::access`) written anywhere in this test process.
+fn access_log() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOG: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let log: Arc<std::sync::Mutex<Vec<u8>>> = Default::default();
+        let sink = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("edgelb::access=info")
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
+        log
+    })
+    .clone()
+}
+
+/// A writer appending to a shared buffer.
+struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn access_log_names_each_answered_request() {
+    let log = access_log();
+    let a = backend("a", Mode::Ok);
+    let p = proxy(&[(&a, 1)], "access_log = true", "");
+    assert_eq!(get(p.addr, "/logged-path?q=1").0, 200);
+    assert_eq!(request(p.addr, None, "GARBAGE /logged-bad\r\n\r\n").unwrap().0, 400);
+    let q = proxy(&[(&a, 1)], "", "");
+    assert_eq!(get(q.addr, "/not-logged").0, 200);
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    let line =
+        text.lines().find(|l| l.contains("/logged-path?q=1")).unwrap_or_else(|| panic!("{text}"));
+    for field in [
+        "vip=web",
+        "client=127.0.0.1",
+        "method=GET",
+        "status=200",
+        &format!("backend={}", a.addr),
+        "ms=",
+    ] {
+        assert!(line.contains(field), "{field} in {line}");
+    }
+    // A head that did not parse has no method or target to log.
+    assert!(
+        text.lines().any(|l| l.contains("status=400 backend=-") && l.contains("method=- target=-")),
+        "{text}"
+    );
+    assert!(!text.contains("/not-logged"), "access_log is off by default:\n{text}");
 }
 
 #[test]

@@ -321,6 +321,9 @@ pub struct L7 {
     pub upstream_keepalive: usize,
     /// Add X-Forwarded-For / X-Forwarded-Proto and Forwarded.
     pub forwarded_for: bool,
+    /// Log every answered request (log target `edgelb::access`, at info): the proxy's
+    /// counterpart of HAProxy's and nginx's access logs, off by default (a line per request).
+    pub access_log: bool,
     /// Send a PROXY protocol header (1 or 2) to backends.
     pub proxy_protocol: Option<u8>,
     /// Sticky cookie name.
@@ -765,6 +768,7 @@ fn l7_settings(
         max_connections: None,
         upstream_keepalive: None,
         forwarded_for: None,
+        access_log: None,
         proxy_protocol: None,
         cookie_name: None,
         cookie_secret: None,
@@ -867,6 +871,7 @@ fn l7_settings(
         upstream_keepalive: num(&l.upstream_keepalive, 1_024, 0..=100_000, "upstream_keepalive")?
             as usize,
         forwarded_for: l.forwarded_for.as_ref().is_none_or(|f| *f.get_ref()),
+        access_log: l.access_log.as_ref().is_some_and(|f| *f.get_ref()),
         proxy_protocol,
         cookie_name: l
             .cookie_name

@@ -87,21 +87,76 @@ async fn write<B: IoBuf>(s: &Socket, data: B) -> io::Result<()> {
     s.send_all(data).await.0
 }
 
-/// Answers with a complete error response and no body from upstream.
-async fn respond(s: &Socket, status: u16, reason: &str, close: bool) -> io::Result<()> {
+/// The reason phrase of a status the proxy answers with itself.
+fn reason(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}
+
+/// Counts a request answered with `status` (in `edgelb_l7_requests_total`) and, with the VIP's
+/// `access_log`, logs it: client, method and target (when the head parsed), status, backend
+/// (when one was tried) and milliseconds since `started` (the complete head).
+fn finished(
+    vip: &VipRuntime,
+    peer: SocketAddr,
+    status: u16,
+    req: Option<&ReqHead>,
+    backend: Option<SocketAddr>,
+    started: Option<Instant>,
+) {
+    vip.count(status);
+    if vip.cfg.access_log {
+        // httparse admits only visible ASCII in methods and targets: nothing to escape.
+        tracing::info!(
+            target: "edgelb::access",
+            vip = %vip.name,
+            client = %client_ip(peer),
+            method = %req.map_or("-", |r| r.method()),
+            target = %req.map_or("-", |r| r.path()),
+            status,
+            backend = %backend.map(|b| b.to_string()).as_deref().unwrap_or("-"),
+            ms = started.map_or(0.0, |s| s.elapsed().as_secs_f64() * 1000.0),
+            "request"
+        );
+    }
+}
+
+/// Refuses a request with `status` (counted and logged as [`finished`]) and closes.
+async fn reject(
+    client: &Socket,
+    vip: &VipRuntime,
+    peer: SocketAddr,
+    status: u16,
+    req: Option<&ReqHead>,
+) {
+    finished(vip, peer, status, req, None, None);
+    let _ = respond(client, status).await;
+}
+
+/// Answers with a complete error response of the proxy's own, and closes.
+async fn respond(s: &Socket, status: u16) -> io::Result<()> {
+    let reason = reason(status);
     let body = format!("{status} {reason}\n");
     let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
-        body.len(),
-        if close { "close" } else { "keep-alive" }
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     );
     write(s, head.into_bytes()).await
 }
 
-/// Over the connection limit: a 503 for HTTP, a plain close for TCP.
-pub async fn refuse(s: &Socket, mode: L7Mode) {
-    if mode == L7Mode::Http {
-        let _ = respond(s, 503, "Service Unavailable", true).await;
+/// Over the connection limit: a 503 for HTTP (counted and logged as [`finished`]), a plain
+/// close for TCP.
+pub async fn refuse(s: &Socket, vip: &VipRuntime, peer: SocketAddr) {
+    if vip.cfg.mode == L7Mode::Http {
+        reject(s, vip, peer, 503, None).await;
     }
 }
 
@@ -839,18 +894,11 @@ async fn serve_conn(
             match parse_request(&mut buf, cfg.max_headers) {
                 Ok(Some(r)) => break r,
                 Ok(None) if buf.len() > cfg.max_header_bytes => {
-                    let _ = respond(client, 431, "Request Header Fields Too Large", true).await;
-                    return;
+                    return reject(client, &vip, peer, 431, None).await;
                 }
                 Ok(None) => {}
-                Err(HeadError::TooLarge) => {
-                    let _ = respond(client, 431, "Request Header Fields Too Large", true).await;
-                    return;
-                }
-                Err(HeadError::Bad) => {
-                    let _ = respond(client, 400, "Bad Request", true).await;
-                    return;
-                }
+                Err(HeadError::TooLarge) => return reject(client, &vip, peer, 431, None).await,
+                Err(HeadError::Bad) => return reject(client, &vip, peer, 400, None).await,
             }
             let waiting_for_start = buf.is_empty() && !first;
             let deadline = if waiting_for_start { idle_deadline } else { head_deadline };
@@ -868,24 +916,19 @@ async fn serve_conn(
                 Ok(Ok(0)) | Ok(Err(_)) => return,
                 Ok(Ok(_)) => {}
                 Err(_) if !partial => return,
-                Err(_) => {
-                    let _ = respond(client, 408, "Request Timeout", true).await;
-                    return;
-                }
+                Err(_) => return reject(client, &vip, peer, 408, None).await,
             }
         };
         first = false;
         // Latency counts from a complete request head: not the keep-alive wait before it.
         let started = Instant::now();
         if req.head.bytes.len() > cfg.max_header_bytes {
-            let _ = respond(client, 431, "Request Header Fields Too Large", true).await;
-            return;
+            return reject(client, &vip, peer, 431, Some(&req)).await;
         }
         // Transfer-Encoding in an HTTP/1.0 message means faulty framing (RFC 9112 6.1).
         let te10 = req.http10 && header(&req.head, "transfer-encoding").next().is_some();
         let Some(framing) = body_framing(&req.head, true).ok().filter(|_| !te10) else {
-            let _ = respond(client, 400, "Bad Request", true).await;
-            return;
+            return reject(client, &vip, peer, 400, Some(&req)).await;
         };
         let client_keepalive = if req.http10 {
             req.head.connection_lists(b"keep-alive")
@@ -895,12 +938,10 @@ async fn serve_conn(
         let deadline = tokio::time::Instant::from_std(started) + cfg.request_timeout;
         // CONNECT asks for a tunnel, which only a forward proxy gives.
         if req.method() == "CONNECT" {
-            let _ = respond(client, 501, "Not Implemented", true).await;
-            return;
+            return reject(client, &vip, peer, 501, Some(&req)).await;
         }
         let Some(target) = target(&req) else {
-            let _ = respond(client, 400, "Bad Request", true).await;
-            return;
+            return reject(client, &vip, peer, 400, Some(&req)).await;
         };
         // valid_host admits ASCII only.
         let host = target.host.and_then(|h| std::str::from_utf8(h).ok());
@@ -1001,14 +1042,15 @@ async fn serve_conn(
             }
         }
         let Some((i, up, resp)) = done else {
-            let (status, reason) = match (tried.is_empty(), last) {
-                (true, _) => (503, "Service Unavailable"),
-                (false, Attempt::Timeout) => (504, "Gateway Timeout"),
-                _ => (502, "Bad Gateway"),
+            let status = match (tried.is_empty(), last) {
+                (true, _) => 503,
+                (false, Attempt::Timeout) => 504,
+                _ => 502,
             };
-            vip.count(status);
+            let backend = tried.last().map(|&i| pool.members[i].state.addr);
+            finished(&vip, peer, status, Some(&req), backend, Some(started));
             // The request body may be unread: the connection cannot continue.
-            let _ = respond(client, status, reason, true).await;
+            let _ = respond(client, status).await;
             return;
         };
 
@@ -1025,7 +1067,7 @@ async fn serve_conn(
             out.extend_from_slice(&ubuf);
             ubuf.clear();
             drop(resp);
-            vip.count(101);
+            finished(&vip, peer, 101, Some(&req), Some(pool.members[i].state.addr), Some(started));
             vip.duration.observe(started.elapsed().as_secs_f64());
             // So does whatever the client sent after its request head.
             let sent = write(client, out.split().freeze()).await.is_ok()
@@ -1096,8 +1138,8 @@ async fn serve_conn(
         let body =
             stream_body(&up, &mut ubuf, client, rframing, decode, deadline, vip.cfg.idle_timeout)
                 .await;
-        vip.count(status);
         let end = Instant::now();
+        finished(&vip, peer, status, Some(&req), Some(pool.members[i].state.addr), Some(started));
         vip.duration.observe(end.saturating_duration_since(started).as_secs_f64());
         if body.is_err() {
             let _ = up.shutdown(std::net::Shutdown::Both);

@@ -560,7 +560,7 @@ async fn accept_loop(
         let (shared2, upstream2) = (shared.clone(), upstream.clone());
         tokio_uring::spawn(async move {
             if open > rt.cfg.max_connections as i64 {
-                http::refuse(&stream, mode).await;
+                http::refuse(&stream, &rt, peer).await;
             } else {
                 match mode {
                     L7Mode::Http => {
