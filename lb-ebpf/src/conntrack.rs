@@ -13,7 +13,8 @@
 //! [`CONNTRACK_WAYS`] flows kept most recently used first. A hit moves the flow to the front; a
 //! new flow goes to the front and the least recently used one of that bucket is forgotten (it
 //! re-hashes onto the ring if it ever sends again, which picks the same backend unless the pool
-//! changed meanwhile). An IPv4 bucket is one cache line (16-byte entries, page-aligned mmapable
+//! changed meanwhile); a TCP SYN's new flow is written over that least recent one without the
+//! bucket being read (`Bucket::store_blind`). An IPv4 bucket is one cache line (16-byte entries, page-aligned mmapable
 //! map), an IPv6 bucket two (32-byte entries that name the VIP by its index rather than its
 //! address); no kernel hashing, no locks.
 
@@ -366,7 +367,7 @@ fn pick_in<B: Bucket>(
     // Without this CPU's region (a table sized for fewer CPUs than the machine has), flows are
     // placed by the ring alone.
     let Some(bucket) = B::at(cpu * B::buckets() + slot) else {
-        return place::<B>(None, None, key, meta, hash, false);
+        return ring_pick(key, meta, hash);
     };
     // SAFETY: this CPU's region is written only by this CPU, and XDP does not preempt itself
     // on one CPU, so this is the only reference for this run of the program.
@@ -399,7 +400,7 @@ fn pick_in<B: Bucket>(
             count_ct(ct_stats::MISSED_ESTABLISHED);
         }
     }
-    place(Some(bucket), found.map(|(at, _)| at), key, meta, hash, remember)
+    place(bucket, found.map(|(at, _)| at), key, meta, hash, remember)
 }
 
 /// Places a flow by the VIP's ring (by [`flow_hash`]) and, with `remember`, stores it in
@@ -407,7 +408,7 @@ fn pick_in<B: Bucket>(
 /// table hash, handed on in the [`Pick`].
 #[inline(always)]
 fn place<B: Bucket>(
-    bucket: Option<&mut B>,
+    bucket: &mut B,
     at: Option<usize>,
     key: &FlowKey,
     meta: &VipMeta,
@@ -415,7 +416,7 @@ fn place<B: Bucket>(
     remember: bool,
 ) -> Option<Pick> {
     let pick = ring_pick(key, meta, hash)?;
-    if remember && let Some(bucket) = bucket {
+    if remember {
         bucket.store(at, key, meta.vip_index, pick.conn());
     }
     Some(pick)
