@@ -169,6 +169,43 @@ impl Edgelb {
         e
     }
 
+    /// Starts `edgelb run --takeover` beside this one (same config, namespace and log) and
+    /// returns it once this one has handed over and exited, and the new one answers.
+    fn take_over(mut self) -> Edgelb {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", netns::netns_path(&self.ns).display()))
+            .arg(env!("CARGO_BIN_EXE_edgelb"))
+            .args(["run", "--takeover", "--config"])
+            .arg(&self.config)
+            .stderr(out)
+            .spawn()
+            .expect("start edgelb --takeover");
+        let mut new = Edgelb {
+            child: Some(child),
+            config: self.config.clone(),
+            ns: self.ns.clone(),
+            log: self.log.clone(),
+        };
+        // The old process exits by itself once the new one serves and its requests are done.
+        let mut old = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let st = loop {
+            if let Some(st) = old.try_wait().unwrap() {
+                break st;
+            }
+            if let Ok(Some(st)) = new.child.as_mut().unwrap().try_wait() {
+                let _ = old.kill();
+                panic!("edgelb --takeover exited: {st}; log:\n{}", new.log());
+            }
+            assert!(Instant::now() < deadline, "the old edgelb never exited; log:\n{}", new.log());
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(st.success(), "old edgelb exit status {st}; log:\n{}", new.log());
+        assert!(new.cli(&["status", "--json"]).status.success(), "the new edgelb answers");
+        new
+    }
+
     fn cli(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_edgelb"))
             .args(args)
@@ -787,4 +824,89 @@ fn l7_listener_from_the_service_manager_keeps_connections_across_a_restart() {
     );
     assert!(failed.is_empty(), "requests failed across the restart: {failed:?}");
     assert!(after > 20, "the new process served the VIP");
+}
+
+#[test]
+fn takeover_replaces_a_running_edgelb_without_refusing_a_connection() {
+    let Some(mut bed) = Bed::up("takeover", &[1, 2, 3]) else { return };
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    bed.wait_for(l7);
+    let scraped = scrape(&bed);
+    // New connections all along to the L7 VIP (edgelb's own listeners, no service manager) and
+    // to the XDP VIP, while a second edgelb takes over from the first.
+    let l7_load = bed.load_to(l7, Duration::from_secs(15), Duration::from_secs(30));
+    let l4_load = bed.load(Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(800));
+    let old_pid = bed.e().child.as_ref().unwrap().id();
+    let first = bed.edgelb.take().unwrap();
+    let started = Instant::now();
+    bed.edgelb = Some(first.take_over());
+    let handed = Instant::now();
+    eprintln!(
+        "takeover: the old edgelb exited {} ms after the new one started",
+        started.elapsed().as_millis()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let (l7_log, l4_log) = (l7_load.finish(), l4_load.finish());
+    for (name, log) in [("L7", &l7_log), ("XDP", &l4_log)] {
+        let failed: Vec<_> = log.iter().filter(|(_, _, r)| r.is_err()).collect();
+        let after = log.iter().filter(|(t, _, _)| *t > handed).count();
+        eprintln!(
+            "takeover, {name} VIP: {} requests ({after} after it), {} failed",
+            log.len(),
+            failed.len()
+        );
+        assert!(failed.is_empty(), "{name} requests failed across the takeover: {failed:?}");
+        assert!(after > 20, "{name}: the new process served the VIP");
+    }
+    let log = bed.e().log();
+    assert!(log.contains("handed over its listening sockets"), "{log}");
+    // On the very sockets the old one listened on (its own SO_REUSEPORT binds would lose the
+    // connections queued on the old sockets when those close).
+    assert!(
+        log.contains("L7 VIP listens on the socket handed over by the previous edgelb"),
+        "{log}"
+    );
+    assert!(log.contains("the new edgelb serves"), "{log}");
+    assert!(log.contains("handover done"), "{log}");
+    // The new process serves metrics on the same socket, and its controller works: health
+    // checks run (a dead backend leaves) and the admin socket is its own.
+    assert!(scrape(&bed).contains("edgelb_vip_packets_total"), "{scraped}");
+    assert_ne!(bed.e().child.as_ref().unwrap().id(), old_pid);
+    bed.kill_backend(2);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bed.e().healthy("web7", "198.18.0.12") {
+        assert!(Instant::now() < deadline, "the new controller never saw backend 2 die");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn takeover_without_a_running_edgelb_starts_afresh() {
+    let Some(mut bed) = Bed::up("takeover-none", &[1, 2, 3]) else { return };
+    let first = bed.edgelb.take().unwrap();
+    let (config, ns, log_path) = (first.config.clone(), first.ns.clone(), first.log.clone());
+    first.terminate();
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
+    let child = Command::new("nsenter")
+        .arg(format!("--net={}", netns::netns_path(&ns).display()))
+        .arg(env!("CARGO_BIN_EXE_edgelb"))
+        .args(["run", "--takeover", "--config"])
+        .arg(&config)
+        .stderr(out)
+        .spawn()
+        .expect("start edgelb --takeover");
+    let e = Edgelb { child: Some(child), config, ns, log: log_path };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while e.cli(&["status", "--json"]).status.code() != Some(0) {
+        assert!(Instant::now() < deadline, "edgelb --takeover never answered; log:\n{}", e.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bed.edgelb = Some(e);
+    bed.wait_for(SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80));
+    assert!(
+        bed.e().log().contains("no edgelb answers there; starting afresh"),
+        "{}",
+        bed.e().log()
+    );
 }

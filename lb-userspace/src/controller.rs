@@ -22,7 +22,10 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{error, info, warn};
 
 use crate::{
-    admin::{self, BackendStatus, ConntrackStatus, Pending, Request, Response, Status, VipStatus},
+    admin::{
+        self, AdminError, Answer, BackendStatus, ConntrackStatus, HandedSocket, Pending, Request,
+        Response, SocketKind, Status, VipStatus,
+    },
     config::{Backend, Config, Forwarding},
     dataplane::{Dataplane, DataplaneError, TableShape, vip_ring},
     health::{Checker, HealthEvent},
@@ -56,6 +59,9 @@ pub enum RunError {
     /// The listening sockets passed by the service manager are unusable.
     #[error(transparent)]
     Inherited(#[from] crate::proxy::inherited::InheritError),
+    /// `--takeover`: the running edgelb could not hand over.
+    #[error("taking over: {0}")]
+    Takeover(#[source] AdminError),
     /// The admin socket could not be served.
     #[error("admin socket {path}: {source}")]
     Admin {
@@ -66,6 +72,9 @@ pub enum RunError {
         source: std::io::Error,
     },
 }
+
+/// How long in-flight L7 requests may take to finish when edgelb stops.
+const L7_GRACE: Duration = Duration::from_secs(5);
 
 /// How often counters are sampled for rates (and logged at debug level when they changed).
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
@@ -100,6 +109,9 @@ enum Exit {
     Detach,
     /// Remove the data plane too.
     Teardown,
+    /// `edgelb run --takeover` asked for the listening sockets: hand them over on this channel
+    /// and leave the data plane to the new process.
+    Handover(mpsc::Sender<Answer>, Box<Answer>),
 }
 
 struct Controller {
@@ -120,14 +132,52 @@ struct Controller {
     /// Last non-empty backend set per VIP, kept when every backend is down (fail open).
     last_alive: HashMap<String, Vec<Backend>>,
     fail_open: HashSet<String>,
+    /// The metrics endpoint's listening socket, to hand over to `edgelb run --takeover`.
+    metrics_socket: Option<(std::net::SocketAddr, std::net::TcpListener)>,
 }
 
-/// Runs the balancer with the config at `path` until SIGINT/SIGTERM or `edgelb stop`.
-pub fn run(path: &Path) -> Result<(), RunError> {
+/// Runs the balancer with the config at `path` until SIGINT/SIGTERM, `edgelb stop` or a
+/// takeover. With `takeover`, an edgelb already running with the same admin socket hands over
+/// its listening sockets and the data plane first (see [`Request::Handover`]).
+pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     // Sockets from the service manager (socket activation) are taken first, so that they have an
     // owner whatever happens next.
-    let inherited = crate::proxy::inherited::Inherited::from_env()?;
+    let mut inherited = crate::proxy::inherited::Inherited::from_env()?;
     let cfg = Config::load(path)?;
+    // Only a valid config takes over, and only once the kernel has taken this binary's program
+    // (it is loaded here, beside the running one): a bad file or a refused program leaves the
+    // running edgelb alone.
+    let load = || {
+        Dataplane::load_with_table(
+            Some(&cfg.node.pin_dir),
+            TableShape::for_flows(cfg.node.conntrack_flows_per_cpu),
+        )
+    };
+    let early = if takeover { Some(load()?) } else { None };
+    let mut handed_metrics = None;
+    let handover = if takeover {
+        match admin::handover(&cfg.node.admin_socket).map_err(RunError::Takeover)? {
+            None => {
+                info!(admin = %cfg.node.admin_socket.display(), "--takeover: no edgelb answers there; starting afresh");
+                None
+            }
+            Some(h) => {
+                info!(
+                    sockets = h.sockets.len(),
+                    "--takeover: the running edgelb handed over its listening sockets and stopped its controller"
+                );
+                for (s, fd) in h.sockets {
+                    match s.kind {
+                        SocketKind::L7 => inherited.adopt(fd)?,
+                        SocketKind::Metrics => handed_metrics = Some((s.addr, fd)),
+                    }
+                }
+                Some(h.conn)
+            }
+        }
+    } else {
+        None
+    };
     // The admin socket first: if another controller already runs, stop before touching anything.
     // Capabilities are per thread, so everything privileged happens on this thread first (binding
     // sockets, loading and attaching programs), then capabilities are dropped, and only then are
@@ -139,17 +189,31 @@ pub fn run(path: &Path) -> Result<(), RunError> {
     let metrics_listener = match cfg.metrics {
         Some(addr) => Some((
             addr,
-            crate::metrics::bind(addr).map_err(|source| RunError::Metrics { addr, source })?,
+            match handed_metrics.take() {
+                // The very socket the previous process served: no scrape is refused.
+                Some((a, fd)) if a == addr => std::net::TcpListener::from(fd),
+                _ => crate::metrics::bind(addr)
+                    .map_err(|source| RunError::Metrics { addr, source })?,
+            },
         )),
         None => None,
     };
+    // Kept to hand over to a later `--takeover`.
+    let metrics_socket: Option<(std::net::SocketAddr, std::net::TcpListener)> =
+        match &metrics_listener {
+            Some((addr, l)) => Some((
+                *addr,
+                l.try_clone().map_err(|source| RunError::Metrics { addr: *addr, source })?,
+            )),
+            None => None,
+        };
     let (admin_tx, admin_rx) = mpsc::channel();
     let (scrape_tx, scrape_rx) = mpsc::channel();
 
-    let dp = Dataplane::load_with_table(
-        Some(&cfg.node.pin_dir),
-        TableShape::for_flows(cfg.node.conntrack_flows_per_cpu),
-    )?;
+    let dp = match early {
+        Some(dp) => dp,
+        None => load()?,
+    };
     if dp.adopted() {
         info!(pin_dir = %cfg.node.pin_dir.display(), "a previous edgelb left the data plane running: adopting it");
     }
@@ -169,6 +233,7 @@ pub fn run(path: &Path) -> Result<(), RunError> {
         drained: HashSet::new(),
         last_alive: HashMap::new(),
         fail_open: HashSet::new(),
+        metrics_socket,
     };
     // Maps first, then attach: the first packet already sees the whole config.
     let report = ctl.apply()?;
@@ -179,7 +244,9 @@ pub fn run(path: &Path) -> Result<(), RunError> {
     }
     let l7 = if crate::proxy::l7_listeners(&ctl.cfg).is_empty() {
         if !inherited.is_empty() {
-            warn!("the service manager passed listening sockets but no VIP is L7; unused");
+            warn!(
+                "listening sockets were passed (service manager or previous edgelb) but no VIP is L7; unused"
+            );
         }
         None
     } else {
@@ -208,17 +275,28 @@ pub fn run(path: &Path) -> Result<(), RunError> {
     }
     ctl.checker.reconcile(&ctl.cfg);
     info!(checks = ctl.checker.len(), admin = %ctl.cfg.node.admin_socket.display(), "edgelb running");
+    if let Some(mut conn) = handover {
+        // The previous process stops accepting and drains once it reads this.
+        if let Err(e) = std::io::Write::write_all(&mut conn, admin::READY) {
+            warn!(error = %e, "--takeover: telling the previous edgelb that this one serves");
+        }
+    }
 
     let exit = ctl.serve(&mut signals);
-    if let Some(proxy) = ctl.proxy.take() {
-        info!("L7 proxy: draining (up to 5 s)");
-        proxy.shutdown(Duration::from_secs(5));
-    }
     let socket = ctl.cfg.node.admin_socket.clone();
     let pin_dir = ctl.cfg.node.pin_dir.clone();
+    if let Exit::Handover(reply, answer) = exit {
+        ctl.hand_over(reply, answer);
+        return Ok(());
+    }
+    if let Some(proxy) = ctl.proxy.take() {
+        info!("L7 proxy: draining (up to 5 s)");
+        proxy.shutdown(L7_GRACE);
+    }
     drop(ctl.checker);
     let _ = std::fs::remove_file(&socket);
     match exit {
+        Exit::Handover(..) => unreachable!("returned above"),
         Exit::Detach => {
             info!(pin_dir = %pin_dir.display(), "controller stopped; the data plane keeps running (`edgelb stop` removes it)");
         }
@@ -257,6 +335,78 @@ fn drop_capabilities() {
 }
 
 impl Controller {
+    /// Hands the listening sockets to the `edgelb run --takeover` that asked (`reply`) and
+    /// leaves the data plane to it. The controller stops first: health checks end (joined), no
+    /// map is written any more, and the admin socket's path is freed for the new process. The
+    /// sockets stay open in both processes, and this one keeps accepting and answering scrapes
+    /// until the new one says it serves (or gives up, or [`admin::HANDOVER_WAIT`] passes); then
+    /// its L7 proxy stops accepting and finishes what is in flight, scrapes still answered.
+    fn hand_over(mut self, reply: mpsc::Sender<Answer>, mut answer: Box<Answer>) {
+        self.checker = Checker::new(mpsc::channel().0);
+        let _ = std::fs::remove_file(&self.cfg.node.admin_socket);
+        let (done_tx, done_rx) = mpsc::channel();
+        answer.done = Some(done_tx);
+        let _ = reply.send(*answer);
+        info!(
+            "handover: the new edgelb got the listening sockets; serving until it says it serves"
+        );
+        let ready = self.answer_scrapes_until(&done_rx, admin::HANDOVER_WAIT + SAMPLE_EVERY);
+        match ready {
+            Some(true) => {
+                info!("handover: the new edgelb serves; this one finishes its requests in flight")
+            }
+            _ => warn!(
+                "handover: the new edgelb did not say it serves; stopping anyway (the data plane keeps running)"
+            ),
+        }
+        if let Some(proxy) = self.proxy.take() {
+            let (tx, rx) = mpsc::channel();
+            let drain = std::thread::spawn(move || {
+                proxy.shutdown(L7_GRACE);
+                let _ = tx.send(true);
+            });
+            self.answer_scrapes_until(&rx, L7_GRACE + Duration::from_secs(5));
+            let _ = drain.join();
+        }
+        info!("handover done: the data plane and the sockets are the new edgelb's");
+    }
+
+    /// The answer to a handover request: every listening socket (each L7 thread's, the metrics
+    /// endpoint's), duplicated. An error names the socket that could not be.
+    fn handover_answer(&self) -> Result<Answer, String> {
+        let l7 = self.proxy.as_ref().map(|p| p.sockets()).unwrap_or_default();
+        let metrics = self.metrics_socket.as_ref().map(|(addr, l)| (*addr, l.try_clone()));
+        let mut sockets = Vec::new();
+        let mut fds = Vec::new();
+        let all = l7.into_iter().map(|(a, l)| (SocketKind::L7, a, l));
+        for (kind, addr, sock) in all.chain(metrics.map(|(a, l)| (SocketKind::Metrics, a, l))) {
+            let sock = sock.map_err(|e| format!("duplicating the socket of {addr}: {e}"))?;
+            sockets.push(HandedSocket { kind, addr });
+            fds.push(std::os::fd::OwnedFd::from(sock));
+        }
+        Ok(Answer {
+            response: Response { sockets, ..Response::ok("handing over") },
+            fds,
+            done: None,
+        })
+    }
+
+    /// Answers metrics scrapes until `done` gives a value (returned) or hangs up, at most `max`.
+    fn answer_scrapes_until(&mut self, done: &mpsc::Receiver<bool>, max: Duration) -> Option<bool> {
+        let end = Instant::now() + max;
+        while Instant::now() < end {
+            match done.recv_timeout(Duration::from_millis(20)) {
+                Ok(v) => return Some(v),
+                Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            while let Ok(reply) = self.scrape_rx.try_recv() {
+                let _ = reply.send(self.scrape());
+            }
+        }
+        None
+    }
+
     fn is_drained(&self, vip: &str, addr: IpAddr) -> bool {
         self.drained.contains(&(None, addr)) || self.drained.contains(&(Some(vip.to_owned()), addr))
     }
@@ -332,6 +482,13 @@ impl Controller {
                 self.apply_logged("health change");
             }
             match self.admin_rx.recv_timeout(Duration::from_millis(50)) {
+                Ok((Request::Handover, reply)) => match self.handover_answer() {
+                    Ok(answer) => return Exit::Handover(reply, Box::new(answer)),
+                    Err(reason) => {
+                        error!(%reason, "handover refused; this edgelb keeps running");
+                        let _ = reply.send(Response::err(reason).into());
+                    }
+                },
                 Ok((req, reply)) => {
                     let stop = match &req {
                         Request::Stop { detach } => {
@@ -340,7 +497,7 @@ impl Controller {
                         _ => None,
                     };
                     let resp = self.on_admin(req);
-                    let _ = reply.send(resp);
+                    let _ = reply.send(resp.into());
                     if let Some(exit) = stop {
                         return exit;
                     }
@@ -419,6 +576,8 @@ impl Controller {
                 Response::ok("stopping; the data plane keeps running")
             }
             Request::Stop { detach: false } => Response::ok("stopping and removing the data plane"),
+            // Taken by `serve`, which leaves the loop for it.
+            Request::Handover => Response::err("handover is answered by the controller loop"),
         }
     }
 

@@ -28,6 +28,12 @@ enum Command {
         /// Config file.
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Replace the edgelb running with the same admin socket without refusing a
+        /// connection: it hands over its listening sockets (L7 VIPs, metrics) and the data
+        /// plane, serves until this one does, then finishes its requests in flight and exits.
+        /// Without a running edgelb, starts as usual.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Validate a config file: exit 0 if valid, 2 with file:line:column and the problem if not.
     Check {
@@ -129,7 +135,7 @@ fn main() -> ExitCode {
         fmt.init();
     }
     match cli.command {
-        Command::Run { config } => match edgelb::controller::run(&config) {
+        Command::Run { config, takeover } => match edgelb::controller::run(&config, takeover) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("edgelb: {}", error_chain(&e));

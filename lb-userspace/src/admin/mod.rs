@@ -2,14 +2,23 @@
 //! `edgelb status | drain | undrain | reload | stop` talk to the running controller.
 //!
 //! One JSON request per connection, one JSON response back. The listener thread only forwards
-//! requests to the controller loop, which owns all state, so there is no locking.
+//! requests to the controller loop, which owns all state, so there is no locking. One request
+//! carries more: `handover`, sent by `edgelb run --takeover`, is answered with the running
+//! edgelb's listening sockets attached (SCM_RIGHTS, [`fdpass`]), and its connection stays open
+//! until the new process says it is serving.
+
+pub mod fdpass;
 
 use std::{
     io::{BufRead, BufReader, Read as _, Write},
     net::IpAddr,
-    os::unix::{
-        fs::PermissionsExt,
-        net::{UnixListener, UnixStream},
+    net::SocketAddr,
+    os::{
+        fd::{AsFd, OwnedFd},
+        unix::{
+            fs::PermissionsExt,
+            net::{UnixListener, UnixStream},
+        },
     },
     path::{Path, PathBuf},
     sync::mpsc::{self, Sender},
@@ -46,6 +55,34 @@ pub enum Request {
         /// Leave the data plane running.
         detach: bool,
     },
+    /// From `edgelb run --takeover`: stop the controller (health checks, map writes, this
+    /// socket) but leave the data plane running, answer with the listening sockets (L7 VIPs,
+    /// metrics) attached, keep serving on them until the new process writes [`READY`] or hangs
+    /// up, then finish the requests in flight and exit. The sockets stay open throughout, so
+    /// no connection is refused in between.
+    Handover,
+}
+
+/// What the process taking over writes on the handover connection once it serves.
+pub const READY: &[u8] = b"ready\n";
+
+/// What a handed-over socket is for.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketKind {
+    /// An L7 VIP's listener.
+    L7,
+    /// The Prometheus endpoint.
+    Metrics,
+}
+
+/// One socket of a handover answer, in the order of the attached descriptors.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HandedSocket {
+    /// What it is for.
+    pub kind: SocketKind,
+    /// The address it listens on.
+    pub addr: SocketAddr,
 }
 
 /// The controller's answer.
@@ -58,17 +95,39 @@ pub struct Response {
     /// For `status`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    /// For `handover`: the attached sockets, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sockets: Vec<HandedSocket>,
 }
 
 impl Response {
     /// A success.
     pub fn ok(message: impl Into<String>) -> Response {
-        Response { ok: true, message: message.into(), status: None }
+        Response { ok: true, message: message.into(), status: None, sockets: Vec::new() }
     }
 
     /// A refusal.
     pub fn err(message: impl Into<String>) -> Response {
-        Response { ok: false, message: message.into(), status: None }
+        Response { ok: false, message: message.into(), status: None, sockets: Vec::new() }
+    }
+}
+
+/// The controller's answer as the admin thread sends it: the response, and for `handover` the
+/// descriptors of [`Response::sockets`] plus a channel told when the new process is ready (or
+/// gone), which ends the exchange.
+#[derive(Debug)]
+pub struct Answer {
+    /// The JSON part.
+    pub response: Response,
+    /// Descriptors to attach.
+    pub fds: Vec<OwnedFd>,
+    /// Told, after the answer is sent, whether the peer wrote [`READY`] before hanging up.
+    pub done: Option<Sender<bool>>,
+}
+
+impl From<Response> for Answer {
+    fn from(response: Response) -> Answer {
+        Answer { response, fds: Vec::new(), done: None }
     }
 }
 
@@ -212,7 +271,60 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, AdminError> {
 }
 
 /// A request waiting for the controller, with the way back.
-pub type Pending = (Request, Sender<Response>);
+pub type Pending = (Request, Sender<Answer>);
+
+/// Sockets handed over by the running edgelb, and the connection to tell it when this process
+/// serves (write [`READY`]; dropping it unsaid tells it this process failed).
+#[derive(Debug)]
+pub struct Handover {
+    /// Each socket with what it is for.
+    pub sockets: Vec<(HandedSocket, OwnedFd)>,
+    /// The open handover connection.
+    pub conn: UnixStream,
+}
+
+/// Asks the edgelb on `socket` to hand over (`edgelb run --takeover`). `Ok(None)` when no edgelb
+/// answers there (nothing to take over).
+pub fn handover(socket: &Path) -> Result<Option<Handover>, AdminError> {
+    let fail = |reason: String| AdminError::Exchange { path: socket.to_owned(), reason };
+    let mut s = match UnixStream::connect(socket) {
+        Ok(s) => s,
+        Err(_) => return Ok(None),
+    };
+    s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| fail(e.to_string()))?;
+    let mut line = serde_json::to_string(&Request::Handover).map_err(|e| fail(e.to_string()))?;
+    line.push('\n');
+    s.write_all(line.as_bytes()).map_err(|e| fail(e.to_string()))?;
+    // One line back, the descriptors on its first bytes; read byte runs until the newline.
+    let (mut answer, mut fds) = (Vec::new(), Vec::new());
+    let mut buf = [0u8; 4096];
+    while !answer.ends_with(b"\n") {
+        let (n, more) = fdpass::recv(&s, &mut buf).map_err(|e| fail(e.to_string()))?;
+        if n == 0 {
+            return Err(fail("the running edgelb hung up before answering".into()));
+        }
+        answer.extend_from_slice(&buf[..n]);
+        fds.extend(more);
+        if answer.len() > 1 << 20 {
+            return Err(fail("answer too long".into()));
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    let resp: Response =
+        serde_json::from_str(&answer).map_err(|e| fail(format!("bad answer {answer:?}: {e}")))?;
+    if !resp.ok {
+        return Err(fail(format!("handover refused: {}", resp.message)));
+    }
+    if resp.sockets.len() != fds.len() {
+        return Err(fail(format!(
+            "the answer lists {} sockets but carries {} descriptors",
+            resp.sockets.len(),
+            fds.len()
+        )));
+    }
+    s.set_read_timeout(None).map_err(|e| fail(e.to_string()))?;
+    Ok(Some(Handover { sockets: resp.sockets.into_iter().zip(fds).collect(), conn: s }))
+}
 
 /// Binds the socket, replacing a stale one, but refusing when another controller answers on it.
 /// Binding is separate from serving so that the serving thread starts after edgelb has dropped
@@ -225,7 +337,10 @@ pub fn bind(socket: &Path) -> std::io::Result<UnixListener> {
     if UnixStream::connect(socket).is_ok() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::AddrInUse,
-            format!("another edgelb answers on {}", socket.display()),
+            format!(
+                "another edgelb answers on {} (stop it first, or replace it without refusing a connection: `edgelb run --takeover`)",
+                socket.display()
+            ),
         ));
     }
     let _ = std::fs::remove_file(socket);
@@ -249,18 +364,35 @@ fn handle(conn: UnixStream, to_controller: &Sender<Pending>) -> std::io::Result<
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut line = String::new();
     BufReader::new(&conn).take(64 * 1024).read_line(&mut line)?;
-    let resp = match serde_json::from_str::<Request>(&line) {
-        Err(e) => Response::err(format!("bad request: {e}")),
+    let answer = match serde_json::from_str::<Request>(&line) {
+        Err(e) => Response::err(format!("bad request: {e}")).into(),
         Ok(req) => {
             let (tx, rx) = mpsc::channel();
             if to_controller.send((req, tx)).is_err() {
-                Response::err("controller is shutting down")
+                Response::err("controller is shutting down").into()
             } else {
-                rx.recv().unwrap_or_else(|_| Response::err("controller is shutting down"))
+                rx.recv().unwrap_or_else(|_| Response::err("controller is shutting down").into())
             }
         }
     };
-    let mut out = serde_json::to_string(&resp).map_err(std::io::Error::other)?;
+    let mut out = serde_json::to_string(&answer.response).map_err(std::io::Error::other)?;
     out.push('\n');
-    (&conn).write_all(out.as_bytes())
+    let fds: Vec<_> = answer.fds.iter().map(|f| f.as_fd()).collect();
+    let sent = fdpass::send(&conn, out.as_bytes(), &fds);
+    drop(answer.fds);
+    if let Some(done) = answer.done {
+        // The peer is starting up on the sockets: wait (bounded) for its word.
+        let mut ready = false;
+        if sent.is_ok() {
+            conn.set_read_timeout(Some(HANDOVER_WAIT))?;
+            let mut word = Vec::new();
+            let _ = (&conn).take(READY.len() as u64).read_to_end(&mut word);
+            ready = word == READY;
+        }
+        let _ = done.send(ready);
+    }
+    sent
 }
+
+/// How long a handing-over edgelb waits for the new process to say it serves.
+pub const HANDOVER_WAIT: Duration = Duration::from_secs(60);

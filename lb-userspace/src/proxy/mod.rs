@@ -224,6 +224,9 @@ pub struct Proxy {
     threads: Vec<JoinHandle<()>>,
     states: HashMap<(String, SocketAddr), Arc<BackendState>>,
     listeners: Vec<(String, SocketAddr)>,
+    /// A descriptor of every thread's listening socket, to hand over to `edgelb run
+    /// --takeover`.
+    sockets: Vec<(SocketAddr, std::net::TcpListener)>,
 }
 
 /// Why the proxy could not start.
@@ -279,8 +282,9 @@ pub struct Bound {
 
 impl Proxy {
     /// Binds one SO_REUSEPORT listener per L7 VIP for each of `threads` threads; a VIP whose
-    /// address the service manager passed a socket for (`inherited`) uses that socket on every
-    /// thread instead, so it keeps listening across restarts.
+    /// address has sockets in `inherited` (passed by the service manager, or handed over by the
+    /// edgelb this one takes over from) uses those instead, spread over the threads, so it
+    /// keeps listening across restarts.
     pub fn bind(
         cfg: &Config,
         threads: usize,
@@ -289,29 +293,34 @@ impl Proxy {
         let listeners = l7_listeners(cfg);
         for (vip, addr) in &listeners {
             if inherited.contains(*addr) {
-                info!(vip, %addr, "L7 VIP listens on the socket passed by the service manager");
+                info!(vip, %addr, "L7 VIP listens on the socket {}", inherited.origin(*addr));
             }
         }
         for addr in inherited.addrs() {
             if !listeners.iter().any(|(_, a)| *a == addr) {
-                warn!(%addr, "the service manager passed a socket no L7 VIP listens on; unused");
+                warn!(%addr, "a listening socket {} matches no L7 VIP; unused", inherited.origin(addr));
             }
         }
         let mut per_thread = Vec::new();
-        for _ in 0..threads.max(1) {
+        let threads = threads.max(1);
+        for t in 0..threads {
             let mut socks = Vec::new();
             for (vip, addr) in listeners.iter().cloned() {
-                let l = inherited
-                    .get(addr)
-                    .unwrap_or_else(|| listener(addr))
-                    .map_err(|source| ProxyError::Bind { vip: vip.clone(), addr, source })?;
                 let mode = cfg
                     .vips
                     .iter()
                     .find(|v| v.name == vip)
                     .and_then(|v| v.l7.as_ref())
                     .map_or(L7Mode::Http, |l| l.mode);
-                socks.push((vip, addr, mode, l));
+                let mut passed = inherited.for_thread(addr, t, threads);
+                if passed.is_empty() {
+                    passed.push(listener(addr));
+                }
+                for l in passed {
+                    let l =
+                        l.map_err(|source| ProxyError::Bind { vip: vip.clone(), addr, source })?;
+                    socks.push((vip.clone(), addr, mode, l));
+                }
             }
             per_thread.push(socks);
         }
@@ -346,11 +355,20 @@ impl Proxy {
             // Every accept loop counts from the start, so none can be missed by an early stop.
             accepting: AtomicUsize::new(bound.per_thread.iter().map(Vec::len).sum()),
         });
+        let mut sockets = Vec::new();
+        for (vip, addr, _, l) in bound.per_thread.iter().flatten() {
+            let dup = l.try_clone();
+            sockets.push((
+                *addr,
+                dup.map_err(|source| ProxyError::Bind { vip: vip.clone(), addr: *addr, source })?,
+            ));
+        }
         let mut proxy = Proxy {
             shared,
             threads: Vec::new(),
             states: HashMap::new(),
             listeners: listeners.clone(),
+            sockets,
         };
         proxy.update(cfg);
         let threads = bound.per_thread.len();
@@ -364,6 +382,12 @@ impl Proxy {
         }
         info!(vips = listeners.len(), threads, "L7 proxy listening");
         Ok(proxy)
+    }
+
+    /// New descriptors of every thread's listening socket, with their addresses: what a
+    /// handover passes on.
+    pub fn sockets(&self) -> Vec<(SocketAddr, std::io::Result<std::net::TcpListener>)> {
+        self.sockets.iter().map(|(a, l)| (*a, l.try_clone())).collect()
     }
 
     /// The (name, address) of every listener.
@@ -512,7 +536,8 @@ async fn run_thread(
 /// an io_uring accept: an io_uring accept abandoned at stop stays armed in the kernel and would
 /// take (and lose) connections after the proxy stopped accepting, and keep the listener open. A
 /// readiness wait is dropped cleanly, so once stopping, this thread's descriptor closes at once;
-/// connections still queued on a socket the service manager holds wait for the next process.
+/// connections still queued on a socket the service manager holds, or that was handed to the
+/// edgelb taking over, wait for the next process.
 async fn accept_loop(
     l: std::net::TcpListener,
     vip: String,
