@@ -910,3 +910,61 @@ fn takeover_without_a_running_edgelb_starts_afresh() {
         bed.e().log()
     );
 }
+
+#[test]
+fn a_takeover_that_fails_before_the_maps_leaves_the_running_edgelb_in_charge() {
+    let Some(mut bed) = Bed::up("takeover-fail", &[1, 2, 3]) else { return };
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    bed.wait_for(l7);
+    // The new config wants its metrics on a port something else holds: binding it fails after
+    // the handover, before the new process writes the maps.
+    let squatter = netns::in_netns(&bed.tb.names.lb, || {
+        std::net::TcpListener::bind("127.0.0.1:9111").expect("squat the port")
+    })
+    .unwrap();
+    let alt = bed.cfg_path.with_extension("alt.toml");
+    let text = std::fs::read_to_string(&bed.cfg_path).unwrap();
+    std::fs::write(&alt, format!("{text}\n[metrics]\nlisten = \"127.0.0.1:9111\"\n")).unwrap();
+    let l7_load = bed.load_to(l7, Duration::from_secs(15), Duration::from_secs(30));
+    let l4_load = bed.load(Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(800));
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns::netns_path(&bed.e().ns).display()))
+        .arg(env!("CARGO_BIN_EXE_edgelb"))
+        .args(["run", "--takeover", "--config"])
+        .arg(&alt)
+        .output()
+        .expect("run edgelb --takeover");
+    let _ = std::fs::remove_file(&alt);
+    drop(squatter);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("metrics endpoint 127.0.0.1:9111"), "{stderr}");
+    let failed_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(1000));
+    let (l7_log, l4_log) = (l7_load.finish(), l4_load.finish());
+    for (name, log) in [("L7", &l7_log), ("XDP", &l4_log)] {
+        let failed: Vec<_> = log.iter().filter(|(_, _, r)| r.is_err()).collect();
+        let after = log.iter().filter(|(t, _, _)| *t > failed_at).count();
+        eprintln!(
+            "failed takeover, {name} VIP: {} requests ({after} after it), {} failed",
+            log.len(),
+            failed.len()
+        );
+        assert!(failed.is_empty(), "{name} requests failed across the failed takeover: {failed:?}");
+        assert!(after > 20, "{name}: the VIP is still served");
+    }
+    // The old process is in charge again: it answers on its admin socket, serves metrics, and
+    // its health checks run (a dead backend leaves).
+    let log = bed.e().log();
+    assert!(log.contains("this one takes back over"), "{log}");
+    assert!(log.contains("edgelb running again"), "{log}");
+    assert!(bed.e().cli(&["status"]).status.success(), "the old edgelb answers");
+    assert!(scrape(&bed).contains("edgelb_vip_packets_total"));
+    bed.kill_backend(2);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bed.e().healthy("web7", "198.18.0.12") {
+        assert!(Instant::now() < deadline, "the controller never saw backend 2 die");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

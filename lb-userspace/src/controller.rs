@@ -23,8 +23,8 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{
-        self, AdminError, Answer, BackendStatus, ConntrackStatus, HandedSocket, Pending, Request,
-        Response, SocketKind, Status, VipStatus,
+        self, AdminError, Answer, BackendStatus, ConntrackStatus, HandedSocket, HandoverEnd,
+        Pending, Request, Response, SocketKind, Status, VipStatus,
     },
     config::{Backend, Config, Forwarding},
     dataplane::{Dataplane, DataplaneError, TableShape, vip_ring},
@@ -207,6 +207,34 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
             )),
             None => None,
         };
+    // Listeners before the maps: an address that cannot be bound stops edgelb before it touches
+    // the data plane.
+    let l7 = if crate::proxy::l7_listeners(&cfg).is_empty() {
+        if !inherited.is_empty() {
+            warn!(
+                "listening sockets were passed (service manager or previous edgelb) but no VIP is L7; unused"
+            );
+        }
+        None
+    } else {
+        Some(
+            crate::proxy::Proxy::bind(&cfg, cfg.node.l7_threads, &inherited)
+                .map_err(|e| RunError::Proxy(e.to_string()))?,
+        )
+    };
+    // The proxy threads hold their own descriptors of inherited sockets.
+    drop(inherited);
+    let mut handover = handover;
+    if let Some(conn) = &mut handover {
+        // Past this point the previous edgelb will not take back over if this one fails, so
+        // everything that can fail without touching the data plane is done by now.
+        admin::commit(conn).map_err(|e| {
+            RunError::Takeover(AdminError::Exchange {
+                path: cfg.node.admin_socket.clone(),
+                reason: format!("the running edgelb took back over: {e}"),
+            })
+        })?;
+    }
     let (admin_tx, admin_rx) = mpsc::channel();
     let (scrape_tx, scrape_rx) = mpsc::channel();
 
@@ -242,21 +270,6 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         let mode = ctl.dp.attach(&iface, ctl.cfg.node.xdp_mode)?;
         info!(interface = %iface, mode, "XDP balancer attached");
     }
-    let l7 = if crate::proxy::l7_listeners(&ctl.cfg).is_empty() {
-        if !inherited.is_empty() {
-            warn!(
-                "listening sockets were passed (service manager or previous edgelb) but no VIP is L7; unused"
-            );
-        }
-        None
-    } else {
-        Some(
-            crate::proxy::Proxy::bind(&ctl.cfg, ctl.cfg.node.l7_threads, &inherited)
-                .map_err(|e| RunError::Proxy(e.to_string()))?,
-        )
-    };
-    // The proxy threads hold their own descriptors of inherited sockets.
-    drop(inherited);
     drop_capabilities();
 
     // Unprivileged from here on, helper threads included.
@@ -282,13 +295,18 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         }
     }
 
-    let exit = ctl.serve(&mut signals);
+    let exit = loop {
+        match ctl.serve(&mut signals) {
+            Exit::Handover(reply, answer) => {
+                if ctl.hand_over(reply, answer) {
+                    return Ok(());
+                }
+            }
+            exit => break exit,
+        }
+    };
     let socket = ctl.cfg.node.admin_socket.clone();
     let pin_dir = ctl.cfg.node.pin_dir.clone();
-    if let Exit::Handover(reply, answer) = exit {
-        ctl.hand_over(reply, answer);
-        return Ok(());
-    }
     if let Some(proxy) = ctl.proxy.take() {
         info!("L7 proxy: draining (up to 5 s)");
         proxy.shutdown(L7_GRACE);
@@ -336,13 +354,18 @@ fn drop_capabilities() {
 
 impl Controller {
     /// Hands the listening sockets to the `edgelb run --takeover` that asked (`reply`) and
-    /// leaves the data plane to it. The controller stops first: health checks end (joined), no
-    /// map is written any more, and the admin socket's path is freed for the new process. The
-    /// sockets stay open in both processes, and this one keeps accepting and answering scrapes
-    /// until the new one says it serves (or gives up, or [`admin::HANDOVER_WAIT`] passes); then
-    /// its L7 proxy stops accepting and finishes what is in flight, scrapes still answered.
-    fn hand_over(mut self, reply: mpsc::Sender<Answer>, mut answer: Box<Answer>) {
-        self.checker = Checker::new(mpsc::channel().0);
+    /// leaves the data plane to it; returns true when this process is done. The controller
+    /// stops first: health checks end (joined), no map is written any more, and the admin
+    /// socket's path is freed for the new process. The sockets stay open in both processes, and
+    /// this one keeps accepting and answering scrapes while the new one starts. Once it serves
+    /// (or fails after it began writing the maps), this one's L7 proxy stops accepting and
+    /// finishes what is in flight, scrapes still answered, and true is returned. If the new one
+    /// gives up before touching the data plane, this one takes its controller back up (admin
+    /// socket, health checks) and returns false: nothing was lost.
+    fn hand_over(&mut self, reply: mpsc::Sender<Answer>, mut answer: Box<Answer>) -> bool {
+        let (health_tx, health_rx) = mpsc::channel();
+        self.checker = Checker::new(health_tx);
+        self.health_rx = health_rx;
         let _ = std::fs::remove_file(&self.cfg.node.admin_socket);
         let (done_tx, done_rx) = mpsc::channel();
         answer.done = Some(done_tx);
@@ -350,25 +373,52 @@ impl Controller {
         info!(
             "handover: the new edgelb got the listening sockets; serving until it says it serves"
         );
-        let ready = self.answer_scrapes_until(&done_rx, admin::HANDOVER_WAIT + SAMPLE_EVERY);
-        match ready {
-            Some(true) => {
+        // The admin thread follows the exchange, each step bounded by HANDOVER_WAIT.
+        let end = self
+            .answer_scrapes_until(&done_rx, 2 * admin::HANDOVER_WAIT + SAMPLE_EVERY)
+            .unwrap_or(HandoverEnd::AbandonedAfterCommit);
+        match end {
+            HandoverEnd::Ready => {
                 info!("handover: the new edgelb serves; this one finishes its requests in flight")
             }
-            _ => warn!(
-                "handover: the new edgelb did not say it serves; stopping anyway (the data plane keeps running)"
+            HandoverEnd::AbandonedAfterCommit => warn!(
+                "handover: the new edgelb failed after it took the data plane; stopping anyway (the data plane keeps running)"
             ),
+            HandoverEnd::Abandoned => {
+                warn!(
+                    "handover: the new edgelb gave up before it touched the data plane; this one takes back over"
+                );
+                self.take_back();
+                return false;
+            }
         }
         if let Some(proxy) = self.proxy.take() {
             let (tx, rx) = mpsc::channel();
             let drain = std::thread::spawn(move || {
                 proxy.shutdown(L7_GRACE);
-                let _ = tx.send(true);
+                let _ = tx.send(HandoverEnd::Ready);
             });
             self.answer_scrapes_until(&rx, L7_GRACE + Duration::from_secs(5));
             let _ = drain.join();
         }
         info!("handover done: the data plane and the sockets are the new edgelb's");
+        true
+    }
+
+    /// After an abandoned handover: the admin socket again (a fresh listener and thread; the
+    /// old thread keeps waiting on the unlinked one, harmlessly) and the health checks. The
+    /// maps were not touched, so what this controller wrote is still what they hold.
+    fn take_back(&mut self) {
+        let path = self.cfg.node.admin_socket.clone();
+        let (tx, rx) = mpsc::channel();
+        match admin::bind(&path).and_then(|l| admin::serve(l, tx)) {
+            Ok(()) => self.admin_rx = rx,
+            Err(e) => {
+                error!(admin = %path.display(), error = %e, "taking the admin socket back failed; SIGTERM still stops this edgelb")
+            }
+        }
+        self.checker.reconcile(&self.cfg);
+        info!(checks = self.checker.len(), admin = %path.display(), "edgelb running again");
     }
 
     /// The answer to a handover request: every listening socket (each L7 thread's, the metrics
@@ -392,7 +442,7 @@ impl Controller {
     }
 
     /// Answers metrics scrapes until `done` gives a value (returned) or hangs up, at most `max`.
-    fn answer_scrapes_until(&mut self, done: &mpsc::Receiver<bool>, max: Duration) -> Option<bool> {
+    fn answer_scrapes_until<T>(&mut self, done: &mpsc::Receiver<T>, max: Duration) -> Option<T> {
         let end = Instant::now() + max;
         while Instant::now() < end {
             match done.recv_timeout(Duration::from_millis(20)) {

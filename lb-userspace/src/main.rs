@@ -31,6 +31,7 @@ enum Command {
         /// Replace the edgelb running with the same admin socket without refusing a
         /// connection: it hands over its listening sockets (L7 VIPs, metrics) and the data
         /// plane, serves until this one does, then finishes its requests in flight and exits.
+        /// If this one fails before it writes the maps, the running one takes back over.
         /// Without a running edgelb, starts as usual.
         #[arg(long)]
         takeover: bool,

@@ -57,14 +57,34 @@ pub enum Request {
     },
     /// From `edgelb run --takeover`: stop the controller (health checks, map writes, this
     /// socket) but leave the data plane running, answer with the listening sockets (L7 VIPs,
-    /// metrics) attached, keep serving on them until the new process writes [`READY`] or hangs
-    /// up, then finish the requests in flight and exit. The sockets stay open throughout, so
-    /// no connection is refused in between.
+    /// metrics) attached, and keep serving on them. The new process then writes [`COMMIT`]
+    /// before it writes the maps (answered with [`GO`]) and [`READY`] once it serves; the old
+    /// one then finishes the requests in flight and exits. If the new process hangs up, or
+    /// goes quiet for [`HANDOVER_WAIT`], before its commit went through, the old one takes its
+    /// controller back up and goes on. The sockets stay open throughout, so no connection is
+    /// refused in between.
     Handover,
 }
 
+/// What the process taking over writes on the handover connection before it first writes the
+/// maps; it goes on only once it reads [`GO`].
+pub const COMMIT: &[u8] = b"commit\n";
+/// The handing-over process's answer to [`COMMIT`]: from here on it will not take back over.
+pub const GO: &[u8] = b"go\n";
 /// What the process taking over writes on the handover connection once it serves.
 pub const READY: &[u8] = b"ready\n";
+
+/// How a handover ended, as the handing-over process saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandoverEnd {
+    /// The new process serves.
+    Ready,
+    /// The new process gave up (or went quiet) before it touched the data plane: the old one
+    /// may take back over.
+    Abandoned,
+    /// The new process failed after it started writing the maps: the old one stops anyway.
+    AbandonedAfterCommit,
+}
 
 /// What a handed-over socket is for.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -121,8 +141,8 @@ pub struct Answer {
     pub response: Response,
     /// Descriptors to attach.
     pub fds: Vec<OwnedFd>,
-    /// Told, after the answer is sent, whether the peer wrote [`READY`] before hanging up.
-    pub done: Option<Sender<bool>>,
+    /// Told, after the answer is sent, how the handover ended.
+    pub done: Option<Sender<HandoverEnd>>,
 }
 
 impl From<Response> for Answer {
@@ -274,7 +294,8 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, AdminError> {
 pub type Pending = (Request, Sender<Answer>);
 
 /// Sockets handed over by the running edgelb, and the connection to tell it when this process
-/// serves (write [`READY`]; dropping it unsaid tells it this process failed).
+/// is about to write the maps ([`commit`]) and when it serves (write [`READY`]); dropping it
+/// unsaid tells it this process failed.
 #[derive(Debug)]
 pub struct Handover {
     /// Each socket with what it is for.
@@ -381,17 +402,51 @@ fn handle(conn: UnixStream, to_controller: &Sender<Pending>) -> std::io::Result<
     let sent = fdpass::send(&conn, out.as_bytes(), &fds);
     drop(answer.fds);
     if let Some(done) = answer.done {
-        // The peer is starting up on the sockets: wait (bounded) for its word.
-        let mut ready = false;
-        if sent.is_ok() {
-            conn.set_read_timeout(Some(HANDOVER_WAIT))?;
-            let mut word = Vec::new();
-            let _ = (&conn).take(READY.len() as u64).read_to_end(&mut word);
-            ready = word == READY;
-        }
-        let _ = done.send(ready);
+        let end = if sent.is_ok() { follow_handover(&conn) } else { HandoverEnd::Abandoned };
+        let _ = done.send(end);
     }
     sent
+}
+
+/// Follows the process taking over through its start: [`COMMIT`] (answered with [`GO`]) then
+/// [`READY`], each within [`HANDOVER_WAIT`].
+fn follow_handover(conn: &UnixStream) -> HandoverEnd {
+    let mut committed = false;
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut line = Vec::new();
+        let word = conn
+            .set_read_timeout(Some(HANDOVER_WAIT))
+            .and_then(|()| (&mut reader).take(64).read_until(b'\n', &mut line));
+        match word {
+            Ok(_) if line == COMMIT && !committed => {
+                // Answered before it counts: if this write fails, the new process stops
+                // before touching the maps, and this one takes back over.
+                if (&mut &*conn).write_all(GO).is_err() {
+                    return HandoverEnd::Abandoned;
+                }
+                committed = true;
+            }
+            Ok(_) if line == READY => return HandoverEnd::Ready,
+            // End of stream, a timeout, or anything else: the new process failed or hung.
+            _ if committed => return HandoverEnd::AbandonedAfterCommit,
+            _ => return HandoverEnd::Abandoned,
+        }
+    }
+}
+
+/// Tells the handing-over process, on the handover connection, that this process is about to
+/// write the maps, and waits for its [`GO`]. An error means it has taken back over (or is
+/// gone): this process must not touch the data plane.
+pub fn commit(conn: &mut UnixStream) -> std::io::Result<()> {
+    conn.write_all(COMMIT)?;
+    conn.set_read_timeout(Some(HANDOVER_WAIT))?;
+    let mut word = Vec::new();
+    (&*conn).take(GO.len() as u64).read_to_end(&mut word)?;
+    if word != GO {
+        return Err(std::io::Error::other("the running edgelb did not confirm"));
+    }
+    Ok(())
 }
 
 /// How long a handing-over edgelb waits for the new process to say it serves.
