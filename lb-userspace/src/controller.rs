@@ -645,7 +645,7 @@ impl Controller {
             || crate::proxy::l7_listeners(&new) != crate::proxy::l7_listeners(&self.cfg)
         {
             return Response::err(
-                "reload rejected, running config kept: node.interfaces, pin_dir, admin_socket, conntrack_flows_per_cpu, metrics and the set of L7 VIPs need a restart",
+                "reload rejected, running config kept: node.interfaces, pin_dir, admin_socket, conntrack_flows_per_cpu, metrics and the set of L7 VIPs need a restart (`edgelb run --takeover` restarts without refusing a connection)",
             );
         }
         self.cfg = new;
