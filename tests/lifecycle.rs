@@ -826,6 +826,16 @@ fn l7_listener_from_the_service_manager_keeps_connections_across_a_restart() {
     assert!(after > 20, "the new process served the VIP");
 }
 
+/// Asserts that no request of a load run failed and that it went on being served after `event`
+/// (more than 20 requests finished after it); prints the counts under `what`.
+fn served_throughout(what: &str, log: &[Sample], event: Instant) {
+    let failed: Vec<_> = log.iter().filter(|(_, _, r)| r.is_err()).collect();
+    let after = log.iter().filter(|(t, _, _)| *t > event).count();
+    eprintln!("{what}: {} requests ({after} after it), {} failed", log.len(), failed.len());
+    assert!(failed.is_empty(), "{what}: requests failed: {failed:?}");
+    assert!(after > 20, "{what}: served afterwards");
+}
+
 #[test]
 fn takeover_replaces_a_running_edgelb_without_refusing_a_connection() {
     let Some(mut bed) = Bed::up("takeover", &[1, 2, 3]) else { return };
@@ -847,18 +857,8 @@ fn takeover_replaces_a_running_edgelb_without_refusing_a_connection() {
         started.elapsed().as_millis()
     );
     std::thread::sleep(Duration::from_millis(1500));
-    let (l7_log, l4_log) = (l7_load.finish(), l4_load.finish());
-    for (name, log) in [("L7", &l7_log), ("XDP", &l4_log)] {
-        let failed: Vec<_> = log.iter().filter(|(_, _, r)| r.is_err()).collect();
-        let after = log.iter().filter(|(t, _, _)| *t > handed).count();
-        eprintln!(
-            "takeover, {name} VIP: {} requests ({after} after it), {} failed",
-            log.len(),
-            failed.len()
-        );
-        assert!(failed.is_empty(), "{name} requests failed across the takeover: {failed:?}");
-        assert!(after > 20, "{name}: the new process served the VIP");
-    }
+    served_throughout("takeover, L7 VIP", &l7_load.finish(), handed);
+    served_throughout("takeover, XDP VIP", &l4_load.finish(), handed);
     let log = bed.e().log();
     assert!(log.contains("handed over its listening sockets"), "{log}");
     // On the very sockets the old one listened on (its own SO_REUSEPORT binds would lose the
@@ -942,18 +942,8 @@ fn a_takeover_that_fails_before_the_maps_leaves_the_running_edgelb_in_charge() {
     assert!(stderr.contains("metrics endpoint 127.0.0.1:9111"), "{stderr}");
     let failed_at = Instant::now();
     std::thread::sleep(Duration::from_millis(1000));
-    let (l7_log, l4_log) = (l7_load.finish(), l4_load.finish());
-    for (name, log) in [("L7", &l7_log), ("XDP", &l4_log)] {
-        let failed: Vec<_> = log.iter().filter(|(_, _, r)| r.is_err()).collect();
-        let after = log.iter().filter(|(t, _, _)| *t > failed_at).count();
-        eprintln!(
-            "failed takeover, {name} VIP: {} requests ({after} after it), {} failed",
-            log.len(),
-            failed.len()
-        );
-        assert!(failed.is_empty(), "{name} requests failed across the failed takeover: {failed:?}");
-        assert!(after > 20, "{name}: the VIP is still served");
-    }
+    served_throughout("failed takeover, L7 VIP", &l7_load.finish(), failed_at);
+    served_throughout("failed takeover, XDP VIP", &l4_load.finish(), failed_at);
     // The old process is in charge again: it answers on its admin socket, serves metrics, and
     // its health checks run (a dead backend leaves).
     let log = bed.e().log();
