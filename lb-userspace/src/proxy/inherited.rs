@@ -148,3 +148,68 @@ impl Inherited {
         self.by_addr.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::{fd::AsRawFd, unix::fs::MetadataExt};
+
+    /// The socket (its inode) behind a descriptor.
+    fn inode(l: &TcpListener) -> u64 {
+        std::fs::metadata(format!("/proc/self/fd/{}", l.as_raw_fd())).unwrap().ino()
+    }
+
+    /// `n` SO_REUSEPORT listeners on one loopback port, as one proxy thread each binds them.
+    fn group(n: usize) -> Vec<TcpListener> {
+        let mut port = 0;
+        (0..n)
+            .map(|_| {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .unwrap();
+                s.set_reuse_port(true).unwrap();
+                s.bind(&SocketAddr::from(([127, 0, 0, 1], port)).into()).unwrap();
+                s.listen(16).unwrap();
+                let l: TcpListener = s.into();
+                port = l.local_addr().unwrap().port();
+                l
+            })
+            .collect()
+    }
+
+    #[test]
+    fn handed_over_sockets_each_go_to_some_thread() {
+        let socks = group(4);
+        let addr = socks[0].local_addr().unwrap();
+        let want: Vec<u64> = socks.iter().map(inode).collect();
+        let mut inh = Inherited::default();
+        for s in socks {
+            inh.adopt(OwnedFd::from(s)).unwrap();
+        }
+        assert!(inh.contains(addr));
+        assert_eq!(inh.origin(addr), "handed over by the previous edgelb");
+        let taken = |t: usize, threads: usize| -> Vec<u64> {
+            inh.for_thread(addr, t, threads).into_iter().map(|l| inode(&l.unwrap())).collect()
+        };
+        // As many threads as sockets, fewer, one: every socket is accepted on by some thread.
+        for threads in [4, 2, 3, 1] {
+            let mut all: Vec<u64> = (0..threads).flat_map(|t| taken(t, threads)).collect();
+            all.sort_unstable();
+            let mut expect = want.clone();
+            expect.sort_unstable();
+            assert_eq!(all, expect, "{threads} threads");
+        }
+        assert_eq!(taken(1, 2), vec![want[1], want[3]]);
+        // More threads than sockets: they share.
+        let shared: Vec<u64> = (0..6).flat_map(|t| taken(t, 6)).collect();
+        assert_eq!(shared, vec![want[0], want[1], want[2], want[3], want[0], want[1]]);
+        // An address nothing was handed for: nothing, so the proxy binds its own.
+        assert!(inh.for_thread(SocketAddr::from(([127, 0, 0, 1], 1)), 0, 2).is_empty());
+    }
+
+    #[test]
+    fn a_handed_over_descriptor_must_be_a_listening_socket() {
+        let bound = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let err = Inherited::default().adopt(OwnedFd::from(bound)).unwrap_err();
+        assert!(err.to_string().contains("not a listening TCP socket"), "{err}");
+    }
+}
