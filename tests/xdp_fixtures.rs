@@ -804,18 +804,22 @@ fn connection_table_buckets_are_lru_and_searched_across_cpus() {
     assert_eq!(ct(&h, EVICTED), 0, "four flows fit a bucket");
     h.run(&frame(same_bucket[4], ACK));
     assert_eq!(ct(&h, EVICTED), 1, "the fifth evicts one");
-    // Order now 4, 0, 3, 2. A SYN is written over the least recent way (flow 2) without reading
-    // the bucket, so without counting what it pushes out; its retransmission lands there again.
+    // Order now 4, 0, 3, 2. A SYN does not touch the table: its flow (5) waits in its handshake
+    // slot, retransmission included, and nothing is pushed out.
     for _ in 0..2 {
         assert_eq!(outer_dst(&h.run(&frame(same_bucket[5], SYN)).1), first(same_bucket[5]));
     }
     assert_eq!((ct(&h, EVICTED), ct(&h, MISSED_ESTABLISHED)), (1, 5));
+    // After a ring change, flows 0, 3 and 4 are table hits on their first backends; flow 5's
+    // next packet finds its handshake slot (also its first backend, as its SYN had) and only then
+    // enters the table, pushing out the least recent flow (2).
     h.apply(&one_vip(&four));
     for i in [0, 3, 4, 5] {
         let f = same_bucket[i];
         assert_eq!(outer_dst(&h.run(&frame(f, ACK)).1), first(f), "flow {i} kept");
     }
     assert_eq!(ct(&h, MISSED_ESTABLISHED), 5, "all four found");
+    assert_eq!(ct(&h, EVICTED), 2, "flow 5 entered the table after its handshake");
     for i in [1, 2] {
         let f = same_bucket[i];
         assert_eq!(outer_dst(&h.run(&frame(f, ACK)).1), moved(f), "flow {i} pushed out");
@@ -1294,4 +1298,53 @@ fn damaged_frames_are_passed_dropped_or_sent_well_formed() {
             REASON_NAMES[r as usize]
         );
     }
+}
+
+#[test]
+fn a_syn_flood_cannot_push_established_flows_out() {
+    let three = [("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)];
+    let Some(mut h) = Harness::new("a_syn_flood_cannot_push", &one_vip(&three)) else {
+        return;
+    };
+    edgelb::testbed::netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
+    let buckets = h.dp.table_shape().v4_buckets;
+    let frame = |(c, p): (Ipv4Addr, u16), flags: u8| {
+        eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4(&c.to_string(), p, "198.18.1.1", 80, flags))
+    };
+    let ct = |h: &Harness, event: u32| h.dp.maps().ct_stats().unwrap()[event as usize];
+    use lb_common::ct_stats::{EVICTED, MISSED_ESTABLISHED};
+    let flows = |base: &str| {
+        let base = u32::from(v4(base));
+        (0..1u32 << 16)
+            .map(move |n| Ipv4Addr::from(base + n))
+            .flat_map(|c| (1024..1280u16).map(move |p| (c, p)))
+    };
+    // Four established flows fill one bucket.
+    let established = bucket_overflow(buckets, lb_common::CONNTRACK_WAYS, flows("198.18.64.0"));
+    let bucket = bucket_of(buckets, established[0].0, established[0].1);
+    for &f in &established {
+        h.run(&frame(f, ACK));
+    }
+    let missed = ct(&h, MISSED_ESTABLISHED);
+    assert_eq!(ct(&h, EVICTED), 0);
+    // 64 spoofed SYNs (each sent twice) of other flows in the same bucket.
+    let flood: Vec<_> = flows("198.18.128.0")
+        .filter(|&(c, p)| bucket_of(buckets, c, p) == bucket)
+        .take(64)
+        .collect();
+    for &f in flood.iter().chain(&flood) {
+        assert_eq!(h.run(&frame(f, SYN)).0, 3, "a SYN is forwarded");
+    }
+    assert_eq!(ct(&h, EVICTED), 0, "no SYN pushed a flow out");
+    // Every established flow is still a table hit.
+    for &f in &established {
+        h.run(&frame(f, ACK));
+    }
+    assert_eq!(ct(&h, MISSED_ESTABLISHED), missed, "no established flow was lost");
+    // A handshake that completes moves its flow into the table then, over the least recent.
+    let done = flood[flood.len() - 1];
+    h.run(&frame(done, ACK));
+    assert_eq!((ct(&h, EVICTED), ct(&h, MISSED_ESTABLISHED)), (1, missed));
+    h.run(&frame(done, ACK));
+    assert_eq!((ct(&h, EVICTED), ct(&h, MISSED_ESTABLISHED)), (1, missed), "now a table hit");
 }

@@ -13,10 +13,23 @@
 //! [`CONNTRACK_WAYS`] flows kept most recently used first. A hit moves the flow to the front; a
 //! new flow goes to the front and the least recently used one of that bucket is forgotten (it
 //! re-hashes onto the ring if it ever sends again, which picks the same backend unless the pool
-//! changed meanwhile); a TCP SYN's new flow is written over that least recent one without the
-//! bucket being read (`Bucket::store_blind`). An IPv4 bucket is one cache line (16-byte entries, page-aligned mmapable
+//! changed meanwhile). An IPv4 bucket is one cache line (16-byte entries, page-aligned mmapable
 //! map), an IPv6 bucket two (32-byte entries that name the VIP by its index rather than its
 //! address); no kernel hashing, no locks.
+//!
+//! A TCP SYN does not touch the table. It is placed by the ring and its flow written to a
+//! handshake slot: a small direct-mapped per-CPU table (`CT_SYN_V4` / `CT_SYN_V6`,
+//! [`lb_common::SYN_STAGE_SLOTS`] slots, 16 / 32 KiB per CPU) indexed by the same hash, small
+//! enough to stay in the cache, where the table's bucket is almost always a cache miss the SYN
+//! would wait for (reading it, or writing it: a store to a line not cached is waited for too). The
+//! flow's next packet misses the table, finds its handshake slot, and moves the flow into the
+//! bucket it has just read (so the write hits the cache). This saves a cache miss per connection,
+//! and a SYN flood cannot push established flows out of the table: spoofed SYNs only overwrite
+//! each other's handshake slots. A handshake whose slot another SYN took before its next packet
+//! came (one of [`lb_common::SYN_STAGE_SLOTS`] per CPU, so under a heavy SYN rate) is placed by the
+//! ring again then: the same backend, unless the pool changed meanwhile. A SYN for a 5-tuple that
+//! still has a valid entry in the table (a port reused quickly) is placed by the ring, while its
+//! next packets follow the entry, as before.
 
 use aya_ebpf::{
     cty::c_void,
@@ -24,13 +37,17 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, CONNTRACK_V4, CT_V4_BUCKETS, CT_V6_BUCKETS, RINGS},
+    maps::{
+        BACKENDS, CONNTRACK, CONNTRACK_V4, CT_V4_BUCKETS, CT_V6_BUCKETS, RINGS, SYN_STAGE_V4,
+        SYN_STAGE_V6,
+    },
     same_addr,
     stats::count_ct,
 };
 use lb_common::{
     AF_INET, Backend, CONN_GENERATION_MASK, CONNTRACK_WAYS, Conn, ConnBucket, ConnBucketV4,
-    ConnEntry, ConnEntryV4, FlowKey, HASH_SEED, VipMeta, backend_flags, ct_stats, hash, vip_flags,
+    ConnEntry, ConnEntryV4, FlowKey, HASH_SEED, SYN_STAGE_BITS, VipMeta, backend_flags, ct_stats,
+    hash, proto, vip_flags,
 };
 
 /// The chosen backend.
@@ -91,7 +108,7 @@ fn promote<T: Copy>(ways: &mut [T; CONNTRACK_WAYS], at: usize) {
 /// A connection-table bucket of one address family.
 trait Bucket: Sized + 'static {
     /// One way of the bucket.
-    type Way: Copy;
+    type Way: Copy + Default;
     /// Buckets in each CPU's region of the table (a power of two, fixed at load).
     fn buckets() -> u32;
     /// The hash that picks `key`'s bucket.
@@ -108,6 +125,8 @@ trait Bucket: Sized + 'static {
     fn way(key: &FlowKey, vip: u32, conn: Conn) -> Self::Way;
     /// Does `way` hold a flow?
     fn occupied(way: &Self::Way) -> bool;
+    /// This CPU's handshake slot for table hash `hash`.
+    fn stage(hash: u32) -> Option<*mut Self::Way>;
 
     /// Way holding `key` (of VIP index `vip`) and its entry, if any.
     #[inline(always)]
@@ -136,20 +155,6 @@ trait Bucket: Sized + 'static {
         }
         promote(ways, at.unwrap_or(CONNTRACK_WAYS - 1));
         ways[0] = Self::way(key, vip, conn);
-    }
-
-    /// Writes `key -> conn` over the least recently used way without reading the bucket (a TCP
-    /// SYN's new flow): on a cold bucket a read is a cache miss the packet would wait for, while
-    /// a write drains in the background. So a SYN neither looks for an entry of its 5-tuple (a
-    /// retransmitted SYN lands in the same way; a reused 5-tuple whose old entry is still in a
-    /// more recent way keeps that entry's backend, while it is valid) nor counts the flow it
-    /// pushes out. Only the least recent way is ever overwritten, so a SYN flood cannot push out
-    /// the three flows of a bucket most recently used; a new flow whose way a second SYN takes
-    /// before its own next packet arrives is placed again by the ring then (the same backend,
-    /// unless the pool changed meanwhile).
-    #[inline(always)]
-    fn store_blind(&mut self, key: &FlowKey, vip: u32, conn: Conn) {
-        self.ways_mut()[CONNTRACK_WAYS - 1] = Self::way(key, vip, conn);
     }
 }
 
@@ -204,6 +209,10 @@ impl Bucket for ConnBucketV4 {
     fn occupied(way: &ConnEntryV4) -> bool {
         way.tag != 0
     }
+    #[inline(always)]
+    fn stage(hash: u32) -> Option<*mut ConnEntryV4> {
+        SYN_STAGE_V4.get_ptr_mut(hash >> (32 - SYN_STAGE_BITS))
+    }
 }
 
 /// Both ports in one word, as [`ConnEntryV4::ports`] holds them.
@@ -250,6 +259,10 @@ impl Bucket for ConnBucket {
     fn occupied(way: &ConnEntry) -> bool {
         way.tag != 0
     }
+    #[inline(always)]
+    fn stage(hash: u32) -> Option<*mut ConnEntry> {
+        SYN_STAGE_V6.get_ptr_mut(hash >> (32 - SYN_STAGE_BITS))
+    }
 }
 
 /// How a packet's flow is looked up.
@@ -260,8 +273,8 @@ pub enum Lookup {
     /// In this CPU's table, then in the other CPUs' (TCP without SYN, and ICMP errors quoting a
     /// flow): the flow should be known somewhere.
     Established,
-    /// Not at all: a TCP SYN starts a new flow, placed by the ring and written over the bucket's
-    /// least recently used way without reading the bucket first.
+    /// Not at all: a TCP SYN starts a new flow, placed by the ring and written to its handshake
+    /// slot, not to the table.
     Syn,
 }
 
@@ -375,7 +388,7 @@ fn pick_in<B: Bucket>(
     if lookup == Lookup::Syn {
         let pick = ring_pick(key, meta, hash)?;
         if remember {
-            bucket.store_blind(key, meta.vip_index, pick.conn());
+            stage::<B>(hash, key, meta.vip_index, pick.conn());
         }
         return Some(pick);
     }
@@ -388,7 +401,20 @@ fn pick_in<B: Bucket>(
             }
             return Some(Pick { id: conn.backend, backend, new_flow: false, hash });
         }
-    } else if search {
+    } else {
+        // A TCP flow's first packet after its SYN: the flow moves from its handshake slot into
+        // the bucket just read.
+        if key.proto == proto::TCP
+            && let Some((conn, backend)) = unstage::<B>(hash, key, meta, remember)
+        {
+            if remember {
+                bucket.store(None, key, meta.vip_index, conn);
+            }
+            return Some(Pick { id: conn.backend, backend, new_flow: false, hash });
+        }
+        if !search {
+            return place(bucket, None, key, meta, hash, remember);
+        }
         if let Some((conn, backend)) = search_other_cpus::<B>(cpu, slot, key, meta) {
             count_ct(ct_stats::FOUND_ON_OTHER_CPU);
             if remember {
@@ -401,6 +427,36 @@ fn pick_in<B: Bucket>(
         }
     }
     place(bucket, found.map(|(at, _)| at), key, meta, hash, remember)
+}
+
+/// Writes `key -> conn` (a flow of VIP index `vip`) to this CPU's handshake slot for table hash
+/// `hash`, over whatever handshake held it.
+#[inline(always)]
+fn stage<B: Bucket>(hash: u32, key: &FlowKey, vip: u32, conn: Conn) {
+    if let Some(slot) = B::stage(hash) {
+        // SAFETY: this CPU's element of a per-CPU array, written only on this CPU, and XDP does
+        // not preempt itself on one CPU.
+        unsafe { *slot = B::way(key, vip, conn) };
+    }
+}
+
+/// The backend of `key`'s handshake, if this CPU's handshake slot for `hash` holds it and it may
+/// still be used; with `remember`, the slot is emptied (the flow moves to the table).
+#[inline(always)]
+fn unstage<B: Bucket>(
+    hash: u32,
+    key: &FlowKey,
+    meta: &VipMeta,
+    remember: bool,
+) -> Option<(Conn, Backend)> {
+    // SAFETY: as in `stage`.
+    let way = unsafe { &mut *B::stage(hash)? };
+    let conn = B::matches(way, key, meta.vip_index)?;
+    let backend = valid(&conn, meta)?;
+    if remember {
+        *way = B::Way::default();
+    }
+    Some((conn, backend))
 }
 
 /// Places a flow by the VIP's ring (by [`flow_hash`]) and, with `remember`, stores it in

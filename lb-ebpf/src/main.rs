@@ -318,7 +318,8 @@ fn balance_l4(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
     // A TCP segment without SYN belongs to a connection that should already be in the table; if
     // this CPU has not seen it (RSS or IRQ affinity moved the flow), the other CPUs' tables are
     // searched before the ring re-places it. UDP never searches, and a SYN is not even looked up
-    // (its new flow is written over the bucket's least recent way, see `Bucket::store_blind`).
+    // (placed by the ring, its flow waits in a handshake slot for its next packet: see
+    // `conntrack`).
     let lookup = if l3.proto != proto::TCP {
         Lookup::Table
     } else {

@@ -8,8 +8,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     AddrKey, Backend, CONNTRACK_V4_BUCKETS, CONNTRACK_V6_BUCKETS, ConnBucket, ConnBucketV4,
-    Counters, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, VIP_CACHE_ENTRIES,
-    VipCacheEntry, VipCacheEntryV6, VipKey, VipKeyV4, VipMeta, ct_stats, stats::REASON_COUNT,
+    ConnEntry, ConnEntryV4, Counters, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS,
+    SYN_STAGE_SLOTS, VIP_CACHE_ENTRIES, VipCacheEntry, VipCacheEntryV6, VipKey, VipKeyV4, VipMeta,
+    ct_stats, stats::REASON_COUNT,
 };
 
 /// Mmapable arrays have page-aligned values, which puts every 64-byte connection-table bucket on
@@ -69,6 +70,16 @@ pub static CONNTRACK: Array<ConnBucket> =
 #[map(name = "CT_V4")]
 pub static CONNTRACK_V4: Array<ConnBucketV4> =
     Array::with_max_entries(CONNTRACK_V4_BUCKETS, BPF_F_MMAPABLE);
+
+/// TCP handshakes of IPv4 flows not yet in CT_V4: a small direct-mapped table per CPU, indexed
+/// by the flow hash (see `conntrack`).
+#[map(name = "CT_SYN_V4")]
+pub static SYN_STAGE_V4: PerCpuArray<ConnEntryV4> =
+    PerCpuArray::with_max_entries(SYN_STAGE_SLOTS, 0);
+
+/// TCP handshakes of IPv6 flows not yet in CT_V6, likewise.
+#[map(name = "CT_SYN_V6")]
+pub static SYN_STAGE_V6: PerCpuArray<ConnEntry> = PerCpuArray::with_max_entries(SYN_STAGE_SLOTS, 0);
 
 /// Node-wide settings (one element).
 #[map]

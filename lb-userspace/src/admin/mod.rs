@@ -177,14 +177,15 @@ pub struct ConntrackStatus {
     pub v4_flows_per_cpu: u64,
     /// IPv6 flows one CPU's region holds.
     pub v6_flows_per_cpu: u64,
-    /// Flows pushed out of a full bucket by a new one (other than a TCP SYN's), since the maps
-    /// were created.
+    /// Flows pushed out of a full bucket by one entering the table (a TCP flow enters at its
+    /// first packet after the SYN), since the maps were created.
     pub evicted: u64,
     /// Flows found in another CPU's region (their packets moved CPU), since the maps were
     /// created.
     pub found_on_other_cpu: u64,
     /// TCP segments without SYN whose flow no table held (pushed out before it ended: the
-    /// table is small for the traffic), since the maps were created.
+    /// table is small for the traffic; or a handshake whose slot another SYN took first), since
+    /// the maps were created.
     #[serde(default)]
     pub missed_established: u64,
 }
