@@ -201,7 +201,7 @@ fn xdp(results: &mut Value) {
     };
     let pass_loop = time_repeat(aux.program(programs::PASS).unwrap(), &udp_frame, 1_000_000);
     let tx_loop = time_repeat(aux.program(programs::TX_SWAP).unwrap(), &udp_frame, 1_000_000);
-    let lb = dp.balancer();
+    let lb: &Xdp = dp.balancer();
     let non_vip = syn4(Ipv4Addr::new(198, 18, 4, 7), 1000, Ipv4Addr::new(198, 18, 0, 2), SYN);
     let non_vip_loop = time_repeat(lb, &non_vip, 1_000_000);
     let hit = syn4(Ipv4Addr::new(198, 18, 4, 9), 40000, vip, ACK);
@@ -261,19 +261,38 @@ fn xdp(results: &mut Value) {
             want: 3,
         },
         Path { prog: lb, frame: same(&echo), want: 3 },
+        // A handshake's next packet: its SYN (run untimed just before) left the flow in its
+        // handshake slot, and this packet moves it into the table.
+        Path {
+            prog: lb,
+            frame: Box::new(move |i| {
+                let (c, sport) = (client(i + 2_000_000), 1024 + (i % 50_000) as u16);
+                let mut out = vec![0u8; 512];
+                let syn = syn4(c, sport, vip, SYN);
+                let opts = TestRunOptions {
+                    data_in: Some(&syn),
+                    data_out: Some(&mut out),
+                    ..Default::default()
+                };
+                assert_eq!(lb.test_run(opts).expect("SYN").return_value, 3);
+                syn4(c, sport, vip, ACK)
+            }),
+            want: 3,
+        },
     ];
     let t = time_interleaved(&mut paths, ROUNDS, ITERS / ROUNDS, 1);
     netns::pin_current_thread(None).expect("unpin");
-    let [pass, tx, non_vip_ns, new_v4, hit_v4, new_v6, l2, icmp] =
-        [0, 1, 2, 3, 4, 5, 6, 7].map(|i| t[i].0);
+    let [pass, tx, non_vip_ns, new_v4, hit_v4, new_v6, l2, icmp, ack_v4] =
+        [0, 1, 2, 3, 4, 5, 6, 7, 8].map(|i| t[i].0);
     let ratio = |i: usize| t[i].1;
     results["xdp_ns"] = json!({
         "method": format!("single runs (repeat=1, fresh frame each run), kernel-measured; {ROUNDS} interleaved rounds of {} per path; median of per-round medians", ITERS / ROUNDS),
         "x_trivial_tx": {"non_vip_pass": ratio(2), "new_flow_v4": ratio(3), "conntrack_hit_v4": ratio(4),
-            "new_flow_v6": ratio(5), "l2_dsr": ratio(6), "icmp_echo": ratio(7)},
+            "new_flow_v6": ratio(5), "l2_dsr": ratio(6), "icmp_echo": ratio(7),
+            "handshake_ack_v4": ratio(8)},
         "trivial_pass": pass, "trivial_tx": tx, "non_vip_pass": non_vip_ns,
         "new_flow_v4": new_v4, "conntrack_hit_v4": hit_v4, "new_flow_v6": new_v6,
-        "l2_dsr": l2, "icmp_echo": icmp,
+        "l2_dsr": l2, "icmp_echo": icmp, "handshake_ack_v4": ack_v4,
         "repeat_loop": {"trivial_pass": pass_loop, "trivial_tx": tx_loop, "non_vip_pass": non_vip_loop,
             "conntrack_hit_l2_dsr": l2_hit_loop},
     });
@@ -294,6 +313,7 @@ fn xdp(results: &mut Value) {
     row("new TCP flow, v6 VIP, IP6IP6", new_v6, ratio(5), "");
     row("L2 DSR (new flow)", l2, ratio(6), "");
     row("ICMP echo to VIP", icmp, ratio(7), "");
+    row("TCP handshake's next packet, v4 (enters the table)", ack_v4, ratio(8), "");
     println!(
         "\nKernel repeat loop (1e6 runs, frame unchanged): trivial pass {pass_loop:.1} ns, trivial tx {tx_loop:.1} ns, non-VIP pass {non_vip_loop:.1} ns, connection-table hit (L2 DSR) {l2_hit_loop:.1} ns\n"
     );
