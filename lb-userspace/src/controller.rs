@@ -155,7 +155,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     };
     let early = if takeover { Some(load()?) } else { None };
     let mut handed_metrics = None;
-    let handover = if takeover {
+    let mut handover = if takeover {
         match admin::handover(&cfg.node.admin_socket).map_err(RunError::Takeover)? {
             None => {
                 info!(admin = %cfg.node.admin_socket.display(), "--takeover: no edgelb answers there; starting afresh");
@@ -224,7 +224,6 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     };
     // The proxy threads hold their own descriptors of inherited sockets.
     drop(inherited);
-    let mut handover = handover;
     if let Some(conn) = &mut handover {
         // Past this point the previous edgelb will not take back over if this one fails, so
         // everything that can fail without touching the data plane is done by now.
@@ -308,7 +307,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     let socket = ctl.cfg.node.admin_socket.clone();
     let pin_dir = ctl.cfg.node.pin_dir.clone();
     if let Some(proxy) = ctl.proxy.take() {
-        info!("L7 proxy: draining (up to 5 s)");
+        info!("L7 proxy: draining (up to {} s)", L7_GRACE.as_secs());
         proxy.shutdown(L7_GRACE);
     }
     drop(ctl.checker);
@@ -396,7 +395,7 @@ impl Controller {
             let (tx, rx) = mpsc::channel();
             let drain = std::thread::spawn(move || {
                 proxy.shutdown(L7_GRACE);
-                let _ = tx.send(HandoverEnd::Ready);
+                let _ = tx.send(());
             });
             self.answer_scrapes_until(&rx, L7_GRACE + Duration::from_secs(5));
             let _ = drain.join();
@@ -441,6 +440,13 @@ impl Controller {
         })
     }
 
+    /// Answers the metrics scrapes waiting.
+    fn answer_scrapes(&mut self) {
+        while let Ok(reply) = self.scrape_rx.try_recv() {
+            let _ = reply.send(self.scrape());
+        }
+    }
+
     /// Answers metrics scrapes until `done` gives a value (returned) or hangs up, at most `max`.
     fn answer_scrapes_until<T>(&mut self, done: &mpsc::Receiver<T>, max: Duration) -> Option<T> {
         let end = Instant::now() + max;
@@ -450,9 +456,7 @@ impl Controller {
                 Err(RecvTimeoutError::Disconnected) => return None,
                 Err(RecvTimeoutError::Timeout) => {}
             }
-            while let Ok(reply) = self.scrape_rx.try_recv() {
-                let _ = reply.send(self.scrape());
-            }
+            self.answer_scrapes();
         }
         None
     }
@@ -554,9 +558,7 @@ impl Controller {
                 }
                 Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {}
             }
-            while let Ok(reply) = self.scrape_rx.try_recv() {
-                let _ = reply.send(self.scrape());
-            }
+            self.answer_scrapes();
             if Instant::now() >= next_sample {
                 self.sample(&mut last_packets);
                 next_sample = Instant::now() + SAMPLE_EVERY;

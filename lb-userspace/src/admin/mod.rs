@@ -280,15 +280,20 @@ pub enum AdminError {
 /// Sends one request and waits for the answer.
 pub fn request(socket: &Path, req: &Request) -> Result<Response, AdminError> {
     let fail = |reason: String| AdminError::Exchange { path: socket.to_owned(), reason };
-    let mut s = UnixStream::connect(socket)
+    let s = UnixStream::connect(socket)
         .map_err(|source| AdminError::Connect { path: socket.to_owned(), source })?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| fail(e.to_string()))?;
-    let mut line = serde_json::to_string(req).map_err(|e| fail(e.to_string()))?;
-    line.push('\n');
-    s.write_all(line.as_bytes()).map_err(|e| fail(e.to_string()))?;
+    send_request(&s, req).map_err(|e| fail(e.to_string()))?;
     let mut answer = String::new();
     BufReader::new(s).read_line(&mut answer).map_err(|e| fail(e.to_string()))?;
     serde_json::from_str(&answer).map_err(|e| fail(format!("bad answer {answer:?}: {e}")))
+}
+
+/// Writes `req` as one JSON line on `s`, and bounds the wait for the answer.
+fn send_request(mut s: &UnixStream, req: &Request) -> std::io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut line = serde_json::to_string(req).map_err(std::io::Error::other)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())
 }
 
 /// A request waiting for the controller, with the way back.
@@ -309,14 +314,8 @@ pub struct Handover {
 /// answers there (nothing to take over).
 pub fn handover(socket: &Path) -> Result<Option<Handover>, AdminError> {
     let fail = |reason: String| AdminError::Exchange { path: socket.to_owned(), reason };
-    let mut s = match UnixStream::connect(socket) {
-        Ok(s) => s,
-        Err(_) => return Ok(None),
-    };
-    s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| fail(e.to_string()))?;
-    let mut line = serde_json::to_string(&Request::Handover).map_err(|e| fail(e.to_string()))?;
-    line.push('\n');
-    s.write_all(line.as_bytes()).map_err(|e| fail(e.to_string()))?;
+    let Ok(s) = UnixStream::connect(socket) else { return Ok(None) };
+    send_request(&s, &Request::Handover).map_err(|e| fail(e.to_string()))?;
     // One line back, the descriptors on its first bytes; read byte runs until the newline.
     let (mut answer, mut fds) = (Vec::new(), Vec::new());
     let mut buf = [0u8; 4096];

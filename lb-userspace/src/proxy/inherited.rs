@@ -49,10 +49,14 @@ fn take_passed(fd: RawFd) -> OwnedFd {
 /// when a previous edgelb handed over one per proxy thread).
 #[derive(Debug, Default)]
 pub struct Inherited {
-    by_addr: HashMap<SocketAddr, Vec<TcpListener>>,
-    /// Where each address's sockets came from, for the log.
-    origin: HashMap<SocketAddr, &'static str>,
+    /// Where each address's sockets came from (for the log), and the sockets.
+    by_addr: HashMap<SocketAddr, (&'static str, Vec<TcpListener>)>,
 }
+
+/// Where sockets came from.
+const FROM_SERVICE_MANAGER: &str = "passed by the service manager";
+/// Likewise.
+const FROM_PREVIOUS_EDGELB: &str = "handed over by the previous edgelb";
 
 /// Checks that `fd` is a listening TCP socket and readies it for the proxy; returns it with its
 /// address.
@@ -85,14 +89,18 @@ impl Inherited {
         }
         let count = std::env::var("LISTEN_FDS").unwrap_or_default();
         let n: RawFd = count.trim().parse().map_err(|_| InheritError::Count(count.clone()))?;
-        let mut by_addr = HashMap::new();
+        let mut inherited = Inherited::default();
         for fd in FIRST_FD..FIRST_FD.saturating_add(n.max(0)) {
             let (addr, l) = listening(take_passed(fd))
                 .map_err(|reason| InheritError::Descriptor { fd, reason })?;
-            by_addr.entry(addr).or_insert_with(Vec::new).push(l);
+            inherited.push(addr, l, FROM_SERVICE_MANAGER);
         }
-        let origin = by_addr.keys().map(|a| (*a, "passed by the service manager")).collect();
-        Ok(Inherited { by_addr, origin })
+        Ok(inherited)
+    }
+
+    /// Adds `l`, listening on `addr`, from `origin` (the first origin of an address names it).
+    fn push(&mut self, addr: SocketAddr, l: TcpListener, origin: &'static str) {
+        self.by_addr.entry(addr).or_insert((origin, Vec::new())).1.push(l);
     }
 
     /// Takes a listening socket handed over by a previous edgelb (`edgelb run --takeover`).
@@ -100,10 +108,9 @@ impl Inherited {
         let raw = fd.as_raw_fd();
         let (addr, l) = listening(fd).map_err(|reason| InheritError::Descriptor {
             fd: raw,
-            reason: format!("handed over by the previous edgelb: {reason}"),
+            reason: format!("{FROM_PREVIOUS_EDGELB}: {reason}"),
         })?;
-        self.by_addr.entry(addr).or_default().push(l);
-        self.origin.entry(addr).or_insert("handed over by the previous edgelb");
+        self.push(addr, l, FROM_PREVIOUS_EDGELB);
         Ok(())
     }
 
@@ -118,7 +125,7 @@ impl Inherited {
         thread: usize,
         threads: usize,
     ) -> Vec<std::io::Result<TcpListener>> {
-        let Some(socks) = self.by_addr.get(&addr) else { return Vec::new() };
+        let Some((_, socks)) = self.by_addr.get(&addr) else { return Vec::new() };
         let threads = threads.max(1);
         if socks.len() >= threads {
             socks.iter().skip(thread).step_by(threads).map(TcpListener::try_clone).collect()
@@ -135,7 +142,7 @@ impl Inherited {
     /// Where the sockets listening on `addr` came from ("passed by the service manager" or
     /// "handed over by the previous edgelb"), for the log.
     pub fn origin(&self, addr: SocketAddr) -> &'static str {
-        self.origin.get(&addr).copied().unwrap_or("inherited")
+        self.by_addr.get(&addr).map_or("inherited", |(origin, _)| origin)
     }
 
     /// Addresses of every inherited socket.

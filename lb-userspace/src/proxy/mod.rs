@@ -355,14 +355,22 @@ impl Proxy {
             // Every accept loop counts from the start, so none can be missed by an early stop.
             accepting: AtomicUsize::new(bound.per_thread.iter().map(Vec::len).sum()),
         });
-        let mut sockets = Vec::new();
-        for (vip, addr, _, l) in bound.per_thread.iter().flatten() {
-            let dup = l.try_clone();
-            sockets.push((
-                *addr,
-                dup.map_err(|source| ProxyError::Bind { vip: vip.clone(), addr: *addr, source })?,
-            ));
-        }
+        let sockets = bound
+            .per_thread
+            .iter()
+            .flatten()
+            .map(|(vip, addr, _, l)| {
+                let dup = l.try_clone();
+                Ok((
+                    *addr,
+                    dup.map_err(|source| ProxyError::Bind {
+                        vip: vip.clone(),
+                        addr: *addr,
+                        source,
+                    })?,
+                ))
+            })
+            .collect::<Result<Vec<_>, ProxyError>>()?;
         let mut proxy = Proxy {
             shared,
             threads: Vec::new(),
