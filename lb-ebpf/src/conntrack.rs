@@ -19,7 +19,7 @@
 //!
 //! A TCP SYN does not touch the table. It is placed by the ring and its flow written to a
 //! handshake slot: a small direct-mapped per-CPU table (`CT_SYN_V4` / `CT_SYN_V6`,
-//! [`lb_common::SYN_STAGE_SLOTS`] slots, 16 / 32 KiB per CPU) indexed by the same hash, small
+//! [`lb_common::SYN_STAGE_SLOTS`] slots, 16 / 32 KiB per CPU) indexed by the top bits of the same hash, small
 //! enough to stay in the cache, where the table's bucket is almost always a cache miss the SYN
 //! would wait for (reading it, or writing it: a store to a line not cached is waited for too). The
 //! flow's next packet misses the table, finds its handshake slot, and moves the flow into the
@@ -404,25 +404,22 @@ fn pick_in<B: Bucket>(
     } else {
         // A TCP flow's first packet after its SYN: the flow moves from its handshake slot into
         // the bucket just read.
-        if key.proto == proto::TCP
-            && let Some((conn, backend)) = unstage::<B>(hash, key, meta, remember)
-        {
+        let mut known =
+            if key.proto == proto::TCP { unstage::<B>(hash, key, meta, remember) } else { None };
+        if known.is_none() && search {
+            known = search_other_cpus::<B>(cpu, slot, key, meta);
+            if known.is_some() {
+                count_ct(ct_stats::FOUND_ON_OTHER_CPU);
+            }
+        }
+        // Known elsewhere (its handshake slot, another CPU's table): it enters this bucket.
+        if let Some((conn, backend)) = known {
             if remember {
                 bucket.store(None, key, meta.vip_index, conn);
             }
             return Some(Pick { id: conn.backend, backend, new_flow: false, hash });
         }
-        if !search {
-            return place(bucket, None, key, meta, hash, remember);
-        }
-        if let Some((conn, backend)) = search_other_cpus::<B>(cpu, slot, key, meta) {
-            count_ct(ct_stats::FOUND_ON_OTHER_CPU);
-            if remember {
-                bucket.store(None, key, meta.vip_index, conn);
-            }
-            return Some(Pick { id: conn.backend, backend, new_flow: false, hash });
-        }
-        if remember {
+        if search && remember {
             count_ct(ct_stats::MISSED_ESTABLISHED);
         }
     }
