@@ -102,6 +102,16 @@ fall = {FALL}
     )
 }
 
+/// `edgelb run --takeover --config <config>` in namespace `ns`.
+fn takeover_command(ns: &str, config: &PathBuf) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net={}", netns::netns_path(ns).display()))
+        .arg(env!("CARGO_BIN_EXE_edgelb"))
+        .args(["run", "--takeover", "--config"])
+        .arg(config);
+    c
+}
+
 /// A running `edgelb run` in the balancer namespace.
 struct Edgelb {
     child: Option<Child>,
@@ -155,38 +165,35 @@ impl Edgelb {
             ns: ns.to_owned(),
             log: log.clone(),
         };
+        e.wait_answering();
+        e
+    }
+
+    /// Waits until this edgelb answers on its admin socket (panics if it exits first).
+    fn wait_answering(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while e.cli(&["status", "--json"]).status.code() != Some(0) {
-            if let Ok(Some(st)) = e.child.as_mut().unwrap().try_wait() {
-                panic!(
-                    "edgelb exited: {st}; log:\n{}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
+        while self.cli(&["status", "--json"]).status.code() != Some(0) {
+            if let Ok(Some(st)) = self.child.as_mut().unwrap().try_wait() {
+                panic!("edgelb exited: {st}; log:\n{}", self.log());
             }
             assert!(Instant::now() < deadline, "edgelb never answered on its admin socket");
             std::thread::sleep(Duration::from_millis(100));
         }
-        e
+    }
+
+    /// Starts `edgelb run --takeover` with `config` in `ns`, its log appended to `log`; does not
+    /// wait for it.
+    fn spawn_takeover(ns: &str, config: &PathBuf, log: &PathBuf) -> Edgelb {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child =
+            takeover_command(ns, config).stderr(out).spawn().expect("start edgelb --takeover");
+        Edgelb { child: Some(child), config: config.clone(), ns: ns.to_owned(), log: log.clone() }
     }
 
     /// Starts `edgelb run --takeover` beside this one (same config, namespace and log) and
     /// returns it once this one has handed over and exited, and the new one answers.
     fn take_over(mut self) -> Edgelb {
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", netns::netns_path(&self.ns).display()))
-            .arg(env!("CARGO_BIN_EXE_edgelb"))
-            .args(["run", "--takeover", "--config"])
-            .arg(&self.config)
-            .stderr(out)
-            .spawn()
-            .expect("start edgelb --takeover");
-        let mut new = Edgelb {
-            child: Some(child),
-            config: self.config.clone(),
-            ns: self.ns.clone(),
-            log: self.log.clone(),
-        };
+        let mut new = Edgelb::spawn_takeover(&self.ns, &self.config, &self.log);
         // The old process exits by itself once the new one serves and its requests are done.
         let mut old = self.child.take().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -887,21 +894,8 @@ fn takeover_without_a_running_edgelb_starts_afresh() {
     let first = bed.edgelb.take().unwrap();
     let (config, ns, log_path) = (first.config.clone(), first.ns.clone(), first.log.clone());
     first.terminate();
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
-    let child = Command::new("nsenter")
-        .arg(format!("--net={}", netns::netns_path(&ns).display()))
-        .arg(env!("CARGO_BIN_EXE_edgelb"))
-        .args(["run", "--takeover", "--config"])
-        .arg(&config)
-        .stderr(out)
-        .spawn()
-        .expect("start edgelb --takeover");
-    let e = Edgelb { child: Some(child), config, ns, log: log_path };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while e.cli(&["status", "--json"]).status.code() != Some(0) {
-        assert!(Instant::now() < deadline, "edgelb --takeover never answered; log:\n{}", e.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut e = Edgelb::spawn_takeover(&ns, &config, &log_path);
+    e.wait_answering();
     bed.edgelb = Some(e);
     bed.wait_for(SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80));
     assert!(
@@ -928,13 +922,7 @@ fn a_takeover_that_fails_before_the_maps_leaves_the_running_edgelb_in_charge() {
     let l7_load = bed.load_to(l7, Duration::from_secs(15), Duration::from_secs(30));
     let l4_load = bed.load(Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(800));
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", netns::netns_path(&bed.e().ns).display()))
-        .arg(env!("CARGO_BIN_EXE_edgelb"))
-        .args(["run", "--takeover", "--config"])
-        .arg(&alt)
-        .output()
-        .expect("run edgelb --takeover");
+    let out = takeover_command(&bed.e().ns, &alt).output().expect("run edgelb --takeover");
     let _ = std::fs::remove_file(&alt);
     drop(squatter);
     let stderr = String::from_utf8_lossy(&out.stderr);

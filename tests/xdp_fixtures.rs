@@ -724,6 +724,27 @@ fn ipv6_connection_table_keeps_flows_across_ring_changes() {
     assert_eq!(IpAddr::V6(outer_dst6(&h.run(&frame(50001, SYN)).1)), moved_to, "new flow moves");
 }
 
+/// A TCP segment of flow (client, source port) to 198.18.1.1:80 with `flags`.
+fn vip_segment((client, sport): (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
+    eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4(&client.to_string(), sport, "198.18.1.1", 80, flags))
+}
+
+/// Connection-table event `event` (`lb_common::ct_stats`), summed over the CPUs.
+fn ct_event(h: &Harness, event: u32) -> u64 {
+    h.dp.maps().ct_stats().unwrap()[event as usize]
+}
+
+/// `clients` each with source ports 1024..1280: flows to try for a bucket.
+fn flows_of(clients: impl Iterator<Item = Ipv4Addr>) -> impl Iterator<Item = (Ipv4Addr, u16)> {
+    clients.flat_map(|c| (1024..1280u16).map(move |p| (c, p)))
+}
+
+/// 65 536 consecutive client addresses from `base`.
+fn clients_from(base: &str) -> impl Iterator<Item = Ipv4Addr> {
+    let base = u32::from(v4(base));
+    (0..1u32 << 16).map(move |n| Ipv4Addr::from(base + n))
+}
+
 /// The IPv4 connection-table bucket of a TCP flow to 198.18.1.1:80, as the XDP program computes it
 /// in a table of `buckets` buckets per CPU.
 fn bucket_of(buckets: u32, client: Ipv4Addr, sport: u16) -> u32 {
@@ -780,17 +801,14 @@ fn connection_table_buckets_are_lru_and_searched_across_cpus() {
     let same_bucket = bucket_overflow(
         buckets,
         lb_common::CONNTRACK_WAYS + 2,
-        (0..1u32 << 16)
-            .map(|n| Ipv4Addr::from(u32::from(v4("198.18.64.0")) + n))
-            .filter(|&c| backend(&vip3, &ring3, c) != backend(&vip4, &ring4, c))
-            .flat_map(|c| (1024..1280u16).map(move |p| (c, p))),
+        flows_of(
+            clients_from("198.18.64.0")
+                .filter(|&c| backend(&vip3, &ring3, c) != backend(&vip4, &ring4, c)),
+        ),
     );
-    let frame = |(c, p): (Ipv4Addr, u16), flags: u8| {
-        eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4(&c.to_string(), p, "198.18.1.1", 80, flags))
-    };
+    let (frame, ct) = (vip_segment, ct_event);
     let first = |f: (Ipv4Addr, u16)| backend(&vip3, &ring3, f.0);
     let moved = |f: (Ipv4Addr, u16)| backend(&vip4, &ring4, f.0);
-    let ct = |h: &Harness, event: u32| h.dp.maps().ct_stats().unwrap()[event as usize];
     use lb_common::ct_stats::{EVICTED, FOUND_ON_OTHER_CPU, MISSED_ESTABLISHED};
 
     // Segments without SYN of flows no table holds (as after a restart without pins) are
@@ -994,12 +1012,11 @@ fn a_configured_table_size_is_the_one_the_program_indexes() {
     let spread: std::collections::HashSet<u32> =
         five.iter().map(|&(c, p)| bucket_of(auto, c, p)).collect();
     assert!(spread.len() > 1, "the default table would spread these flows");
-    let ct = |h: &Harness| h.dp.maps().ct_stats().unwrap()[lb_common::ct_stats::EVICTED as usize];
-    for (i, &(_, p)) in five.iter().enumerate() {
-        // Without SYN: a SYN's insert does not read the bucket, so it counts no eviction.
-        let frame = eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4("198.18.64.1", p, "198.18.1.1", 80, ACK));
-        assert_eq!(h.run(&frame).0, XDP_TX);
-        assert_eq!(ct(&h), u64::from(i == lb_common::CONNTRACK_WAYS), "after flow {i}");
+    for (i, &f) in five.iter().enumerate() {
+        // Without SYN: a SYN's flow does not enter the table.
+        assert_eq!(h.run(&vip_segment(f, ACK)).0, XDP_TX);
+        let evicted = ct_event(&h, lb_common::ct_stats::EVICTED);
+        assert_eq!(evicted, u64::from(i == lb_common::CONNTRACK_WAYS), "after flow {i}");
     }
 }
 
@@ -1308,17 +1325,9 @@ fn a_syn_flood_cannot_push_established_flows_out() {
     };
     edgelb::testbed::netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
     let buckets = h.dp.table_shape().v4_buckets;
-    let frame = |(c, p): (Ipv4Addr, u16), flags: u8| {
-        eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4(&c.to_string(), p, "198.18.1.1", 80, flags))
-    };
-    let ct = |h: &Harness, event: u32| h.dp.maps().ct_stats().unwrap()[event as usize];
+    let (frame, ct) = (vip_segment, ct_event);
     use lb_common::ct_stats::{EVICTED, MISSED_ESTABLISHED};
-    let flows = |base: &str| {
-        let base = u32::from(v4(base));
-        (0..1u32 << 16)
-            .map(move |n| Ipv4Addr::from(base + n))
-            .flat_map(|c| (1024..1280u16).map(move |p| (c, p)))
-    };
+    let flows = |base| flows_of(clients_from(base));
     // Four established flows fill one bucket.
     let established = bucket_overflow(buckets, lb_common::CONNTRACK_WAYS, flows("198.18.64.0"));
     let bucket = bucket_of(buckets, established[0].0, established[0].1);
