@@ -643,6 +643,55 @@ fn connection_table_keeps_flows_across_ring_changes() {
 }
 
 #[test]
+fn a_port_reused_after_a_close_follows_its_new_handshake() {
+    let three = [("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)];
+    let Some(mut h) = Harness::new("a_port_reused_after_a_close", &one_vip(&three)) else {
+        return;
+    };
+    // The SYN's handshake slot and the table are this CPU's.
+    edgelb::testbed::netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
+    let four = [three[0], three[1], three[2], ("198.18.0.14", 1)];
+    let cfg4 = Config::parse(&one_vip(&four), "x".as_ref()).unwrap();
+    let clients = (1..=250u8).map(|i| IpAddr::V4(Ipv4Addr::new(198, 18, 5, i)));
+    let (client, first) = client_that_moves(&h.vip("v4tcp"), &cfg4.vips[0], clients);
+    let to = |h: &mut Harness, sport: u16, flags: u8| {
+        let ip = tcp4(&client.to_string(), sport, "198.18.1.1", 80, flags);
+        outer_dst(&h.run(&eth(LB_MAC, CLIENT_MAC, ETH_IP, &ip)).1)
+    };
+    // Three connections, established on the first backend: one the client ends with FIN, one
+    // with RST, one it never ends where this node sees it.
+    let ends = [(50000, FIN | ACK), (50001, RST), (50002, 0)];
+    for &(sport, _) in &ends {
+        assert_eq!(to(&mut h, sport, SYN), first);
+        assert_eq!(to(&mut h, sport, ACK), first);
+    }
+    // The pool changes: a new connection from this client goes elsewhere.
+    h.apply(&one_vip(&four));
+    let moved_to = route(&h.vip("v4tcp"), client, 0).unwrap().address;
+    for (sport, end) in ends {
+        assert_eq!(to(&mut h, sport, ACK), first, "port {sport}: established flow stays");
+        if end != 0 {
+            assert_eq!(
+                to(&mut h, sport, end),
+                first,
+                "port {sport}: its close goes to its backend"
+            );
+            assert_eq!(to(&mut h, sport, ACK), first, "port {sport}: so does its last ACK");
+        }
+        // The client reuses the port for a new connection.
+        assert_eq!(to(&mut h, sport, SYN), moved_to, "port {sport}: a SYN follows the ring");
+        let next = if end != 0 { moved_to } else { first };
+        for _ in 0..2 {
+            assert_eq!(
+                to(&mut h, sport, ACK),
+                next,
+                "port {sport}: the new connection follows its SYN only after a close was seen"
+            );
+        }
+    }
+}
+
+#[test]
 fn vips_without_a_connection_table_follow_the_ring() {
     let three = [("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)];
     let off =

@@ -396,9 +396,15 @@ impl Conn {
 
     /// The IP protocol of the flow a tag belongs to.
     pub const fn tag_proto(tag: u32) -> u8 {
-        (tag >> 24) as u8
+        ((tag & !CONN_CLOSING) >> 24) as u8
     }
 }
+
+/// Tag bit (the top bit of the protocol byte: no tracked protocol reaches 128) marking a TCP flow
+/// whose client sent FIN or RST. Its 5-tuple may come back as a new connection (a client reusing
+/// its port), whose SYN the ring places: while the bit is set, a packet that hits the entry also
+/// looks in its handshake slot, and follows the new handshake if that holds the same 5-tuple.
+pub const CONN_CLOSING: u32 = 1 << 31;
 
 /// One IPv4 connection-table entry: a flow and where it goes, packed into 16 bytes so that a
 /// bucket of [`CONNTRACK_WAYS`] is exactly one cache line. An all-zero entry is an empty way (no

@@ -27,9 +27,17 @@
 //! and a SYN flood cannot push established flows out of the table: spoofed SYNs only overwrite
 //! each other's handshake slots. A handshake whose slot another SYN took before its next packet
 //! came (one of [`lb_common::SYN_STAGE_SLOTS`] per CPU, so under a heavy SYN rate) is placed by the
-//! ring again then: the same backend, unless the pool changed meanwhile. A SYN for a 5-tuple that
-//! still has a valid entry in the table (a port reused quickly) is placed by the ring, while its
-//! next packets follow the entry, as before.
+//! ring again then: the same backend, unless the pool changed meanwhile.
+//!
+//! A client can reuse a 5-tuple while its old entry is still in the table (a port reused soon
+//! after a close). The new connection's SYN is placed by the ring, which picks another backend
+//! than the entry's if the pool changed while the old connection lived. So a FIN or RST from the
+//! client marks its flow's entry closing ([`CONN_CLOSING`]), and a packet that hits a closing
+//! entry also looks in its handshake slot: if a new SYN of the same 5-tuple waits there, the
+//! flow follows that SYN's backend from then on. Packets of the old connection's close (its
+//! last ACKs) still hit the entry and go to the old backend. A connection that ended without the
+//! program seeing a FIN or RST (a client that crashed, or a close that went through another
+//! node) is not marked: a new connection on its 5-tuple follows the old entry.
 
 use aya_ebpf::{
     cty::c_void,
@@ -45,9 +53,9 @@ use crate::{
     stats::count_ct,
 };
 use lb_common::{
-    AF_INET, Backend, CONN_GENERATION_MASK, CONNTRACK_WAYS, Conn, ConnBucket, ConnBucketV4,
-    ConnEntry, ConnEntryV4, FlowKey, HASH_SEED, SYN_STAGE_BITS, VipMeta, backend_flags, ct_stats,
-    hash, proto, vip_flags,
+    AF_INET, Backend, CONN_CLOSING, CONN_GENERATION_MASK, CONNTRACK_WAYS, Conn, ConnBucket,
+    ConnBucketV4, ConnEntry, ConnEntryV4, FlowKey, HASH_SEED, SYN_STAGE_BITS, VipMeta,
+    backend_flags, ct_stats, hash, proto, vip_flags,
 };
 
 /// The chosen backend.
@@ -125,36 +133,47 @@ trait Bucket: Sized + 'static {
     fn way(key: &FlowKey, vip: u32, conn: Conn) -> Self::Way;
     /// Does `way` hold a flow?
     fn occupied(way: &Self::Way) -> bool;
+    /// Has the client of `way`'s flow sent FIN or RST ([`CONN_CLOSING`])?
+    fn closing(way: &Self::Way) -> bool;
+    /// Marks `way`'s flow as closing.
+    fn mark_closing(way: &mut Self::Way);
     /// This CPU's handshake slot for table hash `hash`.
     fn stage(hash: u32) -> Option<*mut Self::Way>;
 
-    /// Way holding `key` (of VIP index `vip`) and its entry, if any.
+    /// Way holding `key` (of VIP index `vip`), its entry, and whether the flow is closing.
     #[inline(always)]
-    fn find(&self, key: &FlowKey, vip: u32) -> Option<(usize, Conn)> {
+    fn find(&self, key: &FlowKey, vip: u32) -> Option<(usize, Conn, bool)> {
         for (i, way) in self.ways().iter().enumerate() {
             if let Some(conn) = Self::matches(way, key, vip) {
-                return Some((i, conn));
+                return Some((i, conn, Self::closing(way)));
             }
         }
         None
     }
 
-    /// Makes way `at` the most recently used.
+    /// Makes way `at` the most recently used; with `closing`, marks its flow as closing.
     #[inline(always)]
-    fn touch(&mut self, at: usize) {
-        promote(self.ways_mut(), at);
+    fn touch(&mut self, at: usize, closing: bool) {
+        let ways = self.ways_mut();
+        promote(ways, at);
+        if closing {
+            Self::mark_closing(&mut ways[0]);
+        }
     }
 
     /// Stores `key -> conn` in front, in way `at` if the key is there already, else in place of
-    /// the least recently used way.
+    /// the least recently used way; with `closing`, marked as closing.
     #[inline(always)]
-    fn store(&mut self, at: Option<usize>, key: &FlowKey, vip: u32, conn: Conn) {
+    fn store(&mut self, at: Option<usize>, key: &FlowKey, vip: u32, conn: Conn, closing: bool) {
         let ways = self.ways_mut();
         if at.is_none() && Self::occupied(&ways[CONNTRACK_WAYS - 1]) {
             count_ct(ct_stats::EVICTED);
         }
         promote(ways, at.unwrap_or(CONNTRACK_WAYS - 1));
         ways[0] = Self::way(key, vip, conn);
+        if closing {
+            Self::mark_closing(&mut ways[0]);
+        }
     }
 }
 
@@ -210,6 +229,14 @@ impl Bucket for ConnBucketV4 {
         way.tag != 0
     }
     #[inline(always)]
+    fn closing(way: &ConnEntryV4) -> bool {
+        way.tag & CONN_CLOSING != 0
+    }
+    #[inline(always)]
+    fn mark_closing(way: &mut ConnEntryV4) {
+        way.tag |= CONN_CLOSING;
+    }
+    #[inline(always)]
     fn stage(hash: u32) -> Option<*mut ConnEntryV4> {
         SYN_STAGE_V4.get_ptr_mut(hash >> (32 - SYN_STAGE_BITS))
     }
@@ -260,6 +287,14 @@ impl Bucket for ConnBucket {
         way.tag != 0
     }
     #[inline(always)]
+    fn closing(way: &ConnEntry) -> bool {
+        way.tag & CONN_CLOSING != 0
+    }
+    #[inline(always)]
+    fn mark_closing(way: &mut ConnEntry) {
+        way.tag |= CONN_CLOSING;
+    }
+    #[inline(always)]
     fn stage(hash: u32) -> Option<*mut ConnEntry> {
         SYN_STAGE_V6.get_ptr_mut(hash >> (32 - SYN_STAGE_BITS))
     }
@@ -273,6 +308,9 @@ pub enum Lookup {
     /// In this CPU's table, then in the other CPUs' (TCP without SYN, and ICMP errors quoting a
     /// flow): the flow should be known somewhere.
     Established,
+    /// As [`Lookup::Established`], for a TCP segment with FIN or RST: the flow's entry is marked
+    /// closing ([`CONN_CLOSING`]).
+    Closing,
     /// Not at all: a TCP SYN starts a new flow, placed by the ring and written to its handshake
     /// slot, not to the table.
     Syn,
@@ -336,7 +374,7 @@ extern "C" fn search_step<B: Bucket>(cpu: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: a bucket in another CPU's region, which that CPU may be writing: only a copy of
     // the entry is kept, and the caller validates it (`valid`) before use.
     match unsafe { &*other }.find(&s.key, s.vip) {
-        Some((_, conn)) => {
+        Some((_, conn, _)) => {
             s.found = Some(conn);
             1
         }
@@ -392,12 +430,21 @@ fn pick_in<B: Bucket>(
         }
         return Some(pick);
     }
-    let search = lookup == Lookup::Established;
+    let search = matches!(lookup, Lookup::Established | Lookup::Closing);
+    let closing = lookup == Lookup::Closing;
     let found = bucket.find(key, meta.vip_index);
-    if let Some((at, conn)) = found {
+    if let Some((at, conn, ended)) = found {
         if let Some(backend) = valid(&conn, meta) {
+            // A flow whose client ended it, and a new handshake of the same 5-tuple (a reused
+            // port) in its slot: the new connection goes where its SYN went.
+            if ended && let Some((conn, backend)) = unstage::<B>(hash, key, meta, remember) {
+                if remember {
+                    bucket.store(Some(at), key, meta.vip_index, conn, closing);
+                }
+                return Some(Pick { id: conn.backend, backend, new_flow: false, hash });
+            }
             if remember {
-                bucket.touch(at);
+                bucket.touch(at, closing);
             }
             return Some(Pick { id: conn.backend, backend, new_flow: false, hash });
         }
@@ -415,7 +462,7 @@ fn pick_in<B: Bucket>(
         // Known elsewhere (its handshake slot, another CPU's table): it enters this bucket.
         if let Some((conn, backend)) = known {
             if remember {
-                bucket.store(None, key, meta.vip_index, conn);
+                bucket.store(None, key, meta.vip_index, conn, closing);
             }
             return Some(Pick { id: conn.backend, backend, new_flow: false, hash });
         }
@@ -423,7 +470,7 @@ fn pick_in<B: Bucket>(
             count_ct(ct_stats::MISSED_ESTABLISHED);
         }
     }
-    place(bucket, found.map(|(at, _)| at), key, meta, hash, remember)
+    place(bucket, found.map(|(at, ..)| at), key, meta, hash, remember, closing)
 }
 
 /// Writes `key -> conn` (a flow of VIP index `vip`) to this CPU's handshake slot for table hash
@@ -457,8 +504,8 @@ fn unstage<B: Bucket>(
 }
 
 /// Places a flow by the VIP's ring (by [`flow_hash`]) and, with `remember`, stores it in
-/// `bucket` (over way `at` when a stale entry for this flow is there). `hash` is the flow's
-/// table hash, handed on in the [`Pick`].
+/// `bucket` (over way `at` when a stale entry for this flow is there; marked closing with
+/// `closing`). `hash` is the flow's table hash, handed on in the [`Pick`].
 #[inline(always)]
 fn place<B: Bucket>(
     bucket: &mut B,
@@ -467,10 +514,11 @@ fn place<B: Bucket>(
     meta: &VipMeta,
     hash: u32,
     remember: bool,
+    closing: bool,
 ) -> Option<Pick> {
     let pick = ring_pick(key, meta, hash)?;
     if remember {
-        bucket.store(at, key, meta.vip_index, pick.conn());
+        bucket.store(at, key, meta.vip_index, pick.conn(), closing);
     }
     Some(pick)
 }

@@ -319,14 +319,18 @@ fn balance_l4(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
     // this CPU has not seen it (RSS or IRQ affinity moved the flow), the other CPUs' tables are
     // searched before the ring re-places it. UDP never searches, and a SYN is not even looked up
     // (placed by the ring, its flow waits in a handshake slot for its next packet: see
-    // `conntrack`).
+    // `conntrack`). A FIN or RST marks the flow's entry as closing, so that a new connection
+    // reusing its 5-tuple can follow its own handshake.
     let lookup = if l3.proto != proto::TCP {
         Lookup::Table
     } else {
         match parse::ptr_at::<u8>(ctx, l3.l4_off + parse::TCP_FLAGS_OFF) {
             // SAFETY: bounds-checked by ptr_at.
-            Ok(flags) if (unsafe { *flags }) & parse::TCP_SYN != 0 => Lookup::Syn,
-            Ok(_) => Lookup::Established,
+            Ok(flags) => match unsafe { *flags } {
+                f if f & parse::TCP_SYN != 0 => Lookup::Syn,
+                f if f & parse::TCP_FIN_RST != 0 => Lookup::Closing,
+                _ => Lookup::Established,
+            },
             Err(()) => Lookup::Table,
         }
     };

@@ -145,6 +145,8 @@ pub struct Ipv6Hdr {
 pub const TCP_FLAGS_OFF: usize = 13;
 /// The SYN flag.
 pub const TCP_SYN: u8 = 0x02;
+/// The FIN and RST flags: the client ends the connection.
+pub const TCP_FIN_RST: u8 = 0x01 | 0x04;
 
 /// The first four bytes of TCP and UDP: the ports.
 #[repr(C, packed(2))]

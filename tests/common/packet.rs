@@ -206,3 +206,7 @@ pub fn icmp6(
 pub const SYN: u8 = 0x02;
 /// TCP ACK flag.
 pub const ACK: u8 = 0x10;
+/// TCP FIN flag.
+pub const FIN: u8 = 0x01;
+/// TCP RST flag.
+pub const RST: u8 = 0x04;
