@@ -673,6 +673,38 @@ fn routing_and_the_backend_see_one_host() {
 }
 
 #[test]
+fn path_routes_match_the_path_the_backend_serves() {
+    let (admin, def) = (backend("admin", Mode::Ok), backend("default", Mode::Ok));
+    let routes = format!(
+        "[[vip.route]]\npath_prefix = \"/admin/\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n",
+        admin.addr.port()
+    );
+    // Who answered, and the path the backend got.
+    let seen = |addr, path: &str| {
+        let r = get(addr, path);
+        let mut words = r.2.split_whitespace().map(str::to_owned);
+        (r.0, words.next().unwrap_or_default(), words.next().unwrap_or_default())
+    };
+    let p = proxy(&[(&def, 1)], "", &routes);
+    // Dot segments, escaped unreserved characters and doubled slashes cannot walk around the
+    // route, and the backend serves the path that was routed.
+    for path in ["/admin/x", "/static/../admin/x", "/%61dmin/x", "//admin//x", "/./admin/%78"] {
+        assert_eq!(seen(p.addr, path), (200, "admin".into(), "/admin/x".into()), "{path}");
+    }
+    assert_eq!(seen(p.addr, "/admin/../x?a=/../b"), (200, "default".into(), "/x?a=/../b".into()));
+    // An escaped slash is data, not a separator.
+    assert_eq!(seen(p.addr, "/admin%2Fx"), (200, "default".into(), "/admin%2Fx".into()));
+    assert_eq!(get(p.addr, "/admin/%zz").0, 400, "a malformed escape is refused");
+    assert_eq!(admin.reqs.load(Ordering::Relaxed), 5);
+    // Off: paths go as sent.
+    let raw = proxy(&[(&def, 1)], "normalize_path = false", &routes);
+    assert_eq!(
+        seen(raw.addr, "/static/../admin/x"),
+        (200, "default".into(), "/static/../admin/x".into())
+    );
+}
+
+#[test]
 fn tcp_mode_relays_with_half_close() {
     let echo = backend("echo", Mode::Echo);
     let p = proxy(&[(&echo, 1)], "mode = \"tcp\"", "");

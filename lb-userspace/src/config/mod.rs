@@ -321,6 +321,10 @@ pub struct L7 {
     pub upstream_keepalive: usize,
     /// Add X-Forwarded-For / X-Forwarded-Proto and Forwarded.
     pub forwarded_for: bool,
+    /// Route and forward requests by their path in normal form (`proxy::path::normalize`), so
+    /// that a path route cannot be walked around with `..`, escapes or doubled slashes; off
+    /// only for backends that give those a meaning of their own.
+    pub normalize_path: bool,
     /// Log every answered request (log target `edgelb::access`, at info): the proxy's
     /// counterpart of HAProxy's and nginx's access logs, off by default (a line per request).
     pub access_log: bool,
@@ -420,6 +424,34 @@ struct Invalid(Range<usize>, String);
 
 fn bad<T>(span: Range<usize>, message: impl Into<String>) -> Result<T, Invalid> {
     Err(Invalid(span, message.into()))
+}
+
+/// Can a route's `path_prefix` match a request path? It must start with `/` and hold no query
+/// or fragment, as a request's path does; and with `normalize` (requests are matched by their
+/// path in normal form) it must be in normal form itself, or it would match nothing or not
+/// what it seems to: the error names the form to write.
+fn path_prefix_ok(p: &str, normalize: bool) -> Result<(), String> {
+    if !p.starts_with('/') || p.contains(['?', '#']) || p.contains(char::is_whitespace) {
+        return Err(format!(
+            "path_prefix `{p}` must be a path: start with `/`, without query, fragment or spaces"
+        ));
+    }
+    if normalize {
+        match crate::proxy::path::normalize(p) {
+            Some(n) if n == p => {}
+            Some(n) => {
+                return Err(format!(
+                    "path_prefix `{p}` is not in normal form, and requests are matched by their normalized path (`normalize_path`): write `{n}`"
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "path_prefix `{p}` has a malformed escape (`%` needs two hex digits)"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse_mac(s: &raw::Sp<String>) -> Result<[u8; 6], Invalid> {
@@ -768,6 +800,7 @@ fn l7_settings(
         max_connections: None,
         upstream_keepalive: None,
         forwarded_for: None,
+        normalize_path: None,
         access_log: None,
         proxy_protocol: None,
         cookie_name: None,
@@ -811,6 +844,7 @@ fn l7_settings(
             "cookie stickiness needs mode = \"http\"",
         );
     }
+    let normalize_path = l.normalize_path.as_ref().is_none_or(|f| *f.get_ref());
     let mut out_routes = Vec::new();
     for r in routes {
         let span = r.span();
@@ -827,6 +861,11 @@ fn l7_settings(
         }
         if backends.is_empty() {
             return bad(span, "a route needs backends");
+        }
+        if let Some(p) = &r.path_prefix
+            && let Err(m) = path_prefix_ok(p.get_ref(), normalize_path)
+        {
+            return bad(p.span(), m);
         }
         out_routes.push(Route {
             host: r.host.as_ref().map(|h| h.get_ref().to_ascii_lowercase()),
@@ -871,6 +910,7 @@ fn l7_settings(
         upstream_keepalive: num(&l.upstream_keepalive, 1_024, 0..=100_000, "upstream_keepalive")?
             as usize,
         forwarded_for: l.forwarded_for.as_ref().is_none_or(|f| *f.get_ref()),
+        normalize_path,
         access_log: l.access_log.as_ref().is_some_and(|f| *f.get_ref()),
         proxy_protocol,
         cookie_name: l

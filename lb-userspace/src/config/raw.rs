@@ -73,6 +73,7 @@ pub struct L7 {
     pub max_connections: Option<Sp<u32>>,
     pub upstream_keepalive: Option<Sp<u32>>,
     pub forwarded_for: Option<Sp<bool>>,
+    pub normalize_path: Option<Sp<bool>>,
     pub access_log: Option<Sp<bool>>,
     pub proxy_protocol: Option<Sp<u8>>,
     pub cookie_name: Option<Sp<String>>,

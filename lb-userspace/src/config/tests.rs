@@ -81,6 +81,30 @@ fn semantic_errors_point_at_the_field() {
 }
 
 #[test]
+fn path_prefixes_must_be_paths_in_normal_form() {
+    let vip = |l7: &str, prefix: &str| {
+        format!(
+            "{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nport = 80\nforwarding = \"l7\"\nbackends = [{{ address = \"198.18.0.11\" }}]\n[vip.l7]\n{l7}\n[[vip.route]]\npath_prefix = \"{prefix}\"\nbackends = [{{ address = \"198.18.0.12\" }}]\n"
+        )
+    };
+    for good in ["/", "/api/", "/a%2Fb", "/~x"] {
+        parse(&vip("", good)).unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+    let e = err(&vip("", "api/"));
+    assert!(e.starts_with("t.toml:13:15:") && e.contains("start with `/`"), "{e}");
+    assert!(err(&vip("", "/a?b")).contains("without query"));
+    let e = err(&vip("", "/static/../api//"));
+    assert!(e.contains("not in normal form") && e.contains("write `/api/`"), "{e}");
+    assert!(err(&vip("", "/%61pi")).contains("write `/api`"));
+    assert!(err(&vip("", "/a%2f")).contains("write `/a%2F`"));
+    assert!(err(&vip("", "/a%g0")).contains("malformed escape"));
+    // Requests matched as sent: any path will do.
+    let cfg = parse(&vip("normalize_path = false", "/static/../api//")).unwrap();
+    assert!(!cfg.vips[0].l7.as_ref().unwrap().normalize_path);
+    assert!(parse(&vip("", "/api/")).unwrap().vips[0].l7.as_ref().unwrap().normalize_path);
+}
+
+#[test]
 fn l2_needs_macs_and_ipip_needs_a_next_hop() {
     let e = err(&format!(
         "{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nforwarding = \"l2\"\nbackends = [{{ address = \"198.18.0.11\" }}]\n"

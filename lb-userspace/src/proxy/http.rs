@@ -10,6 +10,7 @@
 //! requests without a body; anything else gets one clean error response.
 
 use std::{
+    borrow::Cow,
     cell::RefCell,
     fmt::Write as _,
     io::{self, Write as _},
@@ -623,8 +624,9 @@ struct Target<'a> {
     /// The host (and port) the request names, for routing: from an absolute-form target, else
     /// from the Host header; `None` for an HTTP/1.0 request without one.
     host: Option<&'a [u8]>,
-    /// The request target in origin form (or `*`), as the backend gets it.
-    path: &'a str,
+    /// The request target in origin form (or `*`), as the backend gets it: its path normalized
+    /// ([`super::path::normalize`]) unless the VIP says not to.
+    path: Cow<'a, str>,
     /// The Host header the backend gets instead of the client's, if any: the authority of an
     /// absolute-form target, or for an HTTP/1.0 request without Host the address the client
     /// connected to (HTTP/1.1 backends require one).
@@ -642,9 +644,22 @@ enum HostOut<'a> {
 /// The request's [`Target`], or `None` when it must be refused with 400: a target in neither
 /// origin, absolute nor asterisk form, an absolute-form target with user information or an
 /// invalid host, more than one Host header, none in an HTTP/1.1 request, or an invalid one
-/// (RFC 9112 3.2). Routing and the backend then see one and the same host: a request cannot
-/// be routed by one Host and served by another.
-fn target(req: &ReqHead) -> Option<Target<'_>> {
+/// (RFC 9112 3.2); with `normalize`, a path with a malformed escape. Routing and the backend
+/// then see one and the same host and path: a request cannot be routed by one and served by
+/// another.
+fn target(req: &ReqHead, normalize: bool) -> Option<Target<'_>> {
+    let mut t = target_as_sent(req)?;
+    if normalize
+        && let Cow::Borrowed(p) = t.path
+        && p.starts_with('/')
+    {
+        t.path = super::path::normalize(p)?;
+    }
+    Some(t)
+}
+
+/// [`target`] with the path as the client sent it.
+fn target_as_sent(req: &ReqHead) -> Option<Target<'_>> {
     let mut hosts = header(&req.head, "host");
     let host = hosts.next().map(|h| h.trim_ascii());
     if hosts.next().is_some() || host.is_some_and(|h| !valid_host(h)) {
@@ -653,9 +668,9 @@ fn target(req: &ReqHead) -> Option<Target<'_>> {
     let path = req.path();
     if path.starts_with('/') || (path == "*" && req.method() == "OPTIONS") {
         return match host {
-            Some(h) => Some(Target { host: Some(h), path, host_out: None }),
+            Some(h) => Some(Target { host: Some(h), path: path.into(), host_out: None }),
             None if req.http10 => {
-                Some(Target { host: None, path, host_out: Some(HostOut::Listen) })
+                Some(Target { host: None, path: path.into(), host_out: Some(HostOut::Listen) })
             }
             None => None,
         };
@@ -680,7 +695,7 @@ fn target(req: &ReqHead) -> Option<Target<'_>> {
         _ => return None,
     };
     let a = authority.as_bytes();
-    Some(Target { host: Some(a), path, host_out: Some(HostOut::Authority(a)) })
+    Some(Target { host: Some(a), path: path.into(), host_out: Some(HostOut::Authority(a)) })
 }
 
 /// Is `h` a valid Host value: `uri-host [":" port]` (RFC 3986 reg-name or IP literal), not
@@ -940,12 +955,12 @@ async fn serve_conn(
         if req.method() == "CONNECT" {
             return reject(client, &vip, peer, 501, Some(&req)).await;
         }
-        let Some(target) = target(&req) else {
+        let Some(target) = target(&req, cfg.normalize_path) else {
             return reject(client, &vip, peer, 400, Some(&req)).await;
         };
         // valid_host admits ASCII only.
         let host = target.host.and_then(|h| std::str::from_utf8(h).ok());
-        let pool = vip.pool_for(host, target.path).clone();
+        let pool = vip.pool_for(host, &target.path).clone();
 
         // Sticky cookie, if the pool uses them.
         let sticky = (pool.algorithm == Algorithm::Cookie)
@@ -1385,7 +1400,7 @@ mod tests {
 
     /// The head sent to the backend for `r` (client 198.18.4.1:5000 on VIP 198.18.1.6:80).
     fn forward(r: &ReqHead, framing: Framing, forwarded_for: bool) -> String {
-        let t = target(r).expect("a valid target");
+        let t = target(r, true).expect("a valid target");
         let (peer, listen) = ("198.18.4.1:5000".parse().unwrap(), "198.18.1.6:80".parse().unwrap());
         String::from_utf8(upstream_head(r, &t, listen, framing, None, peer, forwarded_for).to_vec())
             .unwrap()
@@ -1395,8 +1410,8 @@ mod tests {
     fn targets_and_hosts_are_checked_and_one_host_reaches_the_backend() {
         let host = |line: &str, pairs: &[(&str, &str)]| {
             let r = req_line(line, pairs);
-            target(&r).map(|t| {
-                (t.host.map(|h| String::from_utf8_lossy(h).into_owned()), t.path.to_owned())
+            target(&r, true).map(|t| {
+                (t.host.map(|h| String::from_utf8_lossy(h).into_owned()), t.path.into_owned())
             })
         };
         let some = |h: &str, p: &str| Some((Some(h.to_owned()), p.to_owned()));

@@ -14,6 +14,7 @@ pub mod balance;
 mod chunked;
 mod http;
 pub mod inherited;
+pub mod path;
 mod tcp;
 mod uring;
 

@@ -1,0 +1,123 @@
+//! Request paths in one normal form, so that routing by path prefix and the backend agree on
+//! which path a request names.
+//!
+//! Without it, `/static/../admin`, `/%61dmin` and `//admin` all miss a route for `/admin` and
+//! go to the default pool, while most backends (and every filesystem) serve them as `/admin`:
+//! a path route could be walked around. nginx normalizes the same way before it matches
+//! locations; Envoy offers it as `normalize_path` and `merge_slashes`.
+
+use std::borrow::Cow;
+
+/// `target` (an origin-form request target: a path starting with `/`, maybe a query) with its
+/// path in normal form: percent-encoded unreserved characters decoded and other escapes' hex
+/// digits in upper case (RFC 3986 6.2.2.1-2), dot segments removed (5.2.4, which also keeps a
+/// path from climbing above the root) and runs of slashes merged, as nginx's default
+/// `merge_slashes` does. The query is left as it is, and encoded slashes (`%2F`) stay encoded:
+/// they are data, not separators. `None` for a malformed escape (`%` not followed by two hex
+/// digits), which a request must not carry. Borrowed when the path is already normal, as
+/// nearly every request's is: the check is one pass over its bytes.
+pub fn normalize(target: &str) -> Option<Cow<'_, str>> {
+    let (path, query) = target.split_at(target.find('?').unwrap_or(target.len()));
+    if !path.contains('%')
+        && !path.contains("//")
+        && !path.split('/').any(|s| s == "." || s == "..")
+    {
+        return Some(Cow::Borrowed(target));
+    }
+    let decoded = unescape(path)?;
+    let segments: Vec<&str> = decoded.split('/').skip(1).collect();
+    let mut kept: Vec<&str> = Vec::with_capacity(segments.len());
+    // Whether the path ends in a directory: a trailing slash, or a last `.` or `..` segment.
+    let mut directory = false;
+    for (i, &s) in segments.iter().enumerate() {
+        directory = match s {
+            "" => i + 1 == segments.len(),
+            "." => true,
+            ".." => {
+                kept.pop();
+                true
+            }
+            s => {
+                kept.push(s);
+                false
+            }
+        };
+    }
+    let mut out = String::with_capacity(target.len());
+    for s in &kept {
+        out.push('/');
+        out.push_str(s);
+    }
+    if kept.is_empty() || directory {
+        out.push('/');
+    }
+    out.push_str(query);
+    Some(Cow::Owned(out))
+}
+
+/// `path` with escapes of unreserved characters decoded and the others' hex digits upper-cased;
+/// `None` for a malformed escape.
+fn unescape(path: &str) -> Option<String> {
+    let b = path.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'%' {
+            out.push(b[i]);
+            i += 1;
+            continue;
+        }
+        let (hi, lo) = (b.get(i + 1)?, b.get(i + 2)?);
+        let v = hex(*hi)? << 4 | hex(*lo)?;
+        if v.is_ascii_alphanumeric() || b"-._~".contains(&v) {
+            out.push(v);
+        } else {
+            out.extend([b'%', hi.to_ascii_uppercase(), lo.to_ascii_uppercase()]);
+        }
+        i += 3;
+    }
+    // Only ASCII was replaced by ASCII, so the bytes are still UTF-8.
+    String::from_utf8(out).ok()
+}
+
+/// The value of hex digit `d`.
+fn hex(d: u8) -> Option<u8> {
+    (d as char).to_digit(16).map(|v| v as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize;
+
+    #[test]
+    fn paths_are_normalized_and_normal_ones_borrowed() {
+        let n = |t: &str| normalize(t).map(|c| c.into_owned());
+        for t in ["/", "/a", "/a/b/", "/a.b/c..d/.e", "/a?x=/../&y=%zz", "/a/b?"] {
+            assert!(matches!(normalize(t), Some(std::borrow::Cow::Borrowed(_))), "{t}");
+        }
+        for (t, want) in [
+            ("/static/../admin", "/admin"),
+            ("/a/./b", "/a/b"),
+            ("/a/b/.", "/a/b/"),
+            ("/a/b/..", "/a/"),
+            ("/..", "/"),
+            ("/../../etc/passwd", "/etc/passwd"),
+            ("//admin", "/admin"),
+            ("/a//b///c/", "/a/b/c/"),
+            ("//", "/"),
+            ("/%61dmin", "/admin"),
+            ("/%2e%2E/admin", "/admin"),
+            ("/a/%2E/b?q=%2e", "/a/b?q=%2e"),
+            ("/a%2fb", "/a%2Fb"),
+            ("/a%2F..%2Fb", "/a%2F..%2Fb"),
+            ("/%7E%5f%2D", "/~_-"),
+            ("/caf%c3%a9", "/caf%C3%A9"),
+            ("/é/../x", "/x"),
+        ] {
+            assert_eq!(n(t).as_deref(), Some(want), "{t}");
+        }
+        for t in ["/%", "/%4", "/a%zz", "/%+1", "/%4g"] {
+            assert_eq!(n(t), None, "{t}");
+        }
+    }
+}
