@@ -481,10 +481,12 @@ fn timeouts_and_limits_answer_cleanly() {
             .0,
         400
     );
+    // Another major HTTP version gets 505.
+    assert_eq!(request(p.addr, None, "GET / HTTP/2.0\r\nHost: t\r\n\r\n").unwrap().0, 505);
 
     // The proxy's own answers count among the requests, as the backends' do.
     let text = p.metrics.encode();
-    for (class, n) in [("4xx", 4), ("5xx", 1)] {
+    for (class, n) in [("4xx", 4), ("5xx", 2)] {
         let line = format!("edgelb_l7_requests_total{{vip=\"web\",class=\"{class}\"}} {n}");
         assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
     }
@@ -667,9 +669,12 @@ fn routing_and_the_backend_see_one_host() {
     // HTTP/1.0 needs no Host; the backend still gets one.
     let r = send("GET /old HTTP/1.0\r\n\r\n");
     assert_eq!((r.0, who(&r)), (200, "default".to_owned()), "{r:?}");
+    // A later HTTP/1 minor version is served as HTTP/1.1 (RFC 9110 6.2).
+    let r = send("GET /v12 HTTP/1.2\r\nHost: api.example\r\nConnection: close\r\n\r\n");
+    assert_eq!((r.0, who(&r)), (200, "api".to_owned()), "{r:?}");
     // No tunnels through a reverse proxy.
     assert_eq!(send("CONNECT api.example:443 HTTP/1.1\r\nHost: api.example:443\r\n\r\n").0, 501);
-    assert_eq!(def.reqs.load(Ordering::Relaxed) + api.reqs.load(Ordering::Relaxed), 3);
+    assert_eq!(def.reqs.load(Ordering::Relaxed) + api.reqs.load(Ordering::Relaxed), 4);
 }
 
 #[test]

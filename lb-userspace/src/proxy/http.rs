@@ -98,6 +98,7 @@ fn reason(status: u16) -> &'static str {
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
         _ => "Error",
     }
 }
@@ -273,6 +274,8 @@ impl ReqHead {
 enum HeadError {
     Bad,
     TooLarge,
+    /// A request line of another major version than HTTP/1 (505).
+    Version,
 }
 
 /// Header slots parsed on the stack; configs allowing more use the heap.
@@ -294,6 +297,15 @@ fn parse_request(buf: &mut BytesMut, max_headers: usize) -> Result<Option<ReqHea
         Ok(httparse::Status::Partial) => return Ok(None),
         Ok(httparse::Status::Complete(len)) => len,
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(httparse::Error::Version) => {
+            // httparse knows HTTP/1.0 and 1.1 only. A later HTTP/1 minor version is handled as
+            // 1.1 (RFC 9110 6.2: as the highest minor version the recipient implements), and
+            // its request line is not forwarded (the backend gets the proxy's own), so the
+            // digit is rewritten and the head parsed again.
+            let Some(minor) = later_http1_minor(buf)? else { return Ok(None) };
+            buf[minor] = b'1';
+            return parse_request(buf, max_headers);
+        }
         Err(_) => return Err(HeadError::Bad),
     };
     let (method, path) = (
@@ -303,6 +315,25 @@ fn parse_request(buf: &mut BytesMut, max_headers: usize) -> Result<Option<ReqHea
     let (http10, headers) = (req.version == Some(0), Head::spans(buf, req.headers));
     let head = Head::new(buf.split_to(len).freeze(), headers);
     Ok(Some(ReqHead { head, method, path, http10 }))
+}
+
+/// Where the minor version digit of a request line ending in `HTTP/1.<2-9>` is in `buf`
+/// (`None` while the line is incomplete); [`HeadError::Version`] for another major version
+/// (`HTTP/<d>.<d>`), else [`HeadError::Bad`].
+fn later_http1_minor(buf: &[u8]) -> Result<Option<usize>, HeadError> {
+    let Some(end) = buf.iter().position(|&b| b == b'\n') else { return Ok(None) };
+    let line = &buf[..end];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let start = line.iter().rposition(|&b| b == b' ').ok_or(HeadError::Bad)? + 1;
+    match &line[start..] {
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', b'2'..=b'9'] => Ok(Some(start + 7)),
+        [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
+            if major.is_ascii_digit() && minor.is_ascii_digit() =>
+        {
+            Err(HeadError::Version)
+        }
+        _ => Err(HeadError::Bad),
+    }
 }
 
 /// The values of every `name` header.
@@ -914,6 +945,7 @@ async fn serve_conn(
                 Ok(None) => {}
                 Err(HeadError::TooLarge) => return reject(client, &vip, peer, 431, None).await,
                 Err(HeadError::Bad) => return reject(client, &vip, peer, 400, None).await,
+                Err(HeadError::Version) => return reject(client, &vip, peer, 505, None).await,
             }
             let waiting_for_start = buf.is_empty() && !first;
             let deadline = if waiting_for_start { idle_deadline } else { head_deadline };
@@ -1332,6 +1364,20 @@ mod tests {
         let r = parse_request(&mut buf, 64).ok().flatten().expect("a complete head");
         assert!(buf.is_empty());
         r
+    }
+
+    #[test]
+    fn later_http1_minor_versions_parse_as_1_1_and_other_majors_are_refused() {
+        let parse = |text: &str| parse_request(&mut BytesMut::from(text.as_bytes()), 64);
+        let r = parse("GET /x HTTP/1.2\r\nHost: a\r\n\r\n").ok().flatten().expect("parsed");
+        assert_eq!((r.path(), r.http10), ("/x", false));
+        assert!(matches!(parse("GET /x HTTP/1.9"), Ok(None)), "an incomplete line waits");
+        for text in ["GET / HTTP/2.0\r\n\r\n", "GET / HTTP/0.9\r\n\r\n", "PRI * HTTP/2.0\r\n"] {
+            assert!(matches!(parse(text), Err(HeadError::Version)), "{text}");
+        }
+        for text in ["GET / HTTP/1.x\r\n\r\n", "GET / HTTP/1.10\r\n\r\n", "GET / HTTQ/1.2\r\n"] {
+            assert!(matches!(parse(text), Err(HeadError::Bad)), "{text}");
+        }
     }
 
     fn h(pairs: &[(&str, &str)]) -> Head {
