@@ -283,17 +283,20 @@ const STACK_HEADERS: usize = 64;
 
 /// Parses a request head at the start of `buf`; when complete, splits it off `buf`.
 fn parse_request(buf: &mut BytesMut, max_headers: usize) -> Result<Option<ReqHead>, HeadError> {
-    // Uninitialised slots: no per-request allocation or 32-byte-per-slot initialisation.
+    // Uninitialised slots on the stack: no per-request allocation or 32-byte-per-slot
+    // initialisation. A limit above them (the default, 100, is) is parsed into the heap only
+    // when a head has more headers than the stack holds, which real requests rarely do.
     let mut stack = [const { MaybeUninit::<httparse::Header>::uninit() }; STACK_HEADERS];
     let mut heap = Vec::new();
-    let slots: &mut [MaybeUninit<httparse::Header>] = if max_headers <= STACK_HEADERS {
-        &mut stack[..max_headers]
-    } else {
-        heap.resize_with(max_headers, MaybeUninit::uninit);
-        &mut heap
-    };
     let mut req = httparse::Request::new(&mut []);
-    let len = match req.parse_with_uninit_headers(buf, slots) {
+    let mut parsed =
+        req.parse_with_uninit_headers(buf, &mut stack[..max_headers.min(STACK_HEADERS)]);
+    if max_headers > STACK_HEADERS && matches!(parsed, Err(httparse::Error::TooManyHeaders)) {
+        heap.resize_with(max_headers, MaybeUninit::uninit);
+        req = httparse::Request::new(&mut []);
+        parsed = req.parse_with_uninit_headers(buf, &mut heap);
+    }
+    let len = match parsed {
         Ok(httparse::Status::Partial) => return Ok(None),
         Ok(httparse::Status::Complete(len)) => len,
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
@@ -736,6 +739,26 @@ fn valid_host(h: &[u8]) -> bool {
         && h.iter().all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b))
 }
 
+/// The client as the forwarding headers name it, written once per connection rather than
+/// formatted for every request.
+struct ForwardedClient {
+    /// The address, for X-Forwarded-For.
+    xff: String,
+    /// The `for=` parameter of Forwarded (an IPv6 address quoted and bracketed, RFC 7239).
+    forwarded: String,
+}
+
+impl ForwardedClient {
+    fn new(peer: SocketAddr) -> Self {
+        let ip = client_ip(peer);
+        let forwarded = match ip {
+            IpAddr::V4(a) => format!("for={a}"),
+            IpAddr::V6(a) => format!("for=\"[{a}]\""),
+        };
+        ForwardedClient { xff: ip.to_string(), forwarded }
+    }
+}
+
 /// The request head as sent to the backend (shared by every attempt without copying). An
 /// upgrade request (`upgrade`, from [`upgrade_of`]) keeps its `Upgrade` header and says
 /// `Connection: upgrade`. The request line and Host come from `target` (`listen` names the
@@ -746,7 +769,7 @@ fn upstream_head(
     listen: SocketAddr,
     framing: Framing,
     upgrade: Option<&[u8]>,
-    peer: SocketAddr,
+    client: &ForwardedClient,
     forwarded_for: bool,
 ) -> Bytes {
     let head = &req.head;
@@ -798,7 +821,6 @@ fn upstream_head(
     }
     if forwarded_for {
         // Every earlier hop the client's headers list, in order, then this one.
-        let ip = client_ip(peer);
         let append = |out: &mut Vec<u8>, name: &str| {
             out.extend(name.as_bytes());
             out.extend(b": ");
@@ -808,13 +830,11 @@ fn upstream_head(
             }
         };
         append(&mut out, "X-Forwarded-For");
-        // Writes into a Vec cannot fail.
-        let _ = write!(out, "{ip}\r\nX-Forwarded-Proto: http\r\n");
+        out.extend(client.xff.as_bytes());
+        out.extend(b"\r\nX-Forwarded-Proto: http\r\n");
         append(&mut out, "Forwarded");
-        let _ = match ip {
-            IpAddr::V4(a) => write!(out, "for={a};proto=http\r\n"),
-            IpAddr::V6(a) => write!(out, "for=\"[{a}]\";proto=http\r\n"),
-        };
+        out.extend(client.forwarded.as_bytes());
+        out.extend(b";proto=http\r\n");
     }
     if framing == Framing::Chunked {
         transfer_encoding(&mut out, head);
@@ -923,6 +943,7 @@ async fn serve_conn(
     let mut ubuf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = BytesMut::with_capacity(512);
     let mut tried: Vec<usize> = Vec::new();
+    let forwarded = ForwardedClient::new(peer);
     let mut first = true;
     loop {
         // Pick up the newest pools for every request on a keep-alive connection.
@@ -1020,7 +1041,8 @@ async fn serve_conn(
         // 2..4. Pick, send, read the response head; retry where that is safe.
         let can_retry = idempotent(req.method()) && framing == Framing::None;
         let upgrade = upgrade_of(&req, framing);
-        let head = upstream_head(&req, &target, listen, framing, upgrade, peer, cfg.forwarded_for);
+        let head =
+            upstream_head(&req, &target, listen, framing, upgrade, &forwarded, cfg.forwarded_for);
         tried.clear();
         let mut last = Attempt::Connect;
         let mut done = None;
@@ -1367,6 +1389,25 @@ mod tests {
     }
 
     #[test]
+    fn header_limits_above_the_stack_slots_are_kept_exactly() {
+        let head = |n: usize| {
+            let many: String = (0..n).map(|i| format!("X-{i}: v\r\n")).collect();
+            BytesMut::from(format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n").as_bytes())
+        };
+        for (headers, max, ok) in
+            [(20, 21, true), (20, 20, false), (79, 100, true), (99, 100, true)]
+        {
+            let parsed = parse_request(&mut head(headers), max);
+            match parsed {
+                Ok(Some(r)) if ok => assert_eq!(r.head.headers().count(), headers + 1),
+                Err(HeadError::TooLarge) if !ok => {}
+                _ => panic!("{headers} headers + Host, at most {max}: ok = {ok}"),
+            }
+        }
+        assert!(matches!(parse_request(&mut head(100), 100), Err(HeadError::TooLarge)));
+    }
+
+    #[test]
     fn later_http1_minor_versions_parse_as_1_1_and_other_majors_are_refused() {
         let parse = |text: &str| parse_request(&mut BytesMut::from(text.as_bytes()), 64);
         let r = parse("GET /x HTTP/1.2\r\nHost: a\r\n\r\n").ok().flatten().expect("parsed");
@@ -1448,8 +1489,11 @@ mod tests {
     fn forward(r: &ReqHead, framing: Framing, forwarded_for: bool) -> String {
         let t = target(r, true).expect("a valid target");
         let (peer, listen) = ("198.18.4.1:5000".parse().unwrap(), "198.18.1.6:80".parse().unwrap());
-        String::from_utf8(upstream_head(r, &t, listen, framing, None, peer, forwarded_for).to_vec())
-            .unwrap()
+        let client = ForwardedClient::new(peer);
+        String::from_utf8(
+            upstream_head(r, &t, listen, framing, None, &client, forwarded_for).to_vec(),
+        )
+        .unwrap()
     }
 
     #[test]
