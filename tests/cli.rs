@@ -1,5 +1,7 @@
 //! The `edgelb` binary's command line: exit codes and messages operators and scripts rely on.
 
+mod common;
+
 use std::process::Command;
 
 fn edgelb(args: &[&str]) -> (i32, String, String) {
@@ -89,4 +91,49 @@ fn run_refuses_a_passed_descriptor_that_is_not_a_listening_socket() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("descriptor 3 passed by the service manager"), "{err}");
+}
+
+/// The example config with its interface, pin directory and admin socket replaced, for a `run`
+/// that must stop before it touches anything.
+fn run_config(name: &str, interface: &str) -> (tempfile_path::TempPath, String, String) {
+    let pins = format!("/sys/fs/bpf/edgelb-t-cli-{name}-{}", std::process::id());
+    let admin = format!("{}/{name}-{}.sock", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let text = edgelb::config::EXAMPLE.replace(
+        "interfaces = [\"lb0\"]",
+        &format!(
+            "interfaces = [\"{interface}\"]\npin_dir = \"{pins}\"\nadmin_socket = \"{admin}\""
+        ),
+    );
+    assert!(text.contains(&pins), "the example's interfaces line moved");
+    (tempfile_path::write(&format!("{name}.toml"), &text), pins, admin)
+}
+
+#[test]
+fn run_stops_before_touching_anything_when_an_interface_is_missing() {
+    let (f, pins, admin) = run_config("no-iface", "edgelb-nosuch0");
+    let (code, _, err) = edgelb(&["run", "--config", f.0.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("interface `edgelb-nosuch0` (node.interfaces) does not exist"), "{err}");
+    assert!(!std::path::Path::new(&pins).exists(), "nothing pinned");
+    assert!(!std::path::Path::new(&admin).exists(), "no admin socket");
+}
+
+#[test]
+fn run_stops_when_the_kernel_refuses_io_uring_to_the_l7_proxy() {
+    use std::os::unix::process::CommandExt;
+    // The example has an L7 VIP. edgelb runs under a seccomp filter that fails io_uring_setup
+    // with EPERM, as `kernel.io_uring_disabled` or a container's profile would; the interface is
+    // missing too, so a run that got past the io_uring check would stop there instead.
+    let (f, pins, _) = run_config("no-uring", "edgelb-nosuch0");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgelb"));
+    cmd.args(["run", "--config"]).arg(&f.0);
+    // SAFETY: between fork and exec the closure only makes two prctl calls on a filter that
+    // lives on the parent's stack, copied into the child's address space by fork; no allocation.
+    unsafe { cmd.pre_exec(common::deny_io_uring_setup) };
+    let out = cmd.output().expect("run edgelb");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("L7 proxy: io_uring is unavailable"), "{err}");
+    assert!(err.contains("Operation not permitted"), "{err}");
+    assert!(!std::path::Path::new(&pins).exists(), "nothing pinned");
 }

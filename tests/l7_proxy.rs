@@ -196,6 +196,19 @@ impl Drop for Running {
 
 /// Starts the proxy for one L7 VIP on 127.0.0.1 with `backends` and extra `[vip.l7]` lines.
 fn proxy(backends: &[(&Backend, u32)], l7: &str, extra: &str) -> Running {
+    let (cfg, addr) = proxy_config(backends, l7, extra);
+    let metrics = Metrics::new();
+    let proxy = Proxy::start(&cfg, 2, metrics.l7.clone()).expect("proxy starts");
+    let start = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Running { proxy: Some(proxy), addr, metrics }
+}
+
+/// The config of [`proxy`], on a free port, and the VIP's address.
+fn proxy_config(backends: &[(&Backend, u32)], l7: &str, extra: &str) -> (Config, SocketAddr) {
     let port = free_port();
     let list: Vec<String> = backends
         .iter()
@@ -208,15 +221,23 @@ fn proxy(backends: &[(&Backend, u32)], l7: &str, extra: &str) -> Running {
         list.join(", ")
     );
     let cfg = Config::parse(&text, "l7.toml".as_ref()).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    let metrics = Metrics::new();
-    let proxy = Proxy::start(&cfg, 2, metrics.l7.clone()).expect("proxy starts");
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let start = Instant::now();
-    while TcpStream::connect(addr).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(5));
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Running { proxy: Some(proxy), addr, metrics }
+    (cfg, format!("127.0.0.1:{port}").parse().unwrap())
+}
+
+#[test]
+fn a_proxy_whose_threads_get_no_io_uring_fails_to_start() {
+    let b = backend("b", Mode::Ok);
+    let (cfg, addr) = proxy_config(&[(&b, 1)], "", "");
+    // The filter stays with the thread that installs it, and the proxy threads it starts.
+    let started = std::thread::spawn(move || {
+        common::deny_io_uring_setup().expect("install the seccomp filter");
+        Proxy::start(&cfg, 2, Metrics::new().l7.clone()).map(drop).map_err(|e| e.to_string())
+    })
+    .join()
+    .expect("the starting thread returns");
+    let err = started.expect_err("a proxy without io_uring must not start");
+    assert!(err.contains("io_uring is unavailable"), "{err}");
+    assert!(TcpStream::connect(addr).is_err(), "no listener is left unanswered");
 }
 
 /// A keep-alive client connection to `addr` (reads time out after 5 s) and a reader on it.

@@ -56,6 +56,11 @@ pub enum RunError {
     /// The L7 proxy could not start.
     #[error("L7 proxy: {0}")]
     Proxy(String),
+    /// An interface of `node.interfaces` is not there.
+    #[error(
+        "interface `{0}` (node.interfaces) does not exist in this network namespace; nothing was changed"
+    )]
+    Interface(String),
     /// The listening sockets passed by the service manager are unusable.
     #[error(transparent)]
     Inherited(#[from] crate::proxy::inherited::InheritError),
@@ -144,6 +149,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     // owner whatever happens next.
     let mut inherited = crate::proxy::inherited::Inherited::from_env()?;
     let cfg = Config::load(path)?;
+    preflight(&cfg)?;
     // Only a valid config takes over, and only once the kernel has taken this binary's program
     // (it is loaded here, beside the running one): a bad file or a refused program leaves the
     // running edgelb alone.
@@ -326,6 +332,20 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         }
     }
     Ok(())
+}
+
+/// What would otherwise fail only after the data plane was touched (or, with `--takeover`, after
+/// the running edgelb stopped for good): an interface that is not there (a typo would leave the
+/// maps written and nothing attached), an io_uring the kernel refuses (the L7 proxy's listeners
+/// would be left unanswered). Checked before anything else, privileged or not.
+fn preflight(cfg: &Config) -> Result<(), RunError> {
+    if !crate::proxy::l7_listeners(cfg).is_empty() {
+        crate::proxy::probe_io_uring().map_err(|e| RunError::Proxy(e.to_string()))?;
+    }
+    match cfg.node.interfaces.iter().find(|name| !crate::dataplane::interface_exists(name)) {
+        Some(name) => Err(RunError::Interface(name.clone())),
+        None => Ok(()),
+    }
 }
 
 /// Everything privileged is done by now (programs loaded, links attached and pinned, sockets

@@ -114,3 +114,44 @@ pub fn rng(seed: u64) -> impl FnMut(usize) -> usize {
         (seed % n as u64) as usize
     }
 }
+
+/// Installs, on the calling thread (and the threads and processes it starts later), a seccomp
+/// filter that fails `io_uring_setup` with EPERM and allows everything else: the kernel refusing
+/// io_uring (`kernel.io_uring_disabled`, a container's profile) without changing the machine.
+pub fn deny_io_uring_setup() -> std::io::Result<()> {
+    const IO_URING_SETUP: u32 = 425;
+    let filter = [
+        // Load the system call number (seccomp_data.nr, offset 0).
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: IO_URING_SETUP,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
+    ];
+    let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
+    // SAFETY: plain prctl calls; `prog` points at `filter`, both alive for the call.
+    let ok = unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+            && libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) == 0
+    };
+    if ok { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}

@@ -896,6 +896,16 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Da
     prog.try_into().map_err(|source| DataplaneError::Program { name, source })
 }
 
+/// Is there a network interface called `name` in the calling thread's network namespace? Asked
+/// before anything is attached, so that a misspelt interface stops edgelb before it touches the
+/// data plane.
+#[allow(unsafe_code)]
+pub fn interface_exists(name: &str) -> bool {
+    let Ok(name) = CString::new(name) else { return false };
+    // SAFETY: `name` is a NUL-terminated string that outlives the call, which only reads it.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
 fn attach_xdp(
     prog: &mut Xdp,
     interface: &str,

@@ -247,6 +247,17 @@ pub enum ProxyError {
     /// A thread could not be started.
     #[error("starting an L7 thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The kernel refused an io_uring instance.
+    #[error(
+        "io_uring is unavailable ({0}): the L7 proxy needs it; the kernel may deny it (sysctl kernel.io_uring_disabled, a seccomp profile, the memory limit)"
+    )]
+    IoUring(#[source] std::io::Error),
+}
+
+/// Creates and drops one proxy thread's io_uring runtime: an edgelb that cannot run its L7
+/// proxy says so before it starts rather than leaving its listeners unanswered.
+pub fn probe_io_uring() -> Result<(), ProxyError> {
+    tokio_uring::Runtime::new(&uring_runtime()).map(drop).map_err(ProxyError::IoUring)
 }
 
 fn listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -381,13 +392,37 @@ impl Proxy {
         };
         proxy.update(cfg);
         let threads = bound.per_thread.len();
+        // Each thread says whether its runtime (its io_uring) came up: a proxy that cannot
+        // serve fails here, not with listeners nobody accepts on.
+        let (up_tx, up_rx) = std::sync::mpsc::channel();
         for (t, socks) in bound.per_thread.into_iter().enumerate() {
             let shared = proxy.shared.clone();
+            let up = up_tx.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("l7-{t}"))
-                .spawn(move || uring_runtime().start(run_thread(socks, shared)))
+                .spawn(move || match tokio_uring::Runtime::new(&uring_runtime()) {
+                    Ok(rt) => {
+                        let _ = up.send(Ok(()));
+                        rt.block_on(run_thread(socks, shared));
+                    }
+                    Err(e) => {
+                        // Its sockets close with it; the proxy is shut down below.
+                        shared.accepting.fetch_sub(socks.len(), Ordering::SeqCst);
+                        let _ = up.send(Err(e));
+                    }
+                })
                 .map_err(ProxyError::Thread)?;
             proxy.threads.push(handle);
+        }
+        drop(up_tx);
+        for _ in 0..threads {
+            let failed = match up_rx.recv() {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => ProxyError::IoUring(e),
+                Err(_) => ProxyError::Thread(std::io::Error::other("an L7 thread ended at start")),
+            };
+            proxy.shutdown(Duration::ZERO);
+            return Err(failed);
         }
         info!(vips = listeners.len(), threads, "L7 proxy listening");
         Ok(proxy)
