@@ -932,17 +932,73 @@ fn a_takeover_that_fails_before_the_maps_leaves_the_running_edgelb_in_charge() {
     std::thread::sleep(Duration::from_millis(1000));
     served_throughout("failed takeover, L7 VIP", &l7_load.finish(), failed_at);
     served_throughout("failed takeover, XDP VIP", &l4_load.finish(), failed_at);
-    // The old process is in charge again: it answers on its admin socket, serves metrics, and
-    // its health checks run (a dead backend leaves).
+    assert!(bed.e().log().contains("this one takes back over"), "{}", bed.e().log());
+    in_charge_again(&mut bed);
+}
+
+/// After a failed takeover, the old process is in charge again: it answers on its admin
+/// socket, serves metrics, and its health checks run (a dead backend leaves).
+fn in_charge_again(bed: &mut Bed) {
     let log = bed.e().log();
-    assert!(log.contains("this one takes back over"), "{log}");
     assert!(log.contains("edgelb running again"), "{log}");
     assert!(bed.e().cli(&["status"]).status.success(), "the old edgelb answers");
-    assert!(scrape(&bed).contains("edgelb_vip_packets_total"));
+    assert!(scrape(bed).contains("edgelb_vip_packets_total"));
     bed.kill_backend(2);
     let deadline = Instant::now() + Duration::from_secs(5);
     while bed.e().healthy("web7", "198.18.0.12") {
         assert!(Instant::now() < deadline, "the controller never saw backend 2 die");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn a_takeover_that_fails_after_writing_the_maps_gives_the_data_plane_back() {
+    let Some(mut bed) = Bed::up("takeover-late", &[1, 2, 3]) else { return };
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    bed.wait_for(l7);
+    // A second interface on the balancer node that another XDP program holds: the new process
+    // gets past every check, writes the maps, moves the XDP link of lb0 to its program, and
+    // only then fails to attach there.
+    let lb = bed.tb.names.lb.clone();
+    testbed::sh(&["ip", "-n", &lb, "link", "add", "eltl0", "type", "veth", "peer", "eltl1"])
+        .expect("add a veth pair");
+    testbed::sh(&["ip", "-n", &lb, "link", "set", "eltl0", "up"]).unwrap();
+    let _holder = netns::in_netns(&lb, || {
+        let mut aux = edgelb::dataplane::AuxPrograms::load().expect("aux programs");
+        let mode = config::XdpAttachMode::Native;
+        aux.attach(lb_common::programs::PASS, "eltl0", mode, None).expect("attach");
+        aux
+    })
+    .unwrap();
+    // Its config also drops the echo VIP, which the new process removes from the maps.
+    let text = std::fs::read_to_string(&bed.cfg_path).unwrap();
+    let echo_at = text.find("[[vip]]\nname = \"echo\"").expect("the echo VIP");
+    let echo_len = text[echo_at + 1..].find("[[vip]]").expect("a VIP after the echo VIP") + 1;
+    let text = format!("{}{}", &text[..echo_at], &text[echo_at + echo_len..])
+        .replace("interfaces = [\"lb0\"]", "interfaces = [\"lb0\", \"eltl0\"]");
+    let alt = bed.cfg_path.with_extension("late.toml");
+    std::fs::write(&alt, text).unwrap();
+    let l7_load = bed.load_to(l7, Duration::from_secs(15), Duration::from_secs(30));
+    let l4_load = bed.load(Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(800));
+    let out = takeover_command(&bed.e().ns, &alt).output().expect("run edgelb --takeover");
+    let _ = std::fs::remove_file(&alt);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("eltl0"), "{stderr}");
+    // It did write the maps first.
+    assert!(stderr.contains("maps in line with the config"), "{stderr}");
+    let failed_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(1000));
+    served_throughout("takeover failed late, L7 VIP", &l7_load.finish(), failed_at);
+    served_throughout("takeover failed late, XDP VIP", &l4_load.finish(), failed_at);
+    let log = bed.e().log();
+    assert!(log.contains("this one takes the data plane back"), "{log}");
+    assert!(log.contains("this edgelb's program is back on its interfaces"), "{log}");
+    // The maps hold this process's config again: the echo VIP the new one removed forwards.
+    let clients = clients_of(&bed.cfg(), "backend-1", 2);
+    for mut conn in echo_conns(&bed, &clients) {
+        assert_eq!(conn.backend().expect("echo answer"), "backend-1", "the echo VIP forwards");
+    }
+    in_charge_again(&mut bed);
 }

@@ -377,10 +377,12 @@ impl Controller {
     /// stops first: health checks end (joined), no map is written any more, and the admin
     /// socket's path is freed for the new process. The sockets stay open in both processes, and
     /// this one keeps accepting and answering scrapes while the new one starts. Once it serves
-    /// (or fails after it began writing the maps), this one's L7 proxy stops accepting and
+    /// (or goes quiet after it began writing the maps), this one's L7 proxy stops accepting and
     /// finishes what is in flight, scrapes still answered, and true is returned. If the new one
     /// gives up before touching the data plane, this one takes its controller back up (admin
-    /// socket, health checks) and returns false: nothing was lost.
+    /// socket, health checks) and returns false: nothing was lost. If it fails after it began
+    /// writing the maps, this one first takes the data plane back ([`Dataplane::reclaim`], then
+    /// its config written again) and goes on the same way.
     fn hand_over(&mut self, reply: mpsc::Sender<Answer>, mut answer: Box<Answer>) -> bool {
         let (health_tx, health_rx) = mpsc::channel();
         self.checker = Checker::new(health_tx);
@@ -401,8 +403,23 @@ impl Controller {
                 info!("handover: the new edgelb serves; this one finishes its requests in flight")
             }
             HandoverEnd::AbandonedAfterCommit => warn!(
-                "handover: the new edgelb failed after it took the data plane; stopping anyway (the data plane keeps running)"
+                "handover: the new edgelb went quiet after it took the data plane; stopping anyway (the data plane keeps running)"
             ),
+            HandoverEnd::FailedAfterCommit => {
+                warn!(
+                    "handover: the new edgelb failed after it began writing the maps; this one takes the data plane back"
+                );
+                match self.dp.reclaim() {
+                    Ok(()) => info!("handover: this edgelb's program is back on its interfaces"),
+                    Err(e) => error!(
+                        error = %e,
+                        "taking the data plane back failed: XDP may run the failed edgelb's program; restart edgelb"
+                    ),
+                }
+                self.apply_logged("taking the data plane back");
+                self.take_back();
+                return false;
+            }
             HandoverEnd::Abandoned => {
                 warn!(
                     "handover: the new edgelb gave up before it touched the data plane; this one takes back over"

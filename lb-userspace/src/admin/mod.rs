@@ -61,7 +61,8 @@ pub enum Request {
     /// before it writes the maps (answered with [`GO`]) and [`READY`] once it serves; the old
     /// one then finishes the requests in flight and exits. If the new process hangs up, or
     /// goes quiet for [`HANDOVER_WAIT`], before its commit went through, the old one takes its
-    /// controller back up and goes on. The sockets stay open throughout, so no connection is
+    /// controller back up and goes on; if it hangs up after, the old one also takes the data
+    /// plane back (its program on the links, its config in the maps). The sockets stay open throughout, so no connection is
     /// refused in between.
     Handover,
 }
@@ -82,7 +83,12 @@ pub enum HandoverEnd {
     /// The new process gave up (or went quiet) before it touched the data plane: the old one
     /// may take back over.
     Abandoned,
-    /// The new process failed after it started writing the maps: the old one stops anyway.
+    /// The new process hung up after it started writing the maps: it failed and is exiting
+    /// (its handover connection closes only when its start fails), so the old one takes the
+    /// data plane back.
+    FailedAfterCommit,
+    /// The new process went quiet (or said something else) after it started writing the maps:
+    /// it may still be running, so the old one stops rather than run beside it.
     AbandonedAfterCommit,
 }
 
@@ -428,7 +434,9 @@ fn follow_handover(conn: &UnixStream) -> HandoverEnd {
                 committed = true;
             }
             Ok(_) if line == READY => return HandoverEnd::Ready,
-            // End of stream, a timeout, or anything else: the new process failed or hung.
+            // End of stream: the new process failed, and its connection closed as it exits.
+            Ok(0) if committed => return HandoverEnd::FailedAfterCommit,
+            // A timeout, or anything else: the new process may be hung, not gone.
             _ if committed => return HandoverEnd::AbandonedAfterCommit,
             _ => return HandoverEnd::Abandoned,
         }

@@ -560,15 +560,7 @@ impl Dataplane {
         let prog = program(&mut self.ebpf, programs::BALANCER)?;
         let used = match pins.as_deref().map(|d| link_pin(d, interface)) {
             Some(pin) if pin.exists() => {
-                let pin_err = |reason: String| DataplaneError::Pin { path: pin.clone(), reason };
-                let pinned = PinnedLink::from_pin(&pin).map_err(|e| pin_err(e.to_string()))?;
-                let link =
-                    XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_err(e.to_string()))?;
-                prog.attach_to_link(link).map_err(|source| DataplaneError::Attach {
-                    interface: interface.to_owned(),
-                    mode: "replace",
-                    source,
-                })?;
+                replace_program(prog, &pin, interface)?;
                 info!(interface, "took over the pinned XDP link (program replaced atomically)");
                 "adopted"
             }
@@ -582,6 +574,43 @@ impl Dataplane {
         };
         self.attached.push((interface.to_owned(), used));
         Ok(used)
+    }
+
+    /// Takes the data plane back after an `edgelb run --takeover` that failed after it began
+    /// writing the maps: this program goes back on every interface it was attached to, through
+    /// the pinned links (atomically, as at a restart), a link the failed process pinned for an
+    /// interface this one does not use is removed (which detaches its program), and the view of
+    /// the maps is rebuilt from what they hold now, so that the next [`Dataplane::apply`] writes
+    /// every difference. Needs no capability: links and maps are reached through their pins and
+    /// descriptors. Maps the failed process pinned in place of these (another layout) are left
+    /// to the next start; this program goes on with its own.
+    pub fn reclaim(&mut self) -> Result<(), DataplaneError> {
+        let Some(dir) = self.pins.clone() else { return Ok(()) };
+        let prog = program(&mut self.ebpf, programs::BALANCER)?;
+        for (interface, _) in &self.attached {
+            replace_program(prog, &link_pin(&dir, interface), interface)?;
+        }
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| DataplaneError::Pin { path: dir.clone(), reason: e.to_string() })?;
+        for path in entries.flatten().map(|e| e.path()) {
+            let name =
+                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let Some(interface) = name.strip_prefix("link-") else { continue };
+            if !self.attached.iter().any(|(i, _)| i == interface) {
+                std::fs::remove_file(&path).map_err(|e| DataplaneError::Pin {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                warn!(interface, "removed the XDP link a failed takeover left");
+            }
+        }
+        self.vips.clear();
+        self.backend_ids.clear();
+        self.backends = vec![None; MAX_BACKENDS as usize];
+        self.generations = vec![0; MAX_BACKENDS as usize];
+        self.addrs.clear();
+        self.config = None;
+        self.adopt()
     }
 
     /// Removes everything edgelb pinned in `dir`: XDP links (which detaches the programs) and
@@ -894,6 +923,20 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Da
         .program_mut(name)
         .ok_or(DataplaneError::Program { name, source: ProgramError::UnexpectedProgramType })?;
     prog.try_into().map_err(|source| DataplaneError::Program { name, source })
+}
+
+/// Puts `prog` on the XDP link pinned at `pin` (for `interface`), replacing the program there
+/// atomically.
+fn replace_program(prog: &mut Xdp, pin: &Path, interface: &str) -> Result<(), DataplaneError> {
+    let pin_err = |reason: String| DataplaneError::Pin { path: pin.to_owned(), reason };
+    let pinned = PinnedLink::from_pin(pin).map_err(|e| pin_err(e.to_string()))?;
+    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_err(e.to_string()))?;
+    prog.attach_to_link(link).map_err(|source| DataplaneError::Attach {
+        interface: interface.to_owned(),
+        mode: "replace",
+        source,
+    })?;
+    Ok(())
 }
 
 /// Is there a network interface called `name` in the calling thread's network namespace? Asked
