@@ -620,15 +620,20 @@ fn upstream_connections_are_reused() {
     );
 }
 
+/// A `[[vip.route]]` matching `matcher` (a `host` or `path_prefix` line) to backend `to`.
+fn route(matcher: &str, to: &Backend) -> String {
+    format!(
+        "[[vip.route]]\n{matcher}\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n",
+        to.addr.port()
+    )
+}
+
 #[test]
 fn routes_by_host_and_path_and_streams_chunked_bodies() {
     let (api, stat, def) =
         (backend("api", Mode::Ok), backend("static", Mode::Ok), backend("default", Mode::Ok));
-    let routes = format!(
-        "[[vip.route]]\nhost = \"api.example\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n[[vip.route]]\npath_prefix = \"/static/\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n",
-        api.addr.port(),
-        stat.addr.port()
-    );
+    let routes =
+        route("host = \"api.example\"", &api) + &route("path_prefix = \"/static/\"", &stat);
     let p = proxy(&[(&def, 1)], "", &routes);
     let r = request(
         p.addr,
@@ -659,10 +664,7 @@ fn routes_by_host_and_path_and_streams_chunked_bodies() {
 #[test]
 fn routing_and_the_backend_see_one_host() {
     let (api, def) = (backend("api", Mode::Ok), backend("default", Mode::Ok));
-    let routes = format!(
-        "[[vip.route]]\nhost = \"api.example\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n",
-        api.addr.port()
-    );
+    let routes = route("host = \"api.example\"", &api);
     let p = proxy(&[(&def, 1)], "", &routes);
     let send = |raw: &str| request(p.addr, None, raw).expect("an answer");
     // An absolute-form target names the host (its Host header is ignored), and the backend gets
@@ -701,10 +703,7 @@ fn routing_and_the_backend_see_one_host() {
 #[test]
 fn path_routes_match_the_path_the_backend_serves() {
     let (admin, def) = (backend("admin", Mode::Ok), backend("default", Mode::Ok));
-    let routes = format!(
-        "[[vip.route]]\npath_prefix = \"/admin/\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n",
-        admin.addr.port()
-    );
+    let routes = route("path_prefix = \"/admin/\"", &admin);
     // Who answered, and the path the backend got.
     let seen = |addr, path: &str| {
         let r = get(addr, path);

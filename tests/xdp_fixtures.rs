@@ -17,6 +17,11 @@ use edgelb::{
 };
 use lb_common::stats::{REASON_COUNT, REASON_NAMES, Reason};
 
+/// Three backends of weight 1, the pool most connection-table tests start from.
+const THREE: [(&str, u32); 3] = [("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)];
+/// [`THREE`] and a fourth backend joining them.
+const FOUR: [(&str, u32); 4] = [THREE[0], THREE[1], THREE[2], ("198.18.0.14", 1)];
+
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -43,6 +48,14 @@ impl Harness {
         let mut dp = Dataplane::load_with_table(None, shape).expect("balancer loads and verifies");
         dp.apply(&cfg).expect("maps filled");
         Some(Harness { dp, cfg })
+    }
+
+    /// [`Harness::new`] on a thread pinned to CPU 0, for tests of per-CPU state (the
+    /// connection table, handshake slots, VIP caches): every run then uses the same CPU's.
+    fn pinned(test: &str, toml: &str) -> Option<Harness> {
+        let h = Harness::new(test, toml)?;
+        edgelb::testbed::netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
+        Some(h)
     }
 
     fn apply(&mut self, toml: &str) {
@@ -588,19 +601,24 @@ fn client_that_moves(
         .expect("some client moves when a backend is added")
 }
 
+/// A client in 198.18.5.0/24 whose backend on `h`'s `v4tcp` VIP changes when its pool grows
+/// from [`THREE`] to [`FOUR`], and its backend before.
+fn client_moved_by_a_fourth(h: &Harness) -> (IpAddr, IpAddr) {
+    let cfg4 = Config::parse(&one_vip(&FOUR), "x".as_ref()).unwrap();
+    let clients = (1..=250u8).map(|i| IpAddr::V4(Ipv4Addr::new(198, 18, 5, i)));
+    client_that_moves(&h.vip("v4tcp"), &cfg4.vips[0], clients)
+}
+
 #[test]
 fn connection_table_keeps_flows_across_ring_changes() {
-    let three = [("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)];
+    let three = THREE;
     let Some(mut h) =
         Harness::new("connection_table_keeps_flows_across_ring_changes", &one_vip(&three))
     else {
         return;
     };
     // Find a client whose backend changes when a fourth backend joins.
-    let four = [three[0], three[1], three[2], ("198.18.0.14", 1)];
-    let cfg4 = Config::parse(&one_vip(&four), "x".as_ref()).unwrap();
-    let clients = (1..=250u8).map(|i| IpAddr::V4(Ipv4Addr::new(198, 18, 5, i)));
-    let (client, first) = client_that_moves(&h.vip("v4tcp"), &cfg4.vips[0], clients);
+    let (four, (client, first)) = (FOUR, client_moved_by_a_fourth(&h));
     let frame = |sport: u16, flags: u8| {
         eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4(&client.to_string(), sport, "198.18.1.1", 80, flags))
     };
@@ -644,16 +662,11 @@ fn connection_table_keeps_flows_across_ring_changes() {
 
 #[test]
 fn a_port_reused_after_a_close_follows_its_new_handshake() {
-    let three = [("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)];
-    let Some(mut h) = Harness::new("a_port_reused_after_a_close", &one_vip(&three)) else {
+    let three = THREE;
+    let Some(mut h) = Harness::pinned("a_port_reused_after_a_close", &one_vip(&three)) else {
         return;
     };
-    // The SYN's handshake slot and the table are this CPU's.
-    edgelb::testbed::netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
-    let four = [three[0], three[1], three[2], ("198.18.0.14", 1)];
-    let cfg4 = Config::parse(&one_vip(&four), "x".as_ref()).unwrap();
-    let clients = (1..=250u8).map(|i| IpAddr::V4(Ipv4Addr::new(198, 18, 5, i)));
-    let (client, first) = client_that_moves(&h.vip("v4tcp"), &cfg4.vips[0], clients);
+    let (four, (client, first)) = (FOUR, client_moved_by_a_fourth(&h));
     let to = |h: &mut Harness, sport: u16, flags: u8| {
         let ip = tcp4(&client.to_string(), sport, "198.18.1.1", 80, flags);
         outer_dst(&h.run(&eth(LB_MAC, CLIENT_MAC, ETH_IP, &ip)).1)
@@ -693,16 +706,13 @@ fn a_port_reused_after_a_close_follows_its_new_handshake() {
 
 #[test]
 fn vips_without_a_connection_table_follow_the_ring() {
-    let three = [("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)];
+    let three = THREE;
     let off =
         |b: &[(&str, u32)]| one_vip(b).replacen("port = 80\n", "port = 80\nconntrack = false\n", 1);
     let Some(mut h) = Harness::new("vips_without_a_connection_table", &off(&three)) else {
         return;
     };
-    let four = [three[0], three[1], three[2], ("198.18.0.14", 1)];
-    let cfg4 = Config::parse(&one_vip(&four), "x".as_ref()).unwrap();
-    let clients = (1..=250u8).map(|i| IpAddr::V4(Ipv4Addr::new(198, 18, 5, i)));
-    let (client, first) = client_that_moves(&h.vip("v4tcp"), &cfg4.vips[0], clients);
+    let (four, (client, first)) = (FOUR, client_moved_by_a_fourth(&h));
     let frame = |flags: u8| {
         eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4(&client.to_string(), 50000, "198.18.1.1", 80, flags))
     };
@@ -745,11 +755,10 @@ fn outer_dst6(frame: &[u8]) -> Ipv6Addr {
 #[test]
 fn ipv6_connection_table_keeps_flows_across_ring_changes() {
     let Some(mut h) =
-        Harness::new("ipv6_connection_table_keeps_flows", &one_vip6(80, &[0x11, 0x12, 0x13]))
+        Harness::pinned("ipv6_connection_table_keeps_flows", &one_vip6(80, &[0x11, 0x12, 0x13]))
     else {
         return;
     };
-    edgelb::testbed::netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
     let cfg4 = Config::parse(&one_vip6(80, &[0x11, 0x12, 0x13, 0x14]), "x".as_ref()).unwrap();
     let clients = (1..=250u16).map(|i| IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, 5, 0, 0, 0, i)));
     let (client, first) = client_that_moves(&h.vip("v6"), &cfg4.vips[0], clients);
@@ -828,7 +837,7 @@ fn bucket_overflow(
 
 #[test]
 fn connection_table_buckets_are_lru_and_searched_across_cpus() {
-    let three = [("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)];
+    let three = THREE;
     let Some(mut h) = Harness::new("connection_table_buckets_are_lru", &one_vip(&three)) else {
         return;
     };
@@ -838,7 +847,7 @@ fn connection_table_buckets_are_lru_and_searched_across_cpus() {
 
     // Flows whose backend changes when a fourth backend joins: after that change, a flow still
     // on its first backend must have come from the table, one on the new ring's choice did not.
-    let four = [three[0], three[1], three[2], ("198.18.0.14", 1)];
+    let four = FOUR;
     let cfg4 = Config::parse(&one_vip(&four), "x".as_ref()).unwrap();
     let (vip3, vip4) = (h.vip("v4tcp"), cfg4.vips[0].clone());
     let (ring3, ring4) = (vip_ring(&vip3).unwrap(), vip_ring(&vip4).unwrap());
@@ -1041,7 +1050,7 @@ fn pinned_maps_with_another_layout_are_replaced_not_reused() {
 
 #[test]
 fn a_configured_table_size_is_the_one_the_program_indexes() {
-    let three = [("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)];
+    let three = THREE;
     let toml = one_vip(&three).replacen("[node]\n", "[node]\nconntrack_flows_per_cpu = 4096\n", 1);
     let Some(mut h) = Harness::new("a_configured_table_size_is_the_one_the_program_indexes", &toml)
     else {
@@ -1072,10 +1081,9 @@ fn a_configured_table_size_is_the_one_the_program_indexes() {
 #[test]
 fn vip_lookup_cache_follows_vip_changes() {
     let one = one_vip(&[("198.18.0.11", 1)]);
-    let Some(mut h) = Harness::new("vip_lookup_cache_follows_vip_changes", &one) else {
+    let Some(mut h) = Harness::pinned("vip_lookup_cache_follows_vip_changes", &one) else {
         return;
     };
-    edgelb::testbed::netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
     let to = |port: u16| {
         eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4("198.18.4.7", 40000, "198.18.1.1", port, SYN))
     };
@@ -1368,11 +1376,10 @@ fn damaged_frames_are_passed_dropped_or_sent_well_formed() {
 
 #[test]
 fn a_syn_flood_cannot_push_established_flows_out() {
-    let three = [("198.18.0.11", 1), ("198.18.0.12", 1), ("198.18.0.13", 1)];
-    let Some(mut h) = Harness::new("a_syn_flood_cannot_push", &one_vip(&three)) else {
+    let three = THREE;
+    let Some(mut h) = Harness::pinned("a_syn_flood_cannot_push", &one_vip(&three)) else {
         return;
     };
-    edgelb::testbed::netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
     let buckets = h.dp.table_shape().v4_buckets;
     let (frame, ct) = (vip_segment, ct_event);
     use lb_common::ct_stats::{EVICTED, MISSED_ESTABLISHED};

@@ -131,14 +131,30 @@ trait Bucket: Sized + 'static {
     fn matches(way: &Self::Way, key: &FlowKey, vip: u32) -> Option<Conn>;
     /// A way holding `key -> conn` (a flow of VIP index `vip`).
     fn way(key: &FlowKey, vip: u32, conn: Conn) -> Self::Way;
-    /// Does `way` hold a flow?
-    fn occupied(way: &Self::Way) -> bool;
-    /// Has the client of `way`'s flow sent FIN or RST ([`CONN_CLOSING`])?
-    fn closing(way: &Self::Way) -> bool;
-    /// Marks `way`'s flow as closing.
-    fn mark_closing(way: &mut Self::Way);
+    /// The tag word of `way` ([`Conn::tag`]; zero for an empty way).
+    fn tag(way: &Self::Way) -> u32;
+    /// The tag word of `way`, to change.
+    fn tag_mut(way: &mut Self::Way) -> &mut u32;
     /// This CPU's handshake slot for table hash `hash`.
     fn stage(hash: u32) -> Option<*mut Self::Way>;
+
+    /// Does `way` hold a flow?
+    #[inline(always)]
+    fn occupied(way: &Self::Way) -> bool {
+        Self::tag(way) != 0
+    }
+
+    /// Has the client of `way`'s flow sent FIN or RST ([`CONN_CLOSING`])?
+    #[inline(always)]
+    fn closing(way: &Self::Way) -> bool {
+        Self::tag(way) & CONN_CLOSING != 0
+    }
+
+    /// Marks `way`'s flow as closing.
+    #[inline(always)]
+    fn mark_closing(way: &mut Self::Way) {
+        *Self::tag_mut(way) |= CONN_CLOSING;
+    }
 
     /// Way holding `key` (of VIP index `vip`), its entry, and whether the flow is closing.
     #[inline(always)]
@@ -225,16 +241,12 @@ impl Bucket for ConnBucketV4 {
         }
     }
     #[inline(always)]
-    fn occupied(way: &ConnEntryV4) -> bool {
-        way.tag != 0
+    fn tag(way: &ConnEntryV4) -> u32 {
+        way.tag
     }
     #[inline(always)]
-    fn closing(way: &ConnEntryV4) -> bool {
-        way.tag & CONN_CLOSING != 0
-    }
-    #[inline(always)]
-    fn mark_closing(way: &mut ConnEntryV4) {
-        way.tag |= CONN_CLOSING;
+    fn tag_mut(way: &mut ConnEntryV4) -> &mut u32 {
+        &mut way.tag
     }
     #[inline(always)]
     fn stage(hash: u32) -> Option<*mut ConnEntryV4> {
@@ -283,16 +295,12 @@ impl Bucket for ConnBucket {
         ConnEntry { src: key.src, ports: ports(key), tag: conn.tag(key.proto), vip, _pad: 0 }
     }
     #[inline(always)]
-    fn occupied(way: &ConnEntry) -> bool {
-        way.tag != 0
+    fn tag(way: &ConnEntry) -> u32 {
+        way.tag
     }
     #[inline(always)]
-    fn closing(way: &ConnEntry) -> bool {
-        way.tag & CONN_CLOSING != 0
-    }
-    #[inline(always)]
-    fn mark_closing(way: &mut ConnEntry) {
-        way.tag |= CONN_CLOSING;
+    fn tag_mut(way: &mut ConnEntry) -> &mut u32 {
+        &mut way.tag
     }
     #[inline(always)]
     fn stage(hash: u32) -> Option<*mut ConnEntry> {
