@@ -780,6 +780,13 @@ fn ipv6_connection_table_keeps_flows_across_ring_changes() {
         "established IPv6 flow keeps its backend after a ring change"
     );
     assert_eq!(IpAddr::V6(outer_dst6(&h.run(&frame(50001, SYN)).1)), moved_to, "new flow moves");
+    // The first connection ends and its port comes back as a new connection, which follows its
+    // new SYN (the closing mark in an IPv6 entry).
+    let mut to = |flags: u8| IpAddr::V6(outer_dst6(&h.run(&frame(50000, flags)).1));
+    assert_eq!(to(FIN | ACK), first, "its close goes to its backend");
+    assert_eq!(to(SYN), moved_to);
+    assert_eq!(to(ACK), moved_to, "a reused IPv6 port follows its new handshake");
+    assert_eq!(to(ACK), moved_to);
 }
 
 /// A TCP segment of flow (client, source port) to 198.18.1.1:80 with `flags`.
