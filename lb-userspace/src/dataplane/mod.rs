@@ -469,8 +469,16 @@ impl Dataplane {
         self.adopted
     }
 
-    /// Rebuilds the controller's view from maps a previous process left pinned.
+    /// Rebuilds the controller's view from what the maps hold: maps a previous process left
+    /// pinned, or (after a failed takeover) maps another process wrote. Whatever view there was
+    /// is dropped first.
     fn adopt(&mut self) -> Result<(), DataplaneError> {
+        self.vips.clear();
+        self.backend_ids.clear();
+        self.backends.fill(None);
+        self.generations.fill(0);
+        self.addrs.clear();
+        self.config = None;
         let mut vips: Vec<(VipKey, VipMeta)> = self
             .maps
             .vips
@@ -604,12 +612,6 @@ impl Dataplane {
                 warn!(interface, "removed the XDP link a failed takeover left");
             }
         }
-        self.vips.clear();
-        self.backend_ids.clear();
-        self.backends = vec![None; MAX_BACKENDS as usize];
-        self.generations = vec![0; MAX_BACKENDS as usize];
-        self.addrs.clear();
-        self.config = None;
         self.adopt()
     }
 
