@@ -880,12 +880,38 @@ fn takeover_replaces_a_running_edgelb_without_refusing_a_connection() {
     // checks run (a dead backend leaves) and the admin socket is its own.
     assert!(scrape(&bed).contains("edgelb_vip_packets_total"), "{scraped}");
     assert_ne!(bed.e().child.as_ref().unwrap().id(), old_pid);
+    sees_backend_2_die(&mut bed, "the new controller");
+}
+
+/// Kills backend 2 and waits (at most 5 s) for the running controller (`who`) to report it
+/// unhealthy on the L7 VIP: its health checks run.
+fn sees_backend_2_die(bed: &mut Bed, who: &str) {
     bed.kill_backend(2);
     let deadline = Instant::now() + Duration::from_secs(5);
     while bed.e().healthy("web7", "198.18.0.12") {
-        assert!(Instant::now() < deadline, "the new controller never saw backend 2 die");
+        assert!(Instant::now() < deadline, "{who} never saw backend 2 die");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Runs `edgelb run --takeover` with config `text` while new connections go to the L7 and the
+/// XDP VIP, asserts that it exits 1 and that no connection failed, and returns its stderr.
+fn failed_takeover(bed: &Bed, what: &str, text: &str) -> String {
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    let alt = bed.cfg_path.with_extension(format!("{}.toml", bed.tag));
+    std::fs::write(&alt, text).unwrap();
+    let l7_load = bed.load_to(l7, Duration::from_secs(15), Duration::from_secs(30));
+    let l4_load = bed.load(Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(800));
+    let out = takeover_command(&bed.e().ns, &alt).output().expect("run edgelb --takeover");
+    let _ = std::fs::remove_file(&alt);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let failed_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(1000));
+    served_throughout(&format!("{what}, L7 VIP"), &l7_load.finish(), failed_at);
+    served_throughout(&format!("{what}, XDP VIP"), &l4_load.finish(), failed_at);
+    stderr
 }
 
 #[test]
@@ -916,22 +942,11 @@ fn a_takeover_that_fails_before_the_maps_leaves_the_running_edgelb_in_charge() {
         std::net::TcpListener::bind("127.0.0.1:9111").expect("squat the port")
     })
     .unwrap();
-    let alt = bed.cfg_path.with_extension("alt.toml");
     let text = std::fs::read_to_string(&bed.cfg_path).unwrap();
-    std::fs::write(&alt, format!("{text}\n[metrics]\nlisten = \"127.0.0.1:9111\"\n")).unwrap();
-    let l7_load = bed.load_to(l7, Duration::from_secs(15), Duration::from_secs(30));
-    let l4_load = bed.load(Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(800));
-    let out = takeover_command(&bed.e().ns, &alt).output().expect("run edgelb --takeover");
-    let _ = std::fs::remove_file(&alt);
+    let text = format!("{text}\n[metrics]\nlisten = \"127.0.0.1:9111\"\n");
+    let stderr = failed_takeover(&bed, "failed takeover", &text);
     drop(squatter);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("metrics endpoint 127.0.0.1:9111"), "{stderr}");
-    let failed_at = Instant::now();
-    std::thread::sleep(Duration::from_millis(1000));
-    served_throughout("failed takeover, L7 VIP", &l7_load.finish(), failed_at);
-    served_throughout("failed takeover, XDP VIP", &l4_load.finish(), failed_at);
     assert!(bed.e().log().contains("this one takes back over"), "{}", bed.e().log());
     in_charge_again(&mut bed);
 }
@@ -943,12 +958,7 @@ fn in_charge_again(bed: &mut Bed) {
     assert!(log.contains("edgelb running again"), "{log}");
     assert!(bed.e().cli(&["status"]).status.success(), "the old edgelb answers");
     assert!(scrape(bed).contains("edgelb_vip_packets_total"));
-    bed.kill_backend(2);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while bed.e().healthy("web7", "198.18.0.12") {
-        assert!(Instant::now() < deadline, "the controller never saw backend 2 die");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    sees_backend_2_die(bed, "the controller");
 }
 
 #[test]
@@ -976,22 +986,10 @@ fn a_takeover_that_fails_after_writing_the_maps_gives_the_data_plane_back() {
     let echo_len = text[echo_at + 1..].find("[[vip]]").expect("a VIP after the echo VIP") + 1;
     let text = format!("{}{}", &text[..echo_at], &text[echo_at + echo_len..])
         .replace("interfaces = [\"lb0\"]", "interfaces = [\"lb0\", \"eltl0\"]");
-    let alt = bed.cfg_path.with_extension("late.toml");
-    std::fs::write(&alt, text).unwrap();
-    let l7_load = bed.load_to(l7, Duration::from_secs(15), Duration::from_secs(30));
-    let l4_load = bed.load(Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(800));
-    let out = takeover_command(&bed.e().ns, &alt).output().expect("run edgelb --takeover");
-    let _ = std::fs::remove_file(&alt);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = failed_takeover(&bed, "takeover failed late", &text);
     assert!(stderr.contains("eltl0"), "{stderr}");
     // It did write the maps first.
     assert!(stderr.contains("maps in line with the config"), "{stderr}");
-    let failed_at = Instant::now();
-    std::thread::sleep(Duration::from_millis(1000));
-    served_throughout("takeover failed late, L7 VIP", &l7_load.finish(), failed_at);
-    served_throughout("takeover failed late, XDP VIP", &l4_load.finish(), failed_at);
     let log = bed.e().log();
     assert!(log.contains("this one takes the data plane back"), "{log}");
     assert!(log.contains("this edgelb's program is back on its interfaces"), "{log}");
