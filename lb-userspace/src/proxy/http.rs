@@ -739,8 +739,8 @@ fn valid_host(h: &[u8]) -> bool {
         && h.iter().all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b))
 }
 
-/// The client as the forwarding headers name it, written once per connection rather than
-/// formatted for every request.
+/// The client as the forwarding headers name it, written at most once per connection (at the
+/// first request of a VIP that adds those headers) rather than formatted for every request.
 struct ForwardedClient {
     /// The address, for X-Forwarded-For.
     xff: String,
@@ -762,15 +762,15 @@ impl ForwardedClient {
 /// The request head as sent to the backend (shared by every attempt without copying). An
 /// upgrade request (`upgrade`, from [`upgrade_of`]) keeps its `Upgrade` header and says
 /// `Connection: upgrade`. The request line and Host come from `target` (`listen` names the
-/// address the client connected to, for a Host the proxy adds).
+/// address the client connected to, for a Host the proxy adds). With `forwarded_for`, the
+/// client's forwarding headers are replaced by ones that append that client.
 fn upstream_head(
     req: &ReqHead,
     target: &Target,
     listen: SocketAddr,
     framing: Framing,
     upgrade: Option<&[u8]>,
-    client: &ForwardedClient,
-    forwarded_for: bool,
+    forwarded_for: Option<&ForwardedClient>,
 ) -> Bytes {
     let head = &req.head;
     let mut out = Vec::with_capacity(256 + head.bytes.len());
@@ -807,7 +807,7 @@ fn upstream_head(
             continue;
         }
         // Rewritten below, with the client appended.
-        if forwarded_for
+        if forwarded_for.is_some()
             && ["x-forwarded-for", "forwarded", "x-forwarded-proto"]
                 .iter()
                 .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
@@ -819,7 +819,7 @@ fn upstream_head(
         out.extend(value);
         out.extend(b"\r\n");
     }
-    if forwarded_for {
+    if let Some(client) = forwarded_for {
         // Every earlier hop the client's headers list, in order, then this one.
         let append = |out: &mut Vec<u8>, name: &str| {
             out.extend(name.as_bytes());
@@ -943,7 +943,7 @@ async fn serve_conn(
     let mut ubuf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = BytesMut::with_capacity(512);
     let mut tried: Vec<usize> = Vec::new();
-    let forwarded = ForwardedClient::new(peer);
+    let mut forwarded: Option<ForwardedClient> = None;
     let mut first = true;
     loop {
         // Pick up the newest pools for every request on a keep-alive connection.
@@ -1041,8 +1041,10 @@ async fn serve_conn(
         // 2..4. Pick, send, read the response head; retry where that is safe.
         let can_retry = idempotent(req.method()) && framing == Framing::None;
         let upgrade = upgrade_of(&req, framing);
-        let head =
-            upstream_head(&req, &target, listen, framing, upgrade, &forwarded, cfg.forwarded_for);
+        let names = cfg
+            .forwarded_for
+            .then(|| &*forwarded.get_or_insert_with(|| ForwardedClient::new(peer)));
+        let head = upstream_head(&req, &target, listen, framing, upgrade, names);
         tried.clear();
         let mut last = Attempt::Connect;
         let mut done = None;
@@ -1491,7 +1493,7 @@ mod tests {
         let (peer, listen) = ("198.18.4.1:5000".parse().unwrap(), "198.18.1.6:80".parse().unwrap());
         let client = ForwardedClient::new(peer);
         String::from_utf8(
-            upstream_head(r, &t, listen, framing, None, &client, forwarded_for).to_vec(),
+            upstream_head(r, &t, listen, framing, None, forwarded_for.then_some(&client)).to_vec(),
         )
         .unwrap()
     }
