@@ -1124,6 +1124,40 @@ fn vip_lookup_cache_follows_vip_changes() {
     assert_eq!(outer_dst6(&h.run(&to6(81)).1), v6("2001:2::12"));
 }
 
+/// A config at the capacity limits (32 VIPs, 4096 backend entries) can still move a VIP to
+/// another port: the removed VIP's index and entries are free before its replacement needs them.
+#[test]
+fn a_full_config_can_replace_a_vip() {
+    let full = |first_port: u16| {
+        let mut t = String::from(
+            "[node]\ninterfaces = [\"lo\"]\nencap_source_v4 = \"198.19.0.0/16\"\ngateway_mac = \"02:ed:00:00:00:fe\"\n",
+        );
+        for v in 0..32u16 {
+            let port = if v == 0 { first_port } else { 1000 + v };
+            let backends: Vec<String> = (0..128u16)
+                .map(|b| format!("{{ address = \"198.18.{}.{}\" }}", 8 + b / 100, 1 + b % 100))
+                .collect();
+            t += &format!(
+                "[[vip]]\nname = \"v{v}\"\naddress = \"198.18.1.1\"\nport = {port}\nbackends = [{}]\n",
+                backends.join(", ")
+            );
+        }
+        t
+    };
+    let Some(mut h) = Harness::pinned("a_full_config_can_replace_a_vip", &full(80)) else {
+        return;
+    };
+    let to = |port: u16| {
+        eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4("198.18.4.7", 40000, "198.18.1.1", port, SYN))
+    };
+    assert_eq!(h.run(&to(80)).0, XDP_TX);
+    assert_eq!(h.run(&to(81)).0, XDP_PASS);
+    h.apply(&full(81));
+    assert_eq!(h.run(&to(80)).0, XDP_PASS, "the old VIP is gone");
+    assert_eq!(h.run(&to(81)).0, XDP_TX, "its replacement forwards");
+    assert_eq!(h.run(&to(1031)).0, XDP_TX, "the other VIPs are untouched");
+}
+
 /// Where a frame's IP packet starts and its ethertype (one VLAN tag is skipped).
 fn l3_of(frame: &[u8]) -> (usize, u16) {
     let at = |o: usize| u16::from_be_bytes([frame[o], frame[o + 1]]);

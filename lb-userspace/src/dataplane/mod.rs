@@ -5,7 +5,10 @@
 //! that no packet sees an inconsistent state: new backends are written before any ring names
 //! them; a changed ring is written into the VIP's *inactive* region (only the slots that differ
 //! from what that region already holds) and then published by one atomic update of the VIP entry;
-//! removed backends are retired only after no ring points at them.
+//! removed backends are retired only after no ring points at them. VIPs gone from the config
+//! (a changed address, port or protocol is a removal and an addition) are removed first, with
+//! their backend entries: no ring of a live VIP names those, and a config at the capacity limits
+//! must not need room for the old and the new VIP at once.
 
 pub mod maps;
 
@@ -639,13 +642,23 @@ impl Dataplane {
     /// drained ones.
     pub fn apply(&mut self, cfg: &Config) -> Result<ApplyReport, DataplaneError> {
         let mut report = ApplyReport::default();
+        let live_keys: Vec<VipKey> = cfg.vips.iter().map(vip_key).collect();
+
+        // 0. Removed VIPs: their entries go first, then their backend entries (only their own
+        // rings named those), so their indices and ids are free for what replaces them.
+        let gone: Vec<VipKey> =
+            self.vips.keys().filter(|k| !live_keys.contains(k)).copied().collect();
+        for key in &gone {
+            self.maps.remove_vip(key)?;
+            self.vips.remove(key);
+            report.vips_removed += 1;
+        }
+        self.retire_backends(|(k, _)| gone.contains(k), &mut report)?;
 
         // 1. VIP indices, then backend entries: one per (VIP, backend address).
         let mut vip_index_of: HashMap<VipKey, u32> = HashMap::new();
-        let mut live_keys = Vec::new();
         for vip in &cfg.vips {
             let key = vip_key(vip);
-            live_keys.push(key);
             let index = match self.vips.get(&key) {
                 Some(slot) => slot.index,
                 None => {
@@ -793,14 +806,7 @@ impl Dataplane {
                 .map_err(map_err(lb_common::maps::VIP_ADDRS))?;
         }
 
-        // 5. Removed VIPs, then addresses no VIP uses any more.
-        let gone: Vec<VipKey> =
-            self.vips.keys().filter(|k| !live_keys.contains(k)).copied().collect();
-        for key in gone {
-            self.maps.remove_vip(&key)?;
-            self.vips.remove(&key);
-            report.vips_removed += 1;
-        }
+        // 5. Addresses no VIP uses any more.
         for &(addr, family) in self.addrs.difference(&wanted_addrs) {
             match self.maps.vip_addrs.remove(&AddrKey { addr, family, _pad: [0; 3] }) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
@@ -810,12 +816,18 @@ impl Dataplane {
         self.addrs = wanted_addrs;
 
         // 6. Retire backend entries no VIP lists: their flows re-hash on their next packet.
-        let retired: Vec<(BackendKey, u32)> = self
-            .backend_ids
-            .iter()
-            .filter(|(k, _)| !wanted.contains_key(k))
-            .map(|(k, i)| (*k, *i))
-            .collect();
+        self.retire_backends(|k| !wanted.contains_key(k), &mut report)?;
+        Ok(report)
+    }
+
+    /// Marks the backend entries `which` selects absent and frees their ids.
+    fn retire_backends(
+        &mut self,
+        which: impl Fn(&BackendKey) -> bool,
+        report: &mut ApplyReport,
+    ) -> Result<(), DataplaneError> {
+        let retired: Vec<(BackendKey, u32)> =
+            self.backend_ids.iter().filter(|(k, _)| which(k)).map(|(k, i)| (*k, *i)).collect();
         for (bk, id) in retired {
             let mut entry = self.backends[id as usize].expect("owned id");
             entry.flags = 0;
@@ -824,7 +836,7 @@ impl Dataplane {
             self.backend_ids.remove(&bk);
             report.backends_removed += 1;
         }
-        Ok(report)
+        Ok(())
     }
 
     /// Backend entry id of `addr` in `vip`, if it is in the maps.
