@@ -589,8 +589,6 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
     }
     let mut names = HashSet::new();
     let mut keys = HashSet::new();
-    let mut all_backends: std::collections::HashMap<IpAddr, Option<[u8; 6]>> =
-        std::collections::HashMap::new();
     let mut vips = Vec::new();
     for v in raw.vip {
         let vspan = v.span();
@@ -658,6 +656,20 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 return bad(b.weight.as_ref().unwrap().span(), "weight must be 0..=10000");
             }
             let mac = b.mac.as_ref().map(parse_mac).transpose()?;
+            if forwarding == Forwarding::L7 {
+                if let Some(m) = &b.mac {
+                    return bad(
+                        m.span(),
+                        "`mac` applies to backends XDP forwards to, not to l7 ones",
+                    );
+                }
+                l7_backend_port(b, port)?;
+            } else if let Some(p) = &b.port {
+                return bad(
+                    p.span(),
+                    "a backend `port` applies to l7 VIPs: XDP forwarding keeps the client's destination port",
+                );
+            }
             match forwarding {
                 Forwarding::L2 if mac.is_none() => {
                     return bad(b.address.span(), "l2 forwarding needs a `mac` for every backend");
@@ -689,18 +701,6 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                     }
                 }
                 _ => {}
-            }
-            match all_backends.get(&address) {
-                Some(Some(prev)) if mac.is_some_and(|m| m != *prev) => {
-                    return bad(
-                        b.mac.as_ref().expect("mac is set").span(),
-                        format!("backend {address} has a different `mac` in another VIP"),
-                    );
-                }
-                Some(Some(_)) => {}
-                _ => {
-                    all_backends.insert(address, mac);
-                }
             }
             let bport = b.port.as_ref().map_or(port, |p| *p.get_ref());
             backends.push(Backend { address, weight, mac, port: bport });
@@ -745,8 +745,16 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             l7,
         });
     }
-    if all_backends.len() > MAX_BACKENDS as usize {
-        return bad(0..0, format!("at most {MAX_BACKENDS} distinct backends are supported"));
+    // The data plane keeps one entry per (VIP, backend address) of the VIPs XDP forwards.
+    let entries: usize =
+        vips.iter().filter(|v| v.forwarding != Forwarding::L7).map(|v| v.backends.len()).sum();
+    if entries > MAX_BACKENDS as usize {
+        return bad(
+            0..0,
+            format!(
+                "{entries} backend entries (one per backend of each VIP that XDP forwards); at most {MAX_BACKENDS} are supported"
+            ),
+        );
     }
     let metrics = match raw.metrics {
         None => Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
@@ -852,11 +860,26 @@ fn l7_settings(
         if mode == L7Mode::Tcp {
             return bad(span, "routes need mode = \"http\"");
         }
-        let mut backends = Vec::new();
+        let mut backends: Vec<Backend> = Vec::new();
         for b in &r.backends {
             let address = parse_ip(&b.address, "backend address")?;
             let weight = b.weight.as_ref().map_or(1, |w| *w.get_ref());
-            let bport = b.port.as_ref().map_or(port, |p| *p.get_ref());
+            if weight > 10_000 {
+                return bad(
+                    b.weight.as_ref().expect("weight is set").span(),
+                    "weight must be 0..=10000",
+                );
+            }
+            if let Some(m) = &b.mac {
+                return bad(m.span(), "`mac` applies to backends XDP forwards to, not to l7 ones");
+            }
+            let bport = l7_backend_port(b, port)?;
+            if backends.iter().any(|o| o.address == address && o.port == bport) {
+                return bad(
+                    b.address.span(),
+                    format!("backend {address}:{bport} is listed twice in this route"),
+                );
+            }
             backends.push(Backend { address, weight, mac: None, port: bport });
         }
         if backends.is_empty() {
@@ -923,6 +946,15 @@ fn l7_settings(
     })
 }
 
+/// The port the proxy connects to for an L7 backend: its own, or the VIP's.
+fn l7_backend_port(b: &raw::Backend, vip_port: u16) -> Result<u16, Invalid> {
+    match &b.port {
+        None => Ok(vip_port),
+        Some(p) if *p.get_ref() == 0 => bad(p.span(), "a backend port must be 1..=65535"),
+        Some(p) => Ok(*p.get_ref()),
+    }
+}
+
 fn health_check(
     h: &raw::Sp<raw::Health>,
     vip_port: u16,
@@ -944,7 +976,11 @@ fn health_check(
         "http" => CheckKind::Http {
             path: get(&h.path).unwrap_or_else(|| "/".to_owned()),
             host: get(&h.host),
-            expect_status: h.expect_status.as_ref().map_or(200, |s| *s.get_ref()),
+            expect_status: match &h.expect_status {
+                None => 200,
+                Some(s) if (100..=599).contains(s.get_ref()) => *s.get_ref(),
+                Some(s) => return bad(s.span(), "expect_status must be an HTTP status, 100..=599"),
+            },
             expect_body: get(&h.expect_body),
         },
         _ => match &h.send {
@@ -953,6 +989,7 @@ fn health_check(
         },
     };
     let port = match (&h.port, vip_port) {
+        (Some(p), _) if *p.get_ref() == 0 => return bad(p.span(), "health.port must be 1..=65535"),
         (Some(p), _) => *p.get_ref(),
         (None, 0) => return bad(span, "health.port is required when the VIP serves any port"),
         (None, p) => p,

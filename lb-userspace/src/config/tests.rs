@@ -201,22 +201,86 @@ fn health_defaults_and_limits() {
     assert!(e.contains("health.port is required"), "{e}");
 }
 
+/// Values a check could never pass with are refused, not left to fail every probe.
+#[test]
+fn health_checks_that_could_never_pass_are_refused() {
+    let base =
+        format!("{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nport = 80\n[vip.health]\n");
+    let e = err(&format!("{base}port = 0\n"));
+    assert!(e.starts_with("t.toml:9:8:") && e.contains("health.port must be 1..=65535"), "{e}");
+    let e = err(&format!("{base}kind = \"http\"\nexpect_status = 999\n"));
+    assert!(e.starts_with("t.toml:10:17:") && e.contains("100..=599"), "{e}");
+    let h = parse(&format!("{base}kind = \"http\"\nexpect_status = 204\n")).unwrap().vips[0]
+        .health
+        .clone()
+        .unwrap();
+    assert!(matches!(h.kind, CheckKind::Http { expect_status: 204, .. }), "{h:?}");
+}
+
+/// Backend fields that would be dropped or never work are refused where they are written.
+#[test]
+fn backend_fields_are_checked_where_they_apply() {
+    let l7 = |backends: &str, route: &str| {
+        format!(
+            "{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nport = 80\nforwarding = \"l7\"\nbackends = [{backends}]\n[[vip.route]]\npath_prefix = \"/api/\"\nbackends = [{route}]\n"
+        )
+    };
+    let ok = r#"{ address = "198.18.0.11" }"#;
+    assert!(parse(&l7(ok, ok)).is_ok());
+    let e = err(&l7(r#"{ address = "198.18.0.11", port = 0 }"#, ok));
+    assert!(e.starts_with("t.toml:9:47:") && e.contains("port must be 1..=65535"), "{e}");
+    let e = err(&l7(ok, r#"{ address = "198.18.0.12", port = 0 }"#));
+    assert!(e.starts_with("t.toml:12:47:") && e.contains("port must be 1..=65535"), "{e}");
+    let e = err(&l7(r#"{ address = "198.18.0.11", mac = "02:00:00:00:00:01" }"#, ok));
+    assert!(e.starts_with("t.toml:9:46:") && e.contains("not to l7"), "{e}");
+    let e = err(&l7(ok, r#"{ address = "198.18.0.12", mac = "02:00:00:00:00:01" }"#));
+    assert!(e.starts_with("t.toml:12:46:") && e.contains("not to l7"), "{e}");
+    let e = err(&l7(ok, r#"{ address = "198.18.0.12", weight = 20000 }"#));
+    assert!(e.starts_with("t.toml:12:49:") && e.contains("0..=10000"), "{e}");
+    let twice = r#"{ address = "198.18.0.12" }, { address = "198.18.0.12", port = 80 }"#;
+    let e = err(&l7(ok, twice));
+    assert!(e.contains("198.18.0.12:80 is listed twice in this route"), "{e}");
+    // The same address on two ports is two backends.
+    assert!(
+        parse(&l7(ok, r#"{ address = "198.18.0.12" }, { address = "198.18.0.12", port = 81 }"#))
+            .is_ok()
+    );
+    let e = err(&format!(
+        "{NODE}gateway_mac = \"02:00:00:00:00:fe\"\n[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nport = 80\nbackends = [{{ address = \"198.18.0.11\", port = 8080 }}]\n"
+    ));
+    assert!(e.contains("keeps the client's destination port"), "{e}");
+}
+
 #[test]
 fn line_col_counts_from_one() {
     assert_eq!(line_col("ab\ncd", 0), (1, 1));
     assert_eq!(line_col("ab\ncd", 4), (2, 2));
 }
 
+/// Backends are entries per VIP: one address may have another next-hop MAC in another VIP, and
+/// the limit counts entries, not addresses.
 #[test]
-fn one_backend_cannot_have_two_macs() {
+fn backend_entries_are_per_vip() {
     let b = |mac: &str| format!("backends = [{{ address = \"198.18.0.11\", mac = \"{mac}\" }}]\n");
-    let e = err(&format!(
+    let c = parse(&format!(
         "{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\n{}[[vip]]\nname = \"b\"\naddress = \"198.18.1.2\"\n{}",
         b("02:00:00:00:00:01"),
         b("02:00:00:00:00:02")
-    ));
-    assert!(e.contains("different `mac`"), "{e}");
-    assert!(e.starts_with("t.toml:11:"), "{e}");
+    ))
+    .expect("valid");
+    assert_eq!(c.vips[1].backends[0].mac, Some([2, 0, 0, 0, 0, 2]));
+    // 2 × 2100 entries of the same 2100 addresses: over the limit of 4096.
+    let pool: String = (0..2100)
+        .map(|i| format!("{{ address = \"198.18.{}.{}\" }},", 2 + i / 250, 1 + i % 250))
+        .collect();
+    let vip = |name: &str, port: u16| {
+        format!(
+            "[[vip]]\nname = \"{name}\"\naddress = \"198.18.1.1\"\nport = {port}\nbackends = [{pool}]\n"
+        )
+    };
+    let node = format!("{NODE}gateway_mac = \"02:00:00:00:00:fe\"\n");
+    let e = err(&format!("{node}{}{}", vip("http", 80), vip("https", 443)));
+    assert!(e.contains("4200 backend entries"), "{e}");
 }
 
 /// Damaged config files (bytes replaced, inserted, cut; lines repeated or dropped) never panic
