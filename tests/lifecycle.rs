@@ -631,6 +631,53 @@ fn reload_rejects_bad_files_and_keeps_connections() {
         assert_eq!(*b, backend_name(&new_cfg, "echo", *c));
     }
     assert!(fresh.iter().any(|b| b == "backend-3"));
+
+    // A changed attach mode needs a restart too.
+    let grown = config_text(&bed.tag, &[1, 2, 3]);
+    std::fs::write(&bed.cfg_path, grown.replace("[node]\n", "[node]\nxdp_mode = \"generic\"\n"))
+        .unwrap();
+    let out = bed.e().cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("xdp_mode") && err.contains("restart"), "{err}");
+
+    // A valid file the maps have no room for: swapping a pool of 4087 backends needs the old
+    // and the new entries at once, over the 4096 the maps hold. The reload is refused, the
+    // running config stays, and the maps are whole: the next reload works.
+    let big = |base: u32| {
+        let list: Vec<String> = (0..4087u32)
+            .map(|i| {
+                let b = i / 250;
+                format!(
+                    "{{ address = \"198.18.{}.{}\", mac = \"02:ed:00:00:00:10\" }}",
+                    base + b,
+                    1 + i % 250
+                )
+            })
+            .collect();
+        format!(
+            "{grown}\n[[vip]]\nname = \"big\"\naddress = \"198.18.1.1\"\nport = 8080\nbackends = [{}]\n",
+            list.join(", ")
+        )
+    };
+    std::fs::write(&bed.cfg_path, big(100)).unwrap();
+    let out = bed.e().cli(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&bed.cfg_path, big(150)).unwrap();
+    let out = bed.e().cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("running config kept") && err.contains("4096 backend entries"), "{err}");
+    let status = bed.e().status();
+    let kept = status.vips.iter().find(|v| v.name == "big").expect("big VIP kept");
+    assert_eq!(kept.backends[0].address.to_string(), "198.18.100.1");
+    assert!((kept.backends.iter().map(|b| b.ring_share).sum::<f64>() - 1.0).abs() < 1e-6);
+    std::fs::write(&bed.cfg_path, &grown).unwrap();
+    let out = bed.e().cli(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (c, b) in conns.iter_mut().zip(&before) {
+        assert_eq!(&c.backend().unwrap(), b, "established connection moved");
+    }
     let _ = config::EXAMPLE;
 }
 

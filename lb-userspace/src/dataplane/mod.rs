@@ -710,7 +710,7 @@ impl Dataplane {
                 None => {
                     let id = self.backends.iter().position(Option::is_none).ok_or_else(|| {
                         DataplaneError::Capacity(format!(
-                            "more than {MAX_BACKENDS} backend entries"
+                            "more than {MAX_BACKENDS} backend entries (a pool being replaced counts its old and new entries until its new ring is published)"
                         ))
                     })? as u32;
                     self.generations[id as usize] = self.generations[id as usize].wrapping_add(1);

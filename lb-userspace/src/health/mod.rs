@@ -79,14 +79,15 @@ impl Checker {
                 });
             }
         }
-        let gone: Vec<Target> =
-            self.running.keys().filter(|t| !wanted.contains(t)).cloned().collect();
-        for t in gone {
-            if let Some(r) = self.running.remove(&t) {
+        // Stopped checks are not waited for: a probe in flight may take its whole timeout, and
+        // the controller must not stall on it. The thread reports nothing once stopped.
+        self.running.retain(|t, r| {
+            let keep = wanted.contains(t);
+            if !keep {
                 r.stop.store(true, Ordering::Relaxed);
-                let _ = r.thread.join();
             }
-        }
+            keep
+        });
         for t in wanted {
             if self.running.contains_key(&t) {
                 continue;
@@ -191,6 +192,9 @@ fn run(t: Target, stop: Arc<AtomicBool>, events: Sender<HealthEvent>) {
     while sleep_until(next, &stop) {
         next += interval;
         let result = probe::probe(&t.check, addr);
+        if stop.load(Ordering::Relaxed) {
+            return; // reconciled away during the probe: its result is for a check that is gone
+        }
         let ok = result.is_ok();
         let changed = state.record(ok, t.check.rise, t.check.fall);
         let reason = match &result {

@@ -10,9 +10,10 @@
 //! upgrade adopts it without dropping a packet; `edgelb stop` tears everything down. SIGHUP and
 //! `edgelb reload` re-read the config; a bad file is rejected and the running config stays.
 
+mod verdicts;
+
 use std::{
-    collections::{HashMap, HashSet},
-    net::IpAddr,
+    collections::HashMap,
     path::{Path, PathBuf},
     sync::mpsc::{self, Receiver, RecvTimeoutError},
     time::{Duration, Instant},
@@ -21,12 +22,13 @@ use std::{
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{error, info, warn};
 
+use self::verdicts::Verdicts;
 use crate::{
     admin::{
         self, AdminError, Answer, BackendStatus, ConntrackStatus, HandedSocket, HandoverEnd,
         Pending, Request, Response, SocketKind, Status, VipStatus,
     },
-    config::{Backend, Config, Forwarding},
+    config::{Config, Forwarding},
     dataplane::{Dataplane, DataplaneError, TableShape, vip_ring},
     health::{Checker, HealthEvent},
     metrics::{BackendSample, KernelSnapshot, Metrics, Scrape},
@@ -130,13 +132,8 @@ struct Controller {
     metrics: Metrics,
     rates: Rates,
     proxy: Option<crate::proxy::Proxy>,
-    /// (VIP name, backend) declared dead by its health check.
-    down: HashSet<(String, IpAddr)>,
-    /// Runtime drains: (VIP name or all VIPs, backend).
-    drained: HashSet<(Option<String>, IpAddr)>,
-    /// Last non-empty backend set per VIP, kept when every backend is down (fail open).
-    last_alive: HashMap<String, Vec<Backend>>,
-    fail_open: HashSet<String>,
+    /// Health verdicts, drains and fail-open state.
+    verdicts: Verdicts,
     /// The metrics endpoint's listening socket, to hand over to `edgelb run --takeover`.
     metrics_socket: Option<(std::net::SocketAddr, std::net::TcpListener)>,
 }
@@ -262,10 +259,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         metrics: Metrics::new(),
         rates: Rates::default(),
         proxy: None,
-        down: HashSet::new(),
-        drained: HashSet::new(),
-        last_alive: HashMap::new(),
-        fail_open: HashSet::new(),
+        verdicts: Verdicts::default(),
         metrics_socket,
     };
     // Maps first, then attach: the first packet already sees the whole config.
@@ -498,40 +492,9 @@ impl Controller {
         None
     }
 
-    fn is_drained(&self, vip: &str, addr: IpAddr) -> bool {
-        self.drained.contains(&(None, addr)) || self.drained.contains(&(Some(vip.to_owned()), addr))
-    }
-
-    /// Configured minus dead backends, drained ones at weight 0; fail open per VIP.
+    /// The config as the maps should have it (see [`Verdicts::effective`]).
     fn effective(&mut self) -> Config {
-        let mut eff = self.cfg.clone();
-        for vip in &mut eff.vips {
-            let mut alive: Vec<Backend> = vip
-                .backends
-                .iter()
-                .filter(|b| !self.down.contains(&(vip.name.clone(), b.address)))
-                .cloned()
-                .collect();
-            if alive.is_empty() && !vip.backends.is_empty() {
-                if self.fail_open.insert(vip.name.clone()) {
-                    error!(vip = %vip, "every backend is down: keeping the last known set (fail open)");
-                }
-                alive =
-                    self.last_alive.get(&vip.name).cloned().unwrap_or_else(|| vip.backends.clone());
-            } else {
-                if self.fail_open.remove(&vip.name) {
-                    warn!(vip = %vip, "backends are back: fail-open mode ended");
-                }
-                self.last_alive.insert(vip.name.clone(), alive.clone());
-            }
-            for b in &mut alive {
-                if self.is_drained(&vip.name, b.address) {
-                    b.weight = 0;
-                }
-            }
-            vip.backends = alive;
-        }
-        eff
+        self.verdicts.effective(&self.cfg)
     }
 
     fn apply(&mut self) -> Result<crate::dataplane::ApplyReport, DataplaneError> {
@@ -604,13 +567,7 @@ impl Controller {
     }
 
     fn on_health(&mut self, ev: HealthEvent) -> bool {
-        let key = (ev.vip.clone(), ev.backend);
-        if !self
-            .cfg
-            .vips
-            .iter()
-            .any(|v| v.name == ev.vip && v.backends.iter().any(|b| b.address == ev.backend))
-        {
+        if !Verdicts::checked(&self.cfg, &ev.vip, ev.backend) {
             return false; // a check that was just reconciled away
         }
         if let Some(latency) = ev.latency {
@@ -618,17 +575,16 @@ impl Controller {
         }
         // Every probe reports the checker's verdict, so a restarted check (which starts healthy)
         // also corrects the controller's view.
-        if ev.healthy != self.down.contains(&key) {
+        if ev.healthy != self.verdicts.is_down(&ev.vip, ev.backend) {
             return false;
         }
         self.metrics.transition(&ev.vip, ev.backend, ev.healthy);
         if ev.healthy {
             info!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend UP: back in the ring");
-            self.down.remove(&key)
         } else {
             warn!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend DOWN: leaves the ring, its flows re-hash");
-            self.down.insert(key)
         }
+        self.verdicts.set_health(&ev.vip, ev.backend, ev.healthy)
     }
 
     fn on_admin(&mut self, req: Request) -> Response {
@@ -647,16 +603,15 @@ impl Controller {
             }
             Request::Drain { backend, vip } => {
                 info!(%backend, vip = ?vip, "drain: no new flows, established flows stay");
-                self.drained.insert((vip, backend));
+                self.verdicts.drain(vip, backend);
                 self.apply_logged("drain");
                 Response::ok(format!("{backend} drained"))
             }
             Request::Undrain { backend, vip } => {
-                info!(%backend, vip = ?vip, "undrain");
-                self.drained.remove(&(vip.clone(), backend));
-                if vip.is_none() {
-                    self.drained.retain(|(_, a)| *a != backend);
+                if let Err(e) = self.verdicts.undrain(vip.clone(), backend) {
+                    return Response::err(e);
                 }
+                info!(%backend, vip = ?vip, "undrain");
                 self.apply_logged("undrain");
                 Response::ok(format!("{backend} undrained"))
             }
@@ -677,32 +632,39 @@ impl Controller {
         };
         let (old, n) = (&self.cfg.node, &new.node);
         if n.interfaces != old.interfaces
+            || n.xdp_mode != old.xdp_mode
             || n.pin_dir != old.pin_dir
             || n.conntrack_flows_per_cpu != old.conntrack_flows_per_cpu
             || n.admin_socket != old.admin_socket
+            || n.l7_threads != old.l7_threads
             || new.metrics != self.cfg.metrics
             || crate::proxy::l7_listeners(&new) != crate::proxy::l7_listeners(&self.cfg)
         {
             return Response::err(
-                "reload rejected, running config kept: node.interfaces, pin_dir, admin_socket, conntrack_flows_per_cpu, metrics and the set of L7 VIPs need a restart (`edgelb run --takeover` restarts without refusing a connection)",
+                "reload rejected, running config kept: node.interfaces, xdp_mode, pin_dir, admin_socket, conntrack_flows_per_cpu, l7_threads, metrics and the set of L7 VIPs need a restart (`edgelb run --takeover` restarts without refusing a connection)",
             );
         }
-        self.cfg = new;
-        let cfg = &self.cfg;
-        self.down.retain(|(v, a)| {
-            cfg.vips.iter().any(|x| {
-                x.name == *v && x.health.is_some() && x.backends.iter().any(|b| b.address == *a)
-            })
-        });
-        self.checker.reconcile(&self.cfg);
+        let old = std::mem::replace(&mut self.cfg, new);
+        let old_verdicts = self.verdicts.clone();
+        self.verdicts.reconcile(&self.cfg);
         match self.apply() {
             Ok(r) => {
+                self.checker.reconcile(&self.cfg);
                 info!(?r, "config reloaded");
                 Response::ok(format!("reloaded: {r:?}"))
             }
             Err(e) => {
-                error!(error = %e, "reload: updating the maps failed");
-                Response::err(format!("reload: updating the maps failed: {e}"))
+                // The maps are brought back to the running config, which stays: nothing of the
+                // rejected file is left half-written, and later health changes still apply.
+                self.cfg = old;
+                self.verdicts = old_verdicts;
+                if let Err(back) = self.apply() {
+                    error!(error = %back, "reload: restoring the running config in the maps failed");
+                }
+                error!(error = %e, "reload rejected: updating the maps failed");
+                Response::err(format!(
+                    "reload rejected, running config kept: updating the maps failed: {e}"
+                ))
             }
         }
     }
@@ -720,7 +682,7 @@ impl Controller {
                     vip: vip.name.clone(),
                     backend: b.address.to_string(),
                     counters: self.dp.backend_counters(vip, b.address).unwrap_or_default(),
-                    up: !self.down.contains(&(vip.name.clone(), b.address)),
+                    up: !self.verdicts.is_down(&vip.name, b.address),
                     weight,
                 });
             }
@@ -758,12 +720,12 @@ impl Controller {
                     bps,
                     address: b.address,
                     weight: b.weight,
-                    healthy: !self.down.contains(&(vip.name.clone(), b.address)),
+                    healthy: !self.verdicts.is_down(&vip.name, b.address),
                     passive_down: l7_state.as_ref().is_some_and(|s| s.passive_down()),
                     l7_requests: l7_state
                         .as_ref()
                         .map_or(0, |s| s.requests.load(std::sync::atomic::Ordering::Relaxed)),
-                    drained: b.weight == 0 || self.is_drained(&vip.name, b.address),
+                    drained: b.weight == 0 || self.verdicts.is_drained(&vip.name, b.address),
                     ring_share: share,
                     packets: bc.packets,
                     bytes: bc.bytes,
@@ -786,7 +748,7 @@ impl Controller {
                 packets: c.packets,
                 bytes: c.bytes,
                 new_flows: c.new_flows,
-                fail_open: self.fail_open.contains(&vip.name),
+                fail_open: self.verdicts.is_fail_open(&vip.name),
                 backends,
             });
         }

@@ -1,0 +1,214 @@
+//! What the controller knows of its backends beyond the config: health verdicts, runtime drains
+//! and, per VIP, the last set of live backends (kept when every backend is down: fail open).
+//! Kept apart from the controller's I/O so that the effective config written to the maps is one
+//! function of this state and the config, testable without a data plane.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
+
+use tracing::{error, warn};
+
+use crate::config::{Backend, Config};
+
+/// Health verdicts, drains and fail-open state, by VIP name and backend address.
+#[derive(Default, Clone)]
+pub(super) struct Verdicts {
+    /// (VIP name, backend) declared dead by its health check.
+    down: HashSet<(String, IpAddr)>,
+    /// Runtime drains: (VIP name or all VIPs, backend).
+    drained: HashSet<(Option<String>, IpAddr)>,
+    /// Last non-empty backend set per VIP, kept when every backend is down (fail open).
+    last_alive: HashMap<String, Vec<Backend>>,
+    /// VIPs in fail-open mode.
+    fail_open: HashSet<String>,
+}
+
+impl Verdicts {
+    /// Is `addr` dead in `vip` by its health check?
+    pub(super) fn is_down(&self, vip: &str, addr: IpAddr) -> bool {
+        self.down.contains(&(vip.to_owned(), addr))
+    }
+
+    /// Is `addr` drained in `vip`, by a drain of that VIP or of every VIP?
+    pub(super) fn is_drained(&self, vip: &str, addr: IpAddr) -> bool {
+        self.drained.contains(&(None, addr)) || self.drained.contains(&(Some(vip.to_owned()), addr))
+    }
+
+    /// Is `vip` serving its last known set because every backend is down?
+    pub(super) fn is_fail_open(&self, vip: &str) -> bool {
+        self.fail_open.contains(vip)
+    }
+
+    /// Does `cfg` still have the health check a verdict on (`vip`, `backend`) comes from? A
+    /// check reconciled away may still report a probe that was in flight.
+    pub(super) fn checked(cfg: &Config, vip: &str, backend: IpAddr) -> bool {
+        cfg.vips.iter().any(|v| {
+            v.name == vip && v.health.is_some() && v.backends.iter().any(|b| b.address == backend)
+        })
+    }
+
+    /// Records a health verdict; true if it changed the backend's state.
+    pub(super) fn set_health(&mut self, vip: &str, backend: IpAddr, healthy: bool) -> bool {
+        let key = (vip.to_owned(), backend);
+        if healthy { self.down.remove(&key) } else { self.down.insert(key) }
+    }
+
+    /// Forgets verdicts on checks `cfg` no longer has (after a reload).
+    pub(super) fn reconcile(&mut self, cfg: &Config) {
+        self.down.retain(|(v, a)| Self::checked(cfg, v, *a));
+    }
+
+    /// Drains `backend` in `vip`, or in every VIP.
+    pub(super) fn drain(&mut self, vip: Option<String>, backend: IpAddr) {
+        self.drained.insert((vip, backend));
+    }
+
+    /// Lifts a drain: of `backend` in `vip`, or every drain of `backend`. A drain of every VIP
+    /// is not lifted for one of them (that would need an exception per VIP): refused, naming
+    /// the command that lifts it.
+    pub(super) fn undrain(&mut self, vip: Option<String>, backend: IpAddr) -> Result<(), String> {
+        match vip {
+            Some(v) if self.drained.contains(&(None, backend)) => Err(format!(
+                "{backend} is drained on every VIP, `{v}` included: `edgelb undrain {backend}` lifts that drain"
+            )),
+            Some(v) => {
+                self.drained.remove(&(Some(v), backend));
+                Ok(())
+            }
+            None => {
+                self.drained.retain(|(_, a)| *a != backend);
+                Ok(())
+            }
+        }
+    }
+
+    /// The config as the maps should have it: configured minus dead backends, drained ones at
+    /// weight 0; a VIP whose backends are all dead keeps its last live set (fail open), as the
+    /// config lists those backends now.
+    pub(super) fn effective(&mut self, cfg: &Config) -> Config {
+        let mut eff = cfg.clone();
+        for vip in &mut eff.vips {
+            let mut alive: Vec<Backend> = vip
+                .backends
+                .iter()
+                .filter(|b| !self.is_down(&vip.name, b.address))
+                .cloned()
+                .collect();
+            if alive.is_empty() && !vip.backends.is_empty() {
+                if self.fail_open.insert(vip.name.clone()) {
+                    error!(vip = %vip, "every backend is down: keeping the last known set (fail open)");
+                }
+                // Backends a reload removed are not brought back, and new weights and MACs
+                // count.
+                alive = self
+                    .last_alive
+                    .get(&vip.name)
+                    .map(|last| {
+                        vip.backends
+                            .iter()
+                            .filter(|b| last.iter().any(|l| l.address == b.address))
+                            .cloned()
+                            .collect::<Vec<_>>()
+                    })
+                    .filter(|a| !a.is_empty())
+                    .unwrap_or_else(|| vip.backends.clone());
+            } else {
+                if self.fail_open.remove(&vip.name) {
+                    warn!(vip = %vip, "backends are back: fail-open mode ended");
+                }
+                self.last_alive.insert(vip.name.clone(), alive.clone());
+            }
+            for b in &mut alive {
+                if self.is_drained(&vip.name, b.address) {
+                    b.weight = 0;
+                }
+            }
+            vip.backends = alive;
+        }
+        eff
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(backends: &[(&str, u32)], health: bool) -> Config {
+        let list: Vec<String> = backends
+            .iter()
+            .map(|(a, w)| format!("{{ address = \"{a}\", weight = {w} }}"))
+            .collect();
+        let text = format!(
+            "[node]\ninterfaces = [\"lo\"]\nencap_source_v4 = \"198.19.0.0/16\"\ngateway_mac = \"02:00:00:00:00:fe\"\n[[vip]]\nname = \"web\"\naddress = \"198.18.1.1\"\nport = 80\nbackends = [{}]\n{}",
+            list.join(", "),
+            if health { "[vip.health]\n" } else { "" }
+        );
+        Config::parse(&text, "t.toml".as_ref()).expect("valid")
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn live(v: &mut Verdicts, c: &Config) -> Vec<(IpAddr, u32)> {
+        v.effective(c).vips[0].backends.iter().map(|b| (b.address, b.weight)).collect()
+    }
+
+    const A: &str = "198.18.0.11";
+    const B: &str = "198.18.0.12";
+
+    #[test]
+    fn fail_open_keeps_the_last_set_as_the_config_lists_it_now() {
+        let mut v = Verdicts::default();
+        let both = cfg(&[(A, 1), (B, 1)], true);
+        assert!(v.set_health("web", ip(A), false));
+        assert_eq!(live(&mut v, &both), [(ip(B), 1)]);
+        assert!(v.set_health("web", ip(B), false));
+        assert_eq!(live(&mut v, &both), [(ip(B), 1)], "fail open on the last live set");
+        assert!(v.is_fail_open("web"));
+        // A new weight for B counts while the VIP is open.
+        assert_eq!(live(&mut v, &cfg(&[(A, 1), (B, 7)], true)), [(ip(B), 7)]);
+        // B removed by a reload: not brought back; A, dead too, is all the config has left.
+        let only_a = cfg(&[(A, 3)], true);
+        v.reconcile(&only_a);
+        assert_eq!(live(&mut v, &only_a), [(ip(A), 3)]);
+        // A back: fail open ends.
+        assert!(v.set_health("web", ip(A), true));
+        assert_eq!(live(&mut v, &only_a), [(ip(A), 3)]);
+        assert!(!v.is_fail_open("web"));
+    }
+
+    #[test]
+    fn verdicts_of_checks_reconciled_away_are_dropped_and_not_taken_again() {
+        let mut v = Verdicts::default();
+        let checked = cfg(&[(A, 1), (B, 1)], true);
+        assert!(Verdicts::checked(&checked, "web", ip(A)));
+        v.set_health("web", ip(A), false);
+        let unchecked = cfg(&[(A, 1), (B, 1)], false);
+        v.reconcile(&unchecked);
+        assert!(!v.is_down("web", ip(A)));
+        // The probe that was in flight when the check went must not count.
+        assert!(!Verdicts::checked(&unchecked, "web", ip(A)));
+        assert!(!Verdicts::checked(&checked, "other", ip(A)));
+        assert!(!Verdicts::checked(&checked, "web", ip("198.18.0.99")));
+    }
+
+    #[test]
+    fn drains_of_one_vip_and_of_every_vip() {
+        let mut v = Verdicts::default();
+        let c = cfg(&[(A, 2), (B, 1)], false);
+        v.drain(None, ip(A));
+        assert_eq!(live(&mut v, &c), [(ip(A), 0), (ip(B), 1)]);
+        let e = v.undrain(Some("web".into()), ip(A)).expect_err("a drain of every VIP stays");
+        assert!(e.contains("edgelb undrain 198.18.0.11"), "{e}");
+        assert!(v.is_drained("web", ip(A)));
+        v.undrain(None, ip(A)).unwrap();
+        assert_eq!(live(&mut v, &c), [(ip(A), 2), (ip(B), 1)]);
+        v.drain(Some("web".into()), ip(B));
+        assert!(v.is_drained("web", ip(B)) && !v.is_drained("other", ip(B)));
+        v.undrain(Some("web".into()), ip(B)).unwrap();
+        assert!(!v.is_drained("web", ip(B)));
+    }
+}
