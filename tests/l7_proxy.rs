@@ -496,6 +496,12 @@ fn timeouts_and_limits_answer_cleanly() {
 
     // Malformed request line: 400.
     assert_eq!(request(p.addr, None, "GARBAGE\r\n\r\n").unwrap().0, 400);
+    // A target that is neither a path nor an absolute URI, with a multi-byte character where
+    // a scheme would end: 400 (it once panicked the connection's task).
+    for target in ["xxxxxx\u{e9}", "\u{e9}", "http\u{e9}//t/"] {
+        let r = request(p.addr, None, &format!("GET {target} HTTP/1.1\r\nHost: t\r\n\r\n"));
+        assert_eq!(r.unwrap().0, 400, "{target}");
+    }
     assert_eq!(
         request(p.addr, None, "GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx")
             .unwrap()
@@ -507,7 +513,7 @@ fn timeouts_and_limits_answer_cleanly() {
 
     // The proxy's own answers count among the requests, as the backends' do.
     let text = p.metrics.encode();
-    for (class, n) in [("4xx", 4), ("5xx", 2)] {
+    for (class, n) in [("4xx", 7), ("5xx", 2)] {
         let line = format!("edgelb_l7_requests_total{{vip=\"web\",class=\"{class}\"}} {n}");
         assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
     }
@@ -1291,6 +1297,7 @@ fn damaged_requests_never_reach_the_backend_malformed() {
         b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
         b"GET http://t/abs?q HTTP/1.1\r\nHost: other\r\n\r\n",
         b"GET /h HTTP/1.0\r\n\r\n",
+        "GET https://t/\u{e9}t\u{e9} HTTP/1.1\r\nHost: t\r\n\r\n".as_bytes(),
     ];
     // Bytes that matter to an HTTP parser, and header lines that matter to framing.
     let alphabet: &[u8] = b" \t\r\n:;,0123456789abcdefxX-+\"\x00\x7f\x80\xff";
@@ -1362,6 +1369,13 @@ fn damaged_requests_never_reach_the_backend_malformed() {
         let r =
             request(p.addr, None, "GET /after HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
         assert_eq!(r.expect("still serving").0, 200);
+    }
+    // Every connection gave its place back, whatever happened to it.
+    let gauge = "edgelb_l7_active_connections{vip=\"web\"} 0";
+    let start = Instant::now();
+    while !p.metrics.encode().lines().any(|l| l == gauge) {
+        assert!(start.elapsed() < Duration::from_secs(3), "{gauge} in\n{}", p.metrics.encode());
+        std::thread::sleep(Duration::from_millis(20));
     }
     let v = violations.lock().unwrap();
     assert!(v.is_empty(), "the backend received malformed requests:\n{}", v.join("\n"));

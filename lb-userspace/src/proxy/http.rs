@@ -713,7 +713,7 @@ fn target_as_sent(req: &ReqHead) -> Option<Target<'_>> {
     // host (RFC 9112 3.2.2: the Host header is ignored), and the backend gets the origin form.
     let scheme_len = ["http://", "https://"]
         .iter()
-        .find(|s| path.len() >= s.len() && path[..s.len()].eq_ignore_ascii_case(s))?
+        .find(|s| path.get(..s.len()).is_some_and(|p| p.eq_ignore_ascii_case(s)))?
         .len();
     let rest = &path[scheme_len..];
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());

@@ -622,13 +622,12 @@ async fn accept_loop(
             }
         };
         let Some(rt) = shared.snapshot.load().vips.get(&vip).cloned() else { continue };
-        shared.open.fetch_add(1, Ordering::SeqCst);
-        // The VIP's active-connections gauge is its connection count, over all threads.
-        let gauge = shared.metrics.active.get_or_create(&label).clone();
-        let open = gauge.inc() + 1;
+        let counted = Counted::new(&shared, &label);
         let (shared2, upstream2) = (shared.clone(), upstream.clone());
         tokio_uring::spawn(async move {
-            if open > rt.cfg.max_connections as i64 {
+            // Moved in whole, so the connection stays counted until this task ends.
+            let counted = counted;
+            if counted.open > rt.cfg.max_connections as i64 {
                 http::refuse(&stream, &rt, peer).await;
             } else {
                 match mode {
@@ -638,9 +637,34 @@ async fn accept_loop(
                     L7Mode::Tcp => tcp::serve(stream, peer, listen, rt).await,
                 }
             }
-            gauge.dec();
-            shared2.open.fetch_sub(1, Ordering::SeqCst);
         });
+    }
+}
+
+/// One accepted connection, counted in its VIP's active-connections gauge (its connection
+/// count over all threads, which `max_connections` is checked against) and in the proxy's open
+/// count (which a stop waits on) for as long as this lives. Released on drop, so that a
+/// connection task that ends in any way, a panic included, gives its place back.
+struct Counted {
+    gauge: Gauge,
+    shared: Arc<Shared>,
+    /// The VIP's connection count with this one.
+    open: i64,
+}
+
+impl Counted {
+    fn new(shared: &Arc<Shared>, label: &VipLabel) -> Counted {
+        shared.open.fetch_add(1, Ordering::SeqCst);
+        let gauge = shared.metrics.active.get_or_create(label).clone();
+        let open = gauge.inc() + 1;
+        Counted { gauge, shared: shared.clone(), open }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.gauge.dec();
+        self.shared.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
