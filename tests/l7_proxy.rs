@@ -749,6 +749,49 @@ fn tcp_mode_relays_with_half_close() {
     assert_eq!(back, data, "everything came back after the half-close");
 }
 
+/// The idle timeout is silence both ways: a backend pushing a feed to a client that sends
+/// nothing keeps its connection whole, past the timeout; then silence ends it.
+#[test]
+fn tcp_mode_idle_timeout_counts_traffic_either_way() {
+    let early_end = Arc::new(AtomicBool::new(false));
+    let flag = early_end.clone();
+    let feed = serve_backend(move |s, _, _| {
+        let mut w = s.try_clone().unwrap();
+        let (flag, done) = (flag.clone(), Arc::new(AtomicBool::new(false)));
+        let started = Arc::new(AtomicBool::new(false));
+        let (done2, started2) = (done.clone(), started.clone());
+        // The client's side must stay open while the feed runs.
+        let reader = std::thread::spawn(move || {
+            let mut r = s;
+            let _ = r.set_read_timeout(Some(Duration::from_secs(4)));
+            let n = r.read(&mut [0u8; 16]).unwrap_or(1);
+            // (The proxy helper's readiness probe connects and closes at once: not a feed.)
+            if n == 0 && started2.load(Ordering::Relaxed) && !done2.load(Ordering::Relaxed) {
+                flag.store(true, Ordering::Relaxed);
+            }
+        });
+        for _ in 0..7 {
+            std::thread::sleep(Duration::from_millis(300));
+            if w.write_all(b"tick\n").is_err() {
+                break;
+            }
+            started.store(true, Ordering::Relaxed);
+        }
+        done.store(true, Ordering::Relaxed);
+        let _ = reader.join();
+    });
+    let p = proxy(&[(&feed, 1)], "mode = \"tcp\"\nidle_timeout_ms = 1000", "");
+    let mut s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+    let start = Instant::now();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"tick\n".repeat(7), "the whole feed, past the idle timeout");
+    assert!(!early_end.load(Ordering::Relaxed), "the backend saw the client's side end mid-feed");
+    // After the feed, nothing moves: the relay ends about one idle timeout later.
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+}
+
 #[test]
 fn passive_health_takes_a_failing_backend_out() {
     let (bad, good) = (backend("bad", Mode::Reset), backend("good", Mode::Ok));
@@ -898,6 +941,37 @@ fn busy_moments_do_not_churn_upstream_connections() {
     // A small pool (4 per backend and thread, 2 threads) keeps only that many.
     let (first, all) = two_waves("upstream_keepalive = 4");
     assert!(all - first >= first - 8, "{first} then {all}: only 8 connections kept");
+}
+
+/// A client that asks for a large response and stops reading holds its connection (and the
+/// backend connection behind it) only until the idle timeout: sends wait at most that long.
+#[test]
+fn a_client_that_stops_reading_is_cut_off_at_the_idle_timeout() {
+    let b = backend("big", Mode::Big(32 << 20));
+    let p = proxy(&[(&b, 1)], "idle_timeout_ms = 1000\nrequest_timeout_ms = 600000", "");
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&p.addr.into()).unwrap();
+    let s: TcpStream = sock.into();
+    (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let gauge = |n: u32| format!("edgelb_l7_active_connections{{vip=\"web\"}} {n}");
+    let open = |n: u32| p.metrics.encode().lines().any(|l| l == gauge(n));
+    let start = Instant::now();
+    while !open(1) {
+        assert!(start.elapsed() < Duration::from_secs(2), "the connection is counted");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The client never reads: the proxy's sends stall once the buffers are full.
+    while !open(0) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the stalled connection was never let go:\n{}",
+            p.metrics.encode()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(start.elapsed() >= Duration::from_millis(900), "not before the idle timeout");
+    drop(s);
 }
 
 #[test]

@@ -85,7 +85,7 @@ async fn read_more(s: &Socket, buf: &mut BytesMut) -> io::Result<usize> {
 
 /// Writes all of `data` (a `Vec`, or `Bytes` split off a read buffer without copying).
 async fn write<B: IoBuf>(s: &Socket, data: B) -> io::Result<()> {
-    s.send_all(data).await.0
+    s.send_all(data).await.map(drop)
 }
 
 /// The reason phrase of a status the proxy answers with itself.
@@ -1265,8 +1265,11 @@ async fn attempt_once(
         let up = match reused.take() {
             Some(s) => s,
             None => {
-                let connect =
-                    tokio::time::timeout(cfg.connect_timeout, Socket::connect(addr)).await;
+                let connect = tokio::time::timeout(
+                    cfg.connect_timeout,
+                    Socket::connect(addr, cfg.idle_timeout),
+                )
+                .await;
                 let s = match connect {
                     Ok(Ok(s)) => s,
                     _ => return Err(Attempt::Connect),

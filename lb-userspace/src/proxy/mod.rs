@@ -611,7 +611,7 @@ async fn accept_loop(
         let accepted = accepted.and_then(|(s, peer)| {
             let s = s.into_std()?;
             s.set_nonblocking(false)?;
-            Ok((uring::Socket::new(tokio_uring::net::TcpStream::from_std(s)), peer))
+            Ok((tokio_uring::net::TcpStream::from_std(s), peer))
         });
         let (stream, peer) = match accepted {
             Ok(x) => x,
@@ -622,6 +622,7 @@ async fn accept_loop(
             }
         };
         let Some(rt) = shared.snapshot.load().vips.get(&vip).cloned() else { continue };
+        let stream = uring::Socket::new(stream, rt.cfg.idle_timeout);
         let counted = Counted::new(&shared, &label);
         let (shared2, upstream2) = (shared.clone(), upstream.clone());
         tokio_uring::spawn(async move {

@@ -1,10 +1,14 @@
 //! Plain TCP relay: one backend per client connection, bytes copied both ways, half-close passed
 //! on (when one side finishes sending, the other side's write half is shut down, and the relay
-//! ends once both directions are done).
+//! ends once both directions are done). The idle timeout counts silence in both directions: a
+//! stream one side pushes while the other listens (server-sent events, a WebSocket feed) is not
+//! idle.
 
 use std::{
+    cell::Cell,
     net::{Shutdown, SocketAddr},
     sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
 };
 
 use bytes::BytesMut;
@@ -14,40 +18,48 @@ use super::{VipRuntime, balance::BackendState, client_ip, http::proxy_header, ur
 /// Relays bytes both ways between `client` and backend `up` until both directions are done,
 /// with `up`'s member `state` counting the relay as in flight (least-connections sees it), then
 /// shuts both sockets down. TCP mode and upgraded HTTP connections (WebSocket) end in this.
-pub(super) async fn relay(
-    client: &Socket,
-    up: &Socket,
-    idle: std::time::Duration,
-    state: &BackendState,
-) {
+pub(super) async fn relay(client: &Socket, up: &Socket, idle: Duration, state: &BackendState) {
     state.in_flight.fetch_add(1, Ordering::Relaxed);
-    tokio::join!(pump(client, up, idle), pump(up, client, idle));
+    let moved = Cell::new(Instant::now());
+    tokio::join!(pump(client, up, idle, &moved), pump(up, client, idle, &moved));
     // Reads abandoned on an idle timeout stay pending until the sockets are shut down.
     let _ = client.shutdown(Shutdown::Both);
     let _ = up.shutdown(Shutdown::Both);
     state.in_flight.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// Copies `from` to `to` until `from` ends, fails or is idle for `idle`, then shuts `to`'s
-/// write half (so the far end sees the end of what this side sends).
-async fn pump(from: &Socket, to: &Socket, idle: std::time::Duration) {
+/// Copies `from` to `to` until `from` ends or fails, or nothing has `moved` either way for
+/// `idle`, then shuts `to`'s write half (so the far end sees the end of what this side sends).
+async fn pump(from: &Socket, to: &Socket, idle: Duration, moved: &Cell<Instant>) {
     let mut buf = BytesMut::new();
     loop {
         buf.clear();
-        let (r, b) = match tokio::time::timeout(idle, from.recv(buf, 16 * 1024)).await {
-            Ok(x) => x,
-            Err(_) => break,
+        // One receive, waited for as long as either direction moves (it cannot be dropped and
+        // issued again: the abandoned one would still take the next bytes).
+        let recv = from.recv(buf, 16 * 1024);
+        tokio::pin!(recv);
+        let (r, b) = loop {
+            let until = tokio::time::Instant::from_std(moved.get() + idle);
+            match tokio::time::timeout_at(until, &mut recv).await {
+                Ok(x) => break x,
+                Err(_) if moved.get() + idle > Instant::now() => {}
+                Err(_) => {
+                    let _ = to.shutdown(Shutdown::Write);
+                    return;
+                }
+            }
         };
         buf = b;
         match r {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
-        let (w, b) = to.send_all(buf).await;
-        buf = b;
-        if w.is_err() {
-            break;
+        moved.set(Instant::now());
+        match to.send_all(buf).await {
+            Ok(b) => buf = b,
+            Err(_) => break,
         }
+        moved.set(Instant::now());
     }
     let _ = to.shutdown(Shutdown::Write);
 }
@@ -62,7 +74,9 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
         let Some(i) = pool.pick(client_ip(peer), &tried, None) else { break };
         tried.push(i);
         let addr = pool.members[i].state.addr;
-        match tokio::time::timeout(cfg.connect_timeout, Socket::connect(addr)).await {
+        match tokio::time::timeout(cfg.connect_timeout, Socket::connect(addr, cfg.idle_timeout))
+            .await
+        {
             Ok(Ok(s)) => {
                 pool.members[i].state.success();
                 up = Some((i, s));
@@ -75,8 +89,7 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
     }
     let Some((i, up)) = up else { return };
     if let Some(v) = cfg.proxy_protocol {
-        let (r, _) = up.send_all(proxy_header(v, peer, listen)).await;
-        if r.is_err() {
+        if up.send_all(proxy_header(v, peer, listen)).await.is_err() {
             return;
         }
     }

@@ -5,7 +5,7 @@
 //! read that has to wait sets up an iterator state to retry with; RECV and SEND go to the
 //! socket directly. Measured (docs/BENCHMARKS.md), that is 5–10 % more requests per CPU-second.
 
-use std::{io, marker::PhantomData, net::SocketAddr, os::fd::AsRawFd, rc::Rc};
+use std::{io, marker::PhantomData, net::SocketAddr, os::fd::AsRawFd, rc::Rc, time::Duration};
 
 use bytes::BytesMut;
 use io_uring::{cqueue, opcode, types};
@@ -15,29 +15,35 @@ use tokio_uring::{OneshotOutputTransform, UnsubmittedOneshot, buf::IoBuf, net::T
 /// is not closed (and its descriptor number not handed out again) before the kernel is done with
 /// it, even when the future waiting for the operation was dropped on a timeout.
 #[derive(Clone)]
-pub(crate) struct Socket(Rc<TcpStream>);
+pub(crate) struct Socket {
+    stream: Rc<TcpStream>,
+    /// How long one send may wait for the peer to take data (the VIP's idle timeout): a peer
+    /// that stops reading must not hold its connection, and the one behind it, forever.
+    stall: Duration,
+}
 
 impl Socket {
     /// Wraps a connected socket (in blocking mode: io_uring honours O_NONBLOCK and would fail
-    /// an operation that has to wait with EAGAIN instead of waiting).
-    pub(crate) fn new(s: TcpStream) -> Self {
-        Self(Rc::new(s))
+    /// an operation that has to wait with EAGAIN instead of waiting), whose sends may wait
+    /// `stall` each.
+    pub(crate) fn new(s: TcpStream, stall: Duration) -> Self {
+        Self { stream: Rc::new(s), stall }
     }
 
-    /// Connects to `addr`.
-    pub(crate) async fn connect(addr: SocketAddr) -> io::Result<Self> {
-        TcpStream::connect(addr).await.map(Self::new)
+    /// Connects to `addr`; its sends may wait `stall` each.
+    pub(crate) async fn connect(addr: SocketAddr, stall: Duration) -> io::Result<Self> {
+        TcpStream::connect(addr).await.map(|s| Self::new(s, stall))
     }
 
     /// Shuts down one or both directions. This also completes a receive still pending on the
     /// socket (one abandoned on a timeout), which would otherwise keep the socket open.
     pub(crate) fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
-        self.0.shutdown(how)
+        self.stream.shutdown(how)
     }
 
     /// Sets TCP_NODELAY.
     pub(crate) fn set_nodelay(&self, on: bool) -> io::Result<()> {
-        self.0.set_nodelay(on)
+        self.stream.set_nodelay(on)
     }
 
     /// Receives into `buf`'s spare capacity (first reserving `want` bytes of it), appending;
@@ -50,33 +56,40 @@ impl Socket {
         buf.reserve(want);
         let spare = buf.spare_capacity_mut();
         let len = spare.len().min(u32::MAX as usize) as u32;
-        let sqe = opcode::Recv::new(types::Fd(self.0.as_raw_fd()), spare.as_mut_ptr().cast(), len)
-            .build();
+        let sqe =
+            opcode::Recv::new(types::Fd(self.stream.as_raw_fd()), spare.as_mut_ptr().cast(), len)
+                .build();
         // The heap memory `sqe` points into moves with `buf` into the operation, which keeps it
         // until the kernel completes (tokio-uring holds a dropped operation's data until then).
         UnsubmittedOneshot::new(Held { buf, _socket: self.clone() }, Received, sqe).submit().await
     }
 
-    /// Sends all of `data`, returning it when done.
-    pub(crate) async fn send_all<B: IoBuf>(&self, mut data: B) -> (io::Result<()>, B) {
+    /// Sends all of `data`, returning it when done. A send the peer takes nothing of for the
+    /// socket's `stall` fails with `TimedOut` and shuts the socket down (which also ends the
+    /// abandoned send in the kernel, so that the socket closes once dropped).
+    pub(crate) async fn send_all<B: IoBuf>(&self, mut data: B) -> io::Result<B> {
         let mut sent = 0;
         while sent < data.bytes_init() {
             let ptr = data.stable_ptr().wrapping_add(sent);
             let len = (data.bytes_init() - sent).min(u32::MAX as usize) as u32;
             // MSG_NOSIGNAL: a peer that went away is an error to handle, not a SIGPIPE.
-            let sqe = opcode::Send::new(types::Fd(self.0.as_raw_fd()), ptr, len)
+            let sqe = opcode::Send::new(types::Fd(self.stream.as_raw_fd()), ptr, len)
                 .flags(libc::MSG_NOSIGNAL)
                 .build();
             let held = Held { buf: data, _socket: self.clone() };
-            let (r, b) = UnsubmittedOneshot::new(held, Sent(PhantomData), sqe).submit().await;
+            let op = UnsubmittedOneshot::new(held, Sent(PhantomData), sqe).submit();
+            let Ok((r, b)) = tokio::time::timeout(self.stall, op).await else {
+                let _ = self.shutdown(std::net::Shutdown::Both);
+                return Err(io::ErrorKind::TimedOut.into());
+            };
             data = b;
             match r {
-                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), data),
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => sent += n,
-                Err(e) => return (Err(e), data),
+                Err(e) => return Err(e),
             }
         }
-        (Ok(()), data)
+        Ok(data)
     }
 }
 
