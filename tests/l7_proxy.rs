@@ -1502,6 +1502,43 @@ fn exchange(
     (out, t.elapsed())
 }
 
+/// A backend connection goes back to the pool only if the backend keeps it: not after an
+/// HTTP/1.0 response without keep-alive (the backend closes it), nor after a response whose
+/// Content-Length a chunked coding overrode, which is passed on chunked, without the length.
+#[test]
+fn backend_connections_are_reused_only_when_the_backend_keeps_them() {
+    let old = raw_backend(|_| ("HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", true));
+    let p = proxy(&[(&old, 1)], "", "");
+    let s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut r).unwrap().0, 200);
+    // A body is never sent twice, so a POST on a dead pooled connection would fail: it gets a
+    // fresh one.
+    std::thread::sleep(Duration::from_millis(100));
+    (&s).write_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello").unwrap();
+    assert_eq!(read_response(&mut r).unwrap().0, 200);
+    assert_eq!(old.conns.load(Ordering::Relaxed), 2, "one backend connection per response");
+
+    let both = raw_backend(|_| {
+        (
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            false,
+        )
+    });
+    let p = proxy(&[(&both, 1)], "", "");
+    for _ in 0..2 {
+        let got = raw_exchange(p.addr, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        let (head, body) = got.split_once("\r\n\r\n").expect("a response");
+        assert!(head.starts_with("HTTP/1.1 200 "), "{got:?}");
+        assert!(head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{got:?}");
+        assert!(!head.to_ascii_lowercase().contains("content-length"), "{got:?}");
+        assert_eq!(body, "5\r\nhello\r\n0\r\n\r\n");
+    }
+    assert_eq!(both.conns.load(Ordering::Relaxed), 2, "not re-used after an overridden length");
+}
+
 #[test]
 fn responses_carry_one_valid_content_length() {
     let b = raw_backend(|path| match path {

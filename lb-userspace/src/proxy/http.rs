@@ -459,7 +459,9 @@ fn declared_length(head: &Head) -> Option<u64> {
 /// stacked or repeated codings, and spellings other parsers may read otherwise, are how
 /// requests get smuggled past a proxy. Responses may list other codings before `chunked`, which
 /// the proxy passes on without decoding; any other Transfer-Encoding makes the response
-/// delimited by the close (RFC 9112 6.3, which is also where an Err for a response leads).
+/// delimited by the close (RFC 9112 6.3, which is also where an Err for a response leads). A
+/// response with both a chunked Transfer-Encoding and a Content-Length is chunked: the coding
+/// overrides the length, which is not passed on (RFC 9112 6.3); its connection is not re-used.
 fn body_framing(head: &Head, request: bool) -> Result<Framing, ()> {
     // Transfer codings: how many, whether each is a token, whether `chunked` is among the
     // ones before the last, and the last.
@@ -482,7 +484,7 @@ fn body_framing(head: &Head, request: bool) -> Result<Framing, ()> {
     }
     if let Some(last) = te_last {
         let chunked = last.eq_ignore_ascii_case(b"chunked") && valid && !early_chunked;
-        if has_cl || !chunked || (request && codings != 1) {
+        if !chunked || (request && (has_cl || codings != 1)) {
             // Both, or codings we will not frame: request smuggling territory.
             return if request { Err(()) } else { Ok(Framing::UntilClose) };
         }
@@ -858,6 +860,8 @@ struct RespHead {
     head: Head,
     status: u16,
     reason: Span,
+    /// An HTTP/1.0 response: its connection persists only if it says `keep-alive`.
+    http10: bool,
 }
 
 /// Writes `resp`'s status line and its end-to-end headers: not the hop-by-hop ones, nor
@@ -896,8 +900,10 @@ fn parse_response(buf: &mut BytesMut) -> Result<Option<RespHead>, ()> {
     if !(100..=599).contains(&status) {
         return Err(());
     }
+    let http10 = resp.version == Some(0);
     let headers = Head::spans(buf, resp.headers);
-    Ok(Some(RespHead { head: Head::new(buf.split_to(len).freeze(), headers), status, reason }))
+    let head = Head::new(buf.split_to(len).freeze(), headers);
+    Ok(Some(RespHead { head, status, reason, http10 }))
 }
 
 /// Why an attempt on one backend failed.
@@ -1159,8 +1165,13 @@ async fn serve_conn(
         } else {
             body_framing(&resp.head, false).unwrap_or(Framing::UntilClose)
         };
-        let upstream_keepalive =
-            !resp.head.connection_lists(b"close") && rframing != Framing::UntilClose;
+        // A connection the backend keeps open (RFC 9112 9.3): not after `close`, nor after an
+        // HTTP/1.0 response without `keep-alive`, nor after a length that was overridden.
+        let upstream_keepalive = !resp.head.connection_lists(b"close")
+            && (!resp.http10 || resp.head.connection_lists(b"keep-alive"))
+            && rframing != Framing::UntilClose
+            && !(rframing == Framing::Chunked
+                && header(&resp.head, "content-length").next().is_some());
         // An HTTP/1.0 client cannot read the chunked coding (RFC 9112 6.1): it gets the body
         // decoded, delimited by the connection's close.
         let decode = req.http10 && rframing == Framing::Chunked;
@@ -1474,6 +1485,11 @@ mod tests {
         assert_eq!(
             body_framing(&h(&[("Transfer-Encoding", "chunked"), ("Content-Length", "3")]), true),
             Err(())
+        );
+        assert_eq!(
+            body_framing(&h(&[("Content-Length", "3"), ("Transfer-Encoding", "chunked")]), false),
+            Ok(Framing::Chunked),
+            "the coding overrides the length"
         );
         assert_eq!(body_framing(&h(&[("Content-Length", "x")]), true), Err(()));
         // 1*DIGIT only: a sign or inner space is another parser's number (smuggling).
