@@ -1539,6 +1539,60 @@ fn backend_connections_are_reused_only_when_the_backend_keeps_them() {
     assert_eq!(both.conns.load(Ordering::Relaxed), 2, "not re-used after an overridden length");
 }
 
+/// A request that is not idempotent is never sent twice: not after a reused backend connection
+/// ends without a response (the backend may have acted on it), nor after an interim response.
+/// It is not sent on a connection the backend already closed either: that one is checked.
+#[test]
+fn a_post_is_never_sent_twice_on_a_reused_connection() {
+    let posts = Arc::new(AtomicUsize::new(0));
+    let seen = posts.clone();
+    // Answers the first request of a connection; reads the second and closes without an answer.
+    let b = serve_backend(move |s, _, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let mut n = 0;
+        while let Some((head, _)) = read_request(&mut r) {
+            if head.starts_with("POST") {
+                seen.fetch_add(1, Ordering::Relaxed);
+            }
+            n += 1;
+            if n == 2 {
+                return;
+            }
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        }
+    });
+    let p = proxy(&[(&b, 1)], "retries = 2", "");
+    let s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut r).unwrap().0, 200);
+    (&s).write_all(b"POST /charge HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut r).unwrap().0, 502);
+    assert_eq!(posts.load(Ordering::Relaxed), 1, "the POST reached the backend once");
+
+    // A backend that closes each connection a moment after its response: a POST does not try
+    // the closed pooled connection (which would fail it), it opens a fresh one.
+    let closing = serve_backend(|s, _, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        if read_request(&mut r).is_some() {
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let p = proxy(&[(&closing, 1)], "", "");
+    let s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    for _ in 0..3 {
+        (&s).write_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi").unwrap();
+        assert_eq!(read_response(&mut r).unwrap().0, 200);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+}
+
 #[test]
 fn responses_carry_one_valid_content_length() {
     let b = raw_backend(|path| match path {

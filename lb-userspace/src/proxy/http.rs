@@ -51,14 +51,17 @@ pub struct UpstreamPool {
 }
 
 impl UpstreamPool {
-    /// An idle connection to `addr` that has not been idle too long at `now`.
-    fn take(&self, addr: SocketAddr, now: Instant) -> Option<Socket> {
+    /// An idle connection to `addr` that has not been idle too long at `now`. With `check`,
+    /// only one the backend has not closed meanwhile (one system call each): for a request
+    /// that is never sent twice, so a connection the backend closed must not be tried.
+    fn take(&self, addr: SocketAddr, now: Instant, check: bool) -> Option<Socket> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
         while let Some((s, since)) = list.pop() {
-            if now.saturating_duration_since(since) < POOL_MAX_IDLE {
+            if now.saturating_duration_since(since) < POOL_MAX_IDLE && (!check || s.idle_open()) {
                 return Some(s);
             }
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
         None
     }
@@ -1078,6 +1081,7 @@ async fn serve_conn(
                 upgrade.is_some(),
                 continued,
                 req.http10,
+                can_retry,
                 peer,
                 listen,
                 now,
@@ -1244,7 +1248,8 @@ fn abandon(up: &Socket, why: Attempt) -> Attempt {
 }
 
 /// One try on member `i`, starting at `now`: connect (or reuse), send head and body, read the
-/// response head.
+/// response head. A `replayable` request (idempotent, no body) is sent again on a fresh
+/// connection when a reused one turns out closed before any response.
 #[allow(clippy::too_many_arguments)]
 async fn attempt_once(
     client: &Socket,
@@ -1259,6 +1264,7 @@ async fn attempt_once(
     upgrade: bool,
     continued: bool,
     http10: bool,
+    replayable: bool,
     peer: SocketAddr,
     listen: SocketAddr,
     now: Instant,
@@ -1266,9 +1272,14 @@ async fn attempt_once(
 ) -> Result<(Socket, RespHead), Attempt> {
     let cfg = &vip.cfg;
     let addr = pool.members[i].state.addr;
-    // A pooled connection may have been closed by the backend meanwhile; then try a fresh one
-    // (the request was not processed, so this is safe for any method).
-    let mut reused = if cfg.proxy_protocol.is_none() { upstream.take(addr, now) } else { None };
+    // A pooled connection may have been closed by the backend meanwhile. A request that may
+    // be sent again then goes on a fresh one; the backend may also have closed it just as the
+    // request arrived, having read it or not, so any other request takes only a connection
+    // checked open, and is never sent twice.
+    let mut reused =
+        if cfg.proxy_protocol.is_none() { upstream.take(addr, now, !replayable) } else { None };
+    // An interim response passed on to the client: the backend has the request.
+    let mut interim = false;
     // The response timeout runs from the request's end: known now for a bodiless request.
     let sent_at = tokio::time::Instant::from_std(now);
     loop {
@@ -1345,6 +1356,7 @@ async fn attempt_once(
                     status_and_headers(&mut head, &r);
                     head.extend_from_slice(b"\r\n");
                     write(client, head).await.map_err(|_| Attempt::ClientGone)?;
+                    interim = true;
                     continue;
                 }
                 Ok(Some(r)) => break Some(r),
@@ -1360,7 +1372,7 @@ async fn attempt_once(
                 None => timeout_at(resp_deadline, read_more(&up, ubuf)).await,
             };
             match read {
-                Ok(Ok(0)) | Ok(Err(_)) if ubuf.is_empty() && !fresh && framing == Framing::None => {
+                Ok(Ok(0)) | Ok(Err(_)) if ubuf.is_empty() && !fresh && replayable && !interim => {
                     // Stale pooled connection: retry on a fresh one.
                     break None;
                 }

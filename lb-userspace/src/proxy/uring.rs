@@ -41,6 +41,24 @@ impl Socket {
         self.stream.shutdown(how)
     }
 
+    /// Is this idle connection still open, with nothing unread? A peek that does not wait:
+    /// false once the peer closed or reset it, or sent something unasked.
+    pub(crate) fn idle_open(&self) -> bool {
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+        let r =
+            self.with_sock(|s| s.recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT));
+        matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Runs `f` on the socket as socket2 sees it, for the calls io_uring is not needed for.
+    #[allow(unsafe_code)]
+    fn with_sock<R>(&self, f: impl FnOnce(socket2::SockRef<'_>) -> R) -> R {
+        // SAFETY: the descriptor belongs to `self.stream`, which outlives the borrow (`f` runs
+        // while `&self` is held) and is closed only when the last clone of this socket is dropped.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.stream.as_raw_fd()) };
+        f(socket2::SockRef::from(&fd))
+    }
+
     /// Sets TCP_NODELAY.
     pub(crate) fn set_nodelay(&self, on: bool) -> io::Result<()> {
         self.stream.set_nodelay(on)
