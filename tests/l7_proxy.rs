@@ -539,6 +539,40 @@ fn timeouts_and_limits_answer_cleanly() {
     assert!(t.elapsed() < Duration::from_millis(1500), "cut after {:?}", t.elapsed());
 }
 
+/// On a keep-alive connection the header timeout runs from a request's first bytes, not from
+/// the end of the previous response: a head arriving in pieces after a long pause is served,
+/// and a slow one is still cut off.
+#[test]
+fn a_keep_alive_request_has_the_whole_header_timeout_from_its_first_bytes() {
+    let b = backend("b", Mode::Ok);
+    let p = proxy(&[(&b, 1)], "header_timeout_ms = 300\nidle_timeout_ms = 5000", "");
+    let s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut r).unwrap().0, 200);
+    std::thread::sleep(Duration::from_millis(500));
+    (&s).write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    (&s).write_all(b"Host: t\r\n\r\n").unwrap();
+    assert_eq!(
+        read_response(&mut r).unwrap().0,
+        200,
+        "served after a pause longer than the header timeout"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    for b in b"GET / HTTP/1.1\r\nHost: t\r\n" {
+        if (&s).write_all(&[*b]).is_err() || t.elapsed() > Duration::from_millis(800) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let resp = read_response(&mut r).map(|r| r.0);
+    assert!(matches!(resp, Ok(408) | Err(_)), "{resp:?}");
+    assert!(t.elapsed() < Duration::from_millis(1000), "cut after {:?}", t.elapsed());
+}
+
 /// Access-log lines (log target `edgelb::access`) written anywhere in this test process.
 fn access_log() -> Arc<std::sync::Mutex<Vec<u8>>> {
     static LOG: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
