@@ -366,6 +366,54 @@ fn least_conn_avoids_the_busy_backend() {
     assert!(m["fast"] > 3 * m.get("slow").copied().unwrap_or(0), "{m:?}");
 }
 
+/// A request counts in flight (for least_conn and p2c) until its response body is through, not
+/// only until its head: a long download keeps its backend busy.
+#[test]
+fn a_request_is_in_flight_until_its_body_is_through() {
+    let b = serve_backend(|s, _, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while read_request(&mut r).is_some() {
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n");
+            std::thread::sleep(Duration::from_millis(800));
+            let _ = w.write_all(b"body");
+        }
+    });
+    let p = proxy(&[(&b, 1)], "algorithm = \"least_conn\"", "");
+    let in_flight = || {
+        p.proxy
+            .as_ref()
+            .unwrap()
+            .backend_state("web", b.addr)
+            .expect("the backend's state")
+            .in_flight
+            .load(Ordering::Relaxed)
+    };
+    let s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"), "{line:?}");
+    assert_eq!(in_flight(), 1, "the body is still on its way");
+    loop {
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        if l == "\r\n" {
+            break;
+        }
+    }
+    let mut body = [0u8; 4];
+    r.read_exact(&mut body).unwrap();
+    assert_eq!(&body, b"body");
+    let start = Instant::now();
+    while in_flight() != 0 {
+        assert!(start.elapsed() < Duration::from_secs(2), "still counted after its body");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn client_hash_sticks_per_client_address() {
     let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));

@@ -40,6 +40,25 @@ pub struct BackendState {
     pub requests: AtomicU64,
 }
 
+/// One request or relay counted in flight on a backend (least-connections and power-of-two
+/// choices weigh by it) for as long as this lives: for a request, from its pick to the end of
+/// its response body, so a long download or event stream counts too.
+pub(super) struct InFlight<'a>(&'a BackendState);
+
+impl<'a> InFlight<'a> {
+    /// Counts one more in flight on `state`.
+    pub(super) fn new(state: &'a BackendState) -> InFlight<'a> {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl BackendState {
     /// Fresh state for `addr`.
     pub fn new(addr: SocketAddr) -> BackendState {

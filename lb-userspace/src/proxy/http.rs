@@ -28,7 +28,7 @@ use tokio_uring::buf::IoBuf;
 
 use super::{
     Shared, VipRuntime,
-    balance::{Pool, sign_cookie, verify_cookie},
+    balance::{InFlight, Pool, sign_cookie, verify_cookie},
     chunked::Chunked,
     client_ip,
     uring::Socket,
@@ -978,7 +978,6 @@ async fn serve_conn(
                 }
                 Ok(None) if started_late => {
                     head_deadline = tokio::time::Instant::now() + cfg.header_timeout;
-                    started_late = false;
                 }
                 Ok(None) => {}
                 Err(HeadError::TooLarge) => return reject(client, &vip, peer, 431, None).await,
@@ -1072,7 +1071,7 @@ async fn serve_conn(
             }
             tried.push(i);
             let member = &pool.members[i];
-            member.state.in_flight.fetch_add(1, Ordering::Relaxed);
+            let counted = InFlight::new(&member.state);
             member.state.requests.fetch_add(1, Ordering::Relaxed);
             // The first attempt starts with the request; a retry reads the clock again.
             let now = if attempt == 0 { started } else { Instant::now() };
@@ -1096,7 +1095,6 @@ async fn serve_conn(
                 deadline,
             )
             .await;
-            member.state.in_flight.fetch_sub(1, Ordering::Relaxed);
             match r {
                 Ok((up, resp)) => {
                     let retryable = matches!(resp.status, 502..=504);
@@ -1109,7 +1107,7 @@ async fn serve_conn(
                     } else {
                         member.state.success();
                     }
-                    done = Some((i, up, resp));
+                    done = Some((i, up, resp, counted));
                     break;
                 }
                 Err(Attempt::ClientGone) => return,
@@ -1130,7 +1128,7 @@ async fn serve_conn(
                 }
             }
         }
-        let Some((i, up, resp)) = done else {
+        let Some((i, up, resp, counted)) = done else {
             let status = match (tried.is_empty(), last) {
                 (true, _) => 503,
                 (false, Attempt::Timeout) => 504,
@@ -1161,6 +1159,8 @@ async fn serve_conn(
             // So does whatever the client sent after its request head.
             let sent = write(client, out.split().freeze()).await.is_ok()
                 && (buf.is_empty() || write(&up, buf.split().freeze()).await.is_ok());
+            // The relay counts itself in flight.
+            drop(counted);
             if sent {
                 super::tcp::relay(client, &up, vip.cfg.idle_timeout, &pool.members[i].state).await;
             } else {
@@ -1232,6 +1232,7 @@ async fn serve_conn(
         let body =
             stream_body(&up, &mut ubuf, client, rframing, decode, deadline, vip.cfg.idle_timeout)
                 .await;
+        drop(counted);
         let end = Instant::now();
         finished(&vip, peer, status, Some(&req), Some(pool.members[i].state.addr), Some(started));
         vip.duration.observe(end.saturating_duration_since(started).as_secs_f64());

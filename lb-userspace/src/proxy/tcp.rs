@@ -13,19 +13,24 @@ use std::{
 
 use bytes::BytesMut;
 
-use super::{VipRuntime, balance::BackendState, client_ip, http::proxy_header, uring::Socket};
+use super::{
+    VipRuntime,
+    balance::{BackendState, InFlight},
+    client_ip,
+    http::proxy_header,
+    uring::Socket,
+};
 
 /// Relays bytes both ways between `client` and backend `up` until both directions are done,
 /// with `up`'s member `state` counting the relay as in flight (least-connections sees it), then
 /// shuts both sockets down. TCP mode and upgraded HTTP connections (WebSocket) end in this.
 pub(super) async fn relay(client: &Socket, up: &Socket, idle: Duration, state: &BackendState) {
-    state.in_flight.fetch_add(1, Ordering::Relaxed);
+    let _counted = InFlight::new(state);
     let moved = Cell::new(Instant::now());
     tokio::join!(pump(client, up, idle, &moved), pump(up, client, idle, &moved));
     // Reads abandoned on an idle timeout stay pending until the sockets are shut down.
     let _ = client.shutdown(Shutdown::Both);
     let _ = up.shutdown(Shutdown::Both);
-    state.in_flight.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Copies `from` to `to` until `from` ends or fails, or nothing has `moved` either way for
@@ -88,10 +93,10 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
         }
     }
     let Some((i, up)) = up else { return };
-    if let Some(v) = cfg.proxy_protocol {
-        if up.send_all(proxy_header(v, peer, listen)).await.is_err() {
-            return;
-        }
+    if let Some(v) = cfg.proxy_protocol
+        && up.send_all(proxy_header(v, peer, listen)).await.is_err()
+    {
+        return;
     }
     let state = &pool.members[i].state;
     state.requests.fetch_add(1, Ordering::Relaxed);
