@@ -9,13 +9,16 @@
 pub enum Reason {
     /// Not IPv4/IPv6 (ARP, LLDP, ...): passed untouched.
     PassNotIp = 0,
-    /// IP, but not for any VIP: passed untouched.
+    /// IP, but not for any VIP: passed untouched. TCP and UDP to a VIP address on a port no
+    /// VIP serves count here too: telling them apart would cost every such packet an address
+    /// lookup.
     PassNotVip,
     /// For an L7 VIP: passed to the kernel stack (the proxy).
     PassL7,
     /// Headers too short or inconsistent: passed untouched for the kernel to judge.
     PassMalformed,
-    /// For a VIP address but a protocol or port no VIP serves: passed untouched.
+    /// For a VIP address, but a protocol other than TCP and UDP that no VIP serves, or ICMP
+    /// the balancer neither answers nor routes to a backend: passed untouched.
     PassNoService,
     /// Fragment for a VIP address: dropped (no L4 header to balance on).
     DropFragment,

@@ -106,7 +106,8 @@ pub fn encap_v4(
 }
 
 /// Wraps the packet at `l3_off` (`inner_len` bytes, IP protocol `inner_proto`: IPv6 or IPIP for
-/// 4in6) in an outer IPv6 header to `backend`.
+/// 4in6, TOS or traffic class `tos`, copied so that the underlay sees its DSCP and ECN) in an
+/// outer IPv6 header to `backend`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn encap_v6(
@@ -114,6 +115,7 @@ pub fn encap_v6(
     l3_off: usize,
     inner_len: u16,
     inner_proto: u8,
+    tos: u8,
     backend: &Backend,
     src: &[u32; 4],
     flow_label: u32,
@@ -126,7 +128,7 @@ pub fn encap_v6(
     move_l2(ctx, IPV6_LEN, l3_off != ETH_LEN, mac_words(&backend.mac), cfg, ETH_P_IPV6)?;
     let ip: *mut Ipv6Hdr = ptr_at(ctx, l3_off)?;
     let h = Ipv6Hdr {
-        vtc_flow: (0x6000_0000u32 | (flow_label & 0x000f_ffff)).to_be(),
+        vtc_flow: (0x6000_0000u32 | (tos as u32) << 20 | (flow_label & 0x000f_ffff)).to_be(),
         payload_len: inner_len.to_be(),
         next_hdr: inner_proto,
         hop_limit: OUTER_TTL,

@@ -135,7 +135,7 @@ impl V4 {
 /// IPv6 packet with a fixed header only.
 pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, flow: u32, hop: u8, payload: &[u8]) -> Vec<u8> {
     let mut h = Vec::new();
-    h.extend((0x6000_0000u32 | (flow & 0xfffff)).to_be_bytes());
+    h.extend((0x6000_0000u32 | (flow & 0x0fff_ffff)).to_be_bytes());
     h.extend((payload.len() as u16).to_be_bytes());
     h.push(next);
     h.push(hop);
