@@ -131,7 +131,14 @@ fn encapsulated(vip: &Vip, backend: IpAddr, hash: u32, inner: &[u8], vlan: Optio
             let mut src = v6("2001:2:0:ff::").octets();
             src[12..16].copy_from_slice(&hash.to_ne_bytes());
             let next = if inner[0] >> 4 == 4 { 4 } else { 41 };
-            (ETH_IPV6, ipv6(Ipv6Addr::from(src), b, next, hash & 0xfffff, 64, inner))
+            // The inner TOS or traffic class is copied to the outer traffic class.
+            let class = if inner[0] >> 4 == 4 {
+                inner[1]
+            } else {
+                (u16::from_be_bytes([inner[0], inner[1]]) >> 4) as u8
+            };
+            let flow = (class as u32) << 20 | (hash & 0xfffff);
+            (ETH_IPV6, ipv6(Ipv6Addr::from(src), b, next, flow, 64, inner))
         }
     };
     match vlan {
@@ -231,7 +238,15 @@ fn forwarding_fixtures() {
     let mut hdr = V4::new(v4("198.18.4.7"), v4("198.18.1.1"), 6);
     hdr.tos = 0xb8;
     let ip = hdr.packet(&tcp(c4, v4("198.18.1.1").into(), 40004, 80, SYN, b""));
-    forwarded(&mut h, "TOS copied to outer header", "v4tcp", c4, 40004, ip);
+    forwarded(&mut h, "TOS copied to outer header", "v4tcp", c4, 40004, ip.clone());
+    // And to an outer IPv6 header: 4in6, and IP6IP6 from the inner traffic class.
+    let mut hdr = V4::new(v4("198.18.4.7"), v4("198.18.1.2"), 6);
+    hdr.tos = 0xb9;
+    let ip = hdr.packet(&tcp(c4, v4("198.18.1.2").into(), 40004, 80, SYN, b""));
+    forwarded(&mut h, "TOS copied to an outer IPv6 header", "v4to6", c4, 40004, ip);
+    let (c6, vip6) = (v6("2001:2::77"), v6("2001:2:0:1::1"));
+    let ip = ipv6(c6, vip6, 6, 0xb9 << 20, 64, &tcp(c6.into(), vip6.into(), 40004, 80, SYN, b""));
+    forwarded(&mut h, "traffic class copied to the outer header", "v6", c6.into(), 40004, ip);
 
     // VLAN tag kept in front of the outer header.
     let vip = h.vip("v4tcp");
@@ -702,6 +717,38 @@ fn a_port_reused_after_a_close_follows_its_new_handshake() {
             );
         }
     }
+}
+
+/// A flow its client ended on one CPU, whose packets then arrive on another, carries its
+/// closing mark into that CPU's table: a reuse of its port there follows the new handshake.
+#[test]
+fn a_closing_mark_moves_with_its_flow_to_another_cpu() {
+    // (Counted before the harness pins this thread to one CPU.)
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let Some(mut h) = Harness::pinned("a_closing_mark_moves_with_its_flow", &one_vip(&THREE))
+    else {
+        return;
+    };
+    if cpus < 2 {
+        eprintln!("one CPU: cross-CPU search not exercised");
+        return;
+    }
+    let (four, (client, first)) = (FOUR, client_moved_by_a_fourth(&h));
+    let to = |h: &mut Harness, flags: u8| {
+        let ip = tcp4(&client.to_string(), 50000, "198.18.1.1", 80, flags);
+        outer_dst(&h.run(&eth(LB_MAC, CLIENT_MAC, ETH_IP, &ip)).1)
+    };
+    assert_eq!(to(&mut h, SYN), first);
+    assert_eq!(to(&mut h, ACK), first);
+    assert_eq!(to(&mut h, FIN | ACK), first, "the client ends it, on CPU 0");
+    h.apply(&one_vip(&four));
+    let moved_to = route(&h.vip("v4tcp"), client, 0).unwrap().address;
+    edgelb::testbed::netns::pin_current_thread(Some(1)).expect("pin to CPU 1");
+    let found = ct_event(&h, lb_common::ct_stats::FOUND_ON_OTHER_CPU);
+    assert_eq!(to(&mut h, ACK), first, "its last ACK, on CPU 1, is found on CPU 0");
+    assert_eq!(ct_event(&h, lb_common::ct_stats::FOUND_ON_OTHER_CPU), found + 1);
+    assert_eq!(to(&mut h, SYN), moved_to, "the port reused: the SYN follows the ring");
+    assert_eq!(to(&mut h, ACK), moved_to, "and the new connection follows its SYN");
 }
 
 #[test]

@@ -362,7 +362,8 @@ struct Search {
     me: u32,
     key: FlowKey,
     vip: u32,
-    found: Option<Conn>,
+    /// The entry found, and whether its client had ended the flow (FIN/RST).
+    found: Option<(Conn, bool)>,
 }
 
 /// One step of the search: CPU `cpu`'s copy of the bucket. Returns 1 (stop) when the flow is
@@ -382,22 +383,23 @@ extern "C" fn search_step<B: Bucket>(cpu: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: a bucket in another CPU's region, which that CPU may be writing: only a copy of
     // the entry is kept, and the caller validates it (`valid`) before use.
     match unsafe { &*other }.find(&s.key, s.vip) {
-        Some((_, conn, _)) => {
-            s.found = Some(conn);
+        Some((_, conn, ended)) => {
+            s.found = Some((conn, ended));
             1
         }
         None => 0,
     }
 }
 
-/// Looks for `key` in bucket `slot` of every other CPU's region.
+/// Looks for `key` in bucket `slot` of every other CPU's region: the entry, its backend, and
+/// whether its client had ended the flow (the mark is carried with the copy).
 #[inline(always)]
 fn search_other_cpus<B: Bucket>(
     me: u32,
     slot: u32,
     key: &FlowKey,
     meta: &VipMeta,
-) -> Option<(Conn, Backend)> {
+) -> Option<(Conn, Backend, bool)> {
     let mut search = Search { slot, me, key: *key, vip: meta.vip_index, found: None };
     // SAFETY: the callback has bpf_loop's signature and `search` outlives the call.
     unsafe {
@@ -408,8 +410,8 @@ fn search_other_cpus<B: Bucket>(
             0,
         )
     };
-    let conn = search.found?;
-    Some((conn, valid(&conn, meta)?))
+    let (conn, ended) = search.found?;
+    Some((conn, valid(&conn, meta)?, ended))
 }
 
 #[inline(always)]
@@ -459,8 +461,11 @@ fn pick_in<B: Bucket>(
     } else {
         // A TCP flow's first packet after its SYN: the flow moves from its handshake slot into
         // the bucket just read.
-        let mut known =
-            if key.proto == proto::TCP { unstage::<B>(hash, key, meta, remember) } else { None };
+        let mut known = if key.proto == proto::TCP {
+            unstage::<B>(hash, key, meta, remember).map(|(c, b)| (c, b, false))
+        } else {
+            None
+        };
         if known.is_none() && search {
             known = search_other_cpus::<B>(cpu, slot, key, meta);
             if known.is_some() {
@@ -468,9 +473,9 @@ fn pick_in<B: Bucket>(
             }
         }
         // Known elsewhere (its handshake slot, another CPU's table): it enters this bucket.
-        if let Some((conn, backend)) = known {
+        if let Some((conn, backend, ended)) = known {
             if remember {
-                bucket.store(None, key, meta.vip_index, conn, closing);
+                bucket.store(None, key, meta.vip_index, conn, closing || ended);
             }
             return Some(Pick { id: conn.backend, backend, new_flow: false, hash });
         }

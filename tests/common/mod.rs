@@ -95,7 +95,7 @@ name = "l7"
 address = "198.18.1.6"
 port = 80
 forwarding = "l7"
-backends = [{ address = "198.18.0.11", mac = "02:ed:00:00:00:11" }]
+backends = [{ address = "198.18.0.11" }]
 "#;
 
 /// The seed of a damage test: FUZZ_SEED when set (to explore other cases), else `default`, so a
