@@ -572,6 +572,22 @@ fn truncated_headers_pass_untouched() {
             );
         }
     }
+    // An L4 header cut short inside the IP packet, the frame padded to Ethernet's minimum: the
+    // ports and flags would be read from the padding.
+    let padded = |ip: Vec<u8>| {
+        let mut f = eth(LB_MAC, CLIENT_MAC, ETH_IP, &ip);
+        f.resize(60, 0);
+        f
+    };
+    let (c, any) = (v4("198.18.4.7"), v4("198.18.1.3"));
+    let no_l4 = padded(V4::new(c, any, 6).packet(&[]));
+    h.check("TCP without a header, padded", &no_l4, XDP_PASS, None, Reason::PassMalformed);
+    let no_udp = padded(V4::new(c, any, 17).packet(&[0; 7]));
+    h.check("UDP header cut short, padded", &no_udp, XDP_PASS, None, Reason::PassMalformed);
+    let syn = tcp(c.into(), v4("198.18.1.1").into(), 40000, 80, SYN, b"");
+    let cut = padded(V4::new(c, v4("198.18.1.1"), 6).packet(&syn[..13]));
+    h.check("TCP header cut before its flags", &cut, XDP_PASS, None, Reason::PassMalformed);
+
     // IP total length larger than the frame.
     let mut lying = v4f.clone();
     lying[16..18].copy_from_slice(&200u16.to_be_bytes());

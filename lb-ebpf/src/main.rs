@@ -295,6 +295,12 @@ pub fn lookup_vip(addr: &[u32; 4], port: u16, proto: u8, family: u8) -> Option<V
 
 #[inline(always)]
 fn balance_l4(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
+    // The L4 header must lie within the IP packet, not in the frame's padding after it: a whole
+    // TCP header, or UDP's. A shorter one is passed untouched for the kernel to judge.
+    let l4_min = if l3.proto == proto::TCP { parse::TCP_MIN_LEN } else { parse::UDP_LEN };
+    if l3.l4_off + l4_min > l3.l3_off + l3.tot_len as usize {
+        return Err(());
+    }
     let ports: *const Ports = ptr_at(ctx, l3.l4_off)?;
     // SAFETY: bounds-checked by ptr_at.
     let p = unsafe { *ports };

@@ -143,6 +143,10 @@ pub struct Ipv6Hdr {
 
 /// Offset of the flags byte in the TCP header.
 pub const TCP_FLAGS_OFF: usize = 13;
+/// A TCP header without options.
+pub const TCP_MIN_LEN: usize = 20;
+/// A UDP header.
+pub const UDP_LEN: usize = 8;
 /// The SYN flag.
 pub const TCP_SYN: u8 = 0x02;
 /// The FIN and RST flags: the client ends the connection.
