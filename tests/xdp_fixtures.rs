@@ -597,6 +597,94 @@ fn truncated_headers_pass_untouched() {
     h.check("v6 payload length beyond frame", &lying6, XDP_PASS, None, Reason::PassMalformed);
 }
 
+/// The backends' decapsulator carries the outer header's congestion marks into the inner
+/// packet (RFC 6040): CE marks an ECN-capable packet and drops one that is not; ECT(1) replaces
+/// ECT(0); with nothing to carry the inner packet comes out as it went in.
+#[test]
+fn decapsulation_carries_congestion_marks() {
+    if !require_privileged("decapsulation_carries_congestion_marks") {
+        return;
+    }
+    let mut aux = edgelb::dataplane::AuxPrograms::load().expect("aux programs load");
+    let mut run = |frame: &[u8]| {
+        let mut out = vec![0u8; frame.len() + 64];
+        let opts =
+            TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() };
+        let prog = aux.program(lb_common::programs::DECAP).unwrap();
+        let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    };
+    let (c, vip) = (v4("198.18.4.7"), v4("198.18.1.1"));
+    let inner4 = |tos: u8| {
+        let mut h = V4::new(c, vip, 6);
+        h.tos = tos;
+        h.packet(&tcp(c.into(), vip.into(), 40000, 80, SYN, b""))
+    };
+    let ipip = |outer_tos: u8, inner: &[u8]| {
+        let mut h = V4::new(v4("198.19.0.1"), v4("198.18.0.11"), 4);
+        h.tos = outer_tos;
+        eth(LB_MAC, CLIENT_MAC, ETH_IP, &h.packet(inner))
+    };
+    let (o6, b6) = (v6("2001:2:0:ff::1"), v6("2001:2::11"));
+    let in6 = |class: u8, next: u8, inner: &[u8]| {
+        eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &ipv6(o6, b6, next, (class as u32) << 20, 64, inner))
+    };
+    let (c6, vip6) = (v6("2001:2::77"), v6("2001:2:0:1::1"));
+    let inner6 = |class: u8| {
+        ipv6(
+            c6,
+            vip6,
+            6,
+            (class as u32) << 20,
+            64,
+            &tcp(c6.into(), vip6.into(), 40000, 80, SYN, b""),
+        )
+    };
+    // (outer ECN, inner ECN, what comes out: the inner ECN, or None for a drop)
+    let cases = [
+        (0b11, 0b10, Some(0b11)),
+        (0b11, 0b01, Some(0b11)),
+        (0b11, 0b11, Some(0b11)),
+        (0b11, 0b00, None),
+        (0b01, 0b10, Some(0b01)),
+        (0b01, 0b00, Some(0b00)),
+        (0b10, 0b00, Some(0b00)),
+        (0b00, 0b10, Some(0b10)),
+    ];
+    for (outer, inner, want) in cases {
+        // The DSCP bits (EF) ride along untouched.
+        let (o, i) = (0xb8 | outer, 0xb8 | inner);
+        let name = format!("outer ECN {outer:02b}, inner {inner:02b}");
+        for (kind, frame, out) in [
+            (
+                "IPIP",
+                ipip(o, &inner4(i)),
+                want.map(|w| eth(LB_MAC, CLIENT_MAC, ETH_IP, &inner4(0xb8 | w))),
+            ),
+            (
+                "4in6",
+                in6(o, 4, &inner4(i)),
+                want.map(|w| eth(LB_MAC, CLIENT_MAC, ETH_IP, &inner4(0xb8 | w))),
+            ),
+            (
+                "IP6IP6",
+                in6(o, 41, &inner6(i)),
+                want.map(|w| eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &inner6(0xb8 | w))),
+            ),
+        ] {
+            let (verdict, got) = run(&frame);
+            match out {
+                Some(out) => {
+                    assert_eq!(verdict, XDP_PASS, "{kind} {name}");
+                    assert_eq!(hex(&got), hex(&out), "{kind} {name}: the inner packet");
+                }
+                None => assert_eq!(verdict, XDP_DROP, "{kind} {name}"),
+            }
+        }
+    }
+}
+
 /// Config with `backends` (address, weight) for VIP v4tcp only.
 fn one_vip(backends: &[(&str, u32)]) -> String {
     let list: Vec<String> = backends

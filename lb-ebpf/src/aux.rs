@@ -1,6 +1,7 @@
 //! Small XDP programs around the balancer:
 //! - `edgelb_decap`: strips IPIP / IP6IP6 / 4in6 on backends whose kernel has no tunnel modules
-//!   (the test VMs have none), so DSR works end to end; the inner packet goes up the stack.
+//!   (the test VMs have none), so DSR works end to end; the inner packet goes up the stack, with
+//!   the outer header's congestion marks carried into it (RFC 6040).
 //! - `edgelb_pass`: passes everything. Attached to veth peers, because XDP_TX on veth only
 //!   delivers when the receiving side runs an XDP program; also the pass baseline in benchmarks.
 //! - `edgelb_tx_swap`: swaps MACs and sends back, the trivial XDP_TX baseline in benchmarks.
@@ -12,6 +13,8 @@
 #![no_std]
 #![no_main]
 
+#[allow(dead_code)]
+mod csum;
 #[allow(dead_code)]
 mod parse;
 
@@ -33,26 +36,30 @@ pub fn edgelb_decap(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_decap(ctx: &XdpContext) -> Result<u32, ()> {
     let l2 = parse::parse_l2(ctx)?;
-    let (outer, inner_type) = if l2.proto == ETH_P_IP {
+    let (outer, inner_type, outer_ecn) = if l2.proto == ETH_P_IP {
         let ip: *const Ipv4Hdr = ptr_at(ctx, l2.l3_off)?;
         // SAFETY: bounds-checked by ptr_at.
         let h = unsafe { *ip };
         if h.ver_ihl != 0x45 || h.proto != proto::IPIP || h.frag_off & parse::IP_MF_OFFSET != 0 {
             return Ok(xdp_action::XDP_PASS);
         }
-        (IPV4_LEN, ETH_P_IP)
+        (IPV4_LEN, ETH_P_IP, h.tos & ECN_MASK)
     } else if l2.proto == ETH_P_IPV6 {
         let ip: *const Ipv6Hdr = ptr_at(ctx, l2.l3_off)?;
         // SAFETY: bounds-checked by ptr_at.
         let h = unsafe { *ip };
+        let ecn = (u32::from_be(h.vtc_flow) >> 20) as u8 & ECN_MASK;
         match h.next_hdr {
-            proto::IPV6 => (IPV6_LEN, ETH_P_IPV6),
-            proto::IPIP => (IPV6_LEN, ETH_P_IP),
+            proto::IPV6 => (IPV6_LEN, ETH_P_IPV6, ecn),
+            proto::IPIP => (IPV6_LEN, ETH_P_IP, ecn),
             _ => return Ok(xdp_action::XDP_PASS),
         }
     } else {
         return Ok(xdp_action::XDP_PASS);
     };
+    if !carry_ecn(ctx, l2.l3_off + outer, inner_type, outer_ecn)? {
+        return Ok(xdp_action::XDP_DROP);
+    }
     // Move the L2 header forward over the outer IP header, then drop the bytes in front.
     let keep_macs = |e: &parse::EthWords| (parse::eth_dst(e), parse::eth_src(e));
     parse::move_l2(ctx, 0, outer, l2.l3_off != ETH_LEN, inner_type, keep_macs)?;
@@ -61,6 +68,49 @@ fn try_decap(ctx: &XdpContext) -> Result<u32, ()> {
         return Ok(xdp_action::XDP_DROP);
     }
     Ok(xdp_action::XDP_PASS)
+}
+
+/// The ECN field: the low two bits of the IPv4 TOS or the IPv6 traffic class.
+const ECN_MASK: u8 = 0b11;
+/// ECN codepoints (RFC 3168).
+const NOT_ECT: u8 = 0b00;
+const ECT_1: u8 = 0b01;
+const ECT_0: u8 = 0b10;
+const CE: u8 = 0b11;
+
+/// Carries the outer header's ECN field into the inner packet at `off` (of ethertype
+/// `inner_type`), as RFC 6040 (normal mode) asks of a decapsulator: congestion experienced
+/// (CE) on the outer header marks an ECN-capable inner packet, and ECT(1) replaces ECT(0).
+/// False when the packet must be dropped instead: CE on an inner packet that is not
+/// ECN-capable, whose sender would otherwise never learn of the congestion.
+#[inline(always)]
+fn carry_ecn(ctx: &XdpContext, off: usize, inner_type: u16, outer: u8) -> Result<bool, ()> {
+    if outer != CE && outer != ECT_1 {
+        return Ok(true);
+    }
+    let to = |inner: u8| match (outer, inner) {
+        (CE, NOT_ECT) => None,
+        (CE, _) => Some(CE),
+        (_, ECT_0) => Some(ECT_1),
+        (_, other) => Some(other),
+    };
+    if inner_type == ETH_P_IP {
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, off)?;
+        // SAFETY: bounds-checked by ptr_at; the packet is this program's to change.
+        let h = unsafe { &mut *ip };
+        let Some(ecn) = to(h.tos & ECN_MASK) else { return Ok(false) };
+        let old = u16::from_ne_bytes([h.ver_ihl, h.tos]);
+        h.tos = h.tos & !ECN_MASK | ecn;
+        h.check = csum::csum_replace2(h.check, old, u16::from_ne_bytes([h.ver_ihl, h.tos]));
+    } else {
+        let ip: *mut Ipv6Hdr = ptr_at(ctx, off)?;
+        // SAFETY: as above.
+        let h = unsafe { &mut *ip };
+        let vtc = u32::from_be(h.vtc_flow);
+        let Some(ecn) = to((vtc >> 20) as u8 & ECN_MASK) else { return Ok(false) };
+        h.vtc_flow = (vtc & !((ECN_MASK as u32) << 20) | (ecn as u32) << 20).to_be();
+    }
+    Ok(true)
 }
 
 #[xdp]
@@ -130,19 +180,7 @@ fn try_gen(ctx: &XdpContext) -> Result<u32, ()> {
             m => m,
         };
         h.saddr = (base | (n as u32 & mask)).to_be();
-        h.check = 0;
-        let mut sum: u64 = u16::from_ne_bytes([h.ver_ihl, h.tos]) as u64
-            + h.tot_len as u64
-            + h.id as u64
-            + h.frag_off as u64
-            + u16::from_ne_bytes([h.ttl, h.proto]) as u64
-            + (h.saddr & 0xffff) as u64
-            + (h.saddr >> 16) as u64
-            + (h.daddr & 0xffff) as u64
-            + (h.daddr >> 16) as u64;
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum = (sum & 0xffff) + (sum >> 16);
-        h.check = !(sum as u16);
+        h.check = csum::ipv4_csum(&h);
         *ip = h;
     }
     Ok(xdp_action::XDP_TX)

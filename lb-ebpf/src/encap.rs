@@ -4,48 +4,18 @@
 //! (with its VLAN tag, if any) to the new start and writes the outer IP header behind it. All
 //! packet pointers are re-derived after the head moves.
 
-use crate::parse::{
-    self, ETH_LEN, ETH_P_IPV6, IP_DF, IPV4_LEN, IPV6_LEN, Ipv4Hdr, Ipv6Hdr, eth_dst, eth_src,
-    mac_words, ptr_at, read_eth, write_eth,
+use crate::{
+    csum::ipv4_csum,
+    parse::{
+        self, ETH_LEN, ETH_P_IPV6, IP_DF, IPV4_LEN, IPV6_LEN, Ipv4Hdr, Ipv6Hdr, eth_dst, eth_src,
+        mac_words, ptr_at, read_eth, write_eth,
+    },
 };
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{Backend, GlobalConfig, proto};
 
 /// Outer TTL / hop limit of encapsulated packets.
 const OUTER_TTL: u8 = 64;
-
-/// Folds a 32-bit one's-complement sum into the final 16-bit checksum.
-#[inline(always)]
-pub fn csum_fold(mut sum: u64) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}
-
-/// Adds a 32-bit word (address half-words) to a checksum accumulator.
-#[inline(always)]
-pub fn csum_add32(sum: u64, w: u32) -> u64 {
-    sum + (w & 0xffff) as u64 + (w >> 16) as u64
-}
-
-/// Header checksum of an IPv4 header without options (its `check` field taken as zero).
-#[inline(always)]
-pub fn ipv4_csum(h: &Ipv4Hdr) -> u16 {
-    let mut s: u64 = u16::from_ne_bytes([h.ver_ihl, h.tos]) as u64;
-    s += h.tot_len as u64 + h.id as u64 + h.frag_off as u64;
-    s += u16::from_ne_bytes([h.ttl, h.proto]) as u64;
-    s = csum_add32(s, h.saddr);
-    s = csum_add32(s, h.daddr);
-    csum_fold(s)
-}
-
-/// RFC 1624 incremental update of `check` when a 16-bit word changes from `old` to `new`.
-#[inline(always)]
-pub fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {
-    let s = (!check) as u64 + (!old) as u64 + new as u64;
-    csum_fold(s)
-}
 
 /// Our source MAC for a frame we send on: the configured one, or else the address the frame
 /// was sent to (`old_dst`, ours on that interface).

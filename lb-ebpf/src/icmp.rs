@@ -5,7 +5,8 @@
 use crate::{
     L3,
     conntrack::Lookup,
-    encap::{csum_add32, csum_fold, csum_replace2, ipv4_csum, move_l2_reply, swap_macs},
+    csum::{csum_add32, csum_fold, csum_replace2, ipv4_csum},
+    encap::{move_l2_reply, swap_macs},
     forward, is_vip_addr, lookup_vip,
     parse::{
         ETH_LEN, ETH_P_IP, ETH_P_IPV6, ICMP_LEN, IPV4_LEN, IPV6_LEN, IcmpHdr, Ipv4Hdr, Ipv6Hdr,

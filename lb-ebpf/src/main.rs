@@ -9,6 +9,7 @@
 #![no_main]
 
 mod conntrack;
+mod csum;
 mod encap;
 mod icmp;
 mod maps;
