@@ -15,19 +15,26 @@ use tokio_uring::{OneshotOutputTransform, UnsubmittedOneshot, buf::IoBuf, net::T
 /// is not closed (and its descriptor number not handed out again) before the kernel is done with
 /// it, even when the future waiting for the operation was dropped on a timeout.
 #[derive(Clone)]
-pub(crate) struct Socket {
-    stream: Rc<TcpStream>,
-    /// How long one send may wait for the peer to take data (the VIP's idle timeout): a peer
-    /// that stops reading must not hold its connection, and the one behind it, forever.
-    stall: Duration,
-}
+pub(crate) struct Socket(Rc<TcpStream>);
 
 impl Socket {
     /// Wraps a connected socket (in blocking mode: io_uring honours O_NONBLOCK and would fail
-    /// an operation that has to wait with EAGAIN instead of waiting), whose sends may wait
-    /// `stall` each.
+    /// an operation that has to wait with EAGAIN instead of waiting). A peer that takes none
+    /// of the data sent to it for `stall` (the VIP's idle timeout: it stopped reading, or went
+    /// away) has the connection aborted by the kernel (TCP_USER_TIMEOUT, which also bounds
+    /// zero-window probing), so a pending send fails instead of holding the connection, and
+    /// the one behind it, forever. The kernel keeps that clock: no timer per send.
     pub(crate) fn new(s: TcpStream, stall: Duration) -> Self {
-        Self { stream: Rc::new(s), stall }
+        let s = Self(Rc::new(s));
+        // Without it a stalled peer is still cut off by the whole-request deadline (or, for a
+        // relay, never): worth a warning (once), not a refused connection.
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if let Err(e) = s.with_sock(|r| r.set_tcp_user_timeout(Some(stall)))
+            && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(error = %e, "setting TCP_USER_TIMEOUT: peers that stop reading are not cut off at the idle timeout");
+        }
+        s
     }
 
     /// Connects to `addr`; its sends may wait `stall` each.
@@ -38,7 +45,7 @@ impl Socket {
     /// Shuts down one or both directions. This also completes a receive still pending on the
     /// socket (one abandoned on a timeout), which would otherwise keep the socket open.
     pub(crate) fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
-        self.stream.shutdown(how)
+        self.0.shutdown(how)
     }
 
     /// Is this idle connection still open, with nothing unread? A peek that does not wait:
@@ -53,15 +60,15 @@ impl Socket {
     /// Runs `f` on the socket as socket2 sees it, for the calls io_uring is not needed for.
     #[allow(unsafe_code)]
     fn with_sock<R>(&self, f: impl FnOnce(socket2::SockRef<'_>) -> R) -> R {
-        // SAFETY: the descriptor belongs to `self.stream`, which outlives the borrow (`f` runs
+        // SAFETY: the descriptor belongs to the socket in `self.0`, which outlives the borrow (`f` runs
         // while `&self` is held) and is closed only when the last clone of this socket is dropped.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.stream.as_raw_fd()) };
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.0.as_raw_fd()) };
         f(socket2::SockRef::from(&fd))
     }
 
     /// Sets TCP_NODELAY.
     pub(crate) fn set_nodelay(&self, on: bool) -> io::Result<()> {
-        self.stream.set_nodelay(on)
+        self.0.set_nodelay(on)
     }
 
     /// Receives into `buf`'s spare capacity (first reserving `want` bytes of it), appending;
@@ -74,32 +81,26 @@ impl Socket {
         buf.reserve(want);
         let spare = buf.spare_capacity_mut();
         let len = spare.len().min(u32::MAX as usize) as u32;
-        let sqe =
-            opcode::Recv::new(types::Fd(self.stream.as_raw_fd()), spare.as_mut_ptr().cast(), len)
-                .build();
+        let sqe = opcode::Recv::new(types::Fd(self.0.as_raw_fd()), spare.as_mut_ptr().cast(), len)
+            .build();
         // The heap memory `sqe` points into moves with `buf` into the operation, which keeps it
         // until the kernel completes (tokio-uring holds a dropped operation's data until then).
         UnsubmittedOneshot::new(Held { buf, _socket: self.clone() }, Received, sqe).submit().await
     }
 
-    /// Sends all of `data`, returning it when done. A send the peer takes nothing of for the
-    /// socket's `stall` fails with `TimedOut` and shuts the socket down (which also ends the
-    /// abandoned send in the kernel, so that the socket closes once dropped).
+    /// Sends all of `data`, returning it when done (or failing once the peer took nothing for
+    /// the socket's stall time: see [`Socket::new`]).
     pub(crate) async fn send_all<B: IoBuf>(&self, mut data: B) -> io::Result<B> {
         let mut sent = 0;
         while sent < data.bytes_init() {
             let ptr = data.stable_ptr().wrapping_add(sent);
             let len = (data.bytes_init() - sent).min(u32::MAX as usize) as u32;
             // MSG_NOSIGNAL: a peer that went away is an error to handle, not a SIGPIPE.
-            let sqe = opcode::Send::new(types::Fd(self.stream.as_raw_fd()), ptr, len)
+            let sqe = opcode::Send::new(types::Fd(self.0.as_raw_fd()), ptr, len)
                 .flags(libc::MSG_NOSIGNAL)
                 .build();
             let held = Held { buf: data, _socket: self.clone() };
-            let op = UnsubmittedOneshot::new(held, Sent(PhantomData), sqe).submit();
-            let Ok((r, b)) = tokio::time::timeout(self.stall, op).await else {
-                let _ = self.shutdown(std::net::Shutdown::Both);
-                return Err(io::ErrorKind::TimedOut.into());
-            };
+            let (r, b) = UnsubmittedOneshot::new(held, Sent(PhantomData), sqe).submit().await;
             data = b;
             match r {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
