@@ -574,9 +574,10 @@ fn truncated_headers_pass_untouched() {
     }
     // An L4 header cut short inside the IP packet, the frame padded to Ethernet's minimum: the
     // ports and flags would be read from the padding.
+    // (Or carrying a trailer after it: bytes past the IP packet's length.)
     let padded = |ip: Vec<u8>| {
         let mut f = eth(LB_MAC, CLIENT_MAC, ETH_IP, &ip);
-        f.resize(60, 0);
+        f.resize(f.len().max(60) + if f.len() >= 60 { 16 } else { 0 }, 0);
         f
     };
     let (c, any) = (v4("198.18.4.7"), v4("198.18.1.3"));
@@ -587,6 +588,15 @@ fn truncated_headers_pass_untouched() {
     let syn = tcp(c.into(), v4("198.18.1.1").into(), 40000, 80, SYN, b"");
     let cut = padded(V4::new(c, v4("198.18.1.1"), 6).packet(&syn[..13]));
     h.check("TCP header cut before its flags", &cut, XDP_PASS, None, Reason::PassMalformed);
+    // ICMP to a VIP address: the ICMP header, and an error's quoted header and ports, within
+    // the IP packet too.
+    let no_icmp = padded(V4::new(c, v4("198.18.1.1"), 1).packet(&[]));
+    h.check("ICMP without a header, padded", &no_icmp, XDP_PASS, None, Reason::PassMalformed);
+    let (vip, router) = (v4("198.18.1.1"), v4("198.18.0.254"));
+    let quoted = V4::new(vip, c, 6).packet(&tcp(vip.into(), c.into(), 80, 40000, ACK, b""));
+    let short = V4::new(router, vip, 1).packet(&icmp4(3, 4, [0, 0, 5, 0], &quoted[..22]));
+    let short = padded(short);
+    h.check("frag-needed quoting no ports, padded", &short, XDP_PASS, None, Reason::PassMalformed);
 
     // IP total length larger than the frame.
     let mut lying = v4f.clone();

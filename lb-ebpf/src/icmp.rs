@@ -42,6 +42,11 @@ pub fn handle(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
         count(Reason::PassNotVip);
         return Ok(xdp_action::XDP_PASS);
     }
+    // The ICMP header, and below the quoted header and ports, must lie within the IP packet,
+    // not in the frame's padding.
+    if !l3.holds(l3.l4_off, ICMP_LEN) {
+        return Err(());
+    }
     let icmp: *mut IcmpHdr = ptr_at(ctx, l3.l4_off)?;
     // SAFETY: bounds-checked by ptr_at.
     let h = unsafe { *icmp };
@@ -128,6 +133,9 @@ fn error_to_backend(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
     if inner_proto != proto::TCP && inner_proto != proto::UDP {
         count(Reason::PassNoService);
         return Ok(xdp_action::XDP_PASS);
+    }
+    if !l3.holds(ports_off, size_of::<Ports>()) {
+        return Err(());
     }
     let ports: *const Ports = ptr_at(ctx, ports_off)?;
     // SAFETY: bounds-checked by ptr_at.

@@ -49,6 +49,15 @@ pub struct L3 {
     pub df: bool,
 }
 
+impl L3 {
+    /// Do `len` bytes at frame offset `off` lie within the IP packet (by its own length, not
+    /// the frame's, which may carry Ethernet padding after it)?
+    #[inline(always)]
+    pub fn holds(&self, off: usize, len: usize) -> bool {
+        off + len <= self.l3_off + self.tot_len as usize
+    }
+}
+
 /// Either go on with a value or stop with an XDP verdict.
 pub enum Step<T> {
     /// Continue processing.
@@ -299,7 +308,7 @@ fn balance_l4(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
     // The L4 header must lie within the IP packet, not in the frame's padding after it: a whole
     // TCP header, or UDP's. A shorter one is passed untouched for the kernel to judge.
     let l4_min = if l3.proto == proto::TCP { parse::TCP_MIN_LEN } else { parse::UDP_LEN };
-    if l3.l4_off + l4_min > l3.l3_off + l3.tot_len as usize {
+    if !l3.holds(l3.l4_off, l4_min) {
         return Err(());
     }
     let ports: *const Ports = ptr_at(ctx, l3.l4_off)?;
