@@ -294,6 +294,30 @@ fn request(addr: SocketAddr, src: Option<&str>, raw: &str) -> std::io::Result<Re
     read_response(&mut BufReader::new(s))
 }
 
+/// A keep-alive client connection: requests written on it, responses read in turn.
+struct Client {
+    s: TcpStream,
+    r: BufReader<TcpStream>,
+}
+
+impl Client {
+    fn connect(addr: SocketAddr) -> Client {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let r = BufReader::new(s.try_clone().unwrap());
+        Client { s, r }
+    }
+
+    fn send(&self, bytes: &[u8]) {
+        (&self.s).write_all(bytes).unwrap();
+    }
+
+    /// The status of the next response (its body read too).
+    fn status(&mut self) -> u16 {
+        read_response(&mut self.r).expect("a response").0
+    }
+}
+
 fn get(addr: SocketAddr, path: &str) -> Resp {
     request(addr, None, &format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"))
         .expect("response")
@@ -389,10 +413,9 @@ fn a_request_is_in_flight_until_its_body_is_through() {
             .in_flight
             .load(Ordering::Relaxed)
     };
-    let s = TcpStream::connect(p.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut c = Client::connect(p.addr);
+    c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = &mut c.r;
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
     assert!(line.starts_with("HTTP/1.1 200"), "{line:?}");
@@ -594,29 +617,23 @@ fn timeouts_and_limits_answer_cleanly() {
 fn a_keep_alive_request_has_the_whole_header_timeout_from_its_first_bytes() {
     let b = backend("b", Mode::Ok);
     let p = proxy(&[(&b, 1)], "header_timeout_ms = 300\nidle_timeout_ms = 5000", "");
-    let s = TcpStream::connect(p.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
-    assert_eq!(read_response(&mut r).unwrap().0, 200);
+    let mut c = Client::connect(p.addr);
+    c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.status(), 200);
     std::thread::sleep(Duration::from_millis(500));
-    (&s).write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    c.send(b"GET / HTTP/1.1\r\n");
     std::thread::sleep(Duration::from_millis(100));
-    (&s).write_all(b"Host: t\r\n\r\n").unwrap();
-    assert_eq!(
-        read_response(&mut r).unwrap().0,
-        200,
-        "served after a pause longer than the header timeout"
-    );
+    c.send(b"Host: t\r\n\r\n");
+    assert_eq!(c.status(), 200, "served after a pause longer than the header timeout");
     std::thread::sleep(Duration::from_millis(500));
     let t = Instant::now();
     for b in b"GET / HTTP/1.1\r\nHost: t\r\n" {
-        if (&s).write_all(&[*b]).is_err() || t.elapsed() > Duration::from_millis(800) {
+        if (&c.s).write_all(&[*b]).is_err() || t.elapsed() > Duration::from_millis(800) {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let resp = read_response(&mut r).map(|r| r.0);
+    let resp = read_response(&mut c.r).map(|r| r.0);
     assert!(matches!(resp, Ok(408) | Err(_)), "{resp:?}");
     assert!(t.elapsed() < Duration::from_millis(1000), "cut after {:?}", t.elapsed());
 }
@@ -1591,16 +1608,14 @@ fn exchange(
 fn backend_connections_are_reused_only_when_the_backend_keeps_them() {
     let old = raw_backend(|_| ("HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", true));
     let p = proxy(&[(&old, 1)], "", "");
-    let s = TcpStream::connect(p.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
-    assert_eq!(read_response(&mut r).unwrap().0, 200);
+    let mut c = Client::connect(p.addr);
+    c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.status(), 200);
     // A body is never sent twice, so a POST on a dead pooled connection would fail: it gets a
     // fresh one.
     std::thread::sleep(Duration::from_millis(100));
-    (&s).write_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello").unwrap();
-    assert_eq!(read_response(&mut r).unwrap().0, 200);
+    c.send(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello");
+    assert_eq!(c.status(), 200);
     assert_eq!(old.conns.load(Ordering::Relaxed), 2, "one backend connection per response");
 
     let both = raw_backend(|_| {
@@ -1645,13 +1660,11 @@ fn a_post_is_never_sent_twice_on_a_reused_connection() {
         }
     });
     let p = proxy(&[(&b, 1)], "retries = 2", "");
-    let s = TcpStream::connect(p.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
-    assert_eq!(read_response(&mut r).unwrap().0, 200);
-    (&s).write_all(b"POST /charge HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n").unwrap();
-    assert_eq!(read_response(&mut r).unwrap().0, 502);
+    let mut c = Client::connect(p.addr);
+    c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.status(), 200);
+    c.send(b"POST /charge HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(c.status(), 502);
     assert_eq!(posts.load(Ordering::Relaxed), 1, "the POST reached the backend once");
 
     // A backend that closes each connection a moment after its response: a POST does not try
@@ -1665,12 +1678,10 @@ fn a_post_is_never_sent_twice_on_a_reused_connection() {
         }
     });
     let p = proxy(&[(&closing, 1)], "", "");
-    let s = TcpStream::connect(p.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut c = Client::connect(p.addr);
     for _ in 0..3 {
-        (&s).write_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi").unwrap();
-        assert_eq!(read_response(&mut r).unwrap().0, 200);
+        c.send(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi");
+        assert_eq!(c.status(), 200);
         std::thread::sleep(Duration::from_millis(150));
     }
 }
