@@ -134,6 +134,19 @@ impl Edgelb {
             None => {
                 let mut c = Command::new("nsenter");
                 c.arg(netns).arg(env!("CARGO_BIN_EXE_edgelb")).args(["run", "--config"]);
+                // The open-file limit systemd gives a service by default (soft 1024), which
+                // edgelb raises to the hard limit.
+                // SAFETY: between fork and exec only getrlimit and setrlimit run, both
+                // async-signal-safe, on a struct on the child's stack.
+                unsafe {
+                    c.pre_exec(|| {
+                        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+                        lim.rlim_cur = lim.rlim_cur.min(1024);
+                        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                        Ok(())
+                    });
+                }
                 c
             }
             Some(fd) => {
@@ -738,10 +751,13 @@ fn metrics_match_the_traffic_sent_and_capabilities_are_dropped() {
         assert_eq!(delta("edgelb_backend_packets_total", &labels), sent as f64, "backend {addr}");
         let web = format!("vip=\"web\",backend=\"{addr}\"");
         assert_eq!(metric(&after, "edgelb_backend_up", &web), 1.0);
-        assert!(
-            metric(&after, "edgelb_health_check_duration_seconds_count", &web) > 0.0,
-            "{after}"
-        );
+        // Each check's first probe comes at an offset within its interval: wait for it.
+        let probed = || metric(&scrape(&bed), "edgelb_health_check_duration_seconds_count", &web);
+        let start = Instant::now();
+        while probed() == 0.0 {
+            assert!(start.elapsed() < INTERVAL * 5, "{web} never probed:\n{}", scrape(&bed));
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     assert!(delta("edgelb_xdp_verdicts_total", "action=\"tx\",reason=\"encap\"") >= 100.0);
     assert!(after.contains("# TYPE edgelb_health_check_duration_seconds histogram"), "{after}");
@@ -784,6 +800,13 @@ fn metrics_match_the_traffic_sent_and_capabilities_are_dropped() {
         threads += 1;
     }
     assert!(threads > 3, "helper threads exist and were checked ({threads})");
+
+    // Started with a soft open-file limit of 1024, it raised it to the hard limit.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let nums: Vec<&str> = files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(nums[0], nums[1], "soft limit raised to the hard one: {files}");
+    assert_ne!(nums[0], "1024", "{files}");
 }
 
 #[test]

@@ -146,6 +146,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     // owner whatever happens next.
     let mut inherited = crate::proxy::inherited::Inherited::from_env()?;
     let cfg = Config::load(path)?;
+    raise_fd_limit();
     preflight(&cfg)?;
     // Only a valid config takes over, and only once the kernel has taken this binary's program
     // (it is loaded here, beside the running one): a bad file or a refused program leaves the
@@ -339,6 +340,28 @@ fn preflight(cfg: &Config) -> Result<(), RunError> {
     match cfg.node.interfaces.iter().find(|name| !crate::dataplane::interface_exists(name)) {
         Some(name) => Err(RunError::Interface(name.clone())),
         None => Ok(()),
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: every L7 connection holds two
+/// descriptors, and the default soft limit (1024 under systemd) would refuse accepts (and the
+/// metrics endpoint's) long before `max_connections`.
+#[allow(unsafe_code)]
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the limit into `lim`, a valid rlimit on this stack.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
+        || lim.rlim_cur >= lim.rlim_max
+    {
+        return;
+    }
+    let from = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit reads `lim`, a valid rlimit on this stack.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        info!(from, to = lim.rlim_cur, "open-file limit raised");
+    } else {
+        warn!(soft = from, hard = lim.rlim_max, "raising the open-file limit failed");
     }
 }
 

@@ -238,35 +238,123 @@ pub fn bind(listen: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     std::net::TcpListener::bind(listen)
 }
 
+/// How long a scrape's client may take to send its request or to take the response: the
+/// endpoint answers one scrape at a time, so a client that stops reading must not hold it.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `GET /metrics` on `listener` from background threads; each scrape asks the controller
 /// through `to_controller`.
 pub fn serve(
     listener: std::net::TcpListener,
     to_controller: Sender<Scrape>,
 ) -> std::io::Result<()> {
-    let server = tiny_http::Server::from_listener(listener, None).map_err(std::io::Error::other)?;
+    serve_with(listener, to_controller, CLIENT_TIMEOUT)
+}
+
+/// [`serve`] with clients cut off after `client_timeout` without progress.
+pub fn serve_with(
+    listener: std::net::TcpListener,
+    to_controller: Sender<Scrape>,
+    client_timeout: Duration,
+) -> std::io::Result<()> {
+    // Accepted connections inherit the listener's send and receive timeouts (Linux copies them
+    // at accept), so every read and write tiny_http makes on them is bounded.
+    let sock = socket2::SockRef::from(&listener);
+    sock.set_read_timeout(Some(client_timeout))?;
+    sock.set_write_timeout(Some(client_timeout))?;
+    // Checked here, so that a listener the server cannot take fails the start.
+    let first = tiny_http::Server::from_listener(listener.try_clone()?, None)
+        .map_err(std::io::Error::other)?;
     std::thread::Builder::new().name("metrics".into()).spawn(move || {
-        for req in server.incoming_requests() {
-            if req.url() != "/metrics" || *req.method() != tiny_http::Method::Get {
-                let _ = req
-                    .respond(tiny_http::Response::from_string("not found\n").with_status_code(404));
-                continue;
+        let mut server = Some(first);
+        loop {
+            let Some(s) = server.take() else { break };
+            answer(&s, &to_controller);
+            // tiny_http stops accepting after an accept error (out of descriptors, say) and
+            // ends the request stream: serve again on the same socket after a pause, rather
+            // than leave a listener that completes handshakes and never answers.
+            drop(s);
+            tracing::warn!("metrics endpoint: accepting failed; serving again in 1 s");
+            std::thread::sleep(Duration::from_secs(1));
+            match listener.try_clone().map(|l| tiny_http::Server::from_listener(l, None)) {
+                Ok(Ok(s)) => server = Some(s),
+                Ok(Err(e)) => tracing::error!(error = %e, "metrics endpoint stopped"),
+                Err(e) => tracing::error!(error = %e, "metrics endpoint stopped"),
             }
-            let (tx, rx) = mpsc::channel();
-            let body = match to_controller.send(tx) {
-                Ok(()) => rx.recv_timeout(Duration::from_secs(10)).ok(),
-                Err(_) => None,
-            };
-            let resp = match body {
-                Some(b) => tiny_http::Response::from_string(b).with_header(
-                    "Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8"
-                        .parse::<tiny_http::Header>()
-                        .expect("static header"),
-                ),
-                None => tiny_http::Response::from_string("controller busy\n").with_status_code(503),
-            };
-            let _ = req.respond(resp);
         }
     })?;
     Ok(())
+}
+
+/// Answers scrapes until `server` stops accepting.
+fn answer(server: &tiny_http::Server, to_controller: &Sender<Scrape>) {
+    for req in server.incoming_requests() {
+        if req.url() != "/metrics" || *req.method() != tiny_http::Method::Get {
+            let _ =
+                req.respond(tiny_http::Response::from_string("not found\n").with_status_code(404));
+            continue;
+        }
+        let (tx, rx) = mpsc::channel();
+        let body = match to_controller.send(tx) {
+            Ok(()) => rx.recv_timeout(Duration::from_secs(10)).ok(),
+            Err(_) => None,
+        };
+        let resp = match body {
+            Some(b) => tiny_http::Response::from_string(b).with_header(
+                "Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8"
+                    .parse::<tiny_http::Header>()
+                    .expect("static header"),
+            ),
+            None => tiny_http::Response::from_string("controller busy\n").with_status_code(503),
+        };
+        let _ = req.respond(resp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read, Write},
+        net::{SocketAddr, TcpListener, TcpStream},
+        time::Instant,
+    };
+
+    use super::*;
+
+    /// A scraper that asks for a large exposition and stops reading holds the endpoint only
+    /// until the client timeout; the next scrape is answered after it.
+    #[test]
+    fn a_scraper_that_stops_reading_does_not_hold_the_endpoint() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel::<Scrape>();
+        // The controller's side: every scrape gets 16 MiB.
+        std::thread::spawn(move || {
+            for s in rx {
+                let _ = s.send("x".repeat(16 << 20));
+            }
+        });
+        serve_with(l, tx, Duration::from_millis(500)).unwrap();
+        let stuck =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        stuck.set_recv_buffer_size(4096).unwrap();
+        stuck.connect(&SocketAddr::from(addr).into()).unwrap();
+        let mut stuck: TcpStream = stuck.into();
+        stuck.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+        let mut got = Vec::new();
+        let _ = c.read_to_end(&mut got);
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&got[..got.len().min(80)])
+        );
+        assert!(got.len() > 16 << 20, "the whole exposition ({} bytes)", got.len());
+        assert!(t.elapsed() < Duration::from_secs(5), "answered after {:?}", t.elapsed());
+        drop(stuck);
+    }
 }
