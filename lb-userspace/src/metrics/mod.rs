@@ -315,7 +315,7 @@ fn answer(server: &tiny_http::Server, to_controller: &Sender<Scrape>) {
 mod tests {
     use std::{
         io::{Read, Write},
-        net::{SocketAddr, TcpListener, TcpStream},
+        net::{TcpListener, TcpStream},
         time::Instant,
     };
 
@@ -338,7 +338,7 @@ mod tests {
         let stuck =
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         stuck.set_recv_buffer_size(4096).unwrap();
-        stuck.connect(&SocketAddr::from(addr).into()).unwrap();
+        stuck.connect(&addr.into()).unwrap();
         let mut stuck: TcpStream = stuck.into();
         stuck.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
         std::thread::sleep(Duration::from_millis(300));
