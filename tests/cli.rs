@@ -38,7 +38,9 @@ fn check_accepts_the_example() {
     let f = example_file();
     let (code, out, _) = edgelb(&["check", "--config", f.0.to_str().unwrap()]);
     assert_eq!(code, 0);
-    assert!(out.contains("ok (3 VIPs"), "{out}");
+    // Backend entries as the 4096 limit counts them: the XDP-forwarded VIPs' (3 + 2 + 1), not
+    // the L7 VIP's.
+    assert!(out.contains("ok (3 VIPs, 1 of them L7; 6 backend entries"), "{out}");
 }
 
 #[test]
@@ -50,6 +52,10 @@ fn check_reports_file_line_column_and_exits_2() {
     let line = bad.lines().position(|l| l.contains("99999")).unwrap() + 1;
     let want = format!("{}:{line}:8: ", f.0.display());
     assert!(err.starts_with(&want), "stderr {err:?} should start with {want:?}");
+    // `run` refuses the same file the same way, with the same exit code, before anything else.
+    let (code, _, err) = edgelb(&["run", "--config", f.0.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(&want), "{err}");
 }
 
 #[test]

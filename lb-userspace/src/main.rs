@@ -140,17 +140,24 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("edgelb: {}", error_chain(&e));
-                ExitCode::from(1)
+                let bad_config = matches!(e, edgelb::controller::RunError::Config(_));
+                ExitCode::from(if bad_config { 2 } else { 1 })
             }
         },
         Command::Check { config } => match Config::load(&config) {
             Ok(cfg) => {
-                let backends: usize = cfg.vips.iter().map(|v| v.backends.len()).sum();
+                // As the limit counts them: the backends of the VIPs XDP forwards.
+                let entries: usize = cfg
+                    .vips
+                    .iter()
+                    .filter(|v| v.forwarding != edgelb::config::Forwarding::L7)
+                    .map(|v| v.backends.len())
+                    .sum();
+                let l7: usize = cfg.vips.iter().filter(|v| v.l7.is_some()).count();
                 println!(
-                    "{}: ok ({} VIPs, {} backend entries)",
+                    "{}: ok ({} VIPs, {l7} of them L7; {entries} backend entries in the data plane)",
                     config.display(),
                     cfg.vips.len(),
-                    backends
                 );
                 ExitCode::SUCCESS
             }
@@ -224,11 +231,30 @@ fn admin_call(admin: &AdminArgs, req: &Request, show: impl FnOnce(Response)) -> 
 fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
     let socket = admin.socket();
     match edgelb::admin::request(&socket, &Request::Stop { detach }) {
+        Ok(resp) if !resp.ok => {
+            eprintln!("edgelb: {}", resp.message);
+            ExitCode::from(1)
+        }
         Ok(resp) => {
-            // Wait for the controller to finish (it removes its socket on the way out).
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            // Wait for the controller to finish: it removes its socket last, once its L7
+            // requests are done and (without --detach) the data plane is gone.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
             while socket.exists() && std::time::Instant::now() < deadline {
                 std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            if socket.exists() {
+                eprintln!("edgelb: still stopping after 30 s ({} remains)", socket.display());
+                return ExitCode::from(1);
+            }
+            if !detach
+                && let Ok(cfg) = Config::load(&admin.config)
+                && cfg.node.pin_dir.exists()
+            {
+                eprintln!(
+                    "edgelb: stopped, but {} remains (see edgelb's log; `edgelb stop` again removes it)",
+                    cfg.node.pin_dir.display()
+                );
+                return ExitCode::from(1);
             }
             println!("{}", resp.message);
             ExitCode::SUCCESS

@@ -312,21 +312,23 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         proxy.shutdown(L7_GRACE);
     }
     drop(ctl.checker);
-    let _ = std::fs::remove_file(&socket);
-    match exit {
+    let result = match exit {
         Exit::Handover(..) => unreachable!("returned above"),
         Exit::Detach => {
             info!(pin_dir = %pin_dir.display(), "controller stopped; the data plane keeps running (`edgelb stop` removes it)");
+            Ok(())
         }
-        Exit::Teardown => {
-            Dataplane::teardown(&pin_dir).map_err(|e| DataplaneError::Pin {
-                path: pin_dir.clone(),
-                reason: format!("teardown: {e}"),
-            })?;
-            info!("data plane removed: XDP detached, pins deleted");
-        }
-    }
-    Ok(())
+        Exit::Teardown => match Dataplane::teardown(&pin_dir) {
+            Ok(()) => {
+                info!("data plane removed: XDP detached, pins deleted");
+                Ok(())
+            }
+            Err(e) => Err(DataplaneError::Pin { path: pin_dir, reason: format!("teardown: {e}") }),
+        },
+    };
+    // Last: `edgelb stop` waits for the socket to go, so it returns once everything is done.
+    let _ = std::fs::remove_file(&socket);
+    Ok(result?)
 }
 
 /// What would otherwise fail only after the data plane was touched (or, with `--takeover`, after
