@@ -946,6 +946,12 @@ fn l7_settings(
     })
 }
 
+/// Text that may go into a request line or header as it is: visible ASCII only (no spaces, no
+/// CR or LF that would end the line early).
+fn request_text(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// The port the proxy connects to for an L7 backend: its own, or the VIP's.
 fn l7_backend_port(b: &raw::Backend, vip_port: u16) -> Result<u16, Invalid> {
     match &b.port {
@@ -974,8 +980,27 @@ fn health_check(
     let kind = match kind {
         "tcp" => CheckKind::Tcp,
         "http" => CheckKind::Http {
-            path: get(&h.path).unwrap_or_else(|| "/".to_owned()),
-            host: get(&h.host),
+            path: match &h.path {
+                None => "/".to_owned(),
+                Some(p) if p.get_ref().starts_with('/') && request_text(p.get_ref()) => {
+                    p.get_ref().clone()
+                }
+                Some(p) => {
+                    return bad(
+                        p.span(),
+                        "health.path must be a path starting with `/`, without spaces or control characters",
+                    );
+                }
+            },
+            host: match &h.host {
+                Some(v) if !request_text(v.get_ref()) || v.get_ref().is_empty() => {
+                    return bad(
+                        v.span(),
+                        "health.host must be a host name, without spaces or control characters",
+                    );
+                }
+                v => v.as_ref().map(|v| v.get_ref().clone()),
+            },
             expect_status: match &h.expect_status {
                 None => 200,
                 Some(s) if (100..=599).contains(s.get_ref()) => *s.get_ref(),

@@ -215,6 +215,16 @@ fn health_checks_that_could_never_pass_are_refused() {
         .clone()
         .unwrap();
     assert!(matches!(h.kind, CheckKind::Http { expect_status: 204, .. }), "{h:?}");
+    // A request the backend could not read as one: a path without its slash, text that would
+    // break the request line or add a header.
+    for (line, col, text) in [
+        ("path = \"healthz\"", 8, "health.path must be a path"),
+        ("path = \"/a b\"", 8, "health.path must be a path"),
+        ("host = \"x\\r\\nX-Evil: 1\"", 8, "health.host must be a host name"),
+    ] {
+        let e = err(&format!("{base}kind = \"http\"\n{line}\n"));
+        assert!(e.starts_with(&format!("t.toml:10:{col}:")) && e.contains(text), "{e}");
+    }
 }
 
 /// Backend fields that would be dropped or never work are refused where they are written.

@@ -21,7 +21,11 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, String> 
         CheckKind::Http { path, host, expect_status, expect_body } => {
             let mut s = TcpStream::connect_timeout(&addr, check.timeout)
                 .map_err(|e| format!("connect: {e}"))?;
-            let host = host.clone().unwrap_or_else(|| addr.ip().to_string());
+            // An IPv6 literal is bracketed in a Host header (RFC 3986 3.2.2).
+            let host = host.clone().unwrap_or_else(|| match addr {
+                SocketAddr::V4(a) => a.ip().to_string(),
+                SocketAddr::V6(a) => format!("[{}]", a.ip()),
+            });
             s.set_write_timeout(Some(left())).map_err(|e| e.to_string())?;
             write!(
                 s,
@@ -30,31 +34,37 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, String> 
             .map_err(|e| format!("send: {e}"))?;
             let mut buf = Vec::new();
             let mut chunk = [0u8; 4096];
-            loop {
+            // Up to 64 KiB, until the backend closes (the request asked it to), within the
+            // timeout however slowly the bytes come.
+            while buf.len() <= 64 * 1024 {
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "no whole response within {} ms",
+                        check.timeout.as_millis()
+                    ));
+                }
                 s.set_read_timeout(Some(left())).map_err(|e| e.to_string())?;
                 match s.read(&mut chunk) {
                     Ok(0) => break,
                     Ok(n) => buf.extend_from_slice(&chunk[..n]),
                     Err(e) => return Err(format!("read: {e}")),
                 }
-                if buf.len() > 64 * 1024 {
-                    break;
-                }
             }
-            let text = String::from_utf8_lossy(&buf);
-            let status: u16 = text
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .ok_or_else(|| "no HTTP status line".to_owned())?;
+            let mut headers = [httparse::EMPTY_HEADER; 128];
+            let mut resp = httparse::Response::new(&mut headers);
+            let head_len = match resp.parse(&buf) {
+                Ok(httparse::Status::Complete(n)) => n,
+                Ok(httparse::Status::Partial) => return Err("incomplete response head".into()),
+                Err(e) => return Err(format!("not an HTTP response: {e}")),
+            };
+            let status = resp.code.unwrap_or(0);
             if status != *expect_status {
                 return Err(format!("status {status}, expected {expect_status}"));
             }
-            if let Some(want) = expect_body {
-                let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
-                if !body.contains(want.as_str()) {
-                    return Err(format!("body lacks {want:?}"));
-                }
+            if let Some(want) = expect_body
+                && !String::from_utf8_lossy(&buf[head_len..]).contains(want.as_str())
+            {
+                return Err(format!("body lacks {want:?}"));
             }
         }
         CheckKind::Udp { send, expect } => {
@@ -77,4 +87,92 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, String> 
         }
     }
     Ok(start.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::BufRead, net::TcpListener, sync::mpsc};
+
+    use super::*;
+
+    fn http(timeout_ms: u64, expect_body: Option<&str>) -> HealthCheck {
+        HealthCheck {
+            kind: CheckKind::Http {
+                path: "/healthz".into(),
+                host: None,
+                expect_status: 200,
+                expect_body: expect_body.map(str::to_owned),
+            },
+            port: 0,
+            interval: Duration::from_millis(timeout_ms),
+            timeout: Duration::from_millis(timeout_ms),
+            rise: 1,
+            fall: 1,
+        }
+    }
+
+    /// A one-connection HTTP server on `bind` that sends the request head it read down
+    /// `heads` and answers with `answer`.
+    fn server(
+        bind: &str,
+        answer: impl FnOnce(&mut TcpStream) + Send + 'static,
+    ) -> (SocketAddr, mpsc::Receiver<String>) {
+        let l = TcpListener::bind(bind).unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+            let mut head = String::new();
+            while r.read_line(&mut head).is_ok_and(|n| n > 2) {}
+            let _ = tx.send(head);
+            answer(&mut s);
+        });
+        (addr, rx)
+    }
+
+    #[test]
+    fn the_body_check_reads_the_whole_body_after_the_head() {
+        let (addr, _) = server("127.0.0.1:0", |s| {
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\na\r\n\r\nstatus: ok");
+        });
+        assert!(probe(&http(1000, Some("status: ok")), addr).is_ok());
+        let (addr, _) = server("127.0.0.1:0", |s| {
+            let _ = s.write_all(b"HTTP/1.0 500 Oops\r\n\r\nHTTP/1.0 200 OK");
+        });
+        let e = probe(&http(1000, None), addr).unwrap_err();
+        assert!(e.contains("status 500"), "{e}");
+    }
+
+    #[test]
+    fn a_backend_dripping_bytes_fails_within_the_timeout() {
+        let (addr, _) = server("127.0.0.1:0", |s| {
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\n");
+            for _ in 0..2000 {
+                if s.write_all(b"X-Pad: y\r\n").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        let start = Instant::now();
+        let e = probe(&http(150, None), addr).unwrap_err();
+        assert!(start.elapsed() < Duration::from_millis(600), "{e} after {:?}", start.elapsed());
+    }
+
+    #[test]
+    fn an_ipv6_backend_gets_a_bracketed_host() {
+        let Ok(probe_l) = TcpListener::bind("[::1]:0") else {
+            eprintln!("no IPv6 loopback: skipped");
+            return;
+        };
+        drop(probe_l);
+        let (addr, heads) = server("[::1]:0", |s| {
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\n");
+        });
+        assert!(probe(&http(1000, None), addr).is_ok());
+        let head = heads.recv().unwrap();
+        assert!(head.starts_with("GET /healthz HTTP/1.0\r\n"), "{head}");
+        assert!(head.contains("\r\nHost: [::1]\r\n"), "{head}");
+    }
 }
