@@ -16,7 +16,9 @@ HOST_TOOLCHAIN=1.99.1
 EBPF_TOOLCHAIN=nightly-2026-08-05
 BPF_LINKER_VERSION=0.13.0
 LLVM_PREFIX=/usr/lib/llvm-22
-APT_PACKAGES=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev libxml2-dev iproute2 ethtool)
+# bpf-linker's LLVM, and what the testbed runs: ip, ethtool, sysctl (procps); nsenter and mount
+# come with util-linux, which every Debian has.
+APT_PACKAGES=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev libxml2-dev iproute2 ethtool procps)
 
 say() { printf '[bootstrap] %s\n' "$*" >&2; }
 
@@ -63,8 +65,8 @@ else
     rustup toolchain install "$HOST_TOOLCHAIN" --profile minimal -c clippy -c rustfmt --no-self-update
 fi
 
-if have_toolchain "$EBPF_TOOLCHAIN" && has_components "$EBPF_TOOLCHAIN" rust-src; then
-    say "toolchain $EBPF_TOOLCHAIN with rust-src present"
+if have_toolchain "$EBPF_TOOLCHAIN" && has_components "$EBPF_TOOLCHAIN" rust-src clippy; then
+    say "toolchain $EBPF_TOOLCHAIN with rust-src, clippy present"
 else
     say "rustup toolchain install $EBPF_TOOLCHAIN (minimal + rust-src, clippy)"
     rustup toolchain install "$EBPF_TOOLCHAIN" --profile minimal -c rust-src -c clippy --no-self-update
