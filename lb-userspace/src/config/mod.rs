@@ -121,7 +121,7 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/run/edgelb/admin.sock";
 pub struct HealthCheck {
     /// What to probe.
     pub kind: CheckKind,
-    /// Backend port to probe.
+    /// Backend port to probe; 0: each backend's own (an L7 VIP's default).
     pub port: u16,
     /// Time between probes of one backend.
     pub interval: Duration,
@@ -705,7 +705,11 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             let bport = b.port.as_ref().map_or(port, |p| *p.get_ref());
             backends.push(Backend { address, weight, mac, port: bport });
         }
-        let health = v.health.as_ref().map(|h| health_check(h, port, protocol)).transpose()?;
+        // An L7 VIP's backends are probed on their own ports unless health.port says otherwise
+        // (0 below); an XDP VIP's on the VIP's port, the one its traffic keeps.
+        let default_port = if forwarding == Forwarding::L7 { None } else { Some(port) };
+        let health =
+            v.health.as_ref().map(|h| health_check(h, default_port, protocol)).transpose()?;
         let conntrack = match &v.conntrack {
             Some(c) if forwarding == Forwarding::L7 => {
                 return bad(c.span(), "conntrack applies to VIPs XDP forwards, not to l7 ones");
@@ -961,9 +965,11 @@ fn l7_backend_port(b: &raw::Backend, vip_port: u16) -> Result<u16, Invalid> {
     }
 }
 
+/// The check a `[vip.health]` table describes; without health.port, probes go to `vip_port`
+/// (an XDP VIP's), or with None to each backend's own port (an L7 VIP's).
 fn health_check(
     h: &raw::Sp<raw::Health>,
-    vip_port: u16,
+    vip_port: Option<u16>,
     protocol: Protocol,
 ) -> Result<HealthCheck, Invalid> {
     let span = h.span();
@@ -1016,8 +1022,12 @@ fn health_check(
     let port = match (&h.port, vip_port) {
         (Some(p), _) if *p.get_ref() == 0 => return bad(p.span(), "health.port must be 1..=65535"),
         (Some(p), _) => *p.get_ref(),
-        (None, 0) => return bad(span, "health.port is required when the VIP serves any port"),
-        (None, p) => p,
+        (None, Some(0)) => {
+            return bad(span, "health.port is required when the VIP serves any port");
+        }
+        (None, Some(p)) => p,
+        // Each backend's own port.
+        (None, None) => 0,
     };
     let ms = |v: &Option<raw::Sp<u64>>, default: u64, what: &str| match v {
         None => Ok(default),

@@ -596,14 +596,14 @@ impl Controller {
             return false; // a check that was just reconciled away
         }
         if let Some(latency) = ev.latency {
-            self.metrics.observe_probe(&ev.vip, ev.backend, latency);
+            self.metrics.observe_probe(&ev.vip, ev.backend.ip(), latency);
         }
         // Every probe reports the checker's verdict, so a restarted check (which starts healthy)
         // also corrects the controller's view.
         if ev.healthy != self.verdicts.is_down(&ev.vip, ev.backend) {
             return false;
         }
-        self.metrics.transition(&ev.vip, ev.backend, ev.healthy);
+        self.metrics.transition(&ev.vip, ev.backend.ip(), ev.healthy);
         if ev.healthy {
             info!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend UP: back in the ring");
         } else {
@@ -707,7 +707,7 @@ impl Controller {
                     vip: vip.name.clone(),
                     backend: b.address.to_string(),
                     counters: self.dp.backend_counters(vip, b.address).unwrap_or_default(),
-                    up: !self.verdicts.is_down(&vip.name, b.address),
+                    up: !self.verdicts.is_down(&vip.name, verdicts::id(b)),
                     weight,
                 });
             }
@@ -745,7 +745,7 @@ impl Controller {
                     bps,
                     address: b.address,
                     weight: b.weight,
-                    healthy: !self.verdicts.is_down(&vip.name, b.address),
+                    healthy: !self.verdicts.is_down(&vip.name, verdicts::id(b)),
                     passive_down: l7_state.as_ref().is_some_and(|s| s.passive_down()),
                     l7_requests: l7_state
                         .as_ref()

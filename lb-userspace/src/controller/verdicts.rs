@@ -5,18 +5,24 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use tracing::{error, warn};
 
 use crate::config::{Backend, Config};
 
+/// A backend's identity for health: its address and port (an L7 VIP may list one address on
+/// several ports; an XDP VIP's backends carry the VIP's port).
+pub(super) fn id(b: &Backend) -> SocketAddr {
+    SocketAddr::new(b.address, b.port)
+}
+
 /// Health verdicts, drains and fail-open state, by VIP name and backend address.
 #[derive(Default, Clone)]
 pub(super) struct Verdicts {
-    /// (VIP name, backend) declared dead by its health check.
-    down: HashSet<(String, IpAddr)>,
+    /// (VIP name, backend address and port) declared dead by its health check.
+    down: HashSet<(String, SocketAddr)>,
     /// Runtime drains: (VIP name or all VIPs, backend).
     drained: HashSet<(Option<String>, IpAddr)>,
     /// Last non-empty backend set per VIP, kept when every backend is down (fail open).
@@ -26,9 +32,9 @@ pub(super) struct Verdicts {
 }
 
 impl Verdicts {
-    /// Is `addr` dead in `vip` by its health check?
-    pub(super) fn is_down(&self, vip: &str, addr: IpAddr) -> bool {
-        self.down.contains(&(vip.to_owned(), addr))
+    /// Is backend `b` (address and port) dead in `vip` by its health check?
+    pub(super) fn is_down(&self, vip: &str, b: SocketAddr) -> bool {
+        self.down.contains(&(vip.to_owned(), b))
     }
 
     /// Is `addr` drained in `vip`, by a drain of that VIP or of every VIP?
@@ -43,14 +49,14 @@ impl Verdicts {
 
     /// Does `cfg` still have the health check a verdict on (`vip`, `backend`) comes from? A
     /// check reconciled away may still report a probe that was in flight.
-    pub(super) fn checked(cfg: &Config, vip: &str, backend: IpAddr) -> bool {
+    pub(super) fn checked(cfg: &Config, vip: &str, backend: SocketAddr) -> bool {
         cfg.vips.iter().any(|v| {
-            v.name == vip && v.health.is_some() && v.backends.iter().any(|b| b.address == backend)
+            v.name == vip && v.health.is_some() && v.backends.iter().any(|b| id(b) == backend)
         })
     }
 
     /// Records a health verdict; true if it changed the backend's state.
-    pub(super) fn set_health(&mut self, vip: &str, backend: IpAddr, healthy: bool) -> bool {
+    pub(super) fn set_health(&mut self, vip: &str, backend: SocketAddr, healthy: bool) -> bool {
         let key = (vip.to_owned(), backend);
         if healthy { self.down.remove(&key) } else { self.down.insert(key) }
     }
@@ -90,12 +96,8 @@ impl Verdicts {
     pub(super) fn effective(&mut self, cfg: &Config) -> Config {
         let mut eff = cfg.clone();
         for vip in &mut eff.vips {
-            let mut alive: Vec<Backend> = vip
-                .backends
-                .iter()
-                .filter(|b| !self.is_down(&vip.name, b.address))
-                .cloned()
-                .collect();
+            let mut alive: Vec<Backend> =
+                vip.backends.iter().filter(|b| !self.is_down(&vip.name, id(b))).cloned().collect();
             if alive.is_empty() && !vip.backends.is_empty() {
                 if self.fail_open.insert(vip.name.clone()) {
                     error!(vip = %vip, "every backend is down: keeping the last known set (fail open)");
@@ -152,6 +154,11 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A backend of the test VIP (port 80) by its address.
+    fn at(s: &str) -> SocketAddr {
+        SocketAddr::new(ip(s), 80)
+    }
+
     fn live(v: &mut Verdicts, c: &Config) -> Vec<(IpAddr, u32)> {
         v.effective(c).vips[0].backends.iter().map(|b| (b.address, b.weight)).collect()
     }
@@ -163,9 +170,9 @@ mod tests {
     fn fail_open_keeps_the_last_set_as_the_config_lists_it_now() {
         let mut v = Verdicts::default();
         let both = cfg(&[(A, 1), (B, 1)], true);
-        assert!(v.set_health("web", ip(A), false));
+        assert!(v.set_health("web", at(A), false));
         assert_eq!(live(&mut v, &both), [(ip(B), 1)]);
-        assert!(v.set_health("web", ip(B), false));
+        assert!(v.set_health("web", at(B), false));
         assert_eq!(live(&mut v, &both), [(ip(B), 1)], "fail open on the last live set");
         assert!(v.is_fail_open("web"));
         // A new weight for B counts while the VIP is open.
@@ -175,7 +182,7 @@ mod tests {
         v.reconcile(&only_a);
         assert_eq!(live(&mut v, &only_a), [(ip(A), 3)]);
         // A back: fail open ends.
-        assert!(v.set_health("web", ip(A), true));
+        assert!(v.set_health("web", at(A), true));
         assert_eq!(live(&mut v, &only_a), [(ip(A), 3)]);
         assert!(!v.is_fail_open("web"));
     }
@@ -184,15 +191,16 @@ mod tests {
     fn verdicts_of_checks_reconciled_away_are_dropped_and_not_taken_again() {
         let mut v = Verdicts::default();
         let checked = cfg(&[(A, 1), (B, 1)], true);
-        assert!(Verdicts::checked(&checked, "web", ip(A)));
-        v.set_health("web", ip(A), false);
+        assert!(Verdicts::checked(&checked, "web", at(A)));
+        v.set_health("web", at(A), false);
         let unchecked = cfg(&[(A, 1), (B, 1)], false);
         v.reconcile(&unchecked);
-        assert!(!v.is_down("web", ip(A)));
+        assert!(!v.is_down("web", at(A)));
         // The probe that was in flight when the check went must not count.
-        assert!(!Verdicts::checked(&unchecked, "web", ip(A)));
-        assert!(!Verdicts::checked(&checked, "other", ip(A)));
-        assert!(!Verdicts::checked(&checked, "web", ip("198.18.0.99")));
+        assert!(!Verdicts::checked(&unchecked, "web", at(A)));
+        assert!(!Verdicts::checked(&checked, "other", at(A)));
+        assert!(!Verdicts::checked(&checked, "web", at("198.18.0.99")));
+        assert!(!Verdicts::checked(&checked, "web", SocketAddr::new(ip(A), 81)), "another port");
     }
 
     #[test]

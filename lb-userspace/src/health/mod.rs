@@ -11,7 +11,7 @@ mod probe;
 use std::{
     collections::HashMap,
     hash::{Hash, Hasher},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -28,8 +28,8 @@ use crate::config::{Config, HealthCheck};
 pub struct HealthEvent {
     /// VIP name.
     pub vip: String,
-    /// Backend address.
-    pub backend: IpAddr,
+    /// The backend: its address and port (an L7 VIP may list one address on several ports).
+    pub backend: SocketAddr,
     /// State after this probe.
     pub healthy: bool,
     /// True when this probe flipped the state.
@@ -44,8 +44,19 @@ pub struct HealthEvent {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Target {
     vip: String,
-    backend: IpAddr,
+    /// The backend's address and port as the config lists it (its identity).
+    backend: SocketAddr,
     check: HealthCheck,
+}
+
+impl Target {
+    /// Where the probe goes: the check's port, or the backend's own.
+    fn probed(&self) -> SocketAddr {
+        match self.check.port {
+            0 => self.backend,
+            p => SocketAddr::new(self.backend.ip(), p),
+        }
+    }
 }
 
 struct Running {
@@ -74,7 +85,7 @@ impl Checker {
             for b in &vip.backends {
                 wanted.push(Target {
                     vip: vip.name.clone(),
-                    backend: b.address,
+                    backend: SocketAddr::new(b.address, b.port),
                     check: check.clone(),
                 });
             }
@@ -182,7 +193,7 @@ fn sleep_until(until: Instant, stop: &AtomicBool) -> bool {
 }
 
 fn run(t: Target, stop: Arc<AtomicBool>, events: Sender<HealthEvent>) {
-    let addr = SocketAddr::new(t.backend, t.check.port);
+    let addr = t.probed();
     let mut h = std::collections::hash_map::DefaultHasher::new();
     t.hash(&mut h);
     let interval = t.check.interval;
@@ -225,6 +236,35 @@ fn run(t: Target, stop: Arc<AtomicBool>, events: Sender<HealthEvent>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An L7 VIP's backends are checked on their own ports, each on its own: one address on two
+    /// ports, one of them closed, gives one verdict per port.
+    #[test]
+    fn l7_backends_are_probed_on_their_own_ports_each_alone() {
+        let open = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (up, down) = (open.local_addr().unwrap(), closed.local_addr().unwrap());
+        drop(closed);
+        let text = format!(
+            "[node]\ninterfaces = [\"lo\"]\n[[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = 80\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}, {{ address = \"127.0.0.1\", port = {} }}]\n[vip.health]\ninterval_ms = 50\ntimeout_ms = 50\nfall = 1\n",
+            up.port(),
+            down.port()
+        );
+        let cfg = Config::parse(&text, "t.toml".as_ref()).unwrap();
+        assert_eq!(cfg.vips[0].health.as_ref().unwrap().port, 0, "each backend's own port");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut checker = Checker::new(tx);
+        checker.reconcile(&cfg);
+        assert_eq!(checker.len(), 2, "one check per address and port");
+        let mut verdicts = HashMap::new();
+        let until = Instant::now() + Duration::from_millis(400);
+        while let Ok(ev) = rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            verdicts.insert(ev.backend, ev.healthy);
+        }
+        drop(open);
+        assert_eq!(verdicts.get(&up), Some(&true), "{verdicts:?}");
+        assert_eq!(verdicts.get(&down), Some(&false), "{verdicts:?}");
+    }
 
     #[test]
     fn flips_only_after_fall_failures_and_rise_successes() {
