@@ -13,9 +13,12 @@ use std::{
     },
 };
 
-/// The most descriptors one message carries: a listener per thread for each of the 32 L7 VIPs
-/// a config may have on a large machine, plus the metrics listener.
-pub const MAX_FDS: usize = 1024;
+/// The most descriptors [`send`] takes: a listener per thread (up to 256) for each of the 32
+/// L7 VIPs a config may have, plus the metrics listener.
+pub const MAX_FDS: usize = 256 * 32 + 1;
+
+/// The most descriptors the kernel lets one message carry (SCM_MAX_FD).
+const PER_MESSAGE: usize = 253;
 
 /// Room for the control message of `n` descriptors, in u64 words (cmsghdr alignment).
 fn control_words(n: usize) -> usize {
@@ -24,12 +27,36 @@ fn control_words(n: usize) -> usize {
     bytes.div_ceil(size_of::<u64>())
 }
 
-/// Sends `data` with `fds` attached to its first byte. `data` must not be empty (the
-/// descriptors ride on data) and is sent whole.
+/// Sends `data` with `fds` attached to its first bytes, and the rest of `data` after them.
+/// The kernel takes at most 253 descriptors a message, so more go in several messages, one
+/// byte of `data` each: a receiver reading until the end of `data` (as [`recv`] in a loop does)
+/// gets them all, in order. `data` must be at least one byte per 253 descriptors.
 pub fn send(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    if data.is_empty() || fds.len() > MAX_FDS {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no data or too many descriptors"));
+    let chunks = fds.len().div_ceil(PER_MESSAGE).max(1);
+    if data.len() < chunks || fds.len() > MAX_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too little data or too many descriptors",
+        ));
     }
+    let mut sent = 0;
+    for (i, part) in fds.chunks(PER_MESSAGE).enumerate() {
+        // Every message but the last carries one byte; the last the rest.
+        let end = if i + 1 == chunks { data.len() } else { sent + 1 };
+        sent += send_one(stream, &data[sent..end], part)?;
+    }
+    if fds.is_empty() {
+        sent += send_one(stream, data, &[])?;
+    }
+    // The rest, if a message took less than it was given, goes plainly.
+    while sent < data.len() {
+        sent += io::Write::write(&mut &*stream, &data[sent..])?;
+    }
+    Ok(())
+}
+
+/// One sendmsg of `data` with at most [`PER_MESSAGE`] descriptors on it; how many bytes went.
+fn send_one(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
     let mut control = vec![0u64; control_words(fds.len().max(1))];
     let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
     // SAFETY: an all-zero msghdr is valid (no name, no buffers); the fields set below point at
@@ -61,19 +88,14 @@ pub fn send(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Res
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut sent = n as usize;
-    // The descriptors went with the first bytes; the rest, if any, goes plainly.
-    while sent < data.len() {
-        sent += io::Write::write(&mut &*stream, &data[sent..])?;
-    }
-    Ok(())
+    Ok(n as usize)
 }
 
 /// Receives up to `buf.len()` bytes and the descriptors attached to them (owned by the caller
 /// from here on, close-on-exec). Returns the byte count (0 at end of stream) and the
 /// descriptors.
 pub fn recv(stream: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let mut control = vec![0u64; control_words(MAX_FDS)];
+    let mut control = vec![0u64; control_words(PER_MESSAGE)];
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     // SAFETY: as in `send`; here the kernel writes into `buf` and `control`, both alive and of
     // the lengths given.
@@ -135,5 +157,38 @@ mod tests {
         let (n, fds) = recv(&b, &mut buf).unwrap();
         assert_eq!((n, fds.len()), (1, 0));
         assert!(send(&a, b"", &[]).is_err());
+    }
+
+    /// More descriptors than the kernel takes in one message (253): 600 listeners (300 threads'
+    /// for two VIPs) arrive whole over several messages.
+    #[test]
+    fn more_descriptors_than_one_message_carries() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let copies: Vec<OwnedFd> =
+            (0..600).map(|_| OwnedFd::from(l.try_clone().unwrap())).collect();
+        let line = b"a line long enough to carry them\n";
+        let sender = std::thread::spawn(move || {
+            let fds: Vec<BorrowedFd<'_>> = copies.iter().map(|f| f.as_fd()).collect();
+            send(&a, line, &fds).unwrap();
+            copies.iter().map(|f| f.as_raw_fd()).collect::<Vec<_>>()
+        });
+        let (mut got, mut fds) = (Vec::new(), Vec::new());
+        let mut buf = [0u8; 64];
+        while !got.ends_with(b"\n") {
+            let (n, more) = recv(&b, &mut buf).unwrap();
+            assert!(n > 0, "the sender hung up early");
+            got.extend_from_slice(&buf[..n]);
+            fds.extend(more);
+        }
+        assert_eq!(sender.join().unwrap().len(), 600);
+        assert_eq!(got, line);
+        assert_eq!(fds.len(), 600);
+        for fd in fds {
+            assert_eq!(
+                std::net::TcpListener::from(fd).local_addr().unwrap(),
+                l.local_addr().unwrap()
+            );
+        }
     }
 }
