@@ -104,11 +104,32 @@ fn real_main() -> Result<()> {
         }
         Task::Testbed { action: TestbedAction::Down } => {
             require_root("testbed down")?;
+            // An edgelb a killed `run` left behind (or its data plane): its own admin socket
+            // and pin dir (see `run_config`), so nothing else on the machine is touched.
+            let (config, bin) = (testbed_config(), workspace_root().join("target/debug/edgelb"));
+            if config.exists() && bin.exists() {
+                let _ = Command::new(&bin).arg("stop").arg("--config").arg(&config).status();
+            }
             Testbed::down(PREFIX);
             println!("testbed `{PREFIX}` removed");
             Ok(())
         }
     }
+}
+
+/// Where `run` writes the config of the edgelb it starts.
+fn testbed_config() -> PathBuf {
+    workspace_root().join("target/testbed/edgelb.toml")
+}
+
+/// The example config with an admin socket and pin dir of its own: `run` and `testbed down` must
+/// never reach an edgelb the machine runs for real (on the default socket and pins).
+fn run_config() -> String {
+    edgelb::config::EXAMPLE.replacen(
+        "[node]\n",
+        "[node]\npin_dir = \"/sys/fs/bpf/edgelb-xtask-run\"\nadmin_socket = \"/run/edgelb/xtask-run.sock\"\n",
+        1,
+    )
 }
 
 fn workspace_root() -> PathBuf {
@@ -293,8 +314,8 @@ fn run(duration: Option<u64>) -> Result<()> {
     let edgelb_bin = root.join("target/debug/edgelb");
     let dir = root.join("target/testbed");
     std::fs::create_dir_all(&dir)?;
-    let config = dir.join("edgelb.toml");
-    std::fs::write(&config, edgelb::config::EXAMPLE)?;
+    let config = testbed_config();
+    std::fs::write(&config, run_config())?;
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
