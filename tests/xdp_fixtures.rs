@@ -1216,6 +1216,51 @@ fn pinned_maps_with_another_layout_are_replaced_not_reused() {
     assert_eq!(edgelb::dataplane::reconcile_pins(&dir, small).unwrap(), Vec::<String>::new());
 }
 
+/// `--takeover`: the new process loads its program (adopting the pins) while the running one
+/// still writes the maps; once that one has handed over, the new one reads them again, so its
+/// writes go to the inactive ring region and name only backends the maps hold.
+#[test]
+fn a_process_loaded_beside_a_running_one_reads_the_maps_again() {
+    if !require_privileged("a_process_loaded_beside_a_running_one_reads_the_maps_again") {
+        return;
+    }
+    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/edgelb-beside-{}", std::process::id()));
+    struct Cleanup<'a>(&'a std::path::Path);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = Dataplane::teardown(self.0);
+        }
+    }
+    let _cleanup = Cleanup(&dir);
+    let cfg = |b: &[(&str, u32)]| Config::parse(&one_vip(b), "x".as_ref()).unwrap();
+    let mut running = Dataplane::load(Some(&dir)).expect("the running process");
+    running.apply(&cfg(&THREE)).unwrap();
+    let mut next = Dataplane::load(Some(&dir)).expect("the process taking over");
+    assert!(next.adopted());
+    // Before it hands over, the running process takes backend .13 out (a health check).
+    running.apply(&cfg(&THREE[..2])).unwrap();
+    drop(running);
+    next.refresh().unwrap();
+    let report = next.apply(&cfg(&THREE[..2])).unwrap();
+    assert_eq!(report.ring_slots_written, 0, "its view is what the maps hold: {report:?}");
+    // .13 back, .11 out: every new flow reaches a backend the maps hold.
+    next.apply(&cfg(&[THREE[1], THREE[2]])).unwrap();
+    for i in 0..200u32 {
+        let client = Ipv4Addr::from(u32::from(v4("198.18.4.0")) + i).to_string();
+        let frame = eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4(&client, 40000, "198.18.1.1", 80, SYN));
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        let r = next.balancer().test_run(opts).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(r.return_value, XDP_TX, "client {client}");
+        let to = outer_dst(&out).to_string();
+        assert!(to == "198.18.0.12" || to == "198.18.0.13", "client {client} sent to {to}");
+    }
+}
+
 #[test]
 fn a_configured_table_size_is_the_one_the_program_indexes() {
     let three = THREE;

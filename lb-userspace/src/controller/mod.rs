@@ -242,6 +242,12 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     let (scrape_tx, scrape_rx) = mpsc::channel();
 
     let dp = match early {
+        // Loaded before the handover, while the previous controller still wrote the maps (a
+        // health change, a drain): read them again now that it has stopped.
+        Some(mut dp) if handover.is_some() => {
+            dp.refresh()?;
+            dp
+        }
         Some(dp) => dp,
         None => load()?,
     };

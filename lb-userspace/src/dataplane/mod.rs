@@ -472,6 +472,14 @@ impl Dataplane {
         self.adopted
     }
 
+    /// Reads the adopted maps again: for a process that loaded its program beside a running
+    /// edgelb (`--takeover`), whose controller went on writing the maps until it handed over.
+    /// Without this, the view taken at load would name the wrong live ring region and miss the
+    /// backends retired since, and the first writes would go into the live region.
+    pub fn refresh(&mut self) -> Result<(), DataplaneError> {
+        if self.adopted { self.adopt() } else { Ok(()) }
+    }
+
     /// Rebuilds the controller's view from what the maps hold: maps a previous process left
     /// pinned, or (after a failed takeover) maps another process wrote. Whatever view there was
     /// is dropped first.
