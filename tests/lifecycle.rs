@@ -645,14 +645,20 @@ fn reload_rejects_bad_files_and_keeps_connections() {
     }
     assert!(fresh.iter().any(|b| b == "backend-3"));
 
-    // A changed attach mode needs a restart too.
+    // A changed attach mode needs a restart too, and so does an L7 VIP's mode.
     let grown = config_text(&bed.tag, &[1, 2, 3]);
-    std::fs::write(&bed.cfg_path, grown.replace("[node]\n", "[node]\nxdp_mode = \"generic\"\n"))
-        .unwrap();
-    let out = bed.e().cli(&["reload"]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("xdp_mode") && err.contains("restart"), "{err}");
+    let web7_tcp = grown.replace("algorithm = \"round_robin\"", "mode = \"tcp\"");
+    assert_ne!(web7_tcp, grown);
+    for (changed, what) in [
+        (grown.replace("[node]\n", "[node]\nxdp_mode = \"generic\"\n"), "xdp_mode"),
+        (web7_tcp, "tcp mode"),
+    ] {
+        std::fs::write(&bed.cfg_path, changed).unwrap();
+        let out = bed.e().cli(&["reload"]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(what) && err.contains("restart"), "{err}");
+    }
 
     // A valid file the maps have no room for: swapping a pool of 4087 backends needs the old
     // and the new entries at once, over the 4096 the maps hold. The reload is refused, the

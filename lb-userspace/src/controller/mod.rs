@@ -202,6 +202,9 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         )),
         None => None,
     };
+    // A metrics socket handed over that this config has no use for is closed now: kept, it
+    // would complete scrapers' handshakes that nobody answers.
+    drop(handed_metrics);
     // Kept to hand over to a later `--takeover`.
     let metrics_socket: Option<(std::net::SocketAddr, std::net::TcpListener)> =
         match &metrics_listener {
@@ -349,6 +352,12 @@ fn preflight(cfg: &Config) -> Result<(), RunError> {
         Some(name) => Err(RunError::Interface(name.clone())),
         None => Ok(()),
     }
+}
+
+/// Each L7 VIP's mode (http or tcp): its listeners are bound for one, so a change needs a
+/// restart.
+fn l7_modes(cfg: &Config) -> Vec<(&str, crate::config::L7Mode)> {
+    cfg.vips.iter().filter_map(|v| Some((v.name.as_str(), v.l7.as_ref()?.mode))).collect()
 }
 
 /// Raises the soft limit on open files to the hard one: every L7 connection holds two
@@ -670,9 +679,10 @@ impl Controller {
             || n.l7_threads != old.l7_threads
             || new.metrics != self.cfg.metrics
             || crate::proxy::l7_listeners(&new) != crate::proxy::l7_listeners(&self.cfg)
+            || l7_modes(&new) != l7_modes(&self.cfg)
         {
             return Response::err(
-                "reload rejected, running config kept: node.interfaces, xdp_mode, pin_dir, admin_socket, conntrack_flows_per_cpu, l7_threads, metrics and the set of L7 VIPs need a restart (`edgelb run --takeover` restarts without refusing a connection)",
+                "reload rejected, running config kept: node.interfaces, xdp_mode, pin_dir, admin_socket, conntrack_flows_per_cpu, l7_threads, metrics and the set of L7 VIPs (and their http or tcp mode) need a restart (`edgelb run --takeover` restarts without refusing a connection)",
             );
         }
         let old = std::mem::replace(&mut self.cfg, new);
