@@ -925,6 +925,9 @@ fn takeover_replaces_a_running_edgelb_without_refusing_a_connection() {
     let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
     bed.wait_for(l7);
     let scraped = scrape(&bed);
+    // A backend drained for maintenance stays drained through the upgrade.
+    let out = bed.e().cli(&["drain", "198.18.0.13", "--vip", "echo"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // New connections all along to the L7 VIP (edgelb's own listeners, no service manager) and
     // to the XDP VIP, while a second edgelb takes over from the first.
     let l7_load = bed.load_to(l7, Duration::from_secs(15), Duration::from_secs(30));
@@ -956,6 +959,12 @@ fn takeover_replaces_a_running_edgelb_without_refusing_a_connection() {
     // checks run (a dead backend leaves) and the admin socket is its own.
     assert!(scrape(&bed).contains("edgelb_vip_packets_total"), "{scraped}");
     assert_ne!(bed.e().child.as_ref().unwrap().id(), old_pid);
+    let status = bed.e().status();
+    let echo = status.vips.iter().find(|v| v.name == "echo").unwrap();
+    let b3 = echo.backends.iter().find(|b| b.address.to_string() == "198.18.0.13").unwrap();
+    assert!(b3.drained && b3.ring_share == 0.0, "the drain was kept: {b3:?}");
+    let web = status.vips.iter().find(|v| v.name == "web").unwrap();
+    assert!(web.backends.iter().all(|b| !b.drained), "a drain of one VIP only");
     sees_backend_2_die(&mut bed, "the new controller");
 }
 

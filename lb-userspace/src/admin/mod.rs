@@ -124,17 +124,36 @@ pub struct Response {
     /// For `handover`: the attached sockets, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sockets: Vec<HandedSocket>,
+    /// For `handover`: the runtime drains (`edgelb drain`), which outlive the process that
+    /// took them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drains: Vec<Drain>,
+}
+
+/// A runtime drain: a backend drained in one VIP, or in every VIP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    /// The backend's address.
+    pub backend: IpAddr,
+    /// The VIP, or none for every VIP.
+    pub vip: Option<String>,
 }
 
 impl Response {
     /// A success.
     pub fn ok(message: impl Into<String>) -> Response {
-        Response { ok: true, message: message.into(), status: None, sockets: Vec::new() }
+        Response {
+            ok: true,
+            message: message.into(),
+            status: None,
+            sockets: Vec::new(),
+            drains: Vec::new(),
+        }
     }
 
     /// A refusal.
     pub fn err(message: impl Into<String>) -> Response {
-        Response { ok: false, message: message.into(), status: None, sockets: Vec::new() }
+        Response { ok: false, ..Response::ok(message) }
     }
 }
 
@@ -312,6 +331,8 @@ pub type Pending = (Request, Sender<Answer>);
 pub struct Handover {
     /// Each socket with what it is for.
     pub sockets: Vec<(HandedSocket, OwnedFd)>,
+    /// The running edgelb's runtime drains, to keep.
+    pub drains: Vec<Drain>,
     /// The open handover connection.
     pub conn: UnixStream,
 }
@@ -350,7 +371,11 @@ pub fn handover(socket: &Path) -> Result<Option<Handover>, AdminError> {
         )));
     }
     s.set_read_timeout(None).map_err(|e| fail(e.to_string()))?;
-    Ok(Some(Handover { sockets: resp.sockets.into_iter().zip(fds).collect(), conn: s }))
+    Ok(Some(Handover {
+        sockets: resp.sockets.into_iter().zip(fds).collect(),
+        drains: resp.drains,
+        conn: s,
+    }))
 }
 
 /// Binds the socket, replacing a stale one, but refusing when another controller answers on it.

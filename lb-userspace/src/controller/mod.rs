@@ -159,6 +159,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     };
     let early = if takeover { Some(load()?) } else { None };
     let mut handed_metrics = None;
+    let mut drains = Vec::new();
     let mut handover = if takeover {
         match admin::handover(&cfg.node.admin_socket).map_err(RunError::Takeover)? {
             None => {
@@ -170,6 +171,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
                     sockets = h.sockets.len(),
                     "--takeover: the running edgelb handed over its listening sockets and stopped its controller"
                 );
+                drains = h.drains;
                 for (s, fd) in h.sockets {
                     match s.kind {
                         SocketKind::L7 => inherited.adopt(fd)?,
@@ -272,6 +274,15 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         verdicts: Verdicts::default(),
         metrics_socket,
     };
+    // The previous edgelb's runtime drains stay: an upgrade must not put a backend taken out
+    // for maintenance back into service. (Health verdicts are not carried: the checks start
+    // again and find a dead backend within `fall` probes.)
+    if !drains.is_empty() {
+        info!(drains = drains.len(), "--takeover: keeping the running edgelb's drains");
+    }
+    for d in drains {
+        ctl.verdicts.drain(d.vip, d.backend);
+    }
     // Maps first, then attach: the first packet already sees the whole config.
     let report = ctl.apply()?;
     info!(?report, "maps in line with the config");
@@ -505,7 +516,11 @@ impl Controller {
             fds.push(std::os::fd::OwnedFd::from(sock));
         }
         Ok(Answer {
-            response: Response { sockets, ..Response::ok("handing over") },
+            response: Response {
+                sockets,
+                drains: self.verdicts.drains(),
+                ..Response::ok("handing over")
+            },
             fds,
             done: None,
         })

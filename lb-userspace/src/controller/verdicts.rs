@@ -66,6 +66,17 @@ impl Verdicts {
         self.down.retain(|(v, a)| Self::checked(cfg, v, *a));
     }
 
+    /// The runtime drains, for a process taking over.
+    pub(super) fn drains(&self) -> Vec<crate::admin::Drain> {
+        let mut d: Vec<_> = self
+            .drained
+            .iter()
+            .map(|(vip, backend)| crate::admin::Drain { backend: *backend, vip: vip.clone() })
+            .collect();
+        d.sort_by(|a, b| (&a.vip, a.backend).cmp(&(&b.vip, b.backend)));
+        d
+    }
+
     /// Drains `backend` in `vip`, or in every VIP.
     pub(super) fn drain(&mut self, vip: Option<String>, backend: IpAddr) {
         self.drained.insert((vip, backend));
