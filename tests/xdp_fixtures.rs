@@ -11,9 +11,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use aya::programs::{TestRun, TestRunOptions};
 use common::{FIXTURE_CONFIG, packet::*};
 use edgelb::{
-    config::{Config, Vip},
+    config::{Config, Vip, XdpAttachMode},
     dataplane::{Dataplane, TableShape, conn_hash, flow_hash, route, vip_ring},
-    testbed::netns::require_privileged,
+    testbed::netns::{self, require_privileged},
 };
 use lb_common::stats::{REASON_COUNT, REASON_NAMES, Reason};
 
@@ -1259,6 +1259,71 @@ fn a_process_loaded_beside_a_running_one_reads_the_maps_again() {
         let to = outer_dst(&out).to_string();
         assert!(to == "198.18.0.12" || to == "198.18.0.13", "client {client} sent to {to}");
     }
+}
+
+/// Pinned XDP links across restarts: an interface taken out of the config loses the program
+/// (no program left running on maps nobody keeps), and an interface deleted and made again,
+/// whose pinned link then holds no device, is attached afresh instead of failing every start.
+#[test]
+fn pinned_links_follow_the_interfaces() {
+    if !require_privileged("pinned_links_follow_the_interfaces") {
+        return;
+    }
+    let ns = format!("elpl{}", std::process::id() % 100_000);
+    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/edgelb-links-{}", std::process::id()));
+    struct Cleanup(String, std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = Dataplane::teardown(&self.1);
+            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _cleanup = Cleanup(ns.clone(), dir.clone());
+    let ip = |args: &str| {
+        let ok = std::process::Command::new("ip")
+            .args(["-n", &ns])
+            .args(args.split(' '))
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip -n {ns} {args}");
+    };
+    assert!(
+        std::process::Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success()
+    );
+    ip("link add va type veth peer name vb");
+    ip("link set va up");
+    ip("link set vb up");
+    let has_xdp = |dev: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &ns, "-d", "link", "show", dev])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("xdp")
+    };
+    let cfg = Config::parse(&one_vip(&THREE), "x".as_ref()).unwrap();
+    let start = |interfaces: &[&str]| {
+        netns::in_netns(&ns, || {
+            let mut dp = Dataplane::load(Some(&dir)).expect("loads");
+            dp.apply(&cfg).unwrap();
+            let modes: Vec<&str> = interfaces
+                .iter()
+                .map(|i| dp.attach(i, XdpAttachMode::Generic).expect("attaches"))
+                .collect();
+            (modes, dp.remove_unused_links().unwrap())
+        })
+        .unwrap()
+    };
+    assert_eq!(start(&["va", "vb"]), (vec!["generic", "generic"], vec![]));
+    assert!(has_xdp("va") && has_xdp("vb"));
+    // A restart without vb: va's link is taken over, vb's removed with its program.
+    assert_eq!(start(&["va"]), (vec!["adopted"], vec!["vb".to_owned()]));
+    assert!(has_xdp("va") && !has_xdp("vb"), "the program left vb");
+    // va deleted and made again: its pinned link holds no device any more.
+    ip("link del va");
+    ip("link add va type veth peer name vc");
+    ip("link set va up");
+    assert_eq!(start(&["va"]), (vec!["generic"], vec![]), "attached afresh");
+    assert!(has_xdp("va"));
 }
 
 #[test]

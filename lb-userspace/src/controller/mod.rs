@@ -290,6 +290,11 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         let mode = ctl.dp.attach(&iface, ctl.cfg.node.xdp_mode)?;
         info!(interface = %iface, mode, "XDP balancer attached");
     }
+    // An interface the previous process balanced on that this config no longer lists: its
+    // link goes (and the program with it), rather than run on with maps nobody keeps.
+    for iface in ctl.dp.remove_unused_links()? {
+        info!(interface = %iface, "not in node.interfaces any more: XDP detached");
+    }
     drop_capabilities();
 
     // Unprivileged from here on, helper threads included.

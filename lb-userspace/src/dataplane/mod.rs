@@ -32,7 +32,7 @@ use lb_common::{
     AF_INET, AF_INET6, AddrKey, Backend, Counters, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE,
     MAX_VIPS, VipKey, VipMeta, backend_flags, programs, vip_flags,
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     config::{
@@ -578,11 +578,29 @@ impl Dataplane {
         let pins = self.pins.clone();
         let prog = program(&mut self.ebpf, programs::BALANCER)?;
         let used = match pins.as_deref().map(|d| link_pin(d, interface)) {
-            Some(pin) if pin.exists() => {
-                replace_program(prog, &pin, interface)?;
-                info!(interface, "took over the pinned XDP link (program replaced atomically)");
-                "adopted"
-            }
+            Some(pin) if pin.exists() => match replace_program(prog, &pin, interface) {
+                Ok(()) => {
+                    info!(interface, "took over the pinned XDP link (program replaced atomically)");
+                    "adopted"
+                }
+                // The link outlived its interface (deleted and made again, a driver reload): it
+                // holds no device, so nothing runs through it. Its pin goes and the program is
+                // attached afresh, rather than every start failing until someone removes it.
+                Err(e) if lost_its_device(&e) => {
+                    warn!(
+                        interface,
+                        "the pinned XDP link's interface is gone (recreated?): attaching afresh"
+                    );
+                    std::fs::remove_file(&pin).map_err(|e| DataplaneError::Pin {
+                        path: pin.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    let (used, id) = attach_xdp(prog, interface, mode)?;
+                    pin_link(prog, id, &pin)?;
+                    used
+                }
+                Err(e) => return Err(e),
+            },
             pin => {
                 let (used, id) = attach_xdp(prog, interface, mode)?;
                 if let Some(pin) = pin {
@@ -606,11 +624,31 @@ impl Dataplane {
     pub fn reclaim(&mut self) -> Result<(), DataplaneError> {
         let Some(dir) = self.pins.clone() else { return Ok(()) };
         let prog = program(&mut self.ebpf, programs::BALANCER)?;
+        // Every interface it can, the others named: one link that cannot be reclaimed (its
+        // interface gone, its pin removed by the failed process) must not leave the rest with
+        // that process's program.
+        let mut first_error = None;
         for (interface, _) in &self.attached {
-            replace_program(prog, &link_pin(&dir, interface), interface)?;
+            if let Err(e) = replace_program(prog, &link_pin(&dir, interface), interface) {
+                error!(interface, error = %e, "could not put this edgelb's program back");
+                first_error.get_or_insert(e);
+            }
         }
+        for interface in self.remove_unused_links()? {
+            warn!(interface, "removed the XDP link a failed takeover left");
+        }
+        self.adopt()?;
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Removes the pinned XDP links of interfaces this process is not attached to (which
+    /// detaches the program from them): interfaces taken out of `node.interfaces` since the
+    /// previous process, or added by a takeover that failed. Returns their names.
+    pub fn remove_unused_links(&mut self) -> Result<Vec<String>, DataplaneError> {
+        let Some(dir) = self.pins.clone() else { return Ok(Vec::new()) };
         let entries = std::fs::read_dir(&dir)
             .map_err(|e| DataplaneError::Pin { path: dir.clone(), reason: e.to_string() })?;
+        let mut removed = Vec::new();
         for path in entries.flatten().map(|e| e.path()) {
             let name =
                 path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -620,10 +658,10 @@ impl Dataplane {
                     path: path.clone(),
                     reason: e.to_string(),
                 })?;
-                warn!(interface, "removed the XDP link a failed takeover left");
+                removed.push(interface.to_owned());
             }
         }
-        self.adopt()
+        Ok(removed)
     }
 
     /// Removes everything edgelb pinned in `dir`: XDP links (which detaches the programs) and
@@ -949,6 +987,18 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Da
 
 /// Puts `prog` on the XDP link pinned at `pin` (for `interface`), replacing the program there
 /// atomically.
+/// Did replacing a pinned link's program fail because the link no longer has a device
+/// (ENOLINK: its interface was deleted)?
+fn lost_its_device(e: &DataplaneError) -> bool {
+    matches!(
+        e,
+        DataplaneError::Attach {
+            source: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. }),
+            ..
+        } if io_error.raw_os_error() == Some(libc::ENOLINK)
+    )
+}
+
 fn replace_program(prog: &mut Xdp, pin: &Path, interface: &str) -> Result<(), DataplaneError> {
     let pin_err = |reason: String| DataplaneError::Pin { path: pin.to_owned(), reason };
     let pinned = PinnedLink::from_pin(pin).map_err(|e| pin_err(e.to_string()))?;
