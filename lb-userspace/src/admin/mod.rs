@@ -401,15 +401,42 @@ pub fn bind(socket: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// The admin thread, and its listener to stop it by: once the socket's path belongs to another
+/// process (a takeover), this one must not keep a thread waiting on a socket nobody can reach.
+pub struct Serving {
+    listener: UnixListener,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Serving {
+    /// Makes the thread end once it has answered the connection it is on, if any (the listener
+    /// is shut down, which fails its next accept).
+    pub fn stop(&self) {
+        let _ = socket2::SockRef::from(&self.listener).shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Has the thread ended?
+    pub fn stopped(&self) -> bool {
+        self.thread.is_finished()
+    }
+}
+
 /// Forwards requests arriving on `listener` to `to_controller`, from a background thread.
-pub fn serve(listener: UnixListener, to_controller: Sender<Pending>) -> std::io::Result<()> {
-    std::thread::Builder::new().name("admin".into()).spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { continue };
-            let _ = handle(conn, &to_controller);
+pub fn serve(listener: UnixListener, to_controller: Sender<Pending>) -> std::io::Result<Serving> {
+    let own = listener.try_clone()?;
+    let thread = std::thread::Builder::new().name("admin".into()).spawn(move || {
+        for conn in own.incoming() {
+            match conn {
+                Ok(conn) => {
+                    let _ = handle(conn, &to_controller);
+                }
+                // Shut down by `Serving::stop`.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => return,
+                Err(_) => continue,
+            }
         }
     })?;
-    Ok(())
+    Ok(Serving { listener, thread })
 }
 
 fn handle(conn: UnixStream, to_controller: &Sender<Pending>) -> std::io::Result<()> {
@@ -484,3 +511,32 @@ pub fn commit(conn: &mut UnixStream) -> std::io::Result<()> {
 
 /// How long a handing-over edgelb waits for the new process to say it serves.
 pub const HANDOVER_WAIT: Duration = Duration::from_secs(60);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The admin thread answers until stopped, then ends (a takeover hands its path on; a
+    /// thread left waiting on the old socket would be one more for every takeover).
+    #[test]
+    fn the_admin_thread_serves_until_stopped() {
+        let dir = std::env::temp_dir().join(format!("edgelb-admin-{}", std::process::id()));
+        let path = dir.join("admin.sock");
+        let (tx, rx) = mpsc::channel::<Pending>();
+        std::thread::spawn(move || {
+            for (_, reply) in rx {
+                let _ = reply.send(Response::ok("here").into());
+            }
+        });
+        let serving = serve(bind(&path).unwrap(), tx).unwrap();
+        assert_eq!(request(&path, &Request::Status).unwrap().message, "here");
+        assert!(!serving.stopped());
+        serving.stop();
+        let start = std::time::Instant::now();
+        while !serving.stopped() {
+            assert!(start.elapsed() < Duration::from_secs(2), "the admin thread still runs");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -134,6 +134,8 @@ struct Controller {
     proxy: Option<crate::proxy::Proxy>,
     /// Health verdicts, drains and fail-open state.
     verdicts: Verdicts,
+    /// The admin socket's serving thread.
+    admin: Option<admin::Serving>,
     /// The metrics endpoint's listening socket, to hand over to `edgelb run --takeover`.
     metrics_socket: Option<(std::net::SocketAddr, std::net::TcpListener)>,
 }
@@ -272,6 +274,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         rates: Rates::default(),
         proxy: None,
         verdicts: Verdicts::default(),
+        admin: None,
         metrics_socket,
     };
     // The previous edgelb's runtime drains stay: an upgrade must not put a backend taken out
@@ -299,8 +302,10 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
 
     // Unprivileged from here on, helper threads included.
     let admin_path = ctl.cfg.node.admin_socket.clone();
-    admin::serve(admin_listener, admin_tx)
-        .map_err(|source| RunError::Admin { path: admin_path, source })?;
+    ctl.admin = Some(
+        admin::serve(admin_listener, admin_tx)
+            .map_err(|source| RunError::Admin { path: admin_path, source })?,
+    );
     if let Some((addr, l)) = metrics_listener {
         crate::metrics::serve(l, scrape_tx).map_err(|source| RunError::Metrics { addr, source })?;
         info!(%addr, "metrics on http://{addr}/metrics");
@@ -438,6 +443,11 @@ impl Controller {
         self.checker = Checker::new(health_tx);
         self.health_rx = health_rx;
         let _ = std::fs::remove_file(&self.cfg.node.admin_socket);
+        // Its path is the new process's now: the admin thread ends after this handover's
+        // connection (a take-back starts another).
+        if let Some(a) = self.admin.take() {
+            a.stop();
+        }
         let (done_tx, done_rx) = mpsc::channel();
         answer.done = Some(done_tx);
         let _ = reply.send(*answer);
@@ -498,7 +508,10 @@ impl Controller {
         let path = self.cfg.node.admin_socket.clone();
         let (tx, rx) = mpsc::channel();
         match admin::bind(&path).and_then(|l| admin::serve(l, tx)) {
-            Ok(()) => self.admin_rx = rx,
+            Ok(serving) => {
+                self.admin = Some(serving);
+                self.admin_rx = rx;
+            }
             Err(e) => {
                 error!(admin = %path.display(), error = %e, "taking the admin socket back failed; SIGTERM still stops this edgelb")
             }
