@@ -859,6 +859,12 @@ fn l7_vip_passes_xdp_to_the_proxy_which_follows_health() {
     for a in ask(&bed, 30) {
         assert_ne!(a.expect("no failure once the backend is out"), "backend-2");
     }
+    // An L7 VIP's backends are named address:port in the metrics, as the proxy's own are.
+    let now = scrape(&bed);
+    assert_eq!(metric(&now, "edgelb_backend_up", "vip=\"web7\",backend=\"198.18.0.12:80\""), 0.0);
+    assert_eq!(metric(&now, "edgelb_backend_up", "vip=\"web7\",backend=\"198.18.0.11:80\""), 1.0);
+    let to_down = "vip=\"web7\",backend=\"198.18.0.12:80\",to=\"down\"";
+    assert_eq!(metric(&now, "edgelb_backend_transitions_total", to_down), 1.0, "{now}");
 }
 
 #[test]

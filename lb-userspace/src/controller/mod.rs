@@ -31,7 +31,7 @@ use crate::{
     config::{Config, Forwarding},
     dataplane::{Dataplane, DataplaneError, TableShape, vip_ring},
     health::{Checker, HealthEvent},
-    metrics::{BackendSample, KernelSnapshot, Metrics, Scrape},
+    metrics::{BackendSample, KernelSnapshot, Metrics, Scrape, backend_label},
 };
 
 /// Why `run` stopped early.
@@ -643,15 +643,22 @@ impl Controller {
         if !Verdicts::checked(&self.cfg, &ev.vip, ev.backend) {
             return false; // a check that was just reconciled away
         }
+        let label = self
+            .cfg
+            .vips
+            .iter()
+            .find(|v| v.name == ev.vip)
+            .and_then(|v| v.backends.iter().find(|b| verdicts::id(b) == ev.backend).map(|b| (v, b)))
+            .map_or_else(|| ev.backend.ip().to_string(), |(v, b)| backend_label(v, b));
         if let Some(latency) = ev.latency {
-            self.metrics.observe_probe(&ev.vip, ev.backend.ip(), latency);
+            self.metrics.observe_probe(&ev.vip, label.clone(), latency);
         }
         // Every probe reports the checker's verdict, so a restarted check (which starts healthy)
         // also corrects the controller's view.
         if ev.healthy != self.verdicts.is_down(&ev.vip, ev.backend) {
             return false;
         }
-        self.metrics.transition(&ev.vip, ev.backend.ip(), ev.healthy);
+        self.metrics.transition(&ev.vip, label, ev.healthy);
         if ev.healthy {
             info!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend UP: back in the ring");
         } else {
@@ -750,11 +757,14 @@ impl Controller {
         for (vip, evip) in self.cfg.vips.iter().zip(&eff.vips) {
             snap.vips.push((vip.name.clone(), self.dp.vip_counters(vip).unwrap_or_default()));
             for b in &vip.backends {
-                let weight =
-                    evip.backends.iter().find(|e| e.address == b.address).map_or(0, |e| e.weight);
+                let weight = evip
+                    .backends
+                    .iter()
+                    .find(|e| verdicts::id(e) == verdicts::id(b))
+                    .map_or(0, |e| e.weight);
                 snap.backends.push(BackendSample {
                     vip: vip.name.clone(),
-                    backend: b.address.to_string(),
+                    backend: backend_label(vip, b),
                     counters: self.dp.backend_counters(vip, b.address).unwrap_or_default(),
                     up: !self.verdicts.is_down(&vip.name, verdicts::id(b)),
                     weight,
@@ -777,8 +787,10 @@ impl Controller {
             let ring = vip_ring(evip);
             let mut backends = Vec::new();
             for b in &vip.backends {
-                let share = match (&ring, evip.backends.iter().position(|e| e.address == b.address))
-                {
+                let share = match (
+                    &ring,
+                    evip.backends.iter().position(|e| verdicts::id(e) == verdicts::id(b)),
+                ) {
                     (Some(r), Some(i)) => {
                         r.iter().filter(|&&x| x as usize == i).count() as f64 / r.len() as f64
                     }

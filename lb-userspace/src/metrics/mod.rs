@@ -8,7 +8,7 @@
 
 use std::{
     fmt,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::{
         Arc, Mutex,
         mpsc::{self, Sender},
@@ -202,19 +202,19 @@ impl Metrics {
         Metrics { registry, kernel, health_latency, transitions, l7 }
     }
 
-    /// Records a successful probe's latency.
-    pub fn observe_probe(&self, vip: &str, backend: IpAddr, latency: Duration) {
+    /// Records a successful probe's latency (`backend` as [`backend_label`] writes it).
+    pub fn observe_probe(&self, vip: &str, backend: String, latency: Duration) {
         self.health_latency
-            .get_or_create(&BackendLabels { vip: vip.to_owned(), backend: backend.to_string() })
+            .get_or_create(&BackendLabels { vip: vip.to_owned(), backend })
             .observe(latency.as_secs_f64());
     }
 
-    /// Counts a health transition.
-    pub fn transition(&self, vip: &str, backend: IpAddr, up: bool) {
+    /// Counts a health transition (`backend` as [`backend_label`] writes it).
+    pub fn transition(&self, vip: &str, backend: String, up: bool) {
         self.transitions
             .get_or_create(&TransitionLabels {
                 vip: vip.to_owned(),
-                backend: backend.to_string(),
+                backend,
                 to: if up { "up" } else { "down" }.to_owned(),
             })
             .inc();
@@ -226,6 +226,16 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// A backend's `backend` label: its address, or for an L7 VIP (whose backends may share an
+/// address on several ports) address:port, as the proxy's own metrics name it.
+pub fn backend_label(vip: &crate::config::Vip, b: &crate::config::Backend) -> String {
+    if vip.l7.is_some() {
+        SocketAddr::new(b.address, b.port).to_string()
+    } else {
+        b.address.to_string()
     }
 }
 
