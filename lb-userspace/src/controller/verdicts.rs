@@ -121,7 +121,7 @@ impl Verdicts {
                     .map(|last| {
                         vip.backends
                             .iter()
-                            .filter(|b| last.iter().any(|l| l.address == b.address))
+                            .filter(|b| last.iter().any(|l| id(l) == id(b)))
                             .cloned()
                             .collect::<Vec<_>>()
                     })

@@ -267,11 +267,10 @@ pub fn serve_with(
     to_controller: Sender<Scrape>,
     client_timeout: Duration,
 ) -> std::io::Result<()> {
-    // Accepted connections inherit the listener's send and receive timeouts (Linux copies them
-    // at accept), so every read and write tiny_http makes on them is bounded.
-    let sock = socket2::SockRef::from(&listener);
-    sock.set_read_timeout(Some(client_timeout))?;
-    sock.set_write_timeout(Some(client_timeout))?;
+    // Accepted connections inherit the listener's send timeout (Linux copies it at accept), so
+    // every write tiny_http makes on them is bounded. (Not the receive timeout: accept itself
+    // obeys that one, and would fail on an endpoint idle that long.)
+    socket2::SockRef::from(&listener).set_write_timeout(Some(client_timeout))?;
     // Checked here, so that a listener the server cannot take fails the start.
     let first = tiny_http::Server::from_listener(listener.try_clone()?, None)
         .map_err(std::io::Error::other)?;
@@ -366,5 +365,34 @@ mod tests {
         assert!(got.len() > 16 << 20, "the whole exposition ({} bytes)", got.len());
         assert!(t.elapsed() < Duration::from_secs(5), "answered after {:?}", t.elapsed());
         drop(stuck);
+    }
+
+    /// An endpoint nobody scrapes for longer than the client timeout still answers, on a new
+    /// connection and on a kept-alive one.
+    #[test]
+    fn an_idle_endpoint_keeps_serving() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel::<Scrape>();
+        std::thread::spawn(move || {
+            for s in rx {
+                let _ = s.send("ok\n".into());
+            }
+        });
+        serve_with(l, tx, Duration::from_millis(300)).unwrap();
+        let mut kept = TcpStream::connect(addr).unwrap();
+        kept.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let ask = |s: &mut TcpStream| {
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+            let mut got = [0u8; 512];
+            let n = s.read(&mut got).unwrap_or(0);
+            String::from_utf8_lossy(&got[..n]).into_owned()
+        };
+        assert!(ask(&mut kept).starts_with("HTTP/1.1 200"));
+        std::thread::sleep(Duration::from_millis(1200));
+        let mut fresh = TcpStream::connect(addr).unwrap();
+        fresh.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        assert!(ask(&mut fresh).starts_with("HTTP/1.1 200"));
+        assert!(ask(&mut kept).starts_with("HTTP/1.1 200"));
     }
 }
