@@ -1427,6 +1427,27 @@ fn a_full_config_can_replace_a_vip() {
     assert_eq!(h.run(&to(80)).0, XDP_PASS, "the old VIP is gone");
     assert_eq!(h.run(&to(81)).0, XDP_TX, "its replacement forwards");
     assert_eq!(h.run(&to(1031)).0, XDP_TX, "the other VIPs are untouched");
+
+    // No room: one VIP removed (128 entries freed) and two pools swapped whole (256 new ones
+    // needed while the old still serve). Refused before anything is written: the VIP the file
+    // removes still forwards, and the running config is still whole in the maps.
+    let mut tight = full(81);
+    let last = tight.rfind("[[vip]]").unwrap();
+    tight.truncate(last);
+    for v in ["v1", "v2"] {
+        let at = tight.find(&format!("name = \"{v}\"")).unwrap();
+        let end = at + tight[at..].find("\n[[vip]]").unwrap();
+        let moved = tight[at..end]
+            .replace("\"198.18.8.", "\"198.18.20.")
+            .replace("\"198.18.9.", "\"198.18.21.");
+        tight.replace_range(at..end, &moved);
+    }
+    let refused = Config::parse(&tight, "x".as_ref()).expect("a valid file");
+    let e = h.dp.apply(&refused).expect_err("no room");
+    assert!(e.to_string().contains("4096 backend entries"), "{e}");
+    assert_eq!(h.run(&to(1031)).0, XDP_TX, "the VIP the refused file removes still forwards");
+    let report = h.dp.apply(&h.cfg).unwrap();
+    assert_eq!(report, Default::default(), "nothing of the refused file was written");
 }
 
 /// Where a frame's IP packet starts and its ethertype (one VLAN tag is skipped).

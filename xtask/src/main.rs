@@ -106,8 +106,9 @@ fn real_main() -> Result<()> {
             require_root("testbed down")?;
             // An edgelb a killed `run` left behind (or its data plane): its own admin socket
             // and pin dir (see `run_config`), so nothing else on the machine is touched.
+            // The file is written afresh first: one an older `run` left has the default socket.
             let (config, bin) = (testbed_config(), workspace_root().join("target/debug/edgelb"));
-            if config.exists() && bin.exists() {
+            if config.exists() && bin.exists() && std::fs::write(&config, run_config()).is_ok() {
                 let _ = Command::new(&bin).arg("stop").arg("--config").arg(&config).status();
             }
             Testbed::down(PREFIX);

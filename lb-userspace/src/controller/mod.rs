@@ -722,7 +722,7 @@ impl Controller {
             || l7_modes(&new) != l7_modes(&self.cfg)
         {
             return Response::err(
-                "reload rejected, running config kept: node.interfaces, xdp_mode, pin_dir, admin_socket, conntrack_flows_per_cpu, l7_threads, metrics and the set of L7 VIPs (and their http or tcp mode) need a restart (`edgelb run --takeover` restarts without refusing a connection)",
+                "reload rejected, running config kept: node.interfaces, xdp_mode, pin_dir, admin_socket, conntrack_flows_per_cpu, l7_threads, metrics and the set of L7 VIPs (and their http or tcp mode) need a restart (`edgelb run --takeover` restarts without refusing a connection; a new xdp_mode takes `edgelb stop`, which detaches, then a start)",
             );
         }
         let old = std::mem::replace(&mut self.cfg, new);

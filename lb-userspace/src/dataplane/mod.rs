@@ -690,10 +690,12 @@ impl Dataplane {
         let mut report = ApplyReport::default();
         let live_keys: Vec<VipKey> = cfg.vips.iter().map(vip_key).collect();
 
-        // 0. Removed VIPs: their entries go first, then their backend entries (only their own
-        // rings named those), so their indices and ids are free for what replaces them.
         let gone: Vec<VipKey> =
             self.vips.keys().filter(|k| !live_keys.contains(k)).copied().collect();
+        self.check_room(cfg, &live_keys, &gone)?;
+
+        // 0. Removed VIPs: their entries go first, then their backend entries (only their own
+        // rings named those), so their indices and ids are free for what replaces them.
         for key in &gone {
             self.maps.remove_vip(key)?;
             self.vips.remove(key);
@@ -864,6 +866,37 @@ impl Dataplane {
         // 6. Retire backend entries no VIP lists: their flows re-hash on their next packet.
         self.retire_backends(|k| !wanted.contains_key(k), &mut report)?;
         Ok(report)
+    }
+
+    /// Refuses, before anything is written, a config the maps have no room for: VIP indices and
+    /// backend entries it needs beyond those free now and those its removed VIPs free. (Entries
+    /// of backends leaving a live VIP are freed only after its new ring is published, so a pool
+    /// swapped whole needs room for both.)
+    fn check_room(
+        &self,
+        cfg: &Config,
+        live_keys: &[VipKey],
+        gone: &[VipKey],
+    ) -> Result<(), DataplaneError> {
+        let new_vips = live_keys.iter().filter(|k| !self.vips.contains_key(k)).count();
+        if self.vips.len() - gone.len() + new_vips > MAX_VIPS as usize {
+            return Err(DataplaneError::Capacity(format!("more than {MAX_VIPS} VIPs")));
+        }
+        let new_entries = cfg
+            .vips
+            .iter()
+            .filter(|v| v.forwarding != Forwarding::L7)
+            .flat_map(|v| v.backends.iter().map(move |b| (vip_key(v), b.address)))
+            .filter(|k| !self.backend_ids.contains_key(k))
+            .count();
+        let freed = self.backend_ids.keys().filter(|(k, _)| gone.contains(k)).count();
+        let free = self.backends.iter().filter(|b| b.is_none()).count();
+        if new_entries > free + freed {
+            return Err(DataplaneError::Capacity(format!(
+                "more than {MAX_BACKENDS} backend entries (a pool being replaced counts its old and new entries until its new ring is published)"
+            )));
+        }
+        Ok(())
     }
 
     /// Marks the backend entries `which` selects absent and frees their ids.
