@@ -330,20 +330,27 @@ mod tests {
 
     use super::*;
 
+    /// An endpoint served with `client_timeout` whose controller answers every scrape with
+    /// `body`; its address.
+    fn endpoint(body: &'static str, repeat: usize, client_timeout: Duration) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel::<Scrape>();
+        std::thread::spawn(move || {
+            for s in rx {
+                let _ = s.send(body.repeat(repeat));
+            }
+        });
+        serve_with(l, tx, client_timeout).unwrap();
+        addr
+    }
+
     /// A scraper that asks for a large exposition and stops reading holds the endpoint only
     /// until the client timeout; the next scrape is answered after it.
     #[test]
     fn a_scraper_that_stops_reading_does_not_hold_the_endpoint() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let (tx, rx) = mpsc::channel::<Scrape>();
-        // The controller's side: every scrape gets 16 MiB.
-        std::thread::spawn(move || {
-            for s in rx {
-                let _ = s.send("x".repeat(16 << 20));
-            }
-        });
-        serve_with(l, tx, Duration::from_millis(500)).unwrap();
+        // Every scrape gets 16 MiB.
+        let addr = endpoint("x", 16 << 20, Duration::from_millis(500));
         let stuck =
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         stuck.set_recv_buffer_size(4096).unwrap();
@@ -371,15 +378,7 @@ mod tests {
     /// connection and on a kept-alive one.
     #[test]
     fn an_idle_endpoint_keeps_serving() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let (tx, rx) = mpsc::channel::<Scrape>();
-        std::thread::spawn(move || {
-            for s in rx {
-                let _ = s.send("ok\n".into());
-            }
-        });
-        serve_with(l, tx, Duration::from_millis(300)).unwrap();
+        let addr = endpoint("ok\n", 1, Duration::from_millis(300));
         let mut kept = TcpStream::connect(addr).unwrap();
         kept.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         let ask = |s: &mut TcpStream| {
