@@ -24,8 +24,9 @@ enum State {
     DataCr,
     /// Expecting LF after chunk data.
     DataLf,
-    /// In the trailer section, at the start of a line (len 0) or inside one.
-    Trailer { line: u64 },
+    /// In the trailer section, at the start of a line (len 0) or inside one; `colon` once the
+    /// field name has ended.
+    Trailer { line: u64, colon: bool },
     /// Expecting LF after a trailer line's CR.
     TrailerLf { line: u64 },
     /// The message is complete.
@@ -113,7 +114,7 @@ impl Chunked {
                     _ => State::Ext { size },
                 },
                 State::SizeLf { size } => match (b, size) {
-                    (b'\n', 0) => State::Trailer { line: 0 },
+                    (b'\n', 0) => State::Trailer { line: 0, colon: false },
                     (b'\n', n) => State::Data { left: n },
                     _ => return Err(BadChunk),
                 },
@@ -125,18 +126,28 @@ impl Chunked {
                     b'\n' => State::Size { size: 0, digits: 0 },
                     _ => return Err(BadChunk),
                 },
-                State::Trailer { line } => match b {
-                    b'\r' => State::TrailerLf { line },
-                    b'\n' => return Err(BadChunk),
+                // Trailer fields are forwarded as they are, so each must be a well-formed
+                // `name: value` line (RFC 9112 7.1.2, 5): a line a laxer parser downstream could
+                // read as a request (no colon), a folded line, or a control byte (NUL, a bare
+                // CR or LF) is refused.
+                State::Trailer { line, colon } => match b {
                     _ if line >= MAX_TRAILER_LINE => return Err(BadChunk),
-                    _ => State::Trailer { line: line + 1 },
+                    b'\r' if line == 0 || colon => State::TrailerLf { line },
+                    b':' if line > 0 && !colon => State::Trailer { line: line + 1, colon: true },
+                    _ if !colon && super::http::is_tchar(b) => {
+                        State::Trailer { line: line + 1, colon }
+                    }
+                    b'\t' | b' ' | 0x21..=0x7e | 0x80..=0xff if colon => {
+                        State::Trailer { line: line + 1, colon }
+                    }
+                    _ => return Err(BadChunk),
                 },
                 State::TrailerLf { line } => match (b, line) {
                     (b'\n', 0) => {
                         self.state = State::Done;
                         return Ok(i + 1);
                     }
-                    (b'\n', _) => State::Trailer { line: 0 },
+                    (b'\n', _) => State::Trailer { line: 0, colon: false },
                     _ => return Err(BadChunk),
                 },
             };
@@ -157,6 +168,15 @@ mod tests {
         let n = c.feed(msg).unwrap();
         assert!(c.done());
         assert_eq!(&msg[n..], b"GET / HTTP/1.1");
+    }
+
+    #[test]
+    fn well_formed_trailers_pass() {
+        let msg = b"0\r\nX-T: 1\r\nChecksum:\tab c\xe9\r\nEmpty:\r\n\r\nnext";
+        let mut c = Chunked::default();
+        let n = c.feed(msg).unwrap();
+        assert!(c.done());
+        assert_eq!(&msg[n..], b"next");
     }
 
     #[test]
@@ -199,6 +219,13 @@ mod tests {
             b"6\tx=1\r\n",
             b"+6\r\n",
             b"6;a\x00b\r\n",
+            // Trailers that are not `name: value` lines: a request line, NUL, a folded line,
+            // no name, a bare CR.
+            b"0\r\nGET /x HTTP/1.1\r\n\r\n",
+            b"0\r\nX: a\x00b\r\n\r\n",
+            b"0\r\nX: a\r\n b\r\n\r\n",
+            b"0\r\n: a\r\n\r\n",
+            b"0\r\nX: a\rb\r\n\r\n",
         ] {
             assert_eq!(
                 Chunked::default().feed(bad),

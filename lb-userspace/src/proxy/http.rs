@@ -503,7 +503,7 @@ fn body_framing(head: &Head, request: bool) -> Result<Framing, ()> {
 }
 
 /// A token character (RFC 9110 5.6.2).
-fn is_tchar(b: u8) -> bool {
+pub(super) fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
