@@ -42,6 +42,17 @@ impl RingMember {
         };
         RingMember { id, weight }
     }
+
+    /// A member identified by its address and port: an L7 pool may list one address on several
+    /// ports, which must not share a permutation (the ring would then depend on their order).
+    /// The port is folded into the address's first two bytes (zero in an IPv4-mapped address).
+    pub fn from_socket_addr(addr: std::net::SocketAddr, weight: u32) -> Self {
+        let mut m = Self::from_addr(addr.ip(), weight);
+        let port = addr.port().to_be_bytes();
+        m.id[0] ^= port[0];
+        m.id[1] ^= port[1];
+        m
+    }
 }
 
 /// The Maglev builder.

@@ -151,6 +151,10 @@ fn rand() -> u64 {
     })
 }
 
+/// Smooth weighted round-robin states kept per thread (one per pool in use); more than twice
+/// as many drops the oldest.
+const SWRR_KEEP: usize = 1024;
+
 /// Ring size of `Hash` pools: prime, large enough for even shares of small pools.
 const L7_RING: u32 = 4093;
 
@@ -160,7 +164,7 @@ impl Pool {
         static IDS: AtomicU64 = AtomicU64::new(1);
         let ring_members: Vec<RingMember> = members
             .iter()
-            .map(|m| RingMember::from_addr(m.state.addr.ip(), m.weight.max(1)))
+            .map(|m| RingMember::from_socket_addr(m.state.addr, m.weight.max(1)))
             .collect();
         let ring = Maglev.build(&ring_members, L7_RING).unwrap_or_default();
         Pool {
@@ -258,8 +262,14 @@ impl Pool {
     fn smooth_weighted(&self, cand: &[usize]) -> usize {
         SWRR.with(|s| {
             let mut s = s.borrow_mut();
-            if s.len() > 64 {
-                s.clear();
+            // Every snapshot builds its pools anew, with new (larger) ids: the state of older
+            // pools is dropped, keeping the newest, so a config with many weighted pools (routes
+            // of many VIPs) keeps each one's rotation.
+            if s.len() > 2 * SWRR_KEEP {
+                let mut ids: Vec<u64> = s.keys().copied().collect();
+                ids.sort_unstable();
+                let cut = ids[ids.len() - SWRR_KEEP];
+                s.retain(|&id, _| id >= cut);
             }
             let cur = s.entry(self.id).or_insert_with(|| vec![0; self.members.len()]);
             let total: i64 = cand.iter().map(|&i| self.members[i].weight as i64).sum();
@@ -313,6 +323,42 @@ mod tests {
             })
             .collect();
         Pool::new(members, algorithm)
+    }
+
+    /// A hash pool's ring depends on its members, not their order, even when they share an
+    /// address on several ports.
+    #[test]
+    fn a_hash_ring_does_not_depend_on_member_order() {
+        let at = |ports: &[u16]| {
+            let members = ports
+                .iter()
+                .map(|&p| Member {
+                    state: Arc::new(BackendState::new(SocketAddr::new([10, 0, 0, 1].into(), p))),
+                    weight: 1,
+                    up: true,
+                })
+                .collect();
+            let pool = Pool::new(members, Algorithm::Hash);
+            let ring: Vec<u16> =
+                pool.ring.iter().map(|&i| pool.members[i as usize].state.addr.port()).collect();
+            ring
+        };
+        assert_eq!(at(&[8001, 8002, 8003]), at(&[8002, 8003, 8001]));
+    }
+
+    /// Many weighted pools in use on one thread (routes of many VIPs) each keep their own
+    /// rotation: equal weights alternate in every one of them.
+    #[test]
+    fn many_weighted_pools_each_keep_their_rotation() {
+        let pools: Vec<Pool> = (0..200).map(|_| pool(&[1, 1], Algorithm::Weighted)).collect();
+        let client = "198.18.4.1".parse().unwrap();
+        let mut picks = vec![[0u32; 2]; pools.len()];
+        for _ in 0..10 {
+            for (p, n) in pools.iter().zip(&mut picks) {
+                n[p.pick(client, &[], None).unwrap()] += 1;
+            }
+        }
+        assert!(picks.iter().all(|n| *n == [5, 5]), "{:?}", &picks[..5]);
     }
 
     #[test]
