@@ -65,6 +65,37 @@ fn check_on_missing_file_exits_2() {
     assert!(err.contains("/nonexistent/edgelb.toml: cannot read config"), "{err}");
 }
 
+/// An any-port VIP hashed on the 5-tuple places flows by their destination port too: `route`
+/// takes it from the VIP given as address:port, and asks for it otherwise.
+#[test]
+fn route_on_an_any_port_five_tuple_vip_uses_the_destination_port() {
+    let text = edgelb::config::EXAMPLE.to_owned()
+        + "\n[[vip]]\nname = \"any5\"\naddress = \"198.18.1.9\"\nhash = \"5tuple\"\nbackends = [{ address = \"198.18.0.11\", mac = \"02:ed:00:00:00:11\" }, { address = \"198.18.0.12\", mac = \"02:ed:00:00:00:12\" }, { address = \"198.18.0.13\", mac = \"02:ed:00:00:00:13\" }]\n";
+    let cfg = edgelb::config::Config::parse(&text, "x".as_ref()).unwrap();
+    let f = tempfile_path::write("any5.toml", &text);
+    let path = f.0.to_str().unwrap();
+    let (code, _, err) =
+        edgelb(&["route", "--config", path, "198.18.4.1", "any5", "--sport", "4000"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("address:port"), "{err}");
+    let mut differs = false;
+    for (client, port) in
+        [("198.18.4.1", 443u16), ("198.18.4.2", 8443), ("198.18.4.3", 25), ("198.18.4.4", 80)]
+    {
+        let spec = format!("198.18.1.9:{port}");
+        let (code, out, err) =
+            edgelb(&["route", "--config", path, client, &spec, "--sport", "4000"]);
+        assert_eq!(code, 0, "{err}");
+        let mut v = cfg.find_vip("any5").unwrap().clone();
+        let at_zero = edgelb::dataplane::route(&v, client.parse().unwrap(), 4000).unwrap().address;
+        v.port = port;
+        let want = edgelb::dataplane::route(&v, client.parse().unwrap(), 4000).unwrap().address;
+        assert_eq!(out.trim(), want.to_string());
+        differs |= want != at_zero;
+    }
+    assert!(differs, "the port changes some placement (else this test shows nothing)");
+}
+
 #[test]
 fn route_prints_the_backend_the_library_computes() {
     let f = example_file();

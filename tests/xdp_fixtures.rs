@@ -1119,6 +1119,28 @@ fn userspace_route_matches_the_kernel() {
         );
     }
     assert_eq!(seen.len(), 3);
+
+    // The same VIP serving any port: the destination port is part of the 5-tuple, and `route`
+    // predicts the kernel given the port (as `edgelb route` takes it from address:port).
+    let any = FIXTURE_CONFIG.replace(
+        "name = \"five\"\naddress = \"198.18.1.4\"\nport = 80\n",
+        "name = \"five\"\naddress = \"198.18.1.4\"\n",
+    );
+    assert_ne!(any, FIXTURE_CONFIG);
+    h.apply(&any);
+    for i in 0..200u32 {
+        let c = Ipv4Addr::from(u32::from(v4("198.18.8.0")) + i);
+        let (sport, dport) = (2000 + i as u16, 1000 + (i * 13) as u16);
+        let frame = tcp4(&c.to_string(), sport, "198.18.1.4", dport, SYN);
+        let (_, out) = h.run(&eth(LB_MAC, CLIENT_MAC, ETH_IP, &frame));
+        let mut v = h.vip("five");
+        v.port = dport;
+        assert_eq!(
+            outer_dst(&out),
+            route(&v, c.into(), sport).unwrap().address,
+            "{c}:{sport} to :{dport}"
+        );
+    }
 }
 
 #[test]

@@ -178,7 +178,21 @@ fn main() -> ExitCode {
                 eprintln!("edgelb: no VIP `{vip}` in {}", config.display());
                 return ExitCode::from(2);
             };
-            match edgelb::dataplane::route(v, client, sport) {
+            // An any-port VIP hashed on the 5-tuple places a flow by its destination port too:
+            // the one the VIP is given with.
+            let mut v = v.clone();
+            if v.port == 0 && v.hash == edgelb::config::HashMode::FiveTuple {
+                match vip.parse::<std::net::SocketAddr>() {
+                    Ok(sa) => v.port = sa.port(),
+                    Err(_) => {
+                        eprintln!(
+                            "edgelb: VIP {v} serves any port and hashes the 5-tuple: give it as address:port"
+                        );
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            match edgelb::dataplane::route(&v, client, sport) {
                 Some(b) => {
                     println!("{}", b.address);
                     ExitCode::SUCCESS
