@@ -14,10 +14,14 @@ use std::borrow::Cow;
 /// path from climbing above the root) and runs of slashes merged, as nginx's default
 /// `merge_slashes` does. The query is left as it is, and encoded slashes (`%2F`) stay encoded:
 /// they are data, not separators. `None` for a malformed escape (`%` not followed by two hex
-/// digits), which a request must not carry. Borrowed when the path is already normal, as
-/// nearly every request's is: the check is one pass over its bytes.
+/// digits), which a request must not carry, and for a path that common backends read as
+/// another one than its normal form says ([`ambiguous`]). Borrowed when the path is already
+/// normal, as nearly every request's is: the check is one pass over its bytes.
 pub fn normalize(target: &str) -> Option<Cow<'_, str>> {
     let (path, query) = target.split_at(target.find('?').unwrap_or(target.len()));
+    if path.contains(['\\', ';']) && ambiguous(path) {
+        return None;
+    }
     if !path.contains('%')
         && !path.contains("//")
         && !path.split('/').any(|s| s == "." || s == "..")
@@ -25,6 +29,9 @@ pub fn normalize(target: &str) -> Option<Cow<'_, str>> {
         return Some(Cow::Borrowed(target));
     }
     let decoded = unescape(path)?;
+    if ambiguous(&decoded) {
+        return None;
+    }
     let segments: Vec<&str> = decoded.split('/').skip(1).collect();
     let mut kept: Vec<&str> = Vec::with_capacity(segments.len());
     // Whether the path ends in a directory: a trailing slash, or a last `.` or `..` segment.
@@ -53,6 +60,17 @@ pub fn normalize(target: &str) -> Option<Cow<'_, str>> {
     }
     out.push_str(query);
     Some(Cow::Owned(out))
+}
+
+/// Does `path` hold what backends on other platforms read as separators or dot segments, though
+/// its normal form does not: a backslash (IIS and Windows-hosted servers take it for `/`), or a
+/// dot segment with parameters (`..;x`, which Tomcat, Jetty and Spring take for `..`)? Either
+/// would let a request walk around a path route; such requests get 400.
+fn ambiguous(path: &str) -> bool {
+    path.contains('\\')
+        || path
+            .split('/')
+            .any(|s| s.contains(';') && matches!(s.split(';').next(), Some(".") | Some("..")))
 }
 
 /// `path` with escapes of unreserved characters decoded and the others' hex digits upper-cased;
@@ -119,5 +137,14 @@ mod tests {
         for t in ["/%", "/%4", "/a%zz", "/%+1", "/%4g"] {
             assert_eq!(n(t), None, "{t}");
         }
+        // What other platforms read as separators or dot segments: refused.
+        for t in
+            ["/public\\..\\admin", "/a\\b", "/public/..;/admin", "/a/.;x/b", "/p/%2e%2e;/admin"]
+        {
+            assert_eq!(n(t), None, "{t}");
+        }
+        // Parameters elsewhere, and in the query, are fine.
+        assert_eq!(n("/a;v=1/b").as_deref(), Some("/a;v=1/b"));
+        assert_eq!(n("/a?x=..;\\").as_deref(), Some("/a?x=..;\\"));
     }
 }
