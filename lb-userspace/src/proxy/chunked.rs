@@ -161,22 +161,25 @@ impl Chunked {
 mod tests {
     use super::*;
 
-    #[test]
-    fn finds_the_end_and_leaves_the_rest() {
-        let msg = b"4\r\nWiki\r\n5 ;ext=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\nGET / HTTP/1.1";
+    /// Feeds `msg` whole: the body must end inside it, followed by `rest`.
+    fn ends_before(msg: &[u8], rest: &[u8]) {
         let mut c = Chunked::default();
         let n = c.feed(msg).unwrap();
         assert!(c.done());
-        assert_eq!(&msg[n..], b"GET / HTTP/1.1");
+        assert_eq!(&msg[n..], rest);
+    }
+
+    #[test]
+    fn finds_the_end_and_leaves_the_rest() {
+        ends_before(
+            b"4\r\nWiki\r\n5 ;ext=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\nGET / HTTP/1.1",
+            b"GET / HTTP/1.1",
+        );
     }
 
     #[test]
     fn well_formed_trailers_pass() {
-        let msg = b"0\r\nX-T: 1\r\nChecksum:\tab c\xe9\r\nEmpty:\r\n\r\nnext";
-        let mut c = Chunked::default();
-        let n = c.feed(msg).unwrap();
-        assert!(c.done());
-        assert_eq!(&msg[n..], b"next");
+        ends_before(b"0\r\nX-T: 1\r\nChecksum:\tab c\xe9\r\nEmpty:\r\n\r\nnext", b"next");
     }
 
     #[test]
