@@ -502,8 +502,8 @@ impl Controller {
     }
 
     /// After an abandoned handover: the admin socket again (a fresh listener and thread; the
-    /// old thread keeps waiting on the unlinked one, harmlessly) and the health checks. The
-    /// maps were not touched, so what this controller wrote is still what they hold.
+    /// old one was stopped when the path was handed on) and the health checks. The maps were
+    /// not touched, so what this controller wrote is still what they hold.
     fn take_back(&mut self) {
         let path = self.cfg.node.admin_socket.clone();
         let (tx, rx) = mpsc::channel();
@@ -640,16 +640,10 @@ impl Controller {
     }
 
     fn on_health(&mut self, ev: HealthEvent) -> bool {
-        if !Verdicts::checked(&self.cfg, &ev.vip, ev.backend) {
+        let Some((vip, backend)) = Verdicts::checked_backend(&self.cfg, &ev.vip, ev.backend) else {
             return false; // a check that was just reconciled away
-        }
-        let label = self
-            .cfg
-            .vips
-            .iter()
-            .find(|v| v.name == ev.vip)
-            .and_then(|v| v.backends.iter().find(|b| verdicts::id(b) == ev.backend).map(|b| (v, b)))
-            .map_or_else(|| ev.backend.ip().to_string(), |(v, b)| backend_label(v, b));
+        };
+        let label = backend_label(vip, backend);
         if let Some(latency) = ev.latency {
             self.metrics.observe_probe(&ev.vip, label.clone(), latency);
         }

@@ -10,7 +10,7 @@ use std::{
 
 use tracing::{error, warn};
 
-use crate::config::{Backend, Config};
+use crate::config::{Backend, Config, Vip};
 
 /// A backend's identity for health: its address and port (an L7 VIP may list one address on
 /// several ports; an XDP VIP's backends carry the VIP's port).
@@ -50,9 +50,17 @@ impl Verdicts {
     /// Does `cfg` still have the health check a verdict on (`vip`, `backend`) comes from? A
     /// check reconciled away may still report a probe that was in flight.
     pub(super) fn checked(cfg: &Config, vip: &str, backend: SocketAddr) -> bool {
-        cfg.vips.iter().any(|v| {
-            v.name == vip && v.health.is_some() && v.backends.iter().any(|b| id(b) == backend)
-        })
+        Self::checked_backend(cfg, vip, backend).is_some()
+    }
+
+    /// [`Verdicts::checked`], with the VIP and backend the check is on.
+    pub(super) fn checked_backend<'c>(
+        cfg: &'c Config,
+        vip: &str,
+        backend: SocketAddr,
+    ) -> Option<(&'c Vip, &'c Backend)> {
+        let v = cfg.vips.iter().find(|v| v.name == vip && v.health.is_some())?;
+        Some((v, v.backends.iter().find(|b| id(b) == backend)?))
     }
 
     /// Records a health verdict; true if it changed the backend's state.

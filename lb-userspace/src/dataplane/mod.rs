@@ -711,9 +711,8 @@ impl Dataplane {
                 Some(slot) => slot.index,
                 None => {
                     let used: BTreeSet<u32> = self.vips.values().map(|s| s.index).collect();
-                    let index = (0..MAX_VIPS).find(|i| !used.contains(i)).ok_or_else(|| {
-                        DataplaneError::Capacity(format!("more than {MAX_VIPS} VIPs"))
-                    })?;
+                    let index =
+                        (0..MAX_VIPS).find(|i| !used.contains(i)).ok_or_else(no_room_for_vips)?;
                     Maps::reset_counters(&mut self.maps.vip_stats, index)
                         .map_err(map_err(lb_common::maps::VIP_STATS))?;
                     self.vips.insert(
@@ -756,11 +755,11 @@ impl Dataplane {
             let id = match self.backend_ids.get(bk) {
                 Some(&id) => id,
                 None => {
-                    let id = self.backends.iter().position(Option::is_none).ok_or_else(|| {
-                        DataplaneError::Capacity(format!(
-                            "more than {MAX_BACKENDS} backend entries (a pool being replaced counts its old and new entries until its new ring is published)"
-                        ))
-                    })? as u32;
+                    let id = self
+                        .backends
+                        .iter()
+                        .position(Option::is_none)
+                        .ok_or_else(no_room_for_backends)? as u32;
                     self.generations[id as usize] = self.generations[id as usize].wrapping_add(1);
                     Maps::reset_counters(&mut self.maps.backend_stats, id)
                         .map_err(map_err(lb_common::maps::BACKEND_STATS))?;
@@ -880,7 +879,7 @@ impl Dataplane {
     ) -> Result<(), DataplaneError> {
         let new_vips = live_keys.iter().filter(|k| !self.vips.contains_key(k)).count();
         if self.vips.len() - gone.len() + new_vips > MAX_VIPS as usize {
-            return Err(DataplaneError::Capacity(format!("more than {MAX_VIPS} VIPs")));
+            return Err(no_room_for_vips());
         }
         let new_entries = cfg
             .vips
@@ -892,9 +891,7 @@ impl Dataplane {
         let freed = self.backend_ids.keys().filter(|(k, _)| gone.contains(k)).count();
         let free = self.backends.iter().filter(|b| b.is_none()).count();
         if new_entries > free + freed {
-            return Err(DataplaneError::Capacity(format!(
-                "more than {MAX_BACKENDS} backend entries (a pool being replaced counts its old and new entries until its new ring is published)"
-            )));
+            return Err(no_room_for_backends());
         }
         Ok(())
     }
@@ -1018,8 +1015,18 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Da
     prog.try_into().map_err(|source| DataplaneError::Program { name, source })
 }
 
-/// Puts `prog` on the XDP link pinned at `pin` (for `interface`), replacing the program there
-/// atomically.
+/// The maps hold no more VIPs.
+fn no_room_for_vips() -> DataplaneError {
+    DataplaneError::Capacity(format!("more than {MAX_VIPS} VIPs"))
+}
+
+/// The maps hold no more backend entries.
+fn no_room_for_backends() -> DataplaneError {
+    DataplaneError::Capacity(format!(
+        "more than {MAX_BACKENDS} backend entries (a pool being replaced counts its old and new entries until its new ring is published)"
+    ))
+}
+
 /// Did replacing a pinned link's program fail because the link no longer has a device
 /// (ENOLINK: its interface was deleted)?
 fn lost_its_device(e: &DataplaneError) -> bool {
@@ -1032,6 +1039,8 @@ fn lost_its_device(e: &DataplaneError) -> bool {
     )
 }
 
+/// Puts `prog` on the XDP link pinned at `pin` (for `interface`), replacing the program there
+/// atomically.
 fn replace_program(prog: &mut Xdp, pin: &Path, interface: &str) -> Result<(), DataplaneError> {
     let pin_err = |reason: String| DataplaneError::Pin { path: pin.to_owned(), reason };
     let pinned = PinnedLink::from_pin(pin).map_err(|e| pin_err(e.to_string()))?;
