@@ -50,7 +50,8 @@ enum Command {
         config: PathBuf,
         /// Client address.
         client: IpAddr,
-        /// VIP name, address, or address:port.
+        /// VIP name, address, or address:port (address:port for a VIP that serves any port and
+        /// hashes the 5-tuple: the destination port is part of the hash).
         vip: String,
         /// Client source port (only used by 5tuple VIPs).
         #[arg(long, default_value_t = 0)]
