@@ -16,7 +16,7 @@ use std::{
     os::{
         fd::{AsFd, OwnedFd},
         unix::{
-            fs::PermissionsExt,
+            fs::{FileTypeExt, PermissionsExt},
             net::{UnixListener, UnixStream},
         },
     },
@@ -381,10 +381,28 @@ pub fn handover(socket: &Path) -> Result<Option<Handover>, AdminError> {
 /// Binds the socket, replacing a stale one, but refusing when another controller answers on it.
 /// Binding is separate from serving so that the serving thread starts after edgelb has dropped
 /// its capabilities (they are per thread).
+///
+/// A missing directory is created root-only; one that exists keeps its mode (the socket itself
+/// is root-only), since it may be shared, like `/run` or `/tmp`. Only a socket is ever replaced:
+/// any other file at the path (a mistyped `admin_socket` naming the config, say) is refused.
 pub fn bind(socket: &Path) -> std::io::Result<UnixListener> {
-    if let Some(dir) = socket.parent() {
+    if let Some(dir) = socket.parent()
+        && !dir.exists()
+    {
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    match std::fs::symlink_metadata(socket) {
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket: edgelb replaces only a stale admin socket (check node.admin_socket)",
+                    socket.display()
+                ),
+            ));
+        }
+        _ => {}
     }
     if UnixStream::connect(socket).is_ok() {
         return Err(std::io::Error::new(
@@ -439,10 +457,48 @@ pub fn serve(listener: UnixListener, to_controller: Sender<Pending>) -> std::io:
     Ok(Serving { listener, thread })
 }
 
+/// How long an admin client has to send its request, and each write of the answer may wait for
+/// it to read. The admin thread answers one client at a time: a client that trickles its
+/// request or never reads a long answer must not hold every later command (a reload, a stop, a
+/// takeover) behind it.
+const CLIENT_WAIT: Duration = Duration::from_secs(5);
+
+/// A reader (and writer) that fails once `until` has passed, however the bytes trickle.
+struct Deadline<'a> {
+    conn: &'a UnixStream,
+    until: std::time::Instant,
+}
+
+impl std::io::Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.conn.set_read_timeout(Some(left))?;
+        (&mut &*self.conn).read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let left = self.until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.conn.set_write_timeout(Some(left))?;
+        (&mut &*self.conn).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn handle(conn: UnixStream, to_controller: &Sender<Pending>) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let until = std::time::Instant::now() + CLIENT_WAIT;
     let mut line = String::new();
-    BufReader::new(&conn).take(64 * 1024).read_line(&mut line)?;
+    BufReader::new(Deadline { conn: &conn, until }).take(64 * 1024).read_line(&mut line)?;
     let answer = match serde_json::from_str::<Request>(&line) {
         Err(e) => Response::err(format!("bad request: {e}")).into(),
         Ok(req) => {
@@ -457,7 +513,14 @@ fn handle(conn: UnixStream, to_controller: &Sender<Pending>) -> std::io::Result<
     let mut out = serde_json::to_string(&answer.response).map_err(std::io::Error::other)?;
     out.push('\n');
     let fds: Vec<_> = answer.fds.iter().map(|f| f.as_fd()).collect();
-    let sent = fdpass::send(&conn, out.as_bytes(), &fds);
+    // Sockets go only to a process taking over, which reads at once; any other answer has
+    // CLIENT_WAIT to be read.
+    let sent = if fds.is_empty() {
+        let until = std::time::Instant::now() + CLIENT_WAIT;
+        Deadline { conn: &conn, until }.write_all(out.as_bytes())
+    } else {
+        fdpass::send(&conn, out.as_bytes(), &fds)
+    };
     drop(answer.fds);
     if let Some(done) = answer.done {
         let end = if sent.is_ok() { follow_handover(&conn) } else { HandoverEnd::Abandoned };
@@ -537,6 +600,85 @@ mod tests {
             assert!(start.elapsed() < Duration::from_secs(2), "the admin thread still runs");
             std::thread::sleep(Duration::from_millis(10));
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A client that trickles its request, or sends one and never reads the (long) answer,
+    /// holds the admin thread for [`CLIENT_WAIT`] at most: the next command is answered.
+    #[test]
+    fn a_stuck_admin_client_does_not_hold_the_next_command() {
+        let dir = std::env::temp_dir().join(format!("edgelb-admin-stuck-{}", std::process::id()));
+        let path = dir.join("admin.sock");
+        let (tx, rx) = mpsc::channel::<Pending>();
+        std::thread::spawn(move || {
+            for (req, reply) in rx {
+                // A status answer far larger than the socket's buffer.
+                let long = matches!(req, Request::Reload);
+                let msg = if long { "x".repeat(8 << 20) } else { "here".to_owned() };
+                let _ = reply.send(Response::ok(msg).into());
+            }
+        });
+        let _serving = serve(bind(&path).unwrap(), tx).unwrap();
+        let bound = CLIENT_WAIT + Duration::from_secs(3);
+
+        // A request trickled a byte a second, without end.
+        let trickler = UnixStream::connect(&path).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let drip = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if (&trickler).write_all(b" ").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let start = std::time::Instant::now();
+        assert_eq!(request(&path, &Request::Status).unwrap().message, "here");
+        assert!(start.elapsed() < bound, "held {:?} by a trickling client", start.elapsed());
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        drip.join().unwrap();
+
+        // A request whose long answer is never read.
+        let mut sleeper = UnixStream::connect(&path).unwrap();
+        let mut line = serde_json::to_string(&Request::Reload).unwrap();
+        line.push('\n');
+        sleeper.write_all(line.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let start = std::time::Instant::now();
+        assert_eq!(request(&path, &Request::Status).unwrap().message, "here");
+        assert!(start.elapsed() < bound, "held {:?} by a client not reading", start.elapsed());
+        drop(sleeper);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Only a stale socket is replaced: a mistyped `admin_socket` naming another file leaves it
+    /// alone, and an existing directory keeps its mode (it may be `/run` or `/tmp`).
+    #[test]
+    fn bind_replaces_only_a_socket_and_leaves_an_existing_directory_as_it_is() {
+        let dir = std::env::temp_dir().join(format!("edgelb-admin-bind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let file = dir.join("edgelb.toml");
+        std::fs::write(&file, "[node]\n").unwrap();
+        let e = bind(&file).expect_err("a regular file is not replaced");
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "[node]\n");
+        // A stale socket (no one answers) is replaced; the directory keeps its mode.
+        let path = dir.join("admin.sock");
+        drop(bind(&path).unwrap());
+        let listener = bind(&path).expect("a stale socket is replaced");
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755, "an existing directory keeps its mode");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the socket is root-only");
+        drop(listener);
+        // A directory that is not there is made root-only.
+        let fresh = dir.join("fresh").join("admin.sock");
+        drop(bind(&fresh).unwrap());
+        let mode = std::fs::metadata(dir.join("fresh")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
