@@ -1173,6 +1173,70 @@ fn counters_follow_forwarded_traffic() {
     assert_eq!(bc.packets - before.packets, 10);
 }
 
+/// A pin directory removed when dropped (teardown, whatever it leaves).
+struct PinDir(std::path::PathBuf);
+
+impl PinDir {
+    fn new(what: &str) -> PinDir {
+        PinDir(format!("/sys/fs/bpf/edgelb-fixture-{what}-{}", std::process::id()).into())
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = Dataplane::teardown(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A config may remove every VIP (a node put into maintenance) while the connection tables
+/// still name their backend ids. A restart then adopts maps without a VIP: it must still learn
+/// the ids' generations, or the next config hands an id out under the generation its old
+/// entries carry, and they send flows to whatever backend now holds it.
+#[test]
+fn backend_generations_survive_a_restart_with_no_vip() {
+    if !require_privileged("backend_generations_survive_a_restart_with_no_vip") {
+        return;
+    }
+    let dir = PinDir::new("gen");
+    let cfg = Config::parse(&one_vip(&[("198.18.0.11", 1)]), "x".as_ref()).unwrap();
+    let empty = Config::parse("[node]\ninterfaces = [\"lo\"]\n", "x".as_ref()).unwrap();
+    let generation = |dp: &Dataplane| dp.maps().backends.get(&0, 0).unwrap().generation;
+    let mut dp = Dataplane::load(Some(&dir.0)).unwrap();
+    dp.apply(&cfg).unwrap();
+    let first = generation(&dp);
+    dp.apply(&empty).unwrap();
+    drop(dp);
+    let mut dp = Dataplane::load(Some(&dir.0)).unwrap();
+    dp.apply(&cfg).unwrap();
+    assert_ne!(generation(&dp), first, "id 0 handed out again under its old generation");
+}
+
+/// `node.pin_dir` may name a directory other tools use too: `edgelb stop` removes what edgelb
+/// pinned there and nothing else.
+#[test]
+fn teardown_removes_only_what_edgelb_pinned() {
+    if !require_privileged("teardown_removes_only_what_edgelb_pinned") {
+        return;
+    }
+    let dir = PinDir::new("shared");
+    let cfg = Config::parse(&one_vip(&[("198.18.0.11", 1)]), "x".as_ref()).unwrap();
+    let mut dp = Dataplane::load(Some(&dir.0)).unwrap();
+    dp.apply(&cfg).unwrap();
+    drop(dp);
+    let foreign = dir.0.join("another-tool");
+    std::fs::create_dir(&foreign).unwrap();
+    let left = Dataplane::teardown(&dir.0).expect("teardown");
+    assert_eq!(left, vec![foreign.clone()]);
+    assert!(foreign.is_dir(), "another tool's pins stay");
+    let mut rest: Vec<_> = std::fs::read_dir(&dir.0).unwrap().flatten().map(|e| e.path()).collect();
+    rest.sort();
+    assert_eq!(rest, vec![foreign.clone()], "every edgelb pin removed");
+    std::fs::remove_dir(&foreign).unwrap();
+    assert_eq!(Dataplane::teardown(&dir.0).unwrap(), Vec::<std::path::PathBuf>::new());
+    assert!(!dir.0.exists(), "an empty directory goes");
+}
+
 #[test]
 fn pinned_maps_with_another_layout_are_replaced_not_reused() {
     if !require_privileged("pinned_maps_with_another_layout_are_replaced_not_reused") {

@@ -284,11 +284,14 @@ fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
                 }
             };
             match Dataplane::teardown(&cfg.node.pin_dir) {
-                Ok(()) => {
+                Ok(others) => {
                     println!(
                         "no controller running; data plane under {} removed",
                         cfg.node.pin_dir.display()
                     );
+                    if !others.is_empty() {
+                        println!("{}", left_alone(&others));
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -381,4 +384,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// What `stop` says of files in the pin directory that edgelb did not pin and so left there.
+fn left_alone(others: &[std::path::PathBuf]) -> String {
+    let names: Vec<String> = others.iter().map(|p| p.display().to_string()).collect();
+    format!("left in place, not edgelb's: {}", names.join(", "))
 }

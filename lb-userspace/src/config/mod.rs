@@ -548,8 +548,13 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
         },
         pin_dir: match &n.pin_dir {
             None => PathBuf::from(DEFAULT_PIN_DIR),
-            Some(p) if p.get_ref().starts_with("/sys/fs/bpf/") => PathBuf::from(p.get_ref()),
-            Some(p) => return bad(p.span(), "pin_dir must be a directory under /sys/fs/bpf/"),
+            Some(p) if below_bpffs(p.get_ref()) => PathBuf::from(p.get_ref()),
+            Some(p) => {
+                return bad(
+                    p.span(),
+                    "pin_dir must be a directory under /sys/fs/bpf/, named without `.` or `..` (e.g. /sys/fs/bpf/edgelb)",
+                );
+            }
         },
         admin_socket: match &n.admin_socket {
             None => PathBuf::from(DEFAULT_ADMIN_SOCKET),
@@ -1054,6 +1059,15 @@ fn health_check(
         timeout: Duration::from_millis(timeout),
         rise: count(&h.rise, 2, "rise")?,
         fall: count(&h.fall, 3, "fall")?,
+    })
+}
+
+/// Is `path` a directory strictly below the bpffs mount, by plain names (`edgelb stop` removes
+/// what edgelb pinned there: `..` could lead it out)?
+fn below_bpffs(path: &str) -> bool {
+    path.strip_prefix("/sys/fs/bpf/").is_some_and(|rest| {
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        !rest.is_empty() && rest.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
     })
 }
 

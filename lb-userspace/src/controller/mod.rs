@@ -349,8 +349,11 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
             Ok(())
         }
         Exit::Teardown => match Dataplane::teardown(&pin_dir) {
-            Ok(()) => {
+            Ok(others) => {
                 info!("data plane removed: XDP detached, pins deleted");
+                for path in others {
+                    warn!(path = %path.display(), "left in the pin directory: not edgelb's");
+                }
                 Ok(())
             }
             Err(e) => Err(DataplaneError::Pin { path: pin_dir, reason: format!("teardown: {e}") }),

@@ -502,6 +502,16 @@ impl Dataplane {
                 VipKey { addr: [k.addr, 0, 0, 0], port: k.port, proto: k.proto, family: AF_INET };
             vips.push((key, meta));
         }
+        // Generations are read even from maps without a VIP (a config that removed them all):
+        // the connection tables may still name those backend ids, and the next config must not
+        // hand the same id out under the generation an old entry carries.
+        let entries: Vec<Backend> = (0..MAX_BACKENDS)
+            .map(|id| self.maps.backends.get(&id, 0))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(lb_common::maps::BACKENDS))?;
+        for (id, b) in entries.iter().enumerate() {
+            self.generations[id] = b.generation;
+        }
         if vips.is_empty() {
             return Ok(());
         }
@@ -520,15 +530,13 @@ impl Dataplane {
             by_index.insert(meta.vip_index, key);
             self.vips.insert(key, VipSlot { index: meta.vip_index, active, regions, meta });
         }
-        for id in 0..MAX_BACKENDS {
-            let b = self.maps.backends.get(&id, 0).map_err(map_err(lb_common::maps::BACKENDS))?;
-            self.generations[id as usize] = b.generation;
+        for (id, b) in entries.into_iter().enumerate() {
             if b.flags & backend_flags::PRESENT == 0 {
                 continue;
             }
             let Some(key) = by_index.get(&b.vip_index) else { continue };
-            self.backend_ids.insert((*key, words_addr(b.addr, b.family)), id);
-            self.backends[id as usize] = Some(b);
+            self.backend_ids.insert((*key, words_addr(b.addr, b.family)), id as u32);
+            self.backends[id] = Some(b);
         }
         for k in self.maps.vip_addrs.keys() {
             let k = k.map_err(map_err(lb_common::maps::VIP_ADDRS))?;
@@ -665,22 +673,37 @@ impl Dataplane {
     }
 
     /// Removes everything edgelb pinned in `dir`: XDP links (which detaches the programs) and
-    /// maps. Missing files are fine; used by `edgelb stop` and tests.
-    pub fn teardown(dir: &Path) -> std::io::Result<()> {
+    /// maps, then the directory. Files edgelb did not pin are left alone (`node.pin_dir` may
+    /// name a directory other tools use), and returned; the directory then stays. Missing files
+    /// are fine; used by `edgelb stop` and tests.
+    pub fn teardown(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
+        let ours: Vec<&str> = map_layouts(TableShape::auto())
+            .iter()
+            .map(|(name, ..)| *name)
+            .chain(lb_common::maps::RETIRED.iter().copied())
+            .collect();
+        let is_link =
+            |p: &Path| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link-"));
+        let (mine, others): (Vec<PathBuf>, Vec<PathBuf>) =
+            entries.flatten().map(|e| e.path()).partition(|p| {
+                is_link(p)
+                    || p.file_name().and_then(|n| n.to_str()).is_some_and(|n| ours.contains(&n))
+            });
         // Links first, so no program runs with half its maps gone.
-        let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-        files.sort_by_key(|p| {
-            !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link-"))
-        });
-        for f in files {
-            std::fs::remove_file(&f)?;
+        let (links, maps): (Vec<PathBuf>, Vec<PathBuf>) =
+            mine.into_iter().partition(|p| is_link(p));
+        for f in links.iter().chain(&maps) {
+            std::fs::remove_file(f)?;
         }
-        std::fs::remove_dir(dir)
+        if others.is_empty() {
+            std::fs::remove_dir(dir)?;
+        }
+        Ok(others)
     }
 
     /// Brings the maps in line with `cfg` (see the module docs for the order of writes). `cfg`
