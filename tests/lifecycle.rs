@@ -482,7 +482,7 @@ fn dead_backend_leaves_the_ring_and_returns() {
     .unwrap();
     assert_eq!(got, "backend-2");
 
-    // Every backend down: the pool keeps its last known set (fail open) and says so.
+    // Every backend down: the VIP serves all of them anyway (fail open) and says so.
     for i in 1..=3 {
         bed.kill_backend(i);
     }
@@ -494,6 +494,12 @@ fn dead_backend_leaves_the_ring_and_returns() {
             assert!(web.backends.iter().all(|b| !b.healthy));
             let share: f64 = web.backends.iter().map(|b| b.ring_share).sum();
             assert!((share - 1.0).abs() < 1e-9, "the ring stays populated: {share}");
+            // The whole pool, not the backend that happened to fail last.
+            assert!(
+                web.backends.iter().all(|b| b.ring_share > 0.2),
+                "every backend serves: {:?}",
+                web.backends.iter().map(|b| (b.address, b.ring_share)).collect::<Vec<_>>()
+            );
             break;
         }
         assert!(all_down.elapsed() < bound + Duration::from_secs(1), "fail-open never reported");

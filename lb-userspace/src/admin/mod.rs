@@ -243,7 +243,8 @@ pub struct VipStatus {
     pub pps: f64,
     /// Bytes per second over the last sampling period.
     pub bps: f64,
-    /// True when every backend is down and the last known set is kept (fail open).
+    /// True when every backend that should take new flows is down and all of them serve
+    /// anyway (fail open).
     pub fail_open: bool,
     /// Backends.
     pub backends: Vec<BackendStatus>,

@@ -1,10 +1,10 @@
 //! What the controller knows of its backends beyond the config: health verdicts, runtime drains
-//! and, per VIP, the last set of live backends (kept when every backend is down: fail open).
+//! and which VIPs fail open (every backend that should take new flows is down).
 //! Kept apart from the controller's I/O so that the effective config written to the maps is one
 //! function of this state and the config, testable without a data plane.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     net::{IpAddr, SocketAddr},
 };
 
@@ -25,8 +25,6 @@ pub(super) struct Verdicts {
     down: HashSet<(String, SocketAddr)>,
     /// Runtime drains: (VIP name or all VIPs, backend).
     drained: HashSet<(Option<String>, IpAddr)>,
-    /// Last non-empty backend set per VIP, kept when every backend is down (fail open).
-    last_alive: HashMap<String, Vec<Backend>>,
     /// VIPs in fail-open mode.
     fail_open: HashSet<String>,
 }
@@ -42,7 +40,7 @@ impl Verdicts {
         self.drained.contains(&(None, addr)) || self.drained.contains(&(Some(vip.to_owned()), addr))
     }
 
-    /// Is `vip` serving its last known set because every backend is down?
+    /// Is `vip` serving all its backends because every one that should take new flows is down?
     pub(super) fn is_fail_open(&self, vip: &str) -> bool {
         self.fail_open.contains(vip)
     }
@@ -110,43 +108,38 @@ impl Verdicts {
     }
 
     /// The config as the maps should have it: configured minus dead backends, drained ones at
-    /// weight 0; a VIP whose backends are all dead keeps its last live set (fail open), as the
-    /// config lists those backends now.
+    /// weight 0. A VIP none of whose backends that take new flows (weight above 0, not drained)
+    /// is alive fails open: it serves every configured backend, the dead ones too, as the
+    /// config lists them now. When every check fails at once, the checks (or what they depend
+    /// on) are the likelier fault, and spreading the traffic over the whole pool beats both
+    /// dropping it and piling it onto whichever backend happened to fail last.
     pub(super) fn effective(&mut self, cfg: &Config) -> Config {
         let mut eff = cfg.clone();
         for vip in &mut eff.vips {
-            let mut alive: Vec<Backend> =
-                vip.backends.iter().filter(|b| !self.is_down(&vip.name, id(b))).cloned().collect();
-            if alive.is_empty() && !vip.backends.is_empty() {
+            let takes_flows = |b: &&Backend| b.weight > 0 && !self.is_drained(&vip.name, b.address);
+            let wanted = vip.backends.iter().filter(takes_flows).count();
+            let serving = vip
+                .backends
+                .iter()
+                .filter(takes_flows)
+                .filter(|b| !self.is_down(&vip.name, id(b)))
+                .count();
+            let open = wanted > 0 && serving == 0;
+            if open {
                 if self.fail_open.insert(vip.name.clone()) {
-                    error!(vip = %vip, "every backend is down: keeping the last known set (fail open)");
+                    error!(vip = %vip, "every backend is down: serving all of them anyway (fail open)");
                 }
-                // Backends a reload removed are not brought back, and new weights and MACs
-                // count.
-                alive = self
-                    .last_alive
-                    .get(&vip.name)
-                    .map(|last| {
-                        vip.backends
-                            .iter()
-                            .filter(|b| last.iter().any(|l| id(l) == id(b)))
-                            .cloned()
-                            .collect::<Vec<_>>()
-                    })
-                    .filter(|a| !a.is_empty())
-                    .unwrap_or_else(|| vip.backends.clone());
             } else {
                 if self.fail_open.remove(&vip.name) {
                     warn!(vip = %vip, "backends are back: fail-open mode ended");
                 }
-                self.last_alive.insert(vip.name.clone(), alive.clone());
+                vip.backends.retain(|b| !self.is_down(&vip.name, id(b)));
             }
-            for b in &mut alive {
+            for b in &mut vip.backends {
                 if self.is_drained(&vip.name, b.address) {
                     b.weight = 0;
                 }
             }
-            vip.backends = alive;
         }
         eff
     }
@@ -184,26 +177,59 @@ mod tests {
 
     const A: &str = "198.18.0.11";
     const B: &str = "198.18.0.12";
+    const C: &str = "198.18.0.13";
 
     #[test]
-    fn fail_open_keeps_the_last_set_as_the_config_lists_it_now() {
+    fn fail_open_serves_every_configured_backend_as_the_config_lists_it_now() {
         let mut v = Verdicts::default();
         let both = cfg(&[(A, 1), (B, 1)], true);
         assert!(v.set_health("web", at(A), false));
         assert_eq!(live(&mut v, &both), [(ip(B), 1)]);
+        assert!(!v.is_fail_open("web"));
+        // B, the last one alive, goes too: the whole pool serves, not B alone.
         assert!(v.set_health("web", at(B), false));
-        assert_eq!(live(&mut v, &both), [(ip(B), 1)], "fail open on the last live set");
+        assert_eq!(live(&mut v, &both), [(ip(A), 1), (ip(B), 1)], "fail open on every backend");
         assert!(v.is_fail_open("web"));
-        // A new weight for B counts while the VIP is open.
-        assert_eq!(live(&mut v, &cfg(&[(A, 1), (B, 7)], true)), [(ip(B), 7)]);
+        // New weights count while the VIP is open.
+        assert_eq!(live(&mut v, &cfg(&[(A, 1), (B, 7)], true)), [(ip(A), 1), (ip(B), 7)]);
         // B removed by a reload: not brought back; A, dead too, is all the config has left.
         let only_a = cfg(&[(A, 3)], true);
         v.reconcile(&only_a);
         assert_eq!(live(&mut v, &only_a), [(ip(A), 3)]);
+        assert!(v.is_fail_open("web"));
         // A back: fail open ends.
         assert!(v.set_health("web", at(A), true));
         assert_eq!(live(&mut v, &only_a), [(ip(A), 3)]);
         assert!(!v.is_fail_open("web"));
+    }
+
+    #[test]
+    fn a_drained_backend_alive_does_not_keep_a_dead_pool_from_failing_open() {
+        let mut v = Verdicts::default();
+        let c = cfg(&[(A, 1), (B, 1), (C, 1)], true);
+        v.drain(Some("web".into()), ip(C));
+        assert!(v.set_health("web", at(A), false));
+        assert!(v.set_health("web", at(B), false));
+        // C alone is alive, but drained: no backend would take a new flow.
+        assert_eq!(live(&mut v, &c), [(ip(A), 1), (ip(B), 1), (ip(C), 0)]);
+        assert!(v.is_fail_open("web"));
+        // C dead as well: the same.
+        assert!(v.set_health("web", at(C), false));
+        assert_eq!(live(&mut v, &c), [(ip(A), 1), (ip(B), 1), (ip(C), 0)]);
+        // A standby at weight 0 in the file, alive, counts no more than a drained one.
+        let mut w = Verdicts::default();
+        let standby = cfg(&[(A, 1), (C, 0)], true);
+        assert!(w.set_health("web", at(A), false));
+        assert_eq!(live(&mut w, &standby), [(ip(A), 1), (ip(C), 0)]);
+        assert!(w.is_fail_open("web"));
+        // Every backend drained by the operator: no new flows anywhere, and no fail open.
+        let mut x = Verdicts::default();
+        x.drain(None, ip(A));
+        x.drain(None, ip(B));
+        let two = cfg(&[(A, 1), (B, 1)], true);
+        assert!(x.set_health("web", at(A), false));
+        assert_eq!(live(&mut x, &two), [(ip(B), 0)]);
+        assert!(!x.is_fail_open("web"));
     }
 
     #[test]
