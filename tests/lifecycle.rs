@@ -937,6 +937,18 @@ fn takeover_replaces_a_running_edgelb_without_refusing_a_connection() {
     let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
     bed.wait_for(l7);
     let scraped = scrape(&bed);
+    // A dead backend stays out through the upgrade: the new controller starts from the old
+    // one's verdicts rather than serving it again until its own checks fail it.
+    bed.kill_backend(1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bed.e().healthy("web", "198.18.0.11") || bed.e().healthy("web7", "198.18.0.11") {
+        assert!(Instant::now() < deadline, "backend 1 never seen dead");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let downs = |log: &str| {
+        log.lines().filter(|l| l.contains("backend DOWN") && l.contains("198.18.0.11")).count()
+    };
+    let downs_before = downs(&bed.e().log());
     // A backend drained for maintenance stays drained through the upgrade.
     let out = bed.e().cli(&["drain", "198.18.0.13", "--vip", "echo"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -977,6 +989,9 @@ fn takeover_replaces_a_running_edgelb_without_refusing_a_connection() {
     assert!(b3.drained && b3.ring_share == 0.0, "the drain was kept: {b3:?}");
     let web = status.vips.iter().find(|v| v.name == "web").unwrap();
     assert!(web.backends.iter().all(|b| !b.drained), "a drain of one VIP only");
+    assert!(log.contains("keeping the running edgelb's drains and health verdicts"), "{log}");
+    assert!(!bed.e().healthy("web", "198.18.0.11") && !bed.e().healthy("web7", "198.18.0.11"));
+    assert_eq!(downs(&log), downs_before, "backend 1 never served again, so never failed again");
     sees_backend_2_die(&mut bed, "the new controller");
 }
 

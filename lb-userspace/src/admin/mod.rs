@@ -128,6 +128,19 @@ pub struct Response {
     /// took them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drains: Vec<Drain>,
+    /// For `handover`: the backends the health checks hold dead, which the next process keeps
+    /// out until its own checks see them rise (rather than serving them for `fall` probes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub down: Vec<Down>,
+}
+
+/// A health verdict handed over: `backend` (address and port) is dead in VIP `vip`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Down {
+    /// The VIP's name.
+    pub vip: String,
+    /// The backend's address and port.
+    pub backend: SocketAddr,
 }
 
 /// A runtime drain: a backend drained in one VIP, or in every VIP.
@@ -148,6 +161,7 @@ impl Response {
             status: None,
             sockets: Vec::new(),
             drains: Vec::new(),
+            down: Vec::new(),
         }
     }
 
@@ -334,6 +348,8 @@ pub struct Handover {
     pub sockets: Vec<(HandedSocket, OwnedFd)>,
     /// The running edgelb's runtime drains, to keep.
     pub drains: Vec<Drain>,
+    /// The running edgelb's health verdicts of dead backends, to start from.
+    pub down: Vec<Down>,
     /// The open handover connection.
     pub conn: UnixStream,
 }
@@ -375,6 +391,7 @@ pub fn handover(socket: &Path) -> Result<Option<Handover>, AdminError> {
     Ok(Some(Handover {
         sockets: resp.sockets.into_iter().zip(fds).collect(),
         drains: resp.drains,
+        down: resp.down,
         conn: s,
     }))
 }

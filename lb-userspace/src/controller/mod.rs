@@ -162,6 +162,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     let early = if takeover { Some(load()?) } else { None };
     let mut handed_metrics = None;
     let mut drains = Vec::new();
+    let mut down = Vec::new();
     let mut handover = if takeover {
         match admin::handover(&cfg.node.admin_socket).map_err(RunError::Takeover)? {
             None => {
@@ -174,6 +175,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
                     "--takeover: the running edgelb handed over its listening sockets and stopped its controller"
                 );
                 drains = h.drains;
+                down = h.down;
                 for (s, fd) in h.sockets {
                     match s.kind {
                         SocketKind::L7 => inherited.adopt(fd)?,
@@ -278,14 +280,23 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         metrics_socket,
     };
     // The previous edgelb's runtime drains stay: an upgrade must not put a backend taken out
-    // for maintenance back into service. (Health verdicts are not carried: the checks start
-    // again and find a dead backend within `fall` probes.)
-    if !drains.is_empty() {
-        info!(drains = drains.len(), "--takeover: keeping the running edgelb's drains");
+    // for maintenance back into service. Its dead backends stay out too, until this process's
+    // checks (which start from these verdicts) see them rise; verdicts on checks this config
+    // no longer has are dropped.
+    if !drains.is_empty() || !down.is_empty() {
+        info!(
+            drains = drains.len(),
+            down = down.len(),
+            "--takeover: keeping the running edgelb's drains and health verdicts"
+        );
     }
     for d in drains {
         ctl.verdicts.drain(d.vip, d.backend);
     }
+    for d in down {
+        ctl.verdicts.set_health(&d.vip, d.backend, false);
+    }
+    ctl.verdicts.reconcile(&ctl.cfg);
     // Maps first, then attach: the first packet already sees the whole config.
     let report = ctl.apply()?;
     info!(?report, "maps in line with the config");
@@ -316,7 +327,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
             .map_err(|e| RunError::Proxy(e.to_string()))?;
         ctl.proxy = Some(proxy);
     }
-    ctl.checker.reconcile(&ctl.cfg);
+    ctl.checker.reconcile(&ctl.cfg, |v, b| ctl.verdicts.is_down(v, b));
     info!(checks = ctl.checker.len(), admin = %ctl.cfg.node.admin_socket.display(), "edgelb running");
     if let Some(mut conn) = handover {
         // The previous process stops accepting and drains once it reads this.
@@ -519,7 +530,7 @@ impl Controller {
                 error!(admin = %path.display(), error = %e, "taking the admin socket back failed; SIGTERM still stops this edgelb")
             }
         }
-        self.checker.reconcile(&self.cfg);
+        self.checker.reconcile(&self.cfg, |v, b| self.verdicts.is_down(v, b));
         info!(checks = self.checker.len(), admin = %path.display(), "edgelb running again");
     }
 
@@ -540,6 +551,7 @@ impl Controller {
             response: Response {
                 sockets,
                 drains: self.verdicts.drains(),
+                down: self.verdicts.down(),
                 ..Response::ok("handing over")
             },
             fds,
@@ -727,7 +739,7 @@ impl Controller {
         self.verdicts.reconcile(&self.cfg);
         match self.apply() {
             Ok(r) => {
-                self.checker.reconcile(&self.cfg);
+                self.checker.reconcile(&self.cfg, |v, b| self.verdicts.is_down(v, b));
                 info!(?r, "config reloaded");
                 Response::ok(format!("reloaded: {r:?}"))
             }

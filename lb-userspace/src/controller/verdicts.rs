@@ -83,6 +83,17 @@ impl Verdicts {
         d
     }
 
+    /// The backends held dead, for a process taking over.
+    pub(super) fn down(&self) -> Vec<crate::admin::Down> {
+        let mut d: Vec<_> = self
+            .down
+            .iter()
+            .map(|(vip, backend)| crate::admin::Down { vip: vip.clone(), backend: *backend })
+            .collect();
+        d.sort_by(|a, b| (&a.vip, a.backend).cmp(&(&b.vip, b.backend)));
+        d
+    }
+
     /// Drains `backend` in `vip`, or in every VIP.
     pub(super) fn drain(&mut self, vip: Option<String>, backend: IpAddr) {
         self.drained.insert((vip, backend));

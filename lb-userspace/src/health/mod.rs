@@ -2,7 +2,8 @@
 //! address from the balancer node.
 //!
 //! A backend flips state only after `fall` consecutive failures or `rise` consecutive successes
-//! (it starts healthy, so a restart never blackholes a pool), and each flip is reported once, with
+//! (it starts in the controller's verdict, or healthy without one, so a restart never blackholes
+//! a pool), and each flip is reported once, with
 //! the reason, on the controller's channel. First probes are spread over the interval by a hash of
 //! the target, so a pool is not checked in bursts.
 
@@ -77,8 +78,11 @@ impl Checker {
     }
 
     /// Starts checks for targets new in `cfg` and stops those gone from it. A target whose check
-    /// changed restarts (healthy).
-    pub fn reconcile(&mut self, cfg: &Config) {
+    /// changed restarts. A new check starts in the state the controller holds for its backend
+    /// (`down(vip, backend)`): one the controller knows dead stays out until `rise` good probes,
+    /// instead of rejoining the ring for `fall` probes because its check is new; a backend the
+    /// controller has no verdict on starts healthy, so a restart never blackholes a pool.
+    pub fn reconcile(&mut self, cfg: &Config, down: impl Fn(&str, SocketAddr) -> bool) {
         let mut wanted = Vec::new();
         for vip in &cfg.vips {
             let Some(check) = &vip.health else { continue };
@@ -104,12 +108,13 @@ impl Checker {
                 continue;
             }
             let stop = Arc::new(AtomicBool::new(false));
+            let state = Hysteresis::starting(!down(&t.vip, t.backend));
             let thread = {
                 let (t, stop, events) = (t.clone(), stop.clone(), self.events.clone());
                 std::thread::Builder::new()
                     .name(format!("health {}", t.backend))
                     .stack_size(256 * 1024)
-                    .spawn(move || run(t, stop, events))
+                    .spawn(move || run(t, state, stop, events))
                     .expect("spawning a health-check thread")
             };
             self.running.insert(t, Running { stop, thread });
@@ -148,7 +153,12 @@ pub struct Hysteresis {
 impl Hysteresis {
     /// Starts healthy.
     pub fn new() -> Hysteresis {
-        Hysteresis { healthy: true, streak: 0 }
+        Hysteresis::starting(true)
+    }
+
+    /// Starts in state `healthy`.
+    pub fn starting(healthy: bool) -> Hysteresis {
+        Hysteresis { healthy, streak: 0 }
     }
 
     /// Current state.
@@ -192,14 +202,13 @@ fn sleep_until(until: Instant, stop: &AtomicBool) -> bool {
     }
 }
 
-fn run(t: Target, stop: Arc<AtomicBool>, events: Sender<HealthEvent>) {
+fn run(t: Target, mut state: Hysteresis, stop: Arc<AtomicBool>, events: Sender<HealthEvent>) {
     let addr = t.probed();
     let mut h = std::collections::hash_map::DefaultHasher::new();
     t.hash(&mut h);
     let interval = t.check.interval;
     let offset = Duration::from_nanos(h.finish() % interval.as_nanos().max(1) as u64);
     let mut next = Instant::now() + offset;
-    let mut state = Hysteresis::new();
     while sleep_until(next, &stop) {
         next += interval;
         let result = probe::probe(&t.check, addr);
@@ -254,7 +263,7 @@ mod tests {
         assert_eq!(cfg.vips[0].health.as_ref().unwrap().port, 0, "each backend's own port");
         let (tx, rx) = std::sync::mpsc::channel();
         let mut checker = Checker::new(tx);
-        checker.reconcile(&cfg);
+        checker.reconcile(&cfg, |_, _| false);
         assert_eq!(checker.len(), 2, "one check per address and port");
         let mut verdicts = HashMap::new();
         let until = Instant::now() + Duration::from_millis(400);
@@ -264,6 +273,30 @@ mod tests {
         drop(open);
         assert_eq!(verdicts.get(&up), Some(&true), "{verdicts:?}");
         assert_eq!(verdicts.get(&down), Some(&false), "{verdicts:?}");
+    }
+
+    /// A check started again (its settings changed in a reload, a takeover taken back) for a
+    /// backend the controller holds dead keeps it dead until `rise` good probes: it does not
+    /// report it alive, back in the ring, on its first answer.
+    #[test]
+    fn a_new_check_starts_from_the_controllers_verdict() {
+        let open = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = open.local_addr().unwrap().port();
+        let text = format!(
+            "[node]\ninterfaces = [\"lo\"]\n[[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = 80\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {port} }}]\n[vip.health]\ninterval_ms = 50\ntimeout_ms = 50\nrise = 3\n"
+        );
+        let cfg = Config::parse(&text, "t.toml".as_ref()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut checker = Checker::new(tx);
+        checker.reconcile(&cfg, |vip, b| vip == "web" && b.port() == port);
+        let states: Vec<(bool, bool)> = (0..3)
+            .map(|_| {
+                let ev = rx.recv_timeout(Duration::from_secs(2)).expect("a probe");
+                (ev.healthy, ev.changed)
+            })
+            .collect();
+        assert_eq!(states, [(false, false), (false, false), (true, true)]);
+        drop(open);
     }
 
     #[test]
