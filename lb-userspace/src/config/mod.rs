@@ -6,6 +6,7 @@
 //! addresses, prime ring sizes, modes that fit the backends...) and reports the first problem as
 //! `file:line:column: what is wrong`, so an operator can jump straight to it.
 
+mod hint;
 mod raw;
 
 use std::{
@@ -27,13 +28,14 @@ pub const EXAMPLE: &str = include_str!("../../../docs/edgelb.example.toml");
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{path}: cannot read config: {source}")]
+    // The reason is in the message, so it is not also the error's `source()`: a caller that
+    // prints the source chain would say it twice.
+    #[error("{path}: cannot read config: {error}")]
     Read {
         /// The config file.
         path: PathBuf,
         /// Why.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is not valid TOML, does not match the schema, or fails validation.
     #[error("{path}:{line}:{column}: {message}")]
@@ -358,7 +360,7 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+            .map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
         Config::parse(&text, path)
     }
 
@@ -368,8 +370,13 @@ impl Config {
             let (line, column) = line_col(text, span.map_or(0, |s| s.start));
             ConfigError::Invalid { path: path.to_owned(), line, column, message }
         };
-        let raw: raw::File =
-            toml::from_str(text).map_err(|e| fail(e.span(), e.message().trim().to_owned()))?;
+        let raw: raw::File = toml::from_str(text).map_err(|e| {
+            // A common mistake gets a message that says what to write; others keep the parser's.
+            match hint::for_mistake(text, e.span().map(|s| s.start)) {
+                Some((span, message)) => fail(Some(span), message),
+                None => fail(e.span(), e.message().trim().to_owned()),
+            }
+        })?;
         validate(raw).map_err(|Invalid(span, message)| fail(Some(span), message))
     }
 
@@ -595,13 +602,26 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
     let mut names = HashSet::new();
     let mut keys = HashSet::new();
     let mut vips = Vec::new();
+    // The data plane keeps one entry per (VIP, backend address) of the VIPs XDP forwards: their
+    // count, and the first backend past the limit.
+    let mut entries = 0usize;
+    let mut first_over = 0..0;
     for v in raw.vip {
         let vspan = v.span();
         let v = v.into_inner();
+        vip_name_ok(&v.name)?;
         if !names.insert(v.name.get_ref().clone()) {
             return bad(v.name.span(), format!("duplicate VIP name `{}`", v.name.get_ref()));
         }
         let vip_addr = parse_ip(&v.address, "VIP address")?;
+        if let Some(what) = not_unicast(vip_addr) {
+            return bad(
+                v.address.span(),
+                format!(
+                    "VIP address {vip_addr} is {what}: a VIP is one unicast address clients connect to; write that address (one [[vip]] per address)"
+                ),
+            );
+        }
         let port = v.port.as_ref().map_or(0, |p| *p.get_ref());
         let protocol = match v.protocol.as_ref().map(|p| (p.get_ref().as_str(), p.span())) {
             None | Some(("tcp", _)) => Protocol::Tcp,
@@ -628,6 +648,22 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 return bad(span, format!("forwarding `{other}`: expected ipip, l2 or l7"));
             }
         };
+        // The L7 proxy places requests by its own algorithm; its `hash` pools have a ring of
+        // their own (proxy::balance), so these would be silently ignored.
+        if forwarding == Forwarding::L7 {
+            if let Some(h) = &v.hash {
+                return bad(
+                    h.span(),
+                    "`hash` applies only to VIPs XDP forwards: remove it; an l7 VIP balances by its [vip.l7] algorithm (algorithm = \"hash\" places clients by their address)",
+                );
+            }
+            if let Some(m) = &v.ring_size {
+                return bad(
+                    m.span(),
+                    "`ring_size` applies only to VIPs XDP forwards: an l7 VIP's algorithm = \"hash\" uses a ring of its own; remove it",
+                );
+            }
+        }
         let ring_size = match &v.ring_size {
             None => DEFAULT_RING_SIZE,
             Some(m) if is_prime(*m.get_ref()) && (3..=MAX_RING_SIZE).contains(m.get_ref()) => {
@@ -644,6 +680,12 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
         let mut backends = Vec::new();
         for b in &v.backends {
             let address = parse_ip(&b.address, "backend address")?;
+            if forwarding != Forwarding::L7 {
+                entries += 1;
+                if entries == MAX_BACKENDS as usize + 1 {
+                    first_over = b.address.span();
+                }
+            }
             // L4 backends are addresses (the client's port is kept); L7 ones are address:port.
             let port_key = if forwarding == Forwarding::L7 {
                 b.port.as_ref().map_or(port, |p| *p.get_ref())
@@ -708,7 +750,23 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 _ => {}
             }
             let bport = b.port.as_ref().map_or(port, |p| *p.get_ref());
+            backend_address_ok(b.address.span(), address, bport, vip_addr, port, forwarding)?;
             backends.push(Backend { address, weight, mac, port: bport });
+        }
+        // Maglev gives each backend a share of the ring's slots: with fewer slots than backends
+        // some get none, and never any traffic.
+        if let Some(m) = &v.ring_size
+            && (*m.get_ref() as usize) < backends.len()
+        {
+            return bad(
+                m.span(),
+                format!(
+                    "ring_size {} is smaller than this VIP's {} backends, so some would never get traffic: write a prime of at least 100 × backends, e.g. ring_size = {} (or leave ring_size out: {DEFAULT_RING_SIZE})",
+                    m.get_ref(),
+                    backends.len(),
+                    ring_size_for(backends.len())
+                ),
+            );
         }
         // An L7 VIP's backends are probed on their own ports unless health.port says otherwise
         // (0 below); an XDP VIP's on the VIP's port, the one its traffic keeps.
@@ -730,7 +788,7 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 if protocol != Protocol::Tcp {
                     return bad(vspan, "an l7 VIP must be tcp");
                 }
-                Some(l7_settings(l7.as_ref(), &v.route, port)?)
+                Some(l7_settings(l7.as_ref(), &v.route, vip_addr, port)?)
             }
             (_, Some(l7)) => return bad(l7.span(), "[vip.l7] needs forwarding = \"l7\""),
             (_, None) => {
@@ -754,14 +812,12 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             l7,
         });
     }
-    // The data plane keeps one entry per (VIP, backend address) of the VIPs XDP forwards.
-    let entries: usize =
-        vips.iter().filter(|v| v.forwarding != Forwarding::L7).map(|v| v.backends.len()).sum();
     if entries > MAX_BACKENDS as usize {
         return bad(
-            0..0,
+            first_over,
             format!(
-                "{entries} backend entries (one per backend of each VIP that XDP forwards); at most {MAX_BACKENDS} are supported"
+                "{entries} backend entries (one per backend of each VIP that XDP forwards); at most {MAX_BACKENDS} are supported, and this one is entry {}",
+                MAX_BACKENDS + 1
             ),
         );
     }
@@ -801,6 +857,7 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
 fn l7_settings(
     l7: Option<&raw::Sp<raw::L7>>,
     routes: &[raw::Sp<raw::Route>],
+    vip_addr: IpAddr,
     port: u16,
 ) -> Result<L7, Invalid> {
     let empty = raw::L7 {
@@ -855,10 +912,51 @@ fn l7_settings(
         }
     };
     let algorithm = algo(&l.algorithm, Algorithm::RoundRobin)?;
-    if mode == L7Mode::Tcp && algorithm == Algorithm::Cookie {
+    if mode == L7Mode::Tcp {
+        if let Some(a) = &l.algorithm
+            && algorithm == Algorithm::Cookie
+        {
+            return bad(a.span(), "cookie stickiness needs mode = \"http\"");
+        }
+        // Settings of the HTTP proxy, which the TCP relay (proxy::tcp) never reads.
+        let span = |v: Option<Range<usize>>, key: &'static str| v.map(|s| (s, key));
+        let http_only = [
+            span(l.header_timeout_ms.as_ref().map(|v| v.span()), "header_timeout_ms"),
+            span(l.response_timeout_ms.as_ref().map(|v| v.span()), "response_timeout_ms"),
+            span(l.request_timeout_ms.as_ref().map(|v| v.span()), "request_timeout_ms"),
+            span(l.max_header_bytes.as_ref().map(|v| v.span()), "max_header_bytes"),
+            span(l.max_headers.as_ref().map(|v| v.span()), "max_headers"),
+            span(l.upstream_keepalive.as_ref().map(|v| v.span()), "upstream_keepalive"),
+            span(l.forwarded_for.as_ref().map(|v| v.span()), "forwarded_for"),
+            span(l.normalize_path.as_ref().map(|v| v.span()), "normalize_path"),
+            span(l.access_log.as_ref().map(|v| v.span()), "access_log"),
+            span(l.cookie_name.as_ref().map(|v| v.span()), "cookie_name"),
+            span(l.cookie_secret.as_ref().map(|v| v.span()), "cookie_secret"),
+        ];
+        if let Some((span, key)) = http_only.into_iter().flatten().next() {
+            return bad(
+                span,
+                format!(
+                    "`{key}` applies only to mode = \"http\": a TCP relay does not read HTTP; remove it, or set mode = \"http\""
+                ),
+            );
+        }
+        if let Some(r) = routes.first() {
+            return bad(
+                r.span(),
+                "[[vip.route]] applies only to mode = \"http\": a TCP relay does not read the Host or path; put its backends in the VIP's own `backends`",
+            );
+        }
+    }
+    if let Some(c) = &l.cookie_name
+        && !cookie_token(c.get_ref())
+    {
         return bad(
-            l.algorithm.as_ref().map_or(0..0, |a| a.span()),
-            "cookie stickiness needs mode = \"http\"",
+            c.span(),
+            format!(
+                "cookie_name `{}` must be a cookie name token (it goes into Set-Cookie as it is): ASCII letters, digits and ! # $ % & ' * + - . ^ _ ` | ~, not empty, no spaces, `;`, `=`, `,` or quotes; e.g. cookie_name = \"edgelb_sticky\"",
+                c.get_ref().escape_debug()
+            ),
         );
     }
     let normalize_path = l.normalize_path.as_ref().is_none_or(|f| *f.get_ref());
@@ -866,8 +964,16 @@ fn l7_settings(
     for r in routes {
         let span = r.span();
         let r = r.get_ref();
-        if mode == L7Mode::Tcp {
-            return bad(span, "routes need mode = \"http\"");
+        if r.host.is_none() && r.path_prefix.is_none() {
+            return bad(
+                span,
+                "a route without `host` or `path_prefix` takes every request, and no later route gets any: put its backends in the VIP's own `backends` (the default), or give it a `host` or `path_prefix`",
+            );
+        }
+        if let Some(h) = &r.host
+            && let Err(m) = route_host_ok(h.get_ref())
+        {
+            return bad(h.span(), m);
         }
         let mut backends: Vec<Backend> = Vec::new();
         for b in &r.backends {
@@ -883,6 +989,7 @@ fn l7_settings(
                 return bad(m.span(), "`mac` applies to backends XDP forwards to, not to l7 ones");
             }
             let bport = l7_backend_port(b, port)?;
+            backend_address_ok(b.address.span(), address, bport, vip_addr, port, Forwarding::L7)?;
             if backends.iter().any(|o| o.address == address && o.port == bport) {
                 return bad(
                     b.address.span(),
@@ -911,18 +1018,33 @@ fn l7_settings(
         Some(v) if matches!(v.get_ref(), 1 | 2) => Some(*v.get_ref()),
         Some(v) => return bad(v.span(), "proxy_protocol must be 1 or 2"),
     };
+    // Where cookie stickiness is asked for: the VIP's algorithm, or the first route's.
+    let cookie_at = match &l.algorithm {
+        Some(a) if algorithm == Algorithm::Cookie => Some(a.span()),
+        _ => routes.iter().find_map(|r| {
+            r.get_ref().algorithm.as_ref().filter(|a| a.get_ref() == "cookie").map(|a| a.span())
+        }),
+    };
     let cookie_secret = match &l.cookie_secret {
         Some(s) if s.get_ref().len() >= 16 => s.get_ref().clone(),
-        Some(s) => return bad(s.span(), "cookie_secret must be at least 16 characters"),
-        None if algorithm == Algorithm::Cookie
-            || out_routes.iter().any(|r| r.algorithm == Algorithm::Cookie) =>
-        {
+        Some(s) => {
             return bad(
-                l7.map_or(0..0, |l| l.span()),
-                "cookie stickiness needs l7.cookie_secret (the same on every node)",
+                s.span(),
+                format!(
+                    "cookie_secret must be at least 16 bytes (this one has {}): the secret's strength is its bytes",
+                    s.get_ref().len()
+                ),
             );
         }
-        None => String::new(),
+        None => match cookie_at {
+            Some(span) => {
+                return bad(
+                    span,
+                    "cookie stickiness needs [vip.l7] cookie_secret (at least 16 bytes, the same on every node)",
+                );
+            }
+            None => String::new(),
+        },
     };
     Ok(L7 {
         mode,
@@ -953,6 +1075,144 @@ fn l7_settings(
         max_fails: num(&l.max_fails, 3, 1..=100, "max_fails")?,
         fail_timeout: ms(&l.fail_timeout_ms, 10_000, "fail_timeout_ms")?,
     })
+}
+
+/// Is `s` an RFC 6265 cookie name: an RFC 9110 token (tchar only), which goes into `Set-Cookie`
+/// as it is?
+fn cookie_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// A route's `host` must be what the proxy compares it with: a request's host, lowercased, its
+/// port removed. The error says what to write.
+fn route_host_ok(h: &str) -> Result<(), String> {
+    let reg_name = |h: &str| {
+        !h.is_empty()
+            && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b))
+    };
+    let ip_literal = |h: &str| {
+        h.strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .is_some_and(|a| a.parse::<Ipv6Addr>().is_ok())
+    };
+    if reg_name(h) || ip_literal(h) {
+        return Ok(());
+    }
+    let what = format!(
+        "route host `{}` must be a plain host name (no scheme, port, path or spaces): the request's port is removed before it is compared",
+        h.escape_debug()
+    );
+    // What was probably meant: the host of a URL or of host:port.
+    let mut meant = h.trim();
+    if let Some((_, rest)) = meant.split_once("://") {
+        meant = rest;
+    }
+    meant = meant.split(['/', '?', '#']).next().unwrap_or("");
+    if meant.parse::<Ipv6Addr>().is_ok() {
+        return Err(format!("{what}; write `[{meant}]`"));
+    }
+    if let Some((host, port)) = meant.rsplit_once(':')
+        && port.bytes().all(|b| b.is_ascii_digit())
+    {
+        meant = host;
+    }
+    if reg_name(meant) || ip_literal(meant) {
+        Err(format!("{what}; write `{meant}`"))
+    } else {
+        Err(what)
+    }
+}
+
+/// A VIP's name, which `edgelb route` takes in place of an address (names are matched first):
+/// not empty, and not itself an address.
+fn vip_name_ok(name: &raw::Sp<String>) -> Result<(), Invalid> {
+    let n = name.get_ref();
+    if n.is_empty() {
+        return bad(name.span(), "a VIP needs a name (e.g. name = \"web\")");
+    }
+    if n.parse::<IpAddr>().is_ok() || n.parse::<std::net::SocketAddr>().is_ok() {
+        return bad(
+            name.span(),
+            format!(
+                "VIP name `{n}` reads as an address: `edgelb route` takes a VIP's name or its address, so a name must not look like one; use a word (e.g. name = \"web\")"
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// What `a` is if no unicast traffic can be addressed to it: the unspecified address, a
+/// multicast one, the broadcast one.
+fn not_unicast(a: IpAddr) -> Option<&'static str> {
+    let a = a.to_canonical();
+    if a.is_unspecified() {
+        Some("the unspecified address")
+    } else if a.is_multicast() {
+        Some("a multicast address")
+    } else if a == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        Some("the broadcast address")
+    } else {
+        None
+    }
+}
+
+/// Refuses a backend its VIP's traffic can never reach or that loops: an address that is not
+/// unicast; for a VIP XDP forwards, a loopback address (encapsulated to it, packets never leave
+/// the node) or the VIP's own; for an l7 VIP, its own listen address and port.
+fn backend_address_ok(
+    span: Range<usize>,
+    address: IpAddr,
+    port: u16,
+    vip_addr: IpAddr,
+    vip_port: u16,
+    forwarding: Forwarding,
+) -> Result<(), Invalid> {
+    if let Some(what) = not_unicast(address) {
+        let example = if forwarding == Forwarding::L7 { " (127.0.0.1 for this node)" } else { "" };
+        return bad(
+            span,
+            format!(
+                "backend address {address} is {what}: write the backend's own address{example}"
+            ),
+        );
+    }
+    let same = address.to_canonical() == vip_addr.to_canonical();
+    if forwarding == Forwarding::L7 {
+        if same && port == vip_port {
+            return bad(
+                span,
+                format!(
+                    "backend {} is the VIP's own listen address: the proxy would connect to itself in a loop; write the backend's own address or port",
+                    std::net::SocketAddr::new(address, port)
+                ),
+            );
+        }
+    } else if address.to_canonical().is_loopback() {
+        return bad(
+            span,
+            format!(
+                "backend address {address} is a loopback address: packets XDP encapsulates to it never leave this node; write the backend's address on the network (loopback backends suit forwarding = \"l7\")"
+            ),
+        );
+    } else if same {
+        return bad(
+            span,
+            format!(
+                "backend {address} is the VIP's own address: XDP would send the VIP's flows back to the VIP; write the backend's real address"
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// A ring size to suggest for `backends` backends: the smallest prime of at least 100 slots a
+/// backend, within the largest ring.
+fn ring_size_for(backends: usize) -> u32 {
+    let mut m = (backends.saturating_mul(100).min(MAX_RING_SIZE as usize) as u32).max(3);
+    while !is_prime(m) {
+        m += 1;
+    }
+    m.min(MAX_RING_SIZE)
 }
 
 /// Text that may go into a request line or header as it is: visible ASCII only (no spaces, no
@@ -988,6 +1248,31 @@ fn health_check(
             return bad(span, format!("health kind `{other}`: expected tcp, http or udp"));
         }
     };
+    // Keys of another kind's probe would be silently ignored.
+    let key = |v: Option<Range<usize>>, key: &'static str, of: &'static str| {
+        v.filter(|_| kind != of).map(|s| (s, key, of))
+    };
+    let other_kind = [
+        key(h.path.as_ref().map(|v| v.span()), "path", "http"),
+        key(h.host.as_ref().map(|v| v.span()), "host", "http"),
+        key(h.expect_status.as_ref().map(|v| v.span()), "expect_status", "http"),
+        key(h.expect_body.as_ref().map(|v| v.span()), "expect_body", "http"),
+        key(h.send.as_ref().map(|v| v.span()), "send", "udp"),
+        key(h.expect.as_ref().map(|v| v.span()), "expect", "udp"),
+    ];
+    if let Some((span, key, of)) = other_kind.into_iter().flatten().next() {
+        return bad(
+            span,
+            format!(
+                "health `{key}` applies only to kind = \"{of}\", and this check is kind = \"{kind}\"{}: remove it, or set kind = \"{of}\"",
+                match (&h.kind, protocol) {
+                    (Some(_), _) => "",
+                    (None, Protocol::Tcp) => " (the default for a TCP VIP)",
+                    (None, Protocol::Udp) => " (the default for a UDP VIP)",
+                }
+            ),
+        );
+    }
     let kind = match kind {
         "tcp" => CheckKind::Tcp,
         "http" => CheckKind::Http {

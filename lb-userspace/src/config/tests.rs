@@ -289,8 +289,11 @@ fn backend_entries_are_per_vip() {
         )
     };
     let node = format!("{NODE}gateway_mac = \"02:00:00:00:00:fe\"\n");
-    let e = err(&format!("{node}{}{}", vip("http", 80), vip("https", 443)));
+    let text = format!("{node}{}{}", vip("http", 80), vip("https", 443));
+    let e = err(&text);
     assert!(e.contains("4200 backend entries"), "{e}");
+    // At entry 4097: the second VIP's backend 1997 (index 1996), 198.18.9.247.
+    assert!(e.starts_with(&at_last(&text, "\"198.18.9.247\"")) && e.contains("entry 4097"), "{e}");
 }
 
 /// Damaged config files (bytes replaced, inserted, cut; lines repeated or dropped) never panic
@@ -360,4 +363,435 @@ fn damaged_files_are_refused_with_a_location_never_a_panic() {
         }
     }
     assert!(accepted > 100 && refused > 1000, "accepted {accepted}, refused {refused}");
+}
+
+/// `t.toml:line:column:` of the first `needle` in `text`: where an error about it points.
+fn at(text: &str, needle: &str) -> String {
+    let offset = text.find(needle).unwrap_or_else(|| panic!("`{needle}` not in:\n{text}"));
+    let (line, column) = line_col(text, offset);
+    format!("t.toml:{line}:{column}:")
+}
+
+/// `t.toml:line:column:` of the last `needle` in `text`.
+fn at_last(text: &str, needle: &str) -> String {
+    let offset = text.rfind(needle).unwrap_or_else(|| panic!("`{needle}` not in:\n{text}"));
+    let (line, column) = line_col(text, offset);
+    format!("t.toml:{line}:{column}:")
+}
+
+/// Refused at (the first) `needle`, with a message containing `says`.
+#[track_caller]
+fn refused_at(text: &str, needle: &str, says: &str) {
+    let e = err(text);
+    assert!(
+        e.starts_with(&at(text, needle)) && e.contains(says),
+        "want {needle:?} / {says:?}: {e}"
+    );
+}
+
+/// Refused at the last `needle`, with a message containing `says`.
+#[track_caller]
+fn refused_at_last(text: &str, needle: &str, says: &str) {
+    let e = err(text);
+    assert!(
+        e.starts_with(&at_last(text, needle)) && e.contains(says),
+        "want {needle:?} / {says:?}: {e}"
+    );
+}
+
+/// An XDP VIP (IPv4 backends, a gateway MAC) with the given extra VIP lines and backends.
+fn xdp_vip(address: &str, extra: &str, backends: &str) -> String {
+    format!(
+        "{NODE}encap_source_v6 = \"2001:2:0:ff::/96\"\ngateway_mac = \"02:00:00:00:00:fe\"\n[[vip]]\nname = \"a\"\naddress = \"{address}\"\nport = 80\n{extra}\nbackends = [{backends}]\n"
+    )
+}
+
+/// An L7 VIP on `address`:8080 with the given backends, `[vip.l7]` lines and routes.
+fn l7_vip(address: &str, backends: &str, l7: &str, routes: &str) -> String {
+    format!(
+        "{NODE}[[vip]]\nname = \"a\"\naddress = \"{address}\"\nport = 8080\nforwarding = \"l7\"\nbackends = [{backends}]\n[vip.l7]\n{l7}\n{routes}"
+    )
+}
+
+/// A backend at the VIP's own address: XDP would send the VIP's flows back to the VIP, an L7
+/// proxy at its own listen address and port would connect to itself.
+#[test]
+fn a_backend_that_is_the_vip_itself_is_refused() {
+    let t = xdp_vip("198.18.1.1", "", r#"{ address = "198.18.0.11" }, { address = "198.18.1.1" }"#);
+    refused_at(&t, "\"198.18.1.1\" }", "the VIP's own address");
+    let t = xdp_vip("2001:2::1", "", r#"{ address = "2001:2::1" }"#);
+    refused_at(&t, "\"2001:2::1\" }", "the VIP's own address");
+    parse(&xdp_vip("198.18.1.1", "", r#"{ address = "198.18.1.2" }"#)).unwrap();
+
+    // L7: the same address and port (given, or the VIP's by default).
+    for own in [r#"{ address = "127.0.0.1", port = 8080 }"#, r#"{ address = "127.0.0.1" }"#] {
+        let t = l7_vip("127.0.0.1", own, "", "");
+        refused_at_last(&t, "\"127.0.0.1\"", "127.0.0.1:8080 is the VIP's own listen address");
+    }
+    let route = "[[vip.route]]\npath_prefix = \"/a/\"\nbackends = [{ address = \"127.0.0.1\" }]\n";
+    let t = l7_vip("127.0.0.1", r#"{ address = "127.0.0.1", port = 8081 }"#, "", route);
+    refused_at_last(&t, "\"127.0.0.1\"", "connect to itself in a loop");
+    // Another port of the same address is another server.
+    let cfg =
+        parse(&l7_vip("127.0.0.1", r#"{ address = "127.0.0.1", port = 8081 }"#, "", "")).unwrap();
+    assert_eq!(cfg.vips[0].backends[0].port, 8081);
+}
+
+/// Addresses no traffic can be sent to are refused as VIPs and backends; loopback backends only
+/// where XDP would encapsulate to them.
+#[test]
+fn addresses_that_can_never_work_are_refused() {
+    let ok = r#"{ address = "198.18.0.11" }"#;
+    for vip in ["0.0.0.0", "::", "224.0.0.1", "ff02::1", "255.255.255.255"] {
+        let t = xdp_vip(vip, "", ok);
+        let e = err(&t);
+        assert!(
+            e.starts_with(&at(&t, &format!("\"{vip}\""))) && e.contains("a VIP is one unicast"),
+            "{e}"
+        );
+        let t = l7_vip(vip, r#"{ address = "127.0.0.1", port = 8081 }"#, "", "");
+        assert!(err(&t).contains(&format!("VIP address {vip} is")), "{vip}");
+    }
+    for (backend, says) in [
+        ("0.0.0.0", "the unspecified address"),
+        ("239.1.2.3", "a multicast address"),
+        ("255.255.255.255", "the broadcast address"),
+        ("127.0.0.1", "a loopback address"),
+        ("::1", "a loopback address"),
+        ("::ffff:127.0.0.2", "a loopback address"),
+    ] {
+        let t = xdp_vip("198.18.1.1", "", &format!("{{ address = \"{backend}\" }}"));
+        refused_at(&t, &format!("\"{backend}\" }}"), says);
+    }
+    // The proxy connects to loopback backends (tests do), not to the unspecified address.
+    let t = l7_vip("198.18.1.6", r#"{ address = "0.0.0.0" }"#, "", "");
+    refused_at(&t, "\"0.0.0.0\"", "the unspecified address");
+    let route = "[[vip.route]]\nhost = \"a.example\"\nbackends = [{ address = \"ff02::1\" }]\n";
+    refused_at(&l7_vip("198.18.1.6", ok, "", route), "\"ff02::1\"", "a multicast address");
+    parse(&l7_vip("198.18.1.6", r#"{ address = "127.0.0.1" }, { address = "::1" }"#, "", ""))
+        .unwrap();
+    // Benchmarking and documentation ranges stay ordinary addresses.
+    let cfg = parse(&xdp_vip(
+        "198.18.0.1",
+        "",
+        r#"{ address = "198.19.255.254" }, { address = "2001:db8::11" }"#,
+    ))
+    .unwrap();
+    assert_eq!(cfg.vips[0].backends.len(), 2);
+}
+
+/// A ring with fewer slots than backends leaves some with none.
+#[test]
+fn ring_size_must_cover_the_backends() {
+    let five: Vec<String> = (11..16).map(|i| format!("{{ address = \"198.18.0.{i}\" }}")).collect();
+    let five = five.join(", ");
+    let t = xdp_vip("198.18.1.1", "ring_size = 3", &five);
+    refused_at(&t, "3\n", "smaller than this VIP's 5 backends");
+    assert!(err(&t).contains("e.g. ring_size = 503"), "{}", err(&t));
+    for ok in [5, 7, 503] {
+        let cfg = parse(&xdp_vip("198.18.1.1", &format!("ring_size = {ok}"), &five)).unwrap();
+        assert_eq!(cfg.vips[0].ring_size, ok);
+    }
+    // Still a prime.
+    refused_at(&xdp_vip("198.18.1.1", "ring_size = 9", &five), "9\n", "must be a prime");
+    assert_eq!(ring_size_for(1), 101);
+    assert_eq!(ring_size_for(4096), MAX_RING_SIZE);
+}
+
+/// Keys of another kind of probe would be ignored: refused where they are written.
+#[test]
+fn health_keys_of_another_kind_are_refused() {
+    let base = |kind: &str, key: &str| {
+        format!(
+            "{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nport = 80\n[vip.health]\n{kind}\n{key}\n"
+        )
+    };
+    for (kind, key, says) in [
+        ("kind = \"tcp\"", "path = \"/healthz\"", "`path` applies only to kind = \"http\""),
+        ("kind = \"tcp\"", "host = \"a.example\"", "`host` applies only to kind = \"http\""),
+        ("kind = \"tcp\"", "expect_status = 204", "`expect_status` applies only"),
+        ("", "expect_body = \"ok\"", "this check is kind = \"tcp\" (the default for a TCP VIP)"),
+        ("kind = \"tcp\"", "send = \"ping\"", "`send` applies only to kind = \"udp\""),
+        ("kind = \"http\"", "expect = \"pong\"", "`expect` applies only to kind = \"udp\""),
+        ("kind = \"udp\"\nsend = \"x\"", "path = \"/\"", "`path` applies only to kind = \"http\""),
+    ] {
+        let t = base(kind, key);
+        let value = key.split(" = ").nth(1).unwrap();
+        let e = err(&t);
+        assert!(e.contains(says) && e.contains("remove it"), "{key}: {e}");
+        let (line, col) = line_col(&t, t.rfind(value).unwrap());
+        assert!(e.starts_with(&format!("t.toml:{line}:{col}:")), "{key}: {e}");
+    }
+    // Each kind's own keys.
+    parse(&base(
+        "kind = \"http\"",
+        "path = \"/healthz\"\nhost = \"a.example\"\nexpect_status = 204\nexpect_body = \"ok\"",
+    ))
+    .unwrap();
+    parse(&base("kind = \"udp\"", "send = \"ping\"\nexpect = \"pong\"")).unwrap();
+}
+
+/// A TCP relay reads no HTTP: settings of the HTTP proxy are refused in mode = "tcp".
+#[test]
+fn http_only_l7_keys_are_refused_in_tcp_mode() {
+    let b = r#"{ address = "198.18.0.11", port = 80 }"#;
+    for line in [
+        "header_timeout_ms = 5000",
+        "response_timeout_ms = 5000",
+        "request_timeout_ms = 5000",
+        "max_header_bytes = 4096",
+        "max_headers = 10",
+        "upstream_keepalive = 0",
+        "forwarded_for = false",
+        "normalize_path = false",
+        "access_log = true",
+        "cookie_name = \"s\"",
+        "cookie_secret = \"0123456789abcdef\"",
+    ] {
+        let t = l7_vip("198.18.1.6", b, &format!("mode = \"tcp\"\n{line}"), "");
+        let (key, value) = line.split_once(" = ").unwrap();
+        refused_at_last(
+            &t,
+            &format!("{value}\n"),
+            &format!("`{key}` applies only to mode = \"http\""),
+        );
+        // The same key in HTTP mode is fine.
+        parse(&l7_vip("198.18.1.6", b, line, "")).unwrap();
+    }
+    let route = "[[vip.route]]\nhost = \"a.example\"\nbackends = [{ address = \"198.18.0.12\" }]\n";
+    let t = l7_vip("198.18.1.6", b, "mode = \"tcp\"", route);
+    refused_at(&t, "[[vip.route]]", "[[vip.route]] applies only to mode = \"http\"");
+    // What the relay does use.
+    let cfg = parse(&l7_vip(
+        "198.18.1.6",
+        b,
+        "mode = \"tcp\"\nalgorithm = \"least_conn\"\nretries = 1\nconnect_timeout_ms = 500\nidle_timeout_ms = 1000\nmax_connections = 10\nproxy_protocol = 2\nmax_fails = 2\nfail_timeout_ms = 500",
+        "",
+    ))
+    .unwrap();
+    assert_eq!(cfg.vips[0].l7.as_ref().unwrap().mode, L7Mode::Tcp);
+}
+
+/// The cookie name goes into `Set-Cookie` as it is.
+#[test]
+fn cookie_name_must_be_a_token() {
+    let b = r#"{ address = "198.18.0.11", port = 80 }"#;
+    let l7 = |name: &str| {
+        format!(
+            "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef\"\ncookie_name = \"{name}\""
+        )
+    };
+    for bad in
+        ["", "a b", "a;b", "a=b", "a,b", "a\\\"b", "a\\r\\nSet-Cookie: x", "é", "a(b)", "a/b"]
+    {
+        let t = l7_vip("198.18.1.6", b, &l7(bad), "");
+        refused_at(&t, &format!("\"{bad}\"\n"), "must be a cookie name token");
+    }
+    for good in ["edgelb_sticky", "SID", "a-b.c~!#$%&'*+^`|"] {
+        let cfg = parse(&l7_vip("198.18.1.6", b, &l7(good), "")).unwrap();
+        assert_eq!(cfg.vips[0].l7.as_ref().unwrap().cookie_name, good);
+    }
+}
+
+/// A route host is compared with the request's host without its port; a route that matches
+/// everything hides the routes after it.
+#[test]
+fn route_hosts_are_plain_names_and_every_route_matches_something() {
+    let b = r#"{ address = "198.18.0.11", port = 80 }"#;
+    let route = |lines: &str| {
+        format!("[[vip.route]]\n{lines}\nbackends = [{{ address = \"198.18.0.12\" }}]\n")
+    };
+    for (host, write) in [
+        ("a.example:8080", Some("write `a.example`")),
+        ("http://a.example/", Some("write `a.example`")),
+        ("https://a.example:443/x", Some("write `a.example`")),
+        ("[2001:db8::1]:80", Some("write `[2001:db8::1]`")),
+        ("2001:db8::1", Some("write `[2001:db8::1]`")),
+        ("a.example/api", Some("write `a.example`")),
+        ("a example", None),
+        ("", None),
+    ] {
+        let t = l7_vip("198.18.1.6", b, "", &route(&format!("host = \"{host}\"")));
+        let e = err(&t);
+        assert!(
+            e.starts_with(&at(&t, &format!("\"{host}\"\n"))) && e.contains("plain host name"),
+            "{e}"
+        );
+        if let Some(w) = write {
+            assert!(e.contains(w), "{host}: {e}");
+        }
+    }
+    for good in ["a.example", "API.Example", "198.18.1.6", "[2001:db8::1]", "localhost"] {
+        let cfg =
+            parse(&l7_vip("198.18.1.6", b, "", &route(&format!("host = \"{good}\"")))).unwrap();
+        let r = &cfg.vips[0].l7.as_ref().unwrap().routes[0];
+        assert_eq!(r.host.as_deref(), Some(good.to_ascii_lowercase().as_str()));
+    }
+    let t = l7_vip(
+        "198.18.1.6",
+        b,
+        "",
+        &(route("algorithm = \"random\"") + &route("host = \"b.example\"")),
+    );
+    refused_at(&t, "[[vip.route]]", "put its backends in the VIP's own `backends`");
+    parse(&l7_vip("198.18.1.6", b, "", &route("path_prefix = \"/\""))).unwrap();
+}
+
+/// The admin commands take a VIP's name or address, names first.
+#[test]
+fn vip_names_are_not_empty_and_not_addresses() {
+    let named = |name: &str| {
+        format!("{NODE}[[vip]]\nname = \"{name}\"\naddress = \"198.18.1.1\"\nport = 80\n")
+    };
+    refused_at(&named(""), "\"\"", "a VIP needs a name");
+    for addr in ["198.18.1.2", "198.18.1.2:80", "::1", "[2001:db8::1]:80"] {
+        refused_at(&named(addr), &format!("\"{addr}\""), "reads as an address");
+    }
+    for ok in ["web", "web-198.18.1.2", "1", "v6:web"] {
+        assert_eq!(parse(&named(ok)).unwrap().vips[0].name, ok);
+    }
+}
+
+/// The L7 proxy places requests by its own algorithm; its hash pools have a ring of their own.
+#[test]
+fn ring_size_and_hash_are_refused_on_l7_vips() {
+    let t = |extra: &str| {
+        format!(
+            "{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.6\"\nport = 80\nforwarding = \"l7\"\n{extra}\nbackends = [{{ address = \"198.18.0.11\" }}]\n[vip.l7]\nalgorithm = \"hash\"\n"
+        )
+    };
+    refused_at(&t("ring_size = 65537"), "65537", "`ring_size` applies only to VIPs XDP forwards");
+    refused_at(&t("hash = \"client\""), "\"client\"", "`hash` applies only to VIPs XDP forwards");
+    let cfg = parse(&t("")).unwrap();
+    assert_eq!(cfg.vips[0].l7.as_ref().unwrap().algorithm, Algorithm::Hash);
+    // Both still apply to XDP VIPs.
+    let cfg = parse(&xdp_vip(
+        "198.18.1.1",
+        "hash = \"5tuple\"\nring_size = 101",
+        r#"{ address = "198.18.0.11" }"#,
+    ))
+    .unwrap();
+    assert_eq!((cfg.vips[0].hash, cfg.vips[0].ring_size), (HashMode::FiveTuple, 101));
+}
+
+/// Errors about a whole (a missing secret, a limit over all VIPs) point at the value that
+/// causes them, not at the top of the file.
+#[test]
+fn errors_point_at_their_cause_not_at_the_top() {
+    let b = r#"{ address = "198.18.0.11", port = 80 }"#;
+    let t = l7_vip("198.18.1.6", b, "algorithm = \"cookie\"", "");
+    refused_at(&t, "\"cookie\"", "cookie stickiness needs [vip.l7] cookie_secret");
+    // Asked for by a route, of a VIP without [vip.l7].
+    let t = format!(
+        "{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.6\"\nport = 80\nforwarding = \"l7\"\nbackends = [{b}]\n[[vip.route]]\nhost = \"a.example\"\nalgorithm = \"cookie\"\nbackends = [{b}]\n"
+    );
+    refused_at(&t, "\"cookie\"", "cookie stickiness needs [vip.l7] cookie_secret");
+    let ok =
+        l7_vip("198.18.1.6", b, "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef\"", "");
+    parse(&ok).unwrap();
+    // Bytes, not characters.
+    let secret = |s: &str| format!("algorithm = \"cookie\"\ncookie_secret = \"{s}\"");
+    parse(&l7_vip("198.18.1.6", b, &secret("0123456789abcdé"), "")).unwrap();
+    let t = l7_vip("198.18.1.6", b, &secret("0123456789abcde"), "");
+    refused_at(&t, "\"0123", "at least 16 bytes (this one has 15)");
+}
+
+/// A file that cannot be read says why once, and has no source that would repeat it.
+#[test]
+fn an_unreadable_file_says_why_once() {
+    let e = Config::load(Path::new("/nonexistent/edgelb.toml")).expect_err("no such file");
+    let text = e.to_string();
+    assert!(text.starts_with("/nonexistent/edgelb.toml: cannot read config: "), "{text}");
+    assert_eq!(text.matches("os error 2").count(), 1, "{text}");
+    assert!(std::error::Error::source(&e).is_none());
+}
+
+/// Common TOML mistakes get a message that says what to write, at the mistake.
+#[test]
+fn common_toml_mistakes_say_what_to_write() {
+    let vip = "[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nport = 80\n";
+    for (text, needle, says) in [
+        (format!("{NODE}xdp_mode = native\n"), "native", "write xdp_mode = \"native\""),
+        (
+            format!("{NODE}xdp_mode = native # the driver's\n"),
+            "native",
+            "write xdp_mode = \"native\"",
+        ),
+        (
+            format!("{NODE}[[vip]]\nname = \"a\"\naddress = 198.18.1.1\n"),
+            "198.18.1.1",
+            "write address = \"198.18.1.1\"",
+        ),
+        (
+            format!("{NODE}[vip]\nname = \"a\"\naddress = \"198.18.1.1\"\n"),
+            "[vip]",
+            "write [[vip]], not [vip]: each VIP is an array entry",
+        ),
+        (
+            "[[node]]\ninterfaces = [\"eth0\"]\n".to_owned(),
+            "[[node]]",
+            "write [node], not [[node]]",
+        ),
+        ("[node]\ninterfaces = \"eth0\"\n".to_owned(), "\"eth0\"", "write interfaces = [\"eth0\"]"),
+        (
+            format!("{NODE}{vip}backends = [\"198.18.0.11\"]\n"),
+            "\"198.18.0.11\"",
+            "write { address = \"198.18.0.11\" }",
+        ),
+        (
+            format!("{NODE}{vip}[vip.backends]\naddress = \"198.18.0.11\"\n"),
+            "[vip.backends]",
+            "`backends` is a list",
+        ),
+        (
+            format!("{NODE}{vip}[[vip.health]]\nkind = \"tcp\"\n"),
+            "[[vip.health]]",
+            "write [vip.health], not [[vip.health]]",
+        ),
+        (
+            format!("{NODE}{vip}forwarding = \"l7\"\n[vip.route]\nhost = \"a\"\nbackends = []\n"),
+            "[vip.route]",
+            "write [[vip.route]], not [vip.route]",
+        ),
+        (
+            format!(
+                "{NODE}{vip}forwarding = \"l7\"\n[[vip.route]]\nhost = \"a\"\nbackends = [\"198.18.0.12\"]\n"
+            ),
+            "\"198.18.0.12\"",
+            "write { address = \"198.18.0.12\" }",
+        ),
+    ] {
+        refused_at(&text, needle, says);
+    }
+    // Other errors keep the parser's message and place.
+    let e = err(&format!("{NODE}xdp_mode = \"native\n"));
+    assert!(e.starts_with("t.toml:4:") && !e.contains("strings need quotes"), "{e}");
+    let e = err(&format!("{NODE}mtu = \"1500\"\n"));
+    assert!(e.starts_with("t.toml:4:7:") && e.contains("invalid type"), "{e}");
+    // The right forms are accepted.
+    parse(&format!("{NODE}xdp_mode = \"native\"\n{vip}[[vip.backends]]\naddress = \"198.18.0.11\"\nmac = \"02:00:00:00:00:01\"\n")).unwrap();
+}
+
+/// `edgelb stop` removes what edgelb pinned in `pin_dir`: the directory must lie below the
+/// bpffs mount by plain names, so that no `..` leads it elsewhere.
+#[test]
+fn pin_dir_is_a_plain_directory_below_bpffs() {
+    let with = |dir: &str| format!("{NODE}pin_dir = \"{dir}\"\n");
+    for bad in [
+        "/sys/fs/bpf/",
+        "/sys/fs/bpf",
+        "/sys/fs/bpf/../../../etc/edgelb",
+        "/sys/fs/bpf/a/./b",
+        "/sys/fs/bpf//a",
+        "/tmp/edgelb",
+    ] {
+        refused_at(
+            &with(bad),
+            &format!("\"{bad}\""),
+            "pin_dir must be a directory under /sys/fs/bpf/",
+        );
+    }
+    for good in ["/sys/fs/bpf/edgelb", "/sys/fs/bpf/edgelb/", "/sys/fs/bpf/tc/globals"] {
+        assert_eq!(parse(&with(good)).unwrap().node.pin_dir, std::path::PathBuf::from(good));
+    }
 }
