@@ -2012,3 +2012,261 @@ fn expect_100_continue_is_answered_before_the_body() {
     let resp = read_response(&mut r).unwrap();
     assert_eq!(resp.0, 200);
 }
+
+/// A backend whose listener is closed: connecting to it is refused.
+fn dead_backend() -> Backend {
+    let mut b = backend("dead", Mode::Ok);
+    b.stop.store(true, Ordering::Relaxed);
+    let _ = TcpStream::connect(b.addr);
+    // The accept thread returns and its listener closes with it.
+    b.thread.take().expect("the accept thread").join().unwrap();
+    b
+}
+
+/// A backend's own 502/503/504 is retried for a GET, but when no other backend is left to try,
+/// or the others fail too, the client gets that answer (status, headers, body) as it would have
+/// without retries, as nginx's `proxy_next_upstream` does: not a 502 of the proxy's own.
+#[test]
+fn a_retryable_answer_reaches_the_client_when_no_other_backend_serves() {
+    let maintenance = raw_backend(|_| {
+        (
+            "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 7\r\nContent-Length: 12\r\n\r\nmaintenance\n",
+            false,
+        )
+    });
+    let p = proxy(&[(&maintenance, 1)], "", "");
+    let mut c = Client::connect(p.addr);
+    for i in 0..2 {
+        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+        let (status, headers, body) = read_response(&mut c.r).expect("a response");
+        assert_eq!(status, 503, "request {i}: {headers:?} {body:?}");
+        assert_eq!(headers.get("retry-after").map(String::as_str), Some("7"), "{headers:?}");
+        assert_eq!(body, "maintenance\n");
+        assert_eq!(headers.get("connection").map(String::as_str), Some("keep-alive"));
+    }
+    assert_eq!(maintenance.reqs.load(Ordering::Relaxed), 2, "one backend, tried once each");
+
+    // Two backends that both answer 503: the client gets one of their answers.
+    let (a, b) = (backend("a", Mode::Status(503)), backend("b", Mode::Status(503)));
+    let p = proxy(&[(&a, 1), (&b, 1)], "max_fails = 100", "");
+    for _ in 0..4 {
+        let r = get(p.addr, "/");
+        assert_eq!(r.0, 503, "{r:?}");
+        assert!(["a", "b"].contains(&who(&r).as_str()), "a backend's own answer: {r:?}");
+    }
+    assert_eq!(a.reqs.load(Ordering::Relaxed) + b.reqs.load(Ordering::Relaxed), 8, "both tried");
+
+    // A 503, then a backend that refuses the connection (in either order): the 503.
+    let (busy, dead) = (backend("busy", Mode::Status(503)), dead_backend());
+    let p = proxy(
+        &[(&busy, 1), (&dead, 1)],
+        "algorithm = \"round_robin\"\nmax_fails = 100\naccess_log = true",
+        "",
+    );
+    for _ in 0..4 {
+        let r = get(p.addr, "/");
+        assert_eq!((r.0, who(&r)), (503, "busy".to_owned()), "{r:?}");
+    }
+    assert_eq!(busy.reqs.load(Ordering::Relaxed), 4);
+    // Counted once each, as the backend's answer.
+    let text = p.metrics.encode();
+    let line = "edgelb_l7_requests_total{vip=\"web\",class=\"5xx\"} 4";
+    assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+}
+
+/// Pooled backend connections idle past their limit (here the VIP's idle timeout, 1 s) are
+/// closed even when no request for that backend comes again: not only when the pool is next
+/// asked for one. Here the backend is even removed from the config after a burst.
+#[test]
+fn idle_backend_connections_are_closed_without_further_traffic() {
+    let open = Arc::new(AtomicUsize::new(0));
+    let counter = open.clone();
+    let b = serve_backend(move |s, reqs, _| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        // Longer than the test: the backend never closes a connection itself.
+        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while read_request(&mut r).is_some() {
+            reqs.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(100));
+            if w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").is_err() {
+                break;
+            }
+        }
+        counter.fetch_sub(1, Ordering::SeqCst);
+    });
+    let other = backend("other", Mode::Ok);
+    let mut p = proxy(&[(&b, 1)], "idle_timeout_ms = 1000", "");
+    // A burst: 8 concurrent requests, each on its own client connection (both threads).
+    let addr = p.addr;
+    std::thread::scope(|sc| {
+        for _ in 0..8 {
+            sc.spawn(move || assert_eq!(get(addr, "/").0, 200));
+        }
+    });
+    let pooled = open.load(Ordering::SeqCst);
+    assert!(pooled >= 2, "the burst left backend connections in the pools ({pooled})");
+    // The backend leaves the config; nothing is sent to it again.
+    let (cfg, _) = proxy_config(&[(&other, 1)], "idle_timeout_ms = 1000", "");
+    p.proxy.as_mut().unwrap().update(&cfg);
+    let t = Instant::now();
+    while open.load(Ordering::SeqCst) > 0 {
+        assert!(
+            t.elapsed() < Duration::from_millis(3500),
+            "{} idle backend connections still open after {:?}",
+            open.load(Ordering::SeqCst),
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 8);
+}
+
+/// A pooled connection on which the backend wrote something after its response (a body to a
+/// HEAD, bytes past a Content-Length, in a later segment) is not reused for the next request,
+/// idempotent or not: the next request gets the backend's real answer, not the stray bytes.
+/// After a bodiless response that holds however soon the connection is wanted again; after
+/// others, once it has been idle a moment (50 ms).
+#[test]
+fn a_pooled_connection_with_stray_bytes_is_not_reused() {
+    const STRAY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray";
+    let quick_stray = Arc::new(AtomicBool::new(false));
+    let wrote = quick_stray.clone();
+    let b = serve_backend(move |s, reqs, _| {
+        // Each write goes at once (Nagle's algorithm would hold the stray bytes back until the
+        // proxy acknowledged the response, up to its 40 ms delayed ACK).
+        s.set_nodelay(true).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while let Some((head, _)) = read_request(&mut r) {
+            reqs.fetch_add(1, Ordering::Relaxed);
+            let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+            let quick = path == "/quick";
+            let late = head.starts_with("HEAD") || path == "/late";
+            let resp = if head.starts_with("HEAD") {
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n".to_owned()
+            } else if path == "/late" {
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_owned()
+            } else {
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\nreal {path}", path.len() + 5)
+            };
+            if w.write_all(resp.as_bytes()).is_err() {
+                return;
+            }
+            if late {
+                // In a later segment: 1 ms behind (`/quick`), or 100 ms.
+                std::thread::sleep(Duration::from_millis(if quick { 1 } else { 100 }));
+                if w.write_all(STRAY).is_err() {
+                    return;
+                }
+                wrote.store(quick, Ordering::SeqCst);
+            }
+        }
+    });
+    let p = proxy(&[(&b, 1)], "", "");
+    let mut c = Client::connect(p.addr);
+    // A HEAD answered with a body written later.
+    c.send(b"HEAD /h HTTP/1.1\r\nHost: t\r\n\r\n");
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        assert!(c.r.read_line(&mut head).unwrap() > 0, "{head:?}");
+    }
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    c.send(b"GET /after-head HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = read_response(&mut c.r).expect("a response");
+    assert_eq!((r.0, r.2.as_str()), (200, "real /after-head"), "{r:?}");
+    // A GET whose response is followed, later, by more than its Content-Length.
+    c.send(b"GET /late HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = read_response(&mut c.r).expect("a response");
+    assert_eq!((r.0, r.2.as_str()), (200, "hello"), "{r:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    c.send(b"GET /after-late HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = read_response(&mut c.r).expect("a response");
+    assert_eq!((r.0, r.2.as_str()), (200, "real /after-late"), "{r:?}");
+    // A HEAD whose stray body comes right behind its head, and the next request a few
+    // milliseconds later: well within the idle time after which any connection is checked.
+    c.send(b"HEAD /quick HTTP/1.1\r\nHost: t\r\n\r\n");
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        assert!(c.r.read_line(&mut head).unwrap() > 0, "{head:?}");
+    }
+    let t = Instant::now();
+    while !quick_stray.load(Ordering::SeqCst) {
+        assert!(t.elapsed() < Duration::from_secs(2), "the backend wrote its stray bytes");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(5));
+    c.send(b"GET /after-quick HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = read_response(&mut c.r).expect("a response");
+    assert_eq!((r.0, r.2.as_str()), (200, "real /after-quick"), "{r:?}");
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 6);
+}
+
+/// A fully qualified host (`api.example.` with its root dot) is the same host: it takes the
+/// route for `api.example`, in a Host header (with or without a port) or an absolute-form
+/// target; and a route written with the dot matches the host without it.
+#[test]
+fn a_trailing_dot_in_the_host_takes_its_route() {
+    let (api, www, def) =
+        (backend("api", Mode::Ok), backend("www", Mode::Ok), backend("default", Mode::Ok));
+    let routes = route("host = \"api.example\"", &api) + &route("host = \"www.example.\"", &www);
+    let p = proxy(&[(&def, 1)], "", &routes);
+    let to = |raw: &str| who(&request(p.addr, None, raw).expect("an answer"));
+    for (raw, want) in [
+        ("GET / HTTP/1.1\r\nHost: api.example.\r\nConnection: close\r\n\r\n", "api"),
+        ("GET / HTTP/1.1\r\nHost: API.example.:8080\r\nConnection: close\r\n\r\n", "api"),
+        ("GET http://api.example./x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", "api"),
+        ("GET / HTTP/1.1\r\nHost: api.example\r\nConnection: close\r\n\r\n", "api"),
+        // One root dot, not any number of them.
+        ("GET / HTTP/1.1\r\nHost: api.example..\r\nConnection: close\r\n\r\n", "default"),
+        ("GET / HTTP/1.1\r\nHost: www.example\r\nConnection: close\r\n\r\n", "www"),
+        ("GET / HTTP/1.1\r\nHost: www.example.:80\r\nConnection: close\r\n\r\n", "www"),
+    ] {
+        assert_eq!(to(raw), want, "{raw:?}");
+    }
+}
+
+/// A client that stalls in the middle of its request body gets 408 at the idle timeout and the
+/// connection closes; one that leaves mid-body is counted (and logged) as 499, as nginx does.
+#[test]
+fn a_client_stalling_mid_body_gets_408_and_is_counted() {
+    let log = access_log();
+    let b = backend("b", Mode::Ok);
+    let p = proxy(&[(&b, 1)], "idle_timeout_ms = 500\naccess_log = true", "");
+    let t = Instant::now();
+    let (got, took) = exchange(
+        p.addr,
+        b"POST /stalled-upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n0123456789",
+        false,
+        Duration::from_secs(3),
+    );
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 408 "), "{got:?} after {took:?}");
+    assert!(got.contains("Connection: close\r\n"), "{got:?}");
+    assert!(took < Duration::from_millis(1500), "closed after {took:?}");
+    assert!(t.elapsed() >= Duration::from_millis(450), "not before the idle timeout");
+
+    // A client that leaves mid-body: nothing to answer, but counted and logged.
+    let mut s = TcpStream::connect(p.addr).unwrap();
+    s.write_all(b"POST /abandoned-upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n0123")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(s);
+    let want = "edgelb_l7_requests_total{vip=\"web\",class=\"4xx\"} 2";
+    let t = Instant::now();
+    while !p.metrics.encode().lines().any(|l| l == want) {
+        assert!(t.elapsed() < Duration::from_secs(2), "{want} in\n{}", p.metrics.encode());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    for (path, status) in [("/stalled-upload", "status=408"), ("/abandoned-upload", "status=499")] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(path) && l.contains(status) && l.contains("method=POST")),
+            "{path} {status} in\n{text}"
+        );
+    }
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 0, "neither request reached the backend whole");
+}

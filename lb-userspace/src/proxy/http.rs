@@ -36,13 +36,42 @@ use super::{
 use crate::config::{Algorithm, L7Mode};
 
 /// Pooled connections idle longer than this are not reused (backends time out idle keep-alive
-/// connections; a stale one would fail the next request).
+/// connections; a stale one would fail the next request). A VIP with a shorter idle timeout
+/// keeps its backend connections idle only that long: the idle timeout is the VIP's keep-alive
+/// time on both sides.
 const POOL_MAX_IDLE: Duration = Duration::from_secs(4);
+/// How often each thread closes the pooled connections past their idle limit. Without it, a
+/// connection is only found stale when a request for its backend comes (a backend removed from
+/// the config, or the surplus of a busy moment, would stay open for ever).
+const POOL_SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// A pooled connection idle at least this long is checked (a non-waiting peek, one system call)
+/// before any request is sent on it, replayable or not. A backend that writes after its
+/// response (a body to a HEAD in a second write, bytes past its Content-Length, a 408 before it
+/// closes an idle connection) would otherwise have those bytes read as the next request's
+/// response. Such bytes follow the response within a round trip, or at worst a delayed ACK
+/// later (40 ms on Linux: a backend's second small write waits for it under Nagle's
+/// algorithm), or come at the backend's own idle timeout, seconds later; so after 50 ms they
+/// are there to see. Under load, connections go back to work within microseconds (the pool
+/// hands out the most recently idle first), so a busy connection pays no system call: one idle
+/// 50 ms serves at most 20 requests a second, where a peek costs nothing that shows.
+const POOL_PEEK_AFTER: Duration = Duration::from_millis(50);
 /// Read size.
 const READ_CHUNK: usize = 4 * 1024;
 
-/// Idle connections to one backend, with the time each became idle.
-type IdleList = Vec<(Socket, Instant)>;
+/// An idle keep-alive connection to a backend.
+struct Idle {
+    socket: Socket,
+    /// When it became idle.
+    since: Instant,
+    /// When it is too old to reuse.
+    expires: Instant,
+    /// Checked before reuse however short its idle time: its last response had no body (HEAD,
+    /// 204, 304), which is where backends most often send one anyway, right behind the head.
+    peek: bool,
+}
+
+/// Idle connections to one backend, oldest first.
+type IdleList = Vec<Idle>;
 
 /// Idle keep-alive connections to backends, per thread.
 #[derive(Clone, Default)]
@@ -50,29 +79,76 @@ pub struct UpstreamPool {
     idle: Rc<RefCell<AHashMap<SocketAddr, IdleList>>>,
 }
 
+/// Closes a connection taken out of the pool now, not whenever its last clone goes.
+fn close(s: &Socket) {
+    let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
 impl UpstreamPool {
-    /// An idle connection to `addr` that has not been idle too long at `now`. With `check`,
-    /// only one the backend has not closed meanwhile (one system call each): for a request
-    /// that is never sent twice, so a connection the backend closed must not be tried.
+    /// An idle connection to `addr` that has not been idle too long at `now` (the most recently
+    /// idle first). With `check`, or when the connection was idle [`POOL_PEEK_AFTER`] or its
+    /// last response had no body, only one a peek finds open with nothing unread (one system
+    /// call each): `check` is for a request that is never sent twice, so a connection the
+    /// backend closed must not be tried.
     fn take(&self, addr: SocketAddr, now: Instant, check: bool) -> Option<Socket> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
-        while let Some((s, since)) = list.pop() {
-            if now.saturating_duration_since(since) < POOL_MAX_IDLE && (!check || s.idle_open()) {
-                return Some(s);
+        while let Some(c) = list.pop() {
+            let peek = check || c.peek || now.saturating_duration_since(c.since) >= POOL_PEEK_AFTER;
+            if now < c.expires && (!peek || c.socket.idle_open()) {
+                return Some(c.socket);
             }
-            let _ = s.shutdown(std::net::Shutdown::Both);
+            close(&c.socket);
         }
         None
     }
 
-    /// Keeps `s`, idle since `now`, for reuse unless `max` connections to `addr` are idle
-    /// already.
-    fn put(&self, addr: SocketAddr, s: Socket, max: usize, now: Instant) {
+    /// Keeps `s`, idle since `now`, for reuse for at most `max_idle` (and [`POOL_MAX_IDLE`])
+    /// unless `max` connections to `addr` are idle already; with `peek`, it is checked before
+    /// its next use (see [`Idle::peek`]). Connections to `addr` past their time go first: the
+    /// list is oldest first, so they are at its front.
+    fn put(
+        &self,
+        addr: SocketAddr,
+        s: Socket,
+        max: usize,
+        now: Instant,
+        max_idle: Duration,
+        peek: bool,
+    ) {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(addr).or_default();
+        let stale = list.iter().take_while(|c| c.expires <= now).count();
+        list.drain(..stale).for_each(|c| close(&c.socket));
         if list.len() < max {
-            list.push((s, now));
+            let expires = now + max_idle.min(POOL_MAX_IDLE);
+            list.push(Idle { socket: s, since: now, expires, peek });
+        } else {
+            close(&s);
+        }
+    }
+
+    /// Closes every connection past its time at `now`, for every backend, and forgets
+    /// backends left without idle connections (one removed from the config, say).
+    fn sweep(&self, now: Instant) {
+        self.idle.borrow_mut().retain(|_, list| {
+            list.retain(|c| {
+                let keep = c.expires > now;
+                if !keep {
+                    close(&c.socket);
+                }
+                keep
+            });
+            !list.is_empty()
+        });
+    }
+
+    /// Sweeps the pool every [`POOL_SWEEP_EVERY`], until its task is aborted (when the thread
+    /// ends).
+    pub(super) async fn sweep_every(self) {
+        loop {
+            tokio::time::sleep(POOL_SWEEP_EVERY).await;
+            self.sweep(Instant::now());
         }
     }
 }
@@ -918,8 +994,27 @@ enum Attempt {
     Timeout,
     /// Connection broke or garbage before a response head.
     Broken,
-    /// The client broke off while sending its body.
+    /// The client broke off while sending its body (or could not take an interim response).
     ClientGone,
+    /// The client stalled while sending its body: nothing for the idle timeout, or the
+    /// whole-request deadline passed (408).
+    ClientTimeout,
+}
+
+/// A backend's retryable answer (502, 503, 504) to a request that was tried again elsewhere,
+/// kept with its connection: when no other backend answers better (none is left to try, or the
+/// others fail too), the client gets this answer, as it would have without retries (as nginx's
+/// `proxy_next_upstream` does), rather than a 502 of the proxy's own that loses the backend's
+/// status, headers (Retry-After) and body.
+struct Kept<'a> {
+    /// The member that answered.
+    i: usize,
+    up: Socket,
+    resp: RespHead,
+    /// What was read past the head (the start of the body).
+    rest: BytesMut,
+    /// The request still counts in flight on that backend: its connection is held.
+    counted: InFlight<'a>,
 }
 
 /// Serves one client connection until it closes, errs, or the proxy stops.
@@ -1064,6 +1159,7 @@ async fn serve_conn(
         tried.clear();
         let mut last = Attempt::Connect;
         let mut done = None;
+        let mut kept: Option<Kept> = None;
         for attempt in 0..=cfg.retries {
             let Some(i) = pool.pick(client_ip(peer), &tried, sticky) else { break };
             if attempt > 0 {
@@ -1098,25 +1194,48 @@ async fn serve_conn(
             match r {
                 Ok((up, resp)) => {
                     let retryable = matches!(resp.status, 502..=504);
-                    if retryable && can_retry && attempt < cfg.retries {
-                        vip.failed(&member.state);
-                        continue;
-                    }
                     if retryable {
                         vip.failed(&member.state);
                     } else {
                         member.state.success();
                     }
+                    if retryable && can_retry && attempt < cfg.retries {
+                        // The latest such answer is the one passed on if nothing better comes.
+                        let rest = ubuf.split();
+                        if let Some(old) = kept.replace(Kept { i, up, resp, rest, counted }) {
+                            close(&old.up);
+                        }
+                        continue;
+                    }
                     done = Some((i, up, resp, counted));
                     break;
                 }
-                Err(Attempt::ClientGone) => return,
+                Err(e @ (Attempt::ClientGone | Attempt::ClientTimeout)) => {
+                    // Nothing was sent to the client yet: a stalled one gets 408, one that left
+                    // is counted and logged as 499 (nginx's "client closed request").
+                    let status = if matches!(e, Attempt::ClientTimeout) { 408 } else { 499 };
+                    finished(
+                        &vip,
+                        peer,
+                        status,
+                        Some(&req),
+                        Some(member.state.addr),
+                        Some(started),
+                    );
+                    if let Some(k) = kept {
+                        close(&k.up);
+                    }
+                    if status == 408 {
+                        let _ = respond(client, status).await;
+                    }
+                    return;
+                }
                 Err(e) => {
                     tracing::debug!(
                         vip = %vip.name,
                         backend = %member.state.addr,
                         attempt,
-                        failure = match e { Attempt::Connect => "connect", Attempt::Timeout => "timeout", Attempt::Broken => "broken", Attempt::ClientGone => "client gone" },
+                        failure = match e { Attempt::Connect => "connect", Attempt::Timeout => "timeout", Attempt::Broken => "broken", Attempt::ClientGone => "client gone", Attempt::ClientTimeout => "client timeout" },
                         "L7 attempt failed"
                     );
                     vip.failed(&member.state);
@@ -1127,6 +1246,16 @@ async fn serve_conn(
                     }
                 }
             }
+        }
+        // A backend's own retryable answer rather than the proxy's: as if not retried.
+        match (&done, kept) {
+            (None, Some(k)) => {
+                ubuf.clear();
+                ubuf.extend_from_slice(&k.rest);
+                done = Some((k.i, k.up, k.resp, k.counted));
+            }
+            (Some(_), Some(k)) => close(&k.up),
+            (_, None) => {}
         }
         let Some((i, up, resp, counted)) = done else {
             let status = match (tried.is_empty(), last) {
@@ -1172,7 +1301,10 @@ async fn serve_conn(
 
         // 5. Response head and body to the client.
         let head_req = req.method() == "HEAD";
-        let rframing = if head_req || resp.status == 204 || resp.status == 304 {
+        // A response that has no body whatever its head says: its connection is checked before
+        // it is reused (see `Idle::peek`).
+        let bodiless = head_req || resp.status == 204 || resp.status == 304;
+        let rframing = if bodiless {
             Framing::None
         } else {
             body_framing(&resp.head, false).unwrap_or(Framing::UntilClose)
@@ -1227,6 +1359,12 @@ async fn serve_conn(
                 if take as u64 == n { Framing::None } else { Framing::Length(n - take as u64) };
         }
         if write(client, out.split().freeze()).await.is_err() {
+            // The client left before its answer: counted and logged all the same, as when it
+            // leaves during the body.
+            drop(counted);
+            close(&up);
+            let backend = Some(pool.members[i].state.addr);
+            finished(&vip, peer, status, Some(&req), backend, Some(started));
             return;
         }
         let body =
@@ -1241,7 +1379,8 @@ async fn serve_conn(
             return;
         }
         if upstream_keepalive && ubuf.is_empty() && vip.cfg.proxy_protocol.is_none() {
-            upstream.put(pool.members[i].state.addr, up, vip.cfg.upstream_keepalive, end);
+            let (max, max_idle) = (vip.cfg.upstream_keepalive, vip.cfg.idle_timeout);
+            upstream.put(pool.members[i].state.addr, up, max, end, max_idle, bodiless);
         }
         if !keep {
             return;
@@ -1342,7 +1481,8 @@ async fn attempt_once(
             match stream_body(client, buf, &up, framing, false, deadline, cfg.idle_timeout).await {
                 Ok(()) => {}
                 Err(Side::Dst) => return Err(abandon(&up, Attempt::Broken)),
-                Err(_) => return Err(abandon(&up, Attempt::ClientGone)),
+                Err(Side::Src) => return Err(abandon(&up, Attempt::ClientGone)),
+                Err(Side::Timeout) => return Err(abandon(&up, Attempt::ClientTimeout)),
             }
         }
         let sent_at = if framing == Framing::None { sent_at } else { tokio::time::Instant::now() };
@@ -1650,6 +1790,51 @@ mod tests {
             false,
         );
         assert!(out.contains("\r\nHost: x\r\n"), "{out}");
+    }
+
+    /// The pool lets go of connections past their time: `put` trims them from the front of
+    /// their backend's list, a sweep closes the rest and forgets the backend, and each one
+    /// dropped is closed (its peer reads the end of the stream).
+    #[test]
+    fn the_pool_closes_connections_past_their_time() {
+        use std::io::Read;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let closed = |peer: &mut std::net::TcpStream| {
+            peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            matches!(peer.read(&mut [0u8; 1]), Ok(0))
+        };
+        tokio_uring::start(async {
+            let pool = UpstreamPool::default();
+            let t0 = Instant::now();
+            let mut peers = Vec::new();
+            let long = Duration::from_secs(60);
+            // Idle since t0, t0 + 1 s, t0 + 2 s and t0 + 5 s: kept 4 s at most, so the put at
+            // t0 + 5 s finds the first two past their time.
+            for at in [0, 1, 2, 5] {
+                let s = Socket::connect(addr, long).await.unwrap();
+                peers.push(l.accept().unwrap().0);
+                pool.put(addr, s, 10, t0 + Duration::from_secs(at), long, false);
+            }
+            assert_eq!(pool.idle.borrow()[&addr].len(), 2);
+            assert!(peers[..2].iter_mut().all(closed), "trimmed connections are closed");
+            // A shorter idle limit (the VIP's idle timeout) holds too.
+            let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let s = Socket::connect(other.local_addr().unwrap(), long).await.unwrap();
+            let mut peer = other.accept().unwrap().0;
+            pool.put(other.local_addr().unwrap(), s, 10, t0, Duration::from_secs(1), false);
+            pool.sweep(t0 + Duration::from_millis(1500));
+            assert!(closed(&mut peer));
+            assert_eq!(
+                pool.idle.borrow().len(),
+                1,
+                "a backend without idle connections is forgotten"
+            );
+            assert!(pool.take(addr, t0 + Duration::from_millis(9500), false).is_none());
+            pool.sweep(t0 + Duration::from_millis(9500));
+            assert!(pool.idle.borrow().is_empty());
+            assert!(peers[2..].iter_mut().all(closed));
+        });
     }
 
     #[test]

@@ -175,14 +175,16 @@ impl VipRuntime {
 }
 
 impl VipRuntime {
-    /// The pool for a request with `host` and `path`.
+    /// The pool for a request with `host` and `path`. The host is matched without its port
+    /// and without one trailing dot: `api.example.` is the fully qualified spelling of
+    /// `api.example` (RFC 1034 3.1), which clients may send and backends serve alike.
     pub fn pool_for(&self, host: Option<&str>, path: &str) -> &Arc<Pool> {
         let host = host.map(|h| {
             let h = h
                 .rsplit_once(':')
                 .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
                 .map_or(h, |(h, _)| h);
-            h.to_ascii_lowercase()
+            route_host(h).to_ascii_lowercase()
         });
         for (rh, rp, pool) in &self.routes {
             let host_ok = rh.as_ref().is_none_or(|want| host.as_deref() == Some(want.as_str()));
@@ -193,6 +195,11 @@ impl VipRuntime {
         }
         &self.default
     }
+}
+
+/// A host name as routes compare it: without one trailing (root) dot.
+fn route_host(h: &str) -> &str {
+    h.strip_suffix('.').unwrap_or(h)
 }
 
 /// What every proxy thread reads.
@@ -464,7 +471,9 @@ impl Proxy {
                 .iter()
                 .map(|r| {
                     let pool = Pool::new(r.backends.iter().map(&mut member).collect(), r.algorithm);
-                    (r.host.clone(), r.path_prefix.clone(), Arc::new(pool))
+                    // A route written with the root dot matches requests with or without it.
+                    let host = r.host.as_deref().map(|h| route_host(h).to_owned());
+                    (host, r.path_prefix.clone(), Arc::new(pool))
                 })
                 .collect();
             let m = &self.shared.metrics;
@@ -556,6 +565,9 @@ async fn run_thread(
     shared: Arc<Shared>,
 ) {
     let upstream = http::UpstreamPool::default();
+    // Idle backend connections past their time are closed even if no request asks for their
+    // backend again.
+    let sweeping = tokio_uring::spawn(upstream.clone().sweep_every());
     let mut accepts = Vec::new();
     for (vip, addr, mode, l) in socks {
         let shared = shared.clone();
@@ -572,6 +584,7 @@ async fn run_thread(
     while shared.open.load(Ordering::SeqCst) > 0 && !shared.force.load(Ordering::SeqCst) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    sweeping.abort();
 }
 
 /// Accepts connections on `l` until the proxy stops.
