@@ -97,11 +97,18 @@ pub struct Node {
     pub admin_socket: PathBuf,
     /// io_uring runtimes (threads) of the L7 proxy; default one per core.
     pub l7_threads: usize,
+    /// How long a stopping or handing-over edgelb lets the L7 requests in flight (downloads,
+    /// WebSockets) finish before it closes the rest.
+    pub l7_drain_timeout: Duration,
     /// Flows each CPU's connection table holds, per address family; None sizes the tables
     /// automatically (131 072 IPv4 and 65 536 IPv6 flows per CPU, fewer on machines with very
     /// many CPUs). A table that fits the CPU's cache is faster, one too small evicts flows.
     pub conntrack_flows_per_cpu: Option<u32>,
 }
+
+/// Default [`Node::l7_drain_timeout`]: long enough for most downloads in flight, short enough
+/// to stay within a service manager's stop timeout (systemd's default is 90 s).
+pub const DEFAULT_L7_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Fewest flows per CPU `node.conntrack_flows_per_cpu` may ask for (1024 buckets).
 pub const MIN_CONNTRACK_FLOWS: u32 = 4096;
@@ -572,6 +579,16 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
             Some(t) if (1..=256).contains(t.get_ref()) => *t.get_ref() as usize,
             Some(t) => return bad(t.span(), "l7_threads must be 1..=256"),
+        },
+        l7_drain_timeout: match &n.l7_drain_timeout_ms {
+            None => DEFAULT_L7_DRAIN_TIMEOUT,
+            Some(t) if *t.get_ref() <= 3_600_000 => Duration::from_millis(*t.get_ref()),
+            Some(t) => {
+                return bad(
+                    t.span(),
+                    "l7_drain_timeout_ms must be 0..=3600000 (ms; 0 closes at once)",
+                );
+            }
         },
         conntrack_flows_per_cpu: match &n.conntrack_flows_per_cpu {
             None => None,

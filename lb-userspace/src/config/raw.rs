@@ -25,6 +25,7 @@ pub struct Node {
     pub src_mac: Option<Sp<String>>,
     pub mtu: Option<Sp<u32>>,
     pub l7_threads: Option<Sp<u32>>,
+    pub l7_drain_timeout_ms: Option<Sp<u64>>,
     pub conntrack_flows_per_cpu: Option<Sp<u32>>,
     pub pin_dir: Option<Sp<String>>,
     pub admin_socket: Option<Sp<String>>,

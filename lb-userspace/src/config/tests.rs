@@ -795,3 +795,13 @@ fn pin_dir_is_a_plain_directory_below_bpffs() {
         assert_eq!(parse(&with(good)).unwrap().node.pin_dir, std::path::PathBuf::from(good));
     }
 }
+
+/// How long L7 requests in flight may take to finish at a stop or takeover: 30 s unless set.
+#[test]
+fn l7_drain_timeout_defaults_and_limits() {
+    assert_eq!(parse(NODE).unwrap().node.l7_drain_timeout, Duration::from_secs(30));
+    let with = |ms: &str| format!("{NODE}l7_drain_timeout_ms = {ms}\n");
+    assert_eq!(parse(&with("0")).unwrap().node.l7_drain_timeout, Duration::ZERO);
+    assert_eq!(parse(&with("120000")).unwrap().node.l7_drain_timeout, Duration::from_secs(120));
+    refused_at(&with("3600001"), "3600001", "l7_drain_timeout_ms must be 0..=3600000");
+}

@@ -80,9 +80,6 @@ pub enum RunError {
     },
 }
 
-/// How long in-flight L7 requests may take to finish when edgelb stops.
-const L7_GRACE: Duration = Duration::from_secs(5);
-
 /// How often counters are sampled for rates (and logged at debug level when they changed).
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
@@ -349,8 +346,9 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     let socket = ctl.cfg.node.admin_socket.clone();
     let pin_dir = ctl.cfg.node.pin_dir.clone();
     if let Some(proxy) = ctl.proxy.take() {
-        info!("L7 proxy: draining (up to {} s)", L7_GRACE.as_secs());
-        proxy.shutdown(L7_GRACE);
+        let grace = ctl.cfg.node.l7_drain_timeout;
+        info!("L7 proxy: draining (up to {} ms, node.l7_drain_timeout_ms)", grace.as_millis());
+        proxy.shutdown(grace);
     }
     drop(ctl.checker);
     let result = match exit {
@@ -504,11 +502,12 @@ impl Controller {
         }
         if let Some(proxy) = self.proxy.take() {
             let (tx, rx) = mpsc::channel();
+            let grace = self.cfg.node.l7_drain_timeout;
             let drain = std::thread::spawn(move || {
-                proxy.shutdown(L7_GRACE);
+                proxy.shutdown(grace);
                 let _ = tx.send(());
             });
-            self.answer_scrapes_until(&rx, L7_GRACE + Duration::from_secs(5));
+            self.answer_scrapes_until(&rx, grace + Duration::from_secs(5));
             let _ = drain.join();
         }
         info!("handover done: the data plane and the sockets are the new edgelb's");
