@@ -86,7 +86,7 @@ fn route_on_an_any_port_five_tuple_vip_uses_the_destination_port() {
         let (code, out, err) =
             edgelb(&["route", "--config", path, client, &spec, "--sport", "4000"]);
         assert_eq!(code, 0, "{err}");
-        let mut v = cfg.find_vip("any5").unwrap().clone();
+        let mut v = cfg.find_vip("any5", None).unwrap().clone();
         let at_zero = edgelb::dataplane::route(&v, client.parse().unwrap(), 4000).unwrap().address;
         v.port = port;
         let want = edgelb::dataplane::route(&v, client.parse().unwrap(), 4000).unwrap().address;
@@ -100,7 +100,7 @@ fn route_on_an_any_port_five_tuple_vip_uses_the_destination_port() {
 fn route_prints_the_backend_the_library_computes() {
     let f = example_file();
     let cfg = edgelb::config::Config::parse(edgelb::config::EXAMPLE, "x".as_ref()).unwrap();
-    let web = cfg.find_vip("web").unwrap();
+    let web = cfg.find_vip("web", None).unwrap();
     for client in ["198.18.4.1", "198.18.4.2", "198.18.4.3", "198.18.7.200"] {
         let (code, out, err) = edgelb(&["route", "--config", f.0.to_str().unwrap(), client, "web"]);
         assert_eq!(code, 0, "{err}");
@@ -110,7 +110,26 @@ fn route_prints_the_backend_the_library_computes() {
     let (code, _, err) =
         edgelb(&["route", "--config", f.0.to_str().unwrap(), "198.18.4.1", "nope"]);
     assert_eq!(code, 2);
-    assert!(err.contains("no VIP `nope`"), "{err}");
+    assert!(err.contains("no VIP named `nope`"), "{err}");
+    // An address two VIPs share (web, tcp/80, and dns, udp/53) names both, not the first.
+    let path = f.0.to_str().unwrap();
+    let (code, _, err) = edgelb(&["route", "--config", path, "198.18.4.1", "198.18.1.1"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("web (") && err.contains("dns (") && err.contains("address:port"),
+        "{err}"
+    );
+    let dns = cfg.find_vip("dns", None).unwrap();
+    let want = edgelb::dataplane::route(dns, "198.18.4.1".parse().unwrap(), 0).unwrap().address;
+    for spec in [&["198.18.1.1:53"][..], &["198.18.1.1:53", "--proto", "udp"], &["dns"]] {
+        let mut args = vec!["route", "--config", path, "198.18.4.1"];
+        args.extend_from_slice(spec);
+        let (code, out, err) = edgelb(&args);
+        assert_eq!((code, out.trim()), (0, want.to_string().as_str()), "{spec:?}: {err}");
+    }
+    let (code, _, err) =
+        edgelb(&["route", "--config", path, "198.18.4.1", "198.18.1.1:53", "--proto", "tcp"]);
+    assert_eq!(code, 2, "no TCP VIP on port 53: {err}");
 }
 
 #[test]

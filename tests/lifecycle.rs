@@ -400,7 +400,7 @@ impl Load {
 }
 
 fn backend_name(cfg: &Config, vip: &str, client: IpAddr) -> String {
-    let v = cfg.find_vip(vip).unwrap();
+    let v = cfg.find_vip(vip, None).unwrap();
     let addr = route(v, client, 0).unwrap().address;
     let i = v.backends.iter().position(|b| b.address == addr).unwrap();
     format!("backend-{}", i + 1)

@@ -55,9 +55,9 @@ fn client_to_backends_through_xdp() {
     let lb_listener =
         netns::in_netns(&tb.names.lb, || TcpListener::bind((testbed::LB, 9000))).unwrap().unwrap();
 
-    let web = cfg.find_vip("web").unwrap().clone();
-    let dns = cfg.find_vip("dns").unwrap().clone();
-    let web6 = cfg.find_vip("web6").unwrap().clone();
+    let web = cfg.find_vip("web", None).unwrap().clone();
+    let dns = cfg.find_vip("dns", None).unwrap().clone();
+    let web6 = cfg.find_vip("web6", None).unwrap().clone();
     let vip = SocketAddr::new(IpAddr::V4(testbed::VIP), 80);
     let names: HashMap<IpAddr, String> = testbed::BACKENDS
         .iter()

@@ -56,6 +56,9 @@ enum Command {
         /// Client source port (only used by 5tuple VIPs).
         #[arg(long, default_value_t = 0)]
         sport: u16,
+        /// The flow's protocol, when a TCP and a UDP VIP share the address and port.
+        #[arg(long, value_parser = ["tcp", "udp"])]
+        proto: Option<String>,
     },
     /// Show VIPs, backends, weights, health, ring shares and counters of the running edgelb.
     Status {
@@ -167,7 +170,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Route { config, client, vip, sport } => {
+        Command::Route { config, client, vip, sport, proto } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -175,9 +178,19 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let Some(v) = cfg.find_vip(&vip) else {
-                eprintln!("edgelb: no VIP `{vip}` in {}", config.display());
-                return ExitCode::from(2);
+            let proto = proto.map(|p| {
+                if p == "udp" {
+                    edgelb::config::Protocol::Udp
+                } else {
+                    edgelb::config::Protocol::Tcp
+                }
+            });
+            let v = match cfg.find_vip(&vip, proto) {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("edgelb: {e} in {}", config.display());
+                    return ExitCode::from(2);
+                }
             };
             // An any-port VIP hashed on the 5-tuple places a flow by its destination port too:
             // the one the VIP is given with.

@@ -387,16 +387,39 @@ impl Config {
         validate(raw).map_err(|Invalid(span, message)| fail(Some(span), message))
     }
 
-    /// Finds a VIP by name, by address, or by `address:port` / `[v6]:port`.
-    pub fn find_vip(&self, spec: &str) -> Option<&Vip> {
+    /// Finds a VIP by name, by address, or by `address:port` / `[v6]:port`, of protocol
+    /// `proto` if given, as the XDP program does: a VIP of that exact port first, then one of
+    /// any port. An address (and port) more than one VIP answers to is an error naming them,
+    /// not the first in file order; so is one no VIP answers to.
+    pub fn find_vip(&self, spec: &str, proto: Option<Protocol>) -> Result<&Vip, String> {
         if let Some(v) = self.vips.iter().find(|v| v.name == spec) {
-            return Some(v);
+            return Ok(v);
         }
-        if let Ok(addr) = spec.parse::<IpAddr>() {
-            return self.vips.iter().find(|v| v.address == addr);
+        let (addr, port) = match (spec.parse::<IpAddr>(), spec.parse::<std::net::SocketAddr>()) {
+            (Ok(a), _) => (a, None),
+            (_, Ok(sa)) => (sa.ip(), Some(sa.port())),
+            _ => return Err(format!("no VIP named `{spec}`")),
+        };
+        let of = |p: Option<u16>| -> Vec<&Vip> {
+            self.vips
+                .iter()
+                .filter(|v| v.address == addr && proto.is_none_or(|pr| v.protocol == pr))
+                .filter(|v| p.is_none_or(|p| v.port == p))
+                .collect()
+        };
+        let found = match port {
+            None => of(None),
+            Some(p) => Some(of(Some(p))).filter(|e| !e.is_empty()).unwrap_or_else(|| of(Some(0))),
+        };
+        match found.as_slice() {
+            [v] => Ok(v),
+            [] => Err(format!("no VIP answers to {spec}")),
+            many => Err(format!(
+                "{spec} is more than one VIP: {} (give its name{})",
+                many.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", "),
+                if port.is_none() { ", or address:port" } else { ", or --proto" }
+            )),
         }
-        let sa: std::net::SocketAddr = spec.parse().ok()?;
-        self.vips.iter().find(|v| v.address == sa.ip() && (v.port == sa.port() || v.port == 0))
     }
 }
 

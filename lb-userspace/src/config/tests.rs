@@ -167,10 +167,43 @@ fn conntrack_size_is_a_power_of_two_within_limits() {
 #[test]
 fn find_vip_by_name_address_and_socket() {
     let cfg = parse(EXAMPLE).unwrap();
-    assert_eq!(cfg.find_vip("dns").unwrap().port, 53);
-    assert_eq!(cfg.find_vip("198.18.1.1:53").unwrap().name, "dns");
-    assert_eq!(cfg.find_vip("198.18.1.1:80").unwrap().name, "web");
-    assert!(cfg.find_vip("198.18.9.9").is_none());
+    assert_eq!(cfg.find_vip("dns", None).unwrap().port, 53);
+    assert_eq!(cfg.find_vip("198.18.1.1:53", None).unwrap().name, "dns");
+    assert_eq!(cfg.find_vip("198.18.1.1:80", None).unwrap().name, "web");
+    assert!(cfg.find_vip("198.18.9.9", None).is_err());
+    assert!(cfg.find_vip("nope", None).unwrap_err().contains("no VIP named `nope`"));
+}
+
+/// `route` finds the VIP the XDP program would: the exact port before an any-port VIP listed
+/// earlier, the protocol asked for, and never silently the first of several.
+#[test]
+fn find_vip_matches_as_the_data_plane_does() {
+    let backends = "backends = [{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }]\n";
+    let vip = |name: &str, port: u16, proto: &str| {
+        format!(
+            "[[vip]]\nname = \"{name}\"\naddress = \"198.18.1.1\"\nport = {port}\nprotocol = \"{proto}\"\n{backends}"
+        )
+    };
+    let text = format!(
+        "{NODE}{}{}{}{}",
+        vip("any", 0, "tcp"),
+        vip("web", 80, "tcp"),
+        vip("dns", 53, "udp"),
+        vip("dnstcp", 53, "tcp")
+    );
+    let cfg = parse(&text).unwrap();
+    assert_eq!(cfg.find_vip("198.18.1.1:80", None).unwrap().name, "web", "exact port first");
+    assert_eq!(cfg.find_vip("198.18.1.1:81", None).unwrap().name, "any");
+    assert_eq!(cfg.find_vip("198.18.1.1:53", Some(Protocol::Udp)).unwrap().name, "dns");
+    assert_eq!(cfg.find_vip("198.18.1.1:53", Some(Protocol::Tcp)).unwrap().name, "dnstcp");
+    let e = cfg.find_vip("198.18.1.1:53", None).unwrap_err();
+    assert!(e.contains("dns ") && e.contains("dnstcp") && e.contains("--proto"), "{e}");
+    let e = cfg.find_vip("198.18.1.1", None).unwrap_err();
+    assert!(e.contains("address:port"), "{e}");
+    assert_eq!(
+        cfg.find_vip("198.18.1.1:81", Some(Protocol::Udp)).unwrap_err(),
+        "no VIP answers to 198.18.1.1:81"
+    );
 }
 
 #[test]
