@@ -193,3 +193,66 @@ fn run_stops_when_the_kernel_refuses_io_uring_to_the_l7_proxy() {
     assert!(err.contains("Operation not permitted"), "{err}");
     assert!(!std::path::Path::new(&pins).exists(), "nothing pinned");
 }
+
+/// `edgelb decap` on a backend: the decapsulator stays attached after the command exits (its
+/// link is pinned), a second `attach` upgrades it in place, `detach` removes it and its pins.
+#[test]
+fn decap_attaches_a_pinned_decapsulator_and_detaches_it() {
+    if !edgelb::testbed::netns::require_privileged("decap_attaches_a_pinned_decapsulator") {
+        return;
+    }
+    let pid = std::process::id();
+    let ns = format!("elbdecap{pid}");
+    let pins = format!("/sys/fs/bpf/edgelb-decap-test-{pid}");
+    struct Cleanup(String, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+    let _cleanup = Cleanup(ns.clone(), pins.clone());
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip").args(args).output().expect("ip");
+        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ip(&["netns", "add", &ns]);
+    ip(&["-n", &ns, "link", "add", "vd0", "type", "veth", "peer", "name", "vd1"]);
+    ip(&["-n", &ns, "link", "set", "vd0", "up"]);
+    // In the namespace, but with the root's /sys/fs/bpf (`ip netns exec` would hide it).
+    let run = |args: &[&str]| {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .arg(env!("CARGO_BIN_EXE_edgelb"))
+            .args(args)
+            .output()
+            .expect("nsenter edgelb");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+    };
+    let attached = || ip(&["-n", &ns, "-d", "link", "show", "vd0"]).contains("edgelb_decap");
+
+    let (code, out, err) = run(&["decap", "attach", "vd0", "--pin-dir", &pins]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("attached to vd0"), "{out}");
+    assert!(attached(), "attached after the command exited");
+    let (code, out, err) = run(&["decap", "attach", "vd0", "--pin-dir", &pins]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("(replaced)"), "{out}");
+    assert!(attached());
+    let (code, _, err) = run(&["decap", "attach", "nosuch0", "--pin-dir", &pins]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no network interface `nosuch0`"), "{err}");
+
+    let (code, out, err) = run(&["decap", "detach", "vd0", "--pin-dir", &pins]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("detached from vd0"), "{out}");
+    assert!(!attached(), "detached");
+    assert!(!std::path::Path::new(&pins).exists(), "its pin directory removed");
+    let (code, out, _) = run(&["decap", "detach", "vd0", "--pin-dir", &pins]);
+    assert_eq!(code, 0);
+    assert!(out.contains("no decapsulator"), "{out}");
+    let (code, _, _) = run(&["decap", "attach", "vd0", "--pin-dir", "/tmp/x"]);
+    assert_eq!(code, 2, "pins only under /sys/fs/bpf");
+}

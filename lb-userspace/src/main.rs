@@ -102,6 +102,23 @@ enum Command {
         #[arg(long)]
         detach: bool,
     },
+    /// On a backend: attach (or detach) edgelb's XDP decapsulator, which strips the IPIP / IP6IP6
+    /// / 4in6 header the balancer adds, for backend kernels without tunnel modules. Its link is
+    /// pinned, so it stays attached after this command; `attach` again upgrades it in place.
+    Decap {
+        /// attach or detach.
+        #[arg(value_parser = ["attach", "detach"])]
+        action: String,
+        /// The backend's interface the balancer's packets arrive on (it does not check the
+        /// outer destination: attach it only on backend-facing interfaces).
+        interface: String,
+        /// XDP mode (attach only).
+        #[arg(long, default_value = "auto", value_parser = ["auto", "native", "generic"])]
+        mode: String,
+        /// Where the link is pinned (under /sys/fs/bpf/).
+        #[arg(long, default_value = edgelb::dataplane::DECAP_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
 }
 
 /// Where to find the running controller.
@@ -235,6 +252,48 @@ fn main() -> ExitCode {
             admin_call(&admin, &Request::Reload, |r| println!("{}", r.message))
         }
         Command::Stop { admin, detach } => stop(&admin, detach),
+        Command::Decap { action, interface, mode, pin_dir } => {
+            decap(action == "attach", &interface, &mode, &pin_dir)
+        }
+    }
+}
+
+/// `edgelb decap`: exit 0 done, 1 failed (the reason printed), 2 bad arguments.
+fn decap(attach: bool, interface: &str, mode: &str, pin_dir: &std::path::Path) -> ExitCode {
+    if !pin_dir.to_str().is_some_and(|d| d.starts_with("/sys/fs/bpf/")) {
+        eprintln!("edgelb: --pin-dir must be a directory under /sys/fs/bpf/");
+        return ExitCode::from(2);
+    }
+    let result = if attach {
+        let mode = match mode {
+            "native" => edgelb::config::XdpAttachMode::Native,
+            "generic" => edgelb::config::XdpAttachMode::Generic,
+            _ => edgelb::config::XdpAttachMode::Auto,
+        };
+        edgelb::dataplane::attach_decap(interface, mode, pin_dir).map(|used| {
+            format!(
+                "decapsulator attached to {interface} ({used}), pinned in {}",
+                pin_dir.display()
+            )
+        })
+    } else {
+        edgelb::dataplane::detach_decap(interface, pin_dir).map(|was| {
+            if was {
+                format!("decapsulator detached from {interface}")
+            } else {
+                format!("no decapsulator of edgelb's on {interface} (under {})", pin_dir.display())
+            }
+        })
+    };
+    match result {
+        Ok(msg) => {
+            println!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edgelb: {}", error_chain(&e));
+            ExitCode::from(1)
+        }
     }
 }
 

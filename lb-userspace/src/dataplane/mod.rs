@@ -97,6 +97,9 @@ pub enum DataplaneError {
     /// More VIPs or backends than the maps hold.
     #[error("{0}")]
     Capacity(String),
+    /// No network interface of that name in this namespace.
+    #[error("no network interface `{0}` here (`ip link` lists them)")]
+    NoInterface(String),
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -1116,6 +1119,58 @@ fn attach_xdp(
             }
         },
     }
+}
+
+/// Default pin directory of backend decapsulators (`edgelb decap`), apart from the balancer's:
+/// a backend is not a balancer node, and `edgelb stop` must not detach its decapsulator.
+pub const DECAP_PIN_DIR: &str = "/sys/fs/bpf/edgelb-decap";
+
+/// Attaches the backend decapsulator (`edgelb_decap`) to `interface` with its link pinned in
+/// `dir`, so it stays attached after this process exits (`edgelb decap attach`). Attached
+/// already there: its program is replaced in place (an upgrade), with no moment without it.
+/// Returns the mode used ("native", "generic" or "replaced").
+pub fn attach_decap(
+    interface: &str,
+    mode: XdpAttachMode,
+    dir: &Path,
+) -> Result<&'static str, DataplaneError> {
+    if !interface_exists(interface) {
+        return Err(DataplaneError::NoInterface(interface.to_owned()));
+    }
+    ensure_bpffs().map_err(|reason| DataplaneError::Pin { path: dir.to_owned(), reason })?;
+    std::fs::create_dir_all(dir).map_err(|e| DataplaneError::Pin {
+        path: dir.to_owned(),
+        reason: format!("creating the pin directory: {e}"),
+    })?;
+    let pin = link_pin(dir, interface);
+    let mut aux = AuxPrograms::load()?;
+    let prog = program(&mut aux.ebpf, programs::DECAP)?;
+    if pin.exists() {
+        match replace_program(prog, &pin, interface) {
+            Ok(()) => return Ok("replaced"),
+            // The interface the link was made for is gone (recreated since): a fresh link.
+            Err(_) => std::fs::remove_file(&pin).map_err(|e| DataplaneError::Pin {
+                path: pin.clone(),
+                reason: format!("removing a stale link: {e}"),
+            })?,
+        }
+    }
+    let (used, id) = attach_xdp(prog, interface, mode)?;
+    pin_link(prog, id, &pin)?;
+    Ok(used)
+}
+
+/// Detaches the decapsulator `attach_decap` left on `interface` (its link pin in `dir` is
+/// removed, and with it the link); the directory goes once empty. False if none was there.
+pub fn detach_decap(interface: &str, dir: &Path) -> Result<bool, DataplaneError> {
+    let pin = link_pin(dir, interface);
+    match std::fs::remove_file(&pin) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(DataplaneError::Pin { path: pin, reason: e.to_string() }),
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(true)
 }
 
 /// The auxiliary programs: decap for backends, pass and tx_swap baselines.
