@@ -256,3 +256,10 @@ fn decap_attaches_a_pinned_decapsulator_and_detaches_it() {
     let (code, _, _) = run(&["decap", "attach", "vd0", "--pin-dir", "/tmp/x"]);
     assert_eq!(code, 2, "pins only under /sys/fs/bpf");
 }
+
+#[test]
+fn version_names_the_binary() {
+    let (code, out, _) = edgelb(&["--version"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("edgelb "), "{out}");
+}

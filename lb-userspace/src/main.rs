@@ -10,7 +10,7 @@ use edgelb::{
 
 /// edgelb: XDP edge load balancer.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "edgelb", version, about)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
