@@ -819,6 +819,25 @@ fn metrics_match_the_traffic_sent_and_capabilities_are_dropped() {
     let nums: Vec<&str> = files.split_whitespace().skip(3).take(2).collect();
     assert_eq!(nums[0], nums[1], "soft limit raised to the hard one: {files}");
     assert_ne!(nums[0], "1024", "{files}");
+
+    // A reload that takes backend 3 out of `web`: its series go, those of the backends kept
+    // (and of backend 3 in the other VIPs) stay and go on counting from where they were.
+    let count = "edgelb_health_check_duration_seconds_count";
+    let (kept, gone) =
+        ("vip=\"web\",backend=\"198.18.0.11\"", "vip=\"web\",backend=\"198.18.0.13\"");
+    let before = scrape(&bed);
+    assert!(metric(&before, count, gone) > 0.0, "{before}");
+    let text = config_text(&bed.tag, &[1, 2, 3]);
+    let third = ", { address = \"198.18.0.13\", mac = \"02:ed:00:00:00:13\" }]";
+    std::fs::write(&bed.cfg_path, text.replacen(third, "]", 1)).unwrap();
+    let out = bed.e().cli(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = scrape(&bed);
+    assert!(!after.contains(gone), "{after}");
+    assert!(metric(&after, count, kept) >= metric(&before, count, kept), "{after}");
+    assert!(after.contains("vip=\"dns\",backend=\"198.18.0.13\""), "{after}");
+    let l7 = "vip=\"web7\",backend=\"198.18.0.13:80\"";
+    assert!(metric(&after, count, l7) >= metric(&before, count, l7), "{after}");
 }
 
 #[test]

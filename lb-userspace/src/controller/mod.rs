@@ -105,6 +105,20 @@ impl Rates {
         }
         ((p1.saturating_sub(*p0)) as f64 / dt, (b1.saturating_sub(*b0)) as f64 / dt)
     }
+
+    /// Forgets the VIPs and backends `cfg` no longer has (keys as `Controller::sample` writes
+    /// them).
+    fn retain(&mut self, cfg: &Config) {
+        let keep: std::collections::HashSet<String> = cfg
+            .vips
+            .iter()
+            .flat_map(|v| {
+                let backends = v.backends.iter().map(|b| format!("{}/{}", v.name, b.address));
+                std::iter::once(v.name.clone()).chain(backends)
+            })
+            .collect();
+        self.samples.retain(|k, _| keep.contains(k));
+    }
 }
 
 /// How the loop ended.
@@ -739,6 +753,8 @@ impl Controller {
         match self.apply() {
             Ok(r) => {
                 self.checker.reconcile(&self.cfg, |v, b| self.verdicts.is_down(v, b));
+                self.metrics.retain(&self.cfg);
+                self.rates.retain(&self.cfg);
                 info!(?r, "config reloaded");
                 Response::ok(format!("reloaded: {r:?}"))
             }
@@ -871,6 +887,7 @@ impl Controller {
     /// Samples counters for rates; logs changed ones at debug level (never per packet).
     fn sample(&mut self, last: &mut HashMap<String, u64>) {
         let now = Instant::now();
+        last.retain(|name, _| self.cfg.vips.iter().any(|v| v.name == *name));
         for vip in &self.cfg.vips {
             let Ok(c) = self.dp.vip_counters(vip) else { continue };
             self.rates.record(vip.name.clone(), now, c);

@@ -4,13 +4,16 @@
 //! Kernel counters live in per-CPU maps that only the controller thread reads, so a scrape is a
 //! message to the controller: it refreshes a [`KernelSnapshot`] from the maps, then encodes the
 //! registry, whose [`KernelCollector`] renders that snapshot. Health-check latency histograms and
-//! state-transition counters are ordinary registered metrics, updated as events arrive.
+//! state-transition counters are ordinary registered metrics, updated as events arrive; a
+//! successful reload removes ([`Metrics::retain`]) the series of backends and VIPs it took out,
+//! so that departed backends do not pile up in scrapes and in memory.
 
 use std::{
+    collections::HashSet,
     fmt,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, PoisonError,
         mpsc::{self, Sender},
     },
     time::Duration,
@@ -167,6 +170,9 @@ pub struct Metrics {
     pub kernel: Arc<Mutex<KernelSnapshot>>,
     health_latency: Family<BackendLabels, Histogram>,
     transitions: Family<TransitionLabels, Counter>,
+    /// The (VIP, backend) pairs `health_latency` and `transitions` may have series of:
+    /// prometheus-client cannot list a family's label sets, and [`Metrics::retain`] needs them.
+    health_series: Mutex<HashSet<BackendLabels>>,
     /// The L7 proxy's metrics, in the same registry.
     pub l7: Arc<crate::proxy::L7Metrics>,
 }
@@ -199,25 +205,70 @@ impl Metrics {
             transitions.clone(),
         );
         let l7 = crate::proxy::L7Metrics::register(&mut registry);
-        Metrics { registry, kernel, health_latency, transitions, l7 }
+        Metrics {
+            registry,
+            kernel,
+            health_latency,
+            transitions,
+            health_series: Mutex::default(),
+            l7,
+        }
     }
 
     /// Records a successful probe's latency (`backend` as [`backend_label`] writes it).
     pub fn observe_probe(&self, vip: &str, backend: String, latency: Duration) {
-        self.health_latency
-            .get_or_create(&BackendLabels { vip: vip.to_owned(), backend })
-            .observe(latency.as_secs_f64());
+        let labels = BackendLabels { vip: vip.to_owned(), backend };
+        self.health_latency.get_or_create(&labels).observe(latency.as_secs_f64());
+        self.health_series.lock().unwrap_or_else(PoisonError::into_inner).insert(labels);
     }
 
     /// Counts a health transition (`backend` as [`backend_label`] writes it).
     pub fn transition(&self, vip: &str, backend: String, up: bool) {
-        self.transitions
-            .get_or_create(&TransitionLabels {
-                vip: vip.to_owned(),
-                backend,
-                to: if up { "up" } else { "down" }.to_owned(),
+        let labels = TransitionLabels {
+            vip: vip.to_owned(),
+            backend,
+            to: if up { "up" } else { "down" }.to_owned(),
+        };
+        self.transitions.get_or_create(&labels).inc();
+        let pair = BackendLabels { vip: labels.vip, backend: labels.backend };
+        self.health_series.lock().unwrap_or_else(PoisonError::into_inner).insert(pair);
+    }
+
+    /// Removes the series of every (VIP, backend) pair and VIP that `cfg` (the configured
+    /// config a reload just put in force, not the effective one: a backend that is down or
+    /// drained is still configured) no longer has, health-check and L7 alike. The series of
+    /// everything still configured are untouched: their counters go on from where they were.
+    /// A backend that comes back later starts new series from zero, as after a restart.
+    ///
+    /// The kernel counters and the up/weight gauges need nothing: they are rendered from the
+    /// running config at each scrape.
+    pub fn retain(&self, cfg: &crate::config::Config) {
+        let keep: HashSet<BackendLabels> = cfg
+            .vips
+            .iter()
+            .flat_map(|v| {
+                v.backends
+                    .iter()
+                    .map(|b| BackendLabels { vip: v.name.clone(), backend: backend_label(v, b) })
             })
-            .inc();
+            .collect();
+        let mut series = self.health_series.lock().unwrap_or_else(PoisonError::into_inner);
+        series.retain(|pair| {
+            if keep.contains(pair) {
+                return true;
+            }
+            self.health_latency.remove(pair);
+            for to in ["up", "down"] {
+                self.transitions.remove(&TransitionLabels {
+                    vip: pair.vip.clone(),
+                    backend: pair.backend.clone(),
+                    to: to.to_owned(),
+                });
+            }
+            false
+        });
+        drop(series);
+        self.l7.retain(cfg);
     }
 
     /// The exposition text.
@@ -393,5 +444,104 @@ mod tests {
         fresh.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         assert!(ask(&mut fresh).starts_with("HTTP/1.1 200"));
         assert!(ask(&mut kept).starts_with("HTTP/1.1 200"));
+    }
+
+    /// A config with an XDP VIP `web` and an L7 VIP `app` whose backends are 198.18.0.x for
+    /// each x of `hosts` (port 80 for `app`), and with `gone`, a VIP of one backend, 198.18.0.13.
+    fn config(hosts: &[u8], gone: bool) -> crate::config::Config {
+        let list = |port: &str| {
+            let b: Vec<String> =
+                hosts.iter().map(|h| format!("{{ address = \"198.18.0.{h}\"{port} }}")).collect();
+            b.join(", ")
+        };
+        let mut text = format!(
+            "[node]\ninterfaces = [\"lo\"]\nencap_source_v4 = \"198.19.0.0/16\"\n\
+             gateway_mac = \"02:00:00:00:00:fe\"\n\
+             [[vip]]\nname = \"web\"\naddress = \"198.18.1.1\"\nport = 80\nbackends = [{}]\n\
+             [vip.health]\n\
+             [[vip]]\nname = \"app\"\naddress = \"198.18.1.6\"\nport = 8080\n\
+             forwarding = \"l7\"\nbackends = [{}]\n[vip.l7]\n[vip.health]\n",
+            list(""),
+            list(", port = 80"),
+        );
+        if gone {
+            text.push_str(
+                "[[vip]]\nname = \"gone\"\naddress = \"198.18.1.1\"\nport = 81\n\
+                 backends = [{ address = \"198.18.0.13\" }]\n[vip.health]\n",
+            );
+        }
+        crate::config::Config::parse(&text, "t.toml".as_ref()).expect("valid config")
+    }
+
+    /// The value of the sample `name{labels}` in `text`.
+    fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+        let want = format!("{name}{{{labels}}} ");
+        text.lines().find_map(|l| l.strip_prefix(&want)).map(|v| v.trim().parse().unwrap())
+    }
+
+    /// After a reload, the series of the backends and VIPs it removed are gone (health checks
+    /// and L7 alike), those of the backends it kept go on counting from where they were, and a
+    /// request still running on a removed backend does not bring its series back.
+    #[test]
+    fn retain_removes_the_series_of_removed_backends_and_keeps_the_others() {
+        let m = Metrics::new();
+        let before = config(&[11, 12], true);
+        for vip in &before.vips {
+            for b in &vip.backends {
+                let label = backend_label(vip, b);
+                m.observe_probe(&vip.name, label.clone(), Duration::from_millis(2));
+                m.transition(&vip.name, label.clone(), false);
+                m.transition(&vip.name, label.clone(), true);
+                m.transition(&vip.name, label, true);
+            }
+        }
+        for h in [11, 12] {
+            m.l7.eject("app", SocketAddr::from(([198, 18, 0, h], 80)));
+        }
+        let text = m.encode();
+        for gone in ["198.18.0.12", "198.18.0.12:80", "198.18.0.13"] {
+            assert!(text.contains(&format!("backend=\"{gone}\"")), "{text}");
+        }
+        assert!(text.contains("vip=\"gone\""), "{text}");
+
+        m.retain(&config(&[11], false));
+        let text = m.encode();
+        for gone in ["198.18.0.12", "198.18.0.12:80", "198.18.0.13"] {
+            assert!(!text.contains(&format!("backend=\"{gone}\"")), "{gone} left:\n{text}");
+        }
+        assert!(!text.contains("vip=\"gone\""), "{text}");
+        let duration = "edgelb_health_check_duration_seconds_count";
+        let transitions = "edgelb_backend_transitions_total";
+        let ejections = "edgelb_l7_backend_ejections_total";
+        for (vip, backend) in [("web", "198.18.0.11"), ("app", "198.18.0.11:80")] {
+            let l = format!("vip=\"{vip}\",backend=\"{backend}\"");
+            assert_eq!(sample(&text, duration, &l), Some(1.0), "{text}");
+            assert_eq!(sample(&text, transitions, &format!("{l},to=\"up\"")), Some(2.0));
+            assert_eq!(sample(&text, transitions, &format!("{l},to=\"down\"")), Some(1.0));
+        }
+        let kept = "vip=\"app\",backend=\"198.18.0.11:80\"";
+        assert_eq!(sample(&text, ejections, kept), Some(1.0), "{text}");
+
+        // Counting goes on; a removed backend, still failing a request of an older pool
+        // snapshot, is not counted.
+        m.transition("web", "198.18.0.11".into(), false);
+        m.l7.eject("app", SocketAddr::from(([198, 18, 0, 11], 80)));
+        m.l7.eject("app", SocketAddr::from(([198, 18, 0, 12], 80)));
+        let text = m.encode();
+        let down = "vip=\"web\",backend=\"198.18.0.11\",to=\"down\"";
+        assert_eq!(sample(&text, transitions, down), Some(2.0), "{text}");
+        assert_eq!(sample(&text, ejections, kept), Some(2.0), "{text}");
+        assert!(!text.contains("198.18.0.12"), "{text}");
+
+        // A backend added back starts new series.
+        m.retain(&config(&[11, 12], false));
+        m.transition("web", "198.18.0.12".into(), false);
+        m.l7.eject("app", SocketAddr::from(([198, 18, 0, 12], 80)));
+        let text = m.encode();
+        let l = "vip=\"web\",backend=\"198.18.0.12\",to=\"down\"";
+        assert_eq!(sample(&text, transitions, l), Some(1.0), "{text}");
+        let l = "vip=\"app\",backend=\"198.18.0.12:80\"";
+        assert_eq!(sample(&text, ejections, l), Some(1.0), "{text}");
+        assert_eq!(sample(&text, ejections, kept), Some(2.0), "{text}");
     }
 }

@@ -19,10 +19,10 @@ mod tcp;
 mod uring;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
@@ -66,7 +66,7 @@ pub struct RequestLabels {
 }
 
 /// The proxy's Prometheus metrics (shared by every proxy thread).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct L7Metrics {
     /// Requests by status class.
     pub requests: Family<RequestLabels, Counter>,
@@ -76,8 +76,22 @@ pub struct L7Metrics {
     pub active: Family<VipLabel, Gauge>,
     /// Retries on another backend.
     pub retries: Family<VipLabel, Counter>,
-    /// Backends taken out by passive health.
+    /// Backends taken out by passive health (counted through [`L7Metrics::eject`]).
     pub ejections: Family<BackendLabel, Counter>,
+    /// Which `ejections` series exist and which backends may have one.
+    ejected: Arc<Mutex<Ejected>>,
+}
+
+/// The label sets of [`L7Metrics::ejections`]: prometheus-client cannot list them, and
+/// [`L7Metrics::retain`] needs them.
+#[derive(Debug, Default)]
+struct Ejected {
+    /// The series that exist.
+    series: HashSet<BackendLabel>,
+    /// The backends of the config the last reload put in force (none before the first): a
+    /// request still running on a pool snapshot older than that reload must not bring back the
+    /// series of a backend it removed.
+    configured: Option<HashSet<BackendLabel>>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -95,6 +109,7 @@ impl L7Metrics {
             active: Family::default(),
             retries: Family::default(),
             ejections: Family::default(),
+            ejected: Arc::default(),
         };
         registry.register(
             "edgelb_l7_requests",
@@ -124,6 +139,44 @@ impl L7Metrics {
         );
         Arc::new(m)
     }
+
+    /// Counts an ejection of `backend` of `vip`, unless a reload has removed it.
+    pub fn eject(&self, vip: &str, backend: SocketAddr) {
+        let label = BackendLabel { vip: vip.to_owned(), backend: backend.to_string() };
+        let mut e = self.ejected.lock().unwrap_or_else(PoisonError::into_inner);
+        if e.configured.as_ref().is_some_and(|c| !c.contains(&label)) {
+            return;
+        }
+        self.ejections.get_or_create(&label).inc();
+        e.series.insert(label);
+    }
+
+    /// Removes the per-backend series of the backends (VIP's own and routes') that `cfg`, the
+    /// configured config a reload just put in force, no longer has; the others keep counting
+    /// from where they were. (The per-VIP series need nothing: a reload cannot change the set of
+    /// L7 VIPs, which takes a restart.)
+    pub fn retain(&self, cfg: &Config) {
+        let mut keep = HashSet::new();
+        for vip in &cfg.vips {
+            let Some(l7) = &vip.l7 else { continue };
+            let routes = l7.routes.iter().flat_map(|r| &r.backends);
+            for b in vip.backends.iter().chain(routes) {
+                keep.insert(BackendLabel {
+                    vip: vip.name.clone(),
+                    backend: SocketAddr::new(b.address, b.port).to_string(),
+                });
+            }
+        }
+        let mut e = self.ejected.lock().unwrap_or_else(PoisonError::into_inner);
+        e.series.retain(|l| {
+            let kept = keep.contains(l);
+            if !kept {
+                self.ejections.remove(l);
+            }
+            kept
+        });
+        e.configured = Some(keep);
+    }
 }
 
 /// One L7 VIP as the proxy threads see it: settings and pools.
@@ -144,8 +197,8 @@ pub struct VipRuntime {
     pub duration: Histogram,
     /// Retries of this VIP.
     pub retries: Counter,
-    /// Passive-health ejections, by backend.
-    pub ejections: Family<BackendLabel, Counter>,
+    /// The proxy's metrics (passive-health ejections, by backend).
+    pub metrics: Arc<L7Metrics>,
 }
 
 impl VipRuntime {
@@ -162,8 +215,7 @@ impl VipRuntime {
                 out_ms = self.cfg.fail_timeout.as_millis() as u64,
                 "L7 backend failed too often in a row; out of rotation for a while (passive health)"
             );
-            let label = BackendLabel { vip: self.name.clone(), backend: state.addr.to_string() };
-            self.ejections.get_or_create(&label).inc();
+            self.metrics.eject(&self.name, state.addr);
         }
     }
 
@@ -499,7 +551,7 @@ impl Proxy {
                     ],
                     duration: m.duration.get_or_create(&label).clone(),
                     retries: m.retries.get_or_create(&label).clone(),
-                    ejections: m.ejections.clone(),
+                    metrics: m.clone(),
                 }),
             );
         }
