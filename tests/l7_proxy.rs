@@ -2270,3 +2270,237 @@ fn a_client_stalling_mid_body_gets_408_and_is_counted() {
     }
     assert_eq!(b.reqs.load(Ordering::Relaxed), 0, "neither request reached the backend whole");
 }
+
+/// How a backend that answers an upload before reading its body leaves the connection.
+#[derive(Clone, Copy, Debug)]
+enum EarlyEnd {
+    /// Shuts its side down and closes a moment later with the body unread, which resets the
+    /// connection: what Go's net/http does.
+    Close,
+    /// Closes at once with the body unread: the reset follows the answer immediately.
+    Reset,
+    /// Keeps the connection open and reads nothing more.
+    Hold,
+}
+
+/// A backend that answers every upload with `status` (and a body) as soon as it has read the
+/// request head, without reading the body (a size or an authorization check), then leaves the
+/// connection as `end` says.
+fn early_backend(status: u16, end: EarlyEnd) -> Backend {
+    serve_backend(move |s, r2, s2| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        while line != "\r\n" {
+            line.clear();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+        }
+        r2.fetch_add(1, Ordering::Relaxed);
+        let body = format!("{status} early: body not read\n");
+        let close = if matches!(end, EarlyEnd::Hold) { "" } else { "Connection: close\r\n" };
+        let resp = format!(
+            "HTTP/1.1 {status} Early\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{close}\r\n{body}",
+            body.len()
+        );
+        if w.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+        match end {
+            EarlyEnd::Close => {
+                let _ = w.shutdown(Shutdown::Write);
+                std::thread::sleep(Duration::from_millis(100));
+                // Dropped with the body unread: the kernel resets the connection.
+            }
+            EarlyEnd::Reset => {}
+            EarlyEnd::Hold => {
+                let t = Instant::now();
+                while !s2.load(Ordering::Relaxed) && t.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    })
+}
+
+/// What [`upload`] saw: the response, how long it took from the request head, whether the
+/// proxy then closed the connection cleanly (end of stream, not a reset), and how writing the
+/// whole body went.
+struct Uploaded {
+    resp: Resp,
+    took: Duration,
+    closed: bool,
+    wrote: std::io::Result<()>,
+}
+
+/// Uploads a `len`-byte body to `addr` on a new connection (with `Expect: 100-continue` when
+/// `expect`, taking the proxy's 100 first), writing it from a thread of its own as fast as the
+/// proxy takes it (and ending its side after it) while reading the response.
+fn upload(addr: SocketAddr, len: usize, expect: bool) -> Uploaded {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t = Instant::now();
+    let expect_line = if expect { "Expect: 100-continue\r\n" } else { "" };
+    let head =
+        format!("POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n{expect_line}\r\n");
+    (&s).write_all(head.as_bytes()).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    if expect {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(line, "HTTP/1.1 100 Continue\r\n\r\n");
+    }
+    let writer = {
+        let mut w = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let chunk = vec![b'u'; 64 * 1024];
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                w.write_all(&chunk[..n])?;
+                left -= n;
+            }
+            w.shutdown(Shutdown::Write)
+        })
+    };
+    let resp = read_response(&mut r).expect("a response");
+    let took = t.elapsed();
+    let closed = matches!(r.read(&mut [0u8; 1]), Ok(0));
+    let wrote = writer.join().unwrap();
+    Uploaded { resp, took, closed, wrote }
+}
+
+/// A backend that answers an upload before reading its body (413 from a size check, 401) is
+/// heard: its answer reaches the client (with `Connection: close`, the body having been cut
+/// off), promptly even when the backend keeps the connection open and reads nothing more, and
+/// it counts as an answer, not as a passive-health failure. Before, the failed body write made
+/// it a 502 and a failure, so a few oversized uploads took a healthy backend out. The body is
+/// far larger than the socket buffers on the way, so the proxy is still writing it when the
+/// backend answers (and resets the connection).
+#[test]
+fn an_early_answer_to_an_upload_reaches_the_client_and_is_no_failure() {
+    const BODY: usize = 16 << 20;
+    for (status, end, expect) in [
+        (413, EarlyEnd::Close, false),
+        (401, EarlyEnd::Close, true),
+        (413, EarlyEnd::Reset, false),
+        (413, EarlyEnd::Hold, false),
+    ] {
+        let b = early_backend(status, end);
+        // One failure would take the backend out; the idle timeout (after which the kernel
+        // gives up on a send the backend does not take) is far beyond the time allowed.
+        let p = proxy(&[(&b, 1)], "max_fails = 1\nidle_timeout_ms = 20000", "");
+        for i in 0..3 {
+            let what = format!("{status}, {end:?}, expect {expect}, upload {i}");
+            let up = upload(p.addr, BODY, expect);
+            let (code, headers, body) = &up.resp;
+            assert_eq!(*code, status, "{what}: {headers:?} {body:?}");
+            assert_eq!(*body, format!("{status} early: body not read\n"), "{what}");
+            assert_eq!(headers.get("connection").map(String::as_str), Some("close"), "{what}");
+            assert!(up.took < Duration::from_secs(3), "{what}: answered after {:?}", up.took);
+            assert!(up.closed, "{what}: the connection ends cleanly after the answer");
+            // The proxy read the rest of the body before closing, so the client was not reset.
+            assert!(up.wrote.is_ok(), "{what}: {:?}", up.wrote);
+        }
+        assert_eq!(b.reqs.load(Ordering::Relaxed), 3);
+        let text = p.metrics.encode();
+        assert!(!text.contains(&format!("backend=\"{}\"", b.addr)), "no ejection: {text}");
+        let line = "edgelb_l7_requests_total{vip=\"web\",class=\"4xx\"} 3";
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    }
+    // A backend that resets the connection mid-body without answering is still a failure.
+    let mute = serve_backend(|s, r2, _| {
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        while line != "\r\n" {
+            line.clear();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+        }
+        r2.fetch_add(1, Ordering::Relaxed);
+    });
+    let p = proxy(&[(&mute, 1)], "max_fails = 1\nidle_timeout_ms = 20000", "");
+    let up = upload(p.addr, BODY, false);
+    assert_eq!(up.resp.0, 502, "{:?}", up.resp);
+    assert!(up.took < Duration::from_secs(3), "answered after {:?}", up.took);
+    let text = p.metrics.encode();
+    let want =
+        format!("edgelb_l7_backend_ejections_total{{vip=\"web\",backend=\"{}\"}} 1", mute.addr);
+    assert!(text.lines().any(|l| l == want), "{want} in\n{text}");
+}
+
+/// The elements of a Forwarded value as an RFC 7239 parser reads them: split at the commas
+/// outside quoted strings; `None` when a quoted string is left open.
+fn forwarded_elements(v: &str) -> Option<Vec<String>> {
+    let (mut out, mut cur, mut quoted, mut escaped) = (Vec::new(), String::new(), false, false);
+    for c in v.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                out.push(cur.trim().to_owned());
+                cur.clear();
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    out.push(cur.trim().to_owned());
+    (!quoted && !escaped).then_some(out)
+}
+
+/// Client Forwarded values go on in front of the proxy's own element only when they parse as
+/// RFC 7239: an unterminated quote (`for="6.6.6.6`) would make the backend's parser read the
+/// proxy's element as part of the client's quoted string, and lose the real client address.
+/// Well-formed values, earlier hops, are kept in order.
+#[test]
+fn a_malformed_forwarded_value_cannot_hide_the_proxys_element() {
+    let b = serve_backend(|s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while let Some((head, _)) = read_request(&mut r) {
+            r2.fetch_add(1, Ordering::Relaxed);
+            // Every Forwarded header the backend got, one a line.
+            let body: Vec<&str> = head
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .filter(|(n, _)| n.eq_ignore_ascii_case("forwarded"))
+                .map(|(_, v)| v.trim())
+                .collect();
+            let body = body.join("\n");
+            let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            if w.write_all(resp.as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+    let p = proxy(&[(&b, 1)], "", "");
+    let ours = "for=127.0.0.1;proto=http";
+    let cases: [(&[&str], String); 5] = [
+        (&["for=\"6.6.6.6"], ours.to_owned()),
+        (&["for=192.0.2.1;proto=https"], format!("for=192.0.2.1;proto=https, {ours}")),
+        // One line kept, one (a space in a token) dropped, one more kept: in order.
+        (
+            &["for=\"[2001:db8::1]:4711\";by=_edge", "for=6.6.6.6 x", "for=192.0.2.2, for=unknown"],
+            format!("for=\"[2001:db8::1]:4711\";by=_edge, for=192.0.2.2, for=unknown, {ours}"),
+        ),
+        // A quoted string with an escaped quote in it is fine; one escaping its end is open.
+        (&["for=\"a\\\"b\"", "for=\"6.6.6.6\\\""], format!("for=\"a\\\"b\", {ours}")),
+        (&["for=6.6.6.6;", "=x", "for", "for=[::1]", ""], format!("for=6.6.6.6;, {ours}")),
+    ];
+    for (sent, want) in cases {
+        let headers: String = sent.iter().map(|v| format!("Forwarded: {v}\r\n")).collect();
+        let raw = format!("GET / HTTP/1.1\r\nHost: t\r\n{headers}Connection: close\r\n\r\n");
+        let (status, _, got) = request(p.addr, None, &raw).expect("a response");
+        assert_eq!(status, 200, "{sent:?}");
+        assert_eq!(got, want, "{sent:?}");
+        let elements = forwarded_elements(&got).unwrap_or_else(|| panic!("open quote: {got}"));
+        assert_eq!(elements.last().map(String::as_str), Some(ours), "{sent:?}: {got}");
+    }
+}

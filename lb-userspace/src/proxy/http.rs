@@ -5,9 +5,10 @@
 //!
 //! Phases of a request: read and parse the head (httparse; header-size, header-count and time
 //! limits) → pick a pool by Host and path → pick a backend → send the rewritten head and stream
-//! the body → read the response head (response timeout) → stream the response back. Connect
-//! errors, timeouts and 502/503/504 answers are retried on another backend for idempotent
-//! requests without a body; anything else gets one clean error response.
+//! the body, reading the response head meanwhile (a backend may answer before the body is
+//! through, which ends the body there) → read the response head (response timeout) → stream
+//! the response back. Connect errors, timeouts and 502/503/504 answers are retried on another
+//! backend for idempotent requests without a body; anything else gets one clean error response.
 
 use std::{
     borrow::Cow,
@@ -57,6 +58,14 @@ const POOL_SWEEP_EVERY: Duration = Duration::from_secs(1);
 const POOL_PEEK_AFTER: Duration = Duration::from_millis(50);
 /// Read size.
 const READ_CHUNK: usize = 4 * 1024;
+/// How long at most a client connection whose request body was cut off ([`Answer::cut`]) is
+/// kept after its response, reading and dropping the rest of the body (the VIP's idle timeout
+/// if shorter): nginx's `lingering_timeout`. A client that reads the response as it sends (curl,
+/// browsers, Go) stops and closes within a round trip, which ends the wait at once; this bounds
+/// what one that sends its whole body first can hold (a task and its `max_connections` place).
+const LINGER: Duration = Duration::from_secs(5);
+/// Read size while lingering: the bytes are dropped, so fewer, larger reads.
+const LINGER_CHUNK: usize = 64 * 1024;
 
 /// An idle keep-alive connection to a backend.
 struct Idle {
@@ -231,6 +240,31 @@ async fn respond(s: &Socket, status: u16) -> io::Result<()> {
         body.len()
     );
     write(s, head.into_bytes()).await
+}
+
+/// Closes a client connection whose request body was cut off ([`Answer::cut`]) after its
+/// response: ends the sending side (the client reads the end of the stream after the
+/// response), then reads and drops what the client still sends until it ends its side too, for
+/// at most [`LINGER`] (the idle timeout if shorter). Closing at once, with the body's rest
+/// unread or still arriving, would reset the connection, and a reset can cost the client the
+/// response it has not read yet, or fail the write it is in before it reads the response at all
+/// (nginx's lingering close, Go's `closeWriteAndWait`).
+async fn linger(client: &Socket, idle: Duration) {
+    let _ = client.shutdown(std::net::Shutdown::Write);
+    let end = tokio::time::Instant::now() + LINGER.min(idle);
+    let mut sink = BytesMut::new();
+    loop {
+        sink.clear();
+        let (read, back) = match timeout_at(end, client.recv(sink, LINGER_CHUNK)).await {
+            Ok(r) => r,
+            // The read stays pending until the socket is shut down, as `serve` does next.
+            Err(_) => return,
+        };
+        sink = back;
+        if !matches!(read, Ok(n) if n > 0) {
+            return;
+        }
+    }
 }
 
 /// Over the connection limit: a 503 for HTTP (counted and logged as [`finished`]), a plain
@@ -841,11 +875,73 @@ impl ForwardedClient {
     }
 }
 
+/// Does `v` parse as a Forwarded value (RFC 7239 4) with at least one parameter: elements
+/// separated by commas (with optional whitespace around them, and empty ones allowed, as in
+/// every list, RFC 9110 5.6.1), each of parameters separated by `;` (empty ones allowed), each
+/// `token=token` or `token=quoted-string`. Nothing else (no whitespace around `;` or `=`): then
+/// a parser that reads the value strictly reads the element the proxy appends behind it as the
+/// last one, whatever the client sent. One pass, no allocation.
+fn valid_forwarded(v: &[u8]) -> bool {
+    let (mut at, mut params) = (0, 0);
+    let tokens = |at: &mut usize| {
+        let start = *at;
+        while v.get(*at).is_some_and(|&b| is_tchar(b)) {
+            *at += 1;
+        }
+        *at > start
+    };
+    let spaces = |at: &mut usize| {
+        while matches!(v.get(*at), Some(b' ' | b'\t')) {
+            *at += 1;
+        }
+    };
+    // qdtext and the character after a backslash (RFC 9110 5.6.4): HTAB, SP, VCHAR, obs-text.
+    let text = |b: u8| b == b'\t' || (b >= b' ' && b != 0x7f);
+    loop {
+        spaces(&mut at);
+        // One element: parameters separated by `;`.
+        loop {
+            if tokens(&mut at) {
+                if v.get(at) != Some(&b'=') {
+                    return false;
+                }
+                at += 1;
+                if v.get(at) == Some(&b'"') {
+                    at += 1;
+                    loop {
+                        match v.get(at) {
+                            Some(b'"') => break,
+                            Some(b'\\') if v.get(at + 1).is_some_and(|&b| text(b)) => at += 2,
+                            Some(&b) if b != b'\\' && text(b) => at += 1,
+                            _ => return false,
+                        }
+                    }
+                    at += 1;
+                } else if !tokens(&mut at) {
+                    return false;
+                }
+                params += 1;
+            }
+            if v.get(at) != Some(&b';') {
+                break;
+            }
+            at += 1;
+        }
+        spaces(&mut at);
+        match v.get(at) {
+            None => return params > 0,
+            Some(b',') => at += 1,
+            Some(_) => return false,
+        }
+    }
+}
+
 /// The request head as sent to the backend (shared by every attempt without copying). An
 /// upgrade request (`upgrade`, from [`upgrade_of`]) keeps its `Upgrade` header and says
 /// `Connection: upgrade`. The request line and Host come from `target` (`listen` names the
 /// address the client connected to, for a Host the proxy adds). With `forwarded_for`, the
-/// client's forwarding headers are replaced by ones that append that client.
+/// client's forwarding headers are replaced by ones that append that client (Forwarded values
+/// that are not RFC 7239 left out: see [`valid_forwarded`]).
 fn upstream_head(
     req: &ReqHead,
     target: &Target,
@@ -902,19 +998,22 @@ fn upstream_head(
         out.extend(b"\r\n");
     }
     if let Some(client) = forwarded_for {
-        // Every earlier hop the client's headers list, in order, then this one.
-        let append = |out: &mut Vec<u8>, name: &str| {
+        // Every earlier hop the client's headers list, in order, then this one (backends take
+        // the rightmost element they trust, as with nginx and HAProxy). A Forwarded value that
+        // is not RFC 7239 is dropped: an unterminated quoted string in it would swallow this
+        // hop's element for the backend's parser.
+        let append = |out: &mut Vec<u8>, name: &str, keep: fn(&[u8]) -> bool| {
             out.extend(name.as_bytes());
             out.extend(b": ");
-            for v in header(head, name) {
+            for v in header(head, name).filter(|v| keep(v)) {
                 out.extend(v);
                 out.extend(b", ");
             }
         };
-        append(&mut out, "X-Forwarded-For");
+        append(&mut out, "X-Forwarded-For", |_| true);
         out.extend(client.xff.as_bytes());
         out.extend(b"\r\nX-Forwarded-Proto: http\r\n");
-        append(&mut out, "Forwarded");
+        append(&mut out, "Forwarded", valid_forwarded);
         out.extend(client.forwarded.as_bytes());
         out.extend(b";proto=http\r\n");
     }
@@ -1192,7 +1291,7 @@ async fn serve_conn(
             )
             .await;
             match r {
-                Ok((up, resp)) => {
+                Ok(Answer { up, resp, cut }) => {
                     let retryable = matches!(resp.status, 502..=504);
                     if retryable {
                         vip.failed(&member.state);
@@ -1207,7 +1306,7 @@ async fn serve_conn(
                         }
                         continue;
                     }
-                    done = Some((i, up, resp, counted));
+                    done = Some((i, up, resp, counted, cut));
                     break;
                 }
                 Err(e @ (Attempt::ClientGone | Attempt::ClientTimeout)) => {
@@ -1252,12 +1351,13 @@ async fn serve_conn(
             (None, Some(k)) => {
                 ubuf.clear();
                 ubuf.extend_from_slice(&k.rest);
-                done = Some((k.i, k.up, k.resp, k.counted));
+                // Only a bodiless request is retried, and its body cannot be cut off.
+                done = Some((k.i, k.up, k.resp, k.counted, false));
             }
             (Some(_), Some(k)) => close(&k.up),
             (_, None) => {}
         }
-        let Some((i, up, resp, counted)) = done else {
+        let Some((i, up, resp, counted, cut)) = done else {
             let status = match (tried.is_empty(), last) {
                 (true, _) => 503,
                 (false, Attempt::Timeout) => 504,
@@ -1319,7 +1419,10 @@ async fn serve_conn(
         // An HTTP/1.0 client cannot read the chunked coding (RFC 9112 6.1): it gets the body
         // decoded, delimited by the connection's close.
         let decode = req.http10 && rframing == Framing::Chunked;
+        // A request body cut off (`Answer::cut`): the rest of it is still coming, and is not
+        // a request.
         let keep = client_keepalive
+            && !cut
             && rframing != Framing::UntilClose
             && !decode
             && !shared.stopping.load(Ordering::Relaxed);
@@ -1378,9 +1481,15 @@ async fn serve_conn(
             let _ = up.shutdown(std::net::Shutdown::Both);
             return;
         }
-        if upstream_keepalive && ubuf.is_empty() && vip.cfg.proxy_protocol.is_none() {
+        if upstream_keepalive && !cut && ubuf.is_empty() && vip.cfg.proxy_protocol.is_none() {
             let (max, max_idle) = (vip.cfg.upstream_keepalive, vip.cfg.idle_timeout);
             upstream.put(pool.members[i].state.addr, up, max, end, max_idle, bodiless);
+        } else {
+            // Now, not when the last clone goes: a send of a cut-off body may still hold one.
+            close(&up);
+        }
+        if cut {
+            return linger(client, vip.cfg.idle_timeout).await;
         }
         if !keep {
             return;
@@ -1395,9 +1504,21 @@ fn abandon(up: &Socket, why: Attempt) -> Attempt {
     why
 }
 
+/// A backend's final response head to one attempt, with its connection.
+struct Answer {
+    up: Socket,
+    resp: RespHead,
+    /// The backend answered before it had the whole request body, and the rest was not sent
+    /// (see [`attempt_once`]). The rest of the client's body is not read as a request, so the
+    /// client connection closes after this response (lingering: see [`linger`]); the backend
+    /// connection, where the body broke off, is not reused.
+    cut: bool,
+}
+
 /// One try on member `i`, starting at `now`: connect (or reuse), send head and body, read the
 /// response head. A `replayable` request (idempotent, no body) is sent again on a fresh
-/// connection when a reused one turns out closed before any response.
+/// connection when a reused one turns out closed before any response. A final response that
+/// arrives while the body is still streaming ends the body there ([`Answer::cut`]).
 #[allow(clippy::too_many_arguments)]
 async fn attempt_once(
     client: &Socket,
@@ -1417,17 +1538,16 @@ async fn attempt_once(
     listen: SocketAddr,
     now: Instant,
     deadline: tokio::time::Instant,
-) -> Result<(Socket, RespHead), Attempt> {
+) -> Result<Answer, Attempt> {
     let cfg = &vip.cfg;
     let addr = pool.members[i].state.addr;
+    let expect = Expect { upgrade, continued, http10 };
     // A pooled connection may have been closed by the backend meanwhile. A request that may
     // be sent again then goes on a fresh one; the backend may also have closed it just as the
     // request arrived, having read it or not, so any other request takes only a connection
     // checked open, and is never sent twice.
     let mut reused =
         if cfg.proxy_protocol.is_none() { upstream.take(addr, now, !replayable) } else { None };
-    // An interim response passed on to the client: the backend has the request.
-    let mut interim = false;
     // The response timeout runs from the request's end: known now for a bodiless request.
     let sent_at = tokio::time::Instant::from_std(now);
     loop {
@@ -1451,9 +1571,8 @@ async fn attempt_once(
                 s
             }
         };
-        let mut first_read = None;
         ubuf.clear();
-        let sent = if framing == Framing::None {
+        if framing == Framing::None {
             // A bodiless request: the read of the response is issued together with the write
             // of the head, which saves the thread a round through its event loop per request.
             // A failed write shuts the connection down, which ends the read at once.
@@ -1466,80 +1585,163 @@ async fn attempt_once(
                 r
             };
             let (sent, read) = tokio::join!(send, timeout_at(resp_deadline, read_more(&up, ubuf)));
-            first_read = Some(read);
-            sent
-        } else {
-            write(&up, head.clone()).await
-        };
-        if sent.is_err() {
+            if sent.is_err() {
+                if fresh {
+                    return Err(Attempt::Connect);
+                }
+                continue;
+            }
+            let Ok(first) = read else { return Err(abandon(&up, Attempt::Timeout)) };
+            // A pooled connection closed before any response: the request goes again on a
+            // fresh one (`Ok(None)`).
+            let stale = !fresh && replayable;
+            let reading = response_head(client, &up, ubuf, addr, expect, Some(first), stale);
+            match timeout_at(resp_deadline, reading).await {
+                Ok(Ok(Some(resp))) => return Ok(Answer { up, resp, cut: false }),
+                Ok(Ok(None)) => continue,
+                Ok(Err(e)) => return Err(abandon(&up, e)),
+                Err(_) => return Err(abandon(&up, Attempt::Timeout)),
+            }
+        }
+        if write(&up, head.clone()).await.is_err() {
             if fresh {
                 return Err(Attempt::Connect);
             }
             continue;
         }
-        if framing != Framing::None {
-            match stream_body(client, buf, &up, framing, false, deadline, cfg.idle_timeout).await {
-                Ok(()) => {}
-                Err(Side::Dst) => return Err(abandon(&up, Attempt::Broken)),
-                Err(Side::Src) => return Err(abandon(&up, Attempt::ClientGone)),
-                Err(Side::Timeout) => return Err(abandon(&up, Attempt::ClientTimeout)),
-            }
-        }
-        let sent_at = if framing == Framing::None { sent_at } else { tokio::time::Instant::now() };
-        let resp_deadline = (sent_at + cfg.response_timeout).min(deadline);
-        let resp = loop {
-            match parse_response(ubuf) {
-                // 101 is final for an upgrade request. Unsolicited, the connection would carry
-                // another protocol from here on: a broken response.
-                Ok(Some(r)) if r.status == 101 && upgrade => break Some(r),
-                Ok(Some(r)) if r.status == 101 => return Err(abandon(&up, Attempt::Broken)),
-                // The client had its 100 Continue from the proxy already.
-                Ok(Some(r)) if r.status == 100 && continued => continue,
-                // An HTTP/1.0 client gets no interim responses (RFC 9110 15.2).
-                Ok(Some(r)) if (100..200).contains(&r.status) && http10 => continue,
-                Ok(Some(r)) if (100..200).contains(&r.status) => {
-                    // Interim response (100 Continue...): pass it on, wait for the final one.
-                    // Rewritten like a final head: a 1xx has no body, and a Content-Length or
-                    // Transfer-Encoding a backend put in one could make a client expect one.
-                    let mut head = Vec::with_capacity(r.head.bytes.len());
-                    status_and_headers(&mut head, &r);
-                    head.extend_from_slice(b"\r\n");
-                    write(client, head).await.map_err(|_| Attempt::ClientGone)?;
-                    interim = true;
-                    continue;
-                }
-                Ok(Some(r)) => break Some(r),
-                Ok(None) if ubuf.len() > 64 * 1024 => return Err(abandon(&up, Attempt::Broken)),
-                Ok(None) => {}
-                Err(()) => {
-                    tracing::debug!(%addr, head = %String::from_utf8_lossy(&ubuf[..ubuf.len().min(200)]), "unparsable response head");
-                    return Err(abandon(&up, Attempt::Broken));
-                }
-            }
-            let read = match first_read.take() {
-                Some(read) => read,
-                None => timeout_at(resp_deadline, read_more(&up, ubuf)).await,
+        // The response is read while the body streams, as nginx does: a backend may answer
+        // before it has the whole body (a 413 from a size check, a 401) and read no more of it,
+        // or close the connection, which fails the body's write. Waiting for the body to go
+        // through first would lose that answer (a 502 instead, and a passive-health failure
+        // charged to a healthy backend) or wait for the kernel to give up on the stalled send.
+        // The body stream goes first when both are ready: a body that is through is through.
+        let (resp, cut) = {
+            let reading = response_head(client, &up, ubuf, addr, expect, None, false);
+            let mut reading = std::pin::pin!(reading);
+            let streamed = tokio::select! {
+                biased;
+                r = stream_body(client, buf, &up, framing, false, deadline, cfg.idle_timeout) => Ok(r),
+                h = &mut reading => Err(h),
             };
-            match read {
-                Ok(Ok(0)) | Ok(Err(_)) if ubuf.is_empty() && !fresh && replayable && !interim => {
-                    // Stale pooled connection: retry on a fresh one.
-                    break None;
+            match streamed {
+                Ok(Ok(())) => {
+                    // The response timeout runs from the request's end.
+                    let resp_deadline =
+                        (tokio::time::Instant::now() + cfg.response_timeout).min(deadline);
+                    match timeout_at(resp_deadline, &mut reading).await {
+                        Ok(r) => (r, false),
+                        Err(_) => return Err(abandon(&up, Attempt::Timeout)),
+                    }
                 }
-                Ok(Ok(0)) => {
-                    tracing::debug!(%addr, got = ubuf.len(), fresh, "backend closed before a response head");
-                    return Err(abandon(&up, Attempt::Broken));
+                Ok(Err(Side::Src)) => return Err(abandon(&up, Attempt::ClientGone)),
+                Ok(Err(Side::Timeout)) => return Err(abandon(&up, Attempt::ClientTimeout)),
+                Ok(Err(Side::Dst)) => {
+                    // The backend reset the connection (or took nothing for the idle timeout,
+                    // and the kernel aborted it): the body ends here for it. An answer it sent
+                    // before came before the reset (TCP delivers in order), so it is in the
+                    // socket and the read ends at once with it; without one, the read ends at
+                    // once with the error. The response timeout, which a complete request
+                    // would have had from here, bounds the rare wait in between.
+                    let resp_deadline =
+                        (tokio::time::Instant::now() + cfg.response_timeout).min(deadline);
+                    match timeout_at(resp_deadline, &mut reading).await {
+                        Ok(Ok(Some(resp))) => (Ok(Some(resp)), true),
+                        Ok(Err(Attempt::ClientGone)) => {
+                            return Err(abandon(&up, Attempt::ClientGone));
+                        }
+                        _ => return Err(abandon(&up, Attempt::Broken)),
+                    }
                 }
-                Ok(Err(e)) => {
-                    tracing::debug!(%addr, got = ubuf.len(), fresh, error = %e, "backend connection failed before a response head");
-                    return Err(abandon(&up, Attempt::Broken));
-                }
-                Ok(Ok(_)) => {}
-                Err(_) => return Err(abandon(&up, Attempt::Timeout)),
+                // An answer before the whole body went: the rest of it is not sent (the stream is
+                // dropped here, and with it the rest of the body).
+                Err(r) => (r, true),
             }
         };
         match resp {
-            Some(resp) => return Ok((up, resp)),
-            None => continue,
+            Ok(Some(resp)) => {
+                if cut {
+                    tracing::debug!(%addr, status = resp.status, "backend answered before the whole request body; the rest is not sent");
+                }
+                return Ok(Answer { up, resp, cut });
+            }
+            // Only a bodiless request is sent again (`stale` is false here).
+            Ok(None) => return Err(abandon(&up, Attempt::Broken)),
+            Err(e) => return Err(abandon(&up, e)),
+        }
+    }
+}
+
+/// What a backend's response head must be, for the request it answers.
+#[derive(Clone, Copy)]
+struct Expect {
+    /// The request asked to upgrade: 101 is its final answer.
+    upgrade: bool,
+    /// The client had its `100 Continue` from the proxy: the backend's is dropped.
+    continued: bool,
+    /// An HTTP/1.0 client: it gets no interim responses (RFC 9110 15.2).
+    http10: bool,
+}
+
+/// Reads the backend's final response head into `ubuf`, starting with `first` (a read already
+/// done) if given, and passes interim (1xx) responses on to the client as they come. Reads wait
+/// as long as the backend takes: callers bound the whole. With `stale` (a pooled connection,
+/// for a request that may be sent again), a connection that ends before any response is
+/// `Ok(None)`: the request goes again on a fresh one.
+async fn response_head(
+    client: &Socket,
+    up: &Socket,
+    ubuf: &mut BytesMut,
+    addr: SocketAddr,
+    expect: Expect,
+    mut first: Option<io::Result<usize>>,
+    stale: bool,
+) -> Result<Option<RespHead>, Attempt> {
+    // An interim response passed on to the client: the backend has the request.
+    let mut interim = false;
+    loop {
+        match parse_response(ubuf) {
+            // 101 is final for an upgrade request. Unsolicited, the connection would carry
+            // another protocol from here on: a broken response.
+            Ok(Some(r)) if r.status == 101 && expect.upgrade => return Ok(Some(r)),
+            Ok(Some(r)) if r.status == 101 => return Err(Attempt::Broken),
+            // The client had its 100 Continue from the proxy already.
+            Ok(Some(r)) if r.status == 100 && expect.continued => continue,
+            // An HTTP/1.0 client gets no interim responses (RFC 9110 15.2).
+            Ok(Some(r)) if (100..200).contains(&r.status) && expect.http10 => continue,
+            Ok(Some(r)) if (100..200).contains(&r.status) => {
+                // Interim response (100 Continue...): pass it on, wait for the final one.
+                // Rewritten like a final head: a 1xx has no body, and a Content-Length or
+                // Transfer-Encoding a backend put in one could make a client expect one.
+                let mut head = Vec::with_capacity(r.head.bytes.len());
+                status_and_headers(&mut head, &r);
+                head.extend_from_slice(b"\r\n");
+                write(client, head).await.map_err(|_| Attempt::ClientGone)?;
+                interim = true;
+                continue;
+            }
+            Ok(Some(r)) => return Ok(Some(r)),
+            Ok(None) if ubuf.len() > 64 * 1024 => return Err(Attempt::Broken),
+            Ok(None) => {}
+            Err(()) => {
+                tracing::debug!(%addr, head = %String::from_utf8_lossy(&ubuf[..ubuf.len().min(200)]), "unparsable response head");
+                return Err(Attempt::Broken);
+            }
+        }
+        let read = match first.take() {
+            Some(read) => read,
+            None => read_more(up, ubuf).await,
+        };
+        match read {
+            Ok(0) | Err(_) if ubuf.is_empty() && stale && !interim => return Ok(None),
+            Ok(0) => {
+                tracing::debug!(%addr, got = ubuf.len(), "backend closed before a response head");
+                return Err(Attempt::Broken);
+            }
+            Err(e) => {
+                tracing::debug!(%addr, got = ubuf.len(), error = %e, "backend connection failed before a response head");
+                return Err(Attempt::Broken);
+            }
+            Ok(_) => {}
         }
     }
 }
@@ -1790,6 +1992,62 @@ mod tests {
             false,
         );
         assert!(out.contains("\r\nHost: x\r\n"), "{out}");
+    }
+
+    #[test]
+    fn forwarded_values_are_checked_against_rfc_7239() {
+        for ok in [
+            "for=192.0.2.60;proto=http;by=203.0.113.43",
+            "For=\"[2001:db8:cafe::17]:4711\"",
+            "for=192.0.2.43, for=198.51.100.17",
+            "for=192.0.2.43 ,\tfor=_hidden ",
+            "for=\"_gazonk\"",
+            "for=\"a\\\"b\"",
+            "for=\"x\\\\\"",
+            "for=a;",
+            ";for=a",
+            "for=a,,for=b",
+            "for=a,",
+            "for=\"\"",
+        ] {
+            assert!(valid_forwarded(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            " ",
+            ",",
+            ";",
+            "for=\"6.6.6.6",
+            "for=\"6.6.6.6\\\"",
+            "for=\"a\"b",
+            "for=a b",
+            "for=a; proto=http",
+            "for =a",
+            "for= a",
+            "for=",
+            "for",
+            "=a",
+            "for=[::1]",
+            "for=a\"",
+            "for=\"a\u{7f}\"",
+        ] {
+            assert!(!valid_forwarded(bad.as_bytes()), "{bad:?}");
+        }
+        // Left out of what the backend gets; valid ones are kept in order.
+        let r = req(&[
+            ("Host", "x"),
+            ("Forwarded", "for=192.0.2.1"),
+            ("Forwarded", "for=\"6.6.6.6"),
+            ("Forwarded", "for=192.0.2.2;proto=https"),
+        ]);
+        let out = forward(&r, Framing::None, true);
+        assert!(
+            out.contains(
+                "\r\nForwarded: for=192.0.2.1, for=192.0.2.2;proto=https, for=198.18.4.1;proto=http\r\n"
+            ),
+            "{out}"
+        );
+        assert!(!out.contains("6.6.6.6"), "{out}");
     }
 
     /// The pool lets go of connections past their time: `put` trims them from the front of
