@@ -741,8 +741,9 @@ fn client_moved_by_a_fourth(h: &Harness) -> (IpAddr, IpAddr) {
 #[test]
 fn connection_table_keeps_flows_across_ring_changes() {
     let three = THREE;
+    // Pinned: the SYN's handshake slot and the table are this CPU's.
     let Some(mut h) =
-        Harness::new("connection_table_keeps_flows_across_ring_changes", &one_vip(&three))
+        Harness::pinned("connection_table_keeps_flows_across_ring_changes", &one_vip(&three))
     else {
         return;
     };
@@ -1038,16 +1039,21 @@ fn connection_table_buckets_are_lru_and_searched_across_cpus() {
     use lb_common::ct_stats::{EVICTED, FOUND_ON_OTHER_CPU, MISSED_ESTABLISHED};
 
     // Segments without SYN of flows no table holds (as after a restart without pins) are
-    // counted as missed and stored most recent first. Flows 0..4 fill the bucket; touching flow
-    // 0 again makes flow 1 the least recently used; flow 4 then pushes flow 1 out.
+    // counted as missed; the first waits in a handshake slot, the second enters the table, most
+    // recent first. Flows 0..4 fill the bucket; touching flow 0 again makes flow 1 the least
+    // recently used; flow 4 then pushes flow 1 out.
     for &f in &same_bucket[..4] {
+        assert_eq!(outer_dst(&h.run(&frame(f, ACK)).1), first(f));
+        assert_eq!(ct(&h, EVICTED), 0, "the first segment of an unknown flow evicts nothing");
         assert_eq!(outer_dst(&h.run(&frame(f, ACK)).1), first(f));
     }
     assert_eq!(ct(&h, MISSED_ESTABLISHED), 4);
     h.run(&frame(same_bucket[0], ACK));
     assert_eq!(ct(&h, EVICTED), 0, "four flows fit a bucket");
     h.run(&frame(same_bucket[4], ACK));
-    assert_eq!(ct(&h, EVICTED), 1, "the fifth evicts one");
+    assert_eq!(ct(&h, EVICTED), 0, "the fifth waits in its handshake slot");
+    h.run(&frame(same_bucket[4], ACK));
+    assert_eq!(ct(&h, EVICTED), 1, "and at its next segment evicts one");
     // Order now 4, 0, 3, 2. A SYN does not touch the table: its flow (5) waits in its handshake
     // slot, retransmission included, and nothing is pushed out.
     for _ in 0..2 {
@@ -1435,7 +1441,9 @@ fn a_configured_table_size_is_the_one_the_program_indexes() {
         five.iter().map(|&(c, p)| bucket_of(auto, c, p)).collect();
     assert!(spread.len() > 1, "the default table would spread these flows");
     for (i, &f) in five.iter().enumerate() {
-        // Without SYN: a SYN's flow does not enter the table.
+        // Without SYN (a SYN's flow does not enter the table), twice: an unknown flow enters
+        // at its second segment.
+        assert_eq!(h.run(&vip_segment(f, ACK)).0, XDP_TX);
         assert_eq!(h.run(&vip_segment(f, ACK)).0, XDP_TX);
         let evicted = ct_event(&h, lb_common::ct_stats::EVICTED);
         assert_eq!(evicted, u64::from(i == lb_common::CONNTRACK_WAYS), "after flow {i}");
@@ -1803,10 +1811,10 @@ fn a_syn_flood_cannot_push_established_flows_out() {
     let (frame, ct) = (vip_segment, ct_event);
     use lb_common::ct_stats::{EVICTED, MISSED_ESTABLISHED};
     let flows = |base| flows_of(clients_from(base));
-    // Four established flows fill one bucket.
+    // Four established flows fill one bucket (an unknown flow enters at its second segment).
     let established = bucket_overflow(buckets, lb_common::CONNTRACK_WAYS, flows("198.18.64.0"));
     let bucket = bucket_of(buckets, established[0].0, established[0].1);
-    for &f in &established {
+    for &f in established.iter().chain(&established) {
         h.run(&frame(f, ACK));
     }
     let missed = ct(&h, MISSED_ESTABLISHED);
@@ -1831,4 +1839,307 @@ fn a_syn_flood_cannot_push_established_flows_out() {
     assert_eq!((ct(&h, EVICTED), ct(&h, MISSED_ESTABLISHED)), (1, missed));
     h.run(&frame(done, ACK));
     assert_eq!((ct(&h, EVICTED), ct(&h, MISSED_ESTABLISHED)), (1, missed), "now a table hit");
+}
+
+/// Spoofed ACKs and RSTs, one per made-up flow (the usual shape of a flood of segments without
+/// SYN), wait in handshake slots like SYNs: they cannot push established flows out of the table.
+#[test]
+fn an_ack_or_rst_flood_cannot_push_established_flows_out() {
+    let Some(mut h) = Harness::pinned("an_ack_or_rst_flood_cannot_push", &one_vip(&THREE)) else {
+        return;
+    };
+    let buckets = h.dp.table_shape().v4_buckets;
+    let (frame, ct) = (vip_segment, ct_event);
+    use lb_common::ct_stats::{EVICTED, MISSED_ESTABLISHED};
+    let flows = |base| flows_of(clients_from(base));
+    let established = bucket_overflow(buckets, lb_common::CONNTRACK_WAYS, flows("198.18.64.0"));
+    let bucket = bucket_of(buckets, established[0].0, established[0].1);
+    for &f in established.iter().chain(&established) {
+        h.run(&frame(f, ACK));
+    }
+    assert_eq!(ct(&h, EVICTED), 0);
+    let flood: Vec<_> = flows("198.18.128.0")
+        .filter(|&(c, p)| bucket_of(buckets, c, p) == bucket)
+        .take(128)
+        .collect();
+    for (i, &f) in flood.iter().enumerate() {
+        let flags = if i % 2 == 0 { ACK } else { RST };
+        assert_eq!(h.run(&frame(f, flags)).0, XDP_TX, "forwarded all the same");
+    }
+    assert_eq!(ct(&h, EVICTED), 0, "no spoofed segment pushed a flow out");
+    let missed = ct(&h, MISSED_ESTABLISHED);
+    for &f in &established {
+        h.run(&frame(f, ACK));
+    }
+    assert_eq!(ct(&h, MISSED_ESTABLISHED), missed, "every established flow is still a hit");
+}
+
+/// Looking for an unknown flow in the other CPUs' tables costs a cache miss per CPU: a flood of
+/// segments (or ICMP errors) about flows no table holds may spend only this CPU's budget of such
+/// reads, then is placed by the ring without searching, and counted.
+#[test]
+fn searches_of_the_other_cpus_keep_to_a_budget() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let Some(mut h) = Harness::pinned("searches_keep_to_a_budget", common::FIXTURE_CONFIG) else {
+        return;
+    };
+    if cpus < 2 {
+        eprintln!("one CPU: no other CPU's table to search");
+        return;
+    }
+    use lb_common::ct_stats::SEARCH_SKIPPED;
+    // A frag-needed about a flow of the L2 DSR VIP that no table holds: it is looked for on the
+    // other CPUs every time, and not stored; its MAC rewrite leaves the frame on the same path,
+    // so the kernel's repeat loop can send it again and again.
+    let (vip, client, router) = (v4("198.18.1.5"), v4("198.18.9.9"), v4("198.18.0.254"));
+    let quoted =
+        V4::new(vip, client, 6).packet(&tcp(vip.into(), client.into(), 80, 40000, ACK, b""));
+    let err = V4::new(router, vip, 1).packet(&icmp4(3, 4, [0, 0, 0x05, 0x00], &quoted[..28]));
+    let frame = eth(LB_MAC, CLIENT_MAC, ETH_IP, &err);
+    let mut out = vec![0u8; frame.len() + 256];
+    const RUNS: u32 = 400_000;
+    let started = std::time::Instant::now();
+    let r =
+        h.dp.balancer()
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                repeat: RUNS,
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+    let took = started.elapsed();
+    assert_eq!(r.return_value, XDP_TX, "forwarded to a backend all the same");
+    let skipped = ct_event(&h, SEARCH_SKIPPED);
+    // The budget: 65 536 reads at once, then one a microsecond; a search reads one bucket per
+    // other CPU.
+    let allowed = (65_536 + took.as_micros() as u64) / (cpus as u64 - 1) + 1;
+    assert!(skipped > 0, "{RUNS} searches in {took:?}: none skipped");
+    assert!(
+        u64::from(RUNS) - skipped <= allowed,
+        "{} searches in {took:?}, at most {allowed} allowed",
+        u64::from(RUNS) - skipped
+    );
+}
+
+/// A frame whose destination MAC has the group bit set (broadcast, IPv4 or IPv6 multicast) is
+/// passed untouched even when it carries traffic for a VIP: it was not sent to this node alone,
+/// and whatever the balancer sent for it would carry that group address as its source MAC
+/// (bridges drop such frames; no answer may have one).
+#[test]
+fn frames_not_sent_to_a_unicast_mac_pass_untouched() {
+    let Some(mut h) = Harness::new("frames_not_sent_to_a_unicast_mac", FIXTURE_CONFIG) else {
+        return;
+    };
+    const BROADCAST: [u8; 6] = [0xff; 6];
+    const V4_MULTICAST: [u8; 6] = [0x01, 0x00, 0x5e, 0x00, 0x00, 0x01];
+    const V6_MULTICAST: [u8; 6] = [0x33, 0x33, 0x00, 0x00, 0x00, 0x01];
+    let (c4, vip4) = (v4("198.18.4.7"), v4("198.18.1.1"));
+    let (c6, vip6) = (v6("2001:2::77"), v6("2001:2:0:1::1"));
+    let syn4 = tcp4("198.18.4.7", 40000, "198.18.1.1", 80, SYN);
+    let syn6 = tcp6("2001:2::77", 40000, "2001:2:0:1::1", 80, SYN);
+    let udp4 = V4::new(c4, vip4, 17).packet(&udp(c4.into(), vip4.into(), 5353, 53, b"query"));
+    let echo4 = V4::new(c4, vip4, 1).packet(&icmp4(8, 0, [0, 7, 0, 1], b"ping"));
+    let echo6 = ipv6(c6, vip6, 58, 0, 64, &icmp6(c6, vip6, 128, 0, [0, 9, 0, 1], b"ping6"));
+    let big =
+        V4::new(c4, vip4, 6).packet(&tcp(c4.into(), vip4.into(), 40001, 80, ACK, &[0x5a; 1460]));
+    let l2 = tcp4("198.18.4.7", 40002, "198.18.1.5", 80, SYN);
+    let frames = [
+        ("broadcast TCP SYN to a VIP", eth(BROADCAST, CLIENT_MAC, ETH_IP, &syn4)),
+        ("IPv4 multicast UDP to a VIP", eth(V4_MULTICAST, CLIENT_MAC, ETH_IP, &udp4)),
+        ("IPv6 multicast TCP SYN to a VIP", eth(V6_MULTICAST, CLIENT_MAC, ETH_IPV6, &syn6)),
+        ("VLAN-tagged broadcast to a VIP", eth_vlan(BROADCAST, CLIENT_MAC, 42, ETH_IP, &syn4)),
+        ("broadcast to an L2 DSR VIP", eth(BROADCAST, CLIENT_MAC, ETH_IP, &l2)),
+        ("broadcast ICMP echo to a VIP", eth(BROADCAST, CLIENT_MAC, ETH_IP, &echo4)),
+        ("multicast ICMPv6 echo to a VIP", eth(V6_MULTICAST, CLIENT_MAC, ETH_IPV6, &echo6)),
+        ("broadcast, too big for the MTU", eth(BROADCAST, CLIENT_MAC, ETH_IP, &big)),
+    ];
+    for (name, frame) in frames {
+        h.check(name, &frame, XDP_PASS, None, Reason::PassNotUnicast);
+    }
+    // Frames to our unicast MAC are served as before, and ARP (broadcast) is still not IP.
+    let vip = h.vip("v4tcp");
+    let b = route(&vip, c4.into(), 40000).unwrap().address;
+    let want = encapsulated(&vip, b, conn_hash(&vip, c4.into(), 40000, 80), &syn4, None);
+    let unicast = eth(LB_MAC, CLIENT_MAC, ETH_IP, &syn4);
+    h.check("the same SYN to our MAC", &unicast, XDP_TX, Some(&want), Reason::TxEncap);
+    let arp = [0u8, 1, 8, 0, 6, 4, 0, 1, 2, 0xed, 0, 0, 0, 1, 198, 18, 0, 1, 0, 0, 0, 0, 0, 0];
+    h.check("ARP", &eth(BROADCAST, CLIENT_MAC, ETH_ARP, &arp), XDP_PASS, None, Reason::PassNotIp);
+}
+
+/// With `node.src_mac` set, every frame edgelb sends comes from it: ICMP echo replies too,
+/// not only encapsulated packets and too-big answers.
+#[test]
+fn echo_replies_come_from_the_configured_src_mac() {
+    const SRC_MAC: [u8; 6] = [0x02, 0xed, 0, 0, 0, 0xaa];
+    let toml =
+        FIXTURE_CONFIG.replacen("mtu = 1500\n", "mtu = 1500\nsrc_mac = \"02:ed:00:00:00:aa\"\n", 1);
+    assert_ne!(toml, FIXTURE_CONFIG);
+    let Some(mut h) = Harness::new("echo_replies_come_from_the_configured_src_mac", &toml) else {
+        return;
+    };
+    let (client, vip4) = (v4("198.18.4.7"), v4("198.18.1.1"));
+    let input = eth(
+        LB_MAC,
+        CLIENT_MAC,
+        ETH_IP,
+        &V4::new(client, vip4, 1).packet(&icmp4(8, 0, [0, 7, 0, 1], b"ping")),
+    );
+    let want = eth(
+        CLIENT_MAC,
+        SRC_MAC,
+        ETH_IP,
+        &V4::new(vip4, client, 1).packet(&icmp4(0, 0, [0, 7, 0, 1], b"ping")),
+    );
+    h.check("ICMP echo v4 from src_mac", &input, XDP_TX, Some(&want), Reason::TxIcmpEcho);
+    let (c6, vip6) = (v6("2001:2::77"), v6("2001:2:0:1::1"));
+    let input = eth(
+        LB_MAC,
+        CLIENT_MAC,
+        ETH_IPV6,
+        &ipv6(c6, vip6, 58, 0, 50, &icmp6(c6, vip6, 128, 0, [0, 9, 0, 1], b"ping6")),
+    );
+    let want = eth(
+        CLIENT_MAC,
+        SRC_MAC,
+        ETH_IPV6,
+        &ipv6(vip6, c6, 58, 0, 64, &icmp6(vip6, c6, 129, 0, [0, 9, 0, 1], b"ping6")),
+    );
+    h.check("ICMPv6 echo from src_mac", &input, XDP_TX, Some(&want), Reason::TxIcmpEcho);
+    // VLAN-tagged: the tag stays, the MACs are the same.
+    let ip = V4::new(client, vip4, 1).packet(&icmp4(8, 0, [0, 7, 0, 2], b"ping"));
+    let input = eth_vlan(LB_MAC, CLIENT_MAC, 42, ETH_IP, &ip);
+    let reply = V4::new(vip4, client, 1).packet(&icmp4(0, 0, [0, 7, 0, 2], b"ping"));
+    let want = eth_vlan(CLIENT_MAC, SRC_MAC, 42, ETH_IP, &reply);
+    h.check("VLAN-tagged echo from src_mac", &input, XDP_TX, Some(&want), Reason::TxIcmpEcho);
+}
+
+/// [`FIXTURE_CONFIG`] with an IPv6 L7 VIP and an L7 VIP on the address of an L4 one.
+fn with_l7_vips() -> String {
+    format!(
+        "{FIXTURE_CONFIG}
+[[vip]]
+name = \"l7v6\"
+address = \"2001:2:0:1::6\"
+port = 443
+forwarding = \"l7\"
+backends = [{{ address = \"2001:2::11\" }}]
+
+[[vip]]
+name = \"l7shared\"
+address = \"198.18.1.1\"
+port = 8443
+forwarding = \"l7\"
+backends = [{{ address = \"198.18.0.11\" }}]
+"
+    )
+}
+
+/// The kernel terminates an L7 VIP's traffic, so it gets the fragments, IPv4 options and IPv6
+/// extension headers sent to an address only L7 VIPs have: it reassembles and serves them. XDP
+/// drops them only towards the address of a VIP it balances, L7 VIPs on it or not.
+#[test]
+fn fragments_to_an_l7_only_address_pass_to_the_kernel() {
+    let Some(mut h) = Harness::new("fragments_to_an_l7_only_address", &with_l7_vips()) else {
+        return;
+    };
+    let c = v4("198.18.4.7");
+    let frame = |f: &V4, payload: &[u8]| eth(LB_MAC, CLIENT_MAC, ETH_IP, &f.packet(payload));
+    for (dst, verdict, reason) in
+        [("198.18.1.6", XDP_PASS, Reason::PassL7), ("198.18.1.1", XDP_DROP, Reason::DropFragment)]
+    {
+        let d = v4(dst);
+        // A TCP segment without DF, fragmented on the path: its first and last fragments.
+        let mut f = V4::new(c, d, 6);
+        (f.df, f.mf, f.id) = (false, true, 0x4242);
+        let seg = tcp(c.into(), d.into(), 40000, 80, ACK, &[0x5a; 64]);
+        h.check(&format!("first fragment to {dst}"), &frame(&f, &seg[..48]), verdict, None, reason);
+        (f.mf, f.frag_offset) = (false, 6);
+        h.check(&format!("last fragment to {dst}"), &frame(&f, &seg[48..]), verdict, None, reason);
+    }
+    let mut o = V4::new(c, v4("198.18.1.6"), 6);
+    o.options = vec![1, 1, 1, 0];
+    let p = frame(&o, &tcp(c.into(), o.dst.into(), 40000, 80, SYN, b""));
+    h.check("IPv4 options to an L7-only address", &p, XDP_PASS, None, Reason::PassL7);
+
+    let (c6, l7v6, l4v6) = (v6("2001:2::77"), v6("2001:2:0:1::6"), v6("2001:2:0:1::1"));
+    let frag_hdr = [6u8, 0, 0, 1, 0, 0, 0, 42];
+    let hbh = [6u8, 0, 1, 4, 0, 0, 0, 0];
+    for (dst, verdict, frag, opts) in [
+        (l7v6, XDP_PASS, Reason::PassL7, Reason::PassL7),
+        (l4v6, XDP_DROP, Reason::DropFragment, Reason::DropIpOptions),
+    ] {
+        let syn = tcp(c6.into(), dst.into(), 1, 443, SYN, b"");
+        let p = ipv6(c6, dst, 44, 0, 64, &[&frag_hdr[..], &syn].concat());
+        let p = eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &p);
+        h.check(&format!("v6 fragment to {dst}"), &p, verdict, None, frag);
+        let p = ipv6(c6, dst, 0, 0, 64, &[&hbh[..], &syn].concat());
+        let p = eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &p);
+        h.check(&format!("v6 extension header to {dst}"), &p, verdict, None, opts);
+    }
+
+    // ICMP to an L7-only address works as before: echo answered here, an error about an L7
+    // flow passed to the kernel, which owns the flow.
+    let vip = v4("198.18.1.6");
+    let req = V4::new(c, vip, 1).packet(&icmp4(8, 0, [0, 7, 0, 1], b"ping"));
+    let rep = V4::new(vip, c, 1).packet(&icmp4(0, 0, [0, 7, 0, 1], b"ping"));
+    let (input, want) =
+        (eth(LB_MAC, CLIENT_MAC, ETH_IP, &req), eth(CLIENT_MAC, LB_MAC, ETH_IP, &rep));
+    h.check("echo to an L7-only address", &input, XDP_TX, Some(&want), Reason::TxIcmpEcho);
+    let router = v4("198.18.0.254");
+    let quoted = V4::new(vip, c, 6).packet(&tcp(vip.into(), c.into(), 80, 40000, ACK, b""));
+    let err = V4::new(router, vip, 1).packet(&icmp4(3, 4, [0, 0, 5, 0], &quoted[..28]));
+    let err = eth(LB_MAC, CLIENT_MAC, ETH_IP, &err);
+    h.check("frag-needed about an L7 flow", &err, XDP_PASS, None, Reason::PassL7);
+
+    // Taking the L7 VIP off the shared address leaves an L4 VIP there: still dropped. Taking
+    // the L4 VIPs off it leaves an L7 one: passed.
+    let mut f = V4::new(c, v4("198.18.1.1"), 17);
+    (f.df, f.mf) = (false, true);
+    let p = frame(&f, &udp(c.into(), f.dst.into(), 5353, 53, &[0; 32]));
+    let no_shared =
+        with_l7_vips().split("\n[[vip]]\nname = \"l7shared\"").next().unwrap().to_owned();
+    h.apply(&no_shared);
+    h.check("fragment to an L4-only address", &p, XDP_DROP, None, Reason::DropFragment);
+    let only_l7 = "[node]\ninterfaces = [\"lo\"]\n\n[[vip]]\nname = \"l7shared\"\naddress = \"198.18.1.1\"\nport = 8443\nforwarding = \"l7\"\nbackends = [{ address = \"198.18.0.11\" }]\n";
+    h.apply(only_l7);
+    h.check("fragment once only L7 is left", &p, XDP_PASS, None, Reason::PassL7);
+    h.apply(&with_l7_vips());
+    h.check("fragment once L4 is back", &p, XDP_DROP, None, Reason::DropFragment);
+}
+
+/// An older edgelb wrote 1 for every VIP address; this one writes which kinds of VIP an address
+/// has. Adopting an older edgelb's pinned maps (same layout, so they are re-used), the
+/// controller must rewrite the values its config disagrees with, not only add and remove
+/// addresses: an L7-only address it left at 1 would keep dropping fragments.
+#[test]
+fn address_flags_an_older_edgelb_pinned_are_rewritten() {
+    if !require_privileged("address_flags_an_older_edgelb_pinned_are_rewritten") {
+        return;
+    }
+    let dir = PinDir::new("addrflags");
+    let cfg = Config::parse(&with_l7_vips(), "x".as_ref()).unwrap();
+    let mut dp = Dataplane::load(Some(&dir.0)).unwrap();
+    dp.apply(&cfg).unwrap();
+    // What an older edgelb left: 1 on every address.
+    let keys: Vec<lb_common::AddrKey> =
+        dp.maps().vip_addrs.keys().collect::<Result<_, _>>().unwrap();
+    assert!(keys.len() >= 5, "{keys:?}");
+    for k in &keys {
+        dp.maps_mut().vip_addrs.insert(k, &1, 0).unwrap();
+    }
+    drop(dp);
+    let mut dp = Dataplane::load(Some(&dir.0)).unwrap();
+    assert!(dp.adopted());
+    dp.apply(&cfg).unwrap();
+    let mut h = Harness { dp, cfg };
+    let c = v4("198.18.4.7");
+    for (dst, verdict, reason) in
+        [("198.18.1.6", XDP_PASS, Reason::PassL7), ("198.18.1.1", XDP_DROP, Reason::DropFragment)]
+    {
+        let mut f = V4::new(c, v4(dst), 17);
+        (f.df, f.mf) = (false, true);
+        let p = eth(LB_MAC, CLIENT_MAC, ETH_IP, &f.packet(&[0; 32]));
+        h.check(&format!("fragment to {dst} after adoption"), &p, verdict, None, reason);
+    }
 }

@@ -42,6 +42,17 @@ pub const SYN_STAGE_SLOTS: u32 = 1 << SYN_STAGE_BITS;
 /// A flow's handshake slot is the top this many bits of its table hash (the table's bucket takes
 /// the low bits), so that flows sharing a bucket do not share a slot.
 pub const SYN_STAGE_BITS: u32 = 10;
+
+/// One CPU's budget of reads of the other CPUs' connection tables (lb-ebpf `conntrack`): a
+/// token bucket, refilled by the time since it was last looked at.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct SearchBudget {
+    /// Reads left (below zero after a search that read more than was left).
+    pub tokens: i64,
+    /// When it was last refilled (bpf_ktime_get_ns).
+    pub last_ns: u64,
+}
 /// Memory each of the two connection tables may take over all CPUs (bytes).
 pub const CONNTRACK_BUDGET: u64 = 128 << 20;
 
@@ -93,7 +104,8 @@ pub mod maps {
     pub const VIP_CACHE_V6: &str = "VIP_CACHE_V6";
     /// `PerCpuArray<u64>`, indexed by [`crate::ct_stats`]: connection-table events.
     pub const CT_STATS: &str = "CT_STATS";
-    /// `HashMap<AddrKey, u32>`: every VIP address (any port), for ICMP and fragment policy.
+    /// `HashMap<AddrKey, u32>`: every VIP address (any port) -> its [`crate::addr_flags`], for
+    /// ICMP and the fragment policy.
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
     /// `Array<u32>`: Maglev rings, `ring_base + slot` -> backend id.
     pub const RINGS: &str = "RINGS";
@@ -110,6 +122,9 @@ pub mod maps {
     pub const SYN_V4: &str = "CT_SYN_V4";
     /// `PerCpuArray<ConnEntry>`: IPv6 TCP handshakes, likewise.
     pub const SYN_V6: &str = "CT_SYN_V6";
+    /// `PerCpuArray<SearchBudget>`: each CPU's budget of searches through the other CPUs'
+    /// tables (not pinned: a fresh one starts empty and fills at once).
+    pub const SEARCH_BUDGET: &str = "SEARCH_BUDGET";
     /// Names the connection tables had before they became per-CPU bucket arrays (pins left by
     /// an older edgelb under these names are removed on load).
     pub const RETIRED: [&str; 2] = ["CONNTRACK", "CONNTRACK_V4"];
@@ -149,6 +164,23 @@ pub mod vip_flags {
     pub const L2_DSR: u32 = 1 << 2;
     /// No connection table: every packet is placed by the ring (`conntrack = false`).
     pub const NO_CONNTRACK: u32 = 1 << 3;
+}
+
+/// Values of the VIP address set ([`maps::VIP_ADDRS`]): which kinds of VIP an address has.
+///
+/// An edgelb from before these flags wrote 1 for every VIP address: that reads as [`L4`], the
+/// policy that edgelb applied to every VIP address, so pinned maps it left keep working until
+/// the controller rewrites each value with the flags of its config (it compares values, not
+/// only addresses).
+///
+/// [`L4`]: addr_flags::L4
+pub mod addr_flags {
+    /// A VIP XDP balances (`ipip` or `l2`) has this address: fragments, IPv4 options and IPv6
+    /// extension headers towards it are dropped, since balancing them would split flows.
+    pub const L4: u32 = 1 << 0;
+    /// An L7 VIP has this address. Alone, fragments and the rest pass to the kernel, which
+    /// terminates the traffic and reassembles them.
+    pub const L7: u32 = 1 << 1;
 }
 
 /// Backend flags ([`Backend::flags`]).
@@ -364,11 +396,15 @@ pub mod ct_stats {
     /// ended (the table is small for the traffic), one older than the table, or a handshake
     /// whose slot another SYN took first (a heavy SYN rate). It is placed again by the ring.
     pub const MISSED_ESTABLISHED: u32 = 2;
+    /// A TCP segment without SYN (or an ICMP error) whose flow this CPU did not know was not
+    /// looked for on the other CPUs: this CPU's search budget was spent (a flood of segments of
+    /// unknown flows, or very many flows moved between CPUs at once). It is placed by the ring.
+    pub const SEARCH_SKIPPED: u32 = 3;
     /// Number of slots.
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 4;
     /// Slot names, for metrics.
     pub const NAMES: [&str; COUNT as usize] =
-        ["evicted", "found_on_other_cpu", "missed_established"];
+        ["evicted", "found_on_other_cpu", "missed_established", "search_skipped"];
 }
 
 /// Bits of [`Backend::generation`] a connection-table entry keeps. A stale entry could only be

@@ -13,16 +13,23 @@ pub enum Reason {
     /// VIP serves count here too: telling them apart would cost every such packet an address
     /// lookup.
     PassNotVip,
-    /// For an L7 VIP: passed to the kernel stack (the proxy).
+    /// For an L7 VIP: passed to the kernel stack (the proxy). Fragments, IPv4 options and IPv6
+    /// extension headers towards an address only L7 VIPs have count here too: the kernel, which
+    /// terminates their traffic, reassembles and parses them.
     PassL7,
     /// Headers too short or inconsistent: passed untouched for the kernel to judge.
     PassMalformed,
     /// For a VIP address, but a protocol other than TCP and UDP that no VIP serves, or ICMP
     /// the balancer neither answers nor routes to a backend: passed untouched.
     PassNoService,
-    /// Fragment for a VIP address: dropped (no L4 header to balance on).
+    /// IPv4 or IPv6 in a frame not sent to a unicast MAC (broadcast, multicast: the group bit
+    /// of the destination set): passed untouched, never balanced or answered. An answer would
+    /// carry that group address as its source MAC, which is never valid.
+    PassNotUnicast,
+    /// Fragment for the address of a VIP XDP balances (an L4 VIP): dropped (no L4 header to
+    /// balance on).
     DropFragment,
-    /// IPv4 options or IPv6 extension headers towards a VIP address: dropped.
+    /// IPv4 options or IPv6 extension headers towards the address of an L4 VIP: dropped.
     DropIpOptions,
     /// The VIP has no backend in its ring.
     DropNoBackend,
@@ -43,7 +50,7 @@ pub enum Reason {
 }
 
 /// Number of reason slots.
-pub const REASON_COUNT: u32 = 15;
+pub const REASON_COUNT: u32 = 16;
 
 /// Slot names as they appear in metrics and `edgelb status`, in index order.
 pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
@@ -52,6 +59,7 @@ pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
     "pass_l7",
     "pass_malformed",
     "pass_no_service",
+    "pass_not_unicast",
     "drop_fragment",
     "drop_ip_options",
     "drop_no_backend",
@@ -73,5 +81,6 @@ mod tests {
         assert_eq!(REASON_NAMES[Reason::TxIcmpToBackend as usize], "tx_icmp_to_backend");
         assert_eq!(Reason::TxIcmpToBackend as u32 + 1, REASON_COUNT);
         assert_eq!(REASON_NAMES[Reason::PassNoService as usize], "pass_no_service");
+        assert_eq!(REASON_NAMES[Reason::PassNotUnicast as usize], "pass_not_unicast");
     }
 }

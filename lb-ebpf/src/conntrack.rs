@@ -29,6 +29,12 @@
 //! came (one of [`lb_common::SYN_STAGE_SLOTS`] per CPU, so under a heavy SYN rate) is placed by the
 //! ring again then: the same backend, unless the pool changed meanwhile.
 //!
+//! A TCP segment without SYN whose flow no table holds (after an eviction, a restart, a move
+//! between CPUs, or a flood of spoofed ACKs or RSTs, one per made-up flow) waits in its handshake
+//! slot the same way, and enters the table at its next packet: such a flood cannot push
+//! established flows out either. Looking for such a flow in the other CPUs' tables reads a
+//! bucket per CPU, so each CPU has a budget of those reads ([`SEARCH_READS_PER_SEC`]).
+//!
 //! A client can reuse a 5-tuple while its old entry is still in the table (a port reused soon
 //! after a close). The new connection's SYN is placed by the ring, which picks another backend
 //! than the entry's if the pool changed while the old connection lived. So a FIN or RST from the
@@ -41,13 +47,13 @@
 
 use aya_ebpf::{
     cty::c_void,
-    helpers::{bpf_get_smp_processor_id, bpf_loop},
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_loop},
 };
 
 use crate::{
     maps::{
-        BACKENDS, CONNTRACK, CONNTRACK_V4, CT_V4_BUCKETS, CT_V6_BUCKETS, RINGS, SYN_STAGE_V4,
-        SYN_STAGE_V6,
+        BACKENDS, CONNTRACK, CONNTRACK_V4, CT_V4_BUCKETS, CT_V6_BUCKETS, RINGS, SEARCH_BUDGET,
+        SYN_STAGE_V4, SYN_STAGE_V6,
     },
     same_addr,
     stats::count_ct,
@@ -328,6 +334,39 @@ pub enum Lookup {
 /// flows re-hash onto the ring, which picks the same backend while the pool is unchanged).
 const MAX_SEARCH_CPUS: u32 = 256;
 
+/// Other CPUs' buckets each CPU may read per second searching for flows it does not know, and
+/// at most at once (the budget's fill). A search reads one bucket per CPU, almost always a cache
+/// miss: unbounded, a flood of spoofed ACKs would cost every packet a miss per CPU. A million
+/// reads a second is about a tenth of a CPU's time at worst; flows that miss the search are
+/// placed by the ring (the same backend while the pool is unchanged) and counted.
+const SEARCH_READS_PER_SEC: u64 = 1_000_000;
+const SEARCH_READS_BURST: i64 = 65_536;
+
+/// May this CPU search the other CPUs' tables now? Refills this CPU's budget by the time since
+/// it was last looked at; true while any is left (a search then spends what it read, `spend`).
+#[inline(never)]
+fn search_allowed() -> bool {
+    let Some(b) = SEARCH_BUDGET.get_ptr_mut(0) else { return false };
+    // SAFETY: this CPU's element of a per-CPU array, touched by no other CPU, and XDP does not
+    // preempt itself on one CPU.
+    let b = unsafe { &mut *b };
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let refill = now.saturating_sub(b.last_ns) / (1_000_000_000 / SEARCH_READS_PER_SEC);
+    b.last_ns = now;
+    b.tokens = (b.tokens + refill.min(SEARCH_READS_BURST as u64) as i64).min(SEARCH_READS_BURST);
+    b.tokens > 0
+}
+
+/// Takes `reads` bucket reads of a search from this CPU's budget.
+#[inline(always)]
+fn spend(reads: u32) {
+    if let Some(b) = SEARCH_BUDGET.get_ptr_mut(0) {
+        // SAFETY: as in `search_allowed`.
+        unsafe { (*b).tokens -= reads as i64 };
+    }
+}
+
 /// Picks the backend for `key`. With `remember`, a ring placement is stored in the connection
 /// table (data packets); without it (ICMP errors) the table is only read. With `search`, a flow
 /// missing from this CPU's table is looked for in the other CPUs' (established TCP, ICMP errors)
@@ -364,6 +403,8 @@ struct Search {
     vip: u32,
     /// The entry found, and whether its client had ended the flow (FIN/RST).
     found: Option<(Conn, bool)>,
+    /// Other CPUs' buckets read.
+    reads: u32,
 }
 
 /// One step of the search: CPU `cpu`'s copy of the bucket. Returns 1 (stop) when the flow is
@@ -380,6 +421,7 @@ extern "C" fn search_step<B: Bucket>(cpu: u64, ctx: *mut c_void) -> i64 {
     let Some(other) = B::at(cpu * B::buckets() + s.slot) else {
         return 1; // past the last CPU's region
     };
+    s.reads += 1;
     // SAFETY: a bucket in another CPU's region, which that CPU may be writing: only a copy of
     // the entry is kept, and the caller validates it (`valid`) before use.
     match unsafe { &*other }.find(&s.key, s.vip) {
@@ -400,7 +442,7 @@ fn search_other_cpus<B: Bucket>(
     key: &FlowKey,
     meta: &VipMeta,
 ) -> Option<(Conn, Backend, bool)> {
-    let mut search = Search { slot, me, key: *key, vip: meta.vip_index, found: None };
+    let mut search = Search { slot, me, key: *key, vip: meta.vip_index, found: None, reads: 0 };
     // SAFETY: the callback has bpf_loop's signature and `search` outlives the call.
     unsafe {
         bpf_loop(
@@ -410,6 +452,7 @@ fn search_other_cpus<B: Bucket>(
             0,
         )
     };
+    spend(search.reads);
     let (conn, ended) = search.found?;
     Some((conn, valid(&conn, meta)?, ended))
 }
@@ -436,7 +479,7 @@ fn pick_in<B: Bucket>(
     if lookup == Lookup::Syn {
         let pick = ring_pick(key, meta, hash)?;
         if remember {
-            stage::<B>(hash, key, meta.vip_index, pick.conn());
+            stage::<B>(hash, key, meta.vip_index, pick.conn(), false);
         }
         return Some(pick);
     }
@@ -447,7 +490,7 @@ fn pick_in<B: Bucket>(
         if let Some(backend) = valid(&conn, meta) {
             // A flow whose client ended it, and a new handshake of the same 5-tuple (a reused
             // port) in its slot: the new connection goes where its SYN went.
-            if ended && let Some((conn, backend)) = unstage::<B>(hash, key, meta, remember) {
+            if ended && let Some((conn, backend, _)) = unstage::<B>(hash, key, meta, remember) {
                 if remember {
                     bucket.store(Some(at), key, meta.vip_index, conn, closing);
                 }
@@ -461,15 +504,16 @@ fn pick_in<B: Bucket>(
     } else {
         // A TCP flow's first packet after its SYN: the flow moves from its handshake slot into
         // the bucket just read.
-        let mut known = if key.proto == proto::TCP {
-            unstage::<B>(hash, key, meta, remember).map(|(c, b)| (c, b, false))
-        } else {
-            None
-        };
+        let mut known =
+            if key.proto == proto::TCP { unstage::<B>(hash, key, meta, remember) } else { None };
         if known.is_none() && search {
-            known = search_other_cpus::<B>(cpu, slot, key, meta);
-            if known.is_some() {
-                count_ct(ct_stats::FOUND_ON_OTHER_CPU);
+            if search_allowed() {
+                known = search_other_cpus::<B>(cpu, slot, key, meta);
+                if known.is_some() && remember {
+                    count_ct(ct_stats::FOUND_ON_OTHER_CPU);
+                }
+            } else {
+                count_ct(ct_stats::SEARCH_SKIPPED);
             }
         }
         // Known elsewhere (its handshake slot, another CPU's table): it enters this bucket.
@@ -481,39 +525,53 @@ fn pick_in<B: Bucket>(
         }
         if search && remember {
             count_ct(ct_stats::MISSED_ESTABLISHED);
+            // A TCP segment without SYN of a flow no table knows: legitimate after an eviction,
+            // a restart or a move between CPUs, but also what a flood of spoofed ACKs or RSTs
+            // looks like, one packet per made-up flow. It waits in a handshake slot like a SYN,
+            // and enters the table at its next packet, so such a flood cannot push established
+            // flows out.
+            let pick = ring_pick(key, meta, hash)?;
+            stage::<B>(hash, key, meta.vip_index, pick.conn(), closing);
+            return Some(pick);
         }
     }
     place(bucket, found.map(|(at, ..)| at), key, meta, hash, remember, closing)
 }
 
-/// Writes `key -> conn` (a flow of VIP index `vip`) to this CPU's handshake slot for table hash
-/// `hash`, over whatever handshake held it.
+/// Writes `key -> conn` (a flow of VIP index `vip`; marked closing with `closing`) to this CPU's
+/// handshake slot for table hash `hash`, over whatever flow held it.
 #[inline(always)]
-fn stage<B: Bucket>(hash: u32, key: &FlowKey, vip: u32, conn: Conn) {
+fn stage<B: Bucket>(hash: u32, key: &FlowKey, vip: u32, conn: Conn, closing: bool) {
     if let Some(slot) = B::stage(hash) {
         // SAFETY: this CPU's element of a per-CPU array, written only on this CPU, and XDP does
         // not preempt itself on one CPU.
-        unsafe { *slot = B::way(key, vip, conn) };
+        let slot = unsafe { &mut *slot };
+        *slot = B::way(key, vip, conn);
+        if closing {
+            B::mark_closing(slot);
+        }
     }
 }
 
 /// The backend of `key`'s handshake, if this CPU's handshake slot for `hash` holds it and it may
-/// still be used; with `remember`, the slot is emptied (the flow moves to the table).
+/// still be used, and whether its client had ended the flow (a FIN or RST staged it); with
+/// `remember`, the slot is emptied (the flow moves to the table).
 #[inline(always)]
 fn unstage<B: Bucket>(
     hash: u32,
     key: &FlowKey,
     meta: &VipMeta,
     remember: bool,
-) -> Option<(Conn, Backend)> {
+) -> Option<(Conn, Backend, bool)> {
     // SAFETY: as in `stage`.
     let way = unsafe { &mut *B::stage(hash)? };
     let conn = B::matches(way, key, meta.vip_index)?;
     let backend = valid(&conn, meta)?;
+    let ended = B::closing(way);
     if remember {
         *way = B::Way::default();
     }
-    Some((conn, backend))
+    Some((conn, backend, ended))
 }
 
 /// Places a flow by the VIP's ring (by [`flow_hash`]) and, with `remember`, stores it in
@@ -529,9 +587,12 @@ fn place<B: Bucket>(
     remember: bool,
     closing: bool,
 ) -> Option<Pick> {
-    let pick = ring_pick(key, meta, hash)?;
+    let mut pick = ring_pick(key, meta, hash)?;
     if remember {
         bucket.store(at, key, meta.vip_index, pick.conn(), closing);
+    } else {
+        // Only read (an ICMP error about the flow): no flow starts here.
+        pick.new_flow = false;
     }
     Some(pick)
 }

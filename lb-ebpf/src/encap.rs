@@ -18,7 +18,8 @@ use lb_common::{Backend, GlobalConfig, proto};
 const OUTER_TTL: u8 = 64;
 
 /// Our source MAC for a frame we send on: the configured one, or else the address the frame
-/// was sent to (`old_dst`, ours on that interface).
+/// was sent to (`old_dst`, ours on that interface: the balancer never sends for a frame sent to
+/// a group address, whose bit would make it an invalid source).
 #[inline(always)]
 fn source_mac(cfg: &GlobalConfig, old_dst: [u16; 3]) -> [u16; 3] {
     if cfg.src_mac == [0; 6] { old_dst } else { mac_words(&cfg.src_mac) }
@@ -117,11 +118,12 @@ pub fn rewrite_l2(ctx: &XdpContext, backend: &Backend, cfg: &GlobalConfig) -> Re
     write_eth(ctx, 0, mac_words(&backend.mac), source_mac(cfg, eth_dst(&old)), old[6])
 }
 
-/// Swaps source and destination MACs, for answers sent back where the frame came from.
+/// Addresses an answer built in place back to where the frame came from: to its source MAC,
+/// from ours (see [`source_mac`]).
 #[inline(always)]
-pub fn swap_macs(ctx: &XdpContext) -> Result<(), ()> {
+pub fn reply_macs(ctx: &XdpContext, cfg: &GlobalConfig) -> Result<(), ()> {
     let e = read_eth(ctx, 0)?;
-    write_eth(ctx, 0, eth_src(&e), eth_dst(&e), e[6])
+    write_eth(ctx, 0, eth_src(&e), source_mac(cfg, eth_dst(&e)), e[6])
 }
 
 /// Outer IPv4 source: the configured prefix with its host bits taken from the flow's

@@ -6,7 +6,7 @@ use crate::{
     L3,
     conntrack::Lookup,
     csum::{csum_add32, csum_fold, csum_replace2, ipv4_csum},
-    encap::{move_l2_reply, swap_macs},
+    encap::{move_l2_reply, reply_macs},
     forward, is_vip_addr, lookup_vip,
     parse::{
         ETH_LEN, ETH_P_IP, ETH_P_IPV6, ICMP_LEN, IPV4_LEN, IPV6_LEN, IcmpHdr, Ipv4Hdr, Ipv6Hdr,
@@ -38,6 +38,8 @@ pub fn handle(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
         // ICMPv6 inside IPv4 or ICMP inside IPv6: not ours to judge.
         return Ok(crate::not_served(&l3.dst, l3.family));
     }
+    // Any VIP's address, an L7 VIP's alone included: echo is answered here all the same, and
+    // an error about an L7 VIP's flow goes to the kernel, which owns the flow (`PassL7` below).
     if !is_vip_addr(&l3.dst, l3.family) {
         count(Reason::PassNotVip);
         return Ok(xdp_action::XDP_PASS);
@@ -86,7 +88,7 @@ fn echo_v4(ctx: &XdpContext, l3: &L3, icmp: *mut IcmpHdr) -> Result<u32, ()> {
         (*icmp).check = csum_replace2((*icmp).check, old, new);
         (*icmp).ty = ICMP_ECHO_REPLY;
     }
-    swap_macs(ctx)?;
+    reply_macs(ctx, &crate::config())?;
     count(Reason::TxIcmpEcho);
     Ok(xdp_action::XDP_TX)
 }
@@ -105,7 +107,7 @@ fn echo_v6(ctx: &XdpContext, l3: &L3, icmp: *mut IcmpHdr) -> Result<u32, ()> {
         (*icmp).check = csum_replace2((*icmp).check, old, new);
         (*icmp).ty = ICMPV6_ECHO_REPLY;
     }
-    swap_macs(ctx)?;
+    reply_macs(ctx, &crate::config())?;
     count(Reason::TxIcmpEcho);
     Ok(xdp_action::XDP_TX)
 }

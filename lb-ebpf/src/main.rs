@@ -20,7 +20,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, maps::PerCpuArray, programs::X
 use conntrack::Lookup;
 use lb_common::{
     AF_INET, AF_INET6, AddrKey, FlowKey, GlobalConfig, VIP_CACHE_EMPTY, VIP_CACHE_HIT,
-    VIP_CACHE_NONE, VipCacheEntryOf, VipKey, VipKeyV4, VipMeta, proto, stats::Reason,
+    VIP_CACHE_NONE, VipCacheEntryOf, VipKey, VipKeyV4, VipMeta, addr_flags, proto, stats::Reason,
     vip_cache_slot, vip_cache_slot_v6, vip_flags,
 };
 use maps::{CONFIG, VIP_ADDRS, VIP_CACHE, VIP_CACHE_V6, VIP_EPOCH, VIPS, VIPS_V4};
@@ -81,6 +81,14 @@ pub fn edgelb_balancer(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_balance(ctx: &XdpContext) -> Result<u32, ()> {
     let l2 = parse::parse_l2(ctx)?;
+    // Broadcast and multicast frames are never balanced or answered: they were not sent to this
+    // node alone, and what we sent would carry their group address as its source MAC. (One
+    // test on the path of unicast frames; the EtherType is looked at only for the rest.)
+    if l2.group_dst {
+        let ip = l2.proto == ETH_P_IP || l2.proto == ETH_P_IPV6;
+        count(if ip { Reason::PassNotUnicast } else { Reason::PassNotIp });
+        return Ok(xdp_action::XDP_PASS);
+    }
     let step = if l2.proto == ETH_P_IP {
         parse_v4(ctx, l2.l3_off)?
     } else if l2.proto == ETH_P_IPV6 {
@@ -100,16 +108,22 @@ fn try_balance(ctx: &XdpContext) -> Result<u32, ()> {
     }
 }
 
-/// Is `addr` the address of some VIP (any port, any protocol)?
+/// The [`addr_flags`] of `addr` when it is the address of some VIP (any port, any protocol).
 #[inline(always)]
-pub fn is_vip_addr(addr: &[u32; 4], family: u8) -> bool {
+pub fn vip_addr_flags(addr: &[u32; 4], family: u8) -> Option<u32> {
     // Built from a zeroed key: a literal `_pad: [0; 3]` compiles to a call to a byte-wise memset.
     // SAFETY: AddrKey is plain integers; all-zero is a valid value.
     let mut key: AddrKey = unsafe { core::mem::zeroed() };
     key.addr = *addr;
     key.family = family;
-    // SAFETY: only presence is checked; the value is not read.
-    unsafe { VIP_ADDRS.get(&key) }.is_some()
+    // SAFETY: the value is copied out at once.
+    unsafe { VIP_ADDRS.get(&key) }.copied()
+}
+
+/// Is `addr` the address of some VIP (any port, any protocol; L7 VIPs included)?
+#[inline(always)]
+pub fn is_vip_addr(addr: &[u32; 4], family: u8) -> bool {
+    vip_addr_flags(addr, family).is_some()
 }
 
 /// Verdict for traffic towards an address with nothing to balance it: pass, counted by whether
@@ -125,15 +139,24 @@ pub fn not_served(dst: &[u32; 4], family: u8) -> u32 {
 }
 
 /// Policy for fragments, IPv4 options and IPv6 extension headers: dropped (counted under
-/// `reason`) when aimed at a VIP address, which cannot balance them; passed otherwise.
+/// `reason`) when aimed at the address of a VIP XDP balances, which cannot balance them
+/// (splitting a flow's packets between backends); passed otherwise. An address only L7 VIPs
+/// have is the kernel's: it terminates their traffic, and reassembles and serves these.
 #[inline(always)]
 fn unbalanceable(dst: &[u32; 4], family: u8, reason: Reason) -> Step<L3> {
-    if is_vip_addr(dst, family) {
-        count(reason);
-        Step::Done(xdp_action::XDP_DROP)
-    } else {
-        count(Reason::PassNotVip);
-        Step::Done(xdp_action::XDP_PASS)
+    match vip_addr_flags(dst, family) {
+        Some(flags) if flags & addr_flags::L4 != 0 => {
+            count(reason);
+            Step::Done(xdp_action::XDP_DROP)
+        }
+        Some(_) => {
+            count(Reason::PassL7);
+            Step::Done(xdp_action::XDP_PASS)
+        }
+        None => {
+            count(Reason::PassNotVip);
+            Step::Done(xdp_action::XDP_PASS)
+        }
     }
 }
 

@@ -9,8 +9,8 @@ use aya_ebpf::{
 use lb_common::{
     AddrKey, Backend, CONNTRACK_V4_BUCKETS, CONNTRACK_V6_BUCKETS, ConnBucket, ConnBucketV4,
     ConnEntry, ConnEntryV4, Counters, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS,
-    SYN_STAGE_SLOTS, VIP_CACHE_ENTRIES, VipCacheEntry, VipCacheEntryV6, VipKey, VipKeyV4, VipMeta,
-    ct_stats, stats::REASON_COUNT,
+    SYN_STAGE_SLOTS, SearchBudget, VIP_CACHE_ENTRIES, VipCacheEntry, VipCacheEntryV6, VipKey,
+    VipKeyV4, VipMeta, ct_stats, stats::REASON_COUNT,
 };
 
 /// Mmapable arrays have page-aligned values, which puts every 64-byte connection-table bucket on
@@ -80,6 +80,10 @@ pub static SYN_STAGE_V4: PerCpuArray<ConnEntryV4> =
 /// TCP handshakes of IPv6 flows not yet in CT_V6, likewise.
 #[map(name = "CT_SYN_V6")]
 pub static SYN_STAGE_V6: PerCpuArray<ConnEntry> = PerCpuArray::with_max_entries(SYN_STAGE_SLOTS, 0);
+
+/// Each CPU's budget of searches through the other CPUs' tables (see `conntrack`).
+#[map]
+pub static SEARCH_BUDGET: PerCpuArray<SearchBudget> = PerCpuArray::with_max_entries(1, 0);
 
 /// Node-wide settings (one element).
 #[map]

@@ -199,6 +199,9 @@ pub struct L2 {
     pub l3_off: usize,
     /// Inner EtherType (native order of the wire bytes).
     pub proto: u16,
+    /// The destination MAC is a group address (broadcast or multicast: the I/G bit, the
+    /// lowest bit of its first byte, is set): the frame was not sent to this node alone.
+    pub group_dst: bool,
 }
 
 /// Parses Ethernet and at most one 802.1Q tag.
@@ -206,12 +209,12 @@ pub struct L2 {
 pub fn parse_l2(ctx: &XdpContext) -> Result<L2, ()> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: ptr_at checked that the header lies inside the packet.
-    let proto = unsafe { (*eth).proto };
+    let (proto, group_dst) = unsafe { ((*eth).proto, (*eth).dst[0] & 1 != 0) };
     if proto == ETH_P_8021Q {
         let vlan: *const VlanHdr = ptr_at(ctx, ETH_LEN)?;
         // SAFETY: checked by ptr_at.
         let inner = unsafe { (*vlan).proto };
-        return Ok(L2 { l3_off: ETH_LEN + VLAN_LEN, proto: inner });
+        return Ok(L2 { l3_off: ETH_LEN + VLAN_LEN, proto: inner, group_dst });
     }
-    Ok(L2 { l3_off: ETH_LEN, proto })
+    Ok(L2 { l3_off: ETH_LEN, proto, group_dst })
 }

@@ -571,6 +571,7 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             Some(addr)
         }
     };
+    let mtu_span = n.mtu.as_ref().map_or(0..0, |m| m.span());
     let node = Node {
         interfaces: n.interfaces.into_inner(),
         xdp_mode,
@@ -861,6 +862,7 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             ),
         );
     }
+    mtu_fits_ipv6(node.mtu, mtu_span, &vips)?;
     let metrics = match raw.metrics {
         None => Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
         Some(m) => {
@@ -892,6 +894,53 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
         }
     };
     Ok(Config { node, metrics, vips })
+}
+
+/// IPv6 needs a larger `mtu` than IPv4's 576. A packet of an IPv6 VIP that does not fit once
+/// encapsulated is answered with packet-too-big advertising `mtu - 40`, and IPv6 hosts never
+/// take a path MTU below 1280 (RFC 8201): below 1320 they would send the same packet, too big,
+/// again and again, and the VIP's large packets would be black-holed. Any other IPv6 the link
+/// carries (an IPv6 VIP XDP does not encapsulate, IPv6 backends an IPv4 VIP is encapsulated to)
+/// needs the 1280 every IPv6 link carries (RFC 8200). `mtu = 0` (no check) is not refused.
+fn mtu_fits_ipv6(mtu: u32, span: Range<usize>, vips: &[Vip]) -> Result<(), Invalid> {
+    const IPV6_MIN_MTU: u32 = 1280;
+    const IPV6_ENCAP: u32 = 40;
+    if mtu == 0 || mtu >= IPV6_MIN_MTU + IPV6_ENCAP {
+        return Ok(());
+    }
+    if let Some(v) = vips.iter().find(|v| v.address.is_ipv6() && v.forwarding == Forwarding::Ipip) {
+        return bad(
+            span,
+            format!(
+                "mtu {mtu} is too small for IPv6 VIP `{}`: a packet of it that does not fit once encapsulated is answered with packet-too-big advertising mtu - 40 = {}, below the 1280 IPv6 hosts never go under (RFC 8201), so they would send it too big again and its large packets would be lost; write the egress link's MTU, at least {} (1280 + 40 for the encapsulation)",
+                v.name,
+                mtu - IPV6_ENCAP,
+                IPV6_MIN_MTU + IPV6_ENCAP
+            ),
+        );
+    }
+    if mtu >= IPV6_MIN_MTU {
+        return Ok(());
+    }
+    for v in vips {
+        let v6_backend = match v.forwarding {
+            Forwarding::Ipip => v.backends.iter().find(|b| b.address.is_ipv6()),
+            _ => None,
+        };
+        let what = match (v.address.is_ipv6(), v6_backend) {
+            (true, _) => "is IPv6".to_owned(),
+            (false, Some(b)) => format!("is encapsulated to IPv6 backend {}", b.address),
+            (false, None) => continue,
+        };
+        return bad(
+            span,
+            format!(
+                "mtu {mtu} is below 1280, the least every IPv6 link carries (RFC 8200), and VIP `{}` {what}: write the egress link's MTU, at least 1280",
+                v.name
+            ),
+        );
+    }
+    Ok(())
 }
 
 fn l7_settings(

@@ -151,6 +151,57 @@ fn bad_mac_and_mtu() {
     assert!(e.starts_with("t.toml:3:7:"), "{e}");
 }
 
+/// IPv6 hosts never take a packet-too-big below 1280 (RFC 8201), and the balancer advertises
+/// mtu - 40: an IPv6 VIP it encapsulates needs mtu >= 1320, or its large packets are lost.
+/// Other IPv6 on the link (an IPv6 VIP forwarded by MAC or L7, IPv6 backends of an IPv4 VIP)
+/// needs the 1280 every IPv6 link carries. IPv4 alone keeps IPv4's 576.
+#[test]
+fn mtu_leaves_ipv6_room() {
+    const NODE6: &str = "[node]\ninterfaces = [\"eth0\"]\nencap_source_v4 = \"198.19.0.0/16\"\nencap_source_v6 = \"2001:2:0:ff::/96\"\n";
+    let cfg = |mtu: u32, vip: &str, forwarding: &str, backend: &str| {
+        let backend = if forwarding == "l7" {
+            format!("{{ address = \"{backend}\" }}")
+        } else {
+            format!("{{ address = \"{backend}\", mac = \"02:00:00:00:00:01\" }}")
+        };
+        format!(
+            "{NODE6}mtu = {mtu}\n[[vip]]\nname = \"a\"\naddress = \"{vip}\"\nport = 80\nforwarding = \"{forwarding}\"\nbackends = [{backend}]\n"
+        )
+    };
+    // An encapsulated IPv6 VIP: 1320 at least, the error at the mtu, naming the VIP, the
+    // advertised size and what to write.
+    for mtu in [576, 1280, 1300, 1319] {
+        let e = err(&cfg(mtu, "2001:2:0:1::1", "ipip", "2001:2::11"));
+        assert!(e.starts_with("t.toml:5:7:"), "{e}");
+        assert!(e.contains("IPv6 VIP `a`") && e.contains("RFC 8201"), "{e}");
+        assert!(e.contains(&format!("= {}", mtu - 40)) && e.contains("at least 1320"), "{e}");
+    }
+    for mtu in [0, 1320, 1500, 9000] {
+        parse(&cfg(mtu, "2001:2:0:1::1", "ipip", "2001:2::11")).unwrap();
+    }
+    // Other IPv6: 1280 at least.
+    for (vip, forwarding, backend) in [
+        ("2001:2:0:1::1", "l2", "2001:2::11"),
+        ("2001:2:0:1::1", "l7", "2001:2::11"),
+        ("198.18.1.1", "ipip", "2001:2::11"),
+    ] {
+        for mtu in [576, 1000, 1279] {
+            let e = err(&cfg(mtu, vip, forwarding, backend));
+            assert!(e.starts_with("t.toml:5:7:"), "{e}");
+            assert!(e.contains("below 1280") && e.contains("VIP `a`"), "{e}");
+        }
+        for mtu in [0, 1280, 1300] {
+            parse(&cfg(mtu, vip, forwarding, backend))
+                .unwrap_or_else(|e| panic!("{vip} {forwarding} {backend} mtu {mtu}: {e}"));
+        }
+    }
+    let e = err(&cfg(1000, "198.18.1.1", "ipip", "2001:2::11"));
+    assert!(e.contains("IPv6 backend 2001:2::11"), "{e}");
+    // IPv4 only, and an L7 VIP's IPv6 backends (the kernel reaches those): IPv4's 576 will do.
+    parse(&cfg(576, "198.18.1.1", "ipip", "198.18.0.11")).unwrap();
+    parse(&cfg(576, "198.18.1.1", "l7", "2001:2::11")).unwrap();
+}
+
 #[test]
 fn conntrack_size_is_a_power_of_two_within_limits() {
     assert_eq!(parse(NODE).unwrap().node.conntrack_flows_per_cpu, None);

@@ -13,7 +13,7 @@
 pub mod maps;
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     ffi::CString,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -30,7 +30,7 @@ use aya::{
 };
 use lb_common::{
     AF_INET, AF_INET6, AddrKey, Backend, Counters, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE,
-    MAX_VIPS, VipKey, VipMeta, backend_flags, programs, vip_flags,
+    MAX_VIPS, VipKey, VipMeta, addr_flags, backend_flags, programs, vip_flags,
 };
 use tracing::{error, info, warn};
 
@@ -231,7 +231,8 @@ pub struct Dataplane {
     backend_ids: HashMap<BackendKey, u32>,
     backends: Vec<Option<Backend>>,
     generations: Vec<u32>,
-    addrs: BTreeSet<([u32; 4], u8)>,
+    /// VIP addresses and their `lb_common::addr_flags`, as written in `VIP_ADDRS`.
+    addrs: BTreeMap<([u32; 4], u8), u32>,
     config: Option<GlobalConfig>,
     attached: Vec<(String, &'static str)>,
     adopted: bool,
@@ -453,7 +454,7 @@ impl Dataplane {
             backend_ids: HashMap::new(),
             backends: vec![None; MAX_BACKENDS as usize],
             generations: vec![0; MAX_BACKENDS as usize],
-            addrs: BTreeSet::new(),
+            addrs: BTreeMap::new(),
             config: None,
             attached: Vec::new(),
             adopted: false,
@@ -541,9 +542,11 @@ impl Dataplane {
             self.backend_ids.insert((*key, words_addr(b.addr, b.family)), id as u32);
             self.backends[id] = Some(b);
         }
-        for k in self.maps.vip_addrs.keys() {
-            let k = k.map_err(map_err(lb_common::maps::VIP_ADDRS))?;
-            self.addrs.insert((k.addr, k.family));
+        // With their values: an older edgelb wrote 1 (`addr_flags::L4`) on every address, L7
+        // VIPs' included, and `apply` rewrites every value its config disagrees with.
+        for kv in self.maps.vip_addrs.iter() {
+            let (k, flags) = kv.map_err(map_err(lb_common::maps::VIP_ADDRS))?;
+            self.addrs.insert((k.addr, k.family), flags);
         }
         self.config = Some(self.maps.config.get(&0, 0).map_err(map_err(lb_common::maps::CONFIG))?);
         self.adopted = true;
@@ -869,24 +872,30 @@ impl Dataplane {
             }
         }
 
-        // 4. VIP addresses (for ICMP and the fragment policy).
-        let wanted_addrs: BTreeSet<([u32; 4], u8)> =
-            live_keys.iter().map(|k| (k.addr, k.family)).collect();
-        for &(addr, family) in wanted_addrs.difference(&self.addrs) {
-            self.maps
-                .vip_addrs
-                .insert(&AddrKey { addr, family, _pad: [0; 3] }, &1, 0)
-                .map_err(map_err(lb_common::maps::VIP_ADDRS))?;
+        // 4. VIP addresses (for ICMP and the fragment policy), with the kinds of VIP each has:
+        // new addresses, and addresses whose kinds changed (or that an older edgelb wrote). The
+        // view follows each write, so a config put back after a failure rewrites what differs.
+        let wanted_addrs = addr_flags_of(cfg);
+        for (&(addr, family), &flags) in &wanted_addrs {
+            if self.addrs.get(&(addr, family)) != Some(&flags) {
+                self.maps
+                    .vip_addrs
+                    .insert(&AddrKey { addr, family, _pad: [0; 3] }, &flags, 0)
+                    .map_err(map_err(lb_common::maps::VIP_ADDRS))?;
+                self.addrs.insert((addr, family), flags);
+            }
         }
 
         // 5. Addresses no VIP uses any more.
-        for &(addr, family) in self.addrs.difference(&wanted_addrs) {
+        let unused: Vec<([u32; 4], u8)> =
+            self.addrs.keys().filter(|k| !wanted_addrs.contains_key(k)).copied().collect();
+        for (addr, family) in unused {
             match self.maps.vip_addrs.remove(&AddrKey { addr, family, _pad: [0; 3] }) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(map_err(lb_common::maps::VIP_ADDRS)(e)),
             }
+            self.addrs.remove(&(addr, family));
         }
-        self.addrs = wanted_addrs;
 
         // 6. Retire backend entries no VIP lists: their flows re-hash on their next packet.
         self.retire_backends(|k| !wanted.contains_key(k), &mut report)?;
@@ -963,6 +972,18 @@ impl Dataplane {
         Maps::sum_counters(&self.maps.backend_stats, id)
             .map_err(map_err(lb_common::maps::BACKEND_STATS))
     }
+}
+
+/// Every VIP address of `cfg` with its `lb_common::addr_flags`: `L4` when a VIP XDP balances
+/// has it (fragments and the like to it are dropped), `L7` when an L7 VIP has it.
+fn addr_flags_of(cfg: &Config) -> BTreeMap<([u32; 4], u8), u32> {
+    let mut addrs = BTreeMap::new();
+    for vip in &cfg.vips {
+        let key = vip_key(vip);
+        let flag = if vip.forwarding == Forwarding::L7 { addr_flags::L7 } else { addr_flags::L4 };
+        *addrs.entry((key.addr, key.family)).or_insert(0) |= flag;
+    }
+    addrs
 }
 
 /// Inverse of [`addr_words`].
