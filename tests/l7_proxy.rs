@@ -2068,10 +2068,14 @@ fn a_retryable_answer_reaches_the_client_when_no_other_backend_serves() {
         assert_eq!((r.0, who(&r)), (503, "busy".to_owned()), "{r:?}");
     }
     assert_eq!(busy.reqs.load(Ordering::Relaxed), 4);
-    // Counted once each, as the backend's answer.
-    let text = p.metrics.encode();
+    // Counted once each, as the backend's answer (once the answer is through, which may be a
+    // moment after the client has read it).
     let line = "edgelb_l7_requests_total{vip=\"web\",class=\"5xx\"} 4";
-    assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    let t = std::time::Instant::now();
+    while !p.metrics.encode().lines().any(|l| l == line) {
+        assert!(t.elapsed() < Duration::from_secs(2), "{line} in\n{}", p.metrics.encode());
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Pooled backend connections idle past their limit (here the VIP's idle timeout, 1 s) are
