@@ -43,7 +43,9 @@
 //! flow follows that SYN's backend from then on. Packets of the old connection's close (its
 //! last ACKs) still hit the entry and go to the old backend. A connection that ended without the
 //! program seeing a FIN or RST (a client that crashed, or a close that went through another
-//! node) is not marked: a new connection on its 5-tuple follows the old entry.
+//! node) is not marked: a new connection on its 5-tuple has its SYN placed by the ring but its
+//! next packets follow the old entry, a split handshake if the pool changed meanwhile (the old
+//! backend resets it; the client's retry on another port goes through).
 
 use aya_ebpf::{
     cty::c_void,
