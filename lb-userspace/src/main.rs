@@ -386,13 +386,14 @@ fn print_status(s: &edgelb::admin::Status) {
     }
     let ct = &s.conntrack;
     println!(
-        "connection table: {} CPUs × ({} IPv4 + {} IPv6 flows); {} evicted from full buckets, {} found on another CPU, {} established TCP flows missing (pushed out before they ended)",
+        "connection table: {} CPUs × ({} IPv4 + {} IPv6 flows); {} evicted from full buckets, {} found on another CPU, {} established TCP flows missing (pushed out before they ended), {} searches of the other CPUs skipped (budget spent)",
         ct.cpus,
         ct.v4_flows_per_cpu,
         ct.v6_flows_per_cpu,
         ct.evicted,
         ct.found_on_other_cpu,
-        ct.missed_established
+        ct.missed_established,
+        ct.search_skipped
     );
     for v in &s.vips {
         println!();

@@ -227,6 +227,10 @@ pub struct ConntrackStatus {
     /// the maps were created.
     #[serde(default)]
     pub missed_established: u64,
+    /// Segments of unknown flows not looked for on the other CPUs, this CPU's budget of such
+    /// searches being spent (a flood of spoofed ACKs), since the maps were created.
+    #[serde(default)]
+    pub search_skipped: u64,
 }
 
 /// Serde default for flags that are true unless said otherwise.

@@ -872,6 +872,7 @@ impl Controller {
                 evicted: events[lb_common::ct_stats::EVICTED as usize],
                 found_on_other_cpu: events[lb_common::ct_stats::FOUND_ON_OTHER_CPU as usize],
                 missed_established: events[lb_common::ct_stats::MISSED_ESTABLISHED as usize],
+                search_skipped: events[lb_common::ct_stats::SEARCH_SKIPPED as usize],
             },
             config: self.path.clone(),
             interfaces: self
