@@ -2508,3 +2508,27 @@ fn a_malformed_forwarded_value_cannot_hide_the_proxys_element() {
         assert_eq!(elements.last().map(String::as_str), Some(ours), "{sent:?}: {got}");
     }
 }
+
+/// A keep-alive request is routed by the pools as they are when it arrives: a backend drained,
+/// found dead or removed while the connection waited idle gets no more requests from it.
+#[test]
+fn a_keep_alive_request_is_routed_by_the_pools_of_its_arrival() {
+    let (a, b) = (backend("a", Mode::Ok), backend("b", Mode::Ok));
+    let mut p = proxy(&[(&a, 1)], "", "");
+    let mut c = Client::connect(p.addr);
+    let mut ask = |c: &mut Client| {
+        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+        let (status, headers, body) = read_response(&mut c.r).expect("a response");
+        (status, headers, body)
+    };
+    let r = ask(&mut c);
+    assert_eq!((r.0, who(&r)), (200, "a".to_owned()), "{r:?}");
+    // While the connection waits for its next request, `a` leaves the pool.
+    std::thread::sleep(Duration::from_millis(100));
+    let (cfg, _) = proxy_config(&[(&b, 1)], "", "");
+    p.proxy.as_mut().unwrap().update(&cfg);
+    std::thread::sleep(Duration::from_millis(100));
+    let r = ask(&mut c);
+    assert_eq!((r.0, who(&r)), (200, "b".to_owned()), "{r:?}");
+    assert_eq!(a.reqs.load(Ordering::Relaxed), 1);
+}

@@ -1150,10 +1150,6 @@ async fn serve_conn(
     let mut forwarded: Option<ForwardedClient> = None;
     let mut first = true;
     loop {
-        // Pick up the newest pools for every request on a keep-alive connection.
-        if let Some(v) = shared.snapshot.load().vips.get(&vip.name) {
-            vip = v.clone();
-        }
         let cfg = &vip.cfg;
         // 1. Request head, within the header timeout (idle timeout while waiting for a
         // keep-alive request to start; the header timeout then runs from its first bytes).
@@ -1198,6 +1194,13 @@ async fn serve_conn(
             }
         };
         first = false;
+        // The newest pools for every request, taken once its head is in: a keep-alive
+        // connection may have waited up to the idle timeout for it, and a drain, a backend
+        // found dead or a reload meanwhile must count for it.
+        if let Some(v) = shared.snapshot.load().vips.get(&vip.name) {
+            vip = v.clone();
+        }
+        let cfg = &vip.cfg;
         // Latency counts from a complete request head: not the keep-alive wait before it.
         let started = Instant::now();
         if req.head.bytes.len() > cfg.max_header_bytes {
