@@ -2532,3 +2532,34 @@ fn a_keep_alive_request_is_routed_by_the_pools_of_its_arrival() {
     assert_eq!((r.0, who(&r)), (200, "b".to_owned()), "{r:?}");
     assert_eq!(a.reqs.load(Ordering::Relaxed), 1);
 }
+
+/// A backend that leaves the pools (found dead, drained out, reloaded away) while requests
+/// still run on it, and comes back, keeps its in-flight count: `least_conn` does not take it
+/// for idle and pile new requests on it.
+#[test]
+fn a_backend_back_in_the_pool_keeps_its_requests_in_flight() {
+    let (a, b) = (backend("a", Mode::Slow(2500)), backend("b", Mode::Ok));
+    let l7 = "algorithm = \"least_conn\"";
+    let mut p = proxy(&[(&a, 1)], l7, "");
+    let addr = p.addr;
+    let slow: Vec<_> = (0..4).map(|_| std::thread::spawn(move || get(addr, "/").0)).collect();
+    let t = Instant::now();
+    while a.reqs.load(Ordering::Relaxed) < 4 {
+        assert!(t.elapsed() < Duration::from_secs(2), "the slow requests never reached a");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let update = |p: &mut Running, backends: &[(&Backend, u32)]| {
+        let (cfg, _) = proxy_config(backends, l7, "");
+        p.proxy.as_mut().unwrap().update(&cfg);
+    };
+    update(&mut p, &[(&b, 1)]);
+    update(&mut p, &[(&a, 1), (&b, 1)]);
+    for _ in 0..4 {
+        let r = get(addr, "/");
+        assert_eq!((r.0, who(&r)), (200, "b".to_owned()), "a has 4 in flight: {r:?}");
+    }
+    for s in slow {
+        assert_eq!(s.join().unwrap(), 200);
+    }
+    assert_eq!(a.reqs.load(Ordering::Relaxed), 4);
+}

@@ -283,6 +283,11 @@ pub struct Proxy {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     states: HashMap<(String, SocketAddr), Arc<BackendState>>,
+    /// States of backends the last updates left out (dead, drained out, reloaded away), for as
+    /// long as requests or relays still running on them hold them: a backend that comes back
+    /// meanwhile takes its state up again, in-flight count included, instead of looking idle to
+    /// `least_conn` and `p2c` while its old connections still run.
+    retired: HashMap<(String, SocketAddr), std::sync::Weak<BackendState>>,
     listeners: Vec<(String, SocketAddr)>,
     /// A descriptor of every thread's listening socket, to hand over to `edgelb run
     /// --takeover`.
@@ -446,6 +451,7 @@ impl Proxy {
             shared,
             threads: Vec::new(),
             states: HashMap::new(),
+            retired: HashMap::new(),
             listeners: listeners.clone(),
             sockets,
         };
@@ -512,6 +518,7 @@ impl Proxy {
                     .states
                     .get(&key)
                     .cloned()
+                    .or_else(|| self.retired.get(&key).and_then(std::sync::Weak::upgrade))
                     .unwrap_or_else(|| Arc::new(BackendState::new(addr)));
                 keep.insert(key, state.clone());
                 Member { state, weight: b.weight, up: true }
@@ -554,6 +561,11 @@ impl Proxy {
                     metrics: m.clone(),
                 }),
             );
+        }
+        let left: Vec<_> = self.states.drain().filter(|(k, _)| !keep.contains_key(k)).collect();
+        self.retired.retain(|k, w| w.strong_count() > 0 && !keep.contains_key(k));
+        for (k, s) in left {
+            self.retired.insert(k, Arc::downgrade(&s));
         }
         self.states = keep;
         self.shared.snapshot.store(Arc::new(Snapshot { vips }));
