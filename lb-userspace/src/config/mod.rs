@@ -140,6 +140,10 @@ pub struct HealthCheck {
     pub rise: u32,
     /// Consecutive failures that declare a backend dead.
     pub fall: u32,
+    /// PROXY protocol version a TCP or HTTP probe opens with: an L7 VIP's `proxy_protocol`,
+    /// when its backends are probed on their own ports, which then expect the header first and
+    /// would refuse a probe without it (every backend down, the VIP failing open for good).
+    pub proxy_protocol: Option<u8>,
 }
 
 /// The probe a health check sends.
@@ -839,6 +843,14 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 None
             }
         };
+        // Probes of an L7 VIP's backends on their own ports speak the PROXY protocol the
+        // proxy speaks to them.
+        let mut health = health;
+        if let (Some(h), Some(l7)) = (health.as_mut(), l7.as_ref())
+            && h.port == 0
+        {
+            h.proxy_protocol = l7.proxy_protocol;
+        }
         vips.push(Vip {
             name: v.name.into_inner(),
             address: vip_addr,
@@ -1433,6 +1445,7 @@ fn health_check(
         timeout: Duration::from_millis(timeout),
         rise: count(&h.rise, 2, "rise")?,
         fall: count(&h.fall, 3, "fall")?,
+        proxy_protocol: None,
     })
 }
 

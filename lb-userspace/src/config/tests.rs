@@ -889,3 +889,17 @@ fn l7_drain_timeout_defaults_and_limits() {
     assert_eq!(parse(&with("120000")).unwrap().node.l7_drain_timeout, Duration::from_secs(120));
     refused_at(&with("3600001"), "3600001", "l7_drain_timeout_ms must be 0..=3600000");
 }
+
+/// An L7 VIP whose backends take the PROXY protocol has them probed with it on their own ports,
+/// not on a health port set apart.
+#[test]
+fn probes_of_proxy_protocol_backends_send_the_header() {
+    let vip = |health: &str| {
+        format!(
+            "{NODE}[[vip]]\nname = \"w\"\naddress = \"198.18.1.6\"\nport = 80\nforwarding = \"l7\"\nbackends = [{{ address = \"198.18.0.11\", port = 8080 }}]\n[vip.l7]\nproxy_protocol = 2\n[vip.health]\nkind = \"http\"\n{health}"
+        )
+    };
+    let check = |text: &str| parse(text).unwrap().vips[0].health.clone().unwrap();
+    assert_eq!(check(&vip("")).proxy_protocol, Some(2));
+    assert_eq!(check(&vip("port = 9000\n")).proxy_protocol, None);
+}

@@ -8,6 +8,13 @@ use std::{
 
 use crate::config::{CheckKind, HealthCheck};
 
+/// The PROXY protocol header (`version`) of probe connection `s` to `backend`, as the proxy
+/// sends it for a client: from the probe's own address.
+fn proxy_header(version: u8, s: &TcpStream, backend: SocketAddr) -> Result<Vec<u8>, String> {
+    let from = s.local_addr().map_err(|e| e.to_string())?;
+    Ok(crate::proxy::proxy_header(version, from, backend))
+}
+
 /// Runs one probe; Ok with its latency, or why it failed.
 pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, String> {
     let start = Instant::now();
@@ -15,12 +22,22 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, String> 
     let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     match &check.kind {
         CheckKind::Tcp => {
-            TcpStream::connect_timeout(&addr, check.timeout)
+            let mut s = TcpStream::connect_timeout(&addr, check.timeout)
                 .map_err(|e| format!("connect: {e}"))?;
+            // A backend that expects the PROXY protocol gets its header (else it logs a broken
+            // connection at every probe).
+            if let Some(v) = check.proxy_protocol {
+                s.set_write_timeout(Some(left())).map_err(|e| e.to_string())?;
+                s.write_all(&proxy_header(v, &s, addr)?).map_err(|e| format!("send: {e}"))?;
+            }
         }
         CheckKind::Http { path, host, expect_status, expect_body } => {
             let mut s = TcpStream::connect_timeout(&addr, check.timeout)
                 .map_err(|e| format!("connect: {e}"))?;
+            if let Some(v) = check.proxy_protocol {
+                s.set_write_timeout(Some(left())).map_err(|e| e.to_string())?;
+                s.write_all(&proxy_header(v, &s, addr)?).map_err(|e| format!("send: {e}"))?;
+            }
             // An IPv6 literal is bracketed in a Host header (RFC 3986 3.2.2).
             let host = host.clone().unwrap_or_else(|| match addr {
                 SocketAddr::V4(a) => a.ip().to_string(),
@@ -108,6 +125,7 @@ mod tests {
             timeout: Duration::from_millis(timeout_ms),
             rise: 1,
             fall: 1,
+            proxy_protocol: None,
         }
     }
 
@@ -174,5 +192,48 @@ mod tests {
         let head = heads.recv().unwrap();
         assert!(head.starts_with("GET /healthz HTTP/1.0\r\n"), "{head}");
         assert!(head.contains("\r\nHost: [::1]\r\n"), "{head}");
+    }
+
+    /// A backend behind `proxy_protocol` reads the PROXY header before the request: the probe
+    /// sends it (from its own address), as the proxy does for a client. Without it such a
+    /// backend refuses every probe.
+    #[test]
+    fn a_probe_speaks_the_proxy_protocol_its_backend_expects() {
+        let strict = |version: u8| {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            std::thread::spawn(move || {
+                let (mut s, peer) = l.accept().unwrap();
+                let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+                let ok = if version == 1 {
+                    let mut line = String::new();
+                    let _ = r.read_line(&mut line);
+                    line == format!(
+                        "PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\n",
+                        peer.port(),
+                        addr.port()
+                    )
+                } else {
+                    let mut sig = [0u8; 16];
+                    r.read_exact(&mut sig).is_ok()
+                        && sig[..12] == *b"\r\n\r\n\0\r\nQUIT\n"
+                        && sig[12] == 0x21
+                        && r.read_exact(&mut [0u8; 12]).is_ok()
+                };
+                if ok {
+                    let mut head = String::new();
+                    while r.read_line(&mut head).is_ok_and(|n| n > 2) {}
+                    let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\n");
+                }
+            });
+            addr
+        };
+        for v in [1, 2] {
+            let mut check = http(1000, None);
+            check.proxy_protocol = Some(v);
+            assert!(probe(&check, strict(v)).is_ok(), "v{v}");
+            let e = probe(&http(1000, None), strict(v)).unwrap_err();
+            assert!(e.contains("response"), "v{v} without the header: {e}");
+        }
     }
 }
