@@ -2563,3 +2563,51 @@ fn a_backend_back_in_the_pool_keeps_its_requests_in_flight() {
     }
     assert_eq!(a.reqs.load(Ordering::Relaxed), 4);
 }
+
+/// The pools of one cookie VIP (its own and its routes') each keep their stickiness: a route's
+/// cookie is scoped to its path prefix, so it does not overwrite the VIP's, and of the cookies a
+/// client sends, the one naming a member of the pool at hand counts.
+#[test]
+fn each_pool_of_a_cookie_vip_keeps_its_stickiness() {
+    let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));
+    let api = format!(
+        "[[vip.route]]\npath_prefix = \"/api\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}, {{ address = \"127.0.0.1\", port = {} }}]\n",
+        b.addr.port(),
+        c.addr.port()
+    );
+    let p = proxy(
+        &[(&a, 1)],
+        "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef0123\"",
+        &api,
+    );
+    let ask = |path: &str, cookies: &str| {
+        let cookie = if cookies.is_empty() { String::new() } else { format!("Cookie: {cookies}\r\n") };
+        request(
+            p.addr,
+            None,
+            &format!("GET {path} HTTP/1.1\r\nHost: t\r\n{cookie}Connection: close\r\n\r\n"),
+        )
+        .unwrap()
+    };
+    let root = ask("/", "");
+    let set = root.1["set-cookie"].clone();
+    assert!(set.contains("Path=/;"), "{set}");
+    let root_cookie = set.split(';').next().unwrap().to_owned();
+    let first = ask("/api/x", &root_cookie);
+    let set = first.1["set-cookie"].clone();
+    assert!(set.contains("Path=/api;"), "scoped to the route: {set}");
+    let api_cookie = set.split(';').next().unwrap().to_owned();
+    // A browser sends both for /api/x (the longer path first), only the VIP's for /.
+    for _ in 0..10 {
+        let r = ask("/api/x", &format!("{api_cookie}; {root_cookie}"));
+        assert_eq!(who(&r), who(&first));
+        assert!(!r.1.contains_key("set-cookie"), "the route's cookie is kept: {r:?}");
+        let r = ask("/", &root_cookie);
+        assert_eq!(who(&r), "a");
+        assert!(!r.1.contains_key("set-cookie"), "the VIP's cookie is kept: {r:?}");
+    }
+    // In the other order too.
+    let r = ask("/api/y", &format!("{root_cookie}; {api_cookie}"));
+    assert_eq!(who(&r), who(&first));
+    assert!(!r.1.contains_key("set-cookie"), "{r:?}");
+}

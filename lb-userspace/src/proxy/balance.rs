@@ -128,6 +128,9 @@ pub struct Pool {
     rr: AtomicUsize,
     /// Identifies the snapshot, so per-thread weighted state resets when it changes.
     id: u64,
+    /// `Path` of the stickiness cookie this pool sets: its route's path prefix, so that the
+    /// cookies of a VIP's pools on one host do not overwrite each other (`/` otherwise).
+    pub cookie_path: String,
 }
 
 thread_local! {
@@ -173,6 +176,7 @@ impl Pool {
             ring,
             rr: AtomicUsize::new(0),
             id: IDS.fetch_add(1, Ordering::Relaxed),
+            cookie_path: "/".to_owned(),
         }
     }
 

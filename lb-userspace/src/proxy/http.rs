@@ -1238,11 +1238,13 @@ async fn serve_conn(
                             .map(|c| c.trim().to_owned())
                             .collect::<Vec<_>>()
                     })
-                    .find_map(|c| {
+                    // Each of the VIP's pools sets its own (with its route's path): the client
+                    // may send several; the first one of this pool counts.
+                    .filter_map(|c| {
                         c.strip_prefix(&format!("{}=", cfg.cookie_name)).map(str::to_owned)
                     })
-                    .and_then(|v| verify_cookie(&cfg.cookie_secret, &v))
-                    .and_then(|addr| pool.members.iter().position(|m| m.state.addr == addr))
+                    .filter_map(|v| verify_cookie(&cfg.cookie_secret, &v))
+                    .find_map(|addr| pool.members.iter().position(|m| m.state.addr == addr))
             })
             .flatten();
 
@@ -1444,8 +1446,11 @@ async fn serve_conn(
         content_length(&mut out, rframing, declared);
         if pool.algorithm == Algorithm::Cookie && sticky != Some(i) {
             let value = sign_cookie(&vip.cfg.cookie_secret, pool.members[i].state.addr);
-            let _ =
-                write!(out, "Set-Cookie: {}={value}; Path=/; HttpOnly\r\n", vip.cfg.cookie_name);
+            let _ = write!(
+                out,
+                "Set-Cookie: {}={value}; Path={}; HttpOnly\r\n",
+                vip.cfg.cookie_name, pool.cookie_path
+            );
         }
         out.extend_from_slice(if keep {
             &b"Connection: keep-alive\r\n\r\n"[..]

@@ -530,7 +530,15 @@ impl Proxy {
                 .routes
                 .iter()
                 .map(|r| {
-                    let pool = Pool::new(r.backends.iter().map(&mut member).collect(), r.algorithm);
+                    let mut pool =
+                        Pool::new(r.backends.iter().map(&mut member).collect(), r.algorithm);
+                    // A cookie attribute cannot hold `;`, spaces or controls: such a prefix
+                    // keeps `/`.
+                    if let Some(p) = r.path_prefix.as_ref().filter(|p| {
+                        p.bytes().all(|b| b.is_ascii_graphic() && b != b';' && b != b',')
+                    }) {
+                        pool.cookie_path = p.clone();
+                    }
                     // A route written with the root dot matches requests with or without it.
                     let host = r.host.as_deref().map(|h| route_host(h).to_owned());
                     (host, r.path_prefix.clone(), Arc::new(pool))
