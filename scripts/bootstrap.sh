@@ -16,9 +16,10 @@ HOST_TOOLCHAIN=1.99.1
 EBPF_TOOLCHAIN=nightly-2026-08-05
 BPF_LINKER_VERSION=0.13.0
 LLVM_PREFIX=/usr/lib/llvm-22
-# bpf-linker's LLVM, and what the testbed runs: ip, ethtool, sysctl (procps); nsenter and mount
-# come with util-linux, which every Debian has.
-APT_PACKAGES=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev libxml2-dev iproute2 ethtool procps)
+# A C toolchain (rustc links through cc; llvm-sys compiles C and links libstdc++), bpf-linker's
+# LLVM, and what the testbed runs: ip, ethtool, sysctl (procps); nsenter and mount come with
+# util-linux, which every Debian has.
+APT_PACKAGES=(build-essential llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev libxml2-dev iproute2 ethtool procps)
 
 say() { printf '[bootstrap] %s\n' "$*" >&2; }
 
