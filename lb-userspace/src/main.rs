@@ -135,11 +135,16 @@ struct AdminArgs {
 const DEFAULT_CONFIG: &str = "/etc/edgelb/edgelb.toml";
 
 impl AdminArgs {
-    fn socket(&self) -> PathBuf {
+    /// The socket to talk to: `--socket`, or the config's (exit 2 when the config is too broken
+    /// to tell).
+    fn socket(&self) -> Result<PathBuf, ExitCode> {
         if let Some(s) = &self.socket {
-            return s.clone();
+            return Ok(s.clone());
         }
-        edgelb::config::admin_socket_of(&self.config)
+        edgelb::config::admin_socket_of(&self.config).map_err(|e| {
+            eprintln!("edgelb: {e}");
+            ExitCode::from(2)
+        })
     }
 }
 
@@ -299,7 +304,11 @@ fn decap(attach: bool, interface: &str, mode: &str, pin_dir: &std::path::Path) -
 
 /// Sends `req`; prints with `show` on success; exit 1 when refused, 3 when unreachable.
 fn admin_call(admin: &AdminArgs, req: &Request, show: impl FnOnce(Response)) -> ExitCode {
-    match edgelb::admin::request(&admin.socket(), req) {
+    let socket = match admin.socket() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match edgelb::admin::request(&socket, req) {
         Ok(resp) if resp.ok => {
             show(resp);
             ExitCode::SUCCESS
@@ -316,7 +325,10 @@ fn admin_call(admin: &AdminArgs, req: &Request, show: impl FnOnce(Response)) -> 
 }
 
 fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
-    let socket = admin.socket();
+    let socket = match admin.socket() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     match edgelb::admin::request(&socket, &Request::Stop { detach }) {
         Ok(resp) if !resp.ok => {
             eprintln!("edgelb: {}", resp.message);
@@ -324,13 +336,21 @@ fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
         }
         Ok(resp) => {
             // Wait for the controller to finish: it removes its socket last, once its L7
-            // requests are done and (without --detach) the data plane is gone.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            // requests are done (node.l7_drain_timeout_ms at most) and (without --detach) the
+            // data plane is gone.
+            let drain = Config::load(&admin.config)
+                .map_or(edgelb::config::DEFAULT_L7_DRAIN_TIMEOUT, |c| c.node.l7_drain_timeout);
+            let wait = drain + std::time::Duration::from_secs(30);
+            let deadline = std::time::Instant::now() + wait;
             while socket.exists() && std::time::Instant::now() < deadline {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
             if socket.exists() {
-                eprintln!("edgelb: still stopping after 30 s ({} remains)", socket.display());
+                eprintln!(
+                    "edgelb: still stopping after {} s ({} remains)",
+                    wait.as_secs(),
+                    socket.display()
+                );
                 return ExitCode::from(1);
             }
             if !detach

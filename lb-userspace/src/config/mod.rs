@@ -443,13 +443,46 @@ impl fmt::Display for Vip {
 }
 
 /// The admin socket named by the config at `path`, read leniently: `edgelb reload` must find the
-/// running controller even when the file now holds an invalid config. Falls back to the default.
-pub fn admin_socket_of(path: &Path) -> PathBuf {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
-        .and_then(|t| t.get("node")?.get("admin_socket")?.as_str().map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET))
+/// running controller even when the file now holds an invalid config. The default when the file
+/// cannot be read or does not set one. A file that is not even TOML is searched for an
+/// `admin_socket = "..."` line; if it has one that cannot be read, or more than one, the answer
+/// is an error rather than the default socket, which may be another edgelb's (a `stop` sent there
+/// would stop the wrong one).
+pub fn admin_socket_of(path: &Path) -> Result<PathBuf, String> {
+    let default = || PathBuf::from(DEFAULT_ADMIN_SOCKET);
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(default()) };
+    let e = match toml::from_str::<toml::Table>(&text) {
+        Ok(t) => {
+            let set = t.get("node").and_then(|n| n.get("admin_socket"));
+            return Ok(set.and_then(|s| s.as_str()).map_or_else(default, PathBuf::from));
+        }
+        Err(e) => e,
+    };
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.split(['=', ' ', '\t']).next() == Some("admin_socket"))
+        .collect();
+    let value = |l: &str| {
+        let v = l.split_once('=')?.1.trim();
+        let v = v.strip_prefix('"')?;
+        let end = v.find('"')?;
+        let rest = v[end + 1..].trim();
+        (rest.is_empty() || rest.starts_with('#')).then(|| PathBuf::from(&v[..end]))
+    };
+    match lines.as_slice() {
+        [] => Ok(default()),
+        [l] => value(l).ok_or(()),
+        _ => Err(()),
+    }
+    .map_err(|()| {
+        let (line, col) = e.span().map_or((1, 1), |s| line_col(&text, s.start));
+        format!(
+            "{}:{line}:{col}: {} (not TOML, so its admin_socket is unclear: fix the file, or give --socket)",
+            path.display(),
+            e.message().trim()
+        )
+    })
 }
 
 /// 1-based line and column of byte `offset` in `text`.

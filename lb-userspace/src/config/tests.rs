@@ -903,3 +903,29 @@ fn probes_of_proxy_protocol_backends_send_the_header() {
     assert_eq!(check(&vip("")).proxy_protocol, Some(2));
     assert_eq!(check(&vip("port = 9000\n")).proxy_protocol, None);
 }
+
+/// The admin commands find the running edgelb through a config that no longer parses, but
+/// never guess the default socket when the file's own line for it is what is broken.
+#[test]
+fn admin_socket_of_a_broken_file() {
+    let dir = std::env::temp_dir().join(format!("edgelb-admin-of-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let at = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        admin_socket_of(&p)
+    };
+    let set = "[node]\ninterfaces = [\"lo\"]\nadmin_socket = \"/run/edgelb/b.sock\"\n";
+    let b = PathBuf::from("/run/edgelb/b.sock");
+    let default = PathBuf::from(DEFAULT_ADMIN_SOCKET);
+    assert_eq!(at("ok.toml", set), Ok(b.clone()));
+    assert_eq!(at("unset.toml", "[node]\ninterfaces = [\"lo\"]\n"), Ok(default.clone()));
+    // Not TOML any more (an unclosed quote elsewhere), its admin_socket line intact.
+    assert_eq!(at("broken.toml", &format!("{set}mtu = \"1500\n")), Ok(b));
+    assert_eq!(at("broken-unset.toml", "[node]\nmtu = \"1500\n"), Ok(default.clone()));
+    // The admin_socket line itself broken: no guess.
+    let e = at("broken-line.toml", "[node]\nadmin_socket = \"/run/edgelb/b.sock\n").unwrap_err();
+    assert!(e.contains("broken-line.toml:") && e.contains("--socket"), "{e}");
+    assert_eq!(admin_socket_of(&dir.join("missing.toml")), Ok(default));
+    let _ = std::fs::remove_dir_all(&dir);
+}
