@@ -5,6 +5,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, ExitCode},
     sync::{
@@ -128,10 +129,15 @@ fn testbed_config() -> PathBuf {
 fn run_config() -> String {
     edgelb::config::EXAMPLE.replacen(
         "[node]\n",
-        "[node]\npin_dir = \"/sys/fs/bpf/edgelb-xtask-run\"\nadmin_socket = \"/run/edgelb/xtask-run.sock\"\n",
+        &format!(
+            "[node]\npin_dir = \"{RUN_PINS}\"\nadmin_socket = \"/run/edgelb/xtask-run.sock\"\n"
+        ),
         1,
     )
 }
+
+/// The pin directory of `run`'s edgelb.
+const RUN_PINS: &str = "/sys/fs/bpf/edgelb-xtask-run";
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_owned()
@@ -259,16 +265,54 @@ fn lint() -> Result<()> {
     Ok(())
 }
 
-/// The edgelb child process. On drop: `edgelb stop` (controller exits and removes the data plane),
-/// then SIGTERM and SIGKILL by PID if it is still there.
+/// The edgelb child process. `stop` stops it and checks it all went; on drop (an early error):
+/// `edgelb stop` (controller exits and removes the data plane), then SIGTERM and SIGKILL by PID
+/// if it is still there.
 struct Edgelb {
     child: Child,
     bin: PathBuf,
     config: PathBuf,
+    stopped: bool,
+}
+
+impl Edgelb {
+    /// `edgelb stop`, and a failure unless it said so, edgelb exited cleanly, and the data
+    /// plane is gone: the teardown is part of what `run` shows working.
+    fn stop(mut self) -> Result<()> {
+        self.stopped = true;
+        let st = Command::new(&self.bin).arg("stop").arg("--config").arg(&self.config).status()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let exit = loop {
+            if let Some(exit) = self.child.try_wait()? {
+                break exit;
+            }
+            if Instant::now() > deadline {
+                bail!("edgelb still runs 60 s after `edgelb stop`");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if !st.success() {
+            bail!("`edgelb stop` failed: {st}");
+        }
+        if !exit.success() {
+            bail!("edgelb exited with {exit}");
+        }
+        if Path::new(RUN_PINS).exists() {
+            bail!("edgelb stopped, but {RUN_PINS} remains");
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Edgelb {
     fn drop(&mut self) {
+        if self.stopped {
+            if let Ok(None) = self.child.try_wait() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+            return;
+        }
         let _ = Command::new(&self.bin).arg("stop").arg("--config").arg(&self.config).status();
         let pid = self.child.id() as i32;
         if let Ok(None) = self.child.try_wait() {
@@ -331,14 +375,18 @@ fn run(duration: Option<u64>) -> Result<()> {
         edgelb_bin.display(),
         config.display()
     );
+    // In a process group of its own: Ctrl-C on the terminal is for this process, which then
+    // stops edgelb in order (`edgelb stop`), not for edgelb, which would detach on its own.
     let child = Command::new("nsenter")
         .arg(format!("--net={}", netns::netns_path(&tb.names.lb).display()))
         .arg(&edgelb_bin)
         .args(["run", "--config"])
         .arg(&config)
+        .process_group(0)
         .spawn()
         .context("starting edgelb")?;
-    let mut edgelb = Edgelb { child, bin: edgelb_bin.clone(), config: config.clone() };
+    let mut edgelb =
+        Edgelb { child, bin: edgelb_bin.clone(), config: config.clone(), stopped: false };
 
     let vip = SocketAddr::new(IpAddr::V4(testbed::VIP), 80);
     let timeout = Duration::from_secs(2);
@@ -356,6 +404,12 @@ fn run(duration: Option<u64>) -> Result<()> {
         if started.elapsed() > Duration::from_secs(20) {
             bail!("the VIP did not answer within 20 s");
         }
+        if stop.load(Ordering::Relaxed) {
+            eprintln!("== interrupted: stopping edgelb and removing the testbed");
+            edgelb.stop()?;
+            drop(tb);
+            return Ok(());
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 
@@ -367,7 +421,10 @@ fn run(duration: Option<u64>) -> Result<()> {
     );
     show_spread(&tb, vip7, 30, timeout)?;
     eprintln!("== edgelb status:");
-    let _ = Command::new(&edgelb_bin).args(["status", "--config"]).arg(&config).status();
+    let st = Command::new(&edgelb_bin).args(["status", "--config"]).arg(&config).status()?;
+    if !st.success() {
+        bail!("`edgelb status` failed: {st}");
+    }
     eprintln!("== edgelb is balancing. One request per second from a rotating client follows;");
     match duration {
         Some(d) => eprintln!("   stopping in {d} s."),
@@ -375,6 +432,7 @@ fn run(duration: Option<u64>) -> Result<()> {
     }
     let until = duration.map(|d| Instant::now() + Duration::from_secs(d));
     let mut n = 0u32;
+    let mut failed = 0u32;
     while !stop.load(Ordering::Relaxed) && until.is_none_or(|u| Instant::now() < u) {
         if let Ok(Some(status)) = edgelb.child.try_wait() {
             bail!("edgelb exited: {status}");
@@ -383,13 +441,21 @@ fn run(duration: Option<u64>) -> Result<()> {
         let who = netns::in_netns(&tb.names.client, || servers::http_get(Some(src), vip, timeout))?;
         match who {
             Ok(b) => eprintln!("   {} -> {vip} answered by {b}", src.ip()),
-            Err(e) => eprintln!("   {} -> {vip} FAILED: {e}", src.ip()),
+            Err(e) => {
+                failed += 1;
+                eprintln!("   {} -> {vip} FAILED: {e}", src.ip());
+            }
         }
         n += 1;
         std::thread::sleep(Duration::from_secs(1));
     }
     eprintln!("== stopping edgelb and removing the testbed");
-    drop(edgelb);
+    let stopped = edgelb.stop();
     drop(tb);
+    stopped?;
+    if failed > 0 {
+        bail!("{failed} of {n} requests failed while edgelb was balancing");
+    }
+    eprintln!("== edgelb stopped, its data plane and the testbed are gone");
     Ok(())
 }
