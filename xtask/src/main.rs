@@ -114,8 +114,79 @@ fn real_main() -> Result<()> {
             }
             Testbed::down(PREFIX);
             println!("testbed `{PREFIX}` removed");
+            sweep_stale();
             Ok(())
         }
+    }
+}
+
+/// Removes what test runs that were killed (Ctrl-C on `./x test` reaches test binaries without
+/// a handler, so their guards never run) left behind, each named with the PID of the test
+/// process that made it: namespaces, pin directories, admin sockets, and the edgelb processes
+/// those tests started. Only names of the tests' own patterns whose PID is gone are touched.
+fn sweep_stale() {
+    let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
+    let leading = |s: &str| s.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u32>().ok();
+    let trailing = |s: &str| s.rsplit('-').next()?.parse::<u32>().ok();
+    // Namespace prefixes (the PID follows) of tests/lifecycle.rs, netns_e2e.rs, cli.rs, benches.
+    let ns_pid = |name: &str| {
+        ["elbl", "elbt", "elbdecap", "elbbench"]
+            .iter()
+            .find_map(|p| name.strip_prefix(p).and_then(leading))
+    };
+    let mut removed = Vec::new();
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if ns_pid(name).is_some_and(|pid| !alive(pid))
+                && Command::new("ip")
+                    .args(["netns", "del", name])
+                    .status()
+                    .is_ok_and(|s| s.success())
+            {
+                removed.push(format!("namespace {name}"));
+            }
+        }
+    }
+    // Pin directories: lifecycle's edgelb-t-<pid>-<test>, the fixtures' and cli's
+    // edgelb-fixture-...-<pid> and edgelb-decap-test-<pid>.
+    let pin_pid = |name: &str| {
+        name.strip_prefix("edgelb-t-").and_then(leading).or_else(|| {
+            ["edgelb-fixture-", "edgelb-decap-test-"]
+                .iter()
+                .find_map(|p| name.strip_prefix(p).and_then(trailing))
+        })
+    };
+    for e in std::fs::read_dir("/sys/fs/bpf").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if pin_pid(&name).is_some_and(|pid| !alive(pid))
+            && std::fs::remove_dir_all(e.path()).is_ok()
+        {
+            removed.push(e.path().display().to_string());
+        }
+    }
+    // edgelb processes a lifecycle test started (config target/lifecycle-<pid>-<test>.toml),
+    // then their admin sockets (/run/edgelb/t-<pid>-<test>.sock).
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let owner = cmd.split("lifecycle-").nth(1).and_then(leading);
+        if cmd.contains("edgelb") && cmd.contains(" run ") && owner.is_some_and(|pid| !alive(pid)) {
+            let pid = e.file_name().to_string_lossy().into_owned();
+            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+            removed.push(format!("edgelb process {pid}"));
+        }
+    }
+    for e in std::fs::read_dir("/run/edgelb").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix("t-").and_then(leading);
+        if name.ends_with(".sock") && pid.is_some_and(|pid| !alive(pid)) {
+            let _ = std::fs::remove_file(e.path());
+            removed.push(e.path().display().to_string());
+        }
+    }
+    for r in removed {
+        eprintln!("removed what a killed test run left: {r}");
     }
 }
 
@@ -164,6 +235,9 @@ fn test(extra: &[String]) -> Result<()> {
         eprintln!("note: not root: privileged tests (XDP, namespaces) will skip with a reason");
     }
     cargo(&["build", "--bins"])?;
+    if netns::euid() == 0 {
+        sweep_stale();
+    }
     // Tests share kernel state (namespaces, XDP attachments), so one at a time, as aya does.
     let mut args = vec!["test", "--no-fail-fast", "--", "--test-threads=1"];
     args.extend(extra.iter().map(String::as_str));
