@@ -263,3 +263,58 @@ fn version_names_the_binary() {
     assert_eq!(code, 0);
     assert!(out.starts_with("edgelb "), "{out}");
 }
+
+/// A start that fails after it attached to some interfaces (here the second one refuses native
+/// XDP) leaves nothing behind: no program balancing without a controller, no pins, no socket.
+#[test]
+fn a_start_that_fails_after_attaching_removes_what_it_set_up() {
+    if !edgelb::testbed::netns::require_privileged("a_start_that_fails_after_attaching") {
+        return;
+    }
+    let pid = std::process::id();
+    let ns = format!("elbstart{pid}");
+    struct Cleanup(String, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+            let _ = edgelb::dataplane::Dataplane::teardown(std::path::Path::new(&self.1));
+        }
+    }
+    let (f, pins, admin) = run_config("half", "vx0\", \"lo");
+    let _cleanup = Cleanup(ns.clone(), pins.clone());
+    let text = std::fs::read_to_string(&f.0).unwrap();
+    let text = text
+        .lines()
+        .map(|l| if l.starts_with("xdp_mode") { "xdp_mode = \"native\"" } else { l })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(text.contains("xdp_mode = \"native\""), "the example sets xdp_mode");
+    std::fs::write(&f.0, text).unwrap();
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip").args(args).output().expect("ip");
+        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ip(&["netns", "add", &ns]);
+    ip(&["-n", &ns, "link", "add", "vx0", "type", "veth", "peer", "name", "vx1"]);
+    for dev in ["lo", "vx0", "vx1"] {
+        ip(&["-n", &ns, "link", "set", dev, "up"]);
+    }
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg(env!("CARGO_BIN_EXE_edgelb"))
+        .args(["run", "--config"])
+        .arg(&f.0)
+        .output()
+        .expect("nsenter edgelb");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("`lo`") && err.contains("the data plane it had set up is removed"),
+        "{err}"
+    );
+    let link = ip(&["-n", &ns, "-d", "link", "show", "vx0"]);
+    assert!(!link.contains("prog/xdp"), "still attached: {link}");
+    assert!(!std::path::Path::new(&pins).exists(), "pins left");
+    assert!(!std::path::Path::new(&admin).exists(), "admin socket left");
+}

@@ -308,35 +308,59 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         ctl.verdicts.set_health(&d.vip, d.backend, false);
     }
     ctl.verdicts.reconcile(&ctl.cfg);
-    // Maps first, then attach: the first packet already sees the whole config.
-    let report = ctl.apply()?;
-    info!(?report, "maps in line with the config");
-    for iface in ctl.cfg.node.interfaces.clone() {
-        let mode = ctl.dp.attach(&iface, ctl.cfg.node.xdp_mode)?;
-        info!(interface = %iface, mode, "XDP balancer attached");
-    }
-    // An interface the previous process balanced on that this config no longer lists: its
-    // link goes (and the program with it), rather than run on with maps nobody keeps.
-    for iface in ctl.dp.remove_unused_links()? {
-        info!(interface = %iface, "not in node.interfaces any more: XDP detached");
-    }
-    drop_capabilities();
+    let adopted = ctl.dp.adopted();
+    let start = || -> Result<(), RunError> {
+        // Maps first, then attach: the first packet already sees the whole config.
+        let report = ctl.apply()?;
+        info!(?report, "maps in line with the config");
+        for iface in ctl.cfg.node.interfaces.clone() {
+            let mode = ctl.dp.attach(&iface, ctl.cfg.node.xdp_mode)?;
+            info!(interface = %iface, mode, "XDP balancer attached");
+        }
+        // An interface the previous process balanced on that this config no longer lists:
+        // its link goes (and the program with it), rather than run on with maps nobody keeps.
+        for iface in ctl.dp.remove_unused_links()? {
+            info!(interface = %iface, "not in node.interfaces any more: XDP detached");
+        }
+        drop_capabilities();
 
-    // Unprivileged from here on, helper threads included.
-    let admin_path = ctl.cfg.node.admin_socket.clone();
-    ctl.admin = Some(
-        admin::serve(admin_listener, admin_tx)
-            .map_err(|source| RunError::Admin { path: admin_path, source })?,
-    );
-    if let Some((addr, l)) = metrics_listener {
-        crate::metrics::serve(l, scrape_tx).map_err(|source| RunError::Metrics { addr, source })?;
-        info!(%addr, "metrics on http://{addr}/metrics");
-    }
-    if let Some(bound) = l7 {
-        let eff = ctl.effective();
-        let proxy = crate::proxy::Proxy::start_bound(&eff, bound, ctl.metrics.l7.clone())
-            .map_err(|e| RunError::Proxy(e.to_string()))?;
-        ctl.proxy = Some(proxy);
+        // Unprivileged from here on, helper threads included.
+        let admin_path = ctl.cfg.node.admin_socket.clone();
+        ctl.admin = Some(
+            admin::serve(admin_listener, admin_tx)
+                .map_err(|source| RunError::Admin { path: admin_path, source })?,
+        );
+        if let Some((addr, l)) = metrics_listener {
+            crate::metrics::serve(l, scrape_tx)
+                .map_err(|source| RunError::Metrics { addr, source })?;
+            info!(%addr, "metrics on http://{addr}/metrics");
+        }
+        if let Some(bound) = l7 {
+            let eff = ctl.effective();
+            let proxy = crate::proxy::Proxy::start_bound(&eff, bound, ctl.metrics.l7.clone())
+                .map_err(|e| RunError::Proxy(e.to_string()))?;
+            ctl.proxy = Some(proxy);
+        }
+        Ok(())
+    };
+    if let Err(e) = start() {
+        // No controller will run: what this start attached must not balance on without one
+        // (no health checks, no admin socket), unless it was running before this process.
+        if let Some(admin) = ctl.admin.take() {
+            admin.stop();
+        }
+        let _ = std::fs::remove_file(&ctl.cfg.node.admin_socket);
+        if handover.is_none() && !adopted {
+            let pin_dir = ctl.cfg.node.pin_dir.clone();
+            drop(ctl);
+            match Dataplane::teardown(&pin_dir) {
+                Ok(_) => error!("start failed: the data plane it had set up is removed"),
+                Err(t) => error!(error = %t, pin_dir = %pin_dir.display(), "start failed, and removing the data plane it had set up failed too: `edgelb stop` removes it"),
+            }
+        } else if handover.is_none() {
+            error!(pin_dir = %ctl.cfg.node.pin_dir.display(), "start failed after taking over the data plane a previous edgelb left: it keeps forwarding, with this config's maps but no controller (no health checks); fix the cause and `edgelb run` again, or `edgelb stop`");
+        }
+        return Err(e);
     }
     ctl.checker.reconcile(&ctl.cfg, |v, b| ctl.verdicts.is_down(v, b));
     info!(checks = ctl.checker.len(), admin = %ctl.cfg.node.admin_socket.display(), "edgelb running");
