@@ -158,6 +158,11 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     // Sockets from the service manager (socket activation) are taken first, so that they have an
     // owner whatever happens next.
     let mut inherited = crate::proxy::inherited::Inherited::from_env()?;
+    // Signal handlers next: a SIGHUP (a reload) or SIGTERM arriving while edgelb starts (loading
+    // the program, a takeover's handover) waits for the loop instead of killing the process by
+    // the default action.
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
+        .map_err(RunError::Signals)?;
     let cfg = Config::load(path)?;
     raise_fd_limit();
     preflight(&cfg)?;
@@ -205,8 +210,6 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     // the helper threads started: they inherit nothing.
     let admin_listener = admin::bind(&cfg.node.admin_socket)
         .map_err(|source| RunError::Admin { path: cfg.node.admin_socket.clone(), source })?;
-    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
-        .map_err(RunError::Signals)?;
     let metrics_listener = match cfg.metrics {
         Some(addr) => Some((
             addr,
