@@ -2516,7 +2516,7 @@ fn a_keep_alive_request_is_routed_by_the_pools_of_its_arrival() {
     let (a, b) = (backend("a", Mode::Ok), backend("b", Mode::Ok));
     let mut p = proxy(&[(&a, 1)], "", "");
     let mut c = Client::connect(p.addr);
-    let mut ask = |c: &mut Client| {
+    let ask = |c: &mut Client| {
         c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
         let (status, headers, body) = read_response(&mut c.r).expect("a response");
         (status, headers, body)
@@ -2610,4 +2610,260 @@ fn each_pool_of_a_cookie_vip_keeps_its_stickiness() {
     let r = ask("/api/y", &format!("{root_cookie}; {api_cookie}"));
     assert_eq!(who(&r), who(&first));
     assert!(!r.1.contains_key("set-cookie"), "{r:?}");
+}
+
+/// Ends `s` with a reset, as a crashed or aborting peer does: SO_LINGER {on, 0}, then close.
+fn reset(s: TcpStream) {
+    socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(s);
+}
+
+/// A backend that crashes mid-stream resets its connection; in TCP mode the client must see
+/// that reset, not an end of stream: many protocols read a clean end as "complete", so a
+/// truncated download would pass for a whole one. Before, the relay turned the reset into a
+/// half-close.
+#[test]
+fn tcp_mode_passes_a_backend_reset_on_to_the_client() {
+    let b = serve_backend(|mut s, r2, _| {
+        // The proxy helper's readiness probe connects and closes at once: nothing to read.
+        if s.read_exact(&mut [0u8; 5]).is_err() {
+            return;
+        }
+        r2.fetch_add(1, Ordering::Relaxed);
+        let _ = s.write_all(b"partial");
+        // The bytes reach the client before the crash.
+        std::thread::sleep(Duration::from_millis(100));
+        reset(s);
+    });
+    let p = proxy(&[(&b, 1)], "mode = \"tcp\"", "");
+    let mut c = TcpStream::connect(p.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"hello").unwrap();
+    let mut got = [0u8; 7];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"partial");
+    let end = c.read(&mut [0u8; 64]);
+    assert_eq!(
+        end.as_ref().map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the backend's reset reaches the client: {end:?}"
+    );
+}
+
+/// The other way round: a client that aborts mid-upload resets its connection, and the backend
+/// must see a reset, not the half-close that would tell it the upload is complete.
+#[test]
+fn tcp_mode_passes_a_client_reset_on_to_the_backend() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b = serve_backend(move |mut s, r2, _| {
+        if s.read_exact(&mut [0u8; 5]).is_err() {
+            return;
+        }
+        r2.fetch_add(1, Ordering::Relaxed);
+        let end = s.read(&mut [0u8; 64]).map_err(|e| e.kind());
+        let _ = tx.send(end);
+    });
+    let p = proxy(&[(&b, 1)], "mode = \"tcp\"", "");
+    let c = TcpStream::connect(p.addr).unwrap();
+    (&c).write_all(b"hello").unwrap();
+    let start = Instant::now();
+    while b.reqs.load(Ordering::Relaxed) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "the bytes reach the backend");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    reset(c);
+    let end = rx.recv_timeout(Duration::from_secs(5)).expect("the backend's read ends");
+    assert_eq!(
+        end,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the client's reset reaches the backend"
+    );
+}
+
+/// Bytes the connection from `local` to `remote` still has to deliver (unsent or
+/// unacknowledged), from /proc/net/tcp's `tx_queue`; None once it is gone.
+fn tx_queue(local: SocketAddr, remote: SocketAddr) -> Option<u64> {
+    let port = |a: &str| a.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (port(f[1]) == Some(local.port()) && port(f[2]) == Some(remote.port()))
+            .then(|| u64::from_str_radix(f[4].split(':').next()?, 16).ok())
+            .flatten()
+    })
+}
+
+/// A backend that sends its last bytes and closes while the client is still sending (an
+/// answer before the whole upload, as a size check gives): the client must get every byte of
+/// it and a clean end. Before, the relay closed the client's connection with its upload
+/// unread, and the kernel reset it, throwing away what it still held for the client; now the
+/// relay lingers as the HTTP side does (sending side shut, the rest of the upload read and
+/// dropped, for a bounded time).
+#[test]
+fn tcp_mode_client_gets_a_backends_last_bytes_while_still_sending() {
+    const LAST: usize = 1 << 20;
+    const UPLOAD: usize = 16 << 20;
+    let last: Vec<u8> = (0..LAST).map(|i| (i % 251) as u8).collect();
+    let expected = last.clone();
+    let b = serve_backend(move |mut s, r2, _| {
+        // The proxy helper's readiness probe connects and closes at once: it sends nothing.
+        if s.read_exact(&mut [0u8; 1]).is_err() {
+            return;
+        }
+        let (local, remote) = (s.local_addr().unwrap(), s.peer_addr().unwrap());
+        if (&s).write_all(&last).is_err() {
+            return;
+        }
+        let _ = s.shutdown(Shutdown::Write);
+        // Closing before the proxy has taken everything would lose the rest here, whatever the
+        // proxy does: wait until the kernel has delivered all of it (and the end of stream).
+        let t = Instant::now();
+        while tx_queue(local, remote).is_some_and(|q| q > 0) && t.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        r2.fetch_add(1, Ordering::Relaxed);
+        // Dropped with the upload unread: the kernel resets the connection.
+    });
+    let p = proxy(&[(&b, 1)], "mode = \"tcp\"", "");
+    let s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let writer = {
+        let mut w = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let chunk = vec![b'u'; 64 * 1024];
+            for _ in 0..UPLOAD / chunk.len() {
+                w.write_all(&chunk)?;
+            }
+            w.shutdown(Shutdown::Write)
+        })
+    };
+    // The client reads only once the backend has closed.
+    let start = Instant::now();
+    while b.reqs.load(Ordering::Relaxed) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "the backend sent everything");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let mut got = Vec::new();
+    let end = (&s).read_to_end(&mut got);
+    assert!(end.is_ok(), "a clean end, not {end:?}, after {} of {LAST} bytes", got.len());
+    assert!(got == expected, "all of the backend's last bytes: {} of {LAST}", got.len());
+    let wrote = writer.join().unwrap();
+    assert!(wrote.is_ok(), "the client's upload was not reset either: {wrote:?}");
+}
+
+/// A transfer that moves slowly is not idle. A backend reads an upload far slower than the
+/// client sends it, then answers: the kernel's buffers on the way take the whole upload at
+/// once, so the proxy itself moves nothing for longer than the idle timeout while the backend
+/// drains them. Before, the relay took that for silence and cut the connection at the idle
+/// timeout, and the answer was lost. (The reads keep loopback's receive window opening well
+/// within the idle timeout, which is also the connections' TCP_USER_TIMEOUT: its 64 KiB
+/// segments make a window reopen only in such steps, and a zero window held past the
+/// TCP_USER_TIMEOUT has the kernel abort the connection, as it should.)
+#[test]
+fn tcp_mode_a_slow_but_moving_upload_is_not_cut_at_the_idle_timeout() {
+    const UPLOAD: usize = 512 << 10;
+    // Bytes per second: two and a half seconds, two and a half idle timeouts.
+    const RATE: f64 = 200e3;
+    let b = serve_backend(|mut s, _, _| {
+        let (start, mut total) = (Instant::now(), 0);
+        let mut buf = [0u8; 4096];
+        loop {
+            // Paced by the clock, so that a late wake-up catches up.
+            if total as f64 > RATE * start.elapsed().as_secs_f64() {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+        let _ = s.write_all(format!("got {total}").as_bytes());
+    });
+    let p = proxy(&[(&b, 1)], "mode = \"tcp\"\nidle_timeout_ms = 1000", "");
+    let mut s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let start = Instant::now();
+    s.write_all(&vec![b'u'; UPLOAD]).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut got = String::new();
+    let end = s.read_to_string(&mut got);
+    assert!(end.is_ok(), "{end:?} after {:?}", start.elapsed());
+    assert_eq!(got, format!("got {UPLOAD}"), "the answer, after {:?}", start.elapsed());
+    assert!(
+        start.elapsed() > Duration::from_secs(2),
+        "the backend read slowly: {:?}",
+        start.elapsed()
+    );
+}
+
+/// Connections from this host to `port` in SYN_SENT, from /proc/net/tcp.
+fn syn_sent_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let rem = f[2].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            rem == Some(port) && f[3] == "02"
+        })
+        .count()
+}
+
+/// A backend that does not answer SYNs (blackholed) costs a connect timeout, and no more: the
+/// kernel's connect attempt ends with it. Before, the abandoned socket stayed in SYN_SENT for
+/// the kernel's SYN retries (about two minutes) and could still connect later, one per
+/// attempt. The blackhole is a listener whose accept queue is full: Linux drops the SYNs it
+/// gets (`tcp_abort_on_overflow` = 0, the default).
+#[test]
+fn an_abandoned_connect_leaves_no_socket_behind() {
+    let hole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    hole.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    hole.listen(0).unwrap();
+    let hole_addr = hole.local_addr().unwrap().as_socket().unwrap();
+    // Fills the queue (backlog 0 holds one); the handshake of the next is never answered.
+    let _filler = TcpStream::connect(hole_addr).unwrap();
+    // Checks the blackhole: a connect of our own stays in SYN_SENT (and ends with its close).
+    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    probe.set_nonblocking(true).unwrap();
+    let _ = probe.connect(&hole_addr.into());
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(syn_sent_to(hole_addr.port()), 1, "the blackhole answers no SYN");
+    drop(probe);
+    // Never dropped: `Backend`'s drop connects to wake its accept thread, which would hang here.
+    let hole_backend = std::mem::ManuallyDrop::new(Backend {
+        addr: hole_addr,
+        conns: Default::default(),
+        reqs: Default::default(),
+        stop: Default::default(),
+        thread: None,
+    });
+    for (mode, ask) in [("tcp", ""), ("http", "GET / HTTP/1.1\r\nHost: t\r\n\r\n")] {
+        let p = proxy(
+            &[(&*hole_backend, 1)],
+            &format!("mode = \"{mode}\"\nconnect_timeout_ms = 200\nretries = 0"),
+            "",
+        );
+        let mut c = TcpStream::connect(p.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(ask.as_bytes()).unwrap();
+        let mut answer = String::new();
+        let _ = c.read_to_string(&mut answer);
+        if mode == "http" {
+            assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+        }
+        let gave_up = Instant::now();
+        while syn_sent_to(hole_addr.port()) > 0 {
+            assert!(
+                gave_up.elapsed() < Duration::from_millis(500),
+                "{mode}: {} connect attempts still in SYN_SENT after the connect timeout",
+                syn_sent_to(hole_addr.port())
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }

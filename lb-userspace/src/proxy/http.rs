@@ -249,7 +249,7 @@ async fn respond(s: &Socket, status: u16) -> io::Result<()> {
 /// unread or still arriving, would reset the connection, and a reset can cost the client the
 /// response it has not read yet, or fail the write it is in before it reads the response at all
 /// (nginx's lingering close, Go's `closeWriteAndWait`).
-async fn linger(client: &Socket, idle: Duration) {
+pub(super) async fn linger(client: &Socket, idle: Duration) {
     let _ = client.shutdown(std::net::Shutdown::Write);
     let end = tokio::time::Instant::now() + LINGER.min(idle);
     let mut sink = BytesMut::new();
@@ -1563,15 +1563,8 @@ async fn attempt_once(
         let up = match reused.take() {
             Some(s) => s,
             None => {
-                let connect = tokio::time::timeout(
-                    cfg.connect_timeout,
-                    Socket::connect(addr, cfg.idle_timeout),
-                )
-                .await;
-                let s = match connect {
-                    Ok(Ok(s)) => s,
-                    _ => return Err(Attempt::Connect),
-                };
+                let connect = Socket::connect(addr, cfg.connect_timeout, cfg.idle_timeout).await;
+                let Ok(s) = connect else { return Err(Attempt::Connect) };
                 let _ = s.set_nodelay(true);
                 if let Some(v) = cfg.proxy_protocol {
                     write(&s, proxy_header(v, peer, listen)).await.map_err(|_| Attempt::Connect)?;
@@ -2078,7 +2071,7 @@ mod tests {
             // Idle since t0, t0 + 1 s, t0 + 2 s and t0 + 5 s: kept 4 s at most, so the put at
             // t0 + 5 s finds the first two past their time.
             for at in [0, 1, 2, 5] {
-                let s = Socket::connect(addr, long).await.unwrap();
+                let s = Socket::connect(addr, long, long).await.unwrap();
                 peers.push(l.accept().unwrap().0);
                 pool.put(addr, s, 10, t0 + Duration::from_secs(at), long, false);
             }
@@ -2086,7 +2079,7 @@ mod tests {
             assert!(peers[..2].iter_mut().all(closed), "trimmed connections are closed");
             // A shorter idle limit (the VIP's idle timeout) holds too.
             let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let s = Socket::connect(other.local_addr().unwrap(), long).await.unwrap();
+            let s = Socket::connect(other.local_addr().unwrap(), long, long).await.unwrap();
             let mut peer = other.accept().unwrap().0;
             pool.put(other.local_addr().unwrap(), s, 10, t0, Duration::from_secs(1), false);
             pool.sweep(t0 + Duration::from_millis(1500));

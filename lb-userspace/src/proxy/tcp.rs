@@ -1,8 +1,10 @@
 //! Plain TCP relay: one backend per client connection, bytes copied both ways, half-close passed
 //! on (when one side finishes sending, the other side's write half is shut down, and the relay
-//! ends once both directions are done). The idle timeout counts silence in both directions: a
-//! stream one side pushes while the other listens (server-sent events, a WebSocket feed) is not
-//! idle.
+//! ends once both directions are done). A reset (or any failed receive) is passed on as a reset,
+//! never as a half-close, which many protocols would read as "complete". The idle timeout counts
+//! silence in both directions: a stream one side pushes while the other listens (server-sent
+//! events, a WebSocket feed) is not idle, nor is one a slow reader drains from the kernel's
+//! buffers.
 
 use std::{
     cell::Cell,
@@ -17,56 +19,124 @@ use super::{
     VipRuntime,
     balance::{BackendState, InFlight},
     client_ip,
-    http::proxy_header,
+    http::{linger, proxy_header},
     uring::Socket,
 };
 
 /// Relays bytes both ways between `client` and backend `up` until both directions are done,
 /// with `up`'s member `state` counting the relay as in flight (least-connections sees it), then
 /// shuts both sockets down. TCP mode and upgraded HTTP connections (WebSocket) end in this.
+///
+/// When the backend has ended its side cleanly and its connection can take no more (it closed
+/// while the client was still sending), the client connection closes lingering ([`linger`]:
+/// sending side shut, what the client still sends read and dropped, for a bounded time): closed
+/// at once with bytes unread, it would be reset, and the reset can throw away the backend's last
+/// bytes before the client has read them.
 pub(super) async fn relay(client: &Socket, up: &Socket, idle: Duration, state: &BackendState) {
-    let _counted = InFlight::new(state);
-    let moved = Cell::new(Instant::now());
-    tokio::join!(pump(client, up, idle, &moved), pump(up, client, idle, &moved));
+    let counted = InFlight::new(state);
+    let clock = Clock { moved: Cell::new(Instant::now()), idle, sockets: [client, up] };
+    let (upload, download) = tokio::join!(pump(client, up, &clock), pump(up, client, &clock));
+    drop(counted);
+    if download == End::Eof && upload == End::Undeliverable {
+        linger(client, idle).await;
+    }
     // Reads abandoned on an idle timeout stay pending until the sockets are shut down.
     let _ = client.shutdown(Shutdown::Both);
     let _ = up.shutdown(Shutdown::Both);
 }
 
-/// Copies `from` to `to` until `from` ends or fails, or nothing has `moved` either way for
-/// `idle`, then shuts `to`'s write half (so the far end sees the end of what this side sends).
-async fn pump(from: &Socket, to: &Socket, idle: Duration, moved: &Cell<Instant>) {
+/// How one direction of a relay ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum End {
+    /// Its sender ended its side (end of stream), passed on as a half-close.
+    Eof,
+    /// Nothing moved either way for the idle timeout.
+    Idle,
+    /// Receiving failed (the sender reset its connection, or the kernel aborted it), passed on
+    /// as a reset.
+    Reset,
+    /// Sending failed: the receiver's connection can take nothing more.
+    Undeliverable,
+}
+
+/// The relay's idle clock, shared by both directions.
+struct Clock<'a> {
+    /// When bytes last moved through the relay either way (a receive, or any part of a send).
+    moved: Cell<Instant>,
+    idle: Duration,
+    /// Both sides' sockets, whose kernel send queues count as movement too.
+    sockets: [&'a Socket; 2],
+}
+
+impl Clock<'_> {
+    /// Bytes moved now.
+    fn tick(&self) {
+        self.moved.set(Instant::now());
+    }
+
+    /// When the relay is idle if nothing moves before.
+    fn deadline(&self) -> Instant {
+        self.moved.get() + self.idle
+    }
+
+    /// Has the relay been idle for the idle timeout? Not while the kernel still delivers bytes
+    /// the relay sent on either side ([`Socket::delivering`]): the relay's own sends end as soon
+    /// as the kernel has queued them, and a slow reader can take far longer than the idle
+    /// timeout to drain those buffers while it keeps reading; the clock then restarts. Looked at
+    /// only when the clock runs out: no system call while bytes move.
+    fn expired(&self) -> bool {
+        if Instant::now() < self.deadline() {
+            return false;
+        }
+        if self.sockets.iter().any(|s| s.delivering()) {
+            self.tick();
+            return false;
+        }
+        true
+    }
+}
+
+/// Copies `from` to `to` until `from` ends or fails, sending to `to` fails, or the relay is idle
+/// (`clock`). A clean end of `from` (or idleness) shuts `to`'s write half, so the far end sees
+/// the end of what this side sends; a failed receive aborts `to` ([`Socket::abort`]), so the far
+/// end sees a reset as its peer's did.
+async fn pump(from: &Socket, to: &Socket, clock: &Clock<'_>) -> End {
     let mut buf = BytesMut::new();
     loop {
         buf.clear();
-        // One receive, waited for as long as either direction moves (it cannot be dropped and
+        // One receive, waited for as long as the relay is not idle (it cannot be dropped and
         // issued again: the abandoned one would still take the next bytes).
         let recv = from.recv(buf, 16 * 1024);
         tokio::pin!(recv);
         let (r, b) = loop {
-            let until = tokio::time::Instant::from_std(moved.get() + idle);
+            let until = tokio::time::Instant::from_std(clock.deadline());
             match tokio::time::timeout_at(until, &mut recv).await {
                 Ok(x) => break x,
-                Err(_) if moved.get() + idle > Instant::now() => {}
+                Err(_) if !clock.expired() => {}
                 Err(_) => {
                     let _ = to.shutdown(Shutdown::Write);
-                    return;
+                    return End::Idle;
                 }
             }
         };
         buf = b;
         match r {
-            Ok(0) | Err(_) => break,
+            Ok(0) => {
+                let _ = to.shutdown(Shutdown::Write);
+                return End::Eof;
+            }
             Ok(_) => {}
+            Err(_) => {
+                to.abort();
+                return End::Reset;
+            }
         }
-        moved.set(Instant::now());
-        match to.send_all(buf).await {
+        clock.tick();
+        match to.send_all_with(buf, || clock.tick()).await {
             Ok(b) => buf = b,
-            Err(_) => break,
+            Err(_) => return End::Undeliverable,
         }
-        moved.set(Instant::now());
     }
-    let _ = to.shutdown(Shutdown::Write);
 }
 
 /// Relays one client connection to a backend of `vip`.
@@ -79,15 +149,13 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
         let Some(i) = pool.pick(client_ip(peer), &tried, None) else { break };
         tried.push(i);
         let addr = pool.members[i].state.addr;
-        match tokio::time::timeout(cfg.connect_timeout, Socket::connect(addr, cfg.idle_timeout))
-            .await
-        {
-            Ok(Ok(s)) => {
+        match Socket::connect(addr, cfg.connect_timeout, cfg.idle_timeout).await {
+            Ok(s) => {
                 pool.members[i].state.success();
                 up = Some((i, s));
                 break;
             }
-            _ => {
+            Err(_) => {
                 vip.failed(&pool.members[i].state);
             }
         }

@@ -26,20 +26,59 @@ impl Socket {
     /// the one behind it, forever. The kernel keeps that clock: no timer per send.
     pub(crate) fn new(s: TcpStream, stall: Duration) -> Self {
         let s = Self(Rc::new(s));
+        s.set_stall(stall);
+        s
+    }
+
+    /// Sets TCP_USER_TIMEOUT to `stall` (see [`Socket::new`]).
+    fn set_stall(&self, stall: Duration) {
         // Without it a stalled peer is still cut off by the whole-request deadline (or, for a
         // relay, never): worth a warning (once), not a refused connection.
         static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        if let Err(e) = s.with_sock(|r| r.set_tcp_user_timeout(Some(stall)))
+        if let Err(e) = self.with_sock(|r| r.set_tcp_user_timeout(Some(stall)))
             && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
         {
             tracing::warn!(error = %e, "setting TCP_USER_TIMEOUT: peers that stop reading are not cut off at the idle timeout");
         }
-        s
     }
 
-    /// Connects to `addr`; its sends may wait `stall` each.
-    pub(crate) async fn connect(addr: SocketAddr, stall: Duration) -> io::Result<Self> {
-        TcpStream::connect(addr).await.map(|s| Self::new(s, stall))
+    /// Connects to `addr`, giving up after `within` (`TimedOut`); its sends may wait `stall`
+    /// each.
+    ///
+    /// An attempt given up, on that timeout or because this future was dropped, ends in the
+    /// kernel too: the connecting socket is shut down, which stops its SYN retransmissions at
+    /// once. Only dropping the wait would leave it in SYN_SENT for the kernel's whole SYN retry
+    /// schedule (`tcp_syn_retries`: about two minutes), still able to connect to a backend
+    /// nobody waits for, one such socket per attempt at a blackholed backend. TCP_USER_TIMEOUT
+    /// is `within` until the handshake completes as well, in case an attempt ever escapes the
+    /// shutdown: Linux honours it in SYN_SENT, though only when the SYN retransmission timer
+    /// fires (1 s, 3 s, 7 s... after the first SYN), so it alone would end the attempt late.
+    pub(crate) async fn connect(
+        addr: SocketAddr,
+        within: Duration,
+        stall: Duration,
+    ) -> io::Result<Self> {
+        let sock =
+            socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+        // Best effort: the shutdown below is what ends an abandoned attempt on time.
+        let _ = sock.set_tcp_user_timeout(Some(within));
+        let s = Self(Rc::new(TcpStream::from_std(sock.into())));
+        let attempt = Connecting(Some(s.clone()));
+        // Boxed: the operation keeps the address (which the SQE points to) until the kernel
+        // completes it, wherever the box moves.
+        let to = Box::new(socket2::SockAddr::from(addr));
+        let sqe =
+            opcode::Connect::new(types::Fd(s.0.as_raw_fd()), to.as_ptr().cast(), to.len()).build();
+        let op = UnsubmittedOneshot::new(Held { buf: to, _socket: s.clone() }, Connected, sqe);
+        match tokio::time::timeout(within, op.submit()).await {
+            Ok(Ok(())) => {
+                attempt.done();
+                s.set_stall(stall);
+                Ok(s)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(io::ErrorKind::TimedOut.into()),
+        }
     }
 
     /// Shuts down one or both directions. This also completes a receive still pending on the
@@ -90,7 +129,18 @@ impl Socket {
 
     /// Sends all of `data`, returning it when done (or failing once the peer took nothing for
     /// the socket's stall time: see [`Socket::new`]).
-    pub(crate) async fn send_all<B: IoBuf>(&self, mut data: B) -> io::Result<B> {
+    pub(crate) async fn send_all<B: IoBuf>(&self, data: B) -> io::Result<B> {
+        self.send_all_with(data, || {}).await
+    }
+
+    /// [`Socket::send_all`], calling `progress` after each send that took part of `data`: a
+    /// slow receiver takes a large buffer in several sends, each of them progress that a relay's
+    /// idle clock must see.
+    pub(crate) async fn send_all_with<B: IoBuf>(
+        &self,
+        mut data: B,
+        progress: impl Fn(),
+    ) -> io::Result<B> {
         let mut sent = 0;
         while sent < data.bytes_init() {
             let ptr = data.stable_ptr().wrapping_add(sent);
@@ -107,8 +157,86 @@ impl Socket {
                 Ok(n) => sent += n,
                 Err(e) => return Err(e),
             }
+            progress();
         }
         Ok(data)
+    }
+
+    /// Ends the connection with a reset (RST) now, so that its peer reads an error, not an end
+    /// of stream: how a relay passes on the reset or failure of the connection on its other
+    /// side. connect() to an AF_UNSPEC address disconnects a TCP socket at once (connect(2);
+    /// the kernel's `tcp_disconnect`, which sends the RST, drops what was queued either way and
+    /// wakes the operations pending on the socket). A close with SO_LINGER {on, 0} would reset
+    /// too, but only when the last clone of the socket goes, which the operations in flight
+    /// hold; and shutdown() would send an orderly FIN first. SO_LINGER {on, 0} is set as well,
+    /// so that should the disconnect ever fail, the close still resets.
+    #[allow(unsafe_code)]
+    pub(crate) fn abort(&self) {
+        let _ = self.with_sock(|s| s.set_linger(Some(Duration::ZERO)));
+        let unspec =
+            libc::sockaddr { sa_family: libc::AF_UNSPEC as libc::sa_family_t, sa_data: [0; 14] };
+        // SAFETY: a valid descriptor (held by `self`) and a valid address of the length given.
+        unsafe {
+            libc::connect(
+                self.0.as_raw_fd(),
+                &unspec,
+                std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+            );
+        }
+    }
+
+    /// Does the kernel still hold bytes sent on this connection that its peer has not
+    /// acknowledged (sent or not yet), on a connection still up? A relay whose own sends are
+    /// long done is not idle while the peer drains them (a slow reader); a peer that takes
+    /// nothing for the stall time has the connection aborted by the kernel (see
+    /// [`Socket::new`]), which ends that. One getsockopt(TCP_INFO).
+    #[allow(unsafe_code)]
+    pub(crate) fn delivering(&self) -> bool {
+        // Linux's TCP states in which queued bytes still go out.
+        const ESTABLISHED: u8 = 1;
+        const FIN_WAIT1: u8 = 4;
+        const CLOSE_WAIT: u8 = 8;
+        const LAST_ACK: u8 = 9;
+        const CLOSING: u8 = 11;
+        let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: a valid descriptor, and a buffer of `len` bytes the kernel fills (a shorter
+        // struct from an older kernel leaves the rest zero, which `zeroed` made a valid value).
+        let info = unsafe {
+            let r = libc::getsockopt(
+                self.0.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                info.as_mut_ptr().cast(),
+                &mut len,
+            );
+            if r != 0 {
+                return false;
+            }
+            info.assume_init()
+        };
+        matches!(info.tcpi_state, ESTABLISHED | FIN_WAIT1 | CLOSE_WAIT | LAST_ACK | CLOSING)
+            && (info.tcpi_unacked > 0 || info.tcpi_notsent_bytes > 0)
+    }
+}
+
+/// A connect in progress: dropped before [`Connecting::done`] (given up, or its future dropped),
+/// it shuts the socket down, which ends the kernel's attempt (a shutdown of a socket in
+/// SYN_SENT disconnects it) and so completes the operation, which then closes the socket.
+struct Connecting(Option<Socket>);
+
+impl Connecting {
+    /// The connection is established: nothing to end.
+    fn done(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Connecting {
+    fn drop(&mut self) {
+        if let Some(s) = &self.0 {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
@@ -137,6 +265,23 @@ impl OneshotOutputTransform for Received {
         // capacity right after the buffer's initialized part.
         unsafe { buf.set_len(buf.len() + n) };
         (Ok(n), buf)
+    }
+}
+
+/// Completes a connect.
+struct Connected;
+
+impl OneshotOutputTransform for Connected {
+    type Output = io::Result<()>;
+    type StoredData = Held<Box<socket2::SockAddr>>;
+
+    fn transform_oneshot_output(
+        self,
+        _: Held<Box<socket2::SockAddr>>,
+        cqe: cqueue::Entry,
+    ) -> io::Result<()> {
+        let r = cqe.result();
+        if r < 0 { Err(io::Error::from_raw_os_error(-r)) } else { Ok(()) }
     }
 }
 
