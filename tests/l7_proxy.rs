@@ -2575,13 +2575,11 @@ fn each_pool_of_a_cookie_vip_keeps_its_stickiness() {
         b.addr.port(),
         c.addr.port()
     );
-    let p = proxy(
-        &[(&a, 1)],
-        "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef0123\"",
-        &api,
-    );
+    let p =
+        proxy(&[(&a, 1)], "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef0123\"", &api);
     let ask = |path: &str, cookies: &str| {
-        let cookie = if cookies.is_empty() { String::new() } else { format!("Cookie: {cookies}\r\n") };
+        let cookie =
+            if cookies.is_empty() { String::new() } else { format!("Cookie: {cookies}\r\n") };
         request(
             p.addr,
             None,

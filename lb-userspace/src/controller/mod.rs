@@ -358,7 +358,9 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
             drop(ctl);
             match Dataplane::teardown(&pin_dir) {
                 Ok(_) => error!("start failed: the data plane it had set up is removed"),
-                Err(t) => error!(error = %t, pin_dir = %pin_dir.display(), "start failed, and removing the data plane it had set up failed too: `edgelb stop` removes it"),
+                Err(t) => {
+                    error!(error = %t, pin_dir = %pin_dir.display(), "start failed, and removing the data plane it had set up failed too: `edgelb stop` removes it")
+                }
             }
         } else if handover.is_none() {
             error!(pin_dir = %ctl.cfg.node.pin_dir.display(), "start failed after taking over the data plane a previous edgelb left: it keeps forwarding, with this config's maps but no controller (no health checks); fix the cause and `edgelb run` again, or `edgelb stop`");
