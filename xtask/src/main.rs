@@ -298,7 +298,11 @@ fn bench_tools() -> Result<()> {
         );
         return Ok(());
     }
-    eprintln!("+ apt-get install {}", missing.join(" "));
+    eprintln!("+ apt-get update && apt-get install {}", missing.join(" "));
+    // A fresh machine's package lists may be empty or stale (as bootstrap.sh does too).
+    if !Command::new("apt-get").args(["update", "-qq"]).status()?.success() {
+        bail!("apt-get update failed");
+    }
     let status = Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
