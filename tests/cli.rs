@@ -204,20 +204,7 @@ fn decap_attaches_a_pinned_decapsulator_and_detaches_it() {
     let pid = std::process::id();
     let ns = format!("elbdecap{pid}");
     let pins = format!("/sys/fs/bpf/edgelb-decap-test-{pid}");
-    struct Cleanup(String, String);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-            let _ = std::fs::remove_dir_all(&self.1);
-        }
-    }
-    let _cleanup = Cleanup(ns.clone(), pins.clone());
-    let ip = |args: &[&str]| {
-        let out = Command::new("ip").args(args).output().expect("ip");
-        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    ip(&["netns", "add", &ns]);
+    let _ns = TestNs::new(&ns, &pins);
     ip(&["-n", &ns, "link", "add", "vd0", "type", "veth", "peer", "name", "vd1"]);
     ip(&["-n", &ns, "link", "set", "vd0", "up"]);
     // In the namespace, but with the root's /sys/fs/bpf (`ip netns exec` would hide it).
@@ -273,15 +260,7 @@ fn a_start_that_fails_after_attaching_removes_what_it_set_up() {
     }
     let pid = std::process::id();
     let ns = format!("elbstart{pid}");
-    struct Cleanup(String, String);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-            let _ = edgelb::dataplane::Dataplane::teardown(std::path::Path::new(&self.1));
-        }
-    }
     let (f, pins, admin) = run_config("half", "vx0\", \"lo");
-    let _cleanup = Cleanup(ns.clone(), pins.clone());
     let text = std::fs::read_to_string(&f.0).unwrap();
     let text = text
         .lines()
@@ -290,12 +269,7 @@ fn a_start_that_fails_after_attaching_removes_what_it_set_up() {
         .join("\n");
     assert!(text.contains("xdp_mode = \"native\""), "the example sets xdp_mode");
     std::fs::write(&f.0, text).unwrap();
-    let ip = |args: &[&str]| {
-        let out = Command::new("ip").args(args).output().expect("ip");
-        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    ip(&["netns", "add", &ns]);
+    let _ns = TestNs::new(&ns, &pins);
     ip(&["-n", &ns, "link", "add", "vx0", "type", "veth", "peer", "name", "vx1"]);
     for dev in ["lo", "vx0", "vx1"] {
         ip(&["-n", &ns, "link", "set", dev, "up"]);
@@ -317,4 +291,33 @@ fn a_start_that_fails_after_attaching_removes_what_it_set_up() {
     assert!(!link.contains("prog/xdp"), "still attached: {link}");
     assert!(!std::path::Path::new(&pins).exists(), "pins left");
     assert!(!std::path::Path::new(&admin).exists(), "admin socket left");
+}
+
+/// Runs `ip` with `args`; its output. Fails the test if `ip` does.
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace of a test's own and the pin directory it may leave, both removed when
+/// this is dropped, on failure too.
+struct TestNs {
+    name: String,
+    pins: String,
+}
+
+impl TestNs {
+    fn new(name: &str, pins: &str) -> TestNs {
+        ip(&["netns", "add", name]);
+        TestNs { name: name.to_owned(), pins: pins.to_owned() }
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = edgelb::dataplane::Dataplane::teardown(std::path::Path::new(&self.pins));
+        let _ = std::fs::remove_dir_all(&self.pins);
+    }
 }
