@@ -2865,3 +2865,38 @@ fn an_abandoned_connect_leaves_no_socket_behind() {
         }
     }
 }
+
+/// A drained backend (weight 0) takes no new clients but keeps its sticky ones, as a drained
+/// backend keeps its established flows in XDP; once it leaves the pool, they move.
+#[test]
+fn a_drained_backend_keeps_its_sticky_clients() {
+    let (a, b) = (backend("a", Mode::Ok), backend("b", Mode::Ok));
+    let l7 = "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef0123\"";
+    let mut p = proxy(&[(&a, 1), (&b, 1)], l7, "");
+    let cookie_of = |r: &Resp| r.1["set-cookie"].split(';').next().unwrap().to_owned();
+    let on_a = (0..8).map(|_| get(p.addr, "/")).find(|r| who(r) == "a").expect("a client on a");
+    let cookie = cookie_of(&on_a);
+    let ask = |addr, cookie: &str| {
+        request(
+            addr,
+            None,
+            &format!("GET / HTTP/1.1\r\nHost: t\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"),
+        )
+        .unwrap()
+    };
+    let update = |p: &mut Running, backends: &[(&Backend, u32)]| {
+        let (cfg, _) = proxy_config(backends, l7, "");
+        p.proxy.as_mut().unwrap().update(&cfg);
+    };
+    update(&mut p, &[(&a, 0), (&b, 1)]);
+    for _ in 0..5 {
+        let r = ask(p.addr, &cookie);
+        assert_eq!(who(&r), "a", "a sticky client stays on its drained backend: {r:?}");
+        assert!(!r.1.contains_key("set-cookie"), "{r:?}");
+        assert_eq!(who(&get(p.addr, "/")), "b", "a new client does not go to a drained backend");
+    }
+    update(&mut p, &[(&b, 1)]);
+    let r = ask(p.addr, &cookie);
+    assert_eq!(who(&r), "b", "its backend gone, the client moves: {r:?}");
+    assert!(r.1.contains_key("set-cookie"), "{r:?}");
+}

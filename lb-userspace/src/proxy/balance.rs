@@ -195,7 +195,16 @@ impl Pool {
     }
 
     /// Picks a member for a request from `client`; `sticky` is a member a valid cookie named.
+    /// A sticky client stays on its member while that one is up, drained (weight 0) included:
+    /// a drain takes no new clients, but the sessions it holds go on, as its established flows
+    /// do in XDP.
     pub fn pick(&self, client: IpAddr, exclude: &[usize], sticky: Option<usize>) -> Option<usize> {
+        if self.algorithm == Algorithm::Cookie
+            && let Some(s) = sticky.filter(|s| !exclude.contains(s))
+            && self.members.get(s).is_some_and(|m| m.up && !m.state.passive_down())
+        {
+            return Some(s);
+        }
         let cand = self.eligible(exclude);
         if cand.is_empty() {
             return None;
