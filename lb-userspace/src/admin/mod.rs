@@ -491,24 +491,24 @@ struct Deadline<'a> {
     until: std::time::Instant,
 }
 
+impl Deadline<'_> {
+    /// The time left, or TimedOut once there is none.
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self.until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() { Err(std::io::ErrorKind::TimedOut.into()) } else { Ok(left) }
+    }
+}
+
 impl std::io::Read for Deadline<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let left = self.until.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Err(std::io::ErrorKind::TimedOut.into());
-        }
-        self.conn.set_read_timeout(Some(left))?;
+        self.conn.set_read_timeout(Some(self.left()?))?;
         (&mut &*self.conn).read(buf)
     }
 }
 
 impl Write for Deadline<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let left = self.until.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Err(std::io::ErrorKind::TimedOut.into());
-        }
-        self.conn.set_write_timeout(Some(left))?;
+        self.conn.set_write_timeout(Some(self.left()?))?;
         (&mut &*self.conn).write(buf)
     }
 
@@ -601,19 +601,24 @@ pub const HANDOVER_WAIT: Duration = Duration::from_secs(60);
 mod tests {
     use super::*;
 
+    /// A stand-in controller answering each admin request with `answer`.
+    fn controller(answer: impl Fn(&Request) -> Response + Send + 'static) -> Sender<Pending> {
+        let (tx, rx) = mpsc::channel::<Pending>();
+        std::thread::spawn(move || {
+            for (req, reply) in rx {
+                let _ = reply.send(answer(&req).into());
+            }
+        });
+        tx
+    }
+
     /// The admin thread answers until stopped, then ends (a takeover hands its path on; a
     /// thread left waiting on the old socket would be one more for every takeover).
     #[test]
     fn the_admin_thread_serves_until_stopped() {
         let dir = std::env::temp_dir().join(format!("edgelb-admin-{}", std::process::id()));
         let path = dir.join("admin.sock");
-        let (tx, rx) = mpsc::channel::<Pending>();
-        std::thread::spawn(move || {
-            for (_, reply) in rx {
-                let _ = reply.send(Response::ok("here").into());
-            }
-        });
-        let serving = serve(bind(&path).unwrap(), tx).unwrap();
+        let serving = serve(bind(&path).unwrap(), controller(|_| Response::ok("here"))).unwrap();
         assert_eq!(request(&path, &Request::Status).unwrap().message, "here");
         assert!(!serving.stopped());
         serving.stop();
@@ -631,14 +636,10 @@ mod tests {
     fn a_stuck_admin_client_does_not_hold_the_next_command() {
         let dir = std::env::temp_dir().join(format!("edgelb-admin-stuck-{}", std::process::id()));
         let path = dir.join("admin.sock");
-        let (tx, rx) = mpsc::channel::<Pending>();
-        std::thread::spawn(move || {
-            for (req, reply) in rx {
-                // A status answer far larger than the socket's buffer.
-                let long = matches!(req, Request::Reload);
-                let msg = if long { "x".repeat(8 << 20) } else { "here".to_owned() };
-                let _ = reply.send(Response::ok(msg).into());
-            }
+        // The answer to a reload far larger than the socket's buffer.
+        let tx = controller(|req| match req {
+            Request::Reload => Response::ok("x".repeat(8 << 20)),
+            _ => Response::ok("here"),
         });
         let _serving = serve(bind(&path).unwrap(), tx).unwrap();
         let bound = CLIENT_WAIT + Duration::from_secs(3);
