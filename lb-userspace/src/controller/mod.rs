@@ -90,6 +90,11 @@ struct Rates {
 }
 
 impl Rates {
+    /// The key of a VIP's backend (a VIP's own key is its name).
+    fn backend_key(vip: &str, backend: std::net::IpAddr) -> String {
+        format!("{vip}/{backend}")
+    }
+
     fn record(&mut self, key: String, now: Instant, c: lb_common::Counters) {
         let e = self.samples.entry(key).or_insert([(now, c.packets, c.bytes); 2]);
         e[0] = e[1];
@@ -106,14 +111,13 @@ impl Rates {
         ((p1.saturating_sub(*p0)) as f64 / dt, (b1.saturating_sub(*b0)) as f64 / dt)
     }
 
-    /// Forgets the VIPs and backends `cfg` no longer has (keys as `Controller::sample` writes
-    /// them).
+    /// Forgets the VIPs and backends `cfg` no longer has.
     fn retain(&mut self, cfg: &Config) {
         let keep: std::collections::HashSet<String> = cfg
             .vips
             .iter()
             .flat_map(|v| {
-                let backends = v.backends.iter().map(|b| format!("{}/{}", v.name, b.address));
+                let backends = v.backends.iter().map(|b| Self::backend_key(&v.name, b.address));
                 std::iter::once(v.name.clone()).chain(backends)
             })
             .collect();
@@ -850,7 +854,7 @@ impl Controller {
                     _ => 0.0,
                 };
                 let bc = self.dp.backend_counters(vip, b.address).unwrap_or_default();
-                let (pps, bps) = self.rates.get(&format!("{}/{}", vip.name, b.address));
+                let (pps, bps) = self.rates.get(&Rates::backend_key(&vip.name, b.address));
                 let l7_state = self.proxy.as_ref().and_then(|p| {
                     p.backend_state(&vip.name, std::net::SocketAddr::new(b.address, b.port))
                 });
@@ -923,7 +927,7 @@ impl Controller {
             self.rates.record(vip.name.clone(), now, c);
             for b in &vip.backends {
                 let bc = self.dp.backend_counters(vip, b.address).unwrap_or_default();
-                self.rates.record(format!("{}/{}", vip.name, b.address), now, bc);
+                self.rates.record(Rates::backend_key(&vip.name, b.address), now, bc);
             }
             let before = last.insert(vip.name.clone(), c.packets).unwrap_or(0);
             if c.packets == before {
