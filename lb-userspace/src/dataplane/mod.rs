@@ -589,40 +589,9 @@ impl Dataplane {
         interface: &str,
         mode: XdpAttachMode,
     ) -> Result<&'static str, DataplaneError> {
-        let pins = self.pins.clone();
+        let pin = self.pins.as_deref().map(|d| link_pin(d, interface));
         let prog = program(&mut self.ebpf, programs::BALANCER)?;
-        let used = match pins.as_deref().map(|d| link_pin(d, interface)) {
-            Some(pin) if pin.exists() => match replace_program(prog, &pin, interface) {
-                Ok(()) => {
-                    info!(interface, "took over the pinned XDP link (program replaced atomically)");
-                    "adopted"
-                }
-                // The link outlived its interface (deleted and made again, a driver reload): it
-                // holds no device, so nothing runs through it. Its pin goes and the program is
-                // attached afresh, rather than every start failing until someone removes it.
-                Err(e) if lost_its_device(&e) => {
-                    warn!(
-                        interface,
-                        "the pinned XDP link's interface is gone (recreated?): attaching afresh"
-                    );
-                    std::fs::remove_file(&pin).map_err(|e| DataplaneError::Pin {
-                        path: pin.clone(),
-                        reason: e.to_string(),
-                    })?;
-                    let (used, id) = attach_xdp(prog, interface, mode)?;
-                    pin_link(prog, id, &pin)?;
-                    used
-                }
-                Err(e) => return Err(e),
-            },
-            pin => {
-                let (used, id) = attach_xdp(prog, interface, mode)?;
-                if let Some(pin) = pin {
-                    pin_link(prog, id, &pin)?;
-                }
-                used
-            }
-        };
+        let used = attach_pinned(prog, interface, mode, pin.as_deref())?;
         self.attached.push((interface.to_owned(), used));
         Ok(used)
     }
@@ -1076,6 +1045,44 @@ fn no_room_for_backends() -> DataplaneError {
 
 /// Did replacing a pinned link's program fail because the link no longer has a device
 /// (ENOLINK: its interface was deleted)?
+/// Attaches `prog` to `interface`, with its link pinned at `pin` if given. A link already pinned
+/// there gets `prog` in place of its program, atomically ("adopted"): a restart, an upgrade.
+/// The mode used otherwise.
+fn attach_pinned(
+    prog: &mut Xdp,
+    interface: &str,
+    mode: XdpAttachMode,
+    pin: Option<&Path>,
+) -> Result<&'static str, DataplaneError> {
+    if let Some(pin) = pin.filter(|p| p.exists()) {
+        match replace_program(prog, pin, interface) {
+            Ok(()) => {
+                info!(interface, "took over the pinned XDP link (program replaced atomically)");
+                return Ok("adopted");
+            }
+            // The link outlived its interface (deleted and made again, a driver reload): it
+            // holds no device, so nothing runs through it. Its pin goes and the program is
+            // attached afresh, rather than every start failing until someone removes it.
+            Err(e) if lost_its_device(&e) => {
+                warn!(
+                    interface,
+                    "the pinned XDP link's interface is gone (recreated?): attaching afresh"
+                );
+                std::fs::remove_file(pin).map_err(|e| DataplaneError::Pin {
+                    path: pin.to_owned(),
+                    reason: e.to_string(),
+                })?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let (used, id) = attach_xdp(prog, interface, mode)?;
+    if let Some(pin) = pin {
+        pin_link(prog, id, pin)?;
+    }
+    Ok(used)
+}
+
 fn lost_its_device(e: &DataplaneError) -> bool {
     matches!(
         e,
@@ -1148,8 +1155,8 @@ pub const DECAP_PIN_DIR: &str = "/sys/fs/bpf/edgelb-decap";
 
 /// Attaches the backend decapsulator (`edgelb_decap`) to `interface` with its link pinned in
 /// `dir`, so it stays attached after this process exits (`edgelb decap attach`). Attached
-/// already there: its program is replaced in place (an upgrade), with no moment without it.
-/// Returns the mode used ("native", "generic" or "replaced").
+/// already there: its program is replaced in place (an upgrade), with no moment without it, as
+/// the balancer's is at a restart. Returns the mode used ("native", "generic" or "replaced").
 pub fn attach_decap(
     interface: &str,
     mode: XdpAttachMode,
@@ -1163,22 +1170,10 @@ pub fn attach_decap(
         path: dir.to_owned(),
         reason: format!("creating the pin directory: {e}"),
     })?;
-    let pin = link_pin(dir, interface);
     let mut aux = AuxPrograms::load()?;
     let prog = program(&mut aux.ebpf, programs::DECAP)?;
-    if pin.exists() {
-        match replace_program(prog, &pin, interface) {
-            Ok(()) => return Ok("replaced"),
-            // The interface the link was made for is gone (recreated since): a fresh link.
-            Err(_) => std::fs::remove_file(&pin).map_err(|e| DataplaneError::Pin {
-                path: pin.clone(),
-                reason: format!("removing a stale link: {e}"),
-            })?,
-        }
-    }
-    let (used, id) = attach_xdp(prog, interface, mode)?;
-    pin_link(prog, id, &pin)?;
-    Ok(used)
+    let used = attach_pinned(prog, interface, mode, Some(&link_pin(dir, interface)))?;
+    Ok(if used == "adopted" { "replaced" } else { used })
 }
 
 /// Detaches the decapsulator `attach_decap` left on `interface` (its link pin in `dir` is
