@@ -417,12 +417,7 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&str, PathBuf)> = match pins {
             Some(dir) => {
-                ensure_bpffs()
-                    .map_err(|reason| DataplaneError::Pin { path: dir.to_owned(), reason })?;
-                std::fs::create_dir_all(dir).map_err(|e| DataplaneError::Pin {
-                    path: dir.to_owned(),
-                    reason: format!("creating the pin directory: {e}"),
-                })?;
+                pin_dir_ready(dir)?;
                 for problem in reconcile_pins(dir, shape)? {
                     warn!(%problem, "pinned map not re-used (established flows re-hash once)");
                 }
@@ -1043,8 +1038,6 @@ fn no_room_for_backends() -> DataplaneError {
     ))
 }
 
-/// Did replacing a pinned link's program fail because the link no longer has a device
-/// (ENOLINK: its interface was deleted)?
 /// Attaches `prog` to `interface`, with its link pinned at `pin` if given. A link already pinned
 /// there gets `prog` in place of its program, atomically ("adopted"): a restart, an upgrade.
 /// The mode used otherwise.
@@ -1083,6 +1076,8 @@ fn attach_pinned(
     Ok(used)
 }
 
+/// Did replacing a pinned link's program fail because the link no longer has a device
+/// (ENOLINK: its interface was deleted)?
 fn lost_its_device(e: &DataplaneError) -> bool {
     matches!(
         e,
@@ -1149,6 +1144,15 @@ fn attach_xdp(
     }
 }
 
+/// Makes sure pin directory `dir` exists on a mounted bpffs.
+fn pin_dir_ready(dir: &Path) -> Result<(), DataplaneError> {
+    ensure_bpffs().map_err(|reason| DataplaneError::Pin { path: dir.to_owned(), reason })?;
+    std::fs::create_dir_all(dir).map_err(|e| DataplaneError::Pin {
+        path: dir.to_owned(),
+        reason: format!("creating the pin directory: {e}"),
+    })
+}
+
 /// Default pin directory of backend decapsulators (`edgelb decap`), apart from the balancer's:
 /// a backend is not a balancer node, and `edgelb stop` must not detach its decapsulator.
 pub const DECAP_PIN_DIR: &str = "/sys/fs/bpf/edgelb-decap";
@@ -1165,11 +1169,7 @@ pub fn attach_decap(
     if !interface_exists(interface) {
         return Err(DataplaneError::NoInterface(interface.to_owned()));
     }
-    ensure_bpffs().map_err(|reason| DataplaneError::Pin { path: dir.to_owned(), reason })?;
-    std::fs::create_dir_all(dir).map_err(|e| DataplaneError::Pin {
-        path: dir.to_owned(),
-        reason: format!("creating the pin directory: {e}"),
-    })?;
+    pin_dir_ready(dir)?;
     let mut aux = AuxPrograms::load()?;
     let prog = program(&mut aux.ebpf, programs::DECAP)?;
     let used = attach_pinned(prog, interface, mode, Some(&link_pin(dir, interface)))?;
