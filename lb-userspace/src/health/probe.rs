@@ -8,11 +8,24 @@ use std::{
 
 use crate::config::{CheckKind, HealthCheck};
 
-/// The PROXY protocol header (`version`) of probe connection `s` to `backend`, as the proxy
-/// sends it for a client: from the probe's own address.
-fn proxy_header(version: u8, s: &TcpStream, backend: SocketAddr) -> Result<Vec<u8>, String> {
-    let from = s.local_addr().map_err(|e| e.to_string())?;
-    Ok(crate::proxy::proxy_header(version, from, backend))
+/// A TCP connection to `addr` within `check`'s timeout; when the backend expects the PROXY
+/// protocol, opened with its header as the proxy sends it for a client, from the probe's own
+/// address (else the backend refuses an HTTP probe, and logs a broken connection at a TCP one).
+/// `left` is the time left of the probe.
+fn connect(
+    check: &HealthCheck,
+    addr: SocketAddr,
+    left: impl Fn() -> Duration,
+) -> Result<TcpStream, String> {
+    let mut s =
+        TcpStream::connect_timeout(&addr, check.timeout).map_err(|e| format!("connect: {e}"))?;
+    if let Some(v) = check.proxy_protocol {
+        let from = s.local_addr().map_err(|e| e.to_string())?;
+        s.set_write_timeout(Some(left())).map_err(|e| e.to_string())?;
+        s.write_all(&crate::proxy::proxy_header(v, from, addr))
+            .map_err(|e| format!("send: {e}"))?;
+    }
+    Ok(s)
 }
 
 /// Runs one probe; Ok with its latency, or why it failed.
@@ -22,22 +35,10 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, String> 
     let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     match &check.kind {
         CheckKind::Tcp => {
-            let mut s = TcpStream::connect_timeout(&addr, check.timeout)
-                .map_err(|e| format!("connect: {e}"))?;
-            // A backend that expects the PROXY protocol gets its header (else it logs a broken
-            // connection at every probe).
-            if let Some(v) = check.proxy_protocol {
-                s.set_write_timeout(Some(left())).map_err(|e| e.to_string())?;
-                s.write_all(&proxy_header(v, &s, addr)?).map_err(|e| format!("send: {e}"))?;
-            }
+            connect(check, addr, left)?;
         }
         CheckKind::Http { path, host, expect_status, expect_body } => {
-            let mut s = TcpStream::connect_timeout(&addr, check.timeout)
-                .map_err(|e| format!("connect: {e}"))?;
-            if let Some(v) = check.proxy_protocol {
-                s.set_write_timeout(Some(left())).map_err(|e| e.to_string())?;
-                s.write_all(&proxy_header(v, &s, addr)?).map_err(|e| format!("send: {e}"))?;
-            }
+            let mut s = connect(check, addr, left)?;
             // An IPv6 literal is bracketed in a Host header (RFC 3986 3.2.2).
             let host = host.clone().unwrap_or_else(|| match addr {
                 SocketAddr::V4(a) => a.ip().to_string(),
