@@ -1232,7 +1232,12 @@ fn teardown_removes_only_what_edgelb_pinned() {
     drop(dp);
     let foreign = dir.0.join("another-tool");
     std::fs::create_dir(&foreign).unwrap();
+    // What `edgelb stop` checks is gone afterwards: edgelb's pins, not the other tool's.
+    let (mine, others) = Dataplane::pins_in(&dir.0).unwrap();
+    assert!(mine.iter().any(|p| p.ends_with(lb_common::maps::VIPS_V4)), "{mine:?}");
+    assert_eq!(others, vec![foreign.clone()]);
     let left = Dataplane::teardown(&dir.0).expect("teardown");
+    assert_eq!(Dataplane::pins_in(&dir.0).unwrap().0, Vec::<std::path::PathBuf>::new());
     assert_eq!(left, vec![foreign.clone()]);
     assert!(foreign.is_dir(), "another tool's pins stay");
     let mut rest: Vec<_> = std::fs::read_dir(&dir.0).unwrap().flatten().map(|e| e.path()).collect();

@@ -265,8 +265,10 @@ fn main() -> ExitCode {
 
 /// `edgelb decap`: exit 0 done, 1 failed (the reason printed), 2 bad arguments.
 fn decap(attach: bool, interface: &str, mode: &str, pin_dir: &std::path::Path) -> ExitCode {
-    if !pin_dir.to_str().is_some_and(|d| d.starts_with("/sys/fs/bpf/")) {
-        eprintln!("edgelb: --pin-dir must be a directory under /sys/fs/bpf/");
+    if !pin_dir.to_str().is_some_and(edgelb::config::below_bpffs) {
+        eprintln!(
+            "edgelb: --pin-dir must be a directory under /sys/fs/bpf/, named without `.` or `..`"
+        );
         return ExitCode::from(2);
     }
     let result = if attach {
@@ -338,7 +340,9 @@ fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
             // Wait for the controller to finish: it removes its socket last, once its L7
             // requests are done (node.l7_drain_timeout_ms at most) and (without --detach) the
             // data plane is gone.
-            let drain = Config::load(&admin.config)
+            let cfg = Config::load(&admin.config).ok();
+            let drain = cfg
+                .as_ref()
                 .map_or(edgelb::config::DEFAULT_L7_DRAIN_TIMEOUT, |c| c.node.l7_drain_timeout);
             let wait = drain + std::time::Duration::from_secs(30);
             let deadline = std::time::Instant::now() + wait;
@@ -353,12 +357,13 @@ fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
                 );
                 return ExitCode::from(1);
             }
+            // What edgelb pinned must be gone; other tools' pins in a shared pin_dir stay.
             if !detach
-                && let Ok(cfg) = Config::load(&admin.config)
-                && cfg.node.pin_dir.exists()
+                && let Some(cfg) = &cfg
+                && Dataplane::pins_in(&cfg.node.pin_dir).is_ok_and(|(mine, _)| !mine.is_empty())
             {
                 eprintln!(
-                    "edgelb: stopped, but {} remains (see edgelb's log; `edgelb stop` again removes it)",
+                    "edgelb: stopped, but edgelb's pins remain in {} (see edgelb's log; `edgelb stop` again removes them)",
                     cfg.node.pin_dir.display()
                 );
                 return ExitCode::from(1);

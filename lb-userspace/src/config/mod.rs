@@ -1483,8 +1483,9 @@ fn health_check(
 }
 
 /// Is `path` a directory strictly below the bpffs mount, by plain names (`edgelb stop` removes
-/// what edgelb pinned there: `..` could lead it out)?
-fn below_bpffs(path: &str) -> bool {
+/// what edgelb pinned there: `..` could lead it out)? For `node.pin_dir` and `edgelb decap
+/// --pin-dir`.
+pub fn below_bpffs(path: &str) -> bool {
     path.strip_prefix("/sys/fs/bpf/").is_some_and(|rest| {
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         !rest.is_empty() && rest.split('/').all(|c| !c.is_empty() && c != "." && c != "..")

@@ -399,6 +399,11 @@ fn link_pin(dir: &Path, interface: &str) -> PathBuf {
     dir.join(format!("link-{interface}"))
 }
 
+/// Is `path` the pin of an XDP link ([`link_pin`])?
+fn is_link_pin(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link-"))
+}
+
 impl Dataplane {
     /// Loads the balancer object and verifies its program (not attached yet).
     ///
@@ -647,9 +652,25 @@ impl Dataplane {
     /// name a directory other tools use), and returned; the directory then stays. Missing files
     /// are fine; used by `edgelb stop` and tests.
     pub fn teardown(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+        let (mine, others) = Dataplane::pins_in(dir)?;
+        // Links first, so no program runs with half its maps gone.
+        let (links, maps): (Vec<PathBuf>, Vec<PathBuf>) =
+            mine.into_iter().partition(|p| is_link_pin(p));
+        for f in links.iter().chain(&maps) {
+            std::fs::remove_file(f)?;
+        }
+        if others.is_empty() && dir.exists() {
+            std::fs::remove_dir(dir)?;
+        }
+        Ok(others)
+    }
+
+    /// What `dir` holds: edgelb's pins (XDP links and maps, by their names), and the rest.
+    /// Nothing when it does not exist.
+    pub fn pins_in(dir: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
             Err(e) => return Err(e),
         };
         let ours: Vec<&str> = map_layouts(TableShape::auto())
@@ -657,23 +678,10 @@ impl Dataplane {
             .map(|(name, ..)| *name)
             .chain(lb_common::maps::RETIRED.iter().copied())
             .collect();
-        let is_link =
-            |p: &Path| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link-"));
-        let (mine, others): (Vec<PathBuf>, Vec<PathBuf>) =
-            entries.flatten().map(|e| e.path()).partition(|p| {
-                is_link(p)
-                    || p.file_name().and_then(|n| n.to_str()).is_some_and(|n| ours.contains(&n))
-            });
-        // Links first, so no program runs with half its maps gone.
-        let (links, maps): (Vec<PathBuf>, Vec<PathBuf>) =
-            mine.into_iter().partition(|p| is_link(p));
-        for f in links.iter().chain(&maps) {
-            std::fs::remove_file(f)?;
-        }
-        if others.is_empty() {
-            std::fs::remove_dir(dir)?;
-        }
-        Ok(others)
+        Ok(entries.flatten().map(|e| e.path()).partition(|p| {
+            is_link_pin(p)
+                || p.file_name().and_then(|n| n.to_str()).is_some_and(|n| ours.contains(&n))
+        }))
     }
 
     /// Brings the maps in line with `cfg` (see the module docs for the order of writes). `cfg`
