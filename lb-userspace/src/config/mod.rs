@@ -1214,7 +1214,7 @@ fn l7_settings(
 /// Is `s` an RFC 6265 cookie name: an RFC 9110 token (tchar only), which goes into `Set-Cookie`
 /// as it is?
 fn cookie_token(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !s.is_empty() && s.bytes().all(crate::proxy::is_tchar)
 }
 
 /// A route's `host` must be what the proxy compares it with: a request's host, lowercased, its

@@ -613,7 +613,7 @@ fn body_framing(head: &Head, request: bool) -> Result<Framing, ()> {
 }
 
 /// A token character (RFC 9110 5.6.2).
-pub(super) fn is_tchar(b: u8) -> bool {
+pub(crate) fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
