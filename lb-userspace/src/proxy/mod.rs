@@ -162,10 +162,8 @@ impl L7Metrics {
             let Some(l7) = &vip.l7 else { continue };
             let routes = l7.routes.iter().flat_map(|r| &r.backends);
             for b in vip.backends.iter().chain(routes) {
-                keep.insert(BackendLabel {
-                    vip: vip.name.clone(),
-                    backend: SocketAddr::new(b.address, b.port).to_string(),
-                });
+                let backend = crate::metrics::backend_label(vip, b);
+                keep.insert(BackendLabel { vip: vip.name.clone(), backend });
             }
         }
         let mut e = self.ejected.lock().unwrap_or_else(PoisonError::into_inner);
