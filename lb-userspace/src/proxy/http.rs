@@ -1556,8 +1556,10 @@ async fn attempt_once(
     // checked open, and is never sent twice.
     let mut reused =
         if cfg.proxy_protocol.is_none() { upstream.take(addr, now, !replayable) } else { None };
-    // The response timeout runs from the request's end: known now for a bodiless request.
+    // The response timeout runs from the request's end (within the whole request's deadline):
+    // known now for a bodiless request.
     let sent_at = tokio::time::Instant::from_std(now);
+    let answer_by = |end: tokio::time::Instant| (end + cfg.response_timeout).min(deadline);
     loop {
         let fresh = reused.is_none();
         let up = match reused.take() {
@@ -1577,7 +1579,7 @@ async fn attempt_once(
             // A bodiless request: the read of the response is issued together with the write
             // of the head, which saves the thread a round through its event loop per request.
             // A failed write shuts the connection down, which ends the read at once.
-            let resp_deadline = (sent_at + cfg.response_timeout).min(deadline);
+            let resp_deadline = answer_by(sent_at);
             let send = async {
                 let r = write(&up, head.clone()).await;
                 if r.is_err() {
@@ -1626,10 +1628,7 @@ async fn attempt_once(
             };
             match streamed {
                 Ok(Ok(())) => {
-                    // The response timeout runs from the request's end.
-                    let resp_deadline =
-                        (tokio::time::Instant::now() + cfg.response_timeout).min(deadline);
-                    match timeout_at(resp_deadline, &mut reading).await {
+                    match timeout_at(answer_by(tokio::time::Instant::now()), &mut reading).await {
                         Ok(r) => (r, false),
                         Err(_) => return Err(abandon(&up, Attempt::Timeout)),
                     }
@@ -1643,9 +1642,7 @@ async fn attempt_once(
                     // socket and the read ends at once with it; without one, the read ends at
                     // once with the error. The response timeout, which a complete request
                     // would have had from here, bounds the rare wait in between.
-                    let resp_deadline =
-                        (tokio::time::Instant::now() + cfg.response_timeout).min(deadline);
-                    match timeout_at(resp_deadline, &mut reading).await {
+                    match timeout_at(answer_by(tokio::time::Instant::now()), &mut reading).await {
                         Ok(Ok(Some(resp))) => (Ok(Some(resp)), true),
                         Ok(Err(Attempt::ClientGone)) => {
                             return Err(abandon(&up, Attempt::ClientGone));
