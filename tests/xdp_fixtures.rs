@@ -313,18 +313,7 @@ fn icmp_fixtures() {
 
     // Echo v6.
     let (c6, vip6) = (v6("2001:2::77"), v6("2001:2:0:1::1"));
-    let input = eth(
-        LB_MAC,
-        CLIENT_MAC,
-        ETH_IPV6,
-        &ipv6(c6, vip6, 58, 0, 50, &icmp6(c6, vip6, 128, 0, [0, 9, 0, 1], b"ping6")),
-    );
-    let want = eth(
-        CLIENT_MAC,
-        LB_MAC,
-        ETH_IPV6,
-        &ipv6(vip6, c6, 58, 0, 64, &icmp6(vip6, c6, 129, 0, [0, 9, 0, 1], b"ping6")),
-    );
+    let (input, want) = echo6(c6, vip6, LB_MAC);
     h.check("ICMPv6 echo", &input, XDP_TX, Some(&want), Reason::TxIcmpEcho);
 
     // Echo to a non-VIP passes untouched.
@@ -1997,19 +1986,7 @@ fn echo_replies_come_from_the_configured_src_mac() {
         &V4::new(vip4, client, 1).packet(&icmp4(0, 0, [0, 7, 0, 1], b"ping")),
     );
     h.check("ICMP echo v4 from src_mac", &input, XDP_TX, Some(&want), Reason::TxIcmpEcho);
-    let (c6, vip6) = (v6("2001:2::77"), v6("2001:2:0:1::1"));
-    let input = eth(
-        LB_MAC,
-        CLIENT_MAC,
-        ETH_IPV6,
-        &ipv6(c6, vip6, 58, 0, 50, &icmp6(c6, vip6, 128, 0, [0, 9, 0, 1], b"ping6")),
-    );
-    let want = eth(
-        CLIENT_MAC,
-        SRC_MAC,
-        ETH_IPV6,
-        &ipv6(vip6, c6, 58, 0, 64, &icmp6(vip6, c6, 129, 0, [0, 9, 0, 1], b"ping6")),
-    );
+    let (input, want) = echo6(v6("2001:2::77"), v6("2001:2:0:1::1"), SRC_MAC);
     h.check("ICMPv6 echo from src_mac", &input, XDP_TX, Some(&want), Reason::TxIcmpEcho);
     // VLAN-tagged: the tag stays, the MACs are the same.
     let ip = V4::new(client, vip4, 1).packet(&icmp4(8, 0, [0, 7, 0, 2], b"ping"));
@@ -2017,6 +1994,16 @@ fn echo_replies_come_from_the_configured_src_mac() {
     let reply = V4::new(vip4, client, 1).packet(&icmp4(0, 0, [0, 7, 0, 2], b"ping"));
     let want = eth_vlan(CLIENT_MAC, SRC_MAC, 42, ETH_IP, &reply);
     h.check("VLAN-tagged echo from src_mac", &input, XDP_TX, Some(&want), Reason::TxIcmpEcho);
+}
+
+/// An ICMPv6 echo request from `client` to `vip`, and the reply the balancer sends from MAC
+/// `from`.
+fn echo6(client: Ipv6Addr, vip: Ipv6Addr, from: [u8; 6]) -> (Vec<u8>, Vec<u8>) {
+    let echo = |ty, src, dst, hop| {
+        ipv6(src, dst, 58, 0, hop, &icmp6(src, dst, ty, 0, [0, 9, 0, 1], b"ping6"))
+    };
+    let input = eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &echo(128, client, vip, 50));
+    (input, eth(CLIENT_MAC, from, ETH_IPV6, &echo(129, vip, client, 64)))
 }
 
 /// [`FIXTURE_CONFIG`] with an IPv6 L7 VIP and an L7 VIP on the address of an L4 one.
