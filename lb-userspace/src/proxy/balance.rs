@@ -131,6 +131,9 @@ pub struct Pool {
     /// `Path` of the stickiness cookie this pool sets: its route's path prefix, so that the
     /// cookies of a VIP's pools on one host do not overwrite each other (`/` otherwise).
     pub cookie_path: String,
+    /// Each member's stickiness cookie value ([`cookie_tag`]), in member order; empty until
+    /// [`Pool::sign_cookies`].
+    cookies: Vec<String>,
 }
 
 thread_local! {
@@ -177,7 +180,32 @@ impl Pool {
             rr: AtomicUsize::new(0),
             id: IDS.fetch_add(1, Ordering::Relaxed),
             cookie_path: "/".to_owned(),
+            cookies: Vec::new(),
         }
+    }
+
+    /// Computes the members' cookie values under `secret`, once per snapshot rather than once
+    /// per request.
+    pub fn sign_cookies(&mut self, secret: &str) {
+        self.cookies = self.members.iter().map(|m| cookie_tag(secret, m.state.addr)).collect();
+    }
+
+    /// The cookie value that names member `i` (empty if the pool has no secret).
+    pub fn cookie(&self, i: usize) -> &str {
+        self.cookies.get(i).map_or("", String::as_str)
+    }
+
+    /// The member a cookie value names, if it is one of this pool's. Also takes the
+    /// `address~tag` values edgelb set before cookies became opaque (by their tag, which is
+    /// the same), so an upgrade keeps its sticky clients.
+    pub fn cookie_member(&self, value: &[u8]) -> Option<usize> {
+        let tag = value.rsplit(|&b| b == b'~').next().unwrap_or(value);
+        // Every member is compared in full, so the time taken tells nothing of a tag's bytes.
+        self.cookies.iter().enumerate().fold(None, |found, (i, c)| {
+            let same = c.len() == tag.len()
+                && c.bytes().zip(tag).fold(0u8, |acc, (a, &b)| acc | (a ^ b)) == 0;
+            if same { Some(i) } else { found }
+        })
     }
 
     /// Which members may take new work: weight > 0, up, not passively down, not excluded.
@@ -299,24 +327,14 @@ impl Pool {
     }
 }
 
-/// Cookie value naming `addr`, signed with `secret`: `<addr>~<hex hmac>`.
-pub fn sign_cookie(secret: &str, addr: SocketAddr) -> String {
+/// The stickiness cookie value naming `addr`: the first 128 bits of HMAC-SHA256(`secret`,
+/// address:port), in hex. Opaque, so clients do not learn backend addresses, and the same on
+/// every node that shares the secret; a client cannot make one up for a backend of its choice.
+pub fn cookie_tag(secret: &str, addr: SocketAddr) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
     mac.update(addr.to_string().as_bytes());
     let tag = mac.finalize().into_bytes();
-    let hex: String = tag[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!("{addr}~{hex}")
-}
-
-/// The backend a cookie value names, if its signature checks out.
-pub fn verify_cookie(secret: &str, value: &str) -> Option<SocketAddr> {
-    let (addr, _) = value.split_once('~')?;
-    let addr: SocketAddr = addr.parse().ok()?;
-    // Constant-time comparison through the MAC.
-    let want = sign_cookie(secret, addr);
-    let ok = want.len() == value.len()
-        && want.bytes().zip(value.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-    ok.then_some(addr)
+    tag[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -396,12 +414,25 @@ mod tests {
     }
 
     #[test]
-    fn cookies_verify_only_with_the_right_key_and_value() {
-        let a: SocketAddr = "198.18.0.11:80".parse().unwrap();
-        let c = sign_cookie("0123456789abcdef", a);
-        assert_eq!(verify_cookie("0123456789abcdef", &c), Some(a));
-        assert_eq!(verify_cookie("fedcba9876543210", &c), None);
-        let forged = c.replace("198.18.0.11", "198.18.0.12");
-        assert_eq!(verify_cookie("0123456789abcdef", &forged), None);
+    fn cookies_name_members_only_under_the_right_key_and_hide_their_address() {
+        let mut p = pool(&[1, 1], Algorithm::Cookie);
+        p.sign_cookies("0123456789abcdef");
+        let c = p.cookie(1).to_owned();
+        assert_eq!(c.len(), 32, "{c}");
+        assert!(!c.contains("127.0.0"), "the address stays hidden: {c}");
+        assert_eq!(p.cookie_member(c.as_bytes()), Some(1));
+        assert_eq!(p.cookie_member(p.cookie(0).as_bytes()), Some(0));
+        // The value an older edgelb set (`address~tag`) still counts, by its tag.
+        assert_eq!(p.cookie_member(format!("127.0.0.2:80~{c}").as_bytes()), Some(1));
+        // Another key, a cut or altered tag: no member.
+        let mut other = pool(&[1, 1], Algorithm::Cookie);
+        other.sign_cookies("fedcba9876543210");
+        assert_eq!(p.cookie_member(other.cookie(1).as_bytes()), None);
+        assert_eq!(p.cookie_member(&c.as_bytes()[..31]), None);
+        let flipped = format!("{}{}", if c.starts_with('0') { '1' } else { '0' }, &c[1..]);
+        assert_eq!(p.cookie_member(flipped.as_bytes()), None);
+        assert_eq!(p.cookie_member(b""), None);
+        // A pool without a secret names no member, even for an empty value.
+        assert_eq!(pool(&[1], Algorithm::Cookie).cookie_member(b""), None);
     }
 }

@@ -29,7 +29,7 @@ use tokio_uring::buf::IoBuf;
 
 use super::{
     Shared, VipRuntime,
-    balance::{InFlight, Pool, sign_cookie, verify_cookie},
+    balance::{InFlight, Pool},
     chunked::Chunked,
     client_ip,
     uring::Socket,
@@ -1232,19 +1232,16 @@ async fn serve_conn(
         let sticky = (pool.algorithm == Algorithm::Cookie)
             .then(|| {
                 header(&req.head, "cookie")
-                    .flat_map(|v| {
-                        String::from_utf8_lossy(v)
-                            .split(';')
-                            .map(|c| c.trim().to_owned())
-                            .collect::<Vec<_>>()
+                    .flat_map(|v| v.split(|&b| b == b';'))
+                    .filter_map(|c| {
+                        let (name, rest) =
+                            c.trim_ascii().split_at_checked(cfg.cookie_name.len())?;
+                        let value = rest.strip_prefix(b"=")?;
+                        (name == cfg.cookie_name.as_bytes()).then_some(value)
                     })
                     // Each of the VIP's pools sets its own (with its route's path): the client
                     // may send several; the first one of this pool counts.
-                    .filter_map(|c| {
-                        c.strip_prefix(&format!("{}=", cfg.cookie_name)).map(str::to_owned)
-                    })
-                    .filter_map(|v| verify_cookie(&cfg.cookie_secret, &v))
-                    .find_map(|addr| pool.members.iter().position(|m| m.state.addr == addr))
+                    .find_map(|v| pool.cookie_member(v))
             })
             .flatten();
 
@@ -1445,11 +1442,12 @@ async fn serve_conn(
         };
         content_length(&mut out, rframing, declared);
         if pool.algorithm == Algorithm::Cookie && sticky != Some(i) {
-            let value = sign_cookie(&vip.cfg.cookie_secret, pool.members[i].state.addr);
             let _ = write!(
                 out,
-                "Set-Cookie: {}={value}; Path={}; HttpOnly\r\n",
-                vip.cfg.cookie_name, pool.cookie_path
+                "Set-Cookie: {}={}; Path={}; HttpOnly\r\n",
+                vip.cfg.cookie_name,
+                pool.cookie(i),
+                pool.cookie_path
             );
         }
         out.extend_from_slice(if keep {

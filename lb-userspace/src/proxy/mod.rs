@@ -38,7 +38,7 @@ use prometheus_client::{
 };
 use tracing::{error, info, warn};
 
-use crate::config::{Config, L7, L7Mode};
+use crate::config::{Algorithm, Config, L7, L7Mode};
 use balance::{BackendState, Member, Pool};
 
 /// Labels for per-VIP L7 metrics.
@@ -522,8 +522,16 @@ impl Proxy {
                 keep.insert(key, state.clone());
                 Member { state, weight: b.weight, up: true }
             };
-            let default =
-                Arc::new(Pool::new(vip.backends.iter().map(&mut member).collect(), l7.algorithm));
+            let signed = |mut pool: Pool| {
+                if pool.algorithm == Algorithm::Cookie {
+                    pool.sign_cookies(&l7.cookie_secret);
+                }
+                pool
+            };
+            let default = Arc::new(signed(Pool::new(
+                vip.backends.iter().map(&mut member).collect(),
+                l7.algorithm,
+            )));
             let routes = l7
                 .routes
                 .iter()
@@ -539,7 +547,7 @@ impl Proxy {
                     }
                     // A route written with the root dot matches requests with or without it.
                     let host = r.host.as_deref().map(|h| route_host(h).to_owned());
-                    (host, r.path_prefix.clone(), Arc::new(pool))
+                    (host, r.path_prefix.clone(), Arc::new(signed(pool)))
                 })
                 .collect();
             let m = &self.shared.metrics;
