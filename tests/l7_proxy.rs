@@ -2039,6 +2039,30 @@ fn dead_backend() -> Backend {
     b
 }
 
+/// The proxy's own refusals close lingering when the client may still be sending: an upload to
+/// a VIP whose backend is dead, and a head too large to read, both written whole before the
+/// client reads, get their answer rather than a reset under the bytes still on their way.
+#[test]
+fn refusals_reach_a_client_that_is_still_sending() {
+    let dead = dead_backend();
+    let p = proxy(&[(&dead, 1)], "max_header_bytes = 2048", "");
+    let len = 4 << 20;
+    let cases = [
+        (format!("POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n"), 502),
+        ("GET / HTTP/1.1\r\nHost: t\r\nX-Big: ".to_owned(), 431),
+    ];
+    for (head, want) in cases {
+        let mut s = TcpStream::connect(p.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&vec![b'a'; len]).unwrap_or_else(|e| panic!("{want}: request cut: {e}"));
+        let r = read_response(&mut BufReader::new(s))
+            .unwrap_or_else(|e| panic!("{want}: no answer: {e}"));
+        assert_eq!(r.0, want);
+    }
+}
+
 /// A backend's own 502/503/504 is retried for a GET, but when no other backend is left to try,
 /// or the others fail too, the client gets that answer (status, headers, body) as it would have
 /// without retries, as nginx's `proxy_next_upstream` does: not a 502 of the proxy's own.

@@ -219,7 +219,11 @@ fn finished(
     }
 }
 
-/// Refuses a request with `status` (counted and logged as [`finished`]) and closes.
+/// Refuses a request with `status` (counted and logged as [`finished`]) and closes. The close
+/// lingers ([`linger`]) when the client may still be sending this request: the rest of a head
+/// too large to read (431), or the body of one read whole. Closing at once would reset the
+/// connection under the bytes still arriving, and the client would see "connection reset"
+/// instead of the answer (a browser with oversized cookies, an upload refused).
 async fn reject(
     client: &Socket,
     vip: &VipRuntime,
@@ -228,7 +232,10 @@ async fn reject(
     req: Option<&ReqHead>,
 ) {
     finished(vip, peer, status, req, None, None);
-    let _ = respond(client, status).await;
+    let sent = respond(client, status).await;
+    if sent.is_ok() && (status == 431 || req.is_some()) {
+        linger(client, vip.cfg.idle_timeout).await;
+    }
 }
 
 /// Answers with a complete error response of the proxy's own, and closes.
@@ -242,8 +249,8 @@ async fn respond(s: &Socket, status: u16) -> io::Result<()> {
     write(s, head.into_bytes()).await
 }
 
-/// Closes a client connection whose request body was cut off ([`Answer::cut`]) after its
-/// response: ends the sending side (the client reads the end of the stream after the
+/// Closes a client connection whose request body was cut off ([`Answer::cut`]) or left unread
+/// (the proxy's own refusals, [`reject`]) after its response: ends the sending side (the client reads the end of the stream after the
 /// response), then reads and drops what the client still sends until it ends its side too, for
 /// at most [`LINGER`] (the idle timeout if shorter). Closing at once, with the body's rest
 /// unread or still arriving, would reset the connection, and a reset can cost the client the
@@ -1326,8 +1333,9 @@ async fn serve_conn(
                     if let Some(k) = kept {
                         close(&k.up);
                     }
-                    if status == 408 {
-                        let _ = respond(client, status).await;
+                    // The stalled client may yet send the rest of its body.
+                    if status == 408 && respond(client, status).await.is_ok() {
+                        linger(client, cfg.idle_timeout).await;
                     }
                     return;
                 }
@@ -1367,8 +1375,11 @@ async fn serve_conn(
             };
             let backend = tried.last().map(|&i| pool.members[i].state.addr);
             finished(&vip, peer, status, Some(&req), backend, Some(started));
-            // The request body may be unread: the connection cannot continue.
-            let _ = respond(client, status).await;
+            // The request body may be unread: the connection cannot continue, and closes
+            // lingering so that the client reads this answer rather than a reset.
+            if respond(client, status).await.is_ok() && framing != Framing::None {
+                linger(client, cfg.idle_timeout).await;
+            }
             return;
         };
 
