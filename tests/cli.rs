@@ -111,8 +111,19 @@ fn route_prints_the_backend_the_library_computes() {
         edgelb(&["route", "--config", f.0.to_str().unwrap(), "198.18.4.1", "nope"]);
     assert_eq!(code, 2);
     assert!(err.contains("no VIP named `nope`"), "{err}");
-    // An address two VIPs share (web, tcp/80, and dns, udp/53) names both, not the first.
+    // A client written IPv4-mapped is the IPv4 client XDP sees; one of the other family is
+    // refused, as its packets never reach the VIP.
     let path = f.0.to_str().unwrap();
+    for client in ["198.18.4.1", "198.18.4.2", "198.18.4.3", "198.18.7.200"] {
+        let mapped = format!("::ffff:{client}");
+        let (code, out, err) = edgelb(&["route", "--config", path, &mapped, "web"]);
+        let want = edgelb::dataplane::route(web, client.parse().unwrap(), 0).unwrap().address;
+        assert_eq!((code, out.trim()), (0, want.to_string().as_str()), "{mapped}: {err}");
+    }
+    let (code, _, err) = edgelb(&["route", "--config", path, "2001:db8::1", "web"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("different address families"), "{err}");
+    // An address two VIPs share (web, tcp/80, and dns, udp/53) names both, not the first.
     let (code, _, err) = edgelb(&["route", "--config", path, "198.18.4.1", "198.18.1.1"]);
     assert_eq!(code, 2);
     assert!(

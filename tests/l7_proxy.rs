@@ -2272,6 +2272,31 @@ fn a_trailing_dot_in_the_host_takes_its_route() {
     }
 }
 
+/// An IPv6 literal routes by the address, not by its spelling: a route written
+/// `[2001:0DB8:0::1]` takes requests for `[2001:db8::1]` (how browsers write it), with or without
+/// a port, and the other way round.
+#[test]
+fn an_ipv6_literal_host_takes_its_route_however_it_is_spelled() {
+    let (one, two, def) =
+        (backend("one", Mode::Ok), backend("two", Mode::Ok), backend("default", Mode::Ok));
+    let routes =
+        route("host = \"[2001:0DB8:0::1]\"", &one) + &route("host = \"[2001:db8::2]\"", &two);
+    let p = proxy(&[(&def, 1)], "", &routes);
+    let to = |host: &str| {
+        let raw = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        who(&request(p.addr, None, &raw).expect("an answer"))
+    };
+    for (host, want) in [
+        ("[2001:db8::1]", "one"),
+        ("[2001:db8::1]:8080", "one"),
+        ("[2001:DB8:0:0::1]", "one"),
+        ("[2001:0db8::0002]:80", "two"),
+        ("[2001:db8::3]", "default"),
+    ] {
+        assert_eq!(to(host), want, "{host}");
+    }
+}
+
 /// A client that stalls in the middle of its request body gets 408 at the idle timeout and the
 /// connection closes; one that leaves mid-body is counted (and logged) as 499, as nginx does.
 #[test]

@@ -228,6 +228,15 @@ fn main() -> ExitCode {
                     }
                 }
             }
+            // A client written IPv4-mapped is the IPv4 client whose packets XDP hashes; one of
+            // the other family never reaches the VIP at all.
+            let client = client.to_canonical();
+            if client.is_ipv4() != v.address.is_ipv4() {
+                eprintln!(
+                    "edgelb: client {client} and VIP {v} are of different address families: its packets never reach this VIP"
+                );
+                return ExitCode::from(2);
+            }
             match edgelb::dataplane::route(&v, client, sport) {
                 Some(b) => {
                     println!("{}", b.address);

@@ -545,10 +545,35 @@ fn parse_mac(s: &raw::Sp<String>) -> Result<[u8; 6], Invalid> {
     Ok(mac)
 }
 
+/// A VIP or backend address. Refuses the IPv6 forms that parse but cannot be used: an
+/// IPv4-mapped address, which never appears on the wire (an IPv6 VIP that IPv4 packets never
+/// match, 4in6 packets nothing routes, and a backend a dual-stack health check still finds up),
+/// and a link-local one, which needs an interface to be reached (every connect and bind to it
+/// without one fails with EINVAL, and zone ids are not taken).
 fn parse_ip(s: &raw::Sp<String>, what: &str) -> Result<IpAddr, Invalid> {
-    s.get_ref()
+    let a: IpAddr = s
+        .get_ref()
         .parse()
-        .or_else(|_| bad(s.span(), format!("`{}` is not an IP address ({what})", s.get_ref())))
+        .or_else(|_| bad(s.span(), format!("`{}` is not an IP address ({what})", s.get_ref())))?;
+    if let IpAddr::V6(v6) = a {
+        ipv6_usable(v6).or_else(|e| bad(s.span(), format!("{what} {e}")))?;
+    }
+    Ok(a)
+}
+
+/// Why `a` cannot stand for a host on the wire, if it cannot: see [`parse_ip`].
+fn ipv6_usable(a: Ipv6Addr) -> Result<(), String> {
+    if let Some(v4) = a.to_ipv4_mapped() {
+        return Err(format!(
+            "{a} is an IPv4-mapped IPv6 address, which never appears on the wire: write the IPv4 address {v4}"
+        ));
+    }
+    if a.is_unicast_link_local() {
+        return Err(format!(
+            "{a} is a link-local address: it is reached only through an interface, which edgelb cannot be told (no zone ids); write a global or unique-local (fd00::/8) address"
+        ));
+    }
+    Ok(())
 }
 
 fn is_prime(n: u32) -> bool {
@@ -603,6 +628,20 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 return bad(
                     s.span(),
                     "encap_source_v6 must be a /96: the last 32 bits vary per flow",
+                );
+            }
+            // Backends drop packets from such sources (ip6_rcv: multicast, loopback, mapped),
+            // and routers do not forward link-local ones.
+            if ipv6_usable(addr).is_err()
+                || addr.is_unspecified()
+                || addr.is_loopback()
+                || addr.is_multicast()
+            {
+                return bad(
+                    s.span(),
+                    format!(
+                        "encap_source_v6 {addr} is not a source backends take packets from (an IPv4-mapped, link-local, loopback, multicast or unspecified prefix): write a /96 routed to this node (e.g. \"2001:db8:100::/96\")"
+                    ),
                 );
             }
             Some(addr)

@@ -497,6 +497,34 @@ fn l7_vip(address: &str, backends: &str, l7: &str, routes: &str) -> String {
     )
 }
 
+/// IPv6 forms that parse but cannot be used are refused where they are written: IPv4-mapped
+/// addresses (an IPv6 VIP IPv4 packets never match, encapsulation to an address nothing routes)
+/// and link-local ones (no interface to reach them through), for VIPs, backends, route backends
+/// and the encapsulation source.
+#[test]
+fn unusable_ipv6_forms_are_refused() {
+    let t = xdp_vip("::ffff:198.18.1.1", "", r#"{ address = "198.18.0.11" }"#);
+    refused_at(&t, "\"::ffff:198.18.1.1\"", "write the IPv4 address 198.18.1.1");
+    let t = xdp_vip("198.18.1.1", "", r#"{ address = "::ffff:198.18.2.1" }"#);
+    refused_at(&t, "\"::ffff:198.18.2.1\"", "write the IPv4 address 198.18.2.1");
+    let t = xdp_vip("198.18.1.1", "", r#"{ address = "fe80::2" }"#);
+    refused_at(&t, "\"fe80::2\"", "link-local");
+    let t = l7_vip("fe80::1", r#"{ address = "127.0.0.1" }"#, "", "");
+    refused_at(&t, "\"fe80::1\"", "link-local");
+    let route =
+        "[[vip.route]]\npath_prefix = \"/a/\"\nbackends = [{ address = \"::ffff:127.0.0.2\" }]\n";
+    let t = l7_vip("127.0.0.1", r#"{ address = "127.0.0.2" }"#, "", route);
+    refused_at(&t, "\"::ffff:127.0.0.2\"", "write the IPv4 address 127.0.0.2");
+    for prefix in ["::ffff:0:0/96", "fe80::/96", "::1/96", "ff02::/96", "::/96"] {
+        let t = xdp_vip("198.18.1.1", "", r#"{ address = "198.18.0.11" }"#)
+            .replace("2001:2:0:ff::/96", prefix);
+        refused_at(&t, &format!("\"{prefix}\""), "not a source backends take packets from");
+    }
+    // Global and unique-local IPv6 addresses are fine.
+    parse(&xdp_vip("2001:2::1", "", r#"{ address = "2001:2::11" }, { address = "fd00::11" }"#))
+        .unwrap();
+}
+
 /// A backend at the VIP's own address: XDP would send the VIP's flows back to the VIP, an L7
 /// proxy at its own listen address and port would connect to itself.
 #[test]
@@ -542,7 +570,7 @@ fn addresses_that_can_never_work_are_refused() {
         ("255.255.255.255", "the broadcast address"),
         ("127.0.0.1", "a loopback address"),
         ("::1", "a loopback address"),
-        ("::ffff:127.0.0.2", "a loopback address"),
+        ("::ffff:127.0.0.2", "an IPv4-mapped IPv6 address"),
     ] {
         let t = xdp_vip("198.18.1.1", "", &format!("{{ address = \"{backend}\" }}"));
         refused_at(&t, &format!("\"{backend}\" }}"), says);

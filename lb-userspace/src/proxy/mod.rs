@@ -235,7 +235,7 @@ impl VipRuntime {
                 .rsplit_once(':')
                 .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
                 .map_or(h, |(h, _)| h);
-            route_host(h).to_ascii_lowercase()
+            route_host(h)
         });
         for (rh, rp, pool) in &self.routes {
             let host_ok = rh.as_ref().is_none_or(|want| host.as_deref() == Some(want.as_str()));
@@ -248,9 +248,16 @@ impl VipRuntime {
     }
 }
 
-/// A host name as routes compare it: without one trailing (root) dot.
-fn route_host(h: &str) -> &str {
-    h.strip_suffix('.').unwrap_or(h)
+/// A host as routes compare it: lowercase, without one trailing (root) dot, and an IPv6 literal
+/// in its one canonical spelling (RFC 5952, as browsers send it), so that `[2001:0db8::1]` in the
+/// config matches a request for `[2001:db8::1]`.
+fn route_host(h: &str) -> String {
+    let h = h.strip_suffix('.').unwrap_or(h);
+    let literal = h.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+    match literal.and_then(|a| a.parse::<std::net::Ipv6Addr>().ok()) {
+        Some(a) => format!("[{a}]"),
+        None => h.to_ascii_lowercase(),
+    }
 }
 
 /// What every proxy thread reads.
@@ -546,7 +553,7 @@ impl Proxy {
                         pool.cookie_path = p.clone();
                     }
                     // A route written with the root dot matches requests with or without it.
-                    let host = r.host.as_deref().map(|h| route_host(h).to_owned());
+                    let host = r.host.as_deref().map(route_host);
                     (host, r.path_prefix.clone(), Arc::new(signed(pool)))
                 })
                 .collect();
