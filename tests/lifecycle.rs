@@ -1082,6 +1082,52 @@ fn a_takeover_that_fails_before_the_maps_leaves_the_running_edgelb_in_charge() {
     in_charge_again(&mut bed);
 }
 
+/// A takeover stopped by SIGTERM while it starts (a Ctrl-C on one that seems stuck) gives up
+/// rather than take over and then stop: the running edgelb stays in charge, and no connection
+/// fails meanwhile.
+#[test]
+fn a_takeover_stopped_while_it_starts_leaves_the_running_edgelb_in_charge() {
+    let Some(mut bed) = Bed::up("takeover-sig", &[1, 2, 3]) else { return };
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    bed.wait_for(l7);
+    let l7_load = bed.load_to(l7, Duration::from_secs(15), Duration::from_secs(30));
+    let l4_load = bed.load(Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(800));
+    let child = takeover_command(&bed.e().ns, &bed.cfg_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run edgelb --takeover");
+    // As soon as its handlers are in place (before them, SIGTERM just kills it): the signal
+    // then arrives while it loads its program or takes the sockets over.
+    let pid = child.id();
+    let caught = || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .is_some_and(|m| m & (1 << (15 - 1)) != 0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !caught() {
+        assert!(Instant::now() < deadline, "edgelb --takeover never set up its signal handlers");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let out = child.wait_with_output().expect("edgelb --takeover exits");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("stopped by a signal before serving"), "{stderr}");
+    let stopped_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(1000));
+    served_throughout("stopped takeover, L7 VIP", &l7_load.finish(), stopped_at);
+    served_throughout("stopped takeover, XDP VIP", &l4_load.finish(), stopped_at);
+    assert!(bed.e().cli(&["status"]).status.success(), "the old edgelb answers");
+    assert!(scrape(&bed).contains("edgelb_vip_packets_total"));
+    sees_backend_2_die(&mut bed, "the controller");
+}
+
 /// After a failed takeover, the old process is in charge again: it answers on its admin
 /// socket, serves metrics, and its health checks run (a dead backend leaves).
 fn in_charge_again(bed: &mut Bed) {

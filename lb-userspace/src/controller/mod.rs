@@ -69,6 +69,13 @@ pub enum RunError {
     /// `--takeover`: the running edgelb could not hand over.
     #[error("taking over: {0}")]
     Takeover(#[source] AdminError),
+    /// `--takeover`: SIGINT or SIGTERM arrived before this process served; it gives up and the
+    /// running edgelb goes on (a Ctrl-C on a takeover that seems stuck must not leave the node
+    /// with neither).
+    #[error(
+        "taking over: stopped by a signal before serving; the running edgelb keeps serving (or takes back over)"
+    )]
+    TakeoverInterrupted,
     /// The admin socket could not be served.
     #[error("admin socket {path}: {source}")]
     Admin {
@@ -256,6 +263,10 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     // The proxy threads hold their own descriptors of inherited sockets.
     drop(inherited);
     if let Some(conn) = &mut handover {
+        if stop_requested(&mut signals) {
+            // Dropping the connection uncommitted hands everything back.
+            return Err(RunError::TakeoverInterrupted);
+        }
         // Past this point the previous edgelb will not take back over if this one fails, so
         // everything that can fail without touching the data plane is done by now.
         admin::commit(conn).map_err(|e| {
@@ -350,7 +361,13 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         }
         Ok(())
     };
-    if let Err(e) = start() {
+    // A stop signal during a takeover's start: fail as a start does, so that the previous
+    // edgelb takes the data plane back instead of handing over to a process about to stop.
+    let started = start().and_then(|()| match handover {
+        Some(_) if stop_requested(&mut signals) => Err(RunError::TakeoverInterrupted),
+        _ => Ok(()),
+    });
+    if let Err(e) = started {
         // No controller will run: what this start attached must not balance on without one
         // (no health checks, no admin socket), unless it was running before this process.
         if let Some(admin) = ctl.admin.take() {
@@ -418,6 +435,23 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     // Last: `edgelb stop` waits for the socket to go, so it returns once everything is done.
     let _ = std::fs::remove_file(&socket);
     Ok(result?)
+}
+
+/// Whether SIGINT or SIGTERM has arrived (consuming the pending signals). A SIGHUP is raised
+/// again for the loop, which reloads.
+fn stop_requested(signals: &mut signal_hook::iterator::Signals) -> bool {
+    // Collected first: raised while the iterator runs, SIGHUP would come round again.
+    let pending: Vec<i32> = signals.pending().collect();
+    let mut stop = false;
+    for sig in pending {
+        if sig == SIGHUP {
+            let _ = signal_hook::low_level::raise(SIGHUP);
+        } else {
+            info!(signal = sig, "signal received during the takeover");
+            stop = true;
+        }
+    }
+    stop
 }
 
 /// What would otherwise fail only after the data plane was touched (or, with `--takeover`, after
