@@ -657,7 +657,7 @@ fn reload_rejects_bad_files_and_keeps_connections() {
     assert_ne!(web7_tcp, grown);
     for (changed, what) in [
         (grown.replace("[node]\n", "[node]\nxdp_mode = \"generic\"\n"), "xdp_mode"),
-        (web7_tcp, "tcp mode"),
+        (web7_tcp, "L7 VIP `web7`: 198.18.1.6:80 http → 198.18.1.6:80 tcp"),
     ] {
         std::fs::write(&bed.cfg_path, changed).unwrap();
         let out = bed.e().cli(&["reload"]);

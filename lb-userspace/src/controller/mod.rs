@@ -468,10 +468,90 @@ fn preflight(cfg: &Config) -> Result<(), RunError> {
     }
 }
 
-/// Each L7 VIP's mode (http or tcp): its listeners are bound for one, so a change needs a
-/// restart.
-fn l7_modes(cfg: &Config) -> Vec<(&str, crate::config::L7Mode)> {
-    cfg.vips.iter().filter_map(|v| Some((v.name.as_str(), v.l7.as_ref()?.mode))).collect()
+/// What a reload from `old` to `new` cannot apply in place, each named with its change, for the
+/// refusal to say what to undo or restart for. Order does not count: interfaces and L7 VIPs
+/// listed in another order are the same set. An L7 VIP's listeners are bound, for its address,
+/// port and mode, when edgelb starts (below port 1024 that takes a privilege it has dropped).
+fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
+    fn changed<T: std::fmt::Debug + PartialEq>(out: &mut Vec<String>, key: &str, a: &T, b: &T) {
+        if a != b {
+            out.push(format!("{key} ({a:?} → {b:?})"));
+        }
+    }
+    let (o, n) = (&old.node, &new.node);
+    let mut out = Vec::new();
+    let sorted = |v: &[String]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v
+    };
+    changed(&mut out, "node.interfaces", &sorted(&o.interfaces), &sorted(&n.interfaces));
+    changed(&mut out, "node.xdp_mode", &o.xdp_mode, &n.xdp_mode);
+    changed(&mut out, "node.pin_dir", &o.pin_dir, &n.pin_dir);
+    changed(&mut out, "node.admin_socket", &o.admin_socket, &n.admin_socket);
+    changed(
+        &mut out,
+        "node.conntrack_flows_per_cpu",
+        &o.conntrack_flows_per_cpu,
+        &n.conntrack_flows_per_cpu,
+    );
+    changed(&mut out, "node.l7_threads", &o.l7_threads, &n.l7_threads);
+    changed(&mut out, "[metrics] listen", &old.metrics, &new.metrics);
+    let l7 = |cfg: &Config| -> std::collections::BTreeMap<
+        String,
+        (std::net::SocketAddr, crate::config::L7Mode),
+    > {
+        cfg.vips
+            .iter()
+            .filter_map(|v| {
+                Some((
+                    v.name.clone(),
+                    (std::net::SocketAddr::new(v.address, v.port), v.l7.as_ref()?.mode),
+                ))
+            })
+            .collect()
+    };
+    let (before, after) = (l7(old), l7(new));
+    let names: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    for name in names {
+        match (before.get(name), after.get(name)) {
+            (Some(_), None) => out.push(format!("L7 VIP `{name}` removed (or no longer L7)")),
+            (None, Some((addr, _))) => out.push(format!("L7 VIP `{name}` on {addr} added")),
+            (Some((a, am)), Some((b, bm))) if (a, am) != (b, bm) => {
+                let mode = |m: &crate::config::L7Mode| format!("{m:?}").to_lowercase();
+                out.push(format!("L7 VIP `{name}`: {a} {} → {b} {}", mode(am), mode(bm)))
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// What a reload did, for the operator: the VIPs now served and what changed in the maps (the
+/// L7 pools, timeouts and routes are re-published whole at every reload).
+fn reload_summary(cfg: &Config, r: &crate::dataplane::ApplyReport) -> String {
+    let l7 = cfg.vips.iter().filter(|v| v.l7.is_some()).count();
+    let xdp = cfg.vips.len() - l7;
+    let maps = if r.is_empty() {
+        "the XDP maps needed no change".to_owned()
+    } else {
+        let parts: Vec<String> = [
+            (r.vips_added, "VIP added", "VIPs added"),
+            (r.vips_removed, "VIP removed", "VIPs removed"),
+            (r.vips_updated, "VIP entry rewritten", "VIP entries rewritten"),
+            (r.backends_added, "backend added", "backends added"),
+            (r.backends_removed, "backend removed", "backends removed"),
+            (r.backends_updated, "backend entry rewritten", "backend entries rewritten"),
+            (r.ring_slots_written, "ring slot written", "ring slots written"),
+        ]
+        .into_iter()
+        .filter(|(n, _, _)| *n > 0)
+        .map(|(n, one, many)| format!("{n} {}", if n == 1 { one } else { many }))
+        .collect();
+        format!("XDP maps: {}", parts.join(", "))
+    };
+    let pools = if l7 > 0 { "; L7 pools, routes and timeouts re-published" } else { "" };
+    format!("{xdp} XDP VIP(s), {l7} L7 VIP(s); {maps}{pools}")
 }
 
 /// Raises the soft limit on open files to the hard one: every L7 connection holds two
@@ -799,20 +879,12 @@ impl Controller {
             Ok(c) => c,
             Err(e) => return Response::err(format!("reload rejected, running config kept: {e}")),
         };
-        let (old, n) = (&self.cfg.node, &new.node);
-        if n.interfaces != old.interfaces
-            || n.xdp_mode != old.xdp_mode
-            || n.pin_dir != old.pin_dir
-            || n.conntrack_flows_per_cpu != old.conntrack_flows_per_cpu
-            || n.admin_socket != old.admin_socket
-            || n.l7_threads != old.l7_threads
-            || new.metrics != self.cfg.metrics
-            || crate::proxy::l7_listeners(&new) != crate::proxy::l7_listeners(&self.cfg)
-            || l7_modes(&new) != l7_modes(&self.cfg)
-        {
-            return Response::err(
-                "reload rejected, running config kept: node.interfaces, xdp_mode, pin_dir, admin_socket, conntrack_flows_per_cpu, l7_threads, metrics and the set of L7 VIPs (and their http or tcp mode) need a restart (`edgelb run --takeover` restarts without refusing a connection; a new xdp_mode takes `edgelb stop`, which detaches, then a start)",
-            );
+        let restart = restart_needed(&self.cfg, &new);
+        if !restart.is_empty() {
+            return Response::err(format!(
+                "reload rejected, running config kept: a restart is needed for {} (`edgelb run --takeover` restarts without refusing a connection; a new node.xdp_mode takes `edgelb stop`, which detaches, then a start)",
+                restart.join("; ")
+            ));
         }
         let old = std::mem::replace(&mut self.cfg, new);
         let old_verdicts = self.verdicts.clone();
@@ -823,7 +895,7 @@ impl Controller {
                 self.metrics.retain(&self.cfg);
                 self.rates.retain(&self.cfg);
                 info!(?r, "config reloaded");
-                Response::ok(format!("reloaded: {r:?}"))
+                Response::ok(format!("reloaded: {}", reload_summary(&self.cfg, &r)))
             }
             Err(e) => {
                 // The maps are brought back to the running config, which stays: nothing of the
@@ -984,5 +1056,71 @@ impl Controller {
                 "traffic"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Config {
+        Config::parse(text, Path::new("t.toml")).expect("valid test config")
+    }
+
+    const NODE: &str =
+        "[node]\ninterfaces = [\"eth0\", \"eth1\"]\nencap_source_v4 = \"198.19.0.0/16\"\n";
+
+    fn l7(name: &str, port: u16, mode: &str) -> String {
+        format!(
+            "[[vip]]\nname = \"{name}\"\naddress = \"127.0.0.1\"\nport = {port}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.2\" }}]\n[vip.l7]\nmode = \"{mode}\"\n"
+        )
+    }
+
+    /// A reload is refused only for what it cannot apply, and says which keys those are; the
+    /// same interfaces or L7 VIPs in another order are no change.
+    #[test]
+    fn a_reload_needs_a_restart_only_for_what_changed_and_names_it() {
+        let base = parse(&format!("{NODE}{}{}", l7("a", 8001, "http"), l7("b", 8002, "tcp")));
+        let reordered = parse(
+            &format!("{NODE}{}{}", l7("b", 8002, "tcp"), l7("a", 8001, "http"))
+                .replace("[\"eth0\", \"eth1\"]", "[\"eth1\", \"eth0\"]"),
+        );
+        assert_eq!(restart_needed(&base, &reordered), Vec::<String>::new());
+        let changed = parse(
+            &format!("{NODE}l7_threads = 3\n{}{}", l7("a", 8001, "tcp"), l7("c", 8003, "http"))
+                .replace("[\"eth0\", \"eth1\"]", "[\"eth0\"]"),
+        );
+        let why = restart_needed(&base, &changed).join("; ");
+        for says in [
+            "node.interfaces ([\"eth0\", \"eth1\"] → [\"eth0\"])",
+            "node.l7_threads (",
+            "L7 VIP `a`: 127.0.0.1:8001 http → 127.0.0.1:8001 tcp",
+            "L7 VIP `b` removed",
+            "L7 VIP `c` on 127.0.0.1:8003 added",
+        ] {
+            assert!(why.contains(says), "want {says:?} in {why}");
+        }
+        assert!(!why.contains("xdp_mode") && !why.contains("metrics"), "{why}");
+    }
+
+    /// The reply to a reload says what changed, not a debug dump.
+    #[test]
+    fn a_reload_summary_names_what_it_did() {
+        let cfg = parse(&format!("{NODE}{}", l7("a", 8001, "http")));
+        let none = crate::dataplane::ApplyReport::default();
+        assert_eq!(
+            reload_summary(&cfg, &none),
+            "0 XDP VIP(s), 1 L7 VIP(s); the XDP maps needed no change; L7 pools, routes and timeouts re-published"
+        );
+        let r = crate::dataplane::ApplyReport {
+            backends_added: 1,
+            ring_slots_written: 300,
+            ..Default::default()
+        };
+        assert!(
+            reload_summary(&cfg, &r).contains("XDP maps: 1 backend added, 300 ring slots written"),
+            "{}",
+            reload_summary(&cfg, &r)
+        );
     }
 }
