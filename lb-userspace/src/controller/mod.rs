@@ -902,10 +902,14 @@ impl Controller {
                 // rejected file is left half-written, and later health changes still apply.
                 self.cfg = old;
                 self.verdicts = old_verdicts;
+                error!(error = %e, "reload rejected: updating the maps failed");
                 if let Err(back) = self.apply() {
                     error!(error = %back, "reload: restoring the running config in the maps failed");
+                    // Not "kept": the maps may hold parts of both files until a write succeeds.
+                    return Response::err(format!(
+                        "reload rejected: updating the maps failed: {e}; writing the running config back failed too: {back}. The maps may hold parts of both files: fix the cause and reload (or restart)"
+                    ));
                 }
-                error!(error = %e, "reload rejected: updating the maps failed");
                 Response::err(format!(
                     "reload rejected, running config kept: updating the maps failed: {e}"
                 ))
