@@ -1177,3 +1177,56 @@ fn a_takeover_that_fails_after_writing_the_maps_gives_the_data_plane_back() {
     }
     in_charge_again(&mut bed);
 }
+
+/// `edgelb stop` while no controller answers on the admin socket but one still runs (its socket
+/// gone, as during a takeover or after a failed take-back): it refuses, naming the process, and
+/// removes nothing, so XDP stays attached under the running controller.
+#[test]
+fn stop_leaves_the_data_plane_of_a_controller_whose_socket_is_gone() {
+    let Some(mut bed) = Bed::up("stop-nosock", &[1, 2, 3]) else { return };
+    /// SIGTERMs the controller by PID unless disarmed, so a failed assertion stops it too (before
+    /// the bed's own cleanup, which then removes the data plane).
+    struct Terminate(Option<u32>);
+    impl Drop for Terminate {
+        fn drop(&mut self) {
+            if let Some(pid) = self.0 {
+                let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            }
+        }
+    }
+    let pid = bed.e().child.as_ref().unwrap().id();
+    let mut guard = Terminate(Some(pid));
+    let cfg = bed.cfg();
+    std::fs::remove_file(&cfg.node.admin_socket).expect("remove the admin socket");
+    let out = bed.e().cli(&["stop"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stderr.contains(&format!("PID {pid} (edgelb)")), "{stderr}");
+    assert!(stderr.contains("a controller appears to be running"), "{stderr}");
+    assert!(stderr.contains("Nothing was removed"), "{stderr}");
+    // The data plane is still there: its pins, XDP on the interface, traffic forwarded.
+    let (pins, _) = edgelb::dataplane::Dataplane::pins_in(&cfg.node.pin_dir).unwrap();
+    for name in ["link-lb0", "VIPS"] {
+        assert!(pins.iter().any(|p| p.ends_with(name)), "pin {name} gone: {pins:?}");
+    }
+    let link = Command::new("ip")
+        .args(["-n", &bed.tb.names.lb, "-d", "link", "show", "lb0"])
+        .output()
+        .expect("ip link show");
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(link.contains("prog/xdp"), "XDP no longer attached: {link}");
+    bed.wait_for(SocketAddr::new(IpAddr::V4(testbed::VIP), 80));
+    guard.0 = None;
+    bed.edgelb.take().unwrap().terminate();
+    // With the controller gone, nothing holds the data plane: `stop` removes it.
+    let out = Command::new(env!("CARGO_BIN_EXE_edgelb"))
+        .args(["stop", "--config"])
+        .arg(&bed.cfg_path)
+        .output()
+        .expect("run edgelb stop");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let (pins, _) = edgelb::dataplane::Dataplane::pins_in(&cfg.node.pin_dir).unwrap();
+    assert!(pins.is_empty(), "pins left: {pins:?}");
+}

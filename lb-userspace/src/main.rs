@@ -381,7 +381,9 @@ fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(AdminError::Connect { .. }) if !detach => {
-            // No controller: remove a data plane a detached one may have left.
+            // No controller answers: remove a data plane a detached one may have left, unless a
+            // controller still runs without its socket (mid-takeover, say), which removing the
+            // pins would leave without XDP.
             let cfg = match Config::load(&admin.config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -389,6 +391,32 @@ fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            match edgelb::dataplane::pin_holders(&cfg.node.pin_dir) {
+                Ok(holders) if holders.is_empty() => {}
+                Ok(holders) => {
+                    let who: Vec<String> =
+                        holders.iter().map(|h| format!("PID {} ({})", h.pid, h.comm)).collect();
+                    eprintln!(
+                        "edgelb: no controller answers on {}, but {} holds the data plane under {} open: \
+                         a controller appears to be running (perhaps in the middle of a takeover) whose \
+                         admin socket does not answer. Nothing was removed. Retry `edgelb stop` in a \
+                         moment, or stop that process (SIGTERM leaves the data plane running) and then \
+                         run `edgelb stop` again.",
+                        socket.display(),
+                        who.join(", "),
+                        cfg.node.pin_dir.display()
+                    );
+                    return ExitCode::from(1);
+                }
+                Err(e) => {
+                    eprintln!(
+                        "edgelb: no controller answers on {}, and whether a process still holds the data plane under {} open cannot be told ({e}); nothing was removed",
+                        socket.display(),
+                        cfg.node.pin_dir.display()
+                    );
+                    return ExitCode::from(1);
+                }
+            }
             match Dataplane::teardown(&cfg.node.pin_dir) {
                 Ok(others) => {
                     println!(

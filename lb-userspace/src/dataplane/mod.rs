@@ -10,6 +10,7 @@
 //! their backend entries: no ring of a live VIP names those, and a config at the capacity limits
 //! must not need room for the old and the new VIP at once.
 
+mod holders;
 pub mod maps;
 
 use std::{
@@ -40,6 +41,7 @@ use crate::{
     },
     maglev::{ConsistentHash, Maglev, RingMember},
 };
+pub use holders::{Holder, pin_holders};
 pub use maps::Maps;
 
 /// The balancer object, built from lb-ebpf by build.rs.
