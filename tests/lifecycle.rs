@@ -1128,6 +1128,66 @@ fn a_takeover_stopped_while_it_starts_leaves_the_running_edgelb_in_charge() {
     sees_backend_2_die(&mut bed, "the controller");
 }
 
+/// While the old process of a takeover finishes its requests in flight, scrapes reach only the
+/// new one: both hold the same listening socket, and if both answered, every counter would jump
+/// between two values (Prometheus reads each drop as a counter reset).
+#[test]
+fn after_a_takeover_only_the_new_edgelb_answers_scrapes() {
+    use std::io::{Read, Write};
+    let Some(mut bed) = Bed::up("takeover-scrape", &[1, 2, 3]) else { return };
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    bed.wait_for(l7);
+    // The old process's count of answered L7 requests; the new one starts from zero.
+    let answered = |text: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with("edgelb_l7_requests_total{"))
+            .filter(|l| l.contains("vip=\"web7\"") && l.contains("class=\"2xx\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let before = answered(&scrape(&bed));
+    assert!(before > 0, "the old edgelb answered the L7 VIP");
+    // A request that has begun (half its head sent) keeps the old process draining after the
+    // handover: it is answered by the process that accepted it.
+    let mut pending = netns::in_netns(&bed.tb.names.client, || {
+        let mut s = std::net::TcpStream::connect(l7).expect("connect to the L7 VIP");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /pending HTTP/1.1\r\nHost: t\r\n").unwrap();
+        s
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let old = bed.edgelb.take().unwrap();
+    let mut new = Edgelb::spawn_takeover(&old.ns, &old.config, &old.log);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !old.log().contains("the new edgelb serves") {
+        assert!(Instant::now() < deadline, "no handover; log:\n{}", old.log());
+        if let Ok(Some(st)) = new.child.as_mut().unwrap().try_wait() {
+            panic!("edgelb --takeover exited: {st}; log:\n{}", new.log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bed.edgelb = Some(new);
+    let mut old = old;
+    let mut old_child = old.child.take().unwrap();
+    // The old process is still there, draining: every scrape is the new one's.
+    for i in 0..30 {
+        let text = scrape(&bed);
+        assert!(answered(&text) < before, "scrape {i} answered by the old edgelb:\n{text}");
+    }
+    assert!(old_child.try_wait().unwrap().is_none(), "the old edgelb was still draining");
+    // Its request in flight is answered, then it exits.
+    pending.write_all(b"\r\n").unwrap();
+    let mut got = String::new();
+    let _ = pending.read_to_string(&mut got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while old_child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the old edgelb never exited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// After a failed takeover, the old process is in charge again: it answers on its admin
 /// socket, serves metrics, and its health checks run (a dead backend leaves).
 fn in_charge_again(bed: &mut Bed) {

@@ -160,6 +160,9 @@ struct Controller {
     admin: Option<admin::Serving>,
     /// The metrics endpoint's listening socket, to hand over to `edgelb run --takeover`.
     metrics_socket: Option<(std::net::SocketAddr, std::net::TcpListener)>,
+    /// The metrics endpoint being served: stopped once a takeover's new process serves, so
+    /// that scrapes reach only one process (two would make every counter jump between them).
+    metrics_serving: Option<crate::metrics::Serving>,
 }
 
 /// Runs the balancer with the config at `path` until SIGINT/SIGTERM, `edgelb stop` or a
@@ -307,6 +310,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         verdicts: Verdicts::default(),
         admin: None,
         metrics_socket,
+        metrics_serving: None,
     };
     // The previous edgelb's runtime drains stay: an upgrade must not put a backend taken out
     // for maintenance back into service. Its dead backends stay out too, until this process's
@@ -349,8 +353,10 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
                 .map_err(|source| RunError::Admin { path: admin_path, source })?,
         );
         if let Some((addr, l)) = metrics_listener {
-            crate::metrics::serve(l, scrape_tx)
-                .map_err(|source| RunError::Metrics { addr, source })?;
+            ctl.metrics_serving = Some(
+                crate::metrics::serve(l, scrape_tx)
+                    .map_err(|source| RunError::Metrics { addr, source })?,
+            );
             info!(%addr, "metrics on http://{addr}/metrics");
         }
         if let Some(bound) = l7 {
@@ -633,7 +639,11 @@ impl Controller {
             .unwrap_or(HandoverEnd::AbandonedAfterCommit);
         match end {
             HandoverEnd::Ready => {
-                info!("handover: the new edgelb serves; this one finishes its requests in flight")
+                info!("handover: the new edgelb serves; this one finishes its requests in flight");
+                // Scrapes go to the new process only: it holds the same listening socket.
+                if let Some(m) = self.metrics_serving.take() {
+                    m.stop();
+                }
             }
             HandoverEnd::AbandonedAfterCommit => warn!(
                 "handover: the new edgelb went quiet after it took the data plane; stopping anyway (the data plane keeps running)"

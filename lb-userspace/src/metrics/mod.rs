@@ -8,16 +8,17 @@
 //! successful reload removes ([`Metrics::retain`]) the series of backends and VIPs it took out,
 //! so that departed backends do not pile up in scrapes and in memory.
 
+mod serve;
+
 use std::{
     collections::HashSet,
     fmt,
     net::SocketAddr,
-    sync::{
-        Arc, Mutex, PoisonError,
-        mpsc::{self, Sender},
-    },
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
+
+pub use serve::{Scrape, Serving, bind, serve, serve_with};
 
 use prometheus_client::{
     collector::Collector,
@@ -290,161 +291,9 @@ pub fn backend_label(vip: &crate::config::Vip, b: &crate::config::Backend) -> St
     }
 }
 
-/// A scrape waiting for the controller: the reply channel gets the exposition text.
-pub type Scrape = Sender<String>;
-
-/// Binds the metrics listener (separately from serving it, so the serving threads start after
-/// edgelb has dropped its capabilities).
-pub fn bind(listen: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    std::net::TcpListener::bind(listen)
-}
-
-/// How long a scrape's client may take to send its request or to take the response: the
-/// endpoint answers one scrape at a time, so a client that stops reading must not hold it.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Serves `GET /metrics` on `listener` from background threads; each scrape asks the controller
-/// through `to_controller`.
-pub fn serve(
-    listener: std::net::TcpListener,
-    to_controller: Sender<Scrape>,
-) -> std::io::Result<()> {
-    serve_with(listener, to_controller, CLIENT_TIMEOUT)
-}
-
-/// [`serve`] with clients cut off after `client_timeout` without progress.
-pub fn serve_with(
-    listener: std::net::TcpListener,
-    to_controller: Sender<Scrape>,
-    client_timeout: Duration,
-) -> std::io::Result<()> {
-    // Accepted connections inherit the listener's send timeout (Linux copies it at accept), so
-    // every write tiny_http makes on them is bounded. (Not the receive timeout: accept itself
-    // obeys that one, and would fail on an endpoint idle that long.)
-    socket2::SockRef::from(&listener).set_write_timeout(Some(client_timeout))?;
-    // Checked here, so that a listener the server cannot take fails the start.
-    let first = tiny_http::Server::from_listener(listener.try_clone()?, None)
-        .map_err(std::io::Error::other)?;
-    std::thread::Builder::new().name("metrics".into()).spawn(move || {
-        let mut server = Some(first);
-        loop {
-            let Some(s) = server.take() else { break };
-            answer(&s, &to_controller);
-            // tiny_http stops accepting after an accept error (out of descriptors, say) and
-            // ends the request stream: serve again on the same socket after a pause, rather
-            // than leave a listener that completes handshakes and never answers.
-            drop(s);
-            tracing::warn!("metrics endpoint: accepting failed; serving again in 1 s");
-            std::thread::sleep(Duration::from_secs(1));
-            match listener.try_clone().map(|l| tiny_http::Server::from_listener(l, None)) {
-                Ok(Ok(s)) => server = Some(s),
-                Ok(Err(e)) => tracing::error!(error = %e, "metrics endpoint stopped"),
-                Err(e) => tracing::error!(error = %e, "metrics endpoint stopped"),
-            }
-        }
-    })?;
-    Ok(())
-}
-
-/// Answers scrapes until `server` stops accepting.
-fn answer(server: &tiny_http::Server, to_controller: &Sender<Scrape>) {
-    for req in server.incoming_requests() {
-        if req.url() != "/metrics" || *req.method() != tiny_http::Method::Get {
-            let _ =
-                req.respond(tiny_http::Response::from_string("not found\n").with_status_code(404));
-            continue;
-        }
-        let (tx, rx) = mpsc::channel();
-        let body = match to_controller.send(tx) {
-            Ok(()) => rx.recv_timeout(Duration::from_secs(10)).ok(),
-            Err(_) => None,
-        };
-        let resp = match body {
-            Some(b) => tiny_http::Response::from_string(b).with_header(
-                "Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8"
-                    .parse::<tiny_http::Header>()
-                    .expect("static header"),
-            ),
-            None => tiny_http::Response::from_string("controller busy\n").with_status_code(503),
-        };
-        let _ = req.respond(resp);
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::{
-        io::{Read, Write},
-        net::{TcpListener, TcpStream},
-        time::Instant,
-    };
-
     use super::*;
-
-    /// An endpoint served with `client_timeout` whose controller answers every scrape with
-    /// `body`; its address.
-    fn endpoint(body: &'static str, repeat: usize, client_timeout: Duration) -> SocketAddr {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let (tx, rx) = mpsc::channel::<Scrape>();
-        std::thread::spawn(move || {
-            for s in rx {
-                let _ = s.send(body.repeat(repeat));
-            }
-        });
-        serve_with(l, tx, client_timeout).unwrap();
-        addr
-    }
-
-    /// A scraper that asks for a large exposition and stops reading holds the endpoint only
-    /// until the client timeout; the next scrape is answered after it.
-    #[test]
-    fn a_scraper_that_stops_reading_does_not_hold_the_endpoint() {
-        // Every scrape gets 16 MiB.
-        let addr = endpoint("x", 16 << 20, Duration::from_millis(500));
-        let stuck =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        stuck.set_recv_buffer_size(4096).unwrap();
-        stuck.connect(&addr.into()).unwrap();
-        let mut stuck: TcpStream = stuck.into();
-        stuck.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        let t = Instant::now();
-        let mut c = TcpStream::connect(addr).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
-        let mut got = Vec::new();
-        let _ = c.read_to_end(&mut got);
-        assert!(
-            got.starts_with(b"HTTP/1.1 200"),
-            "{:?}",
-            String::from_utf8_lossy(&got[..got.len().min(80)])
-        );
-        assert!(got.len() > 16 << 20, "the whole exposition ({} bytes)", got.len());
-        assert!(t.elapsed() < Duration::from_secs(5), "answered after {:?}", t.elapsed());
-        drop(stuck);
-    }
-
-    /// An endpoint nobody scrapes for longer than the client timeout still answers, on a new
-    /// connection and on a kept-alive one.
-    #[test]
-    fn an_idle_endpoint_keeps_serving() {
-        let addr = endpoint("ok\n", 1, Duration::from_millis(300));
-        let mut kept = TcpStream::connect(addr).unwrap();
-        kept.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        let ask = |s: &mut TcpStream| {
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
-            let mut got = [0u8; 512];
-            let n = s.read(&mut got).unwrap_or(0);
-            String::from_utf8_lossy(&got[..n]).into_owned()
-        };
-        assert!(ask(&mut kept).starts_with("HTTP/1.1 200"));
-        std::thread::sleep(Duration::from_millis(1200));
-        let mut fresh = TcpStream::connect(addr).unwrap();
-        fresh.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        assert!(ask(&mut fresh).starts_with("HTTP/1.1 200"));
-        assert!(ask(&mut kept).starts_with("HTTP/1.1 200"));
-    }
 
     /// A config with an XDP VIP `web` and an L7 VIP `app` whose backends are 198.18.0.x for
     /// each x of `hosts` (port 80 for `app`), and with `gone`, a VIP of one backend, 198.18.0.13.

@@ -1,0 +1,423 @@
+//! The metrics endpoint: `GET /metrics` over HTTP/1.1, answered from one background thread.
+//!
+//! Its own small server (httparse for the request head, a current-thread tokio runtime for the
+//! sockets) rather than an HTTP crate, because it must be able to stop accepting on a listening
+//! socket it shares: a `--takeover` hands the very socket to the new process, and once that one
+//! serves, this one stops ([`Serving::stop`]). If both answered, each scrape would land on one
+//! process or the other and every counter would jump between two values, which Prometheus reads
+//! as counter resets. A thread blocked in `accept` cannot be stopped without shutting the socket
+//! down for both processes; a deregistered tokio listener can.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, mpsc::Sender},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::{Semaphore, watch},
+    time::{Instant, timeout, timeout_at},
+};
+
+/// A scrape waiting for the controller: the reply channel gets the exposition text.
+pub type Scrape = tokio::sync::oneshot::Sender<String>;
+
+/// Binds the metrics listener (separately from serving it, so the serving thread starts after
+/// edgelb has dropped its capabilities).
+pub fn bind(listen: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(listen)
+}
+
+/// How long a scrape's client may take to send its request head (from its first byte) or to
+/// take the response: a client that stops must not hold a connection slot.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a kept-alive connection may wait for its next request (Prometheus scrapes every
+/// 15 to 60 s, typically).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the controller may take to render a scrape before the answer is a 503.
+const CONTROLLER_WAIT: Duration = Duration::from_secs(10);
+/// Connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 64;
+/// Largest request head taken.
+const MAX_HEAD: usize = 8 * 1024;
+/// Bytes written per step of a response (each within the client timeout).
+const WRITE_CHUNK: usize = 256 * 1024;
+/// Pause after a failed accept (out of descriptors, say) before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
+
+/// The endpoint being served; [`Serving::stop`] ends it.
+pub struct Serving {
+    stop: watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Serving {
+    /// Stops accepting, closes idle kept-alive connections, lets answers in progress finish
+    /// (each bounded by the client timeout), and returns when the thread is done. The listening
+    /// socket itself stays open for whoever else holds it.
+    pub fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Serves `GET /metrics` on `listener` from a background thread; each scrape asks the controller
+/// through `to_controller`.
+pub fn serve(
+    listener: std::net::TcpListener,
+    to_controller: Sender<Scrape>,
+) -> std::io::Result<Serving> {
+    serve_with(listener, to_controller, CLIENT_TIMEOUT)
+}
+
+/// [`serve`] with clients cut off after `client_timeout` in a request head or a response.
+pub fn serve_with(
+    listener: std::net::TcpListener,
+    to_controller: Sender<Scrape>,
+    client_timeout: Duration,
+) -> std::io::Result<Serving> {
+    listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
+    // Registered here, so that a listener the runtime cannot take fails the start.
+    let listener = {
+        let _guard = rt.enter();
+        tokio::net::TcpListener::from_std(listener)?
+    };
+    let (stop, stopping) = watch::channel(false);
+    let thread = std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        rt.block_on(accept_loop(listener, to_controller, client_timeout, stopping));
+    })?;
+    Ok(Serving { stop, thread: Some(thread) })
+}
+
+/// Accepts until told to stop, each connection in a task of its own, at most
+/// [`MAX_CONNECTIONS`] at once; on stop, waits for the tasks.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    to_controller: Sender<Scrape>,
+    client_timeout: Duration,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
+            _ = stopped(&mut stopping) => break,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stopped(&mut stopping) => break,
+        };
+        match accepted {
+            Ok((s, _)) => {
+                let (ctl, stop) = (to_controller.clone(), stopping.clone());
+                tasks.spawn(async move {
+                    connection(s, &ctl, client_timeout, stop).await;
+                    drop(slot);
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics endpoint: accepting failed; trying again shortly");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+        // Reap what is done, so the set does not grow with every connection served.
+        while tasks.try_join_next().is_some() {}
+    }
+    // Deregistered and closed now: new connections go to whoever else holds the socket.
+    drop(listener);
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Serves one connection: requests one after another (keep-alive), until the client closes,
+/// asks to close, stalls, or the endpoint stops.
+async fn connection(
+    mut s: TcpStream,
+    to_controller: &Sender<Scrape>,
+    client_timeout: Duration,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let head = tokio::select! {
+            h = read_head(&mut s, &mut buf, client_timeout) => h,
+            // Idle between requests, or in the head of one that began meanwhile (its scraper
+            // asks again, of whoever serves now); pipelined requests already read are answered.
+            _ = stopped(&mut stopping), if buf.is_empty() => return,
+        };
+        let Some(Head { method, path, close }) = head else { return };
+        let (status, body, kind) = if method != "GET" || path != "/metrics" {
+            (404, "not found\n".to_owned(), "text/plain; charset=utf-8")
+        } else {
+            match scrape(to_controller).await {
+                Some(text) => {
+                    (200, text, "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                }
+                None => (503, "controller busy\n".to_owned(), "text/plain; charset=utf-8"),
+            }
+        };
+        // After a stop, no request more on this connection: the next goes to the new process.
+        let close = close || *stopping.borrow();
+        let reason = match status {
+            200 => "OK",
+            404 => "Not Found",
+            _ => "Service Unavailable",
+        };
+        let head = format!(
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
+            body.len(),
+            if close { "close" } else { "keep-alive" }
+        );
+        // The client timeout bounds each step, so a large exposition to a slow but reading
+        // client goes through, and one that stops reading is cut off.
+        let mut out = head.into_bytes();
+        out.extend_from_slice(body.as_bytes());
+        for part in out.chunks(WRITE_CHUNK) {
+            if !matches!(timeout(client_timeout, s.write_all(part)).await, Ok(Ok(()))) {
+                return;
+            }
+        }
+        if close {
+            return;
+        }
+    }
+}
+
+/// What the endpoint reads of a request.
+struct Head {
+    method: String,
+    /// The target without its query.
+    path: String,
+    /// The client asked to close after this response (or speaks HTTP/1.0).
+    close: bool,
+}
+
+/// Reads one request head into `buf` (which keeps any bytes after it for the next): waits up to
+/// [`IDLE_TIMEOUT`] for its first byte, then `client_timeout` for the rest. `None` when the
+/// client closed, stalled, or sent something too large or unreadable (the connection then
+/// closes: a scraper gets its answer or nothing, never a half-parsed one).
+async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>, client_timeout: Duration) -> Option<Head> {
+    let mut deadline = if buf.is_empty() {
+        Instant::now() + IDLE_TIMEOUT
+    } else {
+        Instant::now() + client_timeout
+    };
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let token = |h: &httparse::Header, t: &str| {
+                    h.value
+                        .split(|&b| b == b',')
+                        .any(|v| v.trim_ascii().eq_ignore_ascii_case(t.as_bytes()))
+                };
+                let connection =
+                    || req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("connection"));
+                let close = if req.version == Some(0) {
+                    !connection().any(|h| token(h, "keep-alive"))
+                } else {
+                    connection().any(|h| token(h, "close"))
+                };
+                let target = req.path.unwrap_or("");
+                let head = Head {
+                    method: req.method.unwrap_or("").to_owned(),
+                    path: target.split('?').next().unwrap_or("").to_owned(),
+                    close,
+                };
+                buf.drain(..len);
+                return Some(head);
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+            _ => return None,
+        }
+        let had = buf.len();
+        buf.reserve(1024);
+        let mut chunk = [0u8; 1024];
+        let n = match timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return None,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        if had == 0 {
+            // The request has begun: the rest of its head comes within the client timeout.
+            deadline = Instant::now() + client_timeout;
+        }
+    }
+}
+
+/// Resolves once the endpoint is told to stop; never if its [`Serving`] was dropped instead
+/// (dropping the handle leaves the endpoint serving for the life of the process).
+async fn stopped(stopping: &mut watch::Receiver<bool>) {
+    if stopping.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Asks the controller for the exposition text; `None` if it does not answer in time.
+async fn scrape(to_controller: &Sender<Scrape>) -> Option<String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    to_controller.send(tx).ok()?;
+    timeout(CONTROLLER_WAIT, rx).await.ok()?.ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read, Write},
+        net::{TcpListener, TcpStream},
+        time::Instant,
+    };
+
+    use super::*;
+
+    /// An endpoint served with `client_timeout` whose controller answers every scrape with
+    /// `body`; its address.
+    fn endpoint(body: &'static str, repeat: usize, client_timeout: Duration) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<Scrape>();
+        std::thread::spawn(move || {
+            for s in rx {
+                let _ = s.send(body.repeat(repeat));
+            }
+        });
+        // Dropped, the handle leaves the endpoint serving.
+        drop(serve_with(l, tx, client_timeout).unwrap());
+        addr
+    }
+
+    /// A scraper that asks for a large exposition and stops reading holds the endpoint only
+    /// until the client timeout; the next scrape is answered after it.
+    #[test]
+    fn a_scraper_that_stops_reading_does_not_hold_the_endpoint() {
+        // Every scrape gets 16 MiB.
+        let addr = endpoint("x", 16 << 20, Duration::from_millis(500));
+        let stuck =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        stuck.set_recv_buffer_size(4096).unwrap();
+        stuck.connect(&addr.into()).unwrap();
+        let mut stuck: TcpStream = stuck.into();
+        stuck.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+        let mut got = Vec::new();
+        let _ = c.read_to_end(&mut got);
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&got[..got.len().min(80)])
+        );
+        assert!(got.len() > 16 << 20, "the whole exposition ({} bytes)", got.len());
+        assert!(t.elapsed() < Duration::from_secs(5), "answered after {:?}", t.elapsed());
+        drop(stuck);
+    }
+
+    /// An endpoint nobody scrapes for longer than the client timeout still answers, on a new
+    /// connection and on a kept-alive one.
+    #[test]
+    fn an_idle_endpoint_keeps_serving() {
+        let addr = endpoint("ok\n", 1, Duration::from_millis(300));
+        let mut kept = TcpStream::connect(addr).unwrap();
+        kept.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let ask = |s: &mut TcpStream| {
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+            let mut got = [0u8; 512];
+            let n = s.read(&mut got).unwrap_or(0);
+            String::from_utf8_lossy(&got[..n]).into_owned()
+        };
+        assert!(ask(&mut kept).starts_with("HTTP/1.1 200"));
+        std::thread::sleep(Duration::from_millis(1200));
+        let mut fresh = TcpStream::connect(addr).unwrap();
+        fresh.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        assert!(ask(&mut fresh).starts_with("HTTP/1.1 200"));
+        assert!(ask(&mut kept).starts_with("HTTP/1.1 200"));
+    }
+
+    /// A controller that answers every scrape with `body`.
+    fn controller(body: &'static str) -> Sender<Scrape> {
+        let (tx, rx) = std::sync::mpsc::channel::<Scrape>();
+        std::thread::spawn(move || {
+            for s in rx {
+                let _ = s.send(body.to_owned());
+            }
+        });
+        tx
+    }
+
+    /// As in a takeover: two endpoints serve one listening socket, then the old one stops. From
+    /// then on every scrape reaches the new one, and a scraper kept alive on the old one is
+    /// closed rather than answered again, so counters never jump back.
+    #[test]
+    fn a_stopped_endpoint_leaves_a_shared_socket_to_the_other() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let old = serve(l.try_clone().unwrap(), controller("old\n")).unwrap();
+        // The body of one response (4 bytes here), or None if the connection ends first.
+        let ask = |s: &mut TcpStream| {
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").ok()?;
+            let mut got = Vec::new();
+            let mut byte = [0u8; 1];
+            loop {
+                match s.read(&mut byte) {
+                    Ok(1) => got.push(byte[0]),
+                    _ => return None,
+                }
+                let text = String::from_utf8_lossy(&got);
+                if let Some((_, body)) = text.split_once("\r\n\r\n")
+                    && body.len() == 4
+                {
+                    return Some(body.to_owned());
+                }
+            }
+        };
+        let connect = || {
+            let s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s
+        };
+        let mut kept = connect();
+        assert_eq!(ask(&mut kept).as_deref(), Some("old\n"));
+        let new = serve(l, controller("new\n")).unwrap();
+        old.stop();
+        for _ in 0..20 {
+            assert_eq!(ask(&mut connect()).as_deref(), Some("new\n"));
+        }
+        assert_ne!(ask(&mut kept).as_deref(), Some("old\n"), "the old endpoint answered again");
+        new.stop();
+    }
+
+    /// Requests other than `GET /metrics` get 404; HTTP/1.0 and `Connection: close` close after
+    /// the answer; the query string does not matter.
+    #[test]
+    fn answers_only_metrics_and_honours_close() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let _serving = serve(l, controller("m\n")).unwrap();
+        let exchange = |req: &[u8]| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s.write_all(req).unwrap();
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            String::from_utf8_lossy(&got).into_owned()
+        };
+        let r = exchange(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n") && r.ends_with("\r\n\r\nm\n"), "{r:?}");
+        assert!(r.contains("Connection: close\r\n"), "{r:?}");
+        let r = exchange(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 404 "), "{r:?}");
+        let r = exchange(b"POST /metrics HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 404 "), "{r:?}");
+        // Garbage: closed without an answer.
+        assert_eq!(exchange(b"\x00\x01 nonsense\r\n\r\n"), "");
+    }
+}
