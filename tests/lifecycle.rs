@@ -1188,6 +1188,46 @@ fn after_a_takeover_only_the_new_edgelb_answers_scrapes() {
     }
 }
 
+/// While a stopping edgelb finishes its L7 requests in flight, it still answers scrapes (the
+/// controller thread used to wait for the drain, and every scrape timed out into a 503).
+#[test]
+fn a_stopping_edgelb_answers_scrapes_while_it_drains() {
+    use std::io::{Read, Write};
+    let Some(mut bed) = Bed::up("stop-scrape", &[1, 2, 3]) else { return };
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    bed.wait_for(l7);
+    // A request that has begun keeps the proxy draining.
+    let mut pending = netns::in_netns(&bed.tb.names.client, || {
+        let mut s = std::net::TcpStream::connect(l7).expect("connect to the L7 VIP");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /pending HTTP/1.1\r\nHost: t\r\n").unwrap();
+        s
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut e = bed.edgelb.take().unwrap();
+    let mut child = e.child.take().unwrap();
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !e.log().contains("L7 proxy: draining") {
+        assert!(Instant::now() < deadline, "no drain; log:\n{}", e.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..3 {
+        let t = Instant::now();
+        assert!(scrape(&bed).contains("edgelb_vip_packets_total"));
+        assert!(t.elapsed() < Duration::from_secs(2), "a scrape took {:?}", t.elapsed());
+    }
+    assert!(child.try_wait().unwrap().is_none(), "still draining");
+    pending.write_all(b"\r\n").unwrap();
+    let mut got = String::new();
+    let _ = pending.read_to_string(&mut got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+    let st = child.wait().unwrap();
+    assert!(st.success(), "edgelb exit status {st}");
+    drop(e);
+}
+
 /// After a failed takeover, the old process is in charge again: it answers on its admin
 /// socket, serves metrics, and its health checks run (a dead backend leaves).
 fn in_charge_again(bed: &mut Bed) {

@@ -415,11 +415,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     };
     let socket = ctl.cfg.node.admin_socket.clone();
     let pin_dir = ctl.cfg.node.pin_dir.clone();
-    if let Some(proxy) = ctl.proxy.take() {
-        let grace = ctl.cfg.node.l7_drain_timeout;
-        info!("L7 proxy: draining (up to {} ms, node.l7_drain_timeout_ms)", grace.as_millis());
-        proxy.shutdown(grace);
-    }
+    ctl.drain_proxy();
     drop(ctl.checker);
     let result = match exit {
         Exit::Handover(..) => unreachable!("returned above"),
@@ -671,16 +667,7 @@ impl Controller {
                 return false;
             }
         }
-        if let Some(proxy) = self.proxy.take() {
-            let (tx, rx) = mpsc::channel();
-            let grace = self.cfg.node.l7_drain_timeout;
-            let drain = std::thread::spawn(move || {
-                proxy.shutdown(grace);
-                let _ = tx.send(());
-            });
-            self.answer_scrapes_until(&rx, grace + Duration::from_secs(5));
-            let _ = drain.join();
-        }
+        self.drain_proxy();
         info!("handover done: the data plane and the sockets are the new edgelb's");
         true
     }
@@ -748,6 +735,22 @@ impl Controller {
             self.answer_scrapes();
         }
         None
+    }
+
+    /// Stops the L7 proxy, letting requests in flight finish for up to
+    /// `node.l7_drain_timeout_ms`, and answers metrics scrapes meanwhile (a drain can last as
+    /// long as a download).
+    fn drain_proxy(&mut self) {
+        let Some(proxy) = self.proxy.take() else { return };
+        let grace = self.cfg.node.l7_drain_timeout;
+        info!("L7 proxy: draining (up to {} ms, node.l7_drain_timeout_ms)", grace.as_millis());
+        let (tx, rx) = mpsc::channel();
+        let drain = std::thread::spawn(move || {
+            proxy.shutdown(grace);
+            let _ = tx.send(());
+        });
+        self.answer_scrapes_until(&rx, grace + Duration::from_secs(5));
+        let _ = drain.join();
     }
 
     /// The config as the maps should have it (see [`Verdicts::effective`]).
