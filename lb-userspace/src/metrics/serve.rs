@@ -34,12 +34,12 @@ pub fn bind(listen: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// take the response: a client that stops must not hold a connection slot.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a kept-alive connection may wait for its next request (Prometheus scrapes every
-/// 15 to 60 s, typically).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// 15 to 60 s, typically), and so how long an idle one holds one of the connection slots.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the controller may take to render a scrape before the answer is a 503.
 const CONTROLLER_WAIT: Duration = Duration::from_secs(10);
-/// Connections served at once; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 64;
+/// Connections served at once (each a task and a few KiB); more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 256;
 /// Largest request head taken.
 const MAX_HEAD: usize = 8 * 1024;
 /// Bytes written per step of a response (each within the client timeout).
