@@ -251,11 +251,11 @@ async fn respond(s: &Socket, status: u16) -> io::Result<()> {
 
 /// Closes a client connection whose request body was cut off ([`Answer::cut`]) or left unread
 /// (the proxy's own refusals, [`reject`]) after its response: ends the sending side (the client
-/// reads the end of the stream after the response), then reads and drops what the client still sends until it ends its side too, for
-/// at most [`LINGER`] (the idle timeout if shorter). Closing at once, with the body's rest
-/// unread or still arriving, would reset the connection, and a reset can cost the client the
-/// response it has not read yet, or fail the write it is in before it reads the response at all
-/// (nginx's lingering close, Go's `closeWriteAndWait`).
+/// reads the end of the stream after the response), then reads and drops what the client still
+/// sends until it ends its side too, for at most [`LINGER`] (the idle timeout if shorter).
+/// Closing at once, with the body's rest unread or still arriving, would reset the connection,
+/// and a reset can cost the client the response it has not read yet, or fail the write it is in
+/// before it reads the response at all (nginx's lingering close, Go's `closeWriteAndWait`).
 pub(super) async fn linger(client: &Socket, idle: Duration) {
     let _ = client.shutdown(std::net::Shutdown::Write);
     let end = tokio::time::Instant::now() + LINGER.min(idle);
