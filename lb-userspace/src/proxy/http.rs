@@ -58,8 +58,8 @@ const POOL_SWEEP_EVERY: Duration = Duration::from_secs(1);
 const POOL_PEEK_AFTER: Duration = Duration::from_millis(50);
 /// Read size.
 const READ_CHUNK: usize = 4 * 1024;
-/// How long at most a client connection whose request body was cut off ([`Answer::cut`]) is
-/// kept after its response, reading and dropping the rest of the body (the VIP's idle timeout
+/// How long at most a client connection whose request body was cut off ([`Answer::cut`]) or
+/// refused ([`reject`]) is kept after its response, reading and dropping the rest of the body (the VIP's idle timeout
 /// if shorter): nginx's `lingering_timeout`. A client that reads the response as it sends (curl,
 /// browsers, Go) stops and closes within a round trip, which ends the wait at once; this bounds
 /// what one that sends its whole body first can hold (a task and its `max_connections` place).
