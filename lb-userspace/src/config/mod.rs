@@ -444,13 +444,19 @@ impl fmt::Display for Vip {
 
 /// The admin socket named by the config at `path`, read leniently: `edgelb reload` must find the
 /// running controller even when the file now holds an invalid config. The default when the file
-/// cannot be read or does not set one. A file that is not even TOML is searched for an
+/// does not set one. A file that cannot be read is an error, not the default socket: a mistyped
+/// `-c` would otherwise send `stop` to whichever edgelb owns the default. A file that is not even TOML is searched for an
 /// `admin_socket = "..."` line; if it has one that cannot be read, or more than one, the answer
 /// is an error rather than the default socket, which may be another edgelb's (a `stop` sent there
 /// would stop the wrong one).
 pub fn admin_socket_of(path: &Path) -> Result<PathBuf, String> {
     let default = || PathBuf::from(DEFAULT_ADMIN_SOCKET);
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(default()) };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot read {} ({e}): the config names the admin socket of the edgelb to talk to; give the file edgelb runs with (-c), or the socket itself (--socket)",
+            path.display()
+        )
+    })?;
     let e = match toml::from_str::<toml::Table>(&text) {
         Ok(t) => {
             let set = t.get("node").and_then(|n| n.get("admin_socket"));
