@@ -50,40 +50,43 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, String> 
                 "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: edgelb-health\r\nConnection: close\r\n\r\n"
             )
             .map_err(|e| format!("send: {e}"))?;
+            // Read until the answer is decided: a complete head with the wrong status, or the
+            // right one and no body to look for, or the body text found; else the end of the
+            // stream, 64 KiB, or the timeout (however slowly the bytes come) decides on what
+            // arrived. A backend that answers and then resets (it closed with the request
+            // unread) or keeps the connection open has still answered.
             let mut buf = Vec::new();
             let mut chunk = [0u8; 4096];
-            // Up to 64 KiB, until the backend closes (the request asked it to), within the
-            // timeout however slowly the bytes come.
-            while buf.len() <= 64 * 1024 {
-                if Instant::now() >= deadline {
-                    return Err(format!(
-                        "no whole response within {} ms",
-                        check.timeout.as_millis()
-                    ));
+            let verdict = loop {
+                if let Some(v) = judge(&buf, *expect_status, expect_body.as_deref(), false) {
+                    break v;
                 }
-                s.set_read_timeout(Some(left())).map_err(|e| e.to_string())?;
-                match s.read(&mut chunk) {
-                    Ok(0) => break,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    Err(e) => return Err(format!("read: {e}")),
-                }
-            }
-            let mut headers = [httparse::EMPTY_HEADER; 128];
-            let mut resp = httparse::Response::new(&mut headers);
-            let head_len = match resp.parse(&buf) {
-                Ok(httparse::Status::Complete(n)) => n,
-                Ok(httparse::Status::Partial) => return Err("incomplete response head".into()),
-                Err(e) => return Err(format!("not an HTTP response: {e}")),
+                let cut = if buf.len() > 64 * 1024 {
+                    "the answer passed 64 KiB".to_owned()
+                } else if Instant::now() >= deadline {
+                    format!("no whole response within {} ms", check.timeout.as_millis())
+                } else {
+                    s.set_read_timeout(Some(left())).map_err(|e| e.to_string())?;
+                    match s.read(&mut chunk) {
+                        Ok(0) => "the backend closed".to_owned(),
+                        Ok(n) => {
+                            buf.extend_from_slice(&chunk[..n]);
+                            continue;
+                        }
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::WouldBlock
+                                || e.kind() == std::io::ErrorKind::TimedOut =>
+                        {
+                            format!("no whole response within {} ms", check.timeout.as_millis())
+                        }
+                        Err(e) => format!("read: {e}"),
+                    }
+                };
+                // Nothing more comes: decide on what arrived, or say why there is no answer.
+                break judge(&buf, *expect_status, expect_body.as_deref(), true)
+                    .unwrap_or(Err(cut));
             };
-            let status = resp.code.unwrap_or(0);
-            if status != *expect_status {
-                return Err(format!("status {status}, expected {expect_status}"));
-            }
-            if let Some(want) = expect_body
-                && !String::from_utf8_lossy(&buf[head_len..]).contains(want.as_str())
-            {
-                return Err(format!("body lacks {want:?}"));
-            }
+            verdict?;
         }
         CheckKind::Udp { send, expect } => {
             let local: SocketAddr = if addr.is_ipv4() {
@@ -105,6 +108,35 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, String> 
         }
     }
     Ok(start.elapsed())
+}
+
+/// The verdict on an HTTP answer read so far (`buf`), if it can be given: `None` while more
+/// bytes could change it. With `last` (nothing more comes), a complete head is judged on what
+/// arrived, and an incomplete one is `None` (the caller says why nothing more came).
+fn judge(
+    buf: &[u8],
+    expect_status: u16,
+    expect_body: Option<&str>,
+    last: bool,
+) -> Option<Result<(), String>> {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.is_empty() || !last => return None,
+        Ok(httparse::Status::Partial) => return Some(Err("incomplete response head".into())),
+        Err(e) => return Some(Err(format!("not an HTTP response: {e}"))),
+    };
+    let status = resp.code.unwrap_or(0);
+    if status != expect_status {
+        return Some(Err(format!("status {status}, expected {expect_status}")));
+    }
+    match expect_body {
+        None => Some(Ok(())),
+        Some(want) if String::from_utf8_lossy(&buf[head_len..]).contains(want) => Some(Ok(())),
+        Some(want) if last => Some(Err(format!("body lacks {want:?}"))),
+        Some(_) => None,
+    }
 }
 
 #[cfg(test)]
@@ -161,6 +193,40 @@ mod tests {
         });
         let e = probe(&http(1000, None), addr).unwrap_err();
         assert!(e.contains("status 500"), "{e}");
+    }
+
+    /// A backend that answers and then resets (it closed with the request unread), or that
+    /// keeps the connection open after its answer, has answered: the probe passes, at once.
+    #[test]
+    fn an_answer_counts_whatever_the_connection_does_after_it() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            // Nothing of the request is read: the close resets the connection.
+            std::thread::sleep(Duration::from_millis(20));
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        });
+        assert_eq!(probe(&http(1000, None), addr).map(|_| ()), Ok(()));
+        let (addr, _) = server("127.0.0.1:0", |s| {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
+            std::thread::sleep(Duration::from_secs(3));
+        });
+        let start = Instant::now();
+        assert_eq!(probe(&http(1000, Some("ok")), addr).map(|_| ()), Ok(()));
+        assert!(start.elapsed() < Duration::from_millis(500), "after {:?}", start.elapsed());
+        // A head cut off by the reset is still a failure, saying why.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nX-Half");
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        });
+        let e = probe(&http(1000, None), addr).unwrap_err();
+        assert!(e.contains("incomplete response head"), "{e}");
     }
 
     #[test]
