@@ -140,9 +140,10 @@ pub struct HealthCheck {
     pub rise: u32,
     /// Consecutive failures that declare a backend dead.
     pub fall: u32,
-    /// PROXY protocol version a TCP or HTTP probe opens with: an L7 VIP's `proxy_protocol`,
-    /// when its backends are probed on their own ports, which then expect the header first and
-    /// would refuse a probe without it (every backend down, the VIP failing open for good).
+    /// PROXY protocol version a TCP or HTTP probe opens with: an L7 VIP's `proxy_protocol`, sent
+    /// when a backend is probed on its own port (`port` unset, or written out the same), which
+    /// then expects the header first and would refuse a probe without it (every backend down,
+    /// the VIP failing open for good); never to another port.
     pub proxy_protocol: Option<u8>,
 }
 
@@ -922,11 +923,9 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             }
         };
         // Probes of an L7 VIP's backends on their own ports speak the PROXY protocol the
-        // proxy speaks to them.
+        // proxy speaks to them (the checker leaves it out for a backend probed on another port).
         let mut health = health;
-        if let (Some(h), Some(l7)) = (health.as_mut(), l7.as_ref())
-            && h.port == 0
-        {
+        if let (Some(h), Some(l7)) = (health.as_mut(), l7.as_ref()) {
             h.proxy_protocol = l7.proxy_protocol;
         }
         vips.push(Vip {

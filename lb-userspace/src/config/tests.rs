@@ -918,8 +918,8 @@ fn l7_drain_timeout_defaults_and_limits() {
     refused_at(&with("3600001"), "3600001", "l7_drain_timeout_ms must be 0..=3600000");
 }
 
-/// An L7 VIP whose backends take the PROXY protocol has them probed with it on their own ports,
-/// not on a health port set apart.
+/// An L7 VIP whose backends take the PROXY protocol gives its check the header's version (the
+/// checker sends it only to a backend's own port: `health::tests`).
 #[test]
 fn probes_of_proxy_protocol_backends_send_the_header() {
     let vip = |health: &str| {
@@ -929,7 +929,7 @@ fn probes_of_proxy_protocol_backends_send_the_header() {
     };
     let check = |text: &str| parse(text).unwrap().vips[0].health.clone().unwrap();
     assert_eq!(check(&vip("")).proxy_protocol, Some(2));
-    assert_eq!(check(&vip("port = 9000\n")).proxy_protocol, None);
+    assert_eq!(check(&vip("port = 9000\n")).proxy_protocol, Some(2));
 }
 
 /// The admin commands find the running edgelb through a config that no longer parses, but

@@ -163,6 +163,8 @@ struct Controller {
     /// The metrics endpoint being served: stopped once a takeover's new process serves, so
     /// that scrapes reach only one process (two would make every counter jump between them).
     metrics_serving: Option<crate::metrics::Serving>,
+    /// Health checks that could not start (no thread to be had); retried every second.
+    checks_missing: usize,
 }
 
 /// Runs the balancer with the config at `path` until SIGINT/SIGTERM, `edgelb stop` or a
@@ -311,6 +313,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         admin: None,
         metrics_socket,
         metrics_serving: None,
+        checks_missing: 0,
     };
     // The previous edgelb's runtime drains stay: an upgrade must not put a backend taken out
     // for maintenance back into service. Its dead backends stay out too, until this process's
@@ -394,7 +397,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         }
         return Err(e);
     }
-    ctl.checker.reconcile(&ctl.cfg, |v, b| ctl.verdicts.is_down(v, b));
+    ctl.reconcile_checks();
     info!(checks = ctl.checker.len(), admin = %ctl.cfg.node.admin_socket.display(), "edgelb running");
     if let Some(mut conn) = handover {
         // The previous process stops accepting and drains once it reads this.
@@ -687,7 +690,7 @@ impl Controller {
                 error!(admin = %path.display(), error = %e, "taking the admin socket back failed; SIGTERM still stops this edgelb")
             }
         }
-        self.checker.reconcile(&self.cfg, |v, b| self.verdicts.is_down(v, b));
+        self.reconcile_checks();
         info!(checks = self.checker.len(), admin = %path.display(), "edgelb running again");
     }
 
@@ -751,6 +754,12 @@ impl Controller {
         });
         self.answer_scrapes_until(&rx, grace + Duration::from_secs(5));
         let _ = drain.join();
+    }
+
+    /// Starts and stops health checks to match the config, each new one from the controller's
+    /// verdict; counts those that could not start, for the serving loop to retry.
+    fn reconcile_checks(&mut self) {
+        self.checks_missing = self.checker.reconcile(&self.cfg, |v, b| self.verdicts.is_down(v, b));
     }
 
     /// The config as the maps should have it (see [`Verdicts::effective`]).
@@ -821,6 +830,9 @@ impl Controller {
             }
             self.answer_scrapes();
             if Instant::now() >= next_sample {
+                if self.checks_missing > 0 {
+                    self.reconcile_checks();
+                }
                 self.sample(&mut last_packets);
                 next_sample = Instant::now() + SAMPLE_EVERY;
             }
@@ -904,11 +916,18 @@ impl Controller {
         self.verdicts.reconcile(&self.cfg);
         match self.apply() {
             Ok(r) => {
-                self.checker.reconcile(&self.cfg, |v, b| self.verdicts.is_down(v, b));
+                self.reconcile_checks();
                 self.metrics.retain(&self.cfg);
                 self.rates.retain(&self.cfg);
                 info!(?r, "config reloaded");
-                Response::ok(format!("reloaded: {}", reload_summary(&self.cfg, &r)))
+                let mut msg = format!("reloaded: {}", reload_summary(&self.cfg, &r));
+                if self.checks_missing > 0 {
+                    msg.push_str(&format!(
+                        "; {} health checks could not start yet (no thread to be had; see the log), retried every second",
+                        self.checks_missing
+                    ));
+                }
+                Response::ok(msg)
             }
             Err(e) => {
                 // The maps are brought back to the running config, which stays: nothing of the

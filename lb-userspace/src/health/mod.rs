@@ -10,14 +10,10 @@
 mod probe;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     hash::{Hash, Hasher},
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-        mpsc::Sender,
-    },
+    sync::{Arc, Condvar, Mutex, PoisonError, mpsc::Sender},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -60,9 +56,70 @@ impl Target {
     }
 }
 
+/// Tells a check's thread to stop, waking it from its wait between probes at once (a thread
+/// that polled a flag instead would wake every few ms: with thousands of backends, tens of
+/// thousands of wake-ups a second for nothing).
+#[derive(Default)]
+struct Stop {
+    stopped: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Stop {
+    fn raise(&self) {
+        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.wake.notify_all();
+    }
+
+    fn raised(&self) -> bool {
+        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until `until` unless raised first; false when raised.
+    fn sleep_until(&self, until: Instant) -> bool {
+        let mut stopped = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if *stopped {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= until {
+                return true;
+            }
+            stopped = self
+                .wake
+                .wait_timeout(stopped, until - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
 struct Running {
-    stop: Arc<AtomicBool>,
+    stop: Arc<Stop>,
     thread: JoinHandle<()>,
+}
+
+/// Every check `cfg` asks for: one per (VIP, backend).
+fn targets(cfg: &Config) -> Vec<Target> {
+    let mut wanted = Vec::new();
+    for vip in &cfg.vips {
+        let Some(check) = &vip.health else { continue };
+        for b in &vip.backends {
+            let mut t = Target {
+                vip: vip.name.clone(),
+                backend: SocketAddr::new(b.address, b.port),
+                check: check.clone(),
+            };
+            // The PROXY header only where the backend's own port listens, which expects it (the
+            // check's port may be that one, written out, or another).
+            if t.probed() != t.backend {
+                t.check.proxy_protocol = None;
+            }
+            wanted.push(t);
+        }
+    }
+    wanted
 }
 
 /// The set of running checks, reconciled with the config on every (re)load.
@@ -82,43 +139,46 @@ impl Checker {
     /// (`down(vip, backend)`): one the controller knows dead stays out until `rise` good probes,
     /// instead of rejoining the ring for `fall` probes because its check is new; a backend the
     /// controller has no verdict on starts healthy, so a restart never blackholes a pool.
-    pub fn reconcile(&mut self, cfg: &Config, down: impl Fn(&str, SocketAddr) -> bool) {
-        let mut wanted = Vec::new();
-        for vip in &cfg.vips {
-            let Some(check) = &vip.health else { continue };
-            for b in &vip.backends {
-                wanted.push(Target {
-                    vip: vip.name.clone(),
-                    backend: SocketAddr::new(b.address, b.port),
-                    check: check.clone(),
-                });
-            }
-        }
+    ///
+    /// Returns how many checks could not start (no thread to be had: a process or cgroup task
+    /// limit), each logged; calling it again starts them, and the rest run meanwhile.
+    pub fn reconcile(&mut self, cfg: &Config, down: impl Fn(&str, SocketAddr) -> bool) -> usize {
+        let wanted = targets(cfg);
+        let keep: HashSet<&Target> = wanted.iter().collect();
         // Stopped checks are not waited for: a probe in flight may take its whole timeout, and
         // the controller must not stall on it. The thread reports nothing once stopped.
         self.running.retain(|t, r| {
-            let keep = wanted.contains(t);
-            if !keep {
-                r.stop.store(true, Ordering::Relaxed);
+            let kept = keep.contains(t);
+            if !kept {
+                r.stop.raise();
             }
-            keep
+            kept
         });
+        let mut failed = 0;
         for t in wanted {
             if self.running.contains_key(&t) {
                 continue;
             }
-            let stop = Arc::new(AtomicBool::new(false));
+            let stop = Arc::new(Stop::default());
             let state = Hysteresis::starting(!down(&t.vip, t.backend));
-            let thread = {
+            let spawned = {
                 let (t, stop, events) = (t.clone(), stop.clone(), self.events.clone());
                 std::thread::Builder::new()
                     .name(format!("health {}", t.backend))
                     .stack_size(256 * 1024)
                     .spawn(move || run(t, state, stop, events))
-                    .expect("spawning a health-check thread")
             };
-            self.running.insert(t, Running { stop, thread });
+            match spawned {
+                Ok(thread) => {
+                    self.running.insert(t, Running { stop, thread });
+                }
+                Err(e) => {
+                    failed += 1;
+                    tracing::error!(vip = %t.vip, backend = %t.backend, error = %e, "health check could not start (no thread); retrying");
+                }
+            }
         }
+        failed
     }
 
     /// Number of running checks.
@@ -135,7 +195,7 @@ impl Checker {
 impl Drop for Checker {
     fn drop(&mut self) {
         for r in self.running.values() {
-            r.stop.store(true, Ordering::Relaxed);
+            r.stop.raise();
         }
         for (_, r) in self.running.drain() {
             let _ = r.thread.join();
@@ -188,31 +248,17 @@ impl Default for Hysteresis {
     }
 }
 
-/// Sleeps until `until` unless `stop` is raised first; returns false when stopped.
-fn sleep_until(until: Instant, stop: &AtomicBool) -> bool {
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            return false;
-        }
-        let now = Instant::now();
-        if now >= until {
-            return true;
-        }
-        std::thread::sleep((until - now).min(Duration::from_millis(50)));
-    }
-}
-
-fn run(t: Target, mut state: Hysteresis, stop: Arc<AtomicBool>, events: Sender<HealthEvent>) {
+fn run(t: Target, mut state: Hysteresis, stop: Arc<Stop>, events: Sender<HealthEvent>) {
     let addr = t.probed();
     let mut h = std::collections::hash_map::DefaultHasher::new();
     t.hash(&mut h);
     let interval = t.check.interval;
     let offset = Duration::from_nanos(h.finish() % interval.as_nanos().max(1) as u64);
     let mut next = Instant::now() + offset;
-    while sleep_until(next, &stop) {
+    while stop.sleep_until(next) {
         next += interval;
         let result = probe::probe(&t.check, addr);
-        if stop.load(Ordering::Relaxed) {
+        if stop.raised() {
             return; // reconciled away during the probe: its result is for a check that is gone
         }
         let ok = result.is_ok();
@@ -297,6 +343,56 @@ mod tests {
             .collect();
         assert_eq!(states, [(false, false), (false, false), (true, true)]);
         drop(open);
+    }
+
+    /// Backends behind the PROXY protocol get the header on their own port, whether the check
+    /// leaves `port` unset or writes the same one out, and never on a health port set apart.
+    #[test]
+    fn the_proxy_header_goes_only_to_a_backends_own_port() {
+        let cfg = |health_port: &str| {
+            let text = format!(
+                "[node]\ninterfaces = [\"lo\"]\n[[vip]]\nname = \"w\"\naddress = \"198.18.1.6\"\nport = 80\nforwarding = \"l7\"\nbackends = [{{ address = \"198.18.0.11\", port = 8080 }}, {{ address = \"198.18.0.12\", port = 8081 }}]\n[vip.l7]\nproxy_protocol = 2\n[vip.health]\nkind = \"http\"\n{health_port}"
+            );
+            Config::parse(&text, "t.toml".as_ref()).unwrap()
+        };
+        let sent = |c: &Config| -> Vec<(u16, Option<u8>)> {
+            targets(c).iter().map(|t| (t.probed().port(), t.check.proxy_protocol)).collect()
+        };
+        assert_eq!(sent(&cfg("")), [(8080, Some(2)), (8081, Some(2))]);
+        assert_eq!(sent(&cfg("port = 8080\n")), [(8080, Some(2)), (8080, None)]);
+        assert_eq!(sent(&cfg("port = 9000\n")), [(9000, None), (9000, None)]);
+    }
+
+    /// A check's thread waits for its next probe without waking in between (thousands of checks
+    /// polling a flag would wake the node tens of thousands of times a second), and a stop still
+    /// ends the wait at once.
+    #[test]
+    fn a_waiting_check_sleeps_until_its_probe_or_its_stop() {
+        let switches = || -> u64 {
+            std::fs::read_to_string("/proc/thread-self/status")
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap()
+        };
+        let stop = Arc::new(Stop::default());
+        let waiter = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let before = switches();
+                assert!(stop.sleep_until(Instant::now() + Duration::from_millis(600)));
+                let woke = switches() - before;
+                let start = Instant::now();
+                assert!(!stop.sleep_until(Instant::now() + Duration::from_secs(60)));
+                (woke, start.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(900));
+        stop.raise();
+        let (woke, stopped_after) = waiter.join().unwrap();
+        assert!(woke <= 3, "woke {woke} times in 600 ms of waiting");
+        assert!(stopped_after < Duration::from_secs(1), "stopped after {stopped_after:?}");
     }
 
     #[test]
