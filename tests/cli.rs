@@ -96,6 +96,26 @@ fn route_on_an_any_port_five_tuple_vip_uses_the_destination_port() {
     assert!(differs, "the port changes some placement (else this test shows nothing)");
 }
 
+/// A CLI command whose reader left (`edgelb status --json | head`) ends quietly, killed by
+/// SIGPIPE as any Unix tool is, rather than panicking on EPIPE.
+#[test]
+fn a_closed_pipe_on_stdout_ends_a_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let f = example_file();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_edgelb"))
+        .args(["check", "--config"])
+        .arg(&f.0)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {stderr}", out.status);
+}
+
 #[test]
 fn route_prints_the_backend_the_library_computes() {
     let f = example_file();

@@ -148,8 +148,24 @@ impl AdminArgs {
     }
 }
 
+/// The CLI commands write to stdout, often into a pipe (`edgelb status --json | head`): a reader
+/// that leaves early should end them quietly, as it does any Unix tool, not make `println!`
+/// panic on EPIPE (Rust starts programs with SIGPIPE ignored). Not for `run`, which must never
+/// be killed by a peer that closed a socket.
+#[allow(unsafe_code)]
+fn default_sigpipe() {
+    // SAFETY: sets the default disposition of SIGPIPE (no handler runs); called before any
+    // other thread exists, so nothing races with the change.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        default_sigpipe();
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt()
