@@ -546,6 +546,13 @@ fn drained_backend_keeps_its_connections() {
     }
     let out = bed.e().cli(&["drain", "198.18.0.11"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The reply names the VIPs it drained the backend in.
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("198.18.0.11 drained in ") && said.contains("echo"), "{said}");
+    let out = bed.e().cli(&["drain", "198.18.0.11", "--vip", "nosuch"]);
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("no VIP named `nosuch`"), "{said}");
     for (i, c) in conns.iter_mut().enumerate() {
         assert_eq!(
             c.ask(&format!("still there {i}")).unwrap(),
@@ -563,6 +570,11 @@ fn drained_backend_keeps_its_connections() {
     assert!(echo.backends[0].drained && echo.backends[0].ring_share == 0.0);
     // Undrain: its clients come back for new flows.
     assert!(bed.e().cli(&["undrain", "198.18.0.11"]).status.success());
+    // Again: nothing left to lift, and it says so.
+    let out = bed.e().cli(&["undrain", "198.18.0.11"]);
+    assert!(out.status.success());
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("198.18.0.11 was not drained in "), "{said}");
     let back = netns::in_netns(&bed.tb.names.client, || {
         servers::EchoConn::connect(
             SocketAddr::new(clients[0], 0),

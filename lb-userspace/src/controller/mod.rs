@@ -332,7 +332,9 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     for d in down {
         ctl.verdicts.set_health(&d.vip, d.backend, false);
     }
-    ctl.verdicts.reconcile(&ctl.cfg);
+    for (vip, backend) in ctl.verdicts.reconcile(&ctl.cfg) {
+        info!(%backend, vip = vip.as_deref().unwrap_or("every VIP"), "--takeover: drain not kept: the backend is not in this config");
+    }
     let adopted = ctl.dp.adopted();
     let start = || -> Result<(), RunError> {
         // Maps first, then attach: the first packet already sees the whole config.
@@ -864,11 +866,13 @@ impl Controller {
     fn on_admin(&mut self, req: Request) -> Response {
         match req {
             Request::Status => Response { status: Some(self.status()), ..Response::ok("status") },
+            Request::Drain { vip: Some(v), .. } | Request::Undrain { vip: Some(v), .. }
+                if !self.cfg.vips.iter().any(|x| x.name == v) =>
+            {
+                Response::err(format!("no VIP named `{v}`"))
+            }
             Request::Drain { backend, vip } | Request::Undrain { backend, vip }
-                if !self.cfg.vips.iter().any(|v| {
-                    vip.as_ref().is_none_or(|n| *n == v.name)
-                        && v.backends.iter().any(|b| b.address == backend)
-                }) =>
+                if self.vips_with(vip.as_deref(), backend).is_empty() =>
             {
                 Response::err(format!(
                     "backend {backend} is not in {}",
@@ -876,18 +880,25 @@ impl Controller {
                 ))
             }
             Request::Drain { backend, vip } => {
+                let names = self.vips_with(vip.as_deref(), backend).join(", ");
                 info!(%backend, vip = ?vip, "drain: no new flows, established flows stay");
                 self.verdicts.drain(vip, backend);
                 self.apply_logged("drain");
-                Response::ok(format!("{backend} drained"))
+                Response::ok(format!(
+                    "{backend} drained in {names}: no new flows, established flows stay"
+                ))
             }
             Request::Undrain { backend, vip } => {
-                if let Err(e) = self.verdicts.undrain(vip.clone(), backend) {
-                    return Response::err(e);
+                let names = self.vips_with(vip.as_deref(), backend).join(", ");
+                match self.verdicts.undrain(vip.clone(), backend) {
+                    Err(e) => Response::err(e),
+                    Ok(false) => Response::ok(format!("{backend} was not drained in {names}")),
+                    Ok(true) => {
+                        info!(%backend, vip = ?vip, "undrain");
+                        self.apply_logged("undrain");
+                        Response::ok(format!("{backend} undrained in {names}"))
+                    }
                 }
-                info!(%backend, vip = ?vip, "undrain");
-                self.apply_logged("undrain");
-                Response::ok(format!("{backend} undrained"))
             }
             Request::Reload => self.reload(),
             Request::Stop { detach: true } => {
@@ -897,6 +908,17 @@ impl Controller {
             // Taken by `serve`, which leaves the loop for it.
             Request::Handover => Response::err("handover is answered by the controller loop"),
         }
+    }
+
+    /// The names of the VIPs (`vip`, or all) that list `backend`.
+    fn vips_with(&self, vip: Option<&str>, backend: std::net::IpAddr) -> Vec<String> {
+        self.cfg
+            .vips
+            .iter()
+            .filter(|v| vip.is_none_or(|n| n == v.name))
+            .filter(|v| v.backends.iter().any(|b| b.address == backend))
+            .map(|v| v.name.clone())
+            .collect()
     }
 
     fn reload(&mut self) -> Response {
@@ -913,9 +935,12 @@ impl Controller {
         }
         let old = std::mem::replace(&mut self.cfg, new);
         let old_verdicts = self.verdicts.clone();
-        self.verdicts.reconcile(&self.cfg);
+        let forgotten = self.verdicts.reconcile(&self.cfg);
         match self.apply() {
             Ok(r) => {
+                for (vip, backend) in &forgotten {
+                    info!(%backend, vip = vip.as_deref().unwrap_or("every VIP"), "drain forgotten: the backend is no longer in the config");
+                }
                 self.reconcile_checks();
                 self.metrics.retain(&self.cfg);
                 self.rates.retain(&self.cfg);

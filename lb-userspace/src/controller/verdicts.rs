@@ -67,9 +67,25 @@ impl Verdicts {
         if healthy { self.down.remove(&key) } else { self.down.insert(key) }
     }
 
-    /// Forgets verdicts on checks `cfg` no longer has (after a reload).
-    pub(super) fn reconcile(&mut self, cfg: &Config) {
+    /// Forgets verdicts on checks `cfg` no longer has (after a reload), and drains of backends
+    /// it no longer has in the drained VIP (or in any VIP, for a drain of all): such a drain
+    /// shows nowhere and `undrain` could not name it, yet it would come back to life with the
+    /// backend, which would then rejoin drained. Returns the drains forgotten, for the log.
+    pub(super) fn reconcile(&mut self, cfg: &Config) -> Vec<(Option<String>, IpAddr)> {
         self.down.retain(|(v, a)| Self::checked(cfg, v, *a));
+        let listed = |vip: &Option<String>, addr: &IpAddr| {
+            cfg.vips.iter().any(|v| {
+                vip.as_ref().is_none_or(|n| *n == v.name)
+                    && v.backends.iter().any(|b| b.address == *addr)
+            })
+        };
+        let mut gone: Vec<_> =
+            self.drained.iter().filter(|(v, a)| !listed(v, a)).cloned().collect();
+        gone.sort();
+        for d in &gone {
+            self.drained.remove(d);
+        }
+        gone
     }
 
     /// The runtime drains, for a process taking over.
@@ -99,21 +115,19 @@ impl Verdicts {
         self.drained.insert((vip, backend));
     }
 
-    /// Lifts a drain: of `backend` in `vip`, or every drain of `backend`. A drain of every VIP
-    /// is not lifted for one of them (that would need an exception per VIP): refused, naming
-    /// the command that lifts it.
-    pub(super) fn undrain(&mut self, vip: Option<String>, backend: IpAddr) -> Result<(), String> {
+    /// Lifts a drain: of `backend` in `vip`, or every drain of `backend`; Ok(false) when there
+    /// was none to lift. A drain of every VIP is not lifted for one of them (that would need an
+    /// exception per VIP): refused, naming the command that lifts it.
+    pub(super) fn undrain(&mut self, vip: Option<String>, backend: IpAddr) -> Result<bool, String> {
         match vip {
             Some(v) if self.drained.contains(&(None, backend)) => Err(format!(
                 "{backend} is drained on every VIP, `{v}` included: `edgelb undrain {backend}` lifts that drain"
             )),
-            Some(v) => {
-                self.drained.remove(&(Some(v), backend));
-                Ok(())
-            }
+            Some(v) => Ok(self.drained.remove(&(Some(v), backend))),
             None => {
+                let before = self.drained.len();
                 self.drained.retain(|(_, a)| *a != backend);
-                Ok(())
+                Ok(self.drained.len() < before)
             }
         }
     }
@@ -272,7 +286,29 @@ mod tests {
         assert_eq!(live(&mut v, &c), [(ip(A), 2), (ip(B), 1)]);
         v.drain(Some("web".into()), ip(B));
         assert!(v.is_drained("web", ip(B)) && !v.is_drained("other", ip(B)));
-        v.undrain(Some("web".into()), ip(B)).unwrap();
+        assert_eq!(v.undrain(Some("web".into()), ip(B)), Ok(true));
         assert!(!v.is_drained("web", ip(B)));
+        assert_eq!(v.undrain(Some("web".into()), ip(B)), Ok(false), "nothing left to lift");
+        assert_eq!(v.undrain(None, ip(B)), Ok(false));
+    }
+
+    /// A drain of a backend the config no longer lists (in that VIP, or anywhere for a drain of
+    /// all) is forgotten at the reload, rather than live on invisible, out of `undrain`'s reach,
+    /// until the backend comes back, drained.
+    #[test]
+    fn drains_of_backends_gone_from_the_config_are_forgotten() {
+        let mut v = Verdicts::default();
+        v.drain(None, ip(A));
+        v.drain(Some("web".into()), ip(B));
+        v.drain(Some("gone".into()), ip(A));
+        assert_eq!(v.reconcile(&cfg(&[(A, 1), (B, 1)], false)), [(Some("gone".into()), ip(A))]);
+        assert!(v.is_drained("web", ip(A)) && v.is_drained("web", ip(B)));
+        let forgotten = v.reconcile(&cfg(&[(B, 1)], false));
+        assert_eq!(forgotten, [(None, ip(A))]);
+        assert!(v.is_drained("web", ip(B)));
+        // Back in the file, it is not drained any more.
+        assert!(!v.is_drained("web", ip(A)));
+        assert!(v.reconcile(&cfg(&[(A, 1), (B, 1)], false)).is_empty());
+        assert!(!v.is_drained("web", ip(A)));
     }
 }
