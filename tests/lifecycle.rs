@@ -568,6 +568,12 @@ fn drained_backend_keeps_its_connections() {
     let st = bed.e().status();
     let echo = st.vips.iter().find(|v| v.name == "echo").unwrap();
     assert!(echo.backends[0].drained && echo.backends[0].ring_share == 0.0);
+    // An L7 VIP's backends show with their ports (one address may serve on several).
+    let web7 = st.vips.iter().find(|v| v.name == "web7").unwrap();
+    assert!(web7.backends.iter().all(|b| b.port == 80), "{:?}", web7.backends);
+    let text = String::from_utf8_lossy(&bed.e().cli(&["status"]).stdout).into_owned();
+    let web7 = text.split("\n\n").find(|s| s.contains("VIP web7 ")).expect("web7 in status");
+    assert!(web7.contains("198.18.0.11:80 "), "{web7}");
     // Undrain: its clients come back for new flows.
     assert!(bed.e().cli(&["undrain", "198.18.0.11"]).status.success());
     // Again: nothing left to lift, and it says so.

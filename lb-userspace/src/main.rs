@@ -508,7 +508,12 @@ fn print_status(s: &edgelb::admin::Status) {
                 if l7 { (b.l7_requests, 0, 0) } else { (b.packets, b.bytes, b.new_flows) };
             println!(
                 "  {:<40} {:>6} {:>7} {:>8} {:>7.2} {:>12} {:>14} {:>10} {:>10.0}",
-                b.address.to_string(),
+                // An L7 backend is its address and port (one address may serve on several).
+                if l7 {
+                    std::net::SocketAddr::new(b.address, b.port).to_string()
+                } else {
+                    b.address.to_string()
+                },
                 b.weight,
                 match (b.healthy, b.passive_down) {
                     (false, _) => "DOWN",

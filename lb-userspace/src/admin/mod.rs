@@ -273,6 +273,10 @@ pub struct VipStatus {
 pub struct BackendStatus {
     /// Address.
     pub address: IpAddr,
+    /// Port: where an L7 VIP's proxy connects (one address may be listed on several ports, each
+    /// a backend of its own); for a VIP XDP forwards, the VIP's port (packets keep theirs).
+    #[serde(default)]
+    pub port: u16,
     /// Configured weight.
     pub weight: u32,
     /// Health-check verdict (true without a check).

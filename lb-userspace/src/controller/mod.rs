@@ -1029,6 +1029,7 @@ impl Controller {
                     pps,
                     bps,
                     address: b.address,
+                    port: b.port,
                     weight: b.weight,
                     healthy: !self.verdicts.is_down(&vip.name, verdicts::id(b)),
                     passive_down: l7_state.as_ref().is_some_and(|s| s.passive_down()),
