@@ -696,6 +696,18 @@ impl Controller {
         info!(checks = self.checker.len(), admin = %path.display(), "edgelb running again");
     }
 
+    /// Takes in the health events waiting (and writes the maps if one changed a verdict). Done
+    /// before a handover too, so that a backend found dead just before it is handed over dead.
+    fn apply_pending_health(&mut self) {
+        let mut changed = false;
+        while let Ok(ev) = self.health_rx.try_recv() {
+            changed |= self.on_health(ev);
+        }
+        if changed {
+            self.apply_logged("health change");
+        }
+    }
+
     /// The answer to a handover request: every listening socket (each L7 thread's, the metrics
     /// endpoint's), duplicated. An error names the socket that could not be.
     fn handover_answer(&self) -> Result<Answer, String> {
@@ -800,21 +812,18 @@ impl Controller {
                     return Exit::Detach;
                 }
             }
-            let mut changed = false;
-            while let Ok(ev) = self.health_rx.try_recv() {
-                changed |= self.on_health(ev);
-            }
-            if changed {
-                self.apply_logged("health change");
-            }
+            self.apply_pending_health();
             match self.admin_rx.recv_timeout(Duration::from_millis(50)) {
-                Ok((Request::Handover, reply)) => match self.handover_answer() {
-                    Ok(answer) => return Exit::Handover(reply, Box::new(answer)),
-                    Err(reason) => {
-                        error!(%reason, "handover refused; this edgelb keeps running");
-                        let _ = reply.send(Response::err(reason).into());
+                Ok((Request::Handover, reply)) => {
+                    self.apply_pending_health();
+                    match self.handover_answer() {
+                        Ok(answer) => return Exit::Handover(reply, Box::new(answer)),
+                        Err(reason) => {
+                            error!(%reason, "handover refused; this edgelb keeps running");
+                            let _ = reply.send(Response::err(reason).into());
+                        }
                     }
-                },
+                }
                 Ok((req, reply)) => {
                     let stop = match &req {
                         Request::Stop { detach } => {
