@@ -1246,6 +1246,80 @@ fn a_stopping_edgelb_answers_scrapes_while_it_drains() {
     drop(e);
 }
 
+/// Clients pipelining scrapes on several connections do not hold the controller: admin
+/// commands are still answered (scrapes waiting together share one rendering).
+#[test]
+fn a_flood_of_scrapes_does_not_hold_the_controller() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let Some(bed) = Bed::up("scrape-flood", &[1, 2, 3]) else { return };
+    // A VIP of 2000 backends makes each rendering read thousands of counters, as on a big node.
+    let list: Vec<String> = (0..2000u32)
+        .map(|i| {
+            format!(
+                "{{ address = \"198.18.{}.{}\", mac = \"02:ed:00:00:00:10\" }}",
+                100 + i / 250,
+                1 + i % 250
+            )
+        })
+        .collect();
+    let text = std::fs::read_to_string(&bed.cfg_path).unwrap();
+    let big = format!(
+        "{text}\n[[vip]]\nname = \"big\"\naddress = \"198.18.1.1\"\nport = 8080\nbackends = [{}]\n",
+        list.join(", ")
+    );
+    std::fs::write(&bed.cfg_path, big).unwrap();
+    let out = bed.e().cli(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stop = Arc::new(AtomicBool::new(false));
+    let scrapers: Vec<_> = (0..8)
+        .map(|_| {
+            let (ns, stop) = (bed.tb.names.lb.clone(), stop.clone());
+            std::thread::spawn(move || {
+                netns::enter(&ns).expect("balancer netns");
+                let s = std::net::TcpStream::connect(("127.0.0.1", 9110)).expect("metrics");
+                s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                let mut answered = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    if w.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").is_err() {
+                        break;
+                    }
+                    let mut len = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return answered;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap();
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    if r.read_exact(&mut body).is_err() {
+                        break;
+                    }
+                    answered += 1;
+                }
+                answered
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..3 {
+        let t = Instant::now();
+        let out = bed.e().cli(&["status"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(t.elapsed() < Duration::from_secs(3), "status took {:?}", t.elapsed());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let answered: u32 = scrapers.into_iter().map(|t| t.join().unwrap()).sum();
+    assert!(answered > 8, "the scrapers were answered too ({answered})");
+}
+
 /// After a failed takeover, the old process is in charge again: it answers on its admin
 /// socket, serves metrics, and its health checks run (a dead backend leaves).
 fn in_charge_again(bed: &mut Bed) {

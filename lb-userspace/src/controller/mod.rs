@@ -734,9 +734,22 @@ impl Controller {
     }
 
     /// Answers the metrics scrapes waiting.
+    ///
+    /// One rendering serves every scrape waiting (the loop comes here after each wait for admin
+    /// requests, so a few dozen times a second at most), and scrapes whose client gave up are
+    /// dropped unrendered. Rendering reads every counter map: scrapes rendered one by one
+    /// (clients pipelining requests on several connections) would keep the controller from
+    /// health changes, admin commands and signals for as long as they came.
     fn answer_scrapes(&mut self) {
-        while let Ok(reply) = self.scrape_rx.try_recv() {
-            let _ = reply.send(self.scrape());
+        let waiting: Vec<Scrape> = std::iter::from_fn(|| self.scrape_rx.try_recv().ok())
+            .filter(|r| !r.is_closed())
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        let text = self.scrape();
+        for reply in waiting {
+            let _ = reply.send(text.clone());
         }
     }
 

@@ -34,7 +34,8 @@ pub fn bind(listen: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// take the response: a client that stops must not hold a connection slot.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a kept-alive connection may wait for its next request (Prometheus scrapes every
-/// 15 to 60 s, typically), and so how long an idle one holds one of the connection slots.
+/// 15 to 60 s, typically), unless the endpoint runs out of connection slots: then idle
+/// connections close, to make room. A new connection's first request has the client timeout.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the controller may take to render a scrape before the answer is a 503.
 const CONTROLLER_WAIT: Duration = Duration::from_secs(10);
@@ -103,8 +104,13 @@ async fn accept_loop(
     mut stopping: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Told when every slot is taken: connections idle between requests then close.
+    let crowded = Arc::new(tokio::sync::Notify::new());
     let mut tasks = tokio::task::JoinSet::new();
     loop {
+        if slots.available_permits() == 0 {
+            crowded.notify_waiters();
+        }
         let slot = tokio::select! {
             s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
             _ = stopped(&mut stopping) => break,
@@ -115,9 +121,10 @@ async fn accept_loop(
         };
         match accepted {
             Ok((s, _)) => {
-                let (ctl, stop) = (to_controller.clone(), stopping.clone());
+                let (ctl, stop, crowded) =
+                    (to_controller.clone(), stopping.clone(), crowded.clone());
                 tasks.spawn(async move {
-                    connection(s, &ctl, client_timeout, stop).await;
+                    connection(s, &ctl, client_timeout, stop, &crowded).await;
                     drop(slot);
                 });
             }
@@ -135,20 +142,25 @@ async fn accept_loop(
 }
 
 /// Serves one connection: requests one after another (keep-alive), until the client closes,
-/// asks to close, stalls, or the endpoint stops.
+/// asks to close, stalls, or the endpoint stops or runs out of slots while it is idle.
 async fn connection(
     mut s: TcpStream,
     to_controller: &Sender<Scrape>,
     client_timeout: Duration,
     mut stopping: watch::Receiver<bool>,
+    crowded: &tokio::sync::Notify,
 ) {
     let mut buf = Vec::with_capacity(1024);
+    let mut first = true;
     loop {
+        let wait = if first { client_timeout } else { IDLE_TIMEOUT };
+        first = false;
         let head = tokio::select! {
-            h = read_head(&mut s, &mut buf, client_timeout) => h,
+            h = read_head(&mut s, &mut buf, wait, client_timeout) => h,
             // Idle between requests, or in the head of one that began meanwhile (its scraper
             // asks again, of whoever serves now); pipelined requests already read are answered.
             _ = stopped(&mut stopping), if buf.is_empty() => return,
+            _ = crowded.notified(), if buf.is_empty() => return,
         };
         let Some(Head { method, path, close }) = head else { return };
         let (status, body, kind) = if method != "GET" || path != "/metrics" {
@@ -198,15 +210,17 @@ struct Head {
 }
 
 /// Reads one request head into `buf` (which keeps any bytes after it for the next): waits up to
-/// [`IDLE_TIMEOUT`] for its first byte, then `client_timeout` for the rest. `None` when the
+/// `wait` for its first byte, then `client_timeout` for the rest. `None` when the
 /// client closed, stalled, or sent something too large or unreadable (the connection then
 /// closes: a scraper gets its answer or nothing, never a half-parsed one).
-async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>, client_timeout: Duration) -> Option<Head> {
-    let mut deadline = if buf.is_empty() {
-        Instant::now() + IDLE_TIMEOUT
-    } else {
-        Instant::now() + client_timeout
-    };
+async fn read_head(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    wait: Duration,
+    client_timeout: Duration,
+) -> Option<Head> {
+    let mut deadline =
+        if buf.is_empty() { Instant::now() + wait } else { Instant::now() + client_timeout };
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
@@ -393,6 +407,27 @@ mod tests {
         }
         assert_ne!(ask(&mut kept).as_deref(), Some("old\n"), "the old endpoint answered again");
         new.stop();
+    }
+
+    /// Connections that take every slot and send nothing (or sit idle between scrapes) give
+    /// way: a scrape still gets through, well within the client timeout.
+    #[test]
+    fn idle_connections_make_room_for_a_scrape() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let _serving = serve_with(l, controller("m\n"), Duration::from_secs(10)).unwrap();
+        let idle: Vec<TcpStream> =
+            (0..MAX_CONNECTIONS + 8).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let t = Instant::now();
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+        let mut got = String::new();
+        let _ = s.read_to_string(&mut got);
+        assert!(got.starts_with("HTTP/1.1 200") && got.ends_with("m\n"), "{got:?}");
+        assert!(t.elapsed() < Duration::from_secs(3), "answered after {:?}", t.elapsed());
+        drop(idle);
     }
 
     /// Requests other than `GET /metrics` get 404; HTTP/1.0 and `Connection: close` close after
