@@ -30,6 +30,18 @@ pub fn ipv4_csum(h: &Ipv4Hdr) -> u16 {
     csum_fold(s)
 }
 
+/// Does the checksum of an IPv4 header without options verify (the sum over the header, its
+/// `check` field included, folds to zero)?
+#[inline(always)]
+pub fn ipv4_csum_ok(h: &Ipv4Hdr) -> bool {
+    let mut s: u64 = u16::from_ne_bytes([h.ver_ihl, h.tos]) as u64;
+    s += h.tot_len as u64 + h.id as u64 + h.frag_off as u64 + h.check as u64;
+    s += u16::from_ne_bytes([h.ttl, h.proto]) as u64;
+    s = csum_add32(s, h.saddr);
+    s = csum_add32(s, h.daddr);
+    csum_fold(s) == 0
+}
+
 /// RFC 1624 incremental update of `check` when a 16-bit word changes from `old` to `new`.
 #[inline(always)]
 pub fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {

@@ -5,7 +5,7 @@
 use crate::{
     L3,
     conntrack::Lookup,
-    csum::{csum_add32, csum_fold, csum_replace2, ipv4_csum},
+    csum::{csum_add32, csum_fold, csum_replace2, ipv4_csum, ipv4_csum_ok},
     encap::{move_l2_reply, reply_macs},
     forward, is_vip_addr, lookup_vip,
     parse::{
@@ -54,6 +54,10 @@ pub fn handle(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
     let h = unsafe { *icmp };
     if l3.family == AF_INET {
         if h.ty == ICMP_ECHO {
+            if !answerable(ctx, l3)? {
+                count(Reason::PassNotUnicast);
+                return Ok(xdp_action::XDP_PASS);
+            }
             return echo_v4(ctx, l3, icmp);
         }
         if h.ty == ICMP_DEST_UNREACH && h.code == ICMP_FRAG_NEEDED {
@@ -61,6 +65,10 @@ pub fn handle(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
         }
     } else {
         if h.ty == ICMPV6_ECHO {
+            if !answerable(ctx, l3)? {
+                count(Reason::PassNotUnicast);
+                return Ok(xdp_action::XDP_PASS);
+            }
             return echo_v6(ctx, l3, icmp);
         }
         if h.ty == ICMPV6_PKT_TOO_BIG {
@@ -69,6 +77,37 @@ pub fn handle(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
     }
     count(Reason::PassNoService);
     Ok(xdp_action::XDP_PASS)
+}
+
+/// May the sender of this packet be answered from here (an echo reply, a frag-needed)? Only
+/// from a unicast MAC and a unicast address, and for IPv4 with a header whose checksum
+/// verifies. An answer to a group MAC, or to a broadcast, multicast, unspecified or loopback
+/// address, would go to many hosts or to none (RFC 1122 3.2.2 and 3.2.1.3, RFC 4443 2.4 (e)), and
+/// a damaged header could name another host as its source; the kernel drops such packets too.
+#[inline(always)]
+fn answerable(ctx: &XdpContext, l3: &L3) -> Result<bool, ()> {
+    // The first byte of the source MAC (after the 6 of the destination).
+    let src_mac: *const u8 = ptr_at(ctx, 6)?;
+    // SAFETY: bounds-checked by ptr_at.
+    if unsafe { *src_mac } & 1 != 0 {
+        return Ok(false);
+    }
+    if l3.family == AF_INET {
+        let src = u32::from_be(l3.src[0]);
+        let first = src >> 24;
+        // The sources the kernel also takes as martian: 0/8 (this network), 127/8 (loopback),
+        // 224/4 (multicast) and the broadcast address.
+        if first == 0 || first == 127 || (224..240).contains(&first) || src == u32::MAX {
+            return Ok(false);
+        }
+        let ip: *const Ipv4Hdr = ptr_at(ctx, l3.l3_off)?;
+        // SAFETY: bounds-checked by ptr_at.
+        return Ok(ipv4_csum_ok(unsafe { &*ip }));
+    }
+    let s = l3.src;
+    let multicast = u32::from_be(s[0]) >> 24 == 0xff;
+    let unspecified_or_loopback = s[0] == 0 && s[1] == 0 && s[2] == 0 && u32::from_be(s[3]) <= 1;
+    Ok(!multicast && !unspecified_or_loopback)
 }
 
 #[inline(always)]
@@ -130,6 +169,11 @@ fn error_to_backend(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
         let inner: *const Ipv6Hdr = ptr_at(ctx, inner_off)?;
         // SAFETY: bounds-checked by ptr_at.
         let h = unsafe { *inner };
+        // What is quoted must be an IPv6 header, as an IPv4 quote must be 0x45 above.
+        if u32::from_be(h.vtc_flow) >> 28 != 6 {
+            count(Reason::PassNoService);
+            return Ok(xdp_action::XDP_PASS);
+        }
         (h.saddr, h.daddr, h.next_hdr, inner_off + IPV6_LEN)
     };
     if inner_proto != proto::TCP && inner_proto != proto::UDP {
@@ -171,6 +215,12 @@ const QUOTE_V6: usize = IPV6_LEN + 8;
 /// advertising `mtu`.
 #[inline(always)]
 pub fn too_big(ctx: &XdpContext, l3: &L3, mtu: u32, cfg: &GlobalConfig) -> u32 {
+    // A sender that may not be answered (see `answerable`) gets nothing; the packet, too big
+    // to forward, is dropped all the same.
+    if !matches!(answerable(ctx, l3), Ok(true)) {
+        count(Reason::DropTooBig);
+        return xdp_action::XDP_DROP;
+    }
     let done = if l3.family == AF_INET {
         too_big_v4(ctx, l3, mtu, cfg)
     } else {

@@ -420,6 +420,18 @@ pub fn forward(
         count(Reason::DropTooBig);
         return xdp_action::XDP_DROP;
     }
+    // Bytes after the IP packet (Ethernet padding, or a trailer someone added) would be carried
+    // into the encapsulated frame: cut them when they would take it over the MTU (padding to
+    // the 60-byte minimum never does, so the common path pays one comparison).
+    let frame_l3 = (ctx.data_end() - ctx.data()).saturating_sub(l3.l3_off) as u32;
+    if cfg.mtu != 0 && frame_l3 + overhead > cfg.mtu {
+        let excess = frame_l3 - l3.tot_len as u32;
+        // SAFETY: moves ctx->data_end only; the encapsulation re-derives its pointers.
+        if unsafe { aya_ebpf::helpers::bpf_xdp_adjust_tail(ctx.ctx, -(excess as i32)) } != 0 {
+            count(Reason::DropAdjustFailed);
+            return xdp_action::XDP_DROP;
+        }
+    }
     let sent = match (l3.family, pick.backend.family) {
         (AF_INET, AF_INET) => encap::encap_v4(
             ctx,
