@@ -132,6 +132,35 @@ pub fn recv(stream: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<Owned
     Ok((n as usize, fds))
 }
 
+/// The user id of the process at the other end of `stream` (SO_PEERCRED: who connected, or
+/// who bound the socket connected to), for both ends of the admin socket to refuse anyone but
+/// root or this process's own user.
+pub fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of a ucred and a socklen_t, as
+    // getsockopt(SO_PEERCRED) needs; the descriptor is open for the borrow of `stream`.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// This process's effective user id.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -325,11 +325,24 @@ pub enum AdminError {
     },
 }
 
+/// Is the other end of `s` root or this process's own user? Anyone else who got to bind or
+/// connect to the admin socket (a path in a shared directory, bound first by a local user) must
+/// not be answered, nor obeyed: `stop`, or a takeover that hands over the listening sockets.
+fn trusted(s: &UnixStream) -> Result<(), String> {
+    let uid = fdpass::peer_uid(s).map_err(|e| format!("whose socket it is: {e}"))?;
+    if uid == 0 || uid == fdpass::euid() {
+        Ok(())
+    } else {
+        Err(format!("its other end is user {uid}, neither root nor this one: not edgelb's"))
+    }
+}
+
 /// Sends one request and waits for the answer.
 pub fn request(socket: &Path, req: &Request) -> Result<Response, AdminError> {
     let fail = |reason: String| AdminError::Exchange { path: socket.to_owned(), reason };
     let s = UnixStream::connect(socket)
         .map_err(|source| AdminError::Connect { path: socket.to_owned(), source })?;
+    trusted(&s).map_err(fail)?;
     send_request(&s, req).map_err(|e| fail(e.to_string()))?;
     let mut answer = String::new();
     BufReader::new(s).read_line(&mut answer).map_err(|e| fail(e.to_string()))?;
@@ -367,6 +380,7 @@ pub struct Handover {
 pub fn handover(socket: &Path) -> Result<Option<Handover>, AdminError> {
     let fail = |reason: String| AdminError::Exchange { path: socket.to_owned(), reason };
     let Ok(s) = UnixStream::connect(socket) else { return Ok(None) };
+    trusted(&s).map_err(fail)?;
     send_request(&s, &Request::Handover).map_err(|e| fail(e.to_string()))?;
     // One line back, the descriptors on its first bytes; read byte runs until the newline.
     let (mut answer, mut fds) = (Vec::new(), Vec::new());
@@ -522,6 +536,10 @@ impl Write for Deadline<'_> {
 }
 
 fn handle(conn: UnixStream, to_controller: &Sender<Pending>) -> std::io::Result<()> {
+    if let Err(e) = trusted(&conn) {
+        tracing::warn!("admin socket: a connection refused: {e}");
+        return Ok(());
+    }
     let until = std::time::Instant::now() + CLIENT_WAIT;
     let mut line = String::new();
     BufReader::new(Deadline { conn: &conn, until }).take(64 * 1024).read_line(&mut line)?;
@@ -706,6 +724,70 @@ mod tests {
         drop(bind(&fresh).unwrap());
         let mode = std::fs::metadata(dir.join("fresh")).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Neither end of the admin socket deals with a process of another user: a socket a local
+    /// user bound first at the path (in a shared directory) is not asked to hand over or to
+    /// stop, and such a user's connection to edgelb's socket is not answered.
+    #[test]
+    #[allow(unsafe_code)]
+    fn the_admin_socket_deals_only_with_root_or_its_own_user() {
+        if fdpass::euid() != 0 {
+            eprintln!("not root: cannot act as another user; skipped");
+            assert!(std::env::var_os("EDGELB_REQUIRE_PRIVILEGED").is_none(), "needs root");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("edgelb-admin-peer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        // In a thread of its own, as user 65534 (the raw system call changes this thread only,
+        // where libc's setresuid would change every thread of the test process).
+        let as_nobody = |f: Box<dyn FnOnce() + Send>| {
+            std::thread::spawn(move || {
+                // SAFETY: setresuid on this thread alone; the thread ends with the closure.
+                let rc = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+                assert_eq!(rc, 0, "setresuid");
+                f();
+            })
+        };
+        // A socket bound by another user: edgelb's CLI and takeover refuse it.
+        let squatted = dir.join("squatted.sock");
+        let (tx, rx) = mpsc::channel();
+        let path = squatted.clone();
+        let squatter = as_nobody(Box::new(move || {
+            let l = UnixListener::bind(&path).unwrap();
+            tx.send(()).unwrap();
+            for c in l.incoming().take(2) {
+                let mut c = c.unwrap();
+                let _ = c.write_all(b"{\"ok\":true,\"message\":\"stopping\"}\n");
+            }
+        }));
+        rx.recv().unwrap();
+        let e = request(&squatted, &Request::Stop { detach: false }).unwrap_err();
+        assert!(e.to_string().contains("neither root nor this one"), "{e}");
+        let e = handover(&squatted).unwrap_err();
+        assert!(e.to_string().contains("neither root nor this one"), "{e}");
+        squatter.join().unwrap();
+        // edgelb's own socket, made reachable to the other user: no answer for it.
+        let own = dir.join("own.sock");
+        let serving = serve(bind(&own).unwrap(), controller(|_| Response::ok("done"))).unwrap();
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let path = own.clone();
+        let (tx, rx) = mpsc::channel();
+        as_nobody(Box::new(move || {
+            let mut c = UnixStream::connect(&path).unwrap();
+            // Refused at once: the write may already find the connection closed.
+            let _ = c.write_all(b"\"Status\"\n");
+            let mut got = String::new();
+            let _ = c.read_to_string(&mut got);
+            tx.send(got).unwrap();
+        }))
+        .join()
+        .unwrap();
+        assert_eq!(rx.recv().unwrap(), "", "answered another user");
+        assert!(request(&own, &Request::Status).unwrap().ok, "root is answered");
+        serving.stop();
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
