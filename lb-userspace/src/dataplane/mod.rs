@@ -988,8 +988,9 @@ pub fn ensure_bpffs() -> Result<(), String> {
         return Ok(());
     }
     info!("mounting bpffs on {BPFFS}");
+    // Root-only, as systemd mounts it: mounted without a mode, bpffs is writable by every user.
     let out = std::process::Command::new("mount")
-        .args(["-t", "bpf", "bpf", BPFFS])
+        .args(["-t", "bpf", "-o", "mode=0700", "bpf", BPFFS])
         .output()
         .map_err(|e| format!("running mount: {e}"))?;
     if !out.status.success() {
@@ -1155,12 +1156,38 @@ fn attach_xdp(
 }
 
 /// Makes sure pin directory `dir` exists on a mounted bpffs.
+///
+/// The directory must be this user's and writable by no one else: whoever may write to it may
+/// remove the link pins (which detaches XDP) or plant maps of the right shape for edgelb to
+/// adopt.
 fn pin_dir_ready(dir: &Path) -> Result<(), DataplaneError> {
-    ensure_bpffs().map_err(|reason| DataplaneError::Pin { path: dir.to_owned(), reason })?;
-    std::fs::create_dir_all(dir).map_err(|e| DataplaneError::Pin {
-        path: dir.to_owned(),
-        reason: format!("creating the pin directory: {e}"),
-    })
+    use std::os::unix::fs::MetadataExt;
+    let fail = |reason: String| DataplaneError::Pin { path: dir.to_owned(), reason };
+    ensure_bpffs().map_err(fail)?;
+    if !dir.exists() {
+        std::fs::create_dir_all(dir)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt;
+                // Root-only whatever the umask.
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            })
+            .map_err(|e| fail(format!("creating the pin directory: {e}")))?;
+    }
+    let m = std::fs::metadata(dir).map_err(|e| fail(format!("the pin directory: {e}")))?;
+    let me = crate::admin::fdpass::euid();
+    if m.uid() != me {
+        return Err(fail(format!(
+            "the pin directory belongs to user {}, not to this one ({me}): another user could remove edgelb's pins (detaching XDP) or plant maps for it; remove it, or choose another node.pin_dir",
+            m.uid()
+        )));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(fail(format!(
+            "the pin directory is writable by other users (mode {:o}): they could remove edgelb's pins (detaching XDP) or plant maps for it; `chmod go-w` it",
+            m.mode() & 0o7777
+        )));
+    }
+    Ok(())
 }
 
 /// Default pin directory of backend decapsulators (`edgelb decap`), apart from the balancer's:
@@ -1190,12 +1217,26 @@ pub fn attach_decap(
 /// removed, and with it the link); the directory goes once empty. False if none was there.
 pub fn detach_decap(interface: &str, dir: &Path) -> Result<bool, DataplaneError> {
     let pin = link_pin(dir, interface);
+    // The link's id, to see it go: the kernel lets go of a pinned link only after an RCU grace
+    // period once its pin is removed, and "detached" must be true when the command says so.
+    let id = PinnedLink::from_pin(&pin)
+        .ok()
+        .and_then(|l| FdLink::from(l).info().ok())
+        .map(|i| i.id());
     match std::fs::remove_file(&pin) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(DataplaneError::Pin { path: pin, reason: e.to_string() }),
     }
     let _ = std::fs::remove_dir(dir);
+    if let Some(id) = id {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while aya::programs::loaded_links().flatten().any(|l| l.id() == id)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
     Ok(true)
 }
 
@@ -1263,7 +1304,34 @@ impl AuxPrograms {
 
 #[cfg(test)]
 mod tests {
-    use super::{MAX_CONNTRACK_FLOWS, MIN_CONNTRACK_FLOWS, TableShape, buckets_for};
+    use super::{MAX_CONNTRACK_FLOWS, MIN_CONNTRACK_FLOWS, TableShape, buckets_for, pin_dir_ready};
+
+    /// A pin directory another user owns, or others may write to, is refused: they could
+    /// remove the link pins (detaching XDP) or plant maps for edgelb to adopt.
+    #[test]
+    fn a_pin_directory_others_control_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        if crate::admin::fdpass::euid() != 0 {
+            eprintln!("not root: cannot make a directory under /sys/fs/bpf; skipped");
+            assert!(std::env::var_os("EDGELB_REQUIRE_PRIVILEGED").is_none(), "needs root");
+            return;
+        }
+        let dir = std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/edgelb-test-owner-{}",
+            std::process::id()
+        ));
+        pin_dir_ready(&dir).expect("a directory of its own making");
+        std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+        let e = pin_dir_ready(&dir).unwrap_err().to_string();
+        assert!(e.contains("belongs to user 65534"), "{e}");
+        std::os::unix::fs::chown(&dir, Some(0), None).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = pin_dir_ready(&dir).unwrap_err().to_string();
+        assert!(e.contains("writable by other users"), "{e}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        pin_dir_ready(&dir).expect("root's, 0755");
+        std::fs::remove_dir(&dir).unwrap();
+    }
 
     #[test]
     fn connection_table_fits_its_budget_on_big_machines() {
