@@ -1,12 +1,24 @@
-//! Data-path benchmarks: `cargo xtask bench [xdp|veth|maglev]` (or `cargo bench -p lb-userspace
-//! --bench dataplane -- <part>`). Each part prints a markdown table and merges its figures into
-//! `target/bench/results.json`. Every figure stands beside a baseline measured in the same run.
+//! Data-path benchmarks: `cargo xtask bench [xdp|veth|maglev|l7]` (or `cargo bench -p lb-userspace
+//! --bench dataplane -- <part>`). Each part prints a markdown table and, for each of the issue's
+//! targets it covers, "met" or "not met" with the figure it was judged on. As soon as a part is
+//! done its figures are merged into `target/bench/results.json`, stamped with when (UTC) and on
+//! what machine they were measured: a later part's panic loses nothing, and figures of a part
+//! that did not run keep their own, older stamp. Every figure stands beside a baseline measured
+//! in the same run.
+//!
+//! `EDGELB_BENCH_QUICK=1` runs every part with a small fraction of its rounds, frames and seconds,
+//! to check the output and the plumbing; its figures mean nothing and go to
+//! `target/bench/results-quick.json`, never to `results.json`.
 //!
 //! - `xdp`: ns/packet of the real balancer through BPF_PROG_TEST_RUN, next to a trivial XDP_PASS
 //!   and a trivial MAC-swap XDP_TX program. Paths that rewrite the packet (encapsulation, ICMP)
 //!   cannot use the kernel's repeat loop, which would re-run on the already rewritten buffer, so
 //!   *every* path, baselines included, is timed the same way: one run per syscall on a fresh copy
 //!   of the frame, taking the kernel-measured duration of that run; the figure is the median.
+//!   Such a single run carries a fixed per-run overhead that the baseline carries too, which
+//!   pulls every raw ratio towards 1; the overhead is measured in the same run (trivial XDP_TX
+//!   single run against its repeat loop) and taken off, and the targets are judged on the
+//!   corrected ratios.
 //! - `veth`: packets/s through a veth pair, generated in the kernel by BPF_PROG_TEST_RUN in
 //!   live-frames mode (the generator rewrites the source address of every frame), balanced by
 //!   edgelb's XDP program on the far side and sent back with XDP_TX to a counting sink; then the
@@ -15,7 +27,7 @@
 //! - `l7`: wrk through edgelb's proxy, HAProxy and nginx (Debian packages) in the same run, same
 //!   nginx backend, same concurrency, each proxy with one worker pinned to CPU 0 (wrk and the
 //!   backend share CPU 1), plus the direct-to-backend ceiling; requests/s, p50/p99 latency and
-//!   the proxy's own CPU seconds from /proc.
+//!   the proxy's own CPU seconds from /proc; p99 at a fixed rate with oha when it is installed.
 #![allow(missing_docs)]
 
 #[path = "../tests/common/mod.rs"]
@@ -23,8 +35,8 @@ mod common;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
-    time::{Duration, Instant},
+    path::{Path as FsPath, PathBuf},
+    time::{Duration, Instant, SystemTime},
 };
 
 use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp};
@@ -41,8 +53,22 @@ use serde_json::{Value, json};
 /// The packet-fixture config (tests/common): IPIP, IP6IP6 and L2 VIPs with three backends.
 const CONFIG: &str = common::FIXTURE_CONFIG;
 
+/// The parts, in the order a full run takes them, each with its section of results.json.
+const PARTS: [(&str, &str); 4] =
+    [("xdp", "xdp_ns"), ("veth", "veth_mpps"), ("maglev", "maglev"), ("l7", "l7")];
+
+/// `EDGELB_BENCH_QUICK` set (and not "0"): a short run that checks the output, not the figures.
+fn quick() -> bool {
+    std::env::var_os("EDGELB_BENCH_QUICK").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Where the figures go: a quick run's are kept apart, so that they never pass for measurements.
 fn results_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench/results.json")
+    let name = if quick() { "results-quick.json" } else { "results.json" };
+    let root = FsPath::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("lb-userspace sits in the workspace");
+    root.join("target/bench").join(name)
 }
 
 fn machine() -> String {
@@ -59,6 +85,34 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
 }
 
+/// Now in UTC as `YYYY-MM-DDTHH:MM:SSZ`, the stamp of a part's figures. The civil date comes
+/// from the days since the epoch (H. Hinnant's `civil_from_days`): no date crate for one stamp.
+fn utc_now() -> String {
+    let secs = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn write_results(path: &FsPath, results: &Value) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, serde_json::to_string_pretty(results).unwrap() + "\n")
+        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
 fn main() {
     // Re-executed by the l7 part as the edgelb proxy under test (pinned with taskset).
     let args: Vec<String> = std::env::args().collect();
@@ -67,33 +121,70 @@ fn main() {
         return;
     }
     let parts: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let parts = if parts.is_empty() {
-        vec!["xdp".into(), "veth".into(), "maglev".into(), "l7".into()]
-    } else {
-        parts
-    };
+    let parts =
+        if parts.is_empty() { PARTS.iter().map(|(p, _)| p.to_string()).collect() } else { parts };
+    // Every name is checked before anything runs: a typo must not cost a long run first.
+    if let Some(bad) = parts.iter().find(|p| !PARTS.iter().any(|(name, _)| name == p)) {
+        eprintln!("unknown part `{bad}`: xdp, veth, maglev or l7");
+        std::process::exit(2);
+    }
     let path = results_path();
     let mut results: Value = std::fs::read_to_string(&path)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_else(|| json!({}));
-    results["machine"] = json!(machine());
-    println!("machine: {}\n", machine());
-    for part in parts {
-        match part.as_str() {
-            "xdp" => xdp(&mut results),
-            "veth" => veth(&mut results),
-            "maglev" => maglev(&mut results),
-            "l7" => l7(&mut results),
-            other => {
-                eprintln!("unknown part `{other}`: xdp, veth, maglev or l7");
-                std::process::exit(2);
+    let machine = machine();
+    println!("machine: {machine}\n");
+    if quick() {
+        println!(
+            "QUICK RUN (EDGELB_BENCH_QUICK): a fraction of the rounds, frames and seconds, to check the output; the figures mean nothing and go to {}\n",
+            path.display()
+        );
+    }
+    for part in &parts {
+        let key = PARTS.iter().find(|(name, _)| name == part).map(|(_, key)| *key).unwrap();
+        let measured = match part.as_str() {
+            "xdp" => xdp(),
+            "veth" => veth(),
+            "maglev" => maglev(),
+            _ => l7(),
+        };
+        match measured {
+            Some(mut section) => {
+                section["measured_at"] = json!(utc_now());
+                section["machine"] = json!(machine);
+                if quick() {
+                    section["quick"] = json!(true);
+                }
+                results[key] = section;
+                // The machine of the latest run that wrote the file; each section's own
+                // `machine` says where its figures come from.
+                results["machine"] = json!(machine);
+                // Written after every part, so that a later part's panic loses nothing.
+                write_results(&path, &results);
+                println!("({part}: figures written to {}, section `{key}`)\n", path.display());
+            }
+            None => {
+                let old = &results[key];
+                match old["measured_at"].as_str() {
+                    Some(at) => println!(
+                        "{part}: not measured; its earlier figures in {} are kept, measured at {at} on {}\n",
+                        path.display(),
+                        old["machine"].as_str().unwrap_or("an unrecorded machine")
+                    ),
+                    None if !old.is_null() => println!(
+                        "{part}: not measured; its earlier figures in {} are kept, from a run that did not record when\n",
+                        path.display()
+                    ),
+                    None => println!(
+                        "{part}: not measured; {} holds no figures for it\n",
+                        path.display()
+                    ),
+                }
             }
         }
     }
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(&path, serde_json::to_string_pretty(&results).unwrap() + "\n").unwrap();
-    println!("\nresults: {}", path.display());
+    println!("results: {}", path.display());
 }
 
 fn require_root(what: &str) -> bool {
@@ -104,6 +195,24 @@ fn require_root(what: &str) -> bool {
     true
 }
 
+/// One of the issue's targets, judged on a figure of this run: printed as a list item, "met" or
+/// "not met" with the figure (or "not measured" for a NaN), and returned for results.json.
+fn target(what: &str, figure: f64, shown: &str, goal: &str, met: bool) -> Value {
+    let verdict = if figure.is_nan() {
+        "not measured"
+    } else if met {
+        "met"
+    } else {
+        "not met"
+    };
+    println!("- {what}: {shown} (target {goal}): **{verdict}**");
+    json!({
+        "figure": figure,
+        "target": goal,
+        "met": if figure.is_nan() { Value::Null } else { json!(met) },
+    })
+}
+
 /// One path to time: its program, a frame maker (called with a running index, so new-flow paths
 /// can make every frame a new 5-tuple) and the verdict every run must return.
 struct Path<'a> {
@@ -112,20 +221,44 @@ struct Path<'a> {
     want: u32,
 }
 
-/// Median kernel-measured duration (ns) of single runs of each path, measured interleaved: in
-/// each of `rounds` rounds every path runs `per_round` times in turn, so that the VM's noise
-/// (which moves a whole run by up to 30 %) falls on the baselines and the subjects alike. Returns
-/// per path the median over rounds of the per-round medians, and the median over rounds of its
-/// per-round ratio to path `base`.
+/// A path the kernel's repeat loop can time: its program leaves the frame as it found it, or
+/// rewrites it in a way that keeps it on the same path run after run.
+struct LoopPath<'a> {
+    prog: &'a Xdp,
+    frame: Vec<u8>,
+}
+
+/// What [`time_interleaved`] measured.
+struct Timings {
+    /// Per single-run path: the median over rounds of the per-round medians (ns), and the median
+    /// over rounds of its per-round ratio to the base path.
+    single: Vec<(f64, f64)>,
+    /// Per repeat-loop path: the median over rounds of the ns per run in the loop.
+    repeat: Vec<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Kernel-measured durations of single runs of each path and of the repeat loops, measured
+/// interleaved: in each of `rounds` rounds every path runs `per_round` single runs in turn, then
+/// every loop path one loop of `repeat` runs, so that the VM's noise (which moves a whole run by
+/// up to 30 %) falls on the baselines and the subjects alike, and on the loop figures that the
+/// per-run overhead is computed from.
 fn time_interleaved(
     paths: &mut [Path],
+    loops: &[LoopPath],
     rounds: usize,
     per_round: usize,
+    repeat: u32,
     base: usize,
-) -> Vec<(f64, f64)> {
+) -> Timings {
     let mut out = vec![0u8; 512];
     let mut index = vec![0usize; paths.len()];
     let mut medians: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); paths.len()];
+    let mut loop_ns: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); loops.len()];
     for _ in 0..rounds {
         for (p, path) in paths.iter_mut().enumerate() {
             let mut ns = Vec::with_capacity(per_round);
@@ -144,17 +277,17 @@ fn time_interleaved(
             ns.sort_unstable();
             medians[p].push(ns[per_round / 2] as f64);
         }
+        for (l, lp) in loops.iter().enumerate() {
+            loop_ns[l].push(time_repeat(lp.prog, &lp.frame, repeat));
+        }
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        v[v.len() / 2]
-    };
-    (0..paths.len())
+    let single = (0..paths.len())
         .map(|p| {
             let ratios = (0..rounds).map(|r| medians[p][r] / medians[base][r]).collect();
             (median(medians[p].clone()), median(ratios))
         })
-        .collect()
+        .collect();
+    Timings { single, repeat: loop_ns.into_iter().map(median).collect() }
 }
 
 /// Average ns per run with the kernel's repeat loop (only for programs that leave the frame as
@@ -175,18 +308,22 @@ fn syn4(client: Ipv4Addr, sport: u16, vip: Ipv4Addr, flags: u8) -> Vec<u8> {
     eth(LB_MAC, CLIENT_MAC, ETH_IP, &ip)
 }
 
-fn xdp(results: &mut Value) {
+fn xdp() -> Option<Value> {
     if !require_root("xdp") {
-        return;
+        return None;
     }
-    const ITERS: usize = 20_000;
-    const ROUNDS: usize = 20;
+    // Single runs: rounds × per round, for each path; repeat loops: one loop per path per round.
+    let (rounds, per_round, repeat) = if quick() { (4, 100, 10_000) } else { (20, 1000, 100_000) };
     // The connection table is per CPU: stay on one, so the hit path hits this CPU's table.
     netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
     let cfg = Config::parse(CONFIG, "bench.toml".as_ref()).unwrap();
     let mut dp = Dataplane::load(None).expect("balancer");
     dp.apply(&cfg).unwrap();
     let mut aux = AuxPrograms::load().expect("aux programs");
+    // A second copy of the aux object, so both baselines can be borrowed at once.
+    let mut aux2 = AuxPrograms::load().expect("aux programs");
+    let pass_prog: &Xdp = aux.program(programs::PASS).unwrap();
+    let tx_prog: &Xdp = aux2.program(programs::TX_SWAP).unwrap();
     let vip = Ipv4Addr::new(198, 18, 1, 1);
     let client =
         |i: usize| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 8, 0)) + (i / 50_000) as u32);
@@ -199,17 +336,10 @@ fn xdp(results: &mut Value) {
             &V4::new(c, vip, 17).packet(&udp(c.into(), vip.into(), 5353, 53, &[0; 18])),
         )
     };
-    let pass_loop = time_repeat(aux.program(programs::PASS).unwrap(), &udp_frame, 1_000_000);
-    let tx_loop = time_repeat(aux.program(programs::TX_SWAP).unwrap(), &udp_frame, 1_000_000);
     let lb: &Xdp = dp.balancer();
     let non_vip = syn4(Ipv4Addr::new(198, 18, 4, 7), 1000, Ipv4Addr::new(198, 18, 0, 2), SYN);
-    let non_vip_loop = time_repeat(lb, &non_vip, 1_000_000);
     let hit = syn4(Ipv4Addr::new(198, 18, 4, 9), 40000, vip, ACK);
-    // L2 DSR only rewrites MACs, so its frame stays on the same path run after run: the repeat
-    // loop times the connection-table hit without the per-run overhead (the first run inserts).
     let l2vip = Ipv4Addr::new(198, 18, 1, 5);
-    let l2_hit_loop =
-        time_repeat(lb, &syn4(Ipv4Addr::new(198, 18, 4, 9), 40001, l2vip, ACK), 1_000_000);
     let (c6, vip6) =
         ("2001:2::77".parse::<Ipv6Addr>().unwrap(), "2001:2:0:1::1".parse::<Ipv6Addr>().unwrap());
     let echo = {
@@ -221,10 +351,6 @@ fn xdp(results: &mut Value) {
             &V4::new(c, vip, 1).packet(&icmp4(8, 0, [0, 1, 0, 1], &[0; 32])),
         )
     };
-    // A second copy of the aux object, so both baselines can be borrowed at once.
-    let mut aux2 = AuxPrograms::load().expect("aux programs");
-    let (pass_prog, tx_prog) =
-        (aux.program(programs::PASS).unwrap(), aux2.program(programs::TX_SWAP).unwrap());
     let same = |f: &Vec<u8>| {
         let f = f.clone();
         Box::new(move |_| f.clone()) as Box<dyn FnMut(usize) -> Vec<u8>>
@@ -280,43 +406,128 @@ fn xdp(results: &mut Value) {
             want: 3,
         },
     ];
-    let t = time_interleaved(&mut paths, ROUNDS, ITERS / ROUNDS, 1);
+    // The paths the repeat loop can time, which the per-run overhead is measured against. L2
+    // DSR only rewrites MACs, so its frame stays on the same path run after run: the loop times
+    // a connection-table hit (its first run inserts the flow).
+    let loops = [
+        LoopPath { prog: pass_prog, frame: udp_frame.clone() },
+        LoopPath { prog: tx_prog, frame: udp_frame.clone() },
+        LoopPath { prog: lb, frame: non_vip.clone() },
+        LoopPath { prog: lb, frame: syn4(Ipv4Addr::new(198, 18, 4, 9), 40001, l2vip, ACK) },
+    ];
+    let t = time_interleaved(&mut paths, &loops, rounds, per_round, repeat, 1);
     netns::pin_current_thread(None).expect("unpin");
-    let [pass, tx, non_vip_ns, new_v4, hit_v4, new_v6, l2, icmp, ack_v4] =
-        [0, 1, 2, 3, 4, 5, 6, 7, 8].map(|i| t[i].0);
-    let ratio = |i: usize| t[i].1;
-    results["xdp_ns"] = json!({
-        "method": format!("single runs (repeat=1, fresh frame each run), kernel-measured; {ROUNDS} interleaved rounds of {} per path; median of per-round medians", ITERS / ROUNDS),
-        "x_trivial_tx": {"non_vip_pass": ratio(2), "new_flow_v4": ratio(3), "conntrack_hit_v4": ratio(4),
-            "new_flow_v6": ratio(5), "l2_dsr": ratio(6), "icmp_echo": ratio(7),
-            "handshake_ack_v4": ratio(8)},
-        "trivial_pass": pass, "trivial_tx": tx, "non_vip_pass": non_vip_ns,
-        "new_flow_v4": new_v4, "conntrack_hit_v4": hit_v4, "new_flow_v6": new_v6,
-        "l2_dsr": l2, "icmp_echo": icmp, "handshake_ack_v4": ack_v4,
+    let [pass_loop, tx_loop, non_vip_loop, l2_hit_loop] = [0, 1, 2, 3].map(|i| t.repeat[i]);
+
+    // A single run's kernel-measured duration carries a fixed overhead (the run's setup and
+    // timing around the program) that the repeat loop spreads over its runs. The trivial XDP_TX
+    // program, timed both ways in the same rounds, measures it; every single-run figure less
+    // that overhead is then set against the trivial program's loop figure, so that the overhead
+    // no longer lands on subject and baseline alike and pulls every ratio towards 1.
+    let overhead = t.single[1].0 - tx_loop;
+    let names = [
+        "trivial_pass",
+        "trivial_tx",
+        "non_vip_pass",
+        "new_flow_v4",
+        "conntrack_hit_v4",
+        "new_flow_v6",
+        "l2_dsr",
+        "icmp_echo",
+        "handshake_ack_v4",
+    ];
+    let raw = |i: usize| t.single[i].0;
+    let raw_ratio = |i: usize| if i == 1 { 1.0 } else { t.single[i].1 };
+    let corrected = |i: usize| t.single[i].0 - overhead;
+    let corrected_ratio = |i: usize| corrected(i) / tx_loop;
+
+    println!(
+        "## XDP ns/packet (BPF_PROG_TEST_RUN: {rounds} interleaved rounds of {per_round} single runs per path, and of one {repeat}-run repeat loop per loop path)\n"
+    );
+    println!(
+        "Per-run overhead of a single run: {overhead:.1} ns (trivial XDP_TX: single-run median {:.1} ns, repeat loop {tx_loop:.1} ns). Corrected ns = single run − overhead; corrected ratio = corrected ns / trivial XDP_TX repeat loop. The targets are judged on the corrected ratios.\n",
+        raw(1)
+    );
+    println!(
+        "| path | single run ns (raw) | × trivial XDP_TX, raw (median of per-round ratios) | corrected ns | corrected × trivial XDP_TX | target |"
+    );
+    println!("|---|---:|---:|---:|---:|---|");
+    let (new_v4_ok, hit_ok) = (corrected_ratio(3) <= 2.5, corrected_ratio(4) <= 2.0);
+    let verdict = |ok: bool| if ok { "met" } else { "not met" };
+    let rows = [
+        (0, "trivial XDP_PASS (baseline)", String::new()),
+        (1, "trivial MAC-swap XDP_TX (baseline)", String::new()),
+        (2, "non-VIP pass", String::new()),
+        (3, "new TCP flow, v4 VIP, IPIP", format!("≤ 2.5× — {}", verdict(new_v4_ok))),
+        (4, "connection-table hit, v4, IPIP", format!("≤ 2× — {}", verdict(hit_ok))),
+        (5, "new TCP flow, v6 VIP, IP6IP6", String::new()),
+        (6, "L2 DSR (new flow)", String::new()),
+        (7, "ICMP echo to VIP", String::new()),
+        (8, "TCP handshake's next packet, v4 (enters the table)", String::new()),
+    ];
+    for (i, name, goal) in &rows {
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.1} | {:.2} | {goal} |",
+            raw(*i),
+            raw_ratio(*i),
+            corrected(*i),
+            corrected_ratio(*i)
+        );
+    }
+    println!(
+        "\nKernel repeat loop (median over rounds; no per-run overhead, frame unchanged run to run): trivial pass {pass_loop:.1} ns, trivial tx {tx_loop:.1} ns, non-VIP pass {non_vip_loop:.1} ns, connection-table hit (L2 DSR) {l2_hit_loop:.1} ns"
+    );
+    println!(
+        "Check of the correction on the paths timed both ways (corrected single run against repeat loop): trivial XDP_PASS {:.1} against {pass_loop:.1} ns, non-VIP pass {:.1} against {non_vip_loop:.1} ns\n",
+        corrected(0),
+        corrected(2)
+    );
+    println!("Targets (judged on the corrected ratios):\n");
+    let mut targets = json!({});
+    targets["new_flow_v4"] = target(
+        "new TCP flow, v4 VIP",
+        corrected_ratio(3),
+        &format!("{:.2}× corrected (raw single-run {:.2}×)", corrected_ratio(3), raw_ratio(3)),
+        "≤ 2.5× the trivial XDP_TX program, corrected",
+        new_v4_ok,
+    );
+    targets["conntrack_hit_v4"] = target(
+        "connection-table hit, v4",
+        corrected_ratio(4),
+        &format!("{:.2}× corrected (raw single-run {:.2}×)", corrected_ratio(4), raw_ratio(4)),
+        "≤ 2× the trivial XDP_TX program, corrected",
+        hit_ok,
+    );
+    println!();
+
+    let per_path = |f: &dyn Fn(usize) -> f64, from: usize| {
+        let mut v = json!({});
+        for (i, name) in names.iter().enumerate().skip(from) {
+            v[*name] = json!(f(i));
+        }
+        v
+    };
+    let mut section = json!({
+        "method": format!(
+            "single runs (repeat=1, fresh frame each run), kernel-measured; {rounds} interleaved rounds of {per_round} per path; median of per-round medians. \
+             repeat_loop: the kernel's repeat loop, one loop of {repeat} runs per path per round, median over rounds. \
+             per_run_overhead_ns = trivial_tx single-run median - trivial_tx repeat loop (same run); \
+             corrected_ns = single-run median - per_run_overhead_ns; \
+             corrected_x_trivial_tx_loop = corrected_ns / trivial_tx repeat loop; \
+             x_trivial_tx (raw) = median of per-round single-run ratios; targets judged on the corrected ratios"
+        ),
+        "x_trivial_tx": per_path(&|i| t.single[i].1, 2),
         "repeat_loop": {"trivial_pass": pass_loop, "trivial_tx": tx_loop, "non_vip_pass": non_vip_loop,
             "conntrack_hit_l2_dsr": l2_hit_loop},
+        "per_run_overhead_ns": overhead,
+        "corrected_ns": per_path(&corrected, 0),
+        "corrected_x_trivial_tx_loop": per_path(&corrected_ratio, 0),
+        "targets": targets,
     });
-    println!(
-        "## XDP ns/packet (BPF_PROG_TEST_RUN single runs, {ROUNDS} interleaved rounds of {} per path)\n",
-        ITERS / ROUNDS
-    );
-    println!("| path | ns/packet | × trivial XDP_TX (median of per-round ratios) | target |");
-    println!("|---|---:|---:|---|");
-    let row = |name: &str, v: f64, r: f64, target: &str| {
-        println!("| {name} | {v:.0} | {r:.2} | {target} |")
-    };
-    row("trivial XDP_PASS (baseline)", pass, ratio(0), "");
-    row("trivial MAC-swap XDP_TX (baseline)", tx, 1.0, "");
-    row("non-VIP pass", non_vip_ns, ratio(2), "");
-    row("new TCP flow, v4 VIP, IPIP", new_v4, ratio(3), "≤ 2.5×");
-    row("connection-table hit, v4, IPIP", hit_v4, ratio(4), "≤ 2×");
-    row("new TCP flow, v6 VIP, IP6IP6", new_v6, ratio(5), "");
-    row("L2 DSR (new flow)", l2, ratio(6), "");
-    row("ICMP echo to VIP", icmp, ratio(7), "");
-    row("TCP handshake's next packet, v4 (enters the table)", ack_v4, ratio(8), "");
-    println!(
-        "\nKernel repeat loop (1e6 runs, frame unchanged): trivial pass {pass_loop:.1} ns, trivial tx {tx_loop:.1} ns, non-VIP pass {non_vip_loop:.1} ns, connection-table hit (L2 DSR) {l2_hit_loop:.1} ns\n"
-    );
+    for (i, name) in names.iter().enumerate() {
+        section[*name] = json!(raw(i));
+    }
+    Some(section)
 }
 
 /// Namespaces of the packet-rate run, removed on drop.
@@ -332,11 +543,11 @@ impl Drop for Pair {
     }
 }
 
-fn veth(results: &mut Value) {
+fn veth() -> Option<Value> {
     if !require_root("veth") {
-        return;
+        return None;
     }
-    const FRAMES: u32 = 4_000_000;
+    let frames: u32 = if quick() { 400_000 } else { 4_000_000 };
     let pid = std::process::id();
     let pair = Pair { gen_ns: format!("elbbench{pid}-gen"), lb_ns: format!("elbbench{pid}-lb") };
     for ns in [&pair.gen_ns, &pair.lb_ns] {
@@ -358,6 +569,14 @@ fn veth(results: &mut Value) {
         &pair.lb_ns,
     ])
     .unwrap();
+    // The sink counts every frame that reaches gen0. With IPv6 on, the kernel sends frames of
+    // its own from lb0 as it comes up (router solicitation, MLD reports: a run counted 4 000 003
+    // frames back for 4 000 000 sent), so it is off on both ends before they come up, and only
+    // the generator's frames arrive.
+    for (ns, dev) in [(&pair.gen_ns, "gen0"), (&pair.lb_ns, "lb0")] {
+        let key = format!("net.ipv6.conf.{dev}.disable_ipv6=1");
+        sh(&["ip", "netns", "exec", ns, "sysctl", "-qw", &key]).unwrap();
+    }
     sh(&["ip", "-n", &pair.gen_ns, "link", "set", "gen0", "address", "02:ed:00:00:00:01", "up"])
         .unwrap();
     sh(&["ip", "-n", &pair.lb_ns, "link", "set", "lb0", "address", "02:ed:00:00:00:02", "up"])
@@ -417,7 +636,7 @@ fn veth(results: &mut Value) {
             let opts = TestRunOptions {
                 data_in: Some(&frame),
                 ctx_in: Some(&ctx),
-                repeat: FRAMES,
+                repeat: frames,
                 attrs: TestRunAttrs::new().xdp_live_frames(64),
                 ..Default::default()
             };
@@ -442,7 +661,7 @@ fn veth(results: &mut Value) {
     let (edgelb_mpps, edgelb_n) = run(&mut aux);
     // ... and 4096 clients, whose table entries stay in the CPU's caches.
     aux.set_gen_template(&frame_for(4096)).expect("generator template");
-    let (warm_mpps, _) = run(&mut aux);
+    let (warm_mpps, warm_n) = run(&mut aux);
     aux.set_gen_template(&frame).expect("generator template");
     // For information (not the target's configuration): the same 65 536 clients to the UDP VIP
     // with its connection table off (`conntrack = false`), as a stateless service would be set
@@ -451,7 +670,7 @@ fn veth(results: &mut Value) {
         CONFIG.replacen("protocol = \"udp\"\n", "protocol = \"udp\"\nconntrack = false\n", 1);
     assert_ne!(stateless, CONFIG, "the fixture has a UDP VIP");
     dp.apply(&Config::parse(&stateless, "bench.toml".as_ref()).unwrap()).unwrap();
-    let (stateless_mpps, _) = run(&mut aux);
+    let (stateless_mpps, stateless_n) = run(&mut aux);
     dp.apply(&cfg).unwrap();
     let reasons = dp.maps().reasons().unwrap();
     let seen: Vec<String> = lb_common::stats::REASON_NAMES
@@ -472,7 +691,7 @@ fn veth(results: &mut Value) {
     netns::in_netns(&pair.lb_ns, || dp.attach("lb0", XdpAttachMode::Native))
         .unwrap()
         .expect("attach balancer");
-    let (small_mpps, _) = run(&mut aux);
+    let (small_mpps, small_n) = run(&mut aux);
     let evicted = dp.maps().ct_stats().unwrap()[lb_common::ct_stats::EVICTED as usize];
     drop(dp);
     let mut tx_aux = AuxPrograms::load().expect("aux programs");
@@ -485,34 +704,54 @@ fn veth(results: &mut Value) {
     drop(tx_aux);
     drop(pair);
 
-    results["veth_mpps"] = json!({
-        "trivial_tx": tx_mpps, "edgelb": edgelb_mpps, "ratio": edgelb_mpps / tx_mpps,
+    let ratio = edgelb_mpps / tx_mpps;
+    println!("## Packet rate through veth (64-byte UDP, {frames} frames, in-kernel generator)\n");
+    println!("| program on the balancer side | Mpps back at the sink | × trivial | frames back |");
+    println!("|---|---:|---:|---:|");
+    let row = |name: &str, mpps: f64, n: u64| {
+        println!("| {name} | {mpps:.2} | {:.2} | {n} |", mpps / tx_mpps);
+    };
+    row("trivial MAC-swap XDP_TX (baseline)", tx_mpps, tx_n);
+    row("edgelb (IPIP encapsulation), 65 536 clients", edgelb_mpps, edgelb_n);
+    row("edgelb (IPIP encapsulation), 4096 clients", warm_mpps, warm_n);
+    row(
+        &format!(
+            "edgelb, 65 536 clients, table of 16 384 flows per CPU (every packet a miss: {evicted} evictions)"
+        ),
+        small_mpps,
+        small_n,
+    );
+    row(
+        "edgelb, 65 536 clients, UDP VIP with `conntrack = false` (no connection table; for information)",
+        stateless_mpps,
+        stateless_n,
+    );
+    println!(
+        "\nThe sink counts every frame reaching the generator's side (IPv6 is off on the pair, so only the generator's frames arrive); fewer than {frames} back means frames were dropped on the way.\n"
+    );
+    println!("Target (judged on the 65 536-client run, every packet's table bucket cold):\n");
+    let targets = json!({
+        "ratio": target(
+            "edgelb / trivial XDP_TX packet rate, 65 536 clients",
+            ratio,
+            &format!("{ratio:.2}× ({edgelb_mpps:.2} against {tx_mpps:.2} Mpps)"),
+            "≥ 0.85×",
+            ratio >= 0.85,
+        ),
+    });
+    println!();
+    Some(json!({
+        "trivial_tx": tx_mpps, "edgelb": edgelb_mpps, "ratio": ratio,
         "edgelb_4096_clients": warm_mpps, "ratio_4096_clients": warm_mpps / tx_mpps,
         "edgelb_small_table_all_misses": small_mpps, "ratio_small_table_all_misses": small_mpps / tx_mpps,
         "small_table_evictions": evicted,
         "edgelb_no_conntrack": stateless_mpps, "ratio_no_conntrack": stateless_mpps / tx_mpps,
-        "frames_sent": FRAMES, "frames_back": {"edgelb": edgelb_n, "trivial_tx": tx_n},
-        "method": "BPF_PROG_TEST_RUN live frames (batch 64) into a veth pair, XDP_TX back to a counting sink",
-    });
-    println!("## Packet rate through veth (64-byte UDP, {FRAMES} frames, in-kernel generator)\n");
-    println!("| program on the balancer side | Mpps back at the sink | frames back |");
-    println!("|---|---:|---:|");
-    println!("| trivial MAC-swap XDP_TX (baseline) | {tx_mpps:.2} | {tx_n} |");
-    println!("| edgelb (IPIP encapsulation), 65 536 clients | {edgelb_mpps:.2} | {edgelb_n} |");
-    println!("| edgelb (IPIP encapsulation), 4096 clients | {warm_mpps:.2} | |");
-    println!(
-        "| edgelb, 65 536 clients, table of 16 384 flows per CPU (every packet a miss: {evicted} evictions) | {small_mpps:.2} | |"
-    );
-    println!(
-        "| edgelb, 65 536 clients, UDP VIP with `conntrack = false` (no connection table; for information) | {stateless_mpps:.2} | |"
-    );
-    println!(
-        "\nratio edgelb / trivial: {:.2} with 65 536 clients (target ≥ 0.85), {:.2} with 4096, {:.2} with 65 536 through the cached small table, {:.2} without a connection table\n",
-        edgelb_mpps / tx_mpps,
-        warm_mpps / tx_mpps,
-        small_mpps / tx_mpps,
-        stateless_mpps / tx_mpps
-    );
+        "frames_sent": frames,
+        "frames_back": {"edgelb": edgelb_n, "trivial_tx": tx_n, "edgelb_4096_clients": warm_n,
+            "edgelb_small_table_all_misses": small_n, "edgelb_no_conntrack": stateless_n},
+        "method": "BPF_PROG_TEST_RUN live frames (batch 64) into a veth pair, XDP_TX back to a counting sink; the sink counts every frame reaching gen0, and IPv6 is off on the pair so that only the generator's frames arrive; Mpps = frames counted / wall time",
+        "targets": targets,
+    }))
 }
 
 fn members(n: usize) -> Vec<RingMember> {
@@ -531,14 +770,19 @@ fn moved(a: &[u32], am: &[RingMember], b: &[u32], bm: &[RingMember]) -> f64 {
         / a.len() as f64
 }
 
-fn maglev(results: &mut Value) {
+fn maglev() -> Option<Value> {
+    /// The ring size edgelb uses by default and at most (`ring_size` ≤ 65 537): the targets are
+    /// judged on it; the larger ring is measured for information.
+    const M: u32 = 65_537;
     println!("## Maglev\n");
     println!(
         "| N | M | build ms (median of 5) | imbalance max/mean | moved on remove / ideal | moved on add / ideal |"
     );
     println!("|---:|---:|---:|---:|---:|---:|");
     let mut out = json!({});
-    for m in [65_537u32, 655_373] {
+    // Per N at M = 65 537: the larger of the remove and add disruption over the ideal 1/N.
+    let mut moved_at_m = Vec::new();
+    for m in [M, 655_373] {
         for n in [10usize, 100, 1000] {
             let ms = members(n);
             let mut times: Vec<f64> = (0..5)
@@ -563,22 +807,59 @@ fn maglev(results: &mut Value) {
                 times[2]
             );
             out[format!("n{n}_m{m}")] = json!({"build_ms": times[2], "imbalance": imbalance, "moved_remove_over_ideal": removed, "moved_add_over_ideal": added});
-            if m == 65_537 && n == 100 {
+            if m == M {
+                moved_at_m.push((n, removed, added));
+            }
+            if m == M && n == 100 {
                 out["imbalance_n100"] = json!(imbalance);
                 out["moved_over_ideal_n100"] = json!(removed.max(added));
             }
-            if m == 65_537 && n == 1000 {
+            if m == M && n == 1000 {
                 out["build_ms_n1000_m65537"] = json!(times[2]);
             }
         }
     }
+    let f = |key: &str| out[key].as_f64().unwrap_or(f64::NAN);
+    let (imbalance, build) = (f("imbalance_n100"), f("build_ms_n1000_m65537"));
     println!(
-        "\ntargets: imbalance ≤ 1.01 at N=100, M=65537; moved ≤ 1.5× ideal; build < 10 ms at N=1000, M=65537\n"
+        "\nTargets (M = {M}, edgelb's ring size; the larger ring above is for information):\n"
     );
-    results["maglev"] = out;
+    let mut targets = json!({});
+    targets["imbalance_n100"] = target(
+        "imbalance max/mean, N = 100",
+        imbalance,
+        &format!("{imbalance:.4}"),
+        "≤ 1.01",
+        imbalance <= 1.01,
+    );
+    // Disruption is judged at every N measured: it grows with N/M, so N = 100 alone would hide
+    // where it fails.
+    for (n, removed, added) in moved_at_m {
+        let worst = removed.max(added);
+        out[format!("moved_over_ideal_n{n}")] = json!(worst);
+        targets[format!("moved_over_ideal_n{n}")] = target(
+            &format!("moved / ideal on removing or adding one of N = {n}"),
+            worst,
+            &format!("{worst:.2}× (remove {removed:.2}×, add {added:.2}×)"),
+            "≤ 1.5× ideal",
+            worst <= 1.5,
+        );
+    }
+    targets["build_ms_n1000"] =
+        target("build time, N = 1000", build, &format!("{build:.2} ms"), "< 10 ms", build < 10.0);
+    println!();
+    out["targets"] = targets;
+    out["method"] = json!(
+        "Maglev.build of N equal backends (addresses 198.18.0.1 on), build time the median of 5; imbalance = largest share / (M/N); moved = fraction of slots whose backend changes when the first backend is removed or one added, times N (resp. N+1); targets judged at M = 65537 (moved at every N)"
+    );
+    Some(out)
 }
 
+/// Ports of the l7 part, all on 127.0.0.1.
 const BACKEND_PORT: u16 = 18080;
+const EDGELB_PORT: u16 = 18081;
+const HAPROXY_PORT: u16 = 18082;
+const NGINX_PORT: u16 = 18083;
 
 fn l7_serve(config: &str) {
     let text = std::fs::read_to_string(config).expect("config");
@@ -591,33 +872,85 @@ fn l7_serve(config: &str) {
     }
 }
 
-/// A child process killed (by PID) on drop.
-struct Child(std::process::Child);
+/// A child process killed (by PID) on drop, with where its output went.
+struct Child {
+    child: std::process::Child,
+    name: &'static str,
+    log: PathBuf,
+}
+
+impl Child {
+    fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails the run if the child has exited: its port may then be served by something else
+    /// (a leftover process sharing it through SO_REUSEPORT), which the run would measure.
+    fn check_alive(&mut self, port: u16) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "l7: {} (port {port}) exited ({status}) before it was measured; its output is in {}",
+                self.name,
+                self.log.display()
+            );
+        }
+    }
+}
 
 impl Drop for Child {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
-fn spawn(cmd: &[&str]) -> Child {
-    Child(
-        std::process::Command::new(cmd[0])
-            .args(&cmd[1..])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", cmd[0])),
+/// Whether anything accepts a TCP connection on 127.0.0.1:`port`.
+fn accepts(port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        Duration::from_millis(200),
     )
+    .is_ok()
 }
 
-fn wait_port(port: u16) {
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10), "nothing listens on {port}");
+/// Starts `cmd` as `name`, the server the run will measure on `port`. The port must be free
+/// first: the backend and edgelb's proxy listen with SO_REUSEPORT, so a process an earlier run
+/// left there would share the port with the new one and be measured with it (doubling the
+/// figures), without any error. Then waits for the port to accept and checks that the child
+/// itself is still alive.
+fn start(name: &'static str, port: u16, cmd: &[&str], dir: &FsPath) -> Child {
+    if accepts(port) {
+        panic!(
+            "l7: port {port}, where the run starts {name}, already accepts connections: most \
+             likely a proxy or backend an earlier run left behind, which would be measured \
+             along with the new one. Find it with `pgrep -af l7-serve` (or `ss -ltnp 'sport = \
+             :{port}'`), end it by its PID, and run again."
+        );
+    }
+    let log = dir.join(format!("{name}.log"));
+    let out = std::fs::File::create(&log).expect("child log");
+    let mut child = Child {
+        child: std::process::Command::new(cmd[0])
+            .args(&cmd[1..])
+            .stdout(out.try_clone().expect("child log"))
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("l7: starting {name} ({}): {e}", cmd[0])),
+        name,
+        log,
+    };
+    let started = Instant::now();
+    while !accepts(port) {
+        child.check_alive(port);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "l7: {name} does not accept on port {port} after 10 s; its output is in {}",
+            child.log.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
+    child.check_alive(port);
+    child
 }
 
 /// utime + stime of `pid` and its threads, in seconds.
@@ -664,7 +997,23 @@ fn wrk(port: u16, conns: u32, secs: u32) -> (f64, f64, f64) {
     (rps, pct("50%"), pct("99%"))
 }
 
-fn l7(results: &mut Value) {
+/// oha, if installed: on PATH, or where `cargo install` puts it.
+fn find_oha() -> Option<String> {
+    let home = |var: &str, sub: &str| {
+        std::env::var_os(var).map(|h| PathBuf::from(h).join(sub).to_string_lossy().into_owned())
+    };
+    [Some("oha".to_owned()), home("CARGO_HOME", "bin/oha"), home("HOME", ".cargo/bin/oha")]
+        .into_iter()
+        .flatten()
+        .find(|o| {
+            std::process::Command::new(o)
+                .arg("--version")
+                .output()
+                .is_ok_and(|x| x.status.success())
+        })
+}
+
+fn l7() -> Option<Value> {
     for tool in ["wrk", "haproxy", "nginx", "taskset"] {
         if std::process::Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
@@ -672,9 +1021,11 @@ fn l7(results: &mut Value) {
             .map_or(true, |o| !o.status.success())
         {
             println!("l7: skipped, `{tool}` missing (apt-get install wrk haproxy nginx-light)");
-            return;
+            return None;
         }
     }
+    // Named by this process's PID, so that `cargo xtask bench` can remove it once this process
+    // is gone (an interrupted run leaves it, with the children's logs).
     let dir = std::env::temp_dir().join(format!("edgelb-l7-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let d = dir.display();
@@ -696,72 +1047,94 @@ fn l7(results: &mut Value) {
     let nginx_proxy = nginx_conf(
         "proxy",
         &format!(
-            "upstream b {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 256; }}\n server {{ listen 127.0.0.1:18083; keepalive_requests 1000000; location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
+            "upstream b {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 256; }}\n server {{ listen 127.0.0.1:{NGINX_PORT}; keepalive_requests 1000000; location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
         ),
     );
     let haproxy_cfg = dir.join("haproxy.cfg");
     std::fs::write(
         &haproxy_cfg,
-        format!("global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n  http-reuse safe\nfrontend f\n  bind 127.0.0.1:18082\n  default_backend b\nbackend b\n  server s1 127.0.0.1:{BACKEND_PORT}\n"),
+        format!("global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n  http-reuse safe\nfrontend f\n  bind 127.0.0.1:{HAPROXY_PORT}\n  default_backend b\nbackend b\n  server s1 127.0.0.1:{BACKEND_PORT}\n"),
     )
     .unwrap();
     let edgelb_cfg = dir.join("edgelb.toml");
     std::fs::write(
         &edgelb_cfg,
-        format!("[node]\ninterfaces = [\"lo\"]\n[metrics]\nenabled = false\n[[vip]]\nname = \"bench\"\naddress = \"127.0.0.1\"\nport = 18081\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {BACKEND_PORT} }}]\n[vip.l7]\nmax_connections = 100000\n"),
+        format!("[node]\ninterfaces = [\"lo\"]\n[metrics]\nenabled = false\n[[vip]]\nname = \"bench\"\naddress = \"127.0.0.1\"\nport = {EDGELB_PORT}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {BACKEND_PORT} }}]\n[vip.l7]\nmax_connections = 100000\n"),
     )
     .unwrap();
 
-    let _backend = spawn(&["taskset", "-c", "1", "nginx", "-c", backend.to_str().unwrap()]);
-    wait_port(BACKEND_PORT);
+    let mut backend = start(
+        "nginx-backend",
+        BACKEND_PORT,
+        &["taskset", "-c", "1", "nginx", "-c", backend.to_str().unwrap()],
+        &dir,
+    );
     let me = std::env::current_exe().unwrap();
-    let proxies: Vec<(&str, u16, Option<Child>)> = vec![
+    let mut proxies: Vec<(&str, u16, Option<Child>)> = vec![
         ("direct", BACKEND_PORT, None),
         (
             "edgelb",
-            18081,
-            Some(spawn(&[
-                "taskset",
-                "-c",
-                "0",
-                me.to_str().unwrap(),
-                "l7-serve",
-                edgelb_cfg.to_str().unwrap(),
-            ])),
+            EDGELB_PORT,
+            Some(start(
+                "edgelb",
+                EDGELB_PORT,
+                &[
+                    "taskset",
+                    "-c",
+                    "0",
+                    me.to_str().unwrap(),
+                    "l7-serve",
+                    edgelb_cfg.to_str().unwrap(),
+                ],
+                &dir,
+            )),
         ),
         (
             "haproxy",
-            18082,
-            Some(spawn(&["taskset", "-c", "0", "haproxy", "-f", haproxy_cfg.to_str().unwrap()])),
+            HAPROXY_PORT,
+            Some(start(
+                "haproxy",
+                HAPROXY_PORT,
+                &["taskset", "-c", "0", "haproxy", "-f", haproxy_cfg.to_str().unwrap()],
+                &dir,
+            )),
         ),
         (
             "nginx",
-            18083,
-            Some(spawn(&["taskset", "-c", "0", "nginx", "-c", nginx_proxy.to_str().unwrap()])),
+            NGINX_PORT,
+            Some(start(
+                "nginx",
+                NGINX_PORT,
+                &["taskset", "-c", "0", "nginx", "-c", nginx_proxy.to_str().unwrap()],
+                &dir,
+            )),
         ),
     ];
-    for (_, port, _) in &proxies {
-        wait_port(*port);
-    }
-    const SECS: u32 = 5;
+    let secs: u32 = if quick() { 1 } else { 5 };
     let mut out = json!({});
     println!(
-        "## L7: wrk -t1 -d{SECS}s through each proxy (one worker pinned to CPU 0; wrk and an nginx backend on CPU 1)\n"
+        "## L7: wrk -t1 -d{secs}s through each proxy (one worker pinned to CPU 0; wrk and an nginx backend on CPU 1)\n"
     );
     println!(
         "| conns | proxy | requests/s | p50 ms | p99 ms | proxy CPU s | requests per proxy CPU-second |"
     );
     println!("|---:|---|---:|---:|---:|---:|---:|");
-    for conns in [64u32, 256] {
+    const CONNS: [u32; 2] = [64, 256];
+    for conns in CONNS {
         let key = format!("c{conns}");
         out[&key] = json!({});
-        for (name, port, child) in &proxies {
+        for (name, port, child) in &mut proxies {
+            // What is measured must be what this run started (see `start`).
+            backend.check_alive(BACKEND_PORT);
+            if let Some(c) = child.as_mut() {
+                c.check_alive(*port);
+            }
             wrk(*port, conns, 1); // warm-up
-            let pid = child.as_ref().map(|c| c.0.id());
+            let pid = child.as_ref().map(Child::id);
             let before = pid.map_or(0.0, cpu_seconds);
-            let (rps, p50, p99) = wrk(*port, conns, SECS);
+            let (rps, p50, p99) = wrk(*port, conns, secs);
             let cpu = pid.map_or(0.0, cpu_seconds) - before;
-            let per_cpu = if cpu > 0.0 { rps * SECS as f64 / cpu } else { f64::NAN };
+            let per_cpu = if cpu > 0.0 { rps * secs as f64 / cpu } else { f64::NAN };
             println!(
                 "| {conns} | {name} | {rps:.0} | {p50:.2} | {p99:.2} | {cpu:.2} | {per_cpu:.0} |"
             );
@@ -776,32 +1149,31 @@ fn l7(results: &mut Value) {
         }
     }
     // Closed-loop wrk understates tails: p99 at a fixed rate below saturation, with oha's
-    // coordinated-omission correction (`cargo install oha`), when oha is installed.
-    let oha = ["oha", &format!("{}/.cargo/bin/oha", std::env::var("HOME").unwrap_or_default())]
-        .into_iter()
-        .find(|o| {
-            std::process::Command::new(o)
-                .arg("--version")
-                .output()
-                .is_ok_and(|x| x.status.success())
-        })
-        .map(str::to_owned);
+    // coordinated-omission correction, when oha is installed (`cargo xtask bench l7` installs
+    // it with `cargo install oha --locked`).
     const RATE: u32 = 20_000;
-    match oha {
-        None => println!("\n(oha not installed: no fixed-rate p99; `cargo install oha`)"),
+    let oha = find_oha();
+    match &oha {
+        None => println!(
+            "\n(oha not installed: no fixed-rate p99; `cargo install oha --locked`, or run through `cargo xtask bench l7`)"
+        ),
         Some(oha) => {
             println!(
                 "\n| fixed rate {RATE} req/s, 64 conns, oha --latency-correction | p50 ms | p99 ms |"
             );
             println!("|---|---:|---:|");
-            for (name, port, _) in &proxies {
+            for (name, port, child) in &mut proxies {
+                backend.check_alive(BACKEND_PORT);
+                if let Some(c) = child.as_mut() {
+                    c.check_alive(*port);
+                }
                 let o = std::process::Command::new("taskset")
                     .args([
                         "-c",
                         "1",
-                        &oha,
+                        oha,
                         "-z",
-                        "5s",
+                        &format!("{secs}s"),
                         "-q",
                         &RATE.to_string(),
                         "-c",
@@ -822,14 +1194,68 @@ fn l7(results: &mut Value) {
             }
         }
     }
-    let c = &out["c64"];
-    let ratio = c["edgelb_req_per_cpu_s"].as_f64().unwrap_or(0.0)
-        / c["haproxy_req_per_cpu_s"].as_f64().unwrap_or(1.0);
-    println!("\nc64: edgelb requests per CPU-second / HAProxy's = {ratio:.2} (target ≥ 1.3)\n");
-    out["method"] = json!(
-        "wrk -t1, keep-alive, 5 s after a 1 s warm-up; CPU seconds from /proc/<pid>/stat; oha fixed-rate p99 not measured"
-    );
-    results["l7"] = out;
+
+    println!("\nTargets (edgelb against HAProxy, at each concurrency):\n");
+    let mut targets = json!({});
+    for conns in CONNS {
+        let c = &out[format!("c{conns}")];
+        let f = |k: &str| c[k].as_f64().unwrap_or(f64::NAN);
+        let per_cpu = f("edgelb_req_per_cpu_s") / f("haproxy_req_per_cpu_s");
+        targets[format!("c{conns}_req_per_cpu_s_x_haproxy")] = target(
+            &format!("c{conns}: requests per CPU-second, edgelb / HAProxy"),
+            per_cpu,
+            &format!(
+                "{per_cpu:.2}× ({:.0} against {:.0})",
+                f("edgelb_req_per_cpu_s"),
+                f("haproxy_req_per_cpu_s")
+            ),
+            "≥ 1.3×",
+            per_cpu >= 1.3,
+        );
+        let rps = f("edgelb_rps") / f("haproxy_rps");
+        targets[format!("c{conns}_rps_x_haproxy")] = target(
+            &format!("c{conns}: requests/s, edgelb / HAProxy"),
+            rps,
+            &format!("{rps:.2}× ({:.0} against {:.0})", f("edgelb_rps"), f("haproxy_rps")),
+            "≥ 1× (no lower)",
+            rps >= 1.0,
+        );
+        let p99 = f("edgelb_p99_ms") / f("haproxy_p99_ms");
+        targets[format!("c{conns}_p99_x_haproxy")] = target(
+            &format!("c{conns}: p99, edgelb / HAProxy"),
+            p99,
+            &format!("{p99:.2}× ({:.2} against {:.2} ms)", f("edgelb_p99_ms"), f("haproxy_p99_ms")),
+            "≤ 1× (no worse)",
+            p99 <= 1.0,
+        );
+    }
+    // oha ran and gave figures (a failed run leaves them null in the JSON).
+    let fixed_rate = out["fixed_rate"]["edgelb"]["p99_ms"].is_f64();
+    if fixed_rate {
+        let f = |who: &str| out["fixed_rate"][who]["p99_ms"].as_f64().unwrap_or(f64::NAN);
+        let p99 = f("edgelb") / f("haproxy");
+        targets["fixed_rate_p99_x_haproxy"] = target(
+            &format!("fixed {RATE} req/s: p99, edgelb / HAProxy"),
+            p99,
+            &format!("{p99:.2}× ({:.2} against {:.2} ms)", f("edgelb"), f("haproxy")),
+            "≤ 1× (no worse)",
+            p99 <= 1.0,
+        );
+    }
+    println!();
+    out["targets"] = targets;
+    out["method"] = json!(format!(
+        "wrk -t1, keep-alive, {secs} s after a 1 s warm-up, at 64 and 256 connections; CPU seconds from /proc/<pid>/stat; {}",
+        match (oha, fixed_rate) {
+            (Some(_), true) => format!(
+                "fixed-rate p50/p99 with oha at {RATE} req/s, 64 connections, {secs} s, --latency-correction"
+            ),
+            (Some(_), false) => "oha fixed-rate p99 not measured (oha gave no figures)".to_owned(),
+            (None, _) => "oha fixed-rate p99 not measured (oha not installed)".to_owned(),
+        }
+    ));
     drop(proxies);
+    drop(backend);
     let _ = std::fs::remove_dir_all(&dir);
+    Some(out)
 }

@@ -1,4 +1,4 @@
-//! Developer tasks for edgelb: `cargo xtask run | test | testbed up/down`.
+//! Developer tasks for edgelb: `cargo xtask run | test | lint | bench | testbed up/down`.
 //!
 //! Run through `./x` (or `scripts/bootstrap.sh` first): the pinned toolchains and bpf-linker must
 //! exist before cargo can even start this binary.
@@ -42,12 +42,16 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Benchmarks: `xdp` (ns/packet), `veth` (packet rate), `maglev` (table quality), `l7` (wrk
-    /// through edgelb, HAProxy and nginx); all by default. Prints markdown tables and merges
-    /// figures into target/bench/results.json. Needs root for xdp and veth (and to install the
-    /// l7 peers from Debian).
+    /// Benchmarks (docs/BENCHMARKS.md): `xdp` (ns/packet), `veth` (packet rate), `maglev`
+    /// (table quality), `l7` (wrk through edgelb, HAProxy and nginx), all four by default; they
+    /// print markdown tables and whether each target is met, and merge their figures into
+    /// target/bench/results.json. `criterion` runs the criterion micro-benches (about two
+    /// minutes, so not in the default set), or name one of them (`hotpaths`).
+    /// EDGELB_BENCH_QUICK=1 makes every part short, to check the output. Needs root for xdp and
+    /// veth (and to install the l7 peers from Debian); as root it first removes what an
+    /// interrupted run left.
     Bench {
-        /// Parts to run.
+        /// Parts to run: xdp, veth, maglev, l7, criterion, or a criterion bench by name.
         parts: Vec<String>,
     },
     /// Lints: rustfmt, clippy on the host crates and (with the eBPF nightly) on lb-ebpf, all
@@ -87,14 +91,7 @@ fn real_main() -> Result<()> {
         Task::Run { duration } => run(duration),
         Task::Test { args } => test(&args),
         Task::Lint => lint(),
-        Task::Bench { parts } => {
-            if parts.is_empty() || parts.iter().any(|p| p == "l7") {
-                bench_tools()?;
-            }
-            let mut args = vec!["bench", "-p", "lb-userspace", "--bench", "dataplane", "--"];
-            args.extend(parts.iter().map(String::as_str));
-            cargo(&args)
-        }
+        Task::Bench { parts } => bench(&parts),
         Task::Testbed { action: TestbedAction::Up } => {
             require_root("testbed up")?;
             let tb = Testbed::up(PREFIX, true).context("building the testbed")?;
@@ -120,12 +117,21 @@ fn real_main() -> Result<()> {
     }
 }
 
-/// Removes what test runs that were killed (Ctrl-C on `./x test` reaches test binaries without
-/// a handler, so their guards never run) left behind, each named with the PID of the test
-/// process that made it: namespaces, pin directories, admin sockets, and the edgelb processes
-/// those tests started. Only names of the tests' own patterns whose PID is gone are touched.
+/// Removes what test and bench runs that were killed (Ctrl-C on `./x test` or `./x bench`
+/// reaches test and bench binaries without a handler, so their guards never run) left behind,
+/// each named with the PID of the test or bench process that made it: namespaces (the veth
+/// bench's `elbbench<pid>-{gen,lb}` with XDP attached among them), pin directories, admin
+/// sockets, the l7 bench's temp directories (`edgelb-l7-bench-<pid>`), and the edgelb, nginx
+/// and HAProxy processes those tests and benches started. Only names of their own patterns
+/// whose PID is gone are touched.
 fn sweep_stale() {
-    let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
+    // A zombie (exited, not yet reaped: a killed bench whose parent shell is gone) counts as
+    // gone: it runs nothing and guards nothing.
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()) != Some("Z")
+        })
+    };
     let leading = |s: &str| s.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u32>().ok();
     let trailing = |s: &str| s.rsplit('-').next()?.parse::<u32>().ok();
     // Namespace prefixes (the PID follows) of tests/lifecycle.rs, netns_e2e.rs, cli.rs, benches.
@@ -166,15 +172,44 @@ fn sweep_stale() {
         }
     }
     // edgelb processes a lifecycle test started (config target/lifecycle-<pid>-<test>.toml),
-    // then their admin sockets (/run/edgelb/t-<pid>-<test>.sock).
+    // then their admin sockets (/run/edgelb/t-<pid>-<test>.sock). And the l7 bench's servers:
+    // its proxy (`<bench binary> l7-serve <dir>/edgelb.toml`), nginx and HAProxy, each started
+    // with a config in its temp directory `edgelb-l7-bench-<pid>/`; one left running would
+    // share its port with the next run's through SO_REUSEPORT and be measured with it.
+    let kill =
+        |pid: &str| Command::new("kill").args(["-TERM", pid]).status().is_ok_and(|s| s.success());
+    const L7_DIR: &str = "edgelb-l7-bench-";
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let argv: Vec<String> =
+            cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let cmd = argv.join(" ");
+        let pid = e.file_name().to_string_lossy().into_owned();
         let owner = cmd.split("lifecycle-").nth(1).and_then(leading);
         if cmd.contains("edgelb") && cmd.contains(" run ") && owner.is_some_and(|pid| !alive(pid)) {
-            let pid = e.file_name().to_string_lossy().into_owned();
-            let _ = Command::new("kill").args(["-TERM", &pid]).status();
-            removed.push(format!("edgelb process {pid}"));
+            if kill(&pid) {
+                removed.push(format!("edgelb process {pid}"));
+            }
+            continue;
+        }
+        let program = argv[0].rsplit('/').next().unwrap_or_default();
+        let l7_server =
+            argv.get(1).is_some_and(|a| a == "l7-serve") || ["nginx", "haproxy"].contains(&program);
+        let owner = cmd.split(L7_DIR).nth(1).and_then(leading);
+        if l7_server
+            && cmd.contains(&format!("/{L7_DIR}"))
+            && owner.is_some_and(|o| !alive(o))
+            && kill(&pid)
+        {
+            removed.push(format!("l7 bench server {pid} ({program})"));
+        }
+    }
+    let tmp = std::env::temp_dir();
+    for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let owner = name.strip_prefix(L7_DIR).and_then(|p| p.parse::<u32>().ok());
+        if owner.is_some_and(|pid| !alive(pid)) && std::fs::remove_dir_all(e.path()).is_ok() {
+            removed.push(e.path().display().to_string());
         }
     }
     for e in std::fs::read_dir("/run/edgelb").into_iter().flatten().flatten() {
@@ -186,7 +221,7 @@ fn sweep_stale() {
         }
     }
     for r in removed {
-        eprintln!("removed what a killed test run left: {r}");
+        eprintln!("removed what a killed test or bench run left: {r}");
     }
 }
 
@@ -275,8 +310,89 @@ fn test(extra: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The L7 benchmark's peers and load generator, from Debian (installed when running as root).
+/// The parts of benches/dataplane.rs, all run by a bare `bench`.
+const DATAPLANE_PARTS: [&str; 4] = ["xdp", "veth", "maglev", "l7"];
+
+/// Set (and not "0"): every part runs a small fraction of its rounds, frames and seconds, to
+/// check the output and the plumbing rather than to measure (the dataplane bench reads it too).
+const QUICK_ENV: &str = "EDGELB_BENCH_QUICK";
+
+fn bench(parts: &[String]) -> Result<()> {
+    let criterion = criterion_benches()?;
+    // Every name is checked before anything is built or run.
+    for p in parts {
+        let p = p.as_str();
+        if !DATAPLANE_PARTS.contains(&p) && p != "criterion" && !criterion.iter().any(|c| c == p) {
+            bail!(
+                "unknown bench part `{p}`: xdp, veth, maglev, l7 (the default set), criterion (the \
+                 criterion benches: {}), or one criterion bench by name",
+                criterion.join(", ")
+            );
+        }
+    }
+    // What an interrupted run left (namespaces with XDP attached, the l7 part's temp dirs and
+    // servers) would get in the way of this one, or be measured with it.
+    if netns::euid() == 0 {
+        sweep_stale();
+    }
+    let dataplane: Vec<&str> = if parts.is_empty() {
+        DATAPLANE_PARTS.to_vec()
+    } else {
+        DATAPLANE_PARTS.into_iter().filter(|d| parts.iter().any(|p| p == d)).collect()
+    };
+    let criterion: Vec<&str> = if parts.iter().any(|p| p == "criterion") {
+        criterion.iter().map(String::as_str).collect()
+    } else {
+        criterion.iter().map(String::as_str).filter(|c| parts.iter().any(|p| p == c)).collect()
+    };
+    if !dataplane.is_empty() {
+        if dataplane.contains(&"l7") {
+            bench_tools()?;
+        }
+        let mut args = vec!["bench", "-p", "lb-userspace", "--bench", "dataplane", "--"];
+        args.extend(dataplane);
+        cargo(&args)?;
+    }
+    let quick = std::env::var_os(QUICK_ENV).is_some_and(|v| !v.is_empty() && v != "0");
+    for name in criterion {
+        let mut args = vec!["bench", "-p", "lb-userspace", "--bench", name];
+        if quick {
+            args.extend(["--", "--warm-up-time", "0.1", "--measurement-time", "0.2"]);
+        }
+        cargo(&args)?;
+    }
+    Ok(())
+}
+
+/// The criterion benches: every `[[bench]]` of lb-userspace/Cargo.toml but `dataplane`, which
+/// has parts of its own. Read from the manifest, so that a bench declared there joins
+/// `bench criterion` without a change here.
+fn criterion_benches() -> Result<Vec<String>> {
+    let path = workspace_root().join("lb-userspace/Cargo.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut names = Vec::new();
+    let mut in_bench = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_bench = line == "[[bench]]";
+        } else if in_bench
+            && let Some(value) = line.strip_prefix("name").map(str::trim_start)
+            && let Some(value) = value.strip_prefix('=')
+        {
+            let name = value.trim().trim_matches('"');
+            if name != "dataplane" {
+                names.push(name.to_owned());
+            }
+        }
+    }
+    Ok(names)
+}
+
+/// The L7 benchmark's peers and load generator, from Debian (installed when running as root),
+/// and oha for its fixed-rate p99 (see `bench_oha`).
 fn bench_tools() -> Result<()> {
+    bench_oha();
     let missing: Vec<&str> = [("wrk", "wrk"), ("haproxy", "haproxy"), ("nginx", "nginx-light")]
         .into_iter()
         .filter(|(bin, _)| {
@@ -292,7 +408,7 @@ fn bench_tools() -> Result<()> {
     }
     if netns::euid() != 0 {
         eprintln!(
-            "note: the l7 benchmark needs {}: apt-get install {}",
+            "note: the l7 benchmark needs {}, and skips without them: apt-get install {}",
             missing.join(", "),
             missing.join(" ")
         );
@@ -312,6 +428,41 @@ fn bench_tools() -> Result<()> {
         bail!("apt-get install {} failed", missing.join(" "));
     }
     Ok(())
+}
+
+/// oha on PATH, or where `cargo install` puts it (the dataplane bench looks in the same places).
+fn oha_installed() -> bool {
+    let home = |var: &str, sub: &str| std::env::var_os(var).map(|h| PathBuf::from(h).join(sub));
+    [Some(PathBuf::from("oha")), home("CARGO_HOME", "bin/oha"), home("HOME", ".cargo/bin/oha")]
+        .into_iter()
+        .flatten()
+        .any(|o| Command::new(o).arg("--version").output().is_ok_and(|x| x.status.success()))
+}
+
+/// oha measures the l7 part's p99 at a fixed rate (wrk's closed loop understates tails). It is
+/// not a Debian package, so it comes from crates.io: installed with `cargo install` when
+/// missing. The bench runs without that table when this fails, so a failure is a note with the
+/// command to run, not an error.
+fn bench_oha() {
+    if oha_installed() {
+        return;
+    }
+    let cmd = "cargo install oha --locked";
+    eprintln!(
+        "oha is missing (the l7 part measures its fixed-rate p99 with it): installing it; this \
+         compiles it, a few minutes\n+ {cmd}"
+    );
+    let ok = Command::new(env!("CARGO"))
+        .args(["install", "oha", "--locked"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok || !oha_installed() {
+        eprintln!(
+            "note: oha could not be installed{}; the l7 part runs without its fixed-rate p99. To \
+             install it yourself: `{cmd}` (it goes to ~/.cargo/bin, or $CARGO_HOME/bin)",
+            if ok { " where the bench looks for it" } else { "" }
+        );
+    }
 }
 
 /// Must match lb-userspace/build.rs.

@@ -1219,10 +1219,8 @@ pub fn detach_decap(interface: &str, dir: &Path) -> Result<bool, DataplaneError>
     let pin = link_pin(dir, interface);
     // The link's id, to see it go: the kernel lets go of a pinned link only after an RCU grace
     // period once its pin is removed, and "detached" must be true when the command says so.
-    let id = PinnedLink::from_pin(&pin)
-        .ok()
-        .and_then(|l| FdLink::from(l).info().ok())
-        .map(|i| i.id());
+    let id =
+        PinnedLink::from_pin(&pin).ok().and_then(|l| FdLink::from(l).info().ok()).map(|i| i.id());
     match std::fs::remove_file(&pin) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
