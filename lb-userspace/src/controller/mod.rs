@@ -585,7 +585,10 @@ fn raise_fd_limit() {
 
 /// Everything privileged is done by now (programs loaded, links attached and pinned, sockets
 /// bound), and the maps are used through open fds, which needs no capability. Give them all up,
-/// bounding set included, so a bug in the long-running loop cannot be turned into more.
+/// bounding set included, so that a bug in the long-running loop cannot load programs, attach,
+/// or use a capability. (The process stays uid 0, and so keeps an owner's access to root's
+/// files that are writable where it runs: /proc/sys among them unless the service manager
+/// makes them read-only. ARCHITECTURE.md, "Metrics", says what that leaves.)
 /// Capabilities are per thread: this must run before any helper thread is started.
 fn drop_capabilities() {
     use caps::CapSet;
