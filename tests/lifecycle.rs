@@ -1146,12 +1146,36 @@ fn a_takeover_stopped_while_it_starts_leaves_the_running_edgelb_in_charge() {
     sees_backend_2_die(&mut bed, "the controller");
 }
 
+/// An L7 request from the client namespace with half its head sent: it keeps the process that
+/// accepted it draining until [`BegunRequest::finish`] sends the rest (and checks the answer).
+struct BegunRequest(std::net::TcpStream);
+
+impl BegunRequest {
+    fn to(bed: &Bed, l7: SocketAddr) -> BegunRequest {
+        use std::io::Write;
+        netns::in_netns(&bed.tb.names.client, || {
+            let mut s = std::net::TcpStream::connect(l7).expect("connect to the L7 VIP");
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"GET /pending HTTP/1.1\r\nHost: t\r\n").unwrap();
+            BegunRequest(s)
+        })
+        .unwrap()
+    }
+
+    fn finish(mut self) {
+        use std::io::{Read, Write};
+        self.0.write_all(b"\r\n").unwrap();
+        let mut got = String::new();
+        let _ = self.0.read_to_string(&mut got);
+        assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+    }
+}
+
 /// While the old process of a takeover finishes its requests in flight, scrapes reach only the
 /// new one: both hold the same listening socket, and if both answered, every counter would jump
 /// between two values (Prometheus reads each drop as a counter reset).
 #[test]
 fn after_a_takeover_only_the_new_edgelb_answers_scrapes() {
-    use std::io::{Read, Write};
     let Some(mut bed) = Bed::up("takeover-scrape", &[1, 2, 3]) else { return };
     let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
     bed.wait_for(l7);
@@ -1167,13 +1191,7 @@ fn after_a_takeover_only_the_new_edgelb_answers_scrapes() {
     assert!(before > 0, "the old edgelb answered the L7 VIP");
     // A request that has begun (half its head sent) keeps the old process draining after the
     // handover: it is answered by the process that accepted it.
-    let mut pending = netns::in_netns(&bed.tb.names.client, || {
-        let mut s = std::net::TcpStream::connect(l7).expect("connect to the L7 VIP");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"GET /pending HTTP/1.1\r\nHost: t\r\n").unwrap();
-        s
-    })
-    .unwrap();
+    let pending = BegunRequest::to(&bed, l7);
     std::thread::sleep(Duration::from_millis(200));
     let old = bed.edgelb.take().unwrap();
     let mut new = Edgelb::spawn_takeover(&old.ns, &old.config, &old.log);
@@ -1195,10 +1213,7 @@ fn after_a_takeover_only_the_new_edgelb_answers_scrapes() {
     }
     assert!(old_child.try_wait().unwrap().is_none(), "the old edgelb was still draining");
     // Its request in flight is answered, then it exits.
-    pending.write_all(b"\r\n").unwrap();
-    let mut got = String::new();
-    let _ = pending.read_to_string(&mut got);
-    assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+    pending.finish();
     let deadline = Instant::now() + Duration::from_secs(10);
     while old_child.try_wait().unwrap().is_none() {
         assert!(Instant::now() < deadline, "the old edgelb never exited");
@@ -1210,18 +1225,11 @@ fn after_a_takeover_only_the_new_edgelb_answers_scrapes() {
 /// controller thread used to wait for the drain, and every scrape timed out into a 503).
 #[test]
 fn a_stopping_edgelb_answers_scrapes_while_it_drains() {
-    use std::io::{Read, Write};
     let Some(mut bed) = Bed::up("stop-scrape", &[1, 2, 3]) else { return };
     let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
     bed.wait_for(l7);
     // A request that has begun keeps the proxy draining.
-    let mut pending = netns::in_netns(&bed.tb.names.client, || {
-        let mut s = std::net::TcpStream::connect(l7).expect("connect to the L7 VIP");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"GET /pending HTTP/1.1\r\nHost: t\r\n").unwrap();
-        s
-    })
-    .unwrap();
+    let pending = BegunRequest::to(&bed, l7);
     std::thread::sleep(Duration::from_millis(200));
     let mut e = bed.edgelb.take().unwrap();
     let mut child = e.child.take().unwrap();
@@ -1237,10 +1245,7 @@ fn a_stopping_edgelb_answers_scrapes_while_it_drains() {
         assert!(t.elapsed() < Duration::from_secs(2), "a scrape took {:?}", t.elapsed());
     }
     assert!(child.try_wait().unwrap().is_none(), "still draining");
-    pending.write_all(b"\r\n").unwrap();
-    let mut got = String::new();
-    let _ = pending.read_to_string(&mut got);
-    assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+    pending.finish();
     let st = child.wait().unwrap();
     assert!(st.success(), "edgelb exit status {st}");
     drop(e);
