@@ -634,7 +634,7 @@ fn reload_rejects_bad_files_and_keeps_connections() {
     let good = std::fs::read_to_string(&bed.cfg_path).unwrap();
     std::fs::write(&bed.cfg_path, good.replace("port = 7", "port = 70000")).unwrap();
     let out = bed.e().cli(&["reload"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2), "a bad file exits 2, as `edgelb check` does");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("reload rejected") && err.contains(":"), "{err}");
     assert_eq!(bed.e().status().vips.len(), status_before.vips.len());

@@ -342,7 +342,7 @@ fn admin_call(admin: &AdminArgs, req: &Request, show: impl FnOnce(Response)) -> 
         }
         Ok(resp) => {
             eprintln!("edgelb: {}", resp.message);
-            ExitCode::from(1)
+            ExitCode::from(if resp.bad_config { 2 } else { 1 })
         }
         Err(e) => {
             eprintln!("edgelb: {e}");

@@ -132,6 +132,11 @@ pub struct Response {
     /// out until its own checks see them rise (rather than serving them for `fall` probes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub down: Vec<Down>,
+    /// The refusal is the config file's fault (a `reload` of an invalid file): the CLI exits 2,
+    /// as `edgelb check` does for it, rather than 1, so scripts can tell it from a reload that
+    /// needs a restart.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bad_config: bool,
 }
 
 /// A health verdict handed over: `backend` (address and port) is dead in VIP `vip`.
@@ -162,6 +167,7 @@ impl Response {
             sockets: Vec::new(),
             drains: Vec::new(),
             down: Vec::new(),
+            bad_config: false,
         }
     }
 

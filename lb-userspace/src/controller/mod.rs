@@ -949,7 +949,12 @@ impl Controller {
     fn reload(&mut self) -> Response {
         let new = match Config::load(&self.path) {
             Ok(c) => c,
-            Err(e) => return Response::err(format!("reload rejected, running config kept: {e}")),
+            Err(e) => {
+                return Response {
+                    bad_config: true,
+                    ..Response::err(format!("reload rejected, running config kept: {e}"))
+                };
+            }
         };
         let restart = restart_needed(&self.cfg, &new);
         if !restart.is_empty() {
