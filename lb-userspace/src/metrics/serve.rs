@@ -51,18 +51,18 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
 /// The endpoint being served; [`Serving::stop`] ends it.
 pub struct Serving {
     stop: watch::Sender<bool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Told once the listener is deregistered and closed.
+    released: std::sync::mpsc::Receiver<()>,
 }
 
 impl Serving {
-    /// Stops accepting, closes idle kept-alive connections, lets answers in progress finish
-    /// (each bounded by the client timeout), and returns when the thread is done. The listening
-    /// socket itself stays open for whoever else holds it.
-    pub fn stop(mut self) {
+    /// Stops accepting and returns once this endpoint no longer takes connections (the
+    /// listening socket itself stays open for whoever else holds it). Idle kept-alive
+    /// connections close; scrapes in progress finish in the background, answered by the
+    /// controller, which must not wait for them here: the controller calls this.
+    pub fn stop(self) {
         let _ = self.stop.send(true);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let _ = self.released.recv_timeout(Duration::from_secs(2));
     }
 }
 
@@ -89,19 +89,22 @@ pub fn serve_with(
         tokio::net::TcpListener::from_std(listener)?
     };
     let (stop, stopping) = watch::channel(false);
-    let thread = std::thread::Builder::new().name("metrics".into()).spawn(move || {
-        rt.block_on(accept_loop(listener, to_controller, client_timeout, stopping));
+    let (release, released) = std::sync::mpsc::channel();
+    std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        rt.block_on(accept_loop(listener, to_controller, client_timeout, stopping, release));
     })?;
-    Ok(Serving { stop, thread: Some(thread) })
+    Ok(Serving { stop, released })
 }
 
 /// Accepts until told to stop, each connection in a task of its own, at most
-/// [`MAX_CONNECTIONS`] at once; on stop, waits for the tasks.
+/// [`MAX_CONNECTIONS`] at once; on stop, closes the listener, says so on `release`, and waits
+/// for the tasks.
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     to_controller: Sender<Scrape>,
     client_timeout: Duration,
     mut stopping: watch::Receiver<bool>,
+    release: std::sync::mpsc::Sender<()>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     // Told when every slot is taken: connections idle between requests then close.
@@ -138,6 +141,7 @@ async fn accept_loop(
     }
     // Deregistered and closed now: new connections go to whoever else holds the socket.
     drop(listener);
+    let _ = release.send(());
     while tasks.join_next().await.is_some() {}
 }
 
