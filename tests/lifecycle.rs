@@ -1318,7 +1318,8 @@ fn a_flood_of_scrapes_does_not_hold_the_controller() {
         let t = Instant::now();
         let out = bed.e().cli(&["status"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert!(t.elapsed() < Duration::from_secs(3), "status took {:?}", t.elapsed());
+        // Held, it would wait as long as the flood lasts (the client's limit is 60 s).
+        assert!(t.elapsed() < Duration::from_secs(10), "status took {:?}", t.elapsed());
     }
     stop.store(true, Ordering::Relaxed);
     let answered: u32 = scrapers.into_iter().map(|t| t.join().unwrap()).sum();

@@ -192,6 +192,10 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         )
     };
     let early = if takeover { Some(load()?) } else { None };
+    // Stopped while loading: give up before the running edgelb pauses for a handover.
+    if takeover && stop_requested(&mut signals) {
+        return Err(RunError::TakeoverInterrupted);
+    }
     let mut handed_metrics = None;
     let mut drains = Vec::new();
     let mut down = Vec::new();
@@ -336,6 +340,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         info!(%backend, vip = vip.as_deref().unwrap_or("every VIP"), "--takeover: drain not kept: the backend is not in this config");
     }
     let adopted = ctl.dp.adopted();
+    let taking_over = handover.is_some();
     let start = || -> Result<(), RunError> {
         // Maps first, then attach: the first packet already sees the whole config.
         let report = ctl.apply()?;
@@ -348,6 +353,13 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         // its link goes (and the program with it), rather than run on with maps nobody keeps.
         for iface in ctl.dp.remove_unused_links()? {
             info!(interface = %iface, "not in node.interfaces any more: XDP detached");
+        }
+        // A stop signal during a takeover's start: fail as a start does, before this process
+        // serves anything (its proxy would accept on the shared sockets, its metrics answer),
+        // so that the previous edgelb takes the data plane back instead of handing over to a
+        // process about to stop.
+        if taking_over && stop_requested(&mut signals) {
+            return Err(RunError::TakeoverInterrupted);
         }
         drop_capabilities();
 
@@ -372,13 +384,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         }
         Ok(())
     };
-    // A stop signal during a takeover's start: fail as a start does, so that the previous
-    // edgelb takes the data plane back instead of handing over to a process about to stop.
-    let started = start().and_then(|()| match handover {
-        Some(_) if stop_requested(&mut signals) => Err(RunError::TakeoverInterrupted),
-        _ => Ok(()),
-    });
-    if let Err(e) = started {
+    if let Err(e) = start() {
         // No controller will run: what this start attached must not balance on without one
         // (no health checks, no admin socket), unless it was running before this process.
         if let Some(admin) = ctl.admin.take() {
@@ -643,11 +649,13 @@ impl Controller {
             .unwrap_or(HandoverEnd::AbandonedAfterCommit);
         match end {
             HandoverEnd::Ready => {
-                info!("handover: the new edgelb serves; this one finishes its requests in flight");
-                // Scrapes go to the new process only: it holds the same listening socket.
+                // Scrapes go to the new process only: it holds the same listening socket (and
+                // this one's copy, kept to hand over, is not needed any more).
                 if let Some(m) = self.metrics_serving.take() {
                     m.stop();
                 }
+                self.metrics_socket = None;
+                info!("handover: the new edgelb serves; this one finishes its requests in flight");
             }
             HandoverEnd::AbandonedAfterCommit => warn!(
                 "handover: the new edgelb went quiet after it took the data plane; stopping anyway (the data plane keeps running)"

@@ -1173,19 +1173,35 @@ fn pin_dir_ready(dir: &Path) -> Result<(), DataplaneError> {
             })
             .map_err(|e| fail(format!("creating the pin directory: {e}")))?;
     }
-    let m = std::fs::metadata(dir).map_err(|e| fail(format!("the pin directory: {e}")))?;
+    // The directory and each of its parents below bpffs: a symbolic link, another user's
+    // directory or one others may write to along the way would let them swap what edgelb
+    // pins into.
     let me = crate::admin::fdpass::euid();
-    if m.uid() != me {
-        return Err(fail(format!(
-            "the pin directory belongs to user {}, not to this one ({me}): another user could remove edgelb's pins (detaching XDP) or plant maps for it; remove it, or choose another node.pin_dir",
-            m.uid()
-        )));
-    }
-    if m.mode() & 0o022 != 0 {
-        return Err(fail(format!(
-            "the pin directory is writable by other users (mode {:o}): they could remove edgelb's pins (detaching XDP) or plant maps for it; `chmod go-w` it",
-            m.mode() & 0o7777
-        )));
+    let below: Vec<&Path> =
+        dir.ancestors().take_while(|a| a.starts_with(BPFFS) && *a != Path::new(BPFFS)).collect();
+    for d in below {
+        let m = std::fs::symlink_metadata(d).map_err(|e| fail(format!("{}: {e}", d.display())))?;
+        if m.file_type().is_symlink() || !m.is_dir() {
+            return Err(fail(format!(
+                "{} is not a directory but {}: pin directories are plain directories",
+                d.display(),
+                if m.file_type().is_symlink() { "a symbolic link" } else { "a file" }
+            )));
+        }
+        if m.uid() != me {
+            return Err(fail(format!(
+                "{} belongs to user {}, not to this one ({me}): another user could remove edgelb's pins (detaching XDP) or plant maps for it; remove it, or choose another node.pin_dir",
+                d.display(),
+                m.uid()
+            )));
+        }
+        if m.mode() & 0o022 != 0 {
+            return Err(fail(format!(
+                "{} is writable by other users (mode {:o}): they could remove edgelb's pins (detaching XDP) or plant maps for it; `chmod go-w` it",
+                d.display(),
+                m.mode() & 0o7777
+            )));
+        }
     }
     Ok(())
 }
@@ -1328,6 +1344,14 @@ mod tests {
         assert!(e.contains("writable by other users"), "{e}");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         pin_dir_ready(&dir).expect("root's, 0755");
+        // A parent another user owns: refused too. (bpffs takes no symbolic links here, so
+        // the check of those is not exercised.)
+        let inner = dir.join("inner");
+        pin_dir_ready(&inner).expect("a new directory below a good one");
+        std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+        let e = pin_dir_ready(&inner).unwrap_err().to_string();
+        assert!(e.contains("belongs to user 65534"), "{e}");
+        std::fs::remove_dir(&inner).unwrap();
         std::fs::remove_dir(&dir).unwrap();
     }
 

@@ -377,20 +377,25 @@ mod tests {
                 .unwrap()
         };
         let stop = Arc::new(Stop::default());
+        let (waited, first_done) = std::sync::mpsc::channel();
         let waiter = {
             let stop = stop.clone();
             std::thread::spawn(move || {
                 let before = switches();
-                assert!(stop.sleep_until(Instant::now() + Duration::from_millis(600)));
+                let slept = stop.sleep_until(Instant::now() + Duration::from_millis(600));
                 let woke = switches() - before;
+                waited.send(()).unwrap();
                 let start = Instant::now();
-                assert!(!stop.sleep_until(Instant::now() + Duration::from_secs(60)));
-                (woke, start.elapsed())
+                let stopped = !stop.sleep_until(Instant::now() + Duration::from_secs(60));
+                (slept, woke, stopped, start.elapsed())
             })
         };
-        std::thread::sleep(Duration::from_millis(900));
+        // Raised once the first wait is over (however late the thread ran), during the second.
+        first_done.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
         stop.raise();
-        let (woke, stopped_after) = waiter.join().unwrap();
+        let (slept, woke, stopped, stopped_after) = waiter.join().unwrap();
+        assert!(slept && stopped, "the first wait ran out, the second was stopped");
         assert!(woke <= 3, "woke {woke} times in 600 ms of waiting");
         assert!(stopped_after < Duration::from_secs(1), "stopped after {stopped_after:?}");
     }

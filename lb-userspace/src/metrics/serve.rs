@@ -10,7 +10,11 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, mpsc::Sender},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc::Sender,
+    },
     time::Duration,
 };
 
@@ -33,9 +37,12 @@ pub fn bind(listen: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// How long a scrape's client may take to send its request head (from its first byte) or to
 /// take the response: a client that stops must not hold a connection slot.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new connection may take to send the first byte of its request: a scraper sends
+/// it at once, and a silent connection holds one of the slots meanwhile.
+const FIRST_BYTE: Duration = Duration::from_secs(2);
 /// How long a kept-alive connection may wait for its next request (Prometheus scrapes every
 /// 15 to 60 s, typically), unless the endpoint runs out of connection slots: then idle
-/// connections close, to make room. A new connection's first request has the client timeout.
+/// connections close, to make room.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the controller may take to render a scrape before the answer is a 503.
 const CONTROLLER_WAIT: Duration = Duration::from_secs(10);
@@ -107,20 +114,26 @@ async fn accept_loop(
     release: std::sync::mpsc::Sender<()>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    // Told when every slot is taken: connections idle between requests then close.
-    let crowded = Arc::new(tokio::sync::Notify::new());
+    // While every slot is taken: connections idle between requests close (those waiting are
+    // told, those that become idle meanwhile see the flag), to make room.
+    let crowded = Arc::new(Crowded::default());
     let mut tasks = tokio::task::JoinSet::new();
     loop {
-        if slots.available_permits() == 0 {
-            crowded.notify_waiters();
+        let full = slots.available_permits() == 0;
+        crowded.full.store(full, Ordering::Relaxed);
+        if full {
+            crowded.idle.notify_waiters();
         }
         let slot = tokio::select! {
+            biased;
+            _ = stopped(&mut stopping) => break,
             s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
-            _ = stopped(&mut stopping) => break,
         };
+        crowded.full.store(false, Ordering::Relaxed);
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            biased;
             _ = stopped(&mut stopping) => break,
+            a = listener.accept() => a,
         };
         match accepted {
             Ok((s, _)) => {
@@ -145,6 +158,13 @@ async fn accept_loop(
     while tasks.join_next().await.is_some() {}
 }
 
+/// Whether every connection slot is taken, and how connections idle between requests are told.
+#[derive(Default)]
+struct Crowded {
+    full: AtomicBool,
+    idle: tokio::sync::Notify,
+}
+
 /// Serves one connection: requests one after another (keep-alive), until the client closes,
 /// asks to close, stalls, or the endpoint stops or runs out of slots while it is idle.
 async fn connection(
@@ -152,19 +172,27 @@ async fn connection(
     to_controller: &Sender<Scrape>,
     client_timeout: Duration,
     mut stopping: watch::Receiver<bool>,
-    crowded: &tokio::sync::Notify,
+    crowded: &Crowded,
 ) {
     let mut buf = Vec::with_capacity(1024);
     let mut first = true;
     loop {
-        let wait = if first { client_timeout } else { IDLE_TIMEOUT };
+        // A kept-alive connection is idle from here unless a request already waits: it makes
+        // room if the endpoint is full, and goes if it stops. (A new one sends its request at
+        // once, or goes after FIRST_BYTE.)
+        let idle = !first && buf.is_empty();
+        if idle && (crowded.full.load(Ordering::Relaxed) || *stopping.borrow()) {
+            return;
+        }
+        let wait = if first { FIRST_BYTE.min(client_timeout) } else { IDLE_TIMEOUT };
         first = false;
         let head = tokio::select! {
-            h = read_head(&mut s, &mut buf, wait, client_timeout) => h,
+            biased;
             // Idle between requests, or in the head of one that began meanwhile (its scraper
             // asks again, of whoever serves now); pipelined requests already read are answered.
             _ = stopped(&mut stopping), if buf.is_empty() => return,
-            _ = crowded.notified(), if buf.is_empty() => return,
+            _ = crowded.idle.notified(), if idle => return,
+            h = read_head(&mut s, &mut buf, wait, client_timeout) => h,
         };
         let Some(Head { method, path, close }) = head else { return };
         let (status, body, kind) = if method != "GET" || path != "/metrics" {
@@ -315,7 +343,7 @@ mod tests {
     #[test]
     fn a_scraper_that_stops_reading_does_not_hold_the_endpoint() {
         // Every scrape gets 16 MiB.
-        let addr = endpoint("x", 16 << 20, Duration::from_millis(500));
+        let addr = endpoint("x", 16 << 20, Duration::from_secs(2));
         let stuck =
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         stuck.set_recv_buffer_size(4096).unwrap();
@@ -413,25 +441,43 @@ mod tests {
         new.stop();
     }
 
-    /// Connections that take every slot and send nothing (or sit idle between scrapes) give
-    /// way: a scrape still gets through, well within the client timeout.
+    /// Connections that take every slot give way to a scrape: silent new ones after
+    /// [`FIRST_BYTE`], kept-alive ones idle between scrapes at once.
     #[test]
     fn idle_connections_make_room_for_a_scrape() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let _serving = serve_with(l, controller("m\n"), Duration::from_secs(10)).unwrap();
-        let idle: Vec<TcpStream> =
+        let scrape = |within: Duration| {
+            let t = Instant::now();
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+            let mut got = String::new();
+            let _ = s.read_to_string(&mut got);
+            assert!(got.starts_with("HTTP/1.1 200") && got.ends_with("m\n"), "{got:?}");
+            assert!(t.elapsed() < within, "answered after {:?}", t.elapsed());
+        };
+        let silent: Vec<TcpStream> =
             (0..MAX_CONNECTIONS + 8).map(|_| TcpStream::connect(addr).unwrap()).collect();
         std::thread::sleep(Duration::from_millis(200));
-        let t = Instant::now();
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
-        let mut got = String::new();
-        let _ = s.read_to_string(&mut got);
-        assert!(got.starts_with("HTTP/1.1 200") && got.ends_with("m\n"), "{got:?}");
-        assert!(t.elapsed() < Duration::from_secs(3), "answered after {:?}", t.elapsed());
-        drop(idle);
+        scrape(FIRST_BYTE + Duration::from_secs(2));
+        drop(silent);
+        // Kept alive after one scrape each, then idle: the next scrape needs no timeout.
+        let kept: Vec<TcpStream> = (0..MAX_CONNECTIONS)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+                s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+                let mut got = [0u8; 512];
+                let n = s.read(&mut got).unwrap();
+                assert!(got[..n].starts_with(b"HTTP/1.1 200"));
+                s
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        scrape(FIRST_BYTE);
+        drop(kept);
     }
 
     /// Requests other than `GET /metrics` get 404; HTTP/1.0 and `Connection: close` close after
