@@ -16,6 +16,11 @@ enum State {
     Bws { size: u64 },
     /// Skipping a chunk extension up to CR.
     Ext { size: u64 },
+    /// Inside a quoted-string of a chunk extension: it must end before the line does, or a
+    /// parser that reads quoted strings on past CRLF would frame the body otherwise.
+    ExtQuoted { size: u64 },
+    /// After a backslash in a quoted-string (quoted-pair).
+    ExtEscape { size: u64 },
     /// Expecting LF after the size line.
     SizeLf { size: u64 },
     /// Inside chunk data, this many bytes left.
@@ -108,10 +113,25 @@ impl Chunked {
                 },
                 State::Ext { size } => match b {
                     b'\r' => State::SizeLf { size },
+                    b'"' => State::ExtQuoted { size },
                     // Control characters (bare LF, NUL...) have no place in an extension.
                     b'\t' => State::Ext { size },
                     0..=0x1f | 0x7f => return Err(BadChunk),
                     _ => State::Ext { size },
+                },
+                // RFC 9110 5.6.4: qdtext and quoted-pair, no CR or LF: an unterminated string
+                // is refused at the line's end.
+                State::ExtQuoted { size } => match b {
+                    b'"' => State::Ext { size },
+                    b'\\' => State::ExtEscape { size },
+                    b'\t' => State::ExtQuoted { size },
+                    0..=0x1f | 0x7f => return Err(BadChunk),
+                    _ => State::ExtQuoted { size },
+                },
+                State::ExtEscape { size } => match b {
+                    b'\t' => State::ExtQuoted { size },
+                    0..=0x1f | 0x7f => return Err(BadChunk),
+                    _ => State::ExtQuoted { size },
                 },
                 State::SizeLf { size } => match (b, size) {
                     (b'\n', 0) => State::Trailer { line: 0, colon: false },
@@ -206,6 +226,23 @@ mod tests {
             assert!(c.done());
             assert_eq!(&msg[end..], b"next", "split at {split}");
             assert_eq!(body, b"Wikipedia", "split at {split}");
+        }
+    }
+
+    /// Quoted extension values pass when they end on their line (with escapes); one left open
+    /// at the line's end is refused: a parser that reads quoted strings on past CRLF would take
+    /// the body's next bytes for part of the extension.
+    #[test]
+    fn quoted_extension_values_must_close_on_their_line() {
+        ends_before(b"5;x=\"a;b\\\"c\"\r\npedia\r\n0\r\n\r\nnext", b"next");
+        for bad in [&b"5;x=\"a\r\npedia\r\n0\r\n\r\n"[..], b"5;x=\"a\\\"\r\nx", b"5;x=\"\x01\"\r\n"]
+        {
+            assert_eq!(
+                Chunked::default().feed(bad),
+                Err(BadChunk),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

@@ -232,21 +232,25 @@ async fn reject(
     req: Option<&ReqHead>,
 ) {
     finished(vip, peer, status, req, None, None);
-    let sent = respond(client, status).await;
+    let sent = respond(client, status, req.is_some_and(|r| r.method() == "HEAD")).await;
     if sent.is_ok() && (status == 431 || req.is_some()) {
         linger(client, vip.cfg.idle_timeout).await;
     }
 }
 
-/// Answers with a complete error response of the proxy's own, and closes.
-async fn respond(s: &Socket, status: u16) -> io::Result<()> {
+/// Answers with a complete error response of the proxy's own, and closes. The answer to a HEAD
+/// request has no content (RFC 9110 9.3.2), only the length a GET would get.
+async fn respond(s: &Socket, status: u16, head_request: bool) -> io::Result<()> {
     let reason = reason(status);
     let body = format!("{status} {reason}\n");
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    write(s, head.into_bytes()).await
+    if !head_request {
+        out.push_str(&body);
+    }
+    write(s, out.into_bytes()).await
 }
 
 /// Closes a client connection whose request body was cut off ([`Answer::cut`]) or left unread
@@ -1334,7 +1338,7 @@ async fn serve_conn(
                         close(&k.up);
                     }
                     // The stalled client may yet send the rest of its body.
-                    if status == 408 && respond(client, status).await.is_ok() {
+                    if status == 408 && respond(client, status, false).await.is_ok() {
                         linger(client, cfg.idle_timeout).await;
                     }
                     return;
@@ -1377,7 +1381,8 @@ async fn serve_conn(
             finished(&vip, peer, status, Some(&req), backend, Some(started));
             // The request body may be unread: the connection cannot continue, and closes
             // lingering so that the client reads this answer rather than a reset.
-            if respond(client, status).await.is_ok() && framing != Framing::None {
+            let head_request = req.method() == "HEAD";
+            if respond(client, status, head_request).await.is_ok() && framing != Framing::None {
                 linger(client, cfg.idle_timeout).await;
             }
             return;
