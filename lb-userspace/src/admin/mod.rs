@@ -796,4 +796,395 @@ mod tests {
         serving.stop();
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    // Randomized property tests of the admin socket: valid requests damaged, random bytes, lines
+    // over the 64 KiB cap, many lines, no newline, invalid UTF-8. Each connection gets one JSON
+    // answer line (the one its request asks for) or is closed, within the client deadline, and
+    // the admin thread serves on. Deterministic: a fixed seed unless FUZZ_SEED=<n> is set; the
+    // seed is printed, and a failure names its case.
+
+    /// The most of a request line the admin thread reads (the `take` in [`handle`]).
+    const PROP_CAP: usize = 64 * 1024;
+
+    /// The seed of a randomized test: FUZZ_SEED when set, else `default`; printed.
+    fn prop_seed(default: u64) -> u64 {
+        let seed = std::env::var("FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
+        eprintln!("FUZZ_SEED={seed}");
+        seed
+    }
+
+    /// xorshift64: small and deterministic.
+    struct PropRng(u64);
+
+    impl PropRng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            if n == 0 { 0 } else { (self.0 % n as u64) as usize }
+        }
+
+        fn pick<'a, T: ?Sized>(&mut self, xs: &[&'a T]) -> &'a T {
+            xs[self.below(xs.len())]
+        }
+    }
+
+    /// A temporary socket path and the admin thread serving it, answering each request with
+    /// its `Debug` form (so an answer shows what was understood).
+    fn prop_serve(name: &str) -> (PathBuf, PathBuf, Serving) {
+        let dir = std::env::temp_dir().join(format!("edgelb-{name}-{}", std::process::id()));
+        let path = dir.join("admin.sock");
+        let echo = controller(|req| Response::ok(format!("{req:?}")));
+        let serving = serve(bind(&path).unwrap(), echo).unwrap();
+        (dir, path, serving)
+    }
+
+    /// Valid request lines, without their newline.
+    fn prop_requests() -> Vec<String> {
+        let v4: IpAddr = "198.18.0.11".parse().unwrap();
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        let mut out: Vec<String> = [
+            Request::Status,
+            Request::Reload,
+            Request::Handover,
+            Request::Stop { detach: true },
+            Request::Stop { detach: false },
+            Request::Drain { backend: v4, vip: None },
+            Request::Drain { backend: v6, vip: Some("web".into()) },
+            Request::Undrain { backend: v6, vip: Some("é😀\u{0}\"\\".into()) },
+        ]
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap())
+        .collect();
+        out.extend(
+            [
+                r#" { "vip" : null , "backend" : "::1" , "cmd" : "drain" } "#,
+                r#"{"cmd":"st\u0061tus"}"#,
+                r#"{"cmd":"status","extra":[1,{"a":null}]}"#,
+                "{\"cmd\":\"reload\"}\r",
+            ]
+            .map(String::from),
+        );
+        out
+    }
+
+    /// A request line damaged 1 to 3 times, as bytes.
+    fn prop_damage(line: &str, r: &mut PropRng) -> Vec<u8> {
+        let mut b = line.as_bytes().to_vec();
+        let inserts: [&[u8]; 18] = [
+            b"\"",
+            b"{",
+            b"}",
+            b"[",
+            b"]",
+            b":",
+            b",",
+            b"\\",
+            b"\\u0000",
+            b"\\ud800",
+            b"\0",
+            b"\n",
+            b"\r",
+            b"\xff",
+            b"\xc3",
+            b"\xe2\x80\xa8",
+            "😀".as_bytes(),
+            b"null",
+        ];
+        let swaps = [
+            ("\"status\"", "\"Status\""),
+            ("\"cmd\"", "\"CMD\""),
+            ("{", "{\"cmd\":\"reload\","),
+            ("true", "1"),
+            ("false", "\"false\""),
+            ("\"198.18.0.11\"", "\"198.18.0.256\""),
+            ("\"2001:db8::1\"", "\"fe80::1%eth0\""),
+            ("\"web\"", "[\"web\"]"),
+            ("\"web\"", "1e999"),
+            ("null", "18446744073709551616"),
+            ("\"drain\"", "\"drain\",\"cmd\":\"stop\""),
+            ("\"vip\"", "\"backend\""),
+        ];
+        for _ in 0..1 + r.below(3) {
+            let at = r.below(b.len() + 1);
+            match r.below(6) {
+                0 if at < b.len() => b[at] ^= 1 << r.below(8),
+                1 => {
+                    let end = (at + 1 + r.below(8)).min(b.len());
+                    b.drain(at..end);
+                }
+                2 => b.truncate(at),
+                3 => {
+                    let (from, to) = swaps[r.below(swaps.len())];
+                    let text = String::from_utf8_lossy(&b).replacen(from, to, 1);
+                    b = text.into_bytes();
+                }
+                _ => {
+                    let what = inserts[r.below(inserts.len())];
+                    b.splice(at..at, what.iter().copied());
+                }
+            }
+        }
+        b
+    }
+
+    /// One payload a client might send: see the comment above.
+    fn prop_payload(r: &mut PropRng, requests: &[String]) -> Vec<u8> {
+        let request = |r: &mut PropRng| requests[r.below(requests.len())].clone();
+        let nl = |r: &mut PropRng| if r.below(4) == 0 { "" } else { "\n" };
+        match r.below(12) {
+            // Valid requests damaged.
+            0..=3 => {
+                let mut b = prop_damage(&request(r), r);
+                b.extend_from_slice(nl(r).as_bytes());
+                b
+            }
+            // Valid, with or without their newline (the connection then closed).
+            4 => format!("{}{}", request(r), nl(r)).into_bytes(),
+            // Random bytes.
+            5 => (0..r.below(512)).map(|_| r.below(256) as u8).collect(),
+            // Many lines, the first valid or not.
+            6 => {
+                let mut b = Vec::new();
+                for _ in 0..2 + r.below(50) {
+                    match r.below(3) {
+                        0 => b.extend(prop_damage(&request(r), r)),
+                        _ => b.extend_from_slice(request(r).as_bytes()),
+                    }
+                    b.push(b'\n');
+                }
+                b
+            }
+            // Lines at and over the cap.
+            7 | 8 => {
+                let around = (PROP_CAP + r.below(5)).saturating_sub(2);
+                match r.below(6) {
+                    0 => [vec![b'x'; around - 1], b"\n".to_vec()].concat(),
+                    // A valid request padded with spaces (JSON lets a value end in them).
+                    1 => {
+                        let req = request(r);
+                        let pad = around.saturating_sub(req.len() + 1);
+                        format!("{req}{}\n", " ".repeat(pad)).into_bytes()
+                    }
+                    // A string value running past the cap, in ASCII or cut inside a character.
+                    2 | 3 => {
+                        let fill = r.pick(&["a", "é", "😀", "\\\""]);
+                        let n = (PROP_CAP + r.below(PROP_CAP)) / fill.len();
+                        format!(r#"{{"cmd":"drain","backend":"::1","vip":"{}"}}"#, fill.repeat(n))
+                            .into_bytes()
+                    }
+                    // Megabytes, without a newline.
+                    _ => {
+                        let byte = b"x {\""[r.below(4)];
+                        vec![byte; (1 + r.below(4)) << 20]
+                    }
+                }
+            }
+            // Deep nesting.
+            9 => {
+                let most = if r.below(2) == 0 { 200 } else { 100_000 };
+                let depth = 1 + r.below(most);
+                let nested = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+                let nested = match r.below(3) {
+                    0 => format!(r#"{{"cmd":"drain","backend":{nested}}}"#),
+                    1 => format!(r#"{{"cmd":"status","x":{nested}}}"#),
+                    _ => {
+                        format!(r#"{}"cmd":"status"{}"#, "{\"a\":".repeat(depth), "}".repeat(depth))
+                    }
+                };
+                format!("{nested}{}", nl(r)).into_bytes()
+            }
+            // Invalid UTF-8, in the request or after it.
+            _ => {
+                let mut b = format!("{}\n", request(r)).into_bytes();
+                let bad: [&[u8]; 7] = [
+                    b"\x80",
+                    b"\xc0\xaf",
+                    b"\xc3",
+                    b"\xe2\x82",
+                    b"\xed\xa0\x80",
+                    b"\xf4\x90\x80\x80",
+                    b"\xff\xfe",
+                ];
+                let at = r.below(b.len() + 1);
+                b.splice(at..at, bad[r.below(bad.len())].iter().copied());
+                b
+            }
+        }
+    }
+
+    /// What the admin thread must make of `payload`, read as it reads it: its first line, at
+    /// most [`PROP_CAP`] bytes.
+    #[derive(Debug)]
+    enum PropExpect {
+        /// A request: answered with what the controller says.
+        Answer(Request),
+        /// Text, but no request: refused with `bad request`.
+        Refusal,
+        /// Not UTF-8: refused, or the connection closed.
+        NotText,
+    }
+
+    fn prop_expected(payload: &[u8]) -> PropExpect {
+        let head = &payload[..payload.len().min(PROP_CAP)];
+        let line = head.iter().position(|&b| b == b'\n').map_or(head, |i| &head[..=i]);
+        match std::str::from_utf8(line) {
+            Err(_) => PropExpect::NotText,
+            Ok(line) => match serde_json::from_str::<Request>(line) {
+                Ok(req) => PropExpect::Answer(req),
+                Err(_) => PropExpect::Refusal,
+            },
+        }
+    }
+
+    /// Connects, writes `payload` (as much as the admin thread takes: it stops reading at the
+    /// cap and closes), closes the writing side, and reads until the thread closes: the bytes
+    /// it sent, and how long the exchange took. An error when the thread neither took the
+    /// bytes nor closed, or did not answer nor close, within the client deadline (and more).
+    fn prop_exchange(path: &Path, payload: &[u8]) -> Result<(Vec<u8>, Duration), String> {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
+        let start = std::time::Instant::now();
+        let mut s = UnixStream::connect(path).map_err(|e| format!("connect: {e}"))?;
+        let wait = Some(CLIENT_WAIT + Duration::from_secs(2));
+        s.set_write_timeout(wait).and_then(|()| s.set_read_timeout(wait)).unwrap();
+        match s.write_all(payload) {
+            Err(e) if !matches!(e.kind(), BrokenPipe | ConnectionReset) => {
+                return Err(format!("write: {e} after {:?}", start.elapsed()));
+            }
+            _ => {}
+        }
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut reply = Vec::new();
+        match s.read_to_end(&mut reply) {
+            Err(e) if e.kind() != ConnectionReset => {
+                Err(format!("read: {e} after {:?}, {} bytes", start.elapsed(), reply.len()))
+            }
+            _ => Ok((reply, start.elapsed())),
+        }
+    }
+
+    /// The properties of one exchange: at most one answer line, JSON, the one `payload` asks
+    /// for, within the client deadline. What happened, or what went wrong.
+    fn prop_check(payload: &[u8], reply: &[u8], took: Duration) -> Result<&'static str, String> {
+        if took >= CLIENT_WAIT {
+            return Err(format!("took {took:?}"));
+        }
+        let answer = match reply.iter().position(|&b| b == b'\n') {
+            _ if reply.is_empty() => None,
+            Some(end) if end + 1 == reply.len() => Some(
+                serde_json::from_slice::<Response>(&reply[..end])
+                    .map_err(|e| format!("answer not a response ({e})"))?,
+            ),
+            Some(_) => return Err("more than one answer line".into()),
+            None => return Err("an answer without its newline".into()),
+        };
+        let refusal = |a: &Response| !a.ok && a.message.starts_with("bad request");
+        match (prop_expected(payload), answer) {
+            (PropExpect::Answer(req), Some(a)) if a.ok && a.message == format!("{req:?}") => {
+                Ok("answered")
+            }
+            (PropExpect::Refusal | PropExpect::NotText, Some(a)) if refusal(&a) => Ok("refused"),
+            (PropExpect::NotText, None) => Ok("closed (not UTF-8)"),
+            (want, got) => Err(format!(
+                "wanted {want:?}, got {}",
+                got.map_or("no answer".to_owned(), |a| format!("{a:?}")
+                    .chars()
+                    .take(300)
+                    .collect())
+            )),
+        }
+    }
+
+    /// Still serving: a valid `status` is answered, by a thread that has not ended.
+    fn prop_still_serves(path: &Path, serving: &Serving) -> Result<(), String> {
+        let (reply, took) = prop_exchange(path, b"{\"cmd\":\"status\"}\n")?;
+        match prop_check(b"{\"cmd\":\"status\"}\n", &reply, took) {
+            Ok("answered") if !serving.stopped() => Ok(()),
+            other => Err(format!("status no longer answered: {other:?}")),
+        }
+    }
+
+    /// Damaged and random requests, a few hundred connections: see [`prop_check`]; after them
+    /// (and every 50) the thread still answers `status`.
+    #[test]
+    fn damaged_admin_requests_get_their_answer_or_a_close_and_the_thread_serves_on() {
+        let seed = prop_seed(0xad31_7e57_5eed_0001);
+        let mut r = PropRng(seed.max(1));
+        let (dir, path, serving) = prop_serve("admin-prop");
+        let requests = prop_requests();
+        let start = std::time::Instant::now();
+        let mut seen = std::collections::BTreeMap::<&str, usize>::new();
+        let mut failures = Vec::new();
+        let cases = 2_000;
+        for case in 0..cases {
+            let payload = prop_payload(&mut r, &requests);
+            let outcome = prop_exchange(&path, &payload)
+                .and_then(|(reply, took)| prop_check(&payload, &reply, took));
+            match outcome {
+                Ok(what) => *seen.entry(what).or_default() += 1,
+                Err(e) => failures.push(format!(
+                    "case {case}: {e}\n  payload ({} bytes): {:?}",
+                    payload.len(),
+                    String::from_utf8_lossy(&payload[..payload.len().min(300)])
+                )),
+            }
+            if case % 50 == 49 || !failures.is_empty() {
+                if let Err(e) = prop_still_serves(&path, &serving) {
+                    failures.push(format!("after case {case}: {e}"));
+                }
+                if failures.len() >= 5 || serving.stopped() {
+                    break;
+                }
+            }
+        }
+        eprintln!("{cases} connections in {:?}: {seen:?}", start.elapsed());
+        serving.stop();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(failures.is_empty(), "FUZZ_SEED={seed}:\n{}", failures.join("\n"));
+        assert!(
+            seen.len() == 3 && seen.values().all(|&n| n >= 10),
+            "every outcome should occur: {seen:?}"
+        );
+    }
+
+    /// A request that never ends (64 MiB offered, no newline, the connection left open) is
+    /// cut at the cap: the admin thread takes no more than the cap and the socket's buffers,
+    /// refuses it within the client deadline, and serves the next command.
+    #[test]
+    fn an_endless_admin_request_is_cut_at_the_cap() {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
+        let (dir, path, serving) = prop_serve("admin-endless");
+        let s = UnixStream::connect(&path).unwrap();
+        let wait = Some(CLIENT_WAIT + Duration::from_secs(2));
+        s.set_write_timeout(wait).and_then(|()| s.set_read_timeout(wait)).unwrap();
+        let buffers = socket2::SockRef::from(&s).send_buffer_size().unwrap()
+            + socket2::SockRef::from(&s).recv_buffer_size().unwrap();
+        let most = PROP_CAP + 2 * buffers + (64 << 10);
+        assert!(most < 16 << 20, "socket buffers too large for the test: {buffers}");
+        let chunk = vec![b'x'; 1 << 20];
+        let start = std::time::Instant::now();
+        let mut taken = 0;
+        while taken < 64 << 20 {
+            match (&s).write(&chunk) {
+                Ok(n) => taken += n,
+                Err(e) if matches!(e.kind(), BrokenPipe | ConnectionReset) => break,
+                Err(e) => panic!("write after {taken} bytes, {:?}: {e}", start.elapsed()),
+            }
+        }
+        assert!(
+            taken <= most,
+            "the admin thread took {taken} bytes of one request (cap {PROP_CAP})"
+        );
+        let mut reply = Vec::new();
+        let read = (&s).read_to_end(&mut reply);
+        let took = start.elapsed();
+        assert!(
+            read.is_ok() || read.as_ref().is_err_and(|e| e.kind() == ConnectionReset),
+            "{read:?} after {took:?}"
+        );
+        assert_eq!(prop_check(&chunk, &reply, took), Ok("refused"), "{took:?}");
+        assert_eq!(prop_still_serves(&path, &serving), Ok(()));
+        serving.stop();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

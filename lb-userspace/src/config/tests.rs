@@ -959,3 +959,764 @@ fn admin_socket_of_a_broken_file() {
     assert!(e.contains("missing.toml") && e.contains("--socket"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// Randomized property tests: valid configs, damaged in the ways files get damaged, must never
+// panic the parser; a refused one is refused with a location inside the file, an accepted one
+// keeps the documented rules (docs/CONFIG.md) and parses the same every time. Deterministic: a
+// fixed seed unless FUZZ_SEED=<n> is set; the seed is printed, and a failure names its case.
+
+/// The seed of a randomized test: FUZZ_SEED when set, else `default`; printed so that a failure
+/// (or `--nocapture`) shows how to reproduce it.
+fn prop_seed(default: u64) -> u64 {
+    let seed = std::env::var("FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
+    eprintln!("FUZZ_SEED={seed}");
+    seed
+}
+
+/// xorshift64: small and deterministic.
+struct PropRng(u64);
+
+impl PropRng {
+    fn new(seed: u64) -> PropRng {
+        PropRng(seed.max(1))
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        if n == 0 { 0 } else { (self.0 % n as u64) as usize }
+    }
+
+    fn pick<'a, T: ?Sized>(&mut self, xs: &[&'a T]) -> &'a T {
+        xs[self.below(xs.len())]
+    }
+
+    /// A char boundary of `s`, uniformly over its bytes (moved back to the char's start).
+    fn boundary(&mut self, s: &str) -> usize {
+        let mut at = self.below(s.len() + 1);
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        at
+    }
+}
+
+/// Valid configs to damage: the example, and the shapes the helpers above build, between them
+/// using every key of the schema.
+fn prop_valid_configs() -> Vec<String> {
+    let node_all = "[node]\ninterfaces = [\"eth0\", \"eth1\"]\nxdp_mode = \"native\"\nencap_source_v4 = \"198.19.0.0/16\"\nencap_source_v6 = \"2001:2:0:ff::/96\"\ngateway_mac = \"02:00:00:00:00:fe\"\nsrc_mac = \"02:00:00:00:00:fd\"\nmtu = 9000\npin_dir = \"/sys/fs/bpf/edgelb-t\"\nadmin_socket = \"/run/edgelb/t.sock\"\nl7_threads = 2\nl7_drain_timeout_ms = 1000\nconntrack_flows_per_cpu = 65536\n[metrics]\nlisten = \"0.0.0.0:9110\"\nallow_remote = true\n";
+    let l2 = "[[vip]]\nname = \"l2\"\naddress = \"198.18.1.2\"\nport = 53\nprotocol = \"udp\"\nforwarding = \"l2\"\nconntrack = false\nring_size = 1009\nbackends = [{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\", weight = 0 }, { address = \"198.18.0.12\", mac = \"02:00:00:00:00:02\", weight = 10000 }]\n[vip.health]\nsend = \"ping\"\nexpect = \"pong\"\nport = 5353\nrise = 1\nfall = 100\n";
+    let v6 = "[[vip]]\nname = \"v6\"\naddress = \"2001:2::1\"\nport = 443\nhash = \"5tuple\"\n[[vip.backends]]\naddress = \"2001:2::11\"\n[[vip.backends]]\naddress = \"fd00::12\"\nmac = \"02:00:00:00:00:03\"\n[vip.health]\nkind = \"http\"\npath = \"/healthz\"\nhost = \"a.example\"\nexpect_status = 204\nexpect_body = \"ok\"\ninterval_ms = 10\ntimeout_ms = 10\n";
+    let two = r#"{ address = "198.18.0.11" }, { address = "198.18.0.12", weight = 5 }"#;
+    let l7_http = "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef\"\ncookie_name = \"sid\"\nretries = 0\nproxy_protocol = 1\nmax_header_bytes = 4096\nmax_headers = 10\nupstream_keepalive = 0\nforwarded_for = false\nnormalize_path = false\naccess_log = true\nheader_timeout_ms = 5\nresponse_timeout_ms = 5\nrequest_timeout_ms = 3600000";
+    let routes = "[[vip.route]]\nhost = \"a.example\"\npath_prefix = \"/api/\"\nalgorithm = \"p2c\"\nbackends = [{ address = \"198.18.0.12\", port = 9000 }]\n[[vip.route]]\npath_prefix = \"/\"\nbackends = [{ address = \"::1\", weight = 0 }]\n[vip.health]\nkind = \"tcp\"\n";
+    let l7_tcp = "mode = \"tcp\"\nalgorithm = \"least_conn\"\nretries = 10\nconnect_timeout_ms = 1\nidle_timeout_ms = 1000\nmax_connections = 10\nmax_fails = 2\nfail_timeout_ms = 500";
+    vec![
+        EXAMPLE.to_owned(),
+        NODE.to_owned(),
+        format!("{node_all}{l2}{v6}"),
+        xdp_vip("198.18.1.1", "hash = \"5tuple\"\nring_size = 101", two),
+        l7_vip(
+            "198.18.1.6",
+            r#"{ address = "127.0.0.1", port = 8081, weight = 3 }"#,
+            l7_http,
+            routes,
+        ),
+        l7_vip("198.18.1.6", two, l7_tcp, ""),
+        format!("{NODE}[metrics]\nenabled = false\n"),
+    ]
+}
+
+/// Damages `text` once, in one of the ways config files get damaged.
+fn prop_mutate(text: &str, r: &mut PropRng) -> String {
+    let mut t = text.to_owned();
+    // The line around a char boundary: its start and its end (past its newline).
+    let line_at = |t: &str, at: usize| {
+        let start = t[..at].rfind('\n').map_or(0, |i| i + 1);
+        let end = t[at..].find('\n').map_or(t.len(), |i| at + i + 1);
+        start..end
+    };
+    // The value of a random `key = value` line, if the text has one.
+    let value_at = |t: &str, r: &mut PropRng| {
+        let lines: Vec<_> = t.match_indices(" = ").map(|(i, _)| i + 3).collect();
+        let at = *lines.get(r.below(lines.len()))?;
+        let end = t[at..].find('\n').map_or(t.len(), |i| at + i);
+        Some(at..end)
+    };
+    let weird_chars = [
+        "\0",
+        "\u{1}",
+        "\t",
+        "\r",
+        "\n",
+        "\u{7f}",
+        "\u{85}",
+        "\u{a0}",
+        "\u{200b}",
+        "\u{feff}",
+        "\u{2028}",
+        "\u{202e}",
+        "\u{301}",
+        "é",
+        "日",
+        "😀",
+        "\u{10ffff}",
+        "\u{fffd}",
+        "\\",
+        "\\u",
+        "\\U0010FFFF",
+        "\\x41",
+        "#",
+        "=",
+        ".",
+        ",",
+        "\u{1b}[0m",
+    ];
+    let numbers = [
+        "0",
+        "-0",
+        "+1",
+        "-1",
+        "1.5",
+        "-1.5",
+        "1e309",
+        "1e-9",
+        "nan",
+        "inf",
+        "-inf",
+        "0x10",
+        "0o7",
+        "0b1",
+        "1_000",
+        "1__0",
+        "_1",
+        "007",
+        "65535",
+        "65536",
+        "4294967295",
+        "4294967296",
+        "9223372036854775807",
+        "9223372036854775808",
+        "18446744073709551616",
+        "99999999999999999999999999999999",
+        "\"80\"",
+        "true",
+        "[]",
+        "{}",
+        "1979-05-27",
+        "07:32:00",
+        "1979-05-27T07:32:00Z",
+    ];
+    let values = [
+        "\"\"",
+        "\" \"",
+        "\"0.0.0.0\"",
+        "\"::\"",
+        "\"::ffff:198.18.0.1\"",
+        "\"fe80::1\"",
+        "\"127.0.0.1\"",
+        "\"198.18.1.1\"",
+        "\"198.18.0.11\"",
+        "\"1.2.3.4:80\"",
+        "\"[::1]:80\"",
+        "\"l7\"",
+        "\"l2\"",
+        "\"ipip\"",
+        "\"udp\"",
+        "\"tcp\"",
+        "\"http\"",
+        "\"cookie\"",
+        "\"hash\"",
+        "\"5tuple\"",
+        "\"/\"",
+        "\"a b\"",
+        "\"/sys/fs/bpf/x\"",
+        "\"relative\"",
+        "\"02:00:00:00:00:zz\"",
+        "\"02:00:00:00:00:01\"",
+        "\"é\"",
+        "'literal'",
+        "'''multi\nline'''",
+        "\"\"\"multi\nline\"\"\"",
+        "true",
+        "false",
+        "0",
+        "1",
+        "-1",
+        "1.0",
+        "[]",
+        "[\"eth0\"]",
+        "[1, \"a\"]",
+        "{}",
+        "{ address = \"198.18.0.13\" }",
+        "[{ address = \"198.18.0.13\" }]",
+        "1979-05-27T07:32:00Z",
+        "",
+        "=",
+        "\"unterminated",
+        "[\"unterminated\"",
+    ];
+    let keys = [
+        "interfaces",
+        "xdp_mode",
+        "encap_source_v4",
+        "encap_source_v6",
+        "gateway_mac",
+        "src_mac",
+        "mtu",
+        "l7_threads",
+        "l7_drain_timeout_ms",
+        "conntrack_flows_per_cpu",
+        "pin_dir",
+        "admin_socket",
+        "listen",
+        "allow_remote",
+        "enabled",
+        "name",
+        "address",
+        "port",
+        "protocol",
+        "hash",
+        "forwarding",
+        "ring_size",
+        "conntrack",
+        "backends",
+        "mode",
+        "algorithm",
+        "retries",
+        "connect_timeout_ms",
+        "header_timeout_ms",
+        "max_header_bytes",
+        "max_connections",
+        "proxy_protocol",
+        "cookie_name",
+        "cookie_secret",
+        "max_fails",
+        "kind",
+        "interval_ms",
+        "timeout_ms",
+        "rise",
+        "fall",
+        "path",
+        "expect_status",
+        "send",
+        "expect",
+        "weight",
+        "mac",
+        "host",
+        "path_prefix",
+        "nope",
+        "node",
+        "vip",
+        "a.b.c",
+        "\"quoted\"",
+    ];
+    let headers = [
+        "[node]",
+        "[[node]]",
+        "[metrics]",
+        "[[vip]]",
+        "[vip]",
+        "[vip.l7]",
+        "[[vip.l7]]",
+        "[vip.health]",
+        "[[vip.route]]",
+        "[vip.route]",
+        "[[vip.backends]]",
+        "[vip.backends]",
+        "[[vip.route.backends]]",
+        "[node.x]",
+        "[]",
+        "[[]]",
+        "[a",
+        "[[vip]",
+    ];
+    let brackets = ["\"", "'", "[", "]", "{", "}", "\"\"\"", "'''", "[[", "]]", "{ ", " }"];
+    match r.below(17) {
+        // A VIP repeated up to 40 times (past the most VIPs and backend entries), renamed and
+        // readdressed or not.
+        16 => {
+            if let Some(start) = t.find("[[vip]]") {
+                let end = t[start + 1..].find("[[vip]]").map_or(t.len(), |i| start + 1 + i);
+                let block = t[start..end].to_owned();
+                let fresh = r.below(4) != 0;
+                for i in 0..1 + r.below(40) {
+                    let copy = if fresh {
+                        block.replace("name = \"", &format!("name = \"c{i}-")).replace(
+                            "address = \"198.18.1.",
+                            &format!("address = \"198.18.{}.", 100 + i),
+                        )
+                    } else {
+                        block.clone()
+                    };
+                    t.push_str(&copy);
+                }
+            }
+        }
+        // A line dropped, repeated, or moved.
+        0..=2 => {
+            let at = r.boundary(&t);
+            let line = line_at(&t, at);
+            let copy = t[line.clone()].to_owned();
+            match r.below(3) {
+                0 => drop(t.drain(line)),
+                1 => t.insert_str(line.start, &copy),
+                _ => {
+                    t.drain(line);
+                    let to = r.boundary(&t);
+                    let to = line_at(&t, to).start;
+                    t.insert_str(to, &copy);
+                }
+            }
+        }
+        // Cut short.
+        3 => t.truncate(r.boundary(&t)),
+        // A bit flipped.
+        4 => {
+            let mut bytes = t.into_bytes();
+            if !bytes.is_empty() {
+                let at = r.below(bytes.len());
+                bytes[at] ^= 1 << r.below(8);
+            }
+            t = String::from_utf8_lossy(&bytes).into_owned();
+        }
+        // A control, invisible, combining or wide character; or an escape.
+        5 => {
+            let at = r.boundary(&t);
+            t.insert_str(at, r.pick(&weird_chars));
+        }
+        // A number made huge, negative, a float, a string...
+        6 => {
+            let digits: Vec<_> = t
+                .char_indices()
+                .filter(|&(i, c)| {
+                    c.is_ascii_digit() && !t[..i].ends_with(|p: char| p.is_ascii_digit())
+                })
+                .map(|(i, _)| i)
+                .collect();
+            if let Some(&at) = digits.get(r.below(digits.len())) {
+                let end = t[at..].find(|c: char| !c.is_ascii_digit()).map_or(t.len(), |i| at + i);
+                t.replace_range(at..end, r.pick(&numbers));
+            }
+        }
+        // A value of another type, or another value of its type.
+        7 => {
+            if let Some(v) = value_at(&t, r) {
+                t.replace_range(v, r.pick(&values));
+            }
+        }
+        // A key set (again, or where it does not belong).
+        8 => {
+            let at = r.boundary(&t);
+            let at = line_at(&t, at).start;
+            let value = if r.below(2) == 0 { r.pick(&values) } else { r.pick(&numbers) };
+            t.insert_str(at, &format!("{} = {value}\n", r.pick(&keys)));
+        }
+        // A table (again, or of the wrong kind).
+        9 => {
+            let at = r.boundary(&t);
+            let at = line_at(&t, at).start;
+            t.insert_str(at, &format!("{}\n", r.pick(&headers)));
+        }
+        // Unbalanced quotes and brackets.
+        10 => {
+            let at = r.boundary(&t);
+            t.insert_str(at, r.pick(&brackets));
+        }
+        // A very long string, key, or line.
+        11 => {
+            let n = 1 << (8 + r.below(9));
+            let fill = r.pick(&["x", "é", " ", "\\\\", "0", "😀"]).repeat(n);
+            match r.below(3) {
+                0 => match t.find('"') {
+                    Some(q) => t.insert_str(q + 1, &fill),
+                    None => t.push_str(&fill),
+                },
+                1 => {
+                    let at = r.boundary(&t);
+                    let at = line_at(&t, at).start;
+                    t.insert_str(at, &format!("{} = 1\n", "k".repeat(n)));
+                }
+                _ => {
+                    let at = r.boundary(&t);
+                    t.insert_str(at, &fill);
+                }
+            }
+        }
+        // Deeply nested arrays, inline tables, dotted keys.
+        12 => {
+            let most = if r.below(4) == 0 { 5_000 } else { 200 };
+            let depth = 1 + r.below(most);
+            let nested = match r.below(3) {
+                0 => format!("{}{}", "[".repeat(depth), "]".repeat(depth)),
+                1 => format!("{}1{}", "{ a = ".repeat(depth), " }".repeat(depth)),
+                _ => format!("{}[\"eth0\"]{}", "[".repeat(depth), "]".repeat(depth)),
+            };
+            match value_at(&t, r) {
+                Some(v) if r.below(2) == 0 => t.replace_range(v, &nested),
+                _ => {
+                    let key = vec!["a"; depth].join(".");
+                    t.push_str(&format!("\n{key} = {nested}\n"));
+                }
+            }
+        }
+        // Line endings changed.
+        13 => {
+            t = match r.below(3) {
+                0 => t.replace('\n', "\r\n"),
+                1 => t.replace('\n', "\r"),
+                _ => t.replace('\n', " "),
+            }
+        }
+        // Two lines swapped.
+        14 => {
+            let a = r.boundary(&t);
+            let a = line_at(&t, a);
+            let copy = t[a.clone()].to_owned();
+            t.drain(a.clone());
+            let b = r.boundary(&t);
+            let b = line_at(&t, b);
+            let other = t[b.clone()].to_owned();
+            t.replace_range(b.clone(), &copy);
+            let mut a = a.start.min(t.len());
+            while !t.is_char_boundary(a) {
+                a -= 1;
+            }
+            let a = line_at(&t, a).start;
+            t.insert_str(a, &other);
+        }
+        // A random run of printable ASCII and TOML punctuation.
+        _ => {
+            let alphabet = b"\"'[]{}=,.:/-_ \n\t#0123456789abcdefxyz\\";
+            let at = r.boundary(&t);
+            let run: String =
+                (0..1 + r.below(12)).map(|_| alphabet[r.below(alphabet.len())] as char).collect();
+            t.insert_str(at, &run);
+        }
+    }
+    t
+}
+
+/// What docs/CONFIG.md promises of an accepted config, where it can be read off the result.
+fn prop_documented_rules(c: &Config) -> Result<(), String> {
+    macro_rules! ensure {
+        ($cond:expr, $($msg:tt)+) => {
+            if !$cond {
+                return Err(format!($($msg)+));
+            }
+        };
+    }
+    let prime = |n: u32| {
+        let n = u64::from(n);
+        n >= 2 && (2..n).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
+    };
+    let ms = |d: Duration, range: std::ops::RangeInclusive<u64>| {
+        d.subsec_nanos().is_multiple_of(1_000_000) && range.contains(&(d.as_millis() as u64))
+    };
+    let n = &c.node;
+    ensure!(!n.interfaces.is_empty(), "no interfaces");
+    if let Some((_, len)) = n.encap_source_v4 {
+        ensure!((16..=32).contains(&len), "encap_source_v4 length {len}");
+    }
+    if let Some(a) = n.encap_source_v6 {
+        ensure!(
+            !(a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast()
+                || a.is_unicast_link_local()
+                || a.to_ipv4_mapped().is_some()),
+            "encap_source_v6 {a}"
+        );
+    }
+    ensure!(n.mtu == 0 || (576..=65535).contains(&n.mtu), "mtu {}", n.mtu);
+    ensure!(n.pin_dir.to_str().is_some_and(below_bpffs), "pin_dir {:?}", n.pin_dir);
+    ensure!(n.admin_socket.is_absolute(), "admin_socket {:?}", n.admin_socket);
+    ensure!((1..=256).contains(&n.l7_threads), "l7_threads {}", n.l7_threads);
+    ensure!(ms(n.l7_drain_timeout, 0..=3_600_000), "l7_drain_timeout {:?}", n.l7_drain_timeout);
+    if let Some(f) = n.conntrack_flows_per_cpu {
+        ensure!(
+            f.is_power_of_two() && (4096..=1 << 20).contains(&f),
+            "conntrack_flows_per_cpu {f}"
+        );
+    }
+    ensure!(c.vips.len() <= MAX_VIPS as usize, "{} VIPs", c.vips.len());
+    let unicast = |a: IpAddr| {
+        let a = a.to_canonical();
+        !a.is_unspecified() && !a.is_multicast() && a != IpAddr::V4(Ipv4Addr::BROADCAST)
+    };
+    let usable = |a: IpAddr| match a {
+        IpAddr::V6(a) => a.to_ipv4_mapped().is_none() && !a.is_unicast_link_local(),
+        IpAddr::V4(_) => true,
+    };
+    let mut names = HashSet::new();
+    let mut listens = HashSet::new();
+    let mut entries = 0;
+    for v in &c.vips {
+        let name = &v.name;
+        ensure!(!name.is_empty(), "a VIP without a name");
+        ensure!(
+            name.parse::<IpAddr>().is_err() && name.parse::<std::net::SocketAddr>().is_err(),
+            "VIP name {name} is an address"
+        );
+        ensure!(names.insert(name.clone()), "VIP name {name} twice");
+        ensure!(listens.insert((v.address, v.port, v.protocol)), "VIP {name}: listen twice");
+        ensure!(unicast(v.address) && usable(v.address), "VIP {name}: address {}", v.address);
+        let mut seen = HashSet::new();
+        for b in &v.backends {
+            ensure!(b.weight <= 10_000, "VIP {name}: weight {}", b.weight);
+            ensure!(unicast(b.address) && usable(b.address), "VIP {name}: backend {}", b.address);
+            ensure!(seen.insert((b.address, b.port)), "VIP {name}: backend {} twice", b.address);
+        }
+        if let Some(h) = &v.health {
+            ensure!(ms(h.interval, 10..=600_000), "VIP {name}: interval {:?}", h.interval);
+            ensure!(ms(h.timeout, 10..=600_000), "VIP {name}: timeout {:?}", h.timeout);
+            ensure!(h.timeout <= h.interval, "VIP {name}: timeout above interval");
+            ensure!(
+                (1..=100).contains(&h.rise) && (1..=100).contains(&h.fall),
+                "VIP {name}: rise/fall"
+            );
+            if let CheckKind::Http { path, host, expect_status, .. } = &h.kind {
+                ensure!(
+                    path.starts_with('/') && path.bytes().all(|b| b.is_ascii_graphic()),
+                    "VIP {name}: health path {path:?}"
+                );
+                ensure!(
+                    host.as_ref()
+                        .is_none_or(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic())),
+                    "VIP {name}: health host {host:?}"
+                );
+                ensure!((100..=599).contains(expect_status), "VIP {name}: status {expect_status}");
+            }
+            ensure!(
+                h.proxy_protocol == v.l7.as_ref().and_then(|l| l.proxy_protocol),
+                "VIP {name}: health proxy_protocol {:?}",
+                h.proxy_protocol
+            );
+        }
+        if v.forwarding == Forwarding::L7 {
+            ensure!(v.port != 0 && v.protocol == Protocol::Tcp, "l7 VIP {name}: port or protocol");
+            ensure!(v.conntrack && v.hash == HashMode::Client, "l7 VIP {name}: conntrack/hash");
+            ensure!(v.ring_size == DEFAULT_RING_SIZE, "l7 VIP {name}: ring_size {}", v.ring_size);
+            let Some(l) = &v.l7 else { return Err(format!("l7 VIP {name} without [vip.l7]")) };
+            let own = |b: &Backend| {
+                b.port != 0
+                    && b.mac.is_none()
+                    && !(b.address.to_canonical() == v.address.to_canonical() && b.port == v.port)
+            };
+            ensure!(v.backends.iter().all(own), "l7 VIP {name}: a backend port, mac or loop");
+            ensure!(l.retries <= 10, "l7 VIP {name}: retries {}", l.retries);
+            for (d, what) in [
+                (l.connect_timeout, "connect"),
+                (l.header_timeout, "header"),
+                (l.response_timeout, "response"),
+                (l.idle_timeout, "idle"),
+                (l.request_timeout, "request"),
+                (l.fail_timeout, "fail"),
+            ] {
+                ensure!(ms(d, 1..=3_600_000), "l7 VIP {name}: {what} timeout {d:?}");
+            }
+            ensure!(
+                (1_024..=1 << 20).contains(&l.max_header_bytes),
+                "l7 VIP {name}: max_header_bytes"
+            );
+            ensure!((1..=1_000).contains(&l.max_headers), "l7 VIP {name}: max_headers");
+            ensure!((1..=1_000_000).contains(&l.max_connections), "l7 VIP {name}: max_connections");
+            ensure!(l.upstream_keepalive <= 100_000, "l7 VIP {name}: upstream_keepalive");
+            ensure!((1..=100).contains(&l.max_fails), "l7 VIP {name}: max_fails");
+            ensure!(
+                matches!(l.proxy_protocol, None | Some(1 | 2)),
+                "l7 VIP {name}: proxy_protocol"
+            );
+            ensure!(
+                !l.cookie_name.is_empty()
+                    && l.cookie_name
+                        .bytes()
+                        .all(|b| { b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b) }),
+                "l7 VIP {name}: cookie_name {:?}",
+                l.cookie_name
+            );
+            let cookie = l.algorithm == Algorithm::Cookie
+                || l.routes.iter().any(|r| r.algorithm == Algorithm::Cookie);
+            ensure!(!cookie || l.cookie_secret.len() >= 16, "l7 VIP {name}: cookie_secret");
+            ensure!(l.mode == L7Mode::Http || l.routes.is_empty(), "l7 VIP {name}: tcp routes");
+            for r in &l.routes {
+                ensure!(!r.backends.is_empty(), "l7 VIP {name}: a route without backends");
+                ensure!(
+                    r.host.is_some() || r.path_prefix.is_some(),
+                    "l7 VIP {name}: catch-all route"
+                );
+                ensure!(
+                    r.path_prefix.as_ref().is_none_or(|p| p.starts_with('/')),
+                    "l7 VIP {name}: path_prefix {:?}",
+                    r.path_prefix
+                );
+                let mut seen = HashSet::new();
+                for b in &r.backends {
+                    ensure!(own(b) && b.weight <= 10_000, "l7 VIP {name}: route backend {b:?}");
+                    ensure!(unicast(b.address) && usable(b.address), "l7 VIP {name}: {b:?}");
+                    ensure!(seen.insert((b.address, b.port)), "l7 VIP {name}: route backend twice");
+                }
+            }
+        } else {
+            ensure!(v.l7.is_none(), "VIP {name}: [vip.l7] without l7 forwarding");
+            ensure!(
+                prime(v.ring_size)
+                    && (3..=MAX_RING_SIZE).contains(&v.ring_size)
+                    && v.ring_size as usize >= v.backends.len(),
+                "VIP {name}: ring_size {} for {} backends",
+                v.ring_size,
+                v.backends.len()
+            );
+            ensure!(v.health.as_ref().is_none_or(|h| h.port != 0), "VIP {name}: health port 0");
+            for b in &v.backends {
+                entries += 1;
+                ensure!(b.port == v.port, "VIP {name}: backend {} has a port", b.address);
+                ensure!(
+                    !b.address.to_canonical().is_loopback()
+                        && b.address.to_canonical() != v.address.to_canonical(),
+                    "VIP {name}: backend {} loops",
+                    b.address
+                );
+                if v.forwarding == Forwarding::L2 {
+                    ensure!(b.mac.is_some(), "l2 VIP {name}: backend {} without mac", b.address);
+                } else {
+                    ensure!(b.mac.is_some() || n.gateway_mac.is_some(), "VIP {name}: no next hop");
+                    ensure!(b.address.is_ipv6() || v.address.is_ipv4(), "VIP {name}: 6in4");
+                    ensure!(
+                        if b.address.is_ipv4() {
+                            n.encap_source_v4.is_some()
+                        } else {
+                            n.encap_source_v6.is_some()
+                        },
+                        "VIP {name}: backend {} without an encap source",
+                        b.address
+                    );
+                }
+            }
+        }
+        if n.mtu != 0 {
+            let v6 = v.address.is_ipv6()
+                || (v.forwarding == Forwarding::Ipip
+                    && v.backends.iter().any(|b| b.address.is_ipv6()));
+            let encapsulated_v6 = v.address.is_ipv6() && v.forwarding == Forwarding::Ipip;
+            ensure!(!v6 || n.mtu >= 1280, "VIP {name}: IPv6 with mtu {}", n.mtu);
+            ensure!(
+                !encapsulated_v6 || n.mtu >= 1320,
+                "VIP {name}: encapsulated IPv6, mtu {}",
+                n.mtu
+            );
+        }
+    }
+    ensure!(entries <= MAX_BACKENDS as usize, "{entries} backend entries");
+    Ok(())
+}
+
+/// Checks one input: no panic, and either an error located inside `text` or a config that
+/// keeps the documented rules; both the same when parsed again (under another file name, which
+/// only appears in messages). The outcome (true: accepted), or what went wrong.
+fn prop_check_config(text: &str) -> Result<bool, String> {
+    let run = |path: &str| {
+        std::panic::catch_unwind(|| Config::parse(text, Path::new(path))).map_err(|p| {
+            let what = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            format!("the parser panicked: {what}")
+        })
+    };
+    match (run("t.toml")?, run("other.toml")?) {
+        (Ok(a), Ok(b)) => {
+            prop_documented_rules(&a).map_err(|e| format!("accepted, but {e}"))?;
+            if a != b {
+                return Err(format!("parsed twice, two configs:\n{a:?}\n{b:?}"));
+            }
+            Ok(true)
+        }
+        (Err(e), Err(again)) => {
+            let shown = e.to_string();
+            let ConfigError::Invalid { path, line, column, message } = e else {
+                return Err(format!("not an Invalid error: {shown}"));
+            };
+            if !shown.starts_with(&format!("t.toml:{line}:{column}: "))
+                || path != Path::new("t.toml")
+            {
+                return Err(format!("not `t.toml:{line}:{column}: ...`: {shown}"));
+            }
+            let lines: Vec<&str> = text.split('\n').collect();
+            let Some(at) = lines.get(line.wrapping_sub(1)) else {
+                return Err(format!("line {line} of {} lines: {shown}", lines.len()));
+            };
+            if column == 0 || column > at.chars().count() + 1 {
+                return Err(format!(
+                    "column {column} of a {}-char line: {shown}",
+                    at.chars().count()
+                ));
+            }
+            if message.trim().is_empty() {
+                return Err(format!("no message: {shown}"));
+            }
+            match again {
+                ConfigError::Invalid { line: l, column: c, message: m, .. }
+                    if (l, c, &m) == (line, column, &message) => {}
+                again => return Err(format!("refused twice, differently: {shown} / {again}")),
+            }
+            Ok(false)
+        }
+        (a, b) => Err(format!("accepted once, refused once: {:?} / {:?}", a.err(), b.err())),
+    }
+}
+
+/// An input as a failure shows it: escaped, long ones cut.
+fn prop_show(text: &str) -> String {
+    let mut shown: String = text.chars().take(1500).collect::<String>().escape_debug().to_string();
+    if text.chars().count() > 1500 {
+        shown.push_str(&format!("... ({} bytes)", text.len()));
+    }
+    shown
+}
+
+/// Valid configs damaged at random (1 to 3 times each), a few thousand cases: see
+/// [`prop_check_config`]. The valid ones themselves must pass, and both outcomes must occur.
+#[test]
+fn damaged_configs_never_panic_and_are_refused_in_place_or_valid() {
+    let seed = prop_seed(0x0ed9_e1b0_c0f1_9001);
+    let mut r = PropRng::new(seed);
+    let bases = prop_valid_configs();
+    for (i, base) in bases.iter().enumerate() {
+        assert_eq!(prop_check_config(base), Ok(true), "base config {i} must be valid:\n{base}");
+    }
+    let start = std::time::Instant::now();
+    let (mut accepted, mut refused, mut failures) = (0, 0, Vec::new());
+    let cases = 3_000;
+    for case in 0..cases {
+        let mut text = bases[r.below(bases.len())].clone();
+        for _ in 0..1 + r.below(3) {
+            text = prop_mutate(&text, &mut r);
+        }
+        match prop_check_config(&text) {
+            Ok(true) => accepted += 1,
+            Ok(false) => refused += 1,
+            Err(e) if failures.len() < 5 => {
+                failures.push(format!("case {case}: {e}\n  input: \"{}\"", prop_show(&text)))
+            }
+            Err(_) => failures.push(String::new()),
+        }
+    }
+    eprintln!(
+        "{cases} cases in {:?}: {accepted} accepted, {refused} refused, {} failed",
+        start.elapsed(),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "FUZZ_SEED={seed}: {} of {cases} cases failed; the first:\n{}",
+        failures.len(),
+        failures.iter().filter(|f| !f.is_empty()).cloned().collect::<Vec<_>>().join("\n")
+    );
+    assert!(
+        accepted >= cases / 20 && refused >= cases / 2,
+        "{accepted} accepted, {refused} refused"
+    );
+}
