@@ -20,6 +20,8 @@ pub mod admin;
 pub mod config;
 pub mod controller;
 pub mod dataplane;
+#[cfg(test)]
+mod fuzz;
 pub mod health;
 pub mod maglev;
 pub mod metrics;

@@ -806,28 +806,7 @@ mod tests {
     /// The most of a request line the admin thread reads (the `take` in [`handle`]).
     const PROP_CAP: usize = 64 * 1024;
 
-    /// The seed of a randomized test: FUZZ_SEED when set, else `default`; printed.
-    fn prop_seed(default: u64) -> u64 {
-        let seed = std::env::var("FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
-        eprintln!("FUZZ_SEED={seed}");
-        seed
-    }
-
-    /// xorshift64: small and deterministic.
-    struct PropRng(u64);
-
-    impl PropRng {
-        fn below(&mut self, n: usize) -> usize {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            if n == 0 { 0 } else { (self.0 % n as u64) as usize }
-        }
-
-        fn pick<'a, T: ?Sized>(&mut self, xs: &[&'a T]) -> &'a T {
-            xs[self.below(xs.len())]
-        }
-    }
+    use crate::fuzz::{PropRng, prop_seed};
 
     /// A temporary socket path and the admin thread serving it, answering each request with
     /// its `Debug` form (so an answer shows what was understood).
@@ -1109,7 +1088,7 @@ mod tests {
     #[test]
     fn damaged_admin_requests_get_their_answer_or_a_close_and_the_thread_serves_on() {
         let seed = prop_seed(0xad31_7e57_5eed_0001);
-        let mut r = PropRng(seed.max(1));
+        let mut r = PropRng::new(seed);
         let (dir, path, serving) = prop_serve("admin-prop");
         let requests = prop_requests();
         let start = std::time::Instant::now();

@@ -965,42 +965,7 @@ fn admin_socket_of_a_broken_file() {
 // keeps the documented rules (docs/CONFIG.md) and parses the same every time. Deterministic: a
 // fixed seed unless FUZZ_SEED=<n> is set; the seed is printed, and a failure names its case.
 
-/// The seed of a randomized test: FUZZ_SEED when set, else `default`; printed so that a failure
-/// (or `--nocapture`) shows how to reproduce it.
-fn prop_seed(default: u64) -> u64 {
-    let seed = std::env::var("FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
-    eprintln!("FUZZ_SEED={seed}");
-    seed
-}
-
-/// xorshift64: small and deterministic.
-struct PropRng(u64);
-
-impl PropRng {
-    fn new(seed: u64) -> PropRng {
-        PropRng(seed.max(1))
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        if n == 0 { 0 } else { (self.0 % n as u64) as usize }
-    }
-
-    fn pick<'a, T: ?Sized>(&mut self, xs: &[&'a T]) -> &'a T {
-        xs[self.below(xs.len())]
-    }
-
-    /// A char boundary of `s`, uniformly over its bytes (moved back to the char's start).
-    fn boundary(&mut self, s: &str) -> usize {
-        let mut at = self.below(s.len() + 1);
-        while !s.is_char_boundary(at) {
-            at -= 1;
-        }
-        at
-    }
-}
+use crate::fuzz::{PropRng, prop_seed};
 
 /// Valid configs to damage: the example, and the shapes the helpers above build, between them
 /// using every key of the schema.
