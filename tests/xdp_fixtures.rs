@@ -1871,6 +1871,33 @@ fn an_ack_or_rst_flood_cannot_push_established_flows_out() {
 /// Looking for an unknown flow in the other CPUs' tables costs a cache miss per CPU: a flood of
 /// segments (or ICMP errors) about flows no table holds may spend only this CPU's budget of such
 /// reads, then is placed by the ring without searching, and counted.
+/// Packets too big to forward are answered with frag-needed within a per-CPU budget (1000 at
+/// once, then 10 000 a second): a flood of them must not make the node an ICMP source at line
+/// rate. Past the budget they are dropped unanswered; after a pause, answered again.
+#[test]
+fn frag_needed_answers_keep_to_a_budget() {
+    let Some(mut h) = Harness::pinned("too_big_budget", common::FIXTURE_CONFIG) else { return };
+    let (c, vip) = (v4("198.18.4.7"), v4("198.18.1.1"));
+    let big = V4::new(c, vip, 6).packet(&tcp(c.into(), vip.into(), 40000, 80, SYN, &[0; 1460]));
+    let big = eth(LB_MAC, CLIENT_MAC, ETH_IP, &big);
+    let mut answered = 0u64;
+    const SENT: u64 = 4000;
+    let started = std::time::Instant::now();
+    for _ in 0..SENT {
+        let (verdict, _) = h.run(&big);
+        answered += u64::from(verdict == XDP_TX);
+    }
+    let took = started.elapsed();
+    let allowed = 1000 + took.as_micros() as u64 / 100 + 1;
+    assert!(answered >= 1000, "{answered} of {SENT} answered: the burst is 1000");
+    assert!(answered <= allowed, "{answered} answered in {took:?}, at most {allowed} allowed");
+    assert!(answered < SENT, "all {SENT} answered in {took:?}");
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    for i in 0..100 {
+        assert_eq!(h.run(&big).0, XDP_TX, "answer {i} after the pause");
+    }
+}
+
 #[test]
 fn searches_of_the_other_cpus_keep_to_a_budget() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -43,8 +43,9 @@ pub const SYN_STAGE_SLOTS: u32 = 1 << SYN_STAGE_BITS;
 /// the low bits), so that flows sharing a bucket do not share a slot.
 pub const SYN_STAGE_BITS: u32 = 10;
 
-/// One CPU's budget of reads of the other CPUs' connection tables (lb-ebpf `conntrack`): a
-/// token bucket, refilled by the time since it was last looked at.
+/// One CPU's token bucket in the XDP program (lb-ebpf `budget`): its budget of reads of the
+/// other CPUs' connection tables, or of frag-needed / packet-too-big answers; refilled by the
+/// time since it was last refilled.
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
 pub struct SearchBudget {

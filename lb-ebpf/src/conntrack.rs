@@ -354,10 +354,7 @@ fn search_allowed() -> bool {
     let b = unsafe { &mut *b };
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let refill = now.saturating_sub(b.last_ns) / (1_000_000_000 / SEARCH_READS_PER_SEC);
-    b.last_ns = now;
-    b.tokens = (b.tokens + refill.min(SEARCH_READS_BURST as u64) as i64).min(SEARCH_READS_BURST);
-    b.tokens > 0
+    crate::budget::refill(b, now, 1_000_000_000 / SEARCH_READS_PER_SEC, SEARCH_READS_BURST)
 }
 
 /// Takes `reads` bucket reads of a search from this CPU's budget.

@@ -211,13 +211,36 @@ fn error_to_backend(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
 const QUOTE_V4: usize = IPV4_LEN + 8;
 const QUOTE_V6: usize = IPV6_LEN + 8;
 
+/// Frag-needed / packet-too-big answers each CPU may send per second, and at most at once. A
+/// flood of spoofed packets too big to forward must not make the node an ICMP source at line
+/// rate (the kernel caps its own ICMP errors too, at 1000 a second by default); past the
+/// budget, such packets are dropped unanswered, as they would be without DF.
+const TOO_BIG_PER_SEC: u64 = 10_000;
+const TOO_BIG_BURST: i64 = 1_000;
+
+/// May this CPU answer one more packet too big now? Takes a token if so.
+#[inline(never)]
+fn too_big_allowed() -> bool {
+    let Some(b) = crate::maps::TOO_BIG_BUDGET.get_ptr_mut(0) else { return false };
+    // SAFETY: this CPU's element of a per-CPU array, touched by no other CPU, and XDP does not
+    // preempt itself on one CPU.
+    let b = unsafe { &mut *b };
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    if !crate::budget::refill(b, now, 1_000_000_000 / TOO_BIG_PER_SEC, TOO_BIG_BURST) {
+        return false;
+    }
+    b.tokens -= 1;
+    true
+}
+
 /// Turns the packet into ICMP frag-needed (IPv4) or packet-too-big (IPv6) back to its sender,
 /// advertising `mtu`.
 #[inline(always)]
 pub fn too_big(ctx: &XdpContext, l3: &L3, mtu: u32, cfg: &GlobalConfig) -> u32 {
-    // A sender that may not be answered (see `answerable`) gets nothing; the packet, too big
-    // to forward, is dropped all the same.
-    if !matches!(answerable(ctx, l3), Ok(true)) {
+    // A sender that may not be answered (see `answerable`) gets nothing, nor does anyone past
+    // this CPU's budget; the packet, too big to forward, is dropped all the same.
+    if !matches!(answerable(ctx, l3), Ok(true)) || !too_big_allowed() {
         count(Reason::DropTooBig);
         return xdp_action::XDP_DROP;
     }

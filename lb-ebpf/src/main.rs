@@ -8,6 +8,7 @@
 #![no_std]
 #![no_main]
 
+mod budget;
 mod conntrack;
 mod csum;
 mod encap;

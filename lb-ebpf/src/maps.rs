@@ -85,6 +85,10 @@ pub static SYN_STAGE_V6: PerCpuArray<ConnEntry> = PerCpuArray::with_max_entries(
 #[map]
 pub static SEARCH_BUDGET: PerCpuArray<SearchBudget> = PerCpuArray::with_max_entries(1, 0);
 
+/// Each CPU's budget of frag-needed / packet-too-big answers (see `icmp`).
+#[map]
+pub static TOO_BIG_BUDGET: PerCpuArray<SearchBudget> = PerCpuArray::with_max_entries(1, 0);
+
 /// Node-wide settings (one element).
 #[map]
 pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
