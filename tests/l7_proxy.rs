@@ -4035,3 +4035,436 @@ fn a_refusal_of_a_head_request_has_no_content() {
     assert!(got.starts_with("HTTP/1.1 400 "), "{got:?}");
     assert!(got.ends_with("\r\n\r\n"), "content after the head of a HEAD response: {got:?}");
 }
+
+/// How a client of the TCP relay property test ends its side.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum TcpClientEnd {
+    HalfClose,
+    KeepOpen,
+    Reset,
+}
+
+/// What the backend of a TCP relay property case does on its connection.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum TcpBackendDoes {
+    /// Echoes until the end of the client's stream, then half-closes.
+    Echo,
+    /// Sends its bytes, half-closes, then reads to the end.
+    SendThenFin,
+    /// Reads to the end, then answers and half-closes.
+    ReadThenAnswer,
+    /// Sends its bytes, reads this many of the client's, then resets.
+    ResetAfter(usize),
+    /// Closes at once without reading.
+    CloseEarly,
+}
+
+/// How a stream ended, as one side of a TCP relay property case saw it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum TcpSeen {
+    Eof,
+    Reset,
+    TimedOut,
+    Other(std::io::ErrorKind),
+    /// This side ended it (reset or closed) itself.
+    Own,
+}
+
+fn tcp_seen(e: &std::io::Error) -> TcpSeen {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionReset => TcpSeen::Reset,
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => TcpSeen::TimedOut,
+        k => TcpSeen::Other(k),
+    }
+}
+
+struct TcpPropCase {
+    up: Vec<u8>,
+    /// Where the client's writes are split, and the pause after each piece (ms).
+    splits: Vec<(usize, u64)>,
+    end: TcpClientEnd,
+    backend: TcpBackendDoes,
+    down: Vec<u8>,
+    /// Pause (ms) before a side resets.
+    reset_pause: u64,
+}
+
+fn tcp_prop_case(rnd: &mut impl FnMut(usize) -> usize) -> TcpPropCase {
+    let bytes = |rnd: &mut dyn FnMut(usize) -> usize| -> Vec<u8> {
+        let len = match rnd(5) {
+            0 => 0,
+            1 => rnd(64 << 10),
+            _ => rnd(3000),
+        };
+        (0..len).map(|_| rnd(256) as u8).collect()
+    };
+    let up = bytes(rnd);
+    let down = bytes(rnd);
+    let mut at: Vec<usize> = (0..rnd(6)).map(|_| rnd(up.len().max(1))).filter(|&i| i > 0).collect();
+    at.sort_unstable();
+    at.dedup();
+    let splits = at.into_iter().map(|i| (i, rnd(6) as u64)).collect();
+    let end = [TcpClientEnd::HalfClose, TcpClientEnd::KeepOpen, TcpClientEnd::Reset][rnd(3)];
+    // At most one side resets.
+    let backend = match rnd(if end == TcpClientEnd::Reset { 3 } else { 5 }) {
+        0 => TcpBackendDoes::Echo,
+        1 => TcpBackendDoes::SendThenFin,
+        2 => TcpBackendDoes::ReadThenAnswer,
+        3 => TcpBackendDoes::ResetAfter(if rnd(3) == 0 { up.len() } else { rnd(up.len() + 1) }),
+        _ => TcpBackendDoes::CloseEarly,
+    };
+    TcpPropCase { up, splits, end, backend, down, reset_pause: rnd(10) as u64 }
+}
+
+/// What the backend of a TCP relay property case received, and how its connection ended.
+struct TcpBackendRun {
+    got: Vec<u8>,
+    end: TcpSeen,
+}
+
+/// Reads `s` to its end into `got`.
+fn tcp_read_to_end(s: &mut TcpStream, got: &mut Vec<u8>) -> TcpSeen {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return TcpSeen::Eof,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return tcp_seen(&e),
+        }
+    }
+}
+
+/// The backend side of one case: reads the PROXY v1 header (whose source address names the
+/// case, [`case_source`]) and follows the case's script.
+fn tcp_backend_case(mut s: TcpStream, cases: &[TcpPropCase]) -> Option<(usize, TcpBackendRun)> {
+    s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        if line.len() > 108 || s.read(&mut b).ok()? == 0 {
+            return None;
+        }
+        line.push(b[0]);
+    }
+    let text = String::from_utf8(line).ok()?;
+    let ip: std::net::Ipv4Addr = text.split(' ').nth(2)?.parse().ok()?;
+    let case = source_case(ip)?;
+    let c = cases.get(case)?;
+    let mut got = Vec::new();
+    let end = match c.backend {
+        TcpBackendDoes::Echo => {
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => {
+                        let _ = s.shutdown(Shutdown::Write);
+                        break TcpSeen::Eof;
+                    }
+                    Ok(n) => {
+                        got.extend_from_slice(&buf[..n]);
+                        if let Err(e) = s.write_all(&buf[..n]) {
+                            break tcp_seen(&e);
+                        }
+                    }
+                    Err(e) => break tcp_seen(&e),
+                }
+            }
+        }
+        TcpBackendDoes::SendThenFin => {
+            let _ = s.write_all(&c.down);
+            let _ = s.shutdown(Shutdown::Write);
+            tcp_read_to_end(&mut s, &mut got)
+        }
+        TcpBackendDoes::ReadThenAnswer => {
+            let end = tcp_read_to_end(&mut s, &mut got);
+            if end == TcpSeen::Eof {
+                let _ = s.write_all(&c.down);
+                let _ = s.shutdown(Shutdown::Write);
+            }
+            end
+        }
+        TcpBackendDoes::ResetAfter(k) => {
+            let _ = s.write_all(&c.down);
+            got.resize(k, 0);
+            match s.read_exact(&mut got) {
+                Ok(()) => {
+                    std::thread::sleep(Duration::from_millis(c.reset_pause));
+                    reset(s);
+                    TcpSeen::Own
+                }
+                Err(e) => {
+                    got.clear();
+                    tcp_seen(&e)
+                }
+            }
+        }
+        TcpBackendDoes::CloseEarly => TcpSeen::Own,
+    };
+    Some((case, TcpBackendRun { got, end }))
+}
+
+/// What the client of a TCP relay property case received, and how its connection ended.
+struct TcpClientRun {
+    got: Vec<u8>,
+    end: TcpSeen,
+    /// From connecting to the end, less the client's own pauses.
+    waited: Duration,
+}
+
+fn tcp_client_case(addr: SocketAddr, case: usize, c: &TcpPropCase) -> TcpClientRun {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from((case_source(case), 0)).into()).unwrap();
+    let t = Instant::now();
+    sock.connect(&addr.into()).unwrap();
+    let s: TcpStream = sock.into();
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+    let reader = (c.end != TcpClientEnd::Reset).then(|| {
+        let mut r = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let end = tcp_read_to_end(&mut r, &mut got);
+            (got, end, Instant::now())
+        })
+    });
+    let (mut from, mut slept, mut wrote) = (0, Duration::ZERO, TcpSeen::Eof);
+    for &(to, ms) in c.splits.iter().chain([(c.up.len(), 0)].iter()) {
+        if let Err(e) = (&s).write_all(&c.up[from..to]) {
+            wrote = tcp_seen(&e);
+            break;
+        }
+        from = to;
+        std::thread::sleep(Duration::from_millis(ms));
+        slept += Duration::from_millis(ms);
+    }
+    match reader {
+        None => {
+            std::thread::sleep(Duration::from_millis(c.reset_pause));
+            reset(s);
+            TcpClientRun { got: Vec::new(), end: TcpSeen::Own, waited: Duration::ZERO }
+        }
+        Some(reader) => {
+            if c.end == TcpClientEnd::HalfClose {
+                let _ = s.shutdown(Shutdown::Write);
+            }
+            let (got, mut end, at) = reader.join().unwrap();
+            // A reset is reported once: to the writer, if it met it first.
+            if end == TcpSeen::Eof && wrote == TcpSeen::Reset {
+                end = TcpSeen::Reset;
+            }
+            TcpClientRun { got, end, waited: (at - t).saturating_sub(slept) }
+        }
+    }
+}
+
+/// Deterministic randomized property test of the TCP relay (seeded: the seed is printed,
+/// `FUZZ_SEED=<n>` runs another). 500 cases, 12 at a time, each a connection from its own
+/// loopback address to a backend that follows the case's script ([`TcpBackendDoes`]: echo,
+/// send then half-close, read all then answer, reset at a random point, close at once) while the
+/// client writes random bytes in random pieces with pauses and then half-closes, keeps its side
+/// open, or resets ([`TcpClientEnd`]; at most one side resets). For every case:
+/// - the bytes each side receives are exactly what the other sent, in order (a prefix of it
+///   when the sender reset, or the backend answered only after the idle timeout had begun);
+/// - a half-close reaches the other side as an end of stream after all the bytes, while the
+///   other direction keeps flowing (a backend that half-closes first still gets the whole
+///   upload, a client that half-closes first still gets the whole answer);
+/// - a reset reaches the other side as a reset (ECONNRESET), never as a clean end;
+/// - the client's connection ends within twice the idle timeout (a lingering close) plus 1 s
+///   past its own pauses, and the backend's does not time out.
+///
+/// Afterwards the active-connections gauge is 0 and a fresh relay works.
+///
+/// Allowed (counted and printed) only where it can happen: a reset that arrives while the relay
+/// still sends towards the resetting side may reach the other side as an end of stream. On the
+/// wire that reset is the same as the one a side sends when it closes with bytes unread (a
+/// backend that answers and closes mid-upload), which the relay passes on as an end of stream,
+/// closing the client lingering, so that the client does not lose the answer's last bytes to a
+/// reset (ARCHITECTURE.md, `tcp.rs`).
+#[test]
+fn property_tcp_relay_passes_bytes_half_closes_and_resets_exactly() {
+    const CASES: usize = 500;
+    const IDLE_MS: u64 = 500;
+    let seed = common::fuzz_seed(0x7c9_5eed);
+    eprintln!("tcp relay property seed {seed} (FUZZ_SEED=<n> for another)");
+    let mut rnd = common::rng(seed);
+    let mut cases: Vec<TcpPropCase> = (0..CASES).map(|_| tcp_prop_case(&mut rnd)).collect();
+    // The fresh relay afterwards.
+    cases.push(TcpPropCase {
+        up: b"after".repeat(1000),
+        splits: vec![(7, 1)],
+        end: TcpClientEnd::HalfClose,
+        backend: TcpBackendDoes::Echo,
+        down: Vec::new(),
+        reset_pause: 0,
+    });
+    let cases = Arc::new(cases);
+    let backend_runs: Arc<std::sync::Mutex<HashMap<usize, TcpBackendRun>>> = Default::default();
+    let b = {
+        let (cases, runs) = (cases.clone(), backend_runs.clone());
+        serve_backend(move |s, _, _| {
+            if let Some((i, run)) = tcp_backend_case(s, &cases) {
+                runs.lock().unwrap().insert(i, run);
+            }
+        })
+    };
+    let p = proxy(
+        &[(&b, 1)],
+        &format!(
+            "mode = \"tcp\"\nproxy_protocol = 1\nidle_timeout_ms = {IDLE_MS}\nretries = 0\nmax_fails = 100"
+        ),
+        "",
+    );
+    let started = Instant::now();
+    let next = AtomicUsize::new(0);
+    let runs: Vec<std::sync::Mutex<Option<TcpClientRun>>> =
+        (0..CASES).map(|_| Default::default()).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..12 {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= CASES {
+                        return;
+                    }
+                    *runs[i].lock().unwrap() = Some(tcp_client_case(p.addr, i, &cases[i]));
+                }
+            });
+        }
+    });
+    let ran = started.elapsed();
+    // Let the backend threads of the last cases finish.
+    std::thread::sleep(Duration::from_millis(IDLE_MS + 200));
+    let mut failures = Vec::new();
+    let bound = Duration::from_millis(2 * IDLE_MS + 1000);
+    let (mut exact_before_reset, mut resets_seen, mut resets_as_eof) = (0, 0, 0);
+    let prefix = |got: &[u8], of: &[u8]| got.len() <= of.len() && got == &of[..got.len()];
+    for (i, c) in cases.iter().take(CASES).enumerate() {
+        let run = runs[i].lock().unwrap().take().unwrap();
+        let brun = backend_runs.lock().unwrap().remove(&i);
+        let mut problems = Vec::new();
+        use TcpBackendDoes as B;
+        use TcpClientEnd as C;
+        // Download: what the client got.
+        if c.end != C::Reset {
+            let (want, exact, ends): (&[u8], bool, &[TcpSeen]) = match c.backend {
+                B::Echo => (&c.up, true, &[TcpSeen::Eof]),
+                B::SendThenFin => (&c.down, true, &[TcpSeen::Eof]),
+                B::ReadThenAnswer => (&c.down, c.end == C::HalfClose, &[TcpSeen::Eof]),
+                B::ResetAfter(_) => (&c.down, false, &[TcpSeen::Reset]),
+                B::CloseEarly => (&[], true, &[TcpSeen::Eof, TcpSeen::Reset]),
+            };
+            if if exact { run.got != want } else { !prefix(&run.got, want) } {
+                problems.push(format!(
+                    "the client got {} bytes, not {} {} bytes sent",
+                    run.got.len(),
+                    if exact { "the" } else { "a prefix of the" },
+                    want.len()
+                ));
+            }
+            // Known defect (see the ignored test below): a reset that comes while the relay still
+            // sends towards the resetting side can reach the other side as an end of stream.
+            let racing = matches!(c.backend, B::ResetAfter(k) if k < c.up.len());
+            if racing && run.end == TcpSeen::Eof {
+                resets_as_eof += 1;
+            } else if !ends.contains(&run.end) {
+                problems.push(format!("the client's stream ended {:?}, not {ends:?}", run.end));
+            }
+            if let B::ResetAfter(_) = c.backend {
+                exact_before_reset += usize::from(run.got == c.down);
+                resets_seen += usize::from(run.end == TcpSeen::Reset);
+            }
+            // Both sides half-close: the relay ends with the last FIN, not at the idle timeout.
+            let prompt = c.end == C::HalfClose
+                && matches!(c.backend, B::Echo | B::SendThenFin | B::ReadThenAnswer);
+            if prompt && run.waited >= Duration::from_millis(IDLE_MS) {
+                problems.push(format!(
+                    "both sides half-closed, yet the relay took {:?} (the idle timeout)",
+                    run.waited
+                ));
+            }
+            if run.waited > bound {
+                problems.push(format!("the client's connection took {:?}", run.waited));
+            }
+        }
+        // Upload: what the backend got.
+        match (&brun, c.backend) {
+            (_, B::CloseEarly) => {}
+            (None, _) => problems.push("the backend never saw the connection".to_owned()),
+            (Some(br), B::ResetAfter(k)) => {
+                if br.got != c.up[..k] || br.end != TcpSeen::Own {
+                    problems.push(format!(
+                        "the resetting backend got {} bytes (not {k}), ended {:?}",
+                        br.got.len(),
+                        br.end
+                    ));
+                }
+            }
+            (Some(br), _) => {
+                let (exact, end) = match c.end {
+                    C::Reset => (false, TcpSeen::Reset),
+                    _ => (true, TcpSeen::Eof),
+                };
+                if if exact { br.got != c.up } else { !prefix(&br.got, &c.up) } {
+                    problems.push(format!(
+                        "the backend got {} bytes, not {} {} bytes sent",
+                        br.got.len(),
+                        if exact { "the" } else { "a prefix of the" },
+                        c.up.len()
+                    ));
+                }
+                // The same defect, the other way: the relay still sending to the client.
+                let racing = c.end == C::Reset
+                    && match c.backend {
+                        B::Echo => !c.up.is_empty(),
+                        B::SendThenFin => !c.down.is_empty(),
+                        _ => false,
+                    };
+                // (A FIN then the reset: the backend's write fails with EPIPE.)
+                let as_fin = [TcpSeen::Eof, TcpSeen::Other(std::io::ErrorKind::BrokenPipe)];
+                if racing && as_fin.contains(&br.end) {
+                    resets_as_eof += 1;
+                } else if br.end != end {
+                    problems.push(format!("the backend's stream ended {:?}, not {end:?}", br.end));
+                }
+            }
+        }
+        if !problems.is_empty() {
+            failures.push(format!(
+                "case {i} (client {:?}, backend {:?}, {} bytes up in {} pieces, {} down): {}",
+                c.end,
+                c.backend,
+                c.up.len(),
+                c.splits.len() + 1,
+                c.down.len(),
+                problems.join("; ")
+            ));
+        }
+    }
+    // Afterwards: every connection gave its place back, and a fresh relay works.
+    let gauge = "edgelb_l7_active_connections{vip=\"web\"} 0";
+    let t = Instant::now();
+    while !p.metrics.encode().lines().any(|l| l == gauge) {
+        if t.elapsed() > Duration::from_secs(3) {
+            failures.push(format!("no {gauge} after 3 s:\n{}", p.metrics.encode()));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = tcp_client_case(p.addr, CASES, &cases[CASES]);
+    if after.got != cases[CASES].up || after.end != TcpSeen::Eof {
+        failures.push(format!(
+            "a fresh relay afterwards: {} bytes back, ended {:?}",
+            after.got.len(),
+            after.end
+        ));
+    }
+    eprintln!(
+        "{CASES} cases in {ran:?}; backend resets: {resets_seen} seen by the client, {exact_before_reset} with every byte before; {resets_as_eof} resets met while sending, passed on as an end of stream"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failures (seed {seed}), the first ones:\n{}",
+        failures.len(),
+        failures.iter().take(12).cloned().collect::<Vec<_>>().join("\n")
+    );
+}
