@@ -1334,6 +1334,14 @@ mod tests {
             "/sys/fs/bpf/edgelb-test-owner-{}",
             std::process::id()
         ));
+        /// Removes the test's directories, even when an assertion failed.
+        struct Cleanup(std::path::PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _cleanup = Cleanup(dir.clone());
         pin_dir_ready(&dir).expect("a directory of its own making");
         std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
         let e = pin_dir_ready(&dir).unwrap_err().to_string();
@@ -1351,8 +1359,6 @@ mod tests {
         std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
         let e = pin_dir_ready(&inner).unwrap_err().to_string();
         assert!(e.contains("belongs to user 65534"), "{e}");
-        std::fs::remove_dir(&inner).unwrap();
-        std::fs::remove_dir(&dir).unwrap();
     }
 
     #[test]
