@@ -1795,29 +1795,39 @@ fn damaged_frames_are_passed_dropped_or_sent_well_formed() {
     }
 }
 
+/// A client address and port of a flow to the fixture's IPv4 VIP.
+type Flow = (Ipv4Addr, u16);
+
+/// Fills one bucket of `h`'s table with established flows (each sent twice: an unknown flow
+/// enters at its second segment), checks that nothing was evicted, and returns them with
+/// `flood` flows of other clients that hash to the same bucket.
+fn full_bucket_and_its_flood(h: &mut Harness, flood: usize) -> (Vec<Flow>, Vec<Flow>) {
+    let buckets = h.dp.table_shape().v4_buckets;
+    let flows = |base| flows_of(clients_from(base));
+    let established = bucket_overflow(buckets, lb_common::CONNTRACK_WAYS, flows("198.18.64.0"));
+    let bucket = bucket_of(buckets, established[0].0, established[0].1);
+    for &f in established.iter().chain(&established) {
+        h.run(&vip_segment(f, ACK));
+    }
+    assert_eq!(ct_event(h, lb_common::ct_stats::EVICTED), 0);
+    let others = flows("198.18.128.0")
+        .filter(|&(c, p)| bucket_of(buckets, c, p) == bucket)
+        .take(flood)
+        .collect();
+    (established, others)
+}
+
 #[test]
 fn a_syn_flood_cannot_push_established_flows_out() {
     let three = THREE;
     let Some(mut h) = Harness::pinned("a_syn_flood_cannot_push", &one_vip(&three)) else {
         return;
     };
-    let buckets = h.dp.table_shape().v4_buckets;
     let (frame, ct) = (vip_segment, ct_event);
     use lb_common::ct_stats::{EVICTED, MISSED_ESTABLISHED};
-    let flows = |base| flows_of(clients_from(base));
-    // Four established flows fill one bucket (an unknown flow enters at its second segment).
-    let established = bucket_overflow(buckets, lb_common::CONNTRACK_WAYS, flows("198.18.64.0"));
-    let bucket = bucket_of(buckets, established[0].0, established[0].1);
-    for &f in established.iter().chain(&established) {
-        h.run(&frame(f, ACK));
-    }
+    // 64 spoofed SYNs (each sent twice below) of other flows in the same bucket.
+    let (established, flood) = full_bucket_and_its_flood(&mut h, 64);
     let missed = ct(&h, MISSED_ESTABLISHED);
-    assert_eq!(ct(&h, EVICTED), 0);
-    // 64 spoofed SYNs (each sent twice) of other flows in the same bucket.
-    let flood: Vec<_> = flows("198.18.128.0")
-        .filter(|&(c, p)| bucket_of(buckets, c, p) == bucket)
-        .take(64)
-        .collect();
     for &f in flood.iter().chain(&flood) {
         assert_eq!(h.run(&frame(f, SYN)).0, 3, "a SYN is forwarded");
     }
@@ -1842,20 +1852,9 @@ fn an_ack_or_rst_flood_cannot_push_established_flows_out() {
     let Some(mut h) = Harness::pinned("an_ack_or_rst_flood_cannot_push", &one_vip(&THREE)) else {
         return;
     };
-    let buckets = h.dp.table_shape().v4_buckets;
     let (frame, ct) = (vip_segment, ct_event);
     use lb_common::ct_stats::{EVICTED, MISSED_ESTABLISHED};
-    let flows = |base| flows_of(clients_from(base));
-    let established = bucket_overflow(buckets, lb_common::CONNTRACK_WAYS, flows("198.18.64.0"));
-    let bucket = bucket_of(buckets, established[0].0, established[0].1);
-    for &f in established.iter().chain(&established) {
-        h.run(&frame(f, ACK));
-    }
-    assert_eq!(ct(&h, EVICTED), 0);
-    let flood: Vec<_> = flows("198.18.128.0")
-        .filter(|&(c, p)| bucket_of(buckets, c, p) == bucket)
-        .take(128)
-        .collect();
+    let (established, flood) = full_bucket_and_its_flood(&mut h, 128);
     for (i, &f) in flood.iter().enumerate() {
         let flags = if i % 2 == 0 { ACK } else { RST };
         assert_eq!(h.run(&frame(f, flags)).0, XDP_TX, "forwarded all the same");
@@ -1868,9 +1867,6 @@ fn an_ack_or_rst_flood_cannot_push_established_flows_out() {
     assert_eq!(ct(&h, MISSED_ESTABLISHED), missed, "every established flow is still a hit");
 }
 
-/// Looking for an unknown flow in the other CPUs' tables costs a cache miss per CPU: a flood of
-/// segments (or ICMP errors) about flows no table holds may spend only this CPU's budget of such
-/// reads, then is placed by the ring without searching, and counted.
 /// Packets too big to forward are answered with frag-needed within a per-CPU budget (1000 at
 /// once, then 10 000 a second): a flood of them must not make the node an ICMP source at line
 /// rate. Past the budget they are dropped unanswered; after a pause, answered again.
@@ -1898,6 +1894,9 @@ fn frag_needed_answers_keep_to_a_budget() {
     }
 }
 
+/// Looking for an unknown flow in the other CPUs' tables costs a cache miss per CPU: a flood of
+/// segments (or ICMP errors) about flows no table holds may spend only this CPU's budget of such
+/// reads, then is placed by the ring without searching, and counted.
 #[test]
 fn searches_of_the_other_cpus_keep_to_a_budget() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
