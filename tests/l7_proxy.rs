@@ -3716,6 +3716,31 @@ fn client_view(
     Ok(v)
 }
 
+/// Runs `run(i)` for every `i` in `0..n` on `threads` threads at once, each taking the next
+/// case as it is done; the results in case order.
+fn in_parallel<T: Send>(
+    n: usize,
+    threads: usize,
+    run: impl Fn(usize) -> Option<T> + Sync,
+) -> Vec<Option<T>> {
+    let next = AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<T>>> = (0..n).map(|_| Default::default()).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        return;
+                    }
+                    *results[i].lock().unwrap() = run(i);
+                }
+            });
+        }
+    });
+    results.into_iter().map(|r| r.into_inner().unwrap()).collect()
+}
+
 /// How one property case went for its client.
 struct CaseRun {
     got: Vec<u8>,
@@ -3869,22 +3894,9 @@ fn property_damaged_requests_get_well_formed_answers_and_reach_the_backend_unamb
     let cases: Vec<PropCase> = (0..CASES).map(|_| prop_case(&mut rnd)).collect();
     let only: Option<usize> = std::env::var("CASE").ok().and_then(|c| c.parse().ok());
     let started = Instant::now();
-    let next = AtomicUsize::new(0);
-    let runs: Vec<std::sync::Mutex<Option<CaseRun>>> =
-        (0..CASES).map(|_| Default::default()).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..24 {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(c) = cases.get(i) else { return };
-                    if only.is_none_or(|o| o == i) {
-                        let run = run_case(p.addr, i, &c.bytes, &c.splits, c.half_close);
-                        *runs[i].lock().unwrap() = Some(run);
-                    }
-                }
-            });
-        }
+    let mut runs = in_parallel(CASES, 24, |i| {
+        let c = &cases[i];
+        only.is_none_or(|o| o == i).then(|| run_case(p.addr, i, &c.bytes, &c.splits, c.half_close))
     });
     let ran = started.elapsed();
     // Afterwards: still serving, promptly; every connection gave its place back; no panic.
@@ -3944,7 +3956,7 @@ fn property_damaged_requests_get_well_formed_answers_and_reach_the_backend_unamb
     let (mut statuses, mut resets, mut slowest) = (HashMap::<u16, usize>::new(), 0, Duration::ZERO);
     let (mut forwarded, mut refused, mut upgraded) = (0, 0, 0);
     for (i, c) in cases.iter().enumerate() {
-        let Some(run) = runs[i].lock().unwrap().take() else { continue };
+        let Some(run) = runs[i].take() else { continue };
         let empty = Vec::new();
         let got = seen.get(&i).unwrap_or(&empty);
         let mut problems = Vec::new();
@@ -4315,22 +4327,7 @@ fn property_tcp_relay_passes_bytes_half_closes_and_resets_exactly() {
         "",
     );
     let started = Instant::now();
-    let next = AtomicUsize::new(0);
-    let runs: Vec<std::sync::Mutex<Option<TcpClientRun>>> =
-        (0..CASES).map(|_| Default::default()).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..12 {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= CASES {
-                        return;
-                    }
-                    *runs[i].lock().unwrap() = Some(tcp_client_case(p.addr, i, &cases[i]));
-                }
-            });
-        }
-    });
+    let mut runs = in_parallel(CASES, 12, |i| Some(tcp_client_case(p.addr, i, &cases[i])));
     let ran = started.elapsed();
     // Let the backend threads of the last cases finish.
     std::thread::sleep(Duration::from_millis(IDLE_MS + 200));
@@ -4339,7 +4336,7 @@ fn property_tcp_relay_passes_bytes_half_closes_and_resets_exactly() {
     let (mut exact_before_reset, mut resets_seen, mut resets_as_eof) = (0, 0, 0);
     let prefix = |got: &[u8], of: &[u8]| got.len() <= of.len() && got == &of[..got.len()];
     for (i, c) in cases.iter().take(CASES).enumerate() {
-        let run = runs[i].lock().unwrap().take().unwrap();
+        let run = runs[i].take().unwrap();
         let brun = backend_runs.lock().unwrap().remove(&i);
         let mut problems = Vec::new();
         use TcpBackendDoes as B;
