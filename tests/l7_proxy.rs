@@ -186,6 +186,22 @@ struct Running {
     metrics: Metrics,
 }
 
+impl Running {
+    /// Waits (3 s at most) for every connection to have given its place back: the VIP's
+    /// active-connections gauge at 0. Why not, if it is not.
+    fn connections_given_back(&self) -> Result<(), String> {
+        let gauge = "edgelb_l7_active_connections{vip=\"web\"} 0";
+        let start = Instant::now();
+        while !self.metrics.encode().lines().any(|l| l == gauge) {
+            if start.elapsed() > Duration::from_secs(3) {
+                return Err(format!("no {gauge} after 3 s:\n{}", self.metrics.encode()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         if let Some(p) = self.proxy.take() {
@@ -1562,12 +1578,7 @@ fn damaged_requests_never_reach_the_backend_malformed() {
         assert_eq!(r.expect("still serving").0, 200);
     }
     // Every connection gave its place back, whatever happened to it.
-    let gauge = "edgelb_l7_active_connections{vip=\"web\"} 0";
-    let start = Instant::now();
-    while !p.metrics.encode().lines().any(|l| l == gauge) {
-        assert!(start.elapsed() < Duration::from_secs(3), "{gauge} in\n{}", p.metrics.encode());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    p.connections_given_back().unwrap_or_else(|e| panic!("{e}"));
     let v = violations.lock().unwrap();
     assert!(v.is_empty(), "the backend received malformed requests:\n{}", v.join("\n"));
     // About a fifth of the cases are still requests a backend may get (195-245 over seeds 1-40).
@@ -3915,15 +3926,7 @@ fn property_damaged_requests_get_well_formed_answers_and_reach_the_backend_unamb
             ));
         }
     }
-    let gauge = "edgelb_l7_active_connections{vip=\"web\"} 0";
-    let t = Instant::now();
-    while !p.metrics.encode().lines().any(|l| l == gauge) {
-        if t.elapsed() > Duration::from_secs(3) {
-            after.push(format!("no {gauge} after 3 s:\n{}", p.metrics.encode()));
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    after.extend(p.connections_given_back().err());
     let panicked = PROXY_PANICS.load(Ordering::SeqCst) - panics;
     if panicked > 0 {
         after.push(format!("{panicked} panics on proxy threads (their messages are above)"));
@@ -4438,15 +4441,7 @@ fn property_tcp_relay_passes_bytes_half_closes_and_resets_exactly() {
         }
     }
     // Afterwards: every connection gave its place back, and a fresh relay works.
-    let gauge = "edgelb_l7_active_connections{vip=\"web\"} 0";
-    let t = Instant::now();
-    while !p.metrics.encode().lines().any(|l| l == gauge) {
-        if t.elapsed() > Duration::from_secs(3) {
-            failures.push(format!("no {gauge} after 3 s:\n{}", p.metrics.encode()));
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    failures.extend(p.connections_given_back().err());
     let after = tcp_client_case(p.addr, CASES, &cases[CASES]);
     if after.got != cases[CASES].up || after.end != TcpSeen::Eof {
         failures.push(format!(
