@@ -19,27 +19,27 @@ pub fn csum_add32(sum: u64, w: u32) -> u64 {
     sum + (w & 0xffff) as u64 + (w >> 16) as u64
 }
 
-/// Header checksum of an IPv4 header without options (its `check` field taken as zero).
+/// One's-complement sum of an IPv4 header without options, its `check` field left out.
 #[inline(always)]
-pub fn ipv4_csum(h: &Ipv4Hdr) -> u16 {
+fn ipv4_sum(h: &Ipv4Hdr) -> u64 {
     let mut s: u64 = u16::from_ne_bytes([h.ver_ihl, h.tos]) as u64;
     s += h.tot_len as u64 + h.id as u64 + h.frag_off as u64;
     s += u16::from_ne_bytes([h.ttl, h.proto]) as u64;
     s = csum_add32(s, h.saddr);
-    s = csum_add32(s, h.daddr);
-    csum_fold(s)
+    csum_add32(s, h.daddr)
+}
+
+/// Header checksum of an IPv4 header without options (its `check` field taken as zero).
+#[inline(always)]
+pub fn ipv4_csum(h: &Ipv4Hdr) -> u16 {
+    csum_fold(ipv4_sum(h))
 }
 
 /// Does the checksum of an IPv4 header without options verify (the sum over the header, its
 /// `check` field included, folds to zero)?
 #[inline(always)]
 pub fn ipv4_csum_ok(h: &Ipv4Hdr) -> bool {
-    let mut s: u64 = u16::from_ne_bytes([h.ver_ihl, h.tos]) as u64;
-    s += h.tot_len as u64 + h.id as u64 + h.frag_off as u64 + h.check as u64;
-    s += u16::from_ne_bytes([h.ttl, h.proto]) as u64;
-    s = csum_add32(s, h.saddr);
-    s = csum_add32(s, h.daddr);
-    csum_fold(s) == 0
+    csum_fold(ipv4_sum(h) + h.check as u64) == 0
 }
 
 /// RFC 1624 incremental update of `check` when a 16-bit word changes from `old` to `new`.
