@@ -1,7 +1,11 @@
 //! Plain TCP relay: one backend per client connection, bytes copied both ways, half-close passed
 //! on (when one side finishes sending, the other side's write half is shut down, and the relay
 //! ends once both directions are done). A reset (or any failed receive) is passed on as a reset,
-//! never as a half-close, which many protocols would read as "complete". The idle timeout counts
+//! not as a half-close, which many protocols would read as "complete"; the one exception is a
+//! reset that a send to the resetting side takes first (the kernel reports it once), which the
+//! receive then sees as an end of stream, and which is indistinguishable on the wire from a
+//! close with bytes unread, passed on as an end so the client keeps the last bytes (`relay`,
+//! docs/ARCHITECTURE.md). The idle timeout counts
 //! silence in both directions: a stream one side pushes while the other listens (server-sent
 //! events, a WebSocket feed) is not idle, nor is one a slow reader drains from the kernel's
 //! buffers.
