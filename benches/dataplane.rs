@@ -1274,7 +1274,9 @@ fn l7() -> Option<Value> {
         };
         let per_cpu = ratio("req_per_cpu_s");
         targets[format!("c{conns}_req_per_cpu_s_x_haproxy")] = target(
-            &format!("c{conns}: requests per CPU-second, edgelb / HAProxy (median of per-round ratios)"),
+            &format!(
+                "c{conns}: requests per CPU-second, edgelb / HAProxy (median of per-round ratios)"
+            ),
             per_cpu,
             &format!(
                 "{per_cpu:.2}× (medians {:.0} against {:.0})",
