@@ -1168,6 +1168,75 @@ fn counters_follow_forwarded_traffic() {
     assert_eq!(bc.packets - before.packets, 10);
 }
 
+/// A backend whose health check fails is left out of the effective config the controller
+/// applies, but it is still configured: it is parked, not retired. Its flows re-hash at once,
+/// yet its entry id, and so its counters, are kept, and they go on counting when it comes back
+/// (retiring it reset them to zero at every health flap, a counter reset to Prometheus).
+#[test]
+fn a_down_backend_keeps_its_counters_while_its_flows_rehash() {
+    let Some(mut h) =
+        Harness::new("a_down_backend_keeps_its_counters_while_its_flows_rehash", FIXTURE_CONFIG)
+    else {
+        return;
+    };
+    let configured = h.cfg.clone();
+    let vip = h.vip("v4udp");
+    let frame = |client: Ipv4Addr| {
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IP,
+            &V4::new(client, v4("198.18.1.1"), 17).packet(&udp(
+                client.into(),
+                v4("198.18.1.1").into(),
+                999,
+                53,
+                b"abc",
+            )),
+        )
+    };
+    let client = v4("198.18.4.50");
+    let b = route(&vip, client.into(), 0).unwrap().address;
+    for _ in 0..5 {
+        let (verdict, out) = h.run(&frame(client));
+        assert_eq!((verdict, outer_dst(&out)), (XDP_TX, b));
+    }
+    let id = h.dp.backend_id(&vip, b).unwrap();
+    let counted = h.dp.backend_counters(&vip, b).unwrap().packets;
+    assert!(counted >= 5);
+
+    // Down: the effective config leaves it out.
+    let mut eff = configured.clone();
+    eff.vips.iter_mut().find(|v| v.name == "v4udp").unwrap().backends.retain(|x| x.address != b);
+    let r = h.dp.apply_keeping(&eff, &configured).unwrap();
+    assert_eq!((r.backends_parked, r.backends_removed), (1, 0));
+    assert_eq!(h.dp.backend_id(&vip, b), Some(id), "a down backend keeps its entry");
+    assert_eq!(h.dp.backend_counters(&vip, b).unwrap().packets, counted, "and its counters");
+    let entry = h.dp.maps().backends.get(&id, 0).unwrap();
+    assert_eq!(entry.flags & lb_common::backend_flags::PRESENT, 0, "absent for the program");
+    let (verdict, out) = h.run(&frame(client));
+    assert_eq!(verdict, XDP_TX);
+    assert_ne!(outer_dst(&out), b, "a down backend's flow re-hashes");
+
+    // Back: the same id under a new generation, and its counters go on from where they were.
+    let r = h.dp.apply_keeping(&configured, &configured).unwrap();
+    assert_eq!((r.backends_restored, r.backends_added), (1, 0));
+    assert_eq!(h.dp.backend_id(&vip, b), Some(id));
+    assert_ne!(h.dp.maps().backends.get(&id, 0).unwrap().generation, entry.generation);
+    let other = (51..=250)
+        .map(|i| Ipv4Addr::new(198, 18, 4, i))
+        .find(|&c| route(&vip, c.into(), 0).unwrap().address == b)
+        .expect("a client the ring gives to the restored backend");
+    let (verdict, out) = h.run(&frame(other));
+    assert_eq!((verdict, outer_dst(&out)), (XDP_TX, b));
+    assert_eq!(h.dp.backend_counters(&vip, b).unwrap().packets, counted + 1);
+
+    // Removed from the config for good: retired, its id free again.
+    let r = h.dp.apply_keeping(&eff, &eff).unwrap();
+    assert_eq!(r.backends_removed, 1);
+    assert_eq!(h.dp.backend_id(&vip, b), None);
+}
+
 /// A pin directory removed when dropped (teardown, whatever it leaves).
 struct PinDir(std::path::PathBuf);
 
@@ -1205,6 +1274,30 @@ fn backend_generations_survive_a_restart_with_no_vip() {
     let mut dp = Dataplane::load(Some(&dir.0)).unwrap();
     dp.apply(&cfg).unwrap();
     assert_ne!(generation(&dp), first, "id 0 handed out again under its old generation");
+}
+
+/// A restart (or a takeover) adopts the pinned maps: a parked backend is adopted with its id,
+/// so its counters carry over to the new process as the serving backends' do.
+#[test]
+fn a_restart_adopts_parked_backends() {
+    if !require_privileged("a_restart_adopts_parked_backends") {
+        return;
+    }
+    let dir = PinDir::new("parked");
+    let cfg =
+        Config::parse(&one_vip(&[("198.18.0.11", 1), ("198.18.0.12", 1)]), "x".as_ref()).unwrap();
+    let down: IpAddr = v4("198.18.0.12").into();
+    let mut eff = cfg.clone();
+    eff.vips[0].backends.retain(|b| b.address != down);
+    let mut dp = Dataplane::load(Some(&dir.0)).unwrap();
+    dp.apply(&cfg).unwrap();
+    dp.apply_keeping(&eff, &cfg).unwrap();
+    let id = dp.backend_id(&cfg.vips[0], down).expect("parked, not retired");
+    drop(dp);
+    let mut dp = Dataplane::load(Some(&dir.0)).unwrap();
+    assert_eq!(dp.backend_id(&cfg.vips[0], down), Some(id), "adopted with its id");
+    let r = dp.apply_keeping(&eff, &cfg).unwrap();
+    assert!(r.is_empty(), "nothing to change after adopting: {r:?}");
 }
 
 /// `node.pin_dir` may name a directory other tools use too: `edgelb stop` removes what edgelb

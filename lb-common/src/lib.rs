@@ -189,6 +189,11 @@ pub mod backend_flags {
     /// The backend is in its pool (serving or draining). Cleared when it is removed or dead:
     /// its established flows then re-hash.
     pub const PRESENT: u8 = 1 << 0;
+    /// The backend is configured but down (its health check failed): absent for the program,
+    /// which looks at PRESENT alone (its flows re-hash, no ring names it), but its entry id,
+    /// and with it its counters, stay reserved for it, so that they go on counting when it
+    /// comes back instead of starting again from zero at every failure. User space only.
+    pub const PARKED: u8 = 1 << 1;
 }
 
 /// Key of the VIP table. Port 0 means any port of that address and protocol.

@@ -555,6 +555,8 @@ fn reload_summary(cfg: &Config, r: &crate::dataplane::ApplyReport) -> String {
             (r.backends_added, "backend added", "backends added"),
             (r.backends_removed, "backend removed", "backends removed"),
             (r.backends_updated, "backend entry rewritten", "backend entries rewritten"),
+            (r.backends_parked, "backend parked (down)", "backends parked (down)"),
+            (r.backends_restored, "backend restored", "backends restored"),
             (r.ring_slots_written, "ring slot written", "ring slots written"),
         ]
         .into_iter()
@@ -810,7 +812,7 @@ impl Controller {
         if let Some(p) = &mut self.proxy {
             p.update(&eff);
         }
-        self.dp.apply(&eff)
+        self.dp.apply_keeping(&eff, &self.cfg)
     }
 
     fn apply_logged(&mut self, why: &str) {

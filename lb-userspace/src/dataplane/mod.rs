@@ -14,7 +14,7 @@ mod holders;
 pub mod maps;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     ffi::CString,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -212,6 +212,10 @@ pub struct ApplyReport {
     pub backends_removed: usize,
     /// Backend entries rewritten in place (MAC changed).
     pub backends_updated: usize,
+    /// Backends parked: down, their id and counters kept for their return.
+    pub backends_parked: usize,
+    /// Parked backends back in their pool.
+    pub backends_restored: usize,
 }
 
 impl ApplyReport {
@@ -537,7 +541,7 @@ impl Dataplane {
             self.vips.insert(key, VipSlot { index: meta.vip_index, active, regions, meta });
         }
         for (id, b) in entries.into_iter().enumerate() {
-            if b.flags & backend_flags::PRESENT == 0 {
+            if b.flags & (backend_flags::PRESENT | backend_flags::PARKED) == 0 {
                 continue;
             }
             let Some(key) = by_index.get(&b.vip_index) else { continue };
@@ -688,8 +692,24 @@ impl Dataplane {
 
     /// Brings the maps in line with `cfg` (see the module docs for the order of writes). `cfg`
     /// is the *effective* config: the controller has already dropped dead backends and zeroed
-    /// drained ones.
+    /// drained ones. Backends it leaves out are retired (see [`Dataplane::apply_keeping`] for
+    /// dead backends that are still configured).
     pub fn apply(&mut self, cfg: &Config) -> Result<ApplyReport, DataplaneError> {
+        self.apply_keeping(cfg, cfg)
+    }
+
+    /// [`Dataplane::apply`] of the effective config `cfg`, where `configured` is the config it
+    /// was made from: a backend `configured` lists but `cfg` leaves out (it is down) is parked
+    /// rather than retired. Its entry is absent for the program (not PRESENT: its flows re-hash,
+    /// no ring names it) but keeps its id, so its counters go on when it comes back, under a
+    /// new generation (the flows its old entries named moved on while it was down). Operators
+    /// read a backend's counters across its health flaps; retiring it would reset them to zero
+    /// at each one, which Prometheus reads as a counter reset and `status` as lost totals.
+    pub fn apply_keeping(
+        &mut self,
+        cfg: &Config,
+        configured: &Config,
+    ) -> Result<ApplyReport, DataplaneError> {
         let mut report = ApplyReport::default();
         let live_keys: Vec<VipKey> = cfg.vips.iter().map(vip_key).collect();
 
@@ -752,10 +772,40 @@ impl Dataplane {
                 );
             }
         }
+        // Down backends that hold an entry: kept, parked (see `apply_keeping`).
+        let parked: HashSet<BackendKey> = configured
+            .vips
+            .iter()
+            .filter(|v| v.forwarding != Forwarding::L7 && vip_index_of.contains_key(&vip_key(v)))
+            .flat_map(|v| v.backends.iter().map(move |b| (vip_key(v), b.address)))
+            .filter(|bk| !wanted.contains_key(bk) && self.backend_ids.contains_key(bk))
+            .collect();
+        for bk in &parked {
+            let id = self.backend_ids[bk] as usize;
+            let mut entry = self.backends[id].expect("owned id");
+            if entry.flags != backend_flags::PARKED {
+                entry.flags = backend_flags::PARKED;
+                self.maps
+                    .backends
+                    .set(id as u32, &entry, 0)
+                    .map_err(map_err(lb_common::maps::BACKENDS))?;
+                self.backends[id] = Some(entry);
+                report.backends_parked += 1;
+            }
+        }
         let mut order: Vec<&BackendKey> = wanted.keys().collect();
         order.sort_by_key(|(k, a)| (vip_index_of[k], *a));
         for bk in order {
             let id = match self.backend_ids.get(bk) {
+                // Back from parking: the same id and counters, a new generation.
+                Some(&id)
+                    if self.backends[id as usize]
+                        .is_some_and(|b| b.flags & backend_flags::PARKED != 0) =>
+                {
+                    self.generations[id as usize] = self.generations[id as usize].wrapping_add(1);
+                    report.backends_restored += 1;
+                    id
+                }
                 Some(&id) => id,
                 None => {
                     let id = self
@@ -773,7 +823,8 @@ impl Dataplane {
             };
             let entry = Backend { generation: self.generations[id as usize], ..wanted[bk] };
             if self.backends[id as usize] != Some(entry) {
-                if self.backends[id as usize].is_some() {
+                if self.backends[id as usize].is_some_and(|b| b.flags & backend_flags::PARKED == 0)
+                {
                     report.backends_updated += 1;
                 }
                 self.maps
@@ -871,8 +922,9 @@ impl Dataplane {
             self.addrs.remove(&(addr, family));
         }
 
-        // 6. Retire backend entries no VIP lists: their flows re-hash on their next packet.
-        self.retire_backends(|k| !wanted.contains_key(k), &mut report)?;
+        // 6. Retire backend entries no VIP lists (nor parks): their flows re-hash on their next
+        // packet.
+        self.retire_backends(|k| !wanted.contains_key(k) && !parked.contains(k), &mut report)?;
         Ok(report)
     }
 
