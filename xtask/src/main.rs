@@ -94,6 +94,7 @@ fn real_main() -> Result<()> {
         Task::Bench { parts } => bench(&parts),
         Task::Testbed { action: TestbedAction::Up } => {
             require_root("testbed up")?;
+            refuse_testbed_in_use("testbed up")?;
             let tb = Testbed::up(PREFIX, true).context("building the testbed")?;
             std::mem::forget(tb); // keep it up; `cargo xtask testbed down` removes it
             println!("testbed `{PREFIX}` is up: namespaces {PREFIX}-{{sw,client,lb,b1,b2,b3}}");
@@ -581,6 +582,24 @@ fn show_spread(tb: &Testbed, vip: SocketAddr, n: u32, timeout: Duration) -> Resu
     Ok(())
 }
 
+/// Refuses to build the testbed while processes run in its namespaces: building it starts by
+/// removing the old one, which would pull the network out from under another `cargo xtask run`
+/// (whose edgelb then fails, while this one fails to create namespaces the other's teardown
+/// removes, with errors that name neither).
+fn refuse_testbed_in_use(task: &str) -> Result<()> {
+    let inside = Testbed::processes_inside(PREFIX);
+    if !inside.is_empty() {
+        let who: Vec<String> = inside.iter().map(|(pid, comm)| format!("{comm} ({pid})")).collect();
+        bail!(
+            "{task}: the testbed `{PREFIX}` is in use by {} (another `cargo xtask run`?): stop \
+             that one first (Ctrl-C where it runs), or remove the testbed with `cargo xtask \
+             testbed down`",
+            who.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn run(duration: Option<u64>) -> Result<()> {
     require_root("xtask run")?;
     cargo(&["build", "--bin", "edgelb"])?;
@@ -596,6 +615,7 @@ fn run(duration: Option<u64>) -> Result<()> {
         signal_hook::flag::register(sig, stop.clone())?;
     }
 
+    refuse_testbed_in_use("run")?;
     eprintln!("== testbed: client, balancer node, 3 backends in namespaces `{PREFIX}-*`");
     let tb = Testbed::up(PREFIX, false).context("building the testbed")?;
     let _servers = tb.start_servers().context("starting backend servers")?;

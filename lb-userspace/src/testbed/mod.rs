@@ -248,6 +248,40 @@ impl Testbed {
         Ok(tb)
     }
 
+    /// Processes (PID, command name) running in a namespace of testbed `prefix`: a testbed
+    /// still in use (an edgelb a `cargo xtask run` started in its balancer namespace), which
+    /// [`Testbed::up`] would tear down under it. Empty when there is no such testbed, or only a
+    /// leftover no process uses (or one `cargo xtask testbed up` made, which keeps none).
+    pub fn processes_inside(prefix: &str) -> Vec<(u32, String)> {
+        use std::os::unix::fs::MetadataExt;
+        let names = Names::new(prefix);
+        let spaces: Vec<(u64, u64)> = names
+            .all()
+            .iter()
+            .filter_map(|ns| std::fs::metadata(netns::netns_path(ns)).ok())
+            .map(|m| (m.dev(), m.ino()))
+            .collect();
+        if spaces.is_empty() {
+            return Vec::new();
+        }
+        let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+        let mut inside: Vec<(u32, String)> = procs
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| pid != std::process::id())
+            .filter(|pid| {
+                std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                    .is_ok_and(|m| spaces.contains(&(m.dev(), m.ino())))
+            })
+            .map(|pid| {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                (pid, comm.trim().to_owned())
+            })
+            .collect();
+        inside.sort();
+        inside
+    }
+
     /// Removes every namespace and pin of testbed `prefix`. Idempotent; errors are ignored
     /// because a half-built testbed must still be torn down as far as possible.
     pub fn down(prefix: &str) {
