@@ -772,7 +772,7 @@ impl Dataplane {
                 );
             }
         }
-        // Down backends that hold an entry: kept, parked (see `apply_keeping`).
+        // Down backends that hold an entry: kept, parked (see `apply_keeping`) in step 6.
         let parked: HashSet<BackendKey> = configured
             .vips
             .iter()
@@ -780,19 +780,6 @@ impl Dataplane {
             .flat_map(|v| v.backends.iter().map(move |b| (vip_key(v), b.address)))
             .filter(|bk| !wanted.contains_key(bk) && self.backend_ids.contains_key(bk))
             .collect();
-        for bk in &parked {
-            let id = self.backend_ids[bk] as usize;
-            let mut entry = self.backends[id].expect("owned id");
-            if entry.flags != backend_flags::PARKED {
-                entry.flags = backend_flags::PARKED;
-                self.maps
-                    .backends
-                    .set(id as u32, &entry, 0)
-                    .map_err(map_err(lb_common::maps::BACKENDS))?;
-                self.backends[id] = Some(entry);
-                report.backends_parked += 1;
-            }
-        }
         let mut order: Vec<&BackendKey> = wanted.keys().collect();
         order.sort_by_key(|(k, a)| (vip_index_of[k], *a));
         for bk in order {
@@ -922,8 +909,22 @@ impl Dataplane {
             self.addrs.remove(&(addr, family));
         }
 
-        // 6. Retire backend entries no VIP lists (nor parks): their flows re-hash on their next
-        // packet.
+        // 6. Park the entries of down backends, and retire those no VIP lists: their flows
+        // re-hash on their next packet. Only now that no published ring names them: a ring
+        // slot naming an absent backend drops the new flows it places.
+        for bk in &parked {
+            let id = self.backend_ids[bk] as usize;
+            let mut entry = self.backends[id].expect("owned id");
+            if entry.flags != backend_flags::PARKED {
+                entry.flags = backend_flags::PARKED;
+                self.maps
+                    .backends
+                    .set(id as u32, &entry, 0)
+                    .map_err(map_err(lb_common::maps::BACKENDS))?;
+                self.backends[id] = Some(entry);
+                report.backends_parked += 1;
+            }
+        }
         self.retire_backends(|k| !wanted.contains_key(k) && !parked.contains(k), &mut report)?;
         Ok(report)
     }
