@@ -1723,6 +1723,7 @@ fn responses_carry_one_valid_content_length() {
         "/204" => ("HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", false),
         "/dup" => ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\ncontent-length: 2, 2\r\n\r\nok", false),
         "/empty" => ("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false),
+        "/two" => ("HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello", true),
         // Not 1*DIGIT: the proxy must not pass it on as a length a client may read differently.
         _ => ("HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok", true),
     });
@@ -1749,15 +1750,158 @@ fn responses_carry_one_valid_content_length() {
     assert!(dup.ends_with("\r\n\r\nok"), "{dup:?}");
     let empty = raw_exchange(p.addr, &req("GET", "/empty"));
     assert!(empty.contains("\r\nContent-Length: 0\r\n") && count(&empty) == 1, "{empty:?}");
-    // An invalid length: the body is delimited by the close instead, with no length header.
-    let plus = raw_exchange(p.addr, &req("GET", "/plus"));
-    assert!(plus.starts_with("HTTP/1.1 200 ") && count(&plus) == 0, "{plus:?}");
-    assert!(plus.contains("Connection: close\r\n") && plus.ends_with("\r\n\r\nok"), "{plus:?}");
+    // An invalid length without Transfer-Encoding makes the response's framing unknowable: the
+    // proxy discards it and answers 502 (RFC 9112 6.3, item 5), rather than pass the body on
+    // delimited by the close, which may be the start of a response the client then mistakes
+    // for the whole (a backend's `+2` may be another parser's 2).
+    for path in ["/plus", "/two"] {
+        let bad = raw_exchange(p.addr, &req("GET", path));
+        assert!(bad.starts_with("HTTP/1.1 502 "), "{path}: {bad:?}");
+        assert!(bad.ends_with("\r\n\r\n502 Bad Gateway\n"), "{path}: {bad:?}");
+        assert!(!bad.contains("ok"), "none of the backend's body: {bad:?}");
+    }
+    // A response to HEAD has no body whatever its head says (RFC 9112 6.3 item 1, before item
+    // 5): it goes on, without the length it could not describe.
+    let head_plus = raw_exchange(p.addr, &req("HEAD", "/plus"));
+    assert!(head_plus.starts_with("HTTP/1.1 200 ") && count(&head_plus) == 0, "{head_plus:?}");
+    assert!(head_plus.ends_with("\r\n\r\n"), "{head_plus:?}");
+}
+
+/// A response with an invalid Content-Length takes the path of any broken response (an
+/// unparsable head): a 502, a passive-health failure of its backend, and another backend
+/// tried only for a request that may be sent twice (idempotent, without a body).
+#[test]
+fn an_invalid_response_length_is_a_502_and_a_failure_retried_only_when_safe() {
+    let bad = || raw_backend(|_| ("HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello", false));
+    let one = bad();
+    let p = proxy(&[(&one, 1)], "max_fails = 1\nfail_timeout_ms = 60000", "");
+    assert_eq!(get(p.addr, "/").0, 502);
+    let text = p.metrics.encode();
+    let want =
+        format!("edgelb_l7_backend_ejections_total{{vip=\"web\",backend=\"{}\"}} 1", one.addr);
+    assert!(text.lines().any(|l| l == want), "{want} in\n{text}");
+    assert!(text.lines().any(|l| l == "edgelb_l7_requests_total{vip=\"web\",class=\"5xx\"} 1"));
+
+    let (a, b) = (bad(), bad());
+    let p = proxy(&[(&a, 1), (&b, 1)], "retries = 1\nmax_fails = 100", "");
+    let tried = || a.reqs.load(Ordering::Relaxed) + b.reqs.load(Ordering::Relaxed);
+    assert_eq!(get(p.addr, "/").0, 502);
+    assert_eq!(tried(), 2, "a GET goes to the other backend too");
+    let post = "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    assert_eq!(request(p.addr, None, post).expect("a response").0, 502);
+    assert_eq!(tried(), 3, "a POST is sent once");
+}
+
+/// `Trailer` is end-to-end (RFC 9110 6.6.2; only RFC 2616 listed it among the hop-by-hop
+/// headers): it reaches the backend with a chunked request, and the client with a chunked
+/// response, each with the trailer section it announces.
+#[test]
+fn the_trailer_header_goes_both_ways() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b = serve_backend(move |mut s, r2, _| {
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !got.ends_with(b"X-T: 1\r\n\r\n") {
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+        r2.fetch_add(1, Ordering::Relaxed);
+        let _ = tx.send(String::from_utf8_lossy(&got).into_owned());
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\nTrailer: X-U\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-U: 2\r\n\r\n",
+        );
+    });
+    let p = proxy(&[(&b, 1)], "", "");
+    let got = raw_exchange(
+        p.addr,
+        "POST / HTTP/1.1\r\nHost: t\r\nTrailer: X-T\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\nhi\r\n0\r\nX-T: 1\r\n\r\n",
+    );
+    let sent = rx.recv_timeout(Duration::from_secs(5)).expect("the backend got the request");
+    assert!(sent.contains("\r\nTrailer: X-T\r\n"), "{sent:?}");
+    assert!(sent.ends_with("\r\n\r\n2\r\nhi\r\n0\r\nX-T: 1\r\n\r\n"), "{sent:?}");
+    let (head, body) = got.split_once("\r\n\r\n").expect("a response");
+    assert!(head.starts_with("HTTP/1.1 200 ") && head.contains("\r\nTrailer: X-U"), "{got:?}");
+    assert_eq!(body, "2\r\nok\r\n0\r\nX-U: 2\r\n\r\n");
+}
+
+/// A response body that cannot be passed on whole once its head went to the client (its backend
+/// resets the connection or stalls past the idle timeout, or its chunked coding breaks) ends the
+/// client connection with a reset, not a close: at a clean close a client takes a body
+/// delimited by the close (and a chunked one decoded for HTTP/1.0) for complete (RFC 9112 8),
+/// so a truncated download would pass for a whole one. A body that ends as framed still ends
+/// with a clean close.
+#[test]
+fn a_response_body_cut_short_reaches_the_client_as_a_reset() {
+    let b = serve_backend(|s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let Some((head, _)) = read_request(&mut r) else { return };
+        r2.fetch_add(1, Ordering::Relaxed);
+        let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+        let first: &[u8] = if path == "/bad-chunk" {
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\npartial\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npartial"
+        };
+        if w.write_all(first).is_err() {
+            return;
+        }
+        // The bytes reach the client before the body breaks.
+        std::thread::sleep(Duration::from_millis(100));
+        match path.as_str() {
+            "/reset" => {
+                drop(r);
+                reset(w);
+            }
+            "/stall" => std::thread::sleep(Duration::from_millis(1500)),
+            "/bad-chunk" => {
+                let _ = w.write_all(b"zz\r\n");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            _ => {}
+        }
+    });
+    let p = proxy(&[(&b, 1)], "idle_timeout_ms = 300", "");
+    // What the client reads, and how its connection ends: Ok at a clean end of stream.
+    let fetch = |path: &str, version: &str| {
+        let mut c = TcpStream::connect(p.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let req = format!("GET {path} HTTP/{version}\r\nHost: t\r\nConnection: close\r\n\r\n");
+        c.write_all(req.as_bytes()).unwrap();
+        let (mut got, mut chunk) = (Vec::new(), [0u8; 4096]);
+        loop {
+            match c.read(&mut chunk) {
+                Ok(0) => return (String::from_utf8_lossy(&got).into_owned(), Ok(())),
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(e) => return (String::from_utf8_lossy(&got).into_owned(), Err(e.kind())),
+            }
+        }
+    };
+    // Every way of breaking is tried before any is judged, so a failure names them all.
+    let wrong: Vec<String> = [("/reset", "1.1"), ("/stall", "1.1"), ("/bad-chunk", "1.0")]
+        .into_iter()
+        .filter_map(|(path, version)| {
+            let (got, end) = fetch(path, version);
+            let ok = got.starts_with("HTTP/1.1 200 ")
+                && got.contains("\r\nConnection: close\r\n")
+                && got.ends_with("\r\n\r\npartial")
+                && end == Err(std::io::ErrorKind::ConnectionReset);
+            (!ok).then(|| format!("{path}: {got:?}, then {end:?}"))
+        })
+        .collect();
+    assert!(wrong.is_empty(), "a reset after the bytes that came:\n{}", wrong.join("\n"));
+    let (got, end) = fetch("/whole", "1.1");
+    assert!(got.ends_with("\r\n\r\npartial") && end.is_ok(), "a complete body: {got:?} {end:?}");
 }
 
 /// Checks what a client received for one GET: interim responses, then one final response,
 /// each a valid head with RFC 9112 framing, and nothing after it. A stream cut short is fine
-/// (the proxy closes a response it cannot finish); anything else is returned as an error.
+/// (the proxy resets the connection of a response it cannot finish, and [`exchange`] keeps the
+/// bytes that came before the reset, as it would before a close: which of the two ends the
+/// stream is `a_response_body_cut_short_reaches_the_client_as_a_reset`'s to judge); anything
+/// else is returned as an error.
 fn check_one_response(mut got: &[u8]) -> Result<(), String> {
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 100];
@@ -3090,7 +3234,8 @@ fn forwarded_request(buf: &[u8]) -> Result<Option<(usize, Seen)>, String> {
     if upgrade && (chunked || length.is_some_and(|n| n > 0) || all("upgrade").len() != 1) {
         return Err("an upgrade with a body, or not one Upgrade header".into());
     }
-    for hop in ["keep-alive", "proxy-connection", "te", "trailer"] {
+    // Not `Trailer`: it is end-to-end (RFC 9110 6.6.2), and goes on with a chunked body.
+    for hop in ["keep-alive", "proxy-connection", "te"] {
         if !all(hop).is_empty() {
             return Err(format!("hop-by-hop header {hop}"));
         }

@@ -482,16 +482,12 @@ fn has_token(head: &Head, name: &str, token: &[u8]) -> bool {
     tokens(head, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
-/// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-    "transfer-encoding",
-];
+/// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1). Not `Trailer`: it
+/// announces the fields of the trailer section, which goes on with a chunked body passed on as
+/// it came, so it is end-to-end (RFC 9110 6.6.2; RFC 2616 13.5.1 listed "Trailers", a
+/// misspelling RFC 7230 and its successors dropped).
+const HOP_BY_HOP: [&str; 6] =
+    ["connection", "keep-alive", "proxy-connection", "te", "upgrade", "transfer-encoding"];
 
 /// Is `name` hop-by-hop, by the fixed list or because a `Connection` header of `head` names
 /// it? Not Host, whatever `Connection` says: it is meant for every recipient (RFC 9110 7.6.1),
@@ -584,9 +580,11 @@ fn declared_length(head: &Head) -> Option<u64> {
 /// stacked or repeated codings, and spellings other parsers may read otherwise, are how
 /// requests get smuggled past a proxy. Responses may list other codings before `chunked`, which
 /// the proxy passes on without decoding; any other Transfer-Encoding makes the response
-/// delimited by the close (RFC 9112 6.3, which is also where an Err for a response leads). A
-/// response with both a chunked Transfer-Encoding and a Content-Length is chunked: the coding
-/// overrides the length, which is not passed on (RFC 9112 6.3); its connection is not re-used.
+/// delimited by the close (RFC 9112 6.3). A response with both a chunked Transfer-Encoding and
+/// a Content-Length is chunked: the coding overrides the length, which is not passed on (RFC
+/// 9112 6.3); its connection is not re-used. An Err for a response (an invalid Content-Length
+/// without Transfer-Encoding) makes it a broken response, answered with 502 (RFC 9112 6.3 item
+/// 5: see [`response_head`]).
 fn body_framing(head: &Head, request: bool) -> Result<Framing, ()> {
     // Transfer codings: how many, whether each is a token, whether `chunked` is among the
     // ones before the last, and the last.
@@ -1052,6 +1050,24 @@ struct RespHead {
     reason: Span,
     /// An HTTP/1.0 response: its connection persists only if it says `keep-alive`.
     http10: bool,
+    /// How its headers delimit its body ([`body_framing`]), found once, as the head is parsed:
+    /// [`response_head`] refuses a final response whose framing is invalid, and the caller
+    /// streams the body by it. Whether there is a body at all (not for a HEAD request, 1xx,
+    /// 204 or 304) is the caller's to say.
+    framing: Result<Framing, ()>,
+}
+
+impl RespHead {
+    /// Has it a body whose end cannot be known: is it a final response other than 204 or 304,
+    /// to a request other than HEAD (`head_request`; RFC 9112 6.3 items 1 and 2: such a
+    /// response has no body whatever its head says, and its framing does not matter), with an
+    /// invalid Content-Length and no Transfer-Encoding (item 5)?
+    fn unframable(&self, head_request: bool) -> bool {
+        self.framing.is_err()
+            && !head_request
+            && self.status >= 200
+            && !matches!(self.status, 204 | 304)
+    }
 }
 
 /// Writes `resp`'s status line and its end-to-end headers: not the hop-by-hop ones, nor
@@ -1093,7 +1109,8 @@ fn parse_response(buf: &mut BytesMut) -> Result<Option<RespHead>, ()> {
     let http10 = resp.version == Some(0);
     let headers = Head::spans(buf, resp.headers);
     let head = Head::new(buf.split_to(len).freeze(), headers);
-    Ok(Some(RespHead { head, status, reason, http10 }))
+    let framing = body_framing(&head, false);
+    Ok(Some(RespHead { head, status, reason, http10, framing }))
 }
 
 /// Why an attempt on one backend failed.
@@ -1268,6 +1285,12 @@ async fn serve_conn(
             .forwarded_for
             .then(|| &*forwarded.get_or_insert_with(|| ForwardedClient::new(peer)));
         let head = upstream_head(&req, &target, listen, framing, upgrade, names);
+        let expect = Expect {
+            upgrade: upgrade.is_some(),
+            continued,
+            http10: req.http10,
+            head: req.method() == "HEAD",
+        };
         tried.clear();
         let mut last = Attempt::Connect;
         let mut done = None;
@@ -1284,23 +1307,8 @@ async fn serve_conn(
             // The first attempt starts with the request; a retry reads the clock again.
             let now = if attempt == 0 { started } else { Instant::now() };
             let r = attempt_once(
-                client,
-                &mut buf,
-                &mut ubuf,
-                &upstream,
-                &vip,
-                &pool,
-                i,
-                &head,
-                framing,
-                upgrade.is_some(),
-                continued,
-                req.http10,
-                can_retry,
-                peer,
-                listen,
-                now,
-                deadline,
+                client, &mut buf, &mut ubuf, &upstream, &vip, &pool, i, &head, framing, expect,
+                can_retry, peer, listen, now, deadline,
             )
             .await;
             match r {
@@ -1422,10 +1430,11 @@ async fn serve_conn(
         // A response that has no body whatever its head says: its connection is checked before
         // it is reused (see `Idle::peek`).
         let bodiless = head_req || resp.status == 204 || resp.status == 304;
-        let rframing = if bodiless {
-            Framing::None
-        } else {
-            body_framing(&resp.head, false).unwrap_or(Framing::UntilClose)
+        let rframing = match resp.framing {
+            _ if bodiless => Framing::None,
+            Ok(f) => f,
+            // `response_head` refuses such a response (a 502): not reached.
+            Err(()) => Framing::UntilClose,
         };
         // A connection the backend keeps open (RFC 9112 9.3): not after `close`, nor after an
         // HTTP/1.0 response without `keep-alive`, nor after a length that was overridden.
@@ -1500,7 +1509,13 @@ async fn serve_conn(
         finished(&vip, peer, status, Some(&req), Some(pool.members[i].state.addr), Some(started));
         vip.duration.observe(end.saturating_duration_since(started).as_secs_f64());
         if body.is_err() {
+            // The body could not be passed on whole, and its head is with the client: a
+            // reset tells it so. A clean close would not, where the close delimits the body
+            // (one without a length, or a chunked one decoded for HTTP/1.0): the client takes
+            // a body cut short there for the whole one (RFC 9112 8), caches or saves it. Every
+            // other end of a client connection is an ordinary close.
             let _ = up.shutdown(std::net::Shutdown::Both);
+            client.abort();
             return;
         }
         if upstream_keepalive && !cut && ubuf.is_empty() && vip.cfg.proxy_protocol.is_none() {
@@ -1538,9 +1553,10 @@ struct Answer {
 }
 
 /// One try on member `i`, starting at `now`: connect (or reuse), send head and body, read the
-/// response head. A `replayable` request (idempotent, no body) is sent again on a fresh
-/// connection when a reused one turns out closed before any response. A final response that
-/// arrives while the body is still streaming ends the body there ([`Answer::cut`]).
+/// response head (one that `expect` admits). A `replayable` request (idempotent, no body) is
+/// sent again on a fresh connection when a reused one turns out closed before any response. A
+/// final response that arrives while the body is still streaming ends the body there
+/// ([`Answer::cut`]).
 #[allow(clippy::too_many_arguments)]
 async fn attempt_once(
     client: &Socket,
@@ -1552,9 +1568,7 @@ async fn attempt_once(
     i: usize,
     head: &Bytes,
     framing: Framing,
-    upgrade: bool,
-    continued: bool,
-    http10: bool,
+    expect: Expect,
     replayable: bool,
     peer: SocketAddr,
     listen: SocketAddr,
@@ -1563,7 +1577,6 @@ async fn attempt_once(
 ) -> Result<Answer, Attempt> {
     let cfg = &vip.cfg;
     let addr = pool.members[i].state.addr;
-    let expect = Expect { upgrade, continued, http10 };
     // A pooled connection may have been closed by the backend meanwhile. A request that may
     // be sent again then goes on a fresh one; the backend may also have closed it just as the
     // request arrived, having read it or not, so any other request takes only a connection
@@ -1692,6 +1705,9 @@ struct Expect {
     continued: bool,
     /// An HTTP/1.0 client: it gets no interim responses (RFC 9110 15.2).
     http10: bool,
+    /// A HEAD request: its response has no body whatever its head says (RFC 9112 6.3 item 1),
+    /// so the framing that head declares does not matter.
+    head: bool,
 }
 
 /// Reads the backend's final response head into `ubuf`, starting with `first` (a read already
@@ -1730,6 +1746,14 @@ async fn response_head(
                 write(client, head).await.map_err(|_| Attempt::ClientGone)?;
                 interim = true;
                 continue;
+            }
+            // A proxy must close the connection, discard the response and answer 502 (RFC
+            // 9112 6.3 item 5). Relayed delimited by the close, its body could be the start of
+            // another response, or miss its end; so it is broken like an unparsable head (a
+            // passive-health failure, retried only where that is safe).
+            Ok(Some(r)) if r.unframable(expect.head) => {
+                tracing::debug!(%addr, status = r.status, "invalid response Content-Length");
+                return Err(Attempt::Broken);
             }
             Ok(Some(r)) => return Ok(Some(r)),
             Ok(None) if ubuf.len() > 64 * 1024 => return Err(Attempt::Broken),
