@@ -891,6 +891,15 @@ fn l7_vip_passes_xdp_to_the_proxy_which_follows_health() {
         "{after}"
     );
     assert_eq!(delta("edgelb_l7_requests_total", "vip=\"web7\",class=\"2xx\""), 30.0, "{after}");
+    // XDP passes an L7 VIP's traffic to the kernel uncounted: no XDP counter series for it or
+    // its backends (they would only ever read 0), while the XDP VIPs keep theirs.
+    for what in ["packets", "bytes", "new_flows"] {
+        let vip = format!("edgelb_vip_{what}_total{{vip=\"web7\"}}");
+        assert!(!after.contains(&vip), "{vip} exported:\n{after}");
+        let backends = format!("edgelb_backend_{what}_total{{vip=\"web7\",");
+        assert!(!after.contains(&backends), "{backends} exported:\n{after}");
+        assert!(after.contains(&format!("edgelb_vip_{what}_total{{vip=\"web\"}}")), "{after}");
+    }
 
     // A dead backend leaves the L7 pool through the same active health view as L4.
     bed.kill_backend(2);

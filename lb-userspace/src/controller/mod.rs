@@ -1019,7 +1019,12 @@ impl Controller {
         let eff = self.effective();
         let mut snap = KernelSnapshot::default();
         for (vip, evip) in self.cfg.vips.iter().zip(&eff.vips) {
-            snap.vips.push((vip.name.clone(), self.dp.vip_counters(vip).unwrap_or_default()));
+            // XDP passes an L7 VIP's traffic to the kernel without counting it: its XDP counters
+            // would only ever read 0, so they are left out (the edgelb_l7_* families count it).
+            let xdp = vip.forwarding != Forwarding::L7;
+            if xdp {
+                snap.vips.push((vip.name.clone(), self.dp.vip_counters(vip).unwrap_or_default()));
+            }
             for b in &vip.backends {
                 let weight = evip
                     .backends
@@ -1029,7 +1034,8 @@ impl Controller {
                 snap.backends.push(BackendSample {
                     vip: vip.name.clone(),
                     backend: backend_label(vip, b),
-                    counters: self.dp.backend_counters(vip, b.address).unwrap_or_default(),
+                    counters: xdp
+                        .then(|| self.dp.backend_counters(vip, b.address).unwrap_or_default()),
                     up: !self.verdicts.is_down(&vip.name, verdicts::id(b)),
                     weight,
                 });

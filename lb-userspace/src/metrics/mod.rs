@@ -60,20 +60,24 @@ pub struct TransitionLabels {
 pub struct BackendSample {
     /// VIP name.
     pub vip: String,
-    /// Backend address.
+    /// Backend, as [`backend_label`] writes it.
     pub backend: String,
-    /// Kernel counters.
-    pub counters: Counters,
+    /// Kernel counters; `None` for an L7 VIP's backend: XDP passes an L7 VIP's traffic to the
+    /// kernel without counting it, so such series would only ever read 0 (the `edgelb_l7_*`
+    /// families count that traffic). Its `up` and `weight` gauges are rendered all the same.
+    pub counters: Option<Counters>,
     /// Health verdict.
     pub up: bool,
-    /// Effective weight (0 when drained or dead).
+    /// Effective weight: the configured one, 0 while drained or down, except that down backends
+    /// keep theirs while their VIP fails open (every backend down: all are served anyway).
     pub weight: u32,
 }
 
 /// The kernel-side numbers, refreshed by the controller before each scrape.
 #[derive(Clone, Debug, Default)]
 pub struct KernelSnapshot {
-    /// (VIP name, counters).
+    /// (VIP name, counters) of the VIPs XDP balances; none of L7 VIPs, for the reason given at
+    /// [`BackendSample::counters`].
     pub vips: Vec<(String, Counters)>,
     /// Per backend.
     pub backends: Vec<BackendSample>,
@@ -113,8 +117,9 @@ impl Collector for KernelCollector {
             let name = format!("edgelb_backend_{what}");
             let mut m = encoder.encode_descriptor(&name, help, None, MetricType::Counter)?;
             for b in &snap.backends {
+                let Some(c) = &b.counters else { continue };
                 let l = labels(&[("vip", &b.vip), ("backend", &b.backend)]);
-                ConstCounter::new(get(&b.counters)).encode(m.encode_family(&l)?)?;
+                ConstCounter::new(get(c)).encode(m.encode_family(&l)?)?;
             }
         }
         let mut m = encoder.encode_descriptor(
@@ -131,9 +136,12 @@ impl Collector for KernelCollector {
         let mut m = encoder.encode_descriptor(
             "edgelb_conntrack_events",
             "Connection-table events: flows evicted from a full bucket by new ones other than TCP \
-             SYNs, established flows found on another CPU's table (RSS or IRQ affinity moved \
-             them), and established TCP flows no table held (pushed out before they ended: a \
-             table too small for the traffic)",
+             SYNs (evicted), established flows found on another CPU's table: RSS or IRQ affinity \
+             moved them (found_on_other_cpu), established TCP flows no table held: pushed out \
+             before they ended, a table too small for the traffic (missed_established), and \
+             segments of flows this CPU did not know that were not looked for on the other CPUs \
+             because its budget of such searches was spent: a flood of segments of unknown \
+             flows, such as spoofed ACKs (search_skipped)",
             None,
             MetricType::Counter,
         )?;
@@ -152,7 +160,8 @@ impl Collector for KernelCollector {
         }
         let mut m = encoder.encode_descriptor(
             "edgelb_backend_weight",
-            "Effective weight in the ring (0 when drained or down)",
+            "Effective weight: the configured one, 0 while drained or down, except while the VIP \
+             fails open (every backend down), when down backends keep theirs and are served",
             None,
             MetricType::Gauge,
         )?;
@@ -241,8 +250,8 @@ impl Metrics {
     /// everything still configured are untouched: their counters go on from where they were.
     /// A backend that comes back later starts new series from zero, as after a restart.
     ///
-    /// The kernel counters and the up/weight gauges need nothing: they are rendered from the
-    /// running config at each scrape.
+    /// The kernel counters (of XDP VIPs only) and the up/weight gauges need nothing: they are
+    /// rendered from the running config at each scrape.
     pub fn retain(&self, cfg: &crate::config::Config) {
         let keep: HashSet<BackendLabels> = cfg
             .vips
@@ -326,6 +335,37 @@ mod tests {
     fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
         let want = format!("{name}{{{labels}}} ");
         text.lines().find_map(|l| l.strip_prefix(&want)).map(|v| v.trim().parse().unwrap())
+    }
+
+    /// A backend without kernel counters (an L7 VIP's, which XDP does not count) gets its up and
+    /// weight gauges but no XDP counter series; an XDP VIP's backend gets all of them.
+    #[test]
+    fn backends_without_kernel_counters_get_no_xdp_counter_series() {
+        let m = Metrics::new();
+        let backend = |vip: &str, backend: &str, counters| BackendSample {
+            vip: vip.to_owned(),
+            backend: backend.to_owned(),
+            counters,
+            up: true,
+            weight: 1,
+        };
+        *m.kernel.lock().unwrap() = KernelSnapshot {
+            vips: vec![("web".to_owned(), Counters::default())],
+            backends: vec![
+                backend("web", "198.18.0.11", Some(Counters::default())),
+                backend("app", "198.18.0.11:80", None),
+            ],
+            ..KernelSnapshot::default()
+        };
+        let text = m.encode();
+        for what in ["packets", "bytes", "new_flows"] {
+            let name = format!("edgelb_backend_{what}_total");
+            assert!(text.contains(&format!("{name}{{vip=\"web\",")), "{text}");
+            assert!(!text.contains(&format!("{name}{{vip=\"app\",")), "{text}");
+        }
+        for gauge in ["edgelb_backend_up", "edgelb_backend_weight"] {
+            assert_eq!(sample(&text, gauge, "vip=\"app\",backend=\"198.18.0.11:80\""), Some(1.0));
+        }
     }
 
     /// After a reload, the series of the backends and VIPs it removed are gone (health checks

@@ -1,4 +1,5 @@
-//! The metrics endpoint: `GET /metrics` over HTTP/1.1, answered from one background thread.
+//! The metrics endpoint: `GET /metrics` (and `HEAD`) over HTTP/1.1, answered from one background
+//! thread.
 //!
 //! Its own small server (httparse for the request head, a current-thread tokio runtime for the
 //! sockets) rather than an HTTP crate, because it must be able to stop accepting on a listening
@@ -73,8 +74,8 @@ impl Serving {
     }
 }
 
-/// Serves `GET /metrics` on `listener` from a background thread; each scrape asks the controller
-/// through `to_controller`.
+/// Serves `GET /metrics` (and `HEAD /metrics`) on `listener` from a background thread; each
+/// scrape asks the controller through `to_controller`.
 pub fn serve(
     listener: std::net::TcpListener,
     to_controller: Sender<Scrape>,
@@ -195,8 +196,14 @@ async fn connection(
             h = read_head(&mut s, &mut buf, wait, client_timeout) => h,
         };
         let Some(Head { method, path, close }) = head else { return };
-        let (status, body, kind) = if method != "GET" || path != "/metrics" {
+        // HEAD (`curl -I`, uptime probes) is answered as GET is, scrape included, so that its
+        // status says whether a scrape would work and its Content-Length is that of the body
+        // GET would get (RFC 9110 9.3.2); only the body is left out.
+        let head_only = method == "HEAD";
+        let (status, body, kind) = if path != "/metrics" {
             (404, "not found\n".to_owned(), "text/plain; charset=utf-8")
+        } else if method != "GET" && !head_only {
+            (405, "method not allowed\n".to_owned(), "text/plain; charset=utf-8")
         } else {
             match scrape(to_controller).await {
                 Some(text) => {
@@ -210,17 +217,22 @@ async fn connection(
         let reason = match status {
             200 => "OK",
             404 => "Not Found",
+            405 => "Method Not Allowed",
             _ => "Service Unavailable",
         };
+        // A 405 must say which methods the resource takes (RFC 9110 15.5.6).
+        let allow = if status == 405 { "Allow: GET, HEAD\r\n" } else { "" };
         let head = format!(
-            "HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n{allow}Connection: {}\r\n\r\n",
             body.len(),
             if close { "close" } else { "keep-alive" }
         );
         // The client timeout bounds each step, so a large exposition to a slow but reading
         // client goes through, and one that stops reading is cut off.
         let mut out = head.into_bytes();
-        out.extend_from_slice(body.as_bytes());
+        if !head_only {
+            out.extend_from_slice(body.as_bytes());
+        }
         for part in out.chunks(WRITE_CHUNK) {
             if !matches!(timeout(client_timeout, s.write_all(part)).await, Ok(Ok(()))) {
                 return;
@@ -480,8 +492,8 @@ mod tests {
         drop(kept);
     }
 
-    /// Requests other than `GET /metrics` get 404; HTTP/1.0 and `Connection: close` close after
-    /// the answer; the query string does not matter.
+    /// Paths other than `/metrics` get 404, methods other than GET and HEAD on it 405; HTTP/1.0
+    /// and `Connection: close` close after the answer; the query string does not matter.
     #[test]
     fn answers_only_metrics_and_honours_close() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -500,9 +512,45 @@ mod tests {
         assert!(r.contains("Connection: close\r\n"), "{r:?}");
         let r = exchange(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
         assert!(r.starts_with("HTTP/1.1 404 "), "{r:?}");
-        let r = exchange(b"POST /metrics HTTP/1.1\r\nConnection: close\r\n\r\n");
-        assert!(r.starts_with("HTTP/1.1 404 "), "{r:?}");
+        // Another method on /metrics: 405, naming the ones it takes; another path stays 404.
+        for method in ["POST", "PUT", "DELETE", "OPTIONS"] {
+            let r = exchange(
+                format!("{method} /metrics HTTP/1.1\r\nConnection: close\r\n\r\n").as_bytes(),
+            );
+            assert!(r.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{method}: {r:?}");
+            assert!(r.contains("\r\nAllow: GET, HEAD\r\n"), "{method}: {r:?}");
+        }
+        let r = exchange(b"POST / HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 404 ") && !r.contains("Allow:"), "{r:?}");
         // Garbage: closed without an answer.
         assert_eq!(exchange(b"\x00\x01 nonsense\r\n\r\n"), "");
+    }
+
+    /// `HEAD /metrics` (as `curl -I` sends) gets the head `GET /metrics` gets, Content-Length
+    /// included, and no body: the next request on the connection is answered right after it.
+    /// `HEAD` elsewhere gets the 404 head, again without a body.
+    #[test]
+    fn head_is_answered_like_get_without_the_body() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let _serving = serve(l, controller("m\n")).unwrap();
+        let exchange = |req: &[u8]| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s.write_all(req).unwrap();
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            String::from_utf8_lossy(&got).into_owned()
+        };
+        let r = exchange(
+            b"HEAD /metrics HTTP/1.1\r\n\r\nGET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n",
+        );
+        let (head, rest) = r.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{r:?}"));
+        let get = rest.strip_suffix("\r\n\r\nm\n").unwrap_or_else(|| panic!("{r:?}"));
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{r:?}");
+        assert!(head.contains("\r\nContent-Length: 2\r\n"), "{r:?}");
+        assert_eq!(head, get.replace("Connection: close", "Connection: keep-alive"), "{r:?}");
+        let r = exchange(b"HEAD /?x HTTP/1.0\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 404 ") && r.ends_with("\r\n\r\n"), "{r:?}");
     }
 }

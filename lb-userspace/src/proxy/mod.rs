@@ -62,7 +62,9 @@ pub struct BackendLabel {
 pub struct RequestLabels {
     /// VIP name.
     pub vip: String,
-    /// Status class: 2xx, 3xx, 4xx, 5xx (1xx never ends a request).
+    /// Status class of the response that ended the request: 2xx to 5xx, or 1xx for a 101 that
+    /// switched an upgrade request (a WebSocket, say) to another protocol. Interim responses
+    /// (100 Continue and the like) do not end a request and are not counted.
     pub class: String,
 }
 
