@@ -249,7 +249,8 @@ struct Head {
     method: String,
     /// The target without its query.
     path: String,
-    /// The client asked to close after this response (or speaks HTTP/1.0).
+    /// The client asked to close after this response (or speaks HTTP/1.0), or sent a body,
+    /// which is not read.
     close: bool,
 }
 
@@ -277,11 +278,19 @@ async fn read_head(
                 };
                 let connection =
                     || req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("connection"));
-                let close = if req.version == Some(0) {
-                    !connection().any(|h| token(h, "keep-alive"))
-                } else {
-                    connection().any(|h| token(h, "close"))
-                };
+                // A request body is never read: the connection closes after the answer, or the
+                // body's bytes would be read as the next request's head.
+                let body = req.headers.iter().any(|h| {
+                    h.name.eq_ignore_ascii_case("transfer-encoding")
+                        || (h.name.eq_ignore_ascii_case("content-length")
+                            && h.value.trim_ascii() != b"0")
+                });
+                let close = body
+                    || if req.version == Some(0) {
+                        !connection().any(|h| token(h, "keep-alive"))
+                    } else {
+                        connection().any(|h| token(h, "close"))
+                    };
                 let target = req.path.unwrap_or("");
                 let head = Head {
                     method: req.method.unwrap_or("").to_owned(),
@@ -524,6 +533,13 @@ mod tests {
         assert!(r.starts_with("HTTP/1.1 404 ") && !r.contains("Allow:"), "{r:?}");
         // Garbage: closed without an answer.
         assert_eq!(exchange(b"\x00\x01 nonsense\r\n\r\n"), "");
+        // A request with a body (never read) is answered, then the connection closes: its
+        // body is not taken for the next request (here one that would be answered).
+        let r = exchange(
+            b"POST /metrics HTTP/1.1\r\nContent-Length: 25\r\n\r\nGET /metrics HTTP/1.1\r\n\r\n",
+        );
+        assert!(r.starts_with("HTTP/1.1 405 ") && r.contains("Connection: close\r\n"), "{r:?}");
+        assert_eq!(r.matches("HTTP/1.1 ").count(), 1, "{r:?}");
     }
 
     /// `HEAD /metrics` (as `curl -I` sends) gets the head `GET /metrics` gets, Content-Length
