@@ -1632,7 +1632,8 @@ fn exchange(
 
 /// A backend connection goes back to the pool only if the backend keeps it: not after an
 /// HTTP/1.0 response without keep-alive (the backend closes it), nor after a response whose
-/// Content-Length a chunked coding overrode, which is passed on chunked, without the length.
+/// Content-Length a chunked coding overrode, which is passed on chunked, without the length,
+/// nor after an HTTP/1.0 response with a Transfer-Encoding.
 #[test]
 fn backend_connections_are_reused_only_when_the_backend_keeps_them() {
     let old = raw_backend(|_| ("HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", true));
@@ -1663,6 +1664,21 @@ fn backend_connections_are_reused_only_when_the_backend_keeps_them() {
         assert_eq!(body, "5\r\nhello\r\n0\r\n\r\n");
     }
     assert_eq!(both.conns.load(Ordering::Relaxed), 2, "not re-used after an overridden length");
+
+    // HTTP/1.0 has no Transfer-Encoding: a 1.0 response with one has faulty framing, and its
+    // connection closes after it even when it says keep-alive (RFC 9112 6.1).
+    let te10 = raw_backend(|_| {
+        (
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            false,
+        )
+    });
+    let p = proxy(&[(&te10, 1)], "", "");
+    for _ in 0..2 {
+        let got = raw_exchange(p.addr, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        assert!(got.starts_with("HTTP/1.1 200 "), "{got:?}");
+    }
+    assert_eq!(te10.conns.load(Ordering::Relaxed), 2, "not re-used after HTTP/1.0 with a coding");
 }
 
 /// A request that is not idempotent is never sent twice: not after a reused backend connection

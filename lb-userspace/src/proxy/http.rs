@@ -1437,9 +1437,13 @@ async fn serve_conn(
             Err(()) => Framing::UntilClose,
         };
         // A connection the backend keeps open (RFC 9112 9.3): not after `close`, nor after an
-        // HTTP/1.0 response without `keep-alive`, nor after a length that was overridden.
+        // HTTP/1.0 response without `keep-alive`, nor after a length that was overridden, nor
+        // after an HTTP/1.0 response with Transfer-Encoding, which HTTP/1.0 does not have: its
+        // framing is faulty, and the connection closes after it (RFC 9112 6.1).
         let upstream_keepalive = !resp.head.connection_lists(b"close")
-            && (!resp.http10 || resp.head.connection_lists(b"keep-alive"))
+            && (!resp.http10
+                || (resp.head.connection_lists(b"keep-alive")
+                    && header(&resp.head, "transfer-encoding").next().is_none()))
             && rframing != Framing::UntilClose
             && !(rframing == Framing::Chunked
                 && header(&resp.head, "content-length").next().is_some());
