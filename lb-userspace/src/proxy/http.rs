@@ -760,9 +760,12 @@ fn idempotent(method: &str) -> bool {
 }
 
 /// Does the client wait for `100 Continue` before sending its body (RFC 9110 10.1.1)? The proxy
-/// answers that itself as it starts streaming the body: passing the expectation on would leave
-/// the backend's `100` unread behind a body the client holds back, until the client gives up
-/// waiting (curl waits a second).
+/// answers that itself, before it picks a backend, as nginx does: a backend that ignores the
+/// expectation, or a retry on another one, then never leaves the client waiting for a `100`
+/// (curl waits a second before sending anyway). RFC 9110 10.1.1 would rather have a proxy pass
+/// the expectation on (answering itself only for HTTP/1.0 next hops): what that costs is that a
+/// backend refusing the upload (401, 413) does so once the body has begun, which the early
+/// answer's cut of the body ([`Answer::cut`]) then ends.
 fn expects_continue(req: &ReqHead, framing: Framing) -> bool {
     !req.http10
         && framing != Framing::None
