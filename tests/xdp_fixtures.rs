@@ -1298,6 +1298,26 @@ fn a_restart_adopts_parked_backends() {
     assert_eq!(dp.backend_id(&cfg.vips[0], down), Some(id), "adopted with its id");
     let r = dp.apply_keeping(&eff, &cfg).unwrap();
     assert!(r.is_empty(), "nothing to change after adopting: {r:?}");
+
+    // An older edgelb, which does not know PARKED, took over meanwhile and gave the backend,
+    // back up, a new id, leaving the parked entry behind. Adopting both, one id per backend:
+    // the present one; the parked one is free again, not owned by nobody and never retired.
+    let present = lb_common::backend_flags::PRESENT;
+    let entry = dp.maps().backends.get(&id, 0).unwrap();
+    let other = (0..64u32).find(|i| dp.maps().backends.get(i, 0).unwrap().flags == 0).unwrap();
+    assert!(other > id, "the older edgelb's id comes after the parked one here");
+    dp.maps_mut().backends.set(other, &lb_common::Backend { flags: present, ..entry }, 0).unwrap();
+    drop(dp);
+    let mut dp = Dataplane::load(Some(&dir.0)).unwrap();
+    assert_eq!(dp.backend_id(&cfg.vips[0], down), Some(other), "the present entry is adopted");
+    // Removed from the config for good: its present entry is retired, and the parked one's id
+    // is free: the next backend added gets it (the lowest free id).
+    dp.apply(&eff).unwrap();
+    assert_eq!(dp.maps().backends.get(&other, 0).unwrap().flags & present, 0, "retired");
+    let added =
+        Config::parse(&one_vip(&[("198.18.0.11", 1), ("198.18.0.13", 1)]), "x".as_ref()).unwrap();
+    dp.apply(&added).unwrap();
+    assert_eq!(dp.backend_id(&added.vips[0], v4("198.18.0.13").into()), Some(id), "id {id} free");
 }
 
 /// `node.pin_dir` may name a directory other tools use too: `edgelb stop` removes what edgelb

@@ -540,13 +540,26 @@ impl Dataplane {
             by_index.insert(meta.vip_index, key);
             self.vips.insert(key, VipSlot { index: meta.vip_index, active, regions, meta });
         }
-        for (id, b) in entries.into_iter().enumerate() {
-            if b.flags & (backend_flags::PRESENT | backend_flags::PARKED) == 0 {
-                continue;
+        // Present entries first, then parked ones whose (VIP, address) no present entry holds:
+        // an older edgelb, which does not know PARKED, may have given a parked backend that came
+        // back a new id and left the parked one behind. Two entries of one key would leave one
+        // owned by no key, never retired nor handed out again; the one skipped is free (its
+        // generation is known, so handing it out again is safe).
+        for flag in [backend_flags::PRESENT, backend_flags::PARKED] {
+            for (id, b) in entries.iter().enumerate() {
+                if b.flags & flag == 0
+                    || (flag == backend_flags::PARKED && b.flags & backend_flags::PRESENT != 0)
+                {
+                    continue;
+                }
+                let Some(key) = by_index.get(&b.vip_index) else { continue };
+                let bk = (*key, words_addr(b.addr, b.family));
+                if self.backend_ids.contains_key(&bk) {
+                    continue;
+                }
+                self.backend_ids.insert(bk, id as u32);
+                self.backends[id] = Some(*b);
             }
-            let Some(key) = by_index.get(&b.vip_index) else { continue };
-            self.backend_ids.insert((*key, words_addr(b.addr, b.family)), id as u32);
-            self.backends[id] = Some(b);
         }
         // With their values: an older edgelb wrote 1 (`addr_flags::L4`) on every address, L7
         // VIPs' included, and `apply` rewrites every value its config disagrees with.
