@@ -237,9 +237,23 @@ struct Timings {
     repeat: Vec<f64>,
 }
 
+/// The median; of an even count, the mean of the middle two. NaN if any value is not finite
+/// (a run that gave no figure), so that a failed run fails the target judged on it instead of
+/// being left out of it.
 fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() || v.iter().any(|x| !x.is_finite()) {
+        return f64::NAN;
+    }
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+/// Which proxy runs `k`-th in round `round` of `n`: the order rotates by one each round and
+/// is reversed in odd rounds, so no proxy always runs right before another.
+fn round_order(k: usize, round: usize, n: usize) -> usize {
+    let i = (k + round) % n;
+    if round % 2 == 1 { (n - 1 + 2 * round - i) % n } else { i }
 }
 
 /// Kernel-measured durations of single runs of each path and of the repeat loops, measured
@@ -1198,7 +1212,7 @@ fn l7() -> Option<Value> {
         let mut runs: Vec<Vec<Run>> = vec![Vec::with_capacity(rounds); proxies.len()];
         for round in 0..rounds {
             for k in 0..proxies.len() {
-                let i = (k + round) % proxies.len();
+                let i = round_order(k, round, proxies.len());
                 let (_, port, child) = &mut proxies[i];
                 // What is measured must be what this run started (see `start`).
                 backend.check_alive(BACKEND_PORT);
@@ -1273,7 +1287,7 @@ fn l7() -> Option<Value> {
             let mut p50s: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); proxies.len()];
             for round in 0..rounds {
                 for k in 0..proxies.len() {
-                    let i = (k + round) % proxies.len();
+                    let i = round_order(k, round, proxies.len());
                     let (_, port, child) = &mut proxies[i];
                     backend.check_alive(BACKEND_PORT);
                     if let Some(c) = child.as_mut() {
@@ -1327,12 +1341,14 @@ fn l7() -> Option<Value> {
     for conns in CONNS {
         let c = &out[format!("c{conns}")];
         let f = |k: &str| c[k].as_f64().unwrap_or(f64::NAN);
+        // A round whose ratio was not finite is null in the JSON: NaN here, which fails the
+        // target rather than dropping out of it.
         let ratio = |k: &str| {
             let v: Vec<f64> = c["x_haproxy_rounds"][k]
                 .as_array()
-                .map(|a| a.iter().filter_map(Value::as_f64).collect())
+                .map(|a| a.iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect())
                 .unwrap_or_default();
-            if v.is_empty() { f64::NAN } else { median(v) }
+            median(v)
         };
         let per_cpu = ratio("req_per_cpu_s");
         targets[format!("c{conns}_req_per_cpu_s_x_haproxy")] = target(
@@ -1375,9 +1391,9 @@ fn l7() -> Option<Value> {
         let f = |who: &str| out["fixed_rate"][who]["p99_ms"].as_f64().unwrap_or(f64::NAN);
         let rounds: Vec<f64> = out["fixed_rate"]["p99_x_haproxy_rounds"]
             .as_array()
-            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .map(|a| a.iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect())
             .unwrap_or_default();
-        let p99 = if rounds.is_empty() { f64::NAN } else { median(rounds) };
+        let p99 = median(rounds);
         targets["fixed_rate_p99_x_haproxy"] = target(
             &format!("fixed {RATE} req/s: p99, edgelb / HAProxy (median of per-round ratios)"),
             p99,
