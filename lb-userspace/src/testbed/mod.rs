@@ -269,9 +269,15 @@ impl Testbed {
             .flatten()
             .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
             .filter(|&pid| pid != std::process::id())
+            // Every thread: a run's backend servers are threads that entered the backends'
+            // namespaces, which the process's own (its main thread's) link does not show.
             .filter(|pid| {
-                std::fs::metadata(format!("/proc/{pid}/ns/net"))
-                    .is_ok_and(|m| spaces.contains(&(m.dev(), m.ino())))
+                std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+                    tasks.flatten().any(|t| {
+                        std::fs::metadata(t.path().join("ns/net"))
+                            .is_ok_and(|m| spaces.contains(&(m.dev(), m.ino())))
+                    })
+                })
             })
             .map(|pid| {
                 let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
