@@ -249,6 +249,29 @@ fn median(mut v: Vec<f64>) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
+/// Runs `measure(i, port, pid)` on every proxy `i` of `proxies` once in each of `rounds` rounds,
+/// in [`round_order`], after checking that the backend and the proxy this run started are still
+/// alive (what is measured must be what this run started: see `start`). `pid` is the proxy's
+/// process, `None` for the direct-to-backend ceiling.
+fn interleaved(
+    rounds: usize,
+    proxies: &mut [(&str, u16, Option<Child>)],
+    backend: &mut Child,
+    mut measure: impl FnMut(usize, u16, Option<u32>),
+) {
+    for round in 0..rounds {
+        for k in 0..proxies.len() {
+            let i = round_order(k, round, proxies.len());
+            let (_, port, child) = &mut proxies[i];
+            backend.check_alive(BACKEND_PORT);
+            if let Some(c) = child.as_mut() {
+                c.check_alive(*port);
+            }
+            measure(i, *port, child.as_ref().map(Child::id));
+        }
+    }
+}
+
 /// Which proxy runs `k`-th in round `round` of `n`: the order rotates by one each round and
 /// is reversed in odd rounds, so no proxy always runs right before another.
 fn round_order(k: usize, round: usize, n: usize) -> usize {
@@ -1210,22 +1233,12 @@ fn l7() -> Option<Value> {
             wrk(*port, conns, 1); // warm-up
         }
         let mut runs: Vec<Vec<Run>> = vec![Vec::with_capacity(rounds); proxies.len()];
-        for round in 0..rounds {
-            for k in 0..proxies.len() {
-                let i = round_order(k, round, proxies.len());
-                let (_, port, child) = &mut proxies[i];
-                // What is measured must be what this run started (see `start`).
-                backend.check_alive(BACKEND_PORT);
-                if let Some(c) = child.as_mut() {
-                    c.check_alive(*port);
-                }
-                let pid = child.as_ref().map(Child::id);
-                let before = pid.map_or(0.0, cpu_seconds);
-                let (rps, p50, p99) = wrk(*port, conns, secs);
-                let cpu = pid.map_or(0.0, cpu_seconds) - before;
-                runs[i].push(Run { rps, p50, p99, cpu });
-            }
-        }
+        interleaved(rounds, &mut proxies, &mut backend, |i, port, pid| {
+            let before = pid.map_or(0.0, cpu_seconds);
+            let (rps, p50, p99) = wrk(port, conns, secs);
+            let cpu = pid.map_or(0.0, cpu_seconds) - before;
+            runs[i].push(Run { rps, p50, p99, cpu });
+        });
         for (i, (name, ..)) in proxies.iter().enumerate() {
             let r = &runs[i];
             let med = |f: fn(&Run) -> f64| median(r.iter().map(f).collect());
@@ -1285,40 +1298,31 @@ fn l7() -> Option<Value> {
             // by several times.
             let mut p99s: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); proxies.len()];
             let mut p50s: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); proxies.len()];
-            for round in 0..rounds {
-                for k in 0..proxies.len() {
-                    let i = round_order(k, round, proxies.len());
-                    let (_, port, child) = &mut proxies[i];
-                    backend.check_alive(BACKEND_PORT);
-                    if let Some(c) = child.as_mut() {
-                        c.check_alive(*port);
-                    }
-                    let o = std::process::Command::new("taskset")
-                        .args([
-                            "-c",
-                            "1",
-                            oha,
-                            "-z",
-                            &format!("{oha_secs}s"),
-                            "-q",
-                            &RATE.to_string(),
-                            "-c",
-                            "64",
-                            "--latency-correction",
-                            "--no-tui",
-                            "--output-format",
-                            "json",
-                        ])
-                        .arg(format!("http://127.0.0.1:{port}/"))
-                        .output()
-                        .expect("oha");
-                    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(json!({}));
-                    let p =
-                        |q: &str| v["latencyPercentiles"][q].as_f64().unwrap_or(f64::NAN) * 1000.0;
-                    p50s[i].push(p("p50"));
-                    p99s[i].push(p("p99"));
-                }
-            }
+            interleaved(rounds, &mut proxies, &mut backend, |i, port, _| {
+                let o = std::process::Command::new("taskset")
+                    .args([
+                        "-c",
+                        "1",
+                        oha,
+                        "-z",
+                        &format!("{oha_secs}s"),
+                        "-q",
+                        &RATE.to_string(),
+                        "-c",
+                        "64",
+                        "--latency-correction",
+                        "--no-tui",
+                        "--output-format",
+                        "json",
+                    ])
+                    .arg(format!("http://127.0.0.1:{port}/"))
+                    .output()
+                    .expect("oha");
+                let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(json!({}));
+                let p = |q: &str| v["latencyPercentiles"][q].as_f64().unwrap_or(f64::NAN) * 1000.0;
+                p50s[i].push(p("p50"));
+                p99s[i].push(p("p99"));
+            });
             println!(
                 "\n| fixed rate {RATE} req/s, 64 conns, oha --latency-correction, {rounds} interleaved rounds of {oha_secs} s | p50 ms (median) | p99 ms (median) | p99 of each round |"
             );

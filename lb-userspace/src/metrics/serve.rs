@@ -501,6 +501,17 @@ mod tests {
         drop(kept);
     }
 
+    /// Sends `req` on a new connection to `addr`; what came back until the server closed (or
+    /// 3 s passed).
+    fn exchange(addr: std::net::SocketAddr, req: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.write_all(req).unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
     /// Paths other than `/metrics` get 404, methods other than GET and HEAD on it 405; HTTP/1.0
     /// and `Connection: close` close after the answer; the query string does not matter.
     #[test]
@@ -508,14 +519,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let _serving = serve(l, controller("m\n")).unwrap();
-        let exchange = |req: &[u8]| {
-            let mut s = TcpStream::connect(addr).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-            s.write_all(req).unwrap();
-            let mut got = Vec::new();
-            let _ = s.read_to_end(&mut got);
-            String::from_utf8_lossy(&got).into_owned()
-        };
+        let exchange = |req: &[u8]| exchange(addr, req);
         let r = exchange(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n");
         assert!(r.starts_with("HTTP/1.1 200 OK\r\n") && r.ends_with("\r\n\r\nm\n"), "{r:?}");
         assert!(r.contains("Connection: close\r\n"), "{r:?}");
@@ -550,14 +554,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let _serving = serve(l, controller("m\n")).unwrap();
-        let exchange = |req: &[u8]| {
-            let mut s = TcpStream::connect(addr).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-            s.write_all(req).unwrap();
-            let mut got = Vec::new();
-            let _ = s.read_to_end(&mut got);
-            String::from_utf8_lossy(&got).into_owned()
-        };
+        let exchange = |req: &[u8]| exchange(addr, req);
         let r = exchange(
             b"HEAD /metrics HTTP/1.1\r\n\r\nGET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n",
         );
