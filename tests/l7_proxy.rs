@@ -2673,6 +2673,68 @@ fn an_early_answer_to_an_upload_reaches_the_client_and_is_no_failure() {
     assert!(text.lines().any(|l| l == want), "{want} in\n{text}");
 }
 
+/// An early answer far larger than the socket buffers (a 413 with a page of several MB) reaches
+/// a client that writes its whole body before it reads anything, as Python's http.client and
+/// requests do. Passing the answer on before reading the rest of the body deadlocked: the proxy
+/// waited to send to a client that did not read, the client to send to a proxy that did not
+/// read, until the idle timeout (TCP_USER_TIMEOUT) reset the connection. The proxy now reads
+/// and drops the rest of the body while the answer streams.
+#[test]
+fn a_large_early_answer_reaches_a_client_that_writes_its_whole_body_first() {
+    const BODY: usize = 16 << 20;
+    const ANSWER: usize = 4 << 20;
+    let page: Arc<Vec<u8>> = Arc::new((0..ANSWER).map(|i| b'a' + (i % 26) as u8).collect());
+    let sent = page.clone();
+    // Answers the head at once without reading the body, then holds the connection (reading
+    // nothing): a close with the body unread would reset it and could cost the proxy the end
+    // of the answer.
+    let b = serve_backend(move |s, r2, s2| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        while line != "\r\n" {
+            line.clear();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+        }
+        r2.fetch_add(1, Ordering::Relaxed);
+        let head = format!(
+            "HTTP/1.1 413 Payload Too Large\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+            sent.len()
+        );
+        if w.write_all(head.as_bytes()).is_err() || w.write_all(&sent).is_err() {
+            return;
+        }
+        let t = Instant::now();
+        while !s2.load(Ordering::Relaxed) && t.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    // A short idle timeout: without the fix the connection stalls until it passes.
+    let p = proxy(&[(&b, 1)], "idle_timeout_ms = 2000", "");
+    let s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!("POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: {BODY}\r\n\r\n");
+    (&s).write_all(head.as_bytes()).unwrap();
+    // The whole body, in one blocking write, before reading anything.
+    let wrote = (&s).write_all(&vec![b'u'; BODY]);
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let resp = read_response(&mut r);
+    let closed = matches!(r.read(&mut [0u8; 1]), Ok(0));
+    let (code, headers, body) = match resp {
+        Ok(resp) => resp,
+        Err(e) => panic!("no complete answer: {e} (the body's write: {wrote:?})"),
+    };
+    assert_eq!(code, 413, "{headers:?}");
+    assert_eq!(headers.get("connection").map(String::as_str), Some("close"));
+    assert!(body.as_bytes() == &page[..], "the whole answer, {} bytes of {ANSWER}", body.len());
+    assert!(wrote.is_ok(), "the proxy read the whole body: {wrote:?}");
+    assert!(closed, "the connection ends cleanly after the answer");
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 1);
+}
+
 /// The elements of a Forwarded value as an RFC 7239 parser reads them: split at the commas
 /// outside quoted strings; `None` when a quoted string is left open.
 fn forwarded_elements(v: &str) -> Option<Vec<String>> {

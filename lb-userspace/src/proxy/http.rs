@@ -64,7 +64,7 @@ const READ_CHUNK: usize = 4 * 1024;
 /// browsers, Go) stops and closes within a round trip, which ends the wait at once; this bounds
 /// what one that sends its whole body first can hold (a task and its `max_connections` place).
 const LINGER: Duration = Duration::from_secs(5);
-/// Read size while lingering: the bytes are dropped, so fewer, larger reads.
+/// Read size for the rest of a request body that is dropped ([`discard`]): fewer, larger reads.
 const LINGER_CHUNK: usize = 64 * 1024;
 
 /// An idle keep-alive connection to a backend.
@@ -263,14 +263,18 @@ async fn respond(s: &Socket, status: u16, head_request: bool) -> io::Result<()> 
 pub(super) async fn linger(client: &Socket, idle: Duration) {
     let _ = client.shutdown(std::net::Shutdown::Write);
     let end = tokio::time::Instant::now() + LINGER.min(idle);
+    // On the timeout the read stays pending until the socket is shut down, as `serve` does
+    // next.
+    let _ = timeout_at(end, discard(client)).await;
+}
+
+/// Reads and drops what the client sends until its side ends (or fails): the rest of a
+/// request body that is not passed on. Unbounded: callers bound it.
+async fn discard(client: &Socket) {
     let mut sink = BytesMut::new();
     loop {
         sink.clear();
-        let (read, back) = match timeout_at(end, client.recv(sink, LINGER_CHUNK)).await {
-            Ok(r) => r,
-            // The read stays pending until the socket is shut down, as `serve` does next.
-            Err(_) => return,
-        };
+        let (read, back) = client.recv(sink, LINGER_CHUNK).await;
         sink = back;
         if !matches!(read, Ok(n) if n > 0) {
             return;
@@ -1508,9 +1512,31 @@ async fn serve_conn(
             finished(&vip, peer, status, Some(&req), backend, Some(started));
             return;
         }
-        let body =
-            stream_body(&up, &mut ubuf, client, rframing, decode, deadline, vip.cfg.idle_timeout)
-                .await;
+        let streaming =
+            stream_body(&up, &mut ubuf, client, rframing, decode, deadline, vip.cfg.idle_timeout);
+        let body = if cut {
+            // The rest of a cut-off body is read and dropped while the answer streams, not
+            // only after it (`linger`): a client that writes its whole body before it reads
+            // anything (Python's http.client, requests) would otherwise stall its send to the
+            // proxy while the proxy stalls its send of an answer larger than the socket buffers
+            // to the client, until the idle timeout resets the connection. The answer goes
+            // first (`biased`): one framed without a body issues no read at all. Once the
+            // client's side ends the reading is polled no more; one left pending when the
+            // answer is through stays in flight with its buffer, harmlessly (what it gets is
+            // dropped anyway), and completes at the latest when `serve` shuts the socket down.
+            let mut streaming = std::pin::pin!(streaming);
+            let mut draining = std::pin::pin!(discard(client));
+            let mut drained = false;
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut streaming => break r,
+                    () = &mut draining, if !drained => drained = true,
+                }
+            }
+        } else {
+            streaming.await
+        };
         drop(counted);
         let end = Instant::now();
         finished(&vip, peer, status, Some(&req), Some(pool.members[i].state.addr), Some(started));
@@ -1554,8 +1580,9 @@ struct Answer {
     resp: RespHead,
     /// The backend answered before it had the whole request body, and the rest was not sent
     /// (see [`attempt_once`]). The rest of the client's body is not read as a request, so the
-    /// client connection closes after this response (lingering: see [`linger`]); the backend
-    /// connection, where the body broke off, is not reused.
+    /// client connection closes after this response (lingering: see [`linger`]), the rest read
+    /// and dropped while the response streams too; the backend connection, where the body
+    /// broke off, is not reused.
     cut: bool,
 }
 
