@@ -94,7 +94,7 @@ fn real_main() -> Result<()> {
         Task::Bench { parts } => bench(&parts),
         Task::Testbed { action: TestbedAction::Up } => {
             require_root("testbed up")?;
-            refuse_testbed_in_use("testbed up")?;
+            let _lock = refuse_testbed_in_use("testbed up")?;
             let tb = Testbed::up(PREFIX, true).context("building the testbed")?;
             std::mem::forget(tb); // keep it up; `cargo xtask testbed down` removes it
             println!("testbed `{PREFIX}` is up: namespaces {PREFIX}-{{sw,client,lb,b1,b2,b3}}");
@@ -586,7 +586,29 @@ fn show_spread(tb: &Testbed, vip: SocketAddr, n: u32, timeout: Duration) -> Resu
 /// removing the old one, which would pull the network out from under another `cargo xtask run`
 /// (whose edgelb then fails, while this one fails to create namespaces the other's teardown
 /// removes, with errors that name neither).
-fn refuse_testbed_in_use(task: &str) -> Result<()> {
+///
+/// Returns a lock held while the caller builds and uses the testbed: two tasks started at the
+/// same instant would both find it unused, and the second then waits for nothing but fails here.
+fn refuse_testbed_in_use(task: &str) -> Result<std::fs::File> {
+    let path = workspace_root().join("target/testbed.lock");
+    std::fs::create_dir_all(workspace_root().join("target"))?;
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "{task}: another `cargo xtask run` or `testbed up` is building or using the testbed \
+             `{PREFIX}` ({} is locked): stop that one first (Ctrl-C where it runs)",
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+    }
     let inside = Testbed::processes_inside(PREFIX);
     if !inside.is_empty() {
         let who: Vec<String> = inside.iter().map(|(pid, comm)| format!("{comm} ({pid})")).collect();
@@ -597,7 +619,7 @@ fn refuse_testbed_in_use(task: &str) -> Result<()> {
             who.join(", ")
         );
     }
-    Ok(())
+    Ok(lock)
 }
 
 fn run(duration: Option<u64>) -> Result<()> {
@@ -615,7 +637,7 @@ fn run(duration: Option<u64>) -> Result<()> {
         signal_hook::flag::register(sig, stop.clone())?;
     }
 
-    refuse_testbed_in_use("run")?;
+    let _lock = refuse_testbed_in_use("run")?;
     eprintln!("== testbed: client, balancer node, 3 backends in namespaces `{PREFIX}-*`");
     let tb = Testbed::up(PREFIX, false).context("building the testbed")?;
     let _servers = tb.start_servers().context("starting backend servers")?;
