@@ -1320,6 +1320,164 @@ fn a_restart_adopts_parked_backends() {
     assert_eq!(dp.backend_id(&added.vips[0], v4("198.18.0.13").into()), Some(id), "id {id} free");
 }
 
+/// What the controller applies, kept the way it keeps it: a configured pool per VIP, the
+/// backends found down, and the effective config (configured minus down, or all of a VIP's
+/// pool when all of it is down: fail open).
+struct PoolModel {
+    /// Configured backends (last octet of 198.18.0.x) of VIP `a` (port 80) and `b`.
+    pools: [Vec<u8>; 2],
+    /// Port of VIP `b` (81 or 82: a change is a VIP removed and another added).
+    b_port: u16,
+    /// (VIP, last octet) found down.
+    down: std::collections::BTreeSet<(usize, u8)>,
+}
+
+impl PoolModel {
+    fn toml(&self, effective: bool) -> String {
+        let mut t =
+            "[node]\ninterfaces = [\"lo\"]\nencap_source_v4 = \"198.19.0.0/16\"\n".to_owned();
+        for (v, (name, port)) in [("a", 80), ("b", self.b_port)].into_iter().enumerate() {
+            let pool = &self.pools[v];
+            let all_down = pool.iter().all(|o| self.down.contains(&(v, *o)));
+            let list: Vec<String> = pool
+                .iter()
+                .filter(|o| !effective || all_down || !self.down.contains(&(v, **o)))
+                .map(|o| {
+                    format!("{{ address = \"198.18.0.{o}\", mac = \"02:ed:00:00:00:{o:02x}\" }}")
+                })
+                .collect();
+            t += &format!(
+                "[[vip]]\nname = \"{name}\"\naddress = \"198.18.1.1\"\nport = {port}\nbackends = [{}]\n",
+                list.join(", ")
+            );
+        }
+        t
+    }
+}
+
+/// Random sequences of what the controller applies (backends going down and coming back,
+/// added and removed, a VIP's port changed, restarts that adopt the pinned maps) keep the data
+/// plane consistent with parked backends: every new flow goes to a live backend of its VIP
+/// (never a down or removed one, never dropped); every backend of the effective config has its
+/// entry and every configured one that is down keeps its entry id; a removed one has none; and a
+/// backend's packet counter never goes back while it stays configured in a VIP that did not
+/// change. FUZZ_SEED=<n> runs another sequence.
+#[test]
+fn parked_backends_stay_consistent_through_random_changes() {
+    if !require_privileged("parked_backends_stay_consistent_through_random_changes") {
+        return;
+    }
+    let seed = common::fuzz_seed(0x5851_f42d_4c95_7f2d);
+    eprintln!("parked backends: FUZZ_SEED={seed} replays");
+    let mut rnd = common::rng(seed);
+    let dir = PinDir::new("parkprop");
+    let mut model =
+        PoolModel { pools: [vec![11, 12, 13], vec![14, 15]], b_port: 81, down: Default::default() };
+    let mut dp = Dataplane::load(Some(&dir.0)).unwrap();
+    let mut counted: std::collections::HashMap<(usize, u16, u8), u64> = Default::default();
+    let cfg_of = |t: &str| Config::parse(t, "model.toml".as_ref()).unwrap();
+    for step in 0..150 {
+        let what = rnd(6);
+        let v = rnd(2);
+        let pool = &mut model.pools[v];
+        match what {
+            0 | 1 => {
+                let o = pool[rnd(pool.len())];
+                if !model.down.remove(&(v, o)) {
+                    model.down.insert((v, o));
+                }
+            }
+            2 => {
+                let o = 11 + rnd(8) as u8;
+                if !pool.contains(&o) {
+                    pool.push(o);
+                }
+            }
+            3 if pool.len() > 1 => {
+                let o = pool.remove(rnd(pool.len()));
+                model.down.remove(&(v, o));
+            }
+            4 => model.b_port = if model.b_port == 81 { 82 } else { 81 },
+            5 => {
+                drop(dp);
+                dp = Dataplane::load(Some(&dir.0)).unwrap();
+            }
+            _ => {}
+        }
+        let (cfg, eff) = (cfg_of(&model.toml(false)), cfg_of(&model.toml(true)));
+        let ctx = format!(
+            "step {step} (action {what} on VIP {v}), FUZZ_SEED={seed}: {}",
+            model.toml(true)
+        );
+        dp.apply_keeping(&eff, &cfg).unwrap_or_else(|e| panic!("{ctx}: apply: {e}"));
+        for (v, vip) in cfg.vips.iter().enumerate() {
+            let live: Vec<IpAddr> = eff.vips[v].backends.iter().map(|b| b.address).collect();
+            for b in &vip.backends {
+                let id = dp.backend_id(vip, b.address);
+                let entry = id.map(|id| dp.maps().backends.get(&id, 0).unwrap());
+                let present =
+                    entry.is_some_and(|e| e.flags & lb_common::backend_flags::PRESENT != 0);
+                if live.contains(&b.address) {
+                    assert!(present, "{ctx}: {} of {} has no present entry", b.address, vip.name);
+                } else if let Some(e) = entry {
+                    assert_eq!(e.flags, lb_common::backend_flags::PARKED, "{ctx}: {}", b.address);
+                }
+                let key = (
+                    v,
+                    vip.port,
+                    match b.address {
+                        IpAddr::V4(a) => a.octets()[3],
+                        _ => 0,
+                    },
+                );
+                let now = dp.backend_counters(vip, b.address).unwrap().packets;
+                if let Some(&before) = counted.get(&key) {
+                    assert!(
+                        now >= before,
+                        "{ctx}: {}'s counter went back: {before} -> {now}",
+                        b.address
+                    );
+                }
+                counted.insert(key, now);
+            }
+            // Removed backends have no entry.
+            for o in 11..=18u8 {
+                let a: IpAddr = Ipv4Addr::new(198, 18, 0, o).into();
+                if !vip.backends.iter().any(|b| b.address == a) {
+                    assert_eq!(dp.backend_id(vip, a), None, "{ctx}: removed {a} kept an entry");
+                    counted.remove(&(v, vip.port, o));
+                }
+            }
+            // New flows: to a live backend of the VIP, each counted.
+            for c in 0..6u8 {
+                let client = Ipv4Addr::new(198, 18, 7, (step % 40) as u8 * 6 + c + 1);
+                let frame = eth(
+                    LB_MAC,
+                    CLIENT_MAC,
+                    ETH_IP,
+                    &tcp4(&client.to_string(), 40000 + step as u16, "198.18.1.1", vip.port, SYN),
+                );
+                let mut out = vec![0u8; frame.len() + 256];
+                let opts = TestRunOptions {
+                    data_in: Some(&frame),
+                    data_out: Some(&mut out),
+                    ..Default::default()
+                };
+                let r = dp.balancer().test_run(opts).unwrap();
+                assert_eq!(
+                    r.return_value, XDP_TX,
+                    "{ctx}: a new flow to {} was not sent",
+                    vip.name
+                );
+                let to = outer_dst(&out);
+                assert!(live.contains(&to), "{ctx}: a new flow to {} went to {to}", vip.name);
+            }
+        }
+        // A VIP whose port changed starts its counters again (a VIP removed and one added).
+        counted.retain(|(v, port, _), _| *v == 0 || *port == model.b_port);
+    }
+}
+
 /// `node.pin_dir` may name a directory other tools use too: `edgelb stop` removes what edgelb
 /// pinned there and nothing else.
 #[test]
