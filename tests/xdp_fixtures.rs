@@ -38,6 +38,17 @@ struct Harness {
     cfg: Config,
 }
 
+/// Runs one frame through `dp`'s balancer (BPF_PROG_TEST_RUN); returns the verdict and the
+/// output frame.
+fn run_frame(dp: &mut Dataplane, input: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; input.len() + 256];
+    let opts =
+        TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() };
+    let r = dp.balancer().test_run(opts).expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
 impl Harness {
     fn new(test: &str, toml: &str) -> Option<Harness> {
         if !require_privileged(test) {
@@ -73,12 +84,7 @@ impl Harness {
 
     /// Runs one frame; returns the verdict and the output frame.
     fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; input.len() + 256];
-        let opts =
-            TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() };
-        let r = self.dp.balancer().test_run(opts).expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        run_frame(&mut self.dp, input)
     }
 
     /// Runs a frame and checks verdict, output and that exactly `reason` moved by one.
@@ -152,6 +158,11 @@ fn tcp4(client: &str, sport: u16, vip: &str, dport: u16, flags: u8) -> Vec<u8> {
     V4::new(c, v, 6).packet(&tcp(c.into(), v.into(), sport, dport, flags, b""))
 }
 
+fn udp4(client: &str, sport: u16, vip: &str, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let (c, v) = (v4(client), v4(vip));
+    V4::new(c, v, 17).packet(&udp(c.into(), v.into(), sport, dport, payload))
+}
+
 fn tcp6(client: &str, sport: u16, vip: &str, dport: u16, flags: u8) -> Vec<u8> {
     let (c, v) = (v6(client), v6(vip));
     ipv6(c, v, 6, 0, 64, &tcp(c.into(), v.into(), sport, dport, flags, b""))
@@ -184,14 +195,8 @@ fn forwarding_fixtures() {
         40000,
         tcp4("198.18.4.7", 40000, "198.18.1.1", 80, SYN),
     );
-    let udp4 = V4::new(v4("198.18.4.7"), v4("198.18.1.1"), 17).packet(&udp(
-        c4,
-        v4("198.18.1.1").into(),
-        5353,
-        53,
-        b"query",
-    ));
-    forwarded(&mut h, "v4 UDP, IPIP", "v4udp", c4, 5353, udp4);
+    let query = udp4("198.18.4.7", 5353, "198.18.1.1", 53, b"query");
+    forwarded(&mut h, "v4 UDP, IPIP", "v4udp", c4, 5353, query);
     forwarded(
         &mut h,
         "v6 TCP SYN, IP6IP6",
@@ -1146,18 +1151,8 @@ fn counters_follow_forwarded_traffic() {
     let vip = h.vip("v4udp");
     let c: IpAddr = v4("198.18.4.50").into();
     let b = route(&vip, c, 0).unwrap().address;
-    let frame = eth(
-        LB_MAC,
-        CLIENT_MAC,
-        ETH_IP,
-        &V4::new(v4("198.18.4.50"), v4("198.18.1.1"), 17).packet(&udp(
-            c,
-            v4("198.18.1.1").into(),
-            999,
-            53,
-            b"abc",
-        )),
-    );
+    let frame =
+        eth(LB_MAC, CLIENT_MAC, ETH_IP, &udp4("198.18.4.50", 999, "198.18.1.1", 53, b"abc"));
     let before = h.dp.backend_counters(&vip, b).unwrap();
     for _ in 0..10 {
         assert_eq!(h.run(&frame).0, XDP_TX);
@@ -1182,18 +1177,7 @@ fn a_down_backend_keeps_its_counters_while_its_flows_rehash() {
     let configured = h.cfg.clone();
     let vip = h.vip("v4udp");
     let frame = |client: Ipv4Addr| {
-        eth(
-            LB_MAC,
-            CLIENT_MAC,
-            ETH_IP,
-            &V4::new(client, v4("198.18.1.1"), 17).packet(&udp(
-                client.into(),
-                v4("198.18.1.1").into(),
-                999,
-                53,
-                b"abc",
-            )),
-        )
+        eth(LB_MAC, CLIENT_MAC, ETH_IP, &udp4(&client.to_string(), 999, "198.18.1.1", 53, b"abc"))
     };
     let client = v4("198.18.4.50");
     let b = route(&vip, client.into(), 0).unwrap().address;
@@ -1457,18 +1441,8 @@ fn parked_backends_stay_consistent_through_random_changes() {
                     ETH_IP,
                     &tcp4(&client.to_string(), 40000 + step as u16, "198.18.1.1", vip.port, SYN),
                 );
-                let mut out = vec![0u8; frame.len() + 256];
-                let opts = TestRunOptions {
-                    data_in: Some(&frame),
-                    data_out: Some(&mut out),
-                    ..Default::default()
-                };
-                let r = dp.balancer().test_run(opts).unwrap();
-                assert_eq!(
-                    r.return_value, XDP_TX,
-                    "{ctx}: a new flow to {} was not sent",
-                    vip.name
-                );
+                let (verdict, out) = run_frame(&mut dp, &frame);
+                assert_eq!(verdict, XDP_TX, "{ctx}: a new flow to {} was not sent", vip.name);
                 let to = outer_dst(&out);
                 assert!(live.contains(&to), "{ctx}: a new flow to {} went to {to}", vip.name);
             }
@@ -1605,14 +1579,8 @@ fn a_process_loaded_beside_a_running_one_reads_the_maps_again() {
     for i in 0..200u32 {
         let client = Ipv4Addr::from(u32::from(v4("198.18.4.0")) + i).to_string();
         let frame = eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4(&client, 40000, "198.18.1.1", 80, SYN));
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(&frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        let r = next.balancer().test_run(opts).expect("BPF_PROG_TEST_RUN");
-        assert_eq!(r.return_value, XDP_TX, "client {client}");
+        let (verdict, out) = run_frame(&mut next, &frame);
+        assert_eq!(verdict, XDP_TX, "client {client}");
         let to = outer_dst(&out).to_string();
         assert!(to == "198.18.0.12" || to == "198.18.0.13", "client {client} sent to {to}");
     }
