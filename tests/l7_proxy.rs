@@ -2523,6 +2523,29 @@ enum EarlyEnd {
     Hold,
 }
 
+/// Reads a request head from `r` (its lines, up to the blank one), counting it in `reqs`; false
+/// when the connection ended first. The body, if any, is left unread.
+fn request_head(r: &mut BufReader<TcpStream>, reqs: &AtomicUsize) -> bool {
+    let mut line = String::new();
+    while line != "\r\n" {
+        line.clear();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return false;
+        }
+    }
+    reqs.fetch_add(1, Ordering::Relaxed);
+    true
+}
+
+/// Keeps a backend connection open, reading nothing, until the test stops the backend (`stop`)
+/// or `limit` passes.
+fn hold(stop: &AtomicBool, limit: Duration) {
+    let t = Instant::now();
+    while !stop.load(Ordering::Relaxed) && t.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A backend that answers every upload with `status` (and a body) as soon as it has read the
 /// request head, without reading the body (a size or an authorization check), then leaves the
 /// connection as `end` says.
@@ -2530,14 +2553,9 @@ fn early_backend(status: u16, end: EarlyEnd) -> Backend {
     serve_backend(move |s, r2, s2| {
         let mut w = s.try_clone().unwrap();
         let mut r = BufReader::new(s);
-        let mut line = String::new();
-        while line != "\r\n" {
-            line.clear();
-            if r.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
+        if !request_head(&mut r, r2) {
+            return;
         }
-        r2.fetch_add(1, Ordering::Relaxed);
         let body = format!("{status} early: body not read\n");
         let close = if matches!(end, EarlyEnd::Hold) { "" } else { "Connection: close\r\n" };
         let resp = format!(
@@ -2554,12 +2572,7 @@ fn early_backend(status: u16, end: EarlyEnd) -> Backend {
                 // Dropped with the body unread: the kernel resets the connection.
             }
             EarlyEnd::Reset => {}
-            EarlyEnd::Hold => {
-                let t = Instant::now();
-                while !s2.load(Ordering::Relaxed) && t.elapsed() < Duration::from_secs(10) {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
+            EarlyEnd::Hold => hold(s2, Duration::from_secs(10)),
         }
     })
 }
@@ -2654,14 +2667,9 @@ fn an_early_answer_to_an_upload_reaches_the_client_and_is_no_failure() {
     // A backend that resets the connection mid-body without answering is still a failure.
     let mute = serve_backend(|s, r2, _| {
         let mut r = BufReader::new(s);
-        let mut line = String::new();
-        while line != "\r\n" {
-            line.clear();
-            if r.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
+        if !request_head(&mut r, r2) {
+            return;
         }
-        r2.fetch_add(1, Ordering::Relaxed);
     });
     let p = proxy(&[(&mute, 1)], "max_fails = 1\nidle_timeout_ms = 20000", "");
     let up = upload(p.addr, BODY, false);
@@ -2691,14 +2699,9 @@ fn a_large_early_answer_reaches_a_client_that_writes_its_whole_body_first() {
     let b = serve_backend(move |s, r2, s2| {
         let mut w = s.try_clone().unwrap();
         let mut r = BufReader::new(s);
-        let mut line = String::new();
-        while line != "\r\n" {
-            line.clear();
-            if r.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
+        if !request_head(&mut r, r2) {
+            return;
         }
-        r2.fetch_add(1, Ordering::Relaxed);
         let head = format!(
             "HTTP/1.1 413 Payload Too Large\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
             sent.len()
@@ -2706,10 +2709,7 @@ fn a_large_early_answer_reaches_a_client_that_writes_its_whole_body_first() {
         if w.write_all(head.as_bytes()).is_err() || w.write_all(&sent).is_err() {
             return;
         }
-        let t = Instant::now();
-        while !s2.load(Ordering::Relaxed) && t.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        hold(s2, Duration::from_secs(30));
     });
     // A short idle timeout: without the fix the connection stalls until it passes.
     let p = proxy(&[(&b, 1)], "idle_timeout_ms = 2000", "");
