@@ -272,6 +272,14 @@ fn interleaved(
     }
 }
 
+/// [`median`] of the per-round figures `v` (a JSON array) kept in the results: a round whose
+/// figure was not finite is null there, NaN here, which fails the target judged on it rather
+/// than dropping out of it.
+fn median_of_json(v: &Value) -> f64 {
+    let rounds = v.as_array().map(|a| a.iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect());
+    median(rounds.unwrap_or_default())
+}
+
 /// Which proxy runs `k`-th in round `round` of `n`: the order rotates by one each round and
 /// is reversed in odd rounds, so no proxy always runs right before another.
 fn round_order(k: usize, round: usize, n: usize) -> usize {
@@ -1345,15 +1353,7 @@ fn l7() -> Option<Value> {
     for conns in CONNS {
         let c = &out[format!("c{conns}")];
         let f = |k: &str| c[k].as_f64().unwrap_or(f64::NAN);
-        // A round whose ratio was not finite is null in the JSON: NaN here, which fails the
-        // target rather than dropping out of it.
-        let ratio = |k: &str| {
-            let v: Vec<f64> = c["x_haproxy_rounds"][k]
-                .as_array()
-                .map(|a| a.iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect())
-                .unwrap_or_default();
-            median(v)
-        };
+        let ratio = |k: &str| median_of_json(&c["x_haproxy_rounds"][k]);
         let per_cpu = ratio("req_per_cpu_s");
         targets[format!("c{conns}_req_per_cpu_s_x_haproxy")] = target(
             &format!(
@@ -1393,11 +1393,7 @@ fn l7() -> Option<Value> {
     let fixed_rate = out["fixed_rate"]["edgelb"]["p99_ms"].is_f64();
     if fixed_rate {
         let f = |who: &str| out["fixed_rate"][who]["p99_ms"].as_f64().unwrap_or(f64::NAN);
-        let rounds: Vec<f64> = out["fixed_rate"]["p99_x_haproxy_rounds"]
-            .as_array()
-            .map(|a| a.iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect())
-            .unwrap_or_default();
-        let p99 = median(rounds);
+        let p99 = median_of_json(&out["fixed_rate"]["p99_x_haproxy_rounds"]);
         targets["fixed_rate_p99_x_haproxy"] = target(
             &format!("fixed {RATE} req/s: p99, edgelb / HAProxy (median of per-round ratios)"),
             p99,
