@@ -1184,6 +1184,35 @@ fn l7_settings(
         {
             return bad(p.span(), m);
         }
+        // Routes are tried in order: one that an earlier route takes every request of would
+        // never get one, which is a mistake (usually the more specific route written second).
+        let host = r.host.as_ref().map(|h| crate::proxy::route_host(h.get_ref()));
+        let path = r.path_prefix.as_ref().map(|p| p.get_ref().as_str());
+        if let Some(earlier) = out_routes.iter().find(|e: &&Route| {
+            let host_covered = e
+                .host
+                .as_ref()
+                .is_none_or(|h| host.as_deref() == Some(crate::proxy::route_host(h).as_str()));
+            let path_covered =
+                e.path_prefix.as_deref().is_none_or(|p| path.is_some_and(|q| q.starts_with(p)));
+            host_covered && path_covered
+        }) {
+            let matcher = |h: Option<&str>, p: Option<&str>| {
+                [h.map(|h| format!("host = \"{h}\"")), p.map(|p| format!("path_prefix = \"{p}\""))]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return bad(
+                span,
+                format!(
+                    "this route never gets a request: routes are tried in order, and an earlier one ({}) takes every request it would ({}); put the more specific route first",
+                    matcher(earlier.host.as_deref(), earlier.path_prefix.as_deref()),
+                    matcher(r.host.as_ref().map(|h| h.get_ref().as_str()), path),
+                ),
+            );
+        }
         out_routes.push(Route {
             host: r.host.as_ref().map(|h| h.get_ref().to_ascii_lowercase()),
             path_prefix: r.path_prefix.as_ref().map(|p| p.get_ref().clone()),

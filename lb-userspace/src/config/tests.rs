@@ -1685,3 +1685,65 @@ fn damaged_configs_never_panic_and_are_refused_in_place_or_valid() {
         "{accepted} accepted, {refused} refused"
     );
 }
+
+/// A route that an earlier route takes every request of (routes are tried in order) is refused,
+/// naming both; a route that only overlaps an earlier one, or comes before a wider one, is not.
+#[test]
+fn a_route_hidden_by_an_earlier_one_is_refused() {
+    let route = |host: Option<&str>, path: Option<&str>, to: &str| {
+        let mut r = String::from("[[vip.route]]\n");
+        if let Some(h) = host {
+            r += &format!("host = \"{h}\"\n");
+        }
+        if let Some(p) = path {
+            r += &format!("path_prefix = \"{p}\"\n");
+        }
+        r + &format!("backends = [{{ address = \"{to}\" }}]\n")
+    };
+    let vip = |routes: &[String]| {
+        l7_vip("198.18.1.1", "{ address = \"198.18.0.11\" }", "", &routes.concat())
+    };
+    let hidden = [
+        // A shorter prefix first.
+        (route(None, Some("/api/"), "198.18.0.12"), route(None, Some("/api/v2/"), "198.18.0.13")),
+        // Any host before one host, same prefix.
+        (
+            route(None, Some("/api/"), "198.18.0.12"),
+            route(Some("a.example"), Some("/api/x"), "198.18.0.13"),
+        ),
+        // The host alone before the host with a prefix, spelled with a capital and a root dot.
+        (
+            route(Some("a.example"), None, "198.18.0.12"),
+            route(Some("A.example."), Some("/x"), "198.18.0.13"),
+        ),
+        // The same matcher twice.
+        (
+            route(Some("a.example"), Some("/x"), "198.18.0.12"),
+            route(Some("a.example"), Some("/x"), "198.18.0.13"),
+        ),
+    ];
+    for (first, second) in &hidden {
+        let e = err(&vip(&[first.clone(), second.clone()]));
+        assert!(e.contains("this route never gets a request"), "{e}");
+        assert!(e.contains("put the more specific route first"), "{e}");
+        // Points at the second route's header.
+        let line = vip(&[first.clone(), String::new()]).lines().count() + 1;
+        assert!(e.contains(&format!(":{line}:")), "line {line}: {e}");
+    }
+    let fine = [
+        (route(None, Some("/api/v2/"), "198.18.0.12"), route(None, Some("/api/"), "198.18.0.13")),
+        (
+            route(Some("a.example"), Some("/api/"), "198.18.0.12"),
+            route(None, Some("/api/"), "198.18.0.13"),
+        ),
+        (route(None, Some("/api/"), "198.18.0.12"), route(Some("a.example"), None, "198.18.0.13")),
+        (
+            route(Some("a.example"), None, "198.18.0.12"),
+            route(Some("b.example"), None, "198.18.0.13"),
+        ),
+        (route(None, Some("/api"), "198.18.0.12"), route(None, Some("/ap"), "198.18.0.13")),
+    ];
+    for (first, second) in &fine {
+        parse(&vip(&[first.clone(), second.clone()])).unwrap_or_else(|e| panic!("{e}"));
+    }
+}

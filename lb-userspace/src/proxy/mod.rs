@@ -253,7 +253,7 @@ impl VipRuntime {
 /// A host as routes compare it: lowercase, without one trailing (root) dot, and an IPv6 literal
 /// in its one canonical spelling (RFC 5952, as browsers send it), so that `[2001:0db8::1]` in the
 /// config matches a request for `[2001:db8::1]`.
-fn route_host(h: &str) -> String {
+pub(crate) fn route_host(h: &str) -> String {
     let h = h.strip_suffix('.').unwrap_or(h);
     let literal = h.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
     match literal.and_then(|a| a.parse::<std::net::Ipv6Addr>().ok()) {
