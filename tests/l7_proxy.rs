@@ -3108,6 +3108,43 @@ fn syn_sent_to(port: u16) -> usize {
         .count()
 }
 
+/// A backend that does not answer SYNs: a listener whose accept queue is full, so Linux drops
+/// the SYNs it gets (`tcp_abort_on_overflow` = 0, the default). Checked when made.
+struct Blackhole {
+    /// Never dropped: `Backend`'s drop connects to wake its accept thread, which would hang here.
+    backend: std::mem::ManuallyDrop<Backend>,
+    _listener: socket2::Socket,
+    _filler: TcpStream,
+}
+
+impl Blackhole {
+    fn new() -> Blackhole {
+        let hole =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        hole.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        hole.listen(0).unwrap();
+        let addr = hole.local_addr().unwrap().as_socket().unwrap();
+        // Fills the queue (backlog 0 holds one); the handshake of the next is never answered.
+        let filler = TcpStream::connect(addr).unwrap();
+        // Checks the blackhole: a connect of our own stays in SYN_SENT (and ends with its close).
+        let probe =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        probe.set_nonblocking(true).unwrap();
+        let _ = probe.connect(&addr.into());
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(syn_sent_to(addr.port()), 1, "the blackhole answers no SYN");
+        drop(probe);
+        let backend = std::mem::ManuallyDrop::new(Backend {
+            addr,
+            conns: Default::default(),
+            reqs: Default::default(),
+            stop: Default::default(),
+            thread: None,
+        });
+        Blackhole { backend, _listener: hole, _filler: filler }
+    }
+}
+
 /// A backend that does not answer SYNs (blackholed) costs a connect timeout, and no more: the
 /// kernel's connect attempt ends with it. Before, the abandoned socket stayed in SYN_SENT for
 /// the kernel's SYN retries (about two minutes) and could still connect later, one per
@@ -3115,30 +3152,11 @@ fn syn_sent_to(port: u16) -> usize {
 /// gets (`tcp_abort_on_overflow` = 0, the default).
 #[test]
 fn an_abandoned_connect_leaves_no_socket_behind() {
-    let hole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    hole.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
-    hole.listen(0).unwrap();
-    let hole_addr = hole.local_addr().unwrap().as_socket().unwrap();
-    // Fills the queue (backlog 0 holds one); the handshake of the next is never answered.
-    let _filler = TcpStream::connect(hole_addr).unwrap();
-    // Checks the blackhole: a connect of our own stays in SYN_SENT (and ends with its close).
-    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    probe.set_nonblocking(true).unwrap();
-    let _ = probe.connect(&hole_addr.into());
-    std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(syn_sent_to(hole_addr.port()), 1, "the blackhole answers no SYN");
-    drop(probe);
-    // Never dropped: `Backend`'s drop connects to wake its accept thread, which would hang here.
-    let hole_backend = std::mem::ManuallyDrop::new(Backend {
-        addr: hole_addr,
-        conns: Default::default(),
-        reqs: Default::default(),
-        stop: Default::default(),
-        thread: None,
-    });
+    let hole = Blackhole::new();
+    let (hole_backend, hole_addr) = (&hole.backend, hole.backend.addr);
     for (mode, ask) in [("tcp", ""), ("http", "GET / HTTP/1.1\r\nHost: t\r\n\r\n")] {
         let p = proxy(
-            &[(&*hole_backend, 1)],
+            &[(&**hole_backend, 1)],
             &format!("mode = \"{mode}\"\nconnect_timeout_ms = 200\nretries = 0"),
             "",
         );
@@ -3160,6 +3178,84 @@ fn an_abandoned_connect_leaves_no_socket_behind() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The whole-request deadline bounds the retries too: once it has passed, no backend gets the
+/// request again (it would do the work for a client already answered 504), and the backends
+/// that could not answer in the time left are not charged a passive-health failure.
+#[test]
+fn retries_stop_at_the_request_deadline() {
+    let (slow, a, b) =
+        (backend("slow", Mode::Slow(1500)), backend("a", Mode::Ok), backend("b", Mode::Ok));
+    let p = proxy(
+        &[(&slow, 1), (&a, 1), (&b, 1)],
+        "algorithm = \"round_robin\"\nrequest_timeout_ms = 300\nretries = 2\nmax_fails = 1",
+        "",
+    );
+    let (mut timed_out, mut answered) = (0, 0);
+    for _ in 0..6 {
+        let start = Instant::now();
+        let r = get(p.addr, "/");
+        match r.0 {
+            504 => {
+                timed_out += 1;
+                assert!(
+                    start.elapsed() < Duration::from_millis(1200),
+                    "504 in time: {:?}",
+                    start.elapsed()
+                );
+            }
+            200 => answered += 1,
+            s => panic!("unexpected {s}: {r:?}"),
+        }
+    }
+    assert!(timed_out >= 1, "some requests went to the slow backend first");
+    let others = a.reqs.load(Ordering::Relaxed) + b.reqs.load(Ordering::Relaxed);
+    assert_eq!(others, answered, "a request past its deadline was sent to another backend");
+    let text = p.metrics.encode();
+    for ok in [&a, &b] {
+        assert!(
+            !text.contains(&format!("backend=\"{}\"", ok.addr)),
+            "a backend that answered every request it got was taken out:\n{text}"
+        );
+    }
+}
+
+/// A connect waits no longer than the request's deadline leaves, and one cut by the deadline is
+/// a 504 (the request ran out of time), not a 502 after the whole connect timeout.
+#[test]
+fn a_connect_ends_at_the_request_deadline() {
+    let hole = Blackhole::new();
+    let p = proxy(
+        &[(&*hole.backend, 1)],
+        "connect_timeout_ms = 5000\nrequest_timeout_ms = 300\nretries = 0",
+        "",
+    );
+    let start = Instant::now();
+    let r = get(p.addr, "/");
+    assert_eq!(r.0, 504, "{r:?}");
+    assert!(start.elapsed() < Duration::from_millis(1500), "after {:?}", start.elapsed());
+}
+
+/// A TCP-mode connection counts for least-connections from the moment its backend is picked:
+/// counted only once connected, a backend that just stopped answering SYNs looks idle and takes
+/// every new connection until its connects have timed out enough to take it out.
+#[test]
+fn tcp_mode_counts_a_connection_while_it_connects() {
+    let hole = Blackhole::new();
+    let echo = backend("echo", Mode::Echo);
+    let p = proxy(
+        &[(&*hole.backend, 1), (&echo, 1)],
+        "mode = \"tcp\"\nalgorithm = \"least_conn\"\nconnect_timeout_ms = 1000\nmax_fails = 100",
+        "",
+    );
+    let conns: Vec<TcpStream> = (0..10).map(|_| TcpStream::connect(p.addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let stuck = syn_sent_to(hole.backend.addr.port());
+    // Counted while connecting, the two backends share the connections (least-connections
+    // cannot know a backend is gone before its connects fail); uncounted, all but one.
+    assert!(stuck <= 6, "{stuck} of 10 new connections wait on the blackholed backend");
+    drop(conns);
 }
 
 /// A drained backend (weight 0) takes no new clients but keeps its sticky ones, as a drained

@@ -1126,6 +1126,9 @@ enum Attempt {
     Connect,
     /// No response head in time.
     Timeout,
+    /// The whole request's deadline passed while waiting for this backend (504). Nothing is
+    /// tried after it: another backend would do the work for a client already answered.
+    Deadline,
     /// Connection broke or garbage before a response head.
     Broken,
     /// The client broke off while sending its body (or could not take an interim response).
@@ -1303,6 +1306,10 @@ async fn serve_conn(
         let mut done = None;
         let mut kept: Option<Kept> = None;
         for attempt in 0..=cfg.retries {
+            if attempt > 0 && tokio::time::Instant::now() >= deadline {
+                last = Attempt::Deadline;
+                break;
+            }
             let Some(i) = pool.pick(client_ip(peer), &tried, sticky) else { break };
             if attempt > 0 {
                 vip.retries.inc();
@@ -1363,13 +1370,18 @@ async fn serve_conn(
                         vip = %vip.name,
                         backend = %member.state.addr,
                         attempt,
-                        failure = match e { Attempt::Connect => "connect", Attempt::Timeout => "timeout", Attempt::Broken => "broken", Attempt::ClientGone => "client gone", Attempt::ClientTimeout => "client timeout" },
+                        failure = match e { Attempt::Connect => "connect", Attempt::Timeout => "timeout", Attempt::Deadline => "request deadline", Attempt::Broken => "broken", Attempt::ClientGone => "client gone", Attempt::ClientTimeout => "client timeout" },
                         "L7 attempt failed"
                     );
-                    vip.failed(&member.state);
+                    // The request's deadline is charged to the backend that had all of it, the
+                    // first, not to one that got what was left after others.
+                    let out_of_time = matches!(e, Attempt::Deadline);
+                    if !out_of_time || attempt == 0 {
+                        vip.failed(&member.state);
+                    }
                     let sent = matches!(e, Attempt::Timeout | Attempt::Broken);
                     last = e;
-                    if sent && !can_retry {
+                    if out_of_time || (sent && !can_retry) {
                         break;
                     }
                 }
@@ -1389,7 +1401,7 @@ async fn serve_conn(
         let Some((i, up, resp, counted, cut)) = done else {
             let status = match (tried.is_empty(), last) {
                 (true, _) => 503,
-                (false, Attempt::Timeout) => 504,
+                (_, Attempt::Deadline) | (false, Attempt::Timeout) => 504,
                 _ => 502,
             };
             let backend = tried.last().map(|&i| pool.members[i].state.addr);
@@ -1626,8 +1638,13 @@ async fn attempt_once(
         let up = match reused.take() {
             Some(s) => s,
             None => {
-                let connect = Socket::connect(addr, cfg.connect_timeout, cfg.idle_timeout).await;
-                let Ok(s) = connect else { return Err(Attempt::Connect) };
+                // Within what the request's deadline leaves.
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let within = cfg.connect_timeout.min(left);
+                let s = match Socket::connect(addr, within, cfg.idle_timeout).await {
+                    Ok(s) => s,
+                    Err(_) => return Err(timed_out(deadline, Attempt::Connect)),
+                };
                 let _ = s.set_nodelay(true);
                 if let Some(v) = cfg.proxy_protocol {
                     write(&s, proxy_header(v, peer, listen)).await.map_err(|_| Attempt::Connect)?;
@@ -1655,7 +1672,9 @@ async fn attempt_once(
                 }
                 continue;
             }
-            let Ok(first) = read else { return Err(abandon(&up, Attempt::Timeout)) };
+            let Ok(first) = read else {
+                return Err(abandon(&up, timed_out(deadline, Attempt::Timeout)));
+            };
             // A pooled connection closed before any response: the request goes again on a
             // fresh one (`Ok(None)`).
             let stale = !fresh && replayable;
@@ -1664,7 +1683,7 @@ async fn attempt_once(
                 Ok(Ok(Some(resp))) => return Ok(Answer { up, resp, cut: false }),
                 Ok(Ok(None)) => continue,
                 Ok(Err(e)) => return Err(abandon(&up, e)),
-                Err(_) => return Err(abandon(&up, Attempt::Timeout)),
+                Err(_) => return Err(abandon(&up, timed_out(deadline, Attempt::Timeout))),
             }
         }
         if write(&up, head.clone()).await.is_err() {
@@ -1691,7 +1710,7 @@ async fn attempt_once(
                 Ok(Ok(())) => {
                     match timeout_at(answer_by(tokio::time::Instant::now()), &mut reading).await {
                         Ok(r) => (r, false),
-                        Err(_) => return Err(abandon(&up, Attempt::Timeout)),
+                        Err(_) => return Err(abandon(&up, timed_out(deadline, Attempt::Timeout))),
                     }
                 }
                 Ok(Err(Side::Src)) => return Err(abandon(&up, Attempt::ClientGone)),
@@ -1728,6 +1747,12 @@ async fn attempt_once(
             Err(e) => return Err(abandon(&up, e)),
         }
     }
+}
+
+/// `failure`, or [`Attempt::Deadline`] when the request's deadline has passed: the wait that
+/// failed was cut short by it (a connect or response timeout past the deadline never fires).
+fn timed_out(deadline: tokio::time::Instant, failure: Attempt) -> Attempt {
+    if tokio::time::Instant::now() >= deadline { Attempt::Deadline } else { failure }
 }
 
 /// What a backend's response head must be, for the request it answers.

@@ -153,10 +153,13 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
         let Some(i) = pool.pick(client_ip(peer), &tried, None) else { break };
         tried.push(i);
         let addr = pool.members[i].state.addr;
+        // In flight from the pick on, as an HTTP request is: least-connections and
+        // power-of-two choices must see the connects a backend keeps waiting.
+        let counted = InFlight::new(&pool.members[i].state);
         match Socket::connect(addr, cfg.connect_timeout, cfg.idle_timeout).await {
             Ok(s) => {
                 pool.members[i].state.success();
-                up = Some((i, s));
+                up = Some((i, s, counted));
                 break;
             }
             Err(_) => {
@@ -164,7 +167,7 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
             }
         }
     }
-    let Some((i, up)) = up else { return };
+    let Some((i, up, counted)) = up else { return };
     if let Some(v) = cfg.proxy_protocol
         && up.send_all(proxy_header(v, peer, listen)).await.is_err()
     {
@@ -172,5 +175,7 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
     }
     let state = &pool.members[i].state;
     state.requests.fetch_add(1, Ordering::Relaxed);
+    // The relay counts itself.
+    drop(counted);
     relay(&client, &up, cfg.idle_timeout, state).await;
 }
