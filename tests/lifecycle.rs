@@ -653,10 +653,28 @@ fn reload_rejects_bad_files_and_keeps_connections() {
     assert!(err.contains("conntrack_flows_per_cpu") && err.contains("restart"), "{err}");
     assert_eq!(bed.e().status().conntrack.v4_flows_per_cpu, CT_FLOWS);
 
+    // Another file named: a reload re-reads the file edgelb runs with, so it is refused, naming
+    // that file, rather than answered "reloaded" with the other file never read.
+    let other = bed.cfg_path.with_extension("other.toml");
+    std::fs::write(&other, config_text(&bed.tag, &[1, 2, 3])).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_edgelb"))
+        .args(["reload", "--config"])
+        .arg(&other)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run edgelb CLI");
+    let _ = std::fs::remove_file(&other);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("runs with {}", bed.cfg_path.display())), "{err}");
+    assert_eq!(bed.e().status().vips[1].backends, status_before.vips[1].backends);
+
     // Adding a backend: every established connection stays where it was.
     std::fs::write(&bed.cfg_path, config_text(&bed.tag, &[1, 2, 3])).unwrap();
     let out = bed.e().cli(&["reload"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with(&format!("reloaded {}: ", bed.cfg_path.display())), "{said}");
     let new_cfg = bed.cfg();
     for (c, b) in conns.iter_mut().zip(&before) {
         assert_eq!(&c.backend().unwrap(), b, "established connection moved");

@@ -1,5 +1,9 @@
 //! The `edgelb` command line: a thin layer over the `edgelb` library.
-use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use clap::{Parser, Subcommand};
 use edgelb::{
@@ -88,7 +92,9 @@ enum Command {
         #[arg(long)]
         vip: Option<String>,
     },
-    /// Re-read the config file; an invalid one is rejected and the running config stays.
+    /// Re-read the config file edgelb runs with (another file given with -c is refused: switch
+    /// files with `edgelb run -c NEW --takeover`); an invalid one is rejected and the running
+    /// config stays.
     Reload {
         #[command(flatten)]
         admin: AdminArgs,
@@ -279,7 +285,11 @@ fn main() -> ExitCode {
             admin_call(&admin, &Request::Undrain { backend, vip }, |r| println!("{}", r.message))
         }
         Command::Reload { admin } => {
-            admin_call(&admin, &Request::Reload, |r| println!("{}", r.message))
+            // The file named, unless only the socket was (the default file then means nothing).
+            let named = admin.socket.is_none() || admin.config != Path::new(DEFAULT_CONFIG);
+            let config =
+                named.then(|| std::path::absolute(&admin.config).unwrap_or(admin.config.clone()));
+            admin_call(&admin, &Request::Reload { config }, |r| println!("{}", r.message))
         }
         Command::Stop { admin, detach } => stop(&admin, detach),
         Command::Decap { action, interface, mode, pin_dir } => {

@@ -48,7 +48,13 @@ pub enum Request {
         vip: Option<String>,
     },
     /// Re-read the config file; a bad file is rejected and the running config stays.
-    Reload,
+    Reload {
+        /// The file the operator named (absolute), when the CLI has one: a reload re-reads the
+        /// file edgelb runs with, so another one is refused rather than silently not read.
+        /// Absent from older clients.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        config: Option<std::path::PathBuf>,
+    },
     /// Stop the controller. `detach`: leave XDP attached and the maps pinned (a later `edgelb
     /// run` adopts them); otherwise tear the data plane down too.
     Stop {
@@ -666,7 +672,7 @@ mod tests {
         let path = dir.join("admin.sock");
         // The answer to a reload far larger than the socket's buffer.
         let tx = controller(|req| match req {
-            Request::Reload => Response::ok("x".repeat(8 << 20)),
+            Request::Reload { .. } => Response::ok("x".repeat(8 << 20)),
             _ => Response::ok("here"),
         });
         let _serving = serve(bind(&path).unwrap(), tx).unwrap();
@@ -693,7 +699,7 @@ mod tests {
 
         // A request whose long answer is never read.
         let mut sleeper = UnixStream::connect(&path).unwrap();
-        let mut line = serde_json::to_string(&Request::Reload).unwrap();
+        let mut line = serde_json::to_string(&Request::Reload { config: None }).unwrap();
         line.push('\n');
         sleeper.write_all(line.as_bytes()).unwrap();
         std::thread::sleep(Duration::from_millis(200));
@@ -824,7 +830,7 @@ mod tests {
         let v6: IpAddr = "2001:db8::1".parse().unwrap();
         let mut out: Vec<String> = [
             Request::Status,
-            Request::Reload,
+            Request::Reload { config: None },
             Request::Handover,
             Request::Stop { detach: true },
             Request::Stop { detach: false },

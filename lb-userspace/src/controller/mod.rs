@@ -481,6 +481,16 @@ fn preflight(cfg: &Config) -> Result<(), RunError> {
     }
 }
 
+/// Whether `a` and `b` name one file: the same inode when both exist (however spelled: a
+/// symlink, `..`, another working directory), else the same absolute path.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
+        _ => std::path::absolute(a).ok() == std::path::absolute(b).ok(),
+    }
+}
+
 /// What a reload from `old` to `new` cannot apply in place, each named with its change, for the
 /// refusal to say what to undo or restart for. Order does not count: interfaces and L7 VIPs
 /// listed in another order are the same set. An L7 VIP's listeners are bound, for its address,
@@ -829,7 +839,7 @@ impl Controller {
         loop {
             for sig in signals.pending() {
                 if sig == SIGHUP {
-                    let r = self.reload();
+                    let r = self.reload(None);
                     if !r.ok {
                         error!("{}", r.message);
                     }
@@ -935,7 +945,7 @@ impl Controller {
                     }
                 }
             }
-            Request::Reload => self.reload(),
+            Request::Reload { config } => self.reload(config.as_deref()),
             Request::Stop { detach: true } => {
                 Response::ok("stopping; the data plane keeps running")
             }
@@ -956,7 +966,18 @@ impl Controller {
             .collect()
     }
 
-    fn reload(&mut self) -> Response {
+    /// Re-reads the file edgelb runs with; `named`, the file the operator's command named, must
+    /// be that file.
+    fn reload(&mut self, named: Option<&Path>) -> Response {
+        if let Some(named) = named
+            && !same_file(named, &self.path)
+        {
+            return Response::err(format!(
+                "reload refused: edgelb runs with {}, and a reload re-reads that file, not {}; edit {0} and reload, or switch files with `edgelb run -c {1} --takeover`",
+                self.path.display(),
+                named.display()
+            ));
+        }
         let new = match Config::load(&self.path) {
             Ok(c) => c,
             Err(e) => {
@@ -985,7 +1006,8 @@ impl Controller {
                 self.metrics.retain(&self.cfg);
                 self.rates.retain(&self.cfg);
                 info!(?r, "config reloaded");
-                let mut msg = format!("reloaded: {}", reload_summary(&self.cfg, &r));
+                let mut msg =
+                    format!("reloaded {}: {}", self.path.display(), reload_summary(&self.cfg, &r));
                 if self.checks_missing > 0 {
                     msg.push_str(&format!(
                         "; {} health checks could not start yet (no thread to be had; see the log), retried every second",
