@@ -879,6 +879,19 @@ fn vips_without_a_connection_table_follow_the_ring() {
         assert_eq!(outer_dst(&h.run(&frame(flags)).1), first);
     }
     assert_eq!(missed(&h), 0, "segments without SYN found no table to miss");
+    // An ICMP error about the flow goes to its backend, and starts no flow.
+    let new_flows = h.dp.vip_counters(&h.vip("v4tcp")).unwrap().new_flows;
+    let (vip4, router) = (v4("198.18.1.1"), v4("198.18.0.254"));
+    let IpAddr::V4(client4) = client else { panic!("an IPv4 client") };
+    let quoted = V4::new(vip4, client4, 6).packet(&tcp(vip4.into(), client, 80, 50000, ACK, b""));
+    let error = V4::new(router, vip4, 1).packet(&icmp4(3, 4, [0, 0, 0x05, 0x00], &quoted[..28]));
+    let (verdict, out) = h.run(&eth(LB_MAC, CLIENT_MAC, ETH_IP, &error));
+    assert_eq!((verdict, outer_dst(&out)), (XDP_TX, first), "frag-needed to the flow's backend");
+    assert_eq!(
+        h.dp.vip_counters(&h.vip("v4tcp")).unwrap().new_flows,
+        new_flows,
+        "an ICMP error is no new flow"
+    );
     // A ring change moves the flow: nothing pins it.
     h.apply(&off(&four));
     let moved_to = route(&h.vip("v4tcp"), client, 0).unwrap().address;

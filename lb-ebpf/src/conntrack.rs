@@ -372,13 +372,19 @@ fn spend(reads: u32) {
 /// and, when found, copied here.
 #[inline(always)]
 pub fn pick(key: &FlowKey, meta: &VipMeta, remember: bool, lookup: Lookup) -> Option<Pick> {
-    // A VIP without a connection table: the ring alone, nothing read or written.
+    // A VIP without a connection table: the ring alone, nothing read or written. Each data
+    // packet is placed as a new flow; an ICMP error about one (`remember` false) starts none.
     let stateless = meta.flags & vip_flags::NO_CONNTRACK != 0;
+    let stateless_pick = |hash| {
+        let mut pick = ring_pick(key, meta, hash)?;
+        pick.new_flow = remember;
+        Some(pick)
+    };
     match (key.family == AF_INET, stateless) {
         (true, false) => pick_in::<ConnBucketV4>(key, meta, remember, lookup),
         (false, false) => pick_in::<ConnBucket>(key, meta, remember, lookup),
-        (true, true) => ring_pick(key, meta, ConnBucketV4::hash(key)),
-        (false, true) => ring_pick(key, meta, ConnBucket::hash(key)),
+        (true, true) => stateless_pick(ConnBucketV4::hash(key)),
+        (false, true) => stateless_pick(ConnBucket::hash(key)),
     }
 }
 
