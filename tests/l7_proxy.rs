@@ -480,6 +480,46 @@ fn client_hash_sticks_per_client_address() {
     assert_eq!(used.len(), 3);
 }
 
+/// Under `hash` a backend's weight is its share of clients (docs/CONFIG.md), over real sockets:
+/// 4000 clients, each from its own loopback address (127.1.y.z), land 1:3 on backends weighted
+/// 1:3, and each client's second request, sent once every client has had its first, reaches the
+/// backend its first did. The ring is built over the backends' addresses, whose ports change
+/// from run to run, so the split is a sample: the weight-1 backend's count is binomial,
+/// n = 4000, p = 1/4, mean 1000, sd √(4000 · 1/4 · 3/4) ≈ 27.4. The bound is 4 sd (±110, 11 %
+/// of a's share and 3.7 % of b's; a false failure about once in 16 000 runs), while a ring that
+/// ignored the weights would give a about 2000, 36 sd away. Within 5 % of a's share at 4 sd
+/// would take some 20 000 clients, too slow here (4000 take about 1 s); the unit test
+/// `hash_shares_clients_by_weight` in balance.rs holds the ring to 5 % over fixed addresses.
+#[test]
+fn client_hash_shares_clients_by_weight_and_sticks() {
+    const CLIENTS: usize = 4000;
+    let (a, b) = (backend("a", Mode::Ok), backend("b", Mode::Ok));
+    let p = proxy(&[(&a, 1), (&b, 3)], "algorithm = \"hash\"", "");
+    let src = |i: usize| format!("127.1.{}.{}", i / 250, i % 250 + 1);
+    let ask = |i: usize| {
+        let raw = "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+        let r = request(p.addr, Some(&src(i)), raw).expect("a response");
+        assert_eq!(r.0, 200, "client {}: {r:?}", src(i));
+        Some(who(&r))
+    };
+    let first = in_parallel(CLIENTS, 4, ask);
+    let second = in_parallel(CLIENTS, 4, ask);
+    let on = |name: &str| first.iter().filter(|w| w.as_deref() == Some(name)).count();
+    let (on_a, on_b) = (on("a"), on("b"));
+    assert_eq!(on_a + on_b, CLIENTS, "every client on a or b");
+    let (mean, sd) = (CLIENTS as f64 / 4.0, (CLIENTS as f64 * 0.25 * 0.75).sqrt());
+    assert!(
+        (on_a as f64 - mean).abs() <= 4.0 * sd,
+        "{on_a} clients on a (weight 1), {on_b} on b (weight 3): want {mean} ± {:.0} on a",
+        4.0 * sd
+    );
+    let moved: Vec<String> = (0..CLIENTS)
+        .filter(|&i| first[i] != second[i])
+        .map(|i| format!("{} from {:?} to {:?}", src(i), first[i], second[i]))
+        .collect();
+    assert!(moved.is_empty(), "{} clients moved: {:?}", moved.len(), &moved[..moved.len().min(5)]);
+}
+
 #[test]
 fn cookie_stickiness_with_signed_cookies() {
     let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));
