@@ -828,20 +828,40 @@ fn a_port_reused_after_a_close_follows_its_new_handshake() {
     }
 }
 
+/// A CPU besides CPU 0 that this thread may run on (its affinity mask, which a CPU quota leaves
+/// whole): the cross-CPU tests run on CPU 0, then move there. Ask before the thread is pinned.
+fn second_cpu() -> Option<usize> {
+    netns::runnable_cpus().expect("the thread's affinity mask").into_iter().find(|&c| c != 0)
+}
+
+/// [`second_cpu`]'s answer through the skip gate ([`netns::require`]): without a second CPU the
+/// test skips with the reason, or fails under `EDGELB_REQUIRE_PRIVILEGED=1`.
+fn require_second_cpu(test: &str, cpu: Option<usize>) -> Option<usize> {
+    let why = format!(
+        "{test}: needs a second CPU to move a flow to, and this thread may run on CPU 0 only \
+         (its affinity mask)"
+    );
+    if !netns::require(cpu.is_some(), &why) {
+        return None;
+    }
+    cpu
+}
+
 /// A flow its client ended on one CPU, whose packets then arrive on another, carries its
 /// closing mark into that CPU's table: a reuse of its port there follows the new handshake.
 #[test]
 fn a_closing_mark_moves_with_its_flow_to_another_cpu() {
-    // (Counted before the harness pins this thread to one CPU.)
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // (Asked before the harness pins this thread to CPU 0.)
+    let other = second_cpu();
     let Some(mut h) = Harness::pinned("a_closing_mark_moves_with_its_flow", &one_vip(&THREE))
     else {
         return;
     };
-    if cpus < 2 {
-        eprintln!("one CPU: cross-CPU search not exercised");
+    let Some(other) =
+        require_second_cpu("a_closing_mark_moves_with_its_flow_to_another_cpu", other)
+    else {
         return;
-    }
+    };
     let (four, (client, first)) = (FOUR, client_moved_by_a_fourth(&h));
     let to = |h: &mut Harness, flags: u8| {
         let ip = tcp4(&client.to_string(), 50000, "198.18.1.1", 80, flags);
@@ -852,9 +872,9 @@ fn a_closing_mark_moves_with_its_flow_to_another_cpu() {
     assert_eq!(to(&mut h, FIN | ACK), first, "the client ends it, on CPU 0");
     h.apply(&one_vip(&four));
     let moved_to = route(&h.vip("v4tcp"), client, 0).unwrap().address;
-    edgelb::testbed::netns::pin_current_thread(Some(1)).expect("pin to CPU 1");
+    edgelb::testbed::netns::pin_current_thread(Some(other)).expect("pin to the other CPU");
     let found = ct_event(&h, lb_common::ct_stats::FOUND_ON_OTHER_CPU);
-    assert_eq!(to(&mut h, ACK), first, "its last ACK, on CPU 1, is found on CPU 0");
+    assert_eq!(to(&mut h, ACK), first, "its last ACK, on CPU {other}, is found on CPU 0");
     assert_eq!(ct_event(&h, lb_common::ct_stats::FOUND_ON_OTHER_CPU), found + 1);
     assert_eq!(to(&mut h, SYN), moved_to, "the port reused: the SYN follows the ring");
     assert_eq!(to(&mut h, ACK), moved_to, "and the new connection follows its SYN");
@@ -1017,7 +1037,8 @@ fn connection_table_buckets_are_lru_and_searched_across_cpus() {
     let Some(mut h) = Harness::new("connection_table_buckets_are_lru", &one_vip(&three)) else {
         return;
     };
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // (Asked before this thread is pinned to CPU 0.)
+    let other = second_cpu();
     edgelb::testbed::netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
     let buckets = h.dp.table_shape().v4_buckets;
 
@@ -1085,11 +1106,12 @@ fn connection_table_buckets_are_lru_and_searched_across_cpus() {
 
     // Another CPU: an established TCP flow it has never seen is found in CPU 0's table; a SYN
     // for a new flow is placed by the ring without searching.
-    if cpus < 2 {
-        eprintln!("one CPU: cross-CPU search not exercised");
+    let Some(other) =
+        require_second_cpu("connection_table_buckets_are_lru_and_searched_across_cpus", other)
+    else {
         return;
-    }
-    edgelb::testbed::netns::pin_current_thread(Some(1)).expect("pin to CPU 1");
+    };
+    edgelb::testbed::netns::pin_current_thread(Some(other)).expect("pin to the other CPU");
     // (CPU 0's bucket now holds flows 2, 1, 5, 4: placing 1 and 2 pushed 0 and 3 out.)
     let f = same_bucket[4];
     let found = ct(&h, FOUND_ON_OTHER_CPU);
@@ -1607,7 +1629,9 @@ fn pinned_links_follow_the_interfaces() {
     if !require_privileged("pinned_links_follow_the_interfaces") {
         return;
     }
-    let ns = format!("elpl{}", std::process::id() % 100_000);
+    // The full PID (at most 7 digits), so that `./x test` can tell an interrupted run's
+    // namespace from a running one's and remove it.
+    let ns = format!("elpl{}", std::process::id());
     let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/edgelb-links-{}", std::process::id()));
     struct Cleanup(String, std::path::PathBuf);
     impl Drop for Cleanup {
@@ -2151,12 +2175,17 @@ fn frag_needed_answers_keep_to_a_budget() {
 /// reads, then is placed by the ring without searching, and counted.
 #[test]
 fn searches_of_the_other_cpus_keep_to_a_budget() {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let Some(mut h) = Harness::pinned("searches_keep_to_a_budget", common::FIXTURE_CONFIG) else {
         return;
     };
-    if cpus < 2 {
-        eprintln!("one CPU: no other CPU's table to search");
+    // A search reads the bucket of every other CPU the table has a region for (every possible
+    // CPU, online or not, runnable here or not).
+    let cpus = h.dp.table_shape().cpus;
+    if !netns::require(
+        cpus >= 2,
+        "searches_of_the_other_cpus_keep_to_a_budget: the connection table has one CPU's \
+         region (one possible CPU), so there is no other CPU's table to search",
+    ) {
         return;
     }
     use lb_common::ct_stats::SEARCH_SKIPPED;
@@ -2185,7 +2214,7 @@ fn searches_of_the_other_cpus_keep_to_a_budget() {
     let skipped = ct_event(&h, SEARCH_SKIPPED);
     // The budget: 65 536 reads at once, then one a microsecond; a search reads one bucket per
     // other CPU.
-    let allowed = (65_536 + took.as_micros() as u64) / (cpus as u64 - 1) + 1;
+    let allowed = (65_536 + took.as_micros() as u64) / u64::from(cpus - 1) + 1;
     assert!(skipped > 0, "{RUNS} searches in {took:?}: none skipped");
     assert!(
         u64::from(RUNS) - skipped <= allowed,

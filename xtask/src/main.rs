@@ -36,9 +36,13 @@ enum Task {
         duration: Option<u64>,
     },
     /// Run every test: unit, BPF_PROG_TEST_RUN fixtures, namespace end-to-end. Needs root for the
-    /// privileged ones (they skip otherwise, or fail with EDGELB_REQUIRE_PRIVILEGED=1).
+    /// privileged ones (they skip otherwise, or fail with EDGELB_REQUIRE_PRIVILEGED=1); the
+    /// closing summary counts the skipped ones and repeats why each skipped.
     Test {
-        /// Extra arguments for `cargo test` (after `--`).
+        /// Run only this integration test binary (tests/<NAME>.rs; repeatable), e.g. `cli`.
+        #[arg(long = "test", value_name = "NAME")]
+        tests: Vec<String>,
+        /// Extra arguments for the test binaries (`cargo test -- <ARGS>`), e.g. a name filter.
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -89,7 +93,7 @@ fn real_main() -> Result<()> {
     let cli = Cli::parse();
     match cli.task {
         Task::Run { duration } => run(duration),
-        Task::Test { args } => test(&args),
+        Task::Test { tests, args } => test(&tests, &args),
         Task::Lint => lint(),
         Task::Bench { parts } => bench(&parts),
         Task::Testbed { action: TestbedAction::Up } => {
@@ -121,10 +125,14 @@ fn real_main() -> Result<()> {
 /// Removes what test and bench runs that were killed (Ctrl-C on `./x test` or `./x bench`
 /// reaches test and bench binaries without a handler, so their guards never run) left behind,
 /// each named with the PID of the test or bench process that made it: namespaces (the veth
-/// bench's `elbbench<pid>-{gen,lb}` with XDP attached among them), pin directories, admin
-/// sockets, the l7 bench's temp directories (`edgelb-l7-bench-<pid>`), and the edgelb, nginx
-/// and HAProxy processes those tests and benches started. Only names of their own patterns
-/// whose PID is gone are touched.
+/// bench's `elbbench<pid>-{gen,lb}` and the fixtures' `elpl<pid>` with XDP attached among them),
+/// pin directories (pinned XDP links among them, which keep a program attached), admin sockets
+/// and the directories the unit tests make for theirs, the l7 bench's temp directories
+/// (`edgelb-l7-bench-<pid>`), and the edgelb, nginx and HAProxy processes those tests and
+/// benches started. Only names of their own patterns whose PID is gone are touched.
+///
+/// A test or bench that makes a namespace, pin directory or socket of a new name adds its
+/// pattern here.
 fn sweep_stale() {
     // A zombie (exited, not yet reaped: a killed bench whose parent shell is gone) counts as
     // gone: it runs nothing and guards nothing.
@@ -135,9 +143,11 @@ fn sweep_stale() {
     };
     let leading = |s: &str| s.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u32>().ok();
     let trailing = |s: &str| s.rsplit('-').next()?.parse::<u32>().ok();
-    // Namespace prefixes (the PID follows) of tests/lifecycle.rs, netns_e2e.rs, cli.rs, benches.
+    // Namespace prefixes (the PID follows) of tests/lifecycle.rs (`elbl<pid>-*`), netns_e2e.rs
+    // (`elbt<pid>-*`), cli.rs (`elbdecap<pid>`, `elbstart<pid>`), xdp_fixtures.rs (`elpl<pid>`)
+    // and the benches (`elbbench<pid>-*`).
     let ns_pid = |name: &str| {
-        ["elbl", "elbt", "elbdecap", "elbbench"]
+        ["elbl", "elbt", "elbdecap", "elbstart", "elpl", "elbbench"]
             .iter()
             .find_map(|p| name.strip_prefix(p).and_then(leading))
     };
@@ -155,14 +165,26 @@ fn sweep_stale() {
             }
         }
     }
-    // Pin directories: lifecycle's edgelb-t-<pid>-<test>, the fixtures' and cli's
-    // edgelb-fixture-...-<pid> and edgelb-decap-test-<pid>.
+    // Pin directories: cli's edgelb-t-cli-<name>-<pid>, lifecycle's edgelb-t-<pid>-<test>, and
+    // with the PID last: the fixtures' edgelb-fixture-[<what>-]<pid>, edgelb-beside-<pid> and
+    // edgelb-links-<pid> (pinned XDP links into `elpl<pid>`), cli's edgelb-decap-test-<pid>,
+    // and the dataplane unit tests' edgelb-test-owner-<pid>.
     let pin_pid = |name: &str| {
-        name.strip_prefix("edgelb-t-").and_then(leading).or_else(|| {
-            ["edgelb-fixture-", "edgelb-decap-test-"]
-                .iter()
-                .find_map(|p| name.strip_prefix(p).and_then(trailing))
-        })
+        if let Some(rest) = name.strip_prefix("edgelb-t-cli-") {
+            return trailing(rest);
+        }
+        if let Some(rest) = name.strip_prefix("edgelb-t-") {
+            return leading(rest);
+        }
+        [
+            "edgelb-fixture-",
+            "edgelb-beside-",
+            "edgelb-links-",
+            "edgelb-decap-test-",
+            "edgelb-test-owner-",
+        ]
+        .iter()
+        .find_map(|p| name.strip_prefix(p).and_then(trailing))
     };
     for e in std::fs::read_dir("/sys/fs/bpf").into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -205,11 +227,25 @@ fn sweep_stale() {
             removed.push(format!("l7 bench server {pid} ({program})"));
         }
     }
+    // The l7 bench's directories, and the admin unit tests' (edgelb-admin-[<what>-]<pid>, with
+    // a socket inside).
     let tmp = std::env::temp_dir();
     for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let owner = name.strip_prefix(L7_DIR).and_then(|p| p.parse::<u32>().ok());
+        let owner = name
+            .strip_prefix(L7_DIR)
+            .and_then(|p| p.parse::<u32>().ok())
+            .or_else(|| name.strip_prefix("edgelb-admin-").and_then(trailing));
         if owner.is_some_and(|pid| !alive(pid)) && std::fs::remove_dir_all(e.path()).is_ok() {
+            removed.push(e.path().display().to_string());
+        }
+    }
+    // cli's admin sockets, <name>-<pid>.sock in the integration tests' CARGO_TARGET_TMPDIR.
+    for e in std::fs::read_dir(workspace_root().join("target/tmp")).into_iter().flatten().flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_suffix(".sock").and_then(trailing);
+        if pid.is_some_and(|pid| !alive(pid)) && std::fs::remove_file(e.path()).is_ok() {
             removed.push(e.path().display().to_string());
         }
     }
@@ -266,7 +302,7 @@ fn cargo(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn test(extra: &[String]) -> Result<()> {
+fn test(only: &[String], extra: &[String]) -> Result<()> {
     if netns::euid() != 0 {
         eprintln!("note: not root: privileged tests (XDP, namespaces) will skip with a reason");
     }
@@ -274,41 +310,126 @@ fn test(extra: &[String]) -> Result<()> {
     if netns::euid() == 0 {
         sweep_stale();
     }
+    // Cargo colours its output only on a terminal, and its stderr is piped here.
+    let color =
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) { "always" } else { "auto" };
     // Tests share kernel state (namespaces, XDP attachments), so one at a time, as aya does.
-    let mut args = vec!["test", "--no-fail-fast", "--", "--test-threads=1"];
+    let mut args = vec!["test", "--color", color, "--no-fail-fast"];
+    for t in only {
+        args.extend(["--test", t]);
+    }
+    args.extend(["--", "--test-threads=1"]);
     args.extend(extra.iter().map(String::as_str));
     eprintln!("+ cargo {}", args.join(" "));
     let mut child = Command::new(env!("CARGO"))
         .args(&args)
         .current_dir(workspace_root())
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()?;
-    // Echo the output and add up every binary's "test result:" line into one closing line.
-    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    // Echo both streams and add up every binary's "test result:" line (stdout) and the tests'
+    // SKIPPED lines (stderr, where the skip gate writes them) into one closing tally. Stderr is
+    // read on a thread of its own so that neither pipe fills while the other is read.
+    let stderr = child.stderr.take().expect("piped");
+    let skips = std::thread::spawn(move || -> std::io::Result<Vec<String>> {
+        let mut tally = Tally::default();
+        echo_lines(stderr, &mut std::io::stderr(), |line| tally.stderr_line(line))?;
+        Ok(tally.skips)
+    });
+    let mut tally = Tally::default();
     let stdout = child.stdout.take().expect("piped");
-    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
-        let line = line?;
-        println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            for part in rest.split(';') {
-                let mut words = part.split_whitespace().rev();
-                let (Some(what), Some(n)) = (words.next(), words.next()) else { continue };
-                let n: u64 = n.parse().unwrap_or(0);
-                match what {
-                    "passed" => passed += n,
-                    "failed" => failed += n,
-                    "ignored" => ignored += n,
-                    _ => {}
-                }
-            }
-        }
-    }
+    let echoed = echo_lines(stdout, &mut std::io::stdout(), |line| tally.stdout_line(line));
     let status = child.wait()?;
-    println!("{passed} passed, {failed} failed, {ignored} skipped");
+    tally.skips = skips.join().expect("the stderr reader does not panic")?;
+    echoed?;
+    print!("{}", tally.summary());
     if !status.success() {
         bail!("cargo test failed");
     }
     Ok(())
+}
+
+/// Copies `from` to `to` line by line as it comes, handing each line (without its newline, any
+/// bytes that are not UTF-8 replaced) to `each`.
+fn echo_lines(
+    from: impl std::io::Read,
+    to: &mut impl std::io::Write,
+    mut each: impl FnMut(&str),
+) -> std::io::Result<()> {
+    use std::io::BufRead;
+    let mut from = std::io::BufReader::new(from);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if from.read_until(b'\n', &mut line)? == 0 {
+            return Ok(());
+        }
+        to.write_all(&line)?;
+        to.flush()?;
+        let text = String::from_utf8_lossy(&line);
+        each(text.trim_end_matches(['\n', '\r']));
+    }
+}
+
+/// What `test` reports at the end: libtest's counts over every test binary, and the tests that
+/// skipped through the skip gate ([`netns::require`]: no root, no second CPU), which libtest
+/// counts as passed.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    /// The SKIPPED lines the tests printed, one per skipped test.
+    skips: Vec<String>,
+}
+
+impl Tally {
+    /// Adds a test binary's "test result:" line; other lines are ignored.
+    fn stdout_line(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else { return };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else { continue };
+            let n: u64 = n.parse().unwrap_or(0);
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+
+    /// Keeps a SKIPPED line (see [`netns::require`]); other lines are ignored.
+    fn stderr_line(&mut self, line: &str) {
+        if line.starts_with(netns::SKIPPED) {
+            self.skips.push(line.to_owned());
+        }
+    }
+
+    /// The closing lines: the skipped tests' reasons again (they are scattered through the
+    /// output above), then the counts, a skipped test counted as skipped and not as passed.
+    fn summary(&self) -> String {
+        let mut out = String::new();
+        let skipped = self.skips.len() as u64;
+        if skipped > 0 {
+            out.push_str(&format!(
+                "{skipped} skipped by the skip gate, each line naming the test and what it \
+                 lacks (EDGELB_REQUIRE_PRIVILEGED=1 makes each a failure):\n"
+            ));
+            for s in &self.skips {
+                out.push_str(&format!("  {s}\n"));
+            }
+        }
+        out.push_str(&format!(
+            "{} passed, {} failed, {} skipped ({skipped} by the skip gate, {} ignored)\n",
+            self.passed.saturating_sub(skipped),
+            self.failed,
+            self.ignored + skipped,
+            self.ignored
+        ));
+        out
+    }
 }
 
 /// The parts of benches/dataplane.rs, all run by a bare `bench`.
@@ -729,4 +850,51 @@ fn run(duration: Option<u64>) -> Result<()> {
     }
     eprintln!("== edgelb stopped, its data plane and the testbed are gone");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tally;
+
+    /// `./x test`'s closing tally: a test that skipped through the gate (it printed `SKIPPED
+    /// <reason>` on stderr, and libtest counted it as passed) is counted as skipped, not passed,
+    /// and its reason is shown again; libtest's ignored tests are skipped too. Without this an
+    /// unprivileged run reported "0 skipped" while most privileged tests had checked nothing.
+    #[test]
+    fn skipped_tests_are_counted_as_skipped_not_passed() {
+        let mut t = Tally::default();
+        for line in [
+            "running 4 tests",
+            "test a ... ok",
+            "test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; \
+             finished in 0.01s",
+            "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 5 filtered out; \
+             finished in 1.00s",
+        ] {
+            t.stdout_line(line);
+        }
+        for line in [
+            "   Compiling lb-userspace v0.1.0",
+            "SKIPPED x: needs root (CAP_BPF + CAP_NET_ADMIN) to load XDP programs",
+            "note: a SKIPPED inside a line is no skip",
+            "SKIPPED y: needs a second CPU to move a flow to",
+        ] {
+            t.stderr_line(line);
+        }
+        let s = t.summary();
+        assert!(
+            s.ends_with("3 passed, 1 failed, 3 skipped (2 by the skip gate, 1 ignored)\n"),
+            "{s}"
+        );
+        assert!(s.contains("\n  SKIPPED x: needs root (CAP_BPF"), "{s}");
+        assert!(s.contains("\n  SKIPPED y: needs a second CPU"), "{s}");
+        assert!(!s.contains("inside"), "{s}");
+
+        let mut clean = Tally::default();
+        clean.stdout_line("test result: ok. 5 passed; 0 failed; 0 ignored; 0 measured");
+        assert_eq!(
+            clean.summary(),
+            "5 passed, 0 failed, 0 skipped (0 by the skip gate, 0 ignored)\n"
+        );
+    }
 }

@@ -745,9 +745,11 @@ mod tests {
     #[test]
     #[allow(unsafe_code)]
     fn the_admin_socket_deals_only_with_root_or_its_own_user() {
-        if fdpass::euid() != 0 {
-            eprintln!("not root: cannot act as another user; skipped");
-            assert!(std::env::var_os("EDGELB_REQUIRE_PRIVILEGED").is_none(), "needs root");
+        use crate::testbed::netns::{euid, require};
+        if !require(
+            euid() == 0,
+            "the_admin_socket_deals_only_with_root_or_its_own_user: needs root to act as another user",
+        ) {
             return;
         }
         let dir = std::env::temp_dir().join(format!("edgelb-admin-peer-{}", std::process::id()));

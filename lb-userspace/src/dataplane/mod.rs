@@ -1390,10 +1390,12 @@ mod tests {
     /// remove the link pins (detaching XDP) or plant maps for edgelb to adopt.
     #[test]
     fn a_pin_directory_others_control_is_refused() {
+        use crate::testbed::netns::{euid, require};
         use std::os::unix::fs::PermissionsExt;
-        if crate::admin::fdpass::euid() != 0 {
-            eprintln!("not root: cannot make a directory under /sys/fs/bpf; skipped");
-            assert!(std::env::var_os("EDGELB_REQUIRE_PRIVILEGED").is_none(), "needs root");
+        if !require(
+            euid() == 0,
+            "a_pin_directory_others_control_is_refused: needs root to make a directory under /sys/fs/bpf",
+        ) {
             return;
         }
         let dir = std::path::PathBuf::from(format!(

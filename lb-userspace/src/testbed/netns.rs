@@ -71,15 +71,53 @@ pub fn pin_current_thread(cpu: Option<usize>) -> std::io::Result<()> {
 /// Gate for tests that need root (CAP_BPF, CAP_NET_ADMIN). Returns true when the test may run.
 ///
 /// Unprivileged, it prints why the test is skipped and returns false, unless
-/// `EDGELB_REQUIRE_PRIVILEGED=1` is set (as in CI), in which case a skip is a failure.
+/// `EDGELB_REQUIRE_PRIVILEGED=1` is set (as in CI), in which case a skip is a failure (see
+/// [`require`]).
 pub fn require_privileged(test: &str) -> bool {
-    if euid() == 0 {
+    require(
+        euid() == 0,
+        &format!("{test}: needs root (CAP_BPF + CAP_NET_ADMIN) to load XDP programs"),
+    )
+}
+
+/// The one gate every test that can skip goes through: returns true when `available` (the test
+/// may run). Otherwise it prints `SKIPPED <reason>` and returns false, unless
+/// `EDGELB_REQUIRE_PRIVILEGED=1` is set (as in CI), which makes the skip a failure; any other
+/// value of the variable (or none) lets it skip.
+///
+/// The line goes straight to the process's stderr: libtest captures what `eprintln!` prints and
+/// shows it only for a failing test, so a skip, which passes, would leave no trace. `./x test`
+/// counts these lines (a test that skips calls this once, then returns) and shows them as skipped
+/// in its summary.
+pub fn require(available: bool, reason: &str) -> bool {
+    if available {
         return true;
     }
-    let reason = format!("{test}: needs root (CAP_BPF + CAP_NET_ADMIN) to load XDP programs");
     if std::env::var("EDGELB_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
         panic!("{reason}, and EDGELB_REQUIRE_PRIVILEGED=1 forbids skipping");
     }
-    eprintln!("SKIPPED {reason}");
+    // One write, so that tests running in parallel do not interleave their lines.
+    let _ = io::Write::write_all(&mut io::stderr(), format!("{SKIPPED}{reason}\n").as_bytes());
     false
+}
+
+/// How a line [`require`] prints starts (`./x test` counts the lines that start so).
+pub const SKIPPED: &str = "SKIPPED ";
+
+/// The CPUs the calling thread may run on: its affinity mask, which `taskset` or a cpuset
+/// narrow. (A CPU quota does not, though it makes `available_parallelism` report fewer CPUs:
+/// with a quota of one CPU it says 1 while the thread can still be pinned to CPU 1.) Ask before
+/// pinning the thread ([`pin_current_thread`]), which narrows the mask to one CPU.
+pub fn runnable_cpus() -> io::Result<Vec<usize>> {
+    #[allow(unsafe_code)]
+    // SAFETY: `set` is a plain bit set owned by this frame; sched_getaffinity writes at most
+    // `size_of::<cpu_set_t>()` bytes into it, pid 0 names the calling thread, and CPU_ISSET
+    // only reads it, at indices below CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect())
+    }
 }
