@@ -1,8 +1,18 @@
 //! Clearer errors for common TOML mistakes, whose parser and serde messages do not say what to
 //! write ("invalid float, expected `nan`" for an unquoted word, "invalid type: map, expected a
-//! sequence" for `[vip]`). Used only once the file has been refused: each hint names a mistake
-//! found in the file's own text or table structure (never read out of an error message), which
-//! is an error in itself, at the offending value.
+//! sequence" for `[vip]`, "invalid value: integer `70000`, expected u16"). Used only once the
+//! file has been refused, at the offending value, in two ways:
+//!
+//! - [`for_mistake`] names a mistake found in the file's own text or table structure (a bare
+//!   word where a string goes, `[vip]` for `[[vip]]`), which is an error in itself: it does not
+//!   depend on what the parser said.
+//! - [`reworded`] says the parser's or serde's message again with the key, the value as written
+//!   and the form to write. The key and the value come from the file's text at the error's span;
+//!   what was expected comes from the message's vocabulary ("expected u16", "expected a
+//!   boolean", "duplicate key"). Reading a message is acceptable here because the `toml` crate
+//!   is pinned by Cargo.lock and the config tests pin each form it rewrites, so an upgrade that
+//!   changes a message fails a test rather than silently degrading; and a message it does not
+//!   recognize is kept as it is, so nothing the parser said is lost.
 
 use std::ops::Range;
 
@@ -18,21 +28,31 @@ pub(super) fn for_mistake(text: &str, error_at: Option<usize>) -> Option<(Range<
 }
 
 /// A syntax error inside a value written as a bare word (`xdp_mode = native`,
-/// `address = 198.18.0.1`): TOML strings need quotes.
+/// `address = 198.18.0.1`, or in an inline table `{ address = 198.18.0.11, ... }`): TOML strings
+/// need quotes. Only a word that directly follows `key =` is named: one in a list
+/// (`interfaces = [eth0]`) is not the value of a key, and `key = "word"` would be wrong there.
 fn unquoted_word(text: &str, at: usize) -> Option<(Range<usize>, String)> {
     let at = at.min(text.len());
     if !text.is_char_boundary(at) {
         return None;
     }
-    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
-    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
-    let line = &text[start..end];
-    let eq = line.find('=')?;
-    let key = line[..eq].trim();
-    let bare_key = |k: &str| {
-        !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    // In an inline table a `key = value` pair runs from the last `{` or `,` to the next `,` or
+    // `}`; elsewhere it is the line.
+    let before = &text[line_start..at];
+    let (start, end) = if before.contains('{') {
+        (
+            line_start + before.rfind(['{', ',']).map_or(0, |i| i + 1),
+            at + text[at..line_end].find([',', '}']).unwrap_or(line_end - at),
+        )
+    } else {
+        (line_start, line_end)
     };
-    let rest = &line[eq + 1..];
+    let pair = &text[start..end];
+    let eq = pair.find('=')?;
+    let key = pair[..eq].trim();
+    let rest = &pair[eq + 1..];
     let value_at = start + eq + 1 + (rest.len() - rest.trim_start().len());
     let value = rest.split('#').next().unwrap_or("").trim();
     let word = !value.is_empty()
@@ -45,6 +65,178 @@ fn unquoted_word(text: &str, at: usize) -> Option<(Range<usize>, String)> {
         value_at..value_at + value.len(),
         format!("`{value}` is not a TOML value: strings need quotes, write {key} = \"{value}\""),
     ))
+}
+
+/// A bare (possibly dotted) TOML key.
+fn bare_key(k: &str) -> bool {
+    !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+}
+
+/// The parser's or serde's `message` about the value (or key) at `span`, said again with the key,
+/// the value as written and what to write, for the forms it knows: a value of the wrong type or
+/// out of range ("invalid type: string \"80\", expected u16", "invalid value: integer `70000`,
+/// expected u16", "expected a boolean", "expected a string") and a key set twice ("duplicate
+/// key"). `None` for any other message, or a value that is not directly the value of a key (an
+/// entry of a list): the caller keeps the message as it is.
+pub(super) fn reworded(text: &str, span: Range<usize>, message: &str) -> Option<String> {
+    let message = message.trim();
+    if message == "duplicate key" {
+        return duplicate_key(text, span);
+    }
+    let rest = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))?;
+    // The expected part never holds ", expected "; a string that was found may.
+    let (_, expected) = rest.rsplit_once(", expected ")?;
+    let want = Want::of(expected)?;
+    let key = key_before(text, span.start)?;
+    let written = text.get(span)?.trim();
+    if written.is_empty() || written.contains('\n') {
+        return None;
+    }
+    // What was written, as TOML reads it.
+    let value = toml::from_str::<toml::Table>(&format!("v = {written}")).ok()?.remove("v")?;
+    let said = format!("`{key}` = {written}");
+    Some(match want {
+        Want::Int { min, max } => {
+            // With its range; `short` leaves out an open one ("0 or more") where it is noise.
+            let what = whole_number(key, min, max, true);
+            let short = whole_number(key, min, max, false);
+            let fits = |n: i128| min.is_none_or(|m| n >= m) && max.is_none_or(|m| n <= m);
+            let ms = key.ends_with("_ms");
+            match value {
+                // The field's own range may be narrower than its type's (a weight is 0..=10000,
+                // checked once the file is read): a negative number is told as such.
+                toml::Value::Integer(n) if n < 0 && min == Some(0) => {
+                    format!("{said}: write {}, not negative", whole_number(key, None, None, false))
+                }
+                toml::Value::Integer(_) => format!("{said} is out of range: {what}"),
+                toml::Value::String(s) => match s.trim().parse::<i128>() {
+                    Ok(n) if fits(n) => {
+                        format!("{said}: write a number without quotes, {key} = {n}")
+                    }
+                    _ => match milliseconds(&s).filter(|&n| ms && fits(n)) {
+                        Some(n) => format!("{said}: {short}, write {key} = {n}"),
+                        None if ms => format!("{said}: {short}, e.g. {key} = 1000"),
+                        None => format!("{said}: write {short}, without quotes"),
+                    },
+                },
+                toml::Value::Float(f) if f.fract() == 0.0 && fits(f as i128) => {
+                    format!("{said}: write a whole number, {key} = {}", f as i128)
+                }
+                toml::Value::Float(_) => format!("{said} is not a whole number: write {short}"),
+                _ => format!("{said}: write {short}"),
+            }
+        }
+        Want::Bool => match value {
+            toml::Value::String(s)
+                if matches!(s.trim().to_ascii_lowercase().as_str(), "true" | "false") =>
+            {
+                format!("{said}: write {key} = {}, without quotes", s.trim().to_ascii_lowercase())
+            }
+            toml::Value::String(_) => format!("{said}: write true or false, without quotes"),
+            _ => format!("{said}: write true or false"),
+        },
+        Want::Str => match value {
+            toml::Value::Array(_) | toml::Value::Table(_) => {
+                format!("{said}: write one string, in quotes")
+            }
+            _ => format!("{said}: strings need quotes, write {key} = \"{written}\""),
+        },
+        // What goes in the list is not in the message: no example of an entry.
+        Want::List => format!("{said}: write a list, {key} = [...]"),
+        Want::Table => format!("{said}: write a table, {key} = {{ ... }}"),
+    })
+}
+
+/// What serde expected, in the words of its message.
+enum Want {
+    /// An integer type, with its range (`None`: unbounded on that side, as TOML reads it).
+    Int {
+        min: Option<i128>,
+        max: Option<i128>,
+    },
+    Bool,
+    Str,
+    List,
+    Table,
+}
+
+impl Want {
+    fn of(expected: &str) -> Option<Want> {
+        let int = |min: i128, max: i128| Some(Want::Int { min: Some(min), max: Some(max) });
+        match expected {
+            "u8" => int(0, u8::MAX.into()),
+            "u16" => int(0, u16::MAX.into()),
+            "u32" => int(0, u32::MAX.into()),
+            "u64" => Some(Want::Int { min: Some(0), max: None }),
+            "i64" => Some(Want::Int { min: None, max: None }),
+            "a boolean" => Some(Want::Bool),
+            "a string" => Some(Want::Str),
+            "a sequence" => Some(Want::List),
+            "a map" => Some(Want::Table),
+            s if s.starts_with("struct ") => Some(Want::Table),
+            _ => None,
+        }
+    }
+}
+
+/// "a whole number[ of milliseconds] 0..=65535" for `key`; an open range ("0 or more") only
+/// with `open`.
+fn whole_number(key: &str, min: Option<i128>, max: Option<i128>, open: bool) -> String {
+    let unit = if key.ends_with("_ms") { " of milliseconds" } else { "" };
+    match (min, max) {
+        (Some(min), Some(max)) => format!("a whole number{unit} {min}..={max}"),
+        (Some(min), None) if open => format!("a whole number{unit}, {min} or more"),
+        _ => format!("a whole number{unit}"),
+    }
+}
+
+/// `s` as milliseconds if it is a whole number with a unit of time (`1s`, `500ms`, `2m`, `1h`).
+fn milliseconds(s: &str) -> Option<i128> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit())?;
+    let n: i128 = s[..digits].parse().ok()?;
+    let per = match s[digits..].trim() {
+        "ms" => 1,
+        "s" => 1000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        _ => return None,
+    };
+    n.checked_mul(per)
+}
+
+/// The key whose value starts at `at`: on the same line, after the last `{` or `,` (or the line
+/// start) and before an `=` that directly precedes the value. `None` when the value is not
+/// directly a key's (an entry of a list).
+fn key_before(text: &str, at: usize) -> Option<&str> {
+    let before = text.get(..at)?;
+    let line = &before[before.rfind('\n').map_or(0, |i| i + 1)..];
+    let pair = &line[line.rfind(['{', ',']).map_or(0, |i| i + 1)..];
+    let key = pair.trim_end().strip_suffix('=')?.trim();
+    bare_key(key).then_some(key)
+}
+
+/// A key set twice in one table, or a table header given twice; `span` is the second key.
+fn duplicate_key(text: &str, span: Range<usize>) -> Option<String> {
+    let key = text.get(span.clone())?.trim().trim_matches(['"', '\'']);
+    if key.is_empty() || key.contains('\n') {
+        return None;
+    }
+    let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[span.start..].find('\n').map_or(text.len(), |i| span.start + i);
+    let line = text[line_start..line_end].trim();
+    // A header is a line that starts with `[`, the key inside it (not a value in a list).
+    let header = line.starts_with('[') && !text[line_start..span.start].contains(['=', '{']);
+    Some(match line.strip_prefix('[').filter(|_| header) {
+        Some(h) if !h.starts_with('[') => {
+            let header = &line[..line.find(']').map_or(line.len(), |i| i + 1)];
+            format!("{header} is given twice: keep one {header} and put all its keys there")
+        }
+        Some(_) => format!("`{key}` is defined twice: keep one"),
+        None => format!("`{key}` is set twice in this table: keep one"),
+    })
 }
 
 /// A table where the schema has an array of tables or the reverse (`[vip]`, `[[node]]`,

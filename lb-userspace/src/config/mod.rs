@@ -383,10 +383,16 @@ impl Config {
             ConfigError::Invalid { path: path.to_owned(), line, column, message }
         };
         let raw: raw::File = toml::from_str(text).map_err(|e| {
-            // A common mistake gets a message that says what to write; others keep the parser's.
+            // A common mistake gets a message that says what to write. Others say the parser's
+            // message again with the key, the value and the form to write, if it is a form the
+            // hints know, or keep it as it is.
             match hint::for_mistake(text, e.span().map(|s| s.start)) {
                 Some((span, message)) => fail(Some(span), message),
-                None => fail(e.span(), e.message().trim().to_owned()),
+                None => {
+                    let message = e.message().trim();
+                    let reworded = e.span().and_then(|s| hint::reworded(text, s, message));
+                    fail(e.span(), reworded.unwrap_or_else(|| message.to_owned()))
+                }
             }
         })?;
         validate(raw).map_err(|Invalid(span, message)| fail(Some(span), message))
@@ -724,7 +730,8 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
         );
     }
     let mut names = HashSet::new();
-    let mut keys = HashSet::new();
+    // The VIP of each (address, port, protocol), by name.
+    let mut keys = std::collections::HashMap::new();
     let mut vips = Vec::new();
     // The data plane keeps one entry per (VIP, backend address) of the VIPs XDP forwards: their
     // count, and the first backend past the limit.
@@ -754,8 +761,16 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 return bad(span, format!("protocol `{other}`: expected tcp or udp"));
             }
         };
-        if !keys.insert((vip_addr, port, protocol)) {
-            return bad(vspan, format!("VIP {vip_addr} port {port} {protocol:?} is defined twice"));
+        if let Some(first) = keys.insert((vip_addr, port, protocol), v.name.get_ref().clone()) {
+            let port = if port == 0 { "any port".to_owned() } else { format!("port {port}") };
+            let proto = if protocol == Protocol::Tcp { "tcp" } else { "udp" };
+            return bad(
+                v.address.span(),
+                format!(
+                    "VIP `{}` has the address, port and protocol of VIP `{first}` ({vip_addr} {port} {proto}): a packet can go to only one; change its port or protocol, or merge their backends",
+                    v.name.get_ref()
+                ),
+            );
         }
         let hash = match v.hash.as_ref().map(|h| (h.get_ref().as_str(), h.span())) {
             None | Some(("client", _)) => HashMode::Client,

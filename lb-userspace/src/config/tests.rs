@@ -786,8 +786,9 @@ fn ring_size_and_hash_are_refused_on_l7_vips() {
     assert_eq!((cfg.vips[0].hash, cfg.vips[0].ring_size), (HashMode::FiveTuple, 101));
 }
 
-/// Errors about a whole (a missing secret, a limit over all VIPs) point at the value that
-/// causes them, not at the top of the file.
+/// Errors about a whole (a missing secret, a limit over all VIPs, a VIP that repeats another's
+/// address, port and protocol) point at the value that causes them, not at the top of the file
+/// or the `[[vip]]` header.
 #[test]
 fn errors_point_at_their_cause_not_at_the_top() {
     let b = r#"{ address = "198.18.0.11", port = 80 }"#;
@@ -806,6 +807,20 @@ fn errors_point_at_their_cause_not_at_the_top() {
     parse(&l7_vip("198.18.1.6", b, &secret("0123456789abcdé"), "")).unwrap();
     let t = l7_vip("198.18.1.6", b, &secret("0123456789abcde"), "");
     refused_at(&t, "\"0123", "at least 16 bytes (this one has 15)");
+    // Two VIPs of one address, port and protocol: at the second one's address, naming both.
+    let b = r#"{ address = "198.18.0.11", mac = "02:00:00:00:00:01" }"#;
+    let two = |second: &str| {
+        format!(
+            "{NODE}[[vip]]\nname = \"web\"\naddress = \"198.18.1.1\"\nport = 80\nbackends = [{b}]\n[[vip]]\nname = \"b\"\naddress = \"198.18.1.1\"\n{second}backends = [{b}]\n"
+        )
+    };
+    refused_at_last(
+        &two("port = 80\n"),
+        "\"198.18.1.1\"",
+        "VIP `b` has the address, port and protocol of VIP `web` (198.18.1.1 port 80 tcp): a packet can go to only one; change its port or protocol, or merge their backends",
+    );
+    parse(&two("port = 80\nprotocol = \"udp\"\n")).unwrap();
+    parse(&two("port = 81\n")).unwrap();
 }
 
 /// A file that cannot be read says why once, and has no source that would repeat it.
@@ -818,10 +833,15 @@ fn an_unreadable_file_says_why_once() {
     assert!(std::error::Error::source(&e).is_none());
 }
 
-/// Common TOML mistakes get a message that says what to write, at the mistake.
+/// Common TOML mistakes get a message that says what to write, at the mistake: the key, the
+/// value as written and the form to write, where the parser and serde name a type ("expected
+/// u16") or nothing ("duplicate key", "invalid float"). Each rewritten message form is pinned
+/// here, so a `toml` upgrade that changes one fails this test rather than losing the hint.
 #[test]
 fn common_toml_mistakes_say_what_to_write() {
-    let vip = "[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nport = 80\n";
+    let head = "[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\n";
+    let vip = format!("{head}port = 80\n");
+    let backend = "backends = [{ address = \"198.18.0.11\" }]\n";
     for (text, needle, says) in [
         (format!("{NODE}xdp_mode = native\n"), "native", "write xdp_mode = \"native\""),
         (
@@ -872,14 +892,131 @@ fn common_toml_mistakes_say_what_to_write() {
             "\"198.18.0.12\"",
             "write { address = \"198.18.0.12\" }",
         ),
+        // An unquoted word as a value in an inline table, bounded by `{`, `,` and `}`.
+        (
+            format!("{NODE}{vip}backends = [{{ address = 198.18.0.11, weight = 2 }}]\n"),
+            "198.18.0.11",
+            "`198.18.0.11` is not a TOML value: strings need quotes, write address = \"198.18.0.11\"",
+        ),
+        (
+            format!(
+                "{NODE}{vip}backends = [{{ address = \"198.18.0.11\", mac = 02:00:00:00:00:01 }}]\n"
+            ),
+            "02:00",
+            "`02:00:00:00:00:01` is not a TOML value: strings need quotes, write mac = \"02:00:00:00:00:01\"",
+        ),
+        // A value of the wrong type or out of range: the key, what was written, what to write.
+        (
+            format!("{NODE}{head}port = 70000\n"),
+            "70000",
+            "`port` = 70000 is out of range: a whole number 0..=65535",
+        ),
+        (
+            format!("{NODE}{head}port = \"80\"\n"),
+            "\"80\"",
+            "`port` = \"80\": write a number without quotes, port = 80",
+        ),
+        (
+            format!("{NODE}{head}port = \"http\"\n"),
+            "\"http\"",
+            "`port` = \"http\": write a whole number 0..=65535, without quotes",
+        ),
+        (
+            format!("{NODE}{vip}backends = [{{ address = \"198.18.0.11\", weight = -1 }}]\n"),
+            "-1",
+            "`weight` = -1: write a whole number, not negative",
+        ),
+        (
+            format!("{NODE}{head}port = 80.5\n"),
+            "80.5",
+            "`port` = 80.5 is not a whole number: write a whole number 0..=65535",
+        ),
+        (
+            format!("{NODE}{head}port = 80.0\n"),
+            "80.0",
+            "`port` = 80.0: write a whole number, port = 80",
+        ),
+        (
+            format!("{NODE}{vip}{backend}[vip.health]\ninterval_ms = \"1s\"\n"),
+            "\"1s\"",
+            "`interval_ms` = \"1s\": a whole number of milliseconds, write interval_ms = 1000",
+        ),
+        (
+            format!("{NODE}{vip}{backend}[vip.health]\ninterval_ms = \"soon\"\n"),
+            "\"soon\"",
+            "`interval_ms` = \"soon\": a whole number of milliseconds, e.g. interval_ms = 1000",
+        ),
+        (
+            format!("{NODE}{vip}{backend}[vip.health]\ninterval_ms = -5\n"),
+            "-5",
+            "`interval_ms` = -5: write a whole number of milliseconds, not negative",
+        ),
+        (
+            format!("{NODE}{vip}conntrack = \"no\"\n"),
+            "\"no\"",
+            "`conntrack` = \"no\": write true or false, without quotes",
+        ),
+        (
+            format!("{NODE}{vip}conntrack = \"false\"\n"),
+            "\"false\"",
+            "`conntrack` = \"false\": write conntrack = false, without quotes",
+        ),
+        (
+            format!("{NODE}[[vip]]\nname = 7\n"),
+            "7\n",
+            "`name` = 7: strings need quotes, write name = \"7\"",
+        ),
+        (
+            format!("{NODE}{vip}backends = 5\n"),
+            "5\n",
+            "`backends` = 5: write a list, backends = [...]",
+        ),
+        // A key set twice, at the second: in a table, in an inline table, in [node].
+        (
+            format!("{NODE}{head}port = 80\nport = 81\n"),
+            "port = 81",
+            "`port` is set twice in this table: keep one",
+        ),
+        (
+            format!(
+                "{NODE}{vip}backends = [{{ address = \"198.18.0.11\", weight = 1, weight = 2 }}]\n"
+            ),
+            "weight = 2",
+            "`weight` is set twice in this table: keep one",
+        ),
+        (
+            format!("{NODE}mtu = 1500\nmtu = 1400\n"),
+            "mtu = 1400",
+            "`mtu` is set twice in this table: keep one",
+        ),
     ] {
         refused_at(&text, needle, says);
     }
-    // Other errors keep the parser's message and place.
+    // A table given twice, at the second header.
+    refused_at_last(
+        &format!("{NODE}{vip}{backend}[vip.health]\nkind = \"tcp\"\n[vip.health]\nrise = 2\n"),
+        "health]",
+        "[vip.health] is given twice: keep one [vip.health] and put all its keys there",
+    );
+    refused_at_last(
+        &format!("{NODE}mtu = 1500\n[node]\nmtu = 1400\n"),
+        "node]",
+        "[node] is given twice: keep one [node] and put all its keys there",
+    );
+    // Other errors keep the parser's message and place: an unterminated string, an entry of a
+    // list (not the value of a key), a bare word in a list (`interfaces = "eth0"` would be wrong).
     let e = err(&format!("{NODE}xdp_mode = \"native\n"));
     assert!(e.starts_with("t.toml:4:") && !e.contains("strings need quotes"), "{e}");
-    let e = err(&format!("{NODE}mtu = \"1500\"\n"));
-    assert!(e.starts_with("t.toml:4:7:") && e.contains("invalid type"), "{e}");
+    let e = err("[node]\ninterfaces = [\"eth0\", 5]\n");
+    assert!(e.starts_with("t.toml:2:23: invalid type: integer `5`, expected a string"), "{e}");
+    for (text, needle) in [
+        ("[node]\ninterfaces = [eth0]\n", "eth0"),
+        ("[node]\ninterfaces = [\"eth0\", eth1]\n", "eth1"),
+        ("[node]\ninterfaces = [eth0, eth1]\n", "eth0"),
+    ] {
+        let e = err(text);
+        assert!(e.starts_with(&at(text, needle)) && !e.contains("write"), "{e}");
+    }
     // The right forms are accepted.
     parse(&format!("{NODE}xdp_mode = \"native\"\n{vip}[[vip.backends]]\naddress = \"198.18.0.11\"\nmac = \"02:00:00:00:00:01\"\n")).unwrap();
 }
