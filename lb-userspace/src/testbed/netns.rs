@@ -50,7 +50,6 @@ pub fn euid() -> u32 {
 /// `None` lets the thread run anywhere again (children inherit affinity, so undo a pin before
 /// spawning load generators).
 pub fn pin_current_thread(cpu: Option<usize>) -> std::io::Result<()> {
-    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
     #[allow(unsafe_code)]
     // SAFETY: `set` is a plain bit set owned by this frame; sched_setaffinity only reads it, and
     // pid 0 names the calling thread.
@@ -58,7 +57,9 @@ pub fn pin_current_thread(cpu: Option<usize>) -> std::io::Result<()> {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         match cpu {
             Some(cpu) => libc::CPU_SET(cpu, &mut set),
-            None => (0..all).for_each(|c| libc::CPU_SET(c, &mut set)),
+            // Every CPU: the kernel keeps those the thread may use (available_parallelism
+            // would count a CPU quota, and unpin to CPU 0 alone under one).
+            None => (0..libc::CPU_SETSIZE as usize).for_each(|c| libc::CPU_SET(c, &mut set)),
         }
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
