@@ -9,7 +9,7 @@ use std::{
         unix::process::CommandExt,
     },
     path::PathBuf,
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -112,9 +112,108 @@ fn takeover_command(ns: &str, config: &PathBuf) -> Command {
     c
 }
 
+/// A spawned process that cannot outlive its test (`Child` neither kills nor waits on drop).
+/// Dropped while it still runs (a failed assertion, a test done with it), it gets SIGTERM by its
+/// own PID, then SIGKILL if it has not exited within 5 s, and is reaped. Its waits are bounded:
+/// libtest has no per-test timeout, so a process that never exits must fail the test, not hang
+/// the suite.
+struct Guarded {
+    child: Child,
+    /// What it is, for messages ("edgelb --takeover").
+    what: &'static str,
+}
+
+impl Guarded {
+    fn new(child: Child, what: &'static str) -> Guarded {
+        Guarded { child, what }
+    }
+
+    fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its exit status, once it has exited (it is then reaped).
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap_or_else(|e| panic!("waiting on {}: {e}", self.what))
+    }
+
+    /// Sends `sig` to it by its PID, unless it has been reaped (its PID could then be another's).
+    fn signal(&mut self, sig: libc::c_int) {
+        if self.exited().is_none() {
+            // SAFETY: kill(2) with a PID and a signal number touches no memory of ours. The
+            // process is not reaped before the next `try_wait`, so the PID is still its own.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        }
+    }
+
+    /// Waits at most `limit` for it to exit; panics naming it if it has not (the guard then
+    /// stops it).
+    fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.exited() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} (PID {}) did not exit within {limit:?}",
+                self.what,
+                self.id()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Like [`Guarded::wait`], with its piped stdout and stderr read meanwhile (on threads, so a
+    /// full pipe cannot hold it up).
+    fn wait_with_output(mut self, limit: Duration) -> Output {
+        fn drain<R: std::io::Read + Send + 'static>(
+            pipe: Option<R>,
+        ) -> std::sync::mpsc::Receiver<Vec<u8>> {
+            let (tx, rx) = std::sync::mpsc::channel();
+            if let Some(mut pipe) = pipe {
+                std::thread::spawn(move || {
+                    let mut bytes = Vec::new();
+                    let _ = pipe.read_to_end(&mut bytes);
+                    let _ = tx.send(bytes);
+                });
+            }
+            rx
+        }
+        let (stdout, stderr) = (drain(self.child.stdout.take()), drain(self.child.stderr.take()));
+        let status = self.wait(limit);
+        // Exited: its pipes end now (unless something it started still holds them).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let read = |rx: std::sync::mpsc::Receiver<Vec<u8>>| {
+            rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap_or_default()
+        };
+        Output { status, stdout: read(stdout), stderr: read(stderr) }
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        eprintln!("stopping {} (PID {}), still running", self.what, self.id());
+        // SAFETY: as in `signal`: not reaped (the `try_wait` above found it running).
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A running `edgelb run` in the balancer namespace.
 struct Edgelb {
-    child: Option<Child>,
+    child: Option<Guarded>,
     config: PathBuf,
     ns: String,
     log: PathBuf,
@@ -171,7 +270,8 @@ impl Edgelb {
                 c
             }
         };
-        let child = cmd.arg(config).stderr(out).spawn().expect("start edgelb");
+        let child =
+            Guarded::new(cmd.arg(config).stderr(out).spawn().expect("start edgelb"), "edgelb");
         let mut e = Edgelb {
             child: Some(child),
             config: config.clone(),
@@ -186,7 +286,7 @@ impl Edgelb {
     fn wait_answering(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.cli(&["status", "--json"]).status.code() != Some(0) {
-            if let Ok(Some(st)) = self.child.as_mut().unwrap().try_wait() {
+            if let Some(st) = self.child.as_mut().unwrap().exited() {
                 panic!("edgelb exited: {st}; log:\n{}", self.log());
             }
             assert!(Instant::now() < deadline, "edgelb never answered on its admin socket");
@@ -200,6 +300,7 @@ impl Edgelb {
         let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let child =
             takeover_command(ns, config).stderr(out).spawn().expect("start edgelb --takeover");
+        let child = Guarded::new(child, "edgelb --takeover");
         Edgelb { child: Some(child), config: config.clone(), ns: ns.to_owned(), log: log.clone() }
     }
 
@@ -208,14 +309,14 @@ impl Edgelb {
     fn take_over(mut self) -> Edgelb {
         let mut new = Edgelb::spawn_takeover(&self.ns, &self.config, &self.log);
         // The old process exits by itself once the new one serves and its requests are done.
+        // (Guarded: if it does not, the failed assertion stops it.)
         let mut old = self.child.take().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         let st = loop {
-            if let Some(st) = old.try_wait().unwrap() {
+            if let Some(st) = old.exited() {
                 break st;
             }
-            if let Ok(Some(st)) = new.child.as_mut().unwrap().try_wait() {
-                let _ = old.kill();
+            if let Some(st) = new.child.as_mut().unwrap().exited() {
                 panic!("edgelb --takeover exited: {st}; log:\n{}", new.log());
             }
             assert!(Instant::now() < deadline, "the old edgelb never exited; log:\n{}", new.log());
@@ -251,8 +352,8 @@ impl Edgelb {
     /// SIGTERM by PID: the controller exits and leaves the data plane running.
     fn terminate(mut self) {
         let mut child = self.child.take().unwrap();
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        let st = child.wait().unwrap();
+        child.signal(libc::SIGTERM);
+        let st = child.wait(Duration::from_secs(30));
         assert!(st.success(), "edgelb exit status {st}");
     }
 
@@ -264,18 +365,16 @@ impl Edgelb {
 impl Drop for Edgelb {
     fn drop(&mut self) {
         // A running controller: full teardown through the admin socket, then make sure the
-        // process is gone. (After `terminate` there is none, and the pins stay for the next.)
-        if let Some(mut c) = self.child.take() {
-            let _ = self.cli(&["stop"]);
+        // process is gone: if `stop` is refused (no controller answers on the socket) or the
+        // process has not exited within 5 s, its guard stops it by PID. (After `terminate`
+        // there is none, and the pins stay for the next.)
+        if let Some(mut c) = self.child.take()
+            && self.cli(&["stop"]).status.success()
+        {
             let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
+            while Instant::now() < deadline && !matches!(c.child.try_wait(), Ok(Some(_))) {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let _ = c.kill();
-            let _ = c.wait();
         }
     }
 }
@@ -406,6 +505,10 @@ fn backend_name(cfg: &Config, vip: &str, client: IpAddr) -> String {
     format!("backend-{}", i + 1)
 }
 
+/// Active health checks take a dead backend out of an XDP VIP within `interval * (fall + 1)`:
+/// only its own clients fail meanwhile, then they are served by the others and XDP sends it
+/// nothing more; it comes back after `rise` good probes, and with every backend down the VIP
+/// fails open over the whole pool.
 #[test]
 fn dead_backend_leaves_the_ring_and_returns() {
     let Some(mut bed) = Bed::up("failover", &[1, 2, 3]) else { return };
@@ -424,11 +527,23 @@ fn dead_backend_leaves_the_ring_and_returns() {
         std::thread::sleep(Duration::from_millis(20));
     }
     eprintln!("status shows backend-2 DOWN {} ms after the kill", killed_at.elapsed().as_millis());
+    // From the failover bound on, XDP sends backend-2 nothing more: its packet counter stands
+    // still while its clients go on being served (by the others, counted below).
+    let failed_over = killed_at + bound + Duration::from_millis(300);
+    std::thread::sleep(failed_over.saturating_duration_since(Instant::now()));
+    let dead = "vip=\"web\",backend=\"198.18.0.12\"";
+    let sent_to_dead = || metric(&scrape(&bed), "edgelb_backend_packets_total", dead);
+    let (watched_from, sent_before) = (Instant::now(), sent_to_dead());
+    assert!(sent_before > 0.0, "backend-2 was sent packets before the kill (its series exists)");
     std::thread::sleep(bound + Duration::from_millis(1500));
+    let sent_after = sent_to_dead();
+    let watched_to = Instant::now();
     let log = load.finish();
 
     let mut last_failure = None;
     let mut after = HashMap::<String, u32>::new();
+    // Requests of backend-2's clients answered while its counter was watched.
+    let mut rehomed = 0u32;
     for (t, client, r) in &log {
         let home = backend_name(&cfg, "web", *client);
         match r {
@@ -437,8 +552,11 @@ fn dead_backend_leaves_the_ring_and_returns() {
                 assert!(*t > killed_at, "failure before the kill: {e}");
                 last_failure = Some(*t);
             }
-            Ok(b) if *t > killed_at + bound + Duration::from_millis(300) => {
+            Ok(b) if *t > failed_over => {
                 *after.entry(b.clone()).or_default() += 1;
+                if home == "backend-2" && *t > watched_from && *t < watched_to {
+                    rehomed += 1;
+                }
             }
             Ok(_) => {}
         }
@@ -451,7 +569,9 @@ fn dead_backend_leaves_the_ring_and_returns() {
         log.len()
     );
     assert!(failover <= bound + Duration::from_millis(300), "failover took {failover:?}");
-    assert!(!after.contains_key("backend-2"), "traffic reached the dead backend after failover");
+    eprintln!("backend-2's clients served while its counter was watched: {rehomed}");
+    assert!(rehomed > 10, "backend-2's clients were served after failover ({rehomed})");
+    assert_eq!(sent_after, sent_before, "XDP sent packets to the dead backend after failover");
     assert!(after.contains_key("backend-1") && after.contains_key("backend-3"));
     assert!(!bed.e().healthy("web", "198.18.0.12"));
     assert!(bed.e().log().contains("backend DOWN"), "state change logged");
@@ -1079,7 +1199,13 @@ fn failed_takeover(bed: &Bed, what: &str, text: &str) -> String {
     let l7_load = bed.load_to(l7, Duration::from_secs(15), Duration::from_secs(30));
     let l4_load = bed.load(Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(800));
-    let out = takeover_command(&bed.e().ns, &alt).output().expect("run edgelb --takeover");
+    let child = takeover_command(&bed.e().ns, &alt)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run edgelb --takeover");
+    let out = Guarded::new(child, "edgelb --takeover").wait_with_output(Duration::from_secs(60));
     let _ = std::fs::remove_file(&alt);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -1143,6 +1269,8 @@ fn a_takeover_stopped_while_it_starts_leaves_the_running_edgelb_in_charge() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run edgelb --takeover");
+    // Guarded: if it is not stopped below, the failed assertion stops it before it takes over.
+    let mut child = Guarded::new(child, "edgelb --takeover");
     // As soon as its handlers are in place (before them, SIGTERM just kills it): the signal
     // then arrives while it loads its program or takes the sockets over.
     let pid = child.id();
@@ -1159,8 +1287,8 @@ fn a_takeover_stopped_while_it_starts_leaves_the_running_edgelb_in_charge() {
         assert!(Instant::now() < deadline, "edgelb --takeover never set up its signal handlers");
         std::thread::sleep(Duration::from_millis(1));
     }
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-    let out = child.wait_with_output().expect("edgelb --takeover exits");
+    child.signal(libc::SIGTERM);
+    let out = child.wait_with_output(Duration::from_secs(60));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("stopped by a signal before serving"), "{stderr}");
@@ -1171,6 +1299,20 @@ fn a_takeover_stopped_while_it_starts_leaves_the_running_edgelb_in_charge() {
     assert!(bed.e().cli(&["status"]).status.success(), "the old edgelb answers");
     assert!(scrape(&bed).contains("edgelb_vip_packets_total"));
     sees_backend_2_die(&mut bed, "the controller");
+}
+
+/// Waits (at most 10 s) until the edgelb answering scrapes counts `n` client connections open
+/// on the L7 VIP web7 (`edgelb_l7_active_connections`, counted from accept to close).
+fn wait_l7_connections(bed: &Bed, n: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = scrape(bed);
+        if metric(&text, "edgelb_l7_active_connections", "vip=\"web7\"") == f64::from(n) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never {n} connections open on web7:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// An L7 request from the client namespace with half its head sent: it keeps the process that
@@ -1217,35 +1359,34 @@ fn after_a_takeover_only_the_new_edgelb_answers_scrapes() {
     let before = answered(&scrape(&bed));
     assert!(before > 0, "the old edgelb answered the L7 VIP");
     // A request that has begun (half its head sent) keeps the old process draining after the
-    // handover: it is answered by the process that accepted it.
+    // handover: it is answered by the process that accepted it. The earlier connections given
+    // back first, so that the one counted next is this one, accepted before the handover.
+    wait_l7_connections(&bed, 0);
     let pending = BegunRequest::to(&bed, l7);
-    std::thread::sleep(Duration::from_millis(200));
+    wait_l7_connections(&bed, 1);
     let old = bed.edgelb.take().unwrap();
     let mut new = Edgelb::spawn_takeover(&old.ns, &old.config, &old.log);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !old.log().contains("the new edgelb serves") {
         assert!(Instant::now() < deadline, "no handover; log:\n{}", old.log());
-        if let Ok(Some(st)) = new.child.as_mut().unwrap().try_wait() {
+        if let Some(st) = new.child.as_mut().unwrap().exited() {
             panic!("edgelb --takeover exited: {st}; log:\n{}", new.log());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     bed.edgelb = Some(new);
     let mut old = old;
+    // Guarded: a failed assertion below stops it.
     let mut old_child = old.child.take().unwrap();
     // The old process is still there, draining: every scrape is the new one's.
     for i in 0..30 {
         let text = scrape(&bed);
         assert!(answered(&text) < before, "scrape {i} answered by the old edgelb:\n{text}");
     }
-    assert!(old_child.try_wait().unwrap().is_none(), "the old edgelb was still draining");
+    assert!(old_child.exited().is_none(), "the old edgelb was still draining");
     // Its request in flight is answered, then it exits.
     pending.finish();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while old_child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the old edgelb never exited");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    old_child.wait(Duration::from_secs(10));
 }
 
 /// While a stopping edgelb finishes its L7 requests in flight, it still answers scrapes (the
@@ -1255,12 +1396,15 @@ fn a_stopping_edgelb_answers_scrapes_while_it_drains() {
     let Some(mut bed) = Bed::up("stop-scrape", &[1, 2, 3]) else { return };
     let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
     bed.wait_for(l7);
-    // A request that has begun keeps the proxy draining.
+    // A request that has begun keeps the proxy draining: the earlier connections given back
+    // first, so that the one counted next is this one, accepted before the SIGTERM.
+    wait_l7_connections(&bed, 0);
     let pending = BegunRequest::to(&bed, l7);
-    std::thread::sleep(Duration::from_millis(200));
+    wait_l7_connections(&bed, 1);
     let mut e = bed.edgelb.take().unwrap();
+    // Guarded: a failed assertion below stops it.
     let mut child = e.child.take().unwrap();
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    child.signal(libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(5);
     while !e.log().contains("L7 proxy: draining") {
         assert!(Instant::now() < deadline, "no drain; log:\n{}", e.log());
@@ -1271,9 +1415,9 @@ fn a_stopping_edgelb_answers_scrapes_while_it_drains() {
         assert!(scrape(&bed).contains("edgelb_vip_packets_total"));
         assert!(t.elapsed() < Duration::from_secs(2), "a scrape took {:?}", t.elapsed());
     }
-    assert!(child.try_wait().unwrap().is_none(), "still draining");
+    assert!(child.exited().is_none(), "still draining");
     pending.finish();
-    let st = child.wait().unwrap();
+    let st = child.wait(Duration::from_secs(30));
     assert!(st.success(), "edgelb exit status {st}");
     drop(e);
 }
@@ -1409,18 +1553,9 @@ fn a_takeover_that_fails_after_writing_the_maps_gives_the_data_plane_back() {
 #[test]
 fn stop_leaves_the_data_plane_of_a_controller_whose_socket_is_gone() {
     let Some(mut bed) = Bed::up("stop-nosock", &[1, 2, 3]) else { return };
-    /// SIGTERMs the controller by PID unless disarmed, so a failed assertion stops it too (before
-    /// the bed's own cleanup, which then removes the data plane).
-    struct Terminate(Option<u32>);
-    impl Drop for Terminate {
-        fn drop(&mut self) {
-            if let Some(pid) = self.0 {
-                let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-            }
-        }
-    }
+    // A failed assertion stops the controller too: with its socket gone `stop` is refused, and
+    // its guard SIGTERMs it by PID (before the bed's own cleanup removes the data plane).
     let pid = bed.e().child.as_ref().unwrap().id();
-    let mut guard = Terminate(Some(pid));
     let cfg = bed.cfg();
     std::fs::remove_file(&cfg.node.admin_socket).expect("remove the admin socket");
     let out = bed.e().cli(&["stop"]);
@@ -1442,7 +1577,6 @@ fn stop_leaves_the_data_plane_of_a_controller_whose_socket_is_gone() {
     let link = String::from_utf8_lossy(&link.stdout);
     assert!(link.contains("prog/xdp"), "XDP no longer attached: {link}");
     bed.wait_for(SocketAddr::new(IpAddr::V4(testbed::VIP), 80));
-    guard.0 = None;
     bed.edgelb.take().unwrap().terminate();
     // With the controller gone, nothing holds the data plane: `stop` removes it.
     let out = Command::new(env!("CARGO_BIN_EXE_edgelb"))
