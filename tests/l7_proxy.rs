@@ -367,6 +367,19 @@ fn round_robin_is_even() {
     assert_eq!((m["a"], m["b"], m["c"]), (100, 100, 100), "{m:?}");
 }
 
+/// Retries do not shift whose turn it is: with one backend answering 503 (retried elsewhere),
+/// each backend still gets every third request first.
+#[test]
+fn round_robin_turns_are_kept_through_retries() {
+    let (bad, a, b) =
+        (backend("bad", Mode::Status(503)), backend("a", Mode::Ok), backend("b", Mode::Ok));
+    let p =
+        proxy(&[(&bad, 1), (&a, 1), (&b, 1)], "algorithm = \"round_robin\"\nmax_fails = 100", "");
+    let m = count(p.addr, 30);
+    assert_eq!(bad.reqs.load(Ordering::Relaxed), 10, "the failing backend's first attempts");
+    assert_eq!(m.values().sum::<usize>(), 30, "every request answered by a good backend: {m:?}");
+}
+
 #[test]
 fn weighted_respects_weights_within_5_percent() {
     let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));

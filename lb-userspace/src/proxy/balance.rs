@@ -242,7 +242,13 @@ impl Pool {
             (m.state.in_flight.load(Ordering::Relaxed) as f64 + 1.0) / m.weight as f64
         };
         Some(match self.algorithm {
-            Algorithm::RoundRobin => cand[self.rr.fetch_add(1, Ordering::Relaxed) % cand.len()],
+            // A retry goes to the next member after the one just tried, without moving the
+            // turn: counted, each failed attempt would shift whose turn the next request is,
+            // and a failing member would get half the first attempts of three.
+            Algorithm::RoundRobin => match exclude.last() {
+                Some(&last) => *cand.iter().find(|&&i| i > last).unwrap_or(&cand[0]),
+                None => cand[self.rr.fetch_add(1, Ordering::Relaxed) % cand.len()],
+            },
             Algorithm::Random => cand[(rand() % cand.len() as u64) as usize],
             Algorithm::P2c => {
                 if cand.len() == 1 {
