@@ -199,15 +199,7 @@ impl Drop for Guarded {
         eprintln!("stopping {} (PID {}), still running", self.what, self.id());
         // SAFETY: as in `signal`: not reaped (the `try_wait` above found it running).
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        testbed::reap_within(&mut self.child, Duration::from_secs(5));
     }
 }
 

@@ -669,15 +669,7 @@ impl Drop for Edgelb {
         if let Ok(None) = self.child.try_wait() {
             let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        testbed::reap_within(&mut self.child, Duration::from_secs(5));
     }
 }
 

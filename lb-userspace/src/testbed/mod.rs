@@ -21,7 +21,8 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
-    process::Command,
+    process::{Child, Command},
+    time::{Duration, Instant},
 };
 
 use aya::programs::links::PinnedLink;
@@ -103,6 +104,20 @@ pub struct Testbed {
     pub names: Names,
     prefix: String,
     _aux: Option<AuxPrograms>,
+}
+
+/// Gives `child`, asked to stop, `grace` to exit, then kills it; reaps it either way (so its PID
+/// is not signalled after it could be reused). For the guards of tests and `xtask run`.
+pub fn reap_within(child: &mut Child, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Runs a command, failing with its stderr.
