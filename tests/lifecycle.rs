@@ -859,6 +859,8 @@ fn scrape(bed: &Bed) -> String {
     use std::io::{Read, Write};
     netns::in_netns(&bed.tb.names.lb, || {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", 9110)).expect("metrics endpoint");
+        // A hung endpoint fails the test rather than hanging the suite.
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
