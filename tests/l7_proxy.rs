@@ -921,8 +921,21 @@ fn routing_and_the_backend_see_one_host() {
         "GET / HTTP/1.1\r\nHost: www.example\r\nHost: api.example\r\n\r\n",
         "GET / HTTP/1.1\r\nHost: api.example/x\r\n\r\n",
         "GET http://u@api.example/ HTTP/1.1\r\nHost: api.example\r\n\r\n",
+        // A port that is not digits: the route would miss api.example, which nginx (cutting at
+        // the first colon) and Go (ignoring the port) would serve.
+        "GET / HTTP/1.1\r\nHost: api.example:x\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: api.example:80:80\r\n\r\n",
+        "GET http://api.example:x/ HTTP/1.1\r\nHost: api.example\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: [::1\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: [not-an-address]\r\n\r\n",
     ] {
         assert_eq!(send(raw).0, 400, "{raw:?}");
+    }
+    // A port of digits, or none after the colon, is the host's.
+    for host in ["api.example:8080", "api.example:", "API.example.:80"] {
+        let r = send(&format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"));
+        assert_eq!((r.0, who(&r)), (200, "api".to_owned()), "{host}: {r:?}");
     }
     // HTTP/1.0 needs no Host; the backend still gets one.
     let r = send("GET /old HTTP/1.0\r\n\r\n");
@@ -932,7 +945,7 @@ fn routing_and_the_backend_see_one_host() {
     assert_eq!((r.0, who(&r)), (200, "api".to_owned()), "{r:?}");
     // No tunnels through a reverse proxy.
     assert_eq!(send("CONNECT api.example:443 HTTP/1.1\r\nHost: api.example:443\r\n\r\n").0, 501);
-    assert_eq!(def.reqs.load(Ordering::Relaxed) + api.reqs.load(Ordering::Relaxed), 4);
+    assert_eq!(def.reqs.load(Ordering::Relaxed) + api.reqs.load(Ordering::Relaxed), 7);
 }
 
 #[test]

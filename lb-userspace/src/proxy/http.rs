@@ -864,11 +864,34 @@ fn target_as_sent(req: &ReqHead) -> Option<Target<'_>> {
     Some(Target { host: Some(a), path: path.into(), host_out: Some(HostOut::Authority(a)) })
 }
 
-/// Is `h` a valid Host value: `uri-host [":" port]` (RFC 3986 reg-name or IP literal), not
-/// empty, without user information?
+/// Is `h` a valid Host value: `uri-host [":" port]` (RFC 3986: a reg-name or IPv4 address, or
+/// an IPv6 literal in brackets; the port digits only), not empty, without user information?
+/// Nothing looser: the router takes the host without a port of digits, and backends cut at the
+/// first `:` (nginx) or ignore a bad port (Go), so `admin.example:x` would reach a backend as
+/// `admin.example` while missing that host's route.
 fn valid_host(h: &[u8]) -> bool {
-    !h.is_empty()
-        && h.iter().all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b))
+    let (host, port) = match h.first() {
+        Some(b'[') => match h.iter().position(|&b| b == b']') {
+            Some(end) => h.split_at(end + 1),
+            None => return false,
+        },
+        _ => h.split_at(h.iter().position(|&b| b == b':').unwrap_or(h.len())),
+    };
+    let port_ok = port
+        .split_first()
+        .is_none_or(|(&colon, digits)| colon == b':' && digits.iter().all(u8::is_ascii_digit));
+    let host_ok = match host.strip_prefix(b"[").and_then(|l| l.strip_suffix(b"]")) {
+        Some(literal) => {
+            std::str::from_utf8(literal).is_ok_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok())
+        }
+        None => {
+            !host.is_empty()
+                && host
+                    .iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b))
+        }
+    };
+    host_ok && port_ok
 }
 
 /// The client as the forwarding headers name it, written at most once per connection (at the
