@@ -2931,6 +2931,39 @@ fn a_malformed_forwarded_value_cannot_hide_the_proxys_element() {
     }
 }
 
+/// The forwarding headers the proxy writes cannot be doubled by a client spelling them with
+/// underscores, which CGI-style backends (gunicorn, Puma, PHP) read as the same header: a client
+/// `X_Forwarded_Proto: https` would be joined to the proxy's `http` and taken first. Other
+/// names with underscores pass.
+#[test]
+fn underscore_spellings_of_the_forwarding_headers_are_dropped() {
+    let b = serve_backend(|s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while let Some((head, _)) = read_request(&mut r) {
+            r2.fetch_add(1, Ordering::Relaxed);
+            // The header lines the backend got, one a line.
+            let body =
+                head.lines().skip(1).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("\n");
+            let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            if w.write_all(resp.as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+    let p = proxy(&[(&b, 1)], "", "");
+    let raw = "GET / HTTP/1.1\r\nHost: t\r\nX_Forwarded_Proto: https\r\nx-forwarded_for: 6.6.6.6\r\nFORWARDED_: x\r\nForwarded: for=192.0.2.1\r\nX_Custom: kept\r\nConnection: close\r\n\r\n";
+    let (status, _, got) = request(p.addr, None, raw).expect("a response");
+    assert_eq!(status, 200);
+    let lines: Vec<&str> = got.lines().collect();
+    assert!(!got.contains("6.6.6.6") && !got.contains("https"), "{got}");
+    assert!(lines.contains(&"X_Custom: kept"), "{got}");
+    assert!(lines.contains(&"FORWARDED_: x"), "not a spelling of Forwarded: {got}");
+    assert!(lines.contains(&"X-Forwarded-For: 127.0.0.1"), "{got}");
+    assert!(lines.contains(&"X-Forwarded-Proto: http"), "{got}");
+    assert!(lines.contains(&"Forwarded: for=192.0.2.1, for=127.0.0.1;proto=http"), "{got}");
+}
+
 /// A keep-alive request is routed by the pools as they are when it arrives: a backend drained,
 /// found dead or removed while the connection waited idle gets no more requests from it.
 #[test]

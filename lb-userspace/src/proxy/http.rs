@@ -1023,11 +1023,19 @@ fn upstream_head(
         {
             continue;
         }
-        // Rewritten below, with the client appended.
+        // Rewritten below, with the client appended; spellings with `_` for `-` are dropped
+        // too: CGI-style backends (gunicorn, Puma, PHP) read `X_Forwarded_Proto` as the same
+        // header and would join the client's value to ours (as nginx, which drops names with
+        // underscores by default, never forwards them).
+        let dashed = |h: &str| {
+            name.len() == h.len()
+                && name
+                    .iter()
+                    .zip(h.bytes())
+                    .all(|(&a, b)| (if a == b'_' { b'-' } else { a.to_ascii_lowercase() }) == b)
+        };
         if forwarded_for.is_some()
-            && ["x-forwarded-for", "forwarded", "x-forwarded-proto"]
-                .iter()
-                .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+            && ["x-forwarded-for", "forwarded", "x-forwarded-proto"].into_iter().any(dashed)
         {
             continue;
         }
