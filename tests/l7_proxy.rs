@@ -965,10 +965,16 @@ fn path_routes_match_the_path_the_backend_serves() {
         assert_eq!(seen(p.addr, path), (200, "admin".into(), "/admin/x".into()), "{path}");
     }
     assert_eq!(seen(p.addr, "/admin/../x?a=/../b"), (200, "default".into(), "/x?a=/../b".into()));
-    // An escaped slash is data, not a separator.
-    assert_eq!(seen(p.addr, "/admin%2Fx"), (200, "default".into(), "/admin%2Fx".into()));
+    // An escaped slash is data, not a separator, and goes on as sent...
+    assert_eq!(seen(p.addr, "/admin/a%2Fb"), (200, "admin".into(), "/admin/a%2Fb".into()));
+    assert_eq!(seen(p.addr, "/x/a%2Fb"), (200, "default".into(), "/x/a%2Fb".into()));
+    // ...but a path that backends decoding it first (nginx, gunicorn) would serve by another
+    // route than the one it takes as data is refused.
+    for path in ["/admin%2Fx", "/%2Fadmin/x", "/static/..%2Fadmin/x", "/admin%5Cx", "/x%2F..;/a"] {
+        assert_eq!(get(p.addr, path).0, 400, "{path}");
+    }
     assert_eq!(get(p.addr, "/admin/%zz").0, 400, "a malformed escape is refused");
-    assert_eq!(admin.reqs.load(Ordering::Relaxed), 5);
+    assert_eq!(admin.reqs.load(Ordering::Relaxed), 6);
     // Off: paths go as sent.
     let raw = proxy(&[(&def, 1)], "normalize_path = false", &routes);
     assert_eq!(

@@ -1296,6 +1296,14 @@ async fn serve_conn(
         // valid_host admits ASCII only.
         let host = target.host.and_then(|h| std::str::from_utf8(h).ok());
         let pool = vip.pool_for(host, &target.path).clone();
+        // An escaped slash stays data here, but backends that decode it first would serve the
+        // request by a path another route takes: refused, rather than routed around that route.
+        if cfg.normalize_path
+            && let Some(other) = super::path::separators_decoded(&target.path)
+            && !matches!(other, Ok(p) if std::sync::Arc::ptr_eq(vip.pool_for(host, &p), &pool))
+        {
+            return reject(client, &vip, peer, 400, Some(&req)).await;
+        }
 
         // Sticky cookie, if the pool uses them.
         let sticky = (pool.algorithm == Algorithm::Cookie)

@@ -62,6 +62,23 @@ pub fn normalize(target: &str) -> Option<Cow<'_, str>> {
     Some(Cow::Owned(out))
 }
 
+/// The path of `target` (in normal form, from [`normalize`]) as backends read it that decode an
+/// escaped slash or backslash (`%2F`, `%5C`) into a separator before they resolve the path
+/// (nginx, WSGI servers such as gunicorn, IIS): in normal form, with its query. `None` when the
+/// path holds no such escape and has no other reading; `Some(Err(()))` when that reading is
+/// itself one to refuse ([`normalize`] gives `None` for it). The proxy keeps such escapes as
+/// data, and refuses a request this reading would route elsewhere: `/admin%2Fx` and
+/// `/static/..%2Fadmin/x` would otherwise miss a route for `/admin/` that those backends then
+/// serve them by.
+pub fn separators_decoded(target: &str) -> Option<Result<String, ()>> {
+    let path = &target[..target.find('?').unwrap_or(target.len())];
+    if !path.contains("%2F") && !path.contains("%5C") {
+        return None;
+    }
+    let read = target[..path.len()].replace("%2F", "/").replace("%5C", "/") + &target[path.len()..];
+    Some(normalize(&read).map(Cow::into_owned).ok_or(()))
+}
+
 /// Does `path` hold what backends on other platforms read as separators or dot segments, though
 /// its normal form does not: a backslash (IIS and Windows-hosted servers take it for `/`), or a
 /// dot segment with parameters (`..;x`, which Tomcat, Jetty and Spring take for `..`)? Either
@@ -146,5 +163,22 @@ mod tests {
         // Parameters elsewhere, and in the query, are fine.
         assert_eq!(n("/a;v=1/b").as_deref(), Some("/a;v=1/b"));
         assert_eq!(n("/a?x=..;\\").as_deref(), Some("/a?x=..;\\"));
+    }
+
+    #[test]
+    fn escaped_separators_have_a_second_reading() {
+        let read = |t: &str| super::separators_decoded(&normalize(t).unwrap());
+        assert_eq!(read("/admin/x?a=%2F"), None, "only the path counts");
+        for (t, want) in [
+            ("/admin%2Fx", "/admin/x"),
+            ("/static/..%2Fadmin/x", "/admin/x"),
+            ("/%2F%2Fadmin/x?q", "/admin/x?q"),
+            ("/a%5C..%5Cadmin", "/admin"),
+            ("/group%2fproject", "/group/project"),
+            ("/p/..%2F;x/admin", "/;x/admin"),
+        ] {
+            assert_eq!(read(t), Some(Ok(want.to_owned())), "{t}");
+        }
+        assert_eq!(read("/p%2F..;/admin"), Some(Err(())), "a dot segment with parameters");
     }
 }
