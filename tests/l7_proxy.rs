@@ -2937,18 +2937,13 @@ fn a_malformed_forwarded_value_cannot_hide_the_proxys_element() {
     }
 }
 
-/// The forwarding headers the proxy writes cannot be doubled by a client spelling them with
-/// underscores, which CGI-style backends (gunicorn, Puma, PHP) read as the same header: a client
-/// `X_Forwarded_Proto: https` would be joined to the proxy's `http` and taken first. Other
-/// names with underscores pass.
-#[test]
-fn underscore_spellings_of_the_forwarding_headers_are_dropped() {
-    let b = serve_backend(|s, r2, _| {
+/// A backend that answers each request with the header lines it got, one a line.
+fn headers_backend() -> Backend {
+    serve_backend(|s, r2, _| {
         let mut w = s.try_clone().unwrap();
         let mut r = BufReader::new(s);
         while let Some((head, _)) = read_request(&mut r) {
             r2.fetch_add(1, Ordering::Relaxed);
-            // The header lines the backend got, one a line.
             let body =
                 head.lines().skip(1).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("\n");
             let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
@@ -2956,7 +2951,28 @@ fn underscore_spellings_of_the_forwarding_headers_are_dropped() {
                 return;
             }
         }
-    });
+    })
+}
+
+/// Transfer codings go on in lower case (their names are case-insensitive, RFC 9112 7), so no
+/// backend has to know that to find a `CHUNKED` body's end.
+#[test]
+fn transfer_codings_are_forwarded_in_lower_case() {
+    let b = headers_backend();
+    let p = proxy(&[(&b, 1)], "", "");
+    let raw = "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: CHUNKED\r\nConnection: close\r\n\r\n2\r\nhi\r\n0\r\n\r\n";
+    let (status, _, got) = request(p.addr, None, raw).expect("a response");
+    assert_eq!(status, 200, "{got}");
+    assert!(got.lines().any(|l| l == "Transfer-Encoding: chunked"), "{got}");
+}
+
+/// The forwarding headers the proxy writes cannot be doubled by a client spelling them with
+/// underscores, which CGI-style backends (gunicorn, Puma, PHP) read as the same header: a client
+/// `X_Forwarded_Proto: https` would be joined to the proxy's `http` and taken first. Other
+/// names with underscores pass.
+#[test]
+fn underscore_spellings_of_the_forwarding_headers_are_dropped() {
+    let b = headers_backend();
     let p = proxy(&[(&b, 1)], "", "");
     let raw = "GET / HTTP/1.1\r\nHost: t\r\nX_Forwarded_Proto: https\r\nx-forwarded_for: 6.6.6.6\r\nFORWARDED_: x\r\nForwarded: for=192.0.2.1\r\nX_Custom: kept\r\nConnection: close\r\n\r\n";
     let (status, _, got) = request(p.addr, None, raw).expect("a response");

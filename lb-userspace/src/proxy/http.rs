@@ -545,14 +545,16 @@ fn put_decimal(out: &mut impl BufMut, mut n: u64) {
 
 /// Writes the Transfer-Encoding of a chunked message that is passed on without decoding: every
 /// coding the sender listed, in order, in one header (empty list elements, which RFC 9110 5.6.1
-/// lets a sender write, dropped so that no later parser has to cope with them).
+/// lets a sender write, dropped so that no later parser has to cope with them), in lower case
+/// (coding names are case-insensitive, RFC 9112 7: a `CHUNKED` goes on as `chunked`, so no
+/// parser downstream has to know that).
 fn transfer_encoding(out: &mut impl BufMut, head: &Head) {
     out.put_slice(b"Transfer-Encoding: ");
     for (i, coding) in tokens(head, "transfer-encoding").enumerate() {
         if i > 0 {
             out.put_slice(b", ");
         }
-        out.put_slice(coding);
+        coding.iter().for_each(|b| out.put_u8(b.to_ascii_lowercase()));
     }
     out.put_slice(b"\r\n");
 }
