@@ -809,6 +809,10 @@ impl Controller {
     /// Starts and stops health checks to match the config, each new one from the controller's
     /// verdict; counts those that could not start, for the serving loop to retry.
     fn reconcile_checks(&mut self) {
+        // What the running checks sent and the loop has not taken in yet comes first: a check
+        // restarted below starts from the controller's verdict, which must be up to date (a
+        // flip left queued would arrive from a stopped check, and be dropped as stale).
+        self.apply_pending_health();
         self.checks_missing = self.checker.reconcile(&self.cfg, |v, b| self.verdicts.is_down(v, b));
     }
 
@@ -887,6 +891,9 @@ impl Controller {
     }
 
     fn on_health(&mut self, ev: HealthEvent) -> bool {
+        if !self.checker.is_current(ev.check) {
+            return false; // from a check stopped since: the one that replaced it speaks now
+        }
         let Some((vip, backend)) = Verdicts::checked_backend(&self.cfg, &ev.vip, ev.backend) else {
             return false; // a check that was just reconciled away
         };

@@ -35,6 +35,10 @@ pub struct HealthEvent {
     pub latency: Option<Duration>,
     /// Why (the last probe's result), for flips.
     pub reason: String,
+    /// The check that probed: an event of a check since stopped (reconciled away, or restarted
+    /// with new settings) is stale ([`Checker::is_current`]), and its verdict, sent just before
+    /// the stop, must not overrule the check that replaced it.
+    pub check: u64,
 }
 
 /// What to probe: one backend of one VIP with that VIP's check.
@@ -97,7 +101,9 @@ impl Stop {
 
 struct Running {
     stop: Arc<Stop>,
-    thread: JoinHandle<()>,
+    /// Never joined: a probe in flight may take its whole timeout, and nothing waits on it.
+    _thread: JoinHandle<()>,
+    id: u64,
 }
 
 /// Every check `cfg` asks for: one per (VIP, backend).
@@ -125,13 +131,17 @@ fn targets(cfg: &Config) -> Vec<Target> {
 /// The set of running checks, reconciled with the config on every (re)load.
 pub struct Checker {
     running: HashMap<Target, Running>,
+    /// The ids of the running checks.
+    current: HashSet<u64>,
+    /// The id the next check started gets.
+    next_id: u64,
     events: Sender<HealthEvent>,
 }
 
 impl Checker {
     /// A checker that reports state changes on `events`.
     pub fn new(events: Sender<HealthEvent>) -> Checker {
-        Checker { running: HashMap::new(), events }
+        Checker { running: HashMap::new(), current: HashSet::new(), next_id: 0, events }
     }
 
     /// Starts checks for targets new in `cfg` and stops those gone from it. A target whose check
@@ -151,6 +161,7 @@ impl Checker {
             let kept = keep.contains(t);
             if !kept {
                 r.stop.raise();
+                self.current.remove(&r.id);
             }
             kept
         });
@@ -161,16 +172,19 @@ impl Checker {
             }
             let stop = Arc::new(Stop::default());
             let state = Hysteresis::starting(!down(&t.vip, t.backend));
+            let id = self.next_id;
             let spawned = {
                 let (t, stop, events) = (t.clone(), stop.clone(), self.events.clone());
                 std::thread::Builder::new()
                     .name(format!("health {}", t.backend))
                     .stack_size(256 * 1024)
-                    .spawn(move || run(t, state, stop, events))
+                    .spawn(move || run(t, state, stop, events, id))
             };
             match spawned {
                 Ok(thread) => {
-                    self.running.insert(t, Running { stop, thread });
+                    self.next_id += 1;
+                    self.current.insert(id);
+                    self.running.insert(t, Running { stop, _thread: thread, id });
                 }
                 Err(e) => {
                     failed += 1;
@@ -179,6 +193,11 @@ impl Checker {
             }
         }
         failed
+    }
+
+    /// Whether `check` (a [`HealthEvent::check`]) still runs: false for a check stopped since.
+    pub fn is_current(&self, check: u64) -> bool {
+        self.current.contains(&check)
     }
 
     /// Number of running checks.
@@ -193,12 +212,12 @@ impl Checker {
 }
 
 impl Drop for Checker {
+    /// Stops every check without waiting: a probe in flight (to a blackholed backend, say) may
+    /// take its whole timeout, and a controller handing over or exiting must not stall on it.
+    /// A stopped check reports nothing more, and writes no map.
     fn drop(&mut self) {
         for r in self.running.values() {
             r.stop.raise();
-        }
-        for (_, r) in self.running.drain() {
-            let _ = r.thread.join();
         }
     }
 }
@@ -248,7 +267,7 @@ impl Default for Hysteresis {
     }
 }
 
-fn run(t: Target, mut state: Hysteresis, stop: Arc<Stop>, events: Sender<HealthEvent>) {
+fn run(t: Target, mut state: Hysteresis, stop: Arc<Stop>, events: Sender<HealthEvent>, id: u64) {
     let addr = t.probed();
     let mut h = std::collections::hash_map::DefaultHasher::new();
     t.hash(&mut h);
@@ -277,6 +296,7 @@ fn run(t: Target, mut state: Hysteresis, stop: Arc<Stop>, events: Sender<HealthE
             changed,
             latency: result.ok(),
             reason,
+            check: id,
         };
         if events.send(ev).is_err() {
             return;
@@ -343,6 +363,71 @@ mod tests {
             .collect();
         assert_eq!(states, [(false, false), (false, false), (true, true)]);
         drop(open);
+    }
+
+    /// A check restarted with new settings makes the old one's events stale, so a verdict the
+    /// old one sent just before it stopped cannot overrule the new one's; and dropping the
+    /// checker does not wait for a probe in flight.
+    #[test]
+    fn a_stopped_checks_events_are_stale_and_nothing_waits_for_it() {
+        let open = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = open.local_addr().unwrap().port();
+        let cfg = |interval: u32| {
+            let text = format!(
+                "[node]\ninterfaces = [\"lo\"]\n[[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = 80\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {port} }}]\n[vip.health]\ninterval_ms = {interval}\ntimeout_ms = 50\n"
+            );
+            Config::parse(&text, "t.toml".as_ref()).unwrap()
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut checker = Checker::new(tx);
+        checker.reconcile(&cfg(50), |_, _| false);
+        let first = rx.recv_timeout(Duration::from_secs(2)).expect("a probe");
+        assert!(checker.is_current(first.check));
+        checker.reconcile(&cfg(60), |_, _| false);
+        assert!(!checker.is_current(first.check), "the restarted check's old events are stale");
+        let next = loop {
+            let ev = rx.recv_timeout(Duration::from_secs(2)).expect("a probe");
+            if ev.check != first.check {
+                break ev;
+            }
+        };
+        assert!(checker.is_current(next.check), "the new check's events count");
+        drop(open);
+
+        // A probe to a blackhole (a full accept queue drops SYNs) takes its whole timeout.
+        let hole =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        hole.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        hole.listen(0).unwrap();
+        let hole_port = hole.local_addr().unwrap().as_socket().unwrap().port();
+        let _filler = std::net::TcpStream::connect(("127.0.0.1", hole_port)).unwrap();
+        let text = format!(
+            "[node]\ninterfaces = [\"lo\"]\n[[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = 80\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {hole_port} }}]\n[vip.health]\ninterval_ms = 2000\ntimeout_ms = 1900\n"
+        );
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let mut checker = Checker::new(tx);
+        checker.reconcile(&Config::parse(&text, "t.toml".as_ref()).unwrap(), |_, _| false);
+        // The first probe starts within its spread over the interval: wait until its SYN is out
+        // (a connection to the blackhole in SYN_SENT, in /proc/net/tcp).
+        let syn_sent = || {
+            let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+            table.lines().skip(1).any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f[2].ends_with(&format!(":{hole_port:04X}")) && f[3] == "02"
+            })
+        };
+        let started = Instant::now();
+        while !syn_sent() {
+            assert!(started.elapsed() < Duration::from_secs(3), "no probe started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let dropping = Instant::now();
+        drop(checker);
+        assert!(
+            dropping.elapsed() < Duration::from_secs(1),
+            "dropped after {:?}",
+            dropping.elapsed()
+        );
     }
 
     /// Backends behind the PROXY protocol get the header on their own port, whether the check
