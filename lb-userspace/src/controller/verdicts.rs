@@ -67,6 +67,44 @@ impl Verdicts {
         if healthy { self.down.remove(&key) } else { self.down.insert(key) }
     }
 
+    /// Carries the verdicts, drains and fail-open state of a VIP that a reload from `old` to
+    /// `new` only renamed (the same address, port and protocol under a new name, its old name
+    /// gone) over to its new name, as the maps carry its counters: a rename must not lift a
+    /// drain or put a dead backend back in the ring. Returns the renames, (old, new).
+    pub(super) fn rename(&mut self, old: &Config, new: &Config) -> Vec<(String, String)> {
+        let key = |v: &Vip| (v.address, v.port, v.protocol);
+        let mut renamed = Vec::new();
+        for o in &old.vips {
+            if new.vips.iter().any(|n| n.name == o.name) {
+                continue;
+            }
+            let Some(n) = new
+                .vips
+                .iter()
+                .find(|n| key(n) == key(o) && !old.vips.iter().any(|x| x.name == n.name))
+            else {
+                continue;
+            };
+            let (from, to) = (o.name.clone(), n.name.clone());
+            let moved: Vec<_> = self.down.iter().filter(|(v, _)| *v == from).cloned().collect();
+            for (v, b) in moved {
+                self.down.remove(&(v, b));
+                self.down.insert((to.clone(), b));
+            }
+            let moved: Vec<_> =
+                self.drained.iter().filter(|(v, _)| v.as_ref() == Some(&from)).cloned().collect();
+            for (v, a) in moved {
+                self.drained.remove(&(v, a));
+                self.drained.insert((Some(to.clone()), a));
+            }
+            if self.fail_open.remove(&from) {
+                self.fail_open.insert(to.clone());
+            }
+            renamed.push((from, to));
+        }
+        renamed
+    }
+
     /// Forgets verdicts on checks `cfg` no longer has (after a reload), and drains of backends
     /// it no longer has in the drained VIP (or in any VIP, for a drain of all): such a drain
     /// shows nowhere and `undrain` could not name it, yet it would come back to life with the
@@ -226,6 +264,32 @@ mod tests {
         assert!(v.set_health("web", at(A), true));
         assert_eq!(live(&mut v, &only_a), [(ip(A), 3)]);
         assert!(!v.is_fail_open("web"));
+    }
+
+    /// A reload that only renames a VIP keeps its drains and dead backends under the new name;
+    /// one that also moves it (another port) is another VIP, and they go.
+    #[test]
+    fn a_renamed_vip_keeps_its_drains_and_verdicts() {
+        let named = |name: &str, port: u16| {
+            let text = format!(
+                "[node]\ninterfaces = [\"lo\"]\nencap_source_v4 = \"198.19.0.0/16\"\ngateway_mac = \"02:00:00:00:00:fe\"\n[[vip]]\nname = \"{name}\"\naddress = \"198.18.1.1\"\nport = {port}\nbackends = [{{ address = \"{A}\" }}, {{ address = \"{B}\" }}, {{ address = \"{C}\" }}]\n[vip.health]\nport = 80\n"
+            );
+            Config::parse(&text, "t.toml".as_ref()).expect("valid")
+        };
+        let (web, www) = (named("web", 80), named("www", 80));
+        let mut v = Verdicts::default();
+        v.drain(Some("web".into()), ip(C));
+        assert!(v.set_health("web", at(A), false));
+        assert_eq!(v.rename(&web, &www), [("web".to_owned(), "www".to_owned())]);
+        assert!(v.reconcile(&www).is_empty(), "no drain forgotten");
+        assert!(v.is_drained("www", ip(C)) && !v.is_drained("web", ip(C)));
+        assert!(v.is_down("www", at(A)));
+        assert_eq!(live(&mut v, &www), [(ip(B), 1), (ip(C), 0)]);
+        // Renamed and moved to another port: another VIP, whose drains and verdicts start anew.
+        let moved = named("api", 81);
+        assert!(v.rename(&www, &moved).is_empty());
+        assert_eq!(v.reconcile(&moved), [(Some("www".to_owned()), ip(C))]);
+        assert!(!v.is_down("api", at(A)));
     }
 
     #[test]
