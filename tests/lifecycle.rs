@@ -1541,6 +1541,44 @@ fn a_takeover_that_fails_after_writing_the_maps_gives_the_data_plane_back() {
     in_charge_again(&mut bed);
 }
 
+/// An interface deleted under a running edgelb takes XDP with it: the controller notices within
+/// a few seconds and says so in the log, in `status` and in `edgelb_xdp_attached`, where
+/// everything else (health checks through the kernel) stays green.
+#[test]
+fn an_interface_lost_under_a_running_edgelb_is_reported() {
+    let Some(mut bed) = Bed::up("lost", &[1, 2, 3]) else { return };
+    let lb = bed.tb.names.lb.clone();
+    testbed::sh(&[
+        "ip", "-n", &lb, "link", "add", "elost0", "type", "veth", "peer", "name", "elost1",
+    ])
+    .unwrap();
+    testbed::sh(&["ip", "-n", &lb, "link", "set", "elost0", "up"]).unwrap();
+    let text = std::fs::read_to_string(&bed.cfg_path)
+        .unwrap()
+        .replace("interfaces = [\"lb0\"]", "interfaces = [\"lb0\", \"elost0\"]");
+    std::fs::write(&bed.cfg_path, text).unwrap();
+    // A restart (without refusing a connection) attaches to both.
+    let first = bed.edgelb.take().unwrap();
+    bed.edgelb = Some(first.take_over());
+    let mode = |bed: &Bed| {
+        let st = bed.e().status();
+        st.interfaces.iter().find(|(i, _)| i == "elost0").map(|(_, m)| m.clone()).expect("listed")
+    };
+    let attached = |bed: &Bed| metric(&scrape(bed), "edgelb_xdp_attached", "interface=\"elost0\"");
+    assert!(!mode(&bed).starts_with("LOST"), "{}", mode(&bed));
+    assert_eq!(attached(&bed), 1.0);
+    testbed::sh(&["ip", "-n", &lb, "link", "del", "elost0"]).unwrap();
+    let deleted = Instant::now();
+    while !mode(&bed).starts_with("LOST") {
+        assert!(deleted.elapsed() < Duration::from_secs(5), "status still says {}", mode(&bed));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(attached(&bed), 0.0);
+    assert_eq!(metric(&scrape(&bed), "edgelb_xdp_attached", "interface=\"lb0\""), 1.0);
+    let log = bed.e().log();
+    assert!(log.contains("XDP is no longer on this interface"), "{log}");
+}
+
 /// `edgelb stop` while no controller answers on the admin socket but one still runs (its socket
 /// gone, as during a takeover or after a failed take-back): it refuses, naming the process, and
 /// removes nothing, so XDP stays attached under the running controller.

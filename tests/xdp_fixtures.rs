@@ -1686,6 +1686,18 @@ fn pinned_links_follow_the_interfaces() {
     ip("link set va up");
     assert_eq!(start(&["va"]), (vec!["generic"], vec![]), "attached afresh");
     assert!(has_xdp("va"));
+    // Under a running edgelb: va deleted, then made again (another device by the same name).
+    netns::in_netns(&ns, || {
+        let mut dp = Dataplane::load(Some(&dir)).expect("loads");
+        dp.apply(&cfg).unwrap();
+        assert_eq!(dp.attach("va", XdpAttachMode::Generic).expect("attaches"), "adopted");
+        assert!(dp.lost_interfaces().is_empty());
+        ip("link del va");
+        assert_eq!(dp.lost_interfaces(), ["va"], "deleted");
+        ip("link add va type veth peer name vd");
+        assert_eq!(dp.lost_interfaces(), ["va"], "another device by that name");
+    })
+    .unwrap();
 }
 
 #[test]

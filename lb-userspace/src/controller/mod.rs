@@ -165,6 +165,9 @@ struct Controller {
     metrics_serving: Option<crate::metrics::Serving>,
     /// Health checks that could not start (no thread to be had); retried every second.
     checks_missing: usize,
+    /// Attached interfaces XDP is no longer on (see [`Dataplane::lost_interfaces`]), looked
+    /// for every second.
+    lost: Vec<String>,
 }
 
 /// Runs the balancer with the config at `path` until SIGINT/SIGTERM, `edgelb stop` or a
@@ -318,6 +321,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         metrics_socket,
         metrics_serving: None,
         checks_missing: 0,
+        lost: Vec::new(),
     };
     // The previous edgelb's runtime drains stay: an upgrade must not put a backend taken out
     // for maintenance back into service. Its dead backends stay out too, until this process's
@@ -885,9 +889,24 @@ impl Controller {
                     self.reconcile_checks();
                 }
                 self.sample(&mut last_packets);
+                self.look_for_lost_interfaces();
                 next_sample = Instant::now() + SAMPLE_EVERY;
             }
         }
+    }
+
+    /// Logs an interface XDP is no longer on (once, when found) and one that is back. Nothing
+    /// else would tell: health checks go through the kernel and stay green, and only the XDP
+    /// counters stop. Attaching again takes privileges this process has dropped: a restart.
+    fn look_for_lost_interfaces(&mut self) {
+        let lost = self.dp.lost_interfaces();
+        for i in lost.iter().filter(|i| !self.lost.contains(i)) {
+            error!(interface = %i, "XDP is no longer on this interface (deleted, re-created or renamed): its VIP traffic reaches the kernel unbalanced; restart edgelb to attach again (`edgelb run --takeover`, or `systemctl restart edgelb`)");
+        }
+        for i in self.lost.iter().filter(|i| !lost.contains(i)) {
+            info!(interface = %i, "the interface is back as it was attached: XDP is on it");
+        }
+        self.lost = lost;
     }
 
     fn on_health(&mut self, ev: HealthEvent) -> bool {
@@ -1076,6 +1095,8 @@ impl Controller {
         }
         snap.reasons = self.dp.maps().reasons().map(|r| r.to_vec()).unwrap_or_default();
         snap.conntrack = self.dp.maps().ct_stats().map(|r| r.to_vec()).unwrap_or_default();
+        snap.interfaces =
+            self.dp.attached().iter().map(|(i, _)| (i.clone(), !self.lost.contains(i))).collect();
         if let Ok(mut k) = self.metrics.kernel.lock() {
             *k = snap;
         }
@@ -1159,7 +1180,14 @@ impl Controller {
                 .dp
                 .attached()
                 .iter()
-                .map(|(i, m)| (i.clone(), (*m).to_owned()))
+                .map(|(i, m)| {
+                    let mode = if self.lost.contains(i) {
+                        format!("LOST (was {m}; restart edgelb to attach again)")
+                    } else {
+                        (*m).to_owned()
+                    };
+                    (i.clone(), mode)
+                })
                 .collect(),
             vips,
         }

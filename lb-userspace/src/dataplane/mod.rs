@@ -241,6 +241,8 @@ pub struct Dataplane {
     addrs: BTreeMap<([u32; 4], u8), u32>,
     config: Option<GlobalConfig>,
     attached: Vec<(String, &'static str)>,
+    /// The ifindex each attached interface had when attached (0: unknown).
+    ifindexes: Vec<u32>,
     adopted: bool,
     shape: TableShape,
 }
@@ -463,6 +465,7 @@ impl Dataplane {
             addrs: BTreeMap::new(),
             config: None,
             attached: Vec::new(),
+            ifindexes: Vec::new(),
             adopted: false,
             shape,
         };
@@ -612,7 +615,21 @@ impl Dataplane {
         let prog = program(&mut self.ebpf, programs::BALANCER)?;
         let used = attach_pinned(prog, interface, mode, pin.as_deref())?;
         self.attached.push((interface.to_owned(), used));
+        self.ifindexes.push(ifindex(interface));
         Ok(used)
+    }
+
+    /// The attached interfaces that XDP is no longer on: deleted (a link whose device goes is
+    /// detached by the kernel), or deleted and made again, or renamed (the name now names
+    /// another device, or none). Their VIP traffic reaches the kernel unbalanced until a restart
+    /// attaches again. Looked up in the calling thread's network namespace.
+    pub fn lost_interfaces(&self) -> Vec<String> {
+        self.attached
+            .iter()
+            .zip(&self.ifindexes)
+            .filter(|((name, _), was)| **was != 0 && ifindex(name) != **was)
+            .map(|((name, _), _)| name.clone())
+            .collect()
     }
 
     /// Takes the data plane back after an `edgelb run --takeover` that failed after it began
@@ -1182,11 +1199,17 @@ fn replace_program(prog: &mut Xdp, pin: &Path, interface: &str) -> Result<(), Da
 /// Is there a network interface called `name` in the calling thread's network namespace? Asked
 /// before anything is attached, so that a misspelt interface stops edgelb before it touches the
 /// data plane.
-#[allow(unsafe_code)]
 pub fn interface_exists(name: &str) -> bool {
-    let Ok(name) = CString::new(name) else { return false };
+    ifindex(name) != 0
+}
+
+/// The index of the interface called `name` in the calling thread's network namespace; 0 if
+/// there is none.
+#[allow(unsafe_code)]
+fn ifindex(name: &str) -> u32 {
+    let Ok(name) = CString::new(name) else { return 0 };
     // SAFETY: `name` is a NUL-terminated string that outlives the call, which only reads it.
-    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+    unsafe { libc::if_nametoindex(name.as_ptr()) }
 }
 
 fn attach_xdp(

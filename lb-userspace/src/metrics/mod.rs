@@ -85,6 +85,8 @@ pub struct KernelSnapshot {
     pub reasons: Vec<u64>,
     /// Connection-table events, in `lb_common::ct_stats::NAMES` order.
     pub conntrack: Vec<u64>,
+    /// (interface, XDP still on it) for every interface the balancer was attached to.
+    pub interfaces: Vec<(String, bool)>,
 }
 
 /// A counter family: name suffix, help text, and how to read it from [`Counters`].
@@ -147,6 +149,18 @@ impl Collector for KernelCollector {
         )?;
         for (name, v) in lb_common::ct_stats::NAMES.iter().zip(&snap.conntrack) {
             ConstCounter::new(*v).encode(m.encode_family(&labels(&[("event", name)]))?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "edgelb_xdp_attached",
+            "1 while the balancer's XDP program is on the interface, 0 once the interface was \
+             deleted, re-created or renamed under it (its VIP traffic then reaches the kernel \
+             unbalanced until edgelb restarts)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (interface, on) in &snap.interfaces {
+            let l = labels(&[("interface", interface)]);
+            ConstGauge::new(i64::from(*on)).encode(m.encode_family(&l)?)?;
         }
         let mut m = encoder.encode_descriptor(
             "edgelb_backend_up",
