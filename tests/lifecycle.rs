@@ -1609,6 +1609,24 @@ fn stop_leaves_the_data_plane_of_a_controller_whose_socket_is_gone() {
     let link = String::from_utf8_lossy(&link.stdout);
     assert!(link.contains("prog/xdp"), "XDP no longer attached: {link}");
     bed.wait_for(SocketAddr::new(IpAddr::V4(testbed::VIP), 80));
+    // A second controller is refused too: the free socket path does not mean none runs, and two
+    // on one data plane would overwrite each other's rings.
+    let child = Command::new("nsenter")
+        .arg(format!("--net={}", netns::netns_path(&bed.e().ns).display()))
+        .arg(env!("CARGO_BIN_EXE_edgelb"))
+        .args(["run", "--config"])
+        .arg(&bed.cfg_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run a second edgelb");
+    let out = Guarded::new(child, "a second edgelb run").wait_with_output(Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("PID {pid} (edgelb) holds the data plane")), "{stderr}");
+    assert!(!cfg.node.admin_socket.exists(), "the refused one left no admin socket behind");
+    bed.wait_for(SocketAddr::new(IpAddr::V4(testbed::VIP), 80));
     bed.edgelb.take().unwrap().terminate();
     // With the controller gone, nothing holds the data plane: `stop` removes it.
     let out = Command::new(env!("CARGO_BIN_EXE_edgelb"))

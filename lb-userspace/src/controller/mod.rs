@@ -85,6 +85,20 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    /// Another process holds the pinned data plane though no controller answers on the admin
+    /// socket: a controller whose socket is gone. Two controllers writing one set of maps would
+    /// corrupt each other's rings and backend ids.
+    #[error(
+        "{holders} holds the data plane pinned under {pin_dir} open, though no controller answers on {admin}: a controller appears to be running without its admin socket (deleted, or another config's). Two controllers on one data plane corrupt each other's maps, so this one does not start. Stop that process (SIGTERM leaves the data plane running), then start again"
+    )]
+    DataplaneHeld {
+        /// The processes, as `PID n (comm)`.
+        holders: String,
+        /// The pin directory.
+        pin_dir: PathBuf,
+        /// The admin socket.
+        admin: PathBuf,
+    },
 }
 
 /// How often counters are sampled for rates (and logged at debug level when they changed).
@@ -233,6 +247,21 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     // the helper threads started: they inherit nothing.
     let admin_listener = admin::bind(&cfg.node.admin_socket)
         .map_err(|source| RunError::Admin { path: cfg.node.admin_socket.clone(), source })?;
+    // The socket was free, but a controller may run without it: its descriptors of the pinned
+    // maps tell (the one that handed over holds them too, and is on its way out).
+    if handover.is_none()
+        && let Ok(holders) = crate::dataplane::pin_holders(&cfg.node.pin_dir)
+        && !holders.is_empty()
+    {
+        let _ = std::fs::remove_file(&cfg.node.admin_socket);
+        let holders: Vec<String> =
+            holders.iter().map(|h| format!("PID {} ({})", h.pid, h.comm)).collect();
+        return Err(RunError::DataplaneHeld {
+            holders: holders.join(", "),
+            pin_dir: cfg.node.pin_dir.clone(),
+            admin: cfg.node.admin_socket.clone(),
+        });
+    }
     let metrics_listener = match cfg.metrics {
         Some(addr) => Some((
             addr,
