@@ -1527,7 +1527,7 @@ fn a_takeover_that_fails_after_writing_the_maps_gives_the_data_plane_back() {
     let text = format!("{}{}", &text[..echo_at], &text[echo_at + echo_len..])
         .replace("interfaces = [\"lb0\"]", "interfaces = [\"lb0\", \"eltl0\"]");
     let stderr = failed_takeover(&bed, "takeover failed late", &text);
-    assert!(stderr.contains("eltl0"), "{stderr}");
+    assert!(stderr.contains("`eltl0` already has an XDP program that is not this"), "{stderr}");
     // It did write the maps first.
     assert!(stderr.contains("maps in line with the config"), "{stderr}");
     let log = bed.e().log();

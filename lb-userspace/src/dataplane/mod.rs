@@ -77,6 +77,20 @@ pub enum DataplaneError {
         #[source]
         source: MapError,
     },
+    /// The interface already has an XDP program that another tool attached (the kernel's EBUSY
+    /// or EEXIST): no mode would do, and a fallback to generic mode would only hide the cause.
+    #[error(
+        "`{interface}` already has an XDP program that is not this edgelb's ({mode} attach: {source}); `ip -d link show {interface}` names it: detach it, or take the interface out of node.interfaces"
+    )]
+    Held {
+        /// Interface name.
+        interface: String,
+        /// Mode tried.
+        mode: &'static str,
+        /// Cause.
+        #[source]
+        source: ProgramError,
+    },
     /// Attaching to an interface failed.
     #[error("attaching XDP to `{interface}` ({mode}) failed: {source}")]
     Attach {
@@ -1224,10 +1238,16 @@ fn attach_xdp(
     })?;
     let try_mode = |prog: &mut Xdp, m: XdpMode, label: &'static str| {
         prog.attach(aya::programs::NetworkInterface::Name(&name), m).map(|id| (label, id)).map_err(
-            |source| DataplaneError::Attach {
-                interface: interface.to_owned(),
-                mode: label,
-                source,
+            |source| {
+                let interface = interface.to_owned();
+                match &source {
+                    ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. })
+                        if matches!(io_error.raw_os_error(), Some(libc::EBUSY | libc::EEXIST)) =>
+                    {
+                        DataplaneError::Held { interface, mode: label, source }
+                    }
+                    _ => DataplaneError::Attach { interface, mode: label, source },
+                }
             },
         )
     };
@@ -1236,6 +1256,7 @@ fn attach_xdp(
         XdpAttachMode::Generic => try_mode(prog, XdpMode::Skb, "generic"),
         XdpAttachMode::Auto => match try_mode(prog, XdpMode::Driver, "native") {
             Ok(m) => Ok(m),
+            Err(e @ DataplaneError::Held { .. }) => Err(e),
             Err(e) => {
                 warn!(interface, error = %e, "native XDP unavailable, falling back to generic mode (slower)");
                 try_mode(prog, XdpMode::Skb, "generic")
