@@ -1541,6 +1541,36 @@ fn a_takeover_that_fails_after_writing_the_maps_gives_the_data_plane_back() {
     in_charge_again(&mut bed);
 }
 
+/// A backend a reload adds to a health-checked VIP takes no new flow before its check has passed
+/// `rise` times: it may not be ready yet (and, were its VIP failing open, it would otherwise take
+/// all of it unprobed).
+#[test]
+fn a_backend_added_by_a_reload_joins_once_its_check_passes() {
+    let Some(bed) = Bed::up("joins", &[1, 2, 3]) else { return };
+    let full = std::fs::read_to_string(&bed.cfg_path).unwrap();
+    let third = ", { address = \"198.18.0.13\", mac = \"02:ed:00:00:00:13\" }";
+    assert!(full.contains(third));
+    // The first VIP listed is web: without backend-3, then with it again.
+    std::fs::write(&bed.cfg_path, full.replacen(third, "", 1)).unwrap();
+    let out = bed.e().cli(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&bed.cfg_path, &full).unwrap();
+    let out = bed.e().cli(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let added = Instant::now();
+    assert!(!bed.e().healthy("web", "198.18.0.13"), "out of the ring until its check passes");
+    while !bed.e().healthy("web", "198.18.0.13") {
+        assert!(added.elapsed() < INTERVAL * (RISE + 3), "not back after {:?}", added.elapsed());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(added.elapsed() >= INTERVAL * (RISE - 1), "joined after {:?}", added.elapsed());
+    let log = bed.e().log();
+    assert!(
+        log.contains("backend added: it joins the ring once its health check has passed"),
+        "{log}"
+    );
+}
+
 /// An interface deleted under a running edgelb takes XDP with it: the controller notices within
 /// a few seconds and says so in the log, in `status` and in `edgelb_xdp_attached`, where
 /// everything else (health checks through the kernel) stays green.

@@ -1052,11 +1052,15 @@ impl Controller {
         let old = std::mem::replace(&mut self.cfg, new);
         let old_verdicts = self.verdicts.clone();
         let renamed = self.verdicts.rename(&old, &self.cfg);
+        let held = self.verdicts.hold_new_backends(&old, &self.cfg);
         let forgotten = self.verdicts.reconcile(&self.cfg);
         match self.apply() {
             Ok(r) => {
                 for (from, to) in &renamed {
                     info!(vip = %to, was = %from, "VIP renamed: its drains and health verdicts carry over");
+                }
+                for (vip, backend) in &held {
+                    info!(%vip, %backend, "backend added: it joins the ring once its health check has passed `rise` times");
                 }
                 for (vip, backend) in &forgotten {
                     info!(%backend, vip = vip.as_deref().unwrap_or("every VIP"), "drain forgotten: the backend is no longer in the config");

@@ -105,6 +105,30 @@ impl Verdicts {
         renamed
     }
 
+    /// Holds a backend that a reload from `old` to `new` adds to a health-checked VIP that was
+    /// already there down until its check has seen `rise` good probes: a new backend takes no
+    /// flow before it has shown it can (it may not be ready yet), and one added to a VIP that
+    /// fails open (every backend down) does not end that and take the whole VIP unprobed.
+    /// Backends of a VIP new in the file start up, as at a start (a new VIP, or a restart, must
+    /// not begin in fail-open). Returns the backends held.
+    pub(super) fn hold_new_backends(
+        &mut self,
+        old: &Config,
+        new: &Config,
+    ) -> Vec<(String, SocketAddr)> {
+        let mut held = Vec::new();
+        for v in new.vips.iter().filter(|v| v.health.is_some()) {
+            let Some(before) = old.vips.iter().find(|o| o.name == v.name) else { continue };
+            for b in &v.backends {
+                if !before.backends.iter().any(|o| id(o) == id(b)) {
+                    self.down.insert((v.name.clone(), id(b)));
+                    held.push((v.name.clone(), id(b)));
+                }
+            }
+        }
+        held
+    }
+
     /// Forgets verdicts on checks `cfg` no longer has (after a reload), and drains of backends
     /// it no longer has in the drained VIP (or in any VIP, for a drain of all): such a drain
     /// shows nowhere and `undrain` could not name it, yet it would come back to life with the
@@ -290,6 +314,36 @@ mod tests {
         assert!(v.rename(&www, &moved).is_empty());
         assert_eq!(v.reconcile(&moved), [(Some("www".to_owned()), ip(C))]);
         assert!(!v.is_down("api", at(A)));
+    }
+
+    /// A backend a reload adds to a checked VIP takes no flow before its check passes, not even
+    /// when the VIP fails open; the backends of a VIP new in the file start up.
+    #[test]
+    fn a_backend_added_by_a_reload_waits_for_its_check() {
+        let (two, three) = (cfg(&[(A, 1), (B, 1)], true), cfg(&[(A, 1), (B, 1), (C, 1)], true));
+        let mut v = Verdicts::default();
+        assert_eq!(v.hold_new_backends(&two, &three), [("web".to_owned(), at(C))]);
+        v.reconcile(&three);
+        assert_eq!(live(&mut v, &three), [(ip(A), 1), (ip(B), 1)], "C waits for its check");
+        assert!(v.set_health("web", at(C), true));
+        assert_eq!(live(&mut v, &three), [(ip(A), 1), (ip(B), 1), (ip(C), 1)]);
+        // A VIP failing open keeps failing open when a backend is added: C is served with the
+        // others, not alone.
+        let mut v = Verdicts::default();
+        v.set_health("web", at(A), false);
+        v.set_health("web", at(B), false);
+        assert_eq!(live(&mut v, &two), [(ip(A), 1), (ip(B), 1)]);
+        v.hold_new_backends(&two, &three);
+        assert_eq!(live(&mut v, &three), [(ip(A), 1), (ip(B), 1), (ip(C), 1)]);
+        assert!(v.is_fail_open("web"));
+        // Without a check, or for a VIP new in the file, nothing is held.
+        let mut v = Verdicts::default();
+        assert!(
+            v.hold_new_backends(&cfg(&[(A, 1)], false), &cfg(&[(A, 1), (C, 1)], false)).is_empty()
+        );
+        let mut other = cfg(&[(A, 1)], true);
+        other.vips[0].name = "api".into();
+        assert!(v.hold_new_backends(&other, &three).is_empty());
     }
 
     #[test]
