@@ -89,7 +89,7 @@ pub enum DataplaneError {
         mode: &'static str,
         /// Cause.
         #[source]
-        source: ProgramError,
+        source: std::io::Error,
     },
     /// Attaching to an interface failed.
     #[error("attaching XDP to `{interface}` ({mode}) failed: {source}")]
@@ -1240,13 +1240,13 @@ fn attach_xdp(
         prog.attach(aya::programs::NetworkInterface::Name(&name), m).map(|id| (label, id)).map_err(
             |source| {
                 let interface = interface.to_owned();
-                match &source {
+                match source {
                     ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. })
                         if matches!(io_error.raw_os_error(), Some(libc::EBUSY | libc::EEXIST)) =>
                     {
-                        DataplaneError::Held { interface, mode: label, source }
+                        DataplaneError::Held { interface, mode: label, source: io_error }
                     }
-                    _ => DataplaneError::Attach { interface, mode: label, source },
+                    source => DataplaneError::Attach { interface, mode: label, source },
                 }
             },
         )
