@@ -104,12 +104,30 @@ fall = {FALL}
 
 /// `edgelb run --takeover --config <config>` in namespace `ns`.
 fn takeover_command(ns: &str, config: &PathBuf) -> Command {
+    run_command(ns, config, &["--takeover"])
+}
+
+/// `edgelb run` with `extra` arguments and `config`, in namespace `ns`.
+fn run_command(ns: &str, config: &PathBuf, extra: &[&str]) -> Command {
     let mut c = Command::new("nsenter");
     c.arg(format!("--net={}", netns::netns_path(ns).display()))
         .arg(env!("CARGO_BIN_EXE_edgelb"))
-        .args(["run", "--takeover", "--config"])
+        .arg("run")
+        .args(extra)
+        .arg("--config")
         .arg(config);
     c
+}
+
+/// Runs `cmd` (`what`, for messages) to its end, at most `limit`, and returns its output.
+fn output_within(mut cmd: Command, what: &'static str, limit: Duration) -> Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+    Guarded::new(child, what).wait_with_output(limit)
 }
 
 /// A spawned process that cannot outlive its test (`Child` neither kills nor waits on drop).
@@ -1193,13 +1211,11 @@ fn failed_takeover(bed: &Bed, what: &str, text: &str) -> String {
     let l7_load = bed.load_to(l7, Duration::from_secs(15), Duration::from_secs(30));
     let l4_load = bed.load(Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(800));
-    let child = takeover_command(&bed.e().ns, &alt)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run edgelb --takeover");
-    let out = Guarded::new(child, "edgelb --takeover").wait_with_output(Duration::from_secs(60));
+    let out = output_within(
+        takeover_command(&bed.e().ns, &alt),
+        "edgelb --takeover",
+        Duration::from_secs(60),
+    );
     let _ = std::fs::remove_file(&alt);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -1641,17 +1657,11 @@ fn stop_leaves_the_data_plane_of_a_controller_whose_socket_is_gone() {
     bed.wait_for(SocketAddr::new(IpAddr::V4(testbed::VIP), 80));
     // A second controller is refused too: the free socket path does not mean none runs, and two
     // on one data plane would overwrite each other's rings.
-    let child = Command::new("nsenter")
-        .arg(format!("--net={}", netns::netns_path(&bed.e().ns).display()))
-        .arg(env!("CARGO_BIN_EXE_edgelb"))
-        .args(["run", "--config"])
-        .arg(&bed.cfg_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run a second edgelb");
-    let out = Guarded::new(child, "a second edgelb run").wait_with_output(Duration::from_secs(60));
+    let out = output_within(
+        run_command(&bed.e().ns, &bed.cfg_path, &[]),
+        "a second edgelb run",
+        Duration::from_secs(60),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(&format!("PID {pid} (edgelb) holds the data plane")), "{stderr}");
