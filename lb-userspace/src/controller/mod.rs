@@ -803,7 +803,7 @@ impl Controller {
         if waiting.is_empty() {
             return;
         }
-        let text = self.scrape();
+        let text: std::sync::Arc<str> = self.scrape().into();
         for reply in waiting {
             let _ = reply.send(text.clone());
         }

@@ -26,8 +26,11 @@ use tokio::{
     time::{Instant, timeout, timeout_at},
 };
 
-/// A scrape waiting for the controller: the reply channel gets the exposition text.
-pub type Scrape = tokio::sync::oneshot::Sender<String>;
+/// A scrape waiting for the controller: the reply channel gets the exposition text, shared by
+/// every scrape the controller answers at once (a page of a few MB with thousands of backends,
+/// copied per connection, would cost the controller a copy per waiting scrape and the process
+/// that much memory per connection).
+pub type Scrape = tokio::sync::oneshot::Sender<std::sync::Arc<str>>;
 
 /// Binds the metrics listener (separately from serving it, so the serving thread starts after
 /// edgelb has dropped its capabilities).
@@ -200,16 +203,16 @@ async fn connection(
         // status says whether a scrape would work and its Content-Length is that of the body
         // GET would get (RFC 9110 9.3.2); only the body is left out.
         let head_only = method == "HEAD";
-        let (status, body, kind) = if path != "/metrics" {
-            (404, "not found\n".to_owned(), "text/plain; charset=utf-8")
+        let (status, body, kind): (u16, std::sync::Arc<str>, &str) = if path != "/metrics" {
+            (404, "not found\n".into(), "text/plain; charset=utf-8")
         } else if method != "GET" && !head_only {
-            (405, "method not allowed\n".to_owned(), "text/plain; charset=utf-8")
+            (405, "method not allowed\n".into(), "text/plain; charset=utf-8")
         } else {
             match scrape(to_controller).await {
                 Some(text) => {
                     (200, text, "application/openmetrics-text; version=1.0.0; charset=utf-8")
                 }
-                None => (503, "controller busy\n".to_owned(), "text/plain; charset=utf-8"),
+                None => (503, "controller busy\n".into(), "text/plain; charset=utf-8"),
             }
         };
         // After a stop, no request more on this connection: the next goes to the new process.
@@ -228,12 +231,10 @@ async fn connection(
             if close { "close" } else { "keep-alive" }
         );
         // The client timeout bounds each step, so a large exposition to a slow but reading
-        // client goes through, and one that stops reading is cut off.
-        let mut out = head.into_bytes();
-        if !head_only {
-            out.extend_from_slice(body.as_bytes());
-        }
-        for part in out.chunks(WRITE_CHUNK) {
+        // client goes through, and one that stops reading is cut off. The body is written from
+        // the shared text, not copied behind the head.
+        let body = if head_only { &[][..] } else { body.as_bytes() };
+        for part in std::iter::once(head.as_bytes()).chain(body.chunks(WRITE_CHUNK)) {
             if !matches!(timeout(client_timeout, s.write_all(part)).await, Ok(Ok(()))) {
                 return;
             }
@@ -327,7 +328,7 @@ async fn stopped(stopping: &mut watch::Receiver<bool>) {
 }
 
 /// Asks the controller for the exposition text; `None` if it does not answer in time.
-async fn scrape(to_controller: &Sender<Scrape>) -> Option<String> {
+async fn scrape(to_controller: &Sender<Scrape>) -> Option<std::sync::Arc<str>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     to_controller.send(tx).ok()?;
     timeout(CONTROLLER_WAIT, rx).await.ok()?.ok()
@@ -351,7 +352,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel::<Scrape>();
         std::thread::spawn(move || {
             for s in rx {
-                let _ = s.send(body.repeat(repeat));
+                let _ = s.send(body.repeat(repeat).into());
             }
         });
         // Dropped, the handle leaves the endpoint serving.
@@ -414,7 +415,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel::<Scrape>();
         std::thread::spawn(move || {
             for s in rx {
-                let _ = s.send(body.to_owned());
+                let _ = s.send(body.into());
             }
         });
         tx
