@@ -610,15 +610,7 @@ fn decapsulation_carries_congestion_marks() {
         return;
     }
     let mut aux = edgelb::dataplane::AuxPrograms::load().expect("aux programs load");
-    let mut run = |frame: &[u8]| {
-        let mut out = vec![0u8; frame.len() + 64];
-        let opts =
-            TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() };
-        let prog = aux.program(lb_common::programs::DECAP).unwrap();
-        let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
-    };
+    let mut run = |frame: &[u8]| run_decap(&mut aux, frame);
     let (c, vip) = (v4("198.18.4.7"), v4("198.18.1.1"));
     let inner4 = |tos: u8| {
         let mut h = V4::new(c, vip, 6);
@@ -687,6 +679,60 @@ fn decapsulation_carries_congestion_marks() {
             }
         }
     }
+}
+
+/// One test run of the backends' decapsulator on `frame`: its verdict and the frame after it.
+fn run_decap(aux: &mut edgelb::dataplane::AuxPrograms, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 64];
+    let opts =
+        TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() };
+    let prog = aux.program(lb_common::programs::DECAP).unwrap();
+    let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+/// With `--allow-source`, the decapsulator strips only tunnels from the balancers' source
+/// prefixes: one from anywhere else passes untouched (the kernel, without tunnel modules, drops
+/// it), so no one else can hand the backend an inner packet from a source of their choosing.
+/// Without, it strips every tunnel.
+#[test]
+fn the_decapsulator_takes_tunnels_only_from_allowed_sources() {
+    if !require_privileged("the_decapsulator_takes_tunnels_only_from_allowed_sources") {
+        return;
+    }
+    let (c, vip) = (v4("10.0.0.5"), v4("198.18.1.1"));
+    let inner = V4::new(c, vip, 17).packet(&udp(c.into(), vip.into(), 514, 514, b"spoofed"));
+    let ipip = |src: &str| {
+        eth(LB_MAC, CLIENT_MAC, ETH_IP, &V4::new(v4(src), v4("198.18.0.11"), 4).packet(&inner))
+    };
+    let (c6, vip6) = (v6("2001:db8::5"), v6("2001:2:0:1::1"));
+    let inner6 = ipv6(c6, vip6, 17, 0, 64, &udp(c6.into(), vip6.into(), 514, 514, b"spoofed"));
+    let ip6ip6 = |src: &str| {
+        eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &ipv6(v6(src), v6("2001:2::11"), 41, 0, 64, &inner6))
+    };
+    let stripped4 = eth(LB_MAC, CLIENT_MAC, ETH_IP, &inner);
+    let stripped6 = eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &inner6);
+    let mut open = edgelb::dataplane::AuxPrograms::load().expect("aux programs load");
+    assert_eq!(run_decap(&mut open, &ipip("203.0.113.9")), (XDP_PASS, stripped4.clone()));
+    let mut aux = edgelb::dataplane::AuxPrograms::load().expect("aux programs load");
+    aux.allow_decap_sources(&[
+        ("198.19.0.0".parse().unwrap(), 16),
+        ("2001:2:0:ff::".parse().unwrap(), 96),
+    ])
+    .unwrap();
+    let cases = [
+        ("IPIP from the balancer", ipip("198.19.3.4"), stripped4.clone()),
+        ("IPIP from elsewhere", ipip("203.0.113.9"), ipip("203.0.113.9")),
+        ("IPIP from next to the prefix", ipip("198.20.0.1"), ipip("198.20.0.1")),
+        ("IP6IP6 from the balancer", ip6ip6("2001:2:0:ff::7"), stripped6.clone()),
+        ("IP6IP6 from elsewhere", ip6ip6("2001:db8:ff::7"), ip6ip6("2001:db8:ff::7")),
+    ];
+    for (name, frame, want) in cases {
+        let (verdict, got) = run_decap(&mut aux, &frame);
+        assert_eq!((verdict, hex(&got)), (XDP_PASS, hex(&want)), "{name}");
+    }
+    assert!(aux.allow_decap_sources(&[("198.19.0.0".parse().unwrap(), 33)]).is_err());
 }
 
 /// Config with `backends` (address, weight) for VIP v4tcp only.

@@ -22,11 +22,39 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_xdp_adjust_head,
     macros::{map, xdp},
-    maps::PerCpuArray,
+    maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use lb_common::proto;
 use parse::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_LEN, IPV6_LEN, Ipv4Hdr, Ipv6Hdr, ptr_at};
+
+/// Slot 0: 1 when the decapsulator takes tunnels only from the outer sources listed in
+/// `DECAP_SRC_V4` / `DECAP_SRC_V6` (`edgelb decap attach --allow-source`); 0 from any.
+#[map]
+static DECAP_RESTRICTED: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Outer IPv4 sources (prefixes) tunnels are taken from, when restricted.
+#[map]
+static DECAP_SRC_V4: LpmTrie<u32, u8> = LpmTrie::with_max_entries(256, 0);
+
+/// Outer IPv6 sources (prefixes) tunnels are taken from, when restricted.
+#[map]
+static DECAP_SRC_V6: LpmTrie<[u32; 4], u8> = LpmTrie::with_max_entries(256, 0);
+
+/// Does the decapsulator take a tunnel from this outer source? Any source unless restricted; a
+/// tunnel from another is passed untouched (the kernel, without tunnel modules, drops it), so
+/// that no one else can hand the backend an inner packet with a source of their choosing.
+#[inline(always)]
+fn allowed_source(v4: Option<u32>, v6: Option<[u32; 4]>) -> bool {
+    if DECAP_RESTRICTED.get(0).copied().unwrap_or(0) == 0 {
+        return true;
+    }
+    match (v4, v6) {
+        (Some(a), _) => DECAP_SRC_V4.get(&Key::new(32, a)).is_some(),
+        (_, Some(a)) => DECAP_SRC_V6.get(&Key::new(128, a)).is_some(),
+        _ => false,
+    }
+}
 
 #[xdp]
 pub fn edgelb_decap(ctx: XdpContext) -> u32 {
@@ -43,17 +71,24 @@ fn try_decap(ctx: &XdpContext) -> Result<u32, ()> {
         if h.ver_ihl != 0x45 || h.proto != proto::IPIP || h.frag_off & parse::IP_MF_OFFSET != 0 {
             return Ok(xdp_action::XDP_PASS);
         }
+        if !allowed_source(Some(h.saddr), None) {
+            return Ok(xdp_action::XDP_PASS);
+        }
         (IPV4_LEN, ETH_P_IP, h.tos & ECN_MASK)
     } else if l2.proto == ETH_P_IPV6 {
         let ip: *const Ipv6Hdr = ptr_at(ctx, l2.l3_off)?;
         // SAFETY: bounds-checked by ptr_at.
         let h = unsafe { *ip };
         let ecn = (u32::from_be(h.vtc_flow) >> 20) as u8 & ECN_MASK;
-        match h.next_hdr {
+        let tunnel = match h.next_hdr {
             proto::IPV6 => (IPV6_LEN, ETH_P_IPV6, ecn),
             proto::IPIP => (IPV6_LEN, ETH_P_IP, ecn),
             _ => return Ok(xdp_action::XDP_PASS),
+        };
+        if !allowed_source(None, Some(h.saddr)) {
+            return Ok(xdp_action::XDP_PASS);
         }
+        tunnel
     } else {
         return Ok(xdp_action::XDP_PASS);
     };

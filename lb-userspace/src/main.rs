@@ -124,6 +124,12 @@ enum Command {
         /// Where the link is pinned (under /sys/fs/bpf/).
         #[arg(long, default_value = edgelb::dataplane::DECAP_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Strip only tunnels from this outer source prefix (repeatable; attach only): the
+        /// balancers' node.encap_source_v4 / encap_source_v6. Without it, tunnels from any
+        /// source are stripped, and anyone who can send IPIP to the backend can hand it packets
+        /// with a source address of their choosing.
+        #[arg(long = "allow-source", value_name = "PREFIX", value_parser = parse_prefix)]
+        allow_source: Vec<(IpAddr, u8)>,
     },
 }
 
@@ -292,14 +298,40 @@ fn main() -> ExitCode {
             admin_call(&admin, &Request::Reload { config }, |r| println!("{}", r.message))
         }
         Command::Stop { admin, detach } => stop(&admin, detach),
-        Command::Decap { action, interface, mode, pin_dir } => {
-            decap(action == "attach", &interface, &mode, &pin_dir)
+        Command::Decap { action, interface, mode, pin_dir, allow_source } => {
+            decap(action == "attach", &interface, &mode, &pin_dir, &allow_source)
         }
     }
 }
 
 /// `edgelb decap`: exit 0 done, 1 failed (the reason printed), 2 bad arguments.
-fn decap(attach: bool, interface: &str, mode: &str, pin_dir: &std::path::Path) -> ExitCode {
+/// An address prefix, `198.19.0.0/16` or `2001:db8:100::/96` (a bare address is its own /32
+/// or /128).
+fn parse_prefix(s: &str) -> Result<(IpAddr, u8), String> {
+    let (addr, len) = s.split_once('/').unwrap_or((s, ""));
+    let addr: IpAddr = addr.parse().map_err(|_| format!("`{s}` is not an address prefix"))?;
+    let bits = if addr.is_ipv4() { 32 } else { 128 };
+    let len = if len.is_empty() {
+        bits
+    } else {
+        len.parse().map_err(|_| format!("`{s}`: bad prefix length"))?
+    };
+    if len > bits {
+        return Err(format!(
+            "`{s}`: an IPv{} prefix is at most /{bits}",
+            if bits == 32 { 4 } else { 6 }
+        ));
+    }
+    Ok((addr, len))
+}
+
+fn decap(
+    attach: bool,
+    interface: &str,
+    mode: &str,
+    pin_dir: &std::path::Path,
+    sources: &[(IpAddr, u8)],
+) -> ExitCode {
     if !pin_dir.to_str().is_some_and(edgelb::config::below_bpffs) {
         eprintln!(
             "edgelb: --pin-dir must be a directory under /sys/fs/bpf/, named without `.` or `..`"
@@ -312,9 +344,19 @@ fn decap(attach: bool, interface: &str, mode: &str, pin_dir: &std::path::Path) -
             "generic" => edgelb::config::XdpAttachMode::Generic,
             _ => edgelb::config::XdpAttachMode::Auto,
         };
-        edgelb::dataplane::attach_decap(interface, mode, pin_dir).map(|used| {
+        if sources.is_empty() {
+            eprintln!(
+                "edgelb: warning: no --allow-source: tunnels from any source are stripped, so anyone who can send IPIP to this backend can hand it packets from a source of their choosing; give the balancers' encap_source prefixes"
+            );
+        }
+        edgelb::dataplane::attach_decap(interface, mode, pin_dir, sources).map(|used| {
+            let from = if sources.is_empty() {
+                "any source".to_owned()
+            } else {
+                sources.iter().map(|(a, l)| format!("{a}/{l}")).collect::<Vec<_>>().join(", ")
+            };
             format!(
-                "decapsulator attached to {interface} ({used}), pinned in {}",
+                "decapsulator attached to {interface} ({used}), pinned in {}, taking tunnels from {from}",
                 pin_dir.display()
             )
         })

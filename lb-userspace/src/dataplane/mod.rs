@@ -1323,17 +1323,21 @@ pub const DECAP_PIN_DIR: &str = "/sys/fs/bpf/edgelb-decap";
 /// Attaches the backend decapsulator (`edgelb_decap`) to `interface` with its link pinned in
 /// `dir`, so it stays attached after this process exits (`edgelb decap attach`). Attached
 /// already there: its program is replaced in place (an upgrade), with no moment without it, as
-/// the balancer's is at a restart. Returns the mode used ("native", "generic" or "replaced").
+/// the balancer's is at a restart. With `sources` (prefixes), only tunnels whose outer source
+/// is in one of them are stripped ([`AuxPrograms::allow_decap_sources`]); without, any.
+/// Returns the mode used ("native", "generic" or "replaced").
 pub fn attach_decap(
     interface: &str,
     mode: XdpAttachMode,
     dir: &Path,
+    sources: &[(IpAddr, u8)],
 ) -> Result<&'static str, DataplaneError> {
     if !interface_exists(interface) {
         return Err(DataplaneError::NoInterface(interface.to_owned()));
     }
     pin_dir_ready(dir)?;
     let mut aux = AuxPrograms::load()?;
+    aux.allow_decap_sources(sources)?;
     let prog = program(&mut aux.ebpf, programs::DECAP)?;
     let used = attach_pinned(prog, interface, mode, Some(&link_pin(dir, interface)))?;
     Ok(if used == "adopted" { "replaced" } else { used })
@@ -1389,6 +1393,48 @@ impl AuxPrograms {
         let m = self.ebpf.map(map).ok_or(DataplaneError::MissingMap(map))?;
         let arr = aya::maps::PerCpuArray::<_, u64>::try_from(m).map_err(map_err(map))?;
         Ok(arr.get(&0, 0).map_err(map_err(map))?.iter().sum())
+    }
+
+    /// Restricts the decapsulator to tunnels whose outer source is in one of `prefixes`
+    /// (address, prefix length): the balancer's `encap_source_v4` / `encap_source_v6`. Without
+    /// a call it takes tunnels from any source. Prefix lengths past the address's bits are
+    /// refused.
+    pub fn allow_decap_sources(&mut self, prefixes: &[(IpAddr, u8)]) -> Result<(), DataplaneError> {
+        use aya::maps::lpm_trie::{Key, LpmTrie};
+        for &(addr, len) in prefixes {
+            let bits = if addr.is_ipv4() { 32 } else { 128 };
+            if len > bits {
+                return Err(DataplaneError::Capacity(format!(
+                    "--allow-source {addr}/{len}: an IPv{} prefix is at most /{bits}",
+                    if addr.is_ipv4() { 4 } else { 6 }
+                )));
+            }
+            match addr {
+                IpAddr::V4(a) => {
+                    const NAME: &str = "DECAP_SRC_V4";
+                    let m = self.ebpf.map_mut(NAME).ok_or(DataplaneError::MissingMap(NAME))?;
+                    let mut t = LpmTrie::<_, u32, u8>::try_from(m).map_err(map_err(NAME))?;
+                    let key = Key::new(u32::from(len), u32::from_ne_bytes(a.octets()));
+                    t.insert(&key, &1, 0).map_err(map_err(NAME))?;
+                }
+                IpAddr::V6(a) => {
+                    const NAME: &str = "DECAP_SRC_V6";
+                    let m = self.ebpf.map_mut(NAME).ok_or(DataplaneError::MissingMap(NAME))?;
+                    let mut t = LpmTrie::<_, [u32; 4], u8>::try_from(m).map_err(map_err(NAME))?;
+                    let o = a.octets();
+                    let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                    let key = Key::new(u32::from(len), [w(0), w(4), w(8), w(12)]);
+                    t.insert(&key, &1, 0).map_err(map_err(NAME))?;
+                }
+            }
+        }
+        if !prefixes.is_empty() {
+            const NAME: &str = "DECAP_RESTRICTED";
+            let m = self.ebpf.map_mut(NAME).ok_or(DataplaneError::MissingMap(NAME))?;
+            let mut arr = aya::maps::Array::<_, u32>::try_from(m).map_err(map_err(NAME))?;
+            arr.set(0, &1, 0).map_err(map_err(NAME))?;
+        }
+        Ok(())
     }
 
     /// Sets the packet generator's frame template (its first 48 bytes are rewritten into every
