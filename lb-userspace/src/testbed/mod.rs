@@ -240,6 +240,19 @@ impl Testbed {
         }
 
         let mut aux = AuxPrograms::load().map_err(io::Error::other)?;
+        // The backends take tunnels only from the balancer's sources (the testbed config's), as
+        // a backend should be set up (`edgelb decap attach --allow-source`).
+        let example =
+            crate::config::Config::parse(crate::config::EXAMPLE, "edgelb.example.toml".as_ref())
+                .map_err(io::Error::other)?;
+        let mut sources = Vec::new();
+        if let Some((a, len)) = example.node.encap_source_v4 {
+            sources.push((IpAddr::V4(a), len));
+        }
+        if let Some(a) = example.node.encap_source_v6 {
+            sources.push((IpAddr::V6(a), 96));
+        }
+        aux.allow_decap_sources(&sources).map_err(io::Error::other)?;
         let dir = pin_dir(prefix);
         if persist {
             crate::dataplane::ensure_bpffs().map_err(io::Error::other)?;
