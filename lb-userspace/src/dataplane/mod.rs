@@ -1409,23 +1409,18 @@ impl AuxPrograms {
                     if addr.is_ipv4() { 4 } else { 6 }
                 )));
             }
-            match addr {
-                IpAddr::V4(a) => {
-                    const NAME: &str = "DECAP_SRC_V4";
-                    let m = self.ebpf.map_mut(NAME).ok_or(DataplaneError::MissingMap(NAME))?;
-                    let mut t = LpmTrie::<_, u32, u8>::try_from(m).map_err(map_err(NAME))?;
-                    let key = Key::new(u32::from(len), u32::from_ne_bytes(a.octets()));
-                    t.insert(&key, &1, 0).map_err(map_err(NAME))?;
-                }
-                IpAddr::V6(a) => {
-                    const NAME: &str = "DECAP_SRC_V6";
-                    let m = self.ebpf.map_mut(NAME).ok_or(DataplaneError::MissingMap(NAME))?;
-                    let mut t = LpmTrie::<_, [u32; 4], u8>::try_from(m).map_err(map_err(NAME))?;
-                    let o = a.octets();
-                    let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-                    let key = Key::new(u32::from(len), [w(0), w(4), w(8), w(12)]);
-                    t.insert(&key, &1, 0).map_err(map_err(NAME))?;
-                }
+            // The address as the program reads it from the packet.
+            let (words, _) = addr_words(addr);
+            if addr.is_ipv4() {
+                const NAME: &str = "DECAP_SRC_V4";
+                let m = self.ebpf.map_mut(NAME).ok_or(DataplaneError::MissingMap(NAME))?;
+                let mut t = LpmTrie::<_, u32, u8>::try_from(m).map_err(map_err(NAME))?;
+                t.insert(&Key::new(u32::from(len), words[0]), &1, 0).map_err(map_err(NAME))?;
+            } else {
+                const NAME: &str = "DECAP_SRC_V6";
+                let m = self.ebpf.map_mut(NAME).ok_or(DataplaneError::MissingMap(NAME))?;
+                let mut t = LpmTrie::<_, [u32; 4], u8>::try_from(m).map_err(map_err(NAME))?;
+                t.insert(&Key::new(u32::from(len), words), &1, 0).map_err(map_err(NAME))?;
             }
         }
         if !prefixes.is_empty() {

@@ -275,20 +275,9 @@ impl Pool {
                 best
             }
             Algorithm::Hash => {
-                let h = match client {
-                    IpAddr::V4(a) => lb_common::hash::client_hash(
-                        &[u32::from_ne_bytes(a.octets()), 0, 0, 0],
-                        lb_common::HASH_SEED,
-                    ),
-                    IpAddr::V6(a) => {
-                        let o = a.octets();
-                        let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-                        lb_common::hash::client_hash(
-                            &[w(0), w(4), w(8), w(12)],
-                            lb_common::HASH_SEED,
-                        )
-                    }
-                };
+                // The client's address in the words XDP hashes (the same Maglev hash).
+                let (words, _) = crate::dataplane::addr_words(client);
+                let h = lb_common::hash::client_hash(&words, lb_common::HASH_SEED);
                 // Walk the ring from the client's slot to the first eligible member.
                 let n = self.ring.len();
                 (0..n)
