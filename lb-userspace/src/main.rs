@@ -462,8 +462,7 @@ fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
             match edgelb::dataplane::pin_holders(&cfg.node.pin_dir) {
                 Ok(holders) if holders.is_empty() => {}
                 Ok(holders) => {
-                    let who: Vec<String> =
-                        holders.iter().map(|h| format!("PID {} ({})", h.pid, h.comm)).collect();
+                    let who: Vec<String> = holders.iter().map(ToString::to_string).collect();
                     eprintln!(
                         "edgelb: no controller answers on {}, but {} holds the data plane under {} open: \
                          a controller appears to be running (perhaps in the middle of a takeover) whose \

@@ -254,8 +254,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         && !holders.is_empty()
     {
         let _ = std::fs::remove_file(&cfg.node.admin_socket);
-        let holders: Vec<String> =
-            holders.iter().map(|h| format!("PID {} ({})", h.pid, h.comm)).collect();
+        let holders: Vec<String> = holders.iter().map(ToString::to_string).collect();
         return Err(RunError::DataplaneHeld {
             holders: holders.join(", "),
             pin_dir: cfg.node.pin_dir.clone(),

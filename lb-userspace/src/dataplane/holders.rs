@@ -25,6 +25,13 @@ pub struct Holder {
     pub comm: String,
 }
 
+impl std::fmt::Display for Holder {
+    /// `PID <pid> (<comm>)`, as the refusals that name it write it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PID {} ({})", self.pid, self.comm)
+    }
+}
+
 /// The processes other than this one that hold edgelb's data plane pinned in `dir` open: a
 /// descriptor of one of its pinned maps, or of the program on one of its pinned XDP links
 /// (`map_id:` / `prog_id:` in `/proc/<pid>/fdinfo/*`). Every running controller holds these, so
