@@ -36,8 +36,7 @@ fn unquoted_word(text: &str, at: usize) -> Option<(Range<usize>, String)> {
     if !text.is_char_boundary(at) {
         return None;
     }
-    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
-    let line_end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let Range { start: line_start, end: line_end } = line_around(text, at);
     // In an inline table a `key = value` pair runs from the last `{` or `,` to the next `,` or
     // `}`; elsewhere it is the line.
     let before = &text[line_start..at];
@@ -65,6 +64,14 @@ fn unquoted_word(text: &str, at: usize) -> Option<(Range<usize>, String)> {
         value_at..value_at + value.len(),
         format!("`{value}` is not a TOML value: strings need quotes, write {key} = \"{value}\""),
     ))
+}
+
+/// Where the line of `text` that holds offset `at` (a char boundary) starts, and where it ends
+/// (at its newline, or the end of the text).
+fn line_around(text: &str, at: usize) -> Range<usize> {
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    start..end
 }
 
 /// A bare (possibly dotted) TOML key.
@@ -211,8 +218,8 @@ fn milliseconds(s: &str) -> Option<i128> {
 /// start) and before an `=` that directly precedes the value. `None` when the value is not
 /// directly a key's (an entry of a list).
 fn key_before(text: &str, at: usize) -> Option<&str> {
-    let before = text.get(..at)?;
-    let line = &before[before.rfind('\n').map_or(0, |i| i + 1)..];
+    text.get(..at)?; // a char boundary
+    let line = &text[line_around(text, at).start..at];
     let pair = &line[line.rfind(['{', ',']).map_or(0, |i| i + 1)..];
     let key = pair.trim_end().strip_suffix('=')?.trim();
     bare_key(key).then_some(key)
@@ -224,8 +231,7 @@ fn duplicate_key(text: &str, span: Range<usize>) -> Option<String> {
     if key.is_empty() || key.contains('\n') {
         return None;
     }
-    let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
-    let line_end = text[span.start..].find('\n').map_or(text.len(), |i| span.start + i);
+    let Range { start: line_start, end: line_end } = line_around(text, span.start);
     let line = text[line_start..line_end].trim();
     // A header is a line that starts with `[`, the key inside it (not a value in a list).
     let header = line.starts_with('[') && !text[line_start..span.start].contains(['=', '{']);
