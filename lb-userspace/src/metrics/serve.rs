@@ -231,10 +231,15 @@ async fn connection(
             if close { "close" } else { "keep-alive" }
         );
         // The client timeout bounds each step, so a large exposition to a slow but reading
-        // client goes through, and one that stops reading is cut off. The body is written from
-        // the shared text, not copied behind the head.
+        // client goes through, and one that stops reading is cut off. The head goes out with
+        // the start of the body in one write (a small answer in one segment, as a client
+        // reading it in one read expects); the rest is written from the shared text, so a large
+        // exposition is not copied whole per connection.
         let body = if head_only { &[][..] } else { body.as_bytes() };
-        for part in std::iter::once(head.as_bytes()).chain(body.chunks(WRITE_CHUNK)) {
+        let first = body.len().min(WRITE_CHUNK.saturating_sub(head.len()));
+        let mut start = head.into_bytes();
+        start.extend_from_slice(&body[..first]);
+        for part in std::iter::once(&start[..]).chain(body[first..].chunks(WRITE_CHUNK)) {
             if !matches!(timeout(client_timeout, s.write_all(part)).await, Ok(Ok(()))) {
                 return;
             }
