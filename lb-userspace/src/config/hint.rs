@@ -95,14 +95,28 @@ pub(super) fn reworded(text: &str, span: Range<usize>, message: &str) -> Option<
         .or_else(|| message.strip_prefix("invalid value: "))?;
     // The expected part never holds ", expected "; a string that was found may.
     let (_, expected) = rest.rsplit_once(", expected ")?;
-    let want = Want::of(expected)?;
+    let mut want = Want::of(expected)?;
     let key = key_before(text, span.start)?;
+    // The field's own range where it is narrower than its type's (a weight is 0..=10000): a
+    // hint quoting the type's would send the writer to a second error.
+    if let (Want::Int { min, max }, Some(&(_, lo, hi))) =
+        (&mut want, super::RANGES.iter().find(|(k, ..)| *k == key))
+    {
+        (*min, *max) = (Some(lo.into()), Some(hi.into()));
+    }
     let written = text.get(span)?.trim();
     if written.is_empty() || written.contains('\n') {
         return None;
     }
-    // What was written, as TOML reads it.
-    let value = toml::from_str::<toml::Table>(&format!("v = {written}")).ok()?.remove("v")?;
+    // What was written, as TOML reads it. An integer beyond i64 (TOML's) does not read as a
+    // value, but serde took it for a number out of the field's range.
+    let value = match toml::from_str::<toml::Table>(&format!("v = {written}")) {
+        Ok(mut t) => t.remove("v")?,
+        Err(_) if matches!(want, Want::Int { .. }) && written.parse::<u128>().is_ok() => {
+            toml::Value::Integer(i64::MAX)
+        }
+        Err(_) => return None,
+    };
     let said = format!("`{key}` = {written}");
     Some(match want {
         Want::Int { min, max } => {
@@ -114,7 +128,7 @@ pub(super) fn reworded(text: &str, span: Range<usize>, message: &str) -> Option<
             match value {
                 // The field's own range may be narrower than its type's (a weight is 0..=10000,
                 // checked once the file is read): a negative number is told as such.
-                toml::Value::Integer(n) if n < 0 && min == Some(0) => {
+                toml::Value::Integer(n) if n < 0 && min.is_some_and(|m| m >= 0) => {
                     format!("{said}: write {}, not negative", whole_number(key, None, None, false))
                 }
                 toml::Value::Integer(_) => format!("{said} is out of range: {what}"),

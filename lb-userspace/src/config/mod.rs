@@ -506,6 +506,51 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// Integer settings whose range is narrower than their type's, by key: validation checks
+/// these, and the hint for a mistyped value quotes them (`hint::reworded`), from this one table.
+/// Keys are unique across tables: health's `interval_ms`/`timeout_ms` and `[vip.l7]`'s
+/// `*_timeout_ms` have names of their own.
+pub(super) const RANGES: &[(&str, u64, u64)] = &[
+    ("weight", 0, 10_000),
+    ("ring_size", 3, MAX_RING_SIZE as u64),
+    ("l7_threads", 1, 256),
+    ("l7_drain_timeout_ms", 0, 3_600_000),
+    ("retries", 0, 10),
+    ("max_header_bytes", 1_024, 1_048_576),
+    ("max_headers", 1, 1_000),
+    ("max_connections", 1, 1_000_000),
+    ("upstream_keepalive", 0, 100_000),
+    ("max_fails", 1, 100),
+    ("connect_timeout_ms", 1, 3_600_000),
+    ("header_timeout_ms", 1, 3_600_000),
+    ("response_timeout_ms", 1, 3_600_000),
+    ("idle_timeout_ms", 1, 3_600_000),
+    ("request_timeout_ms", 1, 3_600_000),
+    ("fail_timeout_ms", 1, 3_600_000),
+    ("interval_ms", 10, 600_000),
+    ("timeout_ms", 10, 600_000),
+    ("rise", 1, 100),
+    ("fall", 1, 100),
+    ("expect_status", 100, 599),
+];
+
+/// The range of `key` in [`RANGES`].
+pub(super) fn range(key: &str) -> std::ops::RangeInclusive<u64> {
+    let &(_, min, max) =
+        RANGES.iter().find(|(k, ..)| *k == key).expect("every checked key is in RANGES");
+    min..=max
+}
+
+/// Is `v` in `key`'s range? If not, the error says so: "`key` must be min..=max".
+fn in_range<T: Copy + Into<u64>>(v: &raw::Sp<T>, key: &str) -> Result<T, Invalid> {
+    let r = range(key);
+    if r.contains(&(*v.get_ref()).into()) {
+        Ok(*v.get_ref())
+    } else {
+        bad(v.span(), format!("{key} must be {}..={}", r.start(), r.end()))
+    }
+}
+
 /// A validation failure: where, and what.
 struct Invalid(Range<usize>, String);
 
@@ -521,6 +566,20 @@ fn path_prefix_ok(p: &str, normalize: bool) -> Result<(), String> {
     if !p.starts_with('/') || p.contains(['?', '#']) || p.contains(char::is_whitespace) {
         return Err(format!(
             "path_prefix `{p}` must be a path: start with `/`, without query, fragment or spaces"
+        ));
+    }
+    // Clients send other characters percent-encoded (browsers, curl), and escapes of them stay
+    // as they are in the normal form: a prefix spelled raw would never match.
+    if !p.bytes().all(|b| b.is_ascii_graphic()) {
+        let encoded: String =
+            p.bytes()
+                .map(|b| {
+                    if b.is_ascii_graphic() { (b as char).to_string() } else { format!("%{b:02X}") }
+                })
+                .collect();
+        return Err(format!(
+            "path_prefix `{}` holds characters clients send percent-encoded: write `{encoded}`",
+            p.escape_debug()
         ));
     }
     if normalize {
@@ -541,19 +600,35 @@ fn path_prefix_ok(p: &str, normalize: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// A MAC address frames are sent to or from: six pairs of hex digits, one unicast station's
+/// address. A group address (multicast, broadcast) would flood the segment and the router
+/// would not take its frames as its own; all zeros is no station's.
 fn parse_mac(s: &raw::Sp<String>) -> Result<[u8; 6], Invalid> {
     let parts: Vec<&str> = s.get_ref().split(':').collect();
     let mut mac = [0u8; 6];
+    let not_mac =
+        || Invalid(s.span(), format!("`{}` is not a MAC address (aa:bb:cc:dd:ee:ff)", s.get_ref()));
     if parts.len() != 6 {
-        return bad(
-            s.span(),
-            format!("`{}` is not a MAC address (aa:bb:cc:dd:ee:ff)", s.get_ref()),
-        );
+        return Err(not_mac());
     }
     for (i, p) in parts.iter().enumerate() {
-        mac[i] = u8::from_str_radix(p, 16).or_else(|_| {
-            bad(s.span(), format!("`{}` is not a MAC address (aa:bb:cc:dd:ee:ff)", s.get_ref()))
-        })?;
+        // Two hex digits each: from_str_radix alone would take `+2` or `2`.
+        if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(not_mac());
+        }
+        mac[i] = u8::from_str_radix(p, 16).map_err(|_| not_mac())?;
+    }
+    if mac[0] & 1 == 1 {
+        return bad(
+            s.span(),
+            format!(
+                "`{}` is a group (multicast or broadcast) MAC address: frames are sent to one station, write its unicast address",
+                s.get_ref()
+            ),
+        );
+    }
+    if mac == [0; 6] {
+        return bad(s.span(), "00:00:00:00:00:00 is no station's MAC address: write the real one");
     }
     Ok(mac)
 }
@@ -608,6 +683,18 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
     if n.interfaces.get_ref().is_empty() {
         return bad(n.interfaces.span(), "node.interfaces must name at least one interface");
     }
+    let mut seen_interfaces = HashSet::new();
+    for i in n.interfaces.get_ref() {
+        if let Err(why) = interface_name_ok(i) {
+            return bad(n.interfaces.span(), format!("node.interfaces: {why}"));
+        }
+        if !seen_interfaces.insert(i.as_str()) {
+            return bad(
+                n.interfaces.span(),
+                format!("node.interfaces names `{i}` twice: XDP goes on an interface once"),
+            );
+        }
+    }
     let xdp_mode = match n.xdp_mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
         None | Some(("auto", _)) => XdpAttachMode::Auto,
         Some(("native", _)) => XdpAttachMode::Native,
@@ -627,6 +714,27 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 Ok(l @ 16..=32) => l,
                 _ => return bad(s.span(), "encap_source_v4 prefix length must be 16..=32"),
             };
+            // Every address of the prefix shares its first 16 bits, which decide all of these.
+            // Backends drop packets from such sources as martians (ip_route_input), and
+            // routers do not forward link-local ones.
+            let [a, b, ..] = addr.octets();
+            let unusable = match (a, b) {
+                (0, _) => Some("in 0.0.0.0/8 (this network)"),
+                (127, _) => Some("a loopback prefix"),
+                (169, 254) => Some("a link-local prefix"),
+                (224..=239, _) => Some("a multicast prefix"),
+                (240..=255, _) => Some("reserved (240.0.0.0/4, the broadcast address)"),
+                _ => None,
+            };
+            if let Some(what) = unusable {
+                return bad(
+                    s.span(),
+                    format!(
+                        "encap_source_v4 {} is {what}: backends drop packets from such sources; write a prefix routed to this node (e.g. \"198.19.0.0/16\")",
+                        s.get_ref()
+                    ),
+                );
+            }
             Some((addr, len))
         }
     };
@@ -690,16 +798,22 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
         },
         l7_threads: match &n.l7_threads {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            Some(t) if (1..=256).contains(t.get_ref()) => *t.get_ref() as usize,
-            Some(t) => return bad(t.span(), "l7_threads must be 1..=256"),
+            Some(t) => in_range(t, "l7_threads")? as usize,
         },
         l7_drain_timeout: match &n.l7_drain_timeout_ms {
             None => DEFAULT_L7_DRAIN_TIMEOUT,
-            Some(t) if *t.get_ref() <= 3_600_000 => Duration::from_millis(*t.get_ref()),
+            Some(t) if range("l7_drain_timeout_ms").contains(t.get_ref()) => {
+                Duration::from_millis(*t.get_ref())
+            }
             Some(t) => {
+                let r = range("l7_drain_timeout_ms");
                 return bad(
                     t.span(),
-                    "l7_drain_timeout_ms must be 0..=3600000 (ms; 0 closes at once)",
+                    format!(
+                        "l7_drain_timeout_ms must be {}..={} (ms; 0 closes at once)",
+                        r.start(),
+                        r.end()
+                    ),
                 );
             }
         },
@@ -750,6 +864,19 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 v.address.span(),
                 format!(
                     "VIP address {vip_addr} is {what}: a VIP is one unicast address clients connect to; write that address (one [[vip]] per address)"
+                ),
+            );
+        }
+        // XDP sees what arrives on the wire, and nothing arrives for a loopback address: such a
+        // VIP could only balance forged packets. A local proxy is what serves loopback.
+        let loopback_vip = vip_addr.to_canonical().is_loopback();
+        if loopback_vip
+            && !matches!(v.forwarding.as_ref().map(|f| f.get_ref().as_str()), Some("l7"))
+        {
+            return bad(
+                v.address.span(),
+                format!(
+                    "VIP address {vip_addr} is a loopback address, which no packet on the wire is sent to: XDP would balance only forged packets; write the address clients reach this node at (loopback suits forwarding = \"l7\")"
                 ),
             );
         }
@@ -805,7 +932,10 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
         }
         let ring_size = match &v.ring_size {
             None => DEFAULT_RING_SIZE,
-            Some(m) if is_prime(*m.get_ref()) && (3..=MAX_RING_SIZE).contains(m.get_ref()) => {
+            Some(m)
+                if is_prime(*m.get_ref())
+                    && range("ring_size").contains(&(*m.get_ref()).into()) =>
+            {
                 *m.get_ref()
             }
             Some(m) => {
@@ -837,10 +967,7 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                     format!("backend {address} is listed twice in this VIP"),
                 );
             }
-            let weight = b.weight.as_ref().map_or(1, |w| *w.get_ref());
-            if weight > 10_000 {
-                return bad(b.weight.as_ref().unwrap().span(), "weight must be 0..=10000");
-            }
+            let weight = b.weight.as_ref().map_or(Ok(1), |w| in_range(w, "weight"))?;
             let mac = b.mac.as_ref().map(parse_mac).transpose()?;
             if forwarding == Forwarding::L7 {
                 if let Some(m) = &b.mac {
@@ -907,6 +1034,9 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 ),
             );
         }
+        if forwarding != Forwarding::L7 {
+            ring_shares_ok(&v.backends, ring_size, "ring_size")?;
+        }
         // An L7 VIP's backends are probed on their own ports unless health.port says otherwise
         // (0 below); an XDP VIP's on the VIP's port, the one its traffic keeps.
         let default_port = if forwarding == Forwarding::L7 { None } else { Some(port) };
@@ -927,7 +1057,11 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 if protocol != Protocol::Tcp {
                     return bad(vspan, "an l7 VIP must be tcp");
                 }
-                Some(l7_settings(l7.as_ref(), &v.route, vip_addr, port)?)
+                let l7 = l7_settings(l7.as_ref(), &v.route, vip_addr, port)?;
+                if l7.algorithm == Algorithm::Hash {
+                    ring_shares_ok(&v.backends, crate::proxy::balance::L7_RING, "")?;
+                }
+                Some(l7)
             }
             (_, Some(l7)) => return bad(l7.span(), "[vip.l7] needs forwarding = \"l7\""),
             (_, None) => {
@@ -1084,18 +1218,13 @@ fn l7_settings(
         }),
     }
     };
-    let ms = |v: &Option<raw::Sp<u64>>, default: u64, what: &str| match v {
+    let ms = |v: &Option<raw::Sp<u64>>, default: u64, key: &str| match v {
         None => Ok(Duration::from_millis(default)),
-        Some(x) if (1..=3_600_000).contains(x.get_ref()) => Ok(Duration::from_millis(*x.get_ref())),
-        Some(x) => bad(x.span(), format!("{what} must be 1..=3600000 milliseconds")),
+        Some(x) => in_range(x, key).map(Duration::from_millis),
     };
-    let num = |v: &Option<raw::Sp<u32>>,
-               default: u32,
-               range: std::ops::RangeInclusive<u32>,
-               what: &str| match v {
+    let num = |v: &Option<raw::Sp<u32>>, default: u32, key: &str| match v {
         None => Ok(default),
-        Some(x) if range.contains(x.get_ref()) => Ok(*x.get_ref()),
-        Some(x) => bad(x.span(), format!("{what} must be {}..={}", range.start(), range.end())),
+        Some(x) => in_range(x, key),
     };
     let mode = match l.mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
         None | Some(("http", _)) => L7Mode::Http,
@@ -1171,13 +1300,7 @@ fn l7_settings(
         let mut backends: Vec<Backend> = Vec::new();
         for b in &r.backends {
             let address = parse_ip(&b.address, "backend address")?;
-            let weight = b.weight.as_ref().map_or(1, |w| *w.get_ref());
-            if weight > 10_000 {
-                return bad(
-                    b.weight.as_ref().expect("weight is set").span(),
-                    "weight must be 0..=10000",
-                );
-            }
+            let weight = b.weight.as_ref().map_or(Ok(1), |w| in_range(w, "weight"))?;
             if let Some(m) = &b.mac {
                 return bad(m.span(), "`mac` applies to backends XDP forwards to, not to l7 ones");
             }
@@ -1234,6 +1357,9 @@ fn l7_settings(
             algorithm: algo(&r.algorithm, algorithm)?,
             backends,
         });
+        if out_routes.last().is_some_and(|r| r.algorithm == Algorithm::Hash) {
+            ring_shares_ok(&r.backends, crate::proxy::balance::L7_RING, "")?;
+        }
     }
     let proxy_protocol = match &l.proxy_protocol {
         None => None,
@@ -1272,19 +1398,16 @@ fn l7_settings(
         mode,
         algorithm,
         routes: out_routes,
-        retries: num(&l.retries, 2, 0..=10, "retries")?,
+        retries: num(&l.retries, 2, "retries")?,
         connect_timeout: ms(&l.connect_timeout_ms, 1_000, "connect_timeout_ms")?,
         header_timeout: ms(&l.header_timeout_ms, 10_000, "header_timeout_ms")?,
         response_timeout: ms(&l.response_timeout_ms, 30_000, "response_timeout_ms")?,
         idle_timeout: ms(&l.idle_timeout_ms, 60_000, "idle_timeout_ms")?,
         request_timeout: ms(&l.request_timeout_ms, 120_000, "request_timeout_ms")?,
-        max_header_bytes: num(&l.max_header_bytes, 16_384, 1_024..=1_048_576, "max_header_bytes")?
-            as usize,
-        max_headers: num(&l.max_headers, 100, 1..=1_000, "max_headers")? as usize,
-        max_connections: num(&l.max_connections, 10_000, 1..=1_000_000, "max_connections")?
-            as usize,
-        upstream_keepalive: num(&l.upstream_keepalive, 1_024, 0..=100_000, "upstream_keepalive")?
-            as usize,
+        max_header_bytes: num(&l.max_header_bytes, 16_384, "max_header_bytes")? as usize,
+        max_headers: num(&l.max_headers, 100, "max_headers")? as usize,
+        max_connections: num(&l.max_connections, 10_000, "max_connections")? as usize,
+        upstream_keepalive: num(&l.upstream_keepalive, 1_024, "upstream_keepalive")? as usize,
         forwarded_for: l.forwarded_for.as_ref().is_none_or(|f| *f.get_ref()),
         normalize_path,
         access_log: l.access_log.as_ref().is_some_and(|f| *f.get_ref()),
@@ -1294,7 +1417,7 @@ fn l7_settings(
             .as_ref()
             .map_or_else(|| "edgelb".to_owned(), |c| c.get_ref().clone()),
         cookie_secret,
-        max_fails: num(&l.max_fails, 3, 1..=100, "max_fails")?,
+        max_fails: num(&l.max_fails, 3, "max_fails")?,
         fail_timeout: ms(&l.fail_timeout_ms, 10_000, "fail_timeout_ms")?,
     })
 }
@@ -1308,6 +1431,14 @@ fn cookie_token(s: &str) -> bool {
 /// A route's `host` must be what the proxy compares it with: a request's host, lowercased, its
 /// port removed. The error says what to write.
 fn route_host_ok(h: &str) -> Result<(), String> {
+    // A route's host is compared whole: `*.example.com` would match only a request whose Host
+    // is those very characters, which no client sends.
+    if h.contains('*') {
+        return Err(format!(
+            "route host `{}`: wildcards are not supported (a route's host is compared whole); write one route per host name",
+            h.escape_debug()
+        ));
+    }
     let reg_name = |h: &str| {
         !h.is_empty()
             && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b))
@@ -1343,6 +1474,34 @@ fn route_host_ok(h: &str) -> Result<(), String> {
     } else {
         Err(what)
     }
+}
+
+/// Can `name` be a network interface's name? The kernel's rule (`dev_valid_name`): 1 to 15
+/// bytes, not `.` or `..`, no `/`, `:` or whitespace. Whether it exists is left to `edgelb run`,
+/// (`check` may run on another machine).
+fn interface_name_ok(name: &str) -> Result<(), String> {
+    const IFNAMSIZ: usize = 16;
+    let shown = name.escape_debug();
+    if name.is_empty() {
+        return Err("an interface name is empty".to_owned());
+    }
+    if name.len() >= IFNAMSIZ {
+        return Err(format!(
+            "`{shown}` is {} bytes, and interface names are at most {} bytes",
+            name.len(),
+            IFNAMSIZ - 1
+        ));
+    }
+    if name == "."
+        || name == ".."
+        || name.contains(['/', ':'])
+        || name.contains(char::is_whitespace)
+    {
+        return Err(format!(
+            "`{shown}` cannot be an interface's name (no `/`, `:` or spaces, not `.` or `..`)"
+        ));
+    }
+    Ok(())
 }
 
 /// A VIP's name, which `edgelb route` takes in place of an address (names are matched first):
@@ -1427,6 +1586,33 @@ fn backend_address_ok(
     Ok(())
 }
 
+/// Does every backend of weight above 0 get at least one slot of a Maglev ring of `m` slots?
+/// Shares are proportional to weight and rounded (floor, then largest remainders): one below a
+/// slot may round to none, and that backend would never get traffic while it is healthy.
+/// `ring_key` names the setting that sizes the ring ("" when it is fixed).
+fn ring_shares_ok(backends: &[raw::Backend], m: u32, ring_key: &str) -> Result<(), Invalid> {
+    let weight = |b: &raw::Backend| b.weight.as_ref().map_or(1, |w| *w.get_ref()) as u64;
+    let total: u64 = backends.iter().map(weight).sum();
+    let Some(b) = backends.iter().find(|b| weight(b) > 0 && weight(b) * (m as u64) < total) else {
+        return Ok(());
+    };
+    let share = weight(b) as f64 * m as f64 / total as f64;
+    let raise = if ring_key.is_empty() {
+        format!("the ring has {m} slots")
+    } else {
+        format!("raise {ring_key} (now {m}, at most {MAX_RING_SIZE})")
+    };
+    bad(
+        b.weight.as_ref().map_or(b.address.span(), |w| w.span()),
+        format!(
+            "backend {} has weight {} of {total} in all, a share of {share:.2} of the ring's {m} slots, which may round to none: it would never get traffic; raise its weight to at least {}, or {raise}",
+            b.address.get_ref(),
+            weight(b),
+            (total - weight(b)).div_ceil(m as u64 - 1),
+        ),
+    )
+}
+
 /// A ring size to suggest for `backends` backends: the smallest prime of at least 100 slots a
 /// backend, within the largest ring.
 fn ring_size_for(backends: usize) -> u32 {
@@ -1454,6 +1640,10 @@ fn l7_backend_port(b: &raw::Backend, vip_port: u16) -> Result<u16, Invalid> {
 
 /// The check a `[vip.health]` table describes; without health.port, probes go to `vip_port`
 /// (an XDP VIP's), or with None to each backend's own port (an L7 VIP's).
+/// The largest UDP payload one IPv4 datagram carries: the bound on a udp probe's `send` and
+/// `expect` (the checker reads answers of up to this size whole).
+pub const MAX_UDP_PROBE: usize = 65_507;
+
 fn health_check(
     h: &raw::Sp<raw::Health>,
     vip_port: Option<u16>,
@@ -1521,13 +1711,36 @@ fn health_check(
             },
             expect_status: match &h.expect_status {
                 None => 200,
-                Some(s) if (100..=599).contains(s.get_ref()) => *s.get_ref(),
-                Some(s) => return bad(s.span(), "expect_status must be an HTTP status, 100..=599"),
+                Some(s) => in_range(s, "expect_status")?,
             },
             expect_body: get(&h.expect_body),
         },
         _ => match &h.send {
-            Some(s) => CheckKind::Udp { send: s.get_ref().clone(), expect: get(&h.expect) },
+            // One datagram each way: what IPv4 carries in one (65 535 − 20 − 8 bytes).
+            Some(s) if s.get_ref().len() > MAX_UDP_PROBE => {
+                return bad(
+                    s.span(),
+                    format!(
+                        "health.send is {} bytes, more than one UDP datagram carries ({MAX_UDP_PROBE}): every probe would fail",
+                        s.get_ref().len()
+                    ),
+                );
+            }
+            Some(s) => CheckKind::Udp {
+                send: s.get_ref().clone(),
+                expect: match &h.expect {
+                    Some(e) if e.get_ref().len() > MAX_UDP_PROBE => {
+                        return bad(
+                            e.span(),
+                            format!(
+                                "health.expect is {} bytes, more than one UDP datagram carries ({MAX_UDP_PROBE}): no answer could hold it",
+                                e.get_ref().len()
+                            ),
+                        );
+                    }
+                    e => e.as_ref().map(|e| e.get_ref().clone()),
+                },
+            },
             None => return bad(span, "a udp health check needs `send` (the probe payload)"),
         },
     };
@@ -1541,10 +1754,9 @@ fn health_check(
         // Each backend's own port.
         (None, None) => 0,
     };
-    let ms = |v: &Option<raw::Sp<u64>>, default: u64, what: &str| match v {
+    let ms = |v: &Option<raw::Sp<u64>>, default: u64, key: &str| match v {
         None => Ok(default),
-        Some(x) if (10..=600_000).contains(x.get_ref()) => Ok(*x.get_ref()),
-        Some(x) => bad(x.span(), format!("{what} must be 10..=600000 milliseconds")),
+        Some(x) => in_range(x, key),
     };
     let interval = ms(&h.interval_ms, 2_000, "interval_ms")?;
     let timeout = ms(&h.timeout_ms, interval.min(1_000), "timeout_ms")?;
@@ -1554,10 +1766,9 @@ fn health_check(
             "timeout_ms must not exceed interval_ms",
         );
     }
-    let count = |v: &Option<raw::Sp<u32>>, default: u32, what: &str| match v {
+    let count = |v: &Option<raw::Sp<u32>>, default: u32, key: &str| match v {
         None => Ok(default),
-        Some(x) if (1..=100).contains(x.get_ref()) => Ok(*x.get_ref()),
-        Some(x) => bad(x.span(), format!("{what} must be 1..=100")),
+        Some(x) => in_range(x, key),
     };
     Ok(HealthCheck {
         kind,

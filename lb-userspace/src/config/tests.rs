@@ -939,12 +939,12 @@ fn common_toml_mistakes_say_what_to_write() {
         (
             format!("{NODE}{vip}{backend}[vip.health]\ninterval_ms = \"1s\"\n"),
             "\"1s\"",
-            "`interval_ms` = \"1s\": a whole number of milliseconds, write interval_ms = 1000",
+            "`interval_ms` = \"1s\": a whole number of milliseconds 10..=600000, write interval_ms = 1000",
         ),
         (
             format!("{NODE}{vip}{backend}[vip.health]\ninterval_ms = \"soon\"\n"),
             "\"soon\"",
-            "`interval_ms` = \"soon\": a whole number of milliseconds, e.g. interval_ms = 1000",
+            "`interval_ms` = \"soon\": a whole number of milliseconds 10..=600000, e.g. interval_ms = 1000",
         ),
         (
             format!("{NODE}{vip}{backend}[vip.health]\ninterval_ms = -5\n"),
@@ -1882,5 +1882,251 @@ fn a_route_hidden_by_an_earlier_one_is_refused() {
     ];
     for (first, second) in &fine {
         parse(&vip(&[first.clone(), second.clone()])).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// An XDP VIP with `backends` (inline TOML tables) after NODE (which has interface eth0).
+fn xdp_vip_with(extra: &str, backends: &str) -> String {
+    format!(
+        "{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nport = 80\n{extra}\nbackends = [{backends}]\n"
+    )
+}
+
+/// An l7 VIP with `extra` keys in [vip], then `tail` (routes, [vip.l7]).
+fn l7_vip_with(backends: &str, tail: &str) -> String {
+    format!(
+        "{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nport = 80\nforwarding = \"l7\"\nbackends = [{backends}]\n{tail}"
+    )
+}
+
+#[test]
+fn encap_sources_backends_drop_are_refused() {
+    let with = |src: &str| {
+        format!(
+            "[node]\ninterfaces = [\"eth0\"]\nencap_source_v4 = \"{src}\"\n[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nbackends = [{{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }}]\n"
+        )
+    };
+    for (src, what) in [
+        ("0.0.0.0/16", "0.0.0.0/8"),
+        ("127.0.0.0/16", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("224.0.0.0/16", "multicast"),
+        ("255.255.255.255", "reserved"),
+        ("240.1.0.0/16", "reserved"),
+    ] {
+        let e = err(&with(src));
+        assert!(e.starts_with("t.toml:3:19:") && e.contains(what), "{src}: {e}");
+    }
+    assert!(parse(&with("198.19.0.0/16")).is_ok());
+    assert!(parse(&with("10.200.0.0/16")).is_ok());
+}
+
+#[test]
+fn macs_must_be_one_stations_address() {
+    let be =
+        |mac: &str| xdp_vip_with("", &format!("{{ address = \"198.18.0.11\", mac = \"{mac}\" }}"));
+    for (mac, what) in [
+        ("ff:ff:ff:ff:ff:ff", "group"),
+        ("01:00:5e:00:00:01", "group"),
+        ("00:00:00:00:00:00", "no station"),
+        ("+2:0:0:0:0:1", "not a MAC"),
+        ("2:00:00:00:00:01", "not a MAC"),
+        ("002:00:00:00:00:01", "not a MAC"),
+    ] {
+        let e = err(&be(mac));
+        assert!(e.starts_with("t.toml:9:") && e.contains(what), "{mac}: {e}");
+    }
+    assert_eq!(
+        parse(&be("02:AB:cd:00:00:01")).unwrap().vips[0].backends[0].mac,
+        Some([2, 0xab, 0xcd, 0, 0, 1])
+    );
+    let node = |key: &str| {
+        format!(
+            "[node]\ninterfaces = [\"eth0\"]\nencap_source_v4 = \"198.19.0.0/16\"\n{key} = \"01:00:00:00:00:01\"\n"
+        )
+    };
+    for key in ["gateway_mac", "src_mac"] {
+        let e = err(&node(key));
+        assert!(e.starts_with("t.toml:4:") && e.contains("group"), "{key}: {e}");
+    }
+}
+
+#[test]
+fn interface_names_the_kernel_cannot_have_are_refused() {
+    let with =
+        |list: &str| format!("[node]\ninterfaces = {list}\nencap_source_v4 = \"198.19.0.0/16\"\n");
+    for (list, what) in [
+        ("[\"\"]", "empty"),
+        ("[\"averyveryverylongname\"]", "at most 15 bytes"),
+        ("[\"../etc\"]", "cannot be an interface"),
+        ("[\"eth0:1\"]", "cannot be an interface"),
+        ("[\"eth 0\"]", "cannot be an interface"),
+        ("[\"eth0\", \"eth1\", \"eth0\"]", "twice"),
+    ] {
+        let e = err(&with(list));
+        assert!(e.starts_with("t.toml:2:14:") && e.contains(what), "{list}: {e}");
+    }
+    assert!(parse(&with("[\"eth0\", \"enp1s0f1np1\", \"bond0.100\"]")).is_ok());
+}
+
+#[test]
+fn loopback_vips_are_for_the_proxy_only() {
+    for addr in ["127.0.0.1", "::1"] {
+        let text = xdp_vip_with("", "{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }")
+            .replace("198.18.1.1", addr)
+            .replace(
+                "encap_source_v4 = \"198.19.0.0/16\"",
+                "encap_source_v4 = \"198.19.0.0/16\"\nencap_source_v6 = \"2001:db8:ff::/96\"",
+            );
+        let e = err(&text);
+        assert!(e.contains("loopback address") && e.contains("l7"), "{addr}: {e}");
+    }
+    let l7 = l7_vip_with("{ address = \"127.0.0.1\", port = 8080 }", "")
+        .replace("198.18.1.1", "127.0.0.1");
+    assert!(parse(&l7).is_ok());
+}
+
+#[test]
+fn route_hosts_with_wildcards_are_refused() {
+    for host in ["*.example.com", "*"] {
+        let text = l7_vip_with(
+            "{ address = \"198.18.0.11\", port = 8080 }",
+            &format!(
+                "[[vip.route]]\nhost = \"{host}\"\nbackends = [{{ address = \"198.18.0.12\", port = 8080 }}]\n"
+            ),
+        );
+        let e = err(&text);
+        assert!(e.starts_with("t.toml:11:8:") && e.contains("wildcards are not supported"), "{e}");
+    }
+}
+
+#[test]
+fn path_prefixes_clients_send_encoded_are_refused_with_their_encoding() {
+    let route = |prefix: &str| {
+        l7_vip_with(
+            "{ address = \"198.18.0.11\", port = 8080 }",
+            &format!(
+                "[[vip.route]]\npath_prefix = \"{prefix}\"\nbackends = [{{ address = \"198.18.0.12\", port = 8080 }}]\n"
+            ),
+        )
+    };
+    let e = err(&route("/ü"));
+    assert!(e.starts_with("t.toml:11:15:") && e.contains("write `/%C3%BC`"), "{e}");
+    let e = err(&route("/a\\u007f"));
+    assert!(e.contains("write `/a%7F`"), "{e}");
+    // What the error suggests is taken.
+    assert!(parse(&route("/%C3%BC")).is_ok());
+}
+
+#[test]
+fn udp_probes_must_fit_one_datagram() {
+    let check = |send: usize, expect: usize| {
+        format!(
+            "{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nport = 53\nprotocol = \"udp\"\nbackends = [{{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }}]\n[vip.health]\nsend = \"{}\"\nexpect = \"{}\"\n",
+            "s".repeat(send),
+            "e".repeat(expect)
+        )
+    };
+    assert!(parse(&check(MAX_UDP_PROBE, MAX_UDP_PROBE)).is_ok());
+    let e = err(&check(MAX_UDP_PROBE + 1, 1));
+    assert!(e.starts_with("t.toml:11:8:") && e.contains("65507"), "{e}");
+    let e = err(&check(1, MAX_UDP_PROBE + 1));
+    assert!(e.starts_with("t.toml:12:10:") && e.contains("65507"), "{e}");
+}
+
+#[test]
+fn every_positive_weight_gets_a_slot_of_the_ring() {
+    let two = |ring: &str, w: u32| {
+        xdp_vip_with(
+            ring,
+            &format!(
+                "{{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\", weight = 10000 }}, {{ address = \"198.18.0.12\", mac = \"02:00:00:00:00:01\", weight = {w} }}"
+            ),
+        )
+    };
+    // 1 × 101 slots < 10001: a share of 0.01 slots, which rounds to none.
+    let e = err(&two("ring_size = 101", 1));
+    assert!(
+        e.contains("198.18.0.12") && e.contains("at least 100") && e.contains("raise ring_size"),
+        "{e}"
+    );
+    // The weight it names is enough, and a drained backend (weight 0) is no one's mistake.
+    assert!(parse(&two("ring_size = 101", 100)).is_ok());
+    assert!(parse(&two("ring_size = 101", 0)).is_ok());
+    // And the ring then really gives it slots.
+    let cfg = parse(&two("ring_size = 101", 100)).unwrap();
+    let members: Vec<_> = cfg.vips[0]
+        .backends
+        .iter()
+        .map(|b| crate::maglev::RingMember::from_socket_addr((b.address, 0).into(), b.weight))
+        .collect();
+    use crate::maglev::ConsistentHash;
+    let ring = crate::maglev::Maglev.build(&members, 101).unwrap();
+    assert!(ring.contains(&1), "the weight-100 backend has no slot");
+    // l7 `hash` pools have a ring of their own (4093 slots).
+    let l7 = l7_vip_with(
+        "{ address = \"198.18.0.11\", port = 8080, weight = 10000 }, { address = \"198.18.0.12\", port = 8080, weight = 1 }",
+        "[vip.l7]\nalgorithm = \"hash\"\n",
+    );
+    let e = err(&l7);
+    assert!(e.contains("198.18.0.12") && e.contains("4093 slots"), "{e}");
+    assert!(parse(&l7.replace("algorithm = \"hash\"", "algorithm = \"weighted\"")).is_ok());
+}
+
+#[test]
+fn hints_quote_the_fields_own_range() {
+    let weight = |w: &str| {
+        xdp_vip_with(
+            "",
+            &format!("{{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\", weight = {w} }}"),
+        )
+    };
+    let e = err(&weight("1.5"));
+    assert!(e.contains("0..=10000") && !e.contains("4294967295"), "{e}");
+    let e = err(&weight("4294967296"));
+    assert!(e.contains("0..=10000") && !e.contains("4294967295"), "{e}");
+    // A number beyond TOML's i64 is named with its key, not left as serde's words.
+    let e = err(&xdp_vip_with("", "{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }")
+        .replace("port = 80", "port = 18446744073709551615"));
+    assert!(
+        e.contains("`port` = 18446744073709551615 is out of range") && e.contains("0..=65535"),
+        "{e}"
+    );
+    // Every range the hints quote is the one validation enforces: the bounds pass, one past
+    // them fails, with the same words.
+    for &(key, lo, hi) in RANGES {
+        let text = |v: u64| {
+            let be = "{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }";
+            match key {
+                "weight" => xdp_vip_with(
+                    "",
+                    &format!(
+                        "{{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\", weight = {v} }}"
+                    ),
+                ),
+                "ring_size" => xdp_vip_with(&format!("ring_size = {v}"), be),
+                "l7_threads" | "l7_drain_timeout_ms" => {
+                    xdp_vip_with("", be).replace("[[vip]]", &format!("{key} = {v}\n[[vip]]"))
+                }
+                "interval_ms" | "timeout_ms" | "rise" | "fall" | "expect_status" => {
+                    let interval = if key == "interval_ms" { "" } else { "interval_ms = 600000\n" };
+                    xdp_vip_with("", be)
+                        + &format!("[vip.health]\nkind = \"http\"\n{interval}{key} = {v}\n")
+                }
+                _ => l7_vip_with(
+                    "{ address = \"198.18.0.11\", port = 8080 }",
+                    &format!("[vip.l7]\n{key} = {v}\n"),
+                ),
+            }
+        };
+        // ring_size must also be prime: its bounds are.
+        assert!(parse(&text(hi)).is_ok(), "{key} = {hi}: {}", err(&text(hi)));
+        assert!(parse(&text(lo)).is_ok(), "{key} = {lo}: {}", err(&text(lo)));
+        let e = err(&text(hi + 1));
+        assert!(e.contains(key) && e.contains(&hi.to_string()), "{key} = {}: {e}", hi + 1);
+        if lo > 0 {
+            let e = err(&text(lo - 1));
+            assert!(e.contains(&lo.to_string()), "{key} = {}: {e}", lo - 1);
+        }
     }
 }

@@ -98,7 +98,9 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, String> 
             s.connect(addr).map_err(|e| format!("connect: {e}"))?;
             s.send(send.as_bytes()).map_err(|e| format!("send: {e}"))?;
             s.set_read_timeout(Some(left())).map_err(|e| e.to_string())?;
-            let mut buf = [0u8; 2048];
+            // The largest datagram whole: a longer answer's tail would be cut off, and an
+            // `expect` found there missed.
+            let mut buf = vec![0u8; crate::config::MAX_UDP_PROBE];
             let n = s.recv(&mut buf).map_err(|e| format!("no answer: {e}"))?;
             if let Some(want) = expect
                 && !String::from_utf8_lossy(&buf[..n]).contains(want.as_str())

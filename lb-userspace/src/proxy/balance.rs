@@ -162,7 +162,7 @@ fn rand() -> u64 {
 const SWRR_KEEP: usize = 1024;
 
 /// Ring size of `Hash` pools: prime, large enough for even shares of small pools.
-const L7_RING: u32 = 4093;
+pub const L7_RING: u32 = 4093;
 
 impl Pool {
     /// A pool over `members`.
