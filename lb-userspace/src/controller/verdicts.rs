@@ -10,7 +10,7 @@ use std::{
 
 use tracing::{error, warn};
 
-use crate::config::{Backend, Config, Vip};
+use crate::config::{Backend, Config, Forwarding, Vip};
 
 /// A backend's identity for health: its address and port (an L7 VIP may list one address on
 /// several ports; an XDP VIP's backends carry the VIP's port).
@@ -110,7 +110,13 @@ impl Verdicts {
     /// flow before it has shown it can (it may not be ready yet), and one added to a VIP that
     /// fails open (every backend down) does not end that and take the whole VIP unprobed.
     /// Backends of a VIP new in the file start up, as at a start (a new VIP, or a restart, must
-    /// not begin in fail-open). Returns the backends held.
+    /// not begin in fail-open), and so do those of a VIP whose pool the reload replaced whole
+    /// (no backend that takes new flows stays): held, they would all be down, the VIP would
+    /// fail open unprobed, and the first to pass would then take every flow from the others.
+    ///
+    /// An XDP VIP's backends carry the VIP's port: one that moves to another port keeps each
+    /// backend's verdict by address (the same hosts), rather than holding them all as new.
+    /// Returns the backends held.
     pub(super) fn hold_new_backends(
         &mut self,
         old: &Config,
@@ -119,11 +125,28 @@ impl Verdicts {
         let mut held = Vec::new();
         for v in new.vips.iter().filter(|v| v.health.is_some()) {
             let Some(before) = old.vips.iter().find(|o| o.name == v.name) else { continue };
+            let by_address = v.forwarding != Forwarding::L7 && before.forwarding != Forwarding::L7;
+            let was = |b: &Backend| {
+                before
+                    .backends
+                    .iter()
+                    .find(|o| if by_address { o.address == b.address } else { id(o) == id(b) })
+            };
             for b in &v.backends {
-                if !before.backends.iter().any(|o| id(o) == id(b)) {
+                if let Some(o) = was(b)
+                    && id(o) != id(b)
+                    && self.is_down(&v.name, id(o))
+                {
                     self.down.insert((v.name.clone(), id(b)));
-                    held.push((v.name.clone(), id(b)));
                 }
+            }
+            let serves = |b: &Backend| b.weight > 0 && !self.is_drained(&v.name, b.address);
+            if !v.backends.iter().any(|b| was(b).is_some() && serves(b)) {
+                continue;
+            }
+            for b in v.backends.iter().filter(|b| was(b).is_none()) {
+                self.down.insert((v.name.clone(), id(b)));
+                held.push((v.name.clone(), id(b)));
             }
         }
         held
@@ -344,6 +367,43 @@ mod tests {
         let mut other = cfg(&[(A, 1)], true);
         other.vips[0].name = "api".into();
         assert!(v.hold_new_backends(&other, &three).is_empty());
+    }
+
+    /// A reload that moves a checked XDP VIP to another port keeps its backends' verdicts (the
+    /// same hosts), and one that replaces the whole pool starts the new backends up, as for a
+    /// new VIP: neither fails open unprobed and then puts every flow on the first to pass.
+    #[test]
+    fn a_new_port_or_a_new_pool_does_not_fail_open() {
+        let port = |p: u16, backends: &[&str]| {
+            let list: Vec<String> =
+                backends.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect();
+            let text = format!(
+                "[node]\ninterfaces = [\"lo\"]\nencap_source_v4 = \"198.19.0.0/16\"\ngateway_mac = \"02:00:00:00:00:fe\"\n[[vip]]\nname = \"web\"\naddress = \"198.18.1.1\"\nport = {p}\nbackends = [{}]\n[vip.health]\n",
+                list.join(", ")
+            );
+            Config::parse(&text, "t.toml".as_ref()).expect("valid")
+        };
+        let (old, moved) = (port(80, &[A, B, C]), port(8080, &[A, B, C]));
+        let mut v = Verdicts::default();
+        assert!(v.set_health("web", at(C), false));
+        assert!(v.hold_new_backends(&old, &moved).is_empty(), "the same hosts: none held");
+        v.reconcile(&moved);
+        assert!(!v.is_fail_open("web"));
+        assert_eq!(live(&mut v, &moved), [(ip(A), 1), (ip(B), 1)], "C stays down");
+        assert!(v.is_down("web", SocketAddr::new(ip(C), 8080)));
+        // A whole new pool: up at once, as a new VIP's, not held into fail-open.
+        let (d, e) = ("198.18.0.14", "198.18.0.15");
+        let swapped = port(8080, &[d, e]);
+        assert!(v.hold_new_backends(&moved, &swapped).is_empty());
+        v.reconcile(&swapped);
+        assert_eq!(live(&mut v, &swapped), [(ip(d), 1), (ip(e), 1)]);
+        assert!(!v.is_fail_open("web"));
+        // A pool with one backend kept: the new one waits for its check, as before.
+        let grown = port(8080, &[d, e, A]);
+        assert_eq!(
+            v.hold_new_backends(&swapped, &grown),
+            [("web".to_owned(), SocketAddr::new(ip(A), 8080))]
+        );
     }
 
     #[test]
