@@ -262,6 +262,112 @@ fn a_proxy_whose_threads_get_no_io_uring_fails_to_start() {
     assert!(TcpStream::connect(addr).is_err(), "no listener is left unanswered");
 }
 
+/// Runs this test binary again for `test` alone, with `EDGELB_FD_CHILD` set, and asserts that
+/// it passed there: for a test that lowers the process's descriptor limit, which would starve
+/// the tests running beside it. Bounded: the child is killed after 60 s.
+fn in_child(test: &str) {
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env("EDGELB_FD_CHILD", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the test binary again");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{test} did not finish in 60 s in its own process");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(
+        status.success() && out.contains("1 passed"),
+        "{test} in its own process: {status}\n{out}"
+    );
+}
+
+/// Lowers this process's descriptor limit so that exactly `n` more descriptors can be opened,
+/// until the returned guard is dropped. Descriptors are numbered from the lowest free one and
+/// the limit bounds their numbers, so every free number below the limit is filled first.
+fn room_for(n: usize) -> impl Drop {
+    // The fillers hold the free numbers below the limit until the limit is back.
+    struct Room {
+        _fillers: Vec<std::fs::File>,
+        limit: libc::rlimit,
+    }
+    impl Drop for Room {
+        fn drop(&mut self) {
+            // SAFETY: setrlimit reads the struct it is given.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &self.limit) }, 0);
+        }
+    }
+    use std::os::fd::AsRawFd;
+    let highest = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .max()
+        .unwrap();
+    let mut fillers = Vec::new();
+    loop {
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let fd = f.as_raw_fd();
+        if fd > highest {
+            // Every number up to `fd` is taken now; `fd` goes back, to be the first free.
+            drop(f);
+            let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            // SAFETY: getrlimit and setrlimit read and write the structs they are given.
+            unsafe {
+                assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut old), 0);
+                let low = libc::rlimit { rlim_cur: (fd as usize + n) as libc::rlim_t, ..old };
+                assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &low), 0);
+            }
+            return Room { _fillers: fillers, limit: old };
+        }
+        fillers.push(f);
+    }
+}
+
+/// The value of the series `name{vip="web"}` (0 when it does not exist).
+fn vip_counter(m: &Metrics, name: &str) -> u64 {
+    let prefix = format!("{name}{{vip=\"web\"}} ");
+    m.encode().lines().find_map(|l| l.strip_prefix(&prefix)?.parse().ok()).unwrap_or(0)
+}
+
+/// Out of descriptors, a listener stays readable with its connection queued: the proxy must
+/// pause between tries (not spin its core, with every connection on it, and flood the log),
+/// and take the connection once descriptors are free again.
+#[test]
+fn out_of_descriptors_pauses_accepts_and_then_serves() {
+    const NAME: &str = "out_of_descriptors_pauses_accepts_and_then_serves";
+    if std::env::var_os("EDGELB_FD_CHILD").is_none() {
+        return in_child(NAME);
+    }
+    let b = backend("b", Mode::Ok);
+    let p = proxy(&[(&b, 1)], "", "");
+    assert_eq!(get(p.addr, "/").0, 200);
+    let room = room_for(1);
+    // The client's socket takes the one descriptor left: the handshake completes in the
+    // kernel, and the proxy's accept fails with EMFILE.
+    let c = TcpStream::connect(p.addr).expect("the client's socket");
+    std::thread::sleep(Duration::from_millis(1000));
+    let errors = vip_counter(&p.metrics, "edgelb_l7_accept_errors_total");
+    drop(room);
+    // A pause doubling from 10 ms to 500 ms tries about 7 times a second; a loop that retries
+    // every 10 ms, about 100 times.
+    assert!((1..=20).contains(&errors), "{errors} failed accepts in one second");
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    (&c).write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").unwrap();
+    let r = read_response(&mut BufReader::new(c.try_clone().unwrap()))
+        .expect("an answer once descriptors are free");
+    assert_eq!(r.0, 200, "{r:?}");
+}
+
 /// A keep-alive client connection to `addr` (reads time out after 5 s) and a reader on it.
 fn client(addr: SocketAddr) -> (TcpStream, BufReader<TcpStream>) {
     let s = TcpStream::connect(addr).unwrap();

@@ -81,6 +81,9 @@ pub struct L7Metrics {
     pub retries: Family<VipLabel, Counter>,
     /// Backends taken out by passive health (counted through [`L7Metrics::eject`]).
     pub ejections: Family<BackendLabel, Counter>,
+    /// Failed accepts on a VIP's listeners: out of descriptors or memory, mostly, which the
+    /// log reports once per episode while this counts every one.
+    pub accept_errors: Family<VipLabel, Counter>,
     /// Which `ejections` series exist and which backends may have one.
     ejected: Arc<Mutex<Ejected>>,
 }
@@ -112,8 +115,14 @@ impl L7Metrics {
             active: Family::default(),
             retries: Family::default(),
             ejections: Family::default(),
+            accept_errors: Family::default(),
             ejected: Arc::default(),
         };
+        registry.register(
+            "edgelb_l7_accept_errors",
+            "Failed accepts on L7 listeners (out of descriptors or memory, mostly)",
+            m.accept_errors.clone(),
+        );
         registry.register(
             "edgelb_l7_requests",
             "L7 requests by response status class",
@@ -675,6 +684,17 @@ async fn run_thread(
     sweeping.abort();
 }
 
+/// The pause after an accept failed, first and longest (doubling from one to the other while
+/// accepts keep failing for want of descriptors or memory).
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_millis(500);
+
+/// Did a call fail for want of this process's or the system's resources (descriptors,
+/// buffers, memory), not because of the peer? Such a failure says nothing of the other end.
+pub(crate) fn out_of_resources(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
 /// Accepts connections on `l` until the proxy stops.
 ///
 /// Accepting goes through tokio's readiness reactor (which tokio-uring's runtime also runs), not
@@ -699,6 +719,9 @@ async fn accept_loop(
         }
     };
     let label = VipLabel { vip: vip.clone() };
+    // Accepts failed in a row for want of descriptors or memory, and the pause after the last.
+    let mut starved = 0u64;
+    let mut pause = Duration::ZERO;
     loop {
         // Stopping first: once it is set, no further connection is taken off the socket (one
         // the service manager holds keeps it for the next process).
@@ -717,11 +740,36 @@ async fn accept_loop(
         let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                warn!(vip, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                shared.metrics.accept_errors.get_or_create(&label).inc();
+                if out_of_resources(&e) {
+                    // The connection stays queued and the listener readable: without a pause
+                    // this would spin the core (and every connection on it) and flood the log,
+                    // as nginx's and HAProxy's accept pauses avoid. Said once per episode.
+                    starved += 1;
+                    if starved == 1 {
+                        warn!(vip, error = %e, "cannot accept connections: out of descriptors or memory; pausing accepts (up to {} ms between tries) until it passes", ACCEPT_PAUSE_MAX.as_millis());
+                    }
+                    pause = (pause * 2).clamp(ACCEPT_PAUSE_MIN, ACCEPT_PAUSE_MAX);
+                } else if e.raw_os_error() == Some(libc::ECONNABORTED) {
+                    // The client left before it was taken: nothing to wait for.
+                    tracing::debug!(vip, "a connection was reset before it was accepted");
+                    continue;
+                } else {
+                    warn!(vip, error = %e, "accept failed");
+                    pause = ACCEPT_PAUSE_MIN;
+                }
+                tokio::select! {
+                    biased;
+                    _ = wait_stopping(&shared) => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
                 continue;
             }
         };
+        if starved > 0 {
+            info!(vip, failed = starved, "accepting connections again");
+            (starved, pause) = (0, Duration::ZERO);
+        }
         let Some(rt) = shared.snapshot.load().vips.get(&vip).cloned() else { continue };
         let stream = uring::Socket::new(stream, rt.cfg.idle_timeout);
         let counted = Counted::new(&shared, &label);
