@@ -410,6 +410,111 @@ fn icmp_fixtures() {
     );
 }
 
+/// Destination unreachable about a VIP flow, whatever its code, goes to the backend that owns
+/// the flow, as frag-needed does: host unreachable (IPv4 type 3 code 1), port unreachable
+/// (code 3, UDP) and ICMPv6 destination unreachable (type 1, address unreachable) quoting what
+/// the VIP sent to a client. The backend's stack learns that its client cannot be reached
+/// (RFC 6069, IP_RECVERR), as behind Katran. Time exceeded stays with the kernel.
+#[test]
+fn destination_unreachable_goes_to_the_owning_backend() {
+    let Some(mut h) = Harness::new("unreachable_to_backend", FIXTURE_CONFIG) else { return };
+    let (client, vip4, router) = (v4("198.18.4.7"), v4("198.18.1.1"), v4("198.18.0.254"));
+    let quoted =
+        V4::new(vip4, client, 6).packet(&tcp(vip4.into(), client.into(), 80, 40000, ACK, b""));
+    let vip = h.vip("v4tcp");
+    let b = route(&vip, client.into(), 40000).unwrap().address;
+    let hash = conn_hash(&vip, client.into(), 40000, 80);
+    for (code, what) in [(1, "host unreachable"), (0, "net unreachable"), (13, "prohibited")] {
+        let icmp = V4::new(router, vip4, 1).packet(&icmp4(3, code, [0; 4], &quoted[..28]));
+        let want = encapsulated(&vip, b, hash, &icmp, None);
+        let input = eth(LB_MAC, CLIENT_MAC, ETH_IP, &icmp);
+        h.check(what, &input, XDP_TX, Some(&want), Reason::TxIcmpToBackend);
+    }
+
+    // Port unreachable from the client itself about a UDP reply of the VIP's.
+    let quoted =
+        V4::new(vip4, client, 17).packet(&udp(vip4.into(), client.into(), 53, 40000, b"answer"));
+    let icmp = V4::new(client, vip4, 1).packet(&icmp4(3, 3, [0; 4], &quoted));
+    let vip = h.vip("v4udp");
+    let b = route(&vip, client.into(), 40000).unwrap().address;
+    let want = encapsulated(&vip, b, conn_hash(&vip, client.into(), 40000, 53), &icmp, None);
+    let input = eth(LB_MAC, CLIENT_MAC, ETH_IP, &icmp);
+    h.check("port unreachable", &input, XDP_TX, Some(&want), Reason::TxIcmpToBackend);
+
+    // ICMPv6 destination unreachable (address unreachable) about [VIP]:80 -> [client]:40000.
+    let (c6, vip6, router6) = (v6("2001:2::77"), v6("2001:2:0:1::1"), v6("2001:2::fe"));
+    let quoted6 = ipv6(vip6, c6, 6, 0, 64, &tcp(vip6.into(), c6.into(), 80, 40000, ACK, b""));
+    let unreach = ipv6(router6, vip6, 58, 0, 64, &icmp6(router6, vip6, 1, 3, [0; 4], &quoted6));
+    let vip = h.vip("v6");
+    let b = route(&vip, c6.into(), 40000).unwrap().address;
+    let want = encapsulated(&vip, b, conn_hash(&vip, c6.into(), 40000, 80), &unreach, None);
+    let input = eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &unreach);
+    h.check("ICMPv6 unreachable", &input, XDP_TX, Some(&want), Reason::TxIcmpToBackend);
+
+    // Time exceeded (IPv4 11, ICMPv6 3) is not forwarded: passed untouched.
+    let quoted =
+        V4::new(vip4, client, 6).packet(&tcp(vip4.into(), client.into(), 80, 40000, ACK, b""));
+    let exceeded = V4::new(router, vip4, 1).packet(&icmp4(11, 0, [0; 4], &quoted[..28]));
+    let input = eth(LB_MAC, CLIENT_MAC, ETH_IP, &exceeded);
+    h.check("time exceeded", &input, XDP_PASS, None, Reason::PassNoService);
+    let exceeded6 = ipv6(router6, vip6, 58, 0, 64, &icmp6(router6, vip6, 3, 0, [0; 4], &quoted6));
+    let input = eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &exceeded6);
+    h.check("ICMPv6 time exceeded", &input, XDP_PASS, None, Reason::PassNoService);
+}
+
+/// A packet-too-big about a backend's large IPv6 UDP reply that its source fragmented quotes
+/// the IPv6 header, a fragment header (offset 0, next header UDP) and the UDP header: it goes to
+/// the backend that owns the flow, or path-MTU discovery fails for such replies. An error
+/// quoting a later fragment (no ports behind its header, IPv6 or IPv4) is passed.
+#[test]
+fn an_error_quoting_a_first_fragment_goes_to_the_owning_backend() {
+    let Some(mut h) = Harness::new("fragment_quote_to_backend", FIXTURE_CONFIG) else { return };
+    let (c6, vip6, router6) = (v6("2001:2::77"), v6("2001:2:0:1::1"), v6("2001:2::fe"));
+    let ptb = |offset: u16, more: bool| {
+        let off_m = (offset << 3) | u16::from(more);
+        let mut frag = vec![17u8, 0];
+        frag.extend(off_m.to_be_bytes());
+        frag.extend(0x1234_5678u32.to_be_bytes());
+        frag.extend(udp(vip6.into(), c6.into(), 53, 40000, &[0x5a; 64]));
+        let quoted = ipv6(vip6, c6, 44, 0, 64, &frag);
+        ipv6(router6, vip6, 58, 0, 64, &icmp6(router6, vip6, 2, 0, 1280u32.to_be_bytes(), &quoted))
+    };
+    let first = ptb(0, true);
+    let vip = h.vip("v6udp");
+    let b = route(&vip, c6.into(), 40000).unwrap().address;
+    let want = encapsulated(&vip, b, conn_hash(&vip, c6.into(), 40000, 53), &first, None);
+    let input = eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &first);
+    h.check("PTB quoting a first fragment", &input, XDP_TX, Some(&want), Reason::TxIcmpToBackend);
+
+    // A later fragment: what follows its fragment header is data, not ports.
+    let later = eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &ptb(181, false));
+    h.check("PTB quoting a later fragment", &later, XDP_PASS, None, Reason::PassNoService);
+
+    // IPv4 likewise: unreachable quoting a later fragment of a UDP reply is passed; quoting the
+    // first one (MF set, offset 0) it is routed.
+    let (client, vip4, router) = (v4("198.18.4.7"), v4("198.18.1.1"), v4("198.18.0.254"));
+    let mut f = V4::new(vip4, client, 17);
+    (f.df, f.mf) = (false, true);
+    let quoted = f.packet(&udp(vip4.into(), client.into(), 53, 40000, &[0x5a; 64]));
+    let icmp = V4::new(router, vip4, 1).packet(&icmp4(3, 1, [0; 4], &quoted[..28]));
+    let vip = h.vip("v4udp");
+    let b = route(&vip, client.into(), 40000).unwrap().address;
+    let want = encapsulated(&vip, b, conn_hash(&vip, client.into(), 40000, 53), &icmp, None);
+    let input = eth(LB_MAC, CLIENT_MAC, ETH_IP, &icmp);
+    h.check(
+        "unreachable quoting a first fragment",
+        &input,
+        XDP_TX,
+        Some(&want),
+        Reason::TxIcmpToBackend,
+    );
+    (f.mf, f.frag_offset) = (false, 9);
+    let quoted = f.packet(&udp(vip4.into(), client.into(), 53, 40000, &[0x5a; 64]));
+    let icmp = V4::new(router, vip4, 1).packet(&icmp4(3, 1, [0; 4], &quoted[..28]));
+    let input = eth(LB_MAC, CLIENT_MAC, ETH_IP, &icmp);
+    h.check("unreachable quoting a later fragment", &input, XDP_PASS, None, Reason::PassNoService);
+}
+
 #[test]
 fn pass_and_drop_policy_fixtures() {
     let Some(mut h) = Harness::new("pass_and_drop_policy_fixtures", FIXTURE_CONFIG) else { return };
@@ -2859,28 +2964,37 @@ fn sent_to_backend(
     Ok(())
 }
 
-/// An ICMP frag-needed / packet-too-big about a VIP flow goes to the flow's backend, as data of
-/// that flow would (`sent_to_backend`), when it quotes a whole IPv4 (version 4, IHL 5) or IPv6
-/// header with the ports of a TCP or UDP flow whose source is a VIP's (address, port): what
-/// the VIP sent. Whichever VIP address the error was sent to: the design routes on the quote.
+/// An ICMP destination unreachable (any code, frag-needed included) or ICMPv6 packet-too-big or
+/// destination unreachable about a VIP flow goes to the flow's backend, as data of that flow
+/// would (`sent_to_backend`), when it quotes a whole IPv4 (version 4, IHL 5, no fragment but a
+/// first one) or IPv6 header (then at most one fragment header, of a first fragment) with the
+/// ports of a TCP or UDP flow whose source is a VIP's (address, port): what the VIP sent.
+/// Whichever VIP address the error was sent to: the design routes on the quote.
 fn error_to_backend(md: &Model, input: &[u8], ip: &IpView, out: &[u8]) -> Result<(), Fault> {
     let Some(m) = ip.icmp() else {
         return Err(Fault::Broken("an ICMP error forwarded without an ICMP header".into()));
     };
-    let error = if ip.v6 { m[0] == 2 } else { m[0] == 3 && m[1] == 4 };
-    ensure!(error, "ICMP type {} code {} forwarded as frag-needed / too-big", m[0], m[1]);
+    let error = if ip.v6 { m[0] == 1 || m[0] == 2 } else { m[0] == 3 };
+    ensure!(error, "ICMP type {} code {} forwarded as an error about a flow", m[0], m[1]);
     let q = &m[8..];
-    let (hlen, version) = if ip.v6 { (40, 6) } else { (20, 4) };
+    let (mut hlen, version) = if ip.v6 { (40, 6) } else { (20, 4) };
     ensure!(q.len() >= hlen + 4, "forwarded an error quoting {} bytes", q.len());
     ensure!(q[0] >> 4 == version, "forwarded an error quoting version {}", q[0] >> 4);
     ensure!(ip.v6 || q[0] == 0x45, "forwarded an error quoting IHL {}", q[0] & 0xf);
-    let (src, dst, proto): (IpAddr, IpAddr, u8) = if ip.v6 {
+    let (src, dst, mut proto): (IpAddr, IpAddr, u8) = if ip.v6 {
         let a = |o: usize| IpAddr::from(<[u8; 16]>::try_from(&q[o..o + 16]).unwrap());
         (a(8), a(24), q[6])
     } else {
         let a = |o: usize| IpAddr::from(<[u8; 4]>::try_from(&q[o..o + 4]).unwrap());
         (a(12), a(16), q[9])
     };
+    let offset = |o: usize, mask: u16| u16::from_be_bytes([q[o], q[o + 1]]) & mask;
+    ensure!(ip.v6 || offset(6, 0x1fff) == 0, "forwarded an error quoting a later fragment");
+    if ip.v6 && proto == 44 {
+        ensure!(q.len() >= hlen + 12, "forwarded an error quoting {} bytes", q.len());
+        ensure!(offset(42, 0xfff8) == 0, "forwarded an error quoting a later fragment");
+        (proto, hlen) = (q[40], hlen + 8);
+    }
     ensure!(proto == 6 || proto == 17, "forwarded an error quoting protocol {proto}");
     let (sport, dport) = (
         u16::from_be_bytes([q[hlen], q[hlen + 1]]),
@@ -3075,6 +3189,14 @@ fn operator_bases() -> Vec<(String, Vec<u8>)> {
     add("packet-too-big about [vip6]:80", e6(error6(6, 80, 2)));
     add("packet-too-big about [vip6]:53", e6(error6(17, 53, 2)));
     add("unreachable about [vip6]:80", e6(error6(6, 80, 1)));
+    add("host unreachable to 198.18.1.1", e4(error4("198.18.1.1", "198.18.1.1", 6, 80, 3, 1)));
+    {
+        // About the first fragment of a UDP reply of [vip6]:53 (a fragment header, then UDP).
+        let mut q = vec![17u8, 0, 0, 1, 0, 0, 0, 7];
+        q.extend(udp(vip6.into(), c6.into(), 53, 40000, b"a"));
+        let m = icmp6(router6, vip6, 2, 0, 1280u32.to_be_bytes(), &ipv6(vip6, c6, 44, 0, 64, &q));
+        add("packet-too-big about a fragment of [vip6]:53", e6(ipv6(router6, vip6, 58, 0, 64, &m)));
+    }
     // Fragments, options, extension headers.
     let mut frag = V4::new(c4, v4("198.18.1.1"), 17);
     frag.mf = true;

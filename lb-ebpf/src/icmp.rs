@@ -1,6 +1,7 @@
 //! ICMP for VIPs: echo answered here, errors about a VIP flow routed to the backend that owns the
-//! flow (so path-MTU discovery works with DSR), and frag-needed / packet-too-big generated when
-//! an encapsulated packet would not fit the egress MTU.
+//! flow (so path-MTU discovery works with DSR, and a backend learns that its client cannot be
+//! reached), and frag-needed / packet-too-big generated when an encapsulated packet would not
+//! fit the egress MTU.
 
 use crate::{
     L3,
@@ -9,8 +10,8 @@ use crate::{
     encap::{move_l2_reply, reply_macs},
     forward, is_vip_addr, lookup_vip,
     parse::{
-        ETH_LEN, ETH_P_IP, ETH_P_IPV6, ICMP_LEN, IPV4_LEN, IPV6_LEN, IcmpHdr, Ipv4Hdr, Ipv6Hdr,
-        Ports, ptr_at,
+        ETH_LEN, ETH_P_IP, ETH_P_IPV6, ICMP_LEN, IP_OFFSET, IPV4_LEN, IPV6_FRAG_LEN,
+        IPV6_FRAG_OFFSET, IPV6_LEN, IcmpHdr, Ipv4Hdr, Ipv6FragHdr, Ipv6Hdr, Ports, ptr_at,
     },
     stats::count,
 };
@@ -25,6 +26,7 @@ const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMP_ECHO: u8 = 8;
+const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PKT_TOO_BIG: u8 = 2;
 const ICMPV6_ECHO: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
@@ -60,7 +62,11 @@ pub fn handle(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
             }
             return echo_v4(ctx, l3, icmp);
         }
-        if h.ty == ICMP_DEST_UNREACH && h.code == ICMP_FRAG_NEEDED {
+        // Destination unreachable, whatever the code: frag-needed for path-MTU discovery, and
+        // the others (host, port, administratively prohibited...) so the backend's stack can
+        // give up on a client it cannot reach (RFC 1122 4.2.3.9, RFC 6069; IP_RECVERR for UDP),
+        // as Katran forwards them. Time exceeded and the rest stay with the kernel.
+        if h.ty == ICMP_DEST_UNREACH {
             return error_to_backend(ctx, l3);
         }
     } else {
@@ -71,7 +77,8 @@ pub fn handle(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
             }
             return echo_v6(ctx, l3, icmp);
         }
-        if h.ty == ICMPV6_PKT_TOO_BIG {
+        // Packet too big and destination unreachable (any code), as for IPv4 above.
+        if h.ty == ICMPV6_PKT_TOO_BIG || h.ty == ICMPV6_DEST_UNREACH {
             return error_to_backend(ctx, l3);
         }
     }
@@ -153,6 +160,12 @@ fn echo_v6(ctx: &XdpContext, l3: &L3, icmp: *mut IcmpHdr) -> Result<u32, ()> {
 
 /// An ICMP error quotes the packet the VIP "sent" (VIP -> client). Reverse the quoted header to
 /// get the client's flow, find that flow's backend and send the error there.
+///
+/// Only a quote whose ports can be read is routed: a fragment other than the first carries
+/// none (the bytes behind its header are data), so an error about one is passed. A first
+/// fragment is routed like the whole packet: in IPv6 that means stepping over the fragment
+/// header (a backend's large UDP reply, fragmented at its source, whose packet-too-big must
+/// reach it for path-MTU discovery to work).
 #[inline(always)]
 fn error_to_backend(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
     let inner_off = l3.l4_off + ICMP_LEN;
@@ -160,7 +173,7 @@ fn error_to_backend(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
         let inner: *const Ipv4Hdr = ptr_at(ctx, inner_off)?;
         // SAFETY: bounds-checked by ptr_at.
         let h = unsafe { *inner };
-        if h.ver_ihl != 0x45 {
+        if h.ver_ihl != 0x45 || h.frag_off & IP_OFFSET != 0 {
             count(Reason::PassNoService);
             return Ok(xdp_action::XDP_PASS);
         }
@@ -174,7 +187,23 @@ fn error_to_backend(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
             count(Reason::PassNoService);
             return Ok(xdp_action::XDP_PASS);
         }
-        (h.saddr, h.daddr, h.next_hdr, inner_off + IPV6_LEN)
+        let (mut next, mut off) = (h.next_hdr, inner_off + IPV6_LEN);
+        // One fragment header at most, straight behind the fixed one (as a source writes it
+        // when no other extension header comes first); no loop for the verifier to bound.
+        if next == crate::IPV6_FRAGMENT {
+            if !l3.holds(off, IPV6_FRAG_LEN) {
+                return Err(());
+            }
+            let frag: *const Ipv6FragHdr = ptr_at(ctx, off)?;
+            // SAFETY: bounds-checked by ptr_at.
+            let f = unsafe { *frag };
+            if f.frag_off & IPV6_FRAG_OFFSET != 0 {
+                count(Reason::PassNoService);
+                return Ok(xdp_action::XDP_PASS);
+            }
+            (next, off) = (f.next_hdr, off + IPV6_FRAG_LEN);
+        }
+        (h.saddr, h.daddr, next, off)
     };
     if inner_proto != proto::TCP && inner_proto != proto::UDP {
         count(Reason::PassNoService);

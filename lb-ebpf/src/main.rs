@@ -197,7 +197,8 @@ fn parse_v4(ctx: &XdpContext, l3_off: usize) -> Result<Step<L3>, ()> {
 /// IPv6 extension headers we do not walk: hop-by-hop, routing, destination options, AH, ESP
 /// (fragment is handled on its own).
 const IPV6_EXT_HEADERS: [u8; 5] = [0, 43, 60, 51, 50];
-const IPV6_FRAGMENT: u8 = 44;
+/// IPv6 fragment header's next-header value.
+pub const IPV6_FRAGMENT: u8 = 44;
 
 #[inline(always)]
 fn parse_v6(ctx: &XdpContext, l3_off: usize) -> Result<Step<L3>, ()> {

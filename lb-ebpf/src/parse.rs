@@ -160,6 +160,18 @@ pub struct Ports {
     pub dst: u16,
 }
 
+/// IPv6 fragment header (RFC 8200 4.5): read only where an ICMPv6 error quotes a fragment, to
+/// find the ports behind it.
+#[repr(C, packed(2))]
+#[derive(Clone, Copy)]
+pub struct Ipv6FragHdr {
+    pub next_hdr: u8,
+    pub reserved: u8,
+    /// Fragment offset (13 bits), 2 reserved bits, M flag.
+    pub frag_off: u16,
+    pub id: u32,
+}
+
 /// ICMP / ICMPv6 header.
 #[repr(C, packed(2))]
 #[derive(Clone, Copy)]
@@ -175,9 +187,15 @@ pub const VLAN_LEN: usize = size_of::<VlanHdr>();
 pub const IPV4_LEN: usize = size_of::<Ipv4Hdr>();
 pub const IPV6_LEN: usize = size_of::<Ipv6Hdr>();
 pub const ICMP_LEN: usize = size_of::<IcmpHdr>();
+pub const IPV6_FRAG_LEN: usize = size_of::<Ipv6FragHdr>();
 
 /// IPv4 "more fragments" flag and fragment offset bits of `frag_off` (native order).
 pub const IP_MF_OFFSET: u16 = 0x3FFFu16.to_be();
+/// IPv4 fragment offset bits of `frag_off` (native order): non-zero in all but a first fragment,
+/// the one that holds the transport header.
+pub const IP_OFFSET: u16 = 0x1FFFu16.to_be();
+/// IPv6 fragment offset bits of a fragment header's `frag_off` (native order): likewise.
+pub const IPV6_FRAG_OFFSET: u16 = 0xFFF8u16.to_be();
 /// IPv4 "don't fragment" bit.
 pub const IP_DF: u16 = 0x4000u16.to_be();
 

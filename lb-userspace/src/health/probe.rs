@@ -9,9 +9,10 @@ use std::{
 use crate::config::{CheckKind, HealthCheck};
 
 /// A TCP connection to `addr` within `check`'s timeout; when the backend expects the PROXY
-/// protocol, opened with its header as the proxy sends it for a client, from the probe's own
-/// address (else the backend refuses an HTTP probe, and logs a broken connection at a TCP one).
-/// `left` is the time left of the probe.
+/// protocol, opened with its header (else the backend refuses an HTTP probe, and logs a broken
+/// connection at a TCP one) carrying the LOCAL command: the proxy-protocol spec has a proxy's
+/// own connections, "such as health-checks", say so rather than pass off the probe's address
+/// as a client's. `left` is the time left of the probe.
 fn connect(
     check: &HealthCheck,
     addr: SocketAddr,
@@ -20,10 +21,8 @@ fn connect(
     let mut s =
         TcpStream::connect_timeout(&addr, check.timeout).map_err(|e| format!("connect: {e}"))?;
     if let Some(v) = check.proxy_protocol {
-        let from = s.local_addr().map_err(|e| e.to_string())?;
         s.set_write_timeout(Some(left())).map_err(|e| e.to_string())?;
-        s.write_all(&crate::proxy::proxy_header(v, from, addr))
-            .map_err(|e| format!("send: {e}"))?;
+        s.write_all(&crate::proxy::proxy_header_local(v)).map_err(|e| format!("send: {e}"))?;
     }
     Ok(s)
 }
@@ -263,45 +262,52 @@ mod tests {
     }
 
     /// A backend behind `proxy_protocol` reads the PROXY header before the request: the probe
-    /// sends it (from its own address), as the proxy does for a client. Without it such a
-    /// backend refuses every probe.
+    /// sends it with the LOCAL command, as haproxy's proxy-protocol.txt asks of connections a
+    /// proxy opens itself, "such as health-checks" (v1 `PROXY UNKNOWN\r\n`; v2 the signature,
+    /// 0x20, family 0x00, length 0), and the request right behind it. Without it such a backend
+    /// refuses every probe.
     #[test]
     fn a_probe_speaks_the_proxy_protocol_its_backend_expects() {
+        // A backend that reads exactly `len` bytes of header, sends them down `got` with the
+        // request line behind them, and answers only an exact LOCAL header.
         let strict = |version: u8| {
+            let want: &[u8] = if version == 1 {
+                b"PROXY UNKNOWN\r\n"
+            } else {
+                b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00"
+            };
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = l.local_addr().unwrap();
+            let (tx, got) = mpsc::channel();
             std::thread::spawn(move || {
-                let (mut s, peer) = l.accept().unwrap();
+                let (mut s, _) = l.accept().unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
                 let mut r = std::io::BufReader::new(s.try_clone().unwrap());
-                let ok = if version == 1 {
-                    let mut line = String::new();
-                    let _ = r.read_line(&mut line);
-                    line == format!(
-                        "PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\n",
-                        peer.port(),
-                        addr.port()
-                    )
-                } else {
-                    let mut sig = [0u8; 16];
-                    r.read_exact(&mut sig).is_ok()
-                        && sig[..12] == *b"\r\n\r\n\0\r\nQUIT\n"
-                        && sig[12] == 0x21
-                        && r.read_exact(&mut [0u8; 12]).is_ok()
-                };
-                if ok {
+                let mut header = vec![0u8; want.len()];
+                let read = r.read_exact(&mut header).is_ok();
+                let mut line = String::new();
+                let _ = r.read_line(&mut line);
+                if read && header == want {
                     let mut head = String::new();
                     while r.read_line(&mut head).is_ok_and(|n| n > 2) {}
                     let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\n");
                 }
+                let _ = tx.send((header, line));
             });
-            addr
+            (addr, got, want)
         };
         for v in [1, 2] {
             let mut check = http(1000, None);
             check.proxy_protocol = Some(v);
-            assert!(probe(&check, strict(v)).is_ok(), "v{v}");
+            let (addr, got, want) = strict(v);
+            let probed = probe(&check, addr);
+            let (header, line) = got.recv().unwrap();
+            assert_eq!(header, want, "v{v}: the LOCAL header, byte for byte");
+            assert_eq!(line, "GET /healthz HTTP/1.0\r\n", "v{v}: the request right behind it");
+            assert!(probed.is_ok(), "v{v}: {probed:?}");
             // Refused: the backend closes (or resets) without an answer.
-            assert!(probe(&http(1000, None), strict(v)).is_err(), "v{v} without the header");
+            let (addr, _got, _) = strict(v);
+            assert!(probe(&http(1000, None), addr).is_err(), "v{v} without the header");
         }
     }
 }

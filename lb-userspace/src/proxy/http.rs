@@ -715,6 +715,20 @@ enum Side {
     Timeout,
 }
 
+/// The PROXY protocol header for a connection the proxy opens on its own account, such as a
+/// health check's: the LOCAL command (haproxy's proxy-protocol.txt, 2.1 and 2.2), which says no
+/// client is behind it, so the backend takes the connection's own addresses and logs no
+/// made-up client. v1: `PROXY UNKNOWN\r\n`; v2: the signature, version 2 with command LOCAL
+/// (0x20), family and transport unspecified (0x00), no address block.
+pub fn proxy_header_local(version: u8) -> Vec<u8> {
+    if version == 1 {
+        return b"PROXY UNKNOWN\r\n".to_vec();
+    }
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend([0x20, 0x00, 0, 0]);
+    h
+}
+
 /// The PROXY protocol header for a connection from `peer` to `local`.
 pub fn proxy_header(version: u8, peer: SocketAddr, local: SocketAddr) -> Vec<u8> {
     let (peer, local) = (
@@ -2242,5 +2256,7 @@ mod tests {
         assert_eq!(&v2[12..16], &[0x21, 0x11, 0, 12]);
         assert_eq!(&v2[16..20], &[198, 18, 4, 1]);
         assert_eq!(&v2[24..28], &[0x13, 0x88, 0, 80]);
+        assert_eq!(proxy_header_local(1), b"PROXY UNKNOWN\r\n");
+        assert_eq!(proxy_header_local(2), b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00");
     }
 }

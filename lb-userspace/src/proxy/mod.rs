@@ -13,7 +13,7 @@
 pub mod balance;
 mod chunked;
 mod http;
-pub(crate) use http::{is_tchar, proxy_header};
+pub(crate) use http::{is_tchar, proxy_header_local};
 pub mod inherited;
 pub mod path;
 mod tcp;
