@@ -199,6 +199,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     let cfg = Config::load(path)?;
     raise_fd_limit();
     preflight(&cfg)?;
+    warn_of_mtu(&cfg);
     // Only a valid config takes over, and only once the kernel has taken this binary's program
     // (it is loaded here, beside the running one): a bad file or a refused program leaves the
     // running edgelb alone.
@@ -511,6 +512,44 @@ fn preflight(cfg: &Config) -> Result<(), RunError> {
         Some(name) => Err(RunError::Interface(name.clone())),
         None => Ok(()),
     }
+}
+
+/// Logs where `node.mtu` cannot be what the attached interfaces carry (see [`mtu_mismatches`]).
+fn warn_of_mtu(cfg: &Config) {
+    let links: Vec<(String, u32)> = cfg
+        .node
+        .interfaces
+        .iter()
+        .filter_map(|i| {
+            let mtu = std::fs::read_to_string(format!("/sys/class/net/{i}/mtu")).ok()?;
+            Some((i.clone(), mtu.trim().parse().ok()?))
+        })
+        .collect();
+    for w in mtu_mismatches(cfg, &links) {
+        warn!("{w}");
+    }
+}
+
+/// Why `node.mtu` is wrong for the interfaces' own MTUs (`links`), if it is, when some VIP
+/// encapsulates (which makes packets larger): above an interface's MTU, or 0 (no check), a
+/// full-size client packet is encapsulated past what the NIC sends, and it is dropped
+/// silently (by the driver, or the next hop) instead of answered with frag-needed /
+/// packet-too-big so that the client sends smaller ones.
+fn mtu_mismatches(cfg: &Config, links: &[(String, u32)]) -> Vec<String> {
+    if !cfg.vips.iter().any(|v| v.forwarding == Forwarding::Ipip) {
+        return Vec::new();
+    }
+    let mtu = cfg.node.mtu;
+    links
+        .iter()
+        .filter(|&&(_, link)| mtu == 0 || mtu > link)
+        .map(|(name, link)| {
+            let now = if mtu == 0 { "0 (no check)".to_owned() } else { mtu.to_string() };
+            format!(
+                "node.mtu is {now}, and interface {name} carries at most {link} bytes: an encapsulated packet above {link} bytes is dropped without an ICMP error, so clients never learn to send smaller ones; set node.mtu = {link} (or the smaller path MTU towards the backends)"
+            )
+        })
+        .collect()
 }
 
 /// Whether `a` and `b` name one file: the same inode when both exist (however spelled: a
@@ -1076,6 +1115,7 @@ impl Controller {
                         self.checks_missing
                     ));
                 }
+                warn_of_mtu(&self.cfg);
                 Response::ok(msg)
             }
             Err(e) => {
@@ -1302,6 +1342,30 @@ mod tests {
             assert!(why.contains(says), "want {says:?} in {why}");
         }
         assert!(!why.contains("xdp_mode") && !why.contains("metrics"), "{why}");
+    }
+
+    /// A `node.mtu` above an interface's MTU, or 0, is said, naming the interface and the
+    /// value to set; only when some VIP encapsulates (nothing else grows packets).
+    #[test]
+    fn an_mtu_the_interfaces_cannot_carry_is_said() {
+        let ipip = |mtu: u32| {
+            parse(&format!(
+                "{NODE}mtu = {mtu}\ngateway_mac = \"02:00:00:00:00:01\"\n[[vip]]\nname = \"v\"\naddress = \"198.18.1.1\"\nbackends = [{{ address = \"198.18.0.11\" }}]\n"
+            ))
+        };
+        let links = [("eth0".to_owned(), 1500), ("eth1".to_owned(), 9000)];
+        assert!(mtu_mismatches(&ipip(1500), &links).is_empty());
+        let w = mtu_mismatches(&ipip(9000), &links);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("interface eth0 carries at most 1500")
+                && w[0].contains("node.mtu = 1500"),
+            "{w:?}"
+        );
+        assert_eq!(mtu_mismatches(&ipip(0), &links).len(), 2);
+        // Without encapsulation, packets leave no larger than they came.
+        let l7_only = parse(&format!("{NODE}mtu = 9000\n{}", l7("a", 8001, "http")));
+        assert!(mtu_mismatches(&l7_only, &links).is_empty());
     }
 
     /// The reply to a reload says what changed, not a debug dump.
