@@ -1432,6 +1432,43 @@ fn a_stopping_edgelb_answers_scrapes_while_it_drains() {
     drop(e);
 }
 
+/// A stopping edgelb answers `status` while it drains and refuses other commands with the
+/// reason (both used to wait for the drain's end), and a second SIGTERM ends the drain at once
+/// (the operator who will not wait for a long download), as with nginx and HAProxy.
+#[test]
+fn a_second_stop_signal_ends_the_drain() {
+    let Some(mut bed) = Bed::up("stop-twice", &[1, 2, 3]) else { return };
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    bed.wait_for(l7);
+    wait_l7_connections(&bed, 0);
+    let pending = BegunRequest::to(&bed, l7);
+    wait_l7_connections(&bed, 1);
+    let mut e = bed.edgelb.take().unwrap();
+    // Guarded: a failed assertion below stops it.
+    let mut child = e.child.take().unwrap();
+    child.signal(libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !e.log().contains("L7 proxy: draining") {
+        assert!(Instant::now() < deadline, "no drain; log:\n{}", e.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t = Instant::now();
+    let out = e.cli(&["status"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = e.cli(&["drain", "198.18.0.11"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("stopping"), "{said}");
+    assert!(t.elapsed() < Duration::from_secs(5), "commands waited {:?}", t.elapsed());
+    assert!(child.exited().is_none(), "still draining");
+    child.signal(libc::SIGTERM);
+    // Not the 30 s of node.l7_drain_timeout_ms.
+    let st = child.wait(Duration::from_secs(5));
+    assert!(st.success(), "edgelb exit status {st}");
+    assert!(e.log().contains("closing the rest now"), "{}", e.log());
+    drop(pending);
+    drop(e);
+}
+
 /// Clients pipelining scrapes on several connections do not hold the controller: admin
 /// commands are still answered (scrapes waiting together share one rendering).
 #[test]

@@ -459,7 +459,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     };
     let socket = ctl.cfg.node.admin_socket.clone();
     let pin_dir = ctl.cfg.node.pin_dir.clone();
-    ctl.drain_proxy();
+    ctl.drain_proxy(Some(&mut signals));
     drop(ctl.checker);
     let result = match exit {
         Exit::Handover(..) => unreachable!("returned above"),
@@ -766,7 +766,7 @@ impl Controller {
                 return false;
             }
         }
-        self.drain_proxy();
+        self.drain_proxy(None);
         info!("handover done: the data plane and the sockets are the new edgelb's");
         true
     }
@@ -863,17 +863,49 @@ impl Controller {
 
     /// Stops the L7 proxy, letting requests in flight finish for up to
     /// `node.l7_drain_timeout_ms`, and answers metrics scrapes meanwhile (a drain can last as
-    /// long as a download).
-    fn drain_proxy(&mut self) {
+    /// long as a download). With `signals`, a second SIGINT or SIGTERM ends the drain at once,
+    /// as it does for nginx and HAProxy; admin requests are answered throughout: `status`
+    /// as ever, the others refused with the reason (they used to wait for the drain's end).
+    fn drain_proxy(&mut self, mut signals: Option<&mut signal_hook::iterator::Signals>) {
         let Some(proxy) = self.proxy.take() else { return };
         let grace = self.cfg.node.l7_drain_timeout;
-        info!("L7 proxy: draining (up to {} ms, node.l7_drain_timeout_ms)", grace.as_millis());
+        info!(
+            "L7 proxy: draining (up to {} ms, node.l7_drain_timeout_ms; a second SIGTERM or SIGINT ends it now)",
+            grace.as_millis()
+        );
+        let cut = proxy.cut_short();
         let (tx, rx) = mpsc::channel();
         let drain = std::thread::spawn(move || {
             proxy.shutdown(grace);
             let _ = tx.send(());
         });
-        self.answer_scrapes_until(&rx, grace + Duration::from_secs(5));
+        let end = Instant::now() + grace + Duration::from_secs(5);
+        while Instant::now() < end {
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            self.answer_scrapes();
+            if let Some(s) = signals.as_deref_mut()
+                && s.pending().any(|sig| sig != SIGHUP)
+            {
+                warn!(
+                    connections = cut.open(),
+                    "stop signal during the L7 drain: closing the rest now"
+                );
+                cut.now();
+            }
+            while let Ok((req, reply)) = self.admin_rx.try_recv() {
+                let resp = match req {
+                    Request::Status => self.on_admin(req),
+                    _ => Response::err(format!(
+                        "edgelb is stopping: it is draining {} L7 connection(s) (up to node.l7_drain_timeout_ms); try again once it has exited",
+                        cut.open()
+                    )),
+                };
+                let _ = reply.send(resp.into());
+            }
+        }
         let _ = drain.join();
     }
 

@@ -609,7 +609,14 @@ impl Proxy {
         self.states.get(&(vip.to_owned(), addr)).cloned()
     }
 
-    /// Stops accepting, lets in-flight requests finish for up to `grace`, then stops the threads.
+    /// A handle that ends a [`Proxy::shutdown`] before its deadline, from another thread (a
+    /// second stop signal: an operator who will not wait for the drain).
+    pub fn cut_short(&self) -> CutShort {
+        CutShort(self.shared.clone())
+    }
+
+    /// Stops accepting, lets in-flight requests finish for up to `grace` (or until
+    /// [`CutShort::now`]), then stops the threads.
     pub fn shutdown(mut self, grace: Duration) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.stop.notify_waiters();
@@ -617,6 +624,7 @@ impl Proxy {
         while (self.shared.accepting.load(Ordering::SeqCst) > 0
             || self.shared.open.load(Ordering::SeqCst) > 0)
             && Instant::now() < deadline
+            && !self.shared.force.load(Ordering::SeqCst)
         {
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -628,6 +636,21 @@ impl Proxy {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+/// Ends a proxy's drain at once: see [`Proxy::cut_short`].
+pub struct CutShort(Arc<Shared>);
+
+impl CutShort {
+    /// Closes the connections still open; [`Proxy::shutdown`] returns once its threads end.
+    pub fn now(&self) {
+        self.0.force.store(true, Ordering::SeqCst);
+    }
+
+    /// L7 client connections still open.
+    pub fn open(&self) -> usize {
+        self.0.open.load(Ordering::SeqCst)
     }
 }
 
