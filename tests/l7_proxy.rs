@@ -218,9 +218,14 @@ impl Drop for Running {
 
 /// Starts the proxy for one L7 VIP on 127.0.0.1 with `backends` and extra `[vip.l7]` lines.
 fn proxy(backends: &[(&Backend, u32)], l7: &str, extra: &str) -> Running {
+    proxy_on(2, backends, l7, extra)
+}
+
+/// [`proxy`] with `threads` proxy threads.
+fn proxy_on(threads: usize, backends: &[(&Backend, u32)], l7: &str, extra: &str) -> Running {
     let (cfg, addr) = proxy_config(backends, l7, extra);
     let metrics = Metrics::new();
-    let proxy = Proxy::start(&cfg, 2, metrics.l7.clone()).expect("proxy starts");
+    let proxy = Proxy::start(&cfg, threads, metrics.l7.clone()).expect("proxy starts");
     let start = Instant::now();
     while TcpStream::connect(addr).is_err() {
         assert!(start.elapsed() < Duration::from_secs(5));
@@ -1156,6 +1161,111 @@ fn survives_hostile_input() {
     for _ in 0..5 {
         assert_eq!(get(p.addr, "/after").0, 200, "still serving");
     }
+}
+
+/// A head whose `Connection` header lists a great many tokens (each one may name a header to
+/// drop, RFC 9110 7.6.1) costs the proxy time in proportion to its bytes, not to its headers
+/// times its tokens: at the limits a VIP may allow (1 MiB heads, 1000 headers), the one proxy
+/// thread stalled for seconds on each such request, and every other connection with it. The
+/// headers a token names still do not reach the other side, in either direction.
+#[test]
+fn many_connection_tokens_cost_time_in_proportion_to_their_bytes() {
+    let hostile_head = |start: &str, headers: usize, bytes: usize| {
+        let mut h = format!("{start}\r\nX-Named: 1\r\nX-Kept: 1\r\n");
+        for i in 0..headers {
+            h += &format!("X-{i}: v\r\n");
+        }
+        h += "Connection: x-named";
+        while h.len() < bytes {
+            h += ",a";
+        }
+        h + "\r\n\r\n"
+    };
+    // Answers each request with the Connection-named and kept headers it got, and with a
+    // response head as hostile as the request's (within what the proxy reads of one, 64 KiB
+    // and 128 headers), or a plain one for `/plain`.
+    let b = serve_backend(move |s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while let Some((head, _)) = read_request(&mut r) {
+            r2.fetch_add(1, Ordering::Relaxed);
+            let got = |name: &str| head.contains(&format!("\r\n{name}: 1\r\n"));
+            let text = format!("named={} kept={}", got("X-Named"), got("X-Kept"));
+            let plain = head.starts_with("GET /plain ");
+            let start = if plain { "HTTP/1.1 200 OK" } else { "HTTP/1.1 200 OK\r\nX-Resp: 1" };
+            let resp = if plain {
+                format!("{start}\r\n")
+            } else {
+                let h = hostile_head(start, 120, 60 * 1024);
+                h.strip_suffix("\r\n").unwrap().to_owned()
+            };
+            let resp = format!("{resp}Content-Length: {}\r\n\r\n{text}", text.len());
+            if w.write_all(resp.as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+    let p = proxy_on(
+        1,
+        &[(&b, 1)],
+        "max_header_bytes = 1048576\nmax_headers = 1000\nrequest_timeout_ms = 60000\nresponse_timeout_ms = 60000",
+        "",
+    );
+    let mut other = Client::connect(p.addr);
+    other.s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let plain = |other: &mut Client| {
+        let t = Instant::now();
+        other.send(b"GET /plain HTTP/1.1\r\nHost: t\r\n\r\n");
+        let r = read_response(&mut other.r).expect("an answer");
+        assert_eq!(r.0, 200, "{r:?}");
+        t.elapsed()
+    };
+    plain(&mut other);
+
+    // The request: all but its last line first, so that the proxy has it read up to there;
+    // then the end, and at once a plain request on the other connection, which has to wait
+    // for whatever the proxy thread does with the hostile one.
+    let hostile = hostile_head("GET /hostile HTTP/1.1\r\nHost: t", 990, 1_000_000);
+    let (mut s, mut r) = client(p.addr);
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let cut = hostile.len() - 2;
+    s.write_all(&hostile.as_bytes()[..cut]).unwrap();
+    // The proxy has read it all when it answers on the other connection after it.
+    std::thread::sleep(Duration::from_millis(300));
+    plain(&mut other);
+    s.write_all(&hostile.as_bytes()[cut..]).unwrap();
+    let waited = plain(&mut other);
+    let t = Instant::now();
+    let resp = read_response(&mut r).expect("the hostile request is answered");
+    let hostile_took = t.elapsed();
+    assert!(
+        waited < Duration::from_millis(500),
+        "a plain request waited {waited:?} behind one with many Connection tokens (it then took {hostile_took:?} more)"
+    );
+    assert_eq!(resp.0, 200, "{resp:?}");
+    assert_eq!(resp.2, "named=false kept=true", "what the backend got");
+    assert!(
+        resp.1.contains_key("x-resp") && !resp.1.contains_key("x-named"),
+        "the client gets the response's kept headers, not those it names: {:?}",
+        resp.1
+            .keys()
+            .filter(|k| !k.starts_with("x-1") && !k.starts_with("x-2"))
+            .collect::<Vec<_>>()
+    );
+
+    // Responses: the backend's hostile heads, one after another.
+    let t = Instant::now();
+    for _ in 0..20 {
+        s.write_all(b"GET /again HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let resp = read_response(&mut r).expect("an answer");
+        assert_eq!(resp.2, "named=false kept=false", "{resp:?}");
+        assert!(resp.1.contains_key("x-resp") && !resp.1.contains_key("x-named"));
+    }
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(1000),
+        "20 responses with many Connection tokens took {took:?}"
+    );
 }
 
 /// Two waves of 150 concurrent requests on 150 keep-alive client connections; returns the backend
