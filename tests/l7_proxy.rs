@@ -603,6 +603,94 @@ fn cookie_stickiness_with_signed_cookies() {
     assert!(m.values().all(|n| (*n as f64 - 100.0).abs() <= 5.0), "{m:?}");
 }
 
+/// A client whose cookie names a live backend stays there through that backend's own errors:
+/// its 502/503/504, or no answer within the response timeout, reach the client as they are
+/// (the backend has the request, and may have done it), not retried on another backend that
+/// would take the session over with its cookie. Only a backend that cannot be connected to
+/// hands its clients on. No 5xx answer sets a cookie: a client placed on a backend that
+/// fails keeps no cookie for it.
+#[test]
+fn a_cookie_client_stays_through_its_backends_errors() {
+    // `a` answers 200, or (once, when told) 503, or nothing until after the response timeout.
+    const OK: u8 = 0;
+    const FAIL_ONCE: u8 = 1;
+    const STALL_ONCE: u8 = 2;
+    let next = Arc::new(std::sync::atomic::AtomicU8::new(OK));
+    let told = next.clone();
+    let mut a = serve_backend(move |s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while read_request(&mut r).is_some() {
+            r2.fetch_add(1, Ordering::Relaxed);
+            let status = match told.swap(OK, Ordering::Relaxed) {
+                FAIL_ONCE => 503,
+                STALL_ONCE => {
+                    std::thread::sleep(Duration::from_millis(800));
+                    200
+                }
+                _ => 200,
+            };
+            let resp = format!("HTTP/1.1 {status} X\r\nContent-Length: 1\r\n\r\na");
+            if w.write_all(resp.as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+    let b = backend("b", Mode::Ok);
+    let p = proxy(
+        &[(&a, 1), (&b, 1)],
+        "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef0123\"\nmax_fails = 100\nresponse_timeout_ms = 300\nupstream_keepalive = 0",
+        "",
+    );
+    let with = |cookie: &str| {
+        request(
+            p.addr,
+            None,
+            &format!("GET / HTTP/1.1\r\nHost: t\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"),
+        )
+        .unwrap()
+    };
+    // A cookie for `a` (new clients take turns).
+    let cookie = (0..20)
+        .map(|_| get(p.addr, "/"))
+        .find(|r| who(r) == "a")
+        .map(|r| r.1["set-cookie"].split(';').next().unwrap().to_owned())
+        .expect("a client placed on a");
+    let b_before = b.reqs.load(Ordering::Relaxed);
+    for (told_a, status) in [(FAIL_ONCE, 503), (STALL_ONCE, 504)] {
+        next.store(told_a, Ordering::Relaxed);
+        let r = with(&cookie);
+        assert_eq!((r.0, r.1.get("set-cookie")), (status, None), "{r:?}");
+        assert_eq!(b.reqs.load(Ordering::Relaxed), b_before, "not retried on b: {r:?}");
+        // And the client is still on `a`.
+        let r = with(&cookie);
+        assert_eq!((r.0, who(&r), r.1.get("set-cookie")), (200, "a".to_owned(), None), "{r:?}");
+    }
+
+    // `a` gone (its listener closed; no connection to it is kept for reuse): its clients go
+    // on to `b`, with a cookie for it.
+    a.stop.store(true, Ordering::Relaxed);
+    let _ = TcpStream::connect(a.addr);
+    a.thread.take().expect("the accept thread").join().unwrap();
+    let r = with(&cookie);
+    assert_eq!((r.0, who(&r)), (200, "b".to_owned()), "{r:?}");
+    let moved = r.1["set-cookie"].split(';').next().unwrap().to_owned();
+    assert_ne!(moved, cookie);
+    assert_eq!(who(&with(&moved)), "b");
+
+    // Every backend answering 503: the last one's answer, and no cookie naming it.
+    let (x, y) = (backend("x", Mode::Status(503)), backend("y", Mode::Status(503)));
+    let p = proxy(
+        &[(&x, 1), (&y, 1)],
+        "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef0123\"\nmax_fails = 100",
+        "",
+    );
+    for _ in 0..4 {
+        let r = get(p.addr, "/");
+        assert_eq!((r.0, r.1.get("set-cookie")), (503, None), "{r:?}");
+    }
+}
+
 /// A GET that fails on one backend (a 503 or a reset) is retried on another; a POST is not
 /// retried at all: each POST reaches exactly one backend once, and one that reached the failing
 /// backend gets that backend's failure (a retried POST could run twice).

@@ -8,7 +8,8 @@
 //! the body, reading the response head meanwhile (a backend may answer before the body is
 //! through, which ends the body there) → read the response head (response timeout) → stream
 //! the response back. Connect errors, timeouts and 502/503/504 answers are retried on another
-//! backend for idempotent requests without a body; anything else gets one clean error response.
+//! backend for idempotent requests without a body (for one on the member its stickiness cookie
+//! names, connect errors only); anything else gets one clean error response.
 
 use std::{
     borrow::Cow,
@@ -1457,6 +1458,12 @@ async fn serve_conn(
                 vip.retries.inc();
             }
             tried.push(i);
+            // The member the client's cookie names (live, or the pool failing open): the
+            // session is there. Its own errors are the client's answer: retried elsewhere,
+            // the request might run twice, and the other member's answer would move the
+            // session for good (HAProxy redispatches a cookie client only when its server
+            // cannot be connected to). A connect failure still goes on to another member.
+            let pinned = sticky == Some(i);
             let member = &pool.members[i];
             let counted = InFlight::new(&member.state);
             member.state.requests.fetch_add(1, Ordering::Relaxed);
@@ -1475,7 +1482,7 @@ async fn serve_conn(
                     } else {
                         member.state.success();
                     }
-                    if retryable && can_retry && attempt < cfg.retries {
+                    if retryable && can_retry && !pinned && attempt < cfg.retries {
                         // The latest such answer is the one passed on if nothing better comes.
                         let rest = ubuf.split();
                         if let Some(old) = kept.replace(Kept { i, up, resp, rest, counted }) {
@@ -1523,7 +1530,7 @@ async fn serve_conn(
                     }
                     let sent = matches!(e, Attempt::Timeout | Attempt::Broken);
                     last = e;
-                    if out_of_time || (sent && !can_retry) {
+                    if out_of_time || (sent && (!can_retry || pinned)) {
                         break;
                     }
                 }
@@ -1631,7 +1638,9 @@ async fn serve_conn(
             None
         };
         content_length(&mut out, rframing, declared);
-        if pool.algorithm == Algorithm::Cookie && sticky != Some(i) {
+        // A new or moved client gets its cookie; not with a 5xx, which would pin it to a
+        // member that failed it (the last of several that answered 503, say).
+        if pool.algorithm == Algorithm::Cookie && sticky != Some(i) && resp.status < 500 {
             let _ = write!(
                 out,
                 "Set-Cookie: {}={}; Path={}; HttpOnly\r\n",
