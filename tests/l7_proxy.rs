@@ -2503,6 +2503,57 @@ fn upgraded_connections_are_relayed_and_unsolicited_101_refused() {
     assert_eq!(resp.0, 502);
 }
 
+/// A client that opens a WebSocket (or any upgrade) before anything else gets its stickiness
+/// cookie on the 101, as it would on any other answer: without it, its later requests and its
+/// reconnects were placed anew each time. One whose cookie is valid gets none.
+#[test]
+fn an_upgrade_placed_anew_gets_its_cookie_on_the_101() {
+    let b = serve_backend(|s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        if read_request(&mut r).is_some() {
+            r2.fetch_add(1, Ordering::Relaxed);
+            let _ = w.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            );
+        }
+    });
+    let p = proxy(
+        &[(&b, 1)],
+        "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef0123\"\nretries = 0",
+        "",
+    );
+    // The 101's head, lower-cased, for an upgrade request with `cookie` lines.
+    let switch = |cookie: &str| {
+        let (mut s, mut r) = client(p.addr);
+        s.write_all(
+            format!("GET /ws HTTP/1.1\r\nHost: t\r\n{cookie}Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                break;
+            }
+            head += &line;
+        }
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        head
+    };
+    let set_cookie = |head: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix("Set-Cookie: "))
+            .map(|c| c.split(';').next().unwrap().to_owned())
+    };
+    let cookie = set_cookie(&switch("")).expect("a new client's 101 sets the cookie");
+    assert!(cookie.starts_with("edgelb="), "{cookie}");
+    let stale = "Cookie: edgelb=00000000000000000000000000000000\r\n";
+    assert_eq!(set_cookie(&switch(stale)), Some(cookie.clone()), "a stale cookie is replaced");
+    assert_eq!(set_cookie(&switch(&format!("Cookie: {cookie}\r\n"))), None, "a valid one stays");
+}
+
 #[test]
 fn expect_100_continue_is_answered_before_the_body() {
     let a = backend("a", Mode::Ok);

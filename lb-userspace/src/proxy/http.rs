@@ -1569,6 +1569,11 @@ async fn serve_conn(
             // request): pass its answer on, then relay bytes both ways until both sides are
             // done, as TCP mode does. The connection is no longer HTTP.
             status_and_headers(&mut out, &resp);
+            // A WebSocket client placed anew is as sticky as any other: later requests of its
+            // page, and its reconnects, go where its session is.
+            if pool.algorithm == Algorithm::Cookie && sticky != Some(i) {
+                set_cookie(&mut out, &vip, &pool, i);
+            }
             let protocol = header(&resp.head, "upgrade").next().or(upgrade).unwrap_or_default();
             out.extend_from_slice(b"Upgrade: ");
             out.extend_from_slice(protocol);
@@ -1641,13 +1646,7 @@ async fn serve_conn(
         // A new or moved client gets its cookie; not with a 5xx, which would pin it to a
         // member that failed it (the last of several that answered 503, say).
         if pool.algorithm == Algorithm::Cookie && sticky != Some(i) && resp.status < 500 {
-            let _ = write!(
-                out,
-                "Set-Cookie: {}={}; Path={}; HttpOnly\r\n",
-                vip.cfg.cookie_name,
-                pool.cookie(i),
-                pool.cookie_path
-            );
+            set_cookie(&mut out, &vip, &pool, i);
         }
         out.extend_from_slice(if keep {
             &b"Connection: keep-alive\r\n\r\n"[..]
@@ -1728,6 +1727,18 @@ async fn serve_conn(
             return;
         }
     }
+}
+
+/// Writes the `Set-Cookie` header that sticks a client to member `i` of `pool`.
+fn set_cookie(out: &mut BytesMut, vip: &VipRuntime, pool: &Pool, i: usize) {
+    // Writes into a BytesMut cannot fail.
+    let _ = write!(
+        out,
+        "Set-Cookie: {}={}; Path={}; HttpOnly\r\n",
+        vip.cfg.cookie_name,
+        pool.cookie(i),
+        pool.cookie_path
+    );
 }
 
 /// Shuts a backend connection down (completing any read left pending by a timeout, so the fd
