@@ -3290,9 +3290,12 @@ fn a_backend_back_in_the_pool_keeps_its_requests_in_flight() {
     assert_eq!(a.reqs.load(Ordering::Relaxed), 4);
 }
 
-/// The pools of one cookie VIP (its own and its routes') each keep their stickiness: a route's
-/// cookie is scoped to its path prefix, so it does not overwrite the VIP's, and of the cookies a
-/// client sends, the one naming a member of the pool at hand counts.
+/// The pools of one cookie VIP (its own and its routes') each keep their stickiness: of the
+/// cookies a client sends, the one naming a member of the pool at hand counts. A route's cookie
+/// comes back with every request the route takes: the route matches its prefix as a plain
+/// prefix (`/api` takes `/api-x`), and a browser sends a cookie only where its `Path` covers
+/// the path segment by segment (RFC 6265 5.1.4), so the cookie of `/api` has `Path=/`, the
+/// VIP's own path; it has a name of its own, so that neither overwrites the other.
 #[test]
 fn each_pool_of_a_cookie_vip_keeps_its_stickiness() {
     let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));
@@ -3319,13 +3322,34 @@ fn each_pool_of_a_cookie_vip_keeps_its_stickiness() {
     let root_cookie = set.split(';').next().unwrap().to_owned();
     let first = ask("/api/x", &root_cookie);
     let set = first.1["set-cookie"].clone();
-    assert!(set.contains("Path=/api;"), "scoped to the route: {set}");
     let api_cookie = set.split(';').next().unwrap().to_owned();
-    // A browser sends both for /api/x (the longer path first), only the VIP's for /.
+    // What a browser sends back: cookies whose path covers the request's (RFC 6265 5.1.4).
+    fn path_of(set: &str) -> &str {
+        set.split("; ").find_map(|a| a.strip_prefix("Path=")).unwrap()
+    }
+    let covers = |cookie_path: &str, target: &str| {
+        let path = target.split('?').next().unwrap();
+        path == cookie_path
+            || (path.starts_with(cookie_path)
+                && (cookie_path.ends_with('/') || path[cookie_path.len()..].starts_with('/')))
+    };
+    assert!(covers("/api", "/api?q") && covers("/api", "/api/x") && !covers("/api", "/api-x"));
+    for path in ["/api", "/api/x", "/api-x", "/api-docs/y?z"] {
+        assert!(covers(path_of(&set), path), "{set} does not come back for {path}");
+    }
+    let name = |c: &str| c.split('=').next().unwrap().to_owned();
+    assert!(
+        name(&api_cookie) != name(&root_cookie) || path_of(&set) != "/",
+        "the route's cookie {set} overwrites the VIP's {root_cookie}; Path=/"
+    );
+    // A browser sends both for what the route takes (the one with the longer path first, if
+    // the paths differ), only the VIP's for /.
     for _ in 0..10 {
-        let r = ask("/api/x", &format!("{api_cookie}; {root_cookie}"));
-        assert_eq!(who(&r), who(&first));
-        assert!(!r.1.contains_key("set-cookie"), "the route's cookie is kept: {r:?}");
+        for path in ["/api/x", "/api-x"] {
+            let r = ask(path, &format!("{api_cookie}; {root_cookie}"));
+            assert_eq!(who(&r), who(&first), "{path}");
+            assert!(!r.1.contains_key("set-cookie"), "the route's cookie is kept: {r:?}");
+        }
         let r = ask("/", &root_cookie);
         assert_eq!(who(&r), "a");
         assert!(!r.1.contains_key("set-cookie"), "the VIP's cookie is kept: {r:?}");

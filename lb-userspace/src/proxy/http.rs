@@ -1416,12 +1416,13 @@ async fn serve_conn(
                     .flat_map(|v| v.split(|&b| b == b';'))
                     .filter_map(|c| {
                         let (name, rest) =
-                            c.trim_ascii().split_at_checked(cfg.cookie_name.len())?;
+                            c.trim_ascii().split_at_checked(pool.cookie_name.len())?;
                         let value = rest.strip_prefix(b"=")?;
-                        (name == cfg.cookie_name.as_bytes()).then_some(value)
+                        (name == pool.cookie_name.as_bytes()).then_some(value)
                     })
-                    // Each of the VIP's pools sets its own (with its route's path): the client
-                    // may send several; the first one of this pool counts.
+                    // Each of the VIP's pools sets its own (scoped to its route's path, see
+                    // `Pool::scope_cookie`): a client may send several of one name (with
+                    // nested paths); the first one naming a member of this pool counts.
                     .find_map(|v| pool.cookie_member(v))
             })
             .flatten();
@@ -1572,7 +1573,7 @@ async fn serve_conn(
             // A WebSocket client placed anew is as sticky as any other: later requests of its
             // page, and its reconnects, go where its session is.
             if pool.algorithm == Algorithm::Cookie && sticky != Some(i) {
-                set_cookie(&mut out, &vip, &pool, i);
+                set_cookie(&mut out, &pool, i);
             }
             let protocol = header(&resp.head, "upgrade").next().or(upgrade).unwrap_or_default();
             out.extend_from_slice(b"Upgrade: ");
@@ -1646,7 +1647,7 @@ async fn serve_conn(
         // A new or moved client gets its cookie; not with a 5xx, which would pin it to a
         // member that failed it (the last of several that answered 503, say).
         if pool.algorithm == Algorithm::Cookie && sticky != Some(i) && resp.status < 500 {
-            set_cookie(&mut out, &vip, &pool, i);
+            set_cookie(&mut out, &pool, i);
         }
         out.extend_from_slice(if keep {
             &b"Connection: keep-alive\r\n\r\n"[..]
@@ -1730,12 +1731,12 @@ async fn serve_conn(
 }
 
 /// Writes the `Set-Cookie` header that sticks a client to member `i` of `pool`.
-fn set_cookie(out: &mut BytesMut, vip: &VipRuntime, pool: &Pool, i: usize) {
+fn set_cookie(out: &mut BytesMut, pool: &Pool, i: usize) {
     // Writes into a BytesMut cannot fail.
     let _ = write!(
         out,
         "Set-Cookie: {}={}; Path={}; HttpOnly\r\n",
-        vip.cfg.cookie_name,
+        pool.cookie_name,
         pool.cookie(i),
         pool.cookie_path
     );
