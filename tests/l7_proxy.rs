@@ -218,9 +218,14 @@ impl Drop for Running {
 
 /// Starts the proxy for one L7 VIP on 127.0.0.1 with `backends` and extra `[vip.l7]` lines.
 fn proxy(backends: &[(&Backend, u32)], l7: &str, extra: &str) -> Running {
+    proxy_on(2, backends, l7, extra)
+}
+
+/// [`proxy`] with `threads` proxy threads.
+fn proxy_on(threads: usize, backends: &[(&Backend, u32)], l7: &str, extra: &str) -> Running {
     let (cfg, addr) = proxy_config(backends, l7, extra);
     let metrics = Metrics::new();
-    let proxy = Proxy::start(&cfg, 2, metrics.l7.clone()).expect("proxy starts");
+    let proxy = Proxy::start(&cfg, threads, metrics.l7.clone()).expect("proxy starts");
     let start = Instant::now();
     while TcpStream::connect(addr).is_err() {
         assert!(start.elapsed() < Duration::from_secs(5));
@@ -702,6 +707,94 @@ fn cookie_stickiness_with_signed_cookies() {
     // Without a cookie, new clients spread by weighted round-robin (per thread, so within 5 %).
     let m = count(p.addr, 300);
     assert!(m.values().all(|n| (*n as f64 - 100.0).abs() <= 5.0), "{m:?}");
+}
+
+/// A client whose cookie names a live backend stays there through that backend's own errors:
+/// its 502/503/504, or no answer within the response timeout, reach the client as they are
+/// (the backend has the request, and may have done it), not retried on another backend that
+/// would take the session over with its cookie. Only a backend that cannot be connected to
+/// hands its clients on. No 5xx answer sets a cookie: a client placed on a backend that
+/// fails keeps no cookie for it.
+#[test]
+fn a_cookie_client_stays_through_its_backends_errors() {
+    // `a` answers 200, or (once, when told) 503, or nothing until after the response timeout.
+    const OK: u8 = 0;
+    const FAIL_ONCE: u8 = 1;
+    const STALL_ONCE: u8 = 2;
+    let next = Arc::new(std::sync::atomic::AtomicU8::new(OK));
+    let told = next.clone();
+    let mut a = serve_backend(move |s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while read_request(&mut r).is_some() {
+            r2.fetch_add(1, Ordering::Relaxed);
+            let status = match told.swap(OK, Ordering::Relaxed) {
+                FAIL_ONCE => 503,
+                STALL_ONCE => {
+                    std::thread::sleep(Duration::from_millis(800));
+                    200
+                }
+                _ => 200,
+            };
+            let resp = format!("HTTP/1.1 {status} X\r\nContent-Length: 1\r\n\r\na");
+            if w.write_all(resp.as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+    let b = backend("b", Mode::Ok);
+    let p = proxy(
+        &[(&a, 1), (&b, 1)],
+        "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef0123\"\nmax_fails = 100\nresponse_timeout_ms = 300\nupstream_keepalive = 0",
+        "",
+    );
+    let with = |cookie: &str| {
+        request(
+            p.addr,
+            None,
+            &format!("GET / HTTP/1.1\r\nHost: t\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"),
+        )
+        .unwrap()
+    };
+    // A cookie for `a` (new clients take turns).
+    let cookie = (0..20)
+        .map(|_| get(p.addr, "/"))
+        .find(|r| who(r) == "a")
+        .map(|r| r.1["set-cookie"].split(';').next().unwrap().to_owned())
+        .expect("a client placed on a");
+    let b_before = b.reqs.load(Ordering::Relaxed);
+    for (told_a, status) in [(FAIL_ONCE, 503), (STALL_ONCE, 504)] {
+        next.store(told_a, Ordering::Relaxed);
+        let r = with(&cookie);
+        assert_eq!((r.0, r.1.get("set-cookie")), (status, None), "{r:?}");
+        assert_eq!(b.reqs.load(Ordering::Relaxed), b_before, "not retried on b: {r:?}");
+        // And the client is still on `a`.
+        let r = with(&cookie);
+        assert_eq!((r.0, who(&r), r.1.get("set-cookie")), (200, "a".to_owned(), None), "{r:?}");
+    }
+
+    // `a` gone (its listener closed; no connection to it is kept for reuse): its clients go
+    // on to `b`, with a cookie for it.
+    a.stop.store(true, Ordering::Relaxed);
+    let _ = TcpStream::connect(a.addr);
+    a.thread.take().expect("the accept thread").join().unwrap();
+    let r = with(&cookie);
+    assert_eq!((r.0, who(&r)), (200, "b".to_owned()), "{r:?}");
+    let moved = r.1["set-cookie"].split(';').next().unwrap().to_owned();
+    assert_ne!(moved, cookie);
+    assert_eq!(who(&with(&moved)), "b");
+
+    // Every backend answering 503: the last one's answer, and no cookie naming it.
+    let (x, y) = (backend("x", Mode::Status(503)), backend("y", Mode::Status(503)));
+    let p = proxy(
+        &[(&x, 1), (&y, 1)],
+        "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef0123\"\nmax_fails = 100",
+        "",
+    );
+    for _ in 0..4 {
+        let r = get(p.addr, "/");
+        assert_eq!((r.0, r.1.get("set-cookie")), (503, None), "{r:?}");
+    }
 }
 
 /// A GET that fails on one backend (a 503 or a reset) is retried on another; a POST is not
@@ -1262,6 +1355,111 @@ fn survives_hostile_input() {
     for _ in 0..5 {
         assert_eq!(get(p.addr, "/after").0, 200, "still serving");
     }
+}
+
+/// A head whose `Connection` header lists a great many tokens (each one may name a header to
+/// drop, RFC 9110 7.6.1) costs the proxy time in proportion to its bytes, not to its headers
+/// times its tokens: at the limits a VIP may allow (1 MiB heads, 1000 headers), the one proxy
+/// thread stalled for seconds on each such request, and every other connection with it. The
+/// headers a token names still do not reach the other side, in either direction.
+#[test]
+fn many_connection_tokens_cost_time_in_proportion_to_their_bytes() {
+    let hostile_head = |start: &str, headers: usize, bytes: usize| {
+        let mut h = format!("{start}\r\nX-Named: 1\r\nX-Kept: 1\r\n");
+        for i in 0..headers {
+            h += &format!("X-{i}: v\r\n");
+        }
+        h += "Connection: x-named";
+        while h.len() < bytes {
+            h += ",a";
+        }
+        h + "\r\n\r\n"
+    };
+    // Answers each request with the Connection-named and kept headers it got, and with a
+    // response head as hostile as the request's (within what the proxy reads of one, 64 KiB
+    // and 128 headers), or a plain one for `/plain`.
+    let b = serve_backend(move |s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while let Some((head, _)) = read_request(&mut r) {
+            r2.fetch_add(1, Ordering::Relaxed);
+            let got = |name: &str| head.contains(&format!("\r\n{name}: 1\r\n"));
+            let text = format!("named={} kept={}", got("X-Named"), got("X-Kept"));
+            let plain = head.starts_with("GET /plain ");
+            let start = if plain { "HTTP/1.1 200 OK" } else { "HTTP/1.1 200 OK\r\nX-Resp: 1" };
+            let resp = if plain {
+                format!("{start}\r\n")
+            } else {
+                let h = hostile_head(start, 120, 60 * 1024);
+                h.strip_suffix("\r\n").unwrap().to_owned()
+            };
+            let resp = format!("{resp}Content-Length: {}\r\n\r\n{text}", text.len());
+            if w.write_all(resp.as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+    let p = proxy_on(
+        1,
+        &[(&b, 1)],
+        "max_header_bytes = 1048576\nmax_headers = 1000\nrequest_timeout_ms = 60000\nresponse_timeout_ms = 60000",
+        "",
+    );
+    let mut other = Client::connect(p.addr);
+    other.s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let plain = |other: &mut Client| {
+        let t = Instant::now();
+        other.send(b"GET /plain HTTP/1.1\r\nHost: t\r\n\r\n");
+        let r = read_response(&mut other.r).expect("an answer");
+        assert_eq!(r.0, 200, "{r:?}");
+        t.elapsed()
+    };
+    plain(&mut other);
+
+    // The request: all but its last line first, so that the proxy has it read up to there;
+    // then the end, and at once a plain request on the other connection, which has to wait
+    // for whatever the proxy thread does with the hostile one.
+    let hostile = hostile_head("GET /hostile HTTP/1.1\r\nHost: t", 990, 1_000_000);
+    let (mut s, mut r) = client(p.addr);
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let cut = hostile.len() - 2;
+    s.write_all(&hostile.as_bytes()[..cut]).unwrap();
+    // The proxy has read it all when it answers on the other connection after it.
+    std::thread::sleep(Duration::from_millis(300));
+    plain(&mut other);
+    s.write_all(&hostile.as_bytes()[cut..]).unwrap();
+    let waited = plain(&mut other);
+    let t = Instant::now();
+    let resp = read_response(&mut r).expect("the hostile request is answered");
+    let hostile_took = t.elapsed();
+    assert!(
+        waited < Duration::from_millis(500),
+        "a plain request waited {waited:?} behind one with many Connection tokens (it then took {hostile_took:?} more)"
+    );
+    assert_eq!(resp.0, 200, "{resp:?}");
+    assert_eq!(resp.2, "named=false kept=true", "what the backend got");
+    assert!(
+        resp.1.contains_key("x-resp") && !resp.1.contains_key("x-named"),
+        "the client gets the response's kept headers, not those it names: {:?}",
+        resp.1
+            .keys()
+            .filter(|k| !k.starts_with("x-1") && !k.starts_with("x-2"))
+            .collect::<Vec<_>>()
+    );
+
+    // Responses: the backend's hostile heads, one after another.
+    let t = Instant::now();
+    for _ in 0..20 {
+        s.write_all(b"GET /again HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let resp = read_response(&mut r).expect("an answer");
+        assert_eq!(resp.2, "named=false kept=false", "{resp:?}");
+        assert!(resp.1.contains_key("x-resp") && !resp.1.contains_key("x-named"));
+    }
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(1000),
+        "20 responses with many Connection tokens took {took:?}"
+    );
 }
 
 /// Two waves of 150 concurrent requests on 150 keep-alive client connections; returns the backend
@@ -2411,6 +2609,57 @@ fn upgraded_connections_are_relayed_and_unsolicited_101_refused() {
     assert_eq!(resp.0, 502);
 }
 
+/// A client that opens a WebSocket (or any upgrade) before anything else gets its stickiness
+/// cookie on the 101, as it would on any other answer: without it, its later requests and its
+/// reconnects were placed anew each time. One whose cookie is valid gets none.
+#[test]
+fn an_upgrade_placed_anew_gets_its_cookie_on_the_101() {
+    let b = serve_backend(|s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        if read_request(&mut r).is_some() {
+            r2.fetch_add(1, Ordering::Relaxed);
+            let _ = w.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            );
+        }
+    });
+    let p = proxy(
+        &[(&b, 1)],
+        "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef0123\"\nretries = 0",
+        "",
+    );
+    // The 101's head, lower-cased, for an upgrade request with `cookie` lines.
+    let switch = |cookie: &str| {
+        let (mut s, mut r) = client(p.addr);
+        s.write_all(
+            format!("GET /ws HTTP/1.1\r\nHost: t\r\n{cookie}Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                break;
+            }
+            head += &line;
+        }
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        head
+    };
+    let set_cookie = |head: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix("Set-Cookie: "))
+            .map(|c| c.split(';').next().unwrap().to_owned())
+    };
+    let cookie = set_cookie(&switch("")).expect("a new client's 101 sets the cookie");
+    assert!(cookie.starts_with("edgelb="), "{cookie}");
+    let stale = "Cookie: edgelb=00000000000000000000000000000000\r\n";
+    assert_eq!(set_cookie(&switch(stale)), Some(cookie.clone()), "a stale cookie is replaced");
+    assert_eq!(set_cookie(&switch(&format!("Cookie: {cookie}\r\n"))), None, "a valid one stays");
+}
+
 #[test]
 fn expect_100_continue_is_answered_before_the_body() {
     let a = backend("a", Mode::Ok);
@@ -3147,9 +3396,12 @@ fn a_backend_back_in_the_pool_keeps_its_requests_in_flight() {
     assert_eq!(a.reqs.load(Ordering::Relaxed), 4);
 }
 
-/// The pools of one cookie VIP (its own and its routes') each keep their stickiness: a route's
-/// cookie is scoped to its path prefix, so it does not overwrite the VIP's, and of the cookies a
-/// client sends, the one naming a member of the pool at hand counts.
+/// The pools of one cookie VIP (its own and its routes') each keep their stickiness: of the
+/// cookies a client sends, the one naming a member of the pool at hand counts. A route's cookie
+/// comes back with every request the route takes: the route matches its prefix as a plain
+/// prefix (`/api` takes `/api-x`), and a browser sends a cookie only where its `Path` covers
+/// the path segment by segment (RFC 6265 5.1.4), so the cookie of `/api` has `Path=/`, the
+/// VIP's own path; it has a name of its own, so that neither overwrites the other.
 #[test]
 fn each_pool_of_a_cookie_vip_keeps_its_stickiness() {
     let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));
@@ -3176,13 +3428,34 @@ fn each_pool_of_a_cookie_vip_keeps_its_stickiness() {
     let root_cookie = set.split(';').next().unwrap().to_owned();
     let first = ask("/api/x", &root_cookie);
     let set = first.1["set-cookie"].clone();
-    assert!(set.contains("Path=/api;"), "scoped to the route: {set}");
     let api_cookie = set.split(';').next().unwrap().to_owned();
-    // A browser sends both for /api/x (the longer path first), only the VIP's for /.
+    // What a browser sends back: cookies whose path covers the request's (RFC 6265 5.1.4).
+    fn path_of(set: &str) -> &str {
+        set.split("; ").find_map(|a| a.strip_prefix("Path=")).unwrap()
+    }
+    let covers = |cookie_path: &str, target: &str| {
+        let path = target.split('?').next().unwrap();
+        path == cookie_path
+            || (path.starts_with(cookie_path)
+                && (cookie_path.ends_with('/') || path[cookie_path.len()..].starts_with('/')))
+    };
+    assert!(covers("/api", "/api?q") && covers("/api", "/api/x") && !covers("/api", "/api-x"));
+    for path in ["/api", "/api/x", "/api-x", "/api-docs/y?z"] {
+        assert!(covers(path_of(&set), path), "{set} does not come back for {path}");
+    }
+    let name = |c: &str| c.split('=').next().unwrap().to_owned();
+    assert!(
+        name(&api_cookie) != name(&root_cookie) || path_of(&set) != "/",
+        "the route's cookie {set} overwrites the VIP's {root_cookie}; Path=/"
+    );
+    // A browser sends both for what the route takes (the one with the longer path first, if
+    // the paths differ), only the VIP's for /.
     for _ in 0..10 {
-        let r = ask("/api/x", &format!("{api_cookie}; {root_cookie}"));
-        assert_eq!(who(&r), who(&first));
-        assert!(!r.1.contains_key("set-cookie"), "the route's cookie is kept: {r:?}");
+        for path in ["/api/x", "/api-x"] {
+            let r = ask(path, &format!("{api_cookie}; {root_cookie}"));
+            assert_eq!(who(&r), who(&first), "{path}");
+            assert!(!r.1.contains_key("set-cookie"), "the route's cookie is kept: {r:?}");
+        }
         let r = ask("/", &root_cookie);
         assert_eq!(who(&r), "a");
         assert!(!r.1.contains_key("set-cookie"), "the VIP's cookie is kept: {r:?}");

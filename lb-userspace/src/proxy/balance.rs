@@ -128,8 +128,9 @@ pub struct Pool {
     rr: AtomicUsize,
     /// Identifies the snapshot, so per-thread weighted state resets when it changes.
     id: u64,
-    /// `Path` of the stickiness cookie this pool sets: its route's path prefix, so that the
-    /// cookies of a VIP's pools on one host do not overwrite each other (`/` otherwise).
+    /// Name of the stickiness cookie this pool sets and reads (see [`Pool::scope_cookie`]).
+    pub cookie_name: String,
+    /// `Path` of the stickiness cookie this pool sets (see [`Pool::scope_cookie`]).
     pub cookie_path: String,
     /// Each member's stickiness cookie value ([`cookie_tag`]), in member order; empty until
     /// [`Pool::sign_cookies`].
@@ -179,6 +180,7 @@ impl Pool {
             ring,
             rr: AtomicUsize::new(0),
             id: IDS.fetch_add(1, Ordering::Relaxed),
+            cookie_name: String::new(),
             cookie_path: "/".to_owned(),
             cookies: Vec::new(),
         }
@@ -188,6 +190,38 @@ impl Pool {
     /// per request.
     pub fn sign_cookies(&mut self, secret: &str) {
         self.cookies = self.members.iter().map(|m| cookie_tag(secret, m.state.addr)).collect();
+    }
+
+    /// Names and scopes the stickiness cookie of a pool whose VIP names its cookies `name`, for
+    /// the route with path `prefix` (`None` for the VIP's own backends, and a route by host
+    /// only). A browser sends a cookie only with paths its `Path` covers, segment by segment
+    /// (RFC 6265 5.1.4): the route matches by plain prefix (`/api` takes `/api-docs/x` too), so
+    /// the cookie's path is the prefix cut back to its last `/` (`/api` → `/`, `/api/` →
+    /// `/api/`, `/a/b` → `/a/`; `/` if that holds what a cookie attribute cannot: `;`, `,`,
+    /// spaces, controls). Pools of one host with the same cookie name and path would overwrite
+    /// each other's cookies, so a pool whose path is not its whole prefix gets a name of its
+    /// own: `name` followed by the prefix, every byte but ASCII letters, digits, `-` and `.`
+    /// written `_XX` in hex (`/api` → `edgelb_2Fapi`), which no other prefix gives. Pools
+    /// whose path is their whole prefix keep `name`: two of them with one path have one
+    /// prefix, and of two routes with one prefix the first takes every request of the hosts
+    /// the second would share.
+    pub fn scope_cookie(&mut self, name: &str, prefix: Option<&str>) {
+        let prefix = prefix.unwrap_or("/");
+        let cut = &prefix[..prefix.rfind('/').map_or(0, |i| i + 1)];
+        let attribute_ok = |p: &str| {
+            p.starts_with('/') && p.bytes().all(|b| b.is_ascii_graphic() && b != b';' && b != b',')
+        };
+        self.cookie_path = if attribute_ok(cut) { cut.to_owned() } else { "/".to_owned() };
+        self.cookie_name = name.to_owned();
+        if self.cookie_path != prefix {
+            for b in prefix.bytes() {
+                if b.is_ascii_alphanumeric() || b == b'-' || b == b'.' {
+                    self.cookie_name.push(char::from(b));
+                } else {
+                    self.cookie_name.push_str(&format!("_{b:02X}"));
+                }
+            }
+        }
     }
 
     /// The cookie value that names member `i` (empty if the pool has no secret).
@@ -525,5 +559,30 @@ mod tests {
             rel.iter().all(|r| (r - 1.0).abs() <= 0.05),
             "picks {picks:?}: share over weight share {rel:?}"
         );
+    }
+
+    /// A cookie's path covers every path its route's prefix matches, and pools whose cookies
+    /// could share a path get names of their own.
+    #[test]
+    fn cookies_are_scoped_to_what_their_route_matches() {
+        let scope = |prefix: Option<&str>| {
+            let mut p = pool(&[1], Algorithm::Cookie);
+            p.scope_cookie("edgelb", prefix);
+            (p.cookie_name, p.cookie_path)
+        };
+        let s = |name: &str, path: &str| (name.to_owned(), path.to_owned());
+        for (prefix, want) in [
+            (None, s("edgelb", "/")),
+            (Some("/"), s("edgelb", "/")),
+            (Some("/api/"), s("edgelb", "/api/")),
+            (Some("/api"), s("edgelb_2Fapi", "/")),
+            (Some("/a/b"), s("edgelb_2Fa_2Fb", "/a/")),
+            (Some("/a/b-c.d"), s("edgelb_2Fa_2Fb-c.d", "/a/")),
+            (Some("/a_2Fb"), s("edgelb_2Fa_5F2Fb", "/")),
+            (Some("/a;b/"), s("edgelb_2Fa_3Bb_2F", "/")),
+            (Some("/a;b/c"), s("edgelb_2Fa_3Bb_2Fc", "/")),
+        ] {
+            assert_eq!(scope(prefix), want, "{prefix:?}");
+        }
     }
 }

@@ -8,7 +8,8 @@
 //! the body, reading the response head meanwhile (a backend may answer before the body is
 //! through, which ends the body there) → read the response head (response timeout) → stream
 //! the response back. Connect errors, timeouts and 502/503/504 answers are retried on another
-//! backend for idempotent requests without a body; anything else gets one clean error response.
+//! backend for idempotent requests without a body (for one on the member its stickiness cookie
+//! names, connect errors only); anything else gets one clean error response.
 
 use std::{
     borrow::Cow,
@@ -323,45 +324,157 @@ impl Span {
 struct Head {
     bytes: Bytes,
     headers: Vec<(Span, Span)>,
-    /// The first [`CONNECTION_TOKENS`] tokens of the Connection headers, found once: every
-    /// header is checked against them.
-    connection: [Span; CONNECTION_TOKENS],
-    /// How many tokens the Connection headers have (more than the array holds: the rest are
-    /// searched for when needed).
-    connection_len: usize,
+    /// What its Connection headers say, found once, as the head is parsed.
+    connection: ConnectionOptions,
 }
 
-/// Connection-header tokens a head keeps at hand.
+/// What a head's `Connection` headers say (RFC 9112 9.6, RFC 9110 7.6.1), found in one pass
+/// over their tokens when the head is parsed. Every header is then checked against them in
+/// constant time, however many tokens there are: checked against every token, a head with many
+/// headers and a long Connection list (1000 headers and half a million tokens fit in 1 MiB)
+/// cost its proxy thread seconds, and every connection on that thread waited.
+#[derive(Default)]
+struct ConnectionOptions {
+    /// `close` is listed.
+    close: bool,
+    /// `keep-alive` is listed.
+    keep_alive: bool,
+    /// `upgrade` is listed.
+    upgrade: bool,
+    /// By header index: does a token name that header, which is hop-by-hop then (never Host:
+    /// see [`Head::end_to_end`])? Empty when no token names any header (the usual case: no
+    /// allocation).
+    named: Vec<bool>,
+}
+
+/// Connection tokens naming headers that a head keeps at hand and compares each header name
+/// with; past that many, the head's header names go into a table (one lookup per token).
 const CONNECTION_TOKENS: usize = 8;
+
+/// Bit `n` of a length mask stands for names of `n` bytes (`n` < 63), bit 63 for longer ones.
+fn length_bit(name: &[u8]) -> u64 {
+    1 << name.len().min(63)
+}
+
+/// The lengths ([`length_bit`]) of the fixed hop-by-hop names and the connection options
+/// (`close`; the others are in the list): a token of another length is none of them, and is
+/// passed over with one comparison.
+const SPECIAL_LENGTHS: u64 = {
+    let mut mask = 1 << "close".len();
+    let mut i = 0;
+    while i < HOP_BY_HOP.len() {
+        mask |= 1 << HOP_BY_HOP[i].len();
+        i += 1;
+    }
+    mask
+};
+
+/// A header name, compared and hashed without regard to ASCII case.
+struct Caseless<'a>(&'a [u8]);
+
+impl PartialEq for Caseless<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.eq_ignore_ascii_case(other.0)
+    }
+}
+
+impl Eq for Caseless<'_> {}
+
+impl std::hash::Hash for Caseless<'_> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        h.write_usize(self.0.len());
+        self.0.iter().for_each(|b| h.write_u8(b.to_ascii_lowercase()));
+    }
+}
+
+impl ConnectionOptions {
+    /// The options of `head`'s Connection headers: one pass over their tokens, and one over the
+    /// headers if a token may name one.
+    fn of(head: &Head) -> ConnectionOptions {
+        let mut o = ConnectionOptions::default();
+        // Tokens that may name headers: the first few at hand; with more, every header name
+        // of the head in a table, marked when a token names it (the table is as large as the
+        // head's header count, whatever the token count).
+        let mut few: [&[u8]; CONNECTION_TOKENS] = [&[]; CONNECTION_TOKENS];
+        let mut n = 0;
+        let mut table: Option<AHashMap<Caseless<'_>, bool>> = None;
+        // Which lengths the head's header names have ([`length_bit`]): a token of another
+        // length names none, and needs no lookup.
+        let mut lengths = 0u64;
+        for t in tokens(head, "connection") {
+            // Only tokens of these lengths can be options or hop-by-hop names: most tokens
+            // are passed over with one comparison.
+            if SPECIAL_LENGTHS & length_bit(t) != 0 {
+                o.close |= t.eq_ignore_ascii_case(b"close");
+                o.keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+                o.upgrade |= t.eq_ignore_ascii_case(b"upgrade");
+                // Dropped anyway (`keep-alive`, `upgrade` and the others).
+                if fixed_hop(t) {
+                    continue;
+                }
+            }
+            if n < CONNECTION_TOKENS {
+                few[n] = t;
+                n += 1;
+                continue;
+            }
+            let table = table.get_or_insert_with(|| {
+                let mut names: AHashMap<Caseless<'_>, bool> = head
+                    .headers()
+                    .map(|(name, _)| {
+                        lengths |= length_bit(name);
+                        (Caseless(name), false)
+                    })
+                    .collect();
+                for t in few {
+                    if let Some(listed) = names.get_mut(&Caseless(t)) {
+                        *listed = true;
+                    }
+                }
+                names
+            });
+            if lengths & length_bit(t) != 0
+                && let Some(listed) = table.get_mut(&Caseless(t))
+            {
+                *listed = true;
+            }
+        }
+        if n == 0 {
+            return o;
+        }
+        let named = |name: &[u8]| {
+            !name.eq_ignore_ascii_case(b"host")
+                && match &table {
+                    Some(names) => names.get(&Caseless(name)).copied().unwrap_or(false),
+                    None => few[..n].iter().any(|t| t.eq_ignore_ascii_case(name)),
+                }
+        };
+        if head.headers().any(|(name, _)| named(name)) {
+            o.named = head.headers().map(|(name, _)| named(name)).collect();
+        }
+        o
+    }
+}
 
 impl Head {
     fn new(bytes: Bytes, headers: Vec<(Span, Span)>) -> Head {
-        let mut head = Head {
-            bytes,
-            headers,
-            connection: [Span::default(); CONNECTION_TOKENS],
-            connection_len: 0,
-        };
-        let mut found = [Span::default(); CONNECTION_TOKENS];
-        let mut n = 0;
-        for t in tokens(&head, "connection") {
-            if let Some(slot) = found.get_mut(n) {
-                *slot = Span::of(&head.bytes, t);
-            }
-            n += 1;
-        }
-        (head.connection, head.connection_len) = (found, n);
+        let mut head = Head { bytes, headers, connection: ConnectionOptions::default() };
+        head.connection = ConnectionOptions::of(&head);
         head
     }
 
-    /// Does a Connection header list `token` (case-insensitively)?
-    fn connection_lists(&self, token: &[u8]) -> bool {
-        if self.connection_len > CONNECTION_TOKENS {
-            return has_token(self, "connection", token);
-        }
-        self.connection[..self.connection_len]
-            .iter()
-            .any(|&s| self.at(s).eq_ignore_ascii_case(token))
+    /// (name, value) of every header that goes on to the next hop, in order: not the
+    /// hop-by-hop ones (RFC 9110 7.6.1), by the fixed list or because a `Connection` token
+    /// names them. Not Host, whatever `Connection` says: it is meant for every recipient, and
+    /// the proxy routes by it, so the backend must get the one the proxy read.
+    fn end_to_end(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let named = &self.connection.named;
+        self.headers()
+            .enumerate()
+            .filter(move |&(i, (name, _))| {
+                !fixed_hop(name) && !named.get(i).copied().unwrap_or(false)
+            })
+            .map(|(_, h)| h)
     }
 
     fn at(&self, s: Span) -> &[u8] {
@@ -481,24 +594,17 @@ fn tokens<'a>(head: &'a Head, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
         .filter(|t| !t.is_empty())
 }
 
-/// Does a `name` header list `token` (case-insensitively)?
-fn has_token(head: &Head, name: &str, token: &[u8]) -> bool {
-    tokens(head, name).any(|t| t.eq_ignore_ascii_case(token))
-}
-
 /// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1). Not `Trailer`: it
 /// announces the fields of the trailer section, which goes on with a chunked body passed on as
 /// it came, so it is end-to-end (RFC 9110 6.6.2; RFC 2616 13.5.1 listed "Trailers", a
-/// misspelling RFC 7230 and its successors dropped).
+/// misspelling RFC 7230 and its successors dropped). Those a head's `Connection` names are
+/// hop-by-hop too: see [`Head::end_to_end`].
 const HOP_BY_HOP: [&str; 6] =
     ["connection", "keep-alive", "proxy-connection", "te", "upgrade", "transfer-encoding"];
 
-/// Is `name` hop-by-hop, by the fixed list or because a `Connection` header of `head` names
-/// it? Not Host, whatever `Connection` says: it is meant for every recipient (RFC 9110 7.6.1),
-/// and the proxy routes by it, so the backend must get the one the proxy read.
-fn is_hop(name: &[u8], head: &Head) -> bool {
+/// Is `name` hop-by-hop by the fixed list?
+fn fixed_hop(name: &[u8]) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
-        || (!name.eq_ignore_ascii_case(b"host") && head.connection_lists(name))
 }
 
 /// A Content-Length value: 1*DIGIT (RFC 9110 8.6). `str::parse` would also take a leading `+`,
@@ -795,7 +901,7 @@ fn expects_continue(req: &ReqHead, framing: Framing) -> bool {
 /// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`, named by `Connection`, as
 /// WebSocket handshakes do), if it asks and has no body.
 fn upgrade_of(req: &ReqHead, framing: Framing) -> Option<&[u8]> {
-    if req.http10 || framing != Framing::None || !req.head.connection_lists(b"upgrade") {
+    if req.http10 || framing != Framing::None || !req.head.connection.upgrade {
         return None;
     }
     header(&req.head, "upgrade").next().filter(|v| !v.trim_ascii().is_empty())
@@ -1022,7 +1128,7 @@ fn upstream_head(
         None => {}
     }
     let mut had_length = false;
-    for (name, value) in head.headers() {
+    for (name, value) in head.end_to_end() {
         // The client's Host is replaced by an absolute-form target's authority.
         if target.host_out.is_some() && name.eq_ignore_ascii_case(b"host") {
             continue;
@@ -1033,9 +1139,8 @@ fn upstream_head(
             continue;
         }
         // A 100-continue expectation is answered by the proxy itself (see `expects_continue`).
-        if is_hop(name, head)
-            || (name.eq_ignore_ascii_case(b"expect")
-                && value.trim_ascii().eq_ignore_ascii_case(b"100-continue"))
+        if name.eq_ignore_ascii_case(b"expect")
+            && value.trim_ascii().eq_ignore_ascii_case(b"100-continue")
         {
             continue;
         }
@@ -1133,8 +1238,8 @@ fn status_and_headers(out: &mut impl BufMut, resp: &RespHead) {
     out.put_slice(b" ");
     out.put_slice(resp.head.at(resp.reason));
     out.put_slice(b"\r\n");
-    for (name, value) in resp.head.headers() {
-        if is_hop(name, &resp.head) || name.eq_ignore_ascii_case(b"content-length") {
+    for (name, value) in resp.head.end_to_end() {
+        if name.eq_ignore_ascii_case(b"content-length") {
             continue;
         }
         out.put_slice(name);
@@ -1296,11 +1401,8 @@ async fn serve_conn(
         let Some(framing) = body_framing(&req.head, true).ok().filter(|_| !te10) else {
             return reject(client, &vip, peer, 400, Some(&req)).await;
         };
-        let client_keepalive = if req.http10 {
-            req.head.connection_lists(b"keep-alive")
-        } else {
-            !req.head.connection_lists(b"close")
-        };
+        let client_keepalive =
+            if req.http10 { req.head.connection.keep_alive } else { !req.head.connection.close };
         let deadline = tokio::time::Instant::from_std(started) + cfg.request_timeout;
         // CONNECT asks for a tunnel, which only a forward proxy gives.
         if req.method() == "CONNECT" {
@@ -1328,12 +1430,13 @@ async fn serve_conn(
                     .flat_map(|v| v.split(|&b| b == b';'))
                     .filter_map(|c| {
                         let (name, rest) =
-                            c.trim_ascii().split_at_checked(cfg.cookie_name.len())?;
+                            c.trim_ascii().split_at_checked(pool.cookie_name.len())?;
                         let value = rest.strip_prefix(b"=")?;
-                        (name == cfg.cookie_name.as_bytes()).then_some(value)
+                        (name == pool.cookie_name.as_bytes()).then_some(value)
                     })
-                    // Each of the VIP's pools sets its own (with its route's path): the client
-                    // may send several; the first one of this pool counts.
+                    // Each of the VIP's pools sets its own (scoped to its route's path, see
+                    // `Pool::scope_cookie`): a client may send several of one name (with
+                    // nested paths); the first one naming a member of this pool counts.
                     .find_map(|v| pool.cookie_member(v))
             })
             .flatten();
@@ -1370,6 +1473,12 @@ async fn serve_conn(
                 vip.retries.inc();
             }
             tried.push(i);
+            // The member the client's cookie names (live, or the pool failing open): the
+            // session is there. Its own errors are the client's answer: retried elsewhere,
+            // the request might run twice, and the other member's answer would move the
+            // session for good (HAProxy redispatches a cookie client only when its server
+            // cannot be connected to). A connect failure still goes on to another member.
+            let pinned = sticky == Some(i);
             let member = &pool.members[i];
             let counted = InFlight::new(&member.state);
             member.state.requests.fetch_add(1, Ordering::Relaxed);
@@ -1388,7 +1497,7 @@ async fn serve_conn(
                     } else {
                         member.state.success();
                     }
-                    if retryable && can_retry && attempt < cfg.retries {
+                    if retryable && can_retry && !pinned && attempt < cfg.retries {
                         // The latest such answer is the one passed on if nothing better comes.
                         let rest = ubuf.split();
                         if let Some(old) = kept.replace(Kept { i, up, resp, rest, counted }) {
@@ -1436,7 +1545,7 @@ async fn serve_conn(
                     }
                     let sent = matches!(e, Attempt::Timeout | Attempt::Broken);
                     last = e;
-                    if out_of_time || (sent && !can_retry) {
+                    if out_of_time || (sent && (!can_retry || pinned)) {
                         break;
                     }
                 }
@@ -1475,6 +1584,11 @@ async fn serve_conn(
             // request): pass its answer on, then relay bytes both ways until both sides are
             // done, as TCP mode does. The connection is no longer HTTP.
             status_and_headers(&mut out, &resp);
+            // A WebSocket client placed anew is as sticky as any other: later requests of its
+            // page, and its reconnects, go where its session is.
+            if pool.algorithm == Algorithm::Cookie && sticky != Some(i) {
+                set_cookie(&mut out, &pool, i);
+            }
             let protocol = header(&resp.head, "upgrade").next().or(upgrade).unwrap_or_default();
             out.extend_from_slice(b"Upgrade: ");
             out.extend_from_slice(protocol);
@@ -1514,9 +1628,9 @@ async fn serve_conn(
         // HTTP/1.0 response without `keep-alive`, nor after a length that was overridden, nor
         // after an HTTP/1.0 response with Transfer-Encoding, which HTTP/1.0 does not have: its
         // framing is faulty, and the connection closes after it (RFC 9112 6.1).
-        let upstream_keepalive = !resp.head.connection_lists(b"close")
+        let upstream_keepalive = !resp.head.connection.close
             && (!resp.http10
-                || (resp.head.connection_lists(b"keep-alive")
+                || (resp.head.connection.keep_alive
                     && header(&resp.head, "transfer-encoding").next().is_none()))
             && rframing != Framing::UntilClose
             && !(rframing == Framing::Chunked
@@ -1544,14 +1658,10 @@ async fn serve_conn(
             None
         };
         content_length(&mut out, rframing, declared);
-        if pool.algorithm == Algorithm::Cookie && sticky != Some(i) {
-            let _ = write!(
-                out,
-                "Set-Cookie: {}={}; Path={}; HttpOnly\r\n",
-                vip.cfg.cookie_name,
-                pool.cookie(i),
-                pool.cookie_path
-            );
+        // A new or moved client gets its cookie; not with a 5xx, which would pin it to a
+        // member that failed it (the last of several that answered 503, say).
+        if pool.algorithm == Algorithm::Cookie && sticky != Some(i) && resp.status < 500 {
+            set_cookie(&mut out, &pool, i);
         }
         out.extend_from_slice(if keep {
             &b"Connection: keep-alive\r\n\r\n"[..]
@@ -1632,6 +1742,18 @@ async fn serve_conn(
             return;
         }
     }
+}
+
+/// Writes the `Set-Cookie` header that sticks a client to member `i` of `pool`.
+fn set_cookie(out: &mut BytesMut, pool: &Pool, i: usize) {
+    // Writes into a BytesMut cannot fail.
+    let _ = write!(
+        out,
+        "Set-Cookie: {}={}; Path={}; HttpOnly\r\n",
+        pool.cookie_name,
+        pool.cookie(i),
+        pool.cookie_path
+    );
 }
 
 /// Shuts a backend connection down (completing any read left pending by a timeout, so the fd
@@ -2142,6 +2264,40 @@ mod tests {
             false,
         );
         assert!(out.contains("\r\nHost: x\r\n"), "{out}");
+        // However many tokens, in any case, over several headers: the headers they name go,
+        // the options are read, and the others stay.
+        let many: String = (0..50).map(|i| format!("T-{i}, ")).collect();
+        let r = req_line(
+            "GET / HTTP/1.1",
+            &[
+                ("Host", "x"),
+                ("Connection", &format!("{many}X-SECRET, close")),
+                ("x-secret", "1"),
+                ("Connection", "Close, x-other, HOST"),
+                ("Close", "1"),
+                ("X-Other", "1"),
+                ("X-Kept", "1"),
+                ("X-secret", "2"),
+                ("T-49", "1"),
+            ],
+        );
+        let o = &r.head.connection;
+        assert!(o.close && !o.keep_alive && !o.upgrade);
+        let out = forward(&r, Framing::None, false);
+        assert!(
+            out.contains("\r\nHost: x\r\nX-Kept: 1\r\nConnection: keep-alive\r\n\r\n"),
+            "{out}"
+        );
+        for gone in ["secret", "Close", "Other", "T-49"] {
+            assert!(!out.contains(gone), "{gone} in {out}");
+        }
+        // A few tokens (kept at hand, no table), naming no header: nothing is marked.
+        let r = req_line(
+            "GET / HTTP/1.1",
+            &[("Host", "x"), ("Connection", "Upgrade, keep-alive, x-none"), ("Upgrade", "ws")],
+        );
+        let o = &r.head.connection;
+        assert!(o.upgrade && o.keep_alive && !o.close && o.named.is_empty());
     }
 
     #[test]

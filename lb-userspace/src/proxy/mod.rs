@@ -540,32 +540,26 @@ impl Proxy {
                 keep.insert(key, state.clone());
                 Member { state, weight: b.weight, up: true }
             };
-            let signed = |mut pool: Pool| {
+            let signed = |mut pool: Pool, prefix: Option<&str>| {
                 if pool.algorithm == Algorithm::Cookie {
                     pool.sign_cookies(&l7.cookie_secret);
+                    pool.scope_cookie(&l7.cookie_name, prefix);
                 }
                 pool
             };
-            let default = Arc::new(signed(Pool::new(
-                vip.backends.iter().map(&mut member).collect(),
-                l7.algorithm,
-            )));
+            let default = Arc::new(signed(
+                Pool::new(vip.backends.iter().map(&mut member).collect(), l7.algorithm),
+                None,
+            ));
             let routes = l7
                 .routes
                 .iter()
                 .map(|r| {
-                    let mut pool =
-                        Pool::new(r.backends.iter().map(&mut member).collect(), r.algorithm);
-                    // A cookie attribute cannot hold `;`, spaces or controls: such a prefix
-                    // keeps `/`.
-                    if let Some(p) = r.path_prefix.as_ref().filter(|p| {
-                        p.bytes().all(|b| b.is_ascii_graphic() && b != b';' && b != b',')
-                    }) {
-                        pool.cookie_path = p.clone();
-                    }
+                    let pool = Pool::new(r.backends.iter().map(&mut member).collect(), r.algorithm);
                     // A route written with the root dot matches requests with or without it.
                     let host = r.host.as_deref().map(route_host);
-                    (host, r.path_prefix.clone(), Arc::new(signed(pool)))
+                    let pool = signed(pool, r.path_prefix.as_deref());
+                    (host, r.path_prefix.clone(), Arc::new(pool))
                 })
                 .collect();
             let m = &self.shared.metrics;
