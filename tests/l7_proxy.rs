@@ -344,18 +344,42 @@ fn vip_counter(m: &Metrics, name: &str) -> u64 {
     m.encode().lines().find_map(|l| l.strip_prefix(&prefix)?.parse().ok()).unwrap_or(0)
 }
 
-/// Out of descriptors, a listener stays readable with its connection queued: the proxy must
-/// pause between tries (not spin its core, with every connection on it, and flood the log),
-/// and take the connection once descriptors are free again.
+/// Out of descriptors, the proxy must blame no backend and pause its accepts. A connect that
+/// fails for want of a descriptor says nothing of the backend: the client gets 503 and the
+/// backend is not ejected (it was, and a descriptor spike ejected healthy backends). And a
+/// listener stays readable with its connection queued: the proxy must pause between tries (not
+/// spin its core, with every connection on it, and flood the log), and take the connection
+/// once descriptors are free again.
 #[test]
-fn out_of_descriptors_pauses_accepts_and_then_serves() {
-    const NAME: &str = "out_of_descriptors_pauses_accepts_and_then_serves";
+fn out_of_descriptors_blames_no_backend_and_pauses_accepts() {
+    const NAME: &str = "out_of_descriptors_blames_no_backend_and_pauses_accepts";
     if std::env::var_os("EDGELB_FD_CHILD").is_none() {
         return in_child(NAME);
     }
     let b = backend("b", Mode::Ok);
-    let p = proxy(&[(&b, 1)], "", "");
+    // Every request connects afresh; one failure would eject the backend.
+    let p = proxy(&[(&b, 1)], "upstream_keepalive = 0\nmax_fails = 1\nretries = 0", "");
     assert_eq!(get(p.addr, "/").0, 200);
+    // Every socket of that request closed first (the proxy's two, the backend's): one closing
+    // after the limit is set would leave more room than counted.
+    p.connections_given_back().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let room = room_for(2);
+    // The client's socket and the proxy's accepted one take the two descriptors left: the
+    // proxy's connect to the backend fails with EMFILE.
+    let r = get(p.addr, "/");
+    drop(room);
+    let text = p.metrics.encode();
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("edgelb_l7_backend_ejections_total{") && !l.ends_with(" 0")),
+        "the backend was blamed:\n{text}"
+    );
+    assert_eq!(r.0, 503, "{r:?}");
+    assert_eq!(get(p.addr, "/").0, 200);
+    p.connections_given_back().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     let room = room_for(1);
     // The client's socket takes the one descriptor left: the handshake completes in the
     // kernel, and the proxy's accept fails with EMFILE.

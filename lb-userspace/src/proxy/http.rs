@@ -1276,6 +1276,10 @@ fn parse_response(buf: &mut BytesMut) -> Result<Option<RespHead>, ()> {
 enum Attempt {
     /// Could not connect (or the connection broke before the request was sent).
     Connect,
+    /// This node could not open a connection: out of descriptors, memory or buffers, or of
+    /// local ports towards that backend. It says nothing of the backend, which is not charged
+    /// a failure (charging it ejected healthy backends during a descriptor spike).
+    Local,
     /// No response head in time.
     Timeout,
     /// The whole request's deadline passed while waiting for this backend (504). Nothing is
@@ -1534,13 +1538,13 @@ async fn serve_conn(
                         vip = %vip.name,
                         backend = %member.state.addr,
                         attempt,
-                        failure = match e { Attempt::Connect => "connect", Attempt::Timeout => "timeout", Attempt::Deadline => "request deadline", Attempt::Broken => "broken", Attempt::ClientGone => "client gone", Attempt::ClientTimeout => "client timeout" },
+                        failure = match e { Attempt::Connect => "connect", Attempt::Local => "no local resources", Attempt::Timeout => "timeout", Attempt::Deadline => "request deadline", Attempt::Broken => "broken", Attempt::ClientGone => "client gone", Attempt::ClientTimeout => "client timeout" },
                         "L7 attempt failed"
                     );
                     // The request's deadline is charged to the backend that had all of it, the
                     // first, not to one that got what was left after others.
                     let out_of_time = matches!(e, Attempt::Deadline);
-                    if !out_of_time || attempt == 0 {
+                    if (!out_of_time || attempt == 0) && !matches!(e, Attempt::Local) {
                         vip.failed(&member.state);
                     }
                     let sent = matches!(e, Attempt::Timeout | Attempt::Broken);
@@ -1564,7 +1568,7 @@ async fn serve_conn(
         }
         let Some((i, up, resp, counted, cut)) = done else {
             let status = match (tried.is_empty(), last) {
-                (true, _) => 503,
+                (true, _) | (_, Attempt::Local) => 503,
                 (_, Attempt::Deadline) | (false, Attempt::Timeout) => 504,
                 _ => 502,
             };
@@ -1820,6 +1824,10 @@ async fn attempt_once(
                 let within = cfg.connect_timeout.min(left);
                 let s = match Socket::connect(addr, within, cfg.idle_timeout).await {
                     Ok(s) => s,
+                    Err(e) if super::local_failure(&e) => {
+                        super::say_local_failure(&vip.name, addr, &e);
+                        return Err(Attempt::Local);
+                    }
                     Err(_) => return Err(timed_out(deadline, Attempt::Connect)),
                 };
                 let _ = s.set_nodelay(true);

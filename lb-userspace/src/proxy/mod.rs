@@ -712,6 +712,24 @@ pub(crate) fn out_of_resources(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
 
+/// Did connecting to a backend fail on this node's side: out of resources
+/// ([`out_of_resources`]), or of local ports towards that backend (EADDRNOTAVAIL)? Such a
+/// failure says nothing of the backend, and is not charged to it.
+pub(crate) fn local_failure(e: &std::io::Error) -> bool {
+    out_of_resources(e) || e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+}
+
+/// Logs a [`local_failure`], at most once every 10 s for the whole process: one line says it
+/// (the error and one backend it happened with), where a flood of them would drown the log.
+pub(crate) fn say_local_failure(vip: &str, backend: SocketAddr, e: &std::io::Error) {
+    static LAST: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+        *last = Some(Instant::now());
+        warn!(vip, %backend, error = %e, "cannot connect to backends: this node is out of descriptors, memory or local ports (the backends are not blamed; clients get 503); said at most every 10 s");
+    }
+}
+
 /// Accepts connections on `l` until the proxy stops.
 ///
 /// Accepting goes through tokio's readiness reactor (which tokio-uring's runtime also runs), not

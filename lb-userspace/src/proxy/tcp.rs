@@ -162,6 +162,7 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
                 up = Some((i, s, counted));
                 break;
             }
+            Err(e) if super::local_failure(&e) => super::say_local_failure(&vip.name, addr, &e),
             Err(_) => {
                 vip.failed(&pool.members[i].state);
             }
