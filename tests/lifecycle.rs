@@ -1432,6 +1432,42 @@ fn a_stopping_edgelb_answers_scrapes_while_it_drains() {
     drop(e);
 }
 
+/// The old process of a takeover, draining its requests in flight, ends the drain on a stop
+/// signal, as a stopping edgelb does (it used to take no signal, and only SIGKILL ended a drain
+/// of up to node.l7_drain_timeout_ms).
+#[test]
+fn a_stop_signal_ends_the_drain_of_a_takeovers_old_process() {
+    let Some(mut bed) = Bed::up("takeover-stop", &[1, 2, 3]) else { return };
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    bed.wait_for(l7);
+    wait_l7_connections(&bed, 0);
+    let pending = BegunRequest::to(&bed, l7);
+    wait_l7_connections(&bed, 1);
+    let old = bed.edgelb.take().unwrap();
+    let mut new = Edgelb::spawn_takeover(&old.ns, &old.config, &old.log);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !old.log().contains("L7 proxy: draining") {
+        assert!(Instant::now() < deadline, "no handover; log:\n{}", old.log());
+        if let Some(st) = new.child.as_mut().unwrap().exited() {
+            panic!("edgelb --takeover exited: {st}; log:\n{}", new.log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bed.edgelb = Some(new);
+    let mut old = old;
+    // Guarded: a failed assertion below stops it.
+    let mut old_child = old.child.take().unwrap();
+    assert!(old_child.exited().is_none(), "the old edgelb drains its request");
+    old_child.signal(libc::SIGTERM);
+    // Not the 30 s of node.l7_drain_timeout_ms.
+    let st = old_child.wait(Duration::from_secs(5));
+    assert!(st.success(), "old edgelb exit status {st}");
+    assert!(old.log().contains("closing the rest now"), "{}", old.log());
+    // The new one serves on.
+    drop(pending);
+    bed.wait_for(l7);
+}
+
 /// A stopping edgelb answers `status` while it drains and refuses other commands with the
 /// reason (both used to wait for the drain's end), and a second SIGTERM ends the drain at once
 /// (the operator who will not wait for a long download), as with nginx and HAProxy.

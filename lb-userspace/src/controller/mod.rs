@@ -450,7 +450,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     let exit = loop {
         match ctl.serve(&mut signals) {
             Exit::Handover(reply, answer) => {
-                if ctl.hand_over(reply, answer) {
+                if ctl.hand_over(reply, answer, &mut signals) {
                     return Ok(());
                 }
             }
@@ -710,7 +710,12 @@ impl Controller {
     /// socket, health checks) and returns false: nothing was lost. If it fails after it began
     /// writing the maps, this one first takes the data plane back ([`Dataplane::reclaim`], then
     /// its config written again) and goes on the same way.
-    fn hand_over(&mut self, reply: mpsc::Sender<Answer>, mut answer: Box<Answer>) -> bool {
+    fn hand_over(
+        &mut self,
+        reply: mpsc::Sender<Answer>,
+        mut answer: Box<Answer>,
+        signals: &mut signal_hook::iterator::Signals,
+    ) -> bool {
         let (health_tx, health_rx) = mpsc::channel();
         self.checker = Checker::new(health_tx);
         self.health_rx = health_rx;
@@ -766,7 +771,8 @@ impl Controller {
                 return false;
             }
         }
-        self.drain_proxy(None);
+        // The new process serves now: a stop signal to this one ends its drain, as at a stop.
+        self.drain_proxy(Some(signals));
         info!("handover done: the data plane and the sockets are the new edgelb's");
         true
     }
@@ -1122,7 +1128,7 @@ impl Controller {
         let old = std::mem::replace(&mut self.cfg, new);
         let old_verdicts = self.verdicts.clone();
         let renamed = self.verdicts.rename(&old, &self.cfg);
-        let held = self.verdicts.hold_new_backends(&old, &self.cfg);
+        let held = self.verdicts.hold_new_backends(&old, &self.cfg, &renamed);
         let forgotten = self.verdicts.reconcile(&self.cfg);
         match self.apply() {
             Ok(r) => {

@@ -117,14 +117,19 @@ impl Verdicts {
     /// An XDP VIP's backends carry the VIP's port: one that moves to another port keeps each
     /// backend's verdict by address (the same hosts), rather than holding them all as new.
     /// Returns the backends held.
+    /// `renamed` are the renames of the same reload ([`Verdicts::rename`]): a renamed VIP is
+    /// the one it was, and backends added to it wait as well.
     pub(super) fn hold_new_backends(
         &mut self,
         old: &Config,
         new: &Config,
+        renamed: &[(String, String)],
     ) -> Vec<(String, SocketAddr)> {
         let mut held = Vec::new();
         for v in new.vips.iter().filter(|v| v.health.is_some()) {
-            let Some(before) = old.vips.iter().find(|o| o.name == v.name) else { continue };
+            let was_named =
+                renamed.iter().find(|(_, to)| *to == v.name).map_or(&v.name, |(f, _)| f);
+            let Some(before) = old.vips.iter().find(|o| o.name == *was_named) else { continue };
             let by_address = v.forwarding != Forwarding::L7 && before.forwarding != Forwarding::L7;
             let was = |b: &Backend| {
                 before
@@ -345,7 +350,7 @@ mod tests {
     fn a_backend_added_by_a_reload_waits_for_its_check() {
         let (two, three) = (cfg(&[(A, 1), (B, 1)], true), cfg(&[(A, 1), (B, 1), (C, 1)], true));
         let mut v = Verdicts::default();
-        assert_eq!(v.hold_new_backends(&two, &three), [("web".to_owned(), at(C))]);
+        assert_eq!(v.hold_new_backends(&two, &three, &[]), [("web".to_owned(), at(C))]);
         v.reconcile(&three);
         assert_eq!(live(&mut v, &three), [(ip(A), 1), (ip(B), 1)], "C waits for its check");
         assert!(v.set_health("web", at(C), true));
@@ -356,17 +361,25 @@ mod tests {
         v.set_health("web", at(A), false);
         v.set_health("web", at(B), false);
         assert_eq!(live(&mut v, &two), [(ip(A), 1), (ip(B), 1)]);
-        v.hold_new_backends(&two, &three);
+        v.hold_new_backends(&two, &three, &[]);
         assert_eq!(live(&mut v, &three), [(ip(A), 1), (ip(B), 1), (ip(C), 1)]);
         assert!(v.is_fail_open("web"));
         // Without a check, or for a VIP new in the file, nothing is held.
         let mut v = Verdicts::default();
         assert!(
-            v.hold_new_backends(&cfg(&[(A, 1)], false), &cfg(&[(A, 1), (C, 1)], false)).is_empty()
+            v.hold_new_backends(&cfg(&[(A, 1)], false), &cfg(&[(A, 1), (C, 1)], false), &[])
+                .is_empty()
         );
         let mut other = cfg(&[(A, 1)], true);
         other.vips[0].name = "api".into();
-        assert!(v.hold_new_backends(&other, &three).is_empty());
+        assert!(v.hold_new_backends(&other, &three, &[]).is_empty());
+        // A VIP the same reload renames is the one it was: what it adds waits too.
+        let mut renamed = three.clone();
+        renamed.vips[0].name = "www".into();
+        let mut v = Verdicts::default();
+        let renames = v.rename(&two, &renamed);
+        assert_eq!(renames, [("web".to_owned(), "www".to_owned())]);
+        assert_eq!(v.hold_new_backends(&two, &renamed, &renames), [("www".to_owned(), at(C))]);
     }
 
     /// A reload that moves a checked XDP VIP to another port keeps its backends' verdicts (the
@@ -386,7 +399,7 @@ mod tests {
         let (old, moved) = (port(80, &[A, B, C]), port(8080, &[A, B, C]));
         let mut v = Verdicts::default();
         assert!(v.set_health("web", at(C), false));
-        assert!(v.hold_new_backends(&old, &moved).is_empty(), "the same hosts: none held");
+        assert!(v.hold_new_backends(&old, &moved, &[]).is_empty(), "the same hosts: none held");
         v.reconcile(&moved);
         assert!(!v.is_fail_open("web"));
         assert_eq!(live(&mut v, &moved), [(ip(A), 1), (ip(B), 1)], "C stays down");
@@ -394,14 +407,14 @@ mod tests {
         // A whole new pool: up at once, as a new VIP's, not held into fail-open.
         let (d, e) = ("198.18.0.14", "198.18.0.15");
         let swapped = port(8080, &[d, e]);
-        assert!(v.hold_new_backends(&moved, &swapped).is_empty());
+        assert!(v.hold_new_backends(&moved, &swapped, &[]).is_empty());
         v.reconcile(&swapped);
         assert_eq!(live(&mut v, &swapped), [(ip(d), 1), (ip(e), 1)]);
         assert!(!v.is_fail_open("web"));
         // A pool with one backend kept: the new one waits for its check, as before.
         let grown = port(8080, &[d, e, A]);
         assert_eq!(
-            v.hold_new_backends(&swapped, &grown),
+            v.hold_new_backends(&swapped, &grown, &[]),
             [("web".to_owned(), SocketAddr::new(ip(A), 8080))]
         );
     }
