@@ -1598,14 +1598,14 @@ fn ring_shares_ok(backends: &[raw::Backend], m: u32, ring_key: &str) -> Result<(
     };
     let share = weight(b) as f64 * m as f64 / total as f64;
     let raise = if ring_key.is_empty() {
-        format!("the ring has {m} slots")
+        format!(" (this ring's size is fixed: {m} slots)")
     } else {
-        format!("raise {ring_key} (now {m}, at most {MAX_RING_SIZE})")
+        format!(", or raise {ring_key} (now {m}, at most {MAX_RING_SIZE})")
     };
     bad(
         b.weight.as_ref().map_or(b.address.span(), |w| w.span()),
         format!(
-            "backend {} has weight {} of {total} in all, a share of {share:.2} of the ring's {m} slots, which may round to none: it would never get traffic; raise its weight to at least {}, or {raise}",
+            "backend {} has weight {} of {total} in all, a share of {share:.2} of the ring's {m} slots, which may round to none: it would never get traffic; raise its weight to at least {}{raise}",
             b.address.get_ref(),
             weight(b),
             (total - weight(b)).div_ceil(m as u64 - 1),
@@ -1744,6 +1744,14 @@ fn health_check(
             None => return bad(span, "a udp health check needs `send` (the probe payload)"),
         },
     };
+    // A UDP probe of a TCP VIP's own port finds no UDP service there: every probe fails, and
+    // the VIP fails open. With a `port` of its own it may reach a UDP responder beside it.
+    if matches!(kind, CheckKind::Udp { .. }) && protocol == Protocol::Tcp && h.port.is_none() {
+        return bad(
+            h.kind.as_ref().map_or(span.clone(), |k| k.span()),
+            "health kind = \"udp\" on a tcp VIP probes its backends' TCP port with UDP, which nothing answers: use kind = \"tcp\" or \"http\", or set `port` to where a UDP responder answers",
+        );
+    }
     let port = match (&h.port, vip_port) {
         (Some(p), _) if *p.get_ref() == 0 => return bad(p.span(), "health.port must be 1..=65535"),
         (Some(p), _) => *p.get_ref(),

@@ -640,7 +640,7 @@ fn health_keys_of_another_kind_are_refused() {
         "path = \"/healthz\"\nhost = \"a.example\"\nexpect_status = 204\nexpect_body = \"ok\"",
     ))
     .unwrap();
-    parse(&base("kind = \"udp\"", "send = \"ping\"\nexpect = \"pong\"")).unwrap();
+    parse(&base("kind = \"udp\"", "send = \"ping\"\nexpect = \"pong\"\nport = 5353")).unwrap();
 }
 
 /// A TCP relay reads no HTTP: settings of the HTTP proxy are refused in mode = "tcp".
@@ -2069,7 +2069,7 @@ fn every_positive_weight_gets_a_slot_of_the_ring() {
         "[vip.l7]\nalgorithm = \"hash\"\n",
     );
     let e = err(&l7);
-    assert!(e.contains("198.18.0.12") && e.contains("4093 slots"), "{e}");
+    assert!(e.contains("198.18.0.12") && e.contains("fixed: 4093 slots"), "{e}");
     assert!(parse(&l7.replace("algorithm = \"hash\"", "algorithm = \"weighted\"")).is_ok());
 }
 
@@ -2129,4 +2129,22 @@ fn hints_quote_the_fields_own_range() {
             assert!(e.contains(&lo.to_string()), "{key} = {}: {e}", lo - 1);
         }
     }
+}
+
+#[test]
+fn udp_probes_of_a_tcp_vips_own_port_are_refused() {
+    let check = |health: &str| {
+        xdp_vip_with("", "{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }")
+            + &format!("[vip.health]\n{health}\n")
+    };
+    let e = err(&check("kind = \"udp\"\nsend = \"ping\""));
+    assert!(e.starts_with("t.toml:11:8:") && e.contains("nothing answers"), "{e}");
+    // Beside the service, on a port of its own, a UDP responder may answer.
+    assert!(parse(&check("kind = \"udp\"\nsend = \"ping\"\nport = 9999")).is_ok());
+    // An l7 VIP is tcp too.
+    let l7 = l7_vip_with(
+        "{ address = \"198.18.0.11\", port = 8080 }",
+        "[vip.health]\nkind = \"udp\"\nsend = \"x\"\n",
+    );
+    assert!(err(&l7).contains("nothing answers"));
 }
