@@ -45,7 +45,10 @@ else
 fi
 
 if ! command -v rustup >/dev/null; then
-    say "rustup not found: install it from your distribution or rustup.rs first"
+    # Debian 12 has no rustup package.
+    say "rustup not found: install it first (it installs into ~/.cargo and ~/.rustup), e.g."
+    say "  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain none"
+    say "then open a new shell (or: . ~/.cargo/env) and run this again"
     exit 1
 fi
 rustup set auto-self-update disable >/dev/null 2>&1 || true

@@ -110,7 +110,7 @@ fn real_main() -> Result<()> {
             // An edgelb a killed `run` left behind (or its data plane): its own admin socket
             // and pin dir (see `run_config`), so nothing else on the machine is touched.
             // The file is written afresh first: one an older `run` left has the default socket.
-            let (config, bin) = (testbed_config(), workspace_root().join("target/debug/edgelb"));
+            let (config, bin) = (testbed_config(), target_dir().join("debug/edgelb"));
             if config.exists() && bin.exists() && std::fs::write(&config, run_config()).is_ok() {
                 let _ = Command::new(&bin).arg("stop").arg("--config").arg(&config).status();
             }
@@ -241,8 +241,7 @@ fn sweep_stale() {
         }
     }
     // cli's admin sockets, <name>-<pid>.sock in the integration tests' CARGO_TARGET_TMPDIR.
-    for e in std::fs::read_dir(workspace_root().join("target/tmp")).into_iter().flatten().flatten()
-    {
+    for e in std::fs::read_dir(target_dir().join("tmp")).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let pid = name.strip_suffix(".sock").and_then(trailing);
         if pid.is_some_and(|pid| !alive(pid)) && std::fs::remove_file(e.path()).is_ok() {
@@ -264,7 +263,7 @@ fn sweep_stale() {
 
 /// Where `run` writes the config of the edgelb it starts.
 fn testbed_config() -> PathBuf {
-    workspace_root().join("target/testbed/edgelb.toml")
+    target_dir().join("testbed/edgelb.toml")
 }
 
 /// The example config with an admin socket and pin dir of its own: `run` and `testbed down` must
@@ -282,13 +281,23 @@ fn run_config() -> String {
 /// The pin directory of `run`'s edgelb.
 const RUN_PINS: &str = "/sys/fs/bpf/edgelb-xtask-run";
 
+/// Cargo's target directory, where this xtask was built (`<target>/debug/xtask`): the one
+/// `cargo build` writes edgelb to as well, whether it is `target/`, `CARGO_TARGET_DIR` or a
+/// config's `build.target-dir`.
+fn target_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.to_owned()))
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_owned()
 }
 
 fn require_root(what: &str) -> Result<()> {
     if netns::euid() != 0 {
-        bail!("{what} needs root (network namespaces, XDP): run it as root or with sudo -E");
+        bail!("{what} needs root (network namespaces, XDP): run it as root");
     }
     Ok(())
 }
@@ -318,7 +327,11 @@ fn test(only: &[String], extra: &[String]) -> Result<()> {
     for t in only {
         args.extend(["--test", t]);
     }
-    args.extend(["--", "--test-threads=1"]);
+    args.push("--");
+    // Unless given: libtest refuses an option given twice.
+    if !extra.iter().any(|a| a.starts_with("--test-threads")) {
+        args.push("--test-threads=1");
+    }
     args.extend(extra.iter().map(String::as_str));
     eprintln!("+ cargo {}", args.join(" "));
     let mut child = Command::new(env!("CARGO"))
@@ -703,8 +716,10 @@ fn show_spread(tb: &Testbed, vip: SocketAddr, n: u32, timeout: Duration) -> Resu
 /// Returns a lock held while the caller builds and uses the testbed: two tasks started at the
 /// same instant would both find it unused, and the second then waits for nothing but fails here.
 fn refuse_testbed_in_use(task: &str) -> Result<std::fs::File> {
-    let path = workspace_root().join("target/testbed.lock");
-    std::fs::create_dir_all(workspace_root().join("target"))?;
+    // One lock for the machine, as the testbed's namespaces are: a `run` of another clone uses
+    // them too. Root-only, like the tasks that take it.
+    let path = PathBuf::from("/run/lock/edgelb-testbed.lock");
+    std::fs::create_dir_all("/run/lock")?;
     let lock = std::fs::File::options()
         .create(true)
         .truncate(false)
@@ -722,7 +737,22 @@ fn refuse_testbed_in_use(task: &str) -> Result<std::fs::File> {
             return Err(e).with_context(|| format!("locking {}", path.display()));
         }
     }
-    let inside = Testbed::processes_inside(PREFIX);
+    let mut inside = Testbed::processes_inside(PREFIX);
+    // With the lock free, no `run` is alive: an edgelb alone in the testbed is one a `run`
+    // killed or hung up on left behind (it runs in a process group of its own). It is stopped
+    // as `testbed down` would, rather than block every later run until someone does.
+    if !inside.is_empty() && inside.iter().all(|(_, comm)| comm == "edgelb") {
+        let (config, bin) = (testbed_config(), target_dir().join("debug/edgelb"));
+        eprintln!("{task}: stopping the edgelb a killed `cargo xtask run` left in the testbed");
+        if bin.exists() && std::fs::write(&config, run_config()).is_ok() {
+            let _ = Command::new(&bin).arg("stop").arg("--config").arg(&config).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !Testbed::processes_inside(PREFIX).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        inside = Testbed::processes_inside(PREFIX);
+    }
     if !inside.is_empty() {
         let who: Vec<String> = inside.iter().map(|(pid, comm)| format!("{comm} ({pid})")).collect();
         bail!(
@@ -738,15 +768,18 @@ fn refuse_testbed_in_use(task: &str) -> Result<std::fs::File> {
 fn run(duration: Option<u64>) -> Result<()> {
     require_root("xtask run")?;
     cargo(&["build", "--bin", "edgelb"])?;
-    let root = workspace_root();
-    let edgelb_bin = root.join("target/debug/edgelb");
-    let dir = root.join("target/testbed");
+    let edgelb_bin = target_dir().join("debug/edgelb");
+    let dir = target_dir().join("testbed");
     std::fs::create_dir_all(&dir)?;
     let config = testbed_config();
     std::fs::write(&config, run_config())?;
 
     let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+    // SIGHUP too: a terminal that goes away (ssh dropped) must not leave edgelb running in
+    // its own process group, out of reach of the teardown.
+    for sig in
+        [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP]
+    {
         signal_hook::flag::register(sig, stop.clone())?;
     }
 
