@@ -709,6 +709,35 @@ fn cookie_stickiness_with_signed_cookies() {
     assert!(m.values().all(|n| (*n as f64 - 100.0).abs() <= 5.0), "{m:?}");
 }
 
+/// The VIP's `cookie_attributes` follow `Path` and `HttpOnly` in every pool's `Set-Cookie`, the
+/// VIP's own and a route's: `Secure; SameSite=None` is what browsers need to send the cookie
+/// from cross-site frames, credentialed CORS requests and cross-site form posts.
+#[test]
+fn set_cookie_carries_the_configured_attributes() {
+    let (a, b) = (backend("a", Mode::Ok), backend("b", Mode::Ok));
+    let api = format!(
+        "[[vip.route]]\npath_prefix = \"/api/\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n",
+        b.addr.port()
+    );
+    let p = proxy(
+        &[(&a, 1)],
+        "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef0123\"\ncookie_attributes = \"secure; SameSite=None;Max-Age=86400\"",
+        &api,
+    );
+    for (path, cookie_path, backend) in [("/", "/", "a"), ("/api/x", "/api/", "b")] {
+        let r = get(p.addr, path);
+        assert_eq!((r.0, who(&r)), (200, backend.to_owned()), "{r:?}");
+        let set = &r.1["set-cookie"];
+        let (cookie, attributes) = set.split_once("; ").unwrap();
+        assert!(cookie.starts_with("edgelb=") && cookie.len() == 7 + 32, "{set}");
+        assert_eq!(
+            attributes,
+            format!("Path={cookie_path}; HttpOnly; Secure; SameSite=None; Max-Age=86400"),
+            "{set}"
+        );
+    }
+}
+
 /// A client whose cookie names a live backend stays there through that backend's own errors:
 /// its 502/503/504, or no answer within the response timeout, reach the client as they are
 /// (the backend has the request, and may have done it), not retried on another backend that

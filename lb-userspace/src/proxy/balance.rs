@@ -132,6 +132,10 @@ pub struct Pool {
     pub cookie_name: String,
     /// `Path` of the stickiness cookie this pool sets (see [`Pool::scope_cookie`]).
     pub cookie_path: String,
+    /// Attributes the stickiness cookie carries after `Path` and `HttpOnly`, each as `; Name`
+    /// or `; Name=value` (the VIP's `cookie_attributes`, checked by the config): empty for
+    /// none.
+    pub cookie_attributes: String,
     /// Each member's stickiness cookie value ([`cookie_tag`]), in member order; empty until
     /// [`Pool::sign_cookies`].
     cookies: Vec<String>,
@@ -182,6 +186,7 @@ impl Pool {
             id: IDS.fetch_add(1, Ordering::Relaxed),
             cookie_name: String::new(),
             cookie_path: "/".to_owned(),
+            cookie_attributes: String::new(),
             cookies: Vec::new(),
         }
     }
@@ -206,12 +211,8 @@ impl Pool {
     /// prefix, and of two routes with one prefix the first takes every request of the hosts
     /// the second would share.
     pub fn scope_cookie(&mut self, name: &str, prefix: Option<&str>) {
+        self.cookie_path = cookie_path(prefix).to_owned();
         let prefix = prefix.unwrap_or("/");
-        let cut = &prefix[..prefix.rfind('/').map_or(0, |i| i + 1)];
-        let attribute_ok = |p: &str| {
-            p.starts_with('/') && p.bytes().all(|b| b.is_ascii_graphic() && b != b';' && b != b',')
-        };
-        self.cookie_path = if attribute_ok(cut) { cut.to_owned() } else { "/".to_owned() };
         self.cookie_name = name.to_owned();
         if self.cookie_path != prefix {
             for b in prefix.bytes() {
@@ -354,6 +355,18 @@ impl Pool {
             best
         })
     }
+}
+
+/// The `Path` of the stickiness cookie of the pool for the route with path `prefix` (`None`
+/// for the VIP's own backends, and a route by host only): the prefix cut back to its last `/`,
+/// or `/` if that holds what a cookie attribute cannot (see [`Pool::scope_cookie`]). Also for
+/// the config, which refuses a `__Host-` cookie name where this is not `/`.
+pub fn cookie_path(prefix: Option<&str>) -> &str {
+    let prefix = prefix.unwrap_or("/");
+    let cut = &prefix[..prefix.rfind('/').map_or(0, |i| i + 1)];
+    let attribute_ok =
+        cut.starts_with('/') && cut.bytes().all(|b| b.is_ascii_graphic() && b != b';' && b != b',');
+    if attribute_ok { cut } else { "/" }
 }
 
 /// The stickiness cookie value naming `addr`: the first 128 bits of HMAC-SHA256(`secret`,

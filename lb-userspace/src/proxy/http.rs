@@ -1744,15 +1744,18 @@ async fn serve_conn(
     }
 }
 
-/// Writes the `Set-Cookie` header that sticks a client to member `i` of `pool`.
+/// Writes the `Set-Cookie` header that sticks a client to member `i` of `pool`: `Path` and
+/// `HttpOnly` always, then the VIP's `cookie_attributes` (`Secure; SameSite=None` for
+/// cross-site clients, `Max-Age`, ...).
 fn set_cookie(out: &mut BytesMut, pool: &Pool, i: usize) {
     // Writes into a BytesMut cannot fail.
     let _ = write!(
         out,
-        "Set-Cookie: {}={}; Path={}; HttpOnly\r\n",
+        "Set-Cookie: {}={}; Path={}; HttpOnly{}\r\n",
         pool.cookie_name,
         pool.cookie(i),
-        pool.cookie_path
+        pool.cookie_path,
+        pool.cookie_attributes
     );
 }
 

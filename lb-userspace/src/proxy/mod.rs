@@ -544,6 +544,7 @@ impl Proxy {
                 if pool.algorithm == Algorithm::Cookie {
                     pool.sign_cookies(&l7.cookie_secret);
                     pool.scope_cookie(&l7.cookie_name, prefix);
+                    pool.cookie_attributes.clone_from(&l7.cookie_attributes);
                 }
                 pool
             };
