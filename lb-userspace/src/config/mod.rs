@@ -348,6 +348,10 @@ pub struct L7 {
     pub cookie_name: String,
     /// Key that signs sticky cookies (the same on every node).
     pub cookie_secret: String,
+    /// The key `cookie_secret` replaces, during a rotation: cookies it signed still name their
+    /// backends, and are issued anew under `cookie_secret`, so that no client loses its backend
+    /// while the nodes change secrets one by one.
+    pub cookie_secret_previous: Option<String>,
     /// Attributes sticky cookies carry after `Path` and `HttpOnly`, each as `; Name` or
     /// `; Name=value` (empty for none): `SameSite=None; Secure` for cross-site clients, which
     /// browsers otherwise do not send the cookie from, `Max-Age` for one that outlives the
@@ -1211,6 +1215,7 @@ fn l7_settings(
         proxy_protocol: None,
         cookie_name: None,
         cookie_secret: None,
+        cookie_secret_previous: None,
         cookie_attributes: None,
         max_fails: None,
         fail_timeout_ms: None,
@@ -1260,6 +1265,7 @@ fn l7_settings(
             span(l.access_log.as_ref().map(|v| v.span()), "access_log"),
             span(l.cookie_name.as_ref().map(|v| v.span()), "cookie_name"),
             span(l.cookie_secret.as_ref().map(|v| v.span()), "cookie_secret"),
+            span(l.cookie_secret_previous.as_ref().map(|v| v.span()), "cookie_secret_previous"),
             span(l.cookie_attributes.as_ref().map(|v| v.span()), "cookie_attributes"),
         ];
         if let Some((span, key)) = http_only.into_iter().flatten().next() {
@@ -1380,17 +1386,21 @@ fn l7_settings(
             r.get_ref().algorithm.as_ref().filter(|a| a.get_ref() == "cookie").map(|a| a.span())
         }),
     };
-    let cookie_secret = match &l.cookie_secret {
-        Some(s) if s.get_ref().len() >= 16 => s.get_ref().clone(),
-        Some(s) => {
-            return bad(
+    let long_enough = |s: &raw::Sp<String>, key: &str| {
+        if s.get_ref().len() >= 16 {
+            Ok(s.get_ref().clone())
+        } else {
+            bad(
                 s.span(),
                 format!(
-                    "cookie_secret must be at least 16 bytes (this one has {}): the secret's strength is its bytes",
+                    "{key} must be at least 16 bytes (this one has {}): the secret's strength is its bytes",
                     s.get_ref().len()
                 ),
-            );
+            )
         }
+    };
+    let cookie_secret = match &l.cookie_secret {
+        Some(s) => long_enough(s, "cookie_secret")?,
         None => match cookie_at {
             Some(span) => {
                 return bad(
@@ -1400,6 +1410,22 @@ fn l7_settings(
             }
             None => String::new(),
         },
+    };
+    let cookie_secret_previous = match &l.cookie_secret_previous {
+        None => None,
+        Some(p) if l.cookie_secret.is_none() => {
+            return bad(
+                p.span(),
+                "cookie_secret_previous needs cookie_secret: cookie_secret signs new cookies, cookie_secret_previous is the one it replaces, whose cookies still count; write both",
+            );
+        }
+        Some(p) if *p.get_ref() == cookie_secret => {
+            return bad(
+                p.span(),
+                "cookie_secret_previous is cookie_secret itself: write there the secret cookie_secret replaces, or remove cookie_secret_previous once every node signs with cookie_secret",
+            );
+        }
+        Some(p) => Some(long_enough(p, "cookie_secret_previous")?),
     };
     let cookie_name = l.cookie_name.as_ref().map_or("edgelb", |c| c.get_ref().as_str());
     let attributes = match &l.cookie_attributes {
@@ -1427,6 +1453,7 @@ fn l7_settings(
         proxy_protocol,
         cookie_name: cookie_name.to_owned(),
         cookie_secret,
+        cookie_secret_previous,
         cookie_attributes: attributes.text,
         max_fails: num(&l.max_fails, 3, "max_fails")?,
         fail_timeout: ms(&l.fail_timeout_ms, 10_000, "fail_timeout_ms")?,

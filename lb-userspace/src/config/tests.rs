@@ -671,6 +671,19 @@ fn http_only_l7_keys_are_refused_in_tcp_mode() {
         // The same key in HTTP mode is fine.
         parse(&l7_vip("198.18.1.6", b, line, "")).unwrap();
     }
+    // The previous secret, which needs the current one.
+    let both =
+        "cookie_secret = \"0123456789abcdef\"\ncookie_secret_previous = \"fedcba9876543210\"";
+    let t = l7_vip("198.18.1.6", b, &format!("mode = \"tcp\"\n{both}"), "");
+    refused_at(&t, "\"0123", "`cookie_secret` applies only to mode = \"http\"");
+    let t = l7_vip(
+        "198.18.1.6",
+        b,
+        "mode = \"tcp\"\ncookie_secret_previous = \"fedcba9876543210\"",
+        "",
+    );
+    refused_at(&t, "\"fedc", "`cookie_secret_previous` applies only to mode = \"http\"");
+    parse(&l7_vip("198.18.1.6", b, both, "")).unwrap();
     let route = "[[vip.route]]\nhost = \"a.example\"\nbackends = [{ address = \"198.18.0.12\" }]\n";
     let t = l7_vip("198.18.1.6", b, "mode = \"tcp\"", route);
     refused_at(&t, "[[vip.route]]", "[[vip.route]] applies only to mode = \"http\"");
@@ -809,6 +822,30 @@ fn prefixed_cookie_names_get_the_attributes_their_prefix_needs() {
     ] {
         parse(&l7_vip("198.18.1.6", b, &l7(name, Some(attributes)), &routes)).unwrap();
     }
+}
+
+/// During a secret rotation `cookie_secret_previous` is the secret `cookie_secret` replaces:
+/// as long as one, different from it, and only beside it.
+#[test]
+fn a_previous_cookie_secret_is_a_second_valid_secret() {
+    let b = r#"{ address = "198.18.0.11", port = 80 }"#;
+    let l7 = |secret: Option<&str>, previous: &str| {
+        let secret = secret.map_or(String::new(), |s| format!("cookie_secret = \"{s}\"\n"));
+        format!("algorithm = \"round_robin\"\n{secret}cookie_secret_previous = \"{previous}\"")
+    };
+    let t = l7_vip("198.18.1.6", b, &l7(Some("0123456789abcdef"), "fedcba987654321"), "");
+    refused_at(&t, "\"fedc", "cookie_secret_previous must be at least 16 bytes (this one has 15)");
+    let t = l7_vip("198.18.1.6", b, &l7(Some("0123456789abcdef"), "0123456789abcdef"), "");
+    refused_at_last(&t, "\"0123", "cookie_secret_previous is cookie_secret itself");
+    let t = l7_vip("198.18.1.6", b, &l7(None, "fedcba9876543210"), "");
+    refused_at(&t, "\"fedc", "cookie_secret_previous needs cookie_secret");
+    let cfg =
+        parse(&l7_vip("198.18.1.6", b, &l7(Some("0123456789abcdef"), "fedcba9876543210"), ""))
+            .unwrap();
+    let l = cfg.vips[0].l7.as_ref().unwrap();
+    assert_eq!(l.cookie_secret_previous.as_deref(), Some("fedcba9876543210"));
+    let cfg = parse(&l7_vip("198.18.1.6", b, "cookie_secret = \"0123456789abcdef\"", "")).unwrap();
+    assert_eq!(cfg.vips[0].l7.as_ref().unwrap().cookie_secret_previous, None);
 }
 
 /// A route host is compared with the request's host without its port; a route that matches
@@ -1217,7 +1254,7 @@ fn prop_valid_configs() -> Vec<String> {
     let l2 = "[[vip]]\nname = \"l2\"\naddress = \"198.18.1.2\"\nport = 53\nprotocol = \"udp\"\nforwarding = \"l2\"\nconntrack = false\nring_size = 1009\nbackends = [{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\", weight = 0 }, { address = \"198.18.0.12\", mac = \"02:00:00:00:00:02\", weight = 10000 }]\n[vip.health]\nsend = \"ping\"\nexpect = \"pong\"\nport = 5353\nrise = 1\nfall = 100\n";
     let v6 = "[[vip]]\nname = \"v6\"\naddress = \"2001:2::1\"\nport = 443\nhash = \"5tuple\"\n[[vip.backends]]\naddress = \"2001:2::11\"\n[[vip.backends]]\naddress = \"fd00::12\"\nmac = \"02:00:00:00:00:03\"\n[vip.health]\nkind = \"http\"\npath = \"/healthz\"\nhost = \"a.example\"\nexpect_status = 204\nexpect_body = \"ok\"\ninterval_ms = 10\ntimeout_ms = 10\n";
     let two = r#"{ address = "198.18.0.11" }, { address = "198.18.0.12", weight = 5 }"#;
-    let l7_http = "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef\"\ncookie_attributes = \"Secure; SameSite=None; Max-Age=60\"\ncookie_name = \"sid\"\nretries = 0\nproxy_protocol = 1\nmax_header_bytes = 4096\nmax_headers = 10\nupstream_keepalive = 0\nforwarded_for = false\nnormalize_path = false\naccess_log = true\nheader_timeout_ms = 5\nresponse_timeout_ms = 5\nrequest_timeout_ms = 3600000";
+    let l7_http = "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef\"\ncookie_secret_previous = \"fedcba9876543210\"\ncookie_attributes = \"Secure; SameSite=None; Max-Age=60\"\ncookie_name = \"sid\"\nretries = 0\nproxy_protocol = 1\nmax_header_bytes = 4096\nmax_headers = 10\nupstream_keepalive = 0\nforwarded_for = false\nnormalize_path = false\naccess_log = true\nheader_timeout_ms = 5\nresponse_timeout_ms = 5\nrequest_timeout_ms = 3600000";
     let routes = "[[vip.route]]\nhost = \"a.example\"\npath_prefix = \"/api/\"\nalgorithm = \"p2c\"\nbackends = [{ address = \"198.18.0.12\", port = 9000 }]\n[[vip.route]]\npath_prefix = \"/\"\nbackends = [{ address = \"::1\", weight = 0 }]\n[vip.health]\nkind = \"tcp\"\n";
     let l7_tcp = "mode = \"tcp\"\nalgorithm = \"least_conn\"\nretries = 10\nconnect_timeout_ms = 1\nidle_timeout_ms = 1000\nmax_connections = 10\nmax_fails = 2\nfail_timeout_ms = 500";
     vec![
@@ -1400,6 +1437,7 @@ fn prop_mutate(text: &str, r: &mut PropRng) -> String {
         "proxy_protocol",
         "cookie_name",
         "cookie_secret",
+        "cookie_secret_previous",
         "cookie_attributes",
         "max_fails",
         "kind",
@@ -1748,6 +1786,12 @@ fn prop_documented_rules(c: &Config) -> Result<(), String> {
             let cookie = l.algorithm == Algorithm::Cookie
                 || l.routes.iter().any(|r| r.algorithm == Algorithm::Cookie);
             ensure!(!cookie || l.cookie_secret.len() >= 16, "l7 VIP {name}: cookie_secret");
+            ensure!(
+                l.cookie_secret_previous
+                    .as_ref()
+                    .is_none_or(|p| p.len() >= 16 && *p != l.cookie_secret),
+                "l7 VIP {name}: cookie_secret_previous"
+            );
             ensure!(
                 l.cookie_attributes.is_empty()
                     || (l.cookie_attributes.starts_with("; ")
