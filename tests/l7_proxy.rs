@@ -733,6 +733,107 @@ fn cookie_stickiness_with_signed_cookies() {
     assert!(m.values().all(|n| (*n as f64 - 100.0).abs() <= 5.0), "{m:?}");
 }
 
+/// The VIP's `cookie_attributes` follow `Path` and `HttpOnly` in every pool's `Set-Cookie`, the
+/// VIP's own and a route's: `Secure; SameSite=None` is what browsers need to send the cookie
+/// from cross-site frames, credentialed CORS requests and cross-site form posts.
+#[test]
+fn set_cookie_carries_the_configured_attributes() {
+    let (a, b) = (backend("a", Mode::Ok), backend("b", Mode::Ok));
+    let api = format!(
+        "[[vip.route]]\npath_prefix = \"/api/\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n",
+        b.addr.port()
+    );
+    let p = proxy(
+        &[(&a, 1)],
+        "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef0123\"\ncookie_attributes = \"secure; SameSite=None;Max-Age=86400\"",
+        &api,
+    );
+    for (path, cookie_path, backend) in [("/", "/", "a"), ("/api/x", "/api/", "b")] {
+        let r = get(p.addr, path);
+        assert_eq!((r.0, who(&r)), (200, backend.to_owned()), "{r:?}");
+        let set = &r.1["set-cookie"];
+        let (cookie, attributes) = set.split_once("; ").unwrap();
+        assert!(cookie.starts_with("edgelb=") && cookie.len() == 7 + 32, "{set}");
+        assert_eq!(
+            attributes,
+            format!("Path={cookie_path}; HttpOnly; Secure; SameSite=None; Max-Age=86400"),
+            "{set}"
+        );
+    }
+}
+
+/// Three backends behind a cookie proxy with `l7` (its `[vip.l7]` lines).
+fn cookie_proxy(backends: &[&Backend], l7: &str) -> Running {
+    let list: Vec<(&Backend, u32)> = backends.iter().map(|b| (*b, 1)).collect();
+    proxy(&list, &format!("algorithm = \"cookie\"\n{l7}"), "")
+}
+
+/// A GET with `Cookie: cookie`: who answered, and the cookie set, if any (`name=value`).
+fn with_cookie(addr: SocketAddr, cookie: &str) -> (String, Option<String>) {
+    let r = request(
+        addr,
+        None,
+        &format!("GET / HTTP/1.1\r\nHost: t\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"),
+    )
+    .unwrap();
+    assert_eq!(r.0, 200, "{r:?}");
+    (who(&r), r.1.get("set-cookie").map(|s| s.split(';').next().unwrap().to_owned()))
+}
+
+/// A secret rotation over the nodes: a node with the new secret and the old one as
+/// `cookie_secret_previous` keeps a client whose cookie the old secret signed on its backend,
+/// and issues it the cookie of that backend under the new secret, which a node with the new
+/// secret alone takes as its own; the client then gets no cookie any more. Without
+/// `cookie_secret_previous` the old cookie names nothing, and the client is placed anew.
+#[test]
+fn a_cookie_of_the_previous_secret_keeps_its_backend_and_is_renewed() {
+    let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));
+    let all = [&a, &b, &c];
+    let (old, new) = ("cookie_secret = \"old-secret-0123456789\"", "new-secret-0123456789");
+    // The cookies the old node gave clients of each backend.
+    let before = cookie_proxy(&all, old);
+    let mut old_cookies = HashMap::new();
+    for _ in 0..10 {
+        let r = get(before.addr, "/");
+        let cookie = r.1["set-cookie"].split(';').next().unwrap().to_owned();
+        old_cookies.insert(who(&r), cookie);
+    }
+    assert_eq!(old_cookies.len(), 3, "{old_cookies:?}");
+    drop(before);
+
+    let rotating = cookie_proxy(
+        &all,
+        &format!("cookie_secret = \"{new}\"\ncookie_secret_previous = \"old-secret-0123456789\""),
+    );
+    let after = cookie_proxy(&all, &format!("cookie_secret = \"{new}\""));
+    for (backend, old_cookie) in &old_cookies {
+        let mut renewed = None;
+        for _ in 0..6 {
+            let (by, set) = with_cookie(rotating.addr, old_cookie);
+            assert_eq!(&by, backend, "{old_cookie} moved during the rotation");
+            let set = set.unwrap_or_else(|| panic!("{old_cookie} is not renewed"));
+            assert_ne!(&set, old_cookie);
+            assert_eq!(renewed.get_or_insert(set.clone()), &set);
+        }
+        let renewed = renewed.unwrap();
+        // The renewed cookie is the new secret's: it stays, on both nodes, without renewal.
+        for addr in [rotating.addr, after.addr] {
+            for _ in 0..3 {
+                assert_eq!(with_cookie(addr, &renewed), (backend.clone(), None), "{renewed}");
+            }
+        }
+        // Without the previous secret, the old cookie names nothing: the client is placed
+        // anew each time (by turns, so not always on its backend), with a new cookie.
+        let mut placed = std::collections::HashSet::new();
+        for _ in 0..6 {
+            let (by, set) = with_cookie(after.addr, old_cookie);
+            assert!(set.is_some_and(|s| s != *old_cookie), "{old_cookie} kept on {by}");
+            placed.insert(by);
+        }
+        assert!(placed.len() > 1, "{old_cookie} always placed on {placed:?}");
+    }
+}
+
 /// A client whose cookie names a live backend stays there through that backend's own errors:
 /// its 502/503/504, or no answer within the response timeout, reach the client as they are
 /// (the backend has the request, and may have done it), not retried on another backend that
@@ -2635,7 +2736,8 @@ fn upgraded_connections_are_relayed_and_unsolicited_101_refused() {
 
 /// A client that opens a WebSocket (or any upgrade) before anything else gets its stickiness
 /// cookie on the 101, as it would on any other answer: without it, its later requests and its
-/// reconnects were placed anew each time. One whose cookie is valid gets none.
+/// reconnects were placed anew each time. One whose cookie is valid gets none; one whose
+/// cookie the previous secret signed (`cookie_secret_previous`) gets it anew.
 #[test]
 fn an_upgrade_placed_anew_gets_its_cookie_on_the_101() {
     let b = serve_backend(|s, r2, _| {
@@ -2650,7 +2752,7 @@ fn an_upgrade_placed_anew_gets_its_cookie_on_the_101() {
     });
     let p = proxy(
         &[(&b, 1)],
-        "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef0123\"\nretries = 0",
+        "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef0123\"\ncookie_secret_previous = \"previous-secret-0123\"\nretries = 0",
         "",
     );
     // The 101's head, lower-cased, for an upgrade request with `cookie` lines.
@@ -2682,6 +2784,15 @@ fn an_upgrade_placed_anew_gets_its_cookie_on_the_101() {
     let stale = "Cookie: edgelb=00000000000000000000000000000000\r\n";
     assert_eq!(set_cookie(&switch(stale)), Some(cookie.clone()), "a stale cookie is replaced");
     assert_eq!(set_cookie(&switch(&format!("Cookie: {cookie}\r\n"))), None, "a valid one stays");
+    // The backend's cookie as a node with the previous secret set it.
+    let backend = format!("127.0.0.1:{}", b.addr.port()).parse().unwrap();
+    let previous = edgelb::proxy::balance::cookie_tag("previous-secret-0123", backend);
+    assert_ne!(format!("edgelb={previous}"), cookie);
+    assert_eq!(
+        set_cookie(&switch(&format!("Cookie: edgelb={previous}\r\n"))),
+        Some(cookie.clone()),
+        "a cookie of the previous secret is renewed"
+    );
 }
 
 #[test]

@@ -348,6 +348,15 @@ pub struct L7 {
     pub cookie_name: String,
     /// Key that signs sticky cookies (the same on every node).
     pub cookie_secret: String,
+    /// The key `cookie_secret` replaces, during a rotation: cookies it signed still name their
+    /// backends, and are issued anew under `cookie_secret`, so that no client loses its backend
+    /// while the nodes change secrets one by one.
+    pub cookie_secret_previous: Option<String>,
+    /// Attributes sticky cookies carry after `Path` and `HttpOnly`, each as `; Name` or
+    /// `; Name=value` (empty for none): `SameSite=None; Secure` for cross-site clients, which
+    /// browsers otherwise do not send the cookie from, `Max-Age` for one that outlives the
+    /// browser session, `Domain`, `Partitioned`.
+    pub cookie_attributes: String,
     /// Consecutive failures that take a backend out (passive health).
     pub max_fails: u32,
     /// How long a passively failed backend stays out.
@@ -1206,6 +1215,8 @@ fn l7_settings(
         proxy_protocol: None,
         cookie_name: None,
         cookie_secret: None,
+        cookie_secret_previous: None,
+        cookie_attributes: None,
         max_fails: None,
         fail_timeout_ms: None,
     };
@@ -1254,6 +1265,8 @@ fn l7_settings(
             span(l.access_log.as_ref().map(|v| v.span()), "access_log"),
             span(l.cookie_name.as_ref().map(|v| v.span()), "cookie_name"),
             span(l.cookie_secret.as_ref().map(|v| v.span()), "cookie_secret"),
+            span(l.cookie_secret_previous.as_ref().map(|v| v.span()), "cookie_secret_previous"),
+            span(l.cookie_attributes.as_ref().map(|v| v.span()), "cookie_attributes"),
         ];
         if let Some((span, key)) = http_only.into_iter().flatten().next() {
             return bad(
@@ -1373,17 +1386,21 @@ fn l7_settings(
             r.get_ref().algorithm.as_ref().filter(|a| a.get_ref() == "cookie").map(|a| a.span())
         }),
     };
-    let cookie_secret = match &l.cookie_secret {
-        Some(s) if s.get_ref().len() >= 16 => s.get_ref().clone(),
-        Some(s) => {
-            return bad(
+    let long_enough = |s: &raw::Sp<String>, key: &str| {
+        if s.get_ref().len() >= 16 {
+            Ok(s.get_ref().clone())
+        } else {
+            bad(
                 s.span(),
                 format!(
-                    "cookie_secret must be at least 16 bytes (this one has {}): the secret's strength is its bytes",
+                    "{key} must be at least 16 bytes (this one has {}): the secret's strength is its bytes",
                     s.get_ref().len()
                 ),
-            );
+            )
         }
+    };
+    let cookie_secret = match &l.cookie_secret {
+        Some(s) => long_enough(s, "cookie_secret")?,
         None => match cookie_at {
             Some(span) => {
                 return bad(
@@ -1394,6 +1411,28 @@ fn l7_settings(
             None => String::new(),
         },
     };
+    let cookie_secret_previous = match &l.cookie_secret_previous {
+        None => None,
+        Some(p) if l.cookie_secret.is_none() => {
+            return bad(
+                p.span(),
+                "cookie_secret_previous needs cookie_secret: cookie_secret signs new cookies, cookie_secret_previous is the one it replaces, whose cookies still count; write both",
+            );
+        }
+        Some(p) if *p.get_ref() == cookie_secret => {
+            return bad(
+                p.span(),
+                "cookie_secret_previous is cookie_secret itself: write there the secret cookie_secret replaces, or remove cookie_secret_previous once every node signs with cookie_secret",
+            );
+        }
+        Some(p) => Some(long_enough(p, "cookie_secret_previous")?),
+    };
+    let cookie_name = l.cookie_name.as_ref().map_or("edgelb", |c| c.get_ref().as_str());
+    let attributes = match &l.cookie_attributes {
+        None => CookieAttributes::default(),
+        Some(a) => cookie_attributes(a.get_ref()).or_else(|m| bad(a.span(), m))?,
+    };
+    cookie_prefix_ok(cookie_name, &attributes, l, routes, algorithm)?;
     Ok(L7 {
         mode,
         algorithm,
@@ -1412,11 +1451,10 @@ fn l7_settings(
         normalize_path,
         access_log: l.access_log.as_ref().is_some_and(|f| *f.get_ref()),
         proxy_protocol,
-        cookie_name: l
-            .cookie_name
-            .as_ref()
-            .map_or_else(|| "edgelb".to_owned(), |c| c.get_ref().clone()),
+        cookie_name: cookie_name.to_owned(),
         cookie_secret,
+        cookie_secret_previous,
+        cookie_attributes: attributes.text,
         max_fails: num(&l.max_fails, 3, "max_fails")?,
         fail_timeout: ms(&l.fail_timeout_ms, 10_000, "fail_timeout_ms")?,
     })
@@ -1426,6 +1464,211 @@ fn l7_settings(
 /// as it is?
 fn cookie_token(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(crate::proxy::is_tchar)
+}
+
+/// `cookie_attributes` as checked: the text `Set-Cookie` gets after `HttpOnly`, and what the
+/// rules of the cookie name's prefix need to know.
+#[derive(Default)]
+struct CookieAttributes {
+    /// Each attribute as `; Name` or `; Name=value`, names and SameSite values in their usual
+    /// spelling.
+    text: String,
+    /// `Secure` is set.
+    secure: bool,
+    /// `Domain` is set.
+    domain: bool,
+}
+
+/// What `cookie_attributes` may hold, for errors.
+const COOKIE_ATTRIBUTES: &str = "Secure, SameSite=Strict|Lax|None, Max-Age=<seconds>, Domain=<host> and Partitioned, separated by `;`, e.g. cookie_attributes = \"Secure; SameSite=None; Max-Age=86400\"";
+
+/// Checks `cookie_attributes`: `;`-separated attributes among [`COOKIE_ATTRIBUTES`], each at
+/// most once (names and SameSite values in any case, as browsers read them). Refused, with
+/// what to write: what the proxy sets itself (`Path`, per pool; `HttpOnly`, always), `Expires`
+/// (a fixed date, which every cookie would outlive once it has passed: `Max-Age` instead),
+/// what a browser would ignore or drop the cookie for (`SameSite=None` or `Partitioned`
+/// without `Secure`, `Max-Age=0`, a malformed value), and anything else.
+fn cookie_attributes(s: &str) -> Result<CookieAttributes, String> {
+    let mut out = CookieAttributes::default();
+    if s.trim_matches([' ', '\t']).is_empty() {
+        return Ok(out);
+    }
+    let err = |m: String| Err(format!("cookie_attributes `{}`: {m}", s.escape_debug()));
+    let mut seen: Vec<&str> = Vec::new();
+    let (mut same_site_none, mut partitioned) = (false, false);
+    for part in s.split(';') {
+        let part = part.trim_matches([' ', '\t']);
+        if part.is_empty() {
+            return err(format!(
+                "an empty attribute (a doubled or trailing `;`); write attributes among {COOKIE_ATTRIBUTES}"
+            ));
+        }
+        let (name, value) = match part.split_once('=') {
+            Some((n, v)) => (n.trim_matches([' ', '\t']), Some(v.trim_matches([' ', '\t']))),
+            None => (part, None),
+        };
+        let name = match name.to_ascii_lowercase().as_str() {
+            "secure" => "Secure",
+            "samesite" => "SameSite",
+            "max-age" => "Max-Age",
+            "domain" => "Domain",
+            "partitioned" => "Partitioned",
+            "path" => {
+                return err("`Path` is set by the proxy, for each pool the path its route takes (see cookie_name in docs/CONFIG.md); remove it".to_owned());
+            }
+            "expires" => {
+                return err("`Expires` is a fixed date, which every cookie set after it would outlive; write Max-Age=<seconds> instead (e.g. Max-Age=86400 for a day)".to_owned());
+            }
+            "httponly" => {
+                return err(
+                    "`HttpOnly` is always set (scripts have no use for the cookie); remove it"
+                        .to_owned(),
+                );
+            }
+            _ => {
+                return err(format!(
+                    "unknown attribute `{}`; write attributes among {COOKIE_ATTRIBUTES}",
+                    name.escape_debug()
+                ));
+            }
+        };
+        if seen.contains(&name) {
+            return err(format!("`{name}` is given twice; write it once"));
+        }
+        seen.push(name);
+        let value = match (name, value) {
+            ("Secure" | "Partitioned", None) => None,
+            ("Secure" | "Partitioned", Some(_)) => {
+                return err(format!("`{name}` takes no value; write `{name}` alone"));
+            }
+            ("SameSite", v) => match v.map(str::to_ascii_lowercase).as_deref() {
+                Some("strict") => Some("Strict".to_owned()),
+                Some("lax") => Some("Lax".to_owned()),
+                Some("none") => {
+                    same_site_none = true;
+                    Some("None".to_owned())
+                }
+                _ => {
+                    return err(
+                        "SameSite takes Strict, Lax or None; write e.g. `SameSite=Lax`".to_owned()
+                    );
+                }
+            },
+            ("Max-Age", v) => {
+                let v = v.unwrap_or_default();
+                if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                    return err(format!(
+                        "Max-Age takes a whole number of seconds, not `{}`; write e.g. `Max-Age=86400` for a day",
+                        v.escape_debug()
+                    ));
+                }
+                match v.parse::<u64>() {
+                    Ok(0) => {
+                        return err("Max-Age=0 has browsers drop the cookie at once, so no client would stay; write the seconds it should last (e.g. `Max-Age=86400`), or leave Max-Age out for a cookie that lasts the browser session".to_owned());
+                    }
+                    Ok(n) => Some(n.to_string()),
+                    Err(_) => {
+                        return err(format!(
+                            "Max-Age={v} is too large; browsers keep a cookie 400 days at most (`Max-Age=34560000`)"
+                        ));
+                    }
+                }
+            }
+            ("Domain", v) => {
+                let v = v.unwrap_or_default();
+                let host = v.strip_prefix('.').unwrap_or(v);
+                let label_ok = |l: &str| {
+                    (1..=63).contains(&l.len())
+                        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                };
+                if host.len() > 253 || !host.split('.').all(label_ok) {
+                    return err(format!(
+                        "Domain takes a host name (letters, digits, `-` and `.`; no scheme, port or path), not `{}`; write e.g. `Domain=example.com`",
+                        v.escape_debug()
+                    ));
+                }
+                out.domain = true;
+                Some(host.to_owned())
+            }
+            _ => unreachable!("every name is matched above"),
+        };
+        match value {
+            None => out.text.push_str(&format!("; {name}")),
+            Some(v) => out.text.push_str(&format!("; {name}={v}")),
+        }
+        if name == "Secure" {
+            out.secure = true;
+        }
+        partitioned |= name == "Partitioned";
+    }
+    if same_site_none && !out.secure {
+        return err("browsers drop a SameSite=None cookie that is not Secure; write `Secure; SameSite=None` (the cookie then comes back only over HTTPS, which a proxy in front of edgelb ends)".to_owned());
+    }
+    if partitioned && !out.secure {
+        return err(
+            "browsers drop a Partitioned cookie that is not Secure; write `Secure; Partitioned`"
+                .to_owned(),
+        );
+    }
+    Ok(out)
+}
+
+/// Browsers keep a cookie whose name starts with `__Secure-` only if it is `Secure`, and one
+/// starting with `__Host-` only if it is `Secure`, without `Domain` and with `Path=/` (RFC
+/// 6265bis 4.1.3, prefixes in any case): a name the attributes or a route's cookie path would
+/// have every such cookie dropped is refused, saying what to write.
+fn cookie_prefix_ok(
+    name: &str,
+    attributes: &CookieAttributes,
+    l: &raw::L7,
+    routes: &[raw::Sp<raw::Route>],
+    algorithm: Algorithm,
+) -> Result<(), Invalid> {
+    let lower = name.to_ascii_lowercase();
+    let host = lower.starts_with("__host-");
+    if !host && !lower.starts_with("__secure-") {
+        return Ok(());
+    }
+    let prefix = &name[..name.find('-').map_or(0, |i| i + 1)];
+    // A prefixed name is never the default: cookie_name is written.
+    let name_at = l.cookie_name.as_ref().map_or(0..0, |c| c.span());
+    let attributes_at = l.cookie_attributes.as_ref().map(|a| a.span());
+    if !attributes.secure {
+        return bad(
+            attributes_at.unwrap_or(name_at),
+            format!(
+                "cookie_name `{name}`: browsers keep a cookie named `{prefix}...` only if it is Secure; add Secure to cookie_attributes (e.g. cookie_attributes = \"Secure\"), or name it without `{prefix}`"
+            ),
+        );
+    }
+    if host && attributes.domain {
+        return bad(
+            attributes_at.unwrap_or(name_at),
+            format!(
+                "cookie_name `{name}`: browsers keep a cookie named `{prefix}...` only without Domain; remove Domain from cookie_attributes, or name it `__Secure-...`"
+            ),
+        );
+    }
+    if host {
+        for r in routes {
+            let r = r.get_ref();
+            let cookie = r
+                .algorithm
+                .as_ref()
+                .map_or(algorithm == Algorithm::Cookie, |a| a.get_ref() == "cookie");
+            let Some(p) = r.path_prefix.as_ref().filter(|_| cookie) else { continue };
+            let path = crate::proxy::balance::cookie_path(Some(p.get_ref()));
+            if path != "/" {
+                return bad(
+                    p.span(),
+                    format!(
+                        "cookie_name `{name}`: browsers keep a cookie named `{prefix}...` only with Path=/, and this route's cookie has Path={path} (its path_prefix cut back to the last `/`); name the cookies `__Secure-...`, which has no such rule"
+                    ),
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A route's `host` must be what the proxy compares it with: a request's host, lowercased, its

@@ -79,6 +79,8 @@ pub struct L7 {
     pub proxy_protocol: Option<Sp<u8>>,
     pub cookie_name: Option<Sp<String>>,
     pub cookie_secret: Option<Sp<String>>,
+    pub cookie_secret_previous: Option<Sp<String>>,
+    pub cookie_attributes: Option<Sp<String>>,
     pub max_fails: Option<Sp<u32>>,
     pub fail_timeout_ms: Option<Sp<u64>>,
 }

@@ -659,6 +659,7 @@ fn http_only_l7_keys_are_refused_in_tcp_mode() {
         "access_log = true",
         "cookie_name = \"s\"",
         "cookie_secret = \"0123456789abcdef\"",
+        "cookie_attributes = \"Secure\"",
     ] {
         let t = l7_vip("198.18.1.6", b, &format!("mode = \"tcp\"\n{line}"), "");
         let (key, value) = line.split_once(" = ").unwrap();
@@ -670,6 +671,19 @@ fn http_only_l7_keys_are_refused_in_tcp_mode() {
         // The same key in HTTP mode is fine.
         parse(&l7_vip("198.18.1.6", b, line, "")).unwrap();
     }
+    // The previous secret, which needs the current one.
+    let both =
+        "cookie_secret = \"0123456789abcdef\"\ncookie_secret_previous = \"fedcba9876543210\"";
+    let t = l7_vip("198.18.1.6", b, &format!("mode = \"tcp\"\n{both}"), "");
+    refused_at(&t, "\"0123", "`cookie_secret` applies only to mode = \"http\"");
+    let t = l7_vip(
+        "198.18.1.6",
+        b,
+        "mode = \"tcp\"\ncookie_secret_previous = \"fedcba9876543210\"",
+        "",
+    );
+    refused_at(&t, "\"fedc", "`cookie_secret_previous` applies only to mode = \"http\"");
+    parse(&l7_vip("198.18.1.6", b, both, "")).unwrap();
     let route = "[[vip.route]]\nhost = \"a.example\"\nbackends = [{ address = \"198.18.0.12\" }]\n";
     let t = l7_vip("198.18.1.6", b, "mode = \"tcp\"", route);
     refused_at(&t, "[[vip.route]]", "[[vip.route]] applies only to mode = \"http\"");
@@ -703,6 +717,135 @@ fn cookie_name_must_be_a_token() {
         let cfg = parse(&l7_vip("198.18.1.6", b, &l7(good), "")).unwrap();
         assert_eq!(cfg.vips[0].l7.as_ref().unwrap().cookie_name, good);
     }
+}
+
+/// `cookie_attributes` goes into every `Set-Cookie` after `Path` and `HttpOnly`: only the
+/// attributes a sticky cookie may carry, each once and well formed, are taken, written in their
+/// usual spelling; what the proxy sets itself, what browsers would ignore or drop the cookie
+/// for, and anything else is refused at the value, saying what to write.
+#[test]
+fn cookie_attributes_are_checked_and_written_out() {
+    let b = r#"{ address = "198.18.0.11", port = 80 }"#;
+    let l7 = |attributes: &str| {
+        format!(
+            "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef\"\ncookie_attributes = \"{attributes}\""
+        )
+    };
+    for (bad, says) in [
+        ("Path=/", "`Path` is set by the proxy"),
+        ("Secure; path=/x", "`Path` is set by the proxy"),
+        ("Expires=Wed, 21 Oct 2037 07:28:00 GMT", "write Max-Age=<seconds> instead"),
+        ("HttpOnly", "`HttpOnly` is always set"),
+        ("Secure; Secure", "`Secure` is given twice"),
+        ("Max-Age=60; max-age=70", "`Max-Age` is given twice"),
+        ("SameSite=Lax; SameSite=Strict", "`SameSite` is given twice"),
+        ("Priority=High", "unknown attribute `Priority`"),
+        ("Same Site=Lax", "unknown attribute `Same Site`"),
+        ("SameSite=None", "write `Secure; SameSite=None`"),
+        ("SameSite=none; Max-Age=60", "write `Secure; SameSite=None`"),
+        ("Partitioned", "write `Secure; Partitioned`"),
+        ("SameSite=Loose", "SameSite takes Strict, Lax or None"),
+        ("SameSite", "SameSite takes Strict, Lax or None"),
+        ("Max-Age=-1", "Max-Age takes a whole number of seconds"),
+        ("Max-Age=1d", "Max-Age takes a whole number of seconds"),
+        ("Max-Age", "Max-Age takes a whole number of seconds"),
+        ("Max-Age=0", "Max-Age=0 has browsers drop the cookie at once"),
+        ("Max-Age=99999999999999999999", "is too large"),
+        ("Domain=", "Domain takes a host name"),
+        ("Domain=https://example.com", "Domain takes a host name"),
+        ("Domain=example.com:443", "Domain takes a host name"),
+        ("Domain=a..example", "Domain takes a host name"),
+        ("Secure=1", "`Secure` takes no value"),
+        ("Partitioned=yes; Secure", "`Partitioned` takes no value"),
+        ("Secure;", "an empty attribute"),
+        ("Secure;; HttpOnly", "an empty attribute"),
+        ("Secure\\r\\nX-Injected: 1", "unknown attribute"),
+    ] {
+        let t = l7_vip("198.18.1.6", b, &l7(bad), "");
+        refused_at(&t, &format!("\"{bad}\"\n"), says);
+    }
+    for (good, written) in [
+        ("", ""),
+        ("Secure", "; Secure"),
+        ("Secure; SameSite=None; Max-Age=86400", "; Secure; SameSite=None; Max-Age=86400"),
+        ("samesite=none;secure", "; SameSite=None; Secure"),
+        ("SameSite=Strict", "; SameSite=Strict"),
+        ("SameSite = lax ; Max-Age=007", "; SameSite=Lax; Max-Age=7"),
+        ("Domain=Example.com; Secure; Partitioned", "; Domain=Example.com; Secure; Partitioned"),
+        ("Domain=.example.com", "; Domain=example.com"),
+    ] {
+        let cfg = parse(&l7_vip("198.18.1.6", b, &l7(good), "")).unwrap();
+        assert_eq!(cfg.vips[0].l7.as_ref().unwrap().cookie_attributes, written, "{good}");
+    }
+    // Unset: none.
+    let cfg = parse(&l7_vip(
+        "198.18.1.6",
+        b,
+        "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef\"",
+        "",
+    ))
+    .unwrap();
+    assert_eq!(cfg.vips[0].l7.as_ref().unwrap().cookie_attributes, "");
+}
+
+/// A cookie name with a `__Secure-` or `__Host-` prefix is kept by browsers only under that
+/// prefix's rules; attributes, or a route's cookie path, that break them are refused.
+#[test]
+fn prefixed_cookie_names_get_the_attributes_their_prefix_needs() {
+    let b = r#"{ address = "198.18.0.11", port = 80 }"#;
+    let l7 = |name: &str, attributes: Option<&str>| {
+        let attributes =
+            attributes.map_or(String::new(), |a| format!("\ncookie_attributes = \"{a}\""));
+        format!(
+            "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef\"\ncookie_name = \"{name}\"{attributes}"
+        )
+    };
+    let t = l7_vip("198.18.1.6", b, &l7("__Secure-lb", None), "");
+    refused_at(&t, "\"__Secure-lb\"", "only if it is Secure; add Secure to cookie_attributes");
+    let t = l7_vip("198.18.1.6", b, &l7("__host-lb", Some("SameSite=Lax")), "");
+    refused_at(&t, "\"SameSite=Lax\"", "only if it is Secure");
+    let t = l7_vip("198.18.1.6", b, &l7("__Host-lb", Some("Secure; Domain=example.com")), "");
+    refused_at(&t, "\"Secure; Domain", "only without Domain");
+    let route = |prefix: &str, algorithm: &str| {
+        format!(
+            "[[vip.route]]\npath_prefix = \"{prefix}\"\n{algorithm}backends = [{{ address = \"198.18.0.12\" }}]\n"
+        )
+    };
+    let t = l7_vip("198.18.1.6", b, &l7("__Host-lb", Some("Secure")), &route("/api/", ""));
+    refused_at(&t, "\"/api/\"", "only with Path=/, and this route's cookie has Path=/api/");
+    // Fine: a route whose cookie has Path=/, a route that sets no cookie, `__Secure-` anywhere.
+    for (name, attributes, routes) in [
+        ("__Host-lb", "Secure", route("/api", "")),
+        ("__Host-lb", "Secure; SameSite=None", route("/api/", "algorithm = \"round_robin\"\n")),
+        ("__Secure-lb", "Secure; Domain=example.com", route("/api/", "")),
+        ("lb", "SameSite=Lax", route("/api/", "")),
+    ] {
+        parse(&l7_vip("198.18.1.6", b, &l7(name, Some(attributes)), &routes)).unwrap();
+    }
+}
+
+/// During a secret rotation `cookie_secret_previous` is the secret `cookie_secret` replaces:
+/// as long as one, different from it, and only beside it.
+#[test]
+fn a_previous_cookie_secret_is_a_second_valid_secret() {
+    let b = r#"{ address = "198.18.0.11", port = 80 }"#;
+    let l7 = |secret: Option<&str>, previous: &str| {
+        let secret = secret.map_or(String::new(), |s| format!("cookie_secret = \"{s}\"\n"));
+        format!("algorithm = \"round_robin\"\n{secret}cookie_secret_previous = \"{previous}\"")
+    };
+    let t = l7_vip("198.18.1.6", b, &l7(Some("0123456789abcdef"), "fedcba987654321"), "");
+    refused_at(&t, "\"fedc", "cookie_secret_previous must be at least 16 bytes (this one has 15)");
+    let t = l7_vip("198.18.1.6", b, &l7(Some("0123456789abcdef"), "0123456789abcdef"), "");
+    refused_at_last(&t, "\"0123", "cookie_secret_previous is cookie_secret itself");
+    let t = l7_vip("198.18.1.6", b, &l7(None, "fedcba9876543210"), "");
+    refused_at(&t, "\"fedc", "cookie_secret_previous needs cookie_secret");
+    let cfg =
+        parse(&l7_vip("198.18.1.6", b, &l7(Some("0123456789abcdef"), "fedcba9876543210"), ""))
+            .unwrap();
+    let l = cfg.vips[0].l7.as_ref().unwrap();
+    assert_eq!(l.cookie_secret_previous.as_deref(), Some("fedcba9876543210"));
+    let cfg = parse(&l7_vip("198.18.1.6", b, "cookie_secret = \"0123456789abcdef\"", "")).unwrap();
+    assert_eq!(cfg.vips[0].l7.as_ref().unwrap().cookie_secret_previous, None);
 }
 
 /// A route host is compared with the request's host without its port; a route that matches
@@ -1111,7 +1254,7 @@ fn prop_valid_configs() -> Vec<String> {
     let l2 = "[[vip]]\nname = \"l2\"\naddress = \"198.18.1.2\"\nport = 53\nprotocol = \"udp\"\nforwarding = \"l2\"\nconntrack = false\nring_size = 1009\nbackends = [{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\", weight = 0 }, { address = \"198.18.0.12\", mac = \"02:00:00:00:00:02\", weight = 10000 }]\n[vip.health]\nsend = \"ping\"\nexpect = \"pong\"\nport = 5353\nrise = 1\nfall = 100\n";
     let v6 = "[[vip]]\nname = \"v6\"\naddress = \"2001:2::1\"\nport = 443\nhash = \"5tuple\"\n[[vip.backends]]\naddress = \"2001:2::11\"\n[[vip.backends]]\naddress = \"fd00::12\"\nmac = \"02:00:00:00:00:03\"\n[vip.health]\nkind = \"http\"\npath = \"/healthz\"\nhost = \"a.example\"\nexpect_status = 204\nexpect_body = \"ok\"\ninterval_ms = 10\ntimeout_ms = 10\n";
     let two = r#"{ address = "198.18.0.11" }, { address = "198.18.0.12", weight = 5 }"#;
-    let l7_http = "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef\"\ncookie_name = \"sid\"\nretries = 0\nproxy_protocol = 1\nmax_header_bytes = 4096\nmax_headers = 10\nupstream_keepalive = 0\nforwarded_for = false\nnormalize_path = false\naccess_log = true\nheader_timeout_ms = 5\nresponse_timeout_ms = 5\nrequest_timeout_ms = 3600000";
+    let l7_http = "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef\"\ncookie_secret_previous = \"fedcba9876543210\"\ncookie_attributes = \"Secure; SameSite=None; Max-Age=60\"\ncookie_name = \"sid\"\nretries = 0\nproxy_protocol = 1\nmax_header_bytes = 4096\nmax_headers = 10\nupstream_keepalive = 0\nforwarded_for = false\nnormalize_path = false\naccess_log = true\nheader_timeout_ms = 5\nresponse_timeout_ms = 5\nrequest_timeout_ms = 3600000";
     let routes = "[[vip.route]]\nhost = \"a.example\"\npath_prefix = \"/api/\"\nalgorithm = \"p2c\"\nbackends = [{ address = \"198.18.0.12\", port = 9000 }]\n[[vip.route]]\npath_prefix = \"/\"\nbackends = [{ address = \"::1\", weight = 0 }]\n[vip.health]\nkind = \"tcp\"\n";
     let l7_tcp = "mode = \"tcp\"\nalgorithm = \"least_conn\"\nretries = 10\nconnect_timeout_ms = 1\nidle_timeout_ms = 1000\nmax_connections = 10\nmax_fails = 2\nfail_timeout_ms = 500";
     vec![
@@ -1294,6 +1437,8 @@ fn prop_mutate(text: &str, r: &mut PropRng) -> String {
         "proxy_protocol",
         "cookie_name",
         "cookie_secret",
+        "cookie_secret_previous",
+        "cookie_attributes",
         "max_fails",
         "kind",
         "interval_ms",
@@ -1641,6 +1786,20 @@ fn prop_documented_rules(c: &Config) -> Result<(), String> {
             let cookie = l.algorithm == Algorithm::Cookie
                 || l.routes.iter().any(|r| r.algorithm == Algorithm::Cookie);
             ensure!(!cookie || l.cookie_secret.len() >= 16, "l7 VIP {name}: cookie_secret");
+            ensure!(
+                l.cookie_secret_previous
+                    .as_ref()
+                    .is_none_or(|p| p.len() >= 16 && *p != l.cookie_secret),
+                "l7 VIP {name}: cookie_secret_previous"
+            );
+            ensure!(
+                l.cookie_attributes.is_empty()
+                    || (l.cookie_attributes.starts_with("; ")
+                        && l.cookie_attributes.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+                        && !l.cookie_attributes.contains(',')),
+                "l7 VIP {name}: cookie_attributes {:?}",
+                l.cookie_attributes
+            );
             ensure!(l.mode == L7Mode::Http || l.routes.is_empty(), "l7 VIP {name}: tcp routes");
             for r in &l.routes {
                 ensure!(!r.backends.is_empty(), "l7 VIP {name}: a route without backends");

@@ -132,9 +132,28 @@ pub struct Pool {
     pub cookie_name: String,
     /// `Path` of the stickiness cookie this pool sets (see [`Pool::scope_cookie`]).
     pub cookie_path: String,
+    /// Attributes the stickiness cookie carries after `Path` and `HttpOnly`, each as `; Name`
+    /// or `; Name=value` (the VIP's `cookie_attributes`, checked by the config): empty for
+    /// none.
+    pub cookie_attributes: String,
     /// Each member's stickiness cookie value ([`cookie_tag`]), in member order; empty until
     /// [`Pool::sign_cookies`].
     cookies: Vec<String>,
+    /// Each member's cookie value under the previous secret (`cookie_secret_previous`), in
+    /// member order; empty if there is none. Such a cookie still names its member, so that
+    /// clients keep their backends while a new secret rolls out over the nodes.
+    previous: Vec<String>,
+}
+
+/// What a client's stickiness cookie names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CookieMember {
+    /// The member, by its index in the pool.
+    pub member: usize,
+    /// Whether the cookie is signed with the current secret. One signed with the previous is
+    /// issued anew under the current, so that clients move to it before the previous one is
+    /// retired.
+    pub current: bool,
 }
 
 thread_local! {
@@ -182,14 +201,23 @@ impl Pool {
             id: IDS.fetch_add(1, Ordering::Relaxed),
             cookie_name: String::new(),
             cookie_path: "/".to_owned(),
+            cookie_attributes: String::new(),
             cookies: Vec::new(),
+            previous: Vec::new(),
         }
     }
 
-    /// Computes the members' cookie values under `secret`, once per snapshot rather than once
+    /// Computes the members' cookie values under `secret`, and under `previous` (the secret
+    /// it replaces, whose cookies still count) if given, once per snapshot rather than once
     /// per request.
-    pub fn sign_cookies(&mut self, secret: &str) {
-        self.cookies = self.members.iter().map(|m| cookie_tag(secret, m.state.addr)).collect();
+    pub fn sign_cookies(&mut self, secret: &str, previous: Option<&str>) {
+        self.cookies = self.tags(secret);
+        self.previous = previous.map(|p| self.tags(p)).unwrap_or_default();
+    }
+
+    /// The members' cookie values under `secret`, in member order.
+    fn tags(&self, secret: &str) -> Vec<String> {
+        self.members.iter().map(|m| cookie_tag(secret, m.state.addr)).collect()
     }
 
     /// Names and scopes the stickiness cookie of a pool whose VIP names its cookies `name`, for
@@ -206,12 +234,8 @@ impl Pool {
     /// prefix, and of two routes with one prefix the first takes every request of the hosts
     /// the second would share.
     pub fn scope_cookie(&mut self, name: &str, prefix: Option<&str>) {
+        self.cookie_path = cookie_path(prefix).to_owned();
         let prefix = prefix.unwrap_or("/");
-        let cut = &prefix[..prefix.rfind('/').map_or(0, |i| i + 1)];
-        let attribute_ok = |p: &str| {
-            p.starts_with('/') && p.bytes().all(|b| b.is_ascii_graphic() && b != b';' && b != b',')
-        };
-        self.cookie_path = if attribute_ok(cut) { cut.to_owned() } else { "/".to_owned() };
         self.cookie_name = name.to_owned();
         if self.cookie_path != prefix {
             for b in prefix.bytes() {
@@ -229,17 +253,21 @@ impl Pool {
         self.cookies.get(i).map_or("", String::as_str)
     }
 
-    /// The member a cookie value names, if it is one of this pool's. Also takes the
-    /// `address~tag` values edgelb set before cookies became opaque (by their tag, which is
-    /// the same), so an upgrade keeps its sticky clients.
-    pub fn cookie_member(&self, value: &[u8]) -> Option<usize> {
+    /// The member a cookie value names, if it is one of this pool's, under the current secret
+    /// or the previous one. Also takes the `address~tag` values edgelb set before cookies
+    /// became opaque (by their tag, which is the same), so an upgrade keeps its sticky clients.
+    pub fn cookie_member(&self, value: &[u8]) -> Option<CookieMember> {
         let tag = value.rsplit(|&b| b == b'~').next().unwrap_or(value);
-        // Every member is compared in full, so the time taken tells nothing of a tag's bytes.
-        self.cookies.iter().enumerate().fold(None, |found, (i, c)| {
-            let same = c.len() == tag.len()
-                && c.bytes().zip(tag).fold(0u8, |acc, (a, &b)| acc | (a ^ b)) == 0;
-            if same { Some(i) } else { found }
-        })
+        let n = self.cookies.len();
+        // Every value, under either secret, is compared in full, so the time taken tells
+        // nothing of a tag's bytes. The current secret's values come first and win.
+        let found =
+            self.cookies.iter().chain(&self.previous).enumerate().fold(None, |found, (k, c)| {
+                let same = c.len() == tag.len()
+                    && c.bytes().zip(tag).fold(0u8, |acc, (a, &b)| acc | (a ^ b)) == 0;
+                if same && found.is_none() { Some(k) } else { found }
+            });
+        found.map(|k| CookieMember { member: if k < n { k } else { k - n }, current: k < n })
     }
 
     /// Which members may take new work: weight > 0, up, not passively down, not excluded.
@@ -356,6 +384,18 @@ impl Pool {
     }
 }
 
+/// The `Path` of the stickiness cookie of the pool for the route with path `prefix` (`None`
+/// for the VIP's own backends, and a route by host only): the prefix cut back to its last `/`,
+/// or `/` if that holds what a cookie attribute cannot (see [`Pool::scope_cookie`]). Also for
+/// the config, which refuses a `__Host-` cookie name where this is not `/`.
+pub fn cookie_path(prefix: Option<&str>) -> &str {
+    let prefix = prefix.unwrap_or("/");
+    let cut = &prefix[..prefix.rfind('/').map_or(0, |i| i + 1)];
+    let attribute_ok =
+        cut.starts_with('/') && cut.bytes().all(|b| b.is_ascii_graphic() && b != b';' && b != b',');
+    if attribute_ok { cut } else { "/" }
+}
+
 /// The stickiness cookie value naming `addr`: the first 128 bits of HMAC-SHA256(`secret`,
 /// address:port), in hex. Opaque, so clients do not learn backend addresses, and the same on
 /// every node that shares the secret; a client cannot make one up for a backend of its choice.
@@ -445,17 +485,18 @@ mod tests {
     #[test]
     fn cookies_name_members_only_under_the_right_key_and_hide_their_address() {
         let mut p = pool(&[1, 1], Algorithm::Cookie);
-        p.sign_cookies("0123456789abcdef");
+        p.sign_cookies("0123456789abcdef", None);
+        let member = |i| Some(CookieMember { member: i, current: true });
         let c = p.cookie(1).to_owned();
         assert_eq!(c.len(), 32, "{c}");
         assert!(!c.contains("127.0.0"), "the address stays hidden: {c}");
-        assert_eq!(p.cookie_member(c.as_bytes()), Some(1));
-        assert_eq!(p.cookie_member(p.cookie(0).as_bytes()), Some(0));
+        assert_eq!(p.cookie_member(c.as_bytes()), member(1));
+        assert_eq!(p.cookie_member(p.cookie(0).as_bytes()), member(0));
         // The value an older edgelb set (`address~tag`) still counts, by its tag.
-        assert_eq!(p.cookie_member(format!("127.0.0.2:80~{c}").as_bytes()), Some(1));
+        assert_eq!(p.cookie_member(format!("127.0.0.2:80~{c}").as_bytes()), member(1));
         // Another key, a cut or altered tag: no member.
         let mut other = pool(&[1, 1], Algorithm::Cookie);
-        other.sign_cookies("fedcba9876543210");
+        other.sign_cookies("fedcba9876543210", None);
         assert_eq!(p.cookie_member(other.cookie(1).as_bytes()), None);
         assert_eq!(p.cookie_member(&c.as_bytes()[..31]), None);
         let flipped = format!("{}{}", if c.starts_with('0') { '1' } else { '0' }, &c[1..]);
@@ -463,6 +504,45 @@ mod tests {
         assert_eq!(p.cookie_member(b""), None);
         // A pool without a secret names no member, even for an empty value.
         assert_eq!(pool(&[1], Algorithm::Cookie).cookie_member(b""), None);
+    }
+
+    /// During a rotation (`cookie_secret_previous`), a cookie signed with the previous secret
+    /// still names its member, marked as not current so that it is issued anew; one signed with
+    /// the current secret is current; a third secret's cookie, or an altered one, names none.
+    #[test]
+    fn cookies_of_the_previous_secret_still_name_their_member() {
+        let (old, new) = ("0123456789abcdef", "fedcba9876543210");
+        let mut before = pool(&[1, 1, 1], Algorithm::Cookie);
+        before.sign_cookies(old, None);
+        let mut p = pool(&[1, 1, 1], Algorithm::Cookie);
+        p.sign_cookies(new, Some(old));
+        for i in 0..3 {
+            let was = before.cookie(i);
+            assert_ne!(was, p.cookie(i));
+            assert_eq!(
+                p.cookie_member(was.as_bytes()),
+                Some(CookieMember { member: i, current: false }),
+                "member {i}'s cookie under the previous secret"
+            );
+            assert_eq!(
+                p.cookie_member(format!("127.0.0.9:80~{was}").as_bytes()),
+                Some(CookieMember { member: i, current: false })
+            );
+            assert_eq!(
+                p.cookie_member(p.cookie(i).as_bytes()),
+                Some(CookieMember { member: i, current: true })
+            );
+        }
+        let mut third = pool(&[1, 1, 1], Algorithm::Cookie);
+        third.sign_cookies("0000000000000000", None);
+        assert_eq!(p.cookie_member(third.cookie(2).as_bytes()), None);
+        let was = before.cookie(2);
+        let flipped = format!("{}{}", if was.starts_with('0') { '1' } else { '0' }, &was[1..]);
+        assert_eq!(p.cookie_member(flipped.as_bytes()), None);
+        // Without the previous secret, its cookies name nothing.
+        let mut only_new = pool(&[1, 1, 1], Algorithm::Cookie);
+        only_new.sign_cookies(new, None);
+        assert_eq!(only_new.cookie_member(was.as_bytes()), None);
     }
 
     /// Each member's share of `picks` over its share of the pool's weight (1.0: exactly its

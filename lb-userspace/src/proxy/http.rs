@@ -1428,7 +1428,7 @@ async fn serve_conn(
         }
 
         // Sticky cookie, if the pool uses them.
-        let sticky = (pool.algorithm == Algorithm::Cookie)
+        let named = (pool.algorithm == Algorithm::Cookie)
             .then(|| {
                 header(&req.head, "cookie")
                     .flat_map(|v| v.split(|&b| b == b';'))
@@ -1444,6 +1444,10 @@ async fn serve_conn(
                     .find_map(|v| pool.cookie_member(v))
             })
             .flatten();
+        let sticky = named.map(|n| n.member);
+        // A cookie signed with the previous secret (a rotation under way) keeps its member, and
+        // is issued anew under the current secret with the answer.
+        let renew = named.is_some_and(|n| !n.current);
 
         let continued = expects_continue(&req, framing);
         if continued && write(client, &b"HTTP/1.1 100 Continue\r\n\r\n"[..]).await.is_err() {
@@ -1590,7 +1594,7 @@ async fn serve_conn(
             status_and_headers(&mut out, &resp);
             // A WebSocket client placed anew is as sticky as any other: later requests of its
             // page, and its reconnects, go where its session is.
-            if pool.algorithm == Algorithm::Cookie && sticky != Some(i) {
+            if pool.algorithm == Algorithm::Cookie && (sticky != Some(i) || renew) {
                 set_cookie(&mut out, &pool, i);
             }
             let protocol = header(&resp.head, "upgrade").next().or(upgrade).unwrap_or_default();
@@ -1662,9 +1666,11 @@ async fn serve_conn(
             None
         };
         content_length(&mut out, rframing, declared);
-        // A new or moved client gets its cookie; not with a 5xx, which would pin it to a
-        // member that failed it (the last of several that answered 503, say).
-        if pool.algorithm == Algorithm::Cookie && sticky != Some(i) && resp.status < 500 {
+        // A new or moved client gets its cookie, and one whose cookie is signed with the
+        // previous secret gets it anew; not with a 5xx, which would pin it to a member that
+        // failed it (the last of several that answered 503, say).
+        if pool.algorithm == Algorithm::Cookie && (sticky != Some(i) || renew) && resp.status < 500
+        {
             set_cookie(&mut out, &pool, i);
         }
         out.extend_from_slice(if keep {
@@ -1748,15 +1754,18 @@ async fn serve_conn(
     }
 }
 
-/// Writes the `Set-Cookie` header that sticks a client to member `i` of `pool`.
+/// Writes the `Set-Cookie` header that sticks a client to member `i` of `pool`: `Path` and
+/// `HttpOnly` always, then the VIP's `cookie_attributes` (`Secure; SameSite=None` for
+/// cross-site clients, `Max-Age`, ...).
 fn set_cookie(out: &mut BytesMut, pool: &Pool, i: usize) {
     // Writes into a BytesMut cannot fail.
     let _ = write!(
         out,
-        "Set-Cookie: {}={}; Path={}; HttpOnly\r\n",
+        "Set-Cookie: {}={}; Path={}; HttpOnly{}\r\n",
         pool.cookie_name,
         pool.cookie(i),
-        pool.cookie_path
+        pool.cookie_path,
+        pool.cookie_attributes
     );
 }
 

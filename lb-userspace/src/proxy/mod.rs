@@ -542,8 +542,9 @@ impl Proxy {
             };
             let signed = |mut pool: Pool, prefix: Option<&str>| {
                 if pool.algorithm == Algorithm::Cookie {
-                    pool.sign_cookies(&l7.cookie_secret);
+                    pool.sign_cookies(&l7.cookie_secret, l7.cookie_secret_previous.as_deref());
                     pool.scope_cookie(&l7.cookie_name, prefix);
+                    pool.cookie_attributes.clone_from(&l7.cookie_attributes);
                 }
                 pool
             };
