@@ -1630,6 +1630,52 @@ fn a_takeover_that_fails_after_writing_the_maps_gives_the_data_plane_back() {
     in_charge_again(&mut bed);
 }
 
+/// A start that fails after attaching, on a node where a detached edgelb left its data plane,
+/// leaves that data plane forwarding even when it could not adopt its maps (another table size,
+/// or another binary's layout, makes fresh ones): it used to remove every link, the one it had
+/// just taken over included, and the VIP went unbalanced.
+#[test]
+fn a_failed_start_keeps_a_running_data_plane_it_could_not_adopt() {
+    let Some(mut bed) = Bed::up("start-late", &[1, 2, 3]) else { return };
+    let vip = SocketAddr::new(IpAddr::V4(testbed::VIP), 80);
+    bed.wait_for(vip);
+    // Detached: the controller exits, its data plane forwards on.
+    let mut old = bed.edgelb.take().unwrap();
+    let mut child = old.child.take().unwrap();
+    child.signal(libc::SIGTERM);
+    assert!(child.wait(Duration::from_secs(30)).success());
+    // A second interface another XDP program holds: the new process attaches lb0, then fails.
+    let lb = bed.tb.names.lb.clone();
+    testbed::sh(&["ip", "-n", &lb, "link", "add", "elsl0", "type", "veth", "peer", "elsl1"])
+        .expect("add a veth pair");
+    testbed::sh(&["ip", "-n", &lb, "link", "set", "elsl0", "up"]).unwrap();
+    let _holder = netns::in_netns(&lb, || {
+        let mut aux = edgelb::dataplane::AuxPrograms::load().expect("aux programs");
+        aux.attach(lb_common::programs::PASS, "elsl0", config::XdpAttachMode::Native, None)
+            .expect("attach");
+        aux
+    })
+    .unwrap();
+    let text = std::fs::read_to_string(&bed.cfg_path).unwrap();
+    let text = text.replace("interfaces = [\"lb0\"]", "interfaces = [\"lb0\", \"elsl0\"]").replace(
+        &format!("conntrack_flows_per_cpu = {CT_FLOWS}"),
+        &format!("conntrack_flows_per_cpu = {}", CT_FLOWS * 2),
+    );
+    let alt = bed.cfg_path.with_extension(format!("{}.toml", bed.tag));
+    std::fs::write(&alt, text).unwrap();
+    let out = output_within(run_command(&old.ns, &alt, &[]), "edgelb run", Duration::from_secs(60));
+    let _ = std::fs::remove_file(&alt);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("pinned map not re-used"), "the maps were not adopted: {stderr}");
+    assert!(stderr.contains("it keeps forwarding"), "{stderr}");
+    let pins = bed.cfg().node.pin_dir;
+    assert!(pins.join("link-lb0").exists(), "the link of lb0 was removed");
+    // The VIP is still balanced.
+    bed.wait_for(vip);
+    drop(old);
+}
+
 /// A backend a reload adds to a health-checked VIP takes no new flow before its check has passed
 /// `rise` times: it may not be ready yet (and, were its VIP failing open, it would otherwise take
 /// all of it unprobed).

@@ -372,7 +372,10 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     for (vip, backend) in ctl.verdicts.reconcile(&ctl.cfg) {
         info!(%backend, vip = vip.as_deref().unwrap_or("every VIP"), "--takeover: drain not kept: the backend is not in this config");
     }
-    let adopted = ctl.dp.adopted();
+    // A data plane ran here before this process: its maps adopted, or its links pinned even
+    // when the maps were not (another layout or table size makes fresh ones). A start that
+    // fails must leave it forwarding, not remove links that were balancing before it began.
+    let adopted = ctl.dp.adopted() || ctl.dp.links_pinned();
     let taking_over = handover.is_some();
     let start = || -> Result<(), RunError> {
         // Maps first, then attach: the first packet already sees the whole config.

@@ -674,6 +674,18 @@ impl Dataplane {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Is some XDP link pinned in this data plane's pin directory: was a data plane running
+    /// here before this process, even one whose maps it could not adopt (another layout or
+    /// table size)? Such a link forwards with or without this process.
+    pub fn links_pinned(&self) -> bool {
+        let Some(dir) = &self.pins else { return false };
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("link-"))
+    }
+
     /// Removes the pinned XDP links of interfaces this process is not attached to (which
     /// detaches the program from them): interfaces taken out of `node.interfaces` since the
     /// previous process, or added by a takeover that failed. Returns their names.
