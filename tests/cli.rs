@@ -352,3 +352,34 @@ impl Drop for TestNs {
         let _ = std::fs::remove_dir_all(&self.pins);
     }
 }
+
+/// `stop --socket` naming a socket nothing answers on, and not the config's, removes nothing:
+/// the config's data plane is not that socket's (it removed the default config's data plane,
+/// another instance's, and said so with exit 0).
+#[test]
+fn stop_on_another_socket_removes_nothing() {
+    let (f, pins, _admin) = run_config("other-sock", "lo");
+    let other = format!("{}/nobody-{}.sock", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let (code, out, err) =
+        edgelb(&["stop", "--config", &f.0.to_string_lossy(), "--socket", &other]);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(err.contains("nothing was removed") && err.contains("-c <its config>"), "{err}");
+    assert!(!out.contains("removed"), "{out}");
+    let _ = pins;
+}
+
+/// No real flow has source port 0: `route` on a 5-tuple VIP asks for `--sport` instead of
+/// answering for port 0 (it did, and named a backend few flows would go to).
+#[test]
+fn route_on_a_five_tuple_vip_needs_the_source_port() {
+    let text = edgelb::config::EXAMPLE.to_owned()
+        + "\n[[vip]]\nname = \"five\"\naddress = \"198.18.1.9\"\nport = 80\nhash = \"5tuple\"\nbackends = [{ address = \"198.18.0.11\", mac = \"02:ed:00:00:00:11\" }]\n";
+    let f = tempfile_path::write("five.toml", &text);
+    let path = f.0.to_str().unwrap();
+    let (code, _, err) = edgelb(&["route", "--config", path, "198.18.4.1", "five"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--sport"), "{err}");
+    let (code, out, err) =
+        edgelb(&["route", "--config", path, "198.18.4.1", "five", "--sport", "40000"]);
+    assert_eq!((code, out.trim()), (0, "198.18.0.11"), "{err}");
+}

@@ -711,6 +711,16 @@ fn drained_backend_keeps_its_connections() {
     assert!(out.status.success());
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("198.18.0.11 was not drained in "), "{said}");
+    // Draining the last backend of a VIP that takes new flows is said plainly: they fail.
+    for (b, last) in [("198.18.0.11", false), ("198.18.0.12", false), ("198.18.0.13", true)] {
+        let out = bed.e().cli(&["drain", b, "--vip", "echo"]);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{said}");
+        assert_eq!(said.contains("no backend left for new flows"), last, "{said}");
+    }
+    for b in ["198.18.0.11", "198.18.0.12", "198.18.0.13"] {
+        assert!(bed.e().cli(&["undrain", b, "--vip", "echo"]).status.success());
+    }
     let back = netns::in_netns(&bed.tb.names.client, || {
         servers::EchoConn::connect(
             SocketAddr::new(clients[0], 0),

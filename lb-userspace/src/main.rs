@@ -57,9 +57,10 @@ enum Command {
         /// VIP name, address, or address:port (address:port for a VIP that serves any port and
         /// hashes the 5-tuple: the destination port is part of the hash).
         vip: String,
-        /// Client source port (only used by 5tuple VIPs).
-        #[arg(long, default_value_t = 0)]
-        sport: u16,
+        /// Client source port: required for, and only used by, VIPs that hash the 5-tuple (no
+        /// real flow has source port 0).
+        #[arg(long)]
+        sport: Option<u16>,
         /// The flow's protocol, when a TCP and a UDP VIP share the address and port.
         #[arg(long, value_parser = ["tcp", "udp"])]
         proto: Option<String>,
@@ -265,9 +266,26 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
+            let sport = match (sport, v.hash) {
+                (Some(p), _) => p,
+                (None, edgelb::config::HashMode::FiveTuple) => {
+                    eprintln!(
+                        "edgelb: VIP {v} hashes the 5-tuple: give the flow's source port, --sport PORT"
+                    );
+                    return ExitCode::from(2);
+                }
+                (None, edgelb::config::HashMode::Client) => 0,
+            };
             match edgelb::dataplane::route(&v, client, sport) {
                 Some(b) => {
                     println!("{}", b.address);
+                    // Said where a person reads it; a script reads the address alone.
+                    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                        eprintln!(
+                            "(the ring of {}'s weights: a drain, a health verdict or a reload not yet made can place new flows elsewhere; an established flow stays where its connection table entry says)",
+                            config.display()
+                        );
+                    }
                     ExitCode::SUCCESS
                 }
                 None => {
@@ -408,6 +426,10 @@ fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
+    // The config's data plane (its pin_dir) is the socket's only when the socket is the
+    // config's: `--socket` alone leaves the default file, which may be another instance's.
+    let config_socket = edgelb::config::admin_socket_of(&admin.config).ok();
+    let the_configs = config_socket.as_deref() == Some(socket.as_path());
     match edgelb::admin::request(&socket, &Request::Stop { detach }) {
         Ok(resp) if !resp.ok => {
             eprintln!("edgelb: {}", resp.message);
@@ -436,6 +458,7 @@ fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
             }
             // What edgelb pinned must be gone; other tools' pins in a shared pin_dir stay.
             if !detach
+                && the_configs
                 && let Some(cfg) = &cfg
                 && Dataplane::pins_in(&cfg.node.pin_dir).is_ok_and(|(mine, _)| !mine.is_empty())
             {
@@ -447,6 +470,15 @@ fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
             }
             println!("{}", resp.message);
             ExitCode::SUCCESS
+        }
+        Err(AdminError::Connect { .. }) if !detach && !the_configs => {
+            eprintln!(
+                "edgelb: no controller answers on {}, which is not the admin socket of {} ({}): nothing was removed. To remove the data plane a detached edgelb left, name its config: `edgelb stop -c <its config>`",
+                socket.display(),
+                admin.config.display(),
+                config_socket.map_or("unreadable".to_owned(), |s| s.display().to_string())
+            );
+            ExitCode::from(3)
         }
         Err(AdminError::Connect { .. }) if !detach => {
             // No controller answers: remove a data plane a detached one may have left, unless a

@@ -1059,13 +1059,31 @@ impl Controller {
                 ))
             }
             Request::Drain { backend, vip } => {
-                let names = self.vips_with(vip.as_deref(), backend).join(", ");
+                let affected = self.vips_with(vip.as_deref(), backend);
+                let names = affected.join(", ");
                 info!(%backend, vip = ?vip, "drain: no new flows, established flows stay");
                 self.verdicts.drain(vip, backend);
                 self.apply_logged("drain");
-                Response::ok(format!(
-                    "{backend} drained in {names}: no new flows, established flows stay"
-                ))
+                let mut msg =
+                    format!("{backend} drained in {names}: no new flows, established flows stay");
+                // The last backend taking new flows drained: say what that means, as the
+                // operator may not have meant it.
+                let eff = self.effective();
+                for v in eff.vips.iter().filter(|v| affected.contains(&v.name)) {
+                    if !v.backends.iter().any(|b| b.weight > 0) {
+                        warn!(vip = %v.name, "drain: no backend of this VIP takes new flows");
+                        msg.push_str(&format!(
+                            "; WARNING: VIP `{}` has no backend left for new flows: they fail until one is undrained",
+                            v.name
+                        ));
+                    } else if self.verdicts.is_fail_open(&v.name) {
+                        msg.push_str(&format!(
+                            "; WARNING: VIP `{}` fails open: the backends left for new flows are all down, and it serves them anyway",
+                            v.name
+                        ));
+                    }
+                }
+                Response::ok(msg)
             }
             Request::Undrain { backend, vip } => {
                 let names = self.vips_with(vip.as_deref(), backend).join(", ");
