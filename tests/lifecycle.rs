@@ -1360,6 +1360,50 @@ impl BegunRequest {
     }
 }
 
+/// Hands the bed's edgelb over to a new `edgelb run --takeover` while a request the old one
+/// accepted is pending (half its head sent), and returns once the old process's log says
+/// `until`: the old edgelb, its process (guarded: a failed assertion stops it) and the request.
+/// The earlier connections are given back first, so that the one counted next is this one.
+fn take_over_with_a_request_pending(
+    bed: &mut Bed,
+    l7: SocketAddr,
+    until: &str,
+) -> (Edgelb, Guarded, BegunRequest) {
+    wait_l7_connections(bed, 0);
+    let pending = BegunRequest::to(bed, l7);
+    wait_l7_connections(bed, 1);
+    let mut old = bed.edgelb.take().unwrap();
+    let mut new = Edgelb::spawn_takeover(&old.ns, &old.config, &old.log);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !old.log().contains(until) {
+        assert!(Instant::now() < deadline, "no handover; log:\n{}", old.log());
+        if let Some(st) = new.child.as_mut().unwrap().exited() {
+            panic!("edgelb --takeover exited: {st}; log:\n{}", new.log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bed.edgelb = Some(new);
+    let child = old.child.take().unwrap();
+    (old, child, pending)
+}
+
+/// SIGTERMs the bed's edgelb while a request it accepted is pending, and returns once it
+/// drains: the edgelb, its process (guarded) and the request.
+fn stop_with_a_request_pending(bed: &mut Bed, l7: SocketAddr) -> (Edgelb, Guarded, BegunRequest) {
+    wait_l7_connections(bed, 0);
+    let pending = BegunRequest::to(bed, l7);
+    wait_l7_connections(bed, 1);
+    let mut e = bed.edgelb.take().unwrap();
+    let mut child = e.child.take().unwrap();
+    child.signal(libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !e.log().contains("L7 proxy: draining") {
+        assert!(Instant::now() < deadline, "no drain; log:\n{}", e.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (e, child, pending)
+}
+
 /// While the old process of a takeover finishes its requests in flight, scrapes reach only the
 /// new one: both hold the same listening socket, and if both answered, every counter would jump
 /// between two values (Prometheus reads each drop as a counter reset).
@@ -1379,25 +1423,9 @@ fn after_a_takeover_only_the_new_edgelb_answers_scrapes() {
     let before = answered(&scrape(&bed));
     assert!(before > 0, "the old edgelb answered the L7 VIP");
     // A request that has begun (half its head sent) keeps the old process draining after the
-    // handover: it is answered by the process that accepted it. The earlier connections given
-    // back first, so that the one counted next is this one, accepted before the handover.
-    wait_l7_connections(&bed, 0);
-    let pending = BegunRequest::to(&bed, l7);
-    wait_l7_connections(&bed, 1);
-    let old = bed.edgelb.take().unwrap();
-    let mut new = Edgelb::spawn_takeover(&old.ns, &old.config, &old.log);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !old.log().contains("the new edgelb serves") {
-        assert!(Instant::now() < deadline, "no handover; log:\n{}", old.log());
-        if let Some(st) = new.child.as_mut().unwrap().exited() {
-            panic!("edgelb --takeover exited: {st}; log:\n{}", new.log());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    bed.edgelb = Some(new);
-    let mut old = old;
-    // Guarded: a failed assertion below stops it.
-    let mut old_child = old.child.take().unwrap();
+    // handover: it is answered by the process that accepted it.
+    let (_old, mut old_child, pending) =
+        take_over_with_a_request_pending(&mut bed, l7, "the new edgelb serves");
     // The old process is still there, draining: every scrape is the new one's.
     for i in 0..30 {
         let text = scrape(&bed);
@@ -1416,20 +1444,8 @@ fn a_stopping_edgelb_answers_scrapes_while_it_drains() {
     let Some(mut bed) = Bed::up("stop-scrape", &[1, 2, 3]) else { return };
     let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
     bed.wait_for(l7);
-    // A request that has begun keeps the proxy draining: the earlier connections given back
-    // first, so that the one counted next is this one, accepted before the SIGTERM.
-    wait_l7_connections(&bed, 0);
-    let pending = BegunRequest::to(&bed, l7);
-    wait_l7_connections(&bed, 1);
-    let mut e = bed.edgelb.take().unwrap();
-    // Guarded: a failed assertion below stops it.
-    let mut child = e.child.take().unwrap();
-    child.signal(libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !e.log().contains("L7 proxy: draining") {
-        assert!(Instant::now() < deadline, "no drain; log:\n{}", e.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // A request that has begun keeps the proxy draining.
+    let (e, mut child, pending) = stop_with_a_request_pending(&mut bed, l7);
     for _ in 0..3 {
         let t = Instant::now();
         assert!(scrape(&bed).contains("edgelb_vip_packets_total"));
@@ -1450,23 +1466,8 @@ fn a_stop_signal_ends_the_drain_of_a_takeovers_old_process() {
     let Some(mut bed) = Bed::up("takeover-stop", &[1, 2, 3]) else { return };
     let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
     bed.wait_for(l7);
-    wait_l7_connections(&bed, 0);
-    let pending = BegunRequest::to(&bed, l7);
-    wait_l7_connections(&bed, 1);
-    let old = bed.edgelb.take().unwrap();
-    let mut new = Edgelb::spawn_takeover(&old.ns, &old.config, &old.log);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !old.log().contains("L7 proxy: draining") {
-        assert!(Instant::now() < deadline, "no handover; log:\n{}", old.log());
-        if let Some(st) = new.child.as_mut().unwrap().exited() {
-            panic!("edgelb --takeover exited: {st}; log:\n{}", new.log());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    bed.edgelb = Some(new);
-    let mut old = old;
-    // Guarded: a failed assertion below stops it.
-    let mut old_child = old.child.take().unwrap();
+    let (old, mut old_child, pending) =
+        take_over_with_a_request_pending(&mut bed, l7, "L7 proxy: draining");
     assert!(old_child.exited().is_none(), "the old edgelb drains its request");
     old_child.signal(libc::SIGTERM);
     // Not the 30 s of node.l7_drain_timeout_ms.
@@ -1486,18 +1487,7 @@ fn a_second_stop_signal_ends_the_drain() {
     let Some(mut bed) = Bed::up("stop-twice", &[1, 2, 3]) else { return };
     let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
     bed.wait_for(l7);
-    wait_l7_connections(&bed, 0);
-    let pending = BegunRequest::to(&bed, l7);
-    wait_l7_connections(&bed, 1);
-    let mut e = bed.edgelb.take().unwrap();
-    // Guarded: a failed assertion below stops it.
-    let mut child = e.child.take().unwrap();
-    child.signal(libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !e.log().contains("L7 proxy: draining") {
-        assert!(Instant::now() < deadline, "no drain; log:\n{}", e.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (e, mut child, pending) = stop_with_a_request_pending(&mut bed, l7);
     let t = Instant::now();
     let out = e.cli(&["status"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
