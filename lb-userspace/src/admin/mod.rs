@@ -357,13 +357,29 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, AdminError> {
     trusted(&s).map_err(fail)?;
     send_request(&s, req).map_err(|e| fail(e.to_string()))?;
     let mut answer = String::new();
-    BufReader::new(s).read_line(&mut answer).map_err(|e| fail(e.to_string()))?;
+    BufReader::new(s).read_line(&mut answer).map_err(|e| {
+        fail(match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+                "no answer within {} s: the controller is busy or hung (see its log)",
+                ANSWER_WAIT.as_secs()
+            ),
+            _ => e.to_string(),
+        })
+    })?;
+    if answer.is_empty() {
+        return Err(fail(
+            "closed without answering: did the controller exit? (see its log)".into(),
+        ));
+    }
     serde_json::from_str(&answer).map_err(|e| fail(format!("bad answer {answer:?}: {e}")))
 }
 
+/// How long a CLI command waits for the controller's answer.
+const ANSWER_WAIT: Duration = Duration::from_secs(60);
+
 /// Writes `req` as one JSON line on `s`, and bounds the wait for the answer.
 fn send_request(mut s: &UnixStream, req: &Request) -> std::io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.set_read_timeout(Some(ANSWER_WAIT))?;
     let mut line = serde_json::to_string(req).map_err(std::io::Error::other)?;
     line.push('\n');
     s.write_all(line.as_bytes())
@@ -662,6 +678,27 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A socket that closes without answering (a controller that exits) is said as such, not
+    /// as a JSON parse error of an empty line.
+    #[test]
+    fn a_close_without_an_answer_is_said_plainly() {
+        let dir = std::env::temp_dir().join(format!("edgelb-admin-eof-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("admin.sock");
+        let _ = std::fs::remove_file(&path);
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let closer = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut line = String::new();
+            let _ = BufReader::new(&s).read_line(&mut line);
+            drop(s);
+        });
+        let e = request(&path, &Request::Status).unwrap_err().to_string();
+        closer.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(e.contains("closed without answering"), "{e}");
     }
 
     /// A client that trickles its request, or sends one and never reads the (long) answer,
