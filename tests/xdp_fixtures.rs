@@ -1731,6 +1731,27 @@ fn pinned_maps_with_another_layout_are_replaced_not_reused() {
     assert!(!dp.adopted(), "tables of another size are not adopted");
     assert_eq!(dp.table_shape(), small);
     assert_eq!(edgelb::dataplane::reconcile_pins(&dir, small).unwrap(), Vec::<String>::new());
+    drop(dp);
+
+    // A map of the same type and sizes but other flags (the connection table not
+    // memory-mappable, as an older build had it): not re-used either. aya refuses to adopt it,
+    // so taking it for this build's would fail every start instead of starting afresh.
+    let ct = dir.join(lb_common::maps::CONNTRACK_V4);
+    std::fs::remove_file(&ct).unwrap();
+    let plain = aya::maps::Array::<aya::maps::MapData, lb_common::ConnBucketV4>::create(
+        small.cpus * small.v4_buckets,
+        0,
+    )
+    .expect("a plain array");
+    plain.pin(&ct).expect("pin it in the table's place");
+    let problems = edgelb::dataplane::reconcile_pins(&dir, small).unwrap();
+    assert!(
+        problems.len() == 1 && problems[0].starts_with(lb_common::maps::CONNTRACK_V4),
+        "{problems:?}"
+    );
+    let dp = Dataplane::load_with_table(Some(&dir), small).expect("loads over the other flags");
+    assert!(!dp.adopted());
+    assert_eq!(edgelb::dataplane::reconcile_pins(&dir, small).unwrap(), Vec::<String>::new());
 }
 
 /// `--takeover`: the new process loads its program (adopting the pins) while the running one

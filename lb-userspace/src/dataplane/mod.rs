@@ -331,34 +331,63 @@ pub fn buckets_for(cpus: u32, bucket: usize, most: u32) -> u32 {
     1u32 << (63 - n.leading_zeros())
 }
 
+/// Map flags, as the kernel reports them (`bpf_map_info.map_flags`): the connection tables are
+/// memory-mappable (lb-ebpf's `maps.rs`); the access flags are left out of the comparison.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+const BPF_F_RDONLY: u32 = 1 << 3;
+const BPF_F_WRONLY: u32 = 1 << 4;
+const BPF_F_RDONLY_PROG: u32 = 1 << 7;
+
 /// Every map the balancer pins, and what a pinned one must look like to be re-used: (name,
-/// type, key size, value size, max entries). Mirrors lb-ebpf's `maps.rs` (all maps but the
+/// type, key size, value size, max entries, flags). Mirrors lb-ebpf's `maps.rs` (all maps but the
 /// per-CPU VIP cache, which starts empty); a test checks it against the loaded object.
-fn map_layouts(shape: TableShape) -> [(&'static str, MapType, u32, u32, u32); 13] {
+fn map_layouts(shape: TableShape) -> [(&'static str, MapType, u32, u32, u32, u32); 13] {
     use lb_common::{ConnBucket, ConnBucketV4, VipKeyV4, maps as n, stats::REASON_COUNT};
     use std::mem::size_of;
     let sz = |s: usize| s as u32;
     let TableShape { cpus, v4_buckets, v6_buckets } = shape;
     [
-        (n::VIPS, MapType::Hash, sz(size_of::<VipKey>()), sz(size_of::<VipMeta>()), MAX_VIPS * 4),
+        (
+            n::VIPS,
+            MapType::Hash,
+            sz(size_of::<VipKey>()),
+            sz(size_of::<VipMeta>()),
+            MAX_VIPS * 4,
+            0,
+        ),
         (
             n::VIPS_V4,
             MapType::Hash,
             sz(size_of::<VipKeyV4>()),
             sz(size_of::<VipMeta>()),
             MAX_VIPS * 4,
+            0,
         ),
-        (n::CONNTRACK_V4, MapType::Array, 4, sz(size_of::<ConnBucketV4>()), cpus * v4_buckets),
-        (n::VIP_EPOCH, MapType::Array, 4, 4, 1),
-        (n::CT_STATS, MapType::PerCpuArray, 4, 8, lb_common::ct_stats::COUNT),
-        (n::VIP_ADDRS, MapType::Hash, sz(size_of::<AddrKey>()), 4, MAX_VIPS * 4),
-        (n::RINGS, MapType::Array, 4, 4, MAX_VIPS * 2 * MAX_RING_SIZE),
-        (n::BACKENDS, MapType::Array, 4, sz(size_of::<Backend>()), MAX_BACKENDS),
-        (n::CONNTRACK, MapType::Array, 4, sz(size_of::<ConnBucket>()), cpus * v6_buckets),
-        (n::CONFIG, MapType::Array, 4, sz(size_of::<GlobalConfig>()), 1),
-        (n::VIP_STATS, MapType::PerCpuArray, 4, sz(size_of::<Counters>()), MAX_VIPS),
-        (n::BACKEND_STATS, MapType::PerCpuArray, 4, sz(size_of::<Counters>()), MAX_BACKENDS),
-        (n::REASONS, MapType::PerCpuArray, 4, 8, REASON_COUNT),
+        (
+            n::CONNTRACK_V4,
+            MapType::Array,
+            4,
+            sz(size_of::<ConnBucketV4>()),
+            cpus * v4_buckets,
+            BPF_F_MMAPABLE,
+        ),
+        (n::VIP_EPOCH, MapType::Array, 4, 4, 1, 0),
+        (n::CT_STATS, MapType::PerCpuArray, 4, 8, lb_common::ct_stats::COUNT, 0),
+        (n::VIP_ADDRS, MapType::Hash, sz(size_of::<AddrKey>()), 4, MAX_VIPS * 4, 0),
+        (n::RINGS, MapType::Array, 4, 4, MAX_VIPS * 2 * MAX_RING_SIZE, 0),
+        (n::BACKENDS, MapType::Array, 4, sz(size_of::<Backend>()), MAX_BACKENDS, 0),
+        (
+            n::CONNTRACK,
+            MapType::Array,
+            4,
+            sz(size_of::<ConnBucket>()),
+            cpus * v6_buckets,
+            BPF_F_MMAPABLE,
+        ),
+        (n::CONFIG, MapType::Array, 4, sz(size_of::<GlobalConfig>()), 1, 0),
+        (n::VIP_STATS, MapType::PerCpuArray, 4, sz(size_of::<Counters>()), MAX_VIPS, 0),
+        (n::BACKEND_STATS, MapType::PerCpuArray, 4, sz(size_of::<Counters>()), MAX_BACKENDS, 0),
+        (n::REASONS, MapType::PerCpuArray, 4, 8, REASON_COUNT, 0),
     ]
 }
 
@@ -388,22 +417,25 @@ pub fn reconcile_pins(dir: &Path, shape: TableShape) -> Result<Vec<String>, Data
         }
     }
     let mut mismatched = false;
-    for (name, ty, key, value, max) in map_layouts(shape) {
+    for (name, ty, key, value, max, flags) in map_layouts(shape) {
         let path = dir.join(name);
         if !path.exists() {
             continue;
         }
+        // Flags count too: aya refuses a pinned map whose flags differ from the object's, and
+        // every start would then fail rather than start afresh. The access flags are the
+        // kernel's and aya's own business.
         let found = match MapInfo::from_pin(&path) {
-            Ok(info) => info
-                .map_type()
-                .ok()
-                .map(|t| (t, info.key_size(), info.value_size(), info.max_entries())),
+            Ok(info) => info.map_type().ok().map(|t| {
+                let flags = info.map_flags() & !(BPF_F_RDONLY | BPF_F_WRONLY | BPF_F_RDONLY_PROG);
+                (t, info.key_size(), info.value_size(), info.max_entries(), flags)
+            }),
             Err(_) => None,
         };
-        if found != Some((ty, key, value, max)) {
+        if found != Some((ty, key, value, max, flags)) {
             problems.push(format!(
-                "{name}: pinned map is {found:?}, this edgelb needs {:?}",
-                (ty, key, value, max)
+                "{name}: pinned map is {found:?}, this edgelb needs {:?} (type, key, value, entries, flags)",
+                (ty, key, value, max, flags)
             ));
             mismatched = true;
         }
