@@ -1716,7 +1716,7 @@ fn pinned_maps_with_another_layout_are_replaced_not_reused() {
         "the fresh pins match this build"
     );
     dp.apply(&cfg).unwrap();
-    let mut h = Harness { dp, cfg };
+    let mut h = Harness { dp, cfg: cfg.clone() };
     let (verdict, out) =
         h.run(&eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4("198.18.4.7", 40000, "198.18.1.1", 80, SYN)));
     assert_eq!(verdict, XDP_TX);
@@ -1749,9 +1749,35 @@ fn pinned_maps_with_another_layout_are_replaced_not_reused() {
         problems.len() == 1 && problems[0].starts_with(lb_common::maps::CONNTRACK_V4),
         "{problems:?}"
     );
-    let dp = Dataplane::load_with_table(Some(&dir), small).expect("loads over the other flags");
+    let mut dp = Dataplane::load_with_table(Some(&dir), small).expect("loads over the other flags");
     assert!(!dp.adopted());
     assert_eq!(edgelb::dataplane::reconcile_pins(&dir, small).unwrap(), Vec::<String>::new());
+    dp.apply(&cfg).unwrap();
+    drop(dp);
+    assert!(
+        Dataplane::load_with_table(Some(&dir), small).unwrap().adopted(),
+        "the same build adopts"
+    );
+
+    // Maps of the same sizes written under another map layout version (an upgrade that changed
+    // what entries mean, a bucket hash say): not adopted, the version named.
+    {
+        let data = aya::maps::MapData::from_pin(dir.join(lb_common::maps::CONFIG)).unwrap();
+        let mut config: aya::maps::Array<_, lb_common::GlobalConfig> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+        let mut c = config.get(&0, 0).unwrap();
+        assert_eq!(c.maps_version, lb_common::MAPS_VERSION, "apply stamps the maps");
+        c.maps_version = lb_common::MAPS_VERSION + 1;
+        config.set(0, &c, 0).unwrap();
+    }
+    let problems = edgelb::dataplane::reconcile_pins(&dir, small).unwrap();
+    assert!(
+        problems.len() == 1
+            && problems[0].contains(&format!("version {}", lb_common::MAPS_VERSION + 1)),
+        "{problems:?}"
+    );
+    let dp = Dataplane::load_with_table(Some(&dir), small).unwrap();
+    assert!(!dp.adopted(), "maps of another layout version are not adopted");
 }
 
 /// `--takeover`: the new process loads its program (adopting the pins) while the running one

@@ -507,6 +507,13 @@ pub struct ConnBucket {
     pub ways: [ConnEntry; CONNTRACK_WAYS],
 }
 
+/// The meaning of what the pinned maps hold, as this build reads and writes it. A restart or an
+/// upgrade adopts pinned maps only when their sizes match this build's *and* they were written
+/// under this version: bump it whenever a map's contents change meaning without changing size
+/// (a bucket hash, how a tag packs, what a flag bit says), or the new program would misread the
+/// old entries (the `fingerprint` test below fails until it is bumped for what it covers).
+pub const MAPS_VERSION: u32 = 1;
+
 /// Node-wide settings, element 0 of [`maps::CONFIG`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -526,6 +533,9 @@ pub struct GlobalConfig {
     pub src_mac: [u8; 6],
     /// Zero.
     pub _pad: [u8; 2],
+    /// [`MAPS_VERSION`] of the edgelb that wrote the maps (the program never reads it): what a
+    /// later edgelb checks before it adopts them.
+    pub maps_version: u32,
 }
 
 /// Per-VIP and per-backend counters (one per CPU; user space sums them).
@@ -581,9 +591,49 @@ mod layout {
         assert_eq!(size_of::<Conn>(), 8);
         assert_eq!(size_of::<ConnBucketV4>(), 64);
         assert_eq!(size_of::<ConnBucket>(), 128);
-        assert_eq!(size_of::<GlobalConfig>(), 36);
+        assert_eq!(size_of::<GlobalConfig>(), 40);
         assert_eq!(size_of::<Counters>(), 24);
         assert_eq!(size_of::<VipCacheEntry>(), 28);
         assert_eq!(size_of::<VipCacheEntryV6>(), 40);
+    }
+
+    /// What the pinned maps' contents mean beyond their sizes: the connection-table bucket
+    /// hashes and the tag packing. A change here without a bump of [`MAPS_VERSION`] would let a
+    /// restart adopt entries the new program misreads (flows in buckets it never looks in): when
+    /// this fails, bump MAPS_VERSION and write the new values here.
+    #[test]
+    fn fingerprint() {
+        let v4 = FlowKeyV4 {
+            src: 0x0a00_0001,
+            dst: 0xc612_0101,
+            sport: 40000,
+            dport: 80,
+            proto: 6,
+            _pad: [0; 3],
+        };
+        let v6 = FlowKey {
+            src: [0x2001_0db8, 0, 0, 7],
+            dst: [0x2001_0db8, 0, 1, 1],
+            sport: 40000,
+            dport: 443,
+            proto: 17,
+            family: AF_INET6,
+            _pad: [0; 2],
+        };
+        let got = (
+            crate::hash::flow_key_v4_hash(&v4, 7),
+            crate::hash::flow_key_hash(&v6, 7),
+            Conn { backend: 5, generation: 9 }.tag(6),
+        );
+        // One line per version, kept: a new meaning gets a new version and a new line.
+        const RECORDED: &[(u32, (u32, u32, u32))] =
+            &[(1, (740_936_812, 2_388_707_097, 100_700_165))];
+        let (latest, want) = RECORDED[RECORDED.len() - 1];
+        assert!(
+            latest == MAPS_VERSION && got == want,
+            "the maps' meaning changed ({got:?}, recorded {want:?} for version {latest}): bump MAPS_VERSION to {} and add a line ({}, {got:?}) to RECORDED",
+            MAPS_VERSION.max(latest) + 1,
+            MAPS_VERSION.max(latest) + 1
+        );
     }
 }

@@ -440,12 +440,39 @@ pub fn reconcile_pins(dir: &Path, shape: TableShape) -> Result<Vec<String>, Data
             mismatched = true;
         }
     }
+    // Sizes alike, the meaning may still differ: the maps say which edgelb wrote them.
+    if !mismatched {
+        let path = dir.join(lb_common::maps::CONFIG);
+        if path.exists() {
+            // 0: pinned by an edgelb that never wrote them (it stopped before its first
+            // apply), so there is nothing in them to misread. (Maps from before the stamp have
+            // a smaller CONFIG entry, a size mismatch above.)
+            let written = pinned_maps_version(&path);
+            if !matches!(written, Some(0)) && written != Some(lb_common::MAPS_VERSION) {
+                problems.push(format!(
+                    "the pinned maps were written under map layout version {}, this edgelb uses {}",
+                    written.map_or("unknown".to_owned(), |v| v.to_string()),
+                    lb_common::MAPS_VERSION
+                ));
+                mismatched = true;
+            }
+        }
+    }
     if mismatched {
         for (name, ..) in map_layouts(shape) {
             rm(&dir.join(name))?;
         }
     }
     Ok(problems)
+}
+
+/// The [`lb_common::MAPS_VERSION`] recorded in the pinned CONFIG map at `path`: `None` when it
+/// cannot be read; `Some(0)` for maps pinned by an edgelb that never wrote them.
+fn pinned_maps_version(path: &Path) -> Option<u32> {
+    let data = aya::maps::MapData::from_pin(path).ok()?;
+    let config: aya::maps::Array<_, GlobalConfig> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).ok()?;
+    config.get(&0, 0).ok().map(|c| c.maps_version)
 }
 
 /// Pin file of the XDP link on `interface`.
@@ -1168,6 +1195,7 @@ fn global_config(cfg: &Config) -> GlobalConfig {
         mtu: cfg.node.mtu,
         src_mac: cfg.node.src_mac.unwrap_or([0; 6]),
         _pad: [0; 2],
+        maps_version: lb_common::MAPS_VERSION,
     }
 }
 
