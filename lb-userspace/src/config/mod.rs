@@ -560,6 +560,15 @@ fn in_range<T: Copy + Into<u64>>(v: &raw::Sp<T>, key: &str) -> Result<T, Invalid
     }
 }
 
+/// The value of an integer setting checked by [`in_range`], or `default` when it is not set.
+fn setting<T: Copy + Into<u64>>(
+    v: &Option<raw::Sp<T>>,
+    default: T,
+    key: &str,
+) -> Result<T, Invalid> {
+    v.as_ref().map_or(Ok(default), |v| in_range(v, key))
+}
+
 /// A validation failure: where, and what.
 struct Invalid(Range<usize>, String);
 
@@ -876,19 +885,6 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 ),
             );
         }
-        // XDP sees what arrives on the wire, and nothing arrives for a loopback address: such a
-        // VIP could only balance forged packets. A local proxy is what serves loopback.
-        let loopback_vip = vip_addr.to_canonical().is_loopback();
-        if loopback_vip
-            && !matches!(v.forwarding.as_ref().map(|f| f.get_ref().as_str()), Some("l7"))
-        {
-            return bad(
-                v.address.span(),
-                format!(
-                    "VIP address {vip_addr} is a loopback address, which no packet on the wire is sent to: XDP would balance only forged packets; write the address clients reach this node at (loopback suits forwarding = \"l7\")"
-                ),
-            );
-        }
         let port = v.port.as_ref().map_or(0, |p| *p.get_ref());
         let protocol = match v.protocol.as_ref().map(|p| (p.get_ref().as_str(), p.span())) {
             None | Some(("tcp", _)) => Protocol::Tcp,
@@ -923,6 +919,16 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 return bad(span, format!("forwarding `{other}`: expected ipip, l2 or l7"));
             }
         };
+        // XDP sees what arrives on the wire, and nothing arrives for a loopback address: such a
+        // VIP could only balance forged packets. A local proxy is what serves loopback.
+        if forwarding != Forwarding::L7 && vip_addr.to_canonical().is_loopback() {
+            return bad(
+                v.address.span(),
+                format!(
+                    "VIP address {vip_addr} is a loopback address, which no packet on the wire is sent to: XDP would balance only forged packets; write the address clients reach this node at (loopback suits forwarding = \"l7\")"
+                ),
+            );
+        }
         // The L7 proxy places requests by its own algorithm; its `hash` pools have a ring of
         // their own (proxy::balance), so these would be silently ignored.
         if forwarding == Forwarding::L7 {
@@ -976,7 +982,7 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                     format!("backend {address} is listed twice in this VIP"),
                 );
             }
-            let weight = b.weight.as_ref().map_or(Ok(1), |w| in_range(w, "weight"))?;
+            let weight = setting(&b.weight, 1, "weight")?;
             let mac = b.mac.as_ref().map(parse_mac).transpose()?;
             if forwarding == Forwarding::L7 {
                 if let Some(m) = &b.mac {
@@ -1229,13 +1235,8 @@ fn l7_settings(
         }),
     }
     };
-    let ms = |v: &Option<raw::Sp<u64>>, default: u64, key: &str| match v {
-        None => Ok(Duration::from_millis(default)),
-        Some(x) => in_range(x, key).map(Duration::from_millis),
-    };
-    let num = |v: &Option<raw::Sp<u32>>, default: u32, key: &str| match v {
-        None => Ok(default),
-        Some(x) => in_range(x, key),
+    let ms = |v: &Option<raw::Sp<u64>>, default: u64, key: &str| {
+        setting(v, default, key).map(Duration::from_millis)
     };
     let mode = match l.mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
         None | Some(("http", _)) => L7Mode::Http,
@@ -1313,7 +1314,7 @@ fn l7_settings(
         let mut backends: Vec<Backend> = Vec::new();
         for b in &r.backends {
             let address = parse_ip(&b.address, "backend address")?;
-            let weight = b.weight.as_ref().map_or(Ok(1), |w| in_range(w, "weight"))?;
+            let weight = setting(&b.weight, 1, "weight")?;
             if let Some(m) = &b.mac {
                 return bad(m.span(), "`mac` applies to backends XDP forwards to, not to l7 ones");
             }
@@ -1437,16 +1438,16 @@ fn l7_settings(
         mode,
         algorithm,
         routes: out_routes,
-        retries: num(&l.retries, 2, "retries")?,
+        retries: setting(&l.retries, 2, "retries")?,
         connect_timeout: ms(&l.connect_timeout_ms, 1_000, "connect_timeout_ms")?,
         header_timeout: ms(&l.header_timeout_ms, 10_000, "header_timeout_ms")?,
         response_timeout: ms(&l.response_timeout_ms, 30_000, "response_timeout_ms")?,
         idle_timeout: ms(&l.idle_timeout_ms, 60_000, "idle_timeout_ms")?,
         request_timeout: ms(&l.request_timeout_ms, 120_000, "request_timeout_ms")?,
-        max_header_bytes: num(&l.max_header_bytes, 16_384, "max_header_bytes")? as usize,
-        max_headers: num(&l.max_headers, 100, "max_headers")? as usize,
-        max_connections: num(&l.max_connections, 10_000, "max_connections")? as usize,
-        upstream_keepalive: num(&l.upstream_keepalive, 1_024, "upstream_keepalive")? as usize,
+        max_header_bytes: setting(&l.max_header_bytes, 16_384, "max_header_bytes")? as usize,
+        max_headers: setting(&l.max_headers, 100, "max_headers")? as usize,
+        max_connections: setting(&l.max_connections, 10_000, "max_connections")? as usize,
+        upstream_keepalive: setting(&l.upstream_keepalive, 1_024, "upstream_keepalive")? as usize,
         forwarded_for: l.forwarded_for.as_ref().is_none_or(|f| *f.get_ref()),
         normalize_path,
         access_log: l.access_log.as_ref().is_some_and(|f| *f.get_ref()),
@@ -1455,7 +1456,7 @@ fn l7_settings(
         cookie_secret,
         cookie_secret_previous,
         cookie_attributes: attributes.text,
-        max_fails: num(&l.max_fails, 3, "max_fails")?,
+        max_fails: setting(&l.max_fails, 3, "max_fails")?,
         fail_timeout: ms(&l.fail_timeout_ms, 10_000, "fail_timeout_ms")?,
     })
 }
@@ -1720,7 +1721,7 @@ fn route_host_ok(h: &str) -> Result<(), String> {
 }
 
 /// Can `name` be a network interface's name? The kernel's rule (`dev_valid_name`): 1 to 15
-/// bytes, not `.` or `..`, no `/`, `:` or whitespace. Whether it exists is left to `edgelb run`,
+/// bytes, not `.` or `..`, no `/`, `:` or whitespace. Whether it exists is left to `edgelb run`
 /// (`check` may run on another machine).
 fn interface_name_ok(name: &str) -> Result<(), String> {
     const IFNAMSIZ: usize = 16;
@@ -1881,12 +1882,12 @@ fn l7_backend_port(b: &raw::Backend, vip_port: u16) -> Result<u16, Invalid> {
     }
 }
 
-/// The check a `[vip.health]` table describes; without health.port, probes go to `vip_port`
-/// (an XDP VIP's), or with None to each backend's own port (an L7 VIP's).
 /// The largest UDP payload one IPv4 datagram carries: the bound on a udp probe's `send` and
 /// `expect` (the checker reads answers of up to this size whole).
 pub const MAX_UDP_PROBE: usize = 65_507;
 
+/// The check a `[vip.health]` table describes; without health.port, probes go to `vip_port`
+/// (an XDP VIP's), or with None to each backend's own port (an L7 VIP's).
 fn health_check(
     h: &raw::Sp<raw::Health>,
     vip_port: Option<u16>,
@@ -1952,40 +1953,36 @@ fn health_check(
                 }
                 v => v.as_ref().map(|v| v.get_ref().clone()),
             },
-            expect_status: match &h.expect_status {
-                None => 200,
-                Some(s) => in_range(s, "expect_status")?,
-            },
+            expect_status: setting(&h.expect_status, 200, "expect_status")?,
             expect_body: get(&h.expect_body),
         },
-        _ => match &h.send {
+        _ => {
             // One datagram each way: what IPv4 carries in one (65 535 − 20 − 8 bytes).
-            Some(s) if s.get_ref().len() > MAX_UDP_PROBE => {
-                return bad(
-                    s.span(),
-                    format!(
-                        "health.send is {} bytes, more than one UDP datagram carries ({MAX_UDP_PROBE}): every probe would fail",
-                        s.get_ref().len()
-                    ),
-                );
-            }
-            Some(s) => CheckKind::Udp {
-                send: s.get_ref().clone(),
-                expect: match &h.expect {
-                    Some(e) if e.get_ref().len() > MAX_UDP_PROBE => {
-                        return bad(
-                            e.span(),
-                            format!(
-                                "health.expect is {} bytes, more than one UDP datagram carries ({MAX_UDP_PROBE}): no answer could hold it",
-                                e.get_ref().len()
-                            ),
-                        );
-                    }
-                    e => e.as_ref().map(|e| e.get_ref().clone()),
+            let datagram = |v: &raw::Sp<String>, key: &str, why: &str| {
+                if v.get_ref().len() > MAX_UDP_PROBE {
+                    bad(
+                        v.span(),
+                        format!(
+                            "health.{key} is {} bytes, more than one UDP datagram carries ({MAX_UDP_PROBE}): {why}",
+                            v.get_ref().len()
+                        ),
+                    )
+                } else {
+                    Ok(v.get_ref().clone())
+                }
+            };
+            match &h.send {
+                Some(s) => CheckKind::Udp {
+                    send: datagram(s, "send", "every probe would fail")?,
+                    expect: h
+                        .expect
+                        .as_ref()
+                        .map(|e| datagram(e, "expect", "no answer could hold it"))
+                        .transpose()?,
                 },
-            },
-            None => return bad(span, "a udp health check needs `send` (the probe payload)"),
-        },
+                None => return bad(span, "a udp health check needs `send` (the probe payload)"),
+            }
+        }
     };
     // A UDP probe of a TCP VIP's own port finds no UDP service there: every probe fails, and
     // the VIP fails open. With a `port` of its own it may reach a UDP responder beside it.
@@ -2005,29 +2002,21 @@ fn health_check(
         // Each backend's own port.
         (None, None) => 0,
     };
-    let ms = |v: &Option<raw::Sp<u64>>, default: u64, key: &str| match v {
-        None => Ok(default),
-        Some(x) => in_range(x, key),
-    };
-    let interval = ms(&h.interval_ms, 2_000, "interval_ms")?;
-    let timeout = ms(&h.timeout_ms, interval.min(1_000), "timeout_ms")?;
+    let interval = setting(&h.interval_ms, 2_000, "interval_ms")?;
+    let timeout = setting(&h.timeout_ms, interval.min(1_000), "timeout_ms")?;
     if timeout > interval {
         return bad(
             h.timeout_ms.as_ref().map_or(span.clone(), |t| t.span()),
             "timeout_ms must not exceed interval_ms",
         );
     }
-    let count = |v: &Option<raw::Sp<u32>>, default: u32, key: &str| match v {
-        None => Ok(default),
-        Some(x) => in_range(x, key),
-    };
     Ok(HealthCheck {
         kind,
         port,
         interval: Duration::from_millis(interval),
         timeout: Duration::from_millis(timeout),
-        rise: count(&h.rise, 2, "rise")?,
-        fall: count(&h.fall, 3, "fall")?,
+        rise: setting(&h.rise, 2, "rise")?,
+        fall: setting(&h.fall, 3, "fall")?,
         proxy_protocol: None,
     })
 }
