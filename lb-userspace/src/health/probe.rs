@@ -98,14 +98,20 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, String> 
             s.send(send.as_bytes()).map_err(|e| format!("send: {e}"))?;
             s.set_read_timeout(Some(left())).map_err(|e| e.to_string())?;
             // The largest datagram whole: a longer answer's tail would be cut off, and an
-            // `expect` found there missed.
-            let mut buf = vec![0u8; crate::config::MAX_UDP_PROBE];
-            let n = s.recv(&mut buf).map_err(|e| format!("no answer: {e}"))?;
-            if let Some(want) = expect
-                && !String::from_utf8_lossy(&buf[..n]).contains(want.as_str())
-            {
-                return Err(format!("answer lacks {want:?}"));
+            // `expect` found there missed. One buffer per check's thread, not one per probe.
+            thread_local! {
+                static ANSWER: std::cell::RefCell<Vec<u8>> =
+                    std::cell::RefCell::new(vec![0u8; crate::config::MAX_UDP_PROBE]);
             }
+            ANSWER.with_borrow_mut(|buf| {
+                let n = s.recv(buf).map_err(|e| format!("no answer: {e}"))?;
+                match expect {
+                    Some(want) if !String::from_utf8_lossy(&buf[..n]).contains(want.as_str()) => {
+                        Err(format!("answer lacks {want:?}"))
+                    }
+                    _ => Ok(()),
+                }
+            })?;
         }
     }
     Ok(start.elapsed())
@@ -194,6 +200,40 @@ mod tests {
         });
         let e = probe(&http(1000, None), addr).unwrap_err();
         assert!(e.contains("status 500"), "{e}");
+    }
+
+    /// A UDP probe passes when the answer holds `expect`, wherever in the datagram: one far
+    /// longer than a small buffer (a DNS answer with many records) is read whole.
+    #[test]
+    fn a_udp_probe_reads_the_whole_answer() {
+        let answering = |answer: Vec<u8>| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let addr = s.local_addr().unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok((_, from)) = s.recv_from(&mut buf) {
+                    let _ = s.send_to(&answer, from);
+                }
+            });
+            addr
+        };
+        let udp = |expect: &str| HealthCheck {
+            kind: CheckKind::Udp { send: "ping".into(), expect: Some(expect.into()) },
+            port: 0,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 1,
+            fall: 1,
+            proxy_protocol: None,
+        };
+        let mut long = vec![b'x'; 10_000];
+        long.extend(b"backend-1");
+        let addr = answering(long);
+        assert!(probe(&udp("backend-1"), addr).is_ok(), "the expected text at the end");
+        // Twice on one thread: the buffer it keeps is read afresh.
+        assert!(probe(&udp("backend-1"), addr).is_ok());
+        let e = probe(&udp("backend-2"), addr).unwrap_err();
+        assert!(e.contains("answer lacks"), "{e}");
     }
 
     /// A backend that answers and then resets (it closed with the request unread), or that
