@@ -736,7 +736,7 @@ impl Controller {
         );
         // The admin thread follows the exchange, each step bounded by HANDOVER_WAIT.
         let end = self
-            .answer_scrapes_until(&done_rx, 2 * admin::HANDOVER_WAIT + SAMPLE_EVERY)
+            .answer_scrapes_until(&done_rx, 2 * admin::HANDOVER_WAIT + SAMPLE_EVERY, |_| {})
             .unwrap_or(HandoverEnd::AbandonedAfterCommit);
         match end {
             HandoverEnd::Ready => {
@@ -856,8 +856,14 @@ impl Controller {
         }
     }
 
-    /// Answers metrics scrapes until `done` gives a value (returned) or hangs up, at most `max`.
-    fn answer_scrapes_until<T>(&mut self, done: &mpsc::Receiver<T>, max: Duration) -> Option<T> {
+    /// Answers metrics scrapes until `done` gives a value (returned) or hangs up, at most `max`,
+    /// running `tick` between scrapes (every 20 ms at most).
+    fn answer_scrapes_until<T>(
+        &mut self,
+        done: &mpsc::Receiver<T>,
+        max: Duration,
+        mut tick: impl FnMut(&mut Self),
+    ) -> Option<T> {
         let end = Instant::now() + max;
         while Instant::now() < end {
             match done.recv_timeout(Duration::from_millis(20)) {
@@ -866,6 +872,7 @@ impl Controller {
                 Err(RecvTimeoutError::Timeout) => {}
             }
             self.answer_scrapes();
+            tick(self);
         }
         None
     }
@@ -888,13 +895,7 @@ impl Controller {
             proxy.shutdown(grace);
             let _ = tx.send(());
         });
-        let end = Instant::now() + grace + Duration::from_secs(5);
-        while Instant::now() < end {
-            match rx.recv_timeout(Duration::from_millis(20)) {
-                Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => {}
-            }
-            self.answer_scrapes();
+        self.answer_scrapes_until(&rx, grace + Duration::from_secs(5), |ctl| {
             if let Some(s) = signals.as_deref_mut()
                 && s.pending().any(|sig| sig != SIGHUP)
             {
@@ -904,9 +905,9 @@ impl Controller {
                 );
                 cut.now();
             }
-            while let Ok((req, reply)) = self.admin_rx.try_recv() {
+            while let Ok((req, reply)) = ctl.admin_rx.try_recv() {
                 let resp = match req {
-                    Request::Status => self.on_admin(req),
+                    Request::Status => ctl.on_admin(req),
                     _ => Response::err(format!(
                         "edgelb is stopping: it is draining {} L7 connection(s) (up to node.l7_drain_timeout_ms); try again once it has exited",
                         cut.open()
@@ -914,7 +915,7 @@ impl Controller {
                 };
                 let _ = reply.send(resp.into());
             }
-        }
+        });
         let _ = drain.join();
     }
 
