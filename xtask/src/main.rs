@@ -107,13 +107,7 @@ fn real_main() -> Result<()> {
         }
         Task::Testbed { action: TestbedAction::Down } => {
             require_root("testbed down")?;
-            // An edgelb a killed `run` left behind (or its data plane): its own admin socket
-            // and pin dir (see `run_config`), so nothing else on the machine is touched.
-            // The file is written afresh first: one an older `run` left has the default socket.
-            let (config, bin) = (testbed_config(), target_dir().join("debug/edgelb"));
-            if config.exists() && bin.exists() && std::fs::write(&config, run_config()).is_ok() {
-                let _ = Command::new(&bin).arg("stop").arg("--config").arg(&config).status();
-            }
+            stop_left_edgelb();
             Testbed::down(PREFIX);
             println!("testbed `{PREFIX}` removed");
             sweep_stale();
@@ -258,6 +252,21 @@ fn sweep_stale() {
     }
     for r in removed {
         eprintln!("removed what a killed test or bench run left: {r}");
+    }
+}
+
+/// The edgelb binary `cargo build` makes, which `run` starts.
+fn edgelb_bin() -> PathBuf {
+    target_dir().join("debug/edgelb")
+}
+
+/// Stops an edgelb a killed `run` left behind (or its data plane): by its own admin socket and
+/// pin dir (see `run_config`), so nothing else on the machine is touched. The file is written
+/// afresh first: one an older `run` left has the default socket.
+fn stop_left_edgelb() {
+    let (config, bin) = (testbed_config(), edgelb_bin());
+    if config.exists() && bin.exists() && std::fs::write(&config, run_config()).is_ok() {
+        let _ = Command::new(&bin).arg("stop").arg("--config").arg(&config).status();
     }
 }
 
@@ -742,11 +751,8 @@ fn refuse_testbed_in_use(task: &str) -> Result<std::fs::File> {
     // killed or hung up on left behind (it runs in a process group of its own). It is stopped
     // as `testbed down` would, rather than block every later run until someone does.
     if !inside.is_empty() && inside.iter().all(|(_, comm)| comm == "edgelb") {
-        let (config, bin) = (testbed_config(), target_dir().join("debug/edgelb"));
         eprintln!("{task}: stopping the edgelb a killed `cargo xtask run` left in the testbed");
-        if bin.exists() && std::fs::write(&config, run_config()).is_ok() {
-            let _ = Command::new(&bin).arg("stop").arg("--config").arg(&config).status();
-        }
+        stop_left_edgelb();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !Testbed::processes_inside(PREFIX).is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
@@ -768,7 +774,7 @@ fn refuse_testbed_in_use(task: &str) -> Result<std::fs::File> {
 fn run(duration: Option<u64>) -> Result<()> {
     require_root("xtask run")?;
     cargo(&["build", "--bin", "edgelb"])?;
-    let edgelb_bin = target_dir().join("debug/edgelb");
+    let edgelb_bin = edgelb_bin();
     let dir = target_dir().join("testbed");
     std::fs::create_dir_all(&dir)?;
     let config = testbed_config();

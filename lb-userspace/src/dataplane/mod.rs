@@ -738,11 +738,7 @@ impl Dataplane {
     /// table size)? Such a link forwards with or without this process.
     pub fn links_pinned(&self) -> bool {
         let Some(dir) = &self.pins else { return false };
-        std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with("link-"))
+        std::fs::read_dir(dir).into_iter().flatten().flatten().any(|e| is_link_pin(&e.path()))
     }
 
     /// Removes the pinned XDP links of interfaces this process is not attached to (which

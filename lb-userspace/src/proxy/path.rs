@@ -75,7 +75,7 @@ pub fn separators_decoded(target: &str) -> Option<Result<String, ()>> {
     if !path.contains("%2F") && !path.contains("%5C") {
         return None;
     }
-    let read = target[..path.len()].replace("%2F", "/").replace("%5C", "/") + &target[path.len()..];
+    let read = path.replace("%2F", "/").replace("%5C", "/") + &target[path.len()..];
     Some(normalize(&read).map(Cow::into_owned).ok_or(()))
 }
 
