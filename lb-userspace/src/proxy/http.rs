@@ -522,6 +522,26 @@ enum HeadError {
 /// Header slots parsed on the stack; configs allowing more use the heap.
 const STACK_HEADERS: usize = 64;
 
+/// How much of a head being received has been looked at. A head ends with a line feed, so
+/// bytes received since the last parse without one cannot have completed it, and the head is not
+/// parsed again for them. Without this, a peer sending its head a byte at a time (or in tiny
+/// segments) made every read parse everything received so far again: quadratic in the head's
+/// size, which `max_header_bytes` lets reach 1 MiB, for seconds of a core per connection.
+/// The first bytes of a head are always parsed, so that garbage (a TLS hello on a plain port)
+/// is refused at once.
+#[derive(Debug, Default)]
+struct HeadScan(usize);
+
+impl HeadScan {
+    /// Whether `buf` may hold a complete head (or a new error) since the last call.
+    fn worth_parsing(&mut self, buf: &[u8]) -> bool {
+        // A buffer shorter than last time had a head split off: what is left is new.
+        let seen = if self.0 > buf.len() { 0 } else { self.0 };
+        self.0 = buf.len();
+        seen == 0 || buf[seen..].contains(&b'\n')
+    }
+}
+
 /// Parses a request head at the start of `buf`; when complete, splits it off `buf`.
 fn parse_request(buf: &mut BytesMut, max_headers: usize) -> Result<Option<ReqHead>, HeadError> {
     // Uninitialised slots on the stack: no per-request allocation or 32-byte-per-slot
@@ -1354,8 +1374,14 @@ async fn serve_conn(
         // A keep-alive request started arriving after the wait: its head has the whole header
         // timeout from now (read only if the head is not complete yet).
         let mut started_late = false;
+        let mut scan = HeadScan::default();
         let req = loop {
-            match parse_request(&mut buf, cfg.max_headers) {
+            let parsed = if scan.worth_parsing(&buf) {
+                parse_request(&mut buf, cfg.max_headers)
+            } else {
+                Ok(None)
+            };
+            match parsed {
                 Ok(Some(r)) => break r,
                 Ok(None) if buf.len() > cfg.max_header_bytes => {
                     return reject(client, &vip, peer, 431, None).await;
@@ -1979,8 +2005,14 @@ async fn response_head(
 ) -> Result<Option<RespHead>, Attempt> {
     // An interim response passed on to the client: the backend has the request.
     let mut interim = false;
+    let mut scan = HeadScan::default();
     loop {
-        match parse_response(ubuf) {
+        let parsed = if scan.worth_parsing(ubuf) { parse_response(ubuf) } else { Ok(None) };
+        if matches!(parsed, Ok(Some(_))) {
+            // Split off: what follows (a final response after an interim one) is a new head.
+            scan = HeadScan::default();
+        }
+        match parsed {
             // 101 is final for an upgrade request. Unsolicited, the connection would carry
             // another protocol from here on: a broken response.
             Ok(Some(r)) if r.status == 101 && expect.upgrade => return Ok(Some(r)),
@@ -2054,6 +2086,36 @@ mod tests {
         let r = parse_request(&mut buf, 64).ok().flatten().expect("a complete head");
         assert!(buf.is_empty());
         r
+    }
+
+    #[test]
+    fn a_head_is_parsed_again_only_when_a_line_may_have_ended() {
+        let mut scan = HeadScan::default();
+        let mut buf = BytesMut::new();
+        let mut parses = 0;
+        // A head sent a byte at a time: parsed on its first byte and after each line feed.
+        let text = b"GET /a HTTP/1.1\r\nHost: x\r\nX-Long: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+        let mut got = None;
+        for &b in text {
+            buf.extend_from_slice(&[b]);
+            if scan.worth_parsing(&buf) {
+                parses += 1;
+                if let Some(r) = parse_request(&mut buf, 64).ok().flatten() {
+                    got = Some(r);
+                }
+            }
+        }
+        let r = got.expect("the head completes on its last byte");
+        assert_eq!(r.path(), "/a");
+        // The first byte and four line feeds, not one parse per byte (70 bytes).
+        assert_eq!(parses, 5);
+        // A buffer split after a head starts afresh: the next head's first bytes are parsed.
+        let mut scan = HeadScan::default();
+        assert!(scan.worth_parsing(b"GET"));
+        assert!(!scan.worth_parsing(b"GET /b"));
+        assert!(scan.worth_parsing(b"GET /b HTTP/1.1\r\n"));
+        // Fewer bytes than last time (a head split off without a reset): looked at afresh.
+        assert!(scan.worth_parsing(b"\n"));
     }
 
     #[test]
