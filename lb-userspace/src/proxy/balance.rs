@@ -4,8 +4,9 @@
 //! hot"); selection yields one backend, skipping those excluded by the caller (already tried for
 //! this request), passively failed, or down by active health, and failing open to all of them
 //! when nothing else is left. State that must survive snapshot swaps (in-flight counts, passive
-//! failures) lives in [`BackendState`], shared by `Arc` across snapshots and threads; the smooth
-//! weighted round-robin state is per thread, as in nginx's workers.
+//! failures) lives in [`BackendState`], shared by `Arc` across snapshots and threads; so does
+//! where each pool's rotation stands ([`Rotation`]). The smooth weighted round-robin state is
+//! per thread, as in nginx's workers, and carries over snapshots by backend address.
 
 use std::{
     cell::RefCell,
@@ -124,9 +125,10 @@ pub struct Pool {
     pub algorithm: Algorithm,
     /// Consistent-hash ring over members (for `Hash`).
     ring: Vec<u32>,
-    /// Round-robin cursor.
-    rr: AtomicUsize,
-    /// Identifies the snapshot, so per-thread weighted state resets when it changes.
+    /// Where the rotation stands, kept across this pool's snapshots.
+    rotation: Arc<Rotation>,
+    /// Identifies the snapshot, so that per-thread weighted state is carried over (by backend
+    /// address) when it changes.
     id: u64,
     /// Name of the stickiness cookie this pool sets and reads (see [`Pool::scope_cookie`]).
     pub cookie_name: String,
@@ -156,9 +158,40 @@ pub struct CookieMember {
     pub current: bool,
 }
 
+/// Where a pool's rotation stands: the round-robin (and least-connections tie) cursor, and the
+/// identity of its smooth weighted round-robin state on each thread. Kept across the pool's
+/// snapshots: a health verdict, a drain or a reload rebuilds every pool, and a rotation that
+/// started afresh each time gave the first members an extra turn per rebuild (per thread, for
+/// smooth weighted round-robin), a skew that frequent verdict changes made lasting.
+#[derive(Debug)]
+pub struct Rotation {
+    /// Identifies the rotation in the per-thread smooth weighted round-robin states.
+    id: u64,
+    /// Round-robin cursor.
+    rr: AtomicUsize,
+}
+
+impl Rotation {
+    /// A rotation at its start.
+    pub fn new() -> Arc<Rotation> {
+        static IDS: AtomicU64 = AtomicU64::new(1);
+        Arc::new(Rotation { id: IDS.fetch_add(1, Ordering::Relaxed), rr: AtomicUsize::new(0) })
+    }
+}
+
+/// One thread's smooth weighted round-robin state for one rotation.
+struct Swrr {
+    /// The snapshot `current` is in member order of.
+    snapshot: u64,
+    /// That snapshot's member addresses, to carry `current` over to the next one.
+    addrs: Vec<SocketAddr>,
+    /// nginx's current weights, by member.
+    current: Vec<i64>,
+}
+
 thread_local! {
-    /// Smooth weighted round-robin current weights, per pool snapshot, per thread.
-    static SWRR: RefCell<std::collections::HashMap<u64, Vec<i64>>> = RefCell::new(Default::default());
+    /// Smooth weighted round-robin states, per rotation, per thread.
+    static SWRR: RefCell<std::collections::HashMap<u64, Swrr>> = RefCell::new(Default::default());
     static RNG: RefCell<u64> = RefCell::new(seed());
 }
 
@@ -185,8 +218,14 @@ const SWRR_KEEP: usize = 1024;
 pub const L7_RING: u32 = 4093;
 
 impl Pool {
-    /// A pool over `members`.
+    /// A pool over `members`, its rotation at its start.
     pub fn new(members: Vec<Member>, algorithm: Algorithm) -> Pool {
+        Pool::continuing(members, algorithm, Rotation::new())
+    }
+
+    /// A new snapshot of a pool over `members`, going on with `rotation` where the previous
+    /// snapshot left it.
+    pub fn continuing(members: Vec<Member>, algorithm: Algorithm, rotation: Arc<Rotation>) -> Pool {
         static IDS: AtomicU64 = AtomicU64::new(1);
         let ring_members: Vec<RingMember> = members
             .iter()
@@ -197,7 +236,7 @@ impl Pool {
             members,
             algorithm,
             ring,
-            rr: AtomicUsize::new(0),
+            rotation,
             id: IDS.fetch_add(1, Ordering::Relaxed),
             cookie_name: String::new(),
             cookie_path: "/".to_owned(),
@@ -309,7 +348,7 @@ impl Pool {
             // and a failing member would get half the first attempts of three.
             Algorithm::RoundRobin => match exclude.last() {
                 Some(&last) => *cand.iter().find(|&&i| i > last).unwrap_or(&cand[0]),
-                None => cand[self.rr.fetch_add(1, Ordering::Relaxed) % cand.len()],
+                None => cand[self.rotation.rr.fetch_add(1, Ordering::Relaxed) % cand.len()],
             },
             Algorithm::Random => cand[(rand() % cand.len() as u64) as usize],
             Algorithm::P2c => {
@@ -326,7 +365,7 @@ impl Pool {
             }
             Algorithm::LeastConn => {
                 // Ties go round-robin, so an idle pool still spreads.
-                let start = self.rr.fetch_add(1, Ordering::Relaxed);
+                let start = self.rotation.rr.fetch_add(1, Ordering::Relaxed);
                 let mut best = cand[start % cand.len()];
                 for k in 0..cand.len() {
                     let i = cand[(start + k) % cand.len()];
@@ -360,16 +399,34 @@ impl Pool {
     fn smooth_weighted(&self, cand: &[usize]) -> usize {
         SWRR.with(|s| {
             let mut s = s.borrow_mut();
-            // Every snapshot builds its pools anew, with new (larger) ids: the state of older
-            // pools is dropped, keeping the newest, so a config with many weighted pools (routes
-            // of many VIPs) keeps each one's rotation.
+            // A pool gone from the config leaves its rotation's state behind: the state of the
+            // oldest rotations is dropped, keeping the newest, so a config with many weighted
+            // pools (routes of many VIPs) keeps each one's rotation.
             if s.len() > 2 * SWRR_KEEP {
                 let mut ids: Vec<u64> = s.keys().copied().collect();
                 ids.sort_unstable();
                 let cut = ids[ids.len() - SWRR_KEEP];
                 s.retain(|&id, _| id >= cut);
             }
-            let cur = s.entry(self.id).or_insert_with(|| vec![0; self.members.len()]);
+            let addrs = || self.members.iter().map(|m| m.state.addr).collect::<Vec<_>>();
+            let state = s.entry(self.rotation.id).or_insert_with(|| Swrr {
+                snapshot: self.id,
+                addrs: addrs(),
+                current: vec![0; self.members.len()],
+            });
+            if state.snapshot != self.id {
+                // A new snapshot of the pool: each backend keeps its current weight (new ones
+                // start at 0), so the rotation goes on rather than starting over.
+                let addrs = addrs();
+                state.current = addrs
+                    .iter()
+                    .map(|a| {
+                        state.addrs.iter().position(|b| b == a).map_or(0, |k| state.current[k])
+                    })
+                    .collect();
+                (state.snapshot, state.addrs) = (self.id, addrs);
+            }
+            let cur = &mut state.current;
             let total: i64 = cand.iter().map(|&i| self.members[i].weight as i64).sum();
             let mut best = cand[0];
             for &i in cand {
@@ -444,6 +501,45 @@ mod tests {
             ring
         };
         assert_eq!(at(&[8001, 8002, 8003]), at(&[8002, 8003, 8001]));
+    }
+
+    /// A pool rebuilt (by a verdict, a drain, a reload) goes on with its rotation: round-robin
+    /// and smooth weighted round-robin pick as if it had not been rebuilt. Started afresh, each
+    /// rebuild gave the first members an extra turn.
+    #[test]
+    fn a_rebuilt_pool_goes_on_with_its_rotation() {
+        let client = "198.18.4.1".parse().unwrap();
+        let addr = |p: &Pool, i: usize| p.members[i].state.addr;
+        // Picks `per` from each of `rounds` snapshots, each rebuilt from the last with the same
+        // backends (their live state carried, as `Proxy::update` does), reordered by `order`.
+        let rebuilt = |weights: &[u32], algorithm, rounds, per, order: fn(&mut Vec<Member>)| {
+            let mut p = pool(weights, algorithm);
+            let mut got = Vec::new();
+            for _ in 0..rounds {
+                got.extend((0..per).map(|_| addr(&p, p.pick(client, &[], None).unwrap())));
+                let mut members = p.members.clone();
+                order(&mut members);
+                p = Pool::continuing(members, algorithm, p.rotation.clone());
+            }
+            got
+        };
+        for (weights, algorithm) in
+            [(&[1u32, 1, 1][..], Algorithm::RoundRobin), (&[5, 1, 1][..], Algorithm::Weighted)]
+        {
+            let straight = pool(weights, algorithm);
+            let expected: Vec<SocketAddr> = (0..14)
+                .map(|_| addr(&straight, straight.pick(client, &[], None).unwrap()))
+                .collect();
+            assert_eq!(rebuilt(weights, algorithm, 7, 2, |_| ()), expected, "{algorithm:?}");
+        }
+        // A reload may list the members in another order: smooth weighted round-robin carries
+        // each one's state by address, so every cycle of 7 still gives 5, 1 and 1 (ties between
+        // the two light ones may go either way).
+        let got = rebuilt(&[5, 1, 1], Algorithm::Weighted, 14, 1, |m| m.reverse());
+        for cycle in got.chunks(7) {
+            let heavy = cycle.iter().filter(|a| a.ip() == IpAddr::from([127, 0, 0, 1])).count();
+            assert_eq!(heavy, 5, "{got:?}");
+        }
     }
 
     /// Many weighted pools in use on one thread (routes of many VIPs) each keep their own

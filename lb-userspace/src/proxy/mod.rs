@@ -39,7 +39,7 @@ use prometheus_client::{
 use tracing::{error, info, warn};
 
 use crate::config::{Algorithm, Config, L7, L7Mode};
-use balance::{BackendState, Member, Pool};
+use balance::{BackendState, Member, Pool, Rotation};
 
 /// Labels for per-VIP L7 metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -295,6 +295,9 @@ pub(crate) struct Shared {
     pub accepting: AtomicUsize,
 }
 
+/// A pool's place in the config: its VIP and, for a route, the route's host and path prefix.
+type PoolKey = (String, Option<(Option<String>, Option<String>)>);
+
 /// The running proxy.
 pub struct Proxy {
     shared: Arc<Shared>,
@@ -305,6 +308,9 @@ pub struct Proxy {
     /// meanwhile takes its state up again, in-flight count included, instead of looking idle to
     /// `least_conn` and `p2c` while its old connections still run.
     retired: HashMap<(String, SocketAddr), std::sync::Weak<BackendState>>,
+    /// Where each pool's rotation stands, by VIP and route (host, path prefix; none for the
+    /// VIP's own backends), carried over every update.
+    rotations: HashMap<PoolKey, Arc<Rotation>>,
     listeners: Vec<(String, SocketAddr)>,
     /// A descriptor of every thread's listening socket, to hand over to `edgelb run
     /// --takeover`.
@@ -469,6 +475,7 @@ impl Proxy {
             threads: Vec::new(),
             states: HashMap::new(),
             retired: HashMap::new(),
+            rotations: HashMap::new(),
             listeners: listeners.clone(),
             sockets,
         };
@@ -526,6 +533,12 @@ impl Proxy {
     pub fn update(&mut self, cfg: &Config) {
         let mut vips = HashMap::new();
         let mut keep = HashMap::new();
+        let mut rotations = HashMap::new();
+        let mut rotation = |key: PoolKey| {
+            let r = self.rotations.get(&key).cloned().unwrap_or_else(Rotation::new);
+            rotations.insert(key, r.clone());
+            r
+        };
         for vip in &cfg.vips {
             let Some(l7) = &vip.l7 else { continue };
             let mut member = |b: &crate::config::Backend| {
@@ -549,14 +562,23 @@ impl Proxy {
                 pool
             };
             let default = Arc::new(signed(
-                Pool::new(vip.backends.iter().map(&mut member).collect(), l7.algorithm),
+                Pool::continuing(
+                    vip.backends.iter().map(&mut member).collect(),
+                    l7.algorithm,
+                    rotation((vip.name.clone(), None)),
+                ),
                 None,
             ));
             let routes = l7
                 .routes
                 .iter()
                 .map(|r| {
-                    let pool = Pool::new(r.backends.iter().map(&mut member).collect(), r.algorithm);
+                    let key = (vip.name.clone(), Some((r.host.clone(), r.path_prefix.clone())));
+                    let pool = Pool::continuing(
+                        r.backends.iter().map(&mut member).collect(),
+                        r.algorithm,
+                        rotation(key),
+                    );
                     // A route written with the root dot matches requests with or without it.
                     let host = r.host.as_deref().map(route_host);
                     let pool = signed(pool, r.path_prefix.as_deref());
@@ -596,6 +618,7 @@ impl Proxy {
             self.retired.insert(k, Arc::downgrade(&s));
         }
         self.states = keep;
+        self.rotations = rotations;
         self.shared.snapshot.store(Arc::new(Snapshot { vips }));
     }
 
