@@ -324,7 +324,7 @@ fn test(only: &[String], extra: &[String]) -> Result<()> {
     if netns::euid() != 0 {
         eprintln!("note: not root: privileged tests (XDP, namespaces) will skip with a reason");
     }
-    cargo(&["build", "--bins"])?;
+    cargo(&["build", "--locked", "--bins"])?;
     if netns::euid() == 0 {
         sweep_stale();
     }
@@ -332,7 +332,7 @@ fn test(only: &[String], extra: &[String]) -> Result<()> {
     let color =
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) { "always" } else { "auto" };
     // Tests share kernel state (namespaces, XDP attachments), so one at a time, as aya does.
-    let mut args = vec!["test", "--color", color, "--no-fail-fast"];
+    let mut args = vec!["test", "--locked", "--color", color, "--no-fail-fast"];
     for t in only {
         args.extend(["--test", t]);
     }
@@ -493,13 +493,14 @@ fn bench(parts: &[String]) -> Result<()> {
         if dataplane.contains(&"l7") {
             bench_tools()?;
         }
-        let mut args = vec!["bench", "-p", "lb-userspace", "--bench", "dataplane", "--"];
+        let mut args =
+            vec!["bench", "--locked", "-p", "lb-userspace", "--bench", "dataplane", "--"];
         args.extend(dataplane);
         cargo(&args)?;
     }
     let quick = std::env::var_os(QUICK_ENV).is_some_and(|v| !v.is_empty() && v != "0");
     for name in criterion {
-        let mut args = vec!["bench", "-p", "lb-userspace", "--bench", name];
+        let mut args = vec!["bench", "--locked", "-p", "lb-userspace", "--bench", name];
         if quick {
             args.extend(["--", "--warm-up-time", "0.1", "--measurement-time", "0.2"]);
         }
@@ -614,10 +615,11 @@ const EBPF_TOOLCHAIN: &str = "+nightly-2026-08-05";
 
 fn lint() -> Result<()> {
     cargo(&["fmt", "--all", "--check"])?;
-    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(&["clippy", "--locked", "--all-targets", "--", "-D", "warnings"])?;
     let ebpf = [
         EBPF_TOOLCHAIN,
         "clippy",
+        "--locked",
         "-p",
         "lb-ebpf",
         "--release",
@@ -773,7 +775,7 @@ fn refuse_testbed_in_use(task: &str) -> Result<std::fs::File> {
 
 fn run(duration: Option<u64>) -> Result<()> {
     require_root("xtask run")?;
-    cargo(&["build", "--bin", "edgelb"])?;
+    cargo(&["build", "--locked", "--bin", "edgelb"])?;
     let edgelb_bin = edgelb_bin();
     let dir = target_dir().join("testbed");
     std::fs::create_dir_all(&dir)?;
