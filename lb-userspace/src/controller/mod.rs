@@ -1147,6 +1147,11 @@ impl Controller {
                 restart.join("; ")
             ));
         }
+        // Health flips the running checks sent before this reload are taken in under the config
+        // they were sent for: checked against the new one, a flip from a VIP it renames, or
+        // from an XDP VIP whose port it changes (another backend id), would be dropped, and the
+        // restarted check would start from the verdict before it.
+        self.apply_pending_health();
         let old = std::mem::replace(&mut self.cfg, new);
         let old_verdicts = self.verdicts.clone();
         let renamed = self.verdicts.rename(&old, &self.cfg);
