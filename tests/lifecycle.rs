@@ -1630,6 +1630,103 @@ fn a_takeover_that_fails_after_writing_the_maps_gives_the_data_plane_back() {
     in_charge_again(&mut bed);
 }
 
+/// The id of every map pinned in `dir`, by pin name: which maps a restart would adopt.
+fn pinned_map_ids(dir: &std::path::Path) -> Vec<(String, u32)> {
+    let (mine, _) = edgelb::dataplane::Dataplane::pins_in(dir).expect("pin directory");
+    let mut ids: Vec<(String, u32)> = mine
+        .iter()
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with("link-"))
+        .map(|p| {
+            let info = aya::maps::MapInfo::from_pin(p).expect("pinned map");
+            (p.file_name().unwrap().to_string_lossy().into_owned(), info.id())
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The test config with another connection-table size: maps of another layout, which a process
+/// running it cannot adopt.
+fn with_other_table_size(text: &str) -> String {
+    let from = format!("conntrack_flows_per_cpu = {CT_FLOWS}");
+    assert!(text.contains(&from), "the test config sizes its table");
+    text.replace(&from, &format!("conntrack_flows_per_cpu = {}", CT_FLOWS * 2))
+}
+
+/// A takeover whose config needs maps of another layout (another connection-table size), and
+/// that fails before it commits (its metrics port taken): the running edgelb stays in charge,
+/// and its maps stay pinned (the same map ids), so its next restart adopts them. The new
+/// process used to replace the pins with its own empty maps while it loaded, and the restart
+/// then started cold.
+#[test]
+fn a_takeover_with_another_layout_that_fails_before_the_commit_leaves_the_pins() {
+    let Some(mut bed) = Bed::up("takeover-layout", &[1, 2, 3]) else { return };
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    bed.wait_for(l7);
+    let pins = bed.cfg().node.pin_dir;
+    let before = pinned_map_ids(&pins);
+    assert_eq!(before.len(), 13, "{before:?}");
+    let squatter = netns::in_netns(&bed.tb.names.lb, || {
+        std::net::TcpListener::bind("127.0.0.1:9112").expect("squat the port")
+    })
+    .unwrap();
+    let text = with_other_table_size(&std::fs::read_to_string(&bed.cfg_path).unwrap());
+    let text = format!("{text}\n[metrics]\nlisten = \"127.0.0.1:9112\"\n");
+    let stderr = failed_takeover(&bed, "failed takeover, other layout", &text);
+    drop(squatter);
+    assert!(stderr.contains("metrics endpoint 127.0.0.1:9112"), "{stderr}");
+    assert!(stderr.contains("pinned map not re-used"), "it saw another layout: {stderr}");
+    assert_eq!(pinned_map_ids(&pins), before, "the running edgelb's maps stay pinned");
+    in_charge_again(&mut bed);
+    // Its next restart adopts them.
+    let old = bed.edgelb.take().unwrap();
+    let (config, ns, log) = (old.config.clone(), old.ns.clone(), old.log.clone());
+    old.terminate();
+    bed.edgelb = Some(Edgelb::start(&ns, &config, &log));
+    assert!(
+        bed.e().log().contains("left the data plane running: adopting it"),
+        "{}",
+        bed.e().log()
+    );
+    assert_eq!(pinned_map_ids(&pins), before, "the restart adopted the same maps");
+    bed.wait_for(SocketAddr::new(IpAddr::V4(testbed::VIP), 80));
+}
+
+/// A takeover whose config needs maps of another layout, that fails after it committed (and
+/// pinned its own maps): the running edgelb takes the data plane back and pins its own maps
+/// again, so a restart adopts the maps that were forwarding.
+#[test]
+fn a_takeover_with_another_layout_that_fails_late_gives_the_pins_back() {
+    let Some(mut bed) = Bed::up("takeover-layout-late", &[1, 2, 3]) else { return };
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    bed.wait_for(l7);
+    let pins = bed.cfg().node.pin_dir;
+    let before = pinned_map_ids(&pins);
+    assert_eq!(before.len(), 13, "{before:?}");
+    // A second interface that another XDP program holds: the new process commits, pins its
+    // maps, writes them and moves lb0's link to its program, then fails to attach there.
+    let lb = bed.tb.names.lb.clone();
+    testbed::sh(&["ip", "-n", &lb, "link", "add", "elpl0", "type", "veth", "peer", "elpl1"])
+        .expect("add a veth pair");
+    testbed::sh(&["ip", "-n", &lb, "link", "set", "elpl0", "up"]).unwrap();
+    let _holder = netns::in_netns(&lb, || {
+        let mut aux = edgelb::dataplane::AuxPrograms::load().expect("aux programs");
+        aux.attach(lb_common::programs::PASS, "elpl0", config::XdpAttachMode::Native, None)
+            .expect("attach");
+        aux
+    })
+    .unwrap();
+    let text = with_other_table_size(&std::fs::read_to_string(&bed.cfg_path).unwrap())
+        .replace("interfaces = [\"lb0\"]", "interfaces = [\"lb0\", \"elpl0\"]");
+    let stderr = failed_takeover(&bed, "takeover failed late, other layout", &text);
+    assert_eq!(pinned_map_ids(&pins), before, "the running edgelb's maps are pinned again");
+    assert!(stderr.contains("`elpl0` already has an XDP program"), "{stderr}");
+    assert!(stderr.contains("map pins now name this edgelb's maps"), "it pinned its own: {stderr}");
+    let log = bed.e().log();
+    assert!(log.contains("this edgelb's program is back on its interfaces"), "{log}");
+    in_charge_again(&mut bed);
+}
+
 /// A start that fails after attaching, on a node where a detached edgelb left its data plane,
 /// leaves that data plane forwarding even when it could not adopt its maps (another table size,
 /// or another binary's layout, makes fresh ones): it used to remove every link, the one it had

@@ -400,20 +400,43 @@ fn map_layouts(shape: TableShape) -> [(&'static str, MapType, u32, u32, u32, u32
 /// `shape` (`node.conntrack_flows_per_cpu` changed, or the CPU count) is such a difference.
 /// Returns the problems found.
 pub fn reconcile_pins(dir: &Path, shape: TableShape) -> Result<Vec<String>, DataplaneError> {
-    let rm = |path: &Path| {
-        std::fs::remove_file(path)
-            .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
-            .map_err(|e| DataplaneError::Pin {
-                path: path.to_owned(),
-                reason: format!("removing: {e}"),
-            })
-    };
+    let check = check_pins(dir, shape);
+    for name in lb_common::maps::RETIRED {
+        remove_pin(&dir.join(name))?;
+    }
+    if check.mismatched {
+        for (name, ..) in map_layouts(shape) {
+            remove_pin(&dir.join(name))?;
+        }
+    }
+    Ok(check.problems)
+}
+
+/// Removes the pin at `path`; absent is fine.
+fn remove_pin(path: &Path) -> Result<(), DataplaneError> {
+    std::fs::remove_file(path)
+        .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+        .map_err(|e| DataplaneError::Pin {
+            path: path.to_owned(),
+            reason: format!("removing: {e}"),
+        })
+}
+
+/// What [`check_pins`] found in a pin directory.
+struct PinCheck {
+    /// One line per pin this build will not re-use (retired names included).
+    problems: Vec<String>,
+    /// Some pinned map has another layout (or layout version): none of them may be re-used.
+    mismatched: bool,
+}
+
+/// Looks at the map pins in `dir` without changing any (see [`reconcile_pins`]): a process
+/// loaded beside a running edgelb must leave that one's pins alone until it has taken over.
+fn check_pins(dir: &Path, shape: TableShape) -> PinCheck {
     let mut problems = Vec::new();
     for name in lb_common::maps::RETIRED {
-        let path = dir.join(name);
-        if path.exists() {
+        if dir.join(name).exists() {
             problems.push(format!("{name}: pinned by an older edgelb, no longer used"));
-            rm(&path)?;
         }
     }
     let mut mismatched = false;
@@ -458,12 +481,7 @@ pub fn reconcile_pins(dir: &Path, shape: TableShape) -> Result<Vec<String>, Data
             }
         }
     }
-    if mismatched {
-        for (name, ..) in map_layouts(shape) {
-            rm(&dir.join(name))?;
-        }
-    }
-    Ok(problems)
+    PinCheck { problems, mismatched }
 }
 
 /// The [`lb_common::MAPS_VERSION`] recorded in the pinned CONFIG map at `path`: `None` when it
@@ -500,19 +518,36 @@ impl Dataplane {
         pins: Option<&Path>,
         shape: TableShape,
     ) -> Result<Dataplane, DataplaneError> {
+        let mut dp = Dataplane::load_beside(pins, shape)?;
+        dp.publish_pins()?;
+        Ok(dp)
+    }
+
+    /// Loads the balancer beside a running edgelb (`run --takeover`) without changing a pin:
+    /// pinned maps of this build's layout are adopted (as [`Dataplane::load_with_table`] does);
+    /// where any differs (another layout or table size), every map is made fresh and left
+    /// unpinned, and so is a map with no pin yet. [`Dataplane::publish_pins`] pins them once this
+    /// process has taken over: until then the running edgelb may take back over, and its next
+    /// restart must find its own maps under the pins, not this process's empty ones.
+    pub fn load_beside(
+        pins: Option<&Path>,
+        shape: TableShape,
+    ) -> Result<Dataplane, DataplaneError> {
         let mut loader = EbpfLoader::new();
-        let paths: Vec<(&str, PathBuf)> = match pins {
-            Some(dir) => {
-                pin_dir_ready(dir)?;
-                for problem in reconcile_pins(dir, shape)? {
-                    warn!(%problem, "pinned map not re-used (established flows re-hash once)");
-                }
-                map_layouts(shape).iter().map(|(n, ..)| (*n, dir.join(n))).collect()
+        if let Some(dir) = pins {
+            pin_dir_ready(dir)?;
+            let check = check_pins(dir, shape);
+            for problem in &check.problems {
+                warn!(%problem, "pinned map not re-used (established flows re-hash once)");
             }
-            None => Vec::new(),
-        };
-        for (name, path) in &paths {
-            loader.map_pin_path(name, path.as_path());
+            if !check.mismatched {
+                for (name, ..) in map_layouts(shape) {
+                    let path = dir.join(name);
+                    if path.exists() {
+                        loader.map_pin_path(name, path);
+                    }
+                }
+            }
         }
         // One region of connection-table buckets per CPU; the program learns the region size as
         // a load-time constant.
@@ -546,6 +581,42 @@ impl Dataplane {
             dp.adopt()?;
         }
         Ok(dp)
+    }
+
+    /// Makes the pin directory name this process's maps: pins under retired names go, and a
+    /// map pinned under another map's id (another layout, or a map of a failed takeover) or not
+    /// pinned at all is pinned afresh. Maps already pinned are left alone. A process loaded with
+    /// [`Dataplane::load_beside`] calls it once it has taken over; [`Dataplane::reclaim`] calls
+    /// it to put the pins back after a takeover that failed once it had published its own.
+    /// Needs no capability (the pin directory is this user's).
+    pub fn publish_pins(&mut self) -> Result<(), DataplaneError> {
+        let Some(dir) = self.pins.clone() else { return Ok(()) };
+        for name in lb_common::maps::RETIRED {
+            remove_pin(&dir.join(name))?;
+        }
+        let mut replaced = 0;
+        for (name, map) in self.maps.by_name() {
+            let path = dir.join(name);
+            let ours = map.info().map_err(map_err(name))?.id();
+            match MapInfo::from_pin(&path) {
+                Ok(pinned) if pinned.id() == ours => continue,
+                Ok(_) => {
+                    remove_pin(&path)?;
+                    replaced += 1;
+                }
+                Err(_) if path.exists() => {
+                    remove_pin(&path)?;
+                    replaced += 1;
+                }
+                Err(_) => {}
+            }
+            map.pin(&path)
+                .map_err(|e| DataplaneError::Pin { path: path.clone(), reason: e.to_string() })?;
+        }
+        if replaced > 0 {
+            info!(replaced, pin_dir = %dir.display(), "map pins now name this edgelb's maps");
+        }
+        Ok(())
     }
 
     /// The connection tables' shape this program was loaded with.
@@ -711,8 +782,9 @@ impl Dataplane {
     /// interface this one does not use is removed (which detaches its program), and the view of
     /// the maps is rebuilt from what they hold now, so that the next [`Dataplane::apply`] writes
     /// every difference. Needs no capability: links and maps are reached through their pins and
-    /// descriptors. Maps the failed process pinned in place of these (another layout) are left
-    /// to the next start; this program goes on with its own.
+    /// descriptors. Maps the failed process pinned in place of these (another layout) are
+    /// replaced by this program's own again ([`Dataplane::publish_pins`]), so that the next
+    /// restart adopts the maps that were forwarding, not that process's.
     pub fn reclaim(&mut self) -> Result<(), DataplaneError> {
         let Some(dir) = self.pins.clone() else { return Ok(()) };
         let prog = program(&mut self.ebpf, programs::BALANCER)?;
@@ -728,6 +800,10 @@ impl Dataplane {
         }
         for interface in self.remove_unused_links()? {
             warn!(interface, "removed the XDP link a failed takeover left");
+        }
+        if let Err(e) = self.publish_pins() {
+            error!(error = %e, "could not pin this edgelb's maps again (a restart would not adopt them)");
+            first_error.get_or_insert(e);
         }
         self.adopt()?;
         first_error.map_or(Ok(()), Err)
