@@ -1727,6 +1727,45 @@ fn a_takeover_with_another_layout_that_fails_late_gives_the_pins_back() {
     in_charge_again(&mut bed);
 }
 
+/// `node.pin_dir` changed while a detached data plane runs: the next start finds the interface
+/// held by edgelb's own program, and says so, naming where its link is pinned and what to do,
+/// rather than blaming another tool's program. The running data plane is left alone.
+#[test]
+fn a_changed_pin_dir_is_named_when_the_interface_is_held() {
+    let Some(mut bed) = Bed::up("pin-moved", &[1, 2, 3]) else { return };
+    let vip = SocketAddr::new(IpAddr::V4(testbed::VIP), 80);
+    let old = bed.edgelb.take().unwrap();
+    let ns = old.ns.clone();
+    old.terminate();
+    let old_pins = bed.cfg().node.pin_dir;
+    let new_pins = PathBuf::from(format!("{}-moved", old_pins.display()));
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = edgelb::dataplane::Dataplane::teardown(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(new_pins.clone());
+    let text = std::fs::read_to_string(&bed.cfg_path).unwrap();
+    let from = format!("pin_dir = \"{}\"", old_pins.display());
+    assert!(text.contains(&from));
+    let text = text.replace(&from, &format!("pin_dir = \"{}\"", new_pins.display()));
+    let alt = bed.cfg_path.with_extension(format!("{}.toml", bed.tag));
+    std::fs::write(&alt, text).unwrap();
+    let out = output_within(run_command(&ns, &alt, &[]), "edgelb run", Duration::from_secs(60));
+    let _ = std::fs::remove_file(&alt);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("`lb0` already runs edgelb's own XDP balancer"), "{stderr}");
+    let link = old_pins.join("link-lb0");
+    assert!(stderr.contains(&format!("its link pinned at {}", link.display())), "{stderr}");
+    assert!(stderr.contains("node.pin_dir was changed"), "{stderr}");
+    assert!(!stderr.contains("is not this edgelb's"), "{stderr}");
+    // The detached data plane still balances, and its link is where it was.
+    assert!(link.exists());
+    bed.wait_for(vip);
+}
+
 /// A start that fails after attaching, on a node where a detached edgelb left its data plane,
 /// leaves that data plane forwarding even when it could not adopt its maps (another table size,
 /// or another binary's layout, makes fresh ones): it used to remove every link, the one it had

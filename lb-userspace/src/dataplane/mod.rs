@@ -12,6 +12,7 @@
 
 mod holders;
 pub mod maps;
+pub mod netlink;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -87,6 +88,28 @@ pub enum DataplaneError {
         interface: String,
         /// Mode tried.
         mode: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The interface already runs edgelb's own balancer program, but not through a link pinned
+    /// in this `node.pin_dir`: the pin directory was changed under a running data plane, or
+    /// another edgelb instance balances there. Said apart from [`DataplaneError::Held`], whose
+    /// "another tool's program" would send the operator looking for the wrong culprit.
+    #[error(
+        "`{interface}` already runs edgelb's own XDP balancer (program id {prog_id}){found}, not through a link pinned in this node.pin_dir ({pin_dir}) ({mode} attach: {source}). Likely node.pin_dir was changed while that data plane ran (a controller stopped with --detach, or still running), or another edgelb instance balances on this interface. To move to this pin_dir, remove the old data plane first (`edgelb stop` with the config that names the old pin_dir; removing its link pin detaches it), or set node.pin_dir back; for another instance, give each its own interfaces"
+    )]
+    HeldByEdgelb {
+        /// Interface name.
+        interface: String,
+        /// Mode tried.
+        mode: &'static str,
+        /// The attached program's id.
+        prog_id: u32,
+        /// Where its link is pinned, as words for the message (", its link pinned at ...").
+        found: String,
+        /// This process's pin directory.
+        pin_dir: String,
         /// Cause.
         #[source]
         source: std::io::Error,
@@ -1321,11 +1344,69 @@ fn attach_pinned(
             Err(e) => return Err(e),
         }
     }
-    let (used, id) = attach_xdp(prog, interface, mode)?;
+    let (used, id) = attach_xdp(prog, interface, mode).map_err(|e| own_program_holds(e, pin))?;
     if let Some(pin) = pin {
         pin_link(prog, id, pin)?;
     }
     Ok(used)
+}
+
+/// `e` as [`DataplaneError::HeldByEdgelb`] when it is a [`DataplaneError::Held`] whose holder is
+/// edgelb's own balancer (by the attached program's name, read through netlink and its program
+/// info), naming where that program's link is pinned if a pin of it is found under bpffs.
+/// Anything else, or a holder that cannot be looked at, stays as it was.
+fn own_program_holds(e: DataplaneError, pin: Option<&Path>) -> DataplaneError {
+    let DataplaneError::Held { interface, mode, source } = e else { return e };
+    let attached = netlink::xdp_attachment(ifindex(&interface)).ok().flatten();
+    let ours = attached.filter(|a| {
+        aya::programs::loaded_programs()
+            .flatten()
+            .find(|p| p.id() == a.prog_id)
+            .is_some_and(|p| p.name_as_str() == Some(programs::BALANCER))
+    });
+    let Some(attached) = ours else { return DataplaneError::Held { interface, mode, source } };
+    let found = match pinned_link_of(&interface, attached.prog_id) {
+        Some(path) => format!(", its link pinned at {}", path.display()),
+        None => format!(
+            ", its link pinned nowhere under {BPFFS} (held by a running process: `edgelb stop` it, or stop it by PID)"
+        ),
+    };
+    let pin_dir = pin
+        .and_then(Path::parent)
+        .map_or_else(|| "none: not pinned".to_owned(), |d| d.display().to_string());
+    DataplaneError::HeldByEdgelb {
+        interface,
+        mode,
+        prog_id: attached.prog_id,
+        found,
+        pin_dir,
+        source,
+    }
+}
+
+/// The pin under bpffs (at most three directories down) of an XDP link for `interface` whose
+/// program is `prog_id`: where another edgelb pinned the link that holds the interface.
+fn pinned_link_of(interface: &str, prog_id: u32) -> Option<PathBuf> {
+    let name = format!("link-{interface}");
+    let mut dirs = vec![(PathBuf::from(BPFFS), 0)];
+    while let Some((dir, depth)) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else { continue };
+            if kind.is_dir() && depth < 3 {
+                dirs.push((path, depth + 1));
+            } else if kind.is_file()
+                && entry.file_name().to_str() == Some(name.as_str())
+                && PinnedLink::from_pin(&path)
+                    .ok()
+                    .and_then(|l| FdLink::from(l).info().ok())
+                    .is_some_and(|i| i.program_id() == prog_id)
+            {
+                return Some(path);
+            }
+        }
+    }
+    None
 }
 
 /// Did replacing a pinned link's program fail because the link no longer has a device
