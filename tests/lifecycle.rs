@@ -1766,6 +1766,36 @@ fn a_changed_pin_dir_is_named_when_the_interface_is_held() {
     bed.wait_for(vip);
 }
 
+/// After a restart that took the pinned XDP link over, `status` says the mode XDP runs in as
+/// the kernel reports it (native on the testbed's veth), as it does after a fresh attach: it
+/// used to say only "adopted".
+#[test]
+fn status_says_the_attach_mode_after_a_restart() {
+    let Some(mut bed) = Bed::up("mode", &[1, 2, 3]) else { return };
+    let mode = |bed: &Bed| {
+        let st = bed.e().status();
+        st.interfaces.iter().find(|(i, _)| i == "lb0").map(|(_, m)| m.clone()).expect("listed")
+    };
+    assert_eq!(mode(&bed), "native", "a fresh attach on a veth");
+    let mut old = bed.edgelb.take().unwrap();
+    let (config, ns, log) = (old.config.clone(), old.ns.clone(), old.log.clone());
+    let out = old.cli(&["stop", "--detach"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(old.child.take().unwrap().wait(Duration::from_secs(30)).success());
+    bed.edgelb = Some(Edgelb::start(&ns, &config, &log));
+    let log = bed.e().log();
+    assert!(log.contains("took over the pinned XDP link"), "{log}");
+    assert_eq!(mode(&bed), "native", "after the restart took the link over");
+    // What the kernel says (`ip -d link`: `xdp` for native, `xdpgeneric` for generic).
+    let link = Command::new("ip")
+        .args(["-n", &bed.tb.names.lb, "-d", "link", "show", "lb0"])
+        .output()
+        .expect("ip link show");
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(link.contains("xdp ") && !link.contains("xdpgeneric"), "{link}");
+    bed.wait_for(SocketAddr::new(IpAddr::V4(testbed::VIP), 80));
+}
+
 /// A start that fails after attaching, on a node where a detached edgelb left its data plane,
 /// leaves that data plane forwarding even when it could not adopt its maps (another table size,
 /// or another binary's layout, makes fresh ones): it used to remove every link, the one it had

@@ -772,7 +772,8 @@ impl Dataplane {
     ///
     /// With a pin directory, an XDP link a previous edgelb pinned there is taken over and its
     /// program replaced atomically (no packet sees an interface without a program); a new link is
-    /// pinned so that the next process can do the same.
+    /// pinned so that the next process can do the same. Returns the mode XDP runs in: for a link
+    /// taken over, the one it was attached in, as the kernel reports it (`status` shows it).
     pub fn attach(
         &mut self,
         interface: &str,
@@ -780,7 +781,17 @@ impl Dataplane {
     ) -> Result<&'static str, DataplaneError> {
         let pin = self.pins.as_deref().map(|d| link_pin(d, interface));
         let prog = program(&mut self.ebpf, programs::BALANCER)?;
-        let used = attach_pinned(prog, interface, mode, pin.as_deref())?;
+        let (used, took_over) = attach_pinned(prog, interface, mode, pin.as_deref())?;
+        // A link taken over keeps the mode it was attached in; a config that asks for another
+        // one gets it only after `edgelb stop` (which detaches) and a start.
+        let wanted = match mode {
+            XdpAttachMode::Native => Some("native"),
+            XdpAttachMode::Generic => Some("generic"),
+            XdpAttachMode::Auto => None,
+        };
+        if took_over && wanted.is_some_and(|w| w != used) {
+            warn!(interface, running = used, configured = ?mode, "the pinned XDP link runs in another mode than node.xdp_mode asks; `edgelb stop` (which detaches) and a start attach in the configured one");
+        }
         self.attached.push((interface.to_owned(), used));
         self.ifindexes.push(ifindex(interface));
         Ok(used)
@@ -1314,19 +1325,24 @@ fn no_room_for_backends() -> DataplaneError {
 }
 
 /// Attaches `prog` to `interface`, with its link pinned at `pin` if given. A link already pinned
-/// there gets `prog` in place of its program, atomically ("adopted"): a restart, an upgrade.
-/// The mode used otherwise.
+/// there gets `prog` in place of its program, atomically: a restart, an upgrade. Returns the
+/// mode XDP runs in ("native", "generic"; for a link taken over, as the kernel reports it,
+/// see [`running_mode`]) and whether a pinned link was taken over.
 fn attach_pinned(
     prog: &mut Xdp,
     interface: &str,
     mode: XdpAttachMode,
     pin: Option<&Path>,
-) -> Result<&'static str, DataplaneError> {
+) -> Result<(&'static str, bool), DataplaneError> {
     if let Some(pin) = pin.filter(|p| p.exists()) {
         match replace_program(prog, pin, interface) {
             Ok(()) => {
-                info!(interface, "took over the pinned XDP link (program replaced atomically)");
-                return Ok("adopted");
+                let mode = running_mode(interface);
+                info!(
+                    interface,
+                    mode, "took over the pinned XDP link (program replaced atomically)"
+                );
+                return Ok((mode, true));
             }
             // The link outlived its interface (deleted and made again, a driver reload): it
             // holds no device, so nothing runs through it. Its pin goes and the program is
@@ -1348,7 +1364,25 @@ fn attach_pinned(
     if let Some(pin) = pin {
         pin_link(prog, id, pin)?;
     }
-    Ok(used)
+    Ok((used, false))
+}
+
+/// The mode XDP runs in on `interface`, as the kernel reports it (rtnetlink, see
+/// [`netlink::xdp_attachment`]): a link taken over from a previous process says which
+/// interface it is on but not in which mode, and `status` must not guess. "unknown" (logged)
+/// when it cannot be read.
+fn running_mode(interface: &str) -> &'static str {
+    match netlink::xdp_attachment(ifindex(interface)) {
+        Ok(Some(a)) => a.mode.label(),
+        Ok(None) => {
+            warn!(interface, "the kernel reports no XDP program on the interface just attached");
+            "unknown"
+        }
+        Err(e) => {
+            warn!(interface, error = %e, "could not read the XDP mode of the interface");
+            "unknown"
+        }
+    }
 }
 
 /// `e` as [`DataplaneError::HeldByEdgelb`] when it is a [`DataplaneError::Held`] whose holder is
@@ -1564,8 +1598,8 @@ pub fn attach_decap(
     let mut aux = AuxPrograms::load()?;
     aux.allow_decap_sources(sources)?;
     let prog = program(&mut aux.ebpf, programs::DECAP)?;
-    let used = attach_pinned(prog, interface, mode, Some(&link_pin(dir, interface)))?;
-    Ok(if used == "adopted" { "replaced" } else { used })
+    let (used, replaced) = attach_pinned(prog, interface, mode, Some(&link_pin(dir, interface)))?;
+    Ok(if replaced { "replaced" } else { used })
 }
 
 /// Detaches the decapsulator `attach_decap` left on `interface` (its link pin in `dir` is
