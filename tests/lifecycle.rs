@@ -1630,6 +1630,172 @@ fn a_takeover_that_fails_after_writing_the_maps_gives_the_data_plane_back() {
     in_charge_again(&mut bed);
 }
 
+/// The id of every map pinned in `dir`, by pin name: which maps a restart would adopt.
+fn pinned_map_ids(dir: &std::path::Path) -> Vec<(String, u32)> {
+    let (mine, _) = edgelb::dataplane::Dataplane::pins_in(dir).expect("pin directory");
+    let mut ids: Vec<(String, u32)> = mine
+        .iter()
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with("link-"))
+        .map(|p| {
+            let info = aya::maps::MapInfo::from_pin(p).expect("pinned map");
+            (p.file_name().unwrap().to_string_lossy().into_owned(), info.id())
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The test config with another connection-table size: maps of another layout, which a process
+/// running it cannot adopt.
+fn with_other_table_size(text: &str) -> String {
+    let from = format!("conntrack_flows_per_cpu = {CT_FLOWS}");
+    assert!(text.contains(&from), "the test config sizes its table");
+    text.replace(&from, &format!("conntrack_flows_per_cpu = {}", CT_FLOWS * 2))
+}
+
+/// A takeover whose config needs maps of another layout (another connection-table size), and
+/// that fails before it commits (its metrics port taken): the running edgelb stays in charge,
+/// and its maps stay pinned (the same map ids), so its next restart adopts them. The new
+/// process used to replace the pins with its own empty maps while it loaded, and the restart
+/// then started cold.
+#[test]
+fn a_takeover_with_another_layout_that_fails_before_the_commit_leaves_the_pins() {
+    let Some(mut bed) = Bed::up("takeover-layout", &[1, 2, 3]) else { return };
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    bed.wait_for(l7);
+    let pins = bed.cfg().node.pin_dir;
+    let before = pinned_map_ids(&pins);
+    assert_eq!(before.len(), 13, "{before:?}");
+    let squatter = netns::in_netns(&bed.tb.names.lb, || {
+        std::net::TcpListener::bind("127.0.0.1:9112").expect("squat the port")
+    })
+    .unwrap();
+    let text = with_other_table_size(&std::fs::read_to_string(&bed.cfg_path).unwrap());
+    let text = format!("{text}\n[metrics]\nlisten = \"127.0.0.1:9112\"\n");
+    let stderr = failed_takeover(&bed, "failed takeover, other layout", &text);
+    drop(squatter);
+    assert!(stderr.contains("metrics endpoint 127.0.0.1:9112"), "{stderr}");
+    assert!(stderr.contains("pinned map not re-used"), "it saw another layout: {stderr}");
+    assert_eq!(pinned_map_ids(&pins), before, "the running edgelb's maps stay pinned");
+    in_charge_again(&mut bed);
+    // Its next restart adopts them.
+    let old = bed.edgelb.take().unwrap();
+    let (config, ns, log) = (old.config.clone(), old.ns.clone(), old.log.clone());
+    old.terminate();
+    bed.edgelb = Some(Edgelb::start(&ns, &config, &log));
+    assert!(
+        bed.e().log().contains("left the data plane running: adopting it"),
+        "{}",
+        bed.e().log()
+    );
+    assert_eq!(pinned_map_ids(&pins), before, "the restart adopted the same maps");
+    bed.wait_for(SocketAddr::new(IpAddr::V4(testbed::VIP), 80));
+}
+
+/// A takeover whose config needs maps of another layout, that fails after it committed (and
+/// pinned its own maps): the running edgelb takes the data plane back and pins its own maps
+/// again, so a restart adopts the maps that were forwarding.
+#[test]
+fn a_takeover_with_another_layout_that_fails_late_gives_the_pins_back() {
+    let Some(mut bed) = Bed::up("takeover-layout-late", &[1, 2, 3]) else { return };
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    bed.wait_for(l7);
+    let pins = bed.cfg().node.pin_dir;
+    let before = pinned_map_ids(&pins);
+    assert_eq!(before.len(), 13, "{before:?}");
+    // A second interface that another XDP program holds: the new process commits, pins its
+    // maps, writes them and moves lb0's link to its program, then fails to attach there.
+    let lb = bed.tb.names.lb.clone();
+    testbed::sh(&["ip", "-n", &lb, "link", "add", "elpl0", "type", "veth", "peer", "elpl1"])
+        .expect("add a veth pair");
+    testbed::sh(&["ip", "-n", &lb, "link", "set", "elpl0", "up"]).unwrap();
+    let _holder = netns::in_netns(&lb, || {
+        let mut aux = edgelb::dataplane::AuxPrograms::load().expect("aux programs");
+        aux.attach(lb_common::programs::PASS, "elpl0", config::XdpAttachMode::Native, None)
+            .expect("attach");
+        aux
+    })
+    .unwrap();
+    let text = with_other_table_size(&std::fs::read_to_string(&bed.cfg_path).unwrap())
+        .replace("interfaces = [\"lb0\"]", "interfaces = [\"lb0\", \"elpl0\"]");
+    let stderr = failed_takeover(&bed, "takeover failed late, other layout", &text);
+    assert_eq!(pinned_map_ids(&pins), before, "the running edgelb's maps are pinned again");
+    assert!(stderr.contains("`elpl0` already has an XDP program"), "{stderr}");
+    assert!(stderr.contains("map pins now name this edgelb's maps"), "it pinned its own: {stderr}");
+    let log = bed.e().log();
+    assert!(log.contains("this edgelb's program is back on its interfaces"), "{log}");
+    in_charge_again(&mut bed);
+}
+
+/// `node.pin_dir` changed while a detached data plane runs: the next start finds the interface
+/// held by edgelb's own program, and says so, naming where its link is pinned and what to do,
+/// rather than blaming another tool's program. The running data plane is left alone.
+#[test]
+fn a_changed_pin_dir_is_named_when_the_interface_is_held() {
+    let Some(mut bed) = Bed::up("pin-moved", &[1, 2, 3]) else { return };
+    let vip = SocketAddr::new(IpAddr::V4(testbed::VIP), 80);
+    let old = bed.edgelb.take().unwrap();
+    let ns = old.ns.clone();
+    old.terminate();
+    let old_pins = bed.cfg().node.pin_dir;
+    let new_pins = PathBuf::from(format!("{}-moved", old_pins.display()));
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = edgelb::dataplane::Dataplane::teardown(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(new_pins.clone());
+    let text = std::fs::read_to_string(&bed.cfg_path).unwrap();
+    let from = format!("pin_dir = \"{}\"", old_pins.display());
+    assert!(text.contains(&from));
+    let text = text.replace(&from, &format!("pin_dir = \"{}\"", new_pins.display()));
+    let alt = bed.cfg_path.with_extension(format!("{}.toml", bed.tag));
+    std::fs::write(&alt, text).unwrap();
+    let out = output_within(run_command(&ns, &alt, &[]), "edgelb run", Duration::from_secs(60));
+    let _ = std::fs::remove_file(&alt);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("`lb0` already runs edgelb's own XDP balancer"), "{stderr}");
+    let link = old_pins.join("link-lb0");
+    assert!(stderr.contains(&format!("its link pinned at {}", link.display())), "{stderr}");
+    assert!(stderr.contains("node.pin_dir was changed"), "{stderr}");
+    assert!(!stderr.contains("is not this edgelb's"), "{stderr}");
+    // The detached data plane still balances, and its link is where it was.
+    assert!(link.exists());
+    bed.wait_for(vip);
+}
+
+/// After a restart that took the pinned XDP link over, `status` says the mode XDP runs in as
+/// the kernel reports it (native on the testbed's veth), as it does after a fresh attach: it
+/// used to say only "adopted".
+#[test]
+fn status_says_the_attach_mode_after_a_restart() {
+    let Some(mut bed) = Bed::up("mode", &[1, 2, 3]) else { return };
+    let mode = |bed: &Bed| {
+        let st = bed.e().status();
+        st.interfaces.iter().find(|(i, _)| i == "lb0").map(|(_, m)| m.clone()).expect("listed")
+    };
+    assert_eq!(mode(&bed), "native", "a fresh attach on a veth");
+    let mut old = bed.edgelb.take().unwrap();
+    let (config, ns, log) = (old.config.clone(), old.ns.clone(), old.log.clone());
+    let out = old.cli(&["stop", "--detach"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(old.child.take().unwrap().wait(Duration::from_secs(30)).success());
+    bed.edgelb = Some(Edgelb::start(&ns, &config, &log));
+    let log = bed.e().log();
+    assert!(log.contains("took over the pinned XDP link"), "{log}");
+    assert_eq!(mode(&bed), "native", "after the restart took the link over");
+    // What the kernel says (`ip -d link`: `xdp` for native, `xdpgeneric` for generic).
+    let link = Command::new("ip")
+        .args(["-n", &bed.tb.names.lb, "-d", "link", "show", "lb0"])
+        .output()
+        .expect("ip link show");
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(link.contains("xdp ") && !link.contains("xdpgeneric"), "{link}");
+    bed.wait_for(SocketAddr::new(IpAddr::V4(testbed::VIP), 80));
+}
+
 /// A start that fails after attaching, on a node where a detached edgelb left its data plane,
 /// leaves that data plane forwarding even when it could not adopt its maps (another table size,
 /// or another binary's layout, makes fresh ones): it used to remove every link, the one it had

@@ -203,13 +203,11 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     // Only a valid config takes over, and only once the kernel has taken this binary's program
     // (it is loaded here, beside the running one): a bad file or a refused program leaves the
     // running edgelb alone.
-    let load = || {
-        Dataplane::load_with_table(
-            Some(&cfg.node.pin_dir),
-            TableShape::for_flows(cfg.node.conntrack_flows_per_cpu),
-        )
-    };
-    let early = if takeover { Some(load()?) } else { None };
+    let (pin_dir, shape) =
+        (cfg.node.pin_dir.clone(), TableShape::for_flows(cfg.node.conntrack_flows_per_cpu));
+    // Beside the running edgelb, no pin changes until it has handed over for good: until the
+    // commit it may take back over, and its next restart must find its own maps pinned.
+    let early = if takeover { Some(Dataplane::load_beside(Some(&pin_dir), shape)?) } else { None };
     // Stopped while loading: give up before the running edgelb pauses for a handover.
     if takeover && stop_requested(&mut signals) {
         return Err(RunError::TakeoverInterrupted);
@@ -322,13 +320,18 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
 
     let dp = match early {
         // Loaded before the handover, while the previous controller still wrote the maps (a
-        // health change, a drain): read them again now that it has stopped.
+        // health change, a drain): read them again now that it has stopped. Committed, this
+        // process's maps take the pins (those of another layout, replacing the old ones).
         Some(mut dp) if handover.is_some() => {
+            dp.publish_pins()?;
             dp.refresh()?;
             dp
         }
-        Some(dp) => dp,
-        None => load()?,
+        Some(mut dp) => {
+            dp.publish_pins()?;
+            dp
+        }
+        None => Dataplane::load_with_table(Some(&pin_dir), shape)?,
     };
     if dp.adopted() {
         info!(pin_dir = %cfg.node.pin_dir.display(), "a previous edgelb left the data plane running: adopting it");

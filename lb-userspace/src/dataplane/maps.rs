@@ -84,6 +84,28 @@ impl Maps {
         })
     }
 
+    /// Every map with the name it is pinned under: what [`super::Dataplane::publish_pins`] pins,
+    /// since a program loaded beside a running edgelb pins its fresh maps only once it has taken
+    /// over.
+    pub fn by_name(&self) -> [(&'static str, &MapData); 13] {
+        use aya::maps::IterableMap;
+        [
+            (names::VIPS, self.vips.map()),
+            (names::VIPS_V4, self.vips_v4.map()),
+            (names::VIP_EPOCH, self.vip_epoch.map()),
+            (names::VIP_ADDRS, self.vip_addrs.map()),
+            (names::RINGS, self.rings.map()),
+            (names::BACKENDS, self.backends.map()),
+            (names::CONNTRACK, self.conntrack.map()),
+            (names::CONNTRACK_V4, self.conntrack_v4.map()),
+            (names::CONFIG, self.config.map()),
+            (names::VIP_STATS, self.vip_stats.map()),
+            (names::BACKEND_STATS, self.backend_stats.map()),
+            (names::REASONS, self.reasons.map()),
+            (names::CT_STATS, self.ct_stats.map()),
+        ]
+    }
+
     /// Publishes a VIP entry in the table for its family (one atomic map update), then bumps the
     /// epoch so no CPU keeps answering from a cached lookup.
     pub fn put_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<(), DataplaneError> {

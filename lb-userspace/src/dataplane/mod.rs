@@ -12,6 +12,7 @@
 
 mod holders;
 pub mod maps;
+pub mod netlink;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -87,6 +88,28 @@ pub enum DataplaneError {
         interface: String,
         /// Mode tried.
         mode: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The interface already runs edgelb's own balancer program, but not through a link pinned
+    /// in this `node.pin_dir`: the pin directory was changed under a running data plane, or
+    /// another edgelb instance balances there. Said apart from [`DataplaneError::Held`], whose
+    /// "another tool's program" would send the operator looking for the wrong culprit.
+    #[error(
+        "`{interface}` already runs edgelb's own XDP balancer (program id {prog_id}){found}, not through a link pinned in this node.pin_dir ({pin_dir}) ({mode} attach: {source}). Likely node.pin_dir was changed while that data plane ran (a controller stopped with --detach, or still running), or another edgelb instance balances on this interface. To move to this pin_dir, remove the old data plane first (`edgelb stop` with the config that names the old pin_dir; removing its link pin detaches it), or set node.pin_dir back; for another instance, give each its own interfaces"
+    )]
+    HeldByEdgelb {
+        /// Interface name.
+        interface: String,
+        /// Mode tried.
+        mode: &'static str,
+        /// The attached program's id.
+        prog_id: u32,
+        /// Where its link is pinned, as words for the message (", its link pinned at ...").
+        found: String,
+        /// This process's pin directory.
+        pin_dir: String,
         /// Cause.
         #[source]
         source: std::io::Error,
@@ -400,20 +423,43 @@ fn map_layouts(shape: TableShape) -> [(&'static str, MapType, u32, u32, u32, u32
 /// `shape` (`node.conntrack_flows_per_cpu` changed, or the CPU count) is such a difference.
 /// Returns the problems found.
 pub fn reconcile_pins(dir: &Path, shape: TableShape) -> Result<Vec<String>, DataplaneError> {
-    let rm = |path: &Path| {
-        std::fs::remove_file(path)
-            .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
-            .map_err(|e| DataplaneError::Pin {
-                path: path.to_owned(),
-                reason: format!("removing: {e}"),
-            })
-    };
+    let check = check_pins(dir, shape);
+    for name in lb_common::maps::RETIRED {
+        remove_pin(&dir.join(name))?;
+    }
+    if check.mismatched {
+        for (name, ..) in map_layouts(shape) {
+            remove_pin(&dir.join(name))?;
+        }
+    }
+    Ok(check.problems)
+}
+
+/// Removes the pin at `path`; absent is fine.
+fn remove_pin(path: &Path) -> Result<(), DataplaneError> {
+    std::fs::remove_file(path)
+        .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+        .map_err(|e| DataplaneError::Pin {
+            path: path.to_owned(),
+            reason: format!("removing: {e}"),
+        })
+}
+
+/// What [`check_pins`] found in a pin directory.
+struct PinCheck {
+    /// One line per pin this build will not re-use (retired names included).
+    problems: Vec<String>,
+    /// Some pinned map has another layout (or layout version): none of them may be re-used.
+    mismatched: bool,
+}
+
+/// Looks at the map pins in `dir` without changing any (see [`reconcile_pins`]): a process
+/// loaded beside a running edgelb must leave that one's pins alone until it has taken over.
+fn check_pins(dir: &Path, shape: TableShape) -> PinCheck {
     let mut problems = Vec::new();
     for name in lb_common::maps::RETIRED {
-        let path = dir.join(name);
-        if path.exists() {
+        if dir.join(name).exists() {
             problems.push(format!("{name}: pinned by an older edgelb, no longer used"));
-            rm(&path)?;
         }
     }
     let mut mismatched = false;
@@ -458,12 +504,7 @@ pub fn reconcile_pins(dir: &Path, shape: TableShape) -> Result<Vec<String>, Data
             }
         }
     }
-    if mismatched {
-        for (name, ..) in map_layouts(shape) {
-            rm(&dir.join(name))?;
-        }
-    }
-    Ok(problems)
+    PinCheck { problems, mismatched }
 }
 
 /// The [`lb_common::MAPS_VERSION`] recorded in the pinned CONFIG map at `path`: `None` when it
@@ -500,19 +541,36 @@ impl Dataplane {
         pins: Option<&Path>,
         shape: TableShape,
     ) -> Result<Dataplane, DataplaneError> {
+        let mut dp = Dataplane::load_beside(pins, shape)?;
+        dp.publish_pins()?;
+        Ok(dp)
+    }
+
+    /// Loads the balancer beside a running edgelb (`run --takeover`) without changing a pin:
+    /// pinned maps of this build's layout are adopted (as [`Dataplane::load_with_table`] does);
+    /// where any differs (another layout or table size), every map is made fresh and left
+    /// unpinned, and so is a map with no pin yet. [`Dataplane::publish_pins`] pins them once this
+    /// process has taken over: until then the running edgelb may take back over, and its next
+    /// restart must find its own maps under the pins, not this process's empty ones.
+    pub fn load_beside(
+        pins: Option<&Path>,
+        shape: TableShape,
+    ) -> Result<Dataplane, DataplaneError> {
         let mut loader = EbpfLoader::new();
-        let paths: Vec<(&str, PathBuf)> = match pins {
-            Some(dir) => {
-                pin_dir_ready(dir)?;
-                for problem in reconcile_pins(dir, shape)? {
-                    warn!(%problem, "pinned map not re-used (established flows re-hash once)");
-                }
-                map_layouts(shape).iter().map(|(n, ..)| (*n, dir.join(n))).collect()
+        if let Some(dir) = pins {
+            pin_dir_ready(dir)?;
+            let check = check_pins(dir, shape);
+            for problem in &check.problems {
+                warn!(%problem, "pinned map not re-used (established flows re-hash once)");
             }
-            None => Vec::new(),
-        };
-        for (name, path) in &paths {
-            loader.map_pin_path(name, path.as_path());
+            if !check.mismatched {
+                for (name, ..) in map_layouts(shape) {
+                    let path = dir.join(name);
+                    if path.exists() {
+                        loader.map_pin_path(name, path);
+                    }
+                }
+            }
         }
         // One region of connection-table buckets per CPU; the program learns the region size as
         // a load-time constant.
@@ -546,6 +604,42 @@ impl Dataplane {
             dp.adopt()?;
         }
         Ok(dp)
+    }
+
+    /// Makes the pin directory name this process's maps: pins under retired names go, and a
+    /// map pinned under another map's id (another layout, or a map of a failed takeover) or not
+    /// pinned at all is pinned afresh. Maps already pinned are left alone. A process loaded with
+    /// [`Dataplane::load_beside`] calls it once it has taken over; [`Dataplane::reclaim`] calls
+    /// it to put the pins back after a takeover that failed once it had published its own.
+    /// Needs no capability (the pin directory is this user's).
+    pub fn publish_pins(&mut self) -> Result<(), DataplaneError> {
+        let Some(dir) = self.pins.clone() else { return Ok(()) };
+        for name in lb_common::maps::RETIRED {
+            remove_pin(&dir.join(name))?;
+        }
+        let mut replaced = 0;
+        for (name, map) in self.maps.by_name() {
+            let path = dir.join(name);
+            let ours = map.info().map_err(map_err(name))?.id();
+            match MapInfo::from_pin(&path) {
+                Ok(pinned) if pinned.id() == ours => continue,
+                Ok(_) => {
+                    remove_pin(&path)?;
+                    replaced += 1;
+                }
+                Err(_) if path.exists() => {
+                    remove_pin(&path)?;
+                    replaced += 1;
+                }
+                Err(_) => {}
+            }
+            map.pin(&path)
+                .map_err(|e| DataplaneError::Pin { path: path.clone(), reason: e.to_string() })?;
+        }
+        if replaced > 0 {
+            info!(replaced, pin_dir = %dir.display(), "map pins now name this edgelb's maps");
+        }
+        Ok(())
     }
 
     /// The connection tables' shape this program was loaded with.
@@ -678,7 +772,8 @@ impl Dataplane {
     ///
     /// With a pin directory, an XDP link a previous edgelb pinned there is taken over and its
     /// program replaced atomically (no packet sees an interface without a program); a new link is
-    /// pinned so that the next process can do the same.
+    /// pinned so that the next process can do the same. Returns the mode XDP runs in: for a link
+    /// taken over, the one it was attached in, as the kernel reports it (`status` shows it).
     pub fn attach(
         &mut self,
         interface: &str,
@@ -686,7 +781,17 @@ impl Dataplane {
     ) -> Result<&'static str, DataplaneError> {
         let pin = self.pins.as_deref().map(|d| link_pin(d, interface));
         let prog = program(&mut self.ebpf, programs::BALANCER)?;
-        let used = attach_pinned(prog, interface, mode, pin.as_deref())?;
+        let (used, took_over) = attach_pinned(prog, interface, mode, pin.as_deref())?;
+        // A link taken over keeps the mode it was attached in; a config that asks for another
+        // one gets it only after `edgelb stop` (which detaches) and a start.
+        let wanted = match mode {
+            XdpAttachMode::Native => Some("native"),
+            XdpAttachMode::Generic => Some("generic"),
+            XdpAttachMode::Auto => None,
+        };
+        if took_over && wanted.is_some_and(|w| w != used) {
+            warn!(interface, running = used, configured = ?mode, "the pinned XDP link runs in another mode than node.xdp_mode asks; `edgelb stop` (which detaches) and a start attach in the configured one");
+        }
         self.attached.push((interface.to_owned(), used));
         self.ifindexes.push(ifindex(interface));
         Ok(used)
@@ -711,8 +816,9 @@ impl Dataplane {
     /// interface this one does not use is removed (which detaches its program), and the view of
     /// the maps is rebuilt from what they hold now, so that the next [`Dataplane::apply`] writes
     /// every difference. Needs no capability: links and maps are reached through their pins and
-    /// descriptors. Maps the failed process pinned in place of these (another layout) are left
-    /// to the next start; this program goes on with its own.
+    /// descriptors. Maps the failed process pinned in place of these (another layout) are
+    /// replaced by this program's own again ([`Dataplane::publish_pins`]), so that the next
+    /// restart adopts the maps that were forwarding, not that process's.
     pub fn reclaim(&mut self) -> Result<(), DataplaneError> {
         let Some(dir) = self.pins.clone() else { return Ok(()) };
         let prog = program(&mut self.ebpf, programs::BALANCER)?;
@@ -728,6 +834,10 @@ impl Dataplane {
         }
         for interface in self.remove_unused_links()? {
             warn!(interface, "removed the XDP link a failed takeover left");
+        }
+        if let Err(e) = self.publish_pins() {
+            error!(error = %e, "could not pin this edgelb's maps again (a restart would not adopt them)");
+            first_error.get_or_insert(e);
         }
         self.adopt()?;
         first_error.map_or(Ok(()), Err)
@@ -1215,19 +1325,24 @@ fn no_room_for_backends() -> DataplaneError {
 }
 
 /// Attaches `prog` to `interface`, with its link pinned at `pin` if given. A link already pinned
-/// there gets `prog` in place of its program, atomically ("adopted"): a restart, an upgrade.
-/// The mode used otherwise.
+/// there gets `prog` in place of its program, atomically: a restart, an upgrade. Returns the
+/// mode XDP runs in ("native", "generic"; for a link taken over, as the kernel reports it,
+/// see [`running_mode`]) and whether a pinned link was taken over.
 fn attach_pinned(
     prog: &mut Xdp,
     interface: &str,
     mode: XdpAttachMode,
     pin: Option<&Path>,
-) -> Result<&'static str, DataplaneError> {
+) -> Result<(&'static str, bool), DataplaneError> {
     if let Some(pin) = pin.filter(|p| p.exists()) {
         match replace_program(prog, pin, interface) {
             Ok(()) => {
-                info!(interface, "took over the pinned XDP link (program replaced atomically)");
-                return Ok("adopted");
+                let mode = running_mode(interface);
+                info!(
+                    interface,
+                    mode, "took over the pinned XDP link (program replaced atomically)"
+                );
+                return Ok((mode, true));
             }
             // The link outlived its interface (deleted and made again, a driver reload): it
             // holds no device, so nothing runs through it. Its pin goes and the program is
@@ -1245,11 +1360,87 @@ fn attach_pinned(
             Err(e) => return Err(e),
         }
     }
-    let (used, id) = attach_xdp(prog, interface, mode)?;
+    let (used, id) = attach_xdp(prog, interface, mode).map_err(|e| own_program_holds(e, pin))?;
     if let Some(pin) = pin {
         pin_link(prog, id, pin)?;
     }
-    Ok(used)
+    Ok((used, false))
+}
+
+/// The mode XDP runs in on `interface`, as the kernel reports it (rtnetlink, see
+/// [`netlink::xdp_attachment`]): a link taken over from a previous process says which
+/// interface it is on but not in which mode, and `status` must not guess. "unknown" (logged)
+/// when it cannot be read.
+fn running_mode(interface: &str) -> &'static str {
+    match netlink::xdp_attachment(ifindex(interface)) {
+        Ok(Some(a)) => a.mode.label(),
+        Ok(None) => {
+            warn!(interface, "the kernel reports no XDP program on the interface just attached");
+            "unknown"
+        }
+        Err(e) => {
+            warn!(interface, error = %e, "could not read the XDP mode of the interface");
+            "unknown"
+        }
+    }
+}
+
+/// `e` as [`DataplaneError::HeldByEdgelb`] when it is a [`DataplaneError::Held`] whose holder is
+/// edgelb's own balancer (by the attached program's name, read through netlink and its program
+/// info), naming where that program's link is pinned if a pin of it is found under bpffs.
+/// Anything else, or a holder that cannot be looked at, stays as it was.
+fn own_program_holds(e: DataplaneError, pin: Option<&Path>) -> DataplaneError {
+    let DataplaneError::Held { interface, mode, source } = e else { return e };
+    let attached = netlink::xdp_attachment(ifindex(&interface)).ok().flatten();
+    let ours = attached.filter(|a| {
+        aya::programs::loaded_programs()
+            .flatten()
+            .find(|p| p.id() == a.prog_id)
+            .is_some_and(|p| p.name_as_str() == Some(programs::BALANCER))
+    });
+    let Some(attached) = ours else { return DataplaneError::Held { interface, mode, source } };
+    let found = match pinned_link_of(&interface, attached.prog_id) {
+        Some(path) => format!(", its link pinned at {}", path.display()),
+        None => format!(
+            ", its link pinned nowhere under {BPFFS} (held by a running process: `edgelb stop` it, or stop it by PID)"
+        ),
+    };
+    let pin_dir = pin
+        .and_then(Path::parent)
+        .map_or_else(|| "none: not pinned".to_owned(), |d| d.display().to_string());
+    DataplaneError::HeldByEdgelb {
+        interface,
+        mode,
+        prog_id: attached.prog_id,
+        found,
+        pin_dir,
+        source,
+    }
+}
+
+/// The pin under bpffs (at most three directories down) of an XDP link for `interface` whose
+/// program is `prog_id`: where another edgelb pinned the link that holds the interface.
+fn pinned_link_of(interface: &str, prog_id: u32) -> Option<PathBuf> {
+    let name = format!("link-{interface}");
+    let mut dirs = vec![(PathBuf::from(BPFFS), 0)];
+    while let Some((dir, depth)) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else { continue };
+            if kind.is_dir() && depth < 3 {
+                dirs.push((path, depth + 1));
+            } else if kind.is_file()
+                && entry.file_name().to_str() == Some(name.as_str())
+                && PinnedLink::from_pin(&path)
+                    .ok()
+                    .and_then(|l| FdLink::from(l).info().ok())
+                    .is_some_and(|i| i.program_id() == prog_id)
+            {
+                return Some(path);
+            }
+        }
+    }
+    None
 }
 
 /// Did replacing a pinned link's program fail because the link no longer has a device
@@ -1407,8 +1598,8 @@ pub fn attach_decap(
     let mut aux = AuxPrograms::load()?;
     aux.allow_decap_sources(sources)?;
     let prog = program(&mut aux.ebpf, programs::DECAP)?;
-    let used = attach_pinned(prog, interface, mode, Some(&link_pin(dir, interface)))?;
-    Ok(if used == "adopted" { "replaced" } else { used })
+    let (used, replaced) = attach_pinned(prog, interface, mode, Some(&link_pin(dir, interface)))?;
+    Ok(if replaced { "replaced" } else { used })
 }
 
 /// Detaches the decapsulator `attach_decap` left on `interface` (its link pin in `dir` is

@@ -1,0 +1,249 @@
+//! What XDP program an interface runs, and in which mode, as the kernel says: rtnetlink
+//! `RTM_GETLINK` and the interface's `IFLA_XDP` attributes (what `ip -d link` shows as
+//! `xdp`/`xdpgeneric`). A bpf_link's own info names its interface but not the mode, so after a
+//! restart that took the pinned link over, this is how edgelb learns whether XDP runs in the
+//! driver; and when an attach finds the interface busy, which program holds it.
+//!
+//! One request and one answer over a `NETLINK_ROUTE` socket, built and parsed here: a few
+//! fixed-layout headers do not warrant a netlink crate.
+
+use std::{io, io::Read, time::Duration};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+const NLMSG_HDR: usize = 16;
+const IFINFOMSG: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const NLM_F_REQUEST: u16 = 1;
+const IFLA_XDP: u16 = 43;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+const IFLA_XDP_ATTACHED: u16 = 2;
+const IFLA_XDP_PROG_ID: u16 = 4;
+const IFLA_XDP_DRV_PROG_ID: u16 = 5;
+const IFLA_XDP_SKB_PROG_ID: u16 = 6;
+const IFLA_XDP_HW_PROG_ID: u16 = 7;
+const XDP_ATTACHED_DRV: u8 = 1;
+const XDP_ATTACHED_SKB: u8 = 2;
+const XDP_ATTACHED_HW: u8 = 3;
+const XDP_ATTACHED_MULTI: u8 = 4;
+
+/// The mode XDP runs in on an interface, as the kernel reports it (`IFLA_XDP_ATTACHED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpRunMode {
+    /// In the driver (`XDP_ATTACHED_DRV`): what `xdp_mode = "native"` asks for.
+    Native,
+    /// In the generic, skb-based path (`XDP_ATTACHED_SKB`): slower.
+    Generic,
+    /// Offloaded to the NIC (`XDP_ATTACHED_HW`); edgelb never attaches so.
+    Offloaded,
+    /// Programs in more than one mode at once (`XDP_ATTACHED_MULTI`).
+    Multiple,
+}
+
+impl XdpRunMode {
+    /// The word `status` and the logs use: the same as the attach modes' ("native",
+    /// "generic").
+    pub fn label(self) -> &'static str {
+        match self {
+            XdpRunMode::Native => "native",
+            XdpRunMode::Generic => "generic",
+            XdpRunMode::Offloaded => "offloaded",
+            XdpRunMode::Multiple => "multiple",
+        }
+    }
+}
+
+/// The XDP program on an interface and its mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XdpAttachment {
+    /// The mode it runs in.
+    pub mode: XdpRunMode,
+    /// The program's id (for several modes, the driver's, else the generic one's).
+    pub prog_id: u32,
+}
+
+/// The XDP program attached to the interface with index `ifindex` in the calling thread's
+/// network namespace, and its mode; `None` when it has none. An error when the interface does
+/// not exist (ENODEV) or netlink cannot be asked.
+pub fn xdp_attachment(ifindex: u32) -> io::Result<Option<XdpAttachment>> {
+    let socket = Socket::new(
+        Domain::from(libc::AF_NETLINK),
+        Type::RAW,
+        Some(Protocol::from(libc::NETLINK_ROUTE)),
+    )?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    const SEQ: u32 = 1;
+    let mut req = Vec::with_capacity(NLMSG_HDR + IFINFOMSG);
+    req.extend_from_slice(&((NLMSG_HDR + IFINFOMSG) as u32).to_ne_bytes());
+    req.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
+    req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    req.extend_from_slice(&SEQ.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
+    // ifinfomsg: family AF_UNSPEC, pad, type, index, flags, change.
+    req.extend_from_slice(&[0, 0, 0, 0]);
+    req.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+    req.extend_from_slice(&[0; 8]);
+    // Unconnected, a netlink socket sends to the kernel.
+    socket.send(&req)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = (&socket).read(&mut buf)?;
+        if let Some(answer) = parse_answer(&buf[..n], SEQ)? {
+            return Ok(answer);
+        }
+    }
+}
+
+/// Reads the messages in one datagram: `Some(answer)` once the link message (or an error) for
+/// request `seq` is there, `None` to read on.
+fn parse_answer(mut data: &[u8], seq: u32) -> io::Result<Option<Option<XdpAttachment>>> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed netlink answer");
+    while data.len() >= NLMSG_HDR {
+        let len = u32_at(data, 0) as usize;
+        if len < NLMSG_HDR || len > data.len() {
+            return Err(bad());
+        }
+        let (kind, msg_seq) = (u16_at(data, 4), u32_at(data, 8));
+        let body = &data[NLMSG_HDR..len];
+        data = &data[align4(len).min(data.len())..];
+        if msg_seq != seq {
+            continue;
+        }
+        match kind {
+            NLMSG_ERROR => {
+                let errno = body.get(..4).map(|b| i32::from_ne_bytes(b.try_into().unwrap()));
+                return match errno {
+                    Some(0) => Ok(Some(None)),
+                    Some(e) => Err(io::Error::from_raw_os_error(-e)),
+                    None => Err(bad()),
+                };
+            }
+            NLMSG_DONE => return Ok(Some(None)),
+            RTM_NEWLINK => {
+                let attrs = body.get(IFINFOMSG..).ok_or_else(bad)?;
+                let xdp = attributes(attrs).find(|(t, _)| *t == IFLA_XDP).map(|(_, v)| v);
+                return Ok(Some(xdp.and_then(xdp_of)));
+            }
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
+/// The attachment the nested `IFLA_XDP` attributes describe, if any.
+fn xdp_of(nested: &[u8]) -> Option<XdpAttachment> {
+    let (mut attached, mut prog, mut drv, mut skb, mut hw) = (0u8, 0, 0, 0, 0);
+    for (t, v) in attributes(nested) {
+        let word = || v.get(..4).map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap()));
+        match t {
+            IFLA_XDP_ATTACHED => attached = v.first().copied().unwrap_or(0),
+            IFLA_XDP_PROG_ID => prog = word(),
+            IFLA_XDP_DRV_PROG_ID => drv = word(),
+            IFLA_XDP_SKB_PROG_ID => skb = word(),
+            IFLA_XDP_HW_PROG_ID => hw = word(),
+            _ => {}
+        }
+    }
+    let mode = match attached {
+        XDP_ATTACHED_DRV => XdpRunMode::Native,
+        XDP_ATTACHED_SKB => XdpRunMode::Generic,
+        XDP_ATTACHED_HW => XdpRunMode::Offloaded,
+        XDP_ATTACHED_MULTI => XdpRunMode::Multiple,
+        _ => return None,
+    };
+    let prog_id = [prog, drv, skb, hw].into_iter().find(|&id| id != 0).unwrap_or(0);
+    Some(XdpAttachment { mode, prog_id })
+}
+
+/// The (type, payload) of each netlink attribute in `data` (the nested flag masked off).
+fn attributes(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if data.len() < 4 {
+            return None;
+        }
+        let len = usize::from(u16_at(data, 0));
+        if len < 4 || len > data.len() {
+            return None;
+        }
+        let item = (u16_at(data, 2) & NLA_TYPE_MASK, &data[4..len]);
+        data = &data[align4(len).min(data.len())..];
+        Some(item)
+    })
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_ne_bytes([b[at], b[at + 1]])
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attr(t: u16, v: &[u8]) -> Vec<u8> {
+        let mut a = Vec::new();
+        a.extend_from_slice(&((4 + v.len()) as u16).to_ne_bytes());
+        a.extend_from_slice(&t.to_ne_bytes());
+        a.extend_from_slice(v);
+        a.resize(align4(a.len()), 0);
+        a
+    }
+
+    fn link_message(seq: u32, attrs: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        let len = NLMSG_HDR + IFINFOMSG + attrs.len();
+        m.extend_from_slice(&(len as u32).to_ne_bytes());
+        m.extend_from_slice(&RTM_NEWLINK.to_ne_bytes());
+        m.extend_from_slice(&0u16.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&[0; IFINFOMSG]);
+        m.extend_from_slice(attrs);
+        m
+    }
+
+    /// The mode and program come from the nested attributes, whatever precedes them; a link
+    /// without XDP has none; an error answer is the errno it carries.
+    #[test]
+    fn answers_are_read_as_the_kernel_writes_them() {
+        let mut nested = attr(IFLA_XDP_ATTACHED, &[XDP_ATTACHED_DRV]);
+        nested.extend(attr(IFLA_XDP_PROG_ID, &77u32.to_ne_bytes()));
+        let mut attrs = attr(3, b"lb0\0"); // IFLA_IFNAME
+        attrs.extend(attr(IFLA_XDP | 0x8000, &nested)); // NLA_F_NESTED
+        let got = parse_answer(&link_message(1, &attrs), 1).unwrap();
+        assert_eq!(got, Some(Some(XdpAttachment { mode: XdpRunMode::Native, prog_id: 77 })));
+
+        let mut nested = attr(IFLA_XDP_ATTACHED, &[XDP_ATTACHED_SKB]);
+        nested.extend(attr(IFLA_XDP_PROG_ID, &9u32.to_ne_bytes()));
+        let got = parse_answer(&link_message(1, &attr(IFLA_XDP, &nested)), 1).unwrap();
+        assert_eq!(got, Some(Some(XdpAttachment { mode: XdpRunMode::Generic, prog_id: 9 })));
+
+        let none = attr(IFLA_XDP, &attr(IFLA_XDP_ATTACHED, &[0]));
+        assert_eq!(parse_answer(&link_message(1, &none), 1).unwrap(), Some(None));
+        // Another request's answer is skipped.
+        assert_eq!(parse_answer(&link_message(2, &none), 1).unwrap(), None);
+
+        let mut err = Vec::new();
+        err.extend_from_slice(&36u32.to_ne_bytes());
+        err.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        err.extend_from_slice(&0u16.to_ne_bytes());
+        err.extend_from_slice(&1u32.to_ne_bytes());
+        err.extend_from_slice(&0u32.to_ne_bytes());
+        err.extend_from_slice(&(-libc::ENODEV).to_ne_bytes());
+        err.extend_from_slice(&[0; 16]);
+        let e = parse_answer(&err, 1).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENODEV));
+        assert!(parse_answer(&[1, 0, 0, 0, 0, 0], 1).is_ok(), "too short to be a message");
+        assert!(parse_answer(&link_message(1, &none)[..20], 1).is_err(), "cut short");
+    }
+}
