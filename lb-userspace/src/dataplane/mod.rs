@@ -1076,6 +1076,8 @@ impl Dataplane {
             let mut meta = VipMeta { flags, vip_index: slot.index, ..slot.meta };
             let live = slot.meta.ring_size != 0
                 && slot.regions[slot.active].as_deref() == Some(ring.as_slice());
+            // The region written below, which becomes the live one once the VIP entry names it.
+            let mut publish = None;
             if ring.is_empty() {
                 meta.ring_size = 0;
             } else if !live {
@@ -1094,7 +1096,7 @@ impl Dataplane {
                     .map_err(map_err(lb_common::maps::RINGS))?;
                 report.ring_slots_written += keys.len();
                 slot.regions[target] = Some(ring);
-                slot.active = target;
+                publish = Some(target);
                 meta.ring_base = base;
                 meta.ring_size = vip.ring_size;
             }
@@ -1102,6 +1104,12 @@ impl Dataplane {
                 self.maps.put_vip(&key, &meta)?;
                 slot.meta = meta;
                 report.vips_updated += 1;
+            }
+            // Only now: had the VIP entry's write failed, packets would still read the other
+            // region, and a view that took this one for live would write the next ring into
+            // the region they read (the next apply publishes this one again instead).
+            if let Some(target) = publish {
+                slot.active = target;
             }
         }
 
