@@ -355,8 +355,9 @@ pub struct Backend {
     /// [`backend_flags`] bits.
     pub flags: u8,
     /// Index of the VIP this backend entry belongs to (each VIP has its own entries, so health
-    /// and drain are per VIP). Not read by the data path; lets a restarted controller adopt the
-    /// pinned maps.
+    /// and drain are per VIP). The data path checks it against the VIP of a connection-table
+    /// entry (an entry left by another VIP whose backend id was reused is not followed), and a
+    /// restarted controller adopts the pinned maps by it.
     pub vip_index: u32,
 }
 

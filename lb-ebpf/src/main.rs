@@ -387,8 +387,9 @@ pub fn config() -> GlobalConfig {
 /// Sends the packet described by `l3` to the backend of flow `key` on VIP `meta`.
 ///
 /// `reason` is the slot counted on success: TxEncap for data packets (which also create a
-/// connection-table entry), TxIcmpToBackend for ICMP errors (which only read it). With
-/// `established`, a flow this CPU does not know is looked for in the other CPUs' tables.
+/// connection-table entry), TxIcmpToBackend for ICMP errors (which only read it). `lookup` says
+/// how the flow is looked up ([`Lookup`]): with `Established` or `Closing`, a flow this CPU does
+/// not know is looked for in the other CPUs' tables.
 #[inline(always)]
 pub fn forward(
     ctx: &XdpContext,
