@@ -3796,3 +3796,37 @@ fn a_packet_too_big_quoting_no_ipv6_header_is_passed() {
     let Some((verdict, _)) = run_one("quote_not_ipv6", &frame) else { return };
     assert_eq!(verdict, XDP_PASS, "forwarded");
 }
+
+/// Whether an interface merges received segments (GRO) is read from the kernel as `ethtool -K`
+/// set it: a balancer attached in generic mode warns when it is on, since generic XDP runs after
+/// GRO and merged packets no longer fit the MTU once encapsulated.
+#[test]
+fn gro_is_read_from_the_kernel() {
+    if !require_privileged("gro_is_read_from_the_kernel") {
+        return;
+    }
+    let ns = format!("elgro{}", std::process::id());
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _cleanup = Cleanup(ns.clone());
+    let run = |cmd: &[&str]| {
+        let ok = std::process::Command::new(cmd[0]).args(&cmd[1..]).status().unwrap().success();
+        assert!(ok, "{cmd:?}");
+    };
+    run(&["ip", "netns", "add", &ns]);
+    run(&["ip", "-n", &ns, "link", "add", "va", "type", "veth", "peer", "name", "vb"]);
+    let gro =
+        || netns::in_netns(&ns, || edgelb::dataplane::netlink::gro_on("va")).unwrap().unwrap();
+    run(&["ip", "netns", "exec", &ns, "ethtool", "-K", "va", "gro", "on"]);
+    assert!(gro(), "gro on");
+    run(&["ip", "netns", "exec", &ns, "ethtool", "-K", "va", "gro", "off"]);
+    assert!(!gro(), "gro off");
+    run(&["ip", "netns", "exec", &ns, "ethtool", "-K", "va", "gro", "on"]);
+    assert!(gro(), "gro on again");
+    let missing = netns::in_netns(&ns, || edgelb::dataplane::netlink::gro_on("nosuch")).unwrap();
+    assert!(missing.is_err(), "no such interface: {missing:?}");
+}

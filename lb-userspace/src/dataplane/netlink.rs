@@ -5,7 +5,9 @@
 //! driver; and when an attach finds the interface busy, which program holds it.
 //!
 //! One request and one answer over a `NETLINK_ROUTE` socket, built and parsed here: a few
-//! fixed-layout headers do not warrant a netlink crate.
+//! fixed-layout headers do not warrant a netlink crate. Likewise, over generic netlink, whether
+//! an interface merges received packets in software (GRO, [`gro_on`]), which XDP in generic
+//! mode sees.
 
 use std::{io, io::Read, time::Duration};
 
@@ -29,6 +31,20 @@ const XDP_ATTACHED_DRV: u8 = 1;
 const XDP_ATTACHED_SKB: u8 = 2;
 const XDP_ATTACHED_HW: u8 = 3;
 const XDP_ATTACHED_MULTI: u8 = 4;
+const GENL_HDR: usize = 4;
+const GENL_ID_CTRL: u16 = 0x10;
+const CTRL_CMD_GETFAMILY: u8 = 3;
+const CTRL_ATTR_FAMILY_ID: u16 = 1;
+const CTRL_ATTR_FAMILY_NAME: u16 = 2;
+const ETHTOOL_MSG_FEATURES_GET: u8 = 11;
+const ETHTOOL_A_FEATURES_HEADER: u16 = 1;
+const ETHTOOL_A_FEATURES_ACTIVE: u16 = 4;
+const ETHTOOL_A_HEADER_DEV_NAME: u16 = 2;
+const ETHTOOL_A_BITSET_BITS: u16 = 3;
+const ETHTOOL_A_BITSET_BITS_BIT: u16 = 1;
+const ETHTOOL_A_BITSET_BIT_NAME: u16 = 2;
+const ETHTOOL_A_BITSET_BIT_VALUE: u16 = 3;
+const NLA_F_NESTED: u16 = 0x8000;
 
 /// The mode XDP runs in on an interface, as the kernel reports it (`IFLA_XDP_ATTACHED`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +111,108 @@ pub fn xdp_attachment(ifindex: u32) -> io::Result<Option<XdpAttachment>> {
             return Ok(answer);
         }
     }
+}
+
+/// Whether `interface` (in the calling thread's network namespace) has generic receive offload
+/// on: the kernel's ethtool features, as `ethtool -k` shows `generic-receive-offload`. XDP in
+/// generic mode runs after GRO, so it sees TCP segments merged into packets larger than the
+/// MTU: encapsulated, they no longer fit the path and are refused. Native XDP runs before GRO.
+pub fn gro_on(interface: &str) -> io::Result<bool> {
+    let socket = Socket::new(
+        Domain::from(libc::AF_NETLINK),
+        Type::RAW,
+        Some(Protocol::from(libc::NETLINK_GENERIC)),
+    )?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let ask = |kind: u16, cmd: u8, seq: u32, attrs: &[u8]| -> io::Result<Vec<u8>> {
+        let len = NLMSG_HDR + GENL_HDR + attrs.len();
+        let mut req = Vec::with_capacity(len);
+        req.extend_from_slice(&(len as u32).to_ne_bytes());
+        req.extend_from_slice(&kind.to_ne_bytes());
+        req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+        req.extend_from_slice(&seq.to_ne_bytes());
+        req.extend_from_slice(&0u32.to_ne_bytes());
+        req.extend_from_slice(&[cmd, 1, 0, 0]); // genlmsghdr: command, version 1
+        req.extend_from_slice(attrs);
+        socket.send(&req)?;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = (&socket).read(&mut buf)?;
+            if let Some(body) = genl_answer(&buf[..n], seq)? {
+                return Ok(body);
+            }
+        }
+    };
+    let family =
+        ask(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1, &attribute(CTRL_ATTR_FAMILY_NAME, b"ethtool\0"))?;
+    let family = attributes(&family)
+        .find(|(t, _)| *t == CTRL_ATTR_FAMILY_ID)
+        .and_then(|(_, v)| v.get(..2))
+        .map(|v| u16::from_ne_bytes([v[0], v[1]]))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "no ethtool netlink family"))?;
+    let mut name = interface.as_bytes().to_vec();
+    name.push(0);
+    let header = attribute(
+        ETHTOOL_A_FEATURES_HEADER | NLA_F_NESTED,
+        &attribute(ETHTOOL_A_HEADER_DEV_NAME, &name),
+    );
+    // Bitsets in their verbose form (no compact flag): each feature by name.
+    let features = ask(family, ETHTOOL_MSG_FEATURES_GET, 2, &header)?;
+    Ok(active_features(&features).any(|(name, on)| name == b"rx-gro" && on))
+}
+
+/// The features of an `ETHTOOL_MSG_FEATURES_GET` answer's active set, by name, each with
+/// whether it is on. A set without a mask lists the features that are on; one with a mask lists
+/// every feature, those that are on with a value flag.
+fn active_features(attrs: &[u8]) -> impl Iterator<Item = (&[u8], bool)> {
+    let active = attributes(attrs).find(|(t, _)| *t == ETHTOOL_A_FEATURES_ACTIVE).map(|(_, v)| v);
+    let nomask = active.is_some_and(|a| attributes(a).any(|(t, _)| t == 1)); // ETHTOOL_A_BITSET_NOMASK
+    let bits = active
+        .and_then(|a| attributes(a).find(|(t, _)| *t == ETHTOOL_A_BITSET_BITS))
+        .map_or(&[][..], |(_, v)| v);
+    attributes(bits).filter(|(t, _)| *t == ETHTOOL_A_BITSET_BITS_BIT).filter_map(move |(_, bit)| {
+        let name = attributes(bit).find(|(t, _)| *t == ETHTOOL_A_BITSET_BIT_NAME)?.1;
+        let name = name.strip_suffix(b"\0").unwrap_or(name);
+        let on = nomask || attributes(bit).any(|(t, _)| t == ETHTOOL_A_BITSET_BIT_VALUE);
+        Some((name, on))
+    })
+}
+
+/// The attributes of the generic netlink answer to request `seq` in one datagram: `Some` once
+/// it is there (an error answer is its errno), `None` to read on.
+fn genl_answer(mut data: &[u8], seq: u32) -> io::Result<Option<Vec<u8>>> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed netlink answer");
+    while data.len() >= NLMSG_HDR {
+        let len = u32_at(data, 0) as usize;
+        if len < NLMSG_HDR || len > data.len() {
+            return Err(bad());
+        }
+        let (kind, msg_seq) = (u16_at(data, 4), u32_at(data, 8));
+        let body = &data[NLMSG_HDR..len];
+        data = &data[align4(len).min(data.len())..];
+        if msg_seq != seq {
+            continue;
+        }
+        if kind == NLMSG_ERROR {
+            let errno = body.get(..4).map(|b| i32::from_ne_bytes(b.try_into().unwrap()));
+            return match errno {
+                Some(e) if e != 0 => Err(io::Error::from_raw_os_error(-e)),
+                _ => Err(bad()),
+            };
+        }
+        return body.get(GENL_HDR..).map(|a| Some(a.to_vec())).ok_or_else(bad);
+    }
+    Ok(None)
+}
+
+/// One netlink attribute, padded.
+fn attribute(kind: u16, value: &[u8]) -> Vec<u8> {
+    let mut a = Vec::with_capacity(align4(4 + value.len()));
+    a.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
+    a.extend_from_slice(&kind.to_ne_bytes());
+    a.extend_from_slice(value);
+    a.resize(align4(a.len()), 0);
+    a
 }
 
 /// Reads the messages in one datagram: `Some(answer)` once the link message (or an error) for
