@@ -735,6 +735,64 @@ fn drained_backend_keeps_its_connections() {
     assert_eq!(back, "backend-1");
 }
 
+/// `edgelb route` answers from the running controller: once a backend is drained, a client the
+/// file's ring sends to it is named another backend, the one its new flow then reaches (the
+/// file alone would still name the drained one). Without a controller on the socket it answers
+/// from the file and says so.
+#[test]
+fn route_answers_from_the_running_controller() {
+    let Some(bed) = Bed::up("route", &[1, 2, 3]) else { return };
+    let cfg = bed.cfg();
+    let clients = clients_of(&cfg, "backend-1", 6);
+    assert_eq!(clients.len(), 6);
+    let ask = |c: &IpAddr, extra: &[&str]| {
+        let c = c.to_string();
+        let mut args = vec!["route"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[&c, "echo"]);
+        let out = bed.e().cli(&args);
+        let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let name_of = |addr: &str| {
+        let i = cfg
+            .find_vip("echo", None)
+            .unwrap()
+            .backends
+            .iter()
+            .position(|b| b.address.to_string() == addr);
+        format!("backend-{}", i.expect("a backend of echo") + 1)
+    };
+    for c in &clients {
+        let (code, out, err) = ask(c, &[]);
+        assert_eq!((code, out.as_str()), (Some(0), "198.18.0.11"), "{c}: {err}");
+        assert!(err.contains("answered by the running edgelb"), "{err}");
+    }
+    let out = bed.e().cli(&["drain", "198.18.0.11", "--vip", "echo"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for c in &clients {
+        let (code, live, err) = ask(c, &[]);
+        assert_eq!(code, Some(0), "{c}: {err}");
+        assert!(err.contains("answered by the running edgelb"), "{err}");
+        assert_ne!(live, "198.18.0.11", "{c}: the drained backend named");
+        // The file alone still names the drained one; the live answer is where the flow goes.
+        let file = route(cfg.find_vip("echo", None).unwrap(), *c, 0).unwrap().address;
+        assert_eq!(file.to_string(), "198.18.0.11");
+        let went = echo_conns(&bed, &[*c])[0].backend().unwrap();
+        assert_eq!(went, name_of(&live), "{c}: route said {live}");
+    }
+    // A question the running config cannot answer is refused as a bad one (exit 2).
+    let out = bed.e().cli(&["route", "198.18.4.1", "nosuch"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no VIP named `nosuch`"));
+    // Nobody on the socket: the file's answer, said to be one.
+    let nobody =
+        format!("{}/route-nobody-{}.sock", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let (code, out, err) = ask(&clients[0], &["--socket", &nobody]);
+    assert_eq!((code, out.as_str()), (Some(0), "198.18.0.11"), "{err}");
+    assert!(err.contains("computed from") && err.contains("no edgelb answers"), "{err}");
+}
+
 #[test]
 fn restart_under_load_loses_nothing() {
     let Some(mut bed) = Bed::up("restart", &[1, 2, 3]) else { return };

@@ -47,6 +47,22 @@ pub enum Request {
         /// Only in this VIP (name).
         vip: Option<String>,
     },
+    /// Which backend a new flow from `client` to `vip` gets now: answered from the running
+    /// controller's state (the ring XDP indexes, drains and health verdicts included), where
+    /// the config file alone cannot tell. A controller older than this request refuses it as a
+    /// bad request ([`Response::unknown_request`]); `edgelb route` then answers from the file.
+    Route {
+        /// Client address.
+        client: IpAddr,
+        /// VIP name, address, or address:port.
+        vip: String,
+        /// Client source port (5-tuple VIPs).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sport: Option<u16>,
+        /// The flow's protocol, when a TCP and a UDP VIP share the address and port.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        proto: Option<crate::config::Protocol>,
+    },
     /// Re-read the config file; a bad file is rejected and the running config stays.
     Reload {
         /// The file the operator named (absolute), when the CLI has one: a reload re-reads the
@@ -143,6 +159,25 @@ pub struct Response {
     /// needs a restart.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bad_config: bool,
+    /// The refusal is the request's fault (a `route` naming no VIP, say): the CLI exits 2, as
+    /// for bad arguments.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bad_request: bool,
+    /// For `route`: the backend a new flow gets now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<RouteAnswer>,
+}
+
+/// The running controller's answer to [`Request::Route`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RouteAnswer {
+    /// The VIP the flow reaches (its name).
+    pub vip: String,
+    /// The backend's address.
+    pub backend: IpAddr,
+    /// The VIP fails open (every backend that should take new flows is down, and all serve).
+    #[serde(default)]
+    pub fail_open: bool,
 }
 
 /// A health verdict handed over: `backend` (address and port) is dead in VIP `vip`.
@@ -174,7 +209,16 @@ impl Response {
             drains: Vec::new(),
             down: Vec::new(),
             bad_config: false,
+            bad_request: false,
+            route: None,
         }
+    }
+
+    /// Is this a controller's refusal of a request it does not know (an edgelb older than the
+    /// request), rather than an answer to it? Such a controller refuses the line as a bad
+    /// request naming the unknown command.
+    pub fn unknown_request(&self) -> bool {
+        !self.ok && self.message.starts_with("bad request: unknown variant")
     }
 
     /// A refusal.
@@ -680,6 +724,42 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A controller older than a request (here `route`) refuses it as a bad request naming the
+    /// unknown command, which the CLI must tell from a refusal of the request itself.
+    #[test]
+    fn an_older_controllers_refusal_of_a_new_request_is_recognised() {
+        /// The requests an edgelb before `route` knew.
+        #[derive(Debug, Deserialize)]
+        #[serde(tag = "cmd", rename_all = "lowercase")]
+        #[allow(dead_code)]
+        enum Old {
+            Status,
+            Drain { backend: IpAddr, vip: Option<String> },
+            Undrain { backend: IpAddr, vip: Option<String> },
+            Reload,
+            Stop { detach: bool },
+            Handover,
+        }
+        let line = serde_json::to_string(&Request::Route {
+            client: "198.18.4.1".parse().unwrap(),
+            vip: "web".into(),
+            sport: None,
+            proto: None,
+        })
+        .unwrap();
+        let e = serde_json::from_str::<Old>(&line).unwrap_err();
+        // As `handle` answers it.
+        let refusal = Response::err(format!("bad request: {e}"));
+        assert!(refusal.unknown_request(), "{refusal:?}");
+        let bad_vip = Response::err("no VIP named `web`");
+        assert!(!bad_vip.unknown_request());
+        let bad_line = Response::err(format!(
+            "bad request: {}",
+            serde_json::from_str::<Request>("{\"cmd\":\"route\"}").unwrap_err()
+        ));
+        assert!(!bad_line.unknown_request(), "{bad_line:?}");
+    }
+
     /// A socket that closes without answering (a controller that exits) is said as such, not
     /// as a JSON parse error of an empty line.
     #[test]
@@ -876,6 +956,7 @@ mod tests {
             Request::Drain { backend: v4, vip: None },
             Request::Drain { backend: v6, vip: Some("web".into()) },
             Request::Undrain { backend: v6, vip: Some("é😀\u{0}\"\\".into()) },
+            Request::Route { client: v4, vip: "web".into(), sport: Some(4000), proto: None },
         ]
         .iter()
         .map(|r| serde_json::to_string(r).unwrap())

@@ -1099,12 +1099,44 @@ impl Controller {
                 }
             }
             Request::Reload { config } => self.reload(config.as_deref()),
+            Request::Route { client, vip, sport, proto } => self.route(client, &vip, sport, proto),
             Request::Stop { detach: true } => {
                 Response::ok("stopping; the data plane keeps running")
             }
             Request::Stop { detach: false } => Response::ok("stopping and removing the data plane"),
             // Taken by `serve`, which leaves the loop for it.
             Request::Handover => Response::err("handover is answered by the controller loop"),
+        }
+    }
+
+    /// `edgelb route`: the backend the live ring gives a new flow (the VIP resolved against
+    /// the running config, the ring slot read from the maps XDP indexes).
+    fn route(
+        &mut self,
+        client: std::net::IpAddr,
+        vip: &str,
+        sport: Option<u16>,
+        proto: Option<crate::config::Protocol>,
+    ) -> Response {
+        let answer = crate::dataplane::RouteFlow::resolve(&self.cfg, vip, proto, client, sport)
+            .and_then(|flow| Ok((flow.vip.name.clone(), self.dp.live_route(&flow)?)));
+        match answer {
+            Ok((vip, backend)) => {
+                let fail_open = self.verdicts.is_fail_open(&vip);
+                let mut msg = format!("{backend}: the live ring of VIP `{vip}`");
+                if fail_open {
+                    msg.push_str(" (failing open: every backend for new flows is down)");
+                }
+                Response {
+                    route: Some(crate::admin::RouteAnswer { vip, backend, fail_open }),
+                    ..Response::ok(msg)
+                }
+            }
+            Err(e @ crate::dataplane::RouteError::BadQuestion(_)) => Response {
+                bad_request: true,
+                ..Response::err(format!("{e} (in the running config, {})", self.path.display()))
+            },
+            Err(e) => Response::err(e.to_string()),
         }
     }
 
