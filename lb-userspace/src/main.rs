@@ -7,7 +7,7 @@ use std::{
 
 use clap::{Parser, Subcommand};
 use edgelb::{
-    admin::{AdminError, Request, Response},
+    admin::{AdminError, BackendRef, Request, Response},
     config::Config,
     dataplane::Dataplane,
 };
@@ -78,8 +78,9 @@ enum Command {
     Drain {
         #[command(flatten)]
         admin: AdminArgs,
-        /// Backend address.
-        backend: IpAddr,
+        /// Backend address (on every port a VIP lists it with), or address:port / [IPv6]:port
+        /// for that backend alone (an L7 pool may list one address on several ports).
+        backend: BackendRef,
         /// Only in this VIP (default: every VIP that lists the backend).
         #[arg(long)]
         vip: Option<String>,
@@ -88,8 +89,8 @@ enum Command {
     Undrain {
         #[command(flatten)]
         admin: AdminArgs,
-        /// Backend address.
-        backend: IpAddr,
+        /// Backend address (every drain of it), or address:port.
+        backend: BackendRef,
         /// Only in this VIP.
         #[arg(long)]
         vip: Option<String>,
@@ -350,6 +351,14 @@ fn admin_call(admin: &AdminArgs, req: &Request, show: impl FnOnce(Response)) -> 
         }
         Ok(resp) => {
             eprintln!("edgelb: {}", resp.message);
+            if let Request::Drain { backend, .. } | Request::Undrain { backend, .. } = req
+                && backend.port.is_some()
+                && resp.message.starts_with("bad request:")
+            {
+                eprintln!(
+                    "edgelb: the running edgelb predates drains of one address:port and refused it (nothing changed): name the address alone, which drains it on every port, or restart edgelb with this version (`edgelb run --takeover`)"
+                );
+            }
             ExitCode::from(if resp.bad_config { 2 } else { 1 })
         }
         Err(e) => {

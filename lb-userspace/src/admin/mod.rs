@@ -35,15 +35,15 @@ pub enum Request {
     Status,
     /// Give `backend` weight 0 (in `vip`, or in every VIP listing it): no new flows.
     Drain {
-        /// Backend address.
-        backend: IpAddr,
+        /// Backend address (every port it is listed on), or address and port.
+        backend: BackendRef,
         /// Only in this VIP (name).
         vip: Option<String>,
     },
     /// Undo a drain.
     Undrain {
-        /// Backend address.
-        backend: IpAddr,
+        /// Backend address (every port it is listed on), or address and port.
+        backend: BackendRef,
         /// Only in this VIP (name).
         vip: Option<String>,
     },
@@ -194,8 +194,80 @@ pub struct Down {
 pub struct Drain {
     /// The backend's address.
     pub backend: IpAddr,
+    /// The backend's port, for a drain of one `address:port` (an L7 pool may list an address on
+    /// several ports); none for every port. Absent from an older edgelb's handover, whose drains
+    /// are all of every port; an older edgelb taking over ignores it and drains every port of
+    /// the address, more rather than less.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// The VIP, or none for every VIP.
     pub vip: Option<String>,
+}
+
+/// A backend as `drain` and `undrain` name it: an address (the backend on every port the VIP
+/// lists it with) or an address and port (that backend alone: an L7 pool may list one address
+/// on several ports; an XDP VIP's backends carry the VIP's port, as `status` shows them).
+///
+/// On the wire a string, `198.18.0.11`, `198.18.0.11:8080` or `[2001:db8::1]:8080`, not an
+/// address and a port field: the plain address is what older edgelbs send and read, and an
+/// older controller refuses an address with a port as a bad request instead of ignoring a port
+/// field it does not know and draining every port of the address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct BackendRef {
+    /// The backend's address.
+    pub address: IpAddr,
+    /// Its port; none for every port.
+    pub port: Option<u16>,
+}
+
+impl BackendRef {
+    /// Does this name the backend at `b` (address and port)?
+    pub fn matches(&self, b: SocketAddr) -> bool {
+        self.address == b.ip() && self.port.is_none_or(|p| p == b.port())
+    }
+}
+
+impl From<IpAddr> for BackendRef {
+    fn from(address: IpAddr) -> BackendRef {
+        BackendRef { address, port: None }
+    }
+}
+
+impl std::str::FromStr for BackendRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<BackendRef, String> {
+        if let Ok(address) = s.parse::<IpAddr>() {
+            return Ok(address.into());
+        }
+        s.parse::<SocketAddr>()
+            .map(|sa| BackendRef { address: sa.ip(), port: Some(sa.port()) })
+            .map_err(|_| format!("`{s}` is not a backend: an address, address:port or [IPv6]:port"))
+    }
+}
+
+impl TryFrom<String> for BackendRef {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<BackendRef, String> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for BackendRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.port {
+            None => write!(f, "{}", self.address),
+            Some(p) => write!(f, "{}", SocketAddr::new(self.address, p)),
+        }
+    }
+}
+
+impl From<BackendRef> for String {
+    fn from(b: BackendRef) -> String {
+        b.to_string()
+    }
 }
 
 impl Response {
@@ -760,6 +832,45 @@ mod tests {
         assert!(!bad_line.unknown_request(), "{bad_line:?}");
     }
 
+    /// Drains by address:port keep the wire format: an older client's drain (a plain address)
+    /// reads as a drain of every port, a drain of one port is written as older edgelbs write a
+    /// plain one but with the port, so an older controller refuses it (a bad address) rather
+    /// than drain every port; an older handover's drains read as drains of every port.
+    #[test]
+    fn drains_by_address_and_port_keep_the_wire_format() {
+        let old_line = r#"{"cmd":"drain","backend":"198.18.0.11","vip":null}"#;
+        let a: IpAddr = "198.18.0.11".parse().unwrap();
+        assert_eq!(
+            serde_json::from_str::<Request>(old_line).unwrap(),
+            Request::Drain { backend: a.into(), vip: None }
+        );
+        let plain = Request::Undrain { backend: a.into(), vip: Some("web".into()) };
+        assert_eq!(
+            serde_json::to_string(&plain).unwrap(),
+            r#"{"cmd":"undrain","backend":"198.18.0.11","vip":"web"}"#
+        );
+        let v6: BackendRef = "[2001:db8::1]:8080".parse().unwrap();
+        assert_eq!((v6.address.to_string().as_str(), v6.port), ("2001:db8::1", Some(8080)));
+        let line = serde_json::to_string(&Request::Drain { backend: v6, vip: None }).unwrap();
+        assert_eq!(line, r#"{"cmd":"drain","backend":"[2001:db8::1]:8080","vip":null}"#);
+        assert_eq!(
+            serde_json::from_str::<Request>(&line).unwrap(),
+            Request::Drain { backend: v6, vip: None }
+        );
+        /// A drain as edgelbs before address:port read it.
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct OldDrain {
+            backend: IpAddr,
+            vip: Option<String>,
+        }
+        assert!(serde_json::from_str::<OldDrain>(&line).is_err(), "an older one refuses it");
+        assert!("198.18.0.11:http".parse::<BackendRef>().is_err());
+        let handed: Drain =
+            serde_json::from_str(r#"{"backend":"198.18.0.11","vip":null}"#).unwrap();
+        assert_eq!(handed, Drain { backend: a, port: None, vip: None });
+    }
+
     /// A socket that closes without answering (a controller that exits) is said as such, not
     /// as a JSON parse error of an empty line.
     #[test]
@@ -953,9 +1064,14 @@ mod tests {
             Request::Handover,
             Request::Stop { detach: true },
             Request::Stop { detach: false },
-            Request::Drain { backend: v4, vip: None },
-            Request::Drain { backend: v6, vip: Some("web".into()) },
-            Request::Undrain { backend: v6, vip: Some("é😀\u{0}\"\\".into()) },
+            Request::Drain { backend: v4.into(), vip: None },
+            Request::Drain { backend: v6.into(), vip: Some("web".into()) },
+            Request::Drain {
+                backend: BackendRef { address: v6, port: Some(8080) },
+                vip: Some("web".into()),
+            },
+            Request::Undrain { backend: v6.into(), vip: Some("é😀\u{0}\"\\".into()) },
+            Request::Undrain { backend: BackendRef { address: v4, port: Some(80) }, vip: None },
             Request::Route { client: v4, vip: "web".into(), sport: Some(4000), proto: None },
         ]
         .iter()

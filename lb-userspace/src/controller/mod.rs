@@ -364,7 +364,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         );
     }
     for d in drains {
-        ctl.verdicts.drain(d.vip, d.backend);
+        ctl.verdicts.drain(d.vip, crate::admin::BackendRef { address: d.backend, port: d.port });
     }
     for d in down {
         ctl.verdicts.set_health(&d.vip, d.backend, false);
@@ -1140,13 +1140,13 @@ impl Controller {
         }
     }
 
-    /// The names of the VIPs (`vip`, or all) that list `backend`.
-    fn vips_with(&self, vip: Option<&str>, backend: std::net::IpAddr) -> Vec<String> {
+    /// The names of the VIPs (`vip`, or all) that list `backend` (at its port, if it has one).
+    fn vips_with(&self, vip: Option<&str>, backend: crate::admin::BackendRef) -> Vec<String> {
         self.cfg
             .vips
             .iter()
             .filter(|v| vip.is_none_or(|n| n == v.name))
-            .filter(|v| v.backends.iter().any(|b| b.address == backend))
+            .filter(|v| v.backends.iter().any(|b| backend.matches(verdicts::id(b))))
             .map(|v| v.name.clone())
             .collect()
     }
@@ -1300,7 +1300,7 @@ impl Controller {
                     l7_requests: l7_state
                         .as_ref()
                         .map_or(0, |s| s.requests.load(std::sync::atomic::Ordering::Relaxed)),
-                    drained: b.weight == 0 || self.verdicts.is_drained(&vip.name, b.address),
+                    drained: b.weight == 0 || self.verdicts.is_drained(&vip.name, verdicts::id(b)),
                     ring_share: share,
                     packets: bc.packets,
                     bytes: bc.bytes,
