@@ -949,6 +949,50 @@ fn draining_an_l7_backend_by_address_and_port_leaves_its_other_port_serving() {
     drop(e);
 }
 
+/// `status --json` gives each VIP its address, port and protocol as fields of their own, and
+/// each backend its address and port; the byte rate is named for what it holds, bytes per
+/// second: under load its ratio to the packet rate is the average packet size the counters
+/// show (a rate in bits would be eight times that).
+#[test]
+fn status_json_has_structured_fields_and_a_byte_rate_in_bytes() {
+    let Some(bed) = Bed::up("statusjson", &[1, 2, 3]) else { return };
+    let load = bed.load(Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(2500));
+    let out = bed.e().cli(&["status", "--json"]);
+    let served = load.finish().iter().filter(|(_, _, r)| r.is_ok()).count();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(served > 20, "the load ran ({served} requests)");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let vip = |name: &str| {
+        j["vips"].as_array().unwrap().iter().find(|v| v["name"] == name).unwrap().clone()
+    };
+    let vips = [
+        ("web", "198.18.1.1", 80, "tcp"),
+        ("dns", "198.18.1.1", 53, "udp"),
+        ("web7", "198.18.1.6", 80, "tcp"),
+    ];
+    for (name, address, port, proto) in vips {
+        let v = vip(name);
+        assert_eq!(v["address"], address, "{v}");
+        assert_eq!((v["port"].as_u64(), v["protocol"].as_str()), (Some(port), Some(proto)), "{v}");
+        assert!(v.get("bps").is_none() && v.get("bytes_per_s").is_some(), "{v}");
+        for b in v["backends"].as_array().unwrap() {
+            assert!(b["address"].as_str().unwrap().starts_with("198.18.0.1"), "{b}");
+            assert_eq!(b["port"].as_u64(), Some(port), "{b}");
+            assert!(b.get("bps").is_none() && b.get("bytes_per_s").is_some(), "{b}");
+        }
+    }
+    let web = vip("web");
+    let (pps, rate) = (web["pps"].as_f64().unwrap(), web["bytes_per_s"].as_f64().unwrap());
+    let average = web["bytes"].as_f64().unwrap() / web["packets"].as_f64().unwrap();
+    assert!(pps > 5.0, "{web}");
+    let per_packet = rate / pps;
+    assert!(
+        per_packet > average / 2.0 && per_packet < average * 2.0,
+        "bytes_per_s / pps = {per_packet:.0} B, the counters' average packet {average:.0} B: {web}"
+    );
+}
+
 #[test]
 fn restart_under_load_loses_nothing() {
     let Some(mut bed) = Bed::up("restart", &[1, 2, 3]) else { return };

@@ -578,7 +578,7 @@ fn print_status(s: &edgelb::admin::Status) {
             v.bytes,
             v.new_flows,
             v.pps,
-            v.bps
+            v.bytes_per_s
         );
         if v.forwarding == "l7" {
             println!("  (L7: PACKETS counts proxied requests; RING% does not apply)");

@@ -371,8 +371,18 @@ fn yes() -> bool {
 pub struct VipStatus {
     /// Name.
     pub name: String,
-    /// `address:port/proto`.
+    /// `name (address:port/proto)`, for display; the parts are in `address`, `port` and
+    /// `protocol`.
     pub listen: String,
+    /// The VIP's address (absent from an older daemon's answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<IpAddr>,
+    /// Its port; absent for a VIP that serves any port (and from an older daemon's answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Its transport protocol, `tcp` or `udp` (absent from an older daemon's answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<crate::config::Protocol>,
     /// Forwarding mode.
     pub forwarding: String,
     /// False when the VIP has no connection table (`conntrack = false`): every packet is placed
@@ -387,8 +397,10 @@ pub struct VipStatus {
     pub new_flows: u64,
     /// Packets per second over the last sampling period (about a second).
     pub pps: f64,
-    /// Bytes per second over the last sampling period.
-    pub bps: f64,
+    /// Bytes per second over the last sampling period (`bps` in older daemons' answers, a name
+    /// that reads as bits per second).
+    #[serde(alias = "bps")]
+    pub bytes_per_s: f64,
     /// True when every backend that should take new flows is down and all of them serve
     /// anyway (fail open).
     pub fail_open: bool,
@@ -427,8 +439,9 @@ pub struct BackendStatus {
     pub new_flows: u64,
     /// Packets per second over the last sampling period.
     pub pps: f64,
-    /// Bytes per second over the last sampling period.
-    pub bps: f64,
+    /// Bytes per second over the last sampling period (`bps` in older daemons' answers).
+    #[serde(alias = "bps")]
+    pub bytes_per_s: f64,
 }
 
 /// Why an admin request failed on the client side.

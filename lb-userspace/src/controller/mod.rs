@@ -1285,13 +1285,13 @@ impl Controller {
                     _ => 0.0,
                 };
                 let bc = self.dp.backend_counters(vip, b.address).unwrap_or_default();
-                let (pps, bps) = self.rates.get(&Rates::backend_key(&vip.name, b.address));
+                let (pps, bytes_per_s) = self.rates.get(&Rates::backend_key(&vip.name, b.address));
                 let l7_state = self.proxy.as_ref().and_then(|p| {
                     p.backend_state(&vip.name, std::net::SocketAddr::new(b.address, b.port))
                 });
                 backends.push(BackendStatus {
                     pps,
-                    bps,
+                    bytes_per_s,
                     address: b.address,
                     port: b.port,
                     weight: b.weight,
@@ -1307,12 +1307,15 @@ impl Controller {
                     new_flows: bc.new_flows,
                 });
             }
-            let (pps, bps) = self.rates.get(&vip.name);
+            let (pps, bytes_per_s) = self.rates.get(&vip.name);
             vips.push(VipStatus {
                 pps,
-                bps,
+                bytes_per_s,
                 name: vip.name.clone(),
                 listen: vip.to_string(),
+                address: Some(vip.address),
+                port: (vip.port != 0).then_some(vip.port),
+                protocol: Some(vip.protocol),
                 forwarding: match vip.forwarding {
                     Forwarding::Ipip => "ipip",
                     Forwarding::L2 => "l2",
