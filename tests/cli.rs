@@ -383,3 +383,46 @@ fn route_on_a_five_tuple_vip_needs_the_source_port() {
         edgelb(&["route", "--config", path, "198.18.4.1", "five", "--sport", "40000"]);
     assert_eq!((code, out.trim()), (0, "198.18.0.11"), "{err}");
 }
+
+/// An edgelb older than the `route` request refuses it as a bad request (it names the unknown
+/// command): `route` then answers from the file, saying why, rather than failing on the refusal.
+/// The old controller is played by a socket answering what one answers, word for word.
+#[test]
+fn route_falls_back_to_the_file_when_the_controller_is_too_old() {
+    use std::io::{BufRead, Write};
+    let f = example_file();
+    let sock = format!("{}/old-{}.sock", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let _ = std::fs::remove_file(&sock);
+    let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    // Accepts for at most 10 s: a CLI that never connects must fail the test, not hang it.
+    l.set_nonblocking(true).unwrap();
+    let old = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let s = loop {
+            match l.accept() {
+                Ok((s, _)) => break s,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(_) => return String::from("(never asked)"),
+            }
+        };
+        s.set_nonblocking(false).unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+        let answer = r#"{"ok":false,"message":"bad request: unknown variant `route`, expected one of `status`, `drain`, `undrain`, `reload`, `stop`, `handover` at line 1 column 14"}"#;
+        (&s).write_all(format!("{answer}\n").as_bytes()).unwrap();
+        line
+    });
+    let path = f.0.to_str().unwrap();
+    let (code, out, err) =
+        edgelb(&["route", "--config", path, "--socket", &sock, "198.18.4.1", "web"]);
+    let asked = old.join().unwrap();
+    let _ = std::fs::remove_file(&sock);
+    assert!(asked.contains("\"cmd\":\"route\""), "{asked}");
+    let cfg = edgelb::config::Config::parse(edgelb::config::EXAMPLE, "x".as_ref()).unwrap();
+    let web = cfg.find_vip("web", None).unwrap();
+    let want = edgelb::dataplane::route(web, "198.18.4.1".parse().unwrap(), 0).unwrap().address;
+    assert_eq!((code, out.trim()), (0, want.to_string().as_str()), "{err}");
+    assert!(err.contains("older") && err.contains("computed from"), "{err}");
+}

@@ -735,6 +735,264 @@ fn drained_backend_keeps_its_connections() {
     assert_eq!(back, "backend-1");
 }
 
+/// `edgelb route` answers from the running controller: once a backend is drained, a client the
+/// file's ring sends to it is named another backend, the one its new flow then reaches (the
+/// file alone would still name the drained one). Without a controller on the socket it answers
+/// from the file and says so.
+#[test]
+fn route_answers_from_the_running_controller() {
+    let Some(bed) = Bed::up("route", &[1, 2, 3]) else { return };
+    let cfg = bed.cfg();
+    let clients = clients_of(&cfg, "backend-1", 6);
+    assert_eq!(clients.len(), 6);
+    let ask = |c: &IpAddr, extra: &[&str]| {
+        let c = c.to_string();
+        let mut args = vec!["route"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[&c, "echo"]);
+        let out = bed.e().cli(&args);
+        let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let name_of = |addr: &str| {
+        let i = cfg
+            .find_vip("echo", None)
+            .unwrap()
+            .backends
+            .iter()
+            .position(|b| b.address.to_string() == addr);
+        format!("backend-{}", i.expect("a backend of echo") + 1)
+    };
+    for c in &clients {
+        let (code, out, err) = ask(c, &[]);
+        assert_eq!((code, out.as_str()), (Some(0), "198.18.0.11"), "{c}: {err}");
+        assert!(err.contains("answered by the running edgelb"), "{err}");
+    }
+    let out = bed.e().cli(&["drain", "198.18.0.11", "--vip", "echo"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for c in &clients {
+        let (code, live, err) = ask(c, &[]);
+        assert_eq!(code, Some(0), "{c}: {err}");
+        assert!(err.contains("answered by the running edgelb"), "{err}");
+        assert_ne!(live, "198.18.0.11", "{c}: the drained backend named");
+        // The file alone still names the drained one; the live answer is where the flow goes.
+        let file = route(cfg.find_vip("echo", None).unwrap(), *c, 0).unwrap().address;
+        assert_eq!(file.to_string(), "198.18.0.11");
+        let went = echo_conns(&bed, &[*c])[0].backend().unwrap();
+        assert_eq!(went, name_of(&live), "{c}: route said {live}");
+    }
+    // A question the running config cannot answer is refused as a bad one (exit 2).
+    let out = bed.e().cli(&["route", "198.18.4.1", "nosuch"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no VIP named `nosuch`"));
+    // Nobody on the socket: the file's answer, said to be one.
+    let nobody =
+        format!("{}/route-nobody-{}.sock", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let (code, out, err) = ask(&clients[0], &["--socket", &nobody]);
+    assert_eq!((code, out.as_str()), (Some(0), "198.18.0.11"), "{err}");
+    assert!(err.contains("computed from") && err.contains("no edgelb answers"), "{err}");
+}
+
+/// An HTTP server on `addr` inside namespace `ns` answering every request with `name`, until
+/// dropped.
+struct NamedServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NamedServer {
+    fn start(ns: &str, name: &'static str, addr: SocketAddr) -> NamedServer {
+        use std::io::{Read, Write};
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, ns) = (stop.clone(), ns.to_owned());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            netns::enter(&ns).expect("enter the namespace");
+            let l = std::net::TcpListener::bind(addr).expect("bind a backend");
+            l.set_nonblocking(true).unwrap();
+            tx.send(()).unwrap();
+            while !flag.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(TIMEOUT));
+                        let _ = s.read(&mut [0u8; 1024]);
+                        let body = format!("{name}\n");
+                        let _ = write!(
+                            s,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(5)).expect("backend bound");
+        NamedServer { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for NamedServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A namespace of a test's own with only `lo` up, and the pins, admin socket and config its
+/// edgelb leaves: all removed on drop (after the edgelb, dropped first by its owner).
+struct LoBed {
+    ns: String,
+    tag: String,
+    config: PathBuf,
+}
+
+impl LoBed {
+    fn new(name: &str, vips: &str) -> LoBed {
+        let pid = std::process::id();
+        let (ns, tag) = (format!("elbl{pid}-{name}"), format!("{pid}-{name}"));
+        testbed::sh(&["ip", "netns", "add", &ns]).expect("ip netns add");
+        testbed::sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]).expect("lo up");
+        let config =
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lifecycle-{tag}.toml"));
+        std::fs::write(&config, config_of(&tag, vips)).unwrap();
+        LoBed { ns, tag, config }
+    }
+}
+
+/// The `[node]` of a [`LoBed`] config (pins and admin socket by `tag`), then `vips`.
+fn config_of(tag: &str, vips: &str) -> String {
+    format!(
+        "[node]\ninterfaces = [\"lo\"]\nencap_source_v4 = \"198.19.0.0/16\"\npin_dir = \"/sys/fs/bpf/edgelb-t-{tag}\"\nadmin_socket = \"/run/edgelb/t-{tag}.sock\"\nconntrack_flows_per_cpu = {CT_FLOWS}\n\n{vips}"
+    )
+}
+
+impl Drop for LoBed {
+    fn drop(&mut self) {
+        let _ = testbed::sh(&["ip", "netns", "del", &self.ns]);
+        let dir = format!("/sys/fs/bpf/edgelb-t-{}", self.tag);
+        let _ = edgelb::dataplane::Dataplane::teardown(dir.as_ref());
+        let _ = std::fs::remove_file(format!("/run/edgelb/t-{}.sock", self.tag));
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// An L7 pool listing one address on two ports: `edgelb drain 127.0.0.1:PORT_A` takes that
+/// backend alone out (127.0.0.1:PORT_B serves every new request, and status shows only A
+/// drained), `undrain` of it brings it back, and the address alone drains both ports.
+#[test]
+fn draining_an_l7_backend_by_address_and_port_leaves_its_other_port_serving() {
+    if !netns::require_privileged("draining_an_l7_backend_by_address_and_port") {
+        return;
+    }
+    let vip = SocketAddr::from(([127, 0, 0, 1], 8080));
+    let (a, b) =
+        (SocketAddr::from(([127, 0, 0, 1], 8081)), SocketAddr::from(([127, 0, 0, 1], 8082)));
+    let bed = LoBed::new(
+        "dport",
+        &format!(
+            "[[vip]]\nname = \"two\"\naddress = \"{}\"\nport = {}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}, {{ address = \"127.0.0.1\", port = {} }}]\n[vip.l7]\nalgorithm = \"round_robin\"\n",
+            vip.ip(),
+            vip.port(),
+            a.port(),
+            b.port()
+        ),
+    );
+    let _servers =
+        [NamedServer::start(&bed.ns, "port-a", a), NamedServer::start(&bed.ns, "port-b", b)];
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lifecycle-{}.log", bed.tag));
+    let _ = std::fs::remove_file(&log);
+    let e = Edgelb::start(&bed.ns, &bed.config, &log);
+    let ask = |n: usize| -> HashMap<String, usize> {
+        let mut seen = HashMap::new();
+        netns::in_netns(&bed.ns, || {
+            for _ in 0..n {
+                let got =
+                    servers::http_get(None, vip, TIMEOUT).expect("a request through the proxy");
+                *seen.entry(got).or_default() += 1;
+            }
+        })
+        .unwrap();
+        seen
+    };
+    let both = ask(10);
+    assert_eq!(both.len(), 2, "round-robin over both ports: {both:?}");
+    let run = |args: &[&str]| {
+        let out = e.cli(args);
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let (code, out, err) = run(&["drain", &a.to_string()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("127.0.0.1:8081 drained in two"), "{out}");
+    let seen = ask(10);
+    assert_eq!(seen.get("port-b"), Some(&10), "only port B serves once A is drained: {seen:?}");
+    let st = e.status();
+    let drained: Vec<(u16, bool)> =
+        st.vips[0].backends.iter().map(|b| (b.port, b.drained)).collect();
+    assert_eq!(drained, [(8081, true), (8082, false)]);
+    // Undrained by address and port; then the address alone drains every port of it.
+    let (code, out, err) = run(&["undrain", &a.to_string()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("127.0.0.1:8081 undrained in two"), "{out}");
+    assert_eq!(ask(10).len(), 2, "both ports serve again");
+    let (code, _, err) = run(&["drain", "127.0.0.1", "--vip", "two"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(e.status().vips[0].backends.iter().all(|b| b.drained));
+    // A port the pool does not list drains nothing, and says so.
+    let (code, _, err) = run(&["undrain", "127.0.0.1:9999"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("backend 127.0.0.1:9999 is not in any VIP"), "{err}");
+    drop(e);
+}
+
+/// `status --json` gives each VIP its address, port and protocol as fields of their own, and
+/// each backend its address and port; the byte rate is named for what it holds, bytes per
+/// second: under load its ratio to the packet rate is the average packet size the counters
+/// show (a rate in bits would be eight times that).
+#[test]
+fn status_json_has_structured_fields_and_a_byte_rate_in_bytes() {
+    let Some(bed) = Bed::up("statusjson", &[1, 2, 3]) else { return };
+    let load = bed.load(Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(2500));
+    let out = bed.e().cli(&["status", "--json"]);
+    let served = load.finish().iter().filter(|(_, _, r)| r.is_ok()).count();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(served > 20, "the load ran ({served} requests)");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let vip = |name: &str| {
+        j["vips"].as_array().unwrap().iter().find(|v| v["name"] == name).unwrap().clone()
+    };
+    let vips = [
+        ("web", "198.18.1.1", 80, "tcp"),
+        ("dns", "198.18.1.1", 53, "udp"),
+        ("web7", "198.18.1.6", 80, "tcp"),
+    ];
+    for (name, address, port, proto) in vips {
+        let v = vip(name);
+        assert_eq!(v["address"], address, "{v}");
+        assert_eq!((v["port"].as_u64(), v["protocol"].as_str()), (Some(port), Some(proto)), "{v}");
+        assert!(v.get("bps").is_none() && v.get("bytes_per_s").is_some(), "{v}");
+        for b in v["backends"].as_array().unwrap() {
+            assert!(b["address"].as_str().unwrap().starts_with("198.18.0.1"), "{b}");
+            assert_eq!(b["port"].as_u64(), Some(port), "{b}");
+            assert!(b.get("bps").is_none() && b.get("bytes_per_s").is_some(), "{b}");
+        }
+    }
+    let web = vip("web");
+    let (pps, rate) = (web["pps"].as_f64().unwrap(), web["bytes_per_s"].as_f64().unwrap());
+    let average = web["bytes"].as_f64().unwrap() / web["packets"].as_f64().unwrap();
+    assert!(pps > 5.0, "{web}");
+    let per_packet = rate / pps;
+    assert!(
+        per_packet > average / 2.0 && per_packet < average * 2.0,
+        "bytes_per_s / pps = {per_packet:.0} B, the counters' average packet {average:.0} B: {web}"
+    );
+}
+
 #[test]
 fn restart_under_load_loses_nothing() {
     let Some(mut bed) = Bed::up("restart", &[1, 2, 3]) else { return };

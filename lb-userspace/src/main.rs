@@ -7,7 +7,7 @@ use std::{
 
 use clap::{Parser, Subcommand};
 use edgelb::{
-    admin::{AdminError, Request, Response},
+    admin::{AdminError, BackendRef, Request, Response},
     config::Config,
     dataplane::Dataplane,
 };
@@ -46,12 +46,13 @@ enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
-    /// Print the backend a new flow from CLIENT to VIP gets (the hash and ring the kernel uses,
-    /// over the configured backends).
+    /// Print the backend a new flow from CLIENT to VIP gets: the running edgelb's answer (the
+    /// ring XDP indexes, drains and health verdicts included), or, when none answers on the
+    /// admin socket, the hash and ring of the config file's weights. Which one answered is said
+    /// on stderr.
     Route {
-        /// Config file.
-        #[arg(long, short, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
         /// Client address.
         client: IpAddr,
         /// VIP name, address, or address:port (address:port for a VIP that serves any port and
@@ -77,8 +78,9 @@ enum Command {
     Drain {
         #[command(flatten)]
         admin: AdminArgs,
-        /// Backend address.
-        backend: IpAddr,
+        /// Backend address (on every port a VIP lists it with), or address:port / [IPv6]:port
+        /// for that backend alone (an L7 pool may list one address on several ports).
+        backend: BackendRef,
         /// Only in this VIP (default: every VIP that lists the backend).
         #[arg(long)]
         vip: Option<String>,
@@ -87,8 +89,8 @@ enum Command {
     Undrain {
         #[command(flatten)]
         admin: AdminArgs,
-        /// Backend address.
-        backend: IpAddr,
+        /// Backend address (every drain of it), or address:port.
+        backend: BackendRef,
         /// Only in this VIP.
         #[arg(long)]
         vip: Option<String>,
@@ -221,14 +223,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Route { config, client, vip, sport, proto } => {
-            let cfg = match Config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(2);
-                }
-            };
+        Command::Route { admin, client, vip, sport, proto } => {
             let proto = proto.map(|p| {
                 if p == "udp" {
                     edgelb::config::Protocol::Udp
@@ -236,63 +231,7 @@ fn main() -> ExitCode {
                     edgelb::config::Protocol::Tcp
                 }
             });
-            let v = match cfg.find_vip(&vip, proto) {
-                Ok(v) => v,
-                Err(e) => {
-                    eprintln!("edgelb: {e} in {}", config.display());
-                    return ExitCode::from(2);
-                }
-            };
-            // An any-port VIP hashed on the 5-tuple places a flow by its destination port too:
-            // the one the VIP is given with.
-            let mut v = v.clone();
-            if v.port == 0 && v.hash == edgelb::config::HashMode::FiveTuple {
-                match vip.parse::<std::net::SocketAddr>() {
-                    Ok(sa) => v.port = sa.port(),
-                    Err(_) => {
-                        eprintln!(
-                            "edgelb: VIP {v} serves any port and hashes the 5-tuple: give it as address:port"
-                        );
-                        return ExitCode::from(2);
-                    }
-                }
-            }
-            // A client written IPv4-mapped is the IPv4 client whose packets XDP hashes; one of
-            // the other family never reaches the VIP at all.
-            let client = client.to_canonical();
-            if client.is_ipv4() != v.address.is_ipv4() {
-                eprintln!(
-                    "edgelb: client {client} and VIP {v} are of different address families: its packets never reach this VIP"
-                );
-                return ExitCode::from(2);
-            }
-            let sport = match (sport, v.hash) {
-                (Some(p), _) => p,
-                (None, edgelb::config::HashMode::FiveTuple) => {
-                    eprintln!(
-                        "edgelb: VIP {v} hashes the 5-tuple: give the flow's source port, --sport PORT"
-                    );
-                    return ExitCode::from(2);
-                }
-                (None, edgelb::config::HashMode::Client) => 0,
-            };
-            match edgelb::dataplane::route(&v, client, sport) {
-                Some(b) => {
-                    println!("{}", b.address);
-                    // Said where a person reads it; a script reads the address alone.
-                    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                        eprintln!(
-                            "(the ring of {}'s weights: a drain, a health verdict or a reload not yet made can place new flows elsewhere; an established flow stays where its connection table entry says)",
-                            config.display()
-                        );
-                    }
-                    ExitCode::SUCCESS
-                }
-                None => {
-                    eprintln!("edgelb: VIP {v} has no backend with weight (or is L7)");
-                    ExitCode::from(1)
-                }
-            }
+            route(&admin, client, &vip, sport, proto)
         }
         Command::Status { admin, json } => admin_call(&admin, &Request::Status, |resp| {
             let status = resp.status.unwrap_or_default();
@@ -412,11 +351,82 @@ fn admin_call(admin: &AdminArgs, req: &Request, show: impl FnOnce(Response)) -> 
         }
         Ok(resp) => {
             eprintln!("edgelb: {}", resp.message);
+            if let Request::Drain { backend, .. } | Request::Undrain { backend, .. } = req
+                && backend.port.is_some()
+                && resp.message.starts_with("bad request:")
+            {
+                eprintln!(
+                    "edgelb: the running edgelb predates drains of one address:port and refused it (nothing changed): name the address alone, which drains it on every port, or restart edgelb with this version (`edgelb run --takeover`)"
+                );
+            }
             ExitCode::from(if resp.bad_config { 2 } else { 1 })
         }
         Err(e) => {
             eprintln!("edgelb: {e}");
             ExitCode::from(3)
+        }
+    }
+}
+
+/// `edgelb route`: asks the running controller; answers from the config file when none answers
+/// on the socket, or one too old to know the request does. Exit 0 with the backend's address
+/// alone on stdout; 1 when the VIP places no new flow; 2 for a bad question (or config).
+fn route(
+    admin: &AdminArgs,
+    client: IpAddr,
+    vip: &str,
+    sport: Option<u16>,
+    proto: Option<edgelb::config::Protocol>,
+) -> ExitCode {
+    let socket = match admin.socket() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let req = Request::Route { client, vip: vip.to_owned(), sport, proto };
+    let why_offline = match edgelb::admin::request(&socket, &req) {
+        Ok(resp) if resp.ok && resp.route.is_some() => {
+            let answer = resp.route.expect("checked");
+            println!("{}", answer.backend);
+            eprintln!("(answered by the running edgelb on {}: {})", socket.display(), resp.message);
+            return ExitCode::SUCCESS;
+        }
+        Ok(resp) if resp.unknown_request() => format!(
+            "the edgelb answering on {} is older and does not answer `route`",
+            socket.display()
+        ),
+        Ok(resp) => {
+            eprintln!("edgelb: {}", resp.message);
+            return ExitCode::from(if resp.bad_request || resp.bad_config { 2 } else { 1 });
+        }
+        Err(AdminError::Connect { .. }) => {
+            format!("no edgelb answers on {}", socket.display())
+        }
+        Err(e) => format!("{e}"),
+    };
+    let cfg = match Config::load(&admin.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("edgelb: {why_offline}, and {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let file = admin.config.display();
+    let answer = edgelb::dataplane::RouteFlow::resolve(&cfg, vip, proto, client, sport)
+        .and_then(|flow| flow.by_config());
+    match answer {
+        Ok(backend) => {
+            println!("{backend}");
+            eprintln!(
+                "(computed from {file}, as {why_offline}: the ring of the file's weights; a drain, a health verdict or a reload not yet made can place new flows elsewhere, and an established flow stays where its connection table entry says)"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edgelb: {file}: {e} ({why_offline})");
+            ExitCode::from(match e {
+                edgelb::dataplane::RouteError::BadQuestion(_) => 2,
+                edgelb::dataplane::RouteError::NoBackend(_) => 1,
+            })
         }
     }
 }
@@ -568,7 +578,7 @@ fn print_status(s: &edgelb::admin::Status) {
             v.bytes,
             v.new_flows,
             v.pps,
-            v.bps
+            v.bytes_per_s
         );
         if v.forwarding == "l7" {
             println!("  (L7: PACKETS counts proxied requests; RING% does not apply)");

@@ -35,17 +35,33 @@ pub enum Request {
     Status,
     /// Give `backend` weight 0 (in `vip`, or in every VIP listing it): no new flows.
     Drain {
-        /// Backend address.
-        backend: IpAddr,
+        /// Backend address (every port it is listed on), or address and port.
+        backend: BackendRef,
         /// Only in this VIP (name).
         vip: Option<String>,
     },
     /// Undo a drain.
     Undrain {
-        /// Backend address.
-        backend: IpAddr,
+        /// Backend address (every port it is listed on), or address and port.
+        backend: BackendRef,
         /// Only in this VIP (name).
         vip: Option<String>,
+    },
+    /// Which backend a new flow from `client` to `vip` gets now: answered from the running
+    /// controller's state (the ring XDP indexes, drains and health verdicts included), where
+    /// the config file alone cannot tell. A controller older than this request refuses it as a
+    /// bad request ([`Response::unknown_request`]); `edgelb route` then answers from the file.
+    Route {
+        /// Client address.
+        client: IpAddr,
+        /// VIP name, address, or address:port.
+        vip: String,
+        /// Client source port (5-tuple VIPs).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sport: Option<u16>,
+        /// The flow's protocol, when a TCP and a UDP VIP share the address and port.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        proto: Option<crate::config::Protocol>,
     },
     /// Re-read the config file; a bad file is rejected and the running config stays.
     Reload {
@@ -143,6 +159,25 @@ pub struct Response {
     /// needs a restart.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bad_config: bool,
+    /// The refusal is the request's fault (a `route` naming no VIP, say): the CLI exits 2, as
+    /// for bad arguments.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bad_request: bool,
+    /// For `route`: the backend a new flow gets now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<RouteAnswer>,
+}
+
+/// The running controller's answer to [`Request::Route`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RouteAnswer {
+    /// The VIP the flow reaches (its name).
+    pub vip: String,
+    /// The backend's address.
+    pub backend: IpAddr,
+    /// The VIP fails open (every backend that should take new flows is down, and all serve).
+    #[serde(default)]
+    pub fail_open: bool,
 }
 
 /// A health verdict handed over: `backend` (address and port) is dead in VIP `vip`.
@@ -159,8 +194,80 @@ pub struct Down {
 pub struct Drain {
     /// The backend's address.
     pub backend: IpAddr,
+    /// The backend's port, for a drain of one `address:port` (an L7 pool may list an address on
+    /// several ports); none for every port. Absent from an older edgelb's handover, whose drains
+    /// are all of every port; an older edgelb taking over ignores it and drains every port of
+    /// the address, more rather than less.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// The VIP, or none for every VIP.
     pub vip: Option<String>,
+}
+
+/// A backend as `drain` and `undrain` name it: an address (the backend on every port the VIP
+/// lists it with) or an address and port (that backend alone: an L7 pool may list one address
+/// on several ports; an XDP VIP's backends carry the VIP's port, as `status` shows them).
+///
+/// On the wire a string, `198.18.0.11`, `198.18.0.11:8080` or `[2001:db8::1]:8080`, not an
+/// address and a port field: the plain address is what older edgelbs send and read, and an
+/// older controller refuses an address with a port as a bad request instead of ignoring a port
+/// field it does not know and draining every port of the address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct BackendRef {
+    /// The backend's address.
+    pub address: IpAddr,
+    /// Its port; none for every port.
+    pub port: Option<u16>,
+}
+
+impl BackendRef {
+    /// Does this name the backend at `b` (address and port)?
+    pub fn matches(&self, b: SocketAddr) -> bool {
+        self.address == b.ip() && self.port.is_none_or(|p| p == b.port())
+    }
+}
+
+impl From<IpAddr> for BackendRef {
+    fn from(address: IpAddr) -> BackendRef {
+        BackendRef { address, port: None }
+    }
+}
+
+impl std::str::FromStr for BackendRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<BackendRef, String> {
+        if let Ok(address) = s.parse::<IpAddr>() {
+            return Ok(address.into());
+        }
+        s.parse::<SocketAddr>()
+            .map(|sa| BackendRef { address: sa.ip(), port: Some(sa.port()) })
+            .map_err(|_| format!("`{s}` is not a backend: an address, address:port or [IPv6]:port"))
+    }
+}
+
+impl TryFrom<String> for BackendRef {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<BackendRef, String> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for BackendRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.port {
+            None => write!(f, "{}", self.address),
+            Some(p) => write!(f, "{}", SocketAddr::new(self.address, p)),
+        }
+    }
+}
+
+impl From<BackendRef> for String {
+    fn from(b: BackendRef) -> String {
+        b.to_string()
+    }
 }
 
 impl Response {
@@ -174,7 +281,16 @@ impl Response {
             drains: Vec::new(),
             down: Vec::new(),
             bad_config: false,
+            bad_request: false,
+            route: None,
         }
+    }
+
+    /// Is this a controller's refusal of a request it does not know (an edgelb older than the
+    /// request), rather than an answer to it? Such a controller refuses the line as a bad
+    /// request naming the unknown command.
+    pub fn unknown_request(&self) -> bool {
+        !self.ok && self.message.starts_with("bad request: unknown variant")
     }
 
     /// A refusal.
@@ -255,8 +371,18 @@ fn yes() -> bool {
 pub struct VipStatus {
     /// Name.
     pub name: String,
-    /// `address:port/proto`.
+    /// `name (address:port/proto)`, for display; the parts are in `address`, `port` and
+    /// `protocol`.
     pub listen: String,
+    /// The VIP's address (absent from an older daemon's answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<IpAddr>,
+    /// Its port; absent for a VIP that serves any port (and from an older daemon's answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Its transport protocol, `tcp` or `udp` (absent from an older daemon's answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<crate::config::Protocol>,
     /// Forwarding mode.
     pub forwarding: String,
     /// False when the VIP has no connection table (`conntrack = false`): every packet is placed
@@ -271,8 +397,10 @@ pub struct VipStatus {
     pub new_flows: u64,
     /// Packets per second over the last sampling period (about a second).
     pub pps: f64,
-    /// Bytes per second over the last sampling period.
-    pub bps: f64,
+    /// Bytes per second over the last sampling period (`bps` in older daemons' answers, a name
+    /// that reads as bits per second).
+    #[serde(alias = "bps")]
+    pub bytes_per_s: f64,
     /// True when every backend that should take new flows is down and all of them serve
     /// anyway (fail open).
     pub fail_open: bool,
@@ -311,8 +439,9 @@ pub struct BackendStatus {
     pub new_flows: u64,
     /// Packets per second over the last sampling period.
     pub pps: f64,
-    /// Bytes per second over the last sampling period.
-    pub bps: f64,
+    /// Bytes per second over the last sampling period (`bps` in older daemons' answers).
+    #[serde(alias = "bps")]
+    pub bytes_per_s: f64,
 }
 
 /// Why an admin request failed on the client side.
@@ -680,6 +809,81 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A controller older than a request (here `route`) refuses it as a bad request naming the
+    /// unknown command, which the CLI must tell from a refusal of the request itself.
+    #[test]
+    fn an_older_controllers_refusal_of_a_new_request_is_recognised() {
+        /// The requests an edgelb before `route` knew.
+        #[derive(Debug, Deserialize)]
+        #[serde(tag = "cmd", rename_all = "lowercase")]
+        #[allow(dead_code)]
+        enum Old {
+            Status,
+            Drain { backend: IpAddr, vip: Option<String> },
+            Undrain { backend: IpAddr, vip: Option<String> },
+            Reload,
+            Stop { detach: bool },
+            Handover,
+        }
+        let line = serde_json::to_string(&Request::Route {
+            client: "198.18.4.1".parse().unwrap(),
+            vip: "web".into(),
+            sport: None,
+            proto: None,
+        })
+        .unwrap();
+        let e = serde_json::from_str::<Old>(&line).unwrap_err();
+        // As `handle` answers it.
+        let refusal = Response::err(format!("bad request: {e}"));
+        assert!(refusal.unknown_request(), "{refusal:?}");
+        let bad_vip = Response::err("no VIP named `web`");
+        assert!(!bad_vip.unknown_request());
+        let bad_line = Response::err(format!(
+            "bad request: {}",
+            serde_json::from_str::<Request>("{\"cmd\":\"route\"}").unwrap_err()
+        ));
+        assert!(!bad_line.unknown_request(), "{bad_line:?}");
+    }
+
+    /// Drains by address:port keep the wire format: an older client's drain (a plain address)
+    /// reads as a drain of every port, a drain of one port is written as older edgelbs write a
+    /// plain one but with the port, so an older controller refuses it (a bad address) rather
+    /// than drain every port; an older handover's drains read as drains of every port.
+    #[test]
+    fn drains_by_address_and_port_keep_the_wire_format() {
+        let old_line = r#"{"cmd":"drain","backend":"198.18.0.11","vip":null}"#;
+        let a: IpAddr = "198.18.0.11".parse().unwrap();
+        assert_eq!(
+            serde_json::from_str::<Request>(old_line).unwrap(),
+            Request::Drain { backend: a.into(), vip: None }
+        );
+        let plain = Request::Undrain { backend: a.into(), vip: Some("web".into()) };
+        assert_eq!(
+            serde_json::to_string(&plain).unwrap(),
+            r#"{"cmd":"undrain","backend":"198.18.0.11","vip":"web"}"#
+        );
+        let v6: BackendRef = "[2001:db8::1]:8080".parse().unwrap();
+        assert_eq!((v6.address.to_string().as_str(), v6.port), ("2001:db8::1", Some(8080)));
+        let line = serde_json::to_string(&Request::Drain { backend: v6, vip: None }).unwrap();
+        assert_eq!(line, r#"{"cmd":"drain","backend":"[2001:db8::1]:8080","vip":null}"#);
+        assert_eq!(
+            serde_json::from_str::<Request>(&line).unwrap(),
+            Request::Drain { backend: v6, vip: None }
+        );
+        /// A drain as edgelbs before address:port read it.
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct OldDrain {
+            backend: IpAddr,
+            vip: Option<String>,
+        }
+        assert!(serde_json::from_str::<OldDrain>(&line).is_err(), "an older one refuses it");
+        assert!("198.18.0.11:http".parse::<BackendRef>().is_err());
+        let handed: Drain =
+            serde_json::from_str(r#"{"backend":"198.18.0.11","vip":null}"#).unwrap();
+        assert_eq!(handed, Drain { backend: a, port: None, vip: None });
+    }
+
     /// A socket that closes without answering (a controller that exits) is said as such, not
     /// as a JSON parse error of an empty line.
     #[test]
@@ -873,9 +1077,15 @@ mod tests {
             Request::Handover,
             Request::Stop { detach: true },
             Request::Stop { detach: false },
-            Request::Drain { backend: v4, vip: None },
-            Request::Drain { backend: v6, vip: Some("web".into()) },
-            Request::Undrain { backend: v6, vip: Some("é😀\u{0}\"\\".into()) },
+            Request::Drain { backend: v4.into(), vip: None },
+            Request::Drain { backend: v6.into(), vip: Some("web".into()) },
+            Request::Drain {
+                backend: BackendRef { address: v6, port: Some(8080) },
+                vip: Some("web".into()),
+            },
+            Request::Undrain { backend: v6.into(), vip: Some("é😀\u{0}\"\\".into()) },
+            Request::Undrain { backend: BackendRef { address: v4, port: Some(80) }, vip: None },
+            Request::Route { client: v4, vip: "web".into(), sport: Some(4000), proto: None },
         ]
         .iter()
         .map(|r| serde_json::to_string(r).unwrap())

@@ -173,8 +173,8 @@ pub enum CheckKind {
     },
 }
 
-/// Transport protocol of a VIP.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+/// Transport protocol of a VIP (deserialised in admin requests and `status`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// TCP.

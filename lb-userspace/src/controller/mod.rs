@@ -367,7 +367,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         );
     }
     for d in drains {
-        ctl.verdicts.drain(d.vip, d.backend);
+        ctl.verdicts.drain(d.vip, crate::admin::BackendRef { address: d.backend, port: d.port });
     }
     for d in down {
         ctl.verdicts.set_health(&d.vip, d.backend, false);
@@ -1102,6 +1102,7 @@ impl Controller {
                 }
             }
             Request::Reload { config } => self.reload(config.as_deref()),
+            Request::Route { client, vip, sport, proto } => self.route(client, &vip, sport, proto),
             Request::Stop { detach: true } => {
                 Response::ok("stopping; the data plane keeps running")
             }
@@ -1111,13 +1112,44 @@ impl Controller {
         }
     }
 
-    /// The names of the VIPs (`vip`, or all) that list `backend`.
-    fn vips_with(&self, vip: Option<&str>, backend: std::net::IpAddr) -> Vec<String> {
+    /// `edgelb route`: the backend the live ring gives a new flow (the VIP resolved against
+    /// the running config, the ring slot read from the maps XDP indexes).
+    fn route(
+        &mut self,
+        client: std::net::IpAddr,
+        vip: &str,
+        sport: Option<u16>,
+        proto: Option<crate::config::Protocol>,
+    ) -> Response {
+        let answer = crate::dataplane::RouteFlow::resolve(&self.cfg, vip, proto, client, sport)
+            .and_then(|flow| Ok((flow.vip.name.clone(), self.dp.live_route(&flow)?)));
+        match answer {
+            Ok((vip, backend)) => {
+                let fail_open = self.verdicts.is_fail_open(&vip);
+                let mut msg = format!("{backend}: the live ring of VIP `{vip}`");
+                if fail_open {
+                    msg.push_str(" (failing open: every backend for new flows is down)");
+                }
+                Response {
+                    route: Some(crate::admin::RouteAnswer { vip, backend, fail_open }),
+                    ..Response::ok(msg)
+                }
+            }
+            Err(e @ crate::dataplane::RouteError::BadQuestion(_)) => Response {
+                bad_request: true,
+                ..Response::err(format!("{e} (in the running config, {})", self.path.display()))
+            },
+            Err(e) => Response::err(e.to_string()),
+        }
+    }
+
+    /// The names of the VIPs (`vip`, or all) that list `backend` (at its port, if it has one).
+    fn vips_with(&self, vip: Option<&str>, backend: crate::admin::BackendRef) -> Vec<String> {
         self.cfg
             .vips
             .iter()
             .filter(|v| vip.is_none_or(|n| n == v.name))
-            .filter(|v| v.backends.iter().any(|b| b.address == backend))
+            .filter(|v| v.backends.iter().any(|b| backend.matches(verdicts::id(b))))
             .map(|v| v.name.clone())
             .collect()
     }
@@ -1261,13 +1293,13 @@ impl Controller {
                     _ => 0.0,
                 };
                 let bc = self.dp.backend_counters(vip, b.address).unwrap_or_default();
-                let (pps, bps) = self.rates.get(&Rates::backend_key(&vip.name, b.address));
+                let (pps, bytes_per_s) = self.rates.get(&Rates::backend_key(&vip.name, b.address));
                 let l7_state = self.proxy.as_ref().and_then(|p| {
                     p.backend_state(&vip.name, std::net::SocketAddr::new(b.address, b.port))
                 });
                 backends.push(BackendStatus {
                     pps,
-                    bps,
+                    bytes_per_s,
                     address: b.address,
                     port: b.port,
                     weight: b.weight,
@@ -1276,19 +1308,22 @@ impl Controller {
                     l7_requests: l7_state
                         .as_ref()
                         .map_or(0, |s| s.requests.load(std::sync::atomic::Ordering::Relaxed)),
-                    drained: b.weight == 0 || self.verdicts.is_drained(&vip.name, b.address),
+                    drained: b.weight == 0 || self.verdicts.is_drained(&vip.name, verdicts::id(b)),
                     ring_share: share,
                     packets: bc.packets,
                     bytes: bc.bytes,
                     new_flows: bc.new_flows,
                 });
             }
-            let (pps, bps) = self.rates.get(&vip.name);
+            let (pps, bytes_per_s) = self.rates.get(&vip.name);
             vips.push(VipStatus {
                 pps,
-                bps,
+                bytes_per_s,
                 name: vip.name.clone(),
                 listen: vip.to_string(),
+                address: Some(vip.address),
+                port: (vip.port != 0).then_some(vip.port),
+                protocol: Some(vip.protocol),
                 forwarding: match vip.forwarding {
                     Forwarding::Ipip => "ipip",
                     Forwarding::L2 => "l2",

@@ -3,14 +3,14 @@
 //! Kept apart from the controller's I/O so that the effective config written to the maps is one
 //! function of this state and the config, testable without a data plane.
 
-use std::{
-    collections::HashSet,
-    net::{IpAddr, SocketAddr},
-};
+use std::{collections::HashSet, net::SocketAddr};
 
 use tracing::{error, warn};
 
-use crate::config::{Backend, Config, Forwarding, Vip};
+use crate::{
+    admin::BackendRef,
+    config::{Backend, Config, Forwarding, Vip},
+};
 
 /// A backend's identity for health: its address and port (an L7 VIP may list one address on
 /// several ports; an XDP VIP's backends carry the VIP's port).
@@ -23,8 +23,8 @@ pub(super) fn id(b: &Backend) -> SocketAddr {
 pub(super) struct Verdicts {
     /// (VIP name, backend address and port) declared dead by its health check.
     down: HashSet<(String, SocketAddr)>,
-    /// Runtime drains: (VIP name or all VIPs, backend).
-    drained: HashSet<(Option<String>, IpAddr)>,
+    /// Runtime drains: (VIP name or all VIPs, backend address and port, or every port).
+    drained: HashSet<(Option<String>, BackendRef)>,
     /// VIPs in fail-open mode.
     fail_open: HashSet<String>,
 }
@@ -35,9 +35,10 @@ impl Verdicts {
         self.down.contains(&(vip.to_owned(), b))
     }
 
-    /// Is `addr` drained in `vip`, by a drain of that VIP or of every VIP?
-    pub(super) fn is_drained(&self, vip: &str, addr: IpAddr) -> bool {
-        self.drained.contains(&(None, addr)) || self.drained.contains(&(Some(vip.to_owned()), addr))
+    /// Is backend `b` (address and port) drained in `vip`, by a drain of that VIP or of every
+    /// VIP, of its port or of every port of its address?
+    pub(super) fn is_drained(&self, vip: &str, b: SocketAddr) -> bool {
+        self.drained.iter().any(|(v, r)| v.as_deref().is_none_or(|v| v == vip) && r.matches(b))
     }
 
     /// Is `vip` serving all its backends because every one that should take new flows is down?
@@ -145,7 +146,7 @@ impl Verdicts {
                     self.down.insert((v.name.clone(), id(b)));
                 }
             }
-            let serves = |b: &Backend| b.weight > 0 && !self.is_drained(&v.name, b.address);
+            let serves = |b: &Backend| b.weight > 0 && !self.is_drained(&v.name, id(b));
             if !v.backends.iter().any(|b| was(b).is_some() && serves(b)) {
                 continue;
             }
@@ -161,12 +162,12 @@ impl Verdicts {
     /// it no longer has in the drained VIP (or in any VIP, for a drain of all): such a drain
     /// shows nowhere and `undrain` could not name it, yet it would come back to life with the
     /// backend, which would then rejoin drained. Returns the drains forgotten, for the log.
-    pub(super) fn reconcile(&mut self, cfg: &Config) -> Vec<(Option<String>, IpAddr)> {
+    pub(super) fn reconcile(&mut self, cfg: &Config) -> Vec<(Option<String>, BackendRef)> {
         self.down.retain(|(v, a)| Self::checked(cfg, v, *a));
-        let listed = |vip: &Option<String>, addr: &IpAddr| {
+        let listed = |vip: &Option<String>, r: &BackendRef| {
             cfg.vips.iter().any(|v| {
                 vip.as_ref().is_none_or(|n| *n == v.name)
-                    && v.backends.iter().any(|b| b.address == *addr)
+                    && v.backends.iter().any(|b| r.matches(id(b)))
             })
         };
         let mut gone: Vec<_> =
@@ -183,9 +184,13 @@ impl Verdicts {
         let mut d: Vec<_> = self
             .drained
             .iter()
-            .map(|(vip, backend)| crate::admin::Drain { backend: *backend, vip: vip.clone() })
+            .map(|(vip, r)| crate::admin::Drain {
+                backend: r.address,
+                port: r.port,
+                vip: vip.clone(),
+            })
             .collect();
-        d.sort_by(|a, b| (&a.vip, a.backend).cmp(&(&b.vip, b.backend)));
+        d.sort_by(|a, b| (&a.vip, a.backend, a.port).cmp(&(&b.vip, b.backend, b.port)));
         d
     }
 
@@ -200,26 +205,54 @@ impl Verdicts {
         d
     }
 
-    /// Drains `backend` in `vip`, or in every VIP.
-    pub(super) fn drain(&mut self, vip: Option<String>, backend: IpAddr) {
-        self.drained.insert((vip, backend));
+    /// Drains `backend` (an address on every port, or one address:port) in `vip`, or in every
+    /// VIP.
+    pub(super) fn drain(&mut self, vip: Option<String>, backend: impl Into<BackendRef>) {
+        self.drained.insert((vip, backend.into()));
     }
 
-    /// Lifts a drain: of `backend` in `vip`, or every drain of `backend`; Ok(false) when there
-    /// was none to lift. A drain of every VIP is not lifted for one of them (that would need an
-    /// exception per VIP): refused, naming the command that lifts it.
-    pub(super) fn undrain(&mut self, vip: Option<String>, backend: IpAddr) -> Result<bool, String> {
-        match vip {
-            Some(v) if self.drained.contains(&(None, backend)) => Err(format!(
-                "{backend} is drained on every VIP, `{v}` included: `edgelb undrain {backend}` lifts that drain"
-            )),
-            Some(v) => Ok(self.drained.remove(&(Some(v), backend))),
-            None => {
-                let before = self.drained.len();
-                self.drained.retain(|(_, a)| *a != backend);
-                Ok(self.drained.len() < before)
-            }
+    /// Lifts a drain: of `backend` in `vip`, or every drain of `backend` (in every VIP; of an
+    /// address without a port, on every port); Ok(false) when there was none to lift. A wider
+    /// drain is not lifted in part (that would need an exception per VIP or port): a drain of
+    /// every VIP for one of them, or of every port for one of them, is refused, naming the
+    /// command that lifts it.
+    pub(super) fn undrain(
+        &mut self,
+        vip: Option<String>,
+        backend: impl Into<BackendRef>,
+    ) -> Result<bool, String> {
+        let backend = backend.into();
+        let overlaps = |v: &Option<String>, r: &BackendRef| {
+            r.address == backend.address
+                && (v.is_none() || vip.is_none() || *v == vip)
+                && (r.port.is_none() || backend.port.is_none() || r.port == backend.port)
+        };
+        let wider = self.drained.iter().find(|(v, r)| {
+            overlaps(v, r)
+                && ((v.is_none() && vip.is_some()) || (r.port.is_none() && backend.port.is_some()))
+        });
+        if let Some((v, r)) = wider {
+            let lift = match v {
+                None => format!("`edgelb undrain {r}`"),
+                Some(v) => format!("`edgelb undrain {r} --vip {v}`"),
+            };
+            return Err(match (v, &vip) {
+                (None, Some(named)) => format!(
+                    "{r} is drained on every VIP, `{named}` included: {lift} lifts that drain"
+                ),
+                _ => format!(
+                    "{r} is drained on every port, {backend} included{}: {lift} lifts that drain",
+                    v.as_ref().map_or(String::new(), |v| format!(" (in VIP `{v}`)"))
+                ),
+            });
         }
+        let before = self.drained.len();
+        self.drained.retain(|(v, r)| {
+            !(r.address == backend.address
+                && vip.as_ref().is_none_or(|n| v.as_ref() == Some(n))
+                && backend.port.is_none_or(|p| r.port == Some(p)))
+        });
+        Ok(self.drained.len() < before)
     }
 
     /// The config as the maps should have it: configured minus dead backends, drained ones at
@@ -231,7 +264,7 @@ impl Verdicts {
     pub(super) fn effective(&mut self, cfg: &Config) -> Config {
         let mut eff = cfg.clone();
         for vip in &mut eff.vips {
-            let takes_flows = |b: &&Backend| b.weight > 0 && !self.is_drained(&vip.name, b.address);
+            let takes_flows = |b: &&Backend| b.weight > 0 && !self.is_drained(&vip.name, id(b));
             let wanted = vip.backends.iter().filter(takes_flows).count();
             let serving = vip
                 .backends
@@ -251,7 +284,7 @@ impl Verdicts {
                 vip.backends.retain(|b| !self.is_down(&vip.name, id(b)));
             }
             for b in &mut vip.backends {
-                if self.is_drained(&vip.name, b.address) {
+                if self.is_drained(&vip.name, id(b)) {
                     b.weight = 0;
                 }
             }
@@ -262,6 +295,8 @@ impl Verdicts {
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
     use super::*;
 
     fn cfg(backends: &[(&str, u32)], health: bool) -> Config {
@@ -334,13 +369,13 @@ mod tests {
         assert!(v.set_health("web", at(A), false));
         assert_eq!(v.rename(&web, &www), [("web".to_owned(), "www".to_owned())]);
         assert!(v.reconcile(&www).is_empty(), "no drain forgotten");
-        assert!(v.is_drained("www", ip(C)) && !v.is_drained("web", ip(C)));
+        assert!(v.is_drained("www", at(C)) && !v.is_drained("web", at(C)));
         assert!(v.is_down("www", at(A)));
         assert_eq!(live(&mut v, &www), [(ip(B), 1), (ip(C), 0)]);
         // Renamed and moved to another port: another VIP, whose drains and verdicts start anew.
         let moved = named("api", 81);
         assert!(v.rename(&www, &moved).is_empty());
-        assert_eq!(v.reconcile(&moved), [(Some("www".to_owned()), ip(C))]);
+        assert_eq!(v.reconcile(&moved), [(Some("www".to_owned()), ip(C).into())]);
         assert!(!v.is_down("api", at(A)));
     }
 
@@ -472,13 +507,13 @@ mod tests {
         assert_eq!(live(&mut v, &c), [(ip(A), 0), (ip(B), 1)]);
         let e = v.undrain(Some("web".into()), ip(A)).expect_err("a drain of every VIP stays");
         assert!(e.contains("edgelb undrain 198.18.0.11"), "{e}");
-        assert!(v.is_drained("web", ip(A)));
+        assert!(v.is_drained("web", at(A)));
         v.undrain(None, ip(A)).unwrap();
         assert_eq!(live(&mut v, &c), [(ip(A), 2), (ip(B), 1)]);
         v.drain(Some("web".into()), ip(B));
-        assert!(v.is_drained("web", ip(B)) && !v.is_drained("other", ip(B)));
+        assert!(v.is_drained("web", at(B)) && !v.is_drained("other", at(B)));
         assert_eq!(v.undrain(Some("web".into()), ip(B)), Ok(true));
-        assert!(!v.is_drained("web", ip(B)));
+        assert!(!v.is_drained("web", at(B)));
         assert_eq!(v.undrain(Some("web".into()), ip(B)), Ok(false), "nothing left to lift");
         assert_eq!(v.undrain(None, ip(B)), Ok(false));
     }
@@ -492,14 +527,64 @@ mod tests {
         v.drain(None, ip(A));
         v.drain(Some("web".into()), ip(B));
         v.drain(Some("gone".into()), ip(A));
-        assert_eq!(v.reconcile(&cfg(&[(A, 1), (B, 1)], false)), [(Some("gone".into()), ip(A))]);
-        assert!(v.is_drained("web", ip(A)) && v.is_drained("web", ip(B)));
+        assert_eq!(
+            v.reconcile(&cfg(&[(A, 1), (B, 1)], false)),
+            [(Some("gone".into()), ip(A).into())]
+        );
+        assert!(v.is_drained("web", at(A)) && v.is_drained("web", at(B)));
         let forgotten = v.reconcile(&cfg(&[(B, 1)], false));
-        assert_eq!(forgotten, [(None, ip(A))]);
-        assert!(v.is_drained("web", ip(B)));
+        assert_eq!(forgotten, [(None, ip(A).into())]);
+        assert!(v.is_drained("web", at(B)));
         // Back in the file, it is not drained any more.
-        assert!(!v.is_drained("web", ip(A)));
+        assert!(!v.is_drained("web", at(A)));
         assert!(v.reconcile(&cfg(&[(A, 1), (B, 1)], false)).is_empty());
-        assert!(!v.is_drained("web", ip(A)));
+        assert!(!v.is_drained("web", at(A)));
+    }
+
+    /// An L7 pool listing one address on two ports: `address:port` drains and undrains that
+    /// backend alone, the plain address every port of it, and a drain of every port is not
+    /// lifted for one of them.
+    #[test]
+    fn a_drain_of_one_port_leaves_the_others() {
+        let c = Config::parse(
+            "[node]\ninterfaces = [\"lo\"]\n[[vip]]\nname = \"web7\"\naddress = \"127.0.0.1\"\nport = 8000\nforwarding = \"l7\"\nbackends = [{ address = \"127.0.0.1\", port = 8001 }, { address = \"127.0.0.1\", port = 8002 }, { address = \"127.0.0.2\", port = 8001 }]\n",
+            "t.toml".as_ref(),
+        )
+        .expect("valid");
+        let weights = |v: &mut Verdicts| -> Vec<(SocketAddr, u32)> {
+            v.effective(&c).vips[0].backends.iter().map(|b| (id(b), b.weight)).collect()
+        };
+        let one: SocketAddr = "127.0.0.1:8001".parse().unwrap();
+        let two: SocketAddr = "127.0.0.1:8002".parse().unwrap();
+        let other: SocketAddr = "127.0.0.2:8001".parse().unwrap();
+        let r = |s: &str| s.parse::<BackendRef>().unwrap();
+        let mut v = Verdicts::default();
+        v.drain(None, r("127.0.0.1:8001"));
+        assert_eq!(weights(&mut v), [(one, 0), (two, 1), (other, 1)]);
+        assert!(v.is_drained("web7", one) && !v.is_drained("web7", two));
+        assert_eq!(v.undrain(None, r("127.0.0.1:8002")), Ok(false), "that port was not drained");
+        assert_eq!(v.undrain(None, r("127.0.0.1:8001")), Ok(true));
+        assert_eq!(weights(&mut v), [(one, 1), (two, 1), (other, 1)]);
+        // The address alone: every port of it, and the port-wise undrain of it refused.
+        v.drain(Some("web7".into()), r("127.0.0.1"));
+        assert_eq!(weights(&mut v), [(one, 0), (two, 0), (other, 1)]);
+        let e = v.undrain(None, r("127.0.0.1:8002")).expect_err("a drain of every port stays");
+        assert!(e.contains("edgelb undrain 127.0.0.1 --vip web7"), "{e}");
+        assert_eq!(v.undrain(Some("web7".into()), r("127.0.0.1")), Ok(true));
+        // A plain undrain lifts the port-wise drains of the address too.
+        v.drain(None, r("127.0.0.1:8001"));
+        v.drain(Some("web7".into()), r("127.0.0.1:8002"));
+        assert_eq!(v.undrain(None, r("127.0.0.1")), Ok(true));
+        assert_eq!(weights(&mut v), [(one, 1), (two, 1), (other, 1)]);
+        // Handed over with its port, and forgotten once the config lists that port no more.
+        v.drain(None, r("127.0.0.1:8002"));
+        let d = v.drains();
+        assert_eq!((d[0].backend, d[0].port), (one.ip(), Some(8002)));
+        let without = Config::parse(
+            "[node]\ninterfaces = [\"lo\"]\n[[vip]]\nname = \"web7\"\naddress = \"127.0.0.1\"\nport = 8000\nforwarding = \"l7\"\nbackends = [{ address = \"127.0.0.1\", port = 8001 }]\n",
+            "t.toml".as_ref(),
+        )
+        .expect("valid");
+        assert_eq!(v.reconcile(&without), [(None, r("127.0.0.1:8002"))]);
     }
 }

@@ -221,6 +221,94 @@ pub fn route(vip: &Vip, client: IpAddr, sport: u16) -> Option<&crate::config::Ba
     Some(&vip.backends[ring[(h % vip.ring_size) as usize] as usize])
 }
 
+/// A flow `edgelb route` asks about, resolved against a config: the VIP it reaches and the
+/// fields XDP hashes. One resolution for both answers, the file's ([`RouteFlow::by_config`])
+/// and the running controller's ([`Dataplane::live_route`]), so they can differ only by the
+/// state the controller adds (drains, health verdicts, a reload not yet made).
+#[derive(Debug, Clone)]
+pub struct RouteFlow<'c> {
+    /// The VIP the flow reaches, as the config lists it.
+    pub vip: &'c Vip,
+    /// The client, in the family XDP sees (an IPv4-mapped address is its IPv4 client).
+    pub client: IpAddr,
+    /// The source port (0 when the VIP hashes the client address alone).
+    pub sport: u16,
+    /// The destination port: the VIP's, or for an any-port VIP the one it was given with.
+    pub dport: u16,
+}
+
+/// Why `edgelb route` has no answer: the question is wrong (exit 2) or the VIP places no new
+/// flow (exit 1).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// No such VIP, a client of the other family, a missing `--sport` or port.
+    #[error("{0}")]
+    BadQuestion(String),
+    /// The VIP has no backend for new flows, or is L7 (its proxy picks per request).
+    #[error("{0}")]
+    NoBackend(String),
+}
+
+impl<'c> RouteFlow<'c> {
+    /// Resolves `vip` (a name, address or address:port; `proto` when a TCP and a UDP VIP share
+    /// them), `client` and `sport` against `cfg`, as XDP would see such a flow.
+    pub fn resolve(
+        cfg: &'c Config,
+        vip: &str,
+        proto: Option<crate::config::Protocol>,
+        client: IpAddr,
+        sport: Option<u16>,
+    ) -> Result<RouteFlow<'c>, RouteError> {
+        let v = cfg.find_vip(vip, proto).map_err(RouteError::BadQuestion)?;
+        // An any-port VIP hashed on the 5-tuple places a flow by its destination port too: the
+        // one the VIP is given with.
+        let mut dport = v.port;
+        if v.port == 0 && v.hash == HashMode::FiveTuple {
+            dport = vip.parse::<std::net::SocketAddr>().map(|sa| sa.port()).map_err(|_| {
+                RouteError::BadQuestion(format!(
+                    "VIP {v} serves any port and hashes the 5-tuple: give it as address:port"
+                ))
+            })?;
+        }
+        // A client written IPv4-mapped is the IPv4 client whose packets XDP hashes; one of the
+        // other family never reaches the VIP at all.
+        let client = client.to_canonical();
+        if client.is_ipv4() != v.address.is_ipv4() {
+            return Err(RouteError::BadQuestion(format!(
+                "client {client} and VIP {v} are of different address families: its packets never reach this VIP"
+            )));
+        }
+        let sport = match (sport, v.hash) {
+            (Some(p), _) => p,
+            (None, HashMode::FiveTuple) => {
+                return Err(RouteError::BadQuestion(format!(
+                    "VIP {v} hashes the 5-tuple: give the flow's source port, --sport PORT"
+                )));
+            }
+            (None, HashMode::Client) => 0,
+        };
+        if v.forwarding == Forwarding::L7 {
+            return Err(RouteError::NoBackend(format!(
+                "VIP {v} is L7: its proxy picks a backend per request, not by an XDP ring"
+            )));
+        }
+        Ok(RouteFlow { vip: v, client, sport, dport })
+    }
+
+    /// The VIP as the flow hashes it: its port the flow's destination port.
+    fn hashed_vip(&self) -> Vip {
+        Vip { port: self.dport, ..self.vip.clone() }
+    }
+
+    /// The backend the ring of the config's weights gives the flow (no drains, no health
+    /// verdicts): what `edgelb route` answers when no controller does.
+    pub fn by_config(&self) -> Result<IpAddr, RouteError> {
+        route(&self.hashed_vip(), self.client, self.sport).map(|b| b.address).ok_or_else(|| {
+            RouteError::NoBackend(format!("VIP {} has no backend with weight", self.vip))
+        })
+    }
+}
+
 /// What user space remembers about a VIP's slot in the maps.
 struct VipSlot {
     index: u32,
@@ -1213,6 +1301,30 @@ impl Dataplane {
             report.backends_removed += 1;
         }
         Ok(())
+    }
+
+    /// The backend a new flow gets now: the ring slot XDP indexes for it, read from the kernel's
+    /// `RINGS` map in the VIP's live region, and the backend entry that slot names. `flow` is
+    /// resolved against the configured VIPs; the ring is whatever the last write left (drained
+    /// backends without slots, dead ones out of it, unless the VIP fails open).
+    pub fn live_route(&self, flow: &RouteFlow<'_>) -> Result<IpAddr, RouteError> {
+        let no = |why: &str| RouteError::NoBackend(format!("VIP {} {why}", flow.vip));
+        let slot = self.vips.get(&vip_key(flow.vip)).ok_or_else(|| no("is not in the maps"))?;
+        let meta = slot.meta;
+        if meta.ring_size == 0 {
+            return Err(no("has no backend for new flows (every one drained or weight 0)"));
+        }
+        let h = flow_hash(&flow.hashed_vip(), flow.client, flow.sport);
+        let read = |what: &str, e: &dyn std::fmt::Display| {
+            RouteError::NoBackend(format!("reading {what} of VIP {}: {e}", flow.vip))
+        };
+        let id = maps::get_slots(&self.maps.rings, meta.ring_base + h % meta.ring_size, 1)
+            .map_err(|e| read("the ring", &e))?[0];
+        let b = self.maps.backends.get(&id, 0).map_err(|e| read("the backend entry", &e))?;
+        if b.flags & backend_flags::PRESENT == 0 {
+            return Err(no("has a ring slot naming no present backend (a write in progress?)"));
+        }
+        Ok(words_addr(b.addr, b.family))
     }
 
     /// Backend entry id of `addr` in `vip`, if it is in the maps.
