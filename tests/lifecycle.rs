@@ -1763,6 +1763,59 @@ fn a_second_stop_signal_ends_the_drain() {
     drop(e);
 }
 
+/// `edgelb stop` waits as long as the running controller may drain its L7 requests (its answer
+/// says how long), not as long as the file on disk says by then: with the file edited to a short
+/// drain, it used to give up while the controller still drained, and say it was still stopping.
+#[test]
+fn stop_waits_for_the_running_drain_not_the_files() {
+    use std::io::{BufRead, BufReader};
+    let Some(mut bed) = Bed::up("stop-drain", &[1, 2, 3]) else { return };
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    bed.wait_for(l7);
+    // The running controller keeps its 30 s default; the file now says 1 s.
+    let text = std::fs::read_to_string(&bed.cfg_path).unwrap();
+    let edited = text.replace("[node]\n", "[node]\nl7_drain_timeout_ms = 1000\n");
+    assert_ne!(edited, text);
+    std::fs::write(&bed.cfg_path, edited).unwrap();
+    wait_l7_connections(&bed, 0);
+    let pending = BegunRequest::to(&bed, l7);
+    wait_l7_connections(&bed, 1);
+    let mut e = bed.edgelb.take().unwrap();
+    let mut child = e.child.take().unwrap();
+    let mut stop = Command::new(env!("CARGO_BIN_EXE_edgelb"))
+        .args(["stop", "--config"])
+        .arg(&bed.cfg_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("edgelb stop");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = stop.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let said = rx.recv_timeout(Duration::from_secs(10)).expect("stop says why it waits");
+    assert!(said.contains("up to 30000 ms"), "{said}");
+    // The request ends, the drain with it, and stop sees the controller gone.
+    pending.finish();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(st) = stop.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "edgelb stop still waits");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(status.success(), "edgelb stop: {status}; {rest:?}");
+    let st = child.wait(Duration::from_secs(5));
+    assert!(st.success(), "edgelb exit status {st}");
+    drop(e);
+}
+
 /// Clients pipelining scrapes on several connections do not hold the controller: admin
 /// commands are still answered (scrapes waiting together share one rendering).
 #[test]

@@ -447,15 +447,25 @@ fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
         }
         Ok(resp) => {
             // Wait for the controller to finish: it removes its socket last, once its L7
-            // requests are done (node.l7_drain_timeout_ms at most) and (without --detach) the
-            // data plane is gone.
+            // requests are done (node.l7_drain_timeout_ms at most: the running one, which the
+            // answer carries; an older controller's, as the file says) and (without --detach)
+            // the data plane is gone.
             let cfg = Config::load(&admin.config).ok();
-            let drain = cfg
-                .as_ref()
-                .map_or(edgelb::config::DEFAULT_L7_DRAIN_TIMEOUT, |c| c.node.l7_drain_timeout);
+            let drain = resp.drain_ms.map(std::time::Duration::from_millis).unwrap_or_else(|| {
+                cfg.as_ref()
+                    .map_or(edgelb::config::DEFAULT_L7_DRAIN_TIMEOUT, |c| c.node.l7_drain_timeout)
+            });
             let wait = drain + std::time::Duration::from_secs(30);
-            let deadline = std::time::Instant::now() + wait;
-            while socket.exists() && std::time::Instant::now() < deadline {
+            let started = std::time::Instant::now();
+            let mut said = false;
+            while socket.exists() && started.elapsed() < wait {
+                if !said && started.elapsed() >= std::time::Duration::from_secs(1) {
+                    eprintln!(
+                        "edgelb: waiting for the L7 requests in flight to finish (up to {} ms, its running node.l7_drain_timeout_ms; SIGTERM to edgelb ends them now)",
+                        drain.as_millis()
+                    );
+                    said = true;
+                }
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
             if socket.exists() {

@@ -166,6 +166,11 @@ pub struct Response {
     /// For `route`: the backend a new flow gets now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route: Option<RouteAnswer>,
+    /// For `stop`: how long the controller may drain its L7 requests before it exits (its
+    /// running `node.l7_drain_timeout_ms`), so that `edgelb stop` waits that long, not as long
+    /// as the file on disk says now. Absent from older controllers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_ms: Option<u64>,
 }
 
 /// The running controller's answer to [`Request::Route`].
@@ -283,6 +288,7 @@ impl Response {
             bad_config: false,
             bad_request: false,
             route: None,
+            drain_ms: None,
         }
     }
 

@@ -1103,10 +1103,14 @@ impl Controller {
             }
             Request::Reload { config } => self.reload(config.as_deref()),
             Request::Route { client, vip, sport, proto } => self.route(client, &vip, sport, proto),
-            Request::Stop { detach: true } => {
-                Response::ok("stopping; the data plane keeps running")
-            }
-            Request::Stop { detach: false } => Response::ok("stopping and removing the data plane"),
+            Request::Stop { detach } => Response {
+                drain_ms: Some(self.cfg.node.l7_drain_timeout.as_millis() as u64),
+                ..Response::ok(if detach {
+                    "stopping; the data plane keeps running"
+                } else {
+                    "stopping and removing the data plane"
+                })
+            },
             // Taken by `serve`, which leaves the loop for it.
             Request::Handover => Response::err("handover is answered by the controller loop"),
         }
