@@ -267,77 +267,6 @@ fn a_proxy_whose_threads_get_no_io_uring_fails_to_start() {
     assert!(TcpStream::connect(addr).is_err(), "no listener is left unanswered");
 }
 
-/// Runs this test binary again for `test` alone, with `EDGELB_FD_CHILD` set, and asserts that
-/// it passed there: for a test that lowers the process's descriptor limit, which would starve
-/// the tests running beside it. Bounded: the child is killed after 60 s.
-fn in_child(test: &str) {
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env("EDGELB_FD_CHILD", "1")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("run the test binary again");
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{test} did not finish in 60 s in its own process");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut out = String::new();
-    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
-    assert!(
-        status.success() && out.contains("1 passed"),
-        "{test} in its own process: {status}\n{out}"
-    );
-}
-
-/// Lowers this process's descriptor limit so that exactly `n` more descriptors can be opened,
-/// until the returned guard is dropped. Descriptors are numbered from the lowest free one and
-/// the limit bounds their numbers, so every free number below the limit is filled first.
-fn room_for(n: usize) -> impl Drop {
-    // The fillers hold the free numbers below the limit until the limit is back.
-    struct Room {
-        _fillers: Vec<std::fs::File>,
-        limit: libc::rlimit,
-    }
-    impl Drop for Room {
-        fn drop(&mut self) {
-            // SAFETY: setrlimit reads the struct it is given.
-            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &self.limit) }, 0);
-        }
-    }
-    use std::os::fd::AsRawFd;
-    let highest = std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .max()
-        .unwrap();
-    let mut fillers = Vec::new();
-    loop {
-        let f = std::fs::File::open("/dev/null").unwrap();
-        let fd = f.as_raw_fd();
-        if fd > highest {
-            // Every number up to `fd` is taken now; `fd` goes back, to be the first free.
-            drop(f);
-            let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-            // SAFETY: getrlimit and setrlimit read and write the structs they are given.
-            unsafe {
-                assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut old), 0);
-                let low = libc::rlimit { rlim_cur: (fd as usize + n) as libc::rlim_t, ..old };
-                assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &low), 0);
-            }
-            return Room { _fillers: fillers, limit: old };
-        }
-        fillers.push(f);
-    }
-}
-
 /// The value of the series `name{vip="web"}` (0 when it does not exist).
 fn vip_counter(m: &Metrics, name: &str) -> u64 {
     let prefix = format!("{name}{{vip=\"web\"}} ");
@@ -354,7 +283,7 @@ fn vip_counter(m: &Metrics, name: &str) -> u64 {
 fn out_of_descriptors_blames_no_backend_and_pauses_accepts() {
     const NAME: &str = "out_of_descriptors_blames_no_backend_and_pauses_accepts";
     if std::env::var_os("EDGELB_FD_CHILD").is_none() {
-        return in_child(NAME);
+        return common::in_child(NAME);
     }
     let b = backend("b", Mode::Ok);
     // Every request connects afresh; one failure would eject the backend.
@@ -364,7 +293,7 @@ fn out_of_descriptors_blames_no_backend_and_pauses_accepts() {
     // after the limit is set would leave more room than counted.
     p.connections_given_back().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let room = room_for(2);
+    let room = common::room_for(2);
     // The client's socket and the proxy's accepted one take the two descriptors left: the
     // proxy's connect to the backend fails with EMFILE.
     let r = get(p.addr, "/");
@@ -380,7 +309,7 @@ fn out_of_descriptors_blames_no_backend_and_pauses_accepts() {
     assert_eq!(get(p.addr, "/").0, 200);
     p.connections_given_back().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let room = room_for(1);
+    let room = common::room_for(1);
     // The client's socket takes the one descriptor left: the handshake completes in the
     // kernel, and the proxy's accept fails with EMFILE.
     let c = TcpStream::connect(p.addr).expect("the client's socket");

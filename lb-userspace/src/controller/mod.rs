@@ -1022,6 +1022,9 @@ impl Controller {
     }
 
     fn on_health(&mut self, ev: HealthEvent) -> bool {
+        if ev.local_failure {
+            self.metrics.probe_local_error();
+        }
         if !self.checker.is_current(ev.check) {
             return false; // from a check stopped since: the one that replaced it speaks now
         }

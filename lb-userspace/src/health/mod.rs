@@ -35,6 +35,10 @@ pub struct HealthEvent {
     pub latency: Option<Duration>,
     /// Why (the last probe's result), for flips.
     pub reason: String,
+    /// True when this probe failed on this node's side (out of descriptors, memory, buffers or
+    /// local ports): it says nothing of the backend, and left the state as it was. Counted in
+    /// `edgelb_health_probe_local_errors_total`, so that a node starving its own probes shows.
+    pub local_failure: bool,
     /// The check that probed: an event of a check since stopped (reconciled away, or restarted
     /// with new settings) is stale ([`Checker::is_current`]), and its verdict, sent just before
     /// the stop, must not overrule the check that replaced it.
@@ -267,6 +271,18 @@ impl Default for Hysteresis {
     }
 }
 
+/// Logs a probe that failed on this node's side, at most once every 10 s for the whole process:
+/// one line says it (the error and one check it happened to), where a flood of them, one per
+/// check and interval, would drown the log; the counter counts every one.
+fn say_local_failure(t: &Target, e: &str) {
+    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(PoisonError::into_inner);
+    if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+        *last = Some(Instant::now());
+        tracing::warn!(vip = %t.vip, backend = %t.backend, error = %e, "health probes cannot run: this node is out of descriptors, memory or local ports (the backends are not blamed: each keeps its state until its probes run again); said at most every 10 s");
+    }
+}
+
 fn run(t: Target, mut state: Hysteresis, stop: Arc<Stop>, events: Sender<HealthEvent>, id: u64) {
     let addr = t.probed();
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -280,8 +296,13 @@ fn run(t: Target, mut state: Hysteresis, stop: Arc<Stop>, events: Sender<HealthE
         if stop.raised() {
             return; // reconciled away during the probe: its result is for a check that is gone
         }
-        let ok = result.is_ok();
-        let changed = state.record(ok, t.check.rise, t.check.fall);
+        // A probe this node could not make (out of descriptors, say) counts neither way: the
+        // backend keeps its state and its streak, as the L7 proxy's passive health does.
+        let local_failure = matches!(&result, Err(probe::Failure::Local(_)));
+        if let Err(probe::Failure::Local(e)) = &result {
+            say_local_failure(&t, e);
+        }
+        let changed = !local_failure && state.record(result.is_ok(), t.check.rise, t.check.fall);
         let reason = match &result {
             Ok(d) if changed => {
                 format!("{} consecutive successes (last in {} ms)", t.check.rise, d.as_millis())
@@ -296,6 +317,7 @@ fn run(t: Target, mut state: Hysteresis, stop: Arc<Stop>, events: Sender<HealthE
             changed,
             latency: result.ok(),
             reason,
+            local_failure,
             check: id,
         };
         if events.send(ev).is_err() {

@@ -194,6 +194,8 @@ pub struct Metrics {
     pub kernel: Arc<Mutex<KernelSnapshot>>,
     health_latency: Family<BackendLabels, Histogram>,
     transitions: Family<TransitionLabels, Counter>,
+    /// Health probes that failed on this node's side (see [`Metrics::probe_local_error`]).
+    probe_local_errors: Counter,
     /// The (VIP, backend) pairs `health_latency` and `transitions` may have series of:
     /// prometheus-client cannot list a family's label sets, and [`Metrics::retain`] needs them.
     health_series: Mutex<HashSet<BackendLabels>>,
@@ -228,12 +230,21 @@ impl Metrics {
             "Health state changes of backends",
             transitions.clone(),
         );
+        let probe_local_errors = Counter::default();
+        registry.register(
+            "edgelb_health_probe_local_errors",
+            "Health-check probes that failed on this node's side (out of descriptors, memory, \
+             buffers or local ports): not counted against the backend, whose state they leave \
+             as it was",
+            probe_local_errors.clone(),
+        );
         let l7 = crate::proxy::L7Metrics::register(&mut registry);
         Metrics {
             registry,
             kernel,
             health_latency,
             transitions,
+            probe_local_errors,
             health_series: Mutex::default(),
             l7,
         }
@@ -244,6 +255,12 @@ impl Metrics {
         let labels = BackendLabels { vip: vip.to_owned(), backend };
         self.health_latency.get_or_create(&labels).observe(latency.as_secs_f64());
         self.health_series.lock().unwrap_or_else(PoisonError::into_inner).insert(labels);
+    }
+
+    /// Counts a probe that failed on this node's side: it said nothing of its backend, so no
+    /// other metric shows it, and a node starving its own probes would look all green.
+    pub fn probe_local_error(&self) {
+        self.probe_local_errors.inc();
     }
 
     /// Counts a health transition (`backend` as [`backend_label`] writes it).
