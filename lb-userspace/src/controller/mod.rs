@@ -355,6 +355,8 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         checks_missing: 0,
         lost: Vec::new(),
     };
+    // The counters of every configured backend exist from the start, at 0.
+    ctl.metrics.retain(&ctl.cfg);
     // The previous edgelb's runtime drains stay: an upgrade must not put a backend taken out
     // for maintenance back into service. Its dead backends stay out too, until this process's
     // checks (which start from these verdicts) see them rise; verdicts on checks this config

@@ -281,6 +281,11 @@ impl Metrics {
     /// everything still configured are untouched: their counters go on from where they were.
     /// A backend that comes back later starts new series from zero, as after a restart.
     ///
+    /// Every health-checked backend's transition counters, and every L7 backend's ejection
+    /// counter, are made here at 0 if they do not exist yet (the controller calls this at its
+    /// start too): a counter that appeared only at its first increment would hide that
+    /// increment from `increase()` and `rate()`, and a backend's first flap from a dashboard.
+    ///
     /// The kernel counters (of XDP VIPs only) and the up/weight gauges need nothing: they are
     /// rendered from the running config at each scrape.
     pub fn retain(&self, cfg: &crate::config::Config) {
@@ -308,6 +313,19 @@ impl Metrics {
             }
             false
         });
+        for vip in cfg.vips.iter().filter(|v| v.health.is_some()) {
+            for b in &vip.backends {
+                let pair = BackendLabels { vip: vip.name.clone(), backend: backend_label(vip, b) };
+                for to in ["up", "down"] {
+                    let _ = self.transitions.get_or_create(&TransitionLabels {
+                        vip: pair.vip.clone(),
+                        backend: pair.backend.clone(),
+                        to: to.to_owned(),
+                    });
+                }
+                series.insert(pair);
+            }
+        }
         drop(series);
         self.l7.retain(cfg);
     }
@@ -397,6 +415,41 @@ mod tests {
         for gauge in ["edgelb_backend_up", "edgelb_backend_weight"] {
             assert_eq!(sample(&text, gauge, "vip=\"app\",backend=\"198.18.0.11:80\""), Some(1.0));
         }
+    }
+
+    /// Every health-checked backend has its transition counters, and every L7 backend its
+    /// ejection counter, at 0 from the start (and from a reload that adds it): a series that
+    /// first appeared at its first increment would hide that increment from `increase()`, and
+    /// the first flap of a backend would not show on the dashboard.
+    #[test]
+    fn counters_exist_at_zero_before_their_first_increment() {
+        let m = Metrics::new();
+        m.retain(&config(&[11], false));
+        let text = m.encode();
+        let transitions = "edgelb_backend_transitions_total";
+        let ejections = "edgelb_l7_backend_ejections_total";
+        for (vip, backend) in [("web", "198.18.0.11"), ("app", "198.18.0.11:80")] {
+            let l = format!("vip=\"{vip}\",backend=\"{backend}\"");
+            for to in ["up", "down"] {
+                let series = format!("{l},to=\"{to}\"");
+                assert_eq!(sample(&text, transitions, &series), Some(0.0), "{text}");
+            }
+        }
+        let app = "vip=\"app\",backend=\"198.18.0.11:80\"";
+        assert_eq!(sample(&text, ejections, app), Some(0.0), "{text}");
+        // Only L7 backends have passive health.
+        assert_eq!(sample(&text, ejections, "vip=\"web\",backend=\"198.18.0.11\""), None);
+
+        // A backend a reload adds starts at 0 too; the others keep counting.
+        m.transition("web", "198.18.0.11".into(), false);
+        m.retain(&config(&[11, 12], false));
+        let text = m.encode();
+        let l = "vip=\"web\",backend=\"198.18.0.11\",to=\"down\"";
+        assert_eq!(sample(&text, transitions, l), Some(1.0), "{text}");
+        let l = "vip=\"web\",backend=\"198.18.0.12\",to=\"down\"";
+        assert_eq!(sample(&text, transitions, l), Some(0.0), "{text}");
+        let l = "vip=\"app\",backend=\"198.18.0.12:80\"";
+        assert_eq!(sample(&text, ejections, l), Some(0.0), "{text}");
     }
 
     /// After a reload, the series of the backends and VIPs it removed are gone (health checks

@@ -165,8 +165,9 @@ impl L7Metrics {
 
     /// Removes the per-backend series of the backends (VIP's own and routes') that `cfg`, the
     /// configured config a reload just put in force, no longer has; the others keep counting
-    /// from where they were. (The per-VIP series need nothing: a reload cannot change the set of
-    /// L7 VIPs, which takes a restart.)
+    /// from where they were. Every backend kept has its series, at 0 if it had none (see
+    /// [`crate::metrics::Metrics::retain`]). (The per-VIP series need nothing: a reload cannot
+    /// change the set of L7 VIPs, which takes a restart.)
     pub fn retain(&self, cfg: &Config) {
         let mut keep = HashSet::new();
         for vip in &cfg.vips {
@@ -185,6 +186,11 @@ impl L7Metrics {
             }
             kept
         });
+        for l in &keep {
+            if e.series.insert(l.clone()) {
+                let _ = self.ejections.get_or_create(l);
+            }
+        }
         e.configured = Some(keep);
     }
 }
