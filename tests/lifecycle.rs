@@ -1042,6 +1042,8 @@ fn l7_vip_passes_xdp_to_the_proxy_which_follows_health() {
     let to_down = "vip=\"web7\",backend=\"198.18.0.12:80\",to=\"down\"";
     let zero = format!("edgelb_backend_transitions_total{{{to_down}}} 0");
     assert!(before.lines().any(|l| l == zero), "{zero} missing:\n{before}");
+    // Every health check runs.
+    assert!(before.lines().any(|l| l == "edgelb_health_checks_missing 0"), "{before}");
     let answers = ask(&bed, 30);
     let mut seen = HashMap::<String, u32>::new();
     for a in answers {

@@ -932,6 +932,7 @@ impl Controller {
         // flip left queued would arrive from a stopped check, and be dropped as stale).
         self.apply_pending_health();
         self.checks_missing = self.checker.reconcile(&self.cfg, |v, b| self.verdicts.is_down(v, b));
+        self.metrics.checks_missing(self.checks_missing);
     }
 
     /// The config as the maps should have it (see [`Verdicts::effective`]).

@@ -139,13 +139,16 @@ pub struct Checker {
     current: HashSet<u64>,
     /// The id the next check started gets.
     next_id: u64,
+    /// How many checks the last reconcile could not start: an episode of them (the controller
+    /// retries every second) is logged when it begins and when it ends, not at every try.
+    missing: usize,
     events: Sender<HealthEvent>,
 }
 
 impl Checker {
     /// A checker that reports state changes on `events`.
     pub fn new(events: Sender<HealthEvent>) -> Checker {
-        Checker { running: HashMap::new(), current: HashSet::new(), next_id: 0, events }
+        Checker { running: HashMap::new(), current: HashSet::new(), next_id: 0, missing: 0, events }
     }
 
     /// Starts checks for targets new in `cfg` and stops those gone from it. A target whose check
@@ -155,7 +158,9 @@ impl Checker {
     /// controller has no verdict on starts healthy, so a restart never blackholes a pool.
     ///
     /// Returns how many checks could not start (no thread to be had: a process or cgroup task
-    /// limit), each logged; calling it again starts them, and the rest run meanwhile.
+    /// limit); calling it again starts them, and the rest run meanwhile. Such an episode is
+    /// logged once when it begins (how many, and the first one's error) and once when every
+    /// check runs, not at each try: the controller tries every second.
     pub fn reconcile(&mut self, cfg: &Config, down: impl Fn(&str, SocketAddr) -> bool) -> usize {
         let wanted = targets(cfg);
         let keep: HashSet<&Target> = wanted.iter().collect();
@@ -170,6 +175,7 @@ impl Checker {
             kept
         });
         let mut failed = 0;
+        let mut first_failure = None;
         for t in wanted {
             if self.running.contains_key(&t) {
                 continue;
@@ -192,10 +198,19 @@ impl Checker {
                 }
                 Err(e) => {
                     failed += 1;
-                    tracing::error!(vip = %t.vip, backend = %t.backend, error = %e, "health check could not start (no thread); retrying");
+                    first_failure.get_or_insert((t.vip, t.backend, e));
                 }
             }
         }
+        if let Some((vip, backend, e)) = first_failure.filter(|_| self.missing == 0) {
+            tracing::error!(%vip, %backend, error = %e, "{failed} health checks could not start (no thread to be had: a process or cgroup task limit; the first one's error is given); retried every second, said again once all run; meanwhile their backends keep the controller's verdict (up unless known down), and edgelb_health_checks_missing counts them");
+        } else if failed == 0 && self.missing > 0 {
+            tracing::info!(
+                started = self.missing,
+                "every health check runs: those that could not start have started"
+            );
+        }
+        self.missing = failed;
         failed
     }
 

@@ -27,7 +27,7 @@ use prometheus_client::{
         MetricType,
         counter::{ConstCounter, Counter},
         family::Family,
-        gauge::ConstGauge,
+        gauge::{ConstGauge, Gauge},
         histogram::Histogram,
     },
     registry::{Registry, Unit},
@@ -196,6 +196,8 @@ pub struct Metrics {
     transitions: Family<TransitionLabels, Counter>,
     /// Health probes that failed on this node's side (see [`Metrics::probe_local_error`]).
     probe_local_errors: Counter,
+    /// Health checks that could not start (see [`Metrics::checks_missing`]).
+    checks_missing: Gauge,
     /// The (VIP, backend) pairs `health_latency` and `transitions` may have series of:
     /// prometheus-client cannot list a family's label sets, and [`Metrics::retain`] needs them.
     health_series: Mutex<HashSet<BackendLabels>>,
@@ -238,8 +240,17 @@ impl Metrics {
              as it was",
             probe_local_errors.clone(),
         );
+        let checks_missing = Gauge::default();
+        registry.register(
+            "edgelb_health_checks_missing",
+            "Health checks that could not start (no thread to be had: a process or cgroup task \
+             limit), retried every second: their backends keep the controller's verdict (up \
+             unless known down) while no probe runs",
+            checks_missing.clone(),
+        );
         let l7 = crate::proxy::L7Metrics::register(&mut registry);
         Metrics {
+            checks_missing,
             registry,
             kernel,
             health_latency,
@@ -261,6 +272,12 @@ impl Metrics {
     /// other metric shows it, and a node starving its own probes would look all green.
     pub fn probe_local_error(&self) {
         self.probe_local_errors.inc();
+    }
+
+    /// Sets how many health checks could not start: their backends read `up` without any probe
+    /// behind it, and only this gauge (and one log line per episode) says so.
+    pub fn checks_missing(&self, n: usize) {
+        self.checks_missing.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Counts a health transition (`backend` as [`backend_label`] writes it).
@@ -450,6 +467,22 @@ mod tests {
         assert_eq!(sample(&text, transitions, l), Some(0.0), "{text}");
         let l = "vip=\"app\",backend=\"198.18.0.12:80\"";
         assert_eq!(sample(&text, ejections, l), Some(0.0), "{text}");
+    }
+
+    /// Health checks that could not start show in their gauge, 0 while every check runs.
+    #[test]
+    fn missing_health_checks_are_exported() {
+        let m = Metrics::new();
+        let missing = |m: &Metrics| {
+            m.encode()
+                .lines()
+                .find_map(|l| l.strip_prefix("edgelb_health_checks_missing ")?.parse::<i64>().ok())
+        };
+        assert_eq!(missing(&m), Some(0));
+        m.checks_missing(3);
+        assert_eq!(missing(&m), Some(3));
+        m.checks_missing(0);
+        assert_eq!(missing(&m), Some(0));
     }
 
     /// After a reload, the series of the backends and VIPs it removed are gone (health checks
