@@ -1295,6 +1295,13 @@ fn l7_vip_passes_xdp_to_the_proxy_which_follows_health() {
         .unwrap()
     };
     let before = scrape(&bed);
+    // The transition counters exist from the start, at 0, so that `increase()` sees the first
+    // flap below (a series born at 1 has no increase).
+    let to_down = "vip=\"web7\",backend=\"198.18.0.12:80\",to=\"down\"";
+    let zero = format!("edgelb_backend_transitions_total{{{to_down}}} 0");
+    assert!(before.lines().any(|l| l == zero), "{zero} missing:\n{before}");
+    // Every health check runs.
+    assert!(before.lines().any(|l| l == "edgelb_health_checks_missing 0"), "{before}");
     let answers = ask(&bed, 30);
     let mut seen = HashMap::<String, u32>::new();
     for a in answers {
@@ -1333,7 +1340,6 @@ fn l7_vip_passes_xdp_to_the_proxy_which_follows_health() {
     let now = scrape(&bed);
     assert_eq!(metric(&now, "edgelb_backend_up", "vip=\"web7\",backend=\"198.18.0.12:80\""), 0.0);
     assert_eq!(metric(&now, "edgelb_backend_up", "vip=\"web7\",backend=\"198.18.0.11:80\""), 1.0);
-    let to_down = "vip=\"web7\",backend=\"198.18.0.12:80\",to=\"down\"";
     assert_eq!(metric(&now, "edgelb_backend_transitions_total", to_down), 1.0, "{now}");
 }
 

@@ -155,3 +155,74 @@ pub fn deny_io_uring_setup() -> std::io::Result<()> {
     };
     if ok { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
+
+/// Runs this test binary again for `test` alone, with `EDGELB_FD_CHILD` set, and asserts that
+/// it passed there: for a test that lowers a limit of the whole process (its descriptors, its
+/// address space), which would starve the tests running beside it. Bounded: the child is killed after 60 s.
+pub fn in_child(test: &str) {
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env("EDGELB_FD_CHILD", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the test binary again");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{test} did not finish in 60 s in its own process");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(
+        status.success() && out.contains("1 passed"),
+        "{test} in its own process: {status}\n{out}"
+    );
+}
+
+/// Lowers this process's descriptor limit so that exactly `n` more descriptors can be opened,
+/// until the returned guard is dropped. Descriptors are numbered from the lowest free one and
+/// the limit bounds their numbers, so every free number below the limit is filled first.
+pub fn room_for(n: usize) -> impl Drop {
+    // The fillers hold the free numbers below the limit until the limit is back.
+    struct Room {
+        _fillers: Vec<std::fs::File>,
+        limit: libc::rlimit,
+    }
+    impl Drop for Room {
+        fn drop(&mut self) {
+            // SAFETY: setrlimit reads the struct it is given.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &self.limit) }, 0);
+        }
+    }
+    use std::os::fd::AsRawFd;
+    let highest = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .max()
+        .unwrap();
+    let mut fillers = Vec::new();
+    loop {
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let fd = f.as_raw_fd();
+        if fd > highest {
+            // Every number up to `fd` is taken now; `fd` goes back, to be the first free.
+            drop(f);
+            let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            // SAFETY: getrlimit and setrlimit read and write the structs they are given.
+            unsafe {
+                assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut old), 0);
+                let low = libc::rlimit { rlim_cur: (fd as usize + n) as libc::rlim_t, ..old };
+                assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &low), 0);
+            }
+            return Room { _fillers: fillers, limit: old };
+        }
+        fillers.push(f);
+    }
+}

@@ -355,6 +355,8 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         checks_missing: 0,
         lost: Vec::new(),
     };
+    // The counters of every configured backend exist from the start, at 0.
+    ctl.metrics.retain(&ctl.cfg);
     // The previous edgelb's runtime drains stay: an upgrade must not put a backend taken out
     // for maintenance back into service. Its dead backends stay out too, until this process's
     // checks (which start from these verdicts) see them rise; verdicts on checks this config
@@ -930,6 +932,7 @@ impl Controller {
         // flip left queued would arrive from a stopped check, and be dropped as stale).
         self.apply_pending_health();
         self.checks_missing = self.checker.reconcile(&self.cfg, |v, b| self.verdicts.is_down(v, b));
+        self.metrics.checks_missing(self.checks_missing);
     }
 
     /// The config as the maps should have it (see [`Verdicts::effective`]).
@@ -1022,6 +1025,9 @@ impl Controller {
     }
 
     fn on_health(&mut self, ev: HealthEvent) -> bool {
+        if ev.local_failure {
+            self.metrics.probe_local_error();
+        }
         if !self.checker.is_current(ev.check) {
             return false; // from a check stopped since: the one that replaced it speaks now
         }

@@ -35,6 +35,10 @@ pub struct HealthEvent {
     pub latency: Option<Duration>,
     /// Why (the last probe's result), for flips.
     pub reason: String,
+    /// True when this probe failed on this node's side (out of descriptors, memory, buffers or
+    /// local ports): it says nothing of the backend, and left the state as it was. Counted in
+    /// `edgelb_health_probe_local_errors_total`, so that a node starving its own probes shows.
+    pub local_failure: bool,
     /// The check that probed: an event of a check since stopped (reconciled away, or restarted
     /// with new settings) is stale ([`Checker::is_current`]), and its verdict, sent just before
     /// the stop, must not overrule the check that replaced it.
@@ -135,13 +139,16 @@ pub struct Checker {
     current: HashSet<u64>,
     /// The id the next check started gets.
     next_id: u64,
+    /// How many checks the last reconcile could not start: an episode of them (the controller
+    /// retries every second) is logged when it begins and when it ends, not at every try.
+    missing: usize,
     events: Sender<HealthEvent>,
 }
 
 impl Checker {
     /// A checker that reports state changes on `events`.
     pub fn new(events: Sender<HealthEvent>) -> Checker {
-        Checker { running: HashMap::new(), current: HashSet::new(), next_id: 0, events }
+        Checker { running: HashMap::new(), current: HashSet::new(), next_id: 0, missing: 0, events }
     }
 
     /// Starts checks for targets new in `cfg` and stops those gone from it. A target whose check
@@ -151,7 +158,9 @@ impl Checker {
     /// controller has no verdict on starts healthy, so a restart never blackholes a pool.
     ///
     /// Returns how many checks could not start (no thread to be had: a process or cgroup task
-    /// limit), each logged; calling it again starts them, and the rest run meanwhile.
+    /// limit); calling it again starts them, and the rest run meanwhile. Such an episode is
+    /// logged once when it begins (how many, and the first one's error) and once when every
+    /// check runs, not at each try: the controller tries every second.
     pub fn reconcile(&mut self, cfg: &Config, down: impl Fn(&str, SocketAddr) -> bool) -> usize {
         let wanted = targets(cfg);
         let keep: HashSet<&Target> = wanted.iter().collect();
@@ -166,6 +175,7 @@ impl Checker {
             kept
         });
         let mut failed = 0;
+        let mut first_failure = None;
         for t in wanted {
             if self.running.contains_key(&t) {
                 continue;
@@ -188,10 +198,19 @@ impl Checker {
                 }
                 Err(e) => {
                     failed += 1;
-                    tracing::error!(vip = %t.vip, backend = %t.backend, error = %e, "health check could not start (no thread); retrying");
+                    first_failure.get_or_insert((t.vip, t.backend, e));
                 }
             }
         }
+        if let Some((vip, backend, e)) = first_failure.filter(|_| self.missing == 0) {
+            tracing::error!(%vip, %backend, error = %e, "{failed} health checks could not start (no thread to be had: a process or cgroup task limit; the first one's error is given); retried every second, said again once all run; meanwhile their backends keep the controller's verdict (up unless known down), and edgelb_health_checks_missing counts them");
+        } else if failed == 0 && self.missing > 0 {
+            tracing::info!(
+                started = self.missing,
+                "every health check runs: those that could not start have started"
+            );
+        }
+        self.missing = failed;
         failed
     }
 
@@ -267,6 +286,18 @@ impl Default for Hysteresis {
     }
 }
 
+/// Logs a probe that failed on this node's side, at most once every 10 s for the whole process:
+/// one line says it (the error and one check it happened to), where a flood of them, one per
+/// check and interval, would drown the log; the counter counts every one.
+fn say_local_failure(t: &Target, e: &str) {
+    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(PoisonError::into_inner);
+    if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+        *last = Some(Instant::now());
+        tracing::warn!(vip = %t.vip, backend = %t.backend, error = %e, "health probes cannot run: this node is out of descriptors, memory or local ports (the backends are not blamed: each keeps its state until its probes run again); said at most every 10 s");
+    }
+}
+
 fn run(t: Target, mut state: Hysteresis, stop: Arc<Stop>, events: Sender<HealthEvent>, id: u64) {
     let addr = t.probed();
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -280,8 +311,13 @@ fn run(t: Target, mut state: Hysteresis, stop: Arc<Stop>, events: Sender<HealthE
         if stop.raised() {
             return; // reconciled away during the probe: its result is for a check that is gone
         }
-        let ok = result.is_ok();
-        let changed = state.record(ok, t.check.rise, t.check.fall);
+        // A probe this node could not make (out of descriptors, say) counts neither way: the
+        // backend keeps its state and its streak, as the L7 proxy's passive health does.
+        let local_failure = matches!(&result, Err(probe::Failure::Local(_)));
+        if let Err(probe::Failure::Local(e)) = &result {
+            say_local_failure(&t, e);
+        }
+        let changed = !local_failure && state.record(result.is_ok(), t.check.rise, t.check.fall);
         let reason = match &result {
             Ok(d) if changed => {
                 format!("{} consecutive successes (last in {} ms)", t.check.rise, d.as_millis())
@@ -296,6 +332,7 @@ fn run(t: Target, mut state: Hysteresis, stop: Arc<Stop>, events: Sender<HealthE
             changed,
             latency: result.ok(),
             reason,
+            local_failure,
             check: id,
         };
         if events.send(ev).is_err() {

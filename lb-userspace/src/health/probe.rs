@@ -1,12 +1,41 @@
 //! The probes themselves: blocking std sockets, each bounded by the check's timeout.
 
 use std::{
+    fmt,
     io::{Read, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
 use crate::config::{CheckKind, HealthCheck};
+
+/// Why a probe failed: the backend's doing, or this node's own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The backend refused, did not answer in time, or answered wrong: the probe counts toward
+    /// the check's `fall`.
+    Backend(String),
+    /// This node is out of descriptors, memory, buffers or local ports
+    /// ([`crate::proxy::local_failure`], as the L7 proxy's passive health judges it): the probe
+    /// says nothing of the backend, and counts neither way.
+    Local(String),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Backend(why) | Failure::Local(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Maps a failed socket call (`what`: which one) to a [`Failure`] by whose side it failed on.
+fn failed(what: &'static str) -> impl Fn(std::io::Error) -> Failure {
+    move |e| {
+        let why = format!("{what}: {e}");
+        if crate::proxy::local_failure(&e) { Failure::Local(why) } else { Failure::Backend(why) }
+    }
+}
 
 /// A TCP connection to `addr` within `check`'s timeout; when the backend expects the PROXY
 /// protocol, opened with its header (else the backend refuses an HTTP probe, and logs a broken
@@ -17,18 +46,17 @@ fn connect(
     check: &HealthCheck,
     addr: SocketAddr,
     left: impl Fn() -> Duration,
-) -> Result<TcpStream, String> {
-    let mut s =
-        TcpStream::connect_timeout(&addr, check.timeout).map_err(|e| format!("connect: {e}"))?;
+) -> Result<TcpStream, Failure> {
+    let mut s = TcpStream::connect_timeout(&addr, check.timeout).map_err(failed("connect"))?;
     if let Some(v) = check.proxy_protocol {
-        s.set_write_timeout(Some(left())).map_err(|e| e.to_string())?;
-        s.write_all(&crate::proxy::proxy_header_local(v)).map_err(|e| format!("send: {e}"))?;
+        s.set_write_timeout(Some(left())).map_err(failed("timeout"))?;
+        s.write_all(&crate::proxy::proxy_header_local(v)).map_err(failed("send"))?;
     }
     Ok(s)
 }
 
-/// Runs one probe; Ok with its latency, or why it failed.
-pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, String> {
+/// Runs one probe; Ok with its latency, or why it failed, and on whose side.
+pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, Failure> {
     let start = Instant::now();
     let deadline = start + check.timeout;
     let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
@@ -43,12 +71,12 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, String> 
                 SocketAddr::V4(a) => a.ip().to_string(),
                 SocketAddr::V6(a) => format!("[{}]", a.ip()),
             });
-            s.set_write_timeout(Some(left())).map_err(|e| e.to_string())?;
+            s.set_write_timeout(Some(left())).map_err(failed("timeout"))?;
             write!(
                 s,
                 "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: edgelb-health\r\nConnection: close\r\n\r\n"
             )
-            .map_err(|e| format!("send: {e}"))?;
+            .map_err(failed("send"))?;
             // Read until the answer is decided: a complete head with the wrong status, or the
             // right one and no body to look for, or the body text found; else the end of the
             // stream, 64 KiB, or the timeout (however slowly the bytes come) decides on what
@@ -58,16 +86,22 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, String> 
             let mut chunk = [0u8; 4096];
             let verdict = loop {
                 if let Some(v) = judge(&buf, *expect_status, expect_body.as_deref(), false) {
-                    break v;
+                    break v.map_err(Failure::Backend);
                 }
+                let timed_out = || {
+                    Failure::Backend(format!(
+                        "no whole response within {} ms",
+                        check.timeout.as_millis()
+                    ))
+                };
                 let cut = if buf.len() > 64 * 1024 {
-                    "the answer passed 64 KiB".to_owned()
+                    Failure::Backend("the answer passed 64 KiB".to_owned())
                 } else if Instant::now() >= deadline {
-                    format!("no whole response within {} ms", check.timeout.as_millis())
+                    timed_out()
                 } else {
-                    s.set_read_timeout(Some(left())).map_err(|e| e.to_string())?;
+                    s.set_read_timeout(Some(left())).map_err(failed("timeout"))?;
                     match s.read(&mut chunk) {
-                        Ok(0) => "the backend closed".to_owned(),
+                        Ok(0) => Failure::Backend("the backend closed".to_owned()),
                         Ok(n) => {
                             buf.extend_from_slice(&chunk[..n]);
                             continue;
@@ -76,13 +110,14 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, String> 
                             if e.kind() == std::io::ErrorKind::WouldBlock
                                 || e.kind() == std::io::ErrorKind::TimedOut =>
                         {
-                            format!("no whole response within {} ms", check.timeout.as_millis())
+                            timed_out()
                         }
-                        Err(e) => format!("read: {e}"),
+                        Err(e) => failed("read")(e),
                     }
                 };
                 // Nothing more comes: decide on what arrived, or say why there is no answer.
                 break judge(&buf, *expect_status, expect_body.as_deref(), true)
+                    .map(|v| v.map_err(Failure::Backend))
                     .unwrap_or(Err(cut));
             };
             verdict?;
@@ -93,10 +128,10 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, String> 
             } else {
                 "[::]:0".parse().unwrap()
             };
-            let s = UdpSocket::bind(local).map_err(|e| format!("bind: {e}"))?;
-            s.connect(addr).map_err(|e| format!("connect: {e}"))?;
-            s.send(send.as_bytes()).map_err(|e| format!("send: {e}"))?;
-            s.set_read_timeout(Some(left())).map_err(|e| e.to_string())?;
+            let s = UdpSocket::bind(local).map_err(failed("bind"))?;
+            s.connect(addr).map_err(failed("connect"))?;
+            s.send(send.as_bytes()).map_err(failed("send"))?;
+            s.set_read_timeout(Some(left())).map_err(failed("timeout"))?;
             // The largest datagram whole: a longer answer's tail would be cut off, and an
             // `expect` found there missed. One buffer per check's thread, not one per probe.
             thread_local! {
@@ -104,10 +139,10 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, String> 
                     std::cell::RefCell::new(vec![0u8; crate::config::MAX_UDP_PROBE]);
             }
             ANSWER.with_borrow_mut(|buf| {
-                let n = s.recv(buf).map_err(|e| format!("no answer: {e}"))?;
+                let n = s.recv(buf).map_err(failed("no answer"))?;
                 match expect {
                     Some(want) if !String::from_utf8_lossy(&buf[..n]).contains(want.as_str()) => {
-                        Err(format!("answer lacks {want:?}"))
+                        Err(Failure::Backend(format!("answer lacks {want:?}")))
                     }
                     _ => Ok(()),
                 }
@@ -198,7 +233,7 @@ mod tests {
         let (addr, _) = server("127.0.0.1:0", |s| {
             let _ = s.write_all(b"HTTP/1.0 500 Oops\r\n\r\nHTTP/1.0 200 OK");
         });
-        let e = probe(&http(1000, None), addr).unwrap_err();
+        let e = probe(&http(1000, None), addr).unwrap_err().to_string();
         assert!(e.contains("status 500"), "{e}");
     }
 
@@ -232,7 +267,7 @@ mod tests {
         assert!(probe(&udp("backend-1"), addr).is_ok(), "the expected text at the end");
         // Twice on one thread: the buffer it keeps is read afresh.
         assert!(probe(&udp("backend-1"), addr).is_ok());
-        let e = probe(&udp("backend-2"), addr).unwrap_err();
+        let e = probe(&udp("backend-2"), addr).unwrap_err().to_string();
         assert!(e.contains("answer lacks"), "{e}");
     }
 
@@ -265,7 +300,7 @@ mod tests {
             let _ = s.write_all(b"HTTP/1.0 200 OK\r\nX-Half");
             let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
         });
-        let e = probe(&http(1000, None), addr).unwrap_err();
+        let e = probe(&http(1000, None), addr).unwrap_err().to_string();
         assert!(e.contains("incomplete response head"), "{e}");
     }
 

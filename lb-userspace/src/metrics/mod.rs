@@ -27,7 +27,7 @@ use prometheus_client::{
         MetricType,
         counter::{ConstCounter, Counter},
         family::Family,
-        gauge::ConstGauge,
+        gauge::{ConstGauge, Gauge},
         histogram::Histogram,
     },
     registry::{Registry, Unit},
@@ -194,6 +194,10 @@ pub struct Metrics {
     pub kernel: Arc<Mutex<KernelSnapshot>>,
     health_latency: Family<BackendLabels, Histogram>,
     transitions: Family<TransitionLabels, Counter>,
+    /// Health probes that failed on this node's side (see [`Metrics::probe_local_error`]).
+    probe_local_errors: Counter,
+    /// Health checks that could not start (see [`Metrics::checks_missing`]).
+    checks_missing: Gauge,
     /// The (VIP, backend) pairs `health_latency` and `transitions` may have series of:
     /// prometheus-client cannot list a family's label sets, and [`Metrics::retain`] needs them.
     health_series: Mutex<HashSet<BackendLabels>>,
@@ -228,12 +232,30 @@ impl Metrics {
             "Health state changes of backends",
             transitions.clone(),
         );
+        let probe_local_errors = Counter::default();
+        registry.register(
+            "edgelb_health_probe_local_errors",
+            "Health-check probes that failed on this node's side (out of descriptors, memory, \
+             buffers or local ports): not counted against the backend, whose state they leave \
+             as it was",
+            probe_local_errors.clone(),
+        );
+        let checks_missing = Gauge::default();
+        registry.register(
+            "edgelb_health_checks_missing",
+            "Health checks that could not start (no thread to be had: a process or cgroup task \
+             limit), retried every second: their backends keep the controller's verdict (up \
+             unless known down) while no probe runs",
+            checks_missing.clone(),
+        );
         let l7 = crate::proxy::L7Metrics::register(&mut registry);
         Metrics {
+            checks_missing,
             registry,
             kernel,
             health_latency,
             transitions,
+            probe_local_errors,
             health_series: Mutex::default(),
             l7,
         }
@@ -244,6 +266,18 @@ impl Metrics {
         let labels = BackendLabels { vip: vip.to_owned(), backend };
         self.health_latency.get_or_create(&labels).observe(latency.as_secs_f64());
         self.health_series.lock().unwrap_or_else(PoisonError::into_inner).insert(labels);
+    }
+
+    /// Counts a probe that failed on this node's side: it said nothing of its backend, so no
+    /// other metric shows it, and a node starving its own probes would look all green.
+    pub fn probe_local_error(&self) {
+        self.probe_local_errors.inc();
+    }
+
+    /// Sets how many health checks could not start: their backends read `up` without any probe
+    /// behind it, and only this gauge (and one log line per episode) says so.
+    pub fn checks_missing(&self, n: usize) {
+        self.checks_missing.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Counts a health transition (`backend` as [`backend_label`] writes it).
@@ -263,6 +297,11 @@ impl Metrics {
     /// drained is still configured) no longer has, health-check and L7 alike. The series of
     /// everything still configured are untouched: their counters go on from where they were.
     /// A backend that comes back later starts new series from zero, as after a restart.
+    ///
+    /// Every health-checked backend's transition counters, and every L7 backend's ejection
+    /// counter, are made here at 0 if they do not exist yet (the controller calls this at its
+    /// start too): a counter that appeared only at its first increment would hide that
+    /// increment from `increase()` and `rate()`, and a backend's first flap from a dashboard.
     ///
     /// The kernel counters (of XDP VIPs only) and the up/weight gauges need nothing: they are
     /// rendered from the running config at each scrape.
@@ -291,6 +330,19 @@ impl Metrics {
             }
             false
         });
+        for vip in cfg.vips.iter().filter(|v| v.health.is_some()) {
+            for b in &vip.backends {
+                let pair = BackendLabels { vip: vip.name.clone(), backend: backend_label(vip, b) };
+                for to in ["up", "down"] {
+                    let _ = self.transitions.get_or_create(&TransitionLabels {
+                        vip: pair.vip.clone(),
+                        backend: pair.backend.clone(),
+                        to: to.to_owned(),
+                    });
+                }
+                series.insert(pair);
+            }
+        }
         drop(series);
         self.l7.retain(cfg);
     }
@@ -380,6 +432,57 @@ mod tests {
         for gauge in ["edgelb_backend_up", "edgelb_backend_weight"] {
             assert_eq!(sample(&text, gauge, "vip=\"app\",backend=\"198.18.0.11:80\""), Some(1.0));
         }
+    }
+
+    /// Every health-checked backend has its transition counters, and every L7 backend its
+    /// ejection counter, at 0 from the start (and from a reload that adds it): a series that
+    /// first appeared at its first increment would hide that increment from `increase()`, and
+    /// the first flap of a backend would not show on the dashboard.
+    #[test]
+    fn counters_exist_at_zero_before_their_first_increment() {
+        let m = Metrics::new();
+        m.retain(&config(&[11], false));
+        let text = m.encode();
+        let transitions = "edgelb_backend_transitions_total";
+        let ejections = "edgelb_l7_backend_ejections_total";
+        for (vip, backend) in [("web", "198.18.0.11"), ("app", "198.18.0.11:80")] {
+            let l = format!("vip=\"{vip}\",backend=\"{backend}\"");
+            for to in ["up", "down"] {
+                let series = format!("{l},to=\"{to}\"");
+                assert_eq!(sample(&text, transitions, &series), Some(0.0), "{text}");
+            }
+        }
+        let app = "vip=\"app\",backend=\"198.18.0.11:80\"";
+        assert_eq!(sample(&text, ejections, app), Some(0.0), "{text}");
+        // Only L7 backends have passive health.
+        assert_eq!(sample(&text, ejections, "vip=\"web\",backend=\"198.18.0.11\""), None);
+
+        // A backend a reload adds starts at 0 too; the others keep counting.
+        m.transition("web", "198.18.0.11".into(), false);
+        m.retain(&config(&[11, 12], false));
+        let text = m.encode();
+        let l = "vip=\"web\",backend=\"198.18.0.11\",to=\"down\"";
+        assert_eq!(sample(&text, transitions, l), Some(1.0), "{text}");
+        let l = "vip=\"web\",backend=\"198.18.0.12\",to=\"down\"";
+        assert_eq!(sample(&text, transitions, l), Some(0.0), "{text}");
+        let l = "vip=\"app\",backend=\"198.18.0.12:80\"";
+        assert_eq!(sample(&text, ejections, l), Some(0.0), "{text}");
+    }
+
+    /// Health checks that could not start show in their gauge, 0 while every check runs.
+    #[test]
+    fn missing_health_checks_are_exported() {
+        let m = Metrics::new();
+        let missing = |m: &Metrics| {
+            m.encode()
+                .lines()
+                .find_map(|l| l.strip_prefix("edgelb_health_checks_missing ")?.parse::<i64>().ok())
+        };
+        assert_eq!(missing(&m), Some(0));
+        m.checks_missing(3);
+        assert_eq!(missing(&m), Some(3));
+        m.checks_missing(0);
+        assert_eq!(missing(&m), Some(0));
     }
 
     /// After a reload, the series of the backends and VIPs it removed are gone (health checks

@@ -86,6 +86,41 @@ pub struct L7Metrics {
     pub accept_errors: Family<VipLabel, Counter>,
     /// Which `ejections` series exist and which backends may have one.
     ejected: Arc<Mutex<Ejected>>,
+    /// The backends of the running pools, for `edgelb_l7_backend_passive_down`.
+    passive: PassiveDown,
+}
+
+/// Renders `edgelb_l7_backend_passive_down{vip,backend}` at scrape time from the live state of
+/// the running pools' backends (set by [`Proxy::update`]): the controller's `up` and `weight`
+/// gauges know active health and drains only, and an ejection is otherwise seen only as its
+/// counter's increment, not as how long it lasts.
+#[derive(Clone, Debug, Default)]
+struct PassiveDown(Arc<Mutex<Vec<PoolBackend>>>);
+
+/// A backend of a running pool: its VIP's name and its live state.
+type PoolBackend = (String, Arc<BackendState>);
+
+impl prometheus_client::collector::Collector for PassiveDown {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let backends = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut m = encoder.encode_descriptor(
+            "edgelb_l7_backend_passive_down",
+            "1 while an L7 backend is out of rotation by passive health (max_fails failures in \
+             a row, for fail_timeout), else 0",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (vip, b) in backends.iter() {
+            let label = BackendLabel { vip: vip.clone(), backend: b.addr.to_string() };
+            prometheus_client::metrics::gauge::ConstGauge::new(i64::from(b.passive_down()))
+                .encode(m.encode_family(&label)?)?;
+        }
+        Ok(())
+    }
 }
 
 /// The label sets of [`L7Metrics::ejections`]: prometheus-client cannot list them, and
@@ -117,7 +152,9 @@ impl L7Metrics {
             ejections: Family::default(),
             accept_errors: Family::default(),
             ejected: Arc::default(),
+            passive: PassiveDown::default(),
         };
+        registry.register_collector(Box::new(m.passive.clone()));
         registry.register(
             "edgelb_l7_accept_errors",
             "Failed accepts on L7 listeners (out of descriptors or memory, mostly)",
@@ -165,8 +202,9 @@ impl L7Metrics {
 
     /// Removes the per-backend series of the backends (VIP's own and routes') that `cfg`, the
     /// configured config a reload just put in force, no longer has; the others keep counting
-    /// from where they were. (The per-VIP series need nothing: a reload cannot change the set of
-    /// L7 VIPs, which takes a restart.)
+    /// from where they were. Every backend kept has its series, at 0 if it had none (see
+    /// [`crate::metrics::Metrics::retain`]). (The per-VIP series need nothing: a reload cannot
+    /// change the set of L7 VIPs, which takes a restart.)
     pub fn retain(&self, cfg: &Config) {
         let mut keep = HashSet::new();
         for vip in &cfg.vips {
@@ -185,6 +223,11 @@ impl L7Metrics {
             }
             kept
         });
+        for l in &keep {
+            if e.series.insert(l.clone()) {
+                let _ = self.ejections.get_or_create(l);
+            }
+        }
         e.configured = Some(keep);
     }
 }
@@ -617,6 +660,9 @@ impl Proxy {
         for (k, s) in left {
             self.retired.insert(k, Arc::downgrade(&s));
         }
+        let mut passive: Vec<_> = keep.iter().map(|((v, _), s)| (v.clone(), s.clone())).collect();
+        passive.sort_by(|a, b| (&a.0, a.1.addr).cmp(&(&b.0, b.1.addr)));
+        *self.shared.metrics.passive.0.lock().unwrap_or_else(PoisonError::into_inner) = passive;
         self.states = keep;
         self.rotations = rotations;
         self.shared.snapshot.store(Arc::new(Snapshot { vips }));
