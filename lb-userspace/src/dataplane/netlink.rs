@@ -180,29 +180,41 @@ fn active_features(attrs: &[u8]) -> impl Iterator<Item = (&[u8], bool)> {
 
 /// The attributes of the generic netlink answer to request `seq` in one datagram: `Some` once
 /// it is there (an error answer is its errno), `None` to read on.
-fn genl_answer(mut data: &[u8], seq: u32) -> io::Result<Option<Vec<u8>>> {
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed netlink answer");
+fn genl_answer(data: &[u8], seq: u32) -> io::Result<Option<Vec<u8>>> {
+    let Some(&(kind, body)) = replies(data, seq)?.first() else { return Ok(None) };
+    if kind == NLMSG_ERROR {
+        return Err(match errno(body)? {
+            0 => malformed(),
+            e => io::Error::from_raw_os_error(-e),
+        });
+    }
+    body.get(GENL_HDR..).map(|a| Some(a.to_vec())).ok_or_else(malformed)
+}
+
+/// The (type, body) of each message in one datagram that answers request `seq`.
+fn replies(mut data: &[u8], seq: u32) -> io::Result<Vec<(u16, &[u8])>> {
+    let mut found = Vec::new();
     while data.len() >= NLMSG_HDR {
         let len = u32_at(data, 0) as usize;
         if len < NLMSG_HDR || len > data.len() {
-            return Err(bad());
+            return Err(malformed());
         }
-        let (kind, msg_seq) = (u16_at(data, 4), u32_at(data, 8));
-        let body = &data[NLMSG_HDR..len];
+        if u32_at(data, 8) == seq {
+            found.push((u16_at(data, 4), &data[NLMSG_HDR..len]));
+        }
         data = &data[align4(len).min(data.len())..];
-        if msg_seq != seq {
-            continue;
-        }
-        if kind == NLMSG_ERROR {
-            let errno = body.get(..4).map(|b| i32::from_ne_bytes(b.try_into().unwrap()));
-            return match errno {
-                Some(e) if e != 0 => Err(io::Error::from_raw_os_error(-e)),
-                _ => Err(bad()),
-            };
-        }
-        return body.get(GENL_HDR..).map(|a| Some(a.to_vec())).ok_or_else(bad);
     }
-    Ok(None)
+    Ok(found)
+}
+
+/// The errno an `NLMSG_ERROR` body carries, negated as the kernel writes it (0: an
+/// acknowledgement).
+fn errno(body: &[u8]) -> io::Result<i32> {
+    body.get(..4).map(|b| i32::from_ne_bytes(b.try_into().unwrap())).ok_or_else(malformed)
+}
+
+fn malformed() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "malformed netlink answer")
 }
 
 /// One netlink attribute, padded.
@@ -217,31 +229,18 @@ fn attribute(kind: u16, value: &[u8]) -> Vec<u8> {
 
 /// Reads the messages in one datagram: `Some(answer)` once the link message (or an error) for
 /// request `seq` is there, `None` to read on.
-fn parse_answer(mut data: &[u8], seq: u32) -> io::Result<Option<Option<XdpAttachment>>> {
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed netlink answer");
-    while data.len() >= NLMSG_HDR {
-        let len = u32_at(data, 0) as usize;
-        if len < NLMSG_HDR || len > data.len() {
-            return Err(bad());
-        }
-        let (kind, msg_seq) = (u16_at(data, 4), u32_at(data, 8));
-        let body = &data[NLMSG_HDR..len];
-        data = &data[align4(len).min(data.len())..];
-        if msg_seq != seq {
-            continue;
-        }
+fn parse_answer(data: &[u8], seq: u32) -> io::Result<Option<Option<XdpAttachment>>> {
+    for (kind, body) in replies(data, seq)? {
         match kind {
             NLMSG_ERROR => {
-                let errno = body.get(..4).map(|b| i32::from_ne_bytes(b.try_into().unwrap()));
-                return match errno {
-                    Some(0) => Ok(Some(None)),
-                    Some(e) => Err(io::Error::from_raw_os_error(-e)),
-                    None => Err(bad()),
+                return match errno(body)? {
+                    0 => Ok(Some(None)),
+                    e => Err(io::Error::from_raw_os_error(-e)),
                 };
             }
             NLMSG_DONE => return Ok(Some(None)),
             RTM_NEWLINK => {
-                let attrs = body.get(IFINFOMSG..).ok_or_else(bad)?;
+                let attrs = body.get(IFINFOMSG..).ok_or_else(malformed)?;
                 let xdp = attributes(attrs).find(|(t, _)| *t == IFLA_XDP).map(|(_, v)| v);
                 return Ok(Some(xdp.and_then(xdp_of)));
             }
