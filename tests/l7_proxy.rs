@@ -5419,3 +5419,67 @@ fn property_tcp_relay_passes_bytes_half_closes_and_resets_exactly() {
         failures.iter().take(12).cloned().collect::<Vec<_>>().join("\n")
     );
 }
+
+/// TIME_WAIT entries on loopback (`/proc/net/tcp`), as (local port, remote port).
+fn time_waits() -> Vec<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next().unwrap(), 16).unwrap();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 3 && f[3] == "06").then(|| (port(f[1]), port(f[2])))
+        })
+        .collect()
+}
+
+/// A backend connection the proxy does not pool (here `upstream_keepalive = 0`; with the PROXY
+/// protocol, every one) is closed by the backend first: the request says `Connection: close` and
+/// the proxy waits for the backend's close. Each connection's TIME_WAIT then stays on the
+/// backend's side; the proxy used to close first, and one TIME_WAIT per request on the node ran
+/// it out of local ports to a backend at some 500 requests a second.
+#[test]
+fn connections_not_pooled_leave_their_time_wait_to_the_backend() {
+    let asked = Arc::new(AtomicUsize::new(0));
+    let asked2 = asked.clone();
+    // The proxy's end of each connection: tests running beside this one may leave TIME_WAITs
+    // towards a port their backend had before this one's took it.
+    let proxy_ports = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let ports2 = proxy_ports.clone();
+    let b = serve_backend(move |s, r2, _| {
+        ports2.lock().unwrap().push(s.peer_addr().unwrap().port());
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while let Some((head, _)) = read_request(&mut r) {
+            r2.fetch_add(1, Ordering::Relaxed);
+            let close = head.to_ascii_lowercase().contains("\r\nconnection: close\r\n");
+            asked2.fetch_add(usize::from(close), Ordering::Relaxed);
+            if w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").is_err() || close {
+                return;
+            }
+        }
+    });
+    let p = proxy(&[(&b, 1)], "upstream_keepalive = 0", "");
+    let port = b.addr.port();
+    let mut c = Client::connect(p.addr);
+    for _ in 0..20 {
+        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(c.status(), 200);
+    }
+    assert_eq!(asked.load(Ordering::Relaxed), 20, "every request asks the backend to close");
+    assert_eq!(b.conns.load(Ordering::Relaxed), 20, "one backend connection per request");
+    // The backend's side holds them; the proxy's (its local port to the backend's) none.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let tw = time_waits();
+        let ours = proxy_ports.lock().unwrap().clone();
+        let backend_side = tw.iter().filter(|(l, r)| *l == port && ours.contains(r)).count();
+        let proxy_side = tw.iter().filter(|(l, r)| *r == port && ours.contains(l)).count();
+        if backend_side >= 20 {
+            assert_eq!(proxy_side, 0, "TIME_WAIT on the proxy's side: {tw:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "backend side {backend_side}, proxy side {proxy_side}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

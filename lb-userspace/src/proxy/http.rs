@@ -94,6 +94,32 @@ fn close(s: &Socket) {
     let _ = s.shutdown(std::net::Shutdown::Both);
 }
 
+/// How long a backend that closes its connection after a response is given to do so.
+const BACKEND_CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// Closes a backend connection whose response is complete and which the backend closes itself
+/// (it said `Connection: close`, or was asked to), once it has: the side that closes first
+/// keeps the connection in TIME_WAIT for a minute, holding its local port, and a proxy that
+/// closed every such connection first would run out of ports to a backend at some 500 requests
+/// a second (with the PROXY protocol, or `upstream_keepalive = 0`, every request opens one).
+/// Waits in a task of its own, so that the client's next request does not; closes anyway after
+/// [`BACKEND_CLOSE_WAIT`].
+fn close_after_backend(up: Socket) {
+    tokio_uring::spawn(async move {
+        let mut buf = BytesMut::with_capacity(64);
+        let _ = tokio::time::timeout(BACKEND_CLOSE_WAIT, async {
+            while let Ok(n) = read_more(&up, &mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                buf.clear();
+            }
+        })
+        .await;
+        close(&up);
+    });
+}
+
 impl UpstreamPool {
     /// An idle connection to `addr` that has not been idle too long at `now` (the most recently
     /// idle first). With `check`, or when the connection was idle [`POOL_PEEK_AFTER`] or its
@@ -1122,7 +1148,9 @@ fn valid_forwarded(v: &[u8]) -> bool {
 /// `Connection: upgrade`. The request line and Host come from `target` (`listen` names the
 /// address the client connected to, for a Host the proxy adds). With `forwarded_for`, the
 /// client's forwarding headers are replaced by ones that append that client (Forwarded values
-/// that are not RFC 7239 left out: see [`valid_forwarded`]).
+/// that are not RFC 7239 left out: see [`valid_forwarded`]). Without `reuse` (the connection
+/// will not be pooled) the request says `Connection: close`: the backend then closes first, and
+/// the TIME_WAIT of each connection stays on its side (see [`close_after_backend`]).
 fn upstream_head(
     req: &ReqHead,
     target: &Target,
@@ -1130,6 +1158,7 @@ fn upstream_head(
     framing: Framing,
     upgrade: Option<&[u8]>,
     forwarded_for: Option<&ForwardedClient>,
+    reuse: bool,
 ) -> Bytes {
     let head = &req.head;
     let mut out = Vec::with_capacity(256 + head.bytes.len());
@@ -1217,7 +1246,8 @@ fn upstream_head(
             out.extend(protocol);
             out.extend(b"\r\nConnection: upgrade\r\n\r\n");
         }
-        None => out.extend(b"Connection: keep-alive\r\n\r\n"),
+        None if reuse => out.extend(b"Connection: keep-alive\r\n\r\n"),
+        None => out.extend(b"Connection: close\r\n\r\n"),
     }
     Bytes::from(out)
 }
@@ -1486,7 +1516,10 @@ async fn serve_conn(
         let names = cfg
             .forwarded_for
             .then(|| &*forwarded.get_or_insert_with(|| ForwardedClient::new(peer)));
-        let head = upstream_head(&req, &target, listen, framing, upgrade, names);
+        // A connection that opened with a PROXY header speaks for one client only, and with
+        // `upstream_keepalive = 0` none is pooled.
+        let reuse = cfg.proxy_protocol.is_none() && cfg.upstream_keepalive > 0;
+        let head = upstream_head(&req, &target, listen, framing, upgrade, names, reuse);
         let expect = Expect {
             upgrade: upgrade.is_some(),
             continued,
@@ -1764,9 +1797,13 @@ async fn serve_conn(
             client.abort();
             return;
         }
-        if upstream_keepalive && !cut && ubuf.is_empty() && vip.cfg.proxy_protocol.is_none() {
+        let clean = !cut && ubuf.is_empty();
+        if clean && upstream_keepalive && reuse {
             let (max, max_idle) = (vip.cfg.upstream_keepalive, vip.cfg.idle_timeout);
             upstream.put(pool.members[i].state.addr, up, max, end, max_idle, bodiless);
+        } else if clean {
+            // The backend closes this one (it said so, or was asked to): let it close first.
+            close_after_backend(up);
         } else {
             // Now, not when the last clone goes: a send of a cut-off body may still hold one.
             close(&up);
@@ -2226,7 +2263,8 @@ mod tests {
         let (peer, listen) = ("198.18.4.1:5000".parse().unwrap(), "198.18.1.6:80".parse().unwrap());
         let client = ForwardedClient::new(peer);
         String::from_utf8(
-            upstream_head(r, &t, listen, framing, None, forwarded_for.then_some(&client)).to_vec(),
+            upstream_head(r, &t, listen, framing, None, forwarded_for.then_some(&client), true)
+                .to_vec(),
         )
         .unwrap()
     }
