@@ -164,12 +164,13 @@ pub enum CheckKind {
         /// Substring the body must contain.
         expect_body: Option<String>,
     },
-    /// A datagram `send` is answered (containing `expect`, if set) within the timeout.
+    /// A datagram `send` is answered (containing `expect`, if set) within the timeout. Bytes,
+    /// not text: binary protocols (DNS) need values a string cannot hold (`send_hex`).
     Udp {
         /// Payload sent.
-        send: String,
-        /// Substring the answer must contain.
-        expect: Option<String>,
+        send: Vec<u8>,
+        /// Bytes the answer must contain.
+        expect: Option<Vec<u8>>,
     },
 }
 
@@ -1882,6 +1883,25 @@ fn l7_backend_port(b: &raw::Backend, vip_port: u16) -> Result<u16, Invalid> {
     }
 }
 
+/// The bytes `text` spells in hex: two digits a byte, either case, spaces between bytes allowed
+/// (`"ab12 0100"`); the error says what is wrong and where.
+fn hex_bytes(text: &str) -> Result<Vec<u8>, String> {
+    let mut bytes = Vec::with_capacity(text.len() / 2);
+    let mut digits = text.char_indices().filter(|(_, c)| !c.is_ascii_whitespace());
+    while let Some((at, high)) = digits.next() {
+        let Some((_, low)) = digits.next() else {
+            return Err(format!("an odd number of hex digits: `{high}` at {at} has no pair"));
+        };
+        let digit =
+            |c: char| c.to_digit(16).ok_or_else(|| format!("`{c}` is not a hex digit (0-9, a-f)"));
+        bytes.push((digit(high)? * 16 + digit(low)?) as u8);
+    }
+    if bytes.is_empty() {
+        return Err("no bytes".to_owned());
+    }
+    Ok(bytes)
+}
+
 /// The largest UDP payload one IPv4 datagram carries: the bound on a udp probe's `send` and
 /// `expect` (the checker reads answers of up to this size whole).
 pub const MAX_UDP_PROBE: usize = 65_507;
@@ -1915,6 +1935,8 @@ fn health_check(
         key(h.expect_body.as_ref().map(|v| v.span()), "expect_body", "http"),
         key(h.send.as_ref().map(|v| v.span()), "send", "udp"),
         key(h.expect.as_ref().map(|v| v.span()), "expect", "udp"),
+        key(h.send_hex.as_ref().map(|v| v.span()), "send_hex", "udp"),
+        key(h.expect_hex.as_ref().map(|v| v.span()), "expect_hex", "udp"),
     ];
     if let Some((span, key, of)) = other_kind.into_iter().flatten().next() {
         return bad(
@@ -1957,30 +1979,57 @@ fn health_check(
             expect_body: get(&h.expect_body),
         },
         _ => {
-            // One datagram each way: what IPv4 carries in one (65 535 − 20 − 8 bytes).
-            let datagram = |v: &raw::Sp<String>, key: &str, why: &str| {
-                if v.get_ref().len() > MAX_UDP_PROBE {
-                    bad(
+            // One datagram each way: what IPv4 carries in one (65 535 − 20 − 8 bytes). Text
+            // (`send`) or bytes in hex (`send_hex`), one of the two.
+            let datagram = |text: &Option<raw::Sp<String>>,
+                            hex: &Option<raw::Sp<String>>,
+                            key: &str,
+                            why: &str|
+             -> Result<Option<Vec<u8>>, Invalid> {
+                let (v, bytes) = match (text, hex) {
+                    (Some(_), Some(h)) => {
+                        return bad(
+                            h.span(),
+                            format!(
+                                "health.{key} and health.{key}_hex both given: write the payload once"
+                            ),
+                        );
+                    }
+                    (Some(t), None) => (t, t.get_ref().as_bytes().to_vec()),
+                    (None, Some(h)) => (
+                        h,
+                        hex_bytes(h.get_ref())
+                            .or_else(|e| bad(h.span(), format!("health.{key}_hex: {e}")))?,
+                    ),
+                    (None, None) => return Ok(None),
+                };
+                if bytes.len() > MAX_UDP_PROBE {
+                    return bad(
                         v.span(),
                         format!(
                             "health.{key} is {} bytes, more than one UDP datagram carries ({MAX_UDP_PROBE}): {why}",
-                            v.get_ref().len()
+                            bytes.len()
                         ),
-                    )
-                } else {
-                    Ok(v.get_ref().clone())
+                    );
                 }
+                Ok(Some(bytes))
             };
-            match &h.send {
-                Some(s) => CheckKind::Udp {
-                    send: datagram(s, "send", "every probe would fail")?,
-                    expect: h
-                        .expect
-                        .as_ref()
-                        .map(|e| datagram(e, "expect", "no answer could hold it"))
-                        .transpose()?,
+            match datagram(&h.send, &h.send_hex, "send", "every probe would fail")? {
+                Some(send) => CheckKind::Udp {
+                    send,
+                    expect: datagram(
+                        &h.expect,
+                        &h.expect_hex,
+                        "expect",
+                        "no answer could hold it",
+                    )?,
                 },
-                None => return bad(span, "a udp health check needs `send` (the probe payload)"),
+                None => {
+                    return bad(
+                        span,
+                        "a udp health check needs `send` or `send_hex` (the probe payload)",
+                    );
+                }
             }
         }
     };

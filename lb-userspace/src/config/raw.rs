@@ -109,6 +109,8 @@ pub struct Health {
     pub expect_body: Option<Sp<String>>,
     pub send: Option<Sp<String>>,
     pub expect: Option<Sp<String>>,
+    pub send_hex: Option<Sp<String>>,
+    pub expect_hex: Option<Sp<String>>,
 }
 
 #[derive(Deserialize)]

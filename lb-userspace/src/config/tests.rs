@@ -2193,6 +2193,42 @@ fn udp_probes_must_fit_one_datagram() {
     assert!(e.starts_with("t.toml:12:10:") && e.contains("65507"), "{e}");
 }
 
+/// A binary probe (DNS) is written in hex: bytes a TOML string cannot hold as such.
+#[test]
+fn udp_probes_take_bytes_in_hex() {
+    let check = |health: &str| {
+        format!(
+            "{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nport = 53\nprotocol = \"udp\"\nbackends = [{{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }}]\n[vip.health]\n{health}\n"
+        )
+    };
+    let kind = |health: &str| parse(&check(health)).unwrap().vips[0].health.clone().unwrap().kind;
+    assert_eq!(
+        kind("send_hex = \"AB12 0100\"\nexpect_hex = \"8180\""),
+        CheckKind::Udp { send: vec![0xab, 0x12, 0x01, 0x00], expect: Some(vec![0x81, 0x80]) }
+    );
+    // Text and hex mix: each payload one way or the other.
+    assert_eq!(
+        kind("send = \"ping\"\nexpect_hex = \"00ff\""),
+        CheckKind::Udp { send: b"ping".to_vec(), expect: Some(vec![0x00, 0xff]) }
+    );
+    let e = err(&check("send_hex = \"ab1\""));
+    assert!(e.starts_with("t.toml:11:12:") && e.contains("odd number"), "{e}");
+    let e = err(&check("send_hex = \"zz\""));
+    assert!(e.contains("`z` is not a hex digit"), "{e}");
+    let e = err(&check("send_hex = \"  \""));
+    assert!(e.contains("no bytes"), "{e}");
+    let e = err(&check("send = \"a\"\nsend_hex = \"61\""));
+    assert!(e.contains("both given"), "{e}");
+    let e = err(&check("expect_hex = \"61\""));
+    assert!(e.contains("needs `send` or `send_hex`"), "{e}");
+    // One datagram at most, counted in bytes.
+    let e = err(&check(&format!("send_hex = \"{}\"", "ab".repeat(MAX_UDP_PROBE + 1))));
+    assert!(e.contains("65508 bytes"), "{e}");
+    // Not on another kind of check.
+    let e = err(&check("kind = \"tcp\"\nexpect_hex = \"61\""));
+    assert!(e.contains("`expect_hex` applies only to kind = \"udp\""), "{e}");
+}
+
 #[test]
 fn every_positive_weight_gets_a_slot_of_the_ring() {
     let two = |ring: &str, w: u32| {

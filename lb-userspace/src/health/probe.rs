@@ -130,7 +130,7 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, Failure>
             };
             let s = UdpSocket::bind(local).map_err(failed("bind"))?;
             s.connect(addr).map_err(failed("connect"))?;
-            s.send(send.as_bytes()).map_err(failed("send"))?;
+            s.send(send).map_err(failed("send"))?;
             s.set_read_timeout(Some(left())).map_err(failed("timeout"))?;
             // The largest datagram whole: a longer answer's tail would be cut off, and an
             // `expect` found there missed. One buffer per check's thread, not one per probe.
@@ -141,8 +141,15 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, Failure>
             ANSWER.with_borrow_mut(|buf| {
                 let n = s.recv(buf).map_err(failed("no answer"))?;
                 match expect {
-                    Some(want) if !String::from_utf8_lossy(&buf[..n]).contains(want.as_str()) => {
-                        Err(Failure::Backend(format!("answer lacks {want:?}")))
+                    // (`windows` takes no empty window: an empty `expect` is in every answer.)
+                    Some(want)
+                        if !want.is_empty()
+                            && !buf[..n].windows(want.len()).any(|w| w == want.as_slice()) =>
+                    {
+                        Err(Failure::Backend(format!(
+                            "answer lacks {:?}",
+                            String::from_utf8_lossy(want)
+                        )))
                     }
                     _ => Ok(()),
                 }
@@ -253,7 +260,10 @@ mod tests {
             addr
         };
         let udp = |expect: &str| HealthCheck {
-            kind: CheckKind::Udp { send: "ping".into(), expect: Some(expect.into()) },
+            kind: CheckKind::Udp {
+                send: b"ping".to_vec(),
+                expect: Some(expect.as_bytes().to_vec()),
+            },
             port: 0,
             interval: Duration::from_secs(1),
             timeout: Duration::from_millis(500),
@@ -269,6 +279,44 @@ mod tests {
         assert!(probe(&udp("backend-1"), addr).is_ok());
         let e = probe(&udp("backend-2"), addr).unwrap_err().to_string();
         assert!(e.contains("answer lacks"), "{e}");
+    }
+
+    /// A binary probe (a DNS query) is sent byte for byte, and its expected bytes are found in
+    /// an answer that is not text: bytes of 0x80 and above used to go out as UTF-8 (two bytes
+    /// each) and could not be expected at all.
+    #[test]
+    fn a_udp_probe_sends_and_expects_bytes() {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = s.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok((n, from)) = s.recv_from(&mut buf) {
+                // A DNS-like answer: the query's id, then flags 0x8180 (NOERROR), or FORMERR
+                // (0x8181) to a query that is not the exact bytes expected.
+                let flags: &[u8] = if buf[..n] == [0xab, 0x12, 0x01, 0x00] {
+                    &[0x81, 0x80]
+                } else {
+                    &[0x81, 0x81]
+                };
+                let _ = s.send_to(&[&buf[..2], flags, &[0xff; 4]].concat(), from);
+            }
+        });
+        let udp = |send: &[u8], expect: &[u8]| HealthCheck {
+            kind: CheckKind::Udp { send: send.to_vec(), expect: Some(expect.to_vec()) },
+            port: 0,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 1,
+            fall: 1,
+            proxy_protocol: None,
+        };
+        let query = [0xab, 0x12, 0x01, 0x00];
+        assert!(probe(&udp(&query, &[0x81, 0x80]), addr).is_ok());
+        assert!(probe(&udp(&query, &[0xab, 0x12, 0x81, 0x80]), addr).is_ok());
+        let e = probe(&udp(&[0xab, 0x13, 0x01, 0x00], &[0x81, 0x80]), addr).unwrap_err();
+        assert!(format!("{e:?}").contains("answer lacks"), "{e:?}");
+        // An empty `expect` is in every answer.
+        assert!(probe(&udp(&query, &[]), addr).is_ok());
     }
 
     /// A backend that answers and then resets (it closed with the request unread), or that
