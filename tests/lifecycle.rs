@@ -545,6 +545,9 @@ fn dead_backend_leaves_the_ring_and_returns() {
     let sent_to_dead = || metric(&scrape(&bed), "edgelb_backend_packets_total", dead);
     let (watched_from, sent_before) = (Instant::now(), sent_to_dead());
     assert!(sent_before > 0.0, "backend-2 was sent packets before the kill (its series exists)");
+    // One backend down is no fail-open.
+    let text = scrape(&bed);
+    assert!(text.contains("\nedgelb_vip_fail_open{vip=\"web\"} 0\n"), "{text}");
     std::thread::sleep(bound + Duration::from_millis(1500));
     let sent_after = sent_to_dead();
     let watched_to = Instant::now();
@@ -621,6 +624,7 @@ fn dead_backend_leaves_the_ring_and_returns() {
         let st = bed.e().status();
         let web = st.vips.iter().find(|v| v.name == "web").unwrap();
         if web.fail_open {
+            assert_eq!(metric(&scrape(&bed), "edgelb_vip_fail_open", "vip=\"web\""), 1.0);
             assert!(web.backends.iter().all(|b| !b.healthy));
             let share: f64 = web.backends.iter().map(|b| b.ring_share).sum();
             assert!((share - 1.0).abs() < 1e-9, "the ring stays populated: {share}");

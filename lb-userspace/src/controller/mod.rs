@@ -1279,6 +1279,12 @@ impl Controller {
         snap.conntrack = self.dp.maps().ct_stats().map(|r| r.to_vec()).unwrap_or_default();
         snap.interfaces =
             self.dp.attached().iter().map(|(i, _)| (i.clone(), !self.lost.contains(i))).collect();
+        snap.fail_open = self
+            .cfg
+            .vips
+            .iter()
+            .map(|v| (v.name.clone(), self.verdicts.is_fail_open(&v.name)))
+            .collect();
         if let Ok(mut k) = self.metrics.kernel.lock() {
             *k = snap;
         }

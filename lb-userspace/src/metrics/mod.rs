@@ -87,6 +87,8 @@ pub struct KernelSnapshot {
     pub conntrack: Vec<u64>,
     /// (interface, XDP still on it) for every interface the balancer was attached to.
     pub interfaces: Vec<(String, bool)>,
+    /// (VIP name, failing open) of every VIP.
+    pub fail_open: Vec<(String, bool)>,
 }
 
 /// A counter family: name suffix, help text, and how to read it from [`Counters`].
@@ -161,6 +163,16 @@ impl Collector for KernelCollector {
         for (interface, on) in &snap.interfaces {
             let l = labels(&[("interface", interface)]);
             ConstGauge::new(i64::from(*on)).encode(m.encode_family(&l)?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "edgelb_vip_fail_open",
+            "1 while every backend of the VIP that should take new flows is down by its health \
+             check, so that all of them are served anyway (fail open), else 0",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (vip, on) in &snap.fail_open {
+            ConstGauge::new(i64::from(*on)).encode(m.encode_family(&labels(&[("vip", vip)]))?)?;
         }
         let mut m = encoder.encode_descriptor(
             "edgelb_backend_up",
