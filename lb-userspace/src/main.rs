@@ -234,7 +234,7 @@ fn main() -> ExitCode {
             route(&admin, client, &vip, sport, proto)
         }
         Command::Status { admin, json } => admin_call(&admin, &Request::Status, |resp| {
-            let status = resp.status.unwrap_or_default();
+            let status = resp.status.unwrap_or_default().renamed_fields();
             if json {
                 println!("{}", serde_json::to_string_pretty(&status).expect("status serialises"));
             } else {
@@ -459,7 +459,10 @@ fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
             let started = std::time::Instant::now();
             let mut said = false;
             while socket.exists() && started.elapsed() < wait {
-                if !said && started.elapsed() >= std::time::Duration::from_secs(1) {
+                if !said
+                    && !drain.is_zero()
+                    && started.elapsed() >= std::time::Duration::from_secs(1)
+                {
                     eprintln!(
                         "edgelb: waiting for the L7 requests in flight to finish (up to {} ms, its running node.l7_drain_timeout_ms; SIGTERM to edgelb ends them now)",
                         drain.as_millis()

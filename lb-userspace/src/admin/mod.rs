@@ -338,6 +338,26 @@ pub struct Status {
     pub conntrack: ConntrackStatus,
 }
 
+impl Status {
+    /// Fills the byte rate under both its names, whichever the daemon wrote: one older than
+    /// `bytes_per_s` wrote only `bps`, and scripts written against it read `bps`.
+    pub fn renamed_fields(mut self) -> Status {
+        let both = |new: &mut f64, old: &mut f64| {
+            if *new == 0.0 {
+                *new = *old;
+            }
+            *old = *new;
+        };
+        for v in &mut self.vips {
+            both(&mut v.bytes_per_s, &mut v.bps);
+            for b in &mut v.backends {
+                both(&mut b.bytes_per_s, &mut b.bps);
+            }
+        }
+        self
+    }
+}
+
 /// The XDP connection table, node-wide: its size and how it copes. A steadily rising `evicted`
 /// means the table is too small for the traffic (or a flood of new flows is passing through):
 /// flows pushed out re-hash onto the ring if they send again, which keeps them on their backend
@@ -403,10 +423,13 @@ pub struct VipStatus {
     pub new_flows: u64,
     /// Packets per second over the last sampling period (about a second).
     pub pps: f64,
-    /// Bytes per second over the last sampling period (`bps` in older daemons' answers, a name
-    /// that reads as bits per second).
-    #[serde(alias = "bps")]
+    /// Bytes per second over the last sampling period.
+    #[serde(default)]
     pub bytes_per_s: f64,
+    /// `bytes_per_s` under the name older releases gave it, which reads as bits per second:
+    /// still written for scripts that read it (see [`Status::renamed_fields`]).
+    #[serde(default)]
+    pub bps: f64,
     /// True when every backend that should take new flows is down and all of them serve
     /// anyway (fail open).
     pub fail_open: bool,
@@ -445,9 +468,12 @@ pub struct BackendStatus {
     pub new_flows: u64,
     /// Packets per second over the last sampling period.
     pub pps: f64,
-    /// Bytes per second over the last sampling period (`bps` in older daemons' answers).
-    #[serde(alias = "bps")]
+    /// Bytes per second over the last sampling period.
+    #[serde(default)]
     pub bytes_per_s: f64,
+    /// `bytes_per_s` under its older name (see [`VipStatus::bps`]).
+    #[serde(default)]
+    pub bps: f64,
 }
 
 /// Why an admin request failed on the client side.

@@ -1109,8 +1109,12 @@ impl Controller {
             }
             Request::Reload { config } => self.reload(config.as_deref()),
             Request::Route { client, vip, sport, proto } => self.route(client, &vip, sport, proto),
+            // No proxy, no drain: `stop` then waits only for the data plane.
             Request::Stop { detach } => Response {
-                drain_ms: Some(self.cfg.node.l7_drain_timeout.as_millis() as u64),
+                drain_ms: Some(
+                    self.proxy.as_ref().map_or(0, |_| self.cfg.node.l7_drain_timeout.as_millis())
+                        as u64,
+                ),
                 ..Response::ok(if detach {
                     "stopping; the data plane keeps running"
                 } else {
@@ -1316,6 +1320,7 @@ impl Controller {
                 backends.push(BackendStatus {
                     pps,
                     bytes_per_s,
+                    bps: bytes_per_s,
                     address: b.address,
                     port: b.port,
                     weight: b.weight,
@@ -1335,6 +1340,7 @@ impl Controller {
             vips.push(VipStatus {
                 pps,
                 bytes_per_s,
+                bps: bytes_per_s,
                 name: vip.name.clone(),
                 listen: vip.to_string(),
                 address: Some(vip.address),
