@@ -1887,14 +1887,20 @@ fn l7_backend_port(b: &raw::Backend, vip_port: u16) -> Result<u16, Invalid> {
 /// (`"ab12 0100"`); the error says what is wrong and where.
 fn hex_bytes(text: &str) -> Result<Vec<u8>, String> {
     let mut bytes = Vec::with_capacity(text.len() / 2);
-    let mut digits = text.char_indices().filter(|(_, c)| !c.is_ascii_whitespace());
-    while let Some((at, high)) = digits.next() {
-        let Some((_, low)) = digits.next() else {
-            return Err(format!("an odd number of hex digits: `{high}` at {at} has no pair"));
-        };
-        let digit =
-            |c: char| c.to_digit(16).ok_or_else(|| format!("`{c}` is not a hex digit (0-9, a-f)"));
-        bytes.push((digit(high)? * 16 + digit(low)?) as u8);
+    let mut chars = text.char_indices();
+    let digit =
+        |c: char| c.to_digit(16).ok_or_else(|| format!("`{c}` is not a hex digit (0-9, a-f)"));
+    while let Some((at, high)) = chars.next() {
+        // Spaces between bytes, not within one: `a b` is a typo, not the byte 0xab.
+        if high.is_ascii_whitespace() {
+            continue;
+        }
+        match chars.next() {
+            Some((_, low)) if !low.is_ascii_whitespace() => {
+                bytes.push((digit(high)? * 16 + digit(low)?) as u8);
+            }
+            _ => return Err(format!("`{high}` at {at} has no second digit: two digits a byte")),
+        }
     }
     if bytes.is_empty() {
         return Err("no bytes".to_owned());

@@ -2212,7 +2212,10 @@ fn udp_probes_take_bytes_in_hex() {
         CheckKind::Udp { send: b"ping".to_vec(), expect: Some(vec![0x00, 0xff]) }
     );
     let e = err(&check("send_hex = \"ab1\""));
-    assert!(e.starts_with("t.toml:11:12:") && e.contains("odd number"), "{e}");
+    assert!(e.starts_with("t.toml:11:12:") && e.contains("`1` at 2 has no second digit"), "{e}");
+    // Spaces go between bytes, not within one.
+    let e = err(&check("send_hex = \"a b\""));
+    assert!(e.contains("`a` at 0 has no second digit"), "{e}");
     let e = err(&check("send_hex = \"zz\""));
     assert!(e.contains("`z` is not a hex digit"), "{e}");
     let e = err(&check("send_hex = \"  \""));
