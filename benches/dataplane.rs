@@ -1293,13 +1293,13 @@ fn l7() -> Option<Value> {
     }
     // Closed-loop wrk understates tails: p99 at a fixed rate below saturation, with oha's
     // coordinated-omission correction, when oha is installed (`cargo xtask bench l7` installs
-    // it with `cargo install oha --locked`).
+    // it with `cargo install oha@1.16.0 --locked`, the version this part is written against).
     const RATE: u32 = 20_000;
     let oha_secs: u32 = if quick() { 1 } else { 3 };
     let oha = find_oha();
     match &oha {
         None => println!(
-            "\n(oha not installed: no fixed-rate p99; `cargo install oha --locked`, or run through `cargo xtask bench l7`)"
+            "\n(oha not installed: no fixed-rate p99; `cargo install oha@1.16.0 --locked`, or run through `cargo xtask bench l7`)"
         ),
         Some(oha) => {
             // Interleaved rounds, as above: one 3 s window of a neighbour's noise moves a p99

@@ -576,13 +576,30 @@ fn bench_tools() -> Result<()> {
 }
 
 /// oha on PATH, or where `cargo install` puts it (the dataplane bench looks in the same places).
+/// Another version than [`OHA_VERSION`] is used too, with a note: its output may differ.
 fn oha_installed() -> bool {
     let home = |var: &str, sub: &str| std::env::var_os(var).map(|h| PathBuf::from(h).join(sub));
-    [Some(PathBuf::from("oha")), home("CARGO_HOME", "bin/oha"), home("HOME", ".cargo/bin/oha")]
-        .into_iter()
-        .flatten()
-        .any(|o| Command::new(o).arg("--version").output().is_ok_and(|x| x.status.success()))
+    let version =
+        [Some(PathBuf::from("oha")), home("CARGO_HOME", "bin/oha"), home("HOME", ".cargo/bin/oha")]
+            .into_iter()
+            .flatten()
+            .find_map(|o| {
+                let out = Command::new(o).arg("--version").output().ok()?;
+                out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            });
+    if let Some(v) = &version
+        && !v.ends_with(OHA_VERSION)
+    {
+        eprintln!(
+            "note: {v} is installed; the l7 part is written against oha {OHA_VERSION} (`cargo install oha@{OHA_VERSION} --locked`), and reads another version's output as best it can"
+        );
+    }
+    version.is_some()
 }
+
+/// The oha the l7 part is written against (its flags and JSON output): a version of its own,
+/// not whatever crates.io has newest on the day.
+const OHA_VERSION: &str = "1.16.0";
 
 /// oha measures the l7 part's p99 at a fixed rate (wrk's closed loop understates tails). It is
 /// not a Debian package, so it comes from crates.io: installed with `cargo install` when
@@ -592,13 +609,13 @@ fn bench_oha() {
     if oha_installed() {
         return;
     }
-    let cmd = "cargo install oha --locked";
+    let cmd = format!("cargo install oha@{OHA_VERSION} --locked");
     eprintln!(
         "oha is missing (the l7 part measures its fixed-rate p99 with it): installing it; this \
          compiles it, a few minutes\n+ {cmd}"
     );
     let ok = Command::new(env!("CARGO"))
-        .args(["install", "oha", "--locked"])
+        .args(["install", &format!("oha@{OHA_VERSION}"), "--locked"])
         .status()
         .is_ok_and(|s| s.success());
     if !ok || !oha_installed() {
