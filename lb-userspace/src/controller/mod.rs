@@ -1097,7 +1097,7 @@ impl Controller {
             }
             Request::Undrain { backend, vip } => {
                 let names = self.vips_with(vip.as_deref(), backend).join(", ");
-                match self.verdicts.undrain(vip.clone(), backend) {
+                match self.verdicts.undrain(&self.cfg, vip.clone(), backend) {
                     Err(e) => Response::err(e),
                     Ok(false) => Response::ok(format!("{backend} was not drained in {names}")),
                     Ok(true) => {

@@ -216,21 +216,37 @@ impl Verdicts {
     /// drain is not lifted in part (that would need an exception per VIP or port): a drain of
     /// every VIP for one of them, or of every port for one of them, is refused, naming the
     /// command that lifts it.
+    ///
+    /// A drain counts as wider only when it would stay after this lift and still cover a
+    /// (VIP, backend) of `cfg` that the request names: a drain of the same address in another
+    /// VIP, or on a port no VIP named lists, leaves what the operator asked for undrained, and
+    /// must not refuse it (nor send them to a command that is refused in turn).
     pub(super) fn undrain(
         &mut self,
+        cfg: &Config,
         vip: Option<String>,
         backend: impl Into<BackendRef>,
     ) -> Result<bool, String> {
         let backend = backend.into();
-        let overlaps = |v: &Option<String>, r: &BackendRef| {
+        let lifted = |v: &Option<String>, r: &BackendRef| {
             r.address == backend.address
-                && (v.is_none() || vip.is_none() || *v == vip)
-                && (r.port.is_none() || backend.port.is_none() || r.port == backend.port)
+                && vip.as_ref().is_none_or(|n| v.as_ref() == Some(n))
+                && backend.port.is_none_or(|p| r.port == Some(p))
         };
-        let wider = self.drained.iter().find(|(v, r)| {
-            overlaps(v, r)
-                && ((v.is_none() && vip.is_some()) || (r.port.is_none() && backend.port.is_some()))
-        });
+        // The (VIP, backend) pairs of the config the request names.
+        let targets: Vec<(&str, SocketAddr)> = cfg
+            .vips
+            .iter()
+            .filter(|v| vip.as_deref().is_none_or(|n| n == v.name))
+            .flat_map(|v| {
+                v.backends.iter().map(id).filter(|b| backend.matches(*b)).map(|b| (&*v.name, b))
+            })
+            .collect();
+        let covers = |v: &Option<String>, r: &BackendRef| {
+            targets.iter().any(|(n, b)| v.as_deref().is_none_or(|v| v == *n) && r.matches(*b))
+        };
+        // The least, so that the answer does not depend on the set's order.
+        let wider = self.drained.iter().filter(|(v, r)| !lifted(v, r) && covers(v, r)).min();
         if let Some((v, r)) = wider {
             let lift = match v {
                 None => format!("`edgelb undrain {r}`"),
@@ -247,11 +263,7 @@ impl Verdicts {
             });
         }
         let before = self.drained.len();
-        self.drained.retain(|(v, r)| {
-            !(r.address == backend.address
-                && vip.as_ref().is_none_or(|n| v.as_ref() == Some(n))
-                && backend.port.is_none_or(|p| r.port == Some(p)))
-        });
+        self.drained.retain(|(v, r)| !lifted(v, r));
         Ok(self.drained.len() < before)
     }
 
@@ -505,17 +517,17 @@ mod tests {
         let c = cfg(&[(A, 2), (B, 1)], false);
         v.drain(None, ip(A));
         assert_eq!(live(&mut v, &c), [(ip(A), 0), (ip(B), 1)]);
-        let e = v.undrain(Some("web".into()), ip(A)).expect_err("a drain of every VIP stays");
+        let e = v.undrain(&c, Some("web".into()), ip(A)).expect_err("a drain of every VIP stays");
         assert!(e.contains("edgelb undrain 198.18.0.11"), "{e}");
         assert!(v.is_drained("web", at(A)));
-        v.undrain(None, ip(A)).unwrap();
+        v.undrain(&c, None, ip(A)).unwrap();
         assert_eq!(live(&mut v, &c), [(ip(A), 2), (ip(B), 1)]);
         v.drain(Some("web".into()), ip(B));
         assert!(v.is_drained("web", at(B)) && !v.is_drained("other", at(B)));
-        assert_eq!(v.undrain(Some("web".into()), ip(B)), Ok(true));
+        assert_eq!(v.undrain(&c, Some("web".into()), ip(B)), Ok(true));
         assert!(!v.is_drained("web", at(B)));
-        assert_eq!(v.undrain(Some("web".into()), ip(B)), Ok(false), "nothing left to lift");
-        assert_eq!(v.undrain(None, ip(B)), Ok(false));
+        assert_eq!(v.undrain(&c, Some("web".into()), ip(B)), Ok(false), "nothing left to lift");
+        assert_eq!(v.undrain(&c, None, ip(B)), Ok(false));
     }
 
     /// A drain of a backend the config no longer lists (in that VIP, or anywhere for a drain of
@@ -541,6 +553,44 @@ mod tests {
         assert!(!v.is_drained("web", at(A)));
     }
 
+    /// An XDP VIP `web` (port 80) and an L7 VIP `api` listing the same host on 8080.
+    fn web_and_api() -> Config {
+        let text = format!(
+            "[node]\ninterfaces = [\"lo\"]\nencap_source_v4 = \"198.19.0.0/16\"\ngateway_mac = \"02:00:00:00:00:fe\"\n[[vip]]\nname = \"web\"\naddress = \"198.18.1.1\"\nport = 80\nbackends = [{{ address = \"{A}\" }}]\n[[vip]]\nname = \"api\"\naddress = \"198.18.1.2\"\nport = 8000\nforwarding = \"l7\"\nbackends = [{{ address = \"{A}\", port = 8080 }}]\n"
+        );
+        Config::parse(&text, "t.toml".as_ref()).expect("valid")
+    }
+
+    /// Two drains of one address that cover different backends: the one in another VIP (and
+    /// on another port) is not wider than the `address:port` undrain, which lifts its own drain
+    /// and leaves the other; one that does cover the backend named still refuses, pointing at a
+    /// command that works.
+    #[test]
+    fn an_undrain_is_refused_only_for_a_drain_that_covers_what_it_names() {
+        let c = web_and_api();
+        let api: SocketAddr = SocketAddr::new(ip(A), 8080);
+        let r = |s: &str| s.parse::<BackendRef>().unwrap();
+        let a80 = format!("{A}:80");
+        let mut v = Verdicts::default();
+        v.drain(Some("api".into()), ip(A));
+        v.drain(None, r(&a80));
+        assert!(v.is_drained("web", at(A)) && v.is_drained("api", api));
+        // `--vip web`: the drain of every VIP does cover web's A:80 and stays; the command it
+        // names is the plain `undrain A:80`, which is not refused.
+        let e = v.undrain(&c, Some("web".into()), r(&a80)).expect_err("a drain of every VIP");
+        assert!(e.contains(&format!("`edgelb undrain {a80}`")), "{e}");
+        assert_eq!(v.undrain(&c, None, r(&a80)), Ok(true));
+        assert!(!v.is_drained("web", at(A)), "web's A:80 undrained");
+        assert!(v.is_drained("api", api), "api's A:8080 still drained");
+        // The api drain by plain address, for api's backend: a drain of every port, wider.
+        let e = v
+            .undrain(&c, Some("api".into()), r(&format!("{A}:8080")))
+            .expect_err("a drain of every port of A in api");
+        assert!(e.contains(&format!("`edgelb undrain {A} --vip api`")), "{e}");
+        assert_eq!(v.undrain(&c, None, ip(A)), Ok(true));
+        assert!(!v.is_drained("api", api));
+    }
+
     /// An L7 pool listing one address on two ports: `address:port` drains and undrains that
     /// backend alone, the plain address every port of it, and a drain of every port is not
     /// lifted for one of them.
@@ -562,19 +612,23 @@ mod tests {
         v.drain(None, r("127.0.0.1:8001"));
         assert_eq!(weights(&mut v), [(one, 0), (two, 1), (other, 1)]);
         assert!(v.is_drained("web7", one) && !v.is_drained("web7", two));
-        assert_eq!(v.undrain(None, r("127.0.0.1:8002")), Ok(false), "that port was not drained");
-        assert_eq!(v.undrain(None, r("127.0.0.1:8001")), Ok(true));
+        assert_eq!(
+            v.undrain(&c, None, r("127.0.0.1:8002")),
+            Ok(false),
+            "that port was not drained"
+        );
+        assert_eq!(v.undrain(&c, None, r("127.0.0.1:8001")), Ok(true));
         assert_eq!(weights(&mut v), [(one, 1), (two, 1), (other, 1)]);
         // The address alone: every port of it, and the port-wise undrain of it refused.
         v.drain(Some("web7".into()), r("127.0.0.1"));
         assert_eq!(weights(&mut v), [(one, 0), (two, 0), (other, 1)]);
-        let e = v.undrain(None, r("127.0.0.1:8002")).expect_err("a drain of every port stays");
+        let e = v.undrain(&c, None, r("127.0.0.1:8002")).expect_err("a drain of every port stays");
         assert!(e.contains("edgelb undrain 127.0.0.1 --vip web7"), "{e}");
-        assert_eq!(v.undrain(Some("web7".into()), r("127.0.0.1")), Ok(true));
+        assert_eq!(v.undrain(&c, Some("web7".into()), r("127.0.0.1")), Ok(true));
         // A plain undrain lifts the port-wise drains of the address too.
         v.drain(None, r("127.0.0.1:8001"));
         v.drain(Some("web7".into()), r("127.0.0.1:8002"));
-        assert_eq!(v.undrain(None, r("127.0.0.1")), Ok(true));
+        assert_eq!(v.undrain(&c, None, r("127.0.0.1")), Ok(true));
         assert_eq!(weights(&mut v), [(one, 1), (two, 1), (other, 1)]);
         // Handed over with its port, and forgotten once the config lists that port no more.
         v.drain(None, r("127.0.0.1:8002"));
