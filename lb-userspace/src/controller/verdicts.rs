@@ -106,6 +106,62 @@ impl Verdicts {
         renamed
     }
 
+    /// Moves the `address:port` drains of an XDP VIP that a reload from `old` to `new` moves to
+    /// another port along with it, as [`Verdicts::hold_new_backends`] carries its health
+    /// verdicts: its backends carry the VIP's port, so a drain of A:80 names nothing once the
+    /// VIP serves on 8080, and the reload would lift it unasked. A drain of that VIP moves to
+    /// the new port; a drain of every VIP covers the moved backend as a drain of that VIP at its
+    /// new port (a drain of A:8080 everywhere would take in backends it never covered), and
+    /// goes once no VIP of `new` lists its old port. A drain by plain address covers every port
+    /// and needs nothing. `renamed` are the renames of the same reload ([`Verdicts::rename`]).
+    /// Returns the drains moved: (VIP the drain was of, or none for every VIP, the VIP, the
+    /// backend before, after).
+    pub(super) fn follow_port(
+        &mut self,
+        old: &Config,
+        new: &Config,
+        renamed: &[(String, String)],
+    ) -> Vec<(Option<String>, String, BackendRef, BackendRef)> {
+        let mut moved = Vec::new();
+        let mut of_every_vip = Vec::new();
+        for v in new.vips.iter().filter(|v| v.forwarding != Forwarding::L7) {
+            let was_named =
+                renamed.iter().find(|(_, to)| *to == v.name).map_or(&v.name, |(f, _)| f);
+            let Some(before) =
+                old.vips.iter().find(|o| o.name == *was_named && o.forwarding != Forwarding::L7)
+            else {
+                continue;
+            };
+            for b in &v.backends {
+                let Some(o) = before.backends.iter().find(|o| o.address == b.address) else {
+                    continue;
+                };
+                if o.port == b.port {
+                    continue;
+                }
+                let from = BackendRef { address: o.address, port: Some(o.port) };
+                let to = BackendRef { address: b.address, port: Some(b.port) };
+                let this = (Some(v.name.clone()), from);
+                if self.drained.remove(&this) {
+                    self.drained.insert((Some(v.name.clone()), to));
+                    moved.push((Some(v.name.clone()), v.name.clone(), from, to));
+                }
+                if self.drained.contains(&(None, from)) {
+                    self.drained.insert((Some(v.name.clone()), to));
+                    moved.push((None, v.name.clone(), from, to));
+                    of_every_vip.push(from);
+                }
+            }
+        }
+        for from in of_every_vip {
+            if !new.vips.iter().any(|v| v.backends.iter().any(|b| from.matches(id(b)))) {
+                self.drained.remove(&(None, from));
+            }
+        }
+        moved.sort();
+        moved
+    }
+
     /// Holds a backend that a reload from `old` to `new` adds to a health-checked VIP that was
     /// already there down until its check has seen `rise` good probes: a new backend takes no
     /// flow before it has shown it can (it may not be ready yet), and one added to a VIP that
@@ -389,6 +445,51 @@ mod tests {
         assert!(v.rename(&www, &moved).is_empty());
         assert_eq!(v.reconcile(&moved), [(Some("www".to_owned()), ip(C).into())]);
         assert!(!v.is_down("api", at(A)));
+    }
+
+    /// A reload that moves an XDP VIP to another port moves its `address:port` drains with it
+    /// (the same hosts), rather than forget them and put the backend back into service; a
+    /// drain of every VIP stays a drain of that VIP's backend; another VIP's are untouched.
+    #[test]
+    fn an_address_port_drain_follows_its_vip_to_another_port() {
+        let web_on = |p: u16| {
+            let text = format!(
+                "[node]\ninterfaces = [\"lo\"]\nencap_source_v4 = \"198.19.0.0/16\"\ngateway_mac = \"02:00:00:00:00:fe\"\n[[vip]]\nname = \"web\"\naddress = \"198.18.1.1\"\nport = {p}\nbackends = [{{ address = \"{A}\" }}, {{ address = \"{B}\" }}]\n[[vip]]\nname = \"api\"\naddress = \"198.18.1.2\"\nport = 8000\nforwarding = \"l7\"\nbackends = [{{ address = \"{B}\", port = 8080 }}]\n"
+            );
+            Config::parse(&text, "t.toml".as_ref()).expect("valid")
+        };
+        let r = |a: &str, p: u16| BackendRef { address: ip(a), port: Some(p) };
+        let (old, new) = (web_on(80), web_on(8080));
+        let mut v = Verdicts::default();
+        v.drain(Some("web".into()), r(A, 80));
+        v.drain(None, r(B, 80));
+        let renamed = v.rename(&old, &new);
+        assert_eq!(
+            v.follow_port(&old, &new, &renamed),
+            [
+                (None, "web".to_owned(), r(B, 80), r(B, 8080)),
+                (Some("web".to_owned()), "web".to_owned(), r(A, 80), r(A, 8080)),
+            ]
+        );
+        v.hold_new_backends(&old, &new, &renamed);
+        assert!(v.reconcile(&new).is_empty(), "no drain forgotten");
+        assert!(v.is_drained("web", SocketAddr::new(ip(A), 8080)));
+        assert!(v.is_drained("web", SocketAddr::new(ip(B), 8080)));
+        assert!(!v.is_drained("api", SocketAddr::new(ip(B), 8080)), "api's B:8080 never was");
+        assert_eq!(
+            v.effective(&new).vips[0].backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
+            [0, 0]
+        );
+        // And back: the drains, of web now, follow again.
+        let renamed = v.rename(&new, &old);
+        assert_eq!(v.follow_port(&new, &old, &renamed).len(), 2);
+        assert!(v.reconcile(&old).is_empty());
+        assert!(v.is_drained("web", at(A)) && v.is_drained("web", at(B)));
+        // A drain by plain address covers every port: nothing to move.
+        let mut w = Verdicts::default();
+        w.drain(Some("web".into()), ip(A));
+        assert!(w.follow_port(&old, &new, &[]).is_empty());
+        assert!(w.is_drained("web", SocketAddr::new(ip(A), 8080)));
     }
 
     /// A backend a reload adds to a checked VIP takes no flow before its check passes, not even
