@@ -370,7 +370,8 @@ fn admin_call(admin: &AdminArgs, req: &Request, show: impl FnOnce(Response)) -> 
 
 /// `edgelb route`: asks the running controller; answers from the config file when none answers
 /// on the socket, or one too old to know the request does. Exit 0 with the backend's address
-/// alone on stdout; 1 when the VIP places no new flow; 2 for a bad question (or config).
+/// alone on stdout; 1 when the VIP places no new flow; 2 for a bad question (or config); 3 when
+/// the socket turns this user away (an edgelb may run there: its answer is not the file's).
 fn route(
     admin: &AdminArgs,
     client: IpAddr,
@@ -398,8 +399,15 @@ fn route(
             eprintln!("edgelb: {}", resp.message);
             return ExitCode::from(if resp.bad_request || resp.bad_config { 2 } else { 1 });
         }
-        Err(AdminError::Connect { .. }) => {
-            format!("no edgelb answers on {}", socket.display())
+        Err(e) if e.nobody_serves() => format!("no edgelb answers on {}", socket.display()),
+        // Turned away (a user the root-only socket refuses): an edgelb may run there, and the
+        // file's answer, given as if none did, may not be its.
+        Err(e @ AdminError::Connect { .. }) => {
+            eprintln!(
+                "edgelb: {e}; not answering from {} in its stead: the running edgelb's drains, health verdicts and config may place the flow elsewhere",
+                admin.config.display()
+            );
+            return ExitCode::from(3);
         }
         Err(e) => format!("{e}"),
     };
