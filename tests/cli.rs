@@ -463,3 +463,33 @@ fn route_turned_away_by_the_socket_says_so_and_does_not_answer_from_the_file() {
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("no edgelb answers") && err.contains("computed from"), "{err}");
 }
+
+/// `route --from-file` answers for the file named, not asking the running edgelb (played by a
+/// socket the file names that accepts no request: a connection to it would sit in its backlog),
+/// so that a candidate file can be checked before it is reloaded.
+#[test]
+fn route_from_file_answers_for_a_candidate_file_while_edgelb_runs() {
+    use std::os::unix::net::UnixListener;
+    let sock = format!("{}/running-{}.sock", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let _ = std::fs::remove_file(&sock);
+    let running = UnixListener::bind(&sock).unwrap();
+    running.set_nonblocking(true).unwrap();
+    let text = edgelb::config::EXAMPLE.replace(
+        "# admin_socket = \"/run/edgelb/admin.sock\"",
+        &format!("admin_socket = \"{sock}\""),
+    ) + "\n[[vip]]\nname = \"cand\"\naddress = \"198.18.1.9\"\nport = 80\nbackends = [{ address = \"198.18.0.13\", mac = \"02:ed:00:00:00:13\" }]\n";
+    let f = tempfile_path::write("candidate.toml", &text);
+    let named = edgelb::config::admin_socket_of(&f.0).unwrap();
+    assert_eq!(named.to_str(), Some(sock.as_str()), "the file names the running edgelb's socket");
+    let path = f.0.to_str().unwrap();
+    let (code, out, err) = edgelb(&["route", "-c", path, "--from-file", "198.18.4.1", "cand"]);
+    let asked = running.accept().is_ok();
+    let _ = std::fs::remove_file(&sock);
+    assert!(!asked, "the running edgelb was asked: {err}");
+    assert_eq!((code, out.trim()), (0, "198.18.0.13"), "{err}");
+    assert!(err.contains("computed from") && err.contains("--from-file"), "{err}");
+    // With --socket it makes no sense: refused as a bad invocation.
+    let (code, _, err) =
+        edgelb(&["route", "-c", path, "--socket", &sock, "--from-file", "198.18.4.1", "cand"]);
+    assert_eq!(code, 2, "{err}");
+}
