@@ -426,3 +426,70 @@ fn route_falls_back_to_the_file_when_the_controller_is_too_old() {
     assert_eq!((code, out.trim()), (0, want.to_string().as_str()), "{err}");
     assert!(err.contains("older") && err.contains("computed from"), "{err}");
 }
+
+/// A user the root-only admin socket turns away (EACCES on connect) is told so, and `route`
+/// does not answer from the file as though no edgelb ran (it did, with exit 0 and "no edgelb
+/// answers"): the running one's drains and verdicts may place the flow elsewhere. Played by a
+/// socket root listens on, mode 0600, and the CLI run as `nobody`.
+#[test]
+fn route_turned_away_by_the_socket_says_so_and_does_not_answer_from_the_file() {
+    use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+    if !edgelb::testbed::netns::require_privileged("route_turned_away_by_the_socket") {
+        return;
+    }
+    let f = tempfile_path::write("turned-away.toml", edgelb::config::EXAMPLE);
+    let sock = format!("{}/root-only-{}.sock", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let _ = std::fs::remove_file(&sock);
+    let _listening = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let path = f.0.to_str().unwrap();
+    let run = |uid: u32| {
+        let out = Command::new(env!("CARGO_BIN_EXE_edgelb"))
+            .args(["route", "--config", path, "--socket", &sock, "198.18.4.1", "web"])
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .expect("run edgelb");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = run(65534);
+    let _ = std::fs::remove_file(&sock);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("Permission denied"), "the connect was refused: {err}");
+    assert!(err.contains("run this as one of them"), "{err}");
+    assert!(!err.contains("computed from") && !err.contains("no edgelb answers"), "{err}");
+    // Nothing there at all: the file answers, as before.
+    let (code, err) = run(65534);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("no edgelb answers") && err.contains("computed from"), "{err}");
+}
+
+/// `route --from-file` answers for the file named, not asking the running edgelb (played by a
+/// socket the file names that accepts no request: a connection to it would sit in its backlog),
+/// so that a candidate file can be checked before it is reloaded.
+#[test]
+fn route_from_file_answers_for_a_candidate_file_while_edgelb_runs() {
+    use std::os::unix::net::UnixListener;
+    let sock = format!("{}/running-{}.sock", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let _ = std::fs::remove_file(&sock);
+    let running = UnixListener::bind(&sock).unwrap();
+    running.set_nonblocking(true).unwrap();
+    let text = edgelb::config::EXAMPLE.replace(
+        "# admin_socket = \"/run/edgelb/admin.sock\"",
+        &format!("admin_socket = \"{sock}\""),
+    ) + "\n[[vip]]\nname = \"cand\"\naddress = \"198.18.1.9\"\nport = 80\nbackends = [{ address = \"198.18.0.13\", mac = \"02:ed:00:00:00:13\" }]\n";
+    let f = tempfile_path::write("candidate.toml", &text);
+    let named = edgelb::config::admin_socket_of(&f.0).unwrap();
+    assert_eq!(named.to_str(), Some(sock.as_str()), "the file names the running edgelb's socket");
+    let path = f.0.to_str().unwrap();
+    let (code, out, err) = edgelb(&["route", "-c", path, "--from-file", "198.18.4.1", "cand"]);
+    let asked = running.accept().is_ok();
+    let _ = std::fs::remove_file(&sock);
+    assert!(!asked, "the running edgelb was asked: {err}");
+    assert_eq!((code, out.trim()), (0, "198.18.0.13"), "{err}");
+    assert!(err.contains("computed from") && err.contains("--from-file"), "{err}");
+    // With --socket it makes no sense: refused as a bad invocation.
+    let (code, _, err) =
+        edgelb(&["route", "-c", path, "--socket", &sock, "--from-file", "198.18.4.1", "cand"]);
+    assert_eq!(code, 2, "{err}");
+}

@@ -48,8 +48,8 @@ enum Command {
     },
     /// Print the backend a new flow from CLIENT to VIP gets: the running edgelb's answer (the
     /// ring XDP indexes, drains and health verdicts included), or, when none answers on the
-    /// admin socket, the hash and ring of the config file's weights. Which one answered is said
-    /// on stderr.
+    /// admin socket (or with --from-file), the hash and ring of the config file's weights.
+    /// Which one answered is said on stderr.
     Route {
         #[command(flatten)]
         admin: AdminArgs,
@@ -65,6 +65,10 @@ enum Command {
         /// The flow's protocol, when a TCP and a UDP VIP share the address and port.
         #[arg(long, value_parser = ["tcp", "udp"])]
         proto: Option<String>,
+        /// Answer from the config file (-c) alone, without asking the running edgelb: where a
+        /// candidate file would place the flow before it is reloaded, while edgelb runs.
+        #[arg(long, conflicts_with = "socket")]
+        from_file: bool,
     },
     /// Show VIPs, backends, weights, health, ring shares and counters of the running edgelb.
     Status {
@@ -223,7 +227,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Route { admin, client, vip, sport, proto } => {
+        Command::Route { admin, client, vip, sport, proto, from_file } => {
             let proto = proto.map(|p| {
                 if p == "udp" {
                     edgelb::config::Protocol::Udp
@@ -231,7 +235,7 @@ fn main() -> ExitCode {
                     edgelb::config::Protocol::Tcp
                 }
             });
-            route(&admin, client, &vip, sport, proto)
+            route(&admin, client, &vip, sport, proto, from_file)
         }
         Command::Status { admin, json } => admin_call(&admin, &Request::Status, |resp| {
             let status = resp.status.unwrap_or_default().renamed_fields();
@@ -370,39 +374,78 @@ fn admin_call(admin: &AdminArgs, req: &Request, show: impl FnOnce(Response)) -> 
 
 /// `edgelb route`: asks the running controller; answers from the config file when none answers
 /// on the socket, or one too old to know the request does. Exit 0 with the backend's address
-/// alone on stdout; 1 when the VIP places no new flow; 2 for a bad question (or config).
+/// alone on stdout; 1 when the VIP places no new flow; 2 for a bad question (or config); 3 when
+/// the socket turns this user away (an edgelb may run there: its answer is not the file's).
+/// `from_file` skips the controller: the file's answer, for a file not (yet) running.
 fn route(
     admin: &AdminArgs,
     client: IpAddr,
     vip: &str,
     sport: Option<u16>,
     proto: Option<edgelb::config::Protocol>,
+    from_file: bool,
 ) -> ExitCode {
-    let socket = match admin.socket() {
-        Ok(s) => s,
-        Err(code) => return code,
+    let why_offline = if from_file {
+        "--from-file asks for the file's answer".to_owned()
+    } else {
+        match ask_route(admin, client, vip, sport, proto) {
+            Ok(why) => why,
+            Err(code) => return code,
+        }
     };
+    route_from_file(admin, client, vip, sport, proto, &why_offline)
+}
+
+/// Asks the running controller for `edgelb route`'s answer: Err with the exit code once
+/// answered (or refused), Ok with the reason when the file is to answer instead.
+fn ask_route(
+    admin: &AdminArgs,
+    client: IpAddr,
+    vip: &str,
+    sport: Option<u16>,
+    proto: Option<edgelb::config::Protocol>,
+) -> Result<String, ExitCode> {
+    let socket = admin.socket()?;
     let req = Request::Route { client, vip: vip.to_owned(), sport, proto };
-    let why_offline = match edgelb::admin::request(&socket, &req) {
+    match edgelb::admin::request(&socket, &req) {
         Ok(resp) if resp.ok && resp.route.is_some() => {
             let answer = resp.route.expect("checked");
             println!("{}", answer.backend);
             eprintln!("(answered by the running edgelb on {}: {})", socket.display(), resp.message);
-            return ExitCode::SUCCESS;
+            Err(ExitCode::SUCCESS)
         }
-        Ok(resp) if resp.unknown_request() => format!(
+        Ok(resp) if resp.unknown_request() => Ok(format!(
             "the edgelb answering on {} is older and does not answer `route`",
             socket.display()
-        ),
+        )),
         Ok(resp) => {
             eprintln!("edgelb: {}", resp.message);
-            return ExitCode::from(if resp.bad_request || resp.bad_config { 2 } else { 1 });
+            Err(ExitCode::from(if resp.bad_request || resp.bad_config { 2 } else { 1 }))
         }
-        Err(AdminError::Connect { .. }) => {
-            format!("no edgelb answers on {}", socket.display())
+        Err(e) if e.nobody_serves() => Ok(format!("no edgelb answers on {}", socket.display())),
+        // Turned away (a user the root-only socket refuses): an edgelb may run there, and the
+        // file's answer, given as if none did, may not be its.
+        Err(e @ AdminError::Connect { .. }) => {
+            eprintln!(
+                "edgelb: {e}; not answering from {} in its stead: the running edgelb's drains, health verdicts and config may place the flow elsewhere (`--from-file` asks for the file's answer)",
+                admin.config.display()
+            );
+            Err(ExitCode::from(3))
         }
-        Err(e) => format!("{e}"),
-    };
+        Err(e) => Ok(format!("{e}")),
+    }
+}
+
+/// Completes `edgelb route`, from `admin.config`, with `why_offline` the reason it is the
+/// file's answer (no controller's).
+fn route_from_file(
+    admin: &AdminArgs,
+    client: IpAddr,
+    vip: &str,
+    sport: Option<u16>,
+    proto: Option<edgelb::config::Protocol>,
+    why_offline: &str,
+) -> ExitCode {
     let cfg = match Config::load(&admin.config) {
         Ok(c) => c,
         Err(e) => {

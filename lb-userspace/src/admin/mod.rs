@@ -479,8 +479,8 @@ pub struct BackendStatus {
 /// Why an admin request failed on the client side.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    /// No controller listens on the socket.
-    #[error("cannot reach edgelb at {path}: {source} (is `edgelb run` running?)")]
+    /// No controller listens on the socket, or this user may not connect to it.
+    #[error("cannot reach edgelb at {path}: {source} ({})", connect_hint(source))]
     Connect {
         /// Socket path.
         path: PathBuf,
@@ -496,6 +496,27 @@ pub enum AdminError {
         /// What went wrong.
         reason: String,
     },
+}
+
+impl AdminError {
+    /// Does the error say that no controller serves the socket: no file there (ENOENT), or one
+    /// nobody listens on (ECONNREFUSED)? Only then may a command answer in its stead, from the
+    /// file. Any other connect error (EACCES, EPERM: a user the root-only socket turns away)
+    /// leaves a controller possibly running, whose answer the file's may not be.
+    pub fn nobody_serves(&self) -> bool {
+        use std::io::ErrorKind::{ConnectionRefused, NotFound};
+        matches!(self, AdminError::Connect { source, .. } if matches!(source.kind(), NotFound | ConnectionRefused))
+    }
+}
+
+/// What to make of a failed connect: turned away (permission) says a controller may well run,
+/// out of this user's reach; anything else, most likely that none runs.
+fn connect_hint(e: &std::io::Error) -> &'static str {
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        "the admin socket answers root and the user edgelb runs as: run this as one of them"
+    } else {
+        "is `edgelb run` running?"
+    }
 }
 
 /// Is the other end of `s` root or this process's own user? Anyone else who got to bind or
@@ -811,6 +832,23 @@ pub const HANDOVER_WAIT: Duration = Duration::from_secs(60);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only "nothing there" (no file, nobody listening) lets a command answer for the
+    /// controller; a permission error is no sign that none runs, and says what to do.
+    #[test]
+    fn only_a_socket_nobody_serves_counts_as_no_controller() {
+        let err = |code| AdminError::Connect {
+            path: "/run/edgelb.sock".into(),
+            source: std::io::Error::from_raw_os_error(code),
+        };
+        // ENOENT, ECONNREFUSED; EACCES, EPERM.
+        assert!(err(2).nobody_serves() && err(111).nobody_serves());
+        assert!(!err(13).nobody_serves() && !err(1).nobody_serves());
+        assert!(err(13).to_string().contains("run this as one of them"), "{}", err(13));
+        assert!(err(2).to_string().contains("is `edgelb run` running?"), "{}", err(2));
+        let other = AdminError::Exchange { path: "/x".into(), reason: "cut".into() };
+        assert!(!other.nobody_serves());
+    }
 
     /// A stand-in controller answering each admin request with `answer`.
     fn controller(answer: impl Fn(&Request) -> Response + Send + 'static) -> Sender<Pending> {

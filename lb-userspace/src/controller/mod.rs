@@ -1097,7 +1097,7 @@ impl Controller {
             }
             Request::Undrain { backend, vip } => {
                 let names = self.vips_with(vip.as_deref(), backend).join(", ");
-                match self.verdicts.undrain(vip.clone(), backend) {
+                match self.verdicts.undrain(&self.cfg, vip.clone(), backend) {
                     Err(e) => Response::err(e),
                     Ok(false) => Response::ok(format!("{backend} was not drained in {names}")),
                     Ok(true) => {
@@ -1204,6 +1204,8 @@ impl Controller {
         let old = std::mem::replace(&mut self.cfg, new);
         let old_verdicts = self.verdicts.clone();
         let renamed = self.verdicts.rename(&old, &self.cfg);
+        // Before the hold: whether a moved VIP keeps a backend serving depends on its drains.
+        let moved = self.verdicts.follow_port(&old, &self.cfg, &renamed);
         let held = self.verdicts.hold_new_backends(&old, &self.cfg, &renamed);
         let forgotten = self.verdicts.reconcile(&self.cfg);
         match self.apply() {
@@ -1214,8 +1216,11 @@ impl Controller {
                 for (vip, backend) in &held {
                     info!(%vip, %backend, "backend added: it joins the ring once its health check has passed `rise` times");
                 }
+                for (of, vip, from, to) in &moved {
+                    info!(%vip, was = %from, backend = %to, drain = of.as_deref().unwrap_or("every VIP"), "VIP moved to another port: its drain of the backend follows");
+                }
                 for (vip, backend) in &forgotten {
-                    info!(%backend, vip = vip.as_deref().unwrap_or("every VIP"), "drain forgotten: the backend is no longer in the config");
+                    warn!(%backend, vip = vip.as_deref().unwrap_or("every VIP"), "drain forgotten: the backend is no longer in the config");
                 }
                 self.reconcile_checks();
                 self.metrics.retain(&self.cfg);
@@ -1227,6 +1232,19 @@ impl Controller {
                     msg.push_str(&format!(
                         "; {} health checks could not start yet (no thread to be had; see the log), retried every second",
                         self.checks_missing
+                    ));
+                }
+                if !forgotten.is_empty() {
+                    let list: Vec<String> = forgotten
+                        .iter()
+                        .map(|(vip, b)| match vip {
+                            Some(v) => format!("{b} in VIP `{v}`"),
+                            None => format!("{b} in every VIP"),
+                        })
+                        .collect();
+                    msg.push_str(&format!(
+                        "; drains forgotten, as the config no longer lists the backend: {}",
+                        list.join(", ")
                     ));
                 }
                 warn_of_mtu(&self.cfg);

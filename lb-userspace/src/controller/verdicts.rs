@@ -106,6 +106,62 @@ impl Verdicts {
         renamed
     }
 
+    /// Moves the `address:port` drains of an XDP VIP that a reload from `old` to `new` moves to
+    /// another port along with it, as [`Verdicts::hold_new_backends`] carries its health
+    /// verdicts: its backends carry the VIP's port, so a drain of A:80 names nothing once the
+    /// VIP serves on 8080, and the reload would lift it unasked. A drain of that VIP moves to
+    /// the new port; a drain of every VIP covers the moved backend as a drain of that VIP at its
+    /// new port (a drain of A:8080 everywhere would take in backends it never covered), and
+    /// goes once no VIP of `new` lists its old port. A drain by plain address covers every port
+    /// and needs nothing. `renamed` are the renames of the same reload ([`Verdicts::rename`]).
+    /// Returns the drains moved: (VIP the drain was of, or none for every VIP, the VIP, the
+    /// backend before, after).
+    pub(super) fn follow_port(
+        &mut self,
+        old: &Config,
+        new: &Config,
+        renamed: &[(String, String)],
+    ) -> Vec<(Option<String>, String, BackendRef, BackendRef)> {
+        let mut moved = Vec::new();
+        let mut of_every_vip = Vec::new();
+        for v in new.vips.iter().filter(|v| v.forwarding != Forwarding::L7) {
+            let was_named =
+                renamed.iter().find(|(_, to)| *to == v.name).map_or(&v.name, |(f, _)| f);
+            let Some(before) =
+                old.vips.iter().find(|o| o.name == *was_named && o.forwarding != Forwarding::L7)
+            else {
+                continue;
+            };
+            for b in &v.backends {
+                let Some(o) = before.backends.iter().find(|o| o.address == b.address) else {
+                    continue;
+                };
+                if o.port == b.port {
+                    continue;
+                }
+                let from = BackendRef { address: o.address, port: Some(o.port) };
+                let to = BackendRef { address: b.address, port: Some(b.port) };
+                let this = (Some(v.name.clone()), from);
+                if self.drained.remove(&this) {
+                    self.drained.insert((Some(v.name.clone()), to));
+                    moved.push((Some(v.name.clone()), v.name.clone(), from, to));
+                }
+                if self.drained.contains(&(None, from)) {
+                    self.drained.insert((Some(v.name.clone()), to));
+                    moved.push((None, v.name.clone(), from, to));
+                    of_every_vip.push(from);
+                }
+            }
+        }
+        for from in of_every_vip {
+            if !new.vips.iter().any(|v| v.backends.iter().any(|b| from.matches(id(b)))) {
+                self.drained.remove(&(None, from));
+            }
+        }
+        moved.sort();
+        moved
+    }
+
     /// Holds a backend that a reload from `old` to `new` adds to a health-checked VIP that was
     /// already there down until its check has seen `rise` good probes: a new backend takes no
     /// flow before it has shown it can (it may not be ready yet), and one added to a VIP that
@@ -216,21 +272,37 @@ impl Verdicts {
     /// drain is not lifted in part (that would need an exception per VIP or port): a drain of
     /// every VIP for one of them, or of every port for one of them, is refused, naming the
     /// command that lifts it.
+    ///
+    /// A drain counts as wider only when it would stay after this lift and still cover a
+    /// (VIP, backend) of `cfg` that the request names: a drain of the same address in another
+    /// VIP, or on a port no VIP named lists, leaves what the operator asked for undrained, and
+    /// must not refuse it (nor send them to a command that is refused in turn).
     pub(super) fn undrain(
         &mut self,
+        cfg: &Config,
         vip: Option<String>,
         backend: impl Into<BackendRef>,
     ) -> Result<bool, String> {
         let backend = backend.into();
-        let overlaps = |v: &Option<String>, r: &BackendRef| {
+        let lifted = |v: &Option<String>, r: &BackendRef| {
             r.address == backend.address
-                && (v.is_none() || vip.is_none() || *v == vip)
-                && (r.port.is_none() || backend.port.is_none() || r.port == backend.port)
+                && vip.as_ref().is_none_or(|n| v.as_ref() == Some(n))
+                && backend.port.is_none_or(|p| r.port == Some(p))
         };
-        let wider = self.drained.iter().find(|(v, r)| {
-            overlaps(v, r)
-                && ((v.is_none() && vip.is_some()) || (r.port.is_none() && backend.port.is_some()))
-        });
+        // The (VIP, backend) pairs of the config the request names.
+        let targets: Vec<(&str, SocketAddr)> = cfg
+            .vips
+            .iter()
+            .filter(|v| vip.as_deref().is_none_or(|n| n == v.name))
+            .flat_map(|v| {
+                v.backends.iter().map(id).filter(|b| backend.matches(*b)).map(|b| (&*v.name, b))
+            })
+            .collect();
+        let covers = |v: &Option<String>, r: &BackendRef| {
+            targets.iter().any(|(n, b)| v.as_deref().is_none_or(|v| v == *n) && r.matches(*b))
+        };
+        // The least, so that the answer does not depend on the set's order.
+        let wider = self.drained.iter().filter(|(v, r)| !lifted(v, r) && covers(v, r)).min();
         if let Some((v, r)) = wider {
             let lift = match v {
                 None => format!("`edgelb undrain {r}`"),
@@ -247,11 +319,7 @@ impl Verdicts {
             });
         }
         let before = self.drained.len();
-        self.drained.retain(|(v, r)| {
-            !(r.address == backend.address
-                && vip.as_ref().is_none_or(|n| v.as_ref() == Some(n))
-                && backend.port.is_none_or(|p| r.port == Some(p)))
-        });
+        self.drained.retain(|(v, r)| !lifted(v, r));
         Ok(self.drained.len() < before)
     }
 
@@ -377,6 +445,51 @@ mod tests {
         assert!(v.rename(&www, &moved).is_empty());
         assert_eq!(v.reconcile(&moved), [(Some("www".to_owned()), ip(C).into())]);
         assert!(!v.is_down("api", at(A)));
+    }
+
+    /// A reload that moves an XDP VIP to another port moves its `address:port` drains with it
+    /// (the same hosts), rather than forget them and put the backend back into service; a
+    /// drain of every VIP stays a drain of that VIP's backend; another VIP's are untouched.
+    #[test]
+    fn an_address_port_drain_follows_its_vip_to_another_port() {
+        let web_on = |p: u16| {
+            let text = format!(
+                "[node]\ninterfaces = [\"lo\"]\nencap_source_v4 = \"198.19.0.0/16\"\ngateway_mac = \"02:00:00:00:00:fe\"\n[[vip]]\nname = \"web\"\naddress = \"198.18.1.1\"\nport = {p}\nbackends = [{{ address = \"{A}\" }}, {{ address = \"{B}\" }}]\n[[vip]]\nname = \"api\"\naddress = \"198.18.1.2\"\nport = 8000\nforwarding = \"l7\"\nbackends = [{{ address = \"{B}\", port = 8080 }}]\n"
+            );
+            Config::parse(&text, "t.toml".as_ref()).expect("valid")
+        };
+        let r = |a: &str, p: u16| BackendRef { address: ip(a), port: Some(p) };
+        let (old, new) = (web_on(80), web_on(8080));
+        let mut v = Verdicts::default();
+        v.drain(Some("web".into()), r(A, 80));
+        v.drain(None, r(B, 80));
+        let renamed = v.rename(&old, &new);
+        assert_eq!(
+            v.follow_port(&old, &new, &renamed),
+            [
+                (None, "web".to_owned(), r(B, 80), r(B, 8080)),
+                (Some("web".to_owned()), "web".to_owned(), r(A, 80), r(A, 8080)),
+            ]
+        );
+        v.hold_new_backends(&old, &new, &renamed);
+        assert!(v.reconcile(&new).is_empty(), "no drain forgotten");
+        assert!(v.is_drained("web", SocketAddr::new(ip(A), 8080)));
+        assert!(v.is_drained("web", SocketAddr::new(ip(B), 8080)));
+        assert!(!v.is_drained("api", SocketAddr::new(ip(B), 8080)), "api's B:8080 never was");
+        assert_eq!(
+            v.effective(&new).vips[0].backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
+            [0, 0]
+        );
+        // And back: the drains, of web now, follow again.
+        let renamed = v.rename(&new, &old);
+        assert_eq!(v.follow_port(&new, &old, &renamed).len(), 2);
+        assert!(v.reconcile(&old).is_empty());
+        assert!(v.is_drained("web", at(A)) && v.is_drained("web", at(B)));
+        // A drain by plain address covers every port: nothing to move.
+        let mut w = Verdicts::default();
+        w.drain(Some("web".into()), ip(A));
+        assert!(w.follow_port(&old, &new, &[]).is_empty());
+        assert!(w.is_drained("web", SocketAddr::new(ip(A), 8080)));
     }
 
     /// A backend a reload adds to a checked VIP takes no flow before its check passes, not even
@@ -505,17 +618,17 @@ mod tests {
         let c = cfg(&[(A, 2), (B, 1)], false);
         v.drain(None, ip(A));
         assert_eq!(live(&mut v, &c), [(ip(A), 0), (ip(B), 1)]);
-        let e = v.undrain(Some("web".into()), ip(A)).expect_err("a drain of every VIP stays");
+        let e = v.undrain(&c, Some("web".into()), ip(A)).expect_err("a drain of every VIP stays");
         assert!(e.contains("edgelb undrain 198.18.0.11"), "{e}");
         assert!(v.is_drained("web", at(A)));
-        v.undrain(None, ip(A)).unwrap();
+        v.undrain(&c, None, ip(A)).unwrap();
         assert_eq!(live(&mut v, &c), [(ip(A), 2), (ip(B), 1)]);
         v.drain(Some("web".into()), ip(B));
         assert!(v.is_drained("web", at(B)) && !v.is_drained("other", at(B)));
-        assert_eq!(v.undrain(Some("web".into()), ip(B)), Ok(true));
+        assert_eq!(v.undrain(&c, Some("web".into()), ip(B)), Ok(true));
         assert!(!v.is_drained("web", at(B)));
-        assert_eq!(v.undrain(Some("web".into()), ip(B)), Ok(false), "nothing left to lift");
-        assert_eq!(v.undrain(None, ip(B)), Ok(false));
+        assert_eq!(v.undrain(&c, Some("web".into()), ip(B)), Ok(false), "nothing left to lift");
+        assert_eq!(v.undrain(&c, None, ip(B)), Ok(false));
     }
 
     /// A drain of a backend the config no longer lists (in that VIP, or anywhere for a drain of
@@ -541,6 +654,44 @@ mod tests {
         assert!(!v.is_drained("web", at(A)));
     }
 
+    /// An XDP VIP `web` (port 80) and an L7 VIP `api` listing the same host on 8080.
+    fn web_and_api() -> Config {
+        let text = format!(
+            "[node]\ninterfaces = [\"lo\"]\nencap_source_v4 = \"198.19.0.0/16\"\ngateway_mac = \"02:00:00:00:00:fe\"\n[[vip]]\nname = \"web\"\naddress = \"198.18.1.1\"\nport = 80\nbackends = [{{ address = \"{A}\" }}]\n[[vip]]\nname = \"api\"\naddress = \"198.18.1.2\"\nport = 8000\nforwarding = \"l7\"\nbackends = [{{ address = \"{A}\", port = 8080 }}]\n"
+        );
+        Config::parse(&text, "t.toml".as_ref()).expect("valid")
+    }
+
+    /// Two drains of one address that cover different backends: the one in another VIP (and
+    /// on another port) is not wider than the `address:port` undrain, which lifts its own drain
+    /// and leaves the other; one that does cover the backend named still refuses, pointing at a
+    /// command that works.
+    #[test]
+    fn an_undrain_is_refused_only_for_a_drain_that_covers_what_it_names() {
+        let c = web_and_api();
+        let api: SocketAddr = SocketAddr::new(ip(A), 8080);
+        let r = |s: &str| s.parse::<BackendRef>().unwrap();
+        let a80 = format!("{A}:80");
+        let mut v = Verdicts::default();
+        v.drain(Some("api".into()), ip(A));
+        v.drain(None, r(&a80));
+        assert!(v.is_drained("web", at(A)) && v.is_drained("api", api));
+        // `--vip web`: the drain of every VIP does cover web's A:80 and stays; the command it
+        // names is the plain `undrain A:80`, which is not refused.
+        let e = v.undrain(&c, Some("web".into()), r(&a80)).expect_err("a drain of every VIP");
+        assert!(e.contains(&format!("`edgelb undrain {a80}`")), "{e}");
+        assert_eq!(v.undrain(&c, None, r(&a80)), Ok(true));
+        assert!(!v.is_drained("web", at(A)), "web's A:80 undrained");
+        assert!(v.is_drained("api", api), "api's A:8080 still drained");
+        // The api drain by plain address, for api's backend: a drain of every port, wider.
+        let e = v
+            .undrain(&c, Some("api".into()), r(&format!("{A}:8080")))
+            .expect_err("a drain of every port of A in api");
+        assert!(e.contains(&format!("`edgelb undrain {A} --vip api`")), "{e}");
+        assert_eq!(v.undrain(&c, None, ip(A)), Ok(true));
+        assert!(!v.is_drained("api", api));
+    }
+
     /// An L7 pool listing one address on two ports: `address:port` drains and undrains that
     /// backend alone, the plain address every port of it, and a drain of every port is not
     /// lifted for one of them.
@@ -562,19 +713,23 @@ mod tests {
         v.drain(None, r("127.0.0.1:8001"));
         assert_eq!(weights(&mut v), [(one, 0), (two, 1), (other, 1)]);
         assert!(v.is_drained("web7", one) && !v.is_drained("web7", two));
-        assert_eq!(v.undrain(None, r("127.0.0.1:8002")), Ok(false), "that port was not drained");
-        assert_eq!(v.undrain(None, r("127.0.0.1:8001")), Ok(true));
+        assert_eq!(
+            v.undrain(&c, None, r("127.0.0.1:8002")),
+            Ok(false),
+            "that port was not drained"
+        );
+        assert_eq!(v.undrain(&c, None, r("127.0.0.1:8001")), Ok(true));
         assert_eq!(weights(&mut v), [(one, 1), (two, 1), (other, 1)]);
         // The address alone: every port of it, and the port-wise undrain of it refused.
         v.drain(Some("web7".into()), r("127.0.0.1"));
         assert_eq!(weights(&mut v), [(one, 0), (two, 0), (other, 1)]);
-        let e = v.undrain(None, r("127.0.0.1:8002")).expect_err("a drain of every port stays");
+        let e = v.undrain(&c, None, r("127.0.0.1:8002")).expect_err("a drain of every port stays");
         assert!(e.contains("edgelb undrain 127.0.0.1 --vip web7"), "{e}");
-        assert_eq!(v.undrain(Some("web7".into()), r("127.0.0.1")), Ok(true));
+        assert_eq!(v.undrain(&c, Some("web7".into()), r("127.0.0.1")), Ok(true));
         // A plain undrain lifts the port-wise drains of the address too.
         v.drain(None, r("127.0.0.1:8001"));
         v.drain(Some("web7".into()), r("127.0.0.1:8002"));
-        assert_eq!(v.undrain(None, r("127.0.0.1")), Ok(true));
+        assert_eq!(v.undrain(&c, None, r("127.0.0.1")), Ok(true));
         assert_eq!(weights(&mut v), [(one, 1), (two, 1), (other, 1)]);
         // Handed over with its port, and forgotten once the config lists that port no more.
         v.drain(None, r("127.0.0.1:8002"));

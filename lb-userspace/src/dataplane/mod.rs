@@ -872,12 +872,7 @@ impl Dataplane {
         let (used, took_over) = attach_pinned(prog, interface, mode, pin.as_deref())?;
         // A link taken over keeps the mode it was attached in; a config that asks for another
         // one gets it only after `edgelb stop` (which detaches) and a start.
-        let wanted = match mode {
-            XdpAttachMode::Native => Some("native"),
-            XdpAttachMode::Generic => Some("generic"),
-            XdpAttachMode::Auto => None,
-        };
-        if took_over && wanted.is_some_and(|w| w != used) {
+        if took_over && mode_differs(mode, used) {
             warn!(interface, running = used, configured = ?mode, "the pinned XDP link runs in another mode than node.xdp_mode asks; `edgelb stop` (which detaches) and a start attach in the configured one");
         }
         // Generic XDP runs after the kernel's software GRO, which the kernel leaves on when it
@@ -1496,20 +1491,35 @@ fn attach_pinned(
     Ok((used, false))
 }
 
+/// The label [`running_mode`] gives a mode the kernel did not report.
+const UNKNOWN_MODE: &str = "unknown";
+
+/// Does XDP run in `used` (a [`running_mode`] label) where node.xdp_mode asks for `mode`? Not
+/// when the mode could not be read (already logged): a mode not known is no mismatch, and a
+/// warning to stop and start again for it would send the operator after nothing.
+fn mode_differs(mode: XdpAttachMode, used: &str) -> bool {
+    let wanted = match mode {
+        XdpAttachMode::Native => "native",
+        XdpAttachMode::Generic => "generic",
+        XdpAttachMode::Auto => return false,
+    };
+    used != UNKNOWN_MODE && used != wanted
+}
+
 /// The mode XDP runs in on `interface`, as the kernel reports it (rtnetlink, see
 /// [`netlink::xdp_attachment`]): a link taken over from a previous process says which
-/// interface it is on but not in which mode, and `status` must not guess. "unknown" (logged)
-/// when it cannot be read.
+/// interface it is on but not in which mode, and `status` must not guess. [`UNKNOWN_MODE`]
+/// (logged) when it cannot be read.
 fn running_mode(interface: &str) -> &'static str {
     match netlink::xdp_attachment(ifindex(interface)) {
         Ok(Some(a)) => a.mode.label(),
         Ok(None) => {
             warn!(interface, "the kernel reports no XDP program on the interface just attached");
-            "unknown"
+            UNKNOWN_MODE
         }
         Err(e) => {
             warn!(interface, error = %e, "could not read the XDP mode of the interface");
-            "unknown"
+            UNKNOWN_MODE
         }
     }
 }
@@ -1857,7 +1867,22 @@ impl AuxPrograms {
 
 #[cfg(test)]
 mod tests {
-    use super::{MAX_CONNTRACK_FLOWS, MIN_CONNTRACK_FLOWS, TableShape, buckets_for, pin_dir_ready};
+    use super::{
+        MAX_CONNTRACK_FLOWS, MIN_CONNTRACK_FLOWS, TableShape, UNKNOWN_MODE, XdpAttachMode,
+        buckets_for, mode_differs, pin_dir_ready,
+    };
+
+    /// A link taken over in another mode than node.xdp_mode asks is warned of; one whose mode
+    /// the kernel would not tell is not (it was warned of a mismatch it may not have).
+    #[test]
+    fn an_unknown_running_mode_is_no_mode_mismatch() {
+        assert!(mode_differs(XdpAttachMode::Native, "generic"));
+        assert!(mode_differs(XdpAttachMode::Generic, "native"));
+        assert!(!mode_differs(XdpAttachMode::Native, "native"));
+        assert!(!mode_differs(XdpAttachMode::Auto, "generic"), "auto takes either");
+        assert!(!mode_differs(XdpAttachMode::Native, UNKNOWN_MODE));
+        assert!(!mode_differs(XdpAttachMode::Generic, UNKNOWN_MODE));
+    }
 
     /// A pin directory another user owns, or others may write to, is refused: they could
     /// remove the link pins (detaching XDP) or plant maps for edgelb to adopt.
