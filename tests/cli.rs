@@ -464,6 +464,41 @@ fn route_turned_away_by_the_socket_says_so_and_does_not_answer_from_the_file() {
     assert!(err.contains("no edgelb answers") && err.contains("computed from"), "{err}");
 }
 
+/// `stop` turned away by the admin socket (a user the root-only socket refuses) says so and
+/// touches nothing: it used to take that for "no controller answers" and go on to remove the
+/// data plane a detached edgelb may have left (which, as that user, it then failed to do).
+#[test]
+fn stop_turned_away_by_the_socket_says_so_and_removes_nothing() {
+    use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+    if !edgelb::testbed::netns::require_privileged("stop_turned_away_by_the_socket") {
+        return;
+    }
+    let dir = env!("CARGO_TARGET_TMPDIR");
+    let sock = format!("{dir}/stop-root-only-{}.sock", std::process::id());
+    let pins = format!("/sys/fs/bpf/edgelb-stop-away-{}", std::process::id());
+    let text = edgelb::config::EXAMPLE
+        .replace(
+            "# admin_socket = \"/run/edgelb/admin.sock\"",
+            &format!("admin_socket = \"{sock}\""),
+        )
+        .replace("# pin_dir = \"/sys/fs/bpf/edgelb\"", &format!("pin_dir = \"{pins}\""));
+    let f = tempfile_path::write("stop-turned-away.toml", &text);
+    let _ = std::fs::remove_file(&sock);
+    let _listening = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_edgelb"))
+        .args(["stop", "--config", f.0.to_str().unwrap()])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run edgelb");
+    let _ = std::fs::remove_file(&sock);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("Permission denied") && err.contains("run this as one of them"), "{err}");
+    assert!(!err.contains("no controller answers") && !err.contains(&pins), "{err}");
+}
+
 /// `route --from-file` answers for the file named, not asking the running edgelb (played by a
 /// socket the file names that accepts no request: a connection to it would sit in its backlog),
 /// so that a candidate file can be checked before it is reloaded.

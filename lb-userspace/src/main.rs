@@ -537,7 +537,9 @@ fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
             println!("{}", resp.message);
             ExitCode::SUCCESS
         }
-        Err(AdminError::Connect { .. }) if !detach && !the_configs => {
+        // Turned away (a user the root-only socket refuses): a controller may well run there,
+        // and nothing is touched; the error below says so.
+        Err(e @ AdminError::Connect { .. }) if e.nobody_serves() && !detach && !the_configs => {
             eprintln!(
                 "edgelb: no controller answers on {}, which is not the admin socket of {} ({}): nothing was removed. To remove the data plane a detached edgelb left, name its config: `edgelb stop -c <its config>`",
                 socket.display(),
@@ -546,7 +548,7 @@ fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
             );
             ExitCode::from(3)
         }
-        Err(AdminError::Connect { .. }) if !detach => {
+        Err(e @ AdminError::Connect { .. }) if e.nobody_serves() && !detach => {
             // No controller answers: remove a data plane a detached one may have left, unless a
             // controller still runs without its socket (mid-takeover, say), which removing the
             // pins would leave without XDP.
