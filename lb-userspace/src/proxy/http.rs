@@ -653,6 +653,32 @@ fn fixed_hop(name: &[u8]) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
+/// Is `name` the header `dashed` (lower case, with `-`), read as backends that take `_` for `-`
+/// read it (CGI-style environments: Puma, gunicorn, PHP; RFC 3875 4.1.18 maps both to `_`)?
+/// True for the exact spelling too, in any case.
+fn reads_as(name: &[u8], dashed: &str) -> bool {
+    name.len() == dashed.len()
+        && name
+            .iter()
+            .zip(dashed.bytes())
+            .all(|(&a, b)| (if a == b'_' { b'-' } else { a.to_ascii_lowercase() }) == b)
+}
+
+/// Is `name` an underscore spelling of the header `dashed` (`Content_Length` for
+/// `content-length`): one that the proxy does not take for it, but such backends do?
+fn underscore_spelling(name: &[u8], dashed: &str) -> bool {
+    name.contains(&b'_') && reads_as(name, dashed)
+}
+
+/// Headers the proxy reads or writes itself, whose underscore spellings (`Keep_Alive`,
+/// `X_Forwarded_For`) are never forwarded: a backend that takes `_` for `-` would read them as
+/// the header the proxy handled, and act on the client's value (as nginx, which drops every
+/// name with `_` by default, never forwards them). The framing headers are not here: a request
+/// with an underscore spelling of one is refused ([`body_framing`]). Names without `-` (Host,
+/// Connection, Upgrade, TE, Trailer, Expect) have no such spelling.
+const UNDERSCORE_DROPPED: [&str; 5] =
+    ["keep-alive", "proxy-connection", "http2-settings", "x-forwarded-for", "x-forwarded-proto"];
+
 /// A Content-Length value: 1*DIGIT (RFC 9110 8.6). `str::parse` would also take a leading `+`,
 /// which other parsers on the path may read differently (request smuggling).
 fn decimal(text: &[u8]) -> Option<u64> {
@@ -743,6 +769,13 @@ fn declared_length(head: &Head) -> Option<u64> {
 /// 9112 6.3); its connection is not re-used. An Err for a response (an invalid Content-Length
 /// without Transfer-Encoding) makes it a broken response, answered with 502 (RFC 9112 6.3 item
 /// 5: see [`response_head`]).
+///
+/// A request with a header that backends taking `_` for `-` read as Content-Length or
+/// Transfer-Encoding (`Transfer_Encoding`, `content_length`) is an Err too: the proxy frames it
+/// by the other headers, such a backend (Puma before 6.4.3, CVE-2024-45614; CGI and WSGI
+/// stacks) by that one, and a request hidden in the body would be smuggled past the proxy onto
+/// a pooled connection. Dropping the header would leave the request framed for those backends
+/// as the proxy framed it; refusing says the message is ambiguous, which it is.
 fn body_framing(head: &Head, request: bool) -> Result<Framing, ()> {
     // Transfer codings: how many, whether each is a token, whether `chunked` is among the
     // ones before the last, and the last.
@@ -761,6 +794,11 @@ fn body_framing(head: &Head, request: bool) -> Result<Framing, ()> {
         } else if name.eq_ignore_ascii_case(b"content-length") {
             has_cl = true;
             len = value.split(|&b| b == b',').fold(len, fold_length);
+        } else if request
+            && (underscore_spelling(name, "content-length")
+                || underscore_spelling(name, "transfer-encoding"))
+        {
+            return Err(());
         }
     }
     if let Some(last) = te_last {
@@ -1193,19 +1231,15 @@ fn upstream_head(
         {
             continue;
         }
-        // Rewritten below, with the client appended; spellings with `_` for `-` are dropped
-        // too: CGI-style backends (gunicorn, Puma, PHP) read `X_Forwarded_Proto` as the same
-        // header and would join the client's value to ours (as nginx, which drops names with
-        // underscores by default, never forwards them).
-        let dashed = |h: &str| {
-            name.len() == h.len()
-                && name
-                    .iter()
-                    .zip(h.bytes())
-                    .all(|(&a, b)| (if a == b'_' { b'-' } else { a.to_ascii_lowercase() }) == b)
-        };
+        // Underscore spellings of headers the proxy handles itself: never forwarded.
+        if name.contains(&b'_') && UNDERSCORE_DROPPED.iter().any(|h| reads_as(name, h)) {
+            continue;
+        }
+        // Rewritten below, with the client appended.
         if forwarded_for.is_some()
-            && ["x-forwarded-for", "forwarded", "x-forwarded-proto"].into_iter().any(dashed)
+            && ["x-forwarded-for", "forwarded", "x-forwarded-proto"]
+                .into_iter()
+                .any(|h| reads_as(name, h))
         {
             continue;
         }
@@ -2255,6 +2289,18 @@ mod tests {
             body_framing(&h(&[("Content-Length", "99999999999999999999999")]), true),
             Err(())
         );
+        // Underscore spellings of the framing headers: an ambiguous request, whatever else it
+        // says; in a response, ignored (clients do not read `_` as `-`).
+        for pairs in [
+            &[("Transfer_Encoding", "chunked")][..],
+            &[("Content-Length", "3"), ("content_length", "5")],
+            &[("Transfer-Encoding", "chunked"), ("CONTENT_LENGTH", "0")],
+            &[("Transfer_encoding", "identity")],
+        ] {
+            assert_eq!(body_framing(&h(pairs), true), Err(()), "{pairs:?}");
+        }
+        assert_eq!(body_framing(&h(&[("Content_Length", "5")]), false), Ok(Framing::UntilClose));
+        assert_eq!(body_framing(&h(&[("Content_Type", "a")]), true), Ok(Framing::None));
     }
 
     /// The head sent to the backend for `r` (client 198.18.4.1:5000 on VIP 198.18.1.6:80).
