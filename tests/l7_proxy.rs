@@ -2159,6 +2159,41 @@ fn underscore_spellings_of_framing_headers_are_refused() {
     }
 }
 
+/// An upgrade to HTTP/2 (`Upgrade: h2c`) is never relayed: after a 101, the client's HTTP/2
+/// requests would reach the backend unrouted, unnormalized and without X-Forwarded-For. It goes
+/// on as a plain request, without `Upgrade` or `HTTP2-Settings`, even to a backend that
+/// switches for any upgrade; other upgrades (WebSocket) still are relayed.
+#[test]
+fn an_upgrade_to_http2_is_never_relayed() {
+    let (b, heads) = head_recording_backend(true);
+    let p = proxy(&[(&b, 1)], "retries = 0", "");
+    for ask in [
+        "Connection: Upgrade\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+        "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: H2C\r\nHTTP2-Settings: AAMAAABk\r\n",
+        "Connection: upgrade\r\nUpgrade: websocket, h2c\r\n",
+        "Connection: upgrade\r\nUpgrade: HTTP/2.0\r\n",
+        "Connection: upgrade\r\nUpgrade: h2\r\n",
+    ] {
+        let raw = format!("GET / HTTP/1.1\r\nHost: app\r\n{ask}\r\n");
+        let r = request(p.addr, None, &raw).expect("an answer");
+        assert_eq!((r.0, r.2.as_str()), (200, "ok"), "{ask:?}");
+        let head = heads.lock().unwrap().pop().unwrap().to_ascii_lowercase();
+        assert!(
+            !head.contains("\r\nupgrade:") && !head.contains("http2-settings"),
+            "{ask:?}: {head}"
+        );
+        assert!(head.contains("\r\nconnection: keep-alive\r\n"), "{ask:?}: {head}");
+    }
+    // The same backend switches for a WebSocket upgrade, which is relayed.
+    let r = request(
+        p.addr,
+        None,
+        "GET / HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .expect("an answer");
+    assert_eq!(r.0, 101);
+}
+
 /// A backend that answers each request with the raw response `answer(path)` gives, then closes
 /// if told to.
 fn raw_backend(answer: fn(&str) -> (&'static str, bool)) -> Backend {
@@ -4129,6 +4164,17 @@ fn forwarded_request(buf: &[u8]) -> Result<Option<(usize, Seen)>, String> {
     }
     if !upgrade && !all("upgrade").is_empty() {
         return Err("Upgrade without Connection: upgrade".into());
+    }
+    // An upgrade to HTTP/2 would take the connection out of the proxy's hands.
+    let http2 = |p: &str| {
+        let p = p.trim().to_ascii_lowercase();
+        ["h2c", "h2"].contains(&p.split('/').next().unwrap_or_default()) || p.starts_with("http/2")
+    };
+    let upgrades = all("upgrade");
+    if upgrades.iter().any(|v| String::from_utf8_lossy(v).split(',').any(http2))
+        || !all("http2-settings").is_empty()
+    {
+        return Err("an upgrade to HTTP/2, or HTTP2-Settings".into());
     }
     if all("expect").iter().any(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue")) {
         return Err("100-continue passed on".into());

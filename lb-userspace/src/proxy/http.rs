@@ -643,10 +643,18 @@ fn tokens<'a>(head: &'a Head, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
 /// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1). Not `Trailer`: it
 /// announces the fields of the trailer section, which goes on with a chunked body passed on as
 /// it came, so it is end-to-end (RFC 9110 6.6.2; RFC 2616 13.5.1 listed "Trailers", a
-/// misspelling RFC 7230 and its successors dropped). Those a head's `Connection` names are
-/// hop-by-hop too: see [`Head::end_to_end`].
-const HOP_BY_HOP: [&str; 6] =
-    ["connection", "keep-alive", "proxy-connection", "te", "upgrade", "transfer-encoding"];
+/// misspelling RFC 7230 and its successors dropped). `HTTP2-Settings` belongs to an upgrade to
+/// HTTP/2 (RFC 7540 3.2.1 makes it hop-by-hop), which is never relayed ([`upgrade_of`]). Those a
+/// head's `Connection` names are hop-by-hop too: see [`Head::end_to_end`].
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "upgrade",
+    "transfer-encoding",
+    "http2-settings",
+];
 
 /// Is `name` hop-by-hop by the fixed list?
 fn fixed_hop(name: &[u8]) -> bool {
@@ -983,12 +991,31 @@ fn expects_continue(req: &ReqHead, framing: Framing) -> bool {
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`, named by `Connection`, as
-/// WebSocket handshakes do), if it asks and has no body.
+/// WebSocket handshakes do), if it asks and has no body, and none of the protocols it lists is
+/// HTTP/2 ([`http2`]). A request asking for HTTP/2 (`Upgrade: h2c`) goes on as a plain request,
+/// without `Upgrade` (and `HTTP2-Settings`, hop-by-hop anyway): after a 101 the connection
+/// would carry HTTP/2 to the backend, whose requests the proxy never sees, so they would be
+/// neither routed nor normalized, and carry no X-Forwarded-For (h2c smuggling).
 fn upgrade_of(req: &ReqHead, framing: Framing) -> Option<&[u8]> {
     if req.http10 || framing != Framing::None || !req.head.connection.upgrade {
         return None;
     }
+    if tokens(&req.head, "upgrade").any(http2) {
+        return None;
+    }
     header(&req.head, "upgrade").next().filter(|v| !v.trim_ascii().is_empty())
+}
+
+/// Does the `Upgrade` protocol `p` (`name[/version]`, RFC 9110 7.8) name HTTP/2: `h2c` (RFC
+/// 7540 3.2), `h2` (TLS only, but some servers take it), or `HTTP/2` in any version?
+fn http2(p: &[u8]) -> bool {
+    let (name, version) = match p.iter().position(|&b| b == b'/') {
+        Some(at) => (&p[..at], &p[at + 1..]),
+        None => (p, &[][..]),
+    };
+    name.eq_ignore_ascii_case(b"h2c")
+        || name.eq_ignore_ascii_case(b"h2")
+        || (name.eq_ignore_ascii_case(b"http") && version.first() == Some(&b'2'))
 }
 
 /// Where a request is going: the host it names and the target sent on to the backend.
@@ -2402,6 +2429,28 @@ mod tests {
         let mut buf = Vec::new();
         content_length(&mut buf, Framing::Length(1_234_567), None);
         assert_eq!(buf, b"Content-Length: 1234567\r\n");
+    }
+
+    #[test]
+    fn upgrades_to_http2_are_not_relayed() {
+        let up = |value: &str| {
+            let r = req(&[("Host", "x"), ("Connection", "upgrade"), ("Upgrade", value)]);
+            upgrade_of(&r, Framing::None).map(|p| String::from_utf8_lossy(p).into_owned())
+        };
+        assert_eq!(up("websocket").as_deref(), Some("websocket"));
+        assert_eq!(up("h2cx, foo/2").as_deref(), Some("h2cx, foo/2"));
+        for value in ["h2c", "H2C", "websocket, h2c", "h2", "HTTP/2.0", "http/2", "h2c/1"] {
+            assert_eq!(up(value), None, "{value}");
+        }
+        let r = req(&[
+            ("Host", "x"),
+            ("Connection", "upgrade"),
+            ("Upgrade", "h2c"),
+            ("HTTP2-Settings", "AAMA"),
+            ("http2_settings", "AAMA"),
+        ]);
+        let out = forward(&r, Framing::None, false).to_ascii_lowercase();
+        assert!(!out.contains("upgrade") && !out.contains("settings"), "{out}");
     }
 
     #[test]
