@@ -1237,6 +1237,19 @@ fn path_routes_match_the_path_the_backend_serves() {
     }
     assert_eq!(get(p.addr, "/admin/%zz").0, 400, "a malformed escape is refused");
     assert_eq!(admin.reqs.load(Ordering::Relaxed), 6);
+    // Backends that drop a segment's `;` parameters (Tomcat, Jetty, Spring) serve these as
+    // `/admin/secret`: never the default pool's...
+    for path in ["/admin;x/secret", "/;x/admin/secret", "/admin;x%2Fsecret", "/x;y/..;/admin/"] {
+        let (status, who, _) = seen(p.addr, path);
+        assert!(status == 400 || who == "admin", "{path}: {status} from {who}");
+        assert_ne!(who, "default", "{path}");
+    }
+    // ...while parameters that keep a path on its pool go on as sent.
+    assert_eq!(seen(p.addr, "/admin/x;v=1"), (200, "admin".into(), "/admin/x;v=1".into()));
+    assert_eq!(
+        seen(p.addr, "/app;jsessionid=1/x"),
+        (200, "default".into(), "/app;jsessionid=1/x".into())
+    );
     // Off: paths go as sent.
     let raw = proxy(&[(&def, 1)], "normalize_path = false", &routes);
     assert_eq!(

@@ -1535,12 +1535,10 @@ async fn serve_conn(
         // valid_host admits ASCII only.
         let host = target.host.and_then(|h| std::str::from_utf8(h).ok());
         let pool = vip.pool_for(host, &target.path).clone();
-        // An escaped slash stays data here, but backends that decode it first would serve the
-        // request by a path another route takes: refused, rather than routed around that route.
-        if cfg.normalize_path
-            && let Some(other) = super::path::separators_decoded(&target.path)
-            && !matches!(other, Ok(p) if std::sync::Arc::ptr_eq(vip.pool_for(host, &p), &pool))
-        {
+        // An escaped slash, and a segment's `;` parameters, stay data here, but backends that
+        // decode the one or drop the other first would serve the request by a path another
+        // route takes: refused, rather than routed around that route.
+        if cfg.normalize_path && !readings_agree(&vip, host, &target.path, &pool) {
             return reject(client, &vip, peer, 400, Some(&req)).await;
         }
 
@@ -1876,6 +1874,24 @@ async fn serve_conn(
             return;
         }
     }
+}
+
+/// Do the other readings backends may give the normalized `path` ([`super::path`]: escaped
+/// separators decoded, `;` segment parameters dropped, or both) take the request to `pool`
+/// too, the pool the path as sent takes? A reading that is itself to be refused does not.
+fn readings_agree(vip: &VipRuntime, host: Option<&str>, path: &str, pool: &Arc<Pool>) -> bool {
+    use super::path::{params_stripped, separators_decoded};
+    let agrees = |reading: &Option<Result<String, ()>>| match reading {
+        None => true,
+        Some(Ok(p)) => Arc::ptr_eq(vip.pool_for(host, p), pool),
+        Some(Err(())) => false,
+    };
+    let decoded = separators_decoded(path);
+    let both = match &decoded {
+        Some(Ok(p)) => params_stripped(p),
+        _ => None,
+    };
+    agrees(&decoded) && agrees(&params_stripped(path)) && agrees(&both)
 }
 
 /// Writes the `Set-Cookie` header that sticks a client to member `i` of `pool`: `Path` and
