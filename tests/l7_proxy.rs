@@ -3194,6 +3194,39 @@ fn a_client_stalling_mid_body_gets_408_and_is_counted() {
     assert_eq!(b.reqs.load(Ordering::Relaxed), 0, "neither request reached the backend whole");
 }
 
+/// A request body that breaks the chunked coding gets 400 and the connection closes; it is
+/// counted and logged as 400, not as a client that left (499), and the backend, which got the
+/// head, never gets a whole request.
+#[test]
+fn a_malformed_chunked_request_body_gets_400() {
+    let log = access_log();
+    let b = backend("b", Mode::Ok);
+    let p = proxy(&[(&b, 1)], "idle_timeout_ms = 1000\naccess_log = true\nretries = 0", "");
+    for (i, body) in ["zz\r\n", "5\r\nhelloX"].into_iter().enumerate() {
+        let raw = format!(
+            "POST /bad-chunk-{i} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n{body}"
+        );
+        let out = raw_exchange(p.addr, &raw);
+        assert!(out.starts_with("HTTP/1.1 400 "), "{raw:?}: {out:?}");
+        assert!(out.contains("Connection: close\r\n"), "{out:?}");
+    }
+    let want = "edgelb_l7_requests_total{vip=\"web\",class=\"4xx\"} 2";
+    let t = Instant::now();
+    while !p.metrics.encode().lines().any(|l| l == want) {
+        assert!(t.elapsed() < Duration::from_secs(2), "{want} in\n{}", p.metrics.encode());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    for i in 0..2 {
+        let path = format!("/bad-chunk-{i}");
+        assert!(
+            text.lines().any(|l| l.contains(&path) && l.contains("status=400")),
+            "{path} status=400 in\n{text}"
+        );
+    }
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 0);
+}
+
 /// How a backend that answers an upload before reading its body leaves the connection.
 #[derive(Clone, Copy, Debug)]
 enum EarlyEnd {

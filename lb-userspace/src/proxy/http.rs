@@ -833,7 +833,8 @@ pub(crate) fn is_tchar(b: u8) -> bool {
 /// Streams a body framed by `framing` from `src` (with `pending` bytes already read) to `dst`;
 /// with `decode`, a chunked body goes on decoded (for an HTTP/1.0 client, which the response
 /// then reaches delimited by the connection's close). Bytes after the body stay in `pending`.
-/// Errors say which side failed.
+/// Errors say which side failed ([`Side::Bad`]: `src` sent a chunked body that breaks the
+/// coding; what came before the bad bytes may have been passed on).
 async fn stream_body(
     src: &Socket,
     pending: &mut BytesMut,
@@ -870,13 +871,13 @@ async fn stream_body(
                     let mut data = Vec::new();
                     let take = c
                         .feed_with(pending, |r| data.extend_from_slice(&pending[r]))
-                        .map_err(|_| Side::Src)?;
+                        .map_err(|_| Side::Bad)?;
                     pending.advance(take);
                     if !data.is_empty() {
                         write(dst, data).await.map_err(|_| Side::Dst)?;
                     }
                 } else {
-                    let take = c.feed(pending).map_err(|_| Side::Src)?;
+                    let take = c.feed(pending).map_err(|_| Side::Bad)?;
                     if take > 0 {
                         write(dst, pending.split_to(take).freeze()).await.map_err(|_| Side::Dst)?;
                     }
@@ -911,6 +912,9 @@ enum Side {
     Src,
     Dst,
     Timeout,
+    /// The source's body is malformed (chunked coding): the source is at fault, and can be
+    /// told so (400 to a client).
+    Bad,
 }
 
 /// The PROXY protocol header for a connection the proxy opens on its own account, such as a
@@ -1400,6 +1404,8 @@ enum Attempt {
     Broken,
     /// The client broke off while sending its body (or could not take an interim response).
     ClientGone,
+    /// The client's chunked body broke the coding (400).
+    ClientBad,
     /// The client stalled while sending its body: nothing for the idle timeout, or the
     /// whole-request deadline passed (408).
     ClientTimeout,
@@ -1634,10 +1640,16 @@ async fn serve_conn(
                     done = Some((i, up, resp, counted, cut));
                     break;
                 }
-                Err(e @ (Attempt::ClientGone | Attempt::ClientTimeout)) => {
-                    // Nothing was sent to the client yet: a stalled one gets 408, one that left
-                    // is counted and logged as 499 (nginx's "client closed request").
-                    let status = if matches!(e, Attempt::ClientTimeout) { 408 } else { 499 };
+                Err(e @ (Attempt::ClientGone | Attempt::ClientTimeout | Attempt::ClientBad)) => {
+                    // Nothing was sent to the client yet: a stalled one gets 408, one whose
+                    // chunked body broke the coding 400, one that left is counted and logged as
+                    // 499 (nginx's "client closed request"). The backend connection, which has
+                    // part of the request, is closed (`abandon`), and no failure of the backend.
+                    let status = match e {
+                        Attempt::ClientTimeout => 408,
+                        Attempt::ClientBad => 400,
+                        _ => 499,
+                    };
                     finished(
                         &vip,
                         peer,
@@ -1649,8 +1661,9 @@ async fn serve_conn(
                     if let Some(k) = kept {
                         close(&k.up);
                     }
-                    // The stalled client may yet send the rest of its body.
-                    if status == 408 && respond(client, status, false).await.is_ok() {
+                    // The stalled client may yet send the rest of its body, and the one whose body
+                    // is malformed whatever followed the bad bytes.
+                    if status != 499 && respond(client, status, false).await.is_ok() {
                         linger(client, cfg.idle_timeout).await;
                     }
                     return;
@@ -1660,7 +1673,7 @@ async fn serve_conn(
                         vip = %vip.name,
                         backend = %member.state.addr,
                         attempt,
-                        failure = match e { Attempt::Connect => "connect", Attempt::Local => "no local resources", Attempt::Timeout => "timeout", Attempt::Deadline => "request deadline", Attempt::Broken => "broken", Attempt::ClientGone => "client gone", Attempt::ClientTimeout => "client timeout" },
+                        failure = match e { Attempt::Connect => "connect", Attempt::Local => "no local resources", Attempt::Timeout => "timeout", Attempt::Deadline => "request deadline", Attempt::Broken => "broken", Attempt::ClientGone => "client gone", Attempt::ClientTimeout => "client timeout", Attempt::ClientBad => "malformed client body" },
                         "L7 attempt failed"
                     );
                     // The request's deadline is charged to the backend that had all of it, the
@@ -2048,6 +2061,7 @@ async fn attempt_once(
                     }
                 }
                 Ok(Err(Side::Src)) => return Err(abandon(&up, Attempt::ClientGone)),
+                Ok(Err(Side::Bad)) => return Err(abandon(&up, Attempt::ClientBad)),
                 Ok(Err(Side::Timeout)) => return Err(abandon(&up, Attempt::ClientTimeout)),
                 Ok(Err(Side::Dst)) => {
                     // The backend reset the connection (or took nothing for the idle timeout,
