@@ -1237,6 +1237,19 @@ fn path_routes_match_the_path_the_backend_serves() {
     }
     assert_eq!(get(p.addr, "/admin/%zz").0, 400, "a malformed escape is refused");
     assert_eq!(admin.reqs.load(Ordering::Relaxed), 6);
+    // Backends that drop a segment's `;` parameters (Tomcat, Jetty, Spring) serve these as
+    // `/admin/secret`: never the default pool's...
+    for path in ["/admin;x/secret", "/;x/admin/secret", "/admin;x%2Fsecret", "/x;y/..;/admin/"] {
+        let (status, who, _) = seen(p.addr, path);
+        assert!(status == 400 || who == "admin", "{path}: {status} from {who}");
+        assert_ne!(who, "default", "{path}");
+    }
+    // ...while parameters that keep a path on its pool go on as sent.
+    assert_eq!(seen(p.addr, "/admin/x;v=1"), (200, "admin".into(), "/admin/x;v=1".into()));
+    assert_eq!(
+        seen(p.addr, "/app;jsessionid=1/x"),
+        (200, "default".into(), "/app;jsessionid=1/x".into())
+    );
     // Off: paths go as sent.
     let raw = proxy(&[(&def, 1)], "normalize_path = false", &routes);
     assert_eq!(
@@ -1900,6 +1913,13 @@ fn strict_backend() -> (Backend, Violations) {
             }
             let (mut length, mut chunked) = (None::<usize>, false);
             for h in req.headers.iter() {
+                // What backends that read `_` as `-` (CGI, Puma) take for a framing header.
+                let dashed = h.name.replace('_', "-").to_ascii_lowercase();
+                if h.name.contains('_')
+                    && ["content-length", "transfer-encoding"].contains(&&*dashed)
+                {
+                    return bad("framing header spelled with _".into(), &buf);
+                }
                 if h.name.eq_ignore_ascii_case("content-length") {
                     let v = std::str::from_utf8(h.value).ok().and_then(|v| v.parse().ok());
                     if v.is_none() || length.is_some() {
@@ -1981,6 +2001,7 @@ fn damaged_requests_never_reach_the_backend_malformed() {
         b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0 1\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
         b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer_Encoding: chunked\r\n\r\n0\r\n\r\n",
     ] {
         let mut s = TcpStream::connect(b.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -1989,7 +2010,7 @@ fn damaged_requests_never_reach_the_backend_malformed() {
         let _ = s.read_to_end(&mut Vec::new());
     }
     let start = Instant::now();
-    while violations.lock().unwrap().len() < 6 {
+    while violations.lock().unwrap().len() < 7 {
         assert!(start.elapsed() < Duration::from_secs(5), "{:?}", violations.lock().unwrap());
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -2015,8 +2036,10 @@ fn damaged_requests_never_reach_the_backend_malformed() {
     ];
     // Bytes that matter to an HTTP parser, and header lines that matter to framing.
     let alphabet: &[u8] = b" \t\r\n:;,0123456789abcdefxX-+\"\x00\x7f\x80\xff";
-    let lines: [&[u8]; 9] = [
+    let lines: [&[u8]; 11] = [
         b"Content-Length: 7\r\n",
+        b"Content_Length: 7\r\n",
+        b"Transfer_Encoding: chunked\r\n",
         b"Content-Length: +3\r\n",
         b"Content-Length: 3, 4\r\n",
         b"Transfer-Encoding: chunked\r\n",
@@ -2090,6 +2113,98 @@ fn damaged_requests_never_reach_the_backend_malformed() {
     assert!(v.is_empty(), "the backend received malformed requests:\n{}", v.join("\n"));
     // About a fifth of the cases are still requests a backend may get (195-245 over seeds 1-40).
     assert!(b.reqs.load(Ordering::Relaxed) > 120, "enough damaged requests were still forwarded");
+}
+
+/// A backend that records the head of every request it gets and answers each with 200 (an
+/// `Upgrade` one with 101, when `switch`, as a backend that takes any upgrade does).
+fn head_recording_backend(switch: bool) -> (Backend, Arc<std::sync::Mutex<Vec<String>>>) {
+    let heads: Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let h2 = heads.clone();
+    let b = serve_backend(move |s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while let Some((head, _)) = read_request(&mut r) {
+            r2.fetch_add(1, Ordering::Relaxed);
+            let upgrade = head.to_ascii_lowercase().contains("\r\nupgrade:");
+            h2.lock().unwrap().push(head);
+            if switch && upgrade {
+                let _ = w.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n");
+                return;
+            }
+            if w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").is_err() {
+                return;
+            }
+        }
+    });
+    (b, heads)
+}
+
+/// A framing header spelled with `_` for `-` (`Transfer_Encoding`, `Content_Length`) gets 400
+/// and never reaches the backend: backends that read `_` as `-` (Puma before 6.4.3,
+/// CVE-2024-45614; CGI and WSGI stacks) would frame the body by it, and the request hidden in
+/// this body (the proxy frames it by its Content-Length) would run on the pooled connection.
+/// Underscore spellings of the other headers the proxy handles itself are dropped.
+#[test]
+fn underscore_spellings_of_framing_headers_are_refused() {
+    let (b, heads) = head_recording_backend(false);
+    let p = proxy(&[(&b, 1)], "idle_timeout_ms = 1000\nretries = 0", "");
+    for raw in [
+        "POST /x HTTP/1.1\r\nHost: app\r\nContent-Length: 34\r\nTransfer_Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nX-Pad: a",
+        "POST /x HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\ncontent_length: 5\r\n\r\n0\r\n\r\n",
+        "POST /x HTTP/1.1\r\nHost: app\r\nCONTENT_LENGTH: 5\r\n\r\nhello",
+        "GET /x HTTP/1.1\r\nHost: app\r\nTransfer_encoding: chunked\r\n\r\n0\r\n\r\n",
+    ] {
+        let out = raw_exchange(p.addr, raw);
+        assert!(out.starts_with("HTTP/1.1 400 "), "{raw:?}: {out:?}");
+    }
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 0, "{:?}", heads.lock().unwrap());
+    let r = request(
+        p.addr,
+        None,
+        "GET /y HTTP/1.1\r\nHost: app\r\nKeep_Alive: 5\r\nProxy_Connection: close\r\nX_Forwarded_For: 198.18.0.9\r\nX_Other: 1\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(r.0, 200);
+    let head = heads.lock().unwrap().pop().unwrap();
+    assert!(head.contains("\r\nX_Other: 1\r\n"), "{head}");
+    for gone in ["Keep_Alive", "Proxy_Connection", "X_Forwarded_For", "198.18.0.9"] {
+        assert!(!head.contains(gone), "{gone} in {head}");
+    }
+}
+
+/// An upgrade to HTTP/2 (`Upgrade: h2c`) is never relayed: after a 101, the client's HTTP/2
+/// requests would reach the backend unrouted, unnormalized and without X-Forwarded-For. It goes
+/// on as a plain request, without `Upgrade` or `HTTP2-Settings`, even to a backend that
+/// switches for any upgrade; other upgrades (WebSocket) still are relayed.
+#[test]
+fn an_upgrade_to_http2_is_never_relayed() {
+    let (b, heads) = head_recording_backend(true);
+    let p = proxy(&[(&b, 1)], "retries = 0", "");
+    for ask in [
+        "Connection: Upgrade\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+        "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: H2C\r\nHTTP2-Settings: AAMAAABk\r\n",
+        "Connection: upgrade\r\nUpgrade: websocket, h2c\r\n",
+        "Connection: upgrade\r\nUpgrade: HTTP/2.0\r\n",
+        "Connection: upgrade\r\nUpgrade: h2\r\n",
+    ] {
+        let raw = format!("GET / HTTP/1.1\r\nHost: app\r\n{ask}\r\n");
+        let r = request(p.addr, None, &raw).expect("an answer");
+        assert_eq!((r.0, r.2.as_str()), (200, "ok"), "{ask:?}");
+        let head = heads.lock().unwrap().pop().unwrap().to_ascii_lowercase();
+        assert!(
+            !head.contains("\r\nupgrade:") && !head.contains("http2-settings"),
+            "{ask:?}: {head}"
+        );
+        assert!(head.contains("\r\nconnection: keep-alive\r\n"), "{ask:?}: {head}");
+    }
+    // The same backend switches for a WebSocket upgrade, which is relayed.
+    let r = request(
+        p.addr,
+        None,
+        "GET / HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .expect("an answer");
+    assert_eq!(r.0, 101);
 }
 
 /// A backend that answers each request with the raw response `answer(path)` gives, then closes
@@ -3079,6 +3194,39 @@ fn a_client_stalling_mid_body_gets_408_and_is_counted() {
     assert_eq!(b.reqs.load(Ordering::Relaxed), 0, "neither request reached the backend whole");
 }
 
+/// A request body that breaks the chunked coding gets 400 and the connection closes; it is
+/// counted and logged as 400, not as a client that left (499), and the backend, which got the
+/// head, never gets a whole request.
+#[test]
+fn a_malformed_chunked_request_body_gets_400() {
+    let log = access_log();
+    let b = backend("b", Mode::Ok);
+    let p = proxy(&[(&b, 1)], "idle_timeout_ms = 1000\naccess_log = true\nretries = 0", "");
+    for (i, body) in ["zz\r\n", "5\r\nhelloX"].into_iter().enumerate() {
+        let raw = format!(
+            "POST /bad-chunk-{i} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n{body}"
+        );
+        let out = raw_exchange(p.addr, &raw);
+        assert!(out.starts_with("HTTP/1.1 400 "), "{raw:?}: {out:?}");
+        assert!(out.contains("Connection: close\r\n"), "{out:?}");
+    }
+    let want = "edgelb_l7_requests_total{vip=\"web\",class=\"4xx\"} 2";
+    let t = Instant::now();
+    while !p.metrics.encode().lines().any(|l| l == want) {
+        assert!(t.elapsed() < Duration::from_secs(2), "{want} in\n{}", p.metrics.encode());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    for i in 0..2 {
+        let path = format!("/bad-chunk-{i}");
+        assert!(
+            text.lines().any(|l| l.contains(&path) && l.contains("status=400")),
+            "{path} status=400 in\n{text}"
+        );
+    }
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 0);
+}
+
 /// How a backend that answers an upload before reading its body leaves the connection.
 #[derive(Clone, Copy, Debug)]
 enum EarlyEnd {
@@ -4020,6 +4168,13 @@ fn forwarded_request(buf: &[u8]) -> Result<Option<(usize, Seen)>, String> {
         [h] if host_ok(h) => {}
         ref hosts => return Err(format!("host headers {:?}", shown(hosts))),
     }
+    // What backends that read `_` as `-` (CGI, Puma) take for a framing header.
+    if let Some(h) = req.headers.iter().find(|h| {
+        let dashed = h.name.replace('_', "-").to_ascii_lowercase();
+        h.name.contains('_') && ["content-length", "transfer-encoding"].contains(&&*dashed)
+    }) {
+        return Err(format!("framing header spelled with _: {}", h.name));
+    }
     let lengths = all("content-length");
     let length = match lengths[..] {
         [] => None,
@@ -4055,6 +4210,17 @@ fn forwarded_request(buf: &[u8]) -> Result<Option<(usize, Seen)>, String> {
     }
     if !upgrade && !all("upgrade").is_empty() {
         return Err("Upgrade without Connection: upgrade".into());
+    }
+    // An upgrade to HTTP/2 would take the connection out of the proxy's hands.
+    let http2 = |p: &str| {
+        let p = p.trim().to_ascii_lowercase();
+        ["h2c", "h2"].contains(&p.split('/').next().unwrap_or_default()) || p.starts_with("http/2")
+    };
+    let upgrades = all("upgrade");
+    if upgrades.iter().any(|v| String::from_utf8_lossy(v).split(',').any(http2))
+        || !all("http2-settings").is_empty()
+    {
+        return Err("an upgrade to HTTP/2, or HTTP2-Settings".into());
     }
     if all("expect").iter().any(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue")) {
         return Err("100-continue passed on".into());
@@ -4352,8 +4518,10 @@ fn valid_request(rnd: &mut impl FnMut(usize) -> usize, last: bool) -> (Vec<u8>, 
 }
 
 /// Header lines that matter to framing, routing and parsing, inserted by [`mutate`].
-const HOSTILE_LINES: [&[u8]; 31] = [
+const HOSTILE_LINES: [&[u8]; 33] = [
     b"Content-Length: 5\r\n",
+    b"Content_Length: 5\r\n",
+    b"Transfer_Encoding: chunked\r\n",
     b"Content-Length: 0\r\n",
     b"Content-Length: 18446744073709551616\r\n",
     b"Content-Length: 99999999999\r\n",

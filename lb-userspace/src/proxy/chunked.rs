@@ -42,11 +42,26 @@ enum State {
 #[derive(Debug, Clone)]
 pub struct Chunked {
     state: State,
+    /// Bytes of the current size line after its digits (whitespace and extensions).
+    ext: u64,
+    /// Bytes of the trailer section so far.
+    trailers: u64,
+    /// The field name of the current trailer line, in lower case, with `_` read as `-`, as far
+    /// as [`TRAILER_NAME`] bytes (longer names are none of the refused ones).
+    name: [u8; TRAILER_NAME],
+    /// Its length (saturating past [`TRAILER_NAME`]).
+    name_len: usize,
 }
 
 impl Default for Chunked {
     fn default() -> Self {
-        Chunked { state: State::Size { size: 0, digits: 0 } }
+        Chunked {
+            state: State::Size { size: 0, digits: 0 },
+            ext: 0,
+            trailers: 0,
+            name: [0; TRAILER_NAME],
+            name_len: 0,
+        }
     }
 }
 
@@ -54,6 +69,21 @@ impl Default for Chunked {
 const MAX_CHUNK: u64 = 1 << 40;
 /// Longest trailer line.
 const MAX_TRAILER_LINE: u64 = 8192;
+/// Most bytes after a chunk size's digits (whitespace and extensions, which the proxy passes
+/// on unread): without a bound, one size line could stream extension bytes for ever, which no
+/// body needs (nginx takes a whole size line within its 4 KiB-ish buffer as well).
+const MAX_EXTENSION: u64 = 4096;
+/// Most bytes of a trailer section, every line together: the default `max_header_bytes`. One
+/// line is bounded by [`MAX_TRAILER_LINE`]; without this, a sender could stream trailer lines
+/// for ever.
+const MAX_TRAILER_SECTION: u64 = 16 * 1024;
+/// Longest trailer field name kept to compare with [`REFUSED_TRAILERS`].
+const TRAILER_NAME: usize = 17;
+/// Fields a trailer section must not carry (RFC 9110 6.5.1: framing and routing), however
+/// spelled (in any case, and with `_` for `-`, as CGI-style backends read names): the proxy
+/// framed and routed the message by its head, and a recipient that merges trailers into the
+/// head (many do) could reframe or reroute it.
+const REFUSED_TRAILERS: [&[u8]; 3] = [b"content-length", b"transfer-encoding", b"host"];
 
 impl Chunked {
     /// True once the terminating chunk and trailers were seen.
@@ -100,11 +130,25 @@ impl Chunked {
                         }
                         State::Size { size, digits: digits + 1 }
                     }
-                    b';' if digits > 0 => State::Ext { size },
-                    b' ' | b'\t' if digits > 0 => State::Bws { size },
+                    b';' if digits > 0 => {
+                        self.ext = 0;
+                        State::Ext { size }
+                    }
+                    b' ' | b'\t' if digits > 0 => {
+                        self.ext = 0;
+                        State::Bws { size }
+                    }
                     b'\r' if digits > 0 => State::SizeLf { size },
                     _ => return Err(BadChunk),
                 },
+                State::Bws { .. }
+                | State::Ext { .. }
+                | State::ExtQuoted { .. }
+                | State::ExtEscape { .. }
+                    if self.ext > MAX_EXTENSION =>
+                {
+                    return Err(BadChunk);
+                }
                 // "0 1", "6\tx=1" or "0 " may be read otherwise by a laxer parser downstream.
                 State::Bws { size } => match b {
                     b' ' | b'\t' => State::Bws { size },
@@ -134,7 +178,10 @@ impl Chunked {
                     _ => State::ExtQuoted { size },
                 },
                 State::SizeLf { size } => match (b, size) {
-                    (b'\n', 0) => State::Trailer { line: 0, colon: false },
+                    (b'\n', 0) => {
+                        self.name_len = 0;
+                        State::Trailer { line: 0, colon: false }
+                    }
                     (b'\n', n) => State::Data { left: n },
                     _ => return Err(BadChunk),
                 },
@@ -151,10 +198,22 @@ impl Chunked {
                 // read as a request (no colon), a folded line, or a control byte (NUL, a bare
                 // CR or LF) is refused.
                 State::Trailer { line, colon } => match b {
-                    _ if line >= MAX_TRAILER_LINE => return Err(BadChunk),
+                    _ if line >= MAX_TRAILER_LINE || self.trailers >= MAX_TRAILER_SECTION => {
+                        return Err(BadChunk);
+                    }
                     b'\r' if line == 0 || colon => State::TrailerLf { line },
-                    b':' if line > 0 && !colon => State::Trailer { line: line + 1, colon: true },
+                    b':' if line > 0 && !colon => {
+                        let name = &self.name[..self.name_len.min(TRAILER_NAME)];
+                        if self.name_len <= TRAILER_NAME && REFUSED_TRAILERS.contains(&name) {
+                            return Err(BadChunk);
+                        }
+                        State::Trailer { line: line + 1, colon: true }
+                    }
                     _ if !colon && super::http::is_tchar(b) => {
+                        if let Some(slot) = self.name.get_mut(self.name_len) {
+                            *slot = if b == b'_' { b'-' } else { b.to_ascii_lowercase() };
+                        }
+                        self.name_len = self.name_len.saturating_add(1);
                         State::Trailer { line: line + 1, colon }
                     }
                     b'\t' | b' ' | 0x21..=0x7e | 0x80..=0xff if colon => {
@@ -167,10 +226,21 @@ impl Chunked {
                         self.state = State::Done;
                         return Ok(i + 1);
                     }
-                    (b'\n', _) => State::Trailer { line: 0, colon: false },
+                    (b'\n', _) => {
+                        self.name_len = 0;
+                        State::Trailer { line: 0, colon: false }
+                    }
                     _ => return Err(BadChunk),
                 },
             };
+            match self.state {
+                State::Bws { .. }
+                | State::Ext { .. }
+                | State::ExtQuoted { .. }
+                | State::ExtEscape { .. } => self.ext += 1,
+                State::Trailer { .. } | State::TrailerLf { .. } => self.trailers += 1,
+                _ => {}
+            }
             i += 1;
         }
         Ok(i)
@@ -244,6 +314,65 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    /// Extensions are bounded per size line, and the trailer section as a whole: a sender can
+    /// no longer stream either for ever. Up to the bounds they pass.
+    #[test]
+    fn extensions_and_trailers_are_bounded() {
+        let ext = |n: usize| format!("5;x={}\r\npedia\r\n0\r\n\r\nnext", "a".repeat(n));
+        // `;x=` and the value: the 4 KiB hold the whole extension.
+        ends_before(ext(4096 - 3).as_bytes(), b"next");
+        assert_eq!(Chunked::default().feed(ext(4096 - 2).as_bytes()), Err(BadChunk));
+        // Each size line has the whole allowance.
+        let two = format!("1;{0}\r\na\r\n1;{0}\r\nb\r\n0\r\n\r\nnext", "e".repeat(4000));
+        ends_before(two.as_bytes(), b"next");
+        // Whitespace before a `;` counts too.
+        let ws = format!("5{};x\r\n", " ".repeat(5000));
+        assert_eq!(Chunked::default().feed(ws.as_bytes()), Err(BadChunk));
+        // Trailer lines each within the line limit, but the section over 16 KiB.
+        let section = |lines: usize| {
+            let mut t = b"0\r\n".to_vec();
+            for i in 0..lines {
+                t.extend(format!("X-{i:04}: {}\r\n", "v".repeat(1000)).bytes());
+            }
+            t.extend(b"\r\nnext");
+            t
+        };
+        ends_before(&section(15), b"next");
+        let mut c = Chunked::default();
+        let big = section(17);
+        // Fed in pieces, as it arrives: the bound holds across reads.
+        let fed = big.chunks(700).try_for_each(|p| c.feed(p).map(drop));
+        assert_eq!(fed, Err(BadChunk));
+    }
+
+    /// Trailer fields that would reframe or reroute the message, in any spelling, are refused;
+    /// names that only begin like them pass.
+    #[test]
+    fn framing_and_routing_fields_are_refused_in_trailers() {
+        for name in [
+            "Content-Length",
+            "content-length",
+            "Content_Length",
+            "TRANSFER-ENCODING",
+            "Transfer_Encoding",
+            "Host",
+            "hOsT",
+        ] {
+            let msg = format!("0\r\n{name}: 5\r\n\r\n");
+            assert_eq!(Chunked::default().feed(msg.as_bytes()), Err(BadChunk), "{name}");
+            // Byte by byte too.
+            let mut c = Chunked::default();
+            let fed = msg.as_bytes().chunks(1).try_for_each(|b| c.feed(b).map(drop));
+            assert_eq!(fed, Err(BadChunk), "{name} byte by byte");
+        }
+        ends_before(
+            b"0\r\nHosts: a\r\nX-Host: b\r\nContent-Length-X: 1\r\nTransfer-Encodings: x\r\n\r\nnext",
+            b"next",
+        );
+        // The name of each line counts alone.
+        ends_before(b"0\r\nX-A: Host\r\nContent-MD5: x\r\n\r\nnext", b"next");
     }
 
     #[test]

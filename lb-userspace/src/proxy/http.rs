@@ -643,15 +643,49 @@ fn tokens<'a>(head: &'a Head, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
 /// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1). Not `Trailer`: it
 /// announces the fields of the trailer section, which goes on with a chunked body passed on as
 /// it came, so it is end-to-end (RFC 9110 6.6.2; RFC 2616 13.5.1 listed "Trailers", a
-/// misspelling RFC 7230 and its successors dropped). Those a head's `Connection` names are
-/// hop-by-hop too: see [`Head::end_to_end`].
-const HOP_BY_HOP: [&str; 6] =
-    ["connection", "keep-alive", "proxy-connection", "te", "upgrade", "transfer-encoding"];
+/// misspelling RFC 7230 and its successors dropped). `HTTP2-Settings` belongs to an upgrade to
+/// HTTP/2 (RFC 7540 3.2.1 makes it hop-by-hop), which is never relayed ([`upgrade_of`]). Those a
+/// head's `Connection` names are hop-by-hop too: see [`Head::end_to_end`].
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "upgrade",
+    "transfer-encoding",
+    "http2-settings",
+];
 
 /// Is `name` hop-by-hop by the fixed list?
 fn fixed_hop(name: &[u8]) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
+
+/// Is `name` the header `dashed` (lower case, with `-`), read as backends that take `_` for `-`
+/// read it (CGI-style environments: Puma, gunicorn, PHP; RFC 3875 4.1.18 maps both to `_`)?
+/// True for the exact spelling too, in any case.
+fn reads_as(name: &[u8], dashed: &str) -> bool {
+    name.len() == dashed.len()
+        && name
+            .iter()
+            .zip(dashed.bytes())
+            .all(|(&a, b)| (if a == b'_' { b'-' } else { a.to_ascii_lowercase() }) == b)
+}
+
+/// Is `name` an underscore spelling of the header `dashed` (`Content_Length` for
+/// `content-length`): one that the proxy does not take for it, but such backends do?
+fn underscore_spelling(name: &[u8], dashed: &str) -> bool {
+    name.contains(&b'_') && reads_as(name, dashed)
+}
+
+/// Headers the proxy reads or writes itself, whose underscore spellings (`Keep_Alive`,
+/// `X_Forwarded_For`) are never forwarded: a backend that takes `_` for `-` would read them as
+/// the header the proxy handled, and act on the client's value (as nginx, which drops every
+/// name with `_` by default, never forwards them). The framing headers are not here: a request
+/// with an underscore spelling of one is refused ([`body_framing`]). Names without `-` (Host,
+/// Connection, Upgrade, TE, Trailer, Expect) have no such spelling.
+const UNDERSCORE_DROPPED: [&str; 5] =
+    ["keep-alive", "proxy-connection", "http2-settings", "x-forwarded-for", "x-forwarded-proto"];
 
 /// A Content-Length value: 1*DIGIT (RFC 9110 8.6). `str::parse` would also take a leading `+`,
 /// which other parsers on the path may read differently (request smuggling).
@@ -743,6 +777,13 @@ fn declared_length(head: &Head) -> Option<u64> {
 /// 9112 6.3); its connection is not re-used. An Err for a response (an invalid Content-Length
 /// without Transfer-Encoding) makes it a broken response, answered with 502 (RFC 9112 6.3 item
 /// 5: see [`response_head`]).
+///
+/// A request with a header that backends taking `_` for `-` read as Content-Length or
+/// Transfer-Encoding (`Transfer_Encoding`, `content_length`) is an Err too: the proxy frames it
+/// by the other headers, such a backend (Puma before 6.4.3, CVE-2024-45614; CGI and WSGI
+/// stacks) by that one, and a request hidden in the body would be smuggled past the proxy onto
+/// a pooled connection. Dropping the header would leave the request framed for those backends
+/// as the proxy framed it; refusing says the message is ambiguous, which it is.
 fn body_framing(head: &Head, request: bool) -> Result<Framing, ()> {
     // Transfer codings: how many, whether each is a token, whether `chunked` is among the
     // ones before the last, and the last.
@@ -761,6 +802,11 @@ fn body_framing(head: &Head, request: bool) -> Result<Framing, ()> {
         } else if name.eq_ignore_ascii_case(b"content-length") {
             has_cl = true;
             len = value.split(|&b| b == b',').fold(len, fold_length);
+        } else if request
+            && (underscore_spelling(name, "content-length")
+                || underscore_spelling(name, "transfer-encoding"))
+        {
+            return Err(());
         }
     }
     if let Some(last) = te_last {
@@ -787,7 +833,8 @@ pub(crate) fn is_tchar(b: u8) -> bool {
 /// Streams a body framed by `framing` from `src` (with `pending` bytes already read) to `dst`;
 /// with `decode`, a chunked body goes on decoded (for an HTTP/1.0 client, which the response
 /// then reaches delimited by the connection's close). Bytes after the body stay in `pending`.
-/// Errors say which side failed.
+/// Errors say which side failed ([`Side::Bad`]: `src` sent a chunked body that breaks the
+/// coding; what came before the bad bytes may have been passed on).
 async fn stream_body(
     src: &Socket,
     pending: &mut BytesMut,
@@ -824,13 +871,13 @@ async fn stream_body(
                     let mut data = Vec::new();
                     let take = c
                         .feed_with(pending, |r| data.extend_from_slice(&pending[r]))
-                        .map_err(|_| Side::Src)?;
+                        .map_err(|_| Side::Bad)?;
                     pending.advance(take);
                     if !data.is_empty() {
                         write(dst, data).await.map_err(|_| Side::Dst)?;
                     }
                 } else {
-                    let take = c.feed(pending).map_err(|_| Side::Src)?;
+                    let take = c.feed(pending).map_err(|_| Side::Bad)?;
                     if take > 0 {
                         write(dst, pending.split_to(take).freeze()).await.map_err(|_| Side::Dst)?;
                     }
@@ -865,6 +912,9 @@ enum Side {
     Src,
     Dst,
     Timeout,
+    /// The source's body is malformed (chunked coding): the source is at fault, and can be
+    /// told so (400 to a client).
+    Bad,
 }
 
 /// The PROXY protocol header for a connection the proxy opens on its own account, such as a
@@ -945,12 +995,31 @@ fn expects_continue(req: &ReqHead, framing: Framing) -> bool {
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`, named by `Connection`, as
-/// WebSocket handshakes do), if it asks and has no body.
+/// WebSocket handshakes do), if it asks and has no body, and none of the protocols it lists is
+/// HTTP/2 ([`http2`]). A request asking for HTTP/2 (`Upgrade: h2c`) goes on as a plain request,
+/// without `Upgrade` (and `HTTP2-Settings`, hop-by-hop anyway): after a 101 the connection
+/// would carry HTTP/2 to the backend, whose requests the proxy never sees, so they would be
+/// neither routed nor normalized, and carry no X-Forwarded-For (h2c smuggling).
 fn upgrade_of(req: &ReqHead, framing: Framing) -> Option<&[u8]> {
     if req.http10 || framing != Framing::None || !req.head.connection.upgrade {
         return None;
     }
+    if tokens(&req.head, "upgrade").any(http2) {
+        return None;
+    }
     header(&req.head, "upgrade").next().filter(|v| !v.trim_ascii().is_empty())
+}
+
+/// Does the `Upgrade` protocol `p` (`name[/version]`, RFC 9110 7.8) name HTTP/2: `h2c` (RFC
+/// 7540 3.2), `h2` (TLS only, but some servers take it), or `HTTP/2` in any version?
+fn http2(p: &[u8]) -> bool {
+    let (name, version) = match p.iter().position(|&b| b == b'/') {
+        Some(at) => (&p[..at], &p[at + 1..]),
+        None => (p, &[][..]),
+    };
+    name.eq_ignore_ascii_case(b"h2c")
+        || name.eq_ignore_ascii_case(b"h2")
+        || (name.eq_ignore_ascii_case(b"http") && version.first() == Some(&b'2'))
 }
 
 /// Where a request is going: the host it names and the target sent on to the backend.
@@ -1193,19 +1262,15 @@ fn upstream_head(
         {
             continue;
         }
-        // Rewritten below, with the client appended; spellings with `_` for `-` are dropped
-        // too: CGI-style backends (gunicorn, Puma, PHP) read `X_Forwarded_Proto` as the same
-        // header and would join the client's value to ours (as nginx, which drops names with
-        // underscores by default, never forwards them).
-        let dashed = |h: &str| {
-            name.len() == h.len()
-                && name
-                    .iter()
-                    .zip(h.bytes())
-                    .all(|(&a, b)| (if a == b'_' { b'-' } else { a.to_ascii_lowercase() }) == b)
-        };
+        // Underscore spellings of headers the proxy handles itself: never forwarded.
+        if name.contains(&b'_') && UNDERSCORE_DROPPED.iter().any(|h| reads_as(name, h)) {
+            continue;
+        }
+        // Rewritten below, with the client appended.
         if forwarded_for.is_some()
-            && ["x-forwarded-for", "forwarded", "x-forwarded-proto"].into_iter().any(dashed)
+            && ["x-forwarded-for", "forwarded", "x-forwarded-proto"]
+                .into_iter()
+                .any(|h| reads_as(name, h))
         {
             continue;
         }
@@ -1339,6 +1404,8 @@ enum Attempt {
     Broken,
     /// The client broke off while sending its body (or could not take an interim response).
     ClientGone,
+    /// The client's chunked body broke the coding (400).
+    ClientBad,
     /// The client stalled while sending its body: nothing for the idle timeout, or the
     /// whole-request deadline passed (408).
     ClientTimeout,
@@ -1474,12 +1541,10 @@ async fn serve_conn(
         // valid_host admits ASCII only.
         let host = target.host.and_then(|h| std::str::from_utf8(h).ok());
         let pool = vip.pool_for(host, &target.path).clone();
-        // An escaped slash stays data here, but backends that decode it first would serve the
-        // request by a path another route takes: refused, rather than routed around that route.
-        if cfg.normalize_path
-            && let Some(other) = super::path::separators_decoded(&target.path)
-            && !matches!(other, Ok(p) if std::sync::Arc::ptr_eq(vip.pool_for(host, &p), &pool))
-        {
+        // An escaped slash, and a segment's `;` parameters, stay data here, but backends that
+        // decode the one or drop the other first would serve the request by a path another
+        // route takes: refused, rather than routed around that route.
+        if cfg.normalize_path && !readings_agree(&vip, host, &target.path, &pool) {
             return reject(client, &vip, peer, 400, Some(&req)).await;
         }
 
@@ -1575,10 +1640,16 @@ async fn serve_conn(
                     done = Some((i, up, resp, counted, cut));
                     break;
                 }
-                Err(e @ (Attempt::ClientGone | Attempt::ClientTimeout)) => {
-                    // Nothing was sent to the client yet: a stalled one gets 408, one that left
-                    // is counted and logged as 499 (nginx's "client closed request").
-                    let status = if matches!(e, Attempt::ClientTimeout) { 408 } else { 499 };
+                Err(e @ (Attempt::ClientGone | Attempt::ClientTimeout | Attempt::ClientBad)) => {
+                    // Nothing was sent to the client yet: a stalled one gets 408, one whose
+                    // chunked body broke the coding 400, one that left is counted and logged as
+                    // 499 (nginx's "client closed request"). The backend connection, which has
+                    // part of the request, is closed (`abandon`), and no failure of the backend.
+                    let status = match e {
+                        Attempt::ClientTimeout => 408,
+                        Attempt::ClientBad => 400,
+                        _ => 499,
+                    };
                     finished(
                         &vip,
                         peer,
@@ -1590,8 +1661,9 @@ async fn serve_conn(
                     if let Some(k) = kept {
                         close(&k.up);
                     }
-                    // The stalled client may yet send the rest of its body.
-                    if status == 408 && respond(client, status, false).await.is_ok() {
+                    // The stalled client may yet send the rest of its body, and the one whose body
+                    // is malformed whatever followed the bad bytes.
+                    if status != 499 && respond(client, status, false).await.is_ok() {
                         linger(client, cfg.idle_timeout).await;
                     }
                     return;
@@ -1601,7 +1673,7 @@ async fn serve_conn(
                         vip = %vip.name,
                         backend = %member.state.addr,
                         attempt,
-                        failure = match e { Attempt::Connect => "connect", Attempt::Local => "no local resources", Attempt::Timeout => "timeout", Attempt::Deadline => "request deadline", Attempt::Broken => "broken", Attempt::ClientGone => "client gone", Attempt::ClientTimeout => "client timeout" },
+                        failure = match e { Attempt::Connect => "connect", Attempt::Local => "no local resources", Attempt::Timeout => "timeout", Attempt::Deadline => "request deadline", Attempt::Broken => "broken", Attempt::ClientGone => "client gone", Attempt::ClientTimeout => "client timeout", Attempt::ClientBad => "malformed client body" },
                         "L7 attempt failed"
                     );
                     // The request's deadline is charged to the backend that had all of it, the
@@ -1817,6 +1889,24 @@ async fn serve_conn(
     }
 }
 
+/// Do the other readings backends may give the normalized `path` ([`super::path`]: escaped
+/// separators decoded, `;` segment parameters dropped, or both) take the request to `pool`
+/// too, the pool the path as sent takes? A reading that is itself to be refused does not.
+fn readings_agree(vip: &VipRuntime, host: Option<&str>, path: &str, pool: &Arc<Pool>) -> bool {
+    use super::path::{params_stripped, separators_decoded};
+    let agrees = |reading: &Option<Result<String, ()>>| match reading {
+        None => true,
+        Some(Ok(p)) => Arc::ptr_eq(vip.pool_for(host, p), pool),
+        Some(Err(())) => false,
+    };
+    let decoded = separators_decoded(path);
+    let both = match &decoded {
+        Some(Ok(p)) => params_stripped(p),
+        _ => None,
+    };
+    agrees(&decoded) && agrees(&params_stripped(path)) && agrees(&both)
+}
+
 /// Writes the `Set-Cookie` header that sticks a client to member `i` of `pool`: `Path` and
 /// `HttpOnly` always, then the VIP's `cookie_attributes` (`Secure; SameSite=None` for
 /// cross-site clients, `Max-Age`, ...).
@@ -1971,6 +2061,7 @@ async fn attempt_once(
                     }
                 }
                 Ok(Err(Side::Src)) => return Err(abandon(&up, Attempt::ClientGone)),
+                Ok(Err(Side::Bad)) => return Err(abandon(&up, Attempt::ClientBad)),
                 Ok(Err(Side::Timeout)) => return Err(abandon(&up, Attempt::ClientTimeout)),
                 Ok(Err(Side::Dst)) => {
                     // The backend reset the connection (or took nothing for the idle timeout,
@@ -2255,6 +2346,18 @@ mod tests {
             body_framing(&h(&[("Content-Length", "99999999999999999999999")]), true),
             Err(())
         );
+        // Underscore spellings of the framing headers: an ambiguous request, whatever else it
+        // says; in a response, ignored (clients do not read `_` as `-`).
+        for pairs in [
+            &[("Transfer_Encoding", "chunked")][..],
+            &[("Content-Length", "3"), ("content_length", "5")],
+            &[("Transfer-Encoding", "chunked"), ("CONTENT_LENGTH", "0")],
+            &[("Transfer_encoding", "identity")],
+        ] {
+            assert_eq!(body_framing(&h(pairs), true), Err(()), "{pairs:?}");
+        }
+        assert_eq!(body_framing(&h(&[("Content_Length", "5")]), false), Ok(Framing::UntilClose));
+        assert_eq!(body_framing(&h(&[("Content_Type", "a")]), true), Ok(Framing::None));
     }
 
     /// The head sent to the backend for `r` (client 198.18.4.1:5000 on VIP 198.18.1.6:80).
@@ -2356,6 +2459,28 @@ mod tests {
         let mut buf = Vec::new();
         content_length(&mut buf, Framing::Length(1_234_567), None);
         assert_eq!(buf, b"Content-Length: 1234567\r\n");
+    }
+
+    #[test]
+    fn upgrades_to_http2_are_not_relayed() {
+        let up = |value: &str| {
+            let r = req(&[("Host", "x"), ("Connection", "upgrade"), ("Upgrade", value)]);
+            upgrade_of(&r, Framing::None).map(|p| String::from_utf8_lossy(p).into_owned())
+        };
+        assert_eq!(up("websocket").as_deref(), Some("websocket"));
+        assert_eq!(up("h2cx, foo/2").as_deref(), Some("h2cx, foo/2"));
+        for value in ["h2c", "H2C", "websocket, h2c", "h2", "HTTP/2.0", "http/2", "h2c/1"] {
+            assert_eq!(up(value), None, "{value}");
+        }
+        let r = req(&[
+            ("Host", "x"),
+            ("Connection", "upgrade"),
+            ("Upgrade", "h2c"),
+            ("HTTP2-Settings", "AAMA"),
+            ("http2_settings", "AAMA"),
+        ]);
+        let out = forward(&r, Framing::None, false).to_ascii_lowercase();
+        assert!(!out.contains("upgrade") && !out.contains("settings"), "{out}");
     }
 
     #[test]

@@ -79,6 +79,30 @@ pub fn separators_decoded(target: &str) -> Option<Result<String, ()>> {
     Some(normalize(&read).map(Cow::into_owned).ok_or(()))
 }
 
+/// The path of `target` (in normal form, from [`normalize`]) as backends read it that drop the
+/// `;` parameters of each segment before they match it (Tomcat, Jetty, Spring: `/admin;x/secret`
+/// is `/admin/secret` to them, and `/;x/admin` is `/admin`): in normal form, with its query.
+/// `None` when the path has no `;`; `Some(Err(()))` when that reading is itself one to refuse
+/// ([`normalize`] gives `None` for it). The proxy routes the path as sent, and refuses a request
+/// this reading would route elsewhere, which would otherwise miss a route for `/admin/` that
+/// those backends then serve it by; parameters that keep a path on its pool (`;jsessionid=`)
+/// go on as sent.
+pub fn params_stripped(target: &str) -> Option<Result<String, ()>> {
+    let path = &target[..target.find('?').unwrap_or(target.len())];
+    if !path.contains(';') {
+        return None;
+    }
+    let mut read = String::with_capacity(target.len());
+    for (i, segment) in path.split('/').enumerate() {
+        if i > 0 {
+            read.push('/');
+        }
+        read.push_str(segment.split(';').next().unwrap_or_default());
+    }
+    read.push_str(&target[path.len()..]);
+    Some(normalize(&read).map(Cow::into_owned).ok_or(()))
+}
+
 /// Does `path` hold what backends on other platforms read as separators or dot segments, though
 /// its normal form does not: a backslash (IIS and Windows-hosted servers take it for `/`), or a
 /// dot segment with parameters (`..;x`, which Tomcat, Jetty and Spring take for `..`)? Either
@@ -180,5 +204,21 @@ mod tests {
             assert_eq!(read(t), Some(Ok(want.to_owned())), "{t}");
         }
         assert_eq!(read("/p%2F..;/admin"), Some(Err(())), "a dot segment with parameters");
+    }
+
+    #[test]
+    fn segment_parameters_have_a_second_reading() {
+        let read = |t: &str| super::params_stripped(&normalize(t).unwrap());
+        assert_eq!(read("/admin/x?a=;b"), None, "only the path counts");
+        for (t, want) in [
+            ("/admin;x/secret", "/admin/secret"),
+            ("/;x/admin/secret", "/admin/secret"),
+            ("/a;v=1/b;c=2?q;r", "/a/b?q;r"),
+            ("/app/page;jsessionid=AB12", "/app/page"),
+            ("/x/;/admin/", "/x/admin/"),
+            ("/x;a/y;b/", "/x/y/"),
+        ] {
+            assert_eq!(read(t), Some(Ok(want.to_owned())), "{t}");
+        }
     }
 }
