@@ -615,6 +615,14 @@ fn path_prefix_ok(p: &str, normalize: bool) -> Result<(), String> {
                 ));
             }
         }
+        // A request path that matches such a prefix reads, with its `;` parameters dropped as
+        // Tomcat, Jetty and Spring drop them, as one that does not: refused as ambiguous, the
+        // route would take no request at all.
+        if p.contains(';') {
+            return Err(format!(
+                "path_prefix `{p}` holds a `;` parameter, which backends that drop them read as another path, so requests for it are refused (`normalize_path`): route by the path without it, or write `%3B` for a `;` that is data"
+            ));
+        }
     }
     Ok(())
 }

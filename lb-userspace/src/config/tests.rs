@@ -2173,6 +2173,9 @@ fn path_prefixes_clients_send_encoded_are_refused_with_their_encoding() {
     assert!(e.starts_with("t.toml:11:15:") && e.contains("write `/%C3%BC`"), "{e}");
     let e = err(&route("/a\\u007f"));
     assert!(e.contains("write `/a%7F`"), "{e}");
+    // A `;` parameter in a prefix: every request for it reads as another path without it.
+    let e = err(&route("/admin;v=1/"));
+    assert!(e.contains("holds a `;` parameter") && e.contains("%3B"), "{e}");
     // What the error suggests is taken.
     assert!(parse(&route("/%C3%BC")).is_ok());
 }
