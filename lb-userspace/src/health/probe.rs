@@ -244,6 +244,19 @@ mod tests {
         assert!(e.contains("status 500"), "{e}");
     }
 
+    /// A udp check sending `send` and expecting `expect`, timed out after 500 ms.
+    fn udp_check(send: &[u8], expect: &[u8]) -> HealthCheck {
+        HealthCheck {
+            kind: CheckKind::Udp { send: send.to_vec(), expect: Some(expect.to_vec()) },
+            port: 0,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 1,
+            fall: 1,
+            proxy_protocol: None,
+        }
+    }
+
     /// A UDP probe passes when the answer holds `expect`, wherever in the datagram: one far
     /// longer than a small buffer (a DNS answer with many records) is read whole.
     #[test]
@@ -259,18 +272,7 @@ mod tests {
             });
             addr
         };
-        let udp = |expect: &str| HealthCheck {
-            kind: CheckKind::Udp {
-                send: b"ping".to_vec(),
-                expect: Some(expect.as_bytes().to_vec()),
-            },
-            port: 0,
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_millis(500),
-            rise: 1,
-            fall: 1,
-            proxy_protocol: None,
-        };
+        let udp = |expect: &str| udp_check(b"ping", expect.as_bytes());
         let mut long = vec![b'x'; 10_000];
         long.extend(b"backend-1");
         let addr = answering(long);
@@ -301,15 +303,7 @@ mod tests {
                 let _ = s.send_to(&[&buf[..2], flags, &[0xff; 4]].concat(), from);
             }
         });
-        let udp = |send: &[u8], expect: &[u8]| HealthCheck {
-            kind: CheckKind::Udp { send: send.to_vec(), expect: Some(expect.to_vec()) },
-            port: 0,
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_millis(500),
-            rise: 1,
-            fall: 1,
-            proxy_protocol: None,
-        };
+        let udp = udp_check;
         let query = [0xab, 0x12, 0x01, 0x00];
         assert!(probe(&udp(&query, &[0x81, 0x80]), addr).is_ok());
         assert!(probe(&udp(&query, &[0xab, 0x12, 0x81, 0x80]), addr).is_ok());
