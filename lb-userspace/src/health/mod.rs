@@ -286,14 +286,13 @@ impl Default for Hysteresis {
     }
 }
 
-/// Logs a probe that failed on this node's side, at most once every 10 s for the whole process:
-/// one line says it (the error and one check it happened to), where a flood of them, one per
-/// check and interval, would drown the log; the counter counts every one.
+/// Logs a probe that failed on this node's side, at most once every 10 s for the whole process
+/// ([`crate::proxy::Throttle`]): one line says it (the error and one check it happened to),
+/// where a flood of them, one per check and interval, would drown the log; the counter counts
+/// every one.
 fn say_local_failure(t: &Target, e: &str) {
-    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
-    let mut last = LAST.lock().unwrap_or_else(PoisonError::into_inner);
-    if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
-        *last = Some(Instant::now());
+    static SAID: crate::proxy::Throttle = crate::proxy::Throttle::new();
+    if SAID.ready() {
         tracing::warn!(vip = %t.vip, backend = %t.backend, error = %e, "health probes cannot run: this node is out of descriptors, memory or local ports (the backends are not blamed: each keeps its state until its probes run again); said at most every 10 s");
     }
 }

@@ -789,13 +789,36 @@ pub(crate) fn local_failure(e: &std::io::Error) -> bool {
     out_of_resources(e) || e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
 }
 
-/// Logs a [`local_failure`], at most once every 10 s for the whole process: one line says it
-/// (the error and one backend it happened with), where a flood of them would drown the log.
+/// At most one log line per [`Throttle::EVERY`], process-wide, for an event that can come in
+/// floods (one per connection, or per probe): the line says it, and a counter counts every one.
+pub(crate) struct Throttle(std::sync::Mutex<Option<Instant>>);
+
+impl Throttle {
+    /// How often a throttled line may be said.
+    pub(crate) const EVERY: Duration = Duration::from_secs(10);
+
+    /// A throttle that lets the first line through.
+    pub(crate) const fn new() -> Throttle {
+        Throttle(std::sync::Mutex::new(None))
+    }
+
+    /// Whether a line may be logged now; if so, the next one waits [`Throttle::EVERY`].
+    pub(crate) fn ready(&self) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ready = last.is_none_or(|t| t.elapsed() >= Self::EVERY);
+        if ready {
+            *last = Some(Instant::now());
+        }
+        ready
+    }
+}
+
+/// Logs a [`local_failure`], at most once every 10 s for the whole process ([`Throttle`]): one
+/// line says it (the error and one backend it happened with), where a flood of them would drown
+/// the log.
 pub(crate) fn say_local_failure(vip: &str, backend: SocketAddr, e: &std::io::Error) {
-    static LAST: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
-    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
-    if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-        *last = Some(Instant::now());
+    static SAID: Throttle = Throttle::new();
+    if SAID.ready() {
         warn!(vip, %backend, error = %e, "cannot connect to backends: this node is out of descriptors, memory or local ports (the backends are not blamed; clients get 503); said at most every 10 s");
     }
 }
