@@ -106,6 +106,13 @@ impl Verdicts {
         renamed
     }
 
+    /// VIP `v` of a reload's new config as the old config `old` had it: by its name, or by the
+    /// one it had before `renamed` (the reload's renames, [`Verdicts::rename`]).
+    fn before<'a>(old: &'a Config, v: &Vip, renamed: &[(String, String)]) -> Option<&'a Vip> {
+        let was_named = renamed.iter().find(|(_, to)| *to == v.name).map_or(&v.name, |(f, _)| f);
+        old.vips.iter().find(|o| o.name == *was_named)
+    }
+
     /// Moves the `address:port` drains of an XDP VIP that a reload from `old` to `new` moves to
     /// another port along with it, as [`Verdicts::hold_new_backends`] carries its health
     /// verdicts: its backends carry the VIP's port, so a drain of A:80 names nothing once the
@@ -125,10 +132,8 @@ impl Verdicts {
         let mut moved = Vec::new();
         let mut of_every_vip = Vec::new();
         for v in new.vips.iter().filter(|v| v.forwarding != Forwarding::L7) {
-            let was_named =
-                renamed.iter().find(|(_, to)| *to == v.name).map_or(&v.name, |(f, _)| f);
             let Some(before) =
-                old.vips.iter().find(|o| o.name == *was_named && o.forwarding != Forwarding::L7)
+                Self::before(old, v, renamed).filter(|o| o.forwarding != Forwarding::L7)
             else {
                 continue;
             };
@@ -184,9 +189,7 @@ impl Verdicts {
     ) -> Vec<(String, SocketAddr)> {
         let mut held = Vec::new();
         for v in new.vips.iter().filter(|v| v.health.is_some()) {
-            let was_named =
-                renamed.iter().find(|(_, to)| *to == v.name).map_or(&v.name, |(f, _)| f);
-            let Some(before) = old.vips.iter().find(|o| o.name == *was_named) else { continue };
+            let Some(before) = Self::before(old, v, renamed) else { continue };
             let by_address = v.forwarding != Forwarding::L7 && before.forwarding != Forwarding::L7;
             let was = |b: &Backend| {
                 before

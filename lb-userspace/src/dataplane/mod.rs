@@ -709,17 +709,13 @@ impl Dataplane {
         for (name, map) in self.maps.by_name() {
             let path = dir.join(name);
             let ours = map.info().map_err(map_err(name))?.id();
-            match MapInfo::from_pin(&path) {
-                Ok(pinned) if pinned.id() == ours => continue,
-                Ok(_) => {
-                    remove_pin(&path)?;
-                    replaced += 1;
-                }
-                Err(_) if path.exists() => {
-                    remove_pin(&path)?;
-                    replaced += 1;
-                }
-                Err(_) => {}
+            if MapInfo::from_pin(&path).is_ok_and(|pinned| pinned.id() == ours) {
+                continue;
+            }
+            // Another map's pin, or a file that is no map's.
+            if path.exists() {
+                remove_pin(&path)?;
+                replaced += 1;
             }
             map.pin(&path)
                 .map_err(|e| DataplaneError::Pin { path: path.clone(), reason: e.to_string() })?;

@@ -303,14 +303,13 @@ mod tests {
                 let _ = s.send_to(&[&buf[..2], flags, &[0xff; 4]].concat(), from);
             }
         });
-        let udp = udp_check;
         let query = [0xab, 0x12, 0x01, 0x00];
-        assert!(probe(&udp(&query, &[0x81, 0x80]), addr).is_ok());
-        assert!(probe(&udp(&query, &[0xab, 0x12, 0x81, 0x80]), addr).is_ok());
-        let e = probe(&udp(&[0xab, 0x13, 0x01, 0x00], &[0x81, 0x80]), addr).unwrap_err();
+        assert!(probe(&udp_check(&query, &[0x81, 0x80]), addr).is_ok());
+        assert!(probe(&udp_check(&query, &[0xab, 0x12, 0x81, 0x80]), addr).is_ok());
+        let e = probe(&udp_check(&[0xab, 0x13, 0x01, 0x00], &[0x81, 0x80]), addr).unwrap_err();
         assert!(format!("{e:?}").contains("answer lacks"), "{e:?}");
         // An empty `expect` is in every answer.
-        assert!(probe(&udp(&query, &[]), addr).is_ok());
+        assert!(probe(&udp_check(&query, &[]), addr).is_ok());
     }
 
     /// A backend that answers and then resets (it closed with the request unread), or that

@@ -1263,7 +1263,7 @@ fn upstream_head(
             continue;
         }
         // Underscore spellings of headers the proxy handles itself: never forwarded.
-        if name.contains(&b'_') && UNDERSCORE_DROPPED.iter().any(|h| reads_as(name, h)) {
+        if UNDERSCORE_DROPPED.iter().any(|h| underscore_spelling(name, h)) {
             continue;
         }
         // Rewritten below, with the client appended.
