@@ -1670,6 +1670,36 @@ fn max_connections_counts_each_vip_alone() {
     let refused = "edgelb_l7_requests_total{vip=\"web\",class=\"5xx\"} 1";
     let text = running.metrics.encode();
     assert!(text.lines().any(|l| l == refused), "{refused} in\n{text}");
+    // The refused connection closes lingering, until the client closes its side.
+    drop(c3);
+    running.connections_open(2).unwrap_or_else(|e| panic!("{e}"));
+    // The refusal of a HEAD request has no content (it used to get the 503's text, which the
+    // client would read as the start of its next response).
+    let mut c4 = open(web);
+    c4.write_all(b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    c4.read_to_end(&mut answer).expect("the refusal, then the end of the stream");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 503 "), "{answer:?}");
+    assert!(answer.ends_with("\r\n\r\n"), "a head and nothing after it: {answer:?}");
+    drop(c4);
+    running.connections_open(2).unwrap_or_else(|e| panic!("{e}"));
+    // An upload over the limit, written whole before the client reads: the 503, not a reset
+    // under the body still on its way (the proxy used to answer and close with the request
+    // unread).
+    let len = 4 << 20;
+    let c5 = open(web);
+    c5.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    (&c5)
+        .write_all(
+            format!("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+    (&c5).write_all(&vec![b'a'; len]).unwrap_or_else(|e| panic!("upload cut: {e}"));
+    let r = read_response(&mut BufReader::new(c5.try_clone().unwrap()));
+    assert_eq!(r.map(|r| r.0).map_err(|e| e.to_string()), Ok(503), "the upload's refusal");
+    drop(c5);
+    running.connections_open(2).unwrap_or_else(|e| panic!("{e}"));
     // A closed connection frees its place: once the proxy has seen it go (and let the refused
     // one go), one is open.
     drop(c1);
@@ -2894,8 +2924,9 @@ fn dead_backend() -> Backend {
 }
 
 /// The proxy's own refusals close lingering when the client may still be sending: an upload to
-/// a VIP whose backend is dead, and a head too large to read, both written whole before the
-/// client reads, get their answer rather than a reset under the bytes still on their way.
+/// a VIP whose backend is dead, a head too large to read, and a malformed head with more
+/// behind it, each written whole before the client reads, get their answer rather than a reset
+/// under the bytes still on their way.
 #[test]
 fn refusals_reach_a_client_that_is_still_sending() {
     let dead = dead_backend();
@@ -2904,6 +2935,8 @@ fn refusals_reach_a_client_that_is_still_sending() {
     let cases = [
         (format!("POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n"), 502),
         ("GET / HTTP/1.1\r\nHost: t\r\nX-Big: ".to_owned(), 431),
+        // A malformed head, with more behind it.
+        ("GET / HTTP/1.1\r\nHost: t\r\nBad Name: x\r\n\r\n".to_owned(), 400),
     ];
     for (head, want) in cases {
         let mut s = TcpStream::connect(p.addr).unwrap();
@@ -2914,6 +2947,48 @@ fn refusals_reach_a_client_that_is_still_sending() {
         let r = read_response(&mut BufReader::new(s))
             .unwrap_or_else(|e| panic!("{want}: no answer: {e}"));
         assert_eq!(r.0, want);
+    }
+}
+
+/// A client that pipelines a request behind one answered with `Connection: close` (asked for,
+/// or an HTTP/1.0 request) gets the whole answer. The proxy closes such a connection lingering:
+/// closed at once with the next request unread, it was reset, and the reset threw away the part
+/// of a large answer the kernel had not sent yet, so the client got it cut short, with an error.
+#[test]
+fn a_request_pipelined_behind_a_closing_answer_does_not_cut_it_short() {
+    let len = 4 << 20;
+    let big = backend("big", Mode::Big(len));
+    let p = proxy(&[(&big, 1)], "", "");
+    for close_by in ["HTTP/1.1\r\nHost: t\r\nConnection: close", "HTTP/1.0\r\nHost: t"] {
+        // A small receive buffer, so that most of the answer waits on the proxy's side.
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.set_recv_buffer_size(16 << 10).unwrap();
+        sock.connect(&p.addr.into()).unwrap();
+        let mut s: TcpStream = sock.into();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(format!("GET /first {close_by}\r\n\r\n").as_bytes()).unwrap();
+        // The proxy has read the first head, and is sending its answer, when the next comes.
+        std::thread::sleep(Duration::from_millis(200));
+        s.write_all(b"GET /second HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        // Read slowly, so that the proxy is done sending, and closes, while the end of the
+        // answer still waits in its send buffer.
+        let mut all = Vec::new();
+        let mut chunk = vec![0; 64 << 10];
+        let end = loop {
+            match s.read(&mut chunk) {
+                Ok(0) => break Ok(()),
+                Ok(n) => all.extend_from_slice(&chunk[..n]),
+                Err(e) => break Err(e),
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let text = String::from_utf8_lossy(&all[..all.len().min(200)]).into_owned();
+        assert!(end.is_ok(), "{close_by:?}: cut by {end:?} after {} bytes: {text}", all.len());
+        let head = all.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
+        assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+        assert_eq!(all.len() - head, len, "{close_by:?}: the whole body, once: {text}");
     }
 }
 

@@ -247,8 +247,10 @@ fn finished(
 }
 
 /// Refuses a request with `status` (counted and logged as [`finished`]) and closes. The close
-/// lingers ([`linger`]) when the client may still be sending this request: the rest of a head
-/// too large to read (431), or the body of one read whole. Closing at once would reset the
+/// lingers ([`linger`]) when the client may still be sending: the rest of a head too large to
+/// read (431) or malformed (400, 505: its body, say, which may still be on its way when the
+/// head is found wrong), the body of one read whole, or anything still unread behind a head
+/// that came too slowly (408). Closing at once would reset the
 /// connection under the bytes still arriving, and the client would see "connection reset"
 /// instead of the answer (a browser with oversized cookies, an upload refused).
 async fn reject(
@@ -260,7 +262,7 @@ async fn reject(
 ) {
     finished(vip, peer, status, req, None, None);
     let sent = respond(client, status, req.is_some_and(|r| r.method() == "HEAD")).await;
-    if sent.is_ok() && (status == 431 || req.is_some()) {
+    if sent.is_ok() && (req.is_some() || matches!(status, 400 | 431 | 505) || client.has_unread()) {
         linger(client, vip.cfg.idle_timeout).await;
     }
 }
@@ -309,11 +311,48 @@ async fn discard(client: &Socket) {
     }
 }
 
+/// How long a connection over the limit is given to send its request head before it is
+/// refused all the same (the header timeout if shorter), and then to end its side while its
+/// close lingers: a client's head arrives with its first segments, and a connection over the
+/// limit is not to be held long.
+const REFUSE_WAIT: Duration = Duration::from_secs(1);
+
 /// Over the connection limit: a 503 for HTTP (counted and logged as [`finished`]), a plain
-/// close for TCP.
+/// close for TCP. The request head is read first, for at most [`REFUSE_WAIT`]: the answer to
+/// a HEAD request has no content, and the refusal is logged with the request it refused. The
+/// close then lingers, for [`REFUSE_WAIT`] at most: the request was read no further, and
+/// closing with it unread would reset the connection under the 503 (and cost a client that is
+/// still sending an upload the answer).
 pub async fn refuse(s: &Socket, vip: &VipRuntime, peer: SocketAddr) {
-    if vip.cfg.mode == L7Mode::Http {
-        reject(s, vip, peer, 503, None).await;
+    if vip.cfg.mode != L7Mode::Http {
+        return;
+    }
+    let cfg = &vip.cfg;
+    let deadline = tokio::time::Instant::now() + REFUSE_WAIT.min(cfg.header_timeout);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut scan = HeadScan::default();
+    let req = loop {
+        if buf.len() > cfg.max_header_bytes {
+            break None;
+        }
+        if scan.worth_parsing(&buf) {
+            match parse_request(&mut buf, cfg.max_headers) {
+                Ok(Some(r)) => break Some(r),
+                Ok(None) => {}
+                Err(_) => break None,
+            }
+        }
+        match timeout_at(deadline, read_more(s, &mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            // Gone, or failed: nobody to answer.
+            Ok(_) => return,
+            Err(_) => break None,
+        }
+    };
+    finished(vip, peer, 503, req.as_ref(), None, None);
+    let head_request = req.as_ref().is_some_and(|r| r.method() == "HEAD");
+    if respond(s, 503, head_request).await.is_ok() && (req.is_some() || s.has_unread()) {
+        linger(s, REFUSE_WAIT.min(cfg.idle_timeout)).await;
     }
 }
 
@@ -1712,7 +1751,9 @@ async fn serve_conn(
             // The request body may be unread: the connection cannot continue, and closes
             // lingering so that the client reads this answer rather than a reset.
             let head_request = req.method() == "HEAD";
-            if respond(client, status, head_request).await.is_ok() && framing != Framing::None {
+            if respond(client, status, head_request).await.is_ok()
+                && (framing != Framing::None || sends_more(client, &buf))
+            {
                 linger(client, cfg.idle_timeout).await;
             }
             return;
@@ -1880,13 +1921,22 @@ async fn serve_conn(
             // Now, not when the last clone goes: a send of a cut-off body may still hold one.
             close(&up);
         }
-        if cut {
+        if cut || (!keep && sends_more(client, &buf)) {
             return linger(client, vip.cfg.idle_timeout).await;
         }
         if !keep {
             return;
         }
     }
+}
+
+/// Is a client whose connection closes after this answer sending more: requests pipelined
+/// behind this one, read already (`buf`) or waiting in the kernel? Its connection then closes
+/// lingering ([`linger`]). Closed at once, the unread bytes, or the next ones to arrive, would
+/// reset the connection, and the reset throws away the part of the answer the kernel has not
+/// sent yet: a large body reaching the client cut short, with an error.
+fn sends_more(client: &Socket, buf: &BytesMut) -> bool {
+    !buf.is_empty() || client.has_unread()
 }
 
 /// Do the other readings backends may give the normalized `path` ([`super::path`]: escaped

@@ -96,6 +96,17 @@ impl Socket {
         matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
+    /// Has the peer sent bytes that nobody has read yet? A peek that does not wait. Closing a
+    /// socket with unread bytes resets the connection at once (and so does a byte arriving
+    /// after the close), which throws away whatever of the answer the kernel still had to send:
+    /// the caller closes such a connection lingering instead.
+    pub(crate) fn has_unread(&self) -> bool {
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+        let r =
+            self.with_sock(|s| s.recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT));
+        matches!(r, Ok(n) if n > 0)
+    }
+
     /// Runs `f` on the socket as socket2 sees it, for the calls io_uring is not needed for.
     #[allow(unsafe_code)]
     fn with_sock<R>(&self, f: impl FnOnce(socket2::SockRef<'_>) -> R) -> R {
