@@ -2202,6 +2202,28 @@ fn underscore_spellings_of_framing_headers_are_refused() {
     }
 }
 
+/// A backend's response with an underscore spelling of a framing header reaches the client
+/// without it: the proxy frames the body by the real header, and a client or cache in front
+/// that took `_` for `-` would frame it by the other and read the rest as another response.
+#[test]
+fn underscore_spellings_of_framing_headers_leave_responses() {
+    let b = raw_backend(|_| {
+        (
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer_Encoding: chunked\r\nContent_length: 0\r\nX_Other: 1\r\n\r\nhello",
+            false,
+        )
+    });
+    let p = proxy(&[(&b, 1)], "", "");
+    let out = raw_exchange(p.addr, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 200 "), "{out:?}");
+    assert!(out.ends_with("\r\n\r\nhello"), "{out:?}");
+    assert!(out.contains("\r\nX_Other: 1\r\n"), "other names with `_` pass: {out:?}");
+    let lower = out.to_ascii_lowercase();
+    for gone in ["transfer_encoding", "content_length"] {
+        assert!(!lower.contains(gone), "{gone} in {out:?}");
+    }
+}
+
 /// An upgrade to HTTP/2 (`Upgrade: h2c`) is never relayed: after a 101, the client's HTTP/2
 /// requests would reach the backend unrouted, unnormalized and without X-Forwarded-For. It goes
 /// on as a plain request, without `Upgrade` or `HTTP2-Settings`, even to a backend that

@@ -714,7 +714,8 @@ fn reads_as(name: &[u8], dashed: &str) -> bool {
 /// Is `name` an underscore spelling of the header `dashed` (`Content_Length` for
 /// `content-length`): one that the proxy does not take for it, but such backends do?
 fn underscore_spelling(name: &[u8], dashed: &str) -> bool {
-    name.contains(&b'_') && reads_as(name, dashed)
+    // The length first: most names are over before the scan for `_` would be.
+    reads_as(name, dashed) && name.contains(&b'_')
 }
 
 /// Headers the proxy reads or writes itself, whose underscore spellings (`Keep_Alive`,
@@ -1384,7 +1385,10 @@ impl RespHead {
 }
 
 /// Writes `resp`'s status line and its end-to-end headers: not the hop-by-hop ones, nor
-/// Content-Length, which a caller writes from the framing it uses (see [`content_length`]).
+/// Content-Length, which a caller writes from the framing it uses (see [`content_length`]),
+/// nor underscore spellings of the framing headers (`Transfer_Encoding`, `Content_Length`):
+/// the proxy frames the response by the real ones, and a client or cache in front that took
+/// `_` for `-` would frame it by the other, and read the rest of the body as the next response.
 fn status_and_headers(out: &mut impl BufMut, resp: &RespHead) {
     // parse_response admits 100..=599 only: three digits.
     out.put_slice(b"HTTP/1.1 ");
@@ -1393,7 +1397,10 @@ fn status_and_headers(out: &mut impl BufMut, resp: &RespHead) {
     out.put_slice(resp.head.at(resp.reason));
     out.put_slice(b"\r\n");
     for (name, value) in resp.head.end_to_end() {
-        if name.eq_ignore_ascii_case(b"content-length") {
+        if name.eq_ignore_ascii_case(b"content-length")
+            || underscore_spelling(name, "content-length")
+            || underscore_spelling(name, "transfer-encoding")
+        {
             continue;
         }
         out.put_slice(name);
