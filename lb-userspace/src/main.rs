@@ -389,40 +389,53 @@ fn route(
         "--from-file asks for the file's answer".to_owned()
     } else {
         match ask_route(admin, client, vip, sport, proto) {
-            Ok(why) => why,
-            Err(code) => return code,
+            Asked::Done(code) => return code,
+            Asked::FileAnswers(why) => why,
         }
     };
     route_from_file(admin, client, vip, sport, proto, &why_offline)
 }
 
-/// Asks the running controller for `edgelb route`'s answer: Err with the exit code once
-/// answered (or refused), Ok with the reason when the file is to answer instead.
+/// How asking the running controller for `edgelb route`'s answer went.
+enum Asked {
+    /// Answered, or refused (said on stderr): the command ends with this code.
+    Done(ExitCode),
+    /// No controller answered (nobody serves the socket, or one too old to know the request):
+    /// the file answers instead, and this says why.
+    FileAnswers(String),
+}
+
+/// Asks the running controller for `edgelb route`'s answer.
 fn ask_route(
     admin: &AdminArgs,
     client: IpAddr,
     vip: &str,
     sport: Option<u16>,
     proto: Option<edgelb::config::Protocol>,
-) -> Result<String, ExitCode> {
-    let socket = admin.socket()?;
+) -> Asked {
+    let socket = match admin.socket() {
+        Ok(s) => s,
+        Err(code) => return Asked::Done(code),
+    };
     let req = Request::Route { client, vip: vip.to_owned(), sport, proto };
     match edgelb::admin::request(&socket, &req) {
         Ok(resp) if resp.ok && resp.route.is_some() => {
             let answer = resp.route.expect("checked");
             println!("{}", answer.backend);
             eprintln!("(answered by the running edgelb on {}: {})", socket.display(), resp.message);
-            Err(ExitCode::SUCCESS)
+            Asked::Done(ExitCode::SUCCESS)
         }
-        Ok(resp) if resp.unknown_request() => Ok(format!(
+        Ok(resp) if resp.unknown_request() => Asked::FileAnswers(format!(
             "the edgelb answering on {} is older and does not answer `route`",
             socket.display()
         )),
         Ok(resp) => {
             eprintln!("edgelb: {}", resp.message);
-            Err(ExitCode::from(if resp.bad_request || resp.bad_config { 2 } else { 1 }))
+            Asked::Done(ExitCode::from(if resp.bad_request || resp.bad_config { 2 } else { 1 }))
         }
-        Err(e) if e.nobody_serves() => Ok(format!("no edgelb answers on {}", socket.display())),
+        Err(e) if e.nobody_serves() => {
+            Asked::FileAnswers(format!("no edgelb answers on {}", socket.display()))
+        }
         // Turned away (a user the root-only socket refuses): an edgelb may run there, and the
         // file's answer, given as if none did, may not be its.
         Err(e @ AdminError::Connect { .. }) => {
@@ -430,9 +443,9 @@ fn ask_route(
                 "edgelb: {e}; not answering from {} in its stead: the running edgelb's drains, health verdicts and config may place the flow elsewhere (`--from-file` asks for the file's answer)",
                 admin.config.display()
             );
-            Err(ExitCode::from(3))
+            Asked::Done(ExitCode::from(3))
         }
-        Err(e) => Ok(format!("{e}")),
+        Err(e) => Asked::FileAnswers(format!("{e}")),
     }
 }
 
