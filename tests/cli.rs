@@ -25,9 +25,14 @@ mod tempfile_path {
             let _ = std::fs::remove_file(&self.0);
         }
     }
+    /// Each call gets a file of its own: tests run in parallel threads of one process, and two
+    /// asking for the same name (every user of `example_file`) would otherwise share one path,
+    /// which the first to finish removes under the other.
     pub fn write(name: &str, text: &str) -> TempPath {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
-        let p = dir.join(format!("{}-{name}", std::process::id()));
+        let p = dir.join(format!("{}-{n}-{name}", std::process::id()));
         std::fs::write(&p, text).unwrap();
         TempPath(p)
     }
