@@ -192,6 +192,14 @@ impl Protocol {
             Protocol::Udp => lb_common::proto::UDP,
         }
     }
+
+    /// Its name as the config and the CLI spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
 }
 
 /// What a VIP's ring hashes.
@@ -414,7 +422,14 @@ impl Config {
     /// not the first in file order; so is one no VIP answers to.
     pub fn find_vip(&self, spec: &str, proto: Option<Protocol>) -> Result<&Vip, String> {
         if let Some(v) = self.vips.iter().find(|v| v.name == spec) {
-            return Ok(v);
+            // A name is one VIP, but not of another protocol: its answer would be for flows
+            // that never reach it.
+            return match proto {
+                Some(p) if p != v.protocol => {
+                    Err(format!("VIP `{spec}` is {}, not {}", v.protocol.as_str(), p.as_str()))
+                }
+                _ => Ok(v),
+            };
         }
         let (addr, port) = match (spec.parse::<IpAddr>(), spec.parse::<std::net::SocketAddr>()) {
             (Ok(a), _) => (a, None),
@@ -446,10 +461,7 @@ impl Config {
 
 impl fmt::Display for Vip {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let proto = match self.protocol {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        };
+        let proto = self.protocol.as_str();
         match (self.address, self.port) {
             (IpAddr::V6(a), 0) => write!(f, "{} ([{a}]:*/{proto})", self.name),
             (IpAddr::V6(a), p) => write!(f, "{} ([{a}]:{p}/{proto})", self.name),

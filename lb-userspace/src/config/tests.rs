@@ -255,6 +255,9 @@ fn find_vip_matches_as_the_data_plane_does() {
         cfg.find_vip("198.18.1.1:81", Some(Protocol::Udp)).unwrap_err(),
         "no VIP answers to 198.18.1.1:81"
     );
+    // By name too: a VIP of the other protocol never sees such a flow.
+    assert_eq!(cfg.find_vip("dns", Some(Protocol::Udp)).unwrap().name, "dns");
+    assert_eq!(cfg.find_vip("web", Some(Protocol::Udp)).unwrap_err(), "VIP `web` is tcp, not udp");
 }
 
 #[test]
