@@ -683,8 +683,9 @@ fn drained_backend_keeps_its_connections() {
     // The reply names the VIPs it drained the backend in.
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("198.18.0.11 drained in ") && said.contains("echo"), "{said}");
+    // A VIP the config does not have is a bad argument (exit 2), as for `route`.
     let out = bed.e().cli(&["drain", "198.18.0.11", "--vip", "nosuch"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("no VIP named `nosuch`"), "{said}");
     for (i, c) in conns.iter_mut().enumerate() {
@@ -898,9 +899,13 @@ fn draining_an_l7_backend_by_address_and_port_leaves_its_other_port_serving() {
     let bed = LoBed::new(
         "dport",
         &format!(
-            "[[vip]]\nname = \"two\"\naddress = \"{}\"\nport = {}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}, {{ address = \"127.0.0.1\", port = {} }}]\n[vip.l7]\nalgorithm = \"round_robin\"\n",
+            "[[vip]]\nname = \"two\"\naddress = \"{}\"\nport = {}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}, {{ address = \"127.0.0.1\", port = {} }}]\n[vip.l7]\nalgorithm = \"round_robin\"\n[[vip.route]]\npath_prefix = \"/r/\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}, {{ address = \"127.0.0.1\", port = 8083 }}]\n\n[[vip]]\nname = \"zero\"\naddress = \"{}\"\nport = 8090\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {}, weight = 0 }}, {{ address = \"127.0.0.1\", port = {} }}]\n",
             vip.ip(),
             vip.port(),
+            a.port(),
+            b.port(),
+            a.port(),
+            vip.ip(),
             a.port(),
             b.port()
         ),
@@ -932,6 +937,9 @@ fn draining_an_l7_backend_by_address_and_port_leaves_its_other_port_serving() {
     let (code, out, err) = run(&["drain", &a.to_string()]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("127.0.0.1:8081 drained in two"), "{out}");
+    // A drain reaches a VIP's own backends, not its route pools: the reply says the route
+    // pool that lists A still sends it requests.
+    assert!(out.contains("WARNING: it is also in a route pool of VIP `two`"), "{out}");
     let seen = ask(10);
     assert_eq!(seen.get("port-b"), Some(&10), "only port B serves once A is drained: {seen:?}");
     let st = e.status();
@@ -946,10 +954,20 @@ fn draining_an_l7_backend_by_address_and_port_leaves_its_other_port_serving() {
     let (code, _, err) = run(&["drain", "127.0.0.1", "--vip", "two"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(e.status().vips[0].backends.iter().all(|b| b.drained));
-    // A port the pool does not list drains nothing, and says so.
+    // A port the pool does not list drains nothing, and says so: a bad argument (exit 2).
     let (code, _, err) = run(&["undrain", "127.0.0.1:9999"]);
-    assert_eq!(code, Some(1));
+    assert_eq!(code, Some(2));
     assert!(err.contains("backend 127.0.0.1:9999 is not in any VIP"), "{err}");
+    // One in a route pool only: refused, saying where it is and how such a pool is drained.
+    let (code, _, err) = run(&["drain", "127.0.0.1:8083"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("it is in a route pool of VIP `two`: route pools are drained"), "{err}");
+    // A backend the file gives `weight = 0` is drained by the file, as status shows: undrain
+    // cannot lift that, and says so rather than "was not drained" (exit 1, refused).
+    let (code, _, err) = run(&["undrain", &a.to_string(), "--vip", "zero"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("drained by `weight = 0` in the config file in zero"), "{err}");
+    assert!(e.status().vips[1].backends[0].drained);
     drop(e);
 }
 

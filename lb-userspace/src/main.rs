@@ -342,7 +342,8 @@ fn decap(
     }
 }
 
-/// Sends `req`; prints with `show` on success; exit 1 when refused, 3 when unreachable.
+/// Sends `req`; prints with `show` on success; exit 1 when refused, 2 when refused for a bad
+/// config or a request naming what the config does not have, 3 when unreachable.
 fn admin_call(admin: &AdminArgs, req: &Request, show: impl FnOnce(Response)) -> ExitCode {
     let socket = match admin.socket() {
         Ok(s) => s,
@@ -363,7 +364,7 @@ fn admin_call(admin: &AdminArgs, req: &Request, show: impl FnOnce(Response)) -> 
                     "edgelb: the running edgelb predates drains of one address:port and refused it (nothing changed): name the address alone, which drains it on every port, or restart edgelb with this version (`edgelb run --takeover`)"
                 );
             }
-            ExitCode::from(if resp.bad_config { 2 } else { 1 })
+            ExitCode::from(if resp.bad_config || resp.bad_request { 2 } else { 1 })
         }
         Err(e) => {
             eprintln!("edgelb: {e}");

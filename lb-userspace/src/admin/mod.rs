@@ -303,6 +303,12 @@ impl Response {
     pub fn err(message: impl Into<String>) -> Response {
         Response { ok: false, ..Response::ok(message) }
     }
+
+    /// A refusal that is the request's fault ([`Response::bad_request`]): it names a VIP or a
+    /// backend the config does not have.
+    pub fn bad_request(message: impl Into<String>) -> Response {
+        Response { bad_request: true, ..Response::err(message) }
+    }
 }
 
 /// The controller's answer as the admin thread sends it: the response, and for `handover` the

@@ -1058,24 +1058,42 @@ impl Controller {
             Request::Drain { vip: Some(v), .. } | Request::Undrain { vip: Some(v), .. }
                 if !self.cfg.vips.iter().any(|x| x.name == v) =>
             {
-                Response::err(format!("no VIP named `{v}`"))
+                Response::bad_request(format!("no VIP named `{v}`"))
             }
             Request::Drain { backend, vip } | Request::Undrain { backend, vip }
                 if self.vips_with(vip.as_deref(), backend).is_empty() =>
             {
-                Response::err(format!(
-                    "backend {backend} is not in {}",
-                    vip.map_or("any VIP".to_owned(), |v| format!("VIP `{v}`"))
+                let routes = self.routes_with(vip.as_deref(), backend);
+                Response::bad_request(format!(
+                    "backend {backend} is not in {}{}",
+                    vip.map_or("any VIP".to_owned(), |v| format!("VIP `{v}`")),
+                    if routes.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            " (it is in a route pool of {}: route pools are drained with `weight = 0` in the config file)",
+                            routes.join(", ")
+                        )
+                    }
                 ))
             }
             Request::Drain { backend, vip } => {
                 let affected = self.vips_with(vip.as_deref(), backend);
                 let names = affected.join(", ");
+                // A drain takes it out of the VIPs' own backends only.
+                let routes = self.routes_with(vip.as_deref(), backend);
                 info!(%backend, vip = ?vip, "drain: no new flows, established flows stay");
                 self.verdicts.drain(vip, backend);
                 self.apply_logged("drain");
                 let mut msg =
                     format!("{backend} drained in {names}: no new flows, established flows stay");
+                if !routes.is_empty() {
+                    warn!(%backend, "drain: the backend is also in route pools, which still send it requests");
+                    msg.push_str(&format!(
+                        "; WARNING: it is also in a route pool of {}, which still sends it requests (route pools are drained with `weight = 0` in the config file)",
+                        routes.join(", ")
+                    ));
+                }
                 // The last backend taking new flows drained: say what that means, as the
                 // operator may not have meant it.
                 let eff = self.effective();
@@ -1097,13 +1115,36 @@ impl Controller {
             }
             Request::Undrain { backend, vip } => {
                 let names = self.vips_with(vip.as_deref(), backend).join(", ");
+                // VIPs whose file gives the backend `weight = 0`: drained by the config, as
+                // `status` shows, which no undrain lifts.
+                let by_weight: Vec<String> = self
+                    .cfg
+                    .vips
+                    .iter()
+                    .filter(|v| vip.as_deref().is_none_or(|n| n == v.name))
+                    .filter(|v| {
+                        v.backends.iter().any(|b| b.weight == 0 && backend.matches(verdicts::id(b)))
+                    })
+                    .map(|v| v.name.clone())
+                    .collect();
+                let weight_zero = || {
+                    format!(
+                        "{backend} is drained by `weight = 0` in the config file in {}: give it a weight there and `edgelb reload`",
+                        by_weight.join(", ")
+                    )
+                };
                 match self.verdicts.undrain(&self.cfg, vip.clone(), backend) {
                     Err(e) => Response::err(e),
+                    Ok(false) if !by_weight.is_empty() => Response::err(weight_zero()),
                     Ok(false) => Response::ok(format!("{backend} was not drained in {names}")),
                     Ok(true) => {
                         info!(%backend, vip = ?vip, "undrain");
                         self.apply_logged("undrain");
-                        Response::ok(format!("{backend} undrained in {names}"))
+                        let mut msg = format!("{backend} undrained in {names}");
+                        if !by_weight.is_empty() {
+                            msg.push_str(&format!("; but {}", weight_zero()));
+                        }
+                        Response::ok(msg)
                     }
                 }
             }
@@ -1165,6 +1206,23 @@ impl Controller {
             .filter(|v| vip.is_none_or(|n| n == v.name))
             .filter(|v| v.backends.iter().any(|b| backend.matches(verdicts::id(b))))
             .map(|v| v.name.clone())
+            .collect()
+    }
+
+    /// The L7 VIPs (of the one named, if any) with `backend` in one of their route pools,
+    /// which drains and health checks do not reach ([`Verdicts`] cover a VIP's own backends).
+    fn routes_with(&self, vip: Option<&str>, backend: crate::admin::BackendRef) -> Vec<String> {
+        self.cfg
+            .vips
+            .iter()
+            .filter(|v| vip.is_none_or(|n| n == v.name))
+            .filter(|v| {
+                v.l7.iter()
+                    .flat_map(|l| &l.routes)
+                    .flat_map(|r| &r.backends)
+                    .any(|b| backend.matches(verdicts::id(b)))
+            })
+            .map(|v| format!("VIP `{}`", v.name))
             .collect()
     }
 
