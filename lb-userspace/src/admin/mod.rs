@@ -11,8 +11,8 @@ pub mod fdpass;
 
 use std::{
     io::{BufRead, BufReader, Read as _, Write},
-    net::IpAddr,
     net::SocketAddr,
+    net::{IpAddr, Ipv6Addr},
     os::{
         fd::{AsFd, OwnedFd},
         unix::{
@@ -245,6 +245,12 @@ impl std::str::FromStr for BackendRef {
     fn from_str(s: &str) -> Result<BackendRef, String> {
         if let Ok(address) = s.parse::<IpAddr>() {
             return Ok(address.into());
+        }
+        // `[v6]` without a port, as `[v6]:port` is written: the address alone.
+        if let Some(Ok(address)) =
+            s.strip_prefix('[').and_then(|r| r.strip_suffix(']')).map(str::parse::<Ipv6Addr>)
+        {
+            return Ok(IpAddr::V6(address).into());
         }
         s.parse::<SocketAddr>()
             .map(|sa| BackendRef { address: sa.ip(), port: Some(sa.port()) })
@@ -955,6 +961,10 @@ mod tests {
         }
         assert!(serde_json::from_str::<OldDrain>(&line).is_err(), "an older one refuses it");
         assert!("198.18.0.11:http".parse::<BackendRef>().is_err());
+        // `[v6]` alone, bracketed as with a port, is the address on every port.
+        let bare: BackendRef = "[2001:db8::1]".parse().unwrap();
+        assert_eq!((bare.address, bare.port), (v6.address, None));
+        assert!("[198.18.0.11]".parse::<BackendRef>().is_err());
         let handed: Drain =
             serde_json::from_str(r#"{"backend":"198.18.0.11","vip":null}"#).unwrap();
         assert_eq!(handed, Drain { backend: a, port: None, vip: None });
