@@ -230,6 +230,25 @@ fn run_stops_when_the_kernel_refuses_io_uring_to_the_l7_proxy() {
     assert!(!std::path::Path::new(&pins).exists(), "nothing pinned");
 }
 
+/// `--allow-source` refuses what would not allow what was meant, before anything is attached
+/// (exit 2): a `/` with no length (an unset `$LEN`) used to be read as a single host, and an
+/// IPv4-mapped IPv6 prefix never matches an IPv4 tunnel. The interface does not exist, so a
+/// prefix taken by mistake fails at the attach (exit 1), touching nothing either.
+#[test]
+fn decap_refuses_prefixes_that_would_not_allow_what_was_meant() {
+    for (bad, says) in [
+        ("198.19.0.0/", "bad prefix length"),
+        ("2001:db8::/", "bad prefix length"),
+        ("198.19.0.0/+16", "bad prefix length"),
+        ("::ffff:198.19.0.0/112", "IPv4-mapped"),
+        ("198.19.0.0/33", "at most /32"),
+    ] {
+        let (code, _, err) = edgelb(&["decap", "attach", "nosuch0", "--allow-source", bad]);
+        assert_eq!(code, 2, "{bad}: {err}");
+        assert!(err.contains(says), "{bad}: {err}");
+    }
+}
+
 /// `edgelb decap` on a backend: the decapsulator stays attached after the command exits (its
 /// link is pinned), a second `attach` upgrades it in place, `detach` removes it and its pins.
 #[test]

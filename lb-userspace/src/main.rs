@@ -266,16 +266,31 @@ fn main() -> ExitCode {
 }
 
 /// `edgelb decap`: exit 0 done, 1 failed (the reason printed), 2 bad arguments.
-/// An address prefix, `198.19.0.0/16` or `2001:db8:100::/96` (a bare address is its own /32
-/// or /128).
+/// An address prefix, `198.19.0.0/16` or `2001:db8:100::/96` (a bare address, without `/`, is
+/// its own /32 or /128). A `/` with no length after it is an error, not a host: an unset shell
+/// variable (`198.19.0.0/$LEN`) would otherwise allow one address where a range was meant, and
+/// the tunnels from the rest would pass unstripped. An IPv4-mapped IPv6 prefix is refused: it
+/// would go into the IPv6 table and never match an IPv4 tunnel's source.
 fn parse_prefix(s: &str) -> Result<(IpAddr, u8), String> {
-    let (addr, len) = s.split_once('/').unwrap_or((s, ""));
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
     let addr: IpAddr = addr.parse().map_err(|_| format!("`{s}` is not an address prefix"))?;
+    if let IpAddr::V6(v6) = addr
+        && v6.to_ipv4_mapped().is_some()
+    {
+        return Err(format!(
+            "`{s}` is an IPv4-mapped IPv6 prefix, which no IPv4 tunnel's source matches: write the IPv4 prefix"
+        ));
+    }
     let bits = if addr.is_ipv4() { 32 } else { 128 };
-    let len = if len.is_empty() {
-        bits
-    } else {
-        len.parse().map_err(|_| format!("`{s}`: bad prefix length"))?
+    let len = match len {
+        None => bits,
+        Some(l) if !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()) => {
+            l.parse().map_err(|_| format!("`{s}`: bad prefix length"))?
+        }
+        Some(_) => return Err(format!("`{s}`: bad prefix length (the number of bits after `/`)")),
     };
     if len > bits {
         return Err(format!(
