@@ -1489,6 +1489,79 @@ fn takeover_replaces_a_running_edgelb_without_refusing_a_connection() {
     sees_backend_2_die(&mut bed, "the new controller");
 }
 
+/// A takeover with another file ends in the state a reload to that file would: a VIP the file
+/// renames keeps its drain and its dead backend (never served again, so never failed again), a
+/// VIP it moves to another port keeps its `address:port` drain, and a backend it adds to a
+/// checked VIP waits for its check before it takes a flow.
+#[test]
+fn a_takeover_with_another_file_carries_state_as_a_reload_would() {
+    let Some(mut bed) = Bed::up("takeover-file", &[1, 2, 3]) else { return };
+    let full = std::fs::read_to_string(&bed.cfg_path).unwrap();
+    let third = ", { address = \"198.18.0.13\", mac = \"02:ed:00:00:00:13\" }";
+    assert!(full.contains(third));
+    // The first VIP listed is web: without backend 3, so that the new file adds it.
+    std::fs::write(&bed.cfg_path, full.replacen(third, "", 1)).unwrap();
+    let out = bed.e().cli(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    bed.kill_backend(1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bed.e().healthy("web", "198.18.0.11") {
+        assert!(Instant::now() < deadline, "backend 1 never seen dead");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let downs = |log: &str| {
+        log.lines().filter(|l| l.contains("backend DOWN") && l.contains("198.18.0.11")).count()
+    };
+    let downs_before = downs(&bed.e().log());
+    for args in
+        [["drain", "198.18.0.12", "--vip", "web"], ["drain", "198.18.0.12:7", "--vip", "echo"]]
+    {
+        let out = bed.e().cli(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // The new file: web renamed www (same address and port), with backend 3 again; echo moved
+    // from port 7 to 8.
+    let text = full.replacen("name = \"web\"", "name = \"www\"", 1).replacen(
+        "port = 7\n",
+        "port = 8\n",
+        1,
+    );
+    assert!(text.contains("name = \"www\"") && text.contains("port = 8\n"));
+    std::fs::write(&bed.cfg_path, text).unwrap();
+    let first = bed.edgelb.take().unwrap();
+    bed.edgelb = Some(first.take_over());
+    let status = bed.e().status();
+    let backend = |vip: &str, addr: &str| {
+        let v = status.vips.iter().find(|v| v.name == vip).expect("VIP in status");
+        v.backends.iter().find(|b| b.address.to_string() == addr).expect("backend").clone()
+    };
+    let log = bed.e().log();
+    assert!(backend("www", "198.18.0.12").drained, "the drain of the renamed VIP was kept: {log}");
+    let echo2 = backend("echo", "198.18.0.12");
+    assert!(
+        echo2.drained && echo2.port == 8,
+        "the drain followed echo to port 8: {echo2:?}\n{log}"
+    );
+    assert!(!backend("echo", "198.18.0.11").drained, "a drain of that backend only");
+    assert!(!backend("www", "198.18.0.11").healthy, "still dead under its new VIP name");
+    assert!(log.contains("--takeover: VIP renamed"), "{log}");
+    assert!(
+        log.lines().any(|l| l.contains("--takeover: backend added") && l.contains("198.18.0.13")),
+        "backend 3 waits for its check: {log}"
+    );
+    assert!(!log.contains("drain forgotten") && !log.contains("drain not kept"), "{log}");
+    // Backend 1 is never served again, so its check never fails it again; backend 3 joins once
+    // its check passes.
+    let taken = Instant::now();
+    while !bed.e().healthy("www", "198.18.0.13") {
+        assert!(taken.elapsed() < Duration::from_secs(5), "backend 3 never joined");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep((INTERVAL * (FALL + 3)).saturating_sub(taken.elapsed()));
+    assert!(!bed.e().healthy("www", "198.18.0.11"));
+    assert_eq!(downs(&bed.e().log()), downs_before, "backend 1 never served again");
+}
+
 /// Kills backend 2 and waits (at most 5 s) for the running controller (`who`) to report it
 /// unhealthy on the L7 VIP: its health checks run.
 fn sees_backend_2_die(bed: &mut Bed, who: &str) {

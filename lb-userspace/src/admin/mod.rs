@@ -154,6 +154,14 @@ pub struct Response {
     /// out until its own checks see them rise (rather than serving them for `fall` probes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub down: Vec<Down>,
+    /// For `handover`: the VIPs of the running config, for the next process to carry the drains
+    /// and verdicts over to its own config as a reload would (a VIP renamed, or moved to another
+    /// port; a backend added held until its check passes). Absent from an older edgelb's
+    /// handover (and read as absent when it does not parse: a newer edgelb's, with a protocol or
+    /// forwarding mode this one does not know), which is then taken as before, without those
+    /// steps; an older edgelb taking over ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "lenient_vips")]
+    pub vips: Option<Vec<HandedVip>>,
     /// The refusal is the config file's fault (a `reload` of an invalid file): the CLI exits 2,
     /// as `edgelb check` does for it, rather than 1, so scripts can tell it from a reload that
     /// needs a restart.
@@ -192,6 +200,57 @@ pub struct Down {
     pub vip: String,
     /// The backend's address and port.
     pub backend: SocketAddr,
+}
+
+/// A VIP of the running config as a handover carries it: what the next process needs to carry
+/// the drains and health verdicts over to its own config as a reload does (see
+/// [`Response::vips`]). Not the whole config: the next process may be another edgelb version,
+/// whose parser the old file need not pass.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandedVip {
+    /// The VIP's name.
+    pub name: String,
+    /// Its address.
+    pub address: IpAddr,
+    /// Its port.
+    pub port: u16,
+    /// Its transport protocol.
+    pub protocol: crate::config::Protocol,
+    /// How its packets reach the backends.
+    pub forwarding: crate::config::Forwarding,
+    /// Its backends, by address and port (an XDP VIP's carry the VIP's port).
+    pub backends: Vec<SocketAddr>,
+}
+
+impl HandedVip {
+    /// The VIPs of `cfg`, in file order.
+    pub fn all(cfg: &crate::config::Config) -> Vec<HandedVip> {
+        cfg.vips
+            .iter()
+            .map(|v| HandedVip {
+                name: v.name.clone(),
+                address: v.address,
+                port: v.port,
+                protocol: v.protocol,
+                forwarding: v.forwarding,
+                backends: v.backends.iter().map(|b| SocketAddr::new(b.address, b.port)).collect(),
+            })
+            .collect()
+    }
+}
+
+/// Reads [`Response::vips`], or none when they do not parse (a newer edgelb's, naming a protocol
+/// or forwarding mode this one does not know): the takeover then goes on as from an edgelb that
+/// sends none, rather than fail on a field that only refines it.
+fn lenient_vips<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<HandedVip>>, D::Error> {
+    let Some(value) = Option::<serde_json::Value>::deserialize(d)? else { return Ok(None) };
+    Ok(serde_json::from_value(value)
+        .inspect_err(|e| {
+            tracing::warn!(error = %e, "the VIPs the running edgelb handed over do not parse (a newer edgelb's?): taken as an older edgelb's handover, which has none");
+        })
+        .ok())
 }
 
 /// A runtime drain: a backend drained in one VIP, or in every VIP.
@@ -291,6 +350,7 @@ impl Response {
             sockets: Vec::new(),
             drains: Vec::new(),
             down: Vec::new(),
+            vips: None,
             bad_config: false,
             bad_request: false,
             route: None,
@@ -593,6 +653,9 @@ pub struct Handover {
     pub drains: Vec<Drain>,
     /// The running edgelb's health verdicts of dead backends, to start from.
     pub down: Vec<Down>,
+    /// The running edgelb's VIPs, to carry the drains and verdicts over as a reload would; none
+    /// from an older edgelb.
+    pub vips: Option<Vec<HandedVip>>,
     /// The open handover connection.
     pub conn: UnixStream,
 }
@@ -636,6 +699,7 @@ pub fn handover(socket: &Path) -> Result<Option<Handover>, AdminError> {
         sockets: resp.sockets.into_iter().zip(fds).collect(),
         drains: resp.drains,
         down: resp.down,
+        vips: resp.vips,
         conn: s,
     }))
 }
@@ -968,6 +1032,32 @@ mod tests {
         let handed: Drain =
             serde_json::from_str(r#"{"backend":"198.18.0.11","vip":null}"#).unwrap();
         assert_eq!(handed, Drain { backend: a, port: None, vip: None });
+    }
+
+    /// A handover's VIPs: an older edgelb's answer, without them, reads as before (none); a
+    /// newer one's that this edgelb cannot read (an unknown forwarding mode) reads as none too
+    /// instead of failing the takeover; this edgelb's own go through whole.
+    #[test]
+    fn a_handovers_vips_are_optional_on_the_wire() {
+        let older = r#"{"ok":true,"message":"handing over","drains":[{"backend":"198.18.0.11","vip":"web"}],"down":[{"vip":"web","backend":"198.18.0.12:80"}]}"#;
+        let r: Response = serde_json::from_str(older).unwrap();
+        assert_eq!((r.vips, r.drains.len(), r.down.len()), (None, 1, 1));
+        let newer = r#"{"ok":true,"message":"handing over","vips":[{"name":"web","address":"198.18.1.1","port":80,"protocol":"tcp","forwarding":"gre","backends":["198.18.0.11:80"]}],"down":[{"vip":"web","backend":"198.18.0.12:80"}]}"#;
+        let r: Response = serde_json::from_str(newer).unwrap();
+        assert_eq!((r.vips, r.down.len()), (None, 1));
+        let cfg = crate::config::Config::parse(
+            "[node]\ninterfaces = [\"lo\"]\n[[vip]]\nname = \"web7\"\naddress = \"127.0.0.1\"\nport = 8000\nforwarding = \"l7\"\nbackends = [{ address = \"127.0.0.1\", port = 8001 }]\n",
+            "t.toml".as_ref(),
+        )
+        .unwrap();
+        let ours = Response { vips: Some(HandedVip::all(&cfg)), ..Response::ok("handing over") };
+        let line = serde_json::to_string(&ours).unwrap();
+        assert!(line.contains(r#""forwarding":"l7""#), "{line}");
+        let back: Response = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, ours);
+        assert_eq!(back.vips.unwrap()[0].backends, ["127.0.0.1:8001".parse().unwrap()]);
+        // Without VIPs (any other answer), the field is left out.
+        assert!(!serde_json::to_string(&Response::ok("x")).unwrap().contains("vips"));
     }
 
     /// A socket that closes without answering (a controller that exits) is said as such, not

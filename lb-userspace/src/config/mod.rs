@@ -212,8 +212,8 @@ pub enum HashMode {
     FiveTuple,
 }
 
-/// How a VIP's packets reach the backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// How a VIP's packets reach the backend (deserialised in a handover's VIPs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Forwarding {
     /// IPIP / IP6IP6 / 4in6 encapsulation, direct server return (default).

@@ -25,8 +25,8 @@ use tracing::{error, info, warn};
 use self::verdicts::Verdicts;
 use crate::{
     admin::{
-        self, AdminError, Answer, BackendStatus, ConntrackStatus, HandedSocket, HandoverEnd,
-        Pending, Request, Response, SocketKind, Status, VipStatus,
+        self, AdminError, Answer, BackendStatus, ConntrackStatus, HandedSocket, HandedVip,
+        HandoverEnd, Pending, Request, Response, SocketKind, Status, VipStatus,
     },
     config::{Config, Forwarding},
     dataplane::{Dataplane, DataplaneError, TableShape, vip_ring},
@@ -215,6 +215,10 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     let mut handed_metrics = None;
     let mut drains = Vec::new();
     let mut down = Vec::new();
+    // The running edgelb's VIPs, to carry its drains and verdicts over as a reload would; none
+    // from an older edgelb (or when nothing was handed over).
+    let mut handed_vips = None;
+    let mut without_vips = false;
     let mut handover = if takeover {
         match admin::handover(&cfg.node.admin_socket).map_err(RunError::Takeover)? {
             None => {
@@ -228,6 +232,8 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
                 );
                 drains = h.drains;
                 down = h.down;
+                without_vips = h.vips.is_none();
+                handed_vips = h.vips;
                 for (s, fd) in h.sockets {
                     match s.kind {
                         SocketKind::L7 => inherited.adopt(fd)?,
@@ -359,8 +365,10 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     ctl.metrics.retain(&ctl.cfg);
     // The previous edgelb's runtime drains stay: an upgrade must not put a backend taken out
     // for maintenance back into service. Its dead backends stay out too, until this process's
-    // checks (which start from these verdicts) see them rise; verdicts on checks this config
-    // no longer has are dropped.
+    // checks (which start from these verdicts) see them rise. From its VIPs, they are carried
+    // over to this config as a reload to it would carry them (a VIP renamed, or moved to
+    // another port; backends added held until their check passes); then what this config no
+    // longer has is dropped.
     if !drains.is_empty() || !down.is_empty() {
         info!(
             drains = drains.len(),
@@ -374,9 +382,19 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     for d in down {
         ctl.verdicts.set_health(&d.vip, d.backend, false);
     }
-    for (vip, backend) in ctl.verdicts.reconcile(&ctl.cfg) {
-        info!(%backend, vip = vip.as_deref().unwrap_or("every VIP"), "--takeover: drain not kept: the backend is not in this config");
+    let carried = match &handed_vips {
+        Some(old) => ctl.verdicts.carry_over(old, &ctl.cfg),
+        None => verdicts::CarriedOver {
+            forgotten: ctl.verdicts.reconcile(&ctl.cfg),
+            ..Default::default()
+        },
+    };
+    if without_vips {
+        warn!(
+            "--takeover: the running edgelb (an older one) handed over no VIPs: the drains and health verdicts of a VIP this config renames or moves to another port are not kept, and a backend this config adds takes flows before its first probe"
+        );
     }
+    log_carried("--takeover", &carried, &ctl.cfg);
     // A data plane ran here before this process: its maps adopted, or its links pinned even
     // when the maps were not (another layout or table size makes fresh ones). A start that
     // fails must leave it forwarding, not remove links that were balancing before it began.
@@ -489,6 +507,29 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     // Last: `edgelb stop` waits for the socket to go, so it returns once everything is done.
     let _ = std::fs::remove_file(&socket);
     Ok(result?)
+}
+
+/// Logs what carrying the drains and health verdicts over to `cfg` did ([`Verdicts::carry_over`])
+/// at a reload or a takeover (`what`).
+fn log_carried(what: &str, c: &verdicts::CarriedOver, cfg: &Config) {
+    for (from, to) in &c.renamed {
+        info!(vip = %to, was = %from, "{what}: VIP renamed: its drains and health verdicts carry over");
+    }
+    for (vip, backend) in &c.held {
+        info!(%vip, %backend, "{what}: backend added: it joins the ring once its health check has passed `rise` times");
+    }
+    for (of, vip, from, to) in &c.moved {
+        info!(%vip, was = %from, backend = %to, drain = of.as_deref().unwrap_or("every VIP"), "{what}: VIP moved to another port: its drain of the backend follows");
+    }
+    let mut vip_gone = false;
+    for (vip, backend) in &c.forgotten {
+        let reason = verdicts::why_forgotten(cfg, vip.as_deref(), *backend);
+        vip_gone |= vip.as_ref().is_some_and(|v| !cfg.vips.iter().any(|x| x.name == *v));
+        warn!(%backend, vip = vip.as_deref().unwrap_or("every VIP"), "{what}: drain forgotten: {reason}");
+    }
+    if vip_gone {
+        warn!("{what}: {}", verdicts::RENAME_RULE);
+    }
 }
 
 /// Whether SIGINT or SIGTERM has arrived (consuming the pending signals). A SIGHUP is raised
@@ -834,6 +875,7 @@ impl Controller {
                 sockets,
                 drains: self.verdicts.drains(),
                 down: self.verdicts.down(),
+                vips: Some(HandedVip::all(&self.cfg)),
                 ..Response::ok("handing over")
             },
             fds,
@@ -1261,25 +1303,10 @@ impl Controller {
         self.apply_pending_health();
         let old = std::mem::replace(&mut self.cfg, new);
         let old_verdicts = self.verdicts.clone();
-        let renamed = self.verdicts.rename(&old, &self.cfg);
-        // Before the hold: whether a moved VIP keeps a backend serving depends on its drains.
-        let moved = self.verdicts.follow_port(&old, &self.cfg, &renamed);
-        let held = self.verdicts.hold_new_backends(&old, &self.cfg, &renamed);
-        let forgotten = self.verdicts.reconcile(&self.cfg);
+        let carried = self.verdicts.carry_over(&HandedVip::all(&old), &self.cfg);
         match self.apply() {
             Ok(r) => {
-                for (from, to) in &renamed {
-                    info!(vip = %to, was = %from, "VIP renamed: its drains and health verdicts carry over");
-                }
-                for (vip, backend) in &held {
-                    info!(%vip, %backend, "backend added: it joins the ring once its health check has passed `rise` times");
-                }
-                for (of, vip, from, to) in &moved {
-                    info!(%vip, was = %from, backend = %to, drain = of.as_deref().unwrap_or("every VIP"), "VIP moved to another port: its drain of the backend follows");
-                }
-                for (vip, backend) in &forgotten {
-                    warn!(%backend, vip = vip.as_deref().unwrap_or("every VIP"), "drain forgotten: the backend is no longer in the config");
-                }
+                log_carried("reload", &carried, &self.cfg);
                 self.reconcile_checks();
                 self.metrics.retain(&self.cfg);
                 self.rates.retain(&self.cfg);
@@ -1292,18 +1319,9 @@ impl Controller {
                         self.checks_missing
                     ));
                 }
-                if !forgotten.is_empty() {
-                    let list: Vec<String> = forgotten
-                        .iter()
-                        .map(|(vip, b)| match vip {
-                            Some(v) => format!("{b} in VIP `{v}`"),
-                            None => format!("{b} in every VIP"),
-                        })
-                        .collect();
-                    msg.push_str(&format!(
-                        "; drains forgotten, as the config no longer lists the backend: {}",
-                        list.join(", ")
-                    ));
+                if let Some(forgotten) = verdicts::forgotten_summary(&self.cfg, &carried.forgotten)
+                {
+                    msg.push_str(&format!("; {forgotten}"));
                 }
                 warn_of_mtu(&self.cfg);
                 Response::ok(msg)

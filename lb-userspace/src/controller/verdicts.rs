@@ -8,7 +8,7 @@ use std::{collections::HashSet, net::SocketAddr};
 use tracing::{error, warn};
 
 use crate::{
-    admin::BackendRef,
+    admin::{BackendRef, HandedVip},
     config::{Backend, Config, Forwarding, Vip},
 };
 
@@ -16,6 +16,61 @@ use crate::{
 /// several ports; an XDP VIP's backends carry the VIP's port).
 pub(super) fn id(b: &Backend) -> SocketAddr {
     SocketAddr::new(b.address, b.port)
+}
+
+/// What [`Verdicts::carry_over`] did, for the log and the operator.
+#[derive(Debug, Default)]
+pub(super) struct CarriedOver {
+    /// VIPs renamed, (old name, new name).
+    pub(super) renamed: Vec<(String, String)>,
+    /// Drains that followed their VIP to another port ([`Verdicts::follow_port`]).
+    pub(super) moved: Vec<(Option<String>, String, BackendRef, BackendRef)>,
+    /// Backends added, held down until their check passes.
+    pub(super) held: Vec<(String, SocketAddr)>,
+    /// Drains forgotten: (VIP, or none for every VIP, backend).
+    pub(super) forgotten: Vec<(Option<String>, BackendRef)>,
+}
+
+/// When a VIP's drains and health verdicts follow it to a new config: said with the drains
+/// forgotten because their VIP is gone, which may have been renamed and moved at once.
+pub(super) const RENAME_RULE: &str = "a VIP keeps its drains and health verdicts through a rename only when its address, port and protocol stay, and through a move (another address or port) only when its name stays: rename and move it in two steps";
+
+/// Why [`Verdicts::reconcile`] forgot the drain of `backend` in `vip` (none: every VIP) under
+/// `cfg`: the VIP is gone, or no longer lists the backend.
+pub(super) fn why_forgotten(cfg: &Config, vip: Option<&str>, backend: BackendRef) -> String {
+    match vip {
+        Some(v) if !cfg.vips.iter().any(|x| x.name == v) => {
+            format!("VIP `{v}` is no longer in the config")
+        }
+        Some(v) => format!("VIP `{v}` no longer lists {backend}"),
+        None => format!("no VIP lists {backend} any more"),
+    }
+}
+
+/// The drains forgotten (`forgotten`, [`Verdicts::reconcile`] under `cfg`) for the reply to the
+/// operator, each with its reason, and [`RENAME_RULE`] when a VIP went; none if there are none.
+pub(super) fn forgotten_summary(
+    cfg: &Config,
+    forgotten: &[(Option<String>, BackendRef)],
+) -> Option<String> {
+    if forgotten.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = forgotten
+        .iter()
+        .map(|(vip, b)| {
+            let why = why_forgotten(cfg, vip.as_deref(), *b);
+            match vip {
+                Some(v) => format!("{b} in VIP `{v}` ({why})"),
+                None => format!("{b} in every VIP ({why})"),
+            }
+        })
+        .collect();
+    let vip_gone = forgotten
+        .iter()
+        .any(|(vip, _)| vip.as_ref().is_some_and(|v| !cfg.vips.iter().any(|x| x.name == *v)));
+    let rule = if vip_gone { format!("; {RENAME_RULE}") } else { String::new() };
+    Some(format!("drains forgotten: {}{rule}", list.join(", ")))
 }
 
 /// Health verdicts, drains and fail-open state, by VIP name and backend address.
@@ -68,22 +123,41 @@ impl Verdicts {
         if healthy { self.down.remove(&key) } else { self.down.insert(key) }
     }
 
+    /// Carries the state from a config whose VIPs were `old` over to `new`, as a reload does
+    /// (and a takeover, from the VIPs the running edgelb handed over): renames
+    /// ([`Verdicts::rename`]), drains following a VIP to another port
+    /// ([`Verdicts::follow_port`]), backends added held until their check passes
+    /// ([`Verdicts::hold_new_backends`]), then what `new` no longer has forgotten
+    /// ([`Verdicts::reconcile`]). One function, so that a takeover with a file ends in the state
+    /// a reload to that file would.
+    pub(super) fn carry_over(&mut self, old: &[HandedVip], new: &Config) -> CarriedOver {
+        let renamed = self.rename(old, new);
+        // Before the hold: whether a moved VIP keeps a backend serving depends on its drains.
+        let moved = self.follow_port(old, new, &renamed);
+        let held = self.hold_new_backends(old, new, &renamed);
+        let forgotten = self.reconcile(new);
+        CarriedOver { renamed, moved, held, forgotten }
+    }
+
     /// Carries the verdicts, drains and fail-open state of a VIP that a reload from `old` to
     /// `new` only renamed (the same address, port and protocol under a new name, its old name
     /// gone) over to its new name, as the maps carry its counters: a rename must not lift a
     /// drain or put a dead backend back in the ring. Returns the renames, (old, new).
-    pub(super) fn rename(&mut self, old: &Config, new: &Config) -> Vec<(String, String)> {
-        let key = |v: &Vip| (v.address, v.port, v.protocol);
+    ///
+    /// A VIP renamed and moved (another address, port or protocol) in one reload is not
+    /// recognised: the maps take it for a new VIP too (new counters), and a guess from
+    /// overlapping backends could carry a drain onto a VIP the operator meant as a new one. Its
+    /// drains are forgotten with a reason that says so ([`forgotten_summary`]).
+    pub(super) fn rename(&mut self, old: &[HandedVip], new: &Config) -> Vec<(String, String)> {
         let mut renamed = Vec::new();
-        for o in &old.vips {
+        for o in old {
             if new.vips.iter().any(|n| n.name == o.name) {
                 continue;
             }
-            let Some(n) = new
-                .vips
-                .iter()
-                .find(|n| key(n) == key(o) && !old.vips.iter().any(|x| x.name == n.name))
-            else {
+            let Some(n) = new.vips.iter().find(|n| {
+                (n.address, n.port, n.protocol) == (o.address, o.port, o.protocol)
+                    && !old.iter().any(|x| x.name == n.name)
+            }) else {
                 continue;
             };
             let (from, to) = (o.name.clone(), n.name.clone());
@@ -108,9 +182,13 @@ impl Verdicts {
 
     /// VIP `v` of a reload's new config as the old config `old` had it: by its name, or by the
     /// one it had before `renamed` (the reload's renames, [`Verdicts::rename`]).
-    fn before<'a>(old: &'a Config, v: &Vip, renamed: &[(String, String)]) -> Option<&'a Vip> {
+    fn before<'a>(
+        old: &'a [HandedVip],
+        v: &Vip,
+        renamed: &[(String, String)],
+    ) -> Option<&'a HandedVip> {
         let was_named = renamed.iter().find(|(_, to)| *to == v.name).map_or(&v.name, |(f, _)| f);
-        old.vips.iter().find(|o| o.name == *was_named)
+        old.iter().find(|o| o.name == *was_named)
     }
 
     /// Moves the `address:port` drains of an XDP VIP that a reload from `old` to `new` moves to
@@ -125,7 +203,7 @@ impl Verdicts {
     /// backend before, after).
     pub(super) fn follow_port(
         &mut self,
-        old: &Config,
+        old: &[HandedVip],
         new: &Config,
         renamed: &[(String, String)],
     ) -> Vec<(Option<String>, String, BackendRef, BackendRef)> {
@@ -138,13 +216,13 @@ impl Verdicts {
                 continue;
             };
             for b in &v.backends {
-                let Some(o) = before.backends.iter().find(|o| o.address == b.address) else {
+                let Some(o) = before.backends.iter().find(|o| o.ip() == b.address) else {
                     continue;
                 };
-                if o.port == b.port {
+                if o.port() == b.port {
                     continue;
                 }
-                let from = BackendRef { address: o.address, port: Some(o.port) };
+                let from = BackendRef { address: o.ip(), port: Some(o.port()) };
                 let to = BackendRef { address: b.address, port: Some(b.port) };
                 let this = (Some(v.name.clone()), from);
                 if self.drained.remove(&this) {
@@ -183,7 +261,7 @@ impl Verdicts {
     /// the one it was, and backends added to it wait as well.
     pub(super) fn hold_new_backends(
         &mut self,
-        old: &Config,
+        old: &[HandedVip],
         new: &Config,
         renamed: &[(String, String)],
     ) -> Vec<(String, SocketAddr)> {
@@ -195,12 +273,13 @@ impl Verdicts {
                 before
                     .backends
                     .iter()
-                    .find(|o| if by_address { o.address == b.address } else { id(o) == id(b) })
+                    .copied()
+                    .find(|o| if by_address { o.ip() == b.address } else { *o == id(b) })
             };
             for b in &v.backends {
                 if let Some(o) = was(b)
-                    && id(o) != id(b)
-                    && self.is_down(&v.name, id(o))
+                    && o != id(b)
+                    && self.is_down(&v.name, o)
                 {
                     self.down.insert((v.name.clone(), id(b)));
                 }
@@ -383,6 +462,11 @@ mod tests {
         Config::parse(&text, "t.toml".as_ref()).expect("valid")
     }
 
+    /// `c`'s VIPs as a reload (or a handover) passes the old config's.
+    fn vips(c: &Config) -> Vec<HandedVip> {
+        HandedVip::all(c)
+    }
+
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
@@ -438,16 +522,120 @@ mod tests {
         let mut v = Verdicts::default();
         v.drain(Some("web".into()), ip(C));
         assert!(v.set_health("web", at(A), false));
-        assert_eq!(v.rename(&web, &www), [("web".to_owned(), "www".to_owned())]);
+        assert_eq!(v.rename(&vips(&web), &www), [("web".to_owned(), "www".to_owned())]);
         assert!(v.reconcile(&www).is_empty(), "no drain forgotten");
         assert!(v.is_drained("www", at(C)) && !v.is_drained("web", at(C)));
         assert!(v.is_down("www", at(A)));
         assert_eq!(live(&mut v, &www), [(ip(B), 1), (ip(C), 0)]);
         // Renamed and moved to another port: another VIP, whose drains and verdicts start anew.
         let moved = named("api", 81);
-        assert!(v.rename(&www, &moved).is_empty());
+        assert!(v.rename(&vips(&www), &moved).is_empty());
         assert_eq!(v.reconcile(&moved), [(Some("www".to_owned()), ip(C).into())]);
         assert!(!v.is_down("api", at(A)));
+    }
+
+    /// A reload that renames a VIP and moves it at once forgets its drains, and says why truly:
+    /// the VIP is gone (not "the config no longer lists the backend": it does, under the new
+    /// name), and when a rename is recognised. A drain of a backend a VIP still there dropped,
+    /// or of every VIP, says that instead.
+    #[test]
+    fn a_drain_forgotten_says_why() {
+        let text = |name: &str, port: u16, backends: &[&str]| {
+            let list: Vec<String> =
+                backends.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect();
+            let text = format!(
+                "[node]\ninterfaces = [\"lo\"]\nencap_source_v4 = \"198.19.0.0/16\"\ngateway_mac = \"02:00:00:00:00:fe\"\n[[vip]]\nname = \"{name}\"\naddress = \"198.18.1.1\"\nport = {port}\nbackends = [{}]\n",
+                list.join(", ")
+            );
+            Config::parse(&text, "t.toml".as_ref()).expect("valid")
+        };
+        let (web, www) = (text("web", 80, &[A, B]), text("www", 8080, &[A, B]));
+        let mut v = Verdicts::default();
+        v.drain(Some("web".into()), ip(A));
+        let carried = v.carry_over(&vips(&web), &www);
+        assert!(carried.renamed.is_empty(), "renamed and moved at once: not recognised");
+        assert_eq!(carried.forgotten, [(Some("web".to_owned()), ip(A).into())]);
+        let said = forgotten_summary(&www, &carried.forgotten).expect("a drain forgotten");
+        assert!(
+            said.contains("198.18.0.11 in VIP `web` (VIP `web` is no longer in the config)"),
+            "{said}"
+        );
+        assert!(said.contains(RENAME_RULE), "{said}");
+        assert!(!said.contains("no longer lists"), "{said}");
+        // In two steps, the drain follows: renamed in place, then moved under its new name.
+        let mut v = Verdicts::default();
+        v.drain(Some("web".into()), ip(A));
+        let renamed_only = text("www", 80, &[A, B]);
+        assert!(v.carry_over(&vips(&web), &renamed_only).forgotten.is_empty());
+        assert!(v.carry_over(&vips(&renamed_only), &www).forgotten.is_empty());
+        assert!(v.is_drained("www", SocketAddr::new(ip(A), 8080)));
+        // A backend gone from a VIP still there, and a drain of every VIP.
+        let mut v = Verdicts::default();
+        v.drain(Some("web".into()), ip(A));
+        v.drain(None, ip(B));
+        let none = text("web", 80, &[C]);
+        let forgotten = v.reconcile(&none);
+        let said = forgotten_summary(&none, &forgotten).expect("drains forgotten");
+        assert_eq!(
+            said,
+            "drains forgotten: 198.18.0.12 in every VIP (no VIP lists 198.18.0.12 any more), 198.18.0.11 in VIP `web` (VIP `web` no longer lists 198.18.0.11)"
+        );
+        assert_eq!(forgotten_summary(&none, &[]), None);
+    }
+
+    /// A takeover carries the drains and verdicts handed over (by the old VIP names and backend
+    /// ids) over to its config through the VIPs handed over, and ends as a reload to that config
+    /// would: here a VIP renamed (a drain and a dead backend), another moved to another port (an
+    /// `address:port` drain, a dead backend) and a backend added (held until its check passes).
+    #[test]
+    fn a_takeover_ends_as_a_reload_to_its_file_would() {
+        let two = |web: &str, api_port: u16, extra: bool| {
+            let more = if extra { format!(", {{ address = \"{C}\" }}") } else { String::new() };
+            let text = format!(
+                "[node]\ninterfaces = [\"lo\"]\nencap_source_v4 = \"198.19.0.0/16\"\ngateway_mac = \"02:00:00:00:00:fe\"\n[[vip]]\nname = \"{web}\"\naddress = \"198.18.1.1\"\nport = 80\nbackends = [{{ address = \"{A}\" }}, {{ address = \"{B}\" }}{more}]\n[vip.health]\n[[vip]]\nname = \"api\"\naddress = \"198.18.1.2\"\nport = {api_port}\nbackends = [{{ address = \"{A}\" }}, {{ address = \"{B}\" }}]\n[vip.health]\n"
+            );
+            Config::parse(&text, "t.toml".as_ref()).expect("valid")
+        };
+        let (old, new) = (two("web", 443, false), two("www", 8443, true));
+        let mut running = Verdicts::default();
+        running.drain(Some("web".into()), ip(B));
+        running.drain(Some("api".into()), "198.18.0.11:443".parse::<BackendRef>().unwrap());
+        assert!(running.set_health("web", at(A), false));
+        assert!(running.set_health("api", SocketAddr::new(ip(B), 443), false));
+        // A reload from the old config to the new.
+        let mut reloaded = running.clone();
+        let by_reload = reloaded.carry_over(&vips(&old), &new);
+        // A takeover: what the handover carries, through JSON, into a fresh process.
+        let answer = crate::admin::Response {
+            drains: running.drains(),
+            down: running.down(),
+            vips: Some(HandedVip::all(&old)),
+            ..crate::admin::Response::ok("handing over")
+        };
+        let wire = serde_json::to_string(&answer).unwrap();
+        let handed: crate::admin::Response = serde_json::from_str(&wire).unwrap();
+        let mut taken = Verdicts::default();
+        for d in handed.drains {
+            taken.drain(d.vip, BackendRef { address: d.backend, port: d.port });
+        }
+        for d in handed.down {
+            taken.set_health(&d.vip, d.backend, false);
+        }
+        let by_takeover = taken.carry_over(&handed.vips.expect("VIPs handed over"), &new);
+        assert_eq!(by_takeover.renamed, [("web".to_owned(), "www".to_owned())]);
+        assert_eq!(by_takeover.held, [("www".to_owned(), at(C))]);
+        assert_eq!(by_takeover.moved.len(), 1, "{:?}", by_takeover.moved);
+        assert!(by_takeover.forgotten.is_empty(), "{:?}", by_takeover.forgotten);
+        assert_eq!(taken.drains(), reloaded.drains());
+        assert_eq!(taken.down(), reloaded.down());
+        assert_eq!(
+            (by_takeover.renamed, by_takeover.held, by_takeover.moved),
+            (by_reload.renamed, by_reload.held, by_reload.moved)
+        );
+        assert!(taken.is_drained("www", at(B)) && taken.is_down("www", at(A)));
+        assert!(taken.is_drained("api", SocketAddr::new(ip(A), 8443)));
+        assert!(taken.is_down("api", SocketAddr::new(ip(B), 8443)));
+        assert!(taken.is_down("www", at(C)), "C waits for its check");
     }
 
     /// A reload that moves an XDP VIP to another port moves its `address:port` drains with it
@@ -466,15 +654,15 @@ mod tests {
         let mut v = Verdicts::default();
         v.drain(Some("web".into()), r(A, 80));
         v.drain(None, r(B, 80));
-        let renamed = v.rename(&old, &new);
+        let renamed = v.rename(&vips(&old), &new);
         assert_eq!(
-            v.follow_port(&old, &new, &renamed),
+            v.follow_port(&vips(&old), &new, &renamed),
             [
                 (None, "web".to_owned(), r(B, 80), r(B, 8080)),
                 (Some("web".to_owned()), "web".to_owned(), r(A, 80), r(A, 8080)),
             ]
         );
-        v.hold_new_backends(&old, &new, &renamed);
+        v.hold_new_backends(&vips(&old), &new, &renamed);
         assert!(v.reconcile(&new).is_empty(), "no drain forgotten");
         assert!(v.is_drained("web", SocketAddr::new(ip(A), 8080)));
         assert!(v.is_drained("web", SocketAddr::new(ip(B), 8080)));
@@ -484,14 +672,14 @@ mod tests {
             [0, 0]
         );
         // And back: the drains, of web now, follow again.
-        let renamed = v.rename(&new, &old);
-        assert_eq!(v.follow_port(&new, &old, &renamed).len(), 2);
+        let renamed = v.rename(&vips(&new), &old);
+        assert_eq!(v.follow_port(&vips(&new), &old, &renamed).len(), 2);
         assert!(v.reconcile(&old).is_empty());
         assert!(v.is_drained("web", at(A)) && v.is_drained("web", at(B)));
         // A drain by plain address covers every port: nothing to move.
         let mut w = Verdicts::default();
         w.drain(Some("web".into()), ip(A));
-        assert!(w.follow_port(&old, &new, &[]).is_empty());
+        assert!(w.follow_port(&vips(&old), &new, &[]).is_empty());
         assert!(w.is_drained("web", SocketAddr::new(ip(A), 8080)));
     }
 
@@ -501,7 +689,7 @@ mod tests {
     fn a_backend_added_by_a_reload_waits_for_its_check() {
         let (two, three) = (cfg(&[(A, 1), (B, 1)], true), cfg(&[(A, 1), (B, 1), (C, 1)], true));
         let mut v = Verdicts::default();
-        assert_eq!(v.hold_new_backends(&two, &three, &[]), [("web".to_owned(), at(C))]);
+        assert_eq!(v.hold_new_backends(&vips(&two), &three, &[]), [("web".to_owned(), at(C))]);
         v.reconcile(&three);
         assert_eq!(live(&mut v, &three), [(ip(A), 1), (ip(B), 1)], "C waits for its check");
         assert!(v.set_health("web", at(C), true));
@@ -512,25 +700,28 @@ mod tests {
         v.set_health("web", at(A), false);
         v.set_health("web", at(B), false);
         assert_eq!(live(&mut v, &two), [(ip(A), 1), (ip(B), 1)]);
-        v.hold_new_backends(&two, &three, &[]);
+        v.hold_new_backends(&vips(&two), &three, &[]);
         assert_eq!(live(&mut v, &three), [(ip(A), 1), (ip(B), 1), (ip(C), 1)]);
         assert!(v.is_fail_open("web"));
         // Without a check, or for a VIP new in the file, nothing is held.
         let mut v = Verdicts::default();
         assert!(
-            v.hold_new_backends(&cfg(&[(A, 1)], false), &cfg(&[(A, 1), (C, 1)], false), &[])
+            v.hold_new_backends(&vips(&cfg(&[(A, 1)], false)), &cfg(&[(A, 1), (C, 1)], false), &[])
                 .is_empty()
         );
         let mut other = cfg(&[(A, 1)], true);
         other.vips[0].name = "api".into();
-        assert!(v.hold_new_backends(&other, &three, &[]).is_empty());
+        assert!(v.hold_new_backends(&vips(&other), &three, &[]).is_empty());
         // A VIP the same reload renames is the one it was: what it adds waits too.
         let mut renamed = three.clone();
         renamed.vips[0].name = "www".into();
         let mut v = Verdicts::default();
-        let renames = v.rename(&two, &renamed);
+        let renames = v.rename(&vips(&two), &renamed);
         assert_eq!(renames, [("web".to_owned(), "www".to_owned())]);
-        assert_eq!(v.hold_new_backends(&two, &renamed, &renames), [("www".to_owned(), at(C))]);
+        assert_eq!(
+            v.hold_new_backends(&vips(&two), &renamed, &renames),
+            [("www".to_owned(), at(C))]
+        );
     }
 
     /// A reload that moves a checked XDP VIP to another port keeps its backends' verdicts (the
@@ -550,7 +741,10 @@ mod tests {
         let (old, moved) = (port(80, &[A, B, C]), port(8080, &[A, B, C]));
         let mut v = Verdicts::default();
         assert!(v.set_health("web", at(C), false));
-        assert!(v.hold_new_backends(&old, &moved, &[]).is_empty(), "the same hosts: none held");
+        assert!(
+            v.hold_new_backends(&vips(&old), &moved, &[]).is_empty(),
+            "the same hosts: none held"
+        );
         v.reconcile(&moved);
         assert!(!v.is_fail_open("web"));
         assert_eq!(live(&mut v, &moved), [(ip(A), 1), (ip(B), 1)], "C stays down");
@@ -558,14 +752,14 @@ mod tests {
         // A whole new pool: up at once, as a new VIP's, not held into fail-open.
         let (d, e) = ("198.18.0.14", "198.18.0.15");
         let swapped = port(8080, &[d, e]);
-        assert!(v.hold_new_backends(&moved, &swapped, &[]).is_empty());
+        assert!(v.hold_new_backends(&vips(&moved), &swapped, &[]).is_empty());
         v.reconcile(&swapped);
         assert_eq!(live(&mut v, &swapped), [(ip(d), 1), (ip(e), 1)]);
         assert!(!v.is_fail_open("web"));
         // A pool with one backend kept: the new one waits for its check, as before.
         let grown = port(8080, &[d, e, A]);
         assert_eq!(
-            v.hold_new_backends(&swapped, &grown, &[]),
+            v.hold_new_backends(&vips(&swapped), &grown, &[]),
             [("web".to_owned(), SocketAddr::new(ip(A), 8080))]
         );
     }
