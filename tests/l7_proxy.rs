@@ -1030,14 +1030,15 @@ fn a_keep_alive_request_has_the_whole_header_timeout_from_its_first_bytes() {
     assert!(t.elapsed() < Duration::from_millis(1000), "cut after {:?}", t.elapsed());
 }
 
-/// Access-log lines (log target `edgelb::access`) written anywhere in this test process.
+/// Access-log lines (log target `edgelb::access`), and the HTTP proxy's own lines down to debug
+/// (target `edgelb::proxy::http`), written anywhere in this test process.
 fn access_log() -> Arc<std::sync::Mutex<Vec<u8>>> {
     static LOG: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
     LOG.get_or_init(|| {
         let log: Arc<std::sync::Mutex<Vec<u8>>> = Default::default();
         let sink = log.clone();
         let subscriber = tracing_subscriber::fmt()
-            .with_env_filter("edgelb::access=info")
+            .with_env_filter("edgelb::access=info,edgelb::proxy::http=debug")
             .with_ansi(false)
             .with_writer(move || Sink(sink.clone()))
             .finish();
@@ -2584,6 +2585,291 @@ fn a_response_body_cut_short_reaches_the_client_as_a_reset() {
     assert!(wrong.is_empty(), "a reset after the bytes that came:\n{}", wrong.join("\n"));
     let (got, end) = fetch("/whole", "1.1");
     assert!(got.ends_with("\r\n\r\npartial") && end.is_ok(), "a complete body: {got:?} {end:?}");
+}
+
+/// The text logged so far in this test process ([`access_log`]).
+fn logged(log: &std::sync::Mutex<Vec<u8>>) -> String {
+    String::from_utf8_lossy(&log.lock().unwrap()).into_owned()
+}
+
+/// Waits (3 s at most) for the metrics of `p` to have the line `want`.
+fn wait_for_metric(p: &Running, want: &str) {
+    let t = Instant::now();
+    while !p.metrics.encode().lines().any(|l| l == want) {
+        assert!(t.elapsed() < Duration::from_secs(3), "{want} in\n{}", p.metrics.encode());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A response whose head has exactly `headers` headers and takes exactly `bytes` bytes (from
+/// its status line to the blank line that ends it), then a 2-byte body.
+fn response_of(headers: usize, bytes: usize) -> Vec<u8> {
+    let mut head = String::from("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n");
+    for i in 2..headers {
+        head.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    let pad = bytes - head.len() - "X-Pad: \r\n\r\n".len();
+    head.push_str(&format!("X-Pad: {}\r\n\r\nok", "p".repeat(pad)));
+    head.into_bytes()
+}
+
+/// A response head over the proxy's limits (128 headers, 64 KiB) is the application's answer,
+/// not a broken backend: the client gets 502, a warning is logged, and the backend is neither
+/// charged a passive-health failure (an endpoint with many cookies took every backend out in
+/// turn) nor retried elsewhere. The byte limit holds exactly, however the head arrives: a head
+/// of 70 KB read in one go passed before.
+#[test]
+fn a_response_head_over_the_limits_is_a_502_that_blames_no_backend() {
+    let log = access_log();
+    let serve = || {
+        serve_backend(|s, r2, _| {
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            while let Some((head, _)) = read_request(&mut r) {
+                r2.fetch_add(1, Ordering::Relaxed);
+                let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                let mut parts = path.split('/').skip(1);
+                let (kind, n) = (parts.next().unwrap(), parts.next().unwrap().parse().unwrap());
+                let resp = match kind {
+                    "headers" => response_of(n, 4096),
+                    _ => response_of(3, n),
+                };
+                // `pieces`: 1000 bytes a write, so that the head arrives over many reads.
+                let size = if kind == "pieces" { 1000 } else { resp.len() };
+                for part in resp.chunks(size) {
+                    if w.write_all(part).is_err() {
+                        return;
+                    }
+                    if kind == "pieces" {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        })
+    };
+    let (a, b) = (serve(), serve());
+    let p = proxy(
+        &[(&a, 1), (&b, 1)],
+        "retries = 1\nmax_fails = 1\nfail_timeout_ms = 60000\naccess_log = true",
+        "",
+    );
+    let cases = [
+        ("/headers/128", 200),
+        ("/headers/129", 502),
+        ("/bytes/65536", 200),
+        ("/bytes/65537", 502),
+        ("/bytes/70000", 502),
+        ("/pieces/65536", 200),
+        ("/pieces/65537", 502),
+    ];
+    let wrong: Vec<String> = cases
+        .iter()
+        .filter_map(|&(path, want)| {
+            let got = get(p.addr, path).0;
+            (got != want).then(|| format!("{path}: {got}, not {want}"))
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    let tried = a.reqs.load(Ordering::Relaxed) + b.reqs.load(Ordering::Relaxed);
+    assert_eq!(tried, cases.len(), "a head over the limits is not tried on another backend");
+    let text = p.metrics.encode();
+    for x in [&a, &b] {
+        assert!(!ejected(&text, x.addr), "{} was blamed:\n{text}", x.addr);
+    }
+    assert!(text.lines().any(|l| l == "edgelb_l7_requests_total{vip=\"web\",class=\"5xx\"} 4"));
+    let text = logged(&log);
+    assert!(
+        text.lines().any(|l| l.contains("WARN")
+            && l.contains("response head is too large")
+            && l.contains("max_headers=128")
+            && l.contains("max_bytes=65536")),
+        "a warning in\n{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.contains("target=/headers/129") && l.contains("status=502")),
+        "{text}"
+    );
+}
+
+/// A response head that does not parse (not one too large) stays a broken response: a 502 and
+/// a passive-health failure. Its debug line shows the head escaped, on one line (it spanned one
+/// line per header line), and bounded.
+#[test]
+fn an_unparsable_response_head_is_a_failure_logged_on_one_line() {
+    let log = access_log();
+    let b = raw_backend(|path| {
+        static LONG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        if path == "/long" {
+            let long = LONG.get_or_init(|| {
+                format!("HTTP/1.1 200 OK\r\nX-Long-Bad-{}\r\n\r\n", "y".repeat(5000))
+            });
+            return (long.as_str(), true);
+        }
+        ("HTTP/1.1 200 OK\r\nX-Fine: 1\r\nBad Header Line\r\n\r\n", true)
+    });
+    let p = proxy(&[(&b, 1)], "retries = 0\nmax_fails = 1\nfail_timeout_ms = 60000", "");
+    assert_eq!(get(p.addr, "/").0, 502);
+    assert!(ejected(&p.metrics.encode(), b.addr), "{}", p.metrics.encode());
+    assert_eq!(get(p.addr, "/long").0, 502);
+    let text = logged(&log);
+    let lines: Vec<&str> =
+        text.lines().filter(|l| l.contains("unparsable response head")).collect();
+    assert!(
+        lines.iter().any(|l| l.contains(r"OK\r\nX-Fine: 1\r\nBad Header Line\r\n")),
+        "the whole head on the event's line:\n{text}"
+    );
+    let long = lines.iter().find(|l| l.contains("X-Long-Bad-")).expect("the long head's line");
+    assert!(long.len() < 1000, "{} bytes: {long}", long.len());
+}
+
+/// A response whose body is cut short after its head went to the client is logged with who cut
+/// it (`cut=backend`, `cut=client`, `cut=deadline`; `cut=-` for a whole one) beside the status
+/// its head gave, and counted in `edgelb_l7_responses_cut_total`; before, it read as an
+/// ordinary 200. A backend that cuts (closes, resets, stalls past the idle timeout, breaks the
+/// chunked coding) is charged a passive-health failure; a client that leaves mid-body, or the
+/// whole-request deadline passing, is not the backend's doing.
+#[test]
+fn a_response_cut_short_is_logged_and_counted_by_who_cut_it() {
+    let log = access_log();
+    let b = serve_backend(|s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let Some((head, _)) = read_request(&mut r) else { return };
+        r2.fetch_add(1, Ordering::Relaxed);
+        let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+        let first: &[u8] = match path.as_str() {
+            "/cut-whole" => b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\npartial",
+            "/cut-bad-chunk" => {
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\npartial\r\n"
+            }
+            "/cut-client" => b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n",
+            _ => b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial",
+        };
+        if w.write_all(first).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        match path.as_str() {
+            "/cut-reset" => {
+                drop(r);
+                reset(w);
+            }
+            "/cut-stall" => std::thread::sleep(Duration::from_millis(1500)),
+            "/cut-bad-chunk" => {
+                let _ = w.write_all(b"zz\r\n");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            // A body that goes on until the proxy stops taking it.
+            "/cut-client" => {
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_secs(5) && w.write_all(&[b'x'; 16384]).is_ok() {}
+            }
+            // A byte at a time, well within the idle timeout, for longer than the deadline.
+            "/cut-slow" => {
+                for _ in 0..93 {
+                    if w.write_all(b"x").is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            // `/cut-close`: closes cleanly, 93 bytes short.
+            _ => {}
+        }
+    });
+    // Reads what comes until the proxy ends the connection, whichever way.
+    let fetch = |addr: SocketAddr, path: &str| {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        c.write_all(req.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let _ = c.read_to_end(&mut got);
+        got
+    };
+    let p = proxy(
+        &[(&b, 1)],
+        "idle_timeout_ms = 300\naccess_log = true\nretries = 0\nmax_fails = 1\nfail_timeout_ms = 60000",
+        "",
+    );
+    let cut = |side: &str, n: u32| {
+        format!("edgelb_l7_responses_cut_total{{vip=\"web\",side=\"{side}\"}} {n}")
+    };
+    assert!(fetch(p.addr, "/cut-whole").ends_with(b"\r\n\r\npartial"));
+    // A client that takes the head and leaves.
+    let mut c = TcpStream::connect(p.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"GET /cut-client HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let (mut got, mut chunk) = (Vec::new(), [0u8; 4096]);
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = c.read(&mut chunk).unwrap();
+        assert!(n > 0, "{got:?}");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    reset(c);
+    wait_for_metric(&p, &cut("client", 1));
+    assert!(!ejected(&p.metrics.encode(), b.addr), "a client's cut blamed the backend");
+    fetch(p.addr, "/cut-reset");
+    wait_for_metric(&p, &cut("backend", 1));
+    assert!(ejected(&p.metrics.encode(), b.addr), "a backend's cut is a passive-health failure");
+    // The pool fails open: its one backend, out, still gets the requests.
+    for path in ["/cut-close", "/cut-stall", "/cut-bad-chunk"] {
+        fetch(p.addr, path);
+    }
+    wait_for_metric(&p, &cut("backend", 4));
+    wait_for_metric(&p, &cut("client", 1));
+    wait_for_metric(&p, &cut("deadline", 0));
+    wait_for_metric(&p, "edgelb_l7_requests_total{vip=\"web\",class=\"2xx\"} 6");
+
+    // The whole-request deadline passing mid-body is nobody's failure.
+    let q = proxy(
+        &[(&b, 1)],
+        "request_timeout_ms = 400\nidle_timeout_ms = 2000\naccess_log = true\nmax_fails = 1",
+        "",
+    );
+    fetch(q.addr, "/cut-slow");
+    wait_for_metric(&q, &cut("deadline", 1));
+    assert!(!ejected(&q.metrics.encode(), b.addr), "{}", q.metrics.encode());
+
+    let text = logged(&log);
+    for (path, want) in [
+        ("/cut-whole", "cut=-"),
+        ("/cut-client", "cut=client"),
+        ("/cut-reset", "cut=backend"),
+        ("/cut-close", "cut=backend"),
+        ("/cut-stall", "cut=backend"),
+        ("/cut-bad-chunk", "cut=backend"),
+        ("/cut-slow", "cut=deadline"),
+    ] {
+        let target = format!("target={path} ");
+        assert!(
+            text.lines()
+                .any(|l| l.contains(&target) && l.contains("status=200") && l.contains(want)),
+            "{path} status=200 {want} in\n{text}"
+        );
+    }
+}
+
+/// A client that leaves while its request waits for the backend is noticed when the answer is
+/// written (the backend does the work, as HAProxy without `option abortonclose`); it is counted
+/// and logged as 499, as when it leaves before the backend has its request, not with the
+/// backend's status.
+#[test]
+fn a_client_gone_before_its_answer_is_logged_as_499() {
+    let log = access_log();
+    let b = backend("b", Mode::Slow(300));
+    let p = proxy(&[(&b, 1)], "access_log = true", "");
+    let mut c = TcpStream::connect(p.addr).unwrap();
+    c.write_all(b"GET /gone-before-answer HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    reset(c);
+    wait_for_metric(&p, "edgelb_l7_requests_total{vip=\"web\",class=\"4xx\"} 1");
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 1, "the backend had the request");
+    let text = logged(&log);
+    assert!(
+        text.lines().any(|l| l.contains("target=/gone-before-answer ") && l.contains("status=499")),
+        "{text}"
+    );
 }
 
 /// Checks what a client received for one GET: interim responses, then one final response,

@@ -59,6 +59,19 @@ const POOL_SWEEP_EVERY: Duration = Duration::from_secs(1);
 const POOL_PEEK_AFTER: Duration = Duration::from_millis(50);
 /// Read size.
 const READ_CHUNK: usize = 4 * 1024;
+/// The most headers a backend's response head may have. Fixed, and generous: above HAProxy's
+/// default (101, `tune.http.maxhdr`), so an answer HAProxy relays passes here too, however many
+/// `Set-Cookie` or security headers it carries; parsed into slots on the stack. A head with
+/// more gets the client a 502 ([`Attempt::TooLarge`]).
+const MAX_RESPONSE_HEADERS: usize = 128;
+/// The most bytes a backend's response head may take, from its status line to the blank line
+/// that ends it. Fixed, and generous: 4 times HAProxy's 16 KiB buffer and 8 to 16 times nginx's
+/// `proxy_buffer_size` (4 or 8 KiB), so what those proxies relay passes here too, while one
+/// response cannot make a proxy thread buffer or parse much more. Enforced to the byte whatever
+/// sizes the head arrives in: a larger head gets the client a 502 ([`Attempt::TooLarge`]).
+const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;
+/// How many bytes of a response head that does not parse the debug log shows.
+const SHOWN_HEAD_BYTES: usize = 200;
 /// How long at most a client connection whose request body was cut off ([`Answer::cut`]) or
 /// refused ([`reject`]) is kept after its response, reading and dropping the rest of the body (the VIP's idle timeout
 /// if shorter): nginx's `lingering_timeout`. A client that reads the response as it sends (curl,
@@ -220,7 +233,8 @@ fn reason(status: u16) -> &'static str {
 
 /// Counts a request answered with `status` (in `edgelb_l7_requests_total`) and, with the VIP's
 /// `access_log`, logs it: client, method and target (when the head parsed), status, backend
-/// (when one was tried) and milliseconds since `started` (the complete head).
+/// (when one was tried), milliseconds since `started` (the complete head), and who cut the
+/// response's body short after its head went out (`cut`, `-` for a whole response).
 fn finished(
     vip: &VipRuntime,
     peer: SocketAddr,
@@ -228,6 +242,7 @@ fn finished(
     req: Option<&ReqHead>,
     backend: Option<SocketAddr>,
     started: Option<Instant>,
+    cut: Option<Cut>,
 ) {
     vip.count(status);
     if vip.cfg.access_log {
@@ -241,6 +256,7 @@ fn finished(
             status,
             backend = %backend.map(|b| b.to_string()).as_deref().unwrap_or("-"),
             ms = started.map_or(0.0, |s| s.elapsed().as_secs_f64() * 1000.0),
+            cut = %cut.map_or("-", Cut::as_str),
             "request"
         );
     }
@@ -260,7 +276,7 @@ async fn reject(
     status: u16,
     req: Option<&ReqHead>,
 ) {
-    finished(vip, peer, status, req, None, None);
+    finished(vip, peer, status, req, None, None, None);
     let sent = respond(client, status, req.is_some_and(|r| r.method() == "HEAD")).await;
     if sent.is_ok() && (req.is_some() || matches!(status, 400 | 431 | 505) || client.has_unread()) {
         linger(client, vip.cfg.idle_timeout).await;
@@ -349,7 +365,7 @@ pub async fn refuse(s: &Socket, vip: &VipRuntime, peer: SocketAddr) {
             Err(_) => break None,
         }
     };
-    finished(vip, peer, 503, req.as_ref(), None, None);
+    finished(vip, peer, 503, req.as_ref(), None, None, None);
     let head_request = req.as_ref().is_some_and(|r| r.method() == "HEAD");
     if respond(s, 503, head_request).await.is_ok() && (req.is_some() || s.has_unread()) {
         linger(s, REFUSE_WAIT.min(cfg.idle_timeout)).await;
@@ -957,6 +973,53 @@ enum Side {
     Bad,
 }
 
+/// Who ended a response whose body was cut short after its head went to the client: logged
+/// (`cut=` in the access log) and counted (`edgelb_l7_responses_cut_total{side}`, indexed by
+/// this in [`VipRuntime::responses_cut`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cut {
+    /// The backend: it closed or reset its connection, stalled past the idle timeout, or broke
+    /// the chunked coding. A passive-health failure.
+    Backend = 0,
+    /// The client: the write to it failed (it left, or took nothing for the idle timeout).
+    Client = 1,
+    /// The whole-request deadline (`request_timeout_ms`) passed while the body streamed.
+    Deadline = 2,
+}
+
+impl Cut {
+    /// Every side, in the order of their index.
+    pub(super) const ALL: [Cut; 3] = [Cut::Backend, Cut::Client, Cut::Deadline];
+
+    /// Its name in the log and as the metric's `side` label.
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Cut::Backend => "backend",
+            Cut::Client => "client",
+            Cut::Deadline => "deadline",
+        }
+    }
+}
+
+/// Logs a response head over the limits ([`Attempt::TooLarge`]), at most once every 10 s for
+/// the whole process ([`super::Throttle`]): an endpoint that always answers so would log a line
+/// per request. Every one is counted among the 5xx answers and, with `access_log`, logged as
+/// its 502.
+fn say_head_too_large(vip: &str, backend: SocketAddr) {
+    static SAID: super::Throttle = super::Throttle::new();
+    if SAID.ready() {
+        tracing::warn!(
+            vip,
+            %backend,
+            max_headers = MAX_RESPONSE_HEADERS,
+            max_bytes = MAX_RESPONSE_HEAD_BYTES,
+            "a backend's response head is too large (more headers or bytes than the proxy \
+             takes): the client gets 502, and the backend is not blamed (no passive-health \
+             failure); said at most every 10 s"
+        );
+    }
+}
+
 /// The PROXY protocol header for a connection the proxy opens on its own account, such as a
 /// health check's: the LOCAL command (haproxy's proxy-protocol.txt, 2.1 and 2.2), which says no
 /// client is behind it, so the backend takes the connection's own addresses and logs no
@@ -1410,21 +1473,27 @@ fn status_and_headers(out: &mut impl BufMut, resp: &RespHead) {
     }
 }
 
-/// Parses a response head at the start of `buf`; when complete, splits it off `buf`.
-fn parse_response(buf: &mut BytesMut) -> Result<Option<RespHead>, ()> {
-    let mut headers = [httparse::EMPTY_HEADER; 128];
+/// Parses a response head at the start of `buf`; when complete, splits it off `buf`. A head
+/// over [`MAX_RESPONSE_HEADERS`] or [`MAX_RESPONSE_HEAD_BYTES`] is [`HeadError::TooLarge`]
+/// (one still incomplete is the caller's to measure), any other fault [`HeadError::Bad`].
+fn parse_response(buf: &mut BytesMut) -> Result<Option<RespHead>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     let len = match resp.parse(buf) {
         Ok(httparse::Status::Partial) => return Ok(None),
+        Ok(httparse::Status::Complete(len)) if len > MAX_RESPONSE_HEAD_BYTES => {
+            return Err(HeadError::TooLarge);
+        }
         Ok(httparse::Status::Complete(len)) => len,
-        Err(_) => return Err(()),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(HeadError::Bad),
     };
     let (status, reason) =
         (resp.code.unwrap_or(0), Span::of(buf, resp.reason.unwrap_or("").as_bytes()));
     // httparse takes any three digits; RFC 9110 15 defines 100..=599, and a client may take
     // anything else as the start of another message.
     if !(100..=599).contains(&status) {
-        return Err(());
+        return Err(HeadError::Bad);
     }
     let http10 = resp.version == Some(0);
     let headers = Head::spans(buf, resp.headers);
@@ -1448,6 +1517,12 @@ enum Attempt {
     Deadline,
     /// Connection broke or garbage before a response head.
     Broken,
+    /// The response head is over [`MAX_RESPONSE_HEADERS`] or [`MAX_RESPONSE_HEAD_BYTES`]: the
+    /// application's answer, too large for the proxy, not a sign of the backend's health. A
+    /// 502, not retried (another backend of the same application would answer alike, and do
+    /// the work again), and no passive-health failure (an endpoint that sets many cookies
+    /// would otherwise take every backend out in turn).
+    TooLarge,
     /// The client broke off while sending its body (or could not take an interim response).
     ClientGone,
     /// The client's chunked body broke the coding (400).
@@ -1669,11 +1744,11 @@ async fn serve_conn(
             .await;
             match r {
                 Ok(Answer { up, resp, cut }) => {
+                    // Any other answer counts as the backend's success once its body is
+                    // through (or the client left): a body the backend cuts short is a failure.
                     let retryable = matches!(resp.status, 502..=504);
                     if retryable {
                         vip.failed(&member.state);
-                    } else {
-                        member.state.success();
                     }
                     if retryable && can_retry && !pinned && attempt < cfg.retries {
                         // The latest such answer is the one passed on if nothing better comes.
@@ -1703,6 +1778,7 @@ async fn serve_conn(
                         Some(&req),
                         Some(member.state.addr),
                         Some(started),
+                        None,
                     );
                     if let Some(k) = kept {
                         close(&k.up);
@@ -1714,12 +1790,19 @@ async fn serve_conn(
                     }
                     return;
                 }
+                Err(Attempt::TooLarge) => {
+                    // The backend answered: no failure of its health (see `Attempt::TooLarge`).
+                    member.state.success();
+                    say_head_too_large(&vip.name, member.state.addr);
+                    last = Attempt::TooLarge;
+                    break;
+                }
                 Err(e) => {
                     tracing::debug!(
                         vip = %vip.name,
                         backend = %member.state.addr,
                         attempt,
-                        failure = match e { Attempt::Connect => "connect", Attempt::Local => "no local resources", Attempt::Timeout => "timeout", Attempt::Deadline => "request deadline", Attempt::Broken => "broken", Attempt::ClientGone => "client gone", Attempt::ClientTimeout => "client timeout", Attempt::ClientBad => "malformed client body" },
+                        failure = match e { Attempt::Connect => "connect", Attempt::Local => "no local resources", Attempt::Timeout => "timeout", Attempt::Deadline => "request deadline", Attempt::Broken => "broken", Attempt::TooLarge => "response head too large", Attempt::ClientGone => "client gone", Attempt::ClientTimeout => "client timeout", Attempt::ClientBad => "malformed client body" },
                         "L7 attempt failed"
                     );
                     // The request's deadline is charged to the backend that had all of it, the
@@ -1754,7 +1837,7 @@ async fn serve_conn(
                 _ => 502,
             };
             let backend = tried.last().map(|&i| pool.members[i].state.addr);
-            finished(&vip, peer, status, Some(&req), backend, Some(started));
+            finished(&vip, peer, status, Some(&req), backend, Some(started), None);
             // The request body may be unread: the connection cannot continue, and closes
             // lingering so that the client reads this answer rather than a reset.
             let head_request = req.method() == "HEAD";
@@ -1784,7 +1867,16 @@ async fn serve_conn(
             out.extend_from_slice(&ubuf);
             ubuf.clear();
             drop(resp);
-            finished(&vip, peer, 101, Some(&req), Some(pool.members[i].state.addr), Some(started));
+            pool.members[i].state.success();
+            finished(
+                &vip,
+                peer,
+                101,
+                Some(&req),
+                Some(pool.members[i].state.addr),
+                Some(started),
+                None,
+            );
             vip.duration.observe(started.elapsed().as_secs_f64());
             // So does whatever the client sent after its request head.
             let sent = write(client, out.split().freeze()).await.is_ok()
@@ -1869,13 +1961,20 @@ async fn serve_conn(
             rframing =
                 if take as u64 == n { Framing::None } else { Framing::Length(n - take as u64) };
         }
+        // A 502-504 was charged to its backend with its head; any other answer counts as a
+        // success unless the backend cuts its body short.
+        let charged = matches!(status, 502..=504);
+        let member = &pool.members[i].state;
         if write(client, out.split().freeze()).await.is_err() {
-            // The client left before its answer: counted and logged all the same, as when it
-            // leaves during the body.
+            // The client left before its answer: counted and logged as 499 (nginx's "client
+            // closed request"), as when it leaves before the backend has its request; the
+            // backend answered, and is not blamed.
             drop(counted);
             close(&up);
-            let backend = Some(pool.members[i].state.addr);
-            finished(&vip, peer, status, Some(&req), backend, Some(started));
+            if !charged {
+                member.success();
+            }
+            finished(&vip, peer, 499, Some(&req), Some(member.addr), Some(started), None);
             return;
         }
         let streaming =
@@ -1905,7 +2004,30 @@ async fn serve_conn(
         };
         drop(counted);
         let end = Instant::now();
-        finished(&vip, peer, status, Some(&req), Some(pool.members[i].state.addr), Some(started));
+        // Who ended a body that could not be passed on whole. The backend, when it closed or
+        // reset its connection, stalled past the idle timeout or broke the chunked coding: a
+        // passive-health failure. The client, when the write to it failed (it left), and the
+        // whole-request deadline, which a slow client can make a download outlast, are not the
+        // backend's doing. The response is still counted and logged by the status its head
+        // gave the client (as nginx and HAProxy log it), with the cut beside it.
+        let cut_by = match body {
+            Ok(()) => None,
+            Err(Side::Dst) => Some(Cut::Client),
+            Err(Side::Timeout) if tokio::time::Instant::from_std(end) >= deadline => {
+                Some(Cut::Deadline)
+            }
+            Err(Side::Src | Side::Timeout | Side::Bad) => Some(Cut::Backend),
+        };
+        match cut_by {
+            _ if charged => {}
+            None | Some(Cut::Client) => member.success(),
+            Some(Cut::Backend) => vip.failed(member),
+            Some(Cut::Deadline) => {}
+        }
+        if let Some(c) = cut_by {
+            vip.responses_cut[c as usize].inc();
+        }
+        finished(&vip, peer, status, Some(&req), Some(member.addr), Some(started), cut_by);
         vip.duration.observe(end.saturating_duration_since(started).as_secs_f64());
         if body.is_err() {
             // The body could not be passed on whole, and its head is with the client: a
@@ -2129,8 +2251,8 @@ async fn attempt_once(
                     // would have had from here, bounds the rare wait in between.
                     match timeout_at(answer_by(tokio::time::Instant::now()), &mut reading).await {
                         Ok(Ok(Some(resp))) => (Ok(Some(resp)), true),
-                        Ok(Err(Attempt::ClientGone)) => {
-                            return Err(abandon(&up, Attempt::ClientGone));
+                        Ok(Err(e @ (Attempt::ClientGone | Attempt::TooLarge))) => {
+                            return Err(abandon(&up, e));
                         }
                         _ => return Err(abandon(&up, Attempt::Broken)),
                     }
@@ -2226,10 +2348,14 @@ async fn response_head(
                 return Err(Attempt::Broken);
             }
             Ok(Some(r)) => return Ok(Some(r)),
-            Ok(None) if ubuf.len() > 64 * 1024 => return Err(Attempt::Broken),
+            // Still incomplete with this many bytes: longer than the limit, however it came.
+            Ok(None) if ubuf.len() >= MAX_RESPONSE_HEAD_BYTES => return Err(Attempt::TooLarge),
             Ok(None) => {}
-            Err(()) => {
-                tracing::debug!(%addr, head = %String::from_utf8_lossy(&ubuf[..ubuf.len().min(200)]), "unparsable response head");
+            Err(HeadError::TooLarge) => return Err(Attempt::TooLarge),
+            Err(_) => {
+                // Escaped (CR and LF as `\r\n`), so that the event stays on one line.
+                let head = ubuf[..ubuf.len().min(SHOWN_HEAD_BYTES)].escape_ascii();
+                tracing::debug!(%addr, %head, "unparsable response head");
                 return Err(Attempt::Broken);
             }
         }

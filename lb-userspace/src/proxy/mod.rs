@@ -68,6 +68,15 @@ pub struct RequestLabels {
     pub class: String,
 }
 
+/// Labels for counts of L7 responses cut short.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CutLabels {
+    /// VIP name.
+    pub vip: String,
+    /// Who ended the body: `backend`, `client` or `deadline` (see `http::Cut`).
+    pub side: String,
+}
+
 /// The proxy's Prometheus metrics (shared by every proxy thread).
 #[derive(Clone, Debug)]
 pub struct L7Metrics {
@@ -79,6 +88,10 @@ pub struct L7Metrics {
     pub active: Family<VipLabel, Gauge>,
     /// Retries on another backend.
     pub retries: Family<VipLabel, Counter>,
+    /// Responses whose body was cut short after their head went to the client, by who ended
+    /// them: counted apart, since such a response is counted and logged by its status (a 200,
+    /// say), which alone would pass it for a whole one.
+    pub responses_cut: Family<CutLabels, Counter>,
     /// Backends taken out by passive health (counted through [`L7Metrics::eject`]).
     pub ejections: Family<BackendLabel, Counter>,
     /// Failed accepts on a VIP's listeners: out of descriptors or memory, mostly, which the
@@ -149,6 +162,7 @@ impl L7Metrics {
             duration: Family::new_with_constructor(latency_histogram),
             active: Family::default(),
             retries: Family::default(),
+            responses_cut: Family::default(),
             ejections: Family::default(),
             accept_errors: Family::default(),
             ejected: Arc::default(),
@@ -180,6 +194,12 @@ impl L7Metrics {
             "edgelb_l7_retries",
             "L7 requests retried on another backend",
             m.retries.clone(),
+        );
+        registry.register(
+            "edgelb_l7_responses_cut",
+            "L7 responses whose body was cut short after the head went to the client, by the \
+             side that ended it (backend, client, or the request deadline)",
+            m.responses_cut.clone(),
         );
         registry.register(
             "edgelb_l7_backend_ejections",
@@ -250,6 +270,8 @@ pub struct VipRuntime {
     pub duration: Histogram,
     /// Retries of this VIP.
     pub retries: Counter,
+    /// Responses of this VIP cut short, indexed by `http::Cut` (backend, client, deadline).
+    pub responses_cut: [Counter; 3],
     /// The proxy's metrics (passive-health ejections, by backend).
     pub metrics: Arc<L7Metrics>,
 }
@@ -651,6 +673,12 @@ impl Proxy {
                     ],
                     duration: m.duration.get_or_create(&label).clone(),
                     retries: m.retries.get_or_create(&label).clone(),
+                    responses_cut: http::Cut::ALL.map(|c| {
+                        let side = c.as_str().to_owned();
+                        m.responses_cut
+                            .get_or_create(&CutLabels { vip: vip.name.clone(), side })
+                            .clone()
+                    }),
                     metrics: m.clone(),
                 }),
             );
