@@ -299,6 +299,133 @@ fn decap_attaches_a_pinned_decapsulator_and_detaches_it() {
     assert_eq!(code, 2, "pins only under /sys/fs/bpf");
 }
 
+/// Runs the edgelb binary with `args` inside network namespace `ns`, but with the root's
+/// /sys/fs/bpf (`ip netns exec` would hide it): exit code, stdout, stderr.
+fn edgelb_in(ns: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg(env!("CARGO_BIN_EXE_edgelb"))
+        .args(args)
+        .output()
+        .expect("nsenter edgelb");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+/// The id and name of the XDP program on `dev` in namespace `ns` (`ip -d link` shows them as
+/// `prog/xdp id N name NAME`); `None` when it runs none.
+fn xdp_prog_in(ns: &str, dev: &str) -> Option<(u32, String)> {
+    let text = ip(&["-n", ns, "-d", "link", "show", dev]);
+    let rest = &text[text.find("prog/xdp id ")? + "prog/xdp id ".len()..];
+    let mut words = rest.split_whitespace();
+    let id = words.next()?.parse().ok()?;
+    let name = if words.next() == Some("name") { words.next()?.to_owned() } else { String::new() };
+    Some((id, name))
+}
+
+/// A namespace of the test's own with a veth pair `vd0`/`vd1`, `vd0` up.
+fn ns_with_vd0(name: &str, pins: &str) -> TestNs {
+    let ns = TestNs::new(name, pins);
+    ip(&["-n", name, "link", "add", "vd0", "type", "veth", "peer", "name", "vd1"]);
+    ip(&["-n", name, "link", "set", "vd0", "up"]);
+    ns
+}
+
+/// bpffs is one for every network namespace, and a decapsulator's pin is named by its
+/// interface's name only: with one pin directory, namespace B's `decap attach vd0` found
+/// namespace A's pin, replaced A's program (A took B's allowed sources), said "(replaced)",
+/// and left B's vd0 without a decapsulator; B's `detach` then removed A's. Both are refused now,
+/// and A keeps its decapsulator, program and allowed sources.
+#[test]
+fn decap_leaves_another_namespaces_pin_alone() {
+    if !edgelb::testbed::netns::require_privileged("decap_leaves_another_namespaces_pin_alone") {
+        return;
+    }
+    let pid = std::process::id();
+    let (a, b) = (format!("elbdecapa{pid}"), format!("elbdecapb{pid}"));
+    let pins = format!("/sys/fs/bpf/edgelb-decap-ns-test-{pid}");
+    let _a = ns_with_vd0(&a, &pins);
+    let _b = ns_with_vd0(&b, &pins);
+
+    let (code, _, err) = edgelb_in(
+        &a,
+        &["decap", "attach", "vd0", "--pin-dir", &pins, "--allow-source", "198.19.0.0/16"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (a_prog, name) = xdp_prog_in(&a, "vd0").expect("A's vd0 runs the decapsulator");
+    assert_eq!(name, "edgelb_decap");
+
+    let (code, out, err) = edgelb_in(
+        &b,
+        &["decap", "attach", "vd0", "--pin-dir", &pins, "--allow-source", "198.18.9.0/24"],
+    );
+    assert_eq!(code, 1, "B's attach is refused: {out}{err}");
+    assert!(err.contains("another network namespace") && err.contains("--pin-dir"), "{err}");
+    assert!(!out.contains("attached"), "{out}");
+    assert_eq!(xdp_prog_in(&b, "vd0"), None, "nothing on B's vd0");
+    // The same program on A's vd0: its maps, the allowed sources, are the ones A gave.
+    assert_eq!(xdp_prog_in(&a, "vd0"), Some((a_prog, name.clone())), "A's untouched");
+
+    let (code, out, err) = edgelb_in(&b, &["decap", "detach", "vd0", "--pin-dir", &pins]);
+    assert_eq!(code, 1, "B's detach is refused: {out}{err}");
+    assert!(err.contains("another network namespace"), "{err}");
+    assert_eq!(xdp_prog_in(&a, "vd0"), Some((a_prog, name)), "A still attached");
+
+    // A's own re-attach replaces its program in place, and its detach removes it.
+    let (code, out, err) = edgelb_in(&a, &["decap", "attach", "vd0", "--pin-dir", &pins]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("(replaced)"), "{out}");
+    let (again, _) = xdp_prog_in(&a, "vd0").expect("A's vd0 runs the decapsulator");
+    assert_ne!(again, a_prog, "the new program");
+    // A pin whose interface was deleted holds nothing: the next attach replaces it afresh.
+    ip(&["-n", &a, "link", "del", "vd0"]);
+    ip(&["-n", &a, "link", "add", "vd0", "type", "veth", "peer", "name", "vd1"]);
+    ip(&["-n", &a, "link", "set", "vd0", "up"]);
+    let (code, out, err) = edgelb_in(&a, &["decap", "attach", "vd0", "--pin-dir", &pins]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("attached to vd0") && !out.contains("(replaced)"), "{out}");
+    assert!(xdp_prog_in(&a, "vd0").is_some_and(|(_, n)| n == "edgelb_decap"));
+    let (code, out, err) = edgelb_in(&a, &["decap", "detach", "vd0", "--pin-dir", &pins]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("detached from vd0"), "{out}");
+    assert_eq!(xdp_prog_in(&a, "vd0"), None);
+}
+
+/// `decap` with --pin-dir at a balancer's pin directory finds the balancer's link pinned under
+/// the interface's name: `attach` turned the balancer into a decapsulator and `detach` removed
+/// it. Both are refused now, and the balancer stays.
+#[test]
+fn decap_leaves_a_balancers_link_pin_alone() {
+    if !edgelb::testbed::netns::require_privileged("decap_leaves_a_balancers_link_pin_alone") {
+        return;
+    }
+    let pid = std::process::id();
+    let ns = format!("elbdecapl{pid}");
+    let pins = format!("/sys/fs/bpf/edgelb-decap-lb-test-{pid}");
+    let _ns = ns_with_vd0(&ns, &pins);
+    edgelb::testbed::netns::in_netns(&ns, || {
+        let shape =
+            edgelb::dataplane::TableShape::for_flows(Some(edgelb::config::MIN_CONNTRACK_FLOWS));
+        let mut dp = edgelb::dataplane::Dataplane::load_with_table(Some(pins.as_ref()), shape)
+            .expect("load the balancer");
+        dp.attach("vd0", edgelb::config::XdpAttachMode::Generic).expect("attach the balancer");
+        // Dropped here: the pinned link keeps the balancer attached.
+    })
+    .unwrap();
+    let (lb_prog, name) = xdp_prog_in(&ns, "vd0").expect("the balancer runs on vd0");
+    assert!(name.starts_with("edgelb_balance"), "{name}");
+
+    let (code, out, err) = edgelb_in(&ns, &["decap", "attach", "vd0", "--pin-dir", &pins]);
+    assert_eq!(code, 1, "attach is refused: {out}{err}");
+    assert!(err.contains("not edgelb's decapsulator") && err.contains("edgelb_balance"), "{err}");
+    assert_eq!(xdp_prog_in(&ns, "vd0"), Some((lb_prog, name.clone())), "the balancer stays");
+    let (code, out, err) = edgelb_in(&ns, &["decap", "detach", "vd0", "--pin-dir", &pins]);
+    assert_eq!(code, 1, "detach is refused: {out}{err}");
+    assert!(err.contains("not edgelb's decapsulator"), "{err}");
+    assert_eq!(xdp_prog_in(&ns, "vd0"), Some((lb_prog, name)), "the balancer stays");
+    assert!(std::path::Path::new(&pins).join("link-vd0").exists(), "its pin stays");
+}
+
 #[test]
 fn version_names_the_binary() {
     let (code, out, _) = edgelb(&["--version"]);

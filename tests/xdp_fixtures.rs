@@ -840,6 +840,56 @@ fn the_decapsulator_takes_tunnels_only_from_allowed_sources() {
     assert!(aux.allow_decap_sources(&[("198.19.0.0".parse().unwrap(), 33)]).is_err());
 }
 
+/// The decapsulator strips only what the kernel's own tunnel would take: a tunnel in a frame to
+/// a group MAC (broadcast, multicast), or whose outer IPv4 header checksum fails, passes
+/// untouched, though it comes from an allowed source. The outer source decides what is taken,
+/// so a header that would not verify is not trusted for it.
+#[test]
+fn the_decapsulator_leaves_group_frames_and_bad_checksums_alone() {
+    if !require_privileged("the_decapsulator_leaves_group_frames_and_bad_checksums_alone") {
+        return;
+    }
+    let mut aux = edgelb::dataplane::AuxPrograms::load().expect("aux programs load");
+    aux.allow_decap_sources(&[
+        ("198.19.0.0".parse().unwrap(), 16),
+        ("2001:2:0:ff::".parse().unwrap(), 96),
+    ])
+    .unwrap();
+    let (c, vip) = (v4("198.18.4.7"), v4("198.18.1.1"));
+    let inner = V4::new(c, vip, 6).packet(&tcp(c.into(), vip.into(), 40000, 80, SYN, b""));
+    let outer = V4::new(v4("198.19.0.1"), v4("198.18.0.11"), 4).packet(&inner);
+    let (c6, vip6) = (v6("2001:2::77"), v6("2001:2:0:1::1"));
+    let inner6 = ipv6(c6, vip6, 6, 0, 64, &tcp(c6.into(), vip6.into(), 40000, 80, SYN, b""));
+    let outer6 = ipv6(v6("2001:2:0:ff::1"), v6("2001:2::11"), 41, 0, 64, &inner6);
+    // The same tunnels to this host's MAC are stripped: only what the cases change matters.
+    let good = eth(LB_MAC, CLIENT_MAC, ETH_IP, &outer);
+    assert_eq!(run_decap(&mut aux, &good), (XDP_PASS, eth(LB_MAC, CLIENT_MAC, ETH_IP, &inner)));
+    let good6 = eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &outer6);
+    let stripped6 = eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &inner6);
+    assert_eq!(run_decap(&mut aux, &good6), (XDP_PASS, stripped6));
+
+    let broadcast = [0xff; 6];
+    let multicast = [0x01, 0x00, 0x5e, 0x00, 0x00, 0x01];
+    let multicast6 = [0x33, 0x33, 0x00, 0x00, 0x00, 0x01];
+    // The outer IPv4 header starts after the 14 bytes of Ethernet; its checksum is at 10.
+    let mut bad_sum = good.clone();
+    bad_sum[14 + 10] ^= 0x40;
+    // A source changed (198.19.0.1 to .3, still allowed) with the checksum left as it was.
+    let mut bad_src = good.clone();
+    bad_src[14 + 15] ^= 2;
+    let cases = [
+        ("IPIP to the broadcast MAC", eth(broadcast, CLIENT_MAC, ETH_IP, &outer)),
+        ("IPIP to a multicast MAC", eth(multicast, CLIENT_MAC, ETH_IP, &outer)),
+        ("IP6IP6 to a multicast MAC", eth(multicast6, CLIENT_MAC, ETH_IPV6, &outer6)),
+        ("IPIP with a wrong header checksum", bad_sum),
+        ("IPIP with a source its checksum does not cover", bad_src),
+    ];
+    for (name, frame) in cases {
+        let (verdict, got) = run_decap(&mut aux, &frame);
+        assert_eq!((verdict, hex(&got)), (XDP_PASS, hex(&frame)), "{name}: passed untouched");
+    }
+}
+
 /// Config with `backends` (address, weight) for VIP v4tcp only.
 fn one_vip(backends: &[(&str, u32)]) -> String {
     let list: Vec<String> = backends

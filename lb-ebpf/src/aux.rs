@@ -64,11 +64,23 @@ pub fn edgelb_decap(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_decap(ctx: &XdpContext) -> Result<u32, ()> {
     let l2 = parse::parse_l2(ctx)?;
+    // A frame to a group address (broadcast, multicast) was not sent to this host alone: the
+    // balancer sends its tunnels to one backend's MAC, so this is no tunnel of its, and the
+    // stack gets it as it came.
+    if l2.group_dst {
+        return Ok(xdp_action::XDP_PASS);
+    }
     let (outer, inner_type, outer_ecn) = if l2.proto == ETH_P_IP {
         let ip: *const Ipv4Hdr = ptr_at(ctx, l2.l3_off)?;
         // SAFETY: bounds-checked by ptr_at.
         let h = unsafe { *ip };
         if h.ver_ihl != 0x45 || h.proto != proto::IPIP || h.frag_off & parse::IP_MF_OFFSET != 0 {
+            return Ok(xdp_action::XDP_PASS);
+        }
+        // The outer source decides below whether the tunnel is taken, so a header the kernel
+        // would discard (its checksum fails) is not trusted for it: it passes untouched, and
+        // the stack drops it.
+        if !csum::ipv4_csum_ok(&h) {
             return Ok(xdp_action::XDP_PASS);
         }
         if !allowed_source(Some(h.saddr), None) {

@@ -128,7 +128,8 @@ enum Command {
         /// XDP mode (attach only).
         #[arg(long, default_value = "auto", value_parser = ["auto", "native", "generic"])]
         mode: String,
-        /// Where the link is pinned (under /sys/fs/bpf/).
+        /// Where the link is pinned (under /sys/fs/bpf/). bpffs is shared by all network
+        /// namespaces and pins are named by interface: give each namespace its own.
         #[arg(long, default_value = edgelb::dataplane::DECAP_PIN_DIR)]
         pin_dir: PathBuf,
         /// Strip only tunnels from this outer source prefix (repeatable; attach only): the

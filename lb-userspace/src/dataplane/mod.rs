@@ -139,6 +139,50 @@ pub enum DataplaneError {
     /// No network interface of that name in this namespace.
     #[error("no network interface `{0}` here (`ip link` lists them)")]
     NoInterface(String),
+    /// The link pin `edgelb decap` would replace or remove holds something other than the
+    /// decapsulator: with `--pin-dir` at a balancer's pin directory, the balancer's own link,
+    /// which a decap attach would have turned into a decapsulator and a detach removed.
+    #[error(
+        "{path} holds {holds}, not edgelb's decapsulator (`{decap}`): left alone. Is --pin-dir another program's pin directory (a balancer's node.pin_dir)? Give the decapsulator a directory of its own (the default is {DECAP_PIN_DIR})",
+        decap = programs::DECAP
+    )]
+    NotDecapPin {
+        /// The pin.
+        path: PathBuf,
+        /// What it holds, as words for the message.
+        holds: String,
+    },
+    /// The decapsulator pinned under the interface's name runs on another interface: bpffs is
+    /// one for every network namespace, so the same pin directory names the interfaces of
+    /// every namespace alike, and replacing that link would have changed another namespace's
+    /// decapsulator (and left this interface without one).
+    #[error(
+        "{path} is the decapsulator of {whose} (link ifindex {ifindex}, program id {prog_id}), not of `{interface}` in this network namespace: left alone. bpffs is shared by all network namespaces and the pin is named by the interface's name only, so give each namespace a pin directory of its own (e.g. --pin-dir {DECAP_PIN_DIR}-<namespace>)"
+    )]
+    DecapElsewhere {
+        /// The pin.
+        path: PathBuf,
+        /// The interface asked for.
+        interface: String,
+        /// Where the pinned link runs, as words for the message.
+        whose: String,
+        /// The interface index the link holds (in the namespace it runs in).
+        ifindex: u32,
+        /// The decapsulator's program id.
+        prog_id: u32,
+    },
+    /// After an attach, the kernel does not report the program just attached on the interface.
+    #[error(
+        "the kernel reports {found} on `{interface}` just after the decapsulator (program id {prog_id}) was attached to it; `ip -d link show {interface}` shows what runs there"
+    )]
+    NotAttached {
+        /// Interface name.
+        interface: String,
+        /// The program that was attached.
+        prog_id: u32,
+        /// What the kernel reports instead, as words for the message.
+        found: String,
+    },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -1720,6 +1764,11 @@ pub const DECAP_PIN_DIR: &str = "/sys/fs/bpf/edgelb-decap";
 /// the balancer's is at a restart. With `sources` (prefixes), only tunnels whose outer source
 /// is in one of them are stripped ([`AuxPrograms::allow_decap_sources`]); without, any.
 /// Returns the mode used ("native", "generic" or "replaced").
+///
+/// A pin there that is not the decapsulator of this network namespace's `interface` is left
+/// alone and refused ([`decap_pin`]); a pin whose interface was deleted goes, and the
+/// decapsulator is attached afresh. The attach is checked with the kernel: its program must be
+/// the one the interface runs.
 pub fn attach_decap(
     interface: &str,
     mode: XdpAttachMode,
@@ -1730,17 +1779,41 @@ pub fn attach_decap(
         return Err(DataplaneError::NoInterface(interface.to_owned()));
     }
     pin_dir_ready(dir)?;
+    let pin = link_pin(dir, interface);
+    if decap_pin(&pin, interface)? == DecapPin::Stale {
+        warn!(
+            interface,
+            "the pinned decapsulator's interface is gone (recreated?): attaching afresh"
+        );
+        std::fs::remove_file(&pin)
+            .map_err(|e| DataplaneError::Pin { path: pin.clone(), reason: e.to_string() })?;
+    }
     let mut aux = AuxPrograms::load()?;
     aux.allow_decap_sources(sources)?;
     let prog = program(&mut aux.ebpf, programs::DECAP)?;
-    let (used, replaced) = attach_pinned(prog, interface, mode, Some(&link_pin(dir, interface)))?;
-    Ok(if replaced { "replaced" } else { used })
+    let (used, replaced) = attach_pinned(prog, interface, mode, Some(&pin))?;
+    let prog_id = prog
+        .info()
+        .map_err(|source| DataplaneError::Program { name: programs::DECAP, source })?
+        .id();
+    let found = match netlink::xdp_attachment(ifindex(interface)) {
+        Ok(Some(a)) if a.prog_id == prog_id => return Ok(if replaced { "replaced" } else { used }),
+        Ok(Some(a)) => format!("XDP program id {}", a.prog_id),
+        Ok(None) => "no XDP program".to_owned(),
+        Err(e) => format!("nothing it could be asked ({e})"),
+    };
+    Err(DataplaneError::NotAttached { interface: interface.to_owned(), prog_id, found })
 }
 
 /// Detaches the decapsulator `attach_decap` left on `interface` (its link pin in `dir` is
-/// removed, and with it the link); the directory goes once empty. False if none was there.
+/// removed, and with it the link); the directory goes once empty. False if none was there. A
+/// pin there that is not the decapsulator of this network namespace's `interface` is left
+/// alone and refused ([`decap_pin`]).
 pub fn detach_decap(interface: &str, dir: &Path) -> Result<bool, DataplaneError> {
     let pin = link_pin(dir, interface);
+    if decap_pin(&pin, interface)? == DecapPin::Absent {
+        return Ok(false);
+    }
     // The link's id, to see it go: the kernel lets go of a pinned link only after an RCU grace
     // period once its pin is removed, and "detached" must be true when the command says so.
     let id =
@@ -1760,6 +1833,122 @@ pub fn detach_decap(interface: &str, dir: &Path) -> Result<bool, DataplaneError>
         }
     }
     Ok(true)
+}
+
+/// What `edgelb decap` finds at a link pin of its ([`decap_pin`]) that it may replace or remove.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DecapPin {
+    /// Nothing is pinned there.
+    Absent,
+    /// The decapsulator, attached to this network namespace's interface of that name.
+    Here,
+    /// The decapsulator's link, holding no device any more: its interface was deleted (or
+    /// moved away and deleted there), so nothing runs through it.
+    Stale,
+}
+
+/// Checks the link pinned at `pin` (`<dir>/link-<interface>`) before `edgelb decap` replaces or
+/// removes it. The pin is named by the interface's name only, and bpffs is one for every
+/// network namespace: a pin of that name may be the decapsulator of another namespace's
+/// interface of the same name, or, with `--pin-dir` at a balancer's pin directory, the
+/// balancer's link. Replacing either would change a program that is not this one's to change,
+/// so both are refused ([`DataplaneError::DecapElsewhere`], [`DataplaneError::NotDecapPin`]).
+///
+/// The link must be an XDP link whose program is named `edgelb_decap`, and either hold no
+/// device (its interface deleted: [`DecapPin::Stale`]) or hold the program that netlink
+/// reports on this namespace's `interface` ([`DecapPin::Here`]). The device a link holds comes
+/// from its fdinfo (`ifindex:`, Linux 5.9, as old as XDP links), which aya's link info leaves
+/// out; an interface index alone would not do, as every namespace numbers its own.
+fn decap_pin(pin: &Path, interface: &str) -> Result<DecapPin, DataplaneError> {
+    let pin_err = |reason: String| DataplaneError::Pin { path: pin.to_owned(), reason };
+    match std::fs::symlink_metadata(pin) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(DecapPin::Absent),
+        Err(e) => return Err(pin_err(e.to_string())),
+    }
+    let not_decap = |holds: String| DataplaneError::NotDecapPin { path: pin.to_owned(), holds };
+    let link = match PinnedLink::from_pin(pin) {
+        Ok(l) => FdLink::from(l),
+        // A pinned map or program, or a plain file: the kernel's EINVAL, EPERM.
+        Err(e) => return Err(not_decap(format!("no BPF link that can be opened ({e})"))),
+    };
+    let info = link.info().map_err(|e| not_decap(format!("no BPF link ({e})")))?;
+    // The fdinfo of the descriptor just opened, while it is open; a map or program fd has no
+    // `link_id:` line.
+    let Some(fdinfo) = own_link_fdinfo(info.id()) else {
+        return Err(not_decap("no BPF link".to_owned()));
+    };
+    if fdinfo.link_type.as_deref() != Some("xdp") {
+        let kind = fdinfo.link_type.unwrap_or_else(|| "unknown".to_owned());
+        return Err(not_decap(format!("a BPF link of type {kind}, not an XDP link")));
+    }
+    let prog_id = info.program_id();
+    let name = aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == prog_id)
+        .and_then(|p| p.name_as_str().map(str::to_owned));
+    if name.as_deref() != Some(programs::DECAP) {
+        let name =
+            name.map_or_else(|| "no name that could be read".to_owned(), |n| format!("`{n}`"));
+        return Err(not_decap(format!("an XDP link of program id {prog_id}, named {name}")));
+    }
+    let ifindex_held = fdinfo.ifindex.unwrap_or(0);
+    if ifindex_held == 0 {
+        return Ok(DecapPin::Stale);
+    }
+    let runs = |i: u32| {
+        i != 0 && netlink::xdp_attachment(i).ok().flatten().is_some_and(|a| a.prog_id == prog_id)
+    };
+    if runs(ifindex(interface)) {
+        return Ok(DecapPin::Here);
+    }
+    let whose = if runs(ifindex_held) {
+        format!(
+            "this network namespace's interface of index {ifindex_held} (renamed from `{interface}`? `ip link` names it)"
+        )
+    } else {
+        format!("an interface in another network namespace (likely its `{interface}`)")
+    };
+    Err(DataplaneError::DecapElsewhere {
+        path: pin.to_owned(),
+        interface: interface.to_owned(),
+        whose,
+        ifindex: ifindex_held,
+        prog_id,
+    })
+}
+
+/// What the kernel's fdinfo says of a BPF link.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct LinkFdinfo {
+    /// `link_type:` ("xdp" for XDP links).
+    link_type: Option<String>,
+    /// `ifindex:` of an XDP link: the device it holds, 0 when that is gone.
+    ifindex: Option<u32>,
+}
+
+/// The fdinfo of the descriptor this process holds for BPF link `link_id`; `None` if it holds
+/// none.
+fn own_link_fdinfo(link_id: u32) -> Option<LinkFdinfo> {
+    std::fs::read_dir("/proc/self/fdinfo")
+        .ok()?
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .find_map(|text| link_fdinfo(&text, link_id))
+}
+
+/// Reads `text`, the fdinfo of a descriptor, as that of BPF link `link_id`; `None` if it is not.
+fn link_fdinfo(text: &str, link_id: u32) -> Option<LinkFdinfo> {
+    let field = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':').map(str::trim))
+    };
+    if field("link_id")?.parse::<u32>().ok()? != link_id {
+        return None;
+    }
+    Some(LinkFdinfo {
+        link_type: field("link_type").map(str::to_owned),
+        ifindex: field("ifindex").and_then(|i| i.parse().ok()),
+    })
 }
 
 /// The auxiliary programs: decap for backends, pass and tx_swap baselines.
@@ -1864,9 +2053,23 @@ impl AuxPrograms {
 #[cfg(test)]
 mod tests {
     use super::{
-        MAX_CONNTRACK_FLOWS, MIN_CONNTRACK_FLOWS, TableShape, UNKNOWN_MODE, XdpAttachMode,
-        buckets_for, mode_differs, pin_dir_ready,
+        LinkFdinfo, MAX_CONNTRACK_FLOWS, MIN_CONNTRACK_FLOWS, TableShape, UNKNOWN_MODE,
+        XdpAttachMode, buckets_for, link_fdinfo, mode_differs, pin_dir_ready,
     };
+
+    /// An XDP link's fdinfo gives its type and the device it holds (0 once that is gone); a
+    /// map's, or another link's, is not taken for it.
+    #[test]
+    fn link_fdinfo_reads_the_type_and_device_of_that_link_only() {
+        let xdp = "pos:\t0\nflags:\t02000000\nmnt_id:\t16\nino:\t1059\nlink_type:\txdp\nlink_id:\t7\nprog_tag:\t3b185187f1855c4c\nprog_id:\t42\nifindex:\t3\n";
+        let want = LinkFdinfo { link_type: Some("xdp".to_owned()), ifindex: Some(3) };
+        assert_eq!(link_fdinfo(xdp, 7), Some(want));
+        assert_eq!(link_fdinfo(xdp, 17), None, "another link");
+        let gone = xdp.replace("ifindex:\t3", "ifindex:\t0");
+        assert_eq!(link_fdinfo(&gone, 7).unwrap().ifindex, Some(0));
+        let map = "pos:\t0\nflags:\t02000002\nmap_type:\t2\nkey_size:\t4\nmap_id:\t7\n";
+        assert_eq!(link_fdinfo(map, 7), None, "a map of the same id");
+    }
 
     /// A link taken over in another mode than node.xdp_mode asks is warned of; one whose mode
     /// the kernel would not tell is not (it was warned of a mismatch it may not have).
