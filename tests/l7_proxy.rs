@@ -1701,6 +1701,20 @@ fn max_connections_counts_each_vip_alone() {
     assert_eq!(r.map(|r| r.0).map_err(|e| e.to_string()), Ok(503), "the upload's refusal");
     drop(c5);
     running.connections_open(2).unwrap_or_else(|e| panic!("{e}"));
+    // One over the limit that sends nothing gets its 503 once the head wait (1 s) is over, and
+    // then the end of the stream: the read given up on that wait stayed pending, and held the
+    // socket open until the client closed.
+    let silent = open(web);
+    let start = Instant::now();
+    // Meanwhile it holds no place under the limit (two connections open, not three).
+    std::thread::sleep(Duration::from_millis(300));
+    let gauge = "edgelb_l7_active_connections{vip=\"web\"} 2";
+    let text = running.metrics.encode();
+    assert!(text.lines().any(|l| l == gauge), "{gauge} in\n{text}");
+    let mut answer = Vec::new();
+    (&silent).read_to_end(&mut answer).expect("the refusal, then the end of the stream");
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 503 "), "{answer:?}");
+    assert!(start.elapsed() < Duration::from_secs(4), "closed after {:?}", start.elapsed());
     // A closed connection frees its place: once the proxy has seen it go (and let the refused
     // one go), one is open.
     drop(c1);
@@ -2723,11 +2737,11 @@ fn an_unparsable_response_head_is_a_failure_logged_on_one_line() {
 }
 
 /// A response whose body is cut short after its head went to the client is logged with who cut
-/// it (`cut=backend`, `cut=client`, `cut=deadline`; `cut=-` for a whole one) beside the status
-/// its head gave, and counted in `edgelb_l7_responses_cut_total`; before, it read as an
-/// ordinary 200. A backend that cuts (closes, resets, stalls past the idle timeout, breaks the
-/// chunked coding) is charged a passive-health failure; a client that leaves mid-body, or the
-/// whole-request deadline passing, is not the backend's doing.
+/// it (`cut=backend`, `cut=client`, `cut=deadline`, `cut=idle`; `cut=-` for a whole one) beside
+/// the status its head gave, and counted in `edgelb_l7_responses_cut_total`; before, it read as
+/// an ordinary 200. A backend that cuts (closes, resets, breaks the chunked coding) is charged a
+/// passive-health failure; a client that leaves mid-body, the whole-request deadline passing,
+/// or a pause longer than the idle timeout is not the backend's doing.
 #[test]
 fn a_response_cut_short_is_logged_and_counted_by_who_cut_it() {
     let log = access_log();
@@ -2754,7 +2768,7 @@ fn a_response_cut_short_is_logged_and_counted_by_who_cut_it() {
                 drop(r);
                 reset(w);
             }
-            "/cut-stall" => std::thread::sleep(Duration::from_millis(1500)),
+            "/cut-stall" | "/cut-pause" => std::thread::sleep(Duration::from_millis(1500)),
             "/cut-bad-chunk" => {
                 let _ = w.write_all(b"zz\r\n");
                 std::thread::sleep(Duration::from_millis(500));
@@ -2816,10 +2830,22 @@ fn a_response_cut_short_is_logged_and_counted_by_who_cut_it() {
     for path in ["/cut-close", "/cut-stall", "/cut-bad-chunk"] {
         fetch(p.addr, path);
     }
-    wait_for_metric(&p, &cut("backend", 4));
+    wait_for_metric(&p, &cut("backend", 3));
+    wait_for_metric(&p, &cut("idle", 1));
     wait_for_metric(&p, &cut("client", 1));
     wait_for_metric(&p, &cut("deadline", 0));
     wait_for_metric(&p, "edgelb_l7_requests_total{vip=\"web\",class=\"2xx\"} 6");
+
+    // A pause longer than the idle timeout is the proxy's limit, not a fault of the backend's
+    // (an event stream, a long poll): cut, and no failure.
+    let r = proxy(
+        &[(&b, 1)],
+        "idle_timeout_ms = 300\naccess_log = true\nretries = 0\nmax_fails = 1",
+        "",
+    );
+    fetch(r.addr, "/cut-pause");
+    wait_for_metric(&r, &cut("idle", 1));
+    assert!(!ejected(&r.metrics.encode(), b.addr), "{}", r.metrics.encode());
 
     // The whole-request deadline passing mid-body is nobody's failure.
     let q = proxy(
@@ -2837,7 +2863,8 @@ fn a_response_cut_short_is_logged_and_counted_by_who_cut_it() {
         ("/cut-client", "cut=client"),
         ("/cut-reset", "cut=backend"),
         ("/cut-close", "cut=backend"),
-        ("/cut-stall", "cut=backend"),
+        ("/cut-stall", "cut=idle"),
+        ("/cut-pause", "cut=idle"),
         ("/cut-bad-chunk", "cut=backend"),
         ("/cut-slow", "cut=deadline"),
     ] {
@@ -3776,6 +3803,50 @@ fn an_early_answer_to_an_upload_reaches_the_client_and_is_no_failure() {
     let want =
         format!("edgelb_l7_backend_ejections_total{{vip=\"web\",backend=\"{}\"}} 1", mute.addr);
     assert!(text.lines().any(|l| l == want), "{want} in\n{text}");
+}
+
+/// An early answer to an upload delimited by its close: the backend closes with the body
+/// unread, so its connection ends in a reset, which cuts the answer short (the client gets a
+/// reset too) but is how such an answer ends, no failure of the backend's health.
+#[test]
+fn an_early_answer_delimited_by_a_reset_close_is_no_failure() {
+    let b = serve_backend(|s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        if !request_head(&mut r, r2) {
+            return;
+        }
+        let _ = w.write_all(b"HTTP/1.1 413 Early\r\nConnection: close\r\n\r\ntoo large\n");
+        std::thread::sleep(Duration::from_millis(100));
+        // Dropped with the body unread: the kernel resets the connection.
+    });
+    let p = proxy(&[(&b, 1)], "max_fails = 1\nidle_timeout_ms = 20000", "");
+    for _ in 0..3 {
+        let s = TcpStream::connect(p.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        let len = 16 << 20;
+        (&s).write_all(
+            format!("POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        let mut w = s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            let chunk = vec![b'u'; 64 * 1024];
+            for _ in 0..len / chunk.len() {
+                if w.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+        });
+        let _ = (&s).read_to_end(&mut Vec::new());
+        drop(s);
+        writer.join().unwrap();
+    }
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 3);
+    wait_for_metric(&p, "edgelb_l7_responses_cut_total{vip=\"web\",side=\"backend\"} 3");
+    let text = p.metrics.encode();
+    assert!(!ejected(&text, b.addr), "no ejection: {text}");
 }
 
 /// An early answer far larger than the socket buffers (a 413 with a page of several MB) reaches

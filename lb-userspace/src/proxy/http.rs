@@ -334,13 +334,20 @@ async fn discard(client: &Socket) {
 const REFUSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Over the connection limit: a 503 for HTTP (counted and logged as [`finished`]), a plain
-/// close for TCP. The request head is read first, for at most [`REFUSE_WAIT`]: the answer to
-/// a HEAD request has no content, and the refusal is logged with the request it refused. The
-/// close then lingers, for [`REFUSE_WAIT`] at most: the request was read no further, and
-/// closing with it unread would reset the connection under the 503 (and cost a client that is
-/// still sending an upload the answer).
-pub async fn refuse(s: &Socket, vip: &VipRuntime, peer: SocketAddr) {
+/// close for TCP. When `graceful` (a place among the proxy's lingering refusals was free), the
+/// request head is read first, for at most [`REFUSE_WAIT`] and [`READ_CHUNK`] bytes: the
+/// answer to a HEAD request has no content, and the refusal is logged with the request it
+/// refused. The close then lingers, for [`REFUSE_WAIT`] at most: the request was read no
+/// further, and closing with it unread would reset the connection under the 503 (and cost a
+/// client that is still sending an upload the answer). Otherwise (a flood) the 503 goes at
+/// once. The caller shuts the socket down after.
+pub async fn refuse(s: &Socket, vip: &VipRuntime, peer: SocketAddr, graceful: bool) {
     if vip.cfg.mode != L7Mode::Http {
+        return;
+    }
+    if !graceful {
+        finished(vip, peer, 503, None, None, None, None);
+        let _ = respond(s, 503, false).await;
         return;
     }
     let cfg = &vip.cfg;
@@ -348,7 +355,8 @@ pub async fn refuse(s: &Socket, vip: &VipRuntime, peer: SocketAddr) {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut scan = HeadScan::default();
     let req = loop {
-        if buf.len() > cfg.max_header_bytes {
+        // Enough for the request line and the usual headers: the method is all that is needed.
+        if buf.len() >= READ_CHUNK {
             break None;
         }
         if scan.worth_parsing(&buf) {
@@ -978,18 +986,24 @@ enum Side {
 /// this in [`VipRuntime::responses_cut`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Cut {
-    /// The backend: it closed or reset its connection, stalled past the idle timeout, or broke
-    /// the chunked coding. A passive-health failure.
+    /// The backend: it closed or reset its connection, or broke the chunked coding. A
+    /// passive-health failure, unless it answered before it had the whole request body (an
+    /// early answer to an upload: a backend that then closes with the rest unread resets the
+    /// connection, which is how such an answer ends, not a fault).
     Backend = 0,
     /// The client: the write to it failed (it left, or took nothing for the idle timeout).
     Client = 1,
     /// The whole-request deadline (`request_timeout_ms`) passed while the body streamed.
     Deadline = 2,
+    /// The backend sent nothing for the idle timeout (`idle_timeout_ms`): the proxy's limit on
+    /// a pause, which a healthy backend's stream of events or long poll can outlast, so no
+    /// passive-health failure.
+    Idle = 3,
 }
 
 impl Cut {
     /// Every side, in the order of their index.
-    pub(super) const ALL: [Cut; 3] = [Cut::Backend, Cut::Client, Cut::Deadline];
+    pub(super) const ALL: [Cut; 4] = [Cut::Backend, Cut::Client, Cut::Deadline, Cut::Idle];
 
     /// Its name in the log and as the metric's `side` label.
     pub(super) fn as_str(self) -> &'static str {
@@ -997,6 +1011,7 @@ impl Cut {
             Cut::Backend => "backend",
             Cut::Client => "client",
             Cut::Deadline => "deadline",
+            Cut::Idle => "idle",
         }
     }
 }
@@ -2005,24 +2020,27 @@ async fn serve_conn(
         drop(counted);
         let end = Instant::now();
         // Who ended a body that could not be passed on whole. The backend, when it closed or
-        // reset its connection, stalled past the idle timeout or broke the chunked coding: a
-        // passive-health failure. The client, when the write to it failed (it left), and the
-        // whole-request deadline, which a slow client can make a download outlast, are not the
-        // backend's doing. The response is still counted and logged by the status its head
-        // gave the client (as nginx and HAProxy log it), with the cut beside it.
+        // reset its connection or broke the chunked coding: a passive-health failure, unless
+        // it answered before it had the whole request body (`cut`: its close with the rest
+        // unread resets the connection). The client, when the write to it failed (it left);
+        // the whole-request deadline, which a slow client can make a download outlast; and the
+        // idle timeout, which a healthy stream's pause can outlast: none is the backend's
+        // fault. The response is still counted and logged by the status its head gave the
+        // client (as nginx and HAProxy log it), with the cut beside it.
         let cut_by = match body {
             Ok(()) => None,
             Err(Side::Dst) => Some(Cut::Client),
             Err(Side::Timeout) if tokio::time::Instant::from_std(end) >= deadline => {
                 Some(Cut::Deadline)
             }
-            Err(Side::Src | Side::Timeout | Side::Bad) => Some(Cut::Backend),
+            Err(Side::Timeout) => Some(Cut::Idle),
+            Err(Side::Src | Side::Bad) => Some(Cut::Backend),
         };
         match cut_by {
             _ if charged => {}
             None | Some(Cut::Client) => member.success(),
-            Some(Cut::Backend) => vip.failed(member),
-            Some(Cut::Deadline) => {}
+            Some(Cut::Backend) if !cut => vip.failed(member),
+            Some(Cut::Backend | Cut::Deadline | Cut::Idle) => {}
         }
         if let Some(c) = cut_by {
             vip.responses_cut[c as usize].inc();

@@ -270,8 +270,9 @@ pub struct VipRuntime {
     pub duration: Histogram,
     /// Retries of this VIP.
     pub retries: Counter,
-    /// Responses of this VIP cut short, indexed by `http::Cut` (backend, client, deadline).
-    pub responses_cut: [Counter; 3],
+    /// Responses of this VIP cut short, indexed by `http::Cut` (backend, client, deadline,
+    /// idle).
+    pub responses_cut: [Counter; 4],
     /// The proxy's metrics (passive-health ejections, by backend).
     pub metrics: Arc<L7Metrics>,
 }
@@ -358,6 +359,34 @@ pub(crate) struct Shared {
     /// trusts `open`: a connection an accept loop took just as the stop began is counted only
     /// after the accept returns, and finding `open` at zero before that would drop it unserved.
     pub accepting: AtomicUsize,
+    /// Refusals over `max_connections` under way that read the request head and linger, all
+    /// threads: bounded by [`MAX_GRACEFUL_REFUSALS`].
+    pub refusing: AtomicUsize,
+}
+
+/// How many refusals over `max_connections` may read their request head and linger at once
+/// (each holds a socket and a 4 KiB buffer for about 2 s at most): beyond that, in a flood, a
+/// refusal answers 503 at once and closes, as cheap as a refusal can be.
+pub(crate) const MAX_GRACEFUL_REFUSALS: usize = 1024;
+
+/// A place among the [`MAX_GRACEFUL_REFUSALS`], given back on drop.
+struct Refusal<'a>(&'a AtomicUsize);
+
+impl<'a> Refusal<'a> {
+    /// Takes a place, if one is free.
+    fn enter(count: &'a AtomicUsize) -> Option<Refusal<'a>> {
+        if count.fetch_add(1, Ordering::SeqCst) >= MAX_GRACEFUL_REFUSALS {
+            count.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Refusal(count))
+    }
+}
+
+impl Drop for Refusal<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A pool's place in the config: its VIP and, for a route, the route's host and path prefix.
@@ -518,6 +547,7 @@ impl Proxy {
             open: AtomicUsize::new(0),
             // Every accept loop counts from the start, so none can be missed by an early stop.
             accepting: AtomicUsize::new(bound.per_thread.iter().map(Vec::len).sum()),
+            refusing: AtomicUsize::new(0),
         });
         let sockets = bound
             .per_thread
@@ -934,7 +964,14 @@ async fn accept_loop(
             // Moved in whole, so the connection stays counted until this task ends.
             let counted = counted;
             if counted.open > rt.cfg.max_connections as i64 {
-                http::refuse(&stream, &rt, peer).await;
+                // A refused connection holds no place under the limit while it is answered: a
+                // burst of them must not keep the VIP refusing once its own connections end.
+                drop(counted);
+                let graceful = Refusal::enter(&shared2.refusing);
+                http::refuse(&stream, &rt, peer, graceful.is_some()).await;
+                // A read given up on a timeout stays pending, and keeps the socket open, until
+                // it is shut down (as `http::serve` does).
+                let _ = stream.shutdown(std::net::Shutdown::Both);
             } else {
                 match mode {
                     L7Mode::Http => {
