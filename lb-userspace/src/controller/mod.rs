@@ -369,7 +369,8 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     // over to this config as a reload to it would carry them (a VIP renamed, or moved to
     // another port; backends added held until their check passes); then what this config no
     // longer has is dropped.
-    if !drains.is_empty() || !down.is_empty() {
+    let handed_state = !drains.is_empty() || !down.is_empty();
+    if handed_state {
         info!(
             drains = drains.len(),
             down = down.len(),
@@ -389,9 +390,14 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
             ..Default::default()
         },
     };
-    if without_vips {
+    // Said as a warning only when there were drains or verdicts it may have lost.
+    if without_vips && handed_state {
         warn!(
             "--takeover: the running edgelb (an older one) handed over no VIPs: the drains and health verdicts of a VIP this config renames or moves to another port are not kept, and a backend this config adds takes flows before its first probe"
+        );
+    } else if without_vips {
+        info!(
+            "--takeover: the running edgelb (an older one) handed over no VIPs: a backend this config adds takes flows before its first probe"
         );
     }
     log_carried("--takeover", &carried, &ctl.cfg);

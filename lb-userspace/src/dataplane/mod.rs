@@ -1797,7 +1797,7 @@ pub fn attach_decap(
         .map_err(|source| DataplaneError::Program { name: programs::DECAP, source })?
         .id();
     let found = match netlink::xdp_attachment(ifindex(interface)) {
-        Ok(Some(a)) if a.prog_id == prog_id => return Ok(if replaced { "replaced" } else { used }),
+        Ok(Some(a)) if a.runs(prog_id) => return Ok(if replaced { "replaced" } else { used }),
         Ok(Some(a)) => format!("XDP program id {}", a.prog_id),
         Ok(None) => "no XDP program".to_owned(),
         Err(e) => format!("nothing it could be asked ({e})"),
@@ -1892,12 +1892,16 @@ fn decap_pin(pin: &Path, interface: &str) -> Result<DecapPin, DataplaneError> {
             name.map_or_else(|| "no name that could be read".to_owned(), |n| format!("`{n}`"));
         return Err(not_decap(format!("an XDP link of program id {prog_id}, named {name}")));
     }
-    let ifindex_held = fdinfo.ifindex.unwrap_or(0);
+    // No `ifindex:` line at all (a kernel that does not say): nothing shows the pin is stale,
+    // and it may be another namespace's.
+    let Some(ifindex_held) = fdinfo.ifindex else {
+        return Err(not_decap("an XDP link whose device the kernel does not report".to_owned()));
+    };
     if ifindex_held == 0 {
         return Ok(DecapPin::Stale);
     }
     let runs = |i: u32| {
-        i != 0 && netlink::xdp_attachment(i).ok().flatten().is_some_and(|a| a.prog_id == prog_id)
+        i != 0 && netlink::xdp_attachment(i).ok().flatten().is_some_and(|a| a.runs(prog_id))
     };
     if runs(ifindex(interface)) {
         return Ok(DecapPin::Here);

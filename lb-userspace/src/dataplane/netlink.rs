@@ -79,6 +79,16 @@ pub struct XdpAttachment {
     pub mode: XdpRunMode,
     /// The program's id (for several modes, the driver's, else the generic one's).
     pub prog_id: u32,
+    /// The ids of the programs in each mode (driver, generic, offloaded; 0 for none): with
+    /// programs in several modes at once, `prog_id` names one of them only.
+    pub by_mode: [u32; 3],
+}
+
+impl XdpAttachment {
+    /// Does program `id` run on the interface, in any mode?
+    pub fn runs(&self, id: u32) -> bool {
+        id != 0 && (self.prog_id == id || self.by_mode.contains(&id))
+    }
 }
 
 /// The XDP program attached to the interface with index `ifindex` in the calling thread's
@@ -272,7 +282,7 @@ fn xdp_of(nested: &[u8]) -> Option<XdpAttachment> {
         _ => return None,
     };
     let prog_id = [prog, drv, skb, hw].into_iter().find(|&id| id != 0).unwrap_or(0);
-    Some(XdpAttachment { mode, prog_id })
+    Some(XdpAttachment { mode, prog_id, by_mode: [drv, skb, hw] })
 }
 
 /// The (type, payload) of each netlink attribute in `data` (the nested flag masked off).
@@ -338,12 +348,23 @@ mod tests {
         let mut attrs = attr(3, b"lb0\0"); // IFLA_IFNAME
         attrs.extend(attr(IFLA_XDP | 0x8000, &nested)); // NLA_F_NESTED
         let got = parse_answer(&link_message(1, &attrs), 1).unwrap();
-        assert_eq!(got, Some(Some(XdpAttachment { mode: XdpRunMode::Native, prog_id: 77 })));
+        let want = XdpAttachment { mode: XdpRunMode::Native, prog_id: 77, by_mode: [0; 3] };
+        assert_eq!(got, Some(Some(want)));
 
         let mut nested = attr(IFLA_XDP_ATTACHED, &[XDP_ATTACHED_SKB]);
         nested.extend(attr(IFLA_XDP_PROG_ID, &9u32.to_ne_bytes()));
         let got = parse_answer(&link_message(1, &attr(IFLA_XDP, &nested)), 1).unwrap();
-        assert_eq!(got, Some(Some(XdpAttachment { mode: XdpRunMode::Generic, prog_id: 9 })));
+        let want = XdpAttachment { mode: XdpRunMode::Generic, prog_id: 9, by_mode: [0; 3] };
+        assert_eq!(got, Some(Some(want)));
+
+        // Programs in two modes at once: no IFLA_XDP_PROG_ID, one id per mode; each runs.
+        let mut nested = attr(IFLA_XDP_ATTACHED, &[XDP_ATTACHED_MULTI]);
+        nested.extend(attr(IFLA_XDP_DRV_PROG_ID, &5u32.to_ne_bytes()));
+        nested.extend(attr(IFLA_XDP_SKB_PROG_ID, &6u32.to_ne_bytes()));
+        let got = parse_answer(&link_message(1, &attr(IFLA_XDP, &nested)), 1).unwrap();
+        let got = got.flatten().expect("an attachment");
+        assert_eq!((got.mode, got.prog_id), (XdpRunMode::Multiple, 5));
+        assert!(got.runs(5) && got.runs(6) && !got.runs(7) && !got.runs(0));
 
         let none = attr(IFLA_XDP, &attr(IFLA_XDP_ATTACHED, &[0]));
         assert_eq!(parse_answer(&link_message(1, &none), 1).unwrap(), Some(None));
