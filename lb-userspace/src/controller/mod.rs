@@ -530,7 +530,7 @@ fn log_carried(what: &str, c: &verdicts::CarriedOver, cfg: &Config) {
     let mut vip_gone = false;
     for (vip, backend) in &c.forgotten {
         let reason = verdicts::why_forgotten(cfg, vip.as_deref(), *backend);
-        vip_gone |= vip.as_ref().is_some_and(|v| !cfg.vips.iter().any(|x| x.name == *v));
+        vip_gone |= verdicts::vip_gone(cfg, vip.as_deref());
         warn!(%backend, vip = vip.as_deref().unwrap_or("every VIP"), "{what}: drain forgotten: {reason}");
     }
     if vip_gone {

@@ -39,12 +39,18 @@ pub(super) const RENAME_RULE: &str = "a VIP keeps its drains and health verdicts
 /// `cfg`: the VIP is gone, or no longer lists the backend.
 pub(super) fn why_forgotten(cfg: &Config, vip: Option<&str>, backend: BackendRef) -> String {
     match vip {
-        Some(v) if !cfg.vips.iter().any(|x| x.name == v) => {
+        Some(v) if vip_gone(cfg, Some(v)) => {
             format!("VIP `{v}` is no longer in the config")
         }
         Some(v) => format!("VIP `{v}` no longer lists {backend}"),
         None => format!("no VIP lists {backend} any more"),
     }
+}
+
+/// Is `vip` (a drain's VIP; none for every VIP) a name `cfg` no longer has: the drain was
+/// forgotten with its VIP, which a reload or takeover that renames and moves it at once does.
+pub(super) fn vip_gone(cfg: &Config, vip: Option<&str>) -> bool {
+    vip.is_some_and(|v| !cfg.vips.iter().any(|x| x.name == v))
 }
 
 /// The drains forgotten (`forgotten`, [`Verdicts::reconcile`] under `cfg`) for the reply to the
@@ -66,10 +72,8 @@ pub(super) fn forgotten_summary(
             }
         })
         .collect();
-    let vip_gone = forgotten
-        .iter()
-        .any(|(vip, _)| vip.as_ref().is_some_and(|v| !cfg.vips.iter().any(|x| x.name == *v)));
-    let rule = if vip_gone { format!("; {RENAME_RULE}") } else { String::new() };
+    let gone = forgotten.iter().any(|(vip, _)| vip_gone(cfg, vip.as_deref()));
+    let rule = if gone { format!("; {RENAME_RULE}") } else { String::new() };
     Some(format!("drains forgotten: {}{rule}", list.join(", ")))
 }
 
