@@ -262,17 +262,7 @@ fn decap_attaches_a_pinned_decapsulator_and_detaches_it() {
     let _ns = TestNs::new(&ns, &pins);
     ip(&["-n", &ns, "link", "add", "vd0", "type", "veth", "peer", "name", "vd1"]);
     ip(&["-n", &ns, "link", "set", "vd0", "up"]);
-    // In the namespace, but with the root's /sys/fs/bpf (`ip netns exec` would hide it).
-    let run = |args: &[&str]| {
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{ns}"))
-            .arg(env!("CARGO_BIN_EXE_edgelb"))
-            .args(args)
-            .output()
-            .expect("nsenter edgelb");
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
-    };
+    let run = |args: &[&str]| edgelb_in(&ns, args);
     let attached = || ip(&["-n", &ns, "-d", "link", "show", "vd0"]).contains("edgelb_decap");
 
     let (code, out, err) = run(&["decap", "attach", "vd0", "--pin-dir", &pins]);
