@@ -90,10 +90,7 @@ impl Socket {
     /// Is this idle connection still open, with nothing unread? A peek that does not wait:
     /// false once the peer closed or reset it, or sent something unasked.
     pub(crate) fn idle_open(&self) -> bool {
-        let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
-        let r =
-            self.with_sock(|s| s.recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT));
-        matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        matches!(self.peek(), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// Has the peer sent bytes that nobody has read yet? A peek that does not wait. Closing a
@@ -101,10 +98,14 @@ impl Socket {
     /// after the close), which throws away whatever of the answer the kernel still had to send:
     /// the caller closes such a connection lingering instead.
     pub(crate) fn has_unread(&self) -> bool {
+        matches!(self.peek(), Ok(n) if n > 0)
+    }
+
+    /// Peeks at one byte without waiting: Ok(1) when something is unread, Ok(0) once the peer
+    /// ended its side, WouldBlock when it is open with nothing unread, or the socket's error.
+    fn peek(&self) -> io::Result<usize> {
         let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
-        let r =
-            self.with_sock(|s| s.recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT));
-        matches!(r, Ok(n) if n > 0)
+        self.with_sock(|s| s.recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT))
     }
 
     /// Runs `f` on the socket as socket2 sees it, for the calls io_uring is not needed for.
