@@ -1165,16 +1165,9 @@ impl Controller {
                 let names = self.vips_with(vip.as_deref(), backend).join(", ");
                 // VIPs whose file gives the backend `weight = 0`: drained by the config, as
                 // `status` shows, which no undrain lifts.
-                let by_weight: Vec<String> = self
-                    .cfg
-                    .vips
-                    .iter()
-                    .filter(|v| vip.as_deref().is_none_or(|n| n == v.name))
-                    .filter(|v| {
-                        v.backends.iter().any(|b| b.weight == 0 && backend.matches(verdicts::id(b)))
-                    })
-                    .map(|v| v.name.clone())
-                    .collect();
+                let by_weight = self.vips_where(vip.as_deref(), |v| {
+                    v.backends.iter().any(|b| b.weight == 0 && backend.matches(verdicts::id(b)))
+                });
                 let weight_zero = || {
                     format!(
                         "{backend} is drained by `weight = 0` in the config file in {}: give it a weight there and `edgelb reload`",
@@ -1246,32 +1239,35 @@ impl Controller {
         }
     }
 
-    /// The names of the VIPs (`vip`, or all) that list `backend` (at its port, if it has one).
-    fn vips_with(&self, vip: Option<&str>, backend: crate::admin::BackendRef) -> Vec<String> {
+    /// The names of the VIPs (`vip`, or all) for which `pick` holds, in file order.
+    fn vips_where(
+        &self,
+        vip: Option<&str>,
+        pick: impl Fn(&crate::config::Vip) -> bool,
+    ) -> Vec<String> {
         self.cfg
             .vips
             .iter()
-            .filter(|v| vip.is_none_or(|n| n == v.name))
-            .filter(|v| v.backends.iter().any(|b| backend.matches(verdicts::id(b))))
+            .filter(|v| vip.is_none_or(|n| n == v.name) && pick(v))
             .map(|v| v.name.clone())
             .collect()
+    }
+
+    /// The names of the VIPs (`vip`, or all) that list `backend` (at its port, if it has one).
+    fn vips_with(&self, vip: Option<&str>, backend: crate::admin::BackendRef) -> Vec<String> {
+        self.vips_where(vip, |v| v.backends.iter().any(|b| backend.matches(verdicts::id(b))))
     }
 
     /// The L7 VIPs (of the one named, if any) with `backend` in one of their route pools,
     /// which drains and health checks do not reach ([`Verdicts`] cover a VIP's own backends).
     fn routes_with(&self, vip: Option<&str>, backend: crate::admin::BackendRef) -> Vec<String> {
-        self.cfg
-            .vips
-            .iter()
-            .filter(|v| vip.is_none_or(|n| n == v.name))
-            .filter(|v| {
-                v.l7.iter()
-                    .flat_map(|l| &l.routes)
-                    .flat_map(|r| &r.backends)
-                    .any(|b| backend.matches(verdicts::id(b)))
-            })
-            .map(|v| format!("VIP `{}`", v.name))
-            .collect()
+        let in_routes = |v: &crate::config::Vip| {
+            v.l7.iter()
+                .flat_map(|l| &l.routes)
+                .flat_map(|r| &r.backends)
+                .any(|b| backend.matches(verdicts::id(b)))
+        };
+        self.vips_where(vip, in_routes).into_iter().map(|n| format!("VIP `{n}`")).collect()
     }
 
     /// Re-reads the file edgelb runs with; `named`, the file the operator's command named, must
