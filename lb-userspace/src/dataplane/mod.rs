@@ -1780,14 +1780,10 @@ pub fn attach_decap(
     }
     pin_dir_ready(dir)?;
     let pin = link_pin(dir, interface);
-    if decap_pin(&pin, interface)? == DecapPin::Stale {
-        warn!(
-            interface,
-            "the pinned decapsulator's interface is gone (recreated?): attaching afresh"
-        );
-        std::fs::remove_file(&pin)
-            .map_err(|e| DataplaneError::Pin { path: pin.clone(), reason: e.to_string() })?;
-    }
+    // Refuses a pin that is not this namespace's decapsulator. A stale one (its interface
+    // deleted) goes in `attach_pinned`, as the balancer's does, and the program is attached
+    // afresh.
+    decap_pin(&pin, interface)?;
     let mut aux = AuxPrograms::load()?;
     aux.allow_decap_sources(sources)?;
     let prog = program(&mut aux.ebpf, programs::DECAP)?;
