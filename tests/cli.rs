@@ -416,6 +416,85 @@ fn decap_leaves_a_balancers_link_pin_alone() {
     assert!(std::path::Path::new(&pins).join("link-vd0").exists(), "its pin stays");
 }
 
+/// bpffs is one for every network namespace, and the balancer's link pin is named by its
+/// interface's name only: with one node.pin_dir, namespace B's start adopted namespace A's maps
+/// (its flows, rings and counters, to be overwritten with B's config), put B's program on A's
+/// `vd0` through A's pinned link, reported B's `vd0` as attached, and left it without XDP. The
+/// same went for a start after A's `vd0` was renamed and another `vd0` made. Both are refused
+/// now, before any map is adopted, and A's data plane keeps running.
+#[test]
+fn a_balancer_leaves_another_namespaces_data_plane_alone() {
+    if !edgelb::testbed::netns::require_privileged(
+        "a_balancer_leaves_another_namespaces_data_plane_alone",
+    ) {
+        return;
+    }
+    let pid = std::process::id();
+    let (a, b) = (format!("elblbnsa{pid}"), format!("elblbnsb{pid}"));
+    let pins = format!("/sys/fs/bpf/edgelb-lb-ns-test-{pid}");
+    let _a = ns_with_vd0(&a, &pins);
+    let _b = ns_with_vd0(&b, &pins);
+    let shape = edgelb::dataplane::TableShape::for_flows(Some(edgelb::config::MIN_CONNTRACK_FLOWS));
+    let load = |ns: &str| {
+        edgelb::testbed::netns::in_netns(ns, || {
+            edgelb::dataplane::Dataplane::load_with_table(Some(pins.as_ref()), shape)
+                .map(|mut dp| dp.attach("vd0", edgelb::config::XdpAttachMode::Generic).map(|_| ()))
+        })
+        .unwrap()
+    };
+    // A's data plane, left pinned as a stop with --detach leaves it.
+    load(&a).expect("A loads").expect("A attaches");
+    let (a_prog, name) = xdp_prog_in(&a, "vd0").expect("A's vd0 runs the balancer");
+    assert!(name.starts_with("edgelb_balance"), "{name}");
+    let pinned = || {
+        let mut names: Vec<String> = std::fs::read_dir(&pins)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|n| {
+                let p = std::path::Path::new(&pins).join(&n);
+                let id = aya::maps::MapInfo::from_pin(&p).map(|m| m.id()).unwrap_or(0);
+                (n, id)
+            })
+            .collect::<Vec<_>>()
+    };
+    let before = pinned();
+
+    let err = match load(&b) {
+        Ok(_) => panic!("B's start in A's pin directory is refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("another network namespace") && err.contains("node.pin_dir of its own"),
+        "{err}"
+    );
+    assert_eq!(xdp_prog_in(&b, "vd0"), None, "nothing on B's vd0");
+    assert_eq!(xdp_prog_in(&a, "vd0"), Some((a_prog, name.clone())), "A's program stays");
+    assert_eq!(pinned(), before, "A's maps stay pinned, none replaced");
+
+    // A's own restart takes its link over, as ever.
+    load(&a).expect("A loads again").expect("A attaches again");
+    let (a_prog, _) = xdp_prog_in(&a, "vd0").expect("A's vd0 runs the balancer");
+
+    // A's vd0 renamed and another vd0 made: the pinned link runs on the renamed one.
+    ip(&["-n", &a, "link", "set", "vd0", "down"]);
+    ip(&["-n", &a, "link", "set", "vd0", "name", "vd9"]);
+    ip(&["-n", &a, "link", "set", "vd9", "up"]);
+    ip(&["-n", &a, "link", "add", "vd0", "type", "veth", "peer", "name", "vd2"]);
+    ip(&["-n", &a, "link", "set", "vd0", "up"]);
+    let err = match load(&a) {
+        Ok(_) => panic!("a start for the new vd0 is refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("renamed from `vd0`") && err.contains("node.interfaces"), "{err}");
+    assert_eq!(xdp_prog_in(&a, "vd0"), None, "nothing on the new vd0");
+    assert_eq!(xdp_prog_in(&a, "vd9").map(|(id, _)| id), Some(a_prog), "vd9 keeps its program");
+}
+
 #[test]
 fn version_names_the_binary() {
     let (code, out, _) = edgelb(&["--version"]);

@@ -171,6 +171,41 @@ pub enum DataplaneError {
         /// The decapsulator's program id.
         prog_id: u32,
     },
+    /// A link pinned in `node.pin_dir` is not the balancer's: the directory is shared with
+    /// something else (the decapsulator's `--pin-dir`, another tool), whose program a start
+    /// would have replaced with the balancer.
+    #[error(
+        "{path} holds {holds}, not edgelb's balancer (`{balancer}`): nothing was adopted or replaced. node.pin_dir must be a directory of the balancer's own (is it `edgelb decap`'s --pin-dir?)",
+        balancer = programs::BALANCER
+    )]
+    NotBalancerPin {
+        /// The pin.
+        path: PathBuf,
+        /// What it holds, as words for the message.
+        holds: String,
+    },
+    /// The pin directory holds the data plane of another interface than the one its link pin
+    /// names: another network namespace's (bpffs is one for every namespace, so the same
+    /// `node.pin_dir` names the same pins in each), or this namespace's interface renamed since.
+    /// Adopting it would have written this config into that data plane's maps and put this
+    /// program on that interface, leaving this one's without XDP.
+    #[error(
+        "{path} is the balancer's XDP link on {whose} (link ifindex {ifindex}, program id {prog_id}), not on `{interface}` of this network namespace: nothing was adopted or replaced. {fix}"
+    )]
+    BalancerElsewhere {
+        /// The pin.
+        path: PathBuf,
+        /// The interface its name gives.
+        interface: String,
+        /// Where the pinned link runs, as words for the message.
+        whose: String,
+        /// What to do, as words for the message.
+        fix: String,
+        /// The interface index the link holds (in the namespace it runs in).
+        ifindex: u32,
+        /// The balancer's program id.
+        prog_id: u32,
+    },
     /// After an attach, the kernel does not report the program just attached on the interface.
     #[error(
         "the kernel reports {found} on `{interface}` just after the decapsulator (program id {prog_id}) was attached to it; `ip -d link show {interface}` shows what runs there"
@@ -691,6 +726,9 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         if let Some(dir) = pins {
             pin_dir_ready(dir)?;
+            // Before any map is adopted: a data plane pinned here for another namespace (or
+            // for an interface since renamed) is not this one's to write.
+            check_balancer_links(dir)?;
             let check = check_pins(dir, shape);
             for problem in &check.problems {
                 warn!(%problem, "pinned map not re-used (established flows re-hash once)");
@@ -1766,7 +1804,7 @@ pub const DECAP_PIN_DIR: &str = "/sys/fs/bpf/edgelb-decap";
 /// Returns the mode used ("native", "generic" or "replaced").
 ///
 /// A pin there that is not the decapsulator of this network namespace's `interface` is left
-/// alone and refused ([`decap_pin`]); a pin whose interface was deleted goes, and the
+/// alone and refused ([`check_link_pin`]); a pin whose interface was deleted goes, and the
 /// decapsulator is attached afresh. The attach is checked with the kernel: its program must be
 /// the one the interface runs.
 pub fn attach_decap(
@@ -1783,7 +1821,7 @@ pub fn attach_decap(
     // Refuses a pin that is not this namespace's decapsulator. A stale one (its interface
     // deleted) goes in `attach_pinned`, as the balancer's does, and the program is attached
     // afresh.
-    decap_pin(&pin, interface)?;
+    check_link_pin(&pin, interface, LinkRole::Decap)?;
     let mut aux = AuxPrograms::load()?;
     aux.allow_decap_sources(sources)?;
     let prog = program(&mut aux.ebpf, programs::DECAP)?;
@@ -1804,10 +1842,10 @@ pub fn attach_decap(
 /// Detaches the decapsulator `attach_decap` left on `interface` (its link pin in `dir` is
 /// removed, and with it the link); the directory goes once empty. False if none was there. A
 /// pin there that is not the decapsulator of this network namespace's `interface` is left
-/// alone and refused ([`decap_pin`]).
+/// alone and refused ([`check_link_pin`]).
 pub fn detach_decap(interface: &str, dir: &Path) -> Result<bool, DataplaneError> {
     let pin = link_pin(dir, interface);
-    if decap_pin(&pin, interface)? == DecapPin::Absent {
+    if !check_link_pin(&pin, interface, LinkRole::Decap)? {
         return Ok(false);
     }
     // The link's id, to see it go: the kernel lets go of a pinned link only after an RCU grace
@@ -1831,91 +1869,143 @@ pub fn detach_decap(interface: &str, dir: &Path) -> Result<bool, DataplaneError>
     Ok(true)
 }
 
-/// What `edgelb decap` finds at a link pin of its ([`decap_pin`]) that it may replace or remove.
+/// Whose link pins [`check_link_pin`] checks: the two programs edgelb pins an XDP link of, each
+/// in a directory of its own, with the link named by the interface's name only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DecapPin {
-    /// Nothing is pinned there.
-    Absent,
-    /// The decapsulator, attached to this network namespace's interface of that name.
-    Here,
-    /// The decapsulator's link, holding no device any more: its interface was deleted (or
-    /// moved away and deleted there), so nothing runs through it.
-    Stale,
+enum LinkRole {
+    /// `edgelb decap`'s decapsulator, pinned in its `--pin-dir`.
+    Decap,
+    /// The balancer, pinned in `node.pin_dir`.
+    Balancer,
 }
 
-/// Checks the link pinned at `pin` (`<dir>/link-<interface>`) before `edgelb decap` replaces or
-/// removes it. The pin is named by the interface's name only, and bpffs is one for every
-/// network namespace: a pin of that name may be the decapsulator of another namespace's
-/// interface of the same name, or, with `--pin-dir` at a balancer's pin directory, the
-/// balancer's link. Replacing either would change a program that is not this one's to change,
-/// so both are refused ([`DataplaneError::DecapElsewhere`], [`DataplaneError::NotDecapPin`]).
+impl LinkRole {
+    /// The name of the program a link of this role runs.
+    fn program(self) -> &'static str {
+        match self {
+            LinkRole::Decap => programs::DECAP,
+            LinkRole::Balancer => programs::BALANCER,
+        }
+    }
+
+    /// The refusal of a pin that holds `holds` rather than a link of this role's program.
+    fn not_ours(self, pin: &Path, holds: String) -> DataplaneError {
+        match self {
+            LinkRole::Decap => DataplaneError::NotDecapPin { path: pin.to_owned(), holds },
+            LinkRole::Balancer => DataplaneError::NotBalancerPin { path: pin.to_owned(), holds },
+        }
+    }
+}
+
+/// Checks the link pinned at `pin` (`<dir>/link-<interface>`) before edgelb replaces or
+/// removes it, or adopts the maps pinned beside it. The pin is named by the interface's name
+/// only, and bpffs is one for every network namespace: a pin of that name may be the link of
+/// another namespace's interface of the same name, or (a pin directory shared by mistake) the
+/// link of the other program. Replacing either would change a program that is not this one's
+/// to change, so both are refused: for the decapsulator [`DataplaneError::DecapElsewhere`],
+/// [`DataplaneError::NotDecapPin`]; for the balancer [`DataplaneError::BalancerElsewhere`],
+/// [`DataplaneError::NotBalancerPin`].
 ///
-/// The link must be an XDP link whose program is named `edgelb_decap`, and either hold no
-/// device (its interface deleted: [`DecapPin::Stale`]) or hold the program that netlink
-/// reports on this namespace's `interface` ([`DecapPin::Here`]). The device a link holds comes
-/// from its fdinfo (`ifindex:`, Linux 5.9, as old as XDP links), which aya's link info leaves
-/// out; an interface index alone would not do, as every namespace numbers its own.
-fn decap_pin(pin: &Path, interface: &str) -> Result<DecapPin, DataplaneError> {
+/// The link must be an XDP link whose program is `role`'s, and either hold no device (its
+/// interface deleted, so nothing runs through it) or hold the program that netlink reports on
+/// this namespace's `interface`. Returns whether such a link is pinned there. The device a link
+/// holds comes from its fdinfo (`ifindex:`, Linux 5.9, as old as XDP links), which aya's link
+/// info leaves out; an interface index alone would not do, as every namespace numbers its own.
+fn check_link_pin(pin: &Path, interface: &str, role: LinkRole) -> Result<bool, DataplaneError> {
     let pin_err = |reason: String| DataplaneError::Pin { path: pin.to_owned(), reason };
     match std::fs::symlink_metadata(pin) {
         Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(DecapPin::Absent),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(pin_err(e.to_string())),
     }
-    let not_decap = |holds: String| DataplaneError::NotDecapPin { path: pin.to_owned(), holds };
+    let not_ours = |holds: String| role.not_ours(pin, holds);
     let link = match PinnedLink::from_pin(pin) {
         Ok(l) => FdLink::from(l),
         // A pinned map or program, or a plain file: the kernel's EINVAL, EPERM.
-        Err(e) => return Err(not_decap(format!("no BPF link that can be opened ({e})"))),
+        Err(e) => return Err(not_ours(format!("no BPF link that can be opened ({e})"))),
     };
-    let info = link.info().map_err(|e| not_decap(format!("no BPF link ({e})")))?;
+    let info = link.info().map_err(|e| not_ours(format!("no BPF link ({e})")))?;
     // The fdinfo of the descriptor just opened, while it is open; a map or program fd has no
     // `link_id:` line.
     let Some(fdinfo) = own_link_fdinfo(info.id()) else {
-        return Err(not_decap("no BPF link".to_owned()));
+        return Err(not_ours("no BPF link".to_owned()));
     };
     if fdinfo.link_type.as_deref() != Some("xdp") {
         let kind = fdinfo.link_type.unwrap_or_else(|| "unknown".to_owned());
-        return Err(not_decap(format!("a BPF link of type {kind}, not an XDP link")));
+        return Err(not_ours(format!("a BPF link of type {kind}, not an XDP link")));
     }
     let prog_id = info.program_id();
     let name = aya::programs::loaded_programs()
         .flatten()
         .find(|p| p.id() == prog_id)
         .and_then(|p| p.name_as_str().map(str::to_owned));
-    if name.as_deref() != Some(programs::DECAP) {
+    if name.as_deref() != Some(role.program()) {
         let name =
             name.map_or_else(|| "no name that could be read".to_owned(), |n| format!("`{n}`"));
-        return Err(not_decap(format!("an XDP link of program id {prog_id}, named {name}")));
+        return Err(not_ours(format!("an XDP link of program id {prog_id}, named {name}")));
     }
     // No `ifindex:` line at all (a kernel that does not say): nothing shows the pin is stale,
     // and it may be another namespace's.
     let Some(ifindex_held) = fdinfo.ifindex else {
-        return Err(not_decap("an XDP link whose device the kernel does not report".to_owned()));
+        return Err(not_ours("an XDP link whose device the kernel does not report".to_owned()));
     };
-    if ifindex_held == 0 {
-        return Ok(DecapPin::Stale);
-    }
     let runs = |i: u32| {
         i != 0 && netlink::xdp_attachment(i).ok().flatten().is_some_and(|a| a.runs(prog_id))
     };
-    if runs(ifindex(interface)) {
-        return Ok(DecapPin::Here);
+    if ifindex_held == 0 || runs(ifindex(interface)) {
+        return Ok(true);
     }
-    let whose = if runs(ifindex_held) {
+    let renamed = runs(ifindex_held);
+    let whose = if renamed {
         format!(
             "this network namespace's interface of index {ifindex_held} (renamed from `{interface}`? `ip link` names it)"
         )
     } else {
         format!("an interface in another network namespace (likely its `{interface}`)")
     };
-    Err(DataplaneError::DecapElsewhere {
-        path: pin.to_owned(),
-        interface: interface.to_owned(),
-        whose,
-        ifindex: ifindex_held,
-        prog_id,
+    Err(match role {
+        LinkRole::Decap => DataplaneError::DecapElsewhere {
+            path: pin.to_owned(),
+            interface: interface.to_owned(),
+            whose,
+            ifindex: ifindex_held,
+            prog_id,
+        },
+        LinkRole::Balancer => {
+            let dir = pin.parent().unwrap_or(pin).display();
+            let fix = if renamed {
+                format!(
+                    "To balance on the interface under its new name, name it in node.interfaces; to start afresh, `edgelb stop -c <this config>` removes the data plane pinned in {dir} (which detaches it from that interface)"
+                )
+            } else {
+                format!(
+                    "bpffs is shared by all network namespaces and {dir} is that namespace's data plane (its maps and links): give each namespace's edgelb a node.pin_dir of its own (e.g. {dir}-<namespace>)"
+                )
+            };
+            DataplaneError::BalancerElsewhere {
+                path: pin.to_owned(),
+                interface: interface.to_owned(),
+                whose,
+                fix,
+                ifindex: ifindex_held,
+                prog_id,
+            }
+        }
     })
+}
+
+/// Checks every XDP link pinned in the balancer's pin directory `dir` ([`check_link_pin`])
+/// before its maps are adopted: they must be the balancer's, on this network namespace's
+/// interfaces of their names (or on none, their interfaces deleted).
+fn check_balancer_links(dir: &Path) -> Result<(), DataplaneError> {
+    let (mine, _) = Dataplane::pins_in(dir)
+        .map_err(|e| DataplaneError::Pin { path: dir.to_owned(), reason: e.to_string() })?;
+    for pin in mine.iter().filter(|p| is_link_pin(p)) {
+        let name = pin.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let interface = name.strip_prefix("link-").unwrap_or(&name);
+        check_link_pin(pin, interface, LinkRole::Balancer)?;
+    }
+    Ok(())
 }
 
 /// What the kernel's fdinfo says of a BPF link.
