@@ -419,13 +419,17 @@ fn decap_leaves_a_balancers_link_pin_alone() {
 /// bpffs is one for every network namespace, and the balancer's link pin is named by its
 /// interface's name only: with one node.pin_dir, namespace B's start adopted namespace A's maps
 /// (its flows, rings and counters, to be overwritten with B's config), put B's program on A's
-/// `vd0` through A's pinned link, reported B's `vd0` as attached, and left it without XDP. The
-/// same went for a start after A's `vd0` was renamed and another `vd0` made. Both are refused
-/// now, before any map is adopted, and A's data plane keeps running.
+/// `vd0` through A's pinned link, reported B's `vd0` as attached, and left it without XDP. It is
+/// refused now, before any map is adopted, and A's data plane keeps running.
+///
+/// Within one namespace the pins follow interface renames: a start naming the interface by its
+/// new name took nothing over (its attach was refused, the device running edgelb's program
+/// already), and one naming a new interface made under the old name put its program on the
+/// renamed device through the old pin, leaving the new one without XDP.
 #[test]
-fn a_balancer_leaves_another_namespaces_data_plane_alone() {
+fn a_balancers_pins_stay_in_their_namespace_and_follow_renames() {
     if !edgelb::testbed::netns::require_privileged(
-        "a_balancer_leaves_another_namespaces_data_plane_alone",
+        "a_balancers_pins_stay_in_their_namespace_and_follow_renames",
     ) {
         return;
     }
@@ -435,15 +439,22 @@ fn a_balancer_leaves_another_namespaces_data_plane_alone() {
     let _a = ns_with_vd0(&a, &pins);
     let _b = ns_with_vd0(&b, &pins);
     let shape = edgelb::dataplane::TableShape::for_flows(Some(edgelb::config::MIN_CONNTRACK_FLOWS));
-    let load = |ns: &str| {
+    let load = |ns: &str, dev: &str| {
         edgelb::testbed::netns::in_netns(ns, || {
             edgelb::dataplane::Dataplane::load_with_table(Some(pins.as_ref()), shape)
-                .map(|mut dp| dp.attach("vd0", edgelb::config::XdpAttachMode::Generic).map(|_| ()))
+                .map(|mut dp| dp.attach(dev, edgelb::config::XdpAttachMode::Generic).map(|_| ()))
         })
         .unwrap()
     };
+    let pin = |dev: &str| std::path::Path::new(&pins).join(format!("link-{dev}"));
+    let link_id = |dev: &str| {
+        aya::programs::links::PinnedLink::from_pin(pin(dev))
+            .ok()
+            .and_then(|l| aya::programs::links::FdLink::from(l).info().ok())
+            .map(|i| i.id())
+    };
     // A's data plane, left pinned as a stop with --detach leaves it.
-    load(&a).expect("A loads").expect("A attaches");
+    load(&a, "vd0").expect("A loads").expect("A attaches");
     let (a_prog, name) = xdp_prog_in(&a, "vd0").expect("A's vd0 runs the balancer");
     assert!(name.starts_with("edgelb_balance"), "{name}");
     let pinned = || {
@@ -464,7 +475,7 @@ fn a_balancer_leaves_another_namespaces_data_plane_alone() {
     };
     let before = pinned();
 
-    let err = match load(&b) {
+    let err = match load(&b, "vd0") {
         Ok(_) => panic!("B's start in A's pin directory is refused"),
         Err(e) => e.to_string(),
     };
@@ -473,26 +484,81 @@ fn a_balancer_leaves_another_namespaces_data_plane_alone() {
         "{err}"
     );
     assert_eq!(xdp_prog_in(&b, "vd0"), None, "nothing on B's vd0");
-    assert_eq!(xdp_prog_in(&a, "vd0"), Some((a_prog, name.clone())), "A's program stays");
+    assert_eq!(xdp_prog_in(&a, "vd0"), Some((a_prog, name)), "A's program stays");
     assert_eq!(pinned(), before, "A's maps stay pinned, none replaced");
 
-    // A's own restart takes its link over, as ever.
-    load(&a).expect("A loads again").expect("A attaches again");
-    let (a_prog, _) = xdp_prog_in(&a, "vd0").expect("A's vd0 runs the balancer");
-
-    // A's vd0 renamed and another vd0 made: the pinned link runs on the renamed one.
+    // A's vd0 renamed vd9: a start naming vd9 takes its link over, under the new name.
+    let link = link_id("vd0").expect("A's link");
     ip(&["-n", &a, "link", "set", "vd0", "down"]);
     ip(&["-n", &a, "link", "set", "vd0", "name", "vd9"]);
     ip(&["-n", &a, "link", "set", "vd9", "up"]);
-    ip(&["-n", &a, "link", "add", "vd0", "type", "veth", "peer", "name", "vd2"]);
-    ip(&["-n", &a, "link", "set", "vd0", "up"]);
-    let err = match load(&a) {
-        Ok(_) => panic!("a start for the new vd0 is refused"),
-        Err(e) => e.to_string(),
-    };
-    assert!(err.contains("renamed from `vd0`") && err.contains("node.interfaces"), "{err}");
-    assert_eq!(xdp_prog_in(&a, "vd0"), None, "nothing on the new vd0");
-    assert_eq!(xdp_prog_in(&a, "vd9").map(|(id, _)| id), Some(a_prog), "vd9 keeps its program");
+    load(&a, "vd9").expect("A loads").expect("A attaches vd9");
+    assert_eq!(link_id("vd9"), Some(link), "the same link, its pin renamed");
+    assert!(!pin("vd0").exists(), "no pin left under the old name");
+    let (now, _) = xdp_prog_in(&a, "vd9").expect("vd9 runs the balancer");
+    assert_ne!(now, a_prog, "the new program, put on the link in place");
+
+    // vd9 renamed vd5 and a new vd9 made: a start naming vd9 attaches the new one, and vd5's
+    // link moves to vd5's name (where a start's removal of unused links would find it).
+    ip(&["-n", &a, "link", "set", "vd9", "down"]);
+    ip(&["-n", &a, "link", "set", "vd9", "name", "vd5"]);
+    ip(&["-n", &a, "link", "set", "vd5", "up"]);
+    ip(&["-n", &a, "link", "add", "vd9", "type", "veth", "peer", "name", "vd2"]);
+    ip(&["-n", &a, "link", "set", "vd9", "up"]);
+    load(&a, "vd9").expect("A loads").expect("A attaches the new vd9");
+    assert_eq!(link_id("vd5"), Some(link), "vd5's link, pinned under its name");
+    let fresh = link_id("vd9").expect("the new vd9's link");
+    assert_ne!(fresh, link);
+    assert!(xdp_prog_in(&a, "vd9").is_some(), "the new vd9 runs the balancer");
+    assert_eq!(xdp_prog_in(&a, "vd5").map(|(id, _)| id), Some(now), "vd5 keeps its program");
+}
+
+/// `edgelb stop` with no controller, for a config whose node.pin_dir holds nothing (changed
+/// since the data plane was started, which runs on from another pin directory): it said "data
+/// plane removed" and exited 0 while the balancer ran on, unwatched. It now says nothing was
+/// pinned there, names the balancer still running and where its link is pinned, and exits 1;
+/// the config naming that pin directory removes it.
+#[test]
+fn stop_says_when_the_balancer_runs_from_another_pin_directory() {
+    if !edgelb::testbed::netns::require_privileged(
+        "stop_says_when_the_balancer_runs_from_another_pin_directory",
+    ) {
+        return;
+    }
+    let pid = std::process::id();
+    let ns = format!("elbstopel{pid}");
+    let (old, old_pins, _) = run_config("stop-old-pins", "vd0");
+    let (new, new_pins, _) = run_config("stop-new-pins", "vd0");
+    let _ns = ns_with_vd0(&ns, &old_pins);
+    edgelb::testbed::netns::in_netns(&ns, || {
+        let shape =
+            edgelb::dataplane::TableShape::for_flows(Some(edgelb::config::MIN_CONNTRACK_FLOWS));
+        let mut dp = edgelb::dataplane::Dataplane::load_with_table(Some(old_pins.as_ref()), shape)
+            .expect("load the balancer");
+        dp.attach("vd0", edgelb::config::XdpAttachMode::Generic).expect("attach the balancer");
+        // Dropped here: the pinned link keeps the balancer attached, as after stop --detach.
+    })
+    .unwrap();
+    let (prog, _) = xdp_prog_in(&ns, "vd0").expect("the balancer runs on vd0");
+
+    let (code, out, err) = edgelb_in(&ns, &["stop", "-c", new.0.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains(&format!("nothing of edgelb's pinned under {new_pins}")), "{out}");
+    assert!(!out.contains("removed"), "{out}");
+    assert!(
+        err.contains("still runs on `vd0`") && err.contains(&format!("{old_pins}/link-vd0")),
+        "{err}"
+    );
+    assert_eq!(xdp_prog_in(&ns, "vd0").map(|(id, _)| id), Some(prog), "left running");
+
+    let (code, out, err) = edgelb_in(&ns, &["stop", "-c", old.0.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("removed"), "{out}");
+    let gone = std::time::Instant::now();
+    while xdp_prog_in(&ns, "vd0").is_some() {
+        assert!(gone.elapsed() < std::time::Duration::from_secs(5), "still attached");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 #[test]

@@ -2312,6 +2312,27 @@ fn an_interface_lost_under_a_running_edgelb_is_reported() {
     let attached = |bed: &Bed| metric(&scrape(bed), "edgelb_xdp_attached", "interface=\"elost0\"");
     assert!(!mode(&bed).starts_with("LOST"), "{}", mode(&bed));
     assert_eq!(attached(&bed), 1.0);
+    // Renamed, XDP stays on the device: said as such, not as lost.
+    let link = |args: &[&str]| {
+        let mut cmd = vec!["ip", "-n", &lb, "link", "set"];
+        cmd.extend_from_slice(args);
+        testbed::sh(&cmd).unwrap();
+    };
+    link(&["elost0", "down"]);
+    link(&["elost0", "name", "elren0"]);
+    let renamed = Instant::now();
+    while !mode(&bed).contains("renamed to elren0") {
+        assert!(renamed.elapsed() < Duration::from_secs(5), "status still says {}", mode(&bed));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(attached(&bed), 1.0, "still balancing on the device");
+    assert!(bed.e().log().contains("the interface was renamed"), "{}", bed.e().log());
+    link(&["elren0", "name", "elost0"]);
+    link(&["elost0", "up"]);
+    while mode(&bed).contains("renamed") {
+        assert!(renamed.elapsed() < Duration::from_secs(10), "status still says {}", mode(&bed));
+        std::thread::sleep(Duration::from_millis(100));
+    }
     testbed::sh(&["ip", "-n", &lb, "link", "del", "elost0"]).unwrap();
     let deleted = Instant::now();
     while !mode(&bed).starts_with("LOST") {

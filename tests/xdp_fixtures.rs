@@ -1942,8 +1942,17 @@ fn pinned_links_follow_the_interfaces() {
         dp.apply(&cfg).unwrap();
         assert_eq!(dp.attach("va", XdpAttachMode::Generic).expect("attaches"), "generic");
         assert!(dp.lost_interfaces().is_empty());
+        // Renamed: XDP stays on the device, under its new name; not lost.
+        ip("link set va down");
+        ip("link set va name vz");
+        assert!(dp.lost_interfaces().is_empty(), "renamed, not lost");
+        assert_eq!(dp.renamed_interfaces(), [("va".to_owned(), "vz".to_owned())]);
+        ip("link set vz name va");
+        ip("link set va up");
+        assert!(dp.renamed_interfaces().is_empty() && dp.lost_interfaces().is_empty());
         ip("link del va");
         assert_eq!(dp.lost_interfaces(), ["va"], "deleted");
+        assert!(dp.renamed_interfaces().is_empty());
         ip("link add va type veth peer name vd");
         assert_eq!(dp.lost_interfaces(), ["va"], "another device by that name");
     })

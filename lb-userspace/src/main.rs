@@ -614,16 +614,43 @@ fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
                     return ExitCode::from(1);
                 }
             }
+            // Asked before the pins go: a link just unpinned is let go of only after a while,
+            // and its program would read as running elsewhere.
+            let elsewhere =
+                edgelb::dataplane::balancers_elsewhere(&cfg.node.interfaces, &cfg.node.pin_dir);
+            let pinned =
+                Dataplane::pins_in(&cfg.node.pin_dir).is_ok_and(|(mine, _)| !mine.is_empty());
             match Dataplane::teardown(&cfg.node.pin_dir) {
                 Ok(others) => {
-                    println!(
-                        "no controller running; data plane under {} removed",
-                        cfg.node.pin_dir.display()
-                    );
+                    if pinned {
+                        println!(
+                            "no controller running; data plane under {} removed",
+                            cfg.node.pin_dir.display()
+                        );
+                    } else {
+                        println!(
+                            "no controller running, and nothing of edgelb's pinned under {}",
+                            cfg.node.pin_dir.display()
+                        );
+                    }
                     if !others.is_empty() {
                         println!("{}", left_alone(&others));
                     }
-                    ExitCode::SUCCESS
+                    if elsewhere.is_empty() {
+                        return ExitCode::SUCCESS;
+                    }
+                    for (interface, prog_id, pin) in &elsewhere {
+                        let pin = pin.as_ref().map_or_else(
+                            || "pinned nowhere under /sys/fs/bpf (a running process holds it: stop it by PID)".to_owned(),
+                            |p| format!("its link pinned at {} (removing that pin detaches it)", p.display()),
+                        );
+                        eprintln!(
+                            "edgelb: but edgelb's balancer still runs on `{interface}` (program id {prog_id}), {pin}: not the data plane of {}'s node.pin_dir ({}). Was node.pin_dir changed since it started? `edgelb stop -c <the config naming its pin directory>` removes it",
+                            admin.config.display(),
+                            cfg.node.pin_dir.display()
+                        );
+                    }
+                    ExitCode::from(1)
                 }
                 Err(e) => {
                     eprintln!("edgelb: removing {}: {e}", cfg.node.pin_dir.display());

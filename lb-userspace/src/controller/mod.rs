@@ -182,6 +182,9 @@ struct Controller {
     /// Attached interfaces XDP is no longer on (see [`Dataplane::lost_interfaces`]), looked
     /// for every second.
     lost: Vec<String>,
+    /// Attached interfaces renamed since, with their new names (see
+    /// [`Dataplane::renamed_interfaces`]): still balancing, under a name the config does not give.
+    renamed: Vec<(String, String)>,
 }
 
 /// Runs the balancer with the config at `path` until SIGINT/SIGTERM, `edgelb stop` or a
@@ -360,6 +363,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         metrics_serving: None,
         checks_missing: 0,
         lost: Vec::new(),
+        renamed: Vec::new(),
     };
     // The counters of every configured backend exist from the start, at 0.
     ctl.metrics.retain(&ctl.cfg);
@@ -1061,15 +1065,21 @@ impl Controller {
     /// Logs an interface XDP is no longer on (once, when found) and one that is back. Nothing
     /// else would tell: health checks go through the kernel and stay green, and only the XDP
     /// counters stop. Attaching again takes privileges this process has dropped: a restart.
+    /// A renamed interface is said apart (a warning): XDP stays on the device.
     fn look_for_lost_interfaces(&mut self) {
         let lost = self.dp.lost_interfaces();
         for i in lost.iter().filter(|i| !self.lost.contains(i)) {
-            error!(interface = %i, "XDP is no longer on this interface (deleted, re-created or renamed): its VIP traffic reaches the kernel unbalanced; restart edgelb to attach again (`edgelb run --takeover`, or `systemctl restart edgelb`)");
+            error!(interface = %i, "XDP is no longer on this interface (deleted, or deleted and re-created): its VIP traffic reaches the kernel unbalanced; restart edgelb to attach again (`edgelb run --takeover`, or `systemctl restart edgelb`)");
         }
         for i in self.lost.iter().filter(|i| !lost.contains(i)) {
             info!(interface = %i, "the interface is back as it was attached: XDP is on it");
         }
         self.lost = lost;
+        let renamed = self.dp.renamed_interfaces();
+        for (was, now) in renamed.iter().filter(|r| !self.renamed.contains(r)) {
+            warn!(interface = %was, renamed_to = %now, "the interface was renamed: XDP goes on balancing on it, but node.interfaces names it `{was}`; put `{now}` there and restart (`edgelb run --takeover`: the pinned XDP link follows the rename, with the connection table)");
+        }
+        self.renamed = renamed;
     }
 
     fn on_health(&mut self, ev: HealthEvent) -> bool {
@@ -1474,8 +1484,13 @@ impl Controller {
                 .attached()
                 .iter()
                 .map(|(i, m)| {
+                    let renamed = self.renamed.iter().find(|(was, _)| was == i);
                     let mode = if self.lost.contains(i) {
                         format!("LOST (was {m}; restart edgelb to attach again)")
+                    } else if let Some((_, now)) = renamed {
+                        format!(
+                            "{m}, renamed to {now} (still balancing; name it in node.interfaces)"
+                        )
                     } else {
                         (*m).to_owned()
                     };

@@ -184,27 +184,25 @@ pub enum DataplaneError {
         /// What it holds, as words for the message.
         holds: String,
     },
-    /// The pin directory holds the data plane of another interface than the one its link pin
-    /// names: another network namespace's (bpffs is one for every namespace, so the same
-    /// `node.pin_dir` names the same pins in each), or this namespace's interface renamed since.
-    /// Adopting it would have written this config into that data plane's maps and put this
-    /// program on that interface, leaving this one's without XDP.
+    /// The pin directory holds another network namespace's data plane: bpffs is one for every
+    /// namespace, so the same `node.pin_dir` names the same pins in each. Adopting it would
+    /// have written this config into that data plane's maps and put this program on that
+    /// namespace's interface through its link, leaving this one's without XDP.
     #[error(
-        "{path} is the balancer's XDP link on {whose} (link ifindex {ifindex}, program id {prog_id}), not on `{interface}` of this network namespace: nothing was adopted or replaced. {fix}"
+        "{path} is the balancer's XDP link on an interface in another network namespace (likely its `{interface}`; link ifindex {ifindex}, program id {prog_id}), so {dir} is that namespace's data plane (its maps and links): nothing was adopted or replaced. bpffs is shared by all network namespaces: give each namespace's edgelb a node.pin_dir of its own (e.g. {dir}-<namespace>)",
+        dir = dir.display()
     )]
     BalancerElsewhere {
         /// The pin.
         path: PathBuf,
         /// The interface its name gives.
         interface: String,
-        /// Where the pinned link runs, as words for the message.
-        whose: String,
-        /// What to do, as words for the message.
-        fix: String,
         /// The interface index the link holds (in the namespace it runs in).
         ifindex: u32,
         /// The balancer's program id.
         prog_id: u32,
+        /// The pin directory.
+        dir: PathBuf,
     },
     /// After an attach, the kernel does not report the program just attached on the interface.
     #[error(
@@ -940,11 +938,15 @@ impl Dataplane {
     /// program replaced atomically (no packet sees an interface without a program); a new link is
     /// pinned so that the next process can do the same. Returns the mode XDP runs in: for a link
     /// taken over, the one it was attached in, as the kernel reports it (`status` shows it).
+    /// Link pins follow interface renames first ([`follow_renames`]).
     pub fn attach(
         &mut self,
         interface: &str,
         mode: XdpAttachMode,
     ) -> Result<&'static str, DataplaneError> {
+        if let Some(dir) = &self.pins {
+            follow_renames(dir, interface)?;
+        }
         let pin = self.pins.as_deref().map(|d| link_pin(d, interface));
         let prog = program(&mut self.ebpf, programs::BALANCER)?;
         let (used, took_over) = attach_pinned(prog, interface, mode, pin.as_deref())?;
@@ -968,16 +970,29 @@ impl Dataplane {
     }
 
     /// The attached interfaces that XDP is no longer on: deleted (a link whose device goes is
-    /// detached by the kernel), or deleted and made again, or renamed (the name now names
-    /// another device, or none). Their VIP traffic reaches the kernel unbalanced until a restart
-    /// attaches again. Looked up in the calling thread's network namespace.
+    /// detached by the kernel), or deleted and made again (the name now names another device,
+    /// or none). Their VIP traffic reaches the kernel unbalanced until a restart attaches again.
+    /// A renamed interface is not lost: XDP stays on the device ([`Dataplane::renamed_interfaces`]).
+    /// Looked up in the calling thread's network namespace.
     pub fn lost_interfaces(&self) -> Vec<String> {
+        self.moved_interfaces().filter(|(_, now)| now.is_none()).map(|(name, _)| name).collect()
+    }
+
+    /// The attached interfaces renamed since, each with its new name: XDP goes on balancing on
+    /// the device, but under a name `node.interfaces` does not give, so the operator is told to
+    /// put it there (a restart then follows the rename, see [`follow_renames`]).
+    pub fn renamed_interfaces(&self) -> Vec<(String, String)> {
+        self.moved_interfaces().filter_map(|(name, now)| Some((name, now?))).collect()
+    }
+
+    /// The attached interfaces whose name no longer names the device attached to, each with the
+    /// device's name now (`None`: the device is gone).
+    fn moved_interfaces(&self) -> impl Iterator<Item = (String, Option<String>)> + '_ {
         self.attached
             .iter()
             .zip(&self.ifindexes)
             .filter(|((name, _), was)| **was != 0 && ifindex(name) != **was)
-            .map(|((name, _), _)| name.clone())
-            .collect()
+            .map(|((name, _), was)| (name.clone(), interface_name(*was)))
     }
 
     /// Takes the data plane back after an `edgelb run --takeover` that failed after it began
@@ -1608,15 +1623,10 @@ fn running_mode(interface: &str) -> &'static str {
 /// Anything else, or a holder that cannot be looked at, stays as it was.
 fn own_program_holds(e: DataplaneError, pin: Option<&Path>) -> DataplaneError {
     let DataplaneError::Held { interface, mode, source } = e else { return e };
-    let attached = netlink::xdp_attachment(ifindex(&interface)).ok().flatten();
-    let ours = attached.filter(|a| {
-        aya::programs::loaded_programs()
-            .flatten()
-            .find(|p| p.id() == a.prog_id)
-            .is_some_and(|p| p.name_as_str() == Some(programs::BALANCER))
-    });
-    let Some(attached) = ours else { return DataplaneError::Held { interface, mode, source } };
-    let found = match pinned_link_of(&interface, attached.prog_id) {
+    let Some(prog_id) = balancer_on(&interface) else {
+        return DataplaneError::Held { interface, mode, source };
+    };
+    let found = match pinned_link_of(&interface, prog_id) {
         Some(path) => format!(", its link pinned at {}", path.display()),
         None => format!(
             ", its link pinned nowhere under {BPFFS} (held by a running process: `edgelb stop` it, or stop it by PID)"
@@ -1625,14 +1635,37 @@ fn own_program_holds(e: DataplaneError, pin: Option<&Path>) -> DataplaneError {
     let pin_dir = pin
         .and_then(Path::parent)
         .map_or_else(|| "none: not pinned".to_owned(), |d| d.display().to_string());
-    DataplaneError::HeldByEdgelb {
-        interface,
-        mode,
-        prog_id: attached.prog_id,
-        found,
-        pin_dir,
-        source,
-    }
+    DataplaneError::HeldByEdgelb { interface, mode, prog_id, found, pin_dir, source }
+}
+
+/// The id of edgelb's balancer program when it is the XDP program on `interface` (in this
+/// network namespace, as netlink reports it, by the program's name).
+fn balancer_on(interface: &str) -> Option<u32> {
+    let attached = netlink::xdp_attachment(ifindex(interface)).ok().flatten()?;
+    aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == attached.prog_id)
+        .is_some_and(|p| p.name_as_str() == Some(programs::BALANCER))
+        .then_some(attached.prog_id)
+}
+
+/// edgelb's balancers running on `interfaces` with no link pinned in `pin_dir`: a data plane
+/// some other pin directory holds (node.pin_dir changed since it was started), or that a
+/// running process holds. Each with its program id and where its link is pinned, if anywhere
+/// under bpffs. For `edgelb stop`, which finds nothing to remove in `pin_dir` and must not say
+/// the balancer is gone while it runs.
+pub fn balancers_elsewhere(
+    interfaces: &[String],
+    pin_dir: &Path,
+) -> Vec<(String, u32, Option<PathBuf>)> {
+    interfaces
+        .iter()
+        .filter(|i| !link_pin(pin_dir, i).exists())
+        .filter_map(|i| {
+            let prog_id = balancer_on(i)?;
+            Some((i.clone(), prog_id, pinned_link_of(i, prog_id)))
+        })
+        .collect()
 }
 
 /// The pin under bpffs (at most three directories down) of an XDP link for `interface` whose
@@ -1684,6 +1717,82 @@ fn replace_program(prog: &mut Xdp, pin: &Path, interface: &str) -> Result<(), Da
         source,
     })?;
     Ok(())
+}
+
+/// Makes the balancer's link pins in `dir` follow interface renames before `interface` is
+/// attached. A link pin is named by its interface's name, but the link holds the device: after
+/// `ip link set <old> name <new>`, the program runs on under the new name while `link-<old>`
+/// names it. Without this, a start naming the new interface found no pin of its name, and its
+/// attach was refused (the device runs edgelb's program already); one naming a new interface
+/// made under the old name had its program put on the renamed device through the old pin.
+///
+/// So: `link-<interface>` holding a device renamed away moves to that device's new name (where
+/// its attach finds it, or [`Dataplane::remove_unused_links`] removes it when the config does not
+/// name it); then, with no pin of `interface`'s name, a link pinned under another name that holds
+/// `interface` moves to `link-<interface>`, and the attach replaces its program in place, keeping
+/// the connection table and the traffic.
+fn follow_renames(dir: &Path, interface: &str) -> Result<(), DataplaneError> {
+    let pin = link_pin(dir, interface);
+    let move_pin = |from: &Path, to: &Path, old: &str, new: &str| {
+        if to.exists() {
+            return Err(DataplaneError::Pin {
+                path: from.to_owned(),
+                reason: format!(
+                    "its interface `{old}` is called `{new}` now, but {} is taken: remove one of the two (`edgelb stop` removes the whole data plane)",
+                    to.display()
+                ),
+            });
+        }
+        std::fs::rename(from, to)
+            .map_err(|e| DataplaneError::Pin { path: from.to_owned(), reason: e.to_string() })?;
+        info!(from = old, to = new, "the interface was renamed: its pinned XDP link follows");
+        Ok(())
+    };
+    if let LinkPin::Renamed { ifindex } = inspect_link_pin(&pin, interface, LinkRole::Balancer)? {
+        let Some(new) = interface_name(ifindex) else {
+            return Err(DataplaneError::Pin {
+                path: pin,
+                reason: format!(
+                    "its interface (index {ifindex}) was renamed, to a name that cannot be read"
+                ),
+            });
+        };
+        move_pin(&pin, &link_pin(dir, &new), interface, &new)?;
+    }
+    if pin.exists() {
+        return Ok(());
+    }
+    let here = ifindex(interface);
+    if here == 0 {
+        return Ok(());
+    }
+    let (mine, _) = Dataplane::pins_in(dir)
+        .map_err(|e| DataplaneError::Pin { path: dir.to_owned(), reason: e.to_string() })?;
+    for other in mine.iter().filter(|p| is_link_pin(p)) {
+        let old = pin_interface(other);
+        if inspect_link_pin(other, &old, LinkRole::Balancer)?
+            == (LinkPin::Renamed { ifindex: here })
+        {
+            return move_pin(other, &pin, &old, interface);
+        }
+    }
+    Ok(())
+}
+
+/// The name of the interface of index `ifindex` in the calling thread's network namespace;
+/// `None` if there is none.
+#[allow(unsafe_code)]
+fn interface_name(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` holds IF_NAMESIZE bytes, what if_indextoname writes at most (the name and
+    // its NUL); it returns NULL (nothing written that is read) when there is no such interface.
+    let name = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: on success `buf` holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
 }
 
 /// Is there a network interface called `name` in the calling thread's network namespace? Asked
@@ -1804,7 +1913,7 @@ pub const DECAP_PIN_DIR: &str = "/sys/fs/bpf/edgelb-decap";
 /// Returns the mode used ("native", "generic" or "replaced").
 ///
 /// A pin there that is not the decapsulator of this network namespace's `interface` is left
-/// alone and refused ([`check_link_pin`]); a pin whose interface was deleted goes, and the
+/// alone and refused ([`check_decap_pin`]); a pin whose interface was deleted goes, and the
 /// decapsulator is attached afresh. The attach is checked with the kernel: its program must be
 /// the one the interface runs.
 pub fn attach_decap(
@@ -1821,7 +1930,7 @@ pub fn attach_decap(
     // Refuses a pin that is not this namespace's decapsulator. A stale one (its interface
     // deleted) goes in `attach_pinned`, as the balancer's does, and the program is attached
     // afresh.
-    check_link_pin(&pin, interface, LinkRole::Decap)?;
+    check_decap_pin(&pin, interface)?;
     let mut aux = AuxPrograms::load()?;
     aux.allow_decap_sources(sources)?;
     let prog = program(&mut aux.ebpf, programs::DECAP)?;
@@ -1842,10 +1951,10 @@ pub fn attach_decap(
 /// Detaches the decapsulator `attach_decap` left on `interface` (its link pin in `dir` is
 /// removed, and with it the link); the directory goes once empty. False if none was there. A
 /// pin there that is not the decapsulator of this network namespace's `interface` is left
-/// alone and refused ([`check_link_pin`]).
+/// alone and refused ([`check_decap_pin`]).
 pub fn detach_decap(interface: &str, dir: &Path) -> Result<bool, DataplaneError> {
     let pin = link_pin(dir, interface);
-    if !check_link_pin(&pin, interface, LinkRole::Decap)? {
+    if !check_decap_pin(&pin, interface)? {
         return Ok(false);
     }
     // The link's id, to see it go: the kernel lets go of a pinned link only after an RCU grace
@@ -1869,7 +1978,7 @@ pub fn detach_decap(interface: &str, dir: &Path) -> Result<bool, DataplaneError>
     Ok(true)
 }
 
-/// Whose link pins [`check_link_pin`] checks: the two programs edgelb pins an XDP link of, each
+/// Whose link pins [`inspect_link_pin`] checks: the two programs edgelb pins an XDP link of, each
 /// in a directory of its own, with the link named by the interface's name only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LinkRole {
@@ -1897,25 +2006,49 @@ impl LinkRole {
     }
 }
 
-/// Checks the link pinned at `pin` (`<dir>/link-<interface>`) before edgelb replaces or
-/// removes it, or adopts the maps pinned beside it. The pin is named by the interface's name
-/// only, and bpffs is one for every network namespace: a pin of that name may be the link of
-/// another namespace's interface of the same name, or (a pin directory shared by mistake) the
-/// link of the other program. Replacing either would change a program that is not this one's
-/// to change, so both are refused: for the decapsulator [`DataplaneError::DecapElsewhere`],
-/// [`DataplaneError::NotDecapPin`]; for the balancer [`DataplaneError::BalancerElsewhere`],
-/// [`DataplaneError::NotBalancerPin`].
+/// Where the XDP link at a link pin of edgelb's runs, seen from this network namespace
+/// ([`inspect_link_pin`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkPin {
+    /// Nothing is pinned there.
+    Absent,
+    /// On this namespace's interface of the pin's name, or on none (its interface deleted:
+    /// nothing runs through it, and an attach replaces it afresh).
+    Usable,
+    /// On this namespace's interface of index `ifindex`, which has another name now (renamed).
+    Renamed {
+        /// The interface it holds.
+        ifindex: u32,
+    },
+    /// On an interface of another network namespace.
+    Elsewhere {
+        /// The interface it holds, as that namespace numbers it.
+        ifindex: u32,
+        /// Its program.
+        prog_id: u32,
+    },
+}
+
+/// Looks at the link pinned at `pin` (`<dir>/link-<interface>`) before edgelb replaces,
+/// removes or renames it, or adopts the maps pinned beside it. The pin is named by the
+/// interface's name only, and bpffs is one for every network namespace: a pin of that name may
+/// be the link of another namespace's interface of the same name, of this namespace's interface
+/// renamed since, or (a pin directory shared by mistake) of the other program.
 ///
-/// The link must be an XDP link whose program is `role`'s, and either hold no device (its
-/// interface deleted, so nothing runs through it) or hold the program that netlink reports on
-/// this namespace's `interface`. Returns whether such a link is pinned there. The device a link
+/// The link must be an XDP link whose program is `role`'s ([`DataplaneError::NotDecapPin`],
+/// [`DataplaneError::NotBalancerPin`] otherwise); where it runs is the answer. The device a link
 /// holds comes from its fdinfo (`ifindex:`, Linux 5.9, as old as XDP links), which aya's link
-/// info leaves out; an interface index alone would not do, as every namespace numbers its own.
-fn check_link_pin(pin: &Path, interface: &str, role: LinkRole) -> Result<bool, DataplaneError> {
+/// info leaves out; an interface index alone would not do, as every namespace numbers its own,
+/// so the program netlink reports on that index in this namespace tells whether it is here.
+fn inspect_link_pin(
+    pin: &Path,
+    interface: &str,
+    role: LinkRole,
+) -> Result<LinkPin, DataplaneError> {
     let pin_err = |reason: String| DataplaneError::Pin { path: pin.to_owned(), reason };
     match std::fs::symlink_metadata(pin) {
         Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(LinkPin::Absent),
         Err(e) => return Err(pin_err(e.to_string())),
     }
     let not_ours = |holds: String| role.not_ours(pin, holds);
@@ -1952,60 +2085,80 @@ fn check_link_pin(pin: &Path, interface: &str, role: LinkRole) -> Result<bool, D
     let runs = |i: u32| {
         i != 0 && netlink::xdp_attachment(i).ok().flatten().is_some_and(|a| a.runs(prog_id))
     };
-    if ifindex_held == 0 || runs(ifindex(interface)) {
-        return Ok(true);
-    }
-    let renamed = runs(ifindex_held);
-    let whose = if renamed {
-        format!(
-            "this network namespace's interface of index {ifindex_held} (renamed from `{interface}`? `ip link` names it)"
-        )
+    Ok(if ifindex_held == 0 || runs(ifindex(interface)) {
+        LinkPin::Usable
+    } else if runs(ifindex_held) {
+        LinkPin::Renamed { ifindex: ifindex_held }
     } else {
-        format!("an interface in another network namespace (likely its `{interface}`)")
-    };
-    Err(match role {
-        LinkRole::Decap => DataplaneError::DecapElsewhere {
-            path: pin.to_owned(),
-            interface: interface.to_owned(),
-            whose,
-            ifindex: ifindex_held,
-            prog_id,
-        },
-        LinkRole::Balancer => {
-            let dir = pin.parent().unwrap_or(pin).display();
-            let fix = if renamed {
-                format!(
-                    "To balance on the interface under its new name, name it in node.interfaces; to start afresh, `edgelb stop -c <this config>` removes the data plane pinned in {dir} (which detaches it from that interface)"
-                )
-            } else {
-                format!(
-                    "bpffs is shared by all network namespaces and {dir} is that namespace's data plane (its maps and links): give each namespace's edgelb a node.pin_dir of its own (e.g. {dir}-<namespace>)"
-                )
-            };
-            DataplaneError::BalancerElsewhere {
-                path: pin.to_owned(),
-                interface: interface.to_owned(),
-                whose,
-                fix,
-                ifindex: ifindex_held,
-                prog_id,
-            }
-        }
+        LinkPin::Elsewhere { ifindex: ifindex_held, prog_id }
     })
 }
 
-/// Checks every XDP link pinned in the balancer's pin directory `dir` ([`check_link_pin`])
-/// before its maps are adopted: they must be the balancer's, on this network namespace's
-/// interfaces of their names (or on none, their interfaces deleted).
+/// [`inspect_link_pin`] for `edgelb decap`, which replaces or removes only its own
+/// decapsulator on this namespace's `interface` (or one holding no device): another
+/// namespace's, or one on an interface renamed since, is refused
+/// ([`DataplaneError::DecapElsewhere`]). Returns whether such a link is pinned there.
+fn check_decap_pin(pin: &Path, interface: &str) -> Result<bool, DataplaneError> {
+    let (ifindex_held, prog_id, whose) = match inspect_link_pin(pin, interface, LinkRole::Decap)? {
+        LinkPin::Absent => return Ok(false),
+        LinkPin::Usable => return Ok(true),
+        LinkPin::Renamed { ifindex } => (
+            ifindex,
+            None,
+            format!(
+                "this network namespace's interface of index {ifindex} (renamed from `{interface}`? `ip link` names it)"
+            ),
+        ),
+        LinkPin::Elsewhere { ifindex, prog_id } => (
+            ifindex,
+            Some(prog_id),
+            format!("an interface in another network namespace (likely its `{interface}`)"),
+        ),
+    };
+    let prog_id = prog_id.or_else(|| pinned_link_program(pin)).unwrap_or(0);
+    Err(DataplaneError::DecapElsewhere {
+        path: pin.to_owned(),
+        interface: interface.to_owned(),
+        whose,
+        ifindex: ifindex_held,
+        prog_id,
+    })
+}
+
+/// The program of the link pinned at `pin`, if it can be read.
+fn pinned_link_program(pin: &Path) -> Option<u32> {
+    PinnedLink::from_pin(pin).ok().and_then(|l| FdLink::from(l).info().ok()).map(|i| i.program_id())
+}
+
+/// Checks every XDP link pinned in the balancer's pin directory `dir` ([`inspect_link_pin`])
+/// before its maps are adopted: they must be the balancer's, and on this network namespace's
+/// interfaces (under their names, or renamed since: [`Dataplane::attach`] follows a rename), or
+/// on none (their interfaces deleted). A link on another namespace's interface means the
+/// directory is that namespace's data plane ([`DataplaneError::BalancerElsewhere`]).
 fn check_balancer_links(dir: &Path) -> Result<(), DataplaneError> {
     let (mine, _) = Dataplane::pins_in(dir)
         .map_err(|e| DataplaneError::Pin { path: dir.to_owned(), reason: e.to_string() })?;
     for pin in mine.iter().filter(|p| is_link_pin(p)) {
-        let name = pin.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let interface = name.strip_prefix("link-").unwrap_or(&name);
-        check_link_pin(pin, interface, LinkRole::Balancer)?;
+        let interface = pin_interface(pin);
+        if let LinkPin::Elsewhere { ifindex, prog_id } =
+            inspect_link_pin(pin, &interface, LinkRole::Balancer)?
+        {
+            return Err(DataplaneError::BalancerElsewhere {
+                path: pin.to_owned(),
+                interface,
+                ifindex,
+                prog_id,
+                dir: dir.to_owned(),
+            });
+        }
     }
     Ok(())
+}
+
+/// The interface a link pin is named for (`link-<interface>`).
+fn pin_interface(pin: &Path) -> String {
+    let name = pin.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    name.strip_prefix("link-").unwrap_or(&name).to_owned()
 }
 
 /// What the kernel's fdinfo says of a BPF link.
