@@ -2189,7 +2189,6 @@ async fn attempt_once(
                     }
                     Err(_) => return Err(timed_out(deadline, Attempt::Connect)),
                 };
-                let _ = s.set_nodelay(true);
                 if let Some(v) = cfg.proxy_protocol {
                     write(&s, proxy_header(v, peer, listen)).await.map_err(|_| Attempt::Connect)?;
                 }
