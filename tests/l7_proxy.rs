@@ -4545,6 +4545,107 @@ fn tcp_mode_small_writes_to_the_backend_are_not_held_back() {
     assert!(median < Duration::from_millis(10), "median round trip {median:?} of {rounds:?}");
 }
 
+/// The relays still open when the drain deadline passes end with a reset on both sides, as a
+/// relay passes on a peer's failure: a clean close would tell the backend that the client's
+/// upload was whole (and the client that the backend's answer was), where the stop cut it.
+/// Before, the runtime's end closed both sockets, and each side read an end of stream.
+#[test]
+fn tcp_mode_relays_cut_at_the_drain_deadline_are_reset_both_ways() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b = serve_backend(move |mut s, r2, _| {
+        // (The proxy helper's readiness probe connects and closes at once.)
+        if s.read_exact(&mut [0u8; 15]).is_err() {
+            return;
+        }
+        r2.fetch_add(1, Ordering::Relaxed);
+        let end = s.read(&mut [0u8; 64]).map_err(|e| e.kind());
+        let _ = tx.send(end);
+    });
+    let mut p = proxy(&[(&b, 1)], "mode = \"tcp\"", "");
+    let mut c = TcpStream::connect(p.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"partial-upload-").unwrap();
+    let start = Instant::now();
+    while b.reqs.load(Ordering::Relaxed) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "the bytes reach the backend");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    p.proxy.take().unwrap().shutdown(Duration::from_millis(200));
+    let end = rx.recv_timeout(Duration::from_secs(5)).expect("the backend's read ends");
+    assert_eq!(
+        end,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the backend reads a reset, not the end of a whole upload"
+    );
+    let end = c.read(&mut [0u8; 64]).map_err(|e| e.kind());
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "the client reads a reset");
+}
+
+/// The drain deadline on the HTTP side: a response still streaming (its body delimited by the
+/// close, which a clean close would complete) ends with a reset, logged and counted as cut by
+/// the drain (`cut=drain`); an upgraded connection (a WebSocket) ends with a reset on both
+/// sides, as a TCP relay does.
+#[test]
+fn http_connections_cut_at_the_drain_deadline_are_reset_and_counted() {
+    let log = access_log();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b = serve_backend(move |s, _, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let Some((head, _)) = read_request(&mut r) else { return };
+        let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+        if path == "/ws" {
+            let _ = w.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n");
+            let mut got = [0u8; 7];
+            if r.read_exact(&mut got).is_err() {
+                return;
+            }
+            let end = r.read(&mut [0u8; 64]).map_err(|e| e.kind());
+            let _ = tx.send(end);
+            return;
+        }
+        // A body delimited by the close, which never comes: the backend holds its connection.
+        let _ = w.write_all(b"HTTP/1.1 200 OK\r\n\r\npartial");
+        let _ = r.read(&mut [0u8; 64]);
+    });
+    let mut p = proxy(&[(&b, 1)], "access_log = true", "");
+    let head_then = |c: &mut TcpStream, req: &str, more: usize| {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(req.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            c.read_exact(&mut byte).unwrap();
+            got.push(byte[0]);
+        }
+        let mut rest = vec![0u8; more];
+        c.read_exact(&mut rest).unwrap();
+        String::from_utf8_lossy(&got).into_owned() + &String::from_utf8_lossy(&rest)
+    };
+    let mut download = TcpStream::connect(p.addr).unwrap();
+    let got = head_then(&mut download, "GET /drain-cut HTTP/1.1\r\nHost: t\r\n\r\n", 7);
+    assert!(got.starts_with("HTTP/1.1 200 ") && got.ends_with("partial"), "{got:?}");
+    let mut ws = TcpStream::connect(p.addr).unwrap();
+    let req = "GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+    let got = head_then(&mut ws, req, 0);
+    assert!(got.starts_with("HTTP/1.1 101 "), "{got:?}");
+    ws.write_all(b"partial").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    p.proxy.take().unwrap().shutdown(Duration::from_millis(200));
+    for (c, what) in [(&mut download, "download"), (&mut ws, "WebSocket")] {
+        let end = c.read(&mut [0u8; 64]).map_err(|e| e.kind());
+        assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "the {what}'s client");
+    }
+    let end = rx.recv_timeout(Duration::from_secs(5)).expect("the WebSocket backend's read ends");
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "the WebSocket's backend");
+    wait_for_metric(&p, "edgelb_l7_responses_cut_total{vip=\"web\",side=\"drain\"} 1");
+    let text = logged(&log);
+    assert!(
+        text.lines().any(|l| l.contains("target=/drain-cut ") && l.contains("cut=drain")),
+        "target=/drain-cut cut=drain in\n{text}"
+    );
+}
+
 /// A drained backend (weight 0) takes no new clients but keeps its sticky ones, as a drained
 /// backend keeps its established flows in XDP; once it leaves the pool, they move.
 #[test]

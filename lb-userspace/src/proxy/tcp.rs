@@ -5,10 +5,10 @@
 //! reset that a send to the resetting side takes first (the kernel reports it once), which the
 //! receive then sees as an end of stream, and which is indistinguishable on the wire from a
 //! close with bytes unread, passed on as an end so the client keeps the last bytes (`relay`,
-//! docs/ARCHITECTURE.md). The idle timeout counts
-//! silence in both directions: a stream one side pushes while the other listens (server-sent
-//! events, a WebSocket feed) is not idle, nor is one a slow reader drains from the kernel's
-//! buffers.
+//! docs/ARCHITECTURE.md). A relay the proxy's stop cuts at its drain deadline ends with a reset
+//! on both sides too. The idle timeout counts silence in both directions: a stream one side
+//! pushes while the other listens (server-sent events, a WebSocket feed) is not idle, nor is
+//! one a slow reader drains from the kernel's buffers.
 
 use std::{
     cell::Cell,
@@ -31,15 +31,22 @@ use super::{
 /// with `up`'s member `state` counting the relay as in flight (least-connections sees it), then
 /// shuts both sockets down. TCP mode and upgraded HTTP connections (WebSocket) end in this.
 ///
+/// A relay dropped before it ends (the proxy's stop past its drain deadline drops the task of
+/// every connection still open, or the runtime goes) resets both connections: neither side
+/// ended its stream, and a clean close would pass an upload or a download cut there for a
+/// whole one.
+///
 /// When the backend has ended its side cleanly and its connection can take no more (it closed
 /// while the client was still sending), the client connection closes lingering ([`linger`]:
 /// sending side shut, what the client still sends read and dropped, for a bounded time): closed
 /// at once with bytes unread, it would be reset, and the reset can throw away the backend's last
 /// bytes before the client has read them.
 pub(super) async fn relay(client: &Socket, up: &Socket, idle: Duration, state: &BackendState) {
+    let mut unfinished = Unfinished(Some([client, up]));
     let counted = InFlight::new(state);
     let clock = Clock { moved: Cell::new(Instant::now()), idle, sockets: [client, up] };
     let (upload, download) = tokio::join!(pump(client, up, &clock), pump(up, client, &clock));
+    unfinished.0 = None;
     drop(counted);
     if download == End::Eof && upload == End::Undeliverable {
         linger(client, idle).await;
@@ -47,6 +54,17 @@ pub(super) async fn relay(client: &Socket, up: &Socket, idle: Duration, state: &
     // Reads abandoned on an idle timeout stay pending until the sockets are shut down.
     let _ = client.shutdown(Shutdown::Both);
     let _ = up.shutdown(Shutdown::Both);
+}
+
+/// The sockets of a relay under way, reset if it is dropped before it ends (see [`relay`]).
+struct Unfinished<'a>(Option<[&'a Socket; 2]>);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        for s in self.0.into_iter().flatten() {
+            s.abort();
+        }
+    }
 }
 
 /// How one direction of a relay ended.
