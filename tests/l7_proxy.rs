@@ -1274,25 +1274,32 @@ fn tcp_mode_relays_with_half_close() {
 }
 
 /// The idle timeout is silence both ways: a backend pushing a feed to a client that sends
-/// nothing keeps its connection whole, past the timeout; then silence ends it.
+/// nothing keeps its connection whole, past the timeout; then silence ends it, with a reset on
+/// both sides: the proxy cut the connection, neither side ended it, and a clean end would pass
+/// the stream for complete (it did, before).
 #[test]
 fn tcp_mode_idle_timeout_counts_traffic_either_way() {
     let early_end = Arc::new(AtomicBool::new(false));
-    let flag = early_end.clone();
+    let backend_end = Arc::new(std::sync::Mutex::new(None));
+    let (flag, ended) = (early_end.clone(), backend_end.clone());
     let feed = serve_backend(move |s, _, _| {
         let mut w = s.try_clone().unwrap();
-        let (flag, done) = (flag.clone(), Arc::new(AtomicBool::new(false)));
+        let (flag, ended, done) = (flag.clone(), ended.clone(), Arc::new(AtomicBool::new(false)));
         let started = Arc::new(AtomicBool::new(false));
         let (done2, started2) = (done.clone(), started.clone());
         // The client's side must stay open while the feed runs.
         let reader = std::thread::spawn(move || {
             let mut r = s;
             let _ = r.set_read_timeout(Some(Duration::from_secs(4)));
-            let n = r.read(&mut [0u8; 16]).unwrap_or(1);
+            let end = r.read(&mut [0u8; 16]).map_err(|e| e.kind());
             // (The proxy helper's readiness probe connects and closes at once: not a feed.)
-            if n == 0 && started2.load(Ordering::Relaxed) && !done2.load(Ordering::Relaxed) {
+            if !started2.load(Ordering::Relaxed) {
+                return;
+            }
+            if !done2.load(Ordering::Relaxed) {
                 flag.store(true, Ordering::Relaxed);
             }
+            *ended.lock().unwrap() = Some(end);
         });
         for _ in 0..7 {
             std::thread::sleep(Duration::from_millis(300));
@@ -1308,12 +1315,25 @@ fn tcp_mode_idle_timeout_counts_traffic_either_way() {
     let mut s = TcpStream::connect(p.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
     let start = Instant::now();
-    let mut got = Vec::new();
-    s.read_to_end(&mut got).unwrap();
+    let (mut got, mut buf) = (Vec::new(), [0u8; 64]);
+    let end = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break Ok(0),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => break Err(e.kind()),
+        }
+    };
     assert_eq!(got, b"tick\n".repeat(7), "the whole feed, past the idle timeout");
     assert!(!early_end.load(Ordering::Relaxed), "the backend saw the client's side end mid-feed");
     // After the feed, nothing moves: the relay ends about one idle timeout later.
     assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "the client's end");
+    let t = Instant::now();
+    while backend_end.lock().unwrap().is_none() && t.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let backend_end = *backend_end.lock().unwrap();
+    assert_eq!(backend_end, Some(Err(std::io::ErrorKind::ConnectionReset)), "the backend's end");
 }
 
 #[test]
@@ -6009,6 +6029,8 @@ fn tcp_client_case(addr: SocketAddr, case: usize, c: &TcpPropCase) -> TcpClientR
 ///   other direction keeps flowing (a backend that half-closes first still gets the whole
 ///   upload, a client that half-closes first still gets the whole answer);
 /// - a reset reaches the other side as a reset (ECONNRESET), never as a clean end;
+/// - a relay cut at the idle timeout (the client keeps its side open, and the backend waits for
+///   its end) ends with a reset on both sides, never a clean end;
 /// - the client's connection ends within twice the idle timeout (a lingering close) plus 1 s
 ///   past its own pauses, and the backend's does not time out.
 ///
@@ -6071,10 +6093,14 @@ fn property_tcp_relay_passes_bytes_half_closes_and_resets_exactly() {
         use TcpClientEnd as C;
         // Download: what the client got.
         if c.end != C::Reset {
+            // Kept open, the client's side does not end before the backend's: a backend that
+            // waits for the client's end before it ends its own is cut at the idle timeout.
+            let cut: &[TcpSeen] =
+                if c.end == C::KeepOpen { &[TcpSeen::Reset] } else { &[TcpSeen::Eof] };
             let (want, exact, ends): (&[u8], bool, &[TcpSeen]) = match c.backend {
-                B::Echo => (&c.up, true, &[TcpSeen::Eof]),
+                B::Echo => (&c.up, true, cut),
                 B::SendThenFin => (&c.down, true, &[TcpSeen::Eof]),
-                B::ReadThenAnswer => (&c.down, c.end == C::HalfClose, &[TcpSeen::Eof]),
+                B::ReadThenAnswer => (&c.down, c.end == C::HalfClose, cut),
                 B::ResetAfter(_) => (&c.down, false, &[TcpSeen::Reset]),
                 B::CloseEarly => (&[], true, &[TcpSeen::Eof, TcpSeen::Reset]),
             };
@@ -6126,8 +6152,12 @@ fn property_tcp_relay_passes_bytes_half_closes_and_resets_exactly() {
                 }
             }
             (Some(br), _) => {
-                let (exact, end) = match c.end {
-                    C::Reset => (false, TcpSeen::Reset),
+                let (exact, end) = match (c.end, c.backend) {
+                    (C::Reset, _) => (false, TcpSeen::Reset),
+                    // Kept open, the client's side ends only when the client closes, once it
+                    // has read the backend's end: a backend that waits for the client's end
+                    // first is cut at the idle timeout.
+                    (C::KeepOpen, B::Echo | B::ReadThenAnswer) => (true, TcpSeen::Reset),
                     _ => (true, TcpSeen::Eof),
                 };
                 if if exact { br.got != c.up } else { !prefix(&br.got, &c.up) } {

@@ -5,10 +5,11 @@
 //! reset that a send to the resetting side takes first (the kernel reports it once), which the
 //! receive then sees as an end of stream, and which is indistinguishable on the wire from a
 //! close with bytes unread, passed on as an end so the client keeps the last bytes (`relay`,
-//! docs/ARCHITECTURE.md). A relay the proxy's stop cuts at its drain deadline ends with a reset
-//! on both sides too. The idle timeout counts silence in both directions: a stream one side
-//! pushes while the other listens (server-sent events, a WebSocket feed) is not idle, nor is
-//! one a slow reader drains from the kernel's buffers.
+//! docs/ARCHITECTURE.md). A relay the proxy itself cuts, at the idle timeout or at a stop's drain
+//! deadline, ends with a reset on both sides too: neither side ended its stream. The idle
+//! timeout counts silence in both directions: a stream one side pushes while the other listens
+//! (server-sent events, a WebSocket feed) is not idle, nor is one a slow reader drains from the
+//! kernel's buffers.
 
 use std::{
     cell::Cell,
@@ -72,7 +73,7 @@ impl Drop for Unfinished<'_> {
 enum End {
     /// Its sender ended its side (end of stream), passed on as a half-close.
     Eof,
-    /// Nothing moved either way for the idle timeout.
+    /// Nothing moved either way for the idle timeout: both connections are reset.
     Idle,
     /// Receiving failed (the sender reset its connection, or the kernel aborted it), passed on
     /// as a reset.
@@ -119,9 +120,11 @@ impl Clock<'_> {
 }
 
 /// Copies `from` to `to` until `from` ends or fails, sending to `to` fails, or the relay is idle
-/// (`clock`). A clean end of `from` (or idleness) shuts `to`'s write half, so the far end sees
-/// the end of what this side sends; a failed receive aborts `to` ([`Socket::abort`]), so the far
-/// end sees a reset as its peer's did.
+/// (`clock`). A clean end of `from` shuts `to`'s write half, so the far end sees the end of what
+/// this side sends; a failed receive aborts `to` ([`Socket::abort`]), so the far end sees a
+/// reset as its peer's did. Idleness aborts both: the proxy cuts the relay there, and a
+/// half-close would tell a side that waits for the other's end (an upload delimited by it, a
+/// feed) that the stream was whole. Nothing is lost to the reset: nothing is in flight then.
 async fn pump(from: &Socket, to: &Socket, clock: &Clock<'_>) -> End {
     let mut buf = BytesMut::new();
     loop {
@@ -136,7 +139,9 @@ async fn pump(from: &Socket, to: &Socket, clock: &Clock<'_>) -> End {
                 Ok(x) => break x,
                 Err(_) if !clock.expired() => {}
                 Err(_) => {
-                    let _ = to.shutdown(Shutdown::Write);
+                    for s in clock.sockets {
+                        s.abort();
+                    }
                     return End::Idle;
                 }
             }
