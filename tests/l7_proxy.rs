@@ -1030,15 +1030,18 @@ fn a_keep_alive_request_has_the_whole_header_timeout_from_its_first_bytes() {
     assert!(t.elapsed() < Duration::from_millis(1000), "cut after {:?}", t.elapsed());
 }
 
-/// Access-log lines (log target `edgelb::access`), and the HTTP proxy's own lines down to debug
-/// (target `edgelb::proxy::http`), written anywhere in this test process.
+/// Access-log lines (log target `edgelb::access`), the HTTP proxy's own lines down to debug
+/// (target `edgelb::proxy::http`) and the TCP relay's warnings (`edgelb::proxy::tcp`), written
+/// anywhere in this test process.
 fn access_log() -> Arc<std::sync::Mutex<Vec<u8>>> {
     static LOG: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
     LOG.get_or_init(|| {
         let log: Arc<std::sync::Mutex<Vec<u8>>> = Default::default();
         let sink = log.clone();
         let subscriber = tracing_subscriber::fmt()
-            .with_env_filter("edgelb::access=info,edgelb::proxy::http=debug")
+            .with_env_filter(
+                "edgelb::access=info,edgelb::proxy::http=debug,edgelb::proxy::tcp=warn",
+            )
             .with_ansi(false)
             .with_writer(move || Sink(sink.clone()))
             .finish();
@@ -4664,6 +4667,48 @@ fn http_connections_cut_at_the_drain_deadline_are_reset_and_counted() {
         text.lines().any(|l| l.contains("target=/drain-cut ") && l.contains("cut=drain")),
         "target=/drain-cut cut=drain in\n{text}"
     );
+}
+
+/// A TCP-mode VIP counts its connections by outcome (`relayed`, or `no_backend` when no backend
+/// could be connected to, and the client's connection is closed) and its retries: such a
+/// connection was counted nowhere, and logged only when its failures ejected a backend (so,
+/// once the pool failed open, not at all).
+#[test]
+fn tcp_mode_counts_connections_by_outcome_and_retries() {
+    let log = access_log();
+    let tcp = |outcome: &str, n: u64| {
+        format!("edgelb_l7_tcp_connections_total{{vip=\"web\",outcome=\"{outcome}\"}} {n}")
+    };
+    let retries = |n: u64| format!("edgelb_l7_retries_total{{vip=\"web\"}} {n}");
+    let (d1, d2) = (dead_backend(), dead_backend());
+    let p = proxy(&[(&d1, 1), (&d2, 1)], "mode = \"tcp\"\nretries = 1\nmax_fails = 100", "");
+    // The proxy helper's readiness probe is one connection.
+    wait_for_metric(&p, &tcp("no_backend", 1));
+    wait_for_metric(&p, &retries(1));
+    let mut c = TcpStream::connect(p.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let end = c.read(&mut [0u8; 16]);
+    assert!(!matches!(end, Ok(n) if n > 0), "{end:?}");
+    wait_for_metric(&p, &tcp("no_backend", 2));
+    wait_for_metric(&p, &retries(2));
+    wait_for_metric(&p, &tcp("relayed", 0));
+    // Said (at most every 10 s, for the whole process: no other test here meets it).
+    let text = logged(&log);
+    assert!(text.contains("no backend could be connected"), "{text}");
+
+    let echo = backend("echo", Mode::Echo);
+    let q = proxy(&[(&echo, 1)], "mode = \"tcp\"", "");
+    let mut c = TcpStream::connect(q.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"ping").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"ping");
+    // With the readiness probe's.
+    wait_for_metric(&q, &tcp("relayed", 2));
+    wait_for_metric(&q, &tcp("no_backend", 0));
+    wait_for_metric(&q, &retries(0));
 }
 
 /// A drained backend (weight 0) takes no new clients but keeps its sticky ones, as a drained

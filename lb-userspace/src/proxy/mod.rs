@@ -77,6 +77,15 @@ pub struct CutLabels {
     pub side: String,
 }
 
+/// Labels for counts of TCP-mode connections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// VIP name.
+    pub vip: String,
+    /// How the connection went: `relayed`, or `no_backend` (see `tcp::Outcome`).
+    pub outcome: String,
+}
+
 /// The proxy's Prometheus metrics (shared by every proxy thread).
 #[derive(Clone, Debug)]
 pub struct L7Metrics {
@@ -88,6 +97,10 @@ pub struct L7Metrics {
     pub active: Family<VipLabel, Gauge>,
     /// Retries on another backend.
     pub retries: Family<VipLabel, Counter>,
+    /// TCP-mode connections by outcome: one that no backend could be connected to is closed,
+    /// and would otherwise show nowhere (its failures are logged only when they eject a
+    /// backend, so not at all once the pool fails open).
+    pub tcp_connections: Family<TcpLabels, Counter>,
     /// Responses whose body was cut short after their head went to the client, by who ended
     /// them: counted apart, since such a response is counted and logged by its status (a 200,
     /// say), which alone would pass it for a whole one.
@@ -162,6 +175,7 @@ impl L7Metrics {
             duration: Family::new_with_constructor(latency_histogram),
             active: Family::default(),
             retries: Family::default(),
+            tcp_connections: Family::default(),
             responses_cut: Family::default(),
             ejections: Family::default(),
             accept_errors: Family::default(),
@@ -192,8 +206,14 @@ impl L7Metrics {
         );
         registry.register(
             "edgelb_l7_retries",
-            "L7 requests retried on another backend",
+            "L7 requests (in TCP mode, connections) retried on another backend",
             m.retries.clone(),
+        );
+        registry.register(
+            "edgelb_l7_tcp_connections",
+            "TCP-mode L7 connections by outcome: relayed to a backend, or closed because no \
+             backend could be connected (no_backend)",
+            m.tcp_connections.clone(),
         );
         registry.register(
             "edgelb_l7_responses_cut",
@@ -271,6 +291,9 @@ pub struct VipRuntime {
     pub duration: Histogram,
     /// Retries of this VIP.
     pub retries: Counter,
+    /// Connections of this VIP by outcome, indexed by `tcp::Outcome` (relayed, no backend):
+    /// for a TCP-mode VIP; an HTTP VIP's count nowhere (it has no such series).
+    pub tcp_connections: [Counter; 2],
     /// Responses of this VIP cut short, indexed by `http::Cut` (backend, client, deadline,
     /// idle, drain).
     pub responses_cut: [Counter; 5],
@@ -717,6 +740,15 @@ impl Proxy {
                     ],
                     duration: m.duration.get_or_create(&label).clone(),
                     retries: m.retries.get_or_create(&label).clone(),
+                    tcp_connections: tcp::Outcome::ALL.map(|o| {
+                        if l7.mode != L7Mode::Tcp {
+                            return Counter::default();
+                        }
+                        let outcome = o.as_str().to_owned();
+                        m.tcp_connections
+                            .get_or_create(&TcpLabels { vip: vip.name.clone(), outcome })
+                            .clone()
+                    }),
                     responses_cut: http::Cut::ALL.map(|c| {
                         let side = c.as_str().to_owned();
                         m.responses_cut
