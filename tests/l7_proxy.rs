@@ -718,6 +718,22 @@ fn with_cookie(addr: SocketAddr, cookie: &str) -> (String, Option<String>) {
     (who(&r), r.1.get("set-cookie").map(|s| s.split(';').next().unwrap().to_owned()))
 }
 
+/// A cookie value in double quotes (RFC 6265 4.1.1 allows them; some clients and frameworks
+/// send the value so) names the member the bare value names: it was ignored, and the client
+/// placed anew.
+#[test]
+fn a_quoted_cookie_value_keeps_its_backend() {
+    let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));
+    let p = cookie_proxy(&[&a, &b, &c], "cookie_secret = \"0123456789abcdef0123\"");
+    let first = get(p.addr, "/");
+    let cookie = first.1["set-cookie"].split(';').next().unwrap().to_owned();
+    let value = cookie.strip_prefix("edgelb=").unwrap();
+    for _ in 0..6 {
+        let (by, set) = with_cookie(p.addr, &format!("x=1; edgelb=\"{value}\""));
+        assert_eq!((by, set), (who(&first), None), "quoted {cookie}");
+    }
+}
+
 /// A secret rotation over the nodes: a node with the new secret and the old one as
 /// `cookie_secret_previous` keeps a client whose cookie the old secret signed on its backend,
 /// and issues it the cookie of that backend under the new secret, which a node with the new

@@ -1698,6 +1698,11 @@ async fn serve_conn(
                         let (name, rest) =
                             c.trim_ascii().split_at_checked(pool.cookie_name.len())?;
                         let value = rest.strip_prefix(b"=")?;
+                        // A value may come in double quotes (RFC 6265 4.1.1): the same value.
+                        let value = value
+                            .strip_prefix(b"\"")
+                            .and_then(|v| v.strip_suffix(b"\""))
+                            .unwrap_or(value);
                         (name == pool.cookie_name.as_bytes()).then_some(value)
                     })
                     // Each of the VIP's pools sets its own (scoped to its route's path, see
