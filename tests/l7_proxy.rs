@@ -718,6 +718,22 @@ fn with_cookie(addr: SocketAddr, cookie: &str) -> (String, Option<String>) {
     (who(&r), r.1.get("set-cookie").map(|s| s.split(';').next().unwrap().to_owned()))
 }
 
+/// A cookie value in double quotes (RFC 6265 4.1.1 allows them; some clients and frameworks
+/// send the value so) names the member the bare value names: it was ignored, and the client
+/// placed anew.
+#[test]
+fn a_quoted_cookie_value_keeps_its_backend() {
+    let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));
+    let p = cookie_proxy(&[&a, &b, &c], "cookie_secret = \"0123456789abcdef0123\"");
+    let first = get(p.addr, "/");
+    let cookie = first.1["set-cookie"].split(';').next().unwrap().to_owned();
+    let value = cookie.strip_prefix("edgelb=").unwrap();
+    for _ in 0..6 {
+        let (by, set) = with_cookie(p.addr, &format!("x=1; edgelb=\"{value}\""));
+        assert_eq!((by, set), (who(&first), None), "quoted {cookie}");
+    }
+}
+
 /// A secret rotation over the nodes: a node with the new secret and the old one as
 /// `cookie_secret_previous` keeps a client whose cookie the old secret signed on its backend,
 /// and issues it the cookie of that backend under the new secret, which a node with the new
@@ -1030,15 +1046,18 @@ fn a_keep_alive_request_has_the_whole_header_timeout_from_its_first_bytes() {
     assert!(t.elapsed() < Duration::from_millis(1000), "cut after {:?}", t.elapsed());
 }
 
-/// Access-log lines (log target `edgelb::access`), and the HTTP proxy's own lines down to debug
-/// (target `edgelb::proxy::http`), written anywhere in this test process.
+/// Access-log lines (log target `edgelb::access`), the HTTP proxy's own lines down to debug
+/// (target `edgelb::proxy::http`) and the TCP relay's warnings (`edgelb::proxy::tcp`), written
+/// anywhere in this test process.
 fn access_log() -> Arc<std::sync::Mutex<Vec<u8>>> {
     static LOG: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
     LOG.get_or_init(|| {
         let log: Arc<std::sync::Mutex<Vec<u8>>> = Default::default();
         let sink = log.clone();
         let subscriber = tracing_subscriber::fmt()
-            .with_env_filter("edgelb::access=info,edgelb::proxy::http=debug")
+            .with_env_filter(
+                "edgelb::access=info,edgelb::proxy::http=debug,edgelb::proxy::tcp=warn",
+            )
             .with_ansi(false)
             .with_writer(move || Sink(sink.clone()))
             .finish();
@@ -1274,25 +1293,32 @@ fn tcp_mode_relays_with_half_close() {
 }
 
 /// The idle timeout is silence both ways: a backend pushing a feed to a client that sends
-/// nothing keeps its connection whole, past the timeout; then silence ends it.
+/// nothing keeps its connection whole, past the timeout; then silence ends it, with a reset on
+/// both sides: the proxy cut the connection, neither side ended it, and a clean end would pass
+/// the stream for complete (it did, before).
 #[test]
 fn tcp_mode_idle_timeout_counts_traffic_either_way() {
     let early_end = Arc::new(AtomicBool::new(false));
-    let flag = early_end.clone();
+    let backend_end = Arc::new(std::sync::Mutex::new(None));
+    let (flag, ended) = (early_end.clone(), backend_end.clone());
     let feed = serve_backend(move |s, _, _| {
         let mut w = s.try_clone().unwrap();
-        let (flag, done) = (flag.clone(), Arc::new(AtomicBool::new(false)));
+        let (flag, ended, done) = (flag.clone(), ended.clone(), Arc::new(AtomicBool::new(false)));
         let started = Arc::new(AtomicBool::new(false));
         let (done2, started2) = (done.clone(), started.clone());
         // The client's side must stay open while the feed runs.
         let reader = std::thread::spawn(move || {
             let mut r = s;
             let _ = r.set_read_timeout(Some(Duration::from_secs(4)));
-            let n = r.read(&mut [0u8; 16]).unwrap_or(1);
+            let end = r.read(&mut [0u8; 16]).map_err(|e| e.kind());
             // (The proxy helper's readiness probe connects and closes at once: not a feed.)
-            if n == 0 && started2.load(Ordering::Relaxed) && !done2.load(Ordering::Relaxed) {
+            if !started2.load(Ordering::Relaxed) {
+                return;
+            }
+            if !done2.load(Ordering::Relaxed) {
                 flag.store(true, Ordering::Relaxed);
             }
+            *ended.lock().unwrap() = Some(end);
         });
         for _ in 0..7 {
             std::thread::sleep(Duration::from_millis(300));
@@ -1308,12 +1334,25 @@ fn tcp_mode_idle_timeout_counts_traffic_either_way() {
     let mut s = TcpStream::connect(p.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
     let start = Instant::now();
-    let mut got = Vec::new();
-    s.read_to_end(&mut got).unwrap();
+    let (mut got, mut buf) = (Vec::new(), [0u8; 64]);
+    let end = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break Ok(0),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => break Err(e.kind()),
+        }
+    };
     assert_eq!(got, b"tick\n".repeat(7), "the whole feed, past the idle timeout");
     assert!(!early_end.load(Ordering::Relaxed), "the backend saw the client's side end mid-feed");
     // After the feed, nothing moves: the relay ends about one idle timeout later.
     assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "the client's end");
+    let t = Instant::now();
+    while backend_end.lock().unwrap().is_none() && t.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let backend_end = *backend_end.lock().unwrap();
+    assert_eq!(backend_end, Some(Err(std::io::ErrorKind::ConnectionReset)), "the backend's end");
 }
 
 #[test]
@@ -4505,6 +4544,189 @@ fn tcp_mode_counts_a_connection_while_it_connects() {
     drop(conns);
 }
 
+/// TCP mode sets TCP_NODELAY on its backend connections, as the client side has it (from the
+/// listener) and the HTTP side on its backend connections: a client that writes its request in
+/// two small pieces and waits for a one-byte answer waited some 40 ms a round, where directly
+/// it waits well under 1 ms (Nagle's algorithm held the second piece back until the backend's
+/// delayed ACK of the first, which the backend, waiting for the rest, never sent sooner).
+#[test]
+fn tcp_mode_small_writes_to_the_backend_are_not_held_back() {
+    let b = serve_backend(|mut s, r2, _| {
+        s.set_nodelay(true).unwrap();
+        let mut two = [0u8; 2];
+        // (The proxy helper's readiness probe connects and closes at once.)
+        while s.read_exact(&mut two).is_ok() {
+            r2.fetch_add(1, Ordering::Relaxed);
+            if s.write_all(b"!").is_err() {
+                return;
+            }
+        }
+    });
+    let p = proxy(&[(&b, 1)], "mode = \"tcp\"", "");
+    let mut c = TcpStream::connect(p.addr).unwrap();
+    c.set_nodelay(true).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rounds: Vec<Duration> = (0..21)
+        .map(|_| {
+            let t = Instant::now();
+            c.write_all(b"H").unwrap();
+            std::thread::sleep(Duration::from_micros(500));
+            c.write_all(b"B").unwrap();
+            let mut one = [0u8; 1];
+            c.read_exact(&mut one).unwrap();
+            assert_eq!(&one, b"!");
+            t.elapsed()
+        })
+        .collect();
+    rounds.sort();
+    // Loopback: a wide margin over the sub-millisecond round trip, well under a delayed ACK.
+    let median = rounds[rounds.len() / 2];
+    assert!(median < Duration::from_millis(10), "median round trip {median:?} of {rounds:?}");
+}
+
+/// The relays still open when the drain deadline passes end with a reset on both sides, as a
+/// relay passes on a peer's failure: a clean close would tell the backend that the client's
+/// upload was whole (and the client that the backend's answer was), where the stop cut it.
+/// Before, the runtime's end closed both sockets, and each side read an end of stream.
+#[test]
+fn tcp_mode_relays_cut_at_the_drain_deadline_are_reset_both_ways() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b = serve_backend(move |mut s, r2, _| {
+        // (The proxy helper's readiness probe connects and closes at once.)
+        if s.read_exact(&mut [0u8; 15]).is_err() {
+            return;
+        }
+        r2.fetch_add(1, Ordering::Relaxed);
+        let end = s.read(&mut [0u8; 64]).map_err(|e| e.kind());
+        let _ = tx.send(end);
+    });
+    let mut p = proxy(&[(&b, 1)], "mode = \"tcp\"", "");
+    let mut c = TcpStream::connect(p.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"partial-upload-").unwrap();
+    let start = Instant::now();
+    while b.reqs.load(Ordering::Relaxed) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "the bytes reach the backend");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    p.proxy.take().unwrap().shutdown(Duration::from_millis(200));
+    let end = rx.recv_timeout(Duration::from_secs(5)).expect("the backend's read ends");
+    assert_eq!(
+        end,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the backend reads a reset, not the end of a whole upload"
+    );
+    let end = c.read(&mut [0u8; 64]).map_err(|e| e.kind());
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "the client reads a reset");
+}
+
+/// The drain deadline on the HTTP side: a response still streaming (its body delimited by the
+/// close, which a clean close would complete) ends with a reset, logged and counted as cut by
+/// the drain (`cut=drain`); an upgraded connection (a WebSocket) ends with a reset on both
+/// sides, as a TCP relay does.
+#[test]
+fn http_connections_cut_at_the_drain_deadline_are_reset_and_counted() {
+    let log = access_log();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b = serve_backend(move |s, _, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let Some((head, _)) = read_request(&mut r) else { return };
+        let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+        if path == "/ws" {
+            let _ = w.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n");
+            let mut got = [0u8; 7];
+            if r.read_exact(&mut got).is_err() {
+                return;
+            }
+            let end = r.read(&mut [0u8; 64]).map_err(|e| e.kind());
+            let _ = tx.send(end);
+            return;
+        }
+        // A body delimited by the close, which never comes: the backend holds its connection.
+        let _ = w.write_all(b"HTTP/1.1 200 OK\r\n\r\npartial");
+        let _ = r.read(&mut [0u8; 64]);
+    });
+    let mut p = proxy(&[(&b, 1)], "access_log = true", "");
+    let head_then = |c: &mut TcpStream, req: &str, more: usize| {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(req.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            c.read_exact(&mut byte).unwrap();
+            got.push(byte[0]);
+        }
+        let mut rest = vec![0u8; more];
+        c.read_exact(&mut rest).unwrap();
+        String::from_utf8_lossy(&got).into_owned() + &String::from_utf8_lossy(&rest)
+    };
+    let mut download = TcpStream::connect(p.addr).unwrap();
+    let got = head_then(&mut download, "GET /drain-cut HTTP/1.1\r\nHost: t\r\n\r\n", 7);
+    assert!(got.starts_with("HTTP/1.1 200 ") && got.ends_with("partial"), "{got:?}");
+    let mut ws = TcpStream::connect(p.addr).unwrap();
+    let req = "GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+    let got = head_then(&mut ws, req, 0);
+    assert!(got.starts_with("HTTP/1.1 101 "), "{got:?}");
+    ws.write_all(b"partial").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    p.proxy.take().unwrap().shutdown(Duration::from_millis(200));
+    for (c, what) in [(&mut download, "download"), (&mut ws, "WebSocket")] {
+        let end = c.read(&mut [0u8; 64]).map_err(|e| e.kind());
+        assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "the {what}'s client");
+    }
+    let end = rx.recv_timeout(Duration::from_secs(5)).expect("the WebSocket backend's read ends");
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "the WebSocket's backend");
+    wait_for_metric(&p, "edgelb_l7_responses_cut_total{vip=\"web\",side=\"drain\"} 1");
+    let text = logged(&log);
+    assert!(
+        text.lines().any(|l| l.contains("target=/drain-cut ") && l.contains("cut=drain")),
+        "target=/drain-cut cut=drain in\n{text}"
+    );
+}
+
+/// A TCP-mode VIP counts its connections by outcome (`relayed`, or `no_backend` when no backend
+/// could be connected to, and the client's connection is closed) and its retries: such a
+/// connection was counted nowhere, and logged only when its failures ejected a backend (so,
+/// once the pool failed open, not at all).
+#[test]
+fn tcp_mode_counts_connections_by_outcome_and_retries() {
+    let log = access_log();
+    let tcp = |outcome: &str, n: u64| {
+        format!("edgelb_l7_tcp_connections_total{{vip=\"web\",outcome=\"{outcome}\"}} {n}")
+    };
+    let retries = |n: u64| format!("edgelb_l7_retries_total{{vip=\"web\"}} {n}");
+    let (d1, d2) = (dead_backend(), dead_backend());
+    let p = proxy(&[(&d1, 1), (&d2, 1)], "mode = \"tcp\"\nretries = 1\nmax_fails = 100", "");
+    // The proxy helper's readiness probe is one connection.
+    wait_for_metric(&p, &tcp("no_backend", 1));
+    wait_for_metric(&p, &retries(1));
+    let mut c = TcpStream::connect(p.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let end = c.read(&mut [0u8; 16]);
+    assert!(!matches!(end, Ok(n) if n > 0), "{end:?}");
+    wait_for_metric(&p, &tcp("no_backend", 2));
+    wait_for_metric(&p, &retries(2));
+    wait_for_metric(&p, &tcp("relayed", 0));
+    // Said (at most every 10 s, for the whole process: no other test here meets it).
+    let text = logged(&log);
+    assert!(text.contains("no backend could be connected"), "{text}");
+
+    let echo = backend("echo", Mode::Echo);
+    let q = proxy(&[(&echo, 1)], "mode = \"tcp\"", "");
+    let mut c = TcpStream::connect(q.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"ping").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"ping");
+    // With the readiness probe's.
+    wait_for_metric(&q, &tcp("relayed", 2));
+    wait_for_metric(&q, &tcp("no_backend", 0));
+    wait_for_metric(&q, &retries(0));
+}
+
 /// A drained backend (weight 0) takes no new clients but keeps its sticky ones, as a drained
 /// backend keeps its established flows in XDP; once it leaves the pool, they move.
 #[test]
@@ -5868,6 +6090,8 @@ fn tcp_client_case(addr: SocketAddr, case: usize, c: &TcpPropCase) -> TcpClientR
 ///   other direction keeps flowing (a backend that half-closes first still gets the whole
 ///   upload, a client that half-closes first still gets the whole answer);
 /// - a reset reaches the other side as a reset (ECONNRESET), never as a clean end;
+/// - a relay cut at the idle timeout (the client keeps its side open, and the backend waits for
+///   its end) ends with a reset on both sides, never a clean end;
 /// - the client's connection ends within twice the idle timeout (a lingering close) plus 1 s
 ///   past its own pauses, and the backend's does not time out.
 ///
@@ -5930,10 +6154,14 @@ fn property_tcp_relay_passes_bytes_half_closes_and_resets_exactly() {
         use TcpClientEnd as C;
         // Download: what the client got.
         if c.end != C::Reset {
+            // Kept open, the client's side does not end before the backend's: a backend that
+            // waits for the client's end before it ends its own is cut at the idle timeout.
+            let cut: &[TcpSeen] =
+                if c.end == C::KeepOpen { &[TcpSeen::Reset] } else { &[TcpSeen::Eof] };
             let (want, exact, ends): (&[u8], bool, &[TcpSeen]) = match c.backend {
-                B::Echo => (&c.up, true, &[TcpSeen::Eof]),
+                B::Echo => (&c.up, true, cut),
                 B::SendThenFin => (&c.down, true, &[TcpSeen::Eof]),
-                B::ReadThenAnswer => (&c.down, c.end == C::HalfClose, &[TcpSeen::Eof]),
+                B::ReadThenAnswer => (&c.down, c.end == C::HalfClose, cut),
                 B::ResetAfter(_) => (&c.down, false, &[TcpSeen::Reset]),
                 B::CloseEarly => (&[], true, &[TcpSeen::Eof, TcpSeen::Reset]),
             };
@@ -5985,8 +6213,12 @@ fn property_tcp_relay_passes_bytes_half_closes_and_resets_exactly() {
                 }
             }
             (Some(br), _) => {
-                let (exact, end) = match c.end {
-                    C::Reset => (false, TcpSeen::Reset),
+                let (exact, end) = match (c.end, c.backend) {
+                    (C::Reset, _) => (false, TcpSeen::Reset),
+                    // Kept open, the client's side ends only when the client closes, once it
+                    // has read the backend's end: a backend that waits for the client's end
+                    // first is cut at the idle timeout.
+                    (C::KeepOpen, B::Echo | B::ReadThenAnswer) => (true, TcpSeen::Reset),
                     _ => (true, TcpSeen::Eof),
                 };
                 if if exact { br.got != c.up } else { !prefix(&br.got, &c.up) } {

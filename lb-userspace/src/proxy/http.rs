@@ -999,11 +999,15 @@ pub(super) enum Cut {
     /// a pause, which a healthy backend's stream of events or long poll can outlast, so no
     /// passive-health failure.
     Idle = 3,
+    /// The proxy stopped, and its drain deadline (`node.l7_drain_timeout_ms`) passed while the
+    /// body streamed (or a second stop signal cut the drain short).
+    Drain = 4,
 }
 
 impl Cut {
     /// Every side, in the order of their index.
-    pub(super) const ALL: [Cut; 4] = [Cut::Backend, Cut::Client, Cut::Deadline, Cut::Idle];
+    pub(super) const ALL: [Cut; 5] =
+        [Cut::Backend, Cut::Client, Cut::Deadline, Cut::Idle, Cut::Drain];
 
     /// Its name in the log and as the metric's `side` label.
     pub(super) fn as_str(self) -> &'static str {
@@ -1012,6 +1016,7 @@ impl Cut {
             Cut::Client => "client",
             Cut::Deadline => "deadline",
             Cut::Idle => "idle",
+            Cut::Drain => "drain",
         }
     }
 }
@@ -1693,6 +1698,11 @@ async fn serve_conn(
                         let (name, rest) =
                             c.trim_ascii().split_at_checked(pool.cookie_name.len())?;
                         let value = rest.strip_prefix(b"=")?;
+                        // A value may come in double quotes (RFC 6265 4.1.1): the same value.
+                        let value = value
+                            .strip_prefix(b"\"")
+                            .and_then(|v| v.strip_suffix(b"\""))
+                            .unwrap_or(value);
                         (name == pool.cookie_name.as_bytes()).then_some(value)
                     })
                     // Each of the VIP's pools sets its own (scoped to its route's path, see
@@ -1994,60 +2004,68 @@ async fn serve_conn(
         }
         let streaming =
             stream_body(&up, &mut ubuf, client, rframing, decode, deadline, vip.cfg.idle_timeout);
-        let body = if cut {
-            // The rest of a cut-off body is read and dropped while the answer streams, not
-            // only after it (`linger`): a client that writes its whole body before it reads
-            // anything (Python's http.client, requests) would otherwise stall its send to the
-            // proxy while the proxy stalls its send of an answer larger than the socket buffers
-            // to the client, until the idle timeout resets the connection. The answer goes
-            // first (`biased`): one framed without a body issues no read at all. Once the
-            // client's side ends the reading is polled no more; one left pending when the
-            // answer is through stays in flight with its buffer, harmlessly (what it gets is
-            // dropped anyway), and completes at the latest when `serve` shuts the socket down.
-            let mut streaming = std::pin::pin!(streaming);
-            let mut draining = std::pin::pin!(discard(client));
-            let mut drained = false;
-            loop {
-                tokio::select! {
-                    biased;
-                    r = &mut streaming => break r,
-                    () = &mut draining, if !drained => drained = true,
+        let body = async {
+            if cut {
+                // The rest of a cut-off body is read and dropped while the answer streams, not
+                // only after it (`linger`): a client that writes its whole body before it reads
+                // anything (Python's http.client, requests) would otherwise stall its send to
+                // the proxy while the proxy stalls its send of an answer larger than the socket
+                // buffers to the client, until the idle timeout resets the connection. The
+                // answer goes first (`biased`): one framed without a body issues no read at
+                // all. Once the client's side ends the reading is polled no more; one left
+                // pending when the answer is through stays in flight with its buffer,
+                // harmlessly (what it gets is dropped anyway), and completes at the latest when
+                // `serve` shuts the socket down.
+                let mut streaming = std::pin::pin!(streaming);
+                let mut draining = std::pin::pin!(discard(client));
+                let mut drained = false;
+                loop {
+                    tokio::select! {
+                        biased;
+                        r = &mut streaming => break r,
+                        () = &mut draining, if !drained => drained = true,
+                    }
                 }
+            } else {
+                streaming.await
             }
-        } else {
-            streaming.await
         };
-        drop(counted);
-        let end = Instant::now();
         // Who ended a body that could not be passed on whole. The backend, when it closed or
         // reset its connection or broke the chunked coding: a passive-health failure, unless
         // it answered before it had the whole request body (`cut`: its close with the rest
         // unread resets the connection). The client, when the write to it failed (it left);
-        // the whole-request deadline, which a slow client can make a download outlast; and the
-        // idle timeout, which a healthy stream's pause can outlast: none is the backend's
-        // fault. The response is still counted and logged by the status its head gave the
-        // client (as nginx and HAProxy log it), with the cut beside it.
-        let cut_by = match body {
-            Ok(()) => None,
-            Err(Side::Dst) => Some(Cut::Client),
-            Err(Side::Timeout) if tokio::time::Instant::from_std(end) >= deadline => {
-                Some(Cut::Deadline)
-            }
-            Err(Side::Timeout) => Some(Cut::Idle),
-            Err(Side::Src | Side::Bad) => Some(Cut::Backend),
+        // the whole-request deadline, which a slow client can make a download outlast; the
+        // idle timeout, which a healthy stream's pause can outlast; and the drain deadline of a
+        // stop: none is the backend's fault. The response is still counted and logged by the
+        // status its head gave the client (as nginx and HAProxy log it), with the cut beside
+        // it.
+        let cut_by = tokio::select! {
+            biased;
+            body = body => match body {
+                Ok(()) => None,
+                Err(Side::Dst) => Some(Cut::Client),
+                Err(Side::Timeout) if tokio::time::Instant::now() >= deadline => {
+                    Some(Cut::Deadline)
+                }
+                Err(Side::Timeout) => Some(Cut::Idle),
+                Err(Side::Src | Side::Bad) => Some(Cut::Backend),
+            },
+            () = super::wait_forced(&shared) => Some(Cut::Drain),
         };
+        drop(counted);
+        let end = Instant::now();
         match cut_by {
             _ if charged => {}
             None | Some(Cut::Client) => member.success(),
             Some(Cut::Backend) if !cut => vip.failed(member),
-            Some(Cut::Backend | Cut::Deadline | Cut::Idle) => {}
+            Some(Cut::Backend | Cut::Deadline | Cut::Idle | Cut::Drain) => {}
         }
         if let Some(c) = cut_by {
             vip.responses_cut[c as usize].inc();
         }
         finished(&vip, peer, status, Some(&req), Some(member.addr), Some(started), cut_by);
         vip.duration.observe(end.saturating_duration_since(started).as_secs_f64());
-        if body.is_err() {
+        if cut_by.is_some() {
             // The body could not be passed on whole, and its head is with the client: a
             // reset tells it so. A clean close would not, where the close delimits the body
             // (one without a length, or a chunked one decoded for HTTP/1.0): the client takes
@@ -2189,7 +2207,6 @@ async fn attempt_once(
                     }
                     Err(_) => return Err(timed_out(deadline, Attempt::Connect)),
                 };
-                let _ = s.set_nodelay(true);
                 if let Some(v) = cfg.proxy_protocol {
                     write(&s, proxy_header(v, peer, listen)).await.map_err(|_| Attempt::Connect)?;
                 }

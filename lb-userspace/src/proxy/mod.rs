@@ -73,8 +73,17 @@ pub struct RequestLabels {
 pub struct CutLabels {
     /// VIP name.
     pub vip: String,
-    /// Who ended the body: `backend`, `client` or `deadline` (see `http::Cut`).
+    /// Who ended the body: `backend`, `client`, `deadline`, `idle` or `drain` (see `http::Cut`).
     pub side: String,
+}
+
+/// Labels for counts of TCP-mode connections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// VIP name.
+    pub vip: String,
+    /// How the connection went: `relayed`, or `no_backend` (see `tcp::Outcome`).
+    pub outcome: String,
 }
 
 /// The proxy's Prometheus metrics (shared by every proxy thread).
@@ -88,6 +97,10 @@ pub struct L7Metrics {
     pub active: Family<VipLabel, Gauge>,
     /// Retries on another backend.
     pub retries: Family<VipLabel, Counter>,
+    /// TCP-mode connections by outcome: one that no backend could be connected to is closed,
+    /// and would otherwise show nowhere (its failures are logged only when they eject a
+    /// backend, so not at all once the pool fails open).
+    pub tcp_connections: Family<TcpLabels, Counter>,
     /// Responses whose body was cut short after their head went to the client, by who ended
     /// them: counted apart, since such a response is counted and logged by its status (a 200,
     /// say), which alone would pass it for a whole one.
@@ -162,6 +175,7 @@ impl L7Metrics {
             duration: Family::new_with_constructor(latency_histogram),
             active: Family::default(),
             retries: Family::default(),
+            tcp_connections: Family::default(),
             responses_cut: Family::default(),
             ejections: Family::default(),
             accept_errors: Family::default(),
@@ -192,13 +206,20 @@ impl L7Metrics {
         );
         registry.register(
             "edgelb_l7_retries",
-            "L7 requests retried on another backend",
+            "L7 requests (in TCP mode, connections) retried on another backend",
             m.retries.clone(),
         );
         registry.register(
+            "edgelb_l7_tcp_connections",
+            "TCP-mode L7 connections by outcome: relayed to a backend, or closed because no \
+             backend could be connected (no_backend)",
+            m.tcp_connections.clone(),
+        );
+        registry.register(
             "edgelb_l7_responses_cut",
-            "L7 responses whose body was cut short after the head went to the client, by the \
-             side that ended it (backend, client, or the request deadline)",
+            "L7 responses whose body was cut short after the head went to the client, by what \
+             ended it (the backend, the client, the request deadline, the idle timeout, or the \
+             drain deadline of a stop)",
             m.responses_cut.clone(),
         );
         registry.register(
@@ -270,9 +291,12 @@ pub struct VipRuntime {
     pub duration: Histogram,
     /// Retries of this VIP.
     pub retries: Counter,
+    /// Connections of this VIP by outcome, indexed by `tcp::Outcome` (relayed, no backend):
+    /// for a TCP-mode VIP; an HTTP VIP's count nowhere (it has no such series).
+    pub tcp_connections: [Counter; 2],
     /// Responses of this VIP cut short, indexed by `http::Cut` (backend, client, deadline,
-    /// idle).
-    pub responses_cut: [Counter; 4],
+    /// idle, drain).
+    pub responses_cut: [Counter; 5],
     /// The proxy's metrics (passive-health ejections, by backend).
     pub metrics: Arc<L7Metrics>,
 }
@@ -351,8 +375,11 @@ pub(crate) struct Shared {
     pub stopping: AtomicBool,
     /// Wakes everything waiting in [`wait_stopping`] when `stopping` is set.
     pub stop: tokio::sync::Notify,
-    /// Set when the grace period is over: threads drop their remaining connections.
+    /// Set when the grace period is over: the connections still open are reset, and the
+    /// threads end.
     pub force: AtomicBool,
+    /// Wakes everything waiting in [`wait_forced`] when `force` is set.
+    pub forced: tokio::sync::Notify,
     /// Open client connections, all threads.
     pub open: AtomicUsize,
     /// Accept loops not finished yet, all threads. The drain at stop waits for them before it
@@ -362,6 +389,15 @@ pub(crate) struct Shared {
     /// Refusals over `max_connections` under way that read the request head and linger, all
     /// threads: bounded by [`MAX_GRACEFUL_REFUSALS`].
     pub refusing: AtomicUsize,
+}
+
+impl Shared {
+    /// Ends the grace period: the connections still open are reset (see [`wait_forced`]) and
+    /// the threads stop.
+    fn end_now(&self) {
+        self.force.store(true, Ordering::SeqCst);
+        self.forced.notify_waiters();
+    }
 }
 
 /// How many refusals over `max_connections` may read their request head and linger at once
@@ -544,6 +580,7 @@ impl Proxy {
             stopping: AtomicBool::new(false),
             stop: tokio::sync::Notify::new(),
             force: AtomicBool::new(false),
+            forced: tokio::sync::Notify::new(),
             open: AtomicUsize::new(0),
             // Every accept loop counts from the start, so none can be missed by an early stop.
             accepting: AtomicUsize::new(bound.per_thread.iter().map(Vec::len).sum()),
@@ -703,6 +740,15 @@ impl Proxy {
                     ],
                     duration: m.duration.get_or_create(&label).clone(),
                     retries: m.retries.get_or_create(&label).clone(),
+                    tcp_connections: tcp::Outcome::ALL.map(|o| {
+                        if l7.mode != L7Mode::Tcp {
+                            return Counter::default();
+                        }
+                        let outcome = o.as_str().to_owned();
+                        m.tcp_connections
+                            .get_or_create(&TcpLabels { vip: vip.name.clone(), outcome })
+                            .clone()
+                    }),
                     responses_cut: http::Cut::ALL.map(|c| {
                         let side = c.as_str().to_owned();
                         m.responses_cut
@@ -738,7 +784,8 @@ impl Proxy {
     }
 
     /// Stops accepting, lets in-flight requests finish for up to `grace` (or until
-    /// [`CutShort::now`]), then stops the threads.
+    /// [`CutShort::now`]), then resets the connections still open ([`wait_forced`]) and stops
+    /// the threads.
     pub fn shutdown(mut self, grace: Duration) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.stop.notify_waiters();
@@ -752,9 +799,9 @@ impl Proxy {
         }
         let left = self.shared.open.load(Ordering::SeqCst);
         if left > 0 {
-            warn!(connections = left, "L7 drain deadline passed; closing the rest");
+            warn!(connections = left, "L7 drain deadline passed; resetting the rest");
         }
-        self.shared.force.store(true, Ordering::SeqCst);
+        self.shared.end_now();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -765,9 +812,9 @@ impl Proxy {
 pub struct CutShort(Arc<Shared>);
 
 impl CutShort {
-    /// Closes the connections still open; [`Proxy::shutdown`] returns once its threads end.
+    /// Resets the connections still open; [`Proxy::shutdown`] returns once its threads end.
     pub fn now(&self) {
-        self.0.force.store(true, Ordering::SeqCst);
+        self.0.end_now();
     }
 
     /// L7 client connections still open.
@@ -826,8 +873,18 @@ async fn run_thread(
     while shared.open.load(Ordering::SeqCst) > 0 && !shared.force.load(Ordering::SeqCst) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Past the grace period, every connection's task resets its connections as soon as it runs
+    // (`accept_loop`): it gets the turn to, before the runtime goes with whatever is left.
+    let until = tokio::time::Instant::now() + FORCED_END;
+    while shared.open.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     sweeping.abort();
 }
+
+/// How long a proxy thread waits, past the grace period, for its connections' tasks to reset
+/// them (each does at its next turn: a bound, not a wait one should meet).
+const FORCED_END: Duration = Duration::from_millis(200);
 
 /// The pause after an accept failed, first and longest (doubling from one to the other while
 /// accepts keep failing for want of descriptors or memory).
@@ -961,24 +1018,37 @@ async fn accept_loop(
         let counted = Counted::new(&shared, &label);
         let (shared2, upstream2) = (shared.clone(), upstream.clone());
         tokio_uring::spawn(async move {
-            // Moved in whole, so the connection stays counted until this task ends.
-            let counted = counted;
-            if counted.open > rt.cfg.max_connections as i64 {
-                // A refused connection holds no place under the limit while it is answered: a
-                // burst of them must not keep the VIP refusing once its own connections end.
-                drop(counted);
-                let graceful = Refusal::enter(&shared2.refusing);
-                http::refuse(&stream, &rt, peer, graceful.is_some()).await;
-                // A read given up on a timeout stays pending, and keeps the socket open, until
-                // it is shut down (as `http::serve` does).
-                let _ = stream.shutdown(std::net::Shutdown::Both);
-            } else {
-                match mode {
-                    L7Mode::Http => {
-                        http::serve(stream, peer, listen, rt, shared2.clone(), upstream2).await
+            let client = stream.clone();
+            let work = async {
+                // Moved in whole, so the connection stays counted until this task ends.
+                let counted = counted;
+                if counted.open > rt.cfg.max_connections as i64 {
+                    // A refused connection holds no place under the limit while it is answered:
+                    // a burst of them must not keep the VIP refusing once its own connections
+                    // end.
+                    drop(counted);
+                    let graceful = Refusal::enter(&shared2.refusing);
+                    http::refuse(&stream, &rt, peer, graceful.is_some()).await;
+                    // A read given up on a timeout stays pending, and keeps the socket open,
+                    // until it is shut down (as `http::serve` does).
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                } else {
+                    match mode {
+                        L7Mode::Http => {
+                            http::serve(stream, peer, listen, rt, shared2.clone(), upstream2).await
+                        }
+                        L7Mode::Tcp => tcp::serve(stream, peer, listen, rt).await,
                     }
-                    L7Mode::Tcp => tcp::serve(stream, peer, listen, rt).await,
                 }
+            };
+            // Past the grace period the connection is reset, not closed: a close would end a
+            // response delimited by it, or a relayed stream, as if whole. Its work goes first,
+            // so that a response cut here is counted and logged (`http::Cut::Drain`); dropping
+            // the work resets a relay's backend connection too (`tcp::relay`).
+            tokio::select! {
+                biased;
+                () = work => {}
+                () = wait_forced(&shared2) => client.abort(),
             }
         });
     }
@@ -1014,12 +1084,23 @@ impl Drop for Counted {
 /// Returns once the proxy is stopping. A notification, not a poll: every idle keep-alive
 /// connection waits here, and a 50 ms polling timer each was thousands of wake-ups a second.
 pub(crate) async fn wait_stopping(shared: &Shared) {
+    wait_set(&shared.stopping, &shared.stop).await;
+}
+
+/// Returns once the grace period of a stop is over (at its deadline, or cut short): every
+/// connection waits here, to be reset then.
+pub(crate) async fn wait_forced(shared: &Shared) {
+    wait_set(&shared.force, &shared.forced).await;
+}
+
+/// Returns once `flag` is set, woken by `notify` (which the setter notifies after setting it).
+async fn wait_set(flag: &AtomicBool, notify: &tokio::sync::Notify) {
     loop {
-        let notified = shared.stop.notified();
+        let notified = notify.notified();
         tokio::pin!(notified);
-        // Registered before the flag is checked, so a stop in between is not missed.
+        // Registered before the flag is checked, so a notification in between is not missed.
         notified.as_mut().enable();
-        if shared.stopping.load(Ordering::SeqCst) {
+        if flag.load(Ordering::SeqCst) {
             return;
         }
         notified.await;

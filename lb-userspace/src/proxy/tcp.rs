@@ -5,10 +5,11 @@
 //! reset that a send to the resetting side takes first (the kernel reports it once), which the
 //! receive then sees as an end of stream, and which is indistinguishable on the wire from a
 //! close with bytes unread, passed on as an end so the client keeps the last bytes (`relay`,
-//! docs/ARCHITECTURE.md). The idle timeout counts
-//! silence in both directions: a stream one side pushes while the other listens (server-sent
-//! events, a WebSocket feed) is not idle, nor is one a slow reader drains from the kernel's
-//! buffers.
+//! docs/ARCHITECTURE.md). A relay the proxy itself cuts, at the idle timeout or at a stop's drain
+//! deadline, ends with a reset on both sides too: neither side ended its stream. The idle
+//! timeout counts silence in both directions: a stream one side pushes while the other listens
+//! (server-sent events, a WebSocket feed) is not idle, nor is one a slow reader drains from the
+//! kernel's buffers.
 
 use std::{
     cell::Cell,
@@ -31,15 +32,22 @@ use super::{
 /// with `up`'s member `state` counting the relay as in flight (least-connections sees it), then
 /// shuts both sockets down. TCP mode and upgraded HTTP connections (WebSocket) end in this.
 ///
+/// A relay dropped before it ends (the proxy's stop past its drain deadline drops the task of
+/// every connection still open, or the runtime goes) resets both connections: neither side
+/// ended its stream, and a clean close would pass an upload or a download cut there for a
+/// whole one.
+///
 /// When the backend has ended its side cleanly and its connection can take no more (it closed
 /// while the client was still sending), the client connection closes lingering ([`linger`]:
 /// sending side shut, what the client still sends read and dropped, for a bounded time): closed
 /// at once with bytes unread, it would be reset, and the reset can throw away the backend's last
 /// bytes before the client has read them.
 pub(super) async fn relay(client: &Socket, up: &Socket, idle: Duration, state: &BackendState) {
+    let mut unfinished = Unfinished(Some([client, up]));
     let counted = InFlight::new(state);
     let clock = Clock { moved: Cell::new(Instant::now()), idle, sockets: [client, up] };
     let (upload, download) = tokio::join!(pump(client, up, &clock), pump(up, client, &clock));
+    unfinished.0 = None;
     drop(counted);
     if download == End::Eof && upload == End::Undeliverable {
         linger(client, idle).await;
@@ -49,12 +57,23 @@ pub(super) async fn relay(client: &Socket, up: &Socket, idle: Duration, state: &
     let _ = up.shutdown(Shutdown::Both);
 }
 
+/// The sockets of a relay under way, reset if it is dropped before it ends (see [`relay`]).
+struct Unfinished<'a>(Option<[&'a Socket; 2]>);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        for s in self.0.into_iter().flatten() {
+            s.abort();
+        }
+    }
+}
+
 /// How one direction of a relay ended.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum End {
     /// Its sender ended its side (end of stream), passed on as a half-close.
     Eof,
-    /// Nothing moved either way for the idle timeout.
+    /// Nothing moved either way for the idle timeout: both connections are reset.
     Idle,
     /// Receiving failed (the sender reset its connection, or the kernel aborted it), passed on
     /// as a reset.
@@ -101,9 +120,11 @@ impl Clock<'_> {
 }
 
 /// Copies `from` to `to` until `from` ends or fails, sending to `to` fails, or the relay is idle
-/// (`clock`). A clean end of `from` (or idleness) shuts `to`'s write half, so the far end sees
-/// the end of what this side sends; a failed receive aborts `to` ([`Socket::abort`]), so the far
-/// end sees a reset as its peer's did.
+/// (`clock`). A clean end of `from` shuts `to`'s write half, so the far end sees the end of what
+/// this side sends; a failed receive aborts `to` ([`Socket::abort`]), so the far end sees a
+/// reset as its peer's did. Idleness aborts both: the proxy cuts the relay there, and a
+/// half-close would tell a side that waits for the other's end (an upload delimited by it, a
+/// feed) that the stream was whole. Nothing is lost to the reset: nothing is in flight then.
 async fn pump(from: &Socket, to: &Socket, clock: &Clock<'_>) -> End {
     let mut buf = BytesMut::new();
     loop {
@@ -118,7 +139,9 @@ async fn pump(from: &Socket, to: &Socket, clock: &Clock<'_>) -> End {
                 Ok(x) => break x,
                 Err(_) if !clock.expired() => {}
                 Err(_) => {
-                    let _ = to.shutdown(Shutdown::Write);
+                    for s in clock.sockets {
+                        s.abort();
+                    }
                     return End::Idle;
                 }
             }
@@ -143,40 +166,98 @@ async fn pump(from: &Socket, to: &Socket, clock: &Clock<'_>) -> End {
     }
 }
 
-/// Relays one client connection to a backend of `vip`.
+/// How a TCP-mode connection went: counted in `edgelb_l7_tcp_connections_total{outcome}`
+/// (indexed by this in [`VipRuntime::tcp_connections`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// A backend was connected, and the connection relayed to it.
+    Relayed = 0,
+    /// No backend could be connected (every attempt failed, or the pool had none to pick): the
+    /// client's connection was closed.
+    NoBackend = 1,
+}
+
+impl Outcome {
+    /// Every outcome, in the order of their index.
+    pub(super) const ALL: [Outcome; 2] = [Outcome::Relayed, Outcome::NoBackend];
+
+    /// Its name as the metric's `outcome` label.
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Relayed => "relayed",
+            Outcome::NoBackend => "no_backend",
+        }
+    }
+}
+
+/// Relays one client connection to a backend of `vip`: tries up to `retries` further backends
+/// when a connect (with its PROXY header, if any) fails, as the HTTP side does, counting each
+/// retry. A connection no backend could be connected to is closed, counted
+/// ([`Outcome::NoBackend`]) and logged ([`say_no_backend`]).
 pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Arc<VipRuntime>) {
     let cfg = &vip.cfg;
     let pool = &vip.default;
     let mut tried = Vec::new();
     let mut up = None;
-    for _ in 0..=cfg.retries {
+    let mut last = None;
+    for attempt in 0..=cfg.retries {
         let Some(i) = pool.pick(client_ip(peer), &tried, None) else { break };
+        if attempt > 0 {
+            vip.retries.inc();
+        }
         tried.push(i);
-        let addr = pool.members[i].state.addr;
+        let state = &pool.members[i].state;
+        let addr = state.addr;
         // In flight from the pick on, as an HTTP request is: least-connections and
         // power-of-two choices must see the connects a backend keeps waiting.
-        let counted = InFlight::new(&pool.members[i].state);
-        match Socket::connect(addr, cfg.connect_timeout, cfg.idle_timeout).await {
+        let counted = InFlight::new(state);
+        let connected = match Socket::connect(addr, cfg.connect_timeout, cfg.idle_timeout).await {
+            // A PROXY header that cannot be sent fails the connect, as on the HTTP side.
+            Ok(s) => match cfg.proxy_protocol {
+                Some(v) => s.send_all(proxy_header(v, peer, listen)).await.map(|_| s),
+                None => Ok(s),
+            },
+            Err(e) => Err(e),
+        };
+        match connected {
             Ok(s) => {
-                pool.members[i].state.success();
+                state.success();
                 up = Some((i, s, counted));
                 break;
             }
-            Err(e) if super::local_failure(&e) => super::say_local_failure(&vip.name, addr, &e),
-            Err(_) => {
-                vip.failed(&pool.members[i].state);
+            Err(e) if super::local_failure(&e) => {
+                super::say_local_failure(&vip.name, addr, &e);
+                last = Some(e);
+            }
+            Err(e) => {
+                vip.failed(state);
+                last = Some(e);
             }
         }
     }
-    let Some((i, up, counted)) = up else { return };
-    if let Some(v) = cfg.proxy_protocol
-        && up.send_all(proxy_header(v, peer, listen)).await.is_err()
-    {
+    let Some((i, up, counted)) = up else {
+        vip.tcp_connections[Outcome::NoBackend as usize].inc();
+        say_no_backend(&vip.name, peer, tried.len(), last.as_ref());
         return;
-    }
+    };
+    vip.tcp_connections[Outcome::Relayed as usize].inc();
     let state = &pool.members[i].state;
     state.requests.fetch_add(1, Ordering::Relaxed);
     // The relay counts itself.
     drop(counted);
     relay(&client, &up, cfg.idle_timeout, state).await;
+}
+
+/// Logs a connection of `vip` from `peer` that no backend could be connected to (after `tried`
+/// backends, the last failing with `last`), at most once every 10 s for the whole process
+/// ([`super::Throttle`]): a VIP whose backends are all down would log a line per connection,
+/// and `edgelb_l7_tcp_connections_total{outcome="no_backend"}` counts every one. Without it,
+/// such connections were logged only when their failures ejected a backend, so not at all once
+/// the pool failed open.
+fn say_no_backend(vip: &str, peer: SocketAddr, tried: usize, last: Option<&std::io::Error>) {
+    static SAID: super::Throttle = super::Throttle::new();
+    if SAID.ready() {
+        let error = last.map_or_else(|| "no backend to pick".to_owned(), ToString::to_string);
+        tracing::warn!(vip, client = %client_ip(peer), tried, error = %error, "no backend could be connected for a TCP-mode connection; the client's connection is closed (said at most every 10 s; edgelb_l7_tcp_connections_total counts every one)");
+    }
 }
