@@ -376,10 +376,8 @@ pub(crate) struct Shared {
     /// Wakes everything waiting in [`wait_stopping`] when `stopping` is set.
     pub stop: tokio::sync::Notify,
     /// Set when the grace period is over: the connections still open are reset, and the
-    /// threads end.
+    /// threads end. Each thread wakes its own connections waiting in [`wait_forced`].
     pub force: AtomicBool,
-    /// Wakes everything waiting in [`wait_forced`] when `force` is set.
-    pub forced: tokio::sync::Notify,
     /// Open client connections, all threads.
     pub open: AtomicUsize,
     /// Accept loops not finished yet, all threads. The drain at stop waits for them before it
@@ -396,7 +394,6 @@ impl Shared {
     /// the threads stop.
     fn end_now(&self) {
         self.force.store(true, Ordering::SeqCst);
-        self.forced.notify_waiters();
     }
 }
 
@@ -580,7 +577,6 @@ impl Proxy {
             stopping: AtomicBool::new(false),
             stop: tokio::sync::Notify::new(),
             force: AtomicBool::new(false),
-            forced: tokio::sync::Notify::new(),
             open: AtomicUsize::new(0),
             // Every accept loop counts from the start, so none can be missed by an early stop.
             accepting: AtomicUsize::new(bound.per_thread.iter().map(Vec::len).sum()),
@@ -873,6 +869,7 @@ async fn run_thread(
     while shared.open.load(Ordering::SeqCst) > 0 && !shared.force.load(Ordering::SeqCst) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    FORCED.with(|forced| forced.notify_waiters());
     // Past the grace period, every connection's task resets its connections as soon as it runs
     // (`accept_loop`): it gets the turn to, before the runtime goes with whatever is left.
     let until = tokio::time::Instant::now() + FORCED_END;
@@ -1087,10 +1084,20 @@ pub(crate) async fn wait_stopping(shared: &Shared) {
     wait_set(&shared.stopping, &shared.stop).await;
 }
 
+thread_local! {
+    /// Wakes this proxy thread's connections waiting in [`wait_forced`] once the grace period
+    /// is over ([`run_thread`] sees it within 20 ms). One per thread, not one in [`Shared`]:
+    /// every connection and every response streamed registers a wait, and a wait registered or
+    /// polled takes its `Notify`'s lock, which would then be one lock every thread takes at
+    /// every wake-up.
+    static FORCED: std::rc::Rc<tokio::sync::Notify> = std::rc::Rc::new(tokio::sync::Notify::new());
+}
+
 /// Returns once the grace period of a stop is over (at its deadline, or cut short): every
-/// connection waits here, to be reset then.
+/// connection waits here, to be reset then. Called on a proxy thread only.
 pub(crate) async fn wait_forced(shared: &Shared) {
-    wait_set(&shared.force, &shared.forced).await;
+    let forced = FORCED.with(std::rc::Rc::clone);
+    wait_set(&shared.force, &forced).await;
 }
 
 /// Returns once `flag` is set, woken by `notify` (which the setter notifies after setting it).
