@@ -558,15 +558,22 @@ fn stop_requested(signals: &mut signal_hook::iterator::Signals) -> bool {
 /// What would otherwise fail only after the data plane was touched (or, with `--takeover`, after
 /// the running edgelb stopped for good): an interface that is not there (a typo would leave the
 /// maps written and nothing attached), an io_uring the kernel refuses (the L7 proxy's listeners
-/// would be left unanswered). Checked before anything else, privileged or not.
+/// would be left unanswered), a bpffs that would not outlive this process
+/// ([`crate::dataplane::ensure_bpffs`]). Checked before anything else, privileged or not.
 fn preflight(cfg: &Config) -> Result<(), RunError> {
     if !crate::proxy::l7_listeners(cfg).is_empty() {
         crate::proxy::probe_io_uring().map_err(|e| RunError::Proxy(e.to_string()))?;
     }
-    match cfg.node.interfaces.iter().find(|name| !crate::dataplane::interface_exists(name)) {
-        Some(name) => Err(RunError::Interface(name.clone())),
-        None => Ok(()),
+    if let Some(name) =
+        cfg.node.interfaces.iter().find(|name| !crate::dataplane::interface_exists(name))
+    {
+        return Err(RunError::Interface(name.clone()));
     }
+    // Before the admin socket and a takeover's handover: a bpffs this process could not keep
+    // (one it would mount in a mount namespace of its own) stops the start with nothing touched.
+    crate::dataplane::ensure_bpffs()
+        .map_err(|reason| DataplaneError::Pin { path: cfg.node.pin_dir.clone(), reason })?;
+    Ok(())
 }
 
 /// Logs where `node.mtu` cannot be what the attached interfaces carry (see [`mtu_mismatches`]).
