@@ -711,6 +711,10 @@ pub fn handover(socket: &Path) -> Result<Option<Handover>, AdminError> {
 /// A missing directory is created root-only; one that exists keeps its mode (the socket itself
 /// is root-only), since it may be shared, like `/run` or `/tmp`. Only a socket is ever replaced:
 /// any other file at the path (a mistyped `admin_socket` naming the config, say) is refused.
+///
+/// The check, the removal of a stale socket and the bind are made under [`BindLock`]: two
+/// starts racing through them unlocked could both find nobody answering, and the second then
+/// removed the first's fresh socket and bound its own, and both ran on one data plane.
 pub fn bind(socket: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = socket.parent()
         && !dir.exists()
@@ -718,6 +722,7 @@ pub fn bind(socket: &Path) -> std::io::Result<UnixListener> {
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
+    let _lock = BindLock::take(socket)?;
     match std::fs::symlink_metadata(socket) {
         Ok(m) if !m.file_type().is_socket() => {
             return Err(std::io::Error::new(
@@ -743,6 +748,84 @@ pub fn bind(socket: &Path) -> std::io::Result<UnixListener> {
     let listener = UnixListener::bind(socket)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
+}
+
+/// An exclusive lock (flock) on `<admin socket>.lock`, held by [`bind`] from its check that
+/// nobody answers until its socket listens, so that of two starts the second finds the first
+/// answering. Held only that long: `run --takeover` binds while the old process still runs.
+///
+/// The file is removed before the lock is let go, so nothing is left beside the socket; whoever
+/// waited on it then holds a lock on a file no longer at the path, sees so, and starts over
+/// with a new one. It is opened without following a symbolic link, and one of another user's
+/// (planted in a shared directory) is refused.
+struct BindLock {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+/// How long [`BindLock::take`] waits for another start to finish binding (microseconds, unless
+/// that process is stopped or hung).
+const BIND_LOCK_WAIT: Duration = Duration::from_secs(5);
+
+impl BindLock {
+    fn take(socket: &Path) -> std::io::Result<BindLock> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let mut name = socket.as_os_str().to_owned();
+        name.push(".lock");
+        let path = PathBuf::from(name);
+        let until = std::time::Instant::now() + BIND_LOCK_WAIT;
+        loop {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(|e| lock_err(&path, e.to_string()))?;
+            let held = file.metadata()?;
+            if !held.is_file() || (held.uid() != 0 && held.uid() != fdpass::euid()) {
+                return Err(lock_err(&path, format!("user {}'s, not edgelb's", held.uid())));
+            }
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(lock_err(
+                        &path,
+                        format!(
+                            "another edgelb has held it for {} s, binding the admin socket (stopped or hung?)",
+                            BIND_LOCK_WAIT.as_secs()
+                        ),
+                    ));
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(lock_err(&path, e.to_string())),
+            }
+            // Its holder before this process removed it: only the file at the path counts.
+            match std::fs::symlink_metadata(&path) {
+                Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => {
+                    return Ok(BindLock { file, path });
+                }
+                _ => continue,
+            }
+        }
+    }
+}
+
+impl Drop for BindLock {
+    fn drop(&mut self) {
+        // Removed while still locked (the descriptor closes after this): see the type's doc.
+        let _ = std::fs::remove_file(&self.path);
+        let _ = self.file.unlock();
+    }
+}
+
+/// An error of the lock file `path` beside the admin socket.
+fn lock_err(path: &Path, reason: String) -> std::io::Error {
+    std::io::Error::other(format!("lock file {}: {reason}", path.display()))
 }
 
 /// The admin thread, and its listener to stop it by: once the socket's path belongs to another
@@ -1153,6 +1236,64 @@ mod tests {
         drop(bind(&fresh).unwrap());
         let mode = std::fs::metadata(dir.join("fresh")).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Starts at the same moment bind one at a time: of eight binding at once, one gets the
+    /// socket and the others find it answering. Unlocked, two could both find nobody there,
+    /// the second removing the first's fresh socket and binding its own: both then ran.
+    #[test]
+    fn of_binds_at_once_exactly_one_gets_the_socket() {
+        let dir = std::env::temp_dir().join(format!("edgelb-admin-race-{}", std::process::id()));
+        let path = dir.join("admin.sock");
+        for round in 0..40 {
+            let start = std::sync::Arc::new(std::sync::Barrier::new(8));
+            let binds: Vec<_> = (0..8)
+                .map(|_| {
+                    let (start, path) = (start.clone(), path.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        bind(&path)
+                    })
+                })
+                .collect();
+            let mut bound = Vec::new();
+            for b in binds {
+                match b.join().unwrap() {
+                    Ok(l) => bound.push(l),
+                    Err(e) => {
+                        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "round {round}: {e}");
+                    }
+                }
+            }
+            assert_eq!(bound.len(), 1, "round {round}: {} binds got the socket", bound.len());
+            // The one that got it is the one answering at the path.
+            bound[0].set_nonblocking(true).unwrap();
+            let _client = UnixStream::connect(&path).unwrap();
+            assert!(bound[0].accept().is_ok(), "round {round}: the path is another socket's");
+            // Dropped: a stale socket for the next round to replace.
+        }
+        let left: Vec<_> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, ["admin.sock"], "nothing left beside the socket");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The lock file beside the socket is never one planted by another user, nor reached
+    /// through a symbolic link.
+    #[test]
+    fn the_bind_lock_is_edgelbs_own_file() {
+        let dir = std::env::temp_dir().join(format!("edgelb-admin-lockf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("admin.sock");
+        let lock = dir.join("admin.sock.lock");
+        std::os::unix::fs::symlink(dir.join("elsewhere"), &lock).unwrap();
+        let e = bind(&path).expect_err("a symbolic link is not followed").to_string();
+        assert!(e.contains("admin.sock.lock"), "{e}");
+        assert!(!dir.join("elsewhere").exists(), "created through the link");
+        std::fs::remove_file(&lock).unwrap();
+        drop(bind(&path).expect("bound once the link is gone"));
+        assert!(!lock.exists(), "the lock file is removed after the bind");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
