@@ -926,13 +926,13 @@ fn handle(conn: UnixStream, to_controller: &Sender<Pending>) -> std::io::Result<
     let mut out = serde_json::to_string(&answer.response).map_err(std::io::Error::other)?;
     out.push('\n');
     let fds: Vec<_> = answer.fds.iter().map(|f| f.as_fd()).collect();
-    // Sockets go only to a process taking over, which reads at once; any other answer has
-    // CLIENT_WAIT to be read.
+    // Every answer has CLIENT_WAIT to be read, sockets attached or not: a process taking over
+    // that stops reading must not hold this thread (and the handover) for good.
+    let until = std::time::Instant::now() + CLIENT_WAIT;
     let sent = if fds.is_empty() {
-        let until = std::time::Instant::now() + CLIENT_WAIT;
         Deadline { conn: &conn, until }.write_all(out.as_bytes())
     } else {
-        fdpass::send(&conn, out.as_bytes(), &fds)
+        fdpass::send(&conn, out.as_bytes(), &fds, until)
     };
     drop(answer.fds);
     if let Some(done) = answer.done {
@@ -956,7 +956,8 @@ fn follow_handover(conn: &UnixStream) -> HandoverEnd {
             Ok(_) if line == COMMIT && !committed => {
                 // Answered before it counts: if this write fails, the new process stops
                 // before touching the maps, and this one takes back over.
-                if (&mut &*conn).write_all(GO).is_err() {
+                let go = conn.set_write_timeout(Some(CLIENT_WAIT));
+                if go.and_then(|()| (&mut &*conn).write_all(GO)).is_err() {
                     return HandoverEnd::Abandoned;
                 }
                 committed = true;
@@ -1165,15 +1166,28 @@ mod tests {
     }
 
     /// A client that trickles its request, or sends one and never reads the (long) answer,
-    /// holds the admin thread for [`CLIENT_WAIT`] at most: the next command is answered.
+    /// holds the admin thread for [`CLIENT_WAIT`] at most: the next command is answered. So
+    /// does a process taking over that never reads its handover answer (sockets attached).
     #[test]
     fn a_stuck_admin_client_does_not_hold_the_next_command() {
         let dir = std::env::temp_dir().join(format!("edgelb-admin-stuck-{}", std::process::id()));
         let path = dir.join("admin.sock");
-        // The answer to a reload far larger than the socket's buffer.
-        let tx = controller(|req| match req {
-            Request::Reload { .. } => Response::ok("x".repeat(8 << 20)),
-            _ => Response::ok("here"),
+        // The answers to a reload and a handover far larger than the socket's buffer, the
+        // handover's with a socket attached.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (tx, rx) = mpsc::channel::<Pending>();
+        std::thread::spawn(move || {
+            for (req, reply) in rx {
+                let answer = match req {
+                    Request::Reload { .. } => Response::ok("x".repeat(8 << 20)).into(),
+                    Request::Handover => Answer {
+                        fds: vec![OwnedFd::from(listener.try_clone().unwrap())],
+                        ..Response::ok("x".repeat(8 << 20)).into()
+                    },
+                    _ => Response::ok("here").into(),
+                };
+                let _ = reply.send(answer);
+            }
         });
         let _serving = serve(bind(&path).unwrap(), tx).unwrap();
         let bound = CLIENT_WAIT + Duration::from_secs(3);
@@ -1207,7 +1221,20 @@ mod tests {
         assert_eq!(request(&path, &Request::Status).unwrap().message, "here");
         assert!(start.elapsed() < bound, "held {:?} by a client not reading", start.elapsed());
         drop(sleeper);
+
+        // A handover whose answer, sockets attached, is never read.
+        let mut taker = UnixStream::connect(&path).unwrap();
+        let mut line = serde_json::to_string(&Request::Handover).unwrap();
+        line.push('\n');
+        taker.write_all(line.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let start = std::time::Instant::now();
+        let answered = request(&path, &Request::Status);
+        let took = start.elapsed();
+        drop(taker);
         let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(answered.unwrap().message, "here");
+        assert!(took < bound, "held {took:?} by a process taking over not reading");
     }
 
     /// Only a stale socket is replaced: a mistyped `admin_socket` naming another file leaves it
