@@ -85,7 +85,8 @@ pub enum Request {
     /// goes quiet for [`HANDOVER_WAIT`], before its commit went through, the old one takes its
     /// controller back up and goes on; if it hangs up after, the old one also takes the data
     /// plane back (its program on the links, its config in the maps). The sockets stay open throughout, so no connection is
-    /// refused in between.
+    /// refused in between. A stop signal to the old one shuts the connection down
+    /// ([`HandoverCut`]): it exits, and a new process not yet told [`GO`] cannot commit.
     Handover,
 }
 
@@ -388,11 +389,67 @@ pub struct Answer {
     pub fds: Vec<OwnedFd>,
     /// Told, after the answer is sent, how the handover ended.
     pub done: Option<Sender<HandoverEnd>>,
+    /// For a handover: armed with its connection, for the controller to cut it short.
+    pub cut: Option<HandoverCut>,
 }
 
 impl From<Response> for Answer {
     fn from(response: Response) -> Answer {
-        Answer { response, fds: Vec::new(), done: None }
+        Answer { response, fds: Vec::new(), done: None, cut: None }
+    }
+}
+
+/// The handing-over controller's hold on the handover connection that the admin thread sends
+/// the answer on and then follows: a stop signal to the old process must not wait out the new
+/// one's start (up to twice [`HANDOVER_WAIT`]). [`HandoverCut::now`] shuts the connection
+/// down: the admin thread's send or read ends at once, as on a hang-up, and the new process,
+/// unless it has had its [`GO`], can no longer commit, so it stops before touching the data
+/// plane.
+#[derive(Clone, Debug, Default)]
+pub struct HandoverCut(std::sync::Arc<std::sync::Mutex<CutState>>);
+
+#[derive(Debug, Default)]
+struct CutState {
+    /// A descriptor of the connection while the admin thread follows it.
+    conn: Option<UnixStream>,
+    /// Cut: a connection armed from now on is shut down at once.
+    cut: bool,
+    /// The admin thread is done with the connection (the end it sends is the new process's).
+    over: bool,
+}
+
+impl HandoverCut {
+    fn state(&self) -> std::sync::MutexGuard<'_, CutState> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The admin thread is about to send the answer on `conn` and follow the handover.
+    fn arm(&self, conn: &UnixStream) {
+        let mut st = self.state();
+        if st.cut {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        } else {
+            st.conn = conn.try_clone().ok();
+        }
+    }
+
+    /// The admin thread is done following: its end goes to the controller next.
+    fn disarm(&self) {
+        let mut st = self.state();
+        st.conn = None;
+        st.over = true;
+    }
+
+    /// Cuts the handover short. True when it was still under way, so that the end the
+    /// controller gets next comes from this cut (after the commit: the new process had been
+    /// told to go), not from the new process; false when that end was the new process's own.
+    pub fn now(&self) -> bool {
+        let mut st = self.state();
+        st.cut = true;
+        if let Some(conn) = st.conn.take() {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+        !st.over
     }
 }
 
@@ -926,6 +983,9 @@ fn handle(conn: UnixStream, to_controller: &Sender<Pending>) -> std::io::Result<
     let mut out = serde_json::to_string(&answer.response).map_err(std::io::Error::other)?;
     out.push('\n');
     let fds: Vec<_> = answer.fds.iter().map(|f| f.as_fd()).collect();
+    if let Some(cut) = &answer.cut {
+        cut.arm(&conn);
+    }
     // Every answer has CLIENT_WAIT to be read, sockets attached or not: a process taking over
     // that stops reading must not hold this thread (and the handover) for good.
     let until = std::time::Instant::now() + CLIENT_WAIT;
@@ -937,6 +997,9 @@ fn handle(conn: UnixStream, to_controller: &Sender<Pending>) -> std::io::Result<
     drop(answer.fds);
     if let Some(done) = answer.done {
         let end = if sent.is_ok() { follow_handover(&conn) } else { HandoverEnd::Abandoned };
+        if let Some(cut) = &answer.cut {
+            cut.disarm();
+        }
         let _ = done.send(end);
     }
     sent

@@ -772,6 +772,13 @@ impl Controller {
     /// socket, health checks) and returns false: nothing was lost. If it fails after it began
     /// writing the maps, this one first takes the data plane back ([`Dataplane::reclaim`], then
     /// its config written again) and goes on the same way.
+    ///
+    /// A stop signal (SIGTERM, SIGINT) while the new one starts cuts the handover short
+    /// ([`admin::HandoverCut`]) rather than wait it out (up to twice `HANDOVER_WAIT`): before
+    /// the new one's commit, it can no longer commit and this one exits leaving the data plane
+    /// as it wrote it; after, the data plane is the new one's and this one exits without
+    /// touching it (unless the new one had already failed: then it is taken back first). Either
+    /// way the L7 proxy drains as at a stop, and true is returned.
     fn hand_over(
         &mut self,
         reply: mpsc::Sender<Answer>,
@@ -789,14 +796,25 @@ impl Controller {
         }
         let (done_tx, done_rx) = mpsc::channel();
         answer.done = Some(done_tx);
+        let cut = admin::HandoverCut::default();
+        answer.cut = Some(cut.clone());
         let _ = reply.send(*answer);
         info!(
             "handover: the new edgelb got the listening sockets; serving until it says it serves"
         );
-        // The admin thread follows the exchange, each step bounded by HANDOVER_WAIT.
+        // The admin thread follows the exchange, each step bounded by HANDOVER_WAIT. A stop
+        // signal meanwhile cuts it short (the admin thread then reports at once): `stopped`
+        // holds whether the end then comes from the cut rather than from the new process.
+        let mut stopped = None;
         let end = self
-            .answer_scrapes_until(&done_rx, 2 * admin::HANDOVER_WAIT + SAMPLE_EVERY, |_| {})
+            .answer_scrapes_until(&done_rx, 2 * admin::HANDOVER_WAIT + SAMPLE_EVERY, |_| {
+                if stopped.is_none() && stop_requested(signals) {
+                    warn!("handover: a stop signal; cutting the handover short");
+                    stopped = Some(cut.now());
+                }
+            })
             .unwrap_or(HandoverEnd::AbandonedAfterCommit);
+        let cut_short = stopped == Some(true);
         match end {
             HandoverEnd::Ready => {
                 // Scrapes go to the new process only: it holds the same listening socket (and
@@ -806,6 +824,13 @@ impl Controller {
                 }
                 self.metrics_socket = None;
                 info!("handover: the new edgelb serves; this one finishes its requests in flight");
+            }
+            // Cut after the new process was told to go: the data plane is its, whether it is
+            // still starting or not.
+            HandoverEnd::AbandonedAfterCommit | HandoverEnd::FailedAfterCommit if cut_short => {
+                warn!(
+                    "handover: stopped by a signal after the new edgelb began writing the maps: the data plane is its; this one exits without touching it"
+                )
             }
             HandoverEnd::AbandonedAfterCommit => warn!(
                 "handover: the new edgelb went quiet after it took the data plane; stopping anyway (the data plane keeps running)"
@@ -822,9 +847,14 @@ impl Controller {
                     ),
                 }
                 self.apply_logged("taking the data plane back");
-                self.take_back();
-                return false;
+                if stopped.is_none() {
+                    self.take_back();
+                    return false;
+                }
             }
+            HandoverEnd::Abandoned if stopped.is_some() => warn!(
+                "handover: stopped by a signal before the new edgelb touched the data plane (it can no longer commit): this one exits, leaving the data plane running as it wrote it"
+            ),
             HandoverEnd::Abandoned => {
                 warn!(
                     "handover: the new edgelb gave up before it touched the data plane; this one takes back over"
@@ -833,9 +863,19 @@ impl Controller {
                 return false;
             }
         }
-        // The new process serves now: a stop signal to this one ends its drain, as at a stop.
+        // Done here: the new process serves, or a stop signal ended the handover. A (further)
+        // stop signal ends the drain, as at a stop. The admin socket's path is left alone: it
+        // may be the new process's.
         self.drain_proxy(Some(signals));
-        info!("handover done: the data plane and the sockets are the new edgelb's");
+        // Still this process's: stopped before the new one touched it, or taken back.
+        let kept = stopped.is_some()
+            && (end == HandoverEnd::Abandoned
+                || end == HandoverEnd::FailedAfterCommit && !cut_short);
+        if kept {
+            info!(pin_dir = %self.cfg.node.pin_dir.display(), "controller stopped; the data plane keeps running (`edgelb stop` removes it)");
+        } else {
+            info!("handover done: the data plane and the sockets are the new edgelb's");
+        }
         true
     }
 
@@ -893,6 +933,7 @@ impl Controller {
             },
             fds,
             done: None,
+            cut: None,
         })
     }
 
