@@ -610,6 +610,77 @@ fn a_start_that_fails_after_attaching_removes_what_it_set_up() {
     assert!(!std::path::Path::new(&admin).exists(), "admin socket left");
 }
 
+/// `ip netns exec` runs its command in a mount namespace of its own, with /sys mounted afresh:
+/// no bpffs on /sys/fs/bpf. edgelb used to mount one there, which went with that namespace when
+/// edgelb exited, taking its pins and XDP with it: SIGTERM took the data plane down, and every
+/// restart lost the connection table. It refuses now, saying why and what to do, having
+/// attached and pinned nothing.
+#[test]
+fn run_in_a_mount_namespace_of_its_own_without_bpffs_refuses_to_mount_one() {
+    if !edgelb::testbed::netns::require_privileged("run_in_a_mount_namespace_of_its_own") {
+        return;
+    }
+    let ns = format!("elbmnt{}", std::process::id());
+    let (f, pins, admin) = run_config("own-mnt", "vd0");
+    let _ns = ns_with_vd0(&ns, &pins);
+    // Exit 99 if bpffs is there after all (then this test would show nothing); `exec` keeps
+    // edgelb's PID the child's (`ip netns exec` execs too), so that it can be stopped by it.
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns, "sh", "-c"])
+        .arg(r#"grep -q " /sys/fs/bpf bpf " /proc/mounts && exit 99; exec "$0" run --config "$1""#)
+        .arg(env!("CARGO_BIN_EXE_edgelb"))
+        .arg(&f.0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ip netns exec edgelb");
+    let mut child = Stopped(child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let status = loop {
+        if let Some(st) = child.0.try_wait().unwrap() {
+            break st;
+        }
+        // Still running: it started, on a bpffs of its own (the link of vd0 says whether it
+        // attached).
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "edgelb still runs under `ip netns exec`; vd0: {}",
+                ip(&["-n", &ns, "-d", "link", "show", "vd0"])
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_ne!(status.code(), Some(99), "bpffs is mounted under `ip netns exec` here");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("bpffs is not mounted on /sys/fs/bpf")
+            && err.contains("mount namespace of its own")
+            && err.contains("mount -t bpf bpf /sys/fs/bpf")
+            && err.contains("nsenter --net="),
+        "{err}"
+    );
+    assert_eq!(xdp_prog_in(&ns, "vd0"), None, "attached");
+    assert!(!std::path::Path::new(&pins).exists(), "pins left");
+    assert!(!std::path::Path::new(&admin).exists(), "admin socket left");
+}
+
+/// A child process stopped by its PID (SIGTERM, then SIGKILL after 5 s) and reaped when
+/// dropped, a failed assertion included.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: kill(2) with a PID and a signal number touches no memory of ours; the
+            // child is not reaped yet (try_wait found it running), so the PID is still its own.
+            unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+            edgelb::testbed::reap_within(&mut self.0, std::time::Duration::from_secs(5));
+        }
+    }
+}
+
 /// Runs `ip` with `args`; its output. Fails the test if `ip` does.
 fn ip(args: &[&str]) -> String {
     let out = Command::new("ip").args(args).output().expect("ip");

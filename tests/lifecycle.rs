@@ -1840,6 +1840,59 @@ fn a_stop_signal_ends_the_drain_of_a_takeovers_old_process() {
     bed.wait_for(l7);
 }
 
+/// A stop signal to an edgelb handing over ends it within moments, whatever the process taking
+/// over does: it used to go unheeded while the old process waited for the new one's start (up
+/// to 2 min). Before the new one's commit, the old one exits leaving the data plane as it wrote
+/// it, and the new one can no longer commit; after, it exits leaving the data plane to the new
+/// one. Either way XDP balances throughout, and the next edgelb adopts the data plane. The
+/// process taking over is played by the test: it asks for the handover, commits or not, and
+/// then goes quiet, as a start that hangs would.
+#[test]
+fn a_stop_signal_ends_a_stalled_handover() {
+    let Some(mut bed) = Bed::up("handover-stall", &[1, 2, 3]) else { return };
+    let socket = bed.cfg().node.admin_socket;
+    for (round, committed) in [false, true].into_iter().enumerate() {
+        let load = bed.load(Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(500));
+        let mut e = bed.edgelb.take().unwrap();
+        let mut old = e.child.take().unwrap();
+        let mut taking =
+            edgelb::admin::handover(&socket).expect("handover").expect("the edgelb answers");
+        if committed {
+            edgelb::admin::commit(&mut taking.conn).expect("the running edgelb says go");
+        }
+        let signalled = Instant::now();
+        old.signal(libc::SIGTERM);
+        let st = old.wait(Duration::from_secs(10));
+        eprintln!(
+            "committed: {committed}: exited {} ms after SIGTERM",
+            signalled.elapsed().as_millis()
+        );
+        assert!(st.success(), "exit status {st}; log:\n{}", e.log());
+        let log = e.log();
+        if committed {
+            assert!(log.contains("the data plane is its"), "{log}");
+        } else {
+            assert!(log.contains("it can no longer commit"), "{log}");
+            assert!(
+                edgelb::admin::commit(&mut taking.conn).is_err(),
+                "the stalled process could still commit"
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        served_throughout(
+            &format!("stop during a handover (committed: {committed})"),
+            &load.finish(),
+            signalled,
+        );
+        // Its sockets closed, as a process taking over that gives up would.
+        drop(taking);
+        bed.edgelb = Some(Edgelb::start(&e.ns, &e.config, &e.log));
+        let adopted = bed.e().log().matches("left the data plane running: adopting it").count();
+        assert_eq!(adopted, round + 1, "{}", bed.e().log());
+    }
+}
+
 /// A stopping edgelb answers `status` while it drains and refuses other commands with the
 /// reason (both used to wait for the drain's end), and a second SIGTERM ends the drain at once
 /// (the operator who will not wait for a long download), as with nginx and HAProxy.

@@ -31,7 +31,15 @@ fn control_words(n: usize) -> usize {
 /// The kernel takes at most 253 descriptors a message, so more go in several messages, one
 /// byte of `data` each: a receiver reading until the end of `data` (as [`recv`] in a loop does)
 /// gets them all, in order. `data` must be at least one byte per 253 descriptors.
-pub fn send(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+///
+/// All of it by `until`, or TimedOut: a receiver that stops reading (its buffer full) must not
+/// hold the sender for good.
+pub fn send(
+    stream: &UnixStream,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+    until: std::time::Instant,
+) -> io::Result<()> {
     let chunks = fds.len().div_ceil(PER_MESSAGE).max(1);
     if data.len() < chunks || fds.len() > MAX_FDS {
         return Err(io::Error::new(
@@ -39,17 +47,29 @@ pub fn send(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Res
             "too little data or too many descriptors",
         ));
     }
+    // Each call may wait only for what is left of the time (a call that times out having sent
+    // part returns that part; the next finds no time left).
+    let wait = || {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "the receiver stopped reading"));
+        }
+        stream.set_write_timeout(Some(left))
+    };
     let mut sent = 0;
     for (i, part) in fds.chunks(PER_MESSAGE).enumerate() {
         // Every message but the last carries one byte; the last the rest.
         let end = if i + 1 == chunks { data.len() } else { sent + 1 };
+        wait()?;
         sent += send_one(stream, &data[sent..end], part)?;
     }
     if fds.is_empty() {
+        wait()?;
         sent += send_one(stream, data, &[])?;
     }
     // The rest, if a message took less than it was given, goes plainly.
     while sent < data.len() {
+        wait()?;
         sent += io::Write::write(&mut &*stream, &data[sent..])?;
     }
     Ok(())
@@ -166,12 +186,31 @@ mod tests {
     use super::*;
     use std::os::fd::AsFd;
 
+    /// A deadline no test exchange comes near.
+    fn soon() -> std::time::Instant {
+        std::time::Instant::now() + std::time::Duration::from_secs(30)
+    }
+
+    /// A receiver that reads nothing holds the sender until the deadline, not for good; an
+    /// answer with descriptors larger than the socket's buffer, as a handover's may be.
+    #[test]
+    fn a_send_nobody_reads_ends_at_its_deadline() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let start = std::time::Instant::now();
+        let until = start + std::time::Duration::from_millis(300);
+        let e = send(&a, &vec![b'x'; 8 << 20], &[l.as_fd()], until).unwrap_err();
+        assert!(matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock), "{e:?}");
+        let took = start.elapsed();
+        assert!(took < std::time::Duration::from_secs(3), "held {took:?}");
+    }
+
     #[test]
     fn descriptors_cross_a_socket_pair() {
         let (a, b) = UnixStream::pair().unwrap();
         let l1 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let l2 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        send(&a, b"two\n", &[l1.as_fd(), l2.as_fd()]).unwrap();
+        send(&a, b"two\n", &[l1.as_fd(), l2.as_fd()], soon()).unwrap();
         let mut buf = [0u8; 16];
         let (n, fds) = recv(&b, &mut buf).unwrap();
         assert_eq!(&buf[..n], b"two\n");
@@ -182,10 +221,10 @@ mod tests {
             .collect();
         assert_eq!(got, vec![l1.local_addr().unwrap(), l2.local_addr().unwrap()]);
         // Without descriptors: plain data.
-        send(&a, b"x", &[]).unwrap();
+        send(&a, b"x", &[], soon()).unwrap();
         let (n, fds) = recv(&b, &mut buf).unwrap();
         assert_eq!((n, fds.len()), (1, 0));
-        assert!(send(&a, b"", &[]).is_err());
+        assert!(send(&a, b"", &[], soon()).is_err());
     }
 
     /// More descriptors than the kernel takes in one message (253): 600 listeners (300 threads'
@@ -199,7 +238,7 @@ mod tests {
         let line = b"a line long enough to carry them\n";
         let sender = std::thread::spawn(move || {
             let fds: Vec<BorrowedFd<'_>> = copies.iter().map(|f| f.as_fd()).collect();
-            send(&a, line, &fds).unwrap();
+            send(&a, line, &fds, soon()).unwrap();
             copies.iter().map(|f| f.as_raw_fd()).collect::<Vec<_>>()
         });
         let (mut got, mut fds) = (Vec::new(), Vec::new());

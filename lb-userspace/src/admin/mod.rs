@@ -85,7 +85,8 @@ pub enum Request {
     /// goes quiet for [`HANDOVER_WAIT`], before its commit went through, the old one takes its
     /// controller back up and goes on; if it hangs up after, the old one also takes the data
     /// plane back (its program on the links, its config in the maps). The sockets stay open throughout, so no connection is
-    /// refused in between.
+    /// refused in between. A stop signal to the old one shuts the connection down
+    /// ([`HandoverCut`]): it exits, and a new process not yet told [`GO`] cannot commit.
     Handover,
 }
 
@@ -388,11 +389,67 @@ pub struct Answer {
     pub fds: Vec<OwnedFd>,
     /// Told, after the answer is sent, how the handover ended.
     pub done: Option<Sender<HandoverEnd>>,
+    /// For a handover: armed with its connection, for the controller to cut it short.
+    pub cut: Option<HandoverCut>,
 }
 
 impl From<Response> for Answer {
     fn from(response: Response) -> Answer {
-        Answer { response, fds: Vec::new(), done: None }
+        Answer { response, fds: Vec::new(), done: None, cut: None }
+    }
+}
+
+/// The handing-over controller's hold on the handover connection that the admin thread sends
+/// the answer on and then follows: a stop signal to the old process must not wait out the new
+/// one's start (up to twice [`HANDOVER_WAIT`]). [`HandoverCut::now`] shuts the connection
+/// down: the admin thread's send or read ends at once, as on a hang-up, and the new process,
+/// unless it has had its [`GO`], can no longer commit, so it stops before touching the data
+/// plane.
+#[derive(Clone, Debug, Default)]
+pub struct HandoverCut(std::sync::Arc<std::sync::Mutex<CutState>>);
+
+#[derive(Debug, Default)]
+struct CutState {
+    /// A descriptor of the connection while the admin thread follows it.
+    conn: Option<UnixStream>,
+    /// Cut: a connection armed from now on is shut down at once.
+    cut: bool,
+    /// The admin thread is done with the connection (the end it sends is the new process's).
+    over: bool,
+}
+
+impl HandoverCut {
+    fn state(&self) -> std::sync::MutexGuard<'_, CutState> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The admin thread is about to send the answer on `conn` and follow the handover.
+    fn arm(&self, conn: &UnixStream) {
+        let mut st = self.state();
+        if st.cut {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        } else {
+            st.conn = conn.try_clone().ok();
+        }
+    }
+
+    /// The admin thread is done following: its end goes to the controller next.
+    fn disarm(&self) {
+        let mut st = self.state();
+        st.conn = None;
+        st.over = true;
+    }
+
+    /// Cuts the handover short. True when it was still under way, so that the end the
+    /// controller gets next comes from this cut (after the commit: the new process had been
+    /// told to go), not from the new process; false when that end was the new process's own.
+    pub fn now(&self) -> bool {
+        let mut st = self.state();
+        st.cut = true;
+        if let Some(conn) = st.conn.take() {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+        !st.over
     }
 }
 
@@ -711,6 +768,10 @@ pub fn handover(socket: &Path) -> Result<Option<Handover>, AdminError> {
 /// A missing directory is created root-only; one that exists keeps its mode (the socket itself
 /// is root-only), since it may be shared, like `/run` or `/tmp`. Only a socket is ever replaced:
 /// any other file at the path (a mistyped `admin_socket` naming the config, say) is refused.
+///
+/// The check, the removal of a stale socket and the bind are made under [`BindLock`]: two
+/// starts racing through them unlocked could both find nobody answering, and the second then
+/// removed the first's fresh socket and bound its own, and both ran on one data plane.
 pub fn bind(socket: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = socket.parent()
         && !dir.exists()
@@ -718,6 +779,7 @@ pub fn bind(socket: &Path) -> std::io::Result<UnixListener> {
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
+    let _lock = BindLock::take(socket)?;
     match std::fs::symlink_metadata(socket) {
         Ok(m) if !m.file_type().is_socket() => {
             return Err(std::io::Error::new(
@@ -743,6 +805,84 @@ pub fn bind(socket: &Path) -> std::io::Result<UnixListener> {
     let listener = UnixListener::bind(socket)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
+}
+
+/// An exclusive lock (flock) on `<admin socket>.lock`, held by [`bind`] from its check that
+/// nobody answers until its socket listens, so that of two starts the second finds the first
+/// answering. Held only that long: `run --takeover` binds while the old process still runs.
+///
+/// The file is removed before the lock is let go, so nothing is left beside the socket; whoever
+/// waited on it then holds a lock on a file no longer at the path, sees so, and starts over
+/// with a new one. It is opened without following a symbolic link, and one of another user's
+/// (planted in a shared directory) is refused.
+struct BindLock {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+/// How long [`BindLock::take`] waits for another start to finish binding (microseconds, unless
+/// that process is stopped or hung).
+const BIND_LOCK_WAIT: Duration = Duration::from_secs(5);
+
+impl BindLock {
+    fn take(socket: &Path) -> std::io::Result<BindLock> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let mut name = socket.as_os_str().to_owned();
+        name.push(".lock");
+        let path = PathBuf::from(name);
+        let until = std::time::Instant::now() + BIND_LOCK_WAIT;
+        loop {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(|e| lock_err(&path, e.to_string()))?;
+            let held = file.metadata()?;
+            if !held.is_file() || (held.uid() != 0 && held.uid() != fdpass::euid()) {
+                return Err(lock_err(&path, format!("user {}'s, not edgelb's", held.uid())));
+            }
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(lock_err(
+                        &path,
+                        format!(
+                            "another edgelb has held it for {} s, binding the admin socket (stopped or hung?)",
+                            BIND_LOCK_WAIT.as_secs()
+                        ),
+                    ));
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(lock_err(&path, e.to_string())),
+            }
+            // Its holder before this process removed it: only the file at the path counts.
+            match std::fs::symlink_metadata(&path) {
+                Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => {
+                    return Ok(BindLock { file, path });
+                }
+                _ => continue,
+            }
+        }
+    }
+}
+
+impl Drop for BindLock {
+    fn drop(&mut self) {
+        // Removed while still locked (the descriptor closes after this): see the type's doc.
+        let _ = std::fs::remove_file(&self.path);
+        let _ = self.file.unlock();
+    }
+}
+
+/// An error of the lock file `path` beside the admin socket.
+fn lock_err(path: &Path, reason: String) -> std::io::Error {
+    std::io::Error::other(format!("lock file {}: {reason}", path.display()))
 }
 
 /// The admin thread, and its listener to stop it by: once the socket's path belongs to another
@@ -843,17 +983,23 @@ fn handle(conn: UnixStream, to_controller: &Sender<Pending>) -> std::io::Result<
     let mut out = serde_json::to_string(&answer.response).map_err(std::io::Error::other)?;
     out.push('\n');
     let fds: Vec<_> = answer.fds.iter().map(|f| f.as_fd()).collect();
-    // Sockets go only to a process taking over, which reads at once; any other answer has
-    // CLIENT_WAIT to be read.
+    if let Some(cut) = &answer.cut {
+        cut.arm(&conn);
+    }
+    // Every answer has CLIENT_WAIT to be read, sockets attached or not: a process taking over
+    // that stops reading must not hold this thread (and the handover) for good.
+    let until = std::time::Instant::now() + CLIENT_WAIT;
     let sent = if fds.is_empty() {
-        let until = std::time::Instant::now() + CLIENT_WAIT;
         Deadline { conn: &conn, until }.write_all(out.as_bytes())
     } else {
-        fdpass::send(&conn, out.as_bytes(), &fds)
+        fdpass::send(&conn, out.as_bytes(), &fds, until)
     };
     drop(answer.fds);
     if let Some(done) = answer.done {
         let end = if sent.is_ok() { follow_handover(&conn) } else { HandoverEnd::Abandoned };
+        if let Some(cut) = &answer.cut {
+            cut.disarm();
+        }
         let _ = done.send(end);
     }
     sent
@@ -873,7 +1019,8 @@ fn follow_handover(conn: &UnixStream) -> HandoverEnd {
             Ok(_) if line == COMMIT && !committed => {
                 // Answered before it counts: if this write fails, the new process stops
                 // before touching the maps, and this one takes back over.
-                if (&mut &*conn).write_all(GO).is_err() {
+                let go = conn.set_write_timeout(Some(CLIENT_WAIT));
+                if go.and_then(|()| (&mut &*conn).write_all(GO)).is_err() {
                     return HandoverEnd::Abandoned;
                 }
                 committed = true;
@@ -1082,15 +1229,28 @@ mod tests {
     }
 
     /// A client that trickles its request, or sends one and never reads the (long) answer,
-    /// holds the admin thread for [`CLIENT_WAIT`] at most: the next command is answered.
+    /// holds the admin thread for [`CLIENT_WAIT`] at most: the next command is answered. So
+    /// does a process taking over that never reads its handover answer (sockets attached).
     #[test]
     fn a_stuck_admin_client_does_not_hold_the_next_command() {
         let dir = std::env::temp_dir().join(format!("edgelb-admin-stuck-{}", std::process::id()));
         let path = dir.join("admin.sock");
-        // The answer to a reload far larger than the socket's buffer.
-        let tx = controller(|req| match req {
-            Request::Reload { .. } => Response::ok("x".repeat(8 << 20)),
-            _ => Response::ok("here"),
+        // The answers to a reload and a handover far larger than the socket's buffer, the
+        // handover's with a socket attached.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (tx, rx) = mpsc::channel::<Pending>();
+        std::thread::spawn(move || {
+            for (req, reply) in rx {
+                let answer = match req {
+                    Request::Reload { .. } => Response::ok("x".repeat(8 << 20)).into(),
+                    Request::Handover => Answer {
+                        fds: vec![OwnedFd::from(listener.try_clone().unwrap())],
+                        ..Response::ok("x".repeat(8 << 20)).into()
+                    },
+                    _ => Response::ok("here").into(),
+                };
+                let _ = reply.send(answer);
+            }
         });
         let _serving = serve(bind(&path).unwrap(), tx).unwrap();
         let bound = CLIENT_WAIT + Duration::from_secs(3);
@@ -1124,7 +1284,20 @@ mod tests {
         assert_eq!(request(&path, &Request::Status).unwrap().message, "here");
         assert!(start.elapsed() < bound, "held {:?} by a client not reading", start.elapsed());
         drop(sleeper);
+
+        // A handover whose answer, sockets attached, is never read.
+        let mut taker = UnixStream::connect(&path).unwrap();
+        let mut line = serde_json::to_string(&Request::Handover).unwrap();
+        line.push('\n');
+        taker.write_all(line.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let start = std::time::Instant::now();
+        let answered = request(&path, &Request::Status);
+        let took = start.elapsed();
+        drop(taker);
         let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(answered.unwrap().message, "here");
+        assert!(took < bound, "held {took:?} by a process taking over not reading");
     }
 
     /// Only a stale socket is replaced: a mistyped `admin_socket` naming another file leaves it
@@ -1153,6 +1326,64 @@ mod tests {
         drop(bind(&fresh).unwrap());
         let mode = std::fs::metadata(dir.join("fresh")).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Starts at the same moment bind one at a time: of eight binding at once, one gets the
+    /// socket and the others find it answering. Unlocked, two could both find nobody there,
+    /// the second removing the first's fresh socket and binding its own: both then ran.
+    #[test]
+    fn of_binds_at_once_exactly_one_gets_the_socket() {
+        let dir = std::env::temp_dir().join(format!("edgelb-admin-race-{}", std::process::id()));
+        let path = dir.join("admin.sock");
+        for round in 0..40 {
+            let start = std::sync::Arc::new(std::sync::Barrier::new(8));
+            let binds: Vec<_> = (0..8)
+                .map(|_| {
+                    let (start, path) = (start.clone(), path.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        bind(&path)
+                    })
+                })
+                .collect();
+            let mut bound = Vec::new();
+            for b in binds {
+                match b.join().unwrap() {
+                    Ok(l) => bound.push(l),
+                    Err(e) => {
+                        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "round {round}: {e}");
+                    }
+                }
+            }
+            assert_eq!(bound.len(), 1, "round {round}: {} binds got the socket", bound.len());
+            // The one that got it is the one answering at the path.
+            bound[0].set_nonblocking(true).unwrap();
+            let _client = UnixStream::connect(&path).unwrap();
+            assert!(bound[0].accept().is_ok(), "round {round}: the path is another socket's");
+            // Dropped: a stale socket for the next round to replace.
+        }
+        let left: Vec<_> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, ["admin.sock"], "nothing left beside the socket");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The lock file beside the socket is never one planted by another user, nor reached
+    /// through a symbolic link.
+    #[test]
+    fn the_bind_lock_is_edgelbs_own_file() {
+        let dir = std::env::temp_dir().join(format!("edgelb-admin-lockf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("admin.sock");
+        let lock = dir.join("admin.sock.lock");
+        std::os::unix::fs::symlink(dir.join("elsewhere"), &lock).unwrap();
+        let e = bind(&path).expect_err("a symbolic link is not followed").to_string();
+        assert!(e.contains("admin.sock.lock"), "{e}");
+        assert!(!dir.join("elsewhere").exists(), "created through the link");
+        std::fs::remove_file(&lock).unwrap();
+        drop(bind(&path).expect("bound once the link is gone"));
+        assert!(!lock.exists(), "the lock file is removed after the bind");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -562,15 +562,22 @@ fn stop_requested(signals: &mut signal_hook::iterator::Signals) -> bool {
 /// What would otherwise fail only after the data plane was touched (or, with `--takeover`, after
 /// the running edgelb stopped for good): an interface that is not there (a typo would leave the
 /// maps written and nothing attached), an io_uring the kernel refuses (the L7 proxy's listeners
-/// would be left unanswered). Checked before anything else, privileged or not.
+/// would be left unanswered), a bpffs that would not outlive this process
+/// ([`crate::dataplane::ensure_bpffs`]). Checked before anything else, privileged or not.
 fn preflight(cfg: &Config) -> Result<(), RunError> {
     if !crate::proxy::l7_listeners(cfg).is_empty() {
         crate::proxy::probe_io_uring().map_err(|e| RunError::Proxy(e.to_string()))?;
     }
-    match cfg.node.interfaces.iter().find(|name| !crate::dataplane::interface_exists(name)) {
-        Some(name) => Err(RunError::Interface(name.clone())),
-        None => Ok(()),
+    if let Some(name) =
+        cfg.node.interfaces.iter().find(|name| !crate::dataplane::interface_exists(name))
+    {
+        return Err(RunError::Interface(name.clone()));
     }
+    // Before the admin socket and a takeover's handover: a bpffs this process could not keep
+    // (one it would mount in a mount namespace of its own) stops the start with nothing touched.
+    crate::dataplane::ensure_bpffs()
+        .map_err(|reason| DataplaneError::Pin { path: cfg.node.pin_dir.clone(), reason })?;
+    Ok(())
 }
 
 /// Logs where `node.mtu` cannot be what the attached interfaces carry (see [`mtu_mismatches`]).
@@ -769,6 +776,13 @@ impl Controller {
     /// socket, health checks) and returns false: nothing was lost. If it fails after it began
     /// writing the maps, this one first takes the data plane back ([`Dataplane::reclaim`], then
     /// its config written again) and goes on the same way.
+    ///
+    /// A stop signal (SIGTERM, SIGINT) while the new one starts cuts the handover short
+    /// ([`admin::HandoverCut`]) rather than wait it out (up to twice `HANDOVER_WAIT`): before
+    /// the new one's commit, it can no longer commit and this one exits leaving the data plane
+    /// as it wrote it; after, the data plane is the new one's and this one exits without
+    /// touching it (unless the new one had already failed: then it is taken back first). Either
+    /// way the L7 proxy drains as at a stop, and true is returned.
     fn hand_over(
         &mut self,
         reply: mpsc::Sender<Answer>,
@@ -786,14 +800,25 @@ impl Controller {
         }
         let (done_tx, done_rx) = mpsc::channel();
         answer.done = Some(done_tx);
+        let cut = admin::HandoverCut::default();
+        answer.cut = Some(cut.clone());
         let _ = reply.send(*answer);
         info!(
             "handover: the new edgelb got the listening sockets; serving until it says it serves"
         );
-        // The admin thread follows the exchange, each step bounded by HANDOVER_WAIT.
+        // The admin thread follows the exchange, each step bounded by HANDOVER_WAIT. A stop
+        // signal meanwhile cuts it short (the admin thread then reports at once): `stopped`
+        // holds whether the end then comes from the cut rather than from the new process.
+        let mut stopped = None;
         let end = self
-            .answer_scrapes_until(&done_rx, 2 * admin::HANDOVER_WAIT + SAMPLE_EVERY, |_| {})
+            .answer_scrapes_until(&done_rx, 2 * admin::HANDOVER_WAIT + SAMPLE_EVERY, |_| {
+                if stopped.is_none() && stop_requested(signals) {
+                    warn!("handover: a stop signal; cutting the handover short");
+                    stopped = Some(cut.now());
+                }
+            })
             .unwrap_or(HandoverEnd::AbandonedAfterCommit);
+        let cut_short = stopped == Some(true);
         match end {
             HandoverEnd::Ready => {
                 // Scrapes go to the new process only: it holds the same listening socket (and
@@ -803,6 +828,13 @@ impl Controller {
                 }
                 self.metrics_socket = None;
                 info!("handover: the new edgelb serves; this one finishes its requests in flight");
+            }
+            // Cut after the new process was told to go: the data plane is its, whether it is
+            // still starting or not.
+            HandoverEnd::AbandonedAfterCommit | HandoverEnd::FailedAfterCommit if cut_short => {
+                warn!(
+                    "handover: stopped by a signal after the new edgelb began writing the maps: the data plane is its; this one exits without touching it"
+                )
             }
             HandoverEnd::AbandonedAfterCommit => warn!(
                 "handover: the new edgelb went quiet after it took the data plane; stopping anyway (the data plane keeps running)"
@@ -819,9 +851,14 @@ impl Controller {
                     ),
                 }
                 self.apply_logged("taking the data plane back");
-                self.take_back();
-                return false;
+                if stopped.is_none() {
+                    self.take_back();
+                    return false;
+                }
             }
+            HandoverEnd::Abandoned if stopped.is_some() => warn!(
+                "handover: stopped by a signal before the new edgelb touched the data plane (it can no longer commit): this one exits, leaving the data plane running as it wrote it"
+            ),
             HandoverEnd::Abandoned => {
                 warn!(
                     "handover: the new edgelb gave up before it touched the data plane; this one takes back over"
@@ -830,9 +867,19 @@ impl Controller {
                 return false;
             }
         }
-        // The new process serves now: a stop signal to this one ends its drain, as at a stop.
+        // Done here: the new process serves, or a stop signal ended the handover. A (further)
+        // stop signal ends the drain, as at a stop. The admin socket's path is left alone: it
+        // may be the new process's.
         self.drain_proxy(Some(signals));
-        info!("handover done: the data plane and the sockets are the new edgelb's");
+        // Still this process's: stopped before the new one touched it, or taken back.
+        let kept = stopped.is_some()
+            && (end == HandoverEnd::Abandoned
+                || end == HandoverEnd::FailedAfterCommit && !cut_short);
+        if kept {
+            info!(pin_dir = %self.cfg.node.pin_dir.display(), "controller stopped; the data plane keeps running (`edgelb stop` removes it)");
+        } else {
+            info!("handover done: the data plane and the sockets are the new edgelb's");
+        }
         true
     }
 
@@ -890,6 +937,7 @@ impl Controller {
             },
             fds,
             done: None,
+            cut: None,
         })
     }
 

@@ -1469,6 +1469,14 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 
 /// Mounts bpffs on /sys/fs/bpf unless it already is (systemd usually does it; minimal systems
 /// and fresh VMs may not).
+///
+/// Only in the host's mount namespace (PID 1's): a bpffs mounted in a namespace of this
+/// process's own (`ip netns exec` makes one and hides the host's /sys/fs/bpf; so do containers
+/// and units with `ProtectSystem=`) lives only as long as that namespace, and the pins, and
+/// XDP with them, would go when edgelb exits: SIGTERM would take the data plane down, and every
+/// restart would lose the connection table. That is refused, saying what to do instead. When
+/// it cannot be told (PID 1's namespace unreadable, as some containers make it, and no
+/// ancestor's another), bpffs is mounted as before, with a warning.
 pub fn ensure_bpffs() -> Result<(), String> {
     let mounts =
         std::fs::read_to_string("/proc/mounts").map_err(|e| format!("/proc/mounts: {e}"))?;
@@ -1477,6 +1485,14 @@ pub fn ensure_bpffs() -> Result<(), String> {
         f.len() > 2 && f[1] == BPFFS && f[2] == "bpf"
     }) {
         return Ok(());
+    }
+    match mount_namespace_of_its_own() {
+        Ok(false) => {}
+        Ok(true) => return Err(own_mount_namespace_refusal()),
+        Err(e) => warn!(
+            error = %e,
+            "cannot tell whether this process shares the host's mount namespace (/proc/1/ns/mnt): if it does not (a container, `ip netns exec`), the bpffs mounted now goes with that namespace, and the pins and XDP with it when edgelb exits"
+        ),
     }
     info!("mounting bpffs on {BPFFS}");
     // Root-only, as systemd mounts it: mounted without a mode, bpffs is writable by every user.
@@ -1491,6 +1507,47 @@ pub fn ensure_bpffs() -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Whether this process runs in a mount namespace of its own: another than PID 1's (the host's,
+/// or a container's own init's). Where PID 1's cannot be read (sandboxes that deny it even to
+/// root), another than an ancestor's says so too: `ip netns exec` (and `unshare -m`) makes a
+/// namespace for the command it runs, apart from the shell that ran it. An error (PID 1's)
+/// when neither tells.
+fn mount_namespace_of_its_own() -> std::io::Result<bool> {
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt"));
+    let mine = ns("self")?;
+    let unreadable = match ns("1") {
+        Ok(init) => return Ok(mine != init),
+        Err(e) => e,
+    };
+    let mut pid = std::os::unix::process::parent_id();
+    while pid > 1 {
+        match ns(&pid.to_string()) {
+            Ok(theirs) if theirs != mine => return Ok(true),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+        match parent_of(pid) {
+            Some(parent) => pid = parent,
+            None => break,
+        }
+    }
+    Err(unreadable)
+}
+
+/// The parent of process `pid` (field 4 of /proc/PID/stat, after the command in parentheses,
+/// which may itself hold spaces and parentheses).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Why bpffs is not mounted from a mount namespace of this process's own, and what to do.
+fn own_mount_namespace_refusal() -> String {
+    format!(
+        "bpffs is not mounted on {BPFFS}, and this process runs in a mount namespace of its own (`ip netns exec`, a container, a unit with ProtectSystem= or PrivateTmp=): a bpffs mounted here would vanish with that namespace, taking the pins, and XDP with them, when edgelb exits. Mount bpffs on the host (`mount -t bpf bpf {BPFFS}`), or enter a network namespace with `nsenter --net=/run/netns/<ns>` rather than `ip netns exec`"
+    )
 }
 
 fn pin_link(prog: &mut Xdp, id: XdpLinkId, pin: &Path) -> Result<(), DataplaneError> {
