@@ -95,8 +95,12 @@ pub struct Node {
     pub pin_dir: PathBuf,
     /// Unix socket the admin commands (`edgelb status`, `drain`, `reload`, `stop`) talk to.
     pub admin_socket: PathBuf,
-    /// io_uring runtimes (threads) of the L7 proxy; default one per core.
-    pub l7_threads: usize,
+    /// io_uring runtimes (threads) of the L7 proxy as the file writes them; None: one per CPU
+    /// this process may run on, counted when the proxy starts ([`Node::l7_thread_count`]). Kept
+    /// unresolved so that a reload compares what the file says: the CPU count changes under a
+    /// running edgelb (`taskset`, a cgroup CPU quota), and a file that did not change must not
+    /// read as one that did.
+    pub l7_threads: Option<usize>,
     /// How long a stopping or handing-over edgelb lets the L7 requests in flight (downloads,
     /// WebSockets) finish before it closes the rest.
     pub l7_drain_timeout: Duration,
@@ -104,6 +108,24 @@ pub struct Node {
     /// automatically (131 072 IPv4 and 65 536 IPv6 flows per CPU, fewer on machines with very
     /// many CPUs). A table that fits the CPU's cache is faster, one too small evicts flows.
     pub conntrack_flows_per_cpu: Option<u32>,
+}
+
+impl Node {
+    /// The L7 proxy's thread count: `l7_threads` as written, else one per CPU this process may
+    /// run on now ([`default_l7_threads`]).
+    pub fn l7_thread_count(&self) -> usize {
+        self.l7_threads.unwrap_or_else(|| {
+            default_l7_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+        })
+    }
+}
+
+/// The L7 proxy's thread count for `cpus` usable CPUs when `node.l7_threads` is unset: one per
+/// CPU, within the range the key allows (1..=256): a thread per CPU beyond that buys nothing
+/// and costs a listening socket per L7 VIP each.
+pub fn default_l7_threads(cpus: usize) -> usize {
+    let r = range("l7_threads");
+    cpus.clamp(*r.start() as usize, *r.end() as usize)
 }
 
 /// Default [`Node::l7_drain_timeout`]: long enough for most downloads in flight, short enough
@@ -835,10 +857,11 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             Some(p) if p.get_ref().starts_with('/') => PathBuf::from(p.get_ref()),
             Some(p) => return bad(p.span(), "admin_socket must be an absolute path"),
         },
-        l7_threads: match &n.l7_threads {
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            Some(t) => in_range(t, "l7_threads")? as usize,
-        },
+        l7_threads: n
+            .l7_threads
+            .as_ref()
+            .map(|t| in_range(t, "l7_threads").map(|t| t as usize))
+            .transpose()?,
         l7_drain_timeout: match &n.l7_drain_timeout_ms {
             None => DEFAULT_L7_DRAIN_TIMEOUT,
             Some(t) if range("l7_drain_timeout_ms").contains(t.get_ref()) => {

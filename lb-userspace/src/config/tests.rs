@@ -1201,6 +1201,23 @@ fn l7_drain_timeout_defaults_and_limits() {
     refused_at(&with("3600001"), "3600001", "l7_drain_timeout_ms must be 0..=3600000");
 }
 
+/// `l7_threads` keeps what the file says; unset, the proxy gets one thread per CPU, within the
+/// key's range however many CPUs the machine has.
+#[test]
+fn l7_threads_default_to_one_per_cpu_within_their_range() {
+    assert_eq!(default_l7_threads(1), 1);
+    assert_eq!(default_l7_threads(48), 48);
+    assert_eq!(default_l7_threads(256), 256);
+    assert_eq!(default_l7_threads(257), 256);
+    assert_eq!(default_l7_threads(1024), 256);
+    assert_eq!(default_l7_threads(0), 1);
+    assert_eq!(parse(NODE).unwrap().node.l7_threads, None);
+    let with = |t: &str| format!("{NODE}l7_threads = {t}\n");
+    assert_eq!(parse(&with("4")).unwrap().node.l7_threads, Some(4));
+    assert_eq!(parse(&with("4")).unwrap().node.l7_thread_count(), 4);
+    refused_at(&with("257"), "257", "l7_threads must be 1..=256");
+}
+
 /// An L7 VIP whose backends take the PROXY protocol gives its check the header's version (the
 /// checker sends it only to a backend's own port: `health::tests`).
 #[test]
@@ -1682,7 +1699,8 @@ fn prop_documented_rules(c: &Config) -> Result<(), String> {
     ensure!(n.mtu == 0 || (576..=65535).contains(&n.mtu), "mtu {}", n.mtu);
     ensure!(n.pin_dir.to_str().is_some_and(below_bpffs), "pin_dir {:?}", n.pin_dir);
     ensure!(n.admin_socket.is_absolute(), "admin_socket {:?}", n.admin_socket);
-    ensure!((1..=256).contains(&n.l7_threads), "l7_threads {}", n.l7_threads);
+    ensure!(n.l7_threads.is_none_or(|t| (1..=256).contains(&t)), "l7_threads {:?}", n.l7_threads);
+    ensure!((1..=256).contains(&n.l7_thread_count()), "l7_thread_count {}", n.l7_thread_count());
     ensure!(ms(n.l7_drain_timeout, 0..=3_600_000), "l7_drain_timeout {:?}", n.l7_drain_timeout);
     if let Some(f) = n.conntrack_flows_per_cpu {
         ensure!(
