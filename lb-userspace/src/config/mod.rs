@@ -905,6 +905,7 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             format!("at most {MAX_VIPS} VIPs are supported"),
         );
     }
+    let listens = l7_listens(&raw.vip);
     let mut names = HashSet::new();
     // The VIP of each (address, port, protocol), by name.
     let mut keys = std::collections::HashMap::new();
@@ -1075,7 +1076,8 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 _ => {}
             }
             let bport = b.port.as_ref().map_or(port, |p| *p.get_ref());
-            backend_address_ok(b.address.span(), address, bport, vip_addr, port, forwarding)?;
+            let vip = (v.name.get_ref().as_str(), vip_addr, port);
+            backend_address_ok(b.address.span(), address, bport, vip, forwarding, &listens)?;
             backends.push(Backend { address, weight, mac, port: bport });
         }
         // Maglev gives each backend a share of the ring's slots: with fewer slots than backends
@@ -1116,7 +1118,8 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 if protocol != Protocol::Tcp {
                     return bad(vspan, "an l7 VIP must be tcp");
                 }
-                let l7 = l7_settings(l7.as_ref(), &v.route, vip_addr, port)?;
+                let vip = (v.name.get_ref().as_str(), vip_addr, port);
+                let l7 = l7_settings(l7.as_ref(), &v.route, vip, &listens)?;
                 if l7.algorithm == Algorithm::Hash {
                     ring_shares_ok(&v.backends, crate::proxy::balance::L7_RING, "")?;
                 }
@@ -1240,12 +1243,15 @@ fn mtu_fits_ipv6(mtu: u32, span: Range<usize>, vips: &[Vip]) -> Result<(), Inval
     Ok(())
 }
 
+/// The `[vip.l7]` settings and routes of L7 VIP `vip` (name, address, port); `listens` are
+/// every L7 VIP's, which its route backends must not be ([`backend_address_ok`]).
 fn l7_settings(
     l7: Option<&raw::Sp<raw::L7>>,
     routes: &[raw::Sp<raw::Route>],
-    vip_addr: IpAddr,
-    port: u16,
+    vip: (&str, IpAddr, u16),
+    listens: &[(String, std::net::SocketAddr)],
 ) -> Result<L7, Invalid> {
+    let port = vip.2;
     let empty = raw::L7 {
         mode: None,
         algorithm: None,
@@ -1363,7 +1369,7 @@ fn l7_settings(
                 return bad(m.span(), "`mac` applies to backends XDP forwards to, not to l7 ones");
             }
             let bport = l7_backend_port(b, port)?;
-            backend_address_ok(b.address.span(), address, bport, vip_addr, port, Forwarding::L7)?;
+            backend_address_ok(b.address.span(), address, bport, vip, Forwarding::L7, listens)?;
             if backends.iter().any(|o| o.address == address && o.port == bport) {
                 return bad(
                     b.address.span(),
@@ -1825,16 +1831,37 @@ fn not_unicast(a: IpAddr) -> Option<&'static str> {
     }
 }
 
+/// The listen address (canonical) and port of every L7 VIP in the file, by name, read before
+/// the VIPs are checked one by one: a backend of one L7 VIP may be another's, written later.
+/// A VIP whose address or port would be refused is left out (its own error comes first).
+fn l7_listens(vips: &[raw::Sp<raw::Vip>]) -> Vec<(String, std::net::SocketAddr)> {
+    vips.iter()
+        .map(|v| v.get_ref())
+        .filter(|v| v.forwarding.as_ref().is_some_and(|f| f.get_ref() == "l7"))
+        .filter_map(|v| {
+            let address: IpAddr = v.address.get_ref().parse().ok()?;
+            let port = *v.port.as_ref()?.get_ref();
+            (port != 0).then(|| {
+                (v.name.get_ref().clone(), std::net::SocketAddr::new(address.to_canonical(), port))
+            })
+        })
+        .collect()
+}
+
 /// Refuses a backend its VIP's traffic can never reach or that loops: an address that is not
 /// unicast; for a VIP XDP forwards, a loopback address (encapsulated to it, packets never leave
-/// the node) or the VIP's own; for an l7 VIP, its own listen address and port.
+/// the node) or the VIP's own; for an l7 VIP (`vip` is its name, address and port), its own
+/// listen address and port, or another L7 VIP's (`listens`): the proxy would connect to itself,
+/// and VIPs that proxy to each other loop, each connection opening another. Every listener is
+/// bound to its VIP's own address (a VIP is never the unspecified address, which would take
+/// connections to every local one), so only the same address and port reaches it.
 fn backend_address_ok(
     span: Range<usize>,
     address: IpAddr,
     port: u16,
-    vip_addr: IpAddr,
-    vip_port: u16,
+    (vip_name, vip_addr, vip_port): (&str, IpAddr, u16),
     forwarding: Forwarding,
+    listens: &[(String, std::net::SocketAddr)],
 ) -> Result<(), Invalid> {
     if let Some(what) = not_unicast(address) {
         let example = if forwarding == Forwarding::L7 { " (127.0.0.1 for this node)" } else { "" };
@@ -1852,6 +1879,16 @@ fn backend_address_ok(
                 span,
                 format!(
                     "backend {} is the VIP's own listen address: the proxy would connect to itself in a loop; write the backend's own address or port",
+                    std::net::SocketAddr::new(address, port)
+                ),
+            );
+        }
+        let at = std::net::SocketAddr::new(address.to_canonical(), port);
+        if let Some((other, _)) = listens.iter().find(|(n, l)| *l == at && n != vip_name) {
+            return bad(
+                span,
+                format!(
+                    "backend {} of VIP `{vip_name}` is the listen address of L7 VIP `{other}`: the proxy would connect to itself, and L7 VIPs that proxy to each other loop, each connection opening another; write the backends `{other}` proxies to instead",
                     std::net::SocketAddr::new(address, port)
                 ),
             );

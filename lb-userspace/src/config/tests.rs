@@ -552,6 +552,43 @@ fn a_backend_that_is_the_vip_itself_is_refused() {
     assert_eq!(cfg.vips[0].backends[0].port, 8081);
 }
 
+/// An L7 VIP whose backend is another L7 VIP's listen address would have the proxy connect to
+/// itself: two that proxy to each other loop, each connection opening another. Refused at the
+/// backend, naming both VIPs, whichever comes first in the file; in routes too.
+#[test]
+fn l7_vips_that_proxy_to_each_other_are_refused() {
+    let vip = |name: &str, address: &str, port: u16, backend: &str, routes: &str| {
+        format!(
+            "[[vip]]\nname = \"{name}\"\naddress = \"{address}\"\nport = {port}\nforwarding = \"l7\"\nbackends = [{backend}]\n[vip.l7]\n{routes}"
+        )
+    };
+    let a = vip("a", "127.0.0.1", 20080, r#"{ address = "127.0.0.1", port = 20090 }"#, "");
+    let b = vip("b", "127.0.0.1", 20090, r#"{ address = "127.0.0.1", port = 20080 }"#, "");
+    let t = format!("{NODE}{a}{b}");
+    refused_at(
+        &t,
+        "\"127.0.0.1\", port = 20090",
+        "backend 127.0.0.1:20090 of VIP `a` is the listen address of L7 VIP `b`",
+    );
+    // One way only, the other VIP written first: still the proxy connecting to itself.
+    let b_out = vip("b", "127.0.0.1", 20090, r#"{ address = "127.0.0.2", port = 80 }"#, "");
+    let t = format!("{NODE}{b_out}{a}");
+    refused_at(&t, "\"127.0.0.1\", port = 20090 }", "L7 VIP `b`");
+    // A route's pool, and IPv6.
+    let route =
+        "[[vip.route]]\npath_prefix = \"/a/\"\nbackends = [{ address = \"::1\", port = 20090 }]\n";
+    let a6 = vip("a", "::1", 20080, r#"{ address = "127.0.0.2", port = 80 }"#, route);
+    let b6 = vip("b", "::1", 20090, r#"{ address = "127.0.0.2", port = 80 }"#, "");
+    refused_at(&format!("{NODE}{a6}{b6}"), "\"::1\", port", "L7 VIP `b`");
+    // Another address or port of this node is another server.
+    let b2 = vip("b", "127.0.0.2", 20090, r#"{ address = "127.0.0.3", port = 80 }"#, "");
+    parse(&format!("{NODE}{a}{b2}")).unwrap();
+    // An XDP VIP's address is no proxy's listener.
+    let xdp = "[[vip]]\nname = \"x\"\naddress = \"198.18.1.1\"\nport = 20090\nbackends = [{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }]\n";
+    let a_x = vip("a", "127.0.0.1", 20080, r#"{ address = "198.18.1.1", port = 20090 }"#, "");
+    parse(&format!("{NODE}{a_x}{xdp}")).unwrap();
+}
+
 /// Addresses no traffic can be sent to are refused as VIPs and backends; loopback backends only
 /// where XDP would encapsulate to them.
 #[test]
@@ -1720,6 +1757,13 @@ fn prop_documented_rules(c: &Config) -> Result<(), String> {
     let mut names = HashSet::new();
     let mut listens = HashSet::new();
     let mut entries = 0;
+    // Where the proxy listens: no L7 backend may be one of these.
+    let l7_listens: HashSet<std::net::SocketAddr> = c
+        .vips
+        .iter()
+        .filter(|v| v.forwarding == Forwarding::L7)
+        .map(|v| std::net::SocketAddr::new(v.address.to_canonical(), v.port))
+        .collect();
     for v in &c.vips {
         let name = &v.name;
         ensure!(!name.is_empty(), "a VIP without a name");
@@ -1770,7 +1814,8 @@ fn prop_documented_rules(c: &Config) -> Result<(), String> {
             let own = |b: &Backend| {
                 b.port != 0
                     && b.mac.is_none()
-                    && !(b.address.to_canonical() == v.address.to_canonical() && b.port == v.port)
+                    && !l7_listens
+                        .contains(&std::net::SocketAddr::new(b.address.to_canonical(), b.port))
             };
             ensure!(v.backends.iter().all(own), "l7 VIP {name}: a backend port, mac or loop");
             ensure!(l.retries <= 10, "l7 VIP {name}: retries {}", l.retries);
