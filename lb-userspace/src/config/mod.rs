@@ -1101,8 +1101,12 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
         // An L7 VIP's backends are probed on their own ports unless health.port says otherwise
         // (0 below); an XDP VIP's on the VIP's port, the one its traffic keeps.
         let default_port = if forwarding == Forwarding::L7 { None } else { Some(port) };
-        let health =
-            v.health.as_ref().map(|h| health_check(h, default_port, protocol)).transpose()?;
+        let served: Vec<u16> = backends.iter().map(|b| b.port).collect();
+        let health = v
+            .health
+            .as_ref()
+            .map(|h| health_check(h, default_port, protocol, &served))
+            .transpose()?;
         let conntrack = match &v.conntrack {
             Some(c) if forwarding == Forwarding::L7 => {
                 return bad(c.span(), "conntrack applies to VIPs XDP forwards, not to l7 ones");
@@ -1993,11 +1997,14 @@ fn hex_bytes(text: &str) -> Result<Vec<u8>, String> {
 pub const MAX_UDP_PROBE: usize = 65_507;
 
 /// The check a `[vip.health]` table describes; without health.port, probes go to `vip_port`
-/// (an XDP VIP's), or with None to each backend's own port (an L7 VIP's).
+/// (an XDP VIP's), or with None to each backend's own port (an L7 VIP's). `served` are the
+/// ports the VIP's backends serve its `protocol` on (an XDP VIP's own, 0 for any port; each
+/// L7 backend's).
 fn health_check(
     h: &raw::Sp<raw::Health>,
     vip_port: Option<u16>,
     protocol: Protocol,
+    served: &[u16],
 ) -> Result<HealthCheck, Invalid> {
     let span = h.span();
     let h = h.get_ref();
@@ -2119,12 +2126,36 @@ fn health_check(
             }
         }
     };
-    // A UDP probe of a TCP VIP's own port finds no UDP service there: every probe fails, and
-    // the VIP fails open. With a `port` of its own it may reach a UDP responder beside it.
-    if matches!(kind, CheckKind::Udp { .. }) && protocol == Protocol::Tcp && h.port.is_none() {
+    // A UDP probe of the port a TCP VIP's backends serve finds no UDP service there: every
+    // probe fails, and the VIP fails open. On a port of its own (not one of theirs, however
+    // written) it may reach a UDP responder beside the service.
+    let written = h.port.as_ref().map(|p| *p.get_ref());
+    if matches!(kind, CheckKind::Udp { .. })
+        && protocol == Protocol::Tcp
+        && written.is_none_or(|p| served.contains(&p))
+    {
+        let on = match written {
+            None => "its backends' TCP port".to_owned(),
+            Some(p) => format!("port {p}, where its backends serve TCP,"),
+        };
         return bad(
             h.kind.as_ref().map_or(span.clone(), |k| k.span()),
-            "health kind = \"udp\" on a tcp VIP probes its backends' TCP port with UDP, which nothing answers: use kind = \"tcp\" or \"http\", or set `port` to where a UDP responder answers",
+            format!(
+                "health kind = \"udp\" on a tcp VIP probes {on} with UDP, which nothing answers: use kind = \"tcp\" or \"http\", or set `port` to where a UDP responder answers"
+            ),
+        );
+    }
+    // The reverse: a TCP (or HTTP) probe of a UDP VIP goes to its UDP port, where a UDP-only
+    // service (QUIC, syslog, WireGuard) refuses it: every probe fails, and the VIP fails open
+    // without a word. Only the operator knows where a TCP service answers (DNS's is on 53 too).
+    if !matches!(kind, CheckKind::Udp { .. }) && protocol == Protocol::Udp && written.is_none() {
+        let k = if matches!(kind, CheckKind::Tcp) { "tcp" } else { "http" };
+        return bad(
+            h.kind.as_ref().map_or(span.clone(), |k| k.span()),
+            format!(
+                "health kind = \"{k}\" on a udp VIP needs a `port`: without one it probes the VIP's UDP port over TCP, which a UDP-only service (QUIC, syslog, WireGuard) never answers, so every backend would fail and the VIP fail open; set `port` to where the backends answer {} (port = 53 for DNS over TCP), or use kind = \"udp\"",
+                k.to_uppercase()
+            ),
         );
     }
     let port = match (&h.port, vip_port) {

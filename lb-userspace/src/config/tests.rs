@@ -2414,4 +2414,42 @@ fn udp_probes_of_a_tcp_vips_own_port_are_refused() {
         "[vip.health]\nkind = \"udp\"\nsend = \"x\"\n",
     );
     assert!(err(&l7).contains("nothing answers"));
+    // The port they serve TCP on, written out, is the same port.
+    let e = err(&check("kind = \"udp\"\nsend = \"ping\"\nport = 80"));
+    assert!(
+        e.starts_with("t.toml:11:8:") && e.contains("port 80, where its backends serve TCP"),
+        "{e}"
+    );
+    let e = err(&format!("{l7}port = 8080\n"));
+    assert!(e.contains("port 8080, where its backends serve TCP"), "{e}");
+    assert!(parse(&format!("{l7}port = 8081\n")).is_ok());
+}
+
+/// A TCP or HTTP probe of a UDP VIP would go to its UDP port, where a UDP-only service never
+/// answers (every backend down, the VIP failing open): it needs a `port` of its own.
+#[test]
+fn tcp_probes_of_a_udp_vip_need_a_port() {
+    let check = |health: &str| {
+        format!(
+            "{NODE}[[vip]]\nname = \"q\"\naddress = \"198.18.1.1\"\nport = 443\nprotocol = \"udp\"\nbackends = [{{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }}]\n[vip.health]\n{health}\n"
+        )
+    };
+    for kind in ["tcp", "http"] {
+        let t = check(&format!("kind = \"{kind}\""));
+        refused_at(
+            &t,
+            &format!("\"{kind}\""),
+            &format!("kind = \"{kind}\" on a udp VIP needs a `port`"),
+        );
+        // Written out, even the VIP's own port: the operator says a TCP service answers there
+        // (DNS over TCP on 53).
+        let h = parse(&check(&format!("kind = \"{kind}\"\nport = 443"))).unwrap().vips[0]
+            .health
+            .clone()
+            .unwrap();
+        assert_eq!(h.port, 443);
+        assert!(parse(&check(&format!("kind = \"{kind}\"\nport = 8080"))).is_ok());
+    }
+    // The default kind of a UDP VIP is udp, which needs no port.
+    assert!(parse(&check("send = \"ping\"")).is_ok());
 }
