@@ -1183,6 +1183,15 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                         )
                     })?,
                 };
+                // Port 0 has the kernel pick one at random, which no scraper would know.
+                if addr.port() == 0 {
+                    return bad(
+                        m.listen.as_ref().map_or(0..0, |l| l.span()),
+                        format!(
+                            "metrics.listen {addr} has port 0, which has the kernel pick a random port no scraper knows: write the port to serve /metrics on (e.g. {DEFAULT_METRICS_LISTEN})"
+                        ),
+                    );
+                }
                 let remote_ok = m.allow_remote.as_ref().is_some_and(|a| *a.get_ref());
                 if !addr.ip().is_loopback() && !remote_ok {
                     let span = m.listen.as_ref().map_or(0..0, |l| l.span());

@@ -271,6 +271,11 @@ fn metrics_default_to_loopback_and_refuse_remote_unless_allowed() {
     assert_eq!(cfg.metrics.unwrap().port(), 9110);
     let cfg = parse(&format!("{NODE}[metrics]\nenabled = false\n")).unwrap();
     assert!(cfg.metrics.is_none());
+    // Port 0 would be a random port, which nobody can scrape.
+    for listen in ["127.0.0.1:0", "[::1]:0"] {
+        let t = format!("{NODE}[metrics]\nlisten = \"{listen}\"\n");
+        refused_at(&t, &format!("\"{listen}\""), "has port 0");
+    }
 }
 
 #[test]
@@ -1745,6 +1750,7 @@ fn prop_documented_rules(c: &Config) -> Result<(), String> {
             "conntrack_flows_per_cpu {f}"
         );
     }
+    ensure!(c.metrics.is_none_or(|m| m.port() != 0), "metrics.listen {:?}", c.metrics);
     ensure!(c.vips.len() <= MAX_VIPS as usize, "{} VIPs", c.vips.len());
     let unicast = |a: IpAddr| {
         let a = a.to_canonical();
