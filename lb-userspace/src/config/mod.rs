@@ -578,6 +578,39 @@ pub(super) const RANGES: &[(&str, u64, u64)] = &[
     ("expect_status", 100, 599),
 ];
 
+/// An entry of [`FORMS`]: the key, its values in words, and the test of a value.
+pub(super) type Form = (&'static str, &'static str, fn(u64) -> bool);
+
+/// Integer settings whose valid values are not one range, by key: how to say them, and the test
+/// of a value. Validation's errors and the hint for a mistyped value (`hint::reworded`) both
+/// say them in these words, which would otherwise quote the type's range (`mtu` as
+/// 0..=4294967295).
+pub(super) const FORMS: &[Form] = &[
+    ("mtu", "0 (no check) or 576..=65535", |n| n == 0 || (576..=65535).contains(&n)),
+    ("proxy_protocol", "1 or 2", |n| matches!(n, 1 | 2)),
+    ("conntrack_flows_per_cpu", "a power of two from 4096 to 1048576", |n| {
+        n.is_power_of_two()
+            && (MIN_CONNTRACK_FLOWS as u64..=MAX_CONNTRACK_FLOWS as u64).contains(&n)
+    }),
+];
+
+/// The words and the test of `key` in [`FORMS`].
+pub(super) fn form(key: &str) -> (&'static str, fn(u64) -> bool) {
+    let &(_, words, ok) =
+        FORMS.iter().find(|(k, ..)| *k == key).expect("every checked key is in FORMS");
+    (words, ok)
+}
+
+/// `v` if it is of `key`'s form in [`FORMS`]; if not, the error says so: "`key` must be ...".
+fn of_form<T: Copy + Into<u64>>(v: &raw::Sp<T>, key: &str) -> Result<T, Invalid> {
+    let (words, ok) = form(key);
+    if ok((*v.get_ref()).into()) {
+        Ok(*v.get_ref())
+    } else {
+        bad(v.span(), format!("{key} must be {words} (got {})", (*v.get_ref()).into()))
+    }
+}
+
 /// The range of `key` in [`RANGES`].
 pub(super) fn range(key: &str) -> std::ops::RangeInclusive<u64> {
     let &(_, min, max) =
@@ -837,11 +870,7 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
         encap_source_v6,
         gateway_mac: n.gateway_mac.as_ref().map(parse_mac).transpose()?,
         src_mac: n.src_mac.as_ref().map(parse_mac).transpose()?,
-        mtu: match n.mtu {
-            None => 1500,
-            Some(m) if *m.get_ref() == 0 || (576..=65535).contains(m.get_ref()) => *m.get_ref(),
-            Some(m) => return bad(m.span(), "mtu must be 0 (no check) or 576..=65535"),
-        },
+        mtu: n.mtu.as_ref().map_or(Ok(1500), |m| of_form(m, "mtu"))?,
         pin_dir: match &n.pin_dir {
             None => PathBuf::from(DEFAULT_PIN_DIR),
             Some(p) if below_bpffs(p.get_ref()) => PathBuf::from(p.get_ref()),
@@ -879,24 +908,11 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 );
             }
         },
-        conntrack_flows_per_cpu: match &n.conntrack_flows_per_cpu {
-            None => None,
-            Some(f)
-                if f.get_ref().is_power_of_two()
-                    && (MIN_CONNTRACK_FLOWS..=MAX_CONNTRACK_FLOWS).contains(f.get_ref()) =>
-            {
-                Some(*f.get_ref())
-            }
-            Some(f) => {
-                return bad(
-                    f.span(),
-                    format!(
-                        "conntrack_flows_per_cpu must be a power of two from {MIN_CONNTRACK_FLOWS} to {MAX_CONNTRACK_FLOWS} (got {})",
-                        f.get_ref()
-                    ),
-                );
-            }
-        },
+        conntrack_flows_per_cpu: n
+            .conntrack_flows_per_cpu
+            .as_ref()
+            .map(|f| of_form(f, "conntrack_flows_per_cpu"))
+            .transpose()?,
     };
 
     if raw.vip.len() > MAX_VIPS as usize {
@@ -1438,11 +1454,8 @@ fn l7_settings(
             ring_shares_ok(&r.backends, crate::proxy::balance::L7_RING, "")?;
         }
     }
-    let proxy_protocol = match &l.proxy_protocol {
-        None => None,
-        Some(v) if matches!(v.get_ref(), 1 | 2) => Some(*v.get_ref()),
-        Some(v) => return bad(v.span(), "proxy_protocol must be 1 or 2"),
-    };
+    let proxy_protocol =
+        l.proxy_protocol.as_ref().map(|v| of_form(v, "proxy_protocol")).transpose()?;
     // Where cookie stickiness is asked for: the VIP's algorithm, or the first route's.
     let cookie_at = match &l.algorithm {
         Some(a) if algorithm == Algorithm::Cookie => Some(a.span()),

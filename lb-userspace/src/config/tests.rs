@@ -2404,6 +2404,48 @@ fn hints_quote_the_fields_own_range() {
     }
 }
 
+/// Fields whose values are not one range (`mtu`: 0 or 576..=65535) are said in their own words
+/// by the hints too, not with their type's range; and those words are validation's.
+#[test]
+fn hints_quote_the_fields_own_values() {
+    // A valid value of each, and the type's range the hint must not quote.
+    let cases = [("mtu", 1500, "4294967295"), ("conntrack_flows_per_cpu", 65536, "4294967295")];
+    let cases = cases.into_iter().chain([("proxy_protocol", 2, "255")]);
+    for (key, good, type_max) in cases {
+        let (words, ok) = form(key);
+        let text = |v: &str| match key {
+            "proxy_protocol" => l7_vip_with(
+                "{ address = \"198.18.0.11\", port = 8080 }",
+                &format!("[vip.l7]\n{key} = {v}\n"),
+            ),
+            _ => format!("{NODE}{key} = {v}\n"),
+        };
+        assert!(ok(good) && parse(&text(&good.to_string())).is_ok(), "{key} = {good}");
+        let past_type = (type_max.parse::<u64>().unwrap() + 1).to_string();
+        for (v, says) in [
+            (past_type.as_str(), format!("`{key}` = {past_type} is out of range: {words}")),
+            ("18446744073709551616", format!("is out of range: {words}")),
+            ("-1", format!("`{key}` = -1: write {words}, not negative")),
+            ("2.5", format!("is not a whole number: write {words}")),
+            ("\"x\"", format!("write {words}, without quotes")),
+        ] {
+            let e = err(&text(v));
+            assert!(e.contains(&says) && !e.contains(type_max), "{key} = {v}: {e}");
+        }
+        // A valid value in quotes is told to lose them; one out of the field's values is not
+        // offered, however it fits the type.
+        let e = err(&text(&format!("\"{good}\"")));
+        assert!(e.contains(&format!("write a number without quotes, {key} = {good}")), "{e}");
+        let e = err(&text("\"3\""));
+        assert!(e.contains(&format!("write {words}, without quotes")), "{key}: {e}");
+        // Validation's words for a value of the type but not of the field.
+        let e = err(&text("3"));
+        assert!(e.contains(&format!("{key} must be {words} (got 3)")), "{e}");
+    }
+    assert!(form("conntrack_flows_per_cpu").0.contains(&MIN_CONNTRACK_FLOWS.to_string()));
+    assert!(form("conntrack_flows_per_cpu").0.contains(&MAX_CONNTRACK_FLOWS.to_string()));
+}
+
 #[test]
 fn udp_probes_of_a_tcp_vips_own_port_are_refused() {
     let check = |health: &str| {
