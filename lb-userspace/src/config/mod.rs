@@ -730,6 +730,7 @@ fn parse_mac(s: &raw::Sp<String>) -> Result<[u8; 6], Invalid> {
 /// A VIP or backend address. Refuses the IPv6 forms that parse but cannot be used: an
 /// IPv4-mapped address, which never appears on the wire (an IPv6 VIP that IPv4 packets never
 /// match, 4in6 packets nothing routes, and a backend a dual-stack health check still finds up),
+/// an IPv4-compatible one (`::a.b.c.d`, deprecated, for the same reasons),
 /// and a link-local one, which needs an interface to be reached (every connect and bind to it
 /// without one fails with EINVAL, and zone ids are not taken).
 fn parse_ip(s: &raw::Sp<String>, what: &str) -> Result<IpAddr, Invalid> {
@@ -748,6 +749,15 @@ fn ipv6_usable(a: Ipv6Addr) -> Result<(), String> {
     if let Some(v4) = a.to_ipv4_mapped() {
         return Err(format!(
             "{a} is an IPv4-mapped IPv6 address, which never appears on the wire: write the IPv4 address {v4}"
+        ));
+    }
+    // ::/96 but for :: and ::1: IPv4-compatible addresses, deprecated (RFC 4291 2.5.5.1) and
+    // no longer on the wire (the automatic tunnels that used them are gone from Linux): refused
+    // as the mapped ones are, saying the IPv4 address meant.
+    if a.segments()[..6] == [0; 6] && !a.is_unspecified() && !a.is_loopback() {
+        let v4 = Ipv4Addr::from_bits(a.to_bits() as u32);
+        return Err(format!(
+            "{a} (::{v4}) is an IPv4-compatible IPv6 address, deprecated and never on the wire: write the IPv4 address {v4}"
         ));
     }
     if a.is_unicast_link_local() {
@@ -855,7 +865,7 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 return bad(
                     s.span(),
                     format!(
-                        "encap_source_v6 {addr} is not a source backends take packets from (an IPv4-mapped, link-local, loopback, multicast or unspecified prefix): write a /96 routed to this node (e.g. \"2001:db8:100::/96\")"
+                        "encap_source_v6 {addr} is not a source backends take packets from (an IPv4-mapped, IPv4-compatible, link-local, loopback, multicast or unspecified prefix): write a /96 routed to this node (e.g. \"2001:db8:100::/96\")"
                     ),
                 );
             }

@@ -523,7 +523,21 @@ fn unusable_ipv6_forms_are_refused() {
         "[[vip.route]]\npath_prefix = \"/a/\"\nbackends = [{ address = \"::ffff:127.0.0.2\" }]\n";
     let t = l7_vip("127.0.0.1", r#"{ address = "127.0.0.2" }"#, "", route);
     refused_at(&t, "\"::ffff:127.0.0.2\"", "write the IPv4 address 127.0.0.2");
-    for prefix in ["::ffff:0:0/96", "fe80::/96", "::1/96", "ff02::/96", "::/96"] {
+    // IPv4-compatible addresses (::/96 but :: and ::1), deprecated, as the mapped ones.
+    let t = xdp_vip("::198.18.1.1", "", r#"{ address = "2001:2::11" }"#);
+    refused_at(&t, "\"::198.18.1.1\"", "IPv4-compatible IPv6 address");
+    assert!(err(&t).contains("write the IPv4 address 198.18.1.1"), "{}", err(&t));
+    let t = xdp_vip("198.18.1.1", "", r#"{ address = "::198.18.2.1" }"#);
+    refused_at(&t, "\"::198.18.2.1\"", "write the IPv4 address 198.18.2.1");
+    let route =
+        "[[vip.route]]\npath_prefix = \"/a/\"\nbackends = [{ address = \"::127.0.0.2\" }]\n";
+    let t = l7_vip("::1", r#"{ address = "127.0.0.2" }"#, "", route);
+    refused_at(&t, "\"::127.0.0.2\"", "IPv4-compatible");
+    // :: and ::1 keep their own rules: the unspecified address, loopback for the proxy.
+    refused_at(&xdp_vip("::", "", r#"{ address = "2001:2::11" }"#), "\"::\"", "unspecified");
+    parse(&l7_vip("::1", r#"{ address = "::1", port = 9000 }"#, "", "")).unwrap();
+    for prefix in ["::ffff:0:0/96", "fe80::/96", "::1/96", "ff02::/96", "::/96", "::198.19.0.0/96"]
+    {
         let t = xdp_vip("198.18.1.1", "", r#"{ address = "198.18.0.11" }"#)
             .replace("2001:2:0:ff::/96", prefix);
         refused_at(&t, &format!("\"{prefix}\""), "not a source backends take packets from");
@@ -1734,7 +1748,8 @@ fn prop_documented_rules(c: &Config) -> Result<(), String> {
                 || a.is_loopback()
                 || a.is_multicast()
                 || a.is_unicast_link_local()
-                || a.to_ipv4_mapped().is_some()),
+                || a.to_ipv4_mapped().is_some()
+                || a.segments()[..6] == [0; 6]),
             "encap_source_v6 {a}"
         );
     }
@@ -1757,7 +1772,10 @@ fn prop_documented_rules(c: &Config) -> Result<(), String> {
         !a.is_unspecified() && !a.is_multicast() && a != IpAddr::V4(Ipv4Addr::BROADCAST)
     };
     let usable = |a: IpAddr| match a {
-        IpAddr::V6(a) => a.to_ipv4_mapped().is_none() && !a.is_unicast_link_local(),
+        IpAddr::V6(a) => {
+            let compatible = a.segments()[..6] == [0; 6] && !a.is_unspecified() && !a.is_loopback();
+            a.to_ipv4_mapped().is_none() && !a.is_unicast_link_local() && !compatible
+        }
         IpAddr::V4(_) => true,
     };
     let mut names = HashSet::new();
