@@ -495,7 +495,8 @@ impl fmt::Display for Vip {
 
 /// The admin socket named by the config at `path`, read leniently: `edgelb reload` must find the
 /// running controller even when the file now holds an invalid config. The default when the file
-/// does not set one. A file that cannot be read is an error, not the default socket: a mistyped
+/// does not set one; an error when it sets one that is not a string (`admin_socket = 5`), which
+/// names no socket, and the default may be another edgelb's. A file that cannot be read is an error, not the default socket: a mistyped
 /// `-c` would otherwise send `stop` to whichever edgelb owns the default. A file that is not even TOML is searched for an
 /// `admin_socket = "..."` line; if it has one that cannot be read, or more than one, the answer
 /// is an error rather than the default socket, which may be another edgelb's (a `stop` sent there
@@ -510,8 +511,21 @@ pub fn admin_socket_of(path: &Path) -> Result<PathBuf, String> {
     })?;
     let e = match toml::from_str::<toml::Table>(&text) {
         Ok(t) => {
-            let set = t.get("node").and_then(|n| n.get("admin_socket"));
-            return Ok(set.and_then(|s| s.as_str()).map_or_else(default, PathBuf::from));
+            return match t.get("node").and_then(|n| n.get("admin_socket")) {
+                None => Ok(default()),
+                Some(toml::Value::String(s)) => Ok(PathBuf::from(s)),
+                // Set, but to no path: as unclear as a broken line, and no more the default.
+                Some(v) => {
+                    let at = admin_socket_at(&text)
+                        .map(|a| line_col(&text, a))
+                        .map_or(String::new(), |(line, col)| format!(":{line}:{col}"));
+                    Err(format!(
+                        "{}{at}: node.admin_socket is {} {v}, not a path in quotes, so the admin socket is unclear: fix the file (e.g. admin_socket = \"{DEFAULT_ADMIN_SOCKET}\"), or give --socket",
+                        path.display(),
+                        v.type_str()
+                    ))
+                }
+            };
         }
         Err(e) => e,
     };
@@ -540,6 +554,16 @@ pub fn admin_socket_of(path: &Path) -> Result<PathBuf, String> {
             e.message().trim()
         )
     })
+}
+
+/// Where the value of `node.admin_socket` starts in `text`, a TOML file.
+fn admin_socket_at(text: &str) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let root = DeTable::parse(text).ok()?;
+    let (_, node) = root.get_ref().iter().find(|(k, _)| k.get_ref() == "node")?;
+    let DeValue::Table(node) = node.get_ref() else { return None };
+    let (_, socket) = node.iter().find(|(k, _)| k.get_ref() == "admin_socket")?;
+    Some(socket.span().start)
 }
 
 /// 1-based line and column of byte `offset` in `text`.

@@ -1310,6 +1310,22 @@ fn admin_socket_of_a_broken_file() {
     // The admin_socket line itself broken: no guess.
     let e = at("broken-line.toml", "[node]\nadmin_socket = \"/run/edgelb/b.sock\n").unwrap_err();
     assert!(e.contains("broken-line.toml:") && e.contains("--socket"), "{e}");
+    // TOML, but admin_socket set to no path: no guess either, and where it is said.
+    for (value, says) in [("5", "is integer 5"), ("[\"/run/x.sock\"]", "is array")] {
+        let e = at(
+            "not-a-string.toml",
+            &format!("[node]\ninterfaces = [\"lo\"]\nadmin_socket = {value}\n"),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("not-a-string.toml:3:16: node.admin_socket")
+                && e.contains(says)
+                && e.contains("--socket"),
+            "{e}"
+        );
+    }
+    let e = at("dotted.toml", "node.admin_socket = true\n").unwrap_err();
+    assert!(e.contains("dotted.toml:1:21: node.admin_socket is boolean true"), "{e}");
     // A file that cannot be read (a mistyped -c): no guess either.
     let e = admin_socket_of(&dir.join("missing.toml")).unwrap_err();
     assert!(e.contains("missing.toml") && e.contains("--socket"), "{e}");
