@@ -725,6 +725,24 @@ fn stop_on_another_socket_removes_nothing() {
     let _ = pins;
 }
 
+/// An admin command whose config sets `admin_socket` to something other than a path names the
+/// problem and exits 2, rather than talking to the default socket (another edgelb's, perhaps).
+#[test]
+fn an_admin_socket_that_is_not_a_string_is_no_default() {
+    let f = tempfile_path::write(
+        "socket-number.toml",
+        "[node]\ninterfaces = [\"lo\"]\nadmin_socket = 5\n",
+    );
+    for cmd in ["status", "reload", "stop"] {
+        let (code, out, err) = edgelb(&[cmd, "--config", &f.0.to_string_lossy()]);
+        assert_eq!(code, 2, "{cmd}: {out}{err}");
+        assert!(
+            err.contains(":3:16: node.admin_socket is integer 5") && err.contains("--socket"),
+            "{cmd}: {err}"
+        );
+    }
+}
+
 /// No real flow has source port 0: `route` on a 5-tuple VIP asks for `--sport` instead of
 /// answering for port 0 (it did, and named a backend few flows would go to).
 #[test]

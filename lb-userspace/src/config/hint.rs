@@ -83,7 +83,8 @@ fn bare_key(k: &str) -> bool {
 /// the value as written and what to write, for the forms it knows: a value of the wrong type or
 /// out of range ("invalid type: string \"80\", expected u16", "invalid value: integer `70000`,
 /// expected u16", "expected a boolean", "expected a string") and a key set twice ("duplicate
-/// key"). `None` for any other message, or a value that is not directly the value of a key (an
+/// key"). A number is said with the field's own range (`RANGES`) or values (`FORMS`), not its
+/// type's. `None` for any other message, or a value that is not directly the value of a key (an
 /// entry of a list): the caller keeps the message as it is.
 pub(super) fn reworded(text: &str, span: Range<usize>, message: &str) -> Option<String> {
     let message = message.trim();
@@ -118,19 +119,30 @@ pub(super) fn reworded(text: &str, span: Range<usize>, message: &str) -> Option<
         Err(_) => return None,
     };
     let said = format!("`{key}` = {written}");
+    // The values of a field that are not one range (`mtu`: 0 or 576..=65535), in its own words.
+    let form = super::FORMS.iter().find(|(k, ..)| *k == key).map(|&(_, words, ok)| (words, ok));
     Some(match want {
         Want::Int { min, max } => {
             // With its range; `short` leaves out an open one ("0 or more") where it is noise.
-            let what = whole_number(key, min, max, true);
-            let short = whole_number(key, min, max, false);
-            let fits = |n: i128| min.is_none_or(|m| n >= m) && max.is_none_or(|m| n <= m);
+            let (what, short) = match form {
+                Some((words, _)) => (words.to_owned(), words.to_owned()),
+                None => (whole_number(key, min, max, true), whole_number(key, min, max, false)),
+            };
+            let fits = |n: i128| match form {
+                Some((_, ok)) => u64::try_from(n).is_ok_and(ok),
+                None => min.is_none_or(|m| n >= m) && max.is_none_or(|m| n <= m),
+            };
             let ms = key.ends_with("_ms");
             match value {
                 // The field's own range may be narrower than its type's (a weight is 0..=10000,
                 // checked once the file is read): a negative number is told as such.
-                toml::Value::Integer(n) if n < 0 && min.is_some_and(|m| m >= 0) => {
-                    format!("{said}: write {}, not negative", whole_number(key, None, None, false))
-                }
+                toml::Value::Integer(n) if n < 0 && min.is_some_and(|m| m >= 0) => match form {
+                    Some((words, _)) => format!("{said}: write {words}, not negative"),
+                    None => format!(
+                        "{said}: write {}, not negative",
+                        whole_number(key, None, None, false)
+                    ),
+                },
                 toml::Value::Integer(_) => format!("{said} is out of range: {what}"),
                 toml::Value::String(s) => match s.trim().parse::<i128>() {
                     Ok(n) if fits(n) => {

@@ -95,8 +95,12 @@ pub struct Node {
     pub pin_dir: PathBuf,
     /// Unix socket the admin commands (`edgelb status`, `drain`, `reload`, `stop`) talk to.
     pub admin_socket: PathBuf,
-    /// io_uring runtimes (threads) of the L7 proxy; default one per core.
-    pub l7_threads: usize,
+    /// io_uring runtimes (threads) of the L7 proxy as the file writes them; None: one per CPU
+    /// this process may run on, counted when the proxy starts ([`Node::l7_thread_count`]). Kept
+    /// unresolved so that a reload compares what the file says: the CPU count changes under a
+    /// running edgelb (`taskset`, a cgroup CPU quota), and a file that did not change must not
+    /// read as one that did.
+    pub l7_threads: Option<usize>,
     /// How long a stopping or handing-over edgelb lets the L7 requests in flight (downloads,
     /// WebSockets) finish before it closes the rest.
     pub l7_drain_timeout: Duration,
@@ -104,6 +108,24 @@ pub struct Node {
     /// automatically (131 072 IPv4 and 65 536 IPv6 flows per CPU, fewer on machines with very
     /// many CPUs). A table that fits the CPU's cache is faster, one too small evicts flows.
     pub conntrack_flows_per_cpu: Option<u32>,
+}
+
+impl Node {
+    /// The L7 proxy's thread count: `l7_threads` as written, else one per CPU this process may
+    /// run on now ([`default_l7_threads`]).
+    pub fn l7_thread_count(&self) -> usize {
+        self.l7_threads.unwrap_or_else(|| {
+            default_l7_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+        })
+    }
+}
+
+/// The L7 proxy's thread count for `cpus` usable CPUs when `node.l7_threads` is unset: one per
+/// CPU, within the range the key allows (1..=256): a thread per CPU beyond that buys nothing
+/// and costs a listening socket per L7 VIP each.
+pub fn default_l7_threads(cpus: usize) -> usize {
+    let r = range("l7_threads");
+    cpus.clamp(*r.start() as usize, *r.end() as usize)
 }
 
 /// Default [`Node::l7_drain_timeout`]: long enough for most downloads in flight, short enough
@@ -473,7 +495,8 @@ impl fmt::Display for Vip {
 
 /// The admin socket named by the config at `path`, read leniently: `edgelb reload` must find the
 /// running controller even when the file now holds an invalid config. The default when the file
-/// does not set one. A file that cannot be read is an error, not the default socket: a mistyped
+/// does not set one; an error when it sets one that is not a string (`admin_socket = 5`), which
+/// names no socket, and the default may be another edgelb's. A file that cannot be read is an error, not the default socket: a mistyped
 /// `-c` would otherwise send `stop` to whichever edgelb owns the default. A file that is not even TOML is searched for an
 /// `admin_socket = "..."` line; if it has one that cannot be read, or more than one, the answer
 /// is an error rather than the default socket, which may be another edgelb's (a `stop` sent there
@@ -488,8 +511,21 @@ pub fn admin_socket_of(path: &Path) -> Result<PathBuf, String> {
     })?;
     let e = match toml::from_str::<toml::Table>(&text) {
         Ok(t) => {
-            let set = t.get("node").and_then(|n| n.get("admin_socket"));
-            return Ok(set.and_then(|s| s.as_str()).map_or_else(default, PathBuf::from));
+            return match t.get("node").and_then(|n| n.get("admin_socket")) {
+                None => Ok(default()),
+                Some(toml::Value::String(s)) => Ok(PathBuf::from(s)),
+                // Set, but to no path: as unclear as a broken line, and no more the default.
+                Some(v) => {
+                    let at = admin_socket_at(&text)
+                        .map(|a| line_col(&text, a))
+                        .map_or(String::new(), |(line, col)| format!(":{line}:{col}"));
+                    Err(format!(
+                        "{}{at}: node.admin_socket is {} {v}, not a path in quotes, so the admin socket is unclear: fix the file (e.g. admin_socket = \"{DEFAULT_ADMIN_SOCKET}\"), or give --socket",
+                        path.display(),
+                        v.type_str()
+                    ))
+                }
+            };
         }
         Err(e) => e,
     };
@@ -518,6 +554,16 @@ pub fn admin_socket_of(path: &Path) -> Result<PathBuf, String> {
             e.message().trim()
         )
     })
+}
+
+/// Where the value of `node.admin_socket` starts in `text`, a TOML file.
+fn admin_socket_at(text: &str) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let root = DeTable::parse(text).ok()?;
+    let (_, node) = root.get_ref().iter().find(|(k, _)| k.get_ref() == "node")?;
+    let DeValue::Table(node) = node.get_ref() else { return None };
+    let (_, socket) = node.iter().find(|(k, _)| k.get_ref() == "admin_socket")?;
+    Some(socket.span().start)
 }
 
 /// 1-based line and column of byte `offset` in `text`.
@@ -555,6 +601,39 @@ pub(super) const RANGES: &[(&str, u64, u64)] = &[
     ("fall", 1, 100),
     ("expect_status", 100, 599),
 ];
+
+/// An entry of [`FORMS`]: the key, its values in words, and the test of a value.
+pub(super) type Form = (&'static str, &'static str, fn(u64) -> bool);
+
+/// Integer settings whose valid values are not one range, by key: how to say them, and the test
+/// of a value. Validation's errors and the hint for a mistyped value (`hint::reworded`) both
+/// say them in these words, which would otherwise quote the type's range (`mtu` as
+/// 0..=4294967295).
+pub(super) const FORMS: &[Form] = &[
+    ("mtu", "0 (no check) or 576..=65535", |n| n == 0 || (576..=65535).contains(&n)),
+    ("proxy_protocol", "1 or 2", |n| matches!(n, 1 | 2)),
+    ("conntrack_flows_per_cpu", "a power of two from 4096 to 1048576", |n| {
+        n.is_power_of_two()
+            && (MIN_CONNTRACK_FLOWS as u64..=MAX_CONNTRACK_FLOWS as u64).contains(&n)
+    }),
+];
+
+/// The words and the test of `key` in [`FORMS`].
+pub(super) fn form(key: &str) -> (&'static str, fn(u64) -> bool) {
+    let &(_, words, ok) =
+        FORMS.iter().find(|(k, ..)| *k == key).expect("every checked key is in FORMS");
+    (words, ok)
+}
+
+/// `v` if it is of `key`'s form in [`FORMS`]; if not, the error says so: "`key` must be ...".
+fn of_form<T: Copy + Into<u64>>(v: &raw::Sp<T>, key: &str) -> Result<T, Invalid> {
+    let (words, ok) = form(key);
+    if ok((*v.get_ref()).into()) {
+        Ok(*v.get_ref())
+    } else {
+        bad(v.span(), format!("{key} must be {words} (got {})", (*v.get_ref()).into()))
+    }
+}
 
 /// The range of `key` in [`RANGES`].
 pub(super) fn range(key: &str) -> std::ops::RangeInclusive<u64> {
@@ -675,6 +754,7 @@ fn parse_mac(s: &raw::Sp<String>) -> Result<[u8; 6], Invalid> {
 /// A VIP or backend address. Refuses the IPv6 forms that parse but cannot be used: an
 /// IPv4-mapped address, which never appears on the wire (an IPv6 VIP that IPv4 packets never
 /// match, 4in6 packets nothing routes, and a backend a dual-stack health check still finds up),
+/// an IPv4-compatible one (`::a.b.c.d`, deprecated, for the same reasons),
 /// and a link-local one, which needs an interface to be reached (every connect and bind to it
 /// without one fails with EINVAL, and zone ids are not taken).
 fn parse_ip(s: &raw::Sp<String>, what: &str) -> Result<IpAddr, Invalid> {
@@ -693,6 +773,15 @@ fn ipv6_usable(a: Ipv6Addr) -> Result<(), String> {
     if let Some(v4) = a.to_ipv4_mapped() {
         return Err(format!(
             "{a} is an IPv4-mapped IPv6 address, which never appears on the wire: write the IPv4 address {v4}"
+        ));
+    }
+    // ::/96 but for :: and ::1: IPv4-compatible addresses, deprecated (RFC 4291 2.5.5.1) and
+    // no longer on the wire (the automatic tunnels that used them are gone from Linux): refused
+    // as the mapped ones are, saying the IPv4 address meant.
+    if a.segments()[..6] == [0; 6] && !a.is_unspecified() && !a.is_loopback() {
+        let v4 = Ipv4Addr::from_bits(a.to_bits() as u32);
+        return Err(format!(
+            "{a} (::{v4}) is an IPv4-compatible IPv6 address, deprecated and never on the wire: write the IPv4 address {v4}"
         ));
     }
     if a.is_unicast_link_local() {
@@ -800,7 +889,7 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 return bad(
                     s.span(),
                     format!(
-                        "encap_source_v6 {addr} is not a source backends take packets from (an IPv4-mapped, link-local, loopback, multicast or unspecified prefix): write a /96 routed to this node (e.g. \"2001:db8:100::/96\")"
+                        "encap_source_v6 {addr} is not a source backends take packets from (an IPv4-mapped, IPv4-compatible, link-local, loopback, multicast or unspecified prefix): write a /96 routed to this node (e.g. \"2001:db8:100::/96\")"
                     ),
                 );
             }
@@ -815,11 +904,7 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
         encap_source_v6,
         gateway_mac: n.gateway_mac.as_ref().map(parse_mac).transpose()?,
         src_mac: n.src_mac.as_ref().map(parse_mac).transpose()?,
-        mtu: match n.mtu {
-            None => 1500,
-            Some(m) if *m.get_ref() == 0 || (576..=65535).contains(m.get_ref()) => *m.get_ref(),
-            Some(m) => return bad(m.span(), "mtu must be 0 (no check) or 576..=65535"),
-        },
+        mtu: n.mtu.as_ref().map_or(Ok(1500), |m| of_form(m, "mtu"))?,
         pin_dir: match &n.pin_dir {
             None => PathBuf::from(DEFAULT_PIN_DIR),
             Some(p) if below_bpffs(p.get_ref()) => PathBuf::from(p.get_ref()),
@@ -835,10 +920,11 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             Some(p) if p.get_ref().starts_with('/') => PathBuf::from(p.get_ref()),
             Some(p) => return bad(p.span(), "admin_socket must be an absolute path"),
         },
-        l7_threads: match &n.l7_threads {
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            Some(t) => in_range(t, "l7_threads")? as usize,
-        },
+        l7_threads: n
+            .l7_threads
+            .as_ref()
+            .map(|t| in_range(t, "l7_threads").map(|t| t as usize))
+            .transpose()?,
         l7_drain_timeout: match &n.l7_drain_timeout_ms {
             None => DEFAULT_L7_DRAIN_TIMEOUT,
             Some(t) if range("l7_drain_timeout_ms").contains(t.get_ref()) => {
@@ -856,24 +942,11 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 );
             }
         },
-        conntrack_flows_per_cpu: match &n.conntrack_flows_per_cpu {
-            None => None,
-            Some(f)
-                if f.get_ref().is_power_of_two()
-                    && (MIN_CONNTRACK_FLOWS..=MAX_CONNTRACK_FLOWS).contains(f.get_ref()) =>
-            {
-                Some(*f.get_ref())
-            }
-            Some(f) => {
-                return bad(
-                    f.span(),
-                    format!(
-                        "conntrack_flows_per_cpu must be a power of two from {MIN_CONNTRACK_FLOWS} to {MAX_CONNTRACK_FLOWS} (got {})",
-                        f.get_ref()
-                    ),
-                );
-            }
-        },
+        conntrack_flows_per_cpu: n
+            .conntrack_flows_per_cpu
+            .as_ref()
+            .map(|f| of_form(f, "conntrack_flows_per_cpu"))
+            .transpose()?,
     };
 
     if raw.vip.len() > MAX_VIPS as usize {
@@ -882,6 +955,7 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             format!("at most {MAX_VIPS} VIPs are supported"),
         );
     }
+    let listens = l7_listens(&raw.vip);
     let mut names = HashSet::new();
     // The VIP of each (address, port, protocol), by name.
     let mut keys = std::collections::HashMap::new();
@@ -1052,7 +1126,8 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 _ => {}
             }
             let bport = b.port.as_ref().map_or(port, |p| *p.get_ref());
-            backend_address_ok(b.address.span(), address, bport, vip_addr, port, forwarding)?;
+            let vip = (v.name.get_ref().as_str(), vip_addr, port);
+            backend_address_ok(b.address.span(), address, bport, vip, forwarding, &listens)?;
             backends.push(Backend { address, weight, mac, port: bport });
         }
         // Maglev gives each backend a share of the ring's slots: with fewer slots than backends
@@ -1076,8 +1151,12 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
         // An L7 VIP's backends are probed on their own ports unless health.port says otherwise
         // (0 below); an XDP VIP's on the VIP's port, the one its traffic keeps.
         let default_port = if forwarding == Forwarding::L7 { None } else { Some(port) };
-        let health =
-            v.health.as_ref().map(|h| health_check(h, default_port, protocol)).transpose()?;
+        let served: Vec<u16> = backends.iter().map(|b| b.port).collect();
+        let health = v
+            .health
+            .as_ref()
+            .map(|h| health_check(h, default_port, protocol, &served))
+            .transpose()?;
         let conntrack = match &v.conntrack {
             Some(c) if forwarding == Forwarding::L7 => {
                 return bad(c.span(), "conntrack applies to VIPs XDP forwards, not to l7 ones");
@@ -1093,7 +1172,8 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 if protocol != Protocol::Tcp {
                     return bad(vspan, "an l7 VIP must be tcp");
                 }
-                let l7 = l7_settings(l7.as_ref(), &v.route, vip_addr, port)?;
+                let vip = (v.name.get_ref().as_str(), vip_addr, port);
+                let l7 = l7_settings(l7.as_ref(), &v.route, vip, &listens)?;
                 if l7.algorithm == Algorithm::Hash {
                     ring_shares_ok(&v.backends, crate::proxy::balance::L7_RING, "")?;
                 }
@@ -1153,6 +1233,15 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                         )
                     })?,
                 };
+                // Port 0 has the kernel pick one at random, which no scraper would know.
+                if addr.port() == 0 {
+                    return bad(
+                        m.listen.as_ref().map_or(0..0, |l| l.span()),
+                        format!(
+                            "metrics.listen {addr} has port 0, which has the kernel pick a random port no scraper knows: write the port to serve /metrics on (e.g. {DEFAULT_METRICS_LISTEN})"
+                        ),
+                    );
+                }
                 let remote_ok = m.allow_remote.as_ref().is_some_and(|a| *a.get_ref());
                 if !addr.ip().is_loopback() && !remote_ok {
                     let span = m.listen.as_ref().map_or(0..0, |l| l.span());
@@ -1217,12 +1306,15 @@ fn mtu_fits_ipv6(mtu: u32, span: Range<usize>, vips: &[Vip]) -> Result<(), Inval
     Ok(())
 }
 
+/// The `[vip.l7]` settings and routes of L7 VIP `vip` (name, address, port); `listens` are
+/// every L7 VIP's, which its route backends must not be ([`backend_address_ok`]).
 fn l7_settings(
     l7: Option<&raw::Sp<raw::L7>>,
     routes: &[raw::Sp<raw::Route>],
-    vip_addr: IpAddr,
-    port: u16,
+    vip: (&str, IpAddr, u16),
+    listens: &[(String, std::net::SocketAddr)],
 ) -> Result<L7, Invalid> {
+    let port = vip.2;
     let empty = raw::L7 {
         mode: None,
         algorithm: None,
@@ -1340,7 +1432,7 @@ fn l7_settings(
                 return bad(m.span(), "`mac` applies to backends XDP forwards to, not to l7 ones");
             }
             let bport = l7_backend_port(b, port)?;
-            backend_address_ok(b.address.span(), address, bport, vip_addr, port, Forwarding::L7)?;
+            backend_address_ok(b.address.span(), address, bport, vip, Forwarding::L7, listens)?;
             if backends.iter().any(|o| o.address == address && o.port == bport) {
                 return bad(
                     b.address.span(),
@@ -1396,11 +1488,8 @@ fn l7_settings(
             ring_shares_ok(&r.backends, crate::proxy::balance::L7_RING, "")?;
         }
     }
-    let proxy_protocol = match &l.proxy_protocol {
-        None => None,
-        Some(v) if matches!(v.get_ref(), 1 | 2) => Some(*v.get_ref()),
-        Some(v) => return bad(v.span(), "proxy_protocol must be 1 or 2"),
-    };
+    let proxy_protocol =
+        l.proxy_protocol.as_ref().map(|v| of_form(v, "proxy_protocol")).transpose()?;
     // Where cookie stickiness is asked for: the VIP's algorithm, or the first route's.
     let cookie_at = match &l.algorithm {
         Some(a) if algorithm == Algorithm::Cookie => Some(a.span()),
@@ -1802,16 +1891,37 @@ fn not_unicast(a: IpAddr) -> Option<&'static str> {
     }
 }
 
+/// The listen address (canonical) and port of every L7 VIP in the file, by name, read before
+/// the VIPs are checked one by one: a backend of one L7 VIP may be another's, written later.
+/// A VIP whose address or port would be refused is left out (its own error comes first).
+fn l7_listens(vips: &[raw::Sp<raw::Vip>]) -> Vec<(String, std::net::SocketAddr)> {
+    vips.iter()
+        .map(|v| v.get_ref())
+        .filter(|v| v.forwarding.as_ref().is_some_and(|f| f.get_ref() == "l7"))
+        .filter_map(|v| {
+            let address: IpAddr = v.address.get_ref().parse().ok()?;
+            let port = *v.port.as_ref()?.get_ref();
+            (port != 0).then(|| {
+                (v.name.get_ref().clone(), std::net::SocketAddr::new(address.to_canonical(), port))
+            })
+        })
+        .collect()
+}
+
 /// Refuses a backend its VIP's traffic can never reach or that loops: an address that is not
 /// unicast; for a VIP XDP forwards, a loopback address (encapsulated to it, packets never leave
-/// the node) or the VIP's own; for an l7 VIP, its own listen address and port.
+/// the node) or the VIP's own; for an l7 VIP (`vip` is its name, address and port), its own
+/// listen address and port, or another L7 VIP's (`listens`): the proxy would connect to itself,
+/// and VIPs that proxy to each other loop, each connection opening another. Every listener is
+/// bound to its VIP's own address (a VIP is never the unspecified address, which would take
+/// connections to every local one), so only the same address and port reaches it.
 fn backend_address_ok(
     span: Range<usize>,
     address: IpAddr,
     port: u16,
-    vip_addr: IpAddr,
-    vip_port: u16,
+    (vip_name, vip_addr, vip_port): (&str, IpAddr, u16),
     forwarding: Forwarding,
+    listens: &[(String, std::net::SocketAddr)],
 ) -> Result<(), Invalid> {
     if let Some(what) = not_unicast(address) {
         let example = if forwarding == Forwarding::L7 { " (127.0.0.1 for this node)" } else { "" };
@@ -1829,6 +1939,16 @@ fn backend_address_ok(
                 span,
                 format!(
                     "backend {} is the VIP's own listen address: the proxy would connect to itself in a loop; write the backend's own address or port",
+                    std::net::SocketAddr::new(address, port)
+                ),
+            );
+        }
+        let at = std::net::SocketAddr::new(address.to_canonical(), port);
+        if let Some((other, _)) = listens.iter().find(|(n, l)| *l == at && n != vip_name) {
+            return bad(
+                span,
+                format!(
+                    "backend {} of VIP `{vip_name}` is the listen address of L7 VIP `{other}`: the proxy would connect to itself, and L7 VIPs that proxy to each other loop, each connection opening another; write the backends `{other}` proxies to instead",
                     std::net::SocketAddr::new(address, port)
                 ),
             );
@@ -1933,11 +2053,14 @@ fn hex_bytes(text: &str) -> Result<Vec<u8>, String> {
 pub const MAX_UDP_PROBE: usize = 65_507;
 
 /// The check a `[vip.health]` table describes; without health.port, probes go to `vip_port`
-/// (an XDP VIP's), or with None to each backend's own port (an L7 VIP's).
+/// (an XDP VIP's), or with None to each backend's own port (an L7 VIP's). `served` are the
+/// ports the VIP's backends serve its `protocol` on (an XDP VIP's own, 0 for any port; each
+/// L7 backend's).
 fn health_check(
     h: &raw::Sp<raw::Health>,
     vip_port: Option<u16>,
     protocol: Protocol,
+    served: &[u16],
 ) -> Result<HealthCheck, Invalid> {
     let span = h.span();
     let h = h.get_ref();
@@ -2059,12 +2182,36 @@ fn health_check(
             }
         }
     };
-    // A UDP probe of a TCP VIP's own port finds no UDP service there: every probe fails, and
-    // the VIP fails open. With a `port` of its own it may reach a UDP responder beside it.
-    if matches!(kind, CheckKind::Udp { .. }) && protocol == Protocol::Tcp && h.port.is_none() {
+    // A UDP probe of the port a TCP VIP's backends serve finds no UDP service there: every
+    // probe fails, and the VIP fails open. On a port of its own (not one of theirs, however
+    // written) it may reach a UDP responder beside the service.
+    let written = h.port.as_ref().map(|p| *p.get_ref());
+    if matches!(kind, CheckKind::Udp { .. })
+        && protocol == Protocol::Tcp
+        && written.is_none_or(|p| served.contains(&p))
+    {
+        let on = match written {
+            None => "its backends' TCP port".to_owned(),
+            Some(p) => format!("port {p}, where its backends serve TCP,"),
+        };
         return bad(
             h.kind.as_ref().map_or(span.clone(), |k| k.span()),
-            "health kind = \"udp\" on a tcp VIP probes its backends' TCP port with UDP, which nothing answers: use kind = \"tcp\" or \"http\", or set `port` to where a UDP responder answers",
+            format!(
+                "health kind = \"udp\" on a tcp VIP probes {on} with UDP, which nothing answers: use kind = \"tcp\" or \"http\", or set `port` to where a UDP responder answers"
+            ),
+        );
+    }
+    // The reverse: a TCP (or HTTP) probe of a UDP VIP goes to its UDP port, where a UDP-only
+    // service (QUIC, syslog, WireGuard) refuses it: every probe fails, and the VIP fails open
+    // without a word. Only the operator knows where a TCP service answers (DNS's is on 53 too).
+    if !matches!(kind, CheckKind::Udp { .. }) && protocol == Protocol::Udp && written.is_none() {
+        let k = if matches!(kind, CheckKind::Tcp) { "tcp" } else { "http" };
+        return bad(
+            h.kind.as_ref().map_or(span.clone(), |k| k.span()),
+            format!(
+                "health kind = \"{k}\" on a udp VIP needs a `port`: without one it probes the VIP's UDP port over TCP, which a UDP-only service (QUIC, syslog, WireGuard) never answers, so every backend would fail and the VIP fail open; set `port` to where the backends answer {} (port = 53 for DNS over TCP), or use kind = \"udp\"",
+                k.to_uppercase()
+            ),
         );
     }
     let port = match (&h.port, vip_port) {

@@ -271,6 +271,11 @@ fn metrics_default_to_loopback_and_refuse_remote_unless_allowed() {
     assert_eq!(cfg.metrics.unwrap().port(), 9110);
     let cfg = parse(&format!("{NODE}[metrics]\nenabled = false\n")).unwrap();
     assert!(cfg.metrics.is_none());
+    // Port 0 would be a random port, which nobody can scrape.
+    for listen in ["127.0.0.1:0", "[::1]:0"] {
+        let t = format!("{NODE}[metrics]\nlisten = \"{listen}\"\n");
+        refused_at(&t, &format!("\"{listen}\""), "has port 0");
+    }
 }
 
 #[test]
@@ -518,7 +523,21 @@ fn unusable_ipv6_forms_are_refused() {
         "[[vip.route]]\npath_prefix = \"/a/\"\nbackends = [{ address = \"::ffff:127.0.0.2\" }]\n";
     let t = l7_vip("127.0.0.1", r#"{ address = "127.0.0.2" }"#, "", route);
     refused_at(&t, "\"::ffff:127.0.0.2\"", "write the IPv4 address 127.0.0.2");
-    for prefix in ["::ffff:0:0/96", "fe80::/96", "::1/96", "ff02::/96", "::/96"] {
+    // IPv4-compatible addresses (::/96 but :: and ::1), deprecated, as the mapped ones.
+    let t = xdp_vip("::198.18.1.1", "", r#"{ address = "2001:2::11" }"#);
+    refused_at(&t, "\"::198.18.1.1\"", "IPv4-compatible IPv6 address");
+    assert!(err(&t).contains("write the IPv4 address 198.18.1.1"), "{}", err(&t));
+    let t = xdp_vip("198.18.1.1", "", r#"{ address = "::198.18.2.1" }"#);
+    refused_at(&t, "\"::198.18.2.1\"", "write the IPv4 address 198.18.2.1");
+    let route =
+        "[[vip.route]]\npath_prefix = \"/a/\"\nbackends = [{ address = \"::127.0.0.2\" }]\n";
+    let t = l7_vip("::1", r#"{ address = "127.0.0.2" }"#, "", route);
+    refused_at(&t, "\"::127.0.0.2\"", "IPv4-compatible");
+    // :: and ::1 keep their own rules: the unspecified address, loopback for the proxy.
+    refused_at(&xdp_vip("::", "", r#"{ address = "2001:2::11" }"#), "\"::\"", "unspecified");
+    parse(&l7_vip("::1", r#"{ address = "::1", port = 9000 }"#, "", "")).unwrap();
+    for prefix in ["::ffff:0:0/96", "fe80::/96", "::1/96", "ff02::/96", "::/96", "::198.19.0.0/96"]
+    {
         let t = xdp_vip("198.18.1.1", "", r#"{ address = "198.18.0.11" }"#)
             .replace("2001:2:0:ff::/96", prefix);
         refused_at(&t, &format!("\"{prefix}\""), "not a source backends take packets from");
@@ -550,6 +569,43 @@ fn a_backend_that_is_the_vip_itself_is_refused() {
     let cfg =
         parse(&l7_vip("127.0.0.1", r#"{ address = "127.0.0.1", port = 8081 }"#, "", "")).unwrap();
     assert_eq!(cfg.vips[0].backends[0].port, 8081);
+}
+
+/// An L7 VIP whose backend is another L7 VIP's listen address would have the proxy connect to
+/// itself: two that proxy to each other loop, each connection opening another. Refused at the
+/// backend, naming both VIPs, whichever comes first in the file; in routes too.
+#[test]
+fn l7_vips_that_proxy_to_each_other_are_refused() {
+    let vip = |name: &str, address: &str, port: u16, backend: &str, routes: &str| {
+        format!(
+            "[[vip]]\nname = \"{name}\"\naddress = \"{address}\"\nport = {port}\nforwarding = \"l7\"\nbackends = [{backend}]\n[vip.l7]\n{routes}"
+        )
+    };
+    let a = vip("a", "127.0.0.1", 20080, r#"{ address = "127.0.0.1", port = 20090 }"#, "");
+    let b = vip("b", "127.0.0.1", 20090, r#"{ address = "127.0.0.1", port = 20080 }"#, "");
+    let t = format!("{NODE}{a}{b}");
+    refused_at(
+        &t,
+        "\"127.0.0.1\", port = 20090",
+        "backend 127.0.0.1:20090 of VIP `a` is the listen address of L7 VIP `b`",
+    );
+    // One way only, the other VIP written first: still the proxy connecting to itself.
+    let b_out = vip("b", "127.0.0.1", 20090, r#"{ address = "127.0.0.2", port = 80 }"#, "");
+    let t = format!("{NODE}{b_out}{a}");
+    refused_at(&t, "\"127.0.0.1\", port = 20090 }", "L7 VIP `b`");
+    // A route's pool, and IPv6.
+    let route =
+        "[[vip.route]]\npath_prefix = \"/a/\"\nbackends = [{ address = \"::1\", port = 20090 }]\n";
+    let a6 = vip("a", "::1", 20080, r#"{ address = "127.0.0.2", port = 80 }"#, route);
+    let b6 = vip("b", "::1", 20090, r#"{ address = "127.0.0.2", port = 80 }"#, "");
+    refused_at(&format!("{NODE}{a6}{b6}"), "\"::1\", port", "L7 VIP `b`");
+    // Another address or port of this node is another server.
+    let b2 = vip("b", "127.0.0.2", 20090, r#"{ address = "127.0.0.3", port = 80 }"#, "");
+    parse(&format!("{NODE}{a}{b2}")).unwrap();
+    // An XDP VIP's address is no proxy's listener.
+    let xdp = "[[vip]]\nname = \"x\"\naddress = \"198.18.1.1\"\nport = 20090\nbackends = [{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }]\n";
+    let a_x = vip("a", "127.0.0.1", 20080, r#"{ address = "198.18.1.1", port = 20090 }"#, "");
+    parse(&format!("{NODE}{a_x}{xdp}")).unwrap();
 }
 
 /// Addresses no traffic can be sent to are refused as VIPs and backends; loopback backends only
@@ -1201,6 +1257,23 @@ fn l7_drain_timeout_defaults_and_limits() {
     refused_at(&with("3600001"), "3600001", "l7_drain_timeout_ms must be 0..=3600000");
 }
 
+/// `l7_threads` keeps what the file says; unset, the proxy gets one thread per CPU, within the
+/// key's range however many CPUs the machine has.
+#[test]
+fn l7_threads_default_to_one_per_cpu_within_their_range() {
+    assert_eq!(default_l7_threads(1), 1);
+    assert_eq!(default_l7_threads(48), 48);
+    assert_eq!(default_l7_threads(256), 256);
+    assert_eq!(default_l7_threads(257), 256);
+    assert_eq!(default_l7_threads(1024), 256);
+    assert_eq!(default_l7_threads(0), 1);
+    assert_eq!(parse(NODE).unwrap().node.l7_threads, None);
+    let with = |t: &str| format!("{NODE}l7_threads = {t}\n");
+    assert_eq!(parse(&with("4")).unwrap().node.l7_threads, Some(4));
+    assert_eq!(parse(&with("4")).unwrap().node.l7_thread_count(), 4);
+    refused_at(&with("257"), "257", "l7_threads must be 1..=256");
+}
+
 /// An L7 VIP whose backends take the PROXY protocol gives its check the header's version (the
 /// checker sends it only to a backend's own port: `health::tests`).
 #[test]
@@ -1237,6 +1310,22 @@ fn admin_socket_of_a_broken_file() {
     // The admin_socket line itself broken: no guess.
     let e = at("broken-line.toml", "[node]\nadmin_socket = \"/run/edgelb/b.sock\n").unwrap_err();
     assert!(e.contains("broken-line.toml:") && e.contains("--socket"), "{e}");
+    // TOML, but admin_socket set to no path: no guess either, and where it is said.
+    for (value, says) in [("5", "is integer 5"), ("[\"/run/x.sock\"]", "is array")] {
+        let e = at(
+            "not-a-string.toml",
+            &format!("[node]\ninterfaces = [\"lo\"]\nadmin_socket = {value}\n"),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("not-a-string.toml:3:16: node.admin_socket")
+                && e.contains(says)
+                && e.contains("--socket"),
+            "{e}"
+        );
+    }
+    let e = at("dotted.toml", "node.admin_socket = true\n").unwrap_err();
+    assert!(e.contains("dotted.toml:1:21: node.admin_socket is boolean true"), "{e}");
     // A file that cannot be read (a mistyped -c): no guess either.
     let e = admin_socket_of(&dir.join("missing.toml")).unwrap_err();
     assert!(e.contains("missing.toml") && e.contains("--socket"), "{e}");
@@ -1675,14 +1764,16 @@ fn prop_documented_rules(c: &Config) -> Result<(), String> {
                 || a.is_loopback()
                 || a.is_multicast()
                 || a.is_unicast_link_local()
-                || a.to_ipv4_mapped().is_some()),
+                || a.to_ipv4_mapped().is_some()
+                || a.segments()[..6] == [0; 6]),
             "encap_source_v6 {a}"
         );
     }
     ensure!(n.mtu == 0 || (576..=65535).contains(&n.mtu), "mtu {}", n.mtu);
     ensure!(n.pin_dir.to_str().is_some_and(below_bpffs), "pin_dir {:?}", n.pin_dir);
     ensure!(n.admin_socket.is_absolute(), "admin_socket {:?}", n.admin_socket);
-    ensure!((1..=256).contains(&n.l7_threads), "l7_threads {}", n.l7_threads);
+    ensure!(n.l7_threads.is_none_or(|t| (1..=256).contains(&t)), "l7_threads {:?}", n.l7_threads);
+    ensure!((1..=256).contains(&n.l7_thread_count()), "l7_thread_count {}", n.l7_thread_count());
     ensure!(ms(n.l7_drain_timeout, 0..=3_600_000), "l7_drain_timeout {:?}", n.l7_drain_timeout);
     if let Some(f) = n.conntrack_flows_per_cpu {
         ensure!(
@@ -1690,18 +1781,29 @@ fn prop_documented_rules(c: &Config) -> Result<(), String> {
             "conntrack_flows_per_cpu {f}"
         );
     }
+    ensure!(c.metrics.is_none_or(|m| m.port() != 0), "metrics.listen {:?}", c.metrics);
     ensure!(c.vips.len() <= MAX_VIPS as usize, "{} VIPs", c.vips.len());
     let unicast = |a: IpAddr| {
         let a = a.to_canonical();
         !a.is_unspecified() && !a.is_multicast() && a != IpAddr::V4(Ipv4Addr::BROADCAST)
     };
     let usable = |a: IpAddr| match a {
-        IpAddr::V6(a) => a.to_ipv4_mapped().is_none() && !a.is_unicast_link_local(),
+        IpAddr::V6(a) => {
+            let compatible = a.segments()[..6] == [0; 6] && !a.is_unspecified() && !a.is_loopback();
+            a.to_ipv4_mapped().is_none() && !a.is_unicast_link_local() && !compatible
+        }
         IpAddr::V4(_) => true,
     };
     let mut names = HashSet::new();
     let mut listens = HashSet::new();
     let mut entries = 0;
+    // Where the proxy listens: no L7 backend may be one of these.
+    let l7_listens: HashSet<std::net::SocketAddr> = c
+        .vips
+        .iter()
+        .filter(|v| v.forwarding == Forwarding::L7)
+        .map(|v| std::net::SocketAddr::new(v.address.to_canonical(), v.port))
+        .collect();
     for v in &c.vips {
         let name = &v.name;
         ensure!(!name.is_empty(), "a VIP without a name");
@@ -1752,7 +1854,8 @@ fn prop_documented_rules(c: &Config) -> Result<(), String> {
             let own = |b: &Backend| {
                 b.port != 0
                     && b.mac.is_none()
-                    && !(b.address.to_canonical() == v.address.to_canonical() && b.port == v.port)
+                    && !l7_listens
+                        .contains(&std::net::SocketAddr::new(b.address.to_canonical(), b.port))
             };
             ensure!(v.backends.iter().all(own), "l7 VIP {name}: a backend port, mac or loop");
             ensure!(l.retries <= 10, "l7 VIP {name}: retries {}", l.retries);
@@ -2335,6 +2438,48 @@ fn hints_quote_the_fields_own_range() {
     }
 }
 
+/// Fields whose values are not one range (`mtu`: 0 or 576..=65535) are said in their own words
+/// by the hints too, not with their type's range; and those words are validation's.
+#[test]
+fn hints_quote_the_fields_own_values() {
+    // A valid value of each, and the type's range the hint must not quote.
+    let cases = [("mtu", 1500, "4294967295"), ("conntrack_flows_per_cpu", 65536, "4294967295")];
+    let cases = cases.into_iter().chain([("proxy_protocol", 2, "255")]);
+    for (key, good, type_max) in cases {
+        let (words, ok) = form(key);
+        let text = |v: &str| match key {
+            "proxy_protocol" => l7_vip_with(
+                "{ address = \"198.18.0.11\", port = 8080 }",
+                &format!("[vip.l7]\n{key} = {v}\n"),
+            ),
+            _ => format!("{NODE}{key} = {v}\n"),
+        };
+        assert!(ok(good) && parse(&text(&good.to_string())).is_ok(), "{key} = {good}");
+        let past_type = (type_max.parse::<u64>().unwrap() + 1).to_string();
+        for (v, says) in [
+            (past_type.as_str(), format!("`{key}` = {past_type} is out of range: {words}")),
+            ("18446744073709551616", format!("is out of range: {words}")),
+            ("-1", format!("`{key}` = -1: write {words}, not negative")),
+            ("2.5", format!("is not a whole number: write {words}")),
+            ("\"x\"", format!("write {words}, without quotes")),
+        ] {
+            let e = err(&text(v));
+            assert!(e.contains(&says) && !e.contains(type_max), "{key} = {v}: {e}");
+        }
+        // A valid value in quotes is told to lose them; one out of the field's values is not
+        // offered, however it fits the type.
+        let e = err(&text(&format!("\"{good}\"")));
+        assert!(e.contains(&format!("write a number without quotes, {key} = {good}")), "{e}");
+        let e = err(&text("\"3\""));
+        assert!(e.contains(&format!("write {words}, without quotes")), "{key}: {e}");
+        // Validation's words for a value of the type but not of the field.
+        let e = err(&text("3"));
+        assert!(e.contains(&format!("{key} must be {words} (got 3)")), "{e}");
+    }
+    assert!(form("conntrack_flows_per_cpu").0.contains(&MIN_CONNTRACK_FLOWS.to_string()));
+    assert!(form("conntrack_flows_per_cpu").0.contains(&MAX_CONNTRACK_FLOWS.to_string()));
+}
+
 #[test]
 fn udp_probes_of_a_tcp_vips_own_port_are_refused() {
     let check = |health: &str| {
@@ -2351,4 +2496,42 @@ fn udp_probes_of_a_tcp_vips_own_port_are_refused() {
         "[vip.health]\nkind = \"udp\"\nsend = \"x\"\n",
     );
     assert!(err(&l7).contains("nothing answers"));
+    // The port they serve TCP on, written out, is the same port.
+    let e = err(&check("kind = \"udp\"\nsend = \"ping\"\nport = 80"));
+    assert!(
+        e.starts_with("t.toml:11:8:") && e.contains("port 80, where its backends serve TCP"),
+        "{e}"
+    );
+    let e = err(&format!("{l7}port = 8080\n"));
+    assert!(e.contains("port 8080, where its backends serve TCP"), "{e}");
+    assert!(parse(&format!("{l7}port = 8081\n")).is_ok());
+}
+
+/// A TCP or HTTP probe of a UDP VIP would go to its UDP port, where a UDP-only service never
+/// answers (every backend down, the VIP failing open): it needs a `port` of its own.
+#[test]
+fn tcp_probes_of_a_udp_vip_need_a_port() {
+    let check = |health: &str| {
+        format!(
+            "{NODE}[[vip]]\nname = \"q\"\naddress = \"198.18.1.1\"\nport = 443\nprotocol = \"udp\"\nbackends = [{{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }}]\n[vip.health]\n{health}\n"
+        )
+    };
+    for kind in ["tcp", "http"] {
+        let t = check(&format!("kind = \"{kind}\""));
+        refused_at(
+            &t,
+            &format!("\"{kind}\""),
+            &format!("kind = \"{kind}\" on a udp VIP needs a `port`"),
+        );
+        // Written out, even the VIP's own port: the operator says a TCP service answers there
+        // (DNS over TCP on 53).
+        let h = parse(&check(&format!("kind = \"{kind}\"\nport = 443"))).unwrap().vips[0]
+            .health
+            .clone()
+            .unwrap();
+        assert_eq!(h.port, 443);
+        assert!(parse(&check(&format!("kind = \"{kind}\"\nport = 8080"))).is_ok());
+    }
+    // The default kind of a UDP VIP is udp, which needs no port.
+    assert!(parse(&check("send = \"ping\"")).is_ok());
 }

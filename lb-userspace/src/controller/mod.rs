@@ -304,7 +304,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         None
     } else {
         Some(
-            crate::proxy::Proxy::bind(&cfg, cfg.node.l7_threads, &inherited)
+            crate::proxy::Proxy::bind(&cfg, cfg.node.l7_thread_count(), &inherited)
                 .map_err(|e| RunError::Proxy(e.to_string()))?,
         )
     };
@@ -655,7 +655,16 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
         &o.conntrack_flows_per_cpu,
         &n.conntrack_flows_per_cpu,
     );
-    changed(&mut out, "node.l7_threads", &o.l7_threads, &n.l7_threads);
+    // As written: unset is one per CPU, counted at the start, and stays unset whatever the CPU
+    // count has become since (a restart would count anew).
+    if o.l7_threads != n.l7_threads {
+        let threads = |t: Option<usize>| t.map_or("unset".to_owned(), |t| t.to_string());
+        out.push(format!(
+            "node.l7_threads ({} → {})",
+            threads(o.l7_threads),
+            threads(n.l7_threads)
+        ));
+    }
     changed(&mut out, "[metrics] listen", &old.metrics, &new.metrics);
     let l7 = |cfg: &Config| -> std::collections::BTreeMap<
         String,
@@ -1626,6 +1635,33 @@ mod tests {
             assert!(why.contains(says), "want {says:?} in {why}");
         }
         assert!(!why.contains("xdp_mode") && !why.contains("metrics"), "{why}");
+    }
+
+    /// An unset `node.l7_threads` is the file's, not the CPU count's: two parses of one file
+    /// need no restart however many CPUs each one saw (`taskset`, a cgroup CPU quota changed
+    /// between them), while the proxy still gets one thread per CPU. The second parse runs on
+    /// a thread pinned to one CPU, so on a machine of several it sees fewer than the first.
+    #[test]
+    fn an_unset_l7_thread_count_needs_no_restart_whatever_the_cpus() {
+        let text = format!("{NODE}{}", l7("a", 8001, "http"));
+        let wide = parse(&text);
+        let cpus = crate::testbed::netns::runnable_cpus().expect("sched_getaffinity");
+        let (narrow_threads, narrow) = std::thread::scope(|s| {
+            s.spawn(|| {
+                crate::testbed::netns::pin_current_thread(Some(cpus[0])).expect("pin to one CPU");
+                let cfg = parse(&text);
+                (cfg.node.l7_thread_count(), cfg)
+            })
+            .join()
+            .unwrap()
+        });
+        assert_eq!(narrow_threads, 1, "pinned to one CPU");
+        assert_eq!(restart_needed(&wide, &narrow), Vec::<String>::new());
+        assert_eq!(wide.node.l7_threads, None);
+        // Written, it is compared as written.
+        let three = parse(&text.replace("[[vip]]", "l7_threads = 3\n[[vip]]"));
+        assert_eq!(three.node.l7_thread_count(), 3);
+        assert_eq!(restart_needed(&wide, &three), ["node.l7_threads (unset → 3)"]);
     }
 
     /// A `node.mtu` above an interface's MTU, or 0, is said, naming the interface and the
