@@ -8,7 +8,7 @@ use std::{
         fd::{AsRawFd, OwnedFd},
         unix::process::CommandExt,
     },
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
         Arc,
@@ -280,13 +280,35 @@ impl Edgelb {
                 c
             }
         };
-        let child =
-            Guarded::new(cmd.arg(config).stderr(out).spawn().expect("start edgelb"), "edgelb");
+        Edgelb::spawned(cmd.arg(config).stderr(out), ns, config, log)
+    }
+
+    /// Starts edgelb with only the capabilities contrib/edgelb.service gives it ([`unit_caps`]):
+    /// as root, but without CAP_SYS_ADMIN, as the unit runs it.
+    fn start_under_unit_caps(ns: &str, config: &PathBuf, log: &PathBuf) -> Edgelb {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let caps = unit_caps();
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", netns::netns_path(ns).display()))
+            .arg("setpriv")
+            .arg(format!("--bounding-set={caps}"))
+            .arg(format!("--inh-caps={caps}"))
+            .arg(format!("--ambient-caps={caps}"))
+            .arg(env!("CARGO_BIN_EXE_edgelb"))
+            .args(["run", "--config"])
+            .arg(config)
+            .stderr(out);
+        Edgelb::spawned(&mut cmd, ns, config, log)
+    }
+
+    /// Spawns `cmd` (an `edgelb run`) and returns once it answers on its admin socket.
+    fn spawned(cmd: &mut Command, ns: &str, config: &Path, log: &Path) -> Edgelb {
+        let child = Guarded::new(cmd.spawn().expect("start edgelb"), "edgelb");
         let mut e = Edgelb {
             child: Some(child),
-            config: config.clone(),
+            config: config.to_owned(),
             ns: ns.to_owned(),
-            log: log.clone(),
+            log: log.to_owned(),
         };
         e.wait_answering();
         e
@@ -1038,6 +1060,57 @@ fn restart_under_load_loses_nothing() {
     let text = bed.e().log();
     assert!(text.contains("adopting it"), "second process adopted the pinned state:\n{text}");
     assert!(text.contains("took over the pinned XDP link"), "{text}");
+}
+
+/// The capabilities contrib/edgelb.service gives edgelb (its CapabilityBoundingSet, which its
+/// AmbientCapabilities repeats), as `setpriv` takes them: `-all,+bpf,+perfmon,...`.
+fn unit_caps() -> String {
+    let unit =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../contrib/edgelb.service"))
+            .expect("contrib/edgelb.service");
+    let set = |key: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in the unit"))
+            .to_owned()
+    };
+    let bounding = set("CapabilityBoundingSet=");
+    assert_eq!(bounding, set("AmbientCapabilities="), "the unit's two sets differ");
+    let caps: Vec<String> = bounding
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    assert!(
+        !caps.contains(&"+sys_admin".to_owned()),
+        "the unit gives CAP_SYS_ADMIN now: test nothing"
+    );
+    format!("-all,{}", caps.join(","))
+}
+
+/// Restarts as the shipped systemd unit runs edgelb: as root, with only its capabilities (no
+/// CAP_SYS_ADMIN). A start that found a data plane pinned checked its links by their programs'
+/// names, which only CAP_SYS_ADMIN may read (the kernel's program-id iteration): every restart
+/// under the unit was refused ("not edgelb's balancer"), and systemd's retries ended with no
+/// controller. Two restarts under the unit's capabilities now adopt the data plane, as at once
+/// with all of them.
+#[test]
+fn restarts_under_the_units_capabilities_adopt_the_data_plane() {
+    let Some(mut bed) = Bed::up("unitcaps", &[1, 2, 3]) else { return };
+    for round in 0..2 {
+        let old = bed.edgelb.take().unwrap();
+        let (config, ns, log) = (old.config.clone(), old.ns.clone(), old.log.clone());
+        old.terminate();
+        let new = Edgelb::start_under_unit_caps(&ns, &config, &log);
+        let text = new.log();
+        assert_eq!(
+            text.matches("left the data plane running: adopting it").count(),
+            round + 1,
+            "{text}"
+        );
+        assert_eq!(text.matches("took over the pinned XDP link").count(), round + 1, "{text}");
+        bed.edgelb = Some(new);
+        bed.wait_for(SocketAddr::new(IpAddr::V4(testbed::VIP), 80));
+    }
 }
 
 #[test]

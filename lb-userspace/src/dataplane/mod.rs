@@ -34,7 +34,7 @@ use lb_common::{
     AF_INET, AF_INET6, AddrKey, Backend, Counters, GlobalConfig, MAX_BACKENDS, MAX_RING_SIZE,
     MAX_VIPS, VipKey, VipMeta, addr_flags, backend_flags, programs, vip_flags,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     config::{
@@ -1697,13 +1697,33 @@ fn own_program_holds(e: DataplaneError, pin: Option<&Path>) -> DataplaneError {
 
 /// The id of edgelb's balancer program when it is the XDP program on `interface` (in this
 /// network namespace, as netlink reports it, by the program's name).
+/// `None` too when program names cannot be read ([`program_name`]).
 fn balancer_on(interface: &str) -> Option<u32> {
     let attached = netlink::xdp_attachment(ifindex(interface)).ok().flatten()?;
-    aya::programs::loaded_programs()
-        .flatten()
-        .find(|p| p.id() == attached.prog_id)
-        .is_some_and(|p| p.name_as_str() == Some(programs::BALANCER))
-        .then_some(attached.prog_id)
+    let name = program_name(attached.prog_id).ok().flatten();
+    (name.as_deref() == Some(programs::BALANCER)).then_some(attached.prog_id)
+}
+
+/// The name of loaded BPF program `prog_id` (`None`: no such program, or it has none). An error
+/// when program names cannot be read at all: the kernel lets only CAP_SYS_ADMIN walk program
+/// ids and open programs by id, and the systemd unit (contrib/edgelb.service) does not give it,
+/// so a controller under the unit must do without the name.
+fn program_name(prog_id: u32) -> Result<Option<String>, ProgramError> {
+    for p in aya::programs::loaded_programs() {
+        match p {
+            Ok(p) if p.id() == prog_id => return Ok(p.name_as_str().map(str::to_owned)),
+            Ok(_) => {}
+            // Not allowed (the one item yielded then); anything else is a program that went
+            // between its id and its descriptor, and the walk goes on.
+            Err(ProgramError::SyscallError(e))
+                if matches!(e.io_error.raw_os_error(), Some(libc::EPERM | libc::EACCES)) =>
+            {
+                return Err(ProgramError::SyscallError(e));
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(None)
 }
 
 /// edgelb's balancers running on `interfaces` with no link pinned in `pin_dir`: a data plane
@@ -2125,14 +2145,19 @@ fn inspect_link_pin(
         return Err(not_ours(format!("a BPF link of type {kind}, not an XDP link")));
     }
     let prog_id = info.program_id();
-    let name = aya::programs::loaded_programs()
-        .flatten()
-        .find(|p| p.id() == prog_id)
-        .and_then(|p| p.name_as_str().map(str::to_owned));
-    if name.as_deref() != Some(role.program()) {
-        let name =
-            name.map_or_else(|| "no name that could be read".to_owned(), |n| format!("`{n}`"));
-        return Err(not_ours(format!("an XDP link of program id {prog_id}, named {name}")));
+    // Where names cannot be read (no CAP_SYS_ADMIN, as under the systemd unit), the program is
+    // taken for `role`'s: where it runs, below, is still checked, and that is what keeps
+    // another namespace's data plane safe.
+    match program_name(prog_id) {
+        Ok(name) if name.as_deref() == Some(role.program()) => {}
+        Ok(name) => {
+            let name =
+                name.map_or_else(|| "no name that could be read".to_owned(), |n| format!("`{n}`"));
+            return Err(not_ours(format!("an XDP link of program id {prog_id}, named {name}")));
+        }
+        Err(e) => {
+            debug!(pin = %pin.display(), error = %e, "program names cannot be read (no CAP_SYS_ADMIN): the pinned link's program is not checked by name");
+        }
     }
     // No `ifindex:` line at all (a kernel that does not say): nothing shows the pin is stale,
     // and it may be another namespace's.
