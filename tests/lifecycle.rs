@@ -1111,6 +1111,15 @@ fn restarts_under_the_units_capabilities_adopt_the_data_plane() {
         bed.edgelb = Some(new);
         bed.wait_for(SocketAddr::new(IpAddr::V4(testbed::VIP), 80));
     }
+    // And a first start, with nothing pinned: `edgelb stop` removes the data plane first.
+    let mut old = bed.edgelb.take().unwrap();
+    let (config, ns, log) = (old.config.clone(), old.ns.clone(), old.log.clone());
+    assert!(old.cli(&["stop"]).status.success(), "{}", old.log());
+    old.child.take().unwrap().wait(Duration::from_secs(30));
+    assert!(!bed.cfg().node.pin_dir.exists(), "the data plane is gone");
+    bed.edgelb = Some(Edgelb::start_under_unit_caps(&ns, &config, &log));
+    bed.wait_for(SocketAddr::new(IpAddr::V4(testbed::VIP), 80));
+    assert!(bed.cfg().node.pin_dir.join("link-lb0").exists(), "{}", bed.e().log());
 }
 
 #[test]
