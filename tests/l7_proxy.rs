@@ -4708,7 +4708,7 @@ fn tcp_mode_counts_connections_by_outcome_and_retries() {
     wait_for_metric(&p, &tcp("no_backend", 2));
     wait_for_metric(&p, &retries(2));
     wait_for_metric(&p, &tcp("relayed", 0));
-    // Said (at most every 10 s, for the whole process: no other test here meets it).
+    // Said (at most every 10 s for the VIP, and the VIP is new).
     let text = logged(&log);
     assert!(text.contains("no backend could be connected"), "{text}");
 

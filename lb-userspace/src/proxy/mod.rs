@@ -299,6 +299,9 @@ pub struct VipRuntime {
     pub responses_cut: [Counter; 5],
     /// The proxy's metrics (passive-health ejections, by backend).
     pub metrics: Arc<L7Metrics>,
+    /// Throttles this VIP's "no backend could be connected" line (TCP mode): one VIP's dead
+    /// pool must not hide another's.
+    pub(crate) no_backend_said: Throttle,
 }
 
 impl VipRuntime {
@@ -752,6 +755,7 @@ impl Proxy {
                             .clone()
                     }),
                     metrics: m.clone(),
+                    no_backend_said: Throttle::new(),
                 }),
             );
         }
@@ -901,8 +905,10 @@ pub(crate) fn local_failure(e: &std::io::Error) -> bool {
     out_of_resources(e) || e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
 }
 
-/// At most one log line per [`Throttle::EVERY`], process-wide, for an event that can come in
-/// floods (one per connection, or per probe): the line says it, and a counter counts every one.
+/// At most one log line per [`Throttle::EVERY`] (process-wide in a static, or per owner), for
+/// an event that can come in floods (one per connection, or per probe): the line says it, and a
+/// counter counts every one.
+#[derive(Debug)]
 pub(crate) struct Throttle(std::sync::Mutex<Option<Instant>>);
 
 impl Throttle {

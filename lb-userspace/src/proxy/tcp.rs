@@ -237,7 +237,7 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
     }
     let Some((i, up, counted)) = up else {
         vip.tcp_connections[Outcome::NoBackend as usize].inc();
-        say_no_backend(&vip.name, peer, tried.len(), last.as_ref());
+        say_no_backend(&vip, peer, tried.len(), last.as_ref());
         return;
     };
     vip.tcp_connections[Outcome::Relayed as usize].inc();
@@ -249,15 +249,14 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
 }
 
 /// Logs a connection of `vip` from `peer` that no backend could be connected to (after `tried`
-/// backends, the last failing with `last`), at most once every 10 s for the whole process
+/// backends, the last failing with `last`), at most once every 10 s for the VIP
 /// ([`super::Throttle`]): a VIP whose backends are all down would log a line per connection,
 /// and `edgelb_l7_tcp_connections_total{outcome="no_backend"}` counts every one. Without it,
 /// such connections were logged only when their failures ejected a backend, so not at all once
 /// the pool failed open.
-fn say_no_backend(vip: &str, peer: SocketAddr, tried: usize, last: Option<&std::io::Error>) {
-    static SAID: super::Throttle = super::Throttle::new();
-    if SAID.ready() {
+fn say_no_backend(vip: &VipRuntime, peer: SocketAddr, tried: usize, last: Option<&std::io::Error>) {
+    if vip.no_backend_said.ready() {
         let error = last.map_or_else(|| "no backend to pick".to_owned(), ToString::to_string);
-        tracing::warn!(vip, client = %client_ip(peer), tried, error = %error, "no backend could be connected for a TCP-mode connection; the client's connection is closed (said at most every 10 s; edgelb_l7_tcp_connections_total counts every one)");
+        tracing::warn!(vip = vip.name, client = %client_ip(peer), tried, error = %error, "no backend could be connected for a TCP-mode connection; the client's connection is closed (said at most every 10 s; edgelb_l7_tcp_connections_total counts every one)");
     }
 }
