@@ -551,14 +551,28 @@ fn stop_says_when_the_balancer_runs_from_another_pin_directory() {
     );
     assert_eq!(xdp_prog_in(&ns, "vd0").map(|(id, _)| id), Some(prog), "left running");
 
-    let (code, out, err) = edgelb_in(&ns, &["stop", "-c", old.0.to_str().unwrap()]);
+    // vd0 renamed vd9, and the config naming vd9 with the data plane's pin directory, whose
+    // link is still pinned under the old name: that is this config's data plane, removed
+    // (`stop` tore it down, then said it still ran, "pinned nowhere", and exited 1).
+    ip(&["-n", &ns, "link", "set", "vd0", "down"]);
+    ip(&["-n", &ns, "link", "set", "vd0", "name", "vd9"]);
+    ip(&["-n", &ns, "link", "set", "vd9", "up"]);
+    let text = std::fs::read_to_string(&old.0).unwrap();
+    assert!(text.contains("interfaces = [\"vd0\"]"));
+    let renamed =
+        tempfile_path::write("stop-renamed.toml", &text.replace("[\"vd0\"]", "[\"vd9\"]"));
+    let (code, out, err) = edgelb_in(&ns, &["stop", "-c", renamed.0.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("removed"), "{out}");
+    assert!(out.contains("removed") && !err.contains("still runs"), "{out}{err}");
     let gone = std::time::Instant::now();
-    while xdp_prog_in(&ns, "vd0").is_some() {
+    while xdp_prog_in(&ns, "vd9").is_some() {
         assert!(gone.elapsed() < std::time::Duration::from_secs(5), "still attached");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    // A second stop right after: nothing pinned, nothing running, no false alarm.
+    let (code, out, err) = edgelb_in(&ns, &["stop", "-c", old.0.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("nothing of edgelb's pinned"), "{out}");
 }
 
 #[test]

@@ -1957,6 +1957,39 @@ fn pinned_links_follow_the_interfaces() {
         assert_eq!(dp.lost_interfaces(), ["va"], "another device by that name");
     })
     .unwrap();
+    // A takeover after a rename that fails once it has attached: the new process moved the pin
+    // with the rename (link-va to link-vz). The old one takes its device back through that pin,
+    // and keeps it: it had looked for link-va only, then removed link-vz as unused, which
+    // detached XDP from the device.
+    let xdp_id = |dev: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &ns, "-d", "link", "show", dev])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let rest = &text[text.find("prog/xdp id ")? + "prog/xdp id ".len()..];
+        rest.split_whitespace().next()?.parse::<u32>().ok()
+    };
+    ip("link set va up");
+    netns::in_netns(&ns, || {
+        let mut old = Dataplane::load(Some(&dir)).expect("loads");
+        old.apply(&cfg).unwrap();
+        old.attach("va", XdpAttachMode::Generic).expect("attaches");
+        let old_prog = xdp_id("va").expect("va runs the balancer");
+        ip("link set va down");
+        ip("link set va name vz");
+        ip("link set vz up");
+        let mut new = Dataplane::load(Some(&dir)).expect("loads beside");
+        new.apply(&cfg).unwrap();
+        new.attach("vz", XdpAttachMode::Generic).expect("the new one attaches vz");
+        assert!(dir.join("link-vz").exists() && !dir.join("link-va").exists(), "the pin moved");
+        assert_ne!(xdp_id("vz"), Some(old_prog));
+        drop(new);
+        old.reclaim().expect("the old one takes its device back");
+        assert_eq!(xdp_id("vz"), Some(old_prog), "vz runs the old program again");
+        assert!(dir.join("link-vz").exists(), "its link stays pinned");
+    })
+    .unwrap();
 }
 
 #[test]

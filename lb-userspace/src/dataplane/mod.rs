@@ -1011,8 +1011,16 @@ impl Dataplane {
         // interface gone, its pin removed by the failed process) must not leave the rest with
         // that process's program.
         let mut first_error = None;
-        for (interface, _) in &self.attached {
-            if let Err(e) = replace_program(prog, &link_pin(&dir, interface), interface) {
+        for ((interface, _), &device) in self.attached.iter().zip(&self.ifindexes) {
+            // The failed process may have moved the pin under the interface's new name
+            // (`follow_renames`): the link is found by the device it holds.
+            let mut pin = link_pin(&dir, interface);
+            if !pin.exists()
+                && let Some(moved) = link_pin_holding(&dir, device)
+            {
+                pin = moved;
+            }
+            if let Err(e) = replace_program(prog, &pin, interface) {
                 error!(interface, error = %e, "could not put this edgelb's program back");
                 first_error.get_or_insert(e);
             }
@@ -1048,7 +1056,10 @@ impl Dataplane {
             let name =
                 path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let Some(interface) = name.strip_prefix("link-") else { continue };
-            if !self.attached.iter().any(|(i, _)| i == interface) {
+            // A link holding a device this process attached is its own, whatever its pin is
+            // called now (moved with a rename by a takeover that then failed).
+            let ours = pinned_link_device(&path).is_some_and(|d| self.ifindexes.contains(&d));
+            if !ours && !self.attached.iter().any(|(i, _)| i == interface) {
                 std::fs::remove_file(&path).map_err(|e| DataplaneError::Pin {
                     path: path.clone(),
                     reason: e.to_string(),
@@ -1735,20 +1746,40 @@ pub fn balancers_elsewhere(
     interfaces: &[String],
     pin_dir: &Path,
 ) -> Vec<(String, u32, Option<PathBuf>)> {
-    interfaces
+    let found: Vec<(String, u32, Option<PathBuf>)> = interfaces
         .iter()
-        .filter(|i| !link_pin(pin_dir, i).exists())
         .filter_map(|i| {
             let prog_id = balancer_on(i)?;
             Some((i.clone(), prog_id, pinned_link_of(i, prog_id)))
         })
-        .collect()
+        // Its link pinned in `pin_dir` (under any name: a rename moves it) is this data plane's.
+        .filter(|(_, _, pin)| !pin.as_deref().is_some_and(|p| p.parent() == Some(pin_dir)))
+        .collect();
+    // A link pinned nowhere may be one let go of a moment ago (a `stop` just before this one
+    // removed its pin): the kernel detaches it only after a grace period.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    let mut found = found;
+    while found.iter().any(|(_, _, pin)| pin.is_none()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        found.retain(|(i, prog_id, pin)| pin.is_some() || balancer_on(i) == Some(*prog_id));
+    }
+    found
 }
 
-/// The pin under bpffs (at most three directories down) of an XDP link for `interface` whose
-/// program is `prog_id`: where another edgelb pinned the link that holds the interface.
+/// The pin under bpffs (at most three directories down) of an XDP link whose program is
+/// `prog_id`: where another edgelb pinned the link that holds `interface`. Named
+/// `link-<interface>` first; any link pin holding that program next (a pin moved with a
+/// rename names the interface by another name).
 fn pinned_link_of(interface: &str, prog_id: u32) -> Option<PathBuf> {
+    let mut found = pinned_links_running(prog_id);
     let name = format!("link-{interface}");
+    found.sort_by_key(|p| p.file_name().and_then(|n| n.to_str()) != Some(name.as_str()));
+    found.into_iter().next()
+}
+
+/// The link pins under bpffs (at most three directories down) whose link runs `prog_id`.
+fn pinned_links_running(prog_id: u32) -> Vec<PathBuf> {
+    let mut found = Vec::new();
     let mut dirs = vec![(PathBuf::from(BPFFS), 0)];
     while let Some((dir, depth)) = dirs.pop() {
         for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
@@ -1757,17 +1788,34 @@ fn pinned_link_of(interface: &str, prog_id: u32) -> Option<PathBuf> {
             if kind.is_dir() && depth < 3 {
                 dirs.push((path, depth + 1));
             } else if kind.is_file()
-                && entry.file_name().to_str() == Some(name.as_str())
-                && PinnedLink::from_pin(&path)
-                    .ok()
-                    .and_then(|l| FdLink::from(l).info().ok())
-                    .is_some_and(|i| i.program_id() == prog_id)
+                && is_link_pin(&path)
+                && pinned_link_program(&path) == Some(prog_id)
             {
-                return Some(path);
+                found.push(path);
             }
         }
     }
-    None
+    found
+}
+
+/// The device (its interface index) the XDP link pinned at `pin` holds: 0 when its interface
+/// is gone; `None` when that cannot be read (no such pin, not a link).
+fn pinned_link_device(pin: &Path) -> Option<u32> {
+    let link = FdLink::from(PinnedLink::from_pin(pin).ok()?);
+    let id = link.info().ok()?.id();
+    // Read while `link` is open: the fdinfo is that of its descriptor.
+    let device = own_link_fdinfo(id)?.ifindex;
+    drop(link);
+    device
+}
+
+/// The link pin in `dir` whose link holds device `ifindex` (0: none looked for).
+fn link_pin_holding(dir: &Path, ifindex: u32) -> Option<PathBuf> {
+    if ifindex == 0 {
+        return None;
+    }
+    let (mine, _) = Dataplane::pins_in(dir).ok()?;
+    mine.into_iter().filter(|p| is_link_pin(p)).find(|p| pinned_link_device(p) == Some(ifindex))
 }
 
 /// Did replacing a pinned link's program fail because the link no longer has a device
