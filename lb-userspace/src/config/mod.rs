@@ -60,6 +60,12 @@ pub struct Config {
     pub metrics: Option<std::net::SocketAddr>,
     /// VIPs, in file order.
     pub vips: Vec<Vip>,
+    /// Things the file says that are accepted but are likely not what was meant, each as
+    /// `file:line:column: what and why`: `edgelb check` prints them and `edgelb run` and a
+    /// reload log them, so that the operator hears of them without a working file being
+    /// refused (a refused file keeps the service down after an upgrade).
+    #[serde(skip)]
+    pub cautions: Vec<String>,
 }
 
 /// How to attach the XDP program.
@@ -435,7 +441,14 @@ impl Config {
                 }
             }
         })?;
-        validate(raw).map_err(|Invalid(span, message)| fail(Some(span), message))
+        let mut cautions = Vec::new();
+        let mut cfg = validate(raw, &mut cautions)
+            .map_err(|Invalid(span, message)| fail(Some(span), message))?;
+        cfg.cautions = cautions
+            .into_iter()
+            .map(|Invalid(span, message)| fail(Some(span), message).to_string())
+            .collect();
+        Ok(cfg)
     }
 
     /// Finds a VIP by name, by address, or by `address:port` / `[v6]:port`, of protocol
@@ -806,7 +819,9 @@ fn is_prime(n: u32) -> bool {
     true
 }
 
-fn validate(raw: raw::File) -> Result<Config, Invalid> {
+/// Checks the file read into `raw`; what it accepts but that is likely not what was meant goes
+/// to `cautions` (where, and what), which become [`Config::cautions`].
+fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Invalid> {
     let n = raw.node;
     if n.interfaces.get_ref().is_empty() {
         return bad(n.interfaces.span(), "node.interfaces must name at least one interface");
@@ -1151,11 +1166,10 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
         // An L7 VIP's backends are probed on their own ports unless health.port says otherwise
         // (0 below); an XDP VIP's on the VIP's port, the one its traffic keeps.
         let default_port = if forwarding == Forwarding::L7 { None } else { Some(port) };
-        let served: Vec<u16> = backends.iter().map(|b| b.port).collect();
         let health = v
             .health
             .as_ref()
-            .map(|h| health_check(h, default_port, protocol, &served))
+            .map(|h| health_check(h, v.name.get_ref(), default_port, protocol, cautions))
             .transpose()?;
         let conntrack = match &v.conntrack {
             Some(c) if forwarding == Forwarding::L7 => {
@@ -1256,7 +1270,7 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             }
         }
     };
-    Ok(Config { node, metrics, vips })
+    Ok(Config { node, metrics, vips, cautions: Vec::new() })
 }
 
 /// IPv6 needs a larger `mtu` than IPv4's 576. A packet of an IPv6 VIP that does not fit once
@@ -2052,15 +2066,15 @@ fn hex_bytes(text: &str) -> Result<Vec<u8>, String> {
 /// `expect` (the checker reads answers of up to this size whole).
 pub const MAX_UDP_PROBE: usize = 65_507;
 
-/// The check a `[vip.health]` table describes; without health.port, probes go to `vip_port`
-/// (an XDP VIP's), or with None to each backend's own port (an L7 VIP's). `served` are the
-/// ports the VIP's backends serve its `protocol` on (an XDP VIP's own, 0 for any port; each
-/// L7 backend's).
+/// The check a `[vip.health]` table describes, of VIP `vip_name`; without health.port, probes go
+/// to `vip_port` (an XDP VIP's), or with None to each backend's own port (an L7 VIP's). A check
+/// that is accepted but likely fails every probe adds to `cautions`.
 fn health_check(
     h: &raw::Sp<raw::Health>,
+    vip_name: &str,
     vip_port: Option<u16>,
     protocol: Protocol,
-    served: &[u16],
+    cautions: &mut Vec<Invalid>,
 ) -> Result<HealthCheck, Invalid> {
     let span = h.span();
     let h = h.get_ref();
@@ -2182,37 +2196,30 @@ fn health_check(
             }
         }
     };
-    // A UDP probe of the port a TCP VIP's backends serve finds no UDP service there: every
-    // probe fails, and the VIP fails open. On a port of its own (not one of theirs, however
-    // written) it may reach a UDP responder beside the service.
+    // A UDP probe of a TCP VIP's own port finds no UDP service there: every probe fails, and
+    // the VIP fails open. A `port` written is the operator's word that a UDP responder answers
+    // there, even one the backends serve TCP on: DNS answers UDP and TCP on 53, and QUIC answers
+    // UDP on 443 beside HTTPS.
     let written = h.port.as_ref().map(|p| *p.get_ref());
-    if matches!(kind, CheckKind::Udp { .. })
-        && protocol == Protocol::Tcp
-        && written.is_none_or(|p| served.contains(&p))
-    {
-        let on = match written {
-            None => "its backends' TCP port".to_owned(),
-            Some(p) => format!("port {p}, where its backends serve TCP,"),
-        };
+    if matches!(kind, CheckKind::Udp { .. }) && protocol == Protocol::Tcp && written.is_none() {
         return bad(
             h.kind.as_ref().map_or(span.clone(), |k| k.span()),
-            format!(
-                "health kind = \"udp\" on a tcp VIP probes {on} with UDP, which nothing answers: use kind = \"tcp\" or \"http\", or set `port` to where a UDP responder answers"
-            ),
+            "health kind = \"udp\" on a tcp VIP probes its backends' TCP port with UDP, which nothing answers: use kind = \"tcp\" or \"http\", or set `port` to where a UDP responder answers",
         );
     }
     // The reverse: a TCP (or HTTP) probe of a UDP VIP goes to its UDP port, where a UDP-only
     // service (QUIC, syslog, WireGuard) refuses it: every probe fails, and the VIP fails open
-    // without a word. Only the operator knows where a TCP service answers (DNS's is on 53 too).
+    // without a word. Only the operator knows whether a TCP service answers there too (DNS's
+    // does, on 53), and such files worked before this was noticed: a caution, not a refusal.
     if !matches!(kind, CheckKind::Udp { .. }) && protocol == Protocol::Udp && written.is_none() {
         let k = if matches!(kind, CheckKind::Tcp) { "tcp" } else { "http" };
-        return bad(
+        cautions.push(Invalid(
             h.kind.as_ref().map_or(span.clone(), |k| k.span()),
             format!(
-                "health kind = \"{k}\" on a udp VIP needs a `port`: without one it probes the VIP's UDP port over TCP, which a UDP-only service (QUIC, syslog, WireGuard) never answers, so every backend would fail and the VIP fail open; set `port` to where the backends answer {} (port = 53 for DNS over TCP), or use kind = \"udp\"",
+                "VIP `{vip_name}`: health kind = \"{k}\" on a udp VIP has no `port`: it probes the VIP's UDP port over TCP, which a UDP-only service (QUIC, syslog, WireGuard) never answers, so every backend would fail and the VIP fail open; set `port` to where the backends answer {} (port = 53 for DNS over TCP), or use kind = \"udp\"",
                 k.to_uppercase()
             ),
-        );
+        ));
     }
     let port = match (&h.port, vip_port) {
         (Some(p), _) if *p.get_ref() == 0 => return bad(p.span(), "health.port must be 1..=65535"),

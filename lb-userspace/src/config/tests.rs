@@ -2496,21 +2496,25 @@ fn udp_probes_of_a_tcp_vips_own_port_are_refused() {
         "[vip.health]\nkind = \"udp\"\nsend = \"x\"\n",
     );
     assert!(err(&l7).contains("nothing answers"));
-    // The port they serve TCP on, written out, is the same port.
-    let e = err(&check("kind = \"udp\"\nsend = \"ping\"\nport = 80"));
-    assert!(
-        e.starts_with("t.toml:11:8:") && e.contains("port 80, where its backends serve TCP"),
-        "{e}"
-    );
-    let e = err(&format!("{l7}port = 8080\n"));
-    assert!(e.contains("port 8080, where its backends serve TCP"), "{e}");
+    // A port written is the operator's word that a UDP responder answers there, even the one
+    // the backends serve TCP on: DNS answers UDP and TCP on 53, QUIC UDP 443 beside HTTPS.
+    let h = parse(&check("kind = \"udp\"\nsend = \"ping\"\nport = 80")).unwrap().vips[0]
+        .health
+        .clone()
+        .unwrap();
+    assert_eq!(h.port, 80);
+    let c = parse(&format!("{l7}port = 8080\n")).unwrap();
+    assert_eq!(c.vips[0].health.as_ref().map(|h| h.port), Some(8080));
+    assert!(c.cautions.is_empty(), "{:?}", c.cautions);
     assert!(parse(&format!("{l7}port = 8081\n")).is_ok());
 }
 
-/// A TCP or HTTP probe of a UDP VIP would go to its UDP port, where a UDP-only service never
-/// answers (every backend down, the VIP failing open): it needs a `port` of its own.
+/// A TCP or HTTP probe of a UDP VIP without a `port` goes to its UDP port, where a UDP-only
+/// service never answers (every backend down, the VIP failing open); where a TCP service answers
+/// too (DNS) it works, and such files worked before: accepted, with a caution naming the VIP
+/// and where the check's kind is written.
 #[test]
-fn tcp_probes_of_a_udp_vip_need_a_port() {
+fn tcp_probes_of_a_udp_vip_without_a_port_are_cautioned() {
     let check = |health: &str| {
         format!(
             "{NODE}[[vip]]\nname = \"q\"\naddress = \"198.18.1.1\"\nport = 443\nprotocol = \"udp\"\nbackends = [{{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }}]\n[vip.health]\n{health}\n"
@@ -2518,20 +2522,23 @@ fn tcp_probes_of_a_udp_vip_need_a_port() {
     };
     for kind in ["tcp", "http"] {
         let t = check(&format!("kind = \"{kind}\""));
-        refused_at(
-            &t,
-            &format!("\"{kind}\""),
-            &format!("kind = \"{kind}\" on a udp VIP needs a `port`"),
+        let c = parse(&t).unwrap();
+        assert_eq!(c.vips[0].health.as_ref().map(|h| h.port), Some(443));
+        let [caution] = c.cautions.as_slice() else { panic!("one caution: {:?}", c.cautions) };
+        let want = format!("kind = \"{kind}\" on a udp VIP has no `port`");
+        assert!(
+            caution.starts_with(&at(&t, &format!("\"{kind}\"")))
+                && caution.contains("VIP `q`")
+                && caution.contains(&want),
+            "{caution}"
         );
         // Written out, even the VIP's own port: the operator says a TCP service answers there
-        // (DNS over TCP on 53).
-        let h = parse(&check(&format!("kind = \"{kind}\"\nport = 443"))).unwrap().vips[0]
-            .health
-            .clone()
-            .unwrap();
-        assert_eq!(h.port, 443);
+        // (DNS over TCP on 53). No caution.
+        let c = parse(&check(&format!("kind = \"{kind}\"\nport = 443"))).unwrap();
+        assert_eq!(c.vips[0].health.as_ref().map(|h| h.port), Some(443));
+        assert!(c.cautions.is_empty(), "{:?}", c.cautions);
         assert!(parse(&check(&format!("kind = \"{kind}\"\nport = 8080"))).is_ok());
     }
     // The default kind of a UDP VIP is udp, which needs no port.
-    assert!(parse(&check("send = \"ping\"")).is_ok());
+    assert!(parse(&check("send = \"ping\"")).unwrap().cautions.is_empty());
 }
