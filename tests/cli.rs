@@ -63,6 +63,31 @@ fn check_reports_file_line_column_and_exits_2() {
     assert!(err.contains(&want), "{err}");
 }
 
+/// A file that is accepted but likely not what was meant (a tcp check of a udp VIP without a
+/// `port`) is a warning, not a refusal: `check` names the VIP and the place, and exits 0, as a
+/// start would go ahead with it.
+#[test]
+fn check_warns_of_a_caution_and_exits_0() {
+    let udp = "kind = \"udp\"\nsend = \"health?\"\nexpect = \"backend\"\n";
+    assert!(edgelb::config::EXAMPLE.contains(udp), "the example's dns check changed");
+    let text = edgelb::config::EXAMPLE.replace(udp, "kind = \"tcp\"\n");
+    let f = tempfile_path::write("caution.toml", &text);
+    let (code, out, err) = edgelb(&["check", "--config", f.0.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(": ok ("), "{out}");
+    let line = text.lines().position(|l| l == "kind = \"tcp\"").unwrap() + 1;
+    let want = format!(
+        "warning: {}:{line}:8: VIP `dns`: health kind = \"tcp\" on a udp VIP has no `port`",
+        f.0.display()
+    );
+    assert!(err.starts_with(&want), "stderr {err:?} should start with {want:?}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // The example itself says nothing on stderr.
+    let f = example_file();
+    let (code, _, err) = edgelb(&["check", "--config", f.0.to_str().unwrap()]);
+    assert_eq!((code, err.as_str()), (0, ""));
+}
+
 #[test]
 fn check_on_missing_file_exits_2() {
     let (code, _, err) = edgelb(&["check", "--config", "/nonexistent/edgelb.toml"]);

@@ -208,6 +208,10 @@ fn main() -> ExitCode {
         },
         Command::Check { config } => match Config::load(&config) {
             Ok(cfg) => {
+                // Accepted, so exit 0, but said: likely not what was meant.
+                for c in &cfg.cautions {
+                    eprintln!("warning: {c}");
+                }
                 // As the limit counts them: the backends of the VIPs XDP forwards.
                 let entries: usize = cfg
                     .vips

@@ -60,6 +60,12 @@ pub struct Config {
     pub metrics: Option<std::net::SocketAddr>,
     /// VIPs, in file order.
     pub vips: Vec<Vip>,
+    /// Things the file says that are accepted but are likely not what was meant, each as
+    /// `file:line:column: what and why`: `edgelb check` prints them and `edgelb run` and a
+    /// reload log them, so that the operator hears of them without a working file being
+    /// refused (a refused file keeps the service down after an upgrade).
+    #[serde(skip)]
+    pub cautions: Vec<String>,
 }
 
 /// How to attach the XDP program.
@@ -435,7 +441,14 @@ impl Config {
                 }
             }
         })?;
-        validate(raw).map_err(|Invalid(span, message)| fail(Some(span), message))
+        let mut cautions = Vec::new();
+        let mut cfg = validate(raw, &mut cautions)
+            .map_err(|Invalid(span, message)| fail(Some(span), message))?;
+        cfg.cautions = cautions
+            .into_iter()
+            .map(|Invalid(span, message)| fail(Some(span), message).to_string())
+            .collect();
+        Ok(cfg)
     }
 
     /// Finds a VIP by name, by address, or by `address:port` / `[v6]:port`, of protocol
@@ -806,7 +819,9 @@ fn is_prime(n: u32) -> bool {
     true
 }
 
-fn validate(raw: raw::File) -> Result<Config, Invalid> {
+/// Checks the file read into `raw`; what it accepts but that is likely not what was meant goes
+/// to `cautions` (where, and what), which become [`Config::cautions`].
+fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Invalid> {
     let n = raw.node;
     if n.interfaces.get_ref().is_empty() {
         return bad(n.interfaces.span(), "node.interfaces must name at least one interface");
@@ -955,7 +970,7 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             format!("at most {MAX_VIPS} VIPs are supported"),
         );
     }
-    let listens = l7_listens(&raw.vip);
+    let mut links = L7Links { listens: l7_listens(&raw.vip), edges: Vec::new() };
     let mut names = HashSet::new();
     // The VIP of each (address, port, protocol), by name.
     let mut keys = std::collections::HashMap::new();
@@ -1126,8 +1141,10 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                 _ => {}
             }
             let bport = b.port.as_ref().map_or(port, |p| *p.get_ref());
-            let vip = (v.name.get_ref().as_str(), vip_addr, port);
-            backend_address_ok(b.address.span(), address, bport, vip, forwarding, &listens)?;
+            backend_address_ok(b.address.span(), address, bport, (vip_addr, port), forwarding)?;
+            if forwarding == Forwarding::L7 {
+                links.note(v.name.get_ref(), address, bport, b.address.span());
+            }
             backends.push(Backend { address, weight, mac, port: bport });
         }
         // Maglev gives each backend a share of the ring's slots: with fewer slots than backends
@@ -1151,11 +1168,10 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
         // An L7 VIP's backends are probed on their own ports unless health.port says otherwise
         // (0 below); an XDP VIP's on the VIP's port, the one its traffic keeps.
         let default_port = if forwarding == Forwarding::L7 { None } else { Some(port) };
-        let served: Vec<u16> = backends.iter().map(|b| b.port).collect();
         let health = v
             .health
             .as_ref()
-            .map(|h| health_check(h, default_port, protocol, &served))
+            .map(|h| health_check(h, v.name.get_ref(), default_port, protocol, cautions))
             .transpose()?;
         let conntrack = match &v.conntrack {
             Some(c) if forwarding == Forwarding::L7 => {
@@ -1173,7 +1189,7 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
                     return bad(vspan, "an l7 VIP must be tcp");
                 }
                 let vip = (v.name.get_ref().as_str(), vip_addr, port);
-                let l7 = l7_settings(l7.as_ref(), &v.route, vip, &listens)?;
+                let l7 = l7_settings(l7.as_ref(), &v.route, vip, &mut links)?;
                 if l7.algorithm == Algorithm::Hash {
                     ring_shares_ok(&v.backends, crate::proxy::balance::L7_RING, "")?;
                 }
@@ -1207,6 +1223,7 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             l7,
         });
     }
+    links.no_loop()?;
     if entries > MAX_BACKENDS as usize {
         return bad(
             first_over,
@@ -1256,7 +1273,7 @@ fn validate(raw: raw::File) -> Result<Config, Invalid> {
             }
         }
     };
-    Ok(Config { node, metrics, vips })
+    Ok(Config { node, metrics, vips, cautions: Vec::new() })
 }
 
 /// IPv6 needs a larger `mtu` than IPv4's 576. A packet of an IPv6 VIP that does not fit once
@@ -1306,15 +1323,14 @@ fn mtu_fits_ipv6(mtu: u32, span: Range<usize>, vips: &[Vip]) -> Result<(), Inval
     Ok(())
 }
 
-/// The `[vip.l7]` settings and routes of L7 VIP `vip` (name, address, port); `listens` are
-/// every L7 VIP's, which its route backends must not be ([`backend_address_ok`]).
+/// The `[vip.l7]` settings and routes of L7 VIP `vip` (name, address, port); route backends
+/// that are other L7 VIPs' listeners go to `links`, which refuses a loop of them.
 fn l7_settings(
     l7: Option<&raw::Sp<raw::L7>>,
     routes: &[raw::Sp<raw::Route>],
-    vip: (&str, IpAddr, u16),
-    listens: &[(String, std::net::SocketAddr)],
+    (vip_name, vip_addr, port): (&str, IpAddr, u16),
+    links: &mut L7Links,
 ) -> Result<L7, Invalid> {
-    let port = vip.2;
     let empty = raw::L7 {
         mode: None,
         algorithm: None,
@@ -1432,7 +1448,9 @@ fn l7_settings(
                 return bad(m.span(), "`mac` applies to backends XDP forwards to, not to l7 ones");
             }
             let bport = l7_backend_port(b, port)?;
-            backend_address_ok(b.address.span(), address, bport, vip, Forwarding::L7, listens)?;
+            let vip = (vip_addr, port);
+            backend_address_ok(b.address.span(), address, bport, vip, Forwarding::L7)?;
+            links.note(vip_name, address, bport, b.address.span());
             if backends.iter().any(|o| o.address == address && o.port == bport) {
                 return bad(
                     b.address.span(),
@@ -1908,20 +1926,105 @@ fn l7_listens(vips: &[raw::Sp<raw::Vip>]) -> Vec<(String, std::net::SocketAddr)>
         .collect()
 }
 
+/// Which L7 VIPs proxy to which, gathered while the VIPs are checked. An L7 VIP whose backend
+/// is another's listen address chains the two (a front VIP → 127.0.0.1:28081, where an inner
+/// VIP listens → the real backend), which is fine; VIPs that come back round to one already
+/// passed loop, each connection opening another until the proxy runs out of sockets. Every
+/// listener is bound to its VIP's own address (a VIP is never the unspecified address, which
+/// would take connections to every local one), so only the same address and port reaches it.
+struct L7Links {
+    /// Every L7 VIP's name and listen address (canonical), in file order ([`l7_listens`]).
+    listens: Vec<(String, std::net::SocketAddr)>,
+    /// (from, to, the backend as written, where): a backend of L7 VIP `from`, in its pool or a
+    /// route's, is where L7 VIP `to` listens; the first such backend of each pair.
+    edges: Vec<(String, String, std::net::SocketAddr, Range<usize>)>,
+}
+
+impl L7Links {
+    /// Notes backend `address`:`port` (written at `span`) of L7 VIP `from`, if another L7 VIP
+    /// listens there (its own listen address is refused by [`backend_address_ok`]).
+    fn note(&mut self, from: &str, address: IpAddr, port: u16, span: Range<usize>) {
+        let at = std::net::SocketAddr::new(address.to_canonical(), port);
+        let Some((to, _)) = self.listens.iter().find(|(n, l)| *l == at && n != from) else {
+            return;
+        };
+        if !self.edges.iter().any(|(f, t, ..)| f == from && t == to) {
+            let written = std::net::SocketAddr::new(address, port);
+            self.edges.push((from.to_owned(), to.clone(), written, span));
+        }
+    }
+
+    /// Refuses a loop of L7 VIPs, named in order from the one first in the file
+    /// (`a → b → a`), at the backend of that first one that leads on.
+    fn no_loop(&self) -> Result<(), Invalid> {
+        let mut state = std::collections::HashMap::new();
+        for (name, _) in &self.listens {
+            let Some(mut cycle) = self.cycle_from(name, &mut state, &mut Vec::new()) else {
+                continue;
+            };
+            // From the VIP of the loop that is first in the file, whichever the search met first.
+            let order = |e: usize| self.listens.iter().position(|(n, _)| *n == self.edges[e].0);
+            if let Some(at) = (0..cycle.len()).min_by_key(|&i| order(cycle[i])) {
+                cycle.rotate_left(at);
+            }
+            let (from, to, backend, span) = &self.edges[cycle[0]];
+            let names: Vec<&str> = cycle.iter().map(|&e| self.edges[e].0.as_str()).collect();
+            return bad(
+                span.clone(),
+                format!(
+                    "L7 VIPs proxy to each other in a loop, {} → {from}: backend {backend} of VIP `{from}` is the listen address of L7 VIP `{to}`, and the loop comes back, each connection opening another without end; break it: write the real backends of one of them (a chain of L7 VIPs that ends at real backends is fine)",
+                    names.join(" → ")
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Depth first from `node` (`state`: true on the path, false done): the edges of the first
+    /// cycle found, in order, if any. `path` holds the edges taken to reach `node`.
+    fn cycle_from<'a>(
+        &'a self,
+        node: &'a str,
+        state: &mut std::collections::HashMap<&'a str, bool>,
+        path: &mut Vec<usize>,
+    ) -> Option<Vec<usize>> {
+        if state.contains_key(node) {
+            return None;
+        }
+        state.insert(node, true);
+        for (i, (_, to, ..)) in self.edges.iter().enumerate().filter(|(_, e)| e.0 == node) {
+            path.push(i);
+            match state.get(to.as_str()) {
+                // Back to a VIP on the path: the cycle is the edges since it.
+                Some(true) => {
+                    let start = path.iter().position(|&e| self.edges[e].0 == *to)?;
+                    return Some(path[start..].to_vec());
+                }
+                Some(false) => {}
+                None => {
+                    if let Some(cycle) = self.cycle_from(to, state, path) {
+                        return Some(cycle);
+                    }
+                }
+            }
+            path.pop();
+        }
+        state.insert(node, false);
+        None
+    }
+}
+
 /// Refuses a backend its VIP's traffic can never reach or that loops: an address that is not
 /// unicast; for a VIP XDP forwards, a loopback address (encapsulated to it, packets never leave
-/// the node) or the VIP's own; for an l7 VIP (`vip` is its name, address and port), its own
-/// listen address and port, or another L7 VIP's (`listens`): the proxy would connect to itself,
-/// and VIPs that proxy to each other loop, each connection opening another. Every listener is
-/// bound to its VIP's own address (a VIP is never the unspecified address, which would take
-/// connections to every local one), so only the same address and port reaches it.
+/// the node) or the VIP's own; for an l7 VIP (`vip` is its address and port), its own listen
+/// address and port: the proxy would connect to itself, each connection opening another.
+/// (Another L7 VIP's listen address is a chain, refused only when it loops: [`L7Links`].)
 fn backend_address_ok(
     span: Range<usize>,
     address: IpAddr,
     port: u16,
-    (vip_name, vip_addr, vip_port): (&str, IpAddr, u16),
+    (vip_addr, vip_port): (IpAddr, u16),
     forwarding: Forwarding,
-    listens: &[(String, std::net::SocketAddr)],
 ) -> Result<(), Invalid> {
     if let Some(what) = not_unicast(address) {
         let example = if forwarding == Forwarding::L7 { " (127.0.0.1 for this node)" } else { "" };
@@ -1939,16 +2042,6 @@ fn backend_address_ok(
                 span,
                 format!(
                     "backend {} is the VIP's own listen address: the proxy would connect to itself in a loop; write the backend's own address or port",
-                    std::net::SocketAddr::new(address, port)
-                ),
-            );
-        }
-        let at = std::net::SocketAddr::new(address.to_canonical(), port);
-        if let Some((other, _)) = listens.iter().find(|(n, l)| *l == at && n != vip_name) {
-            return bad(
-                span,
-                format!(
-                    "backend {} of VIP `{vip_name}` is the listen address of L7 VIP `{other}`: the proxy would connect to itself, and L7 VIPs that proxy to each other loop, each connection opening another; write the backends `{other}` proxies to instead",
                     std::net::SocketAddr::new(address, port)
                 ),
             );
@@ -2052,15 +2145,15 @@ fn hex_bytes(text: &str) -> Result<Vec<u8>, String> {
 /// `expect` (the checker reads answers of up to this size whole).
 pub const MAX_UDP_PROBE: usize = 65_507;
 
-/// The check a `[vip.health]` table describes; without health.port, probes go to `vip_port`
-/// (an XDP VIP's), or with None to each backend's own port (an L7 VIP's). `served` are the
-/// ports the VIP's backends serve its `protocol` on (an XDP VIP's own, 0 for any port; each
-/// L7 backend's).
+/// The check a `[vip.health]` table describes, of VIP `vip_name`; without health.port, probes go
+/// to `vip_port` (an XDP VIP's), or with None to each backend's own port (an L7 VIP's). A check
+/// that is accepted but likely fails every probe adds to `cautions`.
 fn health_check(
     h: &raw::Sp<raw::Health>,
+    vip_name: &str,
     vip_port: Option<u16>,
     protocol: Protocol,
-    served: &[u16],
+    cautions: &mut Vec<Invalid>,
 ) -> Result<HealthCheck, Invalid> {
     let span = h.span();
     let h = h.get_ref();
@@ -2182,37 +2275,30 @@ fn health_check(
             }
         }
     };
-    // A UDP probe of the port a TCP VIP's backends serve finds no UDP service there: every
-    // probe fails, and the VIP fails open. On a port of its own (not one of theirs, however
-    // written) it may reach a UDP responder beside the service.
+    // A UDP probe of a TCP VIP's own port finds no UDP service there: every probe fails, and
+    // the VIP fails open. A `port` written is the operator's word that a UDP responder answers
+    // there, even one the backends serve TCP on: DNS answers UDP and TCP on 53, and QUIC answers
+    // UDP on 443 beside HTTPS.
     let written = h.port.as_ref().map(|p| *p.get_ref());
-    if matches!(kind, CheckKind::Udp { .. })
-        && protocol == Protocol::Tcp
-        && written.is_none_or(|p| served.contains(&p))
-    {
-        let on = match written {
-            None => "its backends' TCP port".to_owned(),
-            Some(p) => format!("port {p}, where its backends serve TCP,"),
-        };
+    if matches!(kind, CheckKind::Udp { .. }) && protocol == Protocol::Tcp && written.is_none() {
         return bad(
             h.kind.as_ref().map_or(span.clone(), |k| k.span()),
-            format!(
-                "health kind = \"udp\" on a tcp VIP probes {on} with UDP, which nothing answers: use kind = \"tcp\" or \"http\", or set `port` to where a UDP responder answers"
-            ),
+            "health kind = \"udp\" on a tcp VIP probes its backends' TCP port with UDP, which nothing answers: use kind = \"tcp\" or \"http\", or set `port` to where a UDP responder answers",
         );
     }
     // The reverse: a TCP (or HTTP) probe of a UDP VIP goes to its UDP port, where a UDP-only
     // service (QUIC, syslog, WireGuard) refuses it: every probe fails, and the VIP fails open
-    // without a word. Only the operator knows where a TCP service answers (DNS's is on 53 too).
+    // without a word. Only the operator knows whether a TCP service answers there too (DNS's
+    // does, on 53), and such files worked before this was noticed: a caution, not a refusal.
     if !matches!(kind, CheckKind::Udp { .. }) && protocol == Protocol::Udp && written.is_none() {
         let k = if matches!(kind, CheckKind::Tcp) { "tcp" } else { "http" };
-        return bad(
+        cautions.push(Invalid(
             h.kind.as_ref().map_or(span.clone(), |k| k.span()),
             format!(
-                "health kind = \"{k}\" on a udp VIP needs a `port`: without one it probes the VIP's UDP port over TCP, which a UDP-only service (QUIC, syslog, WireGuard) never answers, so every backend would fail and the VIP fail open; set `port` to where the backends answer {} (port = 53 for DNS over TCP), or use kind = \"udp\"",
+                "VIP `{vip_name}`: health kind = \"{k}\" on a udp VIP has no `port`: it probes the VIP's UDP port over TCP, which a UDP-only service (QUIC, syslog, WireGuard) never answers, so every backend would fail and the VIP fail open; set `port` to where the backends answer {} (port = 53 for DNS over TCP), or use kind = \"udp\"",
                 k.to_uppercase()
             ),
-        );
+        ));
     }
     let port = match (&h.port, vip_port) {
         (Some(p), _) if *p.get_ref() == 0 => return bad(p.span(), "health.port must be 1..=65535"),

@@ -571,36 +571,69 @@ fn a_backend_that_is_the_vip_itself_is_refused() {
     assert_eq!(cfg.vips[0].backends[0].port, 8081);
 }
 
-/// An L7 VIP whose backend is another L7 VIP's listen address would have the proxy connect to
-/// itself: two that proxy to each other loop, each connection opening another. Refused at the
-/// backend, naming both VIPs, whichever comes first in the file; in routes too.
+/// An L7 VIP whose backend is another L7 VIP's listen address chains the two (front → inner →
+/// real backend), which is fine; VIPs that come back round loop, each connection opening
+/// another. A loop is refused at the backend of the VIP of the loop first in the file, naming
+/// the VIPs in order, whichever way round the file writes them; in routes too.
 #[test]
-fn l7_vips_that_proxy_to_each_other_are_refused() {
+fn l7_vips_that_proxy_to_each_other_in_a_loop_are_refused() {
     let vip = |name: &str, address: &str, port: u16, backend: &str, routes: &str| {
         format!(
             "[[vip]]\nname = \"{name}\"\naddress = \"{address}\"\nport = {port}\nforwarding = \"l7\"\nbackends = [{backend}]\n[vip.l7]\n{routes}"
         )
     };
-    let a = vip("a", "127.0.0.1", 20080, r#"{ address = "127.0.0.1", port = 20090 }"#, "");
-    let b = vip("b", "127.0.0.1", 20090, r#"{ address = "127.0.0.1", port = 20080 }"#, "");
-    let t = format!("{NODE}{a}{b}");
-    refused_at(
-        &t,
-        "\"127.0.0.1\", port = 20090",
-        "backend 127.0.0.1:20090 of VIP `a` is the listen address of L7 VIP `b`",
-    );
-    // One way only, the other VIP written first: still the proxy connecting to itself.
-    let b_out = vip("b", "127.0.0.1", 20090, r#"{ address = "127.0.0.2", port = 80 }"#, "");
-    let t = format!("{NODE}{b_out}{a}");
-    refused_at(&t, "\"127.0.0.1\", port = 20090 }", "L7 VIP `b`");
+    let to = |port: u16| format!("{{ address = \"127.0.0.1\", port = {port} }}");
+    let real = r#"{ address = "127.0.0.2", port = 80 }"#;
+    // A chain: front → inner → a real backend, whichever is written first.
+    let front = vip("front", "127.0.0.1", 28080, &to(28081), "");
+    let inner = vip("inner", "127.0.0.1", 28081, real, "");
+    for t in [format!("{NODE}{front}{inner}"), format!("{NODE}{inner}{front}")] {
+        let c = parse(&t).unwrap();
+        assert_eq!(c.vips.iter().find(|v| v.name == "front").unwrap().backends[0].port, 28081);
+    }
+    // Two VIPs that proxy to each other.
+    let a = vip("a", "127.0.0.1", 20080, &to(20090), "");
+    let b = vip("b", "127.0.0.1", 20090, &to(20080), "");
+    for t in [format!("{NODE}{a}{b}"), format!("{NODE}{b}{a}")] {
+        let first = if t.find("name = \"a\"") < t.find("name = \"b\"") { "a" } else { "b" };
+        let (from, next, port) = if first == "a" { ("a", "b", 20090) } else { ("b", "a", 20080) };
+        refused_at(
+            &t,
+            &format!("\"127.0.0.1\", port = {port}"),
+            &format!(
+                "{from} → {next} → {from}: backend 127.0.0.1:{port} of VIP `{from}` is the listen address of L7 VIP `{next}`"
+            ),
+        );
+    }
+    // Three, the loop closed by the last; and a VIP outside the loop leading into it.
+    let x = vip("x", "127.0.0.1", 20100, &to(20110), "");
+    let y = vip("y", "127.0.0.1", 20110, &to(20120), "");
+    let z = vip("z", "127.0.0.1", 20120, &to(20100), "");
+    let w = vip("w", "127.0.0.1", 20130, &to(20110), "");
+    refused_at(&format!("{NODE}{x}{w}{y}{z}"), "\"127.0.0.1\", port = 20110", "x → y → z → x");
+    // Met from `w` at `y`, named from `z`, the first of the loop in the file.
+    refused_at(&format!("{NODE}{w}{z}{x}{y}"), "\"127.0.0.1\", port = 20100", "z → x → y → z");
     // A route's pool, and IPv6.
-    let route =
-        "[[vip.route]]\npath_prefix = \"/a/\"\nbackends = [{ address = \"::1\", port = 20090 }]\n";
-    let a6 = vip("a", "::1", 20080, r#"{ address = "127.0.0.2", port = 80 }"#, route);
-    let b6 = vip("b", "::1", 20090, r#"{ address = "127.0.0.2", port = 80 }"#, "");
-    refused_at(&format!("{NODE}{a6}{b6}"), "\"::1\", port", "L7 VIP `b`");
+    let route = |port: u16| {
+        format!(
+            "[[vip.route]]\npath_prefix = \"/a/\"\nbackends = [{{ address = \"::1\", port = {port} }}]\n"
+        )
+    };
+    let a6 = vip("a", "::1", 20080, real, &route(20090));
+    let b6 = vip("b", "::1", 20090, r#"{ address = "::1", port = 20080 }"#, "");
+    refused_at(&format!("{NODE}{a6}{b6}"), "\"::1\", port = 20090", "a → b → a");
+    // The route leading into a VIP that leads on to a real backend: a chain.
+    let b6 = vip("b", "::1", 20090, real, "");
+    parse(&format!("{NODE}{a6}{b6}")).unwrap();
+    // Its own listen address is refused as before.
+    let own = vip("a", "127.0.0.1", 20080, &to(20080), "");
+    refused_at(
+        &format!("{NODE}{own}"),
+        "\"127.0.0.1\", port = 20080 }",
+        "the VIP's own listen address",
+    );
     // Another address or port of this node is another server.
-    let b2 = vip("b", "127.0.0.2", 20090, r#"{ address = "127.0.0.3", port = 80 }"#, "");
+    let b2 = vip("b", "127.0.0.2", 20090, &to(20080), "");
     parse(&format!("{NODE}{a}{b2}")).unwrap();
     // An XDP VIP's address is no proxy's listener.
     let xdp = "[[vip]]\nname = \"x\"\naddress = \"198.18.1.1\"\nport = 20090\nbackends = [{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }]\n";
@@ -1797,13 +1830,24 @@ fn prop_documented_rules(c: &Config) -> Result<(), String> {
     let mut names = HashSet::new();
     let mut listens = HashSet::new();
     let mut entries = 0;
-    // Where the proxy listens: no L7 backend may be one of these.
-    let l7_listens: HashSet<std::net::SocketAddr> = c
-        .vips
-        .iter()
-        .filter(|v| v.forwarding == Forwarding::L7)
-        .map(|v| std::net::SocketAddr::new(v.address.to_canonical(), v.port))
-        .collect();
+    // L7 VIPs may proxy to one another in chains, never in a loop: peeling off the VIPs that
+    // lead to no other L7 VIP still in play must leave none.
+    let sa = |a: IpAddr, p: u16| std::net::SocketAddr::new(a.to_canonical(), p);
+    let mut l7_left: Vec<&Vip> = c.vips.iter().filter(|v| v.forwarding == Forwarding::L7).collect();
+    let pools = |v: &Vip| -> Vec<std::net::SocketAddr> {
+        let routes = v.l7.iter().flat_map(|l| l.routes.iter().flat_map(|r| &r.backends));
+        v.backends.iter().chain(routes).map(|b| sa(b.address, b.port)).collect()
+    };
+    loop {
+        let listening: HashSet<_> = l7_left.iter().map(|v| sa(v.address, v.port)).collect();
+        let before = l7_left.len();
+        l7_left.retain(|v| pools(v).iter().any(|b| listening.contains(b)));
+        if l7_left.len() == before {
+            break;
+        }
+    }
+    let in_loop: Vec<&str> = l7_left.iter().map(|v| v.name.as_str()).collect();
+    ensure!(in_loop.is_empty(), "L7 VIPs {in_loop:?} proxy to each other in a loop");
     for v in &c.vips {
         let name = &v.name;
         ensure!(!name.is_empty(), "a VIP without a name");
@@ -1852,10 +1896,7 @@ fn prop_documented_rules(c: &Config) -> Result<(), String> {
             ensure!(v.ring_size == DEFAULT_RING_SIZE, "l7 VIP {name}: ring_size {}", v.ring_size);
             let Some(l) = &v.l7 else { return Err(format!("l7 VIP {name} without [vip.l7]")) };
             let own = |b: &Backend| {
-                b.port != 0
-                    && b.mac.is_none()
-                    && !l7_listens
-                        .contains(&std::net::SocketAddr::new(b.address.to_canonical(), b.port))
+                b.port != 0 && b.mac.is_none() && sa(b.address, b.port) != sa(v.address, v.port)
             };
             ensure!(v.backends.iter().all(own), "l7 VIP {name}: a backend port, mac or loop");
             ensure!(l.retries <= 10, "l7 VIP {name}: retries {}", l.retries);
@@ -2496,21 +2537,25 @@ fn udp_probes_of_a_tcp_vips_own_port_are_refused() {
         "[vip.health]\nkind = \"udp\"\nsend = \"x\"\n",
     );
     assert!(err(&l7).contains("nothing answers"));
-    // The port they serve TCP on, written out, is the same port.
-    let e = err(&check("kind = \"udp\"\nsend = \"ping\"\nport = 80"));
-    assert!(
-        e.starts_with("t.toml:11:8:") && e.contains("port 80, where its backends serve TCP"),
-        "{e}"
-    );
-    let e = err(&format!("{l7}port = 8080\n"));
-    assert!(e.contains("port 8080, where its backends serve TCP"), "{e}");
+    // A port written is the operator's word that a UDP responder answers there, even the one
+    // the backends serve TCP on: DNS answers UDP and TCP on 53, QUIC UDP 443 beside HTTPS.
+    let h = parse(&check("kind = \"udp\"\nsend = \"ping\"\nport = 80")).unwrap().vips[0]
+        .health
+        .clone()
+        .unwrap();
+    assert_eq!(h.port, 80);
+    let c = parse(&format!("{l7}port = 8080\n")).unwrap();
+    assert_eq!(c.vips[0].health.as_ref().map(|h| h.port), Some(8080));
+    assert!(c.cautions.is_empty(), "{:?}", c.cautions);
     assert!(parse(&format!("{l7}port = 8081\n")).is_ok());
 }
 
-/// A TCP or HTTP probe of a UDP VIP would go to its UDP port, where a UDP-only service never
-/// answers (every backend down, the VIP failing open): it needs a `port` of its own.
+/// A TCP or HTTP probe of a UDP VIP without a `port` goes to its UDP port, where a UDP-only
+/// service never answers (every backend down, the VIP failing open); where a TCP service answers
+/// too (DNS) it works, and such files worked before: accepted, with a caution naming the VIP
+/// and where the check's kind is written.
 #[test]
-fn tcp_probes_of_a_udp_vip_need_a_port() {
+fn tcp_probes_of_a_udp_vip_without_a_port_are_cautioned() {
     let check = |health: &str| {
         format!(
             "{NODE}[[vip]]\nname = \"q\"\naddress = \"198.18.1.1\"\nport = 443\nprotocol = \"udp\"\nbackends = [{{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }}]\n[vip.health]\n{health}\n"
@@ -2518,20 +2563,23 @@ fn tcp_probes_of_a_udp_vip_need_a_port() {
     };
     for kind in ["tcp", "http"] {
         let t = check(&format!("kind = \"{kind}\""));
-        refused_at(
-            &t,
-            &format!("\"{kind}\""),
-            &format!("kind = \"{kind}\" on a udp VIP needs a `port`"),
+        let c = parse(&t).unwrap();
+        assert_eq!(c.vips[0].health.as_ref().map(|h| h.port), Some(443));
+        let [caution] = c.cautions.as_slice() else { panic!("one caution: {:?}", c.cautions) };
+        let want = format!("kind = \"{kind}\" on a udp VIP has no `port`");
+        assert!(
+            caution.starts_with(&at(&t, &format!("\"{kind}\"")))
+                && caution.contains("VIP `q`")
+                && caution.contains(&want),
+            "{caution}"
         );
         // Written out, even the VIP's own port: the operator says a TCP service answers there
-        // (DNS over TCP on 53).
-        let h = parse(&check(&format!("kind = \"{kind}\"\nport = 443"))).unwrap().vips[0]
-            .health
-            .clone()
-            .unwrap();
-        assert_eq!(h.port, 443);
+        // (DNS over TCP on 53). No caution.
+        let c = parse(&check(&format!("kind = \"{kind}\"\nport = 443"))).unwrap();
+        assert_eq!(c.vips[0].health.as_ref().map(|h| h.port), Some(443));
+        assert!(c.cautions.is_empty(), "{:?}", c.cautions);
         assert!(parse(&check(&format!("kind = \"{kind}\"\nport = 8080"))).is_ok());
     }
     // The default kind of a UDP VIP is udp, which needs no port.
-    assert!(parse(&check("send = \"ping\"")).is_ok());
+    assert!(parse(&check("send = \"ping\"")).unwrap().cautions.is_empty());
 }

@@ -203,6 +203,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     raise_fd_limit();
     preflight(&cfg)?;
     warn_of_mtu(&cfg);
+    warn_of_cautions(&cfg);
     // Only a valid config takes over, and only once the kernel has taken this binary's program
     // (it is loaded here, beside the running one): a bad file or a refused program leaves the
     // running edgelb alone.
@@ -578,6 +579,14 @@ fn preflight(cfg: &Config) -> Result<(), RunError> {
     crate::dataplane::ensure_bpffs()
         .map_err(|reason| DataplaneError::Pin { path: cfg.node.pin_dir.clone(), reason })?;
     Ok(())
+}
+
+/// Logs what the file says that is accepted but likely not what was meant ([`Config::cautions`]),
+/// at each start and reload, so that it is heard where edgelb's log is read.
+fn warn_of_cautions(cfg: &Config) {
+    for c in &cfg.cautions {
+        warn!("{c}");
+    }
 }
 
 /// Logs where `node.mtu` cannot be what the attached interfaces carry (see [`mtu_mismatches`]).
@@ -1393,6 +1402,7 @@ impl Controller {
                     msg.push_str(&format!("; {forgotten}"));
                 }
                 warn_of_mtu(&self.cfg);
+                warn_of_cautions(&self.cfg);
                 Response::ok(msg)
             }
             Err(e) => {
