@@ -1243,6 +1243,23 @@ fn reload_rejects_bad_files_and_keeps_connections() {
     for (c, b) in conns.iter_mut().zip(&before) {
         assert_eq!(&c.backend().unwrap(), b, "established connection moved");
     }
+    // A file accepted with a caution (a TCP check of the UDP VIP on its own port): the reply
+    // says it, for whoever reloads without reading the log.
+    let cautioned = grown.replacen(
+        "protocol = \"udp\"\n",
+        "protocol = \"udp\"\nhealth = { kind = \"tcp\" }\n",
+        1,
+    );
+    assert_ne!(cautioned, grown);
+    std::fs::write(&bed.cfg_path, &cautioned).unwrap();
+    let out = bed.e().cli(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("warning: ") && said.contains("VIP `dns`"), "{said}");
+    std::fs::write(&bed.cfg_path, &grown).unwrap();
+    let out = bed.e().cli(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("warning"));
     let _ = config::EXAMPLE;
 }
 

@@ -1403,6 +1403,10 @@ impl Controller {
                 }
                 warn_of_mtu(&self.cfg);
                 warn_of_cautions(&self.cfg);
+                // Said to the one reloading too, who may not read the log.
+                for c in &self.cfg.cautions {
+                    msg.push_str(&format!("; warning: {c}"));
+                }
                 Response::ok(msg)
             }
             Err(e) => {
