@@ -72,7 +72,8 @@ enum Task {
 enum TestbedAction {
     /// Build it and leave it up (helper XDP links pinned under /sys/fs/bpf).
     Up,
-    /// Tear it down (also what Ctrl-C does to `run`).
+    /// Tear it down (also what Ctrl-C does to `run`), and what a killed `run` left. Refuses
+    /// while a live `run` uses it or a `testbed up` builds it.
     Down,
 }
 
@@ -107,6 +108,9 @@ fn real_main() -> Result<()> {
         }
         Task::Testbed { action: TestbedAction::Down } => {
             require_root("testbed down")?;
+            // A live `run` (of any clone: the namespaces, socket and pins are the machine's)
+            // holds the lock: its edgelb and namespaces are not this task's to remove.
+            let _lock = lock_testbed(Path::new(TESTBED_LOCK), "testbed down")?;
             stop_left_edgelb();
             Testbed::down(PREFIX);
             println!("testbed `{PREFIX}` removed");
@@ -736,6 +740,60 @@ fn show_spread(tb: &Testbed, vip: SocketAddr, n: u32, timeout: Duration) -> Resu
     Ok(())
 }
 
+/// The lock `run` and `testbed up` hold while they build and use the testbed, and `testbed
+/// down` while it removes it. One for the machine, as the testbed's namespaces are: a `run` of
+/// another clone uses them too. Root-only, like the tasks that take it.
+const TESTBED_LOCK: &str = "/run/lock/edgelb-testbed.lock";
+
+/// Takes the testbed lock at `path` for `task` without waiting, or fails naming the task that
+/// holds it. The holder writes who it is into the file; a lock held by an older xtask writes
+/// nothing (and leaves what an earlier holder wrote, whose PID is then gone), and the refusal
+/// then names no one.
+fn lock_testbed(path: &Path, task: &str) -> Result<std::fs::File> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(path).unwrap_or_default();
+            let holder = holder.trim();
+            let pid = holder.split("(PID ").nth(1).and_then(|p| p.split(',').next());
+            if !pid.is_some_and(|pid| Path::new("/proc").join(pid).exists()) {
+                bail!(
+                    "{task}: another `cargo xtask run` or `testbed up` is building or using the \
+                     testbed `{PREFIX}` ({} is locked): stop that one first (Ctrl-C where it runs)",
+                    path.display()
+                );
+            }
+            bail!(
+                "{task}: the testbed `{PREFIX}` is in use by {holder} ({} is locked): stop that \
+                 one first (Ctrl-C where it runs)",
+                path.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    let me = format!(
+        "`cargo xtask {task}` (PID {}, in {})",
+        std::process::id(),
+        workspace_root().display()
+    );
+    lock.set_len(0)
+        .and_then(|()| lock.write_all(me.as_bytes()))
+        .with_context(|| format!("writing to {}", path.display()))?;
+    Ok(lock)
+}
+
 /// Refuses to build the testbed while processes run in its namespaces: building it starts by
 /// removing the old one, which would pull the network out from under another `cargo xtask run`
 /// (whose edgelb then fails, while this one fails to create namespaces the other's teardown
@@ -744,27 +802,7 @@ fn show_spread(tb: &Testbed, vip: SocketAddr, n: u32, timeout: Duration) -> Resu
 /// Returns a lock held while the caller builds and uses the testbed: two tasks started at the
 /// same instant would both find it unused, and the second then waits for nothing but fails here.
 fn refuse_testbed_in_use(task: &str) -> Result<std::fs::File> {
-    // One lock for the machine, as the testbed's namespaces are: a `run` of another clone uses
-    // them too. Root-only, like the tasks that take it.
-    let path = PathBuf::from("/run/lock/edgelb-testbed.lock");
-    std::fs::create_dir_all("/run/lock")?;
-    let lock = std::fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "{task}: another `cargo xtask run` or `testbed up` is building or using the testbed \
-             `{PREFIX}` ({} is locked): stop that one first (Ctrl-C where it runs)",
-            path.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(e).with_context(|| format!("locking {}", path.display()));
-        }
-    }
+    let lock = lock_testbed(Path::new(TESTBED_LOCK), task)?;
     let mut inside = Testbed::processes_inside(PREFIX);
     // With the lock free, no `run` is alive: an edgelb alone in the testbed is one a `run`
     // killed or hung up on left behind (it runs in a process group of its own). It is stopped
@@ -904,7 +942,31 @@ fn run(duration: Option<u64>) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::Tally;
+    use super::{Tally, lock_testbed};
+
+    /// `testbed down` takes the lock a live `run` holds, and is refused naming that run: it
+    /// used to stop the run's edgelb and remove its namespaces under it. On a file of the
+    /// test's own, not the machine's lock, which a real `run` may hold.
+    #[test]
+    fn a_held_testbed_lock_refuses_naming_its_holder() {
+        struct Remove(std::path::PathBuf);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let path =
+            std::env::temp_dir().join(format!("edgelb-xtask-lock-test-{}", std::process::id()));
+        let _remove = Remove(path.clone());
+        let held = lock_testbed(&path, "run").expect("a free lock is taken");
+        let refused = lock_testbed(&path, "testbed down").expect_err("a held lock refuses");
+        let msg = refused.to_string();
+        assert!(msg.starts_with("testbed down: "), "{msg}");
+        let holder = format!("`cargo xtask run` (PID {}, in ", std::process::id());
+        assert!(msg.contains(&holder), "{msg}");
+        drop(held);
+        drop(lock_testbed(&path, "testbed down").expect("a lock let go of is taken again"));
+    }
 
     /// `./x test`'s closing tally: a test that skipped through the gate (it printed `SKIPPED
     /// <reason>` on stderr, and libtest counted it as passed) is counted as skipped, not passed,
