@@ -266,12 +266,22 @@ fn edgelb_bin() -> PathBuf {
 
 /// Stops an edgelb a killed `run` left behind (or its data plane): by its own admin socket and
 /// pin dir (see `run_config`), so nothing else on the machine is touched. The file is written
-/// afresh first: one an older `run` left has the default socket.
+/// afresh first: one an older `run` left has the default socket. It is written whether or not
+/// one was there (a fresh clone, or after `cargo clean`): the socket and pin dir are the same
+/// for every `run`, and the edgelb to stop may be another clone's.
 fn stop_left_edgelb() {
     let (config, bin) = (testbed_config(), edgelb_bin());
-    if config.exists() && bin.exists() && std::fs::write(&config, run_config()).is_ok() {
+    if bin.exists() && write_run_config(&config).is_ok() {
         let _ = Command::new(&bin).arg("stop").arg("--config").arg(&config).status();
     }
+}
+
+/// Writes [`run_config`] to `config`, making its directory first.
+fn write_run_config(config: &Path) -> std::io::Result<()> {
+    if let Some(dir) = config.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(config, run_config())
 }
 
 /// Where `run` writes the config of the edgelb it starts.
@@ -832,10 +842,8 @@ fn run(duration: Option<u64>) -> Result<()> {
     require_root("xtask run")?;
     cargo(&["build", "--locked", "--bin", "edgelb"])?;
     let edgelb_bin = edgelb_bin();
-    let dir = target_dir().join("testbed");
-    std::fs::create_dir_all(&dir)?;
     let config = testbed_config();
-    std::fs::write(&config, run_config())?;
+    write_run_config(&config).with_context(|| format!("writing {}", config.display()))?;
 
     let stop = Arc::new(AtomicBool::new(false));
     // SIGHUP too: a terminal that goes away (ssh dropped) must not leave edgelb running in
@@ -942,7 +950,24 @@ fn run(duration: Option<u64>) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Tally, lock_testbed};
+    use super::{Tally, lock_testbed, run_config, write_run_config};
+
+    /// `testbed down` stops a left edgelb with the config `run` writes, written afresh even where
+    /// there was none (a fresh clone, or after `cargo clean`, removed target/testbed/ too): it
+    /// used to do nothing then.
+    #[test]
+    fn the_run_config_is_written_where_its_directory_is_missing() {
+        let dir =
+            std::env::temp_dir().join(format!("edgelb-xtask-config-test-{}", std::process::id()));
+        let config = dir.join("testbed/edgelb.toml");
+        let written = write_run_config(&config);
+        let read = std::fs::read_to_string(&config);
+        let _ = std::fs::remove_dir_all(&dir);
+        written.expect("written with its directory made");
+        let read = read.expect("there");
+        assert_eq!(read, run_config());
+        assert!(read.contains("admin_socket = \"/run/edgelb/xtask-run.sock\""), "{read}");
+    }
 
     /// `testbed down` takes the lock a live `run` holds, and is refused naming that run: it
     /// used to stop the run's edgelb and remove its namespaces under it. On a file of the
