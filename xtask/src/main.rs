@@ -272,8 +272,17 @@ fn edgelb_bin() -> PathBuf {
 fn stop_left_edgelb() {
     let (config, bin) = (testbed_config(), edgelb_bin());
     if bin.exists() && write_run_config(&config).is_ok() {
-        let _ = Command::new(&bin).arg("stop").arg("--config").arg(&config).status();
+        let _ = edgelb_command(&bin, "stop", &config).status();
     }
+}
+
+/// `edgelb <what> --config <config>`, in a process group of its own as `run`'s edgelb is: Ctrl-C
+/// on the terminal is for `run`, whose handler then stops edgelb in order, not for a `status`
+/// or `stop` it runs meanwhile, which it would kill halfway and turn the stop into a failure.
+fn edgelb_command(bin: &Path, what: &str, config: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.arg(what).arg("--config").arg(config).process_group(0);
+    cmd
 }
 
 /// Writes [`run_config`] to `config`, making its directory first.
@@ -686,7 +695,7 @@ impl Edgelb {
     /// plane is gone: the teardown is part of what `run` shows working.
     fn stop(mut self) -> Result<()> {
         self.stopped = true;
-        let st = Command::new(&self.bin).arg("stop").arg("--config").arg(&self.config).status()?;
+        let st = edgelb_command(&self.bin, "stop", &self.config).status()?;
         let deadline = Instant::now() + Duration::from_secs(60);
         let exit = loop {
             if let Some(exit) = self.child.try_wait()? {
@@ -719,7 +728,7 @@ impl Drop for Edgelb {
             }
             return;
         }
-        let _ = Command::new(&self.bin).arg("stop").arg("--config").arg(&self.config).status();
+        let _ = edgelb_command(&self.bin, "stop", &self.config).status();
         let pid = self.child.id() as i32;
         if let Ok(None) = self.child.try_wait() {
             let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
@@ -728,26 +737,55 @@ impl Drop for Edgelb {
     }
 }
 
-/// `n` HTTP requests to `vip` from `n` client addresses; prints which backend answered how
-/// often, and fails if any request did.
-fn show_spread(tb: &Testbed, vip: SocketAddr, n: u32, timeout: Duration) -> Result<()> {
+/// Up to `n` HTTP requests to `vip` from `n` client addresses; prints which backend answered how
+/// often, and fails if any request did. Once `stop` is set (Ctrl-C) it ends early, and its
+/// failures are the caller's to report after the teardown. Returns how many requests were sent
+/// and how many of them failed.
+fn show_spread(
+    tb: &Testbed,
+    vip: SocketAddr,
+    n: u32,
+    timeout: Duration,
+    stop: &AtomicBool,
+) -> Result<(u32, u32)> {
     let spread = netns::in_netns(&tb.names.client, || {
-        let mut per: BTreeMap<String, u32> = BTreeMap::new();
-        for i in 0..n {
+        tally_spread(n, stop, |i| {
             let src = SocketAddr::new(IpAddr::V4(testbed::pool_addr(i)), 0);
-            let who = servers::http_get(Some(src), vip, timeout)
-                .unwrap_or_else(|e| format!("error: {e}"));
-            *per.entry(who).or_default() += 1;
-        }
-        per
+            servers::http_get(Some(src), vip, timeout)
+        })
     })?;
     for (who, count) in &spread {
         eprintln!("   {who:<12} {count:>4} responses");
     }
-    if spread.keys().any(|k| k.starts_with("error")) {
+    let sent = spread.values().sum();
+    let failed = spread.iter().filter(|(who, _)| who.starts_with("error")).map(|(_, n)| n).sum();
+    if sent < n {
+        eprintln!("   interrupted after {sent} of {n} requests");
+    }
+    if failed > 0 && !stop.load(Ordering::Relaxed) {
         bail!("some requests to {vip} failed: {spread:?}");
     }
-    Ok(())
+    Ok((sent, failed))
+}
+
+/// Sends up to `n` requests, the i-th with `get(i)`, and counts the answers by who gave them
+/// (`error: ...` for a failed request). It stops before the next request once `stop` is set: a
+/// backend or path that does not answer costs a whole timeout per request, and Ctrl-C must not
+/// wait for hundreds of them.
+fn tally_spread(
+    n: u32,
+    stop: &AtomicBool,
+    mut get: impl FnMut(u32) -> std::io::Result<String>,
+) -> BTreeMap<String, u32> {
+    let mut per = BTreeMap::new();
+    for i in 0..n {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let who = get(i).unwrap_or_else(|e| format!("error: {e}"));
+        *per.entry(who).or_default() += 1;
+    }
+    per
 }
 
 /// The lock `run` and `testbed up` hold while they build and use the testbed, and `testbed
@@ -856,7 +894,17 @@ fn run(duration: Option<u64>) -> Result<()> {
 
     let _lock = refuse_testbed_in_use("run")?;
     eprintln!("== testbed: client, balancer node, 3 backends in namespaces `{PREFIX}-*`");
-    let tb = Testbed::up(PREFIX, false).context("building the testbed")?;
+    let tb = match Testbed::up(PREFIX, false) {
+        Ok(tb) => tb,
+        // Ctrl-C reaches the `ip` commands that build it as well (they run in the terminal's
+        // process group), and the one it kills fails the build: a stop, not a failure. What was
+        // built is removed already.
+        Err(e) if stop.load(Ordering::Relaxed) => {
+            eprintln!("== interrupted while building the testbed ({e}); it is removed");
+            return Ok(());
+        }
+        Err(e) => return Err(e).context("building the testbed"),
+    };
     let _servers = tb.start_servers().context("starting backend servers")?;
     eprintln!(
         "== starting edgelb on the balancer node: {} run --config {}",
@@ -901,27 +949,36 @@ fn run(duration: Option<u64>) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // From here on a stop signal skips what is left and goes to the teardown at the end, within
+    // one request's timeout; requests that failed meanwhile are reported after it.
+    let interrupted = || stop.load(Ordering::Relaxed);
     eprintln!("== 300 HTTP requests from 300 client addresses to {vip}:");
-    show_spread(&tb, vip, 300, timeout)?;
+    let (mut n, mut failed) = show_spread(&tb, vip, 300, timeout, &stop)?;
     let vip7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
-    eprintln!(
-        "== 30 HTTP requests to the L7 VIP {vip7} (XDP passes them to edgelb's io_uring proxy):"
-    );
-    show_spread(&tb, vip7, 30, timeout)?;
-    eprintln!("== edgelb status:");
-    let st = Command::new(&edgelb_bin).args(["status", "--config"]).arg(&config).status()?;
-    if !st.success() {
-        bail!("`edgelb status` failed: {st}");
+    if !interrupted() {
+        eprintln!(
+            "== 30 HTTP requests to the L7 VIP {vip7} (XDP passes them to edgelb's io_uring \
+             proxy):"
+        );
+        let (sent, bad) = show_spread(&tb, vip7, 30, timeout, &stop)?;
+        (n, failed) = (n + sent, failed + bad);
     }
-    eprintln!("== edgelb is balancing. One request per second from a rotating client follows;");
-    match duration {
-        Some(d) => eprintln!("   stopping in {d} s."),
-        None => eprintln!("   Ctrl-C stops edgelb and removes the testbed."),
+    if !interrupted() {
+        eprintln!("== edgelb status:");
+        let st = edgelb_command(&edgelb_bin, "status", &config).status()?;
+        if !st.success() {
+            bail!("`edgelb status` failed: {st}");
+        }
+    }
+    if !interrupted() {
+        eprintln!("== edgelb is balancing. One request per second from a rotating client follows;");
+        match duration {
+            Some(d) => eprintln!("   stopping in {d} s."),
+            None => eprintln!("   Ctrl-C stops edgelb and removes the testbed."),
+        }
     }
     let until = duration.map(|d| Instant::now() + Duration::from_secs(d));
-    let mut n = 0u32;
-    let mut failed = 0u32;
-    while !stop.load(Ordering::Relaxed) && until.is_none_or(|u| Instant::now() < u) {
+    while !interrupted() && until.is_none_or(|u| Instant::now() < u) {
         if let Ok(Some(status)) = edgelb.child.try_wait() {
             bail!("edgelb exited: {status}");
         }
@@ -942,7 +999,7 @@ fn run(duration: Option<u64>) -> Result<()> {
     drop(tb);
     stopped?;
     if failed > 0 {
-        bail!("{failed} of {n} requests failed while edgelb was balancing");
+        bail!("{failed} of {n} requests failed");
     }
     eprintln!("== edgelb stopped, its data plane and the testbed are gone");
     Ok(())
@@ -950,7 +1007,39 @@ fn run(duration: Option<u64>) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Tally, lock_testbed, run_config, write_run_config};
+    use std::{
+        sync::atomic::{AtomicBool, Ordering},
+        time::{Duration, Instant},
+    };
+
+    use edgelb::testbed::servers;
+
+    use super::{Tally, lock_testbed, run_config, tally_spread, write_run_config};
+
+    /// Ctrl-C during `run`'s spread of requests ends it before the next request: it used to
+    /// send them all, each waiting out its timeout where nothing answered (300 of 2 s each
+    /// before the teardown could start).
+    #[test]
+    fn a_spread_stops_before_the_next_request_once_asked() {
+        // Takes connections (the kernel completes them into its backlog) and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("binding on loopback");
+        let addr = silent.local_addr().expect("its address");
+        let (stop, timeout) = (AtomicBool::new(false), Duration::from_millis(200));
+        let started = Instant::now();
+        let spread = std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(500));
+                stop.store(true, Ordering::Relaxed);
+            });
+            tally_spread(100, &stop, |_| servers::http_get(None, addr, timeout))
+        });
+        let took = started.elapsed();
+        let sent: u32 = spread.values().sum();
+        assert!(spread.keys().all(|who| who.starts_with("error: ")), "{spread:?}");
+        assert!((1..100).contains(&sent), "{sent} sent: {spread:?}");
+        // All 100 take 20 s; a stop costs the request in flight.
+        assert!(took < Duration::from_secs(3), "took {took:?}: {spread:?}");
+    }
 
     /// `testbed down` stops a left edgelb with the config `run` writes, written afresh even where
     /// there was none (a fresh clone, or after `cargo clean`, removed target/testbed/ too): it
