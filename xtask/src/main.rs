@@ -72,7 +72,8 @@ enum Task {
 enum TestbedAction {
     /// Build it and leave it up (helper XDP links pinned under /sys/fs/bpf).
     Up,
-    /// Tear it down (also what Ctrl-C does to `run`).
+    /// Tear it down (also what Ctrl-C does to `run`), and what a killed `run` left. Refuses
+    /// while a live `run` uses it or a `testbed up` builds it.
     Down,
 }
 
@@ -107,6 +108,9 @@ fn real_main() -> Result<()> {
         }
         Task::Testbed { action: TestbedAction::Down } => {
             require_root("testbed down")?;
+            // A live `run` (of any clone: the namespaces, socket and pins are the machine's)
+            // holds the lock: its edgelb and namespaces are not this task's to remove.
+            let _lock = lock_testbed(Path::new(TESTBED_LOCK), "testbed down")?;
             stop_left_edgelb();
             Testbed::down(PREFIX);
             println!("testbed `{PREFIX}` removed");
@@ -262,12 +266,31 @@ fn edgelb_bin() -> PathBuf {
 
 /// Stops an edgelb a killed `run` left behind (or its data plane): by its own admin socket and
 /// pin dir (see `run_config`), so nothing else on the machine is touched. The file is written
-/// afresh first: one an older `run` left has the default socket.
+/// afresh first: one an older `run` left has the default socket. It is written whether or not
+/// one was there (a fresh clone, or after `cargo clean`): the socket and pin dir are the same
+/// for every `run`, and the edgelb to stop may be another clone's.
 fn stop_left_edgelb() {
     let (config, bin) = (testbed_config(), edgelb_bin());
-    if config.exists() && bin.exists() && std::fs::write(&config, run_config()).is_ok() {
-        let _ = Command::new(&bin).arg("stop").arg("--config").arg(&config).status();
+    if bin.exists() && write_run_config(&config).is_ok() {
+        let _ = edgelb_command(&bin, "stop", &config).status();
     }
+}
+
+/// `edgelb <what> --config <config>`, in a process group of its own as `run`'s edgelb is: Ctrl-C
+/// on the terminal is for `run`, whose handler then stops edgelb in order, not for a `status`
+/// or `stop` it runs meanwhile, which it would kill halfway and turn the stop into a failure.
+fn edgelb_command(bin: &Path, what: &str, config: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.arg(what).arg("--config").arg(config).process_group(0);
+    cmd
+}
+
+/// Writes [`run_config`] to `config`, making its directory first.
+fn write_run_config(config: &Path) -> std::io::Result<()> {
+    if let Some(dir) = config.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(config, run_config())
 }
 
 /// Where `run` writes the config of the edgelb it starts.
@@ -672,7 +695,7 @@ impl Edgelb {
     /// plane is gone: the teardown is part of what `run` shows working.
     fn stop(mut self) -> Result<()> {
         self.stopped = true;
-        let st = Command::new(&self.bin).arg("stop").arg("--config").arg(&self.config).status()?;
+        let st = edgelb_command(&self.bin, "stop", &self.config).status()?;
         let deadline = Instant::now() + Duration::from_secs(60);
         let exit = loop {
             if let Some(exit) = self.child.try_wait()? {
@@ -705,7 +728,7 @@ impl Drop for Edgelb {
             }
             return;
         }
-        let _ = Command::new(&self.bin).arg("stop").arg("--config").arg(&self.config).status();
+        let _ = edgelb_command(&self.bin, "stop", &self.config).status();
         let pid = self.child.id() as i32;
         if let Ok(None) = self.child.try_wait() {
             let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
@@ -714,26 +737,109 @@ impl Drop for Edgelb {
     }
 }
 
-/// `n` HTTP requests to `vip` from `n` client addresses; prints which backend answered how
-/// often, and fails if any request did.
-fn show_spread(tb: &Testbed, vip: SocketAddr, n: u32, timeout: Duration) -> Result<()> {
+/// Up to `n` HTTP requests to `vip` from `n` client addresses; prints which backend answered how
+/// often, and fails if any request did. Once `stop` is set (Ctrl-C) it ends early, and its
+/// failures are the caller's to report after the teardown. Returns how many requests were sent
+/// and how many of them failed.
+fn show_spread(
+    tb: &Testbed,
+    vip: SocketAddr,
+    n: u32,
+    timeout: Duration,
+    stop: &AtomicBool,
+) -> Result<(u32, u32)> {
     let spread = netns::in_netns(&tb.names.client, || {
-        let mut per: BTreeMap<String, u32> = BTreeMap::new();
-        for i in 0..n {
+        tally_spread(n, stop, |i| {
             let src = SocketAddr::new(IpAddr::V4(testbed::pool_addr(i)), 0);
-            let who = servers::http_get(Some(src), vip, timeout)
-                .unwrap_or_else(|e| format!("error: {e}"));
-            *per.entry(who).or_default() += 1;
-        }
-        per
+            servers::http_get(Some(src), vip, timeout)
+        })
     })?;
     for (who, count) in &spread {
         eprintln!("   {who:<12} {count:>4} responses");
     }
-    if spread.keys().any(|k| k.starts_with("error")) {
+    let sent = spread.values().sum();
+    let failed = spread.iter().filter(|(who, _)| who.starts_with("error")).map(|(_, n)| n).sum();
+    if sent < n {
+        eprintln!("   interrupted after {sent} of {n} requests");
+    }
+    if failed > 0 && !stop.load(Ordering::Relaxed) {
         bail!("some requests to {vip} failed: {spread:?}");
     }
-    Ok(())
+    Ok((sent, failed))
+}
+
+/// Sends up to `n` requests, the i-th with `get(i)`, and counts the answers by who gave them
+/// (`error: ...` for a failed request). It stops before the next request once `stop` is set: a
+/// backend or path that does not answer costs a whole timeout per request, and Ctrl-C must not
+/// wait for hundreds of them.
+fn tally_spread(
+    n: u32,
+    stop: &AtomicBool,
+    mut get: impl FnMut(u32) -> std::io::Result<String>,
+) -> BTreeMap<String, u32> {
+    let mut per = BTreeMap::new();
+    for i in 0..n {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let who = get(i).unwrap_or_else(|e| format!("error: {e}"));
+        *per.entry(who).or_default() += 1;
+    }
+    per
+}
+
+/// The lock `run` and `testbed up` hold while they build and use the testbed, and `testbed
+/// down` while it removes it. One for the machine, as the testbed's namespaces are: a `run` of
+/// another clone uses them too. Root-only, like the tasks that take it.
+const TESTBED_LOCK: &str = "/run/lock/edgelb-testbed.lock";
+
+/// Takes the testbed lock at `path` for `task` without waiting, or fails naming the task that
+/// holds it. The holder writes who it is into the file; a lock held by an older xtask writes
+/// nothing (and leaves what an earlier holder wrote, whose PID is then gone), and the refusal
+/// then names no one.
+fn lock_testbed(path: &Path, task: &str) -> Result<std::fs::File> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(path).unwrap_or_default();
+            let holder = holder.trim();
+            let pid = holder.split("(PID ").nth(1).and_then(|p| p.split(',').next());
+            if !pid.is_some_and(|pid| Path::new("/proc").join(pid).exists()) {
+                bail!(
+                    "{task}: another `cargo xtask run` or `testbed up` is building or using the \
+                     testbed `{PREFIX}` ({} is locked): stop that one first (Ctrl-C where it runs)",
+                    path.display()
+                );
+            }
+            bail!(
+                "{task}: the testbed `{PREFIX}` is in use by {holder} ({} is locked): stop that \
+                 one first (Ctrl-C where it runs)",
+                path.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    let me = format!(
+        "`cargo xtask {task}` (PID {}, in {})",
+        std::process::id(),
+        workspace_root().display()
+    );
+    lock.set_len(0)
+        .and_then(|()| lock.write_all(me.as_bytes()))
+        .with_context(|| format!("writing to {}", path.display()))?;
+    Ok(lock)
 }
 
 /// Refuses to build the testbed while processes run in its namespaces: building it starts by
@@ -744,27 +850,7 @@ fn show_spread(tb: &Testbed, vip: SocketAddr, n: u32, timeout: Duration) -> Resu
 /// Returns a lock held while the caller builds and uses the testbed: two tasks started at the
 /// same instant would both find it unused, and the second then waits for nothing but fails here.
 fn refuse_testbed_in_use(task: &str) -> Result<std::fs::File> {
-    // One lock for the machine, as the testbed's namespaces are: a `run` of another clone uses
-    // them too. Root-only, like the tasks that take it.
-    let path = PathBuf::from("/run/lock/edgelb-testbed.lock");
-    std::fs::create_dir_all("/run/lock")?;
-    let lock = std::fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "{task}: another `cargo xtask run` or `testbed up` is building or using the testbed \
-             `{PREFIX}` ({} is locked): stop that one first (Ctrl-C where it runs)",
-            path.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(e).with_context(|| format!("locking {}", path.display()));
-        }
-    }
+    let lock = lock_testbed(Path::new(TESTBED_LOCK), task)?;
     let mut inside = Testbed::processes_inside(PREFIX);
     // With the lock free, no `run` is alive: an edgelb alone in the testbed is one a `run`
     // killed or hung up on left behind (it runs in a process group of its own). It is stopped
@@ -794,10 +880,8 @@ fn run(duration: Option<u64>) -> Result<()> {
     require_root("xtask run")?;
     cargo(&["build", "--locked", "--bin", "edgelb"])?;
     let edgelb_bin = edgelb_bin();
-    let dir = target_dir().join("testbed");
-    std::fs::create_dir_all(&dir)?;
     let config = testbed_config();
-    std::fs::write(&config, run_config())?;
+    write_run_config(&config).with_context(|| format!("writing {}", config.display()))?;
 
     let stop = Arc::new(AtomicBool::new(false));
     // SIGHUP too: a terminal that goes away (ssh dropped) must not leave edgelb running in
@@ -810,7 +894,17 @@ fn run(duration: Option<u64>) -> Result<()> {
 
     let _lock = refuse_testbed_in_use("run")?;
     eprintln!("== testbed: client, balancer node, 3 backends in namespaces `{PREFIX}-*`");
-    let tb = Testbed::up(PREFIX, false).context("building the testbed")?;
+    let tb = match Testbed::up(PREFIX, false) {
+        Ok(tb) => tb,
+        // Ctrl-C reaches the `ip` commands that build it as well (they run in the terminal's
+        // process group), and the one it kills fails the build: a stop, not a failure. What was
+        // built is removed already.
+        Err(e) if stop.load(Ordering::Relaxed) => {
+            eprintln!("== interrupted while building the testbed ({e}); it is removed");
+            return Ok(());
+        }
+        Err(e) => return Err(e).context("building the testbed"),
+    };
     let _servers = tb.start_servers().context("starting backend servers")?;
     eprintln!(
         "== starting edgelb on the balancer node: {} run --config {}",
@@ -855,27 +949,36 @@ fn run(duration: Option<u64>) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // From here on a stop signal skips what is left and goes to the teardown at the end, within
+    // one request's timeout; requests that failed meanwhile are reported after it.
+    let interrupted = || stop.load(Ordering::Relaxed);
     eprintln!("== 300 HTTP requests from 300 client addresses to {vip}:");
-    show_spread(&tb, vip, 300, timeout)?;
+    let (mut n, mut failed) = show_spread(&tb, vip, 300, timeout, &stop)?;
     let vip7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
-    eprintln!(
-        "== 30 HTTP requests to the L7 VIP {vip7} (XDP passes them to edgelb's io_uring proxy):"
-    );
-    show_spread(&tb, vip7, 30, timeout)?;
-    eprintln!("== edgelb status:");
-    let st = Command::new(&edgelb_bin).args(["status", "--config"]).arg(&config).status()?;
-    if !st.success() {
-        bail!("`edgelb status` failed: {st}");
+    if !interrupted() {
+        eprintln!(
+            "== 30 HTTP requests to the L7 VIP {vip7} (XDP passes them to edgelb's io_uring \
+             proxy):"
+        );
+        let (sent, bad) = show_spread(&tb, vip7, 30, timeout, &stop)?;
+        (n, failed) = (n + sent, failed + bad);
     }
-    eprintln!("== edgelb is balancing. One request per second from a rotating client follows;");
-    match duration {
-        Some(d) => eprintln!("   stopping in {d} s."),
-        None => eprintln!("   Ctrl-C stops edgelb and removes the testbed."),
+    if !interrupted() {
+        eprintln!("== edgelb status:");
+        let st = edgelb_command(&edgelb_bin, "status", &config).status()?;
+        if !st.success() {
+            bail!("`edgelb status` failed: {st}");
+        }
+    }
+    if !interrupted() {
+        eprintln!("== edgelb is balancing. One request per second from a rotating client follows;");
+        match duration {
+            Some(d) => eprintln!("   stopping in {d} s."),
+            None => eprintln!("   Ctrl-C stops edgelb and removes the testbed."),
+        }
     }
     let until = duration.map(|d| Instant::now() + Duration::from_secs(d));
-    let mut n = 0u32;
-    let mut failed = 0u32;
-    while !stop.load(Ordering::Relaxed) && until.is_none_or(|u| Instant::now() < u) {
+    while !interrupted() && until.is_none_or(|u| Instant::now() < u) {
         if let Ok(Some(status)) = edgelb.child.try_wait() {
             bail!("edgelb exited: {status}");
         }
@@ -896,7 +999,7 @@ fn run(duration: Option<u64>) -> Result<()> {
     drop(tb);
     stopped?;
     if failed > 0 {
-        bail!("{failed} of {n} requests failed while edgelb was balancing");
+        bail!("{failed} of {n} requests failed");
     }
     eprintln!("== edgelb stopped, its data plane and the testbed are gone");
     Ok(())
@@ -904,7 +1007,80 @@ fn run(duration: Option<u64>) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::Tally;
+    use std::{
+        sync::atomic::{AtomicBool, Ordering},
+        time::{Duration, Instant},
+    };
+
+    use edgelb::testbed::servers;
+
+    use super::{Tally, lock_testbed, run_config, tally_spread, write_run_config};
+
+    /// Ctrl-C during `run`'s spread of requests ends it before the next request: it used to
+    /// send them all, each waiting out its timeout where nothing answered (300 of 2 s each
+    /// before the teardown could start).
+    #[test]
+    fn a_spread_stops_before_the_next_request_once_asked() {
+        // Takes connections (the kernel completes them into its backlog) and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("binding on loopback");
+        let addr = silent.local_addr().expect("its address");
+        let (stop, timeout) = (AtomicBool::new(false), Duration::from_millis(200));
+        let started = Instant::now();
+        let spread = std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(500));
+                stop.store(true, Ordering::Relaxed);
+            });
+            tally_spread(100, &stop, |_| servers::http_get(None, addr, timeout))
+        });
+        let took = started.elapsed();
+        let sent: u32 = spread.values().sum();
+        assert!(spread.keys().all(|who| who.starts_with("error: ")), "{spread:?}");
+        assert!((1..100).contains(&sent), "{sent} sent: {spread:?}");
+        // All 100 take 20 s; a stop costs the request in flight.
+        assert!(took < Duration::from_secs(3), "took {took:?}: {spread:?}");
+    }
+
+    /// `testbed down` stops a left edgelb with the config `run` writes, written afresh even where
+    /// there was none (a fresh clone, or after `cargo clean`, removed target/testbed/ too): it
+    /// used to do nothing then.
+    #[test]
+    fn the_run_config_is_written_where_its_directory_is_missing() {
+        let dir =
+            std::env::temp_dir().join(format!("edgelb-xtask-config-test-{}", std::process::id()));
+        let config = dir.join("testbed/edgelb.toml");
+        let written = write_run_config(&config);
+        let read = std::fs::read_to_string(&config);
+        let _ = std::fs::remove_dir_all(&dir);
+        written.expect("written with its directory made");
+        let read = read.expect("there");
+        assert_eq!(read, run_config());
+        assert!(read.contains("admin_socket = \"/run/edgelb/xtask-run.sock\""), "{read}");
+    }
+
+    /// `testbed down` takes the lock a live `run` holds, and is refused naming that run: it
+    /// used to stop the run's edgelb and remove its namespaces under it. On a file of the
+    /// test's own, not the machine's lock, which a real `run` may hold.
+    #[test]
+    fn a_held_testbed_lock_refuses_naming_its_holder() {
+        struct Remove(std::path::PathBuf);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let path =
+            std::env::temp_dir().join(format!("edgelb-xtask-lock-test-{}", std::process::id()));
+        let _remove = Remove(path.clone());
+        let held = lock_testbed(&path, "run").expect("a free lock is taken");
+        let refused = lock_testbed(&path, "testbed down").expect_err("a held lock refuses");
+        let msg = refused.to_string();
+        assert!(msg.starts_with("testbed down: "), "{msg}");
+        let holder = format!("`cargo xtask run` (PID {}, in ", std::process::id());
+        assert!(msg.contains(&holder), "{msg}");
+        drop(held);
+        drop(lock_testbed(&path, "testbed down").expect("a lock let go of is taken again"));
+    }
 
     /// `./x test`'s closing tally: a test that skipped through the gate (it printed `SKIPPED
     /// <reason>` on stderr, and libtest counted it as passed) is counted as skipped, not passed,
