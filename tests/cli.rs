@@ -598,6 +598,24 @@ fn stop_says_when_the_balancer_runs_from_another_pin_directory() {
     let (code, out, err) = edgelb_in(&ns, &["stop", "-c", old.0.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("nothing of edgelb's pinned"), "{out}");
+    // A pin directory deeper under bpffs than the search for pins elsewhere goes: its own
+    // links are still its own (it said "still runs ... pinned nowhere" and exited 1).
+    let deep = format!("{old_pins}/a/b/c/d");
+    edgelb::testbed::netns::in_netns(&ns, || {
+        let shape =
+            edgelb::dataplane::TableShape::for_flows(Some(edgelb::config::MIN_CONNTRACK_FLOWS));
+        let mut dp = edgelb::dataplane::Dataplane::load_with_table(Some(deep.as_ref()), shape)
+            .expect("load the balancer");
+        dp.attach("vd9", edgelb::config::XdpAttachMode::Generic).expect("attach the balancer");
+    })
+    .unwrap();
+    let deep_cfg = tempfile_path::write(
+        "stop-deep.toml",
+        &std::fs::read_to_string(&renamed.0).unwrap().replace(&old_pins, &deep),
+    );
+    let (code, out, err) = edgelb_in(&ns, &["stop", "-c", deep_cfg.0.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("removed") && !err.contains("still runs"), "{out}{err}");
 }
 
 #[test]

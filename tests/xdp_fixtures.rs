@@ -1990,6 +1990,34 @@ fn pinned_links_follow_the_interfaces() {
         assert!(dir.join("link-vz").exists(), "its link stays pinned");
     })
     .unwrap();
+    // The same, with a new device made under the old name, which the failed process attached
+    // under that name: the old process goes by the devices its links hold, not by their names.
+    // It put its program on the new device (through `link-vq`, now that device's) and left the
+    // renamed one with the failed process's program.
+    ip("link add vq type veth peer name vr");
+    ip("link set vq up");
+    netns::in_netns(&ns, || {
+        let mut old = Dataplane::load(Some(&dir)).expect("loads");
+        old.apply(&cfg).unwrap();
+        old.attach("vq", XdpAttachMode::Generic).expect("attaches");
+        let old_prog = xdp_id("vq").expect("vq runs the balancer");
+        ip("link set vq down");
+        ip("link set vq name vw");
+        ip("link set vw up");
+        ip("link add vq type veth peer name vs");
+        ip("link set vq up");
+        let mut new = Dataplane::load(Some(&dir)).expect("loads beside");
+        new.apply(&cfg).unwrap();
+        new.attach("vw", XdpAttachMode::Generic).expect("the new one attaches vw");
+        new.attach("vq", XdpAttachMode::Generic).expect("and the new vq");
+        drop(new);
+        old.reclaim().expect("the old one takes its device back");
+        assert_eq!(xdp_id("vw"), Some(old_prog), "the renamed device runs the old program");
+        assert!(dir.join("link-vw").exists(), "its link stays pinned");
+        assert_eq!(xdp_id("vq"), None, "the device the old one never had is let go");
+        assert!(!dir.join("link-vq").exists());
+    })
+    .unwrap();
 }
 
 #[test]

@@ -1012,14 +1012,10 @@ impl Dataplane {
         // that process's program.
         let mut first_error = None;
         for ((interface, _), &device) in self.attached.iter().zip(&self.ifindexes) {
-            // The failed process may have moved the pin under the interface's new name
-            // (`follow_renames`): the link is found by the device it holds.
-            let mut pin = link_pin(&dir, interface);
-            if !pin.exists()
-                && let Some(moved) = link_pin_holding(&dir, device)
-            {
-                pin = moved;
-            }
+            // By the device the link holds first: the failed process may have moved the pin
+            // under the interface's new name (`follow_renames`), and pinned a link of another
+            // device under the old one. By name where the device is not known.
+            let pin = link_pin_holding(&dir, device).unwrap_or_else(|| link_pin(&dir, interface));
             if let Err(e) = replace_program(prog, &pin, interface) {
                 error!(interface, error = %e, "could not put this edgelb's program back");
                 first_error.get_or_insert(e);
@@ -1057,9 +1053,13 @@ impl Dataplane {
                 path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let Some(interface) = name.strip_prefix("link-") else { continue };
             // A link holding a device this process attached is its own, whatever its pin is
-            // called now (moved with a rename by a takeover that then failed).
-            let ours = pinned_link_device(&path).is_some_and(|d| self.ifindexes.contains(&d));
-            if !ours && !self.attached.iter().any(|(i, _)| i == interface) {
+            // called now (moved with a rename by a takeover that then failed), and one holding
+            // another device is not, whatever its name. By name where the device is not known.
+            let ours = match pinned_link_device(&path) {
+                Some(d) if d != 0 => self.ifindexes.contains(&d),
+                _ => self.attached.iter().any(|(i, _)| i == interface),
+            };
+            if !ours {
                 std::fs::remove_file(&path).map_err(|e| DataplaneError::Pin {
                     path: path.clone(),
                     reason: e.to_string(),
@@ -1746,14 +1746,21 @@ pub fn balancers_elsewhere(
     interfaces: &[String],
     pin_dir: &Path,
 ) -> Vec<(String, u32, Option<PathBuf>)> {
+    // Programs run by links pinned in `pin_dir` (under any name: a rename moves a pin) are this
+    // data plane's, however deep the directory lies under bpffs.
+    let own: Vec<u32> = Dataplane::pins_in(pin_dir)
+        .map(|(mine, _)| mine)
+        .unwrap_or_default()
+        .iter()
+        .filter(|p| is_link_pin(p))
+        .filter_map(|p| pinned_link_program(p))
+        .collect();
     let found: Vec<(String, u32, Option<PathBuf>)> = interfaces
         .iter()
         .filter_map(|i| {
             let prog_id = balancer_on(i)?;
-            Some((i.clone(), prog_id, pinned_link_of(i, prog_id)))
+            (!own.contains(&prog_id)).then(|| (i.clone(), prog_id, pinned_link_of(i, prog_id)))
         })
-        // Its link pinned in `pin_dir` (under any name: a rename moves it) is this data plane's.
-        .filter(|(_, _, pin)| !pin.as_deref().is_some_and(|p| p.parent() == Some(pin_dir)))
         .collect();
     // A link pinned nowhere may be one let go of a moment ago (a `stop` just before this one
     // removed its pin): the kernel detaches it only after a grace period.
@@ -2302,11 +2309,23 @@ struct LinkFdinfo {
 
 /// The fdinfo of the descriptor this process holds for BPF link `link_id`; `None` if it holds
 /// none.
+///
+/// Only the descriptors of BPF links are read (told by their `/proc/self/fd` link, one call
+/// each): a controller taking its data plane back after a failed takeover holds a descriptor
+/// per L7 connection, and reading every one's fdinfo, for each pin, held up its loop.
 fn own_link_fdinfo(link_id: u32) -> Option<LinkFdinfo> {
-    std::fs::read_dir("/proc/self/fdinfo")
+    std::fs::read_dir("/proc/self/fd")
         .ok()?
         .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter(|e| {
+            // "bpf-link" for a link opened from its pin, "bpf_link" for one just made.
+            std::fs::read_link(e.path()).is_ok_and(|t| {
+                t.as_os_str() == "anon_inode:bpf-link" || t.as_os_str() == "anon_inode:bpf_link"
+            })
+        })
+        .filter_map(|e| {
+            std::fs::read_to_string(Path::new("/proc/self/fdinfo").join(e.file_name())).ok()
+        })
         .find_map(|text| link_fdinfo(&text, link_id))
 }
 

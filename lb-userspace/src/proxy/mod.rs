@@ -301,7 +301,7 @@ pub struct VipRuntime {
     pub metrics: Arc<L7Metrics>,
     /// Throttles this VIP's "no backend could be connected" line (TCP mode): one VIP's dead
     /// pool must not hide another's.
-    pub(crate) no_backend_said: Throttle,
+    pub(crate) no_backend_said: Arc<Throttle>,
 }
 
 impl VipRuntime {
@@ -441,6 +441,9 @@ pub struct Proxy {
     /// Where each pool's rotation stands, by VIP and route (host, path prefix; none for the
     /// VIP's own backends), carried over every update.
     rotations: HashMap<PoolKey, Arc<Rotation>>,
+    /// Each VIP's throttle of its "no backend" line, by name, carried over every update (which
+    /// health changes and drains make too), so that it holds its 10 s across them.
+    no_backend_said: HashMap<String, Arc<Throttle>>,
     listeners: Vec<(String, SocketAddr)>,
     /// A descriptor of every thread's listening socket, to hand over to `edgelb run
     /// --takeover`.
@@ -607,6 +610,7 @@ impl Proxy {
             states: HashMap::new(),
             retired: HashMap::new(),
             rotations: HashMap::new(),
+            no_backend_said: HashMap::new(),
             listeners: listeners.clone(),
             sockets,
         };
@@ -665,6 +669,7 @@ impl Proxy {
         let mut vips = HashMap::new();
         let mut keep = HashMap::new();
         let mut rotations = HashMap::new();
+        let mut said = HashMap::new();
         let mut rotation = |key: PoolKey| {
             let r = self.rotations.get(&key).cloned().unwrap_or_else(Rotation::new);
             rotations.insert(key, r.clone());
@@ -755,7 +760,12 @@ impl Proxy {
                             .clone()
                     }),
                     metrics: m.clone(),
-                    no_backend_said: Throttle::new(),
+                    no_backend_said: said
+                        .entry(vip.name.clone())
+                        .or_insert_with(|| {
+                            self.no_backend_said.get(&vip.name).cloned().unwrap_or_default()
+                        })
+                        .clone(),
                 }),
             );
         }
@@ -769,6 +779,7 @@ impl Proxy {
         *self.shared.metrics.passive.0.lock().unwrap_or_else(PoisonError::into_inner) = passive;
         self.states = keep;
         self.rotations = rotations;
+        self.no_backend_said = said;
         self.shared.snapshot.store(Arc::new(Snapshot { vips }));
     }
 
@@ -908,7 +919,7 @@ pub(crate) fn local_failure(e: &std::io::Error) -> bool {
 /// At most one log line per [`Throttle::EVERY`] (process-wide in a static, or per owner), for
 /// an event that can come in floods (one per connection, or per probe): the line says it, and a
 /// counter counts every one.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Throttle(std::sync::Mutex<Option<Instant>>);
 
 impl Throttle {
@@ -1125,5 +1136,29 @@ pub(crate) fn client_ip(peer: SocketAddr) -> IpAddr {
     match peer.ip() {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A TCP-mode VIP's "no backend" line is said at most every 10 s: its throttle is carried
+    /// over the updates every health change, drain and reload make. It was made anew at each,
+    /// so a dead pool's line came back after any flip anywhere.
+    #[test]
+    fn the_no_backend_throttle_holds_across_updates() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let text = format!(
+            "[node]\ninterfaces = [\"lo\"]\n\n[[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = {port}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = 9 }}]\n[vip.l7]\nmode = \"tcp\"\n"
+        );
+        let cfg = Config::parse(&text, "t.toml".as_ref()).expect("a valid config");
+        let mut proxy =
+            Proxy::start(&cfg, 1, crate::metrics::Metrics::new().l7.clone()).expect("proxy starts");
+        let throttle = |p: &Proxy| p.shared.snapshot.load().vips["web"].no_backend_said.clone();
+        assert!(throttle(&proxy).ready(), "the first line is said");
+        proxy.update(&cfg);
+        assert!(!throttle(&proxy).ready(), "and not again within 10 s, across an update");
+        proxy.shutdown(Duration::ZERO);
     }
 }
