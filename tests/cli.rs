@@ -338,6 +338,19 @@ fn xdp_prog_in(ns: &str, dev: &str) -> Option<(u32, String)> {
     Some((id, name))
 }
 
+/// Loads the balancer with its pins in `pins` and attaches it to `dev` in namespace `ns`, and
+/// leaves it there (its link pinned), as `edgelb stop --detach` leaves a data plane.
+fn leave_balancer_attached(ns: &str, pins: &str, dev: &str) {
+    edgelb::testbed::netns::in_netns(ns, || {
+        let shape =
+            edgelb::dataplane::TableShape::for_flows(Some(edgelb::config::MIN_CONNTRACK_FLOWS));
+        let mut dp = edgelb::dataplane::Dataplane::load_with_table(Some(pins.as_ref()), shape)
+            .expect("load the balancer");
+        dp.attach(dev, edgelb::config::XdpAttachMode::Generic).expect("attach the balancer");
+    })
+    .unwrap();
+}
+
 /// A namespace of the test's own with a veth pair `vd0`/`vd1`, `vd0` up.
 fn ns_with_vd0(name: &str, pins: &str) -> TestNs {
     let ns = TestNs::new(name, pins);
@@ -418,15 +431,7 @@ fn decap_leaves_a_balancers_link_pin_alone() {
     let ns = format!("elbdecapl{pid}");
     let pins = format!("/sys/fs/bpf/edgelb-decap-lb-test-{pid}");
     let _ns = ns_with_vd0(&ns, &pins);
-    edgelb::testbed::netns::in_netns(&ns, || {
-        let shape =
-            edgelb::dataplane::TableShape::for_flows(Some(edgelb::config::MIN_CONNTRACK_FLOWS));
-        let mut dp = edgelb::dataplane::Dataplane::load_with_table(Some(pins.as_ref()), shape)
-            .expect("load the balancer");
-        dp.attach("vd0", edgelb::config::XdpAttachMode::Generic).expect("attach the balancer");
-        // Dropped here: the pinned link keeps the balancer attached.
-    })
-    .unwrap();
+    leave_balancer_attached(&ns, &pins, "vd0");
     let (lb_prog, name) = xdp_prog_in(&ns, "vd0").expect("the balancer runs on vd0");
     assert!(name.starts_with("edgelb_balance"), "{name}");
 
@@ -555,15 +560,7 @@ fn stop_says_when_the_balancer_runs_from_another_pin_directory() {
     let (old, old_pins, _) = run_config("stop-old-pins", "vd0");
     let (new, new_pins, _) = run_config("stop-new-pins", "vd0");
     let _ns = ns_with_vd0(&ns, &old_pins);
-    edgelb::testbed::netns::in_netns(&ns, || {
-        let shape =
-            edgelb::dataplane::TableShape::for_flows(Some(edgelb::config::MIN_CONNTRACK_FLOWS));
-        let mut dp = edgelb::dataplane::Dataplane::load_with_table(Some(old_pins.as_ref()), shape)
-            .expect("load the balancer");
-        dp.attach("vd0", edgelb::config::XdpAttachMode::Generic).expect("attach the balancer");
-        // Dropped here: the pinned link keeps the balancer attached, as after stop --detach.
-    })
-    .unwrap();
+    leave_balancer_attached(&ns, &old_pins, "vd0");
     let (prog, _) = xdp_prog_in(&ns, "vd0").expect("the balancer runs on vd0");
 
     let (code, out, err) = edgelb_in(&ns, &["stop", "-c", new.0.to_str().unwrap()]);
@@ -601,14 +598,7 @@ fn stop_says_when_the_balancer_runs_from_another_pin_directory() {
     // A pin directory deeper under bpffs than the search for pins elsewhere goes: its own
     // links are still its own (it said "still runs ... pinned nowhere" and exited 1).
     let deep = format!("{old_pins}/a/b/c/d");
-    edgelb::testbed::netns::in_netns(&ns, || {
-        let shape =
-            edgelb::dataplane::TableShape::for_flows(Some(edgelb::config::MIN_CONNTRACK_FLOWS));
-        let mut dp = edgelb::dataplane::Dataplane::load_with_table(Some(deep.as_ref()), shape)
-            .expect("load the balancer");
-        dp.attach("vd9", edgelb::config::XdpAttachMode::Generic).expect("attach the balancer");
-    })
-    .unwrap();
+    leave_balancer_attached(&ns, &deep, "vd9");
     let deep_cfg = tempfile_path::write(
         "stop-deep.toml",
         &std::fs::read_to_string(&renamed.0).unwrap().replace(&old_pins, &deep),
