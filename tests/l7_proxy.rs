@@ -4507,6 +4507,40 @@ fn retries_stop_at_the_request_deadline() {
     }
 }
 
+/// A backend back from passive ejection gets one trial request, not its full share: a backend
+/// that accepts and never answers took every request sent to it for the whole response timeout
+/// each time its `fail_timeout` passed, until `max_fails` of them had failed again.
+#[test]
+fn a_backend_back_from_ejection_gets_one_trial_request() {
+    let (silent, ok) = (backend("silent", Mode::Silent), backend("ok", Mode::Ok));
+    let p = proxy(
+        &[(&silent, 1), (&ok, 1)],
+        "algorithm = \"round_robin\"\nmax_fails = 1\nfail_timeout_ms = 400\nresponse_timeout_ms = 300\nupstream_keepalive = 0",
+        "",
+    );
+    // Round robin: one of the first two requests goes to the silent backend, and its response
+    // timeout takes it out (the request is retried on the other).
+    for _ in 0..2 {
+        assert_eq!(get(p.addr, "/").0, 200);
+    }
+    assert_eq!(silent.reqs.load(Ordering::Relaxed), 1);
+    assert!(ejected(&p.metrics.encode(), silent.addr), "{}", p.metrics.encode());
+    std::thread::sleep(Duration::from_millis(500));
+    let before = silent.reqs.load(Ordering::Relaxed);
+    let clients: Vec<_> = (0..10)
+        .map(|_| {
+            let addr = p.addr;
+            std::thread::spawn(move || get(addr, "/").0)
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().unwrap(), 200);
+    }
+    // Each request the backend got was read before its timeout answered the client.
+    let trials = silent.reqs.load(Ordering::Relaxed) - before;
+    assert!(trials <= 1, "{trials} of 10 concurrent requests went to the backend on trial");
+}
+
 /// A connect waits no longer than the request's deadline leaves, and one cut by the deadline is
 /// a 504 (the request ran out of time), not a 502 after the whole connect timeout.
 #[test]
