@@ -4507,6 +4507,65 @@ fn retries_stop_at_the_request_deadline() {
     }
 }
 
+/// A backend back from passive ejection gets one trial request, not its full share: a backend
+/// that accepts and never answers took every request sent to it for the whole response timeout
+/// each time its `fail_timeout` passed, until `max_fails` of them had failed again.
+#[test]
+fn a_backend_back_from_ejection_gets_one_trial_request() {
+    let (silent, ok) = (backend("silent", Mode::Silent), backend("ok", Mode::Ok));
+    let p = proxy(
+        &[(&silent, 1), (&ok, 1)],
+        "algorithm = \"round_robin\"\nmax_fails = 1\nfail_timeout_ms = 400\nresponse_timeout_ms = 300\nupstream_keepalive = 0",
+        "",
+    );
+    // Round robin: one of the first two requests goes to the silent backend, and its response
+    // timeout takes it out (the request is retried on the other).
+    for _ in 0..2 {
+        assert_eq!(get(p.addr, "/").0, 200);
+    }
+    assert_eq!(silent.reqs.load(Ordering::Relaxed), 1);
+    assert!(ejected(&p.metrics.encode(), silent.addr), "{}", p.metrics.encode());
+    std::thread::sleep(Duration::from_millis(500));
+    let before = silent.reqs.load(Ordering::Relaxed);
+    let clients: Vec<_> = (0..10)
+        .map(|_| {
+            let addr = p.addr;
+            std::thread::spawn(move || get(addr, "/").0)
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().unwrap(), 200);
+    }
+    // Each request the backend got was read before its timeout answered the client.
+    let trials = silent.reqs.load(Ordering::Relaxed) - before;
+    assert!(trials <= 1, "{trials} of 10 concurrent requests went to the backend on trial");
+}
+
+/// A request body that comes through late leaves the backend what is left of the request's
+/// deadline: the 504 when that passes is not the backend's failure. Charged to it, a slow
+/// upload (or a deliberate trickle) took healthy backends out.
+#[test]
+fn a_late_request_body_does_not_charge_the_backend() {
+    let b = backend("b", Mode::Slow(300));
+    let p = proxy(&[(&b, 1)], "request_timeout_ms = 1000\nmax_fails = 1\nretries = 0", "");
+    let s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let start = Instant::now();
+    (&s).write_all(b"POST /up HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\n").unwrap();
+    // The body over about 850 ms: through before the deadline, and the backend's answer
+    // (300 ms after it) comes after.
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(85));
+        (&s).write_all(b"x").unwrap();
+    }
+    assert!(start.elapsed() < Duration::from_millis(980), "the body took {:?}", start.elapsed());
+    let r = read_response(&mut BufReader::new(s)).expect("a response");
+    assert_eq!(r.0, 504, "{r:?}");
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 1, "the backend had the whole request");
+    let text = p.metrics.encode();
+    assert!(!ejected(&text, b.addr), "a backend a slow upload left no time was taken out:\n{text}");
+}
+
 /// A connect waits no longer than the request's deadline leaves, and one cut by the deadline is
 /// a 504 (the request ran out of time), not a 502 after the whole connect timeout.
 #[test]

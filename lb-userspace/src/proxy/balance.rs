@@ -2,7 +2,8 @@
 //!
 //! A [`Pool`] is built from an immutable snapshot of backends (Pingora's "rebuild cold, read
 //! hot"); selection yields one backend, skipping those excluded by the caller (already tried for
-//! this request), passively failed, or down by active health, and failing open to all of them
+//! this request), passively failed (or back from it and waiting on the one trial request it
+//! gets, see [`BackendState::admit`]), or down by active health, and failing open to all of them
 //! when nothing else is left. State that must survive snapshot swaps (in-flight counts, passive
 //! failures) lives in [`BackendState`], shared by `Arc` across snapshots and threads; so does
 //! where each pool's rotation stands ([`Rotation`]). The smooth weighted round-robin state is
@@ -13,7 +14,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -35,11 +36,42 @@ pub struct BackendState {
     pub in_flight: AtomicUsize,
     /// Consecutive failures (passive health).
     pub fails: AtomicU32,
-    /// Passively down until this many ms after [`epoch`].
+    /// Passively down until this many ms after [`epoch`] (for an ejected backend, until its
+    /// next trial request may go).
     pub down_until_ms: AtomicU64,
     /// Requests sent (for tests and status).
     pub requests: AtomicU64,
+    /// Where the backend stands with passive health: [`IN_SERVICE`], [`EJECTED`] or [`TRIAL`].
+    /// An ejected backend has not answered since, and whether it does again is tried on one
+    /// request at a time, as nginx does: a backend that accepts and never answers, given its
+    /// full share once its `fail_timeout` passed, held every request sent to it for the whole
+    /// response timeout, and was back in rotation for that long each time.
+    health: AtomicU8,
+    /// The `fail_timeout` in ms of the ejection [`health`](Self::health) stands for: the time
+    /// between two trial requests.
+    fail_timeout_ms: AtomicU64,
 }
+
+/// What one failure did to a backend's place in rotation ([`BackendState::failure`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ejection {
+    /// Nothing new: the backend is still in rotation, or was out already (and stays out
+    /// longer).
+    None,
+    /// The failure ended a streak of `max_fails`: out of rotation.
+    Streak,
+    /// Its trial request after an ejection failed: out of rotation again.
+    Trial,
+}
+
+/// [`BackendState::health`]: in rotation; `max_fails` failures in a row eject it.
+const IN_SERVICE: u8 = 0;
+/// [`BackendState::health`]: ejected, and no request since has been its trial (or the trial's
+/// outcome was never known). Once `down_until_ms` passes, the next pick of it is its trial.
+const EJECTED: u8 = 1;
+/// [`BackendState::health`]: ejected, and a trial request went to it. Its success puts the
+/// backend back in rotation, its failure ejects it again at once.
+const TRIAL: u8 = 2;
 
 /// One request or relay counted in flight on a backend (least-connections and power-of-two
 /// choices weigh by it) for as long as this lives: for a request, from its pick to the end of
@@ -69,30 +101,78 @@ impl BackendState {
             fails: AtomicU32::new(0),
             down_until_ms: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            health: AtomicU8::new(IN_SERVICE),
+            fail_timeout_ms: AtomicU64::new(0),
         }
     }
 
-    /// Records a success: the failure streak ends.
+    /// Records a success: the failure streak ends, and a backend on trial is back in rotation.
+    /// A success while ejected with no trial sent yet (a request sent before the ejection) does
+    /// not end the ejection, which the failures that made it came after.
     pub fn success(&self) {
         self.fails.store(0, Ordering::Relaxed);
+        if self.health.load(Ordering::Relaxed) == TRIAL
+            && self
+                .health
+                .compare_exchange(TRIAL, IN_SERVICE, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.down_until_ms.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Records a failure; after `max_fails` in a row the backend is out for `fail_timeout`.
-    /// Returns true when this failure took it out.
-    pub fn failure(&self, max_fails: u32, fail_timeout: Duration) -> bool {
-        let n = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= max_fails {
-            self.fails.store(0, Ordering::Relaxed);
-            let until = now_ms() + fail_timeout.as_millis() as u64;
-            self.down_until_ms.store(until, Ordering::Relaxed);
-            return true;
+    /// An ejected backend that has not answered since (its trial request, or one sent before)
+    /// is out again at once, for `fail_timeout` from now. Says whether this failure took the
+    /// backend out, so that each ejection is logged and counted once.
+    pub fn failure(&self, max_fails: u32, fail_timeout: Duration) -> Ejection {
+        let ejected = self.health.load(Ordering::Acquire) != IN_SERVICE;
+        if !ejected && self.fails.fetch_add(1, Ordering::Relaxed) + 1 < max_fails {
+            return Ejection::None;
         }
-        false
+        self.fails.store(0, Ordering::Relaxed);
+        let window = (fail_timeout.as_millis() as u64).max(1);
+        self.fail_timeout_ms.store(window, Ordering::Relaxed);
+        self.down_until_ms.store(now_ms() + window, Ordering::Relaxed);
+        match self.health.swap(EJECTED, Ordering::AcqRel) {
+            IN_SERVICE => Ejection::Streak,
+            TRIAL => Ejection::Trial,
+            _ => Ejection::None,
+        }
     }
 
-    /// True while passively down.
+    /// True while passively down: ejected, or back from it and waiting on its trial request.
     pub fn passive_down(&self) -> bool {
         self.down_until_ms.load(Ordering::Relaxed) > now_ms()
+    }
+
+    /// Whether a request picked for this backend may go to it: always for a backend in
+    /// rotation; for one that was ejected, only as its trial, one per `fail_timeout`. The first
+    /// caller after `down_until_ms` has passed claims the trial, moving `down_until_ms` one
+    /// `fail_timeout` on, so that every other pick goes on skipping the backend until the
+    /// trial's outcome is known (or, if it never is, until the next trial). One load for a
+    /// backend in rotation: the pick path stays cheap.
+    pub(super) fn admit(&self) -> bool {
+        if self.health.load(Ordering::Acquire) == IN_SERVICE {
+            return true;
+        }
+        let now = now_ms();
+        let until = self.down_until_ms.load(Ordering::Relaxed);
+        if until > now {
+            return false;
+        }
+        let next = now + self.fail_timeout_ms.load(Ordering::Relaxed).max(1);
+        if self
+            .down_until_ms
+            .compare_exchange(until, next, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        // Still ejected unless the backend answered meanwhile; already on trial if the last
+        // trial's outcome never came.
+        let _ = self.health.compare_exchange(EJECTED, TRIAL, Ordering::AcqRel, Ordering::Relaxed);
+        true
     }
 }
 
@@ -309,32 +389,60 @@ impl Pool {
         found.map(|k| CookieMember { member: if k < n { k } else { k - n }, current: k < n })
     }
 
-    /// Which members may take new work: weight > 0, up, not passively down, not excluded.
-    /// Fails open: if none qualifies, every non-excluded member with weight does.
-    fn eligible(&self, exclude: &[usize]) -> Vec<usize> {
+    /// Which members may take new work: weight > 0, up, not passively down, not excluded, not
+    /// `lost` (a trial another request claimed first). Fails open: if none qualifies, every
+    /// non-excluded member with weight does. Also says whether it is those that qualify (true)
+    /// or the fail-open set.
+    fn eligible(&self, exclude: &[usize], lost: &[usize]) -> (Vec<usize>, bool) {
         let ok = |i: &usize| !exclude.contains(i) && self.members[*i].weight > 0;
         let healthy: Vec<usize> = (0..self.members.len())
             .filter(ok)
-            .filter(|&i| self.members[i].up && !self.members[i].state.passive_down())
+            .filter(|&i| {
+                self.members[i].up && !self.members[i].state.passive_down() && !lost.contains(&i)
+            })
             .collect();
         if !healthy.is_empty() {
-            return healthy;
+            return (healthy, true);
         }
-        (0..self.members.len()).filter(ok).collect()
+        ((0..self.members.len()).filter(ok).collect(), false)
     }
 
     /// Picks a member for a request from `client`; `sticky` is a member a valid cookie named.
     /// A sticky client stays on its member while that one is up, drained (weight 0) included:
     /// a drain takes no new clients, but the sessions it holds go on, as its established flows
-    /// do in XDP.
+    /// do in XDP. A member back from passive ejection takes one request as its trial
+    /// ([`BackendState::admit`]); a pick of it when another request has claimed that is made
+    /// again without it, as while it was out (a sticky or hashed client goes elsewhere). A pool
+    /// failing open (no member qualifies) serves all, trial or not.
     pub fn pick(&self, client: IpAddr, exclude: &[usize], sticky: Option<usize>) -> Option<usize> {
+        // Empty, and so not allocated, unless a trial was lost.
+        let mut lost = Vec::new();
+        loop {
+            let (i, qualified) = self.choose(client, exclude, &lost, sticky)?;
+            if !qualified || self.members[i].state.admit() {
+                return Some(i);
+            }
+            // Each round drops one more qualified member, so the loop ends.
+            lost.push(i);
+        }
+    }
+
+    /// One choice of [`Pool::pick`], without `lost` members, and whether it is from the members
+    /// that qualify (rather than the pool failing open).
+    fn choose(
+        &self,
+        client: IpAddr,
+        exclude: &[usize],
+        lost: &[usize],
+        sticky: Option<usize>,
+    ) -> Option<(usize, bool)> {
         if self.algorithm == Algorithm::Cookie
-            && let Some(s) = sticky.filter(|s| !exclude.contains(s))
+            && let Some(s) = sticky.filter(|s| !exclude.contains(s) && !lost.contains(s))
             && self.members.get(s).is_some_and(|m| m.up && !m.state.passive_down())
         {
-            return Some(s);
+            return Some((s, true));
         }
-        let cand = self.eligible(exclude);
+        let (cand, qualified) = self.eligible(exclude, lost);
         if cand.is_empty() {
             return None;
         }
@@ -342,7 +450,7 @@ impl Pool {
             let m = &self.members[i];
             (m.state.in_flight.load(Ordering::Relaxed) as f64 + 1.0) / m.weight as f64
         };
-        Some(match self.algorithm {
+        let i = match self.algorithm {
             // A retry goes to the next member after the one just tried, without moving the
             // turn: counted, each failed attempt would shift whose turn the next request is,
             // and a failing member would get half the first attempts of three.
@@ -386,13 +494,12 @@ impl Pool {
                     .find(|i| cand.contains(i))
                     .unwrap_or(cand[0])
             }
-            Algorithm::Weighted | Algorithm::Cookie => {
-                if let Some(s) = sticky.filter(|s| cand.contains(s)) {
-                    return Some(s);
-                }
-                self.smooth_weighted(&cand)
-            }
-        })
+            Algorithm::Weighted | Algorithm::Cookie => match sticky.filter(|s| cand.contains(s)) {
+                Some(s) => s,
+                None => self.smooth_weighted(&cand),
+            },
+        };
+        Some((i, qualified))
     }
 
     /// nginx's smooth weighted round-robin over `cand`.
@@ -576,6 +683,69 @@ mod tests {
         p.members[1].state.failure(1, Duration::from_secs(60));
         // Everyone with weight is unhealthy: fail open.
         assert!(p.pick("1.1.1.1".parse().unwrap(), &[], None).is_some());
+    }
+
+    /// A member back from passive ejection gets one trial request per `fail_timeout`, with
+    /// every algorithm (a hashed or sticky client whose member waits on its trial goes
+    /// elsewhere): its success puts it back in rotation, its failure takes it out again at once.
+    /// It got its full share as soon as `fail_timeout` had passed, and a backend that never
+    /// answers held all of it for the response timeout.
+    #[test]
+    fn a_member_back_from_ejection_gets_one_trial_request() {
+        let window = Duration::from_millis(50);
+        let past = || std::thread::sleep(window + Duration::from_millis(30));
+        for algorithm in [
+            Algorithm::RoundRobin,
+            Algorithm::Weighted,
+            Algorithm::Random,
+            Algorithm::P2c,
+            Algorithm::LeastConn,
+            Algorithm::Hash,
+            Algorithm::Cookie,
+        ] {
+            let p = pool(&[1, 1, 1], algorithm);
+            let state = &p.members[1].state;
+            // Many clients, so that some hash to the member; each names it by its cookie.
+            let picks = |n: u32| {
+                (0..n)
+                    .filter(|k| {
+                        let client = IpAddr::from([10, 0, (k / 256) as u8, (k % 256) as u8]);
+                        p.pick(client, &[], Some(1)) == Some(1)
+                    })
+                    .count()
+            };
+            assert_eq!(state.failure(1, window), Ejection::Streak, "{algorithm:?}");
+            assert_eq!(picks(100), 0, "{algorithm:?}: picked while ejected");
+            past();
+            // No outcome is recorded: the trial stays the only request it gets.
+            assert_eq!(picks(100), 1, "{algorithm:?}: one trial, not its share");
+            assert!(state.passive_down(), "{algorithm:?}: others skip it during its trial");
+            // A trial whose outcome never came: the next one goes a window later.
+            past();
+            assert_eq!(picks(100), 1, "{algorithm:?}: a trial again after no outcome");
+            // The trial fails: out again at once, for the window.
+            assert_eq!(state.failure(1, window), Ejection::Trial, "{algorithm:?}");
+            assert_eq!(picks(100), 0, "{algorithm:?}: picked after its trial failed");
+            past();
+            assert_eq!(picks(100), 1, "{algorithm:?}: one trial after the failed one");
+            // The trial succeeds: back in rotation, for its share.
+            state.success();
+            assert!(!state.passive_down(), "{algorithm:?}");
+            let got = picks(300);
+            assert!((50..=300).contains(&got), "{algorithm:?}: {got} of 300 after its success");
+            // In rotation again, it takes `max_fails` failures to take it out.
+            assert_eq!(state.failure(2, window), Ejection::None, "{algorithm:?}");
+            assert_eq!(state.failure(2, window), Ejection::Streak, "{algorithm:?}");
+        }
+        // A pool whose members are all out, or waiting on a trial another request has,
+        // still fails open.
+        let p = pool(&[1], Algorithm::RoundRobin);
+        p.members[0].state.failure(1, window);
+        past();
+        for _ in 0..10 {
+            assert_eq!(p.pick("1.1.1.1".parse().unwrap(), &[], None), Some(0));
+        }
+        assert!(p.members[0].state.passive_down(), "the first pick was its trial");
     }
 
     #[test]

@@ -1535,6 +1535,11 @@ enum Attempt {
     /// The whole request's deadline passed while waiting for this backend (504). Nothing is
     /// tried after it: another backend would do the work for a client already answered.
     Deadline,
+    /// As [`Attempt::Deadline`], but the client's request body came through so late that
+    /// the deadline left the backend less than its response timeout to answer: the slow
+    /// upload's doing, not the backend's, which is not charged a passive-health failure
+    /// (charged, a slow upload, or a deliberate trickle, took healthy backends out).
+    Squeezed,
     /// Connection broke or garbage before a response head.
     Broken,
     /// The response head is over [`MAX_RESPONSE_HEADERS`] or [`MAX_RESPONSE_HEAD_BYTES`]: the
@@ -1827,13 +1832,19 @@ async fn serve_conn(
                         vip = %vip.name,
                         backend = %member.state.addr,
                         attempt,
-                        failure = match e { Attempt::Connect => "connect", Attempt::Local => "no local resources", Attempt::Timeout => "timeout", Attempt::Deadline => "request deadline", Attempt::Broken => "broken", Attempt::TooLarge => "response head too large", Attempt::ClientGone => "client gone", Attempt::ClientTimeout => "client timeout", Attempt::ClientBad => "malformed client body" },
+                        failure = match e { Attempt::Connect => "connect", Attempt::Local => "no local resources", Attempt::Timeout => "timeout", Attempt::Deadline => "request deadline", Attempt::Squeezed => "request deadline after a late body", Attempt::Broken => "broken", Attempt::TooLarge => "response head too large", Attempt::ClientGone => "client gone", Attempt::ClientTimeout => "client timeout", Attempt::ClientBad => "malformed client body" },
                         "L7 attempt failed"
                     );
                     // The request's deadline is charged to the backend that had all of it, the
-                    // first, not to one that got what was left after others.
-                    let out_of_time = matches!(e, Attempt::Deadline);
-                    if (!out_of_time || attempt == 0) && !matches!(e, Attempt::Local) {
+                    // first, not to one that got what was left after others; nor to one that
+                    // got what a slow request body left of it (`Attempt::Squeezed`).
+                    let out_of_time = matches!(e, Attempt::Deadline | Attempt::Squeezed);
+                    let charged = match e {
+                        Attempt::Deadline => attempt == 0,
+                        Attempt::Squeezed | Attempt::Local => false,
+                        _ => true,
+                    };
+                    if charged {
                         vip.failed(&member.state);
                     }
                     let sent = matches!(e, Attempt::Timeout | Attempt::Broken);
@@ -1858,7 +1869,7 @@ async fn serve_conn(
         let Some((i, up, resp, counted, cut)) = done else {
             let status = match (tried.is_empty(), last) {
                 (true, _) | (_, Attempt::Local) => 503,
-                (_, Attempt::Deadline) | (false, Attempt::Timeout) => 504,
+                (_, Attempt::Deadline | Attempt::Squeezed) | (false, Attempt::Timeout) => 504,
                 _ => 502,
             };
             let backend = tried.last().map(|&i| pool.members[i].state.addr);
@@ -2269,8 +2280,13 @@ async fn attempt_once(
             };
             match streamed {
                 Ok(Ok(())) => {
-                    match timeout_at(answer_by(tokio::time::Instant::now()), &mut reading).await {
+                    // A body through so late that the deadline comes before the response
+                    // timeout: a wait that ends there is not the backend's failure.
+                    let through = tokio::time::Instant::now();
+                    let squeezed = through + cfg.response_timeout > deadline;
+                    match timeout_at(answer_by(through), &mut reading).await {
                         Ok(r) => (r, false),
+                        Err(_) if squeezed => return Err(abandon(&up, Attempt::Squeezed)),
                         Err(_) => return Err(abandon(&up, timed_out(deadline, Attempt::Timeout))),
                     }
                 }

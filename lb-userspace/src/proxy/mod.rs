@@ -39,7 +39,7 @@ use prometheus_client::{
 use tracing::{error, info, warn};
 
 use crate::config::{Algorithm, Config, L7, L7Mode};
-use balance::{BackendState, Member, Pool, Rotation};
+use balance::{BackendState, Ejection, Member, Pool, Rotation};
 
 /// Labels for per-VIP L7 metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -136,7 +136,7 @@ impl prometheus_client::collector::Collector for PassiveDown {
         let mut m = encoder.encode_descriptor(
             "edgelb_l7_backend_passive_down",
             "1 while an L7 backend is out of rotation by passive health (max_fails failures in \
-             a row, for fail_timeout), else 0",
+             a row, for fail_timeout; then while its one trial request is out), else 0",
             None,
             prometheus_client::metrics::MetricType::Gauge,
         )?;
@@ -306,20 +306,28 @@ pub struct VipRuntime {
 
 impl VipRuntime {
     /// Records a failed request or connection on backend `state`. After `max_fails` in a row it
-    /// is out of rotation for `fail_timeout`; taking it out is logged and counted, once per
-    /// ejection (failures while it is out, as when a pool fails open, are not).
+    /// is out of rotation for `fail_timeout`, and so is one whose trial request after that
+    /// failed; taking it out is logged and counted, once per ejection (failures while it is
+    /// out, as when a pool fails open, are not).
     pub fn failed(&self, state: &BackendState) {
-        let was_out = state.passive_down();
-        if state.failure(self.cfg.max_fails, self.cfg.fail_timeout) && !was_out {
-            warn!(
+        let out_ms = self.cfg.fail_timeout.as_millis() as u64;
+        match state.failure(self.cfg.max_fails, self.cfg.fail_timeout) {
+            Ejection::None => return,
+            Ejection::Streak => warn!(
                 vip = %self.name,
                 backend = %state.addr,
                 failures = self.cfg.max_fails,
-                out_ms = self.cfg.fail_timeout.as_millis() as u64,
+                out_ms,
                 "L7 backend failed too often in a row; out of rotation for a while (passive health)"
-            );
-            self.metrics.eject(&self.name, state.addr);
+            ),
+            Ejection::Trial => warn!(
+                vip = %self.name,
+                backend = %state.addr,
+                out_ms,
+                "L7 backend failed its trial request after an ejection; out of rotation again (passive health)"
+            ),
         }
+        self.metrics.eject(&self.name, state.addr);
     }
 
     /// Counts a finished request by its status.
