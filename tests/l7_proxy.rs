@@ -1055,9 +1055,7 @@ fn access_log() -> Arc<std::sync::Mutex<Vec<u8>>> {
         let log: Arc<std::sync::Mutex<Vec<u8>>> = Default::default();
         let sink = log.clone();
         let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(
-                "edgelb::access=info,edgelb::proxy::http=debug,edgelb::proxy::tcp=warn",
-            )
+            .with_env_filter("edgelb::access=info,edgelb::proxy=warn,edgelb::proxy::http=debug")
             .with_ansi(false)
             .with_writer(move || Sink(sink.clone()))
             .finish();
@@ -1390,6 +1388,33 @@ fn passive_health_takes_a_failing_backend_out() {
             format!("edgelb_l7_backend_passive_down{{vip=\"web\",backend=\"{}\"}} {out}", b.addr);
         assert!(text.lines().any(|l| l == want), "{want} in\n{text}");
     }
+}
+
+/// Once passive health has ejected every backend, the proxy fails open (sends to them anyway),
+/// and that is counted (`edgelb_l7_fail_open_total`) and logged: it showed nowhere before, not in
+/// `edgelb_vip_fail_open` (active health) nor in the log.
+#[test]
+fn a_pool_failing_open_on_passive_health_says_so() {
+    let log = access_log();
+    let (a, b) = (backend("a", Mode::Reset), backend("b", Mode::Reset));
+    let p = proxy(
+        &[(&a, 1), (&b, 1)],
+        "algorithm = \"round_robin\"\nmax_fails = 1\nfail_timeout_ms = 60000\nretries = 0",
+        "",
+    );
+    let open = |n: u64| format!("edgelb_l7_fail_open_total{{vip=\"web\"}} {n}");
+    // One failure each ejects both; those two picks had a backend that qualified.
+    for _ in 0..2 {
+        assert_eq!(get(p.addr, "/").0, 502);
+    }
+    wait_for_metric(&p, &open(0));
+    for _ in 0..3 {
+        assert_eq!(get(p.addr, "/").0, 502);
+    }
+    wait_for_metric(&p, &open(3));
+    assert_eq!(a.reqs.load(Ordering::Relaxed) + b.reqs.load(Ordering::Relaxed), 5);
+    let text = logged(&log);
+    assert!(text.contains("sent to one anyway (fail open"), "{text}");
 }
 
 #[test]

@@ -415,12 +415,25 @@ impl Pool {
     /// again without it, as while it was out (a sticky or hashed client goes elsewhere). A pool
     /// failing open (no member qualifies) serves all, trial or not.
     pub fn pick(&self, client: IpAddr, exclude: &[usize], sticky: Option<usize>) -> Option<usize> {
+        self.pick_open(client, exclude, sticky).map(|(i, _)| i)
+    }
+
+    /// [`Pool::pick`], saying also whether the pick failed open: no member that qualifies was
+    /// left (every one passively down, or the others already tried for this request), so the
+    /// member picked may be one passive health ejected. The proxy counts and logs those picks:
+    /// nothing else would show that requests go to ejected backends.
+    pub fn pick_open(
+        &self,
+        client: IpAddr,
+        exclude: &[usize],
+        sticky: Option<usize>,
+    ) -> Option<(usize, bool)> {
         // Empty, and so not allocated, unless a trial was lost.
         let mut lost = Vec::new();
         loop {
             let (i, qualified) = self.choose(client, exclude, &lost, sticky)?;
             if !qualified || self.members[i].state.admit() {
-                return Some(i);
+                return Some((i, !qualified));
             }
             // Each round drops one more qualified member, so the loop ends.
             lost.push(i);

@@ -1751,7 +1751,10 @@ async fn serve_conn(
                 last = Attempt::Deadline;
                 break;
             }
-            let Some(i) = pool.pick(client_ip(peer), &tried, sticky) else { break };
+            let Some((i, open)) = pool.pick_open(client_ip(peer), &tried, sticky) else { break };
+            if open {
+                vip.failing_open(pool.members[i].state.addr);
+            }
             if attempt > 0 {
                 vip.retries.inc();
             }

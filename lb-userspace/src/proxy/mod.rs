@@ -101,6 +101,10 @@ pub struct L7Metrics {
     /// and would otherwise show nowhere (its failures are logged only when they eject a
     /// backend, so not at all once the pool fails open).
     pub tcp_connections: Family<TcpLabels, Counter>,
+    /// Requests (in TCP mode, connections) sent to a backend passive health ejected, because no
+    /// other was left: the proxy failing open, which `edgelb_vip_fail_open` (active health)
+    /// does not show.
+    pub fail_open: Family<VipLabel, Counter>,
     /// Responses whose body was cut short after their head went to the client, by who ended
     /// them: counted apart, since such a response is counted and logged by its status (a 200,
     /// say), which alone would pass it for a whole one.
@@ -176,6 +180,7 @@ impl L7Metrics {
             active: Family::default(),
             retries: Family::default(),
             tcp_connections: Family::default(),
+            fail_open: Family::default(),
             responses_cut: Family::default(),
             ejections: Family::default(),
             accept_errors: Family::default(),
@@ -214,6 +219,13 @@ impl L7Metrics {
             "TCP-mode L7 connections by outcome: relayed to a backend, or closed because no \
              backend could be connected (no_backend)",
             m.tcp_connections.clone(),
+        );
+        registry.register(
+            "edgelb_l7_fail_open",
+            "L7 requests (in TCP mode, connections) sent to a backend passive health ejected, \
+             because no other was left (all ejected, or the others already tried): the proxy \
+             failing open",
+            m.fail_open.clone(),
         );
         registry.register(
             "edgelb_l7_responses_cut",
@@ -294,6 +306,8 @@ pub struct VipRuntime {
     /// Connections of this VIP by outcome, indexed by `tcp::Outcome` (relayed, no backend):
     /// for a TCP-mode VIP; an HTTP VIP's count nowhere (it has no such series).
     pub tcp_connections: [Counter; 2],
+    /// Picks of this VIP that failed open ([`L7Metrics::fail_open`]).
+    pub fail_open: Counter,
     /// Responses of this VIP cut short, indexed by `http::Cut` (backend, client, deadline,
     /// idle, drain).
     pub responses_cut: [Counter; 5],
@@ -302,6 +316,19 @@ pub struct VipRuntime {
     /// Throttles this VIP's "no backend could be connected" line (TCP mode): one VIP's dead
     /// pool must not hide another's.
     pub(crate) no_backend_said: Arc<Throttle>,
+    /// Throttles this VIP's "failing open" line, carried over updates as `no_backend_said` is.
+    pub(crate) fail_open_said: Arc<Throttle>,
+}
+
+impl VipRuntime {
+    /// Counts a pick of `backend` that failed open ([`balance::Pool::pick_open`]) and says so,
+    /// at most every 10 s for the VIP: requests go to a backend passive health ejected.
+    pub(crate) fn failing_open(&self, backend: SocketAddr) {
+        self.fail_open.inc();
+        if self.fail_open_said.ready() {
+            warn!(vip = self.name, %backend, "every backend left for this request is passively ejected: sent to one anyway (fail open; said at most every 10 s; edgelb_l7_fail_open_total counts every one)");
+        }
+    }
 }
 
 impl VipRuntime {
@@ -452,6 +479,8 @@ pub struct Proxy {
     /// Each VIP's throttle of its "no backend" line, by name, carried over every update (which
     /// health changes and drains make too), so that it holds its 10 s across them.
     no_backend_said: HashMap<String, Arc<Throttle>>,
+    /// The same for each VIP's "failing open" line.
+    fail_open_said: HashMap<String, Arc<Throttle>>,
     listeners: Vec<(String, SocketAddr)>,
     /// A descriptor of every thread's listening socket, to hand over to `edgelb run
     /// --takeover`.
@@ -619,6 +648,7 @@ impl Proxy {
             retired: HashMap::new(),
             rotations: HashMap::new(),
             no_backend_said: HashMap::new(),
+            fail_open_said: HashMap::new(),
             listeners: listeners.clone(),
             sockets,
         };
@@ -678,6 +708,7 @@ impl Proxy {
         let mut keep = HashMap::new();
         let mut rotations = HashMap::new();
         let mut said = HashMap::new();
+        let mut open_said = HashMap::new();
         let mut rotation = |key: PoolKey| {
             let r = self.rotations.get(&key).cloned().unwrap_or_else(Rotation::new);
             rotations.insert(key, r.clone());
@@ -752,6 +783,7 @@ impl Proxy {
                     ],
                     duration: m.duration.get_or_create(&label).clone(),
                     retries: m.retries.get_or_create(&label).clone(),
+                    fail_open: m.fail_open.get_or_create(&label).clone(),
                     tcp_connections: tcp::Outcome::ALL.map(|o| {
                         if l7.mode != L7Mode::Tcp {
                             return Counter::default();
@@ -774,6 +806,12 @@ impl Proxy {
                             self.no_backend_said.get(&vip.name).cloned().unwrap_or_default()
                         })
                         .clone(),
+                    fail_open_said: open_said
+                        .entry(vip.name.clone())
+                        .or_insert_with(|| {
+                            self.fail_open_said.get(&vip.name).cloned().unwrap_or_default()
+                        })
+                        .clone(),
                 }),
             );
         }
@@ -788,6 +826,7 @@ impl Proxy {
         self.states = keep;
         self.rotations = rotations;
         self.no_backend_said = said;
+        self.fail_open_said = open_said;
         self.shared.snapshot.store(Arc::new(Snapshot { vips }));
     }
 

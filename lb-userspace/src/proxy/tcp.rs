@@ -201,7 +201,10 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
     let mut up = None;
     let mut last = None;
     for attempt in 0..=cfg.retries {
-        let Some(i) = pool.pick(client_ip(peer), &tried, None) else { break };
+        let Some((i, open)) = pool.pick_open(client_ip(peer), &tried, None) else { break };
+        if open {
+            vip.failing_open(pool.members[i].state.addr);
+        }
         if attempt > 0 {
             vip.retries.inc();
         }
