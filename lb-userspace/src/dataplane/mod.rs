@@ -1755,7 +1755,7 @@ pub fn balancers_elsewhere(
         .filter(|p| is_link_pin(p))
         .filter_map(|p| pinned_link_program(p))
         .collect();
-    let found: Vec<(String, u32, Option<PathBuf>)> = interfaces
+    let mut found: Vec<(String, u32, Option<PathBuf>)> = interfaces
         .iter()
         .filter_map(|i| {
             let prog_id = balancer_on(i)?;
@@ -1765,7 +1765,6 @@ pub fn balancers_elsewhere(
     // A link pinned nowhere may be one let go of a moment ago (a `stop` just before this one
     // removed its pin): the kernel detaches it only after a grace period.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-    let mut found = found;
     while found.iter().any(|(_, _, pin)| pin.is_none()) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
         found.retain(|(i, prog_id, pin)| pin.is_some() || balancer_on(i) == Some(*prog_id));
@@ -1880,7 +1879,8 @@ fn follow_renames(dir: &Path, interface: &str) -> Result<(), DataplaneError> {
         info!(from = old, to = new, "the interface was renamed: its pinned XDP link follows");
         Ok(())
     };
-    if let LinkPin::Renamed { ifindex } = inspect_link_pin(&pin, interface, LinkRole::Balancer)? {
+    if let LinkPin::Renamed { ifindex, .. } = inspect_link_pin(&pin, interface, LinkRole::Balancer)?
+    {
         let Some(new) = interface_name(ifindex) else {
             return Err(DataplaneError::Pin {
                 path: pin,
@@ -1902,9 +1902,10 @@ fn follow_renames(dir: &Path, interface: &str) -> Result<(), DataplaneError> {
         .map_err(|e| DataplaneError::Pin { path: dir.to_owned(), reason: e.to_string() })?;
     for other in mine.iter().filter(|p| is_link_pin(p)) {
         let old = pin_interface(other);
-        if inspect_link_pin(other, &old, LinkRole::Balancer)?
-            == (LinkPin::Renamed { ifindex: here })
-        {
+        if matches!(
+            inspect_link_pin(other, &old, LinkRole::Balancer)?,
+            LinkPin::Renamed { ifindex, .. } if ifindex == here
+        ) {
             return move_pin(other, &pin, &old, interface);
         }
     }
@@ -2151,6 +2152,8 @@ enum LinkPin {
     Renamed {
         /// The interface it holds.
         ifindex: u32,
+        /// Its program.
+        prog_id: u32,
     },
     /// On an interface of another network namespace.
     Elsewhere {
@@ -2225,7 +2228,7 @@ fn inspect_link_pin(
     Ok(if ifindex_held == 0 || runs(ifindex(interface)) {
         LinkPin::Usable
     } else if runs(ifindex_held) {
-        LinkPin::Renamed { ifindex: ifindex_held }
+        LinkPin::Renamed { ifindex: ifindex_held, prog_id }
     } else {
         LinkPin::Elsewhere { ifindex: ifindex_held, prog_id }
     })
@@ -2239,20 +2242,19 @@ fn check_decap_pin(pin: &Path, interface: &str) -> Result<bool, DataplaneError> 
     let (ifindex_held, prog_id, whose) = match inspect_link_pin(pin, interface, LinkRole::Decap)? {
         LinkPin::Absent => return Ok(false),
         LinkPin::Usable => return Ok(true),
-        LinkPin::Renamed { ifindex } => (
+        LinkPin::Renamed { ifindex, prog_id } => (
             ifindex,
-            None,
+            prog_id,
             format!(
                 "this network namespace's interface of index {ifindex} (renamed from `{interface}`? `ip link` names it)"
             ),
         ),
         LinkPin::Elsewhere { ifindex, prog_id } => (
             ifindex,
-            Some(prog_id),
+            prog_id,
             format!("an interface in another network namespace (likely its `{interface}`)"),
         ),
     };
-    let prog_id = prog_id.or_else(|| pinned_link_program(pin)).unwrap_or(0);
     Err(DataplaneError::DecapElsewhere {
         path: pin.to_owned(),
         interface: interface.to_owned(),
