@@ -1751,13 +1751,7 @@ async fn serve_conn(
                 last = Attempt::Deadline;
                 break;
             }
-            let Some((i, open)) = pool.pick_open(client_ip(peer), &tried, sticky) else { break };
-            if open {
-                vip.failing_open(pool.members[i].state.addr);
-            }
-            if attempt > 0 {
-                vip.retries.inc();
-            }
+            let Some(i) = vip.pick(&pool, client_ip(peer), &tried, sticky, attempt) else { break };
             tried.push(i);
             // The member the client's cookie names (live, or the pool failing open): the
             // session is there. Its own errors are the client's answer: retried elsewhere,

@@ -313,25 +313,48 @@ pub struct VipRuntime {
     pub responses_cut: [Counter; 5],
     /// The proxy's metrics (passive-health ejections, by backend).
     pub metrics: Arc<L7Metrics>,
-    /// Throttles this VIP's "no backend could be connected" line (TCP mode): one VIP's dead
-    /// pool must not hide another's.
-    pub(crate) no_backend_said: Arc<Throttle>,
-    /// Throttles this VIP's "failing open" line, carried over updates as `no_backend_said` is.
-    pub(crate) fail_open_said: Arc<Throttle>,
+    /// The throttles of this VIP's log lines that can come in floods, per VIP (one VIP's must
+    /// not hide another's) and carried over every update by VIP name (health changes and drains
+    /// make them too), so that each holds its 10 s across them.
+    pub(crate) said: Arc<VipLines>,
+}
+
+/// The throttles of an L7 VIP's log lines that can come in floods ([`VipRuntime::said`]).
+#[derive(Debug, Default)]
+pub(crate) struct VipLines {
+    /// "No backend could be connected" (TCP mode).
+    pub(crate) no_backend: Throttle,
+    /// "Sent to one anyway (fail open)" ([`VipRuntime::pick`]).
+    pub(crate) fail_open: Throttle,
 }
 
 impl VipRuntime {
-    /// Counts a pick of `backend` that failed open ([`balance::Pool::pick_open`]) and says so,
-    /// at most every 10 s for the VIP: requests go to a backend passive health ejected.
-    pub(crate) fn failing_open(&self, backend: SocketAddr) {
-        self.fail_open.inc();
-        if self.fail_open_said.ready() {
-            warn!(vip = self.name, %backend, "every backend left for this request is passively ejected: sent to one anyway (fail open; said at most every 10 s; edgelb_l7_fail_open_total counts every one)");
+    /// Picks a member of `pool` for attempt `attempt` (0 the first) of a request or TCP-mode
+    /// connection from `client` ([`Pool::pick_open`]), counting it as a retry after the first,
+    /// and counting and saying (at most every 10 s for the VIP) a pick that failed open: one of
+    /// a backend passive health ejected.
+    pub(crate) fn pick(
+        &self,
+        pool: &Pool,
+        client: IpAddr,
+        tried: &[usize],
+        sticky: Option<usize>,
+        attempt: u32,
+    ) -> Option<usize> {
+        let (i, open) = pool.pick_open(client, tried, sticky)?;
+        if open {
+            self.fail_open.inc();
+            if self.said.fail_open.ready() {
+                let backend = pool.members[i].state.addr;
+                warn!(vip = self.name, %backend, "every backend left for this request is passively ejected: sent to one anyway (fail open; said at most every 10 s; edgelb_l7_fail_open_total counts every one)");
+            }
         }
+        if attempt > 0 {
+            self.retries.inc();
+        }
+        Some(i)
     }
-}
 
-impl VipRuntime {
     /// Records a failed request or connection on backend `state`. After `max_fails` in a row it
     /// is out of rotation for `fail_timeout`, and so is one whose trial request after that
     /// failed; taking it out is logged and counted, once per ejection (failures while it is
@@ -476,11 +499,8 @@ pub struct Proxy {
     /// Where each pool's rotation stands, by VIP and route (host, path prefix; none for the
     /// VIP's own backends), carried over every update.
     rotations: HashMap<PoolKey, Arc<Rotation>>,
-    /// Each VIP's throttle of its "no backend" line, by name, carried over every update (which
-    /// health changes and drains make too), so that it holds its 10 s across them.
-    no_backend_said: HashMap<String, Arc<Throttle>>,
-    /// The same for each VIP's "failing open" line.
-    fail_open_said: HashMap<String, Arc<Throttle>>,
+    /// Each VIP's log-line throttles, by name, carried over every update ([`VipRuntime::said`]).
+    said: HashMap<String, Arc<VipLines>>,
     listeners: Vec<(String, SocketAddr)>,
     /// A descriptor of every thread's listening socket, to hand over to `edgelb run
     /// --takeover`.
@@ -647,8 +667,7 @@ impl Proxy {
             states: HashMap::new(),
             retired: HashMap::new(),
             rotations: HashMap::new(),
-            no_backend_said: HashMap::new(),
-            fail_open_said: HashMap::new(),
+            said: HashMap::new(),
             listeners: listeners.clone(),
             sockets,
         };
@@ -708,7 +727,6 @@ impl Proxy {
         let mut keep = HashMap::new();
         let mut rotations = HashMap::new();
         let mut said = HashMap::new();
-        let mut open_said = HashMap::new();
         let mut rotation = |key: PoolKey| {
             let r = self.rotations.get(&key).cloned().unwrap_or_else(Rotation::new);
             rotations.insert(key, r.clone());
@@ -800,17 +818,9 @@ impl Proxy {
                             .clone()
                     }),
                     metrics: m.clone(),
-                    no_backend_said: said
+                    said: said
                         .entry(vip.name.clone())
-                        .or_insert_with(|| {
-                            self.no_backend_said.get(&vip.name).cloned().unwrap_or_default()
-                        })
-                        .clone(),
-                    fail_open_said: open_said
-                        .entry(vip.name.clone())
-                        .or_insert_with(|| {
-                            self.fail_open_said.get(&vip.name).cloned().unwrap_or_default()
-                        })
+                        .or_insert_with(|| self.said.get(&vip.name).cloned().unwrap_or_default())
                         .clone(),
                 }),
             );
@@ -825,8 +835,7 @@ impl Proxy {
         *self.shared.metrics.passive.0.lock().unwrap_or_else(PoisonError::into_inner) = passive;
         self.states = keep;
         self.rotations = rotations;
-        self.no_backend_said = said;
-        self.fail_open_said = open_said;
+        self.said = said;
         self.shared.snapshot.store(Arc::new(Snapshot { vips }));
     }
 
@@ -1202,10 +1211,10 @@ mod tests {
         let cfg = Config::parse(&text, "t.toml".as_ref()).expect("a valid config");
         let mut proxy =
             Proxy::start(&cfg, 1, crate::metrics::Metrics::new().l7.clone()).expect("proxy starts");
-        let throttle = |p: &Proxy| p.shared.snapshot.load().vips["web"].no_backend_said.clone();
-        assert!(throttle(&proxy).ready(), "the first line is said");
+        let said = |p: &Proxy| p.shared.snapshot.load().vips["web"].said.clone();
+        assert!(said(&proxy).no_backend.ready(), "the first line is said");
         proxy.update(&cfg);
-        assert!(!throttle(&proxy).ready(), "and not again within 10 s, across an update");
+        assert!(!said(&proxy).no_backend.ready(), "and not again within 10 s, across an update");
         proxy.shutdown(Duration::ZERO);
     }
 }

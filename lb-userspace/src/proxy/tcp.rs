@@ -201,13 +201,7 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
     let mut up = None;
     let mut last = None;
     for attempt in 0..=cfg.retries {
-        let Some((i, open)) = pool.pick_open(client_ip(peer), &tried, None) else { break };
-        if open {
-            vip.failing_open(pool.members[i].state.addr);
-        }
-        if attempt > 0 {
-            vip.retries.inc();
-        }
+        let Some(i) = vip.pick(pool, client_ip(peer), &tried, None, attempt) else { break };
         tried.push(i);
         let state = &pool.members[i].state;
         let addr = state.addr;
@@ -258,7 +252,7 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
 /// such connections were logged only when their failures ejected a backend, so not at all once
 /// the pool failed open.
 fn say_no_backend(vip: &VipRuntime, peer: SocketAddr, tried: usize, last: Option<&std::io::Error>) {
-    if vip.no_backend_said.ready() {
+    if vip.said.no_backend.ready() {
         let error = last.map_or_else(|| "no backend to pick".to_owned(), ToString::to_string);
         tracing::warn!(vip = vip.name, client = %client_ip(peer), tried, error = %error, "no backend could be connected for a TCP-mode connection; the client's connection is closed (said at most every 10 s; edgelb_l7_tcp_connections_total counts every one)");
     }
