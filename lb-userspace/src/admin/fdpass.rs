@@ -47,30 +47,22 @@ pub fn send(
             "too little data or too many descriptors",
         ));
     }
-    // Each call may wait only for what is left of the time (a call that times out having sent
-    // part returns that part; the next finds no time left).
-    let wait = || {
-        let left = until.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "the receiver stopped reading"));
-        }
-        stream.set_write_timeout(Some(left))
-    };
+    // Each call may wait only for what is left of the time.
+    let mut deadline = super::Deadline { conn: stream, until };
     let mut sent = 0;
     for (i, part) in fds.chunks(PER_MESSAGE).enumerate() {
         // Every message but the last carries one byte; the last the rest.
         let end = if i + 1 == chunks { data.len() } else { sent + 1 };
-        wait()?;
+        deadline.arm_write()?;
         sent += send_one(stream, &data[sent..end], part)?;
     }
     if fds.is_empty() {
-        wait()?;
+        deadline.arm_write()?;
         sent += send_one(stream, data, &[])?;
     }
     // The rest, if a message took less than it was given, goes plainly.
     while sent < data.len() {
-        wait()?;
-        sent += io::Write::write(&mut &*stream, &data[sent..])?;
+        sent += io::Write::write(&mut deadline, &data[sent..])?;
     }
     Ok(())
 }

@@ -941,6 +941,13 @@ impl Deadline<'_> {
         let left = self.until.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() { Err(std::io::ErrorKind::TimedOut.into()) } else { Ok(left) }
     }
+
+    /// Lets the next write on the connection wait only for the time left (TimedOut once there
+    /// is none): a write that times out having sent part returns that part, and the next finds
+    /// no time left. [`fdpass::send`] arms its `sendmsg` calls with it too.
+    fn arm_write(&self) -> std::io::Result<()> {
+        self.conn.set_write_timeout(Some(self.left()?))
+    }
 }
 
 impl std::io::Read for Deadline<'_> {
@@ -952,7 +959,7 @@ impl std::io::Read for Deadline<'_> {
 
 impl Write for Deadline<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.conn.set_write_timeout(Some(self.left()?))?;
+        self.arm_write()?;
         (&mut &*self.conn).write(buf)
     }
 
@@ -1019,8 +1026,8 @@ fn follow_handover(conn: &UnixStream) -> HandoverEnd {
             Ok(_) if line == COMMIT && !committed => {
                 // Answered before it counts: if this write fails, the new process stops
                 // before touching the maps, and this one takes back over.
-                let go = conn.set_write_timeout(Some(CLIENT_WAIT));
-                if go.and_then(|()| (&mut &*conn).write_all(GO)).is_err() {
+                let until = std::time::Instant::now() + CLIENT_WAIT;
+                if (Deadline { conn, until }).write_all(GO).is_err() {
                     return HandoverEnd::Abandoned;
                 }
                 committed = true;
