@@ -4769,8 +4769,23 @@ fn http_connections_cut_at_the_drain_deadline_are_reset_and_counted() {
     );
 }
 
+/// A TCP-mode connection that no backend could be connected to is reset, not closed: to a
+/// plain TCP client a FIN reads as a backend that accepted and closed at once, an empty stream
+/// passed for complete.
+#[test]
+fn tcp_mode_resets_a_client_no_backend_could_be_connected_for() {
+    let dead = dead_backend();
+    let p = proxy(&[(&dead, 1)], "mode = \"tcp\"\nmax_fails = 100", "");
+    let mut c = TcpStream::connect(p.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let end = c.read(&mut [0u8; 16]).map_err(|e| e.kind());
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "a reset, not an end of stream");
+    // With the readiness probe's.
+    wait_for_metric(&p, "edgelb_l7_tcp_connections_total{vip=\"web\",outcome=\"no_backend\"} 2");
+}
+
 /// A TCP-mode VIP counts its connections by outcome (`relayed`, or `no_backend` when no backend
-/// could be connected to, and the client's connection is closed) and its retries: such a
+/// could be connected to, and the client's connection is reset) and its retries: such a
 /// connection was counted nowhere, and logged only when its failures ejected a backend (so,
 /// once the pool failed open, not at all).
 #[test]

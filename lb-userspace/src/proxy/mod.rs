@@ -97,7 +97,7 @@ pub struct L7Metrics {
     pub active: Family<VipLabel, Gauge>,
     /// Retries on another backend.
     pub retries: Family<VipLabel, Counter>,
-    /// TCP-mode connections by outcome: one that no backend could be connected to is closed,
+    /// TCP-mode connections by outcome: one that no backend could be connected to is reset,
     /// and would otherwise show nowhere (its failures are logged only when they eject a
     /// backend, so not at all once the pool fails open).
     pub tcp_connections: Family<TcpLabels, Counter>,
@@ -216,7 +216,7 @@ impl L7Metrics {
         );
         registry.register(
             "edgelb_l7_tcp_connections",
-            "TCP-mode L7 connections by outcome: relayed to a backend, or closed because no \
+            "TCP-mode L7 connections by outcome: relayed to a backend, or reset because no \
              backend could be connected (no_backend)",
             m.tcp_connections.clone(),
         );
