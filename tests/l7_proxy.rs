@@ -2769,6 +2769,33 @@ fn a_response_head_over_the_limits_is_a_502_that_blames_no_backend() {
     );
 }
 
+/// A response head over the limits is counted by backend
+/// (`edgelb_l7_response_heads_too_large_total`): its 502 was told from a broken backend's by
+/// nothing an operator could alert on (the warning is said at most every 10 s). The client
+/// still gets its 502.
+#[test]
+fn a_response_head_over_the_limits_is_counted_by_backend() {
+    let b = raw_backend(|path| {
+        static TOO_LARGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        if path == "/too-large" {
+            let head = TOO_LARGE.get_or_init(|| {
+                String::from_utf8(response_of(129, 4096)).expect("an ASCII response")
+            });
+            return (head.as_str(), false);
+        }
+        ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false)
+    });
+    let p = proxy(&[(&b, 1)], "", "");
+    let series =
+        format!("edgelb_l7_response_heads_too_large_total{{vip=\"web\",backend=\"{}\"}}", b.addr);
+    assert_eq!(get(p.addr, "/").0, 200);
+    assert_eq!(get(p.addr, "/too-large").0, 502);
+    assert_eq!(get(p.addr, "/").0, 200);
+    wait_for_metric(&p, &format!("{series} 1"));
+    let text = p.metrics.encode();
+    assert!(text.lines().any(|l| l == "edgelb_l7_requests_total{vip=\"web\",class=\"5xx\"} 1"));
+}
+
 /// A response head that does not parse (not one too large) stays a broken response: a 502 and
 /// a passive-health failure. Its debug line shows the head escaped, on one line (it spanned one
 /// line per header line), and bounded.
@@ -4769,8 +4796,23 @@ fn http_connections_cut_at_the_drain_deadline_are_reset_and_counted() {
     );
 }
 
+/// A TCP-mode connection that no backend could be connected to is reset, not closed: to a
+/// plain TCP client a FIN reads as a backend that accepted and closed at once, an empty stream
+/// passed for complete.
+#[test]
+fn tcp_mode_resets_a_client_no_backend_could_be_connected_for() {
+    let dead = dead_backend();
+    let p = proxy(&[(&dead, 1)], "mode = \"tcp\"\nmax_fails = 100", "");
+    let mut c = TcpStream::connect(p.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let end = c.read(&mut [0u8; 16]).map_err(|e| e.kind());
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "a reset, not an end of stream");
+    // With the readiness probe's.
+    wait_for_metric(&p, "edgelb_l7_tcp_connections_total{vip=\"web\",outcome=\"no_backend\"} 2");
+}
+
 /// A TCP-mode VIP counts its connections by outcome (`relayed`, or `no_backend` when no backend
-/// could be connected to, and the client's connection is closed) and its retries: such a
+/// could be connected to, and the client's connection is reset) and its retries: such a
 /// connection was counted nowhere, and logged only when its failures ejected a backend (so,
 /// once the pool failed open, not at all).
 #[test]

@@ -464,10 +464,13 @@ mod tests {
                 assert_eq!(sample(&text, transitions, &series), Some(0.0), "{text}");
             }
         }
+        let too_large = "edgelb_l7_response_heads_too_large_total";
         let app = "vip=\"app\",backend=\"198.18.0.11:80\"";
         assert_eq!(sample(&text, ejections, app), Some(0.0), "{text}");
-        // Only L7 backends have passive health.
+        assert_eq!(sample(&text, too_large, app), Some(0.0), "{text}");
+        // Only L7 backends have passive health, and response heads.
         assert_eq!(sample(&text, ejections, "vip=\"web\",backend=\"198.18.0.11\""), None);
+        assert_eq!(sample(&text, too_large, "vip=\"web\",backend=\"198.18.0.11\""), None);
 
         // A backend a reload adds starts at 0 too; the others keep counting.
         m.transition("web", "198.18.0.11".into(), false);
@@ -515,6 +518,7 @@ mod tests {
         }
         for h in [11, 12] {
             m.l7.eject("app", SocketAddr::from(([198, 18, 0, h], 80)));
+            m.l7.head_too_large("app", SocketAddr::from(([198, 18, 0, h], 80)));
         }
         let text = m.encode();
         for gone in ["198.18.0.12", "198.18.0.12:80", "198.18.0.13"] {
@@ -539,6 +543,8 @@ mod tests {
         }
         let kept = "vip=\"app\",backend=\"198.18.0.11:80\"";
         assert_eq!(sample(&text, ejections, kept), Some(1.0), "{text}");
+        let too_large = "edgelb_l7_response_heads_too_large_total";
+        assert_eq!(sample(&text, too_large, kept), Some(1.0), "{text}");
 
         // Counting goes on; a removed backend, still failing a request of an older pool
         // snapshot, is not counted.

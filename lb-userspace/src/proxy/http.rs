@@ -1023,8 +1023,9 @@ impl Cut {
 
 /// Logs a response head over the limits ([`Attempt::TooLarge`]), at most once every 10 s for
 /// the whole process ([`super::Throttle`]): an endpoint that always answers so would log a line
-/// per request. Every one is counted among the 5xx answers and, with `access_log`, logged as
-/// its 502.
+/// per request. Every one is counted among the 5xx answers, and by backend in
+/// `edgelb_l7_response_heads_too_large_total` (which tells it from other 502s), and, with
+/// `access_log`, logged as its 502.
 fn say_head_too_large(vip: &str, backend: SocketAddr) {
     static SAID: super::Throttle = super::Throttle::new();
     if SAID.ready() {
@@ -1035,7 +1036,8 @@ fn say_head_too_large(vip: &str, backend: SocketAddr) {
             max_bytes = MAX_RESPONSE_HEAD_BYTES,
             "a backend's response head is too large (more headers or bytes than the proxy \
              takes): the client gets 502, and the backend is not blamed (no passive-health \
-             failure); said at most every 10 s"
+             failure); said at most every 10 s; edgelb_l7_response_heads_too_large_total \
+             counts every one"
         );
     }
 }
@@ -1820,6 +1822,7 @@ async fn serve_conn(
                 Err(Attempt::TooLarge) => {
                     // The backend answered: no failure of its health (see `Attempt::TooLarge`).
                     member.state.success();
+                    vip.metrics.head_too_large(&vip.name, member.state.addr);
                     say_head_too_large(&vip.name, member.state.addr);
                     last = Attempt::TooLarge;
                     break;

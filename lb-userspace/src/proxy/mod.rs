@@ -97,7 +97,7 @@ pub struct L7Metrics {
     pub active: Family<VipLabel, Gauge>,
     /// Retries on another backend.
     pub retries: Family<VipLabel, Counter>,
-    /// TCP-mode connections by outcome: one that no backend could be connected to is closed,
+    /// TCP-mode connections by outcome: one that no backend could be connected to is reset,
     /// and would otherwise show nowhere (its failures are logged only when they eject a
     /// backend, so not at all once the pool fails open).
     pub tcp_connections: Family<TcpLabels, Counter>,
@@ -111,11 +111,16 @@ pub struct L7Metrics {
     pub responses_cut: Family<CutLabels, Counter>,
     /// Backends taken out by passive health (counted through [`L7Metrics::eject`]).
     pub ejections: Family<BackendLabel, Counter>,
+    /// Response heads over the proxy's limits, by backend (counted through
+    /// [`L7Metrics::head_too_large`]): the client gets a 502 that no other series tells from a
+    /// broken backend's, and the backend is not blamed, so no ejection shows it either.
+    pub heads_too_large: Family<BackendLabel, Counter>,
     /// Failed accepts on a VIP's listeners: out of descriptors or memory, mostly, which the
     /// log reports once per episode while this counts every one.
     pub accept_errors: Family<VipLabel, Counter>,
-    /// Which `ejections` series exist and which backends may have one.
-    ejected: Arc<Mutex<Ejected>>,
+    /// Which per-backend series (`ejections`, `heads_too_large`) exist and which backends may
+    /// have one.
+    backend_series: Arc<Mutex<BackendSeries>>,
     /// The backends of the running pools, for `edgelb_l7_backend_passive_down`.
     passive: PassiveDown,
 }
@@ -153,11 +158,12 @@ impl prometheus_client::collector::Collector for PassiveDown {
     }
 }
 
-/// The label sets of [`L7Metrics::ejections`]: prometheus-client cannot list them, and
-/// [`L7Metrics::retain`] needs them.
+/// The label sets of the per-backend counters ([`L7Metrics::ejections`],
+/// [`L7Metrics::heads_too_large`]), which both have a series for the same backends:
+/// prometheus-client cannot list them, and [`L7Metrics::retain`] needs them.
 #[derive(Debug, Default)]
-struct Ejected {
-    /// The series that exist.
+struct BackendSeries {
+    /// The series that exist (in either family).
     series: HashSet<BackendLabel>,
     /// The backends of the config the last reload put in force (none before the first): a
     /// request still running on a pool snapshot older than that reload must not bring back the
@@ -183,8 +189,9 @@ impl L7Metrics {
             fail_open: Family::default(),
             responses_cut: Family::default(),
             ejections: Family::default(),
+            heads_too_large: Family::default(),
             accept_errors: Family::default(),
-            ejected: Arc::default(),
+            backend_series: Arc::default(),
             passive: PassiveDown::default(),
         };
         registry.register_collector(Box::new(m.passive.clone()));
@@ -216,7 +223,7 @@ impl L7Metrics {
         );
         registry.register(
             "edgelb_l7_tcp_connections",
-            "TCP-mode L7 connections by outcome: relayed to a backend, or closed because no \
+            "TCP-mode L7 connections by outcome: relayed to a backend, or reset because no \
              backend could be connected (no_backend)",
             m.tcp_connections.clone(),
         );
@@ -239,17 +246,35 @@ impl L7Metrics {
             "L7 backends taken out by passive health (max_fails failures in a row)",
             m.ejections.clone(),
         );
+        registry.register(
+            "edgelb_l7_response_heads_too_large",
+            "L7 backend response heads over the proxy's limits (more headers or bytes than it \
+             takes): the client gets 502, and the backend is not blamed",
+            m.heads_too_large.clone(),
+        );
         Arc::new(m)
     }
 
     /// Counts an ejection of `backend` of `vip`, unless a reload has removed it.
     pub fn eject(&self, vip: &str, backend: SocketAddr) {
+        self.count(&self.ejections, vip, backend);
+    }
+
+    /// Counts a response head of `backend` of `vip` over the proxy's limits, unless a reload
+    /// has removed the backend.
+    pub fn head_too_large(&self, vip: &str, backend: SocketAddr) {
+        self.count(&self.heads_too_large, vip, backend);
+    }
+
+    /// Counts one in `family`, a per-backend family, for `backend` of `vip`, unless a reload
+    /// has removed it.
+    fn count(&self, family: &Family<BackendLabel, Counter>, vip: &str, backend: SocketAddr) {
         let label = BackendLabel { vip: vip.to_owned(), backend: backend.to_string() };
-        let mut e = self.ejected.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut e = self.backend_series.lock().unwrap_or_else(PoisonError::into_inner);
         if e.configured.as_ref().is_some_and(|c| !c.contains(&label)) {
             return;
         }
-        self.ejections.get_or_create(&label).inc();
+        family.get_or_create(&label).inc();
         e.series.insert(label);
     }
 
@@ -268,18 +293,21 @@ impl L7Metrics {
                 keep.insert(BackendLabel { vip: vip.name.clone(), backend });
             }
         }
-        let mut e = self.ejected.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut e = self.backend_series.lock().unwrap_or_else(PoisonError::into_inner);
         e.series.retain(|l| {
             let kept = keep.contains(l);
             if !kept {
                 self.ejections.remove(l);
+                self.heads_too_large.remove(l);
             }
             kept
         });
         for l in &keep {
-            if e.series.insert(l.clone()) {
-                let _ = self.ejections.get_or_create(l);
-            }
+            // Both families, even when one series exists already (counted before the first
+            // reload).
+            let _ = self.ejections.get_or_create(l);
+            let _ = self.heads_too_large.get_or_create(l);
+            e.series.insert(l.clone());
         }
         e.configured = Some(keep);
     }

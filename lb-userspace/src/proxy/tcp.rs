@@ -173,7 +173,7 @@ pub(super) enum Outcome {
     /// A backend was connected, and the connection relayed to it.
     Relayed = 0,
     /// No backend could be connected (every attempt failed, or the pool had none to pick): the
-    /// client's connection was closed.
+    /// client's connection was reset.
     NoBackend = 1,
 }
 
@@ -192,8 +192,9 @@ impl Outcome {
 
 /// Relays one client connection to a backend of `vip`: tries up to `retries` further backends
 /// when a connect (with its PROXY header, if any) fails, as the HTTP side does, counting each
-/// retry. A connection no backend could be connected to is closed, counted
-/// ([`Outcome::NoBackend`]) and logged ([`say_no_backend`]).
+/// retry. A connection no backend could be connected to is reset ([`Socket::abort`]: a FIN
+/// would pass for an empty but complete stream), counted ([`Outcome::NoBackend`]) and logged
+/// ([`say_no_backend`]).
 pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Arc<VipRuntime>) {
     let cfg = &vip.cfg;
     let pool = &vip.default;
@@ -235,6 +236,9 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
     let Some((i, up, counted)) = up else {
         vip.tcp_connections[Outcome::NoBackend as usize].inc();
         say_no_backend(&vip, peer, tried.len(), last.as_ref());
+        // Reset, not closed: to a plain TCP client a FIN reads as a backend that accepted and
+        // closed at once, an empty stream passed for complete.
+        client.abort();
         return;
     };
     vip.tcp_connections[Outcome::Relayed as usize].inc();
@@ -254,6 +258,6 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
 fn say_no_backend(vip: &VipRuntime, peer: SocketAddr, tried: usize, last: Option<&std::io::Error>) {
     if vip.said.no_backend.ready() {
         let error = last.map_or_else(|| "no backend to pick".to_owned(), ToString::to_string);
-        tracing::warn!(vip = vip.name, client = %client_ip(peer), tried, error = %error, "no backend could be connected for a TCP-mode connection; the client's connection is closed (said at most every 10 s; edgelb_l7_tcp_connections_total counts every one)");
+        tracing::warn!(vip = vip.name, client = %client_ip(peer), tried, error = %error, "no backend could be connected for a TCP-mode connection; the client's connection is reset (said at most every 10 s; edgelb_l7_tcp_connections_total counts every one)");
     }
 }
