@@ -4174,6 +4174,77 @@ fn a_backend_back_in_the_pool_keeps_its_requests_in_flight() {
     assert_eq!(a.reqs.load(Ordering::Relaxed), 4);
 }
 
+/// A backend active health takes out of the pools and puts back (the controller publishes its
+/// effective config, without it, then with it) keeps its live state: its passive ejection and
+/// its request count. It came back with a fresh state, so a backend that accepts and never
+/// answers, ejected by passive health, got its full share again as soon as its health check
+/// passed. While it is out, its passive-down gauge goes on, once, with what it kept. A reload
+/// that removes it still forgets it.
+#[test]
+fn a_backend_back_from_an_active_down_keeps_its_passive_ejection() {
+    let (bad, good) = (backend("bad", Mode::Reset), backend("good", Mode::Ok));
+    let l7 = "algorithm = \"round_robin\"\nmax_fails = 1\nfail_timeout_ms = 60000";
+    let (cfg, addr) = proxy_config(&[(&bad, 1), (&good, 1)], l7, "");
+    let metrics = Metrics::new();
+    let proxy = Proxy::start(&cfg, 2, metrics.l7.clone()).expect("proxy starts");
+    let mut p = Running { proxy: Some(proxy), addr, metrics };
+    let state = |p: &Running, b: &Backend| p.proxy.as_ref().unwrap().backend_state("web", b.addr);
+    let requests = |p: &Running, b: &Backend| {
+        state(p, b).expect("the backend's state").requests.load(Ordering::Relaxed)
+    };
+    // Every line of the backend's passive-down gauge.
+    let gauge = |p: &Running, b: &Backend| -> Vec<String> {
+        let series =
+            format!("edgelb_l7_backend_passive_down{{vip=\"web\",backend=\"{}\"}} ", b.addr);
+        p.metrics.encode().lines().filter(|l| l.starts_with(&series)).map(str::to_owned).collect()
+    };
+    // `bad` fails its first request (retried on `good`) and is out for a minute.
+    for _ in 0..4 {
+        assert_eq!(get(addr, "/").0, 200);
+    }
+    assert_eq!(bad.reqs.load(Ordering::Relaxed), 1, "bad is ejected after one failure");
+    assert!(state(&p, &bad).unwrap().passive_down());
+    let good_before = requests(&p, &good);
+    // Active health takes it out: the effective config leaves it out of the pool.
+    let mut eff = cfg.clone();
+    eff.vips[0].backends.retain(|b| b.port != bad.addr.port());
+    p.proxy.as_mut().unwrap().update_keeping(&eff, &cfg);
+    let kept = state(&p, &bad).expect("an actively down backend keeps its state");
+    assert!(kept.passive_down(), "its passive ejection is kept");
+    assert_eq!(kept.requests.load(Ordering::Relaxed), 1, "its request count is kept");
+    // A state held (as by a request in flight) would come back after a reload, below.
+    drop(kept);
+    let want = format!("edgelb_l7_backend_passive_down{{vip=\"web\",backend=\"{}\"}} 1", bad.addr);
+    assert_eq!(gauge(&p, &bad), [want], "its gauge, once, while it is actively down");
+    for _ in 0..2 {
+        let r = get(addr, "/");
+        assert_eq!((r.0, who(&r)), (200, "good".to_owned()), "{r:?}");
+    }
+    // Its health check passes again: still ejected, it gets no request before its trial.
+    p.proxy.as_mut().unwrap().update_keeping(&cfg, &cfg);
+    for _ in 0..10 {
+        let r = get(addr, "/");
+        assert_eq!((r.0, who(&r)), (200, "good".to_owned()), "{r:?}");
+    }
+    assert_eq!(bad.reqs.load(Ordering::Relaxed), 1, "no request to a still ejected backend");
+    assert!(state(&p, &bad).unwrap().passive_down());
+    assert_eq!(requests(&p, &bad), 1);
+    assert_eq!(requests(&p, &good), good_before + 12, "good's count went on");
+    // A reload that removes it forgets it (once nothing running holds its state), and one that
+    // puts it back starts it afresh, in rotation.
+    p.connections_given_back().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    p.proxy.as_mut().unwrap().update(&eff);
+    assert!(state(&p, &bad).is_none(), "a backend reloaded away loses its state");
+    assert_eq!(gauge(&p, &bad), Vec::<String>::new(), "and its gauge");
+    p.proxy.as_mut().unwrap().update(&cfg);
+    assert!(!state(&p, &bad).unwrap().passive_down(), "back by a reload, it starts afresh");
+    for _ in 0..2 {
+        assert_eq!(get(addr, "/").0, 200);
+    }
+    assert_eq!(bad.reqs.load(Ordering::Relaxed), 2, "and is in rotation");
+}
+
 /// The pools of one cookie VIP (its own and its routes') each keep their stickiness: of the
 /// cookies a client sends, the one naming a member of the pool at hand counts. A route's cookie
 /// comes back with every request the route takes: the route matches its prefix as a plain

@@ -1459,8 +1459,17 @@ fn l7_vip_passes_xdp_to_the_proxy_which_follows_health() {
     for a in ask(&bed, 30) {
         assert_ne!(a.expect("no failure once the backend is out"), "backend-2");
     }
-    // An L7 VIP's backends are named address:port in the metrics, as the proxy's own are.
+    // Out of the pool, it keeps its L7 live state (one view of its health, active and
+    // passive): `status` still counts the requests it served, and its passive-down gauge goes
+    // on, once. Both were lost at an active DOWN.
+    let st = bed.e().status();
+    let web7 = st.vips.iter().find(|v| v.name == "web7").expect("web7 in status");
+    let b2 = web7.backends.iter().find(|b| b.address.to_string() == "198.18.0.12").unwrap();
+    assert_eq!(b2.l7_requests, u64::from(seen["backend-2"]), "{b2:?}");
     let now = scrape(&bed);
+    let gauge = "edgelb_l7_backend_passive_down{vip=\"web7\",backend=\"198.18.0.12:80\"}";
+    assert_eq!(now.lines().filter(|l| l.starts_with(gauge)).count(), 1, "{now}");
+    // An L7 VIP's backends are named address:port in the metrics, as the proxy's own are.
     assert_eq!(metric(&now, "edgelb_backend_up", "vip=\"web7\",backend=\"198.18.0.12:80\""), 0.0);
     assert_eq!(metric(&now, "edgelb_backend_up", "vip=\"web7\",backend=\"198.18.0.11:80\""), 1.0);
     assert_eq!(metric(&now, "edgelb_backend_transitions_total", to_down), 1.0, "{now}");

@@ -448,8 +448,9 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         }
         if let Some(bound) = l7 {
             let eff = ctl.effective();
-            let proxy = crate::proxy::Proxy::start_bound(&eff, bound, ctl.metrics.l7.clone())
-                .map_err(|e| RunError::Proxy(e.to_string()))?;
+            let proxy =
+                crate::proxy::Proxy::start_bound(&eff, &ctl.cfg, bound, ctl.metrics.l7.clone())
+                    .map_err(|e| RunError::Proxy(e.to_string()))?;
             ctl.proxy = Some(proxy);
         }
         Ok(())
@@ -1061,7 +1062,7 @@ impl Controller {
     fn apply(&mut self) -> Result<crate::dataplane::ApplyReport, DataplaneError> {
         let eff = self.effective();
         if let Some(p) = &mut self.proxy {
-            p.update(&eff);
+            p.update_keeping(&eff, &self.cfg);
         }
         self.dp.apply_keeping(&eff, &self.cfg)
     }

@@ -121,18 +121,19 @@ pub struct L7Metrics {
     /// Which per-backend series (`ejections`, `heads_too_large`) exist and which backends may
     /// have one.
     backend_series: Arc<Mutex<BackendSeries>>,
-    /// The backends of the running pools, for `edgelb_l7_backend_passive_down`.
+    /// The backends of the running config's L7 VIPs, for `edgelb_l7_backend_passive_down`.
     passive: PassiveDown,
 }
 
 /// Renders `edgelb_l7_backend_passive_down{vip,backend}` at scrape time from the live state of
-/// the running pools' backends (set by [`Proxy::update`]): the controller's `up` and `weight`
-/// gauges know active health and drains only, and an ejection is otherwise seen only as its
-/// counter's increment, not as how long it lasts.
+/// the running config's L7 backends, those active health took out of the pools included (set
+/// by [`Proxy::update_keeping`]): the controller's `up` and `weight` gauges know active health
+/// and drains only, and an ejection is otherwise seen only as its counter's increment, not as
+/// how long it lasts.
 #[derive(Clone, Debug, Default)]
 struct PassiveDown(Arc<Mutex<Vec<PoolBackend>>>);
 
-/// A backend of a running pool: its VIP's name and its live state.
+/// A backend of the running config's L7 VIPs: its VIP's name and its live state.
 type PoolBackend = (String, Arc<BackendState>);
 
 impl prometheus_client::collector::Collector for PassiveDown {
@@ -518,11 +519,14 @@ type PoolKey = (String, Option<(Option<String>, Option<String>)>);
 pub struct Proxy {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    /// Live state of every backend of the running config's L7 VIPs (their own and their
+    /// routes'), by VIP and address: those active health took out of the pools included
+    /// ([`Proxy::update_keeping`]).
     states: HashMap<(String, SocketAddr), Arc<BackendState>>,
-    /// States of backends the last updates left out (dead, drained out, reloaded away), for as
-    /// long as requests or relays still running on them hold them: a backend that comes back
-    /// meanwhile takes its state up again, in-flight count included, instead of looking idle to
-    /// `least_conn` and `p2c` while its old connections still run.
+    /// States of backends the last updates dropped (the running config no longer lists them),
+    /// for as long as requests or relays still running on them hold them: a backend that comes
+    /// back meanwhile takes its state up again, in-flight count included, instead of looking
+    /// idle to `least_conn` and `p2c` while its old connections still run.
     retired: HashMap<(String, SocketAddr), std::sync::Weak<BackendState>>,
     /// Where each pool's rotation stands, by VIP and route (host, path prefix; none for the
     /// VIP's own backends), carried over every update.
@@ -644,20 +648,22 @@ impl Proxy {
         Ok(Bound { per_thread })
     }
 
-    /// Binds every L7 VIP on `threads` threads and starts serving `cfg` (the effective config:
-    /// dead backends already removed, drained ones at weight 0).
+    /// Binds every L7 VIP on `threads` threads and starts serving `cfg`, every backend of it in
+    /// the pools (as [`Proxy::update`]).
     pub fn start(
         cfg: &Config,
         threads: usize,
         metrics: Arc<L7Metrics>,
     ) -> Result<Proxy, ProxyError> {
         let bound = Proxy::bind(cfg, threads, &inherited::Inherited::default())?;
-        Proxy::start_bound(cfg, bound, metrics)
+        Proxy::start_bound(cfg, cfg, bound, metrics)
     }
 
-    /// Starts the threads on listeners from [`Proxy::bind`].
+    /// Starts the threads on listeners from [`Proxy::bind`], serving the effective config `cfg`
+    /// made from `configured` (as [`Proxy::update_keeping`]).
     pub fn start_bound(
         cfg: &Config,
+        configured: &Config,
         bound: Bound,
         metrics: Arc<L7Metrics>,
     ) -> Result<Proxy, ProxyError> {
@@ -699,7 +705,7 @@ impl Proxy {
             listeners: listeners.clone(),
             sockets,
         };
-        proxy.update(cfg);
+        proxy.update_keeping(cfg, configured);
         let threads = bound.per_thread.len();
         // Each thread says whether its runtime (its io_uring) came up: a proxy that cannot
         // serve fails here, not with listeners nobody accepts on.
@@ -748,9 +754,23 @@ impl Proxy {
         &self.listeners
     }
 
-    /// Publishes a new pool snapshot from `cfg` (effective config). Per-backend live state
-    /// (in-flight counts, passive failures) carries over.
+    /// Publishes a new pool snapshot from `cfg`, a config every backend of which is to be in
+    /// the pools (see [`Proxy::update_keeping`]). Per-backend live state (in-flight counts,
+    /// passive failures, request counts) carries over.
     pub fn update(&mut self, cfg: &Config) {
+        self.update_keeping(cfg, cfg);
+    }
+
+    /// Publishes a new pool snapshot from the effective config `cfg` (dead backends removed,
+    /// drained ones at weight 0), where `configured` is the config it was made from. Every
+    /// backend `configured` lists keeps its live state (in-flight count, passive failures or
+    /// ejection, request count), those `cfg` leaves out of the pools included: active and
+    /// passive health are one view of a backend, so one that passive health ejected (it
+    /// accepts and never answers, say) is still ejected when its active check passes again,
+    /// and gets its one trial request rather than its full share, and `status` counts its
+    /// requests on across health flaps. A backend `configured` no longer lists loses its
+    /// state, once nothing in flight holds it.
+    pub fn update_keeping(&mut self, cfg: &Config, configured: &Config) {
         let mut vips = HashMap::new();
         let mut keep = HashMap::new();
         let mut rotations = HashMap::new();
@@ -765,12 +785,7 @@ impl Proxy {
             let mut member = |b: &crate::config::Backend| {
                 let addr = SocketAddr::new(b.address, b.port);
                 let key = (vip.name.clone(), addr);
-                let state = self
-                    .states
-                    .get(&key)
-                    .cloned()
-                    .or_else(|| self.retired.get(&key).and_then(std::sync::Weak::upgrade))
-                    .unwrap_or_else(|| Arc::new(BackendState::new(addr)));
+                let state = self.live_state(&key);
                 keep.insert(key, state.clone());
                 Member { state, weight: b.weight, up: true }
             };
@@ -853,6 +868,18 @@ impl Proxy {
                 }),
             );
         }
+        // Backends out of the pools but still configured (down by active health) keep their
+        // state: one VIP's own backends and its routes' alike, one state per address.
+        for vip in &configured.vips {
+            let Some(l7) = &vip.l7 else { continue };
+            for b in vip.backends.iter().chain(l7.routes.iter().flat_map(|r| &r.backends)) {
+                let key = (vip.name.clone(), SocketAddr::new(b.address, b.port));
+                if let std::collections::hash_map::Entry::Vacant(e) = keep.entry(key) {
+                    let state = self.live_state(e.key());
+                    e.insert(state);
+                }
+            }
+        }
         let left: Vec<_> = self.states.drain().filter(|(k, _)| !keep.contains_key(k)).collect();
         self.retired.retain(|k, w| w.strong_count() > 0 && !keep.contains_key(k));
         for (k, s) in left {
@@ -867,7 +894,18 @@ impl Proxy {
         self.shared.snapshot.store(Arc::new(Snapshot { vips }));
     }
 
-    /// Live state of a backend of an L7 VIP (for tests and status).
+    /// The live state of backend `key` (VIP name, address): the one it has, or had when the
+    /// last updates left it out if something in flight still holds that, else a fresh one.
+    fn live_state(&self, key: &(String, SocketAddr)) -> Arc<BackendState> {
+        self.states
+            .get(key)
+            .cloned()
+            .or_else(|| self.retired.get(key).and_then(std::sync::Weak::upgrade))
+            .unwrap_or_else(|| Arc::new(BackendState::new(key.1)))
+    }
+
+    /// Live state of a backend of an L7 VIP (for tests and status): of every configured one,
+    /// those active health took out of the pools included.
     pub fn backend_state(&self, vip: &str, addr: SocketAddr) -> Option<Arc<BackendState>> {
         self.states.get(&(vip.to_owned(), addr)).cloned()
     }
