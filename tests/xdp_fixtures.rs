@@ -12,7 +12,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use common::{FIXTURE_CONFIG, packet::*};
 use edgelb::{
     config::{Config, Vip, XdpAttachMode},
-    dataplane::{Dataplane, TableShape, conn_hash, flow_hash, route, vip_ring},
+    dataplane::{Dataplane, TableShape, conn_hash, flow_hash, route, vip_key, vip_ring},
     testbed::netns::{self, require_privileged},
 };
 use lb_common::stats::{REASON_COUNT, REASON_NAMES, Reason};
@@ -2144,6 +2144,46 @@ fn a_full_config_can_replace_a_vip() {
     assert_eq!(h.run(&to(1031)).0, XDP_TX, "the VIP the refused file removes still forwards");
     let report = h.dp.apply(&h.cfg).unwrap();
     assert_eq!(report, Default::default(), "nothing of the refused file was written");
+}
+
+/// A ring slot naming a present backend of another VIP places no flow: the packet is dropped
+/// as having no backend. A packet whose VIP lookup answered just before a reload removed its
+/// VIP reads the removed VIP's ring, and the reload retires that VIP's backend ids first and may
+/// give them to another VIP's new backends before the packet reads the slot; here the slot is
+/// written by hand. Every way the ring places a flow is tried: a SYN, a datagram the table does
+/// not hold, and a segment without SYN that no table holds.
+#[test]
+fn a_ring_slot_naming_another_vips_backend_places_no_flow() {
+    let test = "a_ring_slot_naming_another_vips_backend_places_no_flow";
+    let Some(mut h) = Harness::new(test, FIXTURE_CONFIG) else { return };
+    let client = "198.18.4.7";
+    // The VIP whose ring slot is rewritten, the VIP whose backend it is made to name, and the
+    // flow's packet from a client port.
+    type Packet = fn(u16) -> Vec<u8>;
+    let cases: [(&str, &str, Packet); 3] = [
+        ("v4tcp", "v4udp", |sport| tcp4("198.18.4.7", sport, "198.18.1.1", 80, SYN)),
+        ("v4udp", "v4tcp", |sport| udp4("198.18.4.7", sport, "198.18.1.1", 53, b"query")),
+        ("v4tcp", "v4udp", |sport| tcp4("198.18.4.7", sport, "198.18.1.1", 80, ACK)),
+    ];
+    for (i, (name, other, packet)) in cases.into_iter().enumerate() {
+        // A new 5-tuple for every run: each is placed by the ring (client hashing: the same slot).
+        let sport = |n: u16| 41000 + 10 * i as u16 + n;
+        let frame = |n: u16| eth(LB_MAC, CLIENT_MAC, ETH_IP, &packet(sport(n)));
+        let (vip, other) = (h.vip(name), h.vip(other));
+        let meta = h.dp.maps().vips_v4.get(&vip_key(&vip).v4(), 0).expect("the VIP's entry");
+        let slot = meta.ring_base + flow_hash(&vip, v4(client).into(), 0) % meta.ring_size;
+        let own = h.dp.maps().rings.get(&slot, 0).unwrap();
+        let stranger = h.dp.backend_id(&other, route(&vip, v4(client).into(), 0).unwrap().address);
+        let stranger = stranger.expect("the other VIP has a backend at that address");
+        assert_ne!(own, stranger);
+        assert_eq!(h.run(&frame(0)).0, XDP_TX, "{name}: the flow's slot serves");
+        h.dp.maps_mut().rings.set(slot, &stranger, 0).unwrap();
+        let input = frame(1);
+        let case = format!("{name}: slot naming a backend of {}", other.name);
+        h.check(&case, &input, XDP_DROP, None, Reason::DropNoBackend);
+        h.dp.maps_mut().rings.set(slot, &own, 0).unwrap();
+        assert_eq!(h.run(&frame(2)).0, XDP_TX, "{name}: the slot serves again once restored");
+    }
 }
 
 /// Where a frame's IP packet starts and its ethertype (one VLAN tag is skipped).

@@ -356,8 +356,10 @@ pub struct Backend {
     pub flags: u8,
     /// Index of the VIP this backend entry belongs to (each VIP has its own entries, so health
     /// and drain are per VIP). The data path checks it against the VIP of a connection-table
-    /// entry (an entry left by another VIP whose backend id was reused is not followed), and a
-    /// restarted controller adopts the pinned maps by it.
+    /// entry (an entry left by another VIP whose backend id was reused is not followed) and of
+    /// the ring that named it (a packet that read a removed VIP's entry just before a reload may
+    /// read its ring, whose ids that reload can already have given to another VIP's backends),
+    /// and a restarted controller adopts the pinned maps by it.
     pub vip_index: u32,
 }
 
