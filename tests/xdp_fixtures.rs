@@ -645,6 +645,69 @@ fn pass_and_drop_policy_fixtures() {
     h.check("L7 VIP", &eth(LB_MAC, CLIENT_MAC, ETH_IP, &p), XDP_PASS, None, Reason::PassL7);
 }
 
+/// A UDP datagram larger than `mtu` less the encapsulation (20 bytes to an IPv4 backend, 40 to
+/// an IPv6 one) never reaches a VIP: with DF (Linux's default for UDP) it is answered with
+/// frag-needed / packet-too-big (`tx_icmp_too_big`), without it dropped (`drop_too_big`), and
+/// once the client fragments it, its fragments are dropped (`drop_fragment`). One byte less goes
+/// through. What README, ARCHITECTURE and CONFIG tell operators of UDP services.
+#[test]
+fn udp_datagrams_past_the_mtu_less_the_encapsulation_never_reach_a_vip() {
+    let test = "udp_datagrams_past_the_mtu_less_the_encapsulation_never_reach_a_vip";
+    let Some(mut h) = Harness::new(test, FIXTURE_CONFIG) else { return };
+    assert_eq!(h.cfg.node.mtu, 1500);
+    let (c4, vip4) = (v4("198.18.4.7"), v4("198.18.1.1"));
+    // IPv4 to IPv4 backends (IPIP, 20 bytes): 1480 goes through, 1481 does not.
+    let datagram = |len: usize| udp4("198.18.4.7", 5353, "198.18.1.1", 53, &vec![0x5a; len - 28]);
+    forwarded(&mut h, "v4 UDP of mtu - 20", "v4udp", c4.into(), 5353, datagram(1480));
+    let big = datagram(1481);
+    let mut err = V4::new(vip4, c4, 1);
+    err.df = false;
+    let answer = err.packet(&icmp4(3, 4, [0, 0, 0x05, 0xc8], &big[..28]));
+    h.check(
+        "v4 UDP of mtu - 19 with DF",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IP, &big),
+        XDP_TX,
+        Some(&eth(CLIENT_MAC, LB_MAC, ETH_IP, &answer)),
+        Reason::TxIcmpTooBig,
+    );
+    let mut hdr = V4::new(c4, vip4, 17);
+    hdr.df = false;
+    let whole = udp(c4.into(), vip4.into(), 5353, 53, &[0x5a; 1481 - 28]);
+    let input = eth(LB_MAC, CLIENT_MAC, ETH_IP, &hdr.packet(&whole));
+    h.check("v4 UDP of mtu - 19 without DF", &input, XDP_DROP, None, Reason::DropTooBig);
+    // The client fragments it (at 1480 bytes of payload, a multiple of 8): both pieces dropped.
+    hdr.mf = true;
+    let first = eth(LB_MAC, CLIENT_MAC, ETH_IP, &hdr.packet(&whole[..1456]));
+    h.check("its first fragment", &first, XDP_DROP, None, Reason::DropFragment);
+    hdr.mf = false;
+    hdr.frag_offset = 1456 / 8;
+    let last = eth(LB_MAC, CLIENT_MAC, ETH_IP, &hdr.packet(&whole[1456..]));
+    h.check("its last fragment", &last, XDP_DROP, None, Reason::DropFragment);
+
+    // IPv6 to IPv6 backends (IP6IP6, 40 bytes): 1460 goes through, 1461 does not.
+    let (c6, vip6) = (v6("2001:2::77"), v6("2001:2:0:1::1"));
+    let datagram6 = |len: usize| {
+        ipv6(c6, vip6, 17, 0, 64, &udp(c6.into(), vip6.into(), 5353, 53, &vec![0x5a; len - 48]))
+    };
+    forwarded(&mut h, "v6 UDP of mtu - 40", "v6udp", c6.into(), 5353, datagram6(1460));
+    let big6 = datagram6(1461);
+    let answer =
+        ipv6(vip6, c6, 58, 0, 64, &icmp6(vip6, c6, 2, 0, 1460u32.to_be_bytes(), &big6[..48]));
+    h.check(
+        "v6 UDP of mtu - 39",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &big6),
+        XDP_TX,
+        Some(&eth(CLIENT_MAC, LB_MAC, ETH_IPV6, &answer)),
+        Reason::TxIcmpTooBig,
+    );
+    // The client fragments it after that answer: its first fragment (UDP header inside) dropped.
+    let whole6 = udp(c6.into(), vip6.into(), 5353, 53, &[0x5a; 1461 - 48]);
+    let frag_hdr = [17u8, 0, 0, 1, 0, 0, 0, 7]; // offset 0, more fragments, id 7
+    let first6 = ipv6(c6, vip6, 44, 0, 64, &[&frag_hdr[..], &whole6[..1232]].concat());
+    let input = eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &first6);
+    h.check("its first IPv6 fragment", &input, XDP_DROP, None, Reason::DropFragment);
+}
+
 #[test]
 fn truncated_headers_pass_untouched() {
     let Some(mut h) = Harness::new("truncated_headers_pass_untouched", FIXTURE_CONFIG) else {
