@@ -549,7 +549,11 @@ pub struct Counters {
     pub packets: u64,
     /// Bytes forwarded (as received, before encapsulation).
     pub bytes: u64,
-    /// Flows that missed the connection table and were placed by the ring.
+    /// Forwarded packets the Maglev ring placed: every TCP SYN (retransmits and floods
+    /// included), every packet whose flow neither the connection table nor (TCP) a handshake
+    /// slot held (a UDP flow's first datagram, a flow re-placed after an eviction, a restart or
+    /// a move between CPUs), and every packet of a VIP without a connection table. Ring
+    /// placements, not connections.
     pub new_flows: u64,
 }
 
