@@ -12,7 +12,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use common::{FIXTURE_CONFIG, packet::*};
 use edgelb::{
     config::{Config, Vip, XdpAttachMode},
-    dataplane::{Dataplane, TableShape, conn_hash, flow_hash, route, vip_ring},
+    dataplane::{Dataplane, TableShape, conn_hash, flow_hash, route, vip_key, vip_ring},
     testbed::netns::{self, require_privileged},
 };
 use lb_common::stats::{REASON_COUNT, REASON_NAMES, Reason};
@@ -643,6 +643,69 @@ fn pass_and_drop_policy_fixtures() {
     // L7 VIP: to the kernel stack.
     let p = tcp4("198.18.4.7", 40000, "198.18.1.6", 80, SYN);
     h.check("L7 VIP", &eth(LB_MAC, CLIENT_MAC, ETH_IP, &p), XDP_PASS, None, Reason::PassL7);
+}
+
+/// A UDP datagram larger than `mtu` less the encapsulation (20 bytes to an IPv4 backend, 40 to
+/// an IPv6 one) never reaches a VIP: with DF (Linux's default for UDP) it is answered with
+/// frag-needed / packet-too-big (`tx_icmp_too_big`), without it dropped (`drop_too_big`), and
+/// once the client fragments it, its fragments are dropped (`drop_fragment`). One byte less goes
+/// through. What README, ARCHITECTURE and CONFIG tell operators of UDP services.
+#[test]
+fn udp_datagrams_past_the_mtu_less_the_encapsulation_never_reach_a_vip() {
+    let test = "udp_datagrams_past_the_mtu_less_the_encapsulation_never_reach_a_vip";
+    let Some(mut h) = Harness::new(test, FIXTURE_CONFIG) else { return };
+    assert_eq!(h.cfg.node.mtu, 1500);
+    let (c4, vip4) = (v4("198.18.4.7"), v4("198.18.1.1"));
+    // IPv4 to IPv4 backends (IPIP, 20 bytes): 1480 goes through, 1481 does not.
+    let datagram = |len: usize| udp4("198.18.4.7", 5353, "198.18.1.1", 53, &vec![0x5a; len - 28]);
+    forwarded(&mut h, "v4 UDP of mtu - 20", "v4udp", c4.into(), 5353, datagram(1480));
+    let big = datagram(1481);
+    let mut err = V4::new(vip4, c4, 1);
+    err.df = false;
+    let answer = err.packet(&icmp4(3, 4, [0, 0, 0x05, 0xc8], &big[..28]));
+    h.check(
+        "v4 UDP of mtu - 19 with DF",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IP, &big),
+        XDP_TX,
+        Some(&eth(CLIENT_MAC, LB_MAC, ETH_IP, &answer)),
+        Reason::TxIcmpTooBig,
+    );
+    let mut hdr = V4::new(c4, vip4, 17);
+    hdr.df = false;
+    let whole = udp(c4.into(), vip4.into(), 5353, 53, &[0x5a; 1481 - 28]);
+    let input = eth(LB_MAC, CLIENT_MAC, ETH_IP, &hdr.packet(&whole));
+    h.check("v4 UDP of mtu - 19 without DF", &input, XDP_DROP, None, Reason::DropTooBig);
+    // The client fragments it (at 1480 bytes of payload, a multiple of 8): both pieces dropped.
+    hdr.mf = true;
+    let first = eth(LB_MAC, CLIENT_MAC, ETH_IP, &hdr.packet(&whole[..1456]));
+    h.check("its first fragment", &first, XDP_DROP, None, Reason::DropFragment);
+    hdr.mf = false;
+    hdr.frag_offset = 1456 / 8;
+    let last = eth(LB_MAC, CLIENT_MAC, ETH_IP, &hdr.packet(&whole[1456..]));
+    h.check("its last fragment", &last, XDP_DROP, None, Reason::DropFragment);
+
+    // IPv6 to IPv6 backends (IP6IP6, 40 bytes): 1460 goes through, 1461 does not.
+    let (c6, vip6) = (v6("2001:2::77"), v6("2001:2:0:1::1"));
+    let datagram6 = |len: usize| {
+        ipv6(c6, vip6, 17, 0, 64, &udp(c6.into(), vip6.into(), 5353, 53, &vec![0x5a; len - 48]))
+    };
+    forwarded(&mut h, "v6 UDP of mtu - 40", "v6udp", c6.into(), 5353, datagram6(1460));
+    let big6 = datagram6(1461);
+    let answer =
+        ipv6(vip6, c6, 58, 0, 64, &icmp6(vip6, c6, 2, 0, 1460u32.to_be_bytes(), &big6[..48]));
+    h.check(
+        "v6 UDP of mtu - 39",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &big6),
+        XDP_TX,
+        Some(&eth(CLIENT_MAC, LB_MAC, ETH_IPV6, &answer)),
+        Reason::TxIcmpTooBig,
+    );
+    // The client fragments it after that answer: its first fragment (UDP header inside) dropped.
+    let whole6 = udp(c6.into(), vip6.into(), 5353, 53, &[0x5a; 1461 - 48]);
+    let frag_hdr = [17u8, 0, 0, 1, 0, 0, 0, 7]; // offset 0, more fragments, id 7
+    let first6 = ipv6(c6, vip6, 44, 0, 64, &[&frag_hdr[..], &whole6[..1232]].concat());
+    let input = eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &first6);
+    h.check("its first IPv6 fragment", &input, XDP_DROP, None, Reason::DropFragment);
 }
 
 #[test]
@@ -2144,6 +2207,46 @@ fn a_full_config_can_replace_a_vip() {
     assert_eq!(h.run(&to(1031)).0, XDP_TX, "the VIP the refused file removes still forwards");
     let report = h.dp.apply(&h.cfg).unwrap();
     assert_eq!(report, Default::default(), "nothing of the refused file was written");
+}
+
+/// A ring slot naming a present backend of another VIP places no flow: the packet is dropped
+/// as having no backend. A packet whose VIP lookup answered just before a reload removed its
+/// VIP reads the removed VIP's ring, and the reload retires that VIP's backend ids first and may
+/// give them to another VIP's new backends before the packet reads the slot; here the slot is
+/// written by hand. Every way the ring places a flow is tried: a SYN, a datagram the table does
+/// not hold, and a segment without SYN that no table holds.
+#[test]
+fn a_ring_slot_naming_another_vips_backend_places_no_flow() {
+    let test = "a_ring_slot_naming_another_vips_backend_places_no_flow";
+    let Some(mut h) = Harness::new(test, FIXTURE_CONFIG) else { return };
+    let client = "198.18.4.7";
+    // The VIP whose ring slot is rewritten, the VIP whose backend it is made to name, and the
+    // flow's packet from a client port.
+    type Packet = fn(u16) -> Vec<u8>;
+    let cases: [(&str, &str, Packet); 3] = [
+        ("v4tcp", "v4udp", |sport| tcp4("198.18.4.7", sport, "198.18.1.1", 80, SYN)),
+        ("v4udp", "v4tcp", |sport| udp4("198.18.4.7", sport, "198.18.1.1", 53, b"query")),
+        ("v4tcp", "v4udp", |sport| tcp4("198.18.4.7", sport, "198.18.1.1", 80, ACK)),
+    ];
+    for (i, (name, other, packet)) in cases.into_iter().enumerate() {
+        // A new 5-tuple for every run: each is placed by the ring (client hashing: the same slot).
+        let sport = |n: u16| 41000 + 10 * i as u16 + n;
+        let frame = |n: u16| eth(LB_MAC, CLIENT_MAC, ETH_IP, &packet(sport(n)));
+        let (vip, other) = (h.vip(name), h.vip(other));
+        let meta = h.dp.maps().vips_v4.get(&vip_key(&vip).v4(), 0).expect("the VIP's entry");
+        let slot = meta.ring_base + flow_hash(&vip, v4(client).into(), 0) % meta.ring_size;
+        let own = h.dp.maps().rings.get(&slot, 0).unwrap();
+        let stranger = h.dp.backend_id(&other, route(&vip, v4(client).into(), 0).unwrap().address);
+        let stranger = stranger.expect("the other VIP has a backend at that address");
+        assert_ne!(own, stranger);
+        assert_eq!(h.run(&frame(0)).0, XDP_TX, "{name}: the flow's slot serves");
+        h.dp.maps_mut().rings.set(slot, &stranger, 0).unwrap();
+        let input = frame(1);
+        let case = format!("{name}: slot naming a backend of {}", other.name);
+        h.check(&case, &input, XDP_DROP, None, Reason::DropNoBackend);
+        h.dp.maps_mut().rings.set(slot, &own, 0).unwrap();
+        assert_eq!(h.run(&frame(2)).0, XDP_TX, "{name}: the slot serves again once restored");
+    }
 }
 
 /// Where a frame's IP packet starts and its ethertype (one VLAN tag is skipped).

@@ -356,8 +356,10 @@ pub struct Backend {
     pub flags: u8,
     /// Index of the VIP this backend entry belongs to (each VIP has its own entries, so health
     /// and drain are per VIP). The data path checks it against the VIP of a connection-table
-    /// entry (an entry left by another VIP whose backend id was reused is not followed), and a
-    /// restarted controller adopts the pinned maps by it.
+    /// entry (an entry left by another VIP whose backend id was reused is not followed) and of
+    /// the ring that named it (a packet that read a removed VIP's entry just before a reload may
+    /// read its ring, whose ids that reload can already have given to another VIP's backends),
+    /// and a restarted controller adopts the pinned maps by it.
     pub vip_index: u32,
 }
 
@@ -547,7 +549,11 @@ pub struct Counters {
     pub packets: u64,
     /// Bytes forwarded (as received, before encapsulation).
     pub bytes: u64,
-    /// Flows that missed the connection table and were placed by the ring.
+    /// Forwarded packets the Maglev ring placed: every TCP SYN (retransmits and floods
+    /// included), every packet whose flow neither the connection table nor (TCP) a handshake
+    /// slot held (a UDP flow's first datagram, a flow re-placed after an eviction, a restart or
+    /// a move between CPUs), and every packet of a VIP without a connection table. Ring
+    /// placements, not connections.
     pub new_flows: u64,
 }
 

@@ -31,7 +31,9 @@ pub enum Reason {
     DropFragment,
     /// IPv4 options or IPv6 extension headers towards the address of an L4 VIP: dropped.
     DropIpOptions,
-    /// The VIP has no backend in its ring.
+    /// The VIP has no backend in its ring, or the ring slot the flow hashes to names a backend
+    /// that is gone or belongs to another VIP (a packet that read a VIP's entry just before a
+    /// reload removed it).
     DropNoBackend,
     /// The packet did not fit after encapsulation and the ICMP answer could not be built.
     DropTooBig,

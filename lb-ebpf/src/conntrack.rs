@@ -603,7 +603,14 @@ fn place<B: Bucket>(
 }
 
 /// The backend `meta`'s ring gives the flow of `key` (by [`flow_hash`]), as a new flow with
-/// table hash `hash`; `None` without a ring or when that backend is gone.
+/// table hash `hash`; `None` without a ring or when that backend is gone or belongs to another
+/// VIP.
+///
+/// The VIP check is for a packet whose VIP lookup answered just before a reload removed the
+/// VIP: its ring still holds the removed VIP's backend ids, which the same reload may already
+/// have given to another VIP's backends, present. Without the check such a packet could be
+/// sent to that other VIP's backend; with it, it is dropped as having no backend, as it would
+/// be a moment later. (One compare, as the table path's [`valid`] makes.)
 #[inline(always)]
 fn ring_pick(key: &FlowKey, meta: &VipMeta, hash: u32) -> Option<Pick> {
     if meta.ring_size == 0 {
@@ -611,5 +618,8 @@ fn ring_pick(key: &FlowKey, meta: &VipMeta, hash: u32) -> Option<Pick> {
     }
     let id = *RINGS.get(meta.ring_base + flow_hash(key, meta) % meta.ring_size)?;
     let backend = live_backend(id)?;
+    if backend.vip_index != meta.vip_index {
+        return None;
+    }
     Some(Pick { id, backend, new_flow: true, hash })
 }

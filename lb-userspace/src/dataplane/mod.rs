@@ -8,7 +8,10 @@
 //! removed backends are retired only after no ring points at them. VIPs gone from the config
 //! (a changed address, port or protocol is a removal and an addition) are removed first, with
 //! their backend entries: no ring of a live VIP names those, and a config at the capacity limits
-//! must not need room for the old and the new VIP at once.
+//! must not need room for the old and the new VIP at once. A packet that read a removed VIP's
+//! entry just before its removal may still read its ring, whose ids this apply can give to
+//! another VIP's backends before the packet gets there: the program refuses a ring slot whose
+//! backend is not of the VIP it serves (`Backend::vip_index`), and drops that packet.
 
 mod holders;
 pub mod maps;
