@@ -108,9 +108,11 @@ impl Collector for KernelCollector {
         let counters: [CounterField; 3] = [
             ("packets", "Packets forwarded by the XDP balancer", |c| c.packets),
             ("bytes", "Bytes forwarded by the XDP balancer (as received)", |c| c.bytes),
-            ("new_flows", "Flows placed by the Maglev ring (connection-table misses)", |c| {
-                c.new_flows
-            }),
+            (
+                "new_flows",
+                "Packets placed by the Maglev ring, not connections: every SYN, every packet no connection-table entry held, every packet of a VIP without a table",
+                |c| c.new_flows,
+            ),
         ];
         for (what, help, get) in counters {
             let name = format!("edgelb_vip_{what}");
