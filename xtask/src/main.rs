@@ -268,10 +268,26 @@ fn edgelb_bin() -> PathBuf {
 /// pin dir (see `run_config`), so nothing else on the machine is touched. The file is written
 /// afresh first: one an older `run` left has the default socket. It is written whether or not
 /// one was there (a fresh clone, or after `cargo clean`): the socket and pin dir are the same
-/// for every `run`, and the edgelb to stop may be another clone's.
+/// for every `run`, and the edgelb to stop may be another clone's. With something left to stop
+/// (`run`'s admin socket or pins) and no edgelb built (after `cargo clean`), it builds edgelb
+/// first: the left edgelb would otherwise keep running, and the next `run` be refused.
 fn stop_left_edgelb() {
     let (config, bin) = (testbed_config(), edgelb_bin());
-    if bin.exists() && write_run_config(&config).is_ok() {
+    if !Path::new(RUN_SOCKET).exists() && !Path::new(RUN_PINS).exists() {
+        return; // nothing a `run` left
+    }
+    if !bin.exists() {
+        eprintln!(
+            "an edgelb of `run` (or its data plane) is left ({RUN_SOCKET}, {RUN_PINS}) and {} is \
+             not built: building it to stop them",
+            bin.display()
+        );
+        if let Err(e) = cargo(&["build", "--locked", "--bin", "edgelb"]) {
+            eprintln!("cannot stop the left edgelb: {e:#}");
+            return;
+        }
+    }
+    if write_run_config(&config).is_ok() {
         let _ = edgelb_command(&bin, "stop", &config).status();
     }
 }
@@ -304,7 +320,7 @@ fn run_config() -> String {
     edgelb::config::EXAMPLE.replacen(
         "[node]\n",
         &format!(
-            "[node]\npin_dir = \"{RUN_PINS}\"\nadmin_socket = \"/run/edgelb/xtask-run.sock\"\n"
+            "[node]\npin_dir = \"{RUN_PINS}\"\nadmin_socket = \"{RUN_SOCKET}\"\n"
         ),
         1,
     )
@@ -312,6 +328,8 @@ fn run_config() -> String {
 
 /// The pin directory of `run`'s edgelb.
 const RUN_PINS: &str = "/sys/fs/bpf/edgelb-xtask-run";
+/// The admin socket of `run`'s edgelb.
+const RUN_SOCKET: &str = "/run/edgelb/xtask-run.sock";
 
 /// Cargo's target directory, where this xtask was built (`<target>/debug/xtask`): the one
 /// `cargo build` writes edgelb to as well, whether it is `target/`, `CARGO_TARGET_DIR` or a
@@ -1055,7 +1073,7 @@ mod tests {
         written.expect("written with its directory made");
         let read = read.expect("there");
         assert_eq!(read, run_config());
-        assert!(read.contains("admin_socket = \"/run/edgelb/xtask-run.sock\""), "{read}");
+        assert!(read.contains(&format!("admin_socket = \"{RUN_SOCKET}\"")), "{read}");
     }
 
     /// `testbed down` takes the lock a live `run` holds, and is refused naming that run: it
