@@ -3525,8 +3525,8 @@ fn idle_backend_connections_are_closed_without_further_traffic() {
 /// A pooled connection on which the backend wrote something after its response (a body to a
 /// HEAD, bytes past a Content-Length, in a later segment) is not reused for the next request,
 /// idempotent or not: the next request gets the backend's real answer, not the stray bytes.
-/// After a bodiless response that holds however soon the connection is wanted again; after
-/// others, once it has been idle a moment (50 ms).
+/// That holds however soon after the stray bytes the connection is wanted again, after a
+/// bodiless response or any other.
 #[test]
 fn a_pooled_connection_with_stray_bytes_is_not_reused() {
     const STRAY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray";
@@ -3601,6 +3601,67 @@ fn a_pooled_connection_with_stray_bytes_is_not_reused() {
     let r = read_response(&mut c.r).expect("a response");
     assert_eq!((r.0, r.2.as_str()), (200, "real /after-quick"), "{r:?}");
     assert_eq!(b.reqs.load(Ordering::Relaxed), 6);
+}
+
+/// Bytes a backend writes past its response a few milliseconds later, on a connection pooled
+/// meanwhile, never reach a client as the answer to a request of its own, however soon that
+/// request reuses the connection: each backend answers `/extra` with "ok" and 10 ms later
+/// writes a whole second response, and the client that next goes to that backend, 20 ms after
+/// the first (another client's request in between went to the other backend), gets its own
+/// backend's answer.
+#[test]
+fn late_bytes_past_a_response_never_answer_another_clients_request() {
+    const POISON: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON";
+    let poisoned = Arc::new(AtomicUsize::new(0));
+    let late = |name: &'static str, poisoned: Arc<AtomicUsize>| {
+        serve_backend(move |s, reqs, _| {
+            // Each write goes at once, not held back by Nagle's algorithm.
+            s.set_nodelay(true).unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            while let Some((head, _)) = read_request(&mut r) {
+                reqs.fetch_add(1, Ordering::Relaxed);
+                let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                if path == "/extra" {
+                    if w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                    if w.write_all(POISON).is_err() {
+                        return;
+                    }
+                    poisoned.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                }
+                let text = format!("{name} {path}");
+                let resp =
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}", text.len());
+                if w.write_all(resp.as_bytes()).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let (a, b) = (late("a", poisoned.clone()), late("b", poisoned.clone()));
+    // One proxy thread: one pool, and one round-robin turn for all three requests.
+    let p = proxy_on(1, &[(&a, 1), (&b, 1)], "algorithm = \"round_robin\"", "");
+    for round in 1..=3 {
+        let r = get(p.addr, "/extra");
+        assert_eq!((r.0, r.2.as_str()), (200, "ok"), "{r:?}");
+        let x = get(p.addr, "/x");
+        assert_eq!(x.0, 200, "{x:?}");
+        let t = Instant::now();
+        while poisoned.load(Ordering::SeqCst) < round {
+            assert!(t.elapsed() < Duration::from_secs(2), "the backend wrote its late bytes");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        let y = get(p.addr, "/y");
+        assert_eq!(y.0, 200, "{y:?}");
+        assert_ne!(who(&y), who(&x), "round robin: /y goes where /extra went");
+        assert_eq!(y.2, format!("{} /y", who(&y)), "{y:?}");
+    }
+    assert_eq!(a.reqs.load(Ordering::Relaxed) + b.reqs.load(Ordering::Relaxed), 9);
 }
 
 /// A fully qualified host (`api.example.` with its root dot) is the same host: it takes the

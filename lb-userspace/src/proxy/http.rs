@@ -33,7 +33,7 @@ use super::{
     balance::{InFlight, Pool},
     chunked::Chunked,
     client_ip,
-    uring::Socket,
+    uring::{Armed, Socket},
 };
 use crate::config::{Algorithm, L7Mode};
 
@@ -46,17 +46,6 @@ const POOL_MAX_IDLE: Duration = Duration::from_secs(4);
 /// connection is only found stale when a request for its backend comes (a backend removed from
 /// the config, or the surplus of a busy moment, would stay open for ever).
 const POOL_SWEEP_EVERY: Duration = Duration::from_secs(1);
-/// A pooled connection idle at least this long is checked (a non-waiting peek, one system call)
-/// before any request is sent on it, replayable or not. A backend that writes after its
-/// response (a body to a HEAD in a second write, bytes past its Content-Length, a 408 before it
-/// closes an idle connection) would otherwise have those bytes read as the next request's
-/// response. Such bytes follow the response within a round trip, or at worst a delayed ACK
-/// later (40 ms on Linux: a backend's second small write waits for it under Nagle's
-/// algorithm), or come at the backend's own idle timeout, seconds later; so after 50 ms they
-/// are there to see. Under load, connections go back to work within microseconds (the pool
-/// hands out the most recently idle first), so a busy connection pays no system call: one idle
-/// 50 ms serves at most 20 requests a second, where a peek costs nothing that shows.
-const POOL_PEEK_AFTER: Duration = Duration::from_millis(50);
 /// Read size.
 const READ_CHUNK: usize = 4 * 1024;
 /// The most headers a backend's response head may have. Fixed, and generous: above HAProxy's
@@ -84,13 +73,22 @@ const LINGER_CHUNK: usize = 64 * 1024;
 /// An idle keep-alive connection to a backend.
 struct Idle {
     socket: Socket,
-    /// When it became idle.
-    since: Instant,
+    /// A receive kept pending on it while it is idle, as nginx and HAProxy keep a read event
+    /// armed on theirs. Whatever the backend does meanwhile completes it: bytes written past
+    /// its response (a body to a HEAD in a second write, bytes past its Content-Length, a 408
+    /// before it closes an idle connection), a close or a reset; and such a connection is never
+    /// used again ([`UpstreamPool::take`]), so the stray bytes are never read as the next
+    /// request's response, and a request that must not be sent twice does not go on a
+    /// connection already closed. Still pending when the connection is taken, it is the first
+    /// read of the next response: the receive that request would issue anyway, issued earlier,
+    /// so the check costs no system call. What it sees is what the thread's io_uring has
+    /// completed by then: bytes arriving in the moment before the request goes out (or in the
+    /// thread's last turn, under load) are still read as its response, the window nginx and
+    /// HAProxy leave too (no check closes it: a backend that writes after its response races
+    /// the next request).
+    armed: Armed,
     /// When it is too old to reuse.
     expires: Instant,
-    /// Checked before reuse however short its idle time: its last response had no body (HEAD,
-    /// 204, 304), which is where backends most often send one anyway, right behind the head.
-    peek: bool,
 }
 
 /// Idle connections to one backend, oldest first.
@@ -102,7 +100,8 @@ pub struct UpstreamPool {
     idle: Rc<RefCell<AHashMap<SocketAddr, IdleList>>>,
 }
 
-/// Closes a connection taken out of the pool now, not whenever its last clone goes.
+/// Closes a connection taken out of the pool now, not whenever its last clone goes (this also
+/// completes a receive still pending on it, which holds a clone).
 fn close(s: &Socket) {
     let _ = s.shutdown(std::net::Shutdown::Both);
 }
@@ -135,17 +134,21 @@ fn close_after_backend(up: Socket) {
 
 impl UpstreamPool {
     /// An idle connection to `addr` that has not been idle too long at `now` (the most recently
-    /// idle first). With `check`, or when the connection was idle [`POOL_PEEK_AFTER`] or its
-    /// last response had no body, only one a peek finds open with nothing unread (one system
-    /// call each): `check` is for a request that is never sent twice, so a connection the
-    /// backend closed must not be tried.
-    fn take(&self, addr: SocketAddr, now: Instant, check: bool) -> Option<Socket> {
+    /// idle first), with the receive pending on it (the first read of its next response). Only
+    /// one on which nothing happened while it was idle ([`Idle::armed`]: a look at the
+    /// receive, no system call); the others are closed.
+    fn take(&self, addr: SocketAddr, now: Instant) -> Option<(Socket, Armed)> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
         while let Some(c) = list.pop() {
-            let peek = check || c.peek || now.saturating_duration_since(c.since) >= POOL_PEEK_AFTER;
-            if now < c.expires && (!peek || c.socket.idle_open()) {
-                return Some(c.socket);
+            if now < c.expires {
+                match c.armed.pending() {
+                    Ok(armed) => return Some((c.socket, armed)),
+                    Err((Ok(n), _)) if n > 0 => {
+                        tracing::debug!(%addr, bytes = n, "backend wrote past its response on an idle connection; closed");
+                    }
+                    Err(_) => {}
+                }
             }
             close(&c.socket);
         }
@@ -153,17 +156,17 @@ impl UpstreamPool {
     }
 
     /// Keeps `s`, idle since `now`, for reuse for at most `max_idle` (and [`POOL_MAX_IDLE`])
-    /// unless `max` connections to `addr` are idle already; with `peek`, it is checked before
-    /// its next use (see [`Idle::peek`]). Connections to `addr` past their time go first: the
-    /// list is oldest first, so they are at its front.
+    /// unless `max` connections to `addr` are idle already, with a receive pending on it into
+    /// `buf` ([`Idle::armed`]). Connections to `addr` past their time go first: the list is
+    /// oldest first, so they are at its front.
     fn put(
         &self,
         addr: SocketAddr,
         s: Socket,
+        buf: BytesMut,
         max: usize,
         now: Instant,
         max_idle: Duration,
-        peek: bool,
     ) {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(addr).or_default();
@@ -171,7 +174,8 @@ impl UpstreamPool {
         list.drain(..stale).for_each(|c| close(&c.socket));
         if list.len() < max {
             let expires = now + max_idle.min(POOL_MAX_IDLE);
-            list.push(Idle { socket: s, since: now, expires, peek });
+            let armed = s.recv_armed(buf, READ_CHUNK);
+            list.push(Idle { socket: s, armed, expires });
         } else {
             close(&s);
         }
@@ -1602,6 +1606,8 @@ async fn serve_conn(
     // Read buffers for the client and the backend side, and the buffer response heads are
     // built in: each keeps one allocation for the whole connection (heads and body chunks are
     // split off and sent without copies, and their room is taken back once they are dropped).
+    // The backend buffer goes into the pool with a backend connection put back there, and one
+    // comes back with a pooled connection taken.
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut ubuf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = BytesMut::with_capacity(512);
@@ -1930,8 +1936,7 @@ async fn serve_conn(
 
         // 5. Response head and body to the client.
         let head_req = req.method() == "HEAD";
-        // A response that has no body whatever its head says: its connection is checked before
-        // it is reused (see `Idle::peek`).
+        // A response that has no body whatever its head says.
         let bodiless = head_req || resp.status == 204 || resp.status == 304;
         let rframing = match resp.framing {
             _ if bodiless => Framing::None,
@@ -2089,7 +2094,11 @@ async fn serve_conn(
         let clean = !cut && ubuf.is_empty();
         if clean && upstream_keepalive && reuse {
             let (max, max_idle) = (vip.cfg.upstream_keepalive, vip.cfg.idle_timeout);
-            upstream.put(pool.members[i].state.addr, up, max, end, max_idle, bodiless);
+            // The backend buffer (empty) goes with the connection, for the receive kept pending
+            // on it (`Idle::armed`); the request that takes the connection next, from this
+            // client or another, takes the buffer with it.
+            let addr = pool.members[i].state.addr;
+            upstream.put(addr, up, std::mem::take(&mut ubuf), max, end, max_idle);
         } else if clean {
             // The backend closes this one (it said so, or was asked to): let it close first.
             close_after_backend(up);
@@ -2192,20 +2201,19 @@ async fn attempt_once(
 ) -> Result<Answer, Attempt> {
     let cfg = &vip.cfg;
     let addr = pool.members[i].state.addr;
-    // A pooled connection may have been closed by the backend meanwhile. A request that may
-    // be sent again then goes on a fresh one; the backend may also have closed it just as the
-    // request arrived, having read it or not, so any other request takes only a connection
-    // checked open, and is never sent twice.
-    let mut reused =
-        if cfg.proxy_protocol.is_none() { upstream.take(addr, now, !replayable) } else { None };
+    // A pooled connection comes checked: nothing happened on it while it was idle (see
+    // `Idle::armed`), and the receive pending on it is the first read of the response. The
+    // backend may still close it just as the request arrives, having read it or not: a request
+    // that may be sent again then goes on a fresh one; any other is never sent twice.
+    let mut reused = if cfg.proxy_protocol.is_none() { upstream.take(addr, now) } else { None };
     // The response timeout runs from the request's end (within the whole request's deadline):
     // known now for a bodiless request.
     let sent_at = tokio::time::Instant::from_std(now);
     let answer_by = |end: tokio::time::Instant| (end + cfg.response_timeout).min(deadline);
     loop {
         let fresh = reused.is_none();
-        let up = match reused.take() {
-            Some(s) => s,
+        let (up, armed) = match reused.take() {
+            Some((s, armed)) => (s, Some(armed)),
             None => {
                 // Within what the request's deadline leaves.
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -2221,14 +2229,15 @@ async fn attempt_once(
                 if let Some(v) = cfg.proxy_protocol {
                     write(&s, proxy_header(v, peer, listen)).await.map_err(|_| Attempt::Connect)?;
                 }
-                s
+                (s, None)
             }
         };
         ubuf.clear();
         if framing == Framing::None {
             // A bodiless request: the read of the response is issued together with the write
-            // of the head, which saves the thread a round through its event loop per request.
-            // A failed write shuts the connection down, which ends the read at once.
+            // of the head (on a pooled connection it was issued before), which saves the thread
+            // a round through its event loop per request. A failed write shuts the connection
+            // down, which ends the read at once.
             let resp_deadline = answer_by(sent_at);
             let send = async {
                 let r = write(&up, head.clone()).await;
@@ -2237,7 +2246,8 @@ async fn attempt_once(
                 }
                 r
             };
-            let (sent, read) = tokio::join!(send, timeout_at(resp_deadline, read_more(&up, ubuf)));
+            let read = read_first(&up, ubuf, armed);
+            let (sent, read) = tokio::join!(send, timeout_at(resp_deadline, read));
             if sent.is_err() {
                 if fresh {
                     return Err(Attempt::Connect);
@@ -2250,7 +2260,8 @@ async fn attempt_once(
             // A pooled connection closed before any response: the request goes again on a
             // fresh one (`Ok(None)`).
             let stale = !fresh && replayable;
-            let reading = response_head(client, &up, ubuf, addr, expect, Some(first), stale);
+            let first = Some(FirstRead::Done(first));
+            let reading = response_head(client, &up, ubuf, addr, expect, first, stale);
             match timeout_at(resp_deadline, reading).await {
                 Ok(Ok(Some(resp))) => return Ok(Answer { up, resp, cut: false }),
                 Ok(Ok(None)) => continue,
@@ -2262,6 +2273,8 @@ async fn attempt_once(
             if fresh {
                 return Err(Attempt::Connect);
             }
+            // Closed now: the receive pending on it holds it open until it completes.
+            close(&up);
             continue;
         }
         // The response is read while the body streams, as nginx does: a backend may answer
@@ -2271,7 +2284,8 @@ async fn attempt_once(
         // charged to a healthy backend) or wait for the kernel to give up on the stalled send.
         // The body stream goes first when both are ready: a body that is through is through.
         let (resp, cut) = {
-            let reading = response_head(client, &up, ubuf, addr, expect, None, false);
+            let first = armed.map(FirstRead::Armed);
+            let reading = response_head(client, &up, ubuf, addr, expect, first, false);
             let mut reading = std::pin::pin!(reading);
             let streamed = tokio::select! {
                 biased;
@@ -2347,18 +2361,37 @@ struct Expect {
     head: bool,
 }
 
+/// The first read of a response head that [`response_head`] does not issue itself.
+enum FirstRead {
+    /// A read into the response buffer done already (issued with the request head).
+    Done(io::Result<usize>),
+    /// The receive kept pending on a pooled connection ([`Idle::armed`]).
+    Armed(Armed),
+}
+
+/// Reads more bytes into `buf` (empty) as [`read_more`] does, or, on a pooled connection, waits
+/// for the receive pending on it (`armed`, see [`Idle::armed`]), whose buffer becomes `buf`.
+async fn read_first(up: &Socket, buf: &mut BytesMut, armed: Option<Armed>) -> io::Result<usize> {
+    let Some(armed) = armed else { return read_more(up, buf).await };
+    debug_assert!(buf.is_empty(), "the pending receive's bytes start the response");
+    let (r, b) = armed.await;
+    *buf = b;
+    r
+}
+
 /// Reads the backend's final response head into `ubuf`, starting with `first` (a read already
-/// done) if given, and passes interim (1xx) responses on to the client as they come. Reads wait
-/// as long as the backend takes: callers bound the whole. With `stale` (a pooled connection,
-/// for a request that may be sent again), a connection that ends before any response is
-/// `Ok(None)`: the request goes again on a fresh one.
+/// done, or pending since the connection was idle) if given, and passes interim (1xx) responses
+/// on to the client as they come. Reads wait as long as the backend takes: callers bound the
+/// whole. With `stale` (a pooled connection, for a request that may be sent again), a
+/// connection that ends before any response is `Ok(None)`: the request goes again on a fresh
+/// one.
 async fn response_head(
     client: &Socket,
     up: &Socket,
     ubuf: &mut BytesMut,
     addr: SocketAddr,
     expect: Expect,
-    mut first: Option<io::Result<usize>>,
+    mut first: Option<FirstRead>,
     stale: bool,
 ) -> Result<Option<RespHead>, Attempt> {
     // An interim response passed on to the client: the backend has the request.
@@ -2411,7 +2444,8 @@ async fn response_head(
             }
         }
         let read = match first.take() {
-            Some(read) => read,
+            Some(FirstRead::Done(read)) => read,
+            Some(FirstRead::Armed(armed)) => read_first(up, ubuf, Some(armed)).await,
             None => read_more(up, ubuf).await,
         };
         match read {
@@ -2854,7 +2888,7 @@ mod tests {
             for at in [0, 1, 2, 5] {
                 let s = Socket::connect(addr, long, long).await.unwrap();
                 peers.push(l.accept().unwrap().0);
-                pool.put(addr, s, 10, t0 + Duration::from_secs(at), long, false);
+                pool.put(addr, s, BytesMut::new(), 10, t0 + Duration::from_secs(at), long);
             }
             assert_eq!(pool.idle.borrow()[&addr].len(), 2);
             assert!(peers[..2].iter_mut().all(closed), "trimmed connections are closed");
@@ -2862,7 +2896,14 @@ mod tests {
             let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let s = Socket::connect(other.local_addr().unwrap(), long, long).await.unwrap();
             let mut peer = other.accept().unwrap().0;
-            pool.put(other.local_addr().unwrap(), s, 10, t0, Duration::from_secs(1), false);
+            pool.put(
+                other.local_addr().unwrap(),
+                s,
+                BytesMut::new(),
+                10,
+                t0,
+                Duration::from_secs(1),
+            );
             pool.sweep(t0 + Duration::from_millis(1500));
             assert!(closed(&mut peer));
             assert_eq!(
@@ -2870,10 +2911,56 @@ mod tests {
                 1,
                 "a backend without idle connections is forgotten"
             );
-            assert!(pool.take(addr, t0 + Duration::from_millis(9500), false).is_none());
+            assert!(pool.take(addr, t0 + Duration::from_millis(9500)).is_none());
             pool.sweep(t0 + Duration::from_millis(9500));
             assert!(pool.idle.borrow().is_empty());
             assert!(peers[2..].iter_mut().all(closed));
+        });
+    }
+
+    /// A pooled connection on which anything happened while it was idle is closed, not handed
+    /// out: bytes from the backend (which would be read as the next response), its close, its
+    /// reset. One on which nothing happened is handed out with its receive still pending, and
+    /// that receive reads what the backend sends next (the response to the next request).
+    #[test]
+    fn the_pool_hands_out_only_connections_nothing_happened_on() {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let long = Duration::from_secs(60);
+        tokio_uring::start(async {
+            let pool = UpstreamPool::default();
+            let now = Instant::now();
+            // Put oldest first: `take` tries the most recently idle first.
+            let mut peers = Vec::new();
+            for _ in 0..4 {
+                let s = Socket::connect(addr, long, long).await.unwrap();
+                peers.push(l.accept().unwrap().0);
+                pool.put(addr, s, BytesMut::new(), 10, now, long);
+            }
+            // Untouched: peers[0]. Stray bytes: peers[1]. Closed: peers[2]. Reset: peers[3].
+            peers[1].write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON").unwrap();
+            peers[2].shutdown(std::net::Shutdown::Write).unwrap();
+            socket2::SockRef::from(&peers[3]).set_linger(Some(Duration::ZERO)).unwrap();
+            drop(peers.pop());
+            // The completions reach the thread's io_uring.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let (s, armed) = pool.take(addr, now).expect("the untouched connection");
+            assert!(pool.take(addr, now).is_none(), "the three others are not handed out");
+            assert!(pool.idle.borrow()[&addr].is_empty());
+            let closed = |peer: &mut std::net::TcpStream| {
+                peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut rest = Vec::new();
+                peer.read_to_end(&mut rest).is_ok()
+            };
+            assert!(closed(&mut peers[1]) && closed(&mut peers[2]), "dropped ones are closed");
+            // The one handed out is peers[0]'s: its pending receive reads the next response.
+            const NEXT: &[u8] = b"HTTP/1.1 204 No Content\r\n\r\n";
+            peers[0].write_all(NEXT).unwrap();
+            let mut ubuf = BytesMut::new();
+            let n = tokio::time::timeout(long, read_first(&s, &mut ubuf, Some(armed))).await;
+            assert_eq!(n.unwrap().unwrap(), NEXT.len());
+            assert_eq!(&ubuf[..], NEXT);
         });
     }
 

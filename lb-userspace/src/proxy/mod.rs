@@ -962,8 +962,9 @@ impl CutShort {
 /// gave a p99 of 30-90 ms at 20 000 req/s here, against 10-25 ms at 64).
 const URING_SQ_ENTRIES: u32 = 64;
 /// Completion-queue size: every operation in flight needs room (an idle read per client
-/// connection, a read and a write per request upstream), or completions overflow into the
-/// kernel's slow path and submissions fail with EBUSY until they are reaped.
+/// connection and per pooled backend connection, a read and a write per request upstream), or
+/// completions overflow into the kernel's slow path and submissions fail with EBUSY until they
+/// are reaped.
 const URING_CQ_ENTRIES: u32 = 16_384;
 
 /// The runtime of one proxy thread.

@@ -5,11 +5,23 @@
 //! read that has to wait sets up an iterator state to retry with; RECV and SEND go to the
 //! socket directly. Measured (docs/BENCHMARKS.md), that is 5–10 % more requests per CPU-second.
 
-use std::{io, marker::PhantomData, net::SocketAddr, os::fd::AsRawFd, rc::Rc, time::Duration};
+use std::{
+    future::Future,
+    io,
+    marker::PhantomData,
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    pin::Pin,
+    rc::Rc,
+    task::{Context, Poll, Waker},
+    time::Duration,
+};
 
 use bytes::BytesMut;
 use io_uring::{cqueue, opcode, types};
-use tokio_uring::{OneshotOutputTransform, UnsubmittedOneshot, buf::IoBuf, net::TcpStream};
+use tokio_uring::{
+    InFlightOneshot, OneshotOutputTransform, UnsubmittedOneshot, buf::IoBuf, net::TcpStream,
+};
 
 /// A connected TCP socket. Clones share it; every operation in flight holds one, so the socket
 /// is not closed (and its descriptor number not handed out again) before the kernel is done with
@@ -92,12 +104,6 @@ impl Socket {
         self.0.shutdown(how)
     }
 
-    /// Is this idle connection still open, with nothing unread? A peek that does not wait:
-    /// false once the peer closed or reset it, or sent something unasked.
-    pub(crate) fn idle_open(&self) -> bool {
-        matches!(self.peek(), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-    }
-
     /// Has the peer sent bytes that nobody has read yet? A peek that does not wait. Closing a
     /// socket with unread bytes resets the connection at once (and so does a byte arriving
     /// after the close), which throws away whatever of the answer the kernel still had to send:
@@ -124,11 +130,14 @@ impl Socket {
 
     /// Receives into `buf`'s spare capacity (first reserving `want` bytes of it), appending;
     /// Ok(0) at the end of the stream.
-    pub(crate) async fn recv(
-        &self,
-        mut buf: BytesMut,
-        want: usize,
-    ) -> (io::Result<usize>, BytesMut) {
+    pub(crate) async fn recv(&self, buf: BytesMut, want: usize) -> (io::Result<usize>, BytesMut) {
+        self.recv_armed(buf, want).await
+    }
+
+    /// [`Socket::recv`], issued now rather than when first polled, and held: an idle pooled
+    /// connection keeps one pending, which both notices whatever the backend does meanwhile
+    /// (see [`Armed::pending`]) and is the first read of the next response on it.
+    pub(crate) fn recv_armed(&self, mut buf: BytesMut, want: usize) -> Armed {
         buf.reserve(want);
         let spare = buf.spare_capacity_mut();
         let len = spare.len().min(u32::MAX as usize) as u32;
@@ -136,7 +145,7 @@ impl Socket {
             .build();
         // The heap memory `sqe` points into moves with `buf` into the operation, which keeps it
         // until the kernel completes (tokio-uring holds a dropped operation's data until then).
-        UnsubmittedOneshot::new(Held { buf, _socket: self.clone() }, Received, sqe).submit().await
+        Armed(UnsubmittedOneshot::new(Held { buf, _socket: self.clone() }, Received, sqe).submit())
     }
 
     /// Sends all of `data`, returning it when done (or failing once the peer took nothing for
@@ -249,6 +258,33 @@ impl Drop for Connecting {
         if let Some(s) = &self.0 {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
+    }
+}
+
+/// A receive in flight ([`Socket::recv_armed`]): awaited, the bytes received (Ok(0) at the end
+/// of the stream) and the buffer. Dropped, it stays in flight until the kernel completes it,
+/// holding its buffer and its socket, as any operation abandoned; a shutdown of the socket
+/// completes it at once.
+pub(crate) struct Armed(InFlightOneshot<Held<BytesMut>, Received>);
+
+impl Armed {
+    /// Is the receive still waiting, nothing received, no end of stream, no error? Looks once,
+    /// without waiting and without a system call: what the thread's io_uring has completed so
+    /// far. Still waiting, it is handed back, to be awaited later; completed, its outcome is.
+    pub(crate) fn pending(mut self) -> Result<Self, (io::Result<usize>, BytesMut)> {
+        match Pin::new(&mut self.0).poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Pending => Ok(self),
+            Poll::Ready(done) => Err(done),
+        }
+    }
+}
+
+impl Future for Armed {
+    type Output = (io::Result<usize>, BytesMut);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // A waker left by `pending` (a no-op one) is replaced by this one.
+        Pin::new(&mut self.0).poll(cx)
     }
 }
 
