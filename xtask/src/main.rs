@@ -319,9 +319,7 @@ fn testbed_config() -> PathBuf {
 fn run_config() -> String {
     edgelb::config::EXAMPLE.replacen(
         "[node]\n",
-        &format!(
-            "[node]\npin_dir = \"{RUN_PINS}\"\nadmin_socket = \"{RUN_SOCKET}\"\n"
-        ),
+        &format!("[node]\npin_dir = \"{RUN_PINS}\"\nadmin_socket = \"{RUN_SOCKET}\"\n"),
         1,
     )
 }

@@ -89,6 +89,11 @@ struct Idle {
     armed: Armed,
     /// When it is too old to reuse.
     expires: Instant,
+    /// Also peeked at (one system call) before reuse: its last response had no body (HEAD, 204,
+    /// 304), which is where backends most often send one anyway, right behind the head, and
+    /// where the connection is most often back at work in the same turn of the thread, before
+    /// its receive has even gone to the kernel.
+    peek: bool,
 }
 
 /// Idle connections to one backend, oldest first.
@@ -136,13 +141,22 @@ impl UpstreamPool {
     /// An idle connection to `addr` that has not been idle too long at `now` (the most recently
     /// idle first), with the receive pending on it (the first read of its next response). Only
     /// one on which nothing happened while it was idle ([`Idle::armed`]: a look at the
-    /// receive, no system call); the others are closed.
-    fn take(&self, addr: SocketAddr, now: Instant) -> Option<(Socket, Armed)> {
+    /// receive, no system call); the others are closed. With `check` (a request that is never
+    /// sent twice, so a connection the backend closed must not be tried), or after a response
+    /// without a body ([`Idle::peek`]), only one that a peek also finds open with nothing
+    /// unread: that sees what the kernel has and the thread's io_uring has not reported yet.
+    fn take(&self, addr: SocketAddr, now: Instant, check: bool) -> Option<(Socket, Armed)> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
         while let Some(c) = list.pop() {
             if now < c.expires {
                 match c.armed.pending() {
+                    Ok(armed) if (check || c.peek) && !c.socket.idle_open() => {
+                        tracing::debug!(%addr, "idle backend connection found closed or written to by a peek; closed");
+                        close(&c.socket);
+                        drop(armed);
+                        continue;
+                    }
                     Ok(armed) => return Some((c.socket, armed)),
                     Err((Ok(n), _)) if n > 0 => {
                         tracing::debug!(%addr, bytes = n, "backend wrote past its response on an idle connection; closed");
@@ -157,8 +171,10 @@ impl UpstreamPool {
 
     /// Keeps `s`, idle since `now`, for reuse for at most `max_idle` (and [`POOL_MAX_IDLE`])
     /// unless `max` connections to `addr` are idle already, with a receive pending on it into
-    /// `buf` ([`Idle::armed`]). Connections to `addr` past their time go first: the list is
-    /// oldest first, so they are at its front.
+    /// `buf` ([`Idle::armed`]); with `peek`, it is also peeked at before its next use (see
+    /// [`Idle::peek`]). Connections to `addr` past their time go first: the list is oldest
+    /// first, so they are at its front.
+    #[allow(clippy::too_many_arguments)]
     fn put(
         &self,
         addr: SocketAddr,
@@ -167,6 +183,7 @@ impl UpstreamPool {
         max: usize,
         now: Instant,
         max_idle: Duration,
+        peek: bool,
     ) {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(addr).or_default();
@@ -175,7 +192,7 @@ impl UpstreamPool {
         if list.len() < max {
             let expires = now + max_idle.min(POOL_MAX_IDLE);
             let armed = s.recv_armed(buf, READ_CHUNK);
-            list.push(Idle { socket: s, armed, expires });
+            list.push(Idle { socket: s, armed, expires, peek });
         } else {
             close(&s);
         }
@@ -2098,7 +2115,7 @@ async fn serve_conn(
             // on it (`Idle::armed`); the request that takes the connection next, from this
             // client or another, takes the buffer with it.
             let addr = pool.members[i].state.addr;
-            upstream.put(addr, up, std::mem::take(&mut ubuf), max, end, max_idle);
+            upstream.put(addr, up, std::mem::take(&mut ubuf), max, end, max_idle, bodiless);
         } else if clean {
             // The backend closes this one (it said so, or was asked to): let it close first.
             close_after_backend(up);
@@ -2205,7 +2222,8 @@ async fn attempt_once(
     // `Idle::armed`), and the receive pending on it is the first read of the response. The
     // backend may still close it just as the request arrives, having read it or not: a request
     // that may be sent again then goes on a fresh one; any other is never sent twice.
-    let mut reused = if cfg.proxy_protocol.is_none() { upstream.take(addr, now) } else { None };
+    let mut reused =
+        if cfg.proxy_protocol.is_none() { upstream.take(addr, now, !replayable) } else { None };
     // The response timeout runs from the request's end (within the whole request's deadline):
     // known now for a bodiless request.
     let sent_at = tokio::time::Instant::from_std(now);
@@ -2888,7 +2906,7 @@ mod tests {
             for at in [0, 1, 2, 5] {
                 let s = Socket::connect(addr, long, long).await.unwrap();
                 peers.push(l.accept().unwrap().0);
-                pool.put(addr, s, BytesMut::new(), 10, t0 + Duration::from_secs(at), long);
+                pool.put(addr, s, BytesMut::new(), 10, t0 + Duration::from_secs(at), long, false);
             }
             assert_eq!(pool.idle.borrow()[&addr].len(), 2);
             assert!(peers[..2].iter_mut().all(closed), "trimmed connections are closed");
@@ -2903,6 +2921,7 @@ mod tests {
                 10,
                 t0,
                 Duration::from_secs(1),
+                false,
             );
             pool.sweep(t0 + Duration::from_millis(1500));
             assert!(closed(&mut peer));
@@ -2911,7 +2930,7 @@ mod tests {
                 1,
                 "a backend without idle connections is forgotten"
             );
-            assert!(pool.take(addr, t0 + Duration::from_millis(9500)).is_none());
+            assert!(pool.take(addr, t0 + Duration::from_millis(9500), false).is_none());
             pool.sweep(t0 + Duration::from_millis(9500));
             assert!(pool.idle.borrow().is_empty());
             assert!(peers[2..].iter_mut().all(closed));
@@ -2936,7 +2955,7 @@ mod tests {
             for _ in 0..4 {
                 let s = Socket::connect(addr, long, long).await.unwrap();
                 peers.push(l.accept().unwrap().0);
-                pool.put(addr, s, BytesMut::new(), 10, now, long);
+                pool.put(addr, s, BytesMut::new(), 10, now, long, false);
             }
             // Untouched: peers[0]. Stray bytes: peers[1]. Closed: peers[2]. Reset: peers[3].
             peers[1].write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON").unwrap();
@@ -2945,8 +2964,8 @@ mod tests {
             drop(peers.pop());
             // The completions reach the thread's io_uring.
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let (s, armed) = pool.take(addr, now).expect("the untouched connection");
-            assert!(pool.take(addr, now).is_none(), "the three others are not handed out");
+            let (s, armed) = pool.take(addr, now, false).expect("the untouched connection");
+            assert!(pool.take(addr, now, false).is_none(), "the three others are not handed out");
             assert!(pool.idle.borrow()[&addr].is_empty());
             let closed = |peer: &mut std::net::TcpStream| {
                 peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -2961,6 +2980,35 @@ mod tests {
             let n = tokio::time::timeout(long, read_first(&s, &mut ubuf, Some(armed))).await;
             assert_eq!(n.unwrap().unwrap(), NEXT.len());
             assert_eq!(&ubuf[..], NEXT);
+        });
+    }
+
+    /// In the same turn of the thread as its `put`, a pooled connection's receive has not gone
+    /// to the kernel yet, so it sees nothing: after a response without a body (where backends
+    /// most often write one anyway) and for a request that is never sent twice, `take` also
+    /// peeks, and a connection with bytes waiting or closed by the backend is not handed out.
+    #[test]
+    fn a_peek_backs_the_armed_receive_where_it_cannot_see_yet() {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let long = Duration::from_secs(60);
+        tokio_uring::start(async {
+            let pool = UpstreamPool::default();
+            let now = Instant::now();
+            let s = Socket::connect(addr, long, long).await.unwrap();
+            let mut peer = l.accept().unwrap().0;
+            // No await between the put, the backend's write and the take.
+            pool.put(addr, s, BytesMut::new(), 10, now, long, true);
+            peer.write_all(b"body of a HEAD response").unwrap();
+            assert!(pool.take(addr, now, false).is_none(), "stray bytes after a bodiless response");
+            let s = Socket::connect(addr, long, long).await.unwrap();
+            let peer = l.accept().unwrap().0;
+            pool.put(addr, s, BytesMut::new(), 10, now, long, false);
+            peer.shutdown(std::net::Shutdown::Write).unwrap();
+            // Give the FIN time to arrive, without a turn of the thread.
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(pool.take(addr, now, true).is_none(), "closed, for a request never sent twice");
         });
     }
 

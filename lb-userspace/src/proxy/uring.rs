@@ -104,6 +104,12 @@ impl Socket {
         self.0.shutdown(how)
     }
 
+    /// Is this idle connection still open, with nothing unread? A peek that does not wait:
+    /// false once the peer closed or reset it, or sent something unasked.
+    pub(crate) fn idle_open(&self) -> bool {
+        matches!(self.peek(), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
     /// Has the peer sent bytes that nobody has read yet? A peek that does not wait. Closing a
     /// socket with unread bytes resets the connection at once (and so does a byte arriving
     /// after the close), which throws away whatever of the answer the kernel still had to send:
