@@ -1071,7 +1071,7 @@ mod tests {
         written.expect("written with its directory made");
         let read = read.expect("there");
         assert_eq!(read, run_config());
-        assert!(read.contains(&format!("admin_socket = \"{RUN_SOCKET}\"")), "{read}");
+        assert!(read.contains(&format!("admin_socket = \"{}\"", super::RUN_SOCKET)), "{read}");
     }
 
     /// `testbed down` takes the lock a live `run` holds, and is refused naming that run: it
