@@ -993,6 +993,54 @@ fn draining_an_l7_backend_by_address_and_port_leaves_its_other_port_serving() {
     drop(e);
 }
 
+/// `status` of an L7 VIP counts what its proxy does: XDP passes its traffic uncounted, so its
+/// VIP line shows the requests its backends were sent (not packets, bytes and rates that XDP
+/// never counts and that read 0 whatever the traffic), and `--json` has that sum too.
+#[test]
+fn status_of_an_l7_vip_counts_its_requests() {
+    if !netns::require_privileged("status_of_an_l7_vip_counts_its_requests") {
+        return;
+    }
+    let vip = SocketAddr::from(([127, 0, 0, 1], 8080));
+    let (a, b) =
+        (SocketAddr::from(([127, 0, 0, 1], 8081)), SocketAddr::from(([127, 0, 0, 1], 8082)));
+    let bed = LoBed::new(
+        "l7status",
+        &format!(
+            "[[vip]]\nname = \"app\"\naddress = \"{}\"\nport = {}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}, {{ address = \"127.0.0.1\", port = {} }}]\n[vip.l7]\nalgorithm = \"round_robin\"\n",
+            vip.ip(),
+            vip.port(),
+            a.port(),
+            b.port(),
+        ),
+    );
+    let _servers =
+        [NamedServer::start(&bed.ns, "port-a", a), NamedServer::start(&bed.ns, "port-b", b)];
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lifecycle-{}.log", bed.tag));
+    let _ = std::fs::remove_file(&log);
+    let e = Edgelb::start(&bed.ns, &bed.config, &log);
+    netns::in_netns(&bed.ns, || {
+        for _ in 0..6 {
+            servers::http_get(None, vip, TIMEOUT).expect("a request through the proxy");
+        }
+    })
+    .unwrap();
+    let out = e.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line = text.lines().find(|l| l.starts_with("VIP app ")).expect("the VIP's line");
+    assert!(line.ends_with("[l7]  requests 6"), "{line}\n{text}");
+    assert!(!line.contains("packets") && !line.contains("pkt/s"), "XDP never counts it: {line}");
+    for backend in [a, b] {
+        let row = text.lines().find(|l| l.trim_start().starts_with(&backend.to_string()));
+        let row = row.expect("a row per backend");
+        assert!(row.trim_end().ends_with(" 3"), "round robin, 3 each: {row}\n{text}");
+    }
+    let st = e.status();
+    assert_eq!(st.vips[0].l7_requests, 6, "{:?}", st.vips[0]);
+    drop(e);
+}
+
 /// `status --json` gives each VIP its address, port and protocol as fields of their own, and
 /// each backend its address and port; the byte rate is named for what it holds, bytes per
 /// second: under load its ratio to the packet rate is the average packet size the counters

@@ -1514,6 +1514,7 @@ impl Controller {
                 });
             }
             let (pps, bytes_per_s) = self.rates.get(&vip.name);
+            let l7_requests = backends.iter().map(|b| b.l7_requests).sum();
             vips.push(VipStatus {
                 pps,
                 bytes_per_s,
@@ -1534,6 +1535,7 @@ impl Controller {
                 bytes: c.bytes,
                 new_flows: c.new_flows,
                 fail_open: self.verdicts.is_fail_open(&vip.name),
+                l7_requests,
                 backends,
             });
         }
