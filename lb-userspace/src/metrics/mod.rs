@@ -155,8 +155,10 @@ impl Collector for KernelCollector {
         let mut m = encoder.encode_descriptor(
             "edgelb_xdp_attached",
             "1 while the balancer's XDP program is on the interface, 0 once the interface was \
-             deleted, re-created or renamed under it (its VIP traffic then reaches the kernel \
-             unbalanced until edgelb restarts)",
+             deleted, or deleted and re-created, under it (its VIP traffic then reaches the \
+             kernel unbalanced until edgelb restarts); a renamed interface stays 1 under the \
+             name it was attached by, as XDP stays on the device (the log and status give its \
+             new name)",
             None,
             MetricType::Gauge,
         )?;
@@ -483,6 +485,19 @@ mod tests {
         assert_eq!(sample(&text, transitions, l), Some(0.0), "{text}");
         let l = "vip=\"app\",backend=\"198.18.0.12:80\"";
         assert_eq!(sample(&text, ejections, l), Some(0.0), "{text}");
+    }
+
+    /// The help of `edgelb_xdp_attached` says what sets it to 0 as the controller decides it
+    /// (`Dataplane::lost_interfaces`): a deleted interface, not a renamed one, which XDP stays
+    /// on. It once counted a rename among the losses, and an operator would have looked for a
+    /// 0 that never comes.
+    #[test]
+    fn the_help_of_xdp_attached_keeps_a_renamed_interface_at_1() {
+        let text = Metrics::new().encode();
+        let help = text.lines().find(|l| l.starts_with("# HELP edgelb_xdp_attached "));
+        let help = help.expect("the family is described");
+        assert!(help.contains("0 once the interface was deleted"), "{help}");
+        assert!(help.contains("a renamed interface stays 1"), "{help}");
     }
 
     /// Health checks that could not start show in their gauge, 0 while every check runs.
