@@ -1038,6 +1038,12 @@ fn status_of_an_l7_vip_counts_its_requests() {
     }
     let st = e.status();
     assert_eq!(st.vips[0].l7_requests, 6, "{:?}", st.vips[0]);
+    // `route` has no flow to place on it: the running edgelb calls that a bad question (exit 2),
+    // not a VIP without a backend (1).
+    let out = e.cli(&["route", "127.0.0.1", "app"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("picks a backend per request") && err.contains("running config"), "{err}");
     drop(e);
 }
 

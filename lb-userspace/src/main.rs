@@ -395,7 +395,8 @@ fn admin_call(admin: &AdminArgs, req: &Request, show: impl FnOnce(Response)) -> 
 
 /// `edgelb route`: asks the running controller; answers from the config file when none answers
 /// on the socket, or one too old to know the request does. Exit 0 with the backend's address
-/// alone on stdout; 1 when the VIP places no new flow; 2 for a bad question (or config); 3 when
+/// alone on stdout; 1 when the VIP places no new flow; 2 for a bad question (an L7 VIP, which
+/// places requests, not flows, included) or config; 3 when
 /// the socket turns this user away (an edgelb may run there: its answer is not the file's).
 /// `from_file` skips the controller: the file's answer, for a file not (yet) running.
 fn route(

@@ -315,13 +315,16 @@ pub struct RouteFlow<'c> {
 }
 
 /// Why `edgelb route` has no answer: the question is wrong (exit 2) or the VIP places no new
-/// flow (exit 1).
+/// flow (exit 1). Apart, because scripts alert on the second: a VIP that sends its clients
+/// nowhere.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
-    /// No such VIP, a client of the other family, a missing `--sport` or port.
+    /// No such VIP, a client of the other family, a missing `--sport` or port, or an L7 VIP:
+    /// its proxy picks a backend per request, so no flow has one to name (and nothing is wrong
+    /// with the VIP).
     #[error("{0}")]
     BadQuestion(String),
-    /// The VIP has no backend for new flows, or is L7 (its proxy picks per request).
+    /// The VIP has no backend for new flows.
     #[error("{0}")]
     NoBackend(String),
 }
@@ -365,8 +368,8 @@ impl<'c> RouteFlow<'c> {
             (None, HashMode::Client) => 0,
         };
         if v.forwarding == Forwarding::L7 {
-            return Err(RouteError::NoBackend(format!(
-                "VIP {v} is L7: its proxy picks a backend per request, not by an XDP ring"
+            return Err(RouteError::BadQuestion(format!(
+                "VIP {v} is L7: its proxy picks a backend per request, not per flow by an XDP ring, so `route` has no answer for it (`edgelb status` shows its backends and the requests each was sent)"
             )));
         }
         Ok(RouteFlow { vip: v, client, sport, dport })
