@@ -1047,6 +1047,49 @@ fn status_of_an_l7_vip_counts_its_requests() {
     drop(e);
 }
 
+/// `edgelb run -c FILE` with a path relative to its working directory names the file by its
+/// absolute path: `status` says which file runs, and a reload naming another file is refused
+/// with the file to edit, both for an operator in another directory.
+#[test]
+fn a_config_named_relative_is_shown_by_its_absolute_path() {
+    if !netns::require_privileged("a_config_named_relative_is_shown_by_its_absolute_path") {
+        return;
+    }
+    let bed = LoBed::new(
+        "relcfg",
+        "[[vip]]\nname = \"app\"\naddress = \"127.0.0.1\"\nport = 8080\nforwarding = \"l7\"\nbackends = [{ address = \"127.0.0.1\", port = 8081 }]\n[vip.l7]\n",
+    );
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lifecycle-{}.log", bed.tag));
+    let _ = std::fs::remove_file(&log);
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+    let (dir, name) = (bed.config.parent().unwrap(), bed.config.file_name().unwrap());
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns::netns_path(&bed.ns).display()))
+        .arg(env!("CARGO_BIN_EXE_edgelb"))
+        .args(["run", "--config"])
+        .arg(name)
+        .current_dir(dir)
+        .stderr(out);
+    // The CLI runs from this test's directory, with the absolute path.
+    let e = Edgelb::spawned(&mut cmd, &bed.ns, &bed.config, &log);
+    assert_eq!(e.status().config, bed.config);
+    let text = String::from_utf8_lossy(&e.cli(&["status"]).stdout).into_owned();
+    assert!(text.starts_with(&format!("config {}\n", bed.config.display())), "{text}");
+    let other = bed.config.with_extension("other.toml");
+    std::fs::copy(&bed.config, &other).unwrap();
+    let refused = Command::new(env!("CARGO_BIN_EXE_edgelb"))
+        .args(["reload", "--config"])
+        .arg(&other)
+        .output()
+        .expect("run edgelb CLI");
+    let _ = std::fs::remove_file(&other);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    let says = format!("edgelb runs with {}, and", bed.config.display());
+    assert!(err.contains(&says), "{err}");
+    drop(e);
+}
+
 /// `status --json` gives each VIP its address, port and protocol as fields of their own, and
 /// each backend its address and port; the byte rate is named for what it holds, bytes per
 /// second: under load its ratio to the packet rate is the average packet size the counters

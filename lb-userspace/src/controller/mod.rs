@@ -348,7 +348,9 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     }
     let (health_tx, health_rx) = mpsc::channel();
     let mut ctl = Controller {
-        path: path.to_owned(),
+        // Absolute, as the operator's commands name it from wherever they run: `status` says
+        // which file runs, and a refused reload which file to edit.
+        path: std::path::absolute(path).unwrap_or_else(|_| path.to_owned()),
         cfg,
         dp,
         checker: Checker::new(health_tx),
@@ -642,10 +644,20 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// listed in another order are the same set. An L7 VIP's listeners are bound, for its address,
 /// port and mode, when edgelb starts (below port 1024 that takes a privilege it has dropped).
 fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
-    fn changed<T: std::fmt::Debug + PartialEq>(out: &mut Vec<String>, key: &str, a: &T, b: &T) {
+    /// Says `key` changed from `a` to `b`, if it did, each value `shown` as an operator would
+    /// write it (not Rust's debug output, `Some(..)` and quoted paths).
+    fn changed<T: PartialEq>(
+        out: &mut Vec<String>,
+        key: &str,
+        (a, b): (&T, &T),
+        shown: impl Fn(&T) -> String,
+    ) {
         if a != b {
-            out.push(format!("{key} ({a:?} → {b:?})"));
+            out.push(format!("{key} ({} → {})", shown(a), shown(b)));
         }
+    }
+    fn or_unset<T: ToString>(v: &Option<T>) -> String {
+        v.as_ref().map_or("unset".to_owned(), ToString::to_string)
     }
     let (o, n) = (&old.node, &new.node);
     let mut out = Vec::new();
@@ -654,27 +666,28 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
         v.sort();
         v
     };
-    changed(&mut out, "node.interfaces", &sorted(&o.interfaces), &sorted(&n.interfaces));
-    changed(&mut out, "node.xdp_mode", &o.xdp_mode, &n.xdp_mode);
-    changed(&mut out, "node.pin_dir", &o.pin_dir, &n.pin_dir);
-    changed(&mut out, "node.admin_socket", &o.admin_socket, &n.admin_socket);
+    changed(&mut out, "node.interfaces", (&sorted(&o.interfaces), &sorted(&n.interfaces)), |v| {
+        format!("[{}]", v.join(", "))
+    });
+    changed(&mut out, "node.xdp_mode", (&o.xdp_mode, &n.xdp_mode), |m| {
+        format!("{m:?}").to_lowercase()
+    });
+    changed(&mut out, "node.pin_dir", (&o.pin_dir, &n.pin_dir), |p| p.display().to_string());
+    changed(&mut out, "node.admin_socket", (&o.admin_socket, &n.admin_socket), |p| {
+        p.display().to_string()
+    });
     changed(
         &mut out,
         "node.conntrack_flows_per_cpu",
-        &o.conntrack_flows_per_cpu,
-        &n.conntrack_flows_per_cpu,
+        (&o.conntrack_flows_per_cpu, &n.conntrack_flows_per_cpu),
+        or_unset,
     );
     // As written: unset is one per CPU, counted at the start, and stays unset whatever the CPU
     // count has become since (a restart would count anew).
-    if o.l7_threads != n.l7_threads {
-        let threads = |t: Option<usize>| t.map_or("unset".to_owned(), |t| t.to_string());
-        out.push(format!(
-            "node.l7_threads ({} → {})",
-            threads(o.l7_threads),
-            threads(n.l7_threads)
-        ));
-    }
-    changed(&mut out, "[metrics] listen", &old.metrics, &new.metrics);
+    changed(&mut out, "node.l7_threads", (&o.l7_threads, &n.l7_threads), or_unset);
+    changed(&mut out, "[metrics] listen", (&old.metrics, &new.metrics), |m| {
+        m.map_or("disabled".to_owned(), |a| a.to_string())
+    });
     let l7 = |cfg: &Config| -> std::collections::BTreeMap<
         String,
         (std::net::SocketAddr, crate::config::L7Mode),
@@ -1642,7 +1655,7 @@ mod tests {
         );
         let why = restart_needed(&base, &changed).join("; ");
         for says in [
-            "node.interfaces ([\"eth0\", \"eth1\"] → [\"eth0\"])",
+            "node.interfaces ([eth0, eth1] → [eth0])",
             "node.l7_threads (",
             "L7 VIP `a`: 127.0.0.1:8001 http → 127.0.0.1:8001 tcp",
             "L7 VIP `b` removed",
@@ -1651,6 +1664,30 @@ mod tests {
             assert!(why.contains(says), "want {says:?} in {why}");
         }
         assert!(!why.contains("xdp_mode") && !why.contains("metrics"), "{why}");
+    }
+
+    /// A refused reload names each value as the file writes it, without Rust's debug output
+    /// (`Some(127.0.0.1:9110)`, quoted paths, `Native`): an unset one says so.
+    #[test]
+    fn a_reload_refused_for_a_restart_names_values_as_written() {
+        let base = parse(&format!("{NODE}{}", l7("a", 8001, "http")));
+        let other = parse(&format!(
+            "{NODE}xdp_mode = \"native\"\npin_dir = \"/sys/fs/bpf/other\"\nconntrack_flows_per_cpu = 8192\n[metrics]\nlisten = \"127.0.0.1:29111\"\n{}",
+            l7("a", 8001, "http")
+        ));
+        let why = restart_needed(&base, &other).join("; ");
+        for says in [
+            "node.xdp_mode (auto → native)",
+            "node.pin_dir (/sys/fs/bpf/edgelb → /sys/fs/bpf/other)",
+            "node.conntrack_flows_per_cpu (unset → 8192)",
+            "[metrics] listen (127.0.0.1:9110 → 127.0.0.1:29111)",
+        ] {
+            assert!(why.contains(says), "want {says:?} in {why}");
+        }
+        assert!(!why.contains("Some(") && !why.contains('"'), "{why}");
+        let off = parse(&format!("{NODE}[metrics]\nenabled = false\n{}", l7("a", 8001, "http")));
+        let why = restart_needed(&base, &off).join("; ");
+        assert_eq!(why, "[metrics] listen (127.0.0.1:9110 → disabled)");
     }
 
     /// An unset `node.l7_threads` is the file's, not the CPU count's: two parses of one file
