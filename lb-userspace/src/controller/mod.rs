@@ -421,6 +421,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
             let mode = ctl.dp.attach(&iface, ctl.cfg.node.xdp_mode)?;
             info!(interface = %iface, mode, "XDP balancer attached");
         }
+        warn_of_gro(&ctl.cfg, ctl.dp.attached());
         // An interface the previous process balanced on that this config no longer lists:
         // its link goes (and the program with it), rather than run on with maps nobody keeps.
         for iface in ctl.dp.remove_unused_links()? {
@@ -605,6 +606,39 @@ fn warn_of_mtu(cfg: &Config) {
     for w in mtu_mismatches(cfg, &links) {
         warn!("{w}");
     }
+}
+
+/// Logs the interfaces where GRO on stalls uploads (see [`gro_warnings`]).
+fn warn_of_gro(cfg: &Config, attached: &[(String, &'static str)]) {
+    let gro_on = |i: &str| crate::dataplane::netlink::gro_on(i).unwrap_or(false);
+    for w in gro_warnings(cfg, attached, gro_on) {
+        warn!("{w}");
+    }
+}
+
+/// The interfaces where XDP runs in generic mode with GRO on, when some VIP encapsulates, each
+/// with what to do. Generic XDP runs after the kernel's software GRO, which the kernel leaves on
+/// when it installs a generic program: TCP segments merged into one packet larger than the MTU
+/// no longer fit the path once encapsulated, and each merged upload is refused again. Without an
+/// encapsulating VIP nothing grows past the MTU, and turning GRO off would only cost the L7
+/// proxy (whose sockets take merged segments whole) throughput.
+fn gro_warnings(
+    cfg: &Config,
+    attached: &[(String, &'static str)],
+    gro_on: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    if !cfg.vips.iter().any(|v| v.forwarding == Forwarding::Ipip) {
+        return Vec::new();
+    }
+    attached
+        .iter()
+        .filter(|(interface, mode)| *mode == "generic" && gro_on(interface))
+        .map(|(interface, _)| {
+            format!(
+                "XDP runs in generic mode on {interface}, after the kernel merges received TCP segments (GRO): merged packets pass node.mtu once encapsulated and are refused, which stalls uploads through ipip VIPs; turn GRO off: `ethtool -K {interface} gro off`"
+            )
+        })
+        .collect()
 }
 
 /// Why `node.mtu` is wrong for the interfaces' own MTUs (`links`), if it is, when some VIP
@@ -1415,6 +1449,7 @@ impl Controller {
                     msg.push_str(&format!("; {forgotten}"));
                 }
                 warn_of_mtu(&self.cfg);
+                warn_of_gro(&self.cfg, self.dp.attached());
                 warn_of_cautions(&self.cfg);
                 // Said to the one reloading too, who may not read the log.
                 for c in &self.cfg.cautions {
@@ -1739,6 +1774,24 @@ mod tests {
         // Without encapsulation, packets leave no larger than they came.
         let l7_only = parse(&format!("{NODE}mtu = 9000\n{}", l7("a", 8001, "http")));
         assert!(mtu_mismatches(&l7_only, &links).is_empty());
+    }
+
+    /// Generic mode with GRO on is said only where it hurts: on a generic-mode interface with
+    /// GRO on, when some VIP encapsulates. A node of L7 VIPs only is not told to turn GRO off,
+    /// which would cost its proxy throughput for nothing.
+    #[test]
+    fn gro_is_said_only_when_some_vip_encapsulates() {
+        let ipip = parse(&format!(
+            "{NODE}gateway_mac = \"02:00:00:00:00:01\"\n[[vip]]\nname = \"v\"\naddress = \"198.18.1.1\"\nbackends = [{{ address = \"198.18.0.11\" }}]\n{}",
+            l7("a", 8001, "http")
+        ));
+        let l7_only = parse(&format!("{NODE}{}", l7("a", 8001, "http")));
+        let attached = [("eth0".to_owned(), "generic"), ("eth1".to_owned(), "native")];
+        let w = gro_warnings(&ipip, &attached, |_| true);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("generic mode on eth0") && w[0].contains("ethtool -K eth0 gro off"));
+        assert!(gro_warnings(&ipip, &attached, |_| false).is_empty(), "GRO off: nothing to say");
+        assert_eq!(gro_warnings(&l7_only, &attached, |_| true), Vec::<String>::new());
     }
 
     /// The reply to a reload says what changed, not a debug dump.

@@ -958,15 +958,8 @@ impl Dataplane {
         if took_over && mode_differs(mode, used) {
             warn!(interface, running = used, configured = ?mode, "the pinned XDP link runs in another mode than node.xdp_mode asks; `edgelb stop` (which detaches) and a start attach in the configured one");
         }
-        // Generic XDP runs after the kernel's software GRO, which the kernel leaves on when it
-        // installs a generic program: TCP segments merged into one packet larger than the MTU
-        // no longer fit the path once encapsulated, and each merged upload is refused again.
-        if used == "generic" && netlink::gro_on(interface).unwrap_or(false) {
-            warn!(
-                interface,
-                "XDP runs in generic mode here, after the kernel merges received TCP segments (GRO): merged packets pass node.mtu once encapsulated and are refused, which stalls uploads through ipip VIPs; turn GRO off: `ethtool -K {interface} gro off`"
-            );
-        }
+        // Whether GRO is on here matters only to VIPs that encapsulate: the controller says so
+        // (`controller::gro_warnings`), knowing the config.
         self.attached.push((interface.to_owned(), used));
         self.ifindexes.push(ifindex(interface));
         Ok(used)
