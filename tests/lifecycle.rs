@@ -1087,6 +1087,10 @@ fn a_config_named_relative_is_shown_by_its_absolute_path() {
     assert_eq!(refused.status.code(), Some(1), "{err}");
     let says = format!("edgelb runs with {}, and", bed.config.display());
     assert!(err.contains(&says), "{err}");
+    // Its log says what it wrote to the maps in words, not as a debug dump.
+    let log = e.log();
+    let line = log.lines().find(|l| l.contains("maps in line with the config")).expect("said");
+    assert!(line.contains("maps=") && !line.contains("ApplyReport"), "{line}");
     drop(e);
 }
 

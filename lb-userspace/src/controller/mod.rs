@@ -416,7 +416,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     let start = || -> Result<(), RunError> {
         // Maps first, then attach: the first packet already sees the whole config.
         let report = ctl.apply()?;
-        info!(?report, "maps in line with the config");
+        info!(maps = %report, "maps in line with the config");
         for iface in ctl.cfg.node.interfaces.clone() {
             let mode = ctl.dp.attach(&iface, ctl.cfg.node.xdp_mode)?;
             info!(interface = %iface, mode, "XDP balancer attached");
@@ -760,22 +760,7 @@ fn reload_summary(cfg: &Config, r: &crate::dataplane::ApplyReport) -> String {
     let maps = if r.is_empty() {
         "the XDP maps needed no change".to_owned()
     } else {
-        let parts: Vec<String> = [
-            (r.vips_added, "VIP added", "VIPs added"),
-            (r.vips_removed, "VIP removed", "VIPs removed"),
-            (r.vips_updated, "VIP entry rewritten", "VIP entries rewritten"),
-            (r.backends_added, "backend added", "backends added"),
-            (r.backends_removed, "backend removed", "backends removed"),
-            (r.backends_updated, "backend entry rewritten", "backend entries rewritten"),
-            (r.backends_parked, "backend parked (down)", "backends parked (down)"),
-            (r.backends_restored, "backend restored", "backends restored"),
-            (r.ring_slots_written, "ring slot written", "ring slots written"),
-        ]
-        .into_iter()
-        .filter(|(n, _, _)| *n > 0)
-        .map(|(n, one, many)| format!("{n} {}", if n == 1 { one } else { many }))
-        .collect();
-        format!("XDP maps: {}", parts.join(", "))
+        format!("XDP maps: {r}")
     };
     let pools = if l7 > 0 { "; L7 pools, routes and timeouts re-published" } else { "" };
     format!("{xdp} XDP VIP(s), {l7} L7 VIP(s); {maps}{pools}")
@@ -1115,7 +1100,7 @@ impl Controller {
 
     fn apply_logged(&mut self, why: &str) {
         match self.apply() {
-            Ok(r) if !r.is_empty() => info!(?r, "{why}: maps updated"),
+            Ok(r) if !r.is_empty() => info!(maps = %r, "{why}: maps updated"),
             Ok(_) => {}
             Err(e) => error!(error = %e, "{why}: updating the maps failed"),
         }
@@ -1435,7 +1420,7 @@ impl Controller {
                 self.reconcile_checks();
                 self.metrics.retain(&self.cfg);
                 self.rates.retain(&self.cfg);
-                info!(?r, "config reloaded");
+                info!(maps = %r, "config reloaded");
                 let mut msg =
                     format!("reloaded {}: {}", self.path.display(), reload_summary(&self.cfg, &r));
                 if self.checks_missing > 0 {

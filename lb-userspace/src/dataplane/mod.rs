@@ -430,6 +430,32 @@ impl ApplyReport {
     }
 }
 
+/// What was written, in words (`1 backend added, 300 ring slots written`; `no change`), for
+/// logs and the reply to a reload: an operator reads them, not a debug dump.
+impl std::fmt::Display for ApplyReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_empty() {
+            return f.write_str("no change");
+        }
+        let parts: Vec<String> = [
+            (self.vips_added, "VIP added", "VIPs added"),
+            (self.vips_removed, "VIP removed", "VIPs removed"),
+            (self.vips_updated, "VIP entry rewritten", "VIP entries rewritten"),
+            (self.backends_added, "backend added", "backends added"),
+            (self.backends_removed, "backend removed", "backends removed"),
+            (self.backends_updated, "backend entry rewritten", "backend entries rewritten"),
+            (self.backends_parked, "backend parked (down)", "backends parked (down)"),
+            (self.backends_restored, "backend restored", "backends restored"),
+            (self.ring_slots_written, "ring slot written", "ring slots written"),
+        ]
+        .into_iter()
+        .filter(|(n, _, _)| *n > 0)
+        .map(|(n, one, many)| format!("{n} {}", if n == 1 { one } else { many }))
+        .collect();
+        f.write_str(&parts.join(", "))
+    }
+}
+
 /// A backend entry is owned by one VIP: health and drain are per VIP.
 type BackendKey = (VipKey, IpAddr);
 
