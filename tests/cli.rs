@@ -210,6 +210,28 @@ fn route_on_an_l7_vip_is_a_question_without_an_answer() {
     }
 }
 
+/// The admin commands' help says what of the config file each uses: the admin socket, and
+/// `node.pin_dir` only for `stop` (it once said every command used it).
+#[test]
+fn admin_help_says_only_stop_uses_the_pin_dir() {
+    for cmd in ["status", "drain", "undrain", "route", "reload", "stop"] {
+        let (code, out, err) = edgelb(&[cmd, "--help"]);
+        assert_eq!(code, 0, "{cmd}: {err}");
+        let help = out.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            help.contains("its node.admin_socket is where the running edgelb is asked"),
+            "{cmd}: {help}"
+        );
+        assert!(!help.contains("node.pin_dir are used"), "{cmd}: {help}");
+        assert!(
+            help.contains(
+                "`stop` with none answering also removes the data plane under its node.pin_dir"
+            ),
+            "{cmd}: {help}"
+        );
+    }
+}
+
 #[test]
 fn run_refuses_a_passed_descriptor_that_is_not_a_listening_socket() {
     // As systemd would pass sockets (LISTEN_PID is the shell's PID, which edgelb inherits by

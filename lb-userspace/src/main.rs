@@ -144,7 +144,9 @@ enum Command {
 /// Where to find the running controller.
 #[derive(clap::Args)]
 struct AdminArgs {
-    /// Config file (its node.admin_socket and node.pin_dir are used).
+    /// Config file: its node.admin_socket is where the running edgelb is asked (`stop` with
+    /// none answering also removes the data plane under its node.pin_dir, and `route` answers
+    /// from the file; `reload` re-reads the file edgelb runs with, which this must name).
     #[arg(long, short, default_value = DEFAULT_CONFIG)]
     config: PathBuf,
     /// Admin socket, overriding the config's.
