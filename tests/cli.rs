@@ -193,6 +193,45 @@ fn route_prints_the_backend_the_library_computes() {
     assert_eq!(code, 2, "no TCP VIP on port 53: {err}");
 }
 
+/// An L7 VIP's proxy picks a backend per request: `route` has no answer for one of its flows,
+/// and says so as a question it cannot answer (exit 2), not as a VIP without a backend for new
+/// flows (exit 1), which scripts alert on.
+#[test]
+fn route_on_an_l7_vip_is_a_question_without_an_answer() {
+    let f = example_file();
+    let path = f.0.to_str().unwrap();
+    for extra in [&[][..], &["--from-file"]] {
+        let mut args = vec!["route", "--config", path];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["198.18.4.1", "web7"]);
+        let (code, out, err) = edgelb(&args);
+        assert_eq!((code, out.as_str()), (2, ""), "{extra:?}: {err}");
+        assert!(err.contains("is L7: its proxy picks a backend per request"), "{err}");
+    }
+}
+
+/// The admin commands' help says what of the config file each uses: the admin socket, and
+/// `node.pin_dir` only for `stop` (it once said every command used it).
+#[test]
+fn admin_help_says_only_stop_uses_the_pin_dir() {
+    for cmd in ["status", "drain", "undrain", "route", "reload", "stop"] {
+        let (code, out, err) = edgelb(&[cmd, "--help"]);
+        assert_eq!(code, 0, "{cmd}: {err}");
+        let help = out.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            help.contains("its node.admin_socket is where the running edgelb is asked"),
+            "{cmd}: {help}"
+        );
+        assert!(!help.contains("node.pin_dir are used"), "{cmd}: {help}");
+        assert!(
+            help.contains(
+                "`stop` with none answering also removes the data plane under its node.pin_dir"
+            ),
+            "{cmd}: {help}"
+        );
+    }
+}
+
 #[test]
 fn run_refuses_a_passed_descriptor_that_is_not_a_listening_socket() {
     // As systemd would pass sockets (LISTEN_PID is the shell's PID, which edgelb inherits by

@@ -267,6 +267,33 @@ fn a_proxy_whose_threads_get_no_io_uring_fails_to_start() {
     assert!(TcpStream::connect(addr).is_err(), "no listener is left unanswered");
 }
 
+/// Every L7 VIP, HTTP and TCP mode, has its active-connections gauge from the start, at 0,
+/// as its other per-VIP series: one that appeared only with the first connection would leave
+/// an idle VIP out of dashboards and of alerts on its open connections.
+#[test]
+fn every_l7_vip_has_its_active_connections_gauge_at_0_from_the_start() {
+    let (http, tcp) = (free_port(), free_port());
+    let vip = |name: &str, port: u16, mode: &str| {
+        format!(
+            "[[vip]]\nname = \"{name}\"\naddress = \"127.0.0.1\"\nport = {port}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = 9 }}]\n[vip.l7]\nmode = \"{mode}\"\n"
+        )
+    };
+    let text = format!(
+        "[node]\ninterfaces = [\"lo\"]\n\n{}\n{}",
+        vip("h", http, "http"),
+        vip("t", tcp, "tcp")
+    );
+    let cfg = Config::parse(&text, "l7.toml".as_ref()).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let metrics = Metrics::new();
+    let proxy = Proxy::start(&cfg, 2, metrics.l7.clone()).expect("proxy starts");
+    let scrape = metrics.encode();
+    proxy.shutdown(Duration::ZERO);
+    for name in ["h", "t"] {
+        let gauge = format!("edgelb_l7_active_connections{{vip=\"{name}\"}} 0");
+        assert!(scrape.lines().any(|l| l == gauge), "no {gauge}:\n{scrape}");
+    }
+}
+
 /// Whether the rendered metrics `text` show `backend` of VIP `web` ejected by passive health,
 /// now or ever: its ejection counter exists (none was made at 0 here, with no reload), or its
 /// passive-down gauge is not 0.

@@ -993,6 +993,107 @@ fn draining_an_l7_backend_by_address_and_port_leaves_its_other_port_serving() {
     drop(e);
 }
 
+/// `status` of an L7 VIP counts what its proxy does: XDP passes its traffic uncounted, so its
+/// VIP line shows the requests its backends were sent (not packets, bytes and rates that XDP
+/// never counts and that read 0 whatever the traffic), and `--json` has that sum too.
+#[test]
+fn status_of_an_l7_vip_counts_its_requests() {
+    if !netns::require_privileged("status_of_an_l7_vip_counts_its_requests") {
+        return;
+    }
+    let vip = SocketAddr::from(([127, 0, 0, 1], 8080));
+    let (a, b) =
+        (SocketAddr::from(([127, 0, 0, 1], 8081)), SocketAddr::from(([127, 0, 0, 1], 8082)));
+    let bed = LoBed::new(
+        "l7status",
+        &format!(
+            "[[vip]]\nname = \"app\"\naddress = \"{}\"\nport = {}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}, {{ address = \"127.0.0.1\", port = {} }}]\n[vip.l7]\nalgorithm = \"round_robin\"\n",
+            vip.ip(),
+            vip.port(),
+            a.port(),
+            b.port(),
+        ),
+    );
+    let _servers =
+        [NamedServer::start(&bed.ns, "port-a", a), NamedServer::start(&bed.ns, "port-b", b)];
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lifecycle-{}.log", bed.tag));
+    let _ = std::fs::remove_file(&log);
+    let e = Edgelb::start(&bed.ns, &bed.config, &log);
+    netns::in_netns(&bed.ns, || {
+        for _ in 0..6 {
+            servers::http_get(None, vip, TIMEOUT).expect("a request through the proxy");
+        }
+    })
+    .unwrap();
+    let out = e.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line = text.lines().find(|l| l.starts_with("VIP app ")).expect("the VIP's line");
+    assert!(line.ends_with("[l7]  requests 6"), "{line}\n{text}");
+    assert!(!line.contains("packets") && !line.contains("pkt/s"), "XDP never counts it: {line}");
+    for backend in [a, b] {
+        let row = text.lines().find(|l| l.trim_start().starts_with(&backend.to_string()));
+        let row = row.expect("a row per backend");
+        assert!(row.trim_end().ends_with(" 3"), "round robin, 3 each: {row}\n{text}");
+    }
+    let st = e.status();
+    assert_eq!(st.vips[0].l7_requests, 6, "{:?}", st.vips[0]);
+    // `route` has no flow to place on it: the running edgelb calls that a bad question (exit 2),
+    // not a VIP without a backend (1).
+    let out = e.cli(&["route", "127.0.0.1", "app"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("picks a backend per request") && err.contains("running config"), "{err}");
+    drop(e);
+}
+
+/// `edgelb run -c FILE` with a path relative to its working directory names the file by its
+/// absolute path: `status` says which file runs, and a reload naming another file is refused
+/// with the file to edit, both for an operator in another directory.
+#[test]
+fn a_config_named_relative_is_shown_by_its_absolute_path() {
+    if !netns::require_privileged("a_config_named_relative_is_shown_by_its_absolute_path") {
+        return;
+    }
+    let bed = LoBed::new(
+        "relcfg",
+        "[[vip]]\nname = \"app\"\naddress = \"127.0.0.1\"\nport = 8080\nforwarding = \"l7\"\nbackends = [{ address = \"127.0.0.1\", port = 8081 }]\n[vip.l7]\n",
+    );
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lifecycle-{}.log", bed.tag));
+    let _ = std::fs::remove_file(&log);
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+    let (dir, name) = (bed.config.parent().unwrap(), bed.config.file_name().unwrap());
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns::netns_path(&bed.ns).display()))
+        .arg(env!("CARGO_BIN_EXE_edgelb"))
+        .args(["run", "--config"])
+        .arg(name)
+        .current_dir(dir)
+        .stderr(out);
+    // The CLI runs from this test's directory, with the absolute path.
+    let e = Edgelb::spawned(&mut cmd, &bed.ns, &bed.config, &log);
+    assert_eq!(e.status().config, bed.config);
+    let text = String::from_utf8_lossy(&e.cli(&["status"]).stdout).into_owned();
+    assert!(text.starts_with(&format!("config {}\n", bed.config.display())), "{text}");
+    let other = bed.config.with_extension("other.toml");
+    std::fs::copy(&bed.config, &other).unwrap();
+    let refused = Command::new(env!("CARGO_BIN_EXE_edgelb"))
+        .args(["reload", "--config"])
+        .arg(&other)
+        .output()
+        .expect("run edgelb CLI");
+    let _ = std::fs::remove_file(&other);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    let says = format!("edgelb runs with {}, and", bed.config.display());
+    assert!(err.contains(&says), "{err}");
+    // Its log says what it wrote to the maps in words, not as a debug dump.
+    let log = e.log();
+    let line = log.lines().find(|l| l.contains("maps in line with the config")).expect("said");
+    assert!(line.contains("maps=") && !line.contains("ApplyReport"), "{line}");
+    drop(e);
+}
+
 /// `status --json` gives each VIP its address, port and protocol as fields of their own, and
 /// each backend its address and port; the byte rate is named for what it holds, bytes per
 /// second: under load its ratio to the packet rate is the average packet size the counters

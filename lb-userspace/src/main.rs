@@ -144,7 +144,9 @@ enum Command {
 /// Where to find the running controller.
 #[derive(clap::Args)]
 struct AdminArgs {
-    /// Config file (its node.admin_socket and node.pin_dir are used).
+    /// Config file: its node.admin_socket is where the running edgelb is asked (`stop` with
+    /// none answering also removes the data plane under its node.pin_dir, and `route` answers
+    /// from the file; `reload` re-reads the file edgelb runs with, which this must name).
     #[arg(long, short, default_value = DEFAULT_CONFIG)]
     config: PathBuf,
     /// Admin socket, overriding the config's.
@@ -395,7 +397,8 @@ fn admin_call(admin: &AdminArgs, req: &Request, show: impl FnOnce(Response)) -> 
 
 /// `edgelb route`: asks the running controller; answers from the config file when none answers
 /// on the socket, or one too old to know the request does. Exit 0 with the backend's address
-/// alone on stdout; 1 when the VIP places no new flow; 2 for a bad question (or config); 3 when
+/// alone on stdout; 1 when the VIP places no new flow; 2 for a bad question (an L7 VIP, which
+/// places requests, not flows, included) or config; 3 when
 /// the socket turns this user away (an edgelb may run there: its answer is not the file's).
 /// `from_file` skips the controller: the file's answer, for a file not (yet) running.
 fn route(
@@ -687,21 +690,47 @@ fn print_status(s: &edgelb::admin::Status) {
     );
     for v in &s.vips {
         println!();
-        println!(
-            "VIP {} [{}{}]{}  packets {}  bytes {}  new flows {}  now {:.0} pkt/s {:.0} B/s",
+        let head = format!(
+            "VIP {} [{}{}]{}",
             v.listen,
             v.forwarding,
             if v.conntrack { "" } else { ", no connection table" },
             if v.fail_open { "  FAIL-OPEN (all backends down)" } else { "" },
-            v.packets,
-            v.bytes,
-            v.new_flows,
-            v.pps,
-            v.bytes_per_s
         );
+        let health = |b: &edgelb::admin::BackendStatus| match (b.healthy, b.passive_down) {
+            (false, _) => "DOWN",
+            (true, true) => "FAILING",
+            (true, false) => "up",
+        };
+        let drained = |b: &edgelb::admin::BackendStatus| if b.drained { "yes" } else { "no" };
         if v.forwarding == "l7" {
-            println!("  (L7: PACKETS counts proxied requests; RING% does not apply)");
+            // XDP passes an L7 VIP's traffic to the kernel uncounted: its packet, byte and flow
+            // counters, rates and ring shares are all 0. What moves is the proxy's count of
+            // requests (TCP mode: connections), summed from the rows (an older edgelb's answer
+            // has no sum of its own).
+            let requests: u64 = v.backends.iter().map(|b| b.l7_requests).sum();
+            println!("{head}  requests {requests}");
+            println!(
+                "  {:<40} {:>6} {:>7} {:>8} {:>12}",
+                "BACKEND", "WEIGHT", "HEALTH", "DRAINED", "REQUESTS"
+            );
+            for b in &v.backends {
+                println!(
+                    "  {:<40} {:>6} {:>7} {:>8} {:>12}",
+                    // Its address and port: one address may serve on several.
+                    std::net::SocketAddr::new(b.address, b.port).to_string(),
+                    b.weight,
+                    health(b),
+                    drained(b),
+                    b.l7_requests
+                );
+            }
+            continue;
         }
+        println!(
+            "{head}  packets {}  bytes {}  new flows {}  now {:.0} pkt/s {:.0} B/s",
+            v.packets, v.bytes, v.new_flows, v.pps, v.bytes_per_s
+        );
         println!(
             "  {:<40} {:>6} {:>7} {:>8} {:>7} {:>12} {:>14} {:>10} {:>10}",
             "BACKEND",
@@ -714,29 +743,17 @@ fn print_status(s: &edgelb::admin::Status) {
             "NEW FLOWS",
             "PKT/S"
         );
-        let l7 = v.forwarding == "l7";
         for b in &v.backends {
-            let (packets, bytes, new_flows) =
-                if l7 { (b.l7_requests, 0, 0) } else { (b.packets, b.bytes, b.new_flows) };
             println!(
                 "  {:<40} {:>6} {:>7} {:>8} {:>7.2} {:>12} {:>14} {:>10} {:>10.0}",
-                // An L7 backend is its address and port (one address may serve on several).
-                if l7 {
-                    std::net::SocketAddr::new(b.address, b.port).to_string()
-                } else {
-                    b.address.to_string()
-                },
+                b.address.to_string(),
                 b.weight,
-                match (b.healthy, b.passive_down) {
-                    (false, _) => "DOWN",
-                    (true, true) => "FAILING",
-                    (true, false) => "up",
-                },
-                if b.drained { "yes" } else { "no" },
+                health(b),
+                drained(b),
                 b.ring_share * 100.0,
-                packets,
-                bytes,
-                new_flows,
+                b.packets,
+                b.bytes,
+                b.new_flows,
                 b.pps
             );
         }

@@ -348,7 +348,9 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     }
     let (health_tx, health_rx) = mpsc::channel();
     let mut ctl = Controller {
-        path: path.to_owned(),
+        // Absolute, as the operator's commands name it from wherever they run: `status` says
+        // which file runs, and a refused reload which file to edit.
+        path: std::path::absolute(path).unwrap_or_else(|_| path.to_owned()),
         cfg,
         dp,
         checker: Checker::new(health_tx),
@@ -414,11 +416,12 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     let start = || -> Result<(), RunError> {
         // Maps first, then attach: the first packet already sees the whole config.
         let report = ctl.apply()?;
-        info!(?report, "maps in line with the config");
+        info!(maps = %report, "maps in line with the config");
         for iface in ctl.cfg.node.interfaces.clone() {
             let mode = ctl.dp.attach(&iface, ctl.cfg.node.xdp_mode)?;
             info!(interface = %iface, mode, "XDP balancer attached");
         }
+        warn_of_gro(&ctl.cfg, ctl.dp.attached());
         // An interface the previous process balanced on that this config no longer lists:
         // its link goes (and the program with it), rather than run on with maps nobody keeps.
         for iface in ctl.dp.remove_unused_links()? {
@@ -606,6 +609,39 @@ fn warn_of_mtu(cfg: &Config) {
     }
 }
 
+/// Logs the interfaces where GRO on stalls uploads (see [`gro_warnings`]).
+fn warn_of_gro(cfg: &Config, attached: &[(String, &'static str)]) {
+    let gro_on = |i: &str| crate::dataplane::netlink::gro_on(i).unwrap_or(false);
+    for w in gro_warnings(cfg, attached, gro_on) {
+        warn!("{w}");
+    }
+}
+
+/// The interfaces where XDP runs in generic mode with GRO on, when some VIP encapsulates, each
+/// with what to do. Generic XDP runs after the kernel's software GRO, which the kernel leaves on
+/// when it installs a generic program: TCP segments merged into one packet larger than the MTU
+/// no longer fit the path once encapsulated, and each merged upload is refused again. Without an
+/// encapsulating VIP nothing grows past the MTU, and turning GRO off would only cost the L7
+/// proxy (whose sockets take merged segments whole) throughput.
+fn gro_warnings(
+    cfg: &Config,
+    attached: &[(String, &'static str)],
+    gro_on: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    if !cfg.vips.iter().any(|v| v.forwarding == Forwarding::Ipip) {
+        return Vec::new();
+    }
+    attached
+        .iter()
+        .filter(|(interface, mode)| *mode == "generic" && gro_on(interface))
+        .map(|(interface, _)| {
+            format!(
+                "XDP runs in generic mode on {interface}, after the kernel merges received TCP segments (GRO): merged packets pass node.mtu once encapsulated and are refused, which stalls uploads through ipip VIPs; turn GRO off: `ethtool -K {interface} gro off`"
+            )
+        })
+        .collect()
+}
+
 /// Why `node.mtu` is wrong for the interfaces' own MTUs (`links`), if it is, when some VIP
 /// encapsulates (which makes packets larger): above an interface's MTU, or 0 (no check), a
 /// full-size client packet is encapsulated past what the NIC sends, and it is dropped
@@ -643,10 +679,20 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// listed in another order are the same set. An L7 VIP's listeners are bound, for its address,
 /// port and mode, when edgelb starts (below port 1024 that takes a privilege it has dropped).
 fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
-    fn changed<T: std::fmt::Debug + PartialEq>(out: &mut Vec<String>, key: &str, a: &T, b: &T) {
+    /// Says `key` changed from `a` to `b`, if it did, each value `shown` as an operator would
+    /// write it (not Rust's debug output, `Some(..)` and quoted paths).
+    fn changed<T: PartialEq>(
+        out: &mut Vec<String>,
+        key: &str,
+        (a, b): (&T, &T),
+        shown: impl Fn(&T) -> String,
+    ) {
         if a != b {
-            out.push(format!("{key} ({a:?} → {b:?})"));
+            out.push(format!("{key} ({} → {})", shown(a), shown(b)));
         }
+    }
+    fn or_unset<T: ToString>(v: &Option<T>) -> String {
+        v.as_ref().map_or("unset".to_owned(), ToString::to_string)
     }
     let (o, n) = (&old.node, &new.node);
     let mut out = Vec::new();
@@ -655,27 +701,28 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
         v.sort();
         v
     };
-    changed(&mut out, "node.interfaces", &sorted(&o.interfaces), &sorted(&n.interfaces));
-    changed(&mut out, "node.xdp_mode", &o.xdp_mode, &n.xdp_mode);
-    changed(&mut out, "node.pin_dir", &o.pin_dir, &n.pin_dir);
-    changed(&mut out, "node.admin_socket", &o.admin_socket, &n.admin_socket);
+    changed(&mut out, "node.interfaces", (&sorted(&o.interfaces), &sorted(&n.interfaces)), |v| {
+        format!("[{}]", v.join(", "))
+    });
+    changed(&mut out, "node.xdp_mode", (&o.xdp_mode, &n.xdp_mode), |m| {
+        format!("{m:?}").to_lowercase()
+    });
+    changed(&mut out, "node.pin_dir", (&o.pin_dir, &n.pin_dir), |p| p.display().to_string());
+    changed(&mut out, "node.admin_socket", (&o.admin_socket, &n.admin_socket), |p| {
+        p.display().to_string()
+    });
     changed(
         &mut out,
         "node.conntrack_flows_per_cpu",
-        &o.conntrack_flows_per_cpu,
-        &n.conntrack_flows_per_cpu,
+        (&o.conntrack_flows_per_cpu, &n.conntrack_flows_per_cpu),
+        or_unset,
     );
     // As written: unset is one per CPU, counted at the start, and stays unset whatever the CPU
     // count has become since (a restart would count anew).
-    if o.l7_threads != n.l7_threads {
-        let threads = |t: Option<usize>| t.map_or("unset".to_owned(), |t| t.to_string());
-        out.push(format!(
-            "node.l7_threads ({} → {})",
-            threads(o.l7_threads),
-            threads(n.l7_threads)
-        ));
-    }
-    changed(&mut out, "[metrics] listen", &old.metrics, &new.metrics);
+    changed(&mut out, "node.l7_threads", (&o.l7_threads, &n.l7_threads), or_unset);
+    changed(&mut out, "[metrics] listen", (&old.metrics, &new.metrics), |m| {
+        m.map_or("disabled".to_owned(), |a| a.to_string())
+    });
     let l7 = |cfg: &Config| -> std::collections::BTreeMap<
         String,
         (std::net::SocketAddr, crate::config::L7Mode),
@@ -714,22 +761,7 @@ fn reload_summary(cfg: &Config, r: &crate::dataplane::ApplyReport) -> String {
     let maps = if r.is_empty() {
         "the XDP maps needed no change".to_owned()
     } else {
-        let parts: Vec<String> = [
-            (r.vips_added, "VIP added", "VIPs added"),
-            (r.vips_removed, "VIP removed", "VIPs removed"),
-            (r.vips_updated, "VIP entry rewritten", "VIP entries rewritten"),
-            (r.backends_added, "backend added", "backends added"),
-            (r.backends_removed, "backend removed", "backends removed"),
-            (r.backends_updated, "backend entry rewritten", "backend entries rewritten"),
-            (r.backends_parked, "backend parked (down)", "backends parked (down)"),
-            (r.backends_restored, "backend restored", "backends restored"),
-            (r.ring_slots_written, "ring slot written", "ring slots written"),
-        ]
-        .into_iter()
-        .filter(|(n, _, _)| *n > 0)
-        .map(|(n, one, many)| format!("{n} {}", if n == 1 { one } else { many }))
-        .collect();
-        format!("XDP maps: {}", parts.join(", "))
+        format!("XDP maps: {r}")
     };
     let pools = if l7 > 0 { "; L7 pools, routes and timeouts re-published" } else { "" };
     format!("{xdp} XDP VIP(s), {l7} L7 VIP(s); {maps}{pools}")
@@ -1069,7 +1101,7 @@ impl Controller {
 
     fn apply_logged(&mut self, why: &str) {
         match self.apply() {
-            Ok(r) if !r.is_empty() => info!(?r, "{why}: maps updated"),
+            Ok(r) if !r.is_empty() => info!(maps = %r, "{why}: maps updated"),
             Ok(_) => {}
             Err(e) => error!(error = %e, "{why}: updating the maps failed"),
         }
@@ -1389,7 +1421,7 @@ impl Controller {
                 self.reconcile_checks();
                 self.metrics.retain(&self.cfg);
                 self.rates.retain(&self.cfg);
-                info!(?r, "config reloaded");
+                info!(maps = %r, "config reloaded");
                 let mut msg =
                     format!("reloaded {}: {}", self.path.display(), reload_summary(&self.cfg, &r));
                 if self.checks_missing > 0 {
@@ -1403,6 +1435,7 @@ impl Controller {
                     msg.push_str(&format!("; {forgotten}"));
                 }
                 warn_of_mtu(&self.cfg);
+                warn_of_gro(&self.cfg, self.dp.attached());
                 warn_of_cautions(&self.cfg);
                 // Said to the one reloading too, who may not read the log.
                 for c in &self.cfg.cautions {
@@ -1515,6 +1548,7 @@ impl Controller {
                 });
             }
             let (pps, bytes_per_s) = self.rates.get(&vip.name);
+            let l7_requests = backends.iter().map(|b| b.l7_requests).sum();
             vips.push(VipStatus {
                 pps,
                 bytes_per_s,
@@ -1535,6 +1569,7 @@ impl Controller {
                 bytes: c.bytes,
                 new_flows: c.new_flows,
                 fail_open: self.verdicts.is_fail_open(&vip.name),
+                l7_requests,
                 backends,
             });
         }
@@ -1641,7 +1676,7 @@ mod tests {
         );
         let why = restart_needed(&base, &changed).join("; ");
         for says in [
-            "node.interfaces ([\"eth0\", \"eth1\"] → [\"eth0\"])",
+            "node.interfaces ([eth0, eth1] → [eth0])",
             "node.l7_threads (",
             "L7 VIP `a`: 127.0.0.1:8001 http → 127.0.0.1:8001 tcp",
             "L7 VIP `b` removed",
@@ -1650,6 +1685,30 @@ mod tests {
             assert!(why.contains(says), "want {says:?} in {why}");
         }
         assert!(!why.contains("xdp_mode") && !why.contains("metrics"), "{why}");
+    }
+
+    /// A refused reload names each value as the file writes it, without Rust's debug output
+    /// (`Some(127.0.0.1:9110)`, quoted paths, `Native`): an unset one says so.
+    #[test]
+    fn a_reload_refused_for_a_restart_names_values_as_written() {
+        let base = parse(&format!("{NODE}{}", l7("a", 8001, "http")));
+        let other = parse(&format!(
+            "{NODE}xdp_mode = \"native\"\npin_dir = \"/sys/fs/bpf/other\"\nconntrack_flows_per_cpu = 8192\n[metrics]\nlisten = \"127.0.0.1:29111\"\n{}",
+            l7("a", 8001, "http")
+        ));
+        let why = restart_needed(&base, &other).join("; ");
+        for says in [
+            "node.xdp_mode (auto → native)",
+            "node.pin_dir (/sys/fs/bpf/edgelb → /sys/fs/bpf/other)",
+            "node.conntrack_flows_per_cpu (unset → 8192)",
+            "[metrics] listen (127.0.0.1:9110 → 127.0.0.1:29111)",
+        ] {
+            assert!(why.contains(says), "want {says:?} in {why}");
+        }
+        assert!(!why.contains("Some(") && !why.contains('"'), "{why}");
+        let off = parse(&format!("{NODE}[metrics]\nenabled = false\n{}", l7("a", 8001, "http")));
+        let why = restart_needed(&base, &off).join("; ");
+        assert_eq!(why, "[metrics] listen (127.0.0.1:9110 → disabled)");
     }
 
     /// An unset `node.l7_threads` is the file's, not the CPU count's: two parses of one file
@@ -1701,6 +1760,24 @@ mod tests {
         // Without encapsulation, packets leave no larger than they came.
         let l7_only = parse(&format!("{NODE}mtu = 9000\n{}", l7("a", 8001, "http")));
         assert!(mtu_mismatches(&l7_only, &links).is_empty());
+    }
+
+    /// Generic mode with GRO on is said only where it hurts: on a generic-mode interface with
+    /// GRO on, when some VIP encapsulates. A node of L7 VIPs only is not told to turn GRO off,
+    /// which would cost its proxy throughput for nothing.
+    #[test]
+    fn gro_is_said_only_when_some_vip_encapsulates() {
+        let ipip = parse(&format!(
+            "{NODE}gateway_mac = \"02:00:00:00:00:01\"\n[[vip]]\nname = \"v\"\naddress = \"198.18.1.1\"\nbackends = [{{ address = \"198.18.0.11\" }}]\n{}",
+            l7("a", 8001, "http")
+        ));
+        let l7_only = parse(&format!("{NODE}{}", l7("a", 8001, "http")));
+        let attached = [("eth0".to_owned(), "generic"), ("eth1".to_owned(), "native")];
+        let w = gro_warnings(&ipip, &attached, |_| true);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("generic mode on eth0") && w[0].contains("ethtool -K eth0 gro off"));
+        assert!(gro_warnings(&ipip, &attached, |_| false).is_empty(), "GRO off: nothing to say");
+        assert_eq!(gro_warnings(&l7_only, &attached, |_| true), Vec::<String>::new());
     }
 
     /// The reply to a reload says what changed, not a debug dump.

@@ -318,13 +318,16 @@ pub struct RouteFlow<'c> {
 }
 
 /// Why `edgelb route` has no answer: the question is wrong (exit 2) or the VIP places no new
-/// flow (exit 1).
+/// flow (exit 1). Apart, because scripts alert on the second: a VIP that sends its clients
+/// nowhere.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
-    /// No such VIP, a client of the other family, a missing `--sport` or port.
+    /// No such VIP, a client of the other family, a missing `--sport` or port, or an L7 VIP:
+    /// its proxy picks a backend per request, so no flow has one to name (and nothing is wrong
+    /// with the VIP).
     #[error("{0}")]
     BadQuestion(String),
-    /// The VIP has no backend for new flows, or is L7 (its proxy picks per request).
+    /// The VIP has no backend for new flows.
     #[error("{0}")]
     NoBackend(String),
 }
@@ -368,8 +371,8 @@ impl<'c> RouteFlow<'c> {
             (None, HashMode::Client) => 0,
         };
         if v.forwarding == Forwarding::L7 {
-            return Err(RouteError::NoBackend(format!(
-                "VIP {v} is L7: its proxy picks a backend per request, not by an XDP ring"
+            return Err(RouteError::BadQuestion(format!(
+                "VIP {v} is L7: its proxy picks a backend per request, not per flow by an XDP ring, so `route` has no answer for it (`edgelb status` shows its backends and the requests each was sent)"
             )));
         }
         Ok(RouteFlow { vip: v, client, sport, dport })
@@ -427,6 +430,32 @@ impl ApplyReport {
     /// True when nothing was written.
     pub fn is_empty(&self) -> bool {
         *self == ApplyReport::default()
+    }
+}
+
+/// What was written, in words (`1 backend added, 300 ring slots written`; `no change`), for
+/// logs and the reply to a reload: an operator reads them, not a debug dump.
+impl std::fmt::Display for ApplyReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_empty() {
+            return f.write_str("no change");
+        }
+        let parts: Vec<String> = [
+            (self.vips_added, "VIP added", "VIPs added"),
+            (self.vips_removed, "VIP removed", "VIPs removed"),
+            (self.vips_updated, "VIP entry rewritten", "VIP entries rewritten"),
+            (self.backends_added, "backend added", "backends added"),
+            (self.backends_removed, "backend removed", "backends removed"),
+            (self.backends_updated, "backend entry rewritten", "backend entries rewritten"),
+            (self.backends_parked, "backend parked (down)", "backends parked (down)"),
+            (self.backends_restored, "backend restored", "backends restored"),
+            (self.ring_slots_written, "ring slot written", "ring slots written"),
+        ]
+        .into_iter()
+        .filter(|(n, _, _)| *n > 0)
+        .map(|(n, one, many)| format!("{n} {}", if n == 1 { one } else { many }))
+        .collect();
+        f.write_str(&parts.join(", "))
     }
 }
 
@@ -958,15 +987,8 @@ impl Dataplane {
         if took_over && mode_differs(mode, used) {
             warn!(interface, running = used, configured = ?mode, "the pinned XDP link runs in another mode than node.xdp_mode asks; `edgelb stop` (which detaches) and a start attach in the configured one");
         }
-        // Generic XDP runs after the kernel's software GRO, which the kernel leaves on when it
-        // installs a generic program: TCP segments merged into one packet larger than the MTU
-        // no longer fit the path once encapsulated, and each merged upload is refused again.
-        if used == "generic" && netlink::gro_on(interface).unwrap_or(false) {
-            warn!(
-                interface,
-                "XDP runs in generic mode here, after the kernel merges received TCP segments (GRO): merged packets pass node.mtu once encapsulated and are refused, which stalls uploads through ipip VIPs; turn GRO off: `ethtool -K {interface} gro off`"
-            );
-        }
+        // Whether GRO is on here matters only to VIPs that encapsulate: the controller says so
+        // (`controller::gro_warnings`), knowing the config.
         self.attached.push((interface.to_owned(), used));
         self.ifindexes.push(ifindex(interface));
         Ok(used)

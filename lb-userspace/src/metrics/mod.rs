@@ -157,8 +157,10 @@ impl Collector for KernelCollector {
         let mut m = encoder.encode_descriptor(
             "edgelb_xdp_attached",
             "1 while the balancer's XDP program is on the interface, 0 once the interface was \
-             deleted, re-created or renamed under it (its VIP traffic then reaches the kernel \
-             unbalanced until edgelb restarts)",
+             deleted, or deleted and re-created, under it (its VIP traffic then reaches the \
+             kernel unbalanced until edgelb restarts); a renamed interface stays 1 under the \
+             name it was attached by, as XDP stays on the device (the log and status give its \
+             new name)",
             None,
             MetricType::Gauge,
         )?;
@@ -308,8 +310,9 @@ impl Metrics {
 
     /// Removes the series of every (VIP, backend) pair and VIP that `cfg` (the configured
     /// config a reload just put in force, not the effective one: a backend that is down or
-    /// drained is still configured) no longer has, health-check and L7 alike. The series of
-    /// everything still configured are untouched: their counters go on from where they were.
+    /// drained is still configured) no longer has, health-check and L7 alike, and the
+    /// health-check series of the VIPs it no longer checks. The series of everything still
+    /// configured (and checked) are untouched: their counters go on from where they were.
     /// A backend that comes back later starts new series from zero, as after a restart.
     ///
     /// Every health-checked backend's transition counters, and every L7 backend's ejection
@@ -320,9 +323,12 @@ impl Metrics {
     /// The kernel counters (of XDP VIPs only) and the up/weight gauges need nothing: they are
     /// rendered from the running config at each scrape.
     pub fn retain(&self, cfg: &crate::config::Config) {
+        // Only checked VIPs' backends: a reload that takes a VIP's check away leaves nothing to
+        // move its series, which would be scraped on, frozen, as if a check still ran.
         let keep: HashSet<BackendLabels> = cfg
             .vips
             .iter()
+            .filter(|v| v.health.is_some())
             .flat_map(|v| {
                 v.backends
                     .iter()
@@ -486,6 +492,19 @@ mod tests {
         assert_eq!(sample(&text, ejections, l), Some(0.0), "{text}");
     }
 
+    /// The help of `edgelb_xdp_attached` says what sets it to 0 as the controller decides it
+    /// (`Dataplane::lost_interfaces`): a deleted interface, not a renamed one, which XDP stays
+    /// on. It once counted a rename among the losses, and an operator would have looked for a
+    /// 0 that never comes.
+    #[test]
+    fn the_help_of_xdp_attached_keeps_a_renamed_interface_at_1() {
+        let text = Metrics::new().encode();
+        let help = text.lines().find(|l| l.starts_with("# HELP edgelb_xdp_attached "));
+        let help = help.expect("the family is described");
+        assert!(help.contains("0 once the interface was deleted"), "{help}");
+        assert!(help.contains("a renamed interface stays 1"), "{help}");
+    }
+
     /// Health checks that could not start show in their gauge, 0 while every check runs.
     #[test]
     fn missing_health_checks_are_exported() {
@@ -569,5 +588,19 @@ mod tests {
         let l = "vip=\"app\",backend=\"198.18.0.12:80\"";
         assert_eq!(sample(&text, ejections, l), Some(1.0), "{text}");
         assert_eq!(sample(&text, ejections, kept), Some(2.0), "{text}");
+
+        // A reload that takes `web`'s health check away removes its health series (no check
+        // runs to move them: frozen, they would read as a check that sees no change); `app`'s,
+        // still checked, go on.
+        let mut unchecked = config(&[11, 12], false);
+        unchecked.vips[0].health = None;
+        m.retain(&unchecked);
+        let text = m.encode();
+        for name in [duration, transitions] {
+            assert!(!text.contains(&format!("{name}{{vip=\"web\",")), "{name} of web:\n{text}");
+        }
+        let l = "vip=\"app\",backend=\"198.18.0.11:80\"";
+        assert_eq!(sample(&text, duration, l), Some(1.0), "{text}");
+        assert_eq!(sample(&text, transitions, &format!("{l},to=\"up\"")), Some(2.0));
     }
 }

@@ -828,6 +828,8 @@ impl Proxy {
                     .clone()
             };
             let label = VipLabel { vip: vip.name.clone() };
+            // Made here at 0, not at the first connection: an idle VIP is shown too.
+            let _ = m.active.get_or_create(&label);
             vips.insert(
                 vip.name.clone(),
                 Arc::new(VipRuntime {
