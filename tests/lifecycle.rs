@@ -2433,15 +2433,60 @@ fn a_backend_added_by_a_reload_joins_once_its_check_passes() {
     let out = bed.e().cli(&["reload"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::write(&bed.cfg_path, &full).unwrap();
+    // Clients whose flows the ring with backend-3 in it sends to backend-3 (a live server that
+    // answers with its name): while its check has not passed, XDP must send them elsewhere.
+    let cfg = bed.cfg();
+    let homed: Vec<IpAddr> = (0..300)
+        .map(|n| IpAddr::V4(testbed::pool_addr(n)))
+        .filter(|c| backend_name(&cfg, "web", *c) == "backend-3")
+        .take(8)
+        .collect();
+    assert_eq!(homed.len(), 8, "clients of backend-3");
+    let ask = |bed: &Bed| {
+        netns::in_netns(&bed.tb.names.client, || {
+            let vip = SocketAddr::new(IpAddr::V4(testbed::VIP), 80);
+            homed
+                .iter()
+                .map(|c| servers::http_get(Some(SocketAddr::new(*c, 0)), vip, TIMEOUT))
+                .collect::<Vec<_>>()
+        })
+        .unwrap()
+    };
     let out = bed.e().cli(&["reload"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let added = Instant::now();
-    assert!(!bed.e().healthy("web", "198.18.0.13"), "out of the ring until its check passes");
-    while !bed.e().healthy("web", "198.18.0.13") {
+    // Each round of requests is followed by a status: a status that still shows backend-3 down
+    // came after every answer of the round, so none of them may be backend-3's (its verdict only
+    // goes from down to up here). The ring, not status alone, is what is checked.
+    let mut asked_while_out = 0;
+    loop {
+        let answers = ask(&bed);
+        if bed.e().healthy("web", "198.18.0.13") {
+            break;
+        }
+        for (client, r) in homed.iter().zip(&answers) {
+            match r {
+                Ok(b) => {
+                    assert_ne!(b, "backend-3", "{client} reached backend-3 before its check passed")
+                }
+                Err(e) => panic!("{client} was not served while backend-3 was out: {e}"),
+            }
+        }
+        asked_while_out += answers.len();
         assert!(added.elapsed() < INTERVAL * (RISE + 3), "not back after {:?}", added.elapsed());
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(added.elapsed() >= INTERVAL * (RISE - 1), "joined after {:?}", added.elapsed());
+    let joined = added.elapsed();
+    eprintln!(
+        "backend-3 healthy {} ms after the reload; {asked_while_out} requests of its clients served by the others meanwhile",
+        joined.as_millis()
+    );
+    assert!(asked_while_out > 0, "no request was sent while backend-3 was out of the ring");
+    assert!(joined >= INTERVAL * (RISE - 1), "joined after {joined:?}");
+    // In the ring now: its clients reach it.
+    for (client, r) in homed.iter().zip(ask(&bed)) {
+        assert_eq!(r.as_deref().ok(), Some("backend-3"), "{client} after the check passed: {r:?}");
+    }
     let log = bed.e().log();
     assert!(
         log.contains("backend added: it joins the ring once its health check has passed"),
