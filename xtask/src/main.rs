@@ -120,17 +120,84 @@ fn real_main() -> Result<()> {
     }
 }
 
+/// The names of the network namespaces tests and benches make, `{pid}` standing for the PID
+/// of the process that made them; `-*` after it for any text after a dash. tests/lifecycle.rs
+/// (its testbed's and `LoBed`'s), netns_e2e.rs, cli.rs, xdp_fixtures.rs and the veth bench.
+/// Their veths (XDP attached to some) go with them.
+const TEST_NAMESPACES: &[&str] = &[
+    "elbl{pid}-*",
+    "elbt{pid}-*",
+    "elbbench{pid}-*",
+    "elbdecap{pid}",
+    "elbdecapa{pid}",
+    "elbdecapb{pid}",
+    "elbdecapl{pid}",
+    "elblbnsa{pid}",
+    "elblbnsb{pid}",
+    "elbstopel{pid}",
+    "elbstart{pid}",
+    "elbmnt{pid}",
+    "elpl{pid}",
+    "elgro{pid}",
+];
+
+/// The pin directories under /sys/fs/bpf tests make (pinned XDP links among them, which keep a
+/// program attached), written as [`TEST_NAMESPACES`]; a `*-` before `{pid}` stands for any
+/// text and a dash. cli.rs, lifecycle.rs, xdp_fixtures.rs and the dataplane unit tests.
+const TEST_PIN_DIRS: &[&str] = &[
+    "edgelb-t-cli-*-{pid}",
+    "edgelb-t-{pid}-*",
+    "edgelb-fixture-{pid}",
+    "edgelb-fixture-*-{pid}",
+    "edgelb-beside-{pid}",
+    "edgelb-links-{pid}",
+    "edgelb-decap-test-{pid}",
+    "edgelb-decap-ns-test-{pid}",
+    "edgelb-decap-lb-test-{pid}",
+    "edgelb-lb-ns-test-{pid}",
+    "edgelb-stop-away-{pid}",
+    "edgelb-test-owner-{pid}",
+];
+
+/// The PID in `name` if it has the form of one of `patterns` (see [`TEST_NAMESPACES`]): the
+/// sweep removes a name only when that process is gone. Matched whole, so that a name of
+/// another pattern, or of someone else's, is never read as a test's.
+fn test_made_pid(patterns: &[&str], name: &str) -> Option<u32> {
+    patterns.iter().find_map(|pattern| {
+        let (before, after) = pattern.split_once("{pid}")?;
+        let digits = if let Some(fixed) = before.strip_suffix("*-") {
+            // Any text, a dash, then the PID ends the name.
+            let (text, digits) = name.strip_prefix(fixed)?.rsplit_once('-')?;
+            (after.is_empty() && !text.is_empty()).then_some(digits)?
+        } else {
+            let rest = name.strip_prefix(before)?;
+            let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            let (digits, tail) = rest.split_at(end);
+            let fits = match after.strip_suffix('*') {
+                Some(fixed) => tail.len() > fixed.len() && tail.starts_with(fixed),
+                None => tail == after,
+            };
+            fits.then_some(digits)?
+        };
+        match digits.bytes().all(|b| b.is_ascii_digit()) {
+            true => digits.parse().ok(),
+            false => None,
+        }
+    })
+}
+
 /// Removes what test and bench runs that were killed (Ctrl-C on `./x test` or `./x bench`
 /// reaches test and bench binaries without a handler, so their guards never run) left behind,
-/// each named with the PID of the test or bench process that made it: namespaces (the veth
-/// bench's `elbbench<pid>-{gen,lb}` and the fixtures' `elpl<pid>` with XDP attached among them),
-/// pin directories (pinned XDP links among them, which keep a program attached), admin sockets
+/// each named with the PID of the test or bench process that made it: namespaces
+/// ([`TEST_NAMESPACES`], veths with XDP attached among them), pin directories
+/// ([`TEST_PIN_DIRS`], pinned XDP links among them, which keep a program attached), admin sockets
 /// and the directories the unit tests make for theirs, the l7 bench's temp directories
 /// (`edgelb-l7-bench-<pid>`), and the edgelb, nginx and HAProxy processes those tests and
 /// benches started. Only names of their own patterns whose PID is gone are touched.
 ///
 /// A test or bench that makes a namespace, pin directory or socket of a new name adds its
-/// pattern here.
+/// pattern here (to [`TEST_NAMESPACES`] or [`TEST_PIN_DIRS`], and an example of the name to
+/// `every_name_the_tests_make_is_swept`).
 fn sweep_stale() {
     // A zombie (exited, not yet reaped: a killed bench whose parent shell is gone) counts as
     // gone: it runs nothing and guards nothing.
@@ -141,19 +208,11 @@ fn sweep_stale() {
     };
     let leading = |s: &str| s.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u32>().ok();
     let trailing = |s: &str| s.rsplit('-').next()?.parse::<u32>().ok();
-    // Namespace prefixes (the PID follows) of tests/lifecycle.rs (`elbl<pid>-*`), netns_e2e.rs
-    // (`elbt<pid>-*`), cli.rs (`elbdecap<pid>`, `elbstart<pid>`), xdp_fixtures.rs (`elpl<pid>`)
-    // and the benches (`elbbench<pid>-*`).
-    let ns_pid = |name: &str| {
-        ["elbl", "elbt", "elbdecap", "elbstart", "elpl", "elbbench"]
-            .iter()
-            .find_map(|p| name.strip_prefix(p).and_then(leading))
-    };
     let mut removed = Vec::new();
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let name = line.split_whitespace().next().unwrap_or_default();
-            if ns_pid(name).is_some_and(|pid| !alive(pid))
+            if test_made_pid(TEST_NAMESPACES, name).is_some_and(|pid| !alive(pid))
                 && Command::new("ip")
                     .args(["netns", "del", name])
                     .status()
@@ -163,30 +222,9 @@ fn sweep_stale() {
             }
         }
     }
-    // Pin directories: cli's edgelb-t-cli-<name>-<pid>, lifecycle's edgelb-t-<pid>-<test>, and
-    // with the PID last: the fixtures' edgelb-fixture-[<what>-]<pid>, edgelb-beside-<pid> and
-    // edgelb-links-<pid> (pinned XDP links into `elpl<pid>`), cli's edgelb-decap-test-<pid>,
-    // and the dataplane unit tests' edgelb-test-owner-<pid>.
-    let pin_pid = |name: &str| {
-        if let Some(rest) = name.strip_prefix("edgelb-t-cli-") {
-            return trailing(rest);
-        }
-        if let Some(rest) = name.strip_prefix("edgelb-t-") {
-            return leading(rest);
-        }
-        [
-            "edgelb-fixture-",
-            "edgelb-beside-",
-            "edgelb-links-",
-            "edgelb-decap-test-",
-            "edgelb-test-owner-",
-        ]
-        .iter()
-        .find_map(|p| name.strip_prefix(p).and_then(trailing))
-    };
     for e in std::fs::read_dir("/sys/fs/bpf").into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if pin_pid(&name).is_some_and(|pid| !alive(pid))
+        if test_made_pid(TEST_PIN_DIRS, &name).is_some_and(|pid| !alive(pid))
             && std::fs::remove_dir_all(e.path()).is_ok()
         {
             removed.push(e.path().display().to_string());
@@ -1030,7 +1068,95 @@ mod tests {
 
     use edgelb::testbed::servers;
 
-    use super::{Tally, lock_testbed, run_config, tally_spread, write_run_config};
+    use super::{
+        TEST_NAMESPACES, TEST_PIN_DIRS, Tally, lock_testbed, run_config, tally_spread,
+        test_made_pid, write_run_config,
+    };
+
+    /// Every namespace and pin directory the tests and benches make, named as they name them
+    /// (PID 4242), is recognised by the sweep with its PID: the sweep used to strip a prefix and
+    /// read leading digits, so `elblbnsa<pid>` (`elbl` + `bnsa...`), `elbdecapa<pid>`,
+    /// `elbmnt<pid>`, `elgro<pid>` and more were never removed after a killed run. And names
+    /// that are not a test's are left alone.
+    #[test]
+    fn every_name_the_tests_make_is_swept() {
+        let pid = 4242;
+        let namespaces = [
+            // tests/lifecycle.rs: its testbed (`elbl<pid>` + `-sw`, ...) and `LoBed`.
+            format!("elbl{pid}-sw"),
+            format!("elbl{pid}-b1"),
+            format!("elbl{pid}-a_test_name"),
+            // tests/netns_e2e.rs
+            format!("elbt{pid}-client"),
+            // tests/cli.rs
+            format!("elbdecap{pid}"),
+            format!("elbdecapa{pid}"),
+            format!("elbdecapb{pid}"),
+            format!("elbdecapl{pid}"),
+            format!("elblbnsa{pid}"),
+            format!("elblbnsb{pid}"),
+            format!("elbstopel{pid}"),
+            format!("elbstart{pid}"),
+            format!("elbmnt{pid}"),
+            // tests/xdp_fixtures.rs
+            format!("elpl{pid}"),
+            format!("elgro{pid}"),
+            // benches/dataplane.rs
+            format!("elbbench{pid}-gen"),
+            format!("elbbench{pid}-lb"),
+        ];
+        for name in &namespaces {
+            assert_eq!(test_made_pid(TEST_NAMESPACES, name), Some(pid), "namespace {name}");
+        }
+        let pin_dirs = [
+            // tests/cli.rs
+            format!("edgelb-t-cli-stop-old-pins-{pid}"),
+            format!("edgelb-decap-test-{pid}"),
+            format!("edgelb-decap-ns-test-{pid}"),
+            format!("edgelb-decap-lb-test-{pid}"),
+            format!("edgelb-lb-ns-test-{pid}"),
+            format!("edgelb-stop-away-{pid}"),
+            // tests/lifecycle.rs (`edgelb-t-<tag>`, the tag `<pid>-<test>`)
+            format!("edgelb-t-{pid}-a_test_name"),
+            // tests/xdp_fixtures.rs
+            format!("edgelb-fixture-{pid}"),
+            format!("edgelb-fixture-ct-{pid}"),
+            format!("edgelb-beside-{pid}"),
+            format!("edgelb-links-{pid}"),
+            // lb-userspace/src/dataplane/mod.rs
+            format!("edgelb-test-owner-{pid}"),
+        ];
+        for name in &pin_dirs {
+            assert_eq!(test_made_pid(TEST_PIN_DIRS, name), Some(pid), "pin directory {name}");
+        }
+        for name in [
+            "edgelb",
+            "edgelb-decap",
+            "elbl",
+            "elbl-sw",
+            "elbl4242",
+            "elblbnsa",
+            "elblbnsa4242x",
+            "elbdecapz4242",
+            "elgro4242-x",
+            "testbed-sw",
+            "elbt4242-",
+        ] {
+            assert_eq!(test_made_pid(TEST_NAMESPACES, name), None, "namespace {name}");
+        }
+        for name in [
+            "edgelb",
+            "edgelb-decap",
+            "edgelb-t-cli-4242",
+            "edgelb-t-cli--4242",
+            "edgelb-t-4242",
+            "edgelb-fixture-",
+            "edgelb-links-4242-x",
+            "edgelb-fixture-ct-x",
+        ] {
+            assert_eq!(test_made_pid(TEST_PIN_DIRS, name), None, "pin directory {name}");
+        }
+    }
 
     /// Ctrl-C during `run`'s spread of requests ends it before the next request: it used to
     /// send them all, each waiting out its timeout where nothing answered (300 of 2 s each
