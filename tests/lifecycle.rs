@@ -626,10 +626,7 @@ fn dead_backend_leaves_the_ring_and_returns() {
     let revived = Instant::now();
     bed.revive_backend(2);
     while !bed.e().healthy("web", "198.18.0.12") {
-        assert!(
-            revived.elapsed() < INTERVAL * (RISE + 2) + Duration::from_secs(1),
-            "backend-2 never came back"
-        );
+        assert!(revived.elapsed() < INTERVAL * (RISE + 2) + slack, "backend-2 never came back");
         std::thread::sleep(Duration::from_millis(50));
     }
     eprintln!("recovery: healthy {} ms after the restart", revived.elapsed().as_millis());
@@ -669,7 +666,7 @@ fn dead_backend_leaves_the_ring_and_returns() {
             );
             break;
         }
-        assert!(all_down.elapsed() < bound + Duration::from_secs(1), "fail-open never reported");
+        assert!(all_down.elapsed() < bound + slack, "fail-open never reported");
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(bed.e().log().contains("every backend is down"), "fail open is logged loudly");
