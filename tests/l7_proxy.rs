@@ -1239,6 +1239,11 @@ fn routes_by_host_and_path_and_streams_chunked_bodies() {
     (&s).write_all(b"0\r\n\r\n").unwrap();
     let r = read_response(&mut BufReader::new(s)).unwrap();
     assert!(r.2.ends_with("len=10240"), "{r:?}");
+    // The VIP's total (`status`'s VIP line) counts what its routes sent too; its own pool's
+    // backend (the one row `status` lists) sent 3 of the 5.
+    let proxy = p.proxy.as_ref().unwrap();
+    let own = proxy.backend_state("web", def.addr).unwrap().requests.load(Ordering::Relaxed);
+    assert_eq!((own, proxy.vip_requests("web")), (3, 5));
 }
 
 #[test]

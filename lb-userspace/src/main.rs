@@ -706,9 +706,10 @@ fn print_status(s: &edgelb::admin::Status) {
         if v.forwarding == "l7" {
             // XDP passes an L7 VIP's traffic to the kernel uncounted: its packet, byte and flow
             // counters, rates and ring shares are all 0. What moves is the proxy's count of
-            // requests (TCP mode: connections), summed from the rows (an older edgelb's answer
-            // has no sum of its own).
-            let requests: u64 = v.backends.iter().map(|b| b.l7_requests).sum();
+            // requests (TCP mode: connections), route pools' included (an older edgelb's answer
+            // has no total of its own: the rows' sum, then).
+            let rows: u64 = v.backends.iter().map(|b| b.l7_requests).sum();
+            let requests = v.l7_requests.max(rows);
             println!("{head}  requests {requests}");
             println!(
                 "  {:<40} {:>6} {:>7} {:>8} {:>12}",

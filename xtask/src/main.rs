@@ -303,12 +303,13 @@ fn edgelb_bin() -> PathBuf {
 }
 
 /// Stops an edgelb a killed `run` left behind (or its data plane): by its own admin socket and
-/// pin dir (see `run_config`), so nothing else on the machine is touched. The file is written
-/// afresh first: one an older `run` left has the default socket. It is written whether or not
-/// one was there (a fresh clone, or after `cargo clean`): the socket and pin dir are the same
-/// for every `run`, and the edgelb to stop may be another clone's. With something left to stop
-/// (`run`'s admin socket or pins) and no edgelb built (after `cargo clean`), it builds edgelb
-/// first: the left edgelb would otherwise keep running, and the next `run` be refused.
+/// pin dir (see `run_config`), so nothing else on the machine is touched. With nothing left to
+/// stop (neither `run`'s admin socket nor its pins), it does nothing. Otherwise the config is
+/// written afresh first (one an older `run` left has the default socket), whether or not one
+/// was there (a fresh clone, or after `cargo clean`): the socket and pin dir are the same for
+/// every `run`, and the edgelb to stop may be another clone's; and with no edgelb built (after
+/// `cargo clean`), it builds edgelb first: the left edgelb would otherwise keep running, and
+/// the next `run` be refused.
 fn stop_left_edgelb() {
     let (config, bin) = (testbed_config(), edgelb_bin());
     if !Path::new(RUN_SOCKET).exists() && !Path::new(RUN_PINS).exists() {

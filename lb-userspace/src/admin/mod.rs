@@ -562,8 +562,8 @@ pub struct VipStatus {
     /// True when every backend that should take new flows is down and all of them serve
     /// anyway (fail open).
     pub fail_open: bool,
-    /// L7 only: requests (HTTP) or connections (TCP) the proxy sent to the backends listed, the
-    /// sum of their `l7_requests`. XDP passes an L7 VIP's traffic to the kernel uncounted, so
+    /// L7 only: requests (HTTP) or connections (TCP) the proxy sent to the VIP's backends, its
+    /// route pools' (not listed) included. XDP passes an L7 VIP's traffic to the kernel uncounted, so
     /// its packet, byte and flow counters and rates stay 0: this is the number that moves.
     #[serde(default)]
     pub l7_requests: u64,

@@ -1548,7 +1548,8 @@ impl Controller {
                 });
             }
             let (pps, bytes_per_s) = self.rates.get(&vip.name);
-            let l7_requests = backends.iter().map(|b| b.l7_requests).sum();
+            // The proxy's total: route pools' backends, which are not listed, included.
+            let l7_requests = self.proxy.as_ref().map_or(0, |p| p.vip_requests(&vip.name));
             vips.push(VipStatus {
                 pps,
                 bytes_per_s,

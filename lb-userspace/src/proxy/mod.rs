@@ -912,6 +912,17 @@ impl Proxy {
         self.states.get(&(vip.to_owned(), addr)).cloned()
     }
 
+    /// Requests (TCP mode: connections) sent to the backends of L7 VIP `vip`, its route pools'
+    /// included (which `status` does not list), each backend counted once however many of the
+    /// VIP's pools list it: the VIP's total for `status`.
+    pub fn vip_requests(&self, vip: &str) -> u64 {
+        self.states
+            .iter()
+            .filter(|((v, _), _)| v == vip)
+            .map(|(_, s)| s.requests.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// A handle that ends a [`Proxy::shutdown`] before its deadline, from another thread (a
     /// second stop signal: an operator who will not wait for the drain).
     pub fn cut_short(&self) -> CutShort {
