@@ -32,6 +32,12 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+// Its unit tests run as lb-userspace's `bench_report` test target. Checked as part of this
+// `harness = false` bench in test mode (`clippy --all-targets`), `cfg(test)` is set but no
+// `#[test]` is compiled, so the test module's helpers would read as unused here.
+#[path = "bench_report.rs"]
+#[cfg_attr(test, allow(unused_imports, dead_code))]
+mod report;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -48,6 +54,7 @@ use edgelb::{
     testbed::{netns, sh},
 };
 use lb_common::programs;
+use report::{median, median_of_json, target};
 use serde_json::{Value, json};
 
 /// The packet-fixture config (tests/common): IPIP, IP6IP6 and L2 VIPs with three backends.
@@ -195,24 +202,6 @@ fn require_root(what: &str) -> bool {
     true
 }
 
-/// One of the targets, judged on a figure of this run: printed as a list item, "met" or
-/// "not met" with the figure (or "not measured" for a NaN), and returned for results.json.
-fn target(what: &str, figure: f64, shown: &str, goal: &str, met: bool) -> Value {
-    let verdict = if figure.is_nan() {
-        "not measured"
-    } else if met {
-        "met"
-    } else {
-        "not met"
-    };
-    println!("- {what}: {shown} (target {goal}): **{verdict}**");
-    json!({
-        "figure": figure,
-        "target": goal,
-        "met": if figure.is_nan() { Value::Null } else { json!(met) },
-    })
-}
-
 /// One path to time: its program, a frame maker (called with a running index, so new-flow paths
 /// can make every frame a new 5-tuple) and the verdict every run must return.
 struct Path<'a> {
@@ -237,18 +226,6 @@ struct Timings {
     repeat: Vec<f64>,
 }
 
-/// The median; of an even count, the mean of the middle two. NaN if any value is not finite
-/// (a run that gave no figure), so that a failed run fails the target judged on it instead of
-/// being left out of it.
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() || v.iter().any(|x| !x.is_finite()) {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
-}
-
 /// Runs `measure(i, port, pid)` on every proxy `i` of `proxies` once in each of `rounds` rounds,
 /// in [`round_order`], after checking that the backend and the proxy this run started are still
 /// alive (what is measured must be what this run started: see `start`). `pid` is the proxy's
@@ -270,14 +247,6 @@ fn interleaved(
             measure(i, *port, child.as_ref().map(Child::id));
         }
     }
-}
-
-/// [`median`] of the per-round figures `v` (a JSON array) kept in the results: a round whose
-/// figure was not finite is null there, NaN here, which fails the target judged on it rather
-/// than dropping out of it.
-fn median_of_json(v: &Value) -> f64 {
-    let rounds = v.as_array().map(|a| a.iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect());
-    median(rounds.unwrap_or_default())
 }
 
 /// Which proxy runs `k`-th in round `round` of `n`: the order rotates by one each round and
@@ -1051,7 +1020,8 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-/// (requests/s, p50 ms, p99 ms) from wrk's --latency output.
+/// (requests/s, p50 ms, p99 ms) from wrk's --latency output: all NaN when the run gave no
+/// figure (see [`report::parse_wrk`]), which fails every target judged on its round.
 fn wrk(port: u16, conns: u32, secs: u32) -> (f64, f64, f64) {
     let out = std::process::Command::new("taskset")
         .args(["-c", "1", "wrk", "-t1", &format!("-c{conns}"), &format!("-d{secs}s"), "--latency"])
@@ -1059,31 +1029,15 @@ fn wrk(port: u16, conns: u32, secs: u32) -> (f64, f64, f64) {
         .output()
         .expect("wrk");
     let text = String::from_utf8_lossy(&out.stdout);
-    let ms = |v: &str| -> f64 {
-        let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
-        let n: f64 = num.parse().unwrap_or(f64::NAN);
-        match unit {
-            "us" => n / 1000.0,
-            "ms" => n,
-            "s" => n * 1000.0,
-            _ => f64::NAN,
-        }
-    };
-    let rps = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0);
-    let pct = |p: &str| {
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix(p).map(|v| ms(v.trim())))
-            .unwrap_or(f64::NAN)
-    };
     let errors = text.lines().find(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
     if let Some(e) = errors {
         println!("  (wrk on port {port}, c{conns}: {})", e.trim());
     }
-    (rps, pct("50%"), pct("99%"))
+    let f = report::parse_wrk(&text, &String::from_utf8_lossy(&out.stderr), out.status.success());
+    if let Some(why) = &f.failure {
+        println!("  (wrk on port {port}, c{conns}: no figure from this run: {why})");
+    }
+    (f.rps, f.p50_ms, f.p99_ms)
 }
 
 /// oha, if installed: on PATH, or where `cargo install` puts it.
