@@ -75,8 +75,9 @@ fn wrk_ms(v: &str) -> f64 {
 
 /// Reads a `wrk --latency` run from its standard output and error and whether it exited with
 /// success. A run that exited with an error, or printed no `Requests/sec:` line (wrk's "unable
-/// to connect" at start-up prints nothing on stdout and exits 1), gives no figure: every field
-/// NaN and `failure` saying why, so that its round fails the targets judged on it.
+/// to connect" at start-up prints nothing on stdout and exits 1), or that counted socket errors
+/// or responses of status 400 or more, gives no figure: every field NaN and `failure` saying
+/// why, so that its round fails the targets judged on it.
 pub fn parse_wrk(stdout: &str, stderr: &str, exit_ok: bool) -> WrkFigures {
     let said = || {
         let first = stderr.lines().map(str::trim).find(|l| !l.is_empty());
@@ -98,6 +99,32 @@ pub fn parse_wrk(stdout: &str, stderr: &str, exit_ok: bool) -> WrkFigures {
     let Some(rps) = rps else {
         return no_figure(format!("wrk printed no Requests/sec line{}", said()));
     };
+    // wrk counts a response of status 400 or more in Requests/sec and its percentiles, and
+    // leaves out the requests its socket errors (connections refused, reset, timed out) cost,
+    // printing each count only when it is not 0: a proxy answering errors fast, or dropping
+    // connections, would show better figures. A run with either gives no figure.
+    let errors: Vec<&str> = stdout
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            let count = |n: &str| n.trim().parse::<u64>().unwrap_or(1);
+            if let Some(counts) = l.strip_prefix("Socket errors:") {
+                // "connect 0, read 12, write 0, timeout 0"
+                counts
+                    .split(',')
+                    .map(|c| count(c.split_whitespace().nth(1).unwrap_or("")))
+                    .sum::<u64>()
+                    > 0
+            } else if let Some(n) = l.strip_prefix("Non-2xx or 3xx responses:") {
+                count(n) > 0
+            } else {
+                false
+            }
+        })
+        .collect();
+    if !errors.is_empty() {
+        return no_figure(errors.join("; "));
+    }
     let pct = |p: &str| {
         stdout
             .lines()
@@ -105,6 +132,58 @@ pub fn parse_wrk(stdout: &str, stderr: &str, exit_ok: bool) -> WrkFigures {
             .unwrap_or(f64::NAN)
     };
     WrkFigures { rps, p50_ms: pct("50%"), p99_ms: pct("99%"), failure: None }
+}
+
+/// What one oha run gave: the p50 and p99 latencies (ms) at the fixed rate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OhaFigures {
+    /// Median latency, ms.
+    pub p50_ms: f64,
+    /// 99th percentile latency, ms.
+    pub p99_ms: f64,
+    /// Why the run gave no figure, when it gave none.
+    pub failure: Option<String>,
+}
+
+/// Reads an `oha --output-format json` run (oha 1.16) from its standard output and error and
+/// whether it exited with success. oha's latency percentiles cover every response whatever its
+/// status, and it counts a response of any status as a success: a run whose `successRate` is
+/// below 1 (requests that got no response, less those cut off by the end of `-z`) or with any
+/// status other than 200 gives no figure (NaN, and `failure` saying why), so that a proxy
+/// answering errors fast cannot show a better p99.
+pub fn parse_oha(stdout: &[u8], stderr: &str, exit_ok: bool) -> OhaFigures {
+    let no_figure =
+        |why: String| OhaFigures { p50_ms: f64::NAN, p99_ms: f64::NAN, failure: Some(why) };
+    if !exit_ok {
+        let said = stderr.lines().map(str::trim).find(|l| !l.is_empty());
+        return no_figure(format!(
+            "oha exited with an error{}",
+            said.map(|l| format!(": {l}")).unwrap_or_default()
+        ));
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(stdout) else {
+        return no_figure("oha printed no JSON".to_owned());
+    };
+    let rate = v["summary"]["successRate"].as_f64();
+    if rate != Some(1.0) {
+        return no_figure(format!(
+            "successRate {} (errors: {})",
+            rate.map_or("null".to_owned(), |r| r.to_string()),
+            v["errorDistribution"]
+        ));
+    }
+    let statuses = v["statusCodeDistribution"].as_object();
+    if !statuses.is_some_and(|s| !s.is_empty() && s.keys().all(|k| k == "200")) {
+        return no_figure(format!(
+            "responses other than 200 OK (statuses: {})",
+            v["statusCodeDistribution"]
+        ));
+    }
+    let p = |q: &str| v["latencyPercentiles"][q].as_f64().map(|s| s * 1000.0);
+    match (p("p50"), p("p99")) {
+        (Some(p50_ms), Some(p99_ms)) => OhaFigures { p50_ms, p99_ms, failure: None },
+        _ => no_figure("oha's JSON has no latencyPercentiles p50 and p99".to_owned()),
+    }
 }
 
 #[cfg(test)]
@@ -170,5 +249,92 @@ Transfer/sec:      9.16MB
         // Through the JSON the bench keeps the rounds in, too.
         let kept = json!(rounds);
         assert!(median_of_json(&kept).is_nan());
+    }
+
+    /// A run through a proxy that dropped connections and answered errors (wrk prints these
+    /// lines only when their counts are not all 0).
+    const WRK_ERRORS: &str = "Running 2s test @ http://127.0.0.1:18081/
+  1 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   412.00us  112.45us   3.87ms   89.12%
+    Req/Sec    90.12k     2.01k   96.40k    75.00%
+  Latency Distribution
+     50%  402.00us
+     75%  460.00us
+     90%  530.00us
+     99%    1.15ms
+  180224 requests in 2.00s, 18.33MB read
+  Socket errors: connect 0, read 12, write 0, timeout 0
+  Non-2xx or 3xx responses: 179000
+Requests/sec:  90112.00
+Transfer/sec:      9.16MB
+";
+
+    #[test]
+    fn wrk_errors_give_no_figure_and_say_both() {
+        let f = parse_wrk(WRK_ERRORS, "", true);
+        assert!(f.rps.is_nan() && f.p50_ms.is_nan() && f.p99_ms.is_nan(), "{f:?}");
+        let why = f.failure.expect("a failure");
+        assert!(why.contains("Socket errors: connect 0, read 12"), "{why}");
+        assert!(why.contains("Non-2xx or 3xx responses: 179000"), "{why}");
+    }
+
+    #[test]
+    fn wrk_non_2xx_alone_gives_no_figure() {
+        let text =
+            WRK_ERRORS.replace("  Socket errors: connect 0, read 12, write 0, timeout 0\n", "");
+        let f = parse_wrk(&text, "", true);
+        assert!(f.rps.is_nan(), "{f:?}");
+        assert!(f.failure.expect("a failure").contains("Non-2xx"));
+        let text = WRK_ERRORS.replace("  Non-2xx or 3xx responses: 179000\n", "");
+        let f = parse_wrk(&text, "", true);
+        assert!(f.rps.is_nan(), "{f:?}");
+        assert!(f.failure.expect("a failure").contains("Socket errors"));
+    }
+
+    /// An `oha --output-format json` run at a fixed rate (oha 1.16; fields the bench does not
+    /// read left out). Requests still in flight when `-z` ends are "aborted due to deadline",
+    /// which oha leaves out of successRate.
+    fn oha_json(success_rate: &str, statuses: &str, errors: &str) -> Vec<u8> {
+        format!(
+            r#"{{"summary":{{"successRate":{success_rate},"total":3.0,"slowest":0.012,"fastest":0.0001,"average":0.0008,"requestsPerSec":19998.2,"totalData":179982,"sizePerRequest":3,"sizePerSec":59994.0}},
+            "latencyPercentiles":{{"p10":0.0004,"p25":0.0005,"p50":0.0007,"p75":0.0009,"p90":0.0012,"p95":0.0015,"p99":0.0031,"p99.9":0.006,"p99.99":0.009}},
+            "statusCodeDistribution":{statuses},"errorDistribution":{errors}}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn oha_clean_run_gives_its_figures() {
+        let out = oha_json("1.0", r#"{"200":59994}"#, r#"{"aborted due to deadline":6}"#);
+        let f = parse_oha(&out, "", true);
+        assert_eq!(f.failure, None);
+        assert_eq!(f.p50_ms, 0.7);
+        assert_eq!(f.p99_ms, 3.1);
+    }
+
+    #[test]
+    fn oha_errors_give_no_figure() {
+        // Connections refused or reset: successRate below 1.
+        let out = oha_json(
+            "0.9",
+            r#"{"200":54000}"#,
+            r#"{"connection closed before message completed":6000}"#,
+        );
+        let f = parse_oha(&out, "", true);
+        assert!(f.p50_ms.is_nan() && f.p99_ms.is_nan(), "{f:?}");
+        assert!(f.failure.expect("a failure").contains("successRate"));
+        // Fast 502s count as successes in oha and in its percentiles.
+        let out = oha_json("1.0", r#"{"200":30000,"502":29994}"#, "{}");
+        let f = parse_oha(&out, "", true);
+        assert!(f.p99_ms.is_nan(), "{f:?}");
+        assert!(f.failure.expect("a failure").contains("502"));
+        // No response at all: oha's 0/0 successRate is NaN, null in its JSON.
+        let out = oha_json("null", "{}", r#"{"connection refused":64}"#);
+        assert!(parse_oha(&out, "", true).p99_ms.is_nan());
+        // oha failed outright.
+        let f = parse_oha(b"", "error: invalid value 'x' for '-q'", false);
+        assert!(f.p99_ms.is_nan());
+        assert!(f.failure.expect("a failure").contains("invalid value"));
     }
 }

@@ -1028,12 +1028,11 @@ fn wrk(port: u16, conns: u32, secs: u32) -> (f64, f64, f64) {
         .arg(format!("http://127.0.0.1:{port}/"))
         .output()
         .expect("wrk");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let errors = text.lines().find(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
-    if let Some(e) = errors {
-        println!("  (wrk on port {port}, c{conns}: {})", e.trim());
-    }
-    let f = report::parse_wrk(&text, &String::from_utf8_lossy(&out.stderr), out.status.success());
+    let f = report::parse_wrk(
+        &String::from_utf8_lossy(&out.stdout),
+        &String::from_utf8_lossy(&out.stderr),
+        out.status.success(),
+    );
     if let Some(why) = &f.failure {
         println!("  (wrk on port {port}, c{conns}: no figure from this run: {why})");
     }
@@ -1280,10 +1279,16 @@ fn l7() -> Option<Value> {
                     .arg(format!("http://127.0.0.1:{port}/"))
                     .output()
                     .expect("oha");
-                let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(json!({}));
-                let p = |q: &str| v["latencyPercentiles"][q].as_f64().unwrap_or(f64::NAN) * 1000.0;
-                p50s[i].push(p("p50"));
-                p99s[i].push(p("p99"));
+                let f = report::parse_oha(
+                    &o.stdout,
+                    &String::from_utf8_lossy(&o.stderr),
+                    o.status.success(),
+                );
+                if let Some(why) = &f.failure {
+                    println!("  (oha on port {port}: no figure from this run: {why})");
+                }
+                p50s[i].push(f.p50_ms);
+                p99s[i].push(f.p99_ms);
             });
             println!(
                 "\n| fixed rate {RATE} req/s, 64 conns, oha --latency-correction, {rounds} interleaved rounds of {oha_secs} s | p50 ms (median) | p99 ms (median) | p99 of each round |"
