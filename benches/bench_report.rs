@@ -186,6 +186,69 @@ pub fn parse_oha(stdout: &[u8], stderr: &str, exit_ok: bool) -> OhaFigures {
     }
 }
 
+/// The l7 part's targets, edgelb against HAProxy, judged on the figures `out` holds (the part's
+/// section of results.json): at each of `conns` concurrencies requests per CPU-second, requests/s
+/// and p99, each on the median of its per-round ratios; and, when oha ran at `rate` req/s
+/// (`None`: not installed), the fixed-rate p99. Printed as a list and returned for `targets`.
+pub fn l7_targets(out: &Value, conns: &[u32], rate: Option<u32>) -> Value {
+    println!("\nTargets (edgelb against HAProxy, at each concurrency):\n");
+    let mut targets = json!({});
+    for &conns in conns {
+        let c = &out[format!("c{conns}")];
+        let f = |k: &str| c[k].as_f64().unwrap_or(f64::NAN);
+        let ratio = |k: &str| median_of_json(&c["x_haproxy_rounds"][k]);
+        let per_cpu = ratio("req_per_cpu_s");
+        targets[format!("c{conns}_req_per_cpu_s_x_haproxy")] = target(
+            &format!(
+                "c{conns}: requests per CPU-second, edgelb / HAProxy (median of per-round ratios)"
+            ),
+            per_cpu,
+            &format!(
+                "{per_cpu:.2}× (medians {:.0} against {:.0})",
+                f("edgelb_req_per_cpu_s"),
+                f("haproxy_req_per_cpu_s")
+            ),
+            "≥ 1.3×",
+            per_cpu >= 1.3,
+        );
+        let rps = ratio("rps");
+        targets[format!("c{conns}_rps_x_haproxy")] = target(
+            &format!("c{conns}: requests/s, edgelb / HAProxy (median of per-round ratios)"),
+            rps,
+            &format!("{rps:.2}× (medians {:.0} against {:.0})", f("edgelb_rps"), f("haproxy_rps")),
+            "≥ 1× (no lower)",
+            rps >= 1.0,
+        );
+        let p99 = ratio("p99");
+        targets[format!("c{conns}_p99_x_haproxy")] = target(
+            &format!("c{conns}: p99, edgelb / HAProxy (median of per-round ratios)"),
+            p99,
+            &format!(
+                "{p99:.2}× (medians {:.2} against {:.2} ms)",
+                f("edgelb_p99_ms"),
+                f("haproxy_p99_ms")
+            ),
+            "≤ 1× (no worse)",
+            p99 <= 1.0,
+        );
+    }
+    // Judged whenever oha ran: a round without a figure makes the median NaN (null in the
+    // JSON), which is "not met (no figure)", not a reason to leave the target out.
+    if let Some(rate) = rate {
+        let f = |who: &str| out["fixed_rate"][who]["p99_ms"].as_f64().unwrap_or(f64::NAN);
+        let p99 = median_of_json(&out["fixed_rate"]["p99_x_haproxy_rounds"]);
+        targets["fixed_rate_p99_x_haproxy"] = target(
+            &format!("fixed {rate} req/s: p99, edgelb / HAProxy (median of per-round ratios)"),
+            p99,
+            &format!("{p99:.2}× (medians {:.2} against {:.2} ms)", f("edgelb"), f("haproxy")),
+            "≤ 1× (no worse)",
+            p99 <= 1.0,
+        );
+    }
+    println!();
+    targets
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,5 +399,53 @@ Transfer/sec:      9.16MB
         let f = parse_oha(b"", "error: invalid value 'x' for '-q'", false);
         assert!(f.p99_ms.is_nan());
         assert!(f.failure.expect("a failure").contains("invalid value"));
+    }
+
+    /// The l7 section as the bench builds it, with every figure 1.2 against 1.0 and every round
+    /// of `fixed` (edgelb / HAProxy fixed-rate p99 ratios) as given: a NaN round is null there.
+    fn l7_section(fixed: &[f64]) -> Value {
+        let mut out = json!({});
+        for c in ["c64", "c256"] {
+            out[c] = json!({
+                "edgelb_req_per_cpu_s": 60_000.0, "haproxy_req_per_cpu_s": 40_000.0,
+                "edgelb_rps": 60_000.0, "haproxy_rps": 50_000.0,
+                "edgelb_p99_ms": 2.0, "haproxy_p99_ms": 2.5,
+                "x_haproxy_rounds": {"req_per_cpu_s": [1.5, 1.5, 1.5, 1.5, 1.5], "rps": [1.2, 1.2, 1.2, 1.2, 1.2], "p99": [0.8, 0.8, 0.8, 0.8, 0.8]},
+            });
+        }
+        let p99 = |ms: f64| fixed.iter().map(|r| r * ms).collect::<Vec<_>>();
+        out["fixed_rate"]["edgelb"] =
+            json!({"p99_ms": median(p99(3.0)), "p99_ms_rounds": p99(3.0)});
+        out["fixed_rate"]["haproxy"] =
+            json!({"p99_ms": 3.0, "p99_ms_rounds": [3.0, 3.0, 3.0, 3.0, 3.0]});
+        out["fixed_rate"]["p99_x_haproxy_rounds"] = json!(fixed);
+        out
+    }
+
+    #[test]
+    fn l7_targets_judge_every_target() {
+        let t = l7_targets(&l7_section(&[0.9; 5]), &[64, 256], Some(20_000));
+        for c in ["c64", "c256"] {
+            for k in ["req_per_cpu_s", "rps", "p99"] {
+                assert_eq!(t[format!("{c}_{k}_x_haproxy")]["met"], json!(true), "{c} {k}: {t}");
+            }
+        }
+        assert_eq!(t["fixed_rate_p99_x_haproxy"]["met"], json!(true), "{t}");
+        assert_eq!(t["fixed_rate_p99_x_haproxy"]["figure"], json!(0.9));
+    }
+
+    /// The finding's case: one oha round without a figure made edgelb's median p99 NaN (null in
+    /// the JSON), and the fixed-rate target was left out as if oha had not run.
+    #[test]
+    fn l7_fixed_rate_round_without_figure_is_not_met() {
+        let out = l7_section(&[0.9, f64::NAN, 0.8, 0.9, 0.95]);
+        assert_eq!(out["fixed_rate"]["edgelb"]["p99_ms"], Value::Null);
+        let t = l7_targets(&out, &[64, 256], Some(20_000));
+        let fixed = &t["fixed_rate_p99_x_haproxy"];
+        assert_eq!(fixed["met"], json!(false), "{t}");
+        assert_eq!(fixed["figure"], Value::Null);
+        // Without oha there is no such target at all.
+        let t = l7_targets(&out, &[64, 256], None);
+        assert!(t.get("fixed_rate_p99_x_haproxy").is_none(), "{t}");
     }
 }

@@ -54,7 +54,7 @@ use edgelb::{
     testbed::{netns, sh},
 };
 use lb_common::programs;
-use report::{median, median_of_json, target};
+use report::{median, target};
 use serde_json::{Value, json};
 
 /// The packet-fixture config (tests/common): IPIP, IP6IP6 and L2 VIPs with three backends.
@@ -1307,70 +1307,14 @@ fn l7() -> Option<Value> {
         }
     }
 
-    println!("\nTargets (edgelb against HAProxy, at each concurrency):\n");
-    let mut targets = json!({});
-    for conns in CONNS {
-        let c = &out[format!("c{conns}")];
-        let f = |k: &str| c[k].as_f64().unwrap_or(f64::NAN);
-        let ratio = |k: &str| median_of_json(&c["x_haproxy_rounds"][k]);
-        let per_cpu = ratio("req_per_cpu_s");
-        targets[format!("c{conns}_req_per_cpu_s_x_haproxy")] = target(
-            &format!(
-                "c{conns}: requests per CPU-second, edgelb / HAProxy (median of per-round ratios)"
-            ),
-            per_cpu,
-            &format!(
-                "{per_cpu:.2}× (medians {:.0} against {:.0})",
-                f("edgelb_req_per_cpu_s"),
-                f("haproxy_req_per_cpu_s")
-            ),
-            "≥ 1.3×",
-            per_cpu >= 1.3,
-        );
-        let rps = ratio("rps");
-        targets[format!("c{conns}_rps_x_haproxy")] = target(
-            &format!("c{conns}: requests/s, edgelb / HAProxy (median of per-round ratios)"),
-            rps,
-            &format!("{rps:.2}× (medians {:.0} against {:.0})", f("edgelb_rps"), f("haproxy_rps")),
-            "≥ 1× (no lower)",
-            rps >= 1.0,
-        );
-        let p99 = ratio("p99");
-        targets[format!("c{conns}_p99_x_haproxy")] = target(
-            &format!("c{conns}: p99, edgelb / HAProxy (median of per-round ratios)"),
-            p99,
-            &format!(
-                "{p99:.2}× (medians {:.2} against {:.2} ms)",
-                f("edgelb_p99_ms"),
-                f("haproxy_p99_ms")
-            ),
-            "≤ 1× (no worse)",
-            p99 <= 1.0,
-        );
-    }
-    // oha ran and gave figures (a failed run leaves them null in the JSON).
-    let fixed_rate = out["fixed_rate"]["edgelb"]["p99_ms"].is_f64();
-    if fixed_rate {
-        let f = |who: &str| out["fixed_rate"][who]["p99_ms"].as_f64().unwrap_or(f64::NAN);
-        let p99 = median_of_json(&out["fixed_rate"]["p99_x_haproxy_rounds"]);
-        targets["fixed_rate_p99_x_haproxy"] = target(
-            &format!("fixed {RATE} req/s: p99, edgelb / HAProxy (median of per-round ratios)"),
-            p99,
-            &format!("{p99:.2}× (medians {:.2} against {:.2} ms)", f("edgelb"), f("haproxy")),
-            "≤ 1× (no worse)",
-            p99 <= 1.0,
-        );
-    }
-    println!();
-    out["targets"] = targets;
+    out["targets"] = report::l7_targets(&out, &CONNS, oha.as_ref().map(|_| RATE));
     out["method"] = json!(format!(
         "wrk -t1, keep-alive, at 64 and 256 connections: a 1 s warm-up per proxy, then {rounds} interleaved rounds of {secs} s (every proxy once per round, the starting proxy rotating); figures are medians over the rounds, proxy CPU seconds (from /proc/<pid>/stat) their sum, and the edgelb / HAProxy ratios judged the medians of per-round ratios (x_haproxy_rounds); {}",
-        match (oha, fixed_rate) {
-            (Some(_), true) => format!(
-                "fixed-rate p50/p99 with oha at {RATE} req/s, 64 connections, --latency-correction, {rounds} interleaved rounds of {oha_secs} s (medians; the target on the median of per-round p99 ratios)"
+        match oha {
+            Some(_) => format!(
+                "fixed-rate p50/p99 with oha at {RATE} req/s, 64 connections, --latency-correction, {rounds} interleaved rounds of {oha_secs} s (medians; the target on the median of per-round p99 ratios; a round without a figure, null in the rounds, makes it NaN, not met)"
             ),
-            (Some(_), false) => "oha fixed-rate p99 not measured (oha gave no figures)".to_owned(),
-            (None, _) => "oha fixed-rate p99 not measured (oha not installed)".to_owned(),
+            None => "oha fixed-rate p99 not measured (oha not installed)".to_owned(),
         }
     ));
     drop(proxies);
