@@ -498,10 +498,17 @@ fn xdp() -> Option<Value> {
     );
     println!("Targets (judged on the corrected ratios):\n");
     let mut targets = json!({});
+    // The SYN alone: the flow enters the connection table on the handshake's next packet (its
+    // row above, printed and not judged), so that insert is outside this target.
     targets["new_flow_v4"] = target(
-        "new TCP flow, v4 VIP",
+        "new TCP flow, v4 VIP (the SYN alone; the connection-table insert, on the handshake's next packet, is not in this figure)",
         corrected_ratio(3),
-        &format!("{:.2}× corrected (raw single-run {:.2}×)", corrected_ratio(3), raw_ratio(3)),
+        &format!(
+            "{:.2}× corrected (raw single-run {:.2}×; handshake's next packet {:.2}× corrected, not judged)",
+            corrected_ratio(3),
+            raw_ratio(3),
+            corrected_ratio(8)
+        ),
         "≤ 2.5× the trivial XDP_TX program, corrected",
         new_v4_ok,
     );
