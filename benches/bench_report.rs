@@ -2,8 +2,9 @@
 //! wrk or oha run into figures (or into no figure, when the run failed), the medians over
 //! rounds, and "met" or "not met" for each target. `benches/dataplane.rs` includes this file as
 //! a module; it is also the `bench_report` test target of lb-userspace (`cargo test -p
-//! lb-userspace --test bench_report`), because the dataplane bench is a `harness = false`
-//! binary: `cargo test` would run its `main`, the benchmarks themselves, not unit tests.
+//! lb-userspace --test bench_report`, and in `./x test`), because the dataplane bench is a
+//! `harness = false` binary: `cargo test --bench dataplane` compiles no `#[test]` in it (though
+//! `cfg(test)` is set) and runs its `main`, the benchmarks themselves.
 //!
 //! Nothing here measures or starts anything: it only reads text and JSON, so every rule of
 //! judgement the bench applies is tested here without root, wrk or oha.
