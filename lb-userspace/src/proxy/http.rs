@@ -691,6 +691,17 @@ fn parse_request(buf: &mut BytesMut, max_headers: usize) -> Result<Option<ReqHea
     Ok(Some(ReqHead { head, method, path, http10 }))
 }
 
+/// The proxy's own request-head parse (`parse_request`) for the criterion bench
+/// (`benches/hotpaths.rs`), which must time what every request costs here (header slots on the
+/// stack, headers kept as spans, the head split off `buf` and frozen) rather than httparse's
+/// parse alone. Returns the parsed head's length; `None` for a partial or refused head. Not an
+/// API: the head's types stay private to the proxy.
+#[doc(hidden)]
+pub fn parse_request_for_bench(buf: &mut BytesMut, max_headers: usize) -> Option<usize> {
+    let before = buf.len();
+    parse_request(buf, max_headers).ok().flatten().map(|_| before - buf.len())
+}
+
 /// Where the minor version digit of a request line ending in `HTTP/1.<2-9>` is in `buf`
 /// (`None` while the line is incomplete); [`HeadError::Version`] for another major version
 /// (`HTTP/<d>.<d>`), else [`HeadError::Bad`].

@@ -13,6 +13,8 @@
 pub mod balance;
 mod chunked;
 mod http;
+#[doc(hidden)]
+pub use http::parse_request_for_bench;
 pub(crate) use http::{is_tchar, proxy_header_local};
 pub mod inherited;
 pub mod path;
