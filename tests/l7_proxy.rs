@@ -2771,6 +2771,42 @@ fn response_of(headers: usize, bytes: usize) -> Vec<u8> {
 /// charged a passive-health failure (an endpoint with many cookies took every backend out in
 /// turn) nor retried elsewhere. The byte limit holds exactly, however the head arrives: a head
 /// of 70 KB read in one go passed before.
+/// A transfer coding other than `chunked` (which a backend may not apply: the proxy sends it no
+/// `TE`) would reach the client unlabelled where the proxy cannot pass the coding on: to an
+/// HTTP/1.0 client, which gets a chunked body decoded, and to any client when the codings do not
+/// end in `chunked` (a body delimited by the close). Those are 502s; an HTTP/1.1 client still
+/// gets `gzip, chunked` as it came, labelled.
+#[test]
+fn a_transfer_coding_the_client_cannot_be_told_of_is_a_502() {
+    let b = serve_backend(|s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while let Some((head, _)) = read_request(&mut r) {
+            r2.fetch_add(1, Ordering::Relaxed);
+            let resp: &[u8] = if head.contains(" /gz-only ") {
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nGZIPBYTES"
+            } else {
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n9\r\nGZIPBYTES\r\n0\r\n\r\n"
+            };
+            if w.write_all(resp).is_err() || head.contains(" /gz-only ") {
+                return;
+            }
+        }
+    });
+    let p = proxy(&[(&b, 1)], "retries = 0", "");
+    let r =
+        request(p.addr, None, "GET /gz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    assert_eq!(r.0, 200, "{r:?}");
+    let raw = raw_exchange(p.addr, "GET /gz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    assert!(raw.to_ascii_lowercase().contains("transfer-encoding: gzip, chunked\r\n"), "{raw}");
+    let raw = raw_exchange(p.addr, "GET /gz HTTP/1.0\r\n\r\n");
+    assert!(raw.starts_with("HTTP/1.1 502 "), "HTTP/1.0 client: {raw}");
+    assert!(!raw.contains("GZIPBYTES"), "{raw}");
+    let raw = raw_exchange(p.addr, "GET /gz-only HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert!(raw.starts_with("HTTP/1.1 502 "), "codings not ending in chunked: {raw}");
+    assert!(!raw.contains("GZIPBYTES"), "{raw}");
+}
+
 #[test]
 fn a_response_head_over_the_limits_is_a_502_that_blames_no_backend() {
     let log = access_log();

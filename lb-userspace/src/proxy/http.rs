@@ -1499,6 +1499,23 @@ impl RespHead {
             && self.status >= 200
             && !matches!(self.status, 204 | 304)
     }
+
+    /// Would its body reach the client in a transfer coding (other than `chunked`) that the
+    /// client is not told of? An HTTP/1.0 client (`http10_client`) cannot be sent
+    /// Transfer-Encoding, and gets a chunked body decoded, so any other coding would come as
+    /// if it were the content; and for any client, a coding list that does not end in
+    /// `chunked` makes a body delimited by the close that goes without its header. The proxy
+    /// sends backends no `TE`, so a backend may apply no coding but `chunked` (RFC 9112 7.4):
+    /// such a response is broken. Only for final responses with a body (not to HEAD, nor 204
+    /// or 304).
+    fn hidden_coding(&self, http10_client: bool, head_request: bool) -> bool {
+        if head_request || self.status < 200 || matches!(self.status, 204 | 304) {
+            return false;
+        }
+        let other =
+            tokens(&self.head, "transfer-encoding").any(|t| !t.eq_ignore_ascii_case(b"chunked"));
+        other && (http10_client || self.framing != Ok(Framing::Chunked))
+    }
 }
 
 /// Writes `resp`'s status line and its end-to-end headers: not the hop-by-hop ones, nor
@@ -2458,6 +2475,10 @@ async fn response_head(
             // passive-health failure, retried only where that is safe).
             Ok(Some(r)) if r.unframable(expect.head) => {
                 tracing::debug!(%addr, status = r.status, "invalid response Content-Length");
+                return Err(Attempt::Broken);
+            }
+            Ok(Some(r)) if r.hidden_coding(expect.http10, expect.head) => {
+                tracing::debug!(%addr, status = r.status, "response in a transfer coding the client cannot be told of");
                 return Err(Attempt::Broken);
             }
             Ok(Some(r)) => return Ok(Some(r)),
