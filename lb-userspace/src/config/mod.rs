@@ -494,6 +494,17 @@ impl Config {
     }
 }
 
+impl Vip {
+    /// An L7 VIP's backends, its own and its route pools' (a backend listed in several comes
+    /// as often as it is listed); none for a VIP XDP forwards: every backend the proxy may send
+    /// this VIP's requests to, which its live state and per-backend series follow.
+    pub fn l7_backends(&self) -> impl Iterator<Item = &Backend> {
+        self.l7.iter().flat_map(move |l7| {
+            self.backends.iter().chain(l7.routes.iter().flat_map(|r| &r.backends))
+        })
+    }
+}
+
 impl fmt::Display for Vip {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let proto = self.protocol.as_str();

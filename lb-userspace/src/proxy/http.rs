@@ -151,11 +151,8 @@ impl UpstreamPool {
         while let Some(c) = list.pop() {
             if now < c.expires {
                 match c.armed.pending() {
-                    Ok(armed) if (check || c.peek) && !c.socket.idle_open() => {
+                    Ok(_) if (check || c.peek) && !c.socket.idle_open() => {
                         tracing::debug!(%addr, "idle backend connection found closed or written to by a peek; closed");
-                        close(&c.socket);
-                        drop(armed);
-                        continue;
                     }
                     Ok(armed) => return Some((c.socket, armed)),
                     Err((Ok(n), _)) if n > 0 => {

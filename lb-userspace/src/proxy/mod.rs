@@ -289,9 +289,7 @@ impl L7Metrics {
     pub fn retain(&self, cfg: &Config) {
         let mut keep = HashSet::new();
         for vip in &cfg.vips {
-            let Some(l7) = &vip.l7 else { continue };
-            let routes = l7.routes.iter().flat_map(|r| &r.backends);
-            for b in vip.backends.iter().chain(routes) {
+            for b in vip.l7_backends() {
                 let backend = crate::metrics::backend_label(vip, b);
                 keep.insert(BackendLabel { vip: vip.name.clone(), backend });
             }
@@ -875,8 +873,7 @@ impl Proxy {
         // Backends out of the pools but still configured (down by active health) keep their
         // state: one VIP's own backends and its routes' alike, one state per address.
         for vip in &configured.vips {
-            let Some(l7) = &vip.l7 else { continue };
-            for b in vip.backends.iter().chain(l7.routes.iter().flat_map(|r| &r.backends)) {
+            for b in vip.l7_backends() {
                 let key = (vip.name.clone(), SocketAddr::new(b.address, b.port));
                 if let std::collections::hash_map::Entry::Vacant(e) = keep.entry(key) {
                     let state = self.live_state(e.key());
