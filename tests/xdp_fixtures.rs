@@ -2249,6 +2249,32 @@ fn a_ring_slot_naming_another_vips_backend_places_no_flow() {
     }
 }
 
+/// A reload that replaces a VIP gives the new one a VIP index of its own, not the one it has
+/// just freed, while another is free: a packet whose VIP lookup answered just before the reload
+/// reads the removed VIP's entry and ring, and the program refuses that ring's backends only by
+/// their VIP index. Here the stale entry is put back by hand, as such a packet would have read
+/// it: its SYN is dropped as having no backend, not sent to the new VIP's backends.
+#[test]
+fn a_replaced_vips_index_is_not_given_to_its_replacement() {
+    let test = "a_replaced_vips_index_is_not_given_to_its_replacement";
+    let Some(mut h) = Harness::new(test, FIXTURE_CONFIG) else { return };
+    let old = h.vip("v4tcp");
+    let stale = h.dp.maps().vips_v4.get(&vip_key(&old).v4(), 0).expect("the VIP's entry");
+    let moved = FIXTURE_CONFIG.replacen("port = 80\n", "port = 81\n", 1);
+    assert_ne!(moved, FIXTURE_CONFIG);
+    h.apply(&moved);
+    let new = h.vip("v4tcp");
+    assert_eq!(new.port, 81);
+    let index = h.dp.vip_index(&new).expect("the new VIP has an index");
+    assert_ne!(index, stale.vip_index, "the replacement took the index its VIP freed");
+    let syn = |port: u16| {
+        eth(LB_MAC, CLIENT_MAC, ETH_IP, &tcp4("198.18.4.7", 40000, "198.18.1.1", port, SYN))
+    };
+    assert_eq!(h.run(&syn(81)).0, XDP_TX, "the replacement forwards");
+    h.dp.maps_mut().vips_v4.insert(&vip_key(&old).v4(), &stale, 0).expect("stale entry written");
+    h.check("a SYN read the removed VIP's entry", &syn(80), XDP_DROP, None, Reason::DropNoBackend);
+}
+
 /// Where a frame's IP packet starts and its ethertype (one VLAN tag is skipped).
 fn l3_of(frame: &[u8]) -> (usize, u16) {
     let at = |o: usize| u16::from_be_bytes([frame[o], frame[o + 1]]);

@@ -11,7 +11,8 @@
 //! must not need room for the old and the new VIP at once. A packet that read a removed VIP's
 //! entry just before its removal may still read its ring, whose ids this apply can give to
 //! another VIP's backends before the packet gets there: the program refuses a ring slot whose
-//! backend is not of the VIP it serves (`Backend::vip_index`), and drops that packet.
+//! backend is not of the VIP it serves (`Backend::vip_index`), and drops that packet; for that
+//! check to hold, a VIP index this apply frees goes to a new VIP only when no other is free.
 
 mod holders;
 pub mod maps;
@@ -1161,6 +1162,13 @@ impl Dataplane {
 
         // 0. Removed VIPs: their entries go first, then their backend entries (only their own
         // rings named those), so their indices and ids are free for what replaces them.
+        // Their indices are given to a new VIP of this same reload only when no other is free:
+        // a packet whose VIP lookup answered just before the removal may still read the removed
+        // VIP's ring, and the program tells a backend of the VIP it serves from another VIP's by
+        // the backend's VIP index (`Backend::vip_index`), which a new VIP under the same index
+        // would pass.
+        let freed: BTreeSet<u32> =
+            gone.iter().filter_map(|k| self.vips.get(k)).map(|s| s.index).collect();
         for key in &gone {
             self.maps.remove_vip(key)?;
             self.vips.remove(key);
@@ -1176,8 +1184,11 @@ impl Dataplane {
                 Some(slot) => slot.index,
                 None => {
                     let used: BTreeSet<u32> = self.vips.values().map(|s| s.index).collect();
-                    let index =
-                        (0..MAX_VIPS).find(|i| !used.contains(i)).ok_or_else(no_room_for_vips)?;
+                    let free = |i: &u32| !used.contains(i);
+                    let index = (0..MAX_VIPS)
+                        .find(|i| free(i) && !freed.contains(i))
+                        .or_else(|| (0..MAX_VIPS).find(free))
+                        .ok_or_else(no_room_for_vips)?;
                     Maps::reset_counters(&mut self.maps.vip_stats, index)
                         .map_err(map_err(lb_common::maps::VIP_STATS))?;
                     self.vips.insert(
