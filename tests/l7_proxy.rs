@@ -4176,6 +4176,238 @@ fn a_large_early_answer_reaches_a_client_that_writes_its_whole_body_first() {
     assert_eq!(b.reqs.load(Ordering::Relaxed), 1);
 }
 
+/// Reads one chunk of a chunked body from `r`: its data, empty for the last chunk (whose
+/// trailer section, up to the blank line, is read too); `None` when the stream ends or fails
+/// first, or the chunk is malformed.
+fn read_chunk(r: &mut BufReader<TcpStream>) -> Option<Vec<u8>> {
+    let mut size = String::new();
+    if r.read_line(&mut size).ok()? == 0 {
+        return None;
+    }
+    let n = usize::from_str_radix(size.trim(), 16).ok()?;
+    if n == 0 {
+        let mut line = String::new();
+        while line != "\r\n" {
+            line.clear();
+            if r.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+        }
+        return Some(Vec::new());
+    }
+    let mut chunk = vec![0u8; n + 2];
+    r.read_exact(&mut chunk).ok()?;
+    (chunk.ends_with(b"\r\n")).then(|| chunk[..n].to_vec())
+}
+
+/// The request bodies a backend received whole, in order.
+type Bodies = Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
+
+/// A full-duplex streaming backend: it answers each request (a chunked body) with a chunked
+/// `200` as soon as it has the head, echoes each chunk of the body as a chunk of the response
+/// as it comes, and ends its response after the body's last chunk; then serves the next
+/// request on the connection. Records each whole body, and when each connection ended.
+fn duplex_backend() -> (Backend, Bodies, Arc<std::sync::Mutex<Vec<Instant>>>) {
+    let bodies: Bodies = Arc::default();
+    let ends: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
+    let (got, ended) = (bodies.clone(), ends.clone());
+    let b = serve_backend(move |s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        'requests: while request_head(&mut r, r2) {
+            if w.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").is_err() {
+                break;
+            }
+            let mut body = Vec::new();
+            loop {
+                let Some(chunk) = read_chunk(&mut r) else { break 'requests };
+                let mut echo = format!("{:x}\r\n", chunk.len()).into_bytes();
+                echo.extend(&chunk);
+                echo.extend(b"\r\n");
+                if w.write_all(&echo).is_err() {
+                    break 'requests;
+                }
+                if chunk.is_empty() {
+                    break;
+                }
+                body.extend(chunk);
+            }
+            got.lock().unwrap().push(body);
+        }
+        ended.lock().unwrap().push(Instant::now());
+    });
+    (b, bodies, ends)
+}
+
+/// A backend that answers `200` at once and then reads the request body (a full-duplex stream,
+/// or one that sends its head first) gets the rest of the body while its response streams to
+/// the client, both directions at once: here it echoes each chunk as it comes, and ends its
+/// response after the body's last chunk. Before, the proxy took the early answer for a refusal
+/// and sent no more of the body: the backend waited for it, the client for the echo, until
+/// the idle timeout cut the response (`cut=idle`, a reset to the client). A client that leaves
+/// in the middle gets its connection reset, the backend's is ended at once, and the response
+/// is counted as cut by the client.
+#[test]
+fn a_backend_answering_200_early_gets_the_rest_of_the_body_as_its_response_streams() {
+    let (b, bodies, ends) = duplex_backend();
+    // A short idle timeout: without the fix the response stalls until it passes.
+    let p = proxy(&[(&b, 1)], "max_fails = 1\nidle_timeout_ms = 1500", "");
+    let (mut s, mut r) = client(p.addr);
+    s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+    let t = Instant::now();
+    s.write_all(b"POST /duplex HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+    let pieces = ["first;", "the second piece;", "third"];
+    let mut connection = None;
+    for piece in pieces {
+        s.write_all(format!("{:x}\r\n{piece}\r\n", piece.len()).as_bytes()).unwrap();
+        if connection.is_none() {
+            let (code, headers, _) = read_response(&mut r).expect("the response head");
+            assert_eq!(code, 200, "{headers:?}");
+            connection = headers.get("connection").cloned();
+        }
+        let echoed = read_chunk(&mut r)
+            .unwrap_or_else(|| panic!("no echo of {piece:?} after {:?}", t.elapsed()));
+        assert_eq!(String::from_utf8_lossy(&echoed), piece);
+        // The client reads the echo between its pieces: a true full-duplex exchange.
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let last = Instant::now();
+    s.write_all(b"0\r\n\r\n").unwrap();
+    assert_eq!(read_chunk(&mut r), Some(Vec::new()), "the response ends with the body");
+    assert!(
+        last.elapsed() < Duration::from_millis(500),
+        "ended {:?} after the body",
+        last.elapsed()
+    );
+    assert_eq!(connection.as_deref(), Some("keep-alive"));
+    assert_eq!(bodies.lock().unwrap().as_slice(), &[pieces.concat().into_bytes()]);
+    // Keep-alive on both sides, as for any request: the next one goes on the same connections.
+    s.write_all(b"POST /again HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut r).expect("the second response").0, 200);
+    assert_eq!(read_chunk(&mut r).as_deref(), Some(&b"abc"[..]));
+    assert_eq!(read_chunk(&mut r), Some(Vec::new()));
+    assert_eq!(b.conns.load(Ordering::Relaxed), 1, "the backend connection was reused");
+    drop((s, r));
+    let text = p.metrics.encode();
+    assert!(!ejected(&text, b.addr), "no ejection: {text}");
+    assert!(!text.contains("edgelb_l7_responses_cut_total{vip=\"web\",side=\"idle\"} 1"), "{text}");
+
+    // A client that leaves in the middle of its body: the backend, which cannot have the whole
+    // request, has its connection ended at once (not at the idle timeout), and the response
+    // is cut by the client.
+    let (mut s, mut r) = client(p.addr);
+    s.write_all(
+        b"POST /left HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nleft\r\n",
+    )
+    .unwrap();
+    assert_eq!(read_response(&mut r).expect("the response head").0, 200);
+    assert_eq!(read_chunk(&mut r).as_deref(), Some(&b"left"[..]));
+    let before = ends.lock().unwrap().len();
+    let left = Instant::now();
+    drop((s, r));
+    wait_for_metric(&p, "edgelb_l7_responses_cut_total{vip=\"web\",side=\"client\"} 1");
+    while ends.lock().unwrap().len() == before {
+        assert!(left.elapsed() < Duration::from_secs(3), "the backend connection stays open");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = ends.lock().unwrap()[before].saturating_duration_since(left);
+    assert!(took < Duration::from_millis(1000), "the backend connection ended after {took:?}");
+    assert_eq!(bodies.lock().unwrap().len(), 2, "the cut body is no whole body");
+    assert!(!ejected(&p.metrics.encode(), b.addr), "a client's leaving blamed the backend");
+}
+
+/// A backend that answers `200` with its whole response at once and then reads the request
+/// body gets all of it; the exchange is then complete like any other, and the client's
+/// connection stays open for its next request. Before, the early answer ended the body there
+/// (`Connection: close`, the rest read and dropped by the proxy), so the backend never had it.
+#[test]
+fn an_early_200_keeps_the_body_going_and_the_connection_alive() {
+    let bodies: Bodies = Arc::default();
+    let got = bodies.clone();
+    let b = serve_backend(move |s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        loop {
+            let mut head = String::new();
+            while !head.ends_with("\r\n\r\n") {
+                if r.read_line(&mut head).unwrap_or(0) == 0 {
+                    return;
+                }
+            }
+            r2.fetch_add(1, Ordering::Relaxed);
+            let len: usize = head
+                .to_ascii_lowercase()
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+                .unwrap_or(0);
+            // The answer first, then the body.
+            if w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").is_err() {
+                return;
+            }
+            let mut body = vec![0u8; len];
+            if r.read_exact(&mut body).is_err() {
+                return;
+            }
+            if len > 0 {
+                got.lock().unwrap().push(body);
+            }
+        }
+    });
+    let p = proxy(&[(&b, 1)], "max_fails = 1\nidle_timeout_ms = 2000", "");
+    let (mut s, mut r) = client(p.addr);
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let body: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    s.write_all(
+        format!("POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n", body.len())
+            .as_bytes(),
+    )
+    .unwrap();
+    s.write_all(&body[..1000]).unwrap();
+    let t = Instant::now();
+    let (code, headers, text) = read_response(&mut r).expect("the early answer");
+    assert_eq!((code, text.as_str()), (200, "ok"), "{headers:?}");
+    assert!(t.elapsed() < Duration::from_secs(1), "answered after {:?}", t.elapsed());
+    assert_eq!(headers.get("connection").map(String::as_str), Some("keep-alive"));
+    // The rest of the body after the whole answer, then the next request.
+    s.write_all(&body[1000..]).unwrap();
+    s.write_all(b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let (code, _, text) = read_response(&mut r).expect("the next answer on the same connection");
+    assert_eq!((code, text.as_str()), (200, "ok"));
+    // The backend recorded the body before it read the next request's head.
+    let recorded = bodies.lock().unwrap().clone();
+    assert_eq!(recorded.len(), 1, "one whole body");
+    assert!(recorded[0] == body, "the whole body, {} bytes of {}", recorded[0].len(), body.len());
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 2);
+    assert_eq!(b.conns.load(Ordering::Relaxed), 1, "the backend connection was reused");
+    assert!(!ejected(&p.metrics.encode(), b.addr));
+}
+
+/// A backend that answers an upload `200` at once but then closes or resets its connection
+/// with the body unread: the rest of the body cannot go, but its answer, whole, reaches the
+/// client, whose connection then closes cleanly (the rest of its body read and dropped, so no
+/// reset under it), and the backend is not blamed.
+#[test]
+fn an_early_200_whose_backend_takes_no_more_of_the_body_still_reaches_the_client() {
+    const BODY: usize = 16 << 20;
+    for end in [EarlyEnd::Close, EarlyEnd::Reset] {
+        let b = early_backend(200, end);
+        let p = proxy(&[(&b, 1)], "max_fails = 1\nidle_timeout_ms = 20000", "");
+        for i in 0..3 {
+            let what = format!("{end:?}, upload {i}");
+            let up = upload(p.addr, BODY, false);
+            let (code, headers, body) = &up.resp;
+            assert_eq!(*code, 200, "{what}: {headers:?} {body:?}");
+            assert_eq!(*body, "200 early: body not read\n", "{what}");
+            assert!(up.took < Duration::from_secs(3), "{what}: answered after {:?}", up.took);
+            assert!(up.closed, "{what}: the connection ends cleanly after the answer");
+            assert!(up.wrote.is_ok(), "{what}: {:?}", up.wrote);
+        }
+        let text = p.metrics.encode();
+        assert!(!ejected(&text, b.addr), "{end:?}: no ejection: {text}");
+    }
+}
+
 /// The elements of a Forwarded value as an RFC 7239 parser reads them: split at the commas
 /// outside quoted strings; `None` when a quoted string is left open.
 fn forwarded_elements(v: &str) -> Option<Vec<String>> {

@@ -6,10 +6,11 @@
 //! Phases of a request: read and parse the head (httparse; header-size, header-count and time
 //! limits) → pick a pool by Host and path → pick a backend → send the rewritten head and stream
 //! the body, reading the response head meanwhile (a backend may answer before the body is
-//! through, which ends the body there) → read the response head (response timeout) → stream
-//! the response back. Connect errors, timeouts and 502/503/504 answers are retried on another
-//! backend for idempotent requests without a body (for one on the member its stickiness cookie
-//! names, connect errors only); anything else gets one clean error response.
+//! through, which ends the body there, but for a 2xx: the rest of the body then goes on beside
+//! the response) → read the response head (response timeout) → stream the response back.
+//! Connect errors, timeouts and 502/503/504 answers are retried on another backend for
+//! idempotent requests without a body (for one on the member its stickiness cookie names,
+//! connect errors only); anything else gets one clean error response.
 
 use std::{
     borrow::Cow,
@@ -1020,7 +1021,9 @@ pub(super) enum Cut {
     /// early answer to an upload: a backend that then closes with the rest unread resets the
     /// connection, which is how such an answer ends, not a fault).
     Backend = 0,
-    /// The client: the write to it failed (it left, or took nothing for the idle timeout).
+    /// The client: the write to it failed (it left, or took nothing for the idle timeout), or
+    /// the rest of its request body, going to the backend beside a 2xx answered early, did not
+    /// come (it left, sent nothing for the idle timeout, or broke the chunked coding).
     Client = 1,
     /// The whole-request deadline (`request_timeout_ms`) passed while the body streamed.
     Deadline = 2,
@@ -1820,7 +1823,7 @@ async fn serve_conn(
             )
             .await;
             match r {
-                Ok(Answer { up, resp, cut }) => {
+                Ok(Answer { up, resp, cut, rest }) => {
                     // Any other answer counts as the backend's success once its body is
                     // through (or the client left): a body the backend cuts short is a failure.
                     let retryable = matches!(resp.status, 502..=504);
@@ -1829,13 +1832,15 @@ async fn serve_conn(
                     }
                     if retryable && can_retry && !pinned && attempt < cfg.retries {
                         // The latest such answer is the one passed on if nothing better comes.
+                        // (A request retried has no body: nothing of it is still going.)
+                        debug_assert!(rest.is_none());
                         let rest = ubuf.split();
                         if let Some(old) = kept.replace(Kept { i, up, resp, rest, counted }) {
                             close(&old.up);
                         }
                         continue;
                     }
-                    done = Some((i, up, resp, counted, cut));
+                    done = Some((i, up, resp, counted, cut, rest));
                     break;
                 }
                 Err(e @ (Attempt::ClientGone | Attempt::ClientTimeout | Attempt::ClientBad)) => {
@@ -1909,12 +1914,12 @@ async fn serve_conn(
                 ubuf.clear();
                 ubuf.extend_from_slice(&k.rest);
                 // Only a bodiless request is retried, and its body cannot be cut off.
-                done = Some((k.i, k.up, k.resp, k.counted, false));
+                done = Some((k.i, k.up, k.resp, k.counted, false, None));
             }
             (Some(_), Some(k)) => close(&k.up),
             (_, None) => {}
         }
-        let Some((i, up, resp, counted, cut)) = done else {
+        let Some((i, up, resp, counted, cut, rest)) = done else {
             let status = match (tried.is_empty(), last) {
                 (true, _) | (_, Attempt::Local) => 503,
                 (_, Attempt::Deadline | Attempt::Squeezed) | (false, Attempt::Timeout) => 504,
@@ -2062,44 +2067,31 @@ async fn serve_conn(
         }
         let streaming =
             stream_body(&up, &mut ubuf, client, rframing, decode, deadline, vip.cfg.idle_timeout);
+        // The rest of a cut-off body is read and dropped while the answer streams; the rest of
+        // one the backend answered 2xx goes on to it meanwhile (`Answer::rest`).
         let body = async {
-            if cut {
-                // The rest of a cut-off body is read and dropped while the answer streams, not
-                // only after it (`linger`): a client that writes its whole body before it reads
-                // anything (Python's http.client, requests) would otherwise stall its send to
-                // the proxy while the proxy stalls its send of an answer larger than the socket
-                // buffers to the client, until the idle timeout resets the connection. The
-                // answer goes first (`biased`): one framed without a body issues no read at
-                // all. Once the client's side ends the reading is polled no more; one left
-                // pending when the answer is through stays in flight with its buffer,
-                // harmlessly (what it gets is dropped anyway), and completes at the latest when
-                // `serve` shuts the socket down.
-                let mut streaming = std::pin::pin!(streaming);
-                let mut draining = std::pin::pin!(discard(client));
-                let mut drained = false;
-                loop {
-                    tokio::select! {
-                        biased;
-                        r = &mut streaming => break r,
-                        () = &mut draining, if !drained => drained = true,
-                    }
+            match rest {
+                _ if cut => (with_the_rest_dropped(streaming, client).await, None),
+                Some(rest) => {
+                    let (r, rest) = beside(streaming, rest, client, deadline).await;
+                    (r, Some(rest))
                 }
-            } else {
-                streaming.await
+                None => (streaming.await, None),
             }
         };
         // Who ended a body that could not be passed on whole. The backend, when it closed or
         // reset its connection or broke the chunked coding: a passive-health failure, unless
         // it answered before it had the whole request body (`cut`: its close with the rest
-        // unread resets the connection). The client, when the write to it failed (it left);
-        // the whole-request deadline, which a slow client can make a download outlast; the
-        // idle timeout, which a healthy stream's pause can outlast; and the drain deadline of a
-        // stop: none is the backend's fault. The response is still counted and logged by the
-        // status its head gave the client (as nginx and HAProxy log it), with the cut beside
-        // it.
-        let cut_by = tokio::select! {
+        // unread resets the connection). The client, when the write to it failed (it left),
+        // or when the rest of its request body, going beside the answer, failed (it left,
+        // stalled or broke the chunked coding: see `beside`); the whole-request deadline, which
+        // a slow client can make a download outlast; the idle timeout, which a healthy stream's
+        // pause can outlast; and the drain deadline of a stop: none is the backend's fault. The
+        // response is still counted and logged by the status its head gave the client (as
+        // nginx and HAProxy log it), with the cut beside it.
+        let (cut_by, rest) = tokio::select! {
             biased;
-            body = body => match body {
+            (body, rest) = body => (match body {
                 Ok(()) => None,
                 Err(Side::Dst) => Some(Cut::Client),
                 Err(Side::Timeout) if tokio::time::Instant::now() >= deadline => {
@@ -2107,8 +2099,44 @@ async fn serve_conn(
                 }
                 Err(Side::Timeout) => Some(Cut::Idle),
                 Err(Side::Src | Side::Bad) => Some(Cut::Backend),
-            },
-            () = super::wait_forced(&shared) => Some(Cut::Drain),
+            }, rest),
+            () = super::wait_forced(&shared) => (Some(Cut::Drain), None),
+        };
+        // A response through whole while the rest of the request body still goes to the
+        // backend: that goes on (each read from the client within the idle timeout, all within
+        // the request's deadline, and the drain deadline of a stop), and the exchange is over
+        // once it is through. A cut response resets both connections below, and the rest of
+        // its body goes with it.
+        let rest = match rest {
+            Some(Rest::Going(going)) if cut_by.is_none() => Some(tokio::select! {
+                biased;
+                (r, pending) = going => match r {
+                    Ok(()) => Rest::Through(pending),
+                    Err(side) => Rest::Failed(side),
+                },
+                () = super::wait_forced(&shared) => Rest::Failed(Side::Timeout),
+            }),
+            r => r,
+        };
+        // The rest of a body answered 2xx that did not go through (the backend took no more of
+        // it, the client failed to send it, or the response was cut while it still went) ends
+        // the exchange as a cut-off body does: the backend connection, with part of a request,
+        // is not reused, the client connection (whose rest of a body is not a request) closes
+        // lingering, and a backend that cuts its response short meanwhile is no passive-health
+        // failure (with the body unread, its close is a reset, as after any early answer). Its
+        // response, whole, still counts as the backend's success.
+        let cut = match rest {
+            None => cut,
+            Some(Rest::Through(pending)) => {
+                // What followed the body: the client's next request.
+                buf = pending;
+                cut
+            }
+            Some(Rest::Failed(side)) => {
+                tracing::debug!(vip = %vip.name, backend = %member.addr, ?side, "the rest of a request body answered 2xx early did not go through");
+                true
+            }
+            Some(Rest::Going(_)) => true,
         };
         drop(counted);
         let end = Instant::now();
@@ -2210,19 +2238,107 @@ fn abandon(up: &Socket, why: Attempt) -> Attempt {
 struct Answer {
     up: Socket,
     resp: RespHead,
-    /// The backend answered before it had the whole request body, and the rest was not sent
-    /// (see [`attempt_once`]). The rest of the client's body is not read as a request, so the
-    /// client connection closes after this response (lingering: see [`linger`]), the rest read
-    /// and dropped while the response streams too; the backend connection, where the body
-    /// broke off, is not reused.
+    /// The backend answered before it had the whole request body, not with a 2xx, and the
+    /// rest was not sent (see [`attempt_once`]). The rest of the client's body is not read as
+    /// a request, so the client connection closes after this response (lingering: see
+    /// [`linger`]), the rest read and dropped while the response streams too; the backend
+    /// connection, where the body broke off, is not reused.
     cut: bool,
+    /// The backend answered 2xx before it had the whole request body: the body's stream, still
+    /// going, which the caller drives beside the response ([`beside`]). `None` for a request
+    /// without a body (no allocation on that path), or one whose body went through first.
+    rest: Option<BodyRest>,
+}
+
+/// The rest of a request body still on its way to the backend after the backend answered 2xx
+/// ([`Answer::rest`]): the body's [`stream_body`], kept alive rather than started again (it
+/// holds where the body is, the chunked decoder's state, and a write maybe in flight, all lost
+/// with a dropped one). It owns clones of both sockets and the client's read buffer, which it
+/// hands back with how it ended: what follows the body there is the client's next request.
+type BodyRest = std::pin::Pin<Box<dyn Future<Output = (Result<(), Side>, BytesMut)>>>;
+
+/// Where the rest of a request body sent beside its response ([`beside`]) stands once the
+/// response ended, or the body failed while the response still streamed.
+enum Rest {
+    /// Still going (the response ended first).
+    Going(BodyRest),
+    /// Through: the client's read buffer, with whatever followed the body.
+    Through(BytesMut),
+    /// Failed: the backend took no more of it (`Side::Dst`), or the client left, stalled, or
+    /// broke the chunked coding.
+    Failed(Side),
+}
+
+/// Streams a response (`response`) to the client while the rest of the request body (`rest`)
+/// still goes to the backend, after the backend's early 2xx ([`Answer::rest`]), until the
+/// response ends: both directions at once, in this one task. Returns how the response ended
+/// and where the body stands:
+/// - the response ends first (whole or cut): the body may still be going; the caller finishes
+///   it (a whole response) or drops it (a cut one, where everything is reset);
+/// - the body is through first: the response goes on to its end;
+/// - the backend takes no more of the body (it closed or reset its connection, or took nothing
+///   for the idle timeout): its response is still read to its end if it can be, the client's
+///   rest read and dropped meanwhile, as after a cut ([`with_the_rest_dropped`]);
+/// - the client leaves, stalls past the idle timeout or the deadline, or breaks the chunked
+///   coding: the backend cannot have the whole request, so its response cannot end (a
+///   full-duplex backend waits for the body's end): a cut by the client (`Err(Side::Dst)`, the
+///   response's client side) or by the deadline (`Err(Side::Timeout)` past it), which the
+///   caller ends with a reset on both connections.
+async fn beside(
+    response: impl Future<Output = Result<(), Side>>,
+    mut rest: BodyRest,
+    client: &Socket,
+    deadline: tokio::time::Instant,
+) -> (Result<(), Side>, Rest) {
+    let mut response = std::pin::pin!(response);
+    let first = tokio::select! {
+        biased;
+        r = &mut response => Ok(r),
+        r = &mut rest => Err(r),
+    };
+    match first {
+        Ok(r) => (r, Rest::Going(rest)),
+        Err((Ok(()), pending)) => (response.await, Rest::Through(pending)),
+        Err((Err(Side::Dst), _)) => {
+            (with_the_rest_dropped(response, client).await, Rest::Failed(Side::Dst))
+        }
+        Err((Err(side), _)) => {
+            let past = side == Side::Timeout && tokio::time::Instant::now() >= deadline;
+            (Err(if past { Side::Timeout } else { Side::Dst }), Rest::Failed(side))
+        }
+    }
+}
+
+/// Streams a response (`response`) while reading and dropping what the client still sends: the
+/// rest of a request body that is not passed on. Not only after the response (`linger`): a
+/// client that writes its whole body before it reads anything (Python's http.client, requests)
+/// would otherwise stall its send to the proxy while the proxy stalls its send of an answer
+/// larger than the socket buffers to the client, until the idle timeout resets the connection.
+/// The answer goes first (`biased`): one framed without a body issues no read at all. Once the
+/// client's side ends the reading is polled no more; one left pending when the answer is
+/// through stays in flight with its buffer, harmlessly (what it gets is dropped anyway), and
+/// completes at the latest when `serve` shuts the socket down.
+async fn with_the_rest_dropped(
+    response: impl Future<Output = Result<(), Side>>,
+    client: &Socket,
+) -> Result<(), Side> {
+    let mut response = std::pin::pin!(response);
+    let mut draining = std::pin::pin!(discard(client));
+    let mut drained = false;
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut response => return r,
+            () = &mut draining, if !drained => drained = true,
+        }
+    }
 }
 
 /// One try on member `i`, starting at `now`: connect (or reuse), send head and body, read the
 /// response head (one that `expect` admits). A `replayable` request (idempotent, no body) is
 /// sent again on a fresh connection when a reused one turns out closed before any response. A
 /// final response that arrives while the body is still streaming ends the body there
-/// ([`Answer::cut`]).
+/// ([`Answer::cut`]), but for a 2xx, which takes the body's stream with it ([`Answer::rest`]).
 #[allow(clippy::too_many_arguments)]
 async fn attempt_once(
     client: &Socket,
@@ -2306,7 +2422,7 @@ async fn attempt_once(
             let first = Some(FirstRead::Done(first));
             let reading = response_head(client, &up, ubuf, addr, expect, first, stale);
             match timeout_at(resp_deadline, reading).await {
-                Ok(Ok(Some(resp))) => return Ok(Answer { up, resp, cut: false }),
+                Ok(Ok(Some(resp))) => return Ok(Answer { up, resp, cut: false, rest: None }),
                 Ok(Ok(None)) => continue,
                 Ok(Err(e)) => return Err(abandon(&up, e)),
                 Err(_) => return Err(abandon(&up, timed_out(deadline, Attempt::Timeout))),
@@ -2326,31 +2442,45 @@ async fn attempt_once(
         // through first would lose that answer (a 502 instead, and a passive-health failure
         // charged to a healthy backend) or wait for the kernel to give up on the stalled send.
         // The body stream goes first when both are ready: a body that is through is through.
-        let (resp, cut) = {
+        //
+        // The body's stream is boxed and owns what it works with (clones of both sockets, and
+        // the client's read buffer, handed back with its end), so that it can outlive this
+        // attempt: a 2xx that comes before the body is through does not end it, and the same
+        // stream goes on beside the response ([`Answer::rest`]). Only a request with a body
+        // pays for the box.
+        let (resp, cut, rest) = {
             let first = armed.map(FirstRead::Armed);
             let reading = response_head(client, &up, ubuf, addr, expect, first, false);
             let mut reading = std::pin::pin!(reading);
+            let (c, u, idle) = (client.clone(), up.clone(), cfg.idle_timeout);
+            let mut pending = std::mem::take(buf);
+            let mut body: BodyRest = Box::pin(async move {
+                let r = stream_body(&c, &mut pending, &u, framing, false, deadline, idle).await;
+                (r, pending)
+            });
             let streamed = tokio::select! {
                 biased;
-                r = stream_body(client, buf, &up, framing, false, deadline, cfg.idle_timeout) => Ok(r),
+                r = &mut body => Ok(r),
                 h = &mut reading => Err(h),
             };
             match streamed {
-                Ok(Ok(())) => {
+                Ok((Ok(()), pending)) => {
+                    // What the client sent after the body (a pipelined request) is read later.
+                    *buf = pending;
                     // A body through so late that the deadline comes before the response
                     // timeout: a wait that ends there is not the backend's failure.
                     let through = tokio::time::Instant::now();
                     let squeezed = through + cfg.response_timeout > deadline;
                     match timeout_at(answer_by(through), &mut reading).await {
-                        Ok(r) => (r, false),
+                        Ok(r) => (r, false, None),
                         Err(_) if squeezed => return Err(abandon(&up, Attempt::Squeezed)),
                         Err(_) => return Err(abandon(&up, timed_out(deadline, Attempt::Timeout))),
                     }
                 }
-                Ok(Err(Side::Src)) => return Err(abandon(&up, Attempt::ClientGone)),
-                Ok(Err(Side::Bad)) => return Err(abandon(&up, Attempt::ClientBad)),
-                Ok(Err(Side::Timeout)) => return Err(abandon(&up, Attempt::ClientTimeout)),
-                Ok(Err(Side::Dst)) => {
+                Ok((Err(Side::Src), _)) => return Err(abandon(&up, Attempt::ClientGone)),
+                Ok((Err(Side::Bad), _)) => return Err(abandon(&up, Attempt::ClientBad)),
+                Ok((Err(Side::Timeout), _)) => return Err(abandon(&up, Attempt::ClientTimeout)),
+                Ok((Err(Side::Dst), _)) => {
                     // The backend reset the connection (or took nothing for the idle timeout,
                     // and the kernel aborted it): the body ends here for it. An answer it sent
                     // before came before the reset (TCP delivers in order), so it is in the
@@ -2358,24 +2488,36 @@ async fn attempt_once(
                     // once with the error. The response timeout, which a complete request
                     // would have had from here, bounds the rare wait in between.
                     match timeout_at(answer_by(tokio::time::Instant::now()), &mut reading).await {
-                        Ok(Ok(Some(resp))) => (Ok(Some(resp)), true),
+                        Ok(Ok(Some(resp))) => (Ok(Some(resp)), true, None),
                         Ok(Err(e @ (Attempt::ClientGone | Attempt::TooLarge))) => {
                             return Err(abandon(&up, e));
                         }
                         _ => return Err(abandon(&up, Attempt::Broken)),
                     }
                 }
-                // An answer before the whole body went: the rest of it is not sent (the stream is
-                // dropped here, and with it the rest of the body).
-                Err(r) => (r, true),
+                // An answer before the whole body went: a 2xx takes the body's stream with it,
+                // any other ends the body there (below).
+                Err(r) => (r, true, Some(body)),
             }
         };
         match resp {
             Ok(Some(resp)) => {
+                // A 2xx: the backend took the request and is answering it, and may read the
+                // rest of the body as it answers (a full-duplex stream) or after its head (an
+                // upload answered `200` at once): the rest goes on beside the response, as
+                // HAProxy passes both directions on at once (RFC 9112 9.3 and RFC 9110 15 let a
+                // server answer before the request is complete; curl goes on sending after an
+                // early 2xx too). Any other final answer (a 413 or 401, a 3xx sending the
+                // client elsewhere, a 5xx) refuses the body: its stream is dropped here, and
+                // with it the rest of the body.
+                let rest = rest.filter(|_| (200..300).contains(&resp.status));
+                let cut = cut && rest.is_none();
                 if cut {
                     tracing::debug!(%addr, status = resp.status, "backend answered before the whole request body; the rest is not sent");
+                } else if rest.is_some() {
+                    tracing::debug!(%addr, status = resp.status, "backend answered 2xx before the whole request body; the rest goes on beside the response");
                 }
-                return Ok(Answer { up, resp, cut });
+                return Ok(Answer { up, resp, cut, rest });
             }
             // Only a bodiless request is sent again (`stale` is false here).
             Ok(None) => return Err(abandon(&up, Attempt::Broken)),
