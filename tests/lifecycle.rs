@@ -2138,6 +2138,81 @@ fn a_second_stop_signal_ends_the_drain() {
     drop(e);
 }
 
+/// A stopping edgelb goes on following health while its L7 proxy drains: a backend that dies
+/// meanwhile is logged DOWN, shows unhealthy and leaves the XDP VIP's ring (a new flow of one of
+/// its clients reaches another backend), and `status` shows the L7 VIP's requests. The drain used
+/// to take no health verdict in (a dead backend kept its flows for as long as the drain lasted,
+/// up to `node.l7_drain_timeout_ms`) and `status` to show 0 requests for every L7 VIP.
+#[test]
+fn health_verdicts_and_l7_status_go_on_while_a_stop_drains() {
+    let Some(mut bed) = Bed::up("drain-health", &[1, 2, 3]) else { return };
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    bed.wait_for(l7);
+    netns::in_netns(&bed.tb.names.client, || {
+        for _ in 0..5 {
+            servers::http_get(None, l7, TIMEOUT).expect("a request through the proxy");
+        }
+    })
+    .unwrap();
+    let web7 = |st: &Status| st.vips.iter().find(|v| v.name == "web7").expect("web7").clone();
+    let before = web7(&bed.e().status()).l7_requests;
+    assert!(before >= 5, "the proxy counted the requests: {before}");
+    let cfg = bed.cfg();
+    let client = (0..300)
+        .map(|n| IpAddr::V4(testbed::pool_addr(n)))
+        .find(|c| backend_name(&cfg, "web", *c) == "backend-2")
+        .expect("a client of backend-2");
+    let (e, mut child, pending) = stop_with_a_request_pending(&mut bed, l7);
+    let draining = web7(&e.status());
+    assert_eq!(draining.l7_requests, before, "status while draining: {draining:?}");
+    let per_backend: u64 = draining.backends.iter().map(|b| b.l7_requests).sum();
+    assert_eq!(per_backend, before, "status while draining: {draining:?}");
+
+    let killed = Instant::now();
+    bed.kill_backend(2);
+    // The failover bound, with slack for a slow machine (each status poll starts a process).
+    let limit = INTERVAL * (FALL + 1) + Duration::from_secs(3);
+    while e.healthy("web", "198.18.0.12") {
+        assert!(
+            killed.elapsed() < limit,
+            "no health verdict taken in during the drain ({:?} after the kill); log:\n{}",
+            killed.elapsed(),
+            e.log()
+        );
+        assert!(child.exited().is_none(), "edgelb exited before its drain ended:\n{}", e.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "backend-2 shown DOWN {} ms after the kill, during the drain",
+        killed.elapsed().as_millis()
+    );
+    let log = e.log();
+    let during = &log[log.find("L7 proxy: draining").expect("the drain is logged")..];
+    assert!(
+        during.lines().any(|l| l.contains("backend DOWN") && l.contains("198.18.0.12")),
+        "{during}"
+    );
+    let web = e.status().vips.into_iter().find(|v| v.name == "web").expect("web");
+    let dead = web.backends.iter().find(|b| b.address.to_string() == "198.18.0.12").unwrap();
+    assert_eq!(dead.ring_share, 0.0, "{web:?}");
+    // The maps follow: a new flow of backend-2's client reaches another backend.
+    let got = netns::in_netns(&bed.tb.names.client, || {
+        servers::http_get(
+            Some(SocketAddr::new(client, 0)),
+            SocketAddr::new(IpAddr::V4(testbed::VIP), 80),
+            TIMEOUT,
+        )
+    })
+    .unwrap();
+    assert!(got.as_ref().is_ok_and(|b| b != "backend-2"), "{client}: {got:?}");
+    assert!(child.exited().is_none(), "still draining");
+    // The request in flight is answered, and the drain ends with it.
+    pending.finish();
+    let st = child.wait(Duration::from_secs(10));
+    assert!(st.success(), "edgelb exit status {st}");
+    drop(e);
+}
+
 /// `edgelb stop` waits as long as the running controller may drain its L7 requests (its answer
 /// says how long), not as long as the file on disk says by then: with the file edited to a short
 /// drain, it used to give up while the controller still drained, and say it was still stopping.

@@ -1037,21 +1037,28 @@ impl Controller {
     /// `node.l7_drain_timeout_ms`, and answers metrics scrapes meanwhile (a drain can last as
     /// long as a download). With `signals`, a second SIGINT or SIGTERM ends the drain at once,
     /// as it does for nginx and HAProxy; admin requests are answered throughout: `status`
-    /// as ever, the others refused with the reason (they used to wait for the drain's end).
+    /// as ever (the proxy stays here, so its request counts and passive health show; only the
+    /// wait for its threads runs elsewhere), the others refused with the reason (they used to
+    /// wait for the drain's end). Health verdicts still apply until the drain ends: the checks
+    /// run until then, and the maps (and the draining proxy's pools) follow them, as they
+    /// would in the serving loop, instead of keeping a dead backend for as long as the drain
+    /// lasts. (At a handover the checks were stopped first, and nothing comes in.)
     fn drain_proxy(&mut self, mut signals: Option<&mut signal_hook::iterator::Signals>) {
-        let Some(proxy) = self.proxy.take() else { return };
+        let Some(proxy) = self.proxy.as_mut() else { return };
         let grace = self.cfg.node.l7_drain_timeout;
         info!(
             "L7 proxy: draining (up to {} ms, node.l7_drain_timeout_ms; a second SIGTERM or SIGINT ends it now)",
             grace.as_millis()
         );
         let cut = proxy.cut_short();
+        let draining = proxy.drain();
         let (tx, rx) = mpsc::channel();
         let drain = std::thread::spawn(move || {
-            proxy.shutdown(grace);
+            draining.wait(grace);
             let _ = tx.send(());
         });
         self.answer_scrapes_until(&rx, grace + Duration::from_secs(5), |ctl| {
+            ctl.apply_pending_health();
             if let Some(s) = signals.as_deref_mut()
                 && s.pending().any(|sig| sig != SIGHUP)
             {
@@ -1073,6 +1080,8 @@ impl Controller {
             }
         });
         let _ = drain.join();
+        // Its threads have ended.
+        self.proxy = None;
     }
 
     /// Starts and stops health checks to match the config, each new one from the controller's
