@@ -73,13 +73,11 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, Failure>
             connect(check, addr, left, &[])?;
         }
         CheckKind::Http { path, host, expect_status, expect_body } => {
-            // An IPv6 literal is bracketed in a Host header (RFC 3986 3.2.2).
-            let host = host.clone().unwrap_or_else(|| match addr {
-                SocketAddr::V4(a) => a.ip().to_string(),
-                SocketAddr::V6(a) => format!("[{}]", a.ip()),
-            });
+            let host = host.clone().unwrap_or_else(|| default_host(addr));
+            // HTTP/1.1: servers may refuse HTTP/1.0 (Envoy answers 426 by default). The
+            // connection is closed once the answer is decided, which `Connection: close` says.
             let request = format!(
-                "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: edgelb-health\r\nConnection: close\r\n\r\n"
+                "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: edgelb-health\r\nConnection: close\r\n\r\n"
             );
             let mut s = connect(check, addr, left, request.as_bytes())?;
             // Read until the answer is decided: a complete head with the wrong status, or the
@@ -164,32 +162,95 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, Failure>
     Ok(start.elapsed())
 }
 
+/// The Host of a probe of `addr` when the check names none: the address (an IPv6 literal
+/// bracketed, RFC 3986 3.2.2), with its port unless that is 80, HTTP's default (RFC 9110 7.2):
+/// a server that routes by host and port (Envoy's virtual hosts, a backend serving several
+/// ports) is asked for the one probed.
+fn default_host(addr: SocketAddr) -> String {
+    let ip = match addr {
+        SocketAddr::V4(a) => a.ip().to_string(),
+        SocketAddr::V6(a) => format!("[{}]", a.ip()),
+    };
+    if addr.port() == 80 { ip } else { format!("{ip}:{}", addr.port()) }
+}
+
 /// The verdict on an HTTP answer read so far (`buf`), if it can be given: `None` while more
 /// bytes could change it. With `last` (nothing more comes), a complete head is judged on what
-/// arrived, and an incomplete one is `None` (the caller says why nothing more came).
+/// arrived, and an incomplete one is `None` (the caller says why nothing more came). Interim
+/// answers (1xx but 101: 103 Early Hints, which HTTP/1.1 servers may send first) are skipped
+/// unless a 1xx is expected. `expect_body` is looked for in the body as [`body`] frames it:
+/// decoded when chunked, and failed as soon as the body is whole without it (a server that
+/// keeps the connection open after a framed answer is not waited out to the timeout).
 fn judge(
     buf: &[u8],
     expect_status: u16,
     expect_body: Option<&str>,
     last: bool,
 ) -> Option<Result<(), String>> {
-    let mut headers = [httparse::EMPTY_HEADER; 128];
-    let mut resp = httparse::Response::new(&mut headers);
-    let head_len = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.is_empty() || !last => return None,
-        Ok(httparse::Status::Partial) => return Some(Err("incomplete response head".into())),
-        Err(e) => return Some(Err(format!("not an HTTP response: {e}"))),
-    };
-    let status = resp.code.unwrap_or(0);
-    if status != expect_status {
-        return Some(Err(format!("status {status}, expected {expect_status}")));
+    let mut at = 0;
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut resp = httparse::Response::new(&mut headers);
+        let head_len = match resp.parse(&buf[at..]) {
+            Ok(httparse::Status::Complete(n)) => at + n,
+            Ok(httparse::Status::Partial) if buf.len() == at || !last => return None,
+            Ok(httparse::Status::Partial) => return Some(Err("incomplete response head".into())),
+            Err(e) => return Some(Err(format!("not an HTTP response: {e}"))),
+        };
+        let status = resp.code.unwrap_or(0);
+        if (100..200).contains(&status) && status != 101 && expect_status >= 200 {
+            at = head_len;
+            continue;
+        }
+        if status != expect_status {
+            return Some(Err(format!("status {status}, expected {expect_status}")));
+        }
+        let Some(want) = expect_body else { return Some(Ok(())) };
+        let (body, whole) = match body(resp.headers, &buf[head_len..]) {
+            Ok(b) => b,
+            Err(e) => return Some(Err(e)),
+        };
+        return if String::from_utf8_lossy(&body).contains(want) {
+            Some(Ok(()))
+        } else if whole || last {
+            Some(Err(format!("body lacks {want:?}")))
+        } else {
+            None
+        };
     }
-    match expect_body {
-        None => Some(Ok(())),
-        Some(want) if String::from_utf8_lossy(&buf[head_len..]).contains(want) => Some(Ok(())),
-        Some(want) if last => Some(Err(format!("body lacks {want:?}"))),
-        Some(_) => None,
+}
+
+/// The body of an answer with `headers` so far, from `raw` (what arrived after its head), and
+/// whether it is whole (RFC 9112 6.3): with `Transfer-Encoding` ending in `chunked`, the chunk
+/// data decoded (a text may straddle two chunks, and size lines would sit inside it), whole at
+/// the last chunk; else with `Content-Length`, that many bytes; else delimited by the close,
+/// never whole before it.
+fn body<'a>(
+    headers: &[httparse::Header<'_>],
+    raw: &'a [u8],
+) -> Result<(std::borrow::Cow<'a, [u8]>, bool), String> {
+    use std::borrow::Cow;
+    let value = |name: &str| {
+        headers
+            .iter()
+            .rev()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).trim().to_ascii_lowercase())
+    };
+    if let Some(codings) = value("transfer-encoding") {
+        if codings.rsplit(',').next().is_some_and(|c| c.trim() == "chunked") {
+            let mut decoded = Vec::new();
+            let mut framer = crate::proxy::chunked::Chunked::default();
+            framer
+                .feed_with(raw, |data| decoded.extend_from_slice(&raw[data]))
+                .map_err(|_| "the chunked body breaks the chunked coding".to_owned())?;
+            return Ok((Cow::Owned(decoded), framer.done()));
+        }
+        return Ok((Cow::Borrowed(raw), false));
+    }
+    match value("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        Some(len) => Ok((Cow::Borrowed(&raw[..len.min(raw.len())]), raw.len() >= len)),
+        None => Ok((Cow::Borrowed(raw), false)),
     }
 }
 
@@ -442,8 +503,80 @@ mod tests {
         });
         assert!(probe(&http(1000, None), addr).is_ok());
         let head = heads.recv().unwrap();
-        assert!(head.starts_with("GET /healthz HTTP/1.0\r\n"), "{head}");
-        assert!(head.contains("\r\nHost: [::1]\r\n"), "{head}");
+        assert!(head.starts_with("GET /healthz HTTP/1.1\r\n"), "{head}");
+        assert!(head.contains(&format!("\r\nHost: [::1]:{}\r\n", addr.port())), "{head}");
+    }
+
+    /// The probe speaks HTTP/1.1 (Envoy, among others, refuses HTTP/1.0 with a 426), says it
+    /// closes, and names the probed port in its default Host (not for 80, HTTP's default); a
+    /// Host the check names goes as written. Byte for byte.
+    #[test]
+    fn an_http_probe_sends_an_http_1_1_head_with_the_port_in_host() {
+        let answer = |s: &mut TcpStream| {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        };
+        let (addr, heads) = server("127.0.0.1:0", answer);
+        assert_eq!(probe(&http(1000, None), addr).map(|_| ()), Ok(()));
+        assert_eq!(
+            heads.recv_timeout(Duration::from_secs(5)).unwrap(),
+            format!(
+                "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nUser-Agent: edgelb-health\r\nConnection: close\r\n\r\n",
+                addr.port()
+            )
+        );
+        let (addr, heads) = server("127.0.0.1:0", answer);
+        let mut named = http(1000, None);
+        if let CheckKind::Http { host, .. } = &mut named.kind {
+            *host = Some("health.example".into());
+        }
+        assert_eq!(probe(&named, addr).map(|_| ()), Ok(()));
+        let head = heads.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(head.contains("\r\nHost: health.example\r\n"), "{head}");
+        // Port 80 is HTTP's default, which a Host leaves out (no test binds it).
+        assert_eq!(default_host("198.18.0.11:80".parse().unwrap()), "198.18.0.11");
+        assert_eq!(default_host("[2001:db8::1]:80".parse().unwrap()), "[2001:db8::1]");
+        assert_eq!(default_host("[2001:db8::1]:8080".parse().unwrap()), "[2001:db8::1]:8080");
+    }
+
+    /// An HTTP/1.1 answer is framed as HTTP/1.1 frames it: a chunked body is searched decoded
+    /// (the text straddling two chunks found), a framed body that is whole without the text
+    /// fails at once though the server keeps the connection open, and an interim 103 before
+    /// the final answer is skipped.
+    #[test]
+    fn an_http_1_1_answer_is_judged_by_its_framing() {
+        let answering = |answer: &'static [u8]| {
+            server("127.0.0.1:0", move |s| {
+                let _ = s.write_all(answer);
+                // Kept open past the probe's timeout, as a keep-alive server may.
+                std::thread::sleep(Duration::from_secs(3));
+            })
+            .0
+        };
+        let body = |want: &str| http(1000, Some(want));
+        let chunked: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\nstatus:\r\n4\r\n ok!\r\n0\r\n\r\n";
+        assert_eq!(probe(&body("status: ok"), answering(chunked)).map(|_| ()), Ok(()));
+        for framed in [
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\nstatus:\r\n4\r\n bad\r\n0\r\n\r\n"
+                as &[u8],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nstatus: bad",
+        ] {
+            let start = Instant::now();
+            let e = probe(&body("status: ok"), answering(framed)).unwrap_err().to_string();
+            assert!(e.contains("body lacks"), "{e}");
+            assert!(
+                start.elapsed() < Duration::from_millis(500),
+                "{e} after {:?}",
+                start.elapsed()
+            );
+        }
+        let early: &[u8] = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        assert_eq!(probe(&body("ok"), answering(early)).map(|_| ()), Ok(()));
+        assert_eq!(probe(&http(1000, None), answering(early)).map(|_| ()), Ok(()));
+        let e = probe(
+            &http(1000, None),
+            answering(b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 503 No\r\n\r\n"),
+        );
+        assert!(e.unwrap_err().to_string().contains("status 503"));
     }
 
     /// A backend behind `proxy_protocol` reads the PROXY header before the request: the probe
@@ -488,7 +621,7 @@ mod tests {
             let probed = probe(&check, addr);
             let (header, line) = got.recv().unwrap();
             assert_eq!(header, want, "v{v}: the LOCAL header, byte for byte");
-            assert_eq!(line, "GET /healthz HTTP/1.0\r\n", "v{v}: the request right behind it");
+            assert_eq!(line, "GET /healthz HTTP/1.1\r\n", "v{v}: the request right behind it");
             assert!(probed.is_ok(), "v{v}: {probed:?}");
             // Refused: the backend closes (or resets) without an answer.
             let (addr, _got, _) = strict(v);

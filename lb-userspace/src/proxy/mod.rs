@@ -11,7 +11,7 @@
 //! below 1024 work; adding or removing L7 VIPs therefore needs a restart.
 
 pub mod balance;
-mod chunked;
+pub(crate) mod chunked;
 mod http;
 #[doc(hidden)]
 pub use http::parse_request_for_bench;
