@@ -713,6 +713,10 @@ fn drained_backend_keeps_its_connections() {
     // The reply names the VIPs it drained the backend in.
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("198.18.0.11 drained in ") && said.contains("echo"), "{said}");
+    // The log names the VIPs drained in, not Rust's debug form (`vip=None`).
+    let log = bed.e().log();
+    let said = log.lines().find(|l| l.contains("drain: no new flows")).unwrap_or_default();
+    assert!(said.contains("vip=\"every VIP\""), "{said}");
     // A VIP the config does not have is a bad argument (exit 2), as for `route`.
     let out = bed.e().cli(&["drain", "198.18.0.11", "--vip", "nosuch"]);
     assert_eq!(out.status.code(), Some(2));
@@ -755,6 +759,11 @@ fn drained_backend_keeps_its_connections() {
     }
     for b in ["198.18.0.11", "198.18.0.12", "198.18.0.13"] {
         assert!(bed.e().cli(&["undrain", b, "--vip", "echo"]).status.success());
+    }
+    let log = bed.e().log();
+    for what in ["drain: no new flows", "undrain"] {
+        let named = |l: &&str| l.contains(what) && l.contains("vip=\"echo\"");
+        assert_eq!(log.lines().filter(named).count(), 3, "{what}:\n{log}");
     }
     let back = netns::in_netns(&bed.tb.names.client, || {
         servers::EchoConn::connect(
@@ -1568,6 +1577,24 @@ fn l7_vip_passes_xdp_to_the_proxy_which_follows_health() {
     for a in ask(&bed, 30) {
         assert_ne!(a.expect("no failure once the backend is out"), "backend-2");
     }
+    // The log says what DOWN does to each: the XDP VIP's ring, the L7 VIP's pool (no ring).
+    let down_line = |vip: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = bed.e().log();
+            let found = log
+                .lines()
+                .find(|l| l.contains("backend DOWN") && l.contains(&format!("vip={vip} ")));
+            if let Some(line) = found {
+                return line.to_owned();
+            }
+            assert!(Instant::now() < deadline, "no DOWN logged for {vip}:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let (xdp, l7) = (down_line("web"), down_line("web7"));
+    assert!(xdp.contains("leaves the ring"), "{xdp}");
+    assert!(l7.contains("leaves the L7 pool") && !l7.contains("ring"), "{l7}");
     // Out of the pool, it keeps its L7 live state (one view of its health, active and
     // passive): `status` still counts the requests it served, and its passive-down gauge goes
     // on, once. Both were lost at an active DOWN.

@@ -1210,10 +1210,21 @@ impl Controller {
             return false;
         }
         self.metrics.transition(&ev.vip, label, ev.healthy);
-        if ev.healthy {
-            info!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend UP: back in the ring");
-        } else {
-            warn!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend DOWN: leaves the ring, its flows re-hash");
+        // What the verdict does: an L7 VIP has no ring, its proxy's pool places each request.
+        let l7 = vip.forwarding == Forwarding::L7;
+        match (ev.healthy, l7) {
+            (true, false) => {
+                info!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend UP: back in the ring")
+            }
+            (true, true) => {
+                info!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend UP: back in the L7 pool")
+            }
+            (false, false) => {
+                warn!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend DOWN: leaves the ring, its flows re-hash")
+            }
+            (false, true) => {
+                warn!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend DOWN: leaves the L7 pool, new requests go to the others (those under way finish)")
+            }
         }
         self.verdicts.set_health(&ev.vip, ev.backend, ev.healthy)
     }
@@ -1248,7 +1259,7 @@ impl Controller {
                 let names = affected.join(", ");
                 // A drain takes it out of the VIPs' own backends only.
                 let routes = self.routes_with(vip.as_deref(), backend);
-                info!(%backend, vip = ?vip, "drain: no new flows, established flows stay");
+                info!(%backend, vip = vip.as_deref().unwrap_or("every VIP"), "drain: no new flows, established flows stay");
                 self.verdicts.drain(vip, backend);
                 self.apply_logged("drain");
                 let mut msg =
@@ -1297,7 +1308,7 @@ impl Controller {
                     Ok(false) if !by_weight.is_empty() => Response::err(weight_zero()),
                     Ok(false) => Response::ok(format!("{backend} was not drained in {names}")),
                     Ok(true) => {
-                        info!(%backend, vip = ?vip, "undrain");
+                        info!(%backend, vip = vip.as_deref().unwrap_or("every VIP"), "undrain");
                         self.apply_logged("undrain");
                         let mut msg = format!("{backend} undrained in {names}");
                         if !by_weight.is_empty() {

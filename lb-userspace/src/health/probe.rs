@@ -190,8 +190,18 @@ fn judge(
     let mut at = 0;
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut many: Vec<httparse::Header<'_>>;
         let mut resp = httparse::Response::new(&mut headers);
-        let head_len = match resp.parse(&buf[at..]) {
+        let mut parsed = resp.parse(&buf[at..]);
+        if parsed == Err(httparse::Error::TooManyHeaders) {
+            // An answer of more than 128 header lines is still an answer: parsed again with
+            // room for as many as the bytes read could hold (a line takes 3 at least), which
+            // the read's 64 KiB bounds.
+            many = vec![httparse::EMPTY_HEADER; (buf.len() - at) / 3 + 1];
+            resp = httparse::Response::new(&mut many);
+            parsed = resp.parse(&buf[at..]);
+        }
+        let head_len = match parsed {
             Ok(httparse::Status::Complete(n)) => at + n,
             Ok(httparse::Status::Partial) if buf.len() == at || !last => return None,
             Ok(httparse::Status::Partial) => return Some(Err("incomplete response head".into())),
@@ -577,6 +587,21 @@ mod tests {
             answering(b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 503 No\r\n\r\n"),
         );
         assert!(e.unwrap_err().to_string().contains("status 503"));
+    }
+
+    /// An answer with more than 128 header lines is judged as any other (it used to fail as
+    /// "not an HTTP response: too many headers"), its body found behind them.
+    #[test]
+    fn an_answer_with_many_headers_is_judged() {
+        let head: String = (0..300).map(|i| format!("X-Header-{i}: {i}\r\n")).collect();
+        let answer = format!("HTTP/1.1 200 OK\r\n{head}Content-Length: 2\r\n\r\nok");
+        assert_eq!(judge(answer.as_bytes(), 200, Some("ok"), false), Some(Ok(())));
+        assert_eq!(judge(answer.as_bytes(), 200, None, false), Some(Ok(())));
+        let half = &answer.as_bytes()[..answer.len() / 2];
+        assert_eq!(judge(half, 200, None, false), None, "a head still coming");
+        let wrong = answer.replace("200 OK", "503 No");
+        let e = judge(wrong.as_bytes(), 200, None, false);
+        assert_eq!(e, Some(Err("status 503, expected 200".to_owned())));
     }
 
     /// A backend behind `proxy_protocol` reads the PROXY header before the request: the probe
