@@ -713,6 +713,10 @@ fn drained_backend_keeps_its_connections() {
     // The reply names the VIPs it drained the backend in.
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("198.18.0.11 drained in ") && said.contains("echo"), "{said}");
+    // The log names the VIPs drained in, not Rust's debug form (`vip=None`).
+    let log = bed.e().log();
+    let said = log.lines().find(|l| l.contains("drain: no new flows")).unwrap_or_default();
+    assert!(said.contains("vip=\"every VIP\""), "{said}");
     // A VIP the config does not have is a bad argument (exit 2), as for `route`.
     let out = bed.e().cli(&["drain", "198.18.0.11", "--vip", "nosuch"]);
     assert_eq!(out.status.code(), Some(2));
@@ -755,6 +759,11 @@ fn drained_backend_keeps_its_connections() {
     }
     for b in ["198.18.0.11", "198.18.0.12", "198.18.0.13"] {
         assert!(bed.e().cli(&["undrain", b, "--vip", "echo"]).status.success());
+    }
+    let log = bed.e().log();
+    for what in ["drain: no new flows", "undrain"] {
+        let named = |l: &&str| l.contains(what) && l.contains("vip=\"echo\"");
+        assert_eq!(log.lines().filter(named).count(), 3, "{what}:\n{log}");
     }
     let back = netns::in_netns(&bed.tb.names.client, || {
         servers::EchoConn::connect(
@@ -1568,6 +1577,24 @@ fn l7_vip_passes_xdp_to_the_proxy_which_follows_health() {
     for a in ask(&bed, 30) {
         assert_ne!(a.expect("no failure once the backend is out"), "backend-2");
     }
+    // The log says what DOWN does to each: the XDP VIP's ring, the L7 VIP's pool (no ring).
+    let down_line = |vip: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = bed.e().log();
+            let found = log
+                .lines()
+                .find(|l| l.contains("backend DOWN") && l.contains(&format!("vip={vip} ")));
+            if let Some(line) = found {
+                return line.to_owned();
+            }
+            assert!(Instant::now() < deadline, "no DOWN logged for {vip}:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let (xdp, l7) = (down_line("web"), down_line("web7"));
+    assert!(xdp.contains("leaves the ring"), "{xdp}");
+    assert!(l7.contains("leaves the L7 pool") && !l7.contains("ring"), "{l7}");
     // Out of the pool, it keeps its L7 live state (one view of its health, active and
     // passive): `status` still counts the requests it served, and its passive-down gauge goes
     // on, once. Both were lost at an active DOWN.
@@ -2135,6 +2162,81 @@ fn a_second_stop_signal_ends_the_drain() {
     assert!(st.success(), "edgelb exit status {st}");
     assert!(e.log().contains("closing the rest now"), "{}", e.log());
     drop(pending);
+    drop(e);
+}
+
+/// A stopping edgelb goes on following health while its L7 proxy drains: a backend that dies
+/// meanwhile is logged DOWN, shows unhealthy and leaves the XDP VIP's ring (a new flow of one of
+/// its clients reaches another backend), and `status` shows the L7 VIP's requests. The drain used
+/// to take no health verdict in (a dead backend kept its flows for as long as the drain lasted,
+/// up to `node.l7_drain_timeout_ms`) and `status` to show 0 requests for every L7 VIP.
+#[test]
+fn health_verdicts_and_l7_status_go_on_while_a_stop_drains() {
+    let Some(mut bed) = Bed::up("drain-health", &[1, 2, 3]) else { return };
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    bed.wait_for(l7);
+    netns::in_netns(&bed.tb.names.client, || {
+        for _ in 0..5 {
+            servers::http_get(None, l7, TIMEOUT).expect("a request through the proxy");
+        }
+    })
+    .unwrap();
+    let web7 = |st: &Status| st.vips.iter().find(|v| v.name == "web7").expect("web7").clone();
+    let before = web7(&bed.e().status()).l7_requests;
+    assert!(before >= 5, "the proxy counted the requests: {before}");
+    let cfg = bed.cfg();
+    let client = (0..300)
+        .map(|n| IpAddr::V4(testbed::pool_addr(n)))
+        .find(|c| backend_name(&cfg, "web", *c) == "backend-2")
+        .expect("a client of backend-2");
+    let (e, mut child, pending) = stop_with_a_request_pending(&mut bed, l7);
+    let draining = web7(&e.status());
+    assert_eq!(draining.l7_requests, before, "status while draining: {draining:?}");
+    let per_backend: u64 = draining.backends.iter().map(|b| b.l7_requests).sum();
+    assert_eq!(per_backend, before, "status while draining: {draining:?}");
+
+    let killed = Instant::now();
+    bed.kill_backend(2);
+    // The failover bound, with slack for a slow machine (each status poll starts a process).
+    let limit = INTERVAL * (FALL + 1) + Duration::from_secs(3);
+    while e.healthy("web", "198.18.0.12") {
+        assert!(
+            killed.elapsed() < limit,
+            "no health verdict taken in during the drain ({:?} after the kill); log:\n{}",
+            killed.elapsed(),
+            e.log()
+        );
+        assert!(child.exited().is_none(), "edgelb exited before its drain ended:\n{}", e.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "backend-2 shown DOWN {} ms after the kill, during the drain",
+        killed.elapsed().as_millis()
+    );
+    let log = e.log();
+    let during = &log[log.find("L7 proxy: draining").expect("the drain is logged")..];
+    assert!(
+        during.lines().any(|l| l.contains("backend DOWN") && l.contains("198.18.0.12")),
+        "{during}"
+    );
+    let web = e.status().vips.into_iter().find(|v| v.name == "web").expect("web");
+    let dead = web.backends.iter().find(|b| b.address.to_string() == "198.18.0.12").unwrap();
+    assert_eq!(dead.ring_share, 0.0, "{web:?}");
+    // The maps follow: a new flow of backend-2's client reaches another backend.
+    let got = netns::in_netns(&bed.tb.names.client, || {
+        servers::http_get(
+            Some(SocketAddr::new(client, 0)),
+            SocketAddr::new(IpAddr::V4(testbed::VIP), 80),
+            TIMEOUT,
+        )
+    })
+    .unwrap();
+    assert!(got.as_ref().is_ok_and(|b| b != "backend-2"), "{client}: {got:?}");
+    assert!(child.exited().is_none(), "still draining");
+    // The request in flight is answered, and the drain ends with it.
+    pending.finish();
+    let st = child.wait(Duration::from_secs(10));
+    assert!(st.success(), "edgelb exit status {st}");
     drop(e);
 }
 

@@ -1037,21 +1037,28 @@ impl Controller {
     /// `node.l7_drain_timeout_ms`, and answers metrics scrapes meanwhile (a drain can last as
     /// long as a download). With `signals`, a second SIGINT or SIGTERM ends the drain at once,
     /// as it does for nginx and HAProxy; admin requests are answered throughout: `status`
-    /// as ever, the others refused with the reason (they used to wait for the drain's end).
+    /// as ever (the proxy stays here, so its request counts and passive health show; only the
+    /// wait for its threads runs elsewhere), the others refused with the reason (they used to
+    /// wait for the drain's end). Health verdicts still apply until the drain ends: the checks
+    /// run until then, and the maps (and the draining proxy's pools) follow them, as they
+    /// would in the serving loop, instead of keeping a dead backend for as long as the drain
+    /// lasts. (At a handover the checks were stopped first, and nothing comes in.)
     fn drain_proxy(&mut self, mut signals: Option<&mut signal_hook::iterator::Signals>) {
-        let Some(proxy) = self.proxy.take() else { return };
+        let Some(proxy) = self.proxy.as_mut() else { return };
         let grace = self.cfg.node.l7_drain_timeout;
         info!(
             "L7 proxy: draining (up to {} ms, node.l7_drain_timeout_ms; a second SIGTERM or SIGINT ends it now)",
             grace.as_millis()
         );
         let cut = proxy.cut_short();
+        let draining = proxy.drain();
         let (tx, rx) = mpsc::channel();
         let drain = std::thread::spawn(move || {
-            proxy.shutdown(grace);
+            draining.wait(grace);
             let _ = tx.send(());
         });
         self.answer_scrapes_until(&rx, grace + Duration::from_secs(5), |ctl| {
+            ctl.apply_pending_health();
             if let Some(s) = signals.as_deref_mut()
                 && s.pending().any(|sig| sig != SIGHUP)
             {
@@ -1073,6 +1080,8 @@ impl Controller {
             }
         });
         let _ = drain.join();
+        // Its threads have ended.
+        self.proxy = None;
     }
 
     /// Starts and stops health checks to match the config, each new one from the controller's
@@ -1201,10 +1210,21 @@ impl Controller {
             return false;
         }
         self.metrics.transition(&ev.vip, label, ev.healthy);
-        if ev.healthy {
-            info!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend UP: back in the ring");
-        } else {
-            warn!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend DOWN: leaves the ring, its flows re-hash");
+        // What the verdict does: an L7 VIP has no ring, its proxy's pool places each request.
+        let l7 = vip.forwarding == Forwarding::L7;
+        match (ev.healthy, l7) {
+            (true, false) => {
+                info!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend UP: back in the ring")
+            }
+            (true, true) => {
+                info!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend UP: back in the L7 pool")
+            }
+            (false, false) => {
+                warn!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend DOWN: leaves the ring, its flows re-hash")
+            }
+            (false, true) => {
+                warn!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend DOWN: leaves the L7 pool, new requests go to the others (those under way finish)")
+            }
         }
         self.verdicts.set_health(&ev.vip, ev.backend, ev.healthy)
     }
@@ -1239,7 +1259,7 @@ impl Controller {
                 let names = affected.join(", ");
                 // A drain takes it out of the VIPs' own backends only.
                 let routes = self.routes_with(vip.as_deref(), backend);
-                info!(%backend, vip = ?vip, "drain: no new flows, established flows stay");
+                info!(%backend, vip = vip.as_deref().unwrap_or("every VIP"), "drain: no new flows, established flows stay");
                 self.verdicts.drain(vip, backend);
                 self.apply_logged("drain");
                 let mut msg =
@@ -1288,7 +1308,7 @@ impl Controller {
                     Ok(false) if !by_weight.is_empty() => Response::err(weight_zero()),
                     Ok(false) => Response::ok(format!("{backend} was not drained in {names}")),
                     Ok(true) => {
-                        info!(%backend, vip = ?vip, "undrain");
+                        info!(%backend, vip = vip.as_deref().unwrap_or("every VIP"), "undrain");
                         self.apply_logged("undrain");
                         let mut msg = format!("{backend} undrained in {names}");
                         if !by_weight.is_empty() {

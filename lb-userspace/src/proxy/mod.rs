@@ -11,7 +11,7 @@
 //! below 1024 work; adding or removing L7 VIPs therefore needs a restart.
 
 pub mod balance;
-mod chunked;
+pub(crate) mod chunked;
 mod http;
 #[doc(hidden)]
 pub use http::parse_request_for_bench;
@@ -932,8 +932,33 @@ impl Proxy {
     /// [`CutShort::now`]), then resets the connections still open ([`wait_forced`]) and stops
     /// the threads.
     pub fn shutdown(mut self, grace: Duration) {
+        self.drain().wait(grace);
+    }
+
+    /// Stops accepting and hands back the drain to wait for ([`Draining::wait`], on a thread of
+    /// its own if need be). The proxy itself stays with its owner meanwhile: its live state
+    /// (request counts, passive health) can still be read for `status`, and pool updates still
+    /// reach the connections that are finishing (a backend found dead during a stop's drain is
+    /// sent none of their further requests). Once the wait returns its threads have ended: it
+    /// is only dropped.
+    pub fn drain(&mut self) -> Draining {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.stop.notify_waiters();
+        Draining { shared: self.shared.clone(), threads: std::mem::take(&mut self.threads) }
+    }
+}
+
+/// A proxy's drain under way ([`Proxy::drain`]): what waiting for it needs, apart from the
+/// proxy's live state, which its owner keeps reading meanwhile.
+pub struct Draining {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Draining {
+    /// Lets in-flight requests finish for up to `grace` (or until [`CutShort::now`]), then
+    /// resets the connections still open ([`wait_forced`]) and stops the threads.
+    pub fn wait(mut self, grace: Duration) {
         let deadline = Instant::now() + grace;
         while (self.shared.accepting.load(Ordering::SeqCst) > 0
             || self.shared.open.load(Ordering::SeqCst) > 0)
