@@ -1861,6 +1861,31 @@ fn max_connections_counts_each_vip_alone() {
     assert_eq!(ask(&open(web)).unwrap(), 200);
 }
 
+/// Empty lines before a request line are ignored (RFC 9112 2.2), and dropped as they arrive: they
+/// count towards no limit (more of them than `max_header_bytes` used to get a 431), and
+/// requests pipelined with an empty line between them are each answered.
+#[test]
+fn empty_lines_before_a_request_are_ignored() {
+    let b = backend("b", Mode::Ok);
+    let p = proxy(&[(&b, 1)], "max_header_bytes = 1024", "");
+    let mut c = Client::connect(p.addr);
+    for _ in 0..4 {
+        c.send(&b"\r\n".repeat(400));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    c.send(b"\r\n\nGET /a HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = read_response(&mut c.r).expect("a response");
+    assert_eq!((r.0, who(&r)), (200, "b".to_owned()), "{r:?}");
+    assert!(r.2.starts_with("b /a "), "{r:?}");
+    c.send(b"GET /b HTTP/1.1\r\nHost: t\r\n\r\n\r\nGET /c HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    for path in ["/b", "/c"] {
+        let r = read_response(&mut c.r).expect("a response");
+        assert_eq!(r.0, 200, "{r:?}");
+        assert!(r.2.starts_with(&format!("b {path} ")), "{r:?}");
+    }
+    assert_eq!(c.r.read(&mut [0u8; 1]).unwrap(), 0, "closed after the last");
+}
+
 #[test]
 fn pipelined_requests_with_bodies_are_answered_in_order() {
     let b = backend("b", Mode::Ok);
