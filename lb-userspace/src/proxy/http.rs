@@ -48,6 +48,12 @@ const POOL_MAX_IDLE: Duration = Duration::from_secs(4);
 const POOL_SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Read size.
 const READ_CHUNK: usize = 4 * 1024;
+/// The most room a pooled backend connection's receive buffer ([`Idle::armed`]) may hold. A
+/// response head reads into the backend buffer until it is complete, which grows it up to
+/// [`MAX_RESPONSE_HEAD_BYTES`] and a read more (some 128 KiB); such a buffer goes into the pool
+/// replaced by a fresh one of [`READ_CHUNK`], rather than be held for as long as its connection
+/// idles. Body streaming and ordinary heads keep it at a read or two.
+const POOLED_BUF_MAX: usize = 4 * READ_CHUNK;
 /// The most headers a backend's response head may have. Fixed, and generous: above HAProxy's
 /// default (101, `tune.http.maxhdr`), so an answer HAProxy relays passes here too, however many
 /// `Set-Cookie` or security headers it carries; parsed into slots on the stack. A head with
@@ -168,7 +174,8 @@ impl UpstreamPool {
 
     /// Keeps `s`, idle since `now`, for reuse for at most `max_idle` (and [`POOL_MAX_IDLE`])
     /// unless `max` connections to `addr` are idle already, with a receive pending on it into
-    /// `buf` ([`Idle::armed`]); with `peek`, it is also peeked at before its next use (see
+    /// `buf` ([`Idle::armed`]; a fresh one instead if `buf` holds more than [`POOLED_BUF_MAX`]);
+    /// with `peek`, it is also peeked at before its next use (see
     /// [`Idle::peek`]). Connections to `addr` past their time go first: the list is oldest
     /// first, so they are at its front.
     #[allow(clippy::too_many_arguments)]
@@ -176,7 +183,7 @@ impl UpstreamPool {
         &self,
         addr: SocketAddr,
         s: Socket,
-        buf: BytesMut,
+        mut buf: BytesMut,
         max: usize,
         now: Instant,
         max_idle: Duration,
@@ -187,6 +194,13 @@ impl UpstreamPool {
         let stale = list.iter().take_while(|c| c.expires <= now).count();
         list.drain(..stale).for_each(|c| close(&c.socket));
         if list.len() < max {
+            // Over [`POOLED_BUF_MAX`], a fresh buffer goes with the connection. An empty buffer
+            // whose head was split off reports only the room after it as its capacity, while it
+            // holds the whole allocation once the head is dropped: `try_reclaim` (which moves
+            // nothing in an empty buffer, and allocates nothing) tells by the allocation.
+            if buf.is_empty() && buf.try_reclaim(POOLED_BUF_MAX + 1) {
+                buf = BytesMut::with_capacity(READ_CHUNK);
+            }
             let expires = now + max_idle.min(POOL_MAX_IDLE);
             let armed = s.recv_armed(buf, READ_CHUNK);
             list.push(Idle { socket: s, armed, expires, peek });
@@ -3085,6 +3099,46 @@ mod tests {
             let n = tokio::time::timeout(long, read_first(&s, &mut ubuf, Some(armed))).await;
             assert_eq!(n.unwrap().unwrap(), NEXT.len());
             assert_eq!(&ubuf[..], NEXT);
+        });
+    }
+
+    /// A pooled connection does not keep a receive buffer a large response head grew: `put`
+    /// gives it a fresh one of the read size, whether the large buffer shows its capacity or
+    /// (a head split off its front and dropped) holds it behind a small one.
+    #[test]
+    fn a_pooled_connection_does_not_keep_a_grown_buffer() {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let long = Duration::from_secs(60);
+        let grown = || BytesMut::with_capacity(128 * 1024);
+        let behind_a_head = || {
+            let mut b = BytesMut::with_capacity(128 * 1024);
+            b.resize(126 * 1024, b'h');
+            drop(b.split().freeze());
+            assert!(b.capacity() <= POOLED_BUF_MAX, "the room after the head only");
+            b
+        };
+        let small = || BytesMut::with_capacity(READ_CHUNK);
+        tokio_uring::start(async {
+            let pool = UpstreamPool::default();
+            let now = Instant::now();
+            for (buf, what) in [(grown(), "grown"), (behind_a_head(), "behind"), (small(), "small")]
+            {
+                let s = Socket::connect(addr, long, long).await.unwrap();
+                let mut peer = l.accept().unwrap().0;
+                pool.put(addr, s, buf, 10, now, long, false);
+                let (s, armed) = pool.take(addr, now, false).expect("the pooled connection");
+                peer.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap();
+                let mut ubuf = BytesMut::new();
+                tokio::time::timeout(long, read_first(&s, &mut ubuf, Some(armed)))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(ubuf.starts_with(b"HTTP/1.1 204"), "{what}");
+                ubuf.clear();
+                assert!(!ubuf.try_reclaim(POOLED_BUF_MAX + 1), "{what}: {}", ubuf.capacity());
+            }
         });
     }
 
