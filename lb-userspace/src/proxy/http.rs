@@ -33,6 +33,7 @@ use super::{
     balance::{InFlight, Pool},
     chunked::Chunked,
     client_ip,
+    reuse::Idle as IdleClients,
     uring::{Armed, Socket},
 };
 use crate::config::{Algorithm, L7Mode};
@@ -1675,8 +1676,9 @@ pub async fn serve(
     vip: Arc<VipRuntime>,
     shared: Arc<Shared>,
     upstream: UpstreamPool,
+    idle: IdleClients,
 ) {
-    serve_conn(&client, peer, listen, vip, shared, upstream).await;
+    serve_conn(&client, peer, listen, vip, shared, upstream, &idle).await;
     // A read abandoned on a timeout stays pending in the kernel and keeps the fd open; shutting
     // the socket down completes it, so the connection really closes.
     let _ = client.shutdown(std::net::Shutdown::Both);
@@ -1689,6 +1691,7 @@ async fn serve_conn(
     vip: Arc<VipRuntime>,
     shared: Arc<Shared>,
     upstream: UpstreamPool,
+    idle: &IdleClients,
 ) {
     let mut vip = vip;
     // Read buffers for the client and the backend side, and the buffer response heads are
@@ -1741,10 +1744,14 @@ async fn serve_conn(
             // Stopping closes a keep-alive connection idle between requests (as nginx and
             // HAProxy do), but not one just accepted: its client has sent, or is sending, a
             // request that nobody else will answer, so it is read and served (with `close`).
+            // So does a new connection over `max_connections` (`super::reuse`): it shuts the
+            // socket down, and the read ends with the end of the stream.
+            let closable = waiting_for_start.then(|| idle.waiting(client));
             let read = tokio::select! {
                 r = timeout_at(deadline, read_more(client, &mut buf)) => r,
                 _ = super::wait_stopping(&shared), if waiting_for_start => return,
             };
+            drop(closable);
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) => return,
                 Ok(Ok(_)) => started_late = waiting_for_start,
