@@ -1754,15 +1754,16 @@ fn a_client_that_stops_reading_is_cut_off_at_the_idle_timeout() {
     drop(s);
 }
 
-/// `max_connections` caps one VIP's concurrent client connections: the one over the limit gets
-/// a 503 (counted as a 5xx), connections to another VIP do not count, and a closed connection
-/// frees its place.
+/// `max_connections` caps one VIP's concurrent client connections: the one over the limit, when
+/// none is idle between requests, gets a 503 (counted as a 5xx), connections to another VIP do
+/// not count (and its idle ones are not closed to make room), and a closed connection frees its
+/// place.
 #[test]
 fn max_connections_counts_each_vip_alone() {
     let a = backend("a", Mode::Ok);
     let (web, other) = (free_port(), free_port());
     let text = format!(
-        "[node]\ninterfaces = [\"lo\"]\n\n[[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = {web}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n[vip.l7]\nmax_connections = 2\n\n[[vip]]\nname = \"other\"\naddress = \"127.0.0.1\"\nport = {other}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n",
+        "[node]\ninterfaces = [\"lo\"]\n\n[[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = {web}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n[vip.l7]\nmax_connections = 2\nheader_timeout_ms = 60000\n\n[[vip]]\nname = \"other\"\naddress = \"127.0.0.1\"\nport = {other}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n",
         a.addr.port(),
         a.addr.port()
     );
@@ -1800,9 +1801,13 @@ fn max_connections_counts_each_vip_alone() {
     for s in &busy {
         assert_eq!(ask(s).unwrap(), 200);
     }
+    // Two in the middle of a request (its head partly sent), which are never closed to make
+    // room.
     let (c1, c2) = (open(web), open(web));
-    assert_eq!(ask(&c1).unwrap(), 200);
-    assert_eq!(ask(&c2).unwrap(), 200);
+    for c in [&c1, &c2] {
+        (&*c).write_all(b"GET / HTTP/1.1\r\nHost: t\r\n").unwrap();
+    }
+    running.connections_open(2).unwrap_or_else(|e| panic!("{e}"));
     // The third concurrent connection to this VIP is over its limit: answered 503 (not held
     // unanswered, nor closed without a word), and counted.
     let c3 = open(web);
@@ -1859,6 +1864,124 @@ fn max_connections_counts_each_vip_alone() {
     drop(c1);
     running.connections_open(1).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ask(&open(web)).unwrap(), 200);
+    // The one still in its request is served when its head is through, and the other VIP's
+    // connections, idle all along, still work.
+    (&c2).write_all(b"\r\n").unwrap();
+    assert_eq!(read_response(&mut BufReader::new(c2.try_clone().unwrap())).unwrap().0, 200);
+    for s in &busy {
+        assert_eq!(ask(s).unwrap(), 200);
+    }
+}
+
+/// Is the client side `s` of a connection open with nothing unread (false once the proxy closed
+/// it)? A peek that does not wait.
+fn still_open(s: &TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let open =
+        matches!(s.peek(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    s.set_nonblocking(false).unwrap();
+    open
+}
+
+/// A VIP at its `max_connections` with connections idle between keep-alive requests closes the
+/// longest-idle one to make room, as nginx does, rather than refuse new clients until the idle
+/// timeout: the new client is served, the idle one's client reads the end of the stream (and
+/// would reconnect), the other idle one still works. Over two threads, on the accepting thread
+/// or another. A connection in the middle of a request (its head partly read, its response
+/// streaming) is never closed: with nothing idle, the new client is refused.
+#[test]
+fn idle_keep_alive_connections_make_room_for_new_ones() {
+    let b = backend("b", Mode::Ok);
+    // A response that streams until the test lets it end.
+    let release = Arc::new(AtomicBool::new(false));
+    let go = release.clone();
+    let streaming = serve_backend(move |s, reqs, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while read_request(&mut r).is_some() {
+            reqs.fetch_add(1, Ordering::SeqCst);
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf-");
+            let start = Instant::now();
+            while !go.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = w.write_all(b"done!");
+        }
+    });
+    let routes = route("path_prefix = \"/stream\"", &streaming);
+    // Started here, not by `proxy`, whose connection to see it listen could take a place.
+    let (cfg, addr) = proxy_config(&[(&b, 1)], "max_connections = 2", &routes);
+    let metrics = Metrics::new();
+    let panics = proxy_panics_so_far();
+    let proxy = Proxy::start(&cfg, 2, metrics.l7.clone()).expect("proxy starts");
+    let p = Running { proxy: Some(proxy), addr, metrics, panics };
+    let get = |c: &mut Client| {
+        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+        c.status()
+    };
+    let mut idle = vec![Client::connect(p.addr), Client::connect(p.addr)];
+    for c in &mut idle {
+        assert_eq!(get(c), 200);
+    }
+    for round in 0..8 {
+        let mut new = Client::connect(p.addr);
+        assert_eq!(get(&mut new), 200, "round {round}: served, not refused");
+        // The closed one's task has ended: two open.
+        p.connections_open(2).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let start = Instant::now();
+        let left: Vec<Client> = loop {
+            let open = idle.iter().filter(|c| still_open(&c.s)).count();
+            if open == 1 {
+                break idle.into_iter().filter(|c| still_open(&c.s)).collect();
+            }
+            assert!(start.elapsed() < Duration::from_secs(2), "round {round}: {open} left open");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut kept = left.into_iter().next().unwrap();
+        assert_eq!(get(&mut kept), 200, "round {round}: the other idle one still works");
+        idle = vec![kept, new];
+    }
+    // One in the middle of its head, one whose response streams: nothing idle, no room.
+    let [mut partial, mut streamed]: [Client; 2] = idle.try_into().ok().unwrap();
+    partial.send(b"GET / HTTP/1.1\r\nHost: t\r\n");
+    streamed.send(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n");
+    let start = Instant::now();
+    while streaming.reqs.load(Ordering::SeqCst) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "the stream starts");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut refused = Client::connect(p.addr);
+    assert_eq!(get(&mut refused), 503, "nothing idle to close");
+    release.store(true, Ordering::SeqCst);
+    let r = read_response(&mut streamed.r).expect("the streamed response, whole");
+    assert_eq!((r.0, r.2.as_str()), (200, "half-done!"));
+    partial.send(b"\r\n");
+    assert_eq!(partial.status(), 200, "the partial head, served once whole");
+}
+
+/// Empty lines before a request line are ignored (RFC 9112 2.2), and dropped as they arrive: they
+/// count towards no limit (more of them than `max_header_bytes` used to get a 431), and
+/// requests pipelined with an empty line between them are each answered.
+#[test]
+fn empty_lines_before_a_request_are_ignored() {
+    let b = backend("b", Mode::Ok);
+    let p = proxy(&[(&b, 1)], "max_header_bytes = 1024", "");
+    let mut c = Client::connect(p.addr);
+    for _ in 0..4 {
+        c.send(&b"\r\n".repeat(400));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    c.send(b"\r\n\nGET /a HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = read_response(&mut c.r).expect("a response");
+    assert_eq!((r.0, who(&r)), (200, "b".to_owned()), "{r:?}");
+    assert!(r.2.starts_with("b /a "), "{r:?}");
+    c.send(b"GET /b HTTP/1.1\r\nHost: t\r\n\r\n\r\nGET /c HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    for path in ["/b", "/c"] {
+        let r = read_response(&mut c.r).expect("a response");
+        assert_eq!(r.0, 200, "{r:?}");
+        assert!(r.2.starts_with(&format!("b {path} ")), "{r:?}");
+    }
+    assert_eq!(c.r.read(&mut [0u8; 1]).unwrap(), 0, "closed after the last");
 }
 
 #[test]

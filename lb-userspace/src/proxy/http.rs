@@ -34,6 +34,7 @@ use super::{
     balance::{InFlight, Pool},
     chunked::Chunked,
     client_ip,
+    reuse::Idle as IdleClients,
     uring::{Armed, Socket},
 };
 use crate::config::{Algorithm, L7Mode};
@@ -49,6 +50,12 @@ const POOL_MAX_IDLE: Duration = Duration::from_secs(4);
 const POOL_SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Read size.
 const READ_CHUNK: usize = 4 * 1024;
+/// The most room a pooled backend connection's receive buffer ([`Idle::armed`]) may hold. A
+/// response head reads into the backend buffer until it is complete, which grows it up to
+/// [`MAX_RESPONSE_HEAD_BYTES`] and a read more (some 128 KiB); such a buffer goes into the pool
+/// replaced by a fresh one of [`READ_CHUNK`], rather than be held for as long as its connection
+/// idles. Body streaming and ordinary heads keep it at a read or two.
+const POOLED_BUF_MAX: usize = 4 * READ_CHUNK;
 /// The most headers a backend's response head may have. Fixed, and generous: above HAProxy's
 /// default (101, `tune.http.maxhdr`), so an answer HAProxy relays passes here too, however many
 /// `Set-Cookie` or security headers it carries; parsed into slots on the stack. A head with
@@ -169,7 +176,8 @@ impl UpstreamPool {
 
     /// Keeps `s`, idle since `now`, for reuse for at most `max_idle` (and [`POOL_MAX_IDLE`])
     /// unless `max` connections to `addr` are idle already, with a receive pending on it into
-    /// `buf` ([`Idle::armed`]); with `peek`, it is also peeked at before its next use (see
+    /// `buf` ([`Idle::armed`]; a fresh one instead if `buf` holds more than [`POOLED_BUF_MAX`]);
+    /// with `peek`, it is also peeked at before its next use (see
     /// [`Idle::peek`]). Connections to `addr` past their time go first: the list is oldest
     /// first, so they are at its front.
     #[allow(clippy::too_many_arguments)]
@@ -177,7 +185,7 @@ impl UpstreamPool {
         &self,
         addr: SocketAddr,
         s: Socket,
-        buf: BytesMut,
+        mut buf: BytesMut,
         max: usize,
         now: Instant,
         max_idle: Duration,
@@ -188,6 +196,13 @@ impl UpstreamPool {
         let stale = list.iter().take_while(|c| c.expires <= now).count();
         list.drain(..stale).for_each(|c| close(&c.socket));
         if list.len() < max {
+            // Over [`POOLED_BUF_MAX`], a fresh buffer goes with the connection. An empty buffer
+            // whose head was split off reports only the room after it as its capacity, while it
+            // holds the whole allocation once the head is dropped: `try_reclaim` (which moves
+            // nothing in an empty buffer, and allocates nothing) tells by the allocation.
+            if buf.is_empty() && buf.try_reclaim(POOLED_BUF_MAX + 1) {
+                buf = BytesMut::with_capacity(READ_CHUNK);
+            }
             let expires = now + max_idle.min(POOL_MAX_IDLE);
             let armed = s.recv_armed(buf, READ_CHUNK);
             list.push(Idle { socket: s, armed, expires, peek });
@@ -378,7 +393,7 @@ pub async fn refuse(s: &Socket, vip: &VipRuntime, peer: SocketAddr, graceful: bo
         if buf.len() >= READ_CHUNK {
             break None;
         }
-        if scan.worth_parsing(&buf) {
+        if scan.request_ready(&mut buf) {
             match parse_request(&mut buf, cfg.max_headers) {
                 Ok(Some(r)) => break Some(r),
                 Ok(None) => {}
@@ -647,6 +662,38 @@ impl HeadScan {
         let seen = if self.0 > buf.len() { 0 } else { self.0 };
         self.0 = buf.len();
         seen == 0 || buf[seen..].contains(&b'\n')
+    }
+
+    /// [`HeadScan::worth_parsing`] for a request head, after dropping the empty lines `buf`
+    /// starts with ([`empty_lines`]). RFC 9112 2.2 lets a server ignore empty lines before the
+    /// request line, and httparse skips them without limit: kept, they made every read holding
+    /// a line feed parse them all again, so a client that filled a large `max_header_bytes`
+    /// with CRLFs and then sent 2-byte segments held a core for seconds with a few KiB. Dropped
+    /// as they arrive, they cost nothing to look at again and count towards no limit; a client
+    /// sending only them is as good as idle, bounded by the header timeout (the idle timeout
+    /// between keep-alive requests).
+    fn request_ready(&mut self, buf: &mut BytesMut) -> bool {
+        let blank = empty_lines(buf);
+        if blank > 0 {
+            buf.advance(blank);
+            // Whatever is left came after the bytes this scan has seen: all new to it.
+            *self = HeadScan::default();
+        }
+        self.worth_parsing(buf)
+    }
+}
+
+/// How many bytes of empty lines (CRLF, or a bare LF, as httparse takes them) `buf` starts
+/// with. A CR is left in place unless its LF is there too: the next bytes may bring it, and a
+/// CR followed by anything else is refused by the parse (400), as before.
+fn empty_lines(buf: &[u8]) -> usize {
+    let mut i = 0;
+    loop {
+        match buf[i..] {
+            [b'\n', ..] => i += 1,
+            [b'\r', b'\n', ..] => i += 2,
+            _ => return i,
+        }
     }
 }
 
@@ -1632,8 +1679,9 @@ pub async fn serve(
     vip: Arc<VipRuntime>,
     shared: Arc<Shared>,
     upstream: UpstreamPool,
+    idle: IdleClients,
 ) {
-    serve_conn(&client, peer, listen, vip, shared, upstream).await;
+    serve_conn(&client, peer, listen, vip, shared, upstream, &idle).await;
     // A read abandoned on a timeout stays pending in the kernel and keeps the fd open; shutting
     // the socket down completes it, so the connection really closes.
     let _ = client.shutdown(std::net::Shutdown::Both);
@@ -1646,6 +1694,7 @@ async fn serve_conn(
     vip: Arc<VipRuntime>,
     shared: Arc<Shared>,
     upstream: UpstreamPool,
+    idle: &IdleClients,
 ) {
     let mut vip = vip;
     // Read buffers for the client and the backend side, and the buffer response heads are
@@ -1672,7 +1721,7 @@ async fn serve_conn(
         let mut started_late = false;
         let mut scan = HeadScan::default();
         let req = loop {
-            let parsed = if scan.worth_parsing(&buf) {
+            let parsed = if scan.request_ready(&mut buf) {
                 parse_request(&mut buf, cfg.max_headers)
             } else {
                 Ok(None)
@@ -1698,10 +1747,14 @@ async fn serve_conn(
             // Stopping closes a keep-alive connection idle between requests (as nginx and
             // HAProxy do), but not one just accepted: its client has sent, or is sending, a
             // request that nobody else will answer, so it is read and served (with `close`).
+            // So does a new connection over `max_connections` (`super::reuse`): it shuts the
+            // socket down, and the read ends with the end of the stream.
+            let closable = waiting_for_start.then(|| idle.waiting(client));
             let read = tokio::select! {
                 r = timeout_at(deadline, read_more(client, &mut buf)) => r,
                 _ = super::wait_stopping(&shared), if waiting_for_start => return,
             };
+            drop(closable);
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) => return,
                 Ok(Ok(_)) => started_late = waiting_for_start,
@@ -2703,6 +2756,50 @@ mod tests {
         assert!(scan.worth_parsing(b"\n"));
     }
 
+    /// Empty lines before a request line are dropped as they arrive: a run of CRLFs sent in
+    /// small segments costs parse work in proportion to its length. Kept in the buffer, each
+    /// segment's line feed made the parse skip every one received so far again (quadratic: 7 s
+    /// of a core for 14 KB sent, with a 1 MiB `max_header_bytes`).
+    #[test]
+    fn empty_lines_before_a_request_cost_parse_work_in_proportion_to_their_bytes() {
+        let mut scan = HeadScan::default();
+        let mut buf = BytesMut::new();
+        // Bytes handed to the parse in all.
+        let mut parsed = 0;
+        let mut feed = |buf: &mut BytesMut, bytes: &[u8]| {
+            buf.extend_from_slice(bytes);
+            if scan.request_ready(buf) {
+                parsed += buf.len();
+                return parse_request(buf, 64);
+            }
+            Ok(None)
+        };
+        let blank = 16 * 1024;
+        for _ in 0..blank / 4 {
+            // In 2-byte segments, and split inside a CRLF too.
+            for segment in [&b"\r\n"[..], b"\r", b"\n"] {
+                assert!(matches!(feed(&mut buf, segment), Ok(None)));
+            }
+        }
+        let kept = buf.len();
+        let r = feed(&mut buf, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
+        let r = r.ok().flatten().expect("the head after the empty lines");
+        assert_eq!((r.path(), buf.is_empty()), ("/a", true));
+        let head = 28;
+        assert!(parsed <= blank + head, "{parsed} bytes parsed for {blank} bytes of empty lines");
+        assert_eq!(kept, 0, "empty lines kept");
+        // A bare LF is an empty line too, as httparse takes it; a CR followed by anything but
+        // its LF is still refused.
+        let mut buf = BytesMut::from(&b"\n\r\n\nGET /b HTTP/1.1\r\n\r\n"[..]);
+        let mut scan = HeadScan::default();
+        assert!(scan.request_ready(&mut buf));
+        assert_eq!(parse_request(&mut buf, 64).ok().flatten().expect("parsed").path(), "/b");
+        let mut buf = BytesMut::from(&b"\r\n\rGET /c HTTP/1.1\r\n\r\n"[..]);
+        let mut scan = HeadScan::default();
+        assert!(scan.request_ready(&mut buf));
+        assert!(matches!(parse_request(&mut buf, 64), Err(HeadError::Bad)));
+    }
+
     #[test]
     fn header_limits_above_the_stack_slots_are_kept_exactly() {
         let head = |n: usize| {
@@ -3151,6 +3248,46 @@ mod tests {
             let n = tokio::time::timeout(long, read_first(&s, &mut ubuf, Some(armed))).await;
             assert_eq!(n.unwrap().unwrap(), NEXT.len());
             assert_eq!(&ubuf[..], NEXT);
+        });
+    }
+
+    /// A pooled connection does not keep a receive buffer a large response head grew: `put`
+    /// gives it a fresh one of the read size, whether the large buffer shows its capacity or
+    /// (a head split off its front and dropped) holds it behind a small one.
+    #[test]
+    fn a_pooled_connection_does_not_keep_a_grown_buffer() {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let long = Duration::from_secs(60);
+        let grown = || BytesMut::with_capacity(128 * 1024);
+        let behind_a_head = || {
+            let mut b = BytesMut::with_capacity(128 * 1024);
+            b.resize(126 * 1024, b'h');
+            drop(b.split().freeze());
+            assert!(b.capacity() <= POOLED_BUF_MAX, "the room after the head only");
+            b
+        };
+        let small = || BytesMut::with_capacity(READ_CHUNK);
+        tokio_uring::start(async {
+            let pool = UpstreamPool::default();
+            let now = Instant::now();
+            for (buf, what) in [(grown(), "grown"), (behind_a_head(), "behind"), (small(), "small")]
+            {
+                let s = Socket::connect(addr, long, long).await.unwrap();
+                let mut peer = l.accept().unwrap().0;
+                pool.put(addr, s, buf, 10, now, long, false);
+                let (s, armed) = pool.take(addr, now, false).expect("the pooled connection");
+                peer.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap();
+                let mut ubuf = BytesMut::new();
+                tokio::time::timeout(long, read_first(&s, &mut ubuf, Some(armed)))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(ubuf.starts_with(b"HTTP/1.1 204"), "{what}");
+                ubuf.clear();
+                assert!(!ubuf.try_reclaim(POOLED_BUF_MAX + 1), "{what}: {}", ubuf.capacity());
+            }
         });
     }
 

@@ -18,6 +18,7 @@ pub use http::parse_request_for_bench;
 pub(crate) use http::{is_tchar, proxy_header_local};
 pub mod inherited;
 pub mod path;
+mod reuse;
 mod tcp;
 mod uring;
 
@@ -477,6 +478,9 @@ pub(crate) struct Shared {
     /// Refusals over `max_connections` under way that read the request head and linger, all
     /// threads: bounded by [`MAX_GRACEFUL_REFUSALS`].
     pub refusing: AtomicUsize,
+    /// Every thread's count of its connections idle between keep-alive requests, by VIP name:
+    /// where room is made for a connection over `max_connections` ([`reuse`]).
+    pub idle: HashMap<String, Arc<[reuse::Shelf]>>,
 }
 
 impl Shared {
@@ -678,6 +682,10 @@ impl Proxy {
             // Every accept loop counts from the start, so none can be missed by an early stop.
             accepting: AtomicUsize::new(bound.per_thread.iter().map(Vec::len).sum()),
             refusing: AtomicUsize::new(0),
+            idle: listeners
+                .iter()
+                .map(|(vip, _)| (vip.clone(), reuse::shelves(bound.per_thread.len())))
+                .collect(),
         });
         let sockets = bound
             .per_thread
@@ -718,7 +726,7 @@ impl Proxy {
                 .spawn(move || match tokio_uring::Runtime::new(&uring_runtime()) {
                     Ok(rt) => {
                         let _ = up.send(Ok(()));
-                        rt.block_on(run_thread(socks, shared));
+                        rt.block_on(run_thread(socks, shared, t));
                     }
                     Err(e) => {
                         // Its sockets close with it; the proxy is shut down below.
@@ -1023,17 +1031,33 @@ fn uring_runtime() -> tokio_uring::Builder {
 async fn run_thread(
     socks: Vec<(String, SocketAddr, L7Mode, std::net::TcpListener)>,
     shared: Arc<Shared>,
+    thread: usize,
 ) {
     let upstream = http::UpstreamPool::default();
     // Idle backend connections past their time are closed even if no request asks for their
     // backend again.
     let sweeping = tokio_uring::spawn(upstream.clone().sweep_every());
+    // This thread's idle client connections, one set per VIP (a VIP may have several
+    // listeners here), each closing those other threads claim.
+    let mut idle: HashMap<String, reuse::Idle> = HashMap::new();
+    let mut closers = Vec::new();
     let mut accepts = Vec::new();
     for (vip, addr, mode, l) in socks {
         let shared = shared.clone();
         let upstream = upstream.clone();
+        let idle = idle
+            .entry(vip.clone())
+            .or_insert_with(|| {
+                // Every listener's VIP has its shelves (`Proxy::start_bound`).
+                let shelves =
+                    shared.idle.get(&vip).cloned().unwrap_or_else(|| reuse::shelves(thread + 1));
+                let i = reuse::Idle::new(shelves, thread);
+                closers.push(tokio_uring::spawn(i.clone().close_claimed()));
+                i
+            })
+            .clone();
         accepts.push(tokio_uring::spawn(async move {
-            accept_loop(l, vip, addr, mode, shared.clone(), upstream).await;
+            accept_loop(l, vip, addr, mode, shared.clone(), upstream, idle).await;
             // Every connection this loop took is counted in `open` by now.
             shared.accepting.fetch_sub(1, Ordering::SeqCst);
         }));
@@ -1052,6 +1076,9 @@ async fn run_thread(
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     sweeping.abort();
+    for c in &closers {
+        c.abort();
+    }
 }
 
 /// How long a proxy thread waits, past the grace period, for its connections' tasks to reset
@@ -1127,6 +1154,7 @@ async fn accept_loop(
     mode: L7Mode,
     shared: Arc<Shared>,
     upstream: http::UpstreamPool,
+    idle: reuse::Idle,
 ) {
     let l = match l.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(l)) {
         Ok(l) => l,
@@ -1190,13 +1218,17 @@ async fn accept_loop(
         let Some(rt) = shared.snapshot.load().vips.get(&vip).cloned() else { continue };
         let stream = uring::Socket::new(stream, rt.cfg.idle_timeout);
         let counted = Counted::new(&shared, &label);
-        let (shared2, upstream2) = (shared.clone(), upstream.clone());
+        let (shared2, upstream2, idle2) = (shared.clone(), upstream.clone(), idle.clone());
         tokio_uring::spawn(async move {
             let client = stream.clone();
             let work = async {
                 // Moved in whole, so the connection stays counted until this task ends.
                 let counted = counted;
-                if counted.open > rt.cfg.max_connections as i64 {
+                // Over the limit, an HTTP connection idle between requests (of any thread) is
+                // closed to make room if there is one: its client reconnects when it has
+                // another request, where this one would be refused now.
+                let over = counted.open > rt.cfg.max_connections as i64;
+                if over && !(mode == L7Mode::Http && idle2.make_room()) {
                     // A refused connection holds no place under the limit while it is answered:
                     // a burst of them must not keep the VIP refusing once its own connections
                     // end.
@@ -1209,7 +1241,8 @@ async fn accept_loop(
                 } else {
                     match mode {
                         L7Mode::Http => {
-                            http::serve(stream, peer, listen, rt, shared2.clone(), upstream2).await
+                            http::serve(stream, peer, listen, rt, shared2.clone(), upstream2, idle2)
+                                .await
                         }
                         L7Mode::Tcp => tcp::serve(stream, peer, listen, rt).await,
                     }

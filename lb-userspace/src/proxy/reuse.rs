@@ -1,0 +1,236 @@
+//! Client connections idle between keep-alive requests, closed to make room for a new client
+//! when their VIP is at its `max_connections` (nginx's "reusable connections"). Without this,
+//! as many idle keep-alive connections as the limit (20 browsers left open, or one client that
+//! opens them on purpose) had every new client refused with 503 for up to the idle timeout.
+//!
+//! The limit counts a VIP's connections over all proxy threads (its active-connections gauge),
+//! so room is made on any thread: the accepting thread closes the longest-idle connection of its
+//! own, or, having none, claims one of another thread's, which that thread closes. Only a
+//! connection waiting for its next request head with none of it read is idle: one in the middle
+//! of a request (its head partly read, its body or response on the way) is never closed. Such a
+//! connection is closed as the idle timeout closes it (shut down: its client reads the end of
+//! the stream, as from any server closing an idle keep-alive connection, and opens a new one).
+//!
+//! Each thread keeps its idle connections to itself ([`Idle`], no lock), and shows the other
+//! threads only how many it has, in an atomic counter per thread and VIP ([`Shelf`]): going
+//! idle and leaving it costs a request two atomic additions on a counter no other thread writes
+//! unless a VIP is at its limit, never a lock or a message. A claim takes one from that counter
+//! (only while it is above 0) and wakes the thread's [`Idle::close_claimed`]. Claims race with
+//! the connections they count (one may start its next request before its thread closes it): a
+//! claim its thread cannot meet is given back, and the VIP is over its limit by that connection
+//! until some connection ends, as it is, briefly, by each connection being closed for room.
+
+use std::{
+    cell::RefCell,
+    collections::BTreeMap,
+    rc::Rc,
+    sync::{
+        Arc,
+        atomic::{AtomicIsize, AtomicUsize, Ordering},
+    },
+};
+
+use super::uring::Socket;
+
+/// One proxy thread's connections of one VIP idle between requests, as every thread sees them.
+/// Aligned to keep each thread's counters off the others' cache lines: each is written at every
+/// request of its own thread.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct Shelf {
+    /// The thread's idle connections less the claims on them it has not acted on yet; below 0
+    /// when some that were claimed started a request meanwhile. Claimed only while above 0.
+    idle: AtomicIsize,
+    /// Claims by other threads not acted on yet.
+    claims: AtomicUsize,
+    /// Wakes the thread's [`Idle::close_claimed`] for a claim.
+    wake: tokio::sync::Notify,
+}
+
+/// Every proxy thread's [`Shelf`] for one VIP, by thread index.
+pub(crate) fn shelves(threads: usize) -> Arc<[Shelf]> {
+    (0..threads).map(|_| Shelf::default()).collect()
+}
+
+/// This proxy thread's client connections of one VIP idle between requests, the longest idle
+/// first, and every thread's counts of theirs.
+#[derive(Clone)]
+pub(crate) struct Idle {
+    local: Rc<RefCell<Local>>,
+    shelves: Arc<[Shelf]>,
+    thread: usize,
+}
+
+/// The idle connections themselves, in the order they went idle.
+#[derive(Default)]
+struct Local {
+    next: u64,
+    waiting: BTreeMap<u64, Socket>,
+}
+
+/// A connection counted idle ([`Idle::waiting`]) until this drops.
+pub(crate) struct Waiting<'a> {
+    idle: &'a Idle,
+    key: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        // Not there any more if it was closed to make room (and counted out then).
+        if self.idle.local.borrow_mut().waiting.remove(&self.key).is_some() {
+            self.idle.own().idle.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Closes an idle connection as its idle timeout would: its task, waiting for the next request,
+/// reads the end of the stream and ends.
+fn close(s: &Socket) {
+    let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
+impl Idle {
+    /// Thread `thread`'s idle connections of the VIP whose shelves are `shelves`.
+    pub(crate) fn new(shelves: Arc<[Shelf]>, thread: usize) -> Idle {
+        Idle { local: Rc::default(), shelves, thread }
+    }
+
+    fn own(&self) -> &Shelf {
+        &self.shelves[self.thread]
+    }
+
+    /// Counts `client` idle, and closable to make room, until the guard drops: call it only
+    /// while waiting for a request head none of which has been read.
+    pub(crate) fn waiting(&self, client: &Socket) -> Waiting<'_> {
+        let key = {
+            let mut local = self.local.borrow_mut();
+            let key = local.next;
+            local.next += 1;
+            local.waiting.insert(key, client.clone());
+            key
+        };
+        self.own().idle.fetch_add(1, Ordering::SeqCst);
+        Waiting { idle: self, key }
+    }
+
+    /// Makes room for a connection over the VIP's limit: closes this thread's longest-idle
+    /// connection of the VIP now, or else claims one of another thread's, which that thread
+    /// closes. False when no thread has one.
+    pub(crate) fn make_room(&self) -> bool {
+        let n = self.shelves.len();
+        for t in (0..n).map(|k| (self.thread + k) % n) {
+            let shelf = &self.shelves[t];
+            let claimed = shelf
+                .idle
+                .try_update(Ordering::SeqCst, Ordering::SeqCst, |i| (i > 0).then(|| i - 1));
+            if claimed.is_err() {
+                continue;
+            }
+            if t != self.thread {
+                shelf.claims.fetch_add(1, Ordering::SeqCst);
+                shelf.wake.notify_one();
+                return true;
+            }
+            let longest = self.local.borrow_mut().waiting.pop_first();
+            match longest {
+                Some((_, s)) => {
+                    close(&s);
+                    return true;
+                }
+                // Above 0 means one is here (claims are taken from the count first): not
+                // reached, but the count goes back should it be.
+                None => {
+                    shelf.idle.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+        false
+    }
+
+    /// Closes this thread's longest-idle connections as other threads claim them, until the
+    /// task running it is aborted.
+    pub(crate) async fn close_claimed(self) {
+        let shelf = self.own();
+        loop {
+            shelf.wake.notified().await;
+            let claimed = shelf.claims.swap(0, Ordering::SeqCst);
+            let mut closed = 0;
+            while closed < claimed {
+                let longest = self.local.borrow_mut().waiting.pop_first();
+                let Some((_, s)) = longest else { break };
+                close(&s);
+                closed += 1;
+            }
+            // Claims on connections that started a request before they could be closed: given
+            // back, so that the count matches the connections here again.
+            if closed < claimed {
+                shelf.idle.fetch_add((claimed - closed) as isize, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Room is made from the accepting thread's own idle connections first, the longest idle
+    /// first, then by claims on another thread's, which that thread meets; connections no
+    /// longer idle are never closed, and a claim that cannot be met is given back.
+    #[test]
+    fn room_is_made_from_idle_connections_only() {
+        use std::io::Read;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let long = std::time::Duration::from_secs(60);
+        let closed = |peer: &mut std::net::TcpStream| {
+            peer.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+            matches!(peer.read(&mut [0u8; 1]), Ok(0))
+        };
+        let open = |peer: &std::net::TcpStream| {
+            peer.set_nonblocking(true).unwrap();
+            let open = matches!(peer.peek(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+            peer.set_nonblocking(false).unwrap();
+            open
+        };
+        let shelves = shelves(2);
+        // Two threads' views, run on one here: the claims work the same.
+        let (mine, theirs) = (Idle::new(shelves.clone(), 0), Idle::new(shelves.clone(), 1));
+        tokio_uring::start(async {
+            let closer = tokio_uring::spawn(theirs.clone().close_claimed());
+            let mut conns = Vec::new();
+            for _ in 0..4 {
+                let s = Socket::connect(addr, long, long).await.unwrap();
+                conns.push((s, l.accept().unwrap().0));
+            }
+            let (a, b) = (mine.waiting(&conns[0].0), mine.waiting(&conns[1].0));
+            let c = theirs.waiting(&conns[2].0);
+            // conns[3] is busy: never counted idle.
+            assert!(mine.make_room(), "an own idle connection");
+            assert!(closed(&mut conns[0].1), "the longest idle is closed");
+            assert!(open(&conns[1].1) && open(&conns[2].1) && open(&conns[3].1));
+            drop(a);
+            // b starts a request: no longer idle, not closable.
+            drop(b);
+            assert!(mine.make_room(), "another thread's idle connection");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            assert!(closed(&mut conns[2].1), "closed by its thread");
+            assert!(open(&conns[1].1) && open(&conns[3].1));
+            drop(c);
+            assert!(!mine.make_room(), "nothing idle left");
+            assert_eq!(shelves[0].idle.load(Ordering::SeqCst), 0);
+            assert_eq!(shelves[1].idle.load(Ordering::SeqCst), 0);
+            // A claim whose connection starts a request before its thread acts is given back.
+            let s = Socket::connect(addr, long, long).await.unwrap();
+            let peer = l.accept().unwrap().0;
+            let d = theirs.waiting(&s);
+            assert!(mine.make_room());
+            drop(d);
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            assert!(open(&peer), "started a request: not closed");
+            assert_eq!(shelves[1].idle.load(Ordering::SeqCst), 0, "the claim given back");
+            assert!(!mine.make_room());
+            closer.abort();
+        });
+    }
+}
