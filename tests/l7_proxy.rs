@@ -4526,9 +4526,272 @@ fn an_early_200_whose_backend_takes_no_more_of_the_body_still_reaches_the_client
             assert!(up.closed, "{what}: the connection ends cleanly after the answer");
             assert!(up.wrote.is_ok(), "{what}: {:?}", up.wrote);
         }
+        // The rest of each body did not go through, the backend's doing: counted.
+        let side = "edgelb_l7_request_bodies_cut_total{vip=\"web\",side=\"backend\"} 3";
+        wait_for_metric(&p, side);
         let text = p.metrics.encode();
         assert!(!ejected(&text, b.addr), "{end:?}: no ejection: {text}");
     }
+}
+
+/// Reads a request head from `r` (counted in `reqs`) and returns it with its Content-Length (0
+/// without one); `None` when the connection ended first. The body is left unread.
+fn head_and_length(r: &mut BufReader<TcpStream>, reqs: &AtomicUsize) -> Option<(String, usize)> {
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        if r.read_line(&mut head).ok()? == 0 {
+            return None;
+        }
+    }
+    reqs.fetch_add(1, Ordering::Relaxed);
+    let len = head
+        .to_ascii_lowercase()
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: ")?.trim().parse().ok())
+        .unwrap_or(0);
+    Some((head, len))
+}
+
+/// The access-log line of the request for `target`, which the test waits for (3 s at most).
+fn access_line(log: &std::sync::Mutex<Vec<u8>>, target: &str) -> String {
+    let t = Instant::now();
+    let target = format!("target={target} ");
+    loop {
+        if let Some(l) = logged(log).lines().find(|l| l.contains(&target)) {
+            return l.to_owned();
+        }
+        assert!(t.elapsed() < Duration::from_secs(3), "no line for {target} in\n{}", logged(log));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The idle timeout of the exchanges of [`one_idle_clock`].
+const ONE_CLOCK_IDLE: Duration = Duration::from_millis(1000);
+
+/// A backend that answers `200` as soon as it has a request head, reads the whole body, and
+/// then sends its content (`content`), recording the body in `bodies`. To a request for
+/// `/one-clock-ticks` it answers chunked, with a chunk (`tick`) every quarter of
+/// [`ONE_CLOCK_IDLE`] while the body comes; to any other, with a length, nothing before the
+/// body's end.
+fn one_clock_backend(bodies: Bodies) -> Backend {
+    serve_backend(move |s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let Some((head, len)) = head_and_length(&mut r, r2) else { return };
+        let ticking = head.starts_with("POST /one-clock-ticks ");
+        let answer: &[u8] = if ticking {
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n"
+        };
+        if w.write_all(answer).is_err() {
+            return;
+        }
+        let done = Arc::new(AtomicBool::new(false));
+        let ticker = ticking.then(|| {
+            let (mut w, done) = (w.try_clone().unwrap(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Relaxed) && w.write_all(b"4\r\ntick\r\n").is_ok() {
+                    std::thread::sleep(ONE_CLOCK_IDLE / 4);
+                }
+            })
+        });
+        let mut body = vec![0u8; len];
+        let read = r.read_exact(&mut body);
+        done.store(true, Ordering::Relaxed);
+        if let Some(t) = ticker {
+            t.join().unwrap();
+        }
+        if read.is_err() {
+            return;
+        }
+        bodies.lock().unwrap().push(body);
+        let end: &[u8] = if ticking { b"7\r\ncontent\r\n0\r\n\r\n" } else { b"content" };
+        let _ = w.write_all(end);
+    })
+}
+
+/// Through a proxy with an idle timeout of [`ONE_CLOCK_IDLE`] to [`one_clock_backend`], POSTs
+/// `pieces` pieces of 1000 bytes `pause` apart to `target` while it reads the response (its
+/// chunks, for `/one-clock-ticks`), and checks that the whole exchange went through: the
+/// response and the body whole, logged `cut=-`, nothing counted cut, the backend not blamed.
+/// How long it took.
+fn one_idle_clock(target: &str, pieces: usize, pause: Duration) -> Duration {
+    let log = access_log();
+    let bodies: Bodies = Arc::default();
+    let b = one_clock_backend(bodies.clone());
+    let p = proxy(&[(&b, 1)], "access_log = true\nidle_timeout_ms = 1000\nmax_fails = 1", "");
+    let (mut s, mut r) = client(p.addr);
+    let head =
+        format!("POST {target} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n", pieces * 1000);
+    s.write_all(head.as_bytes()).unwrap();
+    let writer = std::thread::spawn(move || {
+        for i in 0..pieces {
+            if i > 0 {
+                std::thread::sleep(pause);
+            }
+            s.write_all(&[b'a' + i as u8; 1000])?;
+        }
+        Ok::<_, std::io::Error>(s)
+    });
+    let t = Instant::now();
+    let (code, _, text) = read_response(&mut r)
+        .unwrap_or_else(|e| panic!("{target}: no whole response ({e}) after {:?}", t.elapsed()));
+    assert_eq!(code, 200, "{target}");
+    let ticking = target == "/one-clock-ticks";
+    if ticking {
+        let mut chunks = Vec::new();
+        while let Some(c) = read_chunk(&mut r).filter(|c| !c.is_empty()) {
+            chunks.push(String::from_utf8_lossy(&c).into_owned());
+        }
+        let last = chunks.last().map(String::as_str);
+        assert_eq!(last, Some("content"), "{target}: {chunks:?} after {:?}", t.elapsed());
+        assert!(chunks.len() > 6, "{target}: ticks all along: {chunks:?}");
+    } else {
+        assert_eq!(text, "content", "{target}");
+    }
+    let took = t.elapsed();
+    let wrote = writer.join().unwrap();
+    assert!(wrote.is_ok(), "{target}: {wrote:?}");
+    let recorded = bodies.lock().unwrap().clone();
+    assert_eq!(recorded.iter().map(Vec::len).collect::<Vec<_>>(), [pieces * 1000], "{target}");
+    let line = access_line(&log, target);
+    assert!(line.contains("status=200") && line.contains(" cut=- "), "{line}");
+    assert!(line.contains("cut_body=-"), "{line}");
+    let text = p.metrics.encode();
+    let cut = |l: &&str| l.contains("_cut_total{") && !l.ends_with(" 0");
+    assert_eq!(text.lines().find(cut), None, "{text}");
+    assert!(!ejected(&text, b.addr), "{text}");
+    took
+}
+
+/// A request body going on beside an early `200` and the response share one idle clock: the
+/// exchange is idle only once neither direction moved for the idle timeout, as a TCP relay is.
+/// Here an upload in pieces 0.3 idle timeouts apart, for 3 of them, to a backend that sends its
+/// head at once and its content after the upload, the response direction silent all the
+/// while: the exchange goes through. Before, each direction had an idle timer of its own, and
+/// the response's reset the exchange at the idle timeout (`cut=idle`).
+#[test]
+fn a_silent_response_beside_a_flowing_upload_is_not_idle() {
+    let took = one_idle_clock("/one-clock-upload", 11, ONE_CLOCK_IDLE * 3 / 10);
+    assert!(took > ONE_CLOCK_IDLE * 2, "an exchange longer than the idle timeout: {took:?}");
+}
+
+/// As [`a_silent_response_beside_a_flowing_upload_is_not_idle`], the other way round: the
+/// backend sends a chunk every 0.25 idle timeouts while the client pauses 1.5 idle timeouts
+/// between the pieces of its body, and the exchange goes through. Before, the body's own idle
+/// timer reset it at the first pause (`cut=client`).
+#[test]
+fn a_ticking_response_beside_a_pausing_upload_is_not_idle() {
+    let took = one_idle_clock("/one-clock-ticks", 3, ONE_CLOCK_IDLE * 3 / 2);
+    assert!(took > ONE_CLOCK_IDLE * 2, "an exchange longer than the idle timeout: {took:?}");
+}
+
+/// After an early 2xx the backend took the request body: a response it then breaks is its
+/// failure, whether the body is still going or not: a malformed chunked coding, and a close in
+/// the middle of a response with a length (its body read, so no reset of the kernel's). Each
+/// ejects the backend after `max_fails` of them. Before, any response a backend cut while the
+/// rest of the body still went counted as the end of an early answer, never a failure. Still
+/// no failure: a response delimited by its close that ends in a reset while the body goes on
+/// (the backend closed with the body unread, which resets the connection, and that close is
+/// the response's end).
+#[test]
+fn a_backend_that_breaks_its_early_200_is_charged() {
+    for (what, answer, charged) in [
+        (
+            "bad chunk",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\ntick\r\nzz\r\n",
+            true,
+        ),
+        ("close mid-body", "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial", true),
+        ("reset ending a body until the close", "HTTP/1.1 200 OK\r\n\r\nall of it\n", false),
+    ] {
+        let b = serve_backend(move |s, r2, _| {
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            if !request_head(&mut r, r2) || w.write_all(answer.as_bytes()).is_err() {
+                return;
+            }
+            // The part of the body the client sent, read: the close is no reset.
+            let _ = r.read_exact(&mut [0u8; 1000]);
+            std::thread::sleep(Duration::from_millis(100));
+            if charged {
+                let _ = w.shutdown(Shutdown::Both);
+            } else {
+                // What the kernel does with the rest of the body unread (SO_LINGER 0 here, for
+                // sure: the client sends no more of it).
+                drop(r);
+                reset(w);
+            }
+        });
+        let p = proxy(&[(&b, 1)], "max_fails = 3\nfail_timeout_ms = 60000\nretries = 0", "");
+        for _ in 0..3 {
+            let (mut s, mut r) = client(p.addr);
+            // Head and the start of the body in one write: the answer may reset the
+            // connection at once.
+            let mut req =
+                b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n".to_vec();
+            req.extend_from_slice(&[b'u'; 1000]);
+            s.write_all(&req).unwrap();
+            let mut status = String::new();
+            r.read_line(&mut status).unwrap();
+            assert!(status.starts_with("HTTP/1.1 200 "), "{what}: {status:?}");
+            // The proxy cuts the response (a reset): the body cannot go on.
+            let _ = r.read_to_end(&mut Vec::new());
+        }
+        wait_for_metric(&p, "edgelb_l7_responses_cut_total{vip=\"web\",side=\"backend\"} 3");
+        let text = p.metrics.encode();
+        assert_eq!(ejected(&text, b.addr), charged, "{what}: {text}");
+    }
+}
+
+/// The rest of a request body going beside an early 2xx that does not go through once the
+/// response is whole (the client leaves or pauses longer than the idle timeout) is logged
+/// (`cut_body=`) and counted (`edgelb_l7_request_bodies_cut_total`), the response itself whole
+/// (`cut=-`). Before, nothing showed it: a clean 200.
+#[test]
+fn a_request_body_cut_after_its_early_200_is_logged_and_counted() {
+    let log = access_log();
+    let b = serve_backend(|s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        if !request_head(&mut r, r2)
+            || w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").is_err()
+        {
+            return;
+        }
+        // Takes the body as it comes.
+        while r.read(&mut [0u8; 4096]).is_ok_and(|n| n > 0) {}
+    });
+    let p = proxy(&[(&b, 1)], "access_log = true\nidle_timeout_ms = 500\nmax_fails = 1", "");
+    let cut = |side: &str, n: u32| {
+        format!("edgelb_l7_request_bodies_cut_total{{vip=\"web\",side=\"{side}\"}} {n}")
+    };
+    for (target, side) in [("/body-left", "client"), ("/body-paused", "idle")] {
+        let (mut s, mut r) = client(p.addr);
+        let head = format!("POST {target} HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n");
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&[b'u'; 1000]).unwrap();
+        let (code, _, text) = read_response(&mut r).expect("the early answer, whole");
+        assert_eq!((code, text.as_str()), (200, "ok"));
+        if side == "client" {
+            // It leaves in the middle of its body.
+            drop((s, r));
+            wait_for_metric(&p, &cut("client", 1));
+        } else {
+            // It sends nothing more: after the idle timeout, its connection ends.
+            let t = Instant::now();
+            let _ = r.read_to_end(&mut Vec::new());
+            assert!(t.elapsed() < Duration::from_secs(2), "ended after {:?}", t.elapsed());
+            wait_for_metric(&p, &cut("idle", 1));
+        }
+        let line = access_line(&log, target);
+        assert!(line.contains("status=200") && line.contains(" cut=- "), "{line}");
+        assert!(line.contains(&format!("cut_body={side}")), "{line}");
+    }
+    let text = p.metrics.encode();
+    assert!(!ejected(&text, b.addr), "{text}");
+    assert!(text.contains(&cut("backend", 0)), "{text}");
 }
 
 /// The elements of a Forwarded value as an RFC 7239 parser reads them: split at the commas

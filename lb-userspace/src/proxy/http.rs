@@ -14,7 +14,7 @@
 
 use std::{
     borrow::Cow,
-    cell::RefCell,
+    cell::{Cell, RefCell},
     fmt::Write as _,
     io::{self, Write as _},
     mem::MaybeUninit,
@@ -278,6 +278,23 @@ fn finished(
     started: Option<Instant>,
     cut: Option<Cut>,
 ) {
+    finished_cut(vip, peer, status, req, backend, started, cut, None);
+}
+
+/// [`finished`], with who ended the rest of a request body that went on beside an early 2xx
+/// and did not go through (`cut_body`, `-` otherwise): for a response streamed after a
+/// backend's head. One access-log line shape for every request.
+#[allow(clippy::too_many_arguments)]
+fn finished_cut(
+    vip: &VipRuntime,
+    peer: SocketAddr,
+    status: u16,
+    req: Option<&ReqHead>,
+    backend: Option<SocketAddr>,
+    started: Option<Instant>,
+    cut: Option<Cut>,
+    cut_body: Option<Cut>,
+) {
     vip.count(status);
     if vip.cfg.access_log {
         // httparse admits only visible ASCII in methods and targets: nothing to escape.
@@ -291,6 +308,7 @@ fn finished(
             backend = %backend.map(|b| b.to_string()).as_deref().unwrap_or("-"),
             ms = started.map_or(0.0, |s| s.elapsed().as_secs_f64() * 1000.0),
             cut = %cut.map_or("-", Cut::as_str),
+            cut_body = %cut_body.map_or("-", Cut::as_str),
             "request"
         );
     }
@@ -971,9 +989,61 @@ pub(crate) fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// The idle clock of one exchange: when its bytes last moved, and the idle timeout after which
+/// a read waiting for more gives up. The request body and the response of one request share
+/// it, so that while both stream at once (the rest of a body going on beside an early 2xx,
+/// [`beside`]) the exchange is idle only once neither direction moved for the idle timeout, as
+/// a TCP relay is (`tcp::relay`): an upload that flows while the backend holds its content
+/// until the upload's end, or a response that ticks while the client pauses between pieces of
+/// its body, is not idle. One direction streaming alone moves the clock alone, so its reads
+/// wait the idle timeout each, as they always did.
+struct IdleClock {
+    /// When the last read of either direction started: right after the bytes before it went
+    /// on (no clock read of its own: the read's timer needs the time anyway).
+    moved: Cell<tokio::time::Instant>,
+    idle: Duration,
+}
+
+impl IdleClock {
+    /// A clock for an exchange with the idle timeout `idle`, moved last at `at`.
+    fn new(idle: Duration, at: tokio::time::Instant) -> IdleClock {
+        IdleClock { moved: Cell::new(at), idle }
+    }
+
+    /// Reads more of `src` into `pending` (as [`read_more`]), moving the clock now, for as long
+    /// as the exchange is not idle and at most until `deadline`; `None` once either passed. A
+    /// timer that runs out while the other direction moved the clock meanwhile is set again
+    /// from there, on the same read: a receive dropped to issue a new one would take the next
+    /// bytes with it.
+    async fn read(
+        &self,
+        src: &Socket,
+        pending: &mut BytesMut,
+        deadline: tokio::time::Instant,
+    ) -> Option<io::Result<usize>> {
+        let now = tokio::time::Instant::now();
+        self.moved.set(now);
+        let mut until = (now + self.idle).min(deadline);
+        let mut read = std::pin::pin!(read_more(src, pending));
+        loop {
+            match timeout_at(until, &mut read).await {
+                Ok(r) => return Some(r),
+                Err(_) => {
+                    let later = (self.moved.get() + self.idle).min(deadline);
+                    if later <= until {
+                        return None;
+                    }
+                    until = later;
+                }
+            }
+        }
+    }
+}
+
 /// Streams a body framed by `framing` from `src` (with `pending` bytes already read) to `dst`;
 /// with `decode`, a chunked body goes on decoded (for an HTTP/1.0 client, which the response
 /// then reaches delimited by the connection's close). Bytes after the body stay in `pending`.
+/// Each read waits for the exchange's idle timeout (`clock`) and never past `deadline`.
 /// Errors say which side failed ([`Side::Bad`]: `src` sent a chunked body that breaks the
 /// coding; what came before the bad bytes may have been passed on).
 async fn stream_body(
@@ -983,10 +1053,8 @@ async fn stream_body(
     framing: Framing,
     decode: bool,
     deadline: tokio::time::Instant,
-    idle: Duration,
+    clock: &IdleClock,
 ) -> Result<(), Side> {
-    // Each read waits at most `idle`, and never past the whole-request deadline.
-    let next = || (tokio::time::Instant::now() + idle).min(deadline);
     match framing {
         Framing::None => Ok(()),
         Framing::Length(mut left) => loop {
@@ -998,10 +1066,10 @@ async fn stream_body(
             if left == 0 {
                 return Ok(());
             }
-            match timeout_at(next(), read_more(src, pending)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => return Err(Side::Src),
-                Ok(Ok(_)) => {}
-                Err(_) => return Err(Side::Timeout),
+            match clock.read(src, pending, deadline).await {
+                Some(Ok(0) | Err(_)) => return Err(Side::Src),
+                Some(Ok(_)) => {}
+                None => return Err(Side::Timeout),
             }
         },
         Framing::Chunked => {
@@ -1026,10 +1094,10 @@ async fn stream_body(
                 if c.done() {
                     return Ok(());
                 }
-                match timeout_at(next(), read_more(src, pending)).await {
-                    Ok(Ok(0)) | Ok(Err(_)) => return Err(Side::Src),
-                    Ok(Ok(_)) => {}
-                    Err(_) => return Err(Side::Timeout),
+                match clock.read(src, pending, deadline).await {
+                    Some(Ok(0) | Err(_)) => return Err(Side::Src),
+                    Some(Ok(_)) => {}
+                    None => return Err(Side::Timeout),
                 }
             }
         }
@@ -1037,11 +1105,11 @@ async fn stream_body(
             if !pending.is_empty() {
                 write(dst, pending.split().freeze()).await.map_err(|_| Side::Dst)?;
             }
-            match timeout_at(next(), read_more(src, pending)).await {
-                Ok(Ok(0)) => return Ok(()),
-                Ok(Err(_)) => return Err(Side::Src),
-                Ok(Ok(_)) => {}
-                Err(_) => return Err(Side::Timeout),
+            match clock.read(src, pending, deadline).await {
+                Some(Ok(0)) => return Ok(()),
+                Some(Err(_)) => return Err(Side::Src),
+                Some(Ok(_)) => {}
+                None => return Err(Side::Timeout),
             }
         },
     }
@@ -1060,13 +1128,18 @@ enum Side {
 
 /// Who ended a response whose body was cut short after its head went to the client: logged
 /// (`cut=` in the access log) and counted (`edgelb_l7_responses_cut_total{side}`, indexed by
-/// this in [`VipRuntime::responses_cut`]).
+/// this in [`VipRuntime::responses_cut`]). Also who ended the rest of a request body going
+/// beside an early 2xx that did not go through ([`body_cut`]; `cut_body=` in the access log,
+/// `edgelb_l7_request_bodies_cut_total{side}`, [`VipRuntime::request_bodies_cut`]), which a
+/// response already whole would not show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Cut {
     /// The backend: it closed or reset its connection, or broke the chunked coding. A
-    /// passive-health failure, unless it answered before it had the whole request body (an
-    /// early answer to an upload: a backend that then closes with the rest unread resets the
-    /// connection, which is how such an answer ends, not a fault).
+    /// passive-health failure, unless it refused the request body with an early answer (a
+    /// backend that then closes with the rest unread resets the connection, which is how such
+    /// an answer ends, not a fault). After an early 2xx, which took the body: unless it closed
+    /// or reset having stopped taking the body, or ended a response delimited by its close.
+    /// Of a request body: the backend took no more of it.
     Backend = 0,
     /// The client: the write to it failed (it left, or took nothing for the idle timeout), or
     /// the rest of its request body, going to the backend beside a 2xx answered early, did not
@@ -1074,9 +1147,10 @@ pub(super) enum Cut {
     Client = 1,
     /// The whole-request deadline (`request_timeout_ms`) passed while the body streamed.
     Deadline = 2,
-    /// The backend sent nothing for the idle timeout (`idle_timeout_ms`): the proxy's limit on
-    /// a pause, which a healthy backend's stream of events or long poll can outlast, so no
-    /// passive-health failure.
+    /// The backend sent nothing for the idle timeout (`idle_timeout_ms`; with a request body
+    /// going beside the response, nothing moved either way, [`IdleClock`]): the proxy's limit
+    /// on a pause, which a healthy backend's stream of events or long poll can outlast, so no
+    /// passive-health failure. Of a request body: nothing moved either way, the client paused.
     Idle = 3,
     /// The proxy stopped, and its drain deadline (`node.l7_drain_timeout_ms`) passed while the
     /// body streamed (or a second stop signal cut the drain short).
@@ -1848,6 +1922,9 @@ async fn serve_conn(
             http10: req.http10,
             head: req.method() == "HEAD",
         };
+        // The exchange's idle clock, moved by each read of the request body and the response
+        // (no clock read here: the first read sets it).
+        let clock = IdleClock::new(cfg.idle_timeout, tokio::time::Instant::from_std(started));
         tried.clear();
         let mut last = Attempt::Connect;
         let mut done = None;
@@ -1872,7 +1949,7 @@ async fn serve_conn(
             let now = if attempt == 0 { started } else { Instant::now() };
             let r = attempt_once(
                 client, &mut buf, &mut ubuf, &upstream, &vip, &pool, i, &head, framing, expect,
-                can_retry, peer, listen, now, deadline,
+                can_retry, peer, listen, now, deadline, &clock,
             )
             .await;
             match r {
@@ -2118,66 +2195,95 @@ async fn serve_conn(
             finished(&vip, peer, 499, Some(&req), Some(member.addr), Some(started), None);
             return;
         }
-        let streaming =
-            stream_body(&up, &mut ubuf, client, rframing, decode, deadline, vip.cfg.idle_timeout);
+        let until_close = rframing == Framing::UntilClose;
+        let streaming = stream_body(&up, &mut ubuf, client, rframing, decode, deadline, &clock);
         // The rest of a cut-off body is read and dropped while the answer streams; the rest of
-        // one the backend answered 2xx goes on to it meanwhile (`Answer::rest`).
+        // one the backend answered 2xx goes on to it meanwhile (`Answer::rest`), where it
+        // stands kept in `rest` even when the drain deadline drops the streams.
+        let mut rest = rest.map(Rest::Going);
         let body = async {
-            match rest {
-                _ if cut => (with_the_rest_dropped(streaming, client).await, None),
-                Some(rest) => {
-                    let (r, rest) = beside(streaming, rest, client, deadline).await;
-                    (r, Some(rest))
-                }
-                None => (streaming.await, None),
+            match rest.as_mut() {
+                _ if cut => with_the_rest_dropped(streaming, client).await,
+                Some(rest) => beside(streaming, rest, client, deadline).await,
+                None => streaming.await,
             }
         };
         // Who ended a body that could not be passed on whole. The backend, when it closed or
-        // reset its connection or broke the chunked coding: a passive-health failure, unless
-        // it answered before it had the whole request body (`cut`: its close with the rest
-        // unread resets the connection). The client, when the write to it failed (it left),
-        // or when the rest of its request body, going beside the answer, failed (it left,
-        // stalled or broke the chunked coding: see `beside`); the whole-request deadline, which
-        // a slow client can make a download outlast; the idle timeout, which a healthy stream's
-        // pause can outlast; and the drain deadline of a stop: none is the backend's fault. The
-        // response is still counted and logged by the status its head gave the client (as
-        // nginx and HAProxy log it), with the cut beside it.
-        let (cut_by, rest) = tokio::select! {
+        // reset its connection or broke the chunked coding: a passive-health failure (but see
+        // `blamed` below). The client, when the write to it failed (it left), or when the rest
+        // of its request body, going beside the answer, failed (it left, stalled or broke the
+        // chunked coding: see `beside`); the whole-request deadline, which a slow client can
+        // make a download outlast; the idle timeout, which a healthy stream's pause can
+        // outlast; and the drain deadline of a stop: none is the backend's fault. The response
+        // is still counted and logged by the status its head gave the client (as nginx and
+        // HAProxy log it), with the cut beside it.
+        let ended = tokio::select! {
             biased;
-            (body, rest) = body => (match body {
-                Ok(()) => None,
-                Err(Side::Dst) => Some(Cut::Client),
-                Err(Side::Timeout) if tokio::time::Instant::now() >= deadline => {
-                    Some(Cut::Deadline)
-                }
-                Err(Side::Timeout) => Some(Cut::Idle),
-                Err(Side::Src | Side::Bad) => Some(Cut::Backend),
-            }, rest),
-            () = super::wait_forced(&shared) => (Some(Cut::Drain), None),
+            r = body => Some(r),
+            () = super::wait_forced(&shared) => None,
+        };
+        let cut_by = match ended {
+            None => Some(Cut::Drain),
+            Some(Ok(())) => None,
+            Some(Err(Side::Dst)) => Some(Cut::Client),
+            Some(Err(Side::Timeout)) if tokio::time::Instant::now() >= deadline => {
+                Some(Cut::Deadline)
+            }
+            Some(Err(Side::Timeout)) => Some(Cut::Idle),
+            Some(Err(Side::Src | Side::Bad)) => Some(Cut::Backend),
         };
         // A response through whole while the rest of the request body still goes to the
-        // backend: that goes on (each read from the client within the idle timeout, all within
-        // the request's deadline, and the drain deadline of a stop), and the exchange is over
-        // once it is through. A cut response resets both connections below, and the rest of
-        // its body goes with it.
-        let rest = match rest {
-            Some(Rest::Going(going)) if cut_by.is_none() => Some(tokio::select! {
+        // backend: that goes on (on the exchange's idle clock, now moved by the body alone,
+        // within the request's deadline and the drain deadline of a stop), and the exchange is
+        // over once it is through. A cut response resets both connections below, and the rest
+        // of its body goes with it.
+        if cut_by.is_none()
+            && let Some(Rest::Going(going)) = &mut rest
+        {
+            let end = tokio::select! {
                 biased;
                 (r, pending) = going => match r {
                     Ok(()) => Rest::Through(pending),
-                    Err(side) => Rest::Failed(side),
+                    Err(side) => Rest::Failed(body_cut(side, deadline)),
                 },
-                () = super::wait_forced(&shared) => Rest::Failed(Side::Timeout),
-            }),
-            r => r,
+                () = super::wait_forced(&shared) => Rest::Failed(Cut::Drain),
+            };
+            rest = Some(end);
+        }
+        // A backend that cut its response short (`Cut::Backend`) is charged a passive-health
+        // failure, but not always. Without an early 2xx: not when it answered before it had the
+        // whole request body (`cut`: with the rest unread, its close resets the connection,
+        // which is how an early answer to an upload ends). After an early 2xx, which took the
+        // body: a malformed response always (nothing to do with the body); a close or reset
+        // mid-response unless it had taken no more of the body before (`Rest::Failed` by the
+        // backend: its close with the body unread is a reset), or ended a response delimited
+        // by its close while the body still went (that close is the response's end, and with
+        // the body unread it is a reset).
+        let malformed = ended == Some(Err(Side::Bad));
+        let blamed = match &rest {
+            None => !cut,
+            Some(_) if malformed => true,
+            Some(Rest::Failed(Cut::Backend)) => false,
+            Some(Rest::Going(_)) => !until_close,
+            Some(Rest::Through(_) | Rest::Failed(_)) => true,
+        };
+        // Who ended the rest of a body going beside an early 2xx that did not go through: the
+        // backend, the client, the deadline, the idle clock or a stop's drain deadline, as it
+        // failed; or, still going, the response's cut, which ends it too. A 2xx cut off
+        // (`cut`, no `rest`) is one whose backend took no more of the body before its head
+        // was read (an early refusal, any other status, ends the body by design).
+        let body_cut_by = match &rest {
+            Some(Rest::Failed(c)) => Some(*c),
+            Some(Rest::Going(_)) => cut_by,
+            Some(Rest::Through(_)) => None,
+            None if cut && (200..300).contains(&status) => Some(Cut::Backend),
+            None => None,
         };
         // The rest of a body answered 2xx that did not go through (the backend took no more of
         // it, the client failed to send it, or the response was cut while it still went) ends
         // the exchange as a cut-off body does: the backend connection, with part of a request,
-        // is not reused, the client connection (whose rest of a body is not a request) closes
-        // lingering, and a backend that cuts its response short meanwhile is no passive-health
-        // failure (with the body unread, its close is a reset, as after any early answer). Its
-        // response, whole, still counts as the backend's success.
+        // is not reused, and the client connection (whose rest of a body is not a request)
+        // closes lingering. Its response, whole, still counts as the backend's success.
         let cut = match rest {
             None => cut,
             Some(Rest::Through(pending)) => {
@@ -2185,8 +2291,8 @@ async fn serve_conn(
                 buf = pending;
                 cut
             }
-            Some(Rest::Failed(side)) => {
-                tracing::debug!(vip = %vip.name, backend = %member.addr, ?side, "the rest of a request body answered 2xx early did not go through");
+            Some(Rest::Failed(by)) => {
+                tracing::debug!(vip = %vip.name, backend = %member.addr, by = by.as_str(), "the rest of a request body answered 2xx early did not go through");
                 true
             }
             Some(Rest::Going(_)) => true,
@@ -2196,13 +2302,17 @@ async fn serve_conn(
         match cut_by {
             _ if charged => {}
             None | Some(Cut::Client) => member.success(),
-            Some(Cut::Backend) if !cut => vip.failed(member),
+            Some(Cut::Backend) if blamed => vip.failed(member),
             Some(Cut::Backend | Cut::Deadline | Cut::Idle | Cut::Drain) => {}
         }
         if let Some(c) = cut_by {
             vip.responses_cut[c as usize].inc();
         }
-        finished(&vip, peer, status, Some(&req), Some(member.addr), Some(started), cut_by);
+        if let Some(c) = body_cut_by {
+            vip.request_bodies_cut[c as usize].inc();
+        }
+        let (backend, head) = (Some(member.addr), Some(&req));
+        finished_cut(&vip, peer, status, head, backend, Some(started), cut_by, body_cut_by);
         vip.duration.observe(end.saturating_duration_since(started).as_secs_f64());
         if cut_by.is_some() {
             // The body could not be passed on whole, and its head is with the client: a
@@ -2288,7 +2398,7 @@ fn abandon(up: &Socket, why: Attempt) -> Attempt {
 }
 
 /// A backend's final response head to one attempt, with its connection.
-struct Answer {
+struct Answer<'c> {
     up: Socket,
     resp: RespHead,
     /// The backend answered before it had the whole request body, not with a 2xx, and the
@@ -2300,7 +2410,7 @@ struct Answer {
     /// The backend answered 2xx before it had the whole request body: the body's stream, still
     /// going, which the caller drives beside the response ([`beside`]). `None` for a request
     /// without a body (no allocation on that path), or one whose body went through first.
-    rest: Option<BodyRest>,
+    rest: Option<BodyRest<'c>>,
 }
 
 /// The rest of a request body still on its way to the backend after the backend answered 2xx
@@ -2308,24 +2418,38 @@ struct Answer {
 /// holds where the body is, the chunked decoder's state, and a write maybe in flight, all lost
 /// with a dropped one). It owns clones of both sockets and the client's read buffer, which it
 /// hands back with how it ended: what follows the body there is the client's next request.
-type BodyRest = std::pin::Pin<Box<dyn Future<Output = (Result<(), Side>, BytesMut)>>>;
+/// It borrows the exchange's [`IdleClock`], which the response moves too.
+type BodyRest<'c> = std::pin::Pin<Box<dyn Future<Output = (Result<(), Side>, BytesMut)> + 'c>>;
 
-/// Where the rest of a request body sent beside its response ([`beside`]) stands once the
-/// response ended, or the body failed while the response still streamed.
-enum Rest {
-    /// Still going (the response ended first).
-    Going(BodyRest),
+/// Where the rest of a request body sent beside its response ([`beside`]) stands.
+enum Rest<'c> {
+    /// Still going.
+    Going(BodyRest<'c>),
     /// Through: the client's read buffer, with whatever followed the body.
     Through(BytesMut),
-    /// Failed: the backend took no more of it (`Side::Dst`), or the client left, stalled, or
-    /// broke the chunked coding.
-    Failed(Side),
+    /// Failed, and who ended it ([`body_cut`]).
+    Failed(Cut),
 }
 
-/// Streams a response (`response`) to the client while the rest of the request body (`rest`)
-/// still goes to the backend, after the backend's early 2xx ([`Answer::rest`]), until the
-/// response ends: both directions at once, in this one task. Returns how the response ended
-/// and where the body stands:
+/// Who ended the rest of a request body going beside an early 2xx that failed with `side`
+/// ([`stream_body`] from the client to the backend): the backend, which took no more of it
+/// (`Side::Dst`: it closed or reset its connection, or took nothing for the idle timeout); the
+/// client, which left or broke the chunked coding; the whole-request deadline; or the idle
+/// timeout, nothing having moved either way for it ([`IdleClock`]: the client paused).
+fn body_cut(side: Side, deadline: tokio::time::Instant) -> Cut {
+    match side {
+        Side::Dst => Cut::Backend,
+        Side::Src | Side::Bad => Cut::Client,
+        Side::Timeout if tokio::time::Instant::now() >= deadline => Cut::Deadline,
+        Side::Timeout => Cut::Idle,
+    }
+}
+
+/// Streams a response (`response`) to the client while the rest of the request body (`rest`,
+/// [`Rest::Going`]) still goes to the backend, after the backend's early 2xx
+/// ([`Answer::rest`]), until the response ends: both directions at once, in this one task, on
+/// one idle clock ([`IdleClock`]). Returns how the response ended, and leaves in `rest` where
+/// the body stands (also when this is dropped, at a stop's drain deadline, say):
 /// - the response ends first (whole or cut): the body may still be going; the caller finishes
 ///   it (a whole response) or drops it (a cut one, where everything is reset);
 /// - the body is through first: the response goes on to its end;
@@ -2339,25 +2463,31 @@ enum Rest {
 ///   caller ends with a reset on both connections.
 async fn beside(
     response: impl Future<Output = Result<(), Side>>,
-    mut rest: BodyRest,
+    rest: &mut Rest<'_>,
     client: &Socket,
     deadline: tokio::time::Instant,
-) -> (Result<(), Side>, Rest) {
+) -> Result<(), Side> {
     let mut response = std::pin::pin!(response);
+    let Rest::Going(going) = rest else { return response.await };
     let first = tokio::select! {
         biased;
         r = &mut response => Ok(r),
-        r = &mut rest => Err(r),
+        r = going => Err(r),
     };
     match first {
-        Ok(r) => (r, Rest::Going(rest)),
-        Err((Ok(()), pending)) => (response.await, Rest::Through(pending)),
+        Ok(r) => r,
+        Err((Ok(()), pending)) => {
+            *rest = Rest::Through(pending);
+            response.await
+        }
         Err((Err(Side::Dst), _)) => {
-            (with_the_rest_dropped(response, client).await, Rest::Failed(Side::Dst))
+            *rest = Rest::Failed(Cut::Backend);
+            with_the_rest_dropped(response, client).await
         }
         Err((Err(side), _)) => {
-            let past = side == Side::Timeout && tokio::time::Instant::now() >= deadline;
-            (Err(if past { Side::Timeout } else { Side::Dst }), Rest::Failed(side))
+            let cut = body_cut(side, deadline);
+            *rest = Rest::Failed(cut);
+            Err(if cut == Cut::Deadline { Side::Timeout } else { Side::Dst })
         }
     }
 }
@@ -2393,7 +2523,7 @@ async fn with_the_rest_dropped(
 /// final response that arrives while the body is still streaming ends the body there
 /// ([`Answer::cut`]), but for a 2xx, which takes the body's stream with it ([`Answer::rest`]).
 #[allow(clippy::too_many_arguments)]
-async fn attempt_once(
+async fn attempt_once<'c>(
     client: &Socket,
     buf: &mut BytesMut,
     ubuf: &mut BytesMut,
@@ -2409,7 +2539,8 @@ async fn attempt_once(
     listen: SocketAddr,
     now: Instant,
     deadline: tokio::time::Instant,
-) -> Result<Answer, Attempt> {
+    clock: &'c IdleClock,
+) -> Result<Answer<'c>, Attempt> {
     let cfg = &vip.cfg;
     let addr = pool.members[i].state.addr;
     // A pooled connection comes checked: nothing happened on it while it was idle (see
@@ -2497,18 +2628,18 @@ async fn attempt_once(
         // The body stream goes first when both are ready: a body that is through is through.
         //
         // The body's stream is boxed and owns what it works with (clones of both sockets, and
-        // the client's read buffer, handed back with its end), so that it can outlive this
-        // attempt: a 2xx that comes before the body is through does not end it, and the same
+        // the client's read buffer, handed back with its end; it borrows only the exchange's
+        // idle clock, which the response shares), so that it can outlive this attempt: a 2xx that comes before the body is through does not end it, and the same
         // stream goes on beside the response ([`Answer::rest`]). Only a request with a body
         // pays for the box.
         let (resp, cut, rest) = {
             let first = armed.map(FirstRead::Armed);
             let reading = response_head(client, &up, ubuf, addr, expect, first, false);
             let mut reading = std::pin::pin!(reading);
-            let (c, u, idle) = (client.clone(), up.clone(), cfg.idle_timeout);
+            let (c, u) = (client.clone(), up.clone());
             let mut pending = std::mem::take(buf);
             let mut body: BodyRest = Box::pin(async move {
-                let r = stream_body(&c, &mut pending, &u, framing, false, deadline, idle).await;
+                let r = stream_body(&c, &mut pending, &u, framing, false, deadline, clock).await;
                 (r, pending)
             });
             let streamed = tokio::select! {

@@ -71,7 +71,7 @@ pub struct RequestLabels {
     pub class: String,
 }
 
-/// Labels for counts of L7 responses cut short.
+/// Labels for counts of L7 responses (and request bodies) cut short.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CutLabels {
     /// VIP name.
@@ -112,6 +112,10 @@ pub struct L7Metrics {
     /// them: counted apart, since such a response is counted and logged by its status (a 200,
     /// say), which alone would pass it for a whole one.
     pub responses_cut: Family<CutLabels, Counter>,
+    /// Request bodies going on to a backend beside its early 2xx that did not go through, by
+    /// who ended them: with the response already whole, its status and `responses_cut` show
+    /// nothing of it.
+    pub request_bodies_cut: Family<CutLabels, Counter>,
     /// Backends taken out by passive health (counted through [`L7Metrics::eject`]).
     pub ejections: Family<BackendLabel, Counter>,
     /// Response heads over the proxy's limits, by backend (counted through
@@ -192,6 +196,7 @@ impl L7Metrics {
             tcp_connections: Family::default(),
             fail_open: Family::default(),
             responses_cut: Family::default(),
+            request_bodies_cut: Family::default(),
             ejections: Family::default(),
             heads_too_large: Family::default(),
             accept_errors: Family::default(),
@@ -244,6 +249,14 @@ impl L7Metrics {
              ended it (the backend, the client, the request deadline, the idle timeout, or the \
              drain deadline of a stop)",
             m.responses_cut.clone(),
+        );
+        registry.register(
+            "edgelb_l7_request_bodies_cut",
+            "L7 request bodies going on to a backend that answered 2xx before they were \
+             through, which did not go through, by what ended them (the backend taking no more, \
+             the client, the request deadline, the idle timeout, or the drain deadline of a \
+             stop)",
+            m.request_bodies_cut.clone(),
         );
         registry.register(
             "edgelb_l7_backend_ejections",
@@ -341,6 +354,8 @@ pub struct VipRuntime {
     /// Responses of this VIP cut short, indexed by `http::Cut` (backend, client, deadline,
     /// idle, drain).
     pub responses_cut: [Counter; 5],
+    /// Request bodies of this VIP going beside an early 2xx cut short, indexed by `http::Cut`.
+    pub request_bodies_cut: [Counter; 5],
     /// The proxy's metrics (passive-health ejections, by backend).
     pub metrics: Arc<L7Metrics>,
     /// The throttles of this VIP's log lines that can come in floods, per VIP (one VIP's must
@@ -867,6 +882,12 @@ impl Proxy {
                     responses_cut: http::Cut::ALL.map(|c| {
                         let side = c.as_str().to_owned();
                         m.responses_cut
+                            .get_or_create(&CutLabels { vip: vip.name.clone(), side })
+                            .clone()
+                    }),
+                    request_bodies_cut: http::Cut::ALL.map(|c| {
+                        let side = c.as_str().to_owned();
+                        m.request_bodies_cut
                             .get_or_create(&CutLabels { vip: vip.name.clone(), side })
                             .clone()
                     }),
