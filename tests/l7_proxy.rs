@@ -853,6 +853,65 @@ fn a_cookie_of_the_previous_secret_keeps_its_backend_and_is_renewed() {
     }
 }
 
+/// A secret rotation over two nodes in the three rounds docs/CONFIG.md gives moves no client,
+/// while the nodes differ included: in each round, a cookie either node sets keeps its backend
+/// on the other, which sets it anew under its own secret if that differs (the same backend's).
+/// Giving one node the new secret while the other knows only the old moves clients: the other
+/// node takes the new cookie for nothing and places its client anew.
+#[test]
+fn a_secret_rotation_in_three_rounds_moves_no_client_between_two_nodes() {
+    let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));
+    let all = [&a, &b, &c];
+    let (old, new) = ("old-secret-0123456789", "new-secret-0123456789");
+    let node = |current: &str, previous: Option<&str>| {
+        let previous =
+            previous.map_or(String::new(), |p| format!("\ncookie_secret_previous = \"{p}\""));
+        cookie_proxy(&all, &format!("cookie_secret = \"{current}\"{previous}"))
+    };
+    // Each node state of the rotation, by (current, previous).
+    let only_old = node(old, None);
+    let first = node(old, Some(new));
+    let second = node(new, Some(old));
+    let only_new = node(new, None);
+    // Each backend's cookie under `secret`, as a node signing with it sets it.
+    let cookie = |secret: &str, x: &Backend| {
+        let addr = format!("127.0.0.1:{}", x.addr.port()).parse().unwrap();
+        format!("edgelb={}", edgelb::proxy::balance::cookie_tag(secret, addr))
+    };
+    let rounds = [
+        ("first", (&only_old, old), (&first, old)),
+        ("second", (&first, old), (&second, new)),
+        ("third", (&second, new), (&only_new, new)),
+    ];
+    for (round, (x, x_signs), (y, y_signs)) in rounds {
+        for (name, backend) in [("a", &a), ("b", &b), ("c", &c)] {
+            for issued in [cookie(x_signs, backend), cookie(y_signs, backend)] {
+                for (node, signs) in [(x, x_signs), (y, y_signs)] {
+                    let mine = cookie(signs, backend);
+                    let want = (issued != mine).then_some(mine);
+                    assert_eq!(
+                        with_cookie(node.addr, &issued),
+                        (name.to_owned(), want),
+                        "round {round}: {issued} of {name}"
+                    );
+                }
+            }
+        }
+    }
+    // The new secret on one node while the other has the old alone: the other takes the new
+    // node's cookie for nothing, and places its client anew (by turns, so not always on its
+    // backend) with an old cookie.
+    let issued = cookie(new, &a);
+    let mut placed = std::collections::HashSet::new();
+    for _ in 0..6 {
+        let (by, set) = with_cookie(only_old.addr, &issued);
+        let x = all[["a", "b", "c"].iter().position(|n| *n == by).unwrap()];
+        assert_eq!(set, Some(cookie(old, x)), "{issued} on the old node");
+        placed.insert(by);
+    }
+    assert!(placed.len() > 1, "{issued} always placed on {placed:?}");
+}
+
 /// A client whose cookie names a live backend stays there through that backend's own errors:
 /// its 502/503/504, or no answer within the response timeout, reach the client as they are
 /// (the backend has the request, and may have done it), not retried on another backend that

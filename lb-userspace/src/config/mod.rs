@@ -385,9 +385,11 @@ pub struct L7 {
     pub cookie_name: String,
     /// Key that signs sticky cookies (the same on every node).
     pub cookie_secret: String,
-    /// The key `cookie_secret` replaces, during a rotation: cookies it signed still name their
-    /// backends, and are issued anew under `cookie_secret`, so that no client loses its backend
-    /// while the nodes change secrets one by one.
+    /// A second key whose cookies count, during a rotation: cookies it signed still name their
+    /// backends, and are issued anew under `cookie_secret`. A node takes only its own two keys'
+    /// cookies, so a rotation goes over the nodes in three rounds (docs/CONFIG.md): the new key
+    /// here while `cookie_secret` is still the old one, then the two swapped, then this removed;
+    /// within each round every node takes the cookies any node sets, and no client moves.
     pub cookie_secret_previous: Option<String>,
     /// Attributes sticky cookies carry after `Path` and `HttpOnly`, each as `; Name` or
     /// `; Name=value` (empty for none): `SameSite=None; Secure` for cross-site clients, which
@@ -1556,13 +1558,13 @@ fn l7_settings(
         Some(p) if l.cookie_secret.is_none() => {
             return bad(
                 p.span(),
-                "cookie_secret_previous needs cookie_secret: cookie_secret signs new cookies, cookie_secret_previous is the one it replaces, whose cookies still count; write both",
+                "cookie_secret_previous needs cookie_secret: cookie_secret signs new cookies, cookie_secret_previous is a second secret whose cookies still count (during a rotation, see docs/CONFIG.md); write both",
             );
         }
         Some(p) if *p.get_ref() == cookie_secret => {
             return bad(
                 p.span(),
-                "cookie_secret_previous is cookie_secret itself: write there the secret cookie_secret replaces, or remove cookie_secret_previous once every node signs with cookie_secret",
+                "cookie_secret_previous is cookie_secret itself: write there the other secret of the rotation (see docs/CONFIG.md), or remove cookie_secret_previous once every node signs with cookie_secret",
             );
         }
         Some(p) => Some(long_enough(p, "cookie_secret_previous")?),

@@ -916,7 +916,7 @@ fn prefixed_cookie_names_get_the_attributes_their_prefix_needs() {
     }
 }
 
-/// During a secret rotation `cookie_secret_previous` is the secret `cookie_secret` replaces:
+/// During a secret rotation `cookie_secret_previous` is the other secret of the rotation:
 /// as long as one, different from it, and only beside it.
 #[test]
 fn a_previous_cookie_secret_is_a_second_valid_secret() {
