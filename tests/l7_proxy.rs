@@ -765,6 +765,43 @@ fn set_cookie_carries_the_configured_attributes() {
     }
 }
 
+/// A cookie with a `Max-Age` is set again with every answer, a valid current one's included:
+/// browsers count its lifetime from when it was last set, so a busy session set it only when
+/// placed lost it that long after its first request, and could move mid-session. Without a
+/// `Max-Age` (whatever else the attributes say) a valid cookie is not set again.
+#[test]
+fn a_cookie_with_a_max_age_is_set_again_with_every_answer() {
+    let (a, b) = (backend("a", Mode::Ok), backend("b", Mode::Ok));
+    for (attributes, refreshed) in [("Secure; Max-Age=60", true), ("Secure; SameSite=Lax", false)] {
+        let p = cookie_proxy(
+            &[&a, &b],
+            &format!(
+                "cookie_secret = \"0123456789abcdef0123\"\ncookie_attributes = \"{attributes}\""
+            ),
+        );
+        let first = get(p.addr, "/");
+        let set = first.1["set-cookie"].clone();
+        let cookie = set.split(';').next().unwrap().to_owned();
+        for _ in 0..3 {
+            let r = request(
+                p.addr,
+                None,
+                &format!(
+                    "GET / HTTP/1.1\r\nHost: t\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"
+                ),
+            )
+            .unwrap();
+            assert_eq!(who(&r), who(&first), "{attributes}");
+            let again = r.1.get("set-cookie");
+            if refreshed {
+                assert_eq!(again, Some(&set), "{attributes}: set again, the same");
+            } else {
+                assert_eq!(again, None, "{attributes}: a valid cookie is not set again");
+            }
+        }
+    }
+}
+
 /// Three backends behind a cookie proxy with `l7` (its `[vip.l7]` lines).
 fn cookie_proxy(backends: &[&Backend], l7: &str) -> Running {
     let list: Vec<(&Backend, u32)> = backends.iter().map(|b| (*b, 1)).collect();

@@ -218,6 +218,14 @@ pub struct Pool {
     /// or `; Name=value` (the VIP's `cookie_attributes`, checked by the config): empty for
     /// none.
     pub cookie_attributes: String,
+    /// Whether the stickiness cookie is set again with every answer (but a 5xx), not only when
+    /// its client is placed: so it is when [`cookie_attributes`](Self::cookie_attributes) give
+    /// it a lifetime (`Max-Age`), which browsers count from when the cookie was last set. Set
+    /// only on placement, such a cookie lapsed that long after a session's first request,
+    /// however busy the session, and its client could be placed elsewhere mid-session; set with
+    /// every answer, it lapses that long after the last one. Without a lifetime the cookie
+    /// lasts as long as the browser session, and setting it again would only cost bytes.
+    pub cookie_refresh: bool,
     /// Each member's stickiness cookie value ([`cookie_tag`]), in member order; empty until
     /// [`Pool::sign_cookies`].
     cookies: Vec<String>,
@@ -321,6 +329,7 @@ impl Pool {
             cookie_name: String::new(),
             cookie_path: "/".to_owned(),
             cookie_attributes: String::new(),
+            cookie_refresh: false,
             cookies: Vec::new(),
             previous: Vec::new(),
         }
@@ -365,6 +374,16 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// Gives the stickiness cookie the VIP's `attributes` (checked and written out by the
+    /// config: each as `; Name` or `; Name=value`, in its usual spelling), and has it set
+    /// again with every answer if they give it a lifetime ([`Pool::cookie_refresh`]): `Max-Age`
+    /// (or `Expires`, which the config refuses, since every cookie would outlive a fixed date).
+    pub fn set_cookie_attributes(&mut self, attributes: &str) {
+        self.cookie_attributes = attributes.to_owned();
+        self.cookie_refresh =
+            attributes.contains("; Max-Age=") || attributes.contains("; Expires=");
     }
 
     /// The cookie value that names member `i` (empty if the pool has no secret).

@@ -1824,8 +1824,10 @@ async fn serve_conn(
             .flatten();
         let sticky = named.map(|n| n.member);
         // A cookie signed with the previous secret (a rotation under way) keeps its member, and
-        // is issued anew under the current secret with the answer.
-        let renew = named.is_some_and(|n| !n.current);
+        // is issued anew under the current secret with the answer; so is every cookie with a
+        // Max-Age, whose lifetime then runs from the client's last answer, not its first
+        // (`Pool::cookie_refresh`).
+        let renew = pool.cookie_refresh || named.is_some_and(|n| !n.current);
 
         let continued = expects_continue(&req, framing);
         if continued && write(client, &b"HTTP/1.1 100 Continue\r\n\r\n"[..]).await.is_err() {

@@ -801,7 +801,7 @@ impl Proxy {
                 if pool.algorithm == Algorithm::Cookie {
                     pool.sign_cookies(&l7.cookie_secret, l7.cookie_secret_previous.as_deref());
                     pool.scope_cookie(&l7.cookie_name, prefix);
-                    pool.cookie_attributes.clone_from(&l7.cookie_attributes);
+                    pool.set_cookie_attributes(&l7.cookie_attributes);
                 }
                 pool
             };
