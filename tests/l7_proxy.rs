@@ -4875,6 +4875,59 @@ fn a_backend_back_from_an_active_down_keeps_its_passive_ejection() {
     assert_eq!(bad.reqs.load(Ordering::Relaxed), 2, "and is in rotation");
 }
 
+/// A cookie with `Domain` is one for every host under that domain: the pools of routes for
+/// different hosts, and the VIP's own, each name theirs after their host, so that none
+/// overwrites another's and a client of several hosts keeps its backend on each. Without
+/// `Domain` the cookies are each host's own, and keep the VIP's name.
+#[test]
+fn host_routes_name_their_cookies_after_their_host_under_a_domain() {
+    let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));
+    let routes = format!(
+        "[[vip.route]]\nhost = \"WWW.example.com.\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n[[vip.route]]\nhost = \"api.example.com\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n",
+        a.addr.port(),
+        b.addr.port()
+    );
+    for (attributes, names) in [
+        ("Domain=example.com", ["edgelb_40www.example.com", "edgelb_40api.example.com", "edgelb"]),
+        ("Secure", ["edgelb", "edgelb", "edgelb"]),
+    ] {
+        let p = proxy(
+            &[(&c, 1)],
+            &format!(
+                "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef0123\"\ncookie_attributes = \"{attributes}\""
+            ),
+            &routes,
+        );
+        let ask = |host: &str, cookies: &str| {
+            request(
+                p.addr,
+                None,
+                &format!(
+                    "GET / HTTP/1.1\r\nHost: {host}\r\nCookie: {cookies}\r\nConnection: close\r\n\r\n"
+                ),
+            )
+            .unwrap()
+        };
+        let hosts = ["www.example.com", "api.example.com", "example.com"];
+        let mut cookies = Vec::new();
+        for (host, (name, by)) in hosts.iter().zip(names.iter().zip(["a", "b", "c"])) {
+            let r = ask(host, "x=1");
+            assert_eq!(who(&r), by, "{host}");
+            let cookie = r.1["set-cookie"].split(';').next().unwrap().to_owned();
+            assert_eq!(cookie.split_once('=').unwrap().0, *name, "{attributes}: {host}");
+            cookies.push(cookie);
+        }
+        if attributes.starts_with("Domain") {
+            // A browser sends every host all three: each host's pool keeps its own.
+            let all = cookies.join("; ");
+            for (host, by) in hosts.iter().zip(["a", "b", "c"]) {
+                let r = ask(host, &all);
+                assert_eq!((who(&r), r.1.get("set-cookie")), (by.to_owned(), None), "{host}");
+            }
+        }
+    }
+}
+
 /// The pools of one cookie VIP (its own and its routes') each keep their stickiness: of the
 /// cookies a client sends, the one naming a member of the pool at hand counts. A route's cookie
 /// comes back with every request the route takes: the route matches its prefix as a plain

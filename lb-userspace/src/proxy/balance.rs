@@ -361,18 +361,34 @@ impl Pool {
     /// whose path is their whole prefix keep `name`: two of them with one path have one
     /// prefix, and of two routes with one prefix the first takes every request of the hosts
     /// the second would share.
-    pub fn scope_cookie(&mut self, name: &str, prefix: Option<&str>) {
+    ///
+    /// That holds for cookies of one host. A cookie with `Domain` is one for every host under
+    /// that domain (a browser keeps one per name, domain and path): pools of routes for
+    /// different hosts, or of a host route and the VIP's own backends, would overwrite each
+    /// other's, and a client of both hosts go from backend to backend. So with `Domain` a
+    /// route's `host` (as routes compare it: `proxy::route_host`) is given, and its
+    /// pool's name has `_40` and the host after `name`, written as the prefix is, before the
+    /// prefix if that is added too (`edgelb_40api.example.com`, `edgelb_40api.example.com_2Fv1`).
+    /// `_40` (`@`) tells it from a prefix, which starts `_2F` (`/`, which no host holds).
+    pub fn scope_cookie(&mut self, name: &str, host: Option<&str>, prefix: Option<&str>) {
         self.cookie_path = cookie_path(prefix).to_owned();
         let prefix = prefix.unwrap_or("/");
         self.cookie_name = name.to_owned();
-        if self.cookie_path != prefix {
-            for b in prefix.bytes() {
+        let mut add = |s: &str| {
+            for b in s.bytes() {
                 if b.is_ascii_alphanumeric() || b == b'-' || b == b'.' {
                     self.cookie_name.push(char::from(b));
                 } else {
                     self.cookie_name.push_str(&format!("_{b:02X}"));
                 }
             }
+        };
+        if let Some(host) = host {
+            add("@");
+            add(host);
+        }
+        if self.cookie_path != prefix {
+            add(prefix);
         }
     }
 
@@ -945,7 +961,7 @@ mod tests {
     fn cookies_are_scoped_to_what_their_route_matches() {
         let scope = |prefix: Option<&str>| {
             let mut p = pool(&[1], Algorithm::Cookie);
-            p.scope_cookie("edgelb", prefix);
+            p.scope_cookie("edgelb", None, prefix);
             (p.cookie_name, p.cookie_path)
         };
         let s = |name: &str, path: &str| (name.to_owned(), path.to_owned());
@@ -961,6 +977,20 @@ mod tests {
             (Some("/a;b/c"), s("edgelb_2Fa_3Bb_2Fc", "/")),
         ] {
             assert_eq!(scope(prefix), want, "{prefix:?}");
+        }
+        // A route's host, given when the cookie has a Domain, names it too, before the prefix.
+        let scope = |host: &str, prefix: Option<&str>| {
+            let mut p = pool(&[1], Algorithm::Cookie);
+            p.scope_cookie("edgelb", Some(host), prefix);
+            (p.cookie_name, p.cookie_path)
+        };
+        for (host, prefix, want) in [
+            ("api.example.com", None, s("edgelb_40api.example.com", "/")),
+            ("api.example.com", Some("/v1/"), s("edgelb_40api.example.com", "/v1/")),
+            ("api.example.com", Some("/v1"), s("edgelb_40api.example.com_2Fv1", "/")),
+            ("[2001:db8::1]", None, s("edgelb_40_5B2001_3Adb8_3A_3A1_5D", "/")),
+        ] {
+            assert_eq!(scope(host, prefix), want, "{host} {prefix:?}");
         }
     }
 }
