@@ -246,6 +246,14 @@ pub struct CookieMember {
     pub current: bool,
 }
 
+/// Values of its cookie name a pool looks at in a request, at most, in the order sent
+/// ([`Pool::cookie_in`]). Each is compared in full with every member's tag under both secrets,
+/// so a head holding thousands of them (a large `max_header_bytes` has room for that many) cost
+/// thousands of times the work of one; a browser sends one per pool of the VIP whose `Path`
+/// covers the request's, the longest path first (RFC 6265 5.4), which is the pool's own but for
+/// nested routes; a few stale ones, of other backends or secrets, may come with them.
+pub const COOKIE_VALUES_READ: usize = 4;
+
 /// Where a pool's rotation stands: the round-robin (and least-connections tie) cursor, and the
 /// identity of its smooth weighted round-robin state on each thread. Kept across the pool's
 /// snapshots: a health verdict, a drain or a reload rebuilds every pool, and a rotation that
@@ -405,6 +413,30 @@ impl Pool {
     /// The cookie value that names member `i` (empty if the pool has no secret).
     pub fn cookie(&self, i: usize) -> &str {
         self.cookies.get(i).map_or("", String::as_str)
+    }
+
+    /// The member this pool's stickiness cookie names in a request's `Cookie` header values
+    /// (`headers`, each `name=value; name=value ...`), if it names one. Each of the VIP's pools
+    /// sets its own (scoped to its route's path, see [`Pool::scope_cookie`]), so a client may
+    /// send several values of one name (with nested paths): of the first
+    /// [`COOKIE_VALUES_READ`], bare or in double quotes (RFC 6265 4.1.1, the same value), the
+    /// first naming a member counts. Later ones are not looked at.
+    pub fn cookie_in<'a>(
+        &self,
+        headers: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Option<CookieMember> {
+        headers
+            .into_iter()
+            .flat_map(|v| v.split(|&b| b == b';'))
+            .filter_map(|c| {
+                let (name, rest) = c.trim_ascii().split_at_checked(self.cookie_name.len())?;
+                let value = rest.strip_prefix(b"=")?;
+                let value =
+                    value.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(value);
+                (name == self.cookie_name.as_bytes()).then_some(value)
+            })
+            .take(COOKIE_VALUES_READ)
+            .find_map(|v| self.cookie_member(v))
     }
 
     /// The member a cookie value names, if it is one of this pool's, under the current secret
@@ -857,6 +889,33 @@ mod tests {
         let mut only_new = pool(&[1, 1, 1], Algorithm::Cookie);
         only_new.sign_cookies(new, None);
         assert_eq!(only_new.cookie_member(was.as_bytes()), None);
+    }
+
+    /// Of the values of its cookie name a request carries, a pool looks at the first
+    /// [`COOKIE_VALUES_READ`] (4) only, in the order sent, over every `Cookie` line; other
+    /// names, and names that only start with its own, do not count.
+    #[test]
+    fn only_the_first_values_of_the_cookie_name_are_looked_at() {
+        let mut p = pool(&[1, 1], Algorithm::Cookie);
+        p.sign_cookies("0123456789abcdef", None);
+        p.scope_cookie("edgelb", None, None);
+        let good = format!("edgelb={}", p.cookie(1));
+        let quoted = format!("edgelb=\"{}\"", p.cookie(1));
+        let stale = "edgelb=00000000000000000000000000000000";
+        let other = format!("edgelbx={}; x={}", p.cookie(0), p.cookie(0));
+        let member = Some(CookieMember { member: 1, current: true });
+        let named = |lines: &[String]| p.cookie_in(lines.iter().map(|l| l.as_bytes()));
+        let stales = |n: usize| vec![stale; n].join("; ");
+        assert_eq!(COOKIE_VALUES_READ, 4);
+        for (lines, want) in [
+            (vec![format!("{other}; {}; {good}", stales(3))], member),
+            (vec![format!("{other}; {}; {good}", stales(4))], None),
+            (vec![stales(2), format!("{}; {quoted}", stales(1))], member),
+            (vec![stales(2), stales(2), good.clone()], None),
+            (vec![format!("{good}; {}", stales(10))], member),
+        ] {
+            assert_eq!(named(&lines), want, "{lines:?}");
+        }
     }
 
     /// Each member's share of `picks` over its share of the pool's weight (1.0: exactly its

@@ -1802,25 +1802,7 @@ async fn serve_conn(
 
         // Sticky cookie, if the pool uses them.
         let named = (pool.algorithm == Algorithm::Cookie)
-            .then(|| {
-                header(&req.head, "cookie")
-                    .flat_map(|v| v.split(|&b| b == b';'))
-                    .filter_map(|c| {
-                        let (name, rest) =
-                            c.trim_ascii().split_at_checked(pool.cookie_name.len())?;
-                        let value = rest.strip_prefix(b"=")?;
-                        // A value may come in double quotes (RFC 6265 4.1.1): the same value.
-                        let value = value
-                            .strip_prefix(b"\"")
-                            .and_then(|v| v.strip_suffix(b"\""))
-                            .unwrap_or(value);
-                        (name == pool.cookie_name.as_bytes()).then_some(value)
-                    })
-                    // Each of the VIP's pools sets its own (scoped to its route's path, see
-                    // `Pool::scope_cookie`): a client may send several of one name (with
-                    // nested paths); the first one naming a member of this pool counts.
-                    .find_map(|v| pool.cookie_member(v))
-            })
+            .then(|| pool.cookie_in(header(&req.head, "cookie")))
             .flatten();
         let sticky = named.map(|n| n.member);
         // A cookie signed with the previous secret (a rotation under way) keeps its member, and
