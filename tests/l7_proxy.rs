@@ -765,6 +765,43 @@ fn set_cookie_carries_the_configured_attributes() {
     }
 }
 
+/// A cookie with a `Max-Age` is set again with every answer, a valid current one's included:
+/// browsers count its lifetime from when it was last set, so a busy session set it only when
+/// placed lost it that long after its first request, and could move mid-session. Without a
+/// `Max-Age` (whatever else the attributes say) a valid cookie is not set again.
+#[test]
+fn a_cookie_with_a_max_age_is_set_again_with_every_answer() {
+    let (a, b) = (backend("a", Mode::Ok), backend("b", Mode::Ok));
+    for (attributes, refreshed) in [("Secure; Max-Age=60", true), ("Secure; SameSite=Lax", false)] {
+        let p = cookie_proxy(
+            &[&a, &b],
+            &format!(
+                "cookie_secret = \"0123456789abcdef0123\"\ncookie_attributes = \"{attributes}\""
+            ),
+        );
+        let first = get(p.addr, "/");
+        let set = first.1["set-cookie"].clone();
+        let cookie = set.split(';').next().unwrap().to_owned();
+        for _ in 0..3 {
+            let r = request(
+                p.addr,
+                None,
+                &format!(
+                    "GET / HTTP/1.1\r\nHost: t\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"
+                ),
+            )
+            .unwrap();
+            assert_eq!(who(&r), who(&first), "{attributes}");
+            let again = r.1.get("set-cookie");
+            if refreshed {
+                assert_eq!(again, Some(&set), "{attributes}: set again, the same");
+            } else {
+                assert_eq!(again, None, "{attributes}: a valid cookie is not set again");
+            }
+        }
+    }
+}
+
 /// Three backends behind a cookie proxy with `l7` (its `[vip.l7]` lines).
 fn cookie_proxy(backends: &[&Backend], l7: &str) -> Running {
     let list: Vec<(&Backend, u32)> = backends.iter().map(|b| (*b, 1)).collect();
@@ -851,6 +888,65 @@ fn a_cookie_of_the_previous_secret_keeps_its_backend_and_is_renewed() {
         }
         assert!(placed.len() > 1, "{old_cookie} always placed on {placed:?}");
     }
+}
+
+/// A secret rotation over two nodes in the three rounds docs/CONFIG.md gives moves no client,
+/// while the nodes differ included: in each round, a cookie either node sets keeps its backend
+/// on the other, which sets it anew under its own secret if that differs (the same backend's).
+/// Giving one node the new secret while the other knows only the old moves clients: the other
+/// node takes the new cookie for nothing and places its client anew.
+#[test]
+fn a_secret_rotation_in_three_rounds_moves_no_client_between_two_nodes() {
+    let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));
+    let all = [&a, &b, &c];
+    let (old, new) = ("old-secret-0123456789", "new-secret-0123456789");
+    let node = |current: &str, previous: Option<&str>| {
+        let previous =
+            previous.map_or(String::new(), |p| format!("\ncookie_secret_previous = \"{p}\""));
+        cookie_proxy(&all, &format!("cookie_secret = \"{current}\"{previous}"))
+    };
+    // Each node state of the rotation, by (current, previous).
+    let only_old = node(old, None);
+    let first = node(old, Some(new));
+    let second = node(new, Some(old));
+    let only_new = node(new, None);
+    // Each backend's cookie under `secret`, as a node signing with it sets it.
+    let cookie = |secret: &str, x: &Backend| {
+        let addr = format!("127.0.0.1:{}", x.addr.port()).parse().unwrap();
+        format!("edgelb={}", edgelb::proxy::balance::cookie_tag(secret, addr))
+    };
+    let rounds = [
+        ("first", (&only_old, old), (&first, old)),
+        ("second", (&first, old), (&second, new)),
+        ("third", (&second, new), (&only_new, new)),
+    ];
+    for (round, (x, x_signs), (y, y_signs)) in rounds {
+        for (name, backend) in [("a", &a), ("b", &b), ("c", &c)] {
+            for issued in [cookie(x_signs, backend), cookie(y_signs, backend)] {
+                for (node, signs) in [(x, x_signs), (y, y_signs)] {
+                    let mine = cookie(signs, backend);
+                    let want = (issued != mine).then_some(mine);
+                    assert_eq!(
+                        with_cookie(node.addr, &issued),
+                        (name.to_owned(), want),
+                        "round {round}: {issued} of {name}"
+                    );
+                }
+            }
+        }
+    }
+    // The new secret on one node while the other has the old alone: the other takes the new
+    // node's cookie for nothing, and places its client anew (by turns, so not always on its
+    // backend) with an old cookie.
+    let issued = cookie(new, &a);
+    let mut placed = std::collections::HashSet::new();
+    for _ in 0..6 {
+        let (by, set) = with_cookie(only_old.addr, &issued);
+        let x = all[["a", "b", "c"].iter().position(|n| *n == by).unwrap()];
+        assert_eq!(set, Some(cookie(old, x)), "{issued} on the old node");
+        placed.insert(by);
+    }
+    assert!(placed.len() > 1, "{issued} always placed on {placed:?}");
 }
 
 /// A client whose cookie names a live backend stays there through that backend's own errors:
@@ -5040,6 +5136,59 @@ fn a_backend_back_from_an_active_down_keeps_its_passive_ejection() {
         assert_eq!(get(addr, "/").0, 200);
     }
     assert_eq!(bad.reqs.load(Ordering::Relaxed), 2, "and is in rotation");
+}
+
+/// A cookie with `Domain` is one for every host under that domain: the pools of routes for
+/// different hosts, and the VIP's own, each name theirs after their host, so that none
+/// overwrites another's and a client of several hosts keeps its backend on each. Without
+/// `Domain` the cookies are each host's own, and keep the VIP's name.
+#[test]
+fn host_routes_name_their_cookies_after_their_host_under_a_domain() {
+    let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));
+    let routes = format!(
+        "[[vip.route]]\nhost = \"WWW.example.com.\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n[[vip.route]]\nhost = \"api.example.com\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n",
+        a.addr.port(),
+        b.addr.port()
+    );
+    for (attributes, names) in [
+        ("Domain=example.com", ["edgelb_40www.example.com", "edgelb_40api.example.com", "edgelb"]),
+        ("Secure", ["edgelb", "edgelb", "edgelb"]),
+    ] {
+        let p = proxy(
+            &[(&c, 1)],
+            &format!(
+                "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef0123\"\ncookie_attributes = \"{attributes}\""
+            ),
+            &routes,
+        );
+        let ask = |host: &str, cookies: &str| {
+            request(
+                p.addr,
+                None,
+                &format!(
+                    "GET / HTTP/1.1\r\nHost: {host}\r\nCookie: {cookies}\r\nConnection: close\r\n\r\n"
+                ),
+            )
+            .unwrap()
+        };
+        let hosts = ["www.example.com", "api.example.com", "example.com"];
+        let mut cookies = Vec::new();
+        for (host, (name, by)) in hosts.iter().zip(names.iter().zip(["a", "b", "c"])) {
+            let r = ask(host, "x=1");
+            assert_eq!(who(&r), by, "{host}");
+            let cookie = r.1["set-cookie"].split(';').next().unwrap().to_owned();
+            assert_eq!(cookie.split_once('=').unwrap().0, *name, "{attributes}: {host}");
+            cookies.push(cookie);
+        }
+        if attributes.starts_with("Domain") {
+            // A browser sends every host all three: each host's pool keeps its own.
+            let all = cookies.join("; ");
+            for (host, by) in hosts.iter().zip(["a", "b", "c"]) {
+                let r = ask(host, &all);
+                assert_eq!((who(&r), r.1.get("set-cookie")), (by.to_owned(), None), "{host}");
+            }
+        }
+    }
 }
 
 /// The pools of one cookie VIP (its own and its routes') each keep their stickiness: of the

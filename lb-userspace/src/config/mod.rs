@@ -385,9 +385,11 @@ pub struct L7 {
     pub cookie_name: String,
     /// Key that signs sticky cookies (the same on every node).
     pub cookie_secret: String,
-    /// The key `cookie_secret` replaces, during a rotation: cookies it signed still name their
-    /// backends, and are issued anew under `cookie_secret`, so that no client loses its backend
-    /// while the nodes change secrets one by one.
+    /// A second key whose cookies count, during a rotation: cookies it signed still name their
+    /// backends, and are issued anew under `cookie_secret`. A node takes only its own two keys'
+    /// cookies, so a rotation goes over the nodes in three rounds (docs/CONFIG.md): the new key
+    /// here while `cookie_secret` is still the old one, then the two swapped, then this removed;
+    /// within each round every node takes the cookies any node sets, and no client moves.
     pub cookie_secret_previous: Option<String>,
     /// Attributes sticky cookies carry after `Path` and `HttpOnly`, each as `; Name` or
     /// `; Name=value` (empty for none): `SameSite=None; Secure` for cross-site clients, which
@@ -986,6 +988,8 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
     // The VIP of each (address, port, protocol), by name.
     let mut keys = std::collections::HashMap::new();
     let mut vips = Vec::new();
+    // Where each VIP's address is written, in the order of `vips`.
+    let mut addresses_at = Vec::new();
     // The data plane keeps one entry per (VIP, backend address) of the VIPs XDP forwards: their
     // count, and the first backend past the limit.
     let mut entries = 0usize;
@@ -998,6 +1002,7 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
             return bad(v.name.span(), format!("duplicate VIP name `{}`", v.name.get_ref()));
         }
         let vip_addr = parse_ip(&v.address, "VIP address")?;
+        addresses_at.push(v.address.span());
         if let Some(what) = not_unicast(vip_addr) {
             return bad(
                 v.address.span(),
@@ -1235,6 +1240,7 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
         });
     }
     links.no_loop()?;
+    cookies_shared_across_ports(&vips, &addresses_at, cautions);
     if entries > MAX_BACKENDS as usize {
         return bad(
             first_over,
@@ -1556,13 +1562,13 @@ fn l7_settings(
         Some(p) if l.cookie_secret.is_none() => {
             return bad(
                 p.span(),
-                "cookie_secret_previous needs cookie_secret: cookie_secret signs new cookies, cookie_secret_previous is the one it replaces, whose cookies still count; write both",
+                "cookie_secret_previous needs cookie_secret: cookie_secret signs new cookies, cookie_secret_previous is a second secret whose cookies still count (during a rotation, see docs/CONFIG.md); write both",
             );
         }
         Some(p) if *p.get_ref() == cookie_secret => {
             return bad(
                 p.span(),
-                "cookie_secret_previous is cookie_secret itself: write there the secret cookie_secret replaces, or remove cookie_secret_previous once every node signs with cookie_secret",
+                "cookie_secret_previous is cookie_secret itself: write there the other secret of the rotation (see docs/CONFIG.md), or remove cookie_secret_previous once every node signs with cookie_secret",
             );
         }
         Some(p) => Some(long_enough(p, "cookie_secret_previous")?),
@@ -1598,6 +1604,66 @@ fn l7_settings(
         max_fails: setting(&l.max_fails, 3, "max_fails")?,
         fail_timeout: ms(&l.fail_timeout_ms, 10_000, "fail_timeout_ms")?,
     })
+}
+
+/// Browsers keep cookies by host, whatever the port (RFC 6265 8.5): the cookies of two
+/// cookie-sticky VIPs on one address (on different ports) are one to a browser when they share
+/// a name. If the VIPs' secrets differ, or the backends their cookies can name (a cookie's tag
+/// names a backend by its address and port), each takes the other's cookie for nothing, places
+/// its client anew and sets its own over it: a client of both goes from backend to backend.
+/// Such files worked before, and only the operator knows whether one client reaches both VIPs
+/// (IPv4 and IPv6 VIPs behind one host name, which the config cannot see, are the same case:
+/// docs/CONFIG.md), so each such pair adds a caution at the later VIP's address, not an error.
+fn cookies_shared_across_ports(
+    vips: &[Vip],
+    addresses_at: &[Range<usize>],
+    cautions: &mut Vec<Invalid>,
+) {
+    // Each cookie-sticky VIP with the backends its cookies can name, in one order.
+    let sticky: Vec<_> = vips
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| {
+            let l7 = v.l7.as_ref().filter(|l| l.mode == L7Mode::Http)?;
+            let own = (l7.algorithm == Algorithm::Cookie).then_some(&v.backends);
+            let routes = l7.routes.iter().filter(|r| r.algorithm == Algorithm::Cookie);
+            let mut named: Vec<(IpAddr, u16)> = own
+                .into_iter()
+                .chain(routes.map(|r| &r.backends))
+                .flatten()
+                .map(|b| (b.address, b.port))
+                .collect();
+            if named.is_empty() {
+                return None;
+            }
+            named.sort_unstable();
+            named.dedup();
+            Some((i, l7, named))
+        })
+        .collect();
+    for (k, (i, l7, named)) in sticky.iter().enumerate() {
+        for (j, other, other_named) in &sticky[..k] {
+            let (v, w) = (&vips[*i], &vips[*j]);
+            if v.address != w.address || l7.cookie_name != other.cookie_name {
+                continue;
+            }
+            let differ = match (l7.cookie_secret != other.cookie_secret, named != other_named) {
+                (false, false) => continue,
+                (true, false) => "are signed with different cookie_secret",
+                (false, true) => "name different backends",
+                (true, true) => {
+                    "are signed with different cookie_secret and name different backends"
+                }
+            };
+            cautions.push(Invalid(
+                addresses_at[*i].clone(),
+                format!(
+                    "VIP `{}`: its sticky cookies and VIP `{}`'s ({}, ports {} and {}) are one to browsers, which keep cookies by host whatever the port, and both are named `{}` but {differ}: each VIP would take the other's cookie for nothing and set its own over it, so a client of both would go from backend to backend; give them the same cookie_secret and backends, or different cookie_name",
+                    v.name, w.name, v.address, w.port, v.port, l7.cookie_name
+                ),
+            ));
+        }
+    }
 }
 
 /// Is `s` an RFC 6265 cookie name: an RFC 9110 token (tchar only), which goes into `Set-Cookie`

@@ -916,7 +916,7 @@ fn prefixed_cookie_names_get_the_attributes_their_prefix_needs() {
     }
 }
 
-/// During a secret rotation `cookie_secret_previous` is the secret `cookie_secret` replaces:
+/// During a secret rotation `cookie_secret_previous` is the other secret of the rotation:
 /// as long as one, different from it, and only beside it.
 #[test]
 fn a_previous_cookie_secret_is_a_second_valid_secret() {
@@ -2582,4 +2582,51 @@ fn tcp_probes_of_a_udp_vip_without_a_port_are_cautioned() {
     }
     // The default kind of a UDP VIP is udp, which needs no port.
     assert!(parse(&check("send = \"ping\"")).unwrap().cautions.is_empty());
+}
+
+/// Browsers keep cookies by host whatever the port: two cookie-sticky VIPs on one address with
+/// one cookie name share their cookies. With different secrets or backends each would set its
+/// own over the other's (a client of both going from backend to backend): accepted, with a
+/// caution at the later VIP's address naming both. With the same secret and backends, another
+/// cookie name, another address, or one VIP not cookie-sticky, there is none.
+#[test]
+fn cookie_vips_sharing_an_address_with_other_secrets_or_backends_are_cautioned() {
+    let vip = |name: &str, address: &str, port: u16, backend_port: u16, l7: &str| {
+        format!(
+            "[[vip]]\nname = \"{name}\"\naddress = \"{address}\"\nport = {port}\nforwarding = \"l7\"\nbackends = [{{ address = \"198.18.0.11\", port = {backend_port} }}]\n[vip.l7]\n{l7}\n"
+        )
+    };
+    let sticky = |secret: &str| format!("algorithm = \"cookie\"\ncookie_secret = \"{secret}\"");
+    let (s1, s2) = (sticky("0123456789abcdef"), sticky("fedcba9876543210"));
+    let file = |second: String| format!("{NODE}{}{second}", vip("a", "198.18.1.6", 80, 8000, &s1));
+    let cautions = |t: &str| parse(t).unwrap_or_else(|e| panic!("{e}\n{t}")).cautions;
+    for (second, says) in [
+        (vip("b", "198.18.1.6", 8080, 8000, &s2), "are signed with different cookie_secret:"),
+        (vip("b", "198.18.1.6", 8080, 8001, &s1), "name different backends:"),
+        (
+            vip("b", "198.18.1.6", 8080, 8001, &s2),
+            "are signed with different cookie_secret and name different backends:",
+        ),
+    ] {
+        let t = file(second);
+        let [caution] = cautions(&t).try_into().unwrap_or_else(|c| panic!("one caution: {c:?}"));
+        assert!(
+            caution.starts_with(&at_last(&t, "\"198.18.1.6\""))
+                && caution.contains(
+                    "VIP `b`: its sticky cookies and VIP `a`'s (198.18.1.6, ports 80 and 8080)"
+                )
+                && caution.contains("both are named `edgelb`")
+                && caution.contains(says),
+            "{caution}"
+        );
+    }
+    for second in [
+        vip("b", "198.18.1.6", 8080, 8000, &s1),
+        vip("b", "198.18.1.6", 8080, 8000, &format!("{s2}\ncookie_name = \"other\"")),
+        vip("b", "198.18.1.7", 8080, 8001, &s2),
+        vip("b", "198.18.1.6", 8080, 8001, "algorithm = \"round_robin\""),
+    ] {
+        let t = file(second);
+        assert!(cautions(&t).is_empty(), "{:?}\n{t}", cautions(&t));
+    }
 }

@@ -218,6 +218,14 @@ pub struct Pool {
     /// or `; Name=value` (the VIP's `cookie_attributes`, checked by the config): empty for
     /// none.
     pub cookie_attributes: String,
+    /// Whether the stickiness cookie is set again with every answer (but a 5xx), not only when
+    /// its client is placed: so it is when [`cookie_attributes`](Self::cookie_attributes) give
+    /// it a lifetime (`Max-Age`), which browsers count from when the cookie was last set. Set
+    /// only on placement, such a cookie lapsed that long after a session's first request,
+    /// however busy the session, and its client could be placed elsewhere mid-session; set with
+    /// every answer, it lapses that long after the last one. Without a lifetime the cookie
+    /// lasts as long as the browser session, and setting it again would only cost bytes.
+    pub cookie_refresh: bool,
     /// Each member's stickiness cookie value ([`cookie_tag`]), in member order; empty until
     /// [`Pool::sign_cookies`].
     cookies: Vec<String>,
@@ -237,6 +245,14 @@ pub struct CookieMember {
     /// retired.
     pub current: bool,
 }
+
+/// Values of its cookie name a pool looks at in a request, at most, in the order sent
+/// ([`Pool::cookie_in`]). Each is compared in full with every member's tag under both secrets,
+/// so a head holding thousands of them (a large `max_header_bytes` has room for that many) cost
+/// thousands of times the work of one; a browser sends one per pool of the VIP whose `Path`
+/// covers the request's, the longest path first (RFC 6265 5.4), which is the pool's own but for
+/// nested routes; a few stale ones, of other backends or secrets, may come with them.
+pub const COOKIE_VALUES_READ: usize = 4;
 
 /// Where a pool's rotation stands: the round-robin (and least-connections tie) cursor, and the
 /// identity of its smooth weighted round-robin state on each thread. Kept across the pool's
@@ -321,6 +337,7 @@ impl Pool {
             cookie_name: String::new(),
             cookie_path: "/".to_owned(),
             cookie_attributes: String::new(),
+            cookie_refresh: false,
             cookies: Vec::new(),
             previous: Vec::new(),
         }
@@ -352,24 +369,74 @@ impl Pool {
     /// whose path is their whole prefix keep `name`: two of them with one path have one
     /// prefix, and of two routes with one prefix the first takes every request of the hosts
     /// the second would share.
-    pub fn scope_cookie(&mut self, name: &str, prefix: Option<&str>) {
+    ///
+    /// That holds for cookies of one host. A cookie with `Domain` is one for every host under
+    /// that domain (a browser keeps one per name, domain and path): pools of routes for
+    /// different hosts, or of a host route and the VIP's own backends, would overwrite each
+    /// other's, and a client of both hosts go from backend to backend. So with `Domain` a
+    /// route's `host` (as routes compare it: `proxy::route_host`) is given, and its
+    /// pool's name has `_40` and the host after `name`, written as the prefix is, before the
+    /// prefix if that is added too (`edgelb_40api.example.com`, `edgelb_40api.example.com_2Fv1`).
+    /// `_40` (`@`) tells it from a prefix, which starts `_2F` (`/`, which no host holds).
+    pub fn scope_cookie(&mut self, name: &str, host: Option<&str>, prefix: Option<&str>) {
         self.cookie_path = cookie_path(prefix).to_owned();
         let prefix = prefix.unwrap_or("/");
         self.cookie_name = name.to_owned();
-        if self.cookie_path != prefix {
-            for b in prefix.bytes() {
+        let mut add = |s: &str| {
+            for b in s.bytes() {
                 if b.is_ascii_alphanumeric() || b == b'-' || b == b'.' {
                     self.cookie_name.push(char::from(b));
                 } else {
                     self.cookie_name.push_str(&format!("_{b:02X}"));
                 }
             }
+        };
+        if let Some(host) = host {
+            add("@");
+            add(host);
         }
+        if self.cookie_path != prefix {
+            add(prefix);
+        }
+    }
+
+    /// Gives the stickiness cookie the VIP's `attributes` (checked and written out by the
+    /// config: each as `; Name` or `; Name=value`, in its usual spelling), and has it set
+    /// again with every answer if they give it a lifetime ([`Pool::cookie_refresh`]): `Max-Age`
+    /// (or `Expires`, which the config refuses, since every cookie would outlive a fixed date).
+    pub fn set_cookie_attributes(&mut self, attributes: &str) {
+        self.cookie_attributes = attributes.to_owned();
+        self.cookie_refresh =
+            attributes.contains("; Max-Age=") || attributes.contains("; Expires=");
     }
 
     /// The cookie value that names member `i` (empty if the pool has no secret).
     pub fn cookie(&self, i: usize) -> &str {
         self.cookies.get(i).map_or("", String::as_str)
+    }
+
+    /// The member this pool's stickiness cookie names in a request's `Cookie` header values
+    /// (`headers`, each `name=value; name=value ...`), if it names one. Each of the VIP's pools
+    /// sets its own (scoped to its route's path, see [`Pool::scope_cookie`]), so a client may
+    /// send several values of one name (with nested paths): of the first
+    /// [`COOKIE_VALUES_READ`], bare or in double quotes (RFC 6265 4.1.1, the same value), the
+    /// first naming a member counts. Later ones are not looked at.
+    pub fn cookie_in<'a>(
+        &self,
+        headers: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Option<CookieMember> {
+        headers
+            .into_iter()
+            .flat_map(|v| v.split(|&b| b == b';'))
+            .filter_map(|c| {
+                let (name, rest) = c.trim_ascii().split_at_checked(self.cookie_name.len())?;
+                let value = rest.strip_prefix(b"=")?;
+                let value =
+                    value.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(value);
+                (name == self.cookie_name.as_bytes()).then_some(value)
+            })
+            .take(COOKIE_VALUES_READ)
+            .find_map(|v| self.cookie_member(v))
     }
 
     /// The member a cookie value names, if it is one of this pool's, under the current secret
@@ -824,6 +891,33 @@ mod tests {
         assert_eq!(only_new.cookie_member(was.as_bytes()), None);
     }
 
+    /// Of the values of its cookie name a request carries, a pool looks at the first
+    /// [`COOKIE_VALUES_READ`] (4) only, in the order sent, over every `Cookie` line; other
+    /// names, and names that only start with its own, do not count.
+    #[test]
+    fn only_the_first_values_of_the_cookie_name_are_looked_at() {
+        let mut p = pool(&[1, 1], Algorithm::Cookie);
+        p.sign_cookies("0123456789abcdef", None);
+        p.scope_cookie("edgelb", None, None);
+        let good = format!("edgelb={}", p.cookie(1));
+        let quoted = format!("edgelb=\"{}\"", p.cookie(1));
+        let stale = "edgelb=00000000000000000000000000000000";
+        let other = format!("edgelbx={}; x={}", p.cookie(0), p.cookie(0));
+        let member = Some(CookieMember { member: 1, current: true });
+        let named = |lines: &[String]| p.cookie_in(lines.iter().map(|l| l.as_bytes()));
+        let stales = |n: usize| vec![stale; n].join("; ");
+        assert_eq!(COOKIE_VALUES_READ, 4);
+        for (lines, want) in [
+            (vec![format!("{other}; {}; {good}", stales(3))], member),
+            (vec![format!("{other}; {}; {good}", stales(4))], None),
+            (vec![stales(2), format!("{}; {quoted}", stales(1))], member),
+            (vec![stales(2), stales(2), good.clone()], None),
+            (vec![format!("{good}; {}", stales(10))], member),
+        ] {
+            assert_eq!(named(&lines), want, "{lines:?}");
+        }
+    }
+
     /// Each member's share of `picks` over its share of the pool's weight (1.0: exactly its
     /// weight's share).
     fn share_over_weight(p: &Pool, picks: &[u64]) -> Vec<f64> {
@@ -926,7 +1020,7 @@ mod tests {
     fn cookies_are_scoped_to_what_their_route_matches() {
         let scope = |prefix: Option<&str>| {
             let mut p = pool(&[1], Algorithm::Cookie);
-            p.scope_cookie("edgelb", prefix);
+            p.scope_cookie("edgelb", None, prefix);
             (p.cookie_name, p.cookie_path)
         };
         let s = |name: &str, path: &str| (name.to_owned(), path.to_owned());
@@ -942,6 +1036,20 @@ mod tests {
             (Some("/a;b/c"), s("edgelb_2Fa_3Bb_2Fc", "/")),
         ] {
             assert_eq!(scope(prefix), want, "{prefix:?}");
+        }
+        // A route's host, given when the cookie has a Domain, names it too, before the prefix.
+        let scope = |host: &str, prefix: Option<&str>| {
+            let mut p = pool(&[1], Algorithm::Cookie);
+            p.scope_cookie("edgelb", Some(host), prefix);
+            (p.cookie_name, p.cookie_path)
+        };
+        for (host, prefix, want) in [
+            ("api.example.com", None, s("edgelb_40api.example.com", "/")),
+            ("api.example.com", Some("/v1/"), s("edgelb_40api.example.com", "/v1/")),
+            ("api.example.com", Some("/v1"), s("edgelb_40api.example.com_2Fv1", "/")),
+            ("[2001:db8::1]", None, s("edgelb_40_5B2001_3Adb8_3A_3A1_5D", "/")),
+        ] {
+            assert_eq!(scope(host, prefix), want, "{host} {prefix:?}");
         }
     }
 }

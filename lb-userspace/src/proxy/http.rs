@@ -1876,30 +1876,14 @@ async fn serve_conn(
 
         // Sticky cookie, if the pool uses them.
         let named = (pool.algorithm == Algorithm::Cookie)
-            .then(|| {
-                header(&req.head, "cookie")
-                    .flat_map(|v| v.split(|&b| b == b';'))
-                    .filter_map(|c| {
-                        let (name, rest) =
-                            c.trim_ascii().split_at_checked(pool.cookie_name.len())?;
-                        let value = rest.strip_prefix(b"=")?;
-                        // A value may come in double quotes (RFC 6265 4.1.1): the same value.
-                        let value = value
-                            .strip_prefix(b"\"")
-                            .and_then(|v| v.strip_suffix(b"\""))
-                            .unwrap_or(value);
-                        (name == pool.cookie_name.as_bytes()).then_some(value)
-                    })
-                    // Each of the VIP's pools sets its own (scoped to its route's path, see
-                    // `Pool::scope_cookie`): a client may send several of one name (with
-                    // nested paths); the first one naming a member of this pool counts.
-                    .find_map(|v| pool.cookie_member(v))
-            })
+            .then(|| pool.cookie_in(header(&req.head, "cookie")))
             .flatten();
         let sticky = named.map(|n| n.member);
         // A cookie signed with the previous secret (a rotation under way) keeps its member, and
-        // is issued anew under the current secret with the answer.
-        let renew = named.is_some_and(|n| !n.current);
+        // is issued anew under the current secret with the answer; so is every cookie with a
+        // Max-Age, whose lifetime then runs from the client's last answer, not its first
+        // (`Pool::cookie_refresh`).
+        let renew = pool.cookie_refresh || named.is_some_and(|n| !n.current);
 
         let continued = expects_continue(&req, framing);
         if continued && write(client, &b"HTTP/1.1 100 Continue\r\n\r\n"[..]).await.is_err() {

@@ -812,11 +812,14 @@ impl Proxy {
                 keep.insert(key, state.clone());
                 Member { state, weight: b.weight, up: true }
             };
-            let signed = |mut pool: Pool, prefix: Option<&str>| {
+            // A cookie with a Domain is shared by every host under it: a host route's then has
+            // a name of its own (see `Pool::scope_cookie`).
+            let domain = l7.cookie_attributes.contains("; Domain=");
+            let signed = |mut pool: Pool, host: Option<&str>, prefix: Option<&str>| {
                 if pool.algorithm == Algorithm::Cookie {
                     pool.sign_cookies(&l7.cookie_secret, l7.cookie_secret_previous.as_deref());
-                    pool.scope_cookie(&l7.cookie_name, prefix);
-                    pool.cookie_attributes.clone_from(&l7.cookie_attributes);
+                    pool.scope_cookie(&l7.cookie_name, host.filter(|_| domain), prefix);
+                    pool.set_cookie_attributes(&l7.cookie_attributes);
                 }
                 pool
             };
@@ -826,6 +829,7 @@ impl Proxy {
                     l7.algorithm,
                     rotation((vip.name.clone(), None)),
                 ),
+                None,
                 None,
             ));
             let routes = l7
@@ -840,7 +844,7 @@ impl Proxy {
                     );
                     // A route written with the root dot matches requests with or without it.
                     let host = r.host.as_deref().map(route_host);
-                    let pool = signed(pool, r.path_prefix.as_deref());
+                    let pool = signed(pool, host.as_deref(), r.path_prefix.as_deref());
                     (host, r.path_prefix.clone(), Arc::new(pool))
                 })
                 .collect();
