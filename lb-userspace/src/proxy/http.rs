@@ -1822,13 +1822,18 @@ async fn serve_conn(
             // HAProxy do), but not one just accepted: its client has sent, or is sending, a
             // request that nobody else will answer, so it is read and served (with `close`).
             // So does a new connection over `max_connections` (`super::reuse`): it shuts the
-            // socket down, and the read ends with the end of the stream.
+            // socket down, and the read ends with the end of the stream (or, had it completed
+            // with a request before, the request is not served: `Waiting::finish`).
             let closable = waiting_for_start.then(|| idle.waiting(client));
             let read = tokio::select! {
                 r = timeout_at(deadline, read_more(client, &mut buf)) => r,
                 _ = super::wait_stopping(&shared), if waiting_for_start => return,
             };
-            drop(closable);
+            // Taken to make room while the read completed: shut down, and whatever it read
+            // (a request) is not served, as if the read had come after the shutdown.
+            if closable.is_some_and(|w| !w.finish()) {
+                return;
+            }
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) => return,
                 Ok(Ok(_)) => started_late = waiting_for_start,
