@@ -4783,24 +4783,47 @@ fn a_ticking_response_beside_a_pausing_upload_is_not_idle() {
     assert!(took > ONE_CLOCK_IDLE * 2, "an exchange longer than the idle timeout: {took:?}");
 }
 
-/// After an early 2xx the backend took the request body: a response it then breaks is its
-/// failure, whether the body is still going or not: a malformed chunked coding, and a close in
-/// the middle of a response with a length (its body read, so no reset of the kernel's). Each
-/// ejects the backend after `max_fails` of them. Before, any response a backend cut while the
-/// rest of the body still went counted as the end of an early answer, never a failure. Still
-/// no failure: a response delimited by its close that ends in a reset while the body goes on
-/// (the backend closed with the body unread, which resets the connection, and that close is
-/// the response's end).
+/// After an early 2xx the backend took the request body: a response it then breaks with a
+/// malformed chunked coding is its failure, whether the body is still going or not, and so is
+/// a close in the middle of a response with a length once the body is through. Each ejects the
+/// backend after `max_fails` of them. Still no failure: a close or reset in the middle of a
+/// response while the body goes on (a backend that closes with the body unread resets the
+/// connection, and the reset drops what of its response it had not sent yet: see
+/// [`an_early_200_reset_with_the_body_unread_is_no_failure`]), here a close of a backend that
+/// read what came of the body so far, and a reset ending a response delimited by its close.
 #[test]
 fn a_backend_that_breaks_its_early_200_is_charged() {
-    for (what, answer, charged) in [
+    // What the backend answers, how much of the body the client sends (the rest after the
+    // answer's status line), whether the backend ends with a reset, and whether it is charged.
+    for (what, answer, body, resets, charged) in [
         (
             "bad chunk",
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\ntick\r\nzz\r\n",
+            1000,
+            false,
             true,
         ),
-        ("close mid-body", "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial", true),
-        ("reset ending a body until the close", "HTTP/1.1 200 OK\r\n\r\nall of it\n", false),
+        (
+            "close mid-body, the body through",
+            "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial",
+            2000,
+            false,
+            true,
+        ),
+        (
+            "close mid-body, the body going",
+            "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial",
+            1000,
+            false,
+            false,
+        ),
+        (
+            "reset ending a body until the close",
+            "HTTP/1.1 200 OK\r\n\r\nall of it\n",
+            1000,
+            true,
+            false,
+        ),
     ] {
         let b = serve_backend(move |s, r2, _| {
             let mut w = s.try_clone().unwrap();
@@ -4808,30 +4831,34 @@ fn a_backend_that_breaks_its_early_200_is_charged() {
             if !request_head(&mut r, r2) || w.write_all(answer.as_bytes()).is_err() {
                 return;
             }
-            // The part of the body the client sent, read: the close is no reset.
-            let _ = r.read_exact(&mut [0u8; 1000]);
+            // What the client sent of the body, read: the close is no reset.
+            let _ = r.read_exact(&mut vec![0u8; body]);
             std::thread::sleep(Duration::from_millis(100));
-            if charged {
-                let _ = w.shutdown(Shutdown::Both);
-            } else {
+            if resets {
                 // What the kernel does with the rest of the body unread (SO_LINGER 0 here, for
                 // sure: the client sends no more of it).
                 drop(r);
                 reset(w);
+            } else {
+                let _ = w.shutdown(Shutdown::Both);
             }
         });
         let p = proxy(&[(&b, 1)], "max_fails = 3\nfail_timeout_ms = 60000\nretries = 0", "");
         for _ in 0..3 {
             let (mut s, mut r) = client(p.addr);
             // Head and the start of the body in one write: the answer may reset the
-            // connection at once.
-            let mut req =
-                b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n".to_vec();
+            // connection at once. The whole body is 2000 bytes only when it goes through.
+            let len = if body == 2000 { 2000 } else { 1_000_000 };
+            let mut req = format!("POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n")
+                .into_bytes();
             req.extend_from_slice(&[b'u'; 1000]);
             s.write_all(&req).unwrap();
             let mut status = String::new();
             r.read_line(&mut status).unwrap();
             assert!(status.starts_with("HTTP/1.1 200 "), "{what}: {status:?}");
+            if body > 1000 {
+                s.write_all(&vec![b'u'; body - 1000]).unwrap();
+            }
             // The proxy cuts the response (a reset): the body cannot go on.
             let _ = r.read_to_end(&mut Vec::new());
         }
@@ -4839,6 +4866,51 @@ fn a_backend_that_breaks_its_early_200_is_charged() {
         let text = p.metrics.encode();
         assert_eq!(ejected(&text, b.addr), charged, "{what}: {text}");
     }
+}
+
+/// A backend that answers an upload `200` early with a large body (`Connection: close`), then
+/// closes with the upload unread: its kernel resets the connection, which drops what of the
+/// response it had not sent, so the response reaches the client cut short. That is how such
+/// an answer ends, not a failure: the backend stays in, even at `max_fails = 1`. Before, it was
+/// charged when the proxy saw the reset on the response before the body's write did (here,
+/// always: the client sends no more of its body), and not the other way round.
+#[test]
+fn an_early_200_reset_with_the_body_unread_is_no_failure() {
+    let b = serve_backend(|s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        if !request_head(&mut r, r2) {
+            return;
+        }
+        let mut answer =
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1000000\r\n\r\n".to_vec();
+        answer.extend_from_slice(&[b'a'; 1000]);
+        if w.write_all(&answer).is_err() {
+            return;
+        }
+        // The head out of the proxy's way first, then a close with the body unread.
+        std::thread::sleep(Duration::from_millis(100));
+        drop(r);
+        reset(w);
+    });
+    let p = proxy(&[(&b, 1)], "max_fails = 1\nfail_timeout_ms = 60000\nretries = 0", "");
+    for i in 0..5 {
+        let (mut s, mut r) = client(p.addr);
+        let mut req = b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n".to_vec();
+        req.extend_from_slice(&[b'u'; 1000]);
+        s.write_all(&req).unwrap();
+        let mut status = String::new();
+        r.read_line(&mut status).unwrap();
+        assert!(status.starts_with("HTTP/1.1 200 "), "upload {i}: {status:?}");
+        // The response, cut short: the proxy resets the client's connection.
+        let _ = r.read_to_end(&mut Vec::new());
+        let text = p.metrics.encode();
+        assert!(!ejected(&text, b.addr), "upload {i}: {text}");
+    }
+    wait_for_metric(&p, "edgelb_l7_responses_cut_total{vip=\"web\",side=\"backend\"} 5");
+    let text = p.metrics.encode();
+    assert!(!ejected(&text, b.addr), "{text}");
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 5, "every upload reached the backend");
 }
 
 /// The rest of a request body going beside an early 2xx that does not go through once the

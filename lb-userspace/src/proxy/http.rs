@@ -1137,8 +1137,9 @@ pub(super) enum Cut {
     /// The backend: it closed or reset its connection, or broke the chunked coding. A
     /// passive-health failure, unless it refused the request body with an early answer (a
     /// backend that then closes with the rest unread resets the connection, which is how such
-    /// an answer ends, not a fault). After an early 2xx, which took the body: unless it closed
-    /// or reset having stopped taking the body, or ended a response delimited by its close.
+    /// an answer ends, not a fault). After an early 2xx, which took the body: a broken chunked
+    /// coding always, a close or reset only once the body was through (before, its close with
+    /// the body unread resets the connection, dropping what of the response it had not sent).
     /// Of a request body: the backend took no more of it.
     Backend = 0,
     /// The client: the write to it failed (it left, or took nothing for the idle timeout), or
@@ -2184,7 +2185,6 @@ async fn serve_conn(
             finished(&vip, peer, 499, Some(&req), Some(member.addr), Some(started), None);
             return;
         }
-        let until_close = rframing == Framing::UntilClose;
         let streaming = stream_body(&up, &mut ubuf, client, rframing, decode, deadline, &clock);
         // The rest of a cut-off body is read and dropped while the answer streams; the rest of
         // one the backend answered 2xx goes on to it meanwhile (`Answer::rest`), where it
@@ -2244,16 +2244,16 @@ async fn serve_conn(
         // whole request body (`cut`: with the rest unread, its close resets the connection,
         // which is how an early answer to an upload ends). After an early 2xx, which took the
         // body: a malformed response always (nothing to do with the body); a close or reset
-        // mid-response unless it had taken no more of the body before (`Rest::Failed` by the
-        // backend: its close with the body unread is a reset), or ended a response delimited
-        // by its close while the body still went (that close is the response's end, and with
-        // the body unread it is a reset).
+        // mid-response only once the body was through. Before that, the backend may have
+        // closed with the body unread, whole response sent: its kernel then resets the
+        // connection, which drops what of the response it had not sent yet, and whether the
+        // proxy sees that reset on the response or first on the body's write (`Rest::Failed`
+        // by the backend) is a race; a response delimited by its close ends so too.
         let malformed = ended == Some(Err(Side::Bad));
         let blamed = match &rest {
             None => !cut,
             Some(_) if malformed => true,
-            Some(Rest::Failed(Cut::Backend)) => false,
-            Some(Rest::Going(_)) => !until_close,
+            Some(Rest::Going(_) | Rest::Failed(Cut::Backend)) => false,
             Some(Rest::Through(_) | Rest::Failed(_)) => true,
         };
         // Who ended the rest of a body going beside an early 2xx that did not go through: the
