@@ -4536,6 +4536,32 @@ fn a_backend_answering_200_early_gets_the_rest_of_the_body_as_its_response_strea
     assert!(!ejected(&p.metrics.encode(), b.addr), "a client's leaving blamed the backend");
 }
 
+/// A client that pauses in the middle of its body while a full-duplex backend waits for it
+/// leaves both directions of the exchange still: once nothing moved either way for the idle
+/// timeout, the exchange is cut as idle (`cut=idle`, and `cut_body=idle` for the body still
+/// going), the proxy's limit on a pause, not the backend's fault. The docs said `cut=client`.
+#[test]
+fn a_duplex_exchange_whose_client_pauses_is_cut_as_idle() {
+    let log = access_log();
+    let (b, _, _) = duplex_backend();
+    let p = proxy(&[(&b, 1)], "access_log = true\nidle_timeout_ms = 500\nmax_fails = 1", "");
+    let (mut s, mut r) = client(p.addr);
+    s.write_all(
+        b"POST /paused HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n",
+    )
+    .unwrap();
+    assert_eq!(read_response(&mut r).expect("the response head").0, 200);
+    assert_eq!(read_chunk(&mut r).as_deref(), Some(&b"first"[..]));
+    // Nothing more: the proxy cuts the response at the idle timeout.
+    let t = Instant::now();
+    assert_eq!(read_chunk(&mut r), None, "the response goes on");
+    assert!(t.elapsed() < Duration::from_secs(3), "cut after {:?}", t.elapsed());
+    let line = access_line(&log, "/paused");
+    assert!(line.contains(" cut=idle ") && line.contains("cut_body=idle"), "{line}");
+    wait_for_metric(&p, "edgelb_l7_responses_cut_total{vip=\"web\",side=\"idle\"} 1");
+    assert!(!ejected(&p.metrics.encode(), b.addr));
+}
+
 /// A backend that answers `200` with its whole response at once and then reads the request
 /// body gets all of it; the exchange is then complete like any other, and the client's
 /// connection stays open for its next request. Before, the early answer ended the body there

@@ -1144,14 +1144,16 @@ pub(super) enum Cut {
     Backend = 0,
     /// The client: the write to it failed (it left, or took nothing for the idle timeout), or
     /// the rest of its request body, going to the backend beside a 2xx answered early, did not
-    /// come (it left, sent nothing for the idle timeout, or broke the chunked coding).
+    /// come (it left or broke the chunked coding; a pause of it, the backend waiting, is
+    /// [`Cut::Idle`]).
     Client = 1,
     /// The whole-request deadline (`request_timeout_ms`) passed while the body streamed.
     Deadline = 2,
     /// The backend sent nothing for the idle timeout (`idle_timeout_ms`; with a request body
-    /// going beside the response, nothing moved either way, [`IdleClock`]): the proxy's limit
-    /// on a pause, which a healthy backend's stream of events or long poll can outlast, so no
-    /// passive-health failure. Of a request body: nothing moved either way, the client paused.
+    /// going beside the response, nothing moved either way, [`IdleClock`], as when the client
+    /// paused its body while the backend waited for it): the proxy's limit on a pause, which a
+    /// healthy backend's stream of events or long poll can outlast, so no passive-health
+    /// failure. Of a request body: nothing moved either way, the client paused.
     Idle = 3,
     /// The proxy stopped, and its drain deadline (`node.l7_drain_timeout_ms`) passed while the
     /// body streamed (or a second stop signal cut the drain short).
@@ -2200,10 +2202,11 @@ async fn serve_conn(
         // Who ended a body that could not be passed on whole. The backend, when it closed or
         // reset its connection or broke the chunked coding: a passive-health failure (but see
         // `blamed` below). The client, when the write to it failed (it left), or when the rest
-        // of its request body, going beside the answer, failed (it left, stalled or broke the
-        // chunked coding: see `beside`); the whole-request deadline, which a slow client can
-        // make a download outlast; the idle timeout, which a healthy stream's pause can
-        // outlast; and the drain deadline of a stop: none is the backend's fault. The response
+        // of its request body, going beside the answer, failed (it left or broke the chunked
+        // coding: see `beside`); the whole-request deadline, which a slow client can make a
+        // download outlast; the idle timeout, which a healthy stream's pause can outlast (and,
+        // beside a request body, the client's pause while the backend waits for it); and the
+        // drain deadline of a stop: none is the backend's fault. The response
         // is still counted and logged by the status its head gave the client (as nginx and
         // HAProxy log it), with the cut beside it.
         let ended = tokio::select! {
@@ -2445,11 +2448,17 @@ fn body_cut(side: Side, deadline: tokio::time::Instant) -> Cut {
 /// - the backend takes no more of the body (it closed or reset its connection, or took nothing
 ///   for the idle timeout): its response is still read to its end if it can be, the client's
 ///   rest read and dropped meanwhile, as after a cut ([`with_the_rest_dropped`]);
-/// - the client leaves, stalls past the idle timeout or the deadline, or breaks the chunked
-///   coding: the backend cannot have the whole request, so its response cannot end (a
-///   full-duplex backend waits for the body's end): a cut by the client (`Err(Side::Dst)`, the
-///   response's client side) or by the deadline (`Err(Side::Timeout)` past it), which the
-///   caller ends with a reset on both connections.
+/// - the client leaves or breaks the chunked coding, or the deadline passes: the backend cannot
+///   have the whole request, so its response cannot end (a full-duplex backend waits for the
+///   body's end): a cut by the client (`Err(Side::Dst)`, the response's client side) or by the
+///   deadline (`Err(Side::Timeout)` past it), which the caller ends with a reset on both
+///   connections.
+///
+/// A client that pauses its body while the backend waits for it leaves both directions still:
+/// the exchange is idle, and the response's read, polled first with its timer set again to the
+/// same moment as the body's, gives up first (`Err(Side::Timeout)`: `cut=idle`, the body still
+/// going). Only a response stuck in a write to the client meanwhile lets the body's read give
+/// up first (a cut by the client).
 async fn beside(
     response: impl Future<Output = Result<(), Side>>,
     rest: &mut Rest<'_>,
