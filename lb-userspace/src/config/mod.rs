@@ -396,6 +396,15 @@ pub struct L7 {
     /// browsers otherwise do not send the cookie from, `Max-Age` for one that outlives the
     /// browser session, `Domain`, `Partitioned`.
     pub cookie_attributes: String,
+    /// The `Domain` among [`cookie_attributes`](Self::cookie_attributes), lowercase (as
+    /// browsers compare it), if there is one: such a cookie is one for every host under that
+    /// domain, so host routes name theirs after their host (`proxy::balance::Pool::scope_cookie`),
+    /// and VIPs with one `Domain` share their cookies whatever their addresses.
+    pub cookie_domain: Option<String>,
+    /// The `Max-Age` among [`cookie_attributes`](Self::cookie_attributes), in seconds, if there
+    /// is one: browsers count it from when the cookie was last set, so the proxy sets such a
+    /// cookie again with answers (`proxy::balance::Pool::cookie_refresh`).
+    pub cookie_max_age: Option<u64>,
     /// Consecutive failures that take a backend out (passive health).
     pub max_fails: u32,
     /// How long a passively failed backend stays out.
@@ -1601,6 +1610,8 @@ fn l7_settings(
         cookie_secret,
         cookie_secret_previous,
         cookie_attributes: attributes.text,
+        cookie_domain: attributes.domain,
+        cookie_max_age: attributes.max_age,
         max_fails: setting(&l.max_fails, 3, "max_fails")?,
         fail_timeout: ms(&l.fail_timeout_ms, 10_000, "fail_timeout_ms")?,
     })
@@ -1681,8 +1692,10 @@ struct CookieAttributes {
     text: String,
     /// `Secure` is set.
     secure: bool,
-    /// `Domain` is set.
-    domain: bool,
+    /// The `Domain`, lowercase, if it is set.
+    domain: Option<String>,
+    /// The `Max-Age`, in seconds, if it is set.
+    max_age: Option<u64>,
 }
 
 /// What `cookie_attributes` may hold, for errors.
@@ -1772,7 +1785,10 @@ fn cookie_attributes(s: &str) -> Result<CookieAttributes, String> {
                     Ok(0) => {
                         return err("Max-Age=0 has browsers drop the cookie at once, so no client would stay; write the seconds it should last (e.g. `Max-Age=86400`), or leave Max-Age out for a cookie that lasts the browser session".to_owned());
                     }
-                    Ok(n) => Some(n.to_string()),
+                    Ok(n) => {
+                        out.max_age = Some(n);
+                        Some(n.to_string())
+                    }
                     Err(_) => {
                         return err(format!(
                             "Max-Age={v} is too large; browsers keep a cookie 400 days at most (`Max-Age=34560000`)"
@@ -1793,7 +1809,7 @@ fn cookie_attributes(s: &str) -> Result<CookieAttributes, String> {
                         v.escape_debug()
                     ));
                 }
-                out.domain = true;
+                out.domain = Some(host.to_ascii_lowercase());
                 Some(host.to_owned())
             }
             _ => unreachable!("every name is matched above"),
@@ -1847,7 +1863,7 @@ fn cookie_prefix_ok(
             ),
         );
     }
-    if host && attributes.domain {
+    if host && attributes.domain.is_some() {
         return bad(
             attributes_at.unwrap_or(name_at),
             format!(

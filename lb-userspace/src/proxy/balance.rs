@@ -211,21 +211,16 @@ pub struct Pool {
     /// address) when it changes.
     id: u64,
     /// Name of the stickiness cookie this pool sets and reads (see [`Pool::scope_cookie`]).
-    pub cookie_name: String,
+    cookie_name: String,
     /// `Path` of the stickiness cookie this pool sets (see [`Pool::scope_cookie`]).
-    pub cookie_path: String,
+    cookie_path: String,
     /// Attributes the stickiness cookie carries after `Path` and `HttpOnly`, each as `; Name`
     /// or `; Name=value` (the VIP's `cookie_attributes`, checked by the config): empty for
-    /// none.
-    pub cookie_attributes: String,
-    /// Whether the stickiness cookie is set again with every answer (but a 5xx), not only when
-    /// its client is placed: so it is when [`cookie_attributes`](Self::cookie_attributes) give
-    /// it a lifetime (`Max-Age`), which browsers count from when the cookie was last set. Set
-    /// only on placement, such a cookie lapsed that long after a session's first request,
-    /// however busy the session, and its client could be placed elsewhere mid-session; set with
-    /// every answer, it lapses that long after the last one. Without a lifetime the cookie
-    /// lasts as long as the browser session, and setting it again would only cost bytes.
-    pub cookie_refresh: bool,
+    /// none. Set with [`cookie_refresh`](Self::cookie_refresh), which follows from them, by
+    /// [`Pool::set_cookie_attributes`].
+    cookie_attributes: String,
+    /// See [`Pool::cookie_refresh`].
+    cookie_refresh: bool,
     /// Each member's stickiness cookie value ([`cookie_tag`]), in member order; empty until
     /// [`Pool::sign_cookies`].
     cookies: Vec<String>,
@@ -402,12 +397,38 @@ impl Pool {
 
     /// Gives the stickiness cookie the VIP's `attributes` (checked and written out by the
     /// config: each as `; Name` or `; Name=value`, in its usual spelling), and has it set
-    /// again with every answer if they give it a lifetime ([`Pool::cookie_refresh`]): `Max-Age`
-    /// (or `Expires`, which the config refuses, since every cookie would outlive a fixed date).
-    pub fn set_cookie_attributes(&mut self, attributes: &str) {
+    /// again with answers if they give it a lifetime, as the config says (`max_age`, its
+    /// `cookie_max_age`; see [`Pool::cookie_refresh`]).
+    pub fn set_cookie_attributes(&mut self, attributes: &str, max_age: bool) {
         self.cookie_attributes = attributes.to_owned();
-        self.cookie_refresh =
-            attributes.contains("; Max-Age=") || attributes.contains("; Expires=");
+        self.cookie_refresh = max_age;
+    }
+
+    /// Name of the stickiness cookie this pool sets and reads (see [`Pool::scope_cookie`]).
+    pub fn cookie_name(&self) -> &str {
+        &self.cookie_name
+    }
+
+    /// `Path` of the stickiness cookie this pool sets (see [`Pool::scope_cookie`]).
+    pub fn cookie_path(&self) -> &str {
+        &self.cookie_path
+    }
+
+    /// Attributes the stickiness cookie carries after `Path` and `HttpOnly`, each as `; Name`
+    /// or `; Name=value` (see [`Pool::set_cookie_attributes`]): empty for none.
+    pub fn cookie_attributes(&self) -> &str {
+        &self.cookie_attributes
+    }
+
+    /// Whether the stickiness cookie is set again with answers, not only when its client is
+    /// placed: so it is when its attributes give it a lifetime (`Max-Age`), which browsers
+    /// count from when the cookie was last set. Set only on placement, such a cookie lapsed
+    /// that long after a session's first request, however busy the session, and its client
+    /// could be placed elsewhere mid-session; set with answers, it lapses that long after the
+    /// last one. Without a lifetime the cookie lasts as long as the browser session, and
+    /// setting it again would only cost bytes.
+    pub fn cookie_refresh(&self) -> bool {
+        self.cookie_refresh
     }
 
     /// The cookie value that names member `i` (empty if the pool has no secret).

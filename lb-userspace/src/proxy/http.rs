@@ -1883,7 +1883,7 @@ async fn serve_conn(
         // is issued anew under the current secret with the answer; so is every cookie with a
         // Max-Age, whose lifetime then runs from the client's last answer, not its first
         // (`Pool::cookie_refresh`).
-        let renew = pool.cookie_refresh || named.is_some_and(|n| !n.current);
+        let renew = pool.cookie_refresh() || named.is_some_and(|n| !n.current);
 
         let continued = expects_continue(&req, framing);
         if continued && write(client, &b"HTTP/1.1 100 Continue\r\n\r\n"[..]).await.is_err() {
@@ -2367,10 +2367,10 @@ fn set_cookie(out: &mut BytesMut, pool: &Pool, i: usize) {
     let _ = write!(
         out,
         "Set-Cookie: {}={}; Path={}; HttpOnly{}\r\n",
-        pool.cookie_name,
+        pool.cookie_name(),
         pool.cookie(i),
-        pool.cookie_path,
-        pool.cookie_attributes
+        pool.cookie_path(),
+        pool.cookie_attributes()
     );
 }
 
