@@ -765,7 +765,8 @@ fn set_cookie_carries_the_configured_attributes() {
     }
 }
 
-/// A cookie with a `Max-Age` is set again with every answer, a valid current one's included:
+/// A cookie with a `Max-Age` is set again with every plain answer, a valid current one's
+/// included (not with those a shared cache may store, see the next test):
 /// browsers count its lifetime from when it was last set, so a busy session set it only when
 /// placed lost it that long after its first request, and could move mid-session. Without a
 /// `Max-Age` (whatever else the attributes say) a valid cookie is not set again.
@@ -800,6 +801,86 @@ fn a_cookie_with_a_max_age_is_set_again_with_every_answer() {
             }
         }
     }
+}
+
+/// A backend that answers each path as a cache would see it: `/public` and `/shared` with
+/// a `Cache-Control` that lets a shared cache store the answer (`public`, `s-maxage`),
+/// `/private` with one that does not, `/304` with 304 Not Modified, `/500` with 500, and any
+/// other path with a plain 200; each body but the 304's starts with `name`.
+fn caching_backend(name: &'static str) -> Backend {
+    serve_backend(move |s, reqs, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while let Some((head, _)) = read_request(&mut r) {
+            reqs.fetch_add(1, Ordering::Relaxed);
+            let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+            let (status, extra) = match path.as_str() {
+                "/public" => (200, "Cache-Control: public, max-age=60\r\n"),
+                "/shared" => (200, "cache-control: max-age=0\r\nCache-Control: S-MaxAge=60\r\n"),
+                "/private" => (200, "Cache-Control: private, max-age=60\r\n"),
+                "/304" => (304, "ETag: \"1\"\r\n"),
+                "/500" => (500, ""),
+                _ => (200, ""),
+            };
+            let resp = if status == 304 {
+                format!("HTTP/1.1 304 X\r\n{extra}\r\n")
+            } else {
+                format!(
+                    "HTTP/1.1 {status} X\r\n{extra}Content-Length: {}\r\n\r\n{name}",
+                    name.len()
+                )
+            };
+            if w.write_all(resp.as_bytes()).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// The `Set-Cookie` a cookie with a `Max-Age` gets again with answers (its client's cookie
+/// valid, current, naming the member that answers) is left off where a shared cache in front
+/// may store the answer and hand one client's cookie to every other: a `Cache-Control` with
+/// `public` or `s-maxage`, and a 304 (which refreshes a stored answer's headers). It is on a
+/// plain 200 and a `private` one, and never on a 5xx. A client placed anew gets its cookie
+/// whatever the caching headers, as without `Max-Age`.
+#[test]
+fn a_max_age_cookie_is_not_set_again_on_answers_a_shared_cache_may_store() {
+    let (a, b) = (caching_backend("a"), caching_backend("b"));
+    let p = cookie_proxy(
+        &[&a, &b],
+        "cookie_secret = \"0123456789abcdef0123\"\ncookie_attributes = \"Max-Age=60\"",
+    );
+    let first = get(p.addr, "/");
+    let cookie = first.1["set-cookie"].split(';').next().unwrap().to_owned();
+    let ask = |path: &str, cookie: &str| {
+        let cookie =
+            if cookie.is_empty() { String::new() } else { format!("Cookie: {cookie}\r\n") };
+        request(
+            p.addr,
+            None,
+            &format!("GET {path} HTTP/1.1\r\nHost: t\r\n{cookie}Connection: close\r\n\r\n"),
+        )
+        .unwrap()
+    };
+    for (path, status, set) in [
+        ("/public", 200, false),
+        ("/shared", 200, false),
+        ("/304", 304, false),
+        ("/500", 500, false),
+        ("/", 200, true),
+        ("/private", 200, true),
+    ] {
+        let r = ask(path, &cookie);
+        assert_eq!(r.0, status, "{path}: {r:?}");
+        if status != 304 {
+            assert_eq!(who(&r), who(&first), "{path}: the cookie keeps its client");
+        }
+        let again = r.1.get("set-cookie").map(|s| s.split(';').next().unwrap());
+        assert_eq!(again, set.then_some(cookie.as_str()), "{path}: {r:?}");
+    }
+    // Placed anew (no cookie), the client gets one with a cacheable answer too.
+    let r = ask("/public", "");
+    assert!(r.1.get("set-cookie").is_some_and(|c| c.contains("Max-Age=60")), "{r:?}");
 }
 
 /// Three backends behind a cookie proxy with `l7` (its `[vip.l7]` lines).
