@@ -5219,6 +5219,56 @@ fn a_backend_back_from_an_active_down_keeps_its_passive_ejection() {
     assert_eq!(bad.reqs.load(Ordering::Relaxed), 2, "and is in rotation");
 }
 
+/// A host route's pool under a `Domain`, whose cookie is named after its host, takes the cookie
+/// of the name without the host (which nodes of an earlier release, or before `Domain` was
+/// added, set) when its own is absent, if it names a member of this pool: the client stays on
+/// that backend and gets the pool's own cookie for it, rather than being placed anew (and sent
+/// to different backends by old and new nodes during a rolling upgrade). One naming a backend
+/// of another pool does not count.
+#[test]
+fn a_host_route_under_a_domain_takes_the_cookie_named_without_its_host() {
+    let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));
+    let secret = "0123456789abcdef0123";
+    let routes = format!(
+        "[[vip.route]]\nhost = \"api.example.com\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}, {{ address = \"127.0.0.1\", port = {} }}]\n",
+        a.addr.port(),
+        b.addr.port()
+    );
+    let p = proxy(
+        &[(&c, 1)],
+        &format!(
+            "algorithm = \"cookie\"\ncookie_secret = \"{secret}\"\ncookie_attributes = \"Domain=example.com\""
+        ),
+        &routes,
+    );
+    let ask = |cookies: &str| {
+        let r = request(
+            p.addr,
+            None,
+            &format!(
+                "GET / HTTP/1.1\r\nHost: api.example.com\r\nCookie: {cookies}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(r.0, 200, "{r:?}");
+        (who(&r), r.1.get("set-cookie").map(|s| s.split(';').next().unwrap().to_owned()))
+    };
+    let tag = |b: &Backend| edgelb::proxy::balance::cookie_tag(secret, b.addr);
+    let own = format!("edgelb_40api.example.com={}", tag(&b));
+    for _ in 0..4 {
+        assert_eq!(ask(&format!("edgelb={}", tag(&b))), ("b".to_owned(), Some(own.clone())));
+    }
+    // With its own cookie there too, that one counts, and is not set again.
+    assert_eq!(ask(&format!("edgelb={}; {own}", tag(&a))), ("b".to_owned(), None));
+    // The VIP's own backend is no member of the route's pool: placed anew.
+    for _ in 0..4 {
+        let (by, set) = ask(&format!("edgelb={}", tag(&c)));
+        assert_ne!(by, "c");
+        let want = format!("edgelb_40api.example.com={}", tag(if by == "a" { &a } else { &b }));
+        assert_eq!(set, Some(want));
+    }
+}
+
 /// A cookie with `Domain` is one for every host under that domain: the pools of routes for
 /// different hosts, and the VIP's own, each name theirs after their host, so that none
 /// overwrites another's and a client of several hosts keeps its backend on each. Without

@@ -1879,10 +1879,11 @@ async fn serve_conn(
             .then(|| pool.cookie_in(header(&req.head, "cookie")))
             .flatten();
         let sticky = named.map(|n| n.member);
-        // A cookie signed with the previous secret (a rotation under way) keeps its member, and
-        // is issued anew under the current secret with the answer. (One with a Max-Age is set
-        // again with most answers too, see `refresh` below.)
-        let renew = named.is_some_and(|n| !n.current);
+        // A cookie signed with the previous secret (a rotation under way), or read under the
+        // name a host route's pool has without a Domain (`Pool::scope_cookie`), keeps its
+        // member, and is issued anew under the current secret and the pool's own name with the
+        // answer. (One with a Max-Age is set again with most answers too, see `refresh` below.)
+        let renew = named.is_some_and(|n| n.renew());
 
         let continued = expects_continue(&req, framing);
         if continued && write(client, &b"HTTP/1.1 100 Continue\r\n\r\n"[..]).await.is_err() {
