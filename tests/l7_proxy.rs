@@ -5271,22 +5271,33 @@ fn a_host_route_under_a_domain_takes_the_cookie_named_without_its_host() {
 
 /// A cookie with `Domain` is one for every host under that domain: the pools of routes for
 /// different hosts, and the VIP's own, each name theirs after their host, so that none
-/// overwrites another's and a client of several hosts keeps its backend on each. Without
-/// `Domain` the cookies are each host's own, and keep the VIP's name.
+/// overwrites another's and a client of several hosts keeps its backend on each (every pool
+/// has two backends, and the cookies go through a browser's jar, where a cookie replaces one of
+/// its name). Without `Domain` the cookies are each host's own, and keep the VIP's name.
 #[test]
 fn host_routes_name_their_cookies_after_their_host_under_a_domain() {
-    let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));
+    let b: Vec<Backend> =
+        ["a", "b", "c", "d", "e", "f"].into_iter().map(|n| backend(n, Mode::Ok)).collect();
+    let list = |x: &Backend, y: &Backend| {
+        format!(
+            "[{{ address = \"127.0.0.1\", port = {} }}, {{ address = \"127.0.0.1\", port = {} }}]",
+            x.addr.port(),
+            y.addr.port()
+        )
+    };
+    // Two backends each, so that a pool's cookie, not its only backend, keeps a client.
     let routes = format!(
-        "[[vip.route]]\nhost = \"WWW.example.com.\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n[[vip.route]]\nhost = \"api.example.com\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n",
-        a.addr.port(),
-        b.addr.port()
+        "[[vip.route]]\nhost = \"WWW.example.com.\"\nbackends = {}\n[[vip.route]]\nhost = \"api.example.com\"\nbackends = {}\n",
+        list(&b[0], &b[3]),
+        list(&b[1], &b[4])
     );
+    let pools = [["a", "d"], ["b", "e"], ["c", "f"]];
     for (attributes, names) in [
         ("Domain=example.com", ["edgelb_40www.example.com", "edgelb_40api.example.com", "edgelb"]),
         ("Secure", ["edgelb", "edgelb", "edgelb"]),
     ] {
         let p = proxy(
-            &[(&c, 1)],
+            &[(&b[2], 1), (&b[5], 1)],
             &format!(
                 "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef0123\"\ncookie_attributes = \"{attributes}\""
             ),
@@ -5303,20 +5314,28 @@ fn host_routes_name_their_cookies_after_their_host_under_a_domain() {
             .unwrap()
         };
         let hosts = ["www.example.com", "api.example.com", "example.com"];
-        let mut cookies = Vec::new();
-        for (host, (name, by)) in hosts.iter().zip(names.iter().zip(["a", "b", "c"])) {
+        // What a browser keeps of Domain cookies: one per name (domain and path are one), a
+        // later one of a name taking the place of the earlier.
+        let mut jar: Vec<(String, String)> = Vec::new();
+        let mut placed = Vec::new();
+        for (host, (name, pool)) in hosts.iter().zip(names.iter().zip(pools)) {
             let r = ask(host, "x=1");
-            assert_eq!(who(&r), by, "{host}");
-            let cookie = r.1["set-cookie"].split(';').next().unwrap().to_owned();
-            assert_eq!(cookie.split_once('=').unwrap().0, *name, "{attributes}: {host}");
-            cookies.push(cookie);
+            assert!(pool.contains(&who(&r).as_str()), "{host}: {r:?}");
+            placed.push(who(&r));
+            let cookie = r.1["set-cookie"].split(';').next().unwrap();
+            let (n, v) = cookie.split_once('=').unwrap();
+            assert_eq!(n, *name, "{attributes}: {host}");
+            jar.retain(|(k, _)| k != n);
+            jar.push((n.to_owned(), v.to_owned()));
         }
         if attributes.starts_with("Domain") {
-            // A browser sends every host all three: each host's pool keeps its own.
-            let all = cookies.join("; ");
-            for (host, by) in hosts.iter().zip(["a", "b", "c"]) {
-                let r = ask(host, &all);
-                assert_eq!((who(&r), r.1.get("set-cookie")), (by.to_owned(), None), "{host}");
+            // A browser sends every host all it keeps: each host's pool keeps its client.
+            let all: Vec<String> = jar.iter().map(|(n, v)| format!("{n}={v}")).collect();
+            for _ in 0..3 {
+                for (host, by) in hosts.iter().zip(&placed) {
+                    let r = ask(host, &all.join("; "));
+                    assert_eq!((&who(&r), r.1.get("set-cookie")), (by, None), "{host}");
+                }
             }
         }
     }
