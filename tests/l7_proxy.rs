@@ -765,7 +765,8 @@ fn set_cookie_carries_the_configured_attributes() {
     }
 }
 
-/// A cookie with a `Max-Age` is set again with every answer, a valid current one's included:
+/// A cookie with a `Max-Age` is set again with every plain answer, a valid current one's
+/// included (not with those a shared cache may store, see the next test):
 /// browsers count its lifetime from when it was last set, so a busy session set it only when
 /// placed lost it that long after its first request, and could move mid-session. Without a
 /// `Max-Age` (whatever else the attributes say) a valid cookie is not set again.
@@ -800,6 +801,86 @@ fn a_cookie_with_a_max_age_is_set_again_with_every_answer() {
             }
         }
     }
+}
+
+/// A backend that answers each path as a cache would see it: `/public` and `/shared` with
+/// a `Cache-Control` that lets a shared cache store the answer (`public`, `s-maxage`),
+/// `/private` with one that does not, `/304` with 304 Not Modified, `/500` with 500, and any
+/// other path with a plain 200; each body but the 304's starts with `name`.
+fn caching_backend(name: &'static str) -> Backend {
+    serve_backend(move |s, reqs, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while let Some((head, _)) = read_request(&mut r) {
+            reqs.fetch_add(1, Ordering::Relaxed);
+            let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+            let (status, extra) = match path.as_str() {
+                "/public" => (200, "Cache-Control: public, max-age=60\r\n"),
+                "/shared" => (200, "cache-control: max-age=0\r\nCache-Control: S-MaxAge=60\r\n"),
+                "/private" => (200, "Cache-Control: private, max-age=60\r\n"),
+                "/304" => (304, "ETag: \"1\"\r\n"),
+                "/500" => (500, ""),
+                _ => (200, ""),
+            };
+            let resp = if status == 304 {
+                format!("HTTP/1.1 304 X\r\n{extra}\r\n")
+            } else {
+                format!(
+                    "HTTP/1.1 {status} X\r\n{extra}Content-Length: {}\r\n\r\n{name}",
+                    name.len()
+                )
+            };
+            if w.write_all(resp.as_bytes()).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// The `Set-Cookie` a cookie with a `Max-Age` gets again with answers (its client's cookie
+/// valid, current, naming the member that answers) is left off where a shared cache in front
+/// may store the answer and hand one client's cookie to every other: a `Cache-Control` with
+/// `public` or `s-maxage`, and a 304 (which refreshes a stored answer's headers). It is on a
+/// plain 200 and a `private` one, and never on a 5xx. A client placed anew gets its cookie
+/// whatever the caching headers, as without `Max-Age`.
+#[test]
+fn a_max_age_cookie_is_not_set_again_on_answers_a_shared_cache_may_store() {
+    let (a, b) = (caching_backend("a"), caching_backend("b"));
+    let p = cookie_proxy(
+        &[&a, &b],
+        "cookie_secret = \"0123456789abcdef0123\"\ncookie_attributes = \"Max-Age=60\"",
+    );
+    let first = get(p.addr, "/");
+    let cookie = first.1["set-cookie"].split(';').next().unwrap().to_owned();
+    let ask = |path: &str, cookie: &str| {
+        let cookie =
+            if cookie.is_empty() { String::new() } else { format!("Cookie: {cookie}\r\n") };
+        request(
+            p.addr,
+            None,
+            &format!("GET {path} HTTP/1.1\r\nHost: t\r\n{cookie}Connection: close\r\n\r\n"),
+        )
+        .unwrap()
+    };
+    for (path, status, set) in [
+        ("/public", 200, false),
+        ("/shared", 200, false),
+        ("/304", 304, false),
+        ("/500", 500, false),
+        ("/", 200, true),
+        ("/private", 200, true),
+    ] {
+        let r = ask(path, &cookie);
+        assert_eq!(r.0, status, "{path}: {r:?}");
+        if status != 304 {
+            assert_eq!(who(&r), who(&first), "{path}: the cookie keeps its client");
+        }
+        let again = r.1.get("set-cookie").map(|s| s.split(';').next().unwrap());
+        assert_eq!(again, set.then_some(cookie.as_str()), "{path}: {r:?}");
+    }
+    // Placed anew (no cookie), the client gets one with a cacheable answer too.
+    let r = ask("/public", "");
+    assert!(r.1.get("set-cookie").is_some_and(|c| c.contains("Max-Age=60")), "{r:?}");
 }
 
 /// Three backends behind a cookie proxy with `l7` (its `[vip.l7]` lines).
@@ -5241,24 +5322,85 @@ fn a_backend_back_from_an_active_down_keeps_its_passive_ejection() {
     assert_eq!(bad.reqs.load(Ordering::Relaxed), 2, "and is in rotation");
 }
 
-/// A cookie with `Domain` is one for every host under that domain: the pools of routes for
-/// different hosts, and the VIP's own, each name theirs after their host, so that none
-/// overwrites another's and a client of several hosts keeps its backend on each. Without
-/// `Domain` the cookies are each host's own, and keep the VIP's name.
+/// A host route's pool under a `Domain`, whose cookie is named after its host, takes the cookie
+/// of the name without the host (which nodes of an earlier release, or before `Domain` was
+/// added, set) when its own is absent, if it names a member of this pool: the client stays on
+/// that backend and gets the pool's own cookie for it, rather than being placed anew (and sent
+/// to different backends by old and new nodes during a rolling upgrade). One naming a backend
+/// of another pool does not count.
 #[test]
-fn host_routes_name_their_cookies_after_their_host_under_a_domain() {
+fn a_host_route_under_a_domain_takes_the_cookie_named_without_its_host() {
     let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));
+    let secret = "0123456789abcdef0123";
     let routes = format!(
-        "[[vip.route]]\nhost = \"WWW.example.com.\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n[[vip.route]]\nhost = \"api.example.com\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n",
+        "[[vip.route]]\nhost = \"api.example.com\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}, {{ address = \"127.0.0.1\", port = {} }}]\n",
         a.addr.port(),
         b.addr.port()
     );
+    let p = proxy(
+        &[(&c, 1)],
+        &format!(
+            "algorithm = \"cookie\"\ncookie_secret = \"{secret}\"\ncookie_attributes = \"Domain=example.com\""
+        ),
+        &routes,
+    );
+    let ask = |cookies: &str| {
+        let r = request(
+            p.addr,
+            None,
+            &format!(
+                "GET / HTTP/1.1\r\nHost: api.example.com\r\nCookie: {cookies}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(r.0, 200, "{r:?}");
+        (who(&r), r.1.get("set-cookie").map(|s| s.split(';').next().unwrap().to_owned()))
+    };
+    let tag = |b: &Backend| edgelb::proxy::balance::cookie_tag(secret, b.addr);
+    let own = format!("edgelb_40api.example.com={}", tag(&b));
+    for _ in 0..4 {
+        assert_eq!(ask(&format!("edgelb={}", tag(&b))), ("b".to_owned(), Some(own.clone())));
+    }
+    // With its own cookie there too, that one counts, and is not set again.
+    assert_eq!(ask(&format!("edgelb={}; {own}", tag(&a))), ("b".to_owned(), None));
+    // The VIP's own backend is no member of the route's pool: placed anew.
+    for _ in 0..4 {
+        let (by, set) = ask(&format!("edgelb={}", tag(&c)));
+        assert_ne!(by, "c");
+        let want = format!("edgelb_40api.example.com={}", tag(if by == "a" { &a } else { &b }));
+        assert_eq!(set, Some(want));
+    }
+}
+
+/// A cookie with `Domain` is one for every host under that domain: the pools of routes for
+/// different hosts, and the VIP's own, each name theirs after their host, so that none
+/// overwrites another's and a client of several hosts keeps its backend on each (every pool
+/// has two backends, and the cookies go through a browser's jar, where a cookie replaces one of
+/// its name). Without `Domain` the cookies are each host's own, and keep the VIP's name.
+#[test]
+fn host_routes_name_their_cookies_after_their_host_under_a_domain() {
+    let b: Vec<Backend> =
+        ["a", "b", "c", "d", "e", "f"].into_iter().map(|n| backend(n, Mode::Ok)).collect();
+    let list = |x: &Backend, y: &Backend| {
+        format!(
+            "[{{ address = \"127.0.0.1\", port = {} }}, {{ address = \"127.0.0.1\", port = {} }}]",
+            x.addr.port(),
+            y.addr.port()
+        )
+    };
+    // Two backends each, so that a pool's cookie, not its only backend, keeps a client.
+    let routes = format!(
+        "[[vip.route]]\nhost = \"WWW.example.com.\"\nbackends = {}\n[[vip.route]]\nhost = \"api.example.com\"\nbackends = {}\n",
+        list(&b[0], &b[3]),
+        list(&b[1], &b[4])
+    );
+    let pools = [["a", "d"], ["b", "e"], ["c", "f"]];
     for (attributes, names) in [
         ("Domain=example.com", ["edgelb_40www.example.com", "edgelb_40api.example.com", "edgelb"]),
         ("Secure", ["edgelb", "edgelb", "edgelb"]),
     ] {
         let p = proxy(
-            &[(&c, 1)],
+            &[(&b[2], 1), (&b[5], 1)],
             &format!(
                 "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef0123\"\ncookie_attributes = \"{attributes}\""
             ),
@@ -5275,20 +5417,28 @@ fn host_routes_name_their_cookies_after_their_host_under_a_domain() {
             .unwrap()
         };
         let hosts = ["www.example.com", "api.example.com", "example.com"];
-        let mut cookies = Vec::new();
-        for (host, (name, by)) in hosts.iter().zip(names.iter().zip(["a", "b", "c"])) {
+        // What a browser keeps of Domain cookies: one per name (domain and path are one), a
+        // later one of a name taking the place of the earlier.
+        let mut jar: Vec<(String, String)> = Vec::new();
+        let mut placed = Vec::new();
+        for (host, (name, pool)) in hosts.iter().zip(names.iter().zip(pools)) {
             let r = ask(host, "x=1");
-            assert_eq!(who(&r), by, "{host}");
-            let cookie = r.1["set-cookie"].split(';').next().unwrap().to_owned();
-            assert_eq!(cookie.split_once('=').unwrap().0, *name, "{attributes}: {host}");
-            cookies.push(cookie);
+            assert!(pool.contains(&who(&r).as_str()), "{host}: {r:?}");
+            placed.push(who(&r));
+            let cookie = r.1["set-cookie"].split(';').next().unwrap();
+            let (n, v) = cookie.split_once('=').unwrap();
+            assert_eq!(n, *name, "{attributes}: {host}");
+            jar.retain(|(k, _)| k != n);
+            jar.push((n.to_owned(), v.to_owned()));
         }
         if attributes.starts_with("Domain") {
-            // A browser sends every host all three: each host's pool keeps its own.
-            let all = cookies.join("; ");
-            for (host, by) in hosts.iter().zip(["a", "b", "c"]) {
-                let r = ask(host, &all);
-                assert_eq!((who(&r), r.1.get("set-cookie")), (by.to_owned(), None), "{host}");
+            // A browser sends every host all it keeps: each host's pool keeps its client.
+            let all: Vec<String> = jar.iter().map(|(n, v)| format!("{n}={v}")).collect();
+            for _ in 0..3 {
+                for (host, by) in hosts.iter().zip(&placed) {
+                    let r = ask(host, &all.join("; "));
+                    assert_eq!((&who(&r), r.1.get("set-cookie")), (by, None), "{host}");
+                }
             }
         }
     }

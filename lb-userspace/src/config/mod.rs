@@ -396,6 +396,15 @@ pub struct L7 {
     /// browsers otherwise do not send the cookie from, `Max-Age` for one that outlives the
     /// browser session, `Domain`, `Partitioned`.
     pub cookie_attributes: String,
+    /// The `Domain` among [`cookie_attributes`](Self::cookie_attributes), lowercase (as
+    /// browsers compare it), if there is one: such a cookie is one for every host under that
+    /// domain, so host routes name theirs after their host (`proxy::balance::Pool::scope_cookie`),
+    /// and VIPs with one `Domain` share their cookies whatever their addresses.
+    pub cookie_domain: Option<String>,
+    /// The `Max-Age` among [`cookie_attributes`](Self::cookie_attributes), in seconds, if there
+    /// is one: browsers count it from when the cookie was last set, so the proxy sets such a
+    /// cookie again with answers (`proxy::balance::Pool::cookie_refresh`).
+    pub cookie_max_age: Option<u64>,
     /// Consecutive failures that take a backend out (passive health).
     pub max_fails: u32,
     /// How long a passively failed backend stays out.
@@ -1240,7 +1249,7 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
         });
     }
     links.no_loop()?;
-    cookies_shared_across_ports(&vips, &addresses_at, cautions);
+    cookies_shared_between_vips(&vips, &addresses_at, cautions);
     if entries > MAX_BACKENDS as usize {
         return bad(
             first_over,
@@ -1601,65 +1610,119 @@ fn l7_settings(
         cookie_secret,
         cookie_secret_previous,
         cookie_attributes: attributes.text,
+        cookie_domain: attributes.domain,
+        cookie_max_age: attributes.max_age,
         max_fails: setting(&l.max_fails, 3, "max_fails")?,
         fail_timeout: ms(&l.fail_timeout_ms, 10_000, "fail_timeout_ms")?,
     })
 }
 
-/// Browsers keep cookies by host, whatever the port (RFC 6265 8.5): the cookies of two
-/// cookie-sticky VIPs on one address (on different ports) are one to a browser when they share
-/// a name. If the VIPs' secrets differ, or the backends their cookies can name (a cookie's tag
-/// names a backend by its address and port), each takes the other's cookie for nothing, places
-/// its client anew and sets its own over it: a client of both goes from backend to backend.
-/// Such files worked before, and only the operator knows whether one client reaches both VIPs
-/// (IPv4 and IPv6 VIPs behind one host name, which the config cannot see, are the same case:
-/// docs/CONFIG.md), so each such pair adds a caution at the later VIP's address, not an error.
-fn cookies_shared_across_ports(
+/// Browsers keep cookies by host, whatever the port (RFC 6265 8.5), and a cookie with `Domain`
+/// for every host under that domain: the cookies of two cookie-sticky VIPs on one address
+/// (neither with a `Domain`; on different ports), or of two with one `Domain` (whatever their
+/// addresses: an IPv4 and an IPv6 VIP, say), are one to a browser where their pools give one
+/// name and path ([`crate::proxy::balance::scoped_cookie_name`]). If one of such a pair of
+/// pools sets cookies under a secret the other does not take (a rotation's two secrets, swapped
+/// between them, are taken by both), or their backends differ (a cookie's tag names a backend
+/// by its address and port), each takes the other's cookie for nothing, places its client
+/// anew and sets its own over it: a client of both goes from backend to backend. Such files
+/// worked before, and only the operator knows whether clients reach both VIPs by one host name
+/// (VIPs on different addresses without `Domain` behind one host name, which the config cannot
+/// see, are the same case: docs/CONFIG.md), so each such pair of VIPs adds a caution at the
+/// later VIP's address, not an error.
+fn cookies_shared_between_vips(
     vips: &[Vip],
     addresses_at: &[Range<usize>],
     cautions: &mut Vec<Invalid>,
 ) {
-    // Each cookie-sticky VIP with the backends its cookies can name, in one order.
-    let sticky: Vec<_> = vips
-        .iter()
-        .enumerate()
-        .filter_map(|(i, v)| {
-            let l7 = v.l7.as_ref().filter(|l| l.mode == L7Mode::Http)?;
-            let own = (l7.algorithm == Algorithm::Cookie).then_some(&v.backends);
-            let routes = l7.routes.iter().filter(|r| r.algorithm == Algorithm::Cookie);
-            let mut named: Vec<(IpAddr, u16)> = own
-                .into_iter()
-                .chain(routes.map(|r| &r.backends))
-                .flatten()
-                .map(|b| (b.address, b.port))
-                .collect();
-            if named.is_empty() {
-                return None;
-            }
-            named.sort_unstable();
-            named.dedup();
-            Some((i, l7, named))
-        })
-        .collect();
-    for (k, (i, l7, named)) in sticky.iter().enumerate() {
-        for (j, other, other_named) in &sticky[..k] {
+    /// A cookie-sticky pool's cookie as a browser keys it (name and path), with the backends
+    /// its cookies can name.
+    struct Scoped {
+        name: String,
+        path: String,
+        named: Vec<(IpAddr, u16)>,
+    }
+    let scoped = |l7: &L7, host: Option<&str>, prefix: Option<&str>, backends: &[Backend]| {
+        let host = host.filter(|_| l7.cookie_domain.is_some()).map(crate::proxy::route_host);
+        let mut named: Vec<(IpAddr, u16)> = backends.iter().map(|b| (b.address, b.port)).collect();
+        named.sort_unstable();
+        named.dedup();
+        Scoped {
+            name: crate::proxy::balance::scoped_cookie_name(
+                &l7.cookie_name,
+                host.as_deref(),
+                prefix,
+            ),
+            path: crate::proxy::balance::cookie_path(prefix).to_owned(),
+            named,
+        }
+    };
+    // Each cookie-sticky VIP with its cookie-sticky pools, in one order.
+    let sticky: Vec<_> =
+        vips.iter()
+            .enumerate()
+            .filter_map(|(i, v)| {
+                let l7 = v.l7.as_ref().filter(|l| l.mode == L7Mode::Http)?;
+                let own = (l7.algorithm == Algorithm::Cookie)
+                    .then(|| scoped(l7, None, None, &v.backends));
+                let routes =
+                    l7.routes.iter().filter(|r| r.algorithm == Algorithm::Cookie).map(|r| {
+                        scoped(l7, r.host.as_deref(), r.path_prefix.as_deref(), &r.backends)
+                    });
+                let pools: Vec<Scoped> = own.into_iter().chain(routes).collect();
+                (!pools.is_empty()).then_some((i, l7, pools))
+            })
+            .collect();
+    // Whether a pool of `l7` takes the cookies `other` sets (signed with its cookie_secret).
+    let takes = |l7: &L7, other: &L7| {
+        l7.cookie_secret == other.cookie_secret
+            || l7.cookie_secret_previous.as_ref() == Some(&other.cookie_secret)
+    };
+    for (k, (i, l7, pools)) in sticky.iter().enumerate() {
+        for (j, other, other_pools) in &sticky[..k] {
             let (v, w) = (&vips[*i], &vips[*j]);
-            if v.address != w.address || l7.cookie_name != other.cookie_name {
+            let shared = match (&l7.cookie_domain, &other.cookie_domain) {
+                (Some(d), Some(e)) if d == e => {
+                    format!("if clients reach both by host names under {d} (both set Domain={d})")
+                }
+                (None, None) if v.address == w.address => format!(
+                    "if clients reach both by one host name ({}, ports {} and {}: browsers keep cookies by host, whatever the port)",
+                    v.address, w.port, v.port
+                ),
+                _ => continue,
+            };
+            let secrets = !(takes(l7, other) && takes(other, l7));
+            let (mut names, mut backends) = (Vec::new(), false);
+            for p in pools {
+                let same = other_pools.iter().filter(|q| q.name == p.name && q.path == p.path);
+                for q in same {
+                    if secrets || p.named != q.named {
+                        backends |= p.named != q.named;
+                        if !names.contains(&&p.name) {
+                            names.push(&p.name);
+                        }
+                    }
+                }
+            }
+            if names.is_empty() {
                 continue;
             }
-            let differ = match (l7.cookie_secret != other.cookie_secret, named != other_named) {
-                (false, false) => continue,
-                (true, false) => "are signed with different cookie_secret",
-                (false, true) => "name different backends",
+            let differ = match (secrets, backends) {
+                (true, false) => "are signed with secrets the other does not take",
+                (false, _) => "name different backends",
                 (true, true) => {
-                    "are signed with different cookie_secret and name different backends"
+                    "are signed with secrets the other does not take and name different backends"
                 }
             };
+            let names: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+            let cookies = if names.len() == 1 { "cookie" } else { "cookies" };
             cautions.push(Invalid(
                 addresses_at[*i].clone(),
                 format!(
-                    "VIP `{}`: its sticky cookies and VIP `{}`'s ({}, ports {} and {}) are one to browsers, which keep cookies by host whatever the port, and both are named `{}` but {differ}: each VIP would take the other's cookie for nothing and set its own over it, so a client of both would go from backend to backend; give them the same cookie_secret and backends, or different cookie_name",
-                    v.name, w.name, v.address, w.port, v.port, l7.cookie_name
+                    "VIP `{}`: its sticky {cookies} {} and VIP `{}`'s are one to browsers {shared}, but {differ}: each VIP would take the other's cookie for nothing and set its own over it, so a client of both would go from backend to backend; give them the same cookie_secret (or one rotation's two secrets, swapped) and backends, or different cookie_name",
+                    v.name,
+                    names.join(", "),
+                    w.name,
                 ),
             ));
         }
@@ -1681,8 +1744,10 @@ struct CookieAttributes {
     text: String,
     /// `Secure` is set.
     secure: bool,
-    /// `Domain` is set.
-    domain: bool,
+    /// The `Domain`, lowercase, if it is set.
+    domain: Option<String>,
+    /// The `Max-Age`, in seconds, if it is set.
+    max_age: Option<u64>,
 }
 
 /// What `cookie_attributes` may hold, for errors.
@@ -1772,7 +1837,10 @@ fn cookie_attributes(s: &str) -> Result<CookieAttributes, String> {
                     Ok(0) => {
                         return err("Max-Age=0 has browsers drop the cookie at once, so no client would stay; write the seconds it should last (e.g. `Max-Age=86400`), or leave Max-Age out for a cookie that lasts the browser session".to_owned());
                     }
-                    Ok(n) => Some(n.to_string()),
+                    Ok(n) => {
+                        out.max_age = Some(n);
+                        Some(n.to_string())
+                    }
                     Err(_) => {
                         return err(format!(
                             "Max-Age={v} is too large; browsers keep a cookie 400 days at most (`Max-Age=34560000`)"
@@ -1793,7 +1861,7 @@ fn cookie_attributes(s: &str) -> Result<CookieAttributes, String> {
                         v.escape_debug()
                     ));
                 }
-                out.domain = true;
+                out.domain = Some(host.to_ascii_lowercase());
                 Some(host.to_owned())
             }
             _ => unreachable!("every name is matched above"),
@@ -1847,7 +1915,7 @@ fn cookie_prefix_ok(
             ),
         );
     }
-    if host && attributes.domain {
+    if host && attributes.domain.is_some() {
         return bad(
             attributes_at.unwrap_or(name_at),
             format!(

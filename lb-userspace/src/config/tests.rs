@@ -2584,49 +2584,117 @@ fn tcp_probes_of_a_udp_vip_without_a_port_are_cautioned() {
     assert!(parse(&check("send = \"ping\"")).unwrap().cautions.is_empty());
 }
 
-/// Browsers keep cookies by host whatever the port: two cookie-sticky VIPs on one address with
-/// one cookie name share their cookies. With different secrets or backends each would set its
-/// own over the other's (a client of both going from backend to backend): accepted, with a
-/// caution at the later VIP's address naming both. With the same secret and backends, another
-/// cookie name, another address, or one VIP not cookie-sticky, there is none.
+/// Browsers keep cookies by host whatever the port, and one with `Domain` for every host under
+/// it: two cookie-sticky VIPs on one address (neither with a `Domain`), or with one `Domain`
+/// whatever their addresses, share the cookies of their pools with one name and path. With
+/// secrets one does not take from the other, or backends that differ in such a pair of pools,
+/// each would set its own over the other's (a client of both going from backend to backend):
+/// accepted, with a caution at the later VIP's address naming both. With the same secret and
+/// backends, one rotation's two secrets swapped, another cookie name, another address without
+/// `Domain`, one VIP with a `Domain` and the other without, or one not cookie-sticky, none.
 #[test]
-fn cookie_vips_sharing_an_address_with_other_secrets_or_backends_are_cautioned() {
-    let vip = |name: &str, address: &str, port: u16, backend_port: u16, l7: &str| {
+fn cookie_vips_sharing_their_cookies_with_other_secrets_or_backends_are_cautioned() {
+    let backends = |ports: &[u16]| {
+        let list: Vec<String> =
+            ports.iter().map(|p| format!("{{ address = \"198.18.0.11\", port = {p} }}")).collect();
+        list.join(", ")
+    };
+    let vip = |name: &str, address: &str, port: u16, ports: &[u16], l7: &str| {
         format!(
-            "[[vip]]\nname = \"{name}\"\naddress = \"{address}\"\nport = {port}\nforwarding = \"l7\"\nbackends = [{{ address = \"198.18.0.11\", port = {backend_port} }}]\n[vip.l7]\n{l7}\n"
+            "[[vip]]\nname = \"{name}\"\naddress = \"{address}\"\nport = {port}\nforwarding = \"l7\"\nbackends = [{}]\n[vip.l7]\n{l7}\n",
+            backends(ports)
         )
+    };
+    let route = |prefix: &str, ports: &[u16]| {
+        format!("[[vip.route]]\npath_prefix = \"{prefix}\"\nbackends = [{}]\n", backends(ports))
     };
     let sticky = |secret: &str| format!("algorithm = \"cookie\"\ncookie_secret = \"{secret}\"");
     let (s1, s2) = (sticky("0123456789abcdef"), sticky("fedcba9876543210"));
-    let file = |second: String| format!("{NODE}{}{second}", vip("a", "198.18.1.6", 80, 8000, &s1));
+    let domain = |l7: &str, d: &str| format!("{l7}\ncookie_attributes = \"Domain={d}\"");
+    let rotation = |current: &str, previous: &str| {
+        format!("{}\ncookie_secret_previous = \"{previous}\"", sticky(current))
+    };
+    let file = |first: String, second: String| format!("{NODE}{first}{second}");
+    let a = vip("a", "198.18.1.6", 80, &[8000], &s1);
     let cautions = |t: &str| parse(t).unwrap_or_else(|e| panic!("{e}\n{t}")).cautions;
-    for (second, says) in [
-        (vip("b", "198.18.1.6", 8080, 8000, &s2), "are signed with different cookie_secret:"),
-        (vip("b", "198.18.1.6", 8080, 8001, &s1), "name different backends:"),
+    let on_one_address = "VIP `b`: its sticky cookie `edgelb` and VIP `a`'s are one to browsers if clients reach both by one host name (198.18.1.6, ports 80 and 8080";
+    let under_a_domain = "VIP `b`: its sticky cookie `edgelb` and VIP `a`'s are one to browsers if clients reach both by host names under example.com (both set Domain=example.com)";
+    for (first, second, at, says) in [
         (
-            vip("b", "198.18.1.6", 8080, 8001, &s2),
-            "are signed with different cookie_secret and name different backends:",
+            a.clone(),
+            vip("b", "198.18.1.6", 8080, &[8000], &s2),
+            "\"198.18.1.6\"",
+            [on_one_address, "but are signed with secrets the other does not take:"],
+        ),
+        (
+            a.clone(),
+            vip("b", "198.18.1.6", 8080, &[8001], &s1),
+            "\"198.18.1.6\"",
+            [on_one_address, "but name different backends:"],
+        ),
+        (
+            a.clone(),
+            vip("b", "198.18.1.6", 8080, &[8001], &s2),
+            "\"198.18.1.6\"",
+            [
+                on_one_address,
+                "but are signed with secrets the other does not take and name different backends:",
+            ],
+        ),
+        // One Domain, two addresses: the cookies are one under it.
+        (
+            vip("a", "198.18.1.6", 80, &[8000], &domain(&s1, "example.com")),
+            vip("b", "198.18.1.7", 8080, &[8000], &domain(&s2, "Example.com")),
+            "\"198.18.1.7\"",
+            [under_a_domain, "but are signed with secrets the other does not take:"],
+        ),
+        // The VIPs' backends are one set, but not those of their pools of one cookie.
+        (
+            vip("a", "198.18.1.6", 80, &[8000, 8001], &s1),
+            format!("{}{}", vip("b", "198.18.1.6", 8080, &[8000], &s1), route("/api/", &[8001])),
+            "\"198.18.1.6\"",
+            [on_one_address, "but name different backends:"],
         ),
     ] {
-        let t = file(second);
+        let t = file(first, second);
         let [caution] = cautions(&t).try_into().unwrap_or_else(|c| panic!("one caution: {c:?}"));
         assert!(
-            caution.starts_with(&at_last(&t, "\"198.18.1.6\""))
-                && caution.contains(
-                    "VIP `b`: its sticky cookies and VIP `a`'s (198.18.1.6, ports 80 and 8080)"
-                )
-                && caution.contains("both are named `edgelb`")
-                && caution.contains(says),
+            caution.starts_with(&at_last(&t, at)) && says.iter().all(|s| caution.contains(s)),
             "{caution}"
         );
     }
-    for second in [
-        vip("b", "198.18.1.6", 8080, 8000, &s1),
-        vip("b", "198.18.1.6", 8080, 8000, &format!("{s2}\ncookie_name = \"other\"")),
-        vip("b", "198.18.1.7", 8080, 8001, &s2),
-        vip("b", "198.18.1.6", 8080, 8001, "algorithm = \"round_robin\""),
+    for (first, second) in [
+        (a.clone(), vip("b", "198.18.1.6", 8080, &[8000], &s1)),
+        (
+            a.clone(),
+            vip("b", "198.18.1.6", 8080, &[8000], &format!("{s2}\ncookie_name = \"other\"")),
+        ),
+        (a.clone(), vip("b", "198.18.1.7", 8080, &[8001], &s2)),
+        (a.clone(), vip("b", "198.18.1.6", 8080, &[8001], "algorithm = \"round_robin\"")),
+        // A rotation under way: each takes the other's cookies, and no client moves.
+        (
+            vip("a", "198.18.1.6", 80, &[8000], &rotation("0123456789abcdef", "fedcba9876543210")),
+            vip(
+                "b",
+                "198.18.1.6",
+                8080,
+                &[8000],
+                &rotation("fedcba9876543210", "0123456789abcdef"),
+            ),
+        ),
+        // With a Domain and without, or with two Domains, the cookies are not one.
+        (a.clone(), vip("b", "198.18.1.6", 8080, &[8001], &domain(&s2, "example.com"))),
+        (
+            vip("a", "198.18.1.6", 80, &[8000], &domain(&s1, "example.org")),
+            vip("b", "198.18.1.6", 8080, &[8001], &domain(&s2, "example.com")),
+        ),
+        // Pools with one name but other paths keep their own cookies.
+        (
+            a.clone(),
+            format!("{}{}", vip("b", "198.18.1.6", 8080, &[8000], &s1), route("/api/", &[8001])),
+        ),
     ] {
-        let t = file(second);
+        let t = file(first, second);
         assert!(cautions(&t).is_empty(), "{:?}\n{t}", cautions(&t));
     }
 }

@@ -211,21 +211,20 @@ pub struct Pool {
     /// address) when it changes.
     id: u64,
     /// Name of the stickiness cookie this pool sets and reads (see [`Pool::scope_cookie`]).
-    pub cookie_name: String,
+    cookie_name: String,
     /// `Path` of the stickiness cookie this pool sets (see [`Pool::scope_cookie`]).
-    pub cookie_path: String,
+    cookie_path: String,
+    /// For a host route's pool whose cookie is named after its host (under a `Domain`), the
+    /// name it has without one: read when no value of its own name names a member (see
+    /// [`Pool::cookie_in`]).
+    cookie_before: Option<String>,
     /// Attributes the stickiness cookie carries after `Path` and `HttpOnly`, each as `; Name`
     /// or `; Name=value` (the VIP's `cookie_attributes`, checked by the config): empty for
-    /// none.
-    pub cookie_attributes: String,
-    /// Whether the stickiness cookie is set again with every answer (but a 5xx), not only when
-    /// its client is placed: so it is when [`cookie_attributes`](Self::cookie_attributes) give
-    /// it a lifetime (`Max-Age`), which browsers count from when the cookie was last set. Set
-    /// only on placement, such a cookie lapsed that long after a session's first request,
-    /// however busy the session, and its client could be placed elsewhere mid-session; set with
-    /// every answer, it lapses that long after the last one. Without a lifetime the cookie
-    /// lasts as long as the browser session, and setting it again would only cost bytes.
-    pub cookie_refresh: bool,
+    /// none. Set with [`cookie_refresh`](Self::cookie_refresh), which follows from them, by
+    /// [`Pool::set_cookie_attributes`].
+    cookie_attributes: String,
+    /// See [`Pool::cookie_refresh`].
+    cookie_refresh: bool,
     /// Each member's stickiness cookie value ([`cookie_tag`]), in member order; empty until
     /// [`Pool::sign_cookies`].
     cookies: Vec<String>,
@@ -244,6 +243,18 @@ pub struct CookieMember {
     /// issued anew under the current, so that clients move to it before the previous one is
     /// retired.
     pub current: bool,
+    /// Whether the cookie came under the pool's own name, rather than the name a host route's
+    /// pool has without a `Domain` ([`Pool::cookie_in`]): one that did not is issued anew
+    /// under the pool's own name.
+    pub own: bool,
+}
+
+impl CookieMember {
+    /// Whether the answer sets the cookie anew, whatever else would leave it off: it is
+    /// signed with the previous secret, or came under the name before the pool's own.
+    pub fn renew(&self) -> bool {
+        !self.current || !self.own
+    }
 }
 
 /// Values of its cookie name a pool looks at in a request, at most, in the order sent
@@ -336,6 +347,7 @@ impl Pool {
             id: IDS.fetch_add(1, Ordering::Relaxed),
             cookie_name: String::new(),
             cookie_path: "/".to_owned(),
+            cookie_before: None,
             cookie_attributes: String::new(),
             cookie_refresh: false,
             cookies: Vec::new(),
@@ -378,36 +390,52 @@ impl Pool {
     /// pool's name has `_40` and the host after `name`, written as the prefix is, before the
     /// prefix if that is added too (`edgelb_40api.example.com`, `edgelb_40api.example.com_2Fv1`).
     /// `_40` (`@`) tells it from a prefix, which starts `_2F` (`/`, which no host holds).
+    ///
+    /// Such a pool also reads the name it has without the host ([`Pool::cookie_in`]) when no
+    /// value of its own names a member, and then sets its own for the same member: nodes that
+    /// do not name cookies after hosts (an earlier release during a rolling upgrade, or before
+    /// a reload that adds `Domain`) set that one, and a client holding it would otherwise be
+    /// placed anew here, and sent to different backends by the two kinds of node.
     pub fn scope_cookie(&mut self, name: &str, host: Option<&str>, prefix: Option<&str>) {
         self.cookie_path = cookie_path(prefix).to_owned();
-        let prefix = prefix.unwrap_or("/");
-        self.cookie_name = name.to_owned();
-        let mut add = |s: &str| {
-            for b in s.bytes() {
-                if b.is_ascii_alphanumeric() || b == b'-' || b == b'.' {
-                    self.cookie_name.push(char::from(b));
-                } else {
-                    self.cookie_name.push_str(&format!("_{b:02X}"));
-                }
-            }
-        };
-        if let Some(host) = host {
-            add("@");
-            add(host);
-        }
-        if self.cookie_path != prefix {
-            add(prefix);
-        }
+        self.cookie_name = scoped_cookie_name(name, host, prefix);
+        self.cookie_before = host.map(|_| scoped_cookie_name(name, None, prefix));
     }
 
     /// Gives the stickiness cookie the VIP's `attributes` (checked and written out by the
     /// config: each as `; Name` or `; Name=value`, in its usual spelling), and has it set
-    /// again with every answer if they give it a lifetime ([`Pool::cookie_refresh`]): `Max-Age`
-    /// (or `Expires`, which the config refuses, since every cookie would outlive a fixed date).
-    pub fn set_cookie_attributes(&mut self, attributes: &str) {
+    /// again with answers if they give it a lifetime, as the config says (`max_age`, its
+    /// `cookie_max_age`; see [`Pool::cookie_refresh`]).
+    pub fn set_cookie_attributes(&mut self, attributes: &str, max_age: bool) {
         self.cookie_attributes = attributes.to_owned();
-        self.cookie_refresh =
-            attributes.contains("; Max-Age=") || attributes.contains("; Expires=");
+        self.cookie_refresh = max_age;
+    }
+
+    /// Name of the stickiness cookie this pool sets and reads (see [`Pool::scope_cookie`]).
+    pub fn cookie_name(&self) -> &str {
+        &self.cookie_name
+    }
+
+    /// `Path` of the stickiness cookie this pool sets (see [`Pool::scope_cookie`]).
+    pub fn cookie_path(&self) -> &str {
+        &self.cookie_path
+    }
+
+    /// Attributes the stickiness cookie carries after `Path` and `HttpOnly`, each as `; Name`
+    /// or `; Name=value` (see [`Pool::set_cookie_attributes`]): empty for none.
+    pub fn cookie_attributes(&self) -> &str {
+        &self.cookie_attributes
+    }
+
+    /// Whether the stickiness cookie is set again with answers, not only when its client is
+    /// placed: so it is when its attributes give it a lifetime (`Max-Age`), which browsers
+    /// count from when the cookie was last set. Set only on placement, such a cookie lapsed
+    /// that long after a session's first request, however busy the session, and its client
+    /// could be placed elsewhere mid-session; set with answers, it lapses that long after the
+    /// last one. Without a lifetime the cookie lasts as long as the browser session, and
+    /// setting it again would only cost bytes.
+    pub fn cookie_refresh(&self) -> bool {
+        self.cookie_refresh
     }
 
     /// The cookie value that names member `i` (empty if the pool has no secret).
@@ -420,23 +448,42 @@ impl Pool {
     /// sets its own (scoped to its route's path, see [`Pool::scope_cookie`]), so a client may
     /// send several values of one name (with nested paths): of the first
     /// [`COOKIE_VALUES_READ`], bare or in double quotes (RFC 6265 4.1.1, the same value), the
-    /// first naming a member counts. Later ones are not looked at.
+    /// first naming a member counts. Later ones are not looked at. If none does, and the pool
+    /// names its cookie after its host, the first [`COOKIE_VALUES_READ`] values of the name it
+    /// has without the host are read the same way (a member of this pool, under either
+    /// secret), the member found marked as not [`own`](CookieMember::own).
     pub fn cookie_in<'a>(
         &self,
         headers: impl IntoIterator<Item = &'a [u8]>,
     ) -> Option<CookieMember> {
-        headers
-            .into_iter()
-            .flat_map(|v| v.split(|&b| b == b';'))
-            .filter_map(|c| {
-                let (name, rest) = c.trim_ascii().split_at_checked(self.cookie_name.len())?;
-                let value = rest.strip_prefix(b"=")?;
-                let value =
-                    value.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(value);
-                (name == self.cookie_name.as_bytes()).then_some(value)
-            })
-            .take(COOKIE_VALUES_READ)
+        let before = self.cookie_before.as_deref().map(str::as_bytes);
+        let (mut own, mut kept) = (0, 0);
+        let mut earlier: [&[u8]; COOKIE_VALUES_READ] = [&[]; COOKIE_VALUES_READ];
+        for c in headers.into_iter().flat_map(|v| v.split(|&b| b == b';')) {
+            if own == COOKIE_VALUES_READ && (before.is_none() || kept == COOKIE_VALUES_READ) {
+                break;
+            }
+            let c = c.trim_ascii();
+            let Some(eq) = c.iter().position(|&b| b == b'=') else { continue };
+            let (name, value) = (&c[..eq], &c[eq + 1..]);
+            let value =
+                value.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(value);
+            if name == self.cookie_name.as_bytes() {
+                if own < COOKIE_VALUES_READ {
+                    own += 1;
+                    if let Some(m) = self.cookie_member(value) {
+                        return Some(m);
+                    }
+                }
+            } else if before == Some(name) && kept < COOKIE_VALUES_READ {
+                earlier[kept] = value;
+                kept += 1;
+            }
+        }
+        earlier[..kept]
+            .iter()
             .find_map(|v| self.cookie_member(v))
+            .map(|m| CookieMember { own: false, ..m })
     }
 
     /// The member a cookie value names, if it is one of this pool's, under the current secret
@@ -453,7 +500,11 @@ impl Pool {
                     && c.bytes().zip(tag).fold(0u8, |acc, (a, &b)| acc | (a ^ b)) == 0;
                 if same && found.is_none() { Some(k) } else { found }
             });
-        found.map(|k| CookieMember { member: if k < n { k } else { k - n }, current: k < n })
+        found.map(|k| CookieMember {
+            member: if k < n { k } else { k - n },
+            current: k < n,
+            own: true,
+        })
     }
 
     /// Which members may take new work: weight > 0, up, not passively down, not excluded, not
@@ -626,6 +677,31 @@ impl Pool {
             best
         })
     }
+}
+
+/// The name of the stickiness cookie of a pool whose VIP names its cookies `name`, for the
+/// route with `host` (given only under a `Domain`) and path `prefix` (see
+/// [`Pool::scope_cookie`]). Also for the config, which compares the cookies of VIPs that one
+/// host name may reach.
+pub fn scoped_cookie_name(name: &str, host: Option<&str>, prefix: Option<&str>) -> String {
+    let mut out = name.to_owned();
+    let mut add = |s: &str| {
+        for b in s.bytes() {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'.' {
+                out.push(char::from(b));
+            } else {
+                out.push_str(&format!("_{b:02X}"));
+            }
+        }
+    };
+    if let Some(host) = host {
+        add("@");
+        add(host);
+    }
+    if cookie_path(prefix) != prefix.unwrap_or("/") {
+        add(prefix.unwrap_or("/"));
+    }
+    out
 }
 
 /// The `Path` of the stickiness cookie of the pool for the route with path `prefix` (`None`
@@ -832,7 +908,7 @@ mod tests {
     fn cookies_name_members_only_under_the_right_key_and_hide_their_address() {
         let mut p = pool(&[1, 1], Algorithm::Cookie);
         p.sign_cookies("0123456789abcdef", None);
-        let member = |i| Some(CookieMember { member: i, current: true });
+        let member = |i| Some(CookieMember { member: i, current: true, own: true });
         let c = p.cookie(1).to_owned();
         assert_eq!(c.len(), 32, "{c}");
         assert!(!c.contains("127.0.0"), "the address stays hidden: {c}");
@@ -867,16 +943,16 @@ mod tests {
             assert_ne!(was, p.cookie(i));
             assert_eq!(
                 p.cookie_member(was.as_bytes()),
-                Some(CookieMember { member: i, current: false }),
+                Some(CookieMember { member: i, current: false, own: true }),
                 "member {i}'s cookie under the previous secret"
             );
             assert_eq!(
                 p.cookie_member(format!("127.0.0.9:80~{was}").as_bytes()),
-                Some(CookieMember { member: i, current: false })
+                Some(CookieMember { member: i, current: false, own: true })
             );
             assert_eq!(
                 p.cookie_member(p.cookie(i).as_bytes()),
-                Some(CookieMember { member: i, current: true })
+                Some(CookieMember { member: i, current: true, own: true })
             );
         }
         let mut third = pool(&[1, 1, 1], Algorithm::Cookie);
@@ -903,7 +979,7 @@ mod tests {
         let quoted = format!("edgelb=\"{}\"", p.cookie(1));
         let stale = "edgelb=00000000000000000000000000000000";
         let other = format!("edgelbx={}; x={}", p.cookie(0), p.cookie(0));
-        let member = Some(CookieMember { member: 1, current: true });
+        let member = Some(CookieMember { member: 1, current: true, own: true });
         let named = |lines: &[String]| p.cookie_in(lines.iter().map(|l| l.as_bytes()));
         let stales = |n: usize| vec![stale; n].join("; ");
         assert_eq!(COOKIE_VALUES_READ, 4);
@@ -916,6 +992,43 @@ mod tests {
         ] {
             assert_eq!(named(&lines), want, "{lines:?}");
         }
+    }
+
+    /// A pool whose cookie is named after its host (under a `Domain`) reads the name it has
+    /// without the host when no value of its own names a member, so that a client placed by a
+    /// node that does not name cookies after hosts keeps its backend; such a cookie must name
+    /// a member of this pool, and is to be issued anew under the pool's own name
+    /// ([`CookieMember::renew`]). A pool without a host has no such name.
+    #[test]
+    fn a_host_named_cookie_falls_back_to_the_name_without_the_host() {
+        let secret = "0123456789abcdef";
+        let mut p = pool(&[1, 1], Algorithm::Cookie);
+        p.sign_cookies(secret, None);
+        p.scope_cookie("edgelb", Some("api.example.com"), Some("/v1"));
+        assert_eq!(p.cookie_name, "edgelb_40api.example.com_2Fv1");
+        let (c0, c1) = (p.cookie(0).to_owned(), p.cookie(1).to_owned());
+        let foreign = cookie_tag(secret, "127.0.0.9:80".parse().unwrap());
+        let stale = "00000000000000000000000000000000";
+        let own = |i| Some(CookieMember { member: i, current: true, own: true });
+        let before = |i| Some(CookieMember { member: i, current: true, own: false });
+        let named = |p: &Pool, line: &str| p.cookie_in([line.as_bytes()]);
+        for (line, want) in [
+            (format!("edgelb_2Fv1={c1}"), before(1)),
+            (format!("x=1; edgelb_2Fv1=\"{c1}\""), before(1)),
+            (format!("edgelb_40api.example.com_2Fv1={c0}; edgelb_2Fv1={c1}"), own(0)),
+            (format!("edgelb_2Fv1={c1}; edgelb_40api.example.com_2Fv1={c0}"), own(0)),
+            (format!("edgelb_40api.example.com_2Fv1={stale}; edgelb_2Fv1={c1}"), before(1)),
+            (format!("edgelb_2Fv1={foreign}"), None),
+            (format!("edgelb_2Fv1={stale}; edgelb_2Fv1={foreign}; edgelb_2Fv1={c0}"), before(0)),
+            (format!("edgelb={c1}"), None),
+        ] {
+            assert_eq!(named(&p, &line), want, "{line}");
+        }
+        assert!(before(1).unwrap().renew() && !own(1).unwrap().renew());
+        // Without a host, the name without one is the pool's own, and nothing else is read.
+        p.scope_cookie("edgelb", None, Some("/v1"));
+        assert_eq!(named(&p, &format!("edgelb_2Fv1={c1}")), own(1));
+        assert_eq!(named(&p, &format!("edgelb_40api.example.com_2Fv1={c1}")), None);
     }
 
     /// Each member's share of `picks` over its share of the pool's weight (1.0: exactly its

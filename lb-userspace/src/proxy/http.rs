@@ -1887,11 +1887,11 @@ async fn serve_conn(
             .then(|| pool.cookie_in(header(&req.head, "cookie")))
             .flatten();
         let sticky = named.map(|n| n.member);
-        // A cookie signed with the previous secret (a rotation under way) keeps its member, and
-        // is issued anew under the current secret with the answer; so is every cookie with a
-        // Max-Age, whose lifetime then runs from the client's last answer, not its first
-        // (`Pool::cookie_refresh`).
-        let renew = pool.cookie_refresh || named.is_some_and(|n| !n.current);
+        // A cookie signed with the previous secret (a rotation under way), or read under the
+        // name a host route's pool has without a Domain (`Pool::scope_cookie`), keeps its
+        // member, and is issued anew under the current secret and the pool's own name with the
+        // answer. (One with a Max-Age is set again with most answers too, see `refresh` below.)
+        let renew = named.is_some_and(|n| n.renew());
 
         let continued = expects_continue(&req, framing);
         if continued && write(client, &b"HTTP/1.1 100 Continue\r\n\r\n"[..]).await.is_err() {
@@ -2067,7 +2067,10 @@ async fn serve_conn(
             status_and_headers(&mut out, &resp);
             // A WebSocket client placed anew is as sticky as any other: later requests of its
             // page, and its reconnects, go where its session is.
-            if pool.algorithm == Algorithm::Cookie && (sticky != Some(i) || renew) {
+            // A cookie with a Max-Age is set again too: no cache stores a 101.
+            if pool.algorithm == Algorithm::Cookie
+                && (sticky != Some(i) || renew || pool.cookie_refresh())
+            {
                 set_cookie(&mut out, &pool, i);
             }
             let protocol = header(&resp.head, "upgrade").next().or(upgrade).unwrap_or_default();
@@ -2148,9 +2151,19 @@ async fn serve_conn(
         };
         content_length(&mut out, rframing, declared);
         // A new or moved client gets its cookie, and one whose cookie is signed with the
-        // previous secret gets it anew; not with a 5xx, which would pin it to a member that
-        // failed it (the last of several that answered 503, say).
-        if pool.algorithm == Algorithm::Cookie && (sticky != Some(i) || renew) && resp.status < 500
+        // previous secret gets it anew, whatever the answer's caching headers (a shared cache
+        // in front must not store answers with a Set-Cookie). A cookie with a Max-Age is set
+        // again with other answers too, so that its lifetime runs from the client's last answer
+        // rather than its first (`Pool::cookie_refresh`), but not with one a shared cache may
+        // store by the backend's leave, nor with a 304, which refreshes a stored answer's
+        // headers: Set-Cookie does not stop a cache (RFC 9111 7.3), which would hand this
+        // client's cookie to every other (all to one backend) or refuse to store the answer.
+        // None with a 5xx, which would pin the client to a member that failed it (the last of
+        // several that answered 503, say).
+        let refresh = pool.cookie_refresh() && resp.status != 304 && !shared_cacheable(&resp.head);
+        if pool.algorithm == Algorithm::Cookie
+            && (sticky != Some(i) || renew || refresh)
+            && resp.status < 500
         {
             set_cookie(&mut out, &pool, i);
         }
@@ -2367,6 +2380,17 @@ fn readings_agree(vip: &VipRuntime, host: Option<&str>, path: &str, pool: &Arc<P
     agrees(&decoded) && agrees(&params_stripped(path)) && agrees(&both)
 }
 
+/// Whether a shared cache (a CDN in front of the proxy) may store a response by its backend's
+/// explicit leave: a `Cache-Control` directive `public` or `s-maxage` (RFC 9111 5.2.2.9,
+/// 5.2.2.10), names in any case. Such an answer does not get a cookie set again only to renew
+/// its lifetime (see `serve_conn`): a cache that stored it would hand the cookie to everyone.
+fn shared_cacheable(head: &Head) -> bool {
+    tokens(head, "cache-control").any(|t| {
+        let name = t.split(|&b| b == b'=').next().unwrap_or(t).trim_ascii();
+        name.eq_ignore_ascii_case(b"public") || name.eq_ignore_ascii_case(b"s-maxage")
+    })
+}
+
 /// Writes the `Set-Cookie` header that sticks a client to member `i` of `pool`: `Path` and
 /// `HttpOnly` always, then the VIP's `cookie_attributes` (`Secure; SameSite=None` for
 /// cross-site clients, `Max-Age`, ...).
@@ -2375,10 +2399,10 @@ fn set_cookie(out: &mut BytesMut, pool: &Pool, i: usize) {
     let _ = write!(
         out,
         "Set-Cookie: {}={}; Path={}; HttpOnly{}\r\n",
-        pool.cookie_name,
+        pool.cookie_name(),
         pool.cookie(i),
-        pool.cookie_path,
-        pool.cookie_attributes
+        pool.cookie_path(),
+        pool.cookie_attributes()
     );
 }
 

@@ -814,12 +814,12 @@ impl Proxy {
             };
             // A cookie with a Domain is shared by every host under it: a host route's then has
             // a name of its own (see `Pool::scope_cookie`).
-            let domain = l7.cookie_attributes.contains("; Domain=");
+            let domain = l7.cookie_domain.is_some();
             let signed = |mut pool: Pool, host: Option<&str>, prefix: Option<&str>| {
                 if pool.algorithm == Algorithm::Cookie {
                     pool.sign_cookies(&l7.cookie_secret, l7.cookie_secret_previous.as_deref());
                     pool.scope_cookie(&l7.cookie_name, host.filter(|_| domain), prefix);
-                    pool.set_cookie_attributes(&l7.cookie_attributes);
+                    pool.set_cookie_attributes(&l7.cookie_attributes, l7.cookie_max_age.is_some());
                 }
                 pool
             };
