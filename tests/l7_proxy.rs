@@ -818,6 +818,10 @@ fn caching_backend(name: &'static str) -> Backend {
                 "/public" => (200, "Cache-Control: public, max-age=60\r\n"),
                 "/shared" => (200, "cache-control: max-age=0\r\nCache-Control: S-MaxAge=60\r\n"),
                 "/private" => (200, "Cache-Control: private, max-age=60\r\n"),
+                "/maxage" => (200, "Cache-Control: max-age=31536000\r\n"),
+                "/expires" => (200, "Expires: Thu, 01 Jan 2099 00:00:00 GMT\r\n"),
+                "/cdn" => (200, "CDN-Cache-Control: max-age=60\r\n"),
+                "/nostore" => (200, "Cache-Control: max-age=60\r\nCache-Control: no-store\r\n"),
                 "/304" => (304, "ETag: \"1\"\r\n"),
                 "/500" => (500, ""),
                 _ => (200, ""),
@@ -840,8 +844,9 @@ fn caching_backend(name: &'static str) -> Backend {
 /// The `Set-Cookie` a cookie with a `Max-Age` gets again with answers (its client's cookie
 /// valid, current, naming the member that answers) is left off where a shared cache in front
 /// may store the answer and hand one client's cookie to every other: a `Cache-Control` with
-/// `public` or `s-maxage`, and a 304 (which refreshes a stored answer's headers). It is on a
-/// plain 200 and a `private` one, and never on a 5xx. A client placed anew gets its cookie
+/// `public`, `s-maxage` or `max-age`, an `Expires`, a `CDN-Cache-Control`, and a 304 (which
+/// refreshes a stored answer's headers). It is on a plain 200, a `private` one and a `no-store`
+/// one, and never on a 5xx. A client placed anew gets its cookie
 /// whatever the caching headers, as without `Max-Age`.
 #[test]
 fn a_max_age_cookie_is_not_set_again_on_answers_a_shared_cache_may_store() {
@@ -869,6 +874,10 @@ fn a_max_age_cookie_is_not_set_again_on_answers_a_shared_cache_may_store() {
         ("/500", 500, false),
         ("/", 200, true),
         ("/private", 200, true),
+        ("/maxage", 200, false),
+        ("/expires", 200, false),
+        ("/cdn", 200, false),
+        ("/nostore", 200, true),
     ] {
         let r = ask(path, &cookie);
         assert_eq!(r.0, status, "{path}: {r:?}");

@@ -1636,13 +1636,17 @@ fn cookies_shared_between_vips(
     cautions: &mut Vec<Invalid>,
 ) {
     /// A cookie-sticky pool's cookie as a browser keys it (name and path), with the backends
-    /// its cookies can name.
+    /// its cookies can name, and the host of its route if it has one: a browser sends a cookie
+    /// set without `Domain` only to the host that set it, so pools of two routes of different
+    /// hosts never share one (a pool without a host may be reached by any).
     struct Scoped {
         name: String,
         path: String,
         named: Vec<(IpAddr, u16)>,
+        host: Option<String>,
     }
     let scoped = |l7: &L7, host: Option<&str>, prefix: Option<&str>, backends: &[Backend]| {
+        let route = host.map(crate::proxy::route_host);
         let host = host.filter(|_| l7.cookie_domain.is_some()).map(crate::proxy::route_host);
         let mut named: Vec<(IpAddr, u16)> = backends.iter().map(|b| (b.address, b.port)).collect();
         named.sort_unstable();
@@ -1655,6 +1659,7 @@ fn cookies_shared_between_vips(
             ),
             path: crate::proxy::balance::cookie_path(prefix).to_owned(),
             named,
+            host: route,
         }
     };
     // Each cookie-sticky VIP with its cookie-sticky pools, in one order.
@@ -1694,7 +1699,14 @@ fn cookies_shared_between_vips(
             let secrets = !(takes(l7, other) && takes(other, l7));
             let (mut names, mut backends) = (Vec::new(), false);
             for p in pools {
-                let same = other_pools.iter().filter(|q| q.name == p.name && q.path == p.path);
+                let hosts = |q: &&Scoped| match (&p.host, &q.host) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => true,
+                };
+                let same = other_pools
+                    .iter()
+                    .filter(|q| q.name == p.name && q.path == p.path)
+                    .filter(hosts);
                 for q in same {
                     if secrets || p.named != q.named {
                         backends |= p.named != q.named;

@@ -2591,7 +2591,8 @@ fn tcp_probes_of_a_udp_vip_without_a_port_are_cautioned() {
 /// each would set its own over the other's (a client of both going from backend to backend):
 /// accepted, with a caution at the later VIP's address naming both. With the same secret and
 /// backends, one rotation's two secrets swapped, another cookie name, another address without
-/// `Domain`, one VIP with a `Domain` and the other without, or one not cookie-sticky, none.
+/// `Domain`, one VIP with a `Domain` and the other without, routes of different hosts without
+/// `Domain`, or one not cookie-sticky, none.
 #[test]
 fn cookie_vips_sharing_their_cookies_with_other_secrets_or_backends_are_cautioned() {
     let backends = |ports: &[u16]| {
@@ -2608,8 +2609,16 @@ fn cookie_vips_sharing_their_cookies_with_other_secrets_or_backends_are_cautione
     let route = |prefix: &str, ports: &[u16]| {
         format!("[[vip.route]]\npath_prefix = \"{prefix}\"\nbackends = [{}]\n", backends(ports))
     };
+    let host_route = |host: &str, ports: &[u16]| {
+        format!(
+            "[[vip.route]]\nhost = \"{host}\"\nalgorithm = \"cookie\"\nbackends = [{}]\n",
+            backends(ports)
+        )
+    };
     let sticky = |secret: &str| format!("algorithm = \"cookie\"\ncookie_secret = \"{secret}\"");
     let (s1, s2) = (sticky("0123456789abcdef"), sticky("fedcba9876543210"));
+    // Cookie routes, the VIP's own backends round-robin.
+    let plain = "algorithm = \"round_robin\"\ncookie_secret = \"0123456789abcdef\"".to_owned();
     let domain = |l7: &str, d: &str| format!("{l7}\ncookie_attributes = \"Domain={d}\"");
     let rotation = |current: &str, previous: &str| {
         format!("{}\ncookie_secret_previous = \"{previous}\"", sticky(current))
@@ -2655,6 +2664,22 @@ fn cookie_vips_sharing_their_cookies_with_other_secrets_or_backends_are_cautione
             "\"198.18.1.6\"",
             [on_one_address, "but name different backends:"],
         ),
+        // Routes of one host without a Domain (the VIPs' own backends not sticky): one cookie
+        // to the browsers of that host.
+        (
+            format!(
+                "{}{}",
+                vip("a", "198.18.1.6", 80, &[8000], &plain),
+                host_route("www.example.com", &[8001])
+            ),
+            format!(
+                "{}{}",
+                vip("b", "198.18.1.6", 8080, &[8000], &plain),
+                host_route("www.example.com", &[8002])
+            ),
+            "\"198.18.1.6\"",
+            [on_one_address, "but name different backends:"],
+        ),
     ] {
         let t = file(first, second);
         let [caution] = cautions(&t).try_into().unwrap_or_else(|c| panic!("one caution: {c:?}"));
@@ -2687,6 +2712,19 @@ fn cookie_vips_sharing_their_cookies_with_other_secrets_or_backends_are_cautione
         (
             vip("a", "198.18.1.6", 80, &[8000], &domain(&s1, "example.org")),
             vip("b", "198.18.1.6", 8080, &[8001], &domain(&s2, "example.com")),
+        ),
+        // Routes of different hosts without a Domain: a browser keeps each host's cookie apart.
+        (
+            format!(
+                "{}{}",
+                vip("a", "198.18.1.6", 80, &[8000], &plain),
+                host_route("www.example.com", &[8001])
+            ),
+            format!(
+                "{}{}",
+                vip("b", "198.18.1.6", 8080, &[8000], &plain),
+                host_route("api.example.com", &[8002])
+            ),
         ),
         // Pools with one name but other paths keep their own cookies.
         (

@@ -2381,14 +2381,27 @@ fn readings_agree(vip: &VipRuntime, host: Option<&str>, path: &str, pool: &Arc<P
 }
 
 /// Whether a shared cache (a CDN in front of the proxy) may store a response by its backend's
-/// explicit leave: a `Cache-Control` directive `public` or `s-maxage` (RFC 9111 5.2.2.9,
-/// 5.2.2.10), names in any case. Such an answer does not get a cookie set again only to renew
-/// its lifetime (see `serve_conn`): a cache that stored it would hand the cookie to everyone.
+/// leave (RFC 9111 3): a `Cache-Control` directive `public`, `s-maxage` or `max-age`
+/// (5.2.2.9, 5.2.2.10, 5.2.2.1), or an `Expires` header, unless `private` or `no-store` forbids
+/// it; or a `CDN-Cache-Control` (RFC 9213) or `Surrogate-Control` header, which speak to such
+/// caches alone. Directive names in any case. Such an answer does not get a cookie set again only
+/// to renew its lifetime (see `serve_conn`): a cache that stored it would hand the cookie to
+/// everyone. Erring towards "may store" costs only a refresh, which the client's next answer
+/// that no cache may store brings.
 fn shared_cacheable(head: &Head) -> bool {
-    tokens(head, "cache-control").any(|t| {
+    if header(head, "cdn-cache-control").next().is_some()
+        || header(head, "surrogate-control").next().is_some()
+    {
+        return true;
+    }
+    let (mut allows, mut forbids) = (header(head, "expires").next().is_some(), false);
+    for t in tokens(head, "cache-control") {
         let name = t.split(|&b| b == b'=').next().unwrap_or(t).trim_ascii();
-        name.eq_ignore_ascii_case(b"public") || name.eq_ignore_ascii_case(b"s-maxage")
-    })
+        let is = |d: &str| name.eq_ignore_ascii_case(d.as_bytes());
+        allows |= is("public") || is("s-maxage") || is("max-age");
+        forbids |= is("private") || is("no-store");
+    }
+    allows && !forbids
 }
 
 /// Writes the `Set-Cookie` header that sticks a client to member `i` of `pool`: `Path` and
