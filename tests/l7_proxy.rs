@@ -4906,12 +4906,13 @@ fn a_ticking_response_beside_a_pausing_upload_is_not_idle() {
 
 /// After an early 2xx the backend took the request body: a response it then breaks with a
 /// malformed chunked coding is its failure, whether the body is still going or not, and so is
-/// a close in the middle of a response with a length once the body is through. Each ejects the
-/// backend after `max_fails` of them. Still no failure: a close or reset in the middle of a
-/// response while the body goes on (a backend that closes with the body unread resets the
-/// connection, and the reset drops what of its response it had not sent yet: see
-/// [`an_early_200_reset_with_the_body_unread_is_no_failure`]), here a close of a backend that
-/// read what came of the body so far, and a reset ending a response delimited by its close.
+/// a clean close (FIN) in the middle of a response with a length, the body through or still
+/// going (a backend that closes with the body unread resets instead: here it read what came of
+/// the body so far). Each ejects the backend after `max_fails` of them. Still no failure: a
+/// reset in the middle of a response while the body goes on (a backend that closes with the
+/// body unread resets the connection, and the reset drops what of its response it had not sent
+/// yet: see [`an_early_200_reset_with_the_body_unread_is_no_failure`]), here one ending a
+/// response delimited by its close.
 #[test]
 fn a_backend_that_breaks_its_early_200_is_charged() {
     // What the backend answers, how much of the body the client sends (the rest after the
@@ -4936,7 +4937,7 @@ fn a_backend_that_breaks_its_early_200_is_charged() {
             "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial",
             1000,
             false,
-            false,
+            true,
         ),
         (
             "reset ending a body until the close",
@@ -5032,6 +5033,46 @@ fn an_early_200_reset_with_the_body_unread_is_no_failure() {
     let text = p.metrics.encode();
     assert!(!ejected(&text, b.addr), "{text}");
     assert_eq!(b.reqs.load(Ordering::Relaxed), 5, "every upload reached the backend");
+}
+
+/// A backend that answers an upload `200` early with a length, sends part of its response,
+/// reads all of the body sent so far and closes cleanly (FIN, its receive queue empty) while
+/// the client still uploads: no reset of a close with the body unread, but a response it cut
+/// short itself. Charged as any cut response is: at `max_fails = 1` it is ejected. Before, a
+/// FIN and a reset were one to the proxy, and neither was charged while the body still went.
+#[test]
+fn an_early_200_closed_short_with_the_body_going_is_charged() {
+    let b = serve_backend(|s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        if !request_head(&mut r, r2)
+            || w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789").is_err()
+        {
+            return;
+        }
+        // All the client has sent so far: the receive queue is empty at the close.
+        if r.read_exact(&mut [0u8; 1000]).is_err() {
+            return;
+        }
+        let _ = w.shutdown(Shutdown::Both);
+    });
+    let p = proxy(&[(&b, 1)], "max_fails = 1\nfail_timeout_ms = 60000\nretries = 0", "");
+    let (mut s, mut r) = client(p.addr);
+    let mut req = b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n".to_vec();
+    req.extend_from_slice(&[b'u'; 1000]);
+    s.write_all(&req).unwrap();
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 200 "), "{status:?}");
+    // The backend's close reaches the proxy before more of the body does; the client then goes
+    // on uploading (the proxy may already have reset it).
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = s.write_all(&[b'u'; 10_000]);
+    // The response, cut short: the proxy resets the client's connection.
+    let _ = r.read_to_end(&mut Vec::new());
+    wait_for_metric(&p, "edgelb_l7_responses_cut_total{vip=\"web\",side=\"backend\"} 1");
+    let text = p.metrics.encode();
+    assert!(ejected(&text, b.addr), "{text}");
 }
 
 /// The rest of a request body going beside an early 2xx that does not go through once the

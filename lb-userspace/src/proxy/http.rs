@@ -1045,7 +1045,8 @@ impl IdleClock {
 /// then reaches delimited by the connection's close). Bytes after the body stay in `pending`.
 /// Each read waits for the exchange's idle timeout (`clock`) and never past `deadline`.
 /// Errors say which side failed ([`Side::Bad`]: `src` sent a chunked body that breaks the
-/// coding; what came before the bad bytes may have been passed on).
+/// coding; what came before the bad bytes may have been passed on), and, for `src`, whether it
+/// closed cleanly before the body's end ([`Side::Closed`]) or reset ([`Side::Src`]).
 async fn stream_body(
     src: &Socket,
     pending: &mut BytesMut,
@@ -1067,7 +1068,8 @@ async fn stream_body(
                 return Ok(());
             }
             match clock.read(src, pending, deadline).await {
-                Some(Ok(0) | Err(_)) => return Err(Side::Src),
+                Some(Ok(0)) => return Err(Side::Closed),
+                Some(Err(_)) => return Err(Side::Src),
                 Some(Ok(_)) => {}
                 None => return Err(Side::Timeout),
             }
@@ -1095,7 +1097,8 @@ async fn stream_body(
                     return Ok(());
                 }
                 match clock.read(src, pending, deadline).await {
-                    Some(Ok(0) | Err(_)) => return Err(Side::Src),
+                    Some(Ok(0)) => return Err(Side::Closed),
+                    Some(Err(_)) => return Err(Side::Src),
                     Some(Ok(_)) => {}
                     None => return Err(Side::Timeout),
                 }
@@ -1118,7 +1121,12 @@ async fn stream_body(
 /// Which side of a copy failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
+    /// The source reset its connection, or reading from it failed otherwise.
     Src,
+    /// The source closed its connection cleanly (end of stream) before the body's end: it cut
+    /// the body short itself. Told apart from [`Side::Src`] for the charging rule after an
+    /// early 2xx (in `serve_conn`); everywhere else the two are the same.
+    Closed,
     Dst,
     Timeout,
     /// The source's body is malformed (chunked coding): the source is at fault, and can be
@@ -2235,7 +2243,7 @@ async fn serve_conn(
                 Some(Cut::Deadline)
             }
             Some(Err(Side::Timeout)) => Some(Cut::Idle),
-            Some(Err(Side::Src | Side::Bad)) => Some(Cut::Backend),
+            Some(Err(Side::Src | Side::Closed | Side::Bad)) => Some(Cut::Backend),
         };
         // A response through whole while the rest of the request body still goes to the
         // backend: that goes on (on the exchange's idle clock, now moved by the body alone,
@@ -2259,16 +2267,39 @@ async fn serve_conn(
         // failure, but not always. Without an early 2xx: not when it answered before it had the
         // whole request body (`cut`: with the rest unread, its close resets the connection,
         // which is how an early answer to an upload ends). After an early 2xx, which took the
-        // body: a malformed response always (nothing to do with the body); a close or reset
+        // body: a malformed response always (nothing to do with the body); a reset
         // mid-response only once the body was through. Before that, the backend may have
         // closed with the body unread, whole response sent: its kernel then resets the
         // connection, which drops what of the response it had not sent yet, and whether the
         // proxy sees that reset on the response or first on the body's write (`Rest::Failed`
-        // by the backend) is a race; a response delimited by its close ends so too.
+        // by the backend) is a race; a response delimited by its close ends so too. A clean
+        // close (FIN) before the response's length or last chunk (`Side::Closed`; where the
+        // close delimits the response, it is its end) cannot come from that: a backend that
+        // closes with data unread resets. It cut its response short itself, and is charged,
+        // the body still going or through. Not once the body's write failed on the backend
+        // (`Rest::Failed`): the write may have taken the reset's error, the read then seeing
+        // only the end of stream a reset leaves. For the same reason a FIN is judged only
+        // after one more look at a body still going, whose failed write's completion may have
+        // come in the same batch as the read's.
         let malformed = ended == Some(Err(Side::Bad));
+        let closed = ended == Some(Err(Side::Closed));
+        if closed && let Some(Rest::Going(going)) = &mut rest {
+            let now = tokio::select! {
+                biased;
+                (r, pending) = going => Some(match r {
+                    Ok(()) => Rest::Through(pending),
+                    Err(side) => Rest::Failed(body_cut(side, deadline)),
+                }),
+                () = std::future::ready(()) => None,
+            };
+            if let Some(now) = now {
+                rest = Some(now);
+            }
+        }
         let blamed = match &rest {
             None => !cut,
             Some(_) if malformed => true,
+            Some(Rest::Going(_)) if closed => true,
             Some(Rest::Going(_) | Rest::Failed(Cut::Backend)) => false,
             Some(Rest::Through(_) | Rest::Failed(_)) => true,
         };
@@ -2468,7 +2499,7 @@ enum Rest<'c> {
 fn body_cut(side: Side, deadline: tokio::time::Instant) -> Cut {
     match side {
         Side::Dst => Cut::Backend,
-        Side::Src | Side::Bad => Cut::Client,
+        Side::Src | Side::Closed | Side::Bad => Cut::Client,
         Side::Timeout if tokio::time::Instant::now() >= deadline => Cut::Deadline,
         Side::Timeout => Cut::Idle,
     }
@@ -2696,7 +2727,9 @@ async fn attempt_once<'c>(
                         Err(_) => return Err(abandon(&up, timed_out(deadline, Attempt::Timeout))),
                     }
                 }
-                Ok((Err(Side::Src), _)) => return Err(abandon(&up, Attempt::ClientGone)),
+                Ok((Err(Side::Src | Side::Closed), _)) => {
+                    return Err(abandon(&up, Attempt::ClientGone));
+                }
                 Ok((Err(Side::Bad), _)) => return Err(abandon(&up, Attempt::ClientBad)),
                 Ok((Err(Side::Timeout), _)) => return Err(abandon(&up, Attempt::ClientTimeout)),
                 Ok((Err(Side::Dst), _)) => {
