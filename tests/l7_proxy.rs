@@ -2074,7 +2074,9 @@ fn still_open(s: &TcpStream) -> bool {
 /// timeout: the new client is served, the idle one's client reads the end of the stream (and
 /// would reconnect), the other idle one still works. Over two threads, on the accepting thread
 /// or another. A connection in the middle of a request (its head partly read, its response
-/// streaming) is never closed: with nothing idle, the new client is refused.
+/// streaming) is never closed: with nothing idle, the new client is refused. Each connection
+/// closed for room is counted in `edgelb_l7_connections_closed_for_room_total`, there at 0 from
+/// the start.
 #[test]
 fn idle_keep_alive_connections_make_room_for_new_ones() {
     let b = backend("b", Mode::Ok);
@@ -2101,6 +2103,10 @@ fn idle_keep_alive_connections_make_room_for_new_ones() {
     let panics = proxy_panics_so_far();
     let proxy = Proxy::start(&cfg, 2, metrics.l7.clone()).expect("proxy starts");
     let p = Running { proxy: Some(proxy), addr, metrics, panics };
+    let closed_for_room = "edgelb_l7_connections_closed_for_room_total";
+    let zero = format!("{closed_for_room}{{vip=\"web\"}} 0");
+    let text = p.metrics.encode();
+    assert!(text.lines().any(|l| l == zero), "{zero} in\n{text}");
     let get = |c: &mut Client| {
         c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
         c.status()
@@ -2125,6 +2131,8 @@ fn idle_keep_alive_connections_make_room_for_new_ones() {
         };
         let mut kept = left.into_iter().next().unwrap();
         assert_eq!(get(&mut kept), 200, "round {round}: the other idle one still works");
+        // Counted before it was closed, by whichever thread closed it.
+        assert_eq!(vip_counter(&p.metrics, closed_for_room), round + 1, "round {round}");
         idle = vec![kept, new];
     }
     // One in the middle of its head, one whose response streams: nothing idle, no room.
@@ -2143,6 +2151,7 @@ fn idle_keep_alive_connections_make_room_for_new_ones() {
     assert_eq!((r.0, r.2.as_str()), (200, "half-done!"));
     partial.send(b"\r\n");
     assert_eq!(partial.status(), 200, "the partial head, served once whole");
+    assert_eq!(vip_counter(&p.metrics, closed_for_room), 8, "the refusal closed nothing");
 }
 
 /// Empty lines before a request line are ignored (RFC 9112 2.2), and dropped as they arrive: they

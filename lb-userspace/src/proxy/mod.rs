@@ -125,6 +125,10 @@ pub struct L7Metrics {
     /// Failed accepts on a VIP's listeners: out of descriptors or memory, mostly, which the
     /// log reports once per episode while this counts every one.
     pub accept_errors: Family<VipLabel, Counter>,
+    /// Idle keep-alive client connections of an HTTP VIP closed to make room for a new one
+    /// over `max_connections` ([`reuse`]): their clients see a closed connection (and
+    /// reconnect), which no other series shows, and a steady rate says the limit is tight.
+    pub closed_for_room: Family<VipLabel, Counter>,
     /// Which per-backend series (`ejections`, `heads_too_large`) exist and which backends may
     /// have one.
     backend_series: Arc<Mutex<BackendSeries>>,
@@ -200,6 +204,7 @@ impl L7Metrics {
             ejections: Family::default(),
             heads_too_large: Family::default(),
             accept_errors: Family::default(),
+            closed_for_room: Family::default(),
             backend_series: Arc::default(),
             passive: PassiveDown::default(),
         };
@@ -257,6 +262,12 @@ impl L7Metrics {
              the client, the request deadline, the idle timeout, or the drain deadline of a \
              stop)",
             m.request_bodies_cut.clone(),
+        );
+        registry.register(
+            "edgelb_l7_connections_closed_for_room",
+            "Idle keep-alive L7 client connections (HTTP mode) closed to make room for a new \
+             connection over max_connections",
+            m.closed_for_room.clone(),
         );
         registry.register(
             "edgelb_l7_backend_ejections",
@@ -857,6 +868,10 @@ impl Proxy {
             let label = VipLabel { vip: vip.name.clone() };
             // Made here at 0, not at the first connection: an idle VIP is shown too.
             let _ = m.active.get_or_create(&label);
+            // Only HTTP VIPs close idle connections for room (a TCP-mode one has none idle).
+            if l7.mode == L7Mode::Http {
+                let _ = m.closed_for_room.get_or_create(&label);
+            }
             vips.insert(
                 vip.name.clone(),
                 Arc::new(VipRuntime {
@@ -1076,7 +1091,17 @@ async fn run_thread(
                 // Every listener's VIP has its shelves (`Proxy::start_bound`).
                 let shelves =
                     shared.idle.get(&vip).cloned().unwrap_or_else(|| reuse::shelves(thread + 1));
-                let i = reuse::Idle::new(shelves, thread);
+                // Only an HTTP VIP's has a series ([`Proxy::update_keeping`]); a TCP-mode one
+                // never makes room.
+                let closed = match mode {
+                    L7Mode::Http => shared
+                        .metrics
+                        .closed_for_room
+                        .get_or_create(&VipLabel { vip: vip.clone() })
+                        .clone(),
+                    L7Mode::Tcp => Counter::default(),
+                };
+                let i = reuse::Idle::new(shelves, thread, closed);
                 closers.push(tokio_uring::spawn(i.clone().close_claimed()));
                 i
             })

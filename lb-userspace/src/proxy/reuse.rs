@@ -36,6 +36,8 @@ use std::{
     },
 };
 
+use prometheus_client::metrics::counter::Counter;
+
 use super::uring::Socket;
 
 /// One proxy thread's connections of one VIP idle between requests, as every thread sees them.
@@ -65,6 +67,10 @@ pub(crate) struct Idle {
     local: Rc<RefCell<Local>>,
     shelves: Arc<[Shelf]>,
     thread: usize,
+    /// The VIP's `edgelb_l7_connections_closed_for_room_total`, counted by the thread that
+    /// closes each connection: a client that finds its keep-alive connection closed shows
+    /// nowhere else.
+    closed: Counter,
 }
 
 /// The idle connections themselves, in the order they went idle.
@@ -118,9 +124,17 @@ fn close(s: &Socket) {
 }
 
 impl Idle {
-    /// Thread `thread`'s idle connections of the VIP whose shelves are `shelves`.
-    pub(crate) fn new(shelves: Arc<[Shelf]>, thread: usize) -> Idle {
-        Idle { local: Rc::default(), shelves, thread }
+    /// Thread `thread`'s idle connections of the VIP whose shelves are `shelves`, counting
+    /// those it closes for room in `closed`.
+    pub(crate) fn new(shelves: Arc<[Shelf]>, thread: usize, closed: Counter) -> Idle {
+        Idle { local: Rc::default(), shelves, thread, closed }
+    }
+
+    /// Closes `s`, taken from the idle ones to make room, and counts it. Counted first, so
+    /// that whoever sees the connection closed sees it counted too.
+    fn close_for_room(&self, s: &Socket) {
+        self.closed.inc();
+        close(s);
     }
 
     fn own(&self) -> &Shelf {
@@ -162,7 +176,7 @@ impl Idle {
             let longest = self.local.borrow_mut().waiting.pop_first();
             match longest {
                 Some((_, s)) => {
-                    close(&s);
+                    self.close_for_room(&s);
                     return true;
                 }
                 // Above 0 means one is here (claims are taken from the count first): not
@@ -186,7 +200,7 @@ impl Idle {
             while closed < claimed {
                 let longest = self.local.borrow_mut().waiting.pop_first();
                 let Some((_, s)) = longest else { break };
-                close(&s);
+                self.close_for_room(&s);
                 closed += 1;
             }
             // Claims on connections that started a request before they could be closed: given
@@ -204,7 +218,8 @@ mod tests {
 
     /// Room is made from the accepting thread's own idle connections first, the longest idle
     /// first, then by claims on another thread's, which that thread meets; connections no
-    /// longer idle are never closed, and a claim that cannot be met is given back.
+    /// longer idle are never closed, and a claim that cannot be met is given back. Each
+    /// connection closed is counted once, by the thread that closes it, and nothing else is.
     #[test]
     fn room_is_made_from_idle_connections_only() {
         use std::io::Read;
@@ -223,7 +238,9 @@ mod tests {
         };
         let shelves = shelves(2);
         // Two threads' views, run on one here: the claims work the same.
-        let (mine, theirs) = (Idle::new(shelves.clone(), 0), Idle::new(shelves.clone(), 1));
+        let closed_for_room = Counter::default();
+        let idle = |thread| Idle::new(shelves.clone(), thread, closed_for_room.clone());
+        let (mine, theirs) = (idle(0), idle(1));
         tokio_uring::start(async {
             let closer = tokio_uring::spawn(theirs.clone().close_claimed());
             let mut conns = Vec::new();
@@ -236,6 +253,7 @@ mod tests {
             // conns[3] is busy: never counted idle.
             assert!(mine.make_room(), "an own idle connection");
             assert!(closed(&mut conns[0].1), "the longest idle is closed");
+            assert_eq!(closed_for_room.get(), 1);
             assert!(open(&conns[1].1) && open(&conns[2].1) && open(&conns[3].1));
             drop(a);
             // b starts a request: no longer idle, not closable.
@@ -243,6 +261,7 @@ mod tests {
             assert!(mine.make_room(), "another thread's idle connection");
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             assert!(closed(&mut conns[2].1), "closed by its thread");
+            assert_eq!(closed_for_room.get(), 2, "counted by its thread");
             assert!(open(&conns[1].1) && open(&conns[3].1));
             drop(c);
             assert!(!mine.make_room(), "nothing idle left");
@@ -258,6 +277,7 @@ mod tests {
             assert!(open(&peer), "started a request: not closed");
             assert_eq!(shelves[1].idle.load(Ordering::SeqCst), 0, "the claim given back");
             assert!(!mine.make_room());
+            assert_eq!(closed_for_room.get(), 2, "nothing closed, nothing counted");
             closer.abort();
         });
     }
@@ -303,7 +323,7 @@ mod tests {
         let vip = shared.snapshot.load().vips["web"].clone();
         let listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let shelves = shelves(1);
-        let idle = Idle::new(shelves.clone(), 0);
+        let idle = Idle::new(shelves.clone(), 0, Counter::default());
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         tokio_uring::start(async {
             let long = std::time::Duration::from_secs(60);
