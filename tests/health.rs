@@ -8,17 +8,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use edgelb::{config::Config, health::Checker};
+use edgelb::{config::Config, health::Checker, metrics::Metrics};
 
 mod common;
 
 /// A config with one L7 VIP on 127.0.0.1 whose backends are 127.0.0.1 on `ports`, checked over
 /// TCP every 30 ms, down after a single failure (`fall = 1`).
 fn checked(ports: &[u16]) -> Config {
+    checked_falling(ports, 1)
+}
+
+/// [`checked`], down after `fall` failures in a row.
+fn checked_falling(ports: &[u16], fall: u32) -> Config {
     let backends: Vec<String> =
         ports.iter().map(|p| format!("{{ address = \"127.0.0.1\", port = {p} }}")).collect();
     let text = format!(
-        "[node]\ninterfaces = [\"lo\"]\n[[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = 80\nforwarding = \"l7\"\nbackends = [{}]\n[vip.health]\ninterval_ms = 30\ntimeout_ms = 30\nrise = 1\nfall = 1\n",
+        "[node]\ninterfaces = [\"lo\"]\n[[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = 80\nforwarding = \"l7\"\nbackends = [{}]\n[vip.health]\ninterval_ms = 30\ntimeout_ms = 30\nrise = 1\nfall = {fall}\n",
         backends.join(", ")
     );
     Config::parse(&text, "t.toml".as_ref()).unwrap_or_else(|e| panic!("{e}\n{text}"))
@@ -61,6 +66,35 @@ fn a_probe_out_of_descriptors_blames_no_backend() {
         "{fed:?}"
     );
     drop(backend);
+}
+
+/// A backend that refuses every probe, checked with a `fall` it never reaches here, stays up,
+/// and each of its failed probes is counted in `edgelb_health_check_failures_total` as the
+/// controller records probes ([`Metrics::probed`]): flapping below `fall` shows there alone.
+#[test]
+fn every_failed_probe_is_counted_below_fall() {
+    // A port nothing listens on: bound, then let go.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cfg = checked_falling(&[port], 100);
+    let metrics = Metrics::new();
+    metrics.retain(&cfg);
+    let (tx, rx) = mpsc::channel();
+    let mut checker = Checker::new(tx);
+    assert_eq!(checker.reconcile(&cfg, |_, _| false), 0, "the check started");
+    let until = Instant::now() + Duration::from_millis(400);
+    let mut failed = 0;
+    while let Ok(ev) = rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+        assert!(ev.healthy && !ev.changed && !ev.local_failure, "{ev:?}");
+        failed += u32::from(ev.failed());
+        metrics.probed(&ev, format!("127.0.0.1:{port}"));
+    }
+    drop(checker);
+    assert!(failed >= 3, "probes ran: {failed}");
+    let series =
+        format!("edgelb_health_check_failures_total{{vip=\"web\",backend=\"127.0.0.1:{port}\"}} ");
+    let text = metrics.encode();
+    let counted = text.lines().find_map(|l| l.strip_prefix(&series)?.parse::<u32>().ok());
+    assert_eq!(counted, Some(failed), "{text}");
 }
 
 /// Lowers this process's address-space limit to what it maps now and `room` bytes more, until

@@ -1201,9 +1201,7 @@ impl Controller {
             return false; // a check that was just reconciled away
         };
         let label = backend_label(vip, backend);
-        if let Some(latency) = ev.latency {
-            self.metrics.observe_probe(&ev.vip, label.clone(), latency);
-        }
+        self.metrics.probed(&ev, label.clone());
         // Every probe reports the checker's verdict, so a restarted check (which starts healthy)
         // also corrects the controller's view.
         if ev.healthy != self.verdicts.is_down(&ev.vip, ev.backend) {

@@ -45,6 +45,16 @@ pub struct HealthEvent {
     pub check: u64,
 }
 
+impl HealthEvent {
+    /// True when this probe reached out to the backend and failed: counted in
+    /// `edgelb_health_check_failures_total` every time, flip or not, so that a backend failing
+    /// fewer than `fall` probes in a row (flapping, never taken down) shows. A probe that failed
+    /// on this node's side ([`HealthEvent::local_failure`]) is not the backend's.
+    pub fn failed(&self) -> bool {
+        self.latency.is_none() && !self.local_failure
+    }
+}
+
 /// What to probe: one backend of one VIP with that VIP's check.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Target {

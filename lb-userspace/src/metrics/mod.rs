@@ -209,12 +209,15 @@ pub struct Metrics {
     /// Refreshed before each scrape.
     pub kernel: Arc<Mutex<KernelSnapshot>>,
     health_latency: Family<BackendLabels, Histogram>,
+    /// Failed probes of each checked backend ([`Metrics::probed`]).
+    health_failures: Family<BackendLabels, Counter>,
     transitions: Family<TransitionLabels, Counter>,
     /// Health probes that failed on this node's side (see [`Metrics::probe_local_error`]).
     probe_local_errors: Counter,
     /// Health checks that could not start (see [`Metrics::checks_missing`]).
     checks_missing: Gauge,
-    /// The (VIP, backend) pairs `health_latency` and `transitions` may have series of:
+    /// The (VIP, backend) pairs `health_latency`, `health_failures` and `transitions` may have
+    /// series of:
     /// prometheus-client cannot list a family's label sets, and [`Metrics::retain`] needs them.
     health_series: Mutex<HashSet<BackendLabels>>,
     /// The L7 proxy's metrics, in the same registry.
@@ -241,6 +244,13 @@ impl Metrics {
             "Duration of successful health-check probes",
             Unit::Seconds,
             health_latency.clone(),
+        );
+        let health_failures = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "edgelb_health_check_failures",
+            "Failed health-check probes (each one, not only those that took a backend down: a \
+             backend failing fewer than fall in a row shows here only)",
+            health_failures.clone(),
         );
         let transitions = Family::<TransitionLabels, Counter>::default();
         registry.register(
@@ -270,6 +280,7 @@ impl Metrics {
             registry,
             kernel,
             health_latency,
+            health_failures,
             transitions,
             probe_local_errors,
             health_series: Mutex::default(),
@@ -282,6 +293,20 @@ impl Metrics {
         let labels = BackendLabels { vip: vip.to_owned(), backend };
         self.health_latency.get_or_create(&labels).observe(latency.as_secs_f64());
         self.health_series.lock().unwrap_or_else(PoisonError::into_inner).insert(labels);
+    }
+
+    /// Records one probe of a checked backend (`backend` as [`backend_label`] writes it), as
+    /// the controller gets it: a successful one's latency, or a failed one in
+    /// `edgelb_health_check_failures_total` (not one that failed on this node's side, which
+    /// [`Metrics::probe_local_error`] counts).
+    pub fn probed(&self, ev: &crate::health::HealthEvent, backend: String) {
+        if let Some(latency) = ev.latency {
+            self.observe_probe(&ev.vip, backend, latency);
+        } else if ev.failed() {
+            let labels = BackendLabels { vip: ev.vip.clone(), backend };
+            self.health_failures.get_or_create(&labels).inc();
+            self.health_series.lock().unwrap_or_else(PoisonError::into_inner).insert(labels);
+        }
     }
 
     /// Counts a probe that failed on this node's side: it said nothing of its backend, so no
@@ -315,7 +340,8 @@ impl Metrics {
     /// configured (and checked) are untouched: their counters go on from where they were.
     /// A backend that comes back later starts new series from zero, as after a restart.
     ///
-    /// Every health-checked backend's transition counters, and every L7 backend's ejection
+    /// Every health-checked backend's transition and probe failure counters, and every L7
+    /// backend's ejection
     /// counter, are made here at 0 if they do not exist yet (the controller calls this at its
     /// start too): a counter that appeared only at its first increment would hide that
     /// increment from `increase()` and `rate()`, and a backend's first flap from a dashboard.
@@ -341,6 +367,7 @@ impl Metrics {
                 return true;
             }
             self.health_latency.remove(pair);
+            self.health_failures.remove(pair);
             for to in ["up", "down"] {
                 self.transitions.remove(&TransitionLabels {
                     vip: pair.vip.clone(),
@@ -360,6 +387,7 @@ impl Metrics {
                         to: to.to_owned(),
                     });
                 }
+                let _ = self.health_failures.get_or_create(&pair);
                 series.insert(pair);
             }
         }
@@ -389,6 +417,7 @@ pub fn backend_label(vip: &crate::config::Vip, b: &crate::config::Backend) -> St
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::HealthEvent;
 
     /// A config with an XDP VIP `web` and an L7 VIP `app` whose backends are 198.18.0.x for
     /// each x of `hosts` (port 80 for `app`), and with `gone`, a VIP of one backend, 198.18.0.13.
@@ -454,8 +483,8 @@ mod tests {
         }
     }
 
-    /// Every health-checked backend has its transition counters, and every L7 backend its
-    /// ejection counter, at 0 from the start (and from a reload that adds it): a series that
+    /// Every health-checked backend has its transition and probe failure counters, and every
+    /// L7 backend its ejection counter, at 0 from the start (and from a reload that adds it): a series that
     /// first appeared at its first increment would hide that increment from `increase()`, and
     /// the first flap of a backend would not show on the dashboard.
     #[test]
@@ -467,6 +496,7 @@ mod tests {
         let ejections = "edgelb_l7_backend_ejections_total";
         for (vip, backend) in [("web", "198.18.0.11"), ("app", "198.18.0.11:80")] {
             let l = format!("vip=\"{vip}\",backend=\"{backend}\"");
+            assert_eq!(sample(&text, FAILURES, &l), Some(0.0), "{text}");
             for to in ["up", "down"] {
                 let series = format!("{l},to=\"{to}\"");
                 assert_eq!(sample(&text, transitions, &series), Some(0.0), "{text}");
@@ -488,8 +518,51 @@ mod tests {
         assert_eq!(sample(&text, transitions, l), Some(1.0), "{text}");
         let l = "vip=\"web\",backend=\"198.18.0.12\",to=\"down\"";
         assert_eq!(sample(&text, transitions, l), Some(0.0), "{text}");
+        let l = "vip=\"web\",backend=\"198.18.0.12\"";
+        assert_eq!(sample(&text, FAILURES, l), Some(0.0), "{text}");
         let l = "vip=\"app\",backend=\"198.18.0.12:80\"";
         assert_eq!(sample(&text, ejections, l), Some(0.0), "{text}");
+    }
+
+    const FAILURES: &str = "edgelb_health_check_failures_total";
+
+    /// A probe of `backend` of `vip` that failed: on the backend's side, or with `local`, on
+    /// this node's.
+    fn failed_probe(vip: &str, backend: &crate::config::Backend, local: bool) -> HealthEvent {
+        HealthEvent {
+            vip: vip.to_owned(),
+            backend: SocketAddr::new(backend.address, backend.port),
+            healthy: true,
+            changed: false,
+            latency: None,
+            reason: String::new(),
+            local_failure: local,
+            check: 0,
+        }
+    }
+
+    /// Every failed probe of a backend is counted, not only those that flip it (a backend
+    /// failing fewer than `fall` in a row shows nowhere else); successes and this node's own
+    /// failures are not.
+    #[test]
+    fn every_failed_probe_is_counted() {
+        let m = Metrics::new();
+        let cfg = config(&[11], false);
+        m.retain(&cfg);
+        let (vip, b) = (&cfg.vips[0], &cfg.vips[0].backends[0]);
+        let ok = HealthEvent {
+            latency: Some(Duration::from_millis(1)),
+            ..failed_probe("web", b, false)
+        };
+        for _ in 0..3 {
+            m.probed(&failed_probe("web", b, false), backend_label(vip, b));
+            m.probed(&failed_probe("web", b, true), backend_label(vip, b));
+            m.probed(&ok, backend_label(vip, b));
+        }
+        let text = m.encode();
+        let l = "vip=\"web\",backend=\"198.18.0.11\"";
+        assert_eq!(sample(&text, FAILURES, l), Some(3.0), "{text}");
+        assert_eq!(sample(&text, "edgelb_health_check_duration_seconds_count", l), Some(3.0));
     }
 
     /// The help of `edgelb_xdp_attached` says what sets it to 0 as the controller decides it
@@ -532,6 +605,7 @@ mod tests {
             for b in &vip.backends {
                 let label = backend_label(vip, b);
                 m.observe_probe(&vip.name, label.clone(), Duration::from_millis(2));
+                m.probed(&failed_probe(&vip.name, b, false), label.clone());
                 m.transition(&vip.name, label.clone(), false);
                 m.transition(&vip.name, label.clone(), true);
                 m.transition(&vip.name, label, true);
@@ -559,6 +633,7 @@ mod tests {
         for (vip, backend) in [("web", "198.18.0.11"), ("app", "198.18.0.11:80")] {
             let l = format!("vip=\"{vip}\",backend=\"{backend}\"");
             assert_eq!(sample(&text, duration, &l), Some(1.0), "{text}");
+            assert_eq!(sample(&text, FAILURES, &l), Some(1.0), "{text}");
             assert_eq!(sample(&text, transitions, &format!("{l},to=\"up\"")), Some(2.0));
             assert_eq!(sample(&text, transitions, &format!("{l},to=\"down\"")), Some(1.0));
         }
@@ -596,11 +671,12 @@ mod tests {
         unchecked.vips[0].health = None;
         m.retain(&unchecked);
         let text = m.encode();
-        for name in [duration, transitions] {
+        for name in [duration, transitions, FAILURES] {
             assert!(!text.contains(&format!("{name}{{vip=\"web\",")), "{name} of web:\n{text}");
         }
         let l = "vip=\"app\",backend=\"198.18.0.11:80\"";
         assert_eq!(sample(&text, duration, l), Some(1.0), "{text}");
+        assert_eq!(sample(&text, FAILURES, l), Some(1.0), "{text}");
         assert_eq!(sample(&text, transitions, &format!("{l},to=\"up\"")), Some(2.0));
     }
 }
