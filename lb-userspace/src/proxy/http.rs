@@ -2255,10 +2255,7 @@ async fn serve_conn(
         {
             let end = tokio::select! {
                 biased;
-                (r, pending) = going => match r {
-                    Ok(()) => Rest::Through(pending),
-                    Err(side) => Rest::Failed(body_cut(side, deadline)),
-                },
+                ended = going => Rest::ended(ended, deadline),
                 () = super::wait_forced(&shared) => Rest::Failed(Cut::Drain),
             };
             rest = Some(end);
@@ -2286,10 +2283,7 @@ async fn serve_conn(
         if closed && let Some(Rest::Going(going)) = &mut rest {
             let now = tokio::select! {
                 biased;
-                (r, pending) = going => Some(match r {
-                    Ok(()) => Rest::Through(pending),
-                    Err(side) => Rest::Failed(body_cut(side, deadline)),
-                }),
+                ended = going => Some(Rest::ended(ended, deadline)),
                 () = std::future::ready(()) => None,
             };
             if let Some(now) = now {
@@ -2489,6 +2483,17 @@ enum Rest<'c> {
     Through(BytesMut),
     /// Failed, and who ended it ([`body_cut`]).
     Failed(Cut),
+}
+
+impl Rest<'_> {
+    /// Where the rest of a body stands once its stream ended as `ended` (how, and the client's
+    /// read buffer it hands back): through, or failed and by whom ([`body_cut`]).
+    fn ended((r, pending): (Result<(), Side>, BytesMut), deadline: tokio::time::Instant) -> Self {
+        match r {
+            Ok(()) => Rest::Through(pending),
+            Err(side) => Rest::Failed(body_cut(side, deadline)),
+        }
+    }
 }
 
 /// Who ended the rest of a request body going beside an early 2xx that failed with `side`
@@ -2695,9 +2700,9 @@ async fn attempt_once<'c>(
         //
         // The body's stream is boxed and owns what it works with (clones of both sockets, and
         // the client's read buffer, handed back with its end; it borrows only the exchange's
-        // idle clock, which the response shares), so that it can outlive this attempt: a 2xx that comes before the body is through does not end it, and the same
-        // stream goes on beside the response ([`Answer::rest`]). Only a request with a body
-        // pays for the box.
+        // idle clock, which the response shares), so that it can outlive this attempt: a 2xx
+        // that comes before the body is through does not end it, and the same stream goes on
+        // beside the response ([`Answer::rest`]). Only a request with a body pays for the box.
         let (resp, cut, rest) = {
             let first = armed.map(FirstRead::Armed);
             let reading = response_head(client, &up, ubuf, addr, expect, first, false);
