@@ -1646,20 +1646,17 @@ fn cookies_shared_between_vips(
         host: Option<String>,
     }
     let scoped = |l7: &L7, host: Option<&str>, prefix: Option<&str>, backends: &[Backend]| {
-        let route = host.map(crate::proxy::route_host);
-        let host = host.filter(|_| l7.cookie_domain.is_some()).map(crate::proxy::route_host);
+        let host = host.map(crate::proxy::route_host);
+        // The host goes into the cookie's name under a Domain only (`Pool::scope_cookie`).
+        let in_name = host.as_deref().filter(|_| l7.cookie_domain.is_some());
         let mut named: Vec<(IpAddr, u16)> = backends.iter().map(|b| (b.address, b.port)).collect();
         named.sort_unstable();
         named.dedup();
         Scoped {
-            name: crate::proxy::balance::scoped_cookie_name(
-                &l7.cookie_name,
-                host.as_deref(),
-                prefix,
-            ),
+            name: crate::proxy::balance::scoped_cookie_name(&l7.cookie_name, in_name, prefix),
             path: crate::proxy::balance::cookie_path(prefix).to_owned(),
             named,
-            host: route,
+            host,
         }
     };
     // Each cookie-sticky VIP with its cookie-sticky pools, in one order.
