@@ -547,7 +547,18 @@ pub fn admin_socket_of(path: &Path) -> Result<PathBuf, String> {
     let e = match toml::from_str::<toml::Table>(&text) {
         Ok(t) => {
             return match t.get("node").and_then(|n| n.get("admin_socket")) {
-                None => Ok(default()),
+                None => match admin_socket_lookalike(&text) {
+                    None => Ok(default()),
+                    // `admin_sockt`, `admin-socket`, or admin_socket in another table: the
+                    // operator meant a socket, which the default may not be.
+                    Some((key, at)) => {
+                        let (line, col) = line_col(&text, at);
+                        Err(format!(
+                            "{}:{line}:{col}: `{key}` is not node.admin_socket, so the admin socket is unclear (the default, {DEFAULT_ADMIN_SOCKET}, may be another edgelb's): fix the file, or give --socket",
+                            path.display()
+                        ))
+                    }
+                },
                 Some(toml::Value::String(s)) => Ok(PathBuf::from(s)),
                 // Set, but to no path: as unclear as a broken line, and no more the default.
                 Some(v) => {
@@ -576,7 +587,14 @@ pub fn admin_socket_of(path: &Path) -> Result<PathBuf, String> {
         let rest = v[end + 1..].trim();
         (rest.is_empty() || rest.starts_with('#')).then(|| PathBuf::from(&v[..end]))
     };
+    // The last part of each line's key, for a line that may misspell admin_socket.
+    let misspelled = text.lines().any(|l| {
+        let key = l.trim().split(['=', ' ', '\t']).next().unwrap_or("");
+        let last = key.rsplit('.').next().unwrap_or(key);
+        last != "admin_socket" && looks_like_admin_socket(last)
+    });
     match lines.as_slice() {
+        [] if misspelled => Err(()),
         [] => Ok(default()),
         [l] => value(l).ok_or(()),
         _ => Err(()),
@@ -599,6 +617,62 @@ fn admin_socket_at(text: &str) -> Option<usize> {
     let DeValue::Table(node) = node.get_ref() else { return None };
     let (_, socket) = node.iter().find(|(k, _)| k.get_ref() == "admin_socket")?;
     Some(socket.span().start)
+}
+
+/// The first key of `text` (a TOML file) that looks meant as `node.admin_socket` but is not
+/// it, by its dotted path, with where it starts: a misspelling (`admin_sockt`, `admin-socket`,
+/// `adminSocket`) or `admin_socket` in another table. The admin commands read the file
+/// leniently, and without this would talk to the default socket, which may be another edgelb's
+/// (a `stop` sent there stops the wrong one).
+fn admin_socket_lookalike(text: &str) -> Option<(String, usize)> {
+    use toml::de::{DeTable, DeValue};
+    fn walk(t: &DeTable<'_>, path: &str) -> Option<(String, usize)> {
+        for (k, v) in t.iter() {
+            let name: &str = k.get_ref();
+            let full = if path.is_empty() { name.to_owned() } else { format!("{path}.{name}") };
+            if full != "node.admin_socket" && looks_like_admin_socket(name) {
+                return Some((full, k.span().start));
+            }
+            let found = match v.get_ref() {
+                DeValue::Table(t) => walk(t, &full),
+                DeValue::Array(items) => items.iter().find_map(|item| match item.get_ref() {
+                    DeValue::Table(t) => walk(t, &full),
+                    _ => None,
+                }),
+                _ => None,
+            };
+            if found.is_some() {
+                return found;
+            }
+        }
+        None
+    }
+    walk(DeTable::parse(text).ok()?.get_ref(), "")
+}
+
+/// Does the key `name` look meant as `admin_socket`? Compared by its letters and digits alone,
+/// case aside, within two edits, or naming both "admin" and "sock". No other key of the config
+/// comes close.
+fn looks_like_admin_socket(name: &str) -> bool {
+    let n: Vec<u8> =
+        name.bytes().filter(u8::is_ascii_alphanumeric).map(|b| b.to_ascii_lowercase()).collect();
+    let contains = |w: &[u8]| n.windows(w.len()).any(|x| x == w);
+    (contains(b"admin") && contains(b"sock")) || edit_distance(&n, b"adminsocket") <= 2
+}
+
+/// Levenshtein distance between `a` and `b`.
+fn edit_distance(a: &[u8], b: &[u8]) -> usize {
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, x) in a.iter().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, y) in b.iter().enumerate() {
+            let next = (diag + usize::from(x != y)).min(row[j] + 1).min(row[j + 1] + 1);
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
 }
 
 /// 1-based line and column of byte `offset` in `text`.

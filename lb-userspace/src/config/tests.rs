@@ -1359,6 +1359,29 @@ fn admin_socket_of_a_broken_file() {
     }
     let e = at("dotted.toml", "node.admin_socket = true\n").unwrap_err();
     assert!(e.contains("dotted.toml:1:21: node.admin_socket is boolean true"), "{e}");
+    // No admin_socket, but a key meant as one (misspelled, or in another table): no guess,
+    // since the default may be another edgelb's, and where that key is said.
+    for (text, says) in [
+        (
+            "[node]\ninterfaces = [\"lo\"]\nadmin_sockt = \"/run/b.sock\"\n",
+            ":3:1: `node.admin_sockt`",
+        ),
+        ("[node]\nadmin-socket = \"/run/b.sock\"\n", ":2:1: `node.admin-socket`"),
+        ("node.adminSocket = \"/run/b.sock\"\n", ":1:6: `node.adminSocket`"),
+        ("[node]\n[metrics]\nadmin_socket = \"/run/b.sock\"\n", ":3:1: `metrics.admin_socket`"),
+        ("admin_socket = \"/run/b.sock\"\n", ":1:1: `admin_socket`"),
+    ] {
+        let e = at("lookalike.toml", text).unwrap_err();
+        assert!(e.contains(&format!("lookalike.toml{says} is not node.admin_socket")), "{e}");
+        assert!(e.contains("--socket"), "{e}");
+    }
+    // The same in a file that is not TOML any more.
+    let e = at("broken-lookalike.toml", "[node]\nadmin_sockt = \"/run/b.sock\"\nmtu = \"1\n")
+        .unwrap_err();
+    assert!(e.contains("--socket"), "{e}");
+    // Other keys stay far from it: the example config names the default.
+    let example = include_str!("../../../docs/edgelb.example.toml");
+    assert_eq!(at("example.toml", example).map(|p| p == default), Ok(true));
     // A file that cannot be read (a mistyped -c): no guess either.
     let e = admin_socket_of(&dir.join("missing.toml")).unwrap_err();
     assert!(e.contains("missing.toml") && e.contains("--socket"), "{e}");
