@@ -22,7 +22,10 @@ use toml::de::{DeTable, DeValue};
 /// what to write instead.
 pub(super) fn for_mistake(text: &str, error_at: Option<usize>) -> Option<(Range<usize>, String)> {
     match DeTable::parse(text) {
-        Err(_) => unquoted_word(text, error_at?),
+        Err(_) => {
+            let at = error_at?;
+            unquoted_word(text, at).or_else(|| no_single_value(text, at))
+        }
         Ok(root) => misshapen(root.get_ref()),
     }
 }
@@ -63,6 +66,43 @@ fn unquoted_word(text: &str, at: usize) -> Option<(Range<usize>, String)> {
     Some((
         value_at..value_at + value.len(),
         format!("`{value}` is not a TOML value: strings need quotes, write {key} = \"{value}\""),
+    ))
+}
+
+/// A syntax error in the value of a line `key =` that has none, or `key = 80 80` that has more
+/// than one: the parser says "string values must be quoted" of both, though neither is about a
+/// string. Only for values without quotes, brackets or braces (whose own errors the parser
+/// places and words well enough), and outside inline tables.
+fn no_single_value(text: &str, at: usize) -> Option<(Range<usize>, String)> {
+    let at = at.min(text.len());
+    if !text.is_char_boundary(at) {
+        return None;
+    }
+    let line = line_around(text, at);
+    let pair = &text[line.clone()];
+    let eq = pair.find('=')?;
+    let key = pair[..eq].trim();
+    let rest = &pair[eq + 1..];
+    let value_at = line.start + eq + 1 + (rest.len() - rest.trim_start().len());
+    let value = rest.split('#').next().unwrap_or("").trim();
+    if !bare_key(key) || at < value_at || value.bytes().any(|b| b"\"'[]{}".contains(&b)) {
+        return None;
+    }
+    if value.is_empty() {
+        return Some((
+            line.start + (pair.len() - pair.trim_start().len())..line.start + eq + 1,
+            format!(
+                "`{key} =` has no value: write one after `=` (a string in quotes, a number, true or false, a list in brackets)"
+            ),
+        ));
+    }
+    // A second word: more than one value.
+    value.split_whitespace().nth(1)?;
+    Some((
+        value_at..value_at + value.len(),
+        format!(
+            "`{key} = {value}` has more than one value: a key takes one (a list is written in brackets, [a, b]; a comment starts with #)"
+        ),
     ))
 }
 

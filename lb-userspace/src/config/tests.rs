@@ -1140,6 +1140,22 @@ fn common_toml_mistakes_say_what_to_write() {
             "02:00",
             "`02:00:00:00:00:01` is not a TOML value: strings need quotes, write mac = \"02:00:00:00:00:01\"",
         ),
+        // No value, or two, where the parser speaks of quotes.
+        (
+            format!("{NODE}{head}port = 80 80\n"),
+            "80 80",
+            "`port = 80 80` has more than one value: a key takes one (a list is written in brackets, [a, b]; a comment starts with #)",
+        ),
+        (
+            format!("{NODE}mtu =\n"),
+            "mtu =",
+            "`mtu =` has no value: write one after `=` (a string in quotes, a number, true or false, a list in brackets)",
+        ),
+        (
+            format!("{NODE}mtu =   # none\n"),
+            "mtu =",
+            "`mtu =` has no value: write one after `=` (a string in quotes, a number, true or false, a list in brackets)",
+        ),
         // A value of the wrong type or out of range: the key, what was written, what to write.
         (
             format!("{NODE}{head}port = 70000\n"),
