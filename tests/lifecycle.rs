@@ -2165,6 +2165,58 @@ fn a_second_stop_signal_ends_the_drain() {
     drop(e);
 }
 
+/// `edgelb stop` sent while a SIGTERM's drain runs (`systemctl stop`, then `edgelb stop` to
+/// take the balancer off the node) waits for the process to exit and then removes the data
+/// plane it leaves, as it does once the process is gone: it used to be refused at once ("try
+/// again once it has exited"), failing the operator's script.
+#[test]
+fn stop_during_a_stop_signals_drain_waits_and_removes_the_data_plane() {
+    use std::io::{BufRead, BufReader};
+    let Some(mut bed) = Bed::up("stop-in-drain", &[1, 2, 3]) else { return };
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    bed.wait_for(l7);
+    let (e, mut child, pending) = stop_with_a_request_pending(&mut bed, l7);
+    let mut stop = Command::new(env!("CARGO_BIN_EXE_edgelb"))
+        .args(["stop", "--config"])
+        .arg(&bed.cfg_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("edgelb stop");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = stop.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let said = rx.recv_timeout(Duration::from_secs(10)).expect("stop says it waits");
+    assert!(
+        said.contains("already stopping") && said.contains("removing the data plane"),
+        "{said}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(stop.try_wait().unwrap().is_none(), "edgelb stop waits for the drain");
+    assert!(bed.cfg().node.pin_dir.exists(), "nothing removed while the process runs");
+    // The request ends, the drain with it; stop sees the process gone and removes its pins.
+    pending.finish();
+    let st = child.wait(Duration::from_secs(10));
+    assert!(st.success(), "edgelb exit status {st}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(st) = stop.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "edgelb stop still waits");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(status.success(), "edgelb stop: {status}; {rest:?}");
+    assert!(!bed.cfg().node.pin_dir.exists(), "the data plane is gone; {rest:?}");
+    drop(e);
+}
+
 /// A stopping edgelb goes on following health while its L7 proxy drains: a backend that dies
 /// meanwhile is logged DOWN, shows unhealthy and leaves the XDP VIP's ring (a new flow of one of
 /// its clients reaches another backend), and `status` shows the L7 VIP's requests. The drain used

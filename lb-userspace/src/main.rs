@@ -512,6 +512,11 @@ fn route_from_file(
 }
 
 fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
+    stop_once(admin, detach, true)
+}
+
+/// `stop`; with `retry`, a controller already stopping is waited for, and the stop asked again.
+fn stop_once(admin: &AdminArgs, detach: bool, retry: bool) -> ExitCode {
     let socket = match admin.socket() {
         Ok(s) => s,
         Err(code) => return code,
@@ -521,6 +526,35 @@ fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
     let config_socket = edgelb::config::admin_socket_of(&admin.config).ok();
     let the_configs = config_socket.as_deref() == Some(socket.as_path());
     match edgelb::admin::request(&socket, &Request::Stop { detach }) {
+        // Stopping already (a SIGTERM's drain): wait for it to exit, then go on as with no
+        // controller running, which removes the data plane it leaves (unless --detach).
+        Ok(resp) if !resp.ok && resp.stopping && retry => {
+            let wait = std::time::Duration::from_millis(resp.drain_ms.unwrap_or(0))
+                + std::time::Duration::from_secs(30);
+            eprintln!(
+                "edgelb: {}; waiting for it to exit (up to {} s){}",
+                resp.message,
+                wait.as_secs(),
+                if detach { "" } else { ", then removing the data plane it leaves" }
+            );
+            let started = std::time::Instant::now();
+            while socket.exists() && started.elapsed() < wait {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            if socket.exists() {
+                eprintln!(
+                    "edgelb: still stopping after {} s ({} remains)",
+                    wait.as_secs(),
+                    socket.display()
+                );
+                return ExitCode::from(1);
+            }
+            if detach {
+                println!("stopped (it was stopping already); the data plane keeps running");
+                return ExitCode::SUCCESS;
+            }
+            stop_once(admin, detach, false)
+        }
         Ok(resp) if !resp.ok => {
             eprintln!("edgelb: {}", resp.message);
             ExitCode::from(1)

@@ -180,6 +180,12 @@ pub struct Response {
     /// as the file on disk says now. Absent from older controllers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_ms: Option<u64>,
+    /// A refusal because the controller is already stopping (a SIGTERM, or another `stop`,
+    /// draining its L7 requests): `edgelb stop` then waits for it to exit, `drain_ms` at most,
+    /// and goes on as with no controller running (removing the data plane it left), rather
+    /// than fail for what it asked for anyway. Absent from older controllers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopping: bool,
 }
 
 /// The running controller's answer to [`Request::Route`].
@@ -356,6 +362,7 @@ impl Response {
             bad_request: false,
             route: None,
             drain_ms: None,
+            stopping: false,
         }
     }
 

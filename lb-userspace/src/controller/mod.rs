@@ -1052,6 +1052,7 @@ impl Controller {
         );
         let cut = proxy.cut_short();
         let draining = proxy.drain();
+        let deadline = Instant::now() + grace;
         let (tx, rx) = mpsc::channel();
         let drain = std::thread::spawn(move || {
             draining.wait(grace);
@@ -1071,6 +1072,17 @@ impl Controller {
             while let Ok((req, reply)) = ctl.admin_rx.try_recv() {
                 let resp = match req {
                     Request::Status => ctl.on_admin(req),
+                    // `edgelb stop` waits for the exit and goes on from there.
+                    Request::Stop { .. } => Response {
+                        stopping: true,
+                        drain_ms: Some(
+                            deadline.saturating_duration_since(Instant::now()).as_millis() as u64,
+                        ),
+                        ..Response::err(format!(
+                            "edgelb is already stopping: it is draining {} L7 connection(s) (up to node.l7_drain_timeout_ms)",
+                            cut.open()
+                        ))
+                    },
                     _ => Response::err(format!(
                         "edgelb is stopping: it is draining {} L7 connection(s) (up to node.l7_drain_timeout_ms); try again once it has exited",
                         cut.open()
