@@ -654,12 +654,18 @@ impl Pool {
             });
             if state.snapshot != self.id {
                 // A new snapshot of the pool: each backend keeps its current weight (new ones
-                // start at 0), so the rotation goes on rather than starting over.
+                // start at 0), so the rotation goes on rather than starting over. Within the
+                // new total weight: a current weight stays within the total it grew under, so
+                // this changes nothing while the weights stay, but after a reload from 10000:1
+                // to 1:1 the light backend's current weight, grown towards 10000, would have won
+                // every pick for thousands of requests (and placed every new cookie client).
                 let addrs = addrs();
+                let bound: i64 = self.members.iter().map(|m| m.weight as i64).sum();
                 state.current = addrs
                     .iter()
                     .map(|a| {
-                        state.addrs.iter().position(|b| b == a).map_or(0, |k| state.current[k])
+                        let was = state.addrs.iter().position(|b| b == a);
+                        was.map_or(0, |k| state.current[k].clamp(-bound, bound))
                     })
                     .collect();
                 (state.snapshot, state.addrs) = (self.id, addrs);
@@ -802,6 +808,31 @@ mod tests {
         for cycle in got.chunks(7) {
             let heavy = cycle.iter().filter(|a| a.ip() == IpAddr::from([127, 0, 0, 1])).count();
             assert_eq!(heavy, 5, "{got:?}");
+        }
+    }
+
+    /// A reload that changes the weights (a canary ramped from 1 against 10000 to an equal
+    /// share) gives the new weights at once: the rotation carried over used to let the light
+    /// backend, its current weight grown towards the old total, win every pick (and place every
+    /// new cookie client) for thousands of requests.
+    #[test]
+    fn new_weights_take_effect_at_once() {
+        let client = "198.18.4.1".parse().unwrap();
+        for algorithm in [Algorithm::Weighted, Algorithm::Cookie] {
+            let p = pool(&[10_000, 1], algorithm);
+            for _ in 0..5000 {
+                p.pick(client, &[], None).unwrap();
+            }
+            let mut members = p.members.clone();
+            for m in &mut members {
+                m.weight = 1;
+            }
+            let p = Pool::continuing(members, algorithm, p.rotation.clone());
+            let mut n = [0u32; 2];
+            for _ in 0..20 {
+                n[p.pick(client, &[], None).unwrap()] += 1;
+            }
+            assert!(n.iter().all(|&k| (9..=11).contains(&k)), "{algorithm:?}: {n:?}");
         }
     }
 
