@@ -10,10 +10,11 @@
 //! down for both processes; a deregistered tokio listener can.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc::Sender,
     },
     time::Duration,
@@ -38,12 +39,16 @@ pub fn bind(listen: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     std::net::TcpListener::bind(listen)
 }
 
-/// How long a scrape's client may take to send its request head (from its first byte) or to
-/// take the response: a client that stops must not hold a connection slot.
+/// How long a scrape's client may take to take each step of the response (a large exposition
+/// to a slow reader goes through): a client that stops reading must not hold a connection slot.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a new connection may take to send the first byte of its request: a scraper sends
 /// it at once, and a silent connection holds one of the slots meanwhile.
 const FIRST_BYTE: Duration = Duration::from_secs(2);
+/// How long a request head may take, from its first byte to its end: a scraper sends it in one
+/// segment, and a client dripping it byte by byte holds one of the slots meanwhile (hundreds of
+/// them, all of the slots, for as long as this lasts if room were not made).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a kept-alive connection may wait for its next request (Prometheus scrapes every
 /// 15 to 60 s, typically), unless the endpoint runs out of connection slots: then idle
 /// connections close, to make room.
@@ -86,7 +91,8 @@ pub fn serve(
     serve_with(listener, to_controller, CLIENT_TIMEOUT)
 }
 
-/// [`serve`] with clients cut off after `client_timeout` in a request head or a response.
+/// [`serve`] with clients cut off after `client_timeout` in a step of a response, or in a
+/// request head after the shorter of it and [`HEAD_TIMEOUT`].
 pub fn serve_with(
     listener: std::net::TcpListener,
     to_controller: Sender<Scrape>,
@@ -119,14 +125,16 @@ async fn accept_loop(
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     // While every slot is taken: connections idle between requests close (those waiting are
-    // told, those that become idle meanwhile see the flag), to make room.
+    // told, those that become idle meanwhile see the flag), or if none is idle, the one that has
+    // waited longest for a request head, to make room.
     let crowded = Arc::new(Crowded::default());
     let mut tasks = tokio::task::JoinSet::new();
+    let mut failures = AcceptFailures::default();
     loop {
         let full = slots.available_permits() == 0;
         crowded.full.store(full, Ordering::Relaxed);
         if full {
-            crowded.idle.notify_waiters();
+            crowded.make_room();
         }
         let slot = tokio::select! {
             biased;
@@ -141,6 +149,7 @@ async fn accept_loop(
         };
         match accepted {
             Ok((s, _)) => {
+                failures.accepted();
                 let (ctl, stop, crowded) =
                     (to_controller.clone(), stopping.clone(), crowded.clone());
                 tasks.spawn(async move {
@@ -149,8 +158,9 @@ async fn accept_loop(
                 });
             }
             Err(e) => {
-                tracing::warn!(error = %e, "metrics endpoint: accepting failed; trying again shortly");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                if failures.failed(&e) {
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
             }
         }
         // Reap what is done, so the set does not grow with every connection served.
@@ -162,15 +172,145 @@ async fn accept_loop(
     while tasks.join_next().await.is_some() {}
 }
 
-/// Whether every connection slot is taken, and how connections idle between requests are told.
+/// Accepts that failed in a row (the connection stays queued, and is tried again after
+/// [`ACCEPT_BACKOFF`]): said once when they begin (and if the error changes), and once when
+/// accepting works again, as the L7 accept loop does, not once per try: out of descriptors, a
+/// line every 200 ms would flood the log.
+#[derive(Debug, Default)]
+struct AcceptFailures {
+    /// Failed in a row.
+    count: u64,
+    /// The error last said in this run of failures (`Some`), as the OS numbers it (if it does).
+    said: Option<Option<i32>>,
+}
+
+impl AcceptFailures {
+    /// An accept failed with `e`; whether to pause before the next try (not after a client
+    /// that left before it was taken: nothing to wait for).
+    fn failed(&mut self, e: &std::io::Error) -> bool {
+        if e.raw_os_error() == Some(libc::ECONNABORTED) {
+            tracing::debug!("metrics endpoint: a connection was reset before it was accepted");
+            return false;
+        }
+        self.count += 1;
+        if self.said != Some(e.raw_os_error()) {
+            self.said = Some(e.raw_os_error());
+            if crate::proxy::out_of_resources(e) {
+                tracing::warn!(error = %e, "metrics endpoint: cannot accept connections: out of descriptors or memory; trying again every {} ms until it passes", ACCEPT_BACKOFF.as_millis());
+            } else {
+                tracing::warn!(error = %e, "metrics endpoint: accepting failed; trying again every {} ms until it works", ACCEPT_BACKOFF.as_millis());
+            }
+        }
+        true
+    }
+
+    /// An accept worked: says so if some failed before it.
+    fn accepted(&mut self) {
+        if self.count > 0 {
+            tracing::info!(failed = self.count, "metrics endpoint: accepting connections again");
+        }
+        *self = AcceptFailures::default();
+    }
+}
+
+/// Whether every connection slot is taken, and the connections that give way when it is:
+/// those idle between requests, else the one that has waited longest for a request head.
 #[derive(Default)]
 struct Crowded {
     full: AtomicBool,
+    /// Tells every connection idle between requests to close.
     idle: tokio::sync::Notify,
+    /// Connections idle between requests now (each closes when `idle` tells it).
+    idlers: AtomicUsize,
+    /// Connections waiting for a request head (new ones, and those with a request already begun
+    /// when they came to it), by when they began to wait; each is told to close through its
+    /// sender.
+    heads: std::sync::Mutex<Heads>,
+}
+
+/// The connections waiting for a request head, oldest first, and the number the next one gets
+/// (two may begin in the same instant).
+#[derive(Default)]
+struct Heads {
+    waiting: BTreeMap<(Instant, u64), tokio::sync::oneshot::Sender<()>>,
+    next: u64,
+}
+
+impl Crowded {
+    /// Every slot is taken: makes room for the next connection. The connections idle between
+    /// requests close (their scrapers reconnect for their next scrape); if there is none, the
+    /// one that has waited longest for a request head closes: clients that send a head slowly,
+    /// or not at all, cannot hold every slot and keep a scrape, which sends its head at once,
+    /// waiting in the backlog.
+    fn make_room(&self) {
+        if self.idlers.load(Ordering::Relaxed) > 0 {
+            self.idle.notify_waiters();
+            return;
+        }
+        let oldest = self.heads().waiting.pop_first();
+        if let Some((_, close)) = oldest {
+            let _ = close.send(());
+        }
+    }
+
+    /// The connections waiting for a head (a panic elsewhere leaves the list whole: it is
+    /// changed only by single inserts and removals).
+    fn heads(&self) -> std::sync::MutexGuard<'_, Heads> {
+        self.heads.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A connection now waits for a request: counted as idle (between requests) until the
+    /// returned value is dropped, or listed as waiting for a head from now.
+    fn waiting(&self, idle: bool) -> Waiting<'_> {
+        if idle {
+            self.idlers.fetch_add(1, Ordering::Relaxed);
+            return Waiting { crowded: self, head: None };
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut heads = self.heads();
+        let key = (Instant::now(), heads.next);
+        heads.next += 1;
+        heads.waiting.insert(key, tx);
+        Waiting { crowded: self, head: Some((key, rx)) }
+    }
+}
+
+/// A connection waiting for a request, known to [`Crowded`] until dropped: idle between
+/// requests, or (`head`) listed as waiting for a head, with what tells it to close.
+struct Waiting<'a> {
+    crowded: &'a Crowded,
+    head: Option<((Instant, u64), tokio::sync::oneshot::Receiver<()>)>,
+}
+
+impl Waiting<'_> {
+    /// Resolves once this connection must close to make room.
+    async fn told(&mut self) {
+        match &mut self.head {
+            Some((_, close)) => {
+                // The sender is dropped only when it tells (`Crowded` outlives its connections).
+                let _ = close.await;
+            }
+            None => self.crowded.idle.notified().await,
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        match &self.head {
+            Some((key, _)) => {
+                self.crowded.heads().waiting.remove(key);
+            }
+            None => {
+                self.crowded.idlers.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// Serves one connection: requests one after another (keep-alive), until the client closes,
-/// asks to close, stalls, or the endpoint stops or runs out of slots while it is idle.
+/// asks to close, stalls, or the endpoint stops, or runs out of slots while the connection is
+/// idle (or has waited longest for a request head).
 async fn connection(
     mut s: TcpStream,
     to_controller: &Sender<Scrape>,
@@ -183,21 +323,25 @@ async fn connection(
     loop {
         // A kept-alive connection is idle from here unless a request already waits: it makes
         // room if the endpoint is full, and goes if it stops. (A new one sends its request at
-        // once, or goes after FIRST_BYTE.)
+        // once, or goes after FIRST_BYTE; until its head is in, it makes room if it has waited
+        // longest.)
         let idle = !first && buf.is_empty();
         if idle && (crowded.full.load(Ordering::Relaxed) || *stopping.borrow()) {
             return;
         }
         let wait = if first { FIRST_BYTE.min(client_timeout) } else { IDLE_TIMEOUT };
         first = false;
+        let mut waiting = crowded.waiting(idle);
         let head = tokio::select! {
             biased;
             // Idle between requests, or in the head of one that began meanwhile (its scraper
             // asks again, of whoever serves now); pipelined requests already read are answered.
             _ = stopped(&mut stopping), if buf.is_empty() => return,
-            _ = crowded.idle.notified(), if idle => return,
-            h = read_head(&mut s, &mut buf, wait, client_timeout) => h,
+            // Every slot is taken, and this one is idle or has waited longest for its head.
+            () = waiting.told() => return,
+            h = read_head(&mut s, &mut buf, wait, HEAD_TIMEOUT.min(client_timeout)) => h,
         };
+        drop(waiting);
         let Some(Head { method, path, close }) = head else { return };
         // HEAD (`curl -I`, uptime probes) is answered as GET is, scrape included, so that its
         // status says whether a scrape would work and its Content-Length is that of the body
@@ -261,17 +405,17 @@ struct Head {
 }
 
 /// Reads one request head into `buf` (which keeps any bytes after it for the next): waits up to
-/// `wait` for its first byte, then `client_timeout` for the rest. `None` when the
-/// client closed, stalled, or sent something too large or unreadable (the connection then
+/// `wait` for its first byte, then up to `head_timeout` from it for the whole head. `None` when
+/// the client closed, stalled, or sent something too large or unreadable (the connection then
 /// closes: a scraper gets its answer or nothing, never a half-parsed one).
 async fn read_head(
     s: &mut TcpStream,
     buf: &mut Vec<u8>,
     wait: Duration,
-    client_timeout: Duration,
+    head_timeout: Duration,
 ) -> Option<Head> {
     let mut deadline =
-        if buf.is_empty() { Instant::now() + wait } else { Instant::now() + client_timeout };
+        if buf.is_empty() { Instant::now() + wait } else { Instant::now() + head_timeout };
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
@@ -318,8 +462,8 @@ async fn read_head(
         };
         buf.extend_from_slice(&chunk[..n]);
         if had == 0 {
-            // The request has begun: the rest of its head comes within the client timeout.
-            deadline = Instant::now() + client_timeout;
+            // The request has begun: the whole of its head comes within the head timeout.
+            deadline = Instant::now() + head_timeout;
         }
     }
 }
@@ -468,8 +612,9 @@ mod tests {
         new.stop();
     }
 
-    /// Connections that take every slot give way to a scrape: silent new ones after
-    /// [`FIRST_BYTE`], kept-alive ones idle between scrapes at once.
+    /// Connections that take every slot give way to a scrape at once: silent new ones (the one
+    /// that has waited longest for each new connection), not after [`FIRST_BYTE`], and
+    /// kept-alive ones idle between scrapes.
     #[test]
     fn idle_connections_make_room_for_a_scrape() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -488,7 +633,7 @@ mod tests {
         let silent: Vec<TcpStream> =
             (0..MAX_CONNECTIONS + 8).map(|_| TcpStream::connect(addr).unwrap()).collect();
         std::thread::sleep(Duration::from_millis(200));
-        scrape(FIRST_BYTE + Duration::from_secs(2));
+        scrape(Duration::from_secs(1));
         drop(silent);
         // Kept alive after one scrape each, then idle: the next scrape needs no timeout.
         let kept: Vec<TcpStream> = (0..MAX_CONNECTIONS)
@@ -503,8 +648,94 @@ mod tests {
             })
             .collect();
         std::thread::sleep(Duration::from_millis(200));
-        scrape(FIRST_BYTE);
+        scrape(Duration::from_secs(1));
         drop(kept);
+    }
+
+    /// Clients that each began a request head and send no more of it take every slot, and more
+    /// wait in the backlog: a scrape is answered at once (the one that has waited longest
+    /// closes to make room for each new connection), well before [`HEAD_TIMEOUT`] would free a
+    /// slot; and a client dripping its head is cut off after [`HEAD_TIMEOUT`] from its first
+    /// byte, however long the client timeout.
+    #[test]
+    fn slow_request_heads_make_room_for_a_scrape() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let _serving = serve(l, controller("m\n")).unwrap();
+        let slow: Vec<TcpStream> = (0..MAX_CONNECTIONS + 8)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.write_all(b"G").unwrap();
+                s
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        let r = exchange(addr, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("m\n"), "{r:?}");
+        assert!(t.elapsed() < Duration::from_secs(1), "answered after {:?}", t.elapsed());
+        drop(slow);
+        // Alone, a client sending a byte of its head every 200 ms is closed once HEAD_TIMEOUT
+        // has passed since the first (its writes fail a write or two later), with a client
+        // timeout of 10 s.
+        let mut drip = TcpStream::connect(addr).unwrap();
+        let t = Instant::now();
+        let bound = HEAD_TIMEOUT + Duration::from_secs(2);
+        let head =
+            b"GET /metrics HTTP/1.1\r\nX-Slow: ".iter().copied().chain(std::iter::repeat(b'a'));
+        let cut = head.take_while(|_| t.elapsed() < bound).find_map(|b| {
+            let failed = drip.write_all(&[b]).is_err();
+            std::thread::sleep(Duration::from_millis(200));
+            failed.then(|| t.elapsed())
+        });
+        let cut =
+            cut.unwrap_or_else(|| panic!("a head dripped for {:?} was still read", t.elapsed()));
+        assert!(cut > HEAD_TIMEOUT, "closed after {cut:?}");
+    }
+
+    /// Accepts failing for want of descriptors are said once per episode, not once per try, and
+    /// the end of the episode once; a client that left before it was taken is no failure.
+    #[test]
+    fn failed_accepts_are_said_once_per_episode() {
+        #[derive(Clone, Default)]
+        struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Log {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let log = Log::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let os = std::io::Error::from_raw_os_error;
+        tracing::subscriber::with_default(subscriber, || {
+            let mut failures = AcceptFailures::default();
+            for _ in 0..2 {
+                // 41 tries, as in 8 s out of descriptors.
+                for _ in 0..41 {
+                    assert!(failures.failed(&os(libc::EMFILE)));
+                }
+                failures.accepted();
+                failures.accepted();
+            }
+            assert!(!failures.failed(&os(libc::ECONNABORTED)));
+            failures.accepted();
+        });
+        let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 4, "{log}");
+        for pair in lines.chunks(2) {
+            assert!(pair[0].contains("WARN") && pair[0].contains("out of descriptors"), "{log}");
+            assert!(pair[1].contains("INFO") && pair[1].contains("failed=41"), "{log}");
+        }
     }
 
     /// Sends `req` on a new connection to `addr`; what came back until the server closed (or
