@@ -767,7 +767,9 @@ pub fn parse_request_for_bench(buf: &mut BytesMut, max_headers: usize) -> Option
 
 /// Where the minor version digit of a request line ending in `HTTP/1.<2-9>` is in `buf`
 /// (`None` while the line is incomplete); [`HeadError::Version`] for another major version
-/// (`HTTP/<d>.<d>`), else [`HeadError::Bad`].
+/// (`HTTP/<d>.<d>`, `d` not 1), else [`HeadError::Bad`]: a line ending in `HTTP/1.0` or
+/// `HTTP/1.1` that httparse refused the version of is malformed before it (a space in the path
+/// makes it read `b HTTP/1.1` in `GET /a b HTTP/1.1` as the version), not of another version.
 fn later_http1_minor(buf: &[u8]) -> Result<Option<usize>, HeadError> {
     let Some(end) = buf.iter().position(|&b| b == b'\n') else { return Ok(None) };
     let line = &buf[..end];
@@ -776,7 +778,7 @@ fn later_http1_minor(buf: &[u8]) -> Result<Option<usize>, HeadError> {
     match &line[start..] {
         [b'H', b'T', b'T', b'P', b'/', b'1', b'.', b'2'..=b'9'] => Ok(Some(start + 7)),
         [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
-            if major.is_ascii_digit() && minor.is_ascii_digit() =>
+            if major.is_ascii_digit() && *major != b'1' && minor.is_ascii_digit() =>
         {
             Err(HeadError::Version)
         }
@@ -3033,6 +3035,11 @@ mod tests {
             assert!(matches!(parse(text), Err(HeadError::Version)), "{text}");
         }
         for text in ["GET / HTTP/1.x\r\n\r\n", "GET / HTTP/1.10\r\n\r\n", "GET / HTTQ/1.2\r\n"] {
+            assert!(matches!(parse(text), Err(HeadError::Bad)), "{text}");
+        }
+        // A space in the path makes httparse read the rest as the version: the line is
+        // malformed (400), not of another version (505), even though it ends in `HTTP/1.1`.
+        for text in ["GET /a b HTTP/1.1\r\n\r\n", "GET /a b HTTP/1.2\r\n\r\n"] {
             assert!(matches!(parse(text), Err(HeadError::Bad)), "{text}");
         }
     }
