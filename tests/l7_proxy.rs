@@ -7781,3 +7781,126 @@ fn connections_not_pooled_leave_their_time_wait_to_the_backend() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The connections open on a test's [`windows_auth_backend`]s, by label (`<name> conn <id>`).
+type OpenConns = Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
+
+/// A backend that authenticates connections rather than requests, as IIS does with Windows
+/// authentication: `Authorization: NTLM <user>` (or `Negotiate <user>`) makes the connection
+/// that user's for every later request on it, credentials or not. A request on a connection
+/// without a user is answered 401 with the `Negotiate` and `NTLM` challenges. Every answer says
+/// `<name> conn <id> user <user, or ->`; `open` holds each connection's label while it is open.
+fn windows_auth_backend(name: &'static str, open: OpenConns) -> Backend {
+    let ids = Arc::new(AtomicUsize::new(0));
+    serve_backend(move |s, r2, _| {
+        let label = format!("{name} conn {}", ids.fetch_add(1, Ordering::Relaxed) + 1);
+        open.lock().unwrap().insert(label.clone());
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let mut user: Option<String> = None;
+        while let Some((head, _)) = read_request(&mut r) {
+            r2.fetch_add(1, Ordering::Relaxed);
+            let credentials = head.lines().find_map(|l| {
+                let (scheme, who) = l.strip_prefix("Authorization: ")?.split_once(' ')?;
+                ["NTLM", "Negotiate"].contains(&scheme).then(|| who.to_owned())
+            });
+            user = credentials.or(user);
+            let text = format!("{label} user {}", user.as_deref().unwrap_or("-"));
+            let status = match user {
+                Some(_) => "200 OK",
+                None => "401 Unauthorized\r\nWWW-Authenticate: Negotiate\r\nWWW-Authenticate: NTLM",
+            };
+            let resp = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n{text}", text.len());
+            if w.write_all(resp.as_bytes()).is_err() {
+                break;
+            }
+        }
+        open.lock().unwrap().remove(&label);
+    })
+}
+
+/// One GET on `c`, with `Authorization: <auth>` if given: (status, body).
+fn ask_as(c: &mut Client, auth: Option<&str>) -> (u16, String) {
+    let auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+    c.send(format!("GET / HTTP/1.1\r\nHost: t\r\n{auth}\r\n").as_bytes());
+    let (status, _, body) = read_response(&mut c.r).expect("a response");
+    (status, body)
+}
+
+/// Waits (3 s at most) for the backend connection `label` to be closed.
+fn closed_on_backend(open: &OpenConns, label: &str) {
+    let t = Instant::now();
+    while open.lock().unwrap().contains(label) {
+        assert!(t.elapsed() < Duration::from_secs(3), "{label} still open");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Connection-bound authentication (NTLM, Negotiate: IIS's Windows authentication) never
+/// passes from one client to another: a backend connection whose answer challenged with such a
+/// scheme, or whose request carried its credentials, is private to its client connection. No
+/// other client gets it from the pool (it would be served as that user), and its client's
+/// next requests go over it, to its backend, whatever the round-robin turn (NTLM's handshake
+/// needs its legs on one connection), until that backend is drained or the client leaves, which
+/// close it. Each connection made private is counted.
+#[test]
+fn connection_bound_authentication_stays_with_its_client() {
+    let open = OpenConns::default();
+    let names = ["a", "b", "c"];
+    let backends = names.map(|n| windows_auth_backend(n, open.clone()));
+    let weights = |drained: Option<usize>| -> Vec<(&Backend, u32)> {
+        (0..3).map(|i| (&backends[i], u32::from(drained != Some(i)))).collect()
+    };
+    let l7 = "algorithm = \"round_robin\"";
+    // One proxy thread: every client connection shares its pool of backend connections.
+    let mut p = proxy_on(1, &weights(None), l7, "");
+    let addr = p.addr;
+    // Clients without credentials, each on a connection of its own: challenged, never served
+    // as another client's user.
+    let strangers = |n: usize| {
+        for _ in 0..n {
+            let r = ask_as(&mut Client::connect(addr), None);
+            assert!(r.0 == 401 && r.1.ends_with(" user -"), "a stranger got {r:?}");
+        }
+    };
+
+    let mut alice = Client::connect(addr);
+    let (status, challenged) = ask_as(&mut alice, None);
+    assert_eq!(status, 401, "{challenged}");
+    let conn = challenged.strip_suffix(" user -").expect("a connection without a user").to_owned();
+    let alice_is = (200, format!("{conn} user alice"));
+    assert_eq!(
+        ask_as(&mut alice, Some("NTLM alice")),
+        alice_is,
+        "the handshake's second leg goes over its first's connection"
+    );
+    for round in 0..3 {
+        strangers(6);
+        assert_eq!(ask_as(&mut alice, None), alice_is, "round {round}: alice on her connection");
+    }
+
+    // Kerberos: one leg, credentials with the first request and no challenge in the answer.
+    let mut carol = Client::connect(addr);
+    let (status, body) = ask_as(&mut carol, Some("Negotiate carol"));
+    assert_eq!(status, 200, "{body}");
+    let carol_conn = body.strip_suffix(" user carol").expect("carol's connection").to_owned();
+    strangers(6);
+    assert_eq!(ask_as(&mut carol, None), (200, format!("{carol_conn} user carol")));
+    assert_eq!(ask_as(&mut alice, None), alice_is);
+    // Alice's and carol's connections, and each stranger's, challenged.
+    assert_eq!(vip_counter(&p.metrics, "edgelb_l7_private_connections_total"), 1 + 1 + 24);
+
+    // A client connection's end closes its private connection.
+    drop(carol);
+    closed_on_backend(&open, &carol_conn);
+
+    // Drained, alice's backend takes no more of her requests: her private connection is
+    // closed, and the request goes where the round-robin sends it (challenged there anew).
+    let hers = names.iter().position(|n| conn.starts_with(&format!("{n} "))).unwrap();
+    let (cfg, _) = proxy_config(&weights(Some(hers)), l7, "");
+    p.proxy.as_mut().unwrap().update(&cfg);
+    let (status, body) = ask_as(&mut alice, None);
+    assert_eq!(status, 401, "{body}");
+    assert!(!body.starts_with(&format!("{} ", names[hers])), "{body}");
+    closed_on_backend(&open, &conn);
+}

@@ -104,6 +104,49 @@ struct Idle {
     peek: bool,
 }
 
+impl Idle {
+    /// `s`, idle since `now`, kept for reuse for at most `max_idle` (and [`POOL_MAX_IDLE`]),
+    /// with a receive pending on it into `buf` ([`Idle::armed`]; a fresh one instead if `buf`
+    /// holds more than [`POOLED_BUF_MAX`]); with `peek`, it is also peeked at before its next
+    /// use (see [`Idle::peek`]).
+    fn new(s: Socket, mut buf: BytesMut, now: Instant, max_idle: Duration, peek: bool) -> Idle {
+        // Over [`POOLED_BUF_MAX`], a fresh buffer goes with the connection. An empty buffer
+        // whose head was split off reports only the room after it as its capacity, while it
+        // holds the whole allocation once the head is dropped: `try_reclaim` (which moves
+        // nothing in an empty buffer, and allocates nothing) tells by the allocation.
+        if buf.is_empty() && buf.try_reclaim(POOLED_BUF_MAX + 1) {
+            buf = BytesMut::with_capacity(READ_CHUNK);
+        }
+        let expires = now + max_idle.min(POOL_MAX_IDLE);
+        let armed = s.recv_armed(buf, READ_CHUNK);
+        Idle { socket: s, armed, expires, peek }
+    }
+
+    /// This connection (to `addr`) for its next request at `now`, with the receive pending on
+    /// it (the first read of the next response), if it may be used again; else it is closed.
+    /// It may if it has not been idle too long and nothing happened on it while it was idle
+    /// ([`Idle::armed`]: a look at the receive, no system call). With `check` (a request that
+    /// is never sent twice, so a connection the backend closed must not be tried), or after a
+    /// response without a body ([`Idle::peek`]), only if a peek also finds it open with nothing
+    /// unread: that sees what the kernel has and the thread's io_uring has not reported yet.
+    fn reusable(self, addr: SocketAddr, now: Instant, check: bool) -> Option<(Socket, Armed)> {
+        if now < self.expires {
+            match self.armed.pending() {
+                Ok(_) if (check || self.peek) && !self.socket.idle_open() => {
+                    tracing::debug!(%addr, "idle backend connection found closed or written to by a peek; closed");
+                }
+                Ok(armed) => return Some((self.socket, armed)),
+                Err((Ok(n), _)) if n > 0 => {
+                    tracing::debug!(%addr, bytes = n, "backend wrote past its response on an idle connection; closed");
+                }
+                Err(_) => {}
+            }
+        }
+        close(&self.socket);
+        None
+    }
+}
+
 /// Idle connections to one backend, oldest first.
 type IdleList = Vec<Idle>;
 
@@ -146,30 +189,16 @@ fn close_after_backend(up: Socket) {
 }
 
 impl UpstreamPool {
-    /// An idle connection to `addr` that has not been idle too long at `now` (the most recently
-    /// idle first), with the receive pending on it (the first read of its next response). Only
-    /// one on which nothing happened while it was idle ([`Idle::armed`]: a look at the
-    /// receive, no system call); the others are closed. With `check` (a request that is never
-    /// sent twice, so a connection the backend closed must not be tried), or after a response
-    /// without a body ([`Idle::peek`]), only one that a peek also finds open with nothing
-    /// unread: that sees what the kernel has and the thread's io_uring has not reported yet.
+    /// An idle connection to `addr` that may be used again at `now` ([`Idle::reusable`], with
+    /// `check`; the most recently idle first), with the receive pending on it (the first read
+    /// of its next response). Those found unusable on the way are closed.
     fn take(&self, addr: SocketAddr, now: Instant, check: bool) -> Option<(Socket, Armed)> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
         while let Some(c) = list.pop() {
-            if now < c.expires {
-                match c.armed.pending() {
-                    Ok(_) if (check || c.peek) && !c.socket.idle_open() => {
-                        tracing::debug!(%addr, "idle backend connection found closed or written to by a peek; closed");
-                    }
-                    Ok(armed) => return Some((c.socket, armed)),
-                    Err((Ok(n), _)) if n > 0 => {
-                        tracing::debug!(%addr, bytes = n, "backend wrote past its response on an idle connection; closed");
-                    }
-                    Err(_) => {}
-                }
+            if let Some(reused) = c.reusable(addr, now, check) {
+                return Some(reused);
             }
-            close(&c.socket);
         }
         None
     }
@@ -185,7 +214,7 @@ impl UpstreamPool {
         &self,
         addr: SocketAddr,
         s: Socket,
-        mut buf: BytesMut,
+        buf: BytesMut,
         max: usize,
         now: Instant,
         max_idle: Duration,
@@ -196,16 +225,7 @@ impl UpstreamPool {
         let stale = list.iter().take_while(|c| c.expires <= now).count();
         list.drain(..stale).for_each(|c| close(&c.socket));
         if list.len() < max {
-            // Over [`POOLED_BUF_MAX`], a fresh buffer goes with the connection. An empty buffer
-            // whose head was split off reports only the room after it as its capacity, while it
-            // holds the whole allocation once the head is dropped: `try_reclaim` (which moves
-            // nothing in an empty buffer, and allocates nothing) tells by the allocation.
-            if buf.is_empty() && buf.try_reclaim(POOLED_BUF_MAX + 1) {
-                buf = BytesMut::with_capacity(READ_CHUNK);
-            }
-            let expires = now + max_idle.min(POOL_MAX_IDLE);
-            let armed = s.recv_armed(buf, READ_CHUNK);
-            list.push(Idle { socket: s, armed, expires, peek });
+            list.push(Idle::new(s, buf, now, max_idle, peek));
         } else {
             close(&s);
         }
@@ -232,6 +252,59 @@ impl UpstreamPool {
         loop {
             tokio::time::sleep(POOL_SWEEP_EVERY).await;
             self.sweep(Instant::now());
+        }
+    }
+}
+
+/// A client connection's private backend connection, idle between its requests: one that
+/// carries connection-bound authentication ([`binds_connection`]: NTLM, Negotiate), which
+/// backends such as IIS with Windows authentication tie to the TCP connection rather than to
+/// each request. Shared through the pool, it would serve another client's requests as this
+/// client's user (and NTLM's handshake needs its legs on one connection, which the pool does not
+/// give). So, as HAProxy marks such connections private, it never enters the pool: it waits
+/// here for this client connection's next request, which goes over it to its backend, bypassing
+/// the pick, while that backend may take it ([`Private::take`]); otherwise, and when the client
+/// connection ends (this is dropped), it is closed. One per client connection: the request that
+/// takes it makes the next one, if any.
+#[derive(Default)]
+struct Private(Option<(SocketAddr, Idle)>);
+
+impl Private {
+    /// Keeps `c`, a connection to `addr`, for this client connection's next request (closing
+    /// one kept before, if any).
+    fn keep(&mut self, addr: SocketAddr, c: Idle) {
+        if let Some((_, old)) = self.0.replace((addr, c)) {
+            close(&old.socket);
+        }
+    }
+
+    /// The private connection for a request at `now` that routes to `pool`, as (member,
+    /// connection, the receive pending on it), if its backend is a member of `pool` that may
+    /// take the request (up, with weight, not passively down: see [`Pool::pick`]; a backend
+    /// back from an ejection only as its trial) and the connection may be used again, with the
+    /// checks of a pooled one ([`Idle::reusable`], with `check`). Otherwise it is closed. Either
+    /// way the slot is empty after.
+    fn take(&mut self, pool: &Pool, now: Instant, check: bool) -> Option<(usize, Socket, Armed)> {
+        let (addr, c) = self.0.take()?;
+        let member = pool.members.iter().position(|m| m.state.addr == addr && m.up && m.weight > 0);
+        let Some(i) = member else {
+            close(&c.socket);
+            return None;
+        };
+        let (s, armed) = c.reusable(addr, now, check)?;
+        // Last: it claims a trial of a backend back from an ejection.
+        if !pool.members[i].state.admit() {
+            close(&s);
+            return None;
+        }
+        Some((i, s, armed))
+    }
+}
+
+impl Drop for Private {
+    fn drop(&mut self) {
+        if let Some((_, c)) = self.0.take() {
+            close(&c.socket);
         }
     }
 }
@@ -767,7 +840,9 @@ pub fn parse_request_for_bench(buf: &mut BytesMut, max_headers: usize) -> Option
 
 /// Where the minor version digit of a request line ending in `HTTP/1.<2-9>` is in `buf`
 /// (`None` while the line is incomplete); [`HeadError::Version`] for another major version
-/// (`HTTP/<d>.<d>`), else [`HeadError::Bad`].
+/// (`HTTP/<d>.<d>`, `d` not 1), else [`HeadError::Bad`]: a line ending in `HTTP/1.0` or
+/// `HTTP/1.1` that httparse refused the version of is malformed before it (a space in the path
+/// makes it read `b HTTP/1.1` in `GET /a b HTTP/1.1` as the version), not of another version.
 fn later_http1_minor(buf: &[u8]) -> Result<Option<usize>, HeadError> {
     let Some(end) = buf.iter().position(|&b| b == b'\n') else { return Ok(None) };
     let line = &buf[..end];
@@ -776,7 +851,7 @@ fn later_http1_minor(buf: &[u8]) -> Result<Option<usize>, HeadError> {
     match &line[start..] {
         [b'H', b'T', b'T', b'P', b'/', b'1', b'.', b'2'..=b'9'] => Ok(Some(start + 7)),
         [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
-            if major.is_ascii_digit() && minor.is_ascii_digit() =>
+            if major.is_ascii_digit() && *major != b'1' && minor.is_ascii_digit() =>
         {
             Err(HeadError::Version)
         }
@@ -796,6 +871,25 @@ fn tokens<'a>(head: &'a Head, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
         .flat_map(|v| v.split(|&b| b == b','))
         .map(|t| t.trim_ascii())
         .filter(|t| !t.is_empty())
+}
+
+/// Is `credentials` (an `Authorization` value, or one challenge of a `WWW-Authenticate`, trimmed)
+/// of a scheme that authenticates the connection rather than the request: NTLM, or Negotiate
+/// (SPNEGO: Kerberos or NTLM), the scheme name in any case (RFC 9110 11.1)?
+fn connection_auth(credentials: &[u8]) -> bool {
+    let scheme = credentials.split(|&b| b == b' ' || b == b'\t').next().unwrap_or_default();
+    scheme.eq_ignore_ascii_case(b"NTLM") || scheme.eq_ignore_ascii_case(b"Negotiate")
+}
+
+/// Does this exchange bind its backend connection to its client ([`Private`])? When the
+/// response challenges with NTLM or Negotiate (any of the comma-separated challenges of any
+/// `WWW-Authenticate`), or the request carried such credentials. A look at those headers alone,
+/// in the heads already parsed, without allocating. An auth-param's quoted value that holds a
+/// comma followed by such a scheme name may be taken for a challenge: a connection kept private
+/// for nothing, never one shared that should not be.
+fn binds_connection(req: &Head, resp: &Head) -> bool {
+    tokens(resp, "www-authenticate").any(connection_auth)
+        || header(req, "authorization").any(|v| connection_auth(v.trim_ascii()))
 }
 
 /// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1). Not `Trailer`: it
@@ -1792,6 +1886,9 @@ async fn serve_conn(
     let mut out = BytesMut::with_capacity(512);
     let mut tried: Vec<usize> = Vec::new();
     let mut forwarded: Option<ForwardedClient> = None;
+    // This client connection's private backend connection, between its requests (closed when
+    // it is dropped, with the client connection's end).
+    let mut private = Private::default();
     let mut first = true;
     loop {
         let cfg = &vip.cfg;
@@ -1925,6 +2022,17 @@ async fn serve_conn(
         // The exchange's idle clock, moved by each read of the request body and the response
         // (no clock read here: the first read sets it).
         let clock = IdleClock::new(cfg.idle_timeout, tokio::time::Instant::from_std(started));
+        // The client's private connection, if its backend may take this request: the first
+        // attempt goes over it, to that backend, without a pick (a retry, to another backend,
+        // gets a pooled or fresh connection). Closed otherwise (and without reuse: a reload may
+        // have turned it off).
+        let mut own = if reuse {
+            private.take(&pool, started, !can_retry)
+        } else {
+            private = Private::default();
+            None
+        };
+        let own_member = own.as_ref().map(|&(i, ..)| i);
         tried.clear();
         let mut last = Attempt::Connect;
         let mut done = None;
@@ -1934,7 +2042,16 @@ async fn serve_conn(
                 last = Attempt::Deadline;
                 break;
             }
-            let Some(i) = vip.pick(&pool, client_ip(peer), &tried, sticky, attempt) else { break };
+            let given = own.take().map(|(_, s, armed)| (s, armed));
+            let i = match own_member.filter(|_| attempt == 0) {
+                Some(i) => i,
+                None => {
+                    let Some(i) = vip.pick(&pool, client_ip(peer), &tried, sticky, attempt) else {
+                        break;
+                    };
+                    i
+                }
+            };
             tried.push(i);
             // The member the client's cookie names (live, or the pool failing open): the
             // session is there. Its own errors are the client's answer: retried elsewhere,
@@ -1948,8 +2065,8 @@ async fn serve_conn(
             // The first attempt starts with the request; a retry reads the clock again.
             let now = if attempt == 0 { started } else { Instant::now() };
             let r = attempt_once(
-                client, &mut buf, &mut ubuf, &upstream, &vip, &pool, i, &head, framing, expect,
-                can_retry, peer, listen, now, deadline, &clock,
+                client, &mut buf, &mut ubuf, &upstream, given, &vip, &pool, i, &head, framing,
+                expect, can_retry, peer, listen, now, deadline, &clock,
             )
             .await;
             match r {
@@ -2135,6 +2252,13 @@ async fn serve_conn(
             && rframing != Framing::UntilClose
             && !(rframing == Framing::Chunked
                 && header(&resp.head, "content-length").next().is_some());
+        // A connection that goes on stays private once it is ([`Private`]): the one this
+        // client's private connection was (or a fresh one to its backend in its place, to be
+        // safe), or one this exchange binds to the client. Looked at only for a connection
+        // that could be kept.
+        let bound = reuse
+            && upstream_keepalive
+            && (own_member == Some(i) || binds_connection(&req.head, &resp.head));
         // An HTTP/1.0 client cannot read the chunked coding (RFC 9112 6.1): it gets the body
         // decoded, delimited by the connection's close.
         let decode = req.http10 && rframing == Framing::Chunked;
@@ -2359,9 +2483,17 @@ async fn serve_conn(
             let (max, max_idle) = (vip.cfg.upstream_keepalive, vip.cfg.idle_timeout);
             // The backend buffer (empty) goes with the connection, for the receive kept pending
             // on it (`Idle::armed`); the request that takes the connection next, from this
-            // client or another, takes the buffer with it.
+            // client or another (never another for a private one), takes the buffer with it.
             let addr = pool.members[i].state.addr;
-            upstream.put(addr, up, std::mem::take(&mut ubuf), max, end, max_idle, bodiless);
+            let ubuf = std::mem::take(&mut ubuf);
+            if bound {
+                if own_member != Some(i) {
+                    vip.private_connections.inc();
+                }
+                private.keep(addr, Idle::new(up, ubuf, end, max_idle, bodiless));
+            } else {
+                upstream.put(addr, up, ubuf, max, end, max_idle, bodiless);
+            }
         } else if clean {
             // The backend closes this one (it said so, or was asked to): let it close first.
             close_after_backend(up);
@@ -2588,8 +2720,9 @@ async fn with_the_rest_dropped(
     }
 }
 
-/// One try on member `i`, starting at `now`: connect (or reuse), send head and body, read the
-/// response head (one that `expect` admits). A `replayable` request (idempotent, no body) is
+/// One try on member `i`, starting at `now`: connect (or reuse: `given`, the client's private
+/// connection to that member, else one from the pool), send head and body, read the response
+/// head (one that `expect` admits). A `replayable` request (idempotent, no body) is
 /// sent again on a fresh connection when a reused one turns out closed before any response. A
 /// final response that arrives while the body is still streaming ends the body there
 /// ([`Answer::cut`]), but for a 2xx, which takes the body's stream with it ([`Answer::rest`]).
@@ -2599,6 +2732,7 @@ async fn attempt_once<'c>(
     buf: &mut BytesMut,
     ubuf: &mut BytesMut,
     upstream: &UpstreamPool,
+    given: Option<(Socket, Armed)>,
     vip: &VipRuntime,
     pool: &Pool,
     i: usize,
@@ -2618,8 +2752,11 @@ async fn attempt_once<'c>(
     // `Idle::armed`), and the receive pending on it is the first read of the response. The
     // backend may still close it just as the request arrives, having read it or not: a request
     // that may be sent again then goes on a fresh one; any other is never sent twice.
-    let mut reused =
-        if cfg.proxy_protocol.is_none() { upstream.take(addr, now, !replayable) } else { None };
+    let mut reused = match given {
+        Some(c) => Some(c),
+        None if cfg.proxy_protocol.is_none() => upstream.take(addr, now, !replayable),
+        None => None,
+    };
     // The response timeout runs from the request's end (within the whole request's deadline):
     // known now for a bodiless request.
     let sent_at = tokio::time::Instant::from_std(now);
@@ -3035,10 +3172,53 @@ mod tests {
         for text in ["GET / HTTP/1.x\r\n\r\n", "GET / HTTP/1.10\r\n\r\n", "GET / HTTQ/1.2\r\n"] {
             assert!(matches!(parse(text), Err(HeadError::Bad)), "{text}");
         }
+        // A space in the path makes httparse read the rest as the version: the line is
+        // malformed (400), not of another version (505), even though it ends in `HTTP/1.1`.
+        for text in ["GET /a b HTTP/1.1\r\n\r\n", "GET /a b HTTP/1.2\r\n\r\n"] {
+            assert!(matches!(parse(text), Err(HeadError::Bad)), "{text}");
+        }
     }
 
     fn h(pairs: &[(&str, &str)]) -> Head {
         req(pairs).head
+    }
+
+    /// NTLM and Negotiate, in any case, bind a connection whether the answer challenges with
+    /// them (among other challenges, in one header or several) or the request carries their
+    /// credentials; other schemes, and auth-params or tokens that merely contain the names, do
+    /// not.
+    #[test]
+    fn connection_bound_authentication_is_told_by_scheme() {
+        let binds = |request: &[(&str, &str)], response: &[(&str, &str)]| {
+            binds_connection(&h(request), &h(response))
+        };
+        let challenge = |v: &str| binds(&[], &[("WWW-Authenticate", v)]);
+        let credentials = |v: &str| binds(&[("Authorization", v)], &[]);
+        for v in
+            ["NTLM", "Negotiate", "ntlm", "NEGOTIATE", "NTLM TlRMTVNTUAACAAAA", "Negotiate YII="]
+        {
+            assert!(challenge(v), "{v}");
+        }
+        for v in
+            [r#"Basic realm="x", charset="UTF-8", NTLM"#, "Bearer, Negotiate", "Digest a=b,NTLM"]
+        {
+            assert!(challenge(v), "{v}");
+        }
+        assert!(binds(
+            &[],
+            &[("WWW-Authenticate", "Basic realm=\"x\""), ("www-authenticate", "NTLM")]
+        ));
+        for v in ["Basic realm=\"NTLM\"", "Bearer", "NTLMv2", "Negotiated", "realm=NTLM", ""] {
+            assert!(!challenge(v), "{v}");
+        }
+        for v in ["NTLM TlRMTVNTUAABAAAA", "Negotiate YIIGhgYGKwYBBQUCoII=", "ntlm x", "Negotiate"]
+        {
+            assert!(credentials(v), "{v}");
+        }
+        for v in ["Basic YWxpY2U6eA==", "Bearer NTLM", "NTLMx y"] {
+            assert!(!credentials(v), "{v}");
+        }
+        assert!(!binds(&[("Proxy-Authorization", "NTLM x")], &[("X-Auth", "NTLM")]));
     }
 
     #[test]

@@ -129,6 +129,10 @@ pub struct L7Metrics {
     /// over `max_connections` ([`reuse`]): their clients see a closed connection (and
     /// reconnect), which no other series shows, and a steady rate says the limit is tight.
     pub closed_for_room: Family<VipLabel, Counter>,
+    /// Backend connections of an HTTP VIP made private to their client connection (NTLM or
+    /// Negotiate authentication binds them to their client, see `http::Private`): each is one
+    /// connection the keep-alive pool does not share, which a busy rate makes visible.
+    pub private_connections: Family<VipLabel, Counter>,
     /// Which per-backend series (`ejections`, `heads_too_large`) exist and which backends may
     /// have one.
     backend_series: Arc<Mutex<BackendSeries>>,
@@ -205,6 +209,7 @@ impl L7Metrics {
             heads_too_large: Family::default(),
             accept_errors: Family::default(),
             closed_for_room: Family::default(),
+            private_connections: Family::default(),
             backend_series: Arc::default(),
             passive: PassiveDown::default(),
         };
@@ -268,6 +273,12 @@ impl L7Metrics {
             "Idle keep-alive L7 client connections (HTTP mode) closed to make room for a new \
              connection over max_connections",
             m.closed_for_room.clone(),
+        );
+        registry.register(
+            "edgelb_l7_private_connections",
+            "Backend connections of L7 HTTP VIPs made private to one client connection (NTLM or \
+             Negotiate authentication): never shared with other clients",
+            m.private_connections.clone(),
         );
         registry.register(
             "edgelb_l7_backend_ejections",
@@ -362,6 +373,8 @@ pub struct VipRuntime {
     pub tcp_connections: [Counter; 2],
     /// Picks of this VIP that failed open ([`L7Metrics::fail_open`]).
     pub fail_open: Counter,
+    /// Backend connections of this VIP made private ([`L7Metrics::private_connections`]).
+    pub private_connections: Counter,
     /// Responses of this VIP cut short, indexed by `http::Cut` (backend, client, deadline,
     /// idle, drain).
     pub responses_cut: [Counter; 5],
@@ -889,6 +902,12 @@ impl Proxy {
                     duration: m.duration.get_or_create(&label).clone(),
                     retries: m.retries.get_or_create(&label).clone(),
                     fail_open: m.fail_open.get_or_create(&label).clone(),
+                    // Only an HTTP VIP's connections can be made private (a TCP-mode one relays
+                    // its client's own connection).
+                    private_connections: match l7.mode {
+                        L7Mode::Http => m.private_connections.get_or_create(&label).clone(),
+                        L7Mode::Tcp => Counter::default(),
+                    },
                     tcp_connections: tcp::Outcome::ALL.map(|o| {
                         if l7.mode != L7Mode::Tcp {
                             return Counter::default();
