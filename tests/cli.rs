@@ -647,6 +647,53 @@ fn stop_says_when_the_balancer_runs_from_another_pin_directory() {
     assert!(out.contains("removed") && !err.contains("still runs"), "{out}{err}");
 }
 
+/// Out of descriptors, the admin socket's thread pauses between accepts. An accept fails with
+/// EMFILE at once, connection or not (the kernel takes the new connection's descriptor before
+/// it waits), and a thread that tried again at once spun a core for as long as the node was
+/// short of descriptors. Once there are some again, a connection is taken and answered.
+#[test]
+fn out_of_descriptors_the_admin_socket_pauses_its_accepts() {
+    const NAME: &str = "out_of_descriptors_the_admin_socket_pauses_its_accepts";
+    if std::env::var_os("EDGELB_FD_CHILD").is_none() {
+        return common::in_child(NAME);
+    }
+    use edgelb::admin::{self, Request, Response};
+    use std::time::{Duration, Instant};
+    let dir = format!("{}/fds-admin-{}", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let path = std::path::PathBuf::from(&dir).join("admin.sock");
+    let (tx, rx) = std::sync::mpsc::channel::<admin::Pending>();
+    std::thread::spawn(move || {
+        for (_, reply) in rx {
+            let _ = reply.send(Response::ok("here").into());
+        }
+    });
+    let listener = admin::bind(&path).unwrap();
+    // The CPU time this process has used, in clock ticks (user and system): read from /proc,
+    // which takes a descriptor, so before and after the shortage.
+    let cpu_ticks = || -> u64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let before = cpu_ticks();
+    let room = common::room_for(1);
+    // The admin thread's own descriptor of the socket takes the one left: every accept it
+    // tries fails.
+    let serving = admin::serve(listener, tx).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    drop(room);
+    let freed = Instant::now();
+    let spent = cpu_ticks() - before;
+    let answer = admin::request(&path, &Request::Status);
+    let waited = freed.elapsed();
+    serving.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    // A thread that spins uses about 100 ticks of the second; one that pauses, next to none.
+    assert!(spent < 20, "{spent} clock ticks of CPU in the second without descriptors");
+    assert_eq!(answer.expect("an answer once descriptors are free").message, "here");
+    assert!(waited < Duration::from_secs(2), "answered {waited:?} after descriptors were free");
+}
+
 #[test]
 fn version_names_the_binary() {
     let (code, out, _) = edgelb(&["--version"]);

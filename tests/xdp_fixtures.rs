@@ -12,7 +12,9 @@ use aya::programs::{TestRun, TestRunOptions};
 use common::{FIXTURE_CONFIG, packet::*};
 use edgelb::{
     config::{Config, Vip, XdpAttachMode},
-    dataplane::{Dataplane, TableShape, conn_hash, flow_hash, route, vip_key, vip_ring},
+    dataplane::{
+        Dataplane, InterfaceState, TableShape, conn_hash, flow_hash, route, vip_key, vip_ring,
+    },
     testbed::netns::{self, require_privileged},
 };
 use lb_common::stats::{REASON_COUNT, REASON_NAMES, Reason};
@@ -2079,6 +2081,60 @@ fn pinned_links_follow_the_interfaces() {
         assert!(dir.join("link-vw").exists(), "its link stays pinned");
         assert_eq!(xdp_id("vq"), None, "the device the old one never had is let go");
         assert!(!dir.join("link-vq").exists());
+    })
+    .unwrap();
+}
+
+/// Out of descriptors, an attached interface is not lost. Looking an interface up by name or
+/// index opens a socket: with none to be had, the lookup fails, and that said nothing of the
+/// interface. It was taken for "no such interface", and edgelb said XDP was gone from a
+/// healthy one (`restart edgelb`, LOST in `status`, `edgelb_xdp_attached` 0), and "back" once
+/// descriptors were free again.
+#[test]
+fn out_of_descriptors_an_interface_is_not_lost() {
+    const NAME: &str = "out_of_descriptors_an_interface_is_not_lost";
+    if !require_privileged(NAME) {
+        return;
+    }
+    if std::env::var_os("EDGELB_FD_CHILD").is_none() {
+        return common::in_child(NAME);
+    }
+    let ns = format!("elfd{}", std::process::id());
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    assert!(
+        std::process::Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success()
+    );
+    let _cleanup = Cleanup(ns.clone());
+    let cfg = Config::parse(&one_vip(&THREE), "x".as_ref()).unwrap();
+    netns::in_netns(&ns, || {
+        let mut dp = Dataplane::load(None).expect("loads");
+        dp.apply(&cfg).unwrap();
+        assert_eq!(dp.attach("lo", XdpAttachMode::Generic).expect("attaches"), "generic");
+        assert!(dp.lost_interfaces().is_empty() && dp.renamed_interfaces().is_empty());
+        let room = common::room_for(0);
+        let (lost, renamed) = (dp.lost_interfaces(), dp.renamed_interfaces());
+        let states = dp.interface_states();
+        let exists = edgelb::dataplane::interface_exists("lo");
+        drop(room);
+        assert!(lost.is_empty(), "lost out of descriptors: {lost:?}");
+        assert!(renamed.is_empty(), "renamed out of descriptors: {renamed:?}");
+        // Whatever errno the failed lookup left (glibc's tries of several socket families leave
+        // ENOENT), it is not "no such device".
+        assert!(
+            matches!(&states[..], [(i, InterfaceState::Unknown(_))] if i == "lo"),
+            "{states:?}"
+        );
+        // Nor does a start take it for an interface that is not there.
+        let e = exists.expect_err("out of descriptors, whether lo is there cannot be told");
+        assert!(e.to_string().contains("could not be told"), "{e}");
+        let states = dp.interface_states();
+        assert!(matches!(&states[..], [(_, InterfaceState::Attached)]), "{states:?}");
+        assert!(edgelb::dataplane::interface_exists("lo").unwrap());
     })
     .unwrap();
 }

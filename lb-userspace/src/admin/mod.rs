@@ -918,16 +918,37 @@ impl Serving {
 }
 
 /// Forwards requests arriving on `listener` to `to_controller`, from a background thread.
+///
+/// An accept that fails for want of descriptors or memory ([`crate::proxy::out_of_resources`])
+/// leaves its connection queued and the socket readable: the thread pauses before the next try
+/// (10 ms doubling to 500 ms, as the L7 proxy's accept loops do) rather than spin a core while
+/// the node is short, and says so once when it begins and once when accepts succeed again.
 pub fn serve(listener: UnixListener, to_controller: Sender<Pending>) -> std::io::Result<Serving> {
+    use crate::proxy::{ACCEPT_PAUSE_MAX, ACCEPT_PAUSE_MIN, out_of_resources};
     let own = listener.try_clone()?;
     let thread = std::thread::Builder::new().name("admin".into()).spawn(move || {
+        // Accepts failed in a row for want of descriptors or memory, and the pause after the last.
+        let (mut starved, mut pause) = (0u64, Duration::ZERO);
         for conn in own.incoming() {
             match conn {
                 Ok(conn) => {
+                    if starved > 0 {
+                        tracing::info!(failed = starved, "admin socket: accepting connections again");
+                        (starved, pause) = (0, Duration::ZERO);
+                    }
                     let _ = handle(conn, &to_controller);
                 }
                 // Shut down by `Serving::stop`.
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => return,
+                Err(e) if out_of_resources(&e) => {
+                    starved += 1;
+                    if starved == 1 {
+                        tracing::warn!(error = %e, "admin socket: cannot accept connections (out of descriptors or memory); pausing accepts (up to {} ms between tries) until it passes", ACCEPT_PAUSE_MAX.as_millis());
+                    }
+                    pause = (pause * 2).clamp(ACCEPT_PAUSE_MIN, ACCEPT_PAUSE_MAX);
+                    std::thread::sleep(pause);
+                }
+                // A client gone before it was accepted, and the like: the next one may come.
                 Err(_) => continue,
             }
         }

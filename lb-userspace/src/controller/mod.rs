@@ -29,7 +29,7 @@ use crate::{
         HandoverEnd, Pending, Request, Response, SocketKind, Status, VipStatus,
     },
     config::{Config, Forwarding},
-    dataplane::{Dataplane, DataplaneError, TableShape, vip_ring},
+    dataplane::{Dataplane, DataplaneError, InterfaceState, TableShape, vip_ring},
     health::{Checker, HealthEvent},
     metrics::{BackendSample, KernelSnapshot, Metrics, Scrape, backend_label},
 };
@@ -185,6 +185,9 @@ struct Controller {
     /// Attached interfaces renamed since, with their new names (see
     /// [`Dataplane::renamed_interfaces`]): still balancing, under a name the config does not give.
     renamed: Vec<(String, String)>,
+    /// Whether the last look for lost interfaces could not tell where some stand
+    /// ([`InterfaceState::Unknown`]): said once when it begins, and once when it ends.
+    interfaces_untold: bool,
 }
 
 /// Runs the balancer with the config at `path` until SIGINT/SIGTERM, `edgelb stop` or a
@@ -367,6 +370,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         checks_missing: 0,
         lost: Vec::new(),
         renamed: Vec::new(),
+        interfaces_untold: false,
     };
     // The counters of every configured backend exist from the start, at 0.
     ctl.metrics.retain(&ctl.cfg);
@@ -573,16 +577,55 @@ fn preflight(cfg: &Config) -> Result<(), RunError> {
     if !crate::proxy::l7_listeners(cfg).is_empty() {
         crate::proxy::probe_io_uring().map_err(|e| RunError::Proxy(e.to_string()))?;
     }
-    if let Some(name) =
-        cfg.node.interfaces.iter().find(|name| !crate::dataplane::interface_exists(name))
-    {
-        return Err(RunError::Interface(name.clone()));
+    for name in &cfg.node.interfaces {
+        if !crate::dataplane::interface_exists(name)? {
+            return Err(RunError::Interface(name.clone()));
+        }
     }
     // Before the admin socket and a takeover's handover: a bpffs this process could not keep
     // (one it would mount in a mount namespace of its own) stops the start with nothing touched.
     crate::dataplane::ensure_bpffs()
         .map_err(|reason| DataplaneError::Pin { path: cfg.node.pin_dir.clone(), reason })?;
     Ok(())
+}
+
+/// The attached interfaces lost and renamed, as a look for them finds them
+/// ([`interfaces_seen`]), and those whose state could not be told.
+#[derive(Debug)]
+struct InterfacesSeen {
+    /// XDP is no longer on them ([`InterfaceState::Lost`]).
+    lost: Vec<String>,
+    /// Renamed, each with its new name ([`InterfaceState::Renamed`]).
+    renamed: Vec<(String, String)>,
+    /// Not told this time ([`InterfaceState::Unknown`]), each with the lookup's error.
+    untold: Vec<(String, std::io::Error)>,
+}
+
+/// The interfaces lost and renamed after a look at where each stands (`states`), the last
+/// ones known being `lost` and `renamed`: one whose state could not be told keeps its last,
+/// neither newly lost nor back. A failed lookup (out of descriptors: it opens a socket) said
+/// nothing of the interface, and taken for "gone" had a healthy one said LOST.
+fn interfaces_seen(
+    states: Vec<(String, InterfaceState)>,
+    lost: &[String],
+    renamed: &[(String, String)],
+) -> InterfacesSeen {
+    let mut seen = InterfacesSeen { lost: Vec::new(), renamed: Vec::new(), untold: Vec::new() };
+    for (interface, state) in states {
+        match state {
+            InterfaceState::Attached => {}
+            InterfaceState::Lost => seen.lost.push(interface),
+            InterfaceState::Renamed(now) => seen.renamed.push((interface, now)),
+            InterfaceState::Unknown(e) => {
+                if lost.contains(&interface) {
+                    seen.lost.push(interface.clone());
+                }
+                seen.renamed.extend(renamed.iter().filter(|(was, _)| *was == interface).cloned());
+                seen.untold.push((interface, e));
+            }
+        }
+    }
+    seen
 }
 
 /// Logs what the file says that is accepted but likely not what was meant ([`Config::cautions`]),
@@ -1185,9 +1228,22 @@ impl Controller {
     /// Logs an interface XDP is no longer on (once, when found) and one that is back. Nothing
     /// else would tell: health checks go through the kernel and stay green, and only the XDP
     /// counters stop. Attaching again takes privileges this process has dropped: a restart.
-    /// A renamed interface is said apart (a warning): XDP stays on the device.
+    /// A renamed interface is said apart (a warning): XDP stays on the device. One whose state
+    /// cannot be told (out of descriptors or memory: the lookups open sockets) stays as it was
+    /// last seen, neither newly lost nor back: it said nothing of the interface, and taken for
+    /// "gone" it had a healthy interface said LOST (and back once descriptors were free).
     fn look_for_lost_interfaces(&mut self) {
-        let lost = self.dp.lost_interfaces();
+        let InterfacesSeen { lost, renamed, untold } =
+            interfaces_seen(self.dp.interface_states(), &self.lost, &self.renamed);
+        match (untold.first(), self.interfaces_untold) {
+            (Some((_, e)), false) => {
+                let interfaces: Vec<&str> = untold.iter().map(|(i, _)| i.as_str()).collect();
+                warn!(?interfaces, error = %e, "cannot tell whether XDP is still on these interfaces: looking them up fails (out of descriptors or memory?); each stays as last seen until it can be told again");
+            }
+            (None, true) => info!("the attached interfaces can be looked up again"),
+            _ => {}
+        }
+        self.interfaces_untold = !untold.is_empty();
         for i in lost.iter().filter(|i| !self.lost.contains(i)) {
             error!(interface = %i, "XDP is no longer on this interface (deleted, or deleted and re-created): its VIP traffic reaches the kernel unbalanced; restart edgelb to attach again (`edgelb run --takeover`, or `systemctl restart edgelb`)");
         }
@@ -1195,7 +1251,6 @@ impl Controller {
             info!(interface = %i, "the interface is back as it was attached: XDP is on it");
         }
         self.lost = lost;
-        let renamed = self.dp.renamed_interfaces();
         for (was, now) in renamed.iter().filter(|r| !self.renamed.contains(r)) {
             warn!(interface = %was, renamed_to = %now, "the interface was renamed: XDP goes on balancing on it, but node.interfaces names it `{was}`; put `{now}` there and restart (`edgelb run --takeover`: the pinned XDP link follows the rename, with the connection table)");
         }
@@ -1689,6 +1744,43 @@ mod tests {
         format!(
             "[[vip]]\nname = \"{name}\"\naddress = \"127.0.0.1\"\nport = {port}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.2\" }}]\n[vip.l7]\nmode = \"{mode}\"\n"
         )
+    }
+
+    /// An interface whose state could not be told (a lookup failed out of descriptors) keeps
+    /// the one last seen: a healthy one is not said lost, a lost one not back, a renamed one
+    /// not renamed back. (Taken for "gone", it had a healthy interface said LOST.)
+    #[test]
+    fn an_interface_that_cannot_be_told_stays_as_last_seen() {
+        let untold = || InterfaceState::Unknown(std::io::Error::from_raw_os_error(libc::EMFILE));
+        let names = |v: &[(String, std::io::Error)]| -> Vec<String> {
+            v.iter().map(|(i, _)| i.clone()).collect()
+        };
+        let states = |s: Vec<(&str, InterfaceState)>| -> Vec<(String, InterfaceState)> {
+            s.into_iter().map(|(i, s)| (i.to_owned(), s)).collect()
+        };
+        let (lost, renamed) = (["b".to_owned()], [("c".to_owned(), "z".to_owned())]);
+        let seen = interfaces_seen(
+            states(vec![("a", untold()), ("b", untold()), ("c", untold()), ("d", untold())]),
+            &lost,
+            &renamed,
+        );
+        assert_eq!(seen.lost, ["b"], "{seen:?}");
+        assert_eq!(seen.renamed, renamed, "{seen:?}");
+        assert_eq!(names(&seen.untold), ["a", "b", "c", "d"]);
+        // Told again: as they are.
+        let seen = interfaces_seen(
+            states(vec![
+                ("a", InterfaceState::Lost),
+                ("b", InterfaceState::Attached),
+                ("c", InterfaceState::Attached),
+                ("d", InterfaceState::Renamed("y".to_owned())),
+            ]),
+            &lost,
+            &renamed,
+        );
+        assert_eq!(seen.lost, ["a"], "{seen:?}");
+        assert_eq!(seen.renamed, [("d".to_owned(), "y".to_owned())], "{seen:?}");
+        assert!(seen.untold.is_empty());
     }
 
     /// A reload is refused only for what it cannot apply, and says which keys those are; the

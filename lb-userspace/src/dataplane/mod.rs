@@ -143,6 +143,20 @@ pub enum DataplaneError {
     /// No network interface of that name in this namespace.
     #[error("no network interface `{0}` here (`ip link` lists them)")]
     NoInterface(String),
+    /// Looking up a network interface failed for another reason than its absence: the lookup
+    /// opens a socket, and fails for want of descriptors or memory whether the interface is
+    /// there or not. Taken for "no such interface", it had a start refuse a healthy interface,
+    /// or pins follow a rename that never happened.
+    #[error(
+        "looking up network interface {interface} failed ({source}); whether it is there could not be told: the lookup needs a socket, is this process out of descriptors or memory?"
+    )]
+    Lookup {
+        /// The interface, as words for the message (`` `eth0` ``, "of index 7").
+        interface: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The link pin `edgelb decap` would replace or remove holds something other than the
     /// decapsulator: with `--pin-dir` at a balancer's pin directory, the balancer's own link,
     /// which a decap attach would have turned into a decapsulator and a detach removed.
@@ -977,6 +991,10 @@ impl Dataplane {
         interface: &str,
         mode: XdpAttachMode,
     ) -> Result<&'static str, DataplaneError> {
+        // The device, to tell later whether XDP is still on it ([`Dataplane::interface_states`]),
+        // and which link pins are this process's ([`Dataplane::remove_unused_links`]): asked
+        // before anything is touched, so that a lookup that cannot tell stops the attach here.
+        let device = ifindex(interface).map_err(lookup_failed(interface))?;
         if let Some(dir) = &self.pins {
             follow_renames(dir, interface)?;
         }
@@ -991,34 +1009,38 @@ impl Dataplane {
         // Whether GRO is on here matters only to VIPs that encapsulate: the controller says so
         // (`controller::gro_warnings`), knowing the config.
         self.attached.push((interface.to_owned(), used));
-        self.ifindexes.push(ifindex(interface));
+        self.ifindexes.push(device.unwrap_or(0));
         Ok(used)
     }
 
-    /// The attached interfaces that XDP is no longer on: deleted (a link whose device goes is
-    /// detached by the kernel), or deleted and made again (the name now names another device,
-    /// or none). Their VIP traffic reaches the kernel unbalanced until a restart attaches again.
-    /// A renamed interface is not lost: XDP stays on the device ([`Dataplane::renamed_interfaces`]).
-    /// Looked up in the calling thread's network namespace.
-    pub fn lost_interfaces(&self) -> Vec<String> {
-        self.moved_interfaces().filter(|(_, now)| now.is_none()).map(|(name, _)| name).collect()
-    }
-
-    /// The attached interfaces renamed since, each with its new name: XDP goes on balancing on
-    /// the device, but under a name `node.interfaces` does not give, so the operator is told to
-    /// put it there (a restart then follows the rename, see [`follow_renames`]).
-    pub fn renamed_interfaces(&self) -> Vec<(String, String)> {
-        self.moved_interfaces().filter_map(|(name, now)| Some((name, now?))).collect()
-    }
-
-    /// The attached interfaces whose name no longer names the device attached to, each with the
-    /// device's name now (`None`: the device is gone).
-    fn moved_interfaces(&self) -> impl Iterator<Item = (String, Option<String>)> + '_ {
+    /// Where each attached interface stands now ([`InterfaceState`]), looked up in the calling
+    /// thread's network namespace: in one pass, so that the controller sees every interface
+    /// as it was at one moment, and keeps the last state of one that could not be told.
+    pub fn interface_states(&self) -> Vec<(String, InterfaceState)> {
         self.attached
             .iter()
             .zip(&self.ifindexes)
-            .filter(|((name, _), was)| **was != 0 && ifindex(name) != **was)
-            .map(|((name, _), was)| (name.clone(), interface_name(*was)))
+            .map(|((name, _), &was)| (name.clone(), interface_state(name, was)))
+            .collect()
+    }
+
+    /// The attached interfaces that XDP is no longer on ([`InterfaceState::Lost`]). One whose
+    /// state could not be told is not among them.
+    pub fn lost_interfaces(&self) -> Vec<String> {
+        let states = self.interface_states().into_iter();
+        states.filter(|(_, s)| matches!(s, InterfaceState::Lost)).map(|(name, _)| name).collect()
+    }
+
+    /// The attached interfaces renamed since, each with its new name
+    /// ([`InterfaceState::Renamed`]). One whose state could not be told is not among them.
+    pub fn renamed_interfaces(&self) -> Vec<(String, String)> {
+        let states = self.interface_states().into_iter();
+        states
+            .filter_map(|(name, s)| match s {
+                InterfaceState::Renamed(now) => Some((name, now)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Takes the data plane back after an `edgelb run --takeover` that failed after it began
@@ -1708,7 +1730,7 @@ fn mode_differs(mode: XdpAttachMode, used: &str) -> bool {
 /// interface it is on but not in which mode, and `status` must not guess. [`UNKNOWN_MODE`]
 /// (logged) when it cannot be read.
 fn running_mode(interface: &str) -> &'static str {
-    match netlink::xdp_attachment(ifindex(interface)) {
+    match ifindex(interface).and_then(|i| netlink::xdp_attachment(i.unwrap_or(0))) {
         Ok(Some(a)) => a.mode.label(),
         Ok(None) => {
             warn!(interface, "the kernel reports no XDP program on the interface just attached");
@@ -1746,7 +1768,7 @@ fn own_program_holds(e: DataplaneError, pin: Option<&Path>) -> DataplaneError {
 /// network namespace, as netlink reports it, by the program's name).
 /// `None` too when program names cannot be read ([`program_name`]).
 fn balancer_on(interface: &str) -> Option<u32> {
-    let attached = netlink::xdp_attachment(ifindex(interface)).ok().flatten()?;
+    let attached = netlink::xdp_attachment(ifindex(interface).ok()??).ok().flatten()?;
     let name = program_name(attached.prog_id).ok().flatten();
     (name.as_deref() == Some(programs::BALANCER)).then_some(attached.prog_id)
 }
@@ -1917,7 +1939,11 @@ fn follow_renames(dir: &Path, interface: &str) -> Result<(), DataplaneError> {
     };
     if let LinkPin::Renamed { ifindex, .. } = inspect_link_pin(&pin, interface, LinkRole::Balancer)?
     {
-        let Some(new) = interface_name(ifindex) else {
+        let new = interface_name(ifindex).map_err(|source| DataplaneError::Lookup {
+            interface: format!("of index {ifindex}"),
+            source,
+        })?;
+        let Some(new) = new else {
             return Err(DataplaneError::Pin {
                 path: pin,
                 reason: format!(
@@ -1930,10 +1956,9 @@ fn follow_renames(dir: &Path, interface: &str) -> Result<(), DataplaneError> {
     if pin.exists() {
         return Ok(());
     }
-    let here = ifindex(interface);
-    if here == 0 {
+    let Some(here) = ifindex(interface).map_err(lookup_failed(interface))? else {
         return Ok(());
-    }
+    };
     let (mine, _) = Dataplane::pins_in(dir)
         .map_err(|e| DataplaneError::Pin { path: dir.to_owned(), reason: e.to_string() })?;
     for other in mine.iter().filter(|p| is_link_pin(p)) {
@@ -1948,36 +1973,95 @@ fn follow_renames(dir: &Path, interface: &str) -> Result<(), DataplaneError> {
     Ok(())
 }
 
+/// Where an attached interface stands, as [`Dataplane::interface_states`] finds it.
+#[derive(Debug)]
+pub enum InterfaceState {
+    /// Its name names the device XDP was attached to (or that device is not known).
+    Attached,
+    /// The device is there under another name, this one: XDP goes on balancing on it, but under
+    /// a name `node.interfaces` does not give, so the operator is told to put it there (a
+    /// restart then follows the rename, see [`follow_renames`]).
+    Renamed(String),
+    /// XDP is no longer on it: deleted (a link whose device goes is detached by the kernel), or
+    /// deleted and made again (the name now names another device, or none). Its VIP traffic
+    /// reaches the kernel unbalanced until a restart attaches again.
+    Lost,
+    /// Could not be told: a lookup failed for another reason than an interface's absence (out
+    /// of descriptors or memory, see [`DataplaneError::Lookup`]). Says nothing of the interface:
+    /// it is as it was last seen.
+    Unknown(std::io::Error),
+}
+
+/// Where the attached interface `name` stands, attached to device `was` (0: not known).
+fn interface_state(name: &str, was: u32) -> InterfaceState {
+    if was == 0 {
+        return InterfaceState::Attached;
+    }
+    match ifindex(name) {
+        Ok(Some(now)) if now == was => return InterfaceState::Attached,
+        Ok(_) => {}
+        Err(e) => return InterfaceState::Unknown(e),
+    }
+    match interface_name(was) {
+        Ok(Some(now)) => InterfaceState::Renamed(now),
+        Ok(None) => InterfaceState::Lost,
+        Err(e) => InterfaceState::Unknown(e),
+    }
+}
+
 /// The name of the interface of index `ifindex` in the calling thread's network namespace;
-/// `None` if there is none.
+/// `None` if there is none. An error when that could not be told ([`no_such_interface`]).
 #[allow(unsafe_code)]
-fn interface_name(ifindex: u32) -> Option<String> {
+fn interface_name(ifindex: u32) -> std::io::Result<Option<String>> {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
     // SAFETY: `buf` holds IF_NAMESIZE bytes, what if_indextoname writes at most (the name and
-    // its NUL); it returns NULL (nothing written that is read) when there is no such interface.
+    // its NUL); it returns NULL (nothing written that is read) when it fails.
     let name = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
     if name.is_null() {
-        return None;
+        return no_such_interface(std::io::Error::last_os_error());
     }
     // SAFETY: on success `buf` holds a NUL-terminated name.
     let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
-    Some(name.to_string_lossy().into_owned())
+    Ok(Some(name.to_string_lossy().into_owned()))
 }
 
 /// Is there a network interface called `name` in the calling thread's network namespace? Asked
 /// before anything is attached, so that a misspelt interface stops edgelb before it touches the
-/// data plane.
-pub fn interface_exists(name: &str) -> bool {
-    ifindex(name) != 0
+/// data plane. An error when that could not be told ([`DataplaneError::Lookup`]).
+pub fn interface_exists(name: &str) -> Result<bool, DataplaneError> {
+    Ok(ifindex(name).map_err(lookup_failed(name))?.is_some())
 }
 
-/// The index of the interface called `name` in the calling thread's network namespace; 0 if
-/// there is none.
+/// The index of the interface called `name` in the calling thread's network namespace; `None`
+/// if there is none. An error when that could not be told ([`no_such_interface`]).
 #[allow(unsafe_code)]
-fn ifindex(name: &str) -> u32 {
-    let Ok(name) = CString::new(name) else { return 0 };
+fn ifindex(name: &str) -> std::io::Result<Option<u32>> {
+    // No interface name holds a NUL.
+    let Ok(name) = CString::new(name) else { return Ok(None) };
     // SAFETY: `name` is a NUL-terminated string that outlives the call, which only reads it.
-    unsafe { libc::if_nametoindex(name.as_ptr()) }
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => no_such_interface(std::io::Error::last_os_error()),
+        index => Ok(Some(index)),
+    }
+}
+
+/// What the error `e` of a failed interface lookup (`if_nametoindex`, `if_indextoname`) says:
+/// no such interface (`Ok(None)`) for ENODEV and ENXIO (the kernel's "no such device", and
+/// what if_indextoname turns it into, as POSIX asks); otherwise `e`, nothing told. Each lookup
+/// opens a socket for its ioctl, so that out of descriptors or memory it fails whether the
+/// interface is there or not, with whatever errno its last try left (glibc tries several
+/// socket families, and out of descriptors leaves ENOENT): taken for "gone", a healthy
+/// interface was said to have lost XDP. Only the ioctl's answer says an interface is not there.
+fn no_such_interface<T>(e: std::io::Error) -> std::io::Result<Option<T>> {
+    match e.raw_os_error() {
+        Some(libc::ENODEV | libc::ENXIO) => Ok(None),
+        _ => Err(e),
+    }
+}
+
+/// [`DataplaneError::Lookup`] of the interface `name`.
+fn lookup_failed(name: &str) -> impl FnOnce(std::io::Error) -> DataplaneError + '_ {
+    move |source| DataplaneError::Lookup { interface: format!("`{name}`"), source }
 }
 
 fn attach_xdp(
@@ -2091,7 +2175,7 @@ pub fn attach_decap(
     dir: &Path,
     sources: &[(IpAddr, u8)],
 ) -> Result<&'static str, DataplaneError> {
-    if !interface_exists(interface) {
+    if !interface_exists(interface)? {
         return Err(DataplaneError::NoInterface(interface.to_owned()));
     }
     pin_dir_ready(dir)?;
@@ -2108,7 +2192,7 @@ pub fn attach_decap(
         .info()
         .map_err(|source| DataplaneError::Program { name: programs::DECAP, source })?
         .id();
-    let found = match netlink::xdp_attachment(ifindex(interface)) {
+    let found = match ifindex(interface).and_then(|i| netlink::xdp_attachment(i.unwrap_or(0))) {
         Ok(Some(a)) if a.runs(prog_id) => return Ok(if replaced { "replaced" } else { used }),
         Ok(Some(a)) => format!("XDP program id {}", a.prog_id),
         Ok(None) => "no XDP program".to_owned(),
@@ -2258,12 +2342,20 @@ fn inspect_link_pin(
     let Some(ifindex_held) = fdinfo.ifindex else {
         return Err(not_ours("an XDP link whose device the kernel does not report".to_owned()));
     };
-    let runs = |i: u32| {
-        i != 0 && netlink::xdp_attachment(i).ok().flatten().is_some_and(|a| a.runs(prog_id))
+    // A lookup that could not be done for want of descriptors or memory says nothing of where
+    // the link runs: taken for "not here", it would have the pin refused as another
+    // namespace's, or moved as if its interface had been renamed.
+    let here = ifindex(interface).map_err(lookup_failed(interface))?;
+    let runs = |i: u32| match netlink::xdp_attachment(i) {
+        Ok(a) => Ok(a.is_some_and(|a| a.runs(prog_id))),
+        Err(e) if crate::proxy::out_of_resources(&e) => {
+            Err(DataplaneError::Lookup { interface: format!("of index {i}"), source: e })
+        }
+        Err(_) => Ok(false),
     };
-    Ok(if ifindex_held == 0 || runs(ifindex(interface)) {
+    Ok(if ifindex_held == 0 || here.map(runs).transpose()? == Some(true) {
         LinkPin::Usable
-    } else if runs(ifindex_held) {
+    } else if runs(ifindex_held)? {
         LinkPin::Renamed { ifindex: ifindex_held, prog_id }
     } else {
         LinkPin::Elsewhere { ifindex: ifindex_held, prog_id }
@@ -2483,9 +2575,38 @@ impl AuxPrograms {
 #[cfg(test)]
 mod tests {
     use super::{
-        LinkFdinfo, MAX_CONNTRACK_FLOWS, MIN_CONNTRACK_FLOWS, TableShape, UNKNOWN_MODE,
-        XdpAttachMode, buckets_for, link_fdinfo, mode_differs, pin_dir_ready,
+        InterfaceState, LinkFdinfo, MAX_CONNTRACK_FLOWS, MIN_CONNTRACK_FLOWS, TableShape,
+        UNKNOWN_MODE, XdpAttachMode, buckets_for, ifindex, interface_name, interface_state,
+        link_fdinfo, mode_differs, no_such_interface, pin_dir_ready,
     };
+
+    /// Only the kernel's "no such device" (ENODEV, or the ENXIO if_indextoname makes of it)
+    /// says an interface is not there. Any other failure of a lookup (out of descriptors, the
+    /// socket it opens fails, with whatever errno its last try left) tells nothing: taken for
+    /// "gone", it had a healthy interface said to have lost XDP.
+    #[test]
+    fn only_no_such_device_says_an_interface_is_not_there() {
+        let told = |code| no_such_interface::<u32>(std::io::Error::from_raw_os_error(code));
+        assert!(matches!(told(libc::ENODEV), Ok(None)));
+        assert!(matches!(told(libc::ENXIO), Ok(None)));
+        for code in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM, libc::ENOENT, 0] {
+            assert!(told(code).is_err(), "errno {code} taken for no such interface");
+        }
+        // The lookups themselves, with descriptors to spare (`lo` is in every namespace).
+        let lo = ifindex("lo").unwrap().expect("lo is there");
+        assert_eq!(interface_name(lo).unwrap().as_deref(), Some("lo"));
+        assert_eq!(ifindex("edgelb-none0").unwrap(), None);
+        assert_eq!(ifindex("with\0nul").unwrap(), None);
+        let none = 0x7fff_fff0;
+        assert_eq!(interface_name(none).unwrap(), None);
+        // Where an attached interface stands, from those answers.
+        assert!(matches!(interface_state("lo", lo), InterfaceState::Attached));
+        assert!(
+            matches!(interface_state("edgelb-none0", lo), InterfaceState::Renamed(n) if n == "lo")
+        );
+        assert!(matches!(interface_state("lo", none), InterfaceState::Lost));
+        assert!(matches!(interface_state("lo", 0), InterfaceState::Attached), "device not known");
+    }
 
     /// An XDP link's fdinfo gives its type and the device it holds (0 once that is gone); a
     /// map's, or another link's, is not taken for it.

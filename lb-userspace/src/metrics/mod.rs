@@ -566,7 +566,7 @@ mod tests {
     }
 
     /// The help of `edgelb_xdp_attached` says what sets it to 0 as the controller decides it
-    /// (`Dataplane::lost_interfaces`): a deleted interface, not a renamed one, which XDP stays
+    /// (`Dataplane::interface_states`): a deleted interface, not a renamed one, which XDP stays
     /// on. It once counted a rename among the losses, and an operator would have looked for a
     /// 0 that never comes.
     #[test]

@@ -1155,9 +1155,10 @@ async fn run_thread(
 const FORCED_END: Duration = Duration::from_millis(200);
 
 /// The pause after an accept failed, first and longest (doubling from one to the other while
-/// accepts keep failing for want of descriptors or memory).
-const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
-const ACCEPT_PAUSE_MAX: Duration = Duration::from_millis(500);
+/// accepts keep failing for want of descriptors or memory). The admin socket's accepts pause
+/// alike (`admin::serve`).
+pub(crate) const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
+pub(crate) const ACCEPT_PAUSE_MAX: Duration = Duration::from_millis(500);
 
 /// Did a call fail for want of this process's or the system's resources (descriptors,
 /// buffers, memory), not because of the peer? Such a failure says nothing of the other end.
