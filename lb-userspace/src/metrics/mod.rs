@@ -578,6 +578,78 @@ mod tests {
         assert!(help.contains("a renamed interface stays 1"), "{help}");
     }
 
+    /// The docs operators write alerts and queries from.
+    const DOCS: [(&str, &str); 4] = [
+        ("README.md", include_str!("../../../README.md")),
+        ("docs/CONFIG.md", include_str!("../../../docs/CONFIG.md")),
+        ("docs/ARCHITECTURE.md", include_str!("../../../docs/ARCHITECTURE.md")),
+        ("docs/BENCHMARKS.md", include_str!("../../../docs/BENCHMARKS.md")),
+    ];
+
+    /// The values of every `name="value"` label in `text`.
+    fn label_values<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+        let key = format!("{name}=\"");
+        let mut out = Vec::new();
+        for (at, _) in text.match_indices(&key) {
+            // Only the whole label name: `xreason="` is another label.
+            let before = text[..at].chars().next_back();
+            if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                continue;
+            }
+            let rest = &text[at + key.len()..];
+            out.push(rest.split('"').next().unwrap_or(rest));
+        }
+        out
+    }
+
+    /// Every `reason="..."` the docs name is a reason label /metrics exports (those of
+    /// `edgelb_xdp_verdicts_total`, the only family with a `reason` label), every
+    /// `action="...",reason="..."` pair a series of it, and no doc names an XDP verdict by its
+    /// slot name (`drop_fragment`): /metrics splits a slot's name at its first `_` into `action`
+    /// and `reason`, and the docs once wrote `reason="drop_fragment"`, which an alert would have
+    /// copied to match nothing.
+    #[test]
+    fn the_docs_name_xdp_verdicts_as_metrics_label_them() {
+        let m = Metrics::new();
+        m.kernel.lock().unwrap().reasons = vec![0; REASON_NAMES.len()];
+        let text = m.encode();
+        let exported: HashSet<&str> = label_values(&text, "reason").into_iter().collect();
+        assert_eq!(exported.len(), REASON_NAMES.len(), "{text}");
+        let mut named = 0;
+        for (doc, body) in DOCS {
+            for reason in label_values(body, "reason") {
+                named += 1;
+                assert!(
+                    exported.contains(reason),
+                    "{doc}: reason=\"{reason}\" is no reason label /metrics exports: {exported:?}"
+                );
+            }
+            for (at, key) in body.match_indices("action=\"") {
+                let Some((action, rest)) = body[at + key.len()..].split_once('"') else { continue };
+                let Some(rest) = rest.strip_prefix(",reason=\"") else { continue };
+                let reason = rest.split('"').next().unwrap_or(rest);
+                let series = format!(
+                    "edgelb_xdp_verdicts_total{{action=\"{action}\",reason=\"{reason}\"}} "
+                );
+                assert!(text.contains(&series), "{doc}: no series {series}in\n{text}");
+            }
+            for slot in REASON_NAMES {
+                let whole = body.match_indices(slot).any(|(at, _)| {
+                    let word =
+                        |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+                    !word(body[..at].chars().next_back())
+                        && !word(body[at + slot.len()..].chars().next())
+                });
+                assert!(
+                    !whole,
+                    "{doc} names the XDP verdict slot {slot}, which /metrics labels {{action,reason}} \
+                     split at the first _"
+                );
+            }
+        }
+        assert!(named > 0, "the docs name no reason at all: the test reads the wrong files");
+    }
+
     /// Health checks that could not start show in their gauge, 0 while every check runs.
     #[test]
     fn missing_health_checks_are_exported() {
