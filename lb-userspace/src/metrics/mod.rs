@@ -650,6 +650,80 @@ mod tests {
         assert!(named > 0, "the docs name no reason at all: the test reads the wrong files");
     }
 
+    /// The sample names /metrics exports: each family's, a counter's with `_total`, a
+    /// histogram's with `_bucket`, `_sum` and `_count`.
+    fn sample_names(text: &str) -> HashSet<String> {
+        let mut out = HashSet::new();
+        for l in text.lines() {
+            let Some(rest) = l.strip_prefix("# TYPE ") else { continue };
+            let (name, kind) = rest.split_once(' ').expect("# TYPE name kind");
+            match kind {
+                "counter" => out.extend([format!("{name}_total")]),
+                "histogram" => {
+                    out.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}")))
+                }
+                _ => out.extend([name.to_owned()]),
+            }
+        }
+        out
+    }
+
+    /// Every query of contrib/grafana-dashboard.json names a metric /metrics exports, and the
+    /// dashboard shows the states an operator alerts on (README): a VIP failing open, XDP lost
+    /// from an interface, L7 backends out by passive health and the proxy failing open. It once
+    /// showed none of them.
+    #[test]
+    fn the_dashboard_queries_real_metrics_and_shows_what_to_alert_on() {
+        // A family shows in /metrics once it has a series: give each one.
+        let m = Metrics::new();
+        m.retain(&config(&[11], false));
+        m.observe_probe("web", "198.18.0.11".into(), Duration::from_millis(1));
+        let l7 = &m.l7;
+        let vip = crate::proxy::VipLabel { vip: "app".to_owned() };
+        let (app, class) = ("app".to_owned(), "2xx".to_owned());
+        l7.requests.get_or_create(&crate::proxy::RequestLabels { vip: app.clone(), class }).inc();
+        l7.duration.get_or_create(&vip).observe(0.001);
+        l7.active.get_or_create(&vip).inc();
+        for family in [&l7.retries, &l7.fail_open, &l7.accept_errors, &l7.closed_for_room] {
+            family.get_or_create(&vip).inc();
+        }
+        let outcome = "relayed".to_owned();
+        l7.tcp_connections
+            .get_or_create(&crate::proxy::TcpLabels { vip: app.clone(), outcome })
+            .inc();
+        for family in [&l7.responses_cut, &l7.request_bodies_cut] {
+            let side = "client".to_owned();
+            family.get_or_create(&crate::proxy::CutLabels { vip: app.clone(), side }).inc();
+        }
+        let names = sample_names(&m.encode());
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../../contrib/grafana-dashboard.json"))
+                .expect("the dashboard is JSON");
+        let mut queried = HashSet::new();
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            let title = &panel["title"];
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"].as_str().expect("expr");
+                for (at, _) in expr.match_indices("edgelb_") {
+                    let name: String = expr[at..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    assert!(names.contains(&name), "panel {title}: no metric {name}: {names:?}");
+                    queried.insert(name);
+                }
+            }
+        }
+        for name in [
+            "edgelb_vip_fail_open",
+            "edgelb_xdp_attached",
+            "edgelb_l7_backend_passive_down",
+            "edgelb_l7_fail_open_total",
+        ] {
+            assert!(queried.contains(name), "no panel shows {name}");
+        }
+    }
+
     /// Health checks that could not start show in their gauge, 0 while every check runs.
     #[test]
     fn missing_health_checks_are_exported() {
