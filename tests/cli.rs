@@ -63,6 +63,36 @@ fn check_reports_file_line_column_and_exits_2() {
     assert!(err.contains(&want), "{err}");
 }
 
+/// contrib/edgelb.service does not restart a bad config in a loop: its `ExecStart=` (`edgelb
+/// run`) exits on a bad file with a status `RestartPreventExitStatus=` lists, and no
+/// `ExecStartPre=` runs before it. systemd applies `RestartPreventExitStatus=` to the main
+/// process's status only: the unit once ran `edgelb check` as `ExecStartPre=`, whose exit 2
+/// `Restart=on-failure` restarted every second until the start limit.
+#[test]
+fn the_unit_does_not_restart_a_bad_config_in_a_loop() {
+    let unit = include_str!("../contrib/edgelb.service");
+    let values = |key: &str| -> Vec<&str> {
+        unit.lines().filter_map(|l| l.strip_prefix(key)).map(str::trim).collect()
+    };
+    assert_eq!(values("ExecStartPre="), Vec::<&str>::new(), "RestartPreventExitStatus= ignores it");
+    assert_eq!(values("Restart="), ["on-failure"]);
+    let prevent: Vec<i32> = values("RestartPreventExitStatus=")
+        .iter()
+        .flat_map(|v| v.split_whitespace())
+        .map(|s| s.parse().expect("a numeric status"))
+        .collect();
+    let start = values("ExecStart=");
+    let [start] = start.as_slice() else { panic!("one ExecStart=: {start:?}") };
+    let mut args: Vec<&str> = start.split_whitespace().collect();
+    assert_eq!(args[..2], ["/usr/local/bin/edgelb", "run"], "{start}");
+    let bad = edgelb::config::EXAMPLE.replace("port = 53", "port = 99999");
+    let f = tempfile_path::write("bad.toml", &bad);
+    let config = args.iter().position(|a| *a == "--config").expect("--config in ExecStart") + 1;
+    args[config] = f.0.to_str().unwrap();
+    let (code, _, err) = edgelb(&args[1..]);
+    assert!(prevent.contains(&code), "ExecStart exits {code}, not in {prevent:?}: {err}");
+}
+
 /// A file that is accepted but likely not what was meant (a tcp check of a udp VIP without a
 /// `port`) is a warning, not a refusal: `check` names the VIP and the place, and exits 0, as a
 /// start would go ahead with it.

@@ -1273,6 +1273,10 @@ fn reload_rejects_bad_files_and_keeps_connections() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("conntrack_flows_per_cpu") && err.contains("restart"), "{err}");
+    // It names the file by its absolute path (docs/CONFIG.md), in the takeover it suggests too.
+    let path = std::path::absolute(&bed.cfg_path).unwrap();
+    assert!(err.contains(&format!("kept: {} needs a restart", path.display())), "{err}");
+    assert!(err.contains(&format!("`edgelb run -c {} --takeover`", path.display())), "{err}");
     assert_eq!(bed.e().status().conntrack.v4_flows_per_cpu, CT_FLOWS);
 
     // Another file named: a reload re-reads the file edgelb runs with, so it is refused, naming

@@ -54,7 +54,10 @@ pub enum Reason {
 /// Number of reason slots.
 pub const REASON_COUNT: u32 = 16;
 
-/// Slot names as they appear in metrics and `edgelb status`, in index order.
+/// Slot names, in index order, as tests and benchmarks name the slots. /metrics does not show
+/// them whole: it exports each as `edgelb_xdp_verdicts_total{action,reason}`, the name split at
+/// its first `_` (`drop_fragment` is `{action="drop",reason="fragment"}`), so each starts with
+/// `pass_`, `drop_` or `tx_`.
 pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
     "pass_not_ip",
     "pass_not_vip",
@@ -84,5 +87,16 @@ mod tests {
         assert_eq!(Reason::TxIcmpToBackend as u32 + 1, REASON_COUNT);
         assert_eq!(REASON_NAMES[Reason::PassNoService as usize], "pass_no_service");
         assert_eq!(REASON_NAMES[Reason::PassNotUnicast as usize], "pass_not_unicast");
+    }
+
+    /// Every name splits at its first `_` into the `action` and `reason` labels /metrics gives
+    /// it.
+    #[test]
+    fn names_split_into_action_and_reason() {
+        for name in REASON_NAMES {
+            let (action, reason) = name.split_once('_').expect(name);
+            assert!(["pass", "drop", "tx"].contains(&action), "{name}");
+            assert!(!reason.is_empty(), "{name}");
+        }
     }
 }

@@ -717,6 +717,18 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// The refusal of a reload of `path`, the file edgelb runs with (absolute), whose `changes`
+/// ([`restart_needed`]) only a restart applies. It names the file, as the takeover it suggests
+/// must be given it: an operator who edited another copy, or runs edgelb with a file other than
+/// the default, sees which one was read.
+fn restart_refusal(path: &Path, changes: &[String]) -> String {
+    format!(
+        "reload rejected, running config kept: {} needs a restart for {} (`edgelb run -c {0} --takeover` restarts without refusing a connection; a new node.xdp_mode takes `edgelb stop`, which detaches, then a start)",
+        path.display(),
+        changes.join("; ")
+    )
+}
+
 /// What a reload from `old` to `new` cannot apply in place, each named with its change, for the
 /// refusal to say what to undo or restart for. Order does not count: interfaces and L7 VIPs
 /// listed in another order are the same set. An L7 VIP's listeners are bound, for its address,
@@ -1487,10 +1499,7 @@ impl Controller {
         };
         let restart = restart_needed(&self.cfg, &new);
         if !restart.is_empty() {
-            return Response::err(format!(
-                "reload rejected, running config kept: a restart is needed for {} (`edgelb run --takeover` restarts without refusing a connection; a new node.xdp_mode takes `edgelb stop`, which detaches, then a start)",
-                restart.join("; ")
-            ));
+            return Response::err(restart_refusal(&self.path, &restart));
         }
         // Health flips the running checks sent before this reload are taken in under the config
         // they were sent for: checked against the new one, a flip from a VIP it renames, or

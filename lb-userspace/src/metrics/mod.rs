@@ -578,6 +578,152 @@ mod tests {
         assert!(help.contains("a renamed interface stays 1"), "{help}");
     }
 
+    /// The docs operators write alerts and queries from.
+    const DOCS: [(&str, &str); 4] = [
+        ("README.md", include_str!("../../../README.md")),
+        ("docs/CONFIG.md", include_str!("../../../docs/CONFIG.md")),
+        ("docs/ARCHITECTURE.md", include_str!("../../../docs/ARCHITECTURE.md")),
+        ("docs/BENCHMARKS.md", include_str!("../../../docs/BENCHMARKS.md")),
+    ];
+
+    /// The values of every `name="value"` label in `text`.
+    fn label_values<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+        let key = format!("{name}=\"");
+        let mut out = Vec::new();
+        for (at, _) in text.match_indices(&key) {
+            // Only the whole label name: `xreason="` is another label.
+            let before = text[..at].chars().next_back();
+            if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                continue;
+            }
+            let rest = &text[at + key.len()..];
+            out.push(rest.split('"').next().unwrap_or(rest));
+        }
+        out
+    }
+
+    /// Every `reason="..."` the docs name is a reason label /metrics exports (those of
+    /// `edgelb_xdp_verdicts_total`, the only family with a `reason` label), every
+    /// `action="...",reason="..."` pair a series of it, and no doc names an XDP verdict by its
+    /// slot name (`drop_fragment`): /metrics splits a slot's name at its first `_` into `action`
+    /// and `reason`, and the docs once wrote `reason="drop_fragment"`, which an alert would have
+    /// copied to match nothing.
+    #[test]
+    fn the_docs_name_xdp_verdicts_as_metrics_label_them() {
+        let m = Metrics::new();
+        m.kernel.lock().unwrap().reasons = vec![0; REASON_NAMES.len()];
+        let text = m.encode();
+        let exported: HashSet<&str> = label_values(&text, "reason").into_iter().collect();
+        assert_eq!(exported.len(), REASON_NAMES.len(), "{text}");
+        let mut named = 0;
+        for (doc, body) in DOCS {
+            for reason in label_values(body, "reason") {
+                named += 1;
+                assert!(
+                    exported.contains(reason),
+                    "{doc}: reason=\"{reason}\" is no reason label /metrics exports: {exported:?}"
+                );
+            }
+            for (at, key) in body.match_indices("action=\"") {
+                let Some((action, rest)) = body[at + key.len()..].split_once('"') else { continue };
+                let Some(rest) = rest.strip_prefix(",reason=\"") else { continue };
+                let reason = rest.split('"').next().unwrap_or(rest);
+                let series = format!(
+                    "edgelb_xdp_verdicts_total{{action=\"{action}\",reason=\"{reason}\"}} "
+                );
+                assert!(text.contains(&series), "{doc}: no series {series}in\n{text}");
+            }
+            for slot in REASON_NAMES {
+                let whole = body.match_indices(slot).any(|(at, _)| {
+                    let word =
+                        |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+                    !word(body[..at].chars().next_back())
+                        && !word(body[at + slot.len()..].chars().next())
+                });
+                assert!(
+                    !whole,
+                    "{doc} names the XDP verdict slot {slot}, which /metrics labels {{action,reason}} \
+                     split at the first _"
+                );
+            }
+        }
+        assert!(named > 0, "the docs name no reason at all: the test reads the wrong files");
+    }
+
+    /// The sample names /metrics exports: each family's, a counter's with `_total`, a
+    /// histogram's with `_bucket`, `_sum` and `_count`.
+    fn sample_names(text: &str) -> HashSet<String> {
+        let mut out = HashSet::new();
+        for l in text.lines() {
+            let Some(rest) = l.strip_prefix("# TYPE ") else { continue };
+            let (name, kind) = rest.split_once(' ').expect("# TYPE name kind");
+            match kind {
+                "counter" => out.extend([format!("{name}_total")]),
+                "histogram" => {
+                    out.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}")))
+                }
+                _ => out.extend([name.to_owned()]),
+            }
+        }
+        out
+    }
+
+    /// Every query of contrib/grafana-dashboard.json names a metric /metrics exports, and the
+    /// dashboard shows the states an operator alerts on (README): a VIP failing open, XDP lost
+    /// from an interface, L7 backends out by passive health and the proxy failing open. It once
+    /// showed none of them.
+    #[test]
+    fn the_dashboard_queries_real_metrics_and_shows_what_to_alert_on() {
+        // A family shows in /metrics once it has a series: give each one.
+        let m = Metrics::new();
+        m.retain(&config(&[11], false));
+        m.observe_probe("web", "198.18.0.11".into(), Duration::from_millis(1));
+        let l7 = &m.l7;
+        let vip = crate::proxy::VipLabel { vip: "app".to_owned() };
+        let (app, class) = ("app".to_owned(), "2xx".to_owned());
+        l7.requests.get_or_create(&crate::proxy::RequestLabels { vip: app.clone(), class }).inc();
+        l7.duration.get_or_create(&vip).observe(0.001);
+        l7.active.get_or_create(&vip).inc();
+        for family in [&l7.retries, &l7.fail_open, &l7.accept_errors, &l7.closed_for_room] {
+            family.get_or_create(&vip).inc();
+        }
+        let outcome = "relayed".to_owned();
+        l7.tcp_connections
+            .get_or_create(&crate::proxy::TcpLabels { vip: app.clone(), outcome })
+            .inc();
+        for family in [&l7.responses_cut, &l7.request_bodies_cut] {
+            let side = "client".to_owned();
+            family.get_or_create(&crate::proxy::CutLabels { vip: app.clone(), side }).inc();
+        }
+        let names = sample_names(&m.encode());
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../../contrib/grafana-dashboard.json"))
+                .expect("the dashboard is JSON");
+        let mut queried = HashSet::new();
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            let title = &panel["title"];
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"].as_str().expect("expr");
+                for (at, _) in expr.match_indices("edgelb_") {
+                    let name: String = expr[at..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    assert!(names.contains(&name), "panel {title}: no metric {name}: {names:?}");
+                    queried.insert(name);
+                }
+            }
+        }
+        for name in [
+            "edgelb_vip_fail_open",
+            "edgelb_xdp_attached",
+            "edgelb_l7_backend_passive_down",
+            "edgelb_l7_fail_open_total",
+        ] {
+            assert!(queried.contains(name), "no panel shows {name}");
+        }
+    }
+
     /// Health checks that could not start show in their gauge, 0 while every check runs.
     #[test]
     fn missing_health_checks_are_exported() {

@@ -750,7 +750,8 @@ mod tests {
     }
 
     /// Paths other than `/metrics` get 404, methods other than GET and HEAD on it 405; HTTP/1.0
-    /// and `Connection: close` close after the answer; the query string does not matter.
+    /// and `Connection: close` close after the answer; the query string does not matter. The
+    /// scrape is OpenMetrics whatever `Accept` asks for (README).
     #[test]
     fn answers_only_metrics_and_honours_close() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -760,6 +761,10 @@ mod tests {
         let r = exchange(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n");
         assert!(r.starts_with("HTTP/1.1 200 OK\r\n") && r.ends_with("\r\n\r\nm\n"), "{r:?}");
         assert!(r.contains("Connection: close\r\n"), "{r:?}");
+        let openmetrics = "\r\nContent-Type: application/openmetrics-text; version=1.0.0; ";
+        assert!(r.contains(openmetrics), "{r:?}");
+        let r = exchange(b"GET /metrics HTTP/1.0\r\nAccept: text/plain;version=0.0.4\r\n\r\n");
+        assert!(r.contains(openmetrics) && r.ends_with("\r\n\r\nm\n"), "{r:?}");
         let r = exchange(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
         assert!(r.starts_with("HTTP/1.1 404 "), "{r:?}");
         // Another method on /metrics: 405, naming the ones it takes; another path stays 404.
