@@ -1270,11 +1270,8 @@ impl Dataplane {
                 }
                 Some(&id) => id,
                 None => {
-                    let id = self
-                        .backends
-                        .iter()
-                        .position(Option::is_none)
-                        .ok_or_else(no_room_for_backends)? as u32;
+                    let id = fresh_backend_id(&self.backends, &self.generations)
+                        .ok_or_else(no_room_for_backends)?;
                     self.generations[id as usize] = self.generations[id as usize].wrapping_add(1);
                     Maps::reset_counters(&mut self.maps.backend_stats, id)
                         .map_err(map_err(lb_common::maps::BACKEND_STATS))?;
@@ -1487,6 +1484,13 @@ impl Dataplane {
     /// Backend entry id of `addr` in `vip`, if it is in the maps.
     pub fn backend_id(&self, vip: &Vip, addr: IpAddr) -> Option<u32> {
         self.backend_ids.get(&(vip_key(vip), addr)).copied()
+    }
+
+    /// Whether backend entry `id` is held (by a present or a parked backend) rather than free
+    /// for the next backend added: an id adopted from an older edgelb's maps must be one or the
+    /// other, never held for nobody.
+    pub fn backend_id_held(&self, id: u32) -> bool {
+        self.backends.get(id as usize).is_some_and(Option::is_some)
     }
 
     /// Counter index of a VIP, if it is configured.
@@ -1884,6 +1888,21 @@ fn link_pin_holding(dir: &Path, ifindex: u32) -> Option<PathBuf> {
 
 /// Did replacing a pinned link's program fail because the link no longer has a device
 /// (ENOLINK: its interface was deleted)?
+/// The free backend id to hand out next: the one handed out least often (lowest generation;
+/// the lowest such id), so that reuse spreads over every free id. A connection-table entry keeps
+/// only [`lb_common::CONN_GENERATION_BITS`] of its backend's generation: handing out the lowest
+/// free id, as this once did, gave a rolling replacement of one backend per reload the same id
+/// every time, and its generation wrapped after 4096 reloads rather than 4096 reuses of every id.
+fn fresh_backend_id(backends: &[Option<Backend>], generations: &[u32]) -> Option<u32> {
+    backends
+        .iter()
+        .zip(generations)
+        .enumerate()
+        .filter(|(_, (b, _))| b.is_none())
+        .min_by_key(|&(i, (_, g))| (*g, i))
+        .map(|(i, _)| i as u32)
+}
+
 fn lost_its_device(e: &DataplaneError) -> bool {
     matches!(
         e,
@@ -2576,9 +2595,39 @@ impl AuxPrograms {
 mod tests {
     use super::{
         InterfaceState, LinkFdinfo, MAX_CONNTRACK_FLOWS, MIN_CONNTRACK_FLOWS, TableShape,
-        UNKNOWN_MODE, XdpAttachMode, buckets_for, ifindex, interface_name, interface_state,
-        link_fdinfo, mode_differs, no_such_interface, pin_dir_ready,
+        UNKNOWN_MODE, XdpAttachMode, buckets_for, fresh_backend_id, ifindex, interface_name,
+        interface_state, link_fdinfo, mode_differs, no_such_interface, pin_dir_ready,
     };
+
+    /// A rolling replacement of one backend per reload spreads its ids over every free one, so
+    /// a generation (of which connection-table entries keep 12 bits) wraps only after 4096
+    /// reuses of every id: 5000 such reloads among 4096 ids reuse none more than twice. (The
+    /// lowest free id, handed out before, took the same id every time: generation 5000.)
+    #[test]
+    fn backend_ids_are_reused_least_often_first() {
+        let n = lb_common::MAX_BACKENDS as usize;
+        let mut backends: Vec<Option<lb_common::Backend>> = vec![None; n];
+        let mut generations = vec![0u32; n];
+        // Ten backends stay; one more is replaced at every reload.
+        let stay = lb_common::Backend::default();
+        for b in &mut backends[..10] {
+            *b = Some(stay);
+        }
+        let mut held = None;
+        for _ in 0..5000 {
+            let id = fresh_backend_id(&backends, &generations).expect("a free id") as usize;
+            assert!(backends[id].is_none());
+            generations[id] += 1;
+            backends[id] = Some(stay);
+            // The one it replaces is freed after the new ring is out.
+            if let Some(old) = held.replace(id) {
+                backends[old] = None;
+            }
+        }
+        assert!(generations.iter().all(|&g| g <= 2), "max {:?}", generations.iter().max());
+        backends.fill(Some(stay));
+        assert_eq!(fresh_backend_id(&backends, &generations), None, "no room");
+    }
 
     /// Only the kernel's "no such device" (ENODEV, or the ENXIO if_indextoname makes of it)
     /// says an interface is not there. Any other failure of a lookup (out of descriptors, the
