@@ -1051,7 +1051,9 @@ fn status_of_an_l7_vip_counts_its_requests() {
     for backend in [a, b] {
         let row = text.lines().find(|l| l.trim_start().starts_with(&backend.to_string()));
         let row = row.expect("a row per backend");
-        assert!(row.trim_end().ends_with(" 3"), "round robin, 3 each: {row}\n{text}");
+        // Its REQUESTS column (IN FLIGHT follows).
+        let requests = row.split_whitespace().nth(4);
+        assert_eq!(requests, Some("3"), "round robin, 3 each: {row}\n{text}");
     }
     let st = e.status();
     assert_eq!(st.vips[0].l7_requests, 6, "{:?}", st.vips[0]);
@@ -1062,6 +1064,210 @@ fn status_of_an_l7_vip_counts_its_requests() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("picks a backend per request") && err.contains("running config"), "{err}");
     drop(e);
+}
+
+/// An HTTP server on `addr` inside namespace `ns` that holds every request it gets: it reads
+/// the request head, says `name` on `seen`, and answers (200, body `name`, then closes) only
+/// once `release` is set, so a request stays in flight on its backend as long as a test wants.
+struct HeldServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HeldServer {
+    fn start(
+        ns: &str,
+        name: &'static str,
+        addr: SocketAddr,
+        release: &Arc<AtomicBool>,
+        seen: &std::sync::mpsc::Sender<&'static str>,
+    ) -> HeldServer {
+        use std::io::{Read, Write};
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, ns, release, seen) =
+            (stop.clone(), ns.to_owned(), release.clone(), seen.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            netns::enter(&ns).expect("enter the namespace");
+            let l = std::net::TcpListener::bind(addr).expect("bind a backend");
+            l.set_nonblocking(true).unwrap();
+            tx.send(()).unwrap();
+            while !flag.load(Ordering::Relaxed) {
+                let Ok((mut s, _)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let (flag, release, seen) = (flag.clone(), release.clone(), seen.clone());
+                std::thread::spawn(move || {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_read_timeout(Some(TIMEOUT));
+                    let _ = s.read(&mut [0u8; 1024]);
+                    let _ = seen.send(name);
+                    while !release.load(Ordering::Relaxed) && !flag.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    let body = format!("{name}\n");
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                });
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(5)).expect("backend bound");
+        HeldServer { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for HeldServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sets its flag when dropped: a [`HeldServer`]'s `release`, so that a failed test does not
+/// leave its held requests to stall the edgelb's stop for the whole drain timeout.
+struct ReleaseOnDrop(Arc<AtomicBool>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// One GET to `vip` from inside namespace `ns`, on a thread of its own that waits (up to 30 s)
+/// for the answer however long its backend holds it; the thread returns the body.
+fn held_get(ns: &str, vip: SocketAddr) -> std::thread::JoinHandle<std::io::Result<String>> {
+    use std::io::{Read, Write};
+    let ns = ns.to_owned();
+    std::thread::spawn(move || {
+        netns::enter(&ns)?;
+        let mut s = std::net::TcpStream::connect_timeout(&vip, TIMEOUT)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.write_all(b"GET / HTTP/1.0\r\nHost: edgelb\r\n\r\n")?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        Ok(resp.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned())
+    })
+}
+
+/// The requests (TCP mode: relays) the proxy has in flight on each L7 backend, what
+/// least-connections and power-of-two choices balance on, show in
+/// `edgelb_l7_backend_in_flight{vip,backend}` (route pools' backends too) and in `status`, text
+/// and `--json`: 1 on the backend holding a slow request (or relay), 0 on the others, and 0 on
+/// all once it is answered.
+#[test]
+fn in_flight_requests_show_per_backend_in_metrics_and_status() {
+    if !netns::require_privileged("in_flight_requests_show_per_backend_in_metrics_and_status") {
+        return;
+    }
+    let port = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+    let (vip, tcp_vip) = (port(8080), port(8090));
+    let own = [("a", port(8081)), ("b", port(8082)), ("c", port(8083))];
+    let (routed, relayed) = (port(8084), port(8091));
+    let bed = LoBed::new(
+        "inflight",
+        &format!(
+            "[[vip]]\nname = \"app\"\naddress = \"127.0.0.1\"\nport = {}\nforwarding = \"l7\"\nbackends = [{}]\n[vip.l7]\nalgorithm = \"least_conn\"\n[[vip.route]]\npath_prefix = \"/r/\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n\n[[vip]]\nname = \"raw\"\naddress = \"127.0.0.1\"\nport = {}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n[vip.l7]\nmode = \"tcp\"\n",
+            vip.port(),
+            own.iter()
+                .map(|(_, a)| format!("{{ address = \"127.0.0.1\", port = {} }}", a.port()))
+                .collect::<Vec<_>>()
+                .join(", "),
+            routed.port(),
+            tcp_vip.port(),
+            relayed.port(),
+        ),
+    );
+    let release = Arc::new(AtomicBool::new(false));
+    let (seen_tx, seen) = std::sync::mpsc::channel();
+    let mut servers: Vec<_> = own
+        .iter()
+        .map(|&(name, addr)| HeldServer::start(&bed.ns, name, addr, &release, &seen_tx))
+        .collect();
+    servers.push(HeldServer::start(&bed.ns, "t", relayed, &release, &seen_tx));
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lifecycle-{}.log", bed.tag));
+    let _ = std::fs::remove_file(&log);
+    let e = Edgelb::start(&bed.ns, &bed.config, &log);
+    // Dropped before `e`, on a failure too.
+    let _released = ReleaseOnDrop(release.clone());
+    // Every L7 backend's count, route pool's and TCP mode's included, by (VIP, backend).
+    let every: Vec<(&str, SocketAddr)> =
+        own.iter().map(|&(_, a)| ("app", a)).chain([("app", routed), ("raw", relayed)]).collect();
+    let gauge = |text: &str, vip: &str, b: SocketAddr| {
+        let want = format!("edgelb_l7_backend_in_flight{{vip=\"{vip}\",backend=\"{b}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&want)).map(|v| v.trim().to_owned())
+    };
+    // `status`: the JSON field and the text column of each listed backend (route pools' are
+    // not listed).
+    let status_counts = |vip: &str, b: SocketAddr| {
+        let out = e.cli(&["status", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+        let v = j["vips"].as_array().unwrap().iter().find(|v| v["name"] == vip).unwrap().clone();
+        let row = v["backends"].as_array().unwrap().iter().find(|r| r["port"] == b.port());
+        let json = row.expect("the backend in --json")["l7_in_flight"].as_u64();
+        let out = e.cli(&["status"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let head = text.lines().find(|l| l.trim_start().starts_with("BACKEND")).unwrap();
+        assert!(head.trim_end().ends_with("REQUESTS IN FLIGHT"), "{text}");
+        let row = text.lines().find(|l| l.trim_start().starts_with(&format!("{b} ")));
+        let column = row.expect("the backend's row").split_whitespace().nth(5).map(str::to_owned);
+        (json, column, text)
+    };
+    let idle = scrape_in(&bed.ns);
+    for &(v, b) in &every {
+        assert_eq!(gauge(&idle, v, b).as_deref(), Some("0"), "{v} {b}, idle:\n{idle}");
+    }
+    let client = held_get(&bed.ns, vip);
+    let held = seen.recv_timeout(Duration::from_secs(10)).expect("the request reaches a backend");
+    let held = own.iter().find(|(n, _)| *n == held).unwrap().1;
+    let text = scrape_in(&bed.ns);
+    for &(v, b) in &every {
+        let want = if b == held { "1" } else { "0" };
+        assert_eq!(gauge(&text, v, b).as_deref(), Some(want), "{v} {b}, {held} held:\n{text}");
+    }
+    for &(_, b) in &own {
+        let want = u64::from(b == held);
+        let (json, column, text) = status_counts("app", b);
+        assert_eq!(json, Some(want), "{b}, {held} held");
+        assert_eq!(column, Some(want.to_string()), "{b}, {held} held:\n{text}");
+    }
+    // A TCP-mode relay counts from its pick to its end.
+    let relay = held_get(&bed.ns, tcp_vip);
+    assert_eq!(
+        seen.recv_timeout(Duration::from_secs(10)),
+        Ok("t"),
+        "the relay reaches its backend"
+    );
+    let text = scrape_in(&bed.ns);
+    assert_eq!(gauge(&text, "raw", relayed).as_deref(), Some("1"), "{text}");
+    assert_eq!(status_counts("raw", relayed).0, Some(1));
+    release.store(true, Ordering::Relaxed);
+    let name = own.iter().find(|(_, a)| *a == held).unwrap().0;
+    assert_eq!(client.join().unwrap().expect("the held request's answer"), name);
+    assert_eq!(relay.join().unwrap().expect("the relayed answer"), "t");
+    // The count drops once the proxy is through with the response (just after the client has
+    // it).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = scrape_in(&bed.ns);
+        if every.iter().all(|&(v, b)| gauge(&text, v, b).as_deref() == Some("0")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still counted in flight:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for &(v, b) in &[("app", held), ("raw", relayed)] {
+        let (json, column, text) = status_counts(v, b);
+        assert_eq!((json, column.as_deref()), (Some(0), Some("0")), "{v} {b}:\n{text}");
+    }
+    drop(e);
+    drop(servers);
 }
 
 /// `edgelb run -c FILE` with a path relative to its working directory names the file by its
@@ -1387,8 +1593,13 @@ fn reload_rejects_bad_files_and_keeps_connections() {
 
 /// One GET /metrics from inside the balancer namespace (the endpoint is on its loopback).
 fn scrape(bed: &Bed) -> String {
+    scrape_in(&bed.tb.names.lb)
+}
+
+/// One GET /metrics from inside namespace `ns`, on its loopback (the default endpoint).
+fn scrape_in(ns: &str) -> String {
     use std::io::{Read, Write};
-    netns::in_netns(&bed.tb.names.lb, || {
+    netns::in_netns(ns, || {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", 9110)).expect("metrics endpoint");
         // A hung endpoint fails the test rather than hanging the suite.
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();

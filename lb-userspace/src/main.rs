@@ -746,18 +746,20 @@ fn print_status(s: &edgelb::admin::Status) {
             let requests = v.l7_requests.max(rows);
             println!("{head}  requests {requests}");
             println!(
-                "  {:<40} {:>6} {:>7} {:>8} {:>12}",
-                "BACKEND", "WEIGHT", "HEALTH", "DRAINED", "REQUESTS"
+                "  {:<40} {:>6} {:>7} {:>8} {:>12} {:>9}",
+                "BACKEND", "WEIGHT", "HEALTH", "DRAINED", "REQUESTS", "IN FLIGHT"
             );
             for b in &v.backends {
                 println!(
-                    "  {:<40} {:>6} {:>7} {:>8} {:>12}",
+                    "  {:<40} {:>6} {:>7} {:>8} {:>12} {:>9}",
                     // Its address and port: one address may serve on several.
                     std::net::SocketAddr::new(b.address, b.port).to_string(),
                     b.weight,
                     health(b),
                     drained(b),
-                    b.l7_requests
+                    b.l7_requests,
+                    // An older edgelb's answer has no count: unknown, not 0.
+                    b.l7_in_flight.map_or_else(|| "-".to_owned(), |n| n.to_string())
                 );
             }
             continue;

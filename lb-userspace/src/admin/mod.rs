@@ -597,6 +597,11 @@ pub struct BackendStatus {
     /// L7 only: requests (HTTP) or connections (TCP) sent to it by the proxy.
     #[serde(default)]
     pub l7_requests: u64,
+    /// L7 only: requests (HTTP) or connections (TCP) it has in flight, what `least_conn` and
+    /// `p2c` balance on, so that an operator can see it (and a backend that holds its requests).
+    /// Absent for a VIP XDP forwards, and from an older daemon's answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l7_in_flight: Option<u64>,
     /// Drained by `edgelb drain` or weight 0.
     pub drained: bool,
     /// Fraction of the ring's slots it holds.
@@ -1867,5 +1872,23 @@ mod tests {
         assert_eq!(prop_still_serves(&path, &serving), Ok(()));
         serving.stop();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A backend's in-flight count is optional in `status --json`: an older daemon's answer
+    /// has none (read as unknown, not as 0), and a backend of a VIP XDP forwards gets none
+    /// written, while an L7 backend's 0 is.
+    #[test]
+    fn a_backends_in_flight_count_is_optional_in_status_json() {
+        let older = r#"{"address":"198.18.0.11","port":80,"weight":1,"healthy":true,
+            "passive_down":false,"l7_requests":3,"drained":false,"ring_share":0.0,"packets":0,
+            "bytes":0,"new_flows":0,"pps":0.0}"#;
+        let mut b: BackendStatus = serde_json::from_str(older).unwrap();
+        assert_eq!(b.l7_in_flight, None);
+        assert!(!serde_json::to_string(&b).unwrap().contains("l7_in_flight"));
+        b.l7_in_flight = Some(0);
+        let written = serde_json::to_string(&b).unwrap();
+        assert!(written.contains(r#""l7_in_flight":0"#), "{written}");
+        let read: BackendStatus = serde_json::from_str(&written).unwrap();
+        assert_eq!(read, b);
     }
 }

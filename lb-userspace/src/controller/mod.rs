@@ -1634,6 +1634,9 @@ impl Controller {
                     l7_requests: l7_state
                         .as_ref()
                         .map_or(0, |s| s.requests.load(std::sync::atomic::Ordering::Relaxed)),
+                    l7_in_flight: l7_state
+                        .as_ref()
+                        .map(|s| s.in_flight.load(std::sync::atomic::Ordering::Relaxed) as u64),
                     drained: b.weight == 0 || self.verdicts.is_drained(&vip.name, verdicts::id(b)),
                     ring_share: share,
                     packets: bc.packets,

@@ -136,22 +136,26 @@ pub struct L7Metrics {
     /// Which per-backend series (`ejections`, `heads_too_large`) exist and which backends may
     /// have one.
     backend_series: Arc<Mutex<BackendSeries>>,
-    /// The backends of the running config's L7 VIPs, for `edgelb_l7_backend_passive_down`.
-    passive: PassiveDown,
+    /// The backends of the running config's L7 VIPs, for `edgelb_l7_backend_passive_down` and
+    /// `edgelb_l7_backend_in_flight`.
+    live: LiveGauges,
 }
 
-/// Renders `edgelb_l7_backend_passive_down{vip,backend}` at scrape time from the live state of
-/// the running config's L7 backends, those active health took out of the pools included (set
-/// by [`Proxy::update_keeping`]): the controller's `up` and `weight` gauges know active health
-/// and drains only, and an ejection is otherwise seen only as its counter's increment, not as
-/// how long it lasts.
+/// Renders `edgelb_l7_backend_passive_down{vip,backend}` and
+/// `edgelb_l7_backend_in_flight{vip,backend}` at scrape time from the live state of the running
+/// config's L7 backends, route pools' and those active health took out of the pools included
+/// (set by [`Proxy::update_keeping`]): the controller's `up` and `weight` gauges know active
+/// health and drains only, an ejection is otherwise seen only as its counter's increment, not as
+/// how long it lasts, and the in-flight count least-connections and power-of-two choices
+/// balance on (a backend that holds its requests, slow or stuck, shows there first) would be
+/// seen nowhere.
 #[derive(Clone, Debug, Default)]
-struct PassiveDown(Arc<Mutex<Vec<PoolBackend>>>);
+struct LiveGauges(Arc<Mutex<Vec<PoolBackend>>>);
 
 /// A backend of the running config's L7 VIPs: its VIP's name and its live state.
 type PoolBackend = (String, Arc<BackendState>);
 
-impl prometheus_client::collector::Collector for PassiveDown {
+impl prometheus_client::collector::Collector for LiveGauges {
     fn encode(
         &self,
         mut encoder: prometheus_client::encoding::DescriptorEncoder,
@@ -168,6 +172,20 @@ impl prometheus_client::collector::Collector for PassiveDown {
         for (vip, b) in backends.iter() {
             let label = BackendLabel { vip: vip.clone(), backend: b.addr.to_string() };
             prometheus_client::metrics::gauge::ConstGauge::new(i64::from(b.passive_down()))
+                .encode(m.encode_family(&label)?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "edgelb_l7_backend_in_flight",
+            "L7 requests (TCP mode: connections) in flight on a backend, from its pick (the \
+             connect included) to the end of the response body (of the relay): what least_conn \
+             and p2c balance on",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (vip, b) in backends.iter() {
+            let label = BackendLabel { vip: vip.clone(), backend: b.addr.to_string() };
+            let n = i64::try_from(b.in_flight.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+            prometheus_client::metrics::gauge::ConstGauge::new(n)
                 .encode(m.encode_family(&label)?)?;
         }
         Ok(())
@@ -211,9 +229,9 @@ impl L7Metrics {
             closed_for_room: Family::default(),
             private_connections: Family::default(),
             backend_series: Arc::default(),
-            passive: PassiveDown::default(),
+            live: LiveGauges::default(),
         };
-        registry.register_collector(Box::new(m.passive.clone()));
+        registry.register_collector(Box::new(m.live.clone()));
         registry.register(
             "edgelb_l7_accept_errors",
             "Failed accepts on L7 listeners (out of descriptors or memory, mostly)",
@@ -953,9 +971,9 @@ impl Proxy {
         for (k, s) in left {
             self.retired.insert(k, Arc::downgrade(&s));
         }
-        let mut passive: Vec<_> = keep.iter().map(|((v, _), s)| (v.clone(), s.clone())).collect();
-        passive.sort_by(|a, b| (&a.0, a.1.addr).cmp(&(&b.0, b.1.addr)));
-        *self.shared.metrics.passive.0.lock().unwrap_or_else(PoisonError::into_inner) = passive;
+        let mut live: Vec<_> = keep.iter().map(|((v, _), s)| (v.clone(), s.clone())).collect();
+        live.sort_by(|a, b| (&a.0, a.1.addr).cmp(&(&b.0, b.1.addr)));
+        *self.shared.metrics.live.0.lock().unwrap_or_else(PoisonError::into_inner) = live;
         self.states = keep;
         self.rotations = rotations;
         self.said = said;
