@@ -2705,6 +2705,51 @@ fn a_backend_added_by_a_reload_joins_once_its_check_passes() {
     );
 }
 
+/// A reload that replaces the live backend of a health-checked VIP while a dead one stays does
+/// not hold the new backend down: held, every backend that takes new flows would be down, and the
+/// VIP would fail open, onto the dead one too, until the new one passed its check.
+#[test]
+fn a_reload_that_swaps_the_live_backend_beside_a_dead_one_does_not_fail_open() {
+    let Some(mut bed) = Bed::up("swap", &[1, 2, 3]) else { return };
+    let full = std::fs::read_to_string(&bed.cfg_path).unwrap();
+    let backend = |i: usize| {
+        format!(
+            "{{ address = \"198.18.0.{}\", mac = \"02:ed:00:00:00:{:02x}\" }}",
+            10 + i,
+            0x10 + i
+        )
+    };
+    let web = |list: &[usize]| {
+        format!("backends = [{}]", list.iter().map(|&i| backend(i)).collect::<Vec<_>>().join(", "))
+    };
+    // The first VIP listed is web: backends 1 and 2, then 2 and 3.
+    assert!(full.contains(&web(&[1, 2, 3])));
+    std::fs::write(&bed.cfg_path, full.replacen(&web(&[1, 2, 3]), &web(&[1, 2]), 1)).unwrap();
+    let out = bed.e().cli(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    bed.kill_backend(2);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bed.e().healthy("web", "198.18.0.12") {
+        assert!(Instant::now() < deadline, "backend 2 never seen dead");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::write(&bed.cfg_path, full.replacen(&web(&[1, 2, 3]), &web(&[2, 3]), 1)).unwrap();
+    let out = bed.e().cli(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reloaded = Instant::now();
+    // Until well past the time backend 3's check would take to pass: never failing open.
+    while reloaded.elapsed() < INTERVAL * (RISE + 2) {
+        let status = bed.e().status();
+        let v = status.vips.iter().find(|v| v.name == "web").expect("web in status");
+        let up = |a: &str| v.backends.iter().find(|b| b.address.to_string() == a).unwrap().healthy;
+        assert!(!v.fail_open, "web failed open after the swap: {v:?}\n{}", bed.e().log());
+        assert!(up("198.18.0.13") && !up("198.18.0.12"), "{v:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = bed.e().log();
+    assert!(!log.contains("every backend is down"), "{log}");
+}
+
 /// An interface deleted under a running edgelb takes XDP with it: the controller notices within
 /// a few seconds and says so in the log, in `status` and in `edgelb_xdp_attached`, where
 /// everything else (health checks through the kernel) stays green.
