@@ -739,10 +739,22 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     };
     let (before, after) = (l7(old), l7(new));
     let names: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    // A VIP of that name the other config forwards in XDP: the VIP changed forwarding.
+    let xdp = |cfg: &Config, name: &str| {
+        let v = cfg.vips.iter().find(|v| v.name == name && v.l7.is_none())?;
+        Some(format!("{:?}", v.forwarding).to_lowercase())
+    };
+    let bound = "(L7 listeners are bound at start)";
     for name in names {
         match (before.get(name), after.get(name)) {
-            (Some(_), None) => out.push(format!("L7 VIP `{name}` removed (or no longer L7)")),
-            (None, Some((addr, _))) => out.push(format!("L7 VIP `{name}` on {addr} added")),
+            (Some(_), None) => out.push(match xdp(new, name) {
+                Some(f) => format!("VIP `{name}`: forwarding l7 → {f} {bound}"),
+                None => format!("L7 VIP `{name}` removed"),
+            }),
+            (None, Some((addr, _))) => out.push(match xdp(old, name) {
+                Some(f) => format!("VIP `{name}`: forwarding {f} → l7 {bound}"),
+                None => format!("L7 VIP `{name}` on {addr} added"),
+            }),
             (Some((a, am)), Some((b, bm))) if (a, am) != (b, bm) => {
                 let mode = |m: &crate::config::L7Mode| format!("{m:?}").to_lowercase();
                 out.push(format!("L7 VIP `{name}`: {a} {} → {b} {}", mode(am), mode(bm)))
@@ -751,6 +763,17 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
         }
     }
     out
+}
+
+/// What to do about a reload refused for `restart` ([`restart_needed`]): a takeover restarts
+/// without refusing a connection; a new `node.xdp_mode` (said only when it is among the changes)
+/// takes a stop, which detaches XDP, then a start.
+fn restart_advice(restart: &[String]) -> String {
+    let mut advice = "`edgelb run --takeover` restarts without refusing a connection".to_owned();
+    if restart.iter().any(|r| r.starts_with("node.xdp_mode ")) {
+        advice.push_str("; a new node.xdp_mode takes `edgelb stop`, which detaches, then a start");
+    }
+    advice
 }
 
 /// What a reload did, for the operator: the VIPs now served and what changed in the maps (the
@@ -1421,8 +1444,9 @@ impl Controller {
         let restart = restart_needed(&self.cfg, &new);
         if !restart.is_empty() {
             return Response::err(format!(
-                "reload rejected, running config kept: a restart is needed for {} (`edgelb run --takeover` restarts without refusing a connection; a new node.xdp_mode takes `edgelb stop`, which detaches, then a start)",
-                restart.join("; ")
+                "reload rejected, running config kept: a restart is needed for {} ({})",
+                restart.join("; "),
+                restart_advice(&restart)
             ));
         }
         // Health flips the running checks sent before this reload are taken in under the config
@@ -1704,6 +1728,36 @@ mod tests {
             assert!(why.contains(says), "want {says:?} in {why}");
         }
         assert!(!why.contains("xdp_mode") && !why.contains("metrics"), "{why}");
+        let advice = restart_advice(&restart_needed(&base, &changed));
+        assert!(
+            advice.contains("edgelb run --takeover") && !advice.contains("xdp_mode"),
+            "{advice}"
+        );
+        let native = parse(&format!(
+            "{NODE}xdp_mode = \"native\"\n{}{}",
+            l7("a", 8001, "http"),
+            l7("b", 8002, "tcp")
+        ));
+        let advice = restart_advice(&restart_needed(&base, &native));
+        assert!(advice.contains("a new node.xdp_mode takes `edgelb stop`"), "{advice}");
+        // A VIP XDP forwarded that becomes L7 (or back) is not an L7 VIP added (or removed).
+        let xdp = |rest: &str| {
+            parse(&format!(
+                "{NODE}gateway_mac = \"02:00:00:00:00:01\"\n[[vip]]\nname = \"x\"\naddress = \"198.18.1.1\"\nport = 80\nbackends = [{{ address = \"198.18.0.11\" }}]\n{rest}"
+            ))
+        };
+        let (before, after) = (
+            xdp(&l7("a", 8001, "http")),
+            parse(&format!("{NODE}{}{}", l7("x", 8005, "http"), l7("a", 8001, "http"))),
+        );
+        assert_eq!(
+            restart_needed(&before, &after),
+            ["VIP `x`: forwarding ipip → l7 (L7 listeners are bound at start)"]
+        );
+        assert_eq!(
+            restart_needed(&after, &before),
+            ["VIP `x`: forwarding l7 → ipip (L7 listeners are bound at start)"]
+        );
     }
 
     /// A refused reload names each value as the file writes it, without Rust's debug output
