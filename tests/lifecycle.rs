@@ -2639,8 +2639,10 @@ fn a_backend_added_by_a_reload_joins_once_its_check_passes() {
     let full = std::fs::read_to_string(&bed.cfg_path).unwrap();
     let third = ", { address = \"198.18.0.13\", mac = \"02:ed:00:00:00:13\" }";
     assert!(full.contains(third));
-    // The first VIP listed is web: without backend-3, then with it again.
-    std::fs::write(&bed.cfg_path, full.replacen(third, "", 1)).unwrap();
+    // The first VIP listed is web: without backend-3, then with it again; web7 (L7) likewise.
+    let third7 = ", { address = \"198.18.0.13\", port = 80 }";
+    assert!(full.contains(third7));
+    std::fs::write(&bed.cfg_path, full.replacen(third, "", 1).replacen(third7, "", 1)).unwrap();
     let out = bed.e().cli(&["reload"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::write(&bed.cfg_path, &full).unwrap();
@@ -2666,6 +2668,12 @@ fn a_backend_added_by_a_reload_joins_once_its_check_passes() {
     let out = bed.e().cli(&["reload"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let added = Instant::now();
+    // The reply says so, for web and for web7 (an L7 VIP, whose backend-3 is held too).
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("2 backend(s) added take traffic once their health check has passed `rise` times: 1 in VIP `web`, 1 in VIP `web7`"),
+        "{said}"
+    );
     // Each round of requests is followed by a status: a status that still shows backend-3 down
     // came after every answer of the round, so none of them may be backend-3's (its verdict only
     // goes from down to up here). The ring, not status alone, is what is checked.

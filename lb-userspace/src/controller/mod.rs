@@ -1472,6 +1472,9 @@ impl Controller {
                         self.checks_missing
                     ));
                 }
+                if let Some(held) = verdicts::held_summary(&carried.held) {
+                    msg.push_str(&format!("; {held}"));
+                }
                 if let Some(forgotten) = verdicts::forgotten_summary(&self.cfg, &carried.forgotten)
                 {
                     msg.push_str(&format!("; {forgotten}"));

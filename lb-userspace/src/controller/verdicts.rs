@@ -77,6 +77,29 @@ pub(super) fn forgotten_summary(
     Some(format!("drains forgotten: {}{rule}", list.join(", ")))
 }
 
+/// The backends a reload (or takeover) added and holds down until their check passes
+/// (`held`, [`Verdicts::hold_new_backends`]), for the reply to the operator, who may otherwise
+/// take their absence from the traffic for a fault; none if there are none.
+pub(super) fn held_summary(held: &[(String, SocketAddr)]) -> Option<String> {
+    if held.is_empty() {
+        return None;
+    }
+    // By VIP, in the order held (the config's).
+    let mut per_vip: Vec<(&str, usize)> = Vec::new();
+    for (vip, _) in held {
+        match per_vip.iter_mut().find(|(v, _)| v == vip) {
+            Some((_, n)) => *n += 1,
+            None => per_vip.push((vip, 1)),
+        }
+    }
+    let list: Vec<String> = per_vip.iter().map(|(vip, n)| format!("{n} in VIP `{vip}`")).collect();
+    Some(format!(
+        "{} backend(s) added take traffic once their health check has passed `rise` times: {}",
+        held.len(),
+        list.join(", ")
+    ))
+}
+
 /// Health verdicts, drains and fail-open state, by VIP name and backend address.
 #[derive(Default, Clone)]
 pub(super) struct Verdicts {
@@ -787,6 +810,23 @@ mod tests {
         assert_eq!(
             v.hold_new_backends(&vips(&swapped), &grown, &[]),
             [("web".to_owned(), SocketAddr::new(ip(A), 8080))]
+        );
+    }
+
+    /// The reply to a reload says which backends wait for their check, by VIP.
+    #[test]
+    fn the_backends_held_are_said() {
+        assert_eq!(held_summary(&[]), None);
+        let held = [
+            ("web".to_owned(), at(A)),
+            ("web".to_owned(), at(B)),
+            ("web7".to_owned(), SocketAddr::new(ip(C), 8080)),
+        ];
+        assert_eq!(
+            held_summary(&held).as_deref(),
+            Some(
+                "3 backend(s) added take traffic once their health check has passed `rise` times: 2 in VIP `web`, 1 in VIP `web7`"
+            )
         );
     }
 
