@@ -1355,7 +1355,25 @@ fn reload_rejects_bad_files_and_keeps_connections() {
     std::fs::write(&bed.cfg_path, big(100)).unwrap();
     let out = bed.e().cli(&["reload"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    std::fs::write(&bed.cfg_path, big(150)).unwrap();
+    // Requests to the L7 VIP, whose backend 3 the refused file drops: the proxy must not see
+    // that file either, and backend 3 keeps its live state (here its request count).
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    netns::in_netns(&bed.tb.names.client, || {
+        for _ in 0..6 {
+            servers::http_get(None, l7, TIMEOUT).expect("L7 request");
+        }
+    })
+    .unwrap();
+    let l7_requests = |bed: &Bed| {
+        let st = bed.e().status();
+        let v = st.vips.iter().find(|v| v.name == "web7").expect("web7 in status");
+        v.backends.iter().find(|b| b.address.to_string() == "198.18.0.13").unwrap().l7_requests
+    };
+    let served = l7_requests(&bed);
+    assert!(served > 0, "backend 3 took no L7 request");
+    let third7 = ", { address = \"198.18.0.13\", port = 80 }";
+    assert!(big(150).contains(third7));
+    std::fs::write(&bed.cfg_path, big(150).replacen(third7, "", 1)).unwrap();
     let out = bed.e().cli(&["reload"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -1364,6 +1382,7 @@ fn reload_rejects_bad_files_and_keeps_connections() {
     let kept = status.vips.iter().find(|v| v.name == "big").expect("big VIP kept");
     assert_eq!(kept.backends[0].address.to_string(), "198.18.100.1");
     assert!((kept.backends.iter().map(|b| b.ring_share).sum::<f64>() - 1.0).abs() < 1e-6);
+    assert_eq!(l7_requests(&bed), served, "backend 3's L7 state was lost to the refused file");
     std::fs::write(&bed.cfg_path, &grown).unwrap();
     let out = bed.e().cli(&["reload"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

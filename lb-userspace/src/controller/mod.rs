@@ -1123,19 +1123,35 @@ impl Controller {
         self.verdicts.effective(&self.cfg)
     }
 
+    /// Writes the effective config to the maps, then, once they took it, publishes the
+    /// proxy's L7 pools from it: a reload the maps refuse is rolled back ([`Controller::reload`])
+    /// without the proxy ever serving the refused file's pools, or forgetting the live state
+    /// (passive health, request counts) of the L7 backends that file dropped.
     fn apply(&mut self) -> Result<crate::dataplane::ApplyReport, DataplaneError> {
         let eff = self.effective();
+        let report = self.dp.apply_keeping(&eff, &self.cfg)?;
+        self.publish_pools(&eff);
+        Ok(report)
+    }
+
+    /// Publishes the proxy's L7 pools from the effective config `eff`.
+    fn publish_pools(&mut self, eff: &Config) {
         if let Some(p) = &mut self.proxy {
-            p.update_keeping(&eff, &self.cfg);
+            p.update_keeping(eff, &self.cfg);
         }
-        self.dp.apply_keeping(&eff, &self.cfg)
     }
 
     fn apply_logged(&mut self, why: &str) {
         match self.apply() {
             Ok(r) if !r.is_empty() => info!(maps = %r, "{why}: maps updated"),
             Ok(_) => {}
-            Err(e) => error!(error = %e, "{why}: updating the maps failed"),
+            Err(e) => {
+                error!(error = %e, "{why}: updating the maps failed");
+                // The running config's own change (a verdict, a drain) still reaches the L7
+                // pools, which do not depend on the maps.
+                let eff = self.effective();
+                self.publish_pools(&eff);
+            }
         }
     }
 
