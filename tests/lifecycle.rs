@@ -1457,6 +1457,15 @@ fn reload_rejects_bad_files_and_keeps_connections() {
         assert_eq!(*b, backend_name(&cfg, "echo", *c));
     }
     let status_before = bed.e().status();
+    // The echo VIP's backends as status shows them, but for the rates, which a sample taken
+    // between two statuses changes with nothing else changed.
+    let echo_backends = |st: &Status| {
+        let mut b = st.vips[1].backends.clone();
+        for b in &mut b {
+            (b.pps, b.bytes_per_s, b.bps) = (0.0, 0.0, 0.0);
+        }
+        b
+    };
 
     // An invalid file: rejected with the reason, nothing changes.
     let good = std::fs::read_to_string(&bed.cfg_path).unwrap();
@@ -1466,7 +1475,7 @@ fn reload_rejects_bad_files_and_keeps_connections() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("reload rejected") && err.contains(":"), "{err}");
     assert_eq!(bed.e().status().vips.len(), status_before.vips.len());
-    assert_eq!(bed.e().status().vips[1].backends, status_before.vips[1].backends);
+    assert_eq!(echo_backends(&bed.e().status()), echo_backends(&status_before));
 
     // Another connection-table size: the maps are sized at load, so it waits for a restart.
     let resized = good.replace(
@@ -1499,7 +1508,7 @@ fn reload_rejects_bad_files_and_keeps_connections() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains(&format!("runs with {}", bed.cfg_path.display())), "{err}");
-    assert_eq!(bed.e().status().vips[1].backends, status_before.vips[1].backends);
+    assert_eq!(echo_backends(&bed.e().status()), echo_backends(&status_before));
 
     // Adding a backend: every established connection stays where it was.
     std::fs::write(&bed.cfg_path, config_text(&bed.tag, &[1, 2, 3])).unwrap();
@@ -1556,7 +1565,25 @@ fn reload_rejects_bad_files_and_keeps_connections() {
     std::fs::write(&bed.cfg_path, big(100)).unwrap();
     let out = bed.e().cli(&["reload"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    std::fs::write(&bed.cfg_path, big(150)).unwrap();
+    // Requests to the L7 VIP, whose backend 3 the refused file drops: the proxy must not see
+    // that file either, and backend 3 keeps its live state (here its request count).
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    netns::in_netns(&bed.tb.names.client, || {
+        for _ in 0..6 {
+            servers::http_get(None, l7, TIMEOUT).expect("L7 request");
+        }
+    })
+    .unwrap();
+    let l7_requests = |bed: &Bed| {
+        let st = bed.e().status();
+        let v = st.vips.iter().find(|v| v.name == "web7").expect("web7 in status");
+        v.backends.iter().find(|b| b.address.to_string() == "198.18.0.13").unwrap().l7_requests
+    };
+    let served = l7_requests(&bed);
+    assert!(served > 0, "backend 3 took no L7 request");
+    let third7 = ", { address = \"198.18.0.13\", port = 80 }";
+    assert!(big(150).contains(third7));
+    std::fs::write(&bed.cfg_path, big(150).replacen(third7, "", 1)).unwrap();
     let out = bed.e().cli(&["reload"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -1565,6 +1592,7 @@ fn reload_rejects_bad_files_and_keeps_connections() {
     let kept = status.vips.iter().find(|v| v.name == "big").expect("big VIP kept");
     assert_eq!(kept.backends[0].address.to_string(), "198.18.100.1");
     assert!((kept.backends.iter().map(|b| b.ring_share).sum::<f64>() - 1.0).abs() < 1e-6);
+    assert_eq!(l7_requests(&bed), served, "backend 3's L7 state was lost to the refused file");
     std::fs::write(&bed.cfg_path, &grown).unwrap();
     let out = bed.e().cli(&["reload"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -2906,8 +2934,10 @@ fn a_backend_added_by_a_reload_joins_once_its_check_passes() {
     let full = std::fs::read_to_string(&bed.cfg_path).unwrap();
     let third = ", { address = \"198.18.0.13\", mac = \"02:ed:00:00:00:13\" }";
     assert!(full.contains(third));
-    // The first VIP listed is web: without backend-3, then with it again.
-    std::fs::write(&bed.cfg_path, full.replacen(third, "", 1)).unwrap();
+    // The first VIP listed is web: without backend-3, then with it again; web7 (L7) likewise.
+    let third7 = ", { address = \"198.18.0.13\", port = 80 }";
+    assert!(full.contains(third7));
+    std::fs::write(&bed.cfg_path, full.replacen(third, "", 1).replacen(third7, "", 1)).unwrap();
     let out = bed.e().cli(&["reload"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::write(&bed.cfg_path, &full).unwrap();
@@ -2933,6 +2963,12 @@ fn a_backend_added_by_a_reload_joins_once_its_check_passes() {
     let out = bed.e().cli(&["reload"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let added = Instant::now();
+    // The reply says so, for web and for web7 (an L7 VIP, whose backend-3 is held too).
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("2 backend(s) added take traffic once their health check has passed `rise` times: 1 in VIP `web`, 1 in VIP `web7`"),
+        "{said}"
+    );
     // Each round of requests is followed by a status: a status that still shows backend-3 down
     // came after every answer of the round, so none of them may be backend-3's (its verdict only
     // goes from down to up here). The ring, not status alone, is what is checked.
@@ -2970,6 +3006,51 @@ fn a_backend_added_by_a_reload_joins_once_its_check_passes() {
         log.contains("backend added: it joins the ring once its health check has passed"),
         "{log}"
     );
+}
+
+/// A reload that replaces the live backend of a health-checked VIP while a dead one stays does
+/// not hold the new backend down: held, every backend that takes new flows would be down, and the
+/// VIP would fail open, onto the dead one too, until the new one passed its check.
+#[test]
+fn a_reload_that_swaps_the_live_backend_beside_a_dead_one_does_not_fail_open() {
+    let Some(mut bed) = Bed::up("swap", &[1, 2, 3]) else { return };
+    let full = std::fs::read_to_string(&bed.cfg_path).unwrap();
+    let backend = |i: usize| {
+        format!(
+            "{{ address = \"198.18.0.{}\", mac = \"02:ed:00:00:00:{:02x}\" }}",
+            10 + i,
+            0x10 + i
+        )
+    };
+    let web = |list: &[usize]| {
+        format!("backends = [{}]", list.iter().map(|&i| backend(i)).collect::<Vec<_>>().join(", "))
+    };
+    // The first VIP listed is web: backends 1 and 2, then 2 and 3.
+    assert!(full.contains(&web(&[1, 2, 3])));
+    std::fs::write(&bed.cfg_path, full.replacen(&web(&[1, 2, 3]), &web(&[1, 2]), 1)).unwrap();
+    let out = bed.e().cli(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    bed.kill_backend(2);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bed.e().healthy("web", "198.18.0.12") {
+        assert!(Instant::now() < deadline, "backend 2 never seen dead");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::write(&bed.cfg_path, full.replacen(&web(&[1, 2, 3]), &web(&[2, 3]), 1)).unwrap();
+    let out = bed.e().cli(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reloaded = Instant::now();
+    // Until well past the time backend 3's check would take to pass: never failing open.
+    while reloaded.elapsed() < INTERVAL * (RISE + 2) {
+        let status = bed.e().status();
+        let v = status.vips.iter().find(|v| v.name == "web").expect("web in status");
+        let up = |a: &str| v.backends.iter().find(|b| b.address.to_string() == a).unwrap().healthy;
+        assert!(!v.fail_open, "web failed open after the swap: {v:?}\n{}", bed.e().log());
+        assert!(up("198.18.0.13") && !up("198.18.0.12"), "{v:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = bed.e().log();
+    assert!(!log.contains("every backend is down"), "{log}");
 }
 
 /// An interface deleted under a running edgelb takes XDP with it: the controller notices within

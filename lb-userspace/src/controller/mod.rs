@@ -723,9 +723,10 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// the default, sees which one was read.
 fn restart_refusal(path: &Path, changes: &[String]) -> String {
     format!(
-        "reload rejected, running config kept: {} needs a restart for {} (`edgelb run -c {0} --takeover` restarts without refusing a connection; a new node.xdp_mode takes `edgelb stop`, which detaches, then a start)",
+        "reload rejected, running config kept: {} needs a restart for {} ({})",
         path.display(),
-        changes.join("; ")
+        changes.join("; "),
+        restart_advice(path, changes)
     )
 }
 
@@ -794,10 +795,22 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     };
     let (before, after) = (l7(old), l7(new));
     let names: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    // A VIP of that name the other config forwards in XDP: the VIP changed forwarding.
+    let xdp = |cfg: &Config, name: &str| {
+        let v = cfg.vips.iter().find(|v| v.name == name && v.l7.is_none())?;
+        Some(format!("{:?}", v.forwarding).to_lowercase())
+    };
+    let bound = "(L7 listeners are bound at start)";
     for name in names {
         match (before.get(name), after.get(name)) {
-            (Some(_), None) => out.push(format!("L7 VIP `{name}` removed (or no longer L7)")),
-            (None, Some((addr, _))) => out.push(format!("L7 VIP `{name}` on {addr} added")),
+            (Some(_), None) => out.push(match xdp(new, name) {
+                Some(f) => format!("VIP `{name}`: forwarding l7 → {f} {bound}"),
+                None => format!("L7 VIP `{name}` removed"),
+            }),
+            (None, Some((addr, _))) => out.push(match xdp(old, name) {
+                Some(f) => format!("VIP `{name}`: forwarding {f} → l7 {bound}"),
+                None => format!("L7 VIP `{name}` on {addr} added"),
+            }),
             (Some((a, am)), Some((b, bm))) if (a, am) != (b, bm) => {
                 let mode = |m: &crate::config::L7Mode| format!("{m:?}").to_lowercase();
                 out.push(format!("L7 VIP `{name}`: {a} {} → {b} {}", mode(am), mode(bm)))
@@ -806,6 +819,20 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
         }
     }
     out
+}
+
+/// What to do about a reload of `path` refused for `restart` ([`restart_needed`]): a takeover restarts
+/// without refusing a connection; a new `node.xdp_mode` (said only when it is among the changes)
+/// takes a stop, which detaches XDP, then a start.
+fn restart_advice(path: &Path, restart: &[String]) -> String {
+    let mut advice = format!(
+        "`edgelb run -c {} --takeover` restarts without refusing a connection",
+        path.display()
+    );
+    if restart.iter().any(|r| r.starts_with("node.xdp_mode ")) {
+        advice.push_str("; a new node.xdp_mode takes `edgelb stop`, which detaches, then a start");
+    }
+    advice
 }
 
 /// What a reload did, for the operator: the VIPs now served and what changed in the maps (the
@@ -1167,19 +1194,35 @@ impl Controller {
         self.verdicts.effective(&self.cfg)
     }
 
+    /// Writes the effective config to the maps, then, once they took it, publishes the
+    /// proxy's L7 pools from it: a reload the maps refuse is rolled back ([`Controller::reload`])
+    /// without the proxy ever serving the refused file's pools, or forgetting the live state
+    /// (passive health, request counts) of the L7 backends that file dropped.
     fn apply(&mut self) -> Result<crate::dataplane::ApplyReport, DataplaneError> {
         let eff = self.effective();
+        let report = self.dp.apply_keeping(&eff, &self.cfg)?;
+        self.publish_pools(&eff);
+        Ok(report)
+    }
+
+    /// Publishes the proxy's L7 pools from the effective config `eff`.
+    fn publish_pools(&mut self, eff: &Config) {
         if let Some(p) = &mut self.proxy {
-            p.update_keeping(&eff, &self.cfg);
+            p.update_keeping(eff, &self.cfg);
         }
-        self.dp.apply_keeping(&eff, &self.cfg)
     }
 
     fn apply_logged(&mut self, why: &str) {
         match self.apply() {
             Ok(r) if !r.is_empty() => info!(maps = %r, "{why}: maps updated"),
             Ok(_) => {}
-            Err(e) => error!(error = %e, "{why}: updating the maps failed"),
+            Err(e) => {
+                error!(error = %e, "{why}: updating the maps failed");
+                // The running config's own change (a verdict, a drain) still reaches the L7
+                // pools, which do not depend on the maps.
+                let eff = self.effective();
+                self.publish_pools(&eff);
+            }
         }
     }
 
@@ -1524,6 +1567,9 @@ impl Controller {
                         self.checks_missing
                     ));
                 }
+                if let Some(held) = verdicts::held_summary(&carried.held) {
+                    msg.push_str(&format!("; {held}"));
+                }
                 if let Some(forgotten) = verdicts::forgotten_summary(&self.cfg, &carried.forgotten)
                 {
                     msg.push_str(&format!("; {forgotten}"));
@@ -1820,6 +1866,36 @@ mod tests {
             assert!(why.contains(says), "want {says:?} in {why}");
         }
         assert!(!why.contains("xdp_mode") && !why.contains("metrics"), "{why}");
+        let advice = restart_advice(Path::new("/etc/e.toml"), &restart_needed(&base, &changed));
+        assert!(
+            advice.contains("edgelb run -c /etc/e.toml --takeover") && !advice.contains("xdp_mode"),
+            "{advice}"
+        );
+        let native = parse(&format!(
+            "{NODE}xdp_mode = \"native\"\n{}{}",
+            l7("a", 8001, "http"),
+            l7("b", 8002, "tcp")
+        ));
+        let advice = restart_advice(Path::new("/etc/e.toml"), &restart_needed(&base, &native));
+        assert!(advice.contains("a new node.xdp_mode takes `edgelb stop`"), "{advice}");
+        // A VIP XDP forwarded that becomes L7 (or back) is not an L7 VIP added (or removed).
+        let xdp = |rest: &str| {
+            parse(&format!(
+                "{NODE}gateway_mac = \"02:00:00:00:00:01\"\n[[vip]]\nname = \"x\"\naddress = \"198.18.1.1\"\nport = 80\nbackends = [{{ address = \"198.18.0.11\" }}]\n{rest}"
+            ))
+        };
+        let (before, after) = (
+            xdp(&l7("a", 8001, "http")),
+            parse(&format!("{NODE}{}{}", l7("x", 8005, "http"), l7("a", 8001, "http"))),
+        );
+        assert_eq!(
+            restart_needed(&before, &after),
+            ["VIP `x`: forwarding ipip → l7 (L7 listeners are bound at start)"]
+        );
+        assert_eq!(
+            restart_needed(&after, &before),
+            ["VIP `x`: forwarding l7 → ipip (L7 listeners are bound at start)"]
+        );
     }
 
     /// A refused reload names each value as the file writes it, without Rust's debug output

@@ -77,6 +77,29 @@ pub(super) fn forgotten_summary(
     Some(format!("drains forgotten: {}{rule}", list.join(", ")))
 }
 
+/// The backends a reload (or takeover) added and holds down until their check passes
+/// (`held`, [`Verdicts::hold_new_backends`]), for the reply to the operator, who may otherwise
+/// take their absence from the traffic for a fault; none if there are none.
+pub(super) fn held_summary(held: &[(String, SocketAddr)]) -> Option<String> {
+    if held.is_empty() {
+        return None;
+    }
+    // By VIP, in the order held (the config's).
+    let mut per_vip: Vec<(&str, usize)> = Vec::new();
+    for (vip, _) in held {
+        match per_vip.iter_mut().find(|(v, _)| v == vip) {
+            Some((_, n)) => *n += 1,
+            None => per_vip.push((vip, 1)),
+        }
+    }
+    let list: Vec<String> = per_vip.iter().map(|(vip, n)| format!("{n} in VIP `{vip}`")).collect();
+    Some(format!(
+        "{} backend(s) added take traffic once their health check has passed `rise` times: {}",
+        held.len(),
+        list.join(", ")
+    ))
+}
+
 /// Health verdicts, drains and fail-open state, by VIP name and backend address.
 #[derive(Default, Clone)]
 pub(super) struct Verdicts {
@@ -255,8 +278,10 @@ impl Verdicts {
     /// fails open (every backend down) does not end that and take the whole VIP unprobed.
     /// Backends of a VIP new in the file start up, as at a start (a new VIP, or a restart, must
     /// not begin in fail-open), and so do those of a VIP whose pool the reload replaced whole
-    /// (no backend that takes new flows stays): held, they would all be down, the VIP would
-    /// fail open unprobed, and the first to pass would then take every flow from the others.
+    /// (no backend that takes new flows stays) or of which it keeps only dead ones (while
+    /// another was alive: the VIP was not failing open): held, they would all be down, the VIP
+    /// would fail open unprobed (onto the dead backends too), and the first to pass would then
+    /// take every flow from the others.
     ///
     /// An XDP VIP's backends carry the VIP's port: one that moves to another port keeps each
     /// backend's verdict by address (the same hosts), rather than holding them all as new.
@@ -288,8 +313,28 @@ impl Verdicts {
                     self.down.insert((v.name.clone(), id(b)));
                 }
             }
-            let serves = |b: &Backend| b.weight > 0 && !self.is_drained(&v.name, id(b));
-            if !v.backends.iter().any(|b| was(b).is_some() && serves(b)) {
+            let takes_flows = |b: &&Backend| b.weight > 0 && !self.is_drained(&v.name, id(b));
+            let mut kept = v.backends.iter().filter(takes_flows).filter_map(was).peekable();
+            if kept.peek().is_none() {
+                continue; // the pool replaced whole
+            }
+            // A backend kept serves only alive (its verdict by the id it had). With none such,
+            // new backends held would be down with every kept one, and the VIP would fail
+            // open, onto the dead ones too: they start up, unless the VIP was failing open
+            // already (one added must not end that and take the whole VIP unprobed). A takeover
+            // is not handed the fail-open state, but a VIP none of whose backends was both
+            // alive and undrained was failing open (or serving nothing); the weights it had are
+            // not handed over.
+            let alive = kept.any(|o| !self.is_down(&v.name, o));
+            let drained_before = |o: SocketAddr| {
+                self.is_drained(&v.name, o)
+                    || v.backends
+                        .iter()
+                        .any(|b| was(b) == Some(o) && self.is_drained(&v.name, id(b)))
+            };
+            let failing_open = self.is_fail_open(&v.name)
+                || before.backends.iter().all(|&o| self.is_down(&v.name, o) || drained_before(o));
+            if !alive && !failing_open {
                 continue;
             }
             for b in v.backends.iter().filter(|b| was(b).is_none()) {
@@ -766,6 +811,65 @@ mod tests {
             v.hold_new_backends(&vips(&swapped), &grown, &[]),
             [("web".to_owned(), SocketAddr::new(ip(A), 8080))]
         );
+    }
+
+    /// The reply to a reload says which backends wait for their check, by VIP.
+    #[test]
+    fn the_backends_held_are_said() {
+        assert_eq!(held_summary(&[]), None);
+        let held = [
+            ("web".to_owned(), at(A)),
+            ("web".to_owned(), at(B)),
+            ("web7".to_owned(), SocketAddr::new(ip(C), 8080)),
+        ];
+        assert_eq!(
+            held_summary(&held).as_deref(),
+            Some(
+                "3 backend(s) added take traffic once their health check has passed `rise` times: 2 in VIP `web`, 1 in VIP `web7`"
+            )
+        );
+    }
+
+    /// A reload that replaces the one live backend while a dead one stays does not hold the new
+    /// backend down: held, every backend that takes new flows would be down and the VIP would
+    /// fail open, onto the dead one too. Only a VIP already failing open keeps holding.
+    #[test]
+    fn a_dead_backend_kept_does_not_hold_the_new_ones_into_fail_open() {
+        let (old, new) = (cfg(&[(A, 1), (B, 1)], true), cfg(&[(A, 1), (C, 1)], true));
+        let mut v = Verdicts::default();
+        assert!(v.set_health("web", at(A), false));
+        assert_eq!(live(&mut v, &old), [(ip(B), 1)]);
+        let carried = v.carry_over(&vips(&old), &new);
+        assert!(carried.held.is_empty(), "C held: {:?}", carried.held);
+        assert_eq!(live(&mut v, &new), [(ip(C), 1)], "C serves, dead A stays out");
+        assert!(!v.is_fail_open("web"));
+        assert!(v.is_down("web", at(A)), "A's verdict stays");
+        // A kept drained (or at weight 0) while alive counts no more than a dead one.
+        let mut v = Verdicts::default();
+        v.drain(Some("web".into()), ip(A));
+        assert!(v.carry_over(&vips(&old), &new).held.is_empty());
+        assert_eq!(live(&mut v, &new), [(ip(A), 0), (ip(C), 1)]);
+        // A live one kept: C waits for its check, as any backend added.
+        let mut v = Verdicts::default();
+        assert!(v.set_health("web", at(B), false));
+        assert_eq!(
+            v.carry_over(&vips(&old), &cfg(&[(B, 1), (A, 1), (C, 1)], true)).held,
+            [("web".to_owned(), at(C))]
+        );
+        // The VIP failing open before (A and B dead): C is held, and served with A, not alone.
+        let mut v = Verdicts::default();
+        assert!(v.set_health("web", at(A), false));
+        assert!(v.set_health("web", at(B), false));
+        assert_eq!(live(&mut v, &old), [(ip(A), 1), (ip(B), 1)]);
+        assert_eq!(v.carry_over(&vips(&old), &new).held, [("web".to_owned(), at(C))]);
+        assert_eq!(live(&mut v, &new), [(ip(A), 1), (ip(C), 1)]);
+        assert!(v.is_fail_open("web"));
+        // The same handed over to a takeover, which knows the verdicts but not the fail-open
+        // state: every backend of the old VIP dead is failing open too.
+        let mut t = Verdicts::default();
+        assert!(t.set_health("web", at(A), false));
+        assert!(t.set_health("web", at(B), false));
+        assert_eq!(t.carry_over(&vips(&old), &new).held, [("web".to_owned(), at(C))]);
     }
 
     #[test]
