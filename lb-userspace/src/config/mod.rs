@@ -1451,7 +1451,8 @@ fn l7_settings(
         );
     }
     let normalize_path = l.normalize_path.as_ref().is_none_or(|f| *f.get_ref());
-    let mut out_routes = Vec::new();
+    let mut out_routes: Vec<Route> = Vec::new();
+    let mut earlier = EarlierRoutes::default();
     for r in routes {
         let span = r.span();
         let r = r.get_ref();
@@ -1497,15 +1498,7 @@ fn l7_settings(
         // never get one, which is a mistake (usually the more specific route written second).
         let host = r.host.as_ref().map(|h| crate::proxy::route_host(h.get_ref()));
         let path = r.path_prefix.as_ref().map(|p| p.get_ref().as_str());
-        if let Some(earlier) = out_routes.iter().find(|e: &&Route| {
-            let host_covered = e
-                .host
-                .as_ref()
-                .is_none_or(|h| host.as_deref() == Some(crate::proxy::route_host(h).as_str()));
-            let path_covered =
-                e.path_prefix.as_deref().is_none_or(|p| path.is_some_and(|q| q.starts_with(p)));
-            host_covered && path_covered
-        }) {
+        if let Some(earlier) = earlier.hiding(host.as_deref(), path).map(|i| &out_routes[i]) {
             let matcher = |h: Option<&str>, p: Option<&str>| {
                 [h.map(|h| format!("host = \"{h}\"")), p.map(|p| format!("path_prefix = \"{p}\""))]
                     .into_iter()
@@ -1522,6 +1515,7 @@ fn l7_settings(
                 ),
             );
         }
+        earlier.push(host, path);
         out_routes.push(Route {
             host: r.host.as_ref().map(|h| h.get_ref().to_ascii_lowercase()),
             path_prefix: r.path_prefix.as_ref().map(|p| p.get_ref().clone()),
@@ -1615,6 +1609,55 @@ fn l7_settings(
         max_fails: setting(&l.max_fails, 3, "max_fails")?,
         fail_timeout: ms(&l.fail_timeout_ms, 10_000, "fail_timeout_ms")?,
     })
+}
+
+/// The routes of one VIP checked so far, for the check that none is hidden by an earlier one
+/// (which takes every request it would). Only a route of the same host, or of any host, can
+/// hide a route with a host, and only one of any host a route without: each route is compared
+/// with those alone, found by its host in a map, rather than with every route before it (a
+/// VIP with a route per host costs a map lookup a route, not a comparison with every earlier
+/// route: thousands of routes took seconds, on the controller's thread during a reload).
+#[derive(Default)]
+struct EarlierRoutes<'a> {
+    /// The path prefix of each route, in order (an index is the route's in the VIP).
+    paths: Vec<Option<&'a str>>,
+    /// The indices of the routes of each host (as routes compare it: `proxy::route_host`).
+    of_host: std::collections::HashMap<String, Vec<usize>>,
+    /// The indices of the routes without a host.
+    any_host: Vec<usize>,
+    /// Earlier routes compared with a later one, all routes together: what a test measures
+    /// to see that routes of different hosts are not compared with each other.
+    compared: usize,
+}
+
+impl<'a> EarlierRoutes<'a> {
+    /// The first earlier route (its index) that takes every request a route of `host` (as
+    /// routes compare it) and `path` would, if one does.
+    fn hiding(&mut self, host: Option<&str>, path: Option<&str>) -> Option<usize> {
+        let same_host = host.and_then(|h| self.of_host.get(h)).map_or(&[][..], Vec::as_slice);
+        let mut first = None::<usize>;
+        for list in [&self.any_host[..], same_host] {
+            for &i in list {
+                self.compared += 1;
+                if self.paths[i].is_none_or(|p| path.is_some_and(|q| q.starts_with(p))) {
+                    first = Some(first.map_or(i, |f| f.min(i)));
+                    // Each list is in order: its first is its earliest.
+                    break;
+                }
+            }
+        }
+        first
+    }
+
+    /// Adds the next route: of `host` (as routes compare it), with `path`.
+    fn push(&mut self, host: Option<String>, path: Option<&'a str>) {
+        let i = self.paths.len();
+        self.paths.push(path);
+        match host {
+            Some(h) => self.of_host.entry(h).or_default().push(i),
+            None => self.any_host.push(i),
+        }
+    }
 }
 
 /// Browsers keep cookies by host, whatever the port (RFC 6265 8.5), and a cookie with `Domain`
