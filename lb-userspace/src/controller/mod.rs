@@ -22,7 +22,7 @@ use std::{
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{error, info, warn};
 
-use self::verdicts::Verdicts;
+use self::verdicts::{Checked, Verdicts};
 use crate::{
     admin::{
         self, AdminError, Answer, BackendStatus, ConntrackStatus, HandedSocket, HandedVip,
@@ -163,6 +163,9 @@ struct Controller {
     dp: Dataplane,
     checker: Checker,
     health_rx: Receiver<HealthEvent>,
+    /// The health-checked backends of `cfg`, by VIP and backend, for the health events: made
+    /// anew with `cfg` ([`Controller::set_config`]).
+    checked: Checked,
     admin_rx: Receiver<Pending>,
     scrape_rx: Receiver<Scrape>,
     metrics: Metrics,
@@ -347,6 +350,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         info!(pin_dir = %cfg.node.pin_dir.display(), "a previous edgelb left the data plane running: adopting it");
     }
     let (health_tx, health_rx) = mpsc::channel();
+    let checked = Checked::new(&cfg);
     let mut ctl = Controller {
         // Absolute, as the operator's commands name it from wherever they run: `status` says
         // which file runs, and a refused reload which file to edit.
@@ -355,6 +359,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         dp,
         checker: Checker::new(health_tx),
         health_rx,
+        checked,
         admin_rx,
         scrape_rx,
         metrics: Metrics::new(),
@@ -958,7 +963,8 @@ impl Controller {
     fn apply_pending_health(&mut self) {
         let mut changed = false;
         while let Ok(ev) = self.health_rx.try_recv() {
-            changed |= self.on_health(ev);
+            let Self { checker, checked, metrics, verdicts, .. } = self;
+            changed |= on_health(ev, checker, checked, metrics, verdicts);
         }
         if changed {
             self.apply_logged("health change");
@@ -1190,41 +1196,11 @@ impl Controller {
         self.renamed = renamed;
     }
 
-    fn on_health(&mut self, ev: HealthEvent) -> bool {
-        if ev.local_failure {
-            self.metrics.probe_local_error();
-        }
-        if !self.checker.is_current(ev.check) {
-            return false; // from a check stopped since: the one that replaced it speaks now
-        }
-        let Some((vip, backend)) = Verdicts::checked_backend(&self.cfg, &ev.vip, ev.backend) else {
-            return false; // a check that was just reconciled away
-        };
-        let label = backend_label(vip, backend);
-        self.metrics.probed(&ev, label.clone());
-        // Every probe reports the checker's verdict, so a restarted check (which starts healthy)
-        // also corrects the controller's view.
-        if ev.healthy != self.verdicts.is_down(&ev.vip, ev.backend) {
-            return false;
-        }
-        self.metrics.transition(&ev.vip, label, ev.healthy);
-        // What the verdict does: an L7 VIP has no ring, its proxy's pool places each request.
-        let l7 = vip.forwarding == Forwarding::L7;
-        match (ev.healthy, l7) {
-            (true, false) => {
-                info!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend UP: back in the ring")
-            }
-            (true, true) => {
-                info!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend UP: back in the L7 pool")
-            }
-            (false, false) => {
-                warn!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend DOWN: leaves the ring, its flows re-hash")
-            }
-            (false, true) => {
-                warn!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend DOWN: leaves the L7 pool, new requests go to the others (those under way finish)")
-            }
-        }
-        self.verdicts.set_health(&ev.vip, ev.backend, ev.healthy)
+    /// Puts `cfg` in force (the health-checked backends with it), returning the config it
+    /// replaces.
+    fn set_config(&mut self, cfg: Config) -> Config {
+        self.checked = Checked::new(&cfg);
+        std::mem::replace(&mut self.cfg, cfg)
     }
 
     fn on_admin(&mut self, req: Request) -> Response {
@@ -1430,7 +1406,7 @@ impl Controller {
         // from an XDP VIP whose port it changes (another backend id), would be dropped, and the
         // restarted check would start from the verdict before it.
         self.apply_pending_health();
-        let old = std::mem::replace(&mut self.cfg, new);
+        let old = self.set_config(new);
         let old_verdicts = self.verdicts.clone();
         let carried = self.verdicts.carry_over(&HandedVip::all(&old), &self.cfg);
         match self.apply() {
@@ -1464,7 +1440,7 @@ impl Controller {
             Err(e) => {
                 // The maps are brought back to the running config, which stays: nothing of the
                 // rejected file is left half-written, and later health changes still apply.
-                self.cfg = old;
+                self.set_config(old);
                 self.verdicts = old_verdicts;
                 error!(error = %e, "reload rejected: updating the maps failed");
                 if let Err(back) = self.apply() {
@@ -1660,6 +1636,52 @@ impl Controller {
             );
         }
     }
+}
+
+/// Takes in one health event: counts it, and records the verdict it brings if that changes
+/// the backend's state (true then: the maps are to be written). An event of a check stopped
+/// since, or of a backend `checked` no longer has, is only counted as a local failure, if it is
+/// one. Apart from the controller (the pieces of it that it uses), which holds the channel the
+/// events come from.
+fn on_health(
+    ev: HealthEvent,
+    checker: &Checker,
+    checked: &Checked,
+    metrics: &Metrics,
+    verdicts: &mut Verdicts,
+) -> bool {
+    if ev.local_failure {
+        metrics.probe_local_error();
+    }
+    if !checker.is_current(ev.check) {
+        return false; // from a check stopped since: the one that replaced it speaks now
+    }
+    let Some(backend) = checked.get(&ev.vip, ev.backend) else {
+        return false; // a check that was just reconciled away
+    };
+    metrics.probed(&ev, &backend.labels);
+    // Every probe reports the checker's verdict, so a restarted check (which starts healthy)
+    // also corrects the controller's view.
+    if ev.healthy != verdicts.is_down(&ev.vip, ev.backend) {
+        return false;
+    }
+    metrics.transition(&ev.vip, backend.labels.backend.clone(), ev.healthy);
+    // What the verdict does: an L7 VIP has no ring, its proxy's pool places each request.
+    match (ev.healthy, backend.l7) {
+        (true, false) => {
+            info!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend UP: back in the ring")
+        }
+        (true, true) => {
+            info!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend UP: back in the L7 pool")
+        }
+        (false, false) => {
+            warn!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend DOWN: leaves the ring, its flows re-hash")
+        }
+        (false, true) => {
+            warn!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend DOWN: leaves the L7 pool, new requests go to the others (those under way finish)")
+        }
+    }
+    verdicts.set_health(&ev.vip, ev.backend, ev.healthy)
 }
 
 #[cfg(test)]
