@@ -8,7 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use edgelb::{config::Config, health::Checker, metrics::Metrics};
+use edgelb::{
+    config::Config,
+    health::Checker,
+    metrics::{BackendLabels, Metrics},
+};
 
 mod common;
 
@@ -83,10 +87,11 @@ fn every_failed_probe_is_counted_below_fall() {
     assert_eq!(checker.reconcile(&cfg, |_, _| false), 0, "the check started");
     let until = Instant::now() + Duration::from_millis(400);
     let mut failed = 0;
+    let labels = BackendLabels { vip: "web".into(), backend: format!("127.0.0.1:{port}") };
     while let Ok(ev) = rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
         assert!(ev.healthy && !ev.changed && !ev.local_failure, "{ev:?}");
         failed += u32::from(ev.failed());
-        metrics.probed(&ev, format!("127.0.0.1:{port}"));
+        metrics.probed(&ev, &labels);
     }
     drop(checker);
     assert!(failed >= 3, "probes ran: {failed}");

@@ -145,6 +145,26 @@ pub const MIN_CONNTRACK_FLOWS: u32 = 4096;
 /// machine.
 pub const MAX_CONNTRACK_FLOWS: u32 = 1 << 20;
 
+/// Most routes one L7 VIP may have. Each request is matched against a VIP's routes in order
+/// until one takes it (the first match wins, so the order is the operator's and no index can
+/// skip ahead): every route costs every request that reaches past it a comparison of its host
+/// and path prefix, about 10 ns, some 10 µs for a request that goes past all 1024 routes. More
+/// rules than that are better written as fewer, wider ones (one `path_prefix` for a group of
+/// paths).
+pub const MAX_ROUTES: usize = 1024;
+
+/// Most L7 backend entries in the whole file: one per backend of each L7 VIP's own pool and of
+/// each of its route pools (as [`Vip::l7_backends`] lists them), as XDP VIPs have at most
+/// [`MAX_BACKENDS`] entries in all. Each request's pick goes over its pool, each proxy thread
+/// keeps state per backend, and each of a health-checked VIP's own backends has a thread of its
+/// own ([`crate::health`]): with both limits, at most 8192 health-check threads run.
+pub const MAX_L7_BACKENDS: usize = 4096;
+
+/// Health probes a second, over every check, above which the file is accepted with a caution:
+/// each probe is a connection from this node (a thread woken, a socket) and an event the
+/// controller takes in between its other work (reloads, scrapes, admin commands).
+pub const PROBE_RATE_CAUTION: f64 = 10_000.0;
+
 /// Default `[metrics] listen`: loopback only.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9110";
 
@@ -773,6 +793,44 @@ fn setting<T: Copy + Into<u64>>(
 /// A validation failure: where, and what.
 struct Invalid(Range<usize>, String);
 
+/// Entries counted against a limit of the whole file (backend entries), and where the first
+/// one past it is written: the error gives the total and points there.
+struct Tally {
+    limit: usize,
+    count: usize,
+    first_over: Range<usize>,
+}
+
+impl Tally {
+    fn new(limit: usize) -> Tally {
+        Tally { limit, count: 0, first_over: 0..0 }
+    }
+
+    /// Counts one entry, written at `at`.
+    fn add(&mut self, at: Range<usize>) {
+        self.count += 1;
+        if self.count == self.limit + 1 {
+            self.first_over = at;
+        }
+    }
+
+    /// The error for a file past the limit: "`count` `what` (`which`); at most ...".
+    fn check(&self, what: &str, which: &str) -> Result<(), Invalid> {
+        if self.count <= self.limit {
+            return Ok(());
+        }
+        bad(
+            self.first_over.clone(),
+            format!(
+                "{} {what} ({which}); at most {} are supported, and this one is entry {}",
+                self.count,
+                self.limit,
+                self.limit + 1
+            ),
+        )
+    }
+}
+
 fn bad<T>(span: Range<usize>, message: impl Into<String>) -> Result<T, Invalid> {
     Err(Invalid(span, message.into()))
 }
@@ -1074,9 +1132,13 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
     // Where each VIP's address is written, in the order of `vips`.
     let mut addresses_at = Vec::new();
     // The data plane keeps one entry per (VIP, backend address) of the VIPs XDP forwards: their
-    // count, and the first backend past the limit.
-    let mut entries = 0usize;
-    let mut first_over = 0..0;
+    // count, and the first backend past the limit; and the L7 VIPs' backends, their own pools'
+    // and their routes', are limited alike.
+    let mut xdp_entries = Tally::new(MAX_BACKENDS as usize);
+    let mut l7_entries = Tally::new(MAX_L7_BACKENDS);
+    // The probes a second of each health-checked VIP, with where its check's interval is
+    // written (or the check, for the default) and its name.
+    let mut probe_rates: Vec<(f64, Range<usize>, String)> = Vec::new();
     for v in raw.vip {
         let vspan = v.span();
         let v = v.into_inner();
@@ -1173,11 +1235,10 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
         let mut backends = Vec::new();
         for b in &v.backends {
             let address = parse_ip(&b.address, "backend address")?;
-            if forwarding != Forwarding::L7 {
-                entries += 1;
-                if entries == MAX_BACKENDS as usize + 1 {
-                    first_over = b.address.span();
-                }
+            if forwarding == Forwarding::L7 {
+                l7_entries.add(b.address.span());
+            } else {
+                xdp_entries.add(b.address.span());
             }
             // L4 backends are addresses (the client's port is kept); L7 ones are address:port.
             let port_key = if forwarding == Forwarding::L7 {
@@ -1288,7 +1349,7 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
                     return bad(vspan, "an l7 VIP must be tcp");
                 }
                 let vip = (v.name.get_ref().as_str(), vip_addr, port);
-                let l7 = l7_settings(l7.as_ref(), &v.route, vip, &mut links)?;
+                let l7 = l7_settings(l7.as_ref(), &v.route, vip, &mut links, &mut l7_entries)?;
                 if l7.algorithm == Algorithm::Hash {
                     ring_shares_ok(&v.backends, crate::proxy::balance::L7_RING, "")?;
                 }
@@ -1308,6 +1369,12 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
         if let (Some(h), Some(l7)) = (health.as_mut(), l7.as_ref()) {
             h.proxy_protocol = l7.proxy_protocol;
         }
+        // A check probes each of the VIP's own backends once an interval (`health::targets`).
+        if let (Some(h), Some(raw)) = (&health, &v.health) {
+            let at = raw.get_ref().interval_ms.as_ref().map_or(raw.span(), |i| i.span());
+            let rate = backends.len() as f64 / h.interval.as_secs_f64();
+            probe_rates.push((rate, at, v.name.get_ref().clone()));
+        }
         vips.push(Vip {
             name: v.name.into_inner(),
             address: vip_addr,
@@ -1324,15 +1391,12 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
     }
     links.no_loop()?;
     cookies_shared_between_vips(&vips, &addresses_at, cautions);
-    if entries > MAX_BACKENDS as usize {
-        return bad(
-            first_over,
-            format!(
-                "{entries} backend entries (one per backend of each VIP that XDP forwards); at most {MAX_BACKENDS} are supported, and this one is entry {}",
-                MAX_BACKENDS + 1
-            ),
-        );
-    }
+    xdp_entries.check("backend entries", "one per backend of each VIP that XDP forwards")?;
+    l7_entries.check(
+        "L7 backend entries",
+        "one per backend of each l7 VIP's own pool and of each of its route pools",
+    )?;
+    probe_rate_ok(&probe_rates, cautions);
     mtu_fits_ipv6(node.mtu, mtu_span, &vips)?;
     let metrics = match raw.metrics {
         None => Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
@@ -1424,12 +1488,14 @@ fn mtu_fits_ipv6(mtu: u32, span: Range<usize>, vips: &[Vip]) -> Result<(), Inval
 }
 
 /// The `[vip.l7]` settings and routes of L7 VIP `vip` (name, address, port); route backends
-/// that are other L7 VIPs' listeners go to `links`, which refuses a loop of them.
+/// that are other L7 VIPs' listeners go to `links`, which refuses a loop of them, and every
+/// route backend is counted in `entries`.
 fn l7_settings(
     l7: Option<&raw::Sp<raw::L7>>,
     routes: &[raw::Sp<raw::Route>],
     (vip_name, vip_addr, port): (&str, IpAddr, u16),
     links: &mut L7Links,
+    entries: &mut Tally,
 ) -> Result<L7, Invalid> {
     let empty = raw::L7 {
         mode: None,
@@ -1524,8 +1590,19 @@ fn l7_settings(
             ),
         );
     }
+    if let Some(r) = routes.get(MAX_ROUTES) {
+        return bad(
+            r.span(),
+            format!(
+                "{} routes in this VIP, and at most {MAX_ROUTES} routes are supported (this is route {}): each request is matched against the routes in order until one takes it; write fewer, wider routes (one path_prefix for a group of paths)",
+                routes.len(),
+                MAX_ROUTES + 1
+            ),
+        );
+    }
     let normalize_path = l.normalize_path.as_ref().is_none_or(|f| *f.get_ref());
-    let mut out_routes = Vec::new();
+    let mut out_routes: Vec<Route> = Vec::new();
+    let mut earlier = EarlierRoutes::default();
     for r in routes {
         let span = r.span();
         let r = r.get_ref();
@@ -1541,6 +1618,7 @@ fn l7_settings(
             return bad(h.span(), m);
         }
         let mut backends: Vec<Backend> = Vec::new();
+        let mut seen = HashSet::new();
         for b in &r.backends {
             let address = parse_ip(&b.address, "backend address")?;
             let weight = setting(&b.weight, 1, "weight")?;
@@ -1551,7 +1629,8 @@ fn l7_settings(
             let vip = (vip_addr, port);
             backend_address_ok(b.address.span(), address, bport, vip, Forwarding::L7)?;
             links.note(vip_name, address, bport, b.address.span());
-            if backends.iter().any(|o| o.address == address && o.port == bport) {
+            entries.add(b.address.span());
+            if !seen.insert((address, bport)) {
                 return bad(
                     b.address.span(),
                     format!("backend {address}:{bport} is listed twice in this route"),
@@ -1571,15 +1650,7 @@ fn l7_settings(
         // never get one, which is a mistake (usually the more specific route written second).
         let host = r.host.as_ref().map(|h| crate::proxy::route_host(h.get_ref()));
         let path = r.path_prefix.as_ref().map(|p| p.get_ref().as_str());
-        if let Some(earlier) = out_routes.iter().find(|e: &&Route| {
-            let host_covered = e
-                .host
-                .as_ref()
-                .is_none_or(|h| host.as_deref() == Some(crate::proxy::route_host(h).as_str()));
-            let path_covered =
-                e.path_prefix.as_deref().is_none_or(|p| path.is_some_and(|q| q.starts_with(p)));
-            host_covered && path_covered
-        }) {
+        if let Some(earlier) = earlier.hiding(host.as_deref(), path).map(|i| &out_routes[i]) {
             let matcher = |h: Option<&str>, p: Option<&str>| {
                 [h.map(|h| format!("host = \"{h}\"")), p.map(|p| format!("path_prefix = \"{p}\""))]
                     .into_iter()
@@ -1596,6 +1667,7 @@ fn l7_settings(
                 ),
             );
         }
+        earlier.push(host, path);
         out_routes.push(Route {
             host: r.host.as_ref().map(|h| h.get_ref().to_ascii_lowercase()),
             path_prefix: r.path_prefix.as_ref().map(|p| p.get_ref().clone()),
@@ -1689,6 +1761,75 @@ fn l7_settings(
         max_fails: setting(&l.max_fails, 3, "max_fails")?,
         fail_timeout: ms(&l.fail_timeout_ms, 10_000, "fail_timeout_ms")?,
     })
+}
+
+/// The routes of one VIP checked so far, for the check that none is hidden by an earlier one
+/// (which takes every request it would). Only a route of the same host, or of any host, can
+/// hide a route with a host, and only one of any host a route without: each route is compared
+/// with those alone, found by its host in a map, rather than with every route before it (a
+/// VIP with a route per host costs a map lookup a route, not a comparison with every earlier
+/// route: thousands of routes took seconds, on the controller's thread during a reload).
+#[derive(Default)]
+struct EarlierRoutes<'a> {
+    /// The path prefix of each route, in order (an index is the route's in the VIP).
+    paths: Vec<Option<&'a str>>,
+    /// The indices of the routes of each host (as routes compare it: `proxy::route_host`).
+    of_host: std::collections::HashMap<String, Vec<usize>>,
+    /// The indices of the routes without a host.
+    any_host: Vec<usize>,
+    /// Earlier routes compared with a later one, all routes together: what a test measures
+    /// to see that routes of different hosts are not compared with each other.
+    compared: usize,
+}
+
+impl<'a> EarlierRoutes<'a> {
+    /// The first earlier route (its index) that takes every request a route of `host` (as
+    /// routes compare it) and `path` would, if one does.
+    fn hiding(&mut self, host: Option<&str>, path: Option<&str>) -> Option<usize> {
+        let same_host = host.and_then(|h| self.of_host.get(h)).map_or(&[][..], Vec::as_slice);
+        let mut first = None::<usize>;
+        for list in [&self.any_host[..], same_host] {
+            for &i in list {
+                self.compared += 1;
+                if self.paths[i].is_none_or(|p| path.is_some_and(|q| q.starts_with(p))) {
+                    first = Some(first.map_or(i, |f| f.min(i)));
+                    // Each list is in order: its first is its earliest.
+                    break;
+                }
+            }
+        }
+        first
+    }
+
+    /// Adds the next route: of `host` (as routes compare it), with `path`.
+    fn push(&mut self, host: Option<String>, path: Option<&'a str>) {
+        let i = self.paths.len();
+        self.paths.push(path);
+        match host {
+            Some(h) => self.of_host.entry(h).or_default().push(i),
+            None => self.any_host.push(i),
+        }
+    }
+}
+
+/// Adds a caution when the health checks of every VIP together probe more than
+/// [`PROBE_RATE_CAUTION`] times a second; `rates` holds each checked VIP's probes a second,
+/// where its interval is written and its name. The caution is at the VIP that probes most.
+fn probe_rate_ok(rates: &[(f64, Range<usize>, String)], cautions: &mut Vec<Invalid>) {
+    let total: f64 = rates.iter().map(|(r, ..)| r).sum();
+    if total <= PROBE_RATE_CAUTION {
+        return;
+    }
+    // The first of those that probe most: `max_by` keeps the last of equals.
+    let Some((rate, at, name)) = rates.iter().rev().max_by(|a, b| a.0.total_cmp(&b.0)) else {
+        return;
+    };
+    cautions.push(Invalid(
+        at.clone(),
+        format!(
+            "VIP `{name}`: the health checks of every VIP together make about {total:.0} probes a second, more than {PROBE_RATE_CAUTION:.0} (this VIP's, {rate:.0} a second, the most): each probe is a connection from this node and an event the controller takes in between reloads, scrapes and admin commands; raise interval_ms (2000 by default), or check fewer backends"
+        ),
+    ));
 }
 
 /// Browsers keep cookies by host, whatever the port (RFC 6265 8.5), and a cookie with `Domain`

@@ -22,7 +22,7 @@ use std::{
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{error, info, warn};
 
-use self::verdicts::Verdicts;
+use self::verdicts::{Checked, Verdicts};
 use crate::{
     admin::{
         self, AdminError, Answer, BackendStatus, ConntrackStatus, HandedSocket, HandedVip,
@@ -104,6 +104,24 @@ pub enum RunError {
 /// How often counters are sampled for rates (and logged at debug level when they changed).
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
+/// Most health events the loop takes in at a turn before it goes on to signals, scrapes and
+/// admin requests: every probe's result is an event (thousands a second on a large config),
+/// and a backlog of them must not hold the rest up. Events left wait for the next turn, which
+/// comes without waiting; none is dropped.
+const HEALTH_EVENTS_PER_TURN: usize = 1024;
+
+/// Takes at most `max` of the messages waiting on `rx`, each to `on`, without waiting for
+/// more; true when it took `max` (more may be waiting, for the next call: none is dropped).
+fn take_some<T>(rx: &Receiver<T>, max: usize, mut on: impl FnMut(T)) -> bool {
+    let mut taken = 0;
+    while taken < max {
+        let Ok(m) = rx.try_recv() else { return false };
+        on(m);
+        taken += 1;
+    }
+    true
+}
+
 /// Packet and byte rates from the last two counter samples.
 #[derive(Default)]
 struct Rates {
@@ -163,6 +181,9 @@ struct Controller {
     dp: Dataplane,
     checker: Checker,
     health_rx: Receiver<HealthEvent>,
+    /// The health-checked backends of `cfg`, by VIP and backend, for the health events: made
+    /// anew with `cfg` ([`Controller::set_config`]).
+    checked: Checked,
     admin_rx: Receiver<Pending>,
     scrape_rx: Receiver<Scrape>,
     metrics: Metrics,
@@ -350,6 +371,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         info!(pin_dir = %cfg.node.pin_dir.display(), "a previous edgelb left the data plane running: adopting it");
     }
     let (health_tx, health_rx) = mpsc::channel();
+    let checked = Checked::new(&cfg);
     let mut ctl = Controller {
         // Absolute, as the operator's commands name it from wherever they run: `status` says
         // which file runs, and a refused reload which file to edit.
@@ -358,6 +380,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         dp,
         checker: Checker::new(health_tx),
         health_rx,
+        checked,
         admin_rx,
         scrape_rx,
         metrics: Metrics::new(),
@@ -949,6 +972,7 @@ impl Controller {
                     warn!("handover: a stop signal; cutting the handover short");
                     stopped = Some(cut.now());
                 }
+                false
             })
             .unwrap_or(HandoverEnd::AbandonedAfterCommit);
         let cut_short = stopped == Some(true);
@@ -1035,16 +1059,22 @@ impl Controller {
         info!(checks = self.checker.len(), admin = %path.display(), "edgelb running again");
     }
 
-    /// Takes in the health events waiting (and writes the maps if one changed a verdict). Done
-    /// before a handover too, so that a backend found dead just before it is handed over dead.
-    fn apply_pending_health(&mut self) {
+    /// Takes in at most `max` of the health events waiting (and writes the maps if one changed
+    /// a verdict); true when it took `max`, and more may wait for the next call. The loops take
+    /// [`HEALTH_EVENTS_PER_TURN`] at a turn; before a handover, a reload or a restart of
+    /// checks every event waiting is taken in (`usize::MAX`: until none waits), so that a
+    /// backend found dead just before it is handed over dead, and a check restarted starts
+    /// from the latest verdict. That ends: each check sends one event an interval.
+    fn apply_pending_health(&mut self, max: usize) -> bool {
         let mut changed = false;
-        while let Ok(ev) = self.health_rx.try_recv() {
-            changed |= self.on_health(ev);
-        }
+        let Self { health_rx, checker, checked, metrics, verdicts, .. } = self;
+        let more = take_some(health_rx, max, |ev| {
+            changed |= on_health(ev, checker, checked, metrics, verdicts);
+        });
         if changed {
             self.apply_logged("health change");
         }
+        more
     }
 
     /// The answer to a handover request: every listening socket (each L7 thread's, the metrics
@@ -1095,22 +1125,25 @@ impl Controller {
     }
 
     /// Answers metrics scrapes until `done` gives a value (returned) or hangs up, at most `max`,
-    /// running `tick` between scrapes (every 20 ms at most).
+    /// running `tick` between scrapes (every 20 ms at most; at once again while `tick` says it
+    /// left work for the next one).
     fn answer_scrapes_until<T>(
         &mut self,
         done: &mpsc::Receiver<T>,
         max: Duration,
-        mut tick: impl FnMut(&mut Self),
+        mut tick: impl FnMut(&mut Self) -> bool,
     ) -> Option<T> {
         let end = Instant::now() + max;
+        let mut busy = false;
         while Instant::now() < end {
-            match done.recv_timeout(Duration::from_millis(20)) {
+            let wait = if busy { Duration::ZERO } else { Duration::from_millis(20) };
+            match done.recv_timeout(wait) {
                 Ok(v) => return Some(v),
                 Err(RecvTimeoutError::Disconnected) => return None,
                 Err(RecvTimeoutError::Timeout) => {}
             }
             self.answer_scrapes();
-            tick(self);
+            busy = tick(self);
         }
         None
     }
@@ -1141,7 +1174,7 @@ impl Controller {
             let _ = tx.send(());
         });
         self.answer_scrapes_until(&rx, grace + Duration::from_secs(5), |ctl| {
-            ctl.apply_pending_health();
+            let more = ctl.apply_pending_health(HEALTH_EVENTS_PER_TURN);
             if let Some(s) = signals.as_deref_mut()
                 && s.pending().any(|sig| sig != SIGHUP)
             {
@@ -1172,6 +1205,7 @@ impl Controller {
                 };
                 let _ = reply.send(resp.into());
             }
+            more
         });
         let _ = drain.join();
         // Its threads have ended.
@@ -1184,7 +1218,7 @@ impl Controller {
         // What the running checks sent and the loop has not taken in yet comes first: a check
         // restarted below starts from the controller's verdict, which must be up to date (a
         // flip left queued would arrive from a stopped check, and be dropped as stale).
-        self.apply_pending_health();
+        self.apply_pending_health(usize::MAX);
         self.checks_missing = self.checker.reconcile(&self.cfg, |v, b| self.verdicts.is_down(v, b));
         self.metrics.checks_missing(self.checks_missing);
     }
@@ -1241,10 +1275,13 @@ impl Controller {
                     return Exit::Detach;
                 }
             }
-            self.apply_pending_health();
-            match self.admin_rx.recv_timeout(Duration::from_millis(50)) {
+            // With events left for the next turn, the admin socket is looked at without
+            // waiting: they are taken in again right after the scrapes and admin requests.
+            let more = self.apply_pending_health(HEALTH_EVENTS_PER_TURN);
+            let wait = if more { Duration::ZERO } else { Duration::from_millis(50) };
+            match self.admin_rx.recv_timeout(wait) {
                 Ok((Request::Handover, reply)) => {
-                    self.apply_pending_health();
+                    self.apply_pending_health(usize::MAX);
                     match self.handover_answer() {
                         Ok(answer) => return Exit::Handover(reply, Box::new(answer)),
                         Err(reason) => {
@@ -1312,41 +1349,11 @@ impl Controller {
         self.renamed = renamed;
     }
 
-    fn on_health(&mut self, ev: HealthEvent) -> bool {
-        if ev.local_failure {
-            self.metrics.probe_local_error();
-        }
-        if !self.checker.is_current(ev.check) {
-            return false; // from a check stopped since: the one that replaced it speaks now
-        }
-        let Some((vip, backend)) = Verdicts::checked_backend(&self.cfg, &ev.vip, ev.backend) else {
-            return false; // a check that was just reconciled away
-        };
-        let label = backend_label(vip, backend);
-        self.metrics.probed(&ev, label.clone());
-        // Every probe reports the checker's verdict, so a restarted check (which starts healthy)
-        // also corrects the controller's view.
-        if ev.healthy != self.verdicts.is_down(&ev.vip, ev.backend) {
-            return false;
-        }
-        self.metrics.transition(&ev.vip, label, ev.healthy);
-        // What the verdict does: an L7 VIP has no ring, its proxy's pool places each request.
-        let l7 = vip.forwarding == Forwarding::L7;
-        match (ev.healthy, l7) {
-            (true, false) => {
-                info!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend UP: back in the ring")
-            }
-            (true, true) => {
-                info!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend UP: back in the L7 pool")
-            }
-            (false, false) => {
-                warn!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend DOWN: leaves the ring, its flows re-hash")
-            }
-            (false, true) => {
-                warn!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend DOWN: leaves the L7 pool, new requests go to the others (those under way finish)")
-            }
-        }
-        self.verdicts.set_health(&ev.vip, ev.backend, ev.healthy)
+    /// Puts `cfg` in force (the health-checked backends with it), returning the config it
+    /// replaces.
+    fn set_config(&mut self, cfg: Config) -> Config {
+        self.checked = Checked::new(&cfg);
+        std::mem::replace(&mut self.cfg, cfg)
     }
 
     fn on_admin(&mut self, req: Request) -> Response {
@@ -1548,8 +1555,8 @@ impl Controller {
         // they were sent for: checked against the new one, a flip from a VIP it renames, or
         // from an XDP VIP whose port it changes (another backend id), would be dropped, and the
         // restarted check would start from the verdict before it.
-        self.apply_pending_health();
-        let old = std::mem::replace(&mut self.cfg, new);
+        self.apply_pending_health(usize::MAX);
+        let old = self.set_config(new);
         let old_verdicts = self.verdicts.clone();
         let carried = self.verdicts.carry_over(&HandedVip::all(&old), &self.cfg);
         match self.apply() {
@@ -1586,7 +1593,7 @@ impl Controller {
             Err(e) => {
                 // The maps are brought back to the running config, which stays: nothing of the
                 // rejected file is left half-written, and later health changes still apply.
-                self.cfg = old;
+                self.set_config(old);
                 self.verdicts = old_verdicts;
                 error!(error = %e, "reload rejected: updating the maps failed");
                 if let Err(back) = self.apply() {
@@ -1787,6 +1794,52 @@ impl Controller {
     }
 }
 
+/// Takes in one health event: counts it, and records the verdict it brings if that changes
+/// the backend's state (true then: the maps are to be written). An event of a check stopped
+/// since, or of a backend `checked` no longer has, is only counted as a local failure, if it is
+/// one. Apart from the controller (the pieces of it that it uses) so that the loop can take
+/// events from its channel while it holds them.
+fn on_health(
+    ev: HealthEvent,
+    checker: &Checker,
+    checked: &Checked,
+    metrics: &Metrics,
+    verdicts: &mut Verdicts,
+) -> bool {
+    if ev.local_failure {
+        metrics.probe_local_error();
+    }
+    if !checker.is_current(ev.check) {
+        return false; // from a check stopped since: the one that replaced it speaks now
+    }
+    let Some(backend) = checked.get(&ev.vip, ev.backend) else {
+        return false; // a check that was just reconciled away
+    };
+    metrics.probed(&ev, &backend.labels);
+    // Every probe reports the checker's verdict, so a restarted check (which starts healthy)
+    // also corrects the controller's view.
+    if ev.healthy != verdicts.is_down(&ev.vip, ev.backend) {
+        return false;
+    }
+    metrics.transition(&ev.vip, backend.labels.backend.clone(), ev.healthy);
+    // What the verdict does: an L7 VIP has no ring, its proxy's pool places each request.
+    match (ev.healthy, backend.l7) {
+        (true, false) => {
+            info!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend UP: back in the ring")
+        }
+        (true, true) => {
+            info!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend UP: back in the L7 pool")
+        }
+        (false, false) => {
+            warn!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend DOWN: leaves the ring, its flows re-hash")
+        }
+        (false, true) => {
+            warn!(vip = %ev.vip, backend = %ev.backend, reason = %ev.reason, "backend DOWN: leaves the L7 pool, new requests go to the others (those under way finish)")
+        }
+    }
+    verdicts.set_health(&ev.vip, ev.backend, ev.healthy)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1839,6 +1892,31 @@ mod tests {
         assert_eq!(seen.lost, ["a"], "{seen:?}");
         assert_eq!(seen.renamed, [("d".to_owned(), "y".to_owned())], "{seen:?}");
         assert!(seen.untold.is_empty());
+    }
+
+    /// One turn of the loop takes at most its share of the health events waiting and says
+    /// that more may wait; the next turns take the rest, in order, none lost; a take of
+    /// everything (before a reload) goes on until none waits.
+    #[test]
+    fn a_turn_takes_a_bounded_share_of_the_events_waiting() {
+        let (tx, rx) = mpsc::channel();
+        for i in 0..(2 * HEALTH_EVENTS_PER_TURN + 5) {
+            tx.send(i).unwrap();
+        }
+        let mut taken = Vec::new();
+        assert!(take_some(&rx, HEALTH_EVENTS_PER_TURN, |i| taken.push(i)), "more may wait");
+        assert_eq!(taken.len(), HEALTH_EVENTS_PER_TURN);
+        assert!(take_some(&rx, HEALTH_EVENTS_PER_TURN, |i| taken.push(i)));
+        assert_eq!(taken.len(), 2 * HEALTH_EVENTS_PER_TURN);
+        assert!(!take_some(&rx, HEALTH_EVENTS_PER_TURN, |i| taken.push(i)), "none left");
+        assert_eq!(taken, (0..2 * HEALTH_EVENTS_PER_TURN + 5).collect::<Vec<_>>());
+        assert!(!take_some(&rx, HEALTH_EVENTS_PER_TURN, |i| taken.push(i)));
+        for i in 0..3 * HEALTH_EVENTS_PER_TURN {
+            tx.send(i).unwrap();
+        }
+        let mut all = 0;
+        assert!(!take_some(&rx, usize::MAX, |_| all += 1));
+        assert_eq!(all, 3 * HEALTH_EVENTS_PER_TURN);
     }
 
     /// A reload is refused only for what it cannot apply, and says which keys those are; the

@@ -3,19 +3,67 @@
 //! Kept apart from the controller's I/O so that the effective config written to the maps is one
 //! function of this state and the config, testable without a data plane.
 
-use std::{collections::HashSet, net::SocketAddr};
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+};
 
 use tracing::{error, warn};
 
 use crate::{
     admin::{BackendRef, HandedVip},
     config::{Backend, Config, Forwarding, Vip},
+    metrics::{BackendLabels, backend_label},
 };
 
 /// A backend's identity for health: its address and port (an L7 VIP may list one address on
 /// several ports; an XDP VIP's backends carry the VIP's port).
 pub(super) fn id(b: &Backend) -> SocketAddr {
     SocketAddr::new(b.address, b.port)
+}
+
+/// The health-checked backends of a config (a checked VIP's own backends, which
+/// `health::Checker` probes), by VIP name and backend address and port. Every probe's event is
+/// looked up here, thousands a second on a large config: a map, built once per config, in
+/// place of a scan of the VIP's backends (and the backend's metric labels written anew) for
+/// each event.
+#[derive(Default)]
+pub(super) struct Checked {
+    vips: HashMap<String, HashMap<SocketAddr, CheckedBackend>>,
+}
+
+/// A health-checked backend, as [`Checked`] finds it.
+pub(super) struct CheckedBackend {
+    /// Its VIP is an L7 one (no ring: its proxy's pool places each request).
+    pub(super) l7: bool,
+    /// The labels of its health metrics ([`backend_label`]).
+    pub(super) labels: BackendLabels,
+}
+
+impl Checked {
+    /// The checked backends of `cfg`.
+    pub(super) fn new(cfg: &Config) -> Checked {
+        let vips = cfg
+            .vips
+            .iter()
+            .filter(|v| v.health.is_some())
+            .map(|v| {
+                let backends = v.backends.iter().map(|b| {
+                    let labels =
+                        BackendLabels { vip: v.name.clone(), backend: backend_label(v, b) };
+                    (id(b), CheckedBackend { l7: v.forwarding == Forwarding::L7, labels })
+                });
+                (v.name.clone(), backends.collect())
+            })
+            .collect();
+        Checked { vips }
+    }
+
+    /// The backend `backend` (address and port) of `vip`, if a check of the config probes
+    /// it: a check reconciled away may still report a probe that was in flight.
+    pub(super) fn get(&self, vip: &str, backend: SocketAddr) -> Option<&CheckedBackend> {
+        self.vips.get(vip)?.get(&backend)
+    }
 }
 
 /// What [`Verdicts::carry_over`] did, for the log and the operator.
@@ -126,22 +174,6 @@ impl Verdicts {
     /// Is `vip` serving all its backends because every one that should take new flows is down?
     pub(super) fn is_fail_open(&self, vip: &str) -> bool {
         self.fail_open.contains(vip)
-    }
-
-    /// Does `cfg` still have the health check a verdict on (`vip`, `backend`) comes from? A
-    /// check reconciled away may still report a probe that was in flight.
-    pub(super) fn checked(cfg: &Config, vip: &str, backend: SocketAddr) -> bool {
-        Self::checked_backend(cfg, vip, backend).is_some()
-    }
-
-    /// [`Verdicts::checked`], with the VIP and backend the check is on.
-    pub(super) fn checked_backend<'c>(
-        cfg: &'c Config,
-        vip: &str,
-        backend: SocketAddr,
-    ) -> Option<(&'c Vip, &'c Backend)> {
-        let v = cfg.vips.iter().find(|v| v.name == vip && v.health.is_some())?;
-        Some((v, v.backends.iter().find(|b| id(b) == backend)?))
     }
 
     /// Records a health verdict; true if it changed the backend's state.
@@ -350,7 +382,8 @@ impl Verdicts {
     /// shows nowhere and `undrain` could not name it, yet it would come back to life with the
     /// backend, which would then rejoin drained. Returns the drains forgotten, for the log.
     pub(super) fn reconcile(&mut self, cfg: &Config) -> Vec<(Option<String>, BackendRef)> {
-        self.down.retain(|(v, a)| Self::checked(cfg, v, *a));
+        let checked = Checked::new(cfg);
+        self.down.retain(|(v, a)| checked.get(v, *a).is_some());
         let listed = |vip: &Option<String>, r: &BackendRef| {
             cfg.vips.iter().any(|v| {
                 vip.as_ref().is_none_or(|n| *n == v.name)
@@ -905,16 +938,44 @@ mod tests {
     fn verdicts_of_checks_reconciled_away_are_dropped_and_not_taken_again() {
         let mut v = Verdicts::default();
         let checked = cfg(&[(A, 1), (B, 1)], true);
-        assert!(Verdicts::checked(&checked, "web", at(A)));
+        let is_checked =
+            |c: &Config, vip: &str, b: SocketAddr| Checked::new(c).get(vip, b).is_some();
+        assert!(is_checked(&checked, "web", at(A)));
         v.set_health("web", at(A), false);
         let unchecked = cfg(&[(A, 1), (B, 1)], false);
         v.reconcile(&unchecked);
         assert!(!v.is_down("web", at(A)));
         // The probe that was in flight when the check went must not count.
-        assert!(!Verdicts::checked(&unchecked, "web", at(A)));
-        assert!(!Verdicts::checked(&checked, "other", at(A)));
-        assert!(!Verdicts::checked(&checked, "web", at("198.18.0.99")));
-        assert!(!Verdicts::checked(&checked, "web", SocketAddr::new(ip(A), 81)), "another port");
+        assert!(!is_checked(&unchecked, "web", at(A)));
+        assert!(!is_checked(&checked, "other", at(A)));
+        assert!(!is_checked(&checked, "web", at("198.18.0.99")));
+        assert!(!is_checked(&checked, "web", SocketAddr::new(ip(A), 81)), "another port");
+    }
+
+    /// Health events are looked up by VIP name and backend address and port: an L7 VIP's
+    /// backends on one address apart, each with its health metrics' labels; nothing of a VIP
+    /// without a check, of another VIP or of a route pool (which no check probes).
+    #[test]
+    fn checked_backends_are_found_by_vip_address_and_port() {
+        let c = Config::parse(
+            "[node]\ninterfaces = [\"lo\"]\nencap_source_v4 = \"198.19.0.0/16\"\ngateway_mac = \"02:00:00:00:00:fe\"\n[[vip]]\nname = \"web7\"\naddress = \"127.0.0.1\"\nport = 8000\nforwarding = \"l7\"\nbackends = [{ address = \"127.0.0.1\", port = 8001 }, { address = \"127.0.0.1\", port = 8002 }]\n[vip.health]\n[[vip.route]]\npath_prefix = \"/r/\"\nbackends = [{ address = \"127.0.0.3\", port = 8001 }]\n[[vip]]\nname = \"web\"\naddress = \"198.18.1.1\"\nport = 80\nbackends = [{ address = \"198.18.0.11\" }]\n[[vip]]\nname = \"checked\"\naddress = \"198.18.1.2\"\nport = 80\nbackends = [{ address = \"198.18.0.11\" }]\n[vip.health]\n",
+            "t.toml".as_ref(),
+        )
+        .expect("valid");
+        let checked = Checked::new(&c);
+        let found = |vip: &str, b: &str| {
+            checked.get(vip, b.parse().unwrap()).map(|f| (f.l7, f.labels.backend.clone()))
+        };
+        assert_eq!(found("web7", "127.0.0.1:8001"), Some((true, "127.0.0.1:8001".into())));
+        assert_eq!(found("web7", "127.0.0.1:8002"), Some((true, "127.0.0.1:8002".into())));
+        assert_eq!(found("web7", "127.0.0.1:8003"), None, "another port");
+        assert_eq!(found("web7", "127.0.0.3:8001"), None, "a route pool's");
+        assert_eq!(found("checked", "198.18.0.11:80"), Some((false, "198.18.0.11".into())));
+        assert_eq!(found("web", "198.18.0.11:80"), None, "a VIP without a check");
+        assert_eq!(
+            checked.get("web7", "127.0.0.1:8001".parse().unwrap()).unwrap().labels.vip,
+            "web7"
+        );
     }
 
     #[test]

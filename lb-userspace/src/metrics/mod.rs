@@ -288,24 +288,33 @@ impl Metrics {
         }
     }
 
-    /// Records a successful probe's latency (`backend` as [`backend_label`] writes it).
-    pub fn observe_probe(&self, vip: &str, backend: String, latency: Duration) {
-        let labels = BackendLabels { vip: vip.to_owned(), backend };
-        self.health_latency.get_or_create(&labels).observe(latency.as_secs_f64());
-        self.health_series.lock().unwrap_or_else(PoisonError::into_inner).insert(labels);
+    /// Records a successful probe's latency (the backend as [`backend_label`] writes it).
+    pub fn observe_probe(&self, labels: &BackendLabels, latency: Duration) {
+        self.health_latency.get_or_create(labels).observe(latency.as_secs_f64());
+        self.note_health_series(labels);
     }
 
-    /// Records one probe of a checked backend (`backend` as [`backend_label`] writes it), as
+    /// Records one probe of a checked backend (the backend as [`backend_label`] writes it), as
     /// the controller gets it: a successful one's latency, or a failed one in
     /// `edgelb_health_check_failures_total` (not one that failed on this node's side, which
-    /// [`Metrics::probe_local_error`] counts).
-    pub fn probed(&self, ev: &crate::health::HealthEvent, backend: String) {
+    /// [`Metrics::probe_local_error`] counts). The labels are borrowed: every probe comes
+    /// here (thousands a second on a large config), and nothing is allocated for one whose
+    /// series exist.
+    pub fn probed(&self, ev: &crate::health::HealthEvent, labels: &BackendLabels) {
         if let Some(latency) = ev.latency {
-            self.observe_probe(&ev.vip, backend, latency);
+            self.observe_probe(labels, latency);
         } else if ev.failed() {
-            let labels = BackendLabels { vip: ev.vip.clone(), backend };
-            self.health_failures.get_or_create(&labels).inc();
-            self.health_series.lock().unwrap_or_else(PoisonError::into_inner).insert(labels);
+            self.health_failures.get_or_create(labels).inc();
+            self.note_health_series(labels);
+        }
+    }
+
+    /// Notes that `labels` has health series, for [`Metrics::retain`] to remove; copied only
+    /// the first time.
+    fn note_health_series(&self, labels: &BackendLabels) {
+        let mut series = self.health_series.lock().unwrap_or_else(PoisonError::into_inner);
+        if !series.contains(labels) {
+            series.insert(labels.clone());
         }
     }
 
@@ -555,9 +564,10 @@ mod tests {
             ..failed_probe("web", b, false)
         };
         for _ in 0..3 {
-            m.probed(&failed_probe("web", b, false), backend_label(vip, b));
-            m.probed(&failed_probe("web", b, true), backend_label(vip, b));
-            m.probed(&ok, backend_label(vip, b));
+            let labels = BackendLabels { vip: "web".into(), backend: backend_label(vip, b) };
+            m.probed(&failed_probe("web", b, false), &labels);
+            m.probed(&failed_probe("web", b, true), &labels);
+            m.probed(&ok, &labels);
         }
         let text = m.encode();
         let l = "vip=\"web\",backend=\"198.18.0.11\"";
@@ -677,7 +687,8 @@ mod tests {
         // A family shows in /metrics once it has a series: give each one.
         let m = Metrics::new();
         m.retain(&config(&[11], false));
-        m.observe_probe("web", "198.18.0.11".into(), Duration::from_millis(1));
+        let labels = BackendLabels { vip: "web".to_owned(), backend: "198.18.0.11".to_owned() };
+        m.observe_probe(&labels, Duration::from_millis(1));
         let l7 = &m.l7;
         let vip = crate::proxy::VipLabel { vip: "app".to_owned() };
         let (app, class) = ("app".to_owned(), "2xx".to_owned());
@@ -750,8 +761,9 @@ mod tests {
         for vip in &before.vips {
             for b in &vip.backends {
                 let label = backend_label(vip, b);
-                m.observe_probe(&vip.name, label.clone(), Duration::from_millis(2));
-                m.probed(&failed_probe(&vip.name, b, false), label.clone());
+                let labels = BackendLabels { vip: vip.name.clone(), backend: label.clone() };
+                m.observe_probe(&labels, Duration::from_millis(2));
+                m.probed(&failed_probe(&vip.name, b, false), &labels);
                 m.transition(&vip.name, label.clone(), false);
                 m.transition(&vip.name, label.clone(), true);
                 m.transition(&vip.name, label, true);
