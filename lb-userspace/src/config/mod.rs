@@ -165,6 +165,12 @@ pub const MAX_L7_BACKENDS: usize = 4096;
 /// controller takes in between its other work (reloads, scrapes, admin commands).
 pub const PROBE_RATE_CAUTION: f64 = 10_000.0;
 
+/// Health probes a second, over every check, above which the file is refused: as many
+/// connections a second from this node, and as many threads woken, leave the controller, which
+/// takes every probe's event in, no time for its other work (it fell behind and stopped
+/// answering `stop` at 100 000 a second), and flood the backends. No pool needs it.
+pub const PROBE_RATE_MAX: f64 = 50_000.0;
+
 /// Default `[metrics] listen`: loopback only.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9110";
 
@@ -1396,7 +1402,7 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
         "L7 backend entries",
         "one per backend of each l7 VIP's own pool and of each of its route pools",
     )?;
-    probe_rate_ok(&probe_rates, cautions);
+    probe_rate_ok(&probe_rates, cautions)?;
     mtu_fits_ipv6(node.mtu, mtu_span, &vips)?;
     let metrics = match raw.metrics {
         None => Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
@@ -1813,23 +1819,33 @@ impl<'a> EarlierRoutes<'a> {
 }
 
 /// Adds a caution when the health checks of every VIP together probe more than
-/// [`PROBE_RATE_CAUTION`] times a second; `rates` holds each checked VIP's probes a second,
-/// where its interval is written and its name. The caution is at the VIP that probes most.
-fn probe_rate_ok(rates: &[(f64, Range<usize>, String)], cautions: &mut Vec<Invalid>) {
+/// [`PROBE_RATE_CAUTION`] times a second, and refuses them over [`PROBE_RATE_MAX`]; `rates`
+/// holds each checked VIP's probes a second, where its interval is written and its name. Either
+/// is said at the VIP that probes most.
+fn probe_rate_ok(
+    rates: &[(f64, Range<usize>, String)],
+    cautions: &mut Vec<Invalid>,
+) -> Result<(), Invalid> {
     let total: f64 = rates.iter().map(|(r, ..)| r).sum();
     if total <= PROBE_RATE_CAUTION {
-        return;
+        return Ok(());
     }
     // The first of those that probe most: `max_by` keeps the last of equals.
     let Some((rate, at, name)) = rates.iter().rev().max_by(|a, b| a.0.total_cmp(&b.0)) else {
-        return;
+        return Ok(());
     };
-    cautions.push(Invalid(
+    let limit = if total > PROBE_RATE_MAX { PROBE_RATE_MAX } else { PROBE_RATE_CAUTION };
+    let said = Invalid(
         at.clone(),
         format!(
-            "VIP `{name}`: the health checks of every VIP together make about {total:.0} probes a second, more than {PROBE_RATE_CAUTION:.0} (this VIP's, {rate:.0} a second, the most): each probe is a connection from this node and an event the controller takes in between reloads, scrapes and admin commands; raise interval_ms (2000 by default), or check fewer backends"
+            "VIP `{name}`: the health checks of every VIP together make about {total:.0} probes a second, more than {limit:.0} (this VIP's, {rate:.0} a second, the most): each probe is a connection from this node and an event the controller takes in between reloads, scrapes and admin commands; raise interval_ms (2000 by default), or check fewer backends"
         ),
-    ));
+    );
+    if total > PROBE_RATE_MAX {
+        return Err(said);
+    }
+    cautions.push(said);
+    Ok(())
 }
 
 /// Browsers keep cookies by host, whatever the port (RFC 6265 8.5), and a cookie with `Domain`

@@ -2874,7 +2874,8 @@ fn l7_backend_entries_are_capped() {
 /// Health checks that probe more than 10 000 times a second in all (checked backends over
 /// their intervals, every VIP together) are accepted with a caution at the check of the VIP
 /// that probes most: each probe is a connection from this node and an event the controller
-/// takes in.
+/// takes in. Over 50 000 a second they are refused: at 100 000 the controller fell behind and
+/// stopped answering `stop` while its memory grew.
 #[test]
 fn a_very_high_health_probe_rate_is_cautioned() {
     let vip = |name: &str, port: u16, backends: usize, interval: u64| {
@@ -2902,4 +2903,11 @@ fn a_very_high_health_probe_rate_is_cautioned() {
     assert!(caution.starts_with(&at_last(&t, "100\n")) && caution.contains("VIP `b`"), "{caution}");
     // 1100 every 200 ms: 5500 a second, no caution.
     assert!(parse(&format!("{NODE}{}", vip("calm", 80, 1100, 200))).unwrap().cautions.is_empty());
+    // Over 50 000 a second, refused, at the same place: 1000 every 10 ms is 100 000.
+    let t = format!("{NODE}{}{}", vip("a", 80, 100, 200), vip("flood", 81, 1000, 10));
+    refused_at(
+        &t,
+        "10\n",
+        "VIP `flood`: the health checks of every VIP together make about 100500 probes a second, more than 50000",
+    );
 }
