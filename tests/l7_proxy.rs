@@ -7894,10 +7894,27 @@ fn connection_bound_authentication_stays_with_its_client() {
     drop(carol);
     closed_on_backend(&open, &carol_conn);
 
-    // Drained, alice's backend takes no more of her requests: her private connection is
-    // closed, and the request goes where the round-robin sends it (challenged there anew).
+    // Idle longer than the pool keeps a connection (4 s), but within the client's idle
+    // timeout: still hers (it used to expire with the pool's, and a browser had to
+    // authenticate anew after every pause).
+    std::thread::sleep(Duration::from_millis(4500));
+    assert_eq!(ask_as(&mut alice, None), alice_is, "after a pause");
+
+    // Drained, alice's backend keeps her session, as it keeps sticky clients (moved, an NTLM
+    // handshake half done would break on every request), while new clients go elsewhere.
     let hers = names.iter().position(|n| conn.starts_with(&format!("{n} "))).unwrap();
     let (cfg, _) = proxy_config(&weights(Some(hers)), l7, "");
+    p.proxy.as_mut().unwrap().update(&cfg);
+    assert_eq!(ask_as(&mut alice, None), alice_is, "drained: her session stays");
+    for _ in 0..4 {
+        let (status, body) = ask_as(&mut Client::connect(addr), None);
+        assert!(status == 401 && !body.starts_with(&format!("{} ", names[hers])), "{body}");
+    }
+    // Removed (or down), it takes no more of her requests: her private connection is closed,
+    // and the request goes where the round-robin sends it (challenged there anew).
+    let without: Vec<(&Backend, u32)> =
+        (0..3).filter(|&i| i != hers).map(|i| (&backends[i], 1)).collect();
+    let (cfg, _) = proxy_config(&without, l7, "");
     p.proxy.as_mut().unwrap().update(&cfg);
     let (status, body) = ask_as(&mut alice, None);
     assert_eq!(status, 401, "{body}");

@@ -109,7 +109,20 @@ impl Idle {
     /// with a receive pending on it into `buf` ([`Idle::armed`]; a fresh one instead if `buf`
     /// holds more than [`POOLED_BUF_MAX`]); with `peek`, it is also peeked at before its next
     /// use (see [`Idle::peek`]).
-    fn new(s: Socket, mut buf: BytesMut, now: Instant, max_idle: Duration, peek: bool) -> Idle {
+    fn new(s: Socket, buf: BytesMut, now: Instant, max_idle: Duration, peek: bool) -> Idle {
+        Idle::kept_for(s, buf, now, max_idle.min(POOL_MAX_IDLE), peek)
+    }
+
+    /// As [`Idle::new`], kept for `max_idle` whatever [`POOL_MAX_IDLE`] says: for a private
+    /// connection ([`Private`]), which its one client may come back to within the VIP's
+    /// `idle_timeout_ms`, and which is peeked at before reuse (see [`Private::take`]).
+    fn kept_for(
+        s: Socket,
+        mut buf: BytesMut,
+        now: Instant,
+        max_idle: Duration,
+        peek: bool,
+    ) -> Idle {
         // Over [`POOLED_BUF_MAX`], a fresh buffer goes with the connection. An empty buffer
         // whose head was split off reports only the room after it as its capacity, while it
         // holds the whole allocation once the head is dropped: `try_reclaim` (which moves
@@ -117,7 +130,7 @@ impl Idle {
         if buf.is_empty() && buf.try_reclaim(POOLED_BUF_MAX + 1) {
             buf = BytesMut::with_capacity(READ_CHUNK);
         }
-        let expires = now + max_idle.min(POOL_MAX_IDLE);
+        let expires = now + max_idle;
         let armed = s.recv_armed(buf, READ_CHUNK);
         Idle { socket: s, armed, expires, peek }
     }
@@ -280,18 +293,21 @@ impl Private {
 
     /// The private connection for a request at `now` that routes to `pool`, as (member,
     /// connection, the receive pending on it), if its backend is a member of `pool` that may
-    /// take the request (up, with weight, not passively down: see [`Pool::pick`]; a backend
-    /// back from an ejection only as its trial) and the connection may be used again, with the
-    /// checks of a pooled one ([`Idle::reusable`], with `check`). Otherwise it is closed. Either
-    /// way the slot is empty after.
-    fn take(&mut self, pool: &Pool, now: Instant, check: bool) -> Option<(usize, Socket, Armed)> {
+    /// take the request (up and not passively down, see [`Pool::pick`]; a backend back from an
+    /// ejection only as its trial; a drained one too, as it keeps its sticky clients: the
+    /// session authenticated on the connection is this client's, and moving it would break an
+    /// NTLM handshake half done) and the connection may be used again, with the checks of a
+    /// pooled one ([`Idle::reusable`], always with a peek: it may have waited as long as the
+    /// client's idle timeout, longer than backends keep idle connections). Otherwise it is
+    /// closed. Either way the slot is empty after.
+    fn take(&mut self, pool: &Pool, now: Instant) -> Option<(usize, Socket, Armed)> {
         let (addr, c) = self.0.take()?;
-        let member = pool.members.iter().position(|m| m.state.addr == addr && m.up && m.weight > 0);
+        let member = pool.members.iter().position(|m| m.state.addr == addr && m.up);
         let Some(i) = member else {
             close(&c.socket);
             return None;
         };
-        let (s, armed) = c.reusable(addr, now, check)?;
+        let (s, armed) = c.reusable(addr, now, true)?;
         // Last: it claims a trial of a backend back from an ejection.
         if !pool.members[i].state.admit() {
             close(&s);
@@ -847,6 +863,11 @@ fn later_http1_minor(buf: &[u8]) -> Result<Option<usize>, HeadError> {
     let Some(end) = buf.iter().position(|&b| b == b'\n') else { return Ok(None) };
     let line = &buf[..end];
     let line = line.strip_suffix(b"\r").unwrap_or(line);
+    // Method, target and version: a line with more words (a space in the target) is malformed
+    // whatever its last word says.
+    if line.iter().filter(|&&b| b == b' ').count() != 2 {
+        return Err(HeadError::Bad);
+    }
     let start = line.iter().rposition(|&b| b == b' ').ok_or(HeadError::Bad)? + 1;
     match &line[start..] {
         [b'H', b'T', b'T', b'P', b'/', b'1', b'.', b'2'..=b'9'] => Ok(Some(start + 7)),
@@ -2027,7 +2048,7 @@ async fn serve_conn(
         // gets a pooled or fresh connection). Closed otherwise (and without reuse: a reload may
         // have turned it off).
         let mut own = if reuse {
-            private.take(&pool, started, !can_retry)
+            private.take(&pool, started)
         } else {
             private = Private::default();
             None
@@ -2490,7 +2511,7 @@ async fn serve_conn(
                 if own_member != Some(i) {
                     vip.private_connections.inc();
                 }
-                private.keep(addr, Idle::new(up, ubuf, end, max_idle, bodiless));
+                private.keep(addr, Idle::kept_for(up, ubuf, end, max_idle, bodiless));
             } else {
                 upstream.put(addr, up, ubuf, max, end, max_idle, bodiless);
             }
@@ -3174,7 +3195,9 @@ mod tests {
         }
         // A space in the path makes httparse read the rest as the version: the line is
         // malformed (400), not of another version (505), even though it ends in `HTTP/1.1`.
-        for text in ["GET /a b HTTP/1.1\r\n\r\n", "GET /a b HTTP/1.2\r\n\r\n"] {
+        for text in
+            ["GET /a b HTTP/1.1\r\n\r\n", "GET /a b HTTP/1.2\r\n\r\n", "GET /a b HTTP/2.0\r\n\r\n"]
+        {
             assert!(matches!(parse(text), Err(HeadError::Bad)), "{text}");
         }
     }
