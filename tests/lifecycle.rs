@@ -2414,26 +2414,11 @@ fn a_second_stop_signal_ends_the_drain() {
 /// again once it has exited"), failing the operator's script.
 #[test]
 fn stop_during_a_stop_signals_drain_waits_and_removes_the_data_plane() {
-    use std::io::{BufRead, BufReader};
     let Some(mut bed) = Bed::up("stop-in-drain", &[1, 2, 3]) else { return };
     let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
     bed.wait_for(l7);
     let (e, mut child, pending) = stop_with_a_request_pending(&mut bed, l7);
-    let mut stop = Command::new(env!("CARGO_BIN_EXE_edgelb"))
-        .args(["stop", "--config"])
-        .arg(&bed.cfg_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("edgelb stop");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = stop.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut stop, rx) = stop_in_background(&bed);
     let said = rx.recv_timeout(Duration::from_secs(10)).expect("stop says it waits");
     assert!(
         said.contains("already stopping") && said.contains("removing the data plane"),
@@ -2535,25 +2520,10 @@ fn health_verdicts_and_l7_status_go_on_while_a_stop_drains() {
     drop(e);
 }
 
-/// `edgelb stop` waits as long as the running controller may drain its L7 requests (its answer
-/// says how long), not as long as the file on disk says by then: with the file edited to a short
-/// drain, it used to give up while the controller still drained, and say it was still stopping.
-#[test]
-fn stop_waits_for_the_running_drain_not_the_files() {
+/// `edgelb stop --config` of `bed`, started in the background, with its stderr's lines as they
+/// come.
+fn stop_in_background(bed: &Bed) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
     use std::io::{BufRead, BufReader};
-    let Some(mut bed) = Bed::up("stop-drain", &[1, 2, 3]) else { return };
-    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
-    bed.wait_for(l7);
-    // The running controller keeps its 30 s default; the file now says 1 s.
-    let text = std::fs::read_to_string(&bed.cfg_path).unwrap();
-    let edited = text.replace("[node]\n", "[node]\nl7_drain_timeout_ms = 1000\n");
-    assert_ne!(edited, text);
-    std::fs::write(&bed.cfg_path, edited).unwrap();
-    wait_l7_connections(&bed, 0);
-    let pending = BegunRequest::to(&bed, l7);
-    wait_l7_connections(&bed, 1);
-    let mut e = bed.edgelb.take().unwrap();
-    let mut child = e.child.take().unwrap();
     let mut stop = Command::new(env!("CARGO_BIN_EXE_edgelb"))
         .args(["stop", "--config"])
         .arg(&bed.cfg_path)
@@ -2569,6 +2539,28 @@ fn stop_waits_for_the_running_drain_not_the_files() {
             let _ = tx.send(line);
         }
     });
+    (stop, rx)
+}
+
+/// `edgelb stop` waits as long as the running controller may drain its L7 requests (its answer
+/// says how long), not as long as the file on disk says by then: with the file edited to a short
+/// drain, it used to give up while the controller still drained, and say it was still stopping.
+#[test]
+fn stop_waits_for_the_running_drain_not_the_files() {
+    let Some(mut bed) = Bed::up("stop-drain", &[1, 2, 3]) else { return };
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    bed.wait_for(l7);
+    // The running controller keeps its 30 s default; the file now says 1 s.
+    let text = std::fs::read_to_string(&bed.cfg_path).unwrap();
+    let edited = text.replace("[node]\n", "[node]\nl7_drain_timeout_ms = 1000\n");
+    assert_ne!(edited, text);
+    std::fs::write(&bed.cfg_path, edited).unwrap();
+    wait_l7_connections(&bed, 0);
+    let pending = BegunRequest::to(&bed, l7);
+    wait_l7_connections(&bed, 1);
+    let mut e = bed.edgelb.take().unwrap();
+    let mut child = e.child.take().unwrap();
+    let (mut stop, rx) = stop_in_background(&bed);
     let said = rx.recv_timeout(Duration::from_secs(10)).expect("stop says why it waits");
     assert!(said.contains("up to 30000 ms"), "{said}");
     // The request ends, the drain with it, and stop sees the controller gone.

@@ -515,6 +515,30 @@ fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
     stop_once(admin, detach, true)
 }
 
+/// Waits up to `wait` for a stopping controller to remove its admin `socket` (the last thing it
+/// does), calling `tick` with the time waited so far every 50 ms; says so and returns false if
+/// the socket is still there then.
+fn gone_within(
+    socket: &std::path::Path,
+    wait: std::time::Duration,
+    mut tick: impl FnMut(std::time::Duration),
+) -> bool {
+    let started = std::time::Instant::now();
+    while socket.exists() && started.elapsed() < wait {
+        tick(started.elapsed());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if socket.exists() {
+        eprintln!(
+            "edgelb: still stopping after {} s ({} remains)",
+            wait.as_secs(),
+            socket.display()
+        );
+        return false;
+    }
+    true
+}
+
 /// `stop`; with `retry`, a controller already stopping is waited for, and the stop asked again.
 fn stop_once(admin: &AdminArgs, detach: bool, retry: bool) -> ExitCode {
     let socket = match admin.socket() {
@@ -537,16 +561,7 @@ fn stop_once(admin: &AdminArgs, detach: bool, retry: bool) -> ExitCode {
                 wait.as_secs(),
                 if detach { "" } else { ", then removing the data plane it leaves" }
             );
-            let started = std::time::Instant::now();
-            while socket.exists() && started.elapsed() < wait {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            if socket.exists() {
-                eprintln!(
-                    "edgelb: still stopping after {} s ({} remains)",
-                    wait.as_secs(),
-                    socket.display()
-                );
+            if !gone_within(&socket, wait, |_| ()) {
                 return ExitCode::from(1);
             }
             if detach {
@@ -570,27 +585,17 @@ fn stop_once(admin: &AdminArgs, detach: bool, retry: bool) -> ExitCode {
                     .map_or(edgelb::config::DEFAULT_L7_DRAIN_TIMEOUT, |c| c.node.l7_drain_timeout)
             });
             let wait = drain + std::time::Duration::from_secs(30);
-            let started = std::time::Instant::now();
             let mut said = false;
-            while socket.exists() && started.elapsed() < wait {
-                if !said
-                    && !drain.is_zero()
-                    && started.elapsed() >= std::time::Duration::from_secs(1)
-                {
+            let gone = gone_within(&socket, wait, |waited| {
+                if !said && !drain.is_zero() && waited >= std::time::Duration::from_secs(1) {
                     eprintln!(
                         "edgelb: waiting for the L7 requests in flight to finish (up to {} ms, its running node.l7_drain_timeout_ms; SIGTERM to edgelb ends them now)",
                         drain.as_millis()
                     );
                     said = true;
                 }
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            if socket.exists() {
-                eprintln!(
-                    "edgelb: still stopping after {} s ({} remains)",
-                    wait.as_secs(),
-                    socket.display()
-                );
+            });
+            if !gone {
                 return ExitCode::from(1);
             }
             // What edgelb pinned must be gone; other tools' pins in a shared pin_dir stay.
