@@ -2542,6 +2542,37 @@ fn stop_in_background(bed: &Bed) -> (std::process::Child, std::sync::mpsc::Recei
     (stop, rx)
 }
 
+/// A controller killed while it drains (a SIGKILL after a drain longer than the service
+/// manager's stop timeout) never removes its admin socket: an `edgelb stop` waiting for it
+/// sees the process gone and the socket refusing, and goes on to remove the data plane, rather
+/// than wait for its whole timeout and fail with the data plane left.
+#[test]
+fn stop_sees_a_controller_killed_in_its_drain_gone() {
+    let Some(mut bed) = Bed::up("stop-killed", &[1, 2, 3]) else { return };
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    bed.wait_for(l7);
+    let (e, mut child, pending) = stop_with_a_request_pending(&mut bed, l7);
+    let (mut stop, rx) = stop_in_background(&bed);
+    let said = rx.recv_timeout(Duration::from_secs(10)).expect("stop says it waits");
+    assert!(said.contains("already stopping"), "{said}");
+    child.signal(libc::SIGKILL);
+    child.wait(Duration::from_secs(10));
+    assert!(bed.cfg().node.admin_socket.exists(), "a killed controller leaves its socket");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = stop.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "edgelb stop still waits for a killed controller");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(status.success(), "edgelb stop: {status}; {rest:?}");
+    assert!(!bed.cfg().node.pin_dir.exists(), "the data plane is gone; {rest:?}");
+    drop(pending);
+    drop(e);
+}
+
 /// `edgelb stop` waits as long as the running controller may drain its L7 requests (its answer
 /// says how long), not as long as the file on disk says by then: with the file edited to a short
 /// drain, it used to give up while the controller still drained, and say it was still stopping.

@@ -515,20 +515,40 @@ fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
     stop_once(admin, detach, true)
 }
 
-/// Waits up to `wait` for a stopping controller to remove its admin `socket` (the last thing it
-/// does), calling `tick` with the time waited so far every 50 ms; says so and returns false if
-/// the socket is still there then.
+/// Waits up to `wait` for a stopping controller to exit, calling `tick` with the time waited so
+/// far every 50 ms; says so and returns false if it is still there then. Gone: its process
+/// (`pid`, when its answer gave one) has ended, and its admin `socket` is removed (the last
+/// thing it does) or refuses connections (a controller killed before it could remove it: a
+/// SIGKILL after a long drain).
 fn gone_within(
     socket: &std::path::Path,
+    pid: Option<u32>,
     wait: std::time::Duration,
     mut tick: impl FnMut(std::time::Duration),
 ) -> bool {
+    let gone = || {
+        // Running, not a zombie its parent has yet to reap (its state after the command name in
+        // /proc/<pid>/stat). A pid this process cannot see (another pid namespace) says
+        // nothing: the socket does.
+        let running = |p: u32| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|stat| {
+                let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+                !state.is_some_and(|s| s.starts_with('Z') || s.starts_with('X'))
+            })
+        };
+        if pid.is_some_and(running) {
+            return false;
+        }
+        !socket.exists()
+            || std::os::unix::net::UnixStream::connect(socket)
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    };
     let started = std::time::Instant::now();
-    while socket.exists() && started.elapsed() < wait {
+    while !gone() && started.elapsed() < wait {
         tick(started.elapsed());
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    if socket.exists() {
+    if !gone() {
         eprintln!(
             "edgelb: still stopping after {} s ({} remains)",
             wait.as_secs(),
@@ -550,25 +570,43 @@ fn stop_once(admin: &AdminArgs, detach: bool, retry: bool) -> ExitCode {
     let config_socket = edgelb::config::admin_socket_of(&admin.config).ok();
     let the_configs = config_socket.as_deref() == Some(socket.as_path());
     match edgelb::admin::request(&socket, &Request::Stop { detach }) {
-        // Stopping already (a SIGTERM's drain): wait for it to exit, then go on as with no
-        // controller running, which removes the data plane it leaves (unless --detach).
+        // Stopping already (a SIGTERM's drain, or another `stop`): wait for it to exit. If its
+        // exit leaves the data plane (a SIGTERM) and this stop is to remove it, go on as with no
+        // controller running, which removes it (unless a controller holds it by then).
         Ok(resp) if !resp.ok && resp.stopping && retry => {
             let wait = std::time::Duration::from_millis(resp.drain_ms.unwrap_or(0))
                 + std::time::Duration::from_secs(30);
+            // The data plane is this config's to remove only through the config's socket. Asked
+            // again once it has exited: what it leaves (all of it after a SIGTERM, leftovers of
+            // a stop's teardown that was cut short) is removed as with no controller running.
+            let removes_after = !detach && the_configs;
             eprintln!(
                 "edgelb: {}; waiting for it to exit (up to {} s){}",
                 resp.message,
                 wait.as_secs(),
-                if detach { "" } else { ", then removing the data plane it leaves" }
+                if resp.teardown {
+                    ", which removes the data plane (an `edgelb stop` is under way)"
+                } else if removes_after {
+                    ", then removing the data plane it leaves"
+                } else {
+                    ", which leaves the data plane running"
+                }
             );
-            if !gone_within(&socket, wait, |_| ()) {
+            if !gone_within(&socket, resp.pid, wait, |_| ()) {
                 return ExitCode::from(1);
             }
-            if detach {
-                println!("stopped (it was stopping already); the data plane keeps running");
-                return ExitCode::SUCCESS;
+            if removes_after {
+                return stop_once(admin, detach, false);
             }
-            stop_once(admin, detach, false)
+            if resp.teardown {
+                println!("stopped; the stop under way removed the data plane");
+            } else {
+                println!(
+                    "stopped (it was stopping already); the data plane keeps running{}",
+                    if detach { "" } else { " (`edgelb stop -c <its config>` removes it)" }
+                );
+            }
+            ExitCode::SUCCESS
         }
         Ok(resp) if !resp.ok => {
             eprintln!("edgelb: {}", resp.message);
@@ -586,7 +624,7 @@ fn stop_once(admin: &AdminArgs, detach: bool, retry: bool) -> ExitCode {
             });
             let wait = drain + std::time::Duration::from_secs(30);
             let mut said = false;
-            let gone = gone_within(&socket, wait, |waited| {
+            let gone = gone_within(&socket, resp.pid, wait, |waited| {
                 if !said && !drain.is_zero() && waited >= std::time::Duration::from_secs(1) {
                     eprintln!(
                         "edgelb: waiting for the L7 requests in flight to finish (up to {} ms, its running node.l7_drain_timeout_ms; SIGTERM to edgelb ends them now)",

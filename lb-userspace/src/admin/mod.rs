@@ -186,6 +186,16 @@ pub struct Response {
     /// than fail for what it asked for anyway. Absent from older controllers.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopping: bool,
+    /// For `stop` (and a refusal while stopping): whether the controller's exit removes the data
+    /// plane (an `edgelb stop` without `--detach` under way), so that a second `stop` says what
+    /// will happen rather than guess.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub teardown: bool,
+    /// For `stop` (and a refusal while stopping): the controller's process id, for `edgelb stop`
+    /// to wait on its exit rather than on its socket's removal, which a controller killed
+    /// meanwhile (SIGKILL after a long drain) never does. Absent from older controllers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
 }
 
 /// The running controller's answer to [`Request::Route`].
@@ -363,6 +373,8 @@ impl Response {
             route: None,
             drain_ms: None,
             stopping: false,
+            teardown: false,
+            pid: None,
         }
     }
 

@@ -527,7 +527,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     };
     let socket = ctl.cfg.node.admin_socket.clone();
     let pin_dir = ctl.cfg.node.pin_dir.clone();
-    ctl.drain_proxy(Some(&mut signals));
+    ctl.drain_proxy(Some(&mut signals), matches!(exit, Exit::Teardown));
     drop(ctl.checker);
     let result = match exit {
         Exit::Handover(..) => unreachable!("returned above"),
@@ -1027,7 +1027,7 @@ impl Controller {
         // Done here: the new process serves, or a stop signal ended the handover. A (further)
         // stop signal ends the drain, as at a stop. The admin socket's path is left alone: it
         // may be the new process's.
-        self.drain_proxy(Some(signals));
+        self.drain_proxy(Some(signals), false);
         // Still this process's: stopped before the new one touched it, or taken back.
         let kept = stopped.is_some()
             && (end == HandoverEnd::Abandoned
@@ -1157,8 +1157,13 @@ impl Controller {
     /// wait for the drain's end). Health verdicts still apply until the drain ends: the checks
     /// run until then, and the maps (and the draining proxy's pools) follow them, as they
     /// would in the serving loop, instead of keeping a dead backend for as long as the drain
-    /// lasts. (At a handover the checks were stopped first, and nothing comes in.)
-    fn drain_proxy(&mut self, mut signals: Option<&mut signal_hook::iterator::Signals>) {
+    /// lasts. (At a handover the checks were stopped first, and nothing comes in.) `teardown`:
+    /// the exit that follows removes the data plane, as a refused `stop` is told.
+    fn drain_proxy(
+        &mut self,
+        mut signals: Option<&mut signal_hook::iterator::Signals>,
+        teardown: bool,
+    ) {
         let Some(proxy) = self.proxy.as_mut() else { return };
         let grace = self.cfg.node.l7_drain_timeout;
         info!(
@@ -1190,6 +1195,8 @@ impl Controller {
                     // `edgelb stop` waits for the exit and goes on from there.
                     Request::Stop { .. } => Response {
                         stopping: true,
+                        teardown,
+                        pid: Some(std::process::id()),
                         drain_ms: Some(
                             deadline.saturating_duration_since(Instant::now()).as_millis() as u64,
                         ),
@@ -1449,6 +1456,8 @@ impl Controller {
             Request::Route { client, vip, sport, proto } => self.route(client, &vip, sport, proto),
             // No proxy, no drain: `stop` then waits only for the data plane.
             Request::Stop { detach } => Response {
+                teardown: !detach,
+                pid: Some(std::process::id()),
                 drain_ms: Some(
                     self.proxy.as_ref().map_or(0, |_| self.cfg.node.l7_drain_timeout.as_millis())
                         as u64,
