@@ -145,20 +145,24 @@ pub const MIN_CONNTRACK_FLOWS: u32 = 4096;
 /// machine.
 pub const MAX_CONNTRACK_FLOWS: u32 = 1 << 20;
 
-/// Most routes one L7 VIP may have. Each request is matched against a VIP's routes in order
-/// until one takes it (the first match wins, so the order is the operator's and no index can
-/// skip ahead): every route costs every request that reaches past it a comparison of its host
-/// and path prefix, about 10 ns, some 10 µs for a request that goes past all 1024 routes. More
-/// rules than that are better written as fewer, wider ones (one `path_prefix` for a group of
-/// paths).
-pub const MAX_ROUTES: usize = 1024;
+/// Routes of one L7 VIP above which the file is accepted with a caution. Each request is
+/// matched against a VIP's routes in order until one takes it (the first match wins, so the
+/// order is the operator's and no index can skip ahead): every route costs every request that
+/// reaches past it a comparison of its host and path prefix, about 10 ns, some 12 µs for a
+/// request that goes past 1024 routes. Not a refusal: files with more ran before the caution
+/// was added, and a node that serves many hosts (hosts have no wildcards: a route per host)
+/// may need them; the caution says to write fewer, wider routes or to split the hosts over
+/// more VIPs.
+pub const ROUTES_CAUTION: usize = 1024;
 
-/// Most L7 backend entries in the whole file: one per backend of each L7 VIP's own pool and of
-/// each of its route pools (as [`Vip::l7_backends`] lists them), as XDP VIPs have at most
-/// [`MAX_BACKENDS`] entries in all. Each request's pick goes over its pool, each proxy thread
+/// L7 backend entries in the whole file above which it is accepted with a caution: one per
+/// backend of each L7 VIP's own pool and of each of its route pools (as [`Vip::l7_backends`]
+/// lists them), as many as XDP VIPs may have ([`MAX_BACKENDS`], a limit of the data plane's
+/// maps, which L7 VIPs do not use). Each request's pick goes over its pool, each proxy thread
 /// keeps state per backend, and each of a health-checked VIP's own backends has a thread of its
-/// own ([`crate::health`]): with both limits, at most 8192 health-check threads run.
-pub const MAX_L7_BACKENDS: usize = 4096;
+/// own ([`crate::health`]). Not a refusal: nothing bounded L7 pools before, and files with more
+/// ran.
+pub const L7_BACKENDS_CAUTION: usize = 4096;
 
 /// Health probes a second, over every check, above which the file is accepted with a caution:
 /// each probe is a connection from this node (a thread woken, a socket) and an event the
@@ -168,7 +172,9 @@ pub const PROBE_RATE_CAUTION: f64 = 10_000.0;
 /// Health probes a second, over every check, above which the file is refused: as many
 /// connections a second from this node, and as many threads woken, leave the controller, which
 /// takes every probe's event in, no time for its other work (it fell behind and stopped
-/// answering `stop` at 100 000 a second), and flood the backends. No pool needs it.
+/// answering `stop` at 100 000 a second), and flood the backends. No pool needs it, and a file
+/// with that many never ran well, so refusing it keeps no working service down (unlike the
+/// other limits of this kind, which are cautions).
 pub const PROBE_RATE_MAX: f64 = 50_000.0;
 
 /// Default `[metrics] listen`: loopback only.
@@ -800,24 +806,45 @@ fn setting<T: Copy + Into<u64>>(
 struct Invalid(Range<usize>, String);
 
 /// Entries counted against a limit of the whole file (backend entries), and where the first
-/// one past it is written: the error gives the total and points there.
+/// one past it is written, and in which VIP: the error or caution gives the total and points
+/// there.
 struct Tally {
     limit: usize,
     count: usize,
     first_over: Range<usize>,
+    first_over_vip: String,
 }
 
 impl Tally {
     fn new(limit: usize) -> Tally {
-        Tally { limit, count: 0, first_over: 0..0 }
+        Tally { limit, count: 0, first_over: 0..0, first_over_vip: String::new() }
     }
 
-    /// Counts one entry, written at `at`.
-    fn add(&mut self, at: Range<usize>) {
+    /// Counts one entry, written at `at` in VIP `vip`.
+    fn add(&mut self, at: Range<usize>, vip: &str) {
         self.count += 1;
         if self.count == self.limit + 1 {
             self.first_over = at;
+            self.first_over_vip = vip.to_string();
         }
+    }
+
+    /// A caution for a file past the limit, at the first entry past it: "VIP `name`: `count`
+    /// `what` (`which`), more than ...: `why`".
+    fn caution(&self, what: &str, which: &str, why: &str, cautions: &mut Vec<Invalid>) {
+        if self.count <= self.limit {
+            return;
+        }
+        cautions.push(Invalid(
+            self.first_over.clone(),
+            format!(
+                "VIP `{}`: {} {what} ({which}), more than {} (this is entry {}): {why}",
+                self.first_over_vip,
+                self.count,
+                self.limit,
+                self.limit + 1
+            ),
+        ));
     }
 
     /// The error for a file past the limit: "`count` `what` (`which`); at most ...".
@@ -1139,9 +1166,9 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
     let mut addresses_at = Vec::new();
     // The data plane keeps one entry per (VIP, backend address) of the VIPs XDP forwards: their
     // count, and the first backend past the limit; and the L7 VIPs' backends, their own pools'
-    // and their routes', are limited alike.
+    // and their routes', which a caution counts alike.
     let mut xdp_entries = Tally::new(MAX_BACKENDS as usize);
-    let mut l7_entries = Tally::new(MAX_L7_BACKENDS);
+    let mut l7_entries = Tally::new(L7_BACKENDS_CAUTION);
     // The probes a second of each health-checked VIP, with where its check's interval is
     // written (or the check, for the default) and its name.
     let mut probe_rates: Vec<(f64, Range<usize>, String)> = Vec::new();
@@ -1242,9 +1269,9 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
         for b in &v.backends {
             let address = parse_ip(&b.address, "backend address")?;
             if forwarding == Forwarding::L7 {
-                l7_entries.add(b.address.span());
+                l7_entries.add(b.address.span(), v.name.get_ref());
             } else {
-                xdp_entries.add(b.address.span());
+                xdp_entries.add(b.address.span(), v.name.get_ref());
             }
             // L4 backends are addresses (the client's port is kept); L7 ones are address:port.
             let port_key = if forwarding == Forwarding::L7 {
@@ -1355,7 +1382,8 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
                     return bad(vspan, "an l7 VIP must be tcp");
                 }
                 let vip = (v.name.get_ref().as_str(), vip_addr, port);
-                let l7 = l7_settings(l7.as_ref(), &v.route, vip, &mut links, &mut l7_entries)?;
+                let l7 =
+                    l7_settings(l7.as_ref(), &v.route, vip, &mut links, &mut l7_entries, cautions)?;
                 if l7.algorithm == Algorithm::Hash {
                     ring_shares_ok(&v.backends, crate::proxy::balance::L7_RING, "")?;
                 }
@@ -1398,10 +1426,13 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
     links.no_loop()?;
     cookies_shared_between_vips(&vips, &addresses_at, cautions);
     xdp_entries.check("backend entries", "one per backend of each VIP that XDP forwards")?;
-    l7_entries.check(
+    // Not refused: nothing bounded L7 pools before, and files with more ran.
+    l7_entries.caution(
         "L7 backend entries",
         "one per backend of each l7 VIP's own pool and of each of its route pools",
-    )?;
+        "each request's pick goes over its pool, each proxy thread keeps state per backend, and each backend of a VIP's own pool with a [vip.health] check has a probing thread; edgelb is sized for at most as many as XDP VIPs may have, so spread the pools over more nodes, or list fewer backends",
+        cautions,
+    );
     probe_rate_ok(&probe_rates, cautions)?;
     mtu_fits_ipv6(node.mtu, mtu_span, &vips)?;
     let metrics = match raw.metrics {
@@ -1494,14 +1525,16 @@ fn mtu_fits_ipv6(mtu: u32, span: Range<usize>, vips: &[Vip]) -> Result<(), Inval
 }
 
 /// The `[vip.l7]` settings and routes of L7 VIP `vip` (name, address, port); route backends
-/// that are other L7 VIPs' listeners go to `links`, which refuses a loop of them, and every
-/// route backend is counted in `entries`.
+/// that are other L7 VIPs' listeners go to `links`, which refuses a loop of them, every
+/// route backend is counted in `entries`, and a caution for very many routes goes to
+/// `cautions`.
 fn l7_settings(
     l7: Option<&raw::Sp<raw::L7>>,
     routes: &[raw::Sp<raw::Route>],
     (vip_name, vip_addr, port): (&str, IpAddr, u16),
     links: &mut L7Links,
     entries: &mut Tally,
+    cautions: &mut Vec<Invalid>,
 ) -> Result<L7, Invalid> {
     let empty = raw::L7 {
         mode: None,
@@ -1596,15 +1629,17 @@ fn l7_settings(
             ),
         );
     }
-    if let Some(r) = routes.get(MAX_ROUTES) {
-        return bad(
+    // Not refused: files with more ran before this was said, and a node serving many hosts (a
+    // route per host) may need them.
+    if let Some(r) = routes.get(ROUTES_CAUTION) {
+        cautions.push(Invalid(
             r.span(),
             format!(
-                "{} routes in this VIP, and at most {MAX_ROUTES} routes are supported (this is route {}): each request is matched against the routes in order until one takes it; write fewer, wider routes (one path_prefix for a group of paths)",
+                "VIP `{vip_name}`: {} routes, more than {ROUTES_CAUTION} (this is route {}): each request is matched against the routes in order until one takes it, about 10 ns a route (some 12 µs for a request that goes past {ROUTES_CAUTION}); write fewer, wider routes (one path_prefix for a group of paths), or, for many hosts (a route each: hosts have no wildcards), split the hosts over more VIPs (other addresses, or ports)",
                 routes.len(),
-                MAX_ROUTES + 1
+                ROUTES_CAUTION + 1
             ),
-        );
+        ));
     }
     let normalize_path = l.normalize_path.as_ref().is_none_or(|f| *f.get_ref());
     let mut out_routes: Vec<Route> = Vec::new();
@@ -1635,7 +1670,7 @@ fn l7_settings(
             let vip = (vip_addr, port);
             backend_address_ok(b.address.span(), address, bport, vip, Forwarding::L7)?;
             links.note(vip_name, address, bport, b.address.span());
-            entries.add(b.address.span());
+            entries.add(b.address.span(), vip_name);
             if !seen.insert((address, bport)) {
                 return bad(
                     b.address.span(),

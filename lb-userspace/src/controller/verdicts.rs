@@ -355,14 +355,15 @@ impl Verdicts {
             // open, onto the dead ones too: they start up, unless the VIP was failing open
             // already (one added must not end that and take the whole VIP unprobed). A takeover
             // is not handed the fail-open state, but a VIP none of whose backends was both
-            // alive and undrained was failing open (or serving nothing); the weights it had are
-            // not handed over.
+            // alive and undrained was failing open (or serving nothing). The weights it had are
+            // not handed over either: a backend kept at weight 0 in the new file is taken to
+            // have been at 0 before (a standby), as one drained now was drained then.
             let alive = kept.any(|o| !self.is_down(&v.name, o));
             let drained_before = |o: SocketAddr| {
                 self.is_drained(&v.name, o)
-                    || v.backends
-                        .iter()
-                        .any(|b| was(b) == Some(o) && self.is_drained(&v.name, id(b)))
+                    || v.backends.iter().any(|b| {
+                        was(b) == Some(o) && (b.weight == 0 || self.is_drained(&v.name, id(b)))
+                    })
             };
             let failing_open = self.is_fail_open(&v.name)
                 || before.backends.iter().all(|&o| self.is_down(&v.name, o) || drained_before(o));
@@ -903,6 +904,20 @@ mod tests {
         assert!(t.set_health("web", at(A), false));
         assert!(t.set_health("web", at(B), false));
         assert_eq!(t.carry_over(&vips(&old), &new).held, [("web".to_owned(), at(C))]);
+        // A takeover of a VIP failing open with a standby at weight 0 alive (A) and B dead:
+        // the weights are not handed over, but A's entry in the new file, still at weight 0,
+        // counts as drained before, so C is held rather than taking the VIP unprobed.
+        let standby = cfg(&[(A, 0), (B, 1)], true);
+        let mut w = Verdicts::default();
+        assert!(w.set_health("web", at(B), false));
+        assert_eq!(live(&mut w, &standby), [(ip(A), 0), (ip(B), 1)]);
+        assert!(w.is_fail_open("web"), "the running edgelb fails open");
+        let mut t = Verdicts::default();
+        assert!(t.set_health("web", at(B), false));
+        assert_eq!(
+            t.carry_over(&vips(&standby), &cfg(&[(A, 0), (B, 1), (C, 1)], true)).held,
+            [("web".to_owned(), at(C))]
+        );
     }
 
     #[test]

@@ -61,6 +61,9 @@ const MAX_CONNECTIONS: usize = 256;
 const MAX_HEAD: usize = 8 * 1024;
 /// Bytes written per step of a response (each within the client timeout).
 const WRITE_CHUNK: usize = 256 * 1024;
+/// How often room is made again while every connection slot is taken and the accept loop
+/// waits for one (see [`accept_loop`]).
+const MAKE_ROOM_EVERY: Duration = Duration::from_millis(50);
 /// Pause after a failed accept (out of descriptors, say) before the next.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
 
@@ -130,16 +133,26 @@ async fn accept_loop(
     let crowded = Arc::new(Crowded::default());
     let mut tasks = tokio::task::JoinSet::new();
     let mut failures = AcceptFailures::default();
-    loop {
+    'accept: loop {
         let full = slots.available_permits() == 0;
         crowded.full.store(full, Ordering::Relaxed);
-        if full {
-            crowded.make_room();
-        }
-        let slot = tokio::select! {
-            biased;
-            _ = stopped(&mut stopping) => break,
-            s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
+        // While every slot is taken, room is made again every MAKE_ROOM_EVERY: the first try
+        // may come before the connections that took the last slots (just spawned) have listed
+        // themselves as waiting for a head, or before a connection taken up by a scrape comes
+        // to wait for its next head, and finds none to close; the loop would then wait for a
+        // slot until HEAD_TIMEOUT frees one.
+        let slot = loop {
+            if full {
+                crowded.make_room();
+            }
+            tokio::select! {
+                biased;
+                _ = stopped(&mut stopping) => break 'accept,
+                s = slots.clone().acquire_owned() => {
+                    break s.expect("the semaphore is never closed");
+                }
+                () = tokio::time::sleep(MAKE_ROOM_EVERY), if full => {}
+            }
         };
         crowded.full.store(false, Ordering::Relaxed);
         let accepted = tokio::select! {
@@ -659,9 +672,14 @@ mod tests {
     /// byte, however long the client timeout.
     #[test]
     fn slow_request_heads_make_room_for_a_scrape() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        // A backlog that holds every client (std's holds 128).
+        let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        l.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+        l.listen(1024).unwrap();
+        let l = TcpListener::from(l);
         let addr = l.local_addr().unwrap();
-        let _serving = serve(l, controller("m\n")).unwrap();
+        // Queued in the backlog before the endpoint serves, and the scrape sent at once after:
+        // the endpoint takes them in one burst, with no pause for the slow ones to be listed.
         let slow: Vec<TcpStream> = (0..MAX_CONNECTIONS + 8)
             .map(|_| {
                 let mut s = TcpStream::connect(addr).unwrap();
@@ -669,7 +687,7 @@ mod tests {
                 s
             })
             .collect();
-        std::thread::sleep(Duration::from_millis(300));
+        let _serving = serve(l, controller("m\n")).unwrap();
         let t = Instant::now();
         let r = exchange(addr, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n");
         assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("m\n"), "{r:?}");
@@ -691,6 +709,44 @@ mod tests {
         let cut =
             cut.unwrap_or_else(|| panic!("a head dripped for {:?} was still read", t.elapsed()));
         assert!(cut > HEAD_TIMEOUT, "closed after {cut:?}");
+    }
+
+    /// Every slot taken by a scrape the controller answers only once all have asked, each with
+    /// the first byte of its next request behind it: when the accept loop finds itself full,
+    /// none waits for a head yet and there is no room to make; once answered, they all wait for
+    /// their next head, and room is made again while the loop waits for a slot, so a new
+    /// scrape is answered well before [`HEAD_TIMEOUT`] would free one.
+    #[test]
+    fn connections_that_come_to_wait_for_a_head_make_room_for_a_scrape() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<Scrape>();
+        std::thread::spawn(move || {
+            // Held until every slot has asked, then answered at once, and later ones at once.
+            let (mut asked, mut all) = (Vec::new(), false);
+            for s in rx {
+                asked.push(s);
+                all |= asked.len() >= MAX_CONNECTIONS;
+                if all {
+                    for s in asked.drain(..) {
+                        let _ = s.send("m\n".into());
+                    }
+                }
+            }
+        });
+        let _serving = serve(l, tx).unwrap();
+        let busy: Vec<TcpStream> = (0..MAX_CONNECTIONS)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.write_all(b"GET /metrics HTTP/1.1\r\n\r\nG").unwrap();
+                s
+            })
+            .collect();
+        let t = Instant::now();
+        let r = exchange(addr, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("m\n"), "{r:?}");
+        assert!(t.elapsed() < Duration::from_secs(1), "answered after {:?}", t.elapsed());
+        drop(busy);
     }
 
     /// Accepts failing for want of descriptors are said once per episode, not once per try, and
