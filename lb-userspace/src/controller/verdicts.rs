@@ -157,6 +157,10 @@ pub(super) struct Verdicts {
     drained: HashSet<(Option<String>, BackendRef)>,
     /// VIPs in fail-open mode.
     fail_open: HashSet<String>,
+    /// `fail_open` has been worked out ([`Verdicts::effective`]) for the running config: what
+    /// a reload reads, where a takeover, handed verdicts but neither the fail-open state nor
+    /// the weights, has to infer it.
+    fail_open_known: bool,
 }
 
 impl Verdicts {
@@ -357,7 +361,9 @@ impl Verdicts {
             // is not handed the fail-open state, but a VIP none of whose backends was both
             // alive and undrained was failing open (or serving nothing). The weights it had are
             // not handed over either: a backend kept at weight 0 in the new file is taken to
-            // have been at 0 before (a standby), as one drained now was drained then.
+            // have been at 0 before (a standby), as one drained now was drained then. A reload
+            // knows the state, and guesses nothing (a live backend set to weight 0 beside a dead
+            // one by the reload that adds another did not make the VIP fail open before).
             let alive = kept.any(|o| !self.is_down(&v.name, o));
             let drained_before = |o: SocketAddr| {
                 self.is_drained(&v.name, o)
@@ -366,7 +372,11 @@ impl Verdicts {
                     })
             };
             let failing_open = self.is_fail_open(&v.name)
-                || before.backends.iter().all(|&o| self.is_down(&v.name, o) || drained_before(o));
+                || !self.fail_open_known
+                    && before
+                        .backends
+                        .iter()
+                        .all(|&o| self.is_down(&v.name, o) || drained_before(o));
             if !alive && !failing_open {
                 continue;
             }
@@ -495,6 +505,7 @@ impl Verdicts {
     /// on) are the likelier fault, and spreading the traffic over the whole pool beats both
     /// dropping it and piling it onto whichever backend happened to fail last.
     pub(super) fn effective(&mut self, cfg: &Config) -> Config {
+        self.fail_open_known = true;
         let mut eff = cfg.clone();
         for vip in &mut eff.vips {
             let takes_flows = |b: &&Backend| b.weight > 0 && !self.is_drained(&vip.name, id(b));
@@ -918,6 +929,16 @@ mod tests {
             t.carry_over(&vips(&standby), &cfg(&[(A, 0), (B, 1), (C, 1)], true)).held,
             [("web".to_owned(), at(C))]
         );
+        // A reload knows better than to guess: A alive at weight 1 beside B dead serves, and the
+        // reload that sets A to 0 and adds C starts C up (held, the VIP would fail open onto B).
+        let mut r = Verdicts::default();
+        assert!(r.set_health("web", at(B), false));
+        let serving = cfg(&[(A, 1), (B, 1)], true);
+        assert_eq!(live(&mut r, &serving), [(ip(A), 1)]);
+        assert!(!r.is_fail_open("web"));
+        let new = cfg(&[(A, 0), (B, 1), (C, 1)], true);
+        assert!(r.carry_over(&vips(&serving), &new).held.is_empty());
+        assert!(!r.is_fail_open("web"));
     }
 
     #[test]
