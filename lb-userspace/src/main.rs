@@ -528,20 +528,20 @@ fn gone_within(
 ) -> bool {
     let gone = || {
         // Running, not a zombie its parent has yet to reap (its state after the command name in
-        // /proc/<pid>/stat). A pid this process cannot see (another pid namespace) says
-        // nothing: the socket does.
+        // /proc/<pid>/stat). A controller in another pid namespace gives a pid that names
+        // another process here, or none: only a socket left behind asks.
         let running = |p: u32| {
             std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|stat| {
                 let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
                 !state.is_some_and(|s| s.starts_with('Z') || s.starts_with('X'))
             })
         };
-        if pid.is_some_and(running) {
-            return false;
-        }
+        // Its socket removed is enough; one left behind counts once nobody accepts on it and
+        // the process is not running (where this process can see it).
         !socket.exists()
-            || std::os::unix::net::UnixStream::connect(socket)
-                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+            || !pid.is_some_and(running)
+                && std::os::unix::net::UnixStream::connect(socket)
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
     };
     let started = std::time::Instant::now();
     while !gone() && started.elapsed() < wait {
@@ -599,7 +599,9 @@ fn stop_once(admin: &AdminArgs, detach: bool, retry: bool) -> ExitCode {
                 return stop_once(admin, detach, false);
             }
             if resp.teardown {
-                println!("stopped; the stop under way removed the data plane");
+                println!(
+                    "stopped; the stop under way was removing the data plane (its log says if anything was left)"
+                );
             } else {
                 println!(
                     "stopped (it was stopping already); the data plane keeps running{}",

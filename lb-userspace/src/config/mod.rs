@@ -829,8 +829,8 @@ impl Tally {
         }
     }
 
-    /// A caution for a file past the limit, at the first entry past it: "VIP `name`: `count`
-    /// `what` (`which`), more than ...: `why`".
+    /// A caution for a file past the limit, at the first entry past it: "the file has `count`
+    /// `what` (`which`), more than ..., the first past it in VIP `name`: `why`".
     fn caution(&self, what: &str, which: &str, why: &str, cautions: &mut Vec<Invalid>) {
         if self.count <= self.limit {
             return;
@@ -838,11 +838,8 @@ impl Tally {
         cautions.push(Invalid(
             self.first_over.clone(),
             format!(
-                "VIP `{}`: {} {what} ({which}), more than {} (this is entry {}): {why}",
-                self.first_over_vip,
-                self.count,
-                self.limit,
-                self.limit + 1
+                "the file has {} {what} ({which}), more than {}, the first past them in VIP `{}`: {why}",
+                self.count, self.limit, self.first_over_vip,
             ),
         ));
     }

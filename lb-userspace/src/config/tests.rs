@@ -2888,13 +2888,14 @@ fn l7_backend_entries_past_4096_are_cautioned() {
     let c = one_caution(&text);
     assert!(c.starts_with(&at_last(&text, "\"198.18.9.247\"")), "{c}");
     assert!(
-        c.contains("VIP `https`: 4200 L7 backend entries") && c.contains("more than 4096"),
+        c.contains("the file has 4200 L7 backend entries")
+            && c.contains("more than 4096, the first past them in VIP `https`"),
         "{c}"
     );
     // A route pool's backends count too: 4000 of the VIP's own and 97 in a route.
     let text = format!("{NODE}{}", vip("http", 80, 4000, 97));
     let c = one_caution(&text);
-    assert!(c.contains("VIP `http`: 4097 L7 backend entries"), "{c}");
+    assert!(c.contains("has 4097 L7 backend entries") && c.contains("in VIP `http`"), "{c}");
     assert!(c.starts_with(&at_last(&text, "\"198.18.2.97\"")), "{c}");
     // 4096 in all, no caution.
     let c = parse(&format!("{NODE}{}{}", vip("http", 80, 2048, 1024), vip("https", 443, 1024, 0)))
