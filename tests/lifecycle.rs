@@ -2431,14 +2431,7 @@ fn stop_during_a_stop_signals_drain_waits_and_removes_the_data_plane() {
     pending.finish();
     let st = child.wait(Duration::from_secs(10));
     assert!(st.success(), "edgelb exit status {st}");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(st) = stop.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "edgelb stop still waits");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = stop_exits_within(&mut stop, Duration::from_secs(15), "edgelb stop still waits");
     let rest: Vec<String> = rx.try_iter().collect();
     assert!(status.success(), "edgelb stop: {status}; {rest:?}");
     assert!(!bed.cfg().node.pin_dir.exists(), "the data plane is gone; {rest:?}");
@@ -2558,19 +2551,33 @@ fn stop_sees_a_controller_killed_in_its_drain_gone() {
     child.signal(libc::SIGKILL);
     child.wait(Duration::from_secs(10));
     assert!(bed.cfg().node.admin_socket.exists(), "a killed controller leaves its socket");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(st) = stop.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "edgelb stop still waits for a killed controller");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = stop_exits_within(
+        &mut stop,
+        Duration::from_secs(10),
+        "edgelb stop still waits for a killed controller",
+    );
     let rest: Vec<String> = rx.try_iter().collect();
     assert!(status.success(), "edgelb stop: {status}; {rest:?}");
     assert!(!bed.cfg().node.pin_dir.exists(), "the data plane is gone; {rest:?}");
     drop(pending);
     drop(e);
+}
+
+/// The exit status of a background `edgelb stop` ([`stop_in_background`]) once it exits;
+/// panics with `still` if it has not within `limit`.
+fn stop_exits_within(
+    stop: &mut std::process::Child,
+    limit: Duration,
+    still: &str,
+) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = stop.try_wait().unwrap() {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "{still}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// `edgelb stop` waits as long as the running controller may drain its L7 requests (its answer
@@ -2596,14 +2603,7 @@ fn stop_waits_for_the_running_drain_not_the_files() {
     assert!(said.contains("up to 30000 ms"), "{said}");
     // The request ends, the drain with it, and stop sees the controller gone.
     pending.finish();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(st) = stop.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "edgelb stop still waits");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = stop_exits_within(&mut stop, Duration::from_secs(15), "edgelb stop still waits");
     let rest: Vec<String> = rx.try_iter().collect();
     assert!(status.success(), "edgelb stop: {status}; {rest:?}");
     let st = child.wait(Duration::from_secs(5));

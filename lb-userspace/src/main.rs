@@ -516,10 +516,10 @@ fn stop(admin: &AdminArgs, detach: bool) -> ExitCode {
 }
 
 /// Waits up to `wait` for a stopping controller to exit, calling `tick` with the time waited so
-/// far every 50 ms; says so and returns false if it is still there then. Gone: its process
-/// (`pid`, when its answer gave one) has ended, and its admin `socket` is removed (the last
-/// thing it does) or refuses connections (a controller killed before it could remove it: a
-/// SIGKILL after a long drain).
+/// far every 50 ms; says so and returns false if it is still there then. Gone: its admin
+/// `socket` is removed (the last thing it does), or, left behind by a controller killed before
+/// it could remove it (a SIGKILL after a long drain), refuses connections while its process
+/// (`pid`, when its answer gave one and this process can see it) is not running.
 fn gone_within(
     socket: &std::path::Path,
     pid: Option<u32>,
