@@ -375,8 +375,8 @@ pub struct VipRuntime {
     pub name: String,
     /// Settings.
     pub cfg: L7,
-    /// (host, path prefix, pool), tried in order.
-    pub routes: Vec<(Option<String>, Option<String>, Arc<Pool>)>,
+    /// The routes, found by host ([`Routes`]).
+    pub routes: Routes,
     /// The VIP's own backends.
     pub default: Arc<Pool>,
     /// Request counters by status class (index 0 = 1xx ... 4 = 5xx), resolved once per
@@ -479,21 +479,78 @@ impl VipRuntime {
     /// and without one trailing dot: `api.example.` is the fully qualified spelling of
     /// `api.example` (RFC 1034 3.1), which clients may send and backends serve alike.
     pub fn pool_for(&self, host: Option<&str>, path: &str) -> &Arc<Pool> {
+        if self.routes.is_empty() {
+            return &self.default;
+        }
         let host = host.map(|h| {
             let h = h
                 .rsplit_once(':')
                 .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
                 .map_or(h, |(h, _)| h);
-            route_host(h)
+            route_host_cow(h)
         });
-        for (rh, rp, pool) in &self.routes {
-            let host_ok = rh.as_ref().is_none_or(|want| host.as_deref() == Some(want.as_str()));
-            let path_ok = rp.as_ref().is_none_or(|p| path.starts_with(p.as_str()));
-            if host_ok && path_ok {
-                return pool;
+        self.routes.find(host.as_deref(), path).unwrap_or(&self.default)
+    }
+}
+
+/// One route of an L7 VIP: its place in the file, its path prefix and its pool.
+#[derive(Debug)]
+struct Route {
+    /// Its index among the VIP's routes: of two that match, the earlier in the file wins.
+    order: usize,
+    /// The path prefix it matches, or every path.
+    prefix: Option<String>,
+    /// Where its requests go.
+    pool: Arc<Pool>,
+}
+
+/// An L7 VIP's routes, kept by host, so that a request looks only at the routes of its own
+/// host and at those for every host, not at every route of the VIP (about 10 ns a route, per
+/// request: a VIP with a thousand hosts would spend 10 µs a request finding its pool). The
+/// first route in file order that matches still wins, as when they were tried one by one.
+#[derive(Debug, Default)]
+pub struct Routes {
+    /// Routes with a host, by host as [`route_host`] spells it, each list in file order.
+    by_host: HashMap<String, Vec<Route>>,
+    /// Routes for every host, in file order.
+    any_host: Vec<Route>,
+}
+
+impl Routes {
+    /// The routes `routes`, each (host as [`route_host`] spells it, path prefix, pool), in
+    /// file order.
+    pub fn new(
+        routes: impl IntoIterator<Item = (Option<String>, Option<String>, Arc<Pool>)>,
+    ) -> Self {
+        let mut out = Routes::default();
+        for (order, (host, prefix, pool)) in routes.into_iter().enumerate() {
+            let route = Route { order, prefix, pool };
+            match host {
+                Some(h) => out.by_host.entry(h).or_default().push(route),
+                None => out.any_host.push(route),
             }
         }
-        &self.default
+        out
+    }
+
+    /// True when the VIP has no route: every request goes to its own backends.
+    pub fn is_empty(&self) -> bool {
+        self.by_host.is_empty() && self.any_host.is_empty()
+    }
+
+    /// The pool of the first route (in file order) that matches `host` (as [`route_host`]
+    /// spells it) and `path`, if any does.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Pool>> {
+        fn first<'r>(routes: &'r [Route], path: &str) -> Option<&'r Route> {
+            routes.iter().find(|r| r.prefix.as_deref().is_none_or(|p| path.starts_with(p)))
+        }
+        let of_host = host.and_then(|h| self.by_host.get(h)).and_then(|r| first(r, path));
+        let of_any = first(&self.any_host, path);
+        match (of_host, of_any) {
+            (Some(h), Some(a)) => Some(if h.order < a.order { h } else { a }),
+            (h, a) => h.or(a),
+        }
+        .map(|r| &r.pool)
     }
 }
 
@@ -501,12 +558,23 @@ impl VipRuntime {
 /// in its one canonical spelling (RFC 5952, as browsers send it), so that `[2001:0db8::1]` in the
 /// config matches a request for `[2001:db8::1]`.
 pub(crate) fn route_host(h: &str) -> String {
+    route_host_cow(h).into_owned()
+}
+
+/// [`route_host`], borrowing `h` when it is already spelled so (the common case: a request's
+/// lowercase host name), since the proxy spells every request's host this way.
+fn route_host_cow(h: &str) -> std::borrow::Cow<'_, str> {
+    let plain =
+        !h.ends_with('.') && !h.starts_with('[') && !h.bytes().any(|b| b.is_ascii_uppercase());
+    if plain {
+        return std::borrow::Cow::Borrowed(h);
+    }
     let h = h.strip_suffix('.').unwrap_or(h);
     let literal = h.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
-    match literal.and_then(|a| a.parse::<std::net::Ipv6Addr>().ok()) {
+    std::borrow::Cow::Owned(match literal.and_then(|a| a.parse::<std::net::Ipv6Addr>().ok()) {
         Some(a) => format!("[{a}]"),
         None => h.to_ascii_lowercase(),
-    }
+    })
 }
 
 /// What every proxy thread reads.
@@ -874,22 +942,18 @@ impl Proxy {
                 None,
                 None,
             ));
-            let routes = l7
-                .routes
-                .iter()
-                .map(|r| {
-                    let key = (vip.name.clone(), Some((r.host.clone(), r.path_prefix.clone())));
-                    let pool = Pool::continuing(
-                        r.backends.iter().map(&mut member).collect(),
-                        r.algorithm,
-                        rotation(key),
-                    );
-                    // A route written with the root dot matches requests with or without it.
-                    let host = r.host.as_deref().map(route_host);
-                    let pool = signed(pool, host.as_deref(), r.path_prefix.as_deref());
-                    (host, r.path_prefix.clone(), Arc::new(pool))
-                })
-                .collect();
+            let routes = Routes::new(l7.routes.iter().map(|r| {
+                let key = (vip.name.clone(), Some((r.host.clone(), r.path_prefix.clone())));
+                let pool = Pool::continuing(
+                    r.backends.iter().map(&mut member).collect(),
+                    r.algorithm,
+                    rotation(key),
+                );
+                // A route written with the root dot matches requests with or without it.
+                let host = r.host.as_deref().map(route_host);
+                let pool = signed(pool, host.as_deref(), r.path_prefix.as_deref());
+                (host, r.path_prefix.clone(), Arc::new(pool))
+            }));
             let m = &self.shared.metrics;
             let class = |c: &str| {
                 m.requests
@@ -1423,6 +1487,68 @@ pub(crate) fn client_ip(peer: SocketAddr) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Routes kept by host still match as when tried one by one in file order: the first
+    /// route that matches wins, whether it names the host or not, and a host's routes never
+    /// answer another host (or a request without one).
+    #[test]
+    fn routes_by_host_keep_file_order() {
+        let pools: Vec<Arc<Pool>> = (0..5)
+            .map(|_| Arc::new(Pool::new(Vec::new(), crate::config::Algorithm::RoundRobin)))
+            .collect();
+        let host = |h: &str| Some(h.to_owned());
+        let prefix = |p: &str| Some(p.to_owned());
+        let routes = Routes::new([
+            (host("a.example"), prefix("/api"), pools[0].clone()),
+            (None, prefix("/static"), pools[1].clone()),
+            (host("a.example"), None, pools[2].clone()),
+            (host("b.example"), prefix("/static"), pools[3].clone()),
+            (None, None, pools[4].clone()),
+        ]);
+        // The index of the pool found, if any.
+        let found = |host: Option<&str>, path: &str| {
+            routes.find(host, path).map(|f| pools.iter().position(|p| Arc::ptr_eq(p, f)).unwrap())
+        };
+        assert_eq!(found(Some("a.example"), "/api/x"), Some(0));
+        assert_eq!(
+            found(Some("a.example"), "/static/x"),
+            Some(1),
+            "an earlier route for every host wins"
+        );
+        assert_eq!(found(Some("a.example"), "/other"), Some(2));
+        assert_eq!(
+            found(Some("b.example"), "/static/x"),
+            Some(1),
+            "an earlier route for every host wins"
+        );
+        assert_eq!(found(Some("b.example"), "/other"), Some(4));
+        assert_eq!(
+            found(Some("c.example"), "/api"),
+            Some(4),
+            "a.example's routes answer no other host"
+        );
+        assert_eq!(found(None, "/api"), Some(4));
+        assert!(!routes.is_empty() && Routes::default().is_empty());
+        assert_eq!(Routes::default().find(Some("a.example"), "/").map(|_| ()), None);
+    }
+
+    /// A request's host is spelled as routes compare it without a copy when it already is
+    /// (lowercase, no root dot, no IPv6 literal), and canonicalised when not.
+    #[test]
+    fn route_hosts_are_spelled_as_routes_compare_them() {
+        for (h, want, borrowed) in [
+            ("api.example", "api.example", true),
+            ("API.Example", "api.example", false),
+            ("api.example.", "api.example", false),
+            ("[2001:0db8::1]", "[2001:db8::1]", false),
+            ("198.18.0.1", "198.18.0.1", true),
+        ] {
+            let got = route_host_cow(h);
+            assert_eq!(got, want, "{h}");
+            assert_eq!(matches!(got, std::borrow::Cow::Borrowed(_)), borrowed, "{h}");
+            assert_eq!(route_host(h), want, "{h}");
+        }
+    }
 
     /// A TCP-mode VIP's "no backend" line is said at most every 10 s: its throttle is carried
     /// over the updates every health change, drain and reload make. It was made anew at each,
