@@ -10,7 +10,7 @@ mod hint;
 mod raw;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     ops::Range,
@@ -145,15 +145,53 @@ pub const MIN_CONNTRACK_FLOWS: u32 = 4096;
 /// machine.
 pub const MAX_CONNTRACK_FLOWS: u32 = 1 << 20;
 
-/// Routes of one L7 VIP above which the file is accepted with a caution. Each request is
-/// matched against a VIP's routes in order until one takes it (the first match wins, so the
-/// order is the operator's and no index can skip ahead): every route costs every request that
-/// reaches past it a comparison of its host and path prefix, about 10 ns, some 12 µs for a
-/// request that goes past 1024 routes. Not a refusal: files with more ran before the caution
-/// was added, and a node that serves many hosts (hosts have no wildcards: a route per host)
-/// may need them; the caution says to write fewer, wider routes or to split the hosts over
-/// more VIPs.
+/// Routes one request of an L7 VIP may be matched against (those of its host and those for
+/// every host) above which the file is accepted with a caution. The proxy keeps a VIP's routes
+/// by host (`proxy::Routes`), so a request is matched, in file order, only against the routes
+/// of its own host and the routes for every host, until one takes it: each costs a comparison
+/// of its path prefix, about 10 ns, some 12 µs for a request that goes past 1024. Routes of
+/// other hosts cost it nothing, so a node serving many hosts (a route each: hosts have no
+/// wildcards) is fine. Not a refusal: files with more ran before the caution was added; the
+/// caution says to write fewer, wider routes.
 pub const ROUTES_CAUTION: usize = 1024;
+
+/// Where a VIP's routes, given by their hosts (as `proxy::route_host` spells them; none for a
+/// route for every host) in file order, first let one request be matched against more than
+/// [`ROUTES_CAUTION`] routes: (the route's index, the host of such a request, or none when it
+/// is any host's, how many routes). A request of host `h` is matched against the routes of
+/// `h` and those for every host.
+fn routes_past_caution(
+    hosts: impl IntoIterator<Item = Option<String>>,
+) -> Option<(usize, Option<String>, usize)> {
+    let mut any_host = 0;
+    let mut of_host: HashMap<String, usize> = HashMap::new();
+    // The host with the most routes of its own so far, and how many.
+    let mut busiest: Option<(String, usize)> = None;
+    for (i, host) in hosts.into_iter().enumerate() {
+        let (host, reach) = match host {
+            Some(h) => {
+                let n = of_host.entry(h.clone()).or_default();
+                *n += 1;
+                let n = *n;
+                if busiest.as_ref().is_none_or(|(_, m)| n > *m) {
+                    busiest = Some((h.clone(), n));
+                }
+                (Some(h), n + any_host)
+            }
+            None => {
+                any_host += 1;
+                match &busiest {
+                    Some((h, n)) => (Some(h.clone()), n + any_host),
+                    None => (None, any_host),
+                }
+            }
+        };
+        if reach > ROUTES_CAUTION {
+            return Some((i, host, reach));
+        }
+    }
+    None
+}
 
 /// L7 backend entries in the whole file above which it is accepted with a caution: one per
 /// backend of each L7 VIP's own pool and of each of its route pools (as [`Vip::l7_backends`]
@@ -1626,15 +1664,20 @@ fn l7_settings(
             ),
         );
     }
-    // Not refused: files with more ran before this was said, and a node serving many hosts (a
-    // route per host) may need them.
-    if let Some(r) = routes.get(ROUTES_CAUTION) {
+    // Not refused: files with more ran before this was said.
+    let hosts = routes
+        .iter()
+        .map(|r| r.get_ref().host.as_ref().map(|h| crate::proxy::route_host(h.get_ref())));
+    if let Some((i, host, reach)) = routes_past_caution(hosts) {
+        let request = match &host {
+            Some(h) => format!("a request for host `{h}`"),
+            None => "a request".to_owned(),
+        };
         cautions.push(Invalid(
-            r.span(),
+            routes[i].span(),
             format!(
-                "VIP `{vip_name}`: {} routes, more than {ROUTES_CAUTION} (this is route {}): each request is matched against the routes in order until one takes it, about 10 ns a route (some 12 µs for a request that goes past {ROUTES_CAUTION}); write fewer, wider routes (one path_prefix for a group of paths), or, for many hosts (a route each: hosts have no wildcards), split the hosts over more VIPs (other addresses, or ports)",
-                routes.len(),
-                ROUTES_CAUTION + 1
+                "VIP `{vip_name}`: {request} is matched against {reach} routes here (its host's and those for every host), more than {ROUTES_CAUTION} (this is route {}): each request is matched, in order, against the routes of its host and the routes for every host until one takes it, about 10 ns a route (some 12 µs past {ROUTES_CAUTION}); write fewer, wider routes (one path_prefix for a group of paths; routes of other hosts cost a request nothing)",
+                i + 1
             ),
         ));
     }
