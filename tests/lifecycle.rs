@@ -3076,6 +3076,53 @@ fn a_reload_that_swaps_the_live_backend_beside_a_dead_one_does_not_fail_open() {
     assert!(!log.contains("every backend is down"), "{log}");
 }
 
+/// A takeover is handed whether the VIP fails open and the weights, and decides as a reload to
+/// its file does: a file that sets the live backend to weight 0 beside a dead one while adding
+/// another starts the new one up. Inferring, as before, it held the new one and failed open
+/// onto the dead one until the new one passed its check.
+#[test]
+fn a_takeover_that_sets_the_live_backend_to_0_beside_a_dead_one_does_not_fail_open() {
+    let Some(mut bed) = Bed::up("zero", &[1, 2, 3]) else { return };
+    let full = std::fs::read_to_string(&bed.cfg_path).unwrap();
+    let backend = |i: usize, weight: &str| {
+        format!(
+            "{{ address = \"198.18.0.{}\", mac = \"02:ed:00:00:00:{:02x}\"{weight} }}",
+            10 + i,
+            0x10 + i
+        )
+    };
+    let all = [1, 2, 3].map(|i| backend(i, "")).join(", ");
+    // The first VIP listed is web: backends 1 and 2, then 1 at weight 0, 2 and 3.
+    assert!(full.contains(&all));
+    let two = [1, 2].map(|i| backend(i, "")).join(", ");
+    std::fs::write(&bed.cfg_path, full.replacen(&all, &two, 1)).unwrap();
+    let out = bed.e().cli(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    bed.kill_backend(2);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bed.e().healthy("web", "198.18.0.12") {
+        assert!(Instant::now() < deadline, "backend 2 never seen dead");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let zero = format!("{}, {}, {}", backend(1, ", weight = 0"), backend(2, ""), backend(3, ""));
+    std::fs::write(&bed.cfg_path, full.replacen(&all, &zero, 1)).unwrap();
+    let first = bed.edgelb.take().unwrap();
+    bed.edgelb = Some(first.take_over());
+    let taken = Instant::now();
+    // Until well past the time backend 3's check would take to pass: never failing open.
+    while taken.elapsed() < INTERVAL * (RISE + 2) {
+        let status = bed.e().status();
+        let v = status.vips.iter().find(|v| v.name == "web").expect("web in status");
+        let up = |a: &str| v.backends.iter().find(|b| b.address.to_string() == a).unwrap().healthy;
+        assert!(!v.fail_open, "web failed open after the takeover: {v:?}\n{}", bed.e().log());
+        assert!(up("198.18.0.13") && !up("198.18.0.12"), "{v:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = bed.e().log();
+    assert!(!log.contains("--takeover: backend added"), "{log}");
+    assert!(!log.contains("every backend is down"), "{log}");
+}
+
 /// An interface deleted under a running edgelb takes XDP with it: the controller notices within
 /// a few seconds and says so in the log, in `status` and in `edgelb_xdp_attached`, where
 /// everything else (health checks through the kernel) stays green.

@@ -237,10 +237,26 @@ pub struct HandedVip {
     pub forwarding: crate::config::Forwarding,
     /// Its backends, by address and port (an XDP VIP's carry the VIP's port).
     pub backends: Vec<SocketAddr>,
+    /// Each backend's weight as the running config has it (drains aside), in the order of
+    /// `backends`: a backend kept at weight 0 by the next file may have served before, and
+    /// whether the VIP was failing open depends on it. Empty from an older edgelb (read as not
+    /// handed: the next process then guesses the weights from its own file, as before); an
+    /// older edgelb taking over ignores it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weights: Vec<u32>,
+    /// Whether the VIP fails open now (every backend that should take new flows is down), as
+    /// the running controller has it: a backend the next config adds waits for its check then
+    /// (it must not end the fail-open and take the whole VIP unprobed), and starts up otherwise
+    /// when no live backend stays. None from an older edgelb, or when built from a config
+    /// alone ([`HandedVip::all`]): the next process then infers it from the verdicts and
+    /// weights; an older edgelb taking over ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_open: Option<bool>,
 }
 
 impl HandedVip {
-    /// The VIPs of `cfg`, in file order.
+    /// The VIPs of `cfg`, in file order, with their weights but not their fail-open state,
+    /// which is the controller's, not the config's (it fills that in).
     pub fn all(cfg: &crate::config::Config) -> Vec<HandedVip> {
         cfg.vips
             .iter()
@@ -251,8 +267,20 @@ impl HandedVip {
                 protocol: v.protocol,
                 forwarding: v.forwarding,
                 backends: v.backends.iter().map(|b| SocketAddr::new(b.address, b.port)).collect(),
+                weights: v.backends.iter().map(|b| b.weight).collect(),
+                fail_open: None,
             })
             .collect()
+    }
+
+    /// The weight `backend` (one of `backends`) had in the running config; none when the
+    /// weights were not handed (an older edgelb), or do not match the backends.
+    pub fn weight(&self, backend: SocketAddr) -> Option<u32> {
+        if self.weights.len() != self.backends.len() {
+            return None;
+        }
+        let i = self.backends.iter().position(|b| *b == backend)?;
+        Some(self.weights[i])
     }
 }
 
@@ -1262,6 +1290,56 @@ mod tests {
         assert_eq!(back.vips.unwrap()[0].backends, ["127.0.0.1:8001".parse().unwrap()]);
         // Without VIPs (any other answer), the field is left out.
         assert!(!serde_json::to_string(&Response::ok("x")).unwrap().contains("vips"));
+    }
+
+    /// A handed VIP's weights and fail-open state, both ways: an older edgelb's VIPs, without
+    /// them, read as not handed (no weights, no state: the takeover infers it); this edgelb's
+    /// go through whole; an older edgelb reads a newer one's VIPs, ignoring the fields.
+    #[test]
+    fn a_handed_vips_weights_and_fail_open_are_optional_both_ways() {
+        let older = r#"{"ok":true,"message":"handing over","vips":[{"name":"web","address":"198.18.1.1","port":80,"protocol":"tcp","forwarding":"ipip","backends":["198.18.0.11:80","198.18.0.12:80"]}]}"#;
+        let r: Response = serde_json::from_str(older).unwrap();
+        let vips = r.vips.expect("an older edgelb's VIPs parse");
+        assert_eq!((vips[0].weights.len(), vips[0].fail_open), (0, None));
+        assert_eq!(vips[0].weight("198.18.0.11:80".parse().unwrap()), None);
+        let cfg = crate::config::Config::parse(
+            "[node]\ninterfaces = [\"lo\"]\nencap_source_v4 = \"198.19.0.0/16\"\ngateway_mac = \"02:00:00:00:00:fe\"\n[[vip]]\nname = \"web\"\naddress = \"198.18.1.1\"\nport = 80\nbackends = [{ address = \"198.18.0.11\", weight = 0 }, { address = \"198.18.0.12\", weight = 3 }]\n",
+            "t.toml".as_ref(),
+        )
+        .unwrap();
+        // From the config alone: the weights, not the state (the controller's).
+        let line = serde_json::to_string(&HandedVip::all(&cfg)).unwrap();
+        assert!(line.contains(r#""weights":[0,3]"#), "{line}");
+        assert!(!line.contains("fail_open"), "{line}");
+        let mut ours = HandedVip::all(&cfg);
+        ours[0].fail_open = Some(true);
+        let answer = Response { vips: Some(ours.clone()), ..Response::ok("handing over") };
+        let line = serde_json::to_string(&answer).unwrap();
+        assert!(line.contains(r#""fail_open":true"#), "{line}");
+        let back: Response = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.vips.as_deref(), Some(&ours[..]));
+        assert_eq!(ours[0].weight("198.18.0.12:80".parse().unwrap()), Some(3));
+        assert_eq!(ours[0].weight("198.18.0.13:80".parse().unwrap()), None, "not a backend");
+        // Weights that do not match the backends count as not handed.
+        let mut odd = ours[0].clone();
+        odd.weights.pop();
+        assert_eq!(odd.weight("198.18.0.11:80".parse().unwrap()), None);
+        // An older edgelb's `HandedVip`, which has neither field and does not deny unknown
+        // ones, reads this one's.
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        struct OldHandedVip {
+            name: String,
+            address: IpAddr,
+            port: u16,
+            protocol: crate::config::Protocol,
+            forwarding: crate::config::Forwarding,
+            backends: Vec<SocketAddr>,
+        }
+        let vips = serde_json::to_value(&ours).unwrap();
+        let old: Vec<OldHandedVip> =
+            serde_json::from_value(vips).expect("an older edgelb reads it");
+        assert_eq!((old[0].name.as_str(), old[0].backends.len()), ("web", 2));
     }
 
     /// A socket that closes without answering (a controller that exits) is said as such, not

@@ -25,8 +25,8 @@ use tracing::{error, info, warn};
 use self::verdicts::{Checked, Verdicts};
 use crate::{
     admin::{
-        self, AdminError, Answer, BackendStatus, ConntrackStatus, HandedSocket, HandedVip,
-        HandoverEnd, Pending, Request, Response, SocketKind, Status, VipStatus,
+        self, AdminError, Answer, BackendStatus, ConntrackStatus, HandedSocket, HandoverEnd,
+        Pending, Request, Response, SocketKind, Status, VipStatus,
     },
     config::{Config, Forwarding},
     dataplane::{Dataplane, DataplaneError, InterfaceState, TableShape, vip_ring},
@@ -432,6 +432,10 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     } else if without_vips {
         info!(
             "--takeover: the running edgelb (an older one) handed over no VIPs: a backend this config adds takes flows before its first probe"
+        );
+    } else if handed_vips.iter().flatten().any(|v| v.fail_open.is_none()) {
+        info!(
+            "--takeover: the running edgelb (an older one) handed over no fail-open state: a VIP none of whose backends was alive and taking flows (by this config's weights, unless it handed its own) is taken to have been failing open, and a backend this config adds to it waits for its check"
         );
     }
     log_carried("--takeover", &carried, &ctl.cfg);
@@ -1095,7 +1099,7 @@ impl Controller {
                 sockets,
                 drains: self.verdicts.drains(),
                 down: self.verdicts.down(),
-                vips: Some(HandedVip::all(&self.cfg)),
+                vips: Some(self.verdicts.handed_vips(&self.cfg)),
                 ..Response::ok("handing over")
             },
             fds,
@@ -1567,7 +1571,7 @@ impl Controller {
         self.apply_pending_health(usize::MAX);
         let old = self.set_config(new);
         let old_verdicts = self.verdicts.clone();
-        let carried = self.verdicts.carry_over(&HandedVip::all(&old), &self.cfg);
+        let carried = self.verdicts.carry_over(&self.verdicts.handed_vips(&old), &self.cfg);
         match self.apply() {
             Ok(r) => {
                 log_carried("reload", &carried, &self.cfg);

@@ -157,9 +157,9 @@ pub(super) struct Verdicts {
     drained: HashSet<(Option<String>, BackendRef)>,
     /// VIPs in fail-open mode.
     fail_open: HashSet<String>,
-    /// `fail_open` has been worked out ([`Verdicts::effective`]) for the running config: what
-    /// a reload reads, where a takeover, handed verdicts but neither the fail-open state nor
-    /// the weights, has to infer it.
+    /// `fail_open` has been worked out ([`Verdicts::effective`]) for the running config, so
+    /// that [`Verdicts::handed_vips`] can state it (and not claim an empty set it never
+    /// computed as "no VIP fails open").
     fail_open_known: bool,
 }
 
@@ -178,6 +178,18 @@ impl Verdicts {
     /// Is `vip` serving all its backends because every one that should take new flows is down?
     pub(super) fn is_fail_open(&self, vip: &str) -> bool {
         self.fail_open.contains(vip)
+    }
+
+    /// The VIPs of `cfg` (the running config) as a reload passes the old config's to
+    /// [`Verdicts::carry_over`] and a handover hands them to the next process: with the weights
+    /// and each VIP's fail-open state now (none before [`Verdicts::effective`] has worked it
+    /// out: then inferred, as from an older edgelb), so that both decide from the same facts.
+    pub(super) fn handed_vips(&self, cfg: &Config) -> Vec<HandedVip> {
+        let mut vips = HandedVip::all(cfg);
+        for v in &mut vips {
+            v.fail_open = self.fail_open_known.then(|| self.is_fail_open(&v.name));
+        }
+        vips
     }
 
     /// Records a health verdict; true if it changed the backend's state.
@@ -357,27 +369,9 @@ impl Verdicts {
             // A backend kept serves only alive (its verdict by the id it had). With none such,
             // new backends held would be down with every kept one, and the VIP would fail
             // open, onto the dead ones too: they start up, unless the VIP was failing open
-            // already (one added must not end that and take the whole VIP unprobed). A takeover
-            // is not handed the fail-open state, but a VIP none of whose backends was both
-            // alive and undrained was failing open (or serving nothing). The weights it had are
-            // not handed over either: a backend kept at weight 0 in the new file is taken to
-            // have been at 0 before (a standby), as one drained now was drained then. A reload
-            // knows the state, and guesses nothing (a live backend set to weight 0 beside a dead
-            // one by the reload that adds another did not make the VIP fail open before).
+            // already (one added must not end that and take the whole VIP unprobed).
             let alive = kept.any(|o| !self.is_down(&v.name, o));
-            let drained_before = |o: SocketAddr| {
-                self.is_drained(&v.name, o)
-                    || v.backends.iter().any(|b| {
-                        was(b) == Some(o) && (b.weight == 0 || self.is_drained(&v.name, id(b)))
-                    })
-            };
-            let failing_open = self.is_fail_open(&v.name)
-                || !self.fail_open_known
-                    && before
-                        .backends
-                        .iter()
-                        .all(|&o| self.is_down(&v.name, o) || drained_before(o));
-            if !alive && !failing_open {
+            if !alive && !self.was_failing_open(before, v, &was) {
                 continue;
             }
             for b in v.backends.iter().filter(|b| was(b).is_none()) {
@@ -386,6 +380,41 @@ impl Verdicts {
             }
         }
         held
+    }
+
+    /// Was VIP `v` of a new config failing open under the old one, `before` (the same VIP as
+    /// [`Verdicts::before`] finds it; `was` finds a backend of `v` in it)? One answer for a
+    /// reload and a takeover, from what `before` carries: the running controller's own state
+    /// when it has it (a reload's [`Verdicts::handed_vips`], or a handover from an edgelb that
+    /// sends it), read as it is. Otherwise (an older edgelb's handover) it is inferred, as
+    /// [`Verdicts::effective`] decides it, from the verdicts and drains handed over: a VIP with
+    /// backends taking flows (weight above 0, not drained), none of them alive, was failing
+    /// open.
+    /// A backend's weight then is the one handed over, or without those, the one the new file
+    /// gives it (a backend kept at weight 0 taken as a standby then too, which is wrong for a
+    /// live one the new file sets to 0 beside a dead one).
+    fn was_failing_open(
+        &self,
+        before: &HandedVip,
+        v: &Vip,
+        was: &impl Fn(&Backend) -> Option<SocketAddr>,
+    ) -> bool {
+        if let Some(open) = before.fail_open {
+            return open;
+        }
+        // Its entries in the new file: by the id it had (an XDP VIP moved to another port
+        // carries its drains by the new one, `follow_port`).
+        let now = |o: SocketAddr| v.backends.iter().filter(move |b| was(b) == Some(o));
+        let took_no_flows = |o: SocketAddr| {
+            self.is_drained(&v.name, o)
+                || now(o).any(|b| self.is_drained(&v.name, id(b)))
+                || match before.weight(o) {
+                    Some(w) => w == 0,
+                    None => now(o).any(|b| b.weight == 0),
+                }
+        };
+        let mut wanted = before.backends.iter().filter(|&&o| !took_no_flows(o)).peekable();
+        wanted.peek().is_some() && wanted.all(|&o| self.is_down(&v.name, o))
     }
 
     /// Forgets verdicts on checks `cfg` no longer has (after a reload), and drains of backends
@@ -556,9 +585,48 @@ mod tests {
         Config::parse(&text, "t.toml".as_ref()).expect("valid")
     }
 
-    /// `c`'s VIPs as a reload (or a handover) passes the old config's.
+    /// `c`'s VIPs as the config alone gives them (with the weights, without the fail-open
+    /// state, which the steps other than the hold do not read).
     fn vips(c: &Config) -> Vec<HandedVip> {
         HandedVip::all(c)
+    }
+
+    /// `c`'s VIPs as an older edgelb hands them over: neither the weights nor the fail-open
+    /// state.
+    fn older(c: &Config) -> Vec<HandedVip> {
+        let mut vips = HandedVip::all(c);
+        for v in &mut vips {
+            (v.weights, v.fail_open) = (Vec::new(), None);
+        }
+        vips
+    }
+
+    /// What a takeover is handed by a running edgelb with `running` verdicts on config `old`
+    /// (its drains, dead backends and VIPs), through JSON, taken into a fresh process. `vips`
+    /// edits the VIPs handed over (to send them as an older edgelb would).
+    fn handed_over(
+        running: &Verdicts,
+        old: &Config,
+        vips: impl FnOnce(&mut Vec<HandedVip>),
+    ) -> (Verdicts, Vec<HandedVip>) {
+        let mut handed_vips = running.handed_vips(old);
+        vips(&mut handed_vips);
+        let answer = crate::admin::Response {
+            drains: running.drains(),
+            down: running.down(),
+            vips: Some(handed_vips),
+            ..crate::admin::Response::ok("handing over")
+        };
+        let wire = serde_json::to_string(&answer).unwrap();
+        let handed: crate::admin::Response = serde_json::from_str(&wire).unwrap();
+        let mut taken = Verdicts::default();
+        for d in handed.drains {
+            taken.drain(d.vip, BackendRef { address: d.backend, port: d.port });
+        }
+        for d in handed.down {
+            taken.set_health(&d.vip, d.backend, false);
+        }
+        (taken, handed.vips.expect("VIPs handed over"))
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -696,26 +764,13 @@ mod tests {
         running.drain(Some("api".into()), "198.18.0.11:443".parse::<BackendRef>().unwrap());
         assert!(running.set_health("web", at(A), false));
         assert!(running.set_health("api", SocketAddr::new(ip(B), 443), false));
+        running.effective(&old);
         // A reload from the old config to the new.
         let mut reloaded = running.clone();
-        let by_reload = reloaded.carry_over(&vips(&old), &new);
+        let by_reload = reloaded.carry_over(&reloaded.handed_vips(&old), &new);
         // A takeover: what the handover carries, through JSON, into a fresh process.
-        let answer = crate::admin::Response {
-            drains: running.drains(),
-            down: running.down(),
-            vips: Some(HandedVip::all(&old)),
-            ..crate::admin::Response::ok("handing over")
-        };
-        let wire = serde_json::to_string(&answer).unwrap();
-        let handed: crate::admin::Response = serde_json::from_str(&wire).unwrap();
-        let mut taken = Verdicts::default();
-        for d in handed.drains {
-            taken.drain(d.vip, BackendRef { address: d.backend, port: d.port });
-        }
-        for d in handed.down {
-            taken.set_health(&d.vip, d.backend, false);
-        }
-        let by_takeover = taken.carry_over(&handed.vips.expect("VIPs handed over"), &new);
+        let (mut taken, handed) = handed_over(&running, &old, |_| ());
+        let by_takeover = taken.carry_over(&handed, &new);
         assert_eq!(by_takeover.renamed, [("web".to_owned(), "www".to_owned())]);
         assert_eq!(by_takeover.held, [("www".to_owned(), at(C))]);
         assert_eq!(by_takeover.moved.len(), 1, "{:?}", by_takeover.moved);
@@ -884,7 +939,7 @@ mod tests {
         let mut v = Verdicts::default();
         assert!(v.set_health("web", at(A), false));
         assert_eq!(live(&mut v, &old), [(ip(B), 1)]);
-        let carried = v.carry_over(&vips(&old), &new);
+        let carried = v.carry_over(&v.handed_vips(&old), &new);
         assert!(carried.held.is_empty(), "C held: {:?}", carried.held);
         assert_eq!(live(&mut v, &new), [(ip(C), 1)], "C serves, dead A stays out");
         assert!(!v.is_fail_open("web"));
@@ -892,13 +947,15 @@ mod tests {
         // A kept drained (or at weight 0) while alive counts no more than a dead one.
         let mut v = Verdicts::default();
         v.drain(Some("web".into()), ip(A));
-        assert!(v.carry_over(&vips(&old), &new).held.is_empty());
+        live(&mut v, &old);
+        assert!(v.carry_over(&v.handed_vips(&old), &new).held.is_empty());
         assert_eq!(live(&mut v, &new), [(ip(A), 0), (ip(C), 1)]);
         // A live one kept: C waits for its check, as any backend added.
         let mut v = Verdicts::default();
         assert!(v.set_health("web", at(B), false));
+        live(&mut v, &old);
         assert_eq!(
-            v.carry_over(&vips(&old), &cfg(&[(B, 1), (A, 1), (C, 1)], true)).held,
+            v.carry_over(&v.handed_vips(&old), &cfg(&[(B, 1), (A, 1), (C, 1)], true)).held,
             [("web".to_owned(), at(C))]
         );
         // The VIP failing open before (A and B dead): C is held, and served with A, not alone.
@@ -906,18 +963,23 @@ mod tests {
         assert!(v.set_health("web", at(A), false));
         assert!(v.set_health("web", at(B), false));
         assert_eq!(live(&mut v, &old), [(ip(A), 1), (ip(B), 1)]);
-        assert_eq!(v.carry_over(&vips(&old), &new).held, [("web".to_owned(), at(C))]);
+        let before = v.clone();
+        assert_eq!(v.carry_over(&v.handed_vips(&old), &new).held, [("web".to_owned(), at(C))]);
         assert_eq!(live(&mut v, &new), [(ip(A), 1), (ip(C), 1)]);
         assert!(v.is_fail_open("web"));
-        // The same handed over to a takeover, which knows the verdicts but not the fail-open
-        // state: every backend of the old VIP dead is failing open too.
+        // The same handed over to a takeover, by this edgelb or by an older one, which hands
+        // the verdicts but not the fail-open state: every backend of the old VIP dead is
+        // failing open too.
+        let (mut t, handed) = handed_over(&before, &old, |_| ());
+        assert_eq!(t.carry_over(&handed, &new).held, [("web".to_owned(), at(C))]);
         let mut t = Verdicts::default();
         assert!(t.set_health("web", at(A), false));
         assert!(t.set_health("web", at(B), false));
-        assert_eq!(t.carry_over(&vips(&old), &new).held, [("web".to_owned(), at(C))]);
-        // A takeover of a VIP failing open with a standby at weight 0 alive (A) and B dead:
-        // the weights are not handed over, but A's entry in the new file, still at weight 0,
-        // counts as drained before, so C is held rather than taking the VIP unprobed.
+        assert_eq!(t.carry_over(&older(&old), &new).held, [("web".to_owned(), at(C))]);
+        // A takeover from an older edgelb of a VIP failing open with a standby at weight 0
+        // alive (A) and B dead: the weights are not handed over, but A's entry in the new file,
+        // still at weight 0, counts as drained before, so C is held rather than taking the VIP
+        // unprobed.
         let standby = cfg(&[(A, 0), (B, 1)], true);
         let mut w = Verdicts::default();
         assert!(w.set_health("web", at(B), false));
@@ -926,19 +988,70 @@ mod tests {
         let mut t = Verdicts::default();
         assert!(t.set_health("web", at(B), false));
         assert_eq!(
-            t.carry_over(&vips(&standby), &cfg(&[(A, 0), (B, 1), (C, 1)], true)).held,
+            t.carry_over(&older(&standby), &cfg(&[(A, 0), (B, 1), (C, 1)], true)).held,
             [("web".to_owned(), at(C))]
         );
-        // A reload knows better than to guess: A alive at weight 1 beside B dead serves, and the
-        // reload that sets A to 0 and adds C starts C up (held, the VIP would fail open onto B).
+        // A reload reads the state: A alive at weight 1 beside B dead serves, and the reload
+        // that sets A to 0 and adds C starts C up (held, the VIP would fail open onto B).
         let mut r = Verdicts::default();
         assert!(r.set_health("web", at(B), false));
         let serving = cfg(&[(A, 1), (B, 1)], true);
         assert_eq!(live(&mut r, &serving), [(ip(A), 1)]);
         assert!(!r.is_fail_open("web"));
         let new = cfg(&[(A, 0), (B, 1), (C, 1)], true);
-        assert!(r.carry_over(&vips(&serving), &new).held.is_empty());
+        assert!(r.carry_over(&r.handed_vips(&serving), &new).held.is_empty());
         assert!(!r.is_fail_open("web"));
+    }
+
+    /// A takeover is handed the running VIP's fail-open state and weights, and decides as a
+    /// reload to its file does: a file that sets a live backend to weight 0 beside a dead one
+    /// while adding another starts the new one up (the VIP was not failing open; held, it would
+    /// fail open onto the dead one until the new one passes its check). Handed the weights
+    /// alone, it works the state out from them; handed neither (an older edgelb), it can only
+    /// guess from its own file, as before, and holds the new backend.
+    #[test]
+    fn a_takeover_is_handed_the_fail_open_state_and_the_weights() {
+        let serving = cfg(&[(A, 1), (B, 1)], true);
+        let new = cfg(&[(A, 0), (B, 1), (C, 1)], true);
+        let mut running = Verdicts::default();
+        assert!(running.set_health("web", at(B), false));
+        assert_eq!(live(&mut running, &serving), [(ip(A), 1)]);
+        assert!(!running.is_fail_open("web"));
+        // The reload to the new file.
+        let mut reloaded = running.clone();
+        let by_reload = reloaded.carry_over(&reloaded.handed_vips(&serving), &new);
+        assert!(by_reload.held.is_empty(), "{:?}", by_reload.held);
+        assert_eq!(live(&mut reloaded, &new), [(ip(A), 0), (ip(C), 1)]);
+        // A takeover with the new file: the same.
+        let (mut taken, handed) = handed_over(&running, &serving, |_| ());
+        assert_eq!(handed[0].fail_open, Some(false));
+        assert_eq!(handed[0].weights, [1, 1]);
+        let by_takeover = taken.carry_over(&handed, &new);
+        assert!(by_takeover.held.is_empty(), "C held: {:?}", by_takeover.held);
+        assert_eq!(live(&mut taken, &new), [(ip(A), 0), (ip(C), 1)], "C serves, not B");
+        assert!(!taken.is_fail_open("web"));
+        assert_eq!(taken.down(), reloaded.down());
+        // The weights alone: the state worked out from them.
+        let (mut taken, handed) =
+            handed_over(&running, &serving, |v| v.iter_mut().for_each(|v| v.fail_open = None));
+        assert!(taken.carry_over(&handed, &new).held.is_empty());
+        // The state alone, against the weights: the state is what the running edgelb did.
+        let (mut taken, handed) =
+            handed_over(&running, &serving, |v| v.iter_mut().for_each(|v| v.weights = vec![0, 1]));
+        assert!(taken.carry_over(&handed, &new).held.is_empty());
+        // An older edgelb's handover, on the wire without either: parsed, and the state
+        // inferred from the new file's weights (A at 0 taken as a standby then too): C held.
+        let line = r#"{"ok":true,"message":"handing over","down":[{"vip":"web","backend":"198.18.0.12:80"}],"vips":[{"name":"web","address":"198.18.1.1","port":80,"protocol":"tcp","forwarding":"ipip","backends":["198.18.0.11:80","198.18.0.12:80"]}]}"#;
+        let handed: crate::admin::Response = serde_json::from_str(line).unwrap();
+        let mut taken = Verdicts::default();
+        for d in handed.down {
+            taken.set_health(&d.vip, d.backend, false);
+        }
+        let vips = handed.vips.expect("an older edgelb's VIPs parse");
+        assert_eq!((vips[0].weights.len(), vips[0].fail_open), (0, None));
+        assert_eq!(taken.carry_over(&vips, &new).held, [("web".to_owned(), at(C))]);
+        assert_eq!(live(&mut taken, &new), [(ip(A), 0), (ip(B), 1), (ip(C), 1)]);
+        assert!(taken.is_fail_open("web"), "fails open onto B until C passes its check");
     }
 
     #[test]
