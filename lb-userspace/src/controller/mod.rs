@@ -13,7 +13,7 @@
 mod verdicts;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::mpsc::{self, Receiver, RecvTimeoutError},
     time::{Duration, Instant},
@@ -209,6 +209,10 @@ struct Controller {
     /// Whether the last look for lost interfaces could not tell where some stand
     /// ([`InterfaceState::Unknown`]): said once when it begins, and once when it ends.
     interfaces_untold: bool,
+    /// The MTU and GRO warnings last logged ([`mtu_warnings`], [`gro_warnings`]): a reload logs
+    /// them again only when they change ([`same_warnings`]), or hundreds of reloads fill the
+    /// log with the same lines.
+    link_warnings: Vec<String>,
 }
 
 /// Runs the balancer with the config at `path` until SIGINT/SIGTERM, `edgelb stop` or a
@@ -226,7 +230,10 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     let cfg = Config::load(path)?;
     raise_fd_limit();
     preflight(&cfg)?;
-    warn_of_mtu(&cfg);
+    let mut link_warnings = mtu_warnings(&cfg);
+    for w in &link_warnings {
+        warn!("{w}");
+    }
     warn_of_cautions(&cfg);
     // Only a valid config takes over, and only once the kernel has taken this binary's program
     // (it is loaded here, beside the running one): a bad file or a refused program leaves the
@@ -394,6 +401,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         lost: Vec::new(),
         renamed: Vec::new(),
         interfaces_untold: false,
+        link_warnings: Vec::new(),
     };
     // The counters of every configured backend exist from the start, at 0.
     ctl.metrics.retain(&ctl.cfg);
@@ -452,7 +460,12 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
             let mode = ctl.dp.attach(&iface, ctl.cfg.node.xdp_mode)?;
             info!(interface = %iface, mode, "XDP balancer attached");
         }
-        warn_of_gro(&ctl.cfg, ctl.dp.attached());
+        let gro = gro_warnings_now(&ctl.cfg, ctl.dp.attached());
+        for w in &gro {
+            warn!("{w}");
+        }
+        link_warnings.extend(gro);
+        ctl.link_warnings = std::mem::take(&mut link_warnings);
         // An interface the previous process balanced on that this config no longer lists:
         // its link goes (and the program with it), rather than run on with maps nobody keeps.
         for iface in ctl.dp.remove_unused_links()? {
@@ -663,8 +676,9 @@ fn warn_of_cautions(cfg: &Config) {
     }
 }
 
-/// Logs where `node.mtu` cannot be what the attached interfaces carry (see [`mtu_mismatches`]).
-fn warn_of_mtu(cfg: &Config) {
+/// Where `node.mtu` cannot be what the attached interfaces carry (see [`mtu_mismatches`]), from
+/// the interfaces' MTUs now.
+fn mtu_warnings(cfg: &Config) -> Vec<String> {
     let links: Vec<(String, u32)> = cfg
         .node
         .interfaces
@@ -674,17 +688,19 @@ fn warn_of_mtu(cfg: &Config) {
             Some((i.clone(), mtu.trim().parse().ok()?))
         })
         .collect();
-    for w in mtu_mismatches(cfg, &links) {
-        warn!("{w}");
-    }
+    mtu_mismatches(cfg, &links)
 }
 
-/// Logs the interfaces where GRO on stalls uploads (see [`gro_warnings`]).
-fn warn_of_gro(cfg: &Config, attached: &[(String, &'static str)]) {
+/// The interfaces where GRO on stalls uploads (see [`gro_warnings`]), from their GRO now.
+fn gro_warnings_now(cfg: &Config, attached: &[(String, &'static str)]) -> Vec<String> {
     let gro_on = |i: &str| crate::dataplane::netlink::gro_on(i).unwrap_or(false);
-    for w in gro_warnings(cfg, attached, gro_on) {
-        warn!("{w}");
-    }
+    gro_warnings(cfg, attached, gro_on)
+}
+
+/// Whether the warnings `new` are those `last` logged, in whatever order: a reload then logs
+/// nothing again (a start logs them all).
+fn same_warnings(last: &[String], new: &[String]) -> bool {
+    last.iter().collect::<BTreeSet<_>>() == new.iter().collect::<BTreeSet<_>>()
 }
 
 /// The interfaces where XDP runs in generic mode with GRO on, when some VIP encapsulates, each
@@ -1360,6 +1376,24 @@ impl Controller {
         self.renamed = renamed;
     }
 
+    /// Logs the MTU and GRO warnings of a reload, when they are not those last logged
+    /// ([`same_warnings`]): all of them, so that the last ones in the log are those in force,
+    /// or that none is left.
+    fn warn_of_links(&mut self) {
+        let mut now = mtu_warnings(&self.cfg);
+        now.extend(gro_warnings_now(&self.cfg, self.dp.attached()));
+        if same_warnings(&self.link_warnings, &now) {
+            return;
+        }
+        for w in &now {
+            warn!("{w}");
+        }
+        if now.is_empty() {
+            info!("the MTU and GRO warnings logged before no longer apply");
+        }
+        self.link_warnings = now;
+    }
+
     /// Puts `cfg` in force (the health-checked backends with it), returning the config it
     /// replaces.
     fn set_config(&mut self, cfg: Config) -> Config {
@@ -1594,8 +1628,7 @@ impl Controller {
                 {
                     msg.push_str(&format!("; {forgotten}"));
                 }
-                warn_of_mtu(&self.cfg);
-                warn_of_gro(&self.cfg, self.dp.attached());
+                self.warn_of_links();
                 warn_of_cautions(&self.cfg);
                 // Said to the one reloading too, who may not read the log.
                 for c in &self.cfg.cautions {
@@ -2080,6 +2113,24 @@ mod tests {
         assert!(w[0].contains("generic mode on eth0") && w[0].contains("ethtool -K eth0 gro off"));
         assert!(gro_warnings(&ipip, &attached, |_| false).is_empty(), "GRO off: nothing to say");
         assert_eq!(gro_warnings(&l7_only, &attached, |_| true), Vec::<String>::new());
+    }
+
+    /// A reload logs the MTU and GRO warnings again only when they change: the same ones (in
+    /// whatever order) are not logged at each of hundreds of reloads; one more, one fewer, one
+    /// reworded (another MTU) or none left are.
+    #[test]
+    fn a_reload_logs_link_warnings_only_when_they_change() {
+        let w = |ws: &[&str]| ws.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
+        let (mtu, gro) = ("node.mtu is 9000, and interface eth0", "generic mode on eth1");
+        assert!(same_warnings(&w(&[mtu, gro]), &w(&[mtu, gro])));
+        assert!(same_warnings(&w(&[mtu, gro]), &w(&[gro, mtu])), "order says nothing");
+        assert!(same_warnings(&[], &[]));
+        assert!(!same_warnings(&w(&[mtu]), &w(&[mtu, gro])), "one more");
+        assert!(!same_warnings(&w(&[mtu, gro]), &w(&[gro])), "one fewer");
+        assert!(!same_warnings(&w(&[mtu]), &[]), "none left");
+        assert!(!same_warnings(&[], &w(&[gro])), "a first one");
+        let other = "node.mtu is 0 (no check), and interface eth0";
+        assert!(!same_warnings(&w(&[mtu]), &w(&[other])), "another value");
     }
 
     /// The reply to a reload says what changed, not a debug dump.

@@ -2037,7 +2037,7 @@ fn interface_name(ifindex: u32) -> std::io::Result<Option<String>> {
     // its NUL); it returns NULL (nothing written that is read) when it fails.
     let name = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
     if name.is_null() {
-        return no_such_interface(std::io::Error::last_os_error());
+        return no_such_interface(why_no_socket(std::io::Error::last_os_error(), open_a_socket));
     }
     // SAFETY: on success `buf` holds a NUL-terminated name.
     let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
@@ -2059,7 +2059,7 @@ fn ifindex(name: &str) -> std::io::Result<Option<u32>> {
     let Ok(name) = CString::new(name) else { return Ok(None) };
     // SAFETY: `name` is a NUL-terminated string that outlives the call, which only reads it.
     match unsafe { libc::if_nametoindex(name.as_ptr()) } {
-        0 => no_such_interface(std::io::Error::last_os_error()),
+        0 => no_such_interface(why_no_socket(std::io::Error::last_os_error(), open_a_socket)),
         index => Ok(Some(index)),
     }
 }
@@ -2068,14 +2068,33 @@ fn ifindex(name: &str) -> std::io::Result<Option<u32>> {
 /// no such interface (`Ok(None)`) for ENODEV and ENXIO (the kernel's "no such device", and
 /// what if_indextoname turns it into, as POSIX asks); otherwise `e`, nothing told. Each lookup
 /// opens a socket for its ioctl, so that out of descriptors or memory it fails whether the
-/// interface is there or not, with whatever errno its last try left (glibc tries several
-/// socket families, and out of descriptors leaves ENOENT): taken for "gone", a healthy
-/// interface was said to have lost XDP. Only the ioctl's answer says an interface is not there.
+/// interface is there or not (glibc then says ENOENT, whose cause [`why_no_socket`] finds):
+/// taken for "gone", a healthy interface was said to have lost XDP. Only the ioctl's answer
+/// says an interface is not there.
 fn no_such_interface<T>(e: std::io::Error) -> std::io::Result<Option<T>> {
     match e.raw_os_error() {
         Some(libc::ENODEV | libc::ENXIO) => Ok(None),
         _ => Err(e),
     }
+}
+
+/// The real cause of a lookup's failure `e`, when glibc hides it: each lookup opens a socket
+/// for its ioctl (AF_UNIX, then AF_INET, then AF_INET6), and when none opens it sets ENOENT
+/// itself, whatever the sockets' errno (EMFILE out of descriptors, ENFILE, ENOMEM...). The
+/// operator was told "No such file or directory" of an interface that is there. So on ENOENT
+/// (which the ioctls do not give: a missing interface is ENODEV) a socket is opened as glibc
+/// first tries (`open`), and its error said instead; if it opens (a descriptor was freed
+/// meanwhile), `e` stays.
+fn why_no_socket(e: std::io::Error, open: impl FnOnce() -> std::io::Result<()>) -> std::io::Error {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => open().err().unwrap_or(e),
+        _ => e,
+    }
+}
+
+/// Opens (and closes) the socket glibc's interface lookups open first, for [`why_no_socket`].
+fn open_a_socket() -> std::io::Result<()> {
+    std::os::unix::net::UnixDatagram::unbound().map(drop)
 }
 
 /// [`DataplaneError::Lookup`] of the interface `name`.
@@ -2597,6 +2616,7 @@ mod tests {
         InterfaceState, LinkFdinfo, MAX_CONNTRACK_FLOWS, MIN_CONNTRACK_FLOWS, TableShape,
         UNKNOWN_MODE, XdpAttachMode, buckets_for, fresh_backend_id, ifindex, interface_name,
         interface_state, link_fdinfo, mode_differs, no_such_interface, pin_dir_ready,
+        why_no_socket,
     };
 
     /// A rolling replacement of one backend per reload spreads its ids over every free one, so
@@ -2655,6 +2675,58 @@ mod tests {
         );
         assert!(matches!(interface_state("lo", none), InterfaceState::Lost));
         assert!(matches!(interface_state("lo", 0), InterfaceState::Attached), "device not known");
+    }
+
+    /// glibc's ENOENT of a lookup that opened no socket gives way to the socket's own error;
+    /// any other errno, or a socket that opens after all, leaves the lookup's error as it was.
+    #[test]
+    fn a_lookup_without_a_socket_says_why() {
+        let errno = |code| std::io::Error::from_raw_os_error(code);
+        let emfile = || Err(errno(libc::EMFILE));
+        let why = |code, open: &dyn Fn() -> std::io::Result<()>| {
+            why_no_socket(errno(code), open).raw_os_error()
+        };
+        assert_eq!(why(libc::ENOENT, &emfile), Some(libc::EMFILE));
+        assert_eq!(why(libc::ENOENT, &|| Err(errno(libc::ENFILE))), Some(libc::ENFILE));
+        assert_eq!(why(libc::ENOENT, &|| Ok(())), Some(libc::ENOENT), "a socket opens now");
+        assert_eq!(why(libc::ENOMEM, &emfile), Some(libc::ENOMEM));
+        assert_eq!(why(libc::ENODEV, &emfile), Some(libc::ENODEV));
+    }
+
+    /// Out of descriptors, both lookups fail with EMFILE, not the ENOENT glibc leaves. Run in a
+    /// child (this test binary again, this test only) whose descriptor limit `sh` lowers, so
+    /// that the other tests of this process keep theirs.
+    #[test]
+    fn lookups_out_of_descriptors_say_emfile() {
+        const CHILD: &str = "EDGELB_TEST_OUT_OF_DESCRIPTORS";
+        let name = "dataplane::tests::lookups_out_of_descriptors_say_emfile";
+        if std::env::var_os(CHILD).is_none() {
+            let exe = std::env::current_exe().expect("the test binary's path");
+            let out = std::process::Command::new("sh")
+                .args(["-c", r#"ulimit -n 64 && exec "$0" "$@""#])
+                .arg(exe)
+                .args([name, "--exact", "--nocapture", "--test-threads=1"])
+                .env(CHILD, "1")
+                .output()
+                .expect("run the test binary again under `sh`");
+            let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() && said.contains("1 passed"), "the child: {said}");
+            return;
+        }
+        let mut held = Vec::new();
+        let full = loop {
+            match std::fs::File::open("/dev/null") {
+                Ok(f) if held.len() < 4096 => held.push(f),
+                Ok(_) => panic!("the descriptor limit was not lowered"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(full.raw_os_error(), Some(libc::EMFILE), "{full}");
+        let by_name = ifindex("lo").map(drop);
+        let by_index = interface_name(1).map(drop);
+        drop(held);
+        assert_eq!(by_name.map_err(|e| e.raw_os_error()), Err(Some(libc::EMFILE)));
+        assert_eq!(by_index.map_err(|e| e.raw_os_error()), Err(Some(libc::EMFILE)));
     }
 
     /// An XDP link's fdinfo gives its type and the device it holds (0 once that is gone); a

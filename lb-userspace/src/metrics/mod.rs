@@ -681,7 +681,8 @@ mod tests {
     /// Every query of contrib/grafana-dashboard.json names a metric /metrics exports, and the
     /// dashboard shows the states an operator alerts on (README): a VIP failing open, XDP lost
     /// from an interface, L7 backends out by passive health and the proxy failing open. It once
-    /// showed none of them.
+    /// showed none of them. It shows the L7 backends' requests in flight too, where a slow or
+    /// stuck backend shows first, which it once left out.
     #[test]
     fn the_dashboard_queries_real_metrics_and_shows_what_to_alert_on() {
         // A family shows in /metrics once it has a series: give each one.
@@ -730,6 +731,7 @@ mod tests {
             "edgelb_xdp_attached",
             "edgelb_l7_backend_passive_down",
             "edgelb_l7_fail_open_total",
+            "edgelb_l7_backend_in_flight",
         ] {
             assert!(queried.contains(name), "no panel shows {name}");
         }

@@ -903,14 +903,59 @@ fn connection_auth(credentials: &[u8]) -> bool {
 }
 
 /// Does this exchange bind its backend connection to its client ([`Private`])? When the
-/// response challenges with NTLM or Negotiate (any of the comma-separated challenges of any
-/// `WWW-Authenticate`), or the request carried such credentials. A look at those headers alone,
-/// in the heads already parsed, without allocating. An auth-param's quoted value that holds a
-/// comma followed by such a scheme name may be taken for a challenge: a connection kept private
-/// for nothing, never one shared that should not be.
+/// response challenges with NTLM or Negotiate (any challenge of any `WWW-Authenticate`, see
+/// [`challenges_bind`]), or the request carried such credentials. A look at those headers
+/// alone, in the heads already parsed, without allocating.
 fn binds_connection(req: &Head, resp: &Head) -> bool {
-    tokens(resp, "www-authenticate").any(connection_auth)
+    header(resp, "www-authenticate").any(challenges_bind)
         || header(req, "authorization").any(|v| connection_auth(v.trim_ascii()))
+}
+
+/// Does the `WWW-Authenticate` value `value` hold a challenge of NTLM or Negotiate? Its list
+/// (RFC 9110 11.6.1) is split at the commas outside quoted strings (whose `\` escapes the next
+/// byte), and each element is read by [`element_binds`]: a comma or a scheme name inside an
+/// auth-param's quoted value (`Basic realm="Windows, NTLM or Kerberos"`) made a connection
+/// private for nothing. A quoted string left open (a malformed header) is read as the plain
+/// comma-separated tokens it was read as before, so that a challenge it may hide still binds:
+/// private for nothing rather than shared when it should not be. One pass (a second for a
+/// malformed value), no allocation.
+fn challenges_bind(value: &[u8]) -> bool {
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, &b) in value.iter().enumerate() {
+        if quoted {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => quoted = false,
+                _ => {}
+            }
+        } else if b == b'"' {
+            quoted = true;
+        } else if b == b',' {
+            if element_binds(&value[start..i]) {
+                return true;
+            }
+            start = i + 1;
+        }
+    }
+    if quoted {
+        return value.split(|&b| b == b',').any(|t| connection_auth(t.trim_ascii()));
+    }
+    element_binds(&value[start..])
+}
+
+/// Does the element `element` of a `WWW-Authenticate` list begin a challenge of NTLM or
+/// Negotiate, in any case? An element is a challenge (its first token the scheme, then token68
+/// or auth-params) unless `=` follows that first token (whitespace allowed between): then it is
+/// an auth-param of the challenge before (`realm=Negotiate`), whatever its name or value.
+fn element_binds(element: &[u8]) -> bool {
+    let element = element.trim_ascii_start();
+    let end = element.iter().position(|&b| !is_tchar(b)).unwrap_or(element.len());
+    let (scheme, after) = element.split_at(end);
+    if after.trim_ascii_start().first() == Some(&b'=') {
+        return false;
+    }
+    scheme.eq_ignore_ascii_case(b"NTLM") || scheme.eq_ignore_ascii_case(b"Negotiate")
 }
 
 /// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1). Not `Trailer`: it
@@ -3234,6 +3279,41 @@ mod tests {
         for v in ["Basic realm=\"NTLM\"", "Bearer", "NTLMv2", "Negotiated", "realm=NTLM", ""] {
             assert!(!challenge(v), "{v}");
         }
+        // Commas and scheme names inside quoted strings, or as an auth-param's name or value,
+        // begin no challenge (RFC 9110 11.6.1).
+        for v in [
+            r#"Basic realm="a, NTLM""#,
+            r#"Basic realm="Windows, NTLM or Kerberos""#,
+            r#"Basic realm="a,Negotiate", charset="UTF-8""#,
+            r#"Basic realm="a\", NTLM""#,
+            r#"Basic realm="a\\\", NTLM", charset="x, negotiate""#,
+            r#"Basic realm=Negotiate"#,
+            r#"Basic realm="x", error=NTLM"#,
+            r#"Bearer realm="x",NTLM = "y""#,
+            r#"Basic realm="x", Negotiate= abc"#,
+            r#"Digest realm="a, Negotiate YII=", nonce="b,NTLM""#,
+            "Basic ,, realm=x,",
+        ] {
+            assert!(!challenge(v), "{v}");
+        }
+        // Past quoted strings (escaped quotes and backslashes included), the challenges after
+        // them still bind, whatever their case, alone or with a token68 or auth-params.
+        for v in [
+            r#"Basic realm="x", NTLM"#,
+            r#"Basic realm="a, b", Negotiate"#,
+            r#"Basic realm="a\"b", ntlm"#,
+            r#"Basic realm="a\\", NTLM"#,
+            r#"Basic realm="a", NeGoTiAtE YIIGhgYGKwYBBQUCoII="#,
+            r#"Bearer realm="x", error="a,b",NTLM TlRMTVNTUAACAAAA"#,
+            r#"Basic realm="x", Negotiate realm="y, z""#,
+            r#"Basic abc=, NTLM"#,
+            "  NTLM  ",
+        ] {
+            assert!(challenge(v), "{v}");
+        }
+        // A quoted string left open is malformed: read as before, a challenge it hides binds.
+        assert!(challenge(r#"Basic realm="a\", NTLM"#));
+        assert!(challenge(r#"Basic realm="a, NTLM"#));
         for v in ["NTLM TlRMTVNTUAABAAAA", "Negotiate YIIGhgYGKwYBBQUCoII=", "ntlm x", "Negotiate"]
         {
             assert!(credentials(v), "{v}");
