@@ -1,4 +1,5 @@
-//! The probes themselves: blocking std sockets, each bounded by the check's timeout.
+//! The probes themselves: blocking std sockets, each bounded by the check's timeout, waiting
+//! in slices of at most [`SLICE`] so that a check stopped mid-probe is given up within one.
 
 use std::{
     fmt,
@@ -19,14 +20,53 @@ pub enum Failure {
     /// ([`crate::proxy::local_failure`], as the L7 proxy's passive health judges it): the probe
     /// says nothing of the backend, and counts neither way.
     Local(String),
+    /// The check was stopped mid-probe (reconciled away, or restarted with new settings): the
+    /// probe was given up, and its result is nobody's.
+    Stopped,
 }
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Failure::Backend(why) | Failure::Local(why) => f.write_str(why),
+            Failure::Stopped => f.write_str("the check was stopped"),
         }
     }
+}
+
+/// The longest a probe waits in one go (to connect, send or read) before it looks whether its
+/// check was stopped. A reload that changes a VIP's check restarts each of its backends'
+/// checks: an old one stuck on a blackholed backend used to live until its timeout (up to
+/// 600 s), and a config tool reloading every minute piled up thousands of such threads. Short
+/// enough that a stopped check's thread ends promptly, long enough that a probe waiting out a
+/// long timeout wakes only twice a second.
+pub const SLICE: Duration = Duration::from_millis(500);
+
+/// A probe's time: its deadline (the check's timeout, kept exact whatever the slices), and
+/// whether its check has been stopped since it began.
+struct Clock<'a> {
+    deadline: Instant,
+    stopped: &'a dyn Fn() -> bool,
+}
+
+impl Clock<'_> {
+    /// The next wait: the time left, at most one [`SLICE`] (and at least 1 ms: a socket
+    /// timeout of zero waits for ever); None once the time is up; [`Failure::Stopped`] once the
+    /// check is.
+    fn wait(&self) -> Result<Option<Duration>, Failure> {
+        if (self.stopped)() {
+            return Err(Failure::Stopped);
+        }
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        Ok((!left.is_zero()).then(|| left.min(SLICE).max(Duration::from_millis(1))))
+    }
+}
+
+/// Whether a socket call that failed with `e` only ran out of its (sliced) time, or was
+/// interrupted: tried again while the probe has time left.
+fn waited_out(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{Interrupted, TimedOut, WouldBlock};
+    matches!(e.kind(), WouldBlock | TimedOut | Interrupted)
 }
 
 /// Maps a failed socket call (`what`: which one) to a [`Failure`] by whose side it failed on.
@@ -45,32 +85,75 @@ fn failed(what: &'static str) -> impl Fn(std::io::Error) -> Failure {
 /// write, with TCP_NODELAY: written in pieces (as they were, the request itself in five) they
 /// left in as many segments, and Nagle held each piece after the first until the backend
 /// acknowledged the one before, which a backend waiting for the whole head may delay (40 ms on
-/// Linux). `left` is the time left of the probe.
+/// Linux).
+///
+/// The connect waits a [`SLICE`] at a time, with `SO_SNDTIMEO`: a blocking connect that runs
+/// out of it returns EINPROGRESS, the handshake going on (socket(7)), and Linux's connect on a
+/// socket still connecting waits again for the handshake's end (EALREADY when that time runs out
+/// too), returning 0 once it completes or the error that ended it. So a stopped check is seen
+/// between slices, safely, without polling the descriptor.
 fn connect(
     check: &HealthCheck,
     addr: SocketAddr,
-    left: impl Fn() -> Duration,
+    clock: &Clock<'_>,
     request: &[u8],
 ) -> Result<TcpStream, Failure> {
-    let mut s = TcpStream::connect_timeout(&addr, check.timeout).map_err(failed("connect"))?;
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(failed("socket"))?;
+    let to = addr.into();
+    loop {
+        let Some(wait) = clock.wait()? else {
+            return Err(Failure::Backend("connect: connection timed out".to_owned()));
+        };
+        socket.set_write_timeout(Some(wait)).map_err(failed("timeout"))?;
+        match socket.connect(&to) {
+            Ok(()) => break,
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EINPROGRESS | libc::EALREADY))
+                    || e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(failed("connect")(e)),
+        }
+    }
+    let mut s = TcpStream::from(socket);
     let header = check.proxy_protocol.map(crate::proxy::proxy_header_local).unwrap_or_default();
     if header.is_empty() && request.is_empty() {
         return Ok(s);
     }
     s.set_nodelay(true).map_err(failed("nodelay"))?;
-    s.set_write_timeout(Some(left())).map_err(failed("timeout"))?;
-    s.write_all(&[header.as_slice(), request].concat()).map_err(failed("send"))?;
+    let out = [header.as_slice(), request].concat();
+    let mut sent = 0;
+    while sent < out.len() {
+        let Some(wait) = clock.wait()? else {
+            return Err(Failure::Backend(format!(
+                "send: not sent within {} ms",
+                check.timeout.as_millis()
+            )));
+        };
+        s.set_write_timeout(Some(wait)).map_err(failed("timeout"))?;
+        match s.write(&out[sent..]) {
+            Ok(0) => return Err(failed("send")(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => sent += n,
+            Err(e) if waited_out(&e) => {}
+            Err(e) => return Err(failed("send")(e)),
+        }
+    }
     Ok(s)
 }
 
-/// Runs one probe; Ok with its latency, or why it failed, and on whose side.
-pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, Failure> {
+/// Runs one probe; Ok with its latency, or why it failed, and on whose side. `stopped` is
+/// asked between the waits (each at most a [`SLICE`]): once it says the check was stopped, the
+/// probe gives up ([`Failure::Stopped`]).
+pub fn probe(
+    check: &HealthCheck,
+    addr: SocketAddr,
+    stopped: &dyn Fn() -> bool,
+) -> Result<Duration, Failure> {
     let start = Instant::now();
-    let deadline = start + check.timeout;
-    let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let clock = Clock { deadline: start + check.timeout, stopped };
     match &check.kind {
         CheckKind::Tcp => {
-            connect(check, addr, left, &[])?;
+            connect(check, addr, &clock, &[])?;
         }
         CheckKind::Http { path, host, expect_status, expect_body } => {
             let host = host.clone().unwrap_or_else(|| default_host(addr));
@@ -79,7 +162,7 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, Failure>
             let request = format!(
                 "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: edgelb-health\r\nConnection: close\r\n\r\n"
             );
-            let mut s = connect(check, addr, left, request.as_bytes())?;
+            let mut s = connect(check, addr, &clock, request.as_bytes())?;
             // Read until the answer is decided: a complete head with the wrong status, or the
             // right one and no body to look for, or the body text found; else the end of the
             // stream, 64 KiB, or the timeout (however slowly the bytes come) decides on what
@@ -99,24 +182,20 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, Failure>
                 };
                 let cut = if buf.len() > 64 * 1024 {
                     Failure::Backend("the answer passed 64 KiB".to_owned())
-                } else if Instant::now() >= deadline {
-                    timed_out()
-                } else {
-                    s.set_read_timeout(Some(left())).map_err(failed("timeout"))?;
+                } else if let Some(wait) = clock.wait()? {
+                    s.set_read_timeout(Some(wait)).map_err(failed("timeout"))?;
                     match s.read(&mut chunk) {
                         Ok(0) => Failure::Backend("the backend closed".to_owned()),
                         Ok(n) => {
                             buf.extend_from_slice(&chunk[..n]);
                             continue;
                         }
-                        Err(e)
-                            if e.kind() == std::io::ErrorKind::WouldBlock
-                                || e.kind() == std::io::ErrorKind::TimedOut =>
-                        {
-                            timed_out()
-                        }
+                        // A slice waited out: the clock says whether time is left.
+                        Err(e) if waited_out(&e) => continue,
                         Err(e) => failed("read")(e),
                     }
+                } else {
+                    timed_out()
                 };
                 // Nothing more comes: decide on what arrived, or say why there is no answer.
                 break judge(&buf, *expect_status, expect_body.as_deref(), true)
@@ -134,7 +213,6 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, Failure>
             let s = UdpSocket::bind(local).map_err(failed("bind"))?;
             s.connect(addr).map_err(failed("connect"))?;
             s.send(send).map_err(failed("send"))?;
-            s.set_read_timeout(Some(left())).map_err(failed("timeout"))?;
             // The largest datagram whole: a longer answer's tail would be cut off, and an
             // `expect` found there missed. One buffer per check's thread, not one per probe.
             thread_local! {
@@ -142,7 +220,20 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, Failure>
                     std::cell::RefCell::new(vec![0u8; crate::config::MAX_UDP_PROBE]);
             }
             ANSWER.with_borrow_mut(|buf| {
-                let n = s.recv(buf).map_err(failed("no answer"))?;
+                let n = loop {
+                    let Some(wait) = clock.wait()? else {
+                        return Err(Failure::Backend(format!(
+                            "no answer within {} ms",
+                            check.timeout.as_millis()
+                        )));
+                    };
+                    s.set_read_timeout(Some(wait)).map_err(failed("timeout"))?;
+                    match s.recv(buf) {
+                        Ok(n) => break n,
+                        Err(e) if waited_out(&e) => {}
+                        Err(e) => return Err(failed("no answer")(e)),
+                    }
+                };
                 match expect {
                     // (`windows` takes no empty window: an empty `expect` is in every answer.)
                     Some(want)
@@ -269,6 +360,11 @@ mod tests {
     use std::{io::BufRead, net::TcpListener, sync::mpsc};
 
     use super::*;
+
+    /// A probe of a check that nobody stops.
+    fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, Failure> {
+        super::probe(check, addr, &|| false)
+    }
 
     fn http(timeout_ms: u64, expect_body: Option<&str>) -> HealthCheck {
         HealthCheck {
@@ -419,6 +515,52 @@ mod tests {
         });
         let e = probe(&http(1000, None), addr).unwrap_err().to_string();
         assert!(e.contains("incomplete response head"), "{e}");
+    }
+
+    /// A probe waits in slices yet keeps its deadline: a timeout that is no whole number of
+    /// slices fails at the timeout, not at the end of a slice, whether the connect, the HTTP
+    /// answer or the UDP one is waited for; and a probe whose check is stopped gives up within a
+    /// slice, whatever is left of its timeout.
+    #[test]
+    fn a_sliced_probe_keeps_its_deadline_and_gives_up_when_stopped() {
+        // A full accept queue drops SYNs; a listener nobody accepts from answers no request; a
+        // UDP socket nobody reads answers nothing.
+        let hole =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        hole.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        hole.listen(0).unwrap();
+        let hole = hole.local_addr().unwrap().as_socket().unwrap();
+        let _filler = TcpStream::connect(hole).unwrap();
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mute = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let with_timeout = |mut c: HealthCheck, ms: u64| {
+            c.timeout = Duration::from_millis(ms);
+            c
+        };
+        let tcp = HealthCheck { kind: CheckKind::Tcp, ..http(0, None) };
+        let cases = [
+            ("connect", tcp, hole, "connect: connection timed out"),
+            ("read", http(0, None), silent.local_addr().unwrap(), "no whole response within"),
+            ("udp", udp_check(b"ping", b"pong"), mute.local_addr().unwrap(), "no answer within"),
+        ];
+        for (what, check, addr, why) in &cases {
+            let start = Instant::now();
+            let e = probe(&with_timeout(check.clone(), 1200), *addr).unwrap_err().to_string();
+            let took = start.elapsed();
+            assert!(e.contains(why), "{what}: {e}");
+            assert!(
+                took >= Duration::from_millis(1200) && took < Duration::from_millis(1500),
+                "{what}: failed after {took:?}, not at its 1200 ms timeout"
+            );
+        }
+        for (what, check, addr, _) in &cases {
+            let start = Instant::now();
+            let stopped = || start.elapsed() > Duration::from_millis(200);
+            let e = super::probe(&with_timeout(check.clone(), 60_000), *addr, &stopped);
+            assert_eq!(e, Err(Failure::Stopped), "{what}");
+            let took = start.elapsed();
+            assert!(took < SLICE + Duration::from_millis(500), "{what}: gave up after {took:?}");
+        }
     }
 
     #[test]
