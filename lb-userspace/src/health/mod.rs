@@ -10,7 +10,7 @@
 mod probe;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     hash::{Hash, Hasher},
     net::SocketAddr,
     sync::{Arc, Condvar, Mutex, PoisonError, mpsc::Sender},
@@ -309,6 +309,19 @@ fn say_local_failure(t: &Target, e: &str) {
     }
 }
 
+/// Logs, as an error once per VIP for the life of the process, that a probe of its backends
+/// found no route on this node ([`probe::Failure::NoRoute`]). XDP forwards an `ipip` or
+/// `ip6ip6` VIP's packets through `gateway_mac` whatever the kernel's routes say, so a node
+/// without a kernel route to the backends forwards well, yet every probe fails, every backend
+/// goes down and the VIP fails open: the log says why, and what to add. Once per VIP, not per
+/// probe: the flips' reasons say it again for each backend.
+fn say_no_route(t: &Target, why: &str) {
+    static SAID: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    if SAID.lock().unwrap_or_else(PoisonError::into_inner).insert(t.vip.clone()) {
+        tracing::error!(vip = %t.vip, backend = %t.backend, "health probes of VIP `{}` fail: {why}. The probes are connections from this node, routed by its kernel, while XDP sends an ipip or ip6ip6 VIP's packets through node.gateway_mac whatever the routes say: without a kernel route to the backends (`ip route add <backends' prefix> via <gateway>`) every probe fails, the backends go down and the VIP fails open; said once per VIP", t.vip);
+    }
+}
+
 fn run(t: Target, mut state: Hysteresis, stop: Arc<Stop>, events: Sender<HealthEvent>, id: u64) {
     let addr = t.probed();
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -327,6 +340,9 @@ fn run(t: Target, mut state: Hysteresis, stop: Arc<Stop>, events: Sender<HealthE
         let local_failure = matches!(&result, Err(probe::Failure::Local(_)));
         if let Err(probe::Failure::Local(e)) = &result {
             say_local_failure(&t, e);
+        }
+        if let Err(probe::Failure::NoRoute(why)) = &result {
+            say_no_route(&t, why);
         }
         let changed = !local_failure && state.record(result.is_ok(), t.check.rise, t.check.fall);
         let reason = match &result {

@@ -4,7 +4,7 @@
 use std::{
     fmt,
     io::{Read, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -20,6 +20,11 @@ pub enum Failure {
     /// ([`crate::proxy::local_failure`], as the L7 proxy's passive health judges it): the probe
     /// says nothing of the backend, and counts neither way.
     Local(String),
+    /// This node has no route to the backend (ENETUNREACH, its routing table having none): a
+    /// failure, counted toward `fall` (a route withdrawn is real news), but one an `ipip` or
+    /// `ip6ip6` VIP's traffic does not share (XDP sends it through `gateway_mac` whatever the
+    /// routes say), so its reason says so, and the checker logs it once per VIP.
+    NoRoute(String),
     /// The check was stopped mid-probe (reconciled away, or restarted with new settings): the
     /// probe was given up, and its result is nobody's.
     Stopped,
@@ -28,7 +33,7 @@ pub enum Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Failure::Backend(why) | Failure::Local(why) => f.write_str(why),
+            Failure::Backend(why) | Failure::Local(why) | Failure::NoRoute(why) => f.write_str(why),
             Failure::Stopped => f.write_str("the check was stopped"),
         }
     }
@@ -69,12 +74,43 @@ fn waited_out(e: &std::io::Error) -> bool {
     matches!(e.kind(), WouldBlock | TimedOut | Interrupted)
 }
 
-/// Maps a failed socket call (`what`: which one) to a [`Failure`] by whose side it failed on.
-fn failed(what: &'static str) -> impl Fn(std::io::Error) -> Failure {
-    move |e| {
-        let why = format!("{what}: {e}");
-        if crate::proxy::local_failure(&e) { Failure::Local(why) } else { Failure::Backend(why) }
+/// Maps a failed socket call (`what`: which one) of a probe of `addr` to a [`Failure`] by
+/// whose side it failed on ([`failure`], this node's routing table asked when it matters).
+fn failed(what: &'static str, addr: SocketAddr) -> impl Fn(std::io::Error) -> Failure {
+    move |e| failure(what, addr, e, routed)
+}
+
+/// [`failed`], with `routed` telling whether this node's routing table has a route to an
+/// address. ENETUNREACH from the table (or for UDP, whose connect only looks a route up) is
+/// [`Failure::NoRoute`]; from a router on the way (an ICMP network unreachable ending a TCP
+/// handshake), with a route here, it stays the backend's failure as it was. EHOSTUNREACH
+/// ("No route to host") is left the backend's too: the route is there, and the host did not
+/// answer ARP or neighbour discovery, or a router said it is unreachable.
+fn failure(
+    what: &str,
+    addr: SocketAddr,
+    e: std::io::Error,
+    routed: impl FnOnce(IpAddr) -> bool,
+) -> Failure {
+    if e.raw_os_error() == Some(libc::ENETUNREACH) && !routed(addr.ip()) {
+        return Failure::NoRoute(format!(
+            "no route from this node to {} (ENETUNREACH): health probes follow the kernel's routing table, not gateway_mac",
+            addr.ip()
+        ));
     }
+    let why = format!("{what}: {e}");
+    if crate::proxy::local_failure(&e) { Failure::Local(why) } else { Failure::Backend(why) }
+}
+
+/// Whether this node's routing table has a route to `ip`: a UDP socket's connect looks one up,
+/// sending nothing. Asked only of a probe that failed with ENETUNREACH.
+fn routed(ip: IpAddr) -> bool {
+    let any = SocketAddr::new(
+        if ip.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() },
+        0,
+    );
+    let looked_up = UdpSocket::bind(any).and_then(|s| s.connect((ip, 9)));
+    !looked_up.is_err_and(|e| e.raw_os_error() == Some(libc::ENETUNREACH))
 }
 
 /// A TCP connection to `addr` within `check`'s timeout, with `request` sent on it (none for a
@@ -100,19 +136,19 @@ fn connect(
 ) -> Result<TcpStream, Failure> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-        .map_err(failed("socket"))?;
+        .map_err(failed("socket", addr))?;
     let to = addr.into();
     loop {
         let Some(wait) = clock.wait()? else {
             return Err(Failure::Backend("connect: connection timed out".to_owned()));
         };
-        socket.set_write_timeout(Some(wait)).map_err(failed("timeout"))?;
+        socket.set_write_timeout(Some(wait)).map_err(failed("timeout", addr))?;
         match socket.connect(&to) {
             Ok(()) => break,
             Err(e)
                 if matches!(e.raw_os_error(), Some(libc::EINPROGRESS | libc::EALREADY))
                     || e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(failed("connect")(e)),
+            Err(e) => return Err(failed("connect", addr)(e)),
         }
     }
     let mut s = TcpStream::from(socket);
@@ -120,7 +156,7 @@ fn connect(
     if header.is_empty() && request.is_empty() {
         return Ok(s);
     }
-    s.set_nodelay(true).map_err(failed("nodelay"))?;
+    s.set_nodelay(true).map_err(failed("nodelay", addr))?;
     let out = [header.as_slice(), request].concat();
     let mut sent = 0;
     while sent < out.len() {
@@ -130,12 +166,12 @@ fn connect(
                 check.timeout.as_millis()
             )));
         };
-        s.set_write_timeout(Some(wait)).map_err(failed("timeout"))?;
+        s.set_write_timeout(Some(wait)).map_err(failed("timeout", addr))?;
         match s.write(&out[sent..]) {
-            Ok(0) => return Err(failed("send")(std::io::ErrorKind::WriteZero.into())),
+            Ok(0) => return Err(failed("send", addr)(std::io::ErrorKind::WriteZero.into())),
             Ok(n) => sent += n,
             Err(e) if waited_out(&e) => {}
-            Err(e) => return Err(failed("send")(e)),
+            Err(e) => return Err(failed("send", addr)(e)),
         }
     }
     Ok(s)
@@ -183,7 +219,7 @@ pub fn probe(
                 let cut = if buf.len() > 64 * 1024 {
                     Failure::Backend("the answer passed 64 KiB".to_owned())
                 } else if let Some(wait) = clock.wait()? {
-                    s.set_read_timeout(Some(wait)).map_err(failed("timeout"))?;
+                    s.set_read_timeout(Some(wait)).map_err(failed("timeout", addr))?;
                     match s.read(&mut chunk) {
                         Ok(0) => Failure::Backend("the backend closed".to_owned()),
                         Ok(n) => {
@@ -192,7 +228,7 @@ pub fn probe(
                         }
                         // A slice waited out: the clock says whether time is left.
                         Err(e) if waited_out(&e) => continue,
-                        Err(e) => failed("read")(e),
+                        Err(e) => failed("read", addr)(e),
                     }
                 } else {
                     timed_out()
@@ -210,9 +246,9 @@ pub fn probe(
             } else {
                 "[::]:0".parse().unwrap()
             };
-            let s = UdpSocket::bind(local).map_err(failed("bind"))?;
-            s.connect(addr).map_err(failed("connect"))?;
-            s.send(send).map_err(failed("send"))?;
+            let s = UdpSocket::bind(local).map_err(failed("bind", addr))?;
+            s.connect(addr).map_err(failed("connect", addr))?;
+            s.send(send).map_err(failed("send", addr))?;
             // The largest datagram whole: a longer answer's tail would be cut off, and an
             // `expect` found there missed. One buffer per check's thread, not one per probe.
             thread_local! {
@@ -227,11 +263,11 @@ pub fn probe(
                             check.timeout.as_millis()
                         )));
                     };
-                    s.set_read_timeout(Some(wait)).map_err(failed("timeout"))?;
+                    s.set_read_timeout(Some(wait)).map_err(failed("timeout", addr))?;
                     match s.recv(buf) {
                         Ok(n) => break n,
                         Err(e) if waited_out(&e) => {}
-                        Err(e) => return Err(failed("no answer")(e)),
+                        Err(e) => return Err(failed("no answer", addr)(e)),
                     }
                 };
                 match expect {
@@ -560,6 +596,76 @@ mod tests {
             assert_eq!(e, Err(Failure::Stopped), "{what}");
             let took = start.elapsed();
             assert!(took < SLICE + Duration::from_millis(500), "{what}: gave up after {took:?}");
+        }
+    }
+
+    /// ENETUNREACH with no route in this node's table is said as such, pointing at the cause an
+    /// `ipip` VIP's operator would not guess (its packets go through gateway_mac, the probes
+    /// through the kernel's routes); from a router on the way (a route here) it stays as it was,
+    /// and so does EHOSTUNREACH, whose route is there.
+    #[test]
+    fn a_probe_without_a_route_says_why() {
+        let unreachable = || std::io::Error::from_raw_os_error(libc::ENETUNREACH);
+        for (addr, ip) in [("198.18.0.11:80", "198.18.0.11"), ("[2001:2::11]:80", "2001:2::11")] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            assert_eq!(
+                failure("connect", addr, unreachable(), |to| to != addr.ip()),
+                Failure::NoRoute(format!(
+                    "no route from this node to {ip} (ENETUNREACH): health probes follow the kernel's routing table, not gateway_mac"
+                ))
+            );
+        }
+        let addr: SocketAddr = "198.18.0.11:80".parse().unwrap();
+        assert_eq!(
+            failure("connect", addr, unreachable(), |_| true),
+            Failure::Backend("connect: Network is unreachable (os error 101)".into())
+        );
+        let host = std::io::Error::from_raw_os_error(libc::EHOSTUNREACH);
+        assert_eq!(
+            failure("connect", addr, host, |_| panic!("asked for EHOSTUNREACH")),
+            Failure::Backend("connect: No route to host (os error 113)".into())
+        );
+    }
+
+    /// In a namespace without routes, TCP and UDP probes fail with that reason, the table looked
+    /// up for real.
+    #[test]
+    fn a_probe_in_a_namespace_without_routes_says_no_route() {
+        use crate::testbed::{netns, sh};
+        if !netns::require(
+            netns::euid() == 0,
+            "a_probe_in_a_namespace_without_routes_says_no_route: needs root for a namespace",
+        ) {
+            return;
+        }
+        /// Deletes the namespace when the test ends, however it ends.
+        struct Gone(String);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                let _ = sh(&["ip", "netns", "del", &self.0]);
+            }
+        }
+        let name = format!("edgelb-noroute-{}", std::process::id());
+        let _ = sh(&["ip", "netns", "del", &name]);
+        sh(&["ip", "netns", "add", &name]).unwrap();
+        let _gone = Gone(name.clone());
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]).unwrap();
+        let tcp = HealthCheck { kind: CheckKind::Tcp, ..http(1000, None) };
+        let reasons = netns::in_netns(&name, || {
+            ["198.18.0.11:80", "[2001:2::11]:80"]
+                .iter()
+                .flat_map(|a| {
+                    let addr: SocketAddr = a.parse().unwrap();
+                    [&tcp, &udp_check(b"ping", b"pong")].map(|c| probe(c, addr))
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+        for r in reasons {
+            assert!(
+                matches!(&r, Err(Failure::NoRoute(why)) if why.starts_with("no route from this node to ")),
+                "{r:?}"
+            );
         }
     }
 
