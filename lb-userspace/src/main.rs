@@ -381,6 +381,7 @@ fn admin_call(admin: &AdminArgs, req: &Request, show: impl FnOnce(Response)) -> 
             if let Request::Drain { backend, .. } | Request::Undrain { backend, .. } = req
                 && backend.port.is_some()
                 && resp.message.starts_with("bad request:")
+                && resp.message != edgelb::admin::TOO_LONG
             {
                 eprintln!(
                     "edgelb: the running edgelb predates drains of one address:port and refused it (nothing changed): name the address alone, which drains it on every port, or restart edgelb with this version (`edgelb run --takeover`)"

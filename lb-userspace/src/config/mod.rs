@@ -1185,6 +1185,11 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
             .map(|f| of_form(f, "conntrack_flows_per_cpu"))
             .transpose()?,
     };
+    if let (Some(at), Some(flows)) = (&n.conntrack_flows_per_cpu, node.conntrack_flows_per_cpu)
+        && let Some(said) = conntrack_memory_caution(flows, crate::dataplane::possible_cpus())
+    {
+        cautions.push(Invalid(at.span(), said));
+    }
 
     if raw.vip.len() > MAX_VIPS as usize {
         return bad(
@@ -1891,6 +1896,27 @@ impl<'a> EarlierRoutes<'a> {
             None => self.any_host.push(i),
         }
     }
+}
+
+/// The caution for `node.conntrack_flows_per_cpu = flows` on a machine of `cpus` possible CPUs
+/// when either connection table passes [`lb_common::CONNTRACK_BUDGET`], which bounds the default
+/// shape (`dataplane::buckets_for`): a count written out is taken as written, for every possible
+/// CPU, and 1048576 on a VM with 64 possible CPUs asks the kernel for 3 GiB. Not a refusal: the
+/// machine may have the memory, and files with such counts ran before the caution was added.
+fn conntrack_memory_caution(flows: u32, cpus: u32) -> Option<String> {
+    let shape = crate::dataplane::TableShape::of_flows(flows, cpus);
+    let (v4, v6) = (shape.v4_bytes(), shape.v6_bytes());
+    let budget = lb_common::CONNTRACK_BUDGET;
+    (v4 > budget || v6 > budget).then(|| {
+        let mib = |b: u64| b >> 20;
+        format!(
+            "conntrack_flows_per_cpu = {flows} makes connection tables of {} MiB of kernel memory ({} MiB IPv4, {} MiB IPv6): each table holds that many flows per possible CPU, and this machine has {cpus} possible CPUs (/sys/devices/system/cpu/possible, CPUs that may be brought online included, not only those online); the default keeps each table within {} MiB: write fewer flows per CPU, or leave it unset",
+            mib(v4 + v6),
+            mib(v4),
+            mib(v6),
+            mib(budget)
+        )
+    })
 }
 
 /// Adds a caution when the health checks of every VIP together probe more than

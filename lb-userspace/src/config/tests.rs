@@ -202,6 +202,32 @@ fn mtu_leaves_ipv6_room() {
     parse(&cfg(576, "198.18.1.1", "l7", "2001:2::11")).unwrap();
 }
 
+/// An explicit `conntrack_flows_per_cpu` is taken for every possible CPU, past the 128 MiB
+/// a table the default shape keeps to: 1048576 flows on 64 possible CPUs are 1 GiB (IPv4) and
+/// 2 GiB (IPv6) of kernel memory, said in a caution that names the total and the CPU count;
+/// a table of exactly the budget, or a count that small machines take, is no cause.
+#[test]
+fn conntrack_tables_past_the_default_budget_are_cautioned() {
+    let said = conntrack_memory_caution(1 << 20, 64).expect("a caution");
+    assert!(
+        said.starts_with("conntrack_flows_per_cpu = 1048576 makes connection tables of 3072 MiB of kernel memory (1024 MiB IPv4, 2048 MiB IPv6)"),
+        "{said}"
+    );
+    assert!(said.contains("this machine has 64 possible CPUs"), "{said}");
+    assert!(said.contains("within 128 MiB"), "{said}");
+    // The IPv6 table at 128 MiB exactly: within the budget; one CPU more passes it.
+    assert_eq!(conntrack_memory_caution(65_536, 64), None);
+    assert!(conntrack_memory_caution(65_536, 65).is_some());
+    assert_eq!(conntrack_memory_caution(1 << 20, 2), None);
+    // Said at the key, when this machine's CPUs take it past the budget.
+    let cpus = crate::dataplane::possible_cpus();
+    let c = parse(&format!("{NODE}conntrack_flows_per_cpu = {}\n", 1 << 20)).unwrap();
+    match conntrack_memory_caution(1 << 20, cpus) {
+        Some(said) => assert_eq!(c.cautions, [format!("t.toml:4:27: {said}")]),
+        None => assert!(c.cautions.is_empty(), "{:?}", c.cautions),
+    }
+}
+
 #[test]
 fn conntrack_size_is_a_power_of_two_within_limits() {
     assert_eq!(parse(NODE).unwrap().node.conntrack_flows_per_cpu, None);

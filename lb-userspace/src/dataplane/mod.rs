@@ -496,8 +496,10 @@ pub struct Dataplane {
     shape: TableShape,
 }
 
-/// CPUs the connection table has a region for: every possible CPU.
-fn table_cpus() -> u32 {
+/// CPUs the connection table has a region for: every possible CPU
+/// (`/sys/devices/system/cpu/possible`, as the kernel sizes per-CPU data), which on a VM may be
+/// many more than those online: the tables' memory grows with it. 1 when it cannot be read.
+pub fn possible_cpus() -> u32 {
     aya::util::nr_cpus().map_or(1, |n| n.get())
 }
 
@@ -519,7 +521,7 @@ impl TableShape {
     /// [`lb_common::CONNTRACK_V6_BUCKETS`] buckets per CPU, or fewer where that would take either
     /// table past [`lb_common::CONNTRACK_BUDGET`] (see [`buckets_for`]).
     pub fn auto() -> TableShape {
-        let cpus = table_cpus();
+        let cpus = possible_cpus();
         TableShape {
             cpus,
             v4_buckets: buckets_for(
@@ -539,12 +541,33 @@ impl TableShape {
     /// table, or [`TableShape::auto`] when unset. Config validation keeps the count a power of
     /// two within [`MIN_CONNTRACK_FLOWS`]..=[`MAX_CONNTRACK_FLOWS`]; a count outside is clamped.
     pub fn for_flows(flows_per_cpu: Option<u32>) -> TableShape {
-        let Some(flows) = flows_per_cpu else {
-            return TableShape::auto();
-        };
-        let flows = flows.clamp(MIN_CONNTRACK_FLOWS, MAX_CONNTRACK_FLOWS);
+        match flows_per_cpu {
+            None => TableShape::auto(),
+            Some(flows) => TableShape::of_flows(flows, possible_cpus()),
+        }
+    }
+
+    /// The shape for `flows_per_cpu` set on a machine of `cpus` possible CPUs (pure: the
+    /// arithmetic of [`TableShape::for_flows`], and of the config's caution on the tables'
+    /// memory). A count outside [`MIN_CONNTRACK_FLOWS`]..=[`MAX_CONNTRACK_FLOWS`] is clamped.
+    pub fn of_flows(flows_per_cpu: u32, cpus: u32) -> TableShape {
+        let flows = flows_per_cpu.clamp(MIN_CONNTRACK_FLOWS, MAX_CONNTRACK_FLOWS);
         let buckets = 1u32 << (31 - (flows / lb_common::CONNTRACK_WAYS as u32).leading_zeros());
-        TableShape { cpus: table_cpus(), v4_buckets: buckets, v6_buckets: buckets }
+        TableShape { cpus, v4_buckets: buckets, v6_buckets: buckets }
+    }
+
+    /// Bytes of the IPv4 table, over every CPU: kernel memory the map takes.
+    pub fn v4_bytes(&self) -> u64 {
+        u64::from(self.cpus)
+            * u64::from(self.v4_buckets)
+            * std::mem::size_of::<lb_common::ConnBucketV4>() as u64
+    }
+
+    /// Bytes of the IPv6 table, over every CPU: kernel memory the map takes.
+    pub fn v6_bytes(&self) -> u64 {
+        u64::from(self.cpus)
+            * u64::from(self.v6_buckets)
+            * std::mem::size_of::<lb_common::ConnBucket>() as u64
     }
 
     /// IPv4 flows each CPU's table holds.

@@ -10,7 +10,7 @@
 mod probe;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     hash::{Hash, Hasher},
     net::SocketAddr,
     sync::{Arc, Condvar, Mutex, PoisonError, mpsc::Sender},
@@ -115,7 +115,8 @@ impl Stop {
 
 struct Running {
     stop: Arc<Stop>,
-    /// Never joined: a probe in flight may take its whole timeout, and nothing waits on it.
+    /// Never joined: once stopped, the thread ends within a [`probe::SLICE`] (a probe in flight
+    /// gives up at its next look at the stop), and nothing waits on it.
     _thread: JoinHandle<()>,
     id: u64,
 }
@@ -174,8 +175,9 @@ impl Checker {
     pub fn reconcile(&mut self, cfg: &Config, down: impl Fn(&str, SocketAddr) -> bool) -> usize {
         let wanted = targets(cfg);
         let keep: HashSet<&Target> = wanted.iter().collect();
-        // Stopped checks are not waited for: a probe in flight may take its whole timeout, and
-        // the controller must not stall on it. The thread reports nothing once stopped.
+        // Stopped checks are not waited for: a probe in flight gives up within a slice
+        // (`probe::SLICE`), and the controller must not stall even on that. The thread reports
+        // nothing once stopped.
         self.running.retain(|t, r| {
             let kept = keep.contains(t);
             if !kept {
@@ -241,9 +243,9 @@ impl Checker {
 }
 
 impl Drop for Checker {
-    /// Stops every check without waiting: a probe in flight (to a blackholed backend, say) may
-    /// take its whole timeout, and a controller handing over or exiting must not stall on it.
-    /// A stopped check reports nothing more, and writes no map.
+    /// Stops every check without waiting: a probe in flight (to a blackholed backend, say) gives
+    /// up within a [`probe::SLICE`], and a controller handing over or exiting must not stall
+    /// even on that. A stopped check reports nothing more, and writes no map.
     fn drop(&mut self) {
         for r in self.running.values() {
             r.stop.raise();
@@ -307,6 +309,19 @@ fn say_local_failure(t: &Target, e: &str) {
     }
 }
 
+/// Logs, as an error once per VIP for the life of the process, that a probe of its backends
+/// found no route on this node ([`probe::Failure::NoRoute`]). XDP forwards an `ipip` or
+/// `ip6ip6` VIP's packets through `gateway_mac` whatever the kernel's routes say, so a node
+/// without a kernel route to the backends forwards well, yet every probe fails, every backend
+/// goes down and the VIP fails open: the log says why, and what to add. Once per VIP, not per
+/// probe: the flips' reasons say it again for each backend.
+fn say_no_route(t: &Target, why: &str) {
+    static SAID: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    if SAID.lock().unwrap_or_else(PoisonError::into_inner).insert(t.vip.clone()) {
+        tracing::error!(vip = %t.vip, backend = %t.backend, "health probes of VIP `{}` fail: {why}. The probes are connections from this node, routed by its kernel, while XDP sends an ipip or ip6ip6 VIP's packets through node.gateway_mac whatever the routes say: without a kernel route to the backends (`ip route add <backends' prefix> via <gateway>`) every probe fails, the backends go down and the VIP fails open; said once per VIP", t.vip);
+    }
+}
+
 fn run(t: Target, mut state: Hysteresis, stop: Arc<Stop>, events: Sender<HealthEvent>, id: u64) {
     let addr = t.probed();
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -316,7 +331,7 @@ fn run(t: Target, mut state: Hysteresis, stop: Arc<Stop>, events: Sender<HealthE
     let mut next = Instant::now() + offset;
     while stop.sleep_until(next) {
         next += interval;
-        let result = probe::probe(&t.check, addr);
+        let result = probe::probe(&t.check, addr, &|| stop.raised());
         if stop.raised() {
             return; // reconciled away during the probe: its result is for a check that is gone
         }
@@ -325,6 +340,9 @@ fn run(t: Target, mut state: Hysteresis, stop: Arc<Stop>, events: Sender<HealthE
         let local_failure = matches!(&result, Err(probe::Failure::Local(_)));
         if let Err(probe::Failure::Local(e)) = &result {
             say_local_failure(&t, e);
+        }
+        if let Err(probe::Failure::NoRoute(why)) = &result {
+            say_no_route(&t, why);
         }
         let changed = !local_failure && state.record(result.is_ok(), t.check.rise, t.check.fall);
         let reason = match &result {
@@ -357,6 +375,7 @@ fn run(t: Target, mut state: Hysteresis, stop: Arc<Stop>, events: Sender<HealthE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::CheckKind;
 
     /// An L7 VIP's backends are checked on their own ports, each on its own: one address on two
     /// ports, one of them closed, gives one verdict per port.
@@ -453,17 +472,9 @@ mod tests {
         let (tx, _rx) = std::sync::mpsc::channel();
         let mut checker = Checker::new(tx);
         checker.reconcile(&Config::parse(&text, "t.toml".as_ref()).unwrap(), |_, _| false);
-        // The first probe starts within its spread over the interval: wait until its SYN is out
-        // (a connection to the blackhole in SYN_SENT, in /proc/net/tcp).
-        let syn_sent = || {
-            let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-            table.lines().skip(1).any(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                f[2].ends_with(&format!(":{hole_port:04X}")) && f[3] == "02"
-            })
-        };
+        // The first probe starts within its spread over the interval: wait until its SYN is out.
         let started = Instant::now();
-        while !syn_sent() {
+        while !syn_sent_to(hole_port) {
             assert!(started.elapsed() < Duration::from_secs(3), "no probe started");
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -474,6 +485,81 @@ mod tests {
             "dropped after {:?}",
             dropping.elapsed()
         );
+    }
+
+    /// Whether a connection to 127.0.0.1:`port` is in SYN_SENT (in /proc/net/tcp): a probe's SYN
+    /// is out, and a blackhole drops it.
+    fn syn_sent_to(port: u16) -> bool {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        table.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f[2].ends_with(&format!(":{port:04X}")) && f[3] == "02"
+        })
+    }
+
+    /// A check stopped mid-probe ends its thread within a slice of the probe's waits, not at
+    /// its timeout: a reload restarting the checks of backends that never answer (a blackhole
+    /// dropping SYNs; a backend that accepts and never answers an HTTP probe) left a thread per
+    /// check for the whole timeout (up to 600 s), thousands with a tool reloading every minute.
+    #[test]
+    fn a_check_stopped_mid_probe_ends_its_thread_within_a_slice() {
+        // A full accept queue drops SYNs: the connect waits.
+        let hole =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        hole.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        hole.listen(0).unwrap();
+        let hole = hole.local_addr().unwrap().as_socket().unwrap();
+        let _filler = std::net::TcpStream::connect(hole).unwrap();
+        // The kernel completes the handshake; nobody reads the request: the read waits.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let http =
+            CheckKind::Http { path: "/".into(), host: None, expect_status: 200, expect_body: None };
+        for (what, kind, backend) in
+            [("connect", CheckKind::Tcp, hole), ("read", http, silent.local_addr().unwrap())]
+        {
+            // A short interval, so the first probe starts at once (the offset is within it),
+            // and a timeout far past the test's patience.
+            let check = HealthCheck {
+                kind,
+                port: 0,
+                interval: Duration::from_millis(10),
+                timeout: Duration::from_secs(60),
+                rise: 1,
+                fall: 1,
+                proxy_protocol: None,
+            };
+            let t = Target { vip: "web".into(), backend, check };
+            let stop = Arc::new(Stop::default());
+            let (tx, _rx) = std::sync::mpsc::channel();
+            let thread = {
+                let stop = stop.clone();
+                std::thread::spawn(move || run(t, Hysteresis::new(), stop, tx, 0))
+            };
+            let started = Instant::now();
+            // The probe's connection, held open (unanswered) through the stop.
+            let _held = if what == "connect" {
+                while !syn_sent_to(hole.port()) {
+                    assert!(started.elapsed() < Duration::from_secs(3), "no probe started");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                None
+            } else {
+                Some(silent.accept().unwrap())
+            };
+            // Well into the wait.
+            std::thread::sleep(Duration::from_millis(100));
+            let stopping = Instant::now();
+            stop.raise();
+            while !thread.is_finished() {
+                assert!(
+                    stopping.elapsed() < Duration::from_secs(5),
+                    "{what}: the stopped check's thread still runs after {:?}",
+                    stopping.elapsed()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            thread.join().unwrap();
+        }
     }
 
     /// Backends behind the PROXY protocol get the header on their own port, whether the check

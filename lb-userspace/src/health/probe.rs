@@ -1,9 +1,10 @@
-//! The probes themselves: blocking std sockets, each bounded by the check's timeout.
+//! The probes themselves: blocking std sockets, each bounded by the check's timeout, waiting
+//! in slices of at most [`SLICE`] so that a check stopped mid-probe is given up within one.
 
 use std::{
     fmt,
     io::{Read, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -19,22 +20,97 @@ pub enum Failure {
     /// ([`crate::proxy::local_failure`], as the L7 proxy's passive health judges it): the probe
     /// says nothing of the backend, and counts neither way.
     Local(String),
+    /// This node has no route to the backend (ENETUNREACH, its routing table having none): a
+    /// failure, counted toward `fall` (a route withdrawn is real news), but one an `ipip` or
+    /// `ip6ip6` VIP's traffic does not share (XDP sends it through `gateway_mac` whatever the
+    /// routes say), so its reason says so, and the checker logs it once per VIP.
+    NoRoute(String),
+    /// The check was stopped mid-probe (reconciled away, or restarted with new settings): the
+    /// probe was given up, and its result is nobody's.
+    Stopped,
 }
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Failure::Backend(why) | Failure::Local(why) => f.write_str(why),
+            Failure::Backend(why) | Failure::Local(why) | Failure::NoRoute(why) => f.write_str(why),
+            Failure::Stopped => f.write_str("the check was stopped"),
         }
     }
 }
 
-/// Maps a failed socket call (`what`: which one) to a [`Failure`] by whose side it failed on.
-fn failed(what: &'static str) -> impl Fn(std::io::Error) -> Failure {
-    move |e| {
-        let why = format!("{what}: {e}");
-        if crate::proxy::local_failure(&e) { Failure::Local(why) } else { Failure::Backend(why) }
+/// The longest a probe waits in one go (to connect, send or read) before it looks whether its
+/// check was stopped. A reload that changes a VIP's check restarts each of its backends'
+/// checks: an old one stuck on a blackholed backend used to live until its timeout (up to
+/// 600 s), and a config tool reloading every minute piled up thousands of such threads. Short
+/// enough that a stopped check's thread ends promptly, long enough that a probe waiting out a
+/// long timeout wakes only twice a second.
+pub const SLICE: Duration = Duration::from_millis(500);
+
+/// A probe's time: its deadline (the check's timeout, kept exact whatever the slices), and
+/// whether its check has been stopped since it began.
+struct Clock<'a> {
+    deadline: Instant,
+    stopped: &'a dyn Fn() -> bool,
+}
+
+impl Clock<'_> {
+    /// The next wait: the time left, at most one [`SLICE`] (and at least 1 ms: a socket
+    /// timeout of zero waits for ever); None once the time is up; [`Failure::Stopped`] once the
+    /// check is.
+    fn wait(&self) -> Result<Option<Duration>, Failure> {
+        if (self.stopped)() {
+            return Err(Failure::Stopped);
+        }
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        Ok((!left.is_zero()).then(|| left.min(SLICE).max(Duration::from_millis(1))))
     }
+}
+
+/// Whether a socket call that failed with `e` only ran out of its (sliced) time, or was
+/// interrupted: tried again while the probe has time left.
+fn waited_out(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{Interrupted, TimedOut, WouldBlock};
+    matches!(e.kind(), WouldBlock | TimedOut | Interrupted)
+}
+
+/// Maps a failed socket call (`what`: which one) of a probe of `addr` to a [`Failure`] by
+/// whose side it failed on ([`failure`], this node's routing table asked when it matters).
+fn failed(what: &'static str, addr: SocketAddr) -> impl Fn(std::io::Error) -> Failure {
+    move |e| failure(what, addr, e, routed)
+}
+
+/// [`failed`], with `routed` telling whether this node's routing table has a route to an
+/// address. ENETUNREACH from the table (or for UDP, whose connect only looks a route up) is
+/// [`Failure::NoRoute`]; from a router on the way (an ICMP network unreachable ending a TCP
+/// handshake), with a route here, it stays the backend's failure as it was. EHOSTUNREACH
+/// ("No route to host") is left the backend's too: the route is there, and the host did not
+/// answer ARP or neighbour discovery, or a router said it is unreachable.
+fn failure(
+    what: &str,
+    addr: SocketAddr,
+    e: std::io::Error,
+    routed: impl FnOnce(IpAddr) -> bool,
+) -> Failure {
+    if e.raw_os_error() == Some(libc::ENETUNREACH) && !routed(addr.ip()) {
+        return Failure::NoRoute(format!(
+            "no route from this node to {} (ENETUNREACH): health probes follow the kernel's routing table, not gateway_mac",
+            addr.ip()
+        ));
+    }
+    let why = format!("{what}: {e}");
+    if crate::proxy::local_failure(&e) { Failure::Local(why) } else { Failure::Backend(why) }
+}
+
+/// Whether this node's routing table has a route to `ip`: a UDP socket's connect looks one up,
+/// sending nothing. Asked only of a probe that failed with ENETUNREACH.
+fn routed(ip: IpAddr) -> bool {
+    let any = SocketAddr::new(
+        if ip.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() },
+        0,
+    );
+    let looked_up = UdpSocket::bind(any).and_then(|s| s.connect((ip, 9)));
+    !looked_up.is_err_and(|e| e.raw_os_error() == Some(libc::ENETUNREACH))
 }
 
 /// A TCP connection to `addr` within `check`'s timeout, with `request` sent on it (none for a
@@ -45,32 +121,75 @@ fn failed(what: &'static str) -> impl Fn(std::io::Error) -> Failure {
 /// write, with TCP_NODELAY: written in pieces (as they were, the request itself in five) they
 /// left in as many segments, and Nagle held each piece after the first until the backend
 /// acknowledged the one before, which a backend waiting for the whole head may delay (40 ms on
-/// Linux). `left` is the time left of the probe.
+/// Linux).
+///
+/// The connect waits a [`SLICE`] at a time, with `SO_SNDTIMEO`: a blocking connect that runs
+/// out of it returns EINPROGRESS, the handshake going on (socket(7)), and Linux's connect on a
+/// socket still connecting waits again for the handshake's end (EALREADY when that time runs out
+/// too), returning 0 once it completes or the error that ended it. So a stopped check is seen
+/// between slices, safely, without polling the descriptor.
 fn connect(
     check: &HealthCheck,
     addr: SocketAddr,
-    left: impl Fn() -> Duration,
+    clock: &Clock<'_>,
     request: &[u8],
 ) -> Result<TcpStream, Failure> {
-    let mut s = TcpStream::connect_timeout(&addr, check.timeout).map_err(failed("connect"))?;
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(failed("socket", addr))?;
+    let to = addr.into();
+    loop {
+        let Some(wait) = clock.wait()? else {
+            return Err(Failure::Backend("connect: connection timed out".to_owned()));
+        };
+        socket.set_write_timeout(Some(wait)).map_err(failed("timeout", addr))?;
+        match socket.connect(&to) {
+            Ok(()) => break,
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EINPROGRESS | libc::EALREADY))
+                    || e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(failed("connect", addr)(e)),
+        }
+    }
+    let mut s = TcpStream::from(socket);
     let header = check.proxy_protocol.map(crate::proxy::proxy_header_local).unwrap_or_default();
     if header.is_empty() && request.is_empty() {
         return Ok(s);
     }
-    s.set_nodelay(true).map_err(failed("nodelay"))?;
-    s.set_write_timeout(Some(left())).map_err(failed("timeout"))?;
-    s.write_all(&[header.as_slice(), request].concat()).map_err(failed("send"))?;
+    s.set_nodelay(true).map_err(failed("nodelay", addr))?;
+    let out = [header.as_slice(), request].concat();
+    let mut sent = 0;
+    while sent < out.len() {
+        let Some(wait) = clock.wait()? else {
+            return Err(Failure::Backend(format!(
+                "send: not sent within {} ms",
+                check.timeout.as_millis()
+            )));
+        };
+        s.set_write_timeout(Some(wait)).map_err(failed("timeout", addr))?;
+        match s.write(&out[sent..]) {
+            Ok(0) => return Err(failed("send", addr)(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => sent += n,
+            Err(e) if waited_out(&e) => {}
+            Err(e) => return Err(failed("send", addr)(e)),
+        }
+    }
     Ok(s)
 }
 
-/// Runs one probe; Ok with its latency, or why it failed, and on whose side.
-pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, Failure> {
+/// Runs one probe; Ok with its latency, or why it failed, and on whose side. `stopped` is
+/// asked between the waits (each at most a [`SLICE`]): once it says the check was stopped, the
+/// probe gives up ([`Failure::Stopped`]).
+pub fn probe(
+    check: &HealthCheck,
+    addr: SocketAddr,
+    stopped: &dyn Fn() -> bool,
+) -> Result<Duration, Failure> {
     let start = Instant::now();
-    let deadline = start + check.timeout;
-    let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let clock = Clock { deadline: start + check.timeout, stopped };
     match &check.kind {
         CheckKind::Tcp => {
-            connect(check, addr, left, &[])?;
+            connect(check, addr, &clock, &[])?;
         }
         CheckKind::Http { path, host, expect_status, expect_body } => {
             let host = host.clone().unwrap_or_else(|| default_host(addr));
@@ -79,7 +198,7 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, Failure>
             let request = format!(
                 "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: edgelb-health\r\nConnection: close\r\n\r\n"
             );
-            let mut s = connect(check, addr, left, request.as_bytes())?;
+            let mut s = connect(check, addr, &clock, request.as_bytes())?;
             // Read until the answer is decided: a complete head with the wrong status, or the
             // right one and no body to look for, or the body text found; else the end of the
             // stream, 64 KiB, or the timeout (however slowly the bytes come) decides on what
@@ -99,24 +218,20 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, Failure>
                 };
                 let cut = if buf.len() > 64 * 1024 {
                     Failure::Backend("the answer passed 64 KiB".to_owned())
-                } else if Instant::now() >= deadline {
-                    timed_out()
-                } else {
-                    s.set_read_timeout(Some(left())).map_err(failed("timeout"))?;
+                } else if let Some(wait) = clock.wait()? {
+                    s.set_read_timeout(Some(wait)).map_err(failed("timeout", addr))?;
                     match s.read(&mut chunk) {
                         Ok(0) => Failure::Backend("the backend closed".to_owned()),
                         Ok(n) => {
                             buf.extend_from_slice(&chunk[..n]);
                             continue;
                         }
-                        Err(e)
-                            if e.kind() == std::io::ErrorKind::WouldBlock
-                                || e.kind() == std::io::ErrorKind::TimedOut =>
-                        {
-                            timed_out()
-                        }
-                        Err(e) => failed("read")(e),
+                        // A slice waited out: the clock says whether time is left.
+                        Err(e) if waited_out(&e) => continue,
+                        Err(e) => failed("read", addr)(e),
                     }
+                } else {
+                    timed_out()
                 };
                 // Nothing more comes: decide on what arrived, or say why there is no answer.
                 break judge(&buf, *expect_status, expect_body.as_deref(), true)
@@ -131,10 +246,9 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, Failure>
             } else {
                 "[::]:0".parse().unwrap()
             };
-            let s = UdpSocket::bind(local).map_err(failed("bind"))?;
-            s.connect(addr).map_err(failed("connect"))?;
-            s.send(send).map_err(failed("send"))?;
-            s.set_read_timeout(Some(left())).map_err(failed("timeout"))?;
+            let s = UdpSocket::bind(local).map_err(failed("bind", addr))?;
+            s.connect(addr).map_err(failed("connect", addr))?;
+            s.send(send).map_err(failed("send", addr))?;
             // The largest datagram whole: a longer answer's tail would be cut off, and an
             // `expect` found there missed. One buffer per check's thread, not one per probe.
             thread_local! {
@@ -142,7 +256,20 @@ pub fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, Failure>
                     std::cell::RefCell::new(vec![0u8; crate::config::MAX_UDP_PROBE]);
             }
             ANSWER.with_borrow_mut(|buf| {
-                let n = s.recv(buf).map_err(failed("no answer"))?;
+                let n = loop {
+                    let Some(wait) = clock.wait()? else {
+                        return Err(Failure::Backend(format!(
+                            "no answer within {} ms",
+                            check.timeout.as_millis()
+                        )));
+                    };
+                    s.set_read_timeout(Some(wait)).map_err(failed("timeout", addr))?;
+                    match s.recv(buf) {
+                        Ok(n) => break n,
+                        Err(e) if waited_out(&e) => {}
+                        Err(e) => return Err(failed("no answer", addr)(e)),
+                    }
+                };
                 match expect {
                     // (`windows` takes no empty window: an empty `expect` is in every answer.)
                     Some(want)
@@ -269,6 +396,11 @@ mod tests {
     use std::{io::BufRead, net::TcpListener, sync::mpsc};
 
     use super::*;
+
+    /// A probe of a check that nobody stops.
+    fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Duration, Failure> {
+        super::probe(check, addr, &|| false)
+    }
 
     fn http(timeout_ms: u64, expect_body: Option<&str>) -> HealthCheck {
         HealthCheck {
@@ -419,6 +551,122 @@ mod tests {
         });
         let e = probe(&http(1000, None), addr).unwrap_err().to_string();
         assert!(e.contains("incomplete response head"), "{e}");
+    }
+
+    /// A probe waits in slices yet keeps its deadline: a timeout that is no whole number of
+    /// slices fails at the timeout, not at the end of a slice, whether the connect, the HTTP
+    /// answer or the UDP one is waited for; and a probe whose check is stopped gives up within a
+    /// slice, whatever is left of its timeout.
+    #[test]
+    fn a_sliced_probe_keeps_its_deadline_and_gives_up_when_stopped() {
+        // A full accept queue drops SYNs; a listener nobody accepts from answers no request; a
+        // UDP socket nobody reads answers nothing.
+        let hole =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        hole.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        hole.listen(0).unwrap();
+        let hole = hole.local_addr().unwrap().as_socket().unwrap();
+        let _filler = TcpStream::connect(hole).unwrap();
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mute = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let with_timeout = |mut c: HealthCheck, ms: u64| {
+            c.timeout = Duration::from_millis(ms);
+            c
+        };
+        let tcp = HealthCheck { kind: CheckKind::Tcp, ..http(0, None) };
+        let cases = [
+            ("connect", tcp, hole, "connect: connection timed out"),
+            ("read", http(0, None), silent.local_addr().unwrap(), "no whole response within"),
+            ("udp", udp_check(b"ping", b"pong"), mute.local_addr().unwrap(), "no answer within"),
+        ];
+        for (what, check, addr, why) in &cases {
+            let start = Instant::now();
+            let e = probe(&with_timeout(check.clone(), 1200), *addr).unwrap_err().to_string();
+            let took = start.elapsed();
+            assert!(e.contains(why), "{what}: {e}");
+            assert!(
+                took >= Duration::from_millis(1200) && took < Duration::from_millis(2500),
+                "{what}: failed after {took:?}, not at its 1200 ms timeout"
+            );
+        }
+        for (what, check, addr, _) in &cases {
+            let start = Instant::now();
+            let stopped = || start.elapsed() > Duration::from_millis(200);
+            let e = super::probe(&with_timeout(check.clone(), 60_000), *addr, &stopped);
+            assert_eq!(e, Err(Failure::Stopped), "{what}");
+            let took = start.elapsed();
+            assert!(took < SLICE + Duration::from_millis(1500), "{what}: gave up after {took:?}");
+        }
+    }
+
+    /// ENETUNREACH with no route in this node's table is said as such, pointing at the cause an
+    /// `ipip` VIP's operator would not guess (its packets go through gateway_mac, the probes
+    /// through the kernel's routes); from a router on the way (a route here) it stays as it was,
+    /// and so does EHOSTUNREACH, whose route is there.
+    #[test]
+    fn a_probe_without_a_route_says_why() {
+        let unreachable = || std::io::Error::from_raw_os_error(libc::ENETUNREACH);
+        for (addr, ip) in [("198.18.0.11:80", "198.18.0.11"), ("[2001:2::11]:80", "2001:2::11")] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            assert_eq!(
+                failure("connect", addr, unreachable(), |to| to != addr.ip()),
+                Failure::NoRoute(format!(
+                    "no route from this node to {ip} (ENETUNREACH): health probes follow the kernel's routing table, not gateway_mac"
+                ))
+            );
+        }
+        let addr: SocketAddr = "198.18.0.11:80".parse().unwrap();
+        assert_eq!(
+            failure("connect", addr, unreachable(), |_| true),
+            Failure::Backend("connect: Network is unreachable (os error 101)".into())
+        );
+        let host = std::io::Error::from_raw_os_error(libc::EHOSTUNREACH);
+        assert_eq!(
+            failure("connect", addr, host, |_| panic!("asked for EHOSTUNREACH")),
+            Failure::Backend("connect: No route to host (os error 113)".into())
+        );
+    }
+
+    /// In a namespace without routes, TCP and UDP probes fail with that reason, the table looked
+    /// up for real.
+    #[test]
+    fn a_probe_in_a_namespace_without_routes_says_no_route() {
+        use crate::testbed::{netns, sh};
+        if !netns::require(
+            netns::euid() == 0,
+            "a_probe_in_a_namespace_without_routes_says_no_route: needs root for a namespace",
+        ) {
+            return;
+        }
+        /// Deletes the namespace when the test ends, however it ends.
+        struct Gone(String);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                let _ = sh(&["ip", "netns", "del", &self.0]);
+            }
+        }
+        let name = format!("edgelb-noroute-{}", std::process::id());
+        let _ = sh(&["ip", "netns", "del", &name]);
+        sh(&["ip", "netns", "add", &name]).unwrap();
+        let _gone = Gone(name.clone());
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]).unwrap();
+        let tcp = HealthCheck { kind: CheckKind::Tcp, ..http(1000, None) };
+        let reasons = netns::in_netns(&name, || {
+            ["198.18.0.11:80", "[2001:2::11]:80"]
+                .iter()
+                .flat_map(|a| {
+                    let addr: SocketAddr = a.parse().unwrap();
+                    [&tcp, &udp_check(b"ping", b"pong")].map(|c| probe(c, addr))
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+        for r in reasons {
+            assert!(
+                matches!(&r, Err(Failure::NoRoute(why)) if why.starts_with("no route from this node to ")),
+                "{r:?}"
+            );
+        }
     }
 
     #[test]
