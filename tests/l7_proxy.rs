@@ -3125,6 +3125,45 @@ fn a_transfer_coding_the_client_cannot_be_told_of_is_a_502() {
     assert!(!raw.contains("GZIPBYTES"), "{raw}");
 }
 
+/// `chunked` twice (in one header or two) frames no body the proxy can pass on: relayed as a
+/// body delimited by the close, the client got the chunk framing as the content and then waited
+/// for a close the keep-alive backend never made, until the idle timeout reset it. A broken
+/// response instead: a 502 at once, without the body, charged to the backend as one.
+#[test]
+fn chunked_twice_in_a_response_is_a_502_at_once() {
+    let b = serve_backend(|s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while let Some((head, _)) = read_request(&mut r) {
+            r2.fetch_add(1, Ordering::Relaxed);
+            let resp: &[u8] = if head.contains(" /one ") {
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            } else {
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            };
+            if w.write_all(resp).is_err() {
+                return;
+            }
+        }
+    });
+    let p = proxy(
+        &[(&b, 1)],
+        "retries = 0\nmax_fails = 2\nfail_timeout_ms = 60000\nidle_timeout_ms = 3000",
+        "",
+    );
+    for path in ["/one", "/two"] {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+        let (out, took) = exchange(p.addr, req.as_bytes(), false, Duration::from_secs(5));
+        let raw = String::from_utf8_lossy(&out);
+        assert!(raw.starts_with("HTTP/1.1 502 "), "{path}: {raw}");
+        assert!(!raw.contains("3\r\nabc"), "{path}: {raw}");
+        assert!(took < Duration::from_millis(1500), "{path}: {took:?} for {raw}");
+    }
+    let want = format!("edgelb_l7_backend_ejections_total{{vip=\"web\",backend=\"{}\"}} 1", b.addr);
+    let text = p.metrics.encode();
+    assert!(text.lines().any(|l| l == want), "both charged: {want} in\n{text}");
+}
+
 #[test]
 fn a_response_head_over_the_limits_is_a_502_that_blames_no_backend() {
     let log = access_log();

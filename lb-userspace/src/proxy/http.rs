@@ -1046,7 +1046,8 @@ fn declared_length(head: &Head) -> Option<u64> {
 /// stacked or repeated codings, and spellings other parsers may read otherwise, are how
 /// requests get smuggled past a proxy. Responses may list other codings before `chunked`, which
 /// the proxy passes on without decoding; any other Transfer-Encoding makes the response
-/// delimited by the close (RFC 9112 6.3). A response with both a chunked Transfer-Encoding and
+/// delimited by the close (RFC 9112 6.3), a response the proxy refuses as broken
+/// ([`RespHead::bad_coding`]). A response with both a chunked Transfer-Encoding and
 /// a Content-Length is chunked: the coding overrides the length, which is not passed on (RFC
 /// 9112 6.3); its connection is not re-used. An Err for a response (an invalid Content-Length
 /// without Transfer-Encoding) makes it a broken response, answered with 502 (RFC 9112 6.3 item
@@ -1747,21 +1748,27 @@ impl RespHead {
             && !matches!(self.status, 204 | 304)
     }
 
-    /// Would its body reach the client in a transfer coding (other than `chunked`) that the
-    /// client is not told of? An HTTP/1.0 client (`http10_client`) cannot be sent
-    /// Transfer-Encoding, and gets a chunked body decoded, so any other coding would come as
-    /// if it were the content; and for any client, a coding list that does not end in
-    /// `chunked` makes a body delimited by the close that goes without its header. The proxy
-    /// sends backends no `TE`, so a backend may apply no coding but `chunked` (RFC 9112 7.4):
-    /// such a response is broken. Only for final responses with a body (not to HEAD, nor 204
-    /// or 304).
-    fn hidden_coding(&self, http10_client: bool, head_request: bool) -> bool {
+    /// Is its Transfer-Encoding one the proxy cannot pass on? Any Transfer-Encoding that does
+    /// not frame the body chunked ([`body_framing`]: codings not ending in `chunked`, `chunked`
+    /// twice, a coding that is not a token) would leave a body delimited by the close, which
+    /// goes on without its header (hop-by-hop): the client would take what may still be
+    /// chunk framing (`chunked, chunked`) or another coding for the content, and wait for a
+    /// close a keep-alive backend never makes. And an HTTP/1.0 client (`http10_client`)
+    /// cannot be sent Transfer-Encoding, and gets a chunked body decoded, so any other coding
+    /// would come as if it were the content. The proxy sends backends no `TE`, so a backend
+    /// may apply no coding but `chunked`, and that once (RFC 9112 7, 7.4): such a response is
+    /// broken (nginx answers 502 too). Only for final responses with a body (not to HEAD, nor
+    /// 204 or 304).
+    fn bad_coding(&self, http10_client: bool, head_request: bool) -> bool {
         if head_request || self.status < 200 || matches!(self.status, 204 | 304) {
             return false;
         }
-        let other =
-            tokens(&self.head, "transfer-encoding").any(|t| !t.eq_ignore_ascii_case(b"chunked"));
-        other && (http10_client || self.framing != Ok(Framing::Chunked))
+        let mut codings = tokens(&self.head, "transfer-encoding").peekable();
+        if codings.peek().is_none() {
+            return false;
+        }
+        self.framing != Ok(Framing::Chunked)
+            || (http10_client && codings.any(|t| !t.eq_ignore_ascii_case(b"chunked")))
     }
 }
 
@@ -3031,8 +3038,8 @@ async fn response_head(
                 tracing::debug!(%addr, status = r.status, "invalid response Content-Length");
                 return Err(Attempt::Broken);
             }
-            Ok(Some(r)) if r.hidden_coding(expect.http10, expect.head) => {
-                tracing::debug!(%addr, status = r.status, "response in a transfer coding the client cannot be told of");
+            Ok(Some(r)) if r.bad_coding(expect.http10, expect.head) => {
+                tracing::debug!(%addr, status = r.status, "response Transfer-Encoding that does not frame its body chunked, or a coding an HTTP/1.0 client cannot be told of");
                 return Err(Attempt::Broken);
             }
             Ok(Some(r)) => return Ok(Some(r)),
