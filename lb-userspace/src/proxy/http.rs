@@ -10,7 +10,8 @@
 //! the response) → read the response head (response timeout) → stream the response back.
 //! Connect errors, timeouts and 502/503/504 answers are retried on another backend for
 //! idempotent requests without a body (for one on the member its stickiness cookie names,
-//! connect errors only); anything else gets one clean error response.
+//! connect errors only; for none once an interim response reached the client); anything else
+//! gets one clean error response.
 
 use std::{
     borrow::Cow,
@@ -2050,6 +2051,9 @@ async fn serve_conn(
         // The exchange's idle clock, moved by each read of the request body and the response
         // (no clock read here: the first read sets it).
         let clock = IdleClock::new(cfg.idle_timeout, tokio::time::Instant::from_std(started));
+        // The interim responses of this request's backend: once one reached the client, no
+        // other backend is tried.
+        let interim = Interim::default();
         // The client's private connection, if its backend may take this request: the first
         // attempt goes over it, to that backend, without a pick (a retry, to another backend,
         // gets a pooled or fresh connection). Closed otherwise (and without reuse: a reload may
@@ -2094,7 +2098,7 @@ async fn serve_conn(
             let now = if attempt == 0 { started } else { Instant::now() };
             let r = attempt_once(
                 client, &mut buf, &mut ubuf, &upstream, given, &vip, &pool, i, &head, framing,
-                expect, can_retry, peer, listen, now, deadline, &clock,
+                expect, can_retry, peer, listen, now, deadline, &clock, &interim,
             )
             .await;
             match r {
@@ -2105,7 +2109,9 @@ async fn serve_conn(
                     if retryable {
                         vip.failed(&member.state);
                     }
-                    if retryable && can_retry && !pinned && attempt < cfg.retries {
+                    // Not after an interim response reached the client: see `Interim::relayed`.
+                    let answered = interim.relayed.get();
+                    if retryable && can_retry && !pinned && !answered && attempt < cfg.retries {
                         // The latest such answer is the one passed on if nothing better comes.
                         // (A request retried has no body: nothing of it is still going.)
                         debug_assert!(rest.is_none());
@@ -2177,7 +2183,9 @@ async fn serve_conn(
                     }
                     let sent = matches!(e, Attempt::Timeout | Attempt::Broken);
                     last = e;
-                    if out_of_time || (sent && (!can_retry || pinned)) {
+                    // The client has seen this backend's answer begin (`Interim::relayed`).
+                    let answered = interim.relayed.get();
+                    if out_of_time || (sent && (!can_retry || pinned || answered)) {
                         break;
                     }
                 }
@@ -2754,6 +2762,8 @@ async fn with_the_rest_dropped(
 /// sent again on a fresh connection when a reused one turns out closed before any response. A
 /// final response that arrives while the body is still streaming ends the body there
 /// ([`Answer::cut`]), but for a 2xx, which takes the body's stream with it ([`Answer::rest`]).
+/// The wait for the response head runs from the request's end for the response timeout, and
+/// again from each interim response, which `interim` notes ([`head_within`]).
 #[allow(clippy::too_many_arguments)]
 async fn attempt_once<'c>(
     client: &Socket,
@@ -2773,6 +2783,7 @@ async fn attempt_once<'c>(
     now: Instant,
     deadline: tokio::time::Instant,
     clock: &'c IdleClock,
+    interim: &Interim,
 ) -> Result<Answer<'c>, Attempt> {
     let cfg = &vip.cfg;
     let addr = pool.members[i].state.addr;
@@ -2789,6 +2800,7 @@ async fn attempt_once<'c>(
     // known now for a bodiless request.
     let sent_at = tokio::time::Instant::from_std(now);
     let answer_by = |end: tokio::time::Instant| (end + cfg.response_timeout).min(deadline);
+    let wait = cfg.response_timeout;
     loop {
         let fresh = reused.is_none();
         let (up, armed) = match reused.take() {
@@ -2840,12 +2852,12 @@ async fn attempt_once<'c>(
             // fresh one (`Ok(None)`).
             let stale = !fresh && replayable;
             let first = Some(FirstRead::Done(first));
-            let reading = response_head(client, &up, ubuf, addr, expect, first, stale);
-            match timeout_at(resp_deadline, reading).await {
-                Ok(Ok(Some(resp))) => return Ok(Answer { up, resp, cut: false, rest: None }),
-                Ok(Ok(None)) => continue,
-                Ok(Err(e)) => return Err(abandon(&up, e)),
-                Err(_) => return Err(abandon(&up, timed_out(deadline, Attempt::Timeout))),
+            let reading = response_head(client, &up, ubuf, addr, expect, first, stale, interim);
+            match head_within(reading, resp_deadline, interim, wait, deadline).await {
+                Some(Ok(Some(resp))) => return Ok(Answer { up, resp, cut: false, rest: None }),
+                Some(Ok(None)) => continue,
+                Some(Err(e)) => return Err(abandon(&up, e)),
+                None => return Err(abandon(&up, timed_out(deadline, Attempt::Timeout))),
             }
         }
         if write(&up, head.clone()).await.is_err() {
@@ -2870,7 +2882,7 @@ async fn attempt_once<'c>(
         // beside the response ([`Answer::rest`]). Only a request with a body pays for the box.
         let (resp, cut, rest) = {
             let first = armed.map(FirstRead::Armed);
-            let reading = response_head(client, &up, ubuf, addr, expect, first, false);
+            let reading = response_head(client, &up, ubuf, addr, expect, first, false, interim);
             let mut reading = std::pin::pin!(reading);
             let (c, u) = (client.clone(), up.clone());
             let mut pending = std::mem::take(buf);
@@ -2891,10 +2903,11 @@ async fn attempt_once<'c>(
                     // timeout: a wait that ends there is not the backend's failure.
                     let through = tokio::time::Instant::now();
                     let squeezed = through + cfg.response_timeout > deadline;
-                    match timeout_at(answer_by(through), &mut reading).await {
-                        Ok(r) => (r, false, None),
-                        Err(_) if squeezed => return Err(abandon(&up, Attempt::Squeezed)),
-                        Err(_) => return Err(abandon(&up, timed_out(deadline, Attempt::Timeout))),
+                    let by = answer_by(through);
+                    match head_within(&mut reading, by, interim, wait, deadline).await {
+                        Some(r) => (r, false, None),
+                        None if squeezed => return Err(abandon(&up, Attempt::Squeezed)),
+                        None => return Err(abandon(&up, timed_out(deadline, Attempt::Timeout))),
                     }
                 }
                 Ok((Err(Side::Src | Side::Closed), _)) => {
@@ -2909,9 +2922,10 @@ async fn attempt_once<'c>(
                     // socket and the read ends at once with it; without one, the read ends at
                     // once with the error. The response timeout, which a complete request
                     // would have had from here, bounds the rare wait in between.
-                    match timeout_at(answer_by(tokio::time::Instant::now()), &mut reading).await {
-                        Ok(Ok(Some(resp))) => (Ok(Some(resp)), true, None),
-                        Ok(Err(e @ (Attempt::ClientGone | Attempt::TooLarge))) => {
+                    let by = answer_by(tokio::time::Instant::now());
+                    match head_within(&mut reading, by, interim, wait, deadline).await {
+                        Some(Ok(Some(resp))) => (Ok(Some(resp)), true, None),
+                        Some(Err(e @ (Attempt::ClientGone | Attempt::TooLarge))) => {
                             return Err(abandon(&up, e));
                         }
                         _ => return Err(abandon(&up, Attempt::Broken)),
@@ -2968,6 +2982,61 @@ struct Expect {
     head: bool,
 }
 
+/// The interim (1xx) responses a request's backend sent before its final answer, shared by the
+/// request's attempts and the waits for their response heads.
+#[derive(Default)]
+struct Interim {
+    /// One was passed on to the client: the backend's answer has begun there, so the request
+    /// goes to no other backend whatever follows (a timeout, a broken or retryable answer),
+    /// and it is not sent again on a fresh connection either: the client would see the
+    /// answers of two backends (or connections) to one request, and the backend that sent it
+    /// has the request and is working on it (102 Processing, 103 Early Hints).
+    relayed: Cell<bool>,
+    /// When the last one came (passed on or not): the response timeout runs again from there
+    /// ([`head_within`]).
+    last: Cell<Option<tokio::time::Instant>>,
+}
+
+impl Interim {
+    /// Notes an interim response that came now, `relayed` to the client or not.
+    fn came(&self, relayed: bool) {
+        self.last.set(Some(tokio::time::Instant::now()));
+        if relayed {
+            self.relayed.set(true);
+        }
+    }
+}
+
+/// Waits for a response head (`reading`) until `by` (the response timeout after the request's
+/// end), or later as interim responses come: each starts the response timeout (`wait`) again,
+/// as nginx's `proxy_read_timeout` runs between two reads, so a backend that sends `102
+/// Processing` while it works is not cut off as silent (the status exists for that, RFC 2518
+/// 10.1). Never past `deadline` (the whole request's). `None` once the time is up. A timer that
+/// runs out after an interim response is set again on the same read (a receive dropped to
+/// issue a new one would take the next bytes with it).
+async fn head_within<F: Future>(
+    reading: F,
+    by: tokio::time::Instant,
+    interim: &Interim,
+    wait: Duration,
+    deadline: tokio::time::Instant,
+) -> Option<F::Output> {
+    let mut reading = std::pin::pin!(reading);
+    let mut until = by;
+    loop {
+        match timeout_at(until, &mut reading).await {
+            Ok(r) => return Some(r),
+            Err(_) => {
+                let later = interim.last.get().map_or(until, |at| (at + wait).min(deadline));
+                if later <= until {
+                    return None;
+                }
+                until = later;
+            }
+        }
+    }
+}
+
 /// The first read of a response head that [`response_head`] does not issue itself.
 enum FirstRead {
     /// A read into the response buffer done already (issued with the request head).
@@ -2991,7 +3060,8 @@ async fn read_first(up: &Socket, buf: &mut BytesMut, armed: Option<Armed>) -> io
 /// on to the client as they come. Reads wait as long as the backend takes: callers bound the
 /// whole. With `stale` (a pooled connection, for a request that may be sent again), a
 /// connection that ends before any response is `Ok(None)`: the request goes again on a fresh
-/// one.
+/// one. Interim responses are noted in `interim`.
+#[allow(clippy::too_many_arguments)]
 async fn response_head(
     client: &Socket,
     up: &Socket,
@@ -3000,9 +3070,8 @@ async fn response_head(
     expect: Expect,
     mut first: Option<FirstRead>,
     stale: bool,
+    interim: &Interim,
 ) -> Result<Option<RespHead>, Attempt> {
-    // An interim response passed on to the client: the backend has the request.
-    let mut interim = false;
     let mut scan = HeadScan::default();
     loop {
         let parsed = if scan.worth_parsing(ubuf) { parse_response(ubuf) } else { Ok(None) };
@@ -3016,9 +3085,15 @@ async fn response_head(
             Ok(Some(r)) if r.status == 101 && expect.upgrade => return Ok(Some(r)),
             Ok(Some(r)) if r.status == 101 => return Err(Attempt::Broken),
             // The client had its 100 Continue from the proxy already.
-            Ok(Some(r)) if r.status == 100 && expect.continued => continue,
+            Ok(Some(r)) if r.status == 100 && expect.continued => {
+                interim.came(false);
+                continue;
+            }
             // An HTTP/1.0 client gets no interim responses (RFC 9110 15.2).
-            Ok(Some(r)) if (100..200).contains(&r.status) && expect.http10 => continue,
+            Ok(Some(r)) if (100..200).contains(&r.status) && expect.http10 => {
+                interim.came(false);
+                continue;
+            }
             Ok(Some(r)) if (100..200).contains(&r.status) => {
                 // Interim response (100 Continue...): pass it on, wait for the final one.
                 // Rewritten like a final head: a 1xx has no body, and a Content-Length or
@@ -3027,7 +3102,7 @@ async fn response_head(
                 status_and_headers(&mut head, &r);
                 head.extend_from_slice(b"\r\n");
                 write(client, head).await.map_err(|_| Attempt::ClientGone)?;
-                interim = true;
+                interim.came(true);
                 continue;
             }
             // A proxy must close the connection, discard the response and answer 502 (RFC
@@ -3060,7 +3135,9 @@ async fn response_head(
             None => read_more(up, ubuf).await,
         };
         match read {
-            Ok(0) | Err(_) if ubuf.is_empty() && stale && !interim => return Ok(None),
+            Ok(0) | Err(_) if ubuf.is_empty() && stale && !interim.relayed.get() => {
+                return Ok(None);
+            }
             Ok(0) => {
                 tracing::debug!(%addr, got = ubuf.len(), "backend closed before a response head");
                 return Err(Attempt::Broken);
