@@ -1452,8 +1452,8 @@ enum HostOut<'a> {
 
 /// The request's [`Target`], or `None` when it must be refused with 400: a target in neither
 /// origin, absolute nor asterisk form, an absolute-form target with user information or an
-/// invalid host, more than one Host header, none in an HTTP/1.1 request, or an invalid one
-/// (RFC 9112 3.2); with `normalize`, a path with a malformed escape. Routing and the backend
+/// invalid host, more than one Host header, none in an HTTP/1.1 request (whatever the form of
+/// its target), or an invalid one (RFC 9112 3.2); with `normalize`, a path with a malformed escape. Routing and the backend
 /// then see one and the same host and path: a request cannot be routed by one and served by
 /// another.
 fn target(req: &ReqHead, normalize: bool) -> Option<Target<'_>> {
@@ -1486,6 +1486,10 @@ fn target_as_sent(req: &ReqHead) -> Option<Target<'_>> {
     }
     // Absolute form (a client talking to the proxy as a forward proxy): its authority is the
     // host (RFC 9112 3.2.2: the Host header is ignored), and the backend gets the origin form.
+    // An HTTP/1.1 request needs a Host header all the same (RFC 9112 3.2: 400 without one).
+    if host.is_none() && !req.http10 {
+        return None;
+    }
     let scheme_len = ["http://", "https://"]
         .iter()
         .find(|s| path.get(..s.len()).is_some_and(|p| p.eq_ignore_ascii_case(s)))?
@@ -1497,8 +1501,11 @@ fn target_as_sent(req: &ReqHead) -> Option<Target<'_>> {
         return None;
     }
     // "http://h?q" has an empty path: its origin form is "/?q", which would need a copy; such
-    // targets are rare enough to refuse as a bare authority with a query.
+    // targets are rare enough to refuse as a bare authority with a query. An OPTIONS request
+    // for a bare authority asks about the server, not a resource: the last proxy sends it on
+    // as `*` (RFC 9112 3.2.4), not as `/`.
     let path = match origin {
+        "" if req.method() == "OPTIONS" => "*",
         "" => "/",
         o if o.starts_with('/') => o,
         _ => return None,
@@ -3438,12 +3445,27 @@ mod tests {
             some("b.example", "/x?y")
         );
         assert_eq!(
-            host("GET HTTPS://[2001:db8::1]:8443 HTTP/1.1", &[]),
+            host("GET HTTPS://[2001:db8::1]:8443 HTTP/1.1", &[("Host", "a")]),
             some("[2001:db8::1]:8443", "/")
         );
-        // Refused: no Host in HTTP/1.1, two, invalid ones, user information, other forms.
+        assert_eq!(host("GET http://b.example/x HTTP/1.0", &[]), some("b.example", "/x"));
+        // OPTIONS for a bare authority goes on in asterisk form (RFC 9112 3.2.4); with a path,
+        // as that path.
+        assert_eq!(
+            host("OPTIONS http://b.example HTTP/1.1", &[("Host", "a")]),
+            some("b.example", "*")
+        );
+        assert_eq!(
+            host("OPTIONS http://b.example/ HTTP/1.1", &[("Host", "a")]),
+            some("b.example", "/")
+        );
+        // Refused: no Host in HTTP/1.1 (an absolute-form target or not), two, invalid ones,
+        // user information, other forms.
         for (line, pairs) in [
             ("GET / HTTP/1.1", &[][..]),
+            ("GET http://b.example/ HTTP/1.1", &[][..]),
+            ("OPTIONS http://b.example HTTP/1.1", &[][..]),
+            ("GET http://b.example/ HTTP/1.1", &[("Host", "a"), ("Host", "b")][..]),
             ("GET / HTTP/1.1", &[("Host", "a"), ("Host", "b")][..]),
             ("GET / HTTP/1.1", &[("Host", "a"), ("host", "a")][..]),
             ("GET / HTTP/1.1", &[("Host", "")][..]),
@@ -3467,6 +3489,9 @@ mod tests {
         let out = forward(&r, Framing::None, false);
         assert!(out.starts_with("GET /x HTTP/1.1\r\nHost: b.example\r\nAccept: */*\r\n"), "{out}");
         assert_eq!(out.matches("Host:").count(), 1, "{out}");
+        let r = req_line("OPTIONS http://b.example HTTP/1.1", &[("Host", "a.example")]);
+        let out = forward(&r, Framing::None, false);
+        assert!(out.starts_with("OPTIONS * HTTP/1.1\r\nHost: b.example\r\n"), "{out}");
         // HTTP/1.0 without Host: the address the client connected to.
         let out = forward(&req_line("GET / HTTP/1.0", &[]), Framing::None, false);
         assert!(out.starts_with("GET / HTTP/1.1\r\nHost: 198.18.1.6:80\r\n"), "{out}");
