@@ -2734,6 +2734,40 @@ fn head_recording_backend(switch: bool) -> (Backend, Arc<std::sync::Mutex<Vec<St
     (b, heads)
 }
 
+/// The proxy answers TRACE itself with 405 (forwarded, it would echo the client's cookies and
+/// the X-Forwarded-For the proxy adds), and an OPTIONS with `Max-Forwards: 0` with a 200 of no
+/// content, as the request's final recipient (RFC 9110 7.6.2), keeping the connection; an
+/// OPTIONS with a higher count reaches the backend one lower, one that is not a number gets 400,
+/// and other methods' Max-Forwards goes on as sent.
+#[test]
+fn trace_and_options_with_no_forwards_left_are_answered_by_the_proxy() {
+    let (b, heads) = head_recording_backend(false);
+    let p = proxy(&[(&b, 1)], "retries = 0", "");
+    let out = raw_exchange(p.addr, "TRACE / HTTP/1.1\r\nHost: t\r\nCookie: s=1\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{out}");
+    assert!(out.contains("\r\nConnection: close\r\n") && !out.contains("s=1"), "{out}");
+    let out = raw_exchange(p.addr, "OPTIONS * HTTP/1.1\r\nHost: t\r\nMax-Forwards: x\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 0, "{:?}", heads.lock().unwrap());
+    let mut c = Client::connect(p.addr);
+    c.send(b"OPTIONS * HTTP/1.1\r\nHost: t\r\nMax-Forwards: 0\r\n\r\n");
+    let r = read_response(&mut c.r).expect("an answer");
+    assert_eq!((r.0, r.2.as_str()), (200, ""), "{r:?}");
+    assert_eq!(r.1.get("content-length").map(String::as_str), Some("0"), "{r:?}");
+    assert_eq!(r.1.get("connection").map(String::as_str), Some("keep-alive"), "{r:?}");
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 0, "{:?}", heads.lock().unwrap());
+    // The same connection goes on.
+    c.send(b"OPTIONS http://t/x HTTP/1.1\r\nHost: t\r\nMax-Forwards: 3\r\n\r\n");
+    assert_eq!(c.status(), 200);
+    c.send(b"GET /y HTTP/1.1\r\nHost: t\r\nMax-Forwards: 0\r\nConnection: close\r\n\r\n");
+    assert_eq!(c.status(), 200);
+    let heads = heads.lock().unwrap();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(heads[0].starts_with("OPTIONS /x HTTP/1.1\r\n"), "{heads:?}");
+    assert!(heads[0].contains("\r\nMax-Forwards: 2\r\n"), "{heads:?}");
+    assert!(heads[1].starts_with("GET /y ") && heads[1].contains("\r\nMax-Forwards: 0\r\n"));
+}
+
 /// A framing header spelled with `_` for `-` (`Transfer_Encoding`, `Content_Length`) gets 400
 /// and never reaches the backend: backends that read `_` as `-` (Puma before 6.4.3,
 /// CVE-2024-45614; CGI and WSGI stacks) would frame the body by it, and the request hidden in

@@ -344,6 +344,7 @@ async fn write<B: IoBuf>(s: &Socket, data: B) -> io::Result<()> {
 fn reason(status: u16) -> &'static str {
     match status {
         400 => "Bad Request",
+        405 => "Method Not Allowed",
         408 => "Request Timeout",
         431 => "Request Header Fields Too Large",
         501 => "Not Implemented",
@@ -959,8 +960,33 @@ fn underscore_spelling(name: &[u8], dashed: &str) -> bool {
 /// name with `_` by default, never forwards them). The framing headers are not here: a request
 /// with an underscore spelling of one is refused ([`body_framing`]). Names without `-` (Host,
 /// Connection, Upgrade, TE, Trailer, Expect) have no such spelling.
-const UNDERSCORE_DROPPED: [&str; 5] =
-    ["keep-alive", "proxy-connection", "http2-settings", "x-forwarded-for", "x-forwarded-proto"];
+const UNDERSCORE_DROPPED: [&str; 6] = [
+    "keep-alive",
+    "proxy-connection",
+    "http2-settings",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "max-forwards",
+];
+
+/// What an OPTIONS request's Max-Forwards says (RFC 9110 7.6.2): how many more intermediaries
+/// may forward it, `Ok(None)` without one, or for another method (Max-Forwards applies to
+/// TRACE and OPTIONS only, and TRACE is refused: its header is left alone). A value of more
+/// digits than a `u64` holds counts as `u64::MAX`. Err for anything but one value of 1*DIGIT
+/// (two headers, a list, a sign, nothing): a count the proxy cannot decrement, which another
+/// recipient may read otherwise; a 400, as Apache's mod_proxy answers.
+fn max_forwards(req: &ReqHead) -> Result<Option<u64>, ()> {
+    if req.method() != "OPTIONS" {
+        return Ok(None);
+    }
+    let mut values = header(&req.head, "max-forwards");
+    let Some(value) = values.next() else { return Ok(None) };
+    let value = value.trim_ascii();
+    if values.next().is_some() || value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return Err(());
+    }
+    Ok(Some(decimal(value).unwrap_or(u64::MAX)))
+}
 
 /// A Content-Length value: 1*DIGIT (RFC 9110 8.6). `str::parse` would also take a leading `+`,
 /// which other parsers on the path may read differently (request smuggling).
@@ -1659,6 +1685,9 @@ fn upstream_head(
         None => {}
     }
     let mut had_length = false;
+    // An OPTIONS request's Max-Forwards goes on one lower (RFC 9110 7.6.2; `serve_conn` answers
+    // one at 0 itself, and refuses one that is not a number).
+    let hops = max_forwards(req).ok().flatten().filter(|&n| n > 0);
     for (name, value) in head.end_to_end() {
         // The client's Host is replaced by an absolute-form target's authority.
         if target.host_out.is_some() && name.eq_ignore_ascii_case(b"host") {
@@ -1677,6 +1706,10 @@ fn upstream_head(
         }
         // Underscore spellings of headers the proxy handles itself: never forwarded.
         if UNDERSCORE_DROPPED.iter().any(|h| underscore_spelling(name, h)) {
+            continue;
+        }
+        // Written below, decremented.
+        if hops.is_some() && name.eq_ignore_ascii_case(b"max-forwards") {
             continue;
         }
         // Rewritten below, with the client appended.
@@ -1711,6 +1744,11 @@ fn upstream_head(
         append(&mut out, "Forwarded", valid_forwarded);
         out.extend(client.forwarded.as_bytes());
         out.extend(b";proto=http\r\n");
+    }
+    if let Some(n) = hops {
+        out.extend(b"Max-Forwards: ");
+        put_decimal(&mut out, n - 1);
+        out.extend(b"\r\n");
     }
     if framing == Framing::Chunked {
         transfer_encoding(&mut out, head);
@@ -2010,9 +2048,45 @@ async fn serve_conn(
         if req.method() == "CONNECT" {
             return reject(client, &vip, peer, 501, Some(&req)).await;
         }
+        // TRACE would echo the request as the backend got it: the client's cookies and
+        // credentials, and the X-Forwarded-For the proxy adds (cross-site tracing). Refused, as
+        // nginx does by default; no `Allow`, as the proxy does not know the resource's methods.
+        if req.method() == "TRACE" {
+            return reject(client, &vip, peer, 405, Some(&req)).await;
+        }
         let Some(target) = target(&req, cfg.normalize_path) else {
             return reject(client, &vip, peer, 400, Some(&req)).await;
         };
+        // An OPTIONS request with `Max-Forwards: 0` is for the proxy to answer as its final
+        // recipient (RFC 9110 7.6.2); one whose Max-Forwards is not a number is refused.
+        match max_forwards(&req) {
+            Err(()) => return reject(client, &vip, peer, 400, Some(&req)).await,
+            Ok(Some(0)) => {
+                finished(&vip, peer, 200, Some(&req), None, Some(started), None);
+                // The connection goes on as after a backend's answer, but for one with a
+                // body, which would have to be read first: it closes, lingering, as after the
+                // proxy's refusals.
+                let keep = client_keepalive
+                    && framing == Framing::None
+                    && !shared.stopping.load(Ordering::Relaxed);
+                let answer: &'static [u8] = if keep {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                };
+                if write(client, answer).await.is_err() {
+                    return;
+                }
+                if keep {
+                    continue;
+                }
+                if framing != Framing::None || sends_more(client, &buf) {
+                    linger(client, cfg.idle_timeout).await;
+                }
+                return;
+            }
+            Ok(_) => {}
+        }
         // valid_host admits ASCII only.
         let host = target.host.and_then(|h| std::str::from_utf8(h).ok());
         let pool = vip.pool_for(host, &target.path).clone();
@@ -3495,6 +3569,36 @@ mod tests {
         // HTTP/1.0 without Host: the address the client connected to.
         let out = forward(&req_line("GET / HTTP/1.0", &[]), Framing::None, false);
         assert!(out.starts_with("GET / HTTP/1.1\r\nHost: 198.18.1.6:80\r\n"), "{out}");
+    }
+
+    /// Max-Forwards counts down on OPTIONS only (RFC 9110 7.6.2): one number, decremented on
+    /// its way to the backend; anything else about it is refused; other methods' go on as sent.
+    #[test]
+    fn max_forwards_counts_down_on_options_only() {
+        let hops = |line: &str, value: &[&str]| {
+            let mut pairs = vec![("Host", "a")];
+            pairs.extend(value.iter().map(|v| ("Max-Forwards", *v)));
+            max_forwards(&req_line(line, &pairs))
+        };
+        assert_eq!(hops("OPTIONS * HTTP/1.1", &[]), Ok(None));
+        assert_eq!(hops("OPTIONS * HTTP/1.1", &["0"]), Ok(Some(0)));
+        assert_eq!(hops("OPTIONS /x HTTP/1.1", &[" 07 "]), Ok(Some(7)));
+        assert_eq!(hops("OPTIONS * HTTP/1.1", &["99999999999999999999999"]), Ok(Some(u64::MAX)));
+        for bad in [&[""][..], &["x"], &["-1"], &["+1"], &["1, 2"], &["1 2"], &["1", "1"]] {
+            assert_eq!(hops("OPTIONS * HTTP/1.1", bad), Err(()), "{bad:?}");
+        }
+        assert_eq!(hops("GET / HTTP/1.1", &["x"]), Ok(None));
+        assert_eq!(hops("GET / HTTP/1.1", &["0"]), Ok(None));
+        let r = req_line(
+            "OPTIONS /x HTTP/1.1",
+            &[("Host", "a"), ("Max-Forwards", "5"), ("Max_Forwards", "0")],
+        );
+        let out = forward(&r, Framing::None, false);
+        assert!(out.contains("\r\nMax-Forwards: 4\r\n"), "{out}");
+        assert_eq!(out.to_ascii_lowercase().matches("max").count(), 1, "{out}");
+        let r = req_line("GET /x HTTP/1.1", &[("Host", "a"), ("Max-Forwards", "5")]);
+        let out = forward(&r, Framing::None, false);
+        assert!(out.contains("\r\nMax-Forwards: 5\r\n"), "{out}");
     }
 
     #[test]
