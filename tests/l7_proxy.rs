@@ -2241,6 +2241,99 @@ fn large_responses_and_interim_responses_pass_through() {
     assert!(fin.2.starts_with("cont /c ") && fin.2.ends_with(" len=3"), "{fin:?}");
 }
 
+/// A backend answering on each connection by the path: `/forever` sends `102 Processing` every
+/// 400 ms and never a final answer; `/stall` one 102, then nothing; `/close` a `103 Early Hints`,
+/// then closes; any other path four 102s 400 ms apart, then a 200.
+fn processing_backend() -> Backend {
+    serve_backend(|s, r2, stop| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let Some((head, _)) = read_request(&mut r) else { return };
+        r2.fetch_add(1, Ordering::Relaxed);
+        let tick = Duration::from_millis(400);
+        let processing = b"HTTP/1.1 102 Processing\r\n\r\n";
+        match head.split_whitespace().nth(1).unwrap_or("") {
+            "/forever" => {
+                while !stop.load(Ordering::Relaxed) && w.write_all(processing).is_ok() {
+                    std::thread::sleep(tick);
+                }
+            }
+            "/stall" => {
+                let _ = w.write_all(processing);
+                // Until the proxy closes the connection (or the read times out).
+                let _ = read_request(&mut r);
+            }
+            "/close" => {
+                let _ =
+                    w.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n");
+            }
+            _ => {
+                for _ in 0..4 {
+                    let _ = w.write_all(processing);
+                    std::thread::sleep(tick);
+                }
+                let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone");
+            }
+        }
+    })
+}
+
+/// Interim responses say the backend has the request and is working on it. Each starts the
+/// response timeout again (as nginx's `proxy_read_timeout` runs between two reads), so a backend
+/// sending `102 Processing` every 400 ms is not cut off at a 1 s response timeout, only at the
+/// request's deadline; and once one reached the client, the request goes to no other backend:
+/// what follows (a timeout after the last, a close, the deadline) is the client's answer, one
+/// backend request and at most one failure charged. Before, a timeout or a broken response
+/// after a 1xx re-ran the request on the next backend (1xx from each, then a 504, each charged).
+#[test]
+fn an_interim_response_keeps_the_request_on_its_backend() {
+    let ask = |path: &str, want: u16| {
+        let backends = [processing_backend(), processing_backend(), processing_backend()];
+        let list: Vec<(&Backend, u32)> = backends.iter().map(|b| (b, 1)).collect();
+        let p = proxy(
+            &list,
+            "retries = 2\nresponse_timeout_ms = 1000\nrequest_timeout_ms = 2500\nmax_fails = 1\nfail_timeout_ms = 60000",
+            "",
+        );
+        let (s, mut r) = client(p.addr);
+        let t = Instant::now();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        (&s).write_all(req.as_bytes()).unwrap();
+        let mut interim = 0;
+        let last = loop {
+            let resp = read_response(&mut r).expect("a response");
+            if resp.0 >= 200 {
+                break resp;
+            }
+            interim += 1;
+        };
+        let took = t.elapsed();
+        assert_eq!(last.0, want, "{path}: {last:?} after {interim} interim in {took:?}");
+        let sent: usize = backends.iter().map(|b| b.reqs.load(Ordering::Relaxed)).sum();
+        assert_eq!(sent, 1, "{path}: one backend request");
+        let text = p.metrics.encode();
+        let charged: u64 = text
+            .lines()
+            .filter(|l| l.starts_with("edgelb_l7_backend_ejections_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        assert!(charged <= 1, "{path}: {charged} failures charged:\n{text}");
+        (interim, last, took)
+    };
+    // Past the 1 s response timeout, on the 102s every 400 ms.
+    let (interim, done, took) = ask("/done", 200);
+    assert_eq!((interim, done.2.as_str()), (4, "done"), "{took:?}");
+    assert!(took > Duration::from_millis(1400), "{took:?}");
+    // Until the request's deadline.
+    let (interim, _, took) = ask("/forever", 504);
+    assert!(interim >= 5 && took >= Duration::from_millis(2400), "{interim} in {took:?}");
+    // The response timeout after the last interim response, then no other backend.
+    let (interim, _, took) = ask("/stall", 504);
+    assert!(interim == 1 && took < Duration::from_millis(2400), "{interim} in {took:?}");
+    let (interim, _, _) = ask("/close", 502);
+    assert_eq!(interim, 1);
+}
+
 #[test]
 fn http10_clients_get_responses_they_can_read() {
     // Chunked, with an interim 103 first: neither is HTTP/1.0.
@@ -2639,6 +2732,40 @@ fn head_recording_backend(switch: bool) -> (Backend, Arc<std::sync::Mutex<Vec<St
         }
     });
     (b, heads)
+}
+
+/// The proxy answers TRACE itself with 405 (forwarded, it would echo the client's cookies and
+/// the X-Forwarded-For the proxy adds), and an OPTIONS with `Max-Forwards: 0` with a 200 of no
+/// content, as the request's final recipient (RFC 9110 7.6.2), keeping the connection; an
+/// OPTIONS with a higher count reaches the backend one lower, one that is not a number gets 400,
+/// and other methods' Max-Forwards goes on as sent.
+#[test]
+fn trace_and_options_with_no_forwards_left_are_answered_by_the_proxy() {
+    let (b, heads) = head_recording_backend(false);
+    let p = proxy(&[(&b, 1)], "retries = 0", "");
+    let out = raw_exchange(p.addr, "TRACE / HTTP/1.1\r\nHost: t\r\nCookie: s=1\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{out}");
+    assert!(out.contains("\r\nConnection: close\r\n") && !out.contains("s=1"), "{out}");
+    let out = raw_exchange(p.addr, "OPTIONS * HTTP/1.1\r\nHost: t\r\nMax-Forwards: x\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 0, "{:?}", heads.lock().unwrap());
+    let mut c = Client::connect(p.addr);
+    c.send(b"OPTIONS * HTTP/1.1\r\nHost: t\r\nMax-Forwards: 0\r\n\r\n");
+    let r = read_response(&mut c.r).expect("an answer");
+    assert_eq!((r.0, r.2.as_str()), (200, ""), "{r:?}");
+    assert_eq!(r.1.get("content-length").map(String::as_str), Some("0"), "{r:?}");
+    assert_eq!(r.1.get("connection").map(String::as_str), Some("keep-alive"), "{r:?}");
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 0, "{:?}", heads.lock().unwrap());
+    // The same connection goes on.
+    c.send(b"OPTIONS http://t/x HTTP/1.1\r\nHost: t\r\nMax-Forwards: 3\r\n\r\n");
+    assert_eq!(c.status(), 200);
+    c.send(b"GET /y HTTP/1.1\r\nHost: t\r\nMax-Forwards: 0\r\nConnection: close\r\n\r\n");
+    assert_eq!(c.status(), 200);
+    let heads = heads.lock().unwrap();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(heads[0].starts_with("OPTIONS /x HTTP/1.1\r\n"), "{heads:?}");
+    assert!(heads[0].contains("\r\nMax-Forwards: 2\r\n"), "{heads:?}");
+    assert!(heads[1].starts_with("GET /y ") && heads[1].contains("\r\nMax-Forwards: 0\r\n"));
 }
 
 /// A framing header spelled with `_` for `-` (`Transfer_Encoding`, `Content_Length`) gets 400
@@ -3123,6 +3250,45 @@ fn a_transfer_coding_the_client_cannot_be_told_of_is_a_502() {
     let raw = raw_exchange(p.addr, "GET /gz-only HTTP/1.1\r\nHost: t\r\n\r\n");
     assert!(raw.starts_with("HTTP/1.1 502 "), "codings not ending in chunked: {raw}");
     assert!(!raw.contains("GZIPBYTES"), "{raw}");
+}
+
+/// `chunked` twice (in one header or two) frames no body the proxy can pass on: relayed as a
+/// body delimited by the close, the client got the chunk framing as the content and then waited
+/// for a close the keep-alive backend never made, until the idle timeout reset it. A broken
+/// response instead: a 502 at once, without the body, charged to the backend as one.
+#[test]
+fn chunked_twice_in_a_response_is_a_502_at_once() {
+    let b = serve_backend(|s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while let Some((head, _)) = read_request(&mut r) {
+            r2.fetch_add(1, Ordering::Relaxed);
+            let resp: &[u8] = if head.contains(" /one ") {
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            } else {
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            };
+            if w.write_all(resp).is_err() {
+                return;
+            }
+        }
+    });
+    let p = proxy(
+        &[(&b, 1)],
+        "retries = 0\nmax_fails = 2\nfail_timeout_ms = 60000\nidle_timeout_ms = 3000",
+        "",
+    );
+    for path in ["/one", "/two"] {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+        let (out, took) = exchange(p.addr, req.as_bytes(), false, Duration::from_secs(5));
+        let raw = String::from_utf8_lossy(&out);
+        assert!(raw.starts_with("HTTP/1.1 502 "), "{path}: {raw}");
+        assert!(!raw.contains("3\r\nabc"), "{path}: {raw}");
+        assert!(took < Duration::from_millis(1500), "{path}: {took:?} for {raw}");
+    }
+    let want = format!("edgelb_l7_backend_ejections_total{{vip=\"web\",backend=\"{}\"}} 1", b.addr);
+    let text = p.metrics.encode();
+    assert!(text.lines().any(|l| l == want), "both charged: {want} in\n{text}");
 }
 
 #[test]

@@ -10,7 +10,8 @@
 //! the response) → read the response head (response timeout) → stream the response back.
 //! Connect errors, timeouts and 502/503/504 answers are retried on another backend for
 //! idempotent requests without a body (for one on the member its stickiness cookie names,
-//! connect errors only); anything else gets one clean error response.
+//! connect errors only; for none once an interim response reached the client); anything else
+//! gets one clean error response.
 
 use std::{
     borrow::Cow,
@@ -343,6 +344,7 @@ async fn write<B: IoBuf>(s: &Socket, data: B) -> io::Result<()> {
 fn reason(status: u16) -> &'static str {
     match status {
         400 => "Bad Request",
+        405 => "Method Not Allowed",
         408 => "Request Timeout",
         431 => "Request Header Fields Too Large",
         501 => "Not Implemented",
@@ -1003,8 +1005,33 @@ fn underscore_spelling(name: &[u8], dashed: &str) -> bool {
 /// name with `_` by default, never forwards them). The framing headers are not here: a request
 /// with an underscore spelling of one is refused ([`body_framing`]). Names without `-` (Host,
 /// Connection, Upgrade, TE, Trailer, Expect) have no such spelling.
-const UNDERSCORE_DROPPED: [&str; 5] =
-    ["keep-alive", "proxy-connection", "http2-settings", "x-forwarded-for", "x-forwarded-proto"];
+const UNDERSCORE_DROPPED: [&str; 6] = [
+    "keep-alive",
+    "proxy-connection",
+    "http2-settings",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "max-forwards",
+];
+
+/// What an OPTIONS request's Max-Forwards says (RFC 9110 7.6.2): how many more intermediaries
+/// may forward it, `Ok(None)` without one, or for another method (Max-Forwards applies to
+/// TRACE and OPTIONS only, and TRACE is refused: its header is left alone). A value of more
+/// digits than a `u64` holds counts as `u64::MAX`. Err for anything but one value of 1*DIGIT
+/// (two headers, a list, a sign, nothing): a count the proxy cannot decrement, which another
+/// recipient may read otherwise; a 400, as Apache's mod_proxy answers.
+fn max_forwards(req: &ReqHead) -> Result<Option<u64>, ()> {
+    if req.method() != "OPTIONS" {
+        return Ok(None);
+    }
+    let mut values = header(&req.head, "max-forwards");
+    let Some(value) = values.next() else { return Ok(None) };
+    let value = value.trim_ascii();
+    if values.next().is_some() || value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return Err(());
+    }
+    Ok(Some(decimal(value).unwrap_or(u64::MAX)))
+}
 
 /// A Content-Length value: 1*DIGIT (RFC 9110 8.6). `str::parse` would also take a leading `+`,
 /// which other parsers on the path may read differently (request smuggling).
@@ -1091,7 +1118,8 @@ fn declared_length(head: &Head) -> Option<u64> {
 /// stacked or repeated codings, and spellings other parsers may read otherwise, are how
 /// requests get smuggled past a proxy. Responses may list other codings before `chunked`, which
 /// the proxy passes on without decoding; any other Transfer-Encoding makes the response
-/// delimited by the close (RFC 9112 6.3). A response with both a chunked Transfer-Encoding and
+/// delimited by the close (RFC 9112 6.3), a response the proxy refuses as broken
+/// ([`RespHead::bad_coding`]). A response with both a chunked Transfer-Encoding and
 /// a Content-Length is chunked: the coding overrides the length, which is not passed on (RFC
 /// 9112 6.3); its connection is not re-used. An Err for a response (an invalid Content-Length
 /// without Transfer-Encoding) makes it a broken response, answered with 502 (RFC 9112 6.3 item
@@ -1495,8 +1523,8 @@ enum HostOut<'a> {
 
 /// The request's [`Target`], or `None` when it must be refused with 400: a target in neither
 /// origin, absolute nor asterisk form, an absolute-form target with user information or an
-/// invalid host, more than one Host header, none in an HTTP/1.1 request, or an invalid one
-/// (RFC 9112 3.2); with `normalize`, a path with a malformed escape. Routing and the backend
+/// invalid host, more than one Host header, none in an HTTP/1.1 request (whatever the form of
+/// its target), or an invalid one (RFC 9112 3.2); with `normalize`, a path with a malformed escape. Routing and the backend
 /// then see one and the same host and path: a request cannot be routed by one and served by
 /// another.
 fn target(req: &ReqHead, normalize: bool) -> Option<Target<'_>> {
@@ -1529,6 +1557,10 @@ fn target_as_sent(req: &ReqHead) -> Option<Target<'_>> {
     }
     // Absolute form (a client talking to the proxy as a forward proxy): its authority is the
     // host (RFC 9112 3.2.2: the Host header is ignored), and the backend gets the origin form.
+    // An HTTP/1.1 request needs a Host header all the same (RFC 9112 3.2: 400 without one).
+    if host.is_none() && !req.http10 {
+        return None;
+    }
     let scheme_len = ["http://", "https://"]
         .iter()
         .find(|s| path.get(..s.len()).is_some_and(|p| p.eq_ignore_ascii_case(s)))?
@@ -1540,8 +1572,11 @@ fn target_as_sent(req: &ReqHead) -> Option<Target<'_>> {
         return None;
     }
     // "http://h?q" has an empty path: its origin form is "/?q", which would need a copy; such
-    // targets are rare enough to refuse as a bare authority with a query.
+    // targets are rare enough to refuse as a bare authority with a query. An OPTIONS request
+    // for a bare authority asks about the server, not a resource: the last proxy sends it on
+    // as `*` (RFC 9112 3.2.4), not as `/`.
     let path = match origin {
+        "" if req.method() == "OPTIONS" => "*",
         "" => "/",
         o if o.starts_with('/') => o,
         _ => return None,
@@ -1695,6 +1730,9 @@ fn upstream_head(
         None => {}
     }
     let mut had_length = false;
+    // An OPTIONS request's Max-Forwards goes on one lower (RFC 9110 7.6.2; `serve_conn` answers
+    // one at 0 itself, and refuses one that is not a number).
+    let hops = max_forwards(req).ok().flatten().filter(|&n| n > 0);
     for (name, value) in head.end_to_end() {
         // The client's Host is replaced by an absolute-form target's authority.
         if target.host_out.is_some() && name.eq_ignore_ascii_case(b"host") {
@@ -1713,6 +1751,10 @@ fn upstream_head(
         }
         // Underscore spellings of headers the proxy handles itself: never forwarded.
         if UNDERSCORE_DROPPED.iter().any(|h| underscore_spelling(name, h)) {
+            continue;
+        }
+        // Written below, decremented.
+        if hops.is_some() && name.eq_ignore_ascii_case(b"max-forwards") {
             continue;
         }
         // Rewritten below, with the client appended.
@@ -1747,6 +1789,11 @@ fn upstream_head(
         append(&mut out, "Forwarded", valid_forwarded);
         out.extend(client.forwarded.as_bytes());
         out.extend(b";proto=http\r\n");
+    }
+    if let Some(n) = hops {
+        out.extend(b"Max-Forwards: ");
+        put_decimal(&mut out, n - 1);
+        out.extend(b"\r\n");
     }
     if framing == Framing::Chunked {
         transfer_encoding(&mut out, head);
@@ -1792,21 +1839,27 @@ impl RespHead {
             && !matches!(self.status, 204 | 304)
     }
 
-    /// Would its body reach the client in a transfer coding (other than `chunked`) that the
-    /// client is not told of? An HTTP/1.0 client (`http10_client`) cannot be sent
-    /// Transfer-Encoding, and gets a chunked body decoded, so any other coding would come as
-    /// if it were the content; and for any client, a coding list that does not end in
-    /// `chunked` makes a body delimited by the close that goes without its header. The proxy
-    /// sends backends no `TE`, so a backend may apply no coding but `chunked` (RFC 9112 7.4):
-    /// such a response is broken. Only for final responses with a body (not to HEAD, nor 204
-    /// or 304).
-    fn hidden_coding(&self, http10_client: bool, head_request: bool) -> bool {
+    /// Is its Transfer-Encoding one the proxy cannot pass on? Any Transfer-Encoding that does
+    /// not frame the body chunked ([`body_framing`]: codings not ending in `chunked`, `chunked`
+    /// twice, a coding that is not a token) would leave a body delimited by the close, which
+    /// goes on without its header (hop-by-hop): the client would take what may still be
+    /// chunk framing (`chunked, chunked`) or another coding for the content, and wait for a
+    /// close a keep-alive backend never makes. And an HTTP/1.0 client (`http10_client`)
+    /// cannot be sent Transfer-Encoding, and gets a chunked body decoded, so any other coding
+    /// would come as if it were the content. The proxy sends backends no `TE`, so a backend
+    /// may apply no coding but `chunked`, and that once (RFC 9112 7, 7.4): such a response is
+    /// broken (nginx answers 502 too). Only for final responses with a body (not to HEAD, nor
+    /// 204 or 304).
+    fn bad_coding(&self, http10_client: bool, head_request: bool) -> bool {
         if head_request || self.status < 200 || matches!(self.status, 204 | 304) {
             return false;
         }
-        let other =
-            tokens(&self.head, "transfer-encoding").any(|t| !t.eq_ignore_ascii_case(b"chunked"));
-        other && (http10_client || self.framing != Ok(Framing::Chunked))
+        let mut codings = tokens(&self.head, "transfer-encoding").peekable();
+        if codings.peek().is_none() {
+            return false;
+        }
+        self.framing != Ok(Framing::Chunked)
+            || (http10_client && codings.any(|t| !t.eq_ignore_ascii_case(b"chunked")))
     }
 }
 
@@ -2040,9 +2093,45 @@ async fn serve_conn(
         if req.method() == "CONNECT" {
             return reject(client, &vip, peer, 501, Some(&req)).await;
         }
+        // TRACE would echo the request as the backend got it: the client's cookies and
+        // credentials, and the X-Forwarded-For the proxy adds (cross-site tracing). Refused, as
+        // nginx does by default; no `Allow`, as the proxy does not know the resource's methods.
+        if req.method() == "TRACE" {
+            return reject(client, &vip, peer, 405, Some(&req)).await;
+        }
         let Some(target) = target(&req, cfg.normalize_path) else {
             return reject(client, &vip, peer, 400, Some(&req)).await;
         };
+        // An OPTIONS request with `Max-Forwards: 0` is for the proxy to answer as its final
+        // recipient (RFC 9110 7.6.2); one whose Max-Forwards is not a number is refused.
+        match max_forwards(&req) {
+            Err(()) => return reject(client, &vip, peer, 400, Some(&req)).await,
+            Ok(Some(0)) => {
+                finished(&vip, peer, 200, Some(&req), None, Some(started), None);
+                // The connection goes on as after a backend's answer, but for one with a
+                // body, which would have to be read first: it closes, lingering, as after the
+                // proxy's refusals.
+                let keep = client_keepalive
+                    && framing == Framing::None
+                    && !shared.stopping.load(Ordering::Relaxed);
+                let answer: &'static [u8] = if keep {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                };
+                if write(client, answer).await.is_err() {
+                    return;
+                }
+                if keep {
+                    continue;
+                }
+                if framing != Framing::None || sends_more(client, &buf) {
+                    linger(client, cfg.idle_timeout).await;
+                }
+                return;
+            }
+            Ok(_) => {}
+        }
         // valid_host admits ASCII only.
         let host = target.host.and_then(|h| std::str::from_utf8(h).ok());
         let pool = vip.pool_for(host, &target.path).clone();
@@ -2088,6 +2177,9 @@ async fn serve_conn(
         // The exchange's idle clock, moved by each read of the request body and the response
         // (no clock read here: the first read sets it).
         let clock = IdleClock::new(cfg.idle_timeout, tokio::time::Instant::from_std(started));
+        // The interim responses of this request's backend: once one reached the client, no
+        // other backend is tried.
+        let interim = Interim::default();
         // The client's private connection, if its backend may take this request: the first
         // attempt goes over it, to that backend, without a pick (a retry, to another backend,
         // gets a pooled or fresh connection). Closed otherwise (and without reuse: a reload may
@@ -2132,7 +2224,7 @@ async fn serve_conn(
             let now = if attempt == 0 { started } else { Instant::now() };
             let r = attempt_once(
                 client, &mut buf, &mut ubuf, &upstream, given, &vip, &pool, i, &head, framing,
-                expect, can_retry, peer, listen, now, deadline, &clock,
+                expect, can_retry, peer, listen, now, deadline, &clock, &interim,
             )
             .await;
             match r {
@@ -2143,7 +2235,9 @@ async fn serve_conn(
                     if retryable {
                         vip.failed(&member.state);
                     }
-                    if retryable && can_retry && !pinned && attempt < cfg.retries {
+                    // Not after an interim response reached the client: see `Interim::relayed`.
+                    let answered = interim.relayed.get();
+                    if retryable && can_retry && !pinned && !answered && attempt < cfg.retries {
                         // The latest such answer is the one passed on if nothing better comes.
                         // (A request retried has no body: nothing of it is still going.)
                         debug_assert!(rest.is_none());
@@ -2215,7 +2309,9 @@ async fn serve_conn(
                     }
                     let sent = matches!(e, Attempt::Timeout | Attempt::Broken);
                     last = e;
-                    if out_of_time || (sent && (!can_retry || pinned)) {
+                    // The client has seen this backend's answer begin (`Interim::relayed`).
+                    let answered = interim.relayed.get();
+                    if out_of_time || (sent && (!can_retry || pinned || answered)) {
                         break;
                     }
                 }
@@ -2792,6 +2888,8 @@ async fn with_the_rest_dropped(
 /// sent again on a fresh connection when a reused one turns out closed before any response. A
 /// final response that arrives while the body is still streaming ends the body there
 /// ([`Answer::cut`]), but for a 2xx, which takes the body's stream with it ([`Answer::rest`]).
+/// The wait for the response head runs from the request's end for the response timeout, and
+/// again from each interim response, which `interim` notes ([`head_within`]).
 #[allow(clippy::too_many_arguments)]
 async fn attempt_once<'c>(
     client: &Socket,
@@ -2811,6 +2909,7 @@ async fn attempt_once<'c>(
     now: Instant,
     deadline: tokio::time::Instant,
     clock: &'c IdleClock,
+    interim: &Interim,
 ) -> Result<Answer<'c>, Attempt> {
     let cfg = &vip.cfg;
     let addr = pool.members[i].state.addr;
@@ -2827,6 +2926,7 @@ async fn attempt_once<'c>(
     // known now for a bodiless request.
     let sent_at = tokio::time::Instant::from_std(now);
     let answer_by = |end: tokio::time::Instant| (end + cfg.response_timeout).min(deadline);
+    let wait = cfg.response_timeout;
     loop {
         let fresh = reused.is_none();
         let (up, armed) = match reused.take() {
@@ -2878,12 +2978,12 @@ async fn attempt_once<'c>(
             // fresh one (`Ok(None)`).
             let stale = !fresh && replayable;
             let first = Some(FirstRead::Done(first));
-            let reading = response_head(client, &up, ubuf, addr, expect, first, stale);
-            match timeout_at(resp_deadline, reading).await {
-                Ok(Ok(Some(resp))) => return Ok(Answer { up, resp, cut: false, rest: None }),
-                Ok(Ok(None)) => continue,
-                Ok(Err(e)) => return Err(abandon(&up, e)),
-                Err(_) => return Err(abandon(&up, timed_out(deadline, Attempt::Timeout))),
+            let reading = response_head(client, &up, ubuf, addr, expect, first, stale, interim);
+            match head_within(reading, resp_deadline, interim, wait, deadline).await {
+                Some(Ok(Some(resp))) => return Ok(Answer { up, resp, cut: false, rest: None }),
+                Some(Ok(None)) => continue,
+                Some(Err(e)) => return Err(abandon(&up, e)),
+                None => return Err(abandon(&up, timed_out(deadline, Attempt::Timeout))),
             }
         }
         if write(&up, head.clone()).await.is_err() {
@@ -2908,7 +3008,7 @@ async fn attempt_once<'c>(
         // beside the response ([`Answer::rest`]). Only a request with a body pays for the box.
         let (resp, cut, rest) = {
             let first = armed.map(FirstRead::Armed);
-            let reading = response_head(client, &up, ubuf, addr, expect, first, false);
+            let reading = response_head(client, &up, ubuf, addr, expect, first, false, interim);
             let mut reading = std::pin::pin!(reading);
             let (c, u) = (client.clone(), up.clone());
             let mut pending = std::mem::take(buf);
@@ -2929,10 +3029,11 @@ async fn attempt_once<'c>(
                     // timeout: a wait that ends there is not the backend's failure.
                     let through = tokio::time::Instant::now();
                     let squeezed = through + cfg.response_timeout > deadline;
-                    match timeout_at(answer_by(through), &mut reading).await {
-                        Ok(r) => (r, false, None),
-                        Err(_) if squeezed => return Err(abandon(&up, Attempt::Squeezed)),
-                        Err(_) => return Err(abandon(&up, timed_out(deadline, Attempt::Timeout))),
+                    let by = answer_by(through);
+                    match head_within(&mut reading, by, interim, wait, deadline).await {
+                        Some(r) => (r, false, None),
+                        None if squeezed => return Err(abandon(&up, Attempt::Squeezed)),
+                        None => return Err(abandon(&up, timed_out(deadline, Attempt::Timeout))),
                     }
                 }
                 Ok((Err(Side::Src | Side::Closed), _)) => {
@@ -2947,9 +3048,10 @@ async fn attempt_once<'c>(
                     // socket and the read ends at once with it; without one, the read ends at
                     // once with the error. The response timeout, which a complete request
                     // would have had from here, bounds the rare wait in between.
-                    match timeout_at(answer_by(tokio::time::Instant::now()), &mut reading).await {
-                        Ok(Ok(Some(resp))) => (Ok(Some(resp)), true, None),
-                        Ok(Err(e @ (Attempt::ClientGone | Attempt::TooLarge))) => {
+                    let by = answer_by(tokio::time::Instant::now());
+                    match head_within(&mut reading, by, interim, wait, deadline).await {
+                        Some(Ok(Some(resp))) => (Ok(Some(resp)), true, None),
+                        Some(Err(e @ (Attempt::ClientGone | Attempt::TooLarge))) => {
                             return Err(abandon(&up, e));
                         }
                         _ => return Err(abandon(&up, Attempt::Broken)),
@@ -3006,6 +3108,61 @@ struct Expect {
     head: bool,
 }
 
+/// The interim (1xx) responses a request's backend sent before its final answer, shared by the
+/// request's attempts and the waits for their response heads.
+#[derive(Default)]
+struct Interim {
+    /// One was passed on to the client: the backend's answer has begun there, so the request
+    /// goes to no other backend whatever follows (a timeout, a broken or retryable answer),
+    /// and it is not sent again on a fresh connection either: the client would see the
+    /// answers of two backends (or connections) to one request, and the backend that sent it
+    /// has the request and is working on it (102 Processing, 103 Early Hints).
+    relayed: Cell<bool>,
+    /// When the last one came (passed on or not): the response timeout runs again from there
+    /// ([`head_within`]).
+    last: Cell<Option<tokio::time::Instant>>,
+}
+
+impl Interim {
+    /// Notes an interim response that came now, `relayed` to the client or not.
+    fn came(&self, relayed: bool) {
+        self.last.set(Some(tokio::time::Instant::now()));
+        if relayed {
+            self.relayed.set(true);
+        }
+    }
+}
+
+/// Waits for a response head (`reading`) until `by` (the response timeout after the request's
+/// end), or later as interim responses come: each starts the response timeout (`wait`) again,
+/// as nginx's `proxy_read_timeout` runs between two reads, so a backend that sends `102
+/// Processing` while it works is not cut off as silent (the status exists for that, RFC 2518
+/// 10.1). Never past `deadline` (the whole request's). `None` once the time is up. A timer that
+/// runs out after an interim response is set again on the same read (a receive dropped to
+/// issue a new one would take the next bytes with it).
+async fn head_within<F: Future>(
+    reading: F,
+    by: tokio::time::Instant,
+    interim: &Interim,
+    wait: Duration,
+    deadline: tokio::time::Instant,
+) -> Option<F::Output> {
+    let mut reading = std::pin::pin!(reading);
+    let mut until = by;
+    loop {
+        match timeout_at(until, &mut reading).await {
+            Ok(r) => return Some(r),
+            Err(_) => {
+                let later = interim.last.get().map_or(until, |at| (at + wait).min(deadline));
+                if later <= until {
+                    return None;
+                }
+                until = later;
+            }
+        }
+    }
+}
+
 /// The first read of a response head that [`response_head`] does not issue itself.
 enum FirstRead {
     /// A read into the response buffer done already (issued with the request head).
@@ -3029,7 +3186,8 @@ async fn read_first(up: &Socket, buf: &mut BytesMut, armed: Option<Armed>) -> io
 /// on to the client as they come. Reads wait as long as the backend takes: callers bound the
 /// whole. With `stale` (a pooled connection, for a request that may be sent again), a
 /// connection that ends before any response is `Ok(None)`: the request goes again on a fresh
-/// one.
+/// one. Interim responses are noted in `interim`.
+#[allow(clippy::too_many_arguments)]
 async fn response_head(
     client: &Socket,
     up: &Socket,
@@ -3038,9 +3196,8 @@ async fn response_head(
     expect: Expect,
     mut first: Option<FirstRead>,
     stale: bool,
+    interim: &Interim,
 ) -> Result<Option<RespHead>, Attempt> {
-    // An interim response passed on to the client: the backend has the request.
-    let mut interim = false;
     let mut scan = HeadScan::default();
     loop {
         let parsed = if scan.worth_parsing(ubuf) { parse_response(ubuf) } else { Ok(None) };
@@ -3054,9 +3211,15 @@ async fn response_head(
             Ok(Some(r)) if r.status == 101 && expect.upgrade => return Ok(Some(r)),
             Ok(Some(r)) if r.status == 101 => return Err(Attempt::Broken),
             // The client had its 100 Continue from the proxy already.
-            Ok(Some(r)) if r.status == 100 && expect.continued => continue,
+            Ok(Some(r)) if r.status == 100 && expect.continued => {
+                interim.came(false);
+                continue;
+            }
             // An HTTP/1.0 client gets no interim responses (RFC 9110 15.2).
-            Ok(Some(r)) if (100..200).contains(&r.status) && expect.http10 => continue,
+            Ok(Some(r)) if (100..200).contains(&r.status) && expect.http10 => {
+                interim.came(false);
+                continue;
+            }
             Ok(Some(r)) if (100..200).contains(&r.status) => {
                 // Interim response (100 Continue...): pass it on, wait for the final one.
                 // Rewritten like a final head: a 1xx has no body, and a Content-Length or
@@ -3065,7 +3228,7 @@ async fn response_head(
                 status_and_headers(&mut head, &r);
                 head.extend_from_slice(b"\r\n");
                 write(client, head).await.map_err(|_| Attempt::ClientGone)?;
-                interim = true;
+                interim.came(true);
                 continue;
             }
             // A proxy must close the connection, discard the response and answer 502 (RFC
@@ -3076,8 +3239,8 @@ async fn response_head(
                 tracing::debug!(%addr, status = r.status, "invalid response Content-Length");
                 return Err(Attempt::Broken);
             }
-            Ok(Some(r)) if r.hidden_coding(expect.http10, expect.head) => {
-                tracing::debug!(%addr, status = r.status, "response in a transfer coding the client cannot be told of");
+            Ok(Some(r)) if r.bad_coding(expect.http10, expect.head) => {
+                tracing::debug!(%addr, status = r.status, "response Transfer-Encoding that does not frame its body chunked, or a coding an HTTP/1.0 client cannot be told of");
                 return Err(Attempt::Broken);
             }
             Ok(Some(r)) => return Ok(Some(r)),
@@ -3098,7 +3261,9 @@ async fn response_head(
             None => read_more(up, ubuf).await,
         };
         match read {
-            Ok(0) | Err(_) if ubuf.is_empty() && stale && !interim => return Ok(None),
+            Ok(0) | Err(_) if ubuf.is_empty() && stale && !interim.relayed.get() => {
+                return Ok(None);
+            }
             Ok(0) => {
                 tracing::debug!(%addr, got = ubuf.len(), "backend closed before a response head");
                 return Err(Attempt::Broken);
@@ -3434,12 +3599,27 @@ mod tests {
             some("b.example", "/x?y")
         );
         assert_eq!(
-            host("GET HTTPS://[2001:db8::1]:8443 HTTP/1.1", &[]),
+            host("GET HTTPS://[2001:db8::1]:8443 HTTP/1.1", &[("Host", "a")]),
             some("[2001:db8::1]:8443", "/")
         );
-        // Refused: no Host in HTTP/1.1, two, invalid ones, user information, other forms.
+        assert_eq!(host("GET http://b.example/x HTTP/1.0", &[]), some("b.example", "/x"));
+        // OPTIONS for a bare authority goes on in asterisk form (RFC 9112 3.2.4); with a path,
+        // as that path.
+        assert_eq!(
+            host("OPTIONS http://b.example HTTP/1.1", &[("Host", "a")]),
+            some("b.example", "*")
+        );
+        assert_eq!(
+            host("OPTIONS http://b.example/ HTTP/1.1", &[("Host", "a")]),
+            some("b.example", "/")
+        );
+        // Refused: no Host in HTTP/1.1 (an absolute-form target or not), two, invalid ones,
+        // user information, other forms.
         for (line, pairs) in [
             ("GET / HTTP/1.1", &[][..]),
+            ("GET http://b.example/ HTTP/1.1", &[][..]),
+            ("OPTIONS http://b.example HTTP/1.1", &[][..]),
+            ("GET http://b.example/ HTTP/1.1", &[("Host", "a"), ("Host", "b")][..]),
             ("GET / HTTP/1.1", &[("Host", "a"), ("Host", "b")][..]),
             ("GET / HTTP/1.1", &[("Host", "a"), ("host", "a")][..]),
             ("GET / HTTP/1.1", &[("Host", "")][..]),
@@ -3463,9 +3643,42 @@ mod tests {
         let out = forward(&r, Framing::None, false);
         assert!(out.starts_with("GET /x HTTP/1.1\r\nHost: b.example\r\nAccept: */*\r\n"), "{out}");
         assert_eq!(out.matches("Host:").count(), 1, "{out}");
+        let r = req_line("OPTIONS http://b.example HTTP/1.1", &[("Host", "a.example")]);
+        let out = forward(&r, Framing::None, false);
+        assert!(out.starts_with("OPTIONS * HTTP/1.1\r\nHost: b.example\r\n"), "{out}");
         // HTTP/1.0 without Host: the address the client connected to.
         let out = forward(&req_line("GET / HTTP/1.0", &[]), Framing::None, false);
         assert!(out.starts_with("GET / HTTP/1.1\r\nHost: 198.18.1.6:80\r\n"), "{out}");
+    }
+
+    /// Max-Forwards counts down on OPTIONS only (RFC 9110 7.6.2): one number, decremented on
+    /// its way to the backend; anything else about it is refused; other methods' go on as sent.
+    #[test]
+    fn max_forwards_counts_down_on_options_only() {
+        let hops = |line: &str, value: &[&str]| {
+            let mut pairs = vec![("Host", "a")];
+            pairs.extend(value.iter().map(|v| ("Max-Forwards", *v)));
+            max_forwards(&req_line(line, &pairs))
+        };
+        assert_eq!(hops("OPTIONS * HTTP/1.1", &[]), Ok(None));
+        assert_eq!(hops("OPTIONS * HTTP/1.1", &["0"]), Ok(Some(0)));
+        assert_eq!(hops("OPTIONS /x HTTP/1.1", &[" 07 "]), Ok(Some(7)));
+        assert_eq!(hops("OPTIONS * HTTP/1.1", &["99999999999999999999999"]), Ok(Some(u64::MAX)));
+        for bad in [&[""][..], &["x"], &["-1"], &["+1"], &["1, 2"], &["1 2"], &["1", "1"]] {
+            assert_eq!(hops("OPTIONS * HTTP/1.1", bad), Err(()), "{bad:?}");
+        }
+        assert_eq!(hops("GET / HTTP/1.1", &["x"]), Ok(None));
+        assert_eq!(hops("GET / HTTP/1.1", &["0"]), Ok(None));
+        let r = req_line(
+            "OPTIONS /x HTTP/1.1",
+            &[("Host", "a"), ("Max-Forwards", "5"), ("Max_Forwards", "0")],
+        );
+        let out = forward(&r, Framing::None, false);
+        assert!(out.contains("\r\nMax-Forwards: 4\r\n"), "{out}");
+        assert_eq!(out.to_ascii_lowercase().matches("max").count(), 1, "{out}");
+        let r = req_line("GET /x HTTP/1.1", &[("Host", "a"), ("Max-Forwards", "5")]);
+        let out = forward(&r, Framing::None, false);
+        assert!(out.contains("\r\nMax-Forwards: 5\r\n"), "{out}");
     }
 
     #[test]
