@@ -3182,6 +3182,95 @@ fn an_interface_lost_under_a_running_edgelb_is_reported() {
     assert!(log.contains("XDP is no longer on this interface"), "{log}");
 }
 
+/// The id of the XDP program `dev` in namespace `ns` runs, as `ip -d link` shows it
+/// (`prog/xdp id N`); `None` when it runs none.
+fn xdp_prog_on(ns: &str, dev: &str) -> Option<u32> {
+    let out = Command::new("ip").args(["-n", ns, "-d", "link", "show", dev]).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rest = &text[text.find("prog/xdp id ")? + "prog/xdp id ".len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// The XDP link's pin removed by hand (`rm <pin_dir>/link-lb0`) under a running edgelb: the
+/// link stays attached, as the process holds it open, and the pin is made again within seconds
+/// (with a warning), so that the next start takes the link over. The pin alone used to keep the
+/// link: XDP left the interface with it, while `edgelb_xdp_attached` stayed 1 and `status`
+/// said "native", and a reload said "no change".
+#[test]
+fn a_removed_link_pin_neither_detaches_xdp_nor_stays_removed() {
+    let Some(mut bed) = Bed::up("repin", &[1, 2, 3]) else { return };
+    let vip = SocketAddr::new(IpAddr::V4(testbed::VIP), 80);
+    let lb = bed.tb.names.lb.clone();
+    let pin = bed.cfg().node.pin_dir.join("link-lb0");
+    let prog = xdp_prog_on(&lb, "lb0").expect("lb0 runs the balancer");
+    std::fs::remove_file(&pin).expect("remove the link pin");
+    let removed = Instant::now();
+    while !pin.exists() {
+        assert!(
+            removed.elapsed() < Duration::from_secs(5),
+            "the pin was not made again; lb0 runs {:?}; log:\n{}",
+            xdp_prog_on(&lb, "lb0"),
+            bed.e().log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(bed.e().log().contains("pinned it again"), "{}", bed.e().log());
+    assert_eq!(xdp_prog_on(&lb, "lb0"), Some(prog), "XDP stayed on lb0");
+    assert_eq!(metric(&scrape(&bed), "edgelb_xdp_attached", "interface=\"lb0\""), 1.0);
+    bed.wait_for(vip);
+    // The pin made again is the link's: a restart takes it over.
+    let old = bed.edgelb.take().unwrap();
+    bed.edgelb = Some(old.take_over());
+    let log = bed.e().log();
+    assert!(log.contains("took over the pinned XDP link"), "{log}");
+    assert!(!log.contains("attaching afresh"), "{log}");
+    bed.wait_for(vip);
+}
+
+/// An interface deleted and made again at the index it had (`ip link add ... index N`): its
+/// name names that index again, but the program is gone with the old device. It is reported
+/// lost (`status` LOST, `edgelb_xdp_attached` 0): the index alone used to decide, and it said
+/// attached.
+#[test]
+fn an_interface_made_again_at_its_index_is_not_taken_for_attached() {
+    let Some(mut bed) = Bed::up("reindex", &[1, 2, 3]) else { return };
+    let lb = bed.tb.names.lb.clone();
+    let ip = |args: &[&str]| {
+        let mut cmd = vec!["ip", "-n", &lb];
+        cmd.extend_from_slice(args);
+        testbed::sh(&cmd).unwrap();
+    };
+    ip(&["link", "add", "eidx0", "type", "veth", "peer", "name", "eidx1"]);
+    ip(&["link", "set", "eidx0", "up"]);
+    let text = std::fs::read_to_string(&bed.cfg_path)
+        .unwrap()
+        .replace("interfaces = [\"lb0\"]", "interfaces = [\"lb0\", \"eidx0\"]");
+    std::fs::write(&bed.cfg_path, text).unwrap();
+    let first = bed.edgelb.take().unwrap();
+    bed.edgelb = Some(first.take_over());
+    let mode = |bed: &Bed| {
+        let st = bed.e().status();
+        st.interfaces.iter().find(|(i, _)| i == "eidx0").map(|(_, m)| m.clone()).expect("listed")
+    };
+    let attached = |bed: &Bed| metric(&scrape(bed), "edgelb_xdp_attached", "interface=\"eidx0\"");
+    assert_eq!(attached(&bed), 1.0);
+    assert!(xdp_prog_on(&lb, "eidx0").is_some());
+    let out = Command::new("ip").args(["-n", &lb, "-o", "link", "show", "eidx0"]).output().unwrap();
+    let index = String::from_utf8_lossy(&out.stdout).split(':').next().unwrap().trim().to_owned();
+    index.parse::<u32>().expect("the interface's index");
+    ip(&["link", "del", "eidx0"]);
+    ip(&["link", "add", "eidx0", "index", &index, "type", "veth", "peer", "name", "eidx1"]);
+    ip(&["link", "set", "eidx0", "up"]);
+    assert_eq!(xdp_prog_on(&lb, "eidx0"), None, "a new device runs no program");
+    // Looked at every second: given three, whatever it saw in between.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(mode(&bed).starts_with("LOST"), "status says {}", mode(&bed));
+    assert_eq!(attached(&bed), 0.0);
+    assert_eq!(metric(&scrape(&bed), "edgelb_xdp_attached", "interface=\"lb0\""), 1.0);
+    let log = bed.e().log();
+    assert!(log.contains("XDP is no longer on this interface"), "{log}");
+}
+
 /// `edgelb stop` while no controller answers on the admin socket but one still runs (its socket
 /// gone, as during a takeover or after a failed take-back): it refuses, naming the process, and
 /// removes nothing, so XDP stays attached under the running controller.

@@ -539,16 +539,24 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
             info!(pin_dir = %pin_dir.display(), "controller stopped; the data plane keeps running (`edgelb stop` removes it)");
             Ok(())
         }
-        Exit::Teardown => match Dataplane::teardown(&pin_dir) {
-            Ok(others) => {
-                info!("data plane removed: XDP detached, pins deleted");
-                for path in others {
-                    warn!(path = %path.display(), "left in the pin directory: not edgelb's");
+        // The links this process holds open first: with their pins removed, those descriptors
+        // alone would keep XDP on the interfaces until the process is gone, after `edgelb
+        // stop` (which waits for the admin socket to go) has returned.
+        Exit::Teardown => {
+            ctl.dp.release_links();
+            match Dataplane::teardown(&pin_dir) {
+                Ok(others) => {
+                    info!("data plane removed: XDP detached, pins deleted");
+                    for path in others {
+                        warn!(path = %path.display(), "left in the pin directory: not edgelb's");
+                    }
+                    Ok(())
                 }
-                Ok(())
+                Err(e) => {
+                    Err(DataplaneError::Pin { path: pin_dir, reason: format!("teardown: {e}") })
+                }
             }
-            Err(e) => Err(DataplaneError::Pin { path: pin_dir, reason: format!("teardown: {e}") }),
-        },
+        }
     };
     // Last: `edgelb stop` waits for the socket to go, so it returns once everything is done.
     let _ = std::fs::remove_file(&socket);
@@ -982,6 +990,9 @@ impl Controller {
         let cut_short = stopped == Some(true);
         match end {
             HandoverEnd::Ready => {
+                // The data plane is the new process's: a link it unpinned (an interface its
+                // config drops) must not stay attached while this one drains.
+                self.dp.release_links();
                 // Scrapes go to the new process only: it holds the same listening socket (and
                 // this one's copy, kept to hand over, is not needed any more).
                 if let Some(m) = self.metrics_serving.take() {
@@ -993,13 +1004,17 @@ impl Controller {
             // Cut after the new process was told to go: the data plane is its, whether it is
             // still starting or not.
             HandoverEnd::AbandonedAfterCommit | HandoverEnd::FailedAfterCommit if cut_short => {
+                self.dp.release_links();
                 warn!(
                     "handover: stopped by a signal after the new edgelb began writing the maps: the data plane is its; this one exits without touching it"
                 )
             }
-            HandoverEnd::AbandonedAfterCommit => warn!(
-                "handover: the new edgelb went quiet after it took the data plane; stopping anyway (the data plane keeps running)"
-            ),
+            HandoverEnd::AbandonedAfterCommit => {
+                self.dp.release_links();
+                warn!(
+                    "handover: the new edgelb went quiet after it took the data plane; stopping anyway (the data plane keeps running)"
+                )
+            }
             HandoverEnd::FailedAfterCommit => {
                 warn!(
                     "handover: the new edgelb failed after it began writing the maps; this one takes the data plane back"
@@ -1330,12 +1345,16 @@ impl Controller {
 
     /// Logs an interface XDP is no longer on (once, when found) and one that is back. Nothing
     /// else would tell: health checks go through the kernel and stay green, and only the XDP
-    /// counters stop. Attaching again takes privileges this process has dropped: a restart.
+    /// counters stop. "On" is what the kernel reports: this process's program running on the
+    /// device (not merely the name still naming the index it had). Attaching again takes
+    /// privileges this process has dropped: a restart. A link pin removed by hand is made again
+    /// first ([`Dataplane::repin_links`]): the link itself stayed, held open by this process.
     /// A renamed interface is said apart (a warning): XDP stays on the device. One whose state
     /// cannot be told (out of descriptors or memory: the lookups open sockets) stays as it was
     /// last seen, neither newly lost nor back: it said nothing of the interface, and taken for
     /// "gone" it had a healthy interface said LOST (and back once descriptors were free).
     fn look_for_lost_interfaces(&mut self) {
+        self.dp.repin_links();
         let InterfacesSeen { lost, renamed, untold } =
             interfaces_seen(self.dp.interface_states(), &self.lost, &self.renamed);
         match (untold.first(), self.interfaces_untold) {
@@ -1348,7 +1367,7 @@ impl Controller {
         }
         self.interfaces_untold = !untold.is_empty();
         for i in lost.iter().filter(|i| !self.lost.contains(i)) {
-            error!(interface = %i, "XDP is no longer on this interface (deleted, or deleted and re-created): its VIP traffic reaches the kernel unbalanced; restart edgelb to attach again (`edgelb run --takeover`, or `systemctl restart edgelb`)");
+            error!(interface = %i, "XDP is no longer on this interface (deleted, deleted and re-created, or its link detached): its VIP traffic reaches the kernel unbalanced; restart edgelb to attach again (`edgelb run --takeover`, or `systemctl restart edgelb`)");
         }
         for i in self.lost.iter().filter(|i| !lost.contains(i)) {
             info!(interface = %i, "the interface is back as it was attached: XDP is on it");
