@@ -1074,6 +1074,49 @@ impl Dataplane {
         }
     }
 
+    /// Attaches the balancer again to `interface`, one of those attached whose device no longer
+    /// runs it ([`InterfaceState::Lost`]: deleted and made again, its link detached), now the
+    /// device of index `ifindex` (looked up by the caller, see [`interface_index`]): by that index,
+    /// in `mode`, the program this process holds. Its link is held open, and pinned as
+    /// `link-<interface>` in place of the dead link pinned there; a pin holding a live device is
+    /// left alone, and the link then stays unpinned (warned of). Returns the mode XDP runs in.
+    ///
+    /// No capability is needed since Linux 5.19, where `kernel.unprivileged_bpf_disabled` gates
+    /// only the loading of programs and the making of maps (commit c8644cd0efe7): a process
+    /// holding a loaded program's descriptor may make a link of it, with `BPF_LINK_CREATE`,
+    /// after it dropped its capabilities, as the controller has by then. Older kernels refuse
+    /// it (EPERM): the error names that, and a restart attaches.
+    pub fn reattach(
+        &mut self,
+        interface: &str,
+        ifindex: u32,
+        mode: XdpAttachMode,
+    ) -> Result<&'static str, DataplaneError> {
+        let Some(at) = self.attached.iter().position(|(i, _)| i == interface) else {
+            return Err(DataplaneError::NoInterface(interface.to_owned()));
+        };
+        let pin = self.pins.as_deref().map(|d| link_pin(d, interface));
+        let prog = program(&mut self.ebpf, programs::BALANCER)?;
+        let (used, id) = attach_xdp(prog, interface, Some(ifindex), mode)?;
+        let link = match &pin {
+            Some(pin) => {
+                let pin_err = |reason: String| DataplaneError::Pin { path: pin.clone(), reason };
+                let link = prog.take_link(id).map_err(|e| pin_err(e.to_string()))?;
+                let link = FdLink::try_from(link)
+                    .map_err(|e| pin_err(format!("{e} (netlink-attached XDP cannot be pinned)")))?;
+                repin_after_reattach(&link, pin, interface);
+                Some(link)
+            }
+            // Without a pin directory, the program keeps the link, as at a start.
+            None => None,
+        };
+        self.attached[at].1 = used;
+        self.ifindexes[at] = ifindex;
+        // The dead link goes with its descriptor.
+        self.links[at] = link;
+        Ok(used)
+    }
+
     /// Where each attached interface stands now ([`InterfaceState`]), looked up in the calling
     /// thread's network namespace: in one pass, so that the controller sees every interface
     /// as it was at one moment, and keeps the last state of one that could not be told.
@@ -1837,7 +1880,8 @@ fn attach_pinned(
             Err(e) => return Err(e),
         }
     }
-    let (used, id) = attach_xdp(prog, interface, mode).map_err(|e| own_program_holds(e, pin))?;
+    let (used, id) =
+        attach_xdp(prog, interface, None, mode).map_err(|e| own_program_holds(e, pin))?;
     let link = pin.map(|pin| pin_link(prog, id, pin)).transpose()?;
     Ok((used, false, link))
 }
@@ -2041,6 +2085,31 @@ fn lost_its_device(e: &DataplaneError) -> bool {
     )
 }
 
+/// Pins `link`, just attached again to `interface` ([`Dataplane::reattach`]), at `pin`: the
+/// link pinned there before holds no device (its interface deleted, or it was detached) and is
+/// removed first; a pin whose link holds a live device is not this data plane's to replace, and
+/// is left alone, as is a failure to pin (warned of: the link stays attached, held open, and
+/// [`Dataplane::repin_links`] tries again when the pin is gone).
+fn repin_after_reattach(link: &FdLink, pin: &Path, interface: &str) {
+    if std::fs::symlink_metadata(pin).is_ok() {
+        match pinned_link_device(pin) {
+            Some(d) if d != 0 => {
+                warn!(interface, pin = %pin.display(), ifindex = d, "XDP attached again, but its pin holds another live link: left alone, and the new link unpinned (a restart will not take it over)");
+                return;
+            }
+            _ => {
+                if let Err(e) = std::fs::remove_file(pin) {
+                    warn!(interface, pin = %pin.display(), error = %e, "XDP attached again, but the dead link's pin could not be removed: the new link stays unpinned (a restart will not take it over)");
+                    return;
+                }
+            }
+        }
+    }
+    if let Err(e) = pin_held_link(link, pin) {
+        warn!(interface, error = %e, "XDP attached again, but its link could not be pinned (a restart will not take it over)");
+    }
+}
+
 /// Puts `prog` on the XDP link pinned at `pin` (for `interface`), replacing the program there
 /// atomically. Returns the link, opened through its pin, to hold open.
 fn replace_program(prog: &mut Xdp, pin: &Path, interface: &str) -> Result<FdLink, DataplaneError> {
@@ -2233,14 +2302,25 @@ fn no_such_interface<T>(e: std::io::Error) -> std::io::Result<Option<T>> {
     }
 }
 
+/// The index of the interface called `name` in the calling thread's network namespace; `None`
+/// if there is none: where a lost interface is to be attached again ([`Dataplane::reattach`]).
+/// An error when that could not be told ([`DataplaneError::Lookup`]).
+pub fn interface_index(name: &str) -> Result<Option<u32>, DataplaneError> {
+    ifindex(name).map_err(lookup_failed(name))
+}
+
 /// [`DataplaneError::Lookup`] of the interface `name`.
 fn lookup_failed(name: &str) -> impl FnOnce(std::io::Error) -> DataplaneError + '_ {
     move |source| DataplaneError::Lookup { interface: format!("`{name}`"), source }
 }
 
+/// Attaches `prog` to `interface` in `mode` (auto: native, then generic with a warning): by
+/// its index `ifindex` when given (the device looked at, not whichever the name names by the
+/// time of the call), else by name. Returns the mode used and the link.
 fn attach_xdp(
     prog: &mut Xdp,
     interface: &str,
+    ifindex: Option<u32>,
     mode: XdpAttachMode,
 ) -> Result<(&'static str, XdpLinkId), DataplaneError> {
     let name = CString::new(interface).map_err(|_| DataplaneError::Attach {
@@ -2248,20 +2328,22 @@ fn attach_xdp(
         mode: "none",
         source: ProgramError::UnexpectedProgramType,
     })?;
+    let target = || match ifindex {
+        Some(i) => aya::programs::NetworkInterface::Index(i),
+        None => aya::programs::NetworkInterface::Name(&name),
+    };
     let try_mode = |prog: &mut Xdp, m: XdpMode, label: &'static str| {
-        prog.attach(aya::programs::NetworkInterface::Name(&name), m).map(|id| (label, id)).map_err(
-            |source| {
-                let interface = interface.to_owned();
-                match source {
-                    ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. })
-                        if matches!(io_error.raw_os_error(), Some(libc::EBUSY | libc::EEXIST)) =>
-                    {
-                        DataplaneError::Held { interface, mode: label, source: io_error }
-                    }
-                    source => DataplaneError::Attach { interface, mode: label, source },
+        prog.attach(target(), m).map(|id| (label, id)).map_err(|source| {
+            let interface = interface.to_owned();
+            match source {
+                ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. })
+                    if matches!(io_error.raw_os_error(), Some(libc::EBUSY | libc::EEXIST)) =>
+                {
+                    DataplaneError::Held { interface, mode: label, source: io_error }
                 }
-            },
-        )
+                source => DataplaneError::Attach { interface, mode: label, source },
+            }
+        })
     };
     match mode {
         XdpAttachMode::Native => try_mode(prog, XdpMode::Driver, "native"),
@@ -2747,7 +2829,7 @@ impl AuxPrograms {
         pin: Option<&Path>,
     ) -> Result<&'static str, DataplaneError> {
         let prog = program(&mut self.ebpf, name)?;
-        let (used, id) = attach_xdp(prog, interface, mode)?;
+        let (used, id) = attach_xdp(prog, interface, None, mode)?;
         if let Some(path) = pin {
             // The pin keeps it attached once this process lets go of it.
             drop(pin_link(prog, id, path)?);
