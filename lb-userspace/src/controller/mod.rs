@@ -213,6 +213,10 @@ struct Controller {
     /// them again only when they change ([`same_warnings`]), or hundreds of reloads fill the
     /// log with the same lines.
     link_warnings: Vec<String>,
+    /// Lost interfaces that could not be attached again ([`Dataplane::reattach`]), each with
+    /// the index of the device tried and why: not tried again until the interface is another
+    /// device (it is said once, and `status` says it until then).
+    attach_failed: Vec<(String, u32, String)>,
 }
 
 /// Runs the balancer with the config at `path` until SIGINT/SIGTERM, `edgelb stop` or a
@@ -402,6 +406,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         renamed: Vec::new(),
         interfaces_untold: false,
         link_warnings: Vec::new(),
+        attach_failed: Vec::new(),
     };
     // The counters of every configured backend exist from the start, at 0.
     ctl.metrics.retain(&ctl.cfg);
@@ -552,16 +557,24 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
             info!(pin_dir = %pin_dir.display(), "controller stopped; the data plane keeps running (`edgelb stop` removes it)");
             Ok(())
         }
-        Exit::Teardown => match Dataplane::teardown(&pin_dir) {
-            Ok(others) => {
-                info!("data plane removed: XDP detached, pins deleted");
-                for path in others {
-                    warn!(path = %path.display(), "left in the pin directory: not edgelb's");
+        // The links this process holds open first: with their pins removed, those descriptors
+        // alone would keep XDP on the interfaces until the process is gone, after `edgelb
+        // stop` (which waits for the admin socket to go) has returned.
+        Exit::Teardown => {
+            ctl.dp.release_links();
+            match Dataplane::teardown(&pin_dir) {
+                Ok(others) => {
+                    info!("data plane removed: XDP detached, pins deleted");
+                    for path in others {
+                        warn!(path = %path.display(), "left in the pin directory: not edgelb's");
+                    }
+                    Ok(())
                 }
-                Ok(())
+                Err(e) => {
+                    Err(DataplaneError::Pin { path: pin_dir, reason: format!("teardown: {e}") })
+                }
             }
-            Err(e) => Err(DataplaneError::Pin { path: pin_dir, reason: format!("teardown: {e}") }),
-        },
+        }
     };
     // Last: `edgelb stop` waits for the socket to go, so it returns once everything is done.
     let _ = std::fs::remove_file(&socket);
@@ -940,6 +953,22 @@ fn drop_capabilities() {
     }
 }
 
+/// `e` and its sources, each after a colon (one its message already ends with left out): aya's
+/// errors name the call that failed, and only their source the errno.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 impl Controller {
     /// Hands the listening sockets to the `edgelb run --takeover` that asked (`reply`) and
     /// leaves the data plane to it; returns true when this process is done. The controller
@@ -998,6 +1027,9 @@ impl Controller {
         let cut_short = stopped == Some(true);
         match end {
             HandoverEnd::Ready => {
+                // The data plane is the new process's: a link it unpinned (an interface its
+                // config drops) must not stay attached while this one drains.
+                self.dp.release_links();
                 // Scrapes go to the new process only: it holds the same listening socket (and
                 // this one's copy, kept to hand over, is not needed any more).
                 if let Some(m) = self.metrics_serving.take() {
@@ -1009,13 +1041,17 @@ impl Controller {
             // Cut after the new process was told to go: the data plane is its, whether it is
             // still starting or not.
             HandoverEnd::AbandonedAfterCommit | HandoverEnd::FailedAfterCommit if cut_short => {
+                self.dp.release_links();
                 warn!(
                     "handover: stopped by a signal after the new edgelb began writing the maps: the data plane is its; this one exits without touching it"
                 )
             }
-            HandoverEnd::AbandonedAfterCommit => warn!(
-                "handover: the new edgelb went quiet after it took the data plane; stopping anyway (the data plane keeps running)"
-            ),
+            HandoverEnd::AbandonedAfterCommit => {
+                self.dp.release_links();
+                warn!(
+                    "handover: the new edgelb went quiet after it took the data plane; stopping anyway (the data plane keeps running)"
+                )
+            }
             HandoverEnd::FailedAfterCommit => {
                 warn!(
                     "handover: the new edgelb failed after it began writing the maps; this one takes the data plane back"
@@ -1346,12 +1382,20 @@ impl Controller {
 
     /// Logs an interface XDP is no longer on (once, when found) and one that is back. Nothing
     /// else would tell: health checks go through the kernel and stay green, and only the XDP
-    /// counters stop. Attaching again takes privileges this process has dropped: a restart.
+    /// counters stop. "On" is what the kernel reports: this process's program running on the
+    /// device (not merely the name still naming the index it had). A lost interface that is
+    /// there (re-created, under a new index or the old one; its link detached) is attached again
+    /// at once, in `node.xdp_mode`, with the program this process holds ([`Dataplane::reattach`]:
+    /// no capability needed since Linux 5.19); only where that fails (EPERM on older kernels, the
+    /// interface held by another program) does it take a restart, said once per device with the
+    /// kernel's error. A link pin removed by hand is made again first
+    /// ([`Dataplane::repin_links`]): the link itself stayed, held open by this process.
     /// A renamed interface is said apart (a warning): XDP stays on the device. One whose state
     /// cannot be told (out of descriptors or memory: the lookups open sockets) stays as it was
     /// last seen, neither newly lost nor back: it said nothing of the interface, and taken for
     /// "gone" it had a healthy interface said LOST (and back once descriptors were free).
     fn look_for_lost_interfaces(&mut self) {
+        self.dp.repin_links();
         let InterfacesSeen { lost, renamed, untold } =
             interfaces_seen(self.dp.interface_states(), &self.lost, &self.renamed);
         match (untold.first(), self.interfaces_untold) {
@@ -1363,10 +1407,33 @@ impl Controller {
             _ => {}
         }
         self.interfaces_untold = !untold.is_empty();
+        let mut lost = lost;
         for i in lost.iter().filter(|i| !self.lost.contains(i)) {
-            error!(interface = %i, "XDP is no longer on this interface (deleted, or deleted and re-created): its VIP traffic reaches the kernel unbalanced; restart edgelb to attach again (`edgelb run --takeover`, or `systemctl restart edgelb`)");
+            error!(interface = %i, "XDP is no longer on this interface (deleted, deleted and re-created, or its link detached): its VIP traffic reaches the kernel unbalanced until XDP is attached again, which edgelb does as soon as the interface is there");
         }
-        for i in self.lost.iter().filter(|i| !lost.contains(i)) {
+        let mut reattached = Vec::new();
+        for i in &lost {
+            // Not there (yet), or not to be told now: looked at again in a second.
+            let Ok(Some(now)) = crate::dataplane::interface_index(i) else { continue };
+            if self.attach_failed.iter().any(|(f, at, _)| f == i && *at == now) {
+                continue;
+            }
+            self.attach_failed.retain(|(f, ..)| f != i);
+            match self.dp.reattach(i, now, self.cfg.node.xdp_mode) {
+                Ok(mode) => {
+                    info!(interface = %i, mode, ifindex = now, "XDP attached again to the interface, its link pinned: balancing again");
+                    reattached.push(i.clone());
+                }
+                Err(e) => {
+                    let reason = error_chain(&e);
+                    error!(interface = %i, ifindex = now, error = %reason, "could not attach XDP again to the interface: its VIP traffic reaches the kernel unbalanced until edgelb restarts (`edgelb run --takeover`, or `systemctl restart edgelb`), which attaches with the capabilities this process dropped");
+                    self.attach_failed.push((i.clone(), now, reason));
+                }
+            }
+        }
+        lost.retain(|i| !reattached.contains(i));
+        self.attach_failed.retain(|(f, ..)| lost.contains(f));
+        for i in self.lost.iter().filter(|i| !lost.contains(i) && !reattached.contains(i)) {
             info!(interface = %i, "the interface is back as it was attached: XDP is on it");
         }
         self.lost = lost;
@@ -1789,8 +1856,14 @@ impl Controller {
                 .iter()
                 .map(|(i, m)| {
                     let renamed = self.renamed.iter().find(|(was, _)| was == i);
-                    let mode = if self.lost.contains(i) {
-                        format!("LOST (was {m}; restart edgelb to attach again)")
+                    let failed = self.attach_failed.iter().find(|(f, ..)| f == i);
+                    let mode = if let Some((_, _, reason)) = failed.filter(|_| self.lost.contains(i))
+                    {
+                        format!(
+                            "LOST (was {m}; attaching again failed: {reason}; restart edgelb to attach)"
+                        )
+                    } else if self.lost.contains(i) {
+                        format!("LOST (was {m}; attached again once the interface is back)")
                     } else if let Some((_, now)) = renamed {
                         format!(
                             "{m}, renamed to {now} (still balancing; name it in node.interfaces)"
@@ -1901,6 +1974,26 @@ mod tests {
         format!(
             "[[vip]]\nname = \"{name}\"\naddress = \"127.0.0.1\"\nport = {port}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.2\" }}]\n[vip.l7]\nmode = \"{mode}\"\n"
         )
+    }
+
+    /// A failed attach is logged and shown in `status` with the kernel's errno: aya's error
+    /// names only the call, its source the errno, which says whether the kernel refused for want
+    /// of a capability (EPERM, before Linux 5.19) or because another program holds the device.
+    #[test]
+    fn a_failed_attach_names_the_errno() {
+        let e = DataplaneError::Attach {
+            interface: "eth0".to_owned(),
+            mode: "native",
+            source: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_link_create",
+                io_error: std::io::Error::from_raw_os_error(libc::EPERM),
+            }),
+        };
+        let text = error_chain(&e);
+        assert!(text.starts_with("attaching XDP to `eth0` (native) failed"), "{text}");
+        assert!(text.contains("bpf_link_create"), "{text}");
+        assert!(text.contains("os error 1"), "{text}");
+        assert_eq!(text.matches("bpf_link_create").count(), 1, "said once: {text}");
     }
 
     /// An interface whose state could not be told (a lookup failed out of descriptors) keeps

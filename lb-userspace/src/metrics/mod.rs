@@ -156,9 +156,11 @@ impl Collector for KernelCollector {
         }
         let mut m = encoder.encode_descriptor(
             "edgelb_xdp_attached",
-            "1 while the balancer's XDP program is on the interface, 0 once the interface was \
-             deleted, or deleted and re-created, under it (its VIP traffic then reaches the \
-             kernel unbalanced until edgelb restarts); a renamed interface stays 1 under the \
+            "1 while the kernel reports the balancer's XDP program on the interface, 0 once the \
+             interface was deleted, or deleted and re-created (at the same index too), or its \
+             XDP link detached, under it (its VIP traffic then reaches the kernel unbalanced \
+             until edgelb attaches it again, which it does once the interface is there, or, \
+             where the kernel refuses that, a restart does); a renamed interface stays 1 under the \
              name it was attached by, as XDP stays on the device (the log and status give its \
              new name)",
             None,
