@@ -2662,6 +2662,58 @@ fn an_ack_or_rst_flood_cannot_push_established_flows_out() {
     assert_eq!(ct(&h, MISSED_ESTABLISHED), missed, "every established flow is still a hit");
 }
 
+/// A SYN, then a RST or FIN of the same flow, one pair per made-up flow: a port scan does this
+/// by itself (the scanner's SYN, the backend's SYN-ACK, the scanner's kernel's RST), and so can
+/// a spoofed flood. The RST or FIN goes to the handshake's backend and empties its slot, but the
+/// flow never enters the table: such pairs cannot push established flows out.
+#[test]
+fn syn_then_rst_or_fin_pairs_cannot_push_established_flows_out() {
+    let Some(mut h) = Harness::pinned("syn_then_rst_or_fin_pairs", &one_vip(&THREE)) else {
+        return;
+    };
+    let (frame, ct) = (vip_segment, ct_event);
+    use lb_common::ct_stats::{EVICTED, MISSED_ESTABLISHED};
+    let (established, flood) = full_bucket_and_its_flood(&mut h, 128);
+    let missed = ct(&h, MISSED_ESTABLISHED);
+    for (i, &f) in flood.iter().enumerate() {
+        let end = if i % 2 == 0 { RST } else { FIN | ACK };
+        assert_eq!(h.run(&frame(f, SYN)).0, XDP_TX, "a SYN is forwarded");
+        assert_eq!(h.run(&frame(f, end)).0, XDP_TX, "and so is its RST or FIN");
+    }
+    assert_eq!(ct(&h, MISSED_ESTABLISHED), missed, "each RST or FIN found its handshake");
+    assert_eq!(ct(&h, EVICTED), 0, "no SYN+RST or SYN+FIN pair pushed a flow out");
+    for &f in &established {
+        h.run(&frame(f, ACK));
+    }
+    assert_eq!(ct(&h, MISSED_ESTABLISHED), missed, "every established flow is still a hit");
+}
+
+/// A flow entering a full bucket takes the place of a flow its client has ended (FIN or RST
+/// seen) before that of the least recently used live flow.
+#[test]
+fn an_entering_flow_pushes_out_an_ended_flow_first() {
+    let Some(mut h) = Harness::pinned("an_entering_flow_pushes_out", &one_vip(&THREE)) else {
+        return;
+    };
+    let (frame, ct) = (vip_segment, ct_event);
+    use lb_common::ct_stats::{EVICTED, MISSED_ESTABLISHED};
+    let (established, others) = full_bucket_and_its_flood(&mut h, 1);
+    // Most recent first: 3, 2, 1, 0. The client of flow 2 ends it: 2 (ended), 3, 1, 0.
+    h.run(&frame(established[2], FIN | ACK));
+    // Another flow enters the bucket (at its second segment).
+    for _ in 0..2 {
+        h.run(&frame(others[0], ACK));
+    }
+    assert_eq!(ct(&h, EVICTED), 1, "a flow entered the full bucket");
+    let missed = ct(&h, MISSED_ESTABLISHED);
+    for i in [0, 1, 3] {
+        h.run(&frame(established[i], ACK));
+    }
+    assert_eq!(ct(&h, MISSED_ESTABLISHED), missed, "live flows kept, the least recent (0) too");
+    h.run(&frame(established[2], ACK));
+    assert_eq!(ct(&h, MISSED_ESTABLISHED), missed + 1, "the ended flow was pushed out");
+}
+
 /// Packets too big to forward are answered with frag-needed within a per-CPU budget (1000 at
 /// once, then 10 000 a second): a flood of them must not make the node an ICMP source at line
 /// rate. Past the budget they are dropped unanswered; after a pause, answered again.

@@ -11,9 +11,9 @@
 //! computation, where a per-CPU array first loads the element's per-CPU pointer from a table,
 //! another cache miss per packet.) It is set-associative: a flow's hash names one bucket of
 //! [`CONNTRACK_WAYS`] flows kept most recently used first. A hit moves the flow to the front; a
-//! new flow goes to the front and the least recently used one of that bucket is forgotten (it
-//! re-hashes onto the ring if it ever sends again, which picks the same backend unless the pool
-//! changed meanwhile). An IPv4 bucket is one cache line (16-byte entries, page-aligned mmapable
+//! new flow goes to the front and the least recently used one of that bucket is forgotten, one
+//! its client has ended (FIN or RST seen) before a live one (it re-hashes onto the ring if it
+//! ever sends again, which picks the same backend unless the pool changed meanwhile). An IPv4 bucket is one cache line (16-byte entries, page-aligned mmapable
 //! map), an IPv6 bucket two (32-byte entries that name the VIP by its index rather than its
 //! address); no kernel hashing, no locks.
 //!
@@ -34,6 +34,13 @@
 //! slot the same way, and enters the table at its next packet: such a flood cannot push
 //! established flows out either. Looking for such a flow in the other CPUs' tables reads a
 //! bucket per CPU, so each CPU has a budget of those reads ([`SEARCH_READS_PER_SEC`]).
+//!
+//! A flow whose next packet ends it (RST or FIN: a handshake aborted, a port scan's RST after
+//! the backend's SYN-ACK, spoofed SYN+RST pairs) goes to its handshake slot's backend and empties
+//! the slot, but does not enter the table. What does put a made-up flow in the table is two
+//! spoofed packets of one 5-tuple, a SYN then an ACK (or two segments without SYN): the
+//! backend's SYN-ACK does not come back through here (direct server return), so the ACK number
+//! cannot be checked against it.
 //!
 //! A client can reuse a 5-tuple while its old entry is still in the table (a port reused soon
 //! after a close). The new connection's SYN is placed by the ring, which picks another backend
@@ -185,15 +192,44 @@ trait Bucket: Sized + 'static {
         }
     }
 
+    /// The way a flow entering this bucket takes: an empty one if any (empty ways are always
+    /// the last), else the least recently used flow its client has ended (FIN or RST seen, whose
+    /// last packets re-hash onto the ring if it is pushed out: the same backend unless the pool
+    /// changed meanwhile), else the least recently used flow.
+    #[inline(always)]
+    fn victim(&self) -> usize {
+        let ways = self.ways();
+        let last = &ways[CONNTRACK_WAYS - 1];
+        if !Self::occupied(last) || Self::closing(last) {
+            CONNTRACK_WAYS - 1
+        } else if Self::closing(&ways[2]) {
+            2
+        } else if Self::closing(&ways[1]) {
+            1
+        } else if Self::closing(&ways[0]) {
+            0
+        } else {
+            CONNTRACK_WAYS - 1
+        }
+    }
+
     /// Stores `key -> conn` in front, in way `at` if the key is there already, else in place of
-    /// the least recently used way; with `closing`, marked as closing.
+    /// the [`Bucket::victim`] way (an ended flow before a live one); with `closing`, marked as
+    /// closing.
     #[inline(always)]
     fn store(&mut self, at: Option<usize>, key: &FlowKey, vip: u32, conn: Conn, closing: bool) {
+        let at = match at {
+            Some(at) => at,
+            None => {
+                let victim = self.victim();
+                if Self::occupied(&self.ways()[victim]) {
+                    count_ct(ct_stats::EVICTED);
+                }
+                victim
+            }
+        };
         let ways = self.ways_mut();
-        if at.is_none() && Self::occupied(&ways[CONNTRACK_WAYS - 1]) {
-            count_ct(ct_stats::EVICTED);
-        }
-        promote(ways, at.unwrap_or(CONNTRACK_WAYS - 1));
+        promote(ways, at);
         ways[0] = Self::way(key, vip, conn);
         if closing {
             Self::mark_closing(&mut ways[0]);
@@ -325,7 +361,8 @@ pub enum Lookup {
     /// flow): the flow should be known somewhere.
     Established,
     /// As [`Lookup::Established`], for a TCP segment with FIN or RST: the flow's entry is marked
-    /// closing ([`CONN_CLOSING`]).
+    /// closing ([`CONN_CLOSING`]); a flow found in its handshake slot is forgotten there, not
+    /// stored (an aborted handshake never enters the table).
     Closing,
     /// Not at all: a TCP SYN starts a new flow, placed by the ring and written to its handshake
     /// slot, not to the table.
@@ -511,6 +548,13 @@ fn pick_in<B: Bucket>(
         // the bucket just read.
         let mut known =
             if key.proto == proto::TCP { unstage::<B>(hash, key, meta, remember) } else { None };
+        // ... unless that packet ends it (RST or FIN): a handshake aborted, or a port scan (the
+        // scanner's SYN, the backend's SYN-ACK, the scanner's kernel's RST). It goes to the
+        // handshake's backend, its slot emptied, and the flow never enters the table: spoofed
+        // SYN+RST pairs cannot push established flows out.
+        if closing && let Some((conn, backend, _)) = known {
+            return Some(Pick { id: conn.backend, backend, new_flow: false, hash });
+        }
         if known.is_none() && search {
             if search_allowed() {
                 known = search_other_cpus::<B>(cpu, slot, key, meta);
