@@ -1094,6 +1094,43 @@ fn a_port_reused_after_a_close_follows_its_new_handshake() {
     }
 }
 
+/// A segment with SYN and RST (or FIN) is a RST (FIN), not a SYN: Linux drops it at LISTEN, and
+/// an in-window RST|SYN resets the backend's established socket. It goes to the flow's backend
+/// and marks the flow's entry closing, so a new connection reusing the port follows its own
+/// handshake.
+#[test]
+fn a_syn_with_rst_or_fin_ends_its_flow_rather_than_starting_one() {
+    let Some(mut h) = Harness::pinned("a_syn_with_rst_or_fin", &one_vip(&THREE)) else {
+        return;
+    };
+    let (four, (client, first)) = (FOUR, client_moved_by_a_fourth(&h));
+    let to = |h: &mut Harness, sport: u16, flags: u8| {
+        let ip = tcp4(&client.to_string(), sport, "198.18.1.1", 80, flags);
+        outer_dst(&h.run(&eth(LB_MAC, CLIENT_MAC, ETH_IP, &ip)).1)
+    };
+    let ends = [(50000, SYN | RST), (50001, SYN | FIN), (50002, SYN | FIN | ACK)];
+    for &(sport, _) in &ends {
+        assert_eq!(to(&mut h, sport, SYN), first);
+        assert_eq!(to(&mut h, sport, ACK), first);
+    }
+    // The pool changes: a new connection from this client goes elsewhere.
+    h.apply(&one_vip(&four));
+    let moved_to = route(&h.vip("v4tcp"), client, 0).unwrap().address;
+    for (sport, end) in ends {
+        assert_eq!(
+            to(&mut h, sport, end),
+            first,
+            "port {sport}: {end:#x} goes to the flow's backend"
+        );
+        assert_eq!(
+            to(&mut h, sport, SYN),
+            moved_to,
+            "port {sport}: a reuse's SYN follows the ring"
+        );
+        assert_eq!(to(&mut h, sport, ACK), moved_to, "port {sport}: the entry was marked closing");
+    }
+}
+
 /// A CPU besides CPU 0 that this thread may run on (its affinity mask, which a CPU quota leaves
 /// whole): the cross-CPU tests run on CPU 0, then move there. Ask before the thread is pinned.
 fn second_cpu() -> Option<usize> {

@@ -378,8 +378,8 @@ pub enum Lookup {
     /// closing ([`CONN_CLOSING`]); a flow found in its handshake slot is forgotten there, not
     /// stored (an aborted handshake never enters the table).
     Closing,
-    /// Not at all: a TCP SYN starts a new flow, placed by the ring and written to its handshake
-    /// slot, not to the table.
+    /// Not at all: a TCP SYN (without FIN or RST) starts a new flow, placed by the ring and
+    /// written to its handshake slot, not to the table.
     Syn,
 }
 

@@ -361,16 +361,18 @@ fn balance_l4(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
     // searched before the ring re-places it. UDP never searches (a datagram whose flow this CPU
     // does not know waits in a handshake slot, or takes an empty way of its bucket), and a SYN is
     // not even looked up (placed by the ring, its flow waits in a handshake slot for its next
-    // packet: see `conntrack`). A FIN or RST marks the flow's entry as closing, so that a new connection
-    // reusing its 5-tuple can follow its own handshake.
+    // packet: see `conntrack`). A FIN or RST marks the flow's entry as closing, so that a new
+    // connection reusing its 5-tuple can follow its own handshake. With SYN as well it is still a
+    // FIN or RST, not a SYN: it starts no flow (Linux drops SYN+RST and SYN+FIN at LISTEN), and an
+    // in-window RST|SYN resets the backend's established socket.
     let lookup = if l3.proto != proto::TCP {
         Lookup::Table
     } else {
         match parse::ptr_at::<u8>(ctx, l3.l4_off + parse::TCP_FLAGS_OFF) {
             // SAFETY: bounds-checked by ptr_at.
             Ok(flags) => match unsafe { *flags } {
-                f if f & parse::TCP_SYN != 0 => Lookup::Syn,
                 f if f & parse::TCP_FIN_RST != 0 => Lookup::Closing,
+                f if f & parse::TCP_SYN != 0 => Lookup::Syn,
                 _ => Lookup::Established,
             },
             Err(()) => Lookup::Table,
