@@ -3026,6 +3026,21 @@ fn echo_replies_come_from_the_configured_src_mac() {
     h.check("VLAN-tagged echo from src_mac", &input, XDP_TX, Some(&want), Reason::TxIcmpEcho);
 }
 
+/// An echo request of zeros past its type (identifier 0, sequence 0, no data): its reply is all
+/// zeros but the checksum, which must then be 0xffff to verify; the bare RFC 1624 update of the
+/// request's checksum gives 0x0000 there.
+#[test]
+fn an_echo_of_zeros_gets_a_reply_whose_checksum_verifies() {
+    let Some(mut h) = Harness::new("an_echo_of_zeros", FIXTURE_CONFIG) else { return };
+    let (client, vip4) = (v4("198.18.4.7"), v4("198.18.1.1"));
+    let request = V4::new(client, vip4, 1).packet(&icmp4(8, 0, [0; 4], b""));
+    let reply = V4::new(vip4, client, 1).packet(&icmp4(0, 0, [0; 4], b""));
+    assert_eq!(reply[22..24], [0xff, 0xff], "the reply's checksum, computed whole");
+    let (input, want) =
+        (eth(LB_MAC, CLIENT_MAC, ETH_IP, &request), eth(CLIENT_MAC, LB_MAC, ETH_IP, &reply));
+    h.check("echo of zeros", &input, XDP_TX, Some(&want), Reason::TxIcmpEcho);
+}
+
 /// An ICMPv6 echo request from `client` to `vip`, and the reply the balancer sends from MAC
 /// `from`.
 fn echo6(client: Ipv6Addr, vip: Ipv6Addr, from: [u8; 6]) -> (Vec<u8>, Vec<u8>) {
@@ -3569,13 +3584,17 @@ fn error_to_backend(md: &Model, input: &[u8], ip: &IpView, out: &[u8]) -> Result
     sent_to_backend(md, vip, (dst, dport, sport), input, ip, out)
 }
 
-/// RFC 1624 update of checksum `check` when the 16-bit word `old` becomes `new`.
+/// RFC 1624 update of checksum `check` when the 16-bit word `old` becomes `new`, 0xffff rather
+/// than 0x0000 (the zero that verifies whatever the other words, all zero included).
 fn csum_update(check: u16, old: u16, new: u16) -> u16 {
     let mut sum = u32::from(!check) + u32::from(!old) + u32::from(new);
     while sum >> 16 != 0 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    match !(sum as u16) {
+        0 => 0xffff,
+        c => c,
+    }
 }
 
 /// An echo request answered: the same frame back to its sender's MAC from the one it was sent
