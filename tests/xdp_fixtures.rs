@@ -609,6 +609,51 @@ fn pass_and_drop_policy_fixtures() {
         Reason::DropIpOptions,
     );
 
+    // An atomic fragment (offset 0, M clear) is a whole packet (RFC 6946): balanced as one,
+    // its fragment header stepped over (once), and answered with a packet-too-big quoting it
+    // with the ports behind it when it would not fit encapsulated.
+    let atomic = |next: u8, rest: &[u8]| {
+        ipv6(c6, vip6, 44, 0, 64, &[&[next, 0, 0, 0, 0, 0, 0, 42][..], rest].concat())
+    };
+    let p = atomic(6, &tcp(c6.into(), vip6.into(), 1, 80, SYN, b""));
+    let v6vip = h.vip("v6");
+    let backend = route(&v6vip, c6.into(), 1).unwrap().address;
+    let hash = conn_hash(&v6vip, c6.into(), 1, 80);
+    h.check(
+        "v6 atomic fragment to VIP",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &p),
+        XDP_TX,
+        Some(&encapsulated(&v6vip, backend, hash, &p, None)),
+        Reason::TxEncap,
+    );
+    let p = atomic(6, &tcp(c6.into(), vip6.into(), 1, 80, ACK, &[0x5a; 1400]));
+    let answer = icmp6(vip6, c6, 2, 0, 1460u32.to_be_bytes(), &p[..56]);
+    h.check(
+        "v6 atomic fragment too big to forward",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &p),
+        XDP_TX,
+        Some(&eth(CLIENT_MAC, LB_MAC, ETH_IPV6, &ipv6(vip6, c6, 58, 0, 64, &answer))),
+        Reason::TxIcmpTooBig,
+    );
+    for (name, p, reason) in [
+        ("a second fragment header", atomic(44, &frag_hdr), Reason::DropFragment),
+        ("a hop-by-hop header", atomic(0, &hbh), Reason::DropIpOptions),
+        ("no room for its header", ipv6(c6, vip6, 44, 0, 64, &[6, 0, 0, 0]), Reason::DropFragment),
+    ] {
+        let f = eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &p);
+        h.check(&format!("v6 atomic fragment, {name}"), &f, XDP_DROP, Some(&f), reason);
+    }
+
+    // ESP and AH towards a VIP's address: not served, passed to the kernel, in IPv6 as in IPv4.
+    for (name, next) in [("ESP", 50u8), ("AH", 51)] {
+        let p = ipv6(c6, vip6, next, 0, 64, &[0; 24]);
+        let f = eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &p);
+        h.check(&format!("v6 {name} to VIP"), &f, XDP_PASS, None, Reason::PassNoService);
+        let p = V4::new(c, vip, next).packet(&[0; 24]);
+        let f = eth(LB_MAC, CLIENT_MAC, ETH_IP, &p);
+        h.check(&format!("v4 {name} to VIP"), &f, XDP_PASS, None, Reason::PassNoService);
+    }
+
     // Not for a VIP: untouched.
     let p = tcp4("198.18.4.7", 40000, "198.18.0.2", 22, SYN);
     h.check("non-VIP v4", &eth(LB_MAC, CLIENT_MAC, ETH_IP, &p), XDP_PASS, None, Reason::PassNotVip);
@@ -3216,13 +3261,14 @@ struct IpView<'a> {
     pkt: &'a [u8],
     /// The IP packet's length by its header.
     len: usize,
-    /// Its header's length: IHL × 4, or 40 (IPv6 extension headers are not walked).
+    /// Its headers' length: IHL × 4, or 40 in IPv6, 48 with an atomic fragment's header (RFC
+    /// 6946: a whole packet, processed as unfragmented; other extension headers are not walked).
     hlen: usize,
     src: IpAddr,
     dst: IpAddr,
-    /// IPv4 protocol or IPv6 next header.
+    /// IPv4 protocol or IPv6 next header (behind an atomic fragment's header).
     proto: u8,
-    /// IPv4 MF or fragment offset, or an IPv6 fragment header.
+    /// IPv4 MF or fragment offset, or an IPv6 fragment header but an atomic fragment's.
     fragment: bool,
     /// IPv4 options or an IPv6 extension header.
     options: bool,
@@ -3284,18 +3330,25 @@ fn ip_view(frame: &[u8]) -> Option<IpView<'_>> {
         }
         ETH_IPV6 if pkt.len() >= 40 && pkt[0] >> 4 == 6 => {
             let len = 40 + be(4);
-            (len <= pkt.len()).then(|| IpView {
+            if len > pkt.len() {
+                return None;
+            }
+            // An atomic fragment: offset 0 and M clear.
+            let atomic = pkt[6] == 44 && len >= 48 && be(42) & 0xfff9 == 0;
+            let (hlen, proto) = if atomic { (48, pkt[40]) } else { (40, pkt[6]) };
+            Some(IpView {
                 l3,
                 vlan,
                 v6: true,
                 pkt,
                 len,
-                hlen: 40,
+                hlen,
                 src: addr6(8),
                 dst: addr6(24),
-                proto: pkt[6],
-                fragment: pkt[6] == 44,
-                options: [0, 43, 60, 51, 50].contains(&pkt[6]),
+                proto,
+                fragment: proto == 44,
+                // ESP and AH are upper layers, as in IPv4.
+                options: [0, 43, 60].contains(&proto),
                 df: true,
             })
         }
@@ -3351,15 +3404,16 @@ fn unicast(addr: IpAddr) -> bool {
     }
 }
 
-/// Does the ICMP or ICMPv6 message of the first `len` bytes of the IP packet `pkt` verify?
-fn icmp_verifies(pkt: &[u8], v6: bool, len: usize) -> bool {
+/// Does the ICMP or ICMPv6 message (from `hlen` on) of the first `len` bytes of the IP packet
+/// `pkt` verify?
+fn icmp_verifies(pkt: &[u8], v6: bool, hlen: usize, len: usize) -> bool {
     if !v6 {
-        return csum(&pkt[20..len]) == 0;
+        return csum(&pkt[hlen..len]) == 0;
     }
     let mut pseudo = pkt[8..40].to_vec();
-    pseudo.extend((len as u32 - 40).to_be_bytes());
+    pseudo.extend(((len - hlen) as u32).to_be_bytes());
     pseudo.extend([0, 0, 0, 58]);
-    pseudo.extend(&pkt[40..len]);
+    pseudo.extend(&pkt[hlen..len]);
     csum(&pseudo) == 0
 }
 
@@ -3611,7 +3665,8 @@ fn echo_reply(input: &[u8], ip: &IpView, out: &[u8]) -> Result<(), Fault> {
     let (l3, h) = (ip.l3, ip.hlen);
     let rep = &out[l3..];
     ensure!(ip.v6 || csum(&rep[..20]) == 0, "echo reply IPv4 header checksum wrong");
-    let (in_ok, out_ok) = (icmp_verifies(ip.pkt, ip.v6, ip.len), icmp_verifies(rep, ip.v6, ip.len));
+    let verifies = |pkt| icmp_verifies(pkt, ip.v6, h, ip.len);
+    let (in_ok, out_ok) = (verifies(ip.pkt), verifies(rep));
     ensure!(in_ok == out_ok, "echo reply checksum verifies: {out_ok}; the request's: {in_ok}");
     let mut want = input.to_vec();
     want[..6].copy_from_slice(&input[6..12]);
@@ -3646,7 +3701,8 @@ fn answer_checks(input: &[u8], ip: &IpView) -> Result<(), Fault> {
 
 /// A TCP/UDP packet with DF that would not fit the MTU encapsulated: answered with frag-needed
 /// (IPv4) or packet-too-big (IPv6) from the VIP to the sender, advertising the MTU less the
-/// overhead and quoting the IP header and 8 bytes, with checksums that verify.
+/// overhead and quoting the IP header (with an atomic fragment's header) and 8 bytes, with
+/// checksums that verify.
 fn too_big(vip: &Vip, input: &[u8], ip: &IpView, out: &[u8]) -> Result<(), Fault> {
     let mtu = (FIXTURE_MTU - overhead(vip)) as u32;
     let (ethertype, answer) = match (ip.dst, ip.src) {
@@ -3657,7 +3713,7 @@ fn too_big(vip: &Vip, input: &[u8], ip: &IpView, out: &[u8]) -> Result<(), Fault
             (ETH_IP, h.packet(&icmp4(3, 4, [0, 0, mtu[0], mtu[1]], &ip.pkt[..28])))
         }
         (IpAddr::V6(from), IpAddr::V6(to)) => {
-            let m = icmp6(from, to, 2, 0, mtu.to_be_bytes(), &ip.pkt[..48]);
+            let m = icmp6(from, to, 2, 0, mtu.to_be_bytes(), &ip.pkt[..ip.hlen + 8]);
             (ETH_IPV6, ipv6(from, to, 58, 0, 64, &m))
         }
         _ => unreachable!("one family"),
@@ -3670,7 +3726,8 @@ fn too_big(vip: &Vip, input: &[u8], ip: &IpView, out: &[u8]) -> Result<(), Fault
     let rep = &out[ip.l3.min(out.len())..];
     ensure!(rep.len() == answer.len(), "too-big answer of {} bytes", rep.len());
     ensure!(ip.v6 || csum(&rep[..20]) == 0, "frag-needed IPv4 header checksum wrong");
-    ensure!(icmp_verifies(rep, ip.v6, rep.len()), "too-big ICMP checksum wrong");
+    let hlen = if ip.v6 { 40 } else { 20 };
+    ensure!(icmp_verifies(rep, ip.v6, hlen, rep.len()), "too-big ICMP checksum wrong");
     ensure!(out == want, "too-big answer differs from\n{}", hex(&want));
     answer_checks(input, ip)
 }
@@ -3792,6 +3849,20 @@ fn operator_bases() -> Vec<(String, Vec<u8>)> {
     add("fragment to vip6", e6(ipv6(c6, vip6, 44, 0, 64, &[&fh[..], &syn6].concat())));
     let hbh = [6u8, 0, 1, 4, 0, 0, 0, 0];
     add("hop-by-hop to vip6", e6(ipv6(c6, vip6, 0, 0, 64, &[&hbh[..], &syn6].concat())));
+    // Atomic fragments (offset 0, M clear): whole packets behind a fragment header.
+    let atomic = |next: u8, l4: &[u8]| {
+        ipv6(c6, vip6, 44, 0, 64, &[&[next, 0, 0, 0, 0, 0, 0, 9], l4].concat())
+    };
+    add("atomic fragment to vip6", e6(atomic(6, &syn6)));
+    let ping = icmp6(c6, vip6, 128, 0, [0, 9, 0, 1], b"ping6");
+    add("echo in an atomic fragment to vip6", e6(atomic(58, &ping)));
+    let big = tcp(c6.into(), vip6.into(), 40000, 80, ACK, &[0x5a; 1432]);
+    add("1500 bytes in an atomic fragment to vip6", e6(atomic(6, &big)));
+    add("ESP to vip6", e6(ipv6(c6, vip6, 50, 0, 64, &[0; 24])));
+    add(
+        "AH to vip6",
+        e6(ipv6(c6, vip6, 51, 0, 64, &[&[6u8, 4, 0, 0][..], &[0; 20], &syn6].concat())),
+    );
     // Too big for the MTU encapsulated (with and without DF), and just fitting.
     add("1500 bytes DF to 198.18.1.1", e4(seg4("198.18.1.1", 80, ACK, &[0x5a; 1460])));
     let mut no_df = V4::new(c4, v4("198.18.1.1"), 6);
