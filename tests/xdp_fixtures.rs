@@ -609,6 +609,51 @@ fn pass_and_drop_policy_fixtures() {
         Reason::DropIpOptions,
     );
 
+    // An atomic fragment (offset 0, M clear) is a whole packet (RFC 6946): balanced as one,
+    // its fragment header stepped over (once), and answered with a packet-too-big quoting it
+    // with the ports behind it when it would not fit encapsulated.
+    let atomic = |next: u8, rest: &[u8]| {
+        ipv6(c6, vip6, 44, 0, 64, &[&[next, 0, 0, 0, 0, 0, 0, 42][..], rest].concat())
+    };
+    let p = atomic(6, &tcp(c6.into(), vip6.into(), 1, 80, SYN, b""));
+    let v6vip = h.vip("v6");
+    let backend = route(&v6vip, c6.into(), 1).unwrap().address;
+    let hash = conn_hash(&v6vip, c6.into(), 1, 80);
+    h.check(
+        "v6 atomic fragment to VIP",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &p),
+        XDP_TX,
+        Some(&encapsulated(&v6vip, backend, hash, &p, None)),
+        Reason::TxEncap,
+    );
+    let p = atomic(6, &tcp(c6.into(), vip6.into(), 1, 80, ACK, &[0x5a; 1400]));
+    let answer = icmp6(vip6, c6, 2, 0, 1460u32.to_be_bytes(), &p[..56]);
+    h.check(
+        "v6 atomic fragment too big to forward",
+        &eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &p),
+        XDP_TX,
+        Some(&eth(CLIENT_MAC, LB_MAC, ETH_IPV6, &ipv6(vip6, c6, 58, 0, 64, &answer))),
+        Reason::TxIcmpTooBig,
+    );
+    for (name, p, reason) in [
+        ("a second fragment header", atomic(44, &frag_hdr), Reason::DropFragment),
+        ("a hop-by-hop header", atomic(0, &hbh), Reason::DropIpOptions),
+        ("no room for its header", ipv6(c6, vip6, 44, 0, 64, &[6, 0, 0, 0]), Reason::DropFragment),
+    ] {
+        let f = eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &p);
+        h.check(&format!("v6 atomic fragment, {name}"), &f, XDP_DROP, Some(&f), reason);
+    }
+
+    // ESP and AH towards a VIP's address: not served, passed to the kernel, in IPv6 as in IPv4.
+    for (name, next) in [("ESP", 50u8), ("AH", 51)] {
+        let p = ipv6(c6, vip6, next, 0, 64, &[0; 24]);
+        let f = eth(LB_MAC, CLIENT_MAC, ETH_IPV6, &p);
+        h.check(&format!("v6 {name} to VIP"), &f, XDP_PASS, None, Reason::PassNoService);
+        let p = V4::new(c, vip, next).packet(&[0; 24]);
+        let f = eth(LB_MAC, CLIENT_MAC, ETH_IP, &p);
+        h.check(&format!("v4 {name} to VIP"), &f, XDP_PASS, None, Reason::PassNoService);
+    }
+
     // Not for a VIP: untouched.
     let p = tcp4("198.18.4.7", 40000, "198.18.0.2", 22, SYN);
     h.check("non-VIP v4", &eth(LB_MAC, CLIENT_MAC, ETH_IP, &p), XDP_PASS, None, Reason::PassNotVip);
@@ -1094,6 +1139,43 @@ fn a_port_reused_after_a_close_follows_its_new_handshake() {
     }
 }
 
+/// A segment with SYN and RST (or FIN) is a RST (FIN), not a SYN: Linux drops it at LISTEN, and
+/// an in-window RST|SYN resets the backend's established socket. It goes to the flow's backend
+/// and marks the flow's entry closing, so a new connection reusing the port follows its own
+/// handshake.
+#[test]
+fn a_syn_with_rst_or_fin_ends_its_flow_rather_than_starting_one() {
+    let Some(mut h) = Harness::pinned("a_syn_with_rst_or_fin", &one_vip(&THREE)) else {
+        return;
+    };
+    let (four, (client, first)) = (FOUR, client_moved_by_a_fourth(&h));
+    let to = |h: &mut Harness, sport: u16, flags: u8| {
+        let ip = tcp4(&client.to_string(), sport, "198.18.1.1", 80, flags);
+        outer_dst(&h.run(&eth(LB_MAC, CLIENT_MAC, ETH_IP, &ip)).1)
+    };
+    let ends = [(50000, SYN | RST), (50001, SYN | FIN), (50002, SYN | FIN | ACK)];
+    for &(sport, _) in &ends {
+        assert_eq!(to(&mut h, sport, SYN), first);
+        assert_eq!(to(&mut h, sport, ACK), first);
+    }
+    // The pool changes: a new connection from this client goes elsewhere.
+    h.apply(&one_vip(&four));
+    let moved_to = route(&h.vip("v4tcp"), client, 0).unwrap().address;
+    for (sport, end) in ends {
+        assert_eq!(
+            to(&mut h, sport, end),
+            first,
+            "port {sport}: {end:#x} goes to the flow's backend"
+        );
+        assert_eq!(
+            to(&mut h, sport, SYN),
+            moved_to,
+            "port {sport}: a reuse's SYN follows the ring"
+        );
+        assert_eq!(to(&mut h, sport, ACK), moved_to, "port {sport}: the entry was marked closing");
+    }
+}
+
 /// A CPU besides CPU 0 that this thread may run on (its affinity mask, which a CPU quota leaves
 /// whole): the cross-CPU tests run on CPU 0, then move there. Ask before the thread is pinned.
 fn second_cpu() -> Option<usize> {
@@ -1266,18 +1348,34 @@ fn clients_from(base: &str) -> impl Iterator<Item = Ipv4Addr> {
     (0..1u32 << 16).map(move |n| Ipv4Addr::from(base + n))
 }
 
-/// The IPv4 connection-table bucket of a TCP flow to 198.18.1.1:80, as the XDP program computes it
-/// in a table of `buckets` buckets per CPU.
-fn bucket_of(buckets: u32, client: Ipv4Addr, sport: u16) -> u32 {
+/// The IPv4 connection-table hash of a flow to 198.18.1.1 (port `dport`, protocol `proto`), as
+/// the XDP program computes it.
+fn table_hash(client: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> u32 {
     let key = lb_common::FlowKeyV4 {
         src: u32::from_ne_bytes(client.octets()),
         dst: u32::from_ne_bytes([198, 18, 1, 1]),
         sport: sport.to_be(),
-        dport: 80u16.to_be(),
-        proto: 6,
+        dport: dport.to_be(),
+        proto,
         _pad: [0; 3],
     };
-    lb_common::hash::flow_key_v4_hash(&key, lb_common::HASH_SEED) & (buckets - 1)
+    lb_common::hash::flow_key_v4_hash(&key, lb_common::HASH_SEED)
+}
+
+/// The IPv4 connection-table bucket of a TCP flow to 198.18.1.1:80, as the XDP program computes it
+/// in a table of `buckets` buckets per CPU.
+fn bucket_of(buckets: u32, client: Ipv4Addr, sport: u16) -> u32 {
+    table_hash(client, sport, 80, 6) & (buckets - 1)
+}
+
+/// [`bucket_of`] for a UDP flow to 198.18.1.1:53 (the fixture's `v4udp`).
+fn udp_bucket_of(buckets: u32, client: Ipv4Addr, sport: u16) -> u32 {
+    table_hash(client, sport, 53, 17) & (buckets - 1)
+}
+
+/// The handshake slot of a UDP flow to 198.18.1.1:53 (the top bits of its table hash).
+fn udp_slot_of(client: Ipv4Addr, sport: u16) -> u32 {
+    table_hash(client, sport, 53, 17) >> (32 - lb_common::SYN_STAGE_BITS)
 }
 
 /// The first `n` of `flows` (client, source port) that fall in one bucket of a table of
@@ -2662,6 +2760,157 @@ fn an_ack_or_rst_flood_cannot_push_established_flows_out() {
     assert_eq!(ct(&h, MISSED_ESTABLISHED), missed, "every established flow is still a hit");
 }
 
+/// A SYN, then a RST or FIN of the same flow, one pair per made-up flow: a port scan does this
+/// by itself (the scanner's SYN, the backend's SYN-ACK, the scanner's kernel's RST), and so can
+/// a spoofed flood. The RST or FIN goes to the handshake's backend and empties its slot, but the
+/// flow never enters the table: such pairs cannot push established flows out.
+#[test]
+fn syn_then_rst_or_fin_pairs_cannot_push_established_flows_out() {
+    let Some(mut h) = Harness::pinned("syn_then_rst_or_fin_pairs", &one_vip(&THREE)) else {
+        return;
+    };
+    let (frame, ct) = (vip_segment, ct_event);
+    use lb_common::ct_stats::{EVICTED, MISSED_ESTABLISHED};
+    let (established, flood) = full_bucket_and_its_flood(&mut h, 128);
+    let missed = ct(&h, MISSED_ESTABLISHED);
+    for (i, &f) in flood.iter().enumerate() {
+        let end = if i % 2 == 0 { RST } else { FIN | ACK };
+        assert_eq!(h.run(&frame(f, SYN)).0, XDP_TX, "a SYN is forwarded");
+        assert_eq!(h.run(&frame(f, end)).0, XDP_TX, "and so is its RST or FIN");
+    }
+    assert_eq!(ct(&h, MISSED_ESTABLISHED), missed, "each RST or FIN found its handshake");
+    assert_eq!(ct(&h, EVICTED), 0, "no SYN+RST or SYN+FIN pair pushed a flow out");
+    for &f in &established {
+        h.run(&frame(f, ACK));
+    }
+    assert_eq!(ct(&h, MISSED_ESTABLISHED), missed, "every established flow is still a hit");
+}
+
+/// A flow entering a full bucket takes the place of a flow its client has ended (FIN or RST
+/// seen) before that of the least recently used live flow.
+#[test]
+fn an_entering_flow_pushes_out_an_ended_flow_first() {
+    let Some(mut h) = Harness::pinned("an_entering_flow_pushes_out", &one_vip(&THREE)) else {
+        return;
+    };
+    let (frame, ct) = (vip_segment, ct_event);
+    use lb_common::ct_stats::{EVICTED, MISSED_ESTABLISHED};
+    let (established, others) = full_bucket_and_its_flood(&mut h, 1);
+    // Most recent first: 3, 2, 1, 0. The client of flow 2 ends it: 2 (ended), 3, 1, 0.
+    h.run(&frame(established[2], FIN | ACK));
+    // Another flow enters the bucket (at its second segment).
+    for _ in 0..2 {
+        h.run(&frame(others[0], ACK));
+    }
+    assert_eq!(ct(&h, EVICTED), 1, "a flow entered the full bucket");
+    let missed = ct(&h, MISSED_ESTABLISHED);
+    for i in [0, 1, 3] {
+        h.run(&frame(established[i], ACK));
+    }
+    assert_eq!(ct(&h, MISSED_ESTABLISHED), missed, "live flows kept, the least recent (0) too");
+    h.run(&frame(established[2], ACK));
+    assert_eq!(ct(&h, MISSED_ESTABLISHED), missed + 1, "the ended flow was pushed out");
+}
+
+/// A UDP datagram to 198.18.1.1:53 (the fixture's `v4udp`) from flow (client, source port).
+fn vip_datagram((client, sport): Flow) -> Vec<u8> {
+    eth(LB_MAC, CLIENT_MAC, ETH_IP, &udp4(&client.to_string(), sport, "198.18.1.1", 53, b"query"))
+}
+
+/// Spoofed UDP datagrams, one per made-up source, wait in handshake slots like SYNs: they cannot
+/// push established flows (here TCP flows of another VIP on the same address) out of the
+/// table. A UDP flow enters the table at its second datagram, which finds its slot.
+#[test]
+fn a_udp_flood_cannot_push_established_flows_out() {
+    let Some(mut h) = Harness::pinned("a_udp_flood_cannot_push", FIXTURE_CONFIG) else {
+        return;
+    };
+    let (frame, ct) = (vip_segment, ct_event);
+    use lb_common::ct_stats::{EVICTED, MISSED_ESTABLISHED};
+    let buckets = h.dp.table_shape().v4_buckets;
+    let (established, _) = full_bucket_and_its_flood(&mut h, 0);
+    let bucket = bucket_of(buckets, established[0].0, established[0].1);
+    let flood: Vec<Flow> = flows_of(clients_from("198.18.128.0"))
+        .filter(|&(c, p)| udp_bucket_of(buckets, c, p) == bucket)
+        .take(128)
+        .collect();
+    let vip = h.vip("v4udp");
+    let new_flows = |h: &Harness| h.dp.vip_counters(&vip).unwrap().new_flows;
+    for &f in &flood {
+        assert_eq!(h.run(&vip_datagram(f)).0, XDP_TX, "a datagram is forwarded");
+    }
+    assert_eq!(new_flows(&h), flood.len() as u64, "each a new flow");
+    assert_eq!(ct(&h, EVICTED), 0, "no spoofed datagram pushed a flow out");
+    let missed = ct(&h, MISSED_ESTABLISHED);
+    for &f in &established {
+        h.run(&frame(f, ACK));
+    }
+    assert_eq!(ct(&h, MISSED_ESTABLISHED), missed, "every established flow is still a hit");
+    // The last datagram's flow still has its slot: its second datagram finds it and enters the
+    // table (over the least recent flow), its third is a table hit.
+    let last = flood[flood.len() - 1];
+    let before = new_flows(&h);
+    h.run(&vip_datagram(last));
+    assert_eq!(ct(&h, EVICTED), 1, "a flow's second datagram enters the table");
+    h.run(&vip_datagram(last));
+    assert_eq!(ct(&h, EVICTED), 1);
+    assert_eq!(new_flows(&h), before, "found in its slot, then in the table: no new flow");
+}
+
+/// Where a UDP flow's first datagram finds an empty way in its bucket, the flow takes it at once
+/// (nothing is pushed out). Where the bucket is full, it waits in its handshake slot; if another
+/// flow takes that slot before its next datagram, that datagram cannot be told from a spoofed
+/// source's first and waits in the slot again, and the flow enters the table at the next
+/// datagram that finds its slot.
+#[test]
+fn a_udp_flow_enters_the_table_when_its_bucket_has_room_or_its_slot_kept_it() {
+    let test = "a_udp_flow_enters_the_table_when_its_bucket_has_room";
+    let Some(mut h) = Harness::pinned(test, FIXTURE_CONFIG) else {
+        return;
+    };
+    let ct = ct_event;
+    use lb_common::ct_stats::EVICTED;
+    let buckets = h.dp.table_shape().v4_buckets;
+    let vip = h.vip("v4udp");
+    let new_flows = |h: &Harness| h.dp.vip_counters(&vip).unwrap().new_flows;
+    // Flow `a` in a bucket full of established TCP flows; `b`, in another bucket, shares its
+    // handshake slot; `c` shares it too, in a bucket with room.
+    let (established, _) = full_bucket_and_its_flood(&mut h, 0);
+    let full = bucket_of(buckets, established[0].0, established[0].1);
+    let a = flows_of(clients_from("198.18.128.0"))
+        .find(|&(c, p)| udp_bucket_of(buckets, c, p) == full)
+        .unwrap();
+    let slot = udp_slot_of(a.0, a.1);
+    let mut sharing = flows_of(clients_from("198.18.192.0"))
+        .filter(|&(c, p)| udp_slot_of(c, p) == slot && udp_bucket_of(buckets, c, p) != full);
+    let (b, c) = (sharing.next().unwrap(), sharing.next().unwrap());
+    let b_bucket = udp_bucket_of(buckets, b.0, b.1);
+    assert_ne!(b_bucket, udp_bucket_of(buckets, c.0, c.1), "b's bucket is filled below, not c's");
+    // b's bucket filled with established TCP flows too (each enters at its second segment).
+    let fill: Vec<Flow> = flows_of(clients_from("198.18.64.0"))
+        .filter(|&(cl, p)| bucket_of(buckets, cl, p) == b_bucket)
+        .take(lb_common::CONNTRACK_WAYS)
+        .collect();
+    for &f in fill.iter().chain(&fill) {
+        h.run(&vip_segment(f, ACK));
+    }
+    assert_eq!(ct(&h, EVICTED), 0);
+    let send = |h: &mut Harness, f: Flow| {
+        let before = new_flows(h);
+        assert_eq!(h.run(&vip_datagram(f)).0, XDP_TX);
+        new_flows(h) - before
+    };
+    assert_eq!(send(&mut h, c), 1, "c: a new flow, which takes an empty way");
+    assert_eq!(send(&mut h, a), 1, "a: a new flow, which waits in the slot");
+    assert_eq!(send(&mut h, b), 1, "b: a new flow, which takes the slot");
+    assert_eq!(send(&mut h, c), 0, "c: a table hit, whatever its slot holds");
+    assert_eq!(send(&mut h, a), 1, "a: its slot lost, placed by the ring again");
+    assert_eq!(ct(&h, EVICTED), 0, "nothing entered a full bucket");
+    assert_eq!(send(&mut h, a), 0, "a: its slot kept it this time");
+    assert_eq!(ct(&h, EVICTED), 1, "and it entered its bucket");
+    assert_eq!(send(&mut h, a), 0, "a: a table hit");
+}
+
 /// Packets too big to forward are answered with frag-needed within a per-CPU budget (1000 at
 /// once, then 10 000 a second): a flood of them must not make the node an ICMP source at line
 /// rate. Past the budget they are dropped unanswered; after a pause, answered again.
@@ -2820,6 +3069,21 @@ fn echo_replies_come_from_the_configured_src_mac() {
     let reply = V4::new(vip4, client, 1).packet(&icmp4(0, 0, [0, 7, 0, 2], b"ping"));
     let want = eth_vlan(CLIENT_MAC, SRC_MAC, 42, ETH_IP, &reply);
     h.check("VLAN-tagged echo from src_mac", &input, XDP_TX, Some(&want), Reason::TxIcmpEcho);
+}
+
+/// An echo request of zeros past its type (identifier 0, sequence 0, no data): its reply is all
+/// zeros but the checksum, which must then be 0xffff to verify; the bare RFC 1624 update of the
+/// request's checksum gives 0x0000 there.
+#[test]
+fn an_echo_of_zeros_gets_a_reply_whose_checksum_verifies() {
+    let Some(mut h) = Harness::new("an_echo_of_zeros", FIXTURE_CONFIG) else { return };
+    let (client, vip4) = (v4("198.18.4.7"), v4("198.18.1.1"));
+    let request = V4::new(client, vip4, 1).packet(&icmp4(8, 0, [0; 4], b""));
+    let reply = V4::new(vip4, client, 1).packet(&icmp4(0, 0, [0; 4], b""));
+    assert_eq!(reply[22..24], [0xff, 0xff], "the reply's checksum, computed whole");
+    let (input, want) =
+        (eth(LB_MAC, CLIENT_MAC, ETH_IP, &request), eth(CLIENT_MAC, LB_MAC, ETH_IP, &reply));
+    h.check("echo of zeros", &input, XDP_TX, Some(&want), Reason::TxIcmpEcho);
 }
 
 /// An ICMPv6 echo request from `client` to `vip`, and the reply the balancer sends from MAC
@@ -2997,13 +3261,14 @@ struct IpView<'a> {
     pkt: &'a [u8],
     /// The IP packet's length by its header.
     len: usize,
-    /// Its header's length: IHL × 4, or 40 (IPv6 extension headers are not walked).
+    /// Its headers' length: IHL × 4, or 40 in IPv6, 48 with an atomic fragment's header (RFC
+    /// 6946: a whole packet, processed as unfragmented; other extension headers are not walked).
     hlen: usize,
     src: IpAddr,
     dst: IpAddr,
-    /// IPv4 protocol or IPv6 next header.
+    /// IPv4 protocol or IPv6 next header (behind an atomic fragment's header).
     proto: u8,
-    /// IPv4 MF or fragment offset, or an IPv6 fragment header.
+    /// IPv4 MF or fragment offset, or an IPv6 fragment header but an atomic fragment's.
     fragment: bool,
     /// IPv4 options or an IPv6 extension header.
     options: bool,
@@ -3065,18 +3330,25 @@ fn ip_view(frame: &[u8]) -> Option<IpView<'_>> {
         }
         ETH_IPV6 if pkt.len() >= 40 && pkt[0] >> 4 == 6 => {
             let len = 40 + be(4);
-            (len <= pkt.len()).then(|| IpView {
+            if len > pkt.len() {
+                return None;
+            }
+            // An atomic fragment: offset 0 and M clear.
+            let atomic = pkt[6] == 44 && len >= 48 && be(42) & 0xfff9 == 0;
+            let (hlen, proto) = if atomic { (48, pkt[40]) } else { (40, pkt[6]) };
+            Some(IpView {
                 l3,
                 vlan,
                 v6: true,
                 pkt,
                 len,
-                hlen: 40,
+                hlen,
                 src: addr6(8),
                 dst: addr6(24),
-                proto: pkt[6],
-                fragment: pkt[6] == 44,
-                options: [0, 43, 60, 51, 50].contains(&pkt[6]),
+                proto,
+                fragment: proto == 44,
+                // ESP and AH are upper layers, as in IPv4.
+                options: [0, 43, 60].contains(&proto),
                 df: true,
             })
         }
@@ -3132,15 +3404,16 @@ fn unicast(addr: IpAddr) -> bool {
     }
 }
 
-/// Does the ICMP or ICMPv6 message of the first `len` bytes of the IP packet `pkt` verify?
-fn icmp_verifies(pkt: &[u8], v6: bool, len: usize) -> bool {
+/// Does the ICMP or ICMPv6 message (from `hlen` on) of the first `len` bytes of the IP packet
+/// `pkt` verify?
+fn icmp_verifies(pkt: &[u8], v6: bool, hlen: usize, len: usize) -> bool {
     if !v6 {
-        return csum(&pkt[20..len]) == 0;
+        return csum(&pkt[hlen..len]) == 0;
     }
     let mut pseudo = pkt[8..40].to_vec();
-    pseudo.extend((len as u32 - 40).to_be_bytes());
+    pseudo.extend(((len - hlen) as u32).to_be_bytes());
     pseudo.extend([0, 0, 0, 58]);
-    pseudo.extend(&pkt[40..len]);
+    pseudo.extend(&pkt[hlen..len]);
     csum(&pseudo) == 0
 }
 
@@ -3365,13 +3638,17 @@ fn error_to_backend(md: &Model, input: &[u8], ip: &IpView, out: &[u8]) -> Result
     sent_to_backend(md, vip, (dst, dport, sport), input, ip, out)
 }
 
-/// RFC 1624 update of checksum `check` when the 16-bit word `old` becomes `new`.
+/// RFC 1624 update of checksum `check` when the 16-bit word `old` becomes `new`, 0xffff rather
+/// than 0x0000 (the zero that verifies whatever the other words, all zero included).
 fn csum_update(check: u16, old: u16, new: u16) -> u16 {
     let mut sum = u32::from(!check) + u32::from(!old) + u32::from(new);
     while sum >> 16 != 0 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    match !(sum as u16) {
+        0 => 0xffff,
+        c => c,
+    }
 }
 
 /// An echo request answered: the same frame back to its sender's MAC from the one it was sent
@@ -3388,7 +3665,8 @@ fn echo_reply(input: &[u8], ip: &IpView, out: &[u8]) -> Result<(), Fault> {
     let (l3, h) = (ip.l3, ip.hlen);
     let rep = &out[l3..];
     ensure!(ip.v6 || csum(&rep[..20]) == 0, "echo reply IPv4 header checksum wrong");
-    let (in_ok, out_ok) = (icmp_verifies(ip.pkt, ip.v6, ip.len), icmp_verifies(rep, ip.v6, ip.len));
+    let verifies = |pkt| icmp_verifies(pkt, ip.v6, h, ip.len);
+    let (in_ok, out_ok) = (verifies(ip.pkt), verifies(rep));
     ensure!(in_ok == out_ok, "echo reply checksum verifies: {out_ok}; the request's: {in_ok}");
     let mut want = input.to_vec();
     want[..6].copy_from_slice(&input[6..12]);
@@ -3423,7 +3701,8 @@ fn answer_checks(input: &[u8], ip: &IpView) -> Result<(), Fault> {
 
 /// A TCP/UDP packet with DF that would not fit the MTU encapsulated: answered with frag-needed
 /// (IPv4) or packet-too-big (IPv6) from the VIP to the sender, advertising the MTU less the
-/// overhead and quoting the IP header and 8 bytes, with checksums that verify.
+/// overhead and quoting the IP header (with an atomic fragment's header) and 8 bytes, with
+/// checksums that verify.
 fn too_big(vip: &Vip, input: &[u8], ip: &IpView, out: &[u8]) -> Result<(), Fault> {
     let mtu = (FIXTURE_MTU - overhead(vip)) as u32;
     let (ethertype, answer) = match (ip.dst, ip.src) {
@@ -3434,7 +3713,7 @@ fn too_big(vip: &Vip, input: &[u8], ip: &IpView, out: &[u8]) -> Result<(), Fault
             (ETH_IP, h.packet(&icmp4(3, 4, [0, 0, mtu[0], mtu[1]], &ip.pkt[..28])))
         }
         (IpAddr::V6(from), IpAddr::V6(to)) => {
-            let m = icmp6(from, to, 2, 0, mtu.to_be_bytes(), &ip.pkt[..48]);
+            let m = icmp6(from, to, 2, 0, mtu.to_be_bytes(), &ip.pkt[..ip.hlen + 8]);
             (ETH_IPV6, ipv6(from, to, 58, 0, 64, &m))
         }
         _ => unreachable!("one family"),
@@ -3447,7 +3726,8 @@ fn too_big(vip: &Vip, input: &[u8], ip: &IpView, out: &[u8]) -> Result<(), Fault
     let rep = &out[ip.l3.min(out.len())..];
     ensure!(rep.len() == answer.len(), "too-big answer of {} bytes", rep.len());
     ensure!(ip.v6 || csum(&rep[..20]) == 0, "frag-needed IPv4 header checksum wrong");
-    ensure!(icmp_verifies(rep, ip.v6, rep.len()), "too-big ICMP checksum wrong");
+    let hlen = if ip.v6 { 40 } else { 20 };
+    ensure!(icmp_verifies(rep, ip.v6, hlen, rep.len()), "too-big ICMP checksum wrong");
     ensure!(out == want, "too-big answer differs from\n{}", hex(&want));
     answer_checks(input, ip)
 }
@@ -3569,6 +3849,20 @@ fn operator_bases() -> Vec<(String, Vec<u8>)> {
     add("fragment to vip6", e6(ipv6(c6, vip6, 44, 0, 64, &[&fh[..], &syn6].concat())));
     let hbh = [6u8, 0, 1, 4, 0, 0, 0, 0];
     add("hop-by-hop to vip6", e6(ipv6(c6, vip6, 0, 0, 64, &[&hbh[..], &syn6].concat())));
+    // Atomic fragments (offset 0, M clear): whole packets behind a fragment header.
+    let atomic = |next: u8, l4: &[u8]| {
+        ipv6(c6, vip6, 44, 0, 64, &[&[next, 0, 0, 0, 0, 0, 0, 9], l4].concat())
+    };
+    add("atomic fragment to vip6", e6(atomic(6, &syn6)));
+    let ping = icmp6(c6, vip6, 128, 0, [0, 9, 0, 1], b"ping6");
+    add("echo in an atomic fragment to vip6", e6(atomic(58, &ping)));
+    let big = tcp(c6.into(), vip6.into(), 40000, 80, ACK, &[0x5a; 1432]);
+    add("1500 bytes in an atomic fragment to vip6", e6(atomic(6, &big)));
+    add("ESP to vip6", e6(ipv6(c6, vip6, 50, 0, 64, &[0; 24])));
+    add(
+        "AH to vip6",
+        e6(ipv6(c6, vip6, 51, 0, 64, &[&[6u8, 4, 0, 0][..], &[0; 20], &syn6].concat())),
+    );
     // Too big for the MTU encapsulated (with and without DF), and just fitting.
     add("1500 bytes DF to 198.18.1.1", e4(seg4("198.18.1.1", 80, ACK, &[0x5a; 1460])));
     let mut no_df = V4::new(c4, v4("198.18.1.1"), 6);

@@ -11,9 +11,9 @@
 //! computation, where a per-CPU array first loads the element's per-CPU pointer from a table,
 //! another cache miss per packet.) It is set-associative: a flow's hash names one bucket of
 //! [`CONNTRACK_WAYS`] flows kept most recently used first. A hit moves the flow to the front; a
-//! new flow goes to the front and the least recently used one of that bucket is forgotten (it
-//! re-hashes onto the ring if it ever sends again, which picks the same backend unless the pool
-//! changed meanwhile). An IPv4 bucket is one cache line (16-byte entries, page-aligned mmapable
+//! new flow goes to the front and the least recently used one of that bucket is forgotten, one
+//! its client has ended (FIN or RST seen) before a live one (it re-hashes onto the ring if it
+//! ever sends again, which picks the same backend unless the pool changed meanwhile). An IPv4 bucket is one cache line (16-byte entries, page-aligned mmapable
 //! map), an IPv6 bucket two (32-byte entries that name the VIP by its index rather than its
 //! address); no kernel hashing, no locks.
 //!
@@ -34,6 +34,25 @@
 //! slot the same way, and enters the table at its next packet: such a flood cannot push
 //! established flows out either. Looking for such a flow in the other CPUs' tables reads a
 //! bucket per CPU, so each CPU has a budget of those reads ([`SEARCH_READS_PER_SEC`]).
+//!
+//! A UDP datagram whose flow no table holds waits in its handshake slot the same way (placed by
+//! the ring, forwarded), and the flow enters the table at its next datagram: a flood of spoofed
+//! datagrams, one per made-up source, cannot push established flows (of any VIP) out. When the
+//! bucket just read has an empty way, the datagram's flow takes it at once instead, pushing
+//! nothing out. A flow whose slot another flow took before its next datagram came (its
+//! datagrams further apart than a slot lasts: a slot is one of [`lb_common::SYN_STAGE_SLOTS`]
+//! per CPU, taken by every new flow that finds its bucket full) waits in its slot again and
+//! enters the table only once two of its datagrams come close enough together. Nothing kept
+//! tells such a datagram from a spoofed source's first one, so storing it would let the flood
+//! in; meanwhile each of its datagrams is placed by the ring, which gives the same backend
+//! while the pool is unchanged.
+//!
+//! A flow whose next packet ends it (RST or FIN: a handshake aborted, a port scan's RST after
+//! the backend's SYN-ACK, spoofed SYN+RST pairs) goes to its handshake slot's backend and empties
+//! the slot, but does not enter the table. What does put a made-up flow in the table is two
+//! spoofed packets of one 5-tuple, a SYN then an ACK (or two segments without SYN): the
+//! backend's SYN-ACK does not come back through here (direct server return), so the ACK number
+//! cannot be checked against it.
 //!
 //! A client can reuse a 5-tuple while its old entry is still in the table (a port reused soon
 //! after a close). The new connection's SYN is placed by the ring, which picks another backend
@@ -63,7 +82,7 @@ use crate::{
 use lb_common::{
     AF_INET, Backend, CONN_CLOSING, CONN_GENERATION_MASK, CONNTRACK_WAYS, Conn, ConnBucket,
     ConnBucketV4, ConnEntry, ConnEntryV4, FlowKey, HASH_SEED, SYN_STAGE_BITS, VipMeta,
-    backend_flags, ct_stats, hash, proto, vip_flags,
+    backend_flags, ct_stats, hash, vip_flags,
 };
 
 /// The chosen backend.
@@ -185,15 +204,44 @@ trait Bucket: Sized + 'static {
         }
     }
 
+    /// The way a flow entering this bucket takes: an empty one if any (empty ways are always
+    /// the last), else the least recently used flow its client has ended (FIN or RST seen, whose
+    /// last packets re-hash onto the ring if it is pushed out: the same backend unless the pool
+    /// changed meanwhile), else the least recently used flow.
+    #[inline(always)]
+    fn victim(&self) -> usize {
+        let ways = self.ways();
+        let last = &ways[CONNTRACK_WAYS - 1];
+        if !Self::occupied(last) || Self::closing(last) {
+            CONNTRACK_WAYS - 1
+        } else if Self::closing(&ways[2]) {
+            2
+        } else if Self::closing(&ways[1]) {
+            1
+        } else if Self::closing(&ways[0]) {
+            0
+        } else {
+            CONNTRACK_WAYS - 1
+        }
+    }
+
     /// Stores `key -> conn` in front, in way `at` if the key is there already, else in place of
-    /// the least recently used way; with `closing`, marked as closing.
+    /// the [`Bucket::victim`] way (an ended flow before a live one); with `closing`, marked as
+    /// closing.
     #[inline(always)]
     fn store(&mut self, at: Option<usize>, key: &FlowKey, vip: u32, conn: Conn, closing: bool) {
+        let at = match at {
+            Some(at) => at,
+            None => {
+                let victim = self.victim();
+                if Self::occupied(&self.ways()[victim]) {
+                    count_ct(ct_stats::EVICTED);
+                }
+                victim
+            }
+        };
         let ways = self.ways_mut();
-        if at.is_none() && Self::occupied(&ways[CONNTRACK_WAYS - 1]) {
-            count_ct(ct_stats::EVICTED);
-        }
-        promote(ways, at.unwrap_or(CONNTRACK_WAYS - 1));
+        promote(ways, at);
         ways[0] = Self::way(key, vip, conn);
         if closing {
             Self::mark_closing(&mut ways[0]);
@@ -319,16 +367,19 @@ impl Bucket for ConnBucket {
 /// How a packet's flow is looked up.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Lookup {
-    /// In this CPU's table (UDP, and TCP segments whose flags could not be read).
+    /// In this CPU's table, then in its handshake slot (UDP, and TCP segments whose flags could
+    /// not be read): a flow neither holds enters an empty way of its bucket if there is one,
+    /// else waits in its handshake slot for its next packet.
     Table,
     /// In this CPU's table, then in the other CPUs' (TCP without SYN, and ICMP errors quoting a
     /// flow): the flow should be known somewhere.
     Established,
     /// As [`Lookup::Established`], for a TCP segment with FIN or RST: the flow's entry is marked
-    /// closing ([`CONN_CLOSING`]).
+    /// closing ([`CONN_CLOSING`]); a flow found in its handshake slot is forgotten there, not
+    /// stored (an aborted handshake never enters the table).
     Closing,
-    /// Not at all: a TCP SYN starts a new flow, placed by the ring and written to its handshake
-    /// slot, not to the table.
+    /// Not at all: a TCP SYN (without FIN or RST) starts a new flow, placed by the ring and
+    /// written to its handshake slot, not to the table.
     Syn,
 }
 
@@ -507,10 +558,16 @@ fn pick_in<B: Bucket>(
             return Some(Pick { id: conn.backend, backend, new_flow: false, hash });
         }
     } else {
-        // A TCP flow's first packet after its SYN: the flow moves from its handshake slot into
-        // the bucket just read.
-        let mut known =
-            if key.proto == proto::TCP { unstage::<B>(hash, key, meta, remember) } else { None };
+        // A flow's next packet after the first that no table held (a TCP SYN or segment, a UDP
+        // datagram): the flow moves from its handshake slot into the bucket just read.
+        let mut known = unstage::<B>(hash, key, meta, remember);
+        // ... unless that packet ends it (RST or FIN): a handshake aborted, or a port scan (the
+        // scanner's SYN, the backend's SYN-ACK, the scanner's kernel's RST). It goes to the
+        // handshake's backend, its slot emptied, and the flow never enters the table: spoofed
+        // SYN+RST pairs cannot push established flows out.
+        if closing && let Some((conn, backend, _)) = known {
+            return Some(Pick { id: conn.backend, backend, new_flow: false, hash });
+        }
         if known.is_none() && search {
             if search_allowed() {
                 known = search_other_cpus::<B>(cpu, slot, key, meta);
@@ -528,15 +585,25 @@ fn pick_in<B: Bucket>(
             }
             return Some(Pick { id: conn.backend, backend, new_flow: false, hash });
         }
-        if search && remember {
-            count_ct(ct_stats::MISSED_ESTABLISHED);
+        if remember {
             // A TCP segment without SYN of a flow no table knows: legitimate after an eviction,
             // a restart or a move between CPUs, but also what a flood of spoofed ACKs or RSTs
-            // looks like, one packet per made-up flow. It waits in a handshake slot like a SYN,
-            // and enters the table at its next packet, so such a flood cannot push established
-            // flows out.
+            // looks like, one packet per made-up flow. Likewise a UDP flow's first datagram,
+            // and a flood of spoofed datagrams, one per made-up source. It waits in a handshake
+            // slot like a SYN, and enters the table at its next packet, so such a flood cannot
+            // push established flows out. A datagram whose bucket has an empty way enters it at
+            // once instead (nothing is pushed out, and the write hits the line just read): a
+            // table with room keeps even a flow whose datagrams come further apart than its
+            // handshake slot lasts.
+            if search {
+                count_ct(ct_stats::MISSED_ESTABLISHED);
+            }
             let pick = ring_pick(key, meta, hash)?;
-            stage::<B>(hash, key, meta.vip_index, pick.conn(), closing);
+            if !search && !B::occupied(&bucket.ways()[CONNTRACK_WAYS - 1]) {
+                bucket.store(None, key, meta.vip_index, pick.conn(), false);
+            } else {
+                stage::<B>(hash, key, meta.vip_index, pick.conn(), closing);
+            }
             return Some(pick);
         }
     }

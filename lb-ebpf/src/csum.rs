@@ -43,8 +43,16 @@ pub fn ipv4_csum_ok(h: &Ipv4Hdr) -> bool {
 }
 
 /// RFC 1624 incremental update of `check` when a 16-bit word changes from `old` to `new`.
+///
+/// Where the update comes to 0x0000 it gives 0xffff: both are the one's-complement zero to a
+/// receiver summing words that are not all zero, but only 0xffff verifies where they are (an
+/// ICMP echo request of zeros past its type, whose reply's words are then all zero), which the
+/// update alone cannot tell apart.
 #[inline(always)]
 pub fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {
     let s = (!check) as u64 + (!old) as u64 + new as u64;
-    csum_fold(s)
+    match csum_fold(s) {
+        0 => 0xffff,
+        c => c,
+    }
 }

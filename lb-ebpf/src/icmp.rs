@@ -236,7 +236,8 @@ fn error_to_backend(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
     Ok(forward(ctx, l3, &key, &meta, Reason::TxIcmpToBackend, Lookup::Established))
 }
 
-/// Bytes of the offending packet quoted in the error: its IP header and 8 bytes of transport.
+/// Bytes of the offending packet quoted in the error: its IP header and 8 bytes of transport
+/// (in IPv6, an atomic fragment's header too: [`too_big_v6`]).
 const QUOTE_V4: usize = IPV4_LEN + 8;
 const QUOTE_V6: usize = IPV6_LEN + 8;
 
@@ -362,9 +363,13 @@ fn too_big_v4(ctx: &XdpContext, l3: &L3, mtu: u32, cfg: &GlobalConfig) -> Result
 
 #[inline(always)]
 fn too_big_v6(ctx: &XdpContext, l3: &L3, mtu: u32, cfg: &GlobalConfig) -> Result<(), ()> {
-    reshape(ctx, l3, QUOTE_V6, IPV6_LEN + ICMP_LEN, ETH_P_IPV6, cfg)?;
+    // An atomic fragment's header (the one extension header `parse_v6` steps over) is quoted
+    // too, with the 8 bytes of transport behind it: the sender finds its socket by those ports.
+    let frag = l3.l4_off != l3.l3_off + IPV6_LEN;
+    let extra = if frag { IPV6_FRAG_LEN } else { 0 };
+    reshape(ctx, l3, QUOTE_V6 + extra, IPV6_LEN + ICMP_LEN, ETH_P_IPV6, cfg)?;
     let ip: *mut Ipv6Hdr = ptr_at(ctx, l3.l3_off)?;
-    let payload = (ICMP_LEN + QUOTE_V6) as u16;
+    let payload = (ICMP_LEN + QUOTE_V6 + extra) as u16;
     // SAFETY: bounds-checked by ptr_at.
     unsafe {
         *ip = Ipv6Hdr {
@@ -387,7 +392,8 @@ fn too_big_v6(ctx: &XdpContext, l3: &L3, mtu: u32, cfg: &GlobalConfig) -> Result
         i += 1;
     }
     sum += payload.to_be() as u64 + (proto::ICMPV6 as u16).to_be() as u64;
-    // SAFETY: `body` covers the ICMPv6 header and the quote, checked by ptr_at.
+    // SAFETY: `body` covers the ICMPv6 header and the quote (`more` the rest of a longer one),
+    // checked by ptr_at.
     unsafe {
         *icmp = IcmpHdr { ty: ICMPV6_PKT_TOO_BIG, code: 0, check: 0, rest: mtu.to_be() };
         let words = &*body;
@@ -395,6 +401,17 @@ fn too_big_v6(ctx: &XdpContext, l3: &L3, mtu: u32, cfg: &GlobalConfig) -> Result
         while i < words.len() {
             sum += words[i] as u64;
             i += 1;
+        }
+        if frag {
+            // The quote's last 8 bytes, past `body`: it holds an atomic fragment's header.
+            let more: *const [u16; IPV6_FRAG_LEN / 2] =
+                ptr_at(ctx, l3.l3_off + IPV6_LEN + ICMP_LEN + QUOTE_V6)?;
+            let words = &*more;
+            let mut i = 0;
+            while i < words.len() {
+                sum += words[i] as u64;
+                i += 1;
+            }
         }
         (*icmp).check = csum_fold(sum);
     }

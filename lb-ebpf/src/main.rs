@@ -25,7 +25,10 @@ use lb_common::{
     vip_cache_slot, vip_cache_slot_v6, vip_flags,
 };
 use maps::{CONFIG, VIP_ADDRS, VIP_CACHE, VIP_CACHE_V6, VIP_EPOCH, VIPS, VIPS_V4};
-use parse::{ETH_P_IP, ETH_P_IPV6, IPV4_LEN, IPV6_LEN, Ipv4Hdr, Ipv6Hdr, Ports, ptr_at};
+use parse::{
+    ETH_P_IP, ETH_P_IPV6, IPV4_LEN, IPV6_FRAG_LEN, IPV6_LEN, Ipv4Hdr, Ipv6FragHdr, Ipv6Hdr, Ports,
+    ptr_at,
+};
 use stats::count;
 
 /// The network-layer facts every later step needs.
@@ -194,9 +197,10 @@ fn parse_v4(ctx: &XdpContext, l3_off: usize) -> Result<Step<L3>, ()> {
     }))
 }
 
-/// IPv6 extension headers we do not walk: hop-by-hop, routing, destination options, AH, ESP
-/// (fragment is handled on its own).
-const IPV6_EXT_HEADERS: [u8; 5] = [0, 43, 60, 51, 50];
+/// IPv6 extension headers we do not walk: hop-by-hop, routing, destination options (fragment is
+/// handled on its own). ESP (50) and AH (51) are not among them: as over IPv4, they are upper
+/// layers no VIP serves, passed to the kernel (`not_served`) rather than dropped.
+const IPV6_EXT_HEADERS: [u8; 3] = [0, 43, 60];
 /// IPv6 fragment header's next-header value.
 pub const IPV6_FRAGMENT: u8 = 44;
 
@@ -215,23 +219,37 @@ fn parse_v6(ctx: &XdpContext, l3_off: usize) -> Result<Step<L3>, ()> {
         return Err(());
     }
     let daddr = h.daddr;
-    if h.next_hdr == IPV6_FRAGMENT {
-        return Ok(unbalanceable(&daddr, AF_INET6, Reason::DropFragment));
+    let (mut next, mut l4_off) = (h.next_hdr, l3_off + IPV6_LEN);
+    if next == IPV6_FRAGMENT {
+        // An atomic fragment (offset 0, M clear) is a whole packet that carries a fragment
+        // header all the same, to be processed as unfragmented (RFC 6946): its header, right
+        // behind the fixed one, is stepped over, once. Any other fragment, or one whose header
+        // the packet does not hold, cannot be balanced.
+        let frag = match ptr_at::<Ipv6FragHdr>(ctx, l4_off) {
+            Ok(frag) if tot_len as usize >= IPV6_LEN + IPV6_FRAG_LEN => frag,
+            _ => return Ok(unbalanceable(&daddr, AF_INET6, Reason::DropFragment)),
+        };
+        // SAFETY: bounds-checked by ptr_at.
+        let (frag_off, frag_next) = unsafe { ((*frag).frag_off, (*frag).next_hdr) };
+        if frag_off & parse::IPV6_FRAG_OFFSET_M != 0 || frag_next == IPV6_FRAGMENT {
+            return Ok(unbalanceable(&daddr, AF_INET6, Reason::DropFragment));
+        }
+        (next, l4_off) = (frag_next, l4_off + IPV6_FRAG_LEN);
     }
     let mut i = 0;
     while i < IPV6_EXT_HEADERS.len() {
-        if h.next_hdr == IPV6_EXT_HEADERS[i] {
+        if next == IPV6_EXT_HEADERS[i] {
             return Ok(unbalanceable(&daddr, AF_INET6, Reason::DropIpOptions));
         }
         i += 1;
     }
     Ok(Step::Go(L3 {
         l3_off,
-        l4_off: l3_off + IPV6_LEN,
+        l4_off,
         family: AF_INET6,
         src: h.saddr,
         dst: daddr,
-        proto: h.next_hdr,
+        proto: next,
         tot_len,
         tos: (vtc >> 20) as u8,
         df: true,
@@ -358,18 +376,21 @@ fn balance_l4(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
     };
     // A TCP segment without SYN belongs to a connection that should already be in the table; if
     // this CPU has not seen it (RSS or IRQ affinity moved the flow), the other CPUs' tables are
-    // searched before the ring re-places it. UDP never searches, and a SYN is not even looked up
-    // (placed by the ring, its flow waits in a handshake slot for its next packet: see
-    // `conntrack`). A FIN or RST marks the flow's entry as closing, so that a new connection
-    // reusing its 5-tuple can follow its own handshake.
+    // searched before the ring re-places it. UDP never searches (a datagram whose flow this CPU
+    // does not know waits in a handshake slot, or takes an empty way of its bucket), and a SYN is
+    // not even looked up (placed by the ring, its flow waits in a handshake slot for its next
+    // packet: see `conntrack`). A FIN or RST marks the flow's entry as closing, so that a new
+    // connection reusing its 5-tuple can follow its own handshake. With SYN as well it is still a
+    // FIN or RST, not a SYN: it starts no flow (Linux drops SYN+RST and SYN+FIN at LISTEN), and an
+    // in-window RST|SYN resets the backend's established socket.
     let lookup = if l3.proto != proto::TCP {
         Lookup::Table
     } else {
         match parse::ptr_at::<u8>(ctx, l3.l4_off + parse::TCP_FLAGS_OFF) {
             // SAFETY: bounds-checked by ptr_at.
             Ok(flags) => match unsafe { *flags } {
-                f if f & parse::TCP_SYN != 0 => Lookup::Syn,
                 f if f & parse::TCP_FIN_RST != 0 => Lookup::Closing,
+                f if f & parse::TCP_SYN != 0 => Lookup::Syn,
                 _ => Lookup::Established,
             },
             Err(()) => Lookup::Table,

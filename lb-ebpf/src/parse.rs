@@ -160,8 +160,8 @@ pub struct Ports {
     pub dst: u16,
 }
 
-/// IPv6 fragment header (RFC 8200 4.5): read only where an ICMPv6 error quotes a fragment, to
-/// find the ports behind it.
+/// IPv6 fragment header (RFC 8200 4.5): read where a packet carries one, to step over an atomic
+/// fragment's, and where an ICMPv6 error quotes a fragment, to find the ports behind it.
 #[repr(C, packed(2))]
 #[derive(Clone, Copy)]
 pub struct Ipv6FragHdr {
@@ -196,6 +196,9 @@ pub const IP_MF_OFFSET: u16 = 0x3FFFu16.to_be();
 pub const IP_OFFSET: u16 = 0x1FFFu16.to_be();
 /// IPv6 fragment offset bits of a fragment header's `frag_off` (native order): likewise.
 pub const IPV6_FRAG_OFFSET: u16 = 0xFFF8u16.to_be();
+/// IPv6 fragment offset and M flag bits of a fragment header's `frag_off` (native order): zero in
+/// an atomic fragment, a whole packet that carries a fragment header all the same (RFC 6946).
+pub const IPV6_FRAG_OFFSET_M: u16 = 0xFFF9u16.to_be();
 /// IPv4 "don't fragment" bit.
 pub const IP_DF: u16 = 0x4000u16.to_be();
 
