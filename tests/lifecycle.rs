@@ -3236,3 +3236,120 @@ fn stop_leaves_the_data_plane_of_a_controller_whose_socket_is_gone() {
     let (pins, _) = edgelb::dataplane::Dataplane::pins_in(&cfg.node.pin_dir).unwrap();
     assert!(pins.is_empty(), "pins left: {pins:?}");
 }
+
+/// A namespace of a test's own with a veth pair: `xa0`, the balancer's interface
+/// (198.18.64.2/24, its default route via 198.18.64.1, whose neighbour entry is
+/// [`VethBed::GATEWAY_MAC`]), and its peer `xa1`; and a config of one ipip VIP whose backend
+/// takes `node.gateway_mac` (`node` is added to the `[node]` table). The interface and its
+/// gateway are what the tests change under a running edgelb. All removed on drop (after the
+/// edgelb, dropped first by its owner).
+struct VethBed {
+    ns: String,
+    tag: String,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl VethBed {
+    /// The MAC the kernel's neighbour table gives the default-route gateway at first.
+    const GATEWAY_MAC: &'static str = "02:ed:00:00:64:01";
+
+    fn new(name: &str, node: &str) -> VethBed {
+        let pid = std::process::id();
+        let (ns, tag) = (format!("elbl{pid}-{name}"), format!("{pid}-{name}"));
+        testbed::sh(&["ip", "netns", "add", &ns]).expect("ip netns add");
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let bed = VethBed {
+            ns,
+            tag: tag.clone(),
+            config: dir.join(format!("lifecycle-{tag}.toml")),
+            log: dir.join(format!("lifecycle-{tag}.log")),
+        };
+        bed.ip(&["link", "set", "lo", "up"]);
+        bed.ip(&["link", "add", "xa0", "type", "veth", "peer", "name", "xa1"]);
+        bed.ip(&["link", "set", "xa1", "up"]);
+        bed.ip(&["link", "set", "xa0", "up"]);
+        bed.ip(&["addr", "add", "198.18.64.2/24", "dev", "xa0"]);
+        bed.ip(&["route", "add", "default", "via", "198.18.64.1", "dev", "xa0"]);
+        bed.set_gateway_mac(Self::GATEWAY_MAC);
+        let text = format!(
+            "[node]\ninterfaces = [\"xa0\"]\nencap_source_v4 = \"198.19.0.0/16\"\npin_dir = \"/sys/fs/bpf/edgelb-t-{tag}\"\nadmin_socket = \"/run/edgelb/t-{tag}.sock\"\nconntrack_flows_per_cpu = {CT_FLOWS}\n{node}\n\n[[vip]]\nname = \"tun\"\naddress = \"198.18.65.1\"\nport = 80\nbackends = [{{ address = \"198.18.66.11\" }}]\n"
+        );
+        std::fs::write(&bed.config, text).unwrap();
+        let _ = std::fs::remove_file(&bed.log);
+        bed
+    }
+
+    /// Gives the default-route gateway (198.18.64.1) MAC `mac` in the kernel's neighbour table.
+    fn set_gateway_mac(&self, mac: &str) {
+        let gw = "198.18.64.1";
+        self.ip(&["neigh", "replace", gw, "lladdr", mac, "dev", "xa0", "nud", "permanent"]);
+    }
+
+    /// `ip -n <ns> args...`.
+    fn ip(&self, args: &[&str]) {
+        let mut cmd = vec!["ip", "-n", &self.ns];
+        cmd.extend_from_slice(args);
+        testbed::sh(&cmd).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn start(&self) -> Edgelb {
+        Edgelb::start(&self.ns, &self.config, &self.log)
+    }
+
+    /// Waits up to `limit` for `edgelb`'s log to hold `text` `count` times; panics with the log
+    /// if it does not.
+    fn wait_log(&self, edgelb: &Edgelb, text: &str, count: usize, limit: Duration) {
+        let start = Instant::now();
+        while edgelb.log().matches(text).count() < count {
+            assert!(start.elapsed() < limit, "no {count}× {text:?} in:\n{}", edgelb.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for VethBed {
+    fn drop(&mut self) {
+        let _ = testbed::sh(&["ip", "netns", "del", &self.ns]);
+        let dir = format!("/sys/fs/bpf/edgelb-t-{}", self.tag);
+        let _ = edgelb::dataplane::Dataplane::teardown(dir.as_ref());
+        let _ = std::fs::remove_file(format!("/run/edgelb/t-{}.sock", self.tag));
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// `node.mtu` above the MTU of an attached interface, with an ipip VIP, is said at the start
+/// from the MTU edgelb's own network namespace gives (it was read from sysfs, which under
+/// `nsenter --net` shows the host's interfaces: a veth of MTU 1400 went unsaid), and an MTU
+/// lowered under the running edgelb is said within a sample, as is one raised back; the MTU
+/// is exported.
+#[test]
+fn an_interface_mtu_below_node_mtu_is_said_at_start_and_while_running() {
+    if !netns::require_privileged("an_interface_mtu_below_node_mtu_is_said") {
+        return;
+    }
+    let bed =
+        VethBed::new("mtu", &format!("mtu = 1500\ngateway_mac = \"{}\"", VethBed::GATEWAY_MAC));
+    bed.ip(&["link", "set", "xa0", "mtu", "1400"]);
+    let e = bed.start();
+    let said = |mtu: u32| format!("interface xa0 carries at most {mtu} bytes");
+    assert!(e.log().contains(&said(1400)), "{}", e.log());
+    let exported = |mtu: u32| {
+        let text = scrape_in(&bed.ns);
+        metric(&text, "edgelb_interface_mtu", "interface=\"xa0\"") == f64::from(mtu)
+    };
+    assert!(exported(1400), "{}", scrape_in(&bed.ns));
+    // Lowered while it runs: said within about a sample.
+    bed.ip(&["link", "set", "xa0", "mtu", "1300"]);
+    bed.wait_log(&e, &said(1300), 1, Duration::from_secs(3));
+    assert!(exported(1300), "{}", scrape_in(&bed.ns));
+    // Back to what node.mtu is: said to apply no more, once.
+    bed.ip(&["link", "set", "xa0", "mtu", "1500"]);
+    let gone = "warnings logged before no longer apply";
+    bed.wait_log(&e, gone, 1, Duration::from_secs(3));
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = e.log();
+    assert_eq!(log.matches(&said(1300)).count(), 1, "{log}");
+    assert_eq!(log.matches(gone).count(), 1, "{log}");
+    assert!(exported(1500));
+}

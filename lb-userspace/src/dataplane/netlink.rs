@@ -7,7 +7,9 @@
 //! One request and one answer over a `NETLINK_ROUTE` socket, built and parsed here: a few
 //! fixed-layout headers do not warrant a netlink crate. Likewise, over generic netlink, whether
 //! an interface merges received packets in software (GRO, [`gro_on`]), which XDP in generic
-//! mode sees.
+//! mode sees. And what the controller compares the config with while it runs: an interface's
+//! MTU ([`link_info`]), asked of the kernel in edgelb's own network namespace (sysfs shows the
+//! namespace of whoever mounted it, not necessarily this one).
 
 use std::{io, io::Read, time::Duration};
 
@@ -20,6 +22,8 @@ const NLMSG_DONE: u16 = 3;
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
 const NLM_F_REQUEST: u16 = 1;
+const IFLA_IFNAME: u16 = 3;
+const IFLA_MTU: u16 = 4;
 const IFLA_XDP: u16 = 43;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 const IFLA_XDP_ATTACHED: u16 = 2;
@@ -95,6 +99,38 @@ impl XdpAttachment {
 /// network namespace, and its mode; `None` when it has none. An error when the interface does
 /// not exist (ENODEV) or netlink cannot be asked.
 pub fn xdp_attachment(ifindex: u32) -> io::Result<Option<XdpAttachment>> {
+    let answer = ask_link(ifindex, &[])?;
+    Ok(answer.as_deref().and_then(|m| xdp_of_link(m).ok()).flatten())
+}
+
+/// An interface as the kernel describes it (`RTM_GETLINK`), what the controller checks the
+/// config against while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// Its index, which routes and neighbour entries name it by.
+    pub index: u32,
+    /// Its MTU (`IFLA_MTU`, as `ip link` shows it).
+    pub mtu: u32,
+}
+
+/// The interface called `name` in the calling thread's network namespace (asked by name, so
+/// that one answer gives index and MTU); `None` when there is none (ENODEV). An error when
+/// netlink cannot be asked. Needs no capability.
+pub fn link_info(name: &str) -> io::Result<Option<LinkInfo>> {
+    let mut ifname = name.as_bytes().to_vec();
+    ifname.push(0);
+    match ask_link(0, &attribute(IFLA_IFNAME, &ifname)) {
+        Ok(Some(m)) => link_info_of(&m).map(Some),
+        Ok(None) => Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The body (`ifinfomsg` and attributes) of the kernel's `RTM_NEWLINK` answer about the
+/// interface of index `ifindex`, or (index 0) the one `attrs` name; `None` when the answer
+/// holds none.
+fn ask_link(ifindex: u32, attrs: &[u8]) -> io::Result<Option<Vec<u8>>> {
     let socket = Socket::new(
         Domain::from(libc::AF_NETLINK),
         Type::RAW,
@@ -102,8 +138,9 @@ pub fn xdp_attachment(ifindex: u32) -> io::Result<Option<XdpAttachment>> {
     )?;
     socket.set_read_timeout(Some(Duration::from_secs(2)))?;
     const SEQ: u32 = 1;
-    let mut req = Vec::with_capacity(NLMSG_HDR + IFINFOMSG);
-    req.extend_from_slice(&((NLMSG_HDR + IFINFOMSG) as u32).to_ne_bytes());
+    let len = NLMSG_HDR + IFINFOMSG + attrs.len();
+    let mut req = Vec::with_capacity(len);
+    req.extend_from_slice(&(len as u32).to_ne_bytes());
     req.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
     req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
     req.extend_from_slice(&SEQ.to_ne_bytes());
@@ -112,12 +149,13 @@ pub fn xdp_attachment(ifindex: u32) -> io::Result<Option<XdpAttachment>> {
     req.extend_from_slice(&[0, 0, 0, 0]);
     req.extend_from_slice(&(ifindex as i32).to_ne_bytes());
     req.extend_from_slice(&[0; 8]);
+    req.extend_from_slice(attrs);
     // Unconnected, a netlink socket sends to the kernel.
     socket.send(&req)?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = (&socket).read(&mut buf)?;
-        if let Some(answer) = parse_answer(&buf[..n], SEQ)? {
+        if let Some(answer) = link_answer(&buf[..n], SEQ)? {
             return Ok(answer);
         }
     }
@@ -239,7 +277,18 @@ fn attribute(kind: u16, value: &[u8]) -> Vec<u8> {
 
 /// Reads the messages in one datagram: `Some(answer)` once the link message (or an error) for
 /// request `seq` is there, `None` to read on.
+#[cfg(test)]
 fn parse_answer(data: &[u8], seq: u32) -> io::Result<Option<Option<XdpAttachment>>> {
+    match link_answer(data, seq)? {
+        Some(Some(body)) => Ok(Some(xdp_of_link(&body)?)),
+        Some(None) => Ok(Some(None)),
+        None => Ok(None),
+    }
+}
+
+/// Reads the messages in one datagram: `Some(answer)` once the link message's body (or an
+/// error) for request `seq` is there, `None` to read on.
+fn link_answer(data: &[u8], seq: u32) -> io::Result<Option<Option<Vec<u8>>>> {
     for (kind, body) in replies(data, seq)? {
         match kind {
             NLMSG_ERROR => {
@@ -250,14 +299,33 @@ fn parse_answer(data: &[u8], seq: u32) -> io::Result<Option<Option<XdpAttachment
             }
             NLMSG_DONE => return Ok(Some(None)),
             RTM_NEWLINK => {
-                let attrs = body.get(IFINFOMSG..).ok_or_else(malformed)?;
-                let xdp = attributes(attrs).find(|(t, _)| *t == IFLA_XDP).map(|(_, v)| v);
-                return Ok(Some(xdp.and_then(xdp_of)));
+                if body.len() < IFINFOMSG {
+                    return Err(malformed());
+                }
+                return Ok(Some(Some(body.to_vec())));
             }
             _ => {}
         }
     }
     Ok(None)
+}
+
+/// The XDP attachment a link message's body (`ifinfomsg` and attributes) describes, if any.
+fn xdp_of_link(body: &[u8]) -> io::Result<Option<XdpAttachment>> {
+    let attrs = body.get(IFINFOMSG..).ok_or_else(malformed)?;
+    let xdp = attributes(attrs).find(|(t, _)| *t == IFLA_XDP).map(|(_, v)| v);
+    Ok(xdp.and_then(xdp_of))
+}
+
+/// The index and MTU a link message's body gives; an error when it has no `IFLA_MTU`.
+fn link_info_of(body: &[u8]) -> io::Result<LinkInfo> {
+    let attrs = body.get(IFINFOMSG..).ok_or_else(malformed)?;
+    let mtu = attributes(attrs)
+        .find(|(t, _)| *t == IFLA_MTU)
+        .and_then(|(_, v)| v.get(..4))
+        .map(|v| u32::from_ne_bytes(v.try_into().unwrap()))
+        .ok_or_else(malformed)?;
+    Ok(LinkInfo { index: u32_at(body, 4), mtu })
 }
 
 /// The attachment the nested `IFLA_XDP` attributes describe, if any.
@@ -383,5 +451,33 @@ mod tests {
         assert_eq!(e.raw_os_error(), Some(libc::ENODEV));
         assert!(parse_answer(&[1, 0, 0, 0, 0, 0], 1).is_ok(), "too short to be a message");
         assert!(parse_answer(&link_message(1, &none)[..20], 1).is_err(), "cut short");
+    }
+
+    /// An interface's index and MTU come from the link message, whatever attributes surround
+    /// the MTU; a message without one is no answer. The kernel's own answer for `lo`, asked in
+    /// this namespace, gives what `ip link` would.
+    #[test]
+    fn the_mtu_is_read_from_the_link_message() {
+        let mut attrs = attr(IFLA_IFNAME, b"xa0\0");
+        attrs.extend(attr(IFLA_MTU, &1400u32.to_ne_bytes()));
+        attrs.extend(attr(IFLA_XDP | 0x8000, &attr(IFLA_XDP_ATTACHED, &[0])));
+        let mut m = link_message(1, &attrs);
+        m[NLMSG_HDR + 4..NLMSG_HDR + 8].copy_from_slice(&7i32.to_ne_bytes());
+        let body = link_answer(&m, 1).unwrap().flatten().expect("a link message");
+        assert_eq!(link_info_of(&body).unwrap(), LinkInfo { index: 7, mtu: 1400 });
+        let body = link_answer(&link_message(1, &attr(IFLA_IFNAME, b"xa0\0")), 1).unwrap();
+        assert!(link_info_of(&body.flatten().unwrap()).is_err(), "no IFLA_MTU");
+
+        let lo = link_info("lo").expect("netlink answers").expect("lo is there");
+        assert_eq!(lo.index, 1, "{lo:?}");
+        // What `ip` (netlink too, in this namespace) says, where it is installed.
+        if let Ok(out) =
+            std::process::Command::new("ip").args(["-o", "link", "show", "lo"]).output()
+        {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let shown = text.split_whitespace().skip_while(|w| *w != "mtu").nth(1);
+            assert_eq!(shown, Some(lo.mtu.to_string().as_str()), "{text}");
+        }
+        assert_eq!(link_info("no-such-if0").unwrap(), None);
     }
 }

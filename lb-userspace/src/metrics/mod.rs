@@ -87,6 +87,8 @@ pub struct KernelSnapshot {
     pub conntrack: Vec<u64>,
     /// (interface, XDP still on it) for every interface the balancer was attached to.
     pub interfaces: Vec<(String, bool)>,
+    /// (interface, MTU) of the configured interfaces, as the kernel last gave them.
+    pub interface_mtus: Vec<(String, u32)>,
     /// (VIP name, failing open) of every VIP.
     pub fail_open: Vec<(String, bool)>,
 }
@@ -167,6 +169,19 @@ impl Collector for KernelCollector {
         for (interface, on) in &snap.interfaces {
             let l = labels(&[("interface", interface)]);
             ConstGauge::new(i64::from(*on)).encode(m.encode_family(&l)?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "edgelb_interface_mtu",
+            "The interface's MTU, as the kernel gives it in edgelb's network namespace (read \
+             every second); with an ipip VIP, a node.mtu above it is logged as a warning, as \
+             encapsulated packets between the two sizes are dropped past the node without an \
+             ICMP error",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (interface, mtu) in &snap.interface_mtus {
+            let l = labels(&[("interface", interface)]);
+            ConstGauge::new(i64::from(*mtu)).encode(m.encode_family(&l)?)?;
         }
         let mut m = encoder.encode_descriptor(
             "edgelb_vip_fail_open",
