@@ -214,7 +214,8 @@ struct Controller {
     /// or a sample logs them again only when they change ([`same_warnings`]), or hundreds of
     /// reloads fill the log with the same lines.
     link_warnings: Vec<String>,
-    /// What the kernel last said of the interfaces' MTUs and GRO ([`links::LinkWatch`]).
+    /// What the kernel last said of the interfaces' MTUs, GRO and gateways
+    /// ([`links::LinkWatch`]).
     links: links::LinkWatch,
 }
 
@@ -407,7 +408,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         renamed: Vec::new(),
         interfaces_untold: false,
         link_warnings: Vec::new(),
-        links: links::LinkWatch { mtus, ..Default::default() },
+        links: links::LinkWatch::new(mtus),
     };
     // The counters of every configured backend exist from the start, at 0.
     ctl.metrics.retain(&ctl.cfg);
@@ -1370,9 +1371,11 @@ impl Controller {
     }
 
     /// Logs the MTU and GRO warnings of a reload (GRO looked at again, the MTUs read again),
-    /// when they are not those last logged ([`Controller::watch_links`]).
+    /// when they are not those last logged, and compares `node.gateway_mac` with the gateways'
+    /// MACs again ([`Controller::watch_links`]).
     fn warn_of_links(&mut self) {
         self.links.gro = gro_warnings_now(&self.cfg, self.dp.attached());
+        self.links.look_at_gateways_now();
         self.watch_links();
     }
 
@@ -1676,6 +1679,7 @@ impl Controller {
             .map(|v| (v.name.clone(), self.verdicts.is_fail_open(&v.name)))
             .collect();
         snap.interface_mtus = self.links.mtus.clone();
+        snap.gateway_mac_mismatch = self.links.gateway_mismatches(&self.cfg);
         if let Ok(mut k) = self.metrics.kernel.lock() {
             *k = snap;
         }
