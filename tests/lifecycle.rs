@@ -3406,3 +3406,30 @@ fn a_gateway_mac_the_kernel_does_not_give_the_gateway_is_said() {
     wait_gauge(false, Duration::from_secs(2));
     assert_eq!(e.log().matches("but the kernel's neighbour table gives").count(), 2, "{}", e.log());
 }
+
+/// A restart that adopts a data plane one of whose map pins was removed says that it made that
+/// map fresh, and what that costs: with the IPv4 connection table's pin gone, it used to log
+/// only that it adopted the pinned state, and placed every established flow anew without a
+/// word. The maps still pinned are adopted as ever, and said no more of.
+#[test]
+fn a_restart_names_the_maps_it_made_fresh() {
+    if !netns::require_privileged("a_restart_names_the_maps_it_made_fresh") {
+        return;
+    }
+    let bed = VethBed::new("fresh", &format!("gateway_mac = \"{}\"", VethBed::GATEWAY_MAC));
+    bed.start().terminate();
+    let pin_dir = Config::load(&bed.config).unwrap().node.pin_dir;
+    std::fs::remove_file(pin_dir.join("CT_V4")).expect("remove the CT_V4 pin");
+    let e = bed.start();
+    let log = e.log();
+    assert!(log.contains("left the data plane running: adopting it"), "{log}");
+    let said = "CT_V4 was not pinned with the rest of the data plane";
+    assert_eq!(log.matches(said).count(), 1, "{log}");
+    assert!(log.contains("established IPv4 flows are placed anew"), "{log}");
+    assert_eq!(log.matches("was not pinned with the rest").count(), 1, "only CT_V4: {log}");
+    assert!(pin_dir.join("CT_V4").exists(), "pinned again");
+    // Everything pinned: nothing to say.
+    e.terminate();
+    let e = bed.start();
+    assert_eq!(e.log().matches("was not pinned with the rest").count(), 1, "{}", e.log());
+}

@@ -719,6 +719,39 @@ fn check_pins(dir: &Path, shape: TableShape) -> PinCheck {
     PinCheck { problems, mismatched }
 }
 
+/// Whether `dir` holds the pin of an XDP link ([`is_link_pin`]).
+fn link_pinned_in(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|d| d.flatten().any(|e| is_link_pin(&e.path())))
+}
+
+/// What it costs that the map pinned as `name` was missing from a data plane whose other maps
+/// are taken over (its pin removed by hand, or by a tool): the map is made fresh, empty, and
+/// the running program's one is lost once the program is replaced.
+fn fresh_map_warning(name: &str) -> String {
+    use lb_common::maps as n;
+    let cost = match name {
+        n::CONNTRACK_V4 => {
+            "IPv4 connection table: established IPv4 flows are placed anew by the rings, and those whose backend the ring gives another now (the pool changed since they began) lose their connection"
+        }
+        n::CONNTRACK => {
+            "IPv6 connection table: established IPv6 flows are placed anew by the rings, and those whose backend the ring gives another now (the pool changed since they began) lose their connection"
+        }
+        n::BACKENDS => {
+            "backend entries: written again from the config, but under ids and generations that start over, which the connection tables' entries cannot tell from their own: an established flow may be sent to another backend of its VIP, and its connection lost"
+        }
+        n::VIPS | n::VIPS_V4 | n::VIP_ADDRS | n::RINGS | n::VIP_EPOCH | n::CONFIG => {
+            "written again from the config before the program runs with it: nothing is lost"
+        }
+        n::VIP_STATS | n::BACKEND_STATS | n::REASONS | n::CT_STATS => {
+            "counters: they start again from 0 (a reset to Prometheus)"
+        }
+        _ => "made empty",
+    };
+    format!(
+        "{name} was not pinned with the rest of the data plane (its pin removed?): made fresh; {cost}"
+    )
+}
+
 /// The [`lb_common::MAPS_VERSION`] recorded in the pinned CONFIG map at `path`: `None` when it
 /// cannot be read; `Some(0)` for maps pinned by an edgelb that never wrote them.
 fn pinned_maps_version(path: &Path) -> Option<u32> {
@@ -779,10 +812,21 @@ impl Dataplane {
                 warn!(%problem, "pinned map not re-used (established flows re-hash once)");
             }
             if !check.mismatched {
+                let mut fresh = Vec::new();
                 for (name, ..) in map_layouts(shape) {
                     let path = dir.join(name);
                     if path.exists() {
                         loader.map_pin_path(name, path);
+                    } else {
+                        fresh.push(name);
+                    }
+                }
+                // A data plane pinned here (some map or link of it) whose other maps are taken
+                // over: each map it lacks is made fresh, and what that costs is said, or the
+                // "adopted" that follows would hide it.
+                if fresh.len() < map_layouts(shape).len() || link_pinned_in(dir) {
+                    for name in fresh {
+                        warn!(map = name, pin_dir = %dir.display(), "{}", fresh_map_warning(name));
                     }
                 }
             }
@@ -2745,6 +2789,24 @@ mod tests {
 
     /// A link taken over in another mode than node.xdp_mode asks is warned of; one whose mode
     /// the kernel would not tell is not (it was warned of a mismatch it may not have).
+    /// A map made fresh under a data plane otherwise taken over is named with what it costs:
+    /// a connection table, its established flows; every map of the layout has its own words.
+    #[test]
+    fn a_map_made_fresh_says_what_it_costs() {
+        use super::{fresh_map_warning, map_layouts};
+        let ct = fresh_map_warning(lb_common::maps::CONNTRACK_V4);
+        assert!(
+            ct.starts_with("CT_V4 was not pinned")
+                && ct.contains("IPv4 connection table: established IPv4 flows are placed anew"),
+            "{ct}"
+        );
+        assert!(fresh_map_warning(lb_common::maps::CONNTRACK).contains("IPv6 connection table"));
+        for (name, ..) in map_layouts(TableShape::auto()) {
+            let w = fresh_map_warning(name);
+            assert!(w.starts_with(name) && !w.ends_with("made empty"), "{w}");
+        }
+    }
+
     #[test]
     fn an_unknown_running_mode_is_no_mode_mismatch() {
         assert!(mode_differs(XdpAttachMode::Native, "generic"));
