@@ -2178,11 +2178,44 @@ fn attach_xdp(
             Ok(m) => Ok(m),
             Err(e @ DataplaneError::Held { .. }) => Err(e),
             Err(e) => {
-                warn!(interface, error = %e, "native XDP unavailable, falling back to generic mode (slower)");
+                let mtu = netlink::link_info(interface).ok().flatten().map(|l| l.mtu);
+                warn!(interface, "{}", native_fallback_message(interface, &e, mtu));
                 try_mode(prog, XdpMode::Skb, "generic")
             }
         },
     }
+}
+
+/// The MTU above which drivers refuse, in native mode, an XDP program without multi-buffer
+/// support (`xdp.frags`, which edgelb's programs do not declare): a frame must fit one page
+/// with its headroom, about 3 KB (ixgbe and i40e take up to some 3000 bytes, mlx5 and veth
+/// some 3500).
+const NATIVE_XDP_MTU: u32 = 3000;
+
+/// The warning of an `xdp_mode = "auto"` attach to `interface` that falls back to generic mode
+/// because native mode failed with `e`: the error with its causes (aya's says only which call
+/// failed, the errno is in its source), and, when the interface's `mtu` is above
+/// [`NATIVE_XDP_MTU`], that this is the likely reason and what would let it run natively.
+fn native_fallback_message(interface: &str, e: &DataplaneError, mtu: Option<u32>) -> String {
+    let mut why = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        // A cause the message already ends with (thiserror's `{source}`) is not said twice.
+        let text = c.to_string();
+        if !why.ends_with(&text) {
+            why.push_str(&format!(": {text}"));
+        }
+        cause = c.source();
+    }
+    let mut msg = format!(
+        "native XDP unavailable on {interface} ({why}): falling back to generic mode (slower)"
+    );
+    if let Some(mtu) = mtu.filter(|&m| m > NATIVE_XDP_MTU) {
+        msg.push_str(&format!(
+            "; likely for its MTU, {mtu}: above about {NATIVE_XDP_MTU} bytes drivers refuse native XDP to a program without multi-buffer support (xdp.frags), as edgelb's is; with an MTU of at most {NATIVE_XDP_MTU} (`ip link set {interface} mtu 3000`, and node.mtu to match) it may run natively"
+        ));
+    }
+    msg
 }
 
 /// Makes sure pin directory `dir` exists on a mounted bpffs.
@@ -2789,6 +2822,31 @@ mod tests {
 
     /// A link taken over in another mode than node.xdp_mode asks is warned of; one whose mode
     /// the kernel would not tell is not (it was warned of a mismatch it may not have).
+    /// A native attach that failed says its errno (aya's error names only the call), once; and,
+    /// on an interface whose MTU is above what drivers take natively without multi-buffer
+    /// support, that this is the likely reason. It said only "`bpf_link_create` failed".
+    #[test]
+    fn a_fallback_to_generic_says_the_errno_and_the_mtu() {
+        use super::{DataplaneError, native_fallback_message};
+        let e = DataplaneError::Attach {
+            interface: "eth0".to_owned(),
+            mode: "native",
+            source: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_link_create",
+                io_error: std::io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+            }),
+        };
+        let m = native_fallback_message("eth0", &e, Some(1500));
+        let errno = std::io::Error::from_raw_os_error(libc::EOPNOTSUPP).to_string();
+        assert!(m.contains(&format!("`bpf_link_create` failed: {errno}")), "{m}");
+        assert_eq!(m.matches("bpf_link_create").count(), 1, "{m}");
+        assert!(m.contains("falling back to generic mode") && !m.contains("xdp.frags"), "{m}");
+        let m = native_fallback_message("eth0", &e, Some(9000));
+        assert!(m.contains("its MTU, 9000") && m.contains("xdp.frags"), "{m}");
+        assert!(m.contains("`ip link set eth0 mtu 3000`"), "{m}");
+        assert!(!native_fallback_message("eth0", &e, None).contains("MTU"));
+    }
+
     /// A map made fresh under a data plane otherwise taken over is named with what it costs:
     /// a connection table, its established flows; every map of the layout has its own words.
     #[test]
