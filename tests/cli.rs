@@ -93,6 +93,33 @@ fn the_unit_does_not_restart_a_bad_config_in_a_loop() {
     assert!(prevent.contains(&code), "ExecStart exits {code}, not in {prevent:?}: {err}");
 }
 
+/// contrib/edgelb.service retries a start that fails (an interface not there yet at boot) for
+/// at least a minute before systemd gives up on it: its start limit, with the pause between
+/// restarts, lasts that long. Without one, systemd's default (5 starts in 10 s) gave up after
+/// some 5 s.
+#[test]
+fn the_unit_retries_a_failed_start_for_a_minute() {
+    let unit = include_str!("../contrib/edgelb.service");
+    let value = |key: &str| unit.lines().find_map(|l| l.strip_prefix(key)).map(str::trim);
+    // systemd's time spans as the unit writes them: "1s", "10min".
+    let seconds = |v: &str| -> u64 {
+        let unit_at = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+        let n: u64 = v[..unit_at].parse().unwrap_or_else(|_| panic!("a number in {v:?}"));
+        match &v[unit_at..] {
+            "" | "s" => n,
+            "min" => n * 60,
+            other => panic!("unit {other:?} in {v:?}"),
+        }
+    };
+    let restart = seconds(value("RestartSec=").unwrap_or("100ms"));
+    let interval = seconds(value("StartLimitIntervalSec=").unwrap_or("10s"));
+    let burst: u64 = value("StartLimitBurst=").unwrap_or("5").parse().expect("a count");
+    let retried = restart * burst;
+    assert!(retried >= 60, "{burst} starts {restart} s apart: retried for {retried} s only");
+    assert!(interval >= retried, "a window of {interval} s never fills: retried for ever");
+    assert_eq!(value("Restart="), Some("on-failure"));
+}
+
 /// A file that is accepted but likely not what was meant (a tcp check of a udp VIP without a
 /// `port`) is a warning, not a refusal: `check` names the VIP and the place, and exits 0, as a
 /// start would go ahead with it.

@@ -3400,3 +3400,200 @@ fn stop_leaves_the_data_plane_of_a_controller_whose_socket_is_gone() {
     let (pins, _) = edgelb::dataplane::Dataplane::pins_in(&cfg.node.pin_dir).unwrap();
     assert!(pins.is_empty(), "pins left: {pins:?}");
 }
+
+/// A namespace of a test's own with a veth pair: `xa0`, the balancer's interface
+/// (198.18.64.2/24, its default route via 198.18.64.1, whose neighbour entry is
+/// [`VethBed::GATEWAY_MAC`]), and its peer `xa1`; and a config of one ipip VIP whose backend
+/// takes `node.gateway_mac` (`node` is added to the `[node]` table). The interface and its
+/// gateway are what the tests change under a running edgelb. All removed on drop (after the
+/// edgelb, dropped first by its owner).
+struct VethBed {
+    ns: String,
+    tag: String,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl VethBed {
+    /// The MAC the kernel's neighbour table gives the default-route gateway at first.
+    const GATEWAY_MAC: &'static str = "02:ed:00:00:64:01";
+
+    fn new(name: &str, node: &str) -> VethBed {
+        let pid = std::process::id();
+        let (ns, tag) = (format!("elbl{pid}-{name}"), format!("{pid}-{name}"));
+        testbed::sh(&["ip", "netns", "add", &ns]).expect("ip netns add");
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let bed = VethBed {
+            ns,
+            tag: tag.clone(),
+            config: dir.join(format!("lifecycle-{tag}.toml")),
+            log: dir.join(format!("lifecycle-{tag}.log")),
+        };
+        bed.ip(&["link", "set", "lo", "up"]);
+        bed.ip(&["link", "add", "xa0", "type", "veth", "peer", "name", "xa1"]);
+        bed.ip(&["link", "set", "xa1", "up"]);
+        bed.ip(&["link", "set", "xa0", "up"]);
+        bed.ip(&["addr", "add", "198.18.64.2/24", "dev", "xa0"]);
+        bed.ip(&["route", "add", "default", "via", "198.18.64.1", "dev", "xa0"]);
+        bed.set_gateway_mac(Self::GATEWAY_MAC);
+        let text = format!(
+            "[node]\ninterfaces = [\"xa0\"]\nencap_source_v4 = \"198.19.0.0/16\"\npin_dir = \"/sys/fs/bpf/edgelb-t-{tag}\"\nadmin_socket = \"/run/edgelb/t-{tag}.sock\"\nconntrack_flows_per_cpu = {CT_FLOWS}\n{node}\n\n[[vip]]\nname = \"tun\"\naddress = \"198.18.65.1\"\nport = 80\nbackends = [{{ address = \"198.18.66.11\" }}]\n"
+        );
+        std::fs::write(&bed.config, text).unwrap();
+        let _ = std::fs::remove_file(&bed.log);
+        bed
+    }
+
+    /// Gives the default-route gateway (198.18.64.1) MAC `mac` in the kernel's neighbour table.
+    fn set_gateway_mac(&self, mac: &str) {
+        let gw = "198.18.64.1";
+        self.ip(&["neigh", "replace", gw, "lladdr", mac, "dev", "xa0", "nud", "permanent"]);
+    }
+
+    /// `ip -n <ns> args...`.
+    fn ip(&self, args: &[&str]) {
+        let mut cmd = vec!["ip", "-n", &self.ns];
+        cmd.extend_from_slice(args);
+        testbed::sh(&cmd).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn start(&self) -> Edgelb {
+        Edgelb::start(&self.ns, &self.config, &self.log)
+    }
+
+    /// Waits up to `limit` for `edgelb`'s log to hold `text` `count` times; panics with the log
+    /// if it does not.
+    fn wait_log(&self, edgelb: &Edgelb, text: &str, count: usize, limit: Duration) {
+        let start = Instant::now();
+        while edgelb.log().matches(text).count() < count {
+            assert!(start.elapsed() < limit, "no {count}× {text:?} in:\n{}", edgelb.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for VethBed {
+    fn drop(&mut self) {
+        let _ = testbed::sh(&["ip", "netns", "del", &self.ns]);
+        let dir = format!("/sys/fs/bpf/edgelb-t-{}", self.tag);
+        let _ = edgelb::dataplane::Dataplane::teardown(dir.as_ref());
+        let _ = std::fs::remove_file(format!("/run/edgelb/t-{}.sock", self.tag));
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// `node.mtu` above the MTU of an attached interface, with an ipip VIP, is said at the start
+/// from the MTU edgelb's own network namespace gives (it was read from sysfs, which under
+/// `nsenter --net` shows the host's interfaces: a veth of MTU 1400 went unsaid), and an MTU
+/// lowered under the running edgelb is said within a sample, as is one raised back; the MTU
+/// is exported.
+#[test]
+fn an_interface_mtu_below_node_mtu_is_said_at_start_and_while_running() {
+    if !netns::require_privileged("an_interface_mtu_below_node_mtu_is_said") {
+        return;
+    }
+    let bed =
+        VethBed::new("mtu", &format!("mtu = 1500\ngateway_mac = \"{}\"", VethBed::GATEWAY_MAC));
+    bed.ip(&["link", "set", "xa0", "mtu", "1400"]);
+    let e = bed.start();
+    let said = |mtu: u32| format!("interface xa0 carries at most {mtu} bytes");
+    assert!(e.log().contains(&said(1400)), "{}", e.log());
+    let exported = |mtu: u32| {
+        let text = scrape_in(&bed.ns);
+        metric(&text, "edgelb_interface_mtu", "interface=\"xa0\"") == f64::from(mtu)
+    };
+    assert!(exported(1400), "{}", scrape_in(&bed.ns));
+    // Lowered while it runs: said within about a sample.
+    bed.ip(&["link", "set", "xa0", "mtu", "1300"]);
+    bed.wait_log(&e, &said(1300), 1, Duration::from_secs(3));
+    assert!(exported(1300), "{}", scrape_in(&bed.ns));
+    // Back to what node.mtu is: said to apply no more, once.
+    bed.ip(&["link", "set", "xa0", "mtu", "1500"]);
+    let gone = "warnings logged before no longer apply";
+    bed.wait_log(&e, gone, 1, Duration::from_secs(3));
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = e.log();
+    assert_eq!(log.matches(&said(1300)).count(), 1, "{log}");
+    assert_eq!(log.matches(gone).count(), 1, "{log}");
+    assert!(exported(1500));
+}
+
+/// A `node.gateway_mac` that is not the MAC the kernel's neighbour table gives the interface's
+/// default-route gateway (a router replaced, a failover without a virtual MAC: the kernel
+/// follows, the config does not) is logged as an error naming both, and exported, within a
+/// look (every 10 s); the neighbour entry back at the configured MAC clears it, and so does a
+/// reload of a file that names the gateway's new MAC, at once. Nothing was said before: every
+/// ipip packet went to a stale MAC while the health checks stayed green.
+#[test]
+fn a_gateway_mac_the_kernel_does_not_give_the_gateway_is_said() {
+    if !netns::require_privileged("a_gateway_mac_the_kernel_does_not_give_the_gateway") {
+        return;
+    }
+    let configured = "02:ed:00:00:64:99";
+    let bed = VethBed::new("gwmac", &format!("mtu = 1500\ngateway_mac = \"{configured}\""));
+    let e = bed.start();
+    let mismatch = || {
+        let text = scrape_in(&bed.ns);
+        let series = "edgelb_gateway_mac_mismatch{interface=\"xa0\"} ";
+        assert!(text.contains(series), "{text}");
+        metric(&text, "edgelb_gateway_mac_mismatch", "interface=\"xa0\"") == 1.0
+    };
+    let wait_gauge = |want: bool, limit: Duration| {
+        let start = Instant::now();
+        while mismatch() != want {
+            assert!(start.elapsed() < limit, "the gauge is not {want}; log:\n{}", e.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let said = format!(
+        "node.gateway_mac is {configured}, but the kernel's neighbour table gives the default-route gateway on xa0 {}",
+        VethBed::GATEWAY_MAC
+    );
+    bed.wait_log(&e, &said, 1, Duration::from_secs(3));
+    wait_gauge(true, Duration::from_secs(3));
+    // The kernel's entry at the configured MAC: cleared within a look.
+    bed.set_gateway_mac(configured);
+    let again = "node.gateway_mac is the MAC the kernel gives the default-route gateway";
+    bed.wait_log(&e, again, 1, Duration::from_secs(12));
+    wait_gauge(false, Duration::from_secs(2));
+    // The gateway moves to another MAC: said again, once, naming it.
+    let moved = "02:ed:00:00:64:02";
+    bed.set_gateway_mac(moved);
+    bed.wait_log(&e, &format!("default-route gateway on xa0 {moved}"), 1, Duration::from_secs(12));
+    wait_gauge(true, Duration::from_secs(2));
+    // A reload naming the new MAC clears it at once, not at the next look.
+    let text = std::fs::read_to_string(&bed.config).unwrap().replace(configured, moved);
+    std::fs::write(&bed.config, text).unwrap();
+    let out = e.cli(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    bed.wait_log(&e, again, 2, Duration::from_secs(3));
+    wait_gauge(false, Duration::from_secs(2));
+    assert_eq!(e.log().matches("but the kernel's neighbour table gives").count(), 2, "{}", e.log());
+}
+
+/// A restart that adopts a data plane one of whose map pins was removed says that it made that
+/// map fresh, and what that costs: with the IPv4 connection table's pin gone, it used to log
+/// only that it adopted the pinned state, and placed every established flow anew without a
+/// word. The maps still pinned are adopted as ever, and said no more of.
+#[test]
+fn a_restart_names_the_maps_it_made_fresh() {
+    if !netns::require_privileged("a_restart_names_the_maps_it_made_fresh") {
+        return;
+    }
+    let bed = VethBed::new("fresh", &format!("gateway_mac = \"{}\"", VethBed::GATEWAY_MAC));
+    bed.start().terminate();
+    let pin_dir = Config::load(&bed.config).unwrap().node.pin_dir;
+    std::fs::remove_file(pin_dir.join("CT_V4")).expect("remove the CT_V4 pin");
+    let e = bed.start();
+    let log = e.log();
+    assert!(log.contains("left the data plane running: adopting it"), "{log}");
+    let said = "CT_V4 was not pinned with the rest of the data plane";
+    assert_eq!(log.matches(said).count(), 1, "{log}");
+    assert!(log.contains("established IPv4 flows are placed anew"), "{log}");
+    assert_eq!(log.matches("was not pinned with the rest").count(), 1, "only CT_V4: {log}");
+    assert!(pin_dir.join("CT_V4").exists(), "pinned again");
+    // Everything pinned: nothing to say.
+    e.terminate();
+    let e = bed.start();
+    assert_eq!(e.log().matches("was not pinned with the rest").count(), 1, "{}", e.log());
+}

@@ -10,6 +10,7 @@
 //! upgrade adopts it without dropping a packet; `edgelb stop` tears everything down. SIGHUP and
 //! `edgelb reload` re-read the config; a bad file is rejected and the running config stays.
 
+mod links;
 mod verdicts;
 
 use std::{
@@ -209,14 +210,17 @@ struct Controller {
     /// Whether the last look for lost interfaces could not tell where some stand
     /// ([`InterfaceState::Unknown`]): said once when it begins, and once when it ends.
     interfaces_untold: bool,
-    /// The MTU and GRO warnings last logged ([`mtu_warnings`], [`gro_warnings`]): a reload logs
-    /// them again only when they change ([`same_warnings`]), or hundreds of reloads fill the
-    /// log with the same lines.
+    /// The MTU and GRO warnings last logged ([`mtu_mismatches`], [`gro_warnings`]): a reload
+    /// or a sample logs them again only when they change ([`same_warnings`]), or hundreds of
+    /// reloads fill the log with the same lines.
     link_warnings: Vec<String>,
     /// Lost interfaces that could not be attached again ([`Dataplane::reattach`]), each with
     /// the index of the device tried and why: not tried again until the interface is another
     /// device (it is said once, and `status` says it until then).
     attach_failed: Vec<(String, u32, String)>,
+    /// What the kernel last said of the interfaces' MTUs, GRO and gateways
+    /// ([`links::LinkWatch`]).
+    links: links::LinkWatch,
 }
 
 /// Runs the balancer with the config at `path` until SIGINT/SIGTERM, `edgelb stop` or a
@@ -234,7 +238,9 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     let cfg = Config::load(path)?;
     raise_fd_limit();
     preflight(&cfg)?;
-    let mut link_warnings = mtu_warnings(&cfg);
+    // Over netlink, in this network namespace: sysfs may show another's.
+    let mtus = links::link_mtus(&cfg, &[]);
+    let mut link_warnings = mtu_mismatches(&cfg, &mtus);
     for w in &link_warnings {
         warn!("{w}");
     }
@@ -407,6 +413,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         interfaces_untold: false,
         link_warnings: Vec::new(),
         attach_failed: Vec::new(),
+        links: links::LinkWatch::new(mtus),
     };
     // The counters of every configured backend exist from the start, at 0.
     ctl.metrics.retain(&ctl.cfg);
@@ -469,7 +476,8 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         for w in &gro {
             warn!("{w}");
         }
-        link_warnings.extend(gro);
+        link_warnings.extend(gro.iter().cloned());
+        ctl.links.gro = gro;
         ctl.link_warnings = std::mem::take(&mut link_warnings);
         // An interface the previous process balanced on that this config no longer lists:
         // its link goes (and the program with it), rather than run on with maps nobody keeps.
@@ -687,21 +695,6 @@ fn warn_of_cautions(cfg: &Config) {
     for c in &cfg.cautions {
         warn!("{c}");
     }
-}
-
-/// Where `node.mtu` cannot be what the attached interfaces carry (see [`mtu_mismatches`]), from
-/// the interfaces' MTUs now.
-fn mtu_warnings(cfg: &Config) -> Vec<String> {
-    let links: Vec<(String, u32)> = cfg
-        .node
-        .interfaces
-        .iter()
-        .filter_map(|i| {
-            let mtu = std::fs::read_to_string(format!("/sys/class/net/{i}/mtu")).ok()?;
-            Some((i.clone(), mtu.trim().parse().ok()?))
-        })
-        .collect();
-    mtu_mismatches(cfg, &links)
 }
 
 /// The interfaces where GRO on stalls uploads (see [`gro_warnings`]), from their GRO now.
@@ -1370,6 +1363,7 @@ impl Controller {
             }
             self.answer_scrapes();
             if Instant::now() >= next_sample {
+                self.watch_links();
                 if self.checks_missing > 0 {
                     self.reconcile_checks();
                 }
@@ -1443,22 +1437,13 @@ impl Controller {
         self.renamed = renamed;
     }
 
-    /// Logs the MTU and GRO warnings of a reload, when they are not those last logged
-    /// ([`same_warnings`]): all of them, so that the last ones in the log are those in force,
-    /// or that none is left.
+    /// Logs the MTU and GRO warnings of a reload (GRO looked at again, the MTUs read again),
+    /// when they are not those last logged, and compares `node.gateway_mac` with the gateways'
+    /// MACs again ([`Controller::watch_links`]).
     fn warn_of_links(&mut self) {
-        let mut now = mtu_warnings(&self.cfg);
-        now.extend(gro_warnings_now(&self.cfg, self.dp.attached()));
-        if same_warnings(&self.link_warnings, &now) {
-            return;
-        }
-        for w in &now {
-            warn!("{w}");
-        }
-        if now.is_empty() {
-            info!("the MTU and GRO warnings logged before no longer apply");
-        }
-        self.link_warnings = now;
+        self.links.gro = gro_warnings_now(&self.cfg, self.dp.attached());
+        self.links.look_at_gateways_now();
+        self.watch_links();
     }
 
     /// Puts `cfg` in force (the health-checked backends with it), returning the config it
@@ -1760,6 +1745,8 @@ impl Controller {
             .iter()
             .map(|v| (v.name.clone(), self.verdicts.is_fail_open(&v.name)))
             .collect();
+        snap.interface_mtus = self.links.mtus.clone();
+        snap.gateway_mac_mismatch = self.links.gateway_mismatches(&self.cfg);
         if let Ok(mut k) = self.metrics.kernel.lock() {
             *k = snap;
         }

@@ -753,6 +753,39 @@ fn check_pins(dir: &Path, shape: TableShape) -> PinCheck {
     PinCheck { problems, mismatched }
 }
 
+/// Whether `dir` holds the pin of an XDP link ([`is_link_pin`]).
+fn link_pinned_in(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|d| d.flatten().any(|e| is_link_pin(&e.path())))
+}
+
+/// What it costs that the map pinned as `name` was missing from a data plane whose other maps
+/// are taken over (its pin removed by hand, or by a tool): the map is made fresh, empty, and
+/// the running program's one is lost once the program is replaced.
+fn fresh_map_warning(name: &str) -> String {
+    use lb_common::maps as n;
+    let cost = match name {
+        n::CONNTRACK_V4 => {
+            "IPv4 connection table: established IPv4 flows are placed anew by the rings, and those whose backend the ring gives another now (the pool changed since they began) lose their connection"
+        }
+        n::CONNTRACK => {
+            "IPv6 connection table: established IPv6 flows are placed anew by the rings, and those whose backend the ring gives another now (the pool changed since they began) lose their connection"
+        }
+        n::BACKENDS => {
+            "backend entries: written again from the config, but under ids and generations that start over, which the connection tables' entries cannot tell from their own: an established flow may be sent to another backend of its VIP, and its connection lost"
+        }
+        n::VIPS | n::VIPS_V4 | n::VIP_ADDRS | n::RINGS | n::VIP_EPOCH | n::CONFIG => {
+            "written again from the config before the program runs with it: nothing is lost"
+        }
+        n::VIP_STATS | n::BACKEND_STATS | n::REASONS | n::CT_STATS => {
+            "counters: they start again from 0 (a reset to Prometheus)"
+        }
+        _ => "made empty",
+    };
+    format!(
+        "{name} was not pinned with the rest of the data plane (its pin removed?): made fresh; {cost}"
+    )
+}
+
 /// The [`lb_common::MAPS_VERSION`] recorded in the pinned CONFIG map at `path`: `None` when it
 /// cannot be read; `Some(0)` for maps pinned by an edgelb that never wrote them.
 fn pinned_maps_version(path: &Path) -> Option<u32> {
@@ -813,10 +846,21 @@ impl Dataplane {
                 warn!(%problem, "pinned map not re-used (established flows re-hash once)");
             }
             if !check.mismatched {
+                let mut fresh = Vec::new();
                 for (name, ..) in map_layouts(shape) {
                     let path = dir.join(name);
                     if path.exists() {
                         loader.map_pin_path(name, path);
+                    } else {
+                        fresh.push(name);
+                    }
+                }
+                // A data plane pinned here (some map or link of it) whose other maps are taken
+                // over: each map it lacks is made fresh, and what that costs is said, or the
+                // "adopted" that follows would hide it.
+                if fresh.len() < map_layouts(shape).len() || link_pinned_in(dir) {
+                    for name in fresh {
+                        warn!(map = name, pin_dir = %dir.display(), "{}", fresh_map_warning(name));
                     }
                 }
             }
@@ -2394,11 +2438,44 @@ fn attach_xdp(
             Ok(m) => Ok(m),
             Err(e @ DataplaneError::Held { .. }) => Err(e),
             Err(e) => {
-                warn!(interface, error = %e, "native XDP unavailable, falling back to generic mode (slower)");
+                let mtu = netlink::link_info(interface).ok().flatten().map(|l| l.mtu);
+                warn!(interface, "{}", native_fallback_message(interface, &e, mtu));
                 try_mode(prog, XdpMode::Skb, "generic")
             }
         },
     }
+}
+
+/// The MTU above which drivers refuse, in native mode, an XDP program without multi-buffer
+/// support (`xdp.frags`, which edgelb's programs do not declare): a frame must fit one page
+/// with its headroom, about 3 KB (ixgbe and i40e take up to some 3000 bytes, mlx5 and veth
+/// some 3500).
+const NATIVE_XDP_MTU: u32 = 3000;
+
+/// The warning of an `xdp_mode = "auto"` attach to `interface` that falls back to generic mode
+/// because native mode failed with `e`: the error with its causes (aya's says only which call
+/// failed, the errno is in its source), and, when the interface's `mtu` is above
+/// [`NATIVE_XDP_MTU`], that this is the likely reason and what would let it run natively.
+fn native_fallback_message(interface: &str, e: &DataplaneError, mtu: Option<u32>) -> String {
+    let mut why = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        // A cause the message already ends with (thiserror's `{source}`) is not said twice.
+        let text = c.to_string();
+        if !why.ends_with(&text) {
+            why.push_str(&format!(": {text}"));
+        }
+        cause = c.source();
+    }
+    let mut msg = format!(
+        "native XDP unavailable on {interface} ({why}): falling back to generic mode (slower)"
+    );
+    if let Some(mtu) = mtu.filter(|&m| m > NATIVE_XDP_MTU) {
+        msg.push_str(&format!(
+            "; likely for its MTU, {mtu}: above about {NATIVE_XDP_MTU} bytes drivers refuse native XDP to a program without multi-buffer support (xdp.frags), as edgelb's is; with an MTU of at most {NATIVE_XDP_MTU} (`ip link set {interface} mtu 3000`, and node.mtu to match) it may run natively"
+        ));
+    }
+    msg
 }
 
 /// Makes sure pin directory `dir` exists on a mounted bpffs.
@@ -3018,6 +3095,49 @@ mod tests {
 
     /// A link taken over in another mode than node.xdp_mode asks is warned of; one whose mode
     /// the kernel would not tell is not (it was warned of a mismatch it may not have).
+    /// A native attach that failed says its errno (aya's error names only the call), once; and,
+    /// on an interface whose MTU is above what drivers take natively without multi-buffer
+    /// support, that this is the likely reason. It said only "`bpf_link_create` failed".
+    #[test]
+    fn a_fallback_to_generic_says_the_errno_and_the_mtu() {
+        use super::{DataplaneError, native_fallback_message};
+        let e = DataplaneError::Attach {
+            interface: "eth0".to_owned(),
+            mode: "native",
+            source: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_link_create",
+                io_error: std::io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+            }),
+        };
+        let m = native_fallback_message("eth0", &e, Some(1500));
+        let errno = std::io::Error::from_raw_os_error(libc::EOPNOTSUPP).to_string();
+        assert!(m.contains(&format!("`bpf_link_create` failed: {errno}")), "{m}");
+        assert_eq!(m.matches("bpf_link_create").count(), 1, "{m}");
+        assert!(m.contains("falling back to generic mode") && !m.contains("xdp.frags"), "{m}");
+        let m = native_fallback_message("eth0", &e, Some(9000));
+        assert!(m.contains("its MTU, 9000") && m.contains("xdp.frags"), "{m}");
+        assert!(m.contains("`ip link set eth0 mtu 3000`"), "{m}");
+        assert!(!native_fallback_message("eth0", &e, None).contains("MTU"));
+    }
+
+    /// A map made fresh under a data plane otherwise taken over is named with what it costs:
+    /// a connection table, its established flows; every map of the layout has its own words.
+    #[test]
+    fn a_map_made_fresh_says_what_it_costs() {
+        use super::{fresh_map_warning, map_layouts};
+        let ct = fresh_map_warning(lb_common::maps::CONNTRACK_V4);
+        assert!(
+            ct.starts_with("CT_V4 was not pinned")
+                && ct.contains("IPv4 connection table: established IPv4 flows are placed anew"),
+            "{ct}"
+        );
+        assert!(fresh_map_warning(lb_common::maps::CONNTRACK).contains("IPv6 connection table"));
+        for (name, ..) in map_layouts(TableShape::auto()) {
+            let w = fresh_map_warning(name);
+            assert!(w.starts_with(name) && !w.ends_with("made empty"), "{w}");
+        }
+    }
+
     #[test]
     fn an_unknown_running_mode_is_no_mode_mismatch() {
         assert!(mode_differs(XdpAttachMode::Native, "generic"));

@@ -87,6 +87,11 @@ pub struct KernelSnapshot {
     pub conntrack: Vec<u64>,
     /// (interface, XDP still on it) for every interface the balancer was attached to.
     pub interfaces: Vec<(String, bool)>,
+    /// (interface, MTU) of the configured interfaces, as the kernel last gave them.
+    pub interface_mtus: Vec<(String, u32)>,
+    /// (interface, `node.gateway_mac` is none of the MACs the kernel gives its default-route
+    /// gateways), when the gateway MAC is used.
+    pub gateway_mac_mismatch: Vec<(String, bool)>,
     /// (VIP name, failing open) of every VIP.
     pub fail_open: Vec<(String, bool)>,
 }
@@ -167,6 +172,33 @@ impl Collector for KernelCollector {
             MetricType::Gauge,
         )?;
         for (interface, on) in &snap.interfaces {
+            let l = labels(&[("interface", interface)]);
+            ConstGauge::new(i64::from(*on)).encode(m.encode_family(&l)?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "edgelb_interface_mtu",
+            "The interface's MTU, as the kernel gives it in edgelb's network namespace (read \
+             every second); with an ipip VIP, a node.mtu above it is logged as a warning, as \
+             encapsulated packets between the two sizes are dropped past the node without an \
+             ICMP error",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (interface, mtu) in &snap.interface_mtus {
+            let l = labels(&[("interface", interface)]);
+            ConstGauge::new(i64::from(*mtu)).encode(m.encode_family(&l)?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "edgelb_gateway_mac_mismatch",
+            "1 while node.gateway_mac is none of the MACs the kernel's neighbour table gives the \
+             interface's default-route gateways (checked every 10 s and at a reload): ipip \
+             packets to backends without a mac of their own then go to a MAC that is not the \
+             gateway's and are lost, while health checks stay up; 0 when it is one of them, or \
+             none is known. Only while some ipip backend uses node.gateway_mac",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (interface, on) in &snap.gateway_mac_mismatch {
             let l = labels(&[("interface", interface)]);
             ConstGauge::new(i64::from(*on)).encode(m.encode_family(&l)?)?;
         }
