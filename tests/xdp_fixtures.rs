@@ -1348,34 +1348,18 @@ fn clients_from(base: &str) -> impl Iterator<Item = Ipv4Addr> {
     (0..1u32 << 16).map(move |n| Ipv4Addr::from(base + n))
 }
 
-/// The IPv4 connection-table hash of a flow to 198.18.1.1 (port `dport`, protocol `proto`), as
-/// the XDP program computes it.
-fn table_hash(client: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> u32 {
+/// The IPv4 connection-table bucket of a TCP flow to 198.18.1.1:80, as the XDP program computes it
+/// in a table of `buckets` buckets per CPU.
+fn bucket_of(buckets: u32, client: Ipv4Addr, sport: u16) -> u32 {
     let key = lb_common::FlowKeyV4 {
         src: u32::from_ne_bytes(client.octets()),
         dst: u32::from_ne_bytes([198, 18, 1, 1]),
         sport: sport.to_be(),
-        dport: dport.to_be(),
-        proto,
+        dport: 80u16.to_be(),
+        proto: 6,
         _pad: [0; 3],
     };
-    lb_common::hash::flow_key_v4_hash(&key, lb_common::HASH_SEED)
-}
-
-/// The IPv4 connection-table bucket of a TCP flow to 198.18.1.1:80, as the XDP program computes it
-/// in a table of `buckets` buckets per CPU.
-fn bucket_of(buckets: u32, client: Ipv4Addr, sport: u16) -> u32 {
-    table_hash(client, sport, 80, 6) & (buckets - 1)
-}
-
-/// [`bucket_of`] for a UDP flow to 198.18.1.1:53 (the fixture's `v4udp`).
-fn udp_bucket_of(buckets: u32, client: Ipv4Addr, sport: u16) -> u32 {
-    table_hash(client, sport, 53, 17) & (buckets - 1)
-}
-
-/// The handshake slot of a UDP flow to 198.18.1.1:53 (the top bits of its table hash).
-fn udp_slot_of(client: Ipv4Addr, sport: u16) -> u32 {
-    table_hash(client, sport, 53, 17) >> (32 - lb_common::SYN_STAGE_BITS)
+    lb_common::hash::flow_key_v4_hash(&key, lb_common::HASH_SEED) & (buckets - 1)
 }
 
 /// The first `n` of `flows` (client, source port) that fall in one bucket of a table of
@@ -2787,7 +2771,8 @@ fn syn_then_rst_or_fin_pairs_cannot_push_established_flows_out() {
 }
 
 /// A flow entering a full bucket takes the place of a flow its client has ended (FIN or RST
-/// seen) before that of the least recently used live flow.
+/// seen) in the older half of the bucket before that of the least recently used live flow; an
+/// ended flow among the two most recent (a half-closed download, whose ACKs still come) is kept.
 #[test]
 fn an_entering_flow_pushes_out_an_ended_flow_first() {
     let Some(mut h) = Harness::pinned("an_entering_flow_pushes_out", &one_vip(&THREE)) else {
@@ -2795,120 +2780,37 @@ fn an_entering_flow_pushes_out_an_ended_flow_first() {
     };
     let (frame, ct) = (vip_segment, ct_event);
     use lb_common::ct_stats::{EVICTED, MISSED_ESTABLISHED};
-    let (established, others) = full_bucket_and_its_flood(&mut h, 1);
+    let (established, others) = full_bucket_and_its_flood(&mut h, 2);
+    let enter = |h: &mut Harness, f: Flow| {
+        // An unknown flow enters the bucket at its second segment.
+        for _ in 0..2 {
+            h.run(&frame(f, ACK));
+        }
+    };
     // Most recent first: 3, 2, 1, 0. The client of flow 2 ends it: 2 (ended), 3, 1, 0.
     h.run(&frame(established[2], FIN | ACK));
-    // Another flow enters the bucket (at its second segment).
-    for _ in 0..2 {
-        h.run(&frame(others[0], ACK));
-    }
+    // Ended but the most recent (a half-closed download's ACKs still come): a flow entering
+    // pushes out the least recent live flow, 0, not it.
+    enter(&mut h, others[0]);
     assert_eq!(ct(&h, EVICTED), 1, "a flow entered the full bucket");
     let missed = ct(&h, MISSED_ESTABLISHED);
-    for i in [0, 1, 3] {
-        h.run(&frame(established[i], ACK));
-    }
-    assert_eq!(ct(&h, MISSED_ESTABLISHED), missed, "live flows kept, the least recent (0) too");
     h.run(&frame(established[2], ACK));
-    assert_eq!(ct(&h, MISSED_ESTABLISHED), missed + 1, "the ended flow was pushed out");
-}
-
-/// A UDP datagram to 198.18.1.1:53 (the fixture's `v4udp`) from flow (client, source port).
-fn vip_datagram((client, sport): Flow) -> Vec<u8> {
-    eth(LB_MAC, CLIENT_MAC, ETH_IP, &udp4(&client.to_string(), sport, "198.18.1.1", 53, b"query"))
-}
-
-/// Spoofed UDP datagrams, one per made-up source, wait in handshake slots like SYNs: they cannot
-/// push established flows (here TCP flows of another VIP on the same address) out of the
-/// table. A UDP flow enters the table at its second datagram, which finds its slot.
-#[test]
-fn a_udp_flood_cannot_push_established_flows_out() {
-    let Some(mut h) = Harness::pinned("a_udp_flood_cannot_push", FIXTURE_CONFIG) else {
-        return;
-    };
-    let (frame, ct) = (vip_segment, ct_event);
-    use lb_common::ct_stats::{EVICTED, MISSED_ESTABLISHED};
-    let buckets = h.dp.table_shape().v4_buckets;
-    let (established, _) = full_bucket_and_its_flood(&mut h, 0);
-    let bucket = bucket_of(buckets, established[0].0, established[0].1);
-    let flood: Vec<Flow> = flows_of(clients_from("198.18.128.0"))
-        .filter(|&(c, p)| udp_bucket_of(buckets, c, p) == bucket)
-        .take(128)
-        .collect();
-    let vip = h.vip("v4udp");
-    let new_flows = |h: &Harness| h.dp.vip_counters(&vip).unwrap().new_flows;
-    for &f in &flood {
-        assert_eq!(h.run(&vip_datagram(f)).0, XDP_TX, "a datagram is forwarded");
-    }
-    assert_eq!(new_flows(&h), flood.len() as u64, "each a new flow");
-    assert_eq!(ct(&h, EVICTED), 0, "no spoofed datagram pushed a flow out");
-    let missed = ct(&h, MISSED_ESTABLISHED);
-    for &f in &established {
+    assert_eq!(ct(&h, MISSED_ESTABLISHED), missed, "the recent ended flow was kept");
+    // 2 (ended), o0, 3, 1. Once it is in the older half (o0, 3, 2, 1), an entering flow pushes
+    // it out before the least recent live flow, 1.
+    for f in [established[3], others[0]] {
         h.run(&frame(f, ACK));
     }
-    assert_eq!(ct(&h, MISSED_ESTABLISHED), missed, "every established flow is still a hit");
-    // The last datagram's flow still has its slot: its second datagram finds it and enters the
-    // table (over the least recent flow), its third is a table hit.
-    let last = flood[flood.len() - 1];
-    let before = new_flows(&h);
-    h.run(&vip_datagram(last));
-    assert_eq!(ct(&h, EVICTED), 1, "a flow's second datagram enters the table");
-    h.run(&vip_datagram(last));
-    assert_eq!(ct(&h, EVICTED), 1);
-    assert_eq!(new_flows(&h), before, "found in its slot, then in the table: no new flow");
-}
-
-/// Where a UDP flow's first datagram finds an empty way in its bucket, the flow takes it at once
-/// (nothing is pushed out). Where the bucket is full, it waits in its handshake slot; if another
-/// flow takes that slot before its next datagram, that datagram cannot be told from a spoofed
-/// source's first and waits in the slot again, and the flow enters the table at the next
-/// datagram that finds its slot.
-#[test]
-fn a_udp_flow_enters_the_table_when_its_bucket_has_room_or_its_slot_kept_it() {
-    let test = "a_udp_flow_enters_the_table_when_its_bucket_has_room";
-    let Some(mut h) = Harness::pinned(test, FIXTURE_CONFIG) else {
-        return;
-    };
-    let ct = ct_event;
-    use lb_common::ct_stats::EVICTED;
-    let buckets = h.dp.table_shape().v4_buckets;
-    let vip = h.vip("v4udp");
-    let new_flows = |h: &Harness| h.dp.vip_counters(&vip).unwrap().new_flows;
-    // Flow `a` in a bucket full of established TCP flows; `b`, in another bucket, shares its
-    // handshake slot; `c` shares it too, in a bucket with room.
-    let (established, _) = full_bucket_and_its_flood(&mut h, 0);
-    let full = bucket_of(buckets, established[0].0, established[0].1);
-    let a = flows_of(clients_from("198.18.128.0"))
-        .find(|&(c, p)| udp_bucket_of(buckets, c, p) == full)
-        .unwrap();
-    let slot = udp_slot_of(a.0, a.1);
-    let mut sharing = flows_of(clients_from("198.18.192.0"))
-        .filter(|&(c, p)| udp_slot_of(c, p) == slot && udp_bucket_of(buckets, c, p) != full);
-    let (b, c) = (sharing.next().unwrap(), sharing.next().unwrap());
-    let b_bucket = udp_bucket_of(buckets, b.0, b.1);
-    assert_ne!(b_bucket, udp_bucket_of(buckets, c.0, c.1), "b's bucket is filled below, not c's");
-    // b's bucket filled with established TCP flows too (each enters at its second segment).
-    let fill: Vec<Flow> = flows_of(clients_from("198.18.64.0"))
-        .filter(|&(cl, p)| bucket_of(buckets, cl, p) == b_bucket)
-        .take(lb_common::CONNTRACK_WAYS)
-        .collect();
-    for &f in fill.iter().chain(&fill) {
-        h.run(&vip_segment(f, ACK));
+    assert_eq!(ct(&h, MISSED_ESTABLISHED), missed, "3 and o0 were in the table");
+    enter(&mut h, others[1]);
+    assert_eq!(ct(&h, EVICTED), 2, "another flow entered the full bucket");
+    let missed = ct(&h, MISSED_ESTABLISHED);
+    for f in [established[1], established[3], others[0]] {
+        h.run(&frame(f, ACK));
     }
-    assert_eq!(ct(&h, EVICTED), 0);
-    let send = |h: &mut Harness, f: Flow| {
-        let before = new_flows(h);
-        assert_eq!(h.run(&vip_datagram(f)).0, XDP_TX);
-        new_flows(h) - before
-    };
-    assert_eq!(send(&mut h, c), 1, "c: a new flow, which takes an empty way");
-    assert_eq!(send(&mut h, a), 1, "a: a new flow, which waits in the slot");
-    assert_eq!(send(&mut h, b), 1, "b: a new flow, which takes the slot");
-    assert_eq!(send(&mut h, c), 0, "c: a table hit, whatever its slot holds");
-    assert_eq!(send(&mut h, a), 1, "a: its slot lost, placed by the ring again");
-    assert_eq!(ct(&h, EVICTED), 0, "nothing entered a full bucket");
-    assert_eq!(send(&mut h, a), 0, "a: its slot kept it this time");
-    assert_eq!(ct(&h, EVICTED), 1, "and it entered its bucket");
-    assert_eq!(send(&mut h, a), 0, "a: a table hit");
+    assert_eq!(ct(&h, MISSED_ESTABLISHED), missed, "live flows kept, the least recent (1) too");
+    h.run(&frame(established[2], ACK));
+    assert_eq!(ct(&h, MISSED_ESTABLISHED), missed + 1, "the older ended flow was pushed out");
 }
 
 /// Packets too big to forward are answered with frag-needed within a per-CPU budget (1000 at

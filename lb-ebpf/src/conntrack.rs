@@ -12,8 +12,9 @@
 //! another cache miss per packet.) It is set-associative: a flow's hash names one bucket of
 //! [`CONNTRACK_WAYS`] flows kept most recently used first. A hit moves the flow to the front; a
 //! new flow goes to the front and the least recently used one of that bucket is forgotten, one
-//! its client has ended (FIN or RST seen) before a live one (it re-hashes onto the ring if it
-//! ever sends again, which picks the same backend unless the pool changed meanwhile). An IPv4 bucket is one cache line (16-byte entries, page-aligned mmapable
+//! its client has ended (FIN or RST seen) in the older half of the bucket before a live one (it
+//! re-hashes onto the ring if it ever sends again, which picks the same backend unless the pool
+//! changed meanwhile). An IPv4 bucket is one cache line (16-byte entries, page-aligned mmapable
 //! map), an IPv6 bucket two (32-byte entries that name the VIP by its index rather than its
 //! address); no kernel hashing, no locks.
 //!
@@ -34,18 +35,6 @@
 //! slot the same way, and enters the table at its next packet: such a flood cannot push
 //! established flows out either. Looking for such a flow in the other CPUs' tables reads a
 //! bucket per CPU, so each CPU has a budget of those reads ([`SEARCH_READS_PER_SEC`]).
-//!
-//! A UDP datagram whose flow no table holds waits in its handshake slot the same way (placed by
-//! the ring, forwarded), and the flow enters the table at its next datagram: a flood of spoofed
-//! datagrams, one per made-up source, cannot push established flows (of any VIP) out. When the
-//! bucket just read has an empty way, the datagram's flow takes it at once instead, pushing
-//! nothing out. A flow whose slot another flow took before its next datagram came (its
-//! datagrams further apart than a slot lasts: a slot is one of [`lb_common::SYN_STAGE_SLOTS`]
-//! per CPU, taken by every new flow that finds its bucket full) waits in its slot again and
-//! enters the table only once two of its datagrams come close enough together. Nothing kept
-//! tells such a datagram from a spoofed source's first one, so storing it would let the flood
-//! in; meanwhile each of its datagrams is placed by the ring, which gives the same backend
-//! while the pool is unchanged.
 //!
 //! A flow whose next packet ends it (RST or FIN: a handshake aborted, a port scan's RST after
 //! the backend's SYN-ACK, spoofed SYN+RST pairs) goes to its handshake slot's backend and empties
@@ -82,7 +71,7 @@ use crate::{
 use lb_common::{
     AF_INET, Backend, CONN_CLOSING, CONN_GENERATION_MASK, CONNTRACK_WAYS, Conn, ConnBucket,
     ConnBucketV4, ConnEntry, ConnEntryV4, FlowKey, HASH_SEED, SYN_STAGE_BITS, VipMeta,
-    backend_flags, ct_stats, hash, vip_flags,
+    backend_flags, ct_stats, hash, proto, vip_flags,
 };
 
 /// The chosen backend.
@@ -207,7 +196,7 @@ trait Bucket: Sized + 'static {
     /// The way a flow entering this bucket takes: an empty one if any (empty ways are always
     /// the last), else the least recently used flow its client has ended (FIN or RST seen, whose
     /// last packets re-hash onto the ring if it is pushed out: the same backend unless the pool
-    /// changed meanwhile), else the least recently used flow.
+    /// changed meanwhile) among the older half of the bucket, else the least recently used flow.
     #[inline(always)]
     fn victim(&self) -> usize {
         let ways = self.ways();
@@ -216,11 +205,10 @@ trait Bucket: Sized + 'static {
             CONNTRACK_WAYS - 1
         } else if Self::closing(&ways[2]) {
             2
-        } else if Self::closing(&ways[1]) {
-            1
-        } else if Self::closing(&ways[0]) {
-            0
         } else {
+            // Not an ended flow among the two most recent: one ended by its client's FIN may be
+            // a half-closed download whose ACKs still come (the server still sends), so only
+            // the older half of the bucket gives its ended flows up first.
             CONNTRACK_WAYS - 1
         }
     }
@@ -367,9 +355,7 @@ impl Bucket for ConnBucket {
 /// How a packet's flow is looked up.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Lookup {
-    /// In this CPU's table, then in its handshake slot (UDP, and TCP segments whose flags could
-    /// not be read): a flow neither holds enters an empty way of its bucket if there is one,
-    /// else waits in its handshake slot for its next packet.
+    /// In this CPU's table (UDP, and TCP segments whose flags could not be read).
     Table,
     /// In this CPU's table, then in the other CPUs' (TCP without SYN, and ICMP errors quoting a
     /// flow): the flow should be known somewhere.
@@ -558,9 +544,10 @@ fn pick_in<B: Bucket>(
             return Some(Pick { id: conn.backend, backend, new_flow: false, hash });
         }
     } else {
-        // A flow's next packet after the first that no table held (a TCP SYN or segment, a UDP
-        // datagram): the flow moves from its handshake slot into the bucket just read.
-        let mut known = unstage::<B>(hash, key, meta, remember);
+        // A TCP flow's first packet after its SYN: the flow moves from its handshake slot into
+        // the bucket just read.
+        let mut known =
+            if key.proto == proto::TCP { unstage::<B>(hash, key, meta, remember) } else { None };
         // ... unless that packet ends it (RST or FIN): a handshake aborted, or a port scan (the
         // scanner's SYN, the backend's SYN-ACK, the scanner's kernel's RST). It goes to the
         // handshake's backend, its slot emptied, and the flow never enters the table: spoofed
@@ -585,25 +572,15 @@ fn pick_in<B: Bucket>(
             }
             return Some(Pick { id: conn.backend, backend, new_flow: false, hash });
         }
-        if remember {
+        if search && remember {
+            count_ct(ct_stats::MISSED_ESTABLISHED);
             // A TCP segment without SYN of a flow no table knows: legitimate after an eviction,
             // a restart or a move between CPUs, but also what a flood of spoofed ACKs or RSTs
-            // looks like, one packet per made-up flow. Likewise a UDP flow's first datagram,
-            // and a flood of spoofed datagrams, one per made-up source. It waits in a handshake
-            // slot like a SYN, and enters the table at its next packet, so such a flood cannot
-            // push established flows out. A datagram whose bucket has an empty way enters it at
-            // once instead (nothing is pushed out, and the write hits the line just read): a
-            // table with room keeps even a flow whose datagrams come further apart than its
-            // handshake slot lasts.
-            if search {
-                count_ct(ct_stats::MISSED_ESTABLISHED);
-            }
+            // looks like, one packet per made-up flow. It waits in a handshake slot like a SYN,
+            // and enters the table at its next packet, so such a flood cannot push established
+            // flows out.
             let pick = ring_pick(key, meta, hash)?;
-            if !search && !B::occupied(&bucket.ways()[CONNTRACK_WAYS - 1]) {
-                bucket.store(None, key, meta.vip_index, pick.conn(), false);
-            } else {
-                stage::<B>(hash, key, meta.vip_index, pick.conn(), closing);
-            }
+            stage::<B>(hash, key, meta.vip_index, pick.conn(), closing);
             return Some(pick);
         }
     }

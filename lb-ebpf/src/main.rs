@@ -376,12 +376,11 @@ fn balance_l4(ctx: &XdpContext, l3: &L3) -> Result<u32, ()> {
     };
     // A TCP segment without SYN belongs to a connection that should already be in the table; if
     // this CPU has not seen it (RSS or IRQ affinity moved the flow), the other CPUs' tables are
-    // searched before the ring re-places it. UDP never searches (a datagram whose flow this CPU
-    // does not know waits in a handshake slot, or takes an empty way of its bucket), and a SYN is
-    // not even looked up (placed by the ring, its flow waits in a handshake slot for its next
-    // packet: see `conntrack`). A FIN or RST marks the flow's entry as closing, so that a new
-    // connection reusing its 5-tuple can follow its own handshake. With SYN as well it is still a
-    // FIN or RST, not a SYN: it starts no flow (Linux drops SYN+RST and SYN+FIN at LISTEN), and an
+    // searched before the ring re-places it. UDP never searches, and a SYN is not even looked up
+    // (placed by the ring, its flow waits in a handshake slot for its next packet: see
+    // `conntrack`). A FIN or RST marks the flow's entry as closing, so that a new connection
+    // reusing its 5-tuple can follow its own handshake. With SYN as well it is still a FIN or
+    // RST, not a SYN: it starts no flow (Linux drops SYN+RST and SYN+FIN at LISTEN), and an
     // in-window RST|SYN resets the backend's established socket.
     let lookup = if l3.proto != proto::TCP {
         Lookup::Table
