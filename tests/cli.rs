@@ -93,6 +93,40 @@ fn the_unit_does_not_restart_a_bad_config_in_a_loop() {
     assert!(prevent.contains(&code), "ExecStart exits {code}, not in {prevent:?}: {err}");
 }
 
+/// contrib/edgelb.service keeps uid 0 without capabilities from reaching the kernel through files
+/// and calls it needs none of: after setup edgelb keeps no capability but stays uid 0, which may
+/// still write `kernel.*` sysctls (`kernel.core_pattern` = `|/path` runs a program as full root
+/// at the next crash), so a bug in the proxy would otherwise escape the sandbox.
+#[test]
+fn the_unit_closes_what_uid_0_without_capabilities_could_still_change() {
+    let unit = include_str!("../contrib/edgelb.service");
+    let value = |key: &str| -> Option<&str> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(str::trim)
+            .next_back()
+    };
+    for key in [
+        "ProtectKernelTunables",
+        "ProtectKernelLogs",
+        "ProtectKernelModules",
+        "ProtectHostname",
+        "ProtectClock",
+        "ProtectControlGroups",
+        "RestrictSUIDSGID",
+        "RestrictRealtime",
+        "RestrictNamespaces",
+        "NoNewPrivileges",
+    ] {
+        assert_eq!(value(key), Some("yes"), "{key}= in contrib/edgelb.service");
+    }
+    assert_eq!(value("UMask"), Some("0077"));
+    assert_eq!(value("ProtectSystem"), Some("strict"));
+    // The pins stay writable below the read-only /sys of ProtectKernelTunables=.
+    let rw = value("ReadWritePaths").expect("ReadWritePaths=");
+    assert!(rw.split_whitespace().any(|p| p == "/sys/fs/bpf"), "{rw}");
+}
+
 /// A file that is accepted but likely not what was meant (a tcp check of a udp VIP without a
 /// `port`) is a warning, not a refusal: `check` names the VIP and the place, and exits 0, as a
 /// start would go ahead with it.
