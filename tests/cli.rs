@@ -161,6 +161,80 @@ fn check_on_missing_file_exits_2() {
 
 /// An any-port VIP hashed on the 5-tuple places flows by their destination port too: `route`
 /// takes it from the VIP given as address:port, and asks for it otherwise.
+/// Runs edgelb with `args` as [`edgelb`] does, but fails the test (and stops it) if it has not
+/// exited within 5 s: for what once waited without end.
+fn edgelb_within_5s(args: &[&str]) -> (i32, String, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_edgelb"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run edgelb");
+    let mut child = Stopped(child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let status = loop {
+        if let Some(st) = child.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "edgelb {args:?} still runs after 5 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    std::io::Read::read_to_string(child.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    (status.code().unwrap_or(-1), out, err)
+}
+
+/// A config path that names no regular file is refused at once, naming it: a FIFO (opening one
+/// waits for a writer: `edgelb reload`, and the controller's reload behind it, waited without
+/// end) or a device (`check -c /dev/zero` read until memory ran out). A symbolic link to a
+/// regular file, as config management makes them, is read.
+#[test]
+fn a_config_that_is_no_regular_file_is_refused_at_once() {
+    let f = example_file();
+    let fifo = tempfile_path::TempPath(f.0.with_extension("fifo"));
+    let _ = std::fs::remove_file(&fifo.0);
+    let made = Command::new("mkfifo").arg(&fifo.0).status().expect("mkfifo");
+    assert!(made.success());
+    let fifo_s = fifo.0.to_str().unwrap();
+    for args in [["check", "--config", fifo_s], ["reload", "--config", fifo_s]] {
+        let (code, _, err) = edgelb_within_5s(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(fifo_s) && err.contains("not a regular file"), "{args:?}: {err}");
+    }
+    let (code, _, err) = edgelb_within_5s(&["check", "--config", "/dev/zero"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("/dev/zero") && err.contains("not a regular file"), "{err}");
+    let link = tempfile_path::TempPath(f.0.with_extension("link.toml"));
+    let _ = std::fs::remove_file(&link.0);
+    std::os::unix::fs::symlink(&f.0, &link.0).unwrap();
+    let (code, out, err) = edgelb_within_5s(&["check", "--config", link.0.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(": ok ("), "{out}");
+}
+
+/// A config file larger than any config (16 MiB) is refused with the limit, not read whole.
+#[test]
+fn a_config_too_large_is_refused() {
+    let mut text = edgelb::config::EXAMPLE.to_owned();
+    let comment = format!("# {}\n", "x".repeat(1021));
+    while text.len() <= 16 << 20 {
+        text += &comment;
+    }
+    let f = tempfile_path::write("large.toml", &text);
+    let path = f.0.to_str().unwrap();
+    let (code, _, err) = edgelb_within_5s(&["check", "--config", path]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(path) && err.contains("larger than 16 MiB"), "{err}");
+    // Just below the limit it is read (and a comment is no error).
+    text.truncate(16 << 20);
+    text.truncate(text.rfind('\n').unwrap() + 1);
+    std::fs::write(&f.0, &text).unwrap();
+    let (code, _, err) = edgelb_within_5s(&["check", "--config", path]);
+    assert_eq!(code, 0, "{err}");
+}
+
 #[test]
 fn route_on_an_any_port_five_tuple_vip_uses_the_destination_port() {
     let text = edgelb::config::EXAMPLE.to_owned()

@@ -498,8 +498,8 @@ pub struct Backend {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
+        let text =
+            read_text(path).map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
         Config::parse(&text, path)
     }
 
@@ -598,6 +598,51 @@ impl fmt::Display for Vip {
     }
 }
 
+/// The largest config file read, far above any real one: a larger file is refused rather than
+/// read whole (a path to something endless would otherwise grow until memory runs out).
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// The text of config file `path`, which must be a regular file (a symbolic link to one is
+/// fine) of at most [`MAX_CONFIG_BYTES`]. Anything else is refused before it is read: opening a
+/// FIFO waits for a writer, which would hold up a reload, and with it the controller, without
+/// end; a device may never end. The type is checked before opening (opening some devices does
+/// something), and again on what was opened, which is opened non-blocking in case a FIFO took
+/// the path's place in between.
+fn read_text(path: &Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+    let regular = |t: std::fs::FileType| -> std::io::Result<()> {
+        let kind = if t.is_file() {
+            return Ok(());
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_char_device() {
+            "a character device"
+        } else if t.is_block_device() {
+            "a block device"
+        } else {
+            "of another type"
+        };
+        Err(std::io::Error::other(format!("not a regular file but {kind}")))
+    };
+    regular(std::fs::metadata(path)?.file_type())?;
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    regular(file.metadata()?.file_type())?;
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB, which no config is",
+            MAX_CONFIG_BYTES >> 20
+        )));
+    }
+    Ok(text)
+}
+
 /// The admin socket named by the config at `path`, read leniently: `edgelb reload` must find the
 /// running controller even when the file now holds an invalid config. The default when the file
 /// does not set one; an error when it sets one that is not a string (`admin_socket = 5`), which
@@ -608,7 +653,7 @@ impl fmt::Display for Vip {
 /// would stop the wrong one).
 pub fn admin_socket_of(path: &Path) -> Result<PathBuf, String> {
     let default = || PathBuf::from(DEFAULT_ADMIN_SOCKET);
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let text = read_text(path).map_err(|e| {
         format!(
             "cannot read {} ({e}): the config names the admin socket of the edgelb to talk to; give the file edgelb runs with (-c), or the socket itself (--socket)",
             path.display()
