@@ -496,11 +496,24 @@ pub struct Backend {
 }
 
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file. A file holding a `cookie_secret` that others than its
+    /// owner may read gets a caution: whoever reads the secret can make cookies that send
+    /// clients to the backend of their choice.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text =
+        let (text, mode) =
             read_text(path).map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
-        Config::parse(&text, path)
+        let mut cfg = Config::parse(&text, path)?;
+        if mode & 0o077 != 0
+            && let Some((at, vip)) = first_secret(&text)
+        {
+            let (line, column) = line_col(&text, at);
+            cfg.cautions.push(format!(
+                "{}:{line}:{column}: VIP `{vip}`: cookie_secret is in a file others may read (mode {:04o}): whoever reads it can make cookies that send clients to the backend of their choice; chmod 600 {0}",
+                path.display(),
+                mode & 0o7777,
+            ));
+        }
+        Ok(cfg)
     }
 
     /// Validates config text; `path` is only used in error messages.
@@ -608,7 +621,7 @@ pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 /// end; a device may never end. The type is checked before opening (opening some devices does
 /// something), and again on what was opened, which is opened non-blocking in case a FIFO took
 /// the path's place in between.
-fn read_text(path: &Path) -> std::io::Result<String> {
+fn read_text(path: &Path) -> std::io::Result<(String, u32)> {
     use std::io::Read as _;
     use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
     let regular = |t: std::fs::FileType| -> std::io::Result<()> {
@@ -631,7 +644,8 @@ fn read_text(path: &Path) -> std::io::Result<String> {
     };
     regular(std::fs::metadata(path)?.file_type())?;
     let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
-    regular(file.metadata()?.file_type())?;
+    let meta = file.metadata()?;
+    regular(meta.file_type())?;
     let mut text = String::new();
     file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text)?;
     if text.len() as u64 > MAX_CONFIG_BYTES {
@@ -640,7 +654,28 @@ fn read_text(path: &Path) -> std::io::Result<String> {
             MAX_CONFIG_BYTES >> 20
         )));
     }
-    Ok(text)
+    Ok((text, std::os::unix::fs::PermissionsExt::mode(&meta.permissions())))
+}
+
+/// Where the first `cookie_secret` key of `text` (a file that parsed) is written, and the name
+/// of its VIP: what a caution about the secret points at.
+fn first_secret(text: &str) -> Option<(usize, String)> {
+    use toml::de::{DeTable, DeValue};
+    fn get<'a, 'i>(t: &'a DeTable<'i>, key: &str) -> Option<&'a DeValue<'i>> {
+        t.iter().find(|(k, _)| k.get_ref() == key).map(|(_, v)| v.get_ref())
+    }
+    let root = DeTable::parse(text).ok()?;
+    let Some(DeValue::Array(vips)) = get(root.get_ref(), "vip") else { return None };
+    vips.iter().find_map(|vip| {
+        let DeValue::Table(vip) = vip.get_ref() else { return None };
+        let Some(DeValue::Table(l7)) = get(vip, "l7") else { return None };
+        let (key, _) = l7.iter().find(|(k, _)| k.get_ref() == "cookie_secret")?;
+        let name = match get(vip, "name") {
+            Some(DeValue::String(n)) => n.to_string(),
+            _ => String::new(),
+        };
+        Some((key.span().start, name))
+    })
 }
 
 /// The admin socket named by the config at `path`, read leniently: `edgelb reload` must find the
@@ -653,7 +688,7 @@ fn read_text(path: &Path) -> std::io::Result<String> {
 /// would stop the wrong one).
 pub fn admin_socket_of(path: &Path) -> Result<PathBuf, String> {
     let default = || PathBuf::from(DEFAULT_ADMIN_SOCKET);
-    let text = read_text(path).map_err(|e| {
+    let (text, _) = read_text(path).map_err(|e| {
         format!(
             "cannot read {} ({e}): the config names the admin socket of the edgelb to talk to; give the file edgelb runs with (-c), or the socket itself (--socket)",
             path.display()
