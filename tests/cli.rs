@@ -412,6 +412,51 @@ fn run_stops_before_touching_anything_when_an_interface_is_missing() {
     assert!(!std::path::Path::new(&admin).exists(), "no admin socket");
 }
 
+/// An admin socket that cannot be made says the step that failed and its cause once: it said
+/// "admin socket X: Permission denied (os error 13): Permission denied (os error 13)", the
+/// message and then the chain repeating its source. Here its directory would be below a
+/// regular file (which root cannot get around either). A `--takeover` whose handover fails
+/// says why once too: it said the whole admin error twice.
+#[test]
+fn an_admin_socket_that_cannot_be_made_says_the_step_and_the_cause_once() {
+    let (f, pins, admin) = run_config("admin-notdir", "lo");
+    let file = tempfile_path::write("admin-notdir.file", "");
+    let dir = format!("{}/sub", file.0.display());
+    let socket = format!("{dir}/admin.sock");
+    let good = std::fs::read_to_string(&f.0).unwrap();
+    std::fs::write(&f.0, good.replace(&admin, &socket)).unwrap();
+    let (code, _, err) = edgelb(&["run", "--config", f.0.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    let cause = "Not a directory (os error 20)";
+    assert_eq!(err.matches(cause).count(), 1, "{err}");
+    let want = format!("edgelb: admin socket {socket}: creating its directory {dir}: {cause}\n");
+    assert!(err.ends_with(&want), "{err}");
+    assert!(!std::path::Path::new(&pins).exists(), "nothing pinned");
+
+    if !edgelb::testbed::netns::require_privileged("an_admin_socket_that_cannot_be_made") {
+        return;
+    }
+    // Something that hangs up once it has the request listens where the running edgelb would.
+    std::fs::write(&f.0, &good).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(&admin).unwrap();
+    let _socket = tempfile_path::TempPath(admin.clone().into());
+    let hang_up = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let mut request = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(&conn), &mut request).unwrap();
+    });
+    let (code, _, err) = edgelb(&["run", "--takeover", "--config", f.0.to_str().unwrap()]);
+    hang_up.join().unwrap();
+    // The takeover loads its programs beside the running ones before it asks: their directory
+    // may be left, empty.
+    let _ = std::fs::remove_dir(&pins);
+    assert_eq!(code, 1, "{err}");
+    let reason = "hung up before answering";
+    assert_eq!(err.matches(reason).count(), 1, "{err}");
+    let want = format!("edgelb: taking over: admin socket {admin}: the running edgelb {reason}\n");
+    assert!(err.ends_with(&want), "{err}");
+}
+
 #[test]
 fn run_stops_when_the_kernel_refuses_io_uring_to_the_l7_proxy() {
     use std::os::unix::process::CommandExt;
