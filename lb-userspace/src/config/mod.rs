@@ -1291,8 +1291,14 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
         let vspan = v.span();
         let v = v.into_inner();
         vip_name_ok(&v.name)?;
+        if let Some(why) = vip_name_caution(v.name.get_ref()) {
+            cautions.push(Invalid(v.name.span(), why));
+        }
         if !names.insert(v.name.get_ref().clone()) {
-            return bad(v.name.span(), format!("duplicate VIP name `{}`", v.name.get_ref()));
+            return bad(
+                v.name.span(),
+                format!("duplicate VIP name `{}`", v.name.get_ref().escape_debug()),
+            );
         }
         let vip_addr = parse_ip(&v.address, "VIP address")?;
         addresses_at.push(v.address.span());
@@ -2432,6 +2438,30 @@ fn vip_name_ok(name: &raw::Sp<String>) -> Result<(), Invalid> {
         );
     }
     Ok(())
+}
+
+/// The longest VIP name without a caution: names are log fields and metric labels, read by
+/// people.
+const VIP_NAME_CAUTION: usize = 64;
+
+/// Why a VIP's name, accepted, is a caution: characters outside `[A-Za-z0-9._-]`, or more than
+/// [`VIP_NAME_CAUTION`] bytes. A name goes as it is into log fields, metric labels and `edgelb
+/// status`, where a control character (a newline, an escape sequence) or a line separator
+/// (U+2028) can forge or hide a line on a terminal or in a log pipeline. Not an error: a file
+/// that ran must still start after an upgrade.
+fn vip_name_caution(name: &str) -> Option<String> {
+    let shown = name.escape_debug();
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+        return Some(format!(
+            "VIP `{shown}`: its name has characters outside [A-Za-z0-9._-]: names go as they are into log fields, metric labels and `edgelb status`, where a control character or a line separator can forge or hide a line; write letters, digits, `.`, `_` and `-`"
+        ));
+    }
+    (name.len() > VIP_NAME_CAUTION).then(|| {
+        format!(
+            "VIP `{shown}`: its name is {} bytes, more than {VIP_NAME_CAUTION}: names go into every log line, metric label and `edgelb status` row of the VIP; write a shorter one",
+            name.len()
+        )
+    })
 }
 
 /// What `a` is if no unicast traffic can be addressed to it: the unspecified address, a

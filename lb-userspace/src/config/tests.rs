@@ -999,6 +999,45 @@ fn vip_names_are_not_empty_and_not_addresses() {
     }
 }
 
+/// A VIP's name goes as it is into log fields, metric labels and `edgelb status`: one with a
+/// control character, a line separator or anything but `[A-Za-z0-9._-]`, or longer than 64
+/// bytes, is a caution at the name (shown escaped), not an error, so that a file that ran
+/// still starts.
+#[test]
+fn vip_names_outside_a_safe_set_are_a_caution() {
+    let named = |name: &str| {
+        format!("{NODE}[[vip]]\nname = \"{name}\"\naddress = \"198.18.1.1\"\nport = 80\n")
+    };
+    for ok in ["web", "web-1.example_2", &"a".repeat(64)] {
+        let c = parse(&named(ok)).unwrap();
+        assert!(c.cautions.is_empty(), "{ok}: {:?}", c.cautions);
+    }
+    for (toml, shown) in [
+        ("a\\nb", "a\\nb"),
+        ("a\\u001b[31mb", "a\\u{1b}[31mb"),
+        ("a\\u2028b", "a\\u{2028}b"),
+        ("web 1", "web 1"),
+        ("v6:web", "v6:web"),
+        ("caf\u{e9}", "caf\u{e9}"),
+    ] {
+        let text = named(toml);
+        let c = parse(&text).unwrap_or_else(|e| panic!("{toml}: {e}"));
+        let [caution] = c.cautions.as_slice() else { panic!("{toml}: {:?}", c.cautions) };
+        let at = text.find("name = ").unwrap() + "name = ".len();
+        let col = at - text[..at].rfind('\n').unwrap();
+        let line = text[..at].matches('\n').count() + 1;
+        assert!(
+            caution.starts_with(&format!("t.toml:{line}:{col}: VIP `{shown}`: its name ")),
+            "{caution}"
+        );
+        assert!(caution.contains("[A-Za-z0-9._-]"), "{caution}");
+        assert!(!caution.contains(['\n', '\u{1b}', '\u{2028}']), "{caution:?}");
+    }
+    let long = "a".repeat(65);
+    let c = parse(&named(&long)).unwrap();
+    assert!(c.cautions.iter().any(|c| c.contains("65 bytes")), "{:?}", c.cautions);
+}
+
 /// The L7 proxy places requests by its own algorithm; its hash pools have a ring of their own.
 #[test]
 fn ring_size_and_hash_are_refused_on_l7_vips() {
@@ -2127,8 +2166,14 @@ fn prop_check_config(text: &str) -> Result<bool, String> {
         })
     };
     match (run("t.toml")?, run("other.toml")?) {
-        (Ok(a), Ok(b)) => {
+        (Ok(a), Ok(mut b)) => {
             prop_documented_rules(&a).map_err(|e| format!("accepted, but {e}"))?;
+            // Cautions name their file.
+            for c in &mut b.cautions {
+                if let Some(rest) = c.strip_prefix("other.toml:") {
+                    *c = format!("t.toml:{rest}");
+                }
+            }
             if a != b {
                 return Err(format!("parsed twice, two configs:\n{a:?}\n{b:?}"));
             }
