@@ -120,6 +120,40 @@ fn the_unit_retries_a_failed_start_for_a_minute() {
     assert_eq!(value("Restart="), Some("on-failure"));
 }
 
+/// contrib/edgelb.service keeps uid 0 without capabilities from reaching the kernel through files
+/// and calls it needs none of: after setup edgelb keeps no capability but stays uid 0, which may
+/// still write `kernel.*` sysctls (`kernel.core_pattern` = `|/path` runs a program as full root
+/// at the next crash), so a bug in the proxy would otherwise escape the sandbox.
+#[test]
+fn the_unit_closes_what_uid_0_without_capabilities_could_still_change() {
+    let unit = include_str!("../contrib/edgelb.service");
+    let value = |key: &str| -> Option<&str> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(str::trim)
+            .next_back()
+    };
+    for key in [
+        "ProtectKernelTunables",
+        "ProtectKernelLogs",
+        "ProtectKernelModules",
+        "ProtectHostname",
+        "ProtectClock",
+        "ProtectControlGroups",
+        "RestrictSUIDSGID",
+        "RestrictRealtime",
+        "RestrictNamespaces",
+        "NoNewPrivileges",
+    ] {
+        assert_eq!(value(key), Some("yes"), "{key}= in contrib/edgelb.service");
+    }
+    assert_eq!(value("UMask"), Some("0077"));
+    assert_eq!(value("ProtectSystem"), Some("strict"));
+    // The pins stay writable below the read-only /sys of ProtectKernelTunables=.
+    let rw = value("ReadWritePaths").expect("ReadWritePaths=");
+    assert!(rw.split_whitespace().any(|p| p == "/sys/fs/bpf"), "{rw}");
+}
+
 /// A file that is accepted but likely not what was meant (a tcp check of a udp VIP without a
 /// `port`) is a warning, not a refusal: `check` names the VIP and the place, and exits 0, as a
 /// start would go ahead with it.
@@ -154,6 +188,80 @@ fn check_on_missing_file_exits_2() {
 
 /// An any-port VIP hashed on the 5-tuple places flows by their destination port too: `route`
 /// takes it from the VIP given as address:port, and asks for it otherwise.
+/// Runs edgelb with `args` as [`edgelb`] does, but fails the test (and stops it) if it has not
+/// exited within 5 s: for what once waited without end.
+fn edgelb_within_5s(args: &[&str]) -> (i32, String, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_edgelb"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run edgelb");
+    let mut child = Stopped(child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let status = loop {
+        if let Some(st) = child.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "edgelb {args:?} still runs after 5 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    std::io::Read::read_to_string(child.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    (status.code().unwrap_or(-1), out, err)
+}
+
+/// A config path that names no regular file is refused at once, naming it: a FIFO (opening one
+/// waits for a writer: `edgelb reload`, and the controller's reload behind it, waited without
+/// end) or a device (`check -c /dev/zero` read until memory ran out). A symbolic link to a
+/// regular file, as config management makes them, is read.
+#[test]
+fn a_config_that_is_no_regular_file_is_refused_at_once() {
+    let f = example_file();
+    let fifo = tempfile_path::TempPath(f.0.with_extension("fifo"));
+    let _ = std::fs::remove_file(&fifo.0);
+    let made = Command::new("mkfifo").arg(&fifo.0).status().expect("mkfifo");
+    assert!(made.success());
+    let fifo_s = fifo.0.to_str().unwrap();
+    for args in [["check", "--config", fifo_s], ["reload", "--config", fifo_s]] {
+        let (code, _, err) = edgelb_within_5s(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(fifo_s) && err.contains("not a regular file"), "{args:?}: {err}");
+    }
+    let (code, _, err) = edgelb_within_5s(&["check", "--config", "/dev/zero"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("/dev/zero") && err.contains("not a regular file"), "{err}");
+    let link = tempfile_path::TempPath(f.0.with_extension("link.toml"));
+    let _ = std::fs::remove_file(&link.0);
+    std::os::unix::fs::symlink(&f.0, &link.0).unwrap();
+    let (code, out, err) = edgelb_within_5s(&["check", "--config", link.0.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(": ok ("), "{out}");
+}
+
+/// A config file larger than any config (16 MiB) is refused with the limit, not read whole.
+#[test]
+fn a_config_too_large_is_refused() {
+    let mut text = edgelb::config::EXAMPLE.to_owned();
+    let comment = format!("# {}\n", "x".repeat(1021));
+    while text.len() <= 16 << 20 {
+        text += &comment;
+    }
+    let f = tempfile_path::write("large.toml", &text);
+    let path = f.0.to_str().unwrap();
+    let (code, _, err) = edgelb_within_5s(&["check", "--config", path]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(path) && err.contains("larger than 16 MiB"), "{err}");
+    // Just below the limit it is read (and a comment is no error).
+    text.truncate(16 << 20);
+    text.truncate(text.rfind('\n').unwrap() + 1);
+    std::fs::write(&f.0, &text).unwrap();
+    let (code, _, err) = edgelb_within_5s(&["check", "--config", path]);
+    assert_eq!(code, 0, "{err}");
+}
+
 #[test]
 fn route_on_an_any_port_five_tuple_vip_uses_the_destination_port() {
     let text = edgelb::config::EXAMPLE.to_owned()
@@ -329,6 +437,51 @@ fn run_stops_before_touching_anything_when_an_interface_is_missing() {
     assert!(err.contains("interface `edgelb-nosuch0` (node.interfaces) does not exist"), "{err}");
     assert!(!std::path::Path::new(&pins).exists(), "nothing pinned");
     assert!(!std::path::Path::new(&admin).exists(), "no admin socket");
+}
+
+/// An admin socket that cannot be made says the step that failed and its cause once: it said
+/// "admin socket X: Permission denied (os error 13): Permission denied (os error 13)", the
+/// message and then the chain repeating its source. Here its directory would be below a
+/// regular file (which root cannot get around either). A `--takeover` whose handover fails
+/// says why once too: it said the whole admin error twice.
+#[test]
+fn an_admin_socket_that_cannot_be_made_says_the_step_and_the_cause_once() {
+    let (f, pins, admin) = run_config("admin-notdir", "lo");
+    let file = tempfile_path::write("admin-notdir.file", "");
+    let dir = format!("{}/sub", file.0.display());
+    let socket = format!("{dir}/admin.sock");
+    let good = std::fs::read_to_string(&f.0).unwrap();
+    std::fs::write(&f.0, good.replace(&admin, &socket)).unwrap();
+    let (code, _, err) = edgelb(&["run", "--config", f.0.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    let cause = "Not a directory (os error 20)";
+    assert_eq!(err.matches(cause).count(), 1, "{err}");
+    let want = format!("edgelb: admin socket {socket}: creating its directory {dir}: {cause}\n");
+    assert!(err.ends_with(&want), "{err}");
+    assert!(!std::path::Path::new(&pins).exists(), "nothing pinned");
+
+    if !edgelb::testbed::netns::require_privileged("an_admin_socket_that_cannot_be_made") {
+        return;
+    }
+    // Something that hangs up once it has the request listens where the running edgelb would.
+    std::fs::write(&f.0, &good).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(&admin).unwrap();
+    let _socket = tempfile_path::TempPath(admin.clone().into());
+    let hang_up = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let mut request = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(&conn), &mut request).unwrap();
+    });
+    let (code, _, err) = edgelb(&["run", "--takeover", "--config", f.0.to_str().unwrap()]);
+    hang_up.join().unwrap();
+    // The takeover loads its programs beside the running ones before it asks: their directory
+    // may be left, empty.
+    let _ = std::fs::remove_dir(&pins);
+    assert_eq!(code, 1, "{err}");
+    let reason = "hung up before answering";
+    assert_eq!(err.matches(reason).count(), 1, "{err}");
+    let want = format!("edgelb: taking over: admin socket {admin}: the running edgelb {reason}\n");
+    assert!(err.ends_with(&want), "{err}");
 }
 
 #[test]

@@ -1359,6 +1359,34 @@ fn access_log_names_each_answered_request() {
     assert!(!text.contains("/not-logged"), "access_log is off by default:\n{text}");
 }
 
+/// httparse admits any byte from 0x80 up in a target (as UTF-8): the access log writes each byte
+/// outside visible ASCII as `%XX`, so that a client cannot put a C1 control (CSI, which a
+/// terminal showing the log obeys) or a line separator (U+2028) into the log.
+#[test]
+fn the_access_log_escapes_what_is_not_visible_ascii_in_a_target() {
+    let log = access_log();
+    let a = backend("a", Mode::Ok);
+    let p = proxy(&[(&a, 1)], "access_log = true", "");
+    let target = "/escaped\u{9b}31m\u{2028}x\u{e9}%41";
+    let _ = request(
+        p.addr,
+        None,
+        &format!("GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"),
+    );
+    // The line is written once the response went out: it may come after the client read it.
+    let t = Instant::now();
+    let text = loop {
+        let text = logged(&log);
+        if text.contains("/escaped") || t.elapsed() > Duration::from_secs(3) {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let line = text.lines().find(|l| l.contains("/escaped")).unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains(" target=/escaped%C2%9B31m%E2%80%A8x%C3%A9%41 "), "{line:?}");
+    assert!(line.is_ascii(), "{line:?}");
+}
+
 #[test]
 fn upstream_connections_are_reused() {
     let a = backend("a", Mode::Ok);

@@ -1477,6 +1477,42 @@ fn reload_rejects_bad_files_and_keeps_connections() {
     assert_eq!(bed.e().status().vips.len(), status_before.vips.len());
     assert_eq!(echo_backends(&bed.e().status()), echo_backends(&status_before));
 
+    // A FIFO in the file's place: the controller refuses it at once, naming it. Opening it
+    // waited for a writer, and the controller with it: the reload, status and scrapes.
+    std::fs::remove_file(&bed.cfg_path).unwrap();
+    let made = Command::new("mkfifo").arg(&bed.cfg_path).status().expect("mkfifo");
+    assert!(made.success());
+    let mut reload = Command::new(env!("CARGO_BIN_EXE_edgelb"))
+        .arg("reload")
+        .arg("--socket")
+        .arg(&cfg.node.admin_socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run edgelb reload");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let code = loop {
+        if let Some(st) = reload.try_wait().unwrap() {
+            break st.code();
+        }
+        if Instant::now() > deadline {
+            // Let the controller's open return (a writer came), so the test does not hang.
+            drop(std::fs::OpenOptions::new().write(true).open(&bed.cfg_path));
+            let _ = reload.wait();
+            panic!("a reload of a FIFO still waits after 5 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(reload.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not a regular file but a FIFO"), "{err}");
+    let path = std::path::absolute(&bed.cfg_path).unwrap();
+    assert!(err.contains(&format!("{}: cannot read config", path.display())), "{err}");
+    std::fs::remove_file(&bed.cfg_path).unwrap();
+    std::fs::write(&bed.cfg_path, &good).unwrap();
+
     // Another connection-table size: the maps are sized at load, so it waits for a restart.
     let resized = good.replace(
         &format!("conntrack_flows_per_cpu = {CT_FLOWS}"),

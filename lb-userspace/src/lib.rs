@@ -16,6 +16,21 @@
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
+/// `e` and each of its causes after a colon ("`bpf_link_create` failed: Operation not supported
+/// (os error 95)"), as `edgelb` prints an error. This crate's errors put their causes in their
+/// messages, not in `source()`, so that a chain says each once; other crates' (aya's) keep
+/// theirs in `source()` (a syscall's error code), and a message naming one renders it with this.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 pub mod admin;
 pub mod config;
 pub mod controller;

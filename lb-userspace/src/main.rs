@@ -203,7 +203,7 @@ fn main() -> ExitCode {
         Command::Run { config, takeover } => match edgelb::controller::run(&config, takeover) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("edgelb: {}", error_chain(&e));
+                eprintln!("edgelb: {}", edgelb::error_chain(&e));
                 let bad_config = matches!(e, edgelb::controller::RunError::Config(_));
                 ExitCode::from(if bad_config { 2 } else { 1 })
             }
@@ -358,7 +358,7 @@ fn decap(
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("edgelb: {}", error_chain(&e));
+            eprintln!("edgelb: {}", edgelb::error_chain(&e));
             ExitCode::from(1)
         }
     }
@@ -841,17 +841,6 @@ fn print_status(s: &edgelb::admin::Status) {
             );
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// What `stop` says of files in the pin directory that edgelb did not pin and so left there.

@@ -666,13 +666,14 @@ pub struct BackendStatus {
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     /// No controller listens on the socket, or this user may not connect to it.
-    #[error("cannot reach edgelb at {path}: {source} ({})", connect_hint(source))]
+    // The cause is in the message, so it is not also the error's `source()`: a caller that
+    // prints the source chain (`edgelb run --takeover`) would say it twice.
+    #[error("cannot reach edgelb at {path}: {error} ({})", connect_hint(error))]
     Connect {
         /// Socket path.
         path: PathBuf,
         /// Cause.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The exchange failed midway.
     #[error("admin socket {path}: {reason}")]
@@ -691,7 +692,7 @@ impl AdminError {
     /// leaves a controller possibly running, whose answer the file's may not be.
     pub fn nobody_serves(&self) -> bool {
         use std::io::ErrorKind::{ConnectionRefused, NotFound};
-        matches!(self, AdminError::Connect { source, .. } if matches!(source.kind(), NotFound | ConnectionRefused))
+        matches!(self, AdminError::Connect { error, .. } if matches!(error.kind(), NotFound | ConnectionRefused))
     }
 }
 
@@ -728,7 +729,7 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, AdminError> {
         return Ok(too_long());
     }
     let s = UnixStream::connect(socket)
-        .map_err(|source| AdminError::Connect { path: socket.to_owned(), source })?;
+        .map_err(|error| AdminError::Connect { path: socket.to_owned(), error })?;
     trusted(&s).map_err(fail)?;
     send_line(&s, &line).map_err(|e| fail(e.to_string()))?;
     let mut answer = String::new();
@@ -857,12 +858,17 @@ pub fn handover(socket: &Path) -> Result<Option<Handover>, AdminError> {
 /// The check, the removal of a stale socket and the bind are made under [`BindLock`]: two
 /// starts racing through them unlocked could both find nobody answering, and the second then
 /// removed the first's fresh socket and bound its own, and both ran on one data plane.
+///
+/// Each error names the step that failed (creating the directory, binding...); the caller
+/// names the socket.
 pub fn bind(socket: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = socket.parent()
         && !dir.exists()
     {
-        std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        std::fs::create_dir_all(dir)
+            .map_err(step(format!("creating its directory {}", dir.display())))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(step(format!("making its directory {} root-only", dir.display())))?;
     }
     let _lock = BindLock::take(socket)?;
     match std::fs::symlink_metadata(socket) {
@@ -887,9 +893,16 @@ pub fn bind(socket: &Path) -> std::io::Result<UnixListener> {
         ));
     }
     let _ = std::fs::remove_file(socket);
-    let listener = UnixListener::bind(socket)?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    let listener = UnixListener::bind(socket).map_err(step("binding it".into()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(step("making it root-only (mode 0600)".into()))?;
     Ok(listener)
+}
+
+/// Says `what` was being done when an error came, keeping its kind (callers tell "another
+/// edgelb answers" and the like by it).
+fn step(what: String) -> impl FnOnce(std::io::Error) -> std::io::Error {
+    move |e| std::io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
 /// An exclusive lock (flock) on `<admin socket>.lock`, held by [`bind`] from its check that
@@ -925,7 +938,7 @@ impl BindLock {
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
                 .map_err(|e| lock_err(&path, e.to_string()))?;
-            let held = file.metadata()?;
+            let held = file.metadata().map_err(|e| lock_err(&path, e.to_string()))?;
             if !held.is_file() || (held.uid() != 0 && held.uid() != fdpass::euid()) {
                 return Err(lock_err(&path, format!("user {}'s, not edgelb's", held.uid())));
             }
@@ -998,7 +1011,7 @@ impl Serving {
 /// the node is short, and says so once when it begins and once when accepts succeed again.
 pub fn serve(listener: UnixListener, to_controller: Sender<Pending>) -> std::io::Result<Serving> {
     use crate::proxy::{ACCEPT_PAUSE_MAX, ACCEPT_PAUSE_MIN, out_of_resources};
-    let own = listener.try_clone()?;
+    let own = listener.try_clone().map_err(step("duplicating its descriptor".into()))?;
     let thread = std::thread::Builder::new().name("admin".into()).spawn(move || {
         // Accepts failed in a row for want of descriptors or memory, and the pause after the last.
         let (mut starved, mut pause) = (0u64, Duration::ZERO);
@@ -1025,7 +1038,8 @@ pub fn serve(listener: UnixListener, to_controller: Sender<Pending>) -> std::io:
                 Err(_) => continue,
             }
         }
-    })?;
+    });
+    let thread = thread.map_err(step("starting its thread".into()))?;
     Ok(Serving { listener, thread })
 }
 
@@ -1180,7 +1194,7 @@ mod tests {
     fn only_a_socket_nobody_serves_counts_as_no_controller() {
         let err = |code| AdminError::Connect {
             path: "/run/edgelb.sock".into(),
-            source: std::io::Error::from_raw_os_error(code),
+            error: std::io::Error::from_raw_os_error(code),
         };
         // ENOENT, ECONNREFUSED; EACCES, EPERM.
         assert!(err(2).nobody_serves() && err(111).nobody_serves());

@@ -63,11 +63,22 @@ fn unquoted_word(text: &str, at: usize) -> Option<(Range<usize>, String)> {
     if !bare_key(key) || !word || at < value_at || at > value_at + value.len() {
         return None;
     }
+    let shown = shown(key, value);
     Some((
         value_at..value_at + value.len(),
-        format!("`{value}` is not a TOML value: strings need quotes, write {key} = \"{value}\""),
+        format!("`{shown}` is not a TOML value: strings need quotes, write {key} = \"{shown}\""),
     ))
 }
+
+/// What a hint says of `value`, the value of `key`: the value itself, but for a key that holds
+/// a secret (`cookie_secret`, `cookie_secret_previous`), whose value must not reach the logs a
+/// refused reload's error goes to.
+fn shown<'a>(key: &str, value: &'a str) -> &'a str {
+    if key.to_ascii_lowercase().contains("secret") { SECRET } else { value }
+}
+
+/// What a hint says in place of a secret's value.
+const SECRET: &str = "<your secret>";
 
 /// A syntax error in the value of a line `key =` that has none, or `key = 80 80` that has more
 /// than one: the parser says "string values must be quoted" of both, though neither is about a
@@ -98,6 +109,7 @@ fn no_single_value(text: &str, at: usize) -> Option<(Range<usize>, String)> {
     }
     // A second word: more than one value.
     value.split_whitespace().nth(1)?;
+    let value = shown(key, value);
     Some((
         value_at..value_at + value.len(),
         format!(
@@ -158,6 +170,8 @@ pub(super) fn reworded(text: &str, span: Range<usize>, message: &str) -> Option<
         }
         Err(_) => return None,
     };
+    // Of a secret key only the form is said (a string is the only form such a key takes).
+    let written = shown(key, written);
     let said = format!("`{key}` = {written}");
     // The values of a field that are not one range (`mtu`: 0 or 576..=65535), in its own words.
     let form = super::FORMS.iter().find(|(k, ..)| *k == key).map(|&(_, words, ok)| (words, ok));

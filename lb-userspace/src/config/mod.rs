@@ -496,11 +496,24 @@ pub struct Backend {
 }
 
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file. A file holding a `cookie_secret` that others than its
+    /// owner may read gets a caution: whoever reads the secret can make cookies that send
+    /// clients to the backend of their choice.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
-        Config::parse(&text, path)
+        let (text, mode) =
+            read_text(path).map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
+        let mut cfg = Config::parse(&text, path)?;
+        if mode & 0o077 != 0
+            && let Some((at, vip)) = first_secret(&text)
+        {
+            let (line, column) = line_col(&text, at);
+            cfg.cautions.push(format!(
+                "{}:{line}:{column}: VIP `{vip}`: cookie_secret is in a file others may read (mode {:04o}): whoever reads it can make cookies that send clients to the backend of their choice; chmod 600 {0}",
+                path.display(),
+                mode & 0o7777,
+            ));
+        }
+        Ok(cfg)
     }
 
     /// Validates config text; `path` is only used in error messages.
@@ -598,6 +611,73 @@ impl fmt::Display for Vip {
     }
 }
 
+/// The largest config file read, far above any real one: a larger file is refused rather than
+/// read whole (a path to something endless would otherwise grow until memory runs out).
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// The text of config file `path`, which must be a regular file (a symbolic link to one is
+/// fine) of at most [`MAX_CONFIG_BYTES`]. Anything else is refused before it is read: opening a
+/// FIFO waits for a writer, which would hold up a reload, and with it the controller, without
+/// end; a device may never end. The type is checked before opening (opening some devices does
+/// something), and again on what was opened, which is opened non-blocking in case a FIFO took
+/// the path's place in between.
+fn read_text(path: &Path) -> std::io::Result<(String, u32)> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+    let regular = |t: std::fs::FileType| -> std::io::Result<()> {
+        let kind = if t.is_file() {
+            return Ok(());
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_char_device() {
+            "a character device"
+        } else if t.is_block_device() {
+            "a block device"
+        } else {
+            "of another type"
+        };
+        Err(std::io::Error::other(format!("not a regular file but {kind}")))
+    };
+    regular(std::fs::metadata(path)?.file_type())?;
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    let meta = file.metadata()?;
+    regular(meta.file_type())?;
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB, which no config is",
+            MAX_CONFIG_BYTES >> 20
+        )));
+    }
+    Ok((text, std::os::unix::fs::PermissionsExt::mode(&meta.permissions())))
+}
+
+/// Where the first `cookie_secret` key of `text` (a file that parsed) is written, and the name
+/// of its VIP: what a caution about the secret points at.
+fn first_secret(text: &str) -> Option<(usize, String)> {
+    use toml::de::{DeTable, DeValue};
+    fn get<'a, 'i>(t: &'a DeTable<'i>, key: &str) -> Option<&'a DeValue<'i>> {
+        t.iter().find(|(k, _)| k.get_ref() == key).map(|(_, v)| v.get_ref())
+    }
+    let root = DeTable::parse(text).ok()?;
+    let Some(DeValue::Array(vips)) = get(root.get_ref(), "vip") else { return None };
+    vips.iter().find_map(|vip| {
+        let DeValue::Table(vip) = vip.get_ref() else { return None };
+        let Some(DeValue::Table(l7)) = get(vip, "l7") else { return None };
+        let (key, _) = l7.iter().find(|(k, _)| k.get_ref() == "cookie_secret")?;
+        let name = match get(vip, "name") {
+            Some(DeValue::String(n)) => n.to_string(),
+            _ => String::new(),
+        };
+        Some((key.span().start, name))
+    })
+}
+
 /// The admin socket named by the config at `path`, read leniently: `edgelb reload` must find the
 /// running controller even when the file now holds an invalid config. The default when the file
 /// does not set one; an error when it sets one that is not a string (`admin_socket = 5`), which
@@ -608,7 +688,7 @@ impl fmt::Display for Vip {
 /// would stop the wrong one).
 pub fn admin_socket_of(path: &Path) -> Result<PathBuf, String> {
     let default = || PathBuf::from(DEFAULT_ADMIN_SOCKET);
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let (text, _) = read_text(path).map_err(|e| {
         format!(
             "cannot read {} ({e}): the config names the admin socket of the edgelb to talk to; give the file edgelb runs with (-c), or the socket itself (--socket)",
             path.display()
@@ -1216,8 +1296,14 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
         let vspan = v.span();
         let v = v.into_inner();
         vip_name_ok(&v.name)?;
+        if let Some(why) = vip_name_caution(v.name.get_ref()) {
+            cautions.push(Invalid(v.name.span(), why));
+        }
         if !names.insert(v.name.get_ref().clone()) {
-            return bad(v.name.span(), format!("duplicate VIP name `{}`", v.name.get_ref()));
+            return bad(
+                v.name.span(),
+                format!("duplicate VIP name `{}`", v.name.get_ref().escape_debug()),
+            );
         }
         let vip_addr = parse_ip(&v.address, "VIP address")?;
         addresses_at.push(v.address.span());
@@ -2378,6 +2464,30 @@ fn vip_name_ok(name: &raw::Sp<String>) -> Result<(), Invalid> {
         );
     }
     Ok(())
+}
+
+/// The longest VIP name without a caution: names are log fields and metric labels, read by
+/// people.
+const VIP_NAME_CAUTION: usize = 64;
+
+/// Why a VIP's name, accepted, is a caution: characters outside `[A-Za-z0-9._-]`, or more than
+/// [`VIP_NAME_CAUTION`] bytes. A name goes as it is into log fields, metric labels and `edgelb
+/// status`, where a control character (a newline, an escape sequence) or a line separator
+/// (U+2028) can forge or hide a line on a terminal or in a log pipeline. Not an error: a file
+/// that ran must still start after an upgrade.
+fn vip_name_caution(name: &str) -> Option<String> {
+    let shown = name.escape_debug();
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+        return Some(format!(
+            "VIP `{shown}`: its name has characters outside [A-Za-z0-9._-]: names go as they are into log fields, metric labels and `edgelb status`, where a control character or a line separator can forge or hide a line; write letters, digits, `.`, `_` and `-`"
+        ));
+    }
+    (name.len() > VIP_NAME_CAUTION).then(|| {
+        format!(
+            "VIP `{shown}`: its name is {} bytes, more than {VIP_NAME_CAUTION}: names go into every log line, metric label and `edgelb status` row of the VIP; write a shorter one",
+            name.len()
+        )
+    })
 }
 
 /// What `a` is if no unicast traffic can be addressed to it: the unspecified address, a

@@ -1025,6 +1025,45 @@ fn vip_names_are_not_empty_and_not_addresses() {
     }
 }
 
+/// A VIP's name goes as it is into log fields, metric labels and `edgelb status`: one with a
+/// control character, a line separator or anything but `[A-Za-z0-9._-]`, or longer than 64
+/// bytes, is a caution at the name (shown escaped), not an error, so that a file that ran
+/// still starts.
+#[test]
+fn vip_names_outside_a_safe_set_are_a_caution() {
+    let named = |name: &str| {
+        format!("{NODE}[[vip]]\nname = \"{name}\"\naddress = \"198.18.1.1\"\nport = 80\n")
+    };
+    for ok in ["web", "web-1.example_2", &"a".repeat(64)] {
+        let c = parse(&named(ok)).unwrap();
+        assert!(c.cautions.is_empty(), "{ok}: {:?}", c.cautions);
+    }
+    for (toml, shown) in [
+        ("a\\nb", "a\\nb"),
+        ("a\\u001b[31mb", "a\\u{1b}[31mb"),
+        ("a\\u2028b", "a\\u{2028}b"),
+        ("web 1", "web 1"),
+        ("v6:web", "v6:web"),
+        ("caf\u{e9}", "caf\u{e9}"),
+    ] {
+        let text = named(toml);
+        let c = parse(&text).unwrap_or_else(|e| panic!("{toml}: {e}"));
+        let [caution] = c.cautions.as_slice() else { panic!("{toml}: {:?}", c.cautions) };
+        let at = text.find("name = ").unwrap() + "name = ".len();
+        let col = at - text[..at].rfind('\n').unwrap();
+        let line = text[..at].matches('\n').count() + 1;
+        assert!(
+            caution.starts_with(&format!("t.toml:{line}:{col}: VIP `{shown}`: its name ")),
+            "{caution}"
+        );
+        assert!(caution.contains("[A-Za-z0-9._-]"), "{caution}");
+        assert!(!caution.contains(['\n', '\u{1b}', '\u{2028}']), "{caution:?}");
+    }
+    let long = "a".repeat(65);
+    let c = parse(&named(&long)).unwrap();
+    assert!(c.cautions.iter().any(|c| c.contains("65 bytes")), "{:?}", c.cautions);
+}
+
 /// The L7 proxy places requests by its own algorithm; its hash pools have a ring of their own.
 #[test]
 fn ring_size_and_hash_are_refused_on_l7_vips() {
@@ -1050,6 +1089,59 @@ fn ring_size_and_hash_are_refused_on_l7_vips() {
 /// Errors about a whole (a missing secret, a limit over all VIPs, a VIP that repeats another's
 /// address, port and protocol) point at the value that causes them, not at the top of the file
 /// or the `[[vip]]` header.
+/// An error at a secret's value does not repeat the value: the controller logs a refused reload's
+/// error, and logs go further than the file. The key is named, the value masked.
+#[test]
+fn hints_do_not_repeat_a_secret() {
+    let b = r#"{ address = "198.18.0.11", port = 80 }"#;
+    for (l7, want) in [
+        ("cookie_secret = SUPERSECRET", "write cookie_secret = \"<your secret>\""),
+        ("cookie_secret = SUPER SECRET", "`cookie_secret = <your secret>` has more than one value"),
+        ("cookie_secret_previous = SUPERSECRET", "cookie_secret_previous = \"<your secret>\""),
+        (
+            "cookie_secret = 12345678901234567",
+            "`cookie_secret` = <your secret>: strings need quotes",
+        ),
+    ] {
+        let e = err(&l7_vip("198.18.1.6", b, l7, ""));
+        assert!(e.contains(want), "{l7}: {e}");
+        assert!(!e.contains("SUPER") && !e.contains("12345678"), "{l7}: {e}");
+    }
+    // Other keys' values are still said.
+    let e = err(&l7_vip("198.18.1.6", b, "cookie_name = SUPER", ""));
+    assert!(e.contains("write cookie_name = \"SUPER\""), "{e}");
+}
+
+/// A file holding a `cookie_secret` that others may read gets a caution saying so (at the
+/// secret, with the mode and the `chmod` to write); one only its owner reads, or one without a
+/// secret, none.
+#[test]
+fn a_secret_in_a_file_others_can_read_is_a_caution() {
+    use std::os::unix::fs::PermissionsExt;
+    let b = r#"{ address = "198.18.0.11", port = 80 }"#;
+    let with = l7_vip("198.18.1.6", b, "cookie_secret = \"0123456789abcdef\"", "");
+    let without = l7_vip("198.18.1.6", b, "", "");
+    let dir = std::env::temp_dir().join(format!("edgelb-secret-mode-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("edgelb.toml");
+    let load = |text: &str, mode: u32| {
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        Config::load(&path).unwrap().cautions
+    };
+    let line = with.lines().position(|l| l.starts_with("cookie_secret")).unwrap() + 1;
+    let shown = load(&with, 0o644);
+    let want = format!(
+        "{}:{line}:1: VIP `a`: cookie_secret is in a file others may read (mode 0644)",
+        path.display()
+    );
+    assert!(shown.iter().any(|c| c.starts_with(&want) && c.contains("chmod 600")), "{shown:?}");
+    assert!(load(&with, 0o640).iter().any(|c| c.contains("(mode 0640)")));
+    assert_eq!(load(&with, 0o600), Vec::<String>::new());
+    assert_eq!(load(&without, 0o644), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn errors_point_at_their_cause_not_at_the_top() {
     let b = r#"{ address = "198.18.0.11", port = 80 }"#;
@@ -2100,8 +2192,14 @@ fn prop_check_config(text: &str) -> Result<bool, String> {
         })
     };
     match (run("t.toml")?, run("other.toml")?) {
-        (Ok(a), Ok(b)) => {
+        (Ok(a), Ok(mut b)) => {
             prop_documented_rules(&a).map_err(|e| format!("accepted, but {e}"))?;
+            // Cautions name their file.
+            for c in &mut b.cautions {
+                if let Some(rest) = c.strip_prefix("other.toml:") {
+                    *c = format!("t.toml:{rest}");
+                }
+            }
             if a != b {
                 return Err(format!("parsed twice, two configs:\n{a:?}\n{b:?}"));
             }

@@ -44,17 +44,18 @@ pub enum RunError {
     /// The data path failed.
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    // Causes are in the messages, so they are not also the errors' `source()`: `edgelb run`
+    // prints the source chain, which would say them twice.
     /// Signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
-    Signals(#[source] std::io::Error),
+    Signals(std::io::Error),
     /// The metrics endpoint could not be served.
-    #[error("metrics endpoint {addr}: {source}")]
+    #[error("metrics endpoint {addr}: {error}")]
     Metrics {
         /// Listen address.
         addr: std::net::SocketAddr,
         /// Cause.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The L7 proxy could not start.
     #[error("L7 proxy: {0}")]
@@ -69,7 +70,7 @@ pub enum RunError {
     Inherited(#[from] crate::proxy::inherited::InheritError),
     /// `--takeover`: the running edgelb could not hand over.
     #[error("taking over: {0}")]
-    Takeover(#[source] AdminError),
+    Takeover(AdminError),
     /// `--takeover`: SIGINT or SIGTERM arrived before this process served; it gives up and the
     /// running edgelb goes on (a Ctrl-C on a takeover that seems stuck must not leave the node
     /// with neither).
@@ -77,14 +78,13 @@ pub enum RunError {
         "taking over: stopped by a signal before serving; the running edgelb keeps serving (or takes back over)"
     )]
     TakeoverInterrupted,
-    /// The admin socket could not be served.
-    #[error("admin socket {path}: {source}")]
+    /// The admin socket could not be served: the step that failed, and why.
+    #[error("admin socket {path}: {error}")]
     Admin {
         /// Socket path.
         path: PathBuf,
         /// Cause.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Another process holds the pinned data plane though no controller answers on the admin
     /// socket: a controller whose socket is gone. Two controllers writing one set of maps would
@@ -296,7 +296,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     // sockets, loading and attaching programs), then capabilities are dropped, and only then are
     // the helper threads started: they inherit nothing.
     let admin_listener = admin::bind(&cfg.node.admin_socket)
-        .map_err(|source| RunError::Admin { path: cfg.node.admin_socket.clone(), source })?;
+        .map_err(|error| RunError::Admin { path: cfg.node.admin_socket.clone(), error })?;
     // The socket was free, but a controller may run without it: its descriptors of the pinned
     // maps tell (the one that handed over holds them too, and is on its way out).
     if handover.is_none()
@@ -317,8 +317,9 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
             match handed_metrics.take() {
                 // The very socket the previous process served: no scrape is refused.
                 Some((a, fd)) if a == addr => std::net::TcpListener::from(fd),
-                _ => crate::metrics::bind(addr)
-                    .map_err(|source| RunError::Metrics { addr, source })?,
+                _ => {
+                    crate::metrics::bind(addr).map_err(|error| RunError::Metrics { addr, error })?
+                }
             },
         )),
         None => None,
@@ -331,7 +332,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         match &metrics_listener {
             Some((addr, l)) => Some((
                 *addr,
-                l.try_clone().map_err(|source| RunError::Metrics { addr: *addr, source })?,
+                l.try_clone().map_err(|error| RunError::Metrics { addr: *addr, error })?,
             )),
             None => None,
         };
@@ -497,12 +498,12 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         let admin_path = ctl.cfg.node.admin_socket.clone();
         ctl.admin = Some(
             admin::serve(admin_listener, admin_tx)
-                .map_err(|source| RunError::Admin { path: admin_path, source })?,
+                .map_err(|error| RunError::Admin { path: admin_path, error })?,
         );
         if let Some((addr, l)) = metrics_listener {
             ctl.metrics_serving = Some(
                 crate::metrics::serve(l, scrape_tx)
-                    .map_err(|source| RunError::Metrics { addr, source })?,
+                    .map_err(|error| RunError::Metrics { addr, error })?,
             );
             info!(%addr, "metrics on http://{addr}/metrics");
         }
@@ -1971,7 +1972,7 @@ mod tests {
         let e = DataplaneError::Attach {
             interface: "eth0".to_owned(),
             mode: "native",
-            source: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+            error: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
                 call: "bpf_link_create",
                 io_error: std::io::Error::from_raw_os_error(libc::EPERM),
             }),

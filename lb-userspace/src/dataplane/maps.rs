@@ -52,7 +52,7 @@ where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
     let map = ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))?;
-    T::try_from(map).map_err(|source| DataplaneError::Map { name, source })
+    T::try_from(map).map_err(|error| DataplaneError::Map { name, error })
 }
 
 /// Sum over CPUs of each of the first `N` slots of a per-CPU counter array.
@@ -112,11 +112,11 @@ impl Maps {
         if key.family == lb_common::AF_INET {
             self.vips_v4
                 .insert(&key.v4(), meta, 0)
-                .map_err(|source| DataplaneError::Map { name: names::VIPS_V4, source })?;
+                .map_err(|error| DataplaneError::Map { name: names::VIPS_V4, error })?;
         } else {
             self.vips
                 .insert(key, meta, 0)
-                .map_err(|source| DataplaneError::Map { name: names::VIPS, source })?;
+                .map_err(|error| DataplaneError::Map { name: names::VIPS, error })?;
         }
         self.bump_vip_epoch()
     }
@@ -125,7 +125,7 @@ impl Maps {
     /// may still use an answer from before the change for that one packet, exactly as if it had
     /// looked the table up a moment before the change.
     fn bump_vip_epoch(&mut self) -> Result<(), DataplaneError> {
-        let err = |source| DataplaneError::Map { name: names::VIP_EPOCH, source };
+        let err = |error| DataplaneError::Map { name: names::VIP_EPOCH, error };
         let epoch = self.vip_epoch.get(&0, 0).map_err(err)?;
         self.vip_epoch.set(0, &epoch.wrapping_add(1), 0).map_err(err)
     }
@@ -139,7 +139,7 @@ impl Maps {
         };
         match r {
             Ok(()) | Err(MapError::KeyNotFound) => self.bump_vip_epoch(),
-            Err(source) => Err(DataplaneError::Map { name, source }),
+            Err(error) => Err(DataplaneError::Map { name, error }),
         }
     }
 

@@ -55,37 +55,38 @@ pub static BALANCER_OBJ: &[u8] =
 /// The auxiliary programs (decap, pass, tx_swap).
 pub static AUX_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/edgelb-aux"));
 
-/// What went wrong in the data path.
+/// What went wrong in the data path. A message that names its cause renders it with the
+/// cause's own causes ([`crate::error_chain`]: aya keeps a syscall's error code in `source()`),
+/// and that cause is not also the error's `source()`: a caller that prints the source chain
+/// would say it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     /// The ELF object could not be loaded (maps created, BTF...).
     #[error("loading the eBPF object failed")]
     Load(#[from] EbpfError),
     /// A program is missing from the object or failed verification/attachment.
-    #[error("eBPF program `{name}`: {source}")]
+    #[error("eBPF program `{name}`: {}", crate::error_chain(error))]
     Program {
         /// Program name.
         name: &'static str,
         /// Cause.
-        #[source]
-        source: ProgramError,
+        error: ProgramError,
     },
     /// A map the code expects is not in the object.
     #[error("map `{0}` is missing from the eBPF object")]
     MissingMap(&'static str),
     /// A map operation failed.
-    #[error("map `{name}`: {source}")]
+    #[error("map `{name}`: {}", crate::error_chain(error))]
     Map {
         /// Map name.
         name: &'static str,
         /// Cause.
-        #[source]
-        source: MapError,
+        error: MapError,
     },
     /// The interface already has an XDP program that another tool attached (the kernel's EBUSY
     /// or EEXIST): no mode would do, and a fallback to generic mode would only hide the cause.
     #[error(
-        "`{interface}` already has an XDP program that is not this edgelb's ({mode} attach: {source}); `ip -d link show {interface}` names it: detach it, or take the interface out of node.interfaces"
+        "`{interface}` already has an XDP program that is not this edgelb's ({mode} attach: {error}); `ip -d link show {interface}` names it: detach it, or take the interface out of node.interfaces"
     )]
     Held {
         /// Interface name.
@@ -93,15 +94,14 @@ pub enum DataplaneError {
         /// Mode tried.
         mode: &'static str,
         /// Cause.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The interface already runs edgelb's own balancer program, but not through a link pinned
     /// in this `node.pin_dir`: the pin directory was changed under a running data plane, or
     /// another edgelb instance balances there. Said apart from [`DataplaneError::Held`], whose
     /// "another tool's program" would send the operator looking for the wrong culprit.
     #[error(
-        "`{interface}` already runs edgelb's own XDP balancer (program id {prog_id}){found}, not through a link pinned in this node.pin_dir ({pin_dir}) ({mode} attach: {source}). Likely node.pin_dir was changed while that data plane ran (a controller stopped with --detach, or still running), or another edgelb instance balances on this interface. To move to this pin_dir, remove the old data plane first (`edgelb stop` with the config that names the old pin_dir; removing its link pin detaches it), or set node.pin_dir back; for another instance, give each its own interfaces"
+        "`{interface}` already runs edgelb's own XDP balancer (program id {prog_id}){found}, not through a link pinned in this node.pin_dir ({pin_dir}) ({mode} attach: {error}). Likely node.pin_dir was changed while that data plane ran (a controller stopped with --detach, or still running), or another edgelb instance balances on this interface. To move to this pin_dir, remove the old data plane first (`edgelb stop` with the config that names the old pin_dir; removing its link pin detaches it), or set node.pin_dir back; for another instance, give each its own interfaces"
     )]
     HeldByEdgelb {
         /// Interface name.
@@ -115,19 +115,17 @@ pub enum DataplaneError {
         /// This process's pin directory.
         pin_dir: String,
         /// Cause.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Attaching to an interface failed.
-    #[error("attaching XDP to `{interface}` ({mode}) failed: {source}")]
+    #[error("attaching XDP to `{interface}` ({mode}) failed: {}", crate::error_chain(error))]
     Attach {
         /// Interface name.
         interface: String,
         /// Mode tried.
         mode: &'static str,
         /// Cause.
-        #[source]
-        source: ProgramError,
+        error: ProgramError,
     },
     /// Pinning a link failed.
     #[error("pinning to {path}: {reason}")]
@@ -148,14 +146,13 @@ pub enum DataplaneError {
     /// there or not. Taken for "no such interface", it had a start refuse a healthy interface,
     /// or pins follow a rename that never happened.
     #[error(
-        "looking up network interface {interface} failed ({source}); whether it is there could not be told: the lookup needs a socket, is this process out of descriptors or memory?"
+        "looking up network interface {interface} failed ({error}); whether it is there could not be told: the lookup needs a socket, is this process out of descriptors or memory?"
     )]
     Lookup {
         /// The interface, as words for the message (`` `eth0` ``, "of index 7").
         interface: String,
         /// Cause.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The link pin `edgelb decap` would replace or remove holds something other than the
     /// decapsulator: with `--pin-dir` at a balancer's pin directory, the balancer's own link,
@@ -237,7 +234,7 @@ pub enum DataplaneError {
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { name, source }
+    move |error| DataplaneError::Map { name, error }
 }
 
 /// Address words of `addr` as the data path stores them (see lb-common).
@@ -875,11 +872,10 @@ impl Dataplane {
             .override_global(lb_common::globals::CT_V6_BUCKETS, &v6_buckets, true);
         let mut ebpf = loader.load(BALANCER_OBJ)?;
         let prog: &mut Xdp = program(&mut ebpf, programs::BALANCER)?;
-        prog.load()
-            .map_err(|source| DataplaneError::Program { name: programs::BALANCER, source })?;
+        prog.load().map_err(|error| DataplaneError::Program { name: programs::BALANCER, error })?;
         let prog_id = prog
             .info()
-            .map_err(|source| DataplaneError::Program { name: programs::BALANCER, source })?
+            .map_err(|error| DataplaneError::Program { name: programs::BALANCER, error })?
             .id();
         let maps = Maps::take(&mut ebpf)?;
         let mut dp = Dataplane {
@@ -1894,8 +1890,8 @@ fn global_config(cfg: &Config) -> GlobalConfig {
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
     let prog = ebpf
         .program_mut(name)
-        .ok_or(DataplaneError::Program { name, source: ProgramError::UnexpectedProgramType })?;
-    prog.try_into().map_err(|source| DataplaneError::Program { name, source })
+        .ok_or(DataplaneError::Program { name, error: ProgramError::UnexpectedProgramType })?;
+    prog.try_into().map_err(|error| DataplaneError::Program { name, error })
 }
 
 /// The maps hold no more VIPs.
@@ -1991,9 +1987,9 @@ fn running_mode(interface: &str) -> &'static str {
 /// info), naming where that program's link is pinned if a pin of it is found under bpffs.
 /// Anything else, or a holder that cannot be looked at, stays as it was.
 fn own_program_holds(e: DataplaneError, pin: Option<&Path>) -> DataplaneError {
-    let DataplaneError::Held { interface, mode, source } = e else { return e };
+    let DataplaneError::Held { interface, mode, error } = e else { return e };
     let Some(prog_id) = balancer_on(&interface) else {
-        return DataplaneError::Held { interface, mode, source };
+        return DataplaneError::Held { interface, mode, error };
     };
     let found = match pinned_link_of(&interface, prog_id) {
         Some(path) => format!(", its link pinned at {}", path.display()),
@@ -2004,7 +2000,7 @@ fn own_program_holds(e: DataplaneError, pin: Option<&Path>) -> DataplaneError {
     let pin_dir = pin
         .and_then(Path::parent)
         .map_or_else(|| "none: not pinned".to_owned(), |d| d.display().to_string());
-    DataplaneError::HeldByEdgelb { interface, mode, prog_id, found, pin_dir, source }
+    DataplaneError::HeldByEdgelb { interface, mode, prog_id, found, pin_dir, error }
 }
 
 /// The id of edgelb's balancer program when it is the XDP program on `interface` (in this
@@ -2146,7 +2142,7 @@ fn lost_its_device(e: &DataplaneError) -> bool {
     matches!(
         e,
         DataplaneError::Attach {
-            source: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. }),
+            error: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. }),
             ..
         } if io_error.raw_os_error() == Some(libc::ENOLINK)
     )
@@ -2183,10 +2179,10 @@ fn replace_program(prog: &mut Xdp, pin: &Path, interface: &str) -> Result<FdLink
     let pin_err = |reason: String| DataplaneError::Pin { path: pin.to_owned(), reason };
     let pinned = PinnedLink::from_pin(pin).map_err(|e| pin_err(e.to_string()))?;
     let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_err(e.to_string()))?;
-    let id = prog.attach_to_link(link).map_err(|source| DataplaneError::Attach {
+    let id = prog.attach_to_link(link).map_err(|error| DataplaneError::Attach {
         interface: interface.to_owned(),
         mode: "replace",
-        source,
+        error,
     })?;
     // Opened from a pin, it is a descriptor link: the conversion does not fail.
     let link = prog.take_link(id).map_err(|e| pin_err(e.to_string()))?;
@@ -2224,9 +2220,9 @@ fn follow_renames(dir: &Path, interface: &str) -> Result<(), DataplaneError> {
     };
     if let LinkPin::Renamed { ifindex, .. } = inspect_link_pin(&pin, interface, LinkRole::Balancer)?
     {
-        let new = interface_name(ifindex).map_err(|source| DataplaneError::Lookup {
+        let new = interface_name(ifindex).map_err(|error| DataplaneError::Lookup {
             interface: format!("of index {ifindex}"),
-            source,
+            error,
         })?;
         let Some(new) = new else {
             return Err(DataplaneError::Pin {
@@ -2397,7 +2393,7 @@ pub fn interface_index(name: &str) -> Result<Option<u32>, DataplaneError> {
 
 /// [`DataplaneError::Lookup`] of the interface `name`.
 fn lookup_failed(name: &str) -> impl FnOnce(std::io::Error) -> DataplaneError + '_ {
-    move |source| DataplaneError::Lookup { interface: format!("`{name}`"), source }
+    move |error| DataplaneError::Lookup { interface: format!("`{name}`"), error }
 }
 
 /// Attaches `prog` to `interface` in `mode` (auto: native, then generic with a warning): by
@@ -2412,7 +2408,7 @@ fn attach_xdp(
     let name = CString::new(interface).map_err(|_| DataplaneError::Attach {
         interface: interface.to_owned(),
         mode: "none",
-        source: ProgramError::UnexpectedProgramType,
+        error: ProgramError::UnexpectedProgramType,
     })?;
     let target = || match ifindex {
         Some(i) => aya::programs::NetworkInterface::Index(i),
@@ -2425,9 +2421,9 @@ fn attach_xdp(
                 ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. })
                     if matches!(io_error.raw_os_error(), Some(libc::EBUSY | libc::EEXIST)) =>
                 {
-                    DataplaneError::Held { interface, mode: label, source: io_error }
+                    DataplaneError::Held { interface, mode: label, error: io_error }
                 }
-                source => DataplaneError::Attach { interface, mode: label, source },
+                error => DataplaneError::Attach { interface, mode: label, error },
             }
         })
     };
@@ -2564,10 +2560,8 @@ pub fn attach_decap(
     let prog = program(&mut aux.ebpf, programs::DECAP)?;
     // The link is let go of on return: its pin keeps it attached.
     let (used, replaced, _link) = attach_pinned(prog, interface, mode, Some(&pin))?;
-    let prog_id = prog
-        .info()
-        .map_err(|source| DataplaneError::Program { name: programs::DECAP, source })?
-        .id();
+    let prog_id =
+        prog.info().map_err(|error| DataplaneError::Program { name: programs::DECAP, error })?.id();
     let found = match ifindex(interface).and_then(|i| netlink::xdp_attachment(i.unwrap_or(0))) {
         Ok(Some(a)) if a.runs(prog_id) => return Ok(if replaced { "replaced" } else { used }),
         Ok(Some(a)) => format!("XDP program id {}", a.prog_id),
@@ -2725,7 +2719,7 @@ fn inspect_link_pin(
     let runs = |i: u32| match netlink::xdp_attachment(i) {
         Ok(a) => Ok(a.is_some_and(|a| a.runs(prog_id))),
         Err(e) if crate::proxy::out_of_resources(&e) => {
-            Err(DataplaneError::Lookup { interface: format!("of index {i}"), source: e })
+            Err(DataplaneError::Lookup { interface: format!("of index {i}"), error: e })
         }
         Err(_) => Ok(false),
     };
@@ -2871,7 +2865,7 @@ impl AuxPrograms {
         {
             program(&mut ebpf, name)?
                 .load()
-                .map_err(|source| DataplaneError::Program { name, source })?;
+                .map_err(|error| DataplaneError::Program { name, error })?;
         }
         Ok(AuxPrograms { ebpf })
     }
@@ -2965,6 +2959,24 @@ mod tests {
         interface_state, link_fdinfo, mode_differs, no_such_interface, pin_dir_ready,
         why_no_socket,
     };
+
+    /// A failed attach says the syscall and its error code once, whether the chain is printed
+    /// (`edgelb run`) or only the message (a reload's answer): aya keeps the code in the
+    /// syscall error's `source()`.
+    #[test]
+    fn an_attach_error_says_the_syscall_and_its_code_once() {
+        let e = super::DataplaneError::Attach {
+            interface: "eth0".into(),
+            mode: "native",
+            error: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_link_create",
+                io_error: std::io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+            }),
+        };
+        let want = "attaching XDP to `eth0` (native) failed: `bpf_link_create` failed: Operation not supported (os error 95)";
+        assert_eq!(e.to_string(), want);
+        assert_eq!(crate::error_chain(&e), want);
+    }
 
     /// A rolling replacement of one backend per reload spreads its ids over every free one, so
     /// a generation (of which connection-table entries keep 12 bits) wraps only after 4096
@@ -3104,7 +3116,7 @@ mod tests {
         let e = DataplaneError::Attach {
             interface: "eth0".to_owned(),
             mode: "native",
-            source: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+            error: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
                 call: "bpf_link_create",
                 io_error: std::io::Error::from_raw_os_error(libc::EOPNOTSUPP),
             }),

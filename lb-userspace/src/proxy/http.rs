@@ -388,13 +388,14 @@ fn finished_cut(
 ) {
     vip.count(status);
     if vip.cfg.access_log {
-        // httparse admits only visible ASCII in methods and targets: nothing to escape.
+        // The method and target are the client's bytes; httparse admits any byte from 0x80 up
+        // (as UTF-8) in a target. No header is logged.
         tracing::info!(
             target: "edgelb::access",
             vip = %vip.name,
             client = %client_ip(peer),
-            method = %req.map_or("-", |r| r.method()),
-            target = %req.map_or("-", |r| r.path()),
+            method = %Escaped(req.map_or("-", |r| r.method())),
+            target = %Escaped(req.map_or("-", |r| r.path())),
             status,
             backend = %backend.map(|b| b.to_string()).as_deref().unwrap_or("-"),
             ms = started.map_or(0.0, |s| s.elapsed().as_secs_f64() * 1000.0),
@@ -402,6 +403,30 @@ fn finished_cut(
             cut_body = %cut_body.map_or("-", Cut::as_str),
             "request"
         );
+    }
+}
+
+/// A client-sent field as the access log writes it: each byte outside visible ASCII
+/// (0x21-0x7E) as `%XX`, so that a client cannot put a control (a C1 CSI, which a terminal
+/// showing the log obeys), a line separator (U+2028) or anything else invisible into a log line.
+/// Written straight into the formatter: nothing is allocated, and a field with nothing to escape
+/// (the common case) is one write.
+struct Escaped<'a>(&'a str);
+
+impl std::fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.0;
+        let mut start = 0;
+        for (i, c) in s.char_indices() {
+            if !c.is_ascii_graphic() {
+                f.write_str(&s[start..i])?;
+                for b in c.encode_utf8(&mut [0; 4]).bytes() {
+                    write!(f, "%{b:02X}")?;
+                }
+                start = i + c.len_utf8();
+            }
+        }
+        f.write_str(&s[start..])
     }
 }
 
@@ -3296,6 +3321,32 @@ mod tests {
         let r = parse_request(&mut buf, 64).ok().flatten().expect("a complete head");
         assert!(buf.is_empty());
         r
+    }
+
+    /// Every byte outside visible ASCII is `%XX` (each byte of a character's UTF-8), and a field
+    /// with nothing to escape goes to the formatter in one write.
+    #[test]
+    fn access_log_fields_escape_what_is_not_visible_ascii() {
+        for (field, want) in [
+            ("/a?b=%41&c", "/a?b=%41&c"),
+            ("/\u{9b}31m", "/%C2%9B31m"),
+            ("/a\u{2028}b", "/a%E2%80%A8b"),
+            ("\u{e9}", "%C3%A9"),
+            ("/a b\x1b\x7f", "/a%20b%1B%7F"),
+            ("", ""),
+        ] {
+            assert_eq!(Escaped(field).to_string(), want, "{field:?}");
+        }
+        struct Writes(usize);
+        impl std::fmt::Write for Writes {
+            fn write_str(&mut self, _: &str) -> std::fmt::Result {
+                self.0 += 1;
+                Ok(())
+            }
+        }
+        let mut w = Writes(0);
+        write!(w, "{}", Escaped("/static/app.js?v=1")).unwrap();
+        assert_eq!(w.0, 1);
     }
 
     #[test]

@@ -668,28 +668,28 @@ pub struct Proxy {
     sockets: Vec<(SocketAddr, std::net::TcpListener)>,
 }
 
-/// Why the proxy could not start.
+/// Why the proxy could not start. A cause is in the message, so it is not also the error's
+/// `source()`: a caller that prints the source chain would say it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// A listener could not be bound.
-    #[error("L7 VIP `{vip}`: binding {addr}: {source}")]
+    #[error("L7 VIP `{vip}`: binding {addr}: {error}")]
     Bind {
         /// VIP name.
         vip: String,
         /// Address.
         addr: SocketAddr,
         /// Cause.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A thread could not be started.
     #[error("starting an L7 thread: {0}")]
-    Thread(#[source] std::io::Error),
+    Thread(std::io::Error),
     /// The kernel refused an io_uring instance.
     #[error(
         "io_uring is unavailable ({0}): the L7 proxy needs it; the kernel may deny it (sysctl kernel.io_uring_disabled, a seccomp profile, the memory limit)"
     )]
-    IoUring(#[source] std::io::Error),
+    IoUring(std::io::Error),
 }
 
 /// Creates and drops one proxy thread's io_uring runtime: an edgelb that cannot run its L7
@@ -768,7 +768,7 @@ impl Proxy {
                 }
                 for l in passed {
                     let l =
-                        l.map_err(|source| ProxyError::Bind { vip: vip.clone(), addr, source })?;
+                        l.map_err(|error| ProxyError::Bind { vip: vip.clone(), addr, error })?;
                     socks.push((vip.clone(), addr, mode, l));
                 }
             }
@@ -820,11 +820,7 @@ impl Proxy {
                 let dup = l.try_clone();
                 Ok((
                     *addr,
-                    dup.map_err(|source| ProxyError::Bind {
-                        vip: vip.clone(),
-                        addr: *addr,
-                        source,
-                    })?,
+                    dup.map_err(|error| ProxyError::Bind { vip: vip.clone(), addr: *addr, error })?,
                 ))
             })
             .collect::<Result<Vec<_>, ProxyError>>()?;
