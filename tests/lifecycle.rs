@@ -3554,10 +3554,10 @@ fn an_interface_mtu_below_node_mtu_is_said_at_start_and_while_running() {
     assert!(exported(1500));
 }
 
-/// A `node.gateway_mac` that is not the MAC the kernel's neighbour table gives the interface's
-/// default-route gateway (a router replaced, a failover without a virtual MAC: the kernel
-/// follows, the config does not) is logged as an error naming both, and exported, within a
-/// look (every 10 s); the neighbour entry back at the configured MAC clears it, and so does a
+/// A `node.gateway_mac` that is not the MAC the kernel's neighbour table gives the gateway of
+/// the route to the backends out of the interface (a router replaced, a failover without a
+/// virtual MAC: the kernel follows, the config does not) is logged as an error naming both,
+/// and exported, within a look (every 10 s); the neighbour entry back at the configured MAC clears it, and so does a
 /// reload of a file that names the gateway's new MAC, at once. Nothing was said before: every
 /// ipip packet went to a stale MAC while the health checks stayed green.
 #[test]
@@ -3582,20 +3582,22 @@ fn a_gateway_mac_the_kernel_does_not_give_the_gateway_is_said() {
         }
     };
     let said = format!(
-        "node.gateway_mac is {configured}, but the kernel's neighbour table gives the default-route gateway on xa0 {}",
+        "node.gateway_mac is {configured}, but the kernel's neighbour table gives the gateway of the route to the backends on xa0 {}",
         VethBed::GATEWAY_MAC
     );
     bed.wait_log(&e, &said, 1, Duration::from_secs(3));
     wait_gauge(true, Duration::from_secs(3));
     // The kernel's entry at the configured MAC: cleared within a look.
     bed.set_gateway_mac(configured);
-    let again = "node.gateway_mac is the MAC the kernel gives the default-route gateway";
+    let again =
+        "node.gateway_mac is the MAC the kernel gives the gateway of the route to the backends";
     bed.wait_log(&e, again, 1, Duration::from_secs(12));
     wait_gauge(false, Duration::from_secs(2));
     // The gateway moves to another MAC: said again, once, naming it.
     let moved = "02:ed:00:00:64:02";
     bed.set_gateway_mac(moved);
-    bed.wait_log(&e, &format!("default-route gateway on xa0 {moved}"), 1, Duration::from_secs(12));
+    let said_moved = format!("route to the backends on xa0 {moved}");
+    bed.wait_log(&e, &said_moved, 1, Duration::from_secs(12));
     wait_gauge(true, Duration::from_secs(2));
     // A reload naming the new MAC clears it at once, not at the next look.
     let text = std::fs::read_to_string(&bed.config).unwrap().replace(configured, moved);

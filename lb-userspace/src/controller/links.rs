@@ -1,26 +1,57 @@
 //! What the kernel says of the attached interfaces that the config must agree with, looked at
 //! at a start, at each reload and while edgelb runs: each interface's MTU against `node.mtu`
 //! ([`super::mtu_mismatches`], every sample), and `node.gateway_mac` against the MAC the
-//! kernel's neighbour table gives each interface's default-route gateway ([`gateway_macs`],
-//! every [`GATEWAY_EVERY`]). Both can change under a running edgelb (`ip link set ... mtu`; a
+//! kernel's neighbour table gives the gateway of the route to the backends out of each
+//! interface ([`LinkWatch::judge_gateways`], every [`GATEWAY_EVERY`]). Both can change under a running edgelb (`ip link set ... mtu`; a
 //! router replaced, a failover without a virtual MAC), and nothing else would tell: the packets
 //! are lost past the node (too big, or sent to a MAC nobody has) while the health checks,
 //! through the kernel, stay green. Asked over netlink, in edgelb's own network namespace: sysfs
 //! shows the namespace of whoever mounted it, which under `nsenter --net` is not edgelb's.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use tracing::{debug, error, info, warn};
 
 use super::{Controller, mtu_mismatches, same_warnings};
 use crate::{
     config::{Config, Forwarding},
-    dataplane::netlink::{self, Gateway, Neighbour},
+    dataplane::netlink,
 };
 
-/// How often `node.gateway_mac` is compared with the gateways' MACs: each look reads the
-/// kernel's routes and neighbour entries whole, which on a busy router-facing node are many.
+/// How often `node.gateway_mac` is compared with the gateways' MACs: each look asks the
+/// kernel a route and a neighbour entry per interface and address family (no table is read
+/// whole), cheap, but a gateway's MAC seldom changes.
 const GATEWAY_EVERY: Duration = Duration::from_secs(10);
+
+/// A gateway's MAC the neighbour table gave: that of the route to the backends of one address
+/// family out of one interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct GatewaySeen {
+    interface: String,
+    /// The route is to an IPv6 backend (else an IPv4 one).
+    v6: bool,
+    /// The gateway's address.
+    address: IpAddr,
+    /// Its MAC, as last known.
+    mac: [u8; 6],
+}
+
+/// What one look found of the route to a backend of one family out of one interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum GatewayLook {
+    /// The route goes through the gateway of this address, whose MAC the neighbour table
+    /// gives, if it holds one it goes by.
+    Via(IpAddr, Option<[u8; 6]>),
+    /// The route has no gateway out of this interface (the backends on the link, or reached
+    /// by another interface): nothing to compare.
+    NoGateway,
+}
+
+/// A mismatch as logged: (interface, `node.gateway_mac`, the gateways' MACs it is not).
+type GatewayMismatch = (String, [u8; 6], Vec<[u8; 6]>);
 
 /// What the controller last saw of the attached interfaces.
 #[derive(Debug, Default)]
@@ -30,13 +61,13 @@ pub(super) struct LinkWatch {
     pub(super) gro: Vec<String>,
     /// (interface, MTU) as last read ([`link_mtus`]), for `edgelb_interface_mtu`.
     pub(super) mtus: Vec<(String, u32)>,
-    /// Per interface, the MACs the neighbour table last gave its default-route gateways
-    /// ([`gateway_macs`]). An interface whose gateways had none known (no default route on it,
-    /// or an entry gone) keeps those of the last look that found some: an entry that expires
-    /// says nothing of the gateway.
-    gateway_seen: Vec<(String, Vec<[u8; 6]>)>,
-    /// The mismatches last logged: (interface, `node.gateway_mac`, its gateways' MACs).
-    gateway_reported: Vec<(String, [u8; 6], Vec<[u8; 6]>)>,
+    /// Per (interface, address family), the gateway of the route to the backends and its last
+    /// known MAC. A look that finds no MAC for the same gateway (its entry expired, or being
+    /// resolved again), or that could not ask, keeps it: an entry missing for a moment says
+    /// nothing of the gateway, and the error must not come and go with it.
+    gateway_seen: Vec<GatewaySeen>,
+    /// The mismatches last logged.
+    gateway_reported: Vec<GatewayMismatch>,
     /// When the gateways are next looked at; `None`: at the next sample (a start, a reload).
     gateway_due: Option<Instant>,
 }
@@ -64,35 +95,97 @@ impl LinkWatch {
         let mismatched = |i: &String| self.gateway_reported.iter().any(|(r, ..)| r == i);
         cfg.node.interfaces.iter().map(|i| (i.clone(), mismatched(i))).collect()
     }
+
+    /// Takes in a look at the gateways (`looks`: (interface, IPv6, what was found), none for
+    /// a route or entry that could not be asked) and returns the mismatches to log (new ones)
+    /// and the interfaces whose mismatch is gone. A gateway whose MAC is not known this time
+    /// keeps its last one; another gateway, or none, replaces it. Only the families `used`
+    /// sends to `node.gateway_mac` are compared: with VRRP, the IPv4 and IPv6 virtual MACs
+    /// differ, and IPv4 backends say nothing of the IPv6 gateway.
+    pub(super) fn judge_gateways(
+        &mut self,
+        interfaces: &[String],
+        used: &GatewayUse,
+        looks: Vec<(String, bool, GatewayLook)>,
+    ) -> (Vec<GatewayMismatch>, Vec<String>) {
+        for (interface, v6, look) in looks {
+            let seen = &mut self.gateway_seen;
+            let at = seen.iter().position(|s| s.interface == interface && s.v6 == v6);
+            match (look, at) {
+                (GatewayLook::Via(address, Some(mac)), Some(at)) => {
+                    (seen[at].address, seen[at].mac) = (address, mac)
+                }
+                (GatewayLook::Via(address, Some(mac)), None) => {
+                    seen.push(GatewaySeen { interface, v6, address, mac })
+                }
+                (GatewayLook::Via(address, None), Some(at)) if seen[at].address == address => {}
+                (_, Some(at)) => drop(seen.remove(at)),
+                (_, None) => {}
+            }
+        }
+        let families = [used.v4.is_some(), used.v6.is_some()];
+        let now: Vec<GatewayMismatch> = interfaces
+            .iter()
+            .filter_map(|i| {
+                let mut macs: Vec<[u8; 6]> = self
+                    .gateway_seen
+                    .iter()
+                    .filter(|s| &s.interface == i && families[usize::from(s.v6)])
+                    .map(|s| s.mac)
+                    .filter(|m| *m != used.mac)
+                    .collect();
+                macs.sort_unstable();
+                macs.dedup();
+                (!macs.is_empty()).then(|| (i.clone(), used.mac, macs))
+            })
+            .collect();
+        let new = now.iter().filter(|m| !self.gateway_reported.contains(m)).cloned().collect();
+        let gone = self
+            .gateway_reported
+            .iter()
+            .filter(|(r, ..)| !now.iter().any(|(i, ..)| i == r))
+            .map(|(r, ..)| r.clone())
+            .collect();
+        self.gateway_reported = now;
+        (new, gone)
+    }
 }
 
-/// `node.gateway_mac`, when some packets go to it: those of an ipip VIP's backend without a
-/// `mac` of its own.
-fn gateway_in_use(cfg: &Config) -> Option<[u8; 6]> {
-    let used = cfg
+/// `node.gateway_mac` and the backends that send to it: one IPv4 and one IPv6 address (when
+/// there are such) of the ipip VIPs' backends without a `mac` of their own, whose routes'
+/// gateways it is compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct GatewayUse {
+    /// `node.gateway_mac`.
+    mac: [u8; 6],
+    /// An IPv4 backend that goes to it.
+    v4: Option<IpAddr>,
+    /// An IPv6 backend that goes to it.
+    v6: Option<IpAddr>,
+}
+
+/// `node.gateway_mac`, when some packets go to it (those of an ipip VIP's backend without a
+/// `mac` of its own), with a backend of each family that does.
+fn gateway_in_use(cfg: &Config) -> Option<GatewayUse> {
+    let mut backends = cfg
         .vips
         .iter()
-        .any(|v| v.forwarding == Forwarding::Ipip && v.backends.iter().any(|b| b.mac.is_none()));
-    cfg.node.gateway_mac.filter(|_| used)
+        .filter(|v| v.forwarding == Forwarding::Ipip)
+        .flat_map(|v| v.backends.iter().filter(|b| b.mac.is_none()).map(|b| b.address));
+    let v4 = backends.clone().find(IpAddr::is_ipv4);
+    let v6 = backends.find(IpAddr::is_ipv6);
+    let mac = cfg.node.gateway_mac?;
+    (v4.is_some() || v6.is_some()).then_some(GatewayUse { mac, v4, v6 })
 }
 
-/// The MACs the neighbour table gives the gateways of the default routes (`gateways`) that
-/// leave by the interface of index `ifindex`, each once: the router XDP's encapsulated packets
-/// go to when their backend has no `mac`. Empty when none is known.
-pub(super) fn gateway_macs(
-    ifindex: u32,
-    gateways: &[Gateway],
-    neighbours: &[Neighbour],
-) -> Vec<[u8; 6]> {
-    let mut macs: Vec<[u8; 6]> = gateways
-        .iter()
-        .filter(|g| g.ifindex == ifindex)
-        .filter_map(|g| neighbours.iter().find(|n| n.ifindex == ifindex && n.address == g.address))
-        .map(|n| n.lladdr)
-        .collect();
-    macs.sort_unstable();
-    macs.dedup();
-    macs
+/// What the kernel gives of the route to `backend` out of the interface of index `ifindex`:
+/// its gateway, and the MAC the neighbour table holds for it.
+fn look_at_gateway(backend: IpAddr, ifindex: u32) -> std::io::Result<GatewayLook> {
+    let Some(gateway) = netlink::gateway_to(backend, ifindex)? else {
+        return Ok(GatewayLook::NoGateway);
+    };
+    let neighbour = netlink::neighbour(ifindex, gateway.address)?;
+    Ok(GatewayLook::Via(gateway.address, neighbour.map(|n| n.lladdr)))
 }
 
 /// A MAC as `ip` and the config write it.
@@ -100,8 +193,8 @@ fn mac_text(mac: &[u8; 6]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
-/// The error logged when `node.gateway_mac` (`configured`) is none of the MACs (`seen`) the
-/// kernel gives the default-route gateways on `interface`.
+/// The error logged when `node.gateway_mac` (`configured`) is not the MACs (`seen`) the
+/// kernel gives the gateways of the routes to the backends out of `interface`.
 pub(super) fn gateway_mismatch_message(
     interface: &str,
     configured: &[u8; 6],
@@ -113,7 +206,7 @@ pub(super) fn gateway_mismatch_message(
         _ => "node.gateway_mac to the gateway's MAC".to_owned(),
     };
     format!(
-        "node.gateway_mac is {}, but the kernel's neighbour table gives the default-route gateway on {interface} {}: ipip packets to backends without a `mac` of their own go to a MAC that is not the gateway's (a router replaced, a failover without a virtual MAC?) and are lost past the node, while the health checks, which go through the kernel, stay up. If the gateway is right, set {fix} and `edgelb reload` (edgelb does not rewrite it itself)",
+        "node.gateway_mac is {}, but the kernel's neighbour table gives the gateway of the route to the backends on {interface} {}: ipip packets to backends without a `mac` of their own go to a MAC that is not the gateway's (a router replaced, a failover without a virtual MAC?) and are lost past the node, while the health checks, which go through the kernel, stay up. If the gateway is right, set {fix} and `edgelb reload` (edgelb does not rewrite it itself)",
         mac_text(configured),
         seen.join(", ")
     )
@@ -150,56 +243,40 @@ impl Controller {
         }
     }
 
-    /// Compares `node.gateway_mac`, when it is used ([`gateway_in_use`]), with the MACs the
-    /// kernel gives each interface's default-route gateways ([`gateway_macs`]): logs an error
-    /// once when it is none of them (and again when they change), and that it is again when it
-    /// is. Nothing is rewritten: the MAC in the file is the operator's to fix (a neighbour
-    /// entry can be spoofed; a rewrite would follow it).
+    /// Compares `node.gateway_mac`, when it is used ([`gateway_in_use`]), with the MAC the
+    /// kernel gives the gateway of the route to the backends out of each interface, per
+    /// address family ([`LinkWatch::judge_gateways`]): logs an error once when it differs (and
+    /// again when the MACs change), and that it is the gateways' again when it is. Nothing is
+    /// rewritten: the MAC in the file is the operator's to fix (a neighbour entry can be
+    /// spoofed; a rewrite would follow it). A backend on the link (a route without a gateway)
+    /// is not compared: each such backend has a MAC of its own, which one gateway MAC cannot
+    /// be.
     fn watch_gateway(&mut self) {
-        let Some(configured) = gateway_in_use(&self.cfg) else {
+        let Some(used) = gateway_in_use(&self.cfg) else {
             self.links.gateway_seen.clear();
             self.links.gateway_reported.clear();
             return;
         };
-        let tables = netlink::default_gateways().and_then(|g| Ok((g, netlink::neighbours()?)));
-        let (gateways, neighbours) = match tables {
-            Ok(t) => t,
-            Err(e) => {
-                // Out of descriptors, most likely: said where that is; the last look stands.
-                debug!(error = %e, "reading the routes and neighbours to check node.gateway_mac");
-                return;
-            }
-        };
+        let mut looks = Vec::new();
         for interface in &self.cfg.node.interfaces {
             let Ok(Some(link)) = netlink::link_info(interface) else { continue };
-            let macs = gateway_macs(link.index, &gateways, &neighbours);
-            if macs.is_empty() {
-                continue;
-            }
-            let seen = &mut self.links.gateway_seen;
-            match seen.iter_mut().find(|(i, _)| i == interface) {
-                Some((_, m)) => *m = macs,
-                None => seen.push((interface.clone(), macs)),
+            for backend in [used.v4, used.v6].into_iter().flatten() {
+                match look_at_gateway(backend, link.index) {
+                    Ok(look) => looks.push((interface.clone(), backend.is_ipv6(), look)),
+                    // No route out of it, or out of descriptors: the last look stands.
+                    Err(e) => {
+                        debug!(%interface, %backend, error = %e, "asking the kernel the route to a backend and its gateway's MAC to check node.gateway_mac")
+                    }
+                }
             }
         }
-        let now: Vec<(String, [u8; 6], Vec<[u8; 6]>)> = self
-            .links
-            .gateway_seen
-            .iter()
-            .filter(|(i, macs)| self.cfg.node.interfaces.contains(i) && !macs.contains(&configured))
-            .map(|(i, macs)| (i.clone(), configured, macs.clone()))
-            .collect();
-        for (interface, configured, seen) in
-            now.iter().filter(|m| !self.links.gateway_reported.contains(m))
-        {
+        let (new, gone) = self.links.judge_gateways(&self.cfg.node.interfaces, &used, looks);
+        for (interface, configured, seen) in &new {
             error!(%interface, "{}", gateway_mismatch_message(interface, configured, seen));
         }
-        for (interface, ..) in &self.links.gateway_reported {
-            if !now.iter().any(|(i, ..)| i == interface) {
-                info!(%interface, gateway_mac = %mac_text(&configured), "node.gateway_mac is the MAC the kernel gives the default-route gateway on this interface again");
-            }
+        for interface in gone {
+            info!(%interface, gateway_mac = %mac_text(&used.mac), "node.gateway_mac is the MAC the kernel gives the gateway of the route to the backends on this interface again");
         }
-        self.links.gateway_reported = now;
     }
 
     /// Logs the MTU and GRO warnings `now`, when they are not those last logged
@@ -228,32 +305,66 @@ mod tests {
         Config::parse(text, std::path::Path::new("t.toml")).expect("valid test config")
     }
 
-    /// The gateways' MACs are those of the neighbour entries of the default routes' gateways
-    /// on that interface, each once; another interface's gateway, or an entry of the same
-    /// address on another interface, is not this one's.
+    /// With VRRP the IPv4 and IPv6 gateways have different virtual MACs. A look that finds
+    /// the IPv4 gateway's neighbour entry missing (expired, or in PROBE before NUD_PROBE
+    /// counted) logs nothing new and keeps the gauge: the gateway keeps its last MAC (the
+    /// error used to fire, the set then holding the IPv6 MAC only). The IPv6 gateway's MAC is
+    /// not compared while only IPv4 backends use `node.gateway_mac`; with IPv6 ones too, it is.
+    /// Another gateway, or a MAC that changes, is judged anew; one that is right again clears.
     #[test]
-    fn the_gateway_macs_are_those_of_the_default_routes_on_the_interface() {
-        let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
-        let gateways = [
-            Gateway { ifindex: 7, address: ip("198.18.64.1") },
-            Gateway { ifindex: 7, address: ip("fe80::1") },
-            Gateway { ifindex: 8, address: ip("198.18.65.1") },
-        ];
-        let (a, b, c) = ([2, 0, 0, 0, 0, 0xa], [2, 0, 0, 0, 0, 0xb], [2, 0, 0, 0, 0, 0xc]);
-        let n =
-            |ifindex, address: &str, lladdr| Neighbour { ifindex, address: ip(address), lladdr };
-        let neighbours = [
-            n(7, "198.18.64.1", b),
-            n(7, "fe80::1", b),
-            n(7, "198.18.64.9", c),
-            n(8, "198.18.64.1", c),
-            n(8, "198.18.65.1", a),
-        ];
-        assert_eq!(gateway_macs(7, &gateways, &neighbours), [b]);
-        assert_eq!(gateway_macs(8, &gateways, &neighbours), [a]);
-        assert_eq!(gateway_macs(9, &gateways, &neighbours), Vec::<[u8; 6]>::new());
-        let other = [n(7, "fe80::1", a), n(7, "198.18.64.1", b)];
-        assert_eq!(gateway_macs(7, &gateways, &other), [a, b]);
+    fn a_gateway_entry_missing_for_a_look_or_of_an_unused_family_says_nothing() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let node = "[node]\ninterfaces = [\"eth0\"]\nencap_source_v4 = \"198.19.0.0/16\"\nencap_source_v6 = \"2001:2:0:ff::/96\"\ngateway_mac = \"00:00:5e:00:01:07\"\n";
+        let vip = |address: &str, backend: &str| {
+            format!(
+                "[[vip]]\nname = \"v{}\"\naddress = \"{address}\"\nbackends = [{{ address = \"{backend}\" }}]\n",
+                address.len()
+            )
+        };
+        let v4_only = parse(&format!("{node}{}", vip("198.18.1.1", "198.18.0.11")));
+        let used = gateway_in_use(&v4_only).unwrap();
+        assert_eq!((used.v4, used.v6), (Some(ip("198.18.0.11")), None));
+        let (gw4, gw6) = (ip("198.18.64.1"), ip("fe80::1"));
+        let (mac4, mac6) = ([0, 0, 0x5e, 0, 1, 7], [0, 0, 0x5e, 0, 2, 7]);
+        let eth0 = vec!["eth0".to_owned()];
+        let look = |v4: Option<[u8; 6]>, v6: Option<[u8; 6]>| {
+            vec![
+                ("eth0".to_owned(), false, GatewayLook::Via(gw4, v4)),
+                ("eth0".to_owned(), true, GatewayLook::Via(gw6, v6)),
+            ]
+        };
+        let mut watch = LinkWatch::default();
+        let nothing = (Vec::new(), Vec::new());
+        assert_eq!(watch.judge_gateways(&eth0, &used, look(Some(mac4), Some(mac6))), nothing);
+        assert_eq!(watch.judge_gateways(&eth0, &used, look(None, Some(mac6))), nothing);
+        assert_eq!(watch.gateway_mismatches(&v4_only), [("eth0".to_owned(), false)]);
+        // The IPv4 gateway's MAC changes: said, and kept while its entry is missing.
+        let other = [2, 0, 0, 0, 0, 9];
+        let said = vec![("eth0".to_owned(), used.mac, vec![other])];
+        assert_eq!(
+            watch.judge_gateways(&eth0, &used, look(Some(other), Some(mac6))),
+            (said, vec![])
+        );
+        assert_eq!(watch.judge_gateways(&eth0, &used, look(None, None)), nothing);
+        assert_eq!(watch.gateway_mismatches(&v4_only), [("eth0".to_owned(), true)]);
+        // Another gateway with no known MAC yet: the old one's says nothing of it.
+        let moved = vec![("eth0".to_owned(), false, GatewayLook::Via(ip("198.18.64.9"), None))];
+        assert_eq!(watch.judge_gateways(&eth0, &used, moved), (vec![], eth0.clone()));
+        assert_eq!(watch.judge_gateways(&eth0, &used, look(Some(mac4), None)), nothing);
+        // IPv6 backends too: the IPv6 gateway's MAC is compared, and kept when missing.
+        let dual = parse(&format!(
+            "{node}{}{}",
+            vip("198.18.1.1", "198.18.0.11"),
+            vip("2001:2::1", "2001:2::11")
+        ));
+        let both = gateway_in_use(&dual).unwrap();
+        assert_eq!(both.v6, Some(ip("2001:2::11")));
+        let said = vec![("eth0".to_owned(), used.mac, vec![mac6])];
+        assert_eq!(watch.judge_gateways(&eth0, &both, look(None, None)), (said, vec![]));
+        assert_eq!(watch.judge_gateways(&eth0, &both, look(Some(mac4), None)), nothing);
+        // On the link (no gateway): nothing to compare.
+        let on_link = vec![("eth0".to_owned(), true, GatewayLook::NoGateway)];
+        assert_eq!(watch.judge_gateways(&eth0, &both, on_link), (vec![], eth0.clone()));
     }
 
     /// The gateway MAC is checked only while some ipip backend goes to it; the error names
@@ -265,7 +376,7 @@ mod tests {
             format!("[[vip]]\nname = \"v\"\naddress = \"198.18.1.1\"\nbackends = [{backend}]\n")
         };
         let used = parse(&format!("{node}{}", vip("{ address = \"198.18.0.11\" }")));
-        assert_eq!(gateway_in_use(&used), Some([2, 0, 0, 0, 0, 1]));
+        assert_eq!(gateway_in_use(&used).map(|u| u.mac), Some([2, 0, 0, 0, 0, 1]));
         let own = "{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:11\" }";
         assert_eq!(gateway_in_use(&parse(&format!("{node}{}", vip(own)))), None);
         let watch = LinkWatch::default();
@@ -273,7 +384,7 @@ mod tests {
         let m = gateway_mismatch_message("eth0", &[2, 0, 0, 0, 0, 1], &[[2, 0xab, 0, 0, 0, 0xfe]]);
         assert!(
             m.starts_with("node.gateway_mac is 02:00:00:00:00:01")
-                && m.contains("default-route gateway on eth0 02:ab:00:00:00:fe")
+                && m.contains("route to the backends on eth0 02:ab:00:00:00:fe")
                 && m.contains("set node.gateway_mac = \"02:ab:00:00:00:fe\" and `edgelb reload`"),
             "{m}"
         );

@@ -3105,8 +3105,6 @@ mod tests {
         assert_eq!(link_fdinfo(map, 7), None, "a map of the same id");
     }
 
-    /// A link taken over in another mode than node.xdp_mode asks is warned of; one whose mode
-    /// the kernel would not tell is not (it was warned of a mismatch it may not have).
     /// A native attach that failed says its errno (aya's error names only the call), once; and,
     /// on an interface whose MTU is above what drivers take natively without multi-buffer
     /// support, that this is the likely reason. It said only "`bpf_link_create` failed".
@@ -3150,6 +3148,8 @@ mod tests {
         }
     }
 
+    /// A link taken over in another mode than node.xdp_mode asks is warned of; one whose mode
+    /// the kernel would not tell is not (it was warned of a mismatch it may not have).
     #[test]
     fn an_unknown_running_mode_is_no_mode_mismatch() {
         assert!(mode_differs(XdpAttachMode::Native, "generic"));

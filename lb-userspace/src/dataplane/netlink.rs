@@ -8,8 +8,8 @@
 //! fixed-layout headers do not warrant a netlink crate. Likewise, over generic netlink, whether
 //! an interface merges received packets in software (GRO, [`gro_on`]), which XDP in generic
 //! mode sees. And what the controller compares the config with while it runs: an interface's
-//! MTU ([`link_info`]), the default routes' gateways ([`default_gateways`]) and the MACs the
-//! neighbour table gives them ([`neighbours`]), asked of the kernel in edgelb's own network
+//! MTU ([`link_info`]), the gateway of the route to a backend ([`gateway_to`]) and the MAC the
+//! neighbour table gives it ([`neighbour`]), asked of the kernel in edgelb's own network
 //! namespace (sysfs shows the namespace of whoever mounted it, not necessarily this one).
 
 use std::{io, io::Read, net::IpAddr, time::Duration};
@@ -30,20 +30,19 @@ const RTM_NEWNEIGH: u16 = 28;
 const RTM_GETNEIGH: u16 = 30;
 const RTMSG: usize = 12;
 const NDMSG: usize = 12;
+const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const RTA_GATEWAY: u16 = 5;
-const RTA_MULTIPATH: u16 = 9;
-const RTA_TABLE: u16 = 15;
 const RTA_VIA: u16 = 18;
-const RT_TABLE_MAIN: u32 = 254;
 const RTN_UNICAST: u8 = 1;
-const RTNH: usize = 8;
 const NDA_DST: u16 = 1;
 const NDA_LLADDR: u16 = 2;
+const NDA_IFINDEX: u16 = 8;
 /// The neighbour states whose link-layer address the kernel goes by: reachable, stale, delay
-/// (stale, and being confirmed) and permanent. Incomplete, probing and failed entries hold none
-/// that is known to be right; noarp ones none at all.
-const NUD_KNOWN: u16 = 0x02 | 0x04 | 0x08 | 0x80;
+/// (stale, and being confirmed), probe (being confirmed again: the kernel still sends to it
+/// meanwhile) and permanent. Incomplete and failed entries hold none that is known to be
+/// right; noarp ones none at all.
+const NUD_KNOWN: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x80;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
 const IFLA_XDP: u16 = 43;
@@ -149,8 +148,8 @@ pub fn link_info(name: &str) -> io::Result<Option<LinkInfo>> {
     }
 }
 
-/// A next hop of a default route (0.0.0.0/0 or ::/0) of the main routing table: where the
-/// kernel sends what it has no more specific route for, the router of the interface's segment.
+/// The next hop the kernel gives a route: the router it hands the packets to, on the
+/// interface they leave by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Gateway {
     /// The interface it is reached by.
@@ -159,16 +158,41 @@ pub struct Gateway {
     pub address: IpAddr,
 }
 
-/// The gateways of the default routes of the main table, IPv4 and IPv6 (every next hop of a
-/// multipath route), in the calling thread's network namespace. Needs no capability.
-pub fn default_gateways() -> io::Result<Vec<Gateway>> {
-    // rtmsg of family AF_UNSPEC: every family's routes.
-    let answers = dump(RTM_GETROUTE, &[0; RTMSG])?;
-    Ok(answers
-        .iter()
-        .filter(|(t, _)| *t == RTM_NEWROUTE)
-        .flat_map(|(_, b)| gateways_of(b))
-        .collect())
+/// The gateway of the route the kernel picks for a packet to `dst` leaving by the interface of
+/// index `ifindex` (what `ip route get <dst> oif <interface>` shows, the chosen next hop of a
+/// multipath route included), in the calling thread's network namespace; `None` when that route
+/// has no gateway (`dst` on the link), is not a unicast one, or leaves by another interface. An
+/// error when the kernel has no route (ENETUNREACH) or cannot be asked. One question and one
+/// answer, not a dump: a node holding a full BGP table would read a million routes at each
+/// look. Needs no capability.
+pub fn gateway_to(dst: IpAddr, ifindex: u32) -> io::Result<Option<Gateway>> {
+    let answer = ask(&route_request(dst, ifindex), RTM_NEWROUTE, RTMSG)?;
+    Ok(answer.as_deref().and_then(route_gateway).filter(|g| g.ifindex == ifindex))
+}
+
+/// An `RTM_GETROUTE` request (not a dump) for the route to `dst` out of interface `ifindex`:
+/// an `rtmsg` of `dst`'s family with a full-length destination, then `RTA_DST` and `RTA_OIF`.
+fn route_request(dst: IpAddr, ifindex: u32) -> Vec<u8> {
+    let (family, octets) = family_and_octets(dst);
+    // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
+    let mut head = [0u8; RTMSG];
+    head[0] = family;
+    head[1] = (octets.len() * 8) as u8;
+    let attrs = [attribute(RTA_DST, &octets), attribute(RTA_OIF, &ifindex.to_ne_bytes())];
+    request(RTM_GETROUTE, NLM_F_REQUEST, &head, &attrs.concat())
+}
+
+/// The gateway a route message's body (`rtmsg` and attributes) gives, if it is a unicast route
+/// through one: its `RTA_OIF` and `RTA_GATEWAY` (or `RTA_VIA`).
+fn route_gateway(body: &[u8]) -> Option<Gateway> {
+    let attrs = body.get(RTMSG..)?;
+    let (family, kind) = (body[0], body[7]);
+    if kind != RTN_UNICAST {
+        return None;
+    }
+    let oif = attributes(attrs).find(|(t, _)| *t == RTA_OIF).and_then(|(_, v)| v.get(..4))?;
+    let ifindex = u32::from_ne_bytes(oif.try_into().unwrap());
+    Some(Gateway { ifindex, address: gateway_in(attrs, family)? })
 }
 
 /// An entry of the kernel's neighbour table (ARP, NDP) with a link-layer address it goes by
@@ -183,50 +207,112 @@ pub struct Neighbour {
     pub lladdr: [u8; 6],
 }
 
-/// The neighbour entries, IPv4 and IPv6, whose MAC the kernel goes by, in the calling thread's
-/// network namespace. Needs no capability.
-pub fn neighbours() -> io::Result<Vec<Neighbour>> {
-    let answers = dump(RTM_GETNEIGH, &[0; NDMSG])?;
-    Ok(answers
-        .iter()
-        .filter(|(t, _)| *t == RTM_NEWNEIGH)
-        .filter_map(|(_, b)| neighbour_of(b))
-        .collect())
+/// The neighbour entry of `address` on the interface of index `ifindex` (what `ip neigh get`
+/// shows), in the calling thread's network namespace, if it holds a MAC the kernel goes by;
+/// `None` when there is none. One question (Linux 5.0 and later); before that, the family's
+/// entries on that interface, read one datagram at a time and not kept. Needs no capability.
+pub fn neighbour(ifindex: u32, address: IpAddr) -> io::Result<Option<Neighbour>> {
+    let (family, octets) = family_and_octets(address);
+    let wanted = |n: &Neighbour| n.ifindex == ifindex && n.address == address;
+    let get =
+        request(RTM_GETNEIGH, NLM_F_REQUEST, &ndmsg(family, ifindex), &attribute(NDA_DST, &octets));
+    match ask(&get, RTM_NEWNEIGH, NDMSG) {
+        Ok(answer) => Ok(answer.as_deref().and_then(neighbour_of).filter(wanted)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        // No RTM_GETNEIGH for one entry before Linux 5.0: the interface's entries instead.
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            let filter = attribute(NDA_IFINDEX, &ifindex.to_ne_bytes());
+            let req = request(RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, &ndmsg(family, 0), &filter);
+            let mut found = None;
+            dump(&req, |kind, body| {
+                if kind == RTM_NEWNEIGH {
+                    found = found.or(neighbour_of(body).filter(wanted));
+                }
+            })?;
+            Ok(found)
+        }
+        Err(e) => Err(e),
+    }
 }
 
-/// The (type, body) of every message of the kernel's answer to a dump request of `kind` with
-/// the fixed header `header` (its family and the like), up to its `NLMSG_DONE`.
-fn dump(kind: u16, header: &[u8]) -> io::Result<Vec<(u16, Vec<u8>)>> {
+/// An `ndmsg` of `family` for the interface of index `ifindex` (0: any), state and flags 0.
+fn ndmsg(family: u8, ifindex: u32) -> [u8; NDMSG] {
+    let mut head = [0u8; NDMSG];
+    head[0] = family;
+    head[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+    head
+}
+
+/// The address family (`AF_INET`, `AF_INET6`) and bytes of `address`.
+fn family_and_octets(address: IpAddr) -> (u8, Vec<u8>) {
+    match address {
+        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
+        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+    }
+}
+
+/// A `NETLINK_ROUTE` socket that gives up reading after 2 s.
+fn route_socket() -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::from(libc::AF_NETLINK),
         Type::RAW,
         Some(Protocol::from(libc::NETLINK_ROUTE)),
     )?;
     socket.set_read_timeout(Some(Duration::from_secs(2)))?;
-    const SEQ: u32 = 1;
-    let len = NLMSG_HDR + header.len();
+    Ok(socket)
+}
+
+/// The sequence number of every request here: one request per socket.
+const SEQ: u32 = 1;
+
+/// A request of `kind` with `flags` (request [`SEQ`]): the fixed header `head` (`rtmsg`,
+/// `ndmsg`, ...), then the attributes `attrs`.
+fn request(kind: u16, flags: u16, head: &[u8], attrs: &[u8]) -> Vec<u8> {
+    let len = NLMSG_HDR + head.len() + attrs.len();
     let mut req = Vec::with_capacity(len);
     req.extend_from_slice(&(len as u32).to_ne_bytes());
     req.extend_from_slice(&kind.to_ne_bytes());
-    req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req.extend_from_slice(&flags.to_ne_bytes());
     req.extend_from_slice(&SEQ.to_ne_bytes());
-    req.extend_from_slice(&0u32.to_ne_bytes());
-    req.extend_from_slice(header);
-    socket.send(&req)?;
-    // Larger than any datagram the kernel sends a dump in (at most 32 KiB).
+    req.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
+    req.extend_from_slice(head);
+    req.extend_from_slice(attrs);
+    req
+}
+
+/// Sends `req` (not a dump) and returns the body of the kernel's answer of type `kind`, at
+/// least `min` bytes long; `None` when it answers with none. An error answer is its errno.
+fn ask(req: &[u8], kind: u16, min: usize) -> io::Result<Option<Vec<u8>>> {
+    let socket = route_socket()?;
+    // Unconnected, a netlink socket sends to the kernel.
+    socket.send(req)?;
     let mut buf = vec![0u8; 64 * 1024];
-    let mut out = Vec::new();
     loop {
         let n = (&socket).read(&mut buf)?;
-        if dump_part(&buf[..n], SEQ, &mut out)? {
-            return Ok(out);
+        if let Some(answer) = answer_of(&buf[..n], SEQ, kind, min)? {
+            return Ok(answer);
         }
     }
 }
 
-/// Adds the messages of one datagram of a dump's answer (request `seq`) to `out`; true once
-/// its end is there. An error answer, or an end that carries one, is that errno.
-fn dump_part(data: &[u8], seq: u32, out: &mut Vec<(u16, Vec<u8>)>) -> io::Result<bool> {
+/// Sends the dump request `req` and hands `each` the (type, body) of every message of the
+/// kernel's answer, one datagram at a time, up to its `NLMSG_DONE`: nothing of it is kept.
+fn dump(req: &[u8], mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
+    let socket = route_socket()?;
+    socket.send(req)?;
+    // Larger than any datagram the kernel sends a dump in (at most 32 KiB).
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = (&socket).read(&mut buf)?;
+        if dump_part(&buf[..n], SEQ, &mut each)? {
+            return Ok(());
+        }
+    }
+}
+
+/// Hands `each` the messages of one datagram of a dump's answer (request `seq`); true once its
+/// end is there. An error answer, or an end that carries one, is that errno.
+fn dump_part(data: &[u8], seq: u32, each: &mut impl FnMut(u16, &[u8])) -> io::Result<bool> {
     for (kind, body) in replies(data, seq)? {
         match kind {
             NLMSG_ERROR | NLMSG_DONE => {
@@ -236,44 +322,10 @@ fn dump_part(data: &[u8], seq: u32, out: &mut Vec<(u16, Vec<u8>)>) -> io::Result
                     e => Err(io::Error::from_raw_os_error(-e)),
                 };
             }
-            _ => out.push((kind, body.to_vec())),
+            _ => each(kind, body),
         }
     }
     Ok(false)
-}
-
-/// The gateways a route message's body (`rtmsg` and attributes) gives, if it is a default
-/// unicast route of the main table.
-fn gateways_of(body: &[u8]) -> Vec<Gateway> {
-    let Some(attrs) = body.get(RTMSG..) else { return Vec::new() };
-    let (family, dst_len, table, kind) = (body[0], body[1], u32::from(body[4]), body[7]);
-    let word = |v: &[u8]| v.get(..4).map(|b| u32::from_ne_bytes(b.try_into().unwrap()));
-    let attr = |t: u16| attributes(attrs).find(|(a, _)| *a == t).map(|(_, v)| v);
-    // Tables past 255 are in RTA_TABLE only.
-    let table = attr(RTA_TABLE).and_then(word).unwrap_or(table);
-    let ip = matches!(i32::from(family), libc::AF_INET | libc::AF_INET6);
-    if !ip || dst_len != 0 || table != RT_TABLE_MAIN || kind != RTN_UNICAST {
-        return Vec::new();
-    }
-    let mut out = Vec::new();
-    if let (Some(ifindex), Some(address)) =
-        (attr(RTA_OIF).and_then(word), gateway_in(attrs, family))
-    {
-        out.push(Gateway { ifindex, address });
-    }
-    // rtnexthop: length, flags, hops, interface index; then the hop's attributes.
-    let mut hops = attr(RTA_MULTIPATH).unwrap_or_default();
-    while hops.len() >= RTNH {
-        let len = usize::from(u16_at(hops, 0));
-        if len < RTNH || len > hops.len() {
-            break;
-        }
-        if let Some(address) = gateway_in(&hops[RTNH..len], family) {
-            out.push(Gateway { ifindex: u32_at(hops, 4), address });
-        }
-        hops = &hops[align4(len).min(hops.len())..];
-    }
-    out
 }
 
 /// The gateway address among route attributes `attrs` of a route of `family`: `RTA_GATEWAY`,
@@ -314,34 +366,10 @@ fn neighbour_of(body: &[u8]) -> Option<Neighbour> {
 /// interface of index `ifindex`, or (index 0) the one `attrs` name; `None` when the answer
 /// holds none.
 fn ask_link(ifindex: u32, attrs: &[u8]) -> io::Result<Option<Vec<u8>>> {
-    let socket = Socket::new(
-        Domain::from(libc::AF_NETLINK),
-        Type::RAW,
-        Some(Protocol::from(libc::NETLINK_ROUTE)),
-    )?;
-    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
-    const SEQ: u32 = 1;
-    let len = NLMSG_HDR + IFINFOMSG + attrs.len();
-    let mut req = Vec::with_capacity(len);
-    req.extend_from_slice(&(len as u32).to_ne_bytes());
-    req.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
-    req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    req.extend_from_slice(&SEQ.to_ne_bytes());
-    req.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
     // ifinfomsg: family AF_UNSPEC, pad, type, index, flags, change.
-    req.extend_from_slice(&[0, 0, 0, 0]);
-    req.extend_from_slice(&(ifindex as i32).to_ne_bytes());
-    req.extend_from_slice(&[0; 8]);
-    req.extend_from_slice(attrs);
-    // Unconnected, a netlink socket sends to the kernel.
-    socket.send(&req)?;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = (&socket).read(&mut buf)?;
-        if let Some(answer) = link_answer(&buf[..n], SEQ)? {
-            return Ok(answer);
-        }
-    }
+    let mut head = [0u8; IFINFOMSG];
+    head[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+    ask(&request(RTM_GETLINK, NLM_F_REQUEST, &head, attrs), RTM_NEWLINK, IFINFOMSG)
 }
 
 /// Whether `interface` (in the calling thread's network namespace) has generic receive offload
@@ -471,9 +499,17 @@ fn parse_answer(data: &[u8], seq: u32) -> io::Result<Option<Option<XdpAttachment
 
 /// Reads the messages in one datagram: `Some(answer)` once the link message's body (or an
 /// error) for request `seq` is there, `None` to read on.
+#[cfg(test)]
 fn link_answer(data: &[u8], seq: u32) -> io::Result<Option<Option<Vec<u8>>>> {
-    for (kind, body) in replies(data, seq)? {
-        match kind {
+    answer_of(data, seq, RTM_NEWLINK, IFINFOMSG)
+}
+
+/// Reads the messages in one datagram: `Some(answer)` once the body of the message of type
+/// `kind` (at least `min` bytes, else malformed), or an error, for request `seq` is there
+/// (`Some(None)`: an acknowledgement or an end without one), `None` to read on.
+fn answer_of(data: &[u8], seq: u32, kind: u16, min: usize) -> io::Result<Option<Option<Vec<u8>>>> {
+    for (k, body) in replies(data, seq)? {
+        match k {
             NLMSG_ERROR => {
                 return match errno(body)? {
                     0 => Ok(Some(None)),
@@ -481,8 +517,8 @@ fn link_answer(data: &[u8], seq: u32) -> io::Result<Option<Option<Vec<u8>>>> {
                 };
             }
             NLMSG_DONE => return Ok(Some(None)),
-            RTM_NEWLINK => {
-                if body.len() < IFINFOMSG {
+            k if k == kind => {
+                if body.len() < min {
                     return Err(malformed());
                 }
                 return Ok(Some(Some(body.to_vec())));
@@ -682,67 +718,64 @@ mod tests {
         [family as u8, dst_len, 0, 0, table, 3, 0, kind, 0, 0, 0, 0]
     }
 
-    /// The default routes' gateways are read as the kernel writes them: IPv4 with its output
-    /// interface, IPv6 multipath with one per hop, an IPv4 route through an IPv6 next hop
-    /// (RTA_VIA); routes that are not the main table's default unicast ones give none.
+    /// The question about the route to a backend is `ip route get <dst> oif <if>`'s: one
+    /// RTM_GETROUTE, not a dump, of the destination's family and full length, with RTA_DST and
+    /// RTA_OIF; the kernel takes it (a local destination has no gateway).
     #[test]
-    fn default_gateways_are_read_from_route_messages() {
-        let v4: IpAddr = "198.18.64.1".parse().unwrap();
-        let (a6, b6): (IpAddr, IpAddr) = ("fe80::1".parse().unwrap(), "fe80::2".parse().unwrap());
-        let oct = |a: IpAddr| match a {
-            IpAddr::V4(a) => a.octets().to_vec(),
-            IpAddr::V6(a) => a.octets().to_vec(),
-        };
-        let mut attrs = attr(RTA_TABLE, &254u32.to_ne_bytes());
-        attrs.extend(attr(RTA_GATEWAY, &oct(v4)));
-        attrs.extend(attr(RTA_OIF, &7u32.to_ne_bytes()));
-        let head = rtmsg(libc::AF_INET, 0, 254, RTN_UNICAST);
-        assert_eq!(
-            gateways_of(&[&head[..], &attrs].concat()),
-            [Gateway { ifindex: 7, address: v4 }]
-        );
-        for other in [
-            rtmsg(libc::AF_INET, 24, 254, RTN_UNICAST),
-            rtmsg(libc::AF_INET, 0, 255, RTN_UNICAST),
-            rtmsg(libc::AF_INET, 0, 254, 2), // RTN_LOCAL
-            rtmsg(128, 0, 254, RTN_UNICAST), // RTNL_FAMILY_IPMR
-        ] {
-            let attrs = [attr(RTA_GATEWAY, &oct(v4)), attr(RTA_OIF, &7u32.to_ne_bytes())].concat();
-            assert_eq!(gateways_of(&[&other[..], &attrs].concat()), []);
-        }
-        // Table 254 in RTA_TABLE wins over the header's (which says 252 for tables past 255).
-        let head = rtmsg(libc::AF_INET, 0, 252, RTN_UNICAST);
-        assert_eq!(gateways_of(&[&head[..], &attrs].concat()).len(), 1);
-        let attrs1000 = [attr(RTA_TABLE, &1000u32.to_ne_bytes()), attrs[8..].to_vec()].concat();
-        assert_eq!(gateways_of(&[&head[..], &attrs1000].concat()), []);
-        // Multipath: rtnexthop (length, flags, hops, ifindex), then the hop's gateway.
-        let hop = |ifindex: u32, gw: IpAddr| {
-            let gw = attr(RTA_GATEWAY, &oct(gw));
-            let mut h = ((RTNH + gw.len()) as u16).to_ne_bytes().to_vec();
-            h.extend_from_slice(&[0, 0]);
-            h.extend_from_slice(&ifindex.to_ne_bytes());
-            h.extend(gw);
-            h
-        };
-        let hops = [hop(7, a6), hop(8, b6)].concat();
-        let head = rtmsg(libc::AF_INET6, 0, 254, RTN_UNICAST);
-        let got = gateways_of(&[&head[..], &attr(RTA_MULTIPATH, &hops)].concat());
-        let want = [Gateway { ifindex: 7, address: a6 }, Gateway { ifindex: 8, address: b6 }];
-        assert_eq!(got, want);
-        // RFC 5549: an IPv4 default route through an IPv6 next hop.
-        let mut via = (libc::AF_INET6 as u16).to_ne_bytes().to_vec();
-        via.extend(oct(a6));
-        let attrs = [attr(RTA_VIA, &via), attr(RTA_OIF, &9u32.to_ne_bytes())].concat();
-        let head = rtmsg(libc::AF_INET, 0, 254, RTN_UNICAST);
-        assert_eq!(
-            gateways_of(&[&head[..], &attrs].concat()),
-            [Gateway { ifindex: 9, address: a6 }]
-        );
-        assert_eq!(gateways_of(&head[..5]), [], "cut short");
+    fn the_route_to_one_address_is_asked_not_dumped() {
+        let req = route_request("198.18.66.11".parse().unwrap(), 7);
+        assert_eq!(u32_at(&req, 0) as usize, req.len());
+        assert_eq!(u16_at(&req, 4), RTM_GETROUTE);
+        assert_eq!(u16_at(&req, 6), NLM_F_REQUEST, "not NLM_F_DUMP");
+        assert_eq!(&req[NLMSG_HDR..NLMSG_HDR + 2], &[libc::AF_INET as u8, 32]);
+        let attrs: Vec<_> = attributes(&req[NLMSG_HDR + RTMSG..]).collect();
+        assert_eq!(attrs, [(RTA_DST, &[198, 18, 66, 11][..]), (RTA_OIF, &7u32.to_ne_bytes()[..])]);
+        let req = route_request("2001:2::11".parse().unwrap(), 7);
+        assert_eq!(&req[NLMSG_HDR..NLMSG_HDR + 2], &[libc::AF_INET6 as u8, 128]);
+        assert_eq!(attributes(&req[NLMSG_HDR + RTMSG..]).next().unwrap().1.len(), 16);
+        let lo = link_info("lo").unwrap().expect("lo").index;
+        assert_eq!(gateway_to("127.0.0.1".parse().unwrap(), lo).unwrap(), None);
+        assert_eq!(gateway_to("::1".parse().unwrap(), lo).unwrap(), None);
     }
 
-    /// Neighbour entries give their MAC only in a state the kernel goes by; a dump's answer is
-    /// read to its end over several datagrams, and an end carrying an error is that error.
+    /// The answer's gateway is read as the kernel writes it: RTA_GATEWAY with RTA_OIF, or
+    /// RTA_VIA (an IPv4 route through an IPv6 next hop); a route without a gateway (on the
+    /// link) or that is not unicast gives none.
+    #[test]
+    fn the_gateway_is_read_from_the_route_answer() {
+        let v4: IpAddr = "198.18.64.1".parse().unwrap();
+        let a6: IpAddr = "fe80::1".parse().unwrap();
+        let oif = attr(RTA_OIF, &7u32.to_ne_bytes());
+        let attrs =
+            [attr(RTA_DST, &[198, 18, 66, 11]), attr(RTA_GATEWAY, &[198, 18, 64, 1]), oif.clone()]
+                .concat();
+        let head = rtmsg(libc::AF_INET, 32, 254, RTN_UNICAST);
+        let body = [&head[..], &attrs].concat();
+        assert_eq!(route_gateway(&body), Some(Gateway { ifindex: 7, address: v4 }));
+        let m = message(RTM_NEWROUTE, 1, &head, &attrs);
+        assert_eq!(answer_of(&m, 1, RTM_NEWROUTE, RTMSG).unwrap(), Some(Some(body)));
+        let on_link = [attr(RTA_DST, &[198, 18, 66, 11]), oif.clone()].concat();
+        assert_eq!(route_gateway(&[&head[..], &on_link].concat()), None);
+        let local = rtmsg(libc::AF_INET, 32, 255, 2); // RTN_LOCAL
+        assert_eq!(route_gateway(&[&local[..], &attrs].concat()), None);
+        let mut via = (libc::AF_INET6 as u16).to_ne_bytes().to_vec();
+        if let IpAddr::V6(a) = a6 {
+            via.extend(a.octets());
+        }
+        let attrs = [attr(RTA_VIA, &via), attr(RTA_OIF, &9u32.to_ne_bytes())].concat();
+        let got = route_gateway(&[&head[..], &attrs].concat());
+        assert_eq!(got, Some(Gateway { ifindex: 9, address: a6 }));
+        assert_eq!(route_gateway(&head[..5]), None, "cut short");
+        let unreachable = message(NLMSG_ERROR, 1, &(-libc::ENETUNREACH).to_ne_bytes(), &[]);
+        let e = answer_of(&unreachable, 1, RTM_NEWROUTE, RTMSG).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENETUNREACH));
+    }
+
+    /// Neighbour entries give their MAC only in a state the kernel goes by (probe included:
+    /// it still sends to that MAC meanwhile); the question about one entry is `ip neigh
+    /// get`'s (RTM_GETNEIGH with the interface and NDA_DST, not a dump), which the kernel
+    /// takes; a dump's answer is read to its end over several datagrams, and an end carrying
+    /// an error is that error.
     #[test]
     fn neighbours_and_dumps_are_read_as_the_kernel_writes_them() {
         let gw: IpAddr = "198.18.64.1".parse().unwrap();
@@ -756,27 +789,32 @@ mod tests {
         };
         let attrs = [attr(NDA_DST, &[198, 18, 64, 1]), attr(NDA_LLADDR, &mac)].concat();
         let entry = |state: u16| neighbour_of(&[ndmsg(state), attrs.clone()].concat());
-        for state in [0x02, 0x04, 0x08, 0x80] {
+        for state in [0x02, 0x04, 0x08, 0x10, 0x80] {
             assert_eq!(entry(state), Some(Neighbour { ifindex: 7, address: gw, lladdr: mac }));
         }
-        for state in [0x01, 0x10, 0x20, 0x40] {
+        for state in [0x01, 0x20, 0x40] {
             assert_eq!(entry(state), None, "state {state:#x}");
         }
         let no_mac = [ndmsg(0x02), attr(NDA_DST, &[198, 18, 64, 1])].concat();
         assert_eq!(neighbour_of(&no_mac), None);
+        assert_eq!(
+            super::ndmsg(libc::AF_INET6 as u8, 7)[..8],
+            [libc::AF_INET6 as u8, 0, 0, 0, 7, 0, 0, 0]
+        );
 
-        let mut out = Vec::new();
+        let mut n = 0;
+        let mut count = |kind: u16, _: &[u8]| n += usize::from(kind == RTM_NEWNEIGH);
         let first = [message(RTM_NEWNEIGH, 1, &ndmsg(2), &attrs), message(9, 2, &[], &[])].concat();
-        assert!(!dump_part(&first, 1, &mut out).unwrap(), "no end yet");
+        assert!(!dump_part(&first, 1, &mut count).unwrap(), "no end yet");
         let end = message(NLMSG_DONE, 1, &0i32.to_ne_bytes(), &[]);
         let second = [message(RTM_NEWNEIGH, 1, &ndmsg(4), &attrs), end].concat();
-        assert!(dump_part(&second, 1, &mut out).unwrap());
-        assert_eq!(out.len(), 2, "another request's message is not this dump's");
+        assert!(dump_part(&second, 1, &mut count).unwrap());
         let cut = message(NLMSG_DONE, 1, &(-libc::EINTR).to_ne_bytes(), &[]);
-        let e = dump_part(&cut, 1, &mut out).unwrap_err();
+        let e = dump_part(&cut, 1, &mut count).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EINTR));
-        // The kernel answers both dumps here, whatever the tables hold.
-        default_gateways().expect("the routes can be dumped");
-        neighbours().expect("the neighbours can be dumped");
+        assert_eq!(n, 2, "another request's message is not this dump's");
+        // The kernel answers the question, here that there is no such entry.
+        let lo = link_info("lo").unwrap().expect("lo").index;
+        assert_eq!(neighbour(lo, "198.18.64.1".parse().unwrap()).unwrap(), None);
     }
 }

@@ -89,8 +89,8 @@ pub struct KernelSnapshot {
     pub interfaces: Vec<(String, bool)>,
     /// (interface, MTU) of the configured interfaces, as the kernel last gave them.
     pub interface_mtus: Vec<(String, u32)>,
-    /// (interface, `node.gateway_mac` is none of the MACs the kernel gives its default-route
-    /// gateways), when the gateway MAC is used.
+    /// (interface, `node.gateway_mac` is not the MAC the kernel gives the gateway of the route
+    /// to the backends out of it), when the gateway MAC is used.
     pub gateway_mac_mismatch: Vec<(String, bool)>,
     /// (VIP name, failing open) of every VIP.
     pub fail_open: Vec<(String, bool)>,
@@ -190,11 +190,12 @@ impl Collector for KernelCollector {
         }
         let mut m = encoder.encode_descriptor(
             "edgelb_gateway_mac_mismatch",
-            "1 while node.gateway_mac is none of the MACs the kernel's neighbour table gives the \
-             interface's default-route gateways (checked every 10 s and at a reload): ipip \
-             packets to backends without a mac of their own then go to a MAC that is not the \
-             gateway's and are lost, while health checks stay up; 0 when it is one of them, or \
-             none is known. Only while some ipip backend uses node.gateway_mac",
+            "1 while node.gateway_mac is not the MAC the kernel's neighbour table gives the \
+             gateway of the route to the backends out of the interface, for an address family \
+             whose ipip backends use it (checked every 10 s and at a reload): ipip packets to \
+             backends without a mac of their own then go to a MAC that is not the gateway's \
+             and are lost, while health checks stay up; 0 when it is, or none is known. Only \
+             while some ipip backend uses node.gateway_mac",
             None,
             MetricType::Gauge,
         )?;
