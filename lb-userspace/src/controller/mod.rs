@@ -1423,6 +1423,10 @@ impl Controller {
             match self.admin_rx.recv_timeout(wait) {
                 Ok((Request::Handover, reply)) => {
                     self.apply_pending_health(usize::MAX);
+                    // A link pin removed since the last look (each second) is made again now:
+                    // the new process takes the links over through their pins, and its fresh
+                    // attach to an interface whose link this one holds open would be refused.
+                    self.dp.repin_links(true);
                     match self.handover_answer() {
                         Ok(answer) => return Exit::Handover(reply, Box::new(answer)),
                         Err(reason) => {
@@ -1473,7 +1477,7 @@ impl Controller {
     /// last seen, neither newly lost nor back: it said nothing of the interface, and taken for
     /// "gone" it had a healthy interface said LOST (and back once descriptors were free).
     fn look_for_lost_interfaces(&mut self) {
-        self.dp.repin_links();
+        self.dp.repin_links(false);
         let InterfacesSeen { lost, renamed, untold } =
             interfaces_seen(self.dp.interface_states(), &self.lost, &self.renamed);
         match (untold.first(), self.interfaces_untold) {

@@ -1072,8 +1072,11 @@ impl Dataplane {
     /// is not tried again until the pin directory changes (one `stat` of it: made again after
     /// `rm -r`, an entry added or removed, its mode or owner changed): listing `/proc/self/fd`
     /// for each try, as this once did, took most of each second on an L7 node holding 100k
-    /// descriptors. Needs no capability (the pin directory is this user's).
-    pub fn repin_links(&mut self) {
+    /// descriptors. With `again`, those are tried too (once, when it matters: before a handover,
+    /// whose new process takes the links over through their pins, and at a detached stop,
+    /// after which only the pins keep the links). Needs no capability (the pin directory is
+    /// this user's).
+    pub fn repin_links(&mut self, again: bool) {
         let Some(dir) = self.pins.clone() else { return };
         // Looked at once per call, and only if some pin is gone.
         let mut dir_now = None;
@@ -1086,7 +1089,7 @@ impl Dataplane {
                 continue;
             }
             let now = *dir_now.get_or_insert_with(|| DirStamp::of(&dir));
-            if held.failed_at == Some(now) {
+            if held.failed_at == Some(now) && !again {
                 continue;
             }
             // A link whose device is gone (deleted, or its link detached) is not pinned again:
@@ -3160,7 +3163,7 @@ mod tests {
             let scans = || FD_SCANS.with(std::cell::Cell::get);
             let before = scans();
             for _ in 0..5 {
-                dp.repin_links();
+                dp.repin_links(false);
             }
             assert!(scans() - before <= 1, "{} listings of /proc/self/fd", scans() - before);
             assert!(!pin.exists());
@@ -3169,7 +3172,7 @@ mod tests {
                 "XDP stayed on lo"
             );
             std::fs::create_dir(&dir).unwrap();
-            dp.repin_links();
+            dp.repin_links(false);
             assert!(pin.exists(), "pinned again once its directory is back");
             assert!(scans() - before <= 2, "{} listings of /proc/self/fd", scans() - before);
             assert_eq!(pinned_link_device(&pin), Some(ifindex("lo").unwrap().unwrap()));
