@@ -632,7 +632,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     let result = match exit {
         Exit::Handover(..) => unreachable!("returned above"),
         Exit::Detach => {
-            info!(pin_dir = %pin_dir.display(), "controller stopped; the data plane keeps running (`edgelb stop` removes it)");
+            say_detached(&mut ctl.dp, &pin_dir);
             Ok(())
         }
         // The links this process holds open first: with their pins removed, those descriptors
@@ -657,6 +657,29 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     // Last: `edgelb stop` waits for the socket to go, so it returns once everything is done.
     let _ = std::fs::remove_file(&socket);
     Ok(result?)
+}
+
+/// Says, at a stop that leaves the data plane running (SIGTERM, `stop --detach`, a handover
+/// cut short while this process still had the data plane), what goes on running: only pinned
+/// XDP links outlive this process, and a link whose pin was removed is held by it alone. Such
+/// pins are made again first, once more ([`unpinned_at_exit`]); the interfaces whose links
+/// still are not pinned are named in a warning, as XDP leaves them when the process exits (it
+/// used to say that the data plane kept running).
+fn say_detached(dp: &mut Dataplane, pin_dir: &Path) {
+    let unpinned = unpinned_at_exit(dp);
+    if unpinned.is_empty() {
+        info!(pin_dir = %pin_dir.display(), "controller stopped; the data plane keeps running (`edgelb stop` removes it)");
+    } else {
+        warn!(pin_dir = %pin_dir.display(), interfaces = ?unpinned, "controller stopped; the data plane keeps running, except on the interfaces named: their XDP links were held open by this process alone (their pins removed, and not made again), so XDP leaves them as it exits; the next start attaches them afresh (`edgelb stop` removes the data plane)");
+    }
+}
+
+/// The interfaces XDP leaves when this process exits, a stop leaving the data plane running:
+/// those whose links it holds open but are not pinned ([`Dataplane::unpinned_links`]), after
+/// one more try to pin them again ([`Dataplane::repin_links`], those that failed before too).
+fn unpinned_at_exit(dp: &mut Dataplane) -> Vec<String> {
+    dp.repin_links(true);
+    dp.unpinned_links()
 }
 
 /// Logs what carrying the drains and health verdicts over to `cfg` did ([`Verdicts::carry_over`])
@@ -1167,7 +1190,7 @@ impl Controller {
             && (end == HandoverEnd::Abandoned
                 || end == HandoverEnd::FailedAfterCommit && !cut_short);
         if kept {
-            info!(pin_dir = %self.cfg.node.pin_dir.display(), "controller stopped; the data plane keeps running (`edgelb stop` removes it)");
+            say_detached(&mut self.dp, &self.cfg.node.pin_dir);
         } else {
             info!("handover done: the data plane and the sockets are the new edgelb's");
         }
@@ -1662,19 +1685,29 @@ impl Controller {
             Request::Reload { config } => self.reload(config.as_deref()),
             Request::Route { client, vip, sport, proto } => self.route(client, &vip, sport, proto),
             // No proxy, no drain: `stop` then waits only for the data plane.
-            Request::Stop { detach } => Response {
-                teardown: !detach,
-                pid: Some(std::process::id()),
-                drain_ms: Some(
-                    self.proxy.as_ref().map_or(0, |_| self.cfg.node.l7_drain_timeout.as_millis())
-                        as u64,
-                ),
-                ..Response::ok(if detach {
-                    "stopping; the data plane keeps running"
-                } else {
-                    "stopping and removing the data plane"
-                })
-            },
+            Request::Stop { detach } => {
+                let unpinned = if detach { unpinned_at_exit(&mut self.dp) } else { Vec::new() };
+                Response {
+                    teardown: !detach,
+                    pid: Some(std::process::id()),
+                    drain_ms: Some(
+                        self.proxy
+                            .as_ref()
+                            .map_or(0, |_| self.cfg.node.l7_drain_timeout.as_millis())
+                            as u64,
+                    ),
+                    ..Response::ok(if !detach {
+                        "stopping and removing the data plane".to_owned()
+                    } else if unpinned.is_empty() {
+                        "stopping; the data plane keeps running".to_owned()
+                    } else {
+                        format!(
+                            "stopping; the data plane keeps running, except on {}: their XDP links are held open by this edgelb alone (their pins removed, and not made again), so XDP leaves them as it exits (its log says more)",
+                            unpinned.join(", ")
+                        )
+                    })
+                }
+            }
             // Taken by `serve`, which leaves the loop for it.
             Request::Handover => Response::err("handover is answered by the controller loop"),
         }

@@ -1121,6 +1121,23 @@ impl Dataplane {
         }
     }
 
+    /// The attached interfaces whose XDP link this process holds open, still on its device, but
+    /// which is not pinned (its pin removed, and not made again: [`Dataplane::repin_links`]):
+    /// XDP leaves them when this process exits, as only a pin keeps a link after it. One whose
+    /// device cannot be read is among them (it may hold one).
+    pub fn unpinned_links(&mut self) -> Vec<String> {
+        let Some(dir) = self.pins.clone() else { return Vec::new() };
+        let held = self.attached.iter().zip(&mut self.links);
+        held.filter_map(|((interface, _), held)| {
+            let held = held.as_mut()?;
+            if std::fs::symlink_metadata(link_pin(&dir, interface)).is_ok() {
+                return None;
+            }
+            (held.device() != Ok(0)).then(|| interface.clone())
+        })
+        .collect()
+    }
+
     /// Attaches the balancer again to `interface`, one of those attached whose device no longer
     /// runs it ([`InterfaceState::Lost`]: deleted and made again, its link detached), now the
     /// device of index `ifindex` (looked up by the caller, see [`interface_index`]): by that index,
