@@ -3278,6 +3278,80 @@ fn a_removed_link_pin_neither_detaches_xdp_nor_stays_removed() {
     bed.wait_for(vip);
 }
 
+/// The XDP link's pin removed by hand, and a takeover at once, before the running edgelb's
+/// next look (each second) pins it again: the running edgelb pins it again before it answers
+/// the handover, and the new one takes the link over. Held open by the running edgelb, the
+/// link kept the interface, and the new one's fresh attach was refused (the device held): the
+/// takeover failed, and the old one took back over. (Before links were held, removing the pin
+/// detached XDP and the takeover attached afresh.)
+#[test]
+fn a_takeover_right_after_a_link_pin_is_removed_takes_the_link_over() {
+    let Some(mut bed) = Bed::up("repin-take", &[1, 2, 3]) else { return };
+    let vip = SocketAddr::new(IpAddr::V4(testbed::VIP), 80);
+    let pin = bed.cfg().node.pin_dir.join("link-lb0");
+    let repinned = |bed: &Bed| bed.e().log().matches("pinned it again").count();
+    // Just after a look has pinned it again, so that the takeover comes well before the next.
+    std::fs::remove_file(&pin).expect("remove the link pin");
+    let removed = Instant::now();
+    while repinned(&bed) == 0 {
+        assert!(removed.elapsed() < Duration::from_secs(5), "not pinned again: {}", bed.e().log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::fs::remove_file(&pin).expect("remove the link pin again");
+    let old = bed.edgelb.take().unwrap();
+    bed.edgelb = Some(old.take_over());
+    let log = bed.e().log();
+    assert!(log.contains("took over the pinned XDP link"), "{log}");
+    assert!(!log.contains("attaching afresh"), "{log}");
+    assert_eq!(repinned(&bed), 2, "pinned again before the handover: {log}");
+    assert!(pin.exists(), "the link pinned");
+    assert_eq!(metric(&scrape(&bed), "edgelb_xdp_attached", "interface=\"lb0\""), 1.0);
+    bed.wait_for(vip);
+}
+
+/// A link pin that cannot be made again (the pin directory made read-only: the controller has
+/// dropped the capability that let root write there anyway), then `stop --detach` (as
+/// SIGTERM): the stop names the interface, in its answer and its log, as XDP leaves it with the
+/// process (only a pin keeps a link after it), rather than say that the data plane keeps
+/// running, as it did.
+#[test]
+fn a_detached_stop_names_the_interfaces_whose_links_are_not_pinned() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(bed) = Bed::up("unpinned", &[1, 2, 3]) else { return };
+    let lb = bed.tb.names.lb.clone();
+    let dir = bed.cfg().node.pin_dir.clone();
+    /// Makes the pin directory writable again (for the bed's cleanup), however the test ends.
+    struct Writable(std::path::PathBuf);
+    impl Drop for Writable {
+        fn drop(&mut self) {
+            let _ = std::fs::set_permissions(&self.0, std::fs::Permissions::from_mode(0o755));
+        }
+    }
+    let _writable = Writable(dir.clone());
+    assert!(xdp_prog_on(&lb, "lb0").is_some(), "lb0 runs the balancer");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::fs::remove_file(dir.join("link-lb0")).expect("remove the link pin");
+    let removed = Instant::now();
+    while !bed.e().log().contains("could not be made again") {
+        assert!(removed.elapsed() < Duration::from_secs(5), "no failure said: {}", bed.e().log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = bed.e().cli(&["stop", "--detach"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("except on lb0"), "{stdout}");
+    let log = bed.e().log();
+    let stop = log.lines().find(|l| l.contains("controller stopped")).expect("the stop said");
+    assert!(stop.contains("WARN") && stop.contains("lb0"), "{stop}");
+    assert!(stop.contains("XDP leaves them as it exits"), "{stop}");
+    // As said: XDP left lb0 with the process.
+    let stopped = Instant::now();
+    while xdp_prog_on(&lb, "lb0").is_some() {
+        assert!(stopped.elapsed() < Duration::from_secs(5), "XDP stayed on lb0");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// An interface deleted and made again at the index it had (`ip link add ... index N`): its
 /// name names that index again, but the program went with the old device. The index alone used
 /// to decide, and it was said attached; then a re-created interface, whatever its index, needed

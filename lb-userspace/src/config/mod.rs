@@ -671,7 +671,8 @@ fn first_secret(text: &str) -> Option<(usize, String)> {
         let Some(DeValue::Table(l7)) = get(vip, "l7") else { return None };
         let (key, _) = l7.iter().find(|(k, _)| k.get_ref() == "cookie_secret")?;
         let name = match get(vip, "name") {
-            Some(DeValue::String(n)) => n.to_string(),
+            // Escaped as the VIP-name caution shows it: a name may hold control characters.
+            Some(DeValue::String(n)) => n.escape_debug().to_string(),
             _ => String::new(),
         };
         Some((key.span().start, name))

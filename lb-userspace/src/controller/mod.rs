@@ -31,6 +31,7 @@ use crate::{
     },
     config::{Config, Forwarding},
     dataplane::{Dataplane, DataplaneError, InterfaceState, TableShape, vip_ring},
+    error_chain,
     health::{Checker, HealthEvent},
     metrics::{BackendSample, KernelSnapshot, Metrics, Scrape, backend_label},
 };
@@ -214,13 +215,91 @@ struct Controller {
     /// or a sample logs them again only when they change ([`same_warnings`]), or hundreds of
     /// reloads fill the log with the same lines.
     link_warnings: Vec<String>,
-    /// Lost interfaces that could not be attached again ([`Dataplane::reattach`]), each with
-    /// the index of the device tried and why: not tried again until the interface is another
-    /// device (it is said once, and `status` says it until then).
-    attach_failed: Vec<(String, u32, String)>,
+    /// Lost interfaces that could not be attached again ([`Dataplane::reattach`]): tried again
+    /// on the same device with a backoff ([`AttachFailed`]), or, refused for want of a
+    /// capability, only once the interface is another device (`status` says it until then).
+    attach_failed: Vec<AttachFailed>,
     /// What the kernel last said of the interfaces' MTUs, GRO and gateways
     /// ([`links::LinkWatch`]).
     links: links::LinkWatch,
+}
+
+/// The first wait before a lost interface that could not be attached again is tried again on
+/// the same device: errors other than EPERM may pass (a driver still initialising says EBUSY
+/// or EINVAL; ENOMEM), and the interface was otherwise LOST until a restart.
+const REATTACH_FIRST_WAIT: Duration = Duration::from_secs(30);
+
+/// The longest wait between tries of the same device: each failure doubles the wait up to it,
+/// so that an interface that keeps failing logs rarely (a failure is said when its reason
+/// changes) yet is attached within minutes of the cause going.
+const REATTACH_LONGEST_WAIT: Duration = Duration::from_secs(300);
+
+/// A lost interface that could not be attached again ([`Dataplane::reattach`]), and when it is
+/// tried again ([`reattach_due`], [`AttachFailed::after`]).
+#[derive(Debug)]
+struct AttachFailed {
+    /// The interface, as node.interfaces names it.
+    interface: String,
+    /// The index of the device tried.
+    ifindex: u32,
+    /// Why it failed (the error's chain, with the kernel's errno).
+    reason: String,
+    /// When the same device is tried again; `None`: not (the kernel refused for want of a
+    /// capability, EPERM, as before Linux 5.19: a restart attaches), until another device
+    /// has the name or the interface is seen gone.
+    retry_at: Option<Instant>,
+    /// The wait before that try; the next failure on the device waits twice as long, up to
+    /// [`REATTACH_LONGEST_WAIT`].
+    wait: Duration,
+}
+
+impl AttachFailed {
+    /// The record of a failure `e` to attach `interface` again to device `ifindex` at `now`,
+    /// after `previous` (the interface's last failure, if any): EPERM is not tried again on
+    /// that device; anything else after [`REATTACH_FIRST_WAIT`], twice as long after each
+    /// further failure on the same device, up to [`REATTACH_LONGEST_WAIT`].
+    fn after(
+        previous: Option<&AttachFailed>,
+        interface: &str,
+        ifindex: u32,
+        e: &DataplaneError,
+        now: Instant,
+    ) -> AttachFailed {
+        let wait = match previous.filter(|p| p.ifindex == ifindex) {
+            Some(p) => (p.wait * 2).min(REATTACH_LONGEST_WAIT),
+            None => REATTACH_FIRST_WAIT,
+        };
+        AttachFailed {
+            interface: interface.to_owned(),
+            ifindex,
+            reason: error_chain(e),
+            retry_at: (!needs_a_capability(e)).then(|| now + wait),
+            wait,
+        }
+    }
+}
+
+/// Is a lost interface, now device `ifindex`, to be attached again at `now`, its last failure
+/// being `failed`? Yes without one, or on another device; on the same device once its retry is
+/// due (never after EPERM: [`AttachFailed::after`]).
+fn reattach_due(failed: Option<&AttachFailed>, ifindex: u32, now: Instant) -> bool {
+    match failed {
+        Some(f) if f.ifindex == ifindex => f.retry_at.is_some_and(|at| now >= at),
+        _ => true,
+    }
+}
+
+/// Did the kernel refuse an attach for want of a capability (EPERM: `BPF_LINK_CREATE` after
+/// the controller dropped its capabilities, on a kernel older than 5.19)? That stays so until a
+/// restart; any other failure may pass.
+fn needs_a_capability(e: &DataplaneError) -> bool {
+    matches!(
+        e,
+        DataplaneError::Attach {
+            error: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. }),
+            ..
+        } if io_error.raw_os_error() == Some(libc::EPERM)
+    )
 }
 
 /// Runs the balancer with the config at `path` until SIGINT/SIGTERM, `edgelb stop` or a
@@ -563,7 +642,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     let result = match exit {
         Exit::Handover(..) => unreachable!("returned above"),
         Exit::Detach => {
-            info!(pin_dir = %pin_dir.display(), "controller stopped; the data plane keeps running (`edgelb stop` removes it)");
+            say_detached(&mut ctl.dp, &pin_dir);
             Ok(())
         }
         // The links this process holds open first: with their pins removed, those descriptors
@@ -588,6 +667,29 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     // Last: `edgelb stop` waits for the socket to go, so it returns once everything is done.
     let _ = std::fs::remove_file(&socket);
     Ok(result?)
+}
+
+/// Says, at a stop that leaves the data plane running (SIGTERM, `stop --detach`, a handover
+/// cut short while this process still had the data plane), what goes on running: only pinned
+/// XDP links outlive this process, and a link whose pin was removed is held by it alone. Such
+/// pins are made again first, once more ([`unpinned_at_exit`]); the interfaces whose links
+/// still are not pinned are named in a warning, as XDP leaves them when the process exits (it
+/// used to say that the data plane kept running).
+fn say_detached(dp: &mut Dataplane, pin_dir: &Path) {
+    let unpinned = unpinned_at_exit(dp);
+    if unpinned.is_empty() {
+        info!(pin_dir = %pin_dir.display(), "controller stopped; the data plane keeps running (`edgelb stop` removes it)");
+    } else {
+        warn!(pin_dir = %pin_dir.display(), interfaces = ?unpinned, "controller stopped; the data plane keeps running, except on the interfaces named: their XDP links were held open by this process alone (their pins removed, and not made again), so XDP leaves them as it exits; the next start attaches them afresh (`edgelb stop` removes the data plane)");
+    }
+}
+
+/// The interfaces XDP leaves when this process exits, a stop leaving the data plane running:
+/// those whose links it holds open but are not pinned ([`Dataplane::unpinned_links`]), after
+/// one more try to pin them again ([`Dataplane::repin_links`], those that failed before too).
+fn unpinned_at_exit(dp: &mut Dataplane) -> Vec<String> {
+    dp.repin_links(true);
+    dp.unpinned_links()
 }
 
 /// Logs what carrying the drains and health verdicts over to `cfg` did ([`Verdicts::carry_over`])
@@ -947,22 +1049,6 @@ fn drop_capabilities() {
     }
 }
 
-/// `e` and its sources, each after a colon (one its message already ends with left out): aya's
-/// errors name the call that failed, and only their source the errno.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let text = c.to_string();
-        if !s.ends_with(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 impl Controller {
     /// Hands the listening sockets to the `edgelb run --takeover` that asked (`reply`) and
     /// leaves the data plane to it; returns true when this process is done. The controller
@@ -1083,7 +1169,7 @@ impl Controller {
             && (end == HandoverEnd::Abandoned
                 || end == HandoverEnd::FailedAfterCommit && !cut_short);
         if kept {
-            info!(pin_dir = %self.cfg.node.pin_dir.display(), "controller stopped; the data plane keeps running (`edgelb stop` removes it)");
+            say_detached(&mut self.dp, &self.cfg.node.pin_dir);
         } else {
             info!("handover done: the data plane and the sockets are the new edgelb's");
         }
@@ -1339,6 +1425,10 @@ impl Controller {
             match self.admin_rx.recv_timeout(wait) {
                 Ok((Request::Handover, reply)) => {
                     self.apply_pending_health(usize::MAX);
+                    // A link pin removed since the last look (each second) is made again now:
+                    // the new process takes the links over through their pins, and its fresh
+                    // attach to an interface whose link this one holds open would be refused.
+                    self.dp.repin_links(true);
                     match self.handover_answer() {
                         Ok(answer) => return Exit::Handover(reply, Box::new(answer)),
                         Err(reason) => {
@@ -1381,16 +1471,16 @@ impl Controller {
     /// device (not merely the name still naming the index it had). A lost interface that is
     /// there (re-created, under a new index or the old one; its link detached) is attached again
     /// at once, in `node.xdp_mode`, with the program this process holds ([`Dataplane::reattach`]:
-    /// no capability needed since Linux 5.19); only where that fails (EPERM on older kernels, the
-    /// interface held by another program) does it take a restart, said once per device with the
-    /// kernel's error. A link pin removed by hand is made again first
+    /// no capability needed since Linux 5.19); a failure is said with the kernel's error and
+    /// tried again on that device with a backoff ([`AttachFailed`]), except EPERM (older
+    /// kernels), which takes a restart. A link pin removed by hand is made again first
     /// ([`Dataplane::repin_links`]): the link itself stayed, held open by this process.
     /// A renamed interface is said apart (a warning): XDP stays on the device. One whose state
     /// cannot be told (out of descriptors or memory: the lookups open sockets) stays as it was
     /// last seen, neither newly lost nor back: it said nothing of the interface, and taken for
     /// "gone" it had a healthy interface said LOST (and back once descriptors were free).
     fn look_for_lost_interfaces(&mut self) {
-        self.dp.repin_links();
+        self.dp.repin_links(false);
         let InterfacesSeen { lost, renamed, untold } =
             interfaces_seen(self.dp.interface_states(), &self.lost, &self.renamed);
         match (untold.first(), self.interfaces_untold) {
@@ -1408,26 +1498,46 @@ impl Controller {
         }
         let mut reattached = Vec::new();
         for i in &lost {
-            // Not there (yet), or not to be told now: looked at again in a second.
-            let Ok(Some(now)) = crate::dataplane::interface_index(i) else { continue };
-            if self.attach_failed.iter().any(|(f, at, _)| f == i && *at == now) {
+            // Not there (yet), or not to be told now: looked at again in a second. Seen gone,
+            // a failure is forgotten: the device that comes is tried at once.
+            let now = match crate::dataplane::interface_index(i) {
+                Ok(Some(now)) => now,
+                Ok(None) => {
+                    self.attach_failed.retain(|f| f.interface != *i);
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let at = self.attach_failed.iter().position(|f| f.interface == *i);
+            if !reattach_due(at.map(|a| &self.attach_failed[a]), now, Instant::now()) {
                 continue;
             }
-            self.attach_failed.retain(|(f, ..)| f != i);
+            let previous = at.map(|a| self.attach_failed.remove(a));
             match self.dp.reattach(i, now, self.cfg.node.xdp_mode) {
                 Ok(mode) => {
                     info!(interface = %i, mode, ifindex = now, "XDP attached again to the interface, its link pinned: balancing again");
                     reattached.push(i.clone());
                 }
                 Err(e) => {
-                    let reason = error_chain(&e);
-                    error!(interface = %i, ifindex = now, error = %reason, "could not attach XDP again to the interface: its VIP traffic reaches the kernel unbalanced until edgelb restarts (`edgelb run --takeover`, or `systemctl restart edgelb`), which attaches with the capabilities this process dropped");
-                    self.attach_failed.push((i.clone(), now, reason));
+                    let failed = AttachFailed::after(previous.as_ref(), i, now, &e, Instant::now());
+                    // Said when it is new: a first failure, another device, another reason.
+                    let said =
+                        previous.is_some_and(|p| p.ifindex == now && p.reason == failed.reason);
+                    match failed.retry_at {
+                        _ if said => {}
+                        None => {
+                            error!(interface = %i, ifindex = now, error = %failed.reason, "could not attach XDP again to the interface: its VIP traffic reaches the kernel unbalanced until edgelb restarts (`edgelb run --takeover`, or `systemctl restart edgelb`), which attaches with the capabilities this process dropped")
+                        }
+                        Some(_) => {
+                            error!(interface = %i, ifindex = now, error = %failed.reason, retry_in_s = failed.wait.as_secs(), "could not attach XDP again to the interface: its VIP traffic reaches the kernel unbalanced meanwhile; tried again later (the wait doubling up to 5 minutes; said again if the error changes), or restart edgelb (`edgelb run --takeover`, or `systemctl restart edgelb`)")
+                        }
+                    }
+                    self.attach_failed.push(failed);
                 }
             }
         }
         lost.retain(|i| !reattached.contains(i));
-        self.attach_failed.retain(|(f, ..)| lost.contains(f));
+        self.attach_failed.retain(|f| lost.contains(&f.interface));
         for i in self.lost.iter().filter(|i| !lost.contains(i) && !reattached.contains(i)) {
             info!(interface = %i, "the interface is back as it was attached: XDP is on it");
         }
@@ -1546,19 +1656,29 @@ impl Controller {
             Request::Reload { config } => self.reload(config.as_deref()),
             Request::Route { client, vip, sport, proto } => self.route(client, &vip, sport, proto),
             // No proxy, no drain: `stop` then waits only for the data plane.
-            Request::Stop { detach } => Response {
-                teardown: !detach,
-                pid: Some(std::process::id()),
-                drain_ms: Some(
-                    self.proxy.as_ref().map_or(0, |_| self.cfg.node.l7_drain_timeout.as_millis())
-                        as u64,
-                ),
-                ..Response::ok(if detach {
-                    "stopping; the data plane keeps running"
-                } else {
-                    "stopping and removing the data plane"
-                })
-            },
+            Request::Stop { detach } => {
+                let unpinned = if detach { unpinned_at_exit(&mut self.dp) } else { Vec::new() };
+                Response {
+                    teardown: !detach,
+                    pid: Some(std::process::id()),
+                    drain_ms: Some(
+                        self.proxy
+                            .as_ref()
+                            .map_or(0, |_| self.cfg.node.l7_drain_timeout.as_millis())
+                            as u64,
+                    ),
+                    ..Response::ok(if !detach {
+                        "stopping and removing the data plane".to_owned()
+                    } else if unpinned.is_empty() {
+                        "stopping; the data plane keeps running".to_owned()
+                    } else {
+                        format!(
+                            "stopping; the data plane keeps running, except on {}: their XDP links are held open by this edgelb alone (their pins removed, and not made again), so XDP leaves them as it exits (its log says more)",
+                            unpinned.join(", ")
+                        )
+                    })
+                }
+            }
             // Taken by `serve`, which leaves the loop for it.
             Request::Handover => Response::err("handover is answered by the controller loop"),
         }
@@ -1844,12 +1964,16 @@ impl Controller {
                 .iter()
                 .map(|(i, m)| {
                     let renamed = self.renamed.iter().find(|(was, _)| was == i);
-                    let failed = self.attach_failed.iter().find(|(f, ..)| f == i);
-                    let mode = if let Some((_, _, reason)) = failed.filter(|_| self.lost.contains(i))
-                    {
-                        format!(
-                            "LOST (was {m}; attaching again failed: {reason}; restart edgelb to attach)"
-                        )
+                    let failed = self.attach_failed.iter().find(|f| f.interface == *i);
+                    let mode = if let Some(f) = failed.filter(|_| self.lost.contains(i)) {
+                        let next = match f.retry_at {
+                            Some(at) => format!(
+                                "tried again in {} s, or restart edgelb",
+                                at.saturating_duration_since(Instant::now()).as_secs()
+                            ),
+                            None => "restart edgelb to attach".to_owned(),
+                        };
+                        format!("LOST (was {m}; attaching again failed: {}; {next})", f.reason)
                     } else if self.lost.contains(i) {
                         format!("LOST (was {m}; attached again once the interface is back)")
                     } else if let Some((_, now)) = renamed {
@@ -1982,6 +2106,50 @@ mod tests {
         assert!(text.contains("bpf_link_create"), "{text}");
         assert!(text.contains("os error 1"), "{text}");
         assert_eq!(text.matches("bpf_link_create").count(), 1, "said once: {text}");
+    }
+
+    /// A lost interface whose attach failed is tried again on the same device after 30 s, then
+    /// after twice as long each time, up to 5 minutes: EBUSY or EINVAL from a driver still
+    /// initialising, or ENOMEM, pass, and it used to stay LOST until a restart. EPERM (no
+    /// capability, before Linux 5.19) is not tried again on that device; another device is
+    /// tried at once, and so is one after the interface was seen gone (its failure forgotten).
+    #[test]
+    fn a_failed_reattach_is_tried_again_with_a_backoff_unless_it_needs_a_capability() {
+        let failure = |errno| DataplaneError::Attach {
+            interface: "eth0".to_owned(),
+            mode: "native",
+            error: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_link_create",
+                io_error: std::io::Error::from_raw_os_error(errno),
+            }),
+        };
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let busy = AttachFailed::after(None, "eth0", 7, &failure(libc::EBUSY), t0);
+        assert!(busy.reason.contains("os error 16"), "{}", busy.reason);
+        assert!(!reattach_due(Some(&busy), 7, t0 + s(29)));
+        assert!(reattach_due(Some(&busy), 7, t0 + s(30)));
+        assert!(reattach_due(Some(&busy), 8, t0), "another device: at once");
+        assert!(reattach_due(None, 7, t0), "no failure (forgotten once seen gone): at once");
+        // Each further failure on the device waits twice as long, up to 5 minutes.
+        let mut last = busy;
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            let at = last.retry_at.unwrap();
+            last = AttachFailed::after(Some(&last), "eth0", 7, &failure(libc::EINVAL), at);
+            waits.push(last.wait.as_secs());
+            assert!(!reattach_due(Some(&last), 7, at + last.wait - s(1)));
+            assert!(reattach_due(Some(&last), 7, at + last.wait));
+        }
+        assert_eq!(waits, [60, 120, 240, 300, 300, 300]);
+        // Another device starts over.
+        let other = AttachFailed::after(Some(&last), "eth0", 8, &failure(libc::ENOMEM), t0);
+        assert_eq!(other.wait, s(30));
+        // EPERM: not on that device, whenever; another device, at once.
+        let perm = AttachFailed::after(None, "eth0", 7, &failure(libc::EPERM), t0);
+        assert_eq!(perm.retry_at, None);
+        assert!(!reattach_due(Some(&perm), 7, t0 + s(3600)));
+        assert!(reattach_due(Some(&perm), 8, t0));
     }
 
     /// An interface whose state could not be told (a lookup failed out of descriptors) keeps

@@ -22,6 +22,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     ffi::CString,
     net::IpAddr,
+    os::fd::RawFd,
     path::{Path, PathBuf},
 };
 
@@ -494,9 +495,7 @@ pub struct Dataplane {
     /// once its pin is removed *and* every descriptor of it is closed: held here, a pin removed
     /// by hand (`rm <pin_dir>/link-<interface>`) no longer takes XDP off the interface, and
     /// [`Dataplane::repin_links`] puts the pin back.
-    links: Vec<Option<FdLink>>,
-    /// The interfaces whose link could not be pinned again, already logged (once each).
-    repin_failed: Vec<String>,
+    links: Vec<Option<HeldLink>>,
     /// The balancer program's id: what must run on an attached interface for it to be
     /// [`InterfaceState::Attached`].
     prog_id: u32,
@@ -891,7 +890,6 @@ impl Dataplane {
             attached: Vec::new(),
             ifindexes: Vec::new(),
             links: Vec::new(),
-            repin_failed: Vec::new(),
             prog_id,
             adopted: false,
             shape,
@@ -1091,7 +1089,7 @@ impl Dataplane {
         // (`controller::gro_warnings`), knowing the config.
         self.attached.push((interface.to_owned(), used));
         self.ifindexes.push(device.unwrap_or(0));
-        self.links.push(link);
+        self.links.push(link.map(HeldLink::new));
         Ok(used)
     }
 
@@ -1106,35 +1104,78 @@ impl Dataplane {
     /// Pins again, as `link-<interface>`, the XDP link of each attached interface whose pin is
     /// gone (removed by hand) while the link still holds its device: held open by this process,
     /// it stayed attached, but the next start would not find it, and would attach afresh (not
-    /// hitlessly) or fail. Logged as a warning; a pin that cannot be made again is an error,
-    /// logged once. Needs no capability (the pin directory is this user's).
-    pub fn repin_links(&mut self) {
+    /// hitlessly) or fail. Logged as a warning; a pin that cannot be made again, or a link whose
+    /// device cannot be read, is an error, logged once.
+    ///
+    /// Called each second, it costs a `stat` of each pin while they are there, and the fdinfo of
+    /// the link's own descriptor when one is gone ([`HeldLink::device`]). After a failure, it
+    /// is not tried again until the pin directory changes (one `stat` of it: made again after
+    /// `rm -r`, an entry added or removed, its mode or owner changed): listing `/proc/self/fd`
+    /// for each try, as this once did, took most of each second on an L7 node holding 100k
+    /// descriptors. With `again`, those are tried too (once, when it matters: before a handover,
+    /// whose new process takes the links over through their pins, and at a detached stop,
+    /// after which only the pins keep the links). Needs no capability (the pin directory is
+    /// this user's).
+    pub fn repin_links(&mut self, again: bool) {
         let Some(dir) = self.pins.clone() else { return };
-        for ((interface, _), link) in self.attached.iter().zip(&self.links) {
-            let Some(link) = link else { continue };
+        // Looked at once per call, and only if some pin is gone.
+        let mut dir_now = None;
+        for ((interface, _), held) in self.attached.iter().zip(&mut self.links) {
+            let Some(held) = held else { continue };
             let pin = link_pin(&dir, interface);
             if std::fs::symlink_metadata(&pin).is_ok() {
-                self.repin_failed.retain(|i| i != interface);
+                held.failed_at = None;
+                held.pin_error_logged = false;
+                continue;
+            }
+            let now = *dir_now.get_or_insert_with(|| DirStamp::of(&dir));
+            if held.failed_at == Some(now) && !again {
                 continue;
             }
             // A link whose device is gone (deleted, or its link detached) is not pinned again:
             // it runs nowhere, and the interface is reported lost.
-            let Some(device) = held_link_device(link) else { continue };
-            if device == 0 {
-                continue;
+            match held.device() {
+                Ok(0) => continue,
+                Ok(_) => held.device_error_logged = false,
+                Err(e) => {
+                    if !std::mem::replace(&mut held.device_error_logged, true) {
+                        error!(interface, error = %e, "the XDP link's pin was removed, and the device its link holds cannot be read: it is not pinned again (XDP stays attached while this edgelb runs, but a restart will not take the link over); tried again when the pin directory changes");
+                    }
+                    held.failed_at = Some(now);
+                    continue;
+                }
             }
-            match pin_held_link(link, &pin) {
+            match held.pin(&pin) {
                 Ok(()) => {
                     warn!(interface, pin = %pin.display(), "the XDP link's pin was removed; pinned it again (the link stayed attached: this edgelb holds it open)");
-                    self.repin_failed.retain(|i| i != interface);
+                    held.failed_at = None;
+                    held.pin_error_logged = false;
                 }
-                Err(e) if !self.repin_failed.contains(interface) => {
-                    error!(interface, error = %e, "the XDP link's pin was removed and could not be made again: XDP stays attached while this edgelb runs, but a restart will not take the link over");
-                    self.repin_failed.push(interface.clone());
+                Err(e) => {
+                    if !std::mem::replace(&mut held.pin_error_logged, true) {
+                        error!(interface, error = %e, "the XDP link's pin was removed and could not be made again: XDP stays attached while this edgelb runs, but a restart will not take the link over; tried again when the pin directory changes");
+                    }
+                    held.failed_at = Some(now);
                 }
-                Err(_) => {}
             }
         }
+    }
+
+    /// The attached interfaces whose XDP link this process holds open, still on its device, but
+    /// which is not pinned (its pin removed, and not made again: [`Dataplane::repin_links`]):
+    /// XDP leaves them when this process exits, as only a pin keeps a link after it. One whose
+    /// device cannot be read is among them (it may hold one).
+    pub fn unpinned_links(&mut self) -> Vec<String> {
+        let Some(dir) = self.pins.clone() else { return Vec::new() };
+        let held = self.attached.iter().zip(&mut self.links);
+        held.filter_map(|((interface, _), held)| {
+            let held = held.as_mut()?;
+            if std::fs::symlink_metadata(link_pin(&dir, interface)).is_ok() {
+                return None;
+            }
+            (held.device() != Ok(0)).then(|| interface.clone())
+        })
+        .collect()
     }
 
     /// Attaches the balancer again to `interface`, one of those attached whose device no longer
@@ -1167,7 +1208,8 @@ impl Dataplane {
                 let link = prog.take_link(id).map_err(|e| pin_err(e.to_string()))?;
                 let link = FdLink::try_from(link)
                     .map_err(|e| pin_err(format!("{e} (netlink-attached XDP cannot be pinned)")))?;
-                repin_after_reattach(&link, pin, interface);
+                let mut link = HeldLink::new(link);
+                repin_after_reattach(&mut link, pin, interface);
                 Some(link)
             }
             // Without a pin directory, the program keeps the link, as at a start.
@@ -1234,7 +1276,7 @@ impl Dataplane {
             let pin = link_pin_holding(&dir, device).unwrap_or_else(|| link_pin(&dir, interface));
             match replace_program(prog, &pin, interface) {
                 // The link now forwarding through this program: the one to hold.
-                Ok(link) => *held = Some(link),
+                Ok(link) => *held = Some(HeldLink::new(link)),
                 Err(e) => {
                     error!(interface, error = %e, "could not put this edgelb's program back");
                     first_error.get_or_insert(e);
@@ -1809,65 +1851,140 @@ fn pin_link(prog: &mut Xdp, id: XdpLinkId, pin: &Path) -> Result<FdLink, Datapla
     Ok(FdLink::from(pinned))
 }
 
-/// The device (its interface index; 0 when it is gone, or the link was detached) that XDP link
-/// `link`, which this process holds open, holds. `None` when that cannot be read.
-fn held_link_device(link: &FdLink) -> Option<u32> {
-    own_link_fd(link.info().ok()?.id())?.1.ifindex
+/// An XDP link this process holds open ([`Dataplane::links`]), with what
+/// [`Dataplane::repin_links`] needs to look at it each second without listing `/proc/self/fd`:
+/// the number of its descriptor, found there once, when it is stored. aya's [`FdLink`] does
+/// not give its descriptor, and pinning a held link without letting go of it, or reading the
+/// device it holds (its fdinfo), needs it ([`HeldLink::pin`]).
+struct HeldLink {
+    /// The link, held for its descriptor: closed, with the pin gone, XDP leaves the interface.
+    _link: FdLink,
+    /// The link's id; why it could not be read otherwise.
+    id: Result<u32, String>,
+    /// A descriptor of the link in this process (its own: the controller's thread is the only
+    /// one to open links), as found in `/proc/self/fd`; `None` when none was. Checked by the
+    /// link id its fdinfo names each time it is used, and looked for again when it no longer
+    /// names this link or none was found ([`HeldLink::fdinfo`]).
+    fd: Option<RawFd>,
+    /// The pin directory as it was when pinning this link again last failed, or its device
+    /// could not be read: not tried again until it is otherwise ([`DirStamp`]).
+    failed_at: Option<DirStamp>,
+    /// A failure to pin it again was logged (until it is pinned).
+    pin_error_logged: bool,
+    /// A failure to read its device was logged (until it is read).
+    device_error_logged: bool,
 }
 
-/// Pins `link`, an XDP link this process holds open, at `pin` without letting go of it. aya's
-/// [`FdLink::pin`] consumes the link, and closes its descriptor when pinning fails: for a link
-/// whose pin is gone, that would detach XDP. So the link is pinned through a descriptor of it
-/// found in `/proc/self/fd` (its own: the controller's thread is the only one to open links),
-/// with `BPF_OBJ_PIN`, which needs no capability, only write access to the directory; the pin
-/// is then read back to check that it names this link.
-#[allow(unsafe_code)]
-fn pin_held_link(link: &FdLink, pin: &Path) -> Result<(), DataplaneError> {
-    use std::os::unix::ffi::OsStrExt;
-    let pin_err = |reason: String| DataplaneError::Pin { path: pin.to_owned(), reason };
-    let id = link.info().map_err(|e| pin_err(format!("reading the link's info: {e}")))?.id();
-    let (fd, _) = own_link_fd(id)
-        .ok_or_else(|| pin_err(format!("no descriptor of link {id} found in /proc/self/fd")))?;
-    let path = CString::new(pin.as_os_str().as_bytes())
-        .map_err(|_| pin_err("a path with a NUL byte".to_owned()))?;
-    /// The `BPF_OBJ_PIN` part of `union bpf_attr` (the kernel takes a shorter attribute and
-    /// reads the rest as zeros).
-    #[repr(C)]
-    struct ObjAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: u32,
+impl HeldLink {
+    /// Holds `link`, its descriptor looked for in `/proc/self/fd` (once).
+    fn new(link: FdLink) -> HeldLink {
+        let id = link.info().map(|i| i.id()).map_err(|e| format!("reading the link's info: {e}"));
+        let fd = id.as_ref().ok().and_then(|&id| own_link_fd(id)).map(|(fd, _)| fd);
+        HeldLink {
+            _link: link,
+            id,
+            fd,
+            failed_at: None,
+            pin_error_logged: false,
+            device_error_logged: false,
+        }
     }
-    const BPF_OBJ_PIN: libc::c_long = 6;
-    let attr = ObjAttr {
-        pathname: path.as_ptr() as u64,
-        bpf_fd: fd as u32,
-        file_flags: 0,
-        path_fd: 0,
-        _pad: 0,
-    };
-    // SAFETY: `attr` and the path it points to live until the call returns; the kernel only
-    // reads them (`size_of` bytes of `attr`, the NUL-terminated path). `fd` is a descriptor of
-    // `link`, which the borrow keeps open.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            &attr as *const ObjAttr,
-            std::mem::size_of::<ObjAttr>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        return Err(pin_err(format!("BPF_OBJ_PIN: {}", std::io::Error::last_os_error())));
+
+    /// The link's descriptor and its fdinfo, read from `/proc/self/fdinfo/<fd>` alone while
+    /// the descriptor recorded still names this link (by its id); looked for again in
+    /// `/proc/self/fd` otherwise, which lists every descriptor: a caller that fails does not
+    /// call again until something changed ([`Dataplane::repin_links`]). An error names what
+    /// could not be read.
+    fn fdinfo(&mut self) -> Result<(RawFd, LinkFdinfo), String> {
+        let id = self.id.clone()?;
+        if let Some(fd) = self.fd {
+            match std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) {
+                Ok(text) => {
+                    if let Some(info) = link_fdinfo(&text, id) {
+                        return Ok((fd, info));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("reading /proc/self/fdinfo/{fd}: {e}")),
+            }
+        }
+        let found = own_link_fd(id);
+        self.fd = found.as_ref().map(|&(fd, _)| fd);
+        found.ok_or_else(|| format!("no descriptor of link {id} found in /proc/self/fd"))
     }
-    let pinned = PinnedLink::from_pin(pin).ok().and_then(|l| FdLink::from(l).info().ok());
-    if pinned.map(|i| i.id()) != Some(id) {
-        let _ = std::fs::remove_file(pin);
-        return Err(pin_err(format!("the pin made does not name link {id}; removed")));
+
+    /// The device (its interface index; 0 when it is gone, or the link was detached) the link
+    /// holds, from its fdinfo ([`HeldLink::fdinfo`]).
+    fn device(&mut self) -> Result<u32, String> {
+        let (_, info) = self.fdinfo()?;
+        info.ifindex.ok_or_else(|| "the kernel does not report the device of XDP links".to_owned())
     }
-    Ok(())
+
+    /// Pins the link at `pin` without letting go of it. aya's [`FdLink::pin`] consumes the
+    /// link, and closes its descriptor when pinning fails: for a link whose pin is gone, that
+    /// would detach XDP. So the link is pinned through its descriptor ([`HeldLink::fdinfo`])
+    /// with `BPF_OBJ_PIN`, which needs no capability, only write access to the directory; the
+    /// pin is then read back to check that it names this link.
+    #[allow(unsafe_code)]
+    fn pin(&mut self, pin: &Path) -> Result<(), DataplaneError> {
+        use std::os::unix::ffi::OsStrExt;
+        let pin_err = |reason: String| DataplaneError::Pin { path: pin.to_owned(), reason };
+        let (fd, _) = self.fdinfo().map_err(pin_err)?;
+        let id = self.id.clone().map_err(pin_err)?;
+        let path = CString::new(pin.as_os_str().as_bytes())
+            .map_err(|_| pin_err("a path with a NUL byte".to_owned()))?;
+        /// The `BPF_OBJ_PIN` part of `union bpf_attr` (the kernel takes a shorter attribute and
+        /// reads the rest as zeros).
+        #[repr(C)]
+        struct ObjAttr {
+            pathname: u64,
+            bpf_fd: u32,
+            file_flags: u32,
+            path_fd: i32,
+            _pad: u32,
+        }
+        const BPF_OBJ_PIN: libc::c_long = 6;
+        let attr = ObjAttr {
+            pathname: path.as_ptr() as u64,
+            bpf_fd: fd as u32,
+            file_flags: 0,
+            path_fd: 0,
+            _pad: 0,
+        };
+        // SAFETY: `attr` and the path it points to live until the call returns; the kernel only
+        // reads them (`size_of` bytes of `attr`, the NUL-terminated path). `fd` is a descriptor of
+        // the held link (its fdinfo just named it), which the borrow of `self` keeps open.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_OBJ_PIN,
+                &attr as *const ObjAttr,
+                std::mem::size_of::<ObjAttr>() as libc::c_uint,
+            )
+        };
+        if rc < 0 {
+            return Err(pin_err(format!("BPF_OBJ_PIN: {}", std::io::Error::last_os_error())));
+        }
+        let pinned = PinnedLink::from_pin(pin).ok().and_then(|l| FdLink::from(l).info().ok());
+        if pinned.map(|i| i.id()) != Some(id) {
+            let _ = std::fs::remove_file(pin);
+            return Err(pin_err(format!("the pin made does not name link {id}; removed")));
+        }
+        Ok(())
+    }
+}
+
+/// What tells whether a pin directory changed: its device, inode and change time (which a
+/// change of an entry, of its mode or of its owner moves), or `None` when it is not there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DirStamp(Option<(u64, u64, i64, i64)>);
+
+impl DirStamp {
+    /// `dir` as it is now: one `stat`.
+    fn of(dir: &Path) -> DirStamp {
+        use std::os::unix::fs::MetadataExt;
+        DirStamp(std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec())))
+    }
 }
 
 fn global_config(cfg: &Config) -> GlobalConfig {
@@ -2153,7 +2270,7 @@ fn lost_its_device(e: &DataplaneError) -> bool {
 /// removed first; a pin whose link holds a live device is not this data plane's to replace, and
 /// is left alone, as is a failure to pin (warned of: the link stays attached, held open, and
 /// [`Dataplane::repin_links`] tries again when the pin is gone).
-fn repin_after_reattach(link: &FdLink, pin: &Path, interface: &str) {
+fn repin_after_reattach(link: &mut HeldLink, pin: &Path, interface: &str) {
     if std::fs::symlink_metadata(pin).is_ok() {
         match pinned_link_device(pin) {
             Some(d) if d != 0 => {
@@ -2168,7 +2285,7 @@ fn repin_after_reattach(link: &FdLink, pin: &Path, interface: &str) {
             }
         }
     }
-    if let Err(e) = pin_held_link(link, pin) {
+    if let Err(e) = link.pin(pin) {
         warn!(interface, error = %e, "XDP attached again, but its link could not be pinned (a restart will not take it over)");
     }
 }
@@ -2453,16 +2570,7 @@ const NATIVE_XDP_MTU: u32 = 3000;
 /// failed, the errno is in its source), and, when the interface's `mtu` is above
 /// [`NATIVE_XDP_MTU`], that this is the likely reason and what would let it run natively.
 fn native_fallback_message(interface: &str, e: &DataplaneError, mtu: Option<u32>) -> String {
-    let mut why = e.to_string();
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        // A cause the message already ends with (thiserror's `{source}`) is not said twice.
-        let text = c.to_string();
-        if !why.ends_with(&text) {
-            why.push_str(&format!(": {text}"));
-        }
-        cause = c.source();
-    }
+    let why = crate::error_chain(e);
     let mut msg = format!(
         "native XDP unavailable on {interface} ({why}): falling back to generic mode (slower)"
     );
@@ -2817,8 +2925,16 @@ fn own_link_fdinfo(link_id: u32) -> Option<LinkFdinfo> {
     own_link_fd(link_id).map(|(_, info)| info)
 }
 
+#[cfg(test)]
+thread_local! {
+    /// How many times this thread listed `/proc/self/fd` ([`own_link_fd`]): tests bound it.
+    static FD_SCANS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// A descriptor this process holds for BPF link `link_id`, and its fdinfo ([`own_link_fdinfo`]).
-fn own_link_fd(link_id: u32) -> Option<(std::os::fd::RawFd, LinkFdinfo)> {
+fn own_link_fd(link_id: u32) -> Option<(RawFd, LinkFdinfo)> {
+    #[cfg(test)]
+    FD_SCANS.with(|n| n.set(n.get() + 1));
     std::fs::read_dir("/proc/self/fd")
         .ok()?
         .flatten()
@@ -2954,10 +3070,10 @@ impl AuxPrograms {
 #[cfg(test)]
 mod tests {
     use super::{
-        InterfaceState, LinkFdinfo, MAX_CONNTRACK_FLOWS, MIN_CONNTRACK_FLOWS, TableShape,
-        UNKNOWN_MODE, XdpAttachMode, buckets_for, fresh_backend_id, ifindex, interface_name,
-        interface_state, link_fdinfo, mode_differs, no_such_interface, pin_dir_ready,
-        why_no_socket,
+        Dataplane, FD_SCANS, InterfaceState, LinkFdinfo, MAX_CONNTRACK_FLOWS, MIN_CONNTRACK_FLOWS,
+        TableShape, UNKNOWN_MODE, XdpAttachMode, buckets_for, fresh_backend_id, ifindex,
+        interface_name, interface_state, link_fdinfo, link_pin, mode_differs, no_such_interface,
+        pin_dir_ready, pinned_link_device, why_no_socket,
     };
 
     /// A failed attach says the syscall and its error code once, whether the chain is printed
@@ -3146,6 +3262,62 @@ mod tests {
             let w = fresh_map_warning(name);
             assert!(w.starts_with(name) && !w.ends_with("made empty"), "{w}");
         }
+    }
+
+    /// A link pin that cannot be made again (the whole pin directory removed) costs at most one
+    /// listing of /proc/self/fd until the directory is back, however often it is looked at:
+    /// an L7 node holds two descriptors per connection, and two listings a second per
+    /// interface took most of each second at 100k. Once the directory is back, the pin is
+    /// made again, and the link stayed on the interface meanwhile.
+    #[test]
+    fn a_pin_that_cannot_be_made_again_costs_no_listing_until_its_directory_is_back() {
+        use crate::testbed::{netns, sh};
+        if !netns::require_privileged(
+            "a_pin_that_cannot_be_made_again_costs_no_listing_until_its_directory_is_back",
+        ) {
+            return;
+        }
+        /// Deletes the namespace and the pin directory when the test ends, however it ends.
+        struct Gone(String, std::path::PathBuf);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.1);
+                let _ = sh(&["ip", "netns", "del", &self.0]);
+            }
+        }
+        let name = format!("edgelb-repin-{}", std::process::id());
+        let dir = std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/edgelb-test-repin-{}",
+            std::process::id()
+        ));
+        let _ = sh(&["ip", "netns", "del", &name]);
+        sh(&["ip", "netns", "add", &name]).unwrap();
+        let _gone = Gone(name.clone(), dir.clone());
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]).unwrap();
+        netns::in_netns(&name, || {
+            let mut dp = Dataplane::load(Some(&dir)).expect("the balancer loads");
+            dp.attach("lo", XdpAttachMode::Generic).expect("attached to lo");
+            let pin = link_pin(&dir, "lo");
+            assert!(pin.exists(), "pinned at {}", pin.display());
+            std::fs::remove_dir_all(&dir).unwrap();
+            let scans = || FD_SCANS.with(std::cell::Cell::get);
+            let before = scans();
+            for _ in 0..5 {
+                dp.repin_links(false);
+            }
+            assert!(scans() - before <= 1, "{} listings of /proc/self/fd", scans() - before);
+            assert!(!pin.exists());
+            assert!(
+                matches!(dp.interface_states()[0].1, InterfaceState::Attached),
+                "XDP stayed on lo"
+            );
+            std::fs::create_dir(&dir).unwrap();
+            dp.repin_links(false);
+            assert!(pin.exists(), "pinned again once its directory is back");
+            assert!(scans() - before <= 2, "{} listings of /proc/self/fd", scans() - before);
+            assert_eq!(pinned_link_device(&pin), Some(ifindex("lo").unwrap().unwrap()));
+        })
+        .unwrap();
     }
 
     /// A link taken over in another mode than node.xdp_mode asks is warned of; one whose mode
