@@ -55,8 +55,9 @@ enum Command {
         admin: AdminArgs,
         /// Client address.
         client: IpAddr,
-        /// VIP name, address, or address:port (address:port for a VIP that serves any port and
-        /// hashes the 5-tuple: the destination port is part of the hash).
+        /// VIP name, address (IPv6 bare or in brackets), or address:port / [v6]:port
+        /// (address:port for a VIP that serves any port and hashes the 5-tuple: the destination
+        /// port is part of the hash).
         vip: String,
         /// Client source port: required for, and only used by, VIPs that hash the 5-tuple (no
         /// real flow has source port 0).

@@ -54,7 +54,7 @@ pub enum Request {
     Route {
         /// Client address.
         client: IpAddr,
-        /// VIP name, address, or address:port.
+        /// VIP name, address (IPv6 bare or in brackets), or address:port / [v6]:port.
         vip: String,
         /// Client source port (5-tuple VIPs).
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -545,9 +545,9 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Finds a VIP by name, by address, or by `address:port` / `[v6]:port`, of protocol
-    /// `proto` if given, as the XDP program does: a VIP of that exact port first, then one of
-    /// any port. An address (and port) more than one VIP answers to is an error naming them,
+    /// Finds a VIP by name, by address (an IPv6 one bare or in brackets, as `drain` takes it),
+    /// or by `address:port` / `[v6]:port`, of protocol `proto` if given, as the XDP program
+    /// does: a VIP of that exact port first, then one of any port. An address (and port) more than one VIP answers to is an error naming them,
     /// not the first in file order; so is one no VIP answers to.
     pub fn find_vip(&self, spec: &str, proto: Option<Protocol>) -> Result<&Vip, String> {
         if let Some(v) = self.vips.iter().find(|v| v.name == spec) {
@@ -560,10 +560,19 @@ impl Config {
                 _ => Ok(v),
             };
         }
+        // `[v6]` without a port is the address alone, as `[v6]:port` is written and as `drain`
+        // takes it.
+        let bracketed = spec
+            .strip_prefix('[')
+            .and_then(|r| r.strip_suffix(']'))
+            .and_then(|r| r.parse::<Ipv6Addr>().ok());
         let (addr, port) = match (spec.parse::<IpAddr>(), spec.parse::<std::net::SocketAddr>()) {
             (Ok(a), _) => (a, None),
             (_, Ok(sa)) => (sa.ip(), Some(sa.port())),
-            _ => return Err(format!("no VIP named `{spec}`")),
+            _ => match bracketed {
+                Some(a) => (IpAddr::V6(a), None),
+                None => return Err(format!("no VIP named `{spec}`")),
+            },
         };
         let of = |p: Option<u16>| -> Vec<&Vip> {
             self.vips

@@ -251,6 +251,28 @@ fn find_vip_by_name_address_and_socket() {
     assert!(cfg.find_vip("nope", None).unwrap_err().contains("no VIP named `nope`"));
 }
 
+/// An IPv6 VIP is found by its address bare, in brackets without a port (as `drain` takes a
+/// backend, and as `[v6]:port` is written), or with a port; brackets around anything but an
+/// IPv6 address are not an address.
+#[test]
+fn find_vip_takes_a_bracketed_ipv6_address() {
+    let text = format!(
+        "{NODE}encap_source_v6 = \"2001:db8:ff::/96\"\n[[vip]]\nname = \"v6\"\naddress = \"2001:db8::10\"\nport = 80\nbackends = [{{ address = \"2001:db8::11\", mac = \"02:00:00:00:00:01\" }}]\n"
+    );
+    let cfg = parse(&text).unwrap();
+    for spec in ["2001:db8::10", "2001:DB8::10", "[2001:db8::10]", "[2001:db8::10]:80"] {
+        assert_eq!(cfg.find_vip(spec, None).map(|v| v.name.as_str()), Ok("v6"), "{spec}");
+    }
+    for spec in ["[2001:db8::10", "[[2001:db8::10]]", "[198.18.1.1]", "[2001:db8::10]:80]"] {
+        let e = cfg.find_vip(spec, None).unwrap_err();
+        assert_eq!(e, format!("no VIP named `{spec}`"), "{spec}");
+    }
+    assert_eq!(
+        cfg.find_vip("[2001:db8::12]", None).unwrap_err(),
+        "no VIP answers to [2001:db8::12]"
+    );
+}
+
 /// `route` finds the VIP the XDP program would: the exact port before an any-port VIP listed
 /// earlier, the protocol asked for, and never silently the first of several.
 #[test]
