@@ -1076,21 +1076,92 @@ fn parse_mac(s: &raw::Sp<String>) -> Result<[u8; 6], Invalid> {
     Ok(mac)
 }
 
+/// Whose address a file's `address` is: its errors say where a port written into it goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AddressOf {
+    /// A VIP's, whose port is the VIP's `port`.
+    Vip,
+    /// A backend of a VIP XDP forwards, which takes no port (the client's is kept).
+    XdpBackend,
+    /// A backend of an `l7` VIP or route, whose port is the backend's `port`.
+    L7Backend,
+}
+
+impl AddressOf {
+    /// The address's name in errors.
+    fn what(self) -> &'static str {
+        match self {
+            AddressOf::Vip => "VIP address",
+            AddressOf::XdpBackend | AddressOf::L7Backend => "backend address",
+        }
+    }
+
+    /// What to write instead of `a` with its port `port` in one string.
+    fn port_advice(self, a: IpAddr, port: u16) -> String {
+        match self {
+            AddressOf::Vip => {
+                format!("the port is the VIP's own key: write address = \"{a}\" and port = {port}")
+            }
+            AddressOf::L7Backend => format!(
+                "the port is the backend's own key: write {{ address = \"{a}\", port = {port} }}"
+            ),
+            AddressOf::XdpBackend => format!(
+                "XDP forwarding keeps the client's destination port, so its backends take none: write address = \"{a}\" (a backend `port` applies to l7 VIPs)"
+            ),
+        }
+    }
+}
+
 /// A VIP or backend address. Refuses the IPv6 forms that parse but cannot be used: an
 /// IPv4-mapped address, which never appears on the wire (an IPv6 VIP that IPv4 packets never
 /// match, 4in6 packets nothing routes, and a backend a dual-stack health check still finds up),
 /// an IPv4-compatible one (`::a.b.c.d`, deprecated, for the same reasons),
 /// and a link-local one, which needs an interface to be reached (every connect and bind to it
-/// without one fails with EINVAL, and zone ids are not taken).
-fn parse_ip(s: &raw::Sp<String>, what: &str) -> Result<IpAddr, Invalid> {
-    let a: IpAddr = s
-        .get_ref()
-        .parse()
-        .or_else(|_| bad(s.span(), format!("`{}` is not an IP address ({what})", s.get_ref())))?;
+/// without one fails with EINVAL, and zone ids are not taken). What does not parse but is an
+/// address written another common way (in brackets, with a zone id, with a port) is refused
+/// saying what to write instead.
+fn parse_ip(s: &raw::Sp<String>, of: AddressOf) -> Result<IpAddr, Invalid> {
+    let what = of.what();
+    let a: IpAddr = s.get_ref().parse().or_else(|_| {
+        let text = s.get_ref();
+        let why = match address_advice(text, of) {
+            Some(advice) => format!("`{text}` is not an IP address ({what}): {advice}"),
+            None => format!("`{text}` is not an IP address ({what})"),
+        };
+        bad(s.span(), why)
+    })?;
     if let IpAddr::V6(v6) = a {
         ipv6_usable(v6).or_else(|e| bad(s.span(), format!("{what} {e}")))?;
     }
     Ok(a)
+}
+
+/// What to write instead of `text`, an address written with a port (`198.18.0.11:8080`,
+/// `[2001:db8::11]:8080`), with a zone id (`fe80::1%eth0`) or in brackets (`[2001:db8::10]`);
+/// none for anything else. An address edgelb refuses anyway (link-local, IPv4-mapped) says so
+/// at once, not after the operator fixed the spelling.
+fn address_advice(text: &str, of: AddressOf) -> Option<String> {
+    let refused = |a: Ipv6Addr| ipv6_usable(a).err();
+    if let Ok(sa) = text.parse::<std::net::SocketAddr>() {
+        return Some(match sa.ip() {
+            IpAddr::V6(a) if let Some(e) = refused(a) => e,
+            a => of.port_advice(a, sa.port()),
+        });
+    }
+    let unbracketed = text.strip_prefix('[').and_then(|r| r.strip_suffix(']'));
+    let bare = unbracketed.unwrap_or(text);
+    if let Some((a, zone)) = bare.split_once('%')
+        && let Ok(a) = a.parse::<Ipv6Addr>()
+    {
+        return Some(match refused(a) {
+            Some(e) => format!("zone ids (`%{zone}`) are not taken, and {e}"),
+            None => format!(
+                "zone ids (`%{zone}`) are not taken, and {a} is reached without one: write \"{a}\""
+            ),
+        });
+    }
+    let a = unbracketed?.parse::<Ipv6Addr>().ok()?;
+    Some(refused(a).unwrap_or_else(|| format!("write the IPv6 address without brackets: \"{a}\"")))
 }
 
 /// Why `a` cannot stand for a host on the wire, if it cannot: see [`parse_ip`].
@@ -1315,7 +1386,7 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
                 format!("duplicate VIP name `{}`", v.name.get_ref().escape_debug()),
             );
         }
-        let vip_addr = parse_ip(&v.address, "VIP address")?;
+        let vip_addr = parse_ip(&v.address, AddressOf::Vip)?;
         addresses_at.push(v.address.span());
         if let Some(what) = not_unicast(vip_addr) {
             return bad(
@@ -1403,7 +1474,11 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
         let mut seen = HashSet::new();
         let mut backends = Vec::new();
         for b in &v.backends {
-            let address = parse_ip(&b.address, "backend address")?;
+            let of = match forwarding {
+                Forwarding::L7 => AddressOf::L7Backend,
+                _ => AddressOf::XdpBackend,
+            };
+            let address = parse_ip(&b.address, of)?;
             if forwarding == Forwarding::L7 {
                 l7_entries.add(b.address.span(), v.name.get_ref());
             } else {
@@ -1802,7 +1877,7 @@ fn l7_settings(
         let mut backends: Vec<Backend> = Vec::new();
         let mut seen = HashSet::new();
         for b in &r.backends {
-            let address = parse_ip(&b.address, "backend address")?;
+            let address = parse_ip(&b.address, AddressOf::L7Backend)?;
             let weight = setting(&b.weight, 1, "weight")?;
             if let Some(m) = &b.mac {
                 return bad(m.span(), "`mac` applies to backends XDP forwards to, not to l7 ones");

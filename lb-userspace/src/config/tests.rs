@@ -595,6 +595,63 @@ fn unusable_ipv6_forms_are_refused() {
         .unwrap();
 }
 
+/// An address written another common way (in brackets, with a zone id, with a port) is refused
+/// saying what to write instead, where its port goes depending on whose address it is.
+#[test]
+fn misspelt_addresses_say_what_to_write() {
+    let v4 = r#"{ address = "198.18.0.11" }"#;
+    let t = xdp_vip("[2001:2::1]", "", r#"{ address = "2001:2::11" }"#);
+    refused_at(
+        &t,
+        "\"[2001:2::1]\"",
+        "(VIP address): write the IPv6 address without brackets: \"2001:2::1\"",
+    );
+    let t = xdp_vip("fe80::1%lo", "", v4);
+    refused_at(
+        &t,
+        "\"fe80::1%lo\"",
+        "zone ids (`%lo`) are not taken, and fe80::1 is a link-local address",
+    );
+    assert!(err(&t).ends_with("write a global or unique-local (fd00::/8) address"), "{}", err(&t));
+    let t = xdp_vip("2001:2::1%eth0", "", r#"{ address = "2001:2::11" }"#);
+    refused_at(
+        &t,
+        "\"2001:2::1%eth0\"",
+        "zone ids (`%eth0`) are not taken, and 2001:2::1 is reached without one: write \"2001:2::1\"",
+    );
+    let t = xdp_vip("198.18.1.1:8080", "", v4);
+    refused_at(
+        &t,
+        "\"198.18.1.1:8080\"",
+        "the port is the VIP's own key: write address = \"198.18.1.1\" and port = 8080",
+    );
+    let t = xdp_vip("[2001:2::1]:8080", "", r#"{ address = "2001:2::11" }"#);
+    refused_at(&t, "\"[2001:2::1]:8080\"", "write address = \"2001:2::1\" and port = 8080");
+    // A backend XDP forwards to takes no port at all.
+    let t = xdp_vip("198.18.1.1", "", r#"{ address = "198.18.0.11:8080" }"#);
+    refused_at(
+        &t,
+        "\"198.18.0.11:8080\"",
+        "(backend address): XDP forwarding keeps the client's destination port, so its backends take none: write address = \"198.18.0.11\"",
+    );
+    let t = xdp_vip("198.18.1.1", "", r#"{ address = "[fe80::2]:80" }"#);
+    refused_at(&t, "\"[fe80::2]:80\"", "(backend address): fe80::2 is a link-local address");
+    let t = xdp_vip("2001:2::1", "", r#"{ address = "[2001:2::11]" }"#);
+    refused_at(&t, "\"[2001:2::11]\"", "write the IPv6 address without brackets: \"2001:2::11\"");
+    // An l7 backend's, a route's included, goes in the backend's `port`.
+    let t = l7_vip("198.18.1.1", r#"{ address = "198.18.0.11:8080" }"#, "", "");
+    refused_at(&t, "\"198.18.0.11:8080\"", "write { address = \"198.18.0.11\", port = 8080 }");
+    let route = "[[vip.route]]\npath_prefix = \"/a/\"\nbackends = [{ address = \"[2001:db8::11]:8080\" }]\n";
+    let t = l7_vip("198.18.1.1", v4, "", route);
+    refused_at(&t, "\"[2001:db8::11]:8080\"", "write { address = \"2001:db8::11\", port = 8080 }");
+    // Anything else is only not an address.
+    for other in ["web.example", "[198.18.0.11]", "198.18.0.11%eth0", "[2001:db8::11%eth0]:80"] {
+        let t = xdp_vip("198.18.1.1", "", &format!("{{ address = \"{other}\" }}"));
+        let e = err(&t);
+        assert!(e.ends_with(&format!("`{other}` is not an IP address (backend address)")), "{e}");
+    }
+}
+
 /// A backend at the VIP's own address: XDP would send the VIP's flows back to the VIP, an L7
 /// proxy at its own listen address and port would connect to itself.
 #[test]
