@@ -30,7 +30,7 @@ use crate::{
         Pending, Request, Response, SocketKind, Status, VipStatus,
     },
     config::{Config, Forwarding},
-    dataplane::{Dataplane, DataplaneError, InterfaceState, TableShape, vip_ring},
+    dataplane::{Dataplane, DataplaneError, InterfaceState, TableShape},
     error_chain,
     health::{Checker, HealthEvent},
     metrics::{BackendSample, KernelSnapshot, Metrics, Scrape, backend_label},
@@ -1851,12 +1851,11 @@ impl Controller {
             if xdp {
                 snap.vips.push((vip.name.clone(), self.dp.vip_counters(vip).unwrap_or_default()));
             }
+            // By backend: a search of the VIP's backends for each took O(backends²).
+            let weights: HashMap<std::net::SocketAddr, u32> =
+                evip.backends.iter().map(|e| (verdicts::id(e), e.weight)).collect();
             for b in &vip.backends {
-                let weight = evip
-                    .backends
-                    .iter()
-                    .find(|e| verdicts::id(e) == verdicts::id(b))
-                    .map_or(0, |e| e.weight);
+                let weight = weights.get(&verdicts::id(b)).copied().unwrap_or(0);
                 snap.backends.push(BackendSample {
                     vip: vip.name.clone(),
                     backend: backend_label(vip, b),
@@ -1887,19 +1886,17 @@ impl Controller {
 
     fn status(&mut self) -> Status {
         let now = Instant::now();
-        let eff = self.effective();
         let mut vips = Vec::new();
-        for (vip, evip) in self.cfg.vips.iter().zip(&eff.vips) {
+        for vip in &self.cfg.vips {
             let c = self.dp.vip_counters(vip).unwrap_or_default();
-            let ring = vip_ring(evip);
+            // The ring the maps hold, counted in one pass (not built again, nor scanned once
+            // per backend: seconds on the controller thread at 4096 backends).
+            let ring = self.dp.ring_slots(vip);
             let mut backends = Vec::new();
             for b in &vip.backends {
-                let share = match (
-                    &ring,
-                    evip.backends.iter().position(|e| verdicts::id(e) == verdicts::id(b)),
-                ) {
-                    (Some(r), Some(i)) => {
-                        r.iter().filter(|&&x| x as usize == i).count() as f64 / r.len() as f64
+                let share = match (&ring, self.dp.backend_id(vip, b.address)) {
+                    (Some((slots, size)), Some(id)) => {
+                        slots.get(&id).copied().unwrap_or(0) as f64 / *size as f64
                     }
                     _ => 0.0,
                 };
