@@ -2541,6 +2541,18 @@ fn health_verdicts_and_l7_status_go_on_while_a_stop_drains() {
     })
     .unwrap();
     assert!(got.as_ref().is_ok_and(|b| b != "backend-2"), "{client}: {got:?}");
+    // XDP forwards on during the drain, and `status` gives that flow's packet rate: the counters
+    // are sampled as in the serving loop (sampling used to stop at the drain's start, and
+    // `status` gave the rates of then for as long as the drain lasted).
+    let deadline = Instant::now() + Duration::from_secs(4);
+    loop {
+        let web = e.status().vips.into_iter().find(|v| v.name == "web").expect("web");
+        if web.pps > 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no packet rate during the drain: {web:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(child.exited().is_none(), "still draining");
     // The request in flight is answered, and the drain ends with it.
     pending.finish();

@@ -30,7 +30,7 @@ use crate::{
         Pending, Request, Response, SocketKind, Status, VipStatus,
     },
     config::{Config, Forwarding},
-    dataplane::{Dataplane, DataplaneError, InterfaceState, TableShape, vip_ring},
+    dataplane::{Dataplane, DataplaneError, InterfaceState, TableShape},
     error_chain,
     health::{Checker, HealthEvent},
     metrics::{BackendSample, KernelSnapshot, Metrics, Scrape, backend_label},
@@ -142,9 +142,15 @@ impl Rates {
         e[1] = (now, c.packets, c.bytes);
     }
 
-    /// (packets/s, bytes/s) for `key`.
-    fn get(&self, key: &str) -> (f64, f64) {
+    /// (packets/s, bytes/s) for `key` at `now`: 0 (no figure, as before the first samples) when
+    /// the last sample is older than two sampling periods. The rate of a loop that stopped
+    /// sampling would otherwise be given as "now" for as long as it stopped, as the L7 drain
+    /// once did while XDP went on forwarding.
+    fn get(&self, key: &str, now: Instant) -> (f64, f64) {
         let Some([(t0, p0, b0), (t1, p1, b1)]) = self.samples.get(key) else { return (0.0, 0.0) };
+        if now.saturating_duration_since(*t1) > 2 * SAMPLE_EVERY {
+            return (0.0, 0.0);
+        }
         let dt = t1.duration_since(*t0).as_secs_f64();
         if dt <= 0.0 {
             return (0.0, 0.0);
@@ -190,6 +196,11 @@ struct Controller {
     scrape_rx: Receiver<Scrape>,
     metrics: Metrics,
     rates: Rates,
+    /// Each VIP's packet count at the last sample, to log only the counters that changed
+    /// ([`Controller::sample`]).
+    last_packets: HashMap<String, u64>,
+    /// When the counters are next sampled ([`Controller::sample_when_due`]).
+    next_sample: Instant,
     proxy: Option<crate::proxy::Proxy>,
     /// Health verdicts, drains and fail-open state.
     verdicts: Verdicts,
@@ -482,6 +493,8 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         scrape_rx,
         metrics: Metrics::new(),
         rates: Rates::default(),
+        last_packets: HashMap::new(),
+        next_sample: Instant::now(),
         proxy: None,
         verdicts: Verdicts::default(),
         admin: None,
@@ -1316,6 +1329,8 @@ impl Controller {
         });
         self.answer_scrapes_until(&rx, grace + Duration::from_secs(5), |ctl| {
             let more = ctl.apply_pending_health(HEALTH_EVENTS_PER_TURN);
+            // XDP forwards throughout the drain: `status` gives its rates as they are now.
+            ctl.sample_when_due();
             if let Some(s) = signals.as_deref_mut()
                 && s.pending().any(|sig| sig != SIGHUP)
             {
@@ -1404,8 +1419,6 @@ impl Controller {
     }
 
     fn serve(&mut self, signals: &mut signal_hook::iterator::Signals) -> Exit {
-        let mut last_packets = HashMap::new();
-        let mut next_sample = Instant::now();
         loop {
             for sig in signals.pending() {
                 if sig == SIGHUP {
@@ -1453,14 +1466,12 @@ impl Controller {
                 Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {}
             }
             self.answer_scrapes();
-            if Instant::now() >= next_sample {
+            if self.sample_when_due() {
                 self.watch_links();
                 if self.checks_missing > 0 {
                     self.reconcile_checks();
                 }
-                self.sample(&mut last_packets);
                 self.look_for_lost_interfaces();
-                next_sample = Instant::now() + SAMPLE_EVERY;
             }
         }
     }
@@ -1840,12 +1851,11 @@ impl Controller {
             if xdp {
                 snap.vips.push((vip.name.clone(), self.dp.vip_counters(vip).unwrap_or_default()));
             }
+            // By backend: a search of the VIP's backends for each took O(backends²).
+            let weights: HashMap<std::net::SocketAddr, u32> =
+                evip.backends.iter().map(|e| (verdicts::id(e), e.weight)).collect();
             for b in &vip.backends {
-                let weight = evip
-                    .backends
-                    .iter()
-                    .find(|e| verdicts::id(e) == verdicts::id(b))
-                    .map_or(0, |e| e.weight);
+                let weight = weights.get(&verdicts::id(b)).copied().unwrap_or(0);
                 snap.backends.push(BackendSample {
                     vip: vip.name.clone(),
                     backend: backend_label(vip, b),
@@ -1875,24 +1885,24 @@ impl Controller {
     }
 
     fn status(&mut self) -> Status {
-        let eff = self.effective();
+        let now = Instant::now();
         let mut vips = Vec::new();
-        for (vip, evip) in self.cfg.vips.iter().zip(&eff.vips) {
+        for vip in &self.cfg.vips {
             let c = self.dp.vip_counters(vip).unwrap_or_default();
-            let ring = vip_ring(evip);
+            // The ring the maps hold, counted in one pass (not built again, nor scanned once
+            // per backend: seconds on the controller thread at 4096 backends).
+            let ring = self.dp.ring_slots(vip);
             let mut backends = Vec::new();
             for b in &vip.backends {
-                let share = match (
-                    &ring,
-                    evip.backends.iter().position(|e| verdicts::id(e) == verdicts::id(b)),
-                ) {
-                    (Some(r), Some(i)) => {
-                        r.iter().filter(|&&x| x as usize == i).count() as f64 / r.len() as f64
+                let share = match (&ring, self.dp.backend_id(vip, b.address)) {
+                    (Some((slots, size)), Some(id)) => {
+                        slots.get(&id).copied().unwrap_or(0) as f64 / *size as f64
                     }
                     _ => 0.0,
                 };
                 let bc = self.dp.backend_counters(vip, b.address).unwrap_or_default();
-                let (pps, bytes_per_s) = self.rates.get(&Rates::backend_key(&vip.name, b.address));
+                let (pps, bytes_per_s) =
+                    self.rates.get(&Rates::backend_key(&vip.name, b.address), now);
                 let l7_state = self.proxy.as_ref().and_then(|p| {
                     p.backend_state(&vip.name, std::net::SocketAddr::new(b.address, b.port))
                 });
@@ -1918,7 +1928,7 @@ impl Controller {
                     new_flows: bc.new_flows,
                 });
             }
-            let (pps, bytes_per_s) = self.rates.get(&vip.name);
+            let (pps, bytes_per_s) = self.rates.get(&vip.name, now);
             // The proxy's total: route pools' backends, which are not listed, included.
             let l7_requests = self.proxy.as_ref().map_or(0, |p| p.vip_requests(&vip.name));
             vips.push(VipStatus {
@@ -1990,9 +2000,23 @@ impl Controller {
         }
     }
 
+    /// Samples the counters ([`Controller::sample`]) once [`SAMPLE_EVERY`] has passed since
+    /// the last sample; true when it did, for the serving loop's other once-a-second work. The
+    /// serving loop and the L7 drain both call it: XDP forwards during a drain too, and
+    /// `status` must not give the rates of its start for as long as it lasts.
+    fn sample_when_due(&mut self) -> bool {
+        if Instant::now() < self.next_sample {
+            return false;
+        }
+        self.sample();
+        self.next_sample = Instant::now() + SAMPLE_EVERY;
+        true
+    }
+
     /// Samples counters for rates; logs changed ones at debug level (never per packet).
-    fn sample(&mut self, last: &mut HashMap<String, u64>) {
+    fn sample(&mut self) {
         let now = Instant::now();
+        let last = &mut self.last_packets;
         last.retain(|name, _| self.cfg.vips.iter().any(|v| v.name == *name));
         for vip in &self.cfg.vips {
             let Ok(c) = self.dp.vip_counters(vip) else { continue };
@@ -2074,6 +2098,26 @@ fn on_health(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rate comes from the last two samples only while the last is recent: one older than
+    /// two sampling periods (a loop that stopped sampling, as the L7 drain once did) gives no
+    /// figure, not the rate of back then as "now".
+    #[test]
+    fn an_old_sample_gives_no_rate() {
+        let mut rates = Rates::default();
+        let t0 = Instant::now();
+        let at = |packets, bytes| lb_common::Counters { packets, bytes, new_flows: 0 };
+        rates.record("web".to_owned(), t0, at(1000, 100_000));
+        rates.record("web".to_owned(), t0 + SAMPLE_EVERY, at(1859, 185_900));
+        assert_eq!(rates.get("web", t0 + SAMPLE_EVERY), (859.0, 85_900.0));
+        assert_eq!(rates.get("web", t0 + 2 * SAMPLE_EVERY), (859.0, 85_900.0));
+        assert_eq!(rates.get("web", t0 + 10 * SAMPLE_EVERY), (0.0, 0.0), "8 s old");
+        assert_eq!(rates.get("none", t0), (0.0, 0.0));
+        // Sampled again: a figure again.
+        rates.record("web".to_owned(), t0 + 10 * SAMPLE_EVERY, at(1859, 185_900));
+        rates.record("web".to_owned(), t0 + 11 * SAMPLE_EVERY, at(1869, 186_900));
+        assert_eq!(rates.get("web", t0 + 11 * SAMPLE_EVERY), (10.0, 1000.0));
+    }
 
     fn parse(text: &str) -> Config {
         Config::parse(text, Path::new("t.toml")).expect("valid test config")

@@ -420,10 +420,14 @@ impl Verdicts {
     /// Forgets verdicts on checks `cfg` no longer has (after a reload), and drains of backends
     /// it no longer has in the drained VIP (or in any VIP, for a drain of all): such a drain
     /// shows nowhere and `undrain` could not name it, yet it would come back to life with the
-    /// backend, which would then rejoin drained. Returns the drains forgotten, for the log.
+    /// backend, which would then rejoin drained. Forgets the fail-open state of VIPs it no
+    /// longer has too: kept by name, it would have a VIP added back later "end" a fail-open
+    /// mode it never had (a false "backends are back" in the log, before the VIP is even in
+    /// the maps). Returns the drains forgotten, for the log.
     pub(super) fn reconcile(&mut self, cfg: &Config) -> Vec<(Option<String>, BackendRef)> {
         let checked = Checked::new(cfg);
         self.down.retain(|(v, a)| checked.get(v, *a).is_some());
+        self.fail_open.retain(|name| cfg.vips.iter().any(|v| v.name == *name));
         let listed = |vip: &Option<String>, r: &BackendRef| {
             cfg.vips.iter().any(|v| {
                 vip.as_ref().is_none_or(|n| *n == v.name)
@@ -667,6 +671,30 @@ mod tests {
         // A back: fail open ends.
         assert!(v.set_health("web", at(A), true));
         assert_eq!(live(&mut v, &only_a), [(ip(A), 3)]);
+        assert!(!v.is_fail_open("web"));
+    }
+
+    /// A VIP a reload removes takes its fail-open state with it: added back by a later reload,
+    /// it starts afresh, and does not "end" a fail-open mode of its old self (a false "backends
+    /// are back" in the log).
+    #[test]
+    fn a_removed_vip_leaves_no_fail_open_state() {
+        let mut v = Verdicts::default();
+        let web = cfg(&[(A, 1)], true);
+        assert!(v.set_health("web", at(A), false));
+        assert_eq!(live(&mut v, &web), [(ip(A), 1)]);
+        assert!(v.is_fail_open("web"));
+        let mut other = cfg(&[(B, 1)], true);
+        // Another address too: the same one under a new name would be a rename, which carries
+        // the state over.
+        (other.vips[0].name, other.vips[0].address) = ("other".to_owned(), ip("198.18.1.2"));
+        v.carry_over(&v.handed_vips(&web), &other);
+        assert!(!v.is_fail_open("web"), "the fail-open state of a VIP removed is forgotten");
+        assert_eq!(v.handed_vips(&other)[0].fail_open, Some(false));
+        // Added back: its backend (no verdict any more) serves, and the VIP never failed open.
+        v.carry_over(&v.handed_vips(&other), &web);
+        assert!(!v.is_fail_open("web"));
+        assert_eq!(live(&mut v, &web), [(ip(A), 1)]);
         assert!(!v.is_fail_open("web"));
     }
 

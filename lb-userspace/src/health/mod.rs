@@ -10,7 +10,7 @@
 mod probe;
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     hash::{Hash, Hasher},
     net::SocketAddr,
     sync::{Arc, Condvar, Mutex, PoisonError, mpsc::Sender},
@@ -154,12 +154,21 @@ pub struct Checker {
     /// retries every second) is logged when it begins and when it ends, not at every try.
     missing: usize,
     events: Sender<HealthEvent>,
+    /// The VIPs whose probes found no route, shared with the checks ([`say_no_route`]).
+    no_route: Arc<NoRoute>,
 }
 
 impl Checker {
     /// A checker that reports state changes on `events`.
     pub fn new(events: Sender<HealthEvent>) -> Checker {
-        Checker { running: HashMap::new(), current: HashSet::new(), next_id: 0, missing: 0, events }
+        Checker {
+            running: HashMap::new(),
+            current: HashSet::new(),
+            next_id: 0,
+            missing: 0,
+            events,
+            no_route: Arc::default(),
+        }
     }
 
     /// Starts checks for targets new in `cfg` and stops those gone from it. A target whose check
@@ -172,9 +181,15 @@ impl Checker {
     /// limit); calling it again starts them, and the rest run meanwhile. Such an episode is
     /// logged once when it begins (how many, and the first one's error) and once when every
     /// check runs, not at each try: the controller tries every second.
+    ///
+    /// The backends `cfg` no longer checks leave the "no route" set ([`NoRoute`]), so that a
+    /// VIP removed and added back is told again.
     pub fn reconcile(&mut self, cfg: &Config, down: impl Fn(&str, SocketAddr) -> bool) -> usize {
         let wanted = targets(cfg);
         let keep: HashSet<&Target> = wanted.iter().collect();
+        let checked: HashSet<(&str, SocketAddr)> =
+            wanted.iter().map(|t| (t.vip.as_str(), t.backend)).collect();
+        self.no_route.retain(|vip, backend| checked.contains(&(vip, backend)));
         // Stopped checks are not waited for: a probe in flight gives up within a slice
         // (`probe::SLICE`), and the controller must not stall even on that. The thread reports
         // nothing once stopped.
@@ -197,10 +212,11 @@ impl Checker {
             let id = self.next_id;
             let spawned = {
                 let (t, stop, events) = (t.clone(), stop.clone(), self.events.clone());
+                let no_route = self.no_route.clone();
                 std::thread::Builder::new()
                     .name(format!("health {}", t.backend))
                     .stack_size(256 * 1024)
-                    .spawn(move || run(t, state, stop, events, id))
+                    .spawn(move || run(t, state, stop, events, id, &no_route))
             };
             match spawned {
                 Ok(thread) => {
@@ -309,20 +325,68 @@ fn say_local_failure(t: &Target, e: &str) {
     }
 }
 
-/// Logs, as an error once per VIP for the life of the process, that a probe of its backends
-/// found no route on this node ([`probe::Failure::NoRoute`]). XDP forwards an `ipip` or
-/// `ip6ip6` VIP's packets through `gateway_mac` whatever the kernel's routes say, so a node
-/// without a kernel route to the backends forwards well, yet every probe fails, every backend
-/// goes down and the VIP fails open: the log says why, and what to add. Once per VIP, not per
-/// probe: the flips' reasons say it again for each backend.
-fn say_no_route(t: &Target, why: &str) {
-    static SAID: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
-    if SAID.lock().unwrap_or_else(PoisonError::into_inner).insert(t.vip.clone()) {
-        tracing::error!(vip = %t.vip, backend = %t.backend, "health probes of VIP `{}` fail: {why}. The probes are connections from this node, routed by its kernel, while XDP sends an ipip or ip6ip6 VIP's packets through node.gateway_mac whatever the routes say: without a kernel route to the backends (`ip route add <backends' prefix> via <gateway>`) every probe fails, the backends go down and the VIP fails open; said once per VIP", t.vip);
+/// The backends whose last probe found no route on this node ([`probe::Failure::NoRoute`]),
+/// by VIP: [`say_no_route`] logs a VIP's error when its first backend joins, and the VIP is
+/// told again only once every backend has left, by a probe that got past this node's routing
+/// table (the route was fixed) or by leaving the config ([`Checker::reconcile`]). A set kept
+/// by VIP name for the life of the process never told of a VIP removed and added back, or of
+/// a route fixed and broken again weeks later; one emptied at any probe's success would repeat
+/// the error every interval on a node with routes to some of a VIP's backends only.
+#[derive(Default)]
+struct NoRoute(Mutex<HashMap<String, HashSet<SocketAddr>>>);
+
+impl NoRoute {
+    /// Records that a probe of `backend` in `vip` found no route; true when no backend of
+    /// `vip` was known routeless yet (the error is to be said).
+    fn found(&self, vip: &str, backend: SocketAddr) -> bool {
+        let mut vips = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let said = vips.contains_key(vip);
+        vips.entry(vip.to_owned()).or_default().insert(backend);
+        !said
+    }
+
+    /// Records that a probe of `backend` in `vip` got past this node's routing table; a VIP
+    /// with no routeless backend left is forgotten (told again when one is found).
+    fn routed(&self, vip: &str, backend: SocketAddr) {
+        let mut vips = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(backends) = vips.get_mut(vip)
+            && backends.remove(&backend)
+            && backends.is_empty()
+        {
+            vips.remove(vip);
+        }
+    }
+
+    /// Keeps the (VIP, backend) pairs `keep` says, forgetting the VIPs left with none.
+    fn retain(&self, keep: impl Fn(&str, SocketAddr) -> bool) {
+        let mut vips = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        vips.retain(|vip, backends| {
+            backends.retain(|b| keep(vip, *b));
+            !backends.is_empty()
+        });
     }
 }
 
-fn run(t: Target, mut state: Hysteresis, stop: Arc<Stop>, events: Sender<HealthEvent>, id: u64) {
+/// Logs, as an error once per VIP until it is forgotten ([`NoRoute`]), that a probe of its
+/// backends found no route on this node ([`probe::Failure::NoRoute`]). XDP forwards an `ipip`
+/// or `ip6ip6` VIP's packets through `gateway_mac` whatever the kernel's routes say, so a node
+/// without a kernel route to the backends forwards well, yet every probe fails, every backend
+/// goes down and the VIP fails open: the log says why, and what to add. Once per VIP, not per
+/// probe: the flips' reasons say it again for each backend.
+fn say_no_route(said: &NoRoute, t: &Target, why: &str) {
+    if said.found(&t.vip, t.backend) {
+        tracing::error!(vip = %t.vip, backend = %t.backend, "health probes of VIP `{}` fail: {why}. The probes are connections from this node, routed by its kernel, while XDP sends an ipip or ip6ip6 VIP's packets through node.gateway_mac whatever the routes say: without a kernel route to the backends (`ip route add <backends' prefix> via <gateway>`) every probe fails, the backends go down and the VIP fails open; said once per VIP until a probe of each backend that had no route gets through again, or the VIP leaves the config", t.vip);
+    }
+}
+
+fn run(
+    t: Target,
+    mut state: Hysteresis,
+    stop: Arc<Stop>,
+    events: Sender<HealthEvent>,
+    id: u64,
+    no_route: &NoRoute,
+) {
     let addr = t.probed();
     let mut h = std::collections::hash_map::DefaultHasher::new();
     t.hash(&mut h);
@@ -341,8 +405,12 @@ fn run(t: Target, mut state: Hysteresis, stop: Arc<Stop>, events: Sender<HealthE
         if let Err(probe::Failure::Local(e)) = &result {
             say_local_failure(&t, e);
         }
-        if let Err(probe::Failure::NoRoute(why)) = &result {
-            say_no_route(&t, why);
+        match &result {
+            Err(probe::Failure::NoRoute(why)) => say_no_route(no_route, &t, why),
+            // Past this node's routing table (`probe::failure` says a backend's failure only
+            // with a route here).
+            Ok(_) | Err(probe::Failure::Backend(_)) => no_route.routed(&t.vip, t.backend),
+            Err(probe::Failure::Local(_) | probe::Failure::Stopped) => {}
         }
         let changed = !local_failure && state.record(result.is_ok(), t.check.rise, t.check.fall);
         let reason = match &result {
@@ -533,7 +601,9 @@ mod tests {
             let (tx, _rx) = std::sync::mpsc::channel();
             let thread = {
                 let stop = stop.clone();
-                std::thread::spawn(move || run(t, Hysteresis::new(), stop, tx, 0))
+                std::thread::spawn(move || {
+                    run(t, Hysteresis::new(), stop, tx, 0, &NoRoute::default())
+                })
             };
             let started = Instant::now();
             // The probe's connection, held open (unanswered) through the stop.
@@ -631,5 +701,44 @@ mod tests {
         assert!(!h.record(true, 2, 3));
         assert!(h.record(true, 2, 3));
         assert!(h.healthy());
+    }
+
+    /// The "no route" error is said once per VIP, and again only once the VIP was forgotten:
+    /// when every backend that had no route got a probe through (the route was fixed), or left
+    /// the config (a VIP removed and added back later is told again). A backend that was
+    /// always routed does not make it forget the others.
+    #[test]
+    fn no_route_is_said_again_once_the_route_was_fixed_or_the_vip_removed() {
+        let (a, b, c): (SocketAddr, SocketAddr, SocketAddr) = (
+            "198.18.0.11:80".parse().unwrap(),
+            "198.18.0.12:80".parse().unwrap(),
+            "198.18.0.13:80".parse().unwrap(),
+        );
+        let said = NoRoute::default();
+        assert!(said.found("web", a), "the first is said");
+        assert!(!said.found("web", a), "once per VIP");
+        assert!(!said.found("web", b), "once per VIP, not per backend");
+        assert!(said.found("api", a), "another VIP is said apart");
+        said.routed("web", c);
+        assert!(!said.found("web", a), "C, always routed, does not forget A and B");
+        said.routed("web", a);
+        assert!(!said.found("web", b), "B has no route yet");
+        said.routed("web", a);
+        said.routed("web", b);
+        assert!(said.found("web", a), "routed again, then broken again: said again");
+        // A backend the config no longer checks leaves; a VIP left with none is forgotten.
+        said.retain(|vip, backend| vip == "web" && backend == a);
+        assert!(!said.found("web", b));
+        assert!(said.found("api", a), "api was reconciled away");
+
+        // The checker forgets the VIPs a reload removes (a config without checks: no thread).
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let mut checker = Checker::new(tx);
+        assert!(checker.no_route.found("web", a));
+        let text = "[node]\ninterfaces = [\"lo\"]\n[[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = 80\nforwarding = \"l7\"\nbackends = [{ address = \"127.0.0.2\" }]\n";
+        let unchecked = Config::parse(text, "t.toml".as_ref()).unwrap();
+        assert_eq!(checker.reconcile(&unchecked, |_, _| false), 0);
+        assert!(checker.is_empty());
+        assert!(checker.no_route.found("web", a), "removed and added back: said again");
     }
 }
