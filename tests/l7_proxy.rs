@@ -5575,6 +5575,32 @@ fn a_backend_back_from_an_active_down_keeps_its_passive_ejection() {
     assert_eq!(bad.reqs.load(Ordering::Relaxed), 2, "and is in rotation");
 }
 
+/// A reload that shortens `fail_timeout_ms` shortens an ejection already running: the backend
+/// gets its trial request that much after the reload. It stayed out for the old window (up to
+/// an hour), its passive-down gauge at 1, long after it was back.
+#[test]
+fn a_reload_shortening_fail_timeout_ends_a_running_ejection_sooner() {
+    let (bad, good) = (backend("bad", Mode::Reset), backend("good", Mode::Ok));
+    let l7 =
+        |ms: u32| format!("algorithm = \"round_robin\"\nmax_fails = 1\nfail_timeout_ms = {ms}");
+    let mut p = proxy(&[(&bad, 1), (&good, 1)], &l7(3_600_000), "");
+    for _ in 0..4 {
+        assert_eq!(get(p.addr, "/").0, 200);
+    }
+    assert_eq!(bad.reqs.load(Ordering::Relaxed), 1, "bad is ejected after one failure");
+    let down = |n: u8| {
+        format!("edgelb_l7_backend_passive_down{{vip=\"web\",backend=\"{}\"}} {n}", bad.addr)
+    };
+    wait_for_metric(&p, &down(1));
+    let (cfg, _) = proxy_config(&[(&bad, 1), (&good, 1)], &l7(100), "");
+    p.proxy.as_mut().unwrap().update(&cfg);
+    wait_for_metric(&p, &down(0));
+    for _ in 0..4 {
+        assert_eq!(get(p.addr, "/").0, 200);
+    }
+    assert_eq!(bad.reqs.load(Ordering::Relaxed), 2, "its trial request went, once");
+}
+
 /// A host route's pool under a `Domain`, whose cookie is named after its host, takes the cookie
 /// of the name without the host (which nodes of an earlier release, or before `Domain` was
 /// added, set) when its own is absent, if it names a member of this pool: the client stays on

@@ -1016,14 +1016,15 @@ impl Proxy {
             );
         }
         // Backends out of the pools but still configured (down by active health) keep their
-        // state: one VIP's own backends and its routes' alike, one state per address.
+        // state: one VIP's own backends and its routes' alike, one state per address. Every
+        // kept state takes the VIP's `fail_timeout` now in force, for an ejection running too
+        // (`BackendState::retime`).
         for vip in &configured.vips {
+            let Some(l7) = &vip.l7 else { continue };
             for b in vip.l7_backends() {
                 let key = (vip.name.clone(), SocketAddr::new(b.address, b.port));
-                if let std::collections::hash_map::Entry::Vacant(e) = keep.entry(key) {
-                    let state = self.live_state(e.key());
-                    e.insert(state);
-                }
+                let state = keep.entry(key).or_insert_with_key(|k| self.live_state(k));
+                state.retime(l7.fail_timeout);
             }
         }
         let left: Vec<_> = self.states.drain().filter(|(k, _)| !keep.contains_key(k)).collect();
