@@ -5472,6 +5472,52 @@ fn a_keep_alive_request_is_routed_by_the_pools_of_its_arrival() {
     assert_eq!(a.reqs.load(Ordering::Relaxed), 1);
 }
 
+/// The TCP_USER_TIMEOUT of each socket of this process connected to `peer`: the proxy's side
+/// of its connections from (or to) that address.
+fn user_timeouts_to(peer: SocketAddr) -> Vec<Option<Duration>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else { continue };
+        // SAFETY: only getpeername and getsockopt on the descriptor; one closed by another
+        // thread meanwhile fails them (EBADF), and one whose number was taken again is told
+        // apart by its peer.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let s = socket2::SockRef::from(&fd);
+        if s.peer_addr().ok().and_then(|a| a.as_socket()) == Some(peer) {
+            out.push(s.tcp_user_timeout().expect("TCP_USER_TIMEOUT of a connected socket"));
+        }
+    }
+    out
+}
+
+/// A reload's idle timeout reaches the connections already open: a keep-alive client
+/// connection's and a pooled backend connection's TCP_USER_TIMEOUT follow it from their next
+/// request. It was set once, at accept or connect, so the kernel went on aborting a client
+/// that stopped reading at the old value (a download reset after 65 KB at the old 2 s, with
+/// 60 s in force), and a pooled connection kept whichever VIP's value it was opened with.
+#[test]
+fn a_reloaded_idle_timeout_reaches_open_connections() {
+    let b = backend("b", Mode::Ok);
+    let mut p = proxy(&[(&b, 1)], "idle_timeout_ms = 2000", "");
+    let mut c = Client::connect(p.addr);
+    let ask = |c: &mut Client| {
+        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+        c.status()
+    };
+    let client = c.s.local_addr().unwrap();
+    assert_eq!(ask(&mut c), 200);
+    let old = Some(Duration::from_secs(2));
+    assert_eq!(user_timeouts_to(client), [old], "the client connection");
+    assert_eq!(user_timeouts_to(b.addr), [old], "the backend connection");
+    let (cfg, _) = proxy_config(&[(&b, 1)], "idle_timeout_ms = 60000", "");
+    p.proxy.as_mut().unwrap().update(&cfg);
+    assert_eq!(ask(&mut c), 200);
+    let new = Some(Duration::from_secs(60));
+    assert_eq!(user_timeouts_to(client), [new], "the client connection, after the reload");
+    assert_eq!(user_timeouts_to(b.addr), [new], "the pooled backend connection");
+    assert_eq!(b.conns.load(Ordering::Relaxed), 1, "one backend connection, reused");
+}
+
 /// A backend that leaves the pools (found dead, drained out, reloaded away) while requests
 /// still run on it, and comes back, keeps its in-flight count: `least_conn` does not take it
 /// for idle and pile new requests on it.
