@@ -205,9 +205,14 @@ struct BackendSeries {
     configured: Option<HashSet<BackendLabel>>,
 }
 
+/// The buckets of [`L7Metrics::duration`], in seconds: from 0.5 ms, for requests answered
+/// from a backend next door, to 300 s, past the default `response_timeout_ms` (30 s, whose
+/// 504s land at it) and `request_timeout_ms` (120 s, which long downloads run up to). They
+/// stopped at 10 s, so such requests went to +Inf alone and `histogram_quantile` said 10 s.
 fn latency_histogram() -> Histogram {
     Histogram::new([
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0, 120.0, 300.0,
     ])
 }
 
@@ -1545,6 +1550,26 @@ mod tests {
             assert_eq!(matches!(got, std::borrow::Cow::Borrowed(_)), borrowed, "{h}");
             assert_eq!(route_host(h), want, "{h}");
         }
+    }
+
+    /// A request of 35 s, a 504 after the default response timeout (30 s) say, lands in a finite
+    /// bucket of the latency histogram, as do those up to 300 s: it stopped at 10 s.
+    #[test]
+    fn the_latency_histogram_reaches_past_the_default_timeouts() {
+        let mut registry = Registry::default();
+        let h = latency_histogram();
+        registry.register("d", "d", h.clone());
+        h.observe(35.0);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encoded");
+        let bucket = |le: &str| {
+            let start = format!("d_bucket{{le=\"{le}\"}} ");
+            text.lines().find_map(|l| l.strip_prefix(&start)).map(str::to_owned)
+        };
+        assert_eq!(bucket("30.0").as_deref(), Some("0"), "{text}");
+        assert_eq!(bucket("60.0").as_deref(), Some("1"), "{text}");
+        assert_eq!(bucket("120.0").as_deref(), Some("1"), "{text}");
+        assert_eq!(bucket("300.0").as_deref(), Some("1"), "{text}");
     }
 
     /// A TCP-mode VIP's "no backend" line is said at most every 10 s: its throttle is carried
