@@ -1701,6 +1701,40 @@ fn a_pool_failing_open_on_passive_health_says_so() {
     assert!(text.contains("sent to one anyway (fail open"), "{text}");
 }
 
+/// A dead backend under steady traffic is warned about once, when it is taken out: each trial
+/// request it fails after that (one every `fail_timeout_ms`) counts as an ejection again, but
+/// leaves the backend out, where it was, and is no warning. It was one every
+/// `fail_timeout_ms` for as long as the backend stayed dead (8640 a day at the default 10 s).
+#[test]
+fn a_dead_backend_is_warned_about_once_however_many_trials_it_fails() {
+    let log = access_log();
+    let (dead, good) = (backend("dead", Mode::Reset), backend("good", Mode::Ok));
+    let p = proxy(
+        &[(&dead, 1), (&good, 1)],
+        "algorithm = \"round_robin\"\nmax_fails = 1\nfail_timeout_ms = 20",
+        "",
+    );
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(1) {
+        assert_eq!(get(p.addr, "/").0, 200, "retried on good");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let series =
+        format!("edgelb_l7_backend_ejections_total{{vip=\"web\",backend=\"{}\"}} ", dead.addr);
+    let text = p.metrics.encode();
+    let ejections: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{series} in\n{text}"));
+    assert!(ejections >= 5, "a trial every 20 ms failed, each counted: {ejections}");
+    let about = format!("backend={} ", dead.addr);
+    let all = logged(&log);
+    let warned: Vec<&str> =
+        all.lines().filter(|l| l.contains("WARN") && l.contains(&about)).collect();
+    assert_eq!(warned.len(), 1, "{ejections} ejections, warned:\n{}", warned.join("\n"));
+}
+
 #[test]
 fn responses_arriving_in_pieces_are_reassembled() {
     let d = backend("dribble", Mode::Dribble);

@@ -449,8 +449,12 @@ impl VipRuntime {
 
     /// Records a failed request or connection on backend `state`. After `max_fails` in a row it
     /// is out of rotation for `fail_timeout`, and so is one whose trial request after that
-    /// failed; taking it out is logged and counted, once per ejection (failures while it is
-    /// out, as when a pool fails open, are not).
+    /// failed; taking it out is counted, once per ejection (failures while it is out, as when a
+    /// pool fails open, are not). Only the first ejection is a warning, the change of state: a
+    /// failed trial leaves the backend out, as it was, and is said at debug level. It was a
+    /// warning too, so a dead backend under traffic, which only passive health watches in a
+    /// route pool, logged one every `fail_timeout` (8640 a day at the default 10 s) for as
+    /// long as it stayed dead.
     pub fn failed(&self, state: &BackendState) {
         let out_ms = self.cfg.fail_timeout.as_millis() as u64;
         match state.failure(self.cfg.max_fails, self.cfg.fail_timeout) {
@@ -460,9 +464,9 @@ impl VipRuntime {
                 backend = %state.addr,
                 failures = self.cfg.max_fails,
                 out_ms,
-                "L7 backend failed too often in a row; out of rotation for a while (passive health)"
+                "L7 backend failed too often in a row; out of rotation, with one trial request every out_ms until one succeeds (passive health; failed trials are not logged above debug, edgelb_l7_backend_ejections_total counts them)"
             ),
-            Ejection::Trial => warn!(
+            Ejection::Trial => tracing::debug!(
                 vip = %self.name,
                 backend = %state.addr,
                 out_ms,
