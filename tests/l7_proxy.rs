@@ -1701,6 +1701,40 @@ fn a_pool_failing_open_on_passive_health_says_so() {
     assert!(text.contains("sent to one anyway (fail open"), "{text}");
 }
 
+/// A dead backend under steady traffic is warned about once, when it is taken out: each trial
+/// request it fails after that (one every `fail_timeout_ms`) counts as an ejection again, but
+/// leaves the backend out, where it was, and is no warning. It was one every
+/// `fail_timeout_ms` for as long as the backend stayed dead (8640 a day at the default 10 s).
+#[test]
+fn a_dead_backend_is_warned_about_once_however_many_trials_it_fails() {
+    let log = access_log();
+    let (dead, good) = (backend("dead", Mode::Reset), backend("good", Mode::Ok));
+    let p = proxy(
+        &[(&dead, 1), (&good, 1)],
+        "algorithm = \"round_robin\"\nmax_fails = 1\nfail_timeout_ms = 20",
+        "",
+    );
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(1) {
+        assert_eq!(get(p.addr, "/").0, 200, "retried on good");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let series =
+        format!("edgelb_l7_backend_ejections_total{{vip=\"web\",backend=\"{}\"}} ", dead.addr);
+    let text = p.metrics.encode();
+    let ejections: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{series} in\n{text}"));
+    assert!(ejections >= 5, "a trial every 20 ms failed, each counted: {ejections}");
+    let about = format!("backend={} ", dead.addr);
+    let all = logged(&log);
+    let warned: Vec<&str> =
+        all.lines().filter(|l| l.contains("WARN") && l.contains(&about)).collect();
+    assert_eq!(warned.len(), 1, "{ejections} ejections, warned:\n{}", warned.join("\n"));
+}
+
 #[test]
 fn responses_arriving_in_pieces_are_reassembled() {
     let d = backend("dribble", Mode::Dribble);
@@ -5472,6 +5506,52 @@ fn a_keep_alive_request_is_routed_by_the_pools_of_its_arrival() {
     assert_eq!(a.reqs.load(Ordering::Relaxed), 1);
 }
 
+/// The TCP_USER_TIMEOUT of each socket of this process connected to `peer`: the proxy's side
+/// of its connections from (or to) that address.
+fn user_timeouts_to(peer: SocketAddr) -> Vec<Option<Duration>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else { continue };
+        // SAFETY: only getpeername and getsockopt on the descriptor; one closed by another
+        // thread meanwhile fails them (EBADF), and one whose number was taken again is told
+        // apart by its peer.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let s = socket2::SockRef::from(&fd);
+        if s.peer_addr().ok().and_then(|a| a.as_socket()) == Some(peer) {
+            out.push(s.tcp_user_timeout().expect("TCP_USER_TIMEOUT of a connected socket"));
+        }
+    }
+    out
+}
+
+/// A reload's idle timeout reaches the connections already open: a keep-alive client
+/// connection's and a pooled backend connection's TCP_USER_TIMEOUT follow it from their next
+/// request. It was set once, at accept or connect, so the kernel went on aborting a client
+/// that stopped reading at the old value (a download reset after 65 KB at the old 2 s, with
+/// 60 s in force), and a pooled connection kept whichever VIP's value it was opened with.
+#[test]
+fn a_reloaded_idle_timeout_reaches_open_connections() {
+    let b = backend("b", Mode::Ok);
+    let mut p = proxy(&[(&b, 1)], "idle_timeout_ms = 2000", "");
+    let mut c = Client::connect(p.addr);
+    let ask = |c: &mut Client| {
+        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+        c.status()
+    };
+    let client = c.s.local_addr().unwrap();
+    assert_eq!(ask(&mut c), 200);
+    let old = Some(Duration::from_secs(2));
+    assert_eq!(user_timeouts_to(client), [old], "the client connection");
+    assert_eq!(user_timeouts_to(b.addr), [old], "the backend connection");
+    let (cfg, _) = proxy_config(&[(&b, 1)], "idle_timeout_ms = 60000", "");
+    p.proxy.as_mut().unwrap().update(&cfg);
+    assert_eq!(ask(&mut c), 200);
+    let new = Some(Duration::from_secs(60));
+    assert_eq!(user_timeouts_to(client), [new], "the client connection, after the reload");
+    assert_eq!(user_timeouts_to(b.addr), [new], "the pooled backend connection");
+    assert_eq!(b.conns.load(Ordering::Relaxed), 1, "one backend connection, reused");
+}
+
 /// A backend that leaves the pools (found dead, drained out, reloaded away) while requests
 /// still run on it, and comes back, keeps its in-flight count: `least_conn` does not take it
 /// for idle and pile new requests on it.
@@ -5573,6 +5653,32 @@ fn a_backend_back_from_an_active_down_keeps_its_passive_ejection() {
         assert_eq!(get(addr, "/").0, 200);
     }
     assert_eq!(bad.reqs.load(Ordering::Relaxed), 2, "and is in rotation");
+}
+
+/// A reload that shortens `fail_timeout_ms` shortens an ejection already running: the backend
+/// gets its trial request that much after the reload. It stayed out for the old window (up to
+/// an hour), its passive-down gauge at 1, long after it was back.
+#[test]
+fn a_reload_shortening_fail_timeout_ends_a_running_ejection_sooner() {
+    let (bad, good) = (backend("bad", Mode::Reset), backend("good", Mode::Ok));
+    let l7 =
+        |ms: u32| format!("algorithm = \"round_robin\"\nmax_fails = 1\nfail_timeout_ms = {ms}");
+    let mut p = proxy(&[(&bad, 1), (&good, 1)], &l7(3_600_000), "");
+    for _ in 0..4 {
+        assert_eq!(get(p.addr, "/").0, 200);
+    }
+    assert_eq!(bad.reqs.load(Ordering::Relaxed), 1, "bad is ejected after one failure");
+    let down = |n: u8| {
+        format!("edgelb_l7_backend_passive_down{{vip=\"web\",backend=\"{}\"}} {n}", bad.addr)
+    };
+    wait_for_metric(&p, &down(1));
+    let (cfg, _) = proxy_config(&[(&bad, 1), (&good, 1)], &l7(100), "");
+    p.proxy.as_mut().unwrap().update(&cfg);
+    wait_for_metric(&p, &down(0));
+    for _ in 0..4 {
+        assert_eq!(get(p.addr, "/").0, 200);
+    }
+    assert_eq!(bad.reqs.load(Ordering::Relaxed), 2, "its trial request went, once");
 }
 
 /// A host route's pool under a `Domain`, whose cookie is named after its host, takes the cookie

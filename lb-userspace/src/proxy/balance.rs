@@ -141,6 +141,18 @@ impl BackendState {
         }
     }
 
+    /// Takes the `fail_timeout` a reload put in force: the time between trials from now on, and
+    /// the latest an ejection running now may last, from now (a shorter window ends it sooner;
+    /// a longer one does not make it last longer). Without it a reload that shortened
+    /// `fail_timeout_ms` left a backend ejected under the old window, up to an hour, out of
+    /// rotation long after it was back. Nothing changes for a backend in rotation, nor, with
+    /// the same window, for one ejected (its ejection ends within a window anyway).
+    pub(super) fn retime(&self, fail_timeout: Duration) {
+        let window = (fail_timeout.as_millis() as u64).max(1);
+        self.fail_timeout_ms.store(window, Ordering::Relaxed);
+        self.down_until_ms.fetch_min(now_ms() + window, Ordering::AcqRel);
+    }
+
     /// True while passively down: ejected, or back from it and waiting on its trial request.
     pub fn passive_down(&self) -> bool {
         self.down_until_ms.load(Ordering::Relaxed) > now_ms()
@@ -933,6 +945,37 @@ mod tests {
             assert_eq!(p.pick("1.1.1.1".parse().unwrap(), &[], None), Some(0));
         }
         assert!(p.members[0].state.passive_down(), "the first pick was its trial");
+    }
+
+    /// A reload's `fail_timeout` holds for an ejection already running: a shorter one ends it
+    /// that much after the reload (and the next trials come that often), a longer one does
+    /// not make it last longer. A backend ejected for an hour stayed out for the hour after a
+    /// reload to a second.
+    #[test]
+    fn a_reloaded_fail_timeout_holds_for_a_running_ejection() {
+        let state = BackendState::new("127.0.0.1:80".parse().unwrap());
+        let hour = Duration::from_secs(3600);
+        assert_eq!(state.failure(1, hour), Ejection::Streak);
+        assert!(!state.admit(), "out for the hour");
+        state.retime(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!state.passive_down(), "the shorter window ended the ejection");
+        assert!(state.admit(), "its trial goes");
+        assert!(!state.admit(), "one trial");
+        // The trial's outcome never comes: the next one goes a short window later.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(state.admit(), "the next trial, a short window on");
+        // A longer window does not lengthen a running ejection; the next one lasts it.
+        assert_eq!(state.failure(1, Duration::from_millis(20)), Ejection::Trial);
+        state.retime(hour);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(state.admit(), "the ejection ended as it would have");
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!state.admit(), "the next trial waits the hour");
+        // A backend in rotation stays there.
+        let fresh = BackendState::new("127.0.0.2:80".parse().unwrap());
+        fresh.retime(Duration::from_millis(20));
+        assert!(fresh.admit() && !fresh.passive_down());
     }
 
     #[test]

@@ -2101,6 +2101,8 @@ async fn serve_conn(
             vip = v.clone();
         }
         let cfg = &vip.cfg;
+        // A reload may have changed the idle timeout since the connection was accepted.
+        client.keep_stall(cfg.idle_timeout);
         // Latency counts from a complete request head: not the keep-alive wait before it.
         let started = Instant::now();
         if req.head.bytes.len() > cfg.max_header_bytes {
@@ -2955,7 +2957,12 @@ async fn attempt_once<'c>(
     loop {
         let fresh = reused.is_none();
         let (up, armed) = match reused.take() {
-            Some((s, armed)) => (s, Some(armed)),
+            // Made for a request under another idle timeout, perhaps: before a reload, or for
+            // another VIP.
+            Some((s, armed)) => {
+                s.keep_stall(cfg.idle_timeout);
+                (s, Some(armed))
+            }
             None => {
                 // Within what the request's deadline leaves.
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());

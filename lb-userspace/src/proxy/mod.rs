@@ -205,9 +205,14 @@ struct BackendSeries {
     configured: Option<HashSet<BackendLabel>>,
 }
 
+/// The buckets of [`L7Metrics::duration`], in seconds: from 0.5 ms, for requests answered
+/// from a backend next door, to 300 s, past the default `response_timeout_ms` (30 s, whose
+/// 504s land at it) and `request_timeout_ms` (120 s, which long downloads run up to). They
+/// stopped at 10 s, so such requests went to +Inf alone and `histogram_quantile` said 10 s.
 fn latency_histogram() -> Histogram {
     Histogram::new([
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0, 120.0, 300.0,
     ])
 }
 
@@ -444,8 +449,12 @@ impl VipRuntime {
 
     /// Records a failed request or connection on backend `state`. After `max_fails` in a row it
     /// is out of rotation for `fail_timeout`, and so is one whose trial request after that
-    /// failed; taking it out is logged and counted, once per ejection (failures while it is
-    /// out, as when a pool fails open, are not).
+    /// failed; taking it out is counted, once per ejection (failures while it is out, as when a
+    /// pool fails open, are not). Only the first ejection is a warning, the change of state: a
+    /// failed trial leaves the backend out, as it was, and is said at debug level. It was a
+    /// warning too, so a dead backend under traffic, which only passive health watches in a
+    /// route pool, logged one every `fail_timeout` (8640 a day at the default 10 s) for as
+    /// long as it stayed dead.
     pub fn failed(&self, state: &BackendState) {
         let out_ms = self.cfg.fail_timeout.as_millis() as u64;
         match state.failure(self.cfg.max_fails, self.cfg.fail_timeout) {
@@ -455,9 +464,9 @@ impl VipRuntime {
                 backend = %state.addr,
                 failures = self.cfg.max_fails,
                 out_ms,
-                "L7 backend failed too often in a row; out of rotation for a while (passive health)"
+                "L7 backend failed too often in a row; out of rotation, with one trial request every out_ms until one succeeds (passive health; failed trials are not logged above debug, edgelb_l7_backend_ejections_total counts them)"
             ),
-            Ejection::Trial => warn!(
+            Ejection::Trial => tracing::debug!(
                 vip = %self.name,
                 backend = %state.addr,
                 out_ms,
@@ -1016,14 +1025,15 @@ impl Proxy {
             );
         }
         // Backends out of the pools but still configured (down by active health) keep their
-        // state: one VIP's own backends and its routes' alike, one state per address.
+        // state: one VIP's own backends and its routes' alike, one state per address. Every
+        // kept state takes the VIP's `fail_timeout` now in force, for an ejection running too
+        // (`BackendState::retime`).
         for vip in &configured.vips {
+            let Some(l7) = &vip.l7 else { continue };
             for b in vip.l7_backends() {
                 let key = (vip.name.clone(), SocketAddr::new(b.address, b.port));
-                if let std::collections::hash_map::Entry::Vacant(e) = keep.entry(key) {
-                    let state = self.live_state(e.key());
-                    e.insert(state);
-                }
+                let state = keep.entry(key).or_insert_with_key(|k| self.live_state(k));
+                state.retime(l7.fail_timeout);
             }
         }
         let left: Vec<_> = self.states.drain().filter(|(k, _)| !keep.contains_key(k)).collect();
@@ -1544,6 +1554,26 @@ mod tests {
             assert_eq!(matches!(got, std::borrow::Cow::Borrowed(_)), borrowed, "{h}");
             assert_eq!(route_host(h), want, "{h}");
         }
+    }
+
+    /// A request of 35 s, a 504 after the default response timeout (30 s) say, lands in a finite
+    /// bucket of the latency histogram, as do those up to 300 s: it stopped at 10 s.
+    #[test]
+    fn the_latency_histogram_reaches_past_the_default_timeouts() {
+        let mut registry = Registry::default();
+        let h = latency_histogram();
+        registry.register("d", "d", h.clone());
+        h.observe(35.0);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encoded");
+        let bucket = |le: &str| {
+            let start = format!("d_bucket{{le=\"{le}\"}} ");
+            text.lines().find_map(|l| l.strip_prefix(&start)).map(str::to_owned)
+        };
+        assert_eq!(bucket("30.0").as_deref(), Some("0"), "{text}");
+        assert_eq!(bucket("60.0").as_deref(), Some("1"), "{text}");
+        assert_eq!(bucket("120.0").as_deref(), Some("1"), "{text}");
+        assert_eq!(bucket("300.0").as_deref(), Some("1"), "{text}");
     }
 
     /// A TCP-mode VIP's "no backend" line is said at most every 10 s: its throttle is carried

@@ -6,6 +6,7 @@
 //! socket directly. Measured (docs/BENCHMARKS.md), that is 5–10 % more requests per CPU-second.
 
 use std::{
+    cell::Cell,
     future::Future,
     io,
     marker::PhantomData,
@@ -27,7 +28,15 @@ use tokio_uring::{
 /// is not closed (and its descriptor number not handed out again) before the kernel is done with
 /// it, even when the future waiting for the operation was dropped on a timeout.
 #[derive(Clone)]
-pub(crate) struct Socket(Rc<TcpStream>);
+pub(crate) struct Socket(Rc<Shared>);
+
+/// What the clones of a [`Socket`] share.
+struct Shared {
+    /// The socket.
+    stream: TcpStream,
+    /// The TCP_USER_TIMEOUT it has, as last set (see [`Socket::keep_stall`]).
+    stall: Cell<Duration>,
+}
 
 impl Socket {
     /// Wraps a connected socket (in blocking mode: io_uring honours O_NONBLOCK and would fail
@@ -35,15 +44,35 @@ impl Socket {
     /// of the data sent to it for `stall` (the VIP's idle timeout: it stopped reading, or went
     /// away) has the connection aborted by the kernel (TCP_USER_TIMEOUT, which also bounds
     /// zero-window probing), so a pending send fails instead of holding the connection, and
-    /// the one behind it, forever. The kernel keeps that clock: no timer per send.
+    /// the one behind it, forever. The kernel keeps that clock: no timer per send. Each request
+    /// gives its connections the idle timeout in force for it ([`Socket::keep_stall`]).
     pub(crate) fn new(s: TcpStream, stall: Duration) -> Self {
-        let s = Self(Rc::new(s));
+        let s = Self::of(s);
         s.set_stall(stall);
         s
     }
 
+    /// Wraps `s`, its TCP_USER_TIMEOUT not set yet.
+    fn of(s: TcpStream) -> Self {
+        Self(Rc::new(Shared { stream: s, stall: Cell::new(Duration::ZERO) }))
+    }
+
+    /// Gives the socket `stall` as its TCP_USER_TIMEOUT (see [`Socket::new`]) unless it has it
+    /// already: the idle timeout of the config a request runs under, which a reload may have
+    /// changed since the socket was made, or, on a pooled backend connection, which another
+    /// VIP's request may have set (the pool keeps connections by backend address alone).
+    /// Otherwise the kernel went on aborting a stalled peer at the old value while the proxy's
+    /// own idle clocks ran on the new one. One comparison when it has.
+    pub(crate) fn keep_stall(&self, stall: Duration) {
+        if self.0.stall.get() != stall {
+            self.set_stall(stall);
+        }
+    }
+
     /// Sets TCP_USER_TIMEOUT to `stall` (see [`Socket::new`]).
     fn set_stall(&self, stall: Duration) {
+        // Recorded even if the kernel refuses it: not tried again for every request.
+        self.0.stall.set(stall);
         // Without it a stalled peer is still cut off by the whole-request deadline (or, for a
         // relay, never): worth a warning (once), not a refused connection.
         static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -79,13 +108,14 @@ impl Socket {
         let _ = sock.set_tcp_user_timeout(Some(within));
         // Best effort too: without it the connection works, only slower.
         let _ = sock.set_tcp_nodelay(true);
-        let s = Self(Rc::new(TcpStream::from_std(sock.into())));
+        let s = Self::of(TcpStream::from_std(sock.into()));
         let attempt = Connecting(Some(s.clone()));
         // Boxed: the operation keeps the address (which the SQE points to) until the kernel
         // completes it, wherever the box moves.
         let to = Box::new(socket2::SockAddr::from(addr));
         let sqe =
-            opcode::Connect::new(types::Fd(s.0.as_raw_fd()), to.as_ptr().cast(), to.len()).build();
+            opcode::Connect::new(types::Fd(s.0.stream.as_raw_fd()), to.as_ptr().cast(), to.len())
+                .build();
         let op = UnsubmittedOneshot::new(Held { buf: to, _socket: s.clone() }, Connected, sqe);
         match tokio::time::timeout(within, op.submit()).await {
             Ok(Ok(())) => {
@@ -101,7 +131,7 @@ impl Socket {
     /// Shuts down one or both directions. This also completes a receive still pending on the
     /// socket (one abandoned on a timeout), which would otherwise keep the socket open.
     pub(crate) fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
-        self.0.shutdown(how)
+        self.0.stream.shutdown(how)
     }
 
     /// Is this idle connection still open, with nothing unread? A peek that does not wait:
@@ -130,7 +160,7 @@ impl Socket {
     fn with_sock<R>(&self, f: impl FnOnce(socket2::SockRef<'_>) -> R) -> R {
         // SAFETY: the descriptor belongs to the socket in `self.0`, which outlives the borrow (`f` runs
         // while `&self` is held) and is closed only when the last clone of this socket is dropped.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.0.as_raw_fd()) };
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.0.stream.as_raw_fd()) };
         f(socket2::SockRef::from(&fd))
     }
 
@@ -147,8 +177,9 @@ impl Socket {
         buf.reserve(want);
         let spare = buf.spare_capacity_mut();
         let len = spare.len().min(u32::MAX as usize) as u32;
-        let sqe = opcode::Recv::new(types::Fd(self.0.as_raw_fd()), spare.as_mut_ptr().cast(), len)
-            .build();
+        let sqe =
+            opcode::Recv::new(types::Fd(self.0.stream.as_raw_fd()), spare.as_mut_ptr().cast(), len)
+                .build();
         // The heap memory `sqe` points into moves with `buf` into the operation, which keeps it
         // until the kernel completes (tokio-uring holds a dropped operation's data until then).
         Armed(UnsubmittedOneshot::new(Held { buf, _socket: self.clone() }, Received, sqe).submit())
@@ -173,7 +204,7 @@ impl Socket {
             let ptr = data.stable_ptr().wrapping_add(sent);
             let len = (data.bytes_init() - sent).min(u32::MAX as usize) as u32;
             // MSG_NOSIGNAL: a peer that went away is an error to handle, not a SIGPIPE.
-            let sqe = opcode::Send::new(types::Fd(self.0.as_raw_fd()), ptr, len)
+            let sqe = opcode::Send::new(types::Fd(self.0.stream.as_raw_fd()), ptr, len)
                 .flags(libc::MSG_NOSIGNAL)
                 .build();
             let held = Held { buf: data, _socket: self.clone() };
@@ -205,7 +236,7 @@ impl Socket {
         // SAFETY: a valid descriptor (held by `self`) and a valid address of the length given.
         unsafe {
             libc::connect(
-                self.0.as_raw_fd(),
+                self.0.stream.as_raw_fd(),
                 &unspec,
                 std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
             );
@@ -231,7 +262,7 @@ impl Socket {
         // struct from an older kernel leaves the rest zero, which `zeroed` made a valid value).
         let info = unsafe {
             let r = libc::getsockopt(
-                self.0.as_raw_fd(),
+                self.0.stream.as_raw_fd(),
                 libc::IPPROTO_TCP,
                 libc::TCP_INFO,
                 info.as_mut_ptr().cast(),
