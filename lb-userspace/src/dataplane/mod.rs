@@ -13,6 +13,9 @@
 //! another VIP's backends before the packet gets there: the program refuses a ring slot whose
 //! backend is not of the VIP it serves (`Backend::vip_index`), and drops that packet; for that
 //! check to hold, a VIP index this apply frees goes to a new VIP only when no other is free.
+//! When the maps have room for the new backend entries only once those of backends leaving the
+//! VIPs kept are retired, an apply goes in two passes, the first of which only frees (see
+//! `Dataplane::freeing_pass`).
 
 mod holders;
 pub mod maps;
@@ -1421,7 +1424,7 @@ impl Dataplane {
     ///
     /// When the maps have room for `cfg`'s new backend entries only once the entries of backends
     /// leaving the VIPs it keeps are retired, it is applied in two passes (see
-    /// [`Dataplane::freeing_pass`]): first without the leavers and the newcomers, then whole.
+    /// `Dataplane::freeing_pass`): first without the leavers and the newcomers, then whole.
     /// Only when even that leaves too little room is it refused, before anything is written.
     pub fn apply_keeping(
         &mut self,
