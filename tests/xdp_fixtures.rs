@@ -2349,6 +2349,141 @@ fn a_full_config_can_replace_a_vip() {
     assert_eq!(report, Default::default(), "nothing of the refused file was written");
 }
 
+/// 32 VIPs (198.18.1.1, ports 1000..) whose pools are `pools` (backend addresses), each with a
+/// ring of 1021 slots: [`a_full_config_can_swap_and_move_backends`].
+fn full_of(pools: &[Vec<String>]) -> Config {
+    let mut t = String::from(
+        "[node]\ninterfaces = [\"lo\"]\nencap_source_v4 = \"198.19.0.0/16\"\ngateway_mac = \"02:ed:00:00:00:fe\"\n",
+    );
+    for (v, pool) in pools.iter().enumerate() {
+        let backends: Vec<String> =
+            pool.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect();
+        t += &format!(
+            "[[vip]]\nname = \"v{v}\"\naddress = \"198.18.1.1\"\nport = {}\nring_size = 1021\nbackends = [{}]\n",
+            1000 + v,
+            backends.join(", ")
+        );
+    }
+    Config::parse(&t, "x".as_ref()).expect("a valid file")
+}
+
+/// Every VIP of the effective config `eff` publishes a ring naming exactly the entries of its
+/// live backends: present, of that VIP, at the addresses `eff` lists.
+fn rings_name_only_live_entries(dp: &Dataplane, eff: &Config, when: &str) {
+    use edgelb::dataplane::{maps::get_slots, words_addr};
+    for vip in &eff.vips {
+        let meta = dp.maps().vips_v4.get(&vip_key(vip).v4(), 0).expect("the VIP's entry");
+        assert!(meta.ring_size > 0, "{when}: {} has no ring", vip.name);
+        let ring = get_slots(&dp.maps().rings, meta.ring_base, meta.ring_size).unwrap();
+        let named: std::collections::BTreeSet<u32> = ring.into_iter().collect();
+        for &id in &named {
+            let b = dp.maps().backends.get(&id, 0).unwrap();
+            let addr = words_addr(b.addr, b.family);
+            assert!(
+                b.flags == lb_common::backend_flags::PRESENT
+                    && b.vip_index == meta.vip_index
+                    && vip.backends.iter().any(|x| x.address == addr),
+                "{when}: {}'s ring names id {id}, {b:?}",
+                vip.name
+            );
+        }
+        let live: std::collections::BTreeSet<u32> =
+            vip.backends.iter().map(|b| dp.backend_id(vip, b.address).expect("an entry")).collect();
+        assert_eq!(named, live, "{when}: {}'s ring", vip.name);
+    }
+}
+
+/// What the maps say of `cfg`'s VIPs: every backend entry, and each VIP's entry and live ring.
+fn maps_of(
+    dp: &Dataplane,
+    cfg: &Config,
+) -> (Vec<lb_common::Backend>, Vec<(lb_common::VipMeta, Vec<u32>)>) {
+    let backends = (0..lb_common::MAX_BACKENDS).map(|id| dp.maps().backends.get(&id, 0).unwrap());
+    let vips = cfg.vips.iter().map(|vip| {
+        let meta = dp.maps().vips_v4.get(&vip_key(vip).v4(), 0).expect("the VIP's entry");
+        let ring =
+            edgelb::dataplane::maps::get_slots(&dp.maps().rings, meta.ring_base, meta.ring_size);
+        (meta, ring.unwrap())
+    });
+    (backends.collect(), vips.collect())
+}
+
+/// At the limit (32 VIPs of 128 backends: 4096 entries, every one used), a reload that gives a
+/// backend another address, or moves one to another VIP, is applied: an entry leaving a live
+/// VIP is freed only once no published ring names it, so the apply first publishes rings
+/// without the leavers (and without the newcomers), retires them, then applies the whole file.
+/// A backend found down stays parked through both. A start that adopts the maps does the same.
+/// A pool swapped whole has no such way (a VIP is never left without its pool): it needs room
+/// for its old and new entries at once, and is refused before anything is written.
+#[test]
+fn a_full_config_can_swap_and_move_backends() {
+    if !require_privileged("a_full_config_can_swap_and_move_backends") {
+        return;
+    }
+    let dir = PinDir::new("room");
+    let mut pools: Vec<Vec<String>> = (0..32u16)
+        .map(|v| (0..128u16).map(|b| format!("198.18.{}.{}", 8 + v, 1 + b)).collect())
+        .collect();
+    // VIP v0's backend 198.18.8.6 is down: the effective config leaves it out, and it is parked.
+    let down: IpAddr = v4("198.18.8.6").into();
+    let effective = |cfg: &Config| {
+        let mut eff = cfg.clone();
+        eff.vips[0].backends.retain(|b| b.address != down);
+        eff
+    };
+    let mut dp = Dataplane::load(Some(&dir.0)).unwrap();
+    let cfg = full_of(&pools);
+    dp.apply(&cfg).unwrap();
+    dp.apply_keeping(&effective(&cfg), &cfg).unwrap();
+    assert!(dp.backend_id(&cfg.vips[0], down).is_some(), "the down backend is parked");
+    rings_name_only_live_entries(&dp, &effective(&cfg), "full");
+
+    // One backend of v0 gets another address.
+    pools[0][0] = "198.18.40.1".into();
+    let cfg = full_of(&pools);
+    let r = dp.apply_keeping(&effective(&cfg), &cfg).expect("a swapped address at the limit");
+    assert_eq!((r.backends_added, r.backends_removed), (1, 1), "{r:?}");
+    rings_name_only_live_entries(&dp, &effective(&cfg), "address swapped");
+    assert!(dp.backend_id(&cfg.vips[0], down).is_some(), "the down backend is still parked");
+
+    // One backend moves from v0 to v1.
+    let moved = pools[0].remove(1);
+    pools[1].push(moved.clone());
+    let cfg = full_of(&pools);
+    dp.apply_keeping(&effective(&cfg), &cfg).expect("a backend moved at the limit");
+    rings_name_only_live_entries(&dp, &effective(&cfg), "backend moved");
+    let moved: IpAddr = moved.parse().unwrap();
+    assert!(
+        dp.backend_id(&cfg.vips[0], moved).is_none()
+            && dp.backend_id(&cfg.vips[1], moved).is_some()
+    );
+
+    // A start adopting these maps (a restart, a takeover) applies the same way.
+    drop(dp);
+    let mut dp = Dataplane::load(Some(&dir.0)).unwrap();
+    assert!(dp.adopted());
+    pools[5][3] = "198.18.40.2".into();
+    let cfg = full_of(&pools);
+    dp.apply_keeping(&effective(&cfg), &cfg).expect("a swapped address on adopted maps");
+    rings_name_only_live_entries(&dp, &effective(&cfg), "adopted, address swapped");
+
+    // v2's pool swapped whole: 128 new entries, none free. Refused, nothing written.
+    let before = maps_of(&dp, &cfg);
+    pools[2] = (0..128u16).map(|b| format!("198.18.41.{}", 1 + b)).collect();
+    let whole = full_of(&pools);
+    let e = dp.apply_keeping(&effective(&whole), &whole).expect_err("no room").to_string();
+    assert!(
+        e.contains("4096 backend entries")
+            && e.contains("needs 128 new")
+            && e.contains("with 0 free"),
+        "{e}"
+    );
+    assert!(e.contains("first a config that removes"), "the error says what to do: {e}");
+    assert_eq!(maps_of(&dp, &cfg), before, "the refused file wrote nothing");
+    let r = dp.apply_keeping(&effective(&cfg), &cfg).unwrap();
+    assert!(r.is_empty(), "the running config is whole in the maps: {r:?}");
+}
+
 /// A ring slot naming a present backend of another VIP places no flow: the packet is dropped
 /// as having no backend. A packet whose VIP lookup answered just before a reload removed its
 /// VIP reads the removed VIP's ring, and the reload retires that VIP's backend ids first and may

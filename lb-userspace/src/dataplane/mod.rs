@@ -13,6 +13,9 @@
 //! another VIP's backends before the packet gets there: the program refuses a ring slot whose
 //! backend is not of the VIP it serves (`Backend::vip_index`), and drops that packet; for that
 //! check to hold, a VIP index this apply frees goes to a new VIP only when no other is free.
+//! When the maps have room for the new backend entries only once those of backends leaving the
+//! VIPs kept are retired, an apply goes in two passes, the first of which only frees (see
+//! `Dataplane::freeing_pass`).
 
 mod holders;
 pub mod maps;
@@ -484,8 +487,42 @@ impl std::fmt::Display for ApplyReport {
     }
 }
 
+/// Sums the passes of one apply (see [`Dataplane::apply_keeping`]).
+impl std::ops::AddAssign for ApplyReport {
+    fn add_assign(&mut self, other: ApplyReport) {
+        self.ring_slots_written += other.ring_slots_written;
+        self.vips_added += other.vips_added;
+        self.vips_removed += other.vips_removed;
+        self.vips_updated += other.vips_updated;
+        self.backends_added += other.backends_added;
+        self.backends_removed += other.backends_removed;
+        self.backends_updated += other.backends_updated;
+        self.backends_parked += other.backends_parked;
+        self.backends_restored += other.backends_restored;
+    }
+}
+
 /// A backend entry is owned by one VIP: health and drain are per VIP.
 type BackendKey = (VipKey, IpAddr);
+
+/// Backend entries a config needs beyond those the maps hold for it, and those free for them
+/// without a pass of its own: free now, or held by the VIPs it removes.
+struct Room {
+    needed: usize,
+    free: usize,
+}
+
+/// The first pass of an apply short of backend entries (see [`Dataplane::freeing_pass`]).
+struct FreeingPass {
+    /// The effective config of the pass.
+    cfg: Config,
+    /// The configured one it was made from: its down backends are parked, as in any apply.
+    configured: Config,
+    /// VIPs the pass leaves as they are.
+    frozen: HashSet<VipKey>,
+    /// Backend entries it retires (besides those of the VIPs removed).
+    leaving: usize,
+}
 
 /// The loaded balancer and the controller's view of its maps.
 pub struct Dataplane {
@@ -1396,17 +1433,112 @@ impl Dataplane {
     /// new generation (the flows its old entries named moved on while it was down). Operators
     /// read a backend's counters across its health flaps; retiring it would reset them to zero
     /// at each one, which Prometheus reads as a counter reset and `status` as lost totals.
+    ///
+    /// When the maps have room for `cfg`'s new backend entries only once the entries of backends
+    /// leaving the VIPs it keeps are retired, it is applied in two passes (see
+    /// `Dataplane::freeing_pass`): first without the leavers and the newcomers, then whole.
+    /// Only when even that leaves too little room is it refused, before anything is written.
     pub fn apply_keeping(
         &mut self,
         cfg: &Config,
         configured: &Config,
     ) -> Result<ApplyReport, DataplaneError> {
-        let mut report = ApplyReport::default();
         let live_keys: Vec<VipKey> = cfg.vips.iter().map(vip_key).collect();
-
         let gone: Vec<VipKey> =
             self.vips.keys().filter(|k| !live_keys.contains(k)).copied().collect();
-        self.check_room(cfg, &live_keys, &gone)?;
+        let room = self.room(cfg, &live_keys, &gone)?;
+        // VIP indices freed by removals, an earlier pass's included (see step 0 of `write`).
+        let mut freed = BTreeSet::new();
+        if room.needed <= room.free {
+            return self.write(cfg, configured, None, &mut freed);
+        }
+        let first = self.freeing_pass(cfg, configured);
+        if room.needed > room.free + first.leaving {
+            return Err(short_of_backend_entries(room.needed, room.free + first.leaving));
+        }
+        info!(
+            needed = room.needed,
+            free = room.free,
+            leaving = first.leaving,
+            "backend entries short until those leaving their VIPs are retired: applying in two passes"
+        );
+        let mut report =
+            self.write(&first.cfg, &first.configured, Some(&first.frozen), &mut freed)?;
+        report += self.write(cfg, configured, None, &mut freed)?;
+        Ok(report)
+    }
+
+    /// The first of two passes of [`Dataplane::apply_keeping`], for a config whose new backend
+    /// entries fit only once those of backends leaving the VIPs it keeps are freed. Their
+    /// entries can be freed only once no published ring names them, so this pass publishes
+    /// rings without them: VIPs `cfg` removes are removed; each VIP it keeps gets the backends
+    /// it had that `cfg` still lists (with `cfg`'s weights, VIP settings and down, parked and
+    /// drained backends, decided by the same code as any apply), and no new VIP nor backend is
+    /// added. A VIP for which that leaves no ring (its pool swapped whole, or what remains of it
+    /// all down or drained) keeps its old pool and ring as they are: this pass never leaves a VIP
+    /// without backends, and frees none of its entries.
+    ///
+    /// For traffic: the leavers' flows re-hash on their next packet (they would in a single
+    /// pass too: their backend is gone from the file), and new flows of a VIP, between the two
+    /// passes, all land on the backends it keeps, which are alive; the second pass publishes
+    /// the rings with the newcomers. Established flows on kept backends stay where they are
+    /// (the connection table holds them), as in any ring change.
+    fn freeing_pass(&self, cfg: &Config, configured: &Config) -> FreeingPass {
+        let held = |vip: &Vip| {
+            let key = vip_key(vip);
+            let mut kept = vip.clone();
+            kept.backends.retain(|b| self.backend_ids.contains_key(&(key, b.address)));
+            kept
+        };
+        let kept = |vip: &&Vip| self.vips.contains_key(&vip_key(vip));
+        let mut first = FreeingPass {
+            cfg: Config { vips: cfg.vips.iter().filter(kept).map(held).collect(), ..cfg.clone() },
+            configured: Config {
+                vips: configured.vips.iter().filter(kept).map(held).collect(),
+                ..configured.clone()
+            },
+            frozen: HashSet::new(),
+            leaving: 0,
+        };
+        for vip in &first.cfg.vips {
+            if vip.forwarding == Forwarding::L7 || vip_ring(vip).is_none_or(|r| r.is_empty()) {
+                first.frozen.insert(vip_key(vip));
+            }
+        }
+        // What the pass retires: the entries of the VIPs it changes that neither config lists.
+        let listed: HashSet<BackendKey> = [cfg, configured]
+            .iter()
+            .flat_map(|c| c.vips.iter())
+            .flat_map(|v| v.backends.iter().map(move |b| (vip_key(v), b.address)))
+            .collect();
+        let changed: HashSet<VipKey> =
+            first.cfg.vips.iter().map(vip_key).filter(|k| !first.frozen.contains(k)).collect();
+        first.leaving = self
+            .backend_ids
+            .keys()
+            .filter(|bk| changed.contains(&bk.0) && !listed.contains(bk))
+            .count();
+        first
+    }
+
+    /// Writes `cfg` into the maps (steps 0 to 6 below). `frozen` is `None` for a whole config;
+    /// for the first pass of two (see [`Dataplane::freeing_pass`]) it names the VIPs left as
+    /// they are (their VIP entry, ring and backend entries), and the node-wide settings and VIP
+    /// addresses are left to the second pass. `freed` gathers the VIP indices this apply's
+    /// passes freed.
+    fn write(
+        &mut self,
+        cfg: &Config,
+        configured: &Config,
+        frozen: Option<&HashSet<VipKey>>,
+        freed: &mut BTreeSet<u32>,
+    ) -> Result<ApplyReport, DataplaneError> {
+        let mut report = ApplyReport::default();
+        let live_keys: Vec<VipKey> = cfg.vips.iter().map(vip_key).collect();
+        let gone: Vec<VipKey> =
+            self.vips.keys().filter(|k| !live_keys.contains(k)).copied().collect();
+        let no_vip = HashSet::new();
+        let is_frozen = |k: &VipKey| frozen.unwrap_or(&no_vip).contains(k);
 
         // 0. Removed VIPs: their entries go first, then their backend entries (only their own
         // rings named those), so their indices and ids are free for what replaces them.
@@ -1415,8 +1547,7 @@ impl Dataplane {
         // VIP's ring, and the program tells a backend of the VIP it serves from another VIP's by
         // the backend's VIP index (`Backend::vip_index`), which a new VIP under the same index
         // would pass.
-        let freed: BTreeSet<u32> =
-            gone.iter().filter_map(|k| self.vips.get(k)).map(|s| s.index).collect();
+        freed.extend(gone.iter().filter_map(|k| self.vips.get(k)).map(|s| s.index));
         for key in &gone {
             self.maps.remove_vip(key)?;
             self.vips.remove(key);
@@ -1456,7 +1587,9 @@ impl Dataplane {
             vip_index_of.insert(key, index);
         }
         let mut wanted: HashMap<BackendKey, Backend> = HashMap::new();
-        for vip in cfg.vips.iter().filter(|v| v.forwarding != Forwarding::L7) {
+        for vip in
+            cfg.vips.iter().filter(|v| v.forwarding != Forwarding::L7 && !is_frozen(&vip_key(v)))
+        {
             let key = vip_key(vip);
             for b in &vip.backends {
                 let (addr, family) = addr_words(b.address);
@@ -1478,6 +1611,7 @@ impl Dataplane {
             .vips
             .iter()
             .filter(|v| v.forwarding != Forwarding::L7 && vip_index_of.contains_key(&vip_key(v)))
+            .filter(|v| !is_frozen(&vip_key(v)))
             .flat_map(|v| v.backends.iter().map(move |b| (vip_key(v), b.address)))
             .filter(|bk| !wanted.contains_key(bk) && self.backend_ids.contains_key(bk))
             .collect();
@@ -1522,7 +1656,7 @@ impl Dataplane {
 
         // 2. Node-wide settings.
         let gc = global_config(cfg);
-        if self.config != Some(gc) {
+        if frozen.is_none() && self.config != Some(gc) {
             self.maps.config.set(0, &gc, 0).map_err(map_err(lb_common::maps::CONFIG))?;
             self.config = Some(gc);
         }
@@ -1530,6 +1664,9 @@ impl Dataplane {
         // 3. Rings into the inactive region, then publish the VIP entry.
         for vip in &cfg.vips {
             let key = vip_key(vip);
+            if is_frozen(&key) {
+                continue;
+            }
             let ring: Vec<u32> = match vip_ring(vip) {
                 Some(r) => r
                     .iter()
@@ -1593,7 +1730,10 @@ impl Dataplane {
         // 4. VIP addresses (for ICMP and the fragment policy), with the kinds of VIP each has:
         // new addresses, and addresses whose kinds changed (or that an older edgelb wrote). The
         // view follows each write, so a config put back after a failure rewrites what differs.
-        let wanted_addrs = addr_flags_of(cfg);
+        // The first of two passes leaves them as they are: it adds no VIP, changes no VIP's
+        // kind (a VIP turned L7 or back has no ring in it), and an address a removed VIP and a
+        // new one share must not be missing in between.
+        let wanted_addrs = if frozen.is_some() { self.addrs.clone() } else { addr_flags_of(cfg) };
         for (&(addr, family), &flags) in &wanted_addrs {
             if self.addrs.get(&(addr, family)) != Some(&flags) {
                 self.maps
@@ -1631,20 +1771,23 @@ impl Dataplane {
                 report.backends_parked += 1;
             }
         }
-        self.retire_backends(|k| !wanted.contains_key(k) && !parked.contains(k), &mut report)?;
+        self.retire_backends(
+            |k| !wanted.contains_key(k) && !parked.contains(k) && !is_frozen(&k.0),
+            &mut report,
+        )?;
         Ok(report)
     }
 
-    /// Refuses, before anything is written, a config the maps have no room for: VIP indices and
-    /// backend entries it needs beyond those free now and those its removed VIPs free. (Entries
-    /// of backends leaving a live VIP are freed only after its new ring is published, so a pool
-    /// swapped whole needs room for both.)
-    fn check_room(
+    /// Refuses, before anything is written, a config the maps have no room for VIPs for; says
+    /// how many backend entries it needs, and how many are free now or freed by the VIPs it
+    /// removes. (Entries of backends leaving a live VIP are freed only after its new ring is
+    /// published: [`Dataplane::apply_keeping`] decides what to do when those are needed too.)
+    fn room(
         &self,
         cfg: &Config,
         live_keys: &[VipKey],
         gone: &[VipKey],
-    ) -> Result<(), DataplaneError> {
+    ) -> Result<Room, DataplaneError> {
         let new_vips = live_keys.iter().filter(|k| !self.vips.contains_key(k)).count();
         if self.vips.len() - gone.len() + new_vips > MAX_VIPS as usize {
             return Err(no_room_for_vips());
@@ -1658,10 +1801,7 @@ impl Dataplane {
             .count();
         let freed = self.backend_ids.keys().filter(|(k, _)| gone.contains(k)).count();
         let free = self.backends.iter().filter(|b| b.is_none()).count();
-        if new_entries > free + freed {
-            return Err(no_room_for_backends());
-        }
-        Ok(())
+        Ok(Room { needed: new_entries, free: free + freed })
     }
 
     /// Marks the backend entries `which` selects absent and frees their ids.
@@ -2040,6 +2180,15 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Da
 /// The maps hold no more VIPs.
 fn no_room_for_vips() -> DataplaneError {
     DataplaneError::Capacity(format!("more than {MAX_VIPS} VIPs"))
+}
+
+/// The maps have no room for a config's new backend entries, even with every entry its
+/// removals free retired first (see [`Dataplane::freeing_pass`]): what it needs and has, and
+/// what to do.
+fn short_of_backend_entries(needed: usize, free: usize) -> DataplaneError {
+    DataplaneError::Capacity(format!(
+        "more than {MAX_BACKENDS} backend entries: this config needs {needed} new backend entries, with {free} free (counting those of the VIPs and backends it removes). A VIP's old entries are retired only once its new ring is published, and a VIP is never left without its pool in between: a pool swapped whole (or whose remaining backends are all down or drained) needs room for its old and new entries at once. Apply it in two steps: first a config that removes backends (or the VIPs being replaced), then one that adds the new ones"
+    ))
 }
 
 /// The maps hold no more backend entries.
