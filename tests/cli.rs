@@ -120,6 +120,24 @@ fn the_unit_retries_a_failed_start_for_a_minute() {
     assert_eq!(value("Restart="), Some("on-failure"));
 }
 
+/// contrib/edgelb.service lets edgelb have a thread per health-checked backend: without a
+/// `TasksMax=`, systemd's default (15% of pid_max, 4915 tasks where pid_max is 32768) left the
+/// checks of a large config unstarted. It holds, twice over for a takeover, every XDP entry
+/// and as many L7 backends as a file has without a caution, each checked, and 256 L7 threads.
+#[test]
+fn the_unit_lets_every_health_check_have_its_thread() {
+    let unit = include_str!("../contrib/edgelb.service");
+    let value =
+        |key: &str| unit.lines().filter_map(|l| l.strip_prefix(key)).map(str::trim).next_back();
+    let tasks = value("TasksMax=").expect("TasksMax= in contrib/edgelb.service");
+    let needed =
+        2 * (lb_common::MAX_BACKENDS as u64 + edgelb::config::L7_BACKENDS_CAUTION as u64 + 256);
+    if tasks != "infinity" {
+        let n: u64 = tasks.parse().unwrap_or_else(|_| panic!("TasksMax={tasks}: a count"));
+        assert!(n >= needed, "TasksMax={n}: fewer than the {needed} threads of a large config");
+    }
+}
+
 /// contrib/edgelb.service keeps uid 0 without capabilities from reaching the kernel through files
 /// and calls it needs none of: after setup edgelb keeps no capability but stays uid 0, which may
 /// still write `kernel.*` sysctls (`kernel.core_pattern` = `|/path` runs a program as full root
