@@ -120,6 +120,24 @@ fn the_unit_retries_a_failed_start_for_a_minute() {
     assert_eq!(value("Restart="), Some("on-failure"));
 }
 
+/// contrib/edgelb.service lets edgelb have a thread per health-checked backend: without a
+/// `TasksMax=`, systemd's default (15% of pid_max, 4915 tasks where pid_max is 32768) left the
+/// checks of a large config unstarted. It holds, twice over for a takeover, every XDP entry
+/// and as many L7 backends as a file has without a caution, each checked, and 256 L7 threads.
+#[test]
+fn the_unit_lets_every_health_check_have_its_thread() {
+    let unit = include_str!("../contrib/edgelb.service");
+    let value =
+        |key: &str| unit.lines().filter_map(|l| l.strip_prefix(key)).map(str::trim).next_back();
+    let tasks = value("TasksMax=").expect("TasksMax= in contrib/edgelb.service");
+    let needed =
+        2 * (lb_common::MAX_BACKENDS as u64 + edgelb::config::L7_BACKENDS_CAUTION as u64 + 256);
+    if tasks != "infinity" {
+        let n: u64 = tasks.parse().unwrap_or_else(|_| panic!("TasksMax={tasks}: a count"));
+        assert!(n >= needed, "TasksMax={n}: fewer than the {needed} threads of a large config");
+    }
+}
+
 /// contrib/edgelb.service keeps uid 0 without capabilities from reaching the kernel through files
 /// and calls it needs none of: after setup edgelb keeps no capability but stays uid 0, which may
 /// still write `kernel.*` sysctls (`kernel.core_pattern` = `|/path` runs a program as full root
@@ -501,6 +519,75 @@ fn run_stops_when_the_kernel_refuses_io_uring_to_the_l7_proxy() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("L7 proxy: io_uring is unavailable"), "{err}");
     assert!(err.contains("Operation not permitted"), "{err}");
+    assert!(!std::path::Path::new(&pins).exists(), "nothing pinned");
+}
+
+/// `edgelb run` of the example (an L7 VIP, a thread per CPU) under the locked-memory limit
+/// `soft`/`hard` (bytes): its exit code and stderr. The interface is missing, so a run whose
+/// io_uring check passed stops there, with nothing touched.
+fn run_under_memlock(name: &str, soft: u64, hard: u64) -> (Option<i32>, String, String) {
+    use std::os::unix::process::CommandExt;
+    let (f, pins, _) = run_config(name, "edgelb-nosuch0");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgelb"));
+    cmd.args(["run", "--config"]).arg(&f.0);
+    // SAFETY: between fork and exec only setrlimit runs, async-signal-safe, on a struct on the
+    // child's stack.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("run edgelb");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into(), pins)
+}
+
+/// Each L7 thread's io_uring is charged to the locked-memory limit once edgelb has dropped its
+/// capabilities (about 256 KiB each): under a container's default soft limit of 64 KiB not one
+/// thread started ("Cannot allocate memory"). edgelb raises the soft limit to the hard one, as
+/// for open files, and its check of the rings, made as the proxy threads will run, passes.
+/// The hard limit is this process's (raising it needs CAP_SYS_RESOURCE), if it holds the rings.
+#[test]
+fn run_raises_a_small_soft_memlock_limit_to_the_hard_one_for_the_l7_rings() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the limit into `lim`, a valid rlimit on this stack.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) }, 0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(256) as u64;
+    // Twice the rings, for those of other edgelb processes of this user (other tests').
+    if lim.rlim_max < 2 * threads * edgelb::proxy::RING_BYTES as u64 {
+        eprintln!(
+            "skipped: the hard RLIMIT_MEMLOCK ({} bytes) cannot hold the rings",
+            lim.rlim_max
+        );
+        return;
+    }
+    let (code, err, pins) = run_under_memlock("memlock-soft", 64 << 10, lim.rlim_max);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(!err.contains("io_uring is unavailable"), "{err}");
+    assert!(err.contains("interface `edgelb-nosuch0` (node.interfaces) does not exist"), "{err}");
+    assert!(!std::path::Path::new(&pins).exists(), "nothing pinned");
+}
+
+/// A hard locked-memory limit too small for the L7 threads' rings stops the start before
+/// anything is touched, saying it is the limit, what it is, what the threads need and how to
+/// raise it, instead of a bare "Cannot allocate memory" once the data plane was taken over.
+#[test]
+fn run_says_when_the_memlock_limit_cannot_hold_the_l7_rings() {
+    let (code, err, pins) = run_under_memlock("memlock-hard", 64 << 10, 64 << 10);
+    assert_eq!(code, Some(1), "{err}");
+    for want in [
+        "L7 proxy: io_uring is unavailable (Cannot allocate memory",
+        "RLIMIT_MEMLOCK, now 64 KiB",
+        "about 256 KiB each",
+        "twice that during a takeover",
+        "LimitMEMLOCK=infinity",
+        "ulimit -l",
+    ] {
+        assert!(err.contains(want), "no {want:?} in: {err}");
+    }
     assert!(!std::path::Path::new(&pins).exists(), "nothing pinned");
 }
 

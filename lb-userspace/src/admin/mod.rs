@@ -801,6 +801,16 @@ pub struct Handover {
     pub conn: UnixStream,
 }
 
+/// The longest handover answer [`handover`] reads, its newline included: against a running
+/// edgelb that sends without end, not a bound on any config. The answer lists every backend of
+/// every VIP, each down one again with its VIP's name, and the drains, so it grows with the
+/// config and most during an outage, when the takeover matters most: 8192 IPv6 backends with
+/// 64-byte VIP names, all down, take more than the 1 MiB this once was, which failed such
+/// takeovers. 64 MiB holds about 200 000 backends down and drained with such names, 50 times
+/// the L7 backends a file has without a caution ([`crate::config::L7_BACKENDS_CAUTION`]) plus
+/// every XDP one; the memory is held only while the answer is read.
+pub const MAX_HANDOVER_ANSWER: usize = 64 << 20;
+
 /// Asks the edgelb on `socket` to hand over (`edgelb run --takeover`). `Ok(None)` when no edgelb
 /// answers there (nothing to take over).
 pub fn handover(socket: &Path) -> Result<Option<Handover>, AdminError> {
@@ -812,7 +822,7 @@ pub fn handover(socket: &Path) -> Result<Option<Handover>, AdminError> {
         .map_err(|e| fail(e.to_string()))?;
     // One line back, the descriptors on its first bytes; read byte runs until the newline.
     let (mut answer, mut fds) = (Vec::new(), Vec::new());
-    let mut buf = [0u8; 4096];
+    let mut buf = vec![0u8; 64 * 1024];
     while !answer.ends_with(b"\n") {
         let (n, more) = fdpass::recv(&s, &mut buf).map_err(|e| fail(e.to_string()))?;
         if n == 0 {
@@ -820,8 +830,12 @@ pub fn handover(socket: &Path) -> Result<Option<Handover>, AdminError> {
         }
         answer.extend_from_slice(&buf[..n]);
         fds.extend(more);
-        if answer.len() > 1 << 20 {
-            return Err(fail("answer too long".into()));
+        if answer.len() > MAX_HANDOVER_ANSWER {
+            return Err(fail(format!(
+                "its handover answer is longer than {} MiB ({} bytes read without its end), the most a takeover reads",
+                MAX_HANDOVER_ANSWER >> 20,
+                answer.len()
+            )));
         }
     }
     let answer = String::from_utf8_lossy(&answer);
@@ -1446,6 +1460,94 @@ mod tests {
         let r = request(&dir.join("nobody.sock"), &route("a".repeat(100_000))).unwrap();
         assert!(!r.ok && r.bad_request && r.message == TOO_LONG, "{r:?}");
         assert_eq!(MAX_REQUEST, 64 << 10, "TOO_LONG says 64 KiB");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The handover of a large config in an outage goes through: 16 XDP and 16 L7 VIPs of 256
+    /// IPv6 backends each, 64-byte names, every backend down and drained (about 2 MiB, past the
+    /// 1 MiB cap that failed such takeovers). An answer past [`MAX_HANDOVER_ANSWER`] is refused,
+    /// saying how long it was and the limit.
+    #[test]
+    fn a_handover_of_a_large_config_all_down_goes_through() {
+        let dir = std::env::temp_dir().join(format!("edgelb-admin-large-{}", std::process::id()));
+        let path = dir.join("admin.sock");
+        let name = |v: usize| format!("{v:02}-{}", "v".repeat(61));
+        let backend = |v: usize, b: usize| -> SocketAddr {
+            format!("[2001:db8:{v:x}::{b:x}]:8080").parse().unwrap()
+        };
+        let vips: Vec<HandedVip> = (0..32)
+            .map(|v| HandedVip {
+                name: name(v),
+                address: format!("2001:db8:ffff::{v:x}").parse().unwrap(),
+                port: 8080,
+                protocol: crate::config::Protocol::Tcp,
+                forwarding: if v < 16 {
+                    crate::config::Forwarding::Ipip
+                } else {
+                    crate::config::Forwarding::L7
+                },
+                backends: (0..256).map(|b| backend(v, b)).collect(),
+                weights: vec![1; 256],
+                fail_open: Some(true),
+            })
+            .collect();
+        let down: Vec<Down> = (0..32)
+            .flat_map(|v| (0..256).map(move |b| (v, b)))
+            .map(|(v, b)| Down { vip: name(v), backend: backend(v, b) })
+            .collect();
+        let drains: Vec<Drain> = down
+            .iter()
+            .map(|d| Drain {
+                backend: d.backend.ip(),
+                port: Some(d.backend.port()),
+                vip: Some(d.vip.clone()),
+            })
+            .collect();
+        let response = Response {
+            sockets: vec![HandedSocket {
+                kind: SocketKind::Metrics,
+                addr: "127.0.0.1:9".parse().unwrap(),
+            }],
+            drains: drains.clone(),
+            down: down.clone(),
+            vips: Some(vips.clone()),
+            ..Response::ok("handing over")
+        };
+        let size = serde_json::to_string(&response).unwrap().len();
+        assert!(size > 1 << 20, "the answer is {size} bytes: not past the old cap");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (tx, rx) = mpsc::channel::<Pending>();
+        let (done_tx, done_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for (_, reply) in rx {
+                let _ = reply.send(Answer {
+                    fds: vec![OwnedFd::from(listener.try_clone().unwrap())],
+                    done: Some(done_tx.clone()),
+                    ..response.clone().into()
+                });
+            }
+        });
+        let serving = serve(bind(&path).unwrap(), tx).unwrap();
+        let h = handover(&path).unwrap().expect("an edgelb answers");
+        assert_eq!(h.sockets.len(), 1);
+        assert_eq!((h.down.len(), h.drains.len()), (8192, 8192));
+        assert!(h.down == down && h.drains == drains, "the verdicts and drains come whole");
+        assert_eq!(h.vips, Some(vips));
+        drop(h);
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(10)), Ok(HandoverEnd::Abandoned));
+        serving.stop();
+
+        // A running edgelb sending without end is cut at the limit, which the error names.
+        let endless = dir.join("endless.sock");
+        let l = UnixListener::bind(&endless).unwrap();
+        let writer = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let chunk = vec![b'x'; 1 << 20];
+            while c.write_all(&chunk).is_ok() {}
+        });
+        let e = handover(&endless).unwrap_err().to_string();
+        assert!(e.contains("longer than 64 MiB") && e.contains("bytes read"), "{e}");
+        writer.join().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
 

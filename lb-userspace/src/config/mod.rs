@@ -2025,17 +2025,21 @@ fn l7_settings(
 /// hide a route with a host, and only one of any host a route without: each route is compared
 /// with those alone, found by its host in a map, rather than with every route before it (a
 /// VIP with a route per host costs a map lookup a route, not a comparison with every earlier
-/// route: thousands of routes took seconds, on the controller's thread during a reload).
+/// route: thousands of routes took seconds, on the controller's thread during a reload). Within
+/// a host's routes (or those of any host), a route is compared only with the earlier paths that
+/// are prefixes of its own ([`Prefixes`]): 20 000 routes without a host, each compared with
+/// every earlier one, took 3.7 s.
 #[derive(Default)]
 struct EarlierRoutes<'a> {
-    /// The path prefix of each route, in order (an index is the route's in the VIP).
-    paths: Vec<Option<&'a str>>,
-    /// The indices of the routes of each host (as routes compare it: `proxy::route_host`).
-    of_host: std::collections::HashMap<String, Vec<usize>>,
-    /// The indices of the routes without a host.
-    any_host: Vec<usize>,
-    /// Earlier routes compared with a later one, all routes together: what a test measures
-    /// to see that routes of different hosts are not compared with each other.
+    /// The routes so far: the next one's index.
+    count: usize,
+    /// The routes of each host (as routes compare it: `proxy::route_host`).
+    of_host: std::collections::HashMap<String, Prefixes<'a>>,
+    /// The routes without a host.
+    any_host: Prefixes<'a>,
+    /// Earlier routes' paths compared with a later one's, all routes together: what a test
+    /// measures to see that routes of different hosts, and paths that are not prefixes of the
+    /// route's, are not compared with it.
     compared: usize,
 }
 
@@ -2043,29 +2047,78 @@ impl<'a> EarlierRoutes<'a> {
     /// The first earlier route (its index) that takes every request a route of `host` (as
     /// routes compare it) and `path` would, if one does.
     fn hiding(&mut self, host: Option<&str>, path: Option<&str>) -> Option<usize> {
-        let same_host = host.and_then(|h| self.of_host.get(h)).map_or(&[][..], Vec::as_slice);
-        let mut first = None::<usize>;
-        for list in [&self.any_host[..], same_host] {
-            for &i in list {
-                self.compared += 1;
-                if self.paths[i].is_none_or(|p| path.is_some_and(|q| q.starts_with(p))) {
-                    first = Some(first.map_or(i, |f| f.min(i)));
-                    // Each list is in order: its first is its earliest.
-                    break;
-                }
-            }
-        }
-        first
+        let any = self.any_host.covering(path, &mut self.compared);
+        let same = host
+            .and_then(|h| self.of_host.get(h))
+            .and_then(|routes| routes.covering(path, &mut self.compared));
+        any.into_iter().chain(same).min()
     }
 
     /// Adds the next route: of `host` (as routes compare it), with `path`.
     fn push(&mut self, host: Option<String>, path: Option<&'a str>) {
-        let i = self.paths.len();
-        self.paths.push(path);
-        match host {
-            Some(h) => self.of_host.entry(h).or_default().push(i),
-            None => self.any_host.push(i),
+        let routes = match host {
+            Some(h) => self.of_host.entry(h).or_default(),
+            None => &mut self.any_host,
+        };
+        routes.add(path, self.count);
+        self.count += 1;
+    }
+}
+
+/// The earlier routes of one host (or of any host) by path prefix, for [`EarlierRoutes`]: a
+/// route takes every request of a later one when it has no path, or its path is a prefix of the
+/// later one's (requests are matched by `starts_with`, at any byte, not at `/` only). The
+/// prefixes of a path are found in the sorted paths by stepping back from the path itself,
+/// looking only at paths that share a start with it: about as many as its stored prefixes.
+#[derive(Default)]
+struct Prefixes<'a> {
+    /// The first route without a path, which takes every path.
+    pathless: Option<usize>,
+    /// Each path with its first route.
+    paths: std::collections::BTreeMap<&'a str, usize>,
+}
+
+impl<'a> Prefixes<'a> {
+    /// Adds route `i`, with `path`.
+    fn add(&mut self, path: Option<&'a str>, i: usize) {
+        match path {
+            None => {
+                self.pathless.get_or_insert(i);
+            }
+            Some(p) => {
+                self.paths.entry(p).or_insert(i);
+            }
         }
+    }
+
+    /// The first of these routes that takes every request of a route with `path` (none: any
+    /// path), if one does; each stored path looked at is counted in `compared`.
+    fn covering(&self, path: Option<&str>, compared: &mut usize) -> Option<usize> {
+        use std::ops::Bound::{Included, Unbounded};
+        let mut first = self.pathless;
+        let Some(mut rest) = path else { return first };
+        // Every stored prefix of `rest` sorts at or before it. The last path k there is one, and
+        // the others are prefixes of k shorter than it; or k is not, and every stored prefix p
+        // of `rest` (p < k <= rest) starts k too, so it is a prefix of their common start, which
+        // is shorter than `rest`. Either way the search goes on below a shorter `rest`.
+        while let Some((k, &i)) =
+            self.paths.range::<str, _>((Unbounded, Included(rest))).next_back()
+        {
+            *compared += 1;
+            if rest.starts_with(k) {
+                first = Some(first.map_or(i, |f| f.min(i)));
+                // k without its last character (paths are ASCII, but a str is cut at a char).
+                let Some((shorter, _)) = k.char_indices().next_back() else { break };
+                rest = &k[..shorter];
+            } else {
+                let mut common = rest.bytes().zip(k.bytes()).take_while(|(a, b)| a == b).count();
+                while !rest.is_char_boundary(common) {
+                    common -= 1;
+                }
+                rest = &rest[..common];
+            }
+        }
+        first
     }
 }
 

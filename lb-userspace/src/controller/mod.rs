@@ -326,7 +326,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
         .map_err(RunError::Signals)?;
     let cfg = Config::load(path)?;
-    raise_fd_limit();
+    raise_limits();
     preflight(&cfg)?;
     // Over netlink, in this network namespace: sysfs may show another's.
     let mtus = links::link_mtus(&cfg, &[]);
@@ -752,7 +752,8 @@ fn stop_requested(signals: &mut signal_hook::iterator::Signals) -> bool {
 /// ([`crate::dataplane::ensure_bpffs`]). Checked before anything else, privileged or not.
 fn preflight(cfg: &Config) -> Result<(), RunError> {
     if !crate::proxy::l7_listeners(cfg).is_empty() {
-        crate::proxy::probe_io_uring().map_err(|e| RunError::Proxy(e.to_string()))?;
+        crate::proxy::probe_io_uring(cfg.node.l7_thread_count())
+            .map_err(|e| RunError::Proxy(e.to_string()))?;
     }
     for name in &cfg.node.interfaces {
         if !crate::dataplane::interface_exists(name)? {
@@ -1014,25 +1015,32 @@ fn reload_summary(cfg: &Config, r: &crate::dataplane::ApplyReport) -> String {
     format!("{xdp} XDP VIP(s), {l7} L7 VIP(s); {maps}{pools}")
 }
 
-/// Raises the soft limit on open files to the hard one: every L7 connection holds two
-/// descriptors, and the default soft limit (1024 under systemd) would refuse accepts (and the
-/// metrics endpoint's) long before `max_connections`.
+/// Raises the soft limits edgelb outgrows to the hard ones. Open files: every L7 connection
+/// holds two descriptors, and the default soft limit (1024 under systemd) would refuse accepts
+/// (and the metrics endpoint's) long before `max_connections`. Locked memory: each L7 thread's
+/// io_uring is charged to it once the capabilities are dropped (about
+/// [`crate::proxy::RING_BYTES`]), and the usual soft limit (8 MiB, 64 KiB in containers) does not
+/// hold a thread per CPU on a large host.
+fn raise_limits() {
+    raise_limit(libc::RLIMIT_NOFILE, "open-file");
+    raise_limit(libc::RLIMIT_MEMLOCK, "locked-memory");
+}
+
+/// Raises the soft limit of `resource` (`what`, for the log) to its hard limit.
 #[allow(unsafe_code)]
-fn raise_fd_limit() {
+fn raise_limit(resource: libc::__rlimit_resource_t, what: &str) {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes the limit into `lim`, a valid rlimit on this stack.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
-        || lim.rlim_cur >= lim.rlim_max
-    {
+    if unsafe { libc::getrlimit(resource, &mut lim) } != 0 || lim.rlim_cur >= lim.rlim_max {
         return;
     }
     let from = lim.rlim_cur;
     lim.rlim_cur = lim.rlim_max;
     // SAFETY: setrlimit reads `lim`, a valid rlimit on this stack.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
-        info!(from, to = lim.rlim_cur, "open-file limit raised");
+    if unsafe { libc::setrlimit(resource, &lim) } == 0 {
+        info!(from, to = lim.rlim_cur, "{what} limit raised");
     } else {
-        warn!(soft = from, hard = lim.rlim_max, "raising the open-file limit failed");
+        warn!(soft = from, hard = lim.rlim_max, "raising the {what} limit failed");
     }
 }
 

@@ -699,12 +699,81 @@ pub enum ProxyError {
         "io_uring is unavailable ({0}): the L7 proxy needs it; the kernel may deny it (sysctl kernel.io_uring_disabled, a seccomp profile, the memory limit)"
     )]
     IoUring(std::io::Error),
+    /// The kernel refused an io_uring instance its memory (ENOMEM): most likely the
+    /// locked-memory limit, which every ring is charged to once edgelb has dropped its
+    /// capabilities (CAP_IPC_LOCK among them). Said as such, with the limit and what the
+    /// threads need, rather than as a bare "Cannot allocate memory" on a host with plenty.
+    #[error(
+        "io_uring is unavailable ({error}): most likely the locked-memory limit (RLIMIT_MEMLOCK, now {limit}), which each L7 thread's io_uring is charged to once edgelb has dropped its capabilities: about {} KiB each, {} KiB for the {threads} thread(s) (node.l7_threads), twice that during a takeover (both processes count against one user's limit); raise it (`LimitMEMLOCK=infinity` in the systemd unit, `ulimit -l unlimited`, `--ulimit memlock=-1` for a container) or lower node.l7_threads",
+        RING_BYTES >> 10,
+        (RING_BYTES >> 10) * threads,
+    )]
+    RingMemory {
+        /// The kernel's refusal.
+        error: std::io::Error,
+        /// The proxy threads, one ring each.
+        threads: usize,
+        /// The soft RLIMIT_MEMLOCK when refused, as said ("64 KiB", "unlimited").
+        limit: String,
+    },
 }
 
-/// Creates and drops one proxy thread's io_uring runtime: an edgelb that cannot run its L7
-/// proxy says so before it starts rather than leaving its listeners unanswered.
-pub fn probe_io_uring() -> Result<(), ProxyError> {
-    tokio_uring::Runtime::new(&uring_runtime()).map(drop).map_err(ProxyError::IoUring)
+/// About what one proxy thread's io_uring takes of the locked-memory limit: its completion
+/// queue ([`URING_CQ_ENTRIES`] entries of 16 bytes) is nearly all of it.
+pub const RING_BYTES: usize = URING_CQ_ENTRIES as usize * 16;
+
+/// The error for a ring the kernel refused to one of `threads` proxy threads: its memory
+/// ([`ProxyError::RingMemory`]), or anything else ([`ProxyError::IoUring`]).
+fn ring_refused(error: std::io::Error, threads: usize) -> ProxyError {
+    if error.raw_os_error() == Some(libc::ENOMEM) {
+        ProxyError::RingMemory { error, threads, limit: memlock_limit() }
+    } else {
+        ProxyError::IoUring(error)
+    }
+}
+
+/// The soft locked-memory limit, as a person reads it ("64 KiB", "unlimited").
+#[allow(unsafe_code)]
+fn memlock_limit() -> String {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the limit into `lim`, a valid rlimit on this stack.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
+        return format!("unknown: {}", std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur == libc::RLIM_INFINITY {
+        "unlimited".to_owned()
+    } else {
+        format!("{} KiB", lim.rlim_cur >> 10)
+    }
+}
+
+/// Creates, all at once, the io_uring of each of the proxy's `threads`, then drops them: an
+/// edgelb that cannot run its L7 proxy says so before it starts rather than leaving its
+/// listeners unanswered, or failing once it has taken the data plane over. They are made on a
+/// thread without CAP_IPC_LOCK, as the proxy's threads run once edgelb has dropped its
+/// capabilities: each ring is then charged to the locked-memory limit, which a default of
+/// 64 KiB (containers) or 8 MiB (many distributions) does not hold for every CPU's thread. During
+/// a takeover, the running edgelb's rings count too (one user's limit), as they will when this
+/// one's proxy starts.
+pub fn probe_io_uring(threads: usize) -> Result<(), ProxyError> {
+    std::thread::Builder::new()
+        .name("io_uring-probe".into())
+        .spawn(move || {
+            // Not held (edgelb not run as root): the rings are charged anyway.
+            let _ = caps::drop(None, caps::CapSet::Effective, caps::Capability::CAP_IPC_LOCK);
+            let mut rings = Vec::with_capacity(threads);
+            for _ in 0..threads {
+                rings.push(
+                    uring_ring().build(URING_SQ_ENTRIES).map_err(|e| ring_refused(e, threads))?,
+                );
+            }
+            Ok(())
+        })
+        .map_err(ProxyError::Thread)?
+        .join()
+        .unwrap_or_else(|_| {
+            Err(ProxyError::Thread(std::io::Error::other("the io_uring probe panicked")))
+        })
 }
 
 fn listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -871,7 +940,7 @@ impl Proxy {
         for _ in 0..threads {
             let failed = match up_rx.recv() {
                 Ok(Ok(())) => continue,
-                Ok(Err(e)) => ProxyError::IoUring(e),
+                Ok(Err(e)) => ring_refused(e, threads),
                 Err(_) => ProxyError::Thread(std::io::Error::other("an L7 thread ended at start")),
             };
             proxy.shutdown(Duration::ZERO);
@@ -1159,8 +1228,8 @@ const URING_SQ_ENTRIES: u32 = 64;
 /// are reaped.
 const URING_CQ_ENTRIES: u32 = 16_384;
 
-/// The runtime of one proxy thread.
-fn uring_runtime() -> tokio_uring::Builder {
+/// The io_uring of one proxy thread, but for its submission-queue size.
+fn uring_ring() -> io_uring::Builder {
     let mut ring = tokio_uring::uring_builder();
     ring.setup_cqsize(URING_CQ_ENTRIES);
     // Completions arriving while the thread runs are handled at its next system call instead of
@@ -1168,8 +1237,13 @@ fn uring_runtime() -> tokio_uring::Builder {
     // the thread's time went to that interrupt path). A thread asleep in epoll_wait is still
     // woken at once.
     ring.setup_coop_taskrun();
+    ring
+}
+
+/// The runtime of one proxy thread.
+fn uring_runtime() -> tokio_uring::Builder {
     let mut b = tokio_uring::builder();
-    b.entries(URING_SQ_ENTRIES).uring_builder(&ring);
+    b.entries(URING_SQ_ENTRIES).uring_builder(&uring_ring());
     b
 }
 
