@@ -677,6 +677,15 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
             }
         }
     };
+    // The admin thread writes the answers the controller gave it, `stop`'s included, before
+    // the process exits: requests it still holds for the controller are turned away (their
+    // channel dropped), and what it is writing gets the client's own deadline to be read.
+    ctl.admin_rx = mpsc::channel().1;
+    if let Some(admin) = ctl.admin.take()
+        && !admin.finish(admin::CLIENT_WAIT + Duration::from_secs(1))
+    {
+        warn!("exiting with an admin client still being answered (it stopped reading)");
+    }
     // Last: `edgelb stop` waits for the socket to go, so it returns once everything is done.
     let _ = std::fs::remove_file(&socket);
     Ok(result?)
