@@ -35,6 +35,18 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// A panic's message, from its payload (`panic!` gives a `&str` or a `String`; anything else
+/// is said as such): a thread found dead is logged with why, not with a type-erased box.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(a panic without a message)".to_owned()
+    }
+}
+
 pub mod admin;
 pub mod config;
 pub mod controller;
