@@ -11,6 +11,7 @@
 //! - [`health`]: active TCP/HTTP/UDP health checks with rise/fall;
 //! - [`admin`]: the root-only Unix socket behind `edgelb status | drain | reload | stop`;
 //! - [`metrics`]: Prometheus `/metrics` (kernel counters, health, transitions, L7);
+//! - [`panics`]: the panic hook of `edgelb run` (each panic logged and counted);
 //! - [`proxy`]: the io_uring L7 proxy (HTTP/1.1 and TCP) for VIPs marked `l7`;
 //! - [`testbed`]: network-namespace topologies for `cargo xtask run` and the end-to-end tests.
 #![deny(unsafe_code)]
@@ -56,5 +57,6 @@ mod fuzz;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
+pub mod panics;
 pub mod proxy;
 pub mod testbed;

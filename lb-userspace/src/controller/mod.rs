@@ -357,6 +357,8 @@ fn needs_a_capability(e: &DataplaneError) -> bool {
 /// takeover. With `takeover`, an edgelb already running with the same admin socket hands over
 /// its listening sockets and the data plane first (see [`Request::Handover`]).
 pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
+    // Before any thread starts: a panic anywhere is logged (in the log's format) and counted.
+    crate::panics::install_hook();
     // Sockets from the service manager (socket activation) are taken first, so that they have an
     // owner whatever happens next.
     let mut inherited = crate::proxy::inherited::Inherited::from_env()?;
