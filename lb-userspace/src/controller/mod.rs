@@ -1572,7 +1572,9 @@ impl Controller {
             if self.sample_when_due() {
                 self.keep_admin_served();
                 self.watch_links();
-                if self.checks_missing > 0 {
+                // Checks that could not start, and checks whose thread died (a panic), are
+                // started (again).
+                if self.checks_missing > 0 || self.checker.any_ended() {
                     self.reconcile_checks();
                 }
                 self.look_for_lost_interfaces();
