@@ -2159,6 +2159,84 @@ fn a_takeover_that_fails_before_the_maps_leaves_the_running_edgelb_in_charge() {
     in_charge_again(&mut bed);
 }
 
+/// The CPU time process `pid` has used so far (user and system, from /proc/<pid>/stat).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/<pid>/stat");
+    // After the command's name (in parentheses, which may hold spaces): field 3 onwards, of
+    // which utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').expect("a /proc/<pid>/stat line") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf reads a constant of the system; it touches no memory of ours.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// An exclusive flock on a file, as `edgelb run` takes one beside the admin socket while it
+/// binds: held by the test to keep every edgelb from binding. Let go (the file removed first,
+/// as edgelb does) when dropped.
+struct HeldLock(std::fs::File, PathBuf);
+
+impl HeldLock {
+    fn take(path: PathBuf) -> HeldLock {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        file.lock().unwrap_or_else(|e| panic!("lock {}: {e}", path.display()));
+        HeldLock(file, path)
+    }
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.1);
+        let _ = self.0.unlock();
+    }
+}
+
+/// A takeover abandoned because the new edgelb cannot bind the admin socket (the lock beside it
+/// held) leaves the old one unable to take the socket back either: it goes on without spinning a
+/// core on its admin channel, and binds the socket again by itself soon after the lock is let
+/// go (it used to spin until a restart, its socket gone), its checks running throughout.
+#[test]
+fn an_admin_socket_that_cannot_be_taken_back_is_bound_again_later() {
+    let Some(mut bed) = Bed::up("admin-back", &[1, 2, 3]) else { return };
+    let lock = HeldLock::take(PathBuf::from(format!("/run/edgelb/t-{}.sock.lock", bed.tag)));
+    let out = output_within(
+        takeover_command(&bed.e().ns, &bed.cfg_path),
+        "edgelb --takeover",
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("binding the admin socket"), "{stderr}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !bed.e().log().contains("taking the admin socket back failed") {
+        assert!(Instant::now() < deadline, "no failed take-back; log:\n{}", bed.e().log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(bed.e().log().contains("its admin socket is not served yet"), "{}", bed.e().log());
+    let pid = bed.e().child.as_ref().unwrap().id();
+    let (cpu, start) = (cpu_time(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let (used, took) = (cpu_time(pid) - cpu, start.elapsed());
+    assert!(used < took / 4, "the controller used {used:?} of CPU in {took:?}");
+    assert!(!bed.e().cli(&["status"]).status.success(), "answers though the lock is held");
+    drop(lock);
+    let released = Instant::now();
+    while !bed.e().cli(&["status"]).status.success() {
+        let log = bed.e().log();
+        assert!(released.elapsed() < Duration::from_secs(12), "never answered again; log:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(bed.e().log().contains("the admin socket is served again"), "{}", bed.e().log());
+    sees_backend_2_die(&mut bed, "the controller");
+}
+
 /// A takeover stopped by SIGTERM while it starts (a Ctrl-C on one that seems stuck) gives up
 /// rather than take over and then stop: the running edgelb stays in charge, and no connection
 /// fails meanwhile.

@@ -11,6 +11,7 @@
 //! - [`health`]: active TCP/HTTP/UDP health checks with rise/fall;
 //! - [`admin`]: the root-only Unix socket behind `edgelb status | drain | reload | stop`;
 //! - [`metrics`]: Prometheus `/metrics` (kernel counters, health, transitions, L7);
+//! - [`panics`]: the panic hook of `edgelb run` (each panic logged and counted);
 //! - [`proxy`]: the io_uring L7 proxy (HTTP/1.1 and TCP) for VIPs marked `l7`;
 //! - [`testbed`]: network-namespace topologies for `cargo xtask run` and the end-to-end tests.
 #![deny(unsafe_code)]
@@ -35,6 +36,18 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// A panic's message, from its payload (`panic!` gives a `&str` or a `String`; anything else
+/// is said as such): a thread found dead is logged with why, not with a type-erased box.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(a panic without a message)".to_owned()
+    }
+}
+
 pub mod admin;
 pub mod config;
 pub mod controller;
@@ -44,5 +57,6 @@ mod fuzz;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
+pub mod panics;
 pub mod proxy;
 pub mod testbed;

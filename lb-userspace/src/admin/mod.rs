@@ -876,6 +876,13 @@ pub fn handover(socket: &Path) -> Result<Option<Handover>, AdminError> {
 /// Each error names the step that failed (creating the directory, binding...); the caller
 /// names the socket.
 pub fn bind(socket: &Path) -> std::io::Result<UnixListener> {
+    bind_within(socket, BIND_LOCK_WAIT)
+}
+
+/// Like [`bind`], waiting at most `lock_wait` (rather than [`BIND_LOCK_WAIT`]) for the lock
+/// beside the socket: the controller, trying again from its loop to serve an admin socket it
+/// lost, must not stop balancing health verdicts and scrapes for seconds at each try.
+pub fn bind_within(socket: &Path, lock_wait: Duration) -> std::io::Result<UnixListener> {
     if let Some(dir) = socket.parent()
         && !dir.exists()
     {
@@ -884,7 +891,7 @@ pub fn bind(socket: &Path) -> std::io::Result<UnixListener> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(step(format!("making its directory {} root-only", dir.display())))?;
     }
-    let _lock = BindLock::take(socket)?;
+    let _lock = BindLock::take(socket, lock_wait)?;
     match std::fs::symlink_metadata(socket) {
         Ok(m) if !m.file_type().is_socket() => {
             return Err(std::io::Error::new(
@@ -932,17 +939,18 @@ struct BindLock {
     path: PathBuf,
 }
 
-/// How long [`BindLock::take`] waits for another start to finish binding (microseconds, unless
-/// that process is stopped or hung).
-const BIND_LOCK_WAIT: Duration = Duration::from_secs(5);
+/// How long [`bind`] waits for another start to finish binding (microseconds, unless that
+/// process is stopped or hung).
+pub const BIND_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 impl BindLock {
-    fn take(socket: &Path) -> std::io::Result<BindLock> {
+    /// Takes the lock, waiting at most `wait` for another holder to let it go.
+    fn take(socket: &Path, wait: Duration) -> std::io::Result<BindLock> {
         use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         let mut name = socket.as_os_str().to_owned();
         name.push(".lock");
         let path = PathBuf::from(name);
-        let until = std::time::Instant::now() + BIND_LOCK_WAIT;
+        let until = std::time::Instant::now() + wait;
         loop {
             let file = std::fs::OpenOptions::new()
                 .read(true)
@@ -963,11 +971,15 @@ impl BindLock {
                     continue;
                 }
                 Err(std::fs::TryLockError::WouldBlock) => {
+                    let held = if wait.is_zero() {
+                        "holds it".to_owned()
+                    } else {
+                        format!("has held it for {} ms", wait.as_millis())
+                    };
                     return Err(lock_err(
                         &path,
                         format!(
-                            "another edgelb has held it for {} s, binding the admin socket (stopped or hung?)",
-                            BIND_LOCK_WAIT.as_secs()
+                            "another edgelb {held}, binding the admin socket (stopped or hung?)"
                         ),
                     ));
                 }
@@ -1033,6 +1045,15 @@ impl Serving {
         }
         let _ = self.thread.join();
         true
+    }
+
+    /// Why the thread ended, once it has ([`Serving::stopped`]): it ends by itself only if it
+    /// panicked, and the controller says so with the panic's message when it finds it gone.
+    pub fn ended(self) -> String {
+        match self.thread.join() {
+            Ok(()) => "its thread ended".into(),
+            Err(payload) => format!("its thread panicked: {}", crate::panic_message(&*payload)),
+        }
     }
 }
 

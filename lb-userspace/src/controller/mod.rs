@@ -206,6 +206,10 @@ struct Controller {
     verdicts: Verdicts,
     /// The admin socket's serving thread.
     admin: Option<admin::Serving>,
+    /// When the admin socket is not served though it should be (its thread ended, or binding
+    /// it again after an abandoned handover failed): when it is tried next
+    /// ([`Controller::keep_admin_served`]).
+    admin_retry: Option<Retry>,
     /// The metrics endpoint's listening socket, to hand over to `edgelb run --takeover`.
     metrics_socket: Option<(std::net::SocketAddr, std::net::TcpListener)>,
     /// The metrics endpoint being served: stopped once a takeover's new process serves, so
@@ -233,6 +237,42 @@ struct Controller {
     /// What the kernel last said of the interfaces' MTUs, GRO and gateways
     /// ([`links::LinkWatch`]).
     links: links::LinkWatch,
+}
+
+/// The first wait before the admin socket, not served, is bound again: the controller's
+/// periodic work ([`Controller::keep_admin_served`]) tries it at most this often at first...
+const ADMIN_RETRY_FIRST: Duration = Duration::from_secs(1);
+
+/// ...doubling the wait after each failure up to this: once whatever kept it from binding
+/// (the lock beside it held, its directory gone) passes, `edgelb status` answers again within
+/// seconds, and a cause that stays costs a try every few seconds, each bounded by
+/// [`ADMIN_RETRY_LOCK_WAIT`].
+const ADMIN_RETRY_LONGEST: Duration = Duration::from_secs(8);
+
+/// How long a try from the controller's loop waits for the lock beside the admin socket:
+/// briefly (another start holds it microseconds), as the loop also applies health verdicts and
+/// answers scrapes and signals.
+const ADMIN_RETRY_LOCK_WAIT: Duration = Duration::from_millis(50);
+
+/// When something that failed is tried again, and the wait before that try (doubled by each
+/// further failure).
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    at: Instant,
+    wait: Duration,
+}
+
+impl Retry {
+    /// The first try, [`ADMIN_RETRY_FIRST`] from now.
+    fn first() -> Retry {
+        Retry { at: Instant::now() + ADMIN_RETRY_FIRST, wait: ADMIN_RETRY_FIRST }
+    }
+
+    /// The next try after one that failed: twice the wait, up to [`ADMIN_RETRY_LONGEST`].
+    fn again(self) -> Retry {
+        let wait = (self.wait * 2).min(ADMIN_RETRY_LONGEST);
+        Retry { at: Instant::now() + wait, wait }
+    }
 }
 
 /// The first wait before a lost interface that could not be attached again is tried again on
@@ -317,6 +357,8 @@ fn needs_a_capability(e: &DataplaneError) -> bool {
 /// takeover. With `takeover`, an edgelb already running with the same admin socket hands over
 /// its listening sockets and the data plane first (see [`Request::Handover`]).
 pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
+    // Before any thread starts: a panic anywhere is logged (in the log's format) and counted.
+    crate::panics::install_hook();
     // Sockets from the service manager (socket activation) are taken first, so that they have an
     // owner whatever happens next.
     let mut inherited = crate::proxy::inherited::Inherited::from_env()?;
@@ -498,6 +540,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         proxy: None,
         verdicts: Verdicts::default(),
         admin: None,
+        admin_retry: None,
         metrics_socket,
         metrics_serving: None,
         checks_missing: 0,
@@ -1208,21 +1251,68 @@ impl Controller {
 
     /// After an abandoned handover: the admin socket again (a fresh listener and thread; the
     /// old one was stopped when the path was handed on) and the health checks. The maps were
-    /// not touched, so what this controller wrote is still what they hold.
+    /// not touched, so what this controller wrote is still what they hold. An admin socket
+    /// that cannot be bound now is tried again from the serving loop
+    /// ([`Controller::keep_admin_served`]), and the log says it is not served meanwhile.
     fn take_back(&mut self) {
         let path = self.cfg.node.admin_socket.clone();
+        let served = match self.serve_admin(admin::BIND_LOCK_WAIT) {
+            Ok(()) => true,
+            Err(e) => {
+                error!(admin = %path.display(), error = %e, "taking the admin socket back failed; trying again every {} s to {} s (meanwhile SIGHUP reloads and SIGTERM stops this edgelb)", ADMIN_RETRY_FIRST.as_secs(), ADMIN_RETRY_LONGEST.as_secs());
+                self.admin_retry = Some(Retry::first());
+                false
+            }
+        };
+        self.reconcile_checks();
+        if served {
+            info!(checks = self.checker.len(), admin = %path.display(), "edgelb running again");
+        } else {
+            warn!(checks = self.checker.len(), admin = %path.display(), "edgelb running again, but its admin socket is not served yet: `edgelb status`, `reload` and `stop` cannot reach it until it is");
+        }
+    }
+
+    /// Binds the admin socket (waiting at most `lock_wait` for the lock beside it) and serves
+    /// it from a fresh thread, whose requests this controller takes from now on. The error
+    /// names the step that failed.
+    fn serve_admin(&mut self, lock_wait: Duration) -> std::io::Result<()> {
         let (tx, rx) = mpsc::channel();
-        match admin::bind(&path).and_then(|l| admin::serve(l, tx)) {
-            Ok(serving) => {
-                self.admin = Some(serving);
-                self.admin_rx = rx;
+        let serving = admin::bind_within(&self.cfg.node.admin_socket, lock_wait)
+            .and_then(|l| admin::serve(l, tx))?;
+        self.admin = Some(serving);
+        self.admin_rx = rx;
+        Ok(())
+    }
+
+    /// Keeps the admin socket served, from the serving loop's periodic work. An admin thread
+    /// found ended is said once, with why (it ends by itself only by a panic: a thread stopped
+    /// on purpose, at a handover, is taken away first); then, as after a take-back that could
+    /// not bind it, the socket is bound and served again, tried [`ADMIN_RETRY_FIRST`] later,
+    /// then at waits doubling up to [`ADMIN_RETRY_LONGEST`], and said once when it is served
+    /// again. Without it `edgelb status`, `reload` and `stop` could not reach this process
+    /// until a restart (signals still could).
+    fn keep_admin_served(&mut self) {
+        let path = self.cfg.node.admin_socket.clone();
+        if self.admin.as_ref().is_some_and(admin::Serving::stopped) {
+            let why = self.admin.take().map(admin::Serving::ended).unwrap_or_default();
+            error!(admin = %path.display(), reason = %why, "the admin socket is no longer served: `edgelb status`, `reload` and `stop` cannot reach this edgelb until it is bound again (tried every {} s to {} s; meanwhile SIGHUP reloads and SIGTERM stops it)", ADMIN_RETRY_FIRST.as_secs(), ADMIN_RETRY_LONGEST.as_secs());
+            self.admin_retry = Some(Retry::first());
+        }
+        let Some(retry) = self.admin_retry else { return };
+        if Instant::now() < retry.at {
+            return;
+        }
+        match self.serve_admin(ADMIN_RETRY_LOCK_WAIT) {
+            Ok(()) => {
+                info!(admin = %path.display(), "the admin socket is served again");
+                self.admin_retry = None;
             }
             Err(e) => {
-                error!(admin = %path.display(), error = %e, "taking the admin socket back failed; SIGTERM still stops this edgelb")
+                let next = retry.again();
+                tracing::debug!(admin = %path.display(), error = %e, "binding the admin socket again failed; next try in {} s", next.wait.as_secs());
+                self.admin_retry = Some(next);
             }
         }
-        self.reconcile_checks();
-        info!(checks = self.checker.len(), admin = %path.display(), "edgelb running again");
     }
 
     /// Takes in at most `max` of the health events waiting (and writes the maps if one changed
@@ -1480,12 +1570,20 @@ impl Controller {
                         return exit;
                     }
                 }
-                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {}
+                Err(RecvTimeoutError::Timeout) => {}
+                // No admin thread sends any more (it ended, or the socket could not be bound
+                // again): the wait is taken here, as `recv_timeout` returns at once on a
+                // channel without senders and the loop would spin a core. The socket is bound
+                // again below.
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
             }
             self.answer_scrapes();
             if self.sample_when_due() {
+                self.keep_admin_served();
                 self.watch_links();
-                if self.checks_missing > 0 {
+                // Checks that could not start, and checks whose thread died (a panic), are
+                // started (again).
+                if self.checks_missing > 0 || self.checker.any_ended() {
                     self.reconcile_checks();
                 }
                 self.look_for_lost_interfaces();

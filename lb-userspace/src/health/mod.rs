@@ -115,9 +115,11 @@ impl Stop {
 
 struct Running {
     stop: Arc<Stop>,
-    /// Never joined: once stopped, the thread ends within a [`probe::SLICE`] (a probe in flight
-    /// gives up at its next look at the stop), and nothing waits on it.
-    _thread: JoinHandle<()>,
+    /// Never joined once stopped: the thread ends within a [`probe::SLICE`] (a probe in flight
+    /// gives up at its next look at the stop), and nothing waits on it. One that ends while it
+    /// runs (a panic) is found by [`Checker::any_ended`], joined for its message and started
+    /// again by [`Checker::reconcile`].
+    thread: JoinHandle<()>,
     id: u64,
 }
 
@@ -184,7 +186,28 @@ impl Checker {
     ///
     /// The backends `cfg` no longer checks leave the "no route" set ([`NoRoute`]), so that a
     /// VIP removed and added back is told again.
+    ///
+    /// A check whose thread ended by itself (a panic: a running check's thread ends otherwise
+    /// only once stopped, and a stopped one leaves the set at once) is said, with the panic's
+    /// message, and started again as a new check, from the controller's verdict like any new
+    /// one: its backend's verdict stayed frozen while no probe ran. The controller calls this
+    /// within a second of such an end ([`Checker::any_ended`]).
     pub fn reconcile(&mut self, cfg: &Config, down: impl Fn(&str, SocketAddr) -> bool) -> usize {
+        let ended: Vec<Target> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.thread.is_finished())
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in ended {
+            let Some(r) = self.running.remove(&t) else { continue };
+            self.current.remove(&r.id);
+            let why = match r.thread.join() {
+                Ok(()) => "its thread ended".to_owned(),
+                Err(p) => format!("its thread panicked: {}", crate::panic_message(&*p)),
+            };
+            tracing::error!(vip = %t.vip, backend = %t.backend, reason = %why, "a health check stopped by itself; starting it again from the controller's verdict");
+        }
         let wanted = targets(cfg);
         let keep: HashSet<&Target> = wanted.iter().collect();
         let checked: HashSet<(&str, SocketAddr)> =
@@ -222,7 +245,7 @@ impl Checker {
                 Ok(thread) => {
                     self.next_id += 1;
                     self.current.insert(id);
-                    self.running.insert(t, Running { stop, _thread: thread, id });
+                    self.running.insert(t, Running { stop, thread, id });
                 }
                 Err(e) => {
                     failed += 1;
@@ -245,6 +268,13 @@ impl Checker {
     /// Whether `check` (a [`HealthEvent::check`]) still runs: false for a check stopped since.
     pub fn is_current(&self, check: u64) -> bool {
         self.current.contains(&check)
+    }
+
+    /// Whether the thread of a running check has ended (a panic: see [`Checker::reconcile`],
+    /// which starts it again). The controller looks every second: a check found dead no
+    /// longer probes, and its backend's verdict stays as it was, "up" maybe, for good.
+    pub fn any_ended(&self) -> bool {
+        self.running.values().any(|r| r.thread.is_finished())
     }
 
     /// Number of running checks.
@@ -395,6 +425,8 @@ fn run(
     let mut next = Instant::now() + offset;
     while stop.sleep_until(next) {
         next += interval;
+        #[cfg(test)]
+        tests::fault(&t);
         let result = probe::probe(&t.check, addr, &|| stop.raised());
         if stop.raised() {
             return; // reconciled away during the probe: its result is for a check that is gone
@@ -444,6 +476,57 @@ fn run(
 mod tests {
     use super::*;
     use crate::config::CheckKind;
+
+    /// Test-only fault (compiled into unit tests only): the backends whose check panics at its
+    /// next probe, once each.
+    static PANIC_AT_NEXT_PROBE: Mutex<Vec<SocketAddr>> = Mutex::new(Vec::new());
+
+    /// Panics if a fault is armed for `t`'s backend ([`PANIC_AT_NEXT_PROBE`]), disarming it.
+    pub(super) fn fault(t: &Target) {
+        let mut armed = PANIC_AT_NEXT_PROBE.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(i) = armed.iter().position(|b| *b == t.backend) {
+            armed.swap_remove(i);
+            drop(armed);
+            panic!("test fault: the health check of {} panics", t.backend);
+        }
+    }
+
+    /// A check whose thread dies (a panic) is found ([`Checker::any_ended`]) and started again
+    /// by the next reconcile, under a new id, and probes again. It used to stay dead, leaving its
+    /// backend's verdict as it was for good.
+    #[test]
+    fn a_check_that_panics_is_started_again() {
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = backend.local_addr().unwrap();
+        let text = format!(
+            "[node]\ninterfaces = [\"lo\"]\n[[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = 80\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n[vip.health]\ninterval_ms = 30\ntimeout_ms = 30\nfall = 1\n",
+            addr.port()
+        );
+        let cfg = Config::parse(&text, "t.toml".as_ref()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut checker = Checker::new(tx);
+        assert_eq!(checker.reconcile(&cfg, |_, _| false), 0);
+        let first = rx.recv_timeout(Duration::from_secs(2)).expect("a first probe").check;
+        PANIC_AT_NEXT_PROBE.lock().unwrap().push(addr);
+        let until = Instant::now() + Duration::from_secs(5);
+        while !checker.any_ended() {
+            assert!(Instant::now() < until, "the check never panicked");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(checker.reconcile(&cfg, |_, _| false), 0);
+        assert_eq!(checker.len(), 1);
+        assert!(!checker.is_current(first), "the dead check's events are stale");
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let ev = rx.recv_timeout(left).expect("the check probes again");
+            if ev.check != first {
+                assert!(checker.is_current(ev.check) && ev.healthy, "{ev:?}");
+                break;
+            }
+        }
+        assert!(!checker.any_ended());
+    }
 
     /// An L7 VIP's backends are checked on their own ports, each on its own: one address on two
     /// ports, one of them closed, gives one verdict per port.

@@ -309,6 +309,13 @@ impl Metrics {
              unless known down) while no probe runs",
             checks_missing.clone(),
         );
+        registry.register(
+            "edgelb_panics",
+            "Panics of any edgelb thread since the process started, a connection task's \
+             included (the proxy closes that connection and goes on): each is logged as an \
+             error with the thread, the place and the message; any is a bug to report",
+            crate::panics::counter(),
+        );
         let l7 = crate::proxy::L7Metrics::register(&mut registry);
         Metrics {
             checks_missing,
@@ -786,6 +793,14 @@ mod tests {
         assert_eq!(missing(&m), Some(3));
         m.checks_missing(0);
         assert_eq!(missing(&m), Some(0));
+    }
+
+    /// Panics are counted from the start, at 0 in a scrape before the first (lib tests install
+    /// no hook: nothing counts here).
+    #[test]
+    fn panics_are_exported_at_zero() {
+        let text = Metrics::new().encode();
+        assert!(text.lines().any(|l| l == "edgelb_panics_total 0"), "{text}");
     }
 
     /// After a reload, the series of the backends and VIPs it removed are gone (health checks

@@ -110,8 +110,12 @@ pub fn serve_with(
     };
     let (stop, stopping) = watch::channel(false);
     let (release, released) = std::sync::mpsc::channel();
+    // A panic outside a connection's task ends the process (`panics::or_exit`): scrapes would
+    // otherwise go unanswered with nothing said.
     std::thread::Builder::new().name("metrics".into()).spawn(move || {
-        rt.block_on(accept_loop(listener, to_controller, client_timeout, stopping, release));
+        crate::panics::or_exit("metrics", || {
+            rt.block_on(accept_loop(listener, to_controller, client_timeout, stopping, release))
+        });
     })?;
     Ok(Serving { stop, released })
 }

@@ -925,7 +925,11 @@ impl Proxy {
                 .spawn(move || match tokio_uring::Runtime::new(&uring_runtime()) {
                     Ok(rt) => {
                         let _ = up.send(Ok(()));
-                        rt.block_on(run_thread(socks, shared, t));
+                        // A panic outside the connection tasks (their runtime catches theirs)
+                        // ends the process: see `panics::or_exit`.
+                        crate::panics::or_exit(&format!("l7-{t}"), || {
+                            rt.block_on(run_thread(socks, shared, t))
+                        });
                     }
                     Err(e) => {
                         // Its sockets close with it; the proxy is shut down below.

@@ -1,0 +1,187 @@
+//! Panics made visible in production. Rust's default hook prints a panic as plain lines on
+//! stderr: with `--log-format json` they were the only lines a log pipeline could not parse, a
+//! connection task's panic (which the L7 proxy survives) was seen nowhere else, and nothing
+//! counted them. `edgelb run` installs [`install_hook`]: each panic, in any thread, is one
+//! error in the log (thread, place, message) and counts in `edgelb_panics_total`.
+//!
+//! A panic that ends a long-lived thread whose work nothing else takes up (an L7 proxy thread,
+//! the metrics thread) ends the process ([`or_exit`]), for the service manager to restart it:
+//! a process half alive (a proxy thread's listener left in the `SO_REUSEPORT` group with nobody
+//! accepting on it) is worse than a restart, which keeps XDP forwarding from its pinned links.
+
+use std::{
+    any::Any,
+    panic::Location,
+    sync::{LazyLock, Once},
+};
+
+use prometheus_client::metrics::counter::Counter;
+
+/// Every panic of this process since it started: registered in each [`crate::metrics::Metrics`]
+/// (the hook is one per process, the registry one per controller).
+static PANICS: LazyLock<Counter> = LazyLock::new(Counter::default);
+
+/// The process's panic counter, to register as `edgelb_panics_total`.
+pub fn counter() -> Counter {
+    PANICS.clone()
+}
+
+/// The exit status of `edgelb run` when a long-lived thread panicked ([`or_exit`]): failure,
+/// and not 2 (a bad config, which the systemd unit does not restart), so that
+/// `Restart=on-failure` restarts it. 70 is `EX_SOFTWARE`, an internal error.
+pub const THREAD_PANICKED_EXIT: i32 = 70;
+
+/// Runs `body`, the whole work of long-lived thread `thread` (an L7 proxy thread, the metrics
+/// endpoint's); a panic escaping it ends the process with [`THREAD_PANICKED_EXIT`] after an
+/// error saying so. The thread alone ending would leave the process half alive: a proxy thread's
+/// listener stays in its `SO_REUSEPORT` group (the proxy keeps a descriptor of it to hand over),
+/// so the kernel keeps completing handshakes on it that nobody accepts, and a drain waits its
+/// whole grace for the thread's accept loops; a dead metrics thread leaves scrapes unanswered.
+/// A restart by the service manager instead keeps XDP forwarding from the pinned links
+/// meanwhile, and the next start adopts the data plane. (A connection task's panic is caught by
+/// its runtime and ends that connection only; a health check's is started again by its
+/// [`crate::health::Checker`].)
+pub fn or_exit<T>(thread: &str, body: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(v) => v,
+        Err(payload) => {
+            let message = crate::panic_message(&*payload);
+            tracing::error!(
+                thread,
+                panic = message,
+                "thread `{thread}` panicked and nothing else does its work: edgelb exits (status {THREAD_PANICKED_EXIT}) for the service manager to restart it; XDP keeps forwarding from the pinned links meanwhile, and the next start adopts the data plane"
+            );
+            std::process::exit(THREAD_PANICKED_EXIT)
+        }
+    }
+}
+
+/// Installs the panic hook of `edgelb run` (once; later calls do nothing): each panic is logged
+/// as an error through `tracing` ([`on_panic`]) and counted. The previous hook (Rust's, which
+/// prints to stderr) runs only while no `tracing` subscriber is set up, so that a panic is never
+/// said twice, nor lost.
+pub fn install_hook() {
+    static INSTALLED: Once = Once::new();
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let thread = std::thread::current();
+            on_panic(thread.name(), info.location(), info.payload(), &PANICS);
+            if !tracing::dispatcher::has_been_set() {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// Counts a panic of thread `thread` (its name, if it has one) at `location` in `counter` and
+/// logs it as one error with the panic's message (and a backtrace when `RUST_BACKTRACE` asks
+/// for one, as Rust's own hook would print).
+fn on_panic(
+    thread: Option<&str>,
+    location: Option<&Location<'_>>,
+    payload: &(dyn Any + Send),
+    counter: &Counter,
+) {
+    counter.inc();
+    let thread = thread.unwrap_or("<unnamed>");
+    let location = location.map(|l| l.to_string()).unwrap_or_else(|| "<unknown>".to_owned());
+    let message = crate::panic_message(payload);
+    let backtrace = std::backtrace::Backtrace::capture();
+    if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+        tracing::error!(thread, location, panic = message, %backtrace, "a thread panicked (a bug: please report it)");
+    } else {
+        tracing::error!(
+            thread,
+            location,
+            panic = message,
+            "a thread panicked (a bug: please report it)"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::Write,
+        sync::{Arc, Mutex},
+        time::Duration,
+    };
+
+    use super::*;
+
+    /// A long-lived thread whose body panics ends the process with [`THREAD_PANICKED_EXIT`],
+    /// saying so, instead of leaving it half alive. Run in a child (this test binary again, this
+    /// test only), which the panic ends.
+    #[test]
+    fn a_long_lived_thread_that_panics_ends_the_process() {
+        const CHILD: &str = "EDGELB_TEST_THREAD_PANIC";
+        if std::env::var_os(CHILD).is_none() {
+            let exe = std::env::current_exe().expect("the test binary's path");
+            let name = "panics::tests::a_long_lived_thread_that_panics_ends_the_process";
+            let out = std::process::Command::new(exe)
+                .args([name, "--exact", "--nocapture", "--test-threads=1"])
+                .env(CHILD, "1")
+                .output()
+                .expect("run the test binary again");
+            let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(THREAD_PANICKED_EXIT), "{said}");
+            assert!(
+                said.contains("thread `l7-0` panicked and nothing else does its work"),
+                "{said}"
+            );
+            assert!(said.contains("test fault"), "{said}");
+            return;
+        }
+        let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).try_init();
+        let thread = std::thread::Builder::new()
+            .name("l7-0".into())
+            .spawn(|| or_exit("l7-0", || panic!("test fault")))
+            .unwrap();
+        let _ = thread.join();
+        // Only without the policy: the process lives on, half alive, and the test ends well,
+        // which the parent sees as a failure.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    /// A panic is one error line naming the thread, the place and the message, in JSON too
+    /// (the format a log pipeline parses), and it counts.
+    #[test]
+    fn a_panic_is_logged_as_one_error_and_counted() {
+        #[derive(Clone, Default)]
+        struct Log(Arc<Mutex<Vec<u8>>>);
+        impl Write for Log {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let log = Log::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || writer.clone())
+            .finish();
+        let counter = Counter::default();
+        let payload = std::panic::catch_unwind(|| panic!("boom {}", 42)).unwrap_err();
+        let location = Location::caller();
+        tracing::subscriber::with_default(subscriber, || {
+            on_panic(Some("l7-0"), Some(location), &*payload, &counter);
+        });
+        assert_eq!(counter.get(), 1);
+        let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 1, "{log}");
+        let line: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON line");
+        assert_eq!(line["level"], "ERROR", "{log}");
+        assert_eq!(line["fields"]["thread"], "l7-0", "{log}");
+        assert_eq!(line["fields"]["panic"], "boom 42", "{log}");
+        assert!(line["fields"]["message"].as_str().unwrap_or_default().contains("panicked"));
+        let at = line["fields"]["location"].as_str().unwrap_or_default();
+        assert!(at.starts_with("lb-userspace/src/panics.rs:"), "{log}");
+    }
+}
