@@ -2524,6 +2524,9 @@ fn a_reload_short_of_entries_reduces_only_the_vips_it_needs() {
     let cfg = full_of(&pools);
     let r = dp.apply(&cfg).expect("one entry short, applied in two passes");
     assert_eq!((r.backends_added, r.backends_removed), (127, 127), "{r:?}");
+    // v2's entry, rewritten in both passes, counts once; the words say there were two.
+    assert!(r.two_passes && r.vips_updated == 3, "{r:?}");
+    assert!(r.to_string().ends_with("(applied in two passes; the counts cover both)"), "{r}");
     rings_name_only_live_entries(&dp, &cfg, "one entry short");
     assert_eq!(base(&dp, &cfg, 2), before[2], "v2 got a reduced ring, then its whole one");
     assert_ne!(base(&dp, &cfg, 0), before[0], "v0 was left alone in the first pass");
@@ -2548,7 +2551,8 @@ fn a_reload_short_of_entries_reduces_only_the_vips_it_needs() {
     );
     assert_eq!(maps_of(&dp, &cfg), untouched, "the refused file wrote nothing");
     let before3 = base(&dp, &cfg, 3);
-    dp.apply(&half).expect("v3 keeps half: applied in two passes");
+    let r = dp.apply(&half).expect("v3 keeps half: applied in two passes");
+    assert!(r.two_passes && r.vips_updated == 2, "v3 and v31: {r:?}");
     rings_name_only_live_entries(&dp, &half, "v3 keeping half");
     assert_eq!(base(&dp, &half, 3), before3, "v3 got a reduced ring, then its whole one");
 }

@@ -440,7 +440,7 @@ pub struct ApplyReport {
     pub vips_added: usize,
     /// VIPs removed.
     pub vips_removed: usize,
-    /// VIP entries (re)published.
+    /// VIP entries (re)published; one rewritten in both passes of a two-pass apply counts once.
     pub vips_updated: usize,
     /// Backends added.
     pub backends_added: usize,
@@ -452,6 +452,10 @@ pub struct ApplyReport {
     pub backends_parked: usize,
     /// Parked backends back in their pool.
     pub backends_restored: usize,
+    /// Applied in two passes, short of backend entries (see [`Dataplane::apply_keeping`]). The
+    /// counts cover both (a ring slot written in each counts twice, a VIP entry once), and the
+    /// words say so: the reply to a reload explains its numbers.
+    pub two_passes: bool,
 }
 
 impl ApplyReport {
@@ -483,7 +487,11 @@ impl std::fmt::Display for ApplyReport {
         .filter(|(n, _, _)| *n > 0)
         .map(|(n, one, many)| format!("{n} {}", if n == 1 { one } else { many }))
         .collect();
-        f.write_str(&parts.join(", "))
+        f.write_str(&parts.join(", "))?;
+        if self.two_passes {
+            f.write_str(" (applied in two passes; the counts cover both)")?;
+        }
+        Ok(())
     }
 }
 
@@ -499,6 +507,7 @@ impl std::ops::AddAssign for ApplyReport {
         self.backends_updated += other.backends_updated;
         self.backends_parked += other.backends_parked;
         self.backends_restored += other.backends_restored;
+        self.two_passes |= other.two_passes;
     }
 }
 
@@ -1461,8 +1470,10 @@ impl Dataplane {
         let room = self.room(cfg, &live_keys, &gone)?;
         // VIP indices freed by removals, an earlier pass's included (see step 0 of `write`).
         let mut freed = BTreeSet::new();
+        // VIP entries rewritten, an earlier pass's included (counted once).
+        let mut rewritten = HashSet::new();
         if room.needed <= room.free {
-            return self.write(cfg, configured, None, &mut freed);
+            return self.write(cfg, configured, None, &mut freed, &mut rewritten);
         }
         let first = self.freeing_pass(cfg, configured, room.needed - room.free);
         if room.needed > room.free + first.leaving {
@@ -1475,9 +1486,15 @@ impl Dataplane {
             reduced = first.cfg.vips.len() - first.frozen.len(),
             "backend entries short until those leaving their VIPs are retired: applying in two passes"
         );
-        let mut report =
-            self.write(&first.cfg, &first.configured, Some(&first.frozen), &mut freed)?;
-        report += self.write(cfg, configured, None, &mut freed)?;
+        let mut report = self.write(
+            &first.cfg,
+            &first.configured,
+            Some(&first.frozen),
+            &mut freed,
+            &mut rewritten,
+        )?;
+        report += self.write(cfg, configured, None, &mut freed, &mut rewritten)?;
+        report.two_passes = true;
         Ok(report)
     }
 
@@ -1565,13 +1582,15 @@ impl Dataplane {
     /// for the first pass of two (see [`Dataplane::freeing_pass`]) it names the VIPs left as
     /// they are (their VIP entry, ring and backend entries), and the node-wide settings and VIP
     /// addresses are left to the second pass. `freed` gathers the VIP indices this apply's
-    /// passes freed.
+    /// passes freed, `rewritten` the VIPs whose entry they rewrote (each counted once in the
+    /// reports).
     fn write(
         &mut self,
         cfg: &Config,
         configured: &Config,
         frozen: Option<&HashSet<VipKey>>,
         freed: &mut BTreeSet<u32>,
+        rewritten: &mut HashSet<VipKey>,
     ) -> Result<ApplyReport, DataplaneError> {
         let mut report = ApplyReport::default();
         let live_keys: Vec<VipKey> = cfg.vips.iter().map(vip_key).collect();
@@ -1757,7 +1776,9 @@ impl Dataplane {
             if meta != slot.meta {
                 self.maps.put_vip(&key, &meta)?;
                 slot.meta = meta;
-                report.vips_updated += 1;
+                if rewritten.insert(key) {
+                    report.vips_updated += 1;
+                }
             }
             // Only now: had the VIP entry's write failed, packets would still read the other
             // region, and a view that took this one for live would write the next ring into
