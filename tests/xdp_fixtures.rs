@@ -2484,6 +2484,79 @@ fn a_full_config_can_swap_and_move_backends() {
     assert!(r.is_empty(), "the running config is whole in the maps: {r:?}");
 }
 
+/// A reload short of backend entries gives reduced rings (the first of its two passes) to as
+/// few VIPs as make the room, those with the most leavers first, and never to one whose kept
+/// backends carry less than half of its new pool's weight: between the passes that VIP's new
+/// flows would all land on what it keeps, and the connection table would keep them there. A
+/// VIP's entry names the other ring region each time a new ring is published: a VIP given a
+/// reduced ring and then its whole one is back in the region it started in, one left alone in
+/// the first pass is in the other. When only such VIPs could make the room, the reload is
+/// refused before anything is written.
+#[test]
+fn a_reload_short_of_entries_reduces_only_the_vips_it_needs() {
+    if !require_privileged("a_reload_short_of_entries_reduces_only_the_vips_it_needs") {
+        return;
+    }
+    // 31 VIPs of 128 backends and v31 of 2: 126 entries free.
+    let mut pools: Vec<Vec<String>> = (0..32u16)
+        .map(|v| (0..128u16).map(|b| format!("198.18.{}.{}", 8 + v, 1 + b)).collect())
+        .collect();
+    pools[31].truncate(2);
+    let mut dp = Dataplane::load(None).unwrap();
+    let cfg = full_of(&pools);
+    dp.apply(&cfg).unwrap();
+    let base = |dp: &Dataplane, cfg: &Config, v: usize| {
+        dp.maps().vips_v4.get(&vip_key(&cfg.vips[v]).v4(), 0).expect("the VIP's entry").ring_base
+    };
+    let before: Vec<u32> = (0..3).map(|v| base(&dp, &cfg, v)).collect();
+
+    // One entry short: 127 new (v0 swaps 1 backend, v2 swaps 2, v1 swaps 124 of 128), 126 free.
+    // v2's two leavers make the room; v0 is not needed, and v1 keeps 4/128 of its weight.
+    // The first `n` backends of `pool` get addresses in 198.18.`net`.0/24.
+    let swap = |pool: &mut Vec<String>, n: usize, net: u8| {
+        for (b, a) in pool.iter_mut().take(n).enumerate() {
+            *a = format!("198.18.{net}.{}", 1 + b);
+        }
+    };
+    swap(&mut pools[0], 1, 42);
+    swap(&mut pools[2], 2, 44);
+    swap(&mut pools[1], 124, 43);
+    let cfg = full_of(&pools);
+    let r = dp.apply(&cfg).expect("one entry short, applied in two passes");
+    assert_eq!((r.backends_added, r.backends_removed), (127, 127), "{r:?}");
+    // v2's entry, rewritten in both passes, counts once; the words say there were two.
+    assert!(r.two_passes && r.vips_updated == 3, "{r:?}");
+    assert!(r.to_string().ends_with("(applied in two passes; the counts cover both)"), "{r}");
+    rings_name_only_live_entries(&dp, &cfg, "one entry short");
+    assert_eq!(base(&dp, &cfg, 2), before[2], "v2 got a reduced ring, then its whole one");
+    assert_ne!(base(&dp, &cfg, 0), before[0], "v0 was left alone in the first pass");
+    assert_ne!(base(&dp, &cfg, 1), before[1], "v1 (4/128 kept) never got a reduced ring");
+
+    // 190 new (v31 grows by 126, v3 swaps 64 of 128), 126 free: v3 keeps exactly half of its
+    // weight, and its 64 leavers make the room.
+    pools[31] = (0..128u16).map(|b| format!("198.18.39.{}", 1 + b)).collect();
+    swap(&mut pools[3], 64, 45);
+    let half = full_of(&pools);
+    // Before that, v3 swapping 65 (63/128 kept): only v3 could make the room, and may not.
+    swap(&mut pools[3], 65, 45);
+    let low = full_of(&pools);
+    let untouched = maps_of(&dp, &cfg);
+    let e = dp.apply(&low).expect_err("only a VIP keeping under half could free").to_string();
+    assert!(
+        e.contains("4096 backend entries")
+            && e.contains("needs 191 new")
+            && e.contains("with 126 free")
+            && e.contains("less than half"),
+        "{e}"
+    );
+    assert_eq!(maps_of(&dp, &cfg), untouched, "the refused file wrote nothing");
+    let before3 = base(&dp, &cfg, 3);
+    let r = dp.apply(&half).expect("v3 keeps half: applied in two passes");
+    assert!(r.two_passes && r.vips_updated == 2, "v3 and v31: {r:?}");
+    rings_name_only_live_entries(&dp, &half, "v3 keeping half");
+    assert_eq!(base(&dp, &half, 3), before3, "v3 got a reduced ring, then its whole one");
+}
+
 /// A ring slot naming a present backend of another VIP places no flow: the packet is dropped
 /// as having no backend. A packet whose VIP lookup answered just before a reload removed its
 /// VIP reads the removed VIP's ring, and the reload retires that VIP's backend ids first and may

@@ -747,7 +747,26 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, AdminError> {
             "closed without answering: did the controller exit? (see its log)".into(),
         ));
     }
-    serde_json::from_str(&answer).map_err(|e| fail(format!("bad answer {answer:?}: {e}")))
+    serde_json::from_str(&answer).map_err(|e| fail(bad_answer(&answer, &e)))
+}
+
+/// The most of an answer that cannot be read that [`bad_answer`] quotes: enough to see what
+/// answered, while a handover answer may be 64 MiB ([`MAX_HANDOVER_ANSWER`]) and the error is
+/// one line of a log or a terminal.
+const BAD_ANSWER_QUOTED: usize = 1024;
+
+/// Why an answer could not be read, quoting its first [`BAD_ANSWER_QUOTED`] bytes (cut on a
+/// character boundary) and giving its length.
+fn bad_answer(answer: &str, e: &serde_json::Error) -> String {
+    let mut end = answer.len().min(BAD_ANSWER_QUOTED);
+    while !answer.is_char_boundary(end) {
+        end -= 1;
+    }
+    if end == answer.len() {
+        format!("bad answer {answer:?}: {e}")
+    } else {
+        format!("bad answer of {} bytes, starting {:?}…: {e}", answer.len(), &answer[..end])
+    }
 }
 
 /// How long a CLI command waits for the controller's answer.
@@ -840,7 +859,7 @@ pub fn handover(socket: &Path) -> Result<Option<Handover>, AdminError> {
     }
     let answer = String::from_utf8_lossy(&answer);
     let resp: Response =
-        serde_json::from_str(&answer).map_err(|e| fail(format!("bad answer {answer:?}: {e}")))?;
+        serde_json::from_str(&answer).map_err(|e| fail(bad_answer(&answer, &e)))?;
     if !resp.ok {
         return Err(fail(format!("handover refused: {}", resp.message)));
     }
@@ -1631,6 +1650,42 @@ mod tests {
         assert!(e.contains("longer than 64 MiB") && e.contains("bytes read"), "{e}");
         writer.join().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An answer that cannot be read (2 MiB of anything but JSON, as a confused or hostile
+    /// peer might send, up to the 64 MiB a handover reads) is quoted in the error only in
+    /// part, with its length: the error stays one readable line. A short one is quoted whole.
+    #[test]
+    fn a_long_bad_answer_is_quoted_only_in_part() {
+        let dir = std::env::temp_dir().join(format!("edgelb-admin-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("admin.sock");
+        let _ = std::fs::remove_file(&path);
+        let l = UnixListener::bind(&path).unwrap();
+        // 2 MiB; the 1 KiB cut falls inside an "é", and is made before it.
+        let long = format!("abc{}\n", "é<not json>".repeat((2 << 20) / 12));
+        let answers = [long.clone(), long.clone(), "nope\n".to_string()];
+        let server = std::thread::spawn(move || {
+            for answer in answers {
+                let (mut s, _) = l.accept().unwrap();
+                let mut line = String::new();
+                let _ = BufReader::new(&s).read_line(&mut line);
+                let _ = s.write_all(answer.as_bytes());
+            }
+        });
+        let handed = handover(&path).unwrap_err().to_string();
+        let asked = request(&path, &Request::Status).unwrap_err().to_string();
+        let short = request(&path, &Request::Status).unwrap_err().to_string();
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        for e in [&handed, &asked] {
+            let head: String = e.chars().take(200).collect();
+            assert!(e.len() < 4096, "{} bytes: {head}", e.len());
+            assert!(e.contains(&format!("bad answer of {} bytes", long.len())), "{e}");
+            assert!(e.contains("starting \"abcé<not json>"), "{e}");
+            assert!(e.contains("<not json>\"…"), "cut before the \"é\" it falls in: {e}");
+        }
+        assert!(short.contains("bad answer \"nope\\n\""), "{short}");
     }
 
     /// A client that trickles its request, or sends one and never reads the (long) answer,

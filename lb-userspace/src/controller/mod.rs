@@ -2560,5 +2560,14 @@ mod tests {
             "{}",
             reload_summary(&cfg, &r)
         );
+        // A reload near the backend-entry limit says it was applied in two passes.
+        let r = crate::dataplane::ApplyReport { two_passes: true, vips_updated: 1, ..r };
+        assert!(
+            reload_summary(&cfg, &r).ends_with(
+                "1 VIP entry rewritten, 1 backend added, 300 ring slots written (applied in two passes; the counts cover both); L7 pools, routes and timeouts re-published"
+            ),
+            "{}",
+            reload_summary(&cfg, &r)
+        );
     }
 }

@@ -440,7 +440,7 @@ pub struct ApplyReport {
     pub vips_added: usize,
     /// VIPs removed.
     pub vips_removed: usize,
-    /// VIP entries (re)published.
+    /// VIP entries (re)published; one rewritten in both passes of a two-pass apply counts once.
     pub vips_updated: usize,
     /// Backends added.
     pub backends_added: usize,
@@ -452,6 +452,10 @@ pub struct ApplyReport {
     pub backends_parked: usize,
     /// Parked backends back in their pool.
     pub backends_restored: usize,
+    /// Applied in two passes, short of backend entries (see [`Dataplane::apply_keeping`]). The
+    /// counts cover both (a ring slot written in each counts twice, a VIP entry once), and the
+    /// words say so: the reply to a reload explains its numbers.
+    pub two_passes: bool,
 }
 
 impl ApplyReport {
@@ -483,7 +487,11 @@ impl std::fmt::Display for ApplyReport {
         .filter(|(n, _, _)| *n > 0)
         .map(|(n, one, many)| format!("{n} {}", if n == 1 { one } else { many }))
         .collect();
-        f.write_str(&parts.join(", "))
+        f.write_str(&parts.join(", "))?;
+        if self.two_passes {
+            f.write_str(" (applied in two passes; the counts cover both)")?;
+        }
+        Ok(())
     }
 }
 
@@ -499,6 +507,7 @@ impl std::ops::AddAssign for ApplyReport {
         self.backends_updated += other.backends_updated;
         self.backends_parked += other.backends_parked;
         self.backends_restored += other.backends_restored;
+        self.two_passes |= other.two_passes;
     }
 }
 
@@ -512,13 +521,24 @@ struct Room {
     free: usize,
 }
 
+/// The least share, in percent, of the weight a VIP's pool will have (once the reload is
+/// applied) that the backends it keeps must carry for [`Dataplane::freeing_pass`] to give it a
+/// reduced ring. Between the two passes its new flows, and the leavers' flows re-hashed, all
+/// land on those backends, and the connection table keeps them there after the second pass (a
+/// long-lived UDP flow, syslog or SIP, for as long as it lasts): a VIP keeping 1 of 128
+/// backends would pour a whole pool's new flows onto one. Below half, its reduced ring would
+/// more than double the new flows each kept backend takes, so the VIP is left as it is in the
+/// first pass and its leavers are not counted as room (the reload may then be refused, saying
+/// what to do).
+const FREEING_PASS_MIN_KEPT_WEIGHT_PERCENT: u64 = 50;
+
 /// The first pass of an apply short of backend entries (see [`Dataplane::freeing_pass`]).
 struct FreeingPass {
     /// The effective config of the pass.
     cfg: Config,
     /// The configured one it was made from: its down backends are parked, as in any apply.
     configured: Config,
-    /// VIPs the pass leaves as they are.
+    /// VIPs the pass leaves as they are: every VIP it keeps but those it gives a reduced ring.
     frozen: HashSet<VipKey>,
     /// Backend entries it retires (besides those of the VIPs removed).
     leaving: usize,
@@ -1436,8 +1456,9 @@ impl Dataplane {
     ///
     /// When the maps have room for `cfg`'s new backend entries only once the entries of backends
     /// leaving the VIPs it keeps are retired, it is applied in two passes (see
-    /// `Dataplane::freeing_pass`): first without the leavers and the newcomers, then whole.
-    /// Only when even that leaves too little room is it refused, before anything is written.
+    /// `Dataplane::freeing_pass`): first with as few VIPs as make the room given reduced rings,
+    /// without their leavers (every other VIP left as it is), then whole. Only when even that
+    /// leaves too little room is it refused, before anything is written.
     pub fn apply_keeping(
         &mut self,
         cfg: &Config,
@@ -1449,10 +1470,12 @@ impl Dataplane {
         let room = self.room(cfg, &live_keys, &gone)?;
         // VIP indices freed by removals, an earlier pass's included (see step 0 of `write`).
         let mut freed = BTreeSet::new();
+        // VIP entries rewritten, an earlier pass's included (counted once).
+        let mut rewritten = HashSet::new();
         if room.needed <= room.free {
-            return self.write(cfg, configured, None, &mut freed);
+            return self.write(cfg, configured, None, &mut freed, &mut rewritten);
         }
-        let first = self.freeing_pass(cfg, configured);
+        let first = self.freeing_pass(cfg, configured, room.needed - room.free);
         if room.needed > room.free + first.leaving {
             return Err(short_of_backend_entries(room.needed, room.free + first.leaving));
         }
@@ -1460,30 +1483,45 @@ impl Dataplane {
             needed = room.needed,
             free = room.free,
             leaving = first.leaving,
+            reduced = first.cfg.vips.len() - first.frozen.len(),
             "backend entries short until those leaving their VIPs are retired: applying in two passes"
         );
-        let mut report =
-            self.write(&first.cfg, &first.configured, Some(&first.frozen), &mut freed)?;
-        report += self.write(cfg, configured, None, &mut freed)?;
+        let mut report = self.write(
+            &first.cfg,
+            &first.configured,
+            Some(&first.frozen),
+            &mut freed,
+            &mut rewritten,
+        )?;
+        report += self.write(cfg, configured, None, &mut freed, &mut rewritten)?;
+        report.two_passes = true;
         Ok(report)
     }
 
     /// The first of two passes of [`Dataplane::apply_keeping`], for a config whose new backend
-    /// entries fit only once those of backends leaving the VIPs it keeps are freed. Their
-    /// entries can be freed only once no published ring names them, so this pass publishes
-    /// rings without them: VIPs `cfg` removes are removed; each VIP it keeps gets the backends
-    /// it had that `cfg` still lists (with `cfg`'s weights, VIP settings and down, parked and
-    /// drained backends, decided by the same code as any apply), and no new VIP nor backend is
-    /// added. A VIP for which that leaves no ring (its pool swapped whole, or what remains of it
-    /// all down or drained) keeps its old pool and ring as they are: this pass never leaves a VIP
-    /// without backends, and frees none of its entries.
+    /// entries fit only once `short` entries of backends leaving the VIPs it keeps are freed.
+    /// Their entries can be freed only once no published ring names them, so this pass publishes
+    /// reduced rings without them: VIPs `cfg` removes are removed; a few VIPs it keeps get the
+    /// backends they had that `cfg` still lists (with `cfg`'s weights, VIP settings and down,
+    /// parked and drained backends, decided by the same code as any apply); no new VIP nor
+    /// backend is added, and every other VIP is left as it is (frozen: its VIP entry, ring and
+    /// backend entries), to change in the second pass only.
     ///
-    /// For traffic: the leavers' flows re-hash on their next packet (they would in a single
-    /// pass too: their backend is gone from the file), and new flows of a VIP, between the two
-    /// passes, all land on the backends it keeps, which are alive; the second pass publishes
-    /// the rings with the newcomers. Established flows on kept backends stay where they are
-    /// (the connection table holds them), as in any ring change.
-    fn freeing_pass(&self, cfg: &Config, configured: &Config) -> FreeingPass {
+    /// The VIPs given a reduced ring are as few as free `short` entries: those with the most
+    /// leavers first (in config order among equals). A VIP is never one of them when that
+    /// would leave it without a ring (its pool swapped whole, or what remains all down or
+    /// drained), nor when the backends it keeps (alive, with weight: those its reduced ring
+    /// uses) carry less than [`FREEING_PASS_MIN_KEPT_WEIGHT_PERCENT`] (half) of the weight its
+    /// new pool will have. When those it may involve free fewer than `short`, `leaving` says how
+    /// many they would, and the apply is refused before anything is written.
+    ///
+    /// For traffic, on a VIP given a reduced ring: the leavers' flows re-hash on their next
+    /// packet onto the reduced ring, and the VIP's new flows land there too, on the backends it
+    /// keeps, which are alive; the connection table then keeps those flows where they landed
+    /// after the second pass publishes the ring with the newcomers (as any ring change keeps
+    /// established flows). A VIP with `conntrack = false` has no table: its flows follow the
+    /// ring, and may move twice, onto the reduced ring and then onto the whole one.
+    fn freeing_pass(&self, cfg: &Config, configured: &Config, short: usize) -> FreeingPass {
         let held = |vip: &Vip| {
             let key = vip_key(vip);
             let mut kept = vip.clone();
@@ -1500,24 +1538,43 @@ impl Dataplane {
             frozen: HashSet::new(),
             leaving: 0,
         };
-        for vip in &first.cfg.vips {
-            if vip.forwarding == Forwarding::L7 || vip_ring(vip).is_none_or(|r| r.is_empty()) {
-                first.frozen.insert(vip_key(vip));
-            }
-        }
-        // What the pass retires: the entries of the VIPs it changes that neither config lists.
+        // What a reduced ring retires: the VIP's entries that neither config lists.
         let listed: HashSet<BackendKey> = [cfg, configured]
             .iter()
             .flat_map(|c| c.vips.iter())
             .flat_map(|v| v.backends.iter().map(move |b| (vip_key(v), b.address)))
             .collect();
-        let changed: HashSet<VipKey> =
-            first.cfg.vips.iter().map(vip_key).filter(|k| !first.frozen.contains(k)).collect();
-        first.leaving = self
-            .backend_ids
-            .keys()
-            .filter(|bk| changed.contains(&bk.0) && !listed.contains(bk))
-            .count();
+        let mut leavers: HashMap<VipKey, usize> = HashMap::new();
+        for bk in self.backend_ids.keys().filter(|bk| !listed.contains(bk)) {
+            *leavers.entry(bk.0).or_default() += 1;
+        }
+        let weight = |v: &Vip| v.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>();
+        // `first.cfg`'s VIPs are `cfg`'s kept ones, in the same order.
+        let mut candidates: Vec<(usize, VipKey)> = Vec::new();
+        for (whole, reduced) in cfg.vips.iter().filter(kept).zip(&first.cfg.vips) {
+            let key = vip_key(reduced);
+            let n = leavers.get(&key).copied().unwrap_or(0);
+            let kept_weight = weight(reduced);
+            if n > 0
+                && reduced.forwarding != Forwarding::L7
+                && kept_weight > 0
+                && kept_weight * 100 >= weight(whole) * FREEING_PASS_MIN_KEPT_WEIGHT_PERCENT
+                && vip_ring(reduced).is_some_and(|r| !r.is_empty())
+            {
+                candidates.push((n, key));
+            }
+        }
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
+        let mut reduced = HashSet::new();
+        for (n, key) in candidates {
+            if first.leaving >= short {
+                break;
+            }
+            first.leaving += n;
+            reduced.insert(key);
+        }
+        first.frozen =
+            first.cfg.vips.iter().map(vip_key).filter(|k| !reduced.contains(k)).collect();
         first
     }
 
@@ -1525,13 +1582,15 @@ impl Dataplane {
     /// for the first pass of two (see [`Dataplane::freeing_pass`]) it names the VIPs left as
     /// they are (their VIP entry, ring and backend entries), and the node-wide settings and VIP
     /// addresses are left to the second pass. `freed` gathers the VIP indices this apply's
-    /// passes freed.
+    /// passes freed, `rewritten` the VIPs whose entry they rewrote (each counted once in the
+    /// reports).
     fn write(
         &mut self,
         cfg: &Config,
         configured: &Config,
         frozen: Option<&HashSet<VipKey>>,
         freed: &mut BTreeSet<u32>,
+        rewritten: &mut HashSet<VipKey>,
     ) -> Result<ApplyReport, DataplaneError> {
         let mut report = ApplyReport::default();
         let live_keys: Vec<VipKey> = cfg.vips.iter().map(vip_key).collect();
@@ -1717,7 +1776,9 @@ impl Dataplane {
             if meta != slot.meta {
                 self.maps.put_vip(&key, &meta)?;
                 slot.meta = meta;
-                report.vips_updated += 1;
+                if rewritten.insert(key) {
+                    report.vips_updated += 1;
+                }
             }
             // Only now: had the VIP entry's write failed, packets would still read the other
             // region, and a view that took this one for live would write the next ring into
@@ -2182,12 +2243,12 @@ fn no_room_for_vips() -> DataplaneError {
     DataplaneError::Capacity(format!("more than {MAX_VIPS} VIPs"))
 }
 
-/// The maps have no room for a config's new backend entries, even with every entry its
-/// removals free retired first (see [`Dataplane::freeing_pass`]): what it needs and has, and
-/// what to do.
+/// The maps have no room for a config's new backend entries, even with the entries a first
+/// pass may free retired (see [`Dataplane::freeing_pass`]): what it needs and has, and what to
+/// do.
 fn short_of_backend_entries(needed: usize, free: usize) -> DataplaneError {
     DataplaneError::Capacity(format!(
-        "more than {MAX_BACKENDS} backend entries: this config needs {needed} new backend entries, with {free} free (counting those of the VIPs and backends it removes). A VIP's old entries are retired only once its new ring is published, and a VIP is never left without its pool in between: a pool swapped whole (or whose remaining backends are all down or drained) needs room for its old and new entries at once. Apply it in two steps: first a config that removes backends (or the VIPs being replaced), then one that adds the new ones"
+        "more than {MAX_BACKENDS} backend entries: this config needs {needed} new backend entries, with {free} free (counting those of the VIPs and backends it removes). A VIP's old entries are retired only once its new ring is published, and a VIP is never left without its pool in between, nor with less than half of its new pool's weight: a pool swapped whole, or mostly (or whose remaining backends are all down or drained), needs room for its old and new entries at once. Apply it in two steps: first a config that removes backends (or the VIPs being replaced), then one that adds the new ones"
     ))
 }
 
