@@ -212,7 +212,6 @@ impl Checker {
         let keep: HashSet<&Target> = wanted.iter().collect();
         let checked: HashSet<(&str, SocketAddr)> =
             wanted.iter().map(|t| (t.vip.as_str(), t.backend)).collect();
-        self.no_route.retain(|vip, backend| checked.contains(&(vip, backend)));
         // Stopped checks are not waited for: a probe in flight gives up within a slice
         // (`probe::SLICE`), and the controller must not stall even on that. The thread reports
         // nothing once stopped.
@@ -224,6 +223,10 @@ impl Checker {
             }
             kept
         });
+        // After the stops: a stopped check's probe still in flight records nothing from now on
+        // ([`NoRoute::found`] looks at its stop under the set's lock), so none of them puts back
+        // a backend no longer checked, which would keep its VIP's error unsaid.
+        self.no_route.retain(|vip, backend| checked.contains(&(vip, backend)));
         let mut failed = 0;
         let mut first_failure = None;
         for t in wanted {
@@ -367,9 +370,14 @@ struct NoRoute(Mutex<HashMap<String, HashSet<SocketAddr>>>);
 
 impl NoRoute {
     /// Records that a probe of `backend` in `vip` found no route; true when no backend of
-    /// `vip` was known routeless yet (the error is to be said).
-    fn found(&self, vip: &str, backend: SocketAddr) -> bool {
+    /// `vip` was known routeless yet (the error is to be said). Nothing is recorded for a check
+    /// `stopped` already: looked at under the set's lock, which [`Checker::reconcile`] takes
+    /// after raising the stops, so a check reconciled away cannot put its backend back.
+    fn found(&self, vip: &str, backend: SocketAddr, stopped: impl Fn() -> bool) -> bool {
         let mut vips = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if stopped() {
+            return false;
+        }
         let said = vips.contains_key(vip);
         vips.entry(vip.to_owned()).or_default().insert(backend);
         !said
@@ -403,8 +411,8 @@ impl NoRoute {
 /// without a kernel route to the backends forwards well, yet every probe fails, every backend
 /// goes down and the VIP fails open: the log says why, and what to add. Once per VIP, not per
 /// probe: the flips' reasons say it again for each backend.
-fn say_no_route(said: &NoRoute, t: &Target, why: &str) {
-    if said.found(&t.vip, t.backend) {
+fn say_no_route(said: &NoRoute, t: &Target, why: &str, stop: &Stop) {
+    if said.found(&t.vip, t.backend, || stop.raised()) {
         tracing::error!(vip = %t.vip, backend = %t.backend, "health probes of VIP `{}` fail: {why}. The probes are connections from this node, routed by its kernel, while XDP sends an ipip or ip6ip6 VIP's packets through node.gateway_mac whatever the routes say: without a kernel route to the backends (`ip route add <backends' prefix> via <gateway>`) every probe fails, the backends go down and the VIP fails open; said once per VIP until a probe of each backend that had no route gets through again, or the VIP leaves the config", t.vip);
     }
 }
@@ -438,7 +446,7 @@ fn run(
             say_local_failure(&t, e);
         }
         match &result {
-            Err(probe::Failure::NoRoute(why)) => say_no_route(no_route, &t, why),
+            Err(probe::Failure::NoRoute(why)) => say_no_route(no_route, &t, why, &stop),
             // Past this node's routing table (`probe::failure` says a backend's failure only
             // with a route here).
             Ok(_) | Err(probe::Failure::Backend(_)) => no_route.routed(&t.vip, t.backend),
@@ -798,30 +806,41 @@ mod tests {
             "198.18.0.13:80".parse().unwrap(),
         );
         let said = NoRoute::default();
-        assert!(said.found("web", a), "the first is said");
-        assert!(!said.found("web", a), "once per VIP");
-        assert!(!said.found("web", b), "once per VIP, not per backend");
-        assert!(said.found("api", a), "another VIP is said apart");
+        assert!(said.found("web", a, || false), "the first is said");
+        assert!(!said.found("web", a, || false), "once per VIP");
+        assert!(!said.found("web", b, || false), "once per VIP, not per backend");
+        assert!(said.found("api", a, || false), "another VIP is said apart");
         said.routed("web", c);
-        assert!(!said.found("web", a), "C, always routed, does not forget A and B");
+        assert!(!said.found("web", a, || false), "C, always routed, does not forget A and B");
         said.routed("web", a);
-        assert!(!said.found("web", b), "B has no route yet");
+        assert!(!said.found("web", b, || false), "B has no route yet");
         said.routed("web", a);
         said.routed("web", b);
-        assert!(said.found("web", a), "routed again, then broken again: said again");
+        assert!(said.found("web", a, || false), "routed again, then broken again: said again");
         // A backend the config no longer checks leaves; a VIP left with none is forgotten.
         said.retain(|vip, backend| vip == "web" && backend == a);
-        assert!(!said.found("web", b));
-        assert!(said.found("api", a), "api was reconciled away");
+        assert!(!said.found("web", b, || false));
+        assert!(said.found("api", a, || false), "api was reconciled away");
 
         // The checker forgets the VIPs a reload removes (a config without checks: no thread).
         let (tx, _rx) = std::sync::mpsc::channel();
         let mut checker = Checker::new(tx);
-        assert!(checker.no_route.found("web", a));
+        assert!(checker.no_route.found("web", a, || false));
         let text = "[node]\ninterfaces = [\"lo\"]\n[[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = 80\nforwarding = \"l7\"\nbackends = [{ address = \"127.0.0.2\" }]\n";
         let unchecked = Config::parse(text, "t.toml".as_ref()).unwrap();
         assert_eq!(checker.reconcile(&unchecked, |_, _| false), 0);
         assert!(checker.is_empty());
-        assert!(checker.no_route.found("web", a), "removed and added back: said again");
+        assert!(checker.no_route.found("web", a, || false), "removed and added back: said again");
+    }
+
+    /// A probe of a check reconciled away while it was in flight records nothing: it would put
+    /// back a backend no longer checked, and its VIP's error would go unsaid until the next
+    /// reload.
+    #[test]
+    fn a_stopped_checks_late_no_route_is_not_recorded() {
+        let a: SocketAddr = "198.18.0.11:80".parse().unwrap();
+        let said = NoRoute::default();
+        assert!(!said.found("web", a, || true), "stopped: nothing said");
+        assert!(said.found("web", a, || false), "nothing was recorded by the stopped one");
     }
 }
