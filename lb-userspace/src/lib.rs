@@ -60,3 +60,5 @@ pub mod metrics;
 pub mod panics;
 pub mod proxy;
 pub mod testbed;
+#[cfg(test)]
+mod testlog;

@@ -102,11 +102,7 @@ fn on_panic(
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        io::Write,
-        sync::{Arc, Mutex},
-        time::Duration,
-    };
+    use std::time::Duration;
 
     use super::*;
 
@@ -148,18 +144,7 @@ mod tests {
     /// (the format a log pipeline parses), and it counts.
     #[test]
     fn a_panic_is_logged_as_one_error_and_counted() {
-        #[derive(Clone, Default)]
-        struct Log(Arc<Mutex<Vec<u8>>>);
-        impl Write for Log {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let log = Log::default();
+        let log = crate::testlog::Log::default();
         let writer = log.clone();
         let subscriber = tracing_subscriber::fmt()
             .json()
@@ -173,7 +158,7 @@ mod tests {
             on_panic(Some("l7-0"), Some(location), &*payload, &counter);
         });
         assert_eq!(counter.get(), 1);
-        let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let log = log.text();
         let lines: Vec<&str> = log.lines().collect();
         assert_eq!(lines.len(), 1, "{log}");
         let line: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON line");

@@ -757,18 +757,7 @@ mod tests {
     /// the end of the episode once; a client that left before it was taken is no failure.
     #[test]
     fn failed_accepts_are_said_once_per_episode() {
-        #[derive(Clone, Default)]
-        struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
-        impl Write for Log {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let log = Log::default();
+        let log = crate::testlog::Log::default();
         let writer = log.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::INFO)
@@ -789,7 +778,7 @@ mod tests {
             assert!(!failures.failed(&os(libc::ECONNABORTED)));
             failures.accepted();
         });
-        let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let log = log.text();
         let lines: Vec<&str> = log.lines().collect();
         assert_eq!(lines.len(), 4, "{log}");
         for pair in lines.chunks(2) {
