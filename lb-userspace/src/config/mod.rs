@@ -2645,13 +2645,26 @@ fn vip_name_ok(name: &raw::Sp<String>) -> Result<(), Invalid> {
 /// people.
 const VIP_NAME_CAUTION: usize = 64;
 
-/// Why a VIP's name, accepted, is a caution: characters outside `[A-Za-z0-9._-]`, or more than
-/// [`VIP_NAME_CAUTION`] bytes. A name goes as it is into log fields, metric labels and `edgelb
-/// status`, where a control character (a newline, an escape sequence) or a line separator
-/// (U+2028) can forge or hide a line on a terminal or in a log pipeline. Not an error: a file
-/// that ran must still start after an upgrade.
+/// Why a VIP's name, accepted, is a caution: an IPv6 address in brackets (`[2001:db8::10]`),
+/// characters outside `[A-Za-z0-9._-]`, or more than [`VIP_NAME_CAUTION`] bytes. `edgelb route`
+/// takes a bracketed IPv6 address as that address ([`Config::find_vip`]) but a name first, so
+/// such a name hides the VIP at that address from it; names that parse as an address or
+/// address:port are refused ([`vip_name_ok`]), but bracketed ones were accepted before route
+/// took them. A name goes as it is into log fields, metric labels and `edgelb status`, where a
+/// control character (a newline, an escape sequence) or a line separator (U+2028) can forge or
+/// hide a line on a terminal or in a log pipeline. Not an error: a file that ran must still
+/// start after an upgrade.
 fn vip_name_caution(name: &str) -> Option<String> {
     let shown = name.escape_debug();
+    if let Some(a) = name
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .and_then(|r| r.parse::<Ipv6Addr>().ok())
+    {
+        return Some(format!(
+            "VIP `{shown}`: its name reads as the IPv6 address {a} in brackets: `edgelb route {shown}` finds this VIP by its name first, not the VIP at {a}; use a word (e.g. name = \"web\")"
+        ));
+    }
     if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
         return Some(format!(
             "VIP `{shown}`: its name has characters outside [A-Za-z0-9._-]: names go as they are into log fields, metric labels and `edgelb status`, where a control character or a line separator can forge or hide a line; write letters, digits, `.`, `_` and `-`"

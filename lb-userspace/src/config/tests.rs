@@ -1143,6 +1143,33 @@ fn vip_names_outside_a_safe_set_are_a_caution() {
     assert!(c.cautions.iter().any(|c| c.contains("65 bytes")), "{:?}", c.cautions);
 }
 
+/// A name that reads as an IPv6 address in brackets, `[2001:db8::10]`, is found by that name
+/// first by `edgelb route`, which takes the bracketed address of a VIP too: a caution that says
+/// so, not an error (such names were accepted before route took brackets, and a file that ran
+/// must still start).
+#[test]
+fn a_vip_name_that_reads_as_a_bracketed_address_is_a_caution() {
+    let vip = |name: &str, address: &str| {
+        format!("[[vip]]\nname = \"{name}\"\naddress = \"{address}\"\nport = 80\n")
+    };
+    let text =
+        format!("{NODE}{}{}", vip("[2001:db8::10]", "198.18.1.1"), vip("v6", "2001:db8::10"));
+    let c = parse(&text).unwrap_or_else(|e| panic!("{e}"));
+    let [caution] = c.cautions.as_slice() else { panic!("{:?}", c.cautions) };
+    assert!(
+        caution.contains(
+            "VIP `[2001:db8::10]`: its name reads as the IPv6 address 2001:db8::10 in brackets: `edgelb route [2001:db8::10]` finds this VIP by its name first"
+        ),
+        "{caution}"
+    );
+    assert_eq!(c.find_vip("[2001:db8::10]", None).unwrap().name, "[2001:db8::10]");
+    assert_eq!(c.find_vip("2001:db8::10", None).unwrap().name, "v6");
+    // Brackets around what is no address are only characters outside the safe set.
+    let c = parse(&format!("{NODE}{}", vip("[web]", "198.18.1.1"))).unwrap();
+    let [caution] = c.cautions.as_slice() else { panic!("{:?}", c.cautions) };
+    assert!(caution.contains("[A-Za-z0-9._-]"), "{caution}");
+}
+
 /// The L7 proxy places requests by its own algorithm; its hash pools have a ring of their own.
 #[test]
 fn ring_size_and_hash_are_refused_on_l7_vips() {
