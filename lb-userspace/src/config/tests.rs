@@ -644,6 +644,48 @@ fn misspelt_addresses_say_what_to_write() {
     let route = "[[vip.route]]\npath_prefix = \"/a/\"\nbackends = [{ address = \"[2001:db8::11]:8080\" }]\n";
     let t = l7_vip("198.18.1.1", v4, "", route);
     refused_at(&t, "\"[2001:db8::11]:8080\"", "write { address = \"2001:db8::11\", port = 8080 }");
+    // A port written with an IPv4-mapped address is said where it goes too: without it a VIP
+    // takes every port, an l7 backend its VIP's.
+    let t = xdp_vip("[::ffff:198.18.0.10]:80", "", v4);
+    refused_at(
+        &t,
+        "\"[::ffff:198.18.0.10]:80\"",
+        "write the IPv4 address 198.18.0.10; the port is the VIP's own key: write address = \"198.18.0.10\" and port = 80",
+    );
+    let t = l7_vip("198.18.1.1", r#"{ address = "[::ffff:198.18.0.10]:80" }"#, "", "");
+    refused_at(
+        &t,
+        "\"[::ffff:198.18.0.10]:80\"",
+        "write the IPv4 address 198.18.0.10; the port is the backend's own key: write { address = \"198.18.0.10\", port = 80 }",
+    );
+    // The address advised is one the checks after take: one they refuse says that instead.
+    for (vip, says) in [
+        ("0.0.0.0:80", "0.0.0.0 is the unspecified address: a VIP is one unicast address"),
+        ("[::]:80", ":: is the unspecified address"),
+        ("[::1]:80", "::1 is a loopback address, which no packet on the wire is sent to"),
+        ("[ff02::1]", "ff02::1 is a multicast address"),
+        (
+            "[::ffff:127.0.0.1]:80",
+            "::ffff:127.0.0.1 is an IPv4-mapped IPv6 address, which never appears on the wire, and the IPv4 address it stands for is refused too: 127.0.0.1 is a loopback address",
+        ),
+        (
+            "::ffff:127.0.0.1",
+            "::ffff:127.0.0.1 is an IPv4-mapped IPv6 address, which never appears on the wire, and the IPv4 address it stands for is refused too: 127.0.0.1 is a loopback address",
+        ),
+    ] {
+        let t = xdp_vip(vip, "", v4);
+        refused_at(&t, &format!("\"{vip}\""), says);
+        assert!(!err(&t).contains("write address ="), "{}", err(&t));
+    }
+    let t = xdp_vip("198.18.1.1", "", r#"{ address = "127.0.0.1:80" }"#);
+    refused_at(&t, "\"127.0.0.1:80\"", "(backend address): 127.0.0.1 is a loopback address");
+    let t = l7_vip("198.18.1.1", r#"{ address = "0.0.0.0:80" }"#, "", "");
+    refused_at(&t, "\"0.0.0.0:80\"", "0.0.0.0 is the unspecified address");
+    // Loopback suits an l7 VIP and its backends: the port advice stands.
+    let t = l7_vip("[::1]:8080", r#"{ address = "[::1]:9000" }"#, "", "");
+    refused_at(&t, "\"[::1]:8080\"", "write address = \"::1\" and port = 8080");
+    let t = l7_vip("::1", r#"{ address = "[::1]:9000" }"#, "", "");
+    refused_at(&t, "\"[::1]:9000\"", "write { address = \"::1\", port = 9000 }");
     // Anything else is only not an address.
     for other in ["web.example", "[198.18.0.11]", "198.18.0.11%eth0", "[2001:db8::11%eth0]:80"] {
         let t = xdp_vip("198.18.1.1", "", &format!("{{ address = \"{other}\" }}"));
