@@ -108,8 +108,11 @@ impl BackendState {
 
     /// Records a success: the failure streak ends, and a backend on trial is back in rotation.
     /// A success while ejected with no trial sent yet (a request sent before the ejection) does
-    /// not end the ejection, which the failures that made it came after.
-    pub fn success(&self) {
+    /// not end the ejection, which the failures that made it came after. Says whether this
+    /// success ended an ejection (the one that wins the compare-and-swap, however many succeed
+    /// at once), so that the backend's return is logged once per ejection, as its ejection is.
+    #[must_use = "a backend back in rotation is logged, once per ejection"]
+    pub fn success(&self) -> bool {
         self.fails.store(0, Ordering::Relaxed);
         if self.health.load(Ordering::Relaxed) == TRIAL
             && self
@@ -118,7 +121,9 @@ impl BackendState {
                 .is_ok()
         {
             self.down_until_ms.store(0, Ordering::Relaxed);
+            return true;
         }
+        false
     }
 
     /// Records a failure; after `max_fails` in a row the backend is out for `fail_timeout`.
@@ -914,6 +919,8 @@ mod tests {
                     .count()
             };
             assert_eq!(state.failure(1, window), Ejection::Streak, "{algorithm:?}");
+            // A request sent before the ejection that succeeds after it ends nothing.
+            assert!(!state.success(), "{algorithm:?}: success with no trial sent");
             assert_eq!(picks(100), 0, "{algorithm:?}: picked while ejected");
             past();
             // No outcome is recorded: the trial stays the only request it gets.
@@ -927,8 +934,9 @@ mod tests {
             assert_eq!(picks(100), 0, "{algorithm:?}: picked after its trial failed");
             past();
             assert_eq!(picks(100), 1, "{algorithm:?}: one trial after the failed one");
-            // The trial succeeds: back in rotation, for its share.
-            state.success();
+            // The trial succeeds: back in rotation, for its share, said by that success alone.
+            assert!(state.success(), "{algorithm:?}: the trial's success ends the ejection");
+            assert!(!state.success(), "{algorithm:?}: the next success is no news");
             assert!(!state.passive_down(), "{algorithm:?}");
             let got = picks(300);
             assert!((50..=300).contains(&got), "{algorithm:?}: {got} of 300 after its success");

@@ -476,6 +476,21 @@ impl VipRuntime {
         self.metrics.eject(&self.name, state.addr);
     }
 
+    /// Records a successful request or connection on backend `state`
+    /// ([`BackendState::success`]), and says at info level when that put it back in rotation
+    /// after an ejection: once per ejection, the end of what its warning began. Without it a
+    /// backend back after 10 s and one dead for a day left the same single warning, and
+    /// nothing said the first had come back.
+    pub fn succeeded(&self, state: &BackendState) {
+        if state.success() {
+            info!(
+                vip = %self.name,
+                backend = %state.addr,
+                "L7 backend answered its trial request after an ejection; back in rotation (passive health)"
+            );
+        }
+    }
+
     /// Counts a finished request by its status.
     pub fn count(&self, status: u16) {
         let class = (status / 100).clamp(1, 5) as usize - 1;
