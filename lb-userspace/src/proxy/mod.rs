@@ -456,8 +456,10 @@ impl VipRuntime {
     /// route pool, logged one every `fail_timeout` (8640 a day at the default 10 s) for as
     /// long as it stayed dead.
     pub fn failed(&self, state: &BackendState) {
-        let out_ms = self.cfg.fail_timeout.as_millis() as u64;
-        match state.failure(self.cfg.max_fails, self.cfg.fail_timeout) {
+        let ejection = state.failure(self.cfg.max_fails, self.cfg.fail_timeout);
+        // The window in force, which a reload since this request began may have changed.
+        let out_ms = state.fail_timeout().as_millis() as u64;
+        match ejection {
             Ejection::None => return,
             Ejection::Streak => warn!(
                 vip = %self.name,
