@@ -1298,15 +1298,16 @@ fn a_keep_alive_request_has_the_whole_header_timeout_from_its_first_bytes() {
 }
 
 /// Access-log lines (log target `edgelb::access`), the HTTP proxy's own lines down to debug
-/// (target `edgelb::proxy::http`) and the TCP relay's warnings (`edgelb::proxy::tcp`), written
-/// anywhere in this test process.
+/// (target `edgelb::proxy::http`) and the rest of the proxy's down to info (passive health's in
+/// `edgelb::proxy`, the TCP relay's in `edgelb::proxy::tcp`), written anywhere in this test
+/// process.
 fn access_log() -> Arc<std::sync::Mutex<Vec<u8>>> {
     static LOG: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
     LOG.get_or_init(|| {
         let log: Arc<std::sync::Mutex<Vec<u8>>> = Default::default();
         let sink = log.clone();
         let subscriber = tracing_subscriber::fmt()
-            .with_env_filter("edgelb::access=info,edgelb::proxy=warn,edgelb::proxy::http=debug")
+            .with_env_filter("edgelb::access=info,edgelb::proxy=info,edgelb::proxy::http=debug")
             .with_ansi(false)
             .with_writer(move || Sink(sink.clone()))
             .finish();
@@ -1733,6 +1734,61 @@ fn a_dead_backend_is_warned_about_once_however_many_trials_it_fails() {
     let warned: Vec<&str> =
         all.lines().filter(|l| l.contains("WARN") && l.contains(&about)).collect();
     assert_eq!(warned.len(), 1, "{ejections} ejections, warned:\n{}", warned.join("\n"));
+}
+
+/// A backend back from an ejection is said to be, once per ejection, at info level: the
+/// trial request that it answers puts it back in rotation, and the requests after that are no
+/// news. Nothing said it, so a backend back after a few seconds and one dead for a day left
+/// the same single warning.
+#[test]
+fn a_backend_back_from_an_ejection_is_said_once_per_ejection() {
+    let log = access_log();
+    let dead = Arc::new(AtomicBool::new(true));
+    let is_dead = dead.clone();
+    let flaky = serve_backend(move |s, r2, _| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        while read_request(&mut r).is_some() {
+            r2.fetch_add(1, Ordering::Relaxed);
+            let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nflaky\n";
+            if is_dead.load(Ordering::Relaxed) || w.write_all(answer).is_err() {
+                return;
+            }
+        }
+    });
+    let good = backend("good", Mode::Ok);
+    let p = proxy(
+        &[(&flaky, 1), (&good, 1)],
+        "algorithm = \"round_robin\"\nmax_fails = 1\nfail_timeout_ms = 20",
+        "",
+    );
+    let traffic = |for_ms: u64| {
+        let (t, mut answered) = (Instant::now(), 0);
+        while t.elapsed() < Duration::from_millis(for_ms) {
+            let r = get(p.addr, "/");
+            assert_eq!(r.0, 200, "retried on good: {r:?}");
+            answered += usize::from(r.2.starts_with("flaky"));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        answered
+    };
+    let field = format!("backend={}", flaky.addr);
+    let lines = |level: &str, says: &str| {
+        logged(&log)
+            .lines()
+            .filter(|l| l.contains(level) && l.contains(says))
+            .filter(|l| l.split_whitespace().any(|w| w == field))
+            .count()
+    };
+    for ejection in 1..=2 {
+        dead.store(true, Ordering::Relaxed);
+        assert_eq!(traffic(400), 0, "ejection {ejection}: dead");
+        assert_eq!(lines("INFO", "back in rotation"), ejection - 1, "not back while dead");
+        dead.store(false, Ordering::Relaxed);
+        assert!(traffic(400) > 5, "ejection {ejection}: back in rotation for its share");
+        assert_eq!(lines("INFO", "back in rotation"), ejection, "said once, ejection {ejection}");
+    }
+    assert_eq!(lines("WARN", "out of rotation"), 2, "a warning per ejection");
 }
 
 #[test]

@@ -1079,8 +1079,8 @@ fn parse_mac(s: &raw::Sp<String>) -> Result<[u8; 6], Invalid> {
 /// Whose address a file's `address` is: its errors say where a port written into it goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum AddressOf {
-    /// A VIP's, whose port is the VIP's `port`.
-    Vip,
+    /// A VIP's, forwarded so, whose port is the VIP's `port`.
+    Vip(Forwarding),
     /// A backend of a VIP XDP forwards, which takes no port (the client's is kept).
     XdpBackend,
     /// A backend of an `l7` VIP or route, whose port is the backend's `port`.
@@ -1088,10 +1088,18 @@ enum AddressOf {
 }
 
 impl AddressOf {
+    /// A backend's address, of a VIP forwarded so.
+    fn backend(forwarding: Forwarding) -> AddressOf {
+        match forwarding {
+            Forwarding::L7 => AddressOf::L7Backend,
+            _ => AddressOf::XdpBackend,
+        }
+    }
+
     /// The address's name in errors.
     fn what(self) -> &'static str {
         match self {
-            AddressOf::Vip => "VIP address",
+            AddressOf::Vip(_) => "VIP address",
             AddressOf::XdpBackend | AddressOf::L7Backend => "backend address",
         }
     }
@@ -1099,7 +1107,7 @@ impl AddressOf {
     /// What to write instead of `a` with its port `port` in one string.
     fn port_advice(self, a: IpAddr, port: u16) -> String {
         match self {
-            AddressOf::Vip => {
+            AddressOf::Vip(_) => {
                 format!("the port is the VIP's own key: write address = \"{a}\" and port = {port}")
             }
             AddressOf::L7Backend => format!(
@@ -1108,6 +1116,46 @@ impl AddressOf {
             AddressOf::XdpBackend => format!(
                 "XDP forwarding keeps the client's destination port, so its backends take none: write address = \"{a}\" (a backend `port` applies to l7 VIPs)"
             ),
+        }
+    }
+
+    /// Why `a`, an address that parses and is usable on the wire ([`ipv6_usable`]), cannot be
+    /// this one, if it cannot: not unicast, or loopback where XDP forwards (nothing arrives on
+    /// the wire for it, or leaves for it). Said after [`AddressOf::what`] by the checks that
+    /// follow [`parse_ip`], and by its advice, which must not lead to an address refused next.
+    /// (A backend that is its own VIP is refused by [`backend_address_ok`] alone.)
+    fn refusal(self, a: IpAddr) -> Option<String> {
+        let xdp = |forwarding| forwarding != Forwarding::L7;
+        match self {
+            AddressOf::Vip(forwarding) => {
+                if let Some(what) = not_unicast(a) {
+                    Some(format!(
+                        "{a} is {what}: a VIP is one unicast address clients connect to; write that address (one [[vip]] per address)"
+                    ))
+                } else if xdp(forwarding) && a.to_canonical().is_loopback() {
+                    // XDP sees what arrives on the wire, and nothing arrives for a loopback
+                    // address: such a VIP could only balance forged packets. A local proxy is
+                    // what serves loopback.
+                    Some(format!(
+                        "{a} is a loopback address, which no packet on the wire is sent to: XDP would balance only forged packets; write the address clients reach this node at (loopback suits forwarding = \"l7\")"
+                    ))
+                } else {
+                    None
+                }
+            }
+            AddressOf::XdpBackend | AddressOf::L7Backend => {
+                let l7 = self == AddressOf::L7Backend;
+                if let Some(what) = not_unicast(a) {
+                    let example = if l7 { " (127.0.0.1 for this node)" } else { "" };
+                    Some(format!("{a} is {what}: write the backend's own address{example}"))
+                } else if !l7 && a.to_canonical().is_loopback() {
+                    Some(format!(
+                        "{a} is a loopback address: packets XDP encapsulates to it never leave this node; write the backend's address on the network (loopback backends suit forwarding = \"l7\")"
+                    ))
+                } else {
+                    None
+                }
+            }
         }
     }
 }
@@ -1119,7 +1167,8 @@ impl AddressOf {
 /// and a link-local one, which needs an interface to be reached (every connect and bind to it
 /// without one fails with EINVAL, and zone ids are not taken). What does not parse but is an
 /// address written another common way (in brackets, with a zone id, with a port) is refused
-/// saying what to write instead.
+/// saying what to write instead. Other addresses `of` cannot be are refused by the checks after
+/// it ([`AddressOf::refusal`]).
 fn parse_ip(s: &raw::Sp<String>, of: AddressOf) -> Result<IpAddr, Invalid> {
     let what = of.what();
     let a: IpAddr = s.get_ref().parse().or_else(|_| {
@@ -1130,55 +1179,99 @@ fn parse_ip(s: &raw::Sp<String>, of: AddressOf) -> Result<IpAddr, Invalid> {
         };
         bad(s.span(), why)
     })?;
-    if let IpAddr::V6(v6) = a {
-        ipv6_usable(v6).or_else(|e| bad(s.span(), format!("{what} {e}")))?;
+    if let IpAddr::V6(v6) = a
+        && let Some(e) = ipv6_refusal(v6, of)
+    {
+        return bad(s.span(), format!("{what} {e}"));
     }
     Ok(a)
 }
 
 /// What to write instead of `text`, an address written with a port (`198.18.0.11:8080`,
 /// `[2001:db8::11]:8080`), with a zone id (`fe80::1%eth0`) or in brackets (`[2001:db8::10]`);
-/// none for anything else. An address edgelb refuses anyway (link-local, IPv4-mapped) says so
-/// at once, not after the operator fixed the spelling.
+/// none for anything else. A port written is always said where it goes (without it a VIP takes
+/// every port, an l7 backend its VIP's). An address edgelb refuses anyway (link-local, not
+/// unicast, loopback where XDP forwards, or the IPv4 address an IPv4-mapped one stands for
+/// that is one of those) says so at once, not after the operator fixed the spelling.
 fn address_advice(text: &str, of: AddressOf) -> Option<String> {
-    let refused = |a: Ipv6Addr| ipv6_usable(a).err();
-    if let Ok(sa) = text.parse::<std::net::SocketAddr>() {
-        return Some(match sa.ip() {
-            IpAddr::V6(a) if let Some(e) = refused(a) => e,
-            a => of.port_advice(a, sa.port()),
-        });
+    // The address written, with the port or zone id written with it.
+    let (written, port, zone) = if let Ok(sa) = text.parse::<std::net::SocketAddr>() {
+        (sa.ip(), Some(sa.port()), None)
+    } else {
+        let unbracketed = text.strip_prefix('[').and_then(|r| r.strip_suffix(']'));
+        let bare = unbracketed.unwrap_or(text);
+        let (a, zone) = match bare.split_once('%') {
+            Some((a, zone)) => (a, Some(zone)),
+            None => (unbracketed?, None),
+        };
+        (IpAddr::V6(a.parse().ok()?), None, zone)
+    };
+    let zone_said =
+        zone.map_or(String::new(), |z| format!("zone ids (`%{z}`) are not taken, and "));
+    // What is written for it: an IPv4-mapped or -compatible address as its IPv4 one.
+    let meant = match written {
+        IpAddr::V6(a) => ipv4_meant(a).map_or(written, |(v4, _)| IpAddr::V4(v4)),
+        v4 => v4,
+    };
+    let refused = |a: IpAddr| match a {
+        IpAddr::V6(v6) => ipv6_refusal(v6, of).or_else(|| of.refusal(a)),
+        IpAddr::V4(_) => of.refusal(a),
+    };
+    let mut advice = Vec::new();
+    if let Some(why) = refused(written) {
+        if meant == written || refused(meant).is_some() {
+            return Some(format!("{zone_said}{why}"));
+        }
+        // An IPv4-mapped address: its IPv4 address is taken.
+        advice.push(format!("{zone_said}{why}"));
+    } else if zone.is_some() {
+        advice.push(format!("{zone_said}{written} is reached without one: write \"{written}\""));
     }
-    let unbracketed = text.strip_prefix('[').and_then(|r| r.strip_suffix(']'));
-    let bare = unbracketed.unwrap_or(text);
-    if let Some((a, zone)) = bare.split_once('%')
-        && let Ok(a) = a.parse::<Ipv6Addr>()
-    {
-        return Some(match refused(a) {
-            Some(e) => format!("zone ids (`%{zone}`) are not taken, and {e}"),
-            None => format!(
-                "zone ids (`%{zone}`) are not taken, and {a} is reached without one: write \"{a}\""
-            ),
-        });
+    match port {
+        Some(port) => advice.push(of.port_advice(meant, port)),
+        None if advice.is_empty() => {
+            advice.push(format!("write the IPv6 address without brackets: \"{written}\""));
+        }
+        None => {}
     }
-    let a = unbracketed?.parse::<Ipv6Addr>().ok()?;
-    Some(refused(a).unwrap_or_else(|| format!("write the IPv6 address without brackets: \"{a}\"")))
+    Some(advice.join("; "))
 }
 
-/// Why `a` cannot stand for a host on the wire, if it cannot: see [`parse_ip`].
-fn ipv6_usable(a: Ipv6Addr) -> Result<(), String> {
+/// Why `a`, written as `of`'s address, is refused for what it is in IPv6 ([`ipv6_usable`]), if
+/// it is: an IPv4-mapped or -compatible address whose IPv4 address would be refused as well
+/// ([`AddressOf::refusal`]) says that refusal, so that the IPv4 address is not advised in vain.
+fn ipv6_refusal(a: Ipv6Addr, of: AddressOf) -> Option<String> {
+    if let Some((v4, what)) = ipv4_meant(a)
+        && let Some(why) = of.refusal(v4.into())
+    {
+        return Some(format!("{what}, and the IPv4 address it stands for is refused too: {why}"));
+    }
+    ipv6_usable(a).err()
+}
+
+/// The IPv4 address an IPv4-mapped (`::ffff:a.b.c.d`) or IPv4-compatible IPv6 address `a`
+/// stands for, if it is one, with what `a` is (for [`ipv6_usable`]'s refusal).
+fn ipv4_meant(a: Ipv6Addr) -> Option<(Ipv4Addr, String)> {
     if let Some(v4) = a.to_ipv4_mapped() {
-        return Err(format!(
-            "{a} is an IPv4-mapped IPv6 address, which never appears on the wire: write the IPv4 address {v4}"
-        ));
+        let what = format!("{a} is an IPv4-mapped IPv6 address, which never appears on the wire");
+        return Some((v4, what));
     }
     // ::/96 but for :: and ::1: IPv4-compatible addresses, deprecated (RFC 4291 2.5.5.1) and
     // no longer on the wire (the automatic tunnels that used them are gone from Linux): refused
     // as the mapped ones are, saying the IPv4 address meant.
-    if a.segments()[..6] == [0; 6] && !a.is_unspecified() && !a.is_loopback() {
+    (a.segments()[..6] == [0; 6] && !a.is_unspecified() && !a.is_loopback()).then(|| {
         let v4 = Ipv4Addr::from_bits(a.to_bits() as u32);
-        return Err(format!(
-            "{a} (::{v4}) is an IPv4-compatible IPv6 address, deprecated and never on the wire: write the IPv4 address {v4}"
-        ));
+        let what = format!(
+            "{a} (::{v4}) is an IPv4-compatible IPv6 address, deprecated and never on the wire"
+        );
+        (v4, what)
+    })
+}
+
+/// Why `a` cannot stand for a host on the wire, if it cannot: see [`parse_ip`].
+fn ipv6_usable(a: Ipv6Addr) -> Result<(), String> {
+    if let Some((v4, what)) = ipv4_meant(a) {
+        return Err(format!("{what}: write the IPv4 address {v4}"));
     }
     if a.is_unicast_link_local() {
         return Err(format!(
@@ -1386,15 +1479,20 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
                 format!("duplicate VIP name `{}`", v.name.get_ref().escape_debug()),
             );
         }
-        let vip_addr = parse_ip(&v.address, AddressOf::Vip)?;
+        let forwarding = match v.forwarding.as_ref().map(|h| (h.get_ref().as_str(), h.span())) {
+            None | Some(("ipip", _)) => Forwarding::Ipip,
+            Some(("l2", _)) => Forwarding::L2,
+            Some(("l7", _)) => Forwarding::L7,
+            Some((other, span)) => {
+                return bad(span, format!("forwarding `{other}`: expected ipip, l2 or l7"));
+            }
+        };
+        // The forwarding is read before the address: a VIP XDP forwards cannot be on loopback,
+        // and the advice for a misspelt address must not lead there.
+        let vip_addr = parse_ip(&v.address, AddressOf::Vip(forwarding))?;
         addresses_at.push(v.address.span());
-        if let Some(what) = not_unicast(vip_addr) {
-            return bad(
-                v.address.span(),
-                format!(
-                    "VIP address {vip_addr} is {what}: a VIP is one unicast address clients connect to; write that address (one [[vip]] per address)"
-                ),
-            );
+        if let Some(why) = AddressOf::Vip(forwarding).refusal(vip_addr) {
+            return bad(v.address.span(), format!("VIP address {why}"));
         }
         let port = v.port.as_ref().map_or(0, |p| *p.get_ref());
         let protocol = match v.protocol.as_ref().map(|p| (p.get_ref().as_str(), p.span())) {
@@ -1422,24 +1520,6 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
                 return bad(span, format!("hash `{other}`: expected client or 5tuple"));
             }
         };
-        let forwarding = match v.forwarding.as_ref().map(|h| (h.get_ref().as_str(), h.span())) {
-            None | Some(("ipip", _)) => Forwarding::Ipip,
-            Some(("l2", _)) => Forwarding::L2,
-            Some(("l7", _)) => Forwarding::L7,
-            Some((other, span)) => {
-                return bad(span, format!("forwarding `{other}`: expected ipip, l2 or l7"));
-            }
-        };
-        // XDP sees what arrives on the wire, and nothing arrives for a loopback address: such a
-        // VIP could only balance forged packets. A local proxy is what serves loopback.
-        if forwarding != Forwarding::L7 && vip_addr.to_canonical().is_loopback() {
-            return bad(
-                v.address.span(),
-                format!(
-                    "VIP address {vip_addr} is a loopback address, which no packet on the wire is sent to: XDP would balance only forged packets; write the address clients reach this node at (loopback suits forwarding = \"l7\")"
-                ),
-            );
-        }
         // The L7 proxy places requests by its own algorithm; its `hash` pools have a ring of
         // their own (proxy::balance), so these would be silently ignored.
         if forwarding == Forwarding::L7 {
@@ -1474,11 +1554,7 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
         let mut seen = HashSet::new();
         let mut backends = Vec::new();
         for b in &v.backends {
-            let of = match forwarding {
-                Forwarding::L7 => AddressOf::L7Backend,
-                _ => AddressOf::XdpBackend,
-            };
-            let address = parse_ip(&b.address, of)?;
+            let address = parse_ip(&b.address, AddressOf::backend(forwarding))?;
             if forwarding == Forwarding::L7 {
                 l7_entries.add(b.address.span(), v.name.get_ref());
             } else {
@@ -2027,8 +2103,8 @@ fn l7_settings(
 /// VIP with a route per host costs a map lookup a route, not a comparison with every earlier
 /// route: thousands of routes took seconds, on the controller's thread during a reload). Within
 /// a host's routes (or those of any host), a route is compared only with the earlier paths that
-/// are prefixes of its own ([`Prefixes`]): 20 000 routes without a host, each compared with
-/// every earlier one, took 3.7 s.
+/// are prefixes of its own, found by walking its path through a trie of theirs ([`Prefixes`]):
+/// 20 000 routes without a host, each compared with every earlier one, took 3.7 s.
 #[derive(Default)]
 struct EarlierRoutes<'a> {
     /// The routes so far: the next one's index.
@@ -2037,9 +2113,9 @@ struct EarlierRoutes<'a> {
     of_host: std::collections::HashMap<String, Prefixes<'a>>,
     /// The routes without a host.
     any_host: Prefixes<'a>,
-    /// Earlier routes' paths compared with a later one's, all routes together: what a test
-    /// measures to see that routes of different hosts, and paths that are not prefixes of the
-    /// route's, are not compared with it.
+    /// Earlier routes' paths compared with a later one's (those found to be prefixes of it),
+    /// all routes together: what a test measures to see that routes of different hosts, and
+    /// paths that are not prefixes of the route's, are not compared with it.
     compared: usize,
 }
 
@@ -2067,56 +2143,93 @@ impl<'a> EarlierRoutes<'a> {
 
 /// The earlier routes of one host (or of any host) by path prefix, for [`EarlierRoutes`]: a
 /// route takes every request of a later one when it has no path, or its path is a prefix of the
-/// later one's (requests are matched by `starts_with`, at any byte, not at `/` only). The
-/// prefixes of a path are found in the sorted paths by stepping back from the path itself,
-/// looking only at paths that share a start with it: about as many as its stored prefixes.
+/// later one's (requests are matched by `starts_with`, at any byte, not at `/` only). The paths
+/// are kept in a byte trie (a radix tree: a node per path and per point where two paths part),
+/// and a path's stored prefixes are the nodes its walk from the root passes: each byte of the
+/// path is read once, whatever the other paths. Stepping back through sorted paths instead took
+/// a step per byte for paths like `/zzz...zy` (each a search and a scan of the path): 3000 such
+/// routes took minutes to check.
 #[derive(Default)]
 struct Prefixes<'a> {
     /// The first route without a path, which takes every path.
     pathless: Option<usize>,
-    /// Each path with its first route.
-    paths: std::collections::BTreeMap<&'a str, usize>,
+    /// The trie of the paths; the first node (once there is one) is the root, the empty path.
+    nodes: Vec<PrefixNode<'a>>,
+}
+
+/// A node of the trie of [`Prefixes`]: the path from the root to it is its ancestors' labels
+/// and its own.
+struct PrefixNode<'a> {
+    /// The bytes from its parent to it (none at the root): part of the path that added it.
+    label: &'a [u8],
+    /// The first route whose path ends here, if one does (not where two paths only part).
+    route: Option<usize>,
+    /// Its children by the first byte of their label, sorted by that byte (labels of one
+    /// node's children start with different bytes).
+    children: Vec<(u8, usize)>,
 }
 
 impl<'a> Prefixes<'a> {
     /// Adds route `i`, with `path`.
     fn add(&mut self, path: Option<&'a str>, i: usize) {
-        match path {
-            None => {
-                self.pathless.get_or_insert(i);
-            }
-            Some(p) => {
-                self.paths.entry(p).or_insert(i);
-            }
+        let Some(path) = path else {
+            self.pathless.get_or_insert(i);
+            return;
+        };
+        if self.nodes.is_empty() {
+            self.nodes.push(PrefixNode { label: &[], route: None, children: Vec::new() });
         }
+        let (mut node, mut rest) = (0, path.as_bytes());
+        while let Some(&b) = rest.first() {
+            let at = match self.nodes[node].children.binary_search_by_key(&b, |&(b, _)| b) {
+                Ok(at) => at,
+                Err(place) => {
+                    // No path goes on from here with this byte: the rest is a new leaf.
+                    let leaf = self.nodes.len();
+                    let new = PrefixNode { label: rest, route: Some(i), children: Vec::new() };
+                    self.nodes.push(new);
+                    self.nodes[node].children.insert(place, (b, leaf));
+                    return;
+                }
+            };
+            let child = self.nodes[node].children[at].1;
+            let label = self.nodes[child].label;
+            let common = rest.iter().zip(label).take_while(|(a, b)| a == b).count();
+            if common < label.len() {
+                // The path parts from the child's label within it: a node where they part
+                // takes the child's place, with the child's label's rest below it.
+                let (head, tail) = label.split_at(common);
+                let fork = self.nodes.len();
+                let children = vec![(tail[0], child)];
+                self.nodes.push(PrefixNode { label: head, route: None, children });
+                self.nodes[child].label = tail;
+                self.nodes[node].children[at].1 = fork;
+                node = fork;
+            } else {
+                node = child;
+            }
+            rest = &rest[common..];
+        }
+        self.nodes[node].route.get_or_insert(i);
     }
 
     /// The first of these routes that takes every request of a route with `path` (none: any
-    /// path), if one does; each stored path looked at is counted in `compared`.
+    /// path), if one does; each stored path found to be a prefix of `path` is counted in
+    /// `compared` (the walk itself reads each byte of `path` once).
     fn covering(&self, path: Option<&str>, compared: &mut usize) -> Option<usize> {
-        use std::ops::Bound::{Included, Unbounded};
         let mut first = self.pathless;
-        let Some(mut rest) = path else { return first };
-        // Every stored prefix of `rest` sorts at or before it. The last path k there is one, and
-        // the others are prefixes of k shorter than it; or k is not, and every stored prefix p
-        // of `rest` (p < k <= rest) starts k too, so it is a prefix of their common start, which
-        // is shorter than `rest`. Either way the search goes on below a shorter `rest`.
-        while let Some((k, &i)) =
-            self.paths.range::<str, _>((Unbounded, Included(rest))).next_back()
-        {
-            *compared += 1;
-            if rest.starts_with(k) {
+        let Some(path) = path else { return first };
+        let (mut node, mut rest) = (0, path.as_bytes());
+        while let Some(n) = self.nodes.get(node) {
+            if let Some(i) = n.route {
+                *compared += 1;
                 first = Some(first.map_or(i, |f| f.min(i)));
-                // k without its last character (paths are ASCII, but a str is cut at a char).
-                let Some((shorter, _)) = k.char_indices().next_back() else { break };
-                rest = &k[..shorter];
-            } else {
-                let mut common = rest.bytes().zip(k.bytes()).take_while(|(a, b)| a == b).count();
-                while !rest.is_char_boundary(common) {
-                    common -= 1;
-                }
-                rest = &rest[..common];
             }
+            let Some(&b) = rest.first() else { break };
+            let Ok(at) = n.children.binary_search_by_key(&b, |&(b, _)| b) else { break };
+            let child = n.children[at].1;
+            let Some(after) = rest.strip_prefix(self.nodes[child].label) else { break };
+            (node, rest) = (child, after);
         }
         first
     }
@@ -2608,13 +2721,26 @@ fn vip_name_ok(name: &raw::Sp<String>) -> Result<(), Invalid> {
 /// people.
 const VIP_NAME_CAUTION: usize = 64;
 
-/// Why a VIP's name, accepted, is a caution: characters outside `[A-Za-z0-9._-]`, or more than
-/// [`VIP_NAME_CAUTION`] bytes. A name goes as it is into log fields, metric labels and `edgelb
-/// status`, where a control character (a newline, an escape sequence) or a line separator
-/// (U+2028) can forge or hide a line on a terminal or in a log pipeline. Not an error: a file
-/// that ran must still start after an upgrade.
+/// Why a VIP's name, accepted, is a caution: an IPv6 address in brackets (`[2001:db8::10]`),
+/// characters outside `[A-Za-z0-9._-]`, or more than [`VIP_NAME_CAUTION`] bytes. `edgelb route`
+/// takes a bracketed IPv6 address as that address ([`Config::find_vip`]) but a name first, so
+/// such a name hides the VIP at that address from it; names that parse as an address or
+/// address:port are refused ([`vip_name_ok`]), but bracketed ones were accepted before route
+/// took them. A name goes as it is into log fields, metric labels and `edgelb status`, where a
+/// control character (a newline, an escape sequence) or a line separator (U+2028) can forge or
+/// hide a line on a terminal or in a log pipeline. Not an error: a file that ran must still
+/// start after an upgrade.
 fn vip_name_caution(name: &str) -> Option<String> {
     let shown = name.escape_debug();
+    if let Some(a) = name
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .and_then(|r| r.parse::<Ipv6Addr>().ok())
+    {
+        return Some(format!(
+            "VIP `{shown}`: its name reads as the IPv6 address {a} in brackets: `edgelb route {shown}` finds this VIP by its name first, not the VIP at {a}; use a word (e.g. name = \"web\")"
+        ));
+    }
     if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
         return Some(format!(
             "VIP `{shown}`: its name has characters outside [A-Za-z0-9._-]: names go as they are into log fields, metric labels and `edgelb status`, where a control character or a line separator can forge or hide a line; write letters, digits, `.`, `_` and `-`"
@@ -2760,14 +2886,8 @@ fn backend_address_ok(
     (vip_addr, vip_port): (IpAddr, u16),
     forwarding: Forwarding,
 ) -> Result<(), Invalid> {
-    if let Some(what) = not_unicast(address) {
-        let example = if forwarding == Forwarding::L7 { " (127.0.0.1 for this node)" } else { "" };
-        return bad(
-            span,
-            format!(
-                "backend address {address} is {what}: write the backend's own address{example}"
-            ),
-        );
+    if let Some(why) = AddressOf::backend(forwarding).refusal(address) {
+        return bad(span, format!("backend address {why}"));
     }
     let same = address.to_canonical() == vip_addr.to_canonical();
     if forwarding == Forwarding::L7 {
@@ -2780,13 +2900,6 @@ fn backend_address_ok(
                 ),
             );
         }
-    } else if address.to_canonical().is_loopback() {
-        return bad(
-            span,
-            format!(
-                "backend address {address} is a loopback address: packets XDP encapsulates to it never leave this node; write the backend's address on the network (loopback backends suit forwarding = \"l7\")"
-            ),
-        );
     } else if same {
         return bad(
             span,

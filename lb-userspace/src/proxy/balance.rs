@@ -47,8 +47,11 @@ pub struct BackendState {
     /// full share once its `fail_timeout` passed, held every request sent to it for the whole
     /// response timeout, and was back in rotation for that long each time.
     health: AtomicU8,
-    /// The `fail_timeout` in ms of the ejection [`health`](Self::health) stands for: the time
-    /// between two trial requests.
+    /// The `fail_timeout` in ms in force: the length of an ejection and the time between two
+    /// trial requests. Set by the update that put the VIP's config in force ([`retime`]), and
+    /// by a failure only while none has (0).
+    ///
+    /// [`retime`]: Self::retime
     fail_timeout_ms: AtomicU64,
 }
 
@@ -108,8 +111,11 @@ impl BackendState {
 
     /// Records a success: the failure streak ends, and a backend on trial is back in rotation.
     /// A success while ejected with no trial sent yet (a request sent before the ejection) does
-    /// not end the ejection, which the failures that made it came after.
-    pub fn success(&self) {
+    /// not end the ejection, which the failures that made it came after. Says whether this
+    /// success ended an ejection (the one that wins the compare-and-swap, however many succeed
+    /// at once), so that the backend's return is logged once per ejection, as its ejection is.
+    #[must_use = "a backend back in rotation is logged, once per ejection"]
+    pub fn success(&self) -> bool {
         self.fails.store(0, Ordering::Relaxed);
         if self.health.load(Ordering::Relaxed) == TRIAL
             && self
@@ -118,13 +124,19 @@ impl BackendState {
                 .is_ok()
         {
             self.down_until_ms.store(0, Ordering::Relaxed);
+            return true;
         }
+        false
     }
 
     /// Records a failure; after `max_fails` in a row the backend is out for `fail_timeout`.
     /// An ejected backend that has not answered since (its trial request, or one sent before)
     /// is out again at once, for `fail_timeout` from now. Says whether this failure took the
-    /// backend out, so that each ejection is logged and counted once.
+    /// backend out, so that each ejection is logged and counted once. The window is the one the
+    /// last update put in force ([`retime`](Self::retime)), `fail_timeout` only for a state no
+    /// update has timed: the caller's comes from the config its request started under, and a
+    /// request sent before a reload that failed after it ejected the backend for the old
+    /// window (an hour, say), undoing the reload's.
     pub fn failure(&self, max_fails: u32, fail_timeout: Duration) -> Ejection {
         let ejected = self.health.load(Ordering::Acquire) != IN_SERVICE;
         if !ejected && self.fails.fetch_add(1, Ordering::Relaxed) + 1 < max_fails {
@@ -132,7 +144,15 @@ impl BackendState {
         }
         self.fails.store(0, Ordering::Relaxed);
         let window = (fail_timeout.as_millis() as u64).max(1);
-        self.fail_timeout_ms.store(window, Ordering::Relaxed);
+        let window = match self.fail_timeout_ms.compare_exchange(
+            0,
+            window,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => window,
+            Err(in_force) => in_force,
+        };
         self.down_until_ms.store(now_ms() + window, Ordering::Relaxed);
         match self.health.swap(EJECTED, Ordering::AcqRel) {
             IN_SERVICE => Ejection::Streak,
@@ -151,6 +171,12 @@ impl BackendState {
         let window = (fail_timeout.as_millis() as u64).max(1);
         self.fail_timeout_ms.store(window, Ordering::Relaxed);
         self.down_until_ms.fetch_min(now_ms() + window, Ordering::AcqRel);
+    }
+
+    /// The `fail_timeout` in force for this backend ([`failure`](Self::failure)): what an
+    /// ejection's warning says it lasts.
+    pub(super) fn fail_timeout(&self) -> Duration {
+        Duration::from_millis(self.fail_timeout_ms.load(Ordering::Relaxed))
     }
 
     /// True while passively down: ejected, or back from it and waiting on its trial request.
@@ -914,6 +940,8 @@ mod tests {
                     .count()
             };
             assert_eq!(state.failure(1, window), Ejection::Streak, "{algorithm:?}");
+            // A request sent before the ejection that succeeds after it ends nothing.
+            assert!(!state.success(), "{algorithm:?}: success with no trial sent");
             assert_eq!(picks(100), 0, "{algorithm:?}: picked while ejected");
             past();
             // No outcome is recorded: the trial stays the only request it gets.
@@ -927,8 +955,9 @@ mod tests {
             assert_eq!(picks(100), 0, "{algorithm:?}: picked after its trial failed");
             past();
             assert_eq!(picks(100), 1, "{algorithm:?}: one trial after the failed one");
-            // The trial succeeds: back in rotation, for its share.
-            state.success();
+            // The trial succeeds: back in rotation, for its share, said by that success alone.
+            assert!(state.success(), "{algorithm:?}: the trial's success ends the ejection");
+            assert!(!state.success(), "{algorithm:?}: the next success is no news");
             assert!(!state.passive_down(), "{algorithm:?}");
             let got = picks(300);
             assert!((50..=300).contains(&got), "{algorithm:?}: {got} of 300 after its success");
@@ -972,6 +1001,17 @@ mod tests {
         assert!(state.admit(), "the ejection ended as it would have");
         std::thread::sleep(Duration::from_millis(50));
         assert!(!state.admit(), "the next trial waits the hour");
+        // A request sent before the reload that fails after it is ejected for the window the
+        // reload put in force, not its own config's.
+        let state = BackendState::new("127.0.0.3:80".parse().unwrap());
+        state.retime(Duration::from_millis(20));
+        assert_eq!(state.failure(1, hour), Ejection::Streak);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!state.passive_down(), "out for 20 ms, not the hour");
+        assert!(state.admit(), "its trial goes");
+        assert_eq!(state.failure(1, hour), Ejection::Trial);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(state.admit(), "the failed trial kept it out for 20 ms, not the hour");
         // A backend in rotation stays there.
         let fresh = BackendState::new("127.0.0.2:80".parse().unwrap());
         fresh.retime(Duration::from_millis(20));

@@ -2308,7 +2308,7 @@ async fn serve_conn(
                 }
                 Err(Attempt::TooLarge) => {
                     // The backend answered: no failure of its health (see `Attempt::TooLarge`).
-                    member.state.success();
+                    vip.succeeded(&member.state);
                     vip.metrics.head_too_large(&vip.name, member.state.addr);
                     say_head_too_large(&vip.name, member.state.addr);
                     last = Attempt::TooLarge;
@@ -2395,7 +2395,7 @@ async fn serve_conn(
             out.extend_from_slice(&ubuf);
             ubuf.clear();
             drop(resp);
-            pool.members[i].state.success();
+            vip.succeeded(&pool.members[i].state);
             finished(
                 &vip,
                 peer,
@@ -2516,7 +2516,7 @@ async fn serve_conn(
             drop(counted);
             close(&up);
             if !charged {
-                member.success();
+                vip.succeeded(member);
             }
             finished(&vip, peer, 499, Some(&req), Some(member.addr), Some(started), None);
             return;
@@ -2644,7 +2644,7 @@ async fn serve_conn(
         let end = Instant::now();
         match cut_by {
             _ if charged => {}
-            None | Some(Cut::Client) => member.success(),
+            None | Some(Cut::Client) => vip.succeeded(member),
             Some(Cut::Backend) if blamed => vip.failed(member),
             Some(Cut::Backend | Cut::Deadline | Cut::Idle | Cut::Drain) => {}
         }

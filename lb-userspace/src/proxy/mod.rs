@@ -456,8 +456,10 @@ impl VipRuntime {
     /// route pool, logged one every `fail_timeout` (8640 a day at the default 10 s) for as
     /// long as it stayed dead.
     pub fn failed(&self, state: &BackendState) {
-        let out_ms = self.cfg.fail_timeout.as_millis() as u64;
-        match state.failure(self.cfg.max_fails, self.cfg.fail_timeout) {
+        let ejection = state.failure(self.cfg.max_fails, self.cfg.fail_timeout);
+        // The window in force, which a reload since this request began may have changed.
+        let out_ms = state.fail_timeout().as_millis() as u64;
+        match ejection {
             Ejection::None => return,
             Ejection::Streak => warn!(
                 vip = %self.name,
@@ -474,6 +476,21 @@ impl VipRuntime {
             ),
         }
         self.metrics.eject(&self.name, state.addr);
+    }
+
+    /// Records a successful request or connection on backend `state`
+    /// ([`BackendState::success`]), and says at info level when that put it back in rotation
+    /// after an ejection: once per ejection, the end of what its warning began. Without it a
+    /// backend back after 10 s and one dead for a day left the same single warning, and
+    /// nothing said the first had come back.
+    pub fn succeeded(&self, state: &BackendState) {
+        if state.success() {
+            info!(
+                vip = %self.name,
+                backend = %state.addr,
+                "L7 backend answered its trial request after an ejection; back in rotation (passive health)"
+            );
+        }
     }
 
     /// Counts a finished request by its status.

@@ -219,7 +219,7 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
         };
         match connected {
             Ok(s) => {
-                state.success();
+                vip.succeeded(state);
                 up = Some((i, s, counted));
                 break;
             }
