@@ -923,7 +923,7 @@ pub fn bind_within(socket: &Path, lock_wait: Duration) -> std::io::Result<UnixLi
         }
         _ => {}
     }
-    if UnixStream::connect(socket).is_ok() {
+    if answers(socket).map_err(step("looking for a process answering on it".into()))? {
         return Err(std::io::Error::new(
             std::io::ErrorKind::AddrInUse,
             format!(
@@ -937,6 +937,27 @@ pub fn bind_within(socket: &Path, lock_wait: Duration) -> std::io::Result<UnixLi
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .map_err(step("making it root-only (mode 0600)".into()))?;
     Ok(listener)
+}
+
+/// Whether a process listens on `socket`: a connect that is taken, or that finds its queue full
+/// (EAGAIN), says one does; a refused one (a stale socket file, ECONNREFUSED) or a missing path,
+/// that none does. The connect does not wait: a blocking one to a listener that never accepts
+/// (a hung or stopped process, its queue full) waited for good, and the controller, trying again
+/// from its loop to serve an admin socket it lost, stopped balancing health verdicts, answering
+/// scrapes and heeding SIGTERM.
+///
+/// An error when it cannot tell (no socket to be had: out of descriptors): taken for "none",
+/// the stale-socket removal that follows would unlink a live process's socket.
+fn answers(socket: &Path) -> std::io::Result<bool> {
+    let addr = socket2::SockAddr::unix(socket)?;
+    let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    s.set_nonblocking(true)?;
+    match s.connect(&addr) {
+        Ok(()) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINPROGRESS)) => Ok(true),
+        Err(e) if crate::proxy::out_of_resources(&e) => Err(e),
+        Err(_) => Ok(false),
+    }
 }
 
 /// Says `what` was being done when an error came, keeping its kind (callers tell "another
@@ -1460,6 +1481,36 @@ mod tests {
         let old: Vec<OldHandedVip> =
             serde_json::from_value(vips).expect("an older edgelb reads it");
         assert_eq!((old[0].name.as_str(), old[0].backends.len()), ("web", 2));
+    }
+
+    /// A process that listens on the admin socket but never accepts (hung or stopped, its queue
+    /// full) is taken as answering, at once: the blocking connect that looked for it waited for
+    /// good, and the controller, re-binding from its loop an admin socket it had lost, hung.
+    #[test]
+    fn a_listener_that_never_accepts_answers_without_a_wait() {
+        let dir = std::env::temp_dir().join(format!("edgelb-admin-full-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("admin.sock");
+        let _ = std::fs::remove_file(&path);
+        let hung =
+            socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        hung.bind(&socket2::SockAddr::unix(&path).unwrap()).unwrap();
+        hung.listen(0).unwrap();
+        // Its queue takes one connection; the next would wait.
+        let _queued = UnixStream::connect(&path).unwrap();
+        let (tx, rx) = mpsc::channel();
+        {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(bind_within(&path, Duration::from_millis(50)).map(|_| ()));
+            });
+        }
+        let got = rx.recv_timeout(Duration::from_secs(3)).expect("bind gave up at once");
+        let e = got.expect_err("another process listens there");
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+        assert!(path.exists(), "its socket is left alone");
+        drop(hung);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// `Serving::finish` returns once the answer the controller handed the admin thread is
