@@ -21,7 +21,11 @@ use std::{
         },
     },
     path::{Path, PathBuf},
-    sync::mpsc::{self, Sender},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc::{self, Sender},
+    },
     time::Duration,
 };
 
@@ -1054,6 +1058,9 @@ fn lock_err(path: &Path, reason: String) -> std::io::Error {
 pub struct Serving {
     listener: UnixListener,
     thread: std::thread::JoinHandle<()>,
+    /// Set while the thread has a request with the controller or writes its answer
+    /// ([`Serving::finish`] waits for those, not for a client still sending its request).
+    answering: Arc<AtomicBool>,
 }
 
 impl Serving {
@@ -1068,22 +1075,24 @@ impl Serving {
         self.thread.is_finished()
     }
 
-    /// Stops the thread and waits, up to `within`, for it to end: an answer the controller has
-    /// handed it (the `stop` command's own, say) is written before the process exits, which
-    /// would otherwise cut it off, and `edgelb stop` saw "closed without answering" after a stop
-    /// that went well. Requests still waiting for the controller must be answered first, or
-    /// their channel dropped, or they hold the thread until `within` has passed. Returns
-    /// whether the thread ended.
+    /// Stops the thread and waits, up to `within`, while it answers a request it took to the
+    /// controller: an answer the controller has handed it (the `stop` command's own, say) is
+    /// written before the process exits, which would otherwise cut it off, and `edgelb stop` saw
+    /// "closed without answering" after a stop that went well. A client still sending its
+    /// request (or connected and silent) is not waited for: the process exiting gave it no
+    /// answer to lose, and waiting for its deadline kept a stopping edgelb up for seconds after
+    /// its listeners had closed. Requests still waiting for the controller must be answered
+    /// first, or their channel dropped, or they hold the wait until `within` has passed.
+    /// Returns whether no answer was left unwritten.
     pub fn finish(self, within: Duration) -> bool {
         self.stop();
         let until = std::time::Instant::now() + within;
-        while !self.thread.is_finished() {
+        while self.answering.load(Ordering::Acquire) && !self.thread.is_finished() {
             if std::time::Instant::now() >= until {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let _ = self.thread.join();
         true
     }
 
@@ -1106,6 +1115,8 @@ impl Serving {
 pub fn serve(listener: UnixListener, to_controller: Sender<Pending>) -> std::io::Result<Serving> {
     use crate::proxy::{ACCEPT_PAUSE_MAX, ACCEPT_PAUSE_MIN, out_of_resources};
     let own = listener.try_clone().map_err(step("duplicating its descriptor".into()))?;
+    let answering = Arc::new(AtomicBool::new(false));
+    let busy = answering.clone();
     let thread = std::thread::Builder::new().name("admin".into()).spawn(move || {
         // Accepts failed in a row for want of descriptors or memory, and the pause after the last.
         let (mut starved, mut pause) = (0u64, Duration::ZERO);
@@ -1116,7 +1127,7 @@ pub fn serve(listener: UnixListener, to_controller: Sender<Pending>) -> std::io:
                         tracing::info!(failed = starved, "admin socket: accepting connections again");
                         (starved, pause) = (0, Duration::ZERO);
                     }
-                    let _ = handle(conn, &to_controller);
+                    let _ = handle(conn, &to_controller, &busy);
                 }
                 // Shut down by `Serving::stop`.
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => return,
@@ -1134,7 +1145,7 @@ pub fn serve(listener: UnixListener, to_controller: Sender<Pending>) -> std::io:
         }
     });
     let thread = thread.map_err(step("starting its thread".into()))?;
-    Ok(Serving { listener, thread })
+    Ok(Serving { listener, thread, answering })
 }
 
 /// How long an admin client has to send its request, and each write of the answer may wait for
@@ -1182,7 +1193,13 @@ impl Write for Deadline<'_> {
     }
 }
 
-fn handle(conn: UnixStream, to_controller: &Sender<Pending>) -> std::io::Result<()> {
+/// Answers one admin client. `answering` is set from the moment its request goes to the
+/// controller until its answer is written ([`Serving::finish`]).
+fn handle(
+    conn: UnixStream,
+    to_controller: &Sender<Pending>,
+    answering: &AtomicBool,
+) -> std::io::Result<()> {
     if let Err(e) = trusted(&conn) {
         tracing::warn!("admin socket: a connection refused: {e}");
         return Ok(());
@@ -1194,11 +1211,20 @@ fn handle(conn: UnixStream, to_controller: &Sender<Pending>) -> std::io::Result<
     BufReader::new(Deadline { conn: &conn, until })
         .take(MAX_REQUEST as u64)
         .read_until(b'\n', &mut line)?;
+    /// Clears `answering` however [`handle`] returns.
+    struct Answered<'a>(&'a AtomicBool);
+    impl Drop for Answered<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Release);
+        }
+    }
+    let _answered = Answered(answering);
     let answer = match serde_json::from_slice::<Request>(&line) {
         Err(_) if line.len() == MAX_REQUEST && !line.ends_with(b"\n") => too_long().into(),
         Err(e) => Response::err(format!("bad request: {e}")).into(),
         Ok(req) => {
             let (tx, rx) = mpsc::channel();
+            answering.store(true, Ordering::Release);
             if to_controller.send((req, tx)).is_err() {
                 Response::err("controller is shutting down").into()
             } else {
@@ -1552,6 +1578,15 @@ mod tests {
                 assert!(!r.ok && r.message.contains("shutting down"), "{r:?}");
             }
         }
+        // A client connected but silent (still to send its request) is not waited for: its
+        // read deadline kept a stopping edgelb up for seconds after its listeners had closed.
+        let (tx, _rx) = mpsc::channel::<Pending>();
+        let serving = serve(UnixListener::bind(&path).unwrap(), tx).unwrap();
+        let _silent = UnixStream::connect(&path).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let started = std::time::Instant::now();
+        assert!(serving.finish(Duration::from_secs(10)), "no answer was left unwritten");
+        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
