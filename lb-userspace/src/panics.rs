@@ -56,6 +56,17 @@ pub fn or_exit<T>(thread: &str, body: impl FnOnce() -> T) -> T {
     }
 }
 
+/// Runs `task`, a task of long-lived thread `thread` without which the thread is half alive (an
+/// L7 proxy thread's accept loops, its idle-connection sweeper and closers), under [`or_exit`]
+/// at each poll: a task's panic is caught by its runtime and seen by nobody until its handle is
+/// awaited (at the drain, for an accept loop), while the listener it no longer accepts on stays
+/// in its `SO_REUSEPORT` group. The tasks a connection runs in are not such: their panics end
+/// that connection only.
+pub async fn or_exit_task<F: std::future::Future>(thread: String, task: F) -> F::Output {
+    let mut task = std::pin::pin!(task);
+    std::future::poll_fn(|cx| or_exit(&thread, || task.as_mut().poll(cx))).await
+}
+
 /// Installs the panic hook of `edgelb run` (once; later calls do nothing): each panic is logged
 /// as an error through `tracing` ([`on_panic`]) and counted. The previous hook (Rust's, which
 /// prints to stderr) runs only while no `tracing` subscriber is set up, so that a panic is never
@@ -107,32 +118,50 @@ mod tests {
     use super::*;
 
     /// A long-lived thread whose body panics ends the process with [`THREAD_PANICKED_EXIT`],
-    /// saying so, instead of leaving it half alive. Run in a child (this test binary again, this
-    /// test only), which the panic ends.
+    /// saying so, instead of leaving it half alive; so does a task such a thread cannot do
+    /// without ([`or_exit_task`]: an L7 accept loop), whose panic its runtime would otherwise
+    /// catch and keep until the drain. Run in a child (this test binary again, this test only),
+    /// which the panic ends.
     #[test]
     fn a_long_lived_thread_that_panics_ends_the_process() {
         const CHILD: &str = "EDGELB_TEST_THREAD_PANIC";
-        if std::env::var_os(CHILD).is_none() {
+        let Some(case) = std::env::var_os(CHILD) else {
             let exe = std::env::current_exe().expect("the test binary's path");
             let name = "panics::tests::a_long_lived_thread_that_panics_ends_the_process";
-            let out = std::process::Command::new(exe)
-                .args([name, "--exact", "--nocapture", "--test-threads=1"])
-                .env(CHILD, "1")
-                .output()
-                .expect("run the test binary again");
-            let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(THREAD_PANICKED_EXIT), "{said}");
-            assert!(
-                said.contains("thread `l7-0` panicked and nothing else does its work"),
-                "{said}"
-            );
-            assert!(said.contains("test fault"), "{said}");
+            for case in ["thread", "task"] {
+                let out = std::process::Command::new(&exe)
+                    .args([name, "--exact", "--nocapture", "--test-threads=1"])
+                    .env(CHILD, case)
+                    .output()
+                    .expect("run the test binary again");
+                let said =
+                    String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+                assert_eq!(out.status.code(), Some(THREAD_PANICKED_EXIT), "{case}: {said}");
+                assert!(
+                    said.contains("thread `l7-0` panicked and nothing else does its work"),
+                    "{case}: {said}"
+                );
+                assert!(said.contains("test fault"), "{case}: {said}");
+            }
             return;
-        }
+        };
         let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).try_init();
+        let task = case == "task";
         let thread = std::thread::Builder::new()
             .name("l7-0".into())
-            .spawn(|| or_exit("l7-0", || panic!("test fault")))
+            .spawn(move || {
+                if task {
+                    // The task polled as its runtime would, which catches what escapes a poll.
+                    let fut = or_exit_task("l7-0".into(), async { panic!("test fault") });
+                    let mut fut = std::pin::pin!(fut);
+                    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        fut.as_mut().poll(&mut cx)
+                    }));
+                } else {
+                    or_exit("l7-0", || panic!("test fault"))
+                }
+            })
             .unwrap();
         let _ = thread.join();
         // Only without the policy: the process lives on, half alive, and the test ends well,

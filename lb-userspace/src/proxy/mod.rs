@@ -1278,7 +1278,12 @@ async fn run_thread(
     let upstream = http::UpstreamPool::default();
     // Idle backend connections past their time are closed even if no request asks for their
     // backend again.
-    let sweeping = tokio_uring::spawn(upstream.clone().sweep_every());
+    // Each of this thread's own tasks ends the process if it panics (`panics::or_exit_task`).
+    let name = format!("l7-{thread}");
+    let sweeping = tokio_uring::spawn(crate::panics::or_exit_task(
+        name.clone(),
+        upstream.clone().sweep_every(),
+    ));
     // This thread's idle client connections, one set per VIP (a VIP may have several
     // listeners here), each closing those other threads claim.
     let mut idle: HashMap<String, reuse::Idle> = HashMap::new();
@@ -1304,15 +1309,18 @@ async fn run_thread(
                     L7Mode::Tcp => Counter::default(),
                 };
                 let i = reuse::Idle::new(shelves, thread, closed);
-                closers.push(tokio_uring::spawn(i.clone().close_claimed()));
+                closers.push(tokio_uring::spawn(crate::panics::or_exit_task(
+                    name.clone(),
+                    i.clone().close_claimed(),
+                )));
                 i
             })
             .clone();
-        accepts.push(tokio_uring::spawn(async move {
+        accepts.push(tokio_uring::spawn(crate::panics::or_exit_task(name.clone(), async move {
             accept_loop(l, vip, addr, mode, shared.clone(), upstream, idle).await;
             // Every connection this loop took is counted in `open` by now.
             shared.accepting.fetch_sub(1, Ordering::SeqCst);
-        }));
+        })));
     }
     for a in accepts {
         let _ = a.await;
