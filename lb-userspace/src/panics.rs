@@ -69,8 +69,8 @@ pub async fn or_exit_task<F: std::future::Future>(thread: String, task: F) -> F:
 
 /// Installs the panic hook of `edgelb run` (once; later calls do nothing): each panic is logged
 /// as an error through `tracing` ([`on_panic`]) and counted. The previous hook (Rust's, which
-/// prints to stderr) runs only while no `tracing` subscriber is set up, so that a panic is never
-/// said twice, nor lost.
+/// prints to stderr) runs only while no `tracing` subscriber is set up or the log's filter
+/// drops this module's errors, so that a panic is never said twice, nor lost.
 pub fn install_hook() {
     static INSTALLED: Once = Once::new();
     INSTALLED.call_once(|| {
@@ -78,11 +78,19 @@ pub fn install_hook() {
         std::panic::set_hook(Box::new(move |info| {
             let thread = std::thread::current();
             on_panic(thread.name(), info.location(), info.payload(), &PANICS);
-            if !tracing::dispatcher::has_been_set() {
+            // Also when the log's filter drops this module's errors (a `RUST_LOG` naming other
+            // targets only): the panic would otherwise be said nowhere.
+            if unheard() {
                 previous(info);
             }
         }));
     });
+}
+
+/// Whether [`on_panic`]'s error goes nowhere: no `tracing` subscriber is set up yet, or the
+/// log's filter drops this module's errors (a `RUST_LOG` naming other targets only).
+fn unheard() -> bool {
+    !tracing::dispatcher::has_been_set() || !tracing::enabled!(tracing::Level::ERROR)
 }
 
 /// Counts a panic of thread `thread` (its name, if it has one) at `location` in `counter` and
@@ -167,6 +175,22 @@ mod tests {
         // Only without the policy: the process lives on, half alive, and the test ends well,
         // which the parent sees as a failure.
         std::thread::sleep(Duration::from_millis(100));
+    }
+
+    /// Rust's own hook prints a panic where the log's filter would drop the hook's error (a
+    /// `RUST_LOG` naming other targets only), and only there.
+    #[test]
+    fn a_panic_the_log_filter_drops_is_printed_by_rusts_hook() {
+        let only_proxy = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("edgelb::proxy=debug"))
+            .with_writer(std::io::sink)
+            .finish();
+        assert!(tracing::subscriber::with_default(only_proxy, unheard));
+        let errors = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(std::io::sink)
+            .finish();
+        assert!(!tracing::subscriber::with_default(errors, unheard));
     }
 
     /// A panic is one error line naming the thread, the place and the message, in JSON too
