@@ -1197,6 +1197,12 @@ fn address_advice(text: &str, of: AddressOf) -> Option<String> {
     // The address written, with the port or zone id written with it.
     let (written, port, zone) = if let Ok(sa) = text.parse::<std::net::SocketAddr>() {
         (sa.ip(), Some(sa.port()), None)
+    } else if let Some((host, port)) = text.strip_prefix('[').and_then(|r| r.split_once("]:"))
+        && let Ok(port) = port.parse::<u16>()
+    {
+        // `[v6%zone]:port`, which the socket address parser does not take with a zone name.
+        let (a, zone) = host.split_once('%').map_or((host, None), |(a, z)| (a, Some(z)));
+        (IpAddr::V6(a.parse().ok()?), Some(port), zone)
     } else {
         let unbracketed = text.strip_prefix('[').and_then(|r| r.strip_suffix(']'));
         let bare = unbracketed.unwrap_or(text);

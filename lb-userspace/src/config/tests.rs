@@ -627,6 +627,19 @@ fn misspelt_addresses_say_what_to_write() {
     );
     let t = xdp_vip("[2001:2::1]:8080", "", r#"{ address = "2001:2::11" }"#);
     refused_at(&t, "\"[2001:2::1]:8080\"", "write address = \"2001:2::1\" and port = 8080");
+    // A zone id inside the brackets, with a port: both said.
+    let t = xdp_vip("[2001:2::1%eth0]:8080", "", r#"{ address = "2001:2::11" }"#);
+    refused_at(
+        &t,
+        "\"[2001:2::1%eth0]:8080\"",
+        "zone ids (`%eth0`) are not taken, and 2001:2::1 is reached without one: write \"2001:2::1\"; the port is the VIP's own key: write address = \"2001:2::1\" and port = 8080",
+    );
+    let t = xdp_vip("198.18.1.1", "", r#"{ address = "[fe80::2%eth0]:80" }"#);
+    refused_at(
+        &t,
+        "\"[fe80::2%eth0]:80\"",
+        "zone ids (`%eth0`) are not taken, and fe80::2 is a link-local address",
+    );
     // A backend XDP forwards to takes no port at all.
     let t = xdp_vip("198.18.1.1", "", r#"{ address = "198.18.0.11:8080" }"#);
     refused_at(
@@ -687,7 +700,7 @@ fn misspelt_addresses_say_what_to_write() {
     let t = l7_vip("::1", r#"{ address = "[::1]:9000" }"#, "", "");
     refused_at(&t, "\"[::1]:9000\"", "write { address = \"::1\", port = 9000 }");
     // Anything else is only not an address.
-    for other in ["web.example", "[198.18.0.11]", "198.18.0.11%eth0", "[2001:db8::11%eth0]:80"] {
+    for other in ["web.example", "[198.18.0.11]", "198.18.0.11%eth0", "[198.18.0.11%eth0]:80"] {
         let t = xdp_vip("198.18.1.1", "", &format!("{{ address = \"{other}\" }}"));
         let e = err(&t);
         assert!(e.ends_with(&format!("`{other}` is not an IP address (backend address)")), "{e}");
