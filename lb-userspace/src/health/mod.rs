@@ -121,6 +121,30 @@ struct Running {
     /// again by [`Checker::reconcile`].
     thread: JoinHandle<()>,
     id: u64,
+    /// When it started: a check that died after running a long while starts its restart
+    /// backoff afresh ([`RESTART_FORGET`]).
+    started: Instant,
+}
+
+/// The wait before a dead check is started again the second time in a row; it doubles with
+/// each death after, up to [`RESTART_MAX`]. The first restart is at once (within the
+/// controller's second): one panic is a bug to report, not a reason to leave a backend
+/// unprobed. A check that panics at every probe was started again every second, for good: an
+/// error and a new thread each second, for each such check.
+const RESTART_FIRST: Duration = Duration::from_secs(1);
+
+/// The longest wait before a dead check is started again ([`RESTART_FIRST`]).
+const RESTART_MAX: Duration = Duration::from_secs(60);
+
+/// A check that ran this long before dying is started again at once, as after a first death.
+const RESTART_FORGET: Duration = Duration::from_secs(600);
+
+/// The wait before a check that has died `deaths` times in a row is started again.
+fn restart_wait(deaths: u32) -> Duration {
+    match deaths {
+        0 | 1 => Duration::ZERO,
+        n => RESTART_FIRST.saturating_mul(1 << (n - 2).min(16)).min(RESTART_MAX),
+    }
 }
 
 /// Every check `cfg` asks for: one per (VIP, backend).
@@ -158,6 +182,9 @@ pub struct Checker {
     events: Sender<HealthEvent>,
     /// The VIPs whose probes found no route, shared with the checks ([`say_no_route`]).
     no_route: Arc<NoRoute>,
+    /// Checks whose thread died: how many times in a row, and when they may start again
+    /// ([`restart_wait`]).
+    died: HashMap<Target, (u32, Instant)>,
 }
 
 impl Checker {
@@ -170,6 +197,7 @@ impl Checker {
             missing: 0,
             events,
             no_route: Arc::default(),
+            died: HashMap::new(),
         }
     }
 
@@ -191,7 +219,10 @@ impl Checker {
     /// only once stopped, and a stopped one leaves the set at once) is said, with the panic's
     /// message, and started again as a new check, from the controller's verdict like any new
     /// one: its backend's verdict stayed frozen while no probe ran. The controller calls this
-    /// within a second of such an end ([`Checker::any_ended`]).
+    /// within a second of such an end ([`Checker::any_ended`]). The first restart is at once;
+    /// a check that keeps dying waits 1 s, doubling to 60 s, before each next one
+    /// ([`restart_wait`]), and is counted with those that could not start meanwhile (the
+    /// controller calls again every second while any are).
     pub fn reconcile(&mut self, cfg: &Config, down: impl Fn(&str, SocketAddr) -> bool) -> usize {
         let ended: Vec<Target> = self
             .running
@@ -199,6 +230,7 @@ impl Checker {
             .filter(|(_, r)| r.thread.is_finished())
             .map(|(t, _)| t.clone())
             .collect();
+        let now = Instant::now();
         for t in ended {
             let Some(r) = self.running.remove(&t) else { continue };
             self.current.remove(&r.id);
@@ -206,10 +238,15 @@ impl Checker {
                 Ok(()) => "its thread ended".to_owned(),
                 Err(p) => format!("its thread panicked: {}", crate::panic_message(&*p)),
             };
-            tracing::error!(vip = %t.vip, backend = %t.backend, reason = %why, "a health check stopped by itself; starting it again from the controller's verdict");
+            let before = self.died.get(&t).map_or(0, |&(n, _)| n);
+            let deaths = if r.started.elapsed() >= RESTART_FORGET { 1 } else { before + 1 };
+            let wait = restart_wait(deaths);
+            self.died.insert(t.clone(), (deaths, now + wait));
+            tracing::error!(vip = %t.vip, backend = %t.backend, reason = %why, deaths_in_a_row = deaths, "a health check stopped by itself; starting it again from the controller's verdict in {} s (at once after a first death, then waiting 1 s doubling to 60 s while it keeps dying)", wait.as_secs());
         }
         let wanted = targets(cfg);
         let keep: HashSet<&Target> = wanted.iter().collect();
+        self.died.retain(|t, _| keep.contains(t));
         let checked: HashSet<(&str, SocketAddr)> =
             wanted.iter().map(|t| (t.vip.as_str(), t.backend)).collect();
         // Stopped checks are not waited for: a probe in flight gives up within a slice
@@ -228,9 +265,14 @@ impl Checker {
         // a backend no longer checked, which would keep its VIP's error unsaid.
         self.no_route.retain(|vip, backend| checked.contains(&(vip, backend)));
         let mut failed = 0;
+        let mut waiting = 0;
         let mut first_failure = None;
         for t in wanted {
             if self.running.contains_key(&t) {
+                continue;
+            }
+            if self.died.get(&t).is_some_and(|&(_, not_before)| now < not_before) {
+                waiting += 1;
                 continue;
             }
             let stop = Arc::new(Stop::default());
@@ -248,7 +290,7 @@ impl Checker {
                 Ok(thread) => {
                     self.next_id += 1;
                     self.current.insert(id);
-                    self.running.insert(t, Running { stop, thread, id });
+                    self.running.insert(t, Running { stop, thread, id, started: Instant::now() });
                 }
                 Err(e) => {
                     failed += 1;
@@ -265,7 +307,7 @@ impl Checker {
             );
         }
         self.missing = failed;
-        failed
+        failed + waiting
     }
 
     /// Whether `check` (a [`HealthEvent::check`]) still runs: false for a check stopped since.
@@ -489,8 +531,15 @@ mod tests {
     /// next probe, once each.
     static PANIC_AT_NEXT_PROBE: Mutex<Vec<SocketAddr>> = Mutex::new(Vec::new());
 
-    /// Panics if a fault is armed for `t`'s backend ([`PANIC_AT_NEXT_PROBE`]), disarming it.
+    /// Test-only fault: the backends whose check panics at every probe.
+    static PANIC_ALWAYS: Mutex<Vec<SocketAddr>> = Mutex::new(Vec::new());
+
+    /// Panics if a fault is armed for `t`'s backend ([`PANIC_AT_NEXT_PROBE`], disarming it, or
+    /// [`PANIC_ALWAYS`]).
     pub(super) fn fault(t: &Target) {
+        if PANIC_ALWAYS.lock().unwrap_or_else(PoisonError::into_inner).contains(&t.backend) {
+            panic!("test fault: the health check of {} panics every time", t.backend);
+        }
         let mut armed = PANIC_AT_NEXT_PROBE.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(i) = armed.iter().position(|b| *b == t.backend) {
             armed.swap_remove(i);
@@ -534,6 +583,43 @@ mod tests {
             }
         }
         assert!(!checker.any_ended());
+    }
+
+    /// A check that panics at every probe is started again at once the first time, then only
+    /// after a wait that doubles (1 s, 2 s, ...), counted meanwhile among the checks not
+    /// running: it was started again every second, for good.
+    #[test]
+    fn a_check_that_keeps_dying_is_started_again_ever_later() {
+        assert_eq!(
+            (1..=9).map(restart_wait).map(|d| d.as_secs()).collect::<Vec<_>>(),
+            [0, 1, 2, 4, 8, 16, 32, 60, 60]
+        );
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = backend.local_addr().unwrap();
+        let text = format!(
+            "[node]\ninterfaces = [\"lo\"]\n[[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = 80\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n[vip.health]\ninterval_ms = 10\ntimeout_ms = 10\nfall = 1\n",
+            addr.port()
+        );
+        let cfg = Config::parse(&text, "t.toml".as_ref()).unwrap();
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let mut checker = Checker::new(tx);
+        PANIC_ALWAYS.lock().unwrap().push(addr);
+        let mut starts = 0;
+        let mut waited = false;
+        assert_eq!(checker.reconcile(&cfg, |_, _| false), 0);
+        // 2.5 s of the controller's loop (every 50 ms here): starts at 0, at once after the
+        // first death, then 1 s and 2 s later at the most.
+        let until = Instant::now() + Duration::from_millis(2500);
+        while Instant::now() < until {
+            let was = checker.len();
+            let not_running = checker.reconcile(&cfg, |_, _| false);
+            starts += usize::from(was == 0 && checker.len() == 1);
+            waited |= not_running == 1;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        PANIC_ALWAYS.lock().unwrap().retain(|b| *b != addr);
+        assert!(waited, "a check waiting to start again is counted as not running");
+        assert!((1..=3).contains(&starts), "started again {starts} times in 2.5 s");
     }
 
     /// An L7 VIP's backends are checked on their own ports, each on its own: one address on two
