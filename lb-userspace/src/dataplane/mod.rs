@@ -1555,11 +1555,12 @@ impl Dataplane {
             let key = vip_key(reduced);
             let n = leavers.get(&key).copied().unwrap_or(0);
             let kept_weight = weight(reduced);
+            // A VIP XDP forwards with some weight kept has a ring (`vip_ring` is `None` only
+            // for L7 and for no weight): no Maglev build here just to tell.
             if n > 0
                 && reduced.forwarding != Forwarding::L7
                 && kept_weight > 0
                 && kept_weight * 100 >= weight(whole) * FREEING_PASS_MIN_KEPT_WEIGHT_PERCENT
-                && vip_ring(reduced).is_some_and(|r| !r.is_empty())
             {
                 candidates.push((n, key));
             }
