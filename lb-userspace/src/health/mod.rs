@@ -548,18 +548,23 @@ mod tests {
         }
     }
 
+    /// A listening backend on loopback and a config checking it every `ms` ms (`fall = 1`).
+    fn one_checked_backend(ms: u32) -> (std::net::TcpListener, SocketAddr, Config) {
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = backend.local_addr().unwrap();
+        let text = format!(
+            "[node]\ninterfaces = [\"lo\"]\n[[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = 80\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n[vip.health]\ninterval_ms = {ms}\ntimeout_ms = {ms}\nfall = 1\n",
+            addr.port()
+        );
+        (backend, addr, Config::parse(&text, "t.toml".as_ref()).unwrap())
+    }
+
     /// A check whose thread dies (a panic) is found ([`Checker::any_ended`]) and started again
     /// by the next reconcile, under a new id, and probes again. It used to stay dead, leaving its
     /// backend's verdict as it was for good.
     #[test]
     fn a_check_that_panics_is_started_again() {
-        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = backend.local_addr().unwrap();
-        let text = format!(
-            "[node]\ninterfaces = [\"lo\"]\n[[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = 80\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n[vip.health]\ninterval_ms = 30\ntimeout_ms = 30\nfall = 1\n",
-            addr.port()
-        );
-        let cfg = Config::parse(&text, "t.toml".as_ref()).unwrap();
+        let (_backend, addr, cfg) = one_checked_backend(30);
         let (tx, rx) = std::sync::mpsc::channel();
         let mut checker = Checker::new(tx);
         assert_eq!(checker.reconcile(&cfg, |_, _| false), 0);
@@ -594,13 +599,7 @@ mod tests {
             (1..=9).map(restart_wait).map(|d| d.as_secs()).collect::<Vec<_>>(),
             [0, 1, 2, 4, 8, 16, 32, 60, 60]
         );
-        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = backend.local_addr().unwrap();
-        let text = format!(
-            "[node]\ninterfaces = [\"lo\"]\n[[vip]]\nname = \"web\"\naddress = \"127.0.0.1\"\nport = 80\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n[vip.health]\ninterval_ms = 10\ntimeout_ms = 10\nfall = 1\n",
-            addr.port()
-        );
-        let cfg = Config::parse(&text, "t.toml".as_ref()).unwrap();
+        let (_backend, addr, cfg) = one_checked_backend(10);
         let (tx, _rx) = std::sync::mpsc::channel();
         let mut checker = Checker::new(tx);
         PANIC_ALWAYS.lock().unwrap().push(addr);
