@@ -642,7 +642,7 @@ fn veth() -> Option<Value> {
     assert_eq!(frame.len(), 60);
 
     let run = |aux: &mut AuxPrograms| -> (f64, u64) {
-        let before = aux.counter("SINK_COUNT").unwrap();
+        let before = aux.counter(lb_common::aux_maps::SINK_COUNT).unwrap();
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes()); // data_end
         ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes()); // ingress_ifindex
@@ -668,7 +668,7 @@ fn veth() -> Option<Value> {
         // Let the last frames drain through the pair.
         std::thread::sleep(Duration::from_millis(100));
         let elapsed = start.elapsed().as_secs_f64() - 0.1;
-        let got = aux.counter("SINK_COUNT").unwrap() - before;
+        let got = aux.counter(lb_common::aux_maps::SINK_COUNT).unwrap() - before;
         (got as f64 / elapsed / 1e6, got)
     };
 

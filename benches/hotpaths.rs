@@ -86,7 +86,7 @@ fn l7_pick(c: &mut Criterion) {
     }
 }
 
-/// The proxy's own request-head parse (`proxy/http.rs`'s `parse_request`, as every request
+/// The proxy's own request-head parse (`proxy/http/head.rs`'s `parse_request`, as every request
 /// takes it: the head split off a buffer holding it, with the config's default `max_headers`,
 /// 100), and beside it httparse's parse alone, the floor it builds on.
 fn http_parse(c: &mut Criterion) {

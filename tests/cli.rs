@@ -600,13 +600,71 @@ fn decap_refuses_prefixes_that_would_not_allow_what_was_meant() {
     for (bad, says) in [
         ("198.19.0.0/", "bad prefix length"),
         ("2001:db8::/", "bad prefix length"),
-        ("198.19.0.0/+16", "bad prefix length"),
+        ("198.19.0.0/-16", "bad prefix length"),
         ("::ffff:198.19.0.0/112", "IPv4-mapped"),
         ("198.19.0.0/33", "at most /32"),
     ] {
         let (code, _, err) = edgelb(&["decap", "attach", "nosuch0", "--allow-source", bad]);
         assert_eq!(code, 2, "{bad}: {err}");
         assert!(err.contains(says), "{bad}: {err}");
+    }
+}
+
+/// `decap --allow-source` is given the balancers' `encap_source_v4`, and reads a prefix as
+/// `edgelb check` (and `run`) read that key, with one parser: a length is digits, and a `+`
+/// before them, which the config took before (a file that ran must run after an upgrade), is
+/// taken by both with a warning that says how to write it. An IPv4 length the config refuses
+/// for its own reasons (past 16..=32) is not in this table: `--allow-source` may name any range.
+#[test]
+fn check_and_decap_read_a_prefix_alike() {
+    #[derive(Debug, PartialEq)]
+    enum Verdict {
+        Taken,
+        Cautioned,
+        Refused,
+    }
+    use Verdict::*;
+    for (prefix, want) in [
+        ("198.19.0.0/16", Taken),
+        ("198.19.0.0/016", Taken),
+        ("198.19.0.0", Taken),
+        ("198.19.0.0/+16", Cautioned),
+        ("198.19.0.0/+016", Cautioned),
+        ("198.19.0.0/", Refused),
+        ("198.19.0.0/+", Refused),
+        ("198.19.0.0/++16", Refused),
+        ("198.19.0.0/-16", Refused),
+        ("198.19.0.0/ 16", Refused),
+        ("198.19.0.0/0x10", Refused),
+        ("198.19.0.0/33", Refused),
+        ("198.19.0.0/272", Refused),
+        ("198.19.0/16", Refused),
+    ] {
+        let text = edgelb::config::EXAMPLE.replace(
+            "encap_source_v4 = \"198.19.0.0/16\"",
+            &format!("encap_source_v4 = \"{prefix}\""),
+        );
+        assert!(text.contains(prefix), "the example's encap_source_v4 changed");
+        let f = tempfile_path::write("prefix.toml", &text);
+        let (code, _, err) = edgelb(&["check", "--config", f.0.to_str().unwrap()]);
+        let caution = "a prefix length is digits alone, without a `+`: read as 198.19.0.0/16";
+        let checked = match code {
+            0 if err.contains(&format!("encap_source_v4 `{prefix}`: {caution}")) => Cautioned,
+            0 if err.is_empty() => Taken,
+            2 => Refused,
+            _ => panic!("check {prefix}: exit {code}: {err}"),
+        };
+        assert_eq!(checked, want, "check {prefix}: {err}");
+        // No such interface: a prefix taken fails at the attach (exit 1), touching nothing.
+        let (code, _, err) = edgelb(&["decap", "attach", "nosuch0", "--allow-source", prefix]);
+        let warning = format!("edgelb: warning: --allow-source `{prefix}`: {caution}");
+        let decap = match code {
+            1 if err.contains(&warning) => Cautioned,
+            1 if !err.contains("warning") => Taken,
+            2 => Refused,
+            _ => panic!("decap {prefix}: exit {code}: {err}"),
+        };
+        assert_eq!(decap, want, "decap {prefix}: {err}");
     }
 }
 
@@ -1189,19 +1247,15 @@ fn route_on_a_five_tuple_vip_needs_the_source_port() {
     assert_eq!((code, out.trim()), (0, "198.18.0.11"), "{err}");
 }
 
-/// An edgelb older than the `route` request refuses it as a bad request (it names the unknown
-/// command): `route` then answers from the file, saying why, rather than failing on the refusal.
-/// The old controller is played by a socket answering what one answers, word for word.
-#[test]
-fn route_falls_back_to_the_file_when_the_controller_is_too_old() {
+/// A controller played by a Unix socket bound at `sock`: it takes one connection (for at most
+/// 10 s: a CLI that never connects must fail the test, not hang it), reads one request line,
+/// answers `answer` and a newline, and gives back the request it read ("(never asked)" if none).
+fn played_controller(sock: &str, answer: &'static str) -> std::thread::JoinHandle<String> {
     use std::io::{BufRead, Write};
-    let f = example_file();
-    let sock = format!("{}/old-{}.sock", env!("CARGO_TARGET_TMPDIR"), std::process::id());
-    let _ = std::fs::remove_file(&sock);
-    let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-    // Accepts for at most 10 s: a CLI that never connects must fail the test, not hang it.
+    let _ = std::fs::remove_file(sock);
+    let l = std::os::unix::net::UnixListener::bind(sock).unwrap();
     l.set_nonblocking(true).unwrap();
-    let old = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let s = loop {
             match l.accept() {
@@ -1215,10 +1269,22 @@ fn route_falls_back_to_the_file_when_the_controller_is_too_old() {
         s.set_nonblocking(false).unwrap();
         let mut line = String::new();
         std::io::BufReader::new(&s).read_line(&mut line).unwrap();
-        let answer = r#"{"ok":false,"message":"bad request: unknown variant `route`, expected one of `status`, `drain`, `undrain`, `reload`, `stop`, `handover` at line 1 column 14"}"#;
         (&s).write_all(format!("{answer}\n").as_bytes()).unwrap();
         line
-    });
+    })
+}
+
+/// An edgelb older than the `route` request refuses it as a bad request (it names the unknown
+/// command): `route` then answers from the file, saying why, rather than failing on the refusal.
+/// The old controller is played by a socket answering what one answers, word for word.
+#[test]
+fn route_falls_back_to_the_file_when_the_controller_is_too_old() {
+    let f = example_file();
+    let sock = format!("{}/old-{}.sock", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let old = played_controller(
+        &sock,
+        r#"{"ok":false,"message":"bad request: unknown variant `route`, expected one of `status`, `drain`, `undrain`, `reload`, `stop`, `handover` at line 1 column 14"}"#,
+    );
     let path = f.0.to_str().unwrap();
     let (code, out, err) =
         edgelb(&["route", "--config", path, "--socket", &sock, "198.18.4.1", "web"]);
@@ -1332,4 +1398,70 @@ fn route_from_file_answers_for_a_candidate_file_while_edgelb_runs() {
     let (code, _, err) =
         edgelb(&["route", "-c", path, "--socket", &sock, "--from-file", "198.18.4.1", "cand"]);
     assert_eq!(code, 2, "{err}");
+}
+
+/// A config that is not all UTF-8 (a comment saved as Latin-1): `check` says where, by line and
+/// column, and the admin commands still reach the controller on the socket it names (they
+/// exited 2, "cannot read", without asking it). The controller is played by a socket answering
+/// one request.
+#[test]
+fn a_latin1_comment_is_told_by_line_and_keeps_the_admin_socket() {
+    let sock = format!("{}/latin1-{}.sock", env!("CARGO_TARGET_TMPDIR"), std::process::id());
+    let played = played_controller(&sock, r#"{"ok":false,"message":"played controller"}"#);
+    let text = edgelb::config::EXAMPLE.replace(
+        "# admin_socket = \"/run/edgelb/admin.sock\"",
+        &format!("admin_socket = \"{sock}\""),
+    );
+    let f = tempfile_path::write("latin1.toml", &text);
+    let mut bytes = b"# caf\xe9\n".to_vec();
+    bytes.extend_from_slice(text.as_bytes());
+    std::fs::write(&f.0, bytes).unwrap();
+    let path = f.0.to_str().unwrap();
+    let (code, _, err) = edgelb(&["check", "-c", path]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.starts_with(&format!("{path}:1:6: byte 0xE9 is not UTF-8")), "{err}");
+    let (code, out, err) = edgelb(&["status", "-c", path]);
+    let asked = played.join().unwrap();
+    let _ = std::fs::remove_file(&sock);
+    assert!(asked.contains("\"cmd\":\"status\""), "the controller was not asked: {asked}");
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("played controller"), "{err}");
+}
+
+/// A value of 70 000 bytes makes no 70 KB line: `check` quotes the first 80 characters and the
+/// length, whether the file is refused (a backend's address) or accepted with a warning (a VIP
+/// name that long).
+#[test]
+fn check_quotes_a_long_value_in_part() {
+    let big = "x".repeat(70_000);
+    for (text, code) in [
+        (edgelb::config::EXAMPLE.replacen("198.18.0.11", &big, 1), 2),
+        (edgelb::config::EXAMPLE.replace("name = \"web7\"", &format!("name = \"{big}\"")), 0),
+    ] {
+        let f = tempfile_path::write("long-value.toml", &text);
+        let (got, out, err) = edgelb(&["check", "-c", f.0.to_str().unwrap()]);
+        assert_eq!(got, code, "{}", &err[..err.len().min(300)]);
+        assert!(err.len() < 1024, "{} bytes: {}", err.len(), &err[..err.len().min(300)]);
+        assert!(err.contains("… (70000 bytes)`"), "{err}");
+        assert!(out.len() < 1024, "{out}");
+    }
+}
+
+/// A key the file spells with an escape and a newline in it (`"x\u001b[31m...\nfake.toml:1:1:
+/// ok"`) is shown escaped by `check`: its error is one line, without the escape character that
+/// would color the terminal or the second line that would pass for another message.
+#[test]
+fn check_shows_a_key_with_control_characters_escaped() {
+    let text = edgelb::config::EXAMPLE.replacen(
+        "[node]\n",
+        "[node]\n\"x\\u001b[31mRED\\nfake.toml:1:1: ok\" = 1\n",
+        1,
+    );
+    let f = tempfile_path::write("control-key.toml", &text);
+    let (code, out, err) = edgelb(&["check", "-c", f.0.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(out, "");
+    let line = err.strip_suffix('\n').unwrap_or(&err);
+    assert!(!line.contains(['\n', '\u{1b}']), "{err:?}");
+    assert!(line.contains("unknown field `x\\u{1b}[31mRED\\nfake.toml:1:1: ok`"), "{err:?}");
 }

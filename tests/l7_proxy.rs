@@ -52,7 +52,7 @@ impl Drop for Backend {
 }
 
 /// Reads one request (head and body); returns (head text, body).
-fn read_request(r: &mut BufReader<TcpStream>) -> Option<(String, Vec<u8>)> {
+fn read_request<R: Read>(r: &mut BufReader<R>) -> Option<(String, Vec<u8>)> {
     let mut head = String::new();
     loop {
         let mut line = String::new();
@@ -95,8 +95,9 @@ fn backend(name: &'static str, mode: Mode) -> Backend {
             let _ = s.write_all(&all);
             return;
         }
-        let mut w = s.try_clone().unwrap();
-        let mut r = BufReader::new(s);
+        // Read and written through references: a second descriptor per connection (a clone)
+        // would take 150 more open files from busy_moments_do_not_churn_upstream_connections.
+        let (mut w, mut r) = (&s, BufReader::new(&s));
         while let Some((head, body)) = read_request(&mut r) {
             r2.fetch_add(1, Ordering::Relaxed);
             let xff = head
@@ -411,7 +412,7 @@ fn client(addr: SocketAddr) -> (TcpStream, BufReader<TcpStream>) {
 /// A response: status, headers (lower-case names), body.
 type Resp = (u16, HashMap<String, String>, String);
 
-fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<Resp> {
+fn read_response<R: Read>(r: &mut BufReader<R>) -> std::io::Result<Resp> {
     let mut status_line = String::new();
     if r.read_line(&mut status_line)? == 0 {
         return Err(std::io::Error::other("closed"));
@@ -1491,6 +1492,10 @@ fn routing_and_the_backend_see_one_host() {
         "GET / HTTP/1.1\r\nHost: api.example:x\r\n\r\n",
         "GET / HTTP/1.1\r\nHost: api.example:80:80\r\n\r\n",
         "GET http://api.example:x/ HTTP/1.1\r\nHost: api.example\r\n\r\n",
+        // Digits, but no port (0..=65535): it was forwarded as it came.
+        "GET / HTTP/1.1\r\nHost: api.example:99999\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: api.example:65536\r\n\r\n",
+        "GET http://api.example:99999/ HTTP/1.1\r\nHost: api.example:99999\r\n\r\n",
         "GET / HTTP/1.1\r\nHost: [::1\r\n\r\n",
         "GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n",
         "GET / HTTP/1.1\r\nHost: [not-an-address]\r\n\r\n",
@@ -1498,7 +1503,7 @@ fn routing_and_the_backend_see_one_host() {
         assert_eq!(send(raw).0, 400, "{raw:?}");
     }
     // A port of digits, or none after the colon, is the host's.
-    for host in ["api.example:8080", "api.example:", "API.example.:80"] {
+    for host in ["api.example:8080", "api.example:", "API.example.:80", "api.example:65535"] {
         let r = send(&format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"));
         assert_eq!((r.0, who(&r)), (200, "api".to_owned()), "{host}: {r:?}");
     }
@@ -1510,7 +1515,7 @@ fn routing_and_the_backend_see_one_host() {
     assert_eq!((r.0, who(&r)), (200, "api".to_owned()), "{r:?}");
     // No tunnels through a reverse proxy.
     assert_eq!(send("CONNECT api.example:443 HTTP/1.1\r\nHost: api.example:443\r\n\r\n").0, 501);
-    assert_eq!(def.reqs.load(Ordering::Relaxed) + api.reqs.load(Ordering::Relaxed), 7);
+    assert_eq!(def.reqs.load(Ordering::Relaxed) + api.reqs.load(Ordering::Relaxed), 8);
 }
 
 #[test]
@@ -1857,7 +1862,7 @@ fn survives_hostile_input() {
         let len = (rnd() % 300) as usize;
         cases.push((0..len).map(|_| rnd() as u8).collect());
     }
-    let only: Option<usize> = std::env::var("CASE").ok().and_then(|c| c.parse().ok());
+    let only = common::only_case(cases.len());
     for (i, case) in cases.iter().enumerate() {
         if only.is_some_and(|o| o != i) {
             continue;
@@ -1885,22 +1890,34 @@ fn survives_hostile_input() {
 /// times its tokens: at the limits a VIP may allow (1 MiB heads, 1000 headers), the one proxy
 /// thread stalled for seconds on each such request, and every other connection with it. The
 /// headers a token names still do not reach the other side, in either direction.
+///
+/// Timed against heads as large, with as many headers, whose list of tokens is in a header of
+/// no meaning (`X-Pad`), sent in the same run: what reading so large a head costs on this
+/// machine at this moment, however slow or loaded it is. The quadratic search took about 40 s
+/// for the request and 300 ms for each response in a debug build (2 s and 10 ms in release),
+/// 70 to 2000 times what the padded heads take; a fixed bound in milliseconds was within 10 %
+/// of what the linear search takes on a loaded 2-core machine.
 #[test]
 fn many_connection_tokens_cost_time_in_proportion_to_their_bytes() {
-    let hostile_head = |start: &str, headers: usize, bytes: usize| {
+    // A head of about `bytes` with `headers` headers and a list of one-letter tokens in a
+    // header named `list`.
+    let big_head = |start: &str, headers: usize, bytes: usize, list: &str| {
         let mut h = format!("{start}\r\nX-Named: 1\r\nX-Kept: 1\r\n");
         for i in 0..headers {
             h += &format!("X-{i}: v\r\n");
         }
-        h += "Connection: x-named";
+        h += &format!("{list}: x-named");
         while h.len() < bytes {
             h += ",a";
         }
         h + "\r\n\r\n"
     };
+    // Many tokens take at most this many times as long as a padded head, and this much more.
+    let within = |took: Duration, padded: Duration| took < padded * 10 + Duration::from_secs(1);
     // Answers each request with the Connection-named and kept headers it got, and with a
-    // response head as hostile as the request's (within what the proxy reads of one, 64 KiB
-    // and 128 headers), or a plain one for `/plain`.
+    // response head as large as the request's (within what the proxy reads of one, 64 KiB
+    // and 128 headers): its tokens in `Connection`, or in `X-Pad` for `/padded`; or a plain
+    // one for `/plain`.
     let b = serve_backend(move |s, r2, _| {
         let mut w = s.try_clone().unwrap();
         let mut r = BufReader::new(s);
@@ -1908,14 +1925,14 @@ fn many_connection_tokens_cost_time_in_proportion_to_their_bytes() {
             r2.fetch_add(1, Ordering::Relaxed);
             let got = |name: &str| head.contains(&format!("\r\n{name}: 1\r\n"));
             let text = format!("named={} kept={}", got("X-Named"), got("X-Kept"));
-            let plain = head.starts_with("GET /plain ");
-            let start = if plain { "HTTP/1.1 200 OK" } else { "HTTP/1.1 200 OK\r\nX-Resp: 1" };
-            let resp = if plain {
-                format!("{start}\r\n")
-            } else {
-                let h = hostile_head(start, 120, 60 * 1024);
-                h.strip_suffix("\r\n").unwrap().to_owned()
+            let path = head.split_whitespace().nth(1).unwrap_or_default();
+            let start = "HTTP/1.1 200 OK\r\nX-Resp: 1";
+            let resp = match path {
+                "/plain" => "HTTP/1.1 200 OK\r\n\r\n".to_owned(),
+                "/padded" => big_head(start, 120, 60 * 1024, "X-Pad"),
+                _ => big_head(start, 120, 60 * 1024, "Connection"),
             };
+            let resp = resp.strip_suffix("\r\n").unwrap_or(&resp);
             let resp = format!("{resp}Content-Length: {}\r\n\r\n{text}", text.len());
             if w.write_all(resp.as_bytes()).is_err() {
                 return;
@@ -1939,25 +1956,33 @@ fn many_connection_tokens_cost_time_in_proportion_to_their_bytes() {
     };
     plain(&mut other);
 
-    // The request: all but its last line first, so that the proxy has it read up to there;
-    // then the end, and at once a plain request on the other connection, which has to wait
-    // for whatever the proxy thread does with the hostile one.
-    let hostile = hostile_head("GET /hostile HTTP/1.1\r\nHost: t", 990, 1_000_000);
-    let (mut s, mut r) = client(p.addr);
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let cut = hostile.len() - 2;
-    s.write_all(&hostile.as_bytes()[..cut]).unwrap();
-    // The proxy has read it all when it answers on the other connection after it.
-    std::thread::sleep(Duration::from_millis(300));
-    plain(&mut other);
-    s.write_all(&hostile.as_bytes()[cut..]).unwrap();
-    let waited = plain(&mut other);
+    // A 1 MiB request with its tokens in `list`, on a connection of its own: all but its last
+    // line first, so that the proxy has it read up to there; then the end, and at once a plain
+    // request on the other connection, which has to wait for whatever the proxy thread does
+    // with the large one. Returns that wait, and the large request's connection.
+    let behind = |other: &mut Client, path: &str, list: &str| {
+        let head = big_head(&format!("GET {path} HTTP/1.1\r\nHost: t"), 990, 1_000_000, list);
+        let (mut s, r) = client(p.addr);
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let cut = head.len() - 2;
+        s.write_all(&head.as_bytes()[..cut]).unwrap();
+        // The proxy has read it all when it answers on the other connection after it.
+        std::thread::sleep(Duration::from_millis(300));
+        plain(other);
+        s.write_all(&head.as_bytes()[cut..]).unwrap();
+        (plain(other), s, r)
+    };
+    let (padded, _s, mut r) = behind(&mut other, "/padded", "X-Pad");
+    let resp = read_response(&mut r).expect("the padded request is answered");
+    assert_eq!(resp.0, 200, "{resp:?}");
+    let (waited, mut s, mut r) = behind(&mut other, "/hostile", "Connection");
     let t = Instant::now();
     let resp = read_response(&mut r).expect("the hostile request is answered");
     let hostile_took = t.elapsed();
     assert!(
-        waited < Duration::from_millis(500),
-        "a plain request waited {waited:?} behind one with many Connection tokens (it then took {hostile_took:?} more)"
+        within(waited, padded),
+        "a plain request waited {waited:?} behind one with many Connection tokens (it then took \
+         {hostile_took:?} more), and {padded:?} behind one as large without"
     );
     assert_eq!(resp.0, 200, "{resp:?}");
     assert_eq!(resp.2, "named=false kept=true", "what the backend got");
@@ -1970,23 +1995,32 @@ fn many_connection_tokens_cost_time_in_proportion_to_their_bytes() {
             .collect::<Vec<_>>()
     );
 
-    // Responses: the backend's hostile heads, one after another.
-    let t = Instant::now();
+    // Responses: the backend's large heads, hostile and padded in turn, each kind timed.
+    let (mut hostile, mut padded) = (Duration::ZERO, Duration::ZERO);
     for _ in 0..20 {
-        s.write_all(b"GET /again HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
-        let resp = read_response(&mut r).expect("an answer");
-        assert_eq!(resp.2, "named=false kept=false", "{resp:?}");
-        assert!(resp.1.contains_key("x-resp") && !resp.1.contains_key("x-named"));
+        for (path, took) in [("/again", &mut hostile), ("/padded", &mut padded)] {
+            let t = Instant::now();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).unwrap();
+            let resp = read_response(&mut r).expect("an answer");
+            *took += t.elapsed();
+            assert_eq!(resp.0, 200, "{resp:?}");
+            assert!(resp.1.contains_key("x-resp"), "{path}");
+            if path == "/again" {
+                assert_eq!(resp.2, "named=false kept=false", "{resp:?}");
+                assert!(!resp.1.contains_key("x-named"), "{path}");
+            }
+        }
     }
-    let took = t.elapsed();
     assert!(
-        took < Duration::from_millis(1000),
-        "20 responses with many Connection tokens took {took:?}"
+        within(hostile, padded),
+        "20 responses with many Connection tokens took {hostile:?}, 20 as large without {padded:?}"
     );
 }
 
 /// Two waves of 150 concurrent requests on 150 keep-alive client connections; returns the backend
-/// connections opened by the first wave and in all.
+/// connections opened by the first wave and in all. Some 620 open files at the peak (the clients',
+/// both sides of the proxy's and the backend's connections, no clones of them), within the soft
+/// limit of 1024 a fresh machine gives: with a clone per client and backend connection it was 916.
 fn two_waves(l7: &str) -> (usize, usize) {
     let a = backend("a", Mode::Slow(300));
     let p = proxy(&[(&a, 1)], l7, "");
@@ -2002,8 +2036,7 @@ fn two_waves(l7: &str) -> (usize, usize) {
             for s in clients {
                 sc.spawn(move || {
                     (&*s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
-                    let mut r = BufReader::new(s.try_clone().unwrap());
-                    assert_eq!(read_response(&mut r).unwrap().0, 200);
+                    assert_eq!(read_response(&mut BufReader::new(s)).unwrap().0, 200);
                 });
             }
         })
@@ -2771,7 +2804,7 @@ fn damaged_requests_never_reach_the_backend_malformed() {
             c
         })
         .collect();
-    let only: Option<usize> = std::env::var("CASE").ok().and_then(|c| c.parse().ok());
+    let only = common::only_case(cases.len());
     let next = AtomicUsize::new(0);
     let failures = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|scope| {
@@ -2824,8 +2857,12 @@ fn damaged_requests_never_reach_the_backend_malformed() {
     p.connections_given_back().unwrap_or_else(|e| panic!("{e}"));
     let v = violations.lock().unwrap();
     assert!(v.is_empty(), "the backend received malformed requests:\n{}", v.join("\n"));
-    // About a fifth of the cases are still requests a backend may get (195-245 over seeds 1-40).
-    assert!(b.reqs.load(Ordering::Relaxed) > 120, "enough damaged requests were still forwarded");
+    // About a fifth of the cases are still requests a backend may get (195-245 over seeds 1-40);
+    // not counted when EDGELB_CASE replays one case.
+    assert!(
+        only.is_some() || b.reqs.load(Ordering::Relaxed) > 120,
+        "enough damaged requests were still forwarded"
+    );
 }
 
 /// A backend that records the head of every request it gets and answers each with 200 (an
@@ -7462,10 +7499,10 @@ fn prop_case(rnd: &mut impl FnMut(usize) -> usize) -> PropCase {
 }
 
 /// Deterministic randomized property test of the HTTP/1.1 proxy (seeded: the seed is printed,
-/// `FUZZ_SEED=<n>` runs another, `CASE=<i>` one case alone). 4000 cases of valid requests of many
-/// shapes ([`valid_request`]), most damaged ([`mutate`]), each on its own connection from its own
-/// loopback address, 24 at a time, against a backend that records every byte it receives per
-/// connection and answers with well-formed responses of every framing ([`recorded_answer`]).
+/// `FUZZ_SEED=<n>` runs another, `EDGELB_CASE=<i>` one case alone). 4000 cases of valid requests
+/// of many shapes ([`valid_request`]), most damaged ([`mutate`]), each on its own connection from
+/// its own loopback address, 24 at a time, against a backend that records every byte it receives
+/// per connection and answers with well-formed responses of every framing ([`recorded_answer`]).
 /// For every case:
 /// - the client gets well-formed HTTP/1.1 responses and/or a close ([`client_view`]), within
 ///   the configured timeouts (whole request 1 s, plus a lingering close and the keep-alive wait:
@@ -7501,11 +7538,13 @@ fn property_damaged_requests_get_well_formed_answers_and_reach_the_backend_unamb
         "",
     );
     let seed = common::fuzz_seed(0x5eed_0fed);
-    eprintln!("property seed {seed} (FUZZ_SEED=<n> for another, CASE=<i> for one case)");
+    eprintln!(
+        "property seed {seed} (FUZZ_SEED=<n> for another, EDGELB_CASE=<i> with this test's name as the filter for one case)"
+    );
     let mut rnd = common::rng(seed);
     const CASES: usize = 4000;
     let cases: Vec<PropCase> = (0..CASES).map(|_| prop_case(&mut rnd)).collect();
-    let only: Option<usize> = std::env::var("CASE").ok().and_then(|c| c.parse().ok());
+    let only = common::only_case(CASES);
     let started = Instant::now();
     let mut runs = in_parallel(CASES, 24, |i| {
         let c = &cases[i];

@@ -329,17 +329,36 @@ impl Edgelb {
     /// Starts `edgelb run --takeover` with `config` in `ns`, its log appended to `log`; does not
     /// wait for it.
     fn spawn_takeover(ns: &str, config: &PathBuf, log: &PathBuf) -> Edgelb {
+        Edgelb::spawn_takeover_with(ns, config, log, &[])
+    }
+
+    /// [`Edgelb::spawn_takeover`] with `env` set for it (a test hook, `EDGELB_TEST_PAUSE`).
+    fn spawn_takeover_with(
+        ns: &str,
+        config: &PathBuf,
+        log: &PathBuf,
+        env: &[(&str, &str)],
+    ) -> Edgelb {
         let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child =
-            takeover_command(ns, config).stderr(out).spawn().expect("start edgelb --takeover");
+        let child = takeover_command(ns, config)
+            .envs(env.iter().copied())
+            .stderr(out)
+            .spawn()
+            .expect("start edgelb --takeover");
         let child = Guarded::new(child, "edgelb --takeover");
         Edgelb { child: Some(child), config: config.clone(), ns: ns.to_owned(), log: log.clone() }
     }
 
     /// Starts `edgelb run --takeover` beside this one (same config, namespace and log) and
     /// returns it once this one has handed over and exited, and the new one answers.
-    fn take_over(mut self) -> Edgelb {
-        let mut new = Edgelb::spawn_takeover(&self.ns, &self.config, &self.log);
+    fn take_over(self) -> Edgelb {
+        let new = Edgelb::spawn_takeover(&self.ns, &self.config, &self.log);
+        self.handed_to(new)
+    }
+
+    /// Waits until this edgelb has handed over to `new` (an `edgelb run --takeover`) and exited,
+    /// and `new` answers; returns `new`.
+    fn handed_to(mut self, mut new: Edgelb) -> Edgelb {
         // The old process exits by itself once the new one serves and its requests are done.
         // (Guarded: if it does not, the failed assertion stops it.)
         let mut old = self.child.take().unwrap();
@@ -1066,6 +1085,75 @@ fn status_of_an_l7_vip_counts_its_requests() {
     drop(e);
 }
 
+/// `status --json` lists an L7 VIP's route pools, each with what it matches and its backends'
+/// live state as the VIP's own show it: requests, in flight, and passive health. A route pool
+/// passive health had taken out whole was not listed at all, so it looked healthy.
+#[test]
+fn status_lists_route_pools_with_their_live_state() {
+    use std::io::{Read, Write};
+    if !netns::require_privileged("status_lists_route_pools_with_their_live_state") {
+        return;
+    }
+    let port = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+    let (vip, own, routed, dead) = (port(8080), port(8081), port(8084), port(8085));
+    let bed = LoBed::new(
+        "routestatus",
+        &format!(
+            "[[vip]]\nname = \"app\"\naddress = \"127.0.0.1\"\nport = {}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n[vip.l7]\nmax_fails = 1\nfail_timeout_ms = 600000\n[[vip.route]]\npath_prefix = \"/r/\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n[[vip.route]]\nhost = \"dead.example\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n",
+            vip.port(),
+            own.port(),
+            routed.port(),
+            dead.port(),
+        ),
+    );
+    // Nothing listens on `dead`: its one request fails, which takes it out (max_fails = 1).
+    let _servers =
+        [NamedServer::start(&bed.ns, "own", own), NamedServer::start(&bed.ns, "routed", routed)];
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lifecycle-{}.log", bed.tag));
+    let _ = std::fs::remove_file(&log);
+    let e = Edgelb::start(&bed.ns, &bed.config, &log);
+    let answer = |host: &str, path: &str| {
+        let mut s = std::net::TcpStream::connect_timeout(&vip, TIMEOUT).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        resp
+    };
+    netns::in_netns(&bed.ns, || {
+        for _ in 0..2 {
+            let resp = answer("t", "/r/x");
+            assert!(resp.starts_with("HTTP/1.1 200") && resp.ends_with("routed\n"), "{resp:?}");
+        }
+        let resp = answer("dead.example", "/");
+        assert!(resp.starts_with("HTTP/1.1 5"), "{resp:?}");
+    })
+    .unwrap();
+    let st = e.status();
+    let v = st.vips.iter().find(|v| v.name == "app").expect("the VIP");
+    assert_eq!(v.backends.len(), 1, "{v:?}");
+    assert!(!v.backends[0].passive_down, "{v:?}");
+    assert_eq!(v.routes.len(), 2, "{v:?}");
+    let (r, d) = (&v.routes[0], &v.routes[1]);
+    assert_eq!((r.host.as_deref(), r.path_prefix.as_deref()), (None, Some("/r/")), "{r:?}");
+    assert_eq!((d.host.as_deref(), d.path_prefix.as_deref()), (Some("dead.example"), None));
+    let row = |b: &edgelb::admin::BackendStatus| {
+        (b.port, b.healthy, b.passive_down, b.l7_requests, b.l7_in_flight)
+    };
+    assert_eq!(
+        r.backends.iter().map(row).collect::<Vec<_>>(),
+        [(routed.port(), true, false, 2, Some(0))]
+    );
+    let dead_row = d.backends.iter().map(row).collect::<Vec<_>>();
+    assert_eq!(dead_row.len(), 1, "{d:?}");
+    assert_eq!(
+        (dead_row[0].0, dead_row[0].2, dead_row[0].4),
+        (dead.port(), true, Some(0)),
+        "{d:?}"
+    );
+    drop(e);
+}
+
 /// An HTTP server on `addr` inside namespace `ns` that holds every request it gets: it reads
 /// the request head, says `name` on `seen`, and answers (200, body `name`, then closes) only
 /// once `release` is set, so a request stays in flight on its backend as long as a test wants.
@@ -1202,8 +1290,8 @@ fn in_flight_requests_show_per_backend_in_metrics_and_status() {
         let want = format!("edgelb_l7_backend_in_flight{{vip=\"{vip}\",backend=\"{b}\"}} ");
         text.lines().find_map(|l| l.strip_prefix(&want)).map(|v| v.trim().to_owned())
     };
-    // `status`: the JSON field and the text column of each listed backend (route pools' are
-    // not listed).
+    // `status`: the JSON field and the text column of each of the VIP's own backends (route
+    // pools' are under `routes`: status_lists_route_pools_with_their_live_state).
     let status_counts = |vip: &str, b: SocketAddr| {
         let out = e.cli(&["status", "--json"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -1474,6 +1562,15 @@ fn reload_rejects_bad_files_and_keeps_connections() {
     assert_eq!(out.status.code(), Some(2), "a bad file exits 2, as `edgelb check` does");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("reload rejected") && err.contains(":"), "{err}");
+    // Said in edgelb's log too, as a SIGHUP's refusal is: the one reloading may not read it.
+    let log = bed.e().log();
+    assert!(
+        log.lines().any(|l| l.contains("ERROR")
+            && l.contains("edgelb reload")
+            && l.contains("reload rejected, running config kept")
+            && l.contains("70000")),
+        "{log}"
+    );
     assert_eq!(bed.e().status().vips.len(), status_before.vips.len());
     assert_eq!(echo_backends(&bed.e().status()), echo_backends(&status_before));
 
@@ -2087,6 +2184,210 @@ fn a_takeover_with_another_file_carries_state_as_a_reload_would() {
     assert_eq!(downs(&bed.e().log()), downs_before, "backend 1 never served again");
 }
 
+/// The addresses of VIP `vip`'s backends as `status` shows them.
+fn backends_of(e: &Edgelb, vip: &str) -> Vec<String> {
+    let st = e.status();
+    let v = st.vips.iter().find(|v| v.name == vip).expect("vip in status");
+    v.backends.iter().map(|b| b.address.to_string()).collect()
+}
+
+/// Waits (at most 10 s) until `log` says `line` more than `seen` times; panics with the log
+/// if it does not, or if `child` exits first.
+fn wait_logged(log: &Path, line: &str, seen: usize, child: &mut Guarded) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.matches(line).count() > seen {
+            return;
+        }
+        if let Some(st) = child.exited() {
+            panic!("{} exited ({st}) before it logged {line:?}; log:\n{text}", child.what);
+        }
+        assert!(Instant::now() < deadline, "never logged {line:?}; log:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An `edgelb reload` that reaches the running edgelb while a takeover starts (after the new
+/// process read the file, before it asked for the handover: the program load takes seconds) is
+/// not lost: the handover says which file the running edgelb last applied, and the new process,
+/// having read another, reads the file again and runs it as it is now. It used to run the file
+/// as read before the edit, and a backend the reload had removed came back, with nothing said.
+/// A file that fails by then gives the takeover up before the commit: the running edgelb keeps
+/// serving what it was reloaded with. The window is held open by a test hook
+/// (`EDGELB_TEST_PAUSE`) after the new process loaded its config.
+#[test]
+fn a_reload_while_a_takeover_starts_is_not_lost() {
+    let Some(mut bed) = Bed::up("takeover-reload", &[1, 2, 3]) else { return };
+    let all = config_text(&bed.tag, &[1, 2, 3]);
+    let fewer = config_text(&bed.tag, &[1, 2]);
+    let pause = [("EDGELB_TEST_PAUSE", "takeover-loaded:3000")];
+    let hook = "test hook (EDGELB_TEST_PAUSE): pausing";
+    let reload = |bed: &Bed, text: &str| {
+        std::fs::write(&bed.cfg_path, text).unwrap();
+        let out = bed.e().cli(&["reload"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let (log, ns) = (bed.e().log.clone(), bed.e().ns.clone());
+
+    // The file is reloaded, then broken, while the new process is paused: it gives up before
+    // the commit, saying why, and the running edgelb goes on with what it was reloaded with.
+    let mut new = Edgelb::spawn_takeover_with(&ns, &bed.cfg_path, &log, &pause);
+    wait_logged(&log, hook, 0, new.child.as_mut().unwrap());
+    reload(&bed, &fewer);
+    std::fs::write(&bed.cfg_path, all.replace("port = 7", "port = 70000")).unwrap();
+    let st = new.child.as_mut().unwrap().wait(Duration::from_secs(30));
+    new.child = None;
+    assert_eq!(st.code(), Some(1), "log:\n{}", bed.e().log());
+    let text = bed.e().log();
+    assert!(
+        text.contains("the config file changed while this process started")
+            && text.contains("and it now fails")
+            && text.contains("the running edgelb keeps serving"),
+        "{text}"
+    );
+    bed.edgelb.as_mut().unwrap().wait_answering();
+    assert_eq!(backends_of(bed.e(), "echo"), ["198.18.0.11", "198.18.0.12"]);
+
+    // The file as at the start again; then reloaded to drop backend 3 while the new process is
+    // paused: the new process runs the file as reloaded.
+    reload(&bed, &all);
+    assert_eq!(backends_of(bed.e(), "echo").len(), 3);
+    let mut new = Edgelb::spawn_takeover_with(&ns, &bed.cfg_path, &log, &pause);
+    wait_logged(&log, hook, 1, new.child.as_mut().unwrap());
+    reload(&bed, &fewer);
+    let old = bed.edgelb.take().unwrap();
+    bed.edgelb = Some(old.handed_to(new));
+    assert_eq!(
+        backends_of(bed.e(), "echo"),
+        ["198.18.0.11", "198.18.0.12"],
+        "the new edgelb runs the file as reloaded; log:\n{}",
+        bed.e().log()
+    );
+    assert!(
+        bed.e().log().contains("running the file as it is now, not as it was read at the start"),
+        "{}",
+        bed.e().log()
+    );
+}
+
+/// Commands sent while a takeover is under way are answered, each carried out once: between
+/// the handover and the new process binding the admin socket (held open by a test hook,
+/// `EDGELB_TEST_PAUSE`), they reach the old process's listener, which still has the path, and
+/// once the new one serves the old one refuses them as handed over, and the CLI asks the new
+/// one. The old process used to unlink the path first: `edgelb reload` then said that no
+/// edgelb runs (exit 3), or, taken by the old listener, "closed without answering".
+#[test]
+fn commands_during_a_takeover_are_answered() {
+    let Some(mut bed) = Bed::up("takeover-cmds", &[1, 2, 3]) else { return };
+    let (log, ns) = (bed.e().log.clone(), bed.e().ns.clone());
+    let pause = [("EDGELB_TEST_PAUSE", "takeover-handed:2000")];
+    let mut new = Edgelb::spawn_takeover_with(&ns, &bed.cfg_path, &log, &pause);
+    wait_logged(&log, "test hook (EDGELB_TEST_PAUSE): pausing", 0, new.child.as_mut().unwrap());
+    let commands: Vec<(&str, std::thread::JoinHandle<Output>)> =
+        [vec!["reload"], vec!["status", "--json"], vec!["drain", "198.18.0.13", "--vip", "echo"]]
+            .into_iter()
+            .map(|args| {
+                let config = bed.cfg_path.clone();
+                let what = args[0];
+                let run = std::thread::spawn(move || {
+                    Command::new(env!("CARGO_BIN_EXE_edgelb"))
+                        .args(&args)
+                        .arg("--config")
+                        .arg(config)
+                        .stdin(Stdio::null())
+                        .output()
+                        .expect("run edgelb CLI")
+                });
+                (what, run)
+            })
+            .collect();
+    let old = bed.edgelb.take().unwrap();
+    bed.edgelb = Some(old.handed_to(new));
+    for (what, run) in commands {
+        let out = run.join().unwrap();
+        assert!(
+            out.status.success(),
+            "{what} during the takeover: {:?}: {}; log:\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr),
+            bed.e().log()
+        );
+    }
+    // The drain was carried out by the new process (the old one's state was handed before it).
+    let st = bed.e().status();
+    let echo = st.vips.iter().find(|v| v.name == "echo").unwrap();
+    let b3 = echo.backends.iter().find(|b| b.address.to_string() == "198.18.0.13").unwrap();
+    assert!(b3.drained, "{b3:?}");
+}
+
+/// A SIGHUP to the old process once it has handed over, while the new one starts (a `kill -HUP`
+/// of its pid, or a unit whose ExecReload signals `$MAINPID`), is not lost: the old one
+/// asks the new one to reload (`edgelb reload` over the admin socket) and logs the answer. It
+/// used to log "SIGHUP ignored", and the new process, having compared the file with the hash
+/// handed over before the edit, ran the file as it was: a backend the edit removed stayed.
+/// The window is held open by a test hook (`EDGELB_TEST_PAUSE`) after the handover.
+#[test]
+fn a_sighup_to_the_old_process_during_a_takeover_is_not_lost() {
+    let Some(mut bed) = Bed::up("takeover-hup", &[1, 2, 3]) else { return };
+    let (log, ns) = (bed.e().log.clone(), bed.e().ns.clone());
+    let pause = [("EDGELB_TEST_PAUSE", "takeover-handed:3000")];
+    let mut new = Edgelb::spawn_takeover_with(&ns, &bed.cfg_path, &log, &pause);
+    wait_logged(&log, "test hook (EDGELB_TEST_PAUSE): pausing", 0, new.child.as_mut().unwrap());
+    std::fs::write(&bed.cfg_path, config_text(&bed.tag, &[1, 2])).unwrap();
+    bed.edgelb.as_mut().unwrap().child.as_mut().unwrap().signal(libc::SIGHUP);
+    let old = bed.edgelb.take().unwrap();
+    bed.edgelb = Some(old.handed_to(new));
+    let text = bed.e().log();
+    assert_eq!(
+        backends_of(bed.e(), "echo"),
+        ["198.18.0.11", "198.18.0.12"],
+        "the new edgelb runs the file as the SIGHUP asked; log:\n{text}"
+    );
+    assert!(text.contains("SIGHUP after the handover: the new edgelb reloaded"), "{text}");
+}
+
+/// An older edgelb taking over (a rollback to a build without `admin::bind_over`) asks for the
+/// handover without `binds_over` and then binds the admin socket the way a start does, only
+/// where nobody answers (`admin::bind`): the running edgelb frees the path for it before it
+/// answers, as it always did. Keeping its listener there made every rollback fail ("another
+/// edgelb answers") and the old process take back over. The older edgelb is played by the
+/// test: the bare `handover`, the bind, `commit` and `ready`; the old process then exits.
+#[test]
+fn an_older_edgelb_taking_over_binds_the_admin_socket() {
+    use std::io::{BufRead, Write};
+    let Some(mut bed) = Bed::up("takeover-older", &[1, 2, 3]) else { return };
+    let socket = bed.cfg().node.admin_socket;
+    let mut e = bed.edgelb.take().unwrap();
+    let mut old = e.child.take().unwrap();
+    let conn = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    (&conn).write_all(b"{\"cmd\":\"handover\"}\n").unwrap();
+    // The sockets attached are dropped by a plain read: this test serves nothing.
+    let mut reader = std::io::BufReader::new(&conn);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).unwrap();
+    let resp: edgelb::admin::Response = serde_json::from_str(&answer).expect("handover answer");
+    assert!(resp.ok, "{resp:?}");
+    let bound = edgelb::admin::bind(&socket);
+    let listener = bound.unwrap_or_else(|err| {
+        panic!(
+            "an older edgelb binding the admin socket after the handover: {err}; log:\n{}",
+            e.log()
+        )
+    });
+    (&conn).write_all(edgelb::admin::COMMIT).unwrap();
+    let mut go = Vec::new();
+    reader.read_until(b'\n', &mut go).unwrap();
+    assert_eq!(go, edgelb::admin::GO, "log:\n{}", e.log());
+    (&conn).write_all(edgelb::admin::READY).unwrap();
+    let st = old.wait(Duration::from_secs(30));
+    assert!(st.success(), "exit status {st}; log:\n{}", e.log());
+    assert!(e.log().contains("handover done"), "{}", e.log());
+    drop(listener);
+    let _ = std::fs::remove_file(&socket);
+}
+
 /// Kills backend 2 and waits (at most 5 s) for the running controller (`who`) to report it
 /// unhealthy on the L7 VIP: its health checks run.
 fn sees_backend_2_die(bed: &mut Bed, who: &str) {
@@ -2235,6 +2536,35 @@ fn an_admin_socket_that_cannot_be_taken_back_is_bound_again_later() {
     }
     assert!(bed.e().log().contains("the admin socket is served again"), "{}", bed.e().log());
     sees_backend_2_die(&mut bed, "the controller");
+}
+
+/// The admin socket's path removed (a cleanup of /run) or replaced by a socket nobody serves (a
+/// takeover that stalled past its wait, woke after this edgelb took back over and renamed its
+/// own socket over the path before it failed): the controller binds the path again within
+/// seconds. Every command had failed with "Connection refused" until a restart, though the
+/// controller ran on.
+#[test]
+fn an_admin_socket_path_removed_or_replaced_is_bound_again() {
+    let Some(bed) = Bed::up("admin-path", &[1, 2, 3]) else { return };
+    let path = bed.cfg().node.admin_socket;
+    for replace in [false, true] {
+        std::fs::remove_file(&path).unwrap();
+        if replace {
+            // A socket bound, then closed: its file stays, and nobody answers on it.
+            let dead = path.with_extension("dead");
+            drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
+            std::fs::rename(&dead, &path).unwrap();
+        }
+        assert!(!bed.e().cli(&["status"]).status.success(), "answers with its path gone");
+        let gone = Instant::now();
+        while !bed.e().cli(&["status"]).status.success() {
+            let log = bed.e().log();
+            assert!(gone.elapsed() < Duration::from_secs(10), "never answered again; log:\n{log}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let log = bed.e().log();
+    assert_eq!(log.matches("no longer names this edgelb's socket").count(), 2, "{log}");
 }
 
 /// A takeover stopped by SIGTERM while it starts (a Ctrl-C on one that seems stuck) gives up
@@ -2433,6 +2763,15 @@ fn a_stop_signal_ends_the_drain_of_a_takeovers_old_process() {
     let (old, mut old_child, pending) =
         take_over_with_a_request_pending(&mut bed, l7, "L7 proxy: draining");
     assert!(old_child.exited().is_none(), "the old edgelb drains its request");
+    // A SIGHUP (a reload meant for the edgelb in charge) no longer reloads anything here: it
+    // is passed on to the new one, whose answer is logged.
+    old_child.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !old.log().contains("SIGHUP after the handover: the new edgelb reloaded") {
+        assert!(Instant::now() < deadline, "the SIGHUP was not passed on; log:\n{}", old.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(old_child.exited().is_none(), "a SIGHUP does not end the drain");
     old_child.signal(libc::SIGTERM);
     // Not the 30 s of node.l7_drain_timeout_ms.
     let st = old_child.wait(Duration::from_secs(5));
@@ -2505,6 +2844,13 @@ fn a_second_stop_signal_ends_the_drain() {
     let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
     bed.wait_for(l7);
     let (e, mut child, pending) = stop_with_a_request_pending(&mut bed, l7);
+    // A SIGHUP neither ends the drain nor goes unsaid.
+    child.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !e.log().contains("SIGHUP ignored: edgelb is stopping") {
+        assert!(Instant::now() < deadline, "the SIGHUP was not said; log:\n{}", e.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let t = Instant::now();
     let out = e.cli(&["status"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -1868,30 +1868,56 @@ fn teardown_removes_only_what_edgelb_pinned() {
     assert!(!dir.0.exists(), "an empty directory goes");
 }
 
+/// The id of each map pinned in `dir`, by pin name: a load that adopted a map leaves its id
+/// under the pin; one that made it fresh pins another. (Links, and what is no map, left out.)
+fn pinned_ids(dir: &std::path::Path) -> std::collections::BTreeMap<String, u32> {
+    let (mine, _) = Dataplane::pins_in(dir).unwrap();
+    mine.iter()
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with("link-"))
+        .filter_map(|p| {
+            let id = aya::maps::MapInfo::from_pin(p).ok()?.id();
+            Some((p.file_name().unwrap().to_string_lossy().into_owned(), id))
+        })
+        .collect()
+}
+
+/// Every map pinned `before` that a load made fresh: its pin names another map now.
+fn replaced(
+    before: &std::collections::BTreeMap<String, u32>,
+    dir: &std::path::Path,
+) -> Vec<String> {
+    let after = pinned_ids(dir);
+    before
+        .iter()
+        .filter(|(name, id)| after.get(*name) != Some(id))
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
+/// Upgrades through the production path: each start loads straight over the pins an earlier
+/// one left (no pin removed in between), and which maps it adopted is told by the map ids
+/// under the pins. Maps of another layout, table size, flags or layout version make every map
+/// fresh; the same build adopts every one.
 #[test]
 fn pinned_maps_with_another_layout_are_replaced_not_reused() {
     if !require_privileged("pinned_maps_with_another_layout_are_replaced_not_reused") {
         return;
     }
-    let dir =
-        std::path::PathBuf::from(format!("/sys/fs/bpf/edgelb-fixture-{}", std::process::id()));
-    struct Cleanup<'a>(&'a std::path::Path);
-    impl Drop for Cleanup<'_> {
-        fn drop(&mut self) {
-            let _ = Dataplane::teardown(self.0);
-        }
-    }
-    let _cleanup = Cleanup(&dir);
+    let dir = PinDir::new("layout");
+    let dir = &dir.0;
+    let maps = pinned_map_names();
     let cfg = Config::parse(&one_vip(&[("198.18.0.11", 1)]), "x".as_ref()).unwrap();
-    let mut dp = Dataplane::load(Some(&dir)).expect("first load pins the maps");
+    let mut dp = Dataplane::load(Some(dir)).expect("first load pins the maps");
+    assert_eq!(dp.pins_found(), &Default::default(), "a first start finds nothing");
     dp.apply(&cfg).unwrap();
     drop(dp);
-    assert_eq!(
-        edgelb::dataplane::reconcile_pins(&dir, TableShape::auto()).unwrap(),
-        Vec::<String>::new()
-    );
-    let mut again = Dataplane::load(Some(&dir)).expect("same layout is re-used");
+    let before = pinned_ids(dir);
+    assert_eq!(before.len(), maps.len(), "{before:?}");
+    let mut again = Dataplane::load(Some(dir)).expect("same layout is re-used");
     assert!(again.adopted(), "maps of the same layout are adopted");
+    assert_eq!(again.pins_found().adopted, maps);
+    assert!(again.pins_found().fresh.is_empty() && again.pins_found().problems.is_empty());
+    assert_eq!(replaced(&before, dir), Vec::<String>::new());
     // The rings read back whole: the same config writes no slot.
     let report = again.apply(&cfg).unwrap();
     assert_eq!(report.ring_slots_written, 0, "{report:?}");
@@ -1906,15 +1932,22 @@ fn pinned_maps_with_another_layout_are_replaced_not_reused() {
     std::fs::rename(&tmp, &ct).unwrap();
     std::fs::rename(dir.join(lb_common::maps::REASONS), dir.join(lb_common::maps::RETIRED[0]))
         .unwrap();
-    let mut dp = Dataplane::load(Some(&dir)).expect("loads over incompatible pins");
+    let before = pinned_ids(dir);
+    let mut dp = Dataplane::load(Some(dir)).expect("loads over incompatible pins");
     assert!(!dp.adopted(), "nothing adopted from incompatible maps");
+    let found = dp.pins_found().clone();
+    assert!(found.adopted.is_empty(), "{found:?}");
+    assert_eq!(found.fresh, maps);
+    for name in
+        [lb_common::maps::VIPS_V4, lb_common::maps::CONNTRACK_V4, lb_common::maps::RETIRED[0]]
+    {
+        assert!(found.problems.iter().any(|p| p.starts_with(name)), "{name}: {found:?}");
+    }
     assert!(!dir.join(lb_common::maps::RETIRED[0]).exists(), "retired pin removed");
     assert!(dir.join(lb_common::maps::REASONS).exists(), "fresh maps pinned");
-    assert_eq!(
-        edgelb::dataplane::reconcile_pins(&dir, TableShape::auto()).unwrap(),
-        Vec::<String>::new(),
-        "the fresh pins match this build"
-    );
+    // The retired pin is gone, every other names a fresh map: none adopted beside the others.
+    let all: Vec<String> = before.keys().cloned().collect();
+    assert_eq!(replaced(&before, dir), all, "every map made fresh");
     dp.apply(&cfg).unwrap();
     let mut h = Harness { dp, cfg: cfg.clone() };
     let (verdict, out) =
@@ -1922,15 +1955,23 @@ fn pinned_maps_with_another_layout_are_replaced_not_reused() {
     assert_eq!(verdict, XDP_TX);
     assert_eq!(outer_dst(&out), v4("198.18.0.11"));
     drop(h);
+    let dp = Dataplane::load(Some(dir)).unwrap();
+    assert!(dp.adopted() && dp.pins_found().problems.is_empty(), "the fresh pins match this build");
+    drop(dp);
 
     // Another connection-table size (node.conntrack_flows_per_cpu changed between runs): the
     // tables cannot be re-used, so every map starts fresh at the new size.
     let small = TableShape::for_flows(Some(4096));
     assert_ne!(small, TableShape::auto());
-    let dp = Dataplane::load_with_table(Some(&dir), small).expect("loads at another size");
+    let before = pinned_ids(dir);
+    let dp = Dataplane::load_with_table(Some(dir), small).expect("loads at another size");
     assert!(!dp.adopted(), "tables of another size are not adopted");
     assert_eq!(dp.table_shape(), small);
-    assert_eq!(edgelb::dataplane::reconcile_pins(&dir, small).unwrap(), Vec::<String>::new());
+    assert!(dp.pins_found().adopted.is_empty(), "{:?}", dp.pins_found());
+    assert_eq!(replaced(&before, dir).len(), maps.len());
+    drop(dp);
+    let dp = Dataplane::load_with_table(Some(dir), small).unwrap();
+    assert!(dp.pins_found().problems.is_empty(), "{:?}", dp.pins_found());
     drop(dp);
 
     // A map of the same type and sizes but other flags (the connection table not
@@ -1944,18 +1985,17 @@ fn pinned_maps_with_another_layout_are_replaced_not_reused() {
     )
     .expect("a plain array");
     plain.pin(&ct).expect("pin it in the table's place");
-    let problems = edgelb::dataplane::reconcile_pins(&dir, small).unwrap();
+    let mut dp = Dataplane::load_with_table(Some(dir), small).expect("loads over the other flags");
+    assert!(!dp.adopted());
+    let problems = &dp.pins_found().problems;
     assert!(
         problems.len() == 1 && problems[0].starts_with(lb_common::maps::CONNTRACK_V4),
         "{problems:?}"
     );
-    let mut dp = Dataplane::load_with_table(Some(&dir), small).expect("loads over the other flags");
-    assert!(!dp.adopted());
-    assert_eq!(edgelb::dataplane::reconcile_pins(&dir, small).unwrap(), Vec::<String>::new());
     dp.apply(&cfg).unwrap();
     drop(dp);
     assert!(
-        Dataplane::load_with_table(Some(&dir), small).unwrap().adopted(),
+        Dataplane::load_with_table(Some(dir), small).unwrap().adopted(),
         "the same build adopts"
     );
 
@@ -1970,14 +2010,246 @@ fn pinned_maps_with_another_layout_are_replaced_not_reused() {
         c.maps_version = lb_common::MAPS_VERSION + 1;
         config.set(0, &c, 0).unwrap();
     }
-    let problems = edgelb::dataplane::reconcile_pins(&dir, small).unwrap();
+    let before = pinned_ids(dir);
+    let dp = Dataplane::load_with_table(Some(dir), small).unwrap();
+    assert!(!dp.adopted(), "maps of another layout version are not adopted");
+    let problems = &dp.pins_found().problems;
     assert!(
         problems.len() == 1
             && problems[0].contains(&format!("version {}", lb_common::MAPS_VERSION + 1)),
         "{problems:?}"
     );
-    let dp = Dataplane::load_with_table(Some(&dir), small).unwrap();
-    assert!(!dp.adopted(), "maps of another layout version are not adopted");
+    assert_eq!(replaced(&before, dir).len(), maps.len(), "every map made fresh");
+}
+
+/// The names of the maps a data plane pins, in the order `Dataplane::pins_found` lists them.
+fn pinned_map_names() -> Vec<&'static str> {
+    use lb_common::maps as n;
+    vec![
+        n::VIPS,
+        n::VIPS_V4,
+        n::CONNTRACK_V4,
+        n::VIP_EPOCH,
+        n::CT_STATS,
+        n::VIP_ADDRS,
+        n::RINGS,
+        n::BACKENDS,
+        n::CONNTRACK,
+        n::CONFIG,
+        n::VIP_STATS,
+        n::BACKEND_STATS,
+        n::REASONS,
+    ]
+}
+
+/// [`one_vip`] as a UDP VIP on port 53: UDP flows enter the connection table at their first
+/// datagram.
+fn one_udp_vip(backends: &[(&str, u32)]) -> Config {
+    let text = one_vip(backends).replace("port = 80\n", "port = 53\nprotocol = \"udp\"\n");
+    Config::parse(&text, "x".as_ref()).unwrap()
+}
+
+/// A counter array of another size (`REASONS` grown by a verdict reason: ordinary feature work)
+/// is made fresh alone: the connection table and the rest are adopted, so a restart keeps the
+/// established flows where they are, those on a drained backend included. It used to make every
+/// map fresh, and the drained backend's flows moved.
+#[test]
+fn a_counter_map_of_another_layout_is_made_fresh_alone() {
+    if !require_privileged("a_counter_map_of_another_layout_is_made_fresh_alone") {
+        return;
+    }
+    // The connection table is per CPU: every run on CPU 0's.
+    netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
+    let dir = PinDir::new("counters");
+    let dir = &dir.0;
+    let cfg = one_udp_vip(&THREE);
+    let drained = one_udp_vip(&[THREE[0], ("198.18.0.12", 0), THREE[2]]);
+    let flow = |i: u8| {
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IP,
+            &udp4(&format!("198.18.6.{i}"), 40000, "198.18.1.1", 53, b"q"),
+        )
+    };
+    let mut dp = Dataplane::load(Some(dir)).unwrap();
+    dp.apply(&cfg).unwrap();
+    let placed: Vec<IpAddr> =
+        (1..=40).map(|i| outer_dst(&run_frame(&mut dp, &flow(i)).1)).collect();
+    let on_drained = placed.iter().filter(|b| **b == v4("198.18.0.12")).count();
+    assert!(on_drained > 0, "some flow on the backend drained next: {placed:?}");
+    // Drained: its flows stay, as drains promise.
+    dp.apply(&drained).unwrap();
+    for (i, b) in (1..=40).zip(&placed) {
+        assert_eq!(outer_dst(&run_frame(&mut dp, &flow(i)).1), *b, "flow {i}");
+    }
+    drop(dp);
+
+    // The next build counts one verdict reason more.
+    let reasons = dir.join(lb_common::maps::REASONS);
+    std::fs::remove_file(&reasons).unwrap();
+    let grown =
+        aya::maps::PerCpuArray::<aya::maps::MapData, u64>::create(REASON_COUNT + 1, 0).unwrap();
+    grown.pin(&reasons).unwrap();
+    let before = pinned_ids(dir);
+    let mut dp = Dataplane::load(Some(dir)).expect("loads over a counter array of another size");
+    assert!(dp.adopted(), "the data plane is adopted");
+    let found = dp.pins_found().clone();
+    assert_eq!(found.fresh, [lb_common::maps::REASONS], "{found:?}");
+    assert!(found.adopted.contains(&lb_common::maps::CONNTRACK_V4), "{found:?}");
+    assert!(
+        found.problems.len() == 1
+            && found.problems[0].starts_with(lb_common::maps::REASONS)
+            && found.problems[0].contains("made fresh alone"),
+        "{found:?}"
+    );
+    assert_eq!(replaced(&before, dir), [lb_common::maps::REASONS], "only REASONS made fresh");
+    let info = aya::maps::MapInfo::from_pin(&reasons).unwrap();
+    assert_eq!(info.max_entries(), REASON_COUNT, "REASONS pinned at this build's size");
+    dp.apply(&drained).unwrap();
+    for (i, b) in (1..=40).zip(&placed) {
+        assert_eq!(
+            outer_dst(&run_frame(&mut dp, &flow(i)).1),
+            *b,
+            "flow {i} kept its backend across the restart"
+        );
+    }
+}
+
+/// Pinned maps without the CONFIG map, which says under which layout version they were
+/// written: none is adopted, one warning says why. A lone stale connection table used to be
+/// adopted with its entries, beside fresh backend entries its backend ids then named wrongly.
+#[test]
+fn maps_pinned_without_their_config_are_not_adopted() {
+    if !require_privileged("maps_pinned_without_their_config_are_not_adopted") {
+        return;
+    }
+    netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
+    let dir = PinDir::new("noconfig");
+    let dir = &dir.0;
+    let cfg = one_udp_vip(&THREE);
+    let mut dp = Dataplane::load(Some(dir)).unwrap();
+    dp.apply(&cfg).unwrap();
+    let frame = eth(LB_MAC, CLIENT_MAC, ETH_IP, &udp4("198.18.6.1", 40000, "198.18.1.1", 53, b"q"));
+    run_frame(&mut dp, &frame);
+    drop(dp);
+    // Every pin gone but the IPv4 connection table's.
+    for name in pinned_map_names() {
+        if name != lb_common::maps::CONNTRACK_V4 {
+            std::fs::remove_file(dir.join(name)).unwrap();
+        }
+    }
+    let before = pinned_ids(dir);
+    let dp = Dataplane::load(Some(dir)).unwrap();
+    let found = dp.pins_found();
+    assert!(found.adopted.is_empty(), "{found:?}");
+    assert_eq!(found.fresh, pinned_map_names());
+    assert!(
+        found.problems.len() == 1 && found.problems[0].contains("without the CONFIG map"),
+        "{found:?}"
+    );
+    assert_eq!(replaced(&before, dir), [lb_common::maps::CONNTRACK_V4], "the table made fresh");
+    let table = &dp.maps().conntrack_v4;
+    let empty = (0..table.len()).all(|i| {
+        table.get(&i, 0).unwrap().ways.iter().all(|w| *w == lb_common::ConnEntryV4::default())
+    });
+    assert!(empty, "no stale entry carried over");
+}
+
+/// A pin that cannot be read is not taken for a map of another layout (which made every map
+/// fresh, the connection table with them, when a transient EMFILE or ENOMEM hit the read): the
+/// start is refused, naming the pin, and no pin is changed. Here something that is no map
+/// under a map's name (a directory: BPF_OBJ_GET refuses it) stands for any such failure.
+#[test]
+fn a_pin_that_cannot_be_read_refuses_the_start() {
+    if !require_privileged("a_pin_that_cannot_be_read_refuses_the_start") {
+        return;
+    }
+    let dir = PinDir::new("unreadable");
+    let dir = &dir.0;
+    let mut dp = Dataplane::load(Some(dir)).unwrap();
+    dp.apply(&Config::parse(&one_vip(&THREE), "x".as_ref()).unwrap()).unwrap();
+    drop(dp);
+    let ct = dir.join(lb_common::maps::CONNTRACK_V4);
+    std::fs::remove_file(&ct).unwrap();
+    std::fs::create_dir(&ct).unwrap();
+    let before = pinned_ids(dir);
+    for load in [Dataplane::load_beside, Dataplane::load_with_table] {
+        let err = load(Some(dir), TableShape::auto()).err().expect("the start is refused");
+        let msg = err.to_string();
+        assert!(
+            matches!(err, edgelb::dataplane::DataplaneError::PinUnreadable { .. })
+                && msg.contains(&format!("reading the pinned map {} failed", ct.display()))
+                && msg.contains("nothing was adopted or replaced"),
+            "{msg}"
+        );
+        assert_eq!(pinned_ids(dir), before, "no pin changed");
+    }
+    std::fs::remove_dir(&ct).unwrap();
+}
+
+/// A VIP entry that names no ring region of its own VIP (a rollback to a build of another ring
+/// layout, an entry written by hand), or is otherwise out of bounds, is not adopted: the start
+/// warns naming the map and entry and makes every map fresh. Its ring base used to be
+/// subtracted from unchecked, and every start panicked (a restart loop under systemd).
+#[test]
+fn a_pinned_entry_that_makes_no_sense_is_not_adopted() {
+    if !require_privileged("a_pinned_entry_that_makes_no_sense_is_not_adopted") {
+        return;
+    }
+    let dir = PinDir::new("badentry");
+    let dir = &dir.0;
+    let cfg = Config::parse(FIXTURE_CONFIG, "x".as_ref()).unwrap();
+    type Edit = fn(&mut lb_common::VipMeta);
+    let edits: [(&str, Edit); 5] = [
+        ("ring base 0", |m| m.ring_base = 0),
+        ("ring base inside a region", |m| m.ring_base += 1),
+        ("ring larger than a region", |m| m.ring_size = lb_common::MAX_RING_SIZE + 1),
+        ("index past the maps", |m| m.vip_index = lb_common::MAX_VIPS),
+        ("unknown flag", |m| m.flags |= 1 << 30),
+    ];
+    for (what, edit) in edits {
+        let mut dp = Dataplane::load(Some(dir)).unwrap();
+        dp.apply(&cfg).unwrap();
+        // A VIP of index past 0 with a ring: ring base 0 is then another VIP's region.
+        let (key, mut meta) = dp
+            .maps()
+            .vips_v4
+            .iter()
+            .map(Result::unwrap)
+            .find(|(_, m)| m.vip_index > 0 && m.ring_size > 0)
+            .expect("an IPv4 VIP of index past 0 with a ring");
+        edit(&mut meta);
+        dp.maps_mut().vips_v4.insert(&key, &meta, 0).unwrap();
+        drop(dp);
+        let before = pinned_ids(dir);
+        let mut dp = std::panic::catch_unwind(|| Dataplane::load(Some(dir)))
+            .unwrap_or_else(|_| panic!("{what}: the load panicked"))
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(!dp.adopted(), "{what}: adopted");
+        let found = dp.pins_found().clone();
+        assert!(found.adopted.is_empty(), "{what}: {found:?}");
+        let port = u16::from_be(key.port);
+        assert!(
+            found.problems.iter().any(|p| p.starts_with(&format!(
+                "pinned map `{}`, entry {} port {port} protocol",
+                lb_common::maps::VIPS_V4,
+                Ipv4Addr::from(key.addr.to_ne_bytes())
+            ))),
+            "{what}: {found:?}"
+        );
+        assert_eq!(replaced(&before, dir).len(), pinned_map_names().len(), "{what}: all fresh");
+        // The fresh maps serve.
+        dp.apply(&cfg).unwrap();
+        let mut h = Harness { dp, cfg: cfg.clone() };
+        let (verdict, _) = h.run(&eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IP,
+            &tcp4("198.18.4.7", 40000, "198.18.1.1", 80, SYN),
+        ));
+        assert_eq!(verdict, XDP_TX, "{what}");
+    }
 }
 
 /// `--takeover`: the new process loads its program (adopting the pins) while the running one

@@ -19,6 +19,15 @@ pub mod stats;
 pub const DEFAULT_RING_SIZE: u32 = 65_537;
 /// Largest ring a VIP may use. Each VIP owns two regions of this many slots in [`maps::RINGS`].
 pub const MAX_RING_SIZE: u32 = 65_537;
+
+/// First slot in [`maps::RINGS`] of ring region `region` (0 or 1) of the VIP of index
+/// `vip_index` ([`VipMeta::ring_base`] when that region is live): each VIP owns two regions of
+/// [`MAX_RING_SIZE`] slots, side by side. One formula for the controller that writes the rings
+/// and the one that adopts them after a restart (which reads the live region back from
+/// `ring_base`); the `fingerprint` test covers it, since pinned maps carry it over.
+pub const fn ring_region_base(vip_index: u32, region: u32) -> u32 {
+    (vip_index * 2 + region) * MAX_RING_SIZE
+}
 /// How many VIPs one balancer serves. Bounds the ring array: `MAX_VIPS * 2 * MAX_RING_SIZE` u32s
 /// (16 MiB at 32 VIPs).
 pub const MAX_VIPS: u32 = 32;
@@ -138,6 +147,33 @@ pub mod maps {
     /// `PerCpuArray<u64>`, indexed by [`crate::stats::Reason`].
     pub const REASONS: &str = "REASONS";
 }
+
+/// Map names of the auxiliary object (`lb-ebpf/src/aux.rs`: the decapsulator, the benchmark's
+/// generator and sink), shared so user space never spells one differently from the ELF.
+pub mod aux_maps {
+    /// `LpmTrie<u32, u8>`: IPv4 outer sources the decapsulator takes tunnels from.
+    pub const DECAP_SRC_V4: &str = "DECAP_SRC_V4";
+    /// `LpmTrie<[u32; 4], u8>`: IPv6 outer sources, likewise.
+    pub const DECAP_SRC_V6: &str = "DECAP_SRC_V6";
+    /// `Array<u32>` with one element: non-zero once sources are restricted (without it the
+    /// decapsulator takes tunnels from any source).
+    pub const DECAP_RESTRICTED: &str = "DECAP_RESTRICTED";
+    /// `PerCpuArray<u64>`: slot 0 is the generator's per-CPU frame counter.
+    pub const GEN_STATE: &str = "GEN_STATE";
+    /// `Array<[u32; GEN_TEMPLATE_LEN / 4]>` with one element: the generator's frame template.
+    pub const GEN_TEMPLATE: &str = "GEN_TEMPLATE";
+    /// `PerCpuArray<u64>`: slot 0 counts the frames the sink received.
+    pub const SINK_COUNT: &str = "SINK_COUNT";
+}
+
+/// Bytes of the generator's template written at the start of every generated frame: Ethernet,
+/// IPv4, UDP headers and the first bytes of payload.
+pub const GEN_TEMPLATE_LEN: usize = 48;
+
+/// The map flag that makes an array memory-mappable (`BPF_F_MMAPABLE`): the connection tables
+/// have it, which page-aligns their values and puts every 64-byte bucket on exactly one cache
+/// line; user space checks pinned tables for it.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Program names in the ELF objects.
 pub mod programs {
@@ -605,7 +641,8 @@ mod layout {
     }
 
     /// What the pinned maps' contents mean beyond their sizes: the connection-table bucket
-    /// hashes and the tag packing. A change here without a bump of [`MAPS_VERSION`] would let a
+    /// hashes, the tag packing, where a VIP's ring regions lie and the flag bits of the VIP,
+    /// backend and address entries. A change here without a bump of [`MAPS_VERSION`] would let a
     /// restart adopt entries the new program misreads (flows in buckets it never looks in): when
     /// this fails, bump MAPS_VERSION and write the new values here.
     #[test]
@@ -627,14 +664,31 @@ mod layout {
             family: AF_INET6,
             _pad: [0; 2],
         };
+        // Each flag bit at its place: bit i of the word set for the i-th flag listed.
+        let bits = |flags: &[u32]| -> u32 {
+            flags.iter().enumerate().map(|(i, &f)| f.wrapping_mul(i as u32 + 1)).sum()
+        };
         let got = (
             crate::hash::flow_key_v4_hash(&v4, 7),
             crate::hash::flow_key_hash(&v6, 7),
             Conn { backend: 5, generation: 9 }.tag(6),
+            ring_region_base(5, 1),
+            bits(&[
+                vip_flags::HASH_5TUPLE,
+                vip_flags::L7,
+                vip_flags::L2_DSR,
+                vip_flags::NO_CONNTRACK,
+                backend_flags::PRESENT as u32,
+                backend_flags::PARKED as u32,
+                addr_flags::L4,
+                addr_flags::L7,
+                CONN_CLOSING,
+            ]),
         );
         // One line per version, kept: a new meaning gets a new version and a new line.
-        const RECORDED: &[(u32, (u32, u32, u32))] =
-            &[(1, (740_936_812, 2_388_707_097, 100_700_165))];
+        type Fingerprint = (u32, u32, u32, u32, u32);
+        const RECORDED: &[(u32, Fingerprint)] =
+            &[(1, (740_936_812, 2_388_707_097, 100_700_165, 720_907, 2_147_483_737))];
         let (latest, want) = RECORDED[RECORDED.len() - 1];
         assert!(
             latest == MAPS_VERSION && got == want,

@@ -183,9 +183,8 @@ pub fn edgelb_tx_swap(ctx: XdpContext) -> u32 {
 #[map]
 static GEN_STATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// Bytes written at the start of every generated frame: Ethernet, IPv4, UDP headers and the
-/// first bytes of payload.
-pub const TEMPLATE_LEN: usize = 48;
+/// Bytes written at the start of every generated frame (`lb_common::GEN_TEMPLATE_LEN`).
+pub const TEMPLATE_LEN: usize = lb_common::GEN_TEMPLATE_LEN;
 
 /// The generator's frame template (one element), set by user space. Held as words so that the
 /// per-frame copy is a dozen loads and stores, not a byte-wise memmove.

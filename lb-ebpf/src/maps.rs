@@ -13,9 +13,9 @@ use lb_common::{
     VipKeyV4, VipMeta, ct_stats, stats::REASON_COUNT,
 };
 
-/// Mmapable arrays have page-aligned values, which puts every 64-byte connection-table bucket on
-/// exactly one cache line (a plain array's values start at an offset of its header).
-const BPF_F_MMAPABLE: u32 = 1 << 10;
+// Mmapable arrays have page-aligned values, which puts every 64-byte connection-table bucket on
+// exactly one cache line (a plain array's values start at an offset of its header).
+use lb_common::BPF_F_MMAPABLE;
 
 /// IPv6 (address, port, protocol) -> VIP metadata. Port 0 entries match any port.
 #[map]

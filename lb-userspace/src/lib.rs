@@ -9,9 +9,15 @@
 //! - [`controller`]: the `edgelb run` loop: effective config from health and drains, reload,
 //!   hitless stop/start, counters in the log;
 //! - [`health`]: active TCP/HTTP/UDP health checks with rise/fall;
+//! - [`accept`]: what the accept loops (L7, metrics, admin) do when an accept fails;
+//! - [`backoff`]: the doubling wait of whatever the controller tries again after a failure;
 //! - [`admin`]: the root-only Unix socket behind `edgelb status | drain | reload | stop`;
+//! - [`cli`]: the `edgelb` subcommands other than `run` (`check`, `route`, `status`, `stop`,
+//!   `decap`...): what each decides and says, which `main.rs` prints;
 //! - [`metrics`]: Prometheus `/metrics` (kernel counters, health, transitions, L7);
 //! - [`panics`]: the panic hook of `edgelb run` (each panic logged and counted);
+//! - [`rlimit`]: the process's resource limits (one wrapper over getrlimit/setrlimit);
+//! - [`procfs`]: `/proc/<pid>/stat` (whether a process runs, its parent);
 //! - [`proxy`]: the io_uring L7 proxy (HTTP/1.1 and TCP) for VIPs marked `l7`;
 //! - [`testbed`]: network-namespace topologies for `cargo xtask run` and the end-to-end tests.
 #![deny(unsafe_code)]
@@ -48,7 +54,10 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+pub mod accept;
 pub mod admin;
+pub mod backoff;
+pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod dataplane;
@@ -58,7 +67,9 @@ pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod panics;
+pub mod procfs;
 pub mod proxy;
+pub mod rlimit;
 pub mod testbed;
 #[cfg(test)]
 mod testlog;

@@ -104,6 +104,20 @@ pub fn fuzz_seed(default: u64) -> u64 {
     std::env::var("FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
+/// The one case of `count` a damage test runs alone, to replay a failure: EDGELB_CASE=<index>;
+/// every case when unset. Named for this project: a generic `CASE` that a CI environment
+/// happened to set would skip most cases without a word. A value that names no case (not a
+/// number, or `count` or more) fails the test rather than letting it pass having run nothing.
+pub fn only_case(count: usize) -> Option<usize> {
+    let text = std::env::var("EDGELB_CASE").ok()?;
+    match text.parse::<usize>() {
+        Ok(i) if i < count => Some(i),
+        _ => panic!(
+            "EDGELB_CASE={text} names no case of this test: it has {count}, 0..{count} (replay a case with the test's name as the filter: the other damage tests read it too)"
+        ),
+    }
+}
+
 /// A small deterministic generator (xorshift64) for damage tests: `rnd(n)` is in `0..n`.
 pub fn rng(seed: u64) -> impl FnMut(usize) -> usize {
     let mut seed = seed.max(1);

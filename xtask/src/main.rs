@@ -122,8 +122,10 @@ fn real_main() -> Result<()> {
 
 /// The names of the network namespaces tests and benches make, `{pid}` standing for the PID
 /// of the process that made them; `-*` after it for any text after a dash. tests/lifecycle.rs
-/// (its testbed's and `LoBed`'s), netns_e2e.rs, cli.rs, xdp_fixtures.rs and the veth bench.
-/// Their veths (XDP attached to some) go with them.
+/// (its testbed's, `LoBed`'s and a peer's), netns_e2e.rs, cli.rs, xdp_fixtures.rs, the veth
+/// bench and the health and dataplane unit tests. Their veths (XDP attached to some) go with
+/// them. `every_name_the_tests_make_is_swept` finds the names in the sources, and fails on one
+/// no pattern here matches.
 const TEST_NAMESPACES: &[&str] = &[
     "elbl{pid}-*",
     "elbt{pid}-*",
@@ -139,6 +141,10 @@ const TEST_NAMESPACES: &[&str] = &[
     "elbmnt{pid}",
     "elpl{pid}",
     "elgro{pid}",
+    "elfd{pid}",
+    "elrx{pid}",
+    "edgelb-noroute-{pid}",
+    "edgelb-repin-{pid}",
 ];
 
 /// The pin directories under /sys/fs/bpf tests make (pinned XDP links among them, which keep a
@@ -157,6 +163,24 @@ const TEST_PIN_DIRS: &[&str] = &[
     "edgelb-lb-ns-test-{pid}",
     "edgelb-stop-away-{pid}",
     "edgelb-test-owner-{pid}",
+    "edgelb-test-repin-{pid}",
+];
+
+/// The files and directories under `std::env::temp_dir()` tests and benches make, written as
+/// [`TEST_NAMESPACES`]: the l7 bench's (its servers' configs inside), the admin unit tests' (a
+/// socket inside), the config, dataplane and xtask unit tests'.
+const TEST_TEMP: &[&str] = &[
+    "edgelb-l7-bench-{pid}",
+    "edgelb-admin-{pid}",
+    "edgelb-admin-*-{pid}",
+    "edgelb-secret-mode-{pid}",
+    "edgelb-holders-{pid}",
+    "edgelb-xtask-config-test-{pid}",
+    "edgelb-xtask-lock-test-{pid}",
+    "edgelb-pin-step-{pid}",
+    "edgelb-cli-stop-{pid}",
+    "edgelb-cli-check-{pid}",
+    "edgelb-latin1-{pid}",
 ];
 
 /// The PID in `name` if it has the form of one of `patterns` (see [`TEST_NAMESPACES`]): the
@@ -190,22 +214,18 @@ fn test_made_pid(patterns: &[&str], name: &str) -> Option<u32> {
 /// reaches test and bench binaries without a handler, so their guards never run) left behind,
 /// each named with the PID of the test or bench process that made it: namespaces
 /// ([`TEST_NAMESPACES`], veths with XDP attached among them), pin directories
-/// ([`TEST_PIN_DIRS`], pinned XDP links among them, which keep a program attached), admin sockets
-/// and the directories the unit tests make for theirs, the l7 bench's temp directories
-/// (`edgelb-l7-bench-<pid>`), and the edgelb, nginx and HAProxy processes those tests and
-/// benches started. Only names of their own patterns whose PID is gone are touched.
+/// ([`TEST_PIN_DIRS`], pinned XDP links among them, which keep a program attached), admin
+/// sockets, temporary files and directories ([`TEST_TEMP`]: the unit tests' with sockets
+/// inside, the l7 bench's), and the edgelb, nginx and HAProxy processes those tests and benches
+/// started. Only names of their own patterns whose PID is gone are touched.
 ///
-/// A test or bench that makes a namespace, pin directory or socket of a new name adds its
-/// pattern here (to [`TEST_NAMESPACES`] or [`TEST_PIN_DIRS`], and an example of the name to
-/// `every_name_the_tests_make_is_swept`).
+/// A test or bench that makes a namespace, pin directory or temporary file of a new name adds
+/// its pattern to [`TEST_NAMESPACES`], [`TEST_PIN_DIRS`] or [`TEST_TEMP`]:
+/// `every_name_the_tests_make_is_swept` finds the names in the sources and fails until then.
 fn sweep_stale() {
-    // A zombie (exited, not yet reaped: a killed bench whose parent shell is gone) counts as
-    // gone: it runs nothing and guards nothing.
-    let alive = |pid: u32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-            stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()) != Some("Z")
-        })
-    };
+    // A zombie (exited, not yet reaped: a killed bench whose parent shell is gone) or a dead
+    // process counts as gone: it runs nothing and guards nothing.
+    let alive = edgelb::procfs::runs;
     let leading = |s: &str| s.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u32>().ok();
     let trailing = |s: &str| s.rsplit('-').next()?.parse::<u32>().ok();
     let mut removed = Vec::new();
@@ -263,17 +283,18 @@ fn sweep_stale() {
             removed.push(format!("l7 bench server {pid} ({program})"));
         }
     }
-    // The l7 bench's directories, and the admin unit tests' (edgelb-admin-[<what>-]<pid>, with
-    // a socket inside).
-    let tmp = std::env::temp_dir();
-    for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+    // The temporary files and directories ([`TEST_TEMP`]): a directory with what is in it,
+    // anything else (a symlink too, not followed) by itself.
+    for e in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let owner = name
-            .strip_prefix(L7_DIR)
-            .and_then(|p| p.parse::<u32>().ok())
-            .or_else(|| name.strip_prefix("edgelb-admin-").and_then(trailing));
-        if owner.is_some_and(|pid| !alive(pid)) && std::fs::remove_dir_all(e.path()).is_ok() {
-            removed.push(e.path().display().to_string());
+        if test_made_pid(TEST_TEMP, &name).is_some_and(|pid| !alive(pid)) {
+            let gone = match e.file_type() {
+                Ok(t) if t.is_dir() => std::fs::remove_dir_all(e.path()),
+                _ => std::fs::remove_file(e.path()),
+            };
+            if gone.is_ok() {
+                removed.push(e.path().display().to_string());
+            }
         }
     }
     // cli's admin sockets, <name>-<pid>.sock in the integration tests' CARGO_TARGET_TMPDIR.
@@ -1070,66 +1091,176 @@ mod tests {
     use edgelb::testbed::servers;
 
     use super::{
-        TEST_NAMESPACES, TEST_PIN_DIRS, Tally, lock_testbed, run_config, tally_spread,
+        TEST_NAMESPACES, TEST_PIN_DIRS, TEST_TEMP, Tally, lock_testbed, run_config, tally_spread,
         test_made_pid, write_run_config,
     };
 
-    /// Every namespace and pin directory the tests and benches make, named as they name them
-    /// (PID 4242), is recognised by the sweep with its PID: the sweep used to strip a prefix and
-    /// read leading digits, so `elblbnsa<pid>` (`elbl` + `bnsa...`), `elbdecapa<pid>`,
-    /// `elbmnt<pid>`, `elgro<pid>` and more were never removed after a killed run. And names
-    /// that are not a test's are left alone.
+    /// Where a name a test makes goes, and so which of the sweep's lists must know it.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Kind {
+        Namespace,
+        PinDir,
+        Temp,
+    }
+
+    /// Every namespace, pin directory and temporary file or directory that the tests, benches
+    /// and unit tests name with their process's PID, read from their sources, as (kind, the
+    /// name PID 4242 makes, where): each `format!` whose text starts with `el` or `edgelb-`
+    /// (all of theirs do: `elb...`, `elgro...`, `edgelb-...`) or names a directory under
+    /// /sys/fs/bpf/, and carries the PID: a `{}` given `std::process::id()`, a `{pid}` after a
+    /// `let pid = std::process::id()`, or lifecycle.rs's `tag` (`<pid>-<test>`). Other fields
+    /// read `x`.
+    /// A temporary one when the statement joins it to `temp_dir()`, a pin directory under
+    /// /sys/fs/bpf/, a namespace otherwise; a testbed's prefix (given to `Testbed::up`, or
+    /// bound to `prefix`) gets a node's name after it (`-sw`), as the testbed's namespaces do.
+    fn names_the_tests_make() -> Vec<(Kind, String, String)> {
+        let root = super::workspace_root();
+        let mut dirs: Vec<_> =
+            ["tests", "benches", "lb-userspace/src", "lb-common/src", "xtask/src"]
+                .iter()
+                .map(|d| root.join(d))
+                .collect();
+        let mut files = Vec::new();
+        while let Some(dir) = dirs.pop() {
+            for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+                let path = e.expect("a directory entry").path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|x| x == "rs") {
+                    files.push(path);
+                }
+            }
+        }
+        let mut names = Vec::new();
+        for file in files {
+            let text = std::fs::read_to_string(&file).expect("a source file");
+            let shown = file.strip_prefix(&root).unwrap_or(&file).display().to_string();
+            for (at, _) in text.match_indices("format!(") {
+                let rest = text[at + "format!(".len()..].trim_start();
+                let Some(rest) = rest.strip_prefix('"') else { continue };
+                let Some((template, args)) = format_parts(rest) else { continue };
+                // The statement so far, and whether `pid` is this process's here.
+                let before = &text[..at];
+                let statement = &before[before.rfind([';', '{', '}']).map_or(0, |i| i + 1)..];
+                let own_pid = before.rfind("let pid =").is_some_and(|i| {
+                    text[i..].lines().next().is_some_and(|l| l.contains("process::id()"))
+                });
+                let Some((name, true)) = fill(template, args, own_pid) else { continue };
+                let place = format!("{shown}:{}", before.lines().count());
+                let (kind, name) = if let Some((_, pins)) = name.split_once("/sys/fs/bpf/") {
+                    let pins = pins.split(['"', '\\', '/', ' ']).next().unwrap_or_default();
+                    (Kind::PinDir, pins.to_owned())
+                } else if !name.starts_with("el") && !name.starts_with("edgelb-") {
+                    continue;
+                } else if statement.contains("temp_dir()") {
+                    (Kind::Temp, name)
+                } else if statement.contains("Testbed::up(") || statement.contains("let prefix") {
+                    (Kind::Namespace, format!("{name}-sw"))
+                } else {
+                    (Kind::Namespace, name)
+                };
+                names.push((kind, name, place));
+            }
+        }
+        names
+    }
+
+    /// A `format!`'s text (`rest` starts after its opening quote) and its arguments after it, up
+    /// to the closing parenthesis; None if the text has no end.
+    fn format_parts(rest: &str) -> Option<(&str, Vec<String>)> {
+        let mut escaped = false;
+        let end = rest.bytes().position(|b| {
+            let end = b == b'"' && !escaped;
+            escaped = b == b'\\' && !escaped;
+            end
+        })?;
+        let (mut depth, mut quoted, mut args, mut arg) = (0, false, Vec::new(), String::new());
+        for c in rest[end + 1..].chars() {
+            match c {
+                '"' => quoted = !quoted,
+                '(' | '[' if !quoted => depth += 1,
+                ')' | ']' if !quoted && depth == 0 => break,
+                ')' | ']' if !quoted => depth -= 1,
+                ',' if !quoted && depth == 0 => {
+                    args.push(std::mem::take(&mut arg));
+                    continue;
+                }
+                _ => {}
+            }
+            arg.push(c);
+        }
+        args.push(arg);
+        // What came before the first comma is the text's own tail (nothing).
+        Some((&rest[..end], args.into_iter().skip(1).collect()))
+    }
+
+    /// `template` with its fields filled in as [`names_the_tests_make`] says (each `{}` from
+    /// `args` in turn), and whether one was the PID; None if it is no format string.
+    fn fill(template: &str, args: Vec<String>, own_pid: bool) -> Option<(String, bool)> {
+        let mut args = args.into_iter();
+        let (mut name, mut carries_pid, mut rest) = (String::new(), false, template);
+        while let Some(open) = rest.find('{') {
+            name.push_str(&rest[..open]);
+            if rest[open..].starts_with("{{") {
+                name.push('{');
+                rest = &rest[open + 2..];
+                continue;
+            }
+            let close = open + rest[open..].find('}')?;
+            let field = rest[open + 1..close].split(':').next().unwrap_or_default();
+            let value = match field {
+                "" => args.next().unwrap_or_default(),
+                "pid" if own_pid => "std::process::id()".to_owned(),
+                _ => field.to_owned(),
+            };
+            let value = value.trim();
+            if value.ends_with("process::id()") {
+                name.push_str("4242");
+                carries_pid = true;
+            } else if value == "tag" || value.ends_with(".tag") {
+                name.push_str("4242-x");
+                carries_pid = true;
+            } else {
+                name.push('x');
+            }
+            rest = &rest[close + 1..];
+        }
+        name.push_str(rest);
+        Some((name, carries_pid))
+    }
+
+    /// Every namespace, pin directory and temporary file or directory the tests and benches
+    /// make, found in their sources ([`names_the_tests_make`]), is recognised by the sweep with
+    /// its PID: examples listed by hand here went stale as tests added names (`elfd<pid>`,
+    /// `edgelb-repin-<pid>`, `edgelb-holders-<pid>`, ...), which a killed run then left for
+    /// good. Matched whole: the sweep used to strip a prefix and read leading digits, so
+    /// `elblbnsa<pid>` (`elbl` + `bnsa...`) and more were never removed. And names that are not
+    /// a test's are left alone.
     #[test]
     fn every_name_the_tests_make_is_swept() {
-        let pid = 4242;
-        let namespaces = [
-            // tests/lifecycle.rs: its testbed (`elbl<pid>` + `-sw`, ...) and `LoBed`.
-            format!("elbl{pid}-sw"),
-            format!("elbl{pid}-b1"),
-            format!("elbl{pid}-a_test_name"),
-            // tests/netns_e2e.rs
-            format!("elbt{pid}-client"),
-            // tests/cli.rs
-            format!("elbdecap{pid}"),
-            format!("elbdecapa{pid}"),
-            format!("elbdecapb{pid}"),
-            format!("elbdecapl{pid}"),
-            format!("elblbnsa{pid}"),
-            format!("elblbnsb{pid}"),
-            format!("elbstopel{pid}"),
-            format!("elbstart{pid}"),
-            format!("elbmnt{pid}"),
-            // tests/xdp_fixtures.rs
-            format!("elpl{pid}"),
-            format!("elgro{pid}"),
-            // benches/dataplane.rs
-            format!("elbbench{pid}-gen"),
-            format!("elbbench{pid}-lb"),
-        ];
-        for name in &namespaces {
-            assert_eq!(test_made_pid(TEST_NAMESPACES, name), Some(pid), "namespace {name}");
+        let names = names_the_tests_make();
+        for kind in [Kind::Namespace, Kind::PinDir, Kind::Temp] {
+            let n = names.iter().filter(|(k, ..)| *k == kind).count();
+            assert!(n >= 5, "only {n} names of {kind:?} found in the sources: {names:?}");
         }
-        let pin_dirs = [
-            // tests/cli.rs
-            format!("edgelb-t-cli-stop-old-pins-{pid}"),
-            format!("edgelb-decap-test-{pid}"),
-            format!("edgelb-decap-ns-test-{pid}"),
-            format!("edgelb-decap-lb-test-{pid}"),
-            format!("edgelb-lb-ns-test-{pid}"),
-            format!("edgelb-stop-away-{pid}"),
-            // tests/lifecycle.rs (`edgelb-t-<tag>`, the tag `<pid>-<test>`)
-            format!("edgelb-t-{pid}-a_test_name"),
-            // tests/xdp_fixtures.rs
-            format!("edgelb-fixture-{pid}"),
-            format!("edgelb-fixture-ct-{pid}"),
-            format!("edgelb-beside-{pid}"),
-            format!("edgelb-links-{pid}"),
-            // lb-userspace/src/dataplane/mod.rs
-            format!("edgelb-test-owner-{pid}"),
-        ];
-        for name in &pin_dirs {
-            assert_eq!(test_made_pid(TEST_PIN_DIRS, name), Some(pid), "pin directory {name}");
-        }
+        let unswept: Vec<String> = names
+            .iter()
+            .filter(|(kind, name, _)| {
+                let patterns = match kind {
+                    Kind::Namespace => TEST_NAMESPACES,
+                    Kind::PinDir => TEST_PIN_DIRS,
+                    Kind::Temp => TEST_TEMP,
+                };
+                test_made_pid(patterns, name) != Some(4242)
+            })
+            .map(|(kind, name, place)| format!("{kind:?} {name} ({place})"))
+            .collect();
+        assert!(
+            unswept.is_empty(),
+            "names the tests make that the sweep does not know (a pattern for each belongs in \
+             TEST_NAMESPACES, TEST_PIN_DIRS or TEST_TEMP):\n{}",
+            unswept.join("\n")
+        );
         for name in [
             "edgelb",
             "edgelb-decap",
@@ -1157,6 +1288,30 @@ mod tests {
         ] {
             assert_eq!(test_made_pid(TEST_PIN_DIRS, name), None, "pin directory {name}");
         }
+        for name in [
+            "edgelb-build.lock",
+            "edgelb-l7-bench-",
+            "edgelb-admin",
+            "edgelb-admin-4242-x",
+            "edgelb-holders-4242.d",
+            "edgelb-latin9-4242",
+        ] {
+            assert_eq!(test_made_pid(TEST_TEMP, name), None, "temporary {name}");
+        }
+    }
+
+    /// `./x` starts with `cargo xtask`, whose build of xtask must take Cargo.lock as it is, as
+    /// every cargo command xtask runs does (README): the alias had no `--locked`, and rewrote
+    /// a stale Cargo.lock on a fresh node instead of failing there.
+    #[test]
+    fn the_xtask_alias_builds_locked() {
+        let path = super::workspace_root().join(".cargo/config.toml");
+        let text = std::fs::read_to_string(&path).expect("reading .cargo/config.toml");
+        let alias = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("xtask ") || l.trim_start().starts_with("xtask="))
+            .expect("an xtask alias in .cargo/config.toml");
+        assert!(alias.split(['"', ' ']).any(|w| w == "--locked"), "{alias}");
     }
 
     /// Ctrl-C during `run`'s spread of requests ends it before the next request: it used to

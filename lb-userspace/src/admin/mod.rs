@@ -91,7 +91,15 @@ pub enum Request {
     /// plane back (its program on the links, its config in the maps). The sockets stay open throughout, so no connection is
     /// refused in between. A stop signal to the old one shuts the connection down
     /// ([`HandoverCut`]): it exits, and a new process not yet told [`GO`] cannot commit.
-    Handover,
+    Handover {
+        /// The process taking over binds its admin socket over the path ([`bind_over`]) while
+        /// the old one still listens there, so the old one leaves the path as it is. Absent
+        /// (false) from an older edgelb taking over (a rollback), which binds only where nobody
+        /// answers ([`bind`]): for it the old one removes the path before it answers, as it
+        /// always did, or it would find the old listener answering and give the takeover up.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        binds_over: bool,
+    },
 }
 
 /// What the process taking over writes on the handover connection before it first writes the
@@ -127,6 +135,11 @@ pub enum SocketKind {
     L7,
     /// The Prometheus endpoint.
     Metrics,
+    /// A kind a later edgelb hands over that this one does not know (rolling back to an older
+    /// build, say): the answer is still read, and that socket closed with a warning, rather
+    /// than the whole handover failing to parse and the takeover failing without a word why.
+    #[serde(other)]
+    Unknown,
 }
 
 /// One socket of a handover answer, in the order of the attached descriptors.
@@ -167,6 +180,14 @@ pub struct Response {
     /// steps; an older edgelb taking over ignores it.
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "lenient_vips")]
     pub vips: Option<Vec<HandedVip>>,
+    /// For `handover`: the [`crate::config::content_hash`] of the config file as the running
+    /// controller last applied it (at its start or its last reload), for the next process to
+    /// tell whether the file it loaded is that one: a reload that reached the running edgelb
+    /// while the next process started would otherwise be lost. Absent from an older edgelb
+    /// (the next process then cannot tell, and says so); an older edgelb taking over ignores
+    /// it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_sha256: Option<String>,
     /// The refusal is the config file's fault (a `reload` of an invalid file): the CLI exits 2,
     /// as `edgelb check` does for it, rather than 1, so scripts can tell it from a reload that
     /// needs a restart.
@@ -200,6 +221,14 @@ pub struct Response {
     /// meanwhile (SIGKILL after a long drain) never does. Absent from older controllers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// A refusal because this edgelb has handed over to a new process (`edgelb run
+    /// --takeover`) and only finishes its requests in flight: the request reached it on its
+    /// listener before the new process took the socket's path over, and was not carried out.
+    /// [`request`] then asks again, and the new process answers (each request is carried out
+    /// once, by whichever process took it). Absent from older controllers, which closed such
+    /// connections unanswered.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handed_over: bool,
 }
 
 /// The running controller's answer to [`Request::Route`].
@@ -400,6 +429,7 @@ impl Response {
             drains: Vec::new(),
             down: Vec::new(),
             vips: None,
+            config_sha256: None,
             bad_config: false,
             bad_request: false,
             route: None,
@@ -407,6 +437,18 @@ impl Response {
             stopping: false,
             teardown: false,
             pid: None,
+            handed_over: false,
+        }
+    }
+
+    /// The refusal of a request that reached an edgelb which has handed over
+    /// ([`Response::handed_over`]).
+    pub fn handed_over() -> Response {
+        Response {
+            handed_over: true,
+            ..Response::err(
+                "this edgelb has handed over to a new one (`edgelb run --takeover`) and only finishes its requests in flight: nothing was done; ask again, and the new one answers",
+            )
         }
     }
 
@@ -530,7 +572,8 @@ impl Status {
         };
         for v in &mut self.vips {
             both(&mut v.bytes_per_s, &mut v.bps);
-            for b in &mut v.backends {
+            for b in v.backends.iter_mut().chain(v.routes.iter_mut().flat_map(|r| &mut r.backends))
+            {
                 both(&mut b.bytes_per_s, &mut b.bps);
             }
         }
@@ -614,11 +657,35 @@ pub struct VipStatus {
     /// anyway (fail open).
     pub fail_open: bool,
     /// L7 only: requests (HTTP) or connections (TCP) the proxy sent to the VIP's backends, its
-    /// route pools' (not listed) included. XDP passes an L7 VIP's traffic to the kernel uncounted, so
-    /// its packet, byte and flow counters and rates stay 0: this is the number that moves.
+    /// route pools' ([`routes`](Self::routes)) included, each backend counted once however many
+    /// of its pools list it. XDP passes an L7 VIP's traffic to the kernel uncounted, so its
+    /// packet, byte and flow counters and rates stay 0: this is the number that moves.
     #[serde(default)]
     pub l7_requests: u64,
-    /// Backends.
+    /// Backends: the VIP's own pool.
+    pub backends: Vec<BackendStatus>,
+    /// L7 HTTP only: each route's pool, in the file's order, so that a route pool that passive
+    /// health has taken out whole, or a backend of one holding its requests, shows as the
+    /// VIP's own backends do. Empty (and absent from the JSON) without routes, and from an
+    /// older daemon's answer, which did not list them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteStatus>,
+}
+
+/// One route of an L7 VIP in [`VipStatus`]: what it matches, and its pool.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+pub struct RouteStatus {
+    /// The Host it matches (none: any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The path prefix it matches (none: any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    /// Its pool's backends, with the L7 fields of the VIP's own: requests, in flight and
+    /// `passive_down`, which a route's backend shares with the VIP's own pool where the two
+    /// list one address and port (the proxy keeps one state for it). No health check probes a
+    /// route pool and `edgelb drain` does not reach it, so `healthy` is always true and
+    /// `drained` means `weight = 0` in the file; the XDP fields are 0, as for any L7 backend.
     pub backends: Vec<BackendStatus>,
 }
 
@@ -726,7 +793,36 @@ fn trusted(s: &UnixStream) -> Result<(), String> {
 /// ([`MAX_REQUEST`]) is not sent: it gets the refusal the controller would give it
 /// ([`too_long`]), here, as the controller having read its first 64 KiB would answer and
 /// close, and the write of the rest (past the socket's buffer) would fail instead.
+///
+/// An edgelb that has handed over to a new one refuses what still reaches it
+/// ([`Response::handed_over`]): the request, not carried out, is sent again (to the new one,
+/// which has the socket's path by then; a connect that finds none there is tried again too),
+/// for [`HANDED_OVER_RETRY`] at most. A `stop` goes on to the new process as well: it asks
+/// for the edgelb on this socket to stop, and the old one, already on its way out, did nothing.
 pub fn request(socket: &Path, req: &Request) -> Result<Response, AdminError> {
+    let until = std::time::Instant::now() + HANDED_OVER_RETRY;
+    let mut handed_over = false;
+    loop {
+        let answer = request_once(socket, req);
+        let again = match &answer {
+            Ok(r) => r.handed_over,
+            Err(e) => handed_over && e.nobody_serves(),
+        };
+        if !again || std::time::Instant::now() >= until {
+            return answer;
+        }
+        handed_over = true;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// How long [`request`] goes on asking again after an edgelb that handed over refused the
+/// request: the new process has the socket's path before the old one answers so, and it answers
+/// once it serves (a connection waits in its queue meanwhile, for [`ANSWER_WAIT`]).
+pub const HANDED_OVER_RETRY: Duration = Duration::from_secs(5);
+
+/// One exchange of [`request`].
+fn request_once(socket: &Path, req: &Request) -> Result<Response, AdminError> {
     let fail = |reason: String| AdminError::Exchange { path: socket.to_owned(), reason };
     let line = line_of(req).map_err(|e| fail(e.to_string()))?;
     if line.len() > MAX_REQUEST {
@@ -790,6 +886,15 @@ fn too_long() -> Response {
     Response::bad_request(TOO_LONG)
 }
 
+/// The refusal of a request whose newline did not come within [`CLIENT_WAIT`], a bad request:
+/// the admin thread answers one client at a time and cannot wait longer for it.
+fn no_newline() -> Response {
+    Response::bad_request(format!(
+        "bad request: no newline within {} s (a request is one JSON line, ended by a newline)",
+        CLIENT_WAIT.as_secs()
+    ))
+}
+
 /// `req` as the JSON line sent for it.
 fn line_of(req: &Request) -> std::io::Result<String> {
     let mut line = serde_json::to_string(req).map_err(std::io::Error::other)?;
@@ -820,6 +925,9 @@ pub struct Handover {
     /// The running edgelb's VIPs, to carry the drains and verdicts over as a reload would; none
     /// from an older edgelb.
     pub vips: Option<Vec<HandedVip>>,
+    /// The hash of the config file as the running edgelb last applied it
+    /// ([`Response::config_sha256`]); none from an older edgelb.
+    pub config_sha256: Option<String>,
     /// The open handover connection.
     pub conn: UnixStream,
 }
@@ -840,7 +948,7 @@ pub fn handover(socket: &Path) -> Result<Option<Handover>, AdminError> {
     let fail = |reason: String| AdminError::Exchange { path: socket.to_owned(), reason };
     let Ok(s) = UnixStream::connect(socket) else { return Ok(None) };
     trusted(&s).map_err(fail)?;
-    line_of(&Request::Handover)
+    line_of(&Request::Handover { binds_over: true })
         .and_then(|line| send_line(&s, &line))
         .map_err(|e| fail(e.to_string()))?;
     // One line back, the descriptors on its first bytes; read byte runs until the newline.
@@ -880,6 +988,7 @@ pub fn handover(socket: &Path) -> Result<Option<Handover>, AdminError> {
         drains: resp.drains,
         down: resp.down,
         vips: resp.vips,
+        config_sha256: resp.config_sha256,
         conn: s,
     }))
 }
@@ -906,27 +1015,9 @@ pub fn bind(socket: &Path) -> std::io::Result<UnixListener> {
 /// beside the socket: the controller, trying again from its loop to serve an admin socket it
 /// lost, must not stop balancing health verdicts and scrapes for seconds at each try.
 pub fn bind_within(socket: &Path, lock_wait: Duration) -> std::io::Result<UnixListener> {
-    if let Some(dir) = socket.parent()
-        && !dir.exists()
-    {
-        std::fs::create_dir_all(dir)
-            .map_err(step(format!("creating its directory {}", dir.display())))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(step(format!("making its directory {} root-only", dir.display())))?;
-    }
+    make_dir(socket)?;
     let _lock = BindLock::take(socket, lock_wait)?;
-    match std::fs::symlink_metadata(socket) {
-        Ok(m) if !m.file_type().is_socket() => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!(
-                    "{} exists and is not a socket: edgelb replaces only a stale admin socket (check node.admin_socket)",
-                    socket.display()
-                ),
-            ));
-        }
-        _ => {}
-    }
+    only_a_socket(socket)?;
     if answers(socket).map_err(step("looking for a process answering on it".into()))? {
         return Err(std::io::Error::new(
             std::io::ErrorKind::AddrInUse,
@@ -943,6 +1034,103 @@ pub fn bind_within(socket: &Path, lock_wait: Duration) -> std::io::Result<UnixLi
     Ok(listener)
 }
 
+/// Binds the socket in place of the running edgelb's, which has just handed over to this process
+/// (`edgelb run --takeover`) and still listens on it: bound under a name of its own beside it,
+/// made root-only, then renamed over the path, so that a client finds one process or the other
+/// listening there, never none (it used to be removed first, and a command in between was told
+/// that no edgelb runs). Connections the old process took before are answered by it
+/// ([`Response::handed_over`]). This process failing afterwards (before its start is through)
+/// closes the listener with the connections queued on it, and leaves the path refusing (or, its
+/// start failed, missing) until the old process has bound it again. As [`bind`], under [`BindLock`], and only a socket is replaced.
+///
+/// The name of its own is `<path>.<pid>.new`, or `.<pid>` in the same directory when that is
+/// too long for a socket address ([`SUN_PATH_MAX`]: a path a plain start binds could not be
+/// taken over). When neither fits (or both are taken by something else), the path is removed
+/// and bound again, as a start replaces a stale socket, and the log says so: a command sent in
+/// that instant finds no socket there.
+pub fn bind_over(socket: &Path) -> std::io::Result<UnixListener> {
+    make_dir(socket)?;
+    let _lock = BindLock::take(socket, BIND_LOCK_WAIT)?;
+    only_a_socket(socket)?;
+    let Some((fresh, listener)) = bind_beside(socket)? else {
+        tracing::info!(
+            admin = %socket.display(),
+            "no name beside the admin socket is free and short enough to bind first ({SUN_PATH_MAX} bytes at most): the running edgelb's socket is removed and this one bound in its place (a command sent in that instant is told that no edgelb runs)"
+        );
+        let _ = std::fs::remove_file(socket);
+        let listener = UnixListener::bind(socket).map_err(step("binding it".into()))?;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+            .map_err(step("making it root-only (mode 0600)".into()))?;
+        return Ok(listener);
+    };
+    let placed = std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o600))
+        .map_err(step("making it root-only (mode 0600)".into()))
+        .and_then(|()| {
+            std::fs::rename(&fresh, socket)
+                .map_err(step(format!("renaming {} over it", fresh.display())))
+        });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&fresh);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
+/// The longest path a Unix socket can be bound at, in bytes: `sun_path` holds 108 on Linux,
+/// its NUL included (a longer one is refused, "path must be shorter than SUN_LEN").
+pub const SUN_PATH_MAX: usize = 107;
+
+/// Binds the listener [`bind_over`] renames over `socket`, beside it: at `<socket>.<pid>.new`,
+/// or `.<pid>` in its directory when that is too long for a socket address ([`SUN_PATH_MAX`]).
+/// Nothing already at a name is removed (it may be another program's socket, live, in a shared
+/// directory): a name taken (EADDRINUSE) is passed over for the next. None when no name fits
+/// or is free.
+fn bind_beside(socket: &Path) -> std::io::Result<Option<(PathBuf, UnixListener)>> {
+    let pid = std::process::id();
+    let mut long = socket.as_os_str().to_owned();
+    long.push(format!(".{pid}.new"));
+    let short = socket.parent().map(|dir| dir.join(format!(".{pid}")));
+    for name in [Some(PathBuf::from(long)), short].into_iter().flatten() {
+        if name.as_os_str().len() > SUN_PATH_MAX {
+            continue;
+        }
+        match UnixListener::bind(&name) {
+            Ok(listener) => return Ok(Some((name, listener))),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(e) => return Err(step(format!("binding it (as {} first)", name.display()))(e)),
+        }
+    }
+    Ok(None)
+}
+
+/// Makes the directory of `socket` if it is missing, root-only; one that exists keeps its mode.
+fn make_dir(socket: &Path) -> std::io::Result<()> {
+    if let Some(dir) = socket.parent()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(step(format!("creating its directory {}", dir.display())))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(step(format!("making its directory {} root-only", dir.display())))?;
+    }
+    Ok(())
+}
+
+/// Refuses anything but a socket (or nothing) at `socket`: only a stale admin socket is ever
+/// replaced.
+fn only_a_socket(socket: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(socket) {
+        Ok(m) if !m.file_type().is_socket() => Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not a socket: edgelb replaces only a stale admin socket (check node.admin_socket)",
+                socket.display()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Whether a process listens on `socket`: a connect that is taken, or that finds its queue full
 /// (EAGAIN), says one does; a refused one (a stale socket file, ECONNREFUSED) or a missing path,
 /// that none does. The connect does not wait: a blocking one to a listener that never accepts
@@ -952,6 +1140,19 @@ pub fn bind_within(socket: &Path, lock_wait: Duration) -> std::io::Result<UnixLi
 ///
 /// An error when it cannot tell (no socket to be had: out of descriptors): taken for "none",
 /// the stale-socket removal that follows would unlink a live process's socket.
+/// Does a process answer on the socket at `socket`? `true` when it cannot tell, so that a caller
+/// that would bind over a dead socket leaves a live one alone.
+pub fn anyone_answers(socket: &Path) -> bool {
+    answers(socket).unwrap_or(true)
+}
+
+/// The file at `path` as (device, inode), without following a symlink: what the controller
+/// bound there, to tell later whether the path still names its socket.
+pub fn path_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 fn answers(socket: &Path) -> std::io::Result<bool> {
     let addr = socket2::SockAddr::unix(socket)?;
     let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
@@ -1108,39 +1309,35 @@ impl Serving {
 
 /// Forwards requests arriving on `listener` to `to_controller`, from a background thread.
 ///
-/// An accept that fails for want of descriptors or memory ([`crate::proxy::out_of_resources`])
-/// leaves its connection queued and the socket readable: the thread pauses before the next try
-/// (10 ms doubling to 500 ms, as the L7 proxy's accept loops do) rather than spin a core while
-/// the node is short, and says so once when it begins and once when accepts succeed again.
+/// An accept that fails (for want of descriptors or memory, say) leaves its connection queued and
+/// the socket readable: the thread pauses before the next try ([`crate::accept`], as the L7
+/// proxy's and the metrics endpoint's accept loops do) rather than spin a core while the node
+/// is short, and says so once when it begins and once when accepts succeed again.
 pub fn serve(listener: UnixListener, to_controller: Sender<Pending>) -> std::io::Result<Serving> {
-    use crate::proxy::{ACCEPT_PAUSE_MAX, ACCEPT_PAUSE_MIN, out_of_resources};
     let own = listener.try_clone().map_err(step("duplicating its descriptor".into()))?;
     let answering = Arc::new(AtomicBool::new(false));
     let busy = answering.clone();
     let thread = std::thread::Builder::new().name("admin".into()).spawn(move || {
-        // Accepts failed in a row for want of descriptors or memory, and the pause after the last.
-        let (mut starved, mut pause) = (0u64, Duration::ZERO);
+        let mut failures = crate::accept::AcceptFailures::default();
         for conn in own.incoming() {
             match conn {
                 Ok(conn) => {
-                    if starved > 0 {
-                        tracing::info!(failed = starved, "admin socket: accepting connections again");
-                        (starved, pause) = (0, Duration::ZERO);
+                    if let Some(failed) = failures.accepted() {
+                        tracing::info!(failed, "admin socket: accepting connections again");
                     }
                     let _ = handle(conn, &to_controller, &busy);
                 }
                 // Shut down by `Serving::stop`.
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => return,
-                Err(e) if out_of_resources(&e) => {
-                    starved += 1;
-                    if starved == 1 {
-                        tracing::warn!(error = %e, "admin socket: cannot accept connections (out of descriptors or memory); pausing accepts (up to {} ms between tries) until it passes", ACCEPT_PAUSE_MAX.as_millis());
+                Err(e) => {
+                    let failed = failures.failed(&e);
+                    if let Some(say) = failed.say {
+                        tracing::warn!(error = %e, "admin socket: {say}");
                     }
-                    pause = (pause * 2).clamp(ACCEPT_PAUSE_MIN, ACCEPT_PAUSE_MAX);
-                    std::thread::sleep(pause);
+                    if let Some(pause) = failed.pause {
+                        std::thread::sleep(pause);
+                    }
                 }
-                // A client gone before it was accepted, and the like: the next one may come.
-                Err(_) => continue,
             }
         }
     });
@@ -1208,9 +1405,19 @@ fn handle(
     // Bytes, not a String: a line that is not UTF-8 (cut inside a character at the cap, say)
     // is answered as any bad request, not closed unanswered as a failed read_line closed it.
     let mut line = Vec::new();
-    BufReader::new(Deadline { conn: &conn, until })
+    let read = BufReader::new(Deadline { conn: &conn, until })
         .take(MAX_REQUEST as u64)
-        .read_until(b'\n', &mut line)?;
+        .read_until(b'\n', &mut line);
+    // Out of time with part of a request read (no newline came: `nc -U` waiting for more, a
+    // client that forgot it): refused as such, rather than closed without a word. A client
+    // that sent nothing gets nothing. A request whose sender closed without its newline is
+    // read as it came (an EOF ends the line).
+    let unended = match read {
+        Ok(_) => false,
+        // A read timeout says WouldBlock; the deadline already passed, TimedOut.
+        Err(e) if is_timeout(&e) && !line.is_empty() => true,
+        Err(e) => return Err(e),
+    };
     /// Clears `answering` however [`handle`] returns.
     struct Answered<'a>(&'a AtomicBool);
     impl Drop for Answered<'_> {
@@ -1220,6 +1427,7 @@ fn handle(
     }
     let _answered = Answered(answering);
     let answer = match serde_json::from_slice::<Request>(&line) {
+        _ if unended => no_newline().into(),
         Err(_) if line.len() == MAX_REQUEST && !line.ends_with(b"\n") => too_long().into(),
         Err(e) => Response::err(format!("bad request: {e}")).into(),
         Ok(req) => {
@@ -1255,6 +1463,11 @@ fn handle(
         let _ = done.send(end);
     }
     sent
+}
+
+/// Is `e` a read or write that ran out of time ([`Deadline`])?
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)
 }
 
 /// Follows the process taking over through its start: [`COMMIT`] (answered with [`GO`]) then
@@ -1433,6 +1646,26 @@ mod tests {
         assert_eq!(handed, Drain { backend: a, port: None, vip: None });
     }
 
+    /// `handover` both ways: an older edgelb taking over (a rollback) sends it bare, read as
+    /// a peer that does not bind over the path (the path is freed for it); this edgelb's says
+    /// it does, and an older running edgelb, whose `handover` has no fields, still reads it.
+    #[test]
+    fn a_handovers_binds_over_is_optional_both_ways() {
+        let bare: Request = serde_json::from_str(r#"{"cmd":"handover"}"#).unwrap();
+        assert_eq!(bare, Request::Handover { binds_over: false });
+        let ours = line_of(&Request::Handover { binds_over: true }).unwrap();
+        assert_eq!(ours, "{\"cmd\":\"handover\",\"binds_over\":true}\n");
+        /// The requests of an edgelb older than `binds_over`.
+        #[derive(Deserialize, Debug, PartialEq)]
+        #[serde(tag = "cmd", rename_all = "lowercase")]
+        enum Older {
+            Status,
+            Handover,
+        }
+        assert_eq!(serde_json::from_str::<Older>(&ours).unwrap(), Older::Handover);
+        assert_eq!(serde_json::from_str::<Older>(r#"{"cmd":"status"}"#).unwrap(), Older::Status);
+    }
+
     /// A handover's VIPs: an older edgelb's answer, without them, reads as before (none); a
     /// newer one's that this edgelb cannot read (an unknown forwarding mode) reads as none too
     /// instead of failing the takeover; this edgelb's own go through whole.
@@ -1440,6 +1673,11 @@ mod tests {
     fn a_handovers_vips_are_optional_on_the_wire() {
         let older = r#"{"ok":true,"message":"handing over","drains":[{"backend":"198.18.0.11","vip":"web"}],"down":[{"vip":"web","backend":"198.18.0.12:80"}]}"#;
         let r: Response = serde_json::from_str(older).unwrap();
+        assert_eq!(r.config_sha256, None, "an older edgelb does not say which file it runs");
+        // A socket of a kind a later edgelb added is read as one this edgelb does not know.
+        let later: HandedSocket =
+            serde_json::from_str(r#"{"kind":"quic","addr":"198.18.0.1:443"}"#).unwrap();
+        assert_eq!(later.kind, SocketKind::Unknown);
         assert_eq!((r.vips, r.drains.len(), r.down.len()), (None, 1, 1));
         let newer = r#"{"ok":true,"message":"handing over","vips":[{"name":"web","address":"198.18.1.1","port":80,"protocol":"tcp","forwarding":"gre","backends":["198.18.0.11:80"]}],"down":[{"vip":"web","backend":"198.18.0.12:80"}]}"#;
         let r: Response = serde_json::from_str(newer).unwrap();
@@ -1449,14 +1687,19 @@ mod tests {
             "t.toml".as_ref(),
         )
         .unwrap();
-        let ours = Response { vips: Some(HandedVip::all(&cfg)), ..Response::ok("handing over") };
+        let ours = Response {
+            vips: Some(HandedVip::all(&cfg)),
+            config_sha256: Some(crate::config::content_hash(b"x")),
+            ..Response::ok("handing over")
+        };
         let line = serde_json::to_string(&ours).unwrap();
         assert!(line.contains(r#""forwarding":"l7""#), "{line}");
         let back: Response = serde_json::from_str(&line).unwrap();
         assert_eq!(back, ours);
         assert_eq!(back.vips.unwrap()[0].backends, ["127.0.0.1:8001".parse().unwrap()]);
-        // Without VIPs (any other answer), the field is left out.
-        assert!(!serde_json::to_string(&Response::ok("x")).unwrap().contains("vips"));
+        // Without VIPs (any other answer), the fields are left out.
+        let other = serde_json::to_string(&Response::ok("x")).unwrap();
+        assert!(!other.contains("vips") && !other.contains("config_sha256"), "{other}");
     }
 
     /// A handed VIP's weights and fail-open state, both ways: an older edgelb's VIPs, without
@@ -1650,6 +1893,160 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A request refused by an edgelb that has handed over ([`Response::handed_over`]) is
+    /// asked again, of the process that took the socket's path over ([`bind_over`], which
+    /// replaces it while the old one still listens): carried out once, by the new one. Another
+    /// refusal is final.
+    #[test]
+    fn a_request_an_edgelb_that_handed_over_refuses_is_asked_of_the_new_one() {
+        let dir = std::env::temp_dir().join(format!("edgelb-admin-over-{}", std::process::id()));
+        let path = dir.join("admin.sock");
+        let asked_new = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let new_serving = Arc::new(std::sync::Mutex::new(None));
+        let old = {
+            let (path, asked_new, new_serving) =
+                (path.clone(), asked_new.clone(), new_serving.clone());
+            // The old one's first request: the new process takes the path over meanwhile.
+            controller(move |_| {
+                let mut new = new_serving.lock().unwrap();
+                if new.is_none() {
+                    let asked = asked_new.clone();
+                    let answer = move |_: &Request| {
+                        asked.fetch_add(1, Ordering::Relaxed);
+                        Response::ok("the new one")
+                    };
+                    *new = Some(serve(bind_over(&path).unwrap(), controller(answer)).unwrap());
+                }
+                Response::handed_over()
+            })
+        };
+        let old = serve(bind(&path).unwrap(), old).unwrap();
+        let r = request(&path, &Request::Reload { config: None }).unwrap();
+        assert_eq!((r.ok, r.message.as_str()), (true, "the new one"), "{r:?}");
+        assert_eq!(asked_new.load(Ordering::Relaxed), 1, "carried out once");
+        // The path is the new one's socket, root-only; nothing else is left beside it.
+        let mode = std::fs::symlink_metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let left: Vec<_> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, ["admin.sock"], "{left:?}");
+        old.stop();
+        new_serving.lock().unwrap().take().unwrap().stop();
+
+        // A refusal of another kind is the answer.
+        let _ = std::fs::remove_dir_all(&dir);
+        let refusing = serve(bind(&path).unwrap(), controller(|_| Response::err("no"))).unwrap();
+        let start = std::time::Instant::now();
+        let r = request(&path, &Request::Status).unwrap();
+        assert!(!r.ok && r.message == "no" && start.elapsed() < Duration::from_secs(1), "{r:?}");
+        refusing.stop();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A takeover binds over an admin socket whose path is near the longest a socket can have
+    /// (96 to 107 bytes), which a plain start binds: `<path>.<pid>.new` being too long for a
+    /// socket address, the name bound first is `.<pid>` beside it; when even that is too long,
+    /// or is taken by a file not edgelb's (left alone), the path is removed and bound again.
+    /// Either way the new listener has the path, root-only, and nothing of its own is left
+    /// beside it. Every takeover of such a path used to fail: "path must be shorter than
+    /// SUN_LEN".
+    #[test]
+    fn bind_over_a_path_near_the_longest_a_socket_has() {
+        let dir = std::env::temp_dir().join(format!("edgelb-admin-long-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // A path of `len` bytes: the directory, a subdirectory of the length that makes it,
+        // and `name`.
+        let at = |len: usize, name: &str| {
+            let sub = "d".repeat(len - dir.as_os_str().len() - name.len() - 2);
+            dir.join(sub).join(name)
+        };
+        let over = |path: &Path| {
+            let old = bind(path).unwrap();
+            let new =
+                bind_over(path).unwrap_or_else(|e| panic!("{} bytes: {e}", path.as_os_str().len()));
+            new.set_nonblocking(true).unwrap();
+            old.set_nonblocking(true).unwrap();
+            let _client = UnixStream::connect(path).unwrap();
+            new.accept().expect("the new listener has the path");
+            assert!(old.accept().is_err(), "the old listener has no new connection");
+            let mode = std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+            let mut left: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            left.sort();
+            left
+        };
+        let pid = std::process::id();
+        let hundred = at(100, "admin.sock");
+        assert_eq!(hundred.as_os_str().len(), 100);
+        assert_eq!(over(&hundred), ["admin.sock"]);
+        let longest = at(SUN_PATH_MAX, "s");
+        assert_eq!(longest.as_os_str().len(), SUN_PATH_MAX);
+        assert_eq!(over(&longest), ["s"]);
+        // `.<pid>` beside it someone else's file: left as it is.
+        let theirs = hundred.parent().unwrap().join(format!(".{pid}"));
+        std::fs::write(&theirs, "not edgelb's").unwrap();
+        assert_eq!(over(&hundred), [format!(".{pid}"), "admin.sock".into()]);
+        assert_eq!(std::fs::read_to_string(&theirs).unwrap(), "not edgelb's");
+        std::fs::remove_file(&theirs).unwrap();
+        // ... or another program's live socket, which answers no stream connect (a datagram
+        // socket: EPROTOTYPE): left as it is, bound and answering.
+        let live = std::os::unix::net::UnixDatagram::bind(&theirs).unwrap();
+        assert_eq!(over(&hundred), [format!(".{pid}"), "admin.sock".into()]);
+        let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        client.send_to(b"still here", &theirs).expect("their socket's file is still there");
+        let mut got = [0u8; 16];
+        assert_eq!(live.recv(&mut got).unwrap(), 10);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A request whose newline never comes (`nc -U` left open after typing it, a client that
+    /// forgot it) is refused as such once the client's time is up, a bad request, rather than
+    /// closed without a word; one whose sender closes without the newline is read as it came;
+    /// a client that sends nothing gets nothing; and the next command is answered.
+    #[test]
+    fn a_request_without_its_newline_is_refused_once_its_time_is_up() {
+        let dir = std::env::temp_dir().join(format!("edgelb-admin-nonl-{}", std::process::id()));
+        let path = dir.join("admin.sock");
+        let serving = serve(bind(&path).unwrap(), controller(|_| Response::ok("here"))).unwrap();
+        let wait = Some(CLIENT_WAIT + Duration::from_secs(3));
+        let answer_of = |s: &UnixStream| {
+            let mut answer = String::new();
+            BufReader::new(s).read_line(&mut answer).unwrap();
+            answer
+        };
+
+        let s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(wait).unwrap();
+        (&s).write_all(br#"{"cmd":"status"}"#).unwrap();
+        let start = std::time::Instant::now();
+        let answer = answer_of(&s);
+        let took = start.elapsed();
+        let r: Response =
+            serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"));
+        assert!(!r.ok && r.bad_request, "{r:?}");
+        assert!(r.message.starts_with("bad request: no newline within 5 s"), "{r:?}");
+        assert!(took < CLIENT_WAIT + Duration::from_secs(1), "answered after {took:?}");
+
+        // Closed without its newline: the request as it came.
+        let s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(wait).unwrap();
+        (&s).write_all(br#"{"cmd":"status"}"#).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(answer_of(&s).contains(r#""message":"here""#));
+
+        // Nothing sent: closed, unanswered.
+        let s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(wait).unwrap();
+        assert_eq!(answer_of(&s), "");
+
+        assert_eq!(request(&path, &Request::Status).unwrap().message, "here");
+        serving.stop();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// The handover of a large config in an outage goes through: 16 XDP and 16 L7 VIPs of 256
     /// IPv6 backends each, 64-byte names, every backend down and drained (about 2 MiB, past the
     /// 1 MiB cap that failed such takeovers). An answer past [`MAX_HANDOVER_ANSWER`] is refused,
@@ -1789,7 +2186,7 @@ mod tests {
             for (req, reply) in rx {
                 let answer = match req {
                     Request::Reload { .. } => Response::ok("x".repeat(8 << 20)).into(),
-                    Request::Handover => Answer {
+                    Request::Handover { .. } => Answer {
                         fds: vec![OwnedFd::from(listener.try_clone().unwrap())],
                         ..Response::ok("x".repeat(8 << 20)).into()
                     },
@@ -1833,7 +2230,7 @@ mod tests {
 
         // A handover whose answer, sockets attached, is never read.
         let mut taker = UnixStream::connect(&path).unwrap();
-        let mut line = serde_json::to_string(&Request::Handover).unwrap();
+        let mut line = serde_json::to_string(&Request::Handover { binds_over: true }).unwrap();
         line.push('\n');
         taker.write_all(line.as_bytes()).unwrap();
         std::thread::sleep(Duration::from_millis(200));
@@ -2011,9 +2408,10 @@ mod tests {
     use crate::fuzz::{PropRng, prop_seed};
 
     /// A temporary socket path and the admin thread serving it, answering each request with
-    /// its `Debug` form (so an answer shows what was understood).
+    /// its `Debug` form (so an answer shows what was understood). In `edgelb-admin-<name>-<pid>`,
+    /// a name xtask's sweep of killed runs knows.
     fn prop_serve(name: &str) -> (PathBuf, PathBuf, Serving) {
-        let dir = std::env::temp_dir().join(format!("edgelb-{name}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("edgelb-admin-{name}-{}", std::process::id()));
         let path = dir.join("admin.sock");
         let echo = controller(|req| Response::ok(format!("{req:?}")));
         let serving = serve(bind(&path).unwrap(), echo).unwrap();
@@ -2027,7 +2425,8 @@ mod tests {
         let mut out: Vec<String> = [
             Request::Status,
             Request::Reload { config: None },
-            Request::Handover,
+            Request::Handover { binds_over: false },
+            Request::Handover { binds_over: true },
             Request::Stop { detach: true },
             Request::Stop { detach: false },
             Request::Drain { backend: v4.into(), vip: None },
@@ -2292,7 +2691,7 @@ mod tests {
     fn damaged_admin_requests_get_their_answer_or_a_close_and_the_thread_serves_on() {
         let seed = prop_seed(0xad31_7e57_5eed_0001);
         let mut r = PropRng::new(seed);
-        let (dir, path, serving) = prop_serve("admin-prop");
+        let (dir, path, serving) = prop_serve("prop");
         let requests = prop_requests();
         let start = std::time::Instant::now();
         let mut seen = std::collections::BTreeMap::<&str, usize>::new();
@@ -2335,7 +2734,7 @@ mod tests {
     #[test]
     fn an_endless_admin_request_is_cut_at_the_cap() {
         use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
-        let (dir, path, serving) = prop_serve("admin-endless");
+        let (dir, path, serving) = prop_serve("endless");
         let s = UnixStream::connect(&path).unwrap();
         let wait = Some(CLIENT_WAIT + Duration::from_secs(2));
         s.set_write_timeout(wait).and_then(|()| s.set_read_timeout(wait)).unwrap();
@@ -2386,5 +2785,24 @@ mod tests {
         assert!(written.contains(r#""l7_in_flight":0"#), "{written}");
         let read: BackendStatus = serde_json::from_str(&written).unwrap();
         assert_eq!(read, b);
+    }
+
+    /// A VIP's route pools are optional in `status --json`: an older daemon's answer has none,
+    /// a VIP without routes gets none written, and one with routes round-trips.
+    #[test]
+    fn route_pools_are_optional_in_status_json() {
+        let older = r#"{"name":"app","listen":"app (198.18.1.6:80/tcp)","forwarding":"l7",
+            "packets":0,"bytes":0,"new_flows":0,"pps":0.0,"fail_open":false,"backends":[]}"#;
+        let mut v: VipStatus = serde_json::from_str(older).unwrap();
+        assert!(v.routes.is_empty());
+        assert!(!serde_json::to_string(&v).unwrap().contains("routes"));
+        v.routes.push(RouteStatus { path_prefix: Some("/api/".into()), ..Default::default() });
+        let written = serde_json::to_string(&v).unwrap();
+        assert!(
+            written.contains(r#""routes":[{"path_prefix":"/api/","backends":[]}]"#),
+            "{written}"
+        );
+        let read: VipStatus = serde_json::from_str(&written).unwrap();
+        assert_eq!(read, v);
     }
 }

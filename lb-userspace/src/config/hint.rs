@@ -18,6 +18,8 @@ use std::ops::Range;
 
 use toml::de::{DeTable, DeValue};
 
+use super::{quoted, quoted_as_written, toml_string};
+
 /// A clearer error than the parser's for a common mistake in `text`, if it holds one: where, and
 /// what to write instead.
 pub(super) fn for_mistake(text: &str, error_at: Option<usize>) -> Option<(Range<usize>, String)> {
@@ -63,10 +65,11 @@ fn unquoted_word(text: &str, at: usize) -> Option<(Range<usize>, String)> {
     if !bare_key(key) || !word || at < value_at || at > value_at + value.len() {
         return None;
     }
-    let shown = shown(key, value);
+    let write = toml_string(shown(key, value));
+    let (shown, key) = (quoted(shown(key, value)), quoted(key));
     Some((
         value_at..value_at + value.len(),
-        format!("`{shown}` is not a TOML value: strings need quotes, write {key} = \"{shown}\""),
+        format!("`{shown}` is not a TOML value: strings need quotes, write {key} = {write}"),
     ))
 }
 
@@ -103,17 +106,20 @@ fn no_single_value(text: &str, at: usize) -> Option<(Range<usize>, String)> {
         return Some((
             line.start + (pair.len() - pair.trim_start().len())..line.start + eq + 1,
             format!(
-                "`{key} =` has no value: write one after `=` (a string in quotes, a number, true or false, a list in brackets)"
+                "`{} =` has no value: write one after `=` (a string in quotes, a number, true or false, a list in brackets)",
+                quoted(key)
             ),
         ));
     }
     // A second word: more than one value.
     value.split_whitespace().nth(1)?;
-    let value = shown(key, value);
+    let span = value_at..value_at + value.len();
+    let value = quoted_as_written(shown(key, value));
     Some((
-        value_at..value_at + value.len(),
+        span,
         format!(
-            "`{key} = {value}` has more than one value: a key takes one (a list is written in brackets, [a, b]; a comment starts with #)"
+            "`{} = {value}` has more than one value: a key takes one (a list is written in brackets, [a, b]; a comment starts with #)",
+            quoted(key)
         ),
     ))
 }
@@ -171,10 +177,14 @@ pub(super) fn reworded(text: &str, span: Range<usize>, message: &str) -> Option<
         Err(_) => return None,
     };
     // Of a secret key only the form is said (a string is the only form such a key takes).
-    let written = shown(key, written);
-    let said = format!("`{key}` = {written}");
+    let as_string = toml_string(shown(key, written));
+    let written = quoted_as_written(shown(key, written));
     // The values of a field that are not one range (`mtu`: 0 or 576..=65535), in its own words.
     let form = super::FORMS.iter().find(|(k, ..)| *k == key).map(|&(_, words, ok)| (words, ok));
+    let ms = key.ends_with("_ms");
+    // The key as the hint says it from here on: a key of the file may be as long as a value.
+    let key = &quoted(key);
+    let said = format!("`{key}` = {written}");
     Some(match want {
         Want::Int { min, max } => {
             // With its range; `short` leaves out an open one ("0 or more") where it is noise.
@@ -186,7 +196,6 @@ pub(super) fn reworded(text: &str, span: Range<usize>, message: &str) -> Option<
                 Some((_, ok)) => u64::try_from(n).is_ok_and(ok),
                 None => min.is_none_or(|m| n >= m) && max.is_none_or(|m| n <= m),
             };
-            let ms = key.ends_with("_ms");
             match value {
                 // The field's own range may be narrower than its type's (a weight is 0..=10000,
                 // checked once the file is read): a negative number is told as such.
@@ -228,7 +237,7 @@ pub(super) fn reworded(text: &str, span: Range<usize>, message: &str) -> Option<
             toml::Value::Array(_) | toml::Value::Table(_) => {
                 format!("{said}: write one string, in quotes")
             }
-            _ => format!("{said}: strings need quotes, write {key} = \"{written}\""),
+            _ => format!("{said}: strings need quotes, write {key} = {as_string}"),
         },
         // What goes in the list is not in the message: no example of an entry.
         Want::List => format!("{said}: write a list, {key} = [...]"),
@@ -317,11 +326,11 @@ fn duplicate_key(text: &str, span: Range<usize>) -> Option<String> {
     let header = line.starts_with('[') && !text[line_start..span.start].contains(['=', '{']);
     Some(match line.strip_prefix('[').filter(|_| header) {
         Some(h) if !h.starts_with('[') => {
-            let header = &line[..line.find(']').map_or(line.len(), |i| i + 1)];
+            let header = quoted_as_written(&line[..line.find(']').map_or(line.len(), |i| i + 1)]);
             format!("{header} is given twice: keep one {header} and put all its keys there")
         }
-        Some(_) => format!("`{key}` is defined twice: keep one"),
-        None => format!("`{key}` is set twice in this table: keep one"),
+        Some(_) => format!("`{}` is defined twice: keep one", quoted(key)),
+        None => format!("`{}` is set twice in this table: keep one", quoted(key)),
     })
 }
 
@@ -340,7 +349,10 @@ fn misshapen(root: &DeTable<'_>) -> Option<(Range<usize>, String)> {
     if let Some((_, DeValue::Table(node))) = get(root, "node")
         && let Some((span, DeValue::String(s))) = get(node, "interfaces")
     {
-        return Some((span, format!("node.interfaces is a list: write interfaces = [\"{s}\"]")));
+        return Some((
+            span,
+            format!("node.interfaces is a list: write interfaces = [{}]", toml_string(s)),
+        ));
     }
     match get(root, "vip") {
         Some((span, DeValue::Table(_))) => {
@@ -399,9 +411,10 @@ fn backends_hint(
 ) -> Option<(Range<usize>, String)> {
     match backends? {
         (_, DeValue::Array(list)) => list.iter().find_map(|b| match b.get_ref() {
-            DeValue::String(s) => {
-                Some((b.span(), format!("a backend is a table: write {{ address = \"{s}\" }}")))
-            }
+            DeValue::String(s) => Some((
+                b.span(),
+                format!("a backend is a table: write {{ address = {} }}", toml_string(s)),
+            )),
             _ => None,
         }),
         (span, DeValue::Table(_)) => Some((

@@ -7,7 +7,10 @@
 //! `file:line:column: what is wrong`, so an operator can jump straight to it.
 
 mod hint;
+mod prefix;
 mod raw;
+
+pub use prefix::{Length, Prefix};
 
 use std::{
     collections::{HashMap, HashSet},
@@ -500,8 +503,23 @@ impl Config {
     /// owner may read gets a caution: whoever reads the secret can make cookies that send
     /// clients to the backend of their choice.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let (text, mode) =
-            read_text(path).map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
+        Config::load_hashed(path).map(|(cfg, _)| cfg)
+    }
+
+    /// [`Config::load`], with the [`content_hash`] of the bytes it read: what the controller
+    /// runs is told by it, as a takeover compares the file it loaded with the one the running
+    /// edgelb last applied (a reload may have come in between). Read once, so that the hash is
+    /// that of the very bytes parsed.
+    pub fn load_hashed(path: &Path) -> Result<(Config, String), ConfigError> {
+        let (bytes, mode) =
+            read_bytes(path).map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
+        let hash = content_hash(&bytes);
+        let text = utf8(bytes).map_err(|(line, column, message)| ConfigError::Invalid {
+            path: path.to_owned(),
+            line,
+            column,
+            message,
+        })?;
         let mut cfg = Config::parse(&text, path)?;
         if mode & 0o077 != 0
             && let Some((at, vip)) = first_secret(&text)
@@ -513,7 +531,7 @@ impl Config {
                 mode & 0o7777,
             ));
         }
-        Ok(cfg)
+        Ok((cfg, hash))
     }
 
     /// Validates config text; `path` is only used in error messages.
@@ -531,7 +549,7 @@ impl Config {
                 None => {
                     let message = e.message().trim();
                     let reworded = e.span().and_then(|s| hint::reworded(text, s, message));
-                    fail(e.span(), reworded.unwrap_or_else(|| message.to_owned()))
+                    fail(e.span(), reworded.unwrap_or_else(|| parser_message(message)))
                 }
             }
         })?;
@@ -554,9 +572,12 @@ impl Config {
             // A name is one VIP, but not of another protocol: its answer would be for flows
             // that never reach it.
             return match proto {
-                Some(p) if p != v.protocol => {
-                    Err(format!("VIP `{spec}` is {}, not {}", v.protocol.as_str(), p.as_str()))
-                }
+                Some(p) if p != v.protocol => Err(format!(
+                    "VIP `{}` is {}, not {}",
+                    quoted(spec),
+                    v.protocol.as_str(),
+                    p.as_str()
+                )),
                 _ => Ok(v),
             };
         }
@@ -571,7 +592,7 @@ impl Config {
             (_, Ok(sa)) => (sa.ip(), Some(sa.port())),
             _ => match bracketed {
                 Some(a) => (IpAddr::V6(a), None),
-                None => return Err(format!("no VIP named `{spec}`")),
+                None => return Err(format!("no VIP named `{}`", quoted(spec))),
             },
         };
         let of = |p: Option<u16>| -> Vec<&Vip> {
@@ -620,17 +641,25 @@ impl fmt::Display for Vip {
     }
 }
 
+/// The identity of a config file's contents: the SHA-256 of its bytes, in lowercase hex. Equal
+/// hashes are the same file, byte for byte; any edit, even one that changes nothing in force (a
+/// comment), gives another.
+pub fn content_hash(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The largest config file read, far above any real one: a larger file is refused rather than
 /// read whole (a path to something endless would otherwise grow until memory runs out).
 pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
-/// The text of config file `path`, which must be a regular file (a symbolic link to one is
+/// The bytes of config file `path`, which must be a regular file (a symbolic link to one is
 /// fine) of at most [`MAX_CONFIG_BYTES`]. Anything else is refused before it is read: opening a
 /// FIFO waits for a writer, which would hold up a reload, and with it the controller, without
 /// end; a device may never end. The type is checked before opening (opening some devices does
 /// something), and again on what was opened, which is opened non-blocking in case a FIFO took
 /// the path's place in between.
-fn read_text(path: &Path) -> std::io::Result<(String, u32)> {
+fn read_bytes(path: &Path) -> std::io::Result<(Vec<u8>, u32)> {
     use std::io::Read as _;
     use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
     let regular = |t: std::fs::FileType| -> std::io::Result<()> {
@@ -655,8 +684,8 @@ fn read_text(path: &Path) -> std::io::Result<(String, u32)> {
     let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
     let meta = file.metadata()?;
     regular(meta.file_type())?;
-    let mut text = String::new();
-    file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text)?;
+    let mut text = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut text)?;
     if text.len() as u64 > MAX_CONFIG_BYTES {
         return Err(std::io::Error::other(format!(
             "larger than {} MiB, which no config is",
@@ -664,6 +693,19 @@ fn read_text(path: &Path) -> std::io::Result<(String, u32)> {
         )));
     }
     Ok((text, std::os::unix::fs::PermissionsExt::mode(&meta.permissions())))
+}
+
+/// `bytes`, a config file, as text; if they are not UTF-8 (a comment saved as Latin-1, say), the
+/// line and column of the first byte that is not, and what to do, as every other error is told:
+/// the file is refused, but where it goes wrong is said rather than left to be searched for.
+fn utf8(bytes: Vec<u8>) -> Result<String, (usize, usize, String)> {
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let bytes = e.as_bytes();
+        let valid = std::str::from_utf8(&bytes[..at]).expect("valid up to here");
+        let (line, column) = line_col(valid, at);
+        (line, column, format!("byte 0x{:02X} is not UTF-8 (save the file as UTF-8)", bytes[at]))
+    })
 }
 
 /// Where the first `cookie_secret` key of `text` (a file that parsed) is written, and the name
@@ -680,8 +722,8 @@ fn first_secret(text: &str) -> Option<(usize, String)> {
         let Some(DeValue::Table(l7)) = get(vip, "l7") else { return None };
         let (key, _) = l7.iter().find(|(k, _)| k.get_ref() == "cookie_secret")?;
         let name = match get(vip, "name") {
-            // Escaped as the VIP-name caution shows it: a name may hold control characters.
-            Some(DeValue::String(n)) => n.escape_debug().to_string(),
+            // Shown as the VIP-name caution shows it: a name may hold control characters.
+            Some(DeValue::String(n)) => quoted(n),
             _ => String::new(),
         };
         Some((key.span().start, name))
@@ -695,40 +737,59 @@ fn first_secret(text: &str) -> Option<(usize, String)> {
 /// `-c` would otherwise send `stop` to whichever edgelb owns the default. A file that is not even TOML is searched for an
 /// `admin_socket = "..."` line; if it has one that cannot be read, or more than one, the answer
 /// is an error rather than the default socket, which may be another edgelb's (a `stop` sent there
-/// would stop the wrong one).
+/// would stop the wrong one). A file that is not all UTF-8 (a comment saved as Latin-1) is read
+/// with each byte that is not as U+FFFD, which leaves the rest, and its `admin_socket`, as it
+/// is; only a socket path that itself held such a byte is an error.
 pub fn admin_socket_of(path: &Path) -> Result<PathBuf, String> {
-    let default = || PathBuf::from(DEFAULT_ADMIN_SOCKET);
-    let (text, _) = read_text(path).map_err(|e| {
+    let (bytes, _) = read_bytes(path).map_err(|e| {
         format!(
             "cannot read {} ({e}): the config names the admin socket of the edgelb to talk to; give the file edgelb runs with (-c), or the socket itself (--socket)",
             path.display()
         )
     })?;
-    let e = match toml::from_str::<toml::Table>(&text) {
+    let text = String::from_utf8_lossy(&bytes);
+    let socket = admin_socket_in(&text, path)?;
+    if matches!(text, std::borrow::Cow::Owned(_))
+        && socket.to_string_lossy().contains(char::REPLACEMENT_CHARACTER)
+    {
+        return Err(format!(
+            "{}: node.admin_socket holds a byte that is not UTF-8, so the admin socket is unclear: save the file as UTF-8, or give --socket",
+            path.display()
+        ));
+    }
+    Ok(socket)
+}
+
+/// The admin socket named by `text`, the config at `path`, as [`admin_socket_of`] reads it.
+fn admin_socket_in(text: &str, path: &Path) -> Result<PathBuf, String> {
+    let default = || PathBuf::from(DEFAULT_ADMIN_SOCKET);
+    let e = match toml::from_str::<toml::Table>(text) {
         Ok(t) => {
             return match t.get("node").and_then(|n| n.get("admin_socket")) {
-                None => match admin_socket_lookalike(&text) {
+                None => match admin_socket_lookalike(text) {
                     None => Ok(default()),
                     // `admin_sockt`, `admin-socket`, or admin_socket in another table: the
                     // operator meant a socket, which the default may not be.
                     Some((key, at)) => {
-                        let (line, col) = line_col(&text, at);
+                        let (line, col) = line_col(text, at);
                         Err(format!(
-                            "{}:{line}:{col}: `{key}` is not node.admin_socket, so the admin socket is unclear (the default, {DEFAULT_ADMIN_SOCKET}, may be another edgelb's): fix the file, or give --socket",
-                            path.display()
+                            "{}:{line}:{col}: `{}` is not node.admin_socket, so the admin socket is unclear (the default, {DEFAULT_ADMIN_SOCKET}, may be another edgelb's): fix the file, or give --socket",
+                            path.display(),
+                            quoted(&key)
                         ))
                     }
                 },
                 Some(toml::Value::String(s)) => Ok(PathBuf::from(s)),
                 // Set, but to no path: as unclear as a broken line, and no more the default.
                 Some(v) => {
-                    let at = admin_socket_at(&text)
-                        .map(|a| line_col(&text, a))
+                    let at = admin_socket_at(text)
+                        .map(|a| line_col(text, a))
                         .map_or(String::new(), |(line, col)| format!(":{line}:{col}"));
                     Err(format!(
-                        "{}{at}: node.admin_socket is {} {v}, not a path in quotes, so the admin socket is unclear: fix the file (e.g. admin_socket = \"{DEFAULT_ADMIN_SOCKET}\"), or give --socket",
+                        "{}{at}: node.admin_socket is {} {}, not a path in quotes, so the admin socket is unclear: fix the file (e.g. admin_socket = \"{DEFAULT_ADMIN_SOCKET}\"), or give --socket",
                         path.display(),
-                        v.type_str()
+                        v.type_str(),
+                        quoted_as_written(&v.to_string())
                     ))
                 }
             };
@@ -760,11 +821,11 @@ pub fn admin_socket_of(path: &Path) -> Result<PathBuf, String> {
         _ => Err(()),
     }
     .map_err(|()| {
-        let (line, col) = e.span().map_or((1, 1), |s| line_col(&text, s.start));
+        let (line, col) = e.span().map_or((1, 1), |s| line_col(text, s.start));
         format!(
             "{}:{line}:{col}: {} (not TOML, so its admin_socket is unclear: fix the file, or give --socket)",
             path.display(),
-            e.message().trim()
+            parser_message(e.message().trim())
         )
     })
 }
@@ -967,7 +1028,9 @@ impl Tally {
             self.first_over.clone(),
             format!(
                 "the file has {} {what} ({which}), more than {}, the first past them in VIP `{}`: {why}",
-                self.count, self.limit, self.first_over_vip,
+                self.count,
+                self.limit,
+                quoted(&self.first_over_vip),
             ),
         ));
     }
@@ -989,6 +1052,148 @@ impl Tally {
     }
 }
 
+/// The most characters of a value that a message quotes: enough to find the value by, while a
+/// value of 70 000 bytes quoted whole made a 70 KB line of an error, a log or a terminal.
+pub(crate) const QUOTED_CHARS: usize = 80;
+
+/// `value` as a message quotes it (between backticks): escaped as `escape_debug` does, so that
+/// a control character or line separator in the file cannot forge or hide a line where the
+/// message goes, and cut after [`QUOTED_CHARS`] characters, saying how long it was
+/// (`abc…` (70000 bytes)). Every value of the file that a message of this module quotes goes
+/// through here, or through [`quoted_as_written`]; what a message tells the operator to write,
+/// through [`toml_string`].
+pub(crate) fn quoted(value: &str) -> String {
+    let (head, cut) = cut_at_quoted_chars(value);
+    let mut out = head.escape_debug().to_string();
+    if cut {
+        out.push_str(&format!("… ({} bytes)", value.len()));
+    }
+    out
+}
+
+/// `text`, a value as the file writes it (quotes and escapes included), cut as [`quoted`] cuts
+/// a value, and with only what [`quoted`] escapes but quotes and backslashes escaped
+/// ([`escape_raw`]): TOML's own escapes are what the operator wrote, but a literal string may
+/// hold a tab and a line that does not parse anything at all.
+pub(crate) fn quoted_as_written(text: &str) -> String {
+    cut_as_written(text, QUOTED_CHARS)
+}
+
+/// `text` cut after `chars` characters, saying how long it was, and escaped as
+/// [`quoted_as_written`] escapes it.
+fn cut_as_written(text: &str, chars: usize) -> String {
+    match text.char_indices().nth(chars) {
+        Some((end, _)) => format!("{}… ({} bytes)", escape_raw(&text[..end]), text.len()),
+        None => escape_raw(text),
+    }
+}
+
+/// `s` escaped as `escape_debug` escapes it (control characters, line separators, bidi
+/// overrides: what could forge or hide a line where a message goes), but for quotes and
+/// backslashes, kept as they are: in text already escaped (TOML as written, serde's `{:?}` of
+/// a string) they are its escapes, not characters to escape again.
+fn escape_raw(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find(['\\', '"', '\'']) {
+        out.extend(rest[..at].escape_debug());
+        out.push_str(&rest[at..=at]);
+        rest = &rest[at + 1..];
+    }
+    out.extend(rest.escape_debug());
+    out
+}
+
+/// The most bytes of a value, written as TOML with its quotes, that a message telling the
+/// operator to write it shows whole ([`toml_string`]): a suggestion is derived from a value of the file, which may be 70 KB, so it
+/// is bounded too, but well past the longest the operator means to write.
+pub(crate) const WRITE_BYTES: usize = 1024;
+
+/// `value` as a TOML basic string (in double quotes), for a message that says what to write:
+/// whole, so that it pastes back into the file as `value`: `"` and `\` escaped as TOML escapes
+/// them, and what [`quoted`] escapes (control characters, line separators) as `\uXXXX`, so that
+/// it still forges no line where the message goes. [`quoted`] would write `'` as `\'`, which TOML
+/// does not take, and cut the value. Past [`WRITE_BYTES`] it is cut as [`quoted`] cuts a value,
+/// saying its length and that it is too long to show whole.
+pub(crate) fn toml_string(value: &str) -> String {
+    let mut out = String::with_capacity(value.len().min(WRITE_BYTES) + 2);
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            '\'' => out.push(c),
+            c if c.escape_debug().next() == Some('\\') => match u16::try_from(u32::from(c)) {
+                Ok(u) => out.push_str(&format!("\\u{u:04X}")),
+                Err(_) => out.push_str(&format!("\\U{:08X}", u32::from(c))),
+            },
+            c => out.push(c),
+        }
+        // With the closing quote, past the bound.
+        if out.len() >= WRITE_BYTES {
+            break;
+        }
+    }
+    if out.len() >= WRITE_BYTES {
+        let (head, _) = cut_at_quoted_chars(&out);
+        return format!("{head}… ({} bytes; too long to show whole)", value.len());
+    }
+    out.push('"');
+    out
+}
+
+/// The first [`QUOTED_CHARS`] characters of `s`, and whether that left any out.
+fn cut_at_quoted_chars(s: &str) -> (&str, bool) {
+    match s.char_indices().nth(QUOTED_CHARS) {
+        Some((end, _)) => (&s[..end], true),
+        None => (s, false),
+    }
+}
+
+/// The most characters of the parser's or serde's own words between two quoted parts of its
+/// message that [`parser_message`] shows: theirs are shorter ("invalid multi-line basic string,
+/// expected "), but a key of the file that holds a backtick puts the rest of it there.
+const PARSER_WORDS_CHARS: usize = 4 * QUOTED_CHARS;
+
+/// The parser's or serde's `message`, with each value in it that is quoted (between backticks,
+/// or in double quotes as serde writes a string) and longer than [`QUOTED_CHARS`] cut as
+/// [`quoted`] cuts one: their messages quote a key or value of the file whole
+/// (``unknown field `...` ``, `invalid type: string "..."`). Every part of it is escaped as
+/// [`quoted_as_written`] escapes a value: serde writes a key raw (``unknown field `...` ``),
+/// control characters and newlines included.
+fn parser_message(message: &str) -> String {
+    let mut out = String::with_capacity(message.len().min(1024));
+    let mut rest = message;
+    while let Some(open) = rest.find(['`', '"']) {
+        let quote = rest[open..].chars().next().expect("found");
+        out.push_str(&cut_as_written(&rest[..open], PARSER_WORDS_CHARS));
+        out.push(quote);
+        rest = &rest[open + 1..];
+        // serde writes a string with `{:?}`: an escaped quote is not its end.
+        let mut end = None;
+        let mut escaped = false;
+        for (i, c) in rest.char_indices() {
+            match c {
+                '\\' if quote == '"' && !escaped => escaped = true,
+                c if c == quote && !escaped => {
+                    end = Some(i);
+                    break;
+                }
+                _ => escaped = false,
+            }
+        }
+        let Some(end) = end else { break };
+        out.push_str(&quoted_as_written(&rest[..end]));
+        out.push(quote);
+        rest = &rest[end + 1..];
+    }
+    out.push_str(&cut_as_written(rest, PARSER_WORDS_CHARS));
+    out
+}
+
 fn bad<T>(span: Range<usize>, message: impl Into<String>) -> Result<T, Invalid> {
     Err(Invalid(span, message.into()))
 }
@@ -1000,7 +1205,8 @@ fn bad<T>(span: Range<usize>, message: impl Into<String>) -> Result<T, Invalid> 
 fn path_prefix_ok(p: &str, normalize: bool) -> Result<(), String> {
     if !p.starts_with('/') || p.contains(['?', '#']) || p.contains(char::is_whitespace) {
         return Err(format!(
-            "path_prefix `{p}` must be a path: start with `/`, without query, fragment or spaces"
+            "path_prefix `{}` must be a path: start with `/`, without query, fragment or spaces",
+            quoted(p)
         ));
     }
     // Clients send other characters percent-encoded (browsers, curl), and escapes of them stay
@@ -1012,22 +1218,39 @@ fn path_prefix_ok(p: &str, normalize: bool) -> Result<(), String> {
                     if b.is_ascii_graphic() { (b as char).to_string() } else { format!("%{b:02X}") }
                 })
                 .collect();
-        return Err(format!(
-            "path_prefix `{}` holds characters clients send percent-encoded: write `{encoded}`",
-            p.escape_debug()
-        ));
+        // In the normal form requests are matched by, or pasting it would meet the next error.
+        let write = match normalize.then(|| crate::proxy::path::normalize(&encoded)) {
+            Some(Some(n)) => n.into_owned(),
+            _ => encoded.clone(),
+        };
+        // Advice that pastes back: the encoded form, if it passes; else what it would meet next.
+        return Err(match path_prefix_ok(&write, normalize) {
+            Ok(()) => format!(
+                "path_prefix `{}` holds characters clients send percent-encoded: write path_prefix = {}",
+                quoted(p),
+                toml_string(&write)
+            ),
+            Err(next) => format!(
+                "path_prefix `{}` holds characters clients send percent-encoded (as {}), and then: {next}",
+                quoted(p),
+                toml_string(&write)
+            ),
+        });
     }
     if normalize {
         match crate::proxy::path::normalize(p) {
             Some(n) if n == p => {}
             Some(n) => {
                 return Err(format!(
-                    "path_prefix `{p}` is not in normal form, and requests are matched by their normalized path (`normalize_path`): write `{n}`"
+                    "path_prefix `{}` is not in normal form, and requests are matched by their normalized path (`normalize_path`): write path_prefix = {}",
+                    quoted(p),
+                    toml_string(&n)
                 ));
             }
             None => {
                 return Err(format!(
-                    "path_prefix `{p}` has a malformed escape (`%` needs two hex digits)"
+                    "path_prefix `{}` has a malformed escape (`%` needs two hex digits)",
+                    quoted(p)
                 ));
             }
         }
@@ -1036,7 +1259,8 @@ fn path_prefix_ok(p: &str, normalize: bool) -> Result<(), String> {
         // route would take no request at all.
         if p.contains(';') {
             return Err(format!(
-                "path_prefix `{p}` holds a `;` parameter, which backends that drop them read as another path, so requests for it are refused (`normalize_path`): route by the path without it, or write `%3B` for a `;` that is data"
+                "path_prefix `{}` holds a `;` parameter, which backends that drop them read as another path, so requests for it are refused (`normalize_path`): route by the path without it, or write `%3B` for a `;` that is data",
+                quoted(p)
             ));
         }
     }
@@ -1049,8 +1273,12 @@ fn path_prefix_ok(p: &str, normalize: bool) -> Result<(), String> {
 fn parse_mac(s: &raw::Sp<String>) -> Result<[u8; 6], Invalid> {
     let parts: Vec<&str> = s.get_ref().split(':').collect();
     let mut mac = [0u8; 6];
-    let not_mac =
-        || Invalid(s.span(), format!("`{}` is not a MAC address (aa:bb:cc:dd:ee:ff)", s.get_ref()));
+    let not_mac = || {
+        Invalid(
+            s.span(),
+            format!("`{}` is not a MAC address (aa:bb:cc:dd:ee:ff)", quoted(s.get_ref())),
+        )
+    };
     if parts.len() != 6 {
         return Err(not_mac());
     }
@@ -1066,7 +1294,7 @@ fn parse_mac(s: &raw::Sp<String>) -> Result<[u8; 6], Invalid> {
             s.span(),
             format!(
                 "`{}` is a group (multicast or broadcast) MAC address: frames are sent to one station, write its unicast address",
-                s.get_ref()
+                quoted(s.get_ref())
             ),
         );
     }
@@ -1174,8 +1402,8 @@ fn parse_ip(s: &raw::Sp<String>, of: AddressOf) -> Result<IpAddr, Invalid> {
     let a: IpAddr = s.get_ref().parse().or_else(|_| {
         let text = s.get_ref();
         let why = match address_advice(text, of) {
-            Some(advice) => format!("`{text}` is not an IP address ({what}): {advice}"),
-            None => format!("`{text}` is not an IP address ({what})"),
+            Some(advice) => format!("`{}` is not an IP address ({what}): {advice}", quoted(text)),
+            None => format!("`{}` is not an IP address ({what})", quoted(text)),
         };
         bad(s.span(), why)
     })?;
@@ -1213,7 +1441,7 @@ fn address_advice(text: &str, of: AddressOf) -> Option<String> {
         (IpAddr::V6(a.parse().ok()?), None, zone)
     };
     let zone_said =
-        zone.map_or(String::new(), |z| format!("zone ids (`%{z}`) are not taken, and "));
+        zone.map_or(String::new(), |z| format!("zone ids (`%{}`) are not taken, and ", quoted(z)));
     // What is written for it: an IPv4-mapped or -compatible address as its IPv4 one.
     let meant = match written {
         IpAddr::V6(a) => ipv4_meant(a).map_or(written, |(v4, _)| IpAddr::V4(v4)),
@@ -1316,7 +1544,10 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
         if !seen_interfaces.insert(i.as_str()) {
             return bad(
                 n.interfaces.span(),
-                format!("node.interfaces names `{i}` twice: XDP goes on an interface once"),
+                format!(
+                    "node.interfaces names `{}` twice: XDP goes on an interface once",
+                    quoted(i)
+                ),
             );
         }
     }
@@ -1325,18 +1556,25 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
         Some(("native", _)) => XdpAttachMode::Native,
         Some(("generic", _)) => XdpAttachMode::Generic,
         Some((other, span)) => {
-            return bad(span, format!("xdp_mode `{other}`: expected auto, native or generic"));
+            return bad(
+                span,
+                format!("xdp_mode `{}`: expected auto, native or generic", quoted(other)),
+            );
         }
     };
     let encap_source_v4 = match &n.encap_source_v4 {
         None => None,
         Some(s) => {
-            let (addr, len) = s.get_ref().split_once('/').unwrap_or((s.get_ref(), "32"));
-            let addr: Ipv4Addr = addr.parse().or_else(|_| {
-                bad(s.span(), format!("encap_source_v4 `{}` is not an IPv4 prefix", s.get_ref()))
-            })?;
-            let len: u8 = match len.parse() {
-                Ok(l @ 16..=32) => l,
+            let Some(prefix @ Prefix { addr: IpAddr::V4(addr), .. }) = Prefix::parse(s.get_ref())
+            else {
+                return bad(
+                    s.span(),
+                    format!("encap_source_v4 `{}` is not an IPv4 prefix", quoted(s.get_ref())),
+                );
+            };
+            // A bare address is a /32.
+            let len = match prefix.bits() {
+                Some(l @ 16..=32) => l,
                 _ => return bad(s.span(), "encap_source_v4 prefix length must be 16..=32"),
             };
             // Every address of the prefix shares its first 16 bits, which decide all of these.
@@ -1360,17 +1598,24 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
                     ),
                 );
             }
+            if let Some(why) = prefix.caution() {
+                cautions
+                    .push(Invalid(s.span(), format!("encap_source_v4 `{}`: {why}", s.get_ref())));
+            }
             Some((addr, len))
         }
     };
     let encap_source_v6 = match &n.encap_source_v6 {
         None => None,
         Some(s) => {
-            let (addr, len) = s.get_ref().split_once('/').unwrap_or((s.get_ref(), "96"));
-            let addr: Ipv6Addr = addr.parse().or_else(|_| {
-                bad(s.span(), format!("encap_source_v6 `{}` is not an IPv6 prefix", s.get_ref()))
-            })?;
-            if len != "96" {
+            let Some(Prefix { addr: IpAddr::V6(addr), len }) = Prefix::parse(s.get_ref()) else {
+                return bad(
+                    s.span(),
+                    format!("encap_source_v6 `{}` is not an IPv6 prefix", quoted(s.get_ref())),
+                );
+            };
+            // A bare address is the /96; the length is written `96` and nothing else.
+            if !matches!(len, Length::Omitted | Length::Plain(96)) {
                 return bad(
                     s.span(),
                     "encap_source_v6 must be a /96: the last 32 bits vary per flow",
@@ -1482,7 +1727,7 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
         if !names.insert(v.name.get_ref().clone()) {
             return bad(
                 v.name.span(),
-                format!("duplicate VIP name `{}`", v.name.get_ref().escape_debug()),
+                format!("duplicate VIP name `{}`", quoted(v.name.get_ref())),
             );
         }
         let forwarding = match v.forwarding.as_ref().map(|h| (h.get_ref().as_str(), h.span())) {
@@ -1490,7 +1735,10 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
             Some(("l2", _)) => Forwarding::L2,
             Some(("l7", _)) => Forwarding::L7,
             Some((other, span)) => {
-                return bad(span, format!("forwarding `{other}`: expected ipip, l2 or l7"));
+                return bad(
+                    span,
+                    format!("forwarding `{}`: expected ipip, l2 or l7", quoted(other)),
+                );
             }
         };
         // The forwarding is read before the address: a VIP XDP forwards cannot be on loopback,
@@ -1505,7 +1753,7 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
             None | Some(("tcp", _)) => Protocol::Tcp,
             Some(("udp", _)) => Protocol::Udp,
             Some((other, span)) => {
-                return bad(span, format!("protocol `{other}`: expected tcp or udp"));
+                return bad(span, format!("protocol `{}`: expected tcp or udp", quoted(other)));
             }
         };
         if let Some(first) = keys.insert((vip_addr, port, protocol), v.name.get_ref().clone()) {
@@ -1514,8 +1762,9 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
             return bad(
                 v.address.span(),
                 format!(
-                    "VIP `{}` has the address, port and protocol of VIP `{first}` ({vip_addr} {port} {proto}): a packet can go to only one; change its port or protocol, or merge their backends",
-                    v.name.get_ref()
+                    "VIP `{}` has the address, port and protocol of VIP `{}` ({vip_addr} {port} {proto}): a packet can go to only one; change its port or protocol, or merge their backends",
+                    quoted(v.name.get_ref()),
+                    quoted(&first)
                 ),
             );
         }
@@ -1523,7 +1772,7 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
             None | Some(("client", _)) => HashMode::Client,
             Some(("5tuple", _)) => HashMode::FiveTuple,
             Some((other, span)) => {
-                return bad(span, format!("hash `{other}`: expected client or 5tuple"));
+                return bad(span, format!("hash `{}`: expected client or 5tuple", quoted(other)));
             }
         };
         // The L7 proxy places requests by its own algorithm; its `hash` pools have a ring of
@@ -1740,7 +1989,10 @@ fn validate(raw: raw::File, cautions: &mut Vec<Invalid>) -> Result<Config, Inval
                     Some(l) => l.get_ref().parse().or_else(|_| {
                         bad(
                             l.span(),
-                            format!("metrics.listen `{}` is not an address:port", l.get_ref()),
+                            format!(
+                                "metrics.listen `{}` is not an address:port",
+                                quoted(l.get_ref())
+                            ),
                         )
                     })?,
                 };
@@ -1787,7 +2039,7 @@ fn mtu_fits_ipv6(mtu: u32, span: Range<usize>, vips: &[Vip]) -> Result<(), Inval
             span,
             format!(
                 "mtu {mtu} is too small for IPv6 VIP `{}`: a packet of it that does not fit once encapsulated is answered with packet-too-big advertising mtu - 40 = {}, below the 1280 IPv6 hosts never go under (RFC 8201), so they would send it too big again and its large packets would be lost; write the egress link's MTU, at least {} (1280 + 40 for the encapsulation)",
-                v.name,
+                quoted(&v.name),
                 mtu - IPV6_ENCAP,
                 IPV6_MIN_MTU + IPV6_ENCAP
             ),
@@ -1810,7 +2062,7 @@ fn mtu_fits_ipv6(mtu: u32, span: Range<usize>, vips: &[Vip]) -> Result<(), Inval
             span,
             format!(
                 "mtu {mtu} is below 1280, the least every IPv6 link carries (RFC 8200), and VIP `{}` {what}: write the egress link's MTU, at least 1280",
-                v.name
+                quoted(&v.name)
             ),
         );
     }
@@ -1858,7 +2110,7 @@ fn l7_settings(
         match a {
         None => Ok(default),
         Some(s) => Algorithm::parse(s.get_ref()).ok_or(()).or_else(|()| {
-            bad(s.span(), format!("algorithm `{}`: expected round_robin, weighted, random, p2c, least_conn, hash or cookie", s.get_ref()))
+            bad(s.span(), format!("algorithm `{}`: expected round_robin, weighted, random, p2c, least_conn, hash or cookie", quoted(s.get_ref())))
         }),
     }
     };
@@ -1869,7 +2121,7 @@ fn l7_settings(
         None | Some(("http", _)) => L7Mode::Http,
         Some(("tcp", _)) => L7Mode::Tcp,
         Some((other, span)) => {
-            return bad(span, format!("l7 mode `{other}`: expected http or tcp"));
+            return bad(span, format!("l7 mode `{}`: expected http or tcp", quoted(other)));
         }
     };
     let algorithm = algo(&l.algorithm, Algorithm::RoundRobin)?;
@@ -1918,7 +2170,7 @@ fn l7_settings(
             c.span(),
             format!(
                 "cookie_name `{}` must be a cookie name token (it goes into Set-Cookie as it is): ASCII letters, digits and ! # $ % & ' * + - . ^ _ ` | ~, not empty, no spaces, `;`, `=`, `,` or quotes; e.g. cookie_name = \"edgelb_sticky\"",
-                c.get_ref().escape_debug()
+                quoted(c.get_ref())
             ),
         );
     }
@@ -1928,13 +2180,14 @@ fn l7_settings(
         .map(|r| r.get_ref().host.as_ref().map(|h| crate::proxy::route_host(h.get_ref())));
     if let Some((i, host, reach)) = routes_past_caution(hosts) {
         let request = match &host {
-            Some(h) => format!("a request for host `{h}`"),
+            Some(h) => format!("a request for host `{}`", quoted(h)),
             None => "a request".to_owned(),
         };
         cautions.push(Invalid(
             routes[i].span(),
             format!(
-                "VIP `{vip_name}`: {request} is matched against {reach} routes here (its host's and those for every host), more than {ROUTES_CAUTION} (this is route {}): each request is matched, in order, against the routes of its host and the routes for every host until one takes it, about 10 ns a route (some 12 µs past {ROUTES_CAUTION}); write fewer, wider routes (one path_prefix for a group of paths; routes of other hosts cost a request nothing)",
+                "VIP `{}`: {request} is matched against {reach} routes here (its host's and those for every host), more than {ROUTES_CAUTION} (this is route {}): each request is matched, in order, against the routes of its host and the routes for every host until one takes it, about 10 ns a route (some 12 µs past {ROUTES_CAUTION}); write fewer, wider routes (one path_prefix for a group of paths; routes of other hosts cost a request nothing)",
+                quoted(vip_name),
                 i + 1
             ),
         ));
@@ -2282,7 +2535,8 @@ fn probe_rate_ok(
     let said = Invalid(
         at.clone(),
         format!(
-            "VIP `{name}`: the health checks of every VIP together make about {total:.0} probes a second, more than {limit:.0} (this VIP's, {rate:.0} a second, the most): each probe is a connection from this node and an event the controller takes in between reloads, scrapes and admin commands; raise interval_ms (2000 by default), or check fewer backends"
+            "VIP `{}`: the health checks of every VIP together make about {total:.0} probes a second, more than {limit:.0} (this VIP's, {rate:.0} a second, the most): each probe is a connection from this node and an event the controller takes in between reloads, scrapes and admin commands; raise interval_ms (2000 by default), or check fewer backends",
+            quoted(name)
         ),
     );
     if total > PROBE_RATE_MAX {
@@ -2398,15 +2652,15 @@ fn cookies_shared_between_vips(
                     "are signed with secrets the other does not take and name different backends"
                 }
             };
-            let names: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+            let names: Vec<String> = names.iter().map(|n| format!("`{}`", quoted(n))).collect();
             let cookies = if names.len() == 1 { "cookie" } else { "cookies" };
             cautions.push(Invalid(
                 addresses_at[*i].clone(),
                 format!(
                     "VIP `{}`: its sticky {cookies} {} and VIP `{}`'s are one to browsers {shared}, but {differ}: each VIP would take the other's cookie for nothing and set its own over it, so a client of both would go from backend to backend; give them the same cookie_secret (or one rotation's two secrets, swapped) and backends, or different cookie_name",
-                    v.name,
+                    quoted(&v.name),
                     names.join(", "),
-                    w.name,
+                    quoted(&w.name),
                 ),
             ));
         }
@@ -2448,7 +2702,7 @@ fn cookie_attributes(s: &str) -> Result<CookieAttributes, String> {
     if s.trim_matches([' ', '\t']).is_empty() {
         return Ok(out);
     }
-    let err = |m: String| Err(format!("cookie_attributes `{}`: {m}", s.escape_debug()));
+    let err = |m: String| Err(format!("cookie_attributes `{}`: {m}", quoted(s)));
     let mut seen: Vec<&str> = Vec::new();
     let (mut same_site_none, mut partitioned) = (false, false);
     for part in s.split(';') {
@@ -2483,7 +2737,7 @@ fn cookie_attributes(s: &str) -> Result<CookieAttributes, String> {
             _ => {
                 return err(format!(
                     "unknown attribute `{}`; write attributes among {COOKIE_ATTRIBUTES}",
-                    name.escape_debug()
+                    quoted(name)
                 ));
             }
         };
@@ -2514,7 +2768,7 @@ fn cookie_attributes(s: &str) -> Result<CookieAttributes, String> {
                 if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
                     return err(format!(
                         "Max-Age takes a whole number of seconds, not `{}`; write e.g. `Max-Age=86400` for a day",
-                        v.escape_debug()
+                        quoted(v)
                     ));
                 }
                 match v.parse::<u64>() {
@@ -2542,7 +2796,7 @@ fn cookie_attributes(s: &str) -> Result<CookieAttributes, String> {
                 if host.len() > 253 || !host.split('.').all(label_ok) {
                     return err(format!(
                         "Domain takes a host name (letters, digits, `-` and `.`; no scheme, port or path), not `{}`; write e.g. `Domain=example.com`",
-                        v.escape_debug()
+                        quoted(v)
                     ));
                 }
                 out.domain = Some(host.to_ascii_lowercase());
@@ -2595,7 +2849,8 @@ fn cookie_prefix_ok(
         return bad(
             attributes_at.unwrap_or(name_at),
             format!(
-                "cookie_name `{name}`: browsers keep a cookie named `{prefix}...` only if it is Secure; add Secure to cookie_attributes (e.g. cookie_attributes = \"Secure\"), or name it without `{prefix}`"
+                "cookie_name `{}`: browsers keep a cookie named `{prefix}...` only if it is Secure; add Secure to cookie_attributes (e.g. cookie_attributes = \"Secure\"), or name it without `{prefix}`",
+                quoted(name)
             ),
         );
     }
@@ -2603,7 +2858,8 @@ fn cookie_prefix_ok(
         return bad(
             attributes_at.unwrap_or(name_at),
             format!(
-                "cookie_name `{name}`: browsers keep a cookie named `{prefix}...` only without Domain; remove Domain from cookie_attributes, or name it `__Secure-...`"
+                "cookie_name `{}`: browsers keep a cookie named `{prefix}...` only without Domain; remove Domain from cookie_attributes, or name it `__Secure-...`",
+                quoted(name)
             ),
         );
     }
@@ -2620,7 +2876,9 @@ fn cookie_prefix_ok(
                 return bad(
                     p.span(),
                     format!(
-                        "cookie_name `{name}`: browsers keep a cookie named `{prefix}...` only with Path=/, and this route's cookie has Path={path} (its path_prefix cut back to the last `/`); name the cookies `__Secure-...`, which has no such rule"
+                        "cookie_name `{}`: browsers keep a cookie named `{prefix}...` only with Path=/, and this route's cookie has Path={} (its path_prefix cut back to the last `/`); name the cookies `__Secure-...`, which has no such rule",
+                        quoted(name),
+                        quoted(path)
                     ),
                 );
             }
@@ -2637,7 +2895,7 @@ fn route_host_ok(h: &str) -> Result<(), String> {
     if h.contains('*') {
         return Err(format!(
             "route host `{}`: wildcards are not supported (a route's host is compared whole); write one route per host name",
-            h.escape_debug()
+            quoted(h)
         ));
     }
     let reg_name = |h: &str| {
@@ -2654,7 +2912,7 @@ fn route_host_ok(h: &str) -> Result<(), String> {
     }
     let what = format!(
         "route host `{}` must be a plain host name (no scheme, port, path or spaces): the request's port is removed before it is compared",
-        h.escape_debug()
+        quoted(h)
     );
     // What was probably meant: the host of a URL or of host:port.
     let mut meant = h.trim();
@@ -2663,7 +2921,7 @@ fn route_host_ok(h: &str) -> Result<(), String> {
     }
     meant = meant.split(['/', '?', '#']).next().unwrap_or("");
     if meant.parse::<Ipv6Addr>().is_ok() {
-        return Err(format!("{what}; write `[{meant}]`"));
+        return Err(format!("{what}; write host = {}", toml_string(&format!("[{meant}]"))));
     }
     if let Some((host, port)) = meant.rsplit_once(':')
         && port.bytes().all(|b| b.is_ascii_digit())
@@ -2671,7 +2929,7 @@ fn route_host_ok(h: &str) -> Result<(), String> {
         meant = host;
     }
     if reg_name(meant) || ip_literal(meant) {
-        Err(format!("{what}; write `{meant}`"))
+        Err(format!("{what}; write host = {}", toml_string(meant)))
     } else {
         Err(what)
     }
@@ -2682,7 +2940,7 @@ fn route_host_ok(h: &str) -> Result<(), String> {
 /// (`check` may run on another machine).
 fn interface_name_ok(name: &str) -> Result<(), String> {
     const IFNAMSIZ: usize = 16;
-    let shown = name.escape_debug();
+    let shown = quoted(name);
     if name.is_empty() {
         return Err("an interface name is empty".to_owned());
     }
@@ -2716,7 +2974,8 @@ fn vip_name_ok(name: &raw::Sp<String>) -> Result<(), Invalid> {
         return bad(
             name.span(),
             format!(
-                "VIP name `{n}` reads as an address: `edgelb route` takes a VIP's name or its address, so a name must not look like one; use a word (e.g. name = \"web\")"
+                "VIP name `{}` reads as an address: `edgelb route` takes a VIP's name or its address, so a name must not look like one; use a word (e.g. name = \"web\")",
+                quoted(n)
             ),
         );
     }
@@ -2737,7 +2996,7 @@ const VIP_NAME_CAUTION: usize = 64;
 /// hide a line on a terminal or in a log pipeline. Not an error: a file that ran must still
 /// start after an upgrade.
 fn vip_name_caution(name: &str) -> Option<String> {
-    let shown = name.escape_debug();
+    let shown = quoted(name);
     if let Some(a) = name
         .strip_prefix('[')
         .and_then(|r| r.strip_suffix(']'))
@@ -2834,12 +3093,14 @@ impl L7Links {
                 cycle.rotate_left(at);
             }
             let (from, to, backend, span) = &self.edges[cycle[0]];
-            let names: Vec<&str> = cycle.iter().map(|&e| self.edges[e].0.as_str()).collect();
+            let names: Vec<String> = cycle.iter().map(|&e| quoted(&self.edges[e].0)).collect();
             return bad(
                 span.clone(),
                 format!(
                     "L7 VIPs proxy to each other in a loop, {} → {from}: backend {backend} of VIP `{from}` is the listen address of L7 VIP `{to}`, and the loop comes back, each connection opening another without end; break it: write the real backends of one of them (a chain of L7 VIPs that ends at real backends is fine)",
-                    names.join(" → ")
+                    names.join(" → "),
+                    from = quoted(from),
+                    to = quoted(to)
                 ),
             );
         }
@@ -2974,8 +3235,10 @@ fn l7_backend_port(b: &raw::Backend, vip_port: u16) -> Result<u16, Invalid> {
 fn hex_bytes(text: &str) -> Result<Vec<u8>, String> {
     let mut bytes = Vec::with_capacity(text.len() / 2);
     let mut chars = text.char_indices();
-    let digit =
-        |c: char| c.to_digit(16).ok_or_else(|| format!("`{c}` is not a hex digit (0-9, a-f)"));
+    let digit = |c: char| {
+        c.to_digit(16)
+            .ok_or_else(|| format!("`{}` is not a hex digit (0-9, a-f)", quoted(&c.to_string())))
+    };
     while let Some((at, high)) = chars.next() {
         // Spaces between bytes, not within one: `a b` is a typo, not the byte 0xab.
         if high.is_ascii_whitespace() {
@@ -2985,7 +3248,12 @@ fn hex_bytes(text: &str) -> Result<Vec<u8>, String> {
             Some((_, low)) if !low.is_ascii_whitespace() => {
                 bytes.push((digit(high)? * 16 + digit(low)?) as u8);
             }
-            _ => return Err(format!("`{high}` at {at} has no second digit: two digits a byte")),
+            _ => {
+                return Err(format!(
+                    "`{}` at {at} has no second digit: two digits a byte",
+                    quoted(&high.to_string())
+                ));
+            }
         }
     }
     if bytes.is_empty() {
@@ -3016,7 +3284,10 @@ fn health_check(
         None => "tcp",
         Some((k @ ("tcp" | "http" | "udp"), _)) => k,
         Some((other, span)) => {
-            return bad(span, format!("health kind `{other}`: expected tcp, http or udp"));
+            return bad(
+                span,
+                format!("health kind `{}`: expected tcp, http or udp", quoted(other)),
+            );
         }
     };
     // Keys of another kind's probe would be silently ignored.
@@ -3148,7 +3419,8 @@ fn health_check(
         cautions.push(Invalid(
             h.kind.as_ref().map_or(span.clone(), |k| k.span()),
             format!(
-                "VIP `{vip_name}`: health kind = \"{k}\" on a udp VIP has no `port`: it probes the VIP's UDP port over TCP, which a UDP-only service (QUIC, syslog, WireGuard) never answers, so every backend would fail and the VIP fail open; set `port` to where the backends answer {} (port = 53 for DNS over TCP), or use kind = \"udp\"",
+                "VIP `{}`: health kind = \"{k}\" on a udp VIP has no `port`: it probes the VIP's UDP port over TCP, which a UDP-only service (QUIC, syslog, WireGuard) never answers, so every backend would fail and the VIP fail open; set `port` to where the backends answer {} (port = 53 for DNS over TCP), or use kind = \"udp\"",
+                quoted(vip_name),
                 k.to_uppercase()
             ),
         ));

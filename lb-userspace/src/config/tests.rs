@@ -94,9 +94,9 @@ fn path_prefixes_must_be_paths_in_normal_form() {
     assert!(e.starts_with("t.toml:13:15:") && e.contains("start with `/`"), "{e}");
     assert!(err(&vip("", "/a?b")).contains("without query"));
     let e = err(&vip("", "/static/../api//"));
-    assert!(e.contains("not in normal form") && e.contains("write `/api/`"), "{e}");
-    assert!(err(&vip("", "/%61pi")).contains("write `/api`"));
-    assert!(err(&vip("", "/a%2f")).contains("write `/a%2F`"));
+    assert!(e.contains("not in normal form") && e.contains("write path_prefix = \"/api/\""), "{e}");
+    assert!(err(&vip("", "/%61pi")).contains("write path_prefix = \"/api\""));
+    assert!(err(&vip("", "/a%2f")).contains("write path_prefix = \"/a%2F\""));
     assert!(err(&vip("", "/a%g0")).contains("malformed escape"));
     // Requests matched as sent: any path will do.
     let cfg = parse(&vip("normalize_path = false", "/static/../api//")).unwrap();
@@ -1109,12 +1109,12 @@ fn route_hosts_are_plain_names_and_every_route_matches_something() {
         format!("[[vip.route]]\n{lines}\nbackends = [{{ address = \"198.18.0.12\" }}]\n")
     };
     for (host, write) in [
-        ("a.example:8080", Some("write `a.example`")),
-        ("http://a.example/", Some("write `a.example`")),
-        ("https://a.example:443/x", Some("write `a.example`")),
-        ("[2001:db8::1]:80", Some("write `[2001:db8::1]`")),
-        ("2001:db8::1", Some("write `[2001:db8::1]`")),
-        ("a.example/api", Some("write `a.example`")),
+        ("a.example:8080", Some("write host = \"a.example\"")),
+        ("http://a.example/", Some("write host = \"a.example\"")),
+        ("https://a.example:443/x", Some("write host = \"a.example\"")),
+        ("[2001:db8::1]:80", Some("write host = \"[2001:db8::1]\"")),
+        ("2001:db8::1", Some("write host = \"[2001:db8::1]\"")),
+        ("a.example/api", Some("write host = \"a.example\"")),
         ("a example", None),
         ("", None),
     ] {
@@ -1345,6 +1345,328 @@ fn an_unreadable_file_says_why_once() {
     assert!(text.starts_with("/nonexistent/edgelb.toml: cannot read config: "), "{text}");
     assert_eq!(text.matches("os error 2").count(), 1, "{text}");
     assert!(std::error::Error::source(&e).is_none());
+}
+
+/// A file that is not UTF-8 (a comment saved as Latin-1) is refused at its first byte that is
+/// not, by line and column as every error is, rather than as a file that cannot be read; the
+/// admin commands still find the socket it names.
+#[test]
+fn a_byte_that_is_not_utf8_is_told_by_line_and_column() {
+    let dir = std::env::temp_dir().join(format!("edgelb-latin1-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("latin1.toml");
+    let mut bytes = b"# caf\xe9\n".to_vec();
+    bytes.extend_from_slice(EXAMPLE.as_bytes());
+    std::fs::write(&p, &bytes).unwrap();
+    let e = Config::load(&p).expect_err("not UTF-8").to_string();
+    assert_eq!(
+        e,
+        format!("{}:1:6: byte 0xE9 is not UTF-8 (save the file as UTF-8)", p.display()),
+        "{e}"
+    );
+    // Further in: the line and column (in characters) of the byte.
+    std::fs::write(&p, b"[node]\n# d\xc3\xa9j\xe0 vu\n").unwrap();
+    let e = Config::load(&p).expect_err("not UTF-8").to_string();
+    assert!(e.ends_with(":2:6: byte 0xE0 is not UTF-8 (save the file as UTF-8)"), "{e}");
+    // The admin commands read the socket past it.
+    std::fs::write(&p, b"# caf\xe9\n[node]\nadmin_socket = \"/run/edgelb/b.sock\"\n").unwrap();
+    assert_eq!(admin_socket_of(&p), Ok(PathBuf::from("/run/edgelb/b.sock")));
+    // Unless the byte is in the socket's own path, which names no socket then.
+    std::fs::write(&p, b"[node]\nadmin_socket = \"/run/edgelb/\xe9.sock\"\n").unwrap();
+    let e = admin_socket_of(&p).unwrap_err();
+    assert!(e.contains("not UTF-8") && e.contains("--socket"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A value a message quotes is shown escaped and cut after 80 characters, saying how long it
+/// was; a short one whole.
+#[test]
+fn quoted_values_are_escaped_and_cut() {
+    assert_eq!(quoted("web"), "web");
+    assert_eq!(quoted("a\nb\u{1b}"), "a\\nb\\u{1b}");
+    let long = "é".repeat(100);
+    assert_eq!(quoted(&long), format!("{}… (200 bytes)", "é".repeat(QUOTED_CHARS)));
+    assert_eq!(quoted(&"x".repeat(QUOTED_CHARS)), "x".repeat(QUOTED_CHARS));
+    // The parser's messages: each long quoted part cut, the rest as it was.
+    let key = "k".repeat(70_000);
+    let said = parser_message(&format!("unknown field `{key}`, expected one of `a`, `b`"));
+    assert_eq!(
+        said,
+        format!("unknown field `{}… (70000 bytes)`, expected one of `a`, `b`", "k".repeat(80))
+    );
+    let said = parser_message(&format!("invalid type: string \"a\\\"{key}\", expected u16"));
+    assert!(said.ends_with("… (70003 bytes)\", expected u16"), "{said}");
+    assert!(said.len() < 200, "{said}");
+    // Escaped, a raw control character anywhere in them; the parser's own `\` as it is.
+    let said = parser_message("unknown field `a\u{1b}b`\n, expected one of `a`");
+    assert_eq!(said, "unknown field `a\\u{1b}b`\\n, expected one of `a`");
+    let said = "invalid basic string, expected non-double-quote visible characters, `\\`";
+    assert_eq!(parser_message(said), said);
+}
+
+/// The characters of `said` that a message must not carry raw: what `escape_debug` escapes
+/// (control characters, line and paragraph separators, bidi overrides...) but for the quotes and
+/// backslash it escapes too, which a message may hold as they are.
+fn raw_in_message(said: &str) -> Vec<char> {
+    said.chars()
+        .filter(|&c| !matches!(c, '\\' | '"' | '\'') && c.escape_debug().next() == Some('\\'))
+        .collect()
+}
+
+/// A key or value of the file that the parser's or serde's message quotes (``unknown field
+/// `...` ``, which serde writes raw), or a hint quotes as written, reaches the message escaped:
+/// a control character or line separator in the file can neither color the terminal nor forge a
+/// line of the error, on `check` or in the controller's log on a reload.
+#[test]
+fn messages_carry_no_raw_control_character() {
+    let udp_health = |health: &str| {
+        format!(
+            "{NODE}[[vip]]\nname = \"a\"\naddress = \"198.18.1.1\"\nport = 53\nprotocol = \"udp\"\nbackends = [{{ address = \"198.18.0.11\", mac = \"02:00:00:00:00:01\" }}]\n[vip.health]\n{health}"
+        )
+    };
+    let with_node = |line: &str| EXAMPLE.replacen("[node]\n", &format!("[node]\n{line}\n"), 1);
+    let texts = [
+        // Unknown keys, as TOML escapes spell them and raw in a quoted key.
+        with_node(r#""x\u001b[31mRED\nfake.toml:1:1: ok" = 1"#),
+        with_node("'x\u{2028}y\u{202e}z' = 1"),
+        // A backtick in the key: the message's quotes no longer pair.
+        with_node(r#""a`\u001b`b\n`c" = 1"#),
+        EXAMPLE.replacen(
+            "{ address = \"198.18.0.11\", mac",
+            "{ \"q\\r\\u0007\" = 1, address = \"198.18.0.11\", mac",
+            1,
+        ),
+        // A value quoted as written: a tab in a literal string, raw characters on a line that
+        // does not parse.
+        EXAMPLE.replacen("mtu = 1500", "mtu = '15\t00'", 1),
+        EXAMPLE.replacen("mtu = 1500", "mtu = a\u{1b}[2K b", 1),
+        EXAMPLE.replacen("xdp_mode = \"auto\"", "xdp_mode = na\u{2028}tive", 1),
+        // A zone id, and a character that is no hex digit, each said back.
+        EXAMPLE.replacen(
+            "{ address = \"198.18.0.11\"",
+            r#"{ address = "fe80::1%eth0\u001b[31m\nfake.toml:1:1: ok""#,
+            1,
+        ),
+        udp_health(r#"send_hex = "ab\u001b[31m""#),
+        udp_health(r#"send_hex = "ab\u2028""#),
+    ];
+    for text in &texts {
+        let said = match parse(text) {
+            Ok(cfg) => panic!("taken, with cautions {:?}", cfg.cautions),
+            Err(e) => e.to_string(),
+        };
+        assert_eq!(raw_in_message(&said), [], "{said:?}");
+    }
+    let said = err(&texts[0]);
+    assert!(said.contains("unknown field `x\\u{1b}[31mRED\\nfake.toml:1:1: ok`"), "{said}");
+}
+
+/// A prefix with raw characters whose percent-encoded form would still be refused (a malformed
+/// escape, a `;`) gets no "write" that leads straight to the next error: the form, and what it
+/// would meet.
+#[test]
+fn a_percent_encoding_that_would_be_refused_is_not_advised() {
+    for (prefix, next) in [("/é%zz", "%"), ("/é;x/", ";")] {
+        let text = format!(
+            "{EXAMPLE}[[vip.route]]\npath_prefix = \"{prefix}\"\nbackends = [{{ address = \"198.18.0.12\" }}]\n"
+        );
+        let said = err(&text);
+        assert!(!said.contains("write path_prefix"), "{said}");
+        assert!(
+            said.contains("percent-encoded (as \"/%C3%A9") && said.contains("and then:"),
+            "{said}"
+        );
+        assert!(said.rsplit("and then:").next().unwrap().contains(next), "{said}");
+    }
+}
+
+/// What a message says to write is a TOML string that reads back as the value: TOML's escapes
+/// for `"`, `\\` and what `escape_debug` escapes, `'` as it is, nothing cut up to 1 KiB.
+#[test]
+fn values_to_write_are_toml_strings() {
+    for value in ["web", "it's", "a\"b\\c", "x\u{1b}[31m\ny\t\r", "\u{2028}\u{202e}\u{e0001}é", ""]
+    {
+        let written = toml_string(value);
+        assert_eq!(raw_in_message(&written), [], "{written}");
+        let read: toml::Table = toml::from_str(&format!("v = {written}")).expect(&written);
+        assert_eq!(read["v"].as_str(), Some(value), "{written}");
+    }
+    assert_eq!(toml_string("it's \"q\""), "\"it's \\\"q\\\"\"");
+    assert_eq!(toml_string("\u{1b}\u{e0001}"), "\"\\u001B\\U000E0001\"");
+    let long = "a".repeat(WRITE_BYTES - 2);
+    assert_eq!(toml_string(&long), format!("\"{long}\""));
+    let said = toml_string(&format!("{long}a"));
+    assert_eq!(said, format!("\"{}… (1023 bytes; too long to show whole)", "a".repeat(79)));
+    // Escapes count: a value of 300 escape characters is 1800 bytes written.
+    assert!(toml_string(&"\u{1}".repeat(300)).ends_with("… (300 bytes; too long to show whole)"));
+}
+
+/// What an error tells the operator to write pastes back: the suggestion, put where the row
+/// says, makes a file that is taken. Each error that derives what to write from the file's own
+/// value (a path in normal form, percent-encoded; a route host; a quoted string; an address
+/// without its port, brackets or zone; a list or table around a value), written with what TOML
+/// escapes (`'`, `"`) and past the 80 characters a quoted value is cut at; and the fixed forms
+/// some errors name. (Errors that say what to write in words, "a whole number 0..=65535", are
+/// not pasted.)
+#[test]
+fn what_an_error_says_to_write_pastes_back() {
+    /// A file with one mistake, what in it the suggestion replaces (`wrong`), the words the
+    /// suggestion follows (the last time they are in the error) and those it comes before, if
+    /// it does not end the error, and how it is pasted (`{}`: as it is).
+    struct Row {
+        text: String,
+        wrong: String,
+        after: &'static str,
+        until: Option<&'static str>,
+        paste: &'static str,
+    }
+    impl Row {
+        fn new(text: String, wrong: &str) -> Row {
+            Row { text, wrong: wrong.into(), after: "write ", until: None, paste: "{}" }
+        }
+        fn at(self, wrong: &str) -> Row {
+            Row { wrong: wrong.into(), ..self }
+        }
+        fn after(self, after: &'static str) -> Row {
+            Row { after, ..self }
+        }
+        fn until(self, until: &'static str) -> Row {
+            Row { until: Some(until), ..self }
+        }
+    }
+    // `to` for `from` in the example, or a route of the L7 VIP with `line`.
+    let e = |from: &str, to: &str| {
+        assert!(EXAMPLE.contains(from), "{from}");
+        Row::new(EXAMPLE.replacen(from, to, 1), to)
+    };
+    let r = |line: &str| {
+        let routes = "[[vip.route]]\n{line}\nbackends = [{ address = \"198.18.0.12\" }]\n";
+        Row::new(format!("{EXAMPLE}{}", routes.replace("{line}", line)), line)
+    };
+    // cookie_attributes of the L7 VIP: the attributes to write go in its string.
+    let c = |attributes: &str, after: &'static str| {
+        let line = format!("cookie_attributes = \"{attributes}\"");
+        let row = e("algorithm = \"least_conn\"", &line).after(after).until("`");
+        Row { paste: "cookie_attributes = \"{}\"", ..row }
+    };
+    let long = format!("path_prefix = \"/{}é\"", "a".repeat(94));
+    let rows = [
+        // path_prefix in normal form, percent-encoded, both; with TOML's escapes.
+        r("path_prefix = \"/a/./it's/\""),
+        r(&long),
+        r("path_prefix = \"/é/./%61\""),
+        r("path_prefix = '/a/./\"q\"/'"),
+        r("path_prefix = \"/%7e/\""),
+        // A route host: its host name or bracketed address.
+        r("host = \"it's.example:8080\""),
+        r("host = \"https://[2001:db8::1]:443/x\""),
+        r("host = \"2001:db8::1\""),
+        // A string without quotes, alone and in a backend's table; a number for a string.
+        e("xdp_mode = \"auto\"", "xdp_mode = native"),
+        e("{ address = \"198.18.0.12\", mac", "{ address = 198.18.0.12, mac")
+            .at("address = 198.18.0.12"),
+        e("name = \"dns\"", "name = 53.5"),
+        // A number or boolean in quotes, a number as a float, a time with a unit.
+        e("port = 80", "port = \"80\"").after("without quotes, "),
+        e("port = 80", "port = 80.0").after("whole number, "),
+        e("interval_ms = 1000", "interval_ms = \"2s\""),
+        e("protocol = \"udp\"", "protocol = \"udp\"\nconntrack = \"false\"")
+            .at("conntrack = \"false\"")
+            .until(", without"),
+        // A list or table around a value, a table header of one table.
+        e("interfaces = [\"lb0\"]", "interfaces = \"it's\\\"\""),
+        e("{ address = \"198.18.0.13\", port = 80 }", "'198.18.0.13'"),
+        e("[node]", "[[node]]").until(", not"),
+        e("[vip.health]\nkind = \"udp\"", "[[vip.health]]\nkind = \"udp\"")
+            .at("[[vip.health]]")
+            .until(", not"),
+        // An address with a port, in brackets, with a zone; IPv4-mapped.
+        e("address = \"198.18.1.6\"", "address = \"198.18.1.6:8080\"").until(" and port"),
+        e("{ address = \"198.18.0.13\", port = 80 }", "{ address = \"198.18.0.13:8080\" }"),
+        e("address = \"198.18.0.12\", mac", "address = \"198.18.0.12:80\", mac")
+            .at("address = \"198.18.0.12:80\"")
+            .until(" (a backend"),
+        e("\"198.18.1.6\"", "\"[2001:db8::6]\"").after("without brackets: "),
+        e("\"198.18.1.6\"", "\"2001:db8::6%eth0\""),
+        e("\"198.18.1.6\"", "\"::ffff:198.18.1.6\"").at("::ffff:198.18.1.6").after("address "),
+        // Cookie attributes: what to write, and examples.
+        c("SameSite=None", "write `"),
+        c("Partitioned", "write `"),
+        c("Secure=1", "write `"),
+        c("SameSite=x", "write e.g. `"),
+        c("Max-Age=1d", "write e.g. `"),
+        c("Domain=a/b", "write e.g. `"),
+    ];
+    for Row { text, wrong, after, until, paste } in &rows {
+        let said = err(text);
+        let at = said.rfind(after).unwrap_or_else(|| panic!("no {after:?}: {said}")) + after.len();
+        let end = until.map_or(said.len(), |u| at + said[at..].find(u).expect(u));
+        let write = paste.replace("{}", &said[at..end]);
+        assert!(text.contains(wrong.as_str()), "{wrong}");
+        let fixed = text.replacen(wrong.as_str(), &write, 1);
+        if let Err(e) = parse(&fixed) {
+            panic!("{said}\nwith {write} pasted for {wrong}: {e}");
+        }
+    }
+    // A suggestion is shown whole up to 1 KiB, however long the value it is derived from; past
+    // that, cut with its length.
+    let e = err(&r(&format!("path_prefix = \"/./{}\"", "a".repeat(1000))).text);
+    assert!(e.ends_with(&format!("write path_prefix = \"/{}\"", "a".repeat(1000))), "{e}");
+    let e = err(&r(&format!("path_prefix = \"/./{}\"", "a".repeat(1100))).text);
+    assert!(e.contains("… (1101 bytes; too long to show whole)"), "{e}");
+}
+
+/// A value of 70 000 bytes anywhere in the file gives an error or warning of a line, not of
+/// 70 KB: each string value of the example and each number, in turn, as such a string (and a
+/// number as such a bare word), and a long key, VIP name and route.
+#[test]
+fn a_long_value_makes_no_long_message() {
+    let big = "x".repeat(70_000);
+    let mut texts = Vec::new();
+    let lines: Vec<&str> = EXAMPLE.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim_start().starts_with('#') {
+            continue;
+        }
+        let with = |new: String| {
+            let mut l = lines.clone();
+            l[i] = &new;
+            l.join("\n")
+        };
+        // Each quoted value, as a long string of its own and with a prefix that reads on
+        // further (a path, an address).
+        let quotes: Vec<usize> = line.match_indices('"').map(|(at, _)| at).collect();
+        for pair in quotes.chunks(2) {
+            if let [open, close] = *pair {
+                for value in [big.clone(), format!("/{big} x"), format!("1.2.{big}")] {
+                    texts.push(with(format!("{}{value}{}", &line[..=open], &line[close..])));
+                }
+            }
+        }
+        if let Some((key, n)) = line.split_once(" = ")
+            && n.split_whitespace().next().is_some_and(|n| n.parse::<u64>().is_ok())
+        {
+            texts.push(with(format!("{key} = \"{big}\"")));
+            texts.push(with(format!("{key} = {big}")));
+        }
+    }
+    let route = |r: &str| {
+        format!(
+            "{EXAMPLE}\n[[vip.route]]\n{r}\nbackends = [{{ address = \"198.18.0.11\", port = 80 }}]\n"
+        )
+    };
+    texts.push(route(&format!("path_prefix = \"/a/../{big}\"")));
+    texts.push(route(&format!("host = \"*.{big}\"")));
+    texts.push(EXAMPLE.replace("mtu = 1500", &format!("mtu = 1500\nk{big} = 1")));
+    texts.push(EXAMPLE.replace("name = \"web7\"", &format!("name = \"{big}\"")));
+    assert!(texts.len() > 100, "{}", texts.len());
+    for text in &texts {
+        let said = match parse(text) {
+            Ok(cfg) => cfg.cautions.join("\n"),
+            Err(e) => e.to_string(),
+        };
+        assert!(said.len() < 1024, "{} bytes: {}", said.len(), &said[..said.len().min(300)]);
+    }
 }
 
 /// Common TOML mistakes get a message that says what to write, at the mistake: the key, the
@@ -2551,6 +2873,73 @@ fn encap_sources_backends_drop_are_refused() {
     assert!(parse(&with("10.200.0.0/16")).is_ok());
 }
 
+/// The encap sources' lengths are digits, read by the parser `edgelb decap --allow-source` uses
+/// too. A `+` before an IPv4 length was taken before (Rust's integer parser takes it): still
+/// taken, so that a file that ran runs after an upgrade, with a caution that says how to write
+/// it. The IPv6 length is `96` as written, as before: `+96` and `096` stay refused.
+#[test]
+fn encap_source_lengths_are_digits_and_a_plus_gets_a_caution() {
+    for (key, src, want) in [
+        ("encap_source_v4", "198.19.0.0/16", Ok(("198.19.0.0", 16))),
+        ("encap_source_v4", "198.19.0.0", Ok(("198.19.0.0", 32))),
+        ("encap_source_v4", "198.19.0.0/016", Ok(("198.19.0.0", 16))),
+        ("encap_source_v4", "198.19.0.0/+16", Ok(("198.19.0.0", 16))),
+        ("encap_source_v4", "198.19.0.0/", Err("16..=32")),
+        ("encap_source_v4", "198.19.0.0/+", Err("16..=32")),
+        ("encap_source_v4", "198.19.0.0/-16", Err("16..=32")),
+        ("encap_source_v4", "198.19.0.0/ 16", Err("16..=32")),
+        ("encap_source_v4", "198.19.0.0/15", Err("16..=32")),
+        ("encap_source_v4", "198.19.0.0/33", Err("16..=32")),
+        ("encap_source_v4", "198.19.0.0/272", Err("16..=32")),
+        ("encap_source_v4", "2001:db8::/16", Err("not an IPv4 prefix")),
+        ("encap_source_v6", "2001:db8:ff::/96", Ok(("2001:db8:ff::", 96))),
+        ("encap_source_v6", "2001:db8:ff::", Ok(("2001:db8:ff::", 96))),
+        ("encap_source_v6", "2001:db8:ff::/+96", Err("must be a /96")),
+        ("encap_source_v6", "2001:db8:ff::/096", Err("must be a /96")),
+        ("encap_source_v6", "2001:db8:ff::/", Err("must be a /96")),
+        ("encap_source_v6", "198.19.0.0/96", Err("not an IPv6 prefix")),
+    ] {
+        // Line 3, or line 4 after NODE's encap_source_v4.
+        let (text, line) = match key {
+            "encap_source_v4" => {
+                (format!("[node]\ninterfaces = [\"eth0\"]\n{key} = \"{src}\"\n"), 3)
+            }
+            _ => (format!("{NODE}{key} = \"{src}\"\n"), 4),
+        };
+        match want {
+            Ok((addr, len)) => {
+                let c = parse(&text).unwrap_or_else(|e| panic!("{src}: {e}"));
+                let got = if key == "encap_source_v4" {
+                    c.node.encap_source_v4.map(|(a, l)| (IpAddr::V4(a), l))
+                } else {
+                    c.node.encap_source_v6.map(|a| (IpAddr::V6(a), 96))
+                };
+                assert_eq!(got, Some((addr.parse().unwrap(), len)), "{src}");
+                if src.contains('+') {
+                    let [caution] = c.cautions.as_slice() else {
+                        panic!("{src}: {:?}", c.cautions)
+                    };
+                    assert_eq!(
+                        caution,
+                        &format!(
+                            "t.toml:{line}:19: {key} `{src}`: a prefix length is digits alone, without a `+`: read as {addr}/{len}, which is how to write it"
+                        )
+                    );
+                } else {
+                    assert!(c.cautions.is_empty(), "{src}: {:?}", c.cautions);
+                }
+            }
+            Err(says) => {
+                let e = err(&text);
+                assert!(
+                    e.starts_with(&format!("t.toml:{line}:19:")) && e.contains(says),
+                    "{src}: {e}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn macs_must_be_one_stations_address() {
     let be =
@@ -2641,9 +3030,9 @@ fn path_prefixes_clients_send_encoded_are_refused_with_their_encoding() {
         )
     };
     let e = err(&route("/ü"));
-    assert!(e.starts_with("t.toml:11:15:") && e.contains("write `/%C3%BC`"), "{e}");
+    assert!(e.starts_with("t.toml:11:15:") && e.contains("write path_prefix = \"/%C3%BC\""), "{e}");
     let e = err(&route("/a\\u007f"));
-    assert!(e.contains("write `/a%7F`"), "{e}");
+    assert!(e.contains("write path_prefix = \"/a%7F\""), "{e}");
     // A `;` parameter in a prefix: every request for it reads as another path without it.
     let e = err(&route("/admin;v=1/"));
     assert!(e.contains("holds a `;` parameter") && e.contains("%3B"), "{e}");

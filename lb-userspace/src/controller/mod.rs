@@ -27,13 +27,15 @@ use self::verdicts::{Checked, Verdicts};
 use crate::{
     admin::{
         self, AdminError, Answer, BackendStatus, ConntrackStatus, HandedSocket, HandoverEnd,
-        Pending, Request, Response, SocketKind, Status, VipStatus,
+        Pending, Request, Response, RouteStatus, SocketKind, Status, VipStatus,
     },
+    backoff::Backoff,
     config::{Config, Forwarding},
     dataplane::{Dataplane, DataplaneError, InterfaceState, TableShape},
     error_chain,
     health::{Checker, HealthEvent},
     metrics::{BackendSample, KernelSnapshot, Metrics, Scrape, backend_label},
+    rlimit,
 };
 
 /// Why `run` stopped early.
@@ -58,9 +60,10 @@ pub enum RunError {
         /// Cause.
         error: std::io::Error,
     },
-    /// The L7 proxy could not start.
+    /// The L7 proxy could not start (typed, so that a caller can tell a ring that does not fit
+    /// the locked-memory limit from a listener that cannot bind).
     #[error("L7 proxy: {0}")]
-    Proxy(String),
+    Proxy(crate::proxy::ProxyError),
     /// An interface of `node.interfaces` is not there.
     #[error(
         "interface `{0}` (node.interfaces) does not exist in this network namespace; nothing was changed"
@@ -72,6 +75,12 @@ pub enum RunError {
     /// `--takeover`: the running edgelb could not hand over.
     #[error("taking over: {0}")]
     Takeover(AdminError),
+    /// `--takeover`: the config file changed while this process started (the running edgelb
+    /// was reloaded meanwhile) in a way this start cannot follow: the file now fails, or
+    /// changes what was already set up from it. Given up before the commit, so the running
+    /// edgelb takes back over.
+    #[error("taking over: {0}; the running edgelb keeps serving")]
+    TakeoverConfig(String),
     /// `--takeover`: SIGINT or SIGTERM arrived before this process served; it gives up and the
     /// running edgelb goes on (a Ctrl-C on a takeover that seems stuck must not leave the node
     /// with neither).
@@ -179,19 +188,27 @@ enum Exit {
     /// Remove the data plane too.
     Teardown,
     /// `edgelb run --takeover` asked for the listening sockets: hand them over on this channel
-    /// and leave the data plane to the new process.
-    Handover(mpsc::Sender<Answer>, Box<Answer>),
+    /// and leave the data plane to the new process, which binds its admin socket over the path
+    /// when the bool says so ([`Request::Handover`]).
+    Handover(mpsc::Sender<Answer>, Box<Answer>, bool),
 }
 
 struct Controller {
     path: PathBuf,
     cfg: Config,
+    /// The [`crate::config::content_hash`] of the file `cfg` was read from, handed to a
+    /// takeover ([`Response::config_sha256`]).
+    cfg_sha256: String,
     dp: Dataplane,
     checker: Checker,
     health_rx: Receiver<HealthEvent>,
     /// The health-checked backends of `cfg`, by VIP and backend, for the health events: made
     /// anew with `cfg` ([`Controller::set_config`]).
     checked: Checked,
+    /// What admin threads send requests on: each thread this controller serves its socket
+    /// with (another after a take-back, [`Controller::serve_admin`]) gets a clone, so that the
+    /// requests a thread still takes from a listener being replaced reach `admin_rx` too.
+    admin_tx: mpsc::Sender<Pending>,
     admin_rx: Receiver<Pending>,
     scrape_rx: Receiver<Scrape>,
     metrics: Metrics,
@@ -210,6 +227,11 @@ struct Controller {
     /// it again after an abandoned handover failed): when it is tried next
     /// ([`Controller::keep_admin_served`]).
     admin_retry: Option<Retry>,
+    /// The admin socket's path as this process bound it ([`admin::path_identity`]): a path
+    /// removed, or replaced by a socket nobody serves (a takeover that stalled past its wait,
+    /// woke after this process took back over and renamed its own socket there before it
+    /// failed), is bound again ([`Controller::keep_admin_served`]).
+    admin_path_id: Option<(u64, u64)>,
     /// The metrics endpoint's listening socket, to hand over to `edgelb run --takeover`.
     metrics_socket: Option<(std::net::SocketAddr, std::net::TcpListener)>,
     /// The metrics endpoint being served: stopped once a takeover's new process serves, so
@@ -237,17 +259,82 @@ struct Controller {
     /// What the kernel last said of the interfaces' MTUs, GRO and gateways
     /// ([`links::LinkWatch`]).
     links: links::LinkWatch,
+    /// A takeover's new process has the data plane ([`Controller::hand_over`]): this one only
+    /// finishes its requests in flight, and what an operator asks of it (a reload, a SIGHUP)
+    /// is the new one's to do.
+    handed_over: bool,
+    /// The SIGHUPs that reached this edgelb after it handed over, passed on to the new one
+    /// ([`Controller::forward_reload`]); none until the first.
+    reloads_forwarded: Option<ReloadsForwarded>,
 }
 
-/// The first wait before the admin socket, not served, is bound again: the controller's
-/// periodic work ([`Controller::keep_admin_served`]) tries it at most this often at first...
-const ADMIN_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// A thread asking the edgelb that took over to reload (`edgelb reload` on the admin socket,
+/// whose path is its now), one request for every SIGHUP, or for every burst of them that came
+/// while one was asked: a reload reads the file as it is when it is made. Apart from the
+/// controller, as the new process answers once its loop runs and a reload takes as long as it
+/// takes, while this process drains; [`Controller::finish_forwarded_reloads`] waits for the
+/// answers (at most [`RELOAD_FORWARD_WAIT`]) before it exits.
+struct ReloadsForwarded {
+    /// Each SIGHUP's number, counted from 1.
+    tx: mpsc::Sender<u64>,
+    /// SIGHUPs passed on so far.
+    asked: u64,
+    /// The number of the last SIGHUP whose reload the new process has answered (or that could
+    /// not be asked: the answer or the failure is logged).
+    answered: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
 
-/// ...doubling the wait after each failure up to this: once whatever kept it from binding
-/// (the lock beside it held, its directory gone) passes, `edgelb status` answers again within
-/// seconds, and a cause that stays costs a try every few seconds, each bounded by
-/// [`ADMIN_RETRY_LOCK_WAIT`].
-const ADMIN_RETRY_LONGEST: Duration = Duration::from_secs(8);
+impl ReloadsForwarded {
+    /// Starts the thread, asking the edgelb on `socket`.
+    fn start(socket: PathBuf) -> std::io::Result<ReloadsForwarded> {
+        let (tx, rx) = mpsc::channel::<u64>();
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let done = answered.clone();
+        let thread = std::thread::Builder::new().name("reload-forward".into()).spawn(move || {
+            while let Ok(mut last) = rx.recv() {
+                // The SIGHUPs that came while the last reload was asked: one reload, made
+                // after all of them, reads the file as they meant.
+                while let Ok(n) = rx.try_recv() {
+                    last = n;
+                }
+                match admin::request(&socket, &Request::Reload { config: None }) {
+                    Ok(r) if r.ok => {
+                        info!(answer = %r.message, "SIGHUP after the handover: the new edgelb reloaded")
+                    }
+                    // Turned away by an edgelb that handed over in its turn, past the retries:
+                    // nothing was reloaded anywhere.
+                    Ok(r) if r.handed_over => error!(
+                        answer = %r.message,
+                        "SIGHUP after the handover: no reload was made (the edgelb asked handed over in its turn); reload the one serving now (`edgelb reload`)"
+                    ),
+                    Ok(r) => error!(
+                        answer = %r.message,
+                        "SIGHUP after the handover: the new edgelb refused to reload (its log says why); it runs the config as before"
+                    ),
+                    Err(e) => error!(
+                        error = %e,
+                        "SIGHUP after the handover: asking the new edgelb to reload failed (if none serves, as after a takeover that failed once this one let go, start one); else reload it (`edgelb reload`)"
+                    ),
+                }
+                done.store(last, std::sync::atomic::Ordering::Release);
+            }
+        });
+        thread.map(|_| ReloadsForwarded { tx, asked: 0, answered })
+    }
+}
+
+/// How long a handed-over edgelb waits, before it exits, for the new one to answer the reloads
+/// it asked of it for SIGHUPs ([`ReloadsForwarded`]): [`admin::request`] asks again for
+/// [`admin::HANDED_OVER_RETRY`] at most, and a reload takes well under a second, but the new
+/// process may be stalled (its 60 s at the commit); its exit is not held for that.
+const RELOAD_FORWARD_WAIT: Duration = Duration::from_secs(10);
+
+/// The waits before the admin socket, not served, is bound again: the controller's periodic
+/// work ([`Controller::keep_admin_served`]) tries it a second after it was lost, then doubling
+/// the wait after each failure up to 8 s: once whatever kept it from binding (the lock beside
+/// it held, its directory gone) passes, `edgelb status` answers again within seconds, and a
+/// cause that stays costs a try every few seconds, each bounded by [`ADMIN_RETRY_LOCK_WAIT`].
+const ADMIN_RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
 
 /// How long a try from the controller's loop waits for the lock beside the admin socket:
 /// briefly (another start holds it microseconds), as the loop also applies health verdicts and
@@ -263,27 +350,26 @@ struct Retry {
 }
 
 impl Retry {
-    /// The first try, [`ADMIN_RETRY_FIRST`] from now.
+    /// The first try, [`ADMIN_RETRY`]'s first wait from now.
     fn first() -> Retry {
-        Retry { at: Instant::now() + ADMIN_RETRY_FIRST, wait: ADMIN_RETRY_FIRST }
+        let wait = ADMIN_RETRY.first();
+        Retry { at: Instant::now() + wait, wait }
     }
 
-    /// The next try after one that failed: twice the wait, up to [`ADMIN_RETRY_LONGEST`].
+    /// The next try after one that failed: twice the wait, up to [`ADMIN_RETRY`]'s longest.
     fn again(self) -> Retry {
-        let wait = (self.wait * 2).min(ADMIN_RETRY_LONGEST);
+        let wait = ADMIN_RETRY.after(self.wait);
         Retry { at: Instant::now() + wait, wait }
     }
 }
 
-/// The first wait before a lost interface that could not be attached again is tried again on
-/// the same device: errors other than EPERM may pass (a driver still initialising says EBUSY
-/// or EINVAL; ENOMEM), and the interface was otherwise LOST until a restart.
-const REATTACH_FIRST_WAIT: Duration = Duration::from_secs(30);
-
-/// The longest wait between tries of the same device: each failure doubles the wait up to it,
-/// so that an interface that keeps failing logs rarely (a failure is said when its reason
-/// changes) yet is attached within minutes of the cause going.
-const REATTACH_LONGEST_WAIT: Duration = Duration::from_secs(300);
+/// The waits before a lost interface that could not be attached again is tried again on the
+/// same device: 30 s at first, since errors other than EPERM may pass (a driver still
+/// initialising says EBUSY or EINVAL; ENOMEM), and the interface was otherwise LOST until a
+/// restart; each further failure doubles the wait up to 5 minutes, so that an interface that
+/// keeps failing logs rarely (a failure is said when its reason changes) yet is attached within
+/// minutes of the cause going.
+const REATTACH: Backoff = Backoff::new(Duration::from_secs(30), Duration::from_secs(300));
 
 /// A lost interface that could not be attached again ([`Dataplane::reattach`]), and when it is
 /// tried again ([`reattach_due`], [`AttachFailed::after`]).
@@ -299,16 +385,16 @@ struct AttachFailed {
     /// capability, EPERM, as before Linux 5.19: a restart attaches), until another device
     /// has the name or the interface is seen gone.
     retry_at: Option<Instant>,
-    /// The wait before that try; the next failure on the device waits twice as long, up to
-    /// [`REATTACH_LONGEST_WAIT`].
+    /// The wait before that try; the next failure on the device waits twice as long
+    /// ([`REATTACH`]).
     wait: Duration,
 }
 
 impl AttachFailed {
     /// The record of a failure `e` to attach `interface` again to device `ifindex` at `now`,
     /// after `previous` (the interface's last failure, if any): EPERM is not tried again on
-    /// that device; anything else after [`REATTACH_FIRST_WAIT`], twice as long after each
-    /// further failure on the same device, up to [`REATTACH_LONGEST_WAIT`].
+    /// that device; anything else after [`REATTACH`]'s first wait, twice as long after each
+    /// further failure on the same device, up to its longest.
     fn after(
         previous: Option<&AttachFailed>,
         interface: &str,
@@ -317,8 +403,8 @@ impl AttachFailed {
         now: Instant,
     ) -> AttachFailed {
         let wait = match previous.filter(|p| p.ifindex == ifindex) {
-            Some(p) => (p.wait * 2).min(REATTACH_LONGEST_WAIT),
-            None => REATTACH_FIRST_WAIT,
+            Some(p) => REATTACH.after(p.wait),
+            None => REATTACH.first(),
         };
         AttachFailed {
             interface: interface.to_owned(),
@@ -367,16 +453,12 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     // the default action.
     let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
         .map_err(RunError::Signals)?;
-    let cfg = Config::load(path)?;
-    raise_limits();
-    preflight(&cfg)?;
-    // Over netlink, in this network namespace: sysfs may show another's.
-    let mtus = links::link_mtus(&cfg, &[]);
-    let mut link_warnings = mtu_mismatches(&cfg, &mtus);
-    for w in &link_warnings {
-        warn!("{w}");
+    let (mut cfg, mut cfg_sha256) = Config::load_hashed(path)?;
+    if takeover {
+        test_pause("takeover-loaded");
     }
-    warn_of_cautions(&cfg);
+    raise_limits();
+    let (mut mtus, mut link_warnings) = start_checks(&cfg)?;
     // Only a valid config takes over, and only once the kernel has taken this binary's program
     // (it is loaded here, beside the running one): a bad file or a refused program leaves the
     // running edgelb alone.
@@ -407,6 +489,15 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
                     sockets = h.sockets.len(),
                     "--takeover: the running edgelb handed over its listening sockets and stopped its controller"
                 );
+                // Returning an error drops the connection uncommitted: the running edgelb
+                // takes back over.
+                if let Some((newer, sha256)) =
+                    config_at_handover(path, &cfg, &cfg_sha256, h.config_sha256.as_deref())?
+                {
+                    (cfg, cfg_sha256) = (newer, sha256);
+                    (mtus, link_warnings) = start_checks(&cfg)?;
+                }
+                test_pause("takeover-handed");
                 drains = h.drains;
                 down = h.down;
                 without_vips = h.vips.is_none();
@@ -415,6 +506,10 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
                     match s.kind {
                         SocketKind::L7 => inherited.adopt(fd)?,
                         SocketKind::Metrics => handed_metrics = Some((s.addr, fd)),
+                        SocketKind::Unknown => warn!(
+                            addr = %s.addr,
+                            "the running edgelb handed over a socket of a kind this edgelb does not know (a later build's?): closed"
+                        ),
                     }
                 }
                 Some(h.conn)
@@ -427,8 +522,14 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     // Capabilities are per thread, so everything privileged happens on this thread first (binding
     // sockets, loading and attaching programs), then capabilities are dropped, and only then are
     // the helper threads started: they inherit nothing.
-    let admin_listener = admin::bind(&cfg.node.admin_socket)
-        .map_err(|error| RunError::Admin { path: cfg.node.admin_socket.clone(), error })?;
+    // Taking over, in place of the running edgelb's socket, which still listens: commands
+    // reach one process or the other throughout, unless this start fails (docs/ARCHITECTURE.md,
+    // "Takeover").
+    let admin_listener = match &handover {
+        Some(_) => admin::bind_over(&cfg.node.admin_socket),
+        None => admin::bind(&cfg.node.admin_socket),
+    }
+    .map_err(|error| RunError::Admin { path: cfg.node.admin_socket.clone(), error })?;
     // The socket was free, but a controller may run without it: its descriptors of the pinned
     // maps tell (the one that handed over holds them too, and is on its way out).
     if handover.is_none()
@@ -480,7 +581,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     } else {
         Some(
             crate::proxy::Proxy::bind(&cfg, cfg.node.l7_thread_count(), &inherited)
-                .map_err(|e| RunError::Proxy(e.to_string()))?,
+                .map_err(RunError::Proxy)?,
         )
     };
     // The proxy threads hold their own descriptors of inherited sockets.
@@ -527,10 +628,12 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         // which file runs, and a refused reload which file to edit.
         path: std::path::absolute(path).unwrap_or_else(|_| path.to_owned()),
         cfg,
+        cfg_sha256,
         dp,
         checker: Checker::new(health_tx),
         health_rx,
         checked,
+        admin_tx: admin_tx.clone(),
         admin_rx,
         scrape_rx,
         metrics: Metrics::new(),
@@ -541,6 +644,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         verdicts: Verdicts::default(),
         admin: None,
         admin_retry: None,
+        admin_path_id: None,
         metrics_socket,
         metrics_serving: None,
         checks_missing: 0,
@@ -550,6 +654,8 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         link_warnings: Vec::new(),
         attach_failed: Vec::new(),
         links: links::LinkWatch::new(mtus),
+        handed_over: false,
+        reloads_forwarded: None,
     };
     // The counters of every configured backend exist from the start, at 0.
     ctl.metrics.retain(&ctl.cfg);
@@ -631,6 +737,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
 
         // Unprivileged from here on, helper threads included.
         let admin_path = ctl.cfg.node.admin_socket.clone();
+        ctl.admin_path_id = admin::path_identity(&admin_path);
         ctl.admin = Some(
             admin::serve(admin_listener, admin_tx)
                 .map_err(|error| RunError::Admin { path: admin_path, error })?,
@@ -646,7 +753,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
             let eff = ctl.effective();
             let proxy =
                 crate::proxy::Proxy::start_bound(&eff, &ctl.cfg, bound, ctl.metrics.l7.clone())
-                    .map_err(|e| RunError::Proxy(e.to_string()))?;
+                    .map_err(RunError::Proxy)?;
             ctl.proxy = Some(proxy);
         }
         Ok(())
@@ -683,8 +790,8 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
 
     let exit = loop {
         match ctl.serve(&mut signals) {
-            Exit::Handover(reply, answer) => {
-                if ctl.hand_over(reply, answer, &mut signals) {
+            Exit::Handover(reply, answer, binds_over) => {
+                if ctl.hand_over(reply, answer, binds_over, &mut signals) {
                     return Ok(());
                 }
             }
@@ -714,9 +821,11 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
                     }
                     Ok(())
                 }
-                Err(e) => {
-                    Err(DataplaneError::Pin { path: pin_dir, reason: format!("teardown: {e}") })
-                }
+                Err(e) => Err(DataplaneError::Pin {
+                    step: "tearing down the data plane pinned in",
+                    path: pin_dir,
+                    reason: e.to_string(),
+                }),
             }
         }
     };
@@ -780,6 +889,101 @@ fn log_carried(what: &str, c: &verdicts::CarriedOver, cfg: &Config) {
     }
 }
 
+/// The interfaces' MTUs ([`links::link_mtus`]), and the MTU warnings said of them.
+type MtusSaid = (Vec<(String, u32)>, Vec<String>);
+
+/// What `run` checks of the config it starts with before it touches anything
+/// ([`preflight`]), and says of it: the MTU and caution warnings. Returns the interfaces' MTUs
+/// and the warnings said, for the controller to say only changes later.
+fn start_checks(cfg: &Config) -> Result<MtusSaid, RunError> {
+    preflight(cfg)?;
+    // Over netlink, in this network namespace: sysfs may show another's.
+    let mtus = links::link_mtus(cfg, &[]);
+    let link_warnings = mtu_mismatches(cfg, &mtus);
+    for w in &link_warnings {
+        warn!("{w}");
+    }
+    warn_of_cautions(cfg);
+    Ok((mtus, link_warnings))
+}
+
+/// The config a takeover goes on with, once the running edgelb has handed over, telling the
+/// file as it was last applied there (`running`, its [`crate::config::content_hash`]) from the
+/// file this process loaded at its start (`loaded`, hash `loaded_sha256`): an `edgelb reload`
+/// (or SIGHUP) that reached the running edgelb while this process loaded its program was
+/// answered "reloaded", and running the file as read before that edit would undo it without a
+/// word. When the two differ, the file is read again: unchanged since this process read it (it
+/// was edited for this takeover), nothing changes (`None`); changed, it is what this process
+/// runs, validated as at a start. A file that now fails, or that changes what this start has
+/// already set up from the file as it was (`node.pin_dir`, `node.admin_socket`,
+/// `node.conntrack_flows_per_cpu`: the program was loaded beside the running one with them),
+/// gives the takeover up (an error) before the commit, so that the running edgelb takes back
+/// over. An older edgelb says no hash (`running` none): this process goes on with the file as
+/// it read it, and says that it could not check.
+fn config_at_handover(
+    path: &Path,
+    loaded: &Config,
+    loaded_sha256: &str,
+    running: Option<&str>,
+) -> Result<Option<(Config, String)>, RunError> {
+    let Some(running) = running else {
+        info!(
+            "--takeover: the running edgelb (an older one) does not say which config it runs: a reload it took while this process started cannot be told, and this process runs the file as it read it at its start"
+        );
+        return Ok(None);
+    };
+    if running == loaded_sha256 {
+        return Ok(None);
+    }
+    let changed = "the config file changed while this process started (the running edgelb was reloaded meanwhile?)";
+    let (now, sha256) = Config::load_hashed(path).map_err(|e| {
+        RunError::TakeoverConfig(format!(
+            "{changed}, and it now fails: {e}; fix it and take over again"
+        ))
+    })?;
+    if sha256 == loaded_sha256 {
+        return Ok(None);
+    }
+    let (a, b) = (&loaded.node, &now.node);
+    let mut set_up = Vec::new();
+    if a.pin_dir != b.pin_dir {
+        set_up.push("node.pin_dir");
+    }
+    if a.admin_socket != b.admin_socket {
+        set_up.push("node.admin_socket");
+    }
+    if a.conntrack_flows_per_cpu != b.conntrack_flows_per_cpu {
+        set_up.push("node.conntrack_flows_per_cpu");
+    }
+    if !set_up.is_empty() {
+        return Err(RunError::TakeoverConfig(format!(
+            "{changed}, in {}, which this start had already set up from the file as it read it; take over again",
+            set_up.join(", ")
+        )));
+    }
+    warn!(
+        path = %path.display(),
+        "--takeover: {changed}: running the file as it is now, not as it was read at the start"
+    );
+    Ok(Some((now, sha256)))
+}
+
+/// A test's pause at `point` of a start, `EDGELB_TEST_PAUSE=<point>:<ms>` (a test-only hook,
+/// as the other `EDGELB_TEST_*` variables are): said in the log, then `ms` asleep, so that a
+/// lifecycle test can act within a window otherwise too short to hit (a reload while a
+/// takeover starts). The points: `takeover-loaded` (a takeover's config loaded, its program not
+/// yet), `takeover-handed` (the running edgelb has handed over; the admin socket is not yet
+/// bound). Unset, or naming another point, nothing happens.
+fn test_pause(point: &str) {
+    let Some(value) = std::env::var_os("EDGELB_TEST_PAUSE") else { return };
+    let Some((at, ms)) = value.to_str().and_then(|v| v.split_once(':')) else { return };
+    let Ok(ms) = ms.parse::<u64>() else { return };
+    if at == point {
+        info!(point, ms, "test hook (EDGELB_TEST_PAUSE): pausing");
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
 /// Whether SIGINT or SIGTERM has arrived (consuming the pending signals). A SIGHUP is raised
 /// again for the loop, which reloads.
 fn stop_requested(signals: &mut signal_hook::iterator::Signals) -> bool {
@@ -804,8 +1008,7 @@ fn stop_requested(signals: &mut signal_hook::iterator::Signals) -> bool {
 /// ([`crate::dataplane::ensure_bpffs`]). Checked before anything else, privileged or not.
 fn preflight(cfg: &Config) -> Result<(), RunError> {
     if !crate::proxy::l7_listeners(cfg).is_empty() {
-        crate::proxy::probe_io_uring(cfg.node.l7_thread_count())
-            .map_err(|e| RunError::Proxy(e.to_string()))?;
+        crate::proxy::probe_io_uring(cfg.node.l7_thread_count()).map_err(RunError::Proxy)?;
     }
     for name in &cfg.node.interfaces {
         if !crate::dataplane::interface_exists(name)? {
@@ -814,8 +1017,11 @@ fn preflight(cfg: &Config) -> Result<(), RunError> {
     }
     // Before the admin socket and a takeover's handover: a bpffs this process could not keep
     // (one it would mount in a mount namespace of its own) stops the start with nothing touched.
-    crate::dataplane::ensure_bpffs()
-        .map_err(|reason| DataplaneError::Pin { path: cfg.node.pin_dir.clone(), reason })?;
+    crate::dataplane::ensure_bpffs().map_err(|reason| DataplaneError::Pin {
+        step: "preparing the pin directory",
+        path: cfg.node.pin_dir.clone(),
+        reason,
+    })?;
     Ok(())
 }
 
@@ -1040,15 +1246,29 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
 }
 
 /// What to do about a reload of `path` refused for `restart` ([`restart_needed`]): a takeover restarts
-/// without refusing a connection; a new `node.xdp_mode` (said only when it is among the changes)
-/// takes a stop, which detaches XDP, then a start.
+/// without refusing a connection; with a new `node.conntrack_flows_per_cpu` it cannot carry
+/// the connection tables over (their size is the maps' layout), and what that costs is said;
+/// a new `node.xdp_mode` or `node.pin_dir` (said only when among the changes) takes a stop,
+/// which detaches XDP, then a start.
 fn restart_advice(path: &Path, restart: &[String]) -> String {
     let mut advice = format!(
-        "`edgelb run -c {} --takeover` restarts without refusing a connection",
+        "`edgelb run -c {} --takeover` restarts without refusing a new connection",
         path.display()
     );
+    if restart.iter().any(|r| r.starts_with("node.conntrack_flows_per_cpu ")) {
+        advice.push_str(&format!(
+            ", but it cannot carry the connection tables over to another size: every map starts fresh, and {}",
+            crate::dataplane::FRESH_TABLES_COST
+        ));
+    }
     if restart.iter().any(|r| r.starts_with("node.xdp_mode ")) {
         advice.push_str("; a new node.xdp_mode takes `edgelb stop`, which detaches, then a start");
+    }
+    // The new process would find the interfaces held through the old directory's links.
+    if restart.iter().any(|r| r.starts_with("node.pin_dir ")) {
+        advice.push_str(
+            "; a new node.pin_dir takes `edgelb stop`, which removes the data plane pinned in the old one, then a start",
+        );
     }
     advice
 }
@@ -1079,20 +1299,18 @@ fn raise_limits() {
 }
 
 /// Raises the soft limit of `resource` (`what`, for the log) to its hard limit.
-#[allow(unsafe_code)]
-fn raise_limit(resource: libc::__rlimit_resource_t, what: &str) {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes the limit into `lim`, a valid rlimit on this stack.
-    if unsafe { libc::getrlimit(resource, &mut lim) } != 0 || lim.rlim_cur >= lim.rlim_max {
+fn raise_limit(resource: rlimit::Resource, what: &str) {
+    let Ok(mut lim) = rlimit::get(resource) else { return };
+    if lim.rlim_cur >= lim.rlim_max {
         return;
     }
     let from = lim.rlim_cur;
     lim.rlim_cur = lim.rlim_max;
-    // SAFETY: setrlimit reads `lim`, a valid rlimit on this stack.
-    if unsafe { libc::setrlimit(resource, &lim) } == 0 {
-        info!(from, to = lim.rlim_cur, "{what} limit raised");
-    } else {
-        warn!(soft = from, hard = lim.rlim_max, "raising the {what} limit failed");
+    match rlimit::set(resource, &lim) {
+        Ok(()) => info!(from, to = lim.rlim_cur, "{what} limit raised"),
+        Err(error) => {
+            warn!(soft = from, hard = lim.rlim_max, %error, "raising the {what} limit failed")
+        }
     }
 }
 
@@ -1125,8 +1343,13 @@ fn drop_capabilities() {
 impl Controller {
     /// Hands the listening sockets to the `edgelb run --takeover` that asked (`reply`) and
     /// leaves the data plane to it; returns true when this process is done. The controller
-    /// stops first: health checks end (joined), no map is written any more, and the admin
-    /// socket's path is freed for the new process. The sockets stay open in both processes, and
+    /// stops first: health checks end (joined) and no map is written any more; the admin
+    /// socket keeps listening until the new process binds its own over the path
+    /// ([`admin::bind_over`]), and the commands it took meanwhile are answered once the
+    /// handover ends ([`Controller::turn_away_queued`], or by this controller after a
+    /// take-back). An older edgelb taking over (`binds_over` false: a rollback) binds only where
+    /// nobody answers, so for it the path is removed first, as it was before `bind_over`; the
+    /// listener still turns away what it took. The sockets stay open in both processes, and
     /// this one keeps accepting and answering scrapes while the new one starts. Once it serves
     /// (or goes quiet after it began writing the maps), this one's L7 proxy stops accepting and
     /// finishes what is in flight, scrapes still answered, and true is returned. If the new one
@@ -1145,16 +1368,21 @@ impl Controller {
         &mut self,
         reply: mpsc::Sender<Answer>,
         mut answer: Box<Answer>,
+        binds_over: bool,
         signals: &mut signal_hook::iterator::Signals,
     ) -> bool {
         let (health_tx, health_rx) = mpsc::channel();
         self.checker = Checker::new(health_tx);
         self.health_rx = health_rx;
-        let _ = std::fs::remove_file(&self.cfg.node.admin_socket);
-        // Its path is the new process's now: the admin thread ends after this handover's
-        // connection (a take-back starts another).
-        if let Some(a) = self.admin.take() {
-            a.stop();
+        // The admin socket stays as it is: the new process binds its own over the path
+        // ([`admin::bind_over`]), so that commands meanwhile wait on this listener (its thread
+        // follows the handover) rather than find no socket. What they asked is answered once
+        // the handover ends: by this controller again after a take-back, or else with a
+        // refusal to ask the new process ([`Controller::turn_away_queued`]). An older edgelb
+        // taking over would find this listener answering and give up: the path is freed for
+        // it before it has the answer, as it always was.
+        if !binds_over {
+            let _ = std::fs::remove_file(&self.cfg.node.admin_socket);
         }
         let (done_tx, done_rx) = mpsc::channel();
         answer.done = Some(done_tx);
@@ -1233,14 +1461,23 @@ impl Controller {
                 return false;
             }
         }
-        // Done here: the new process serves, or a stop signal ended the handover. A (further)
-        // stop signal ends the drain, as at a stop. The admin socket's path is left alone: it
-        // may be the new process's.
-        self.drain_proxy(Some(signals), false);
         // Still this process's: stopped before the new one touched it, or taken back.
         let kept = stopped.is_some()
             && (end == HandoverEnd::Abandoned
                 || end == HandoverEnd::FailedAfterCommit && !cut_short);
+        self.handed_over = !kept;
+        // No command is this process's to carry out any more: its listener stops taking new
+        // ones (the path is the new process's, or left to the next start), and those it took
+        // are turned away, during the drain and after it.
+        if let Some(a) = &self.admin {
+            a.stop();
+        }
+        // Done here: the new process serves, or a stop signal ended the handover. A (further)
+        // stop signal ends the drain, as at a stop. The admin socket's path is left alone: it
+        // may be the new process's.
+        self.drain_proxy(Some(signals), false);
+        self.turn_away_queued();
+        self.finish_forwarded_reloads(signals);
         if kept {
             say_detached(&mut self.dp, &self.cfg.node.pin_dir);
         } else {
@@ -1256,10 +1493,16 @@ impl Controller {
     /// ([`Controller::keep_admin_served`]), and the log says it is not served meanwhile.
     fn take_back(&mut self) {
         let path = self.cfg.node.admin_socket.clone();
+        // The listener of before the handover is let go of (its path may be the failed
+        // process's by now): the commands it took are still answered, by this controller, as
+        // its thread passes them on the same channel as the new listener's.
+        if let Some(a) = self.admin.take() {
+            a.stop();
+        }
         let served = match self.serve_admin(admin::BIND_LOCK_WAIT) {
             Ok(()) => true,
             Err(e) => {
-                error!(admin = %path.display(), error = %e, "taking the admin socket back failed; trying again every {} s to {} s (meanwhile SIGHUP reloads and SIGTERM stops this edgelb)", ADMIN_RETRY_FIRST.as_secs(), ADMIN_RETRY_LONGEST.as_secs());
+                error!(admin = %path.display(), error = %e, "taking the admin socket back failed; trying again every {} s to {} s (meanwhile SIGHUP reloads and SIGTERM stops this edgelb)", ADMIN_RETRY.first().as_secs(), ADMIN_RETRY.longest().as_secs());
                 self.admin_retry = Some(Retry::first());
                 false
             }
@@ -1276,27 +1519,39 @@ impl Controller {
     /// it from a fresh thread, whose requests this controller takes from now on. The error
     /// names the step that failed.
     fn serve_admin(&mut self, lock_wait: Duration) -> std::io::Result<()> {
-        let (tx, rx) = mpsc::channel();
         let serving = admin::bind_within(&self.cfg.node.admin_socket, lock_wait)
-            .and_then(|l| admin::serve(l, tx))?;
+            .and_then(|l| admin::serve(l, self.admin_tx.clone()))?;
+        self.admin_path_id = admin::path_identity(&self.cfg.node.admin_socket);
         self.admin = Some(serving);
-        self.admin_rx = rx;
         Ok(())
     }
 
     /// Keeps the admin socket served, from the serving loop's periodic work. An admin thread
     /// found ended is said once, with why (it ends by itself only by a panic: a thread stopped
     /// on purpose, at a handover, is taken away first); then, as after a take-back that could
-    /// not bind it, the socket is bound and served again, tried [`ADMIN_RETRY_FIRST`] later,
-    /// then at waits doubling up to [`ADMIN_RETRY_LONGEST`], and said once when it is served
+    /// not bind it, the socket is bound and served again, tried [`ADMIN_RETRY`]'s first wait later,
+    /// then at waits doubling up to [`ADMIN_RETRY`]'s longest, and said once when it is served
     /// again. Without it `edgelb status`, `reload` and `stop` could not reach this process
     /// until a restart (signals still could).
     fn keep_admin_served(&mut self) {
         let path = self.cfg.node.admin_socket.clone();
         if self.admin.as_ref().is_some_and(admin::Serving::stopped) {
             let why = self.admin.take().map(admin::Serving::ended).unwrap_or_default();
-            error!(admin = %path.display(), reason = %why, "the admin socket is no longer served: `edgelb status`, `reload` and `stop` cannot reach this edgelb until it is bound again (tried every {} s to {} s; meanwhile SIGHUP reloads and SIGTERM stops it)", ADMIN_RETRY_FIRST.as_secs(), ADMIN_RETRY_LONGEST.as_secs());
+            error!(admin = %path.display(), reason = %why, "the admin socket is no longer served: `edgelb status`, `reload` and `stop` cannot reach this edgelb until it is bound again (tried every {} s to {} s; meanwhile SIGHUP reloads and SIGTERM stops it)", ADMIN_RETRY.first().as_secs(), ADMIN_RETRY.longest().as_secs());
             self.admin_retry = Some(Retry::first());
+        }
+        // The path no longer names the socket this process serves, and nobody answers there:
+        // no command could reach this edgelb (one that answers is another edgelb's, a takeover
+        // under way: left alone).
+        if self.admin.is_some()
+            && admin::path_identity(&path) != self.admin_path_id
+            && !admin::anyone_answers(&path)
+        {
+            warn!(admin = %path.display(), "the admin socket's path no longer names this edgelb's socket (removed, or replaced by one nobody serves): binding it again");
+            if let Some(serving) = self.admin.take() {
+                serving.stop();
+            }
+            self.admin_retry = Some(Retry { at: Instant::now(), wait: ADMIN_RETRY.first() });
         }
         let Some(retry) = self.admin_retry else { return };
         if Instant::now() < retry.at {
@@ -1352,6 +1607,7 @@ impl Controller {
                 drains: self.verdicts.drains(),
                 down: self.verdicts.down(),
                 vips: Some(self.verdicts.handed_vips(&self.cfg)),
+                config_sha256: Some(self.cfg_sha256.clone()),
                 ..Response::ok("handing over")
             },
             fds,
@@ -1407,7 +1663,8 @@ impl Controller {
     /// Stops the L7 proxy, letting requests in flight finish for up to
     /// `node.l7_drain_timeout_ms`, and answers metrics scrapes meanwhile (a drain can last as
     /// long as a download). With `signals`, a second SIGINT or SIGTERM ends the drain at once,
-    /// as it does for nginx and HAProxy; admin requests are answered throughout: `status`
+    /// as it does for nginx and HAProxy, and a SIGHUP is said to be ignored
+    /// ([`Controller::stop_signalled`]); admin requests are answered throughout: `status`
     /// as ever (the proxy stays here, so its request counts and passive health show; only the
     /// wait for its threads runs elsewhere), the others refused with the reason (they used to
     /// wait for the drain's end). Health verdicts still apply until the drain ends: the checks
@@ -1420,7 +1677,13 @@ impl Controller {
         mut signals: Option<&mut signal_hook::iterator::Signals>,
         teardown: bool,
     ) {
-        let Some(proxy) = self.proxy.as_mut() else { return };
+        let Some(proxy) = self.proxy.as_mut() else {
+            // Nothing to drain: a SIGHUP that came meanwhile is still said.
+            if let Some(s) = signals {
+                self.stop_signalled(s);
+            }
+            return;
+        };
         let grace = self.cfg.node.l7_drain_timeout;
         info!(
             "L7 proxy: draining (up to {} ms, node.l7_drain_timeout_ms; a second SIGTERM or SIGINT ends it now)",
@@ -1439,7 +1702,7 @@ impl Controller {
             // XDP forwards throughout the drain: `status` gives its rates as they are now.
             ctl.sample_when_due();
             if let Some(s) = signals.as_deref_mut()
-                && s.pending().any(|sig| sig != SIGHUP)
+                && ctl.stop_signalled(s)
             {
                 warn!(
                     connections = cut.open(),
@@ -1448,26 +1711,7 @@ impl Controller {
                 cut.now();
             }
             while let Ok((req, reply)) = ctl.admin_rx.try_recv() {
-                let resp = match req {
-                    Request::Status => ctl.on_admin(req),
-                    // `edgelb stop` waits for the exit and goes on from there.
-                    Request::Stop { .. } => Response {
-                        stopping: true,
-                        teardown,
-                        pid: Some(std::process::id()),
-                        drain_ms: Some(
-                            deadline.saturating_duration_since(Instant::now()).as_millis() as u64,
-                        ),
-                        ..Response::err(format!(
-                            "edgelb is already stopping: it is draining {} L7 connection(s) (up to node.l7_drain_timeout_ms)",
-                            cut.open()
-                        ))
-                    },
-                    _ => Response::err(format!(
-                        "edgelb is stopping: it is draining {} L7 connection(s) (up to node.l7_drain_timeout_ms); try again once it has exited",
-                        cut.open()
-                    )),
-                };
+                let resp = ctl.stopping_answer(req, teardown, Some((deadline, cut.open())));
                 let _ = reply.send(resp.into());
             }
             more
@@ -1475,6 +1719,150 @@ impl Controller {
         let _ = drain.join();
         // Its threads have ended.
         self.proxy = None;
+        // A SIGHUP after the last look is said too (a stop signal has nothing left to end).
+        if let Some(s) = signals {
+            self.stop_signalled(s);
+        }
+    }
+
+    /// The answer to admin request `req` once this controller is stopping (`teardown`: its exit
+    /// removes the data plane) or has handed over; `drain`, while its L7 proxy drains: until
+    /// when, and the connections still open. After a handover every request is refused as
+    /// [`Response::handed_over`], which the CLI asks the new process again; otherwise `status`
+    /// is answered as ever, `stop` is told of the stop under way (it waits for the exit and
+    /// goes on from there) and the rest are refused, saying why.
+    fn stopping_answer(
+        &mut self,
+        req: Request,
+        teardown: bool,
+        drain: Option<(Instant, usize)>,
+    ) -> Response {
+        let draining = match drain {
+            Some((_, open)) => {
+                format!(": it is draining {open} L7 connection(s) (up to node.l7_drain_timeout_ms)")
+            }
+            None => String::new(),
+        };
+        match req {
+            _ if self.handed_over => Response::handed_over(),
+            Request::Status => self.on_admin(req),
+            Request::Stop { .. } => Response {
+                stopping: true,
+                teardown,
+                pid: Some(std::process::id()),
+                drain_ms: Some(drain.map_or(0, |(until, _)| {
+                    until.saturating_duration_since(Instant::now()).as_millis() as u64
+                })),
+                ..Response::err(format!("edgelb is already stopping{draining}"))
+            },
+            _ => {
+                Response::err(format!("edgelb is stopping{draining}; try again once it has exited"))
+            }
+        }
+    }
+
+    /// At the end of a handover that this process does not take back from: answers the admin
+    /// requests its listener (stopped: [`admin::Serving::stop`]) had taken or still holds
+    /// queued, with [`Controller::stopping_answer`], until its thread has passed them all on
+    /// and ended (at most twice a client's time to send its request), then lets the thread go.
+    /// They came before the new process had the socket's path, and would otherwise be closed
+    /// unanswered as this process exits: `edgelb reload` said "closed without answering: did the
+    /// controller exit?" about one reload in 80 across a takeover.
+    fn turn_away_queued(&mut self) {
+        let Some(admin) = self.admin.take() else { return };
+        admin.stop();
+        let until = Instant::now() + 2 * admin::CLIENT_WAIT;
+        while !admin.stopped() && Instant::now() < until {
+            if let Ok((req, reply)) = self.admin_rx.recv_timeout(Duration::from_millis(10)) {
+                let resp = self.stopping_answer(req, false, None);
+                let _ = reply.send(resp.into());
+            }
+            // Still this process's after a handover cut short by a stop signal.
+            self.answer_scrapes();
+        }
+        if !admin.stopped() {
+            warn!(
+                "handover: exiting with admin clients still queued on this process's socket (they sent no request in time); they are closed unanswered"
+            );
+        }
+    }
+
+    /// Whether a stop signal (SIGINT, SIGTERM) is among the pending `signals`, once this
+    /// controller is stopping or has handed over, consuming them. A SIGHUP can no longer reload
+    /// anything here: after a handover it is passed on to the new process, whose reload it is
+    /// ([`Controller::forward_reload`]; `systemctl reload` signals the old process until it
+    /// exits, and the new one may have read the file before the edit); at a stop it is said in
+    /// the log rather than dropped without a word (the reload the operator meant did not
+    /// happen).
+    fn stop_signalled(&mut self, signals: &mut signal_hook::iterator::Signals) -> bool {
+        let mut stop = false;
+        let pending: Vec<i32> = signals.pending().collect();
+        for sig in pending {
+            if sig != SIGHUP {
+                stop = true;
+            } else if self.handed_over {
+                self.forward_reload();
+            } else {
+                warn!(
+                    "SIGHUP ignored: edgelb is stopping; the config is read again at the next start"
+                );
+            }
+        }
+        stop
+    }
+
+    /// A SIGHUP once this edgelb has handed over: the new process is asked to reload, from a
+    /// thread ([`ReloadsForwarded`]), over the admin socket's path, which is its own by now
+    /// (bound over this process's before its commit, or, an older edgelb taking over, bound
+    /// anew once this one freed it); the answer is logged. A request reaching this process
+    /// instead (its listener is stopped by then) would be refused as handed over, and asked
+    /// again for [`admin::HANDED_OVER_RETRY`] at most: nothing loops.
+    fn forward_reload(&mut self) {
+        if self.reloads_forwarded.is_none() {
+            match ReloadsForwarded::start(self.cfg.node.admin_socket.clone()) {
+                Ok(f) => self.reloads_forwarded = Some(f),
+                Err(e) => {
+                    error!(error = %e, "SIGHUP after the handover: starting the thread that asks the new edgelb to reload failed; reload the new one (`edgelb reload`)");
+                    return;
+                }
+            }
+        }
+        let Some(f) = &mut self.reloads_forwarded else { return };
+        info!(
+            "SIGHUP after the handover: asking the new edgelb to reload (the config file is its to run now)"
+        );
+        f.asked += 1;
+        let _ = f.tx.send(f.asked);
+    }
+
+    /// Before a handed-over edgelb exits: waits, at most [`RELOAD_FORWARD_WAIT`], for the new
+    /// one to answer the reloads asked of it for SIGHUPs ([`Controller::forward_reload`]),
+    /// passing on a SIGHUP that comes meanwhile (or came after the drain's last look) too;
+    /// says so when one is still unanswered as this process exits.
+    fn finish_forwarded_reloads(&mut self, signals: &mut signal_hook::iterator::Signals) {
+        if !self.handed_over {
+            return;
+        }
+        let until = Instant::now() + RELOAD_FORWARD_WAIT;
+        loop {
+            // A stop signal has nothing left to end here; it cuts the wait short.
+            let stop = self.stop_signalled(signals);
+            let Some(f) = &self.reloads_forwarded else { return };
+            let answered = f.answered.load(std::sync::atomic::Ordering::Acquire);
+            if answered >= f.asked {
+                // Its thread ends once the channel is gone.
+                self.reloads_forwarded = None;
+                return;
+            }
+            if stop || Instant::now() >= until {
+                warn!(
+                    "exiting before the new edgelb answered the reload asked of it for a SIGHUP: it may not have been made; `edgelb reload` to be sure"
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            self.answer_scrapes();
+        }
     }
 
     /// Starts and stops health checks to match the config, each new one from the controller's
@@ -1529,10 +1917,7 @@ impl Controller {
         loop {
             for sig in signals.pending() {
                 if sig == SIGHUP {
-                    let r = self.reload(None);
-                    if !r.ok {
-                        error!("{}", r.message);
-                    }
+                    self.reload_logged(None, "SIGHUP");
                 } else {
                     info!(signal = sig, "signal received");
                     return Exit::Detach;
@@ -1543,14 +1928,14 @@ impl Controller {
             let more = self.apply_pending_health(HEALTH_EVENTS_PER_TURN);
             let wait = if more { Duration::ZERO } else { Duration::from_millis(50) };
             match self.admin_rx.recv_timeout(wait) {
-                Ok((Request::Handover, reply)) => {
+                Ok((Request::Handover { binds_over }, reply)) => {
                     self.apply_pending_health(usize::MAX);
                     // A link pin removed since the last look (each second) is made again now:
                     // the new process takes the links over through their pins, and its fresh
                     // attach to an interface whose link this one holds open would be refused.
                     self.dp.repin_links(true);
                     match self.handover_answer() {
-                        Ok(answer) => return Exit::Handover(reply, Box::new(answer)),
+                        Ok(answer) => return Exit::Handover(reply, Box::new(answer), binds_over),
                         Err(reason) => {
                             error!(%reason, "handover refused; this edgelb keeps running");
                             let _ = reply.send(Response::err(reason).into());
@@ -1571,10 +1956,9 @@ impl Controller {
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
-                // No admin thread sends any more (it ended, or the socket could not be bound
-                // again): the wait is taken here, as `recv_timeout` returns at once on a
-                // channel without senders and the loop would spin a core. The socket is bound
-                // again below.
+                // No sender left (none while this controller holds `admin_tx`; kept so that
+                // the loop cannot spin a core should that change): the wait is taken here, as
+                // `recv_timeout` returns at once on a channel without senders.
                 Err(RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
             }
             self.answer_scrapes();
@@ -1779,7 +2163,7 @@ impl Controller {
                     }
                 }
             }
-            Request::Reload { config } => self.reload(config.as_deref()),
+            Request::Reload { config } => self.reload_logged(config.as_deref(), "edgelb reload"),
             Request::Route { client, vip, sport, proto } => self.route(client, &vip, sport, proto),
             // No proxy, no drain: `stop` then waits only for the data plane.
             Request::Stop { detach } => {
@@ -1806,7 +2190,9 @@ impl Controller {
                 }
             }
             // Taken by `serve`, which leaves the loop for it.
-            Request::Handover => Response::err("handover is answered by the controller loop"),
+            Request::Handover { .. } => {
+                Response::err("handover is answered by the controller loop")
+            }
         }
     }
 
@@ -1872,6 +2258,17 @@ impl Controller {
         self.vips_where(vip, in_routes).into_iter().map(|n| format!("VIP `{n}`")).collect()
     }
 
+    /// [`Controller::reload`], asked for `via` (SIGHUP, `edgelb reload`), a refusal logged as
+    /// an error whichever way it came: the CLI's message goes to whoever ran it (a deploy
+    /// script, say), and edgelb's log is where a refused reload must be found afterwards.
+    fn reload_logged(&mut self, named: Option<&Path>, via: &str) -> Response {
+        let r = self.reload(named);
+        if !r.ok {
+            error!(via, "{}", r.message);
+        }
+        r
+    }
+
     /// Re-reads the file edgelb runs with; `named`, the file the operator's command named, must
     /// be that file.
     fn reload(&mut self, named: Option<&Path>) -> Response {
@@ -1884,7 +2281,7 @@ impl Controller {
                 named.display()
             ));
         }
-        let new = match Config::load(&self.path) {
+        let (new, sha256) = match Config::load_hashed(&self.path) {
             Ok(c) => c,
             Err(e) => {
                 return Response {
@@ -1907,6 +2304,7 @@ impl Controller {
         let carried = self.verdicts.carry_over(&self.verdicts.handed_vips(&old), &self.cfg);
         match self.apply() {
             Ok(r) => {
+                self.cfg_sha256 = sha256;
                 log_carried("reload", &carried, &self.cfg);
                 self.reconcile_checks();
                 self.metrics.retain(&self.cfg);
@@ -1999,6 +2397,19 @@ impl Controller {
         self.metrics.encode()
     }
 
+    /// What `status` shows of the proxy's live state of L7 backend `addr` of `vip`, a VIP's own
+    /// or a route pool's (one state where both list it): whether passive health has it out,
+    /// the requests sent it, and those in flight; (false, 0, None) without a proxy or such a
+    /// backend.
+    fn l7_live(&self, vip: &str, addr: std::net::SocketAddr) -> (bool, u64, Option<u64>) {
+        let state = self.proxy.as_ref().and_then(|p| p.backend_state(vip, addr));
+        (
+            state.as_ref().is_some_and(|s| s.passive_down()),
+            state.as_ref().map_or(0, |s| s.requests.load(std::sync::atomic::Ordering::Relaxed)),
+            state.as_ref().map(|s| s.in_flight.load(std::sync::atomic::Ordering::Relaxed) as u64),
+        )
+    }
+
     fn status(&mut self) -> Status {
         let now = Instant::now();
         let mut vips = Vec::new();
@@ -2018,9 +2429,8 @@ impl Controller {
                 let bc = self.dp.backend_counters(vip, b.address).unwrap_or_default();
                 let (pps, bytes_per_s) =
                     self.rates.get(&Rates::backend_key(&vip.name, b.address), now);
-                let l7_state = self.proxy.as_ref().and_then(|p| {
-                    p.backend_state(&vip.name, std::net::SocketAddr::new(b.address, b.port))
-                });
+                let (passive_down, l7_requests, l7_in_flight) =
+                    self.l7_live(&vip.name, std::net::SocketAddr::new(b.address, b.port));
                 backends.push(BackendStatus {
                     pps,
                     bytes_per_s,
@@ -2029,13 +2439,9 @@ impl Controller {
                     port: b.port,
                     weight: b.weight,
                     healthy: !self.verdicts.is_down(&vip.name, verdicts::id(b)),
-                    passive_down: l7_state.as_ref().is_some_and(|s| s.passive_down()),
-                    l7_requests: l7_state
-                        .as_ref()
-                        .map_or(0, |s| s.requests.load(std::sync::atomic::Ordering::Relaxed)),
-                    l7_in_flight: l7_state
-                        .as_ref()
-                        .map(|s| s.in_flight.load(std::sync::atomic::Ordering::Relaxed) as u64),
+                    passive_down,
+                    l7_requests,
+                    l7_in_flight,
                     drained: b.weight == 0 || self.verdicts.is_drained(&vip.name, verdicts::id(b)),
                     ring_share: share,
                     packets: bc.packets,
@@ -2043,8 +2449,44 @@ impl Controller {
                     new_flows: bc.new_flows,
                 });
             }
+            // Route pools: the proxy's live state of each backend, as for the VIP's own; no
+            // check probes them, and drains do not reach them (weight 0 in the file does).
+            let routes = vip
+                .l7
+                .iter()
+                .flat_map(|l7| &l7.routes)
+                .map(|r| RouteStatus {
+                    host: r.host.clone(),
+                    path_prefix: r.path_prefix.clone(),
+                    backends: r
+                        .backends
+                        .iter()
+                        .map(|b| {
+                            let (passive_down, l7_requests, l7_in_flight) = self
+                                .l7_live(&vip.name, std::net::SocketAddr::new(b.address, b.port));
+                            BackendStatus {
+                                address: b.address,
+                                port: b.port,
+                                weight: b.weight,
+                                healthy: true,
+                                passive_down,
+                                l7_requests,
+                                l7_in_flight,
+                                drained: b.weight == 0,
+                                ring_share: 0.0,
+                                packets: 0,
+                                bytes: 0,
+                                new_flows: 0,
+                                pps: 0.0,
+                                bytes_per_s: 0.0,
+                                bps: 0.0,
+                            }
+                        })
+                        .collect(),
+                })
+                .collect();
             let (pps, bytes_per_s) = self.rates.get(&vip.name, now);
-            // The proxy's total: route pools' backends, which are not listed, included.
+            // The proxy's total, route pools' backends included.
             let l7_requests = self.proxy.as_ref().map_or(0, |p| p.vip_requests(&vip.name));
             vips.push(VipStatus {
                 pps,
@@ -2068,6 +2510,7 @@ impl Controller {
                 fail_open: self.verdicts.is_fail_open(&vip.name),
                 l7_requests,
                 backends,
+                routes,
             });
         }
         let events = self.dp.maps().ct_stats().unwrap_or_default();
@@ -2410,6 +2853,28 @@ mod tests {
         ));
         let advice = restart_advice(Path::new("/etc/e.toml"), &restart_needed(&base, &native));
         assert!(advice.contains("a new node.xdp_mode takes `edgelb stop`"), "{advice}");
+        assert!(!advice.contains("connection tables") && !advice.contains("pin_dir"), "{advice}");
+        // Another table size: the takeover cannot carry the connection tables over, and the
+        // advice says what that costs rather than promise that nothing is lost.
+        let sized = parse(&format!(
+            "{NODE}conntrack_flows_per_cpu = 8192
+{}{}",
+            l7("a", 8001, "http"),
+            l7("b", 8002, "tcp")
+        ));
+        let advice = restart_advice(Path::new("/etc/e.toml"), &restart_needed(&base, &sized));
+        assert!(
+            advice.contains("cannot carry the connection tables over")
+                && advice.contains("on drained backends move to another backend"),
+            "{advice}"
+        );
+        let moved = parse(&format!(
+            "{NODE}pin_dir = \"/sys/fs/bpf/other\"\n{}{}",
+            l7("a", 8001, "http"),
+            l7("b", 8002, "tcp")
+        ));
+        let advice = restart_advice(Path::new("/etc/e.toml"), &restart_needed(&base, &moved));
+        assert!(advice.contains("a new node.pin_dir takes `edgelb stop`"), "{advice}");
         // A VIP XDP forwarded that becomes L7 (or back) is not an L7 VIP added (or removed).
         let xdp = |rest: &str| {
             parse(&format!(

@@ -18,7 +18,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::config::{Config, HealthCheck};
+use crate::{
+    backoff::Backoff,
+    config::{Config, HealthCheck},
+};
 
 /// One probe's outcome; `changed` marks a state flip.
 #[derive(Clone, Debug)]
@@ -126,15 +129,12 @@ struct Running {
     started: Instant,
 }
 
-/// The wait before a dead check is started again the second time in a row; it doubles with
-/// each death after, up to [`RESTART_MAX`]. The first restart is at once (within the
+/// The waits before a dead check is started again the second time in a row and after: 1 s,
+/// doubling with each death after, up to a minute. The first restart is at once (within the
 /// controller's second): one panic is a bug to report, not a reason to leave a backend
 /// unprobed. A check that panics at every probe was started again every second, for good: an
 /// error and a new thread each second, for each such check.
-const RESTART_FIRST: Duration = Duration::from_secs(1);
-
-/// The longest wait before a dead check is started again ([`RESTART_FIRST`]).
-const RESTART_MAX: Duration = Duration::from_secs(60);
+const RESTART: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
 
 /// A check that ran this long before dying is started again at once, as after a first death.
 const RESTART_FORGET: Duration = Duration::from_secs(600);
@@ -143,7 +143,7 @@ const RESTART_FORGET: Duration = Duration::from_secs(600);
 fn restart_wait(deaths: u32) -> Duration {
     match deaths {
         0 | 1 => Duration::ZERO,
-        n => RESTART_FIRST.saturating_mul(1 << (n - 2).min(16)).min(RESTART_MAX),
+        n => RESTART.nth(n - 1),
     }
 }
 

@@ -64,8 +64,6 @@ const WRITE_CHUNK: usize = 256 * 1024;
 /// How often room is made again while every connection slot is taken and the accept loop
 /// waits for one (see [`accept_loop`]).
 const MAKE_ROOM_EVERY: Duration = Duration::from_millis(50);
-/// Pause after a failed accept (out of descriptors, say) before the next.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
 
 /// The endpoint being served; [`Serving::stop`] ends it.
 pub struct Serving {
@@ -136,7 +134,7 @@ async fn accept_loop(
     // waited longest for a request head, to make room.
     let crowded = Arc::new(Crowded::default());
     let mut tasks = tokio::task::JoinSet::new();
-    let mut failures = AcceptFailures::default();
+    let mut failures = crate::accept::AcceptFailures::default();
     'accept: loop {
         let full = slots.available_permits() == 0;
         crowded.full.store(full, Ordering::Relaxed);
@@ -166,7 +164,9 @@ async fn accept_loop(
         };
         match accepted {
             Ok((s, _)) => {
-                failures.accepted();
+                if let Some(failed) = failures.accepted() {
+                    tracing::info!(failed, "metrics endpoint: accepting connections again");
+                }
                 let (ctl, stop, crowded) =
                     (to_controller.clone(), stopping.clone(), crowded.clone());
                 tasks.spawn(async move {
@@ -175,8 +175,12 @@ async fn accept_loop(
                 });
             }
             Err(e) => {
-                if failures.failed(&e) {
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                let failed = failures.failed(&e);
+                if let Some(say) = failed.say {
+                    tracing::warn!(error = %e, "metrics endpoint: {say}");
+                }
+                if let Some(pause) = failed.pause {
+                    tokio::time::sleep(pause).await;
                 }
             }
         }
@@ -187,47 +191,6 @@ async fn accept_loop(
     drop(listener);
     let _ = release.send(());
     while tasks.join_next().await.is_some() {}
-}
-
-/// Accepts that failed in a row (the connection stays queued, and is tried again after
-/// [`ACCEPT_BACKOFF`]): said once when they begin (and if the error changes), and once when
-/// accepting works again, as the L7 accept loop does, not once per try: out of descriptors, a
-/// line every 200 ms would flood the log.
-#[derive(Debug, Default)]
-struct AcceptFailures {
-    /// Failed in a row.
-    count: u64,
-    /// The error last said in this run of failures (`Some`), as the OS numbers it (if it does).
-    said: Option<Option<i32>>,
-}
-
-impl AcceptFailures {
-    /// An accept failed with `e`; whether to pause before the next try (not after a client
-    /// that left before it was taken: nothing to wait for).
-    fn failed(&mut self, e: &std::io::Error) -> bool {
-        if e.raw_os_error() == Some(libc::ECONNABORTED) {
-            tracing::debug!("metrics endpoint: a connection was reset before it was accepted");
-            return false;
-        }
-        self.count += 1;
-        if self.said != Some(e.raw_os_error()) {
-            self.said = Some(e.raw_os_error());
-            if crate::proxy::out_of_resources(e) {
-                tracing::warn!(error = %e, "metrics endpoint: cannot accept connections: out of descriptors or memory; trying again every {} ms until it passes", ACCEPT_BACKOFF.as_millis());
-            } else {
-                tracing::warn!(error = %e, "metrics endpoint: accepting failed; trying again every {} ms until it works", ACCEPT_BACKOFF.as_millis());
-            }
-        }
-        true
-    }
-
-    /// An accept worked: says so if some failed before it.
-    fn accepted(&mut self) {
-        if self.count > 0 {
-            tracing::info!(failed = self.count, "metrics endpoint: accepting connections again");
-        }
-        *self = AcceptFailures::default();
-    }
 }
 
 /// Whether every connection slot is taken, and the connections that give way when it is:
@@ -751,40 +714,6 @@ mod tests {
         assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("m\n"), "{r:?}");
         assert!(t.elapsed() < Duration::from_secs(1), "answered after {:?}", t.elapsed());
         drop(busy);
-    }
-
-    /// Accepts failing for want of descriptors are said once per episode, not once per try, and
-    /// the end of the episode once; a client that left before it was taken is no failure.
-    #[test]
-    fn failed_accepts_are_said_once_per_episode() {
-        let log = crate::testlog::Log::default();
-        let writer = log.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::INFO)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        let os = std::io::Error::from_raw_os_error;
-        tracing::subscriber::with_default(subscriber, || {
-            let mut failures = AcceptFailures::default();
-            for _ in 0..2 {
-                // 41 tries, as in 8 s out of descriptors.
-                for _ in 0..41 {
-                    assert!(failures.failed(&os(libc::EMFILE)));
-                }
-                failures.accepted();
-                failures.accepted();
-            }
-            assert!(!failures.failed(&os(libc::ECONNABORTED)));
-            failures.accepted();
-        });
-        let log = log.text();
-        let lines: Vec<&str> = log.lines().collect();
-        assert_eq!(lines.len(), 4, "{log}");
-        for pair in lines.chunks(2) {
-            assert!(pair[0].contains("WARN") && pair[0].contains("out of descriptors"), "{log}");
-            assert!(pair[1].contains("INFO") && pair[1].contains("failed=41"), "{log}");
-        }
     }
 
     /// Sends `req` on a new connection to `addr`; what came back until the server closed (or

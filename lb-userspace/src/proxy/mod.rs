@@ -13,11 +13,13 @@
 pub mod balance;
 pub(crate) mod chunked;
 mod http;
+pub(crate) use http::is_tchar;
 #[doc(hidden)]
 pub use http::parse_request_for_bench;
-pub(crate) use http::{is_tchar, proxy_header_local};
 pub mod inherited;
 pub mod path;
+mod proxy_protocol;
+pub(crate) use proxy_protocol::proxy_header_local;
 mod reuse;
 mod tcp;
 mod uring;
@@ -130,8 +132,9 @@ pub struct L7Metrics {
     /// reconnect), which no other series shows, and a steady rate says the limit is tight.
     pub closed_for_room: Family<VipLabel, Counter>,
     /// Backend connections of an HTTP VIP made private to their client connection (NTLM or
-    /// Negotiate authentication binds them to their client, see `http::Private`): each is one
-    /// connection the keep-alive pool does not share, which a busy rate makes visible.
+    /// Negotiate authentication binds them to their client, see
+    /// `http::upstream_pool::Private`): each is one connection the keep-alive pool does not
+    /// share, which a busy rate makes visible.
     pub private_connections: Family<VipLabel, Counter>,
     /// Which per-backend series (`ejections`, `heads_too_large`) exist and which backends may
     /// have one.
@@ -749,14 +752,17 @@ fn ring_refused(error: std::io::Error, threads: usize) -> ProxyError {
     }
 }
 
+/// The name of the proxy's thread `t`, as `ps`, the log and a panic's report say it.
+fn thread_name(t: usize) -> String {
+    format!("l7-{t}")
+}
+
 /// The soft locked-memory limit, as a person reads it ("64 KiB", "unlimited").
-#[allow(unsafe_code)]
 fn memlock_limit() -> String {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes the limit into `lim`, a valid rlimit on this stack.
-    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
-        return format!("unknown: {}", std::io::Error::last_os_error());
-    }
+    let lim = match crate::rlimit::get(libc::RLIMIT_MEMLOCK) {
+        Ok(lim) => lim,
+        Err(e) => return format!("unknown: {e}"),
+    };
     if lim.rlim_cur == libc::RLIM_INFINITY {
         "unlimited".to_owned()
     } else {
@@ -937,16 +943,15 @@ impl Proxy {
         for (t, socks) in bound.per_thread.into_iter().enumerate() {
             let shared = proxy.shared.clone();
             let up = up_tx.clone();
+            let name = thread_name(t);
             let handle = std::thread::Builder::new()
-                .name(format!("l7-{t}"))
+                .name(name.clone())
                 .spawn(move || match tokio_uring::Runtime::new(&uring_runtime()) {
                     Ok(rt) => {
                         let _ = up.send(Ok(()));
                         // A panic outside the connection tasks (their runtime catches theirs)
                         // ends the process: see `panics::or_exit`.
-                        crate::panics::or_exit(&format!("l7-{t}"), || {
-                            rt.block_on(run_thread(socks, shared, t))
-                        });
+                        crate::panics::or_exit(&name, || rt.block_on(run_thread(socks, shared, t)));
                     }
                     Err(e) => {
                         // Its sockets close with it; the proxy is shut down below.
@@ -1157,7 +1162,7 @@ impl Proxy {
     }
 
     /// Requests (TCP mode: connections) sent to the backends of L7 VIP `vip`, its route pools'
-    /// included (which `status` does not list), each backend counted once however many of the
+    /// included (which `status` lists apart), each backend counted once however many of the
     /// VIP's pools list it: the VIP's total for `status`.
     pub fn vip_requests(&self, vip: &str) -> u64 {
         self.states
@@ -1279,7 +1284,7 @@ async fn run_thread(
     // Idle backend connections past their time are closed even if no request asks for their
     // backend again.
     // Each of this thread's own tasks ends the process if it panics (`panics::or_exit_task`).
-    let name = format!("l7-{thread}");
+    let name = thread_name(thread);
     let sweeping = tokio_uring::spawn(crate::panics::or_exit_task(
         name.clone(),
         upstream.clone().sweep_every(),
@@ -1344,12 +1349,6 @@ async fn run_thread(
 /// How long a proxy thread waits, past the grace period, for its connections' tasks to reset
 /// them (each does at its next turn: a bound, not a wait one should meet).
 const FORCED_END: Duration = Duration::from_millis(200);
-
-/// The pause after an accept failed, first and longest (doubling from one to the other while
-/// accepts keep failing for want of descriptors or memory). The admin socket's accepts pause
-/// alike (`admin::serve`).
-pub(crate) const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
-pub(crate) const ACCEPT_PAUSE_MAX: Duration = Duration::from_millis(500);
 
 /// Did a call fail for want of this process's or the system's resources (descriptors,
 /// buffers, memory), not because of the peer? Such a failure says nothing of the other end.
@@ -1425,9 +1424,7 @@ async fn accept_loop(
         }
     };
     let label = VipLabel { vip: vip.clone() };
-    // Accepts failed in a row for want of descriptors or memory, and the pause after the last.
-    let mut starved = 0u64;
-    let mut pause = Duration::ZERO;
+    let mut failures = crate::accept::AcceptFailures::default();
     loop {
         // Stopping first: once it is set, no further connection is taken off the socket (one
         // the service manager holds keeps it for the next process).
@@ -1447,23 +1444,16 @@ async fn accept_loop(
             Ok(x) => x,
             Err(e) => {
                 shared.metrics.accept_errors.get_or_create(&label).inc();
-                if out_of_resources(&e) {
-                    // The connection stays queued and the listener readable: without a pause
-                    // this would spin the core (and every connection on it) and flood the log,
-                    // as nginx's and HAProxy's accept pauses avoid. Said once per episode.
-                    starved += 1;
-                    if starved == 1 {
-                        warn!(vip, error = %e, "cannot accept connections: out of descriptors or memory; pausing accepts (up to {} ms between tries) until it passes", ACCEPT_PAUSE_MAX.as_millis());
-                    }
-                    pause = (pause * 2).clamp(ACCEPT_PAUSE_MIN, ACCEPT_PAUSE_MAX);
-                } else if e.raw_os_error() == Some(libc::ECONNABORTED) {
-                    // The client left before it was taken: nothing to wait for.
-                    tracing::debug!(vip, "a connection was reset before it was accepted");
-                    continue;
-                } else {
-                    warn!(vip, error = %e, "accept failed");
-                    pause = ACCEPT_PAUSE_MIN;
+                // The connection stays queued and the listener readable: without a pause this
+                // would spin the core (and every connection on it) and flood the log.
+                let failed = failures.failed(&e);
+                if let Some(say) = failed.say {
+                    warn!(vip, error = %e, "{say}");
                 }
+                let Some(pause) = failed.pause else {
+                    tracing::debug!(vip, error = %e, "a connection failed as it was accepted");
+                    continue;
+                };
                 tokio::select! {
                     biased;
                     _ = wait_stopping(&shared) => return,
@@ -1472,9 +1462,8 @@ async fn accept_loop(
                 continue;
             }
         };
-        if starved > 0 {
-            info!(vip, failed = starved, "accepting connections again");
-            (starved, pause) = (0, Duration::ZERO);
+        if let Some(failed) = failures.accepted() {
+            info!(vip, failed, "accepting connections again");
         }
         let Some(rt) = shared.snapshot.load().vips.get(&vip).cloned() else { continue };
         let stream = uring::Socket::new(stream, rt.cfg.idle_timeout);

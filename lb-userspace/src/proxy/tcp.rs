@@ -24,7 +24,8 @@ use super::{
     VipRuntime,
     balance::{BackendState, InFlight},
     client_ip,
-    http::{linger, proxy_header},
+    http::linger,
+    proxy_protocol::proxy_header,
     uring::Socket,
 };
 

@@ -1,0 +1,466 @@
+//! The per-thread pool of idle keep-alive connections to backends ([`UpstreamPool`]), and a
+//! client connection's private backend connection ([`Private`]), which never enters the pool.
+//! Apart from the connection loop (`super`), which only takes connections from them and puts
+//! them back: what keeps a connection (its pending receive, its idle limit, the checks before
+//! it is used again, the sweep) is one concern, tested on its own.
+
+use std::{
+    cell::RefCell,
+    net::SocketAddr,
+    rc::Rc,
+    time::{Duration, Instant},
+};
+
+use ahash::AHashMap;
+use bytes::BytesMut;
+
+use super::{READ_CHUNK, read_more};
+use crate::proxy::{
+    balance::Pool,
+    uring::{Armed, Socket},
+};
+
+/// Pooled connections idle longer than this are not reused (backends time out idle keep-alive
+/// connections; a stale one would fail the next request). A VIP with a shorter idle timeout
+/// keeps its backend connections idle only that long: the idle timeout is the VIP's keep-alive
+/// time on both sides.
+const POOL_MAX_IDLE: Duration = Duration::from_secs(4);
+/// How often each thread closes the pooled connections past their idle limit. Without it, a
+/// connection is only found stale when a request for its backend comes (a backend removed from
+/// the config, or the surplus of a busy moment, would stay open for ever).
+const POOL_SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// The most room a pooled backend connection's receive buffer ([`Idle::armed`]) may hold. A
+/// response head reads into the backend buffer until it is complete, which grows it up to
+/// [`MAX_RESPONSE_HEAD_BYTES`] and a read more (some 128 KiB); such a buffer goes into the pool
+/// replaced by a fresh one of [`READ_CHUNK`], rather than be held for as long as its connection
+/// idles. Body streaming and ordinary heads keep it at a read or two.
+///
+/// [`MAX_RESPONSE_HEAD_BYTES`]: super::MAX_RESPONSE_HEAD_BYTES
+const POOLED_BUF_MAX: usize = 4 * READ_CHUNK;
+
+/// An idle keep-alive connection to a backend.
+pub(super) struct Idle {
+    socket: Socket,
+    /// A receive kept pending on it while it is idle, as nginx and HAProxy keep a read event
+    /// armed on theirs. Whatever the backend does meanwhile completes it: bytes written past
+    /// its response (a body to a HEAD in a second write, bytes past its Content-Length, a 408
+    /// before it closes an idle connection), a close or a reset; and such a connection is never
+    /// used again ([`UpstreamPool::take`]), so the stray bytes are never read as the next
+    /// request's response, and a request that must not be sent twice does not go on a
+    /// connection already closed. Still pending when the connection is taken, it is the first
+    /// read of the next response: the receive that request would issue anyway, issued earlier,
+    /// so the check costs no system call. What it sees is what the thread's io_uring has
+    /// completed by then: bytes arriving in the moment before the request goes out (or in the
+    /// thread's last turn, under load) are still read as its response, the window nginx and
+    /// HAProxy leave too (no check closes it: a backend that writes after its response races
+    /// the next request).
+    armed: Armed,
+    /// When it is too old to reuse.
+    expires: Instant,
+    /// Also peeked at (one system call) before reuse: its last response had no body (HEAD, 204,
+    /// 304), which is where backends most often send one anyway, right behind the head, and
+    /// where the connection is most often back at work in the same turn of the thread, before
+    /// its receive has even gone to the kernel.
+    peek: bool,
+}
+
+impl Idle {
+    /// `s`, idle since `now`, kept for reuse for at most `max_idle` (and [`POOL_MAX_IDLE`]),
+    /// with a receive pending on it into `buf` ([`Idle::armed`]; a fresh one instead if `buf`
+    /// holds more than [`POOLED_BUF_MAX`]); with `peek`, it is also peeked at before its next
+    /// use (see [`Idle::peek`]).
+    fn new(s: Socket, buf: BytesMut, now: Instant, max_idle: Duration, peek: bool) -> Idle {
+        Idle::kept_for(s, buf, now, max_idle.min(POOL_MAX_IDLE), peek)
+    }
+
+    /// As [`Idle::new`], kept for `max_idle` whatever [`POOL_MAX_IDLE`] says: for a private
+    /// connection ([`Private`]), which its one client may come back to within the VIP's
+    /// `idle_timeout_ms`, and which is peeked at before reuse (see [`Private::take`]).
+    pub(super) fn kept_for(
+        s: Socket,
+        mut buf: BytesMut,
+        now: Instant,
+        max_idle: Duration,
+        peek: bool,
+    ) -> Idle {
+        // Over [`POOLED_BUF_MAX`], a fresh buffer goes with the connection. An empty buffer
+        // whose head was split off reports only the room after it as its capacity, while it
+        // holds the whole allocation once the head is dropped: `try_reclaim` (which moves
+        // nothing in an empty buffer, and allocates nothing) tells by the allocation.
+        if buf.is_empty() && buf.try_reclaim(POOLED_BUF_MAX + 1) {
+            buf = BytesMut::with_capacity(READ_CHUNK);
+        }
+        let expires = now + max_idle;
+        let armed = s.recv_armed(buf, READ_CHUNK);
+        Idle { socket: s, armed, expires, peek }
+    }
+
+    /// This connection (to `addr`) for its next request at `now`, with the receive pending on
+    /// it (the first read of the next response), if it may be used again; else it is closed.
+    /// It may if it has not been idle too long and nothing happened on it while it was idle
+    /// ([`Idle::armed`]: a look at the receive, no system call). With `check` (a request that
+    /// is never sent twice, so a connection the backend closed must not be tried), or after a
+    /// response without a body ([`Idle::peek`]), only if a peek also finds it open with nothing
+    /// unread: that sees what the kernel has and the thread's io_uring has not reported yet.
+    fn reusable(self, addr: SocketAddr, now: Instant, check: bool) -> Option<(Socket, Armed)> {
+        if now < self.expires {
+            match self.armed.pending() {
+                Ok(_) if (check || self.peek) && !self.socket.idle_open() => {
+                    tracing::debug!(%addr, "idle backend connection found closed or written to by a peek; closed");
+                }
+                Ok(armed) => return Some((self.socket, armed)),
+                Err((Ok(n), _)) if n > 0 => {
+                    tracing::debug!(%addr, bytes = n, "backend wrote past its response on an idle connection; closed");
+                }
+                Err(_) => {}
+            }
+        }
+        close(&self.socket);
+        None
+    }
+}
+
+/// Idle connections to one backend, oldest first.
+type IdleList = Vec<Idle>;
+
+/// Idle keep-alive connections to backends, per thread.
+#[derive(Clone, Default)]
+pub(crate) struct UpstreamPool {
+    idle: Rc<RefCell<AHashMap<SocketAddr, IdleList>>>,
+}
+
+/// Closes a connection taken out of the pool now, not whenever its last clone goes (this also
+/// completes a receive still pending on it, which holds a clone).
+pub(super) fn close(s: &Socket) {
+    let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
+/// How long a backend that closes its connection after a response is given to do so.
+const BACKEND_CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// Closes a backend connection whose response is complete and which the backend closes itself
+/// (it said `Connection: close`, or was asked to), once it has: the side that closes first
+/// keeps the connection in TIME_WAIT for a minute, holding its local port, and a proxy that
+/// closed every such connection first would run out of ports to a backend at some 500 requests
+/// a second (with the PROXY protocol, or `upstream_keepalive = 0`, every request opens one).
+/// Waits in a task of its own, so that the client's next request does not; closes anyway after
+/// [`BACKEND_CLOSE_WAIT`].
+pub(super) fn close_after_backend(up: Socket) {
+    tokio_uring::spawn(async move {
+        let mut buf = BytesMut::with_capacity(64);
+        let _ = tokio::time::timeout(BACKEND_CLOSE_WAIT, async {
+            while let Ok(n) = read_more(&up, &mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                buf.clear();
+            }
+        })
+        .await;
+        close(&up);
+    });
+}
+
+impl UpstreamPool {
+    /// An idle connection to `addr` that may be used again at `now` ([`Idle::reusable`], with
+    /// `check`; the most recently idle first), with the receive pending on it (the first read
+    /// of its next response). Those found unusable on the way are closed.
+    pub(super) fn take(
+        &self,
+        addr: SocketAddr,
+        now: Instant,
+        check: bool,
+    ) -> Option<(Socket, Armed)> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(&addr)?;
+        while let Some(c) = list.pop() {
+            if let Some(reused) = c.reusable(addr, now, check) {
+                return Some(reused);
+            }
+        }
+        None
+    }
+
+    /// Keeps `s`, idle since `now`, for reuse for at most `max_idle` (and [`POOL_MAX_IDLE`])
+    /// unless `max` connections to `addr` are idle already, with a receive pending on it into
+    /// `buf` ([`Idle::armed`]; a fresh one instead if `buf` holds more than [`POOLED_BUF_MAX`]);
+    /// with `peek`, it is also peeked at before its next use (see
+    /// [`Idle::peek`]). Connections to `addr` past their time go first: the list is oldest
+    /// first, so they are at its front.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn put(
+        &self,
+        addr: SocketAddr,
+        s: Socket,
+        buf: BytesMut,
+        max: usize,
+        now: Instant,
+        max_idle: Duration,
+        peek: bool,
+    ) {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(addr).or_default();
+        let stale = list.iter().take_while(|c| c.expires <= now).count();
+        list.drain(..stale).for_each(|c| close(&c.socket));
+        if list.len() < max {
+            list.push(Idle::new(s, buf, now, max_idle, peek));
+        } else {
+            close(&s);
+        }
+    }
+
+    /// Closes every connection past its time at `now`, for every backend, and forgets
+    /// backends left without idle connections (one removed from the config, say).
+    fn sweep(&self, now: Instant) {
+        self.idle.borrow_mut().retain(|_, list| {
+            list.retain(|c| {
+                let keep = c.expires > now;
+                if !keep {
+                    close(&c.socket);
+                }
+                keep
+            });
+            !list.is_empty()
+        });
+    }
+
+    /// Sweeps the pool every [`POOL_SWEEP_EVERY`], until its task is aborted (when the thread
+    /// ends).
+    pub(crate) async fn sweep_every(self) {
+        loop {
+            tokio::time::sleep(POOL_SWEEP_EVERY).await;
+            self.sweep(Instant::now());
+        }
+    }
+}
+
+/// A client connection's private backend connection, idle between its requests: one that
+/// carries connection-bound authentication ([`binds_connection`]: NTLM, Negotiate), which
+/// backends such as IIS with Windows authentication tie to the TCP connection rather than to
+/// each request. Shared through the pool, it would serve another client's requests as this
+/// client's user (and NTLM's handshake needs its legs on one connection, which the pool does not
+/// give). So, as HAProxy marks such connections private, it never enters the pool: it waits
+/// here for this client connection's next request, which goes over it to its backend, bypassing
+/// the pick, while that backend may take it ([`Private::take`]); otherwise, and when the client
+/// connection ends (this is dropped), it is closed. One per client connection: the request that
+/// takes it makes the next one, if any.
+///
+/// [`binds_connection`]: super::head::binds_connection
+#[derive(Default)]
+pub(super) struct Private(Option<(SocketAddr, Idle)>);
+
+impl Private {
+    /// Keeps `c`, a connection to `addr`, for this client connection's next request (closing
+    /// one kept before, if any).
+    pub(super) fn keep(&mut self, addr: SocketAddr, c: Idle) {
+        if let Some((_, old)) = self.0.replace((addr, c)) {
+            close(&old.socket);
+        }
+    }
+
+    /// The private connection for a request at `now` that routes to `pool`, as (member,
+    /// connection, the receive pending on it), if its backend is a member of `pool` that may
+    /// take the request (up and not passively down, see [`Pool::pick`]; a backend back from an
+    /// ejection only as its trial; a drained one too, as it keeps its sticky clients: the
+    /// session authenticated on the connection is this client's, and moving it would break an
+    /// NTLM handshake half done) and the connection may be used again, with the checks of a
+    /// pooled one ([`Idle::reusable`], always with a peek: it may have waited as long as the
+    /// client's idle timeout, longer than backends keep idle connections). Otherwise it is
+    /// closed. Either way the slot is empty after.
+    pub(super) fn take(&mut self, pool: &Pool, now: Instant) -> Option<(usize, Socket, Armed)> {
+        let (addr, c) = self.0.take()?;
+        let member = pool.members.iter().position(|m| m.state.addr == addr && m.up);
+        let Some(i) = member else {
+            close(&c.socket);
+            return None;
+        };
+        let (s, armed) = c.reusable(addr, now, true)?;
+        // Last: it claims a trial of a backend back from an ejection.
+        if !pool.members[i].state.admit() {
+            close(&s);
+            return None;
+        }
+        Some((i, s, armed))
+    }
+}
+
+impl Drop for Private {
+    fn drop(&mut self) {
+        if let Some((_, c)) = self.0.take() {
+            close(&c.socket);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{super::read_first, *};
+
+    /// The pool lets go of connections past their time: `put` trims them from the front of
+    /// their backend's list, a sweep closes the rest and forgets the backend, and each one
+    /// dropped is closed (its peer reads the end of the stream).
+    #[test]
+    fn the_pool_closes_connections_past_their_time() {
+        use std::io::Read;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let closed = |peer: &mut std::net::TcpStream| {
+            peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            matches!(peer.read(&mut [0u8; 1]), Ok(0))
+        };
+        tokio_uring::start(async {
+            let pool = UpstreamPool::default();
+            let t0 = Instant::now();
+            let mut peers = Vec::new();
+            let long = Duration::from_secs(60);
+            // Idle since t0, t0 + 1 s, t0 + 2 s and t0 + 5 s: kept 4 s at most, so the put at
+            // t0 + 5 s finds the first two past their time.
+            for at in [0, 1, 2, 5] {
+                let s = Socket::connect(addr, long, long).await.unwrap();
+                peers.push(l.accept().unwrap().0);
+                pool.put(addr, s, BytesMut::new(), 10, t0 + Duration::from_secs(at), long, false);
+            }
+            assert_eq!(pool.idle.borrow()[&addr].len(), 2);
+            assert!(peers[..2].iter_mut().all(closed), "trimmed connections are closed");
+            // A shorter idle limit (the VIP's idle timeout) holds too.
+            let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let s = Socket::connect(other.local_addr().unwrap(), long, long).await.unwrap();
+            let mut peer = other.accept().unwrap().0;
+            pool.put(
+                other.local_addr().unwrap(),
+                s,
+                BytesMut::new(),
+                10,
+                t0,
+                Duration::from_secs(1),
+                false,
+            );
+            pool.sweep(t0 + Duration::from_millis(1500));
+            assert!(closed(&mut peer));
+            assert_eq!(
+                pool.idle.borrow().len(),
+                1,
+                "a backend without idle connections is forgotten"
+            );
+            assert!(pool.take(addr, t0 + Duration::from_millis(9500), false).is_none());
+            pool.sweep(t0 + Duration::from_millis(9500));
+            assert!(pool.idle.borrow().is_empty());
+            assert!(peers[2..].iter_mut().all(closed));
+        });
+    }
+
+    /// A pooled connection on which anything happened while it was idle is closed, not handed
+    /// out: bytes from the backend (which would be read as the next response), its close, its
+    /// reset. One on which nothing happened is handed out with its receive still pending, and
+    /// that receive reads what the backend sends next (the response to the next request).
+    #[test]
+    fn the_pool_hands_out_only_connections_nothing_happened_on() {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let long = Duration::from_secs(60);
+        tokio_uring::start(async {
+            let pool = UpstreamPool::default();
+            let now = Instant::now();
+            // Put oldest first: `take` tries the most recently idle first.
+            let mut peers = Vec::new();
+            for _ in 0..4 {
+                let s = Socket::connect(addr, long, long).await.unwrap();
+                peers.push(l.accept().unwrap().0);
+                pool.put(addr, s, BytesMut::new(), 10, now, long, false);
+            }
+            // Untouched: peers[0]. Stray bytes: peers[1]. Closed: peers[2]. Reset: peers[3].
+            peers[1].write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON").unwrap();
+            peers[2].shutdown(std::net::Shutdown::Write).unwrap();
+            socket2::SockRef::from(&peers[3]).set_linger(Some(Duration::ZERO)).unwrap();
+            drop(peers.pop());
+            // The completions reach the thread's io_uring.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let (s, armed) = pool.take(addr, now, false).expect("the untouched connection");
+            assert!(pool.take(addr, now, false).is_none(), "the three others are not handed out");
+            assert!(pool.idle.borrow()[&addr].is_empty());
+            let closed = |peer: &mut std::net::TcpStream| {
+                peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut rest = Vec::new();
+                peer.read_to_end(&mut rest).is_ok()
+            };
+            assert!(closed(&mut peers[1]) && closed(&mut peers[2]), "dropped ones are closed");
+            // The one handed out is peers[0]'s: its pending receive reads the next response.
+            const NEXT: &[u8] = b"HTTP/1.1 204 No Content\r\n\r\n";
+            peers[0].write_all(NEXT).unwrap();
+            let mut ubuf = BytesMut::new();
+            let n = tokio::time::timeout(long, read_first(&s, &mut ubuf, Some(armed))).await;
+            assert_eq!(n.unwrap().unwrap(), NEXT.len());
+            assert_eq!(&ubuf[..], NEXT);
+        });
+    }
+
+    /// A pooled connection does not keep a receive buffer a large response head grew: `put`
+    /// gives it a fresh one of the read size, whether the large buffer shows its capacity or
+    /// (a head split off its front and dropped) holds it behind a small one.
+    #[test]
+    fn a_pooled_connection_does_not_keep_a_grown_buffer() {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let long = Duration::from_secs(60);
+        let grown = || BytesMut::with_capacity(128 * 1024);
+        let behind_a_head = || {
+            let mut b = BytesMut::with_capacity(128 * 1024);
+            b.resize(126 * 1024, b'h');
+            drop(b.split().freeze());
+            assert!(b.capacity() <= POOLED_BUF_MAX, "the room after the head only");
+            b
+        };
+        let small = || BytesMut::with_capacity(READ_CHUNK);
+        tokio_uring::start(async {
+            let pool = UpstreamPool::default();
+            let now = Instant::now();
+            for (buf, what) in [(grown(), "grown"), (behind_a_head(), "behind"), (small(), "small")]
+            {
+                let s = Socket::connect(addr, long, long).await.unwrap();
+                let mut peer = l.accept().unwrap().0;
+                pool.put(addr, s, buf, 10, now, long, false);
+                let (s, armed) = pool.take(addr, now, false).expect("the pooled connection");
+                peer.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap();
+                let mut ubuf = BytesMut::new();
+                tokio::time::timeout(long, read_first(&s, &mut ubuf, Some(armed)))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(ubuf.starts_with(b"HTTP/1.1 204"), "{what}");
+                ubuf.clear();
+                assert!(!ubuf.try_reclaim(POOLED_BUF_MAX + 1), "{what}: {}", ubuf.capacity());
+            }
+        });
+    }
+
+    /// In the same turn of the thread as its `put`, a pooled connection's receive has not gone
+    /// to the kernel yet, so it sees nothing: after a response without a body (where backends
+    /// most often write one anyway) and for a request that is never sent twice, `take` also
+    /// peeks, and a connection with bytes waiting or closed by the backend is not handed out.
+    #[test]
+    fn a_peek_backs_the_armed_receive_where_it_cannot_see_yet() {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let long = Duration::from_secs(60);
+        tokio_uring::start(async {
+            let pool = UpstreamPool::default();
+            let now = Instant::now();
+            let s = Socket::connect(addr, long, long).await.unwrap();
+            let mut peer = l.accept().unwrap().0;
+            // No await between the put, the backend's write and the take.
+            pool.put(addr, s, BytesMut::new(), 10, now, long, true);
+            peer.write_all(b"body of a HEAD response").unwrap();
+            assert!(pool.take(addr, now, false).is_none(), "stray bytes after a bodiless response");
+            let s = Socket::connect(addr, long, long).await.unwrap();
+            let peer = l.accept().unwrap().0;
+            pool.put(addr, s, BytesMut::new(), 10, now, long, false);
+            peer.shutdown(std::net::Shutdown::Write).unwrap();
+            // Give the FIN time to arrive, without a turn of the thread.
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(pool.take(addr, now, true).is_none(), "closed, for a request never sent twice");
+        });
+    }
+}
