@@ -364,10 +364,9 @@ fn out_of_descriptors_blames_no_backend_and_pauses_accepts() {
     // Every request connects afresh; one failure would eject the backend.
     let p = proxy(&[(&b, 1)], "upstream_keepalive = 0\nmax_fails = 1\nretries = 0", "");
     assert_eq!(get(p.addr, "/").0, 200);
-    // Every socket of that request closed first (the proxy's two, the backend's): one closing
-    // after the limit is set would leave more room than counted.
-    p.connections_given_back().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Every socket of that request closed first (the client's, the proxy's two, the
+    // backend's): one closing after the limit is set would leave more room than counted.
+    common::tcp_connections_closed();
     let room = common::room_for(2);
     // The client's socket and the proxy's accepted one take the two descriptors left: the
     // proxy's connect to the backend fails with EMFILE.
@@ -382,8 +381,7 @@ fn out_of_descriptors_blames_no_backend_and_pauses_accepts() {
     );
     assert_eq!(r.0, 503, "{r:?}");
     assert_eq!(get(p.addr, "/").0, 200);
-    p.connections_given_back().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    common::tcp_connections_closed();
     let room = common::room_for(1);
     // The client's socket takes the one descriptor left: the handshake completes in the
     // kernel, and the proxy's accept fails with EMFILE.

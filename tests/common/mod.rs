@@ -200,6 +200,50 @@ pub fn in_child(test: &str) {
     );
 }
 
+/// Waits (10 s at most) until this process holds no TCP connection, only listeners: every
+/// connection made so far closed on every side. A backend thread closes its side only once it
+/// reads the proxy's close, and the proxy closes a connection it accepted (a readiness probe's
+/// too) only once it reads the client's, which on a busy machine can take a while: counting
+/// descriptors with [`room_for`] before then would leave more room than counted.
+pub fn tcp_connections_closed() {
+    let start = std::time::Instant::now();
+    loop {
+        let ours: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter_map(|l| {
+                let l = l.to_str()?;
+                Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+            })
+            .collect();
+        // /proc/net/tcp{,6}: "sl local rem st ... uid timeout inode ...", st 0A is LISTEN.
+        let open: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .flat_map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap_or_default()
+                    .lines()
+                    .skip(1)
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 9 && f[3] != "0A" && ours.contains(f[9])
+            })
+            .collect();
+        if open.is_empty() {
+            return;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "TCP connections still open after 10 s:\n{}",
+            open.join("\n")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Lowers this process's descriptor limit so that exactly `n` more descriptors can be opened,
 /// until the returned guard is dropped. Descriptors are numbered from the lowest free one and
 /// the limit bounds their numbers, so every free number below the limit is filled first.
