@@ -18,7 +18,7 @@ use std::ops::Range;
 
 use toml::de::{DeTable, DeValue};
 
-use super::{quoted, quoted_as_written, toml_string};
+use super::message::{quoted, quoted_as_written, toml_string};
 
 /// A clearer error than the parser's for a common mistake in `text`, if it holds one: where, and
 /// what to write instead.

@@ -1,3 +1,4 @@
+use super::message::{QUOTED_CHARS, WRITE_BYTES};
 use super::*;
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
