@@ -159,7 +159,7 @@ pub(super) fn reworded(text: &str, span: Range<usize>, message: &str) -> Option<
     // The field's own range where it is narrower than its type's (a weight is 0..=10000): a
     // hint quoting the type's would send the writer to a second error.
     if let (Want::Int { min, max }, Some(&(_, lo, hi))) =
-        (&mut want, super::RANGES.iter().find(|(k, ..)| *k == key))
+        (&mut want, super::limits::RANGES.iter().find(|(k, ..)| *k == key))
     {
         (*min, *max) = (Some(lo.into()), Some(hi.into()));
     }
@@ -180,7 +180,8 @@ pub(super) fn reworded(text: &str, span: Range<usize>, message: &str) -> Option<
     let as_string = toml_string(shown(key, written));
     let written = quoted_as_written(shown(key, written));
     // The values of a field that are not one range (`mtu`: 0 or 576..=65535), in its own words.
-    let form = super::FORMS.iter().find(|(k, ..)| *k == key).map(|&(_, words, ok)| (words, ok));
+    let form =
+        super::limits::FORMS.iter().find(|(k, ..)| *k == key).map(|&(_, words, ok)| (words, ok));
     let ms = key.ends_with("_ms");
     // The key as the hint says it from here on: a key of the file may be as long as a value.
     let key = &quoted(key);

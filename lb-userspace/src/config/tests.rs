@@ -1,3 +1,4 @@
+use super::limits::{RANGES, form};
 use super::message::{QUOTED_CHARS, WRITE_BYTES};
 use super::*;
 
