@@ -1,5 +1,5 @@
 use super::limits::{RANGES, form};
-use super::message::{QUOTED_CHARS, WRITE_BYTES};
+use super::message::{QUOTED_CHARS, WRITE_BYTES, toml_string};
 use super::*;
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
