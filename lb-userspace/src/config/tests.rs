@@ -1,5 +1,6 @@
 use super::limits::{RANGES, form};
 use super::message::{QUOTED_CHARS, WRITE_BYTES, toml_string};
+use super::routes::EarlierRoutes;
 use super::*;
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
