@@ -12,7 +12,8 @@ use super::{
     cookie::{CookieAttributes, cookie_attributes, cookie_prefix_ok, cookie_token},
     limits::{Tally, of_form, setting},
     message::{Invalid, bad, quoted},
-    raw, ring_shares_ok,
+    raw,
+    ring::ring_shares_ok,
     routes::{EarlierRoutes, path_prefix_ok, route_host_ok, routes_past_caution},
 };
 
