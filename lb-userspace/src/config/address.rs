@@ -283,7 +283,8 @@ fn not_unicast(a: IpAddr) -> Option<&'static str> {
 /// unicast; for a VIP XDP forwards, a loopback address (encapsulated to it, packets never leave
 /// the node) or the VIP's own; for an l7 VIP (`vip` is its address and port), its own listen
 /// address and port: the proxy would connect to itself, each connection opening another.
-/// (Another L7 VIP's listen address is a chain, refused only when it loops: [`L7Links`].)
+/// (Another L7 VIP's listen address is a chain, refused only when it loops:
+/// [`L7Links`](super::l7::L7Links).)
 pub(super) fn backend_address_ok(
     span: Range<usize>,
     address: IpAddr,

@@ -2,9 +2,17 @@
 //! uses.
 //!
 //! Parsing happens in two layers. [`raw`] mirrors the file with serde and keeps the byte span of
-//! every value the validator may complain about; [`Config::from_str`] then checks meaning (valid
+//! every value the validator may complain about; [`Config::parse`] then checks meaning (valid
 //! addresses, prime ring sizes, modes that fit the backends...) and reports the first problem as
 //! `file:line:column: what is wrong`, so an operator can jump straight to it.
+//!
+//! This file holds the validated types and `validate`, which goes through the file in order;
+//! the checks it calls are in files by concern: `file` reads the file, `message` is the failure
+//! type and the quoting of values in messages, `limits` the ranges of integer settings and the
+//! limits of the whole file, `address`, `names`, `ring` and `health` check those parts of it,
+//! `l7` an L7 VIP's settings (with `routes` and `cookie`), `hint` rewords the parser's errors,
+//! `prefix` reads address prefixes, and `admin_socket` finds the admin socket in a file that may
+//! not validate.
 
 mod address;
 mod admin_socket;

@@ -63,7 +63,8 @@ const VIP_NAME_CAUTION: usize = 64;
 
 /// Why a VIP's name, accepted, is a caution: an IPv6 address in brackets (`[2001:db8::10]`),
 /// characters outside `[A-Za-z0-9._-]`, or more than [`VIP_NAME_CAUTION`] bytes. `edgelb route`
-/// takes a bracketed IPv6 address as that address ([`Config::find_vip`]) but a name first, so
+/// takes a bracketed IPv6 address as that address
+/// ([`Config::find_vip`](super::Config::find_vip)) but a name first, so
 /// such a name hides the VIP at that address from it; names that parse as an address or
 /// address:port are refused ([`vip_name_ok`]), but bracketed ones were accepted before route
 /// took them. A name goes as it is into log fields, metric labels and `edgelb status`, where a
