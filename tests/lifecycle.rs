@@ -1386,6 +1386,9 @@ fn a_config_named_relative_is_shown_by_its_absolute_path() {
     assert_eq!(e.status().config, bed.config);
     let text = String::from_utf8_lossy(&e.cli(&["status"]).stdout).into_owned();
     assert!(text.starts_with(&format!("config {}\n", bed.config.display())), "{text}");
+    // Then the running build, this one: no note of another.
+    let build = format!("build {}", edgelb::build::VERSION_LINE);
+    assert_eq!(text.lines().nth(1), Some(build.as_str()), "{text}");
     let other = bed.config.with_extension("other.toml");
     std::fs::copy(&bed.config, &other).unwrap();
     let refused = Command::new(env!("CARGO_BIN_EXE_edgelb"))

@@ -549,6 +549,10 @@ impl HandoverCut {
 /// Snapshot of the balancer for `edgelb status`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
 pub struct Status {
+    /// The running controller's build ([`crate::build::VERSION_LINE`]): after an upgrade, the
+    /// old process may still be the one running. Absent from an older controller's answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
     /// Config file in use.
     pub config: PathBuf,
     /// Interfaces and attach modes.

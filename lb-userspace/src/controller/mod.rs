@@ -2516,6 +2516,7 @@ impl Controller {
         let events = self.dp.maps().ct_stats().unwrap_or_default();
         let shape = self.dp.table_shape();
         Status {
+            build: Some(crate::build::VERSION_LINE.to_owned()),
             conntrack: ConntrackStatus {
                 cpus: shape.cpus,
                 v4_flows_per_cpu: shape.v4_flows_per_cpu(),
