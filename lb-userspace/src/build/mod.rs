@@ -1,7 +1,8 @@
 //! Which build of edgelb this is: the crate's version and the git commit it was built from, as
 //! `lb-userspace/build.rs` found it. During a rolling upgrade or a takeover an operator must
 //! tell which binary runs on each node, and whether a takeover really swapped it: `edgelb
-//! --version` says this one's.
+//! --version` says this one's, `edgelb status` the running controller's (and whether it is
+//! this one), `/metrics` has `edgelb_build_info`, and a takeover logs both builds.
 
 #[cfg(test)]
 mod git;
