@@ -1049,11 +1049,18 @@ fn out_of_descriptors_the_admin_socket_pauses_its_accepts() {
     assert!(waited < Duration::from_secs(2), "answered {waited:?} after descriptors were free");
 }
 
+/// `--version` and `-V` say the build, version and git commit, the line `status` and the logs
+/// name it by: an operator tells two builds of one version apart (it once said the version
+/// alone).
 #[test]
 fn version_names_the_binary() {
-    let (code, out, _) = edgelb(&["--version"]);
-    assert_eq!(code, 0);
-    assert!(out.starts_with("edgelb "), "{out}");
+    for flag in ["--version", "-V"] {
+        let (code, out, err) = edgelb(&[flag]);
+        assert_eq!(code, 0, "{flag}: {err}");
+        let want = format!("edgelb {} ({})\n", env!("CARGO_PKG_VERSION"), edgelb::build::COMMIT);
+        assert_eq!(out, want, "{flag}");
+        assert_eq!(out.trim_end(), edgelb::build::VERSION_LINE);
+    }
 }
 
 /// A start that fails after it attached to some interfaces (here the second one refuses native

@@ -1386,6 +1386,9 @@ fn a_config_named_relative_is_shown_by_its_absolute_path() {
     assert_eq!(e.status().config, bed.config);
     let text = String::from_utf8_lossy(&e.cli(&["status"]).stdout).into_owned();
     assert!(text.starts_with(&format!("config {}\n", bed.config.display())), "{text}");
+    // Then the running build, this one: no note of another.
+    let build = format!("build {}", edgelb::build::VERSION_LINE);
+    assert_eq!(text.lines().nth(1), Some(build.as_str()), "{text}");
     let other = bed.config.with_extension("other.toml");
     std::fs::copy(&bed.config, &other).unwrap();
     let refused = Command::new(env!("CARGO_BIN_EXE_edgelb"))
@@ -2093,11 +2096,26 @@ fn takeover_replaces_a_running_edgelb_without_refusing_a_connection() {
     );
     assert!(log.contains("the new edgelb serves"), "{log}");
     assert!(log.contains("handover done"), "{log}");
+    // Each side logs the other's build (here both this one), for an operator to see that an
+    // upgrade swapped the binary.
+    let build = edgelb::build::VERSION_LINE;
+    let took = format!("--takeover: took over from {build}; this is {build}");
+    assert!(log.contains(&took), "{log}");
+    let handed = log.lines().find(|l| l.contains("the new edgelb got the listening sockets"));
+    assert!(handed.is_some_and(|l| l.contains(&format!("to=\"{build}\""))), "{log}");
     // The new process serves metrics on the same socket, and its controller works: health
-    // checks run (a dead backend leaves) and the admin socket is its own.
-    assert!(scrape(&bed).contains("edgelb_vip_packets_total"), "{scraped}");
+    // checks run (a dead backend leaves) and the admin socket is its own. Both say its build.
+    let now = scrape(&bed);
+    assert!(now.contains("edgelb_vip_packets_total"), "{scraped}\n{now}");
+    let build_info = format!(
+        "edgelb_build_info{{version=\"{}\",commit=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION"),
+        edgelb::build::COMMIT
+    );
+    assert!(now.contains(&build_info), "{now}");
     assert_ne!(bed.e().child.as_ref().unwrap().id(), old_pid);
     let status = bed.e().status();
+    assert_eq!(status.build.as_deref(), Some(build));
     let echo = status.vips.iter().find(|v| v.name == "echo").unwrap();
     let b3 = echo.backends.iter().find(|b| b.address.to_string() == "198.18.0.13").unwrap();
     assert!(b3.drained && b3.ring_share == 0.0, "the drain was kept: {b3:?}");

@@ -11,6 +11,8 @@
 //! - [`health`]: active TCP/HTTP/UDP health checks with rise/fall;
 //! - [`accept`]: what the accept loops (L7, metrics, admin) do when an accept fails;
 //! - [`backoff`]: the doubling wait of whatever the controller tries again after a failure;
+//! - [`build`]: which build this is (version and git commit), as `--version`, `status`,
+//!   `/metrics` and a takeover's log say it;
 //! - [`admin`]: the root-only Unix socket behind `edgelb status | drain | reload | stop`;
 //! - [`cli`]: the `edgelb` subcommands other than `run` (`check`, `route`, `status`, `stop`,
 //!   `decap`...): what each decides and says, which `main.rs` prints;
@@ -57,6 +59,7 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 pub mod accept;
 pub mod admin;
 pub mod backoff;
+pub mod build;
 pub mod cli;
 pub mod config;
 pub mod controller;

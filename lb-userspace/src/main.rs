@@ -13,7 +13,8 @@ use edgelb::{
 
 /// edgelb: XDP edge load balancer.
 #[derive(Parser)]
-#[command(name = "edgelb", version, about)]
+// `--version` names the commit too: two builds of one version are told apart.
+#[command(name = "edgelb", version = edgelb::build::VERSION_AND_COMMIT, about)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]

@@ -181,6 +181,7 @@ const TEST_TEMP: &[&str] = &[
     "edgelb-cli-stop-{pid}",
     "edgelb-cli-check-{pid}",
     "edgelb-latin1-{pid}",
+    "edgelb-build-git-{pid}",
 ];
 
 /// The PID in `name` if it has the form of one of `patterns` (see [`TEST_NAMESPACES`]): the

@@ -99,6 +99,11 @@ pub enum Request {
         /// always did, or it would find the old listener answering and give the takeover up.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         binds_over: bool,
+        /// The build of the process taking over ([`crate::build::VERSION_LINE`]), for the old
+        /// one to log whom it hands over to. Absent from an older edgelb taking over; an older
+        /// running edgelb ignores it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        build: Option<String>,
     },
 }
 
@@ -188,6 +193,12 @@ pub struct Response {
     /// it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_sha256: Option<String>,
+    /// For `handover`: the running edgelb's build ([`crate::build::VERSION_LINE`]), for the next
+    /// process to log which build it took over from: whether an upgrade really swapped the
+    /// binary. Absent from an older edgelb (said as such); an older edgelb taking over ignores
+    /// it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
     /// The refusal is the config file's fault (a `reload` of an invalid file): the CLI exits 2,
     /// as `edgelb check` does for it, rather than 1, so scripts can tell it from a reload that
     /// needs a restart.
@@ -430,6 +441,7 @@ impl Response {
             down: Vec::new(),
             vips: None,
             config_sha256: None,
+            build: None,
             bad_config: false,
             bad_request: false,
             route: None,
@@ -549,6 +561,10 @@ impl HandoverCut {
 /// Snapshot of the balancer for `edgelb status`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
 pub struct Status {
+    /// The running controller's build ([`crate::build::VERSION_LINE`]): after an upgrade, the
+    /// old process may still be the one running. Absent from an older controller's answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
     /// Config file in use.
     pub config: PathBuf,
     /// Interfaces and attach modes.
@@ -928,6 +944,8 @@ pub struct Handover {
     /// The hash of the config file as the running edgelb last applied it
     /// ([`Response::config_sha256`]); none from an older edgelb.
     pub config_sha256: Option<String>,
+    /// The running edgelb's build ([`Response::build`]); none from an older edgelb.
+    pub build: Option<String>,
     /// The open handover connection.
     pub conn: UnixStream,
 }
@@ -948,7 +966,8 @@ pub fn handover(socket: &Path) -> Result<Option<Handover>, AdminError> {
     let fail = |reason: String| AdminError::Exchange { path: socket.to_owned(), reason };
     let Ok(s) = UnixStream::connect(socket) else { return Ok(None) };
     trusted(&s).map_err(fail)?;
-    line_of(&Request::Handover { binds_over: true })
+    let build = Some(crate::build::VERSION_LINE.to_owned());
+    line_of(&Request::Handover { binds_over: true, build })
         .and_then(|line| send_line(&s, &line))
         .map_err(|e| fail(e.to_string()))?;
     // One line back, the descriptors on its first bytes; read byte runs until the newline.
@@ -989,6 +1008,7 @@ pub fn handover(socket: &Path) -> Result<Option<Handover>, AdminError> {
         down: resp.down,
         vips: resp.vips,
         config_sha256: resp.config_sha256,
+        build: resp.build,
         conn: s,
     }))
 }
@@ -1652,8 +1672,8 @@ mod tests {
     #[test]
     fn a_handovers_binds_over_is_optional_both_ways() {
         let bare: Request = serde_json::from_str(r#"{"cmd":"handover"}"#).unwrap();
-        assert_eq!(bare, Request::Handover { binds_over: false });
-        let ours = line_of(&Request::Handover { binds_over: true }).unwrap();
+        assert_eq!(bare, Request::Handover { binds_over: false, build: None });
+        let ours = line_of(&Request::Handover { binds_over: true, build: None }).unwrap();
         assert_eq!(ours, "{\"cmd\":\"handover\",\"binds_over\":true}\n");
         /// The requests of an edgelb older than `binds_over`.
         #[derive(Deserialize, Debug, PartialEq)]
@@ -1700,6 +1720,48 @@ mod tests {
         // Without VIPs (any other answer), the fields are left out.
         let other = serde_json::to_string(&Response::ok("x")).unwrap();
         assert!(!other.contains("vips") && !other.contains("config_sha256"), "{other}");
+    }
+
+    /// The builds a handover carries, both ways: an older edgelb's request and answer, without
+    /// them, read as not said (none); this edgelb's go through whole; and an older edgelb reads
+    /// this one's request and answer as before, the field ignored: a rollback and an upgrade
+    /// across the change both take over.
+    #[test]
+    fn a_handovers_builds_are_optional_both_ways() {
+        let build = Some("edgelb 0.1.0 (abc1234-dirty)".to_owned());
+        let bare: Request =
+            serde_json::from_str(r#"{"cmd":"handover","binds_over":true}"#).unwrap();
+        assert_eq!(bare, Request::Handover { binds_over: true, build: None });
+        let ours = Request::Handover { binds_over: true, build: build.clone() };
+        let line = line_of(&ours).unwrap();
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), ours);
+        /// The handover request of an edgelb older than `build`.
+        #[derive(Deserialize, Debug, PartialEq)]
+        #[serde(tag = "cmd", rename_all = "lowercase")]
+        enum Older {
+            Handover {
+                #[serde(default)]
+                binds_over: bool,
+            },
+        }
+        assert_eq!(
+            serde_json::from_str::<Older>(&line).unwrap(),
+            Older::Handover { binds_over: true }
+        );
+        let older = r#"{"ok":true,"message":"handing over","config_sha256":"00"}"#;
+        assert_eq!(serde_json::from_str::<Response>(older).unwrap().build, None);
+        let ours = Response { build: build.clone(), ..Response::ok("handing over") };
+        let line = serde_json::to_string(&ours).unwrap();
+        assert_eq!(serde_json::from_str::<Response>(&line).unwrap(), ours);
+        /// The handover answer of an edgelb older than `build`, as far as it goes.
+        #[derive(Deserialize, Debug, PartialEq)]
+        struct OlderAnswer {
+            ok: bool,
+            message: String,
+        }
+        let read: OlderAnswer = serde_json::from_str(&line).unwrap();
+        assert_eq!(read, OlderAnswer { ok: true, message: "handing over".into() });
+        assert!(!serde_json::to_string(&Response::ok("x")).unwrap().contains("build"));
     }
 
     /// A handed VIP's weights and fail-open state, both ways: an older edgelb's VIPs, without
@@ -2230,7 +2292,8 @@ mod tests {
 
         // A handover whose answer, sockets attached, is never read.
         let mut taker = UnixStream::connect(&path).unwrap();
-        let mut line = serde_json::to_string(&Request::Handover { binds_over: true }).unwrap();
+        let mut line =
+            serde_json::to_string(&Request::Handover { binds_over: true, build: None }).unwrap();
         line.push('\n');
         taker.write_all(line.as_bytes()).unwrap();
         std::thread::sleep(Duration::from_millis(200));
@@ -2425,8 +2488,8 @@ mod tests {
         let mut out: Vec<String> = [
             Request::Status,
             Request::Reload { config: None },
-            Request::Handover { binds_over: false },
-            Request::Handover { binds_over: true },
+            Request::Handover { binds_over: false, build: None },
+            Request::Handover { binds_over: true, build: Some("edgelb 0.1.0 (abc1234)".into()) },
             Request::Stop { detach: true },
             Request::Stop { detach: false },
             Request::Drain { backend: v4.into(), vip: None },

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 pub use decap::{AllowSource, allow_source, decap};
 pub use route::{RouteQuestion, route};
-pub use status::{status, status_text};
+pub use status::{build_line, status, status_text};
 
 use crate::{
     admin::{AdminError, Request, Response},

@@ -7,27 +7,48 @@ use super::{AdminTarget, Ending, call};
 use crate::admin::{BackendStatus, Request, Status};
 
 /// `edgelb status`: the running controller's status, as [`status_text`] writes it or (`json`)
-/// as pretty JSON (its byte rate under both names, [`Status::renamed_fields`]); or the ending of
-/// a failed [`call`].
+/// as pretty JSON (its byte rate under both names, [`Status::renamed_fields`]), with a note on
+/// stderr when the running build is not this one ([`build_line`]); or the ending of a failed
+/// [`call`].
 pub fn status(target: &AdminTarget, json: bool) -> Ending {
+    let mine = crate::build::VERSION_LINE;
     match call(target, &Request::Status) {
         Ok(resp) => {
             let status = resp.status.unwrap_or_default().renamed_fields();
-            Ending::new(0).out(if json {
-                serde_json::to_string_pretty(&status).expect("status serialises")
-            } else {
-                status_text(&status)
-            })
+            if !json {
+                return Ending::new(0).out(status_text(&status, mine));
+            }
+            let end = Ending::new(0)
+                .out(serde_json::to_string_pretty(&status).expect("status serialises"));
+            match status.build.as_deref() {
+                Some(running) if running == mine => end,
+                _ => end.err(format!("edgelb: {}", build_line(status.build.as_deref(), mine))),
+            }
         }
         Err(end) => end,
     }
 }
 
-/// The table `edgelb status` prints (without a newline at the end): the config, interfaces and
-/// connection table, then each VIP with its counters and its backends' rows.
-pub fn status_text(s: &Status) -> String {
+/// The line of `edgelb status` that says the running controller's build, and, when it is not
+/// `mine` (this CLI's build, [`crate::build::VERSION_LINE`]), this one's too: after an upgrade
+/// the old process may still be the one running (a takeover that did not happen, a restart not
+/// made yet). An older controller, which does not say its build, is not this one.
+pub fn build_line(running: Option<&str>, mine: &str) -> String {
+    match running {
+        Some(running) if running == mine => format!("build {running}"),
+        Some(running) => format!("build {running}; this edgelb is {mine}, another build"),
+        None => {
+            format!("build unknown (an older edgelb, which does not say it); this edgelb is {mine}")
+        }
+    }
+}
+
+/// The table `edgelb status` prints (without a newline at the end): the config, the running
+/// build ([`build_line`], `mine` being this CLI's), interfaces and connection table, then each
+/// VIP with its counters and its backends' rows.
+pub fn status_text(s: &Status, mine: &str) -> String {
     let mut out = String::new();
-    write_status(&mut out, s).expect("writing to a String");
+    write_status(&mut out, s, mine).expect("writing to a String");
     if out.ends_with('\n') {
         out.pop();
     }
@@ -35,8 +56,9 @@ pub fn status_text(s: &Status) -> String {
 }
 
 /// Writes [`status_text`]'s lines to `out`.
-fn write_status(out: &mut String, s: &Status) -> fmt::Result {
+fn write_status(out: &mut String, s: &Status, mine: &str) -> fmt::Result {
     writeln!(out, "config {}", s.config.display())?;
+    writeln!(out, "{}", build_line(s.build.as_deref(), mine))?;
     for (iface, mode) in &s.interfaces {
         writeln!(out, "interface {iface}: XDP {mode}")?;
     }
@@ -179,7 +201,9 @@ mod tests {
     /// FAILING / DOWN, and the VIP total at least its rows' sum.
     #[test]
     fn the_status_table_of_a_fixed_status() {
+        let mine = "edgelb 0.1.0 (abc1234)";
         let s = Status {
+            build: Some(mine.to_owned()),
             config: "/etc/edgelb/edgelb.toml".into(),
             interfaces: vec![("eth0".into(), "native".into())],
             conntrack: ConntrackStatus {
@@ -253,6 +277,7 @@ mod tests {
         };
         let want = [
             "config /etc/edgelb/edgelb.toml",
+            "build edgelb 0.1.0 (abc1234)",
             "interface eth0: XDP native",
             "connection table: 2 CPUs × (131072 IPv4 + 65536 IPv6 flows); 3 evicted from full buckets, 4 found on another CPU, 5 established TCP flows missing (pushed out before they ended), 6 searches of the other CPUs skipped (budget spent)",
             "",
@@ -271,6 +296,35 @@ mod tests {
             "  198.18.0.32:80                                1      up       no            0         -",
         ]
         .join("\n");
-        assert_eq!(status_text(&s), want);
+        assert_eq!(status_text(&s, mine), want);
+    }
+
+    /// The build line says the running build, and this CLI's when it is another (or not said,
+    /// by an older controller): after an upgrade, the old process may still run.
+    #[test]
+    fn the_status_says_when_the_running_build_is_not_this_one() {
+        let mine = "edgelb 0.2.0 (def5678)";
+        let line = |running| build_line(running, mine);
+        assert_eq!(line(Some(mine)), "build edgelb 0.2.0 (def5678)");
+        assert_eq!(
+            line(Some("edgelb 0.1.0 (abc1234-dirty)")),
+            "build edgelb 0.1.0 (abc1234-dirty); this edgelb is edgelb 0.2.0 (def5678), another build"
+        );
+        assert_eq!(
+            line(None),
+            "build unknown (an older edgelb, which does not say it); this edgelb is edgelb 0.2.0 (def5678)"
+        );
+        // An older controller's answer, without the field, reads as not said; this one's
+        // carries it, and `--json` shows it only when said.
+        let older: Status =
+            serde_json::from_str(r#"{"config":"/e.toml","interfaces":[],"vips":[]}"#)
+                .expect("an older answer parses");
+        assert_eq!(older.build, None);
+        assert!(!serde_json::to_string(&older).unwrap().contains("build"));
+        let text = status_text(&older, mine);
+        assert_eq!(text.lines().nth(1), Some(line(None).as_str()), "{text}");
+        let ours = Status { build: Some(mine.to_owned()), ..older };
+        let json = serde_json::to_string(&ours).unwrap();
+        assert!(json.starts_with(r#"{"build":"edgelb 0.2.0 (def5678)","config""#), "{json}");
     }
 }

@@ -189,8 +189,9 @@ enum Exit {
     Teardown,
     /// `edgelb run --takeover` asked for the listening sockets: hand them over on this channel
     /// and leave the data plane to the new process, which binds its admin socket over the path
-    /// when the bool says so ([`Request::Handover`]).
-    Handover(mpsc::Sender<Answer>, Box<Answer>, bool),
+    /// when the bool says so, and whose build is the string, when it says it
+    /// ([`Request::Handover`]).
+    Handover(mpsc::Sender<Answer>, Box<Answer>, bool, Option<String>),
 }
 
 struct Controller {
@@ -439,6 +440,10 @@ fn needs_a_capability(e: &DataplaneError) -> bool {
     )
 }
 
+/// How the logs name the build of an edgelb at the other end of a handover that does not say
+/// it ([`Response::build`], [`Request::Handover`]).
+const UNSAID_BUILD: &str = "an older edgelb (which does not say its build)";
+
 /// Runs the balancer with the config at `path` until SIGINT/SIGTERM, `edgelb stop` or a
 /// takeover. With `takeover`, an edgelb already running with the same admin socket hands over
 /// its listening sockets and the data plane first (see [`Request::Handover`]).
@@ -478,6 +483,8 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     // from an older edgelb (or when nothing was handed over).
     let mut handed_vips = None;
     let mut without_vips = false;
+    // The build of the edgelb that handed over (none from an older one), for the log.
+    let mut handed_build: Option<String> = None;
     let mut handover = if takeover {
         match admin::handover(&cfg.node.admin_socket).map_err(RunError::Takeover)? {
             None => {
@@ -487,8 +494,10 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
             Some(h) => {
                 info!(
                     sockets = h.sockets.len(),
+                    from = h.build.as_deref().unwrap_or(UNSAID_BUILD),
                     "--takeover: the running edgelb handed over its listening sockets and stopped its controller"
                 );
+                handed_build = h.build.clone();
                 // Returning an error drops the connection uncommitted: the running edgelb
                 // takes back over.
                 if let Some((newer, sha256)) =
@@ -780,18 +789,25 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         return Err(e);
     }
     ctl.reconcile_checks();
-    info!(checks = ctl.checker.len(), admin = %ctl.cfg.node.admin_socket.display(), "edgelb running");
+    info!(checks = ctl.checker.len(), admin = %ctl.cfg.node.admin_socket.display(), build = crate::build::VERSION_LINE, "edgelb running");
     if let Some(mut conn) = handover {
         // The previous process stops accepting and drains once it reads this.
         if let Err(e) = std::io::Write::write_all(&mut conn, admin::READY) {
             warn!(error = %e, "--takeover: telling the previous edgelb that this one serves");
+        } else {
+            // Both builds, for the operator to see that an upgrade swapped the binary.
+            info!(
+                "--takeover: took over from {}; this is {}",
+                handed_build.as_deref().unwrap_or(UNSAID_BUILD),
+                crate::build::VERSION_LINE
+            );
         }
     }
 
     let exit = loop {
         match ctl.serve(&mut signals) {
-            Exit::Handover(reply, answer, binds_over) => {
-                if ctl.hand_over(reply, answer, binds_over, &mut signals) {
+            Exit::Handover(reply, answer, binds_over, build) => {
+                if ctl.hand_over(reply, answer, binds_over, build.as_deref(), &mut signals) {
                     return Ok(());
                 }
             }
@@ -1369,6 +1385,7 @@ impl Controller {
         reply: mpsc::Sender<Answer>,
         mut answer: Box<Answer>,
         binds_over: bool,
+        build: Option<&str>,
         signals: &mut signal_hook::iterator::Signals,
     ) -> bool {
         let (health_tx, health_rx) = mpsc::channel();
@@ -1390,6 +1407,8 @@ impl Controller {
         answer.cut = Some(cut.clone());
         let _ = reply.send(*answer);
         info!(
+            to = build.unwrap_or(UNSAID_BUILD),
+            build = crate::build::VERSION_LINE,
             "handover: the new edgelb got the listening sockets; serving until it says it serves"
         );
         // The admin thread follows the exchange, each step bounded by HANDOVER_WAIT. A stop
@@ -1608,6 +1627,7 @@ impl Controller {
                 down: self.verdicts.down(),
                 vips: Some(self.verdicts.handed_vips(&self.cfg)),
                 config_sha256: Some(self.cfg_sha256.clone()),
+                build: Some(crate::build::VERSION_LINE.to_owned()),
                 ..Response::ok("handing over")
             },
             fds,
@@ -1928,14 +1948,16 @@ impl Controller {
             let more = self.apply_pending_health(HEALTH_EVENTS_PER_TURN);
             let wait = if more { Duration::ZERO } else { Duration::from_millis(50) };
             match self.admin_rx.recv_timeout(wait) {
-                Ok((Request::Handover { binds_over }, reply)) => {
+                Ok((Request::Handover { binds_over, build }, reply)) => {
                     self.apply_pending_health(usize::MAX);
                     // A link pin removed since the last look (each second) is made again now:
                     // the new process takes the links over through their pins, and its fresh
                     // attach to an interface whose link this one holds open would be refused.
                     self.dp.repin_links(true);
                     match self.handover_answer() {
-                        Ok(answer) => return Exit::Handover(reply, Box::new(answer), binds_over),
+                        Ok(answer) => {
+                            return Exit::Handover(reply, Box::new(answer), binds_over, build);
+                        }
                         Err(reason) => {
                             error!(%reason, "handover refused; this edgelb keeps running");
                             let _ = reply.send(Response::err(reason).into());
@@ -2516,6 +2538,7 @@ impl Controller {
         let events = self.dp.maps().ct_stats().unwrap_or_default();
         let shape = self.dp.table_shape();
         Status {
+            build: Some(crate::build::VERSION_LINE.to_owned()),
             conntrack: ConntrackStatus {
                 cpus: shape.cpus,
                 v4_flows_per_cpu: shape.v4_flows_per_cpu(),

@@ -44,6 +44,15 @@ pub struct BackendLabels {
     pub backend: String,
 }
 
+/// Labels of `edgelb_build_info`: which build this process is ([`crate::build`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    /// The crate's version, `0.1.0`.
+    pub version: String,
+    /// The git commit, `abc1234`, `abc1234-dirty` or `unknown`.
+    pub commit: String,
+}
+
 /// Labels of health-state transitions.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransitionLabels {
@@ -315,6 +324,20 @@ impl Metrics {
              included (the proxy closes that connection and goes on): each is logged as an \
              error with the thread, the place and the message; any is a bug to report",
             crate::panics::counter(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        let labels = BuildLabels {
+            version: crate::build::VERSION.to_owned(),
+            commit: crate::build::COMMIT.to_owned(),
+        };
+        build.get_or_create(&labels).set(1);
+        registry.register(
+            "edgelb_build_info",
+            "Always 1, labelled with this process's build: its version and the git commit it was \
+             built from (-dirty: with changes not committed; unknown: built where git could not \
+             tell), to tell which binary runs on each node during a rolling upgrade, and whether \
+             a takeover swapped it",
+            build,
         );
         let l7 = crate::proxy::L7Metrics::register(&mut registry);
         Metrics {
@@ -793,6 +816,16 @@ mod tests {
         assert_eq!(missing(&m), Some(3));
         m.checks_missing(0);
         assert_eq!(missing(&m), Some(0));
+    }
+
+    /// The build is a series of its own at 1, labelled with this build's version and commit.
+    #[test]
+    fn the_build_is_exported() {
+        let text = Metrics::new().encode();
+        let labels =
+            format!("version=\"{}\",commit=\"{}\"", crate::build::VERSION, crate::build::COMMIT);
+        assert_eq!(sample(&text, "edgelb_build_info", &labels), Some(1.0), "{text}");
+        assert!(text.contains("# TYPE edgelb_build_info gauge\n"), "{text}");
     }
 
     /// Panics are counted from the start, at 0 in a scrape before the first (lib tests install
