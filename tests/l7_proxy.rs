@@ -1827,6 +1827,44 @@ fn graceful_shutdown_finishes_in_flight_requests() {
     assert!(TcpStream::connect(addr).is_err(), "listeners are closed");
 }
 
+/// A draining proxy refuses new connections at once, while its request in flight is still
+/// answered: the descriptors it keeps to hand over to a takeover close as the drain starts, as
+/// its accept loops' do. Kept to the drain's end, they held the listeners open: a new client's
+/// handshake completed into a backlog nobody read, and it hung until the drain deadline.
+#[test]
+fn a_draining_proxy_refuses_new_connections_at_once() {
+    let slow = backend("slow", Mode::Slow(1500));
+    let mut p = proxy(&[(&slow, 1)], "", "");
+    let addr = p.addr;
+    let inflight = std::thread::spawn(move || get(addr, "/long"));
+    let start = Instant::now();
+    while slow.reqs.load(Ordering::Relaxed) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "the request never reached the backend");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut proxy = p.proxy.take().unwrap();
+    let draining = proxy.drain();
+    let wait = std::thread::spawn(move || draining.wait(Duration::from_secs(10)));
+    // The accept loops see the stop at their next turn: a moment, not the drain.
+    let t = Instant::now();
+    let refused = loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break t.elapsed(),
+            Err(e) => panic!("connecting during the drain: {e}"),
+            Ok(_) if t.elapsed() < Duration::from_millis(500) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Ok(_) => panic!("still connecting {:?} into the drain", t.elapsed()),
+        }
+    };
+    eprintln!("refused {} ms into the drain", refused.as_millis());
+    assert!(!wait.is_finished(), "the drain waits for the request in flight");
+    let r = inflight.join().unwrap();
+    assert_eq!((r.0, who(&r)), (200, "slow".to_owned()), "the in-flight request completed");
+    wait.join().unwrap();
+    drop(proxy);
+}
+
 /// Pseudo-random garbage (a fixed xorshift stream, so failures reproduce) and hostile framing:
 /// the proxy answers each with a clean 4xx/5xx or closes, never hangs past its timeouts, and
 /// keeps serving valid requests afterwards.

@@ -2770,6 +2770,64 @@ fn a_stopping_edgelb_answers_scrapes_while_it_drains() {
     drop(e);
 }
 
+/// A stopping edgelb closes its L7 listeners as its drain starts: a new connection to the VIP is
+/// refused (or, taken into the backlog at that very moment, reset) at once, so that its client
+/// fails fast and tries elsewhere, while the request in flight is still answered. The proxy kept
+/// a descriptor of every listener (to hand over to a takeover) until the drain ended, so the
+/// kernel went on completing handshakes nobody accepted: a new client connected at once and
+/// then hung until the drain deadline reset it (`node.l7_drain_timeout_ms`, 30 s).
+#[test]
+fn a_stopping_edgelb_refuses_new_l7_connections_at_once() {
+    use std::io::{ErrorKind, Read, Write};
+    let Some(mut bed) = Bed::up("stop-refuse", &[1, 2, 3]) else { return };
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    bed.wait_for(l7);
+    let (e, mut child, pending) = stop_with_a_request_pending(&mut bed, l7);
+    let t = Instant::now();
+    // What a new client gets: refused, or connected and then closed on, within the second it
+    // is given; never a connection left waiting. (One the proxy took just as the drain began,
+    // the log line a moment before the accept loops see the stop, is served: the next is not.)
+    let new_client = || -> Result<String, String> {
+        let mut s = match std::net::TcpStream::connect_timeout(&l7, TIMEOUT) {
+            Err(err) if err.kind() == ErrorKind::ConnectionRefused => return Ok("refused".into()),
+            Err(err) => return Err(format!("connect: {err}")),
+            Ok(s) => s,
+        };
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+        let mut got = Vec::new();
+        match s.read_to_end(&mut got) {
+            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                Err(format!("connected, and no answer nor close within {TIMEOUT:?}"))
+            }
+            Err(err) => Ok(format!("connected, then {err}")),
+            Ok(_) if got.is_empty() => Ok("connected, then closed".into()),
+            Ok(_) => Ok(format!("served: {:?}", String::from_utf8_lossy(&got))),
+        }
+    };
+    let outcome = loop {
+        let outcome = netns::in_netns(&bed.tb.names.client, new_client).unwrap();
+        match &outcome {
+            Ok(o) if o.starts_with("served") && t.elapsed() < Duration::from_millis(500) => {
+                eprintln!("a new connection as the drain began: {o}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            _ => break outcome,
+        }
+    };
+    let took = t.elapsed();
+    eprintln!("a new connection during the drain: {outcome:?} in {} ms", took.as_millis());
+    let outcome = outcome.unwrap_or_else(|err| panic!("{err}; log:\n{}", e.log()));
+    assert!(!outcome.starts_with("served"), "{outcome} {took:?} into the drain");
+    assert!(took < Duration::from_secs(2), "{outcome} only after {took:?}");
+    // The drain goes on for the request in flight, which is answered; then the process exits.
+    assert!(child.exited().is_none(), "still draining:\n{}", e.log());
+    pending.finish();
+    let st = child.wait(Duration::from_secs(10));
+    assert!(st.success(), "edgelb exit status {st}");
+    drop(e);
+}
+
 /// The old process of a takeover, draining its requests in flight, ends the drain on a stop
 /// signal, as a stopping edgelb does (it used to take no signal, and only SIGKILL ended a drain
 /// of up to node.l7_drain_timeout_ms).

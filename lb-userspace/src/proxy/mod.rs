@@ -693,7 +693,7 @@ pub struct Proxy {
     said: HashMap<String, Arc<VipLines>>,
     listeners: Vec<(String, SocketAddr)>,
     /// A descriptor of every thread's listening socket, to hand over to `edgelb run
-    /// --takeover`.
+    /// --takeover`; closed when the drain starts ([`Proxy::drain`]).
     sockets: Vec<(SocketAddr, std::net::TcpListener)>,
 }
 
@@ -977,7 +977,7 @@ impl Proxy {
     }
 
     /// New descriptors of every thread's listening socket, with their addresses: what a
-    /// handover passes on.
+    /// handover passes on (none once the proxy drains).
     pub fn sockets(&self) -> Vec<(SocketAddr, std::io::Result<std::net::TcpListener>)> {
         self.sockets.iter().map(|(a, l)| (*a, l.try_clone())).collect()
     }
@@ -1191,7 +1191,18 @@ impl Proxy {
     /// reach the connections that are finishing (a backend found dead during a stop's drain is
     /// sent none of their further requests). Once the wait returns its threads have ended: it
     /// is only dropped.
+    ///
+    /// The descriptors kept to hand over ([`Proxy::sockets`]) close here, at the start, as the
+    /// accept loops' own do once they see the stop: a draining proxy hands nothing over any
+    /// more, and kept to the drain's end they held every listener open, so that the kernel went
+    /// on completing handshakes into a backlog nobody read, and a new client hung until the
+    /// drain deadline reset it (30 s by default) instead of being refused at once and trying
+    /// elsewhere. Only this process's descriptors close (never `shutdown`, which would act on
+    /// the socket itself): a socket another holds stays listening, its connections queued for
+    /// the next process: systemd's (socket activation), or that of a takeover's new process,
+    /// which has its own descriptors.
     pub fn drain(&mut self) -> Draining {
+        self.sockets.clear();
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.stop.notify_waiters();
         Draining { shared: self.shared.clone(), threads: std::mem::take(&mut self.threads) }
