@@ -693,14 +693,16 @@ async fn serve_conn(
             // Stopping closes a keep-alive connection idle between requests (as nginx and
             // HAProxy do), but not one just accepted: its client has sent, or is sending, a
             // request that nobody else will answer, so it is read and served (with `close`).
-            // So does a new connection over `max_connections` (`super::reuse`): it shuts the
+            // The stop's accept loops close this thread's idle ones (`Idle::close_all`), as a
+            // new connection over `max_connections` does one (`super::reuse`): that shuts the
             // socket down, and the read ends with the end of the stream (or, had it completed
-            // with a request before, the request is not served: `Waiting::finish`).
+            // with a request before, the request is not served: `Waiting::finish`). One that
+            // goes idle after that sees the stop here.
             let closable = waiting_for_start.then(|| idle.waiting(client));
-            let read = tokio::select! {
-                r = timeout_at(deadline, read_more(client, &mut buf)) => r,
-                _ = super::wait_stopping(&shared), if waiting_for_start => return,
-            };
+            if closable.is_some() && shared.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            let read = timeout_at(deadline, read_more(client, &mut buf)).await;
             // Taken to make room while the read completed: shut down, and whatever it read
             // (a request) is not served, as if the read had come after the shutdown.
             if closable.is_some_and(|w| !w.finish()) {
@@ -1166,7 +1168,7 @@ async fn serve_conn(
         let ended = tokio::select! {
             biased;
             r = body => Some(r),
-            () = super::wait_forced(&shared) => None,
+            () = super::wait_forced_in_task(&shared) => None,
         };
         let cut_by = match ended {
             None => Some(Cut::Drain),
@@ -1189,7 +1191,7 @@ async fn serve_conn(
             let end = tokio::select! {
                 biased;
                 ended = going => Rest::ended(ended, deadline),
-                () = super::wait_forced(&shared) => Rest::Failed(Cut::Drain),
+                () = super::wait_forced_in_task(&shared) => Rest::Failed(Cut::Drain),
             };
             rest = Some(end);
         }
