@@ -26,12 +26,14 @@ use std::{
     fmt::Write as _,
     io,
     net::SocketAddr,
+    pin::Pin,
     sync::{Arc, atomic::Ordering},
+    task::Poll,
     time::{Duration, Instant},
 };
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::time::timeout_at;
+use tokio::time::{Sleep, timeout_at};
 use tokio_uring::buf::IoBuf;
 
 use super::{
@@ -86,6 +88,28 @@ async fn read_more(s: &Socket, buf: &mut BytesMut) -> io::Result<usize> {
     let (r, b) = s.recv(std::mem::take(buf), READ_CHUNK).await;
     *buf = b;
     r
+}
+
+/// A wait that ran out ([`within`]).
+struct TimedOut;
+
+/// `work`, unless `timer`, moved to `deadline`, runs out first: [`timeout_at`] on a timer kept
+/// for a connection's many waits (one per direction) rather than one made for each, which
+/// took the runtime's timer lock to register and again to cancel, twice a request. Moved later
+/// (the usual case, from one request to the next), a registered timer takes no lock
+/// (`Sleep::reset`). `work` is polled first, as `timeout_at` polls it.
+async fn within<F: Future>(
+    mut timer: Pin<&mut Sleep>,
+    deadline: tokio::time::Instant,
+    work: F,
+) -> Result<F::Output, TimedOut> {
+    timer.as_mut().reset(deadline);
+    let mut work = std::pin::pin!(work);
+    std::future::poll_fn(|cx| match work.as_mut().poll(cx) {
+        Poll::Ready(r) => Poll::Ready(Ok(r)),
+        Poll::Pending => timer.as_mut().poll(cx).map(|()| Err(TimedOut)),
+    })
+    .await
 }
 
 /// Writes all of `data` (a `Vec`, or `Bytes` split off a read buffer without copying).
@@ -654,6 +678,11 @@ async fn serve_conn(
     // it is dropped, with the client connection's end).
     let mut private = Private::default();
     let mut first = true;
+    // The timers of the connection's waits ([`within`]): for the client's request heads, and
+    // for the backends' response heads.
+    let now = tokio::time::Instant::now();
+    let mut head_timer = std::pin::pin!(tokio::time::sleep_until(now));
+    let mut answer_timer = std::pin::pin!(tokio::time::sleep_until(now));
     loop {
         let cfg = &vip.cfg;
         // 1. Request head, within the header timeout (idle timeout while waiting for a
@@ -702,7 +731,7 @@ async fn serve_conn(
             if closable.is_some() && shared.stopping.load(Ordering::Relaxed) {
                 return;
             }
-            let read = timeout_at(deadline, read_more(client, &mut buf)).await;
+            let read = within(head_timer.as_mut(), deadline, read_more(client, &mut buf)).await;
             // Taken to make room while the read completed: shut down, and whatever it read
             // (a request) is not served, as if the read had come after the shutdown.
             if closable.is_some_and(|w| !w.finish()) {
@@ -872,8 +901,25 @@ async fn serve_conn(
             // The first attempt starts with the request; a retry reads the clock again.
             let now = if attempt == 0 { started } else { Instant::now() };
             let r = attempt_once(
-                client, &mut buf, &mut ubuf, &upstream, given, &vip, &pool, i, &head, framing,
-                expect, can_retry, peer, listen, now, deadline, &clock, &interim,
+                client,
+                &mut buf,
+                &mut ubuf,
+                &upstream,
+                given,
+                &vip,
+                &pool,
+                i,
+                &head,
+                framing,
+                expect,
+                can_retry,
+                peer,
+                listen,
+                now,
+                deadline,
+                &clock,
+                &interim,
+                &mut answer_timer,
             )
             .await;
             match r {
@@ -1538,7 +1584,7 @@ async fn with_the_rest_dropped(
 /// final response that arrives while the body is still streaming ends the body there
 /// ([`Answer::cut`]), but for a 2xx, which takes the body's stream with it ([`Answer::rest`]).
 /// The wait for the response head runs from the request's end for the response timeout, and
-/// again from each interim response, which `interim` notes ([`head_within`]).
+/// again from each interim response, which `interim` notes ([`head_within`], on `timer`).
 #[allow(clippy::too_many_arguments)]
 async fn attempt_once<'c>(
     client: &Socket,
@@ -1559,6 +1605,7 @@ async fn attempt_once<'c>(
     deadline: tokio::time::Instant,
     clock: &'c IdleClock,
     interim: &Interim,
+    timer: &mut Pin<&mut Sleep>,
 ) -> Result<Answer<'c>, Attempt> {
     let cfg = &vip.cfg;
     let addr = pool.members[i].state.addr;
@@ -1618,7 +1665,7 @@ async fn attempt_once<'c>(
                 r
             };
             let read = read_first(&up, ubuf, armed);
-            let (sent, read) = tokio::join!(send, timeout_at(resp_deadline, read));
+            let (sent, read) = tokio::join!(send, within(timer.as_mut(), resp_deadline, read));
             if sent.is_err() {
                 if fresh {
                     return Err(Attempt::Connect);
@@ -1633,7 +1680,9 @@ async fn attempt_once<'c>(
             let stale = !fresh && replayable;
             let first = Some(FirstRead::Done(first));
             let reading = response_head(client, &up, ubuf, addr, expect, first, stale, interim);
-            match head_within(reading, resp_deadline, interim, wait, deadline).await {
+            let waited =
+                head_within(timer.as_mut(), reading, resp_deadline, interim, wait, deadline);
+            match waited.await {
                 Some(Ok(Some(resp))) => return Ok(Answer { up, resp, cut: false, rest: None }),
                 Some(Ok(None)) => continue,
                 Some(Err(e)) => return Err(abandon(&up, e)),
@@ -1684,7 +1733,9 @@ async fn attempt_once<'c>(
                     let through = tokio::time::Instant::now();
                     let squeezed = through + cfg.response_timeout > deadline;
                     let by = answer_by(through);
-                    match head_within(&mut reading, by, interim, wait, deadline).await {
+                    let waited =
+                        head_within(timer.as_mut(), &mut reading, by, interim, wait, deadline);
+                    match waited.await {
                         Some(r) => (r, false, None),
                         None if squeezed => return Err(abandon(&up, Attempt::Squeezed)),
                         None => return Err(abandon(&up, timed_out(deadline, Attempt::Timeout))),
@@ -1703,7 +1754,9 @@ async fn attempt_once<'c>(
                     // once with the error. The response timeout, which a complete request
                     // would have had from here, bounds the rare wait in between.
                     let by = answer_by(tokio::time::Instant::now());
-                    match head_within(&mut reading, by, interim, wait, deadline).await {
+                    let waited =
+                        head_within(timer.as_mut(), &mut reading, by, interim, wait, deadline);
+                    match waited.await {
                         Some(Ok(Some(resp))) => (Ok(Some(resp)), true, None),
                         Some(Err(e @ (Attempt::ClientGone | Attempt::TooLarge))) => {
                             return Err(abandon(&up, e));
@@ -1791,10 +1844,12 @@ impl Interim {
 /// end), or later as interim responses come: each starts the response timeout (`wait`) again,
 /// as nginx's `proxy_read_timeout` runs between two reads, so a backend that sends `102
 /// Processing` while it works is not cut off as silent (the status exists for that, RFC 2518
-/// 10.1). Never past `deadline` (the whole request's). `None` once the time is up. A timer that
-/// runs out after an interim response is set again on the same read (a receive dropped to
-/// issue a new one would take the next bytes with it).
+/// 10.1). Never past `deadline` (the whole request's). `None` once the time is up. The timer
+/// (`timer`, the connection's for response heads: [`within`]) that runs out after an interim
+/// response is set again on the same read (a receive dropped to issue a new one would take the
+/// next bytes with it).
 async fn head_within<F: Future>(
+    mut timer: Pin<&mut Sleep>,
     reading: F,
     by: tokio::time::Instant,
     interim: &Interim,
@@ -1804,7 +1859,7 @@ async fn head_within<F: Future>(
     let mut reading = std::pin::pin!(reading);
     let mut until = by;
     loop {
-        match timeout_at(until, &mut reading).await {
+        match within(timer.as_mut(), until, &mut reading).await {
             Ok(r) => return Some(r),
             Err(_) => {
                 let later = interim.last.get().map_or(until, |at| (at + wait).min(deadline));
