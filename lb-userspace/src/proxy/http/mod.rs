@@ -2154,6 +2154,30 @@ mod tests {
         req(pairs).head
     }
 
+    /// A head keeps its headers' positions in itself up to `INLINE_HEADERS`, and one with
+    /// more has every header all the same, in order, request or response.
+    #[test]
+    fn heads_with_more_headers_than_kept_inline_lose_none() {
+        for n in [0, 1, 15, 16, 17, 40] {
+            let names: Vec<String> = (0..n).map(|k| format!("X-H{k}")).collect();
+            let pairs: Vec<(&str, &str)> = names.iter().map(|k| (k.as_str(), "v")).collect();
+            let got: Vec<String> = h(&pairs)
+                .headers()
+                .map(|(name, _)| String::from_utf8_lossy(name).into_owned())
+                .collect();
+            assert_eq!(got, names, "{n} request headers");
+            let mut text = "HTTP/1.1 200 OK\r\n".to_owned();
+            for k in &names {
+                text += &format!("{k}: v\r\n");
+            }
+            text += "\r\n";
+            let resp = parse_response(&mut BytesMut::from(text.as_bytes()));
+            let resp = resp.ok().flatten().expect("a complete head");
+            let got: Vec<&[u8]> = resp.head.headers().map(|(name, _)| name).collect();
+            assert_eq!(got, names.iter().map(String::as_bytes).collect::<Vec<_>>(), "{n}");
+        }
+    }
+
     /// NTLM and Negotiate, in any case, bind a connection whether the answer challenges with
     /// them (among other challenges, in one header or several) or the request carries their
     /// credentials; other schemes, and auth-params or tokens that merely contain the names, do
