@@ -21,6 +21,7 @@ use std::{
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use smallvec::SmallVec;
 
 use crate::{
     config::Algorithm,
@@ -359,6 +360,13 @@ fn rand() -> u64 {
 /// as many drops the oldest.
 const SWRR_KEEP: usize = 1024;
 
+/// Members a pick lists on the stack ([`Pool::eligible`]): a larger pool's list is allocated,
+/// for each pick.
+const STACK_MEMBERS: usize = 32;
+
+/// The members a pick chooses from ([`Pool::eligible`]).
+type Candidates = SmallVec<[usize; STACK_MEMBERS]>;
+
 /// Ring size of `Hash` pools: prime, large enough for even shares of small pools.
 pub const L7_RING: u32 = 4093;
 
@@ -548,10 +556,10 @@ impl Pool {
     /// Which members may take new work: weight > 0, up, not passively down, not excluded, not
     /// `lost` (a trial another request claimed first). Fails open: if none qualifies, every
     /// non-excluded member with weight does. Also says whether it is those that qualify (true)
-    /// or the fail-open set.
-    fn eligible(&self, exclude: &[usize], lost: &[usize]) -> (Vec<usize>, bool) {
+    /// or the fail-open set. On the stack for pools of up to [`STACK_MEMBERS`].
+    fn eligible(&self, exclude: &[usize], lost: &[usize]) -> (Candidates, bool) {
         let ok = |i: &usize| !exclude.contains(i) && self.members[*i].weight > 0;
-        let healthy: Vec<usize> = (0..self.members.len())
+        let healthy: Candidates = (0..self.members.len())
             .filter(ok)
             .filter(|&i| {
                 self.members[i].up && !self.members[i].state.passive_down() && !lost.contains(&i)
@@ -787,6 +795,26 @@ mod tests {
             })
             .collect();
         Pool::new(members, algorithm)
+    }
+
+    /// Pools of more members than a pick lists on the stack (`STACK_MEMBERS`) pick as smaller
+    /// ones do: round robin visits every member that qualifies once a round, skipping the
+    /// drained one, the one down, and the one passively out.
+    #[test]
+    fn large_pools_pick_every_member_in_turn() {
+        let client = "198.18.4.1".parse().unwrap();
+        for n in [STACK_MEMBERS - 1, STACK_MEMBERS, STACK_MEMBERS + 9] {
+            let mut weights = vec![1; n];
+            weights[3] = 0;
+            let mut p = pool(&weights, Algorithm::RoundRobin);
+            p.members[5].up = false;
+            p.members[n - 1].state.failure(1, Duration::from_secs(60));
+            let mut picked: Vec<usize> =
+                (0..n - 3).map(|_| p.pick(client, &[], None).unwrap()).collect();
+            picked.sort_unstable();
+            let want: Vec<usize> = (0..n - 1).filter(|&i| i != 3 && i != 5).collect();
+            assert_eq!(picked, want, "{n} members");
+        }
     }
 
     /// A hash pool's ring depends on its members, not their order, even when they share an
