@@ -768,9 +768,16 @@ pub(super) fn status_and_headers(out: &mut impl BufMut, resp: &RespHead) {
 /// over [`MAX_RESPONSE_HEADERS`] or [`MAX_RESPONSE_HEAD_BYTES`] is [`HeadError::TooLarge`]
 /// (one still incomplete is the caller's to measure), any other fault [`HeadError::Bad`].
 pub(super) fn parse_response(buf: &mut BytesMut) -> Result<Option<RespHead>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let len = match resp.parse(buf) {
+    // Uninitialised slots, as for a request head (`parse_request`): filling 128 empty headers
+    // (4 KiB) for every parse, whatever the head.
+    let mut headers = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    );
+    let len = match parsed {
         Ok(httparse::Status::Partial) => return Ok(None),
         Ok(httparse::Status::Complete(len)) if len > MAX_RESPONSE_HEAD_BYTES => {
             return Err(HeadError::TooLarge);
