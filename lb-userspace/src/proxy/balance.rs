@@ -182,7 +182,15 @@ impl BackendState {
 
     /// True while passively down: ejected, or back from it and waiting on its trial request.
     pub fn passive_down(&self) -> bool {
-        self.down_until_ms.load(Ordering::Relaxed) > now_ms()
+        self.passive_down_at(&PickClock::default())
+    }
+
+    /// [`passive_down`](Self::passive_down) by `now`, the clock of a whole pick, read only if
+    /// some backend has been down: one never ejected, or back in rotation since, has
+    /// `down_until_ms` at 0 (which no time is before). A pick read the clock for each member.
+    fn passive_down_at(&self, now: &PickClock) -> bool {
+        let until = self.down_until_ms.load(Ordering::Relaxed);
+        until != 0 && until > now.ms()
     }
 
     /// Whether a request picked for this backend may go to it: always for a backend in
@@ -222,6 +230,22 @@ fn epoch() -> Instant {
 
 fn now_ms() -> u64 {
     epoch().elapsed().as_millis() as u64
+}
+
+/// The time of one pick ([`now_ms`]), read at its first use, and at most once.
+#[derive(Default)]
+struct PickClock(std::cell::Cell<Option<u64>>);
+
+impl PickClock {
+    /// The time, read now if it was not yet.
+    fn ms(&self) -> u64 {
+        if let Some(now) = self.0.get() {
+            return now;
+        }
+        let now = now_ms();
+        self.0.set(Some(now));
+        now
+    }
 }
 
 /// One backend in a pool snapshot.
@@ -557,12 +581,13 @@ impl Pool {
     /// `lost` (a trial another request claimed first). Fails open: if none qualifies, every
     /// non-excluded member with weight does. Also says whether it is those that qualify (true)
     /// or the fail-open set. On the stack for pools of up to [`STACK_MEMBERS`].
-    fn eligible(&self, exclude: &[usize], lost: &[usize]) -> (Candidates, bool) {
+    fn eligible(&self, exclude: &[usize], lost: &[usize], now: &PickClock) -> (Candidates, bool) {
         let ok = |i: &usize| !exclude.contains(i) && self.members[*i].weight > 0;
         let healthy: Candidates = (0..self.members.len())
             .filter(ok)
             .filter(|&i| {
-                self.members[i].up && !self.members[i].state.passive_down() && !lost.contains(&i)
+                let m = &self.members[i];
+                m.up && !m.state.passive_down_at(now) && !lost.contains(&i)
             })
             .collect();
         if !healthy.is_empty() {
@@ -594,8 +619,9 @@ impl Pool {
     ) -> Option<(usize, bool)> {
         // Empty, and so not allocated, unless a trial was lost.
         let mut lost = Vec::new();
+        let now = PickClock::default();
         loop {
-            let (i, qualified) = self.choose(client, exclude, &lost, sticky)?;
+            let (i, qualified) = self.choose(client, exclude, &lost, sticky, &now)?;
             if !qualified || self.members[i].state.admit() {
                 return Some((i, !qualified));
             }
@@ -605,21 +631,22 @@ impl Pool {
     }
 
     /// One choice of [`Pool::pick`], without `lost` members, and whether it is from the members
-    /// that qualify (rather than the pool failing open).
+    /// that qualify (rather than the pool failing open), at `now` (the pick's).
     fn choose(
         &self,
         client: IpAddr,
         exclude: &[usize],
         lost: &[usize],
         sticky: Option<usize>,
+        now: &PickClock,
     ) -> Option<(usize, bool)> {
         if self.algorithm == Algorithm::Cookie
             && let Some(s) = sticky.filter(|s| !exclude.contains(s) && !lost.contains(s))
-            && self.members.get(s).is_some_and(|m| m.up && !m.state.passive_down())
+            && self.members.get(s).is_some_and(|m| m.up && !m.state.passive_down_at(now))
         {
             return Some((s, true));
         }
-        let (cand, qualified) = self.eligible(exclude, lost);
+        let (cand, qualified) = self.eligible(exclude, lost, now);
         if cand.is_empty() {
             return None;
         }
