@@ -29,7 +29,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::Poll,
     thread::JoinHandle,
@@ -617,6 +617,9 @@ pub struct Snapshot {
 /// Everything the threads share.
 pub(crate) struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
+    /// How many snapshots were published, counted after each is stored: a connection looks
+    /// its VIP up again only when this moved since its last look.
+    pub generation: Generation,
     pub metrics: Arc<L7Metrics>,
     pub stopping: AtomicBool,
     /// Wakes everything waiting in [`wait_stopping`] when `stopping` is set.
@@ -643,6 +646,20 @@ impl Shared {
     /// the threads stop.
     fn end_now(&self) {
         self.force.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A count of published snapshots ([`Shared::generation`]), read by every request of every
+/// thread: on a cache line of its own, which the connection counts beside it in [`Shared`],
+/// written by every thread at each connection, would otherwise take from it.
+#[derive(Default)]
+#[repr(align(128))]
+pub(crate) struct Generation(AtomicU64);
+
+impl Generation {
+    /// The count now (Acquire: the snapshots counted are stored).
+    pub(crate) fn load(&self, order: Ordering) -> u64 {
+        self.0.load(order)
     }
 }
 
@@ -901,6 +918,7 @@ impl Proxy {
         let listeners = l7_listeners(cfg);
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            generation: Generation::default(),
             metrics,
             stopping: AtomicBool::new(false),
             stop: tokio::sync::Notify::new(),
@@ -1144,6 +1162,8 @@ impl Proxy {
         self.rotations = rotations;
         self.said = said;
         self.shared.snapshot.store(Arc::new(Snapshot { vips }));
+        // After the store: a connection that sees the new count finds the new snapshot.
+        self.shared.generation.0.fetch_add(1, Ordering::Release);
     }
 
     /// The live state of backend `key` (VIP name, address): the one it has, or had when the

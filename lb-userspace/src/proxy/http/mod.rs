@@ -681,6 +681,8 @@ async fn serve_conn(
     // it is dropped, with the client connection's end).
     let mut private = Private::default();
     let mut first = true;
+    // The generation of the snapshot `vip` was last looked up in (`Shared::generation`).
+    let mut seen = None;
     // When the wait for the next request head starts: now, and then when the answer to the
     // request before ended (`end`, read for its latency anyway: clock reads showed up in
     // profiles), for a keep-alive connection.
@@ -752,9 +754,16 @@ async fn serve_conn(
         first = false;
         // The newest pools for every request, taken once its head is in: a keep-alive
         // connection may have waited up to the idle timeout for it, and a drain, a backend
-        // found dead or a reload meanwhile must count for it.
-        if let Some(v) = shared.snapshot.load().vips.get(&vip.name) {
-            vip = v.clone();
+        // found dead or a reload meanwhile must count for it. Looked up only when a snapshot
+        // was published since the last look (its generation, read first: a snapshot published
+        // in between is looked up again at the next request), not for every request (a load,
+        // a lookup by name and two reference counts).
+        let generation = shared.generation.load(Ordering::Acquire);
+        if seen != Some(generation) {
+            seen = Some(generation);
+            if let Some(v) = shared.snapshot.load().vips.get(&vip.name) {
+                vip = v.clone();
+            }
         }
         let cfg = &vip.cfg;
         // A reload may have changed the idle timeout since the connection was accepted.
@@ -818,11 +827,12 @@ async fn serve_conn(
         }
         // valid_host admits ASCII only.
         let host = target.host.and_then(|h| std::str::from_utf8(h).ok());
-        let pool = vip.pool_for(host, &target.path).clone();
+        // Borrowed from `vip`, which holds it for the request: no reference count moves.
+        let pool = vip.pool_for(host, &target.path);
         // An escaped slash, and a segment's `;` parameters, stay data here, but backends that
         // decode the one or drop the other first would serve the request by a path another
         // route takes: refused, rather than routed around that route.
-        if cfg.normalize_path && !readings_agree(&vip, host, &target.path, &pool) {
+        if cfg.normalize_path && !readings_agree(&vip, host, &target.path, pool) {
             return reject(client, &vip, peer, 400, Some(&req)).await;
         }
 
@@ -869,7 +879,7 @@ async fn serve_conn(
         // gets a pooled or fresh connection). Closed otherwise (and without reuse: a reload may
         // have turned it off).
         let mut own = if reuse {
-            private.take(&pool, started)
+            private.take(pool, started)
         } else {
             private = Private::default();
             None
@@ -888,7 +898,7 @@ async fn serve_conn(
             let i = match own_member.filter(|_| attempt == 0) {
                 Some(i) => i,
                 None => {
-                    let Some(i) = vip.pick(&pool, client_ip(peer), &tried, sticky, attempt) else {
+                    let Some(i) = vip.pick(pool, client_ip(peer), &tried, sticky, attempt) else {
                         break;
                     };
                     i
@@ -913,7 +923,7 @@ async fn serve_conn(
                 &upstream,
                 given,
                 &vip,
-                &pool,
+                pool,
                 i,
                 &head,
                 framing,
@@ -1059,7 +1069,7 @@ async fn serve_conn(
             if pool.algorithm == Algorithm::Cookie
                 && (sticky != Some(i) || renew || pool.cookie_refresh())
             {
-                set_cookie(&mut out, &pool, i);
+                set_cookie(&mut out, pool, i);
             }
             let protocol = header(&resp.head, "upgrade").next().or(upgrade).unwrap_or_default();
             out.extend_from_slice(b"Upgrade: ");
@@ -1160,7 +1170,7 @@ async fn serve_conn(
             && (sticky != Some(i) || renew || refresh)
             && resp.status < 500
         {
-            set_cookie(&mut out, &pool, i);
+            set_cookie(&mut out, pool, i);
         }
         out.extend_from_slice(if keep {
             &b"Connection: keep-alive\r\n\r\n"[..]
