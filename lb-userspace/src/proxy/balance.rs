@@ -117,7 +117,11 @@ impl BackendState {
     /// at once), so that the backend's return is logged once per ejection, as its ejection is.
     #[must_use = "a backend back in rotation is logged, once per ejection"]
     pub fn success(&self) -> bool {
-        self.fails.store(0, Ordering::Relaxed);
+        // Written only when there is a streak to end: one store fewer per request, on a line
+        // every thread's requests to this backend share.
+        if self.fails.load(Ordering::Relaxed) != 0 {
+            self.fails.store(0, Ordering::Relaxed);
+        }
         if self.health.load(Ordering::Relaxed) == TRIAL
             && self
                 .health
@@ -822,6 +826,18 @@ mod tests {
             })
             .collect();
         Pool::new(members, algorithm)
+    }
+
+    /// A success ends a streak of failures: `max_fails` count in a row only.
+    #[test]
+    fn a_success_ends_a_failure_streak() {
+        let state = BackendState::new("127.0.0.1:80".parse().unwrap());
+        let fail = || state.failure(3, Duration::from_secs(60));
+        assert_eq!((fail(), fail()), (Ejection::None, Ejection::None));
+        assert!(!state.success(), "no ejection ended");
+        assert_eq!((fail(), fail()), (Ejection::None, Ejection::None), "a new streak");
+        assert_eq!(fail(), Ejection::Streak);
+        assert!(state.passive_down());
     }
 
     /// Pools of more members than a pick lists on the stack (`STACK_MEMBERS`) pick as smaller
