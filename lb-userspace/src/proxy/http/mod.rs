@@ -146,12 +146,14 @@ fn finished(
     started: Option<Instant>,
     cut: Option<Cut>,
 ) {
-    finished_cut(vip, peer, status, req, backend, started, cut, None);
+    finished_cut(vip, peer, status, req, backend, started, None, cut, None);
 }
 
 /// [`finished`], with who ended the rest of a request body that went on beside an early 2xx
 /// and did not go through (`cut_body`, `-` otherwise): for a response streamed after a
-/// backend's head. One access-log line shape for every request.
+/// backend's head, whose `end` the caller read already (for its latency: the log's
+/// milliseconds then need no clock read of their own). One access-log line shape for every
+/// request.
 #[allow(clippy::too_many_arguments)]
 fn finished_cut(
     vip: &VipRuntime,
@@ -160,6 +162,7 @@ fn finished_cut(
     req: Option<&ReqHead>,
     backend: Option<SocketAddr>,
     started: Option<Instant>,
+    end: Option<Instant>,
     cut: Option<Cut>,
     cut_body: Option<Cut>,
 ) {
@@ -174,12 +177,28 @@ fn finished_cut(
             method = %Escaped(req.map_or("-", |r| r.method())),
             target = %Escaped(req.map_or("-", |r| r.path())),
             status,
-            backend = %backend.map(|b| b.to_string()).as_deref().unwrap_or("-"),
-            ms = started.map_or(0.0, |s| s.elapsed().as_secs_f64() * 1000.0),
+            backend = %OrDash(backend),
+            ms = started.map_or(0.0, |s| {
+                let took = end.map_or_else(|| s.elapsed(), |e| e.saturating_duration_since(s));
+                took.as_secs_f64() * 1000.0
+            }),
             cut = %cut.map_or("-", Cut::as_str),
             cut_body = %cut_body.map_or("-", Cut::as_str),
             "request"
         );
+    }
+}
+
+/// An address as the access log writes it, `-` for none: written straight into the formatter,
+/// without a `String` made for each line.
+struct OrDash(Option<SocketAddr>);
+
+impl std::fmt::Display for OrDash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("-"),
+        }
     }
 }
 
@@ -1338,8 +1357,8 @@ async fn serve_conn(
         if let Some(c) = body_cut_by {
             vip.request_bodies_cut[c as usize].inc();
         }
-        let (backend, head) = (Some(member.addr), Some(&req));
-        finished_cut(&vip, peer, status, head, backend, Some(started), cut_by, body_cut_by);
+        let (backend, head, took) = (Some(member.addr), Some(&req), (Some(started), Some(end)));
+        finished_cut(&vip, peer, status, head, backend, took.0, took.1, cut_by, body_cut_by);
         vip.duration.observe(end.saturating_duration_since(started).as_secs_f64());
         if cut_by.is_some() {
             // The body could not be passed on whole, and its head is with the client: a
