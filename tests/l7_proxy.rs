@@ -1865,6 +1865,30 @@ fn a_draining_proxy_refuses_new_connections_at_once() {
     drop(proxy);
 }
 
+/// A stop closes the connections idle between keep-alive requests at once, on every thread:
+/// their clients read the end of the stream, the drain does not wait for their idle timeout nor
+/// its grace period, and none is counted as closed for room.
+#[test]
+fn a_stop_closes_idle_keep_alive_connections_at_once() {
+    let b = backend("b", Mode::Ok);
+    let mut p = proxy(&[(&b, 1)], "", "");
+    // Several, so that each thread has some (most likely).
+    let mut idle: Vec<Client> = (0..6).map(|_| Client::connect(p.addr)).collect();
+    for c in &mut idle {
+        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(c.status(), 200);
+    }
+    let t = Instant::now();
+    p.proxy.take().unwrap().shutdown(Duration::from_secs(10));
+    assert!(t.elapsed() < Duration::from_secs(2), "the drain waited {:?}", t.elapsed());
+    for c in &mut idle {
+        let mut rest = Vec::new();
+        let end = c.r.read_to_end(&mut rest).map_err(|e| e.kind());
+        assert_eq!(end, Ok(0), "the end of the stream");
+    }
+    assert_eq!(vip_counter(&p.metrics, "edgelb_l7_connections_closed_for_room_total"), 0);
+}
+
 /// Pseudo-random garbage (a fixed xorshift stream, so failures reproduce) and hostile framing:
 /// the proxy answers each with a clean 4xx/5xx or closes, never hangs past its timeouts, and
 /// keeps serving valid requests afterwards.

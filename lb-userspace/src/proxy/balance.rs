@@ -21,6 +21,7 @@ use std::{
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use smallvec::SmallVec;
 
 use crate::{
     config::Algorithm,
@@ -116,7 +117,11 @@ impl BackendState {
     /// at once), so that the backend's return is logged once per ejection, as its ejection is.
     #[must_use = "a backend back in rotation is logged, once per ejection"]
     pub fn success(&self) -> bool {
-        self.fails.store(0, Ordering::Relaxed);
+        // Written only when there is a streak to end: one store fewer per request, on a line
+        // every thread's requests to this backend share.
+        if self.fails.load(Ordering::Relaxed) != 0 {
+            self.fails.store(0, Ordering::Relaxed);
+        }
         if self.health.load(Ordering::Relaxed) == TRIAL
             && self
                 .health
@@ -181,7 +186,15 @@ impl BackendState {
 
     /// True while passively down: ejected, or back from it and waiting on its trial request.
     pub fn passive_down(&self) -> bool {
-        self.down_until_ms.load(Ordering::Relaxed) > now_ms()
+        self.passive_down_at(&PickClock::default())
+    }
+
+    /// [`passive_down`](Self::passive_down) by `now`, the clock of a whole pick, read only if
+    /// some backend has been down: one never ejected, or back in rotation since, has
+    /// `down_until_ms` at 0 (which no time is before). A pick read the clock for each member.
+    fn passive_down_at(&self, now: &PickClock) -> bool {
+        let until = self.down_until_ms.load(Ordering::Relaxed);
+        until != 0 && until > now.ms()
     }
 
     /// Whether a request picked for this backend may go to it: always for a backend in
@@ -221,6 +234,22 @@ fn epoch() -> Instant {
 
 fn now_ms() -> u64 {
     epoch().elapsed().as_millis() as u64
+}
+
+/// The time of one pick ([`now_ms`]), read at its first use, and at most once.
+#[derive(Default)]
+struct PickClock(std::cell::Cell<Option<u64>>);
+
+impl PickClock {
+    /// The time, read now if it was not yet.
+    fn ms(&self) -> u64 {
+        if let Some(now) = self.0.get() {
+            return now;
+        }
+        let now = now_ms();
+        self.0.set(Some(now));
+        now
+    }
 }
 
 /// One backend in a pool snapshot.
@@ -358,6 +387,13 @@ fn rand() -> u64 {
 /// Smooth weighted round-robin states kept per thread (one per pool in use); more than twice
 /// as many drops the oldest.
 const SWRR_KEEP: usize = 1024;
+
+/// Members a pick lists on the stack ([`Pool::eligible`]): a larger pool's list is allocated,
+/// for each pick.
+const STACK_MEMBERS: usize = 32;
+
+/// The members a pick chooses from ([`Pool::eligible`]).
+type Candidates = SmallVec<[usize; STACK_MEMBERS]>;
 
 /// Ring size of `Hash` pools: prime, large enough for even shares of small pools.
 pub const L7_RING: u32 = 4093;
@@ -548,13 +584,14 @@ impl Pool {
     /// Which members may take new work: weight > 0, up, not passively down, not excluded, not
     /// `lost` (a trial another request claimed first). Fails open: if none qualifies, every
     /// non-excluded member with weight does. Also says whether it is those that qualify (true)
-    /// or the fail-open set.
-    fn eligible(&self, exclude: &[usize], lost: &[usize]) -> (Vec<usize>, bool) {
+    /// or the fail-open set. On the stack for pools of up to [`STACK_MEMBERS`].
+    fn eligible(&self, exclude: &[usize], lost: &[usize], now: &PickClock) -> (Candidates, bool) {
         let ok = |i: &usize| !exclude.contains(i) && self.members[*i].weight > 0;
-        let healthy: Vec<usize> = (0..self.members.len())
+        let healthy: Candidates = (0..self.members.len())
             .filter(ok)
             .filter(|&i| {
-                self.members[i].up && !self.members[i].state.passive_down() && !lost.contains(&i)
+                let m = &self.members[i];
+                m.up && !m.state.passive_down_at(now) && !lost.contains(&i)
             })
             .collect();
         if !healthy.is_empty() {
@@ -586,8 +623,9 @@ impl Pool {
     ) -> Option<(usize, bool)> {
         // Empty, and so not allocated, unless a trial was lost.
         let mut lost = Vec::new();
+        let now = PickClock::default();
         loop {
-            let (i, qualified) = self.choose(client, exclude, &lost, sticky)?;
+            let (i, qualified) = self.choose(client, exclude, &lost, sticky, &now)?;
             if !qualified || self.members[i].state.admit() {
                 return Some((i, !qualified));
             }
@@ -597,21 +635,22 @@ impl Pool {
     }
 
     /// One choice of [`Pool::pick`], without `lost` members, and whether it is from the members
-    /// that qualify (rather than the pool failing open).
+    /// that qualify (rather than the pool failing open), at `now` (the pick's).
     fn choose(
         &self,
         client: IpAddr,
         exclude: &[usize],
         lost: &[usize],
         sticky: Option<usize>,
+        now: &PickClock,
     ) -> Option<(usize, bool)> {
         if self.algorithm == Algorithm::Cookie
             && let Some(s) = sticky.filter(|s| !exclude.contains(s) && !lost.contains(s))
-            && self.members.get(s).is_some_and(|m| m.up && !m.state.passive_down())
+            && self.members.get(s).is_some_and(|m| m.up && !m.state.passive_down_at(now))
         {
             return Some((s, true));
         }
-        let (cand, qualified) = self.eligible(exclude, lost);
+        let (cand, qualified) = self.eligible(exclude, lost, now);
         if cand.is_empty() {
             return None;
         }
@@ -787,6 +826,38 @@ mod tests {
             })
             .collect();
         Pool::new(members, algorithm)
+    }
+
+    /// A success ends a streak of failures: `max_fails` count in a row only.
+    #[test]
+    fn a_success_ends_a_failure_streak() {
+        let state = BackendState::new("127.0.0.1:80".parse().unwrap());
+        let fail = || state.failure(3, Duration::from_secs(60));
+        assert_eq!((fail(), fail()), (Ejection::None, Ejection::None));
+        assert!(!state.success(), "no ejection ended");
+        assert_eq!((fail(), fail()), (Ejection::None, Ejection::None), "a new streak");
+        assert_eq!(fail(), Ejection::Streak);
+        assert!(state.passive_down());
+    }
+
+    /// Pools of more members than a pick lists on the stack (`STACK_MEMBERS`) pick as smaller
+    /// ones do: round robin visits every member that qualifies once a round, skipping the
+    /// drained one, the one down, and the one passively out.
+    #[test]
+    fn large_pools_pick_every_member_in_turn() {
+        let client = "198.18.4.1".parse().unwrap();
+        for n in [STACK_MEMBERS - 1, STACK_MEMBERS, STACK_MEMBERS + 9] {
+            let mut weights = vec![1; n];
+            weights[3] = 0;
+            let mut p = pool(&weights, Algorithm::RoundRobin);
+            p.members[5].up = false;
+            p.members[n - 1].state.failure(1, Duration::from_secs(60));
+            let mut picked: Vec<usize> =
+                (0..n - 3).map(|_| p.pick(client, &[], None).unwrap()).collect();
+            picked.sort_unstable();
+            let want: Vec<usize> = (0..n - 1).filter(|&i| i != 3 && i != 5).collect();
+            assert_eq!(picked, want, "{n} members");
+        }
     }
 
     /// A hash pool's ring depends on its members, not their order, even when they share an

@@ -29,8 +29,9 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
+    task::Poll,
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -616,6 +617,9 @@ pub struct Snapshot {
 /// Everything the threads share.
 pub(crate) struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
+    /// How many snapshots were published, counted after each is stored: a connection looks
+    /// its VIP up again only when this moved since its last look.
+    pub generation: Generation,
     pub metrics: Arc<L7Metrics>,
     pub stopping: AtomicBool,
     /// Wakes everything waiting in [`wait_stopping`] when `stopping` is set.
@@ -642,6 +646,20 @@ impl Shared {
     /// the threads stop.
     fn end_now(&self) {
         self.force.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A count of published snapshots ([`Shared::generation`]), read by every request of every
+/// thread: on a cache line of its own, which the connection counts beside it in [`Shared`],
+/// written by every thread at each connection, would otherwise take from it.
+#[derive(Default)]
+#[repr(align(128))]
+pub(crate) struct Generation(AtomicU64);
+
+impl Generation {
+    /// The count now (Acquire: the snapshots counted are stored).
+    pub(crate) fn load(&self, order: Ordering) -> u64 {
+        self.0.load(order)
     }
 }
 
@@ -900,6 +918,7 @@ impl Proxy {
         let listeners = l7_listeners(cfg);
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            generation: Generation::default(),
             metrics,
             stopping: AtomicBool::new(false),
             stop: tokio::sync::Notify::new(),
@@ -1143,6 +1162,8 @@ impl Proxy {
         self.rotations = rotations;
         self.said = said;
         self.shared.snapshot.store(Arc::new(Snapshot { vips }));
+        // After the store: a connection that sees the new count finds the new snapshot.
+        self.shared.generation.0.fetch_add(1, Ordering::Release);
     }
 
     /// The live state of backend `key` (VIP name, address): the one it has, or had when the
@@ -1344,7 +1365,10 @@ async fn run_thread(
     while shared.open.load(Ordering::SeqCst) > 0 && !shared.force.load(Ordering::SeqCst) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    FORCED.with(|forced| forced.notify_waiters());
+    // Not when it ends as every connection closed: the grace period is not over then.
+    if shared.force.load(Ordering::SeqCst) {
+        FORCED.with(Forced::end);
+    }
     // Past the grace period, every connection's task resets its connections as soon as it runs
     // (`accept_loop`): it gets the turn to, before the runtime goes with whatever is left.
     let until = tokio::time::Instant::now() + FORCED_END;
@@ -1410,7 +1434,8 @@ pub(crate) fn say_local_failure(vip: &str, backend: SocketAddr, e: &std::io::Err
     }
 }
 
-/// Accepts connections on `l` until the proxy stops.
+/// Accepts connections on `l` until the proxy stops, and then closes this thread's connections
+/// of the VIP idle between keep-alive requests (`idle`, [`reuse::Idle::close_all`]).
 ///
 /// Accepting goes through tokio's readiness reactor (which tokio-uring's runtime also runs), not
 /// an io_uring accept: an io_uring accept abandoned at stop stays armed in the kernel and would
@@ -1441,7 +1466,7 @@ async fn accept_loop(
         // the service manager holds keeps it for the next process).
         let accepted = tokio::select! {
             biased;
-            _ = wait_stopping(&shared) => return,
+            _ = wait_stopping(&shared) => return idle.close_all(),
             r = l.accept() => r,
         };
         // io_uring honours O_NONBLOCK (an operation that would wait fails with EAGAIN instead),
@@ -1467,7 +1492,7 @@ async fn accept_loop(
                 };
                 tokio::select! {
                     biased;
-                    _ = wait_stopping(&shared) => return,
+                    _ = wait_stopping(&shared) => return idle.close_all(),
                     _ = tokio::time::sleep(pause) => {}
                 }
                 continue;
@@ -1549,26 +1574,128 @@ impl Drop for Counted {
     }
 }
 
-/// Returns once the proxy is stopping. A notification, not a poll: every idle keep-alive
-/// connection waits here, and a 50 ms polling timer each was thousands of wake-ups a second.
+/// Returns once the proxy is stopping. A notification, not a poll: every accept loop waits
+/// here. Connections idle between keep-alive requests do not: the accept loops close them
+/// ([`reuse::Idle::close_all`]), as a wait each, registered and dropped per request, took the
+/// `Notify`'s lock, shared by every thread, two or three times a request.
 pub(crate) async fn wait_stopping(shared: &Shared) {
     wait_set(&shared.stopping, &shared.stop).await;
 }
 
 thread_local! {
-    /// Wakes this proxy thread's connections waiting in [`wait_forced`] once the grace period
-    /// is over ([`run_thread`] sees it within 20 ms). One per thread, not one in [`Shared`]:
-    /// every connection and every response streamed registers a wait, and a wait registered or
-    /// polled takes its `Notify`'s lock, which would then be one lock every thread takes at
-    /// every wake-up.
-    static FORCED: std::rc::Rc<tokio::sync::Notify> = std::rc::Rc::new(tokio::sync::Notify::new());
+    /// This proxy thread's view of the end of a stop's grace period ([`wait_forced`]).
+    static FORCED: Forced = Forced::default();
+}
+
+/// The end of a stop's grace period as one proxy thread sees it: `over` set, and the tasks
+/// waiting for it woken, by [`run_thread`] once it sees [`Shared::force`] (within 20 ms). Of
+/// the thread, with no lock nor atomic operation: a connection's task polls its wait at every
+/// wake-up, and a `Notify` (one per thread before) takes its lock at every poll.
+#[derive(Default)]
+struct Forced {
+    /// The grace period is over.
+    over: std::cell::Cell<bool>,
+    /// The waiting tasks' wakers, by slot ([`WaitForced::slot`]).
+    wakers: std::cell::RefCell<Slots>,
+}
+
+/// The wakers of [`Forced`], in slots a wait keeps until it is dropped.
+#[derive(Default)]
+struct Slots {
+    wakers: Vec<Option<std::task::Waker>>,
+    /// Slots free for the next wait.
+    free: Vec<usize>,
+}
+
+impl Forced {
+    /// The grace period is over: every wait returns, and the tasks waiting are woken.
+    fn end(&self) {
+        self.over.set(true);
+        let woken: Vec<_> =
+            self.wakers.borrow_mut().wakers.iter_mut().filter_map(Option::take).collect();
+        woken.into_iter().for_each(std::task::Waker::wake);
+    }
+
+    /// Keeps `waker` in `slot` (taking a free one if it has none yet) to be woken by
+    /// [`Forced::end`]; cloned only when it is not the one kept already.
+    fn register(&self, slot: &mut Option<usize>, waker: &std::task::Waker) {
+        let mut slots = self.wakers.borrow_mut();
+        let k = match *slot {
+            Some(k) => k,
+            None => {
+                let k = slots.free.pop().unwrap_or_else(|| {
+                    slots.wakers.push(None);
+                    slots.wakers.len() - 1
+                });
+                *slot = Some(k);
+                k
+            }
+        };
+        let kept = &mut slots.wakers[k];
+        if !kept.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *kept = Some(waker.clone());
+        }
+    }
+
+    /// Frees slot `k`.
+    fn release(&self, k: usize) {
+        let mut slots = self.wakers.borrow_mut();
+        slots.wakers[k] = None;
+        slots.free.push(k);
+    }
+}
+
+/// A wait for the end of a stop's grace period ([`wait_forced`], [`wait_forced_in_task`]).
+pub(crate) struct WaitForced<'a> {
+    shared: &'a Shared,
+    /// Whether it wakes its task at the end (else another wait of the same task does).
+    wakes: bool,
+    /// Polled before: [`Shared::force`] is looked at only the first time.
+    polled: bool,
+    /// Its task's waker's slot in [`Forced`], once it has one.
+    slot: Option<usize>,
+}
+
+impl std::future::Future for WaitForced<'_> {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        // A wait begun after the grace period ended returns at once; one begun before returns
+        // once its thread has seen it (`run_thread`).
+        let first = !self.polled;
+        if FORCED.with(|f| f.over.get()) || (first && self.shared.force.load(Ordering::SeqCst)) {
+            return Poll::Ready(());
+        }
+        self.polled = true;
+        if self.wakes {
+            let w = &mut *self;
+            FORCED.with(|f| f.register(&mut w.slot, cx.waker()));
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for WaitForced<'_> {
+    fn drop(&mut self) {
+        if let Some(k) = self.slot {
+            // Not while the thread's locals go: nothing is woken then.
+            let _ = FORCED.try_with(|f| f.release(k));
+        }
+    }
 }
 
 /// Returns once the grace period of a stop is over (at its deadline, or cut short): every
-/// connection waits here, to be reset then. Called on a proxy thread only.
-pub(crate) async fn wait_forced(shared: &Shared) {
-    let forced = FORCED.with(std::rc::Rc::clone);
-    wait_set(&shared.force, &forced).await;
+/// connection's task waits here, once (its client connection is then reset). Called on a proxy
+/// thread only.
+pub(crate) fn wait_forced(shared: &Shared) -> WaitForced<'_> {
+    WaitForced { shared, wakes: true, polled: false, slot: None }
+}
+
+/// [`wait_forced`] within a connection's task that waits there already (`accept_loop`), whose
+/// wait wakes the task: this one only looks, at each poll, with nothing registered (the
+/// response streamed by each request of the connection waits here, to count and log its cut).
+pub(crate) fn wait_forced_in_task(shared: &Shared) -> WaitForced<'_> {
+    WaitForced { shared, wakes: false, polled: false, slot: None }
 }
 
 /// Returns once `flag` is set, woken by `notify` (which the setter notifies after setting it).

@@ -10,6 +10,7 @@
 //! of a request (its head partly read, its body or response on the way) is never closed. Such a
 //! connection is closed as the idle timeout closes it (shut down: its client reads the end of
 //! the stream, as from any server closing an idle keep-alive connection, and opens a new one).
+//! A stop closes every idle connection of the thread so ([`Idle::close_all`]).
 //! A request that had arrived just before, read but not yet seen by the connection's task, is
 //! dropped unserved ([`Waiting::finish`]): the client finds the connection closed without an
 //! answer, as when the close comes first, and may send the request again on a new one; served,
@@ -155,6 +156,19 @@ impl Idle {
         Waiting { idle: self, key }
     }
 
+    /// Closes every connection of this thread's idle now, as the idle timeout would: a stop
+    /// ends the keep-alive connections idle between requests (as nginx and HAProxy do). Called
+    /// by the thread's accept loops once they see the stop; not counted as closed for room.
+    /// Each connection's task reads the end of the stream, or finds it was taken
+    /// ([`Waiting::finish`]), and ends; one that goes idle after this sees the stop itself
+    /// (`http::serve`). So no idle connection waits on the stop's notification itself, which
+    /// took its lock twice or three times per request.
+    pub(crate) fn close_all(&self) {
+        let waiting = std::mem::take(&mut self.local.borrow_mut().waiting);
+        self.own().idle.fetch_sub(waiting.len() as isize, Ordering::SeqCst);
+        waiting.values().for_each(close);
+    }
+
     /// Makes room for a connection over the VIP's limit: closes this thread's longest-idle
     /// connection of the VIP now, or else claims one of another thread's, which that thread
     /// closes. False when no thread has one.
@@ -279,6 +293,42 @@ mod tests {
             assert!(!mine.make_room());
             assert_eq!(closed_for_room.get(), 2, "nothing closed, nothing counted");
             closer.abort();
+        });
+    }
+
+    /// A stop closes every idle connection of the thread, and only those, and counts none as
+    /// closed for room; a connection taken so finds it was when its wait is over, and the
+    /// thread's count of idle ones is 0 again.
+    #[test]
+    fn a_stop_closes_every_idle_connection() {
+        use std::io::Read;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let long = std::time::Duration::from_secs(60);
+        let shelves = shelves(1);
+        let closed_for_room = Counter::default();
+        let idle = Idle::new(shelves.clone(), 0, closed_for_room.clone());
+        tokio_uring::start(async {
+            let mut conns = Vec::new();
+            for _ in 0..3 {
+                let s = Socket::connect(addr, long, long).await.unwrap();
+                let peer = l.accept().unwrap().0;
+                peer.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+                conns.push((s, peer));
+            }
+            let (a, b) = (idle.waiting(&conns[0].0), idle.waiting(&conns[1].0));
+            // conns[2] is busy: never counted idle.
+            idle.close_all();
+            for (_, peer) in &mut conns[..2] {
+                assert!(matches!(peer.read(&mut [0u8; 1]), Ok(0)), "closed");
+            }
+            conns[2].1.set_nonblocking(true).unwrap();
+            let busy = conns[2].1.peek(&mut [0u8; 1]).map_err(|e| e.kind());
+            assert_eq!(busy, Err(std::io::ErrorKind::WouldBlock), "the busy one is open");
+            assert!(!a.finish() && !b.finish(), "taken");
+            assert_eq!(shelves[0].idle.load(Ordering::SeqCst), 0);
+            assert_eq!(closed_for_room.get(), 0);
+            assert!(!idle.make_room(), "nothing idle left");
         });
     }
 

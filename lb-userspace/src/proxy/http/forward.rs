@@ -7,11 +7,11 @@
 
 use std::{
     borrow::Cow,
-    io::Write as _,
+    fmt::Write as _,
     net::{IpAddr, SocketAddr},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::head::{
     Framing, ReqHead, UNDERSCORE_DROPPED, content_length, header, is_tchar, max_forwards,
@@ -225,7 +225,9 @@ pub(super) fn valid_forwarded(v: &[u8]) -> bool {
     }
 }
 
-/// The request head as sent to the backend (shared by every attempt without copying). An
+/// The request head as sent to the backend (shared by every attempt without copying), written
+/// into `out` (empty; the connection's, whose room comes back once the head sent before is
+/// dropped: no allocation per request) and split off it. An
 /// upgrade request (`upgrade`, from [`upgrade_of`]) keeps its `Upgrade` header and says
 /// `Connection: upgrade`. The request line and Host come from `target` (`listen` names the
 /// address the client connected to, for a Host the proxy adds). With `forwarded_for`, the
@@ -236,7 +238,9 @@ pub(super) fn valid_forwarded(v: &[u8]) -> bool {
 ///
 /// [`close_after_backend`]: super::upstream_pool::close_after_backend
 /// [`upgrade_of`]: super::upgrade_of
+#[allow(clippy::too_many_arguments)]
 pub(super) fn upstream_head(
+    out: &mut BytesMut,
     req: &ReqHead,
     target: &Target,
     listen: SocketAddr,
@@ -246,18 +250,18 @@ pub(super) fn upstream_head(
     reuse: bool,
 ) -> Bytes {
     let head = &req.head;
-    let mut out = Vec::with_capacity(256 + head.bytes.len());
-    out.extend(req.method().as_bytes());
-    out.push(b' ');
-    out.extend(target.path.as_bytes());
-    out.extend(b" HTTP/1.1\r\n");
+    out.reserve(256 + head.bytes.len());
+    out.extend_from_slice(req.method().as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(target.path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
     match target.host_out {
         Some(HostOut::Authority(a)) => {
-            out.extend(b"Host: ");
-            out.extend(a);
-            out.extend(b"\r\n");
+            out.extend_from_slice(b"Host: ");
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
         }
-        // Writes into a Vec cannot fail.
+        // Writes into a BytesMut cannot fail.
         Some(HostOut::Listen) => drop(write!(out, "Host: {listen}\r\n")),
         None => {}
     }
@@ -297,50 +301,50 @@ pub(super) fn upstream_head(
         {
             continue;
         }
-        out.extend(name);
-        out.extend(b": ");
-        out.extend(value);
-        out.extend(b"\r\n");
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
     }
     if let Some(client) = forwarded_for {
         // Every earlier hop the client's headers list, in order, then this one (backends take
         // the rightmost element they trust, as with nginx and HAProxy). A Forwarded value that
         // is not RFC 7239 is dropped: an unterminated quoted string in it would swallow this
         // hop's element for the backend's parser.
-        let append = |out: &mut Vec<u8>, name: &str, keep: fn(&[u8]) -> bool| {
-            out.extend(name.as_bytes());
-            out.extend(b": ");
+        let append = |out: &mut BytesMut, name: &str, keep: fn(&[u8]) -> bool| {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
             for v in header(head, name).filter(|v| keep(v)) {
-                out.extend(v);
-                out.extend(b", ");
+                out.extend_from_slice(v);
+                out.extend_from_slice(b", ");
             }
         };
-        append(&mut out, "X-Forwarded-For", |_| true);
-        out.extend(client.xff.as_bytes());
-        out.extend(b"\r\nX-Forwarded-Proto: http\r\n");
-        append(&mut out, "Forwarded", valid_forwarded);
-        out.extend(client.forwarded.as_bytes());
-        out.extend(b";proto=http\r\n");
+        append(out, "X-Forwarded-For", |_| true);
+        out.extend_from_slice(client.xff.as_bytes());
+        out.extend_from_slice(b"\r\nX-Forwarded-Proto: http\r\n");
+        append(out, "Forwarded", valid_forwarded);
+        out.extend_from_slice(client.forwarded.as_bytes());
+        out.extend_from_slice(b";proto=http\r\n");
     }
     if let Some(n) = hops {
-        out.extend(b"Max-Forwards: ");
-        put_decimal(&mut out, n - 1);
-        out.extend(b"\r\n");
+        out.extend_from_slice(b"Max-Forwards: ");
+        put_decimal(out, n - 1);
+        out.extend_from_slice(b"\r\n");
     }
     if framing == Framing::Chunked {
-        transfer_encoding(&mut out, head);
+        transfer_encoding(out, head);
     }
     // A request framed without a body that had a Content-Length had one of 0: body_framing
     // refuses any other value that does not frame a body.
-    content_length(&mut out, framing, had_length.then_some(0));
+    content_length(out, framing, had_length.then_some(0));
     match upgrade {
         Some(protocol) => {
-            out.extend(b"Upgrade: ");
-            out.extend(protocol);
-            out.extend(b"\r\nConnection: upgrade\r\n\r\n");
+            out.extend_from_slice(b"Upgrade: ");
+            out.extend_from_slice(protocol);
+            out.extend_from_slice(b"\r\nConnection: upgrade\r\n\r\n");
         }
-        None if reuse => out.extend(b"Connection: keep-alive\r\n\r\n"),
-        None => out.extend(b"Connection: close\r\n\r\n"),
+        None if reuse => out.extend_from_slice(b"Connection: keep-alive\r\n\r\n"),
+        None => out.extend_from_slice(b"Connection: close\r\n\r\n"),
     }
-    Bytes::from(out)
+    out.split().freeze()
 }

@@ -11,6 +11,7 @@ use std::mem::MaybeUninit;
 
 use ahash::AHashMap;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use smallvec::SmallVec;
 
 use super::{MAX_RESPONSE_HEAD_BYTES, MAX_RESPONSE_HEADERS};
 
@@ -41,12 +42,20 @@ impl Span {
     }
 }
 
+/// Headers whose positions a head keeps in itself ([`Head::headers`]); only a head with more
+/// allocates. As many as most requests and responses have: browsers send ten to twenty.
+const INLINE_HEADERS: usize = 16;
+
+/// Where each header's name and value lie in a head's bytes, in order.
+type Spans = SmallVec<[(Span, Span); INLINE_HEADERS]>;
+
 /// A parsed message head, kept as the bytes it arrived in (split off the read buffer, not
 /// copied); names, values, method, path and reason are positions in them. This saves the two
-/// allocations per header that owned strings cost.
+/// allocations per header that owned strings cost, and the positions themselves are kept in
+/// the head (up to [`INLINE_HEADERS`]): no allocation per head either.
 pub(super) struct Head {
     pub(super) bytes: Bytes,
-    headers: Vec<(Span, Span)>,
+    headers: Spans,
     /// What its Connection headers say, found once, as the head is parsed.
     pub(super) connection: ConnectionOptions,
 }
@@ -180,7 +189,7 @@ impl ConnectionOptions {
 }
 
 impl Head {
-    fn new(bytes: Bytes, headers: Vec<(Span, Span)>) -> Head {
+    fn new(bytes: Bytes, headers: Spans) -> Head {
         let mut head = Head { bytes, headers, connection: ConnectionOptions::default() };
         head.connection = ConnectionOptions::of(&head);
         head
@@ -210,7 +219,7 @@ impl Head {
     }
 
     /// Positions of `headers` within `buf`.
-    fn spans(buf: &[u8], headers: &[httparse::Header]) -> Vec<(Span, Span)> {
+    fn spans(buf: &[u8], headers: &[httparse::Header]) -> Spans {
         headers.iter().map(|h| (Span::of(buf, h.name.as_bytes()), Span::of(buf, h.value))).collect()
     }
 }
@@ -759,9 +768,16 @@ pub(super) fn status_and_headers(out: &mut impl BufMut, resp: &RespHead) {
 /// over [`MAX_RESPONSE_HEADERS`] or [`MAX_RESPONSE_HEAD_BYTES`] is [`HeadError::TooLarge`]
 /// (one still incomplete is the caller's to measure), any other fault [`HeadError::Bad`].
 pub(super) fn parse_response(buf: &mut BytesMut) -> Result<Option<RespHead>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let len = match resp.parse(buf) {
+    // Uninitialised slots, as for a request head (`parse_request`): filling 128 empty headers
+    // (4 KiB) for every parse, whatever the head.
+    let mut headers = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    );
+    let len = match parsed {
         Ok(httparse::Status::Partial) => return Ok(None),
         Ok(httparse::Status::Complete(len)) if len > MAX_RESPONSE_HEAD_BYTES => {
             return Err(HeadError::TooLarge);

@@ -26,12 +26,14 @@ use std::{
     fmt::Write as _,
     io,
     net::SocketAddr,
+    pin::Pin,
     sync::{Arc, atomic::Ordering},
+    task::Poll,
     time::{Duration, Instant},
 };
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::time::timeout_at;
+use tokio::time::{Sleep, timeout_at};
 use tokio_uring::buf::IoBuf;
 
 use super::{
@@ -88,6 +90,28 @@ async fn read_more(s: &Socket, buf: &mut BytesMut) -> io::Result<usize> {
     r
 }
 
+/// A wait that ran out ([`within`]).
+struct TimedOut;
+
+/// `work`, unless `timer`, moved to `deadline`, runs out first: [`timeout_at`] on a timer kept
+/// for a connection's many waits (one per direction) rather than one made for each, which
+/// took the runtime's timer lock to register and again to cancel, twice a request. Moved later
+/// (the usual case, from one request to the next), a registered timer takes no lock
+/// (`Sleep::reset`). `work` is polled first, as `timeout_at` polls it.
+async fn within<F: Future>(
+    mut timer: Pin<&mut Sleep>,
+    deadline: tokio::time::Instant,
+    work: F,
+) -> Result<F::Output, TimedOut> {
+    timer.as_mut().reset(deadline);
+    let mut work = std::pin::pin!(work);
+    std::future::poll_fn(|cx| match work.as_mut().poll(cx) {
+        Poll::Ready(r) => Poll::Ready(Ok(r)),
+        Poll::Pending => timer.as_mut().poll(cx).map(|()| Err(TimedOut)),
+    })
+    .await
+}
+
 /// Writes all of `data` (a `Vec`, or `Bytes` split off a read buffer without copying).
 async fn write<B: IoBuf>(s: &Socket, data: B) -> io::Result<()> {
     s.send_all(data).await.map(drop)
@@ -122,12 +146,14 @@ fn finished(
     started: Option<Instant>,
     cut: Option<Cut>,
 ) {
-    finished_cut(vip, peer, status, req, backend, started, cut, None);
+    finished_cut(vip, peer, status, req, backend, started, None, cut, None);
 }
 
 /// [`finished`], with who ended the rest of a request body that went on beside an early 2xx
 /// and did not go through (`cut_body`, `-` otherwise): for a response streamed after a
-/// backend's head. One access-log line shape for every request.
+/// backend's head, whose `end` the caller read already (for its latency: the log's
+/// milliseconds then need no clock read of their own). One access-log line shape for every
+/// request.
 #[allow(clippy::too_many_arguments)]
 fn finished_cut(
     vip: &VipRuntime,
@@ -136,6 +162,7 @@ fn finished_cut(
     req: Option<&ReqHead>,
     backend: Option<SocketAddr>,
     started: Option<Instant>,
+    end: Option<Instant>,
     cut: Option<Cut>,
     cut_body: Option<Cut>,
 ) {
@@ -150,12 +177,28 @@ fn finished_cut(
             method = %Escaped(req.map_or("-", |r| r.method())),
             target = %Escaped(req.map_or("-", |r| r.path())),
             status,
-            backend = %backend.map(|b| b.to_string()).as_deref().unwrap_or("-"),
-            ms = started.map_or(0.0, |s| s.elapsed().as_secs_f64() * 1000.0),
+            backend = %OrDash(backend),
+            ms = started.map_or(0.0, |s| {
+                let took = end.map_or_else(|| s.elapsed(), |e| e.saturating_duration_since(s));
+                took.as_secs_f64() * 1000.0
+            }),
             cut = %cut.map_or("-", Cut::as_str),
             cut_body = %cut_body.map_or("-", Cut::as_str),
             "request"
         );
+    }
+}
+
+/// An address as the access log writes it, `-` for none: written straight into the formatter,
+/// without a `String` made for each line.
+struct OrDash(Option<SocketAddr>);
+
+impl std::fmt::Display for OrDash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("-"),
+        }
     }
 }
 
@@ -648,18 +691,30 @@ async fn serve_conn(
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut ubuf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = BytesMut::with_capacity(512);
+    // The buffer request heads for backends are written in: its room comes back once the head
+    // of the request before is dropped.
+    let mut uhead = BytesMut::new();
     let mut tried: Vec<usize> = Vec::new();
     let mut forwarded: Option<ForwardedClient> = None;
     // This client connection's private backend connection, between its requests (closed when
     // it is dropped, with the client connection's end).
     let mut private = Private::default();
     let mut first = true;
+    // The generation of the snapshot `vip` was last looked up in (`Shared::generation`).
+    let mut seen = None;
+    // When the wait for the next request head starts: now, and then when the answer to the
+    // request before ended (`end`, read for its latency anyway: clock reads showed up in
+    // profiles), for a keep-alive connection.
+    let mut waiting = tokio::time::Instant::now();
+    // The timers of the connection's waits ([`within`]): for the client's request heads, and
+    // for the backends' response heads.
+    let mut head_timer = std::pin::pin!(tokio::time::sleep_until(waiting));
+    let mut answer_timer = std::pin::pin!(tokio::time::sleep_until(waiting));
     loop {
         let cfg = &vip.cfg;
         // 1. Request head, within the header timeout (idle timeout while waiting for a
         // keep-alive request to start; the header timeout then runs from its first bytes).
-        // One clock read for both deadlines of the wait (clock reads showed up in profiles).
-        let waiting = tokio::time::Instant::now();
+        // One clock read for both deadlines of the wait.
         let (mut head_deadline, idle_deadline) =
             (waiting + cfg.header_timeout, waiting + cfg.idle_timeout);
         // A keep-alive request started arriving after the wait: its head has the whole header
@@ -693,14 +748,16 @@ async fn serve_conn(
             // Stopping closes a keep-alive connection idle between requests (as nginx and
             // HAProxy do), but not one just accepted: its client has sent, or is sending, a
             // request that nobody else will answer, so it is read and served (with `close`).
-            // So does a new connection over `max_connections` (`super::reuse`): it shuts the
+            // The stop's accept loops close this thread's idle ones (`Idle::close_all`), as a
+            // new connection over `max_connections` does one (`super::reuse`): that shuts the
             // socket down, and the read ends with the end of the stream (or, had it completed
-            // with a request before, the request is not served: `Waiting::finish`).
+            // with a request before, the request is not served: `Waiting::finish`). One that
+            // goes idle after that sees the stop here.
             let closable = waiting_for_start.then(|| idle.waiting(client));
-            let read = tokio::select! {
-                r = timeout_at(deadline, read_more(client, &mut buf)) => r,
-                _ = super::wait_stopping(&shared), if waiting_for_start => return,
-            };
+            if closable.is_some() && shared.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            let read = within(head_timer.as_mut(), deadline, read_more(client, &mut buf)).await;
             // Taken to make room while the read completed: shut down, and whatever it read
             // (a request) is not served, as if the read had come after the shutdown.
             if closable.is_some_and(|w| !w.finish()) {
@@ -716,9 +773,16 @@ async fn serve_conn(
         first = false;
         // The newest pools for every request, taken once its head is in: a keep-alive
         // connection may have waited up to the idle timeout for it, and a drain, a backend
-        // found dead or a reload meanwhile must count for it.
-        if let Some(v) = shared.snapshot.load().vips.get(&vip.name) {
-            vip = v.clone();
+        // found dead or a reload meanwhile must count for it. Looked up only when a snapshot
+        // was published since the last look (its generation, read first: a snapshot published
+        // in between is looked up again at the next request), not for every request (a load,
+        // a lookup by name and two reference counts).
+        let generation = shared.generation.load(Ordering::Acquire);
+        if seen != Some(generation) {
+            seen = Some(generation);
+            if let Some(v) = shared.snapshot.load().vips.get(&vip.name) {
+                vip = v.clone();
+            }
         }
         let cfg = &vip.cfg;
         // A reload may have changed the idle timeout since the connection was accepted.
@@ -770,6 +834,7 @@ async fn serve_conn(
                     return;
                 }
                 if keep {
+                    waiting = tokio::time::Instant::now();
                     continue;
                 }
                 if framing != Framing::None || sends_more(client, &buf) {
@@ -781,11 +846,12 @@ async fn serve_conn(
         }
         // valid_host admits ASCII only.
         let host = target.host.and_then(|h| std::str::from_utf8(h).ok());
-        let pool = vip.pool_for(host, &target.path).clone();
+        // Borrowed from `vip`, which holds it for the request: no reference count moves.
+        let pool = vip.pool_for(host, &target.path);
         // An escaped slash, and a segment's `;` parameters, stay data here, but backends that
         // decode the one or drop the other first would serve the request by a path another
         // route takes: refused, rather than routed around that route.
-        if cfg.normalize_path && !readings_agree(&vip, host, &target.path, &pool) {
+        if cfg.normalize_path && !readings_agree(&vip, host, &target.path, pool) {
             return reject(client, &vip, peer, 400, Some(&req)).await;
         }
 
@@ -814,7 +880,7 @@ async fn serve_conn(
         // A connection that opened with a PROXY header speaks for one client only, and with
         // `upstream_keepalive = 0` none is pooled.
         let reuse = cfg.proxy_protocol.is_none() && cfg.upstream_keepalive > 0;
-        let head = upstream_head(&req, &target, listen, framing, upgrade, names, reuse);
+        let head = upstream_head(&mut uhead, &req, &target, listen, framing, upgrade, names, reuse);
         let expect = Expect {
             upgrade: upgrade.is_some(),
             continued,
@@ -832,7 +898,7 @@ async fn serve_conn(
         // gets a pooled or fresh connection). Closed otherwise (and without reuse: a reload may
         // have turned it off).
         let mut own = if reuse {
-            private.take(&pool, started)
+            private.take(pool, started)
         } else {
             private = Private::default();
             None
@@ -851,7 +917,7 @@ async fn serve_conn(
             let i = match own_member.filter(|_| attempt == 0) {
                 Some(i) => i,
                 None => {
-                    let Some(i) = vip.pick(&pool, client_ip(peer), &tried, sticky, attempt) else {
+                    let Some(i) = vip.pick(pool, client_ip(peer), &tried, sticky, attempt) else {
                         break;
                     };
                     i
@@ -870,8 +936,25 @@ async fn serve_conn(
             // The first attempt starts with the request; a retry reads the clock again.
             let now = if attempt == 0 { started } else { Instant::now() };
             let r = attempt_once(
-                client, &mut buf, &mut ubuf, &upstream, given, &vip, &pool, i, &head, framing,
-                expect, can_retry, peer, listen, now, deadline, &clock, &interim,
+                client,
+                &mut buf,
+                &mut ubuf,
+                &upstream,
+                given,
+                &vip,
+                pool,
+                i,
+                &head,
+                framing,
+                expect,
+                can_retry,
+                peer,
+                listen,
+                now,
+                deadline,
+                &clock,
+                &interim,
+                &mut answer_timer,
             )
             .await;
             match r {
@@ -1005,7 +1088,7 @@ async fn serve_conn(
             if pool.algorithm == Algorithm::Cookie
                 && (sticky != Some(i) || renew || pool.cookie_refresh())
             {
-                set_cookie(&mut out, &pool, i);
+                set_cookie(&mut out, pool, i);
             }
             let protocol = header(&resp.head, "upgrade").next().or(upgrade).unwrap_or_default();
             out.extend_from_slice(b"Upgrade: ");
@@ -1106,7 +1189,7 @@ async fn serve_conn(
             && (sticky != Some(i) || renew || refresh)
             && resp.status < 500
         {
-            set_cookie(&mut out, &pool, i);
+            set_cookie(&mut out, pool, i);
         }
         out.extend_from_slice(if keep {
             &b"Connection: keep-alive\r\n\r\n"[..]
@@ -1166,7 +1249,7 @@ async fn serve_conn(
         let ended = tokio::select! {
             biased;
             r = body => Some(r),
-            () = super::wait_forced(&shared) => None,
+            () = super::wait_forced_in_task(&shared) => None,
         };
         let cut_by = match ended {
             None => Some(Cut::Drain),
@@ -1189,7 +1272,7 @@ async fn serve_conn(
             let end = tokio::select! {
                 biased;
                 ended = going => Rest::ended(ended, deadline),
-                () = super::wait_forced(&shared) => Rest::Failed(Cut::Drain),
+                () = super::wait_forced_in_task(&shared) => Rest::Failed(Cut::Drain),
             };
             rest = Some(end);
         }
@@ -1274,8 +1357,8 @@ async fn serve_conn(
         if let Some(c) = body_cut_by {
             vip.request_bodies_cut[c as usize].inc();
         }
-        let (backend, head) = (Some(member.addr), Some(&req));
-        finished_cut(&vip, peer, status, head, backend, Some(started), cut_by, body_cut_by);
+        let (backend, head, took) = (Some(member.addr), Some(&req), (Some(started), Some(end)));
+        finished_cut(&vip, peer, status, head, backend, took.0, took.1, cut_by, body_cut_by);
         vip.duration.observe(end.saturating_duration_since(started).as_secs_f64());
         if cut_by.is_some() {
             // The body could not be passed on whole, and its head is with the client: a
@@ -1316,6 +1399,7 @@ async fn serve_conn(
         if !keep {
             return;
         }
+        waiting = tokio::time::Instant::from_std(end);
     }
 }
 
@@ -1536,7 +1620,7 @@ async fn with_the_rest_dropped(
 /// final response that arrives while the body is still streaming ends the body there
 /// ([`Answer::cut`]), but for a 2xx, which takes the body's stream with it ([`Answer::rest`]).
 /// The wait for the response head runs from the request's end for the response timeout, and
-/// again from each interim response, which `interim` notes ([`head_within`]).
+/// again from each interim response, which `interim` notes ([`head_within`], on `timer`).
 #[allow(clippy::too_many_arguments)]
 async fn attempt_once<'c>(
     client: &Socket,
@@ -1557,6 +1641,7 @@ async fn attempt_once<'c>(
     deadline: tokio::time::Instant,
     clock: &'c IdleClock,
     interim: &Interim,
+    timer: &mut Pin<&mut Sleep>,
 ) -> Result<Answer<'c>, Attempt> {
     let cfg = &vip.cfg;
     let addr = pool.members[i].state.addr;
@@ -1616,7 +1701,7 @@ async fn attempt_once<'c>(
                 r
             };
             let read = read_first(&up, ubuf, armed);
-            let (sent, read) = tokio::join!(send, timeout_at(resp_deadline, read));
+            let (sent, read) = tokio::join!(send, within(timer.as_mut(), resp_deadline, read));
             if sent.is_err() {
                 if fresh {
                     return Err(Attempt::Connect);
@@ -1631,7 +1716,9 @@ async fn attempt_once<'c>(
             let stale = !fresh && replayable;
             let first = Some(FirstRead::Done(first));
             let reading = response_head(client, &up, ubuf, addr, expect, first, stale, interim);
-            match head_within(reading, resp_deadline, interim, wait, deadline).await {
+            let waited =
+                head_within(timer.as_mut(), reading, resp_deadline, interim, wait, deadline);
+            match waited.await {
                 Some(Ok(Some(resp))) => return Ok(Answer { up, resp, cut: false, rest: None }),
                 Some(Ok(None)) => continue,
                 Some(Err(e)) => return Err(abandon(&up, e)),
@@ -1682,7 +1769,9 @@ async fn attempt_once<'c>(
                     let through = tokio::time::Instant::now();
                     let squeezed = through + cfg.response_timeout > deadline;
                     let by = answer_by(through);
-                    match head_within(&mut reading, by, interim, wait, deadline).await {
+                    let waited =
+                        head_within(timer.as_mut(), &mut reading, by, interim, wait, deadline);
+                    match waited.await {
                         Some(r) => (r, false, None),
                         None if squeezed => return Err(abandon(&up, Attempt::Squeezed)),
                         None => return Err(abandon(&up, timed_out(deadline, Attempt::Timeout))),
@@ -1701,7 +1790,9 @@ async fn attempt_once<'c>(
                     // once with the error. The response timeout, which a complete request
                     // would have had from here, bounds the rare wait in between.
                     let by = answer_by(tokio::time::Instant::now());
-                    match head_within(&mut reading, by, interim, wait, deadline).await {
+                    let waited =
+                        head_within(timer.as_mut(), &mut reading, by, interim, wait, deadline);
+                    match waited.await {
                         Some(Ok(Some(resp))) => (Ok(Some(resp)), true, None),
                         Some(Err(e @ (Attempt::ClientGone | Attempt::TooLarge))) => {
                             return Err(abandon(&up, e));
@@ -1789,10 +1880,12 @@ impl Interim {
 /// end), or later as interim responses come: each starts the response timeout (`wait`) again,
 /// as nginx's `proxy_read_timeout` runs between two reads, so a backend that sends `102
 /// Processing` while it works is not cut off as silent (the status exists for that, RFC 2518
-/// 10.1). Never past `deadline` (the whole request's). `None` once the time is up. A timer that
-/// runs out after an interim response is set again on the same read (a receive dropped to
-/// issue a new one would take the next bytes with it).
+/// 10.1). Never past `deadline` (the whole request's). `None` once the time is up. The timer
+/// (`timer`, the connection's for response heads: [`within`]) that runs out after an interim
+/// response is set again on the same read (a receive dropped to issue a new one would take the
+/// next bytes with it).
 async fn head_within<F: Future>(
+    mut timer: Pin<&mut Sleep>,
     reading: F,
     by: tokio::time::Instant,
     interim: &Interim,
@@ -1802,7 +1895,7 @@ async fn head_within<F: Future>(
     let mut reading = std::pin::pin!(reading);
     let mut until = by;
     loop {
-        match timeout_at(until, &mut reading).await {
+        match within(timer.as_mut(), until, &mut reading).await {
             Ok(r) => return Some(r),
             Err(_) => {
                 let later = interim.last.get().map_or(until, |at| (at + wait).min(deadline));
@@ -2094,6 +2187,30 @@ mod tests {
         req(pairs).head
     }
 
+    /// A head keeps its headers' positions in itself up to `INLINE_HEADERS`, and one with
+    /// more has every header all the same, in order, request or response.
+    #[test]
+    fn heads_with_more_headers_than_kept_inline_lose_none() {
+        for n in [0, 1, 15, 16, 17, 40] {
+            let names: Vec<String> = (0..n).map(|k| format!("X-H{k}")).collect();
+            let pairs: Vec<(&str, &str)> = names.iter().map(|k| (k.as_str(), "v")).collect();
+            let got: Vec<String> = h(&pairs)
+                .headers()
+                .map(|(name, _)| String::from_utf8_lossy(name).into_owned())
+                .collect();
+            assert_eq!(got, names, "{n} request headers");
+            let mut text = "HTTP/1.1 200 OK\r\n".to_owned();
+            for k in &names {
+                text += &format!("{k}: v\r\n");
+            }
+            text += "\r\n";
+            let resp = parse_response(&mut BytesMut::from(text.as_bytes()));
+            let resp = resp.ok().flatten().expect("a complete head");
+            let got: Vec<&[u8]> = resp.head.headers().map(|(name, _)| name).collect();
+            assert_eq!(got, names.iter().map(String::as_bytes).collect::<Vec<_>>(), "{n}");
+        }
+    }
+
     /// NTLM and Negotiate, in any case, bind a connection whether the answer challenges with
     /// them (among other challenges, in one header or several) or the request carries their
     /// credentials; other schemes, and auth-params or tokens that merely contain the names, do
@@ -2244,14 +2361,42 @@ mod tests {
         assert_eq!(body_framing(&h(&[("Content_Type", "a")]), true), Ok(Framing::None));
     }
 
+    /// A backend's request head is written in the connection's buffer, whose room comes back
+    /// once the head before it is dropped: one allocation for the connection, not two per
+    /// request (a Vec, and the `Bytes` made from it).
+    #[test]
+    fn backend_heads_take_the_room_of_the_one_before() {
+        let r = req(&[("Host", "a.example"), ("Accept", "*/*")]);
+        let t = target(&r, true).expect("a valid target");
+        let listen = "198.18.1.6:80".parse().unwrap();
+        let mut buf = BytesMut::new();
+        let mut heads = Vec::new();
+        for _ in 0..2 {
+            let head = upstream_head(&mut buf, &r, &t, listen, Framing::None, None, None, true);
+            // Split off the buffer: the buffer's room goes on right after it.
+            assert_eq!(head.as_ptr_range().end, buf.as_ptr());
+            heads.push((head.as_ptr(), head.to_vec()));
+        }
+        assert_eq!(heads[0], heads[1], "the same head, in the same room");
+    }
+
     /// The head sent to the backend for `r` (client 198.18.4.1:5000 on VIP 198.18.1.6:80).
     fn forward(r: &ReqHead, framing: Framing, forwarded_for: bool) -> String {
         let t = target(r, true).expect("a valid target");
         let (peer, listen) = ("198.18.4.1:5000".parse().unwrap(), "198.18.1.6:80".parse().unwrap());
         let client = ForwardedClient::new(peer);
         String::from_utf8(
-            upstream_head(r, &t, listen, framing, None, forwarded_for.then_some(&client), true)
-                .to_vec(),
+            upstream_head(
+                &mut BytesMut::new(),
+                r,
+                &t,
+                listen,
+                framing,
+                None,
+                forwarded_for.then_some(&client),
+                true,
+            )
+            .to_vec(),
         )
         .unwrap()
     }
