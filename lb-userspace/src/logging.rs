@@ -25,8 +25,9 @@ use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuild
 use tracing_subscriber::{EnvFilter, fmt::writer::BoxMakeWriter};
 
 /// Lines the queue of `edgelb run`'s log holds before it drops them: a few seconds of a busy
-/// access log for a reader that pauses, a few MiB at most of memory (an access-log line is a few
-/// hundred bytes).
+/// access log for a reader that pauses. Full of access-log lines, some 5 MiB of memory at their
+/// usual few hundred bytes, 40 MiB at their longest (2.5 KiB: method and target cut at 1 KiB
+/// each).
 pub const QUEUE_LINES: usize = 16_384;
 
 /// How long a flush ([`flush`]) waits for the queue to be written out: at a stop, the last lines

@@ -159,25 +159,51 @@ fn finished_cut(
     }
 }
 
+/// The most the access log writes of a client-sent field (method, target), in bytes as written,
+/// after escaping ([`Escaped`]): a longer one is cut there and marked `...(NB)`, N its whole
+/// length as received. A 16 KiB target of non-ASCII bytes made a 47 KiB line, and
+/// `max_header_bytes` at its largest some 3 MiB: lines a log pipeline truncates or refuses,
+/// that fill the log's queue and its reader's rate limit.
+pub const ACCESS_LOG_FIELD_MAX: usize = 1024;
+
 /// A client-sent field as the access log writes it: each byte outside visible ASCII
 /// (0x21-0x7E) as `%XX`, so that a client cannot put a control (a C1 CSI, which a terminal
-/// showing the log obeys), a line separator (U+2028) or anything else invisible into a log line.
-/// Written straight into the formatter: nothing is allocated, and a field with nothing to escape
-/// (the common case) is one write.
+/// showing the log obeys), a line separator (U+2028) or anything else invisible into a log line;
+/// cut at [`ACCESS_LOG_FIELD_MAX`] bytes (never inside a `%XX`). Written straight into the
+/// formatter: nothing is allocated, and a short field with nothing to escape (the common case)
+/// is one write.
 struct Escaped<'a>(&'a str);
 
 impl std::fmt::Display for Escaped<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = self.0;
+        // What is left of the field's bytes; then the rest is cut.
+        let mut room = ACCESS_LOG_FIELD_MAX;
+        let cut = |f: &mut std::fmt::Formatter<'_>, last: &str| {
+            f.write_str(last)?;
+            write!(f, "...({}B)", s.len())
+        };
         let mut start = 0;
         for (i, c) in s.char_indices() {
             if !c.is_ascii_graphic() {
+                // `s[start..i]` is visible ASCII: cut anywhere in it.
+                if i - start > room {
+                    return cut(f, &s[start..start + room]);
+                }
                 f.write_str(&s[start..i])?;
+                room -= i - start;
+                if 3 * c.len_utf8() > room {
+                    return cut(f, "");
+                }
                 for b in c.encode_utf8(&mut [0; 4]).bytes() {
                     write!(f, "%{b:02X}")?;
                 }
+                room -= 3 * c.len_utf8();
                 start = i + c.len_utf8();
             }
+        }
+        if s.len() - start > room {
+            return cut(f, &s[start..start + room]);
         }
         f.write_str(&s[start..])
     }
@@ -1974,6 +2000,27 @@ mod tests {
         let mut w = Writes(0);
         write!(w, "{}", Escaped("/static/app.js?v=1")).unwrap();
         assert_eq!(w.0, 1);
+    }
+
+    /// A field is cut at [`ACCESS_LOG_FIELD_MAX`] bytes as written, escapes counted, never
+    /// inside a `%XX`, and the cut is marked with the field's whole length; one that fits is
+    /// written whole. A 16 KiB target used to be logged whole, 47 KiB escaped.
+    #[test]
+    fn access_log_fields_are_cut_at_their_limit_and_say_their_length() {
+        let max = ACCESS_LOG_FIELD_MAX;
+        let fits = format!("/{}", "a".repeat(max - 1));
+        assert_eq!(Escaped(&fits).to_string(), fits);
+        let long = format!("/{}", "a".repeat(16_000));
+        assert_eq!(Escaped(&long).to_string(), format!("{}...(16001B)", &long[..max]));
+        // 2-byte characters, 6 bytes escaped each: 170 fit after the `/` (1021 bytes), not 171.
+        let wide = format!("/{}", "\u{e9}".repeat(8000));
+        let said = Escaped(&wide).to_string();
+        assert_eq!(said, format!("/{}...(16001B)", "%C3%A9".repeat(170)));
+        // Visible ASCII after escapes fills the room to the byte.
+        let mixed = format!("\u{e9}{}", "b".repeat(2000));
+        let said = Escaped(&mixed).to_string();
+        assert_eq!(said, format!("%C3%A9{}...(2002B)", "b".repeat(max - 6)));
+        assert!(said.len() < max + 20, "{}", said.len());
     }
 
     #[test]
