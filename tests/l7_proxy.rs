@@ -399,6 +399,67 @@ fn out_of_descriptors_blames_no_backend_and_pauses_accepts() {
     assert_eq!(r.0, 200, "{r:?}");
 }
 
+/// Out of descriptors, every proxy thread's accept loop on a VIP fails at once: the VIP's run of
+/// failed accepts is said once, not once per thread (4 threads and 5 VIPs made 20 identical
+/// warnings), and its end once, with every thread's failures. Run in a child process, as it
+/// lowers the process's descriptor limit.
+#[test]
+fn out_of_descriptors_a_vip_says_its_failed_accepts_once_for_all_its_threads() {
+    const NAME: &str = "out_of_descriptors_a_vip_says_its_failed_accepts_once_for_all_its_threads";
+    // Clients spread over the 4 threads' listeners by their ports: 40 leave none without one
+    // but once in some 25 000 runs.
+    const CLIENTS: usize = 40;
+    if std::env::var_os("EDGELB_FD_CHILD").is_none() {
+        return common::in_child(NAME);
+    }
+    let log = access_log();
+    let b = backend("b", Mode::Ok);
+    let p = proxy_on(4, &[(&b, 1)], "", "");
+    assert_eq!(get(p.addr, "/").0, 200);
+    common::tcp_connections_closed();
+    // The clients' sockets are made first, then connected with no descriptor left: every
+    // thread's accept fails with EMFILE (a connect made with room to spare raced the accepts
+    // for it).
+    let sockets: Vec<socket2::Socket> = (0..CLIENTS)
+        .map(|_| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap())
+        .collect();
+    let room = common::room_for(0);
+    let clients: Vec<TcpStream> = sockets
+        .into_iter()
+        .map(|s| {
+            s.connect(&p.addr.into()).expect("a client's connect");
+            s.into()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1000));
+    drop(room);
+    let said = |what: &str| {
+        let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+        text.lines().filter(|l| l.contains(what)).map(str::to_owned).collect::<Vec<_>>()
+    };
+    let warned = said("cannot accept connections");
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    for mut c in clients {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").unwrap();
+        let r = read_response(&mut BufReader::new(c)).expect("an answer once descriptors are free");
+        assert_eq!(r.0, 200, "{r:?}");
+    }
+    let errors = vip_counter(&p.metrics, "edgelb_l7_accept_errors_total");
+    assert!(errors >= 2, "{errors} failed accepts");
+    // An accept a second after the last failure ends the run: said once, with every failure.
+    std::thread::sleep(Duration::from_millis(1100));
+    let start = Instant::now();
+    while said("accepting connections again").is_empty() {
+        assert_eq!(get(p.addr, "/").0, 200);
+        assert!(start.elapsed() < Duration::from_secs(5), "the end of the run is never said");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ended = said("accepting connections again");
+    assert_eq!(ended.len(), 1, "{ended:#?}");
+    assert!(ended[0].contains(&format!("failed={errors}")), "{errors} failed: {ended:#?}");
+}
+
 /// A keep-alive client connection to `addr` (reads time out after 5 s) and a reader on it.
 fn client(addr: SocketAddr) -> (TcpStream, BufReader<TcpStream>) {
     let s = TcpStream::connect(addr).unwrap();

@@ -635,6 +635,9 @@ pub(crate) struct Shared {
     /// Every thread's count of its connections idle between keep-alive requests, by VIP name:
     /// where room is made for a connection over `max_connections` ([`reuse`]).
     pub idle: HashMap<String, Arc<[reuse::Shelf]>>,
+    /// What the accept loops of each VIP (one per thread) say of their failed accepts, by VIP
+    /// name: a run said once per VIP, not once per thread.
+    pub accept_failures: HashMap<String, Arc<crate::accept::SharedAcceptFailures>>,
 }
 
 impl Shared {
@@ -911,6 +914,10 @@ impl Proxy {
             idle: listeners
                 .iter()
                 .map(|(vip, _)| (vip.clone(), reuse::shelves(bound.per_thread.len())))
+                .collect(),
+            accept_failures: listeners
+                .iter()
+                .map(|(vip, _)| (vip.clone(), Arc::default()))
                 .collect(),
         });
         let sockets = bound
@@ -1424,7 +1431,9 @@ async fn accept_loop(
         }
     };
     let label = VipLabel { vip: vip.clone() };
+    // This loop's pause; what is said, the VIP's loops' together.
     let mut failures = crate::accept::AcceptFailures::default();
+    let said = shared.accept_failures.get(&vip).cloned().unwrap_or_default();
     loop {
         // Stopping first: once it is set, no further connection is taken off the socket (one
         // the service manager holds keeps it for the next process).
@@ -1447,7 +1456,7 @@ async fn accept_loop(
                 // The connection stays queued and the listener readable: without a pause this
                 // would spin the core (and every connection on it) and flood the log.
                 let failed = failures.failed(&e);
-                if let Some(say) = failed.say {
+                if let Some(say) = said.failed(&e) {
                     warn!(vip, error = %e, "{say}");
                 }
                 let Some(pause) = failed.pause else {
@@ -1462,7 +1471,10 @@ async fn accept_loop(
                 continue;
             }
         };
-        if let Some(failed) = failures.accepted() {
+        // Ends this loop's run, if one is under way (its next pause starts afresh); the VIP's
+        // is said here once every loop's has gone quiet.
+        let _ = failures.accepted();
+        if let Some(failed) = said.accepted() {
             info!(vip, failed, "accepting connections again");
         }
         let Some(rt) = shared.snapshot.load().vips.get(&vip).cloned() else { continue };
