@@ -1405,6 +1405,51 @@ fn a_config_named_relative_is_shown_by_its_absolute_path() {
     drop(e);
 }
 
+/// A reload is logged as the one reloading is told it, with the file and its content's hash
+/// (what a running config is identified by): an L7 backend added names it. The log said only
+/// `config reloaded maps=no change` of a reload that changed an L7 pool, and no file.
+#[test]
+fn a_reload_is_logged_with_its_file_its_hash_and_the_l7_backends_it_added() {
+    if !netns::require_privileged(
+        "a_reload_is_logged_with_its_file_its_hash_and_the_l7_backends_it_added",
+    ) {
+        return;
+    }
+    let vip = |backends: &str| {
+        format!(
+            "[[vip]]\nname = \"app\"\naddress = \"127.0.0.1\"\nport = 8080\nforwarding = \"l7\"\nbackends = [{backends}]\n[vip.l7]\n"
+        )
+    };
+    let bed = LoBed::new("reloadlog", &vip("{ address = \"127.0.0.1\", port = 8081 }"));
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lifecycle-{}.log", bed.tag));
+    let _ = std::fs::remove_file(&log);
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+    let mut cmd = run_command(&bed.ns, &bed.config, &[]);
+    let e = Edgelb::spawned(cmd.stderr(out), &bed.ns, &bed.config, &log);
+    let text = config_of(
+        &bed.tag,
+        &vip("{ address = \"127.0.0.1\", port = 8081 }, { address = \"127.0.0.1\", port = 8082 }"),
+    );
+    std::fs::write(&bed.config, &text).unwrap();
+    let out = e.cli(&["reload"]);
+    let told = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{told}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(told.contains("L7 backends added: app 127.0.0.1:8082"), "{told}");
+    let sha256 = config::content_hash(text.as_bytes());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        if let Some(l) = e.log().lines().find(|l| l.contains("reloaded ")) {
+            break l.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no reload logged:\n{}", e.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(line.contains(told.trim()), "{line}\n{told}");
+    assert!(line.contains(&format!("config={}", bed.config.display())), "{line}");
+    assert!(line.contains(&format!("sha256={sha256}")), "{line}");
+    drop(e);
+}
+
 /// A log reader that stalls (journald busy, a container log driver that blocks) does not stall
 /// the balancer: with edgelb's stderr a pipe that nobody reads and the access log on, every one
 /// of many requests is answered (far more than the pipe holds lines of), `edgelb status` answers
