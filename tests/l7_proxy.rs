@@ -1800,6 +1800,44 @@ fn a_dead_backend_is_warned_about_once_however_many_trials_it_fails() {
     assert_eq!(warned.len(), 1, "{ejections} ejections, warned:\n{}", warned.join("\n"));
 }
 
+/// An ejection's warning says why, by the failure that made it: a backend refusing
+/// connections, one closing before it answers and one answering 503 each say their own. The
+/// warning gave no reason, and the three read alike.
+#[test]
+fn an_ejection_says_the_failure_that_made_it() {
+    let log = access_log();
+    let gone = backend("gone", Mode::Ok);
+    let (reset, busy, good) = (
+        backend("reset", Mode::Reset),
+        backend("busy", Mode::Status(503)),
+        backend("good", Mode::Ok),
+    );
+    let p = proxy(
+        &[(&gone, 1), (&reset, 1), (&busy, 1), (&good, 1)],
+        "algorithm = \"round_robin\"\nmax_fails = 1\nfail_timeout_ms = 60000",
+        "",
+    );
+    // Nothing listens on its port any more: connects are refused.
+    let gone_addr = gone.addr;
+    drop(gone);
+    for _ in 0..12 {
+        get(p.addr, "/");
+    }
+    let text = logged(&log);
+    for (addr, reason) in [
+        (gone_addr, "reason=connect failed"),
+        (reset.addr, "reason=closed, reset or garbled before a response head"),
+        (busy.addr, "reason=answered 503"),
+    ] {
+        let field = format!("backend={addr}");
+        let line = text
+            .lines()
+            .find(|l| l.contains("out of rotation") && l.split_whitespace().any(|w| w == field))
+            .unwrap_or_else(|| panic!("{addr} was not ejected:\n{text}"));
+        assert!(line.contains(reason), "{addr}: {line}");
+    }
+}
+
 /// A backend back from an ejection is said to be, once per ejection, at info level: the
 /// trial request that it answers puts it back in rotation, and the requests after that are no
 /// news. Nothing said it, so a backend back after a few seconds and one dead for a day left

@@ -414,6 +414,40 @@ pub struct VipRuntime {
     pub(crate) said: Arc<VipLines>,
 }
 
+/// How a backend failed a request or connection, as passive health charges it
+/// ([`VipRuntime::failed`]): the `reason` of an ejection's log line, which said none, so that a
+/// backend refusing connections, one too slow and one answering 503 read alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Could not be connected to (refused, unreachable, no answer), or the connection broke
+    /// before the request went.
+    Connect,
+    /// No response head within the response timeout.
+    Timeout,
+    /// The request's deadline passed while it had the request.
+    Deadline,
+    /// Closed, reset or sent garbage before a response head.
+    Broken,
+    /// Answered with this status: 502, 503 or 504.
+    Status(u16),
+    /// Cut its response's body short after the head (closed, reset, or broke the chunked
+    /// coding).
+    CutBody,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Connect => f.write_str("connect failed"),
+            Failure::Timeout => f.write_str("no response head within the response timeout"),
+            Failure::Deadline => f.write_str("request deadline passed"),
+            Failure::Broken => f.write_str("closed, reset or garbled before a response head"),
+            Failure::Status(status) => write!(f, "answered {status}"),
+            Failure::CutBody => f.write_str("response body cut short"),
+        }
+    }
+}
+
 /// The throttles of an L7 VIP's log lines that can come in floods ([`VipRuntime::said`]).
 #[derive(Debug, Default)]
 pub(crate) struct VipLines {
@@ -450,7 +484,8 @@ impl VipRuntime {
         Some(i)
     }
 
-    /// Records a failed request or connection on backend `state`. After `max_fails` in a row it
+    /// Records a failed request or connection on backend `state`, failed as `why` (said as the
+    /// `reason` of an ejection, the failure that made it). After `max_fails` in a row it
     /// is out of rotation for `fail_timeout`, and so is one whose trial request after that
     /// failed; taking it out is counted, once per ejection (failures while it is out, as when a
     /// pool fails open, are not). Only the first ejection is a warning, the change of state: a
@@ -458,7 +493,7 @@ impl VipRuntime {
     /// warning too, so a dead backend under traffic, which only passive health watches in a
     /// route pool, logged one every `fail_timeout` (8640 a day at the default 10 s) for as
     /// long as it stayed dead.
-    pub fn failed(&self, state: &BackendState) {
+    pub fn failed(&self, state: &BackendState, why: Failure) {
         let ejection = state.failure(self.cfg.max_fails, self.cfg.fail_timeout);
         // The window in force, which a reload since this request began may have changed.
         let out_ms = state.fail_timeout().as_millis() as u64;
@@ -469,12 +504,14 @@ impl VipRuntime {
                 backend = %state.addr,
                 failures = self.cfg.max_fails,
                 out_ms,
+                reason = %why,
                 "L7 backend failed too often in a row; out of rotation, with one trial request every out_ms until one succeeds (passive health; failed trials are not logged above debug, edgelb_l7_backend_ejections_total counts them)"
             ),
             Ejection::Trial => tracing::debug!(
                 vip = %self.name,
                 backend = %state.addr,
                 out_ms,
+                reason = %why,
                 "L7 backend failed its trial request after an ejection; out of rotation again (passive health)"
             ),
         }

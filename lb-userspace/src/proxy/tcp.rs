@@ -229,7 +229,7 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
                 last = Some(e);
             }
             Err(e) => {
-                vip.failed(state);
+                vip.failed(state, super::Failure::Connect);
                 last = Some(e);
             }
         }

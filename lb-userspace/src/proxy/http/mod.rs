@@ -35,7 +35,7 @@ use tokio::time::timeout_at;
 use tokio_uring::buf::IoBuf;
 
 use super::{
-    Shared, VipRuntime,
+    Failure, Shared, VipRuntime,
     balance::{InFlight, Pool},
     chunked::Chunked,
     client_ip,
@@ -624,6 +624,24 @@ enum Attempt {
     ClientTimeout,
 }
 
+impl Attempt {
+    /// The backend's failure this was, as passive health is told it; `None` for what is not
+    /// the backend's doing (this node's, the client's, an answer too large for the proxy).
+    fn failure(&self) -> Option<Failure> {
+        match self {
+            Attempt::Connect => Some(Failure::Connect),
+            Attempt::Timeout => Some(Failure::Timeout),
+            Attempt::Deadline | Attempt::Squeezed => Some(Failure::Deadline),
+            Attempt::Broken => Some(Failure::Broken),
+            Attempt::Local
+            | Attempt::TooLarge
+            | Attempt::ClientGone
+            | Attempt::ClientBad
+            | Attempt::ClientTimeout => None,
+        }
+    }
+}
+
 /// A backend's retryable answer (502, 503, 504) to a request that was tried again elsewhere,
 /// kept with its connection: when no other backend answers better (none is left to try, or the
 /// others fail too), the client gets this answer, as it would have without retries (as nginx's
@@ -906,7 +924,7 @@ async fn serve_conn(
                     // through (or the client left): a body the backend cuts short is a failure.
                     let retryable = matches!(resp.status, 502..=504);
                     if retryable {
-                        vip.failed(&member.state);
+                        vip.failed(&member.state, Failure::Status(resp.status));
                     }
                     // Not after an interim response reached the client: see `Interim::relayed`.
                     let answered = interim.relayed.get();
@@ -977,8 +995,8 @@ async fn serve_conn(
                         Attempt::Squeezed | Attempt::Local => false,
                         _ => true,
                     };
-                    if charged {
-                        vip.failed(&member.state);
+                    if charged && let Some(why) = e.failure() {
+                        vip.failed(&member.state, why);
                     }
                     let sent = matches!(e, Attempt::Timeout | Attempt::Broken);
                     last = e;
@@ -1291,7 +1309,7 @@ async fn serve_conn(
         match cut_by {
             _ if charged => {}
             None | Some(Cut::Client) => vip.succeeded(member),
-            Some(Cut::Backend) if blamed => vip.failed(member),
+            Some(Cut::Backend) if blamed => vip.failed(member, Failure::CutBody),
             Some(Cut::Backend | Cut::Deadline | Cut::Idle | Cut::Drain) => {}
         }
         if let Some(c) = cut_by {
