@@ -3616,6 +3616,59 @@ fn a_response_head_over_the_limits_is_a_502_that_blames_no_backend() {
     );
 }
 
+/// The warning of a response head over the limits is throttled by VIP: a second VIP's is said
+/// within the 10 s of the first's. The throttle was the whole process's, so that one VIP's
+/// line hid every other's (as did the one of connects failing on this node's side).
+#[test]
+fn one_vips_head_too_large_warning_does_not_hide_anothers() {
+    let log = access_log();
+    let b = raw_backend(|path| {
+        static TOO_LARGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        if path == "/too-large" {
+            let head = TOO_LARGE.get_or_init(|| {
+                String::from_utf8(response_of(129, 4096)).expect("an ASCII response")
+            });
+            return (head.as_str(), false);
+        }
+        ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false)
+    });
+    let (one, two) = (free_port(), free_port());
+    let vip = |name: &str, port: u16| {
+        format!(
+            "[[vip]]\nname = \"{name}\"\naddress = \"127.0.0.1\"\nport = {port}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n[vip.l7]\n",
+            b.addr.port()
+        )
+    };
+    let text = format!(
+        "[node]\ninterfaces = [\"lo\"]\n\n{}\n{}",
+        vip("heads-one", one),
+        vip("heads-two", two)
+    );
+    let cfg = Config::parse(&text, "l7.toml".as_ref()).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let proxy = Proxy::start(&cfg, 2, Metrics::new().l7.clone()).expect("proxy starts");
+    for port in [one, one, two] {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let start = Instant::now();
+        while TcpStream::connect(addr).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(get(addr, "/too-large").0, 502);
+    }
+    proxy.shutdown(Duration::ZERO);
+    let text = logged(&log);
+    let warned = |name: &str| {
+        text.lines()
+            .filter(|l| l.contains("response head is too large"))
+            .filter(|l| {
+                l.contains(&format!("vip=\"{name}\"")) || l.contains(&format!("vip={name} "))
+            })
+            .count()
+    };
+    assert_eq!(warned("heads-one"), 1, "once in 10 s for the VIP:\n{text}");
+    assert_eq!(warned("heads-two"), 1, "not hidden by the other VIP's:\n{text}");
+}
+
 /// A response head over the limits is counted by backend
 /// (`edgelb_l7_response_heads_too_large_total`): its 502 was told from a broken backend's by
 /// nothing an operator could alert on (the warning is said at most every 10 s). The client

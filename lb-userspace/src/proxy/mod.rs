@@ -455,6 +455,10 @@ pub(crate) struct VipLines {
     pub(crate) no_backend: Throttle,
     /// "Sent to one anyway (fail open)" ([`VipRuntime::pick`]).
     pub(crate) fail_open: Throttle,
+    /// "A backend's response head is too large" (HTTP mode).
+    pub(crate) head_too_large: Throttle,
+    /// "Cannot connect to backends: this node is out of..." ([`say_local_failure`]).
+    pub(crate) local_failure: Throttle,
 }
 
 impl VipRuntime {
@@ -1433,13 +1437,12 @@ impl Throttle {
     }
 }
 
-/// Logs a [`local_failure`], at most once every 10 s for the whole process ([`Throttle`]): one
-/// line says it (the error and one backend it happened with), where a flood of them would drown
-/// the log.
-pub(crate) fn say_local_failure(vip: &str, backend: SocketAddr, e: &std::io::Error) {
-    static SAID: Throttle = Throttle::new();
-    if SAID.ready() {
-        warn!(vip, %backend, error = %e, "cannot connect to backends: this node is out of descriptors, memory or local ports (the backends are not blamed; clients get 503); said at most every 10 s");
+/// Logs a [`local_failure`] of VIP `vip`, at most once every 10 s for the VIP ([`VipLines`]):
+/// one line says it (the error and one backend it happened with), where a flood of them would
+/// drown the log. The throttle was the whole process's, so that one VIP's line hid another's.
+pub(crate) fn say_local_failure(vip: &VipRuntime, backend: SocketAddr, e: &std::io::Error) {
+    if vip.said.local_failure.ready() {
+        warn!(vip = vip.name, %backend, error = %e, "cannot connect to backends: this node is out of descriptors, memory or local ports (the backends are not blamed; clients get 503); said at most every 10 s");
     }
 }
 

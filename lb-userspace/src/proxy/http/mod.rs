@@ -523,16 +523,16 @@ impl Cut {
     }
 }
 
-/// Logs a response head over the limits ([`Attempt::TooLarge`]), at most once every 10 s for
-/// the whole process ([`super::Throttle`]): an endpoint that always answers so would log a line
-/// per request. Every one is counted among the 5xx answers, and by backend in
+/// Logs a response head over the limits ([`Attempt::TooLarge`]) of VIP `vip`, at most once
+/// every 10 s for the VIP ([`super::VipLines`]; it was the whole process's, and one VIP's line
+/// hid another's): an endpoint that always answers so would log a line per request. Every one
+/// is counted among the 5xx answers, and by backend in
 /// `edgelb_l7_response_heads_too_large_total` (which tells it from other 502s), and, with
 /// `access_log`, logged as its 502.
-fn say_head_too_large(vip: &str, backend: SocketAddr) {
-    static SAID: super::Throttle = super::Throttle::new();
-    if SAID.ready() {
+fn say_head_too_large(vip: &VipRuntime, backend: SocketAddr) {
+    if vip.said.head_too_large.ready() {
         tracing::warn!(
-            vip,
+            vip = vip.name,
             %backend,
             max_headers = MAX_RESPONSE_HEADERS,
             max_bytes = MAX_RESPONSE_HEAD_BYTES,
@@ -974,7 +974,7 @@ async fn serve_conn(
                     // The backend answered: no failure of its health (see `Attempt::TooLarge`).
                     vip.succeeded(&member.state);
                     vip.metrics.head_too_large(&vip.name, member.state.addr);
-                    say_head_too_large(&vip.name, member.state.addr);
+                    say_head_too_large(&vip, member.state.addr);
                     last = Attempt::TooLarge;
                     break;
                 }
@@ -1634,7 +1634,7 @@ async fn attempt_once<'c>(
                 let s = match Socket::connect(addr, within, cfg.idle_timeout).await {
                     Ok(s) => s,
                     Err(e) if super::local_failure(&e) => {
-                        super::say_local_failure(&vip.name, addr, &e);
+                        super::say_local_failure(vip, addr, &e);
                         return Err(Attempt::Local);
                     }
                     Err(_) => return Err(timed_out(deadline, Attempt::Connect)),
