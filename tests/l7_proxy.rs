@@ -399,6 +399,67 @@ fn out_of_descriptors_blames_no_backend_and_pauses_accepts() {
     assert_eq!(r.0, 200, "{r:?}");
 }
 
+/// Out of descriptors, every proxy thread's accept loop on a VIP fails at once: the VIP's run of
+/// failed accepts is said once, not once per thread (4 threads and 5 VIPs made 20 identical
+/// warnings), and its end once, with every thread's failures. Run in a child process, as it
+/// lowers the process's descriptor limit.
+#[test]
+fn out_of_descriptors_a_vip_says_its_failed_accepts_once_for_all_its_threads() {
+    const NAME: &str = "out_of_descriptors_a_vip_says_its_failed_accepts_once_for_all_its_threads";
+    // Clients spread over the 4 threads' listeners by their ports: 40 leave none without one
+    // but once in some 25 000 runs.
+    const CLIENTS: usize = 40;
+    if std::env::var_os("EDGELB_FD_CHILD").is_none() {
+        return common::in_child(NAME);
+    }
+    let log = access_log();
+    let b = backend("b", Mode::Ok);
+    let p = proxy_on(4, &[(&b, 1)], "", "");
+    assert_eq!(get(p.addr, "/").0, 200);
+    common::tcp_connections_closed();
+    // The clients' sockets are made first, then connected with no descriptor left: every
+    // thread's accept fails with EMFILE (a connect made with room to spare raced the accepts
+    // for it).
+    let sockets: Vec<socket2::Socket> = (0..CLIENTS)
+        .map(|_| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap())
+        .collect();
+    let room = common::room_for(0);
+    let clients: Vec<TcpStream> = sockets
+        .into_iter()
+        .map(|s| {
+            s.connect(&p.addr.into()).expect("a client's connect");
+            s.into()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1000));
+    drop(room);
+    let said = |what: &str| {
+        let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+        text.lines().filter(|l| l.contains(what)).map(str::to_owned).collect::<Vec<_>>()
+    };
+    let warned = said("cannot accept connections");
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    for mut c in clients {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").unwrap();
+        let r = read_response(&mut BufReader::new(c)).expect("an answer once descriptors are free");
+        assert_eq!(r.0, 200, "{r:?}");
+    }
+    let errors = vip_counter(&p.metrics, "edgelb_l7_accept_errors_total");
+    assert!(errors >= 2, "{errors} failed accepts");
+    // An accept a second after the last failure ends the run: said once, with every failure.
+    std::thread::sleep(Duration::from_millis(1100));
+    let start = Instant::now();
+    while said("accepting connections again").is_empty() {
+        assert_eq!(get(p.addr, "/").0, 200);
+        assert!(start.elapsed() < Duration::from_secs(5), "the end of the run is never said");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ended = said("accepting connections again");
+    assert_eq!(ended.len(), 1, "{ended:#?}");
+    assert!(ended[0].contains(&format!("failed={errors}")), "{errors} failed: {ended:#?}");
+}
+
 /// A keep-alive client connection to `addr` (reads time out after 5 s) and a reader on it.
 fn client(addr: SocketAddr) -> (TcpStream, BufReader<TcpStream>) {
     let s = TcpStream::connect(addr).unwrap();
@@ -1737,6 +1798,44 @@ fn a_dead_backend_is_warned_about_once_however_many_trials_it_fails() {
     let warned: Vec<&str> =
         all.lines().filter(|l| l.contains("WARN") && l.contains(&about)).collect();
     assert_eq!(warned.len(), 1, "{ejections} ejections, warned:\n{}", warned.join("\n"));
+}
+
+/// An ejection's warning says why, by the failure that made it: a backend refusing
+/// connections, one closing before it answers and one answering 503 each say their own. The
+/// warning gave no reason, and the three read alike.
+#[test]
+fn an_ejection_says_the_failure_that_made_it() {
+    let log = access_log();
+    let gone = backend("gone", Mode::Ok);
+    let (reset, busy, good) = (
+        backend("reset", Mode::Reset),
+        backend("busy", Mode::Status(503)),
+        backend("good", Mode::Ok),
+    );
+    let p = proxy(
+        &[(&gone, 1), (&reset, 1), (&busy, 1), (&good, 1)],
+        "algorithm = \"round_robin\"\nmax_fails = 1\nfail_timeout_ms = 60000",
+        "",
+    );
+    // Nothing listens on its port any more: connects are refused.
+    let gone_addr = gone.addr;
+    drop(gone);
+    for _ in 0..12 {
+        get(p.addr, "/");
+    }
+    let text = logged(&log);
+    for (addr, reason) in [
+        (gone_addr, "reason=connect failed"),
+        (reset.addr, "reason=closed, reset or garbled before a response head"),
+        (busy.addr, "reason=answered 503"),
+    ] {
+        let field = format!("backend={addr}");
+        let line = text
+            .lines()
+            .find(|l| l.contains("out of rotation") && l.split_whitespace().any(|w| w == field))
+            .unwrap_or_else(|| panic!("{addr} was not ejected:\n{text}"));
+        assert!(line.contains(reason), "{addr}: {line}");
+    }
 }
 
 /// A backend back from an ejection is said to be, once per ejection, at info level: the
@@ -3587,6 +3686,59 @@ fn a_response_head_over_the_limits_is_a_502_that_blames_no_backend() {
         text.lines().any(|l| l.contains("target=/headers/129") && l.contains("status=502")),
         "{text}"
     );
+}
+
+/// The warning of a response head over the limits is throttled by VIP: a second VIP's is said
+/// within the 10 s of the first's. The throttle was the whole process's, so that one VIP's
+/// line hid every other's (as did the one of connects failing on this node's side).
+#[test]
+fn one_vips_head_too_large_warning_does_not_hide_anothers() {
+    let log = access_log();
+    let b = raw_backend(|path| {
+        static TOO_LARGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        if path == "/too-large" {
+            let head = TOO_LARGE.get_or_init(|| {
+                String::from_utf8(response_of(129, 4096)).expect("an ASCII response")
+            });
+            return (head.as_str(), false);
+        }
+        ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false)
+    });
+    let (one, two) = (free_port(), free_port());
+    let vip = |name: &str, port: u16| {
+        format!(
+            "[[vip]]\nname = \"{name}\"\naddress = \"127.0.0.1\"\nport = {port}\nforwarding = \"l7\"\nbackends = [{{ address = \"127.0.0.1\", port = {} }}]\n[vip.l7]\n",
+            b.addr.port()
+        )
+    };
+    let text = format!(
+        "[node]\ninterfaces = [\"lo\"]\n\n{}\n{}",
+        vip("heads-one", one),
+        vip("heads-two", two)
+    );
+    let cfg = Config::parse(&text, "l7.toml".as_ref()).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let proxy = Proxy::start(&cfg, 2, Metrics::new().l7.clone()).expect("proxy starts");
+    for port in [one, one, two] {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let start = Instant::now();
+        while TcpStream::connect(addr).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(get(addr, "/too-large").0, 502);
+    }
+    proxy.shutdown(Duration::ZERO);
+    let text = logged(&log);
+    let warned = |name: &str| {
+        text.lines()
+            .filter(|l| l.contains("response head is too large"))
+            .filter(|l| {
+                l.contains(&format!("vip=\"{name}\"")) || l.contains(&format!("vip={name} "))
+            })
+            .count()
+    };
+    assert_eq!(warned("heads-one"), 1, "once in 10 s for the VIP:\n{text}");
+    assert_eq!(warned("heads-two"), 1, "not hidden by the other VIP's:\n{text}");
 }
 
 /// A response head over the limits is counted by backend

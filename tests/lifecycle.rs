@@ -1408,6 +1408,116 @@ fn a_config_named_relative_is_shown_by_its_absolute_path() {
     drop(e);
 }
 
+/// A reload is logged as the one reloading is told it, with the file and its content's hash
+/// (what a running config is identified by): an L7 backend added names it. The log said only
+/// `config reloaded maps=no change` of a reload that changed an L7 pool, and no file.
+#[test]
+fn a_reload_is_logged_with_its_file_its_hash_and_the_l7_backends_it_added() {
+    if !netns::require_privileged(
+        "a_reload_is_logged_with_its_file_its_hash_and_the_l7_backends_it_added",
+    ) {
+        return;
+    }
+    let vip = |backends: &str| {
+        format!(
+            "[[vip]]\nname = \"app\"\naddress = \"127.0.0.1\"\nport = 8080\nforwarding = \"l7\"\nbackends = [{backends}]\n[vip.l7]\n"
+        )
+    };
+    let bed = LoBed::new("reloadlog", &vip("{ address = \"127.0.0.1\", port = 8081 }"));
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lifecycle-{}.log", bed.tag));
+    let _ = std::fs::remove_file(&log);
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+    let mut cmd = run_command(&bed.ns, &bed.config, &[]);
+    let e = Edgelb::spawned(cmd.stderr(out), &bed.ns, &bed.config, &log);
+    let text = config_of(
+        &bed.tag,
+        &vip("{ address = \"127.0.0.1\", port = 8081 }, { address = \"127.0.0.1\", port = 8082 }"),
+    );
+    std::fs::write(&bed.config, &text).unwrap();
+    let out = e.cli(&["reload"]);
+    let told = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{told}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(told.contains("L7 backends added: app 127.0.0.1:8082"), "{told}");
+    let sha256 = config::content_hash(text.as_bytes());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        if let Some(l) = e.log().lines().find(|l| l.contains("reloaded ")) {
+            break l.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no reload logged:\n{}", e.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(line.contains(told.trim()), "{line}\n{told}");
+    assert!(line.contains(&format!("config={}", bed.config.display())), "{line}");
+    assert!(line.contains(&format!("sha256={sha256}")), "{line}");
+    drop(e);
+}
+
+/// A log reader that stalls (journald busy, a container log driver that blocks) does not stall
+/// the balancer: with edgelb's stderr a pipe that nobody reads and the access log on, every one
+/// of many requests is answered (far more than the pipe holds lines of), `edgelb status` answers
+/// after them, and a stop ends the process in bounded time. Its log used to be written by the
+/// thread that logged: the pipe full, the proxy threads blocked writing their access-log lines,
+/// the controller behind them, and requests and the admin socket hung after a few hundred.
+#[test]
+fn a_stalled_log_reader_does_not_stall_the_balancer() {
+    const REQUESTS: usize = 1500;
+    if !netns::require_privileged("a_stalled_log_reader_does_not_stall_the_balancer") {
+        return;
+    }
+    let bed = LoBed::new(
+        "stalledlog",
+        "[[vip]]\nname = \"app\"\naddress = \"127.0.0.1\"\nport = 8080\nforwarding = \"l7\"\nbackends = [{ address = \"127.0.0.1\", port = 8081 }]\n[vip.l7]\naccess_log = true\n",
+    );
+    let _backend = NamedServer::start(&bed.ns, "backend", "127.0.0.1:8081".parse().unwrap());
+    // The read end stays open in this process, unread: writes block once the pipe (64 KiB, a
+    // few hundred access-log lines) is full.
+    let child = run_command(&bed.ns, &bed.config, &[])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start edgelb");
+    let mut edgelb = Guarded::new(child, "edgelb");
+    let status = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgelb"));
+        cmd.args(["status", "--config"]).arg(&bed.config);
+        output_within(cmd, "edgelb status", Duration::from_secs(10))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !status().status.success() {
+        assert!(edgelb.exited().is_none(), "edgelb exited");
+        assert!(Instant::now() < deadline, "edgelb never answered on its admin socket");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let vip: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+    let (served, error) = netns::in_netns(&bed.ns, || {
+        // The first, once the proxy listens.
+        let start = Instant::now();
+        while servers::http_get(None, vip, TIMEOUT).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "{vip} never answered");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for i in 0..REQUESTS {
+            if let Err(e) = servers::http_get(None, vip, Duration::from_secs(2)) {
+                return (i, Some(e.to_string()));
+            }
+        }
+        (REQUESTS, None)
+    })
+    .unwrap();
+    assert_eq!(served, REQUESTS, "request {served} failed: {error:?}");
+    let out = status();
+    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("requests {}", REQUESTS + 1)), "{text}");
+    let scraped = scrape_in(&bed.ns);
+    assert!(scraped.lines().any(|l| l.starts_with("edgelb_log_lines_dropped_total ")), "{scraped}");
+    edgelb.signal(libc::SIGTERM);
+    let st = edgelb.wait(Duration::from_secs(15));
+    assert!(st.success(), "edgelb exit status {st}");
+}
+
 /// `status --json` gives each VIP its address, port and protocol as fields of their own, and
 /// each backend its address and port; the byte rate is named for what it holds, bytes per
 /// second: under load its ratio to the packet rate is the average packet size the counters

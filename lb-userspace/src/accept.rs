@@ -15,10 +15,18 @@
 //! on it) is no failure of the listener: the next connection is taken at once.
 //!
 //! The policy decides; each loop logs what it is told to say, with its own fields (the proxy's
-//! `vip`) and under its own target, so that log filters and pipelines keep matching.
+//! `vip`) and under its own target, so that log filters and pipelines keep matching. The L7
+//! proxy runs a loop per thread on each VIP's listener, all failing at once when the process is
+//! out of descriptors: each pauses by its own [`AcceptFailures`], and they say their runs
+//! through one [`SharedAcceptFailures`] per VIP, so that a run is said once per VIP (not once per
+//! thread), its end with the failures of every thread.
 
 use std::{
     fmt,
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -152,9 +160,90 @@ impl AcceptFailures {
     }
 }
 
+/// What the accept loops of one VIP (one per L7 thread) say of their failed accepts: the runs
+/// of [`AcceptFailures`], of their failures taken together. Each loop still pauses by its own
+/// [`AcceptFailures`]; out of descriptors, every loop fails at once, and they said the run once
+/// each (20 lines for 4 threads and 5 VIPs), with no count of the others' failures at its end.
+#[derive(Debug, Default)]
+pub(crate) struct SharedAcceptFailures {
+    /// Every loop's failures, as one run; only its `say` and its end are used.
+    run: Mutex<AcceptFailures>,
+    /// A run is under way: while not, an accept that works reads this flag and nothing else.
+    under_way: AtomicBool,
+}
+
+impl SharedAcceptFailures {
+    /// An accept of one of the loops failed with `e`: what to say of it, at warn, beside the
+    /// error (only at the first failure of a run of all the loops', or when the error changes).
+    pub(crate) fn failed(&self, e: &std::io::Error) -> Option<Say> {
+        self.failed_at(e, Instant::now())
+    }
+
+    /// [`failed`](Self::failed), at `now`.
+    fn failed_at(&self, e: &std::io::Error, now: Instant) -> Option<Say> {
+        let mut run = self.run.lock().unwrap_or_else(PoisonError::into_inner);
+        let say = run.failed_at(e, now).say;
+        self.under_way.store(run.count > 0, Ordering::Relaxed);
+        say
+    }
+
+    /// An accept of one of the loops worked: if it ends the run (no loop failed for
+    /// [`RECOVERED_AFTER`]), how many accepts failed in it, every loop's, to say at info.
+    pub(crate) fn accepted(&self) -> Option<u64> {
+        // No lock and no clock read in the common case: no run under way.
+        if !self.under_way.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.accepted_at(Instant::now())
+    }
+
+    /// [`accepted`](Self::accepted), at `now`.
+    fn accepted_at(&self, now: Instant) -> Option<u64> {
+        let mut run = self.run.lock().unwrap_or_else(PoisonError::into_inner);
+        let ended = run.accepted_at(now);
+        self.under_way.store(run.count > 0, Ordering::Relaxed);
+        ended
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Four loops of one VIP out of descriptors at once (one per L7 thread), each pausing by
+    /// its own run: the VIP's run is said once, not once per loop, and its end once, with every
+    /// loop's failures; each loop's pause grows as if it failed alone. Another error is said
+    /// again, and a later run afresh.
+    #[test]
+    fn the_loops_of_one_vip_say_a_run_once_with_all_their_failures() {
+        let os = std::io::Error::from_raw_os_error;
+        let ms = Duration::from_millis;
+        let shared = SharedAcceptFailures::default();
+        let mut loops: Vec<AcceptFailures> = (0..4).map(|_| AcceptFailures::default()).collect();
+        let mut now = Instant::now();
+        let mut said = Vec::new();
+        assert_eq!(shared.accepted(), None, "no run");
+        for _ in 0..5 {
+            for l in &mut loops {
+                let pause = l.failed_at(&os(libc::EMFILE), now).pause;
+                said.extend(shared.failed_at(&os(libc::EMFILE), now));
+                assert_eq!(l.accepted_at(now), None);
+                assert_eq!(shared.accepted_at(now), None, "within the run");
+                assert!(pause.is_some());
+            }
+            now += ms(100);
+        }
+        assert_eq!(said, [Say::OutOfResources], "one line for the VIP's four loops");
+        assert_eq!(loops[3].pause, ms(160), "each loop's pause is its own");
+        now += RECOVERED_AFTER;
+        assert_eq!(shared.accepted_at(now), Some(20), "every loop's failures");
+        assert_eq!(shared.accepted_at(now), None);
+        assert_eq!(shared.accepted(), None);
+        assert_eq!(shared.failed_at(&os(libc::EMFILE), now), Some(Say::OutOfResources));
+        assert_eq!(shared.failed_at(&os(libc::EMFILE), now), None);
+        assert_eq!(shared.failed_at(&os(libc::EPERM), now), Some(Say::Failing));
+        assert_eq!(shared.failed_at(&os(libc::ECONNABORTED), now), None);
+    }
 
     /// Accepts failing for want of descriptors are said once per run, not once per try, and
     /// the end of the run once; the pause doubles from 10 ms to 500 ms and starts afresh after

@@ -17,6 +17,7 @@
 //! - [`cli`]: the `edgelb` subcommands other than `run` (`check`, `route`, `status`, `stop`,
 //!   `decap`...): what each decides and says, which `main.rs` prints;
 //! - [`metrics`]: Prometheus `/metrics` (kernel counters, health, transitions, L7);
+//! - [`logging`]: the log on stderr, through a queue that drops lines rather than stall;
 //! - [`panics`]: the panic hook of `edgelb run` (each panic logged and counted);
 //! - [`rlimit`]: the process's resource limits (one wrapper over getrlimit/setrlimit);
 //! - [`procfs`]: `/proc/<pid>/stat` (whether a process runs, its parent);
@@ -67,6 +68,7 @@ pub mod dataplane;
 #[cfg(test)]
 mod fuzz;
 pub mod health;
+pub mod logging;
 pub mod maglev;
 pub mod metrics;
 pub mod panics;

@@ -180,22 +180,16 @@ fn main() -> ExitCode {
     if !matches!(cli.command, Command::Run { .. }) {
         default_sigpipe();
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if cli.log_format == "json" {
-        fmt.json().init();
-    } else {
-        fmt.init();
-    }
+    // `run` logs through a queue: a stalled log reader must not stall the balancer.
+    let queued = matches!(cli.command, Command::Run { .. });
+    let _log = edgelb::logging::init(cli.log_format == "json", queued);
     let end = match cli.command {
         Command::Run { config, takeover } => {
             return match edgelb::controller::run(&config, takeover) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
+                    // After the log's last lines, not before them.
+                    edgelb::logging::flush();
                     eprintln!("edgelb: {}", edgelb::error_chain(&e));
                     let bad_config = matches!(e, edgelb::controller::RunError::Config(_));
                     ExitCode::from(if bad_config { 2 } else { 1 })

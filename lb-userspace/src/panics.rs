@@ -51,6 +51,8 @@ pub fn or_exit<T>(thread: &str, body: impl FnOnce() -> T) -> T {
                 panic = message,
                 "thread `{thread}` panicked and nothing else does its work: edgelb exits (status {THREAD_PANICKED_EXIT}) for the service manager to restart it; XDP keeps forwarding from the pinned links meanwhile, and the next start adopts the data plane"
             );
+            // `exit` runs no destructor: the log's queue, this error included, is written now.
+            crate::logging::flush();
             std::process::exit(THREAD_PANICKED_EXIT)
         }
     }

@@ -1303,6 +1303,42 @@ fn reload_summary(cfg: &Config, r: &crate::dataplane::ApplyReport) -> String {
     format!("{xdp} XDP VIP(s), {l7} L7 VIP(s); {maps}{pools}")
 }
 
+/// The L7 backends a reload from `old` to `new` added and removed, each as `VIP address:port`
+/// (a VIP's own pool and its routes' pools together; the backends of an L7 VIP added or
+/// removed whole included), at most [`CHANGES_SAID`] of each named: `None` if none. The XDP
+/// maps' report counts XDP backends only, and a reload that changed only L7 pools said nothing
+/// of them.
+fn l7_backend_changes(old: &Config, new: &Config) -> Option<String> {
+    fn pools(cfg: &Config) -> BTreeSet<(String, std::net::SocketAddr)> {
+        cfg.vips
+            .iter()
+            .filter_map(|v| Some((v, v.l7.as_ref()?)))
+            .flat_map(|(v, l7)| {
+                v.backends
+                    .iter()
+                    .chain(l7.routes.iter().flat_map(|r| &r.backends))
+                    .map(|b| (v.name.clone(), std::net::SocketAddr::new(b.address, b.port)))
+            })
+            .collect()
+    }
+    let (before, after) = (pools(old), pools(new));
+    let list = |what: &str, set: Vec<&(String, std::net::SocketAddr)>| {
+        let mut said: Vec<String> =
+            set.iter().take(CHANGES_SAID).map(|(vip, b)| format!("{vip} {b}")).collect();
+        if set.len() > CHANGES_SAID {
+            said.push(format!("and {} more", set.len() - CHANGES_SAID));
+        }
+        (!set.is_empty()).then(|| format!("{what}: {}", said.join(", ")))
+    };
+    let added = list("L7 backends added", after.difference(&before).collect());
+    let removed = list("L7 backends removed", before.difference(&after).collect());
+    let both: Vec<String> = added.into_iter().chain(removed).collect();
+    (!both.is_empty()).then(|| both.join("; "))
+}
+
+/// How many added (and removed) L7 backends a reload's summary names ([`l7_backend_changes`]).
+const CHANGES_SAID: usize = 8;
+
 /// Raises the soft limits edgelb outgrows to the hard ones. Open files: every L7 connection
 /// holds two descriptors, and the default soft limit (1024 under systemd) would refuse accepts
 /// (and the metrics endpoint's) long before `max_connections`. Locked memory: each L7 thread's
@@ -2331,9 +2367,11 @@ impl Controller {
                 self.reconcile_checks();
                 self.metrics.retain(&self.cfg);
                 self.rates.retain(&self.cfg);
-                info!(maps = %r, "config reloaded");
                 let mut msg =
                     format!("reloaded {}: {}", self.path.display(), reload_summary(&self.cfg, &r));
+                if let Some(l7) = l7_backend_changes(&old, &self.cfg) {
+                    msg.push_str(&format!("; {l7}"));
+                }
                 if self.checks_missing > 0 {
                     msg.push_str(&format!(
                         "; {} health checks could not start yet (no thread to be had; see the log), retried every second",
@@ -2353,6 +2391,8 @@ impl Controller {
                 for c in &self.cfg.cautions {
                     msg.push_str(&format!("; warning: {c}"));
                 }
+                // What the one reloading was told, with which file's content, for the log.
+                info!(config = %self.path.display(), sha256 = %self.cfg_sha256, "{msg}");
                 Response::ok(msg)
             }
             Err(e) => {
@@ -3027,6 +3067,41 @@ mod tests {
         assert!(!same_warnings(&[], &w(&[gro])), "a first one");
         let other = "node.mtu is 0 (no check), and interface eth0";
         assert!(!same_warnings(&w(&[mtu]), &w(&[other])), "another value");
+    }
+
+    /// A reload's summary names the L7 backends it added and removed, own pools and route pools
+    /// alike, by VIP, a few of each, and says nothing of L7 pools it left alone. It said `maps=no
+    /// change` of a reload that changed only L7 pools.
+    #[test]
+    fn a_reload_summary_names_the_l7_backends_it_added_and_removed() {
+        let old = parse(&format!("{NODE}{}", l7("a", 8001, "http")));
+        assert_eq!(l7_backend_changes(&old, &old), None);
+        let mut new = old.clone();
+        let was = &old.vips[0].backends[0];
+        let added = crate::config::Backend { port: 9009, ..was.clone() };
+        new.vips[0].backends = vec![added.clone()];
+        let removed = std::net::SocketAddr::new(was.address, was.port);
+        let said = l7_backend_changes(&old, &new).expect("changes");
+        assert_eq!(
+            said,
+            format!(
+                "L7 backends added: a {}:9009; L7 backends removed: a {removed}",
+                added.address
+            )
+        );
+        let l7 = new.vips[0].l7.as_mut().unwrap();
+        let route = crate::config::Route {
+            host: None,
+            path_prefix: Some("/api".into()),
+            algorithm: l7.algorithm,
+            backends: (1..=10)
+                .map(|p| crate::config::Backend { port: p, ..added.clone() })
+                .collect(),
+        };
+        l7.routes.push(route);
+        let said = l7_backend_changes(&old, &new).expect("changes");
+        assert!(said.contains(&format!("a {}:1, ", added.address)), "{said}");
+        assert!(said.contains("and 3 more; L7 backends removed"), "{said}");
     }
 
     /// The reply to a reload says what changed, not a debug dump.

@@ -339,6 +339,13 @@ impl Metrics {
              a takeover swapped it",
             build,
         );
+        registry.register(
+            "edgelb_log_lines_dropped",
+            "Log lines dropped because the log's reader (journald, a container's log driver) \
+             did not take them as fast as they came and the log's queue was full: edgelb \
+             drops lines rather than stall its threads on a blocked stderr",
+            crate::logging::DroppedLines,
+        );
         let l7 = crate::proxy::L7Metrics::register(&mut registry);
         Metrics {
             checks_missing,

@@ -415,6 +415,40 @@ pub struct VipRuntime {
     pub(crate) said: Arc<VipLines>,
 }
 
+/// How a backend failed a request or connection, as passive health charges it
+/// ([`VipRuntime::failed`]): the `reason` of an ejection's log line, which said none, so that a
+/// backend refusing connections, one too slow and one answering 503 read alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Could not be connected to (refused, unreachable, no answer), or the connection broke
+    /// before the request went.
+    Connect,
+    /// No response head within the response timeout.
+    Timeout,
+    /// The request's deadline passed while it had the request.
+    Deadline,
+    /// Closed, reset or sent garbage before a response head.
+    Broken,
+    /// Answered with this status: 502, 503 or 504.
+    Status(u16),
+    /// Cut its response's body short after the head (closed, reset, or broke the chunked
+    /// coding).
+    CutBody,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Connect => f.write_str("connect failed"),
+            Failure::Timeout => f.write_str("no response head within the response timeout"),
+            Failure::Deadline => f.write_str("request deadline passed"),
+            Failure::Broken => f.write_str("closed, reset or garbled before a response head"),
+            Failure::Status(status) => write!(f, "answered {status}"),
+            Failure::CutBody => f.write_str("response body cut short"),
+        }
+    }
+}
+
 /// The throttles of an L7 VIP's log lines that can come in floods ([`VipRuntime::said`]).
 #[derive(Debug, Default)]
 pub(crate) struct VipLines {
@@ -422,6 +456,10 @@ pub(crate) struct VipLines {
     pub(crate) no_backend: Throttle,
     /// "Sent to one anyway (fail open)" ([`VipRuntime::pick`]).
     pub(crate) fail_open: Throttle,
+    /// "A backend's response head is too large" (HTTP mode).
+    pub(crate) head_too_large: Throttle,
+    /// "Cannot connect to backends: this node is out of..." ([`say_local_failure`]).
+    pub(crate) local_failure: Throttle,
 }
 
 impl VipRuntime {
@@ -451,7 +489,8 @@ impl VipRuntime {
         Some(i)
     }
 
-    /// Records a failed request or connection on backend `state`. After `max_fails` in a row it
+    /// Records a failed request or connection on backend `state`, failed as `why` (said as the
+    /// `reason` of an ejection, the failure that made it). After `max_fails` in a row it
     /// is out of rotation for `fail_timeout`, and so is one whose trial request after that
     /// failed; taking it out is counted, once per ejection (failures while it is out, as when a
     /// pool fails open, are not). Only the first ejection is a warning, the change of state: a
@@ -459,7 +498,7 @@ impl VipRuntime {
     /// warning too, so a dead backend under traffic, which only passive health watches in a
     /// route pool, logged one every `fail_timeout` (8640 a day at the default 10 s) for as
     /// long as it stayed dead.
-    pub fn failed(&self, state: &BackendState) {
+    pub fn failed(&self, state: &BackendState, why: Failure) {
         let ejection = state.failure(self.cfg.max_fails, self.cfg.fail_timeout);
         // The window in force, which a reload since this request began may have changed.
         let out_ms = state.fail_timeout().as_millis() as u64;
@@ -470,12 +509,14 @@ impl VipRuntime {
                 backend = %state.addr,
                 failures = self.cfg.max_fails,
                 out_ms,
+                reason = %why,
                 "L7 backend failed too often in a row; out of rotation, with one trial request every out_ms until one succeeds (passive health; failed trials are not logged above debug, edgelb_l7_backend_ejections_total counts them)"
             ),
             Ejection::Trial => tracing::debug!(
                 vip = %self.name,
                 backend = %state.addr,
                 out_ms,
+                reason = %why,
                 "L7 backend failed its trial request after an ejection; out of rotation again (passive health)"
             ),
         }
@@ -639,6 +680,9 @@ pub(crate) struct Shared {
     /// Every thread's count of its connections idle between keep-alive requests, by VIP name:
     /// where room is made for a connection over `max_connections` ([`reuse`]).
     pub idle: HashMap<String, Arc<[reuse::Shelf]>>,
+    /// What the accept loops of each VIP (one per thread) say of their failed accepts, by VIP
+    /// name: a run said once per VIP, not once per thread.
+    pub accept_failures: HashMap<String, Arc<crate::accept::SharedAcceptFailures>>,
 }
 
 impl Shared {
@@ -930,6 +974,10 @@ impl Proxy {
             idle: listeners
                 .iter()
                 .map(|(vip, _)| (vip.clone(), reuse::shelves(bound.per_thread.len())))
+                .collect(),
+            accept_failures: listeners
+                .iter()
+                .map(|(vip, _)| (vip.clone(), Arc::default()))
                 .collect(),
         });
         let sockets = bound
@@ -1424,13 +1472,12 @@ impl Throttle {
     }
 }
 
-/// Logs a [`local_failure`], at most once every 10 s for the whole process ([`Throttle`]): one
-/// line says it (the error and one backend it happened with), where a flood of them would drown
-/// the log.
-pub(crate) fn say_local_failure(vip: &str, backend: SocketAddr, e: &std::io::Error) {
-    static SAID: Throttle = Throttle::new();
-    if SAID.ready() {
-        warn!(vip, %backend, error = %e, "cannot connect to backends: this node is out of descriptors, memory or local ports (the backends are not blamed; clients get 503); said at most every 10 s");
+/// Logs a [`local_failure`] of VIP `vip`, at most once every 10 s for the VIP ([`VipLines`]):
+/// one line says it (the error and one backend it happened with), where a flood of them would
+/// drown the log. The throttle was the whole process's, so that one VIP's line hid another's.
+pub(crate) fn say_local_failure(vip: &VipRuntime, backend: SocketAddr, e: &std::io::Error) {
+    if vip.said.local_failure.ready() {
+        warn!(vip = vip.name, %backend, error = %e, "cannot connect to backends: this node is out of descriptors, memory or local ports (the backends are not blamed; clients get 503); said at most every 10 s");
     }
 }
 
@@ -1460,7 +1507,9 @@ async fn accept_loop(
         }
     };
     let label = VipLabel { vip: vip.clone() };
+    // This loop's pause; what is said, the VIP's loops' together.
     let mut failures = crate::accept::AcceptFailures::default();
+    let said = shared.accept_failures.get(&vip).cloned().unwrap_or_default();
     loop {
         // Stopping first: once it is set, no further connection is taken off the socket (one
         // the service manager holds keeps it for the next process).
@@ -1483,7 +1532,7 @@ async fn accept_loop(
                 // The connection stays queued and the listener readable: without a pause this
                 // would spin the core (and every connection on it) and flood the log.
                 let failed = failures.failed(&e);
-                if let Some(say) = failed.say {
+                if let Some(say) = said.failed(&e) {
                     warn!(vip, error = %e, "{say}");
                 }
                 let Some(pause) = failed.pause else {
@@ -1498,7 +1547,10 @@ async fn accept_loop(
                 continue;
             }
         };
-        if let Some(failed) = failures.accepted() {
+        // Ends this loop's run, if one is under way (its next pause starts afresh); the VIP's
+        // is said here once every loop's has gone quiet.
+        let _ = failures.accepted();
+        if let Some(failed) = said.accepted() {
             info!(vip, failed, "accepting connections again");
         }
         let Some(rt) = shared.snapshot.load().vips.get(&vip).cloned() else { continue };

@@ -225,11 +225,11 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
                 break;
             }
             Err(e) if super::local_failure(&e) => {
-                super::say_local_failure(&vip.name, addr, &e);
+                super::say_local_failure(&vip, addr, &e);
                 last = Some(e);
             }
             Err(e) => {
-                vip.failed(state);
+                vip.failed(state, super::Failure::Connect);
                 last = Some(e);
             }
         }

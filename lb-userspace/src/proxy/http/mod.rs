@@ -37,7 +37,7 @@ use tokio::time::{Sleep, timeout_at};
 use tokio_uring::buf::IoBuf;
 
 use super::{
-    Shared, VipRuntime,
+    Failure, Shared, VipRuntime,
     balance::{InFlight, Pool},
     chunked::Chunked,
     client_ip,
@@ -202,25 +202,51 @@ impl std::fmt::Display for OrDash {
     }
 }
 
+/// The most the access log writes of a client-sent field (method, target), in bytes as written,
+/// after escaping ([`Escaped`]): a longer one is cut there and marked `...(NB)`, N its whole
+/// length as received. A 16 KiB target of non-ASCII bytes made a 47 KiB line, and
+/// `max_header_bytes` at its largest some 3 MiB: lines a log pipeline truncates or refuses,
+/// that fill the log's queue and its reader's rate limit.
+pub const ACCESS_LOG_FIELD_MAX: usize = 1024;
+
 /// A client-sent field as the access log writes it: each byte outside visible ASCII
 /// (0x21-0x7E) as `%XX`, so that a client cannot put a control (a C1 CSI, which a terminal
-/// showing the log obeys), a line separator (U+2028) or anything else invisible into a log line.
-/// Written straight into the formatter: nothing is allocated, and a field with nothing to escape
-/// (the common case) is one write.
+/// showing the log obeys), a line separator (U+2028) or anything else invisible into a log line;
+/// cut at [`ACCESS_LOG_FIELD_MAX`] bytes (never inside a `%XX`). Written straight into the
+/// formatter: nothing is allocated, and a short field with nothing to escape (the common case)
+/// is one write.
 struct Escaped<'a>(&'a str);
 
 impl std::fmt::Display for Escaped<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = self.0;
+        // What is left of the field's bytes; then the rest is cut.
+        let mut room = ACCESS_LOG_FIELD_MAX;
+        let cut = |f: &mut std::fmt::Formatter<'_>, last: &str| {
+            f.write_str(last)?;
+            write!(f, "...({}B)", s.len())
+        };
         let mut start = 0;
         for (i, c) in s.char_indices() {
             if !c.is_ascii_graphic() {
+                // `s[start..i]` is visible ASCII: cut anywhere in it.
+                if i - start > room {
+                    return cut(f, &s[start..start + room]);
+                }
                 f.write_str(&s[start..i])?;
+                room -= i - start;
+                if 3 * c.len_utf8() > room {
+                    return cut(f, "");
+                }
                 for b in c.encode_utf8(&mut [0; 4]).bytes() {
                     write!(f, "%{b:02X}")?;
                 }
+                room -= 3 * c.len_utf8();
                 start = i + c.len_utf8();
             }
+        }
+        if s.len() - start > room {
+            return cut(f, &s[start..start + room]);
         }
         f.write_str(&s[start..])
     }
@@ -540,16 +566,16 @@ impl Cut {
     }
 }
 
-/// Logs a response head over the limits ([`Attempt::TooLarge`]), at most once every 10 s for
-/// the whole process ([`super::Throttle`]): an endpoint that always answers so would log a line
-/// per request. Every one is counted among the 5xx answers, and by backend in
+/// Logs a response head over the limits ([`Attempt::TooLarge`]) of VIP `vip`, at most once
+/// every 10 s for the VIP ([`super::VipLines`]; it was the whole process's, and one VIP's line
+/// hid another's): an endpoint that always answers so would log a line per request. Every one
+/// is counted among the 5xx answers, and by backend in
 /// `edgelb_l7_response_heads_too_large_total` (which tells it from other 502s), and, with
 /// `access_log`, logged as its 502.
-fn say_head_too_large(vip: &str, backend: SocketAddr) {
-    static SAID: super::Throttle = super::Throttle::new();
-    if SAID.ready() {
+fn say_head_too_large(vip: &VipRuntime, backend: SocketAddr) {
+    if vip.said.head_too_large.ready() {
         tracing::warn!(
-            vip,
+            vip = vip.name,
             %backend,
             max_headers = MAX_RESPONSE_HEADERS,
             max_bytes = MAX_RESPONSE_HEAD_BYTES,
@@ -639,6 +665,24 @@ enum Attempt {
     /// The client stalled while sending its body: nothing for the idle timeout, or the
     /// whole-request deadline passed (408).
     ClientTimeout,
+}
+
+impl Attempt {
+    /// The backend's failure this was, as passive health is told it; `None` for what is not
+    /// the backend's doing (this node's, the client's, an answer too large for the proxy).
+    fn failure(&self) -> Option<Failure> {
+        match self {
+            Attempt::Connect => Some(Failure::Connect),
+            Attempt::Timeout => Some(Failure::Timeout),
+            Attempt::Deadline | Attempt::Squeezed => Some(Failure::Deadline),
+            Attempt::Broken => Some(Failure::Broken),
+            Attempt::Local
+            | Attempt::TooLarge
+            | Attempt::ClientGone
+            | Attempt::ClientBad
+            | Attempt::ClientTimeout => None,
+        }
+    }
 }
 
 /// A backend's retryable answer (502, 503, 504) to a request that was tried again elsewhere,
@@ -963,7 +1007,7 @@ async fn serve_conn(
                     // through (or the client left): a body the backend cuts short is a failure.
                     let retryable = matches!(resp.status, 502..=504);
                     if retryable {
-                        vip.failed(&member.state);
+                        vip.failed(&member.state, Failure::Status(resp.status));
                     }
                     // Not after an interim response reached the client: see `Interim::relayed`.
                     let answered = interim.relayed.get();
@@ -1013,7 +1057,7 @@ async fn serve_conn(
                     // The backend answered: no failure of its health (see `Attempt::TooLarge`).
                     vip.succeeded(&member.state);
                     vip.metrics.head_too_large(&vip.name, member.state.addr);
-                    say_head_too_large(&vip.name, member.state.addr);
+                    say_head_too_large(&vip, member.state.addr);
                     last = Attempt::TooLarge;
                     break;
                 }
@@ -1034,8 +1078,8 @@ async fn serve_conn(
                         Attempt::Squeezed | Attempt::Local => false,
                         _ => true,
                     };
-                    if charged {
-                        vip.failed(&member.state);
+                    if charged && let Some(why) = e.failure() {
+                        vip.failed(&member.state, why);
                     }
                     let sent = matches!(e, Attempt::Timeout | Attempt::Broken);
                     last = e;
@@ -1348,7 +1392,7 @@ async fn serve_conn(
         match cut_by {
             _ if charged => {}
             None | Some(Cut::Client) => vip.succeeded(member),
-            Some(Cut::Backend) if blamed => vip.failed(member),
+            Some(Cut::Backend) if blamed => vip.failed(member, Failure::CutBody),
             Some(Cut::Backend | Cut::Deadline | Cut::Idle | Cut::Drain) => {}
         }
         if let Some(c) = cut_by {
@@ -1675,7 +1719,7 @@ async fn attempt_once<'c>(
                 let s = match Socket::connect(addr, within, cfg.idle_timeout).await {
                     Ok(s) => s,
                     Err(e) if super::local_failure(&e) => {
-                        super::say_local_failure(&vip.name, addr, &e);
+                        super::say_local_failure(vip, addr, &e);
                         return Err(Attempt::Local);
                     }
                     Err(_) => return Err(timed_out(deadline, Attempt::Connect)),
@@ -2067,6 +2111,27 @@ mod tests {
         let mut w = Writes(0);
         write!(w, "{}", Escaped("/static/app.js?v=1")).unwrap();
         assert_eq!(w.0, 1);
+    }
+
+    /// A field is cut at [`ACCESS_LOG_FIELD_MAX`] bytes as written, escapes counted, never
+    /// inside a `%XX`, and the cut is marked with the field's whole length; one that fits is
+    /// written whole. A 16 KiB target used to be logged whole, 47 KiB escaped.
+    #[test]
+    fn access_log_fields_are_cut_at_their_limit_and_say_their_length() {
+        let max = ACCESS_LOG_FIELD_MAX;
+        let fits = format!("/{}", "a".repeat(max - 1));
+        assert_eq!(Escaped(&fits).to_string(), fits);
+        let long = format!("/{}", "a".repeat(16_000));
+        assert_eq!(Escaped(&long).to_string(), format!("{}...(16001B)", &long[..max]));
+        // 2-byte characters, 6 bytes escaped each: 170 fit after the `/` (1021 bytes), not 171.
+        let wide = format!("/{}", "\u{e9}".repeat(8000));
+        let said = Escaped(&wide).to_string();
+        assert_eq!(said, format!("/{}...(16001B)", "%C3%A9".repeat(170)));
+        // Visible ASCII after escapes fills the room to the byte.
+        let mixed = format!("\u{e9}{}", "b".repeat(2000));
+        let said = Escaped(&mixed).to_string();
+        assert_eq!(said, format!("%C3%A9{}...(2002B)", "b".repeat(max - 6)));
+        assert!(said.len() < max + 20, "{}", said.len());
     }
 
     #[test]
