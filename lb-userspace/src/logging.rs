@@ -7,6 +7,11 @@
 //! queue full is dropped and counted (`edgelb_log_lines_dropped_total`), and once the writer has
 //! emptied the queue again one warning says how many went.
 //!
+//! The queue's writer thread starts only once the controller has dropped its capabilities
+//! ([`start_queue`], after `drop_capabilities`): capabilities are per thread, and a thread
+//! started before the drop keeps them all for the process's life. Until then (the start:
+//! loading, attaching, binding) lines go straight to stderr.
+//!
 //! The other commands (`status`, `check`...) log little, and end at once: they write straight to
 //! stderr, in order with what they print.
 
@@ -22,7 +27,10 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter},
 };
 use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
-use tracing_subscriber::{EnvFilter, fmt::writer::BoxMakeWriter};
+use tracing_subscriber::{
+    EnvFilter,
+    fmt::{MakeWriter, writer::BoxMakeWriter},
+};
 
 /// Lines the queue of `edgelb run`'s log holds before it drops them: a few seconds of a busy
 /// access log for a reader that pauses. Full of access-log lines, some 5 MiB of memory at their
@@ -46,13 +54,75 @@ struct Queue {
 
 static QUEUE: OnceLock<Queue> = OnceLock::new();
 
+/// The queue's writer once [`start_queue`] made it; [`Switch`] writes straight to stderr before.
+static QUEUED: OnceLock<NonBlocking> = OnceLock::new();
+
+/// Whether [`init`] was asked for a queue, which [`start_queue`] then makes.
+static WANT_QUEUE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The log's writer for `edgelb run`: stderr until [`start_queue`], the queue after.
+#[derive(Clone, Copy)]
+struct Switch;
+
+/// A line's writer from [`Switch`].
+enum SwitchWriter {
+    /// Through the queue.
+    Queued(NonBlocking),
+    /// Straight to stderr (the start, before the queue's thread may exist).
+    Direct(io::Stderr),
+}
+
+impl<'a> MakeWriter<'a> for Switch {
+    type Writer = SwitchWriter;
+
+    fn make_writer(&'a self) -> SwitchWriter {
+        match QUEUED.get() {
+            Some(q) => SwitchWriter::Queued(q.clone()),
+            None => SwitchWriter::Direct(io::stderr()),
+        }
+    }
+}
+
+impl Write for SwitchWriter {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            SwitchWriter::Queued(q) => q.write(b),
+            SwitchWriter::Direct(e) => e.write(b),
+        }
+    }
+
+    fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
+        match self {
+            SwitchWriter::Queued(q) => q.write_all(b),
+            SwitchWriter::Direct(e) => e.write_all(b),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            SwitchWriter::Queued(q) => q.flush(),
+            SwitchWriter::Direct(e) => e.flush(),
+        }
+    }
+}
+
+/// From here on, `edgelb run`'s log goes through its queue ([`QUEUE_LINES`]), written by a
+/// thread started now: call it once the calling thread holds no capability, which the new
+/// thread inherits. Does nothing unless [`init`] was asked for a queue, or after the first call.
+pub fn start_queue() {
+    if WANT_QUEUE.load(std::sync::atomic::Ordering::Relaxed) && QUEUED.get().is_none() {
+        let _ = QUEUED.set(queue(io::stderr(), QUEUE_LINES));
+    }
+}
+
 /// Sets up the process's log on stderr: `json` lines or text, filtered by `RUST_LOG` (`info` by
 /// default), with colours only on a terminal; through a queue ([`QUEUE_LINES`]) when `queued`
-/// (`edgelb run`), written in the logging thread otherwise. Keep the returned [`Flush`] for the
-/// process's life: dropping it writes out what is queued.
+/// (`edgelb run`), from [`start_queue`] on, written in the logging thread otherwise. Keep the
+/// returned [`Flush`] for the process's life: dropping it writes out what is queued.
 pub fn init(json: bool, queued: bool) -> Flush {
     let writer = if queued {
-        BoxMakeWriter::new(queue(io::stderr(), QUEUE_LINES))
+        WANT_QUEUE.store(true, std::sync::atomic::Ordering::Relaxed);
+        BoxMakeWriter::new(Switch)
     } else {
         BoxMakeWriter::new(io::stderr)
     };

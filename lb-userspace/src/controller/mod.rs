@@ -743,6 +743,8 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
             return Err(RunError::TakeoverInterrupted);
         }
         drop_capabilities();
+        // Its writer thread started now, unprivileged as well.
+        crate::logging::start_queue();
 
         // Unprivileged from here on, helper threads included.
         let admin_path = ctl.cfg.node.admin_socket.clone();
