@@ -37,11 +37,28 @@ fn commit() {
     // again after an edit anyway; what it adds is this script's run, whose eBPF build is then
     // a no-op.
     println!("cargo::rerun-if-changed=src");
+    // The manifests and the lock change the binary too (a dependency's version or features).
+    println!("cargo::rerun-if-changed=Cargo.toml");
+    println!("cargo::rerun-if-changed=../Cargo.toml");
+    println!("cargo::rerun-if-changed=../Cargo.lock");
     let manifest = std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default();
     let root = std::path::Path::new(&manifest).parent().unwrap_or(std::path::Path::new("."));
     let given = std::env::var("EDGELB_GIT_COMMIT").ok();
     let described = git::describe(root, given.as_deref(), &|args| {
         let out = std::process::Command::new("git").arg("-C").arg(root).args(args).output().ok()?;
+        let said = String::from_utf8_lossy(&out.stderr);
+        // Not a checkout (a tarball) is what `unknown` is for; any other refusal (a checkout
+        // owned by another user: "detected dubious ownership") is the packager's to know.
+        if !out.status.success()
+            && args == ["rev-parse", "--show-toplevel"]
+            && !said.contains("not a git repository")
+        {
+            let said = said.trim().replace('\n', " ");
+            println!(
+                "cargo::warning=git {} failed, so this build says commit `unknown`: {said} (set EDGELB_GIT_COMMIT to name it)",
+                args.join(" ")
+            );
+        }
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim_end().to_owned())
     });
     for path in &described.watch {

@@ -15,8 +15,9 @@ pub struct Described {
     /// when git cannot say.
     pub commit: String,
     /// The files (and at most one directory) whose change means HEAD may have moved, for the
-    /// build script to be run again then (`rerun-if-changed`): HEAD, the branch's ref (or, while
-    /// the ref is packed, the directory its loose file would be written to) and `packed-refs`.
+    /// build script to be run again then (`rerun-if-changed`): HEAD and its reflog, the branch's
+    /// ref (or, while the ref is packed, the nearest existing directory its loose file would be
+    /// written below), `packed-refs` and a reftable's `tables.list`.
     /// Only paths that exist: cargo runs a build script again at every build for a path that
     /// does not.
     pub watch: Vec<PathBuf>,
@@ -52,8 +53,12 @@ pub fn describe(
     let commit = if dirty { format!("{hash}-dirty") } else { hash };
     // Relative paths are git's answers from `root`.
     let mut watch = Vec::new();
-    if let Some(dir) = git(&["rev-parse", "--git-dir"]) {
-        watch.push(root.join(dir).join("HEAD"));
+    if let Some(dir) = git(&["rev-parse", "--git-dir"]).map(|d| root.join(d)) {
+        watch.push(dir.join("HEAD"));
+        // HEAD's reflog, which every move of HEAD (a commit, a checkout, a reset) appends to,
+        // whichever way the ref itself is stored (packed, or a reftable, where neither HEAD
+        // nor a loose ref file changes).
+        watch.push(dir.join("logs").join("HEAD"));
     }
     // A worktree's HEAD is its own; the refs are the repository's (its common directory).
     if let Some(common) = git(&["rev-parse", "--git-common-dir"]).map(|c| root.join(c)) {
@@ -62,12 +67,14 @@ pub fn describe(
             let loose = common.join(head_ref);
             if loose.exists() {
                 watch.push(loose);
-            } else if let Some(parent) = loose.parent() {
-                // Packed: the next commit writes it loose, in this directory.
+            } else if let Some(parent) = loose.ancestors().skip(1).find(|p| p.exists()) {
+                // Packed: the next commit writes it loose, below the nearest directory that
+                // exists (a packed `feature/x` has no `refs/heads/feature` any more).
                 watch.push(parent.to_owned());
             }
         }
         watch.push(common.join("packed-refs"));
+        watch.push(common.join("reftable").join("tables.list"));
     }
     watch.retain(|p| p.exists());
     Described { commit, watch }

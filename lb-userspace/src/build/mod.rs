@@ -122,15 +122,22 @@ mod tests {
         let d = describe(&dir, None, &git);
         assert_eq!(d.commit, hash);
         let git_dir = dir.join(".git");
-        assert_eq!(d.watch, [git_dir.join("HEAD"), git_dir.join("refs/heads/main")]);
+        let head = [git_dir.join("HEAD"), git_dir.join("logs/HEAD")];
+        assert_eq!(d.watch, [&head[..], &[git_dir.join("refs/heads/main")]].concat());
         std::fs::write(dir.join("a"), "2").unwrap();
         assert_eq!(describe(&dir, None, &git).commit, format!("{hash}-dirty"));
         assert!(!git_dir.join("index.lock").exists());
         must(&["pack-refs", "--all"]);
         let d = describe(&dir, None, &git);
         let packed =
-            [git_dir.join("HEAD"), git_dir.join("refs/heads"), git_dir.join("packed-refs")];
+            [&head[..], &[git_dir.join("refs/heads"), git_dir.join("packed-refs")]].concat();
         assert_eq!(d.watch, packed);
+        // A packed branch named with a slash: its loose file's directory is gone too, and the
+        // nearest one that exists is watched.
+        must(&["checkout", "-q", "-b", "feature/x"]);
+        must(&["pack-refs", "--all"]);
+        assert!(!git_dir.join("refs/heads/feature").exists());
+        assert_eq!(describe(&dir, None, &git).watch, packed);
         drop(removed);
         assert!(!dir.exists());
     }
