@@ -2683,4 +2683,38 @@ mod tests {
         );
         assert!(!out.contains("6.6.6.6"), "{out}");
     }
+
+    /// Empty elements of the client's X-Forwarded-For and Forwarded (an empty header, `a,,b`,
+    /// a trailing comma, whitespace alone) are left out: written on in front of this hop they
+    /// made `X-Forwarded-For: , 198.18.4.1` and `for=a,,, for=...`, an empty address first.
+    /// A comma in a quoted string is no element's end; the elements go on in order.
+    #[test]
+    fn empty_forwarding_list_elements_are_left_out() {
+        let cases = [
+            (vec![("X-Forwarded-For", "")], "X-Forwarded-For: 198.18.4.1\r\n"),
+            (vec![("X-Forwarded-For", " \t ")], "X-Forwarded-For: 198.18.4.1\r\n"),
+            (
+                vec![("X-Forwarded-For", ", 203.0.113.9 ,, ,203.0.113.10,")],
+                "X-Forwarded-For: 203.0.113.9, 203.0.113.10, 198.18.4.1\r\n",
+            ),
+            (
+                vec![("X-Forwarded-For", ","), ("X-Forwarded-For", "203.0.113.9")],
+                "X-Forwarded-For: 203.0.113.9, 198.18.4.1\r\n",
+            ),
+            (
+                vec![("Forwarded", "for=2.2.2.2,,")],
+                "Forwarded: for=2.2.2.2, for=198.18.4.1;proto=http\r\n",
+            ),
+            (
+                vec![("Forwarded", ", for=\"a,b\";proto=http ,\tfor=_x,")],
+                "Forwarded: for=\"a,b\";proto=http, for=_x, for=198.18.4.1;proto=http\r\n",
+            ),
+        ];
+        for (headers, want) in cases {
+            let mut all = vec![("Host", "x")];
+            all.extend(headers.iter().copied());
+            let out = forward(&req(&all), Framing::None, true);
+            assert!(out.contains(&format!("\r\n{want}")), "{headers:?}: {out}");
+        }
+    }
 }
