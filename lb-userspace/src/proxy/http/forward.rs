@@ -267,7 +267,7 @@ pub(super) fn valid_forwarded(v: &[u8]) -> bool {
 /// client's forwarding headers are replaced by ones that append that client (Forwarded values
 /// that are not RFC 7239 left out: see [`valid_forwarded`]; and empty list elements of both:
 /// see [`list_elements`]). Without `reuse` (the connection
-/// will not be pooled) the request says `Connection: close`: the backend then closes first, and
+/// will not be kept: no keep-alive, or a PROXY client's last request) the request says `Connection: close`: the backend then closes first, and
 /// the TIME_WAIT of each connection stays on its side (see [`close_after_backend`]).
 ///
 /// [`close_after_backend`]: super::upstream_pool::close_after_backend

@@ -55,7 +55,7 @@ use head::{
     status_and_headers, tokens, transfer_encoding,
 };
 pub(super) use upstream_pool::UpstreamPool;
-use upstream_pool::{Idle, Private, close, close_after_backend};
+use upstream_pool::{Bound, Idle, Private, close, close_after_backend};
 
 /// Read size.
 const READ_CHUNK: usize = 4 * 1024;
@@ -877,10 +877,15 @@ async fn serve_conn(
         let names = cfg
             .forwarded_for
             .then(|| &*forwarded.get_or_insert_with(|| ForwardedClient::new(peer)));
-        // A connection that opened with a PROXY header speaks for one client only, and with
-        // `upstream_keepalive = 0` none is pooled.
-        let reuse = cfg.proxy_protocol.is_none() && cfg.upstream_keepalive > 0;
-        let head = upstream_head(&mut uhead, &req, &target, listen, framing, upgrade, names, reuse);
+        // With `upstream_keepalive = 0` no backend connection is kept. One that opened with a
+        // PROXY header speaks for this client connection only: it is kept private to it
+        // ([`Private`]), never pooled, and the backend is asked to close it with the client's
+        // last request (its TIME_WAIT then stays on the backend's side, as without reuse).
+        let proxied = cfg.proxy_protocol;
+        let reuse = cfg.upstream_keepalive > 0;
+        let keep_up = reuse && (proxied.is_none() || client_keepalive);
+        let head =
+            upstream_head(&mut uhead, &req, &target, listen, framing, upgrade, names, keep_up);
         let expect = Expect {
             upgrade: upgrade.is_some(),
             continued,
@@ -898,12 +903,13 @@ async fn serve_conn(
         // gets a pooled or fresh connection). Closed otherwise (and without reuse: a reload may
         // have turned it off).
         let mut own = if reuse {
-            private.take(pool, started)
+            private.take(pool, started, proxied)
         } else {
             private = Private::default();
             None
         };
         let own_member = own.as_ref().map(|&(i, ..)| i);
+        let own_session = own.as_ref().is_some_and(|&(.., bound)| bound.session);
         tried.clear();
         let mut last = Attempt::Connect;
         let mut done = None;
@@ -913,7 +919,7 @@ async fn serve_conn(
                 last = Attempt::Deadline;
                 break;
             }
-            let given = own.take().map(|(_, s, armed)| (s, armed));
+            let given = own.take().map(|(_, s, armed, _)| (s, armed));
             let i = match own_member.filter(|_| attempt == 0) {
                 Some(i) => i,
                 None => {
@@ -1146,11 +1152,13 @@ async fn serve_conn(
                 && header(&resp.head, "content-length").next().is_some());
         // A connection that goes on stays private once it is ([`Private`]): the one this
         // client's private connection was (or a fresh one to its backend in its place, to be
-        // safe), or one this exchange binds to the client. Looked at only for a connection
-        // that could be kept.
-        let bound = reuse
-            && upstream_keepalive
-            && (own_member == Some(i) || binds_connection(&req.head, &resp.head));
+        // safe), one this exchange binds to the client, or any under the PROXY protocol. It
+        // holds a session if the private one did or this exchange binds it. Looked at only
+        // for a connection that could be kept.
+        let keepable = reuse && upstream_keepalive;
+        let carried = own_member == Some(i) && own_session;
+        let session = keepable && (carried || binds_connection(&req.head, &resp.head));
+        let bound = keepable && (session || own_member == Some(i) || proxied.is_some());
         // An HTTP/1.0 client cannot read the chunked coding (RFC 9112 6.1): it gets the body
         // decoded, delimited by the connection's close.
         let decode = req.http10 && rframing == Framing::Chunked;
@@ -1379,10 +1387,11 @@ async fn serve_conn(
             let addr = pool.members[i].state.addr;
             let ubuf = std::mem::take(&mut ubuf);
             if bound {
-                if own_member != Some(i) {
+                if session && !carried {
                     vip.private_connections.inc();
                 }
-                private.keep(addr, Idle::kept_for(up, ubuf, end, max_idle, bodiless));
+                let idle = Idle::kept_for(up, ubuf, end, max_idle, bodiless);
+                private.keep(addr, idle, Bound { session, proxy: proxied });
             } else {
                 upstream.put(addr, up, ubuf, max, end, max_idle, bodiless);
             }
