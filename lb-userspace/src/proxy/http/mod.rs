@@ -1670,6 +1670,10 @@ async fn attempt_once<'c>(
     let wait = cfg.response_timeout;
     loop {
         let fresh = reused.is_none();
+        // What the request's first write sends: its head, behind the PROXY header on a fresh
+        // connection that needs one, in one write and one segment as the health probe sends
+        // them, rather than a segment (and a backend's read) for the header alone.
+        let mut first_write = None;
         let (up, armed) = match reused.take() {
             // Made for a request under another idle timeout, perhaps: before a reload, or for
             // another VIP.
@@ -1690,7 +1694,9 @@ async fn attempt_once<'c>(
                     Err(_) => return Err(timed_out(deadline, Attempt::Connect)),
                 };
                 if let Some(v) = cfg.proxy_protocol {
-                    write(&s, proxy_header(v, peer, listen)).await.map_err(|_| Attempt::Connect)?;
+                    let mut opening = proxy_header(v, peer, listen);
+                    opening.extend_from_slice(head);
+                    first_write = Some(Bytes::from(opening));
                 }
                 (s, None)
             }
@@ -1702,8 +1708,9 @@ async fn attempt_once<'c>(
             // a round through its event loop per request. A failed write shuts the connection
             // down, which ends the read at once.
             let resp_deadline = answer_by(sent_at);
+            let out = first_write.unwrap_or_else(|| head.clone());
             let send = async {
-                let r = write(&up, head.clone()).await;
+                let r = write(&up, out).await;
                 if r.is_err() {
                     let _ = up.shutdown(std::net::Shutdown::Both);
                 }
@@ -1734,7 +1741,7 @@ async fn attempt_once<'c>(
                 None => return Err(abandon(&up, timed_out(deadline, Attempt::Timeout))),
             }
         }
-        if write(&up, head.clone()).await.is_err() {
+        if write(&up, first_write.unwrap_or_else(|| head.clone())).await.is_err() {
             if fresh {
                 return Err(Attempt::Connect);
             }
