@@ -8399,6 +8399,139 @@ fn connections_not_pooled_leave_their_time_wait_to_the_backend() {
     }
 }
 
+/// A backend behind `proxy_protocol = 1`. Every answer says `<name> conn <id> from <port>
+/// headers <n>`: the connection, the client port its PROXY header named, and how many PROXY
+/// headers it has read so far (one, at its start, for a connection that speaks for one client
+/// connection; a header the proxy sent again is read as the next request's first line).
+fn proxy_protocol_backend(name: &'static str) -> Backend {
+    let ids = Arc::new(AtomicUsize::new(0));
+    serve_backend(move |s, r2, _| {
+        let id = ids.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let (mut headers, mut from) = (0, String::from("-"));
+        while let Some((head, _)) = read_request(&mut r) {
+            r2.fetch_add(1, Ordering::Relaxed);
+            for line in head.lines().filter(|l| l.starts_with("PROXY ")) {
+                headers += 1;
+                from = line.split(' ').nth(4).unwrap_or("?").to_owned();
+            }
+            let text = format!("{name} conn {id} from {from} headers {headers}");
+            let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}", text.len());
+            if w.write_all(resp.as_bytes()).is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// With `proxy_protocol`, a backend connection speaks for the one client connection its
+/// header names: it carries that client's later requests (one connection, one header), never
+/// another client's, whatever the pool's turn, as NTLM's private connections do. A drain moves
+/// the client at its next request (no session holds it), to a connection of its own there.
+#[test]
+fn a_proxy_protocol_connection_carries_its_own_clients_requests() {
+    let backends = [proxy_protocol_backend("a"), proxy_protocol_backend("b")];
+    let weights = |drained: Option<usize>| -> Vec<(&Backend, u32)> {
+        (0..2).map(|i| (&backends[i], u32::from(drained != Some(i)))).collect()
+    };
+    let l7 = "algorithm = \"round_robin\"\nproxy_protocol = 1";
+    // One proxy thread: every client connection shares its pool of backend connections.
+    let mut p = proxy_on(1, &weights(None), l7, "");
+    let mut clients = [Client::connect(p.addr), Client::connect(p.addr)];
+    let ports = clients.each_ref().map(|c| c.s.local_addr().unwrap().port());
+    let firsts: Vec<String> = clients.iter_mut().map(|c| ask_as(c, None).1).collect();
+    for (first, port) in firsts.iter().zip(ports) {
+        assert!(first.ends_with(&format!(" from {port} headers 1")), "{first}");
+    }
+    let conn = |body: &str| body.split(" from ").next().unwrap().to_owned();
+    assert_ne!(conn(&firsts[0]), conn(&firsts[1]), "two clients, two connections");
+    for round in 0..3 {
+        for (c, first) in clients.iter_mut().zip(&firsts) {
+            assert_eq!(ask_as(c, None), (200, first.clone()), "round {round}: its own connection");
+        }
+    }
+    assert_eq!(backends.iter().map(|b| b.conns.load(Ordering::Relaxed)).sum::<usize>(), 2);
+    // Not counted as authentication's private connections.
+    assert_eq!(vip_counter(&p.metrics, "edgelb_l7_private_connections_total"), 0);
+
+    // Drained, the first client's backend takes no more of its requests: the next goes to the
+    // other backend, over a connection of its own with its own header.
+    let hers = usize::from(!firsts[0].starts_with("a "));
+    let (cfg, _) = proxy_config(&weights(Some(hers)), l7, "");
+    p.proxy.as_mut().unwrap().update(&cfg);
+    let moved = ask_as(&mut clients[0], None).1;
+    let other = ["a", "b"][1 - hers];
+    assert!(moved.starts_with(&format!("{other} ")), "{moved}");
+    assert!(moved.ends_with(&format!(" from {} headers 1", ports[0])), "{moved}");
+    assert_ne!(conn(&moved), conn(&firsts[1]), "{moved}");
+    assert_eq!(ask_as(&mut clients[0], None).1, moved);
+}
+
+/// How many segments carrying data `s` has received (TCP_INFO `tcpi_data_segs_in`, Linux
+/// 4.6), or None from a kernel too old to say.
+fn data_segments_in(s: &TcpStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid descriptor, and a buffer of `len` bytes the kernel fills (a shorter
+    // struct from an older kernel leaves the rest zero, which `zeroed` made a valid value).
+    let info = unsafe {
+        let r = libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        );
+        assert_eq!(r, 0, "getsockopt(TCP_INFO): {}", std::io::Error::last_os_error());
+        info.assume_init()
+    };
+    let field = std::mem::offset_of!(libc::tcp_info, tcpi_data_segs_in);
+    (len as usize >= field + 4).then_some(info.tcpi_data_segs_in)
+}
+
+/// A fresh backend connection's PROXY header and the request head after it leave in one write,
+/// one segment (as the health probe's do), not the header in a segment of its own. Counted by
+/// the backend's kernel: on loopback a single read would find both there either way.
+#[test]
+fn a_proxy_protocol_header_goes_out_with_the_request_head() {
+    for version in [1, 2] {
+        let b = serve_backend(|mut s, _, _| {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            // v1 is a line; v2 a 16-byte start whose last two bytes give the length of the rest.
+            let head_at = |got: &[u8]| match got {
+                [b'P', ..] => got.windows(2).position(|w| w == b"\r\n").map(|i| i + 2),
+                [_, _, _, _, _, _, _, _, _, _, _, _, _, _, hi, lo, ..] => {
+                    Some(16 + usize::from(u16::from_be_bytes([*hi, *lo])))
+                }
+                _ => None,
+            };
+            while !head_at(&got).is_some_and(|at| got.len() > at && got.ends_with(b"\r\n\r\n")) {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let text = match data_segments_in(&s) {
+                Some(n) => format!("segments {n}"),
+                None => "segments ?".to_owned(),
+            };
+            let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}", text.len());
+            let _ = s.write_all(resp.as_bytes());
+        });
+        let p = proxy(&[(&b, 1)], &format!("proxy_protocol = {version}"), "");
+        let (status, body) = ask_as(&mut Client::connect(p.addr), None);
+        assert_eq!(status, 200, "v{version}: {body}");
+        if body == "segments ?" {
+            eprintln!("the kernel does not count data segments (TCP_INFO): skipped");
+            return;
+        }
+        assert_eq!(body, "segments 1", "v{version}");
+    }
+}
+
 /// The connections open on a test's [`windows_auth_backend`]s, by label (`<name> conn <id>`).
 type OpenConns = Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
 

@@ -164,6 +164,39 @@ impl ForwardedClient {
     }
 }
 
+/// Writes the elements of `v`, a comma-separated list (RFC 9110 5.6.1), into `out`, each
+/// followed by `, `, leaving out the empty ones (an empty header, `a,,b`, a trailing comma,
+/// whitespace alone): a recipient must ignore them, but written on in front of the element the
+/// proxy appends they make `X-Forwarded-For: , 198.18.4.1` or `for=a,,, for=b`, which a strict
+/// parser refuses, or reads as an empty address. A comma inside a quoted string (a Forwarded
+/// `for="[2001:db8::1]:80"` has none, an obfuscated identifier may) does not end an element;
+/// each element goes on as it was, but for the whitespace around it.
+fn list_elements(out: &mut BytesMut, v: &[u8]) {
+    let mut rest = v;
+    loop {
+        let (mut at, mut quoted) = (0, false);
+        while let Some(&b) = rest.get(at) {
+            match b {
+                b'"' => quoted = !quoted,
+                b'\\' if quoted => at += 1,
+                b',' if !quoted => break,
+                _ => {}
+            }
+            at += 1;
+        }
+        let (element, after) = rest.split_at(at.min(rest.len()));
+        let element = element.trim_ascii();
+        if !element.is_empty() {
+            out.extend_from_slice(element);
+            out.extend_from_slice(b", ");
+        }
+        match after.split_first() {
+            Some((_, more)) => rest = more,
+            None => return,
+        }
+    }
+}
+
 /// Does `v` parse as a Forwarded value (RFC 7239 4) with at least one parameter: elements
 /// separated by commas (with optional whitespace around them, and empty ones allowed, as in
 /// every list, RFC 9110 5.6.1), each of parameters separated by `;` (empty ones allowed), each
@@ -232,8 +265,9 @@ pub(super) fn valid_forwarded(v: &[u8]) -> bool {
 /// `Connection: upgrade`. The request line and Host come from `target` (`listen` names the
 /// address the client connected to, for a Host the proxy adds). With `forwarded_for`, the
 /// client's forwarding headers are replaced by ones that append that client (Forwarded values
-/// that are not RFC 7239 left out: see [`valid_forwarded`]). Without `reuse` (the connection
-/// will not be pooled) the request says `Connection: close`: the backend then closes first, and
+/// that are not RFC 7239 left out: see [`valid_forwarded`]; and empty list elements of both:
+/// see [`list_elements`]). Without `reuse` (the connection
+/// will not be kept: no keep-alive, or a PROXY client's last request) the request says `Connection: close`: the backend then closes first, and
 /// the TIME_WAIT of each connection stays on its side (see [`close_after_backend`]).
 ///
 /// [`close_after_backend`]: super::upstream_pool::close_after_backend
@@ -310,13 +344,12 @@ pub(super) fn upstream_head(
         // Every earlier hop the client's headers list, in order, then this one (backends take
         // the rightmost element they trust, as with nginx and HAProxy). A Forwarded value that
         // is not RFC 7239 is dropped: an unterminated quoted string in it would swallow this
-        // hop's element for the backend's parser.
+        // hop's element for the backend's parser. Empty elements are left out.
         let append = |out: &mut BytesMut, name: &str, keep: fn(&[u8]) -> bool| {
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b": ");
             for v in header(head, name).filter(|v| keep(v)) {
-                out.extend_from_slice(v);
-                out.extend_from_slice(b", ");
+                list_elements(out, v);
             }
         };
         append(out, "X-Forwarded-For", |_| true);

@@ -55,7 +55,7 @@ use head::{
     status_and_headers, tokens, transfer_encoding,
 };
 pub(super) use upstream_pool::UpstreamPool;
-use upstream_pool::{Idle, Private, close, close_after_backend};
+use upstream_pool::{Bound, Idle, Private, close, close_after_backend};
 
 /// Read size.
 const READ_CHUNK: usize = 4 * 1024;
@@ -921,10 +921,15 @@ async fn serve_conn(
         let names = cfg
             .forwarded_for
             .then(|| &*forwarded.get_or_insert_with(|| ForwardedClient::new(peer)));
-        // A connection that opened with a PROXY header speaks for one client only, and with
-        // `upstream_keepalive = 0` none is pooled.
-        let reuse = cfg.proxy_protocol.is_none() && cfg.upstream_keepalive > 0;
-        let head = upstream_head(&mut uhead, &req, &target, listen, framing, upgrade, names, reuse);
+        // With `upstream_keepalive = 0` no backend connection is kept. One that opened with a
+        // PROXY header speaks for this client connection only: it is kept private to it
+        // ([`Private`]), never pooled, and the backend is asked to close it with the client's
+        // last request (its TIME_WAIT then stays on the backend's side, as without reuse).
+        let proxied = cfg.proxy_protocol;
+        let reuse = cfg.upstream_keepalive > 0;
+        let keep_up = reuse && (proxied.is_none() || client_keepalive);
+        let head =
+            upstream_head(&mut uhead, &req, &target, listen, framing, upgrade, names, keep_up);
         let expect = Expect {
             upgrade: upgrade.is_some(),
             continued,
@@ -942,12 +947,13 @@ async fn serve_conn(
         // gets a pooled or fresh connection). Closed otherwise (and without reuse: a reload may
         // have turned it off).
         let mut own = if reuse {
-            private.take(pool, started)
+            private.take(pool, started, proxied)
         } else {
             private = Private::default();
             None
         };
         let own_member = own.as_ref().map(|&(i, ..)| i);
+        let own_session = own.as_ref().is_some_and(|&(.., bound)| bound.session);
         tried.clear();
         let mut last = Attempt::Connect;
         let mut done = None;
@@ -957,7 +963,7 @@ async fn serve_conn(
                 last = Attempt::Deadline;
                 break;
             }
-            let given = own.take().map(|(_, s, armed)| (s, armed));
+            let given = own.take().map(|(_, s, armed, _)| (s, armed));
             let i = match own_member.filter(|_| attempt == 0) {
                 Some(i) => i,
                 None => {
@@ -1190,11 +1196,13 @@ async fn serve_conn(
                 && header(&resp.head, "content-length").next().is_some());
         // A connection that goes on stays private once it is ([`Private`]): the one this
         // client's private connection was (or a fresh one to its backend in its place, to be
-        // safe), or one this exchange binds to the client. Looked at only for a connection
-        // that could be kept.
-        let bound = reuse
-            && upstream_keepalive
-            && (own_member == Some(i) || binds_connection(&req.head, &resp.head));
+        // safe), one this exchange binds to the client, or any under the PROXY protocol. It
+        // holds a session if the private one did or this exchange binds it. Looked at only
+        // for a connection that could be kept.
+        let keepable = reuse && upstream_keepalive;
+        let carried = own_member == Some(i) && own_session;
+        let session = keepable && (carried || binds_connection(&req.head, &resp.head));
+        let bound = keepable && (session || own_member == Some(i) || proxied.is_some());
         // An HTTP/1.0 client cannot read the chunked coding (RFC 9112 6.1): it gets the body
         // decoded, delimited by the connection's close.
         let decode = req.http10 && rframing == Framing::Chunked;
@@ -1423,10 +1431,11 @@ async fn serve_conn(
             let addr = pool.members[i].state.addr;
             let ubuf = std::mem::take(&mut ubuf);
             if bound {
-                if own_member != Some(i) {
+                if session && !carried {
                     vip.private_connections.inc();
                 }
-                private.keep(addr, Idle::kept_for(up, ubuf, end, max_idle, bodiless));
+                let idle = Idle::kept_for(up, ubuf, end, max_idle, bodiless);
+                private.keep(addr, idle, Bound { session, proxy: proxied });
             } else {
                 upstream.put(addr, up, ubuf, max, end, max_idle, bodiless);
             }
@@ -1705,6 +1714,10 @@ async fn attempt_once<'c>(
     let wait = cfg.response_timeout;
     loop {
         let fresh = reused.is_none();
+        // What the request's first write sends: its head, behind the PROXY header on a fresh
+        // connection that needs one, in one write and one segment as the health probe sends
+        // them, rather than a segment (and a backend's read) for the header alone.
+        let mut first_write = None;
         let (up, armed) = match reused.take() {
             // Made for a request under another idle timeout, perhaps: before a reload, or for
             // another VIP.
@@ -1725,7 +1738,9 @@ async fn attempt_once<'c>(
                     Err(_) => return Err(timed_out(deadline, Attempt::Connect)),
                 };
                 if let Some(v) = cfg.proxy_protocol {
-                    write(&s, proxy_header(v, peer, listen)).await.map_err(|_| Attempt::Connect)?;
+                    let mut opening = proxy_header(v, peer, listen);
+                    opening.extend_from_slice(head);
+                    first_write = Some(Bytes::from(opening));
                 }
                 (s, None)
             }
@@ -1737,8 +1752,9 @@ async fn attempt_once<'c>(
             // a round through its event loop per request. A failed write shuts the connection
             // down, which ends the read at once.
             let resp_deadline = answer_by(sent_at);
+            let out = first_write.unwrap_or_else(|| head.clone());
             let send = async {
-                let r = write(&up, head.clone()).await;
+                let r = write(&up, out).await;
                 if r.is_err() {
                     let _ = up.shutdown(std::net::Shutdown::Both);
                 }
@@ -1769,7 +1785,7 @@ async fn attempt_once<'c>(
                 None => return Err(abandon(&up, timed_out(deadline, Attempt::Timeout))),
             }
         }
-        if write(&up, head.clone()).await.is_err() {
+        if write(&up, first_write.unwrap_or_else(|| head.clone())).await.is_err() {
             if fresh {
                 return Err(Attempt::Connect);
             }
@@ -2747,5 +2763,39 @@ mod tests {
             "{out}"
         );
         assert!(!out.contains("6.6.6.6"), "{out}");
+    }
+
+    /// Empty elements of the client's X-Forwarded-For and Forwarded (an empty header, `a,,b`,
+    /// a trailing comma, whitespace alone) are left out: written on in front of this hop they
+    /// made `X-Forwarded-For: , 198.18.4.1` and `for=a,,, for=...`, an empty address first.
+    /// A comma in a quoted string is no element's end; the elements go on in order.
+    #[test]
+    fn empty_forwarding_list_elements_are_left_out() {
+        let cases = [
+            (vec![("X-Forwarded-For", "")], "X-Forwarded-For: 198.18.4.1\r\n"),
+            (vec![("X-Forwarded-For", " \t ")], "X-Forwarded-For: 198.18.4.1\r\n"),
+            (
+                vec![("X-Forwarded-For", ", 203.0.113.9 ,, ,203.0.113.10,")],
+                "X-Forwarded-For: 203.0.113.9, 203.0.113.10, 198.18.4.1\r\n",
+            ),
+            (
+                vec![("X-Forwarded-For", ","), ("X-Forwarded-For", "203.0.113.9")],
+                "X-Forwarded-For: 203.0.113.9, 198.18.4.1\r\n",
+            ),
+            (
+                vec![("Forwarded", "for=2.2.2.2,,")],
+                "Forwarded: for=2.2.2.2, for=198.18.4.1;proto=http\r\n",
+            ),
+            (
+                vec![("Forwarded", ", for=\"a,b\";proto=http ,\tfor=_x,")],
+                "Forwarded: for=\"a,b\";proto=http, for=_x, for=198.18.4.1;proto=http\r\n",
+            ),
+        ];
+        for (headers, want) in cases {
+            let mut all = vec![("Host", "x")];
+            all.extend(headers.iter().copied());
+            let out = forward(&req(&all), Framing::None, true);
+            assert!(out.contains(&format!("\r\n{want}")), "{headers:?}: {out}");
+        }
     }
 }

@@ -16,7 +16,7 @@ use bytes::BytesMut;
 
 use super::{READ_CHUNK, read_more};
 use crate::proxy::{
-    balance::Pool,
+    balance::{Member, Pool},
     uring::{Armed, Socket},
 };
 
@@ -142,7 +142,8 @@ const BACKEND_CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// (it said `Connection: close`, or was asked to), once it has: the side that closes first
 /// keeps the connection in TIME_WAIT for a minute, holding its local port, and a proxy that
 /// closed every such connection first would run out of ports to a backend at some 500 requests
-/// a second (with the PROXY protocol, or `upstream_keepalive = 0`, every request opens one).
+/// a second (with `upstream_keepalive = 0` every request opens one, and with the PROXY protocol
+/// every client connection).
 /// Waits in a task of its own, so that the client's next request does not; closes anyway after
 /// [`BACKEND_CLOSE_WAIT`].
 pub(super) fn close_after_backend(up: Socket) {
@@ -237,39 +238,62 @@ impl UpstreamPool {
 /// A client connection's private backend connection, idle between its requests: one that
 /// carries connection-bound authentication ([`binds_connection`]: NTLM, Negotiate), which
 /// backends such as IIS with Windows authentication tie to the TCP connection rather than to
-/// each request. Shared through the pool, it would serve another client's requests as this
-/// client's user (and NTLM's handshake needs its legs on one connection, which the pool does not
-/// give). So, as HAProxy marks such connections private, it never enters the pool: it waits
-/// here for this client connection's next request, which goes over it to its backend, bypassing
-/// the pick, while that backend may take it ([`Private::take`]); otherwise, and when the client
-/// connection ends (this is dropped), it is closed. One per client connection: the request that
-/// takes it makes the next one, if any.
+/// each request, or one that opened with a PROXY protocol header, which names this client
+/// connection (its addresses) and so speaks for no other. Shared through the pool, the one would
+/// serve another client's requests as this client's user (and NTLM's handshake needs its legs
+/// on one connection, which the pool does not give), the other would tell the backend they came
+/// from this client. So, as HAProxy marks such connections private, it never enters the pool: it
+/// waits here for this client connection's next request, which goes over it to its backend,
+/// bypassing the pick, while that backend may take it ([`Private::take`]); otherwise, and when
+/// the client connection ends (this is dropped), it is closed. One per client connection: the
+/// request that takes it makes the next one, if any.
 ///
 /// [`binds_connection`]: super::head::binds_connection
 #[derive(Default)]
-pub(super) struct Private(Option<(SocketAddr, Idle)>);
+pub(super) struct Private(Option<(SocketAddr, Idle, Bound)>);
+
+/// What binds a [`Private`] connection to its client connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Bound {
+    /// It carries connection-bound authentication: the client's session is on it, which keeps
+    /// a drained backend (as a drained backend keeps its sticky clients). One bound by its
+    /// PROXY header alone holds nothing a drain must spare: a drain moves its client.
+    pub(super) session: bool,
+    /// The PROXY protocol version of the header it opened with, if any. The header describes
+    /// this client connection: a request under another setting (a reload changed it) does not
+    /// take it, as its backend expects another header, or none.
+    pub(super) proxy: Option<u8>,
+}
 
 impl Private {
-    /// Keeps `c`, a connection to `addr`, for this client connection's next request (closing
-    /// one kept before, if any).
-    pub(super) fn keep(&mut self, addr: SocketAddr, c: Idle) {
-        if let Some((_, old)) = self.0.replace((addr, c)) {
+    /// Keeps `c`, a connection to `addr` bound to this client connection by `bound`, for this
+    /// client connection's next request (closing one kept before, if any).
+    pub(super) fn keep(&mut self, addr: SocketAddr, c: Idle, bound: Bound) {
+        if let Some((_, old, _)) = self.0.replace((addr, c, bound)) {
             close(&old.socket);
         }
     }
 
-    /// The private connection for a request at `now` that routes to `pool`, as (member,
-    /// connection, the receive pending on it), if its backend is a member of `pool` that may
-    /// take the request (up and not passively down, see [`Pool::pick`]; a backend back from an
-    /// ejection only as its trial; a drained one too, as it keeps its sticky clients: the
-    /// session authenticated on the connection is this client's, and moving it would break an
-    /// NTLM handshake half done) and the connection may be used again, with the checks of a
-    /// pooled one ([`Idle::reusable`], always with a peek: it may have waited as long as the
-    /// client's idle timeout, longer than backends keep idle connections). Otherwise it is
-    /// closed. Either way the slot is empty after.
-    pub(super) fn take(&mut self, pool: &Pool, now: Instant) -> Option<(usize, Socket, Armed)> {
-        let (addr, c) = self.0.take()?;
-        let member = pool.members.iter().position(|m| m.state.addr == addr && m.up);
+    /// The private connection for a request at `now` that routes to `pool` under the PROXY
+    /// protocol setting `proxy`, as (member, connection, the receive pending on it, what binds
+    /// it), if it opened under that setting ([`Bound::proxy`]), its backend is a member of `pool`
+    /// that may take the request (up and not passively down, see [`Pool::pick`]; a backend back
+    /// from an ejection only as its trial; a drained one only for a connection that holds a
+    /// session, [`Bound::session`], as it keeps its sticky clients: the session authenticated on
+    /// the connection is this client's, and moving it would break an NTLM handshake half done)
+    /// and the connection may be used again, with the checks of a pooled one
+    /// ([`Idle::reusable`], always with a peek: it may have waited as long as the client's idle
+    /// timeout, longer than backends keep idle connections). Otherwise it is closed. Either way
+    /// the slot is empty after.
+    pub(super) fn take(
+        &mut self,
+        pool: &Pool,
+        now: Instant,
+        proxy: Option<u8>,
+    ) -> Option<(usize, Socket, Armed, Bound)> {
+        let (addr, c, bound) = self.0.take()?;
+        let takes = |m: &Member| m.state.addr == addr && m.up && (bound.session || m.weight > 0);
+        let member = pool.members.iter().position(takes).filter(|_| bound.proxy == proxy);
         let Some(i) = member else {
             close(&c.socket);
             return None;
@@ -280,13 +304,13 @@ impl Private {
             close(&s);
             return None;
         }
-        Some((i, s, armed))
+        Some((i, s, armed, bound))
     }
 }
 
 impl Drop for Private {
     fn drop(&mut self) {
-        if let Some((_, c)) = self.0.take() {
+        if let Some((_, c, _)) = self.0.take() {
             close(&c.socket);
         }
     }
