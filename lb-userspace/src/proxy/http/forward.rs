@@ -258,6 +258,11 @@ pub(super) fn valid_forwarded(v: &[u8]) -> bool {
     }
 }
 
+/// The largest request head to a backend written in the connection's own buffer
+/// ([`upstream_head`]), which keeps the room of the heads it held: the usual head of a few
+/// hundred bytes, and then some.
+pub(super) const UPSTREAM_HEAD_KEEP: usize = 4 * 1024;
+
 /// The request head as sent to the backend (shared by every attempt without copying), written
 /// into `out` (empty; the connection's, whose room comes back once the head sent before is
 /// dropped: no allocation per request) and split off it. An
@@ -272,6 +277,8 @@ pub(super) fn valid_forwarded(v: &[u8]) -> bool {
 ///
 /// [`close_after_backend`]: super::upstream_pool::close_after_backend
 /// [`upgrade_of`]: super::upgrade_of
+/// A head above [`UPSTREAM_HEAD_KEEP`] is written into a buffer of its own instead, freed with
+/// it.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn upstream_head(
     out: &mut BytesMut,
@@ -284,7 +291,13 @@ pub(super) fn upstream_head(
     reuse: bool,
 ) -> Bytes {
     let head = &req.head;
-    out.reserve(256 + head.bytes.len());
+    let need = 256 + head.bytes.len();
+    // A large head gets a buffer of its own, freed with it: the connection's buffer takes back
+    // the room of each head it held, so one large head would keep that much allocated for as
+    // long as the connection lasts (up to `max_header_bytes` per idle keep-alive connection).
+    let mut own = BytesMut::new();
+    let out = if need > UPSTREAM_HEAD_KEEP { &mut own } else { out };
+    out.reserve(need);
     out.extend_from_slice(req.method().as_bytes());
     out.extend_from_slice(b" ");
     out.extend_from_slice(target.path.as_bytes());

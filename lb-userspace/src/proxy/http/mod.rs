@@ -2461,6 +2461,25 @@ mod tests {
         assert_eq!(heads[0], heads[1], "the same head, in the same room");
     }
 
+    /// A large head does not leave its room with the connection's buffer: written in a buffer
+    /// of its own, it is freed with the head. (Kept, one large head held that much for each
+    /// idle keep-alive connection: up to `max_header_bytes` apiece.)
+    #[test]
+    fn a_large_backend_head_leaves_no_room_behind() {
+        let big = "x".repeat(2 * forward::UPSTREAM_HEAD_KEEP);
+        let r = req(&[("Host", "a.example"), ("X-Big", &big)]);
+        let t = target(&r, true).expect("a valid target");
+        let listen = "198.18.1.6:80".parse().unwrap();
+        let mut buf = BytesMut::new();
+        let head = upstream_head(&mut buf, &r, &t, listen, Framing::None, None, None, true);
+        assert!(head.len() > 2 * forward::UPSTREAM_HEAD_KEEP);
+        drop(head);
+        // The room the next usual head asks for: a buffer that kept the large head's
+        // allocation takes all of it back (it is the only owner again).
+        buf.reserve(forward::UPSTREAM_HEAD_KEEP);
+        assert!(buf.capacity() <= forward::UPSTREAM_HEAD_KEEP, "{} kept", buf.capacity());
+    }
+
     /// The head sent to the backend for `r` (client 198.18.4.1:5000 on VIP 198.18.1.6:80).
     fn forward(r: &ReqHead, framing: Framing, forwarded_for: bool) -> String {
         let t = target(r, true).expect("a valid target");
