@@ -419,6 +419,22 @@ impl IdleClock {
             }
         }
     }
+
+    /// [`IdleClock::read`] for [`stream_body`]: whether `src` closed (end of stream), or which
+    /// side's failure ended the read ([`Side::Src`] for a reset or a failed read,
+    /// [`Side::Timeout`] when the idle timeout or `deadline` passed first).
+    async fn read_body(
+        &self,
+        src: &Socket,
+        pending: &mut BytesMut,
+        deadline: tokio::time::Instant,
+    ) -> Result<bool, Side> {
+        match self.read(src, pending, deadline).await {
+            Some(Ok(n)) => Ok(n == 0),
+            Some(Err(_)) => Err(Side::Src),
+            None => Err(Side::Timeout),
+        }
+    }
 }
 
 /// Streams a body framed by `framing` from `src` (with `pending` bytes already read) to `dst`;
@@ -448,11 +464,8 @@ async fn stream_body(
             if left == 0 {
                 return Ok(());
             }
-            match clock.read(src, pending, deadline).await {
-                Some(Ok(0)) => return Err(Side::Closed),
-                Some(Err(_)) => return Err(Side::Src),
-                Some(Ok(_)) => {}
-                None => return Err(Side::Timeout),
+            if clock.read_body(src, pending, deadline).await? {
+                return Err(Side::Closed);
             }
         },
         Framing::Chunked => {
@@ -477,11 +490,8 @@ async fn stream_body(
                 if c.done() {
                     return Ok(());
                 }
-                match clock.read(src, pending, deadline).await {
-                    Some(Ok(0)) => return Err(Side::Closed),
-                    Some(Err(_)) => return Err(Side::Src),
-                    Some(Ok(_)) => {}
-                    None => return Err(Side::Timeout),
+                if clock.read_body(src, pending, deadline).await? {
+                    return Err(Side::Closed);
                 }
             }
         }
@@ -489,11 +499,8 @@ async fn stream_body(
             if !pending.is_empty() {
                 write(dst, pending.split().freeze()).await.map_err(|_| Side::Dst)?;
             }
-            match clock.read(src, pending, deadline).await {
-                Some(Ok(0)) => return Ok(()),
-                Some(Err(_)) => return Err(Side::Src),
-                Some(Ok(_)) => {}
-                None => return Err(Side::Timeout),
+            if clock.read_body(src, pending, deadline).await? {
+                return Ok(());
             }
         },
     }
