@@ -1639,12 +1639,12 @@ fn tcp_mode_relays_with_half_close() {
     assert_eq!(back, data, "everything came back after the half-close");
 }
 
-/// The idle timeout is silence both ways: a backend pushing a feed to a client that sends
+/// The tunnel timeout is silence both ways: a backend pushing a feed to a client that sends
 /// nothing keeps its connection whole, past the timeout; then silence ends it, with a reset on
 /// both sides: the proxy cut the connection, neither side ended it, and a clean end would pass
 /// the stream for complete (it did, before).
 #[test]
-fn tcp_mode_idle_timeout_counts_traffic_either_way() {
+fn tcp_mode_tunnel_timeout_counts_traffic_either_way() {
     let early_end = Arc::new(AtomicBool::new(false));
     let backend_end = Arc::new(std::sync::Mutex::new(None));
     let (flag, ended) = (early_end.clone(), backend_end.clone());
@@ -1677,7 +1677,7 @@ fn tcp_mode_idle_timeout_counts_traffic_either_way() {
         done.store(true, Ordering::Relaxed);
         let _ = reader.join();
     });
-    let p = proxy(&[(&feed, 1)], "mode = \"tcp\"\nidle_timeout_ms = 1000", "");
+    let p = proxy(&[(&feed, 1)], "mode = \"tcp\"\ntunnel_timeout_ms = 1000", "");
     let mut s = TcpStream::connect(p.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
     let start = Instant::now();
@@ -1689,9 +1689,9 @@ fn tcp_mode_idle_timeout_counts_traffic_either_way() {
             Err(e) => break Err(e.kind()),
         }
     };
-    assert_eq!(got, b"tick\n".repeat(7), "the whole feed, past the idle timeout");
+    assert_eq!(got, b"tick\n".repeat(7), "the whole feed, past the tunnel timeout");
     assert!(!early_end.load(Ordering::Relaxed), "the backend saw the client's side end mid-feed");
-    // After the feed, nothing moves: the relay ends about one idle timeout later.
+    // After the feed, nothing moves: the relay ends about one tunnel timeout later.
     assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
     assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "the client's end");
     let t = Instant::now();
@@ -1700,6 +1700,154 @@ fn tcp_mode_idle_timeout_counts_traffic_either_way() {
     }
     let backend_end = *backend_end.lock().unwrap();
     assert_eq!(backend_end, Some(Err(std::io::ErrorKind::ConnectionReset)), "the backend's end");
+}
+
+/// A backend that echoes what it reads as it comes (a request and its answer, as a database's
+/// or a chat's), until its client ends its side or the connection fails.
+fn interactive_echo() -> Backend {
+    serve_backend(|mut s, _, _| {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// Sends `what` on `s` and reads it back from an echoing far end.
+fn round_trip(s: &mut TcpStream, what: &[u8]) -> std::io::Result<()> {
+    s.write_all(what)?;
+    let mut back = vec![0u8; what.len()];
+    s.read_exact(&mut back)?;
+    assert_eq!(back, what);
+    Ok(())
+}
+
+/// How long `s` (just active) stays silent before it is reset, at most 3 s.
+fn silent_until_reset(s: &mut TcpStream) -> Duration {
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let quiet = Instant::now();
+    let end = s.read(&mut [0u8; 16]).map_err(|e| e.kind());
+    let took = quiet.elapsed();
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "after {took:?}");
+    took
+}
+
+/// A TCP-mode relay is cut at `tunnel_timeout_ms` of silence, not at `idle_timeout_ms` (the
+/// HTTP keep-alive idle time), with a reset, and both its connections have the tunnel timeout as
+/// their TCP_USER_TIMEOUT. A relay keeps the value it started with across a reload, which
+/// reaches relays started after it.
+#[test]
+fn tcp_mode_is_cut_at_the_tunnel_timeout_not_the_idle_timeout() {
+    let b = interactive_echo();
+    let l7 = |tunnel: u64| {
+        format!("mode = \"tcp\"\nidle_timeout_ms = 60000\ntunnel_timeout_ms = {tunnel}")
+    };
+    let mut p = proxy(&[(&b, 1)], &l7(300), "");
+    let mut s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    round_trip(&mut s, b"ping").unwrap();
+    let tunnel = Some(Duration::from_millis(300));
+    assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [tunnel], "the client connection");
+    let up = user_timeouts_to(b.addr);
+    assert!(!up.is_empty() && up.iter().all(|&t| t == tunnel), "the backend connection: {up:?}");
+    // A reload lengthens it for relays to come, not for this one.
+    let (mut cfg, _) = proxy_config(&[(&b, 1)], &l7(60_000), "");
+    cfg.vips[0].port = p.addr.port();
+    p.proxy.as_mut().unwrap().update(&cfg);
+    let took = silent_until_reset(&mut s);
+    assert!(took < Duration::from_millis(1500), "cut {took:?} after the last bytes");
+    let mut s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    round_trip(&mut s, b"ping").unwrap();
+    let after = Some(Duration::from_secs(60));
+    assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [after], "a relay after the reload");
+    // Measured without a reload in between.
+    let p = proxy(&[(&b, 1)], &l7(300), "");
+    let mut s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    round_trip(&mut s, b"ping").unwrap();
+    let took = silent_until_reset(&mut s);
+    assert!(took >= Duration::from_millis(250), "cut {took:?} after the last bytes");
+    assert!(took < Duration::from_millis(1500), "cut {took:?} after the last bytes");
+}
+
+/// A TCP-mode relay silent longer than a short `idle_timeout_ms` goes on: its silences are the
+/// tunnel timeout's, by default ten minutes (the idle timeout's, before, so that a database
+/// connection idle in a pool for a minute was reset under its client).
+#[test]
+fn tcp_mode_outlives_a_short_idle_timeout() {
+    let b = interactive_echo();
+    let p = proxy(&[(&b, 1)], "mode = \"tcp\"\nidle_timeout_ms = 300", "");
+    let mut s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    round_trip(&mut s, b"ping").unwrap();
+    let ten_minutes = Some(Duration::from_secs(600));
+    assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [ten_minutes], "the client connection");
+    std::thread::sleep(Duration::from_millis(1000));
+    round_trip(&mut s, b"still here").expect("the relay outlives the idle timeout");
+    s.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(s.read(&mut [0u8; 16]).unwrap(), 0, "a clean end");
+}
+
+/// An upgraded connection (a WebSocket) is a tunnel too: from the 101 on, silent longer than a
+/// short `idle_timeout_ms` it goes on, cut (with a reset) only at `tunnel_timeout_ms`, which
+/// both its connections have as their TCP_USER_TIMEOUT. Before, the HTTP idle timeout cut
+/// WebSockets that pinged less often than once a minute.
+#[test]
+fn upgraded_connections_keep_the_tunnel_timeout_not_the_idle_timeout() {
+    let b = serve_backend(|s, _, _| {
+        let mut r = BufReader::new(s);
+        if read_request(&mut r).is_none() {
+            return;
+        }
+        let mut s = r.into_inner();
+        let switch = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+        if s.write_all(switch).is_err() {
+            return;
+        }
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let open = |addr: SocketAddr| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let req =
+            "GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        s.write_all(req.as_bytes()).unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101 "), "{}", String::from_utf8_lossy(&head));
+        // Through the relay: it has started.
+        round_trip(&mut s, b"ping").unwrap();
+        s
+    };
+    // A short idle timeout, the tunnel timeout's default: ten minutes.
+    let p = proxy(&[(&b, 1)], "idle_timeout_ms = 300", "");
+    let mut s = open(p.addr);
+    let ten_minutes = Some(Duration::from_secs(600));
+    assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [ten_minutes], "the client connection");
+    assert_eq!(user_timeouts_to(b.addr), [ten_minutes], "the backend connection");
+    std::thread::sleep(Duration::from_millis(1000));
+    round_trip(&mut s, b"still here").expect("the WebSocket outlives the idle timeout");
+    drop(s);
+    // A short tunnel timeout under a long idle timeout.
+    let p = proxy(&[(&b, 1)], "idle_timeout_ms = 60000\ntunnel_timeout_ms = 300", "");
+    let mut s = open(p.addr);
+    let tunnel = Some(Duration::from_millis(300));
+    assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [tunnel], "the client connection");
+    let took = silent_until_reset(&mut s);
+    assert!(took >= Duration::from_millis(250), "cut {took:?} after the last bytes");
+    assert!(took < Duration::from_millis(1500), "cut {took:?} after the last bytes");
 }
 
 #[test]
@@ -6332,16 +6480,16 @@ fn tcp_mode_client_gets_a_backends_last_bytes_while_still_sending() {
 
 /// A transfer that moves slowly is not idle. A backend reads an upload far slower than the
 /// client sends it, then answers: the kernel's buffers on the way take the whole upload at
-/// once, so the proxy itself moves nothing for longer than the idle timeout while the backend
-/// drains them. Before, the relay took that for silence and cut the connection at the idle
+/// once, so the proxy itself moves nothing for longer than the tunnel timeout while the backend
+/// drains them. Before, the relay took that for silence and cut the connection at the
 /// timeout, and the answer was lost. (The reads keep loopback's receive window opening well
-/// within the idle timeout, which is also the connections' TCP_USER_TIMEOUT: its 64 KiB
+/// within the tunnel timeout, which is also the connections' TCP_USER_TIMEOUT: its 64 KiB
 /// segments make a window reopen only in such steps, and a zero window held past the
 /// TCP_USER_TIMEOUT has the kernel abort the connection, as it should.)
 #[test]
-fn tcp_mode_a_slow_but_moving_upload_is_not_cut_at_the_idle_timeout() {
+fn tcp_mode_a_slow_but_moving_upload_is_not_cut_at_the_tunnel_timeout() {
     const UPLOAD: usize = 512 << 10;
-    // Bytes per second: two and a half seconds, two and a half idle timeouts.
+    // Bytes per second: two and a half seconds, two and a half tunnel timeouts.
     const RATE: f64 = 200e3;
     let b = serve_backend(|mut s, _, _| {
         let (start, mut total) = (Instant::now(), 0);
@@ -6359,7 +6507,7 @@ fn tcp_mode_a_slow_but_moving_upload_is_not_cut_at_the_idle_timeout() {
         }
         let _ = s.write_all(format!("got {total}").as_bytes());
     });
-    let p = proxy(&[(&b, 1)], "mode = \"tcp\"\nidle_timeout_ms = 1000", "");
+    let p = proxy(&[(&b, 1)], "mode = \"tcp\"\ntunnel_timeout_ms = 1000", "");
     let mut s = TcpStream::connect(p.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let start = Instant::now();
@@ -8142,14 +8290,14 @@ fn tcp_client_case(addr: SocketAddr, case: usize, c: &TcpPropCase) -> TcpClientR
 /// client writes random bytes in random pieces with pauses and then half-closes, keeps its side
 /// open, or resets ([`TcpClientEnd`]; at most one side resets). For every case:
 /// - the bytes each side receives are exactly what the other sent, in order (a prefix of it
-///   when the sender reset, or the backend answered only after the idle timeout had begun);
+///   when the sender reset, or the backend answered only after the tunnel timeout had begun);
 /// - a half-close reaches the other side as an end of stream after all the bytes, while the
 ///   other direction keeps flowing (a backend that half-closes first still gets the whole
 ///   upload, a client that half-closes first still gets the whole answer);
 /// - a reset reaches the other side as a reset (ECONNRESET), never as a clean end;
-/// - a relay cut at the idle timeout (the client keeps its side open, and the backend waits for
+/// - a relay cut at the tunnel timeout (the client keeps its side open, and the backend waits for
 ///   its end) ends with a reset on both sides, never a clean end;
-/// - the client's connection ends within twice the idle timeout (a lingering close) plus 1 s
+/// - the client's connection ends within twice the tunnel timeout (a lingering close) plus 1 s
 ///   past its own pauses, and the backend's does not time out.
 ///
 /// Afterwards the active-connections gauge is 0 and a fresh relay works.
@@ -8163,7 +8311,7 @@ fn tcp_client_case(addr: SocketAddr, case: usize, c: &TcpPropCase) -> TcpClientR
 #[test]
 fn property_tcp_relay_passes_bytes_half_closes_and_resets_exactly() {
     const CASES: usize = 500;
-    const IDLE_MS: u64 = 500;
+    const TUNNEL_MS: u64 = 500;
     let seed = common::fuzz_seed(0x7c9_5eed);
     eprintln!("tcp relay property seed {seed} (FUZZ_SEED=<n> for another)");
     let mut rnd = common::rng(seed);
@@ -8190,7 +8338,7 @@ fn property_tcp_relay_passes_bytes_half_closes_and_resets_exactly() {
     let p = proxy(
         &[(&b, 1)],
         &format!(
-            "mode = \"tcp\"\nproxy_protocol = 1\nidle_timeout_ms = {IDLE_MS}\nretries = 0\nmax_fails = 100"
+            "mode = \"tcp\"\nproxy_protocol = 1\ntunnel_timeout_ms = {TUNNEL_MS}\nretries = 0\nmax_fails = 100"
         ),
         "",
     );
@@ -8198,9 +8346,9 @@ fn property_tcp_relay_passes_bytes_half_closes_and_resets_exactly() {
     let mut runs = in_parallel(CASES, 12, |i| Some(tcp_client_case(p.addr, i, &cases[i])));
     let ran = started.elapsed();
     // Let the backend threads of the last cases finish.
-    std::thread::sleep(Duration::from_millis(IDLE_MS + 200));
+    std::thread::sleep(Duration::from_millis(TUNNEL_MS + 200));
     let mut failures = Vec::new();
-    let bound = Duration::from_millis(2 * IDLE_MS + 1000);
+    let bound = Duration::from_millis(2 * TUNNEL_MS + 1000);
     let (mut exact_before_reset, mut resets_seen, mut resets_as_eof) = (0, 0, 0);
     let prefix = |got: &[u8], of: &[u8]| got.len() <= of.len() && got == &of[..got.len()];
     for (i, c) in cases.iter().take(CASES).enumerate() {
@@ -8212,7 +8360,7 @@ fn property_tcp_relay_passes_bytes_half_closes_and_resets_exactly() {
         // Download: what the client got.
         if c.end != C::Reset {
             // Kept open, the client's side does not end before the backend's: a backend that
-            // waits for the client's end before it ends its own is cut at the idle timeout.
+            // waits for the client's end before it ends its own is cut at the tunnel timeout.
             let cut: &[TcpSeen] =
                 if c.end == C::KeepOpen { &[TcpSeen::Reset] } else { &[TcpSeen::Eof] };
             let (want, exact, ends): (&[u8], bool, &[TcpSeen]) = match c.backend {
@@ -8243,12 +8391,12 @@ fn property_tcp_relay_passes_bytes_half_closes_and_resets_exactly() {
                 exact_before_reset += usize::from(run.got == c.down);
                 resets_seen += usize::from(run.end == TcpSeen::Reset);
             }
-            // Both sides half-close: the relay ends with the last FIN, not at the idle timeout.
+            // Both sides half-close: the relay ends with the last FIN, not at the tunnel timeout.
             let prompt = c.end == C::HalfClose
                 && matches!(c.backend, B::Echo | B::SendThenFin | B::ReadThenAnswer);
-            if prompt && run.waited >= Duration::from_millis(IDLE_MS) {
+            if prompt && run.waited >= Duration::from_millis(TUNNEL_MS) {
                 problems.push(format!(
-                    "both sides half-closed, yet the relay took {:?} (the idle timeout)",
+                    "both sides half-closed, yet the relay took {:?} (the tunnel timeout)",
                     run.waited
                 ));
             }
@@ -8274,7 +8422,7 @@ fn property_tcp_relay_passes_bytes_half_closes_and_resets_exactly() {
                     (C::Reset, _) => (false, TcpSeen::Reset),
                     // Kept open, the client's side ends only when the client closes, once it
                     // has read the backend's end: a backend that waits for the client's end
-                    // first is cut at the idle timeout.
+                    // first is cut at the tunnel timeout.
                     (C::KeepOpen, B::Echo | B::ReadThenAnswer) => (true, TcpSeen::Reset),
                     _ => (true, TcpSeen::Eof),
                 };

@@ -17,6 +17,13 @@ use super::{
     routes::{EarlierRoutes, path_prefix_ok, route_host_ok, routes_past_caution},
 };
 
+/// The `tunnel_timeout_ms` of a VIP that sets none, unless its `idle_timeout_ms` is longer:
+/// ten minutes, nginx's `proxy_timeout` for its stream proxy. TCP relays (databases, SSH, MQTT)
+/// and WebSockets often sit silent for more than the minute of the HTTP keep-alive idle
+/// timeout, and a balancer that cuts them there is a trap (HAProxy has `timeout tunnel` apart
+/// for it).
+const TUNNEL_TIMEOUT_FLOOR: Duration = Duration::from_secs(600);
+
 /// The `[vip.l7]` settings and routes of L7 VIP `vip` (name, address, port); route backends
 /// that are other L7 VIPs' listeners go to `links`, which refuses a loop of them, every
 /// route backend is counted in `entries`, and a caution for very many routes goes to
@@ -37,6 +44,7 @@ pub(super) fn l7_settings(
         header_timeout_ms: None,
         response_timeout_ms: None,
         idle_timeout_ms: None,
+        tunnel_timeout_ms: None,
         request_timeout_ms: None,
         max_header_bytes: None,
         max_headers: None,
@@ -274,6 +282,10 @@ pub(super) fn l7_settings(
         Some(a) => cookie_attributes(a.get_ref()).or_else(|m| bad(a.span(), m))?,
     };
     cookie_prefix_ok(cookie_name, &attributes, l, routes, algorithm)?;
+    let idle_timeout = ms(&l.idle_timeout_ms, 60_000, "idle_timeout_ms")?;
+    // Unset, never shorter than the idle timeout: an operator who raised that for WebSockets
+    // (when it was also the tunnels' silence) loses nothing.
+    let tunnel_default = idle_timeout.max(TUNNEL_TIMEOUT_FLOOR).as_millis() as u64;
     Ok(L7 {
         mode,
         algorithm,
@@ -282,7 +294,8 @@ pub(super) fn l7_settings(
         connect_timeout: ms(&l.connect_timeout_ms, 1_000, "connect_timeout_ms")?,
         header_timeout: ms(&l.header_timeout_ms, 10_000, "header_timeout_ms")?,
         response_timeout: ms(&l.response_timeout_ms, 30_000, "response_timeout_ms")?,
-        idle_timeout: ms(&l.idle_timeout_ms, 60_000, "idle_timeout_ms")?,
+        idle_timeout,
+        tunnel_timeout: ms(&l.tunnel_timeout_ms, tunnel_default, "tunnel_timeout_ms")?,
         request_timeout: ms(&l.request_timeout_ms, 120_000, "request_timeout_ms")?,
         max_header_bytes: setting(&l.max_header_bytes, 16_384, "max_header_bytes")? as usize,
         max_headers: setting(&l.max_headers, 100, "max_headers")? as usize,

@@ -33,6 +33,7 @@ pub(super) const RANGES: &[(&str, u64, u64)] = &[
     ("header_timeout_ms", 1, 3_600_000),
     ("response_timeout_ms", 1, 3_600_000),
     ("idle_timeout_ms", 1, 3_600_000),
+    ("tunnel_timeout_ms", 1, 86_400_000),
     ("request_timeout_ms", 1, 3_600_000),
     ("fail_timeout_ms", 1, 3_600_000),
     ("interval_ms", 10, 600_000),

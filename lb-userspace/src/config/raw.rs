@@ -68,6 +68,7 @@ pub struct L7 {
     pub header_timeout_ms: Option<Sp<u64>>,
     pub response_timeout_ms: Option<Sp<u64>>,
     pub idle_timeout_ms: Option<Sp<u64>>,
+    pub tunnel_timeout_ms: Option<Sp<u64>>,
     pub request_timeout_ms: Option<Sp<u64>>,
     pub max_header_bytes: Option<Sp<u32>>,
     pub max_headers: Option<Sp<u32>>,

@@ -946,11 +946,49 @@ fn http_only_l7_keys_are_refused_in_tcp_mode() {
     let cfg = parse(&l7_vip(
         "198.18.1.6",
         b,
-        "mode = \"tcp\"\nalgorithm = \"least_conn\"\nretries = 1\nconnect_timeout_ms = 500\nidle_timeout_ms = 1000\nmax_connections = 10\nproxy_protocol = 2\nmax_fails = 2\nfail_timeout_ms = 500",
+        "mode = \"tcp\"\nalgorithm = \"least_conn\"\nretries = 1\nconnect_timeout_ms = 500\nidle_timeout_ms = 1000\ntunnel_timeout_ms = 7200000\nmax_connections = 10\nproxy_protocol = 2\nmax_fails = 2\nfail_timeout_ms = 500",
         "",
     ))
     .unwrap();
-    assert_eq!(cfg.vips[0].l7.as_ref().unwrap().mode, L7Mode::Tcp);
+    let l7 = cfg.vips[0].l7.as_ref().unwrap();
+    assert_eq!(l7.mode, L7Mode::Tcp);
+    assert_eq!(l7.tunnel_timeout, Duration::from_secs(7200));
+}
+
+/// `tunnel_timeout_ms`, the silence a TCP-mode or upgraded connection may keep: ten minutes
+/// unless the idle timeout is longer (a file that raised `idle_timeout_ms` for its WebSockets,
+/// when that was the tunnels' timeout too, keeps what it had), any value of its range in either
+/// mode when written, and out of its range refused at the value, naming the key and its bounds.
+#[test]
+fn tunnel_timeout_defaults_to_ten_minutes_or_the_idle_timeout_and_is_bounded() {
+    let b = r#"{ address = "198.18.0.11", port = 80 }"#;
+    let tunnel = |l7: &str| {
+        let cfg = parse(&l7_vip("198.18.1.6", b, l7, "")).unwrap_or_else(|e| panic!("{l7}: {e}"));
+        cfg.vips[0].l7.as_ref().unwrap().tunnel_timeout
+    };
+    let minutes = |m: u64| Duration::from_secs(m * 60);
+    for mode in ["mode = \"http\"\n", "mode = \"tcp\"\n"] {
+        assert_eq!(tunnel(mode), minutes(10), "{mode}unset");
+        // Shorter than ten minutes, the idle timeout is no floor.
+        assert_eq!(tunnel(&format!("{mode}idle_timeout_ms = 1000")), minutes(10));
+        assert_eq!(tunnel(&format!("{mode}idle_timeout_ms = 600000")), minutes(10));
+        assert_eq!(tunnel(&format!("{mode}idle_timeout_ms = 900000")), minutes(15));
+        assert_eq!(tunnel(&format!("{mode}idle_timeout_ms = 3600000")), minutes(60));
+        // Written, it holds whatever the idle timeout, shorter or longer.
+        let both =
+            |idle: u64, t: u64| format!("{mode}idle_timeout_ms = {idle}\ntunnel_timeout_ms = {t}");
+        assert_eq!(tunnel(&both(3_600_000, 300)), Duration::from_millis(300));
+        assert_eq!(tunnel(&both(300, 86_400_000)), Duration::from_secs(86_400));
+        assert_eq!(tunnel(&both(300, 1)), Duration::from_millis(1));
+        // The idle timeout keeps its own value.
+        let cfg = parse(&l7_vip("198.18.1.6", b, &both(300, 5000), "")).unwrap();
+        assert_eq!(cfg.vips[0].l7.as_ref().unwrap().idle_timeout, Duration::from_millis(300));
+        for past in ["0", "86400001"] {
+            let t = l7_vip("198.18.1.6", b, &format!("{mode}tunnel_timeout_ms = {past}"), "");
+            // At the value, the last line of the file.
+            refused_at_last(&t, &format!("{past}\n"), "tunnel_timeout_ms must be 1..=86400000");
+        }
+    }
 }
 
 /// The cookie name goes into `Set-Cookie` as it is.
@@ -2024,7 +2062,7 @@ fn prop_valid_configs() -> Vec<String> {
     let two = r#"{ address = "198.18.0.11" }, { address = "198.18.0.12", weight = 5 }"#;
     let l7_http = "algorithm = \"cookie\"\ncookie_secret = \"0123456789abcdef\"\ncookie_secret_previous = \"fedcba9876543210\"\ncookie_attributes = \"Secure; SameSite=None; Max-Age=60\"\ncookie_name = \"sid\"\nretries = 0\nproxy_protocol = 1\nmax_header_bytes = 4096\nmax_headers = 10\nupstream_keepalive = 0\nforwarded_for = false\nnormalize_path = false\naccess_log = true\nheader_timeout_ms = 5\nresponse_timeout_ms = 5\nrequest_timeout_ms = 3600000";
     let routes = "[[vip.route]]\nhost = \"a.example\"\npath_prefix = \"/api/\"\nalgorithm = \"p2c\"\nbackends = [{ address = \"198.18.0.12\", port = 9000 }]\n[[vip.route]]\npath_prefix = \"/\"\nbackends = [{ address = \"::1\", weight = 0 }]\n[vip.health]\nkind = \"tcp\"\n";
-    let l7_tcp = "mode = \"tcp\"\nalgorithm = \"least_conn\"\nretries = 10\nconnect_timeout_ms = 1\nidle_timeout_ms = 1000\nmax_connections = 10\nmax_fails = 2\nfail_timeout_ms = 500";
+    let l7_tcp = "mode = \"tcp\"\nalgorithm = \"least_conn\"\nretries = 10\nconnect_timeout_ms = 1\nidle_timeout_ms = 1000\ntunnel_timeout_ms = 86400000\nmax_connections = 10\nmax_fails = 2\nfail_timeout_ms = 500";
     vec![
         EXAMPLE.to_owned(),
         NODE.to_owned(),
@@ -2553,6 +2591,11 @@ fn prop_documented_rules(c: &Config) -> Result<(), String> {
             ] {
                 ensure!(ms(d, 1..=3_600_000), "l7 VIP {name}: {what} timeout {d:?}");
             }
+            ensure!(
+                ms(l.tunnel_timeout, 1..=86_400_000),
+                "l7 VIP {name}: tunnel timeout {:?}",
+                l.tunnel_timeout
+            );
             ensure!(
                 (1_024..=1 << 20).contains(&l.max_header_bytes),
                 "l7 VIP {name}: max_header_bytes"

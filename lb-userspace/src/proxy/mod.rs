@@ -1554,7 +1554,12 @@ async fn accept_loop(
             info!(vip, failed, "accepting connections again");
         }
         let Some(rt) = shared.snapshot.load().vips.get(&vip).cloned() else { continue };
-        let stream = uring::Socket::new(stream, rt.cfg.idle_timeout);
+        // A TCP-mode connection is a relay from the start: its silences are the tunnel's.
+        let stall = match mode {
+            L7Mode::Http => rt.cfg.idle_timeout,
+            L7Mode::Tcp => rt.cfg.tunnel_timeout,
+        };
+        let stream = uring::Socket::new(stream, stall);
         let counted = Counted::new(&shared, &label);
         let (shared2, upstream2, idle2) = (shared.clone(), upstream.clone(), idle.clone());
         tokio_uring::spawn(async move {

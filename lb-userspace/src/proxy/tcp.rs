@@ -5,11 +5,12 @@
 //! reset that a send to the resetting side takes first (the kernel reports it once), which the
 //! receive then sees as an end of stream, and which is indistinguishable on the wire from a
 //! close with bytes unread, passed on as an end so the client keeps the last bytes (`relay`,
-//! docs/ARCHITECTURE.md). A relay the proxy itself cuts, at the idle timeout or at a stop's drain
-//! deadline, ends with a reset on both sides too: neither side ended its stream. The idle
-//! timeout counts silence in both directions: a stream one side pushes while the other listens
-//! (server-sent events, a WebSocket feed) is not idle, nor is one a slow reader drains from the
-//! kernel's buffers.
+//! docs/ARCHITECTURE.md). A relay the proxy itself cuts, at the tunnel timeout
+//! (`tunnel_timeout_ms`, not the HTTP idle timeout: relays sit silent far longer than keep-alive
+//! connections should) or at a stop's drain deadline, ends with a reset on both sides too:
+//! neither side ended its stream. The tunnel timeout counts silence in both directions: a
+//! stream one side pushes while the other listens (server-sent events, a WebSocket feed) is not
+//! idle, nor is one a slow reader drains from the kernel's buffers.
 
 use std::{
     cell::Cell,
@@ -30,8 +31,11 @@ use super::{
 };
 
 /// Relays bytes both ways between `client` and backend `up` until both directions are done,
-/// with `up`'s member `state` counting the relay as in flight (least-connections sees it), then
-/// shuts both sockets down. TCP mode and upgraded HTTP connections (WebSocket) end in this.
+/// or nothing moved either way for `tunnel` (the VIP's tunnel timeout, which both sockets take as
+/// their TCP_USER_TIMEOUT here too: [`Socket::keep_stall`]), with `up`'s member `state`
+/// counting the relay as in flight (least-connections sees it), then shuts both sockets down.
+/// TCP mode and upgraded HTTP connections (WebSocket) end in this; the value is the one in
+/// force when the relay started, which a reload does not change.
 ///
 /// A relay dropped before it ends (the proxy's stop past its drain deadline drops the task of
 /// every connection still open, or the runtime goes) resets both connections: neither side
@@ -43,15 +47,19 @@ use super::{
 /// sending side shut, what the client still sends read and dropped, for a bounded time): closed
 /// at once with bytes unread, it would be reset, and the reset can throw away the backend's last
 /// bytes before the client has read them.
-pub(super) async fn relay(client: &Socket, up: &Socket, idle: Duration, state: &BackendState) {
+pub(super) async fn relay(client: &Socket, up: &Socket, tunnel: Duration, state: &BackendState) {
     let mut unfinished = Unfinished(Some([client, up]));
     let counted = InFlight::new(state);
-    let clock = Clock { moved: Cell::new(Instant::now()), idle, sockets: [client, up] };
+    // An upgraded connection had the HTTP idle timeout until now (a TCP-mode one has this
+    // already: one comparison each).
+    client.keep_stall(tunnel);
+    up.keep_stall(tunnel);
+    let clock = Clock { moved: Cell::new(Instant::now()), idle: tunnel, sockets: [client, up] };
     let (upload, download) = tokio::join!(pump(client, up, &clock), pump(up, client, &clock));
     unfinished.0 = None;
     drop(counted);
     if download == End::Eof && upload == End::Undeliverable {
-        linger(client, idle).await;
+        linger(client, tunnel).await;
     }
     // Reads abandoned on an idle timeout stay pending until the sockets are shut down.
     let _ = client.shutdown(Shutdown::Both);
@@ -74,7 +82,7 @@ impl Drop for Unfinished<'_> {
 enum End {
     /// Its sender ended its side (end of stream), passed on as a half-close.
     Eof,
-    /// Nothing moved either way for the idle timeout: both connections are reset.
+    /// Nothing moved either way for the tunnel timeout: both connections are reset.
     Idle,
     /// Receiving failed (the sender reset its connection, or the kernel aborted it), passed on
     /// as a reset.
@@ -87,6 +95,7 @@ enum End {
 struct Clock<'a> {
     /// When bytes last moved through the relay either way (a receive, or any part of a send).
     moved: Cell<Instant>,
+    /// The tunnel timeout: how long nothing may move before the relay is cut.
     idle: Duration,
     /// Both sides' sockets, whose kernel send queues count as movement too.
     sockets: [&'a Socket; 2],
@@ -103,9 +112,9 @@ impl Clock<'_> {
         self.moved.get() + self.idle
     }
 
-    /// Has the relay been idle for the idle timeout? Not while the kernel still delivers bytes
+    /// Has the relay been idle for the tunnel timeout? Not while the kernel still delivers bytes
     /// the relay sent on either side ([`Socket::delivering`]): the relay's own sends end as soon
-    /// as the kernel has queued them, and a slow reader can take far longer than the idle
+    /// as the kernel has queued them, and a slow reader can take far longer than the tunnel
     /// timeout to drain those buffers while it keeps reading; the clock then restarts. Looked at
     /// only when the clock runs out: no system call while bytes move.
     fn expired(&self) -> bool {
@@ -210,7 +219,7 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
         // In flight from the pick on, as an HTTP request is: least-connections and
         // power-of-two choices must see the connects a backend keeps waiting.
         let counted = InFlight::new(state);
-        let connected = match Socket::connect(addr, cfg.connect_timeout, cfg.idle_timeout).await {
+        let connected = match Socket::connect(addr, cfg.connect_timeout, cfg.tunnel_timeout).await {
             // A PROXY header that cannot be sent fails the connect, as on the HTTP side.
             Ok(s) => match cfg.proxy_protocol {
                 Some(v) => s.send_all(proxy_header(v, peer, listen)).await.map(|_| s),
@@ -247,7 +256,7 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
     state.requests.fetch_add(1, Ordering::Relaxed);
     // The relay counts itself.
     drop(counted);
-    relay(&client, &up, cfg.idle_timeout, state).await;
+    relay(&client, &up, cfg.tunnel_timeout, state).await;
 }
 
 /// Logs a connection of `vip` from `peer` that no backend could be connected to (after `tried`

@@ -41,11 +41,12 @@ struct Shared {
 impl Socket {
     /// Wraps a connected socket (in blocking mode: io_uring honours O_NONBLOCK and would fail
     /// an operation that has to wait with EAGAIN instead of waiting). A peer that takes none
-    /// of the data sent to it for `stall` (the VIP's idle timeout: it stopped reading, or went
-    /// away) has the connection aborted by the kernel (TCP_USER_TIMEOUT, which also bounds
-    /// zero-window probing), so a pending send fails instead of holding the connection, and
-    /// the one behind it, forever. The kernel keeps that clock: no timer per send. Each request
-    /// gives its connections the idle timeout in force for it ([`Socket::keep_stall`]).
+    /// of the data sent to it for `stall` (the VIP's idle timeout, or its tunnel timeout for a
+    /// relay: it stopped reading, or went away) has the connection aborted by the kernel
+    /// (TCP_USER_TIMEOUT, which also bounds zero-window probing), so a pending send fails
+    /// instead of holding the connection, and the one behind it, forever. The kernel keeps that
+    /// clock: no timer per send. Each request gives its connections the idle timeout in force
+    /// for it, and a relay its tunnel timeout ([`Socket::keep_stall`]).
     pub(crate) fn new(s: TcpStream, stall: Duration) -> Self {
         let s = Self::of(s);
         s.set_stall(stall);

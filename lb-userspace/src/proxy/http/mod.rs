@@ -1172,7 +1172,8 @@ async fn serve_conn(
             // The relay counts itself in flight.
             drop(counted);
             if sent {
-                super::tcp::relay(client, &up, vip.cfg.idle_timeout, &pool.members[i].state).await;
+                super::tcp::relay(client, &up, vip.cfg.tunnel_timeout, &pool.members[i].state)
+                    .await;
             } else {
                 let _ = up.shutdown(std::net::Shutdown::Both);
                 let _ = client.shutdown(std::net::Shutdown::Both);
