@@ -1773,22 +1773,31 @@ fn tcp_mode_is_cut_at_the_tunnel_timeout_not_the_idle_timeout() {
     assert!(took < Duration::from_millis(1500), "cut {took:?} after the last bytes");
 }
 
-/// A TCP-mode relay silent longer than a short `idle_timeout_ms` goes on: its silences are the
-/// tunnel timeout's, by default ten minutes (the idle timeout's, before, so that a database
-/// connection idle in a pool for a minute was reset under its client).
+/// A TCP-mode VIP that writes no timeout keeps its relays through silences of ten minutes (the
+/// idle timeout's minute, before, reset a database connection idle in a pool under its client);
+/// one that writes `idle_timeout_ms` alone keeps its meaning, the relays' silence, as before
+/// `tunnel_timeout_ms`: TCP mode has no other use for it.
 #[test]
-fn tcp_mode_outlives_a_short_idle_timeout() {
+fn tcp_mode_defaults_to_ten_minutes_and_keeps_a_written_idle_timeout() {
     let b = interactive_echo();
-    let p = proxy(&[(&b, 1)], "mode = \"tcp\"\nidle_timeout_ms = 300", "");
+    let p = proxy(&[(&b, 1)], "mode = \"tcp\"", "");
     let mut s = TcpStream::connect(p.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     round_trip(&mut s, b"ping").unwrap();
     let ten_minutes = Some(Duration::from_secs(600));
     assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [ten_minutes], "the client connection");
-    std::thread::sleep(Duration::from_millis(1000));
-    round_trip(&mut s, b"still here").expect("the relay outlives the idle timeout");
     s.shutdown(Shutdown::Write).unwrap();
     assert_eq!(s.read(&mut [0u8; 16]).unwrap(), 0, "a clean end");
+
+    let p = proxy(&[(&b, 1)], "mode = \"tcp\"\nidle_timeout_ms = 300", "");
+    let mut s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    round_trip(&mut s, b"ping").unwrap();
+    let written = Some(Duration::from_millis(300));
+    assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [written], "the client connection");
+    let took = silent_until_reset(&mut s);
+    assert!(took >= Duration::from_millis(250), "cut {took:?} after the last bytes");
+    assert!(took < Duration::from_millis(1500), "cut {took:?} after the last bytes");
 }
 
 /// An upgraded connection (a WebSocket) is a tunnel too: from the 101 on, silent longer than a

@@ -17,7 +17,8 @@ use super::{
     routes::{EarlierRoutes, path_prefix_ok, route_host_ok, routes_past_caution},
 };
 
-/// The `tunnel_timeout_ms` of a VIP that sets none, unless its `idle_timeout_ms` is longer:
+/// The `tunnel_timeout_ms` of a VIP that sets none (unless its `idle_timeout_ms` says otherwise:
+/// [`l7_settings`]):
 /// ten minutes, nginx's `proxy_timeout` for its stream proxy. TCP relays (databases, SSH, MQTT)
 /// and WebSockets often sit silent for more than the minute of the HTTP keep-alive idle
 /// timeout, and a balancer that cuts them there is a trap (HAProxy has `timeout tunnel` apart
@@ -283,9 +284,15 @@ pub(super) fn l7_settings(
     };
     cookie_prefix_ok(cookie_name, &attributes, l, routes, algorithm)?;
     let idle_timeout = ms(&l.idle_timeout_ms, 60_000, "idle_timeout_ms")?;
-    // Unset, never shorter than the idle timeout: an operator who raised that for WebSockets
-    // (when it was also the tunnels' silence) loses nothing.
-    let tunnel_default = idle_timeout.max(TUNNEL_TIMEOUT_FLOOR).as_millis() as u64;
+    // Unset, it keeps what the file meant when the idle timeout was also the tunnels' silence:
+    // in TCP mode, which has no other use for it, an `idle_timeout_ms` written is the tunnels'
+    // timeout as before; in HTTP mode it is a floor (an operator who raised it for WebSockets
+    // loses nothing, one who lowered it for keep-alive no longer cuts WebSockets with it).
+    let tunnel_default = match (mode, &l.idle_timeout_ms) {
+        (L7Mode::Tcp, Some(_)) => idle_timeout,
+        _ => idle_timeout.max(TUNNEL_TIMEOUT_FLOOR),
+    }
+    .as_millis() as u64;
     Ok(L7 {
         mode,
         algorithm,
