@@ -1424,6 +1424,8 @@ async fn run_thread(
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     sweeping.abort();
+    // Idle: closed with a reset, which leaves no TIME_WAIT here (`close_idle`).
+    upstream.close_all();
     for c in &closers {
         c.abort();
     }
