@@ -8472,6 +8472,8 @@ fn private_backend_connections_closed_idle_leave_no_time_wait_here() {
     let at = |i: usize| backends[i].addr.port();
     let left = proxy_side_time_waits(at(0), &ports) + proxy_side_time_waits(at(1), &ports);
     assert_eq!(left, 0, "TIME_WAITs on the proxy's side after {N} client connections");
+    // Each was made private to its client connection, and counted.
+    assert_eq!(vip_counter(&p.metrics, "edgelb_l7_private_connections_total"), N as u64);
 
     // A drain moves a client off its private connection at its next request: closed idle too.
     let conns = || backends.each_ref().map(|b| b.conns.load(Ordering::Relaxed));
@@ -8486,6 +8488,7 @@ fn private_backend_connections_closed_idle_leave_no_time_wait_here() {
     assert_eq!(c.status(), 200);
     backend_saw_ends(&ended, N + 1, Duration::from_secs(5));
     assert_eq!(proxy_side_time_waits(at(hers), &ports), 0, "after the drain's move");
+    assert_eq!(vip_counter(&p.metrics, "edgelb_l7_private_connections_total"), N as u64 + 2);
 }
 
 /// Pooled backend connections closed idle leave no TIME_WAIT on this node either: those past
@@ -8574,8 +8577,8 @@ fn a_proxy_protocol_connection_carries_its_own_clients_requests() {
         }
     }
     assert_eq!(backends.iter().map(|b| b.conns.load(Ordering::Relaxed)).sum::<usize>(), 2);
-    // Not counted as authentication's private connections.
-    assert_eq!(vip_counter(&p.metrics, "edgelb_l7_private_connections_total"), 0);
+    // Each counted once, as it was made private.
+    assert_eq!(vip_counter(&p.metrics, "edgelb_l7_private_connections_total"), 2);
 
     // Drained, the first client's backend takes no more of its requests: the next goes to the
     // other backend, over a connection of its own with its own header.
@@ -8588,6 +8591,7 @@ fn a_proxy_protocol_connection_carries_its_own_clients_requests() {
     assert!(moved.ends_with(&format!(" from {} headers 1", ports[0])), "{moved}");
     assert_ne!(conn(&moved), conn(&firsts[1]), "{moved}");
     assert_eq!(ask_as(&mut clients[0], None).1, moved);
+    assert_eq!(vip_counter(&p.metrics, "edgelb_l7_private_connections_total"), 3);
 }
 
 /// How many segments carrying data `s` has received (TCP_INFO `tcpi_data_segs_in`, Linux
