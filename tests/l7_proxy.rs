@@ -8556,6 +8556,131 @@ fn connections_not_pooled_leave_their_time_wait_to_the_backend() {
     }
 }
 
+/// The far ports (the proxy's local ports) of the connections a [`keep_alive_backend`] took.
+type Ports = Arc<std::sync::Mutex<Vec<u16>>>;
+
+/// A backend that never closes a connection itself: it answers every request (with or without
+/// a PROXY header line before it) and keeps the connection, each answer `delay` late. Each
+/// connection's far port goes into `ports` (TIME_WAITs on the proxy's side are told by it:
+/// tests running beside this one may leave some towards a port this backend's took after them),
+/// and `ended` counts the connections whose end (a close or a reset) it has read.
+fn keep_alive_backend(ports: Ports, ended: Arc<AtomicUsize>, delay: Duration) -> Backend {
+    serve_backend(move |s, reqs, _| {
+        ports.lock().unwrap().push(s.peer_addr().unwrap().port());
+        // Longer than the test: only the proxy ends a connection.
+        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        let (mut w, mut r) = (&s, BufReader::new(&s));
+        while read_request(&mut r).is_some() {
+            reqs.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(delay);
+            if w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").is_err() {
+                break;
+            }
+        }
+        ended.fetch_add(1, Ordering::SeqCst);
+    })
+}
+
+/// TIME_WAITs on the proxy's side of its connections to the backend on `port` whose far ports
+/// are `ports`: the proxy closed those first (with a FIN rather than a reset).
+fn proxy_side_time_waits(port: u16, ports: &Ports) -> usize {
+    let ours = ports.lock().unwrap().clone();
+    time_waits().iter().filter(|(l, r)| *r == port && ours.contains(l)).count()
+}
+
+/// Waits (`within` at most) for `ended` to reach `n`, then a moment more, for whatever the
+/// backend's own close sends back to reach the proxy's side.
+fn backend_saw_ends(ended: &AtomicUsize, n: usize, within: Duration) {
+    let t = Instant::now();
+    while ended.load(Ordering::SeqCst) < n {
+        assert!(t.elapsed() < within, "{} of {n} connections ended", ended.load(Ordering::SeqCst));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+/// A backend connection the proxy closes while it is idle, nothing of a request on it, ends
+/// with a reset, which leaves no TIME_WAIT on this node (as HAProxy closes server connections
+/// it did not see closed). With `proxy_protocol` each client connection has one of its own,
+/// closed when the client connection ends: closed with a FIN, each left a TIME_WAIT holding one
+/// of the node's local ports to the backend for a minute, which ran out at some 470 client
+/// connections a second per backend. The same for one a drain moves the client off.
+#[test]
+fn private_backend_connections_closed_idle_leave_no_time_wait_here() {
+    const N: usize = 50;
+    let (ports, ended) = (Ports::default(), Arc::new(AtomicUsize::new(0)));
+    let backends = [
+        keep_alive_backend(ports.clone(), ended.clone(), Duration::ZERO),
+        keep_alive_backend(ports.clone(), ended.clone(), Duration::ZERO),
+    ];
+    let weights = |drained: Option<usize>| -> Vec<(&Backend, u32)> {
+        (0..2).map(|i| (&backends[i], u32::from(drained != Some(i)))).collect()
+    };
+    let l7 = "algorithm = \"round_robin\"\nproxy_protocol = 1";
+    let mut p = proxy(&weights(None), l7, "");
+    // Clients of one request each that leave without `Connection: close`, as many do.
+    for _ in 0..N {
+        let mut c = Client::connect(p.addr);
+        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(c.status(), 200);
+    }
+    assert_eq!(backends.iter().map(|b| b.conns.load(Ordering::Relaxed)).sum::<usize>(), N);
+    backend_saw_ends(&ended, N, Duration::from_secs(5));
+    let at = |i: usize| backends[i].addr.port();
+    let left = proxy_side_time_waits(at(0), &ports) + proxy_side_time_waits(at(1), &ports);
+    assert_eq!(left, 0, "TIME_WAITs on the proxy's side after {N} client connections");
+    // Each was made private to its client connection, and counted.
+    assert_eq!(vip_counter(&p.metrics, "edgelb_l7_private_connections_total"), N as u64);
+
+    // A drain moves a client off its private connection at its next request: closed idle too.
+    let conns = || backends.each_ref().map(|b| b.conns.load(Ordering::Relaxed));
+    let before = conns();
+    let mut c = Client::connect(p.addr);
+    c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.status(), 200);
+    let hers = (0..2).find(|&i| conns()[i] > before[i]).unwrap();
+    let (cfg, _) = proxy_config(&weights(Some(hers)), l7, "");
+    p.proxy.as_mut().unwrap().update(&cfg);
+    c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(c.status(), 200);
+    backend_saw_ends(&ended, N + 1, Duration::from_secs(5));
+    assert_eq!(proxy_side_time_waits(at(hers), &ports), 0, "after the drain's move");
+    assert_eq!(vip_counter(&p.metrics, "edgelb_l7_private_connections_total"), N as u64 + 2);
+}
+
+/// Pooled backend connections closed idle leave no TIME_WAIT on this node either: those past
+/// their time (here the VIP's idle timeout, 1 s), swept with no further request, and those
+/// still in the pool when the proxy stops.
+#[test]
+fn pooled_backend_connections_closed_idle_leave_no_time_wait_here() {
+    let (ports, ended) = (Ports::default(), Arc::new(AtomicUsize::new(0)));
+    // Slow enough that a burst's requests overlap, each on a backend connection of its own.
+    let b = keep_alive_backend(ports.clone(), ended.clone(), Duration::from_millis(100));
+    let burst = |addr: SocketAddr| {
+        std::thread::scope(|sc| {
+            for _ in 0..8 {
+                sc.spawn(move || assert_eq!(get(addr, "/").0, 200));
+            }
+        });
+    };
+    let p = proxy(&[(&b, 1)], "idle_timeout_ms = 1000", "");
+    burst(p.addr);
+    let pooled = b.conns.load(Ordering::Relaxed);
+    assert!(pooled >= 2, "the burst left backend connections in the pools ({pooled})");
+    // Swept once past their time (within a second of it).
+    backend_saw_ends(&ended, pooled, Duration::from_millis(3500));
+    assert_eq!(proxy_side_time_waits(b.addr.port(), &ports), 0, "after the pool's sweep");
+
+    let mut p = proxy(&[(&b, 1)], "", "");
+    burst(p.addr);
+    let all = b.conns.load(Ordering::Relaxed);
+    assert!(all - pooled >= 2, "the second burst left backend connections in the pools");
+    assert_eq!(ended.load(Ordering::SeqCst), pooled, "kept for 4 s");
+    p.proxy.take().unwrap().shutdown(Duration::from_secs(5));
+    backend_saw_ends(&ended, all, Duration::from_secs(2));
+    assert_eq!(proxy_side_time_waits(b.addr.port(), &ports), 0, "after the stop");
+}
+
 /// A backend behind `proxy_protocol = 1`. Every answer says `<name> conn <id> from <port>
 /// headers <n>`: the connection, the client port its PROXY header named, and how many PROXY
 /// headers it has read so far (one, at its start, for a connection that speaks for one client
@@ -8609,8 +8734,8 @@ fn a_proxy_protocol_connection_carries_its_own_clients_requests() {
         }
     }
     assert_eq!(backends.iter().map(|b| b.conns.load(Ordering::Relaxed)).sum::<usize>(), 2);
-    // Not counted as authentication's private connections.
-    assert_eq!(vip_counter(&p.metrics, "edgelb_l7_private_connections_total"), 0);
+    // Each counted once, as it was made private.
+    assert_eq!(vip_counter(&p.metrics, "edgelb_l7_private_connections_total"), 2);
 
     // Drained, the first client's backend takes no more of its requests: the next goes to the
     // other backend, over a connection of its own with its own header.
@@ -8623,6 +8748,7 @@ fn a_proxy_protocol_connection_carries_its_own_clients_requests() {
     assert!(moved.ends_with(&format!(" from {} headers 1", ports[0])), "{moved}");
     assert_ne!(conn(&moved), conn(&firsts[1]), "{moved}");
     assert_eq!(ask_as(&mut clients[0], None).1, moved);
+    assert_eq!(vip_counter(&p.metrics, "edgelb_l7_private_connections_total"), 3);
 }
 
 /// How many segments carrying data `s` has received (TCP_INFO `tcpi_data_segs_in`, Linux

@@ -133,9 +133,9 @@ pub struct L7Metrics {
     /// reconnect), which no other series shows, and a steady rate says the limit is tight.
     pub closed_for_room: Family<VipLabel, Counter>,
     /// Backend connections of an HTTP VIP made private to their client connection (NTLM or
-    /// Negotiate authentication binds them to their client, see
-    /// `http::upstream_pool::Private`): each is one connection the keep-alive pool does not
-    /// share, which a busy rate makes visible.
+    /// Negotiate authentication binds them to their client, and so does a PROXY protocol
+    /// header, see `http::upstream_pool::Private`): each is one connection the keep-alive pool
+    /// does not share, which a busy rate makes visible.
     pub private_connections: Family<VipLabel, Counter>,
     /// Which per-backend series (`ejections`, `heads_too_large`) exist and which backends may
     /// have one.
@@ -304,7 +304,8 @@ impl L7Metrics {
         registry.register(
             "edgelb_l7_private_connections",
             "Backend connections of L7 HTTP VIPs made private to one client connection (NTLM or \
-             Negotiate authentication): never shared with other clients",
+             Negotiate authentication, or a PROXY protocol header): never shared with other \
+             clients",
             m.private_connections.clone(),
         );
         registry.register(
@@ -1424,6 +1425,8 @@ async fn run_thread(
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     sweeping.abort();
+    // Idle: closed with a reset, which leaves no TIME_WAIT here (`close_idle`).
+    upstream.close_all();
     for c in &closers {
         c.abort();
     }

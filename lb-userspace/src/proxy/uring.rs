@@ -223,12 +223,14 @@ impl Socket {
 
     /// Ends the connection with a reset (RST) now, so that its peer reads an error, not an end
     /// of stream: how a relay passes on the reset or failure of the connection on its other
-    /// side. connect() to an AF_UNSPEC address disconnects a TCP socket at once (connect(2);
-    /// the kernel's `tcp_disconnect`, which sends the RST, drops what was queued either way and
-    /// wakes the operations pending on the socket). A close with SO_LINGER {on, 0} would reset
-    /// too, but only when the last clone of the socket goes, which the operations in flight
-    /// hold; and shutdown() would send an orderly FIN first. SO_LINGER {on, 0} is set as well,
-    /// so that should the disconnect ever fail, the close still resets.
+    /// side, and how an idle backend connection closes without leaving a TIME_WAIT on this
+    /// node (`http::upstream_pool::close_idle`). connect() to an AF_UNSPEC address disconnects a
+    /// TCP socket at once (connect(2); the kernel's `tcp_disconnect`, which sends the RST, drops
+    /// what was queued either way and wakes the operations pending on the socket). A close with
+    /// SO_LINGER {on, 0} would reset too, but only when the last clone of the socket goes,
+    /// which the operations in flight hold; and shutdown() would send an orderly FIN first.
+    /// SO_LINGER {on, 0} is set as well, so that should the disconnect ever fail, the close
+    /// still resets.
     #[allow(unsafe_code)]
     pub(crate) fn abort(&self) {
         let _ = self.with_sock(|s| s.set_linger(Some(Duration::ZERO)));

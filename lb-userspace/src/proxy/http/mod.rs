@@ -1439,7 +1439,10 @@ async fn serve_conn(
             let addr = pool.members[i].state.addr;
             let ubuf = std::mem::take(&mut ubuf);
             if bound {
-                if session && !carried {
+                // Made private now: not the one this client's private connection was (or its
+                // fresh stand-in), which was counted when it was. By a session or by its PROXY
+                // header: counted once either way.
+                if own_member != Some(i) {
                     vip.private_connections.inc();
                 }
                 let idle = Idle::kept_for(up, ubuf, end, max_idle, bodiless);

@@ -2,7 +2,7 @@
 //! client connection's private backend connection ([`Private`]), which never enters the pool.
 //! Apart from the connection loop (`super`), which only takes connections from them and puts
 //! them back: what keeps a connection (its pending receive, its idle limit, the checks before
-//! it is used again, the sweep) is one concern, tested on its own.
+//! it is used again, the sweep, how an idle one closes) is one concern, tested on its own.
 
 use std::{
     cell::RefCell,
@@ -115,7 +115,7 @@ impl Idle {
                 Err(_) => {}
             }
         }
-        close(&self.socket);
+        close_idle(&self.socket);
         None
     }
 }
@@ -133,6 +133,29 @@ pub(crate) struct UpstreamPool {
 /// completes a receive still pending on it, which holds a clone).
 pub(super) fn close(s: &Socket) {
     let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
+/// Closes an idle backend connection (its last response read whole, nothing of a request
+/// going) with a reset ([`Socket::abort`]: SO_LINGER {on, 0} and a disconnect now), not a FIN:
+/// the side that closes first keeps the connection in TIME_WAIT for a minute, holding one of
+/// this node's local ports to that backend, and the proxy closes these first (a pooled one past
+/// its time, or found unusable, or over the pool's limit; a private one when its client
+/// connection ends or can no longer use it; every pooled one at a stop). With the PROXY protocol
+/// that is one per client connection: some 470 client connections a second would run a
+/// backend's local ports out. HAProxy closes its server connections so too (every one is marked
+/// to be closed with SO_LINGER 0 unless it saw the server's close first). The disconnect rather
+/// than SO_LINGER alone: clones of the socket (the receive pending on it) keep it open past
+/// this call, and a FIN first would let the backend's own FIN in, and the TIME_WAIT with it,
+/// before the last clone goes. Should the backend not have acknowledged everything sent to it
+/// yet ([`Socket::delivering`]: the end of a request body still on its way), an ordinary close
+/// instead, as a reset would throw that away. A connection closed mid-exchange never comes
+/// here, nor one the backend closes itself ([`close_after_backend`]).
+pub(super) fn close_idle(s: &Socket) {
+    if s.delivering() {
+        close(s);
+    } else {
+        s.abort();
+    }
 }
 
 /// How long a backend that closes its connection after a response is given to do so.
@@ -202,11 +225,11 @@ impl UpstreamPool {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(addr).or_default();
         let stale = list.iter().take_while(|c| c.expires <= now).count();
-        list.drain(..stale).for_each(|c| close(&c.socket));
+        list.drain(..stale).for_each(|c| close_idle(&c.socket));
         if list.len() < max {
             list.push(Idle::new(s, buf, now, max_idle, peek));
         } else {
-            close(&s);
+            close_idle(&s);
         }
     }
 
@@ -217,12 +240,21 @@ impl UpstreamPool {
             list.retain(|c| {
                 let keep = c.expires > now;
                 if !keep {
-                    close(&c.socket);
+                    close_idle(&c.socket);
                 }
                 keep
             });
             !list.is_empty()
         });
+    }
+
+    /// Closes every pooled connection ([`close_idle`]): at the thread's end, once its client
+    /// connections are done. Left to the runtime's end, they closed with a FIN each, and each
+    /// left a TIME_WAIT here.
+    pub(crate) fn close_all(&self) {
+        for (_, list) in self.idle.borrow_mut().drain() {
+            list.iter().for_each(|c| close_idle(&c.socket));
+        }
     }
 
     /// Sweeps the pool every [`POOL_SWEEP_EVERY`], until its task is aborted (when the thread
@@ -245,8 +277,9 @@ impl UpstreamPool {
 /// from this client. So, as HAProxy marks such connections private, it never enters the pool: it
 /// waits here for this client connection's next request, which goes over it to its backend,
 /// bypassing the pick, while that backend may take it ([`Private::take`]); otherwise, and when
-/// the client connection ends (this is dropped), it is closed. One per client connection: the
-/// request that takes it makes the next one, if any.
+/// the client connection ends (this is dropped), it is closed, idle, with a reset
+/// ([`close_idle`]). One per client connection: the request that takes it makes the next one,
+/// if any.
 ///
 /// [`binds_connection`]: super::head::binds_connection
 #[derive(Default)]
@@ -270,7 +303,7 @@ impl Private {
     /// client connection's next request (closing one kept before, if any).
     pub(super) fn keep(&mut self, addr: SocketAddr, c: Idle, bound: Bound) {
         if let Some((_, old, _)) = self.0.replace((addr, c, bound)) {
-            close(&old.socket);
+            close_idle(&old.socket);
         }
     }
 
@@ -295,13 +328,13 @@ impl Private {
         let takes = |m: &Member| m.state.addr == addr && m.up && (bound.session || m.weight > 0);
         let member = pool.members.iter().position(takes).filter(|_| bound.proxy == proxy);
         let Some(i) = member else {
-            close(&c.socket);
+            close_idle(&c.socket);
             return None;
         };
         let (s, armed) = c.reusable(addr, now, true)?;
         // Last: it claims a trial of a backend back from an ejection.
         if !pool.members[i].state.admit() {
-            close(&s);
+            close_idle(&s);
             return None;
         }
         Some((i, s, armed, bound))
@@ -311,7 +344,7 @@ impl Private {
 impl Drop for Private {
     fn drop(&mut self) {
         if let Some((_, c, _)) = self.0.take() {
-            close(&c.socket);
+            close_idle(&c.socket);
         }
     }
 }
@@ -322,7 +355,8 @@ mod tests {
 
     /// The pool lets go of connections past their time: `put` trims them from the front of
     /// their backend's list, a sweep closes the rest and forgets the backend, and each one
-    /// dropped is closed (its peer reads the end of the stream).
+    /// dropped is closed, idle, with a reset (its peer reads ECONNRESET), which leaves no
+    /// TIME_WAIT on the proxy's side ([`close_idle`]).
     #[test]
     fn the_pool_closes_connections_past_their_time() {
         use std::io::Read;
@@ -330,7 +364,8 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let closed = |peer: &mut std::net::TcpStream| {
             peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            matches!(peer.read(&mut [0u8; 1]), Ok(0))
+            let read = peer.read(&mut [0u8; 1]).map_err(|e| e.kind());
+            read == Err(std::io::ErrorKind::ConnectionReset)
         };
         tokio_uring::start(async {
             let pool = UpstreamPool::default();
@@ -403,10 +438,11 @@ mod tests {
             let (s, armed) = pool.take(addr, now, false).expect("the untouched connection");
             assert!(pool.take(addr, now, false).is_none(), "the three others are not handed out");
             assert!(pool.idle.borrow()[&addr].is_empty());
+            // Reset: they were idle ([`close_idle`]).
             let closed = |peer: &mut std::net::TcpStream| {
                 peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                let mut rest = Vec::new();
-                peer.read_to_end(&mut rest).is_ok()
+                let read = peer.read_to_end(&mut Vec::new()).map_err(|e| e.kind());
+                read == Err(std::io::ErrorKind::ConnectionReset)
             };
             assert!(closed(&mut peers[1]) && closed(&mut peers[2]), "dropped ones are closed");
             // The one handed out is peers[0]'s: its pending receive reads the next response.
@@ -485,6 +521,38 @@ mod tests {
             // Give the FIN time to arrive, without a turn of the thread.
             std::thread::sleep(Duration::from_millis(20));
             assert!(pool.take(addr, now, true).is_none(), "closed, for a request never sent twice");
+        });
+    }
+
+    /// An idle close resets only a connection whose peer has acknowledged everything sent to
+    /// it: bytes still on their way (the end of a request body a backend answered early, and
+    /// read slowly) would be thrown away by the reset, so such a connection closes with a FIN
+    /// behind them, and the peer reads every byte and then the end of the stream.
+    #[test]
+    fn an_idle_close_does_not_reset_bytes_still_on_their_way() {
+        use std::io::Read;
+        // A peer with a small receive window, which reads nothing until the close.
+        let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        l.set_recv_buffer_size(4096).unwrap();
+        l.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        l.listen(1).unwrap();
+        let l: std::net::TcpListener = l.into();
+        let addr = l.local_addr().unwrap();
+        let long = Duration::from_secs(60);
+        const SENT: usize = 48 * 1024;
+        tokio_uring::start(async {
+            let s = Socket::connect(addr, long, long).await.unwrap();
+            let mut peer = l.accept().unwrap().0;
+            // More than the peer's window, less than the proxy's send buffer takes.
+            let sent = tokio::time::timeout(Duration::from_secs(5), s.send_all(vec![7u8; SENT]));
+            sent.await.expect("the send buffer takes it").unwrap();
+            assert!(s.delivering(), "bytes the peer has not acknowledged");
+            close_idle(&s);
+            drop(s);
+            peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut got = Vec::new();
+            peer.read_to_end(&mut got).expect("the end of the stream, no reset");
+            assert_eq!(got.len(), SENT);
         });
     }
 }
