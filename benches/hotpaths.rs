@@ -111,5 +111,24 @@ fn http_parse(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, flow_hash, maglev_build, l7_pick, http_parse);
+/// One observation of the L7 request latency, as every answered request makes (one thread, so
+/// no contention: what it costs alone), and beside it prometheus-client's `Histogram`, whose
+/// mutex it replaced.
+fn latency_observe(c: &mut Criterion) {
+    use std::time::Duration;
+    // The proxy's buckets (`proxy::latency_histogram`).
+    let bounds = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0, 120.0, 300.0,
+    ];
+    let ours = edgelb::metrics::LatencyHistogram::new(bounds);
+    let theirs = prometheus_client::metrics::histogram::Histogram::new(bounds);
+    let d = Duration::from_micros(3_700);
+    c.bench_function("latency_histogram_observe", |b| b.iter(|| ours.observe(black_box(d))));
+    c.bench_function("prometheus_histogram_observe", |b| {
+        b.iter(|| theirs.observe(black_box(d).as_secs_f64()))
+    });
+}
+
+criterion_group!(benches, flow_hash, maglev_build, l7_pick, http_parse, latency_observe);
 criterion_main!(benches);

@@ -8751,29 +8751,6 @@ fn a_proxy_protocol_connection_carries_its_own_clients_requests() {
     assert_eq!(vip_counter(&p.metrics, "edgelb_l7_private_connections_total"), 3);
 }
 
-/// How many segments carrying data `s` has received (TCP_INFO `tcpi_data_segs_in`, Linux
-/// 4.6), or None from a kernel too old to say.
-fn data_segments_in(s: &TcpStream) -> Option<u32> {
-    use std::os::fd::AsRawFd;
-    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a valid descriptor, and a buffer of `len` bytes the kernel fills (a shorter
-    // struct from an older kernel leaves the rest zero, which `zeroed` made a valid value).
-    let info = unsafe {
-        let r = libc::getsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        );
-        assert_eq!(r, 0, "getsockopt(TCP_INFO): {}", std::io::Error::last_os_error());
-        info.assume_init()
-    };
-    let field = std::mem::offset_of!(libc::tcp_info, tcpi_data_segs_in);
-    (len as usize >= field + 4).then_some(info.tcpi_data_segs_in)
-}
-
 /// A fresh backend connection's PROXY header and the request head after it leave in one write,
 /// one segment (as the health probe's do), not the header in a segment of its own. Counted by
 /// the backend's kernel: on loopback a single read would find both there either way.
@@ -8797,7 +8774,7 @@ fn a_proxy_protocol_header_goes_out_with_the_request_head() {
                     Ok(n) => got.extend_from_slice(&buf[..n]),
                 }
             }
-            let text = match data_segments_in(&s) {
+            let text = match edgelb::testbed::servers::data_segments_in(&s) {
                 Some(n) => format!("segments {n}"),
                 None => "segments ?".to_owned(),
             };

@@ -749,6 +749,31 @@ pub struct BackendStatus {
     pub bps: f64,
 }
 
+impl BackendStatus {
+    /// A backend up, not drained, with nothing counted: where a route pool's backend starts
+    /// (no check probes it, no drain reaches it, XDP counts nothing of it), so that the dozen
+    /// zero fields are written once.
+    pub fn new(address: IpAddr, port: u16, weight: u32) -> BackendStatus {
+        BackendStatus {
+            address,
+            port,
+            weight,
+            healthy: true,
+            passive_down: false,
+            l7_requests: 0,
+            l7_in_flight: None,
+            drained: false,
+            ring_share: 0.0,
+            packets: 0,
+            bytes: 0,
+            new_flows: 0,
+            pps: 0.0,
+            bytes_per_s: 0.0,
+            bps: 0.0,
+        }
+    }
+}
+
 /// Why an admin request failed on the client side.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {

@@ -176,23 +176,7 @@ mod tests {
     use crate::admin::{ConntrackStatus, RouteStatus, VipStatus};
 
     fn backend(address: &str, port: u16) -> BackendStatus {
-        BackendStatus {
-            address: address.parse().unwrap(),
-            port,
-            weight: 1,
-            healthy: true,
-            passive_down: false,
-            l7_requests: 0,
-            l7_in_flight: None,
-            drained: false,
-            ring_share: 0.0,
-            packets: 0,
-            bytes: 0,
-            new_flows: 0,
-            pps: 0.0,
-            bytes_per_s: 0.0,
-            bps: 0.0,
-        }
+        BackendStatus::new(address.parse().unwrap(), port, 1)
     }
 
     /// The table for a fixed status: an XDP VIP's rows with ring shares and counters, an L7

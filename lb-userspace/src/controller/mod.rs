@@ -2529,21 +2529,11 @@ impl Controller {
                             let (passive_down, l7_requests, l7_in_flight) = self
                                 .l7_live(&vip.name, std::net::SocketAddr::new(b.address, b.port));
                             BackendStatus {
-                                address: b.address,
-                                port: b.port,
-                                weight: b.weight,
-                                healthy: true,
                                 passive_down,
                                 l7_requests,
                                 l7_in_flight,
                                 drained: b.weight == 0,
-                                ring_share: 0.0,
-                                packets: 0,
-                                bytes: 0,
-                                new_flows: 0,
-                                pps: 0.0,
-                                bytes_per_s: 0.0,
-                                bps: 0.0,
+                                ..BackendStatus::new(b.address, b.port, b.weight)
                             }
                         })
                         .collect(),

@@ -685,30 +685,6 @@ mod tests {
         assert!(start.elapsed() < Duration::from_millis(600), "{e} after {:?}", start.elapsed());
     }
 
-    /// How many segments carrying data `s` has received (TCP_INFO `tcpi_data_segs_in`, Linux
-    /// 4.6), or None from a kernel too old to say.
-    #[allow(unsafe_code)]
-    fn data_segments_in(s: &TcpStream) -> Option<u32> {
-        use std::os::fd::AsRawFd;
-        let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        // SAFETY: a valid descriptor, and a buffer of `len` bytes the kernel fills (a shorter
-        // struct from an older kernel leaves the rest zero, which `zeroed` made a valid value).
-        let info = unsafe {
-            let r = libc::getsockopt(
-                s.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_INFO,
-                info.as_mut_ptr().cast(),
-                &mut len,
-            );
-            assert_eq!(r, 0, "getsockopt(TCP_INFO): {}", std::io::Error::last_os_error());
-            info.assume_init()
-        };
-        let field = std::mem::offset_of!(libc::tcp_info, tcpi_data_segs_in);
-        (len as usize >= field + 4).then_some(info.tcpi_data_segs_in)
-    }
-
     /// An HTTP probe's request leaves in one segment, behind its PROXY header when it sends one:
     /// it was written in five pieces (`write!` on the socket, Nagle on), as many segments, the
     /// header in one more. Counted by the backend's kernel: a backend's single read does not
@@ -730,7 +706,7 @@ mod tests {
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
-                let segments = data_segments_in(&s);
+                let segments = crate::testbed::servers::data_segments_in(&s);
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
                 let _ = tx.send((head, segments));
             });

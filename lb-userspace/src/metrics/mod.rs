@@ -8,6 +8,7 @@
 //! successful reload removes ([`Metrics::retain`]) the series of backends and VIPs it took out,
 //! so that departed backends do not pile up in scrapes and in memory.
 
+mod histogram;
 mod serve;
 
 use std::{
@@ -18,6 +19,7 @@ use std::{
     time::Duration,
 };
 
+pub use histogram::LatencyHistogram;
 pub use serve::{Scrape, Serving, bind, serve, serve_with};
 
 use prometheus_client::{
@@ -766,7 +768,7 @@ mod tests {
         let vip = crate::proxy::VipLabel { vip: "app".to_owned() };
         let (app, class) = ("app".to_owned(), "2xx".to_owned());
         l7.requests.get_or_create(&crate::proxy::RequestLabels { vip: app.clone(), class }).inc();
-        l7.duration.get_or_create(&vip).observe(0.001);
+        l7.duration.get_or_create(&vip).observe(Duration::from_millis(1));
         l7.active.get_or_create(&vip).inc();
         for family in [&l7.retries, &l7.fail_open, &l7.accept_errors, &l7.closed_for_room] {
             family.get_or_create(&vip).inc();

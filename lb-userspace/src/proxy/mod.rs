@@ -39,12 +39,13 @@ use std::{
 use arc_swap::ArcSwap;
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::{Registry, Unit},
 };
 use tracing::{error, info, warn};
 
 use crate::config::{Algorithm, Config, L7, L7Mode};
+use crate::metrics::LatencyHistogram;
 use balance::{BackendState, Ejection, Member, Pool, Rotation};
 
 /// Labels for per-VIP L7 metrics.
@@ -97,8 +98,9 @@ pub struct TcpLabels {
 pub struct L7Metrics {
     /// Requests by status class.
     pub requests: Family<RequestLabels, Counter>,
-    /// Request latency, from a complete request head to the end of the response.
-    pub duration: Family<VipLabel, Histogram, fn() -> Histogram>,
+    /// Request latency, from a complete request head to the end of the response: observed by
+    /// every proxy thread for each request, so without a lock ([`LatencyHistogram`]).
+    pub duration: Family<VipLabel, LatencyHistogram, fn() -> LatencyHistogram>,
     /// Open client connections.
     pub active: Family<VipLabel, Gauge>,
     /// Retries on another backend.
@@ -213,8 +215,8 @@ struct BackendSeries {
 /// from a backend next door, to 300 s, past the default `response_timeout_ms` (30 s, whose
 /// 504s land at it) and `request_timeout_ms` (120 s, which long downloads run up to). They
 /// stopped at 10 s, so such requests went to +Inf alone and `histogram_quantile` said 10 s.
-fn latency_histogram() -> Histogram {
-    Histogram::new([
+fn latency_histogram() -> LatencyHistogram {
+    LatencyHistogram::new([
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
         60.0, 120.0, 300.0,
     ])
@@ -393,7 +395,7 @@ pub struct VipRuntime {
     /// snapshot so the hot path does not hash label sets.
     pub requests: [Counter; 5],
     /// Latency histogram of this VIP.
-    pub duration: Histogram,
+    pub duration: LatencyHistogram,
     /// Retries of this VIP.
     pub retries: Counter,
     /// Connections of this VIP by outcome, indexed by `tcp::Outcome` (relayed, no backend):
@@ -1853,7 +1855,7 @@ mod tests {
         let mut registry = Registry::default();
         let h = latency_histogram();
         registry.register("d", "d", h.clone());
-        h.observe(35.0);
+        h.observe(Duration::from_secs(35));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encoded");
         let bucket = |le: &str| {

@@ -217,6 +217,36 @@ pub fn http_get(
     Ok(body)
 }
 
+/// How many segments carrying data `s` has received (TCP_INFO `tcpi_data_segs_in`, Linux 4.6),
+/// or None from a kernel too old to say: what tests count a write's segments by, on the
+/// receiving side (on loopback one read finds several segments' bytes there together). One
+/// helper for the health probe's unit tests and the L7 proxy's integration tests alike.
+///
+/// # Panics
+///
+/// If `getsockopt` fails: `s` is a connected TCP socket, so only a bug makes it.
+#[allow(unsafe_code)]
+pub fn data_segments_in(s: &TcpStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid descriptor, and a buffer of `len` bytes the kernel fills (a shorter
+    // struct from an older kernel leaves the rest zero, which `zeroed` made a valid value).
+    let info = unsafe {
+        let r = libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        );
+        assert_eq!(r, 0, "getsockopt(TCP_INFO): {}", std::io::Error::last_os_error());
+        info.assume_init()
+    };
+    let field = std::mem::offset_of!(libc::tcp_info, tcpi_data_segs_in);
+    (len as usize >= field + 4).then_some(info.tcpi_data_segs_in)
+}
+
 /// Connects from a specific local address (std has no bind-before-connect).
 fn connect_from(src: SocketAddr, dst: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
     let domain = if dst.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };

@@ -1165,7 +1165,7 @@ async fn serve_conn(
                 Some(started),
                 None,
             );
-            vip.duration.observe(started.elapsed().as_secs_f64());
+            vip.duration.observe(started.elapsed());
             // So does whatever the client sent after its request head.
             let sent = write(client, out.split().freeze()).await.is_ok()
                 && (buf.is_empty() || write(&up, buf.split().freeze()).await.is_ok());
@@ -1419,7 +1419,7 @@ async fn serve_conn(
         }
         let (backend, head, took) = (Some(member.addr), Some(&req), (Some(started), Some(end)));
         finished_cut(&vip, peer, status, head, backend, took.0, took.1, cut_by, body_cut_by);
-        vip.duration.observe(end.saturating_duration_since(started).as_secs_f64());
+        vip.duration.observe(end.saturating_duration_since(started));
         if cut_by.is_some() {
             // The body could not be passed on whole, and its head is with the client: a
             // reset tells it so. A clean close would not, where the close delimits the body
