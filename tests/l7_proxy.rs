@@ -7912,7 +7912,7 @@ fn property_damaged_requests_get_well_formed_answers_and_reach_the_backend_unamb
     let p = proxy(
         &[(&b, 1)],
         &format!(
-            "header_timeout_ms = 150\nidle_timeout_ms = 200\nrequest_timeout_ms = 1000\nresponse_timeout_ms = 500\nmax_header_bytes = {PROP_MAX_HEAD}\nretries = 0\nmax_fails = 100"
+            "header_timeout_ms = 150\nidle_timeout_ms = 200\ntunnel_timeout_ms = 200\nrequest_timeout_ms = 1000\nresponse_timeout_ms = 500\nmax_header_bytes = {PROP_MAX_HEAD}\nretries = 0\nmax_fails = 100"
         ),
         "",
     );
