@@ -1739,6 +1739,41 @@ fn passive_health_takes_a_failing_backend_out() {
     }
 }
 
+/// A backend in both the VIP's own pool and a route pool has one passive state for both, from
+/// the proxy's start on (no reload in between): failures through either pool eject it from both,
+/// and its gauge and request count say so. At a start each pool made a state of its own and the
+/// route pool's was the one kept, so a backend ejected through the VIP's pool showed up, and
+/// route requests kept going to it.
+#[test]
+fn a_backend_in_the_vips_pool_and_a_routes_shares_its_passive_state_from_the_start() {
+    let (bad, good) = (backend("bad", Mode::Reset), backend("good", Mode::Ok));
+    let member = |b: &Backend| format!("{{ address = \"127.0.0.1\", port = {} }}", b.addr.port());
+    let (b, g) = (member(&bad), member(&good));
+    let routes = format!("[[vip.route]]\npath_prefix = \"/r/\"\nbackends = [{b}, {g}]\n");
+    let p = proxy(
+        &[(&bad, 1), (&good, 1)],
+        "algorithm = \"round_robin\"\nmax_fails = 1\nfail_timeout_ms = 60000",
+        &routes,
+    );
+    // `bad` fails its first request through the VIP's own pool (retried on `good`): out.
+    for _ in 0..4 {
+        assert_eq!(get(p.addr, "/").0, 200);
+    }
+    assert_eq!(bad.reqs.load(Ordering::Relaxed), 1, "bad is ejected after one failure");
+    // The route pool sees it out too.
+    for _ in 0..6 {
+        let r = get(p.addr, "/r/x");
+        assert_eq!((r.0, who(&r)), (200, "good".to_owned()), "{r:?}");
+    }
+    assert_eq!(bad.reqs.load(Ordering::Relaxed), 1, "no route request to an ejected backend");
+    let proxy = p.proxy.as_ref().unwrap();
+    let state = proxy.backend_state("web", bad.addr).expect("bad's state");
+    assert!(state.passive_down(), "the state kept (status's) is the one ejected");
+    assert_eq!(state.requests.load(Ordering::Relaxed), 1, "its one request counted");
+    let want = format!("edgelb_l7_backend_passive_down{{vip=\"web\",backend=\"{}\"}} 1", bad.addr);
+    wait_for_metric(&p, &want);
+}
+
 /// Once passive health has ejected every backend, the proxy fails open (sends to them anyway),
 /// and that is counted (`edgelb_l7_fail_open_total`) and logged: it showed nowhere before, not in
 /// `edgelb_vip_fail_open` (active health) nor in the log.

@@ -1084,9 +1084,10 @@ impl Proxy {
             let Some(l7) = &vip.l7 else { continue };
             let mut member = |b: &crate::config::Backend| {
                 let addr = SocketAddr::new(b.address, b.port);
+                // One state per address however many of the VIP's pools list it: the one an
+                // earlier pool of this update took, not a fresh one (at a start `states` is empty).
                 let key = (vip.name.clone(), addr);
-                let state = self.live_state(&key);
-                keep.insert(key, state.clone());
+                let state = keep.entry(key).or_insert_with_key(|k| self.live_state(k)).clone();
                 Member { state, weight: b.weight, up: true }
             };
             // A cookie with a Domain is shared by every host under it: a host route's then has
