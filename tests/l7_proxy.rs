@@ -3997,6 +3997,77 @@ fn a_client_gone_before_its_answer_is_logged_as_499() {
     );
 }
 
+/// A client that closes normally (a FIN, as `curl --max-time` does) while its request waits for
+/// the backend is counted and logged as 499 too, not with the backend's status nor the proxy's
+/// 504: a small answer's write to it succeeds, so the proxy looks for the client's end before
+/// the answer's head goes. Only a client that reset its connection was a 499. One that only
+/// ended its side (a half-close) still gets its whole answer, with `close`; of requests it
+/// pipelined before its end, only the last is a 499.
+#[test]
+fn a_client_that_closes_normally_before_its_answer_is_logged_as_499() {
+    let log = access_log();
+    let b = backend("b", Mode::Slow(300));
+    let p = proxy(&[(&b, 1)], "access_log = true", "");
+    let class =
+        |c: &str, n: u64| format!("edgelb_l7_requests_total{{vip=\"web\",class=\"{c}\"}} {n}");
+    // It ends its side and closes.
+    let c = TcpStream::connect(p.addr).unwrap();
+    (&c).write_all(b"GET /closed-before-answer HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    c.shutdown(Shutdown::Write).unwrap();
+    drop(c);
+    wait_for_metric(&p, &class("4xx", 1));
+    // It ends its side and reads on.
+    let c = TcpStream::connect(p.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    (&c).write_all(b"GET /half-closed-before-answer HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let r = read_response(&mut BufReader::new(&c)).expect("the answer, to a half-closed client");
+    assert_eq!(r.0, 200, "{r:?}");
+    assert_eq!(r.1.get("connection").map(String::as_str), Some("close"), "{r:?}");
+    wait_for_metric(&p, &class("4xx", 2));
+    // Two requests pipelined, then its end: both answered; the first, with a request behind it,
+    // logged as the backend answered it, the last as the client that left before its answer.
+    let c = TcpStream::connect(p.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    (&c).write_all(
+        b"GET /pipelined-1 HTTP/1.1\r\nHost: t\r\n\r\nGET /pipelined-2 HTTP/1.1\r\nHost: t\r\n\r\n",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut reader = BufReader::new(&c);
+    assert_eq!(read_response(&mut reader).expect("the first answer").0, 200);
+    assert_eq!(read_response(&mut reader).expect("the second answer").0, 200);
+    wait_for_metric(&p, &class("2xx", 1));
+    wait_for_metric(&p, &class("4xx", 3));
+    // The proxy's own answer too: a 504 at the response timeout.
+    let silent = backend("silent", Mode::Silent);
+    let q = proxy(&[(&silent, 1)], "access_log = true\nresponse_timeout_ms = 300\nretries = 0", "");
+    let c = TcpStream::connect(q.addr).unwrap();
+    (&c).write_all(b"GET /closed-before-504 HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    c.shutdown(Shutdown::Write).unwrap();
+    drop(c);
+    wait_for_metric(&q, &class("4xx", 1));
+    wait_for_metric(&q, &class("5xx", 0));
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 4, "the backend had every request");
+    let text = logged(&log);
+    for (path, status) in [
+        ("/closed-before-answer", 499),
+        ("/half-closed-before-answer", 499),
+        ("/pipelined-1", 200),
+        ("/pipelined-2", 499),
+        ("/closed-before-504", 499),
+    ] {
+        let (target, status) = (format!("target={path} "), format!("status={status} "));
+        assert!(
+            text.lines().any(|l| l.contains(&target) && l.contains(&status)),
+            "{path} {status} in\n{text}"
+        );
+    }
+}
+
 /// Checks what a client received for one GET: interim responses, then one final response,
 /// each a valid head with RFC 9112 framing, and nothing after it. A stream cut short is fine
 /// (the proxy resets the connection of a response it cannot finish, and [`exchange`] keeps the

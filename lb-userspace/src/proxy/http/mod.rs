@@ -1122,7 +1122,10 @@ async fn serve_conn(
                 _ => 502,
             };
             let backend = tried.last().map(|&i| pool.members[i].state.addr);
-            finished(&vip, peer, status, Some(&req), backend, Some(started), None);
+            // A client that left meanwhile is logged as 499; it still gets the answer (one
+            // that only ended its side reads it).
+            let logged = if client_left(client, &buf) { 499 } else { status };
+            finished(&vip, peer, logged, Some(&req), backend, Some(started), None);
             // The request body may be unread: the connection cannot continue, and closes
             // lingering so that the client reads this answer rather than a reset.
             let head_request = req.method() == "HEAD";
@@ -1213,9 +1216,16 @@ async fn serve_conn(
         // An HTTP/1.0 client cannot read the chunked coding (RFC 9112 6.1): it gets the body
         // decoded, delimited by the connection's close.
         let decode = req.http10 && rframing == Framing::Chunked;
+        // A client that left while the backend worked (`client_left`; not one whose body is
+        // still going to the backend, whose end that stream sees) is counted and logged as 499,
+        // as one whose answer cannot be written to it below. It is still sent the answer, with
+        // `close`: one that only ended its side (a half-close) reads it, and for one that closed
+        // it costs a reset.
+        let left = rest.is_none() && client_left(client, &buf);
         // A request body cut off (`Answer::cut`): the rest of it is still coming, and is not
         // a request.
         let keep = client_keepalive
+            && !left
             && !cut
             && rframing != Framing::UntilClose
             && !decode
@@ -1417,7 +1427,8 @@ async fn serve_conn(
             vip.request_bodies_cut[c as usize].inc();
         }
         let (backend, head, took) = (Some(member.addr), Some(&req), (Some(started), Some(end)));
-        finished_cut(&vip, peer, status, head, backend, took.0, took.1, cut_by, body_cut_by);
+        let logged = if left { 499 } else { status };
+        finished_cut(&vip, peer, logged, head, backend, took.0, took.1, cut_by, body_cut_by);
         vip.duration.observe(end.saturating_duration_since(started).as_secs_f64());
         if cut_by.is_some() {
             // The body could not be passed on whole, and its head is with the client: a
@@ -1470,6 +1481,16 @@ async fn serve_conn(
 /// sent yet: a large body reaching the client cut short, with an error.
 fn sends_more(client: &Socket, buf: &BytesMut) -> bool {
     !buf.is_empty() || client.has_unread()
+}
+
+/// Has the client left while its request was served: ended its side (FIN) or reset the
+/// connection, with no request pipelined behind this one, read already (`buf`) or waiting in
+/// the kernel? Looked at as its answer's head is about to go: a client that closes normally
+/// (`curl --max-time`, a browser's cancel) takes a small answer's write without an error, so
+/// only this tells that it left (nginx sees that end while waiting for the backend, its 499).
+/// A client that pipelined requests and then ended its side waits for their answers.
+fn client_left(client: &Socket, buf: &BytesMut) -> bool {
+    buf.is_empty() && client.ended()
 }
 
 /// Do the other readings backends may give the normalized `path` ([`super::path`]: escaped
