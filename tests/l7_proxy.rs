@@ -2764,6 +2764,47 @@ fn request_latency_leaves_out_the_keep_alive_wait() {
     assert!(sum < 0.3, "the 0.9 s of keep-alive idling counted as latency: {sum} s");
 }
 
+/// The proxy's own answers count in the latency histogram too: a 504 at the response timeout
+/// (which the 30 s bucket is there for, at the default timeout), a refusal of a complete head.
+/// Only a backend's answers were observed, and the 504s of a backend that stopped answering
+/// showed in `edgelb_l7_requests_total` alone. Answers to a head that never came whole have no
+/// latency, and are the only requests the histogram leaves out.
+#[test]
+fn request_latency_counts_the_proxys_own_answers() {
+    let silent = backend("silent", Mode::Silent);
+    let p = proxy(&[(&silent, 1)], "response_timeout_ms = 300\nretries = 0", "");
+    assert_eq!(get(p.addr, "/").0, 504);
+    let connect = "CONNECT api.example:443 HTTP/1.1\r\nHost: api.example:443\r\n\r\n";
+    assert_eq!(request(p.addr, None, connect).unwrap().0, 501);
+    assert_eq!(request(p.addr, None, "GARBAGE /x\r\n\r\n").unwrap().0, 400);
+    let value = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in\n{text}"))
+    };
+    // Recorded once the answer is out: a moment after the client read it.
+    let requests = |text: &str| -> f64 {
+        let lines = text.lines().filter(|l| l.starts_with("edgelb_l7_requests_total{"));
+        lines.filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    let start = Instant::now();
+    let text = loop {
+        let text = p.metrics.encode();
+        let observed = value(&text, "edgelb_l7_request_duration_seconds_count");
+        if (requests(&text) >= 3.0 && observed >= 2.0) || start.elapsed() > Duration::from_secs(2) {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(requests(&text), 3.0, "{text}");
+    let count = value(&text, "edgelb_l7_request_duration_seconds_count");
+    assert_eq!(count, 2.0, "the 504 and the 501, not the head that did not parse:\n{text}");
+    let sum = value(&text, "edgelb_l7_request_duration_seconds_sum");
+    assert!(sum >= 0.3, "the 504 waited the 300 ms response timeout: {sum} s");
+}
+
 /// What a strict backend found wrong in the byte stream the proxy sent it.
 type Violations = Arc<std::sync::Mutex<Vec<String>>>;
 

@@ -133,10 +133,13 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Counts a request answered with `status` (in `edgelb_l7_requests_total`) and, with the VIP's
-/// `access_log`, logs it: client, method and target (when the head parsed), status, backend
-/// (when one was tried), milliseconds since `started` (the complete head), and who cut the
-/// response's body short after its head went out (`cut`, `-` for a whole response).
+/// Counts a request answered with `status` (in `edgelb_l7_requests_total`), and its latency
+/// since `started` (the complete head) in `edgelb_l7_request_duration_seconds` when it has one
+/// (an answer to a head that never came whole has none), and, with the VIP's `access_log`,
+/// logs it: client, method and target (when the head parsed), status, backend (when one was
+/// tried), milliseconds since `started`, and who cut the response's body short after its head
+/// went out (`cut`, `-` for a whole response). The one place both are counted: the proxy's own
+/// answers (a 504 at the response timeout, a 502, a 400) were left out of the histogram.
 fn finished(
     vip: &VipRuntime,
     peer: SocketAddr,
@@ -167,6 +170,10 @@ fn finished_cut(
     cut_body: Option<Cut>,
 ) {
     vip.count(status);
+    let took = started.map(|s| end.map_or_else(|| s.elapsed(), |e| e.saturating_duration_since(s)));
+    if let Some(took) = took {
+        vip.duration.observe(took.as_secs_f64());
+    }
     if vip.cfg.access_log {
         // The method and target are the client's bytes; httparse admits any byte from 0x80 up
         // (as UTF-8) in a target. No header is logged.
@@ -178,10 +185,7 @@ fn finished_cut(
             target = %Escaped(req.map_or("-", |r| r.path())),
             status,
             backend = %OrDash(backend),
-            ms = started.map_or(0.0, |s| {
-                let took = end.map_or_else(|| s.elapsed(), |e| e.saturating_duration_since(s));
-                took.as_secs_f64() * 1000.0
-            }),
+            ms = took.map_or(0.0, |t| t.as_secs_f64() * 1000.0),
             cut = %cut.map_or("-", Cut::as_str),
             cut_body = %cut_body.map_or("-", Cut::as_str),
             "request"
@@ -252,7 +256,8 @@ impl std::fmt::Display for Escaped<'_> {
     }
 }
 
-/// Refuses a request with `status` (counted and logged as [`finished`]) and closes. The close
+/// Refuses a request with `status` (counted and logged as [`finished`], from `started`, the
+/// complete head, when it came whole) and closes. The close
 /// lingers ([`linger`]) when the client may still be sending: the rest of a head too large to
 /// read (431) or malformed (400, 505: its body, say, which may still be on its way when the
 /// head is found wrong), the body of one read whole, or anything still unread behind a head
@@ -265,8 +270,9 @@ async fn reject(
     peer: SocketAddr,
     status: u16,
     req: Option<&ReqHead>,
+    started: Option<Instant>,
 ) {
-    finished(vip, peer, status, req, None, None, None);
+    finished(vip, peer, status, req, None, started, None);
     let sent = respond(client, status, req.is_some_and(|r| r.method() == "HEAD")).await;
     if sent.is_ok() && (req.is_some() || matches!(status, 400 | 431 | 505) || client.has_unread()) {
         linger(client, vip.cfg.idle_timeout).await;
@@ -323,8 +329,8 @@ async fn discard(client: &Socket) {
 /// limit is not to be held long.
 const REFUSE_WAIT: Duration = Duration::from_secs(1);
 
-/// Over the connection limit: a 503 for HTTP (counted and logged as [`finished`]), a plain
-/// close for TCP. When `graceful` (a place among the proxy's lingering refusals was free), the
+/// Over the connection limit: a 503 for HTTP (counted and logged as [`finished`], with no
+/// latency: it is refused before it is served), a plain close for TCP. When `graceful` (a place among the proxy's lingering refusals was free), the
 /// request head is read first, for at most [`REFUSE_WAIT`] and [`READ_CHUNK`] bytes: the
 /// answer to a HEAD request has no content, and the refusal is logged with the request it
 /// refused. The close then lingers, for [`REFUSE_WAIT`] at most: the request was read no
@@ -781,15 +787,19 @@ async fn serve_conn(
             match parsed {
                 Ok(Some(r)) => break r,
                 Ok(None) if buf.len() > cfg.max_header_bytes => {
-                    return reject(client, &vip, peer, 431, None).await;
+                    return reject(client, &vip, peer, 431, None, None).await;
                 }
                 Ok(None) if started_late => {
                     head_deadline = tokio::time::Instant::now() + cfg.header_timeout;
                 }
                 Ok(None) => {}
-                Err(HeadError::TooLarge) => return reject(client, &vip, peer, 431, None).await,
-                Err(HeadError::Bad) => return reject(client, &vip, peer, 400, None).await,
-                Err(HeadError::Version) => return reject(client, &vip, peer, 505, None).await,
+                Err(HeadError::TooLarge) => {
+                    return reject(client, &vip, peer, 431, None, None).await;
+                }
+                Err(HeadError::Bad) => return reject(client, &vip, peer, 400, None, None).await,
+                Err(HeadError::Version) => {
+                    return reject(client, &vip, peer, 505, None, None).await;
+                }
             }
             let waiting_for_start = buf.is_empty() && !first;
             let deadline = if waiting_for_start { idle_deadline } else { head_deadline };
@@ -818,7 +828,7 @@ async fn serve_conn(
                 Ok(Ok(0)) | Ok(Err(_)) => return,
                 Ok(Ok(_)) => started_late = waiting_for_start,
                 Err(_) if !partial => return,
-                Err(_) => return reject(client, &vip, peer, 408, None).await,
+                Err(_) => return reject(client, &vip, peer, 408, None, None).await,
             }
         };
         first = false;
@@ -841,33 +851,33 @@ async fn serve_conn(
         // Latency counts from a complete request head: not the keep-alive wait before it.
         let started = Instant::now();
         if req.head.bytes.len() > cfg.max_header_bytes {
-            return reject(client, &vip, peer, 431, Some(&req)).await;
+            return reject(client, &vip, peer, 431, Some(&req), Some(started)).await;
         }
         // Transfer-Encoding in an HTTP/1.0 message means faulty framing (RFC 9112 6.1).
         let te10 = req.http10 && header(&req.head, "transfer-encoding").next().is_some();
         let Some(framing) = body_framing(&req.head, true).ok().filter(|_| !te10) else {
-            return reject(client, &vip, peer, 400, Some(&req)).await;
+            return reject(client, &vip, peer, 400, Some(&req), Some(started)).await;
         };
         let client_keepalive =
             if req.http10 { req.head.connection.keep_alive } else { !req.head.connection.close };
         let deadline = tokio::time::Instant::from_std(started) + cfg.request_timeout;
         // CONNECT asks for a tunnel, which only a forward proxy gives.
         if req.method() == "CONNECT" {
-            return reject(client, &vip, peer, 501, Some(&req)).await;
+            return reject(client, &vip, peer, 501, Some(&req), Some(started)).await;
         }
         // TRACE would echo the request as the backend got it: the client's cookies and
         // credentials, and the X-Forwarded-For the proxy adds (cross-site tracing). Refused, as
         // nginx does by default; no `Allow`, as the proxy does not know the resource's methods.
         if req.method() == "TRACE" {
-            return reject(client, &vip, peer, 405, Some(&req)).await;
+            return reject(client, &vip, peer, 405, Some(&req), Some(started)).await;
         }
         let Some(target) = target(&req, cfg.normalize_path) else {
-            return reject(client, &vip, peer, 400, Some(&req)).await;
+            return reject(client, &vip, peer, 400, Some(&req), Some(started)).await;
         };
         // An OPTIONS request with `Max-Forwards: 0` is for the proxy to answer as its final
         // recipient (RFC 9110 7.6.2); one whose Max-Forwards is not a number is refused.
         match max_forwards(&req) {
-            Err(()) => return reject(client, &vip, peer, 400, Some(&req)).await,
+            Err(()) => return reject(client, &vip, peer, 400, Some(&req), Some(started)).await,
             Ok(Some(0)) => {
                 finished(&vip, peer, 200, Some(&req), None, Some(started), None);
                 // The connection goes on as after a backend's answer, but for one with a
@@ -903,7 +913,7 @@ async fn serve_conn(
         // decode the one or drop the other first would serve the request by a path another
         // route takes: refused, rather than routed around that route.
         if cfg.normalize_path && !readings_agree(&vip, host, &target.path, pool) {
-            return reject(client, &vip, peer, 400, Some(&req)).await;
+            return reject(client, &vip, peer, 400, Some(&req), Some(started)).await;
         }
 
         // Sticky cookie, if the pool uses them.
@@ -1168,7 +1178,6 @@ async fn serve_conn(
                 Some(started),
                 None,
             );
-            vip.duration.observe(started.elapsed().as_secs_f64());
             // So does whatever the client sent after its request head.
             let sent = write(client, out.split().freeze()).await.is_ok()
                 && (buf.is_empty() || write(&up, buf.split().freeze()).await.is_ok());
@@ -1429,7 +1438,6 @@ async fn serve_conn(
         let (backend, head, took) = (Some(member.addr), Some(&req), (Some(started), Some(end)));
         let logged = if left { 499 } else { status };
         finished_cut(&vip, peer, logged, head, backend, took.0, took.1, cut_by, body_cut_by);
-        vip.duration.observe(end.saturating_duration_since(started).as_secs_f64());
         if cut_by.is_some() {
             // The body could not be passed on whole, and its head is with the client: a
             // reset tells it so. A clean close would not, where the close delimits the body
