@@ -101,7 +101,9 @@ pub struct L7Metrics {
     pub duration: Family<VipLabel, Histogram, fn() -> Histogram>,
     /// Open client connections.
     pub active: Family<VipLabel, Gauge>,
-    /// Retries on another backend.
+    /// Retry attempts: each further backend a request (in TCP mode, a connection) was sent to
+    /// after the one before failed, so one request tried on three backends counts 2 (HAProxy's
+    /// `wretr`).
     pub retries: Family<VipLabel, Counter>,
     /// TCP-mode connections by outcome: one that no backend could be connected to is reset,
     /// and would otherwise show nowhere (its failures are logged only when they eject a
@@ -264,7 +266,8 @@ impl L7Metrics {
         );
         registry.register(
             "edgelb_l7_retries",
-            "L7 requests (in TCP mode, connections) retried on another backend",
+            "L7 retry attempts: each further backend a request (in TCP mode, a connection) was \
+             tried on after a failure, so a request tried on three backends counts 2",
             m.retries.clone(),
         );
         registry.register(
@@ -393,7 +396,7 @@ pub struct VipRuntime {
     pub requests: [Counter; 5],
     /// Latency histogram of this VIP.
     pub duration: Histogram,
-    /// Retries of this VIP.
+    /// Retry attempts of this VIP ([`L7Metrics::retries`]).
     pub retries: Counter,
     /// Connections of this VIP by outcome, indexed by `tcp::Outcome` (relayed, no backend):
     /// for a TCP-mode VIP; an HTTP VIP's count nowhere (it has no such series).
