@@ -1412,6 +1412,10 @@ fn access_log_names_each_answered_request() {
     ] {
         assert!(line.contains(field), "{field} in {line}");
     }
+    // Milliseconds to the microsecond, without float noise (`1.6260109999999999`).
+    let ms = line.split(" ms=").nth(1).and_then(|r| r.split(' ').next()).unwrap_or_default();
+    let decimals = ms.split_once('.').map_or(0, |(_, d)| d.len());
+    assert!(ms.parse::<f64>().is_ok() && decimals <= 3, "ms={ms} in {line}");
     // A head that did not parse has no method or target to log.
     assert!(
         text.lines().any(|l| l.contains("status=400 backend=-") && l.contains("method=- target=-")),

@@ -185,12 +185,22 @@ fn finished_cut(
             target = %Escaped(req.map_or("-", |r| r.path())),
             status,
             backend = %OrDash(backend),
-            ms = took.map_or(0.0, |t| t.as_secs_f64() * 1000.0),
+            ms = took.map_or(0.0, millis),
             cut = %cut.map_or("-", Cut::as_str),
             cut_body = %cut_body.map_or("-", Cut::as_str),
             "request"
         );
     }
+}
+
+/// A latency in milliseconds as the access log writes it: to the microsecond, so that both log
+/// formats (each writes a float as the shortest text that reads back as it) print at most 3
+/// decimals, `1.626`, and a number in JSON still. `as_secs_f64() * 1000.0` printed float noise,
+/// `1.6260109999999999`. Whole microseconds over 1000 are the float nearest to the 3-decimal
+/// value (the division is exact to the last bit).
+fn millis(took: Duration) -> f64 {
+    // Exact up to 2^53 µs (285 years).
+    took.as_micros() as f64 / 1000.0
 }
 
 /// An address as the access log writes it, `-` for none: written straight into the formatter,
@@ -2121,6 +2131,24 @@ async fn response_head(
 #[cfg(test)]
 mod tests {
     use super::{forward::valid_forwarded, *};
+
+    /// The access log's milliseconds print with at most 3 decimals, in the text format (a
+    /// float's `Debug`) and in JSON (serde_json), and stay a number there.
+    #[test]
+    fn access_log_milliseconds_print_to_the_microsecond() {
+        for (nanos, text) in [
+            (1_626_011, "1.626"),
+            (1_626_999, "1.626"),
+            (2_000_000, "2.0"),
+            (50_000, "0.05"),
+            (0, "0.0"),
+            (30_000_123_456, "30000.123"),
+        ] {
+            let ms = millis(Duration::from_nanos(nanos));
+            assert_eq!(format!("{ms:?}"), text, "{nanos} ns");
+            assert_eq!(serde_json::to_string(&ms).unwrap(), text, "{nanos} ns");
+        }
+    }
 
     /// A request with `pairs` as its headers, parsed.
     fn req(pairs: &[(&str, &str)]) -> ReqHead {
