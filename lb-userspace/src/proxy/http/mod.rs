@@ -267,13 +267,13 @@ impl std::fmt::Display for Escaped<'_> {
 }
 
 /// Refuses a request with `status` (counted and logged as [`finished`], from `started`, the
-/// complete head, when it came whole) and closes. The close
-/// lingers ([`linger`]) when the client may still be sending: the rest of a head too large to
-/// read (431) or malformed (400, 505: its body, say, which may still be on its way when the
-/// head is found wrong), the body of one read whole, or anything still unread behind a head
-/// that came too slowly (408). Closing at once would reset the
-/// connection under the bytes still arriving, and the client would see "connection reset"
-/// instead of the answer (a browser with oversized cookies, an upload refused).
+/// complete head, when it came whole) and closes. The close lingers ([`linger`]) when the
+/// client may still be sending: the rest of a head too large to read (431) or malformed (400,
+/// 505: its body, say, which may still be on its way when the head is found wrong), the body of
+/// one read whole, or anything still unread behind a head that came too slowly (408). Closing
+/// at once would reset the connection under the bytes still arriving, and the client would see
+/// "connection reset" instead of the answer (a browser with oversized cookies, an upload
+/// refused).
 async fn reject(
     client: &Socket,
     vip: &VipRuntime,
@@ -340,13 +340,13 @@ async fn discard(client: &Socket) {
 const REFUSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Over the connection limit: a 503 for HTTP (counted and logged as [`finished`], with no
-/// latency: it is refused before it is served), a plain close for TCP. When `graceful` (a place among the proxy's lingering refusals was free), the
-/// request head is read first, for at most [`REFUSE_WAIT`] and [`READ_CHUNK`] bytes: the
-/// answer to a HEAD request has no content, and the refusal is logged with the request it
-/// refused. The close then lingers, for [`REFUSE_WAIT`] at most: the request was read no
-/// further, and closing with it unread would reset the connection under the 503 (and cost a
-/// client that is still sending an upload the answer). Otherwise (a flood) the 503 goes at
-/// once. The caller shuts the socket down after.
+/// latency: it is refused before it is served), a plain close for TCP. When `graceful` (a
+/// place among the proxy's lingering refusals was free), the request head is read first, for at
+/// most [`REFUSE_WAIT`] and [`READ_CHUNK`] bytes: the answer to a HEAD request has no content,
+/// and the refusal is logged with the request it refused. The close then lingers, for
+/// [`REFUSE_WAIT`] at most: the request was read no further, and closing with it unread would
+/// reset the connection under the 503 (and cost a client that is still sending an upload the
+/// answer). Otherwise (a flood) the 503 goes at once. The caller shuts the socket down after.
 pub async fn refuse(s: &Socket, vip: &VipRuntime, peer: SocketAddr, graceful: bool) {
     if vip.cfg.mode != L7Mode::Http {
         return;
