@@ -1412,6 +1412,10 @@ fn access_log_names_each_answered_request() {
     ] {
         assert!(line.contains(field), "{field} in {line}");
     }
+    // Milliseconds to the microsecond, without float noise (`1.6260109999999999`).
+    let ms = line.split(" ms=").nth(1).and_then(|r| r.split(' ').next()).unwrap_or_default();
+    let decimals = ms.split_once('.').map_or(0, |(_, d)| d.len());
+    assert!(ms.parse::<f64>().is_ok() && decimals <= 3, "ms={ms} in {line}");
     // A head that did not parse has no method or target to log.
     assert!(
         text.lines().any(|l| l.contains("status=400 backend=-") && l.contains("method=- target=-")),
@@ -1894,6 +1898,41 @@ fn passive_health_takes_a_failing_backend_out() {
             format!("edgelb_l7_backend_passive_down{{vip=\"web\",backend=\"{}\"}} {out}", b.addr);
         assert!(text.lines().any(|l| l == want), "{want} in\n{text}");
     }
+}
+
+/// A backend in both the VIP's own pool and a route pool has one passive state for both, from
+/// the proxy's start on (no reload in between): failures through either pool eject it from both,
+/// and its gauge and request count say so. At a start each pool made a state of its own and the
+/// route pool's was the one kept, so a backend ejected through the VIP's pool showed up, and
+/// route requests kept going to it.
+#[test]
+fn a_backend_in_the_vips_pool_and_a_routes_shares_its_passive_state_from_the_start() {
+    let (bad, good) = (backend("bad", Mode::Reset), backend("good", Mode::Ok));
+    let member = |b: &Backend| format!("{{ address = \"127.0.0.1\", port = {} }}", b.addr.port());
+    let (b, g) = (member(&bad), member(&good));
+    let routes = format!("[[vip.route]]\npath_prefix = \"/r/\"\nbackends = [{b}, {g}]\n");
+    let p = proxy(
+        &[(&bad, 1), (&good, 1)],
+        "algorithm = \"round_robin\"\nmax_fails = 1\nfail_timeout_ms = 60000",
+        &routes,
+    );
+    // `bad` fails its first request through the VIP's own pool (retried on `good`): out.
+    for _ in 0..4 {
+        assert_eq!(get(p.addr, "/").0, 200);
+    }
+    assert_eq!(bad.reqs.load(Ordering::Relaxed), 1, "bad is ejected after one failure");
+    // The route pool sees it out too.
+    for _ in 0..6 {
+        let r = get(p.addr, "/r/x");
+        assert_eq!((r.0, who(&r)), (200, "good".to_owned()), "{r:?}");
+    }
+    assert_eq!(bad.reqs.load(Ordering::Relaxed), 1, "no route request to an ejected backend");
+    let proxy = p.proxy.as_ref().unwrap();
+    let state = proxy.backend_state("web", bad.addr).expect("bad's state");
+    assert!(state.passive_down(), "the state kept (status's) is the one ejected");
+    assert_eq!(state.requests.load(Ordering::Relaxed), 1, "its one request counted");
+    let want = format!("edgelb_l7_backend_passive_down{{vip=\"web\",backend=\"{}\"}} 1", bad.addr);
+    wait_for_metric(&p, &want);
 }
 
 /// Once passive health has ejected every backend, the proxy fails open (sends to them anyway),
@@ -2884,6 +2923,47 @@ fn request_latency_leaves_out_the_keep_alive_wait() {
     assert_eq!(value(&text, "edgelb_l7_request_duration_seconds_count"), 3.0, "{text}");
     let sum = value(&text, "edgelb_l7_request_duration_seconds_sum");
     assert!(sum < 0.3, "the 0.9 s of keep-alive idling counted as latency: {sum} s");
+}
+
+/// The proxy's own answers count in the latency histogram too: a 504 at the response timeout
+/// (which the 30 s bucket is there for, at the default timeout), a refusal of a complete head.
+/// Only a backend's answers were observed, and the 504s of a backend that stopped answering
+/// showed in `edgelb_l7_requests_total` alone. Answers to a head that never came whole have no
+/// latency, and are the only requests the histogram leaves out.
+#[test]
+fn request_latency_counts_the_proxys_own_answers() {
+    let silent = backend("silent", Mode::Silent);
+    let p = proxy(&[(&silent, 1)], "response_timeout_ms = 300\nretries = 0", "");
+    assert_eq!(get(p.addr, "/").0, 504);
+    let connect = "CONNECT api.example:443 HTTP/1.1\r\nHost: api.example:443\r\n\r\n";
+    assert_eq!(request(p.addr, None, connect).unwrap().0, 501);
+    assert_eq!(request(p.addr, None, "GARBAGE /x\r\n\r\n").unwrap().0, 400);
+    let value = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in\n{text}"))
+    };
+    // Recorded once the answer is out: a moment after the client read it.
+    let requests = |text: &str| -> f64 {
+        let lines = text.lines().filter(|l| l.starts_with("edgelb_l7_requests_total{"));
+        lines.filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    let start = Instant::now();
+    let text = loop {
+        let text = p.metrics.encode();
+        let observed = value(&text, "edgelb_l7_request_duration_seconds_count");
+        if (requests(&text) >= 3.0 && observed >= 2.0) || start.elapsed() > Duration::from_secs(2) {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(requests(&text), 3.0, "{text}");
+    let count = value(&text, "edgelb_l7_request_duration_seconds_count");
+    assert_eq!(count, 2.0, "the 504 and the 501, not the head that did not parse:\n{text}");
+    let sum = value(&text, "edgelb_l7_request_duration_seconds_sum");
+    assert!(sum >= 0.3, "the 504 waited the 300 ms response timeout: {sum} s");
 }
 
 /// What a strict backend found wrong in the byte stream the proxy sent it.
@@ -4117,6 +4197,77 @@ fn a_client_gone_before_its_answer_is_logged_as_499() {
         text.lines().any(|l| l.contains("target=/gone-before-answer ") && l.contains("status=499")),
         "{text}"
     );
+}
+
+/// A client that closes normally (a FIN, as `curl --max-time` does) while its request waits for
+/// the backend is counted and logged as 499 too, not with the backend's status nor the proxy's
+/// 504: a small answer's write to it succeeds, so the proxy looks for the client's end before
+/// the answer's head goes. Only a client that reset its connection was a 499. One that only
+/// ended its side (a half-close) still gets its whole answer, with `close`; of requests it
+/// pipelined before its end, only the last is a 499.
+#[test]
+fn a_client_that_closes_normally_before_its_answer_is_logged_as_499() {
+    let log = access_log();
+    let b = backend("b", Mode::Slow(300));
+    let p = proxy(&[(&b, 1)], "access_log = true", "");
+    let class =
+        |c: &str, n: u64| format!("edgelb_l7_requests_total{{vip=\"web\",class=\"{c}\"}} {n}");
+    // It ends its side and closes.
+    let c = TcpStream::connect(p.addr).unwrap();
+    (&c).write_all(b"GET /closed-before-answer HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    c.shutdown(Shutdown::Write).unwrap();
+    drop(c);
+    wait_for_metric(&p, &class("4xx", 1));
+    // It ends its side and reads on.
+    let c = TcpStream::connect(p.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    (&c).write_all(b"GET /half-closed-before-answer HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let r = read_response(&mut BufReader::new(&c)).expect("the answer, to a half-closed client");
+    assert_eq!(r.0, 200, "{r:?}");
+    assert_eq!(r.1.get("connection").map(String::as_str), Some("close"), "{r:?}");
+    wait_for_metric(&p, &class("4xx", 2));
+    // Two requests pipelined, then its end: both answered; the first, with a request behind it,
+    // logged as the backend answered it, the last as the client that left before its answer.
+    let c = TcpStream::connect(p.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    (&c).write_all(
+        b"GET /pipelined-1 HTTP/1.1\r\nHost: t\r\n\r\nGET /pipelined-2 HTTP/1.1\r\nHost: t\r\n\r\n",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut reader = BufReader::new(&c);
+    assert_eq!(read_response(&mut reader).expect("the first answer").0, 200);
+    assert_eq!(read_response(&mut reader).expect("the second answer").0, 200);
+    wait_for_metric(&p, &class("2xx", 1));
+    wait_for_metric(&p, &class("4xx", 3));
+    // The proxy's own answer too: a 504 at the response timeout.
+    let silent = backend("silent", Mode::Silent);
+    let q = proxy(&[(&silent, 1)], "access_log = true\nresponse_timeout_ms = 300\nretries = 0", "");
+    let c = TcpStream::connect(q.addr).unwrap();
+    (&c).write_all(b"GET /closed-before-504 HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    c.shutdown(Shutdown::Write).unwrap();
+    drop(c);
+    wait_for_metric(&q, &class("4xx", 1));
+    wait_for_metric(&q, &class("5xx", 0));
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 4, "the backend had every request");
+    let text = logged(&log);
+    for (path, status) in [
+        ("/closed-before-answer", 499),
+        ("/half-closed-before-answer", 499),
+        ("/pipelined-1", 200),
+        ("/pipelined-2", 499),
+        ("/closed-before-504", 499),
+    ] {
+        let (target, status) = (format!("target={path} "), format!("status={status} "));
+        assert!(
+            text.lines().any(|l| l.contains(&target) && l.contains(&status)),
+            "{path} {status} in\n{text}"
+        );
+    }
 }
 
 /// Checks what a client received for one GET: interim responses, then one final response,

@@ -103,7 +103,9 @@ pub struct L7Metrics {
     pub duration: Family<VipLabel, LatencyHistogram, fn() -> LatencyHistogram>,
     /// Open client connections.
     pub active: Family<VipLabel, Gauge>,
-    /// Retries on another backend.
+    /// Retry attempts: each further backend a request (in TCP mode, a connection) was sent to
+    /// after the one before failed, so one request tried on three backends counts 2 (HAProxy's
+    /// `wretr`).
     pub retries: Family<VipLabel, Counter>,
     /// TCP-mode connections by outcome: one that no backend could be connected to is reset,
     /// and would otherwise show nowhere (its failures are logged only when they eject a
@@ -266,7 +268,8 @@ impl L7Metrics {
         );
         registry.register(
             "edgelb_l7_retries",
-            "L7 requests (in TCP mode, connections) retried on another backend",
+            "L7 retry attempts: each further backend a request (in TCP mode, a connection) was \
+             tried on after a failure, so a request tried on three backends counts 2",
             m.retries.clone(),
         );
         registry.register(
@@ -396,7 +399,7 @@ pub struct VipRuntime {
     pub requests: [Counter; 5],
     /// Latency histogram of this VIP.
     pub duration: LatencyHistogram,
-    /// Retries of this VIP.
+    /// Retry attempts of this VIP ([`L7Metrics::retries`]).
     pub retries: Counter,
     /// Connections of this VIP by outcome, indexed by `tcp::Outcome` (relayed, no backend):
     /// for a TCP-mode VIP; an HTTP VIP's count nowhere (it has no such series).
@@ -1087,9 +1090,10 @@ impl Proxy {
             let Some(l7) = &vip.l7 else { continue };
             let mut member = |b: &crate::config::Backend| {
                 let addr = SocketAddr::new(b.address, b.port);
+                // One state per address however many of the VIP's pools list it: the one an
+                // earlier pool of this update took, not a fresh one (at a start `states` is empty).
                 let key = (vip.name.clone(), addr);
-                let state = self.live_state(&key);
-                keep.insert(key, state.clone());
+                let state = keep.entry(key).or_insert_with_key(|k| self.live_state(k)).clone();
                 Member { state, weight: b.weight, up: true }
             };
             // A cookie with a Domain is shared by every host under it: a host route's then has

@@ -149,6 +149,16 @@ impl Socket {
         matches!(self.peek(), Ok(n) if n > 0)
     }
 
+    /// Has the peer ended its side (FIN) or reset the connection, with nothing unread before
+    /// that end? A peek that does not wait. Writing to a peer that only ended its side
+    /// succeeds (it may have half-closed and still read), so a write cannot tell that it left.
+    pub(crate) fn ended(&self) -> bool {
+        match self.peek() {
+            Ok(n) => n == 0,
+            Err(e) => !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted),
+        }
+    }
+
     /// Peeks at one byte without waiting: Ok(1) when something is unread, Ok(0) once the peer
     /// ended its side, WouldBlock when it is open with nothing unread, or the socket's error.
     fn peek(&self) -> io::Result<usize> {

@@ -133,10 +133,13 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Counts a request answered with `status` (in `edgelb_l7_requests_total`) and, with the VIP's
-/// `access_log`, logs it: client, method and target (when the head parsed), status, backend
-/// (when one was tried), milliseconds since `started` (the complete head), and who cut the
-/// response's body short after its head went out (`cut`, `-` for a whole response).
+/// Counts a request answered with `status` (in `edgelb_l7_requests_total`), and its latency
+/// since `started` (the complete head) in `edgelb_l7_request_duration_seconds` when it has one
+/// (an answer to a head that never came whole has none), and, with the VIP's `access_log`,
+/// logs it: client, method and target (when the head parsed), status, backend (when one was
+/// tried), milliseconds since `started`, and who cut the response's body short after its head
+/// went out (`cut`, `-` for a whole response). The one place both are counted: the proxy's own
+/// answers (a 504 at the response timeout, a 502, a 400) were left out of the histogram.
 fn finished(
     vip: &VipRuntime,
     peer: SocketAddr,
@@ -167,6 +170,10 @@ fn finished_cut(
     cut_body: Option<Cut>,
 ) {
     vip.count(status);
+    let took = started.map(|s| end.map_or_else(|| s.elapsed(), |e| e.saturating_duration_since(s)));
+    if let Some(took) = took {
+        vip.duration.observe(took);
+    }
     if vip.cfg.access_log {
         // The method and target are the client's bytes; httparse admits any byte from 0x80 up
         // (as UTF-8) in a target. No header is logged.
@@ -178,15 +185,22 @@ fn finished_cut(
             target = %Escaped(req.map_or("-", |r| r.path())),
             status,
             backend = %OrDash(backend),
-            ms = started.map_or(0.0, |s| {
-                let took = end.map_or_else(|| s.elapsed(), |e| e.saturating_duration_since(s));
-                took.as_secs_f64() * 1000.0
-            }),
+            ms = took.map_or(0.0, millis),
             cut = %cut.map_or("-", Cut::as_str),
             cut_body = %cut_body.map_or("-", Cut::as_str),
             "request"
         );
     }
+}
+
+/// A latency in milliseconds as the access log writes it: to the microsecond, so that both log
+/// formats (each writes a float as the shortest text that reads back as it) print at most 3
+/// decimals, `1.626`, and a number in JSON still. `as_secs_f64() * 1000.0` printed float noise,
+/// `1.6260109999999999`. Whole microseconds over 1000 are the float nearest to the 3-decimal
+/// value (the division is exact to the last bit).
+fn millis(took: Duration) -> f64 {
+    // Exact up to 2^53 µs (285 years).
+    took.as_micros() as f64 / 1000.0
 }
 
 /// An address as the access log writes it, `-` for none: written straight into the formatter,
@@ -252,21 +266,23 @@ impl std::fmt::Display for Escaped<'_> {
     }
 }
 
-/// Refuses a request with `status` (counted and logged as [`finished`]) and closes. The close
-/// lingers ([`linger`]) when the client may still be sending: the rest of a head too large to
-/// read (431) or malformed (400, 505: its body, say, which may still be on its way when the
-/// head is found wrong), the body of one read whole, or anything still unread behind a head
-/// that came too slowly (408). Closing at once would reset the
-/// connection under the bytes still arriving, and the client would see "connection reset"
-/// instead of the answer (a browser with oversized cookies, an upload refused).
+/// Refuses a request with `status` (counted and logged as [`finished`], from `started`, the
+/// complete head, when it came whole) and closes. The close lingers ([`linger`]) when the
+/// client may still be sending: the rest of a head too large to read (431) or malformed (400,
+/// 505: its body, say, which may still be on its way when the head is found wrong), the body of
+/// one read whole, or anything still unread behind a head that came too slowly (408). Closing
+/// at once would reset the connection under the bytes still arriving, and the client would see
+/// "connection reset" instead of the answer (a browser with oversized cookies, an upload
+/// refused).
 async fn reject(
     client: &Socket,
     vip: &VipRuntime,
     peer: SocketAddr,
     status: u16,
     req: Option<&ReqHead>,
+    started: Option<Instant>,
 ) {
-    finished(vip, peer, status, req, None, None, None);
+    finished(vip, peer, status, req, None, started, None);
     let sent = respond(client, status, req.is_some_and(|r| r.method() == "HEAD")).await;
     if sent.is_ok() && (req.is_some() || matches!(status, 400 | 431 | 505) || client.has_unread()) {
         linger(client, vip.cfg.idle_timeout).await;
@@ -323,14 +339,14 @@ async fn discard(client: &Socket) {
 /// limit is not to be held long.
 const REFUSE_WAIT: Duration = Duration::from_secs(1);
 
-/// Over the connection limit: a 503 for HTTP (counted and logged as [`finished`]), a plain
-/// close for TCP. When `graceful` (a place among the proxy's lingering refusals was free), the
-/// request head is read first, for at most [`REFUSE_WAIT`] and [`READ_CHUNK`] bytes: the
-/// answer to a HEAD request has no content, and the refusal is logged with the request it
-/// refused. The close then lingers, for [`REFUSE_WAIT`] at most: the request was read no
-/// further, and closing with it unread would reset the connection under the 503 (and cost a
-/// client that is still sending an upload the answer). Otherwise (a flood) the 503 goes at
-/// once. The caller shuts the socket down after.
+/// Over the connection limit: a 503 for HTTP (counted and logged as [`finished`], with no
+/// latency: it is refused before it is served), a plain close for TCP. When `graceful` (a
+/// place among the proxy's lingering refusals was free), the request head is read first, for at
+/// most [`REFUSE_WAIT`] and [`READ_CHUNK`] bytes: the answer to a HEAD request has no content,
+/// and the refusal is logged with the request it refused. The close then lingers, for
+/// [`REFUSE_WAIT`] at most: the request was read no further, and closing with it unread would
+/// reset the connection under the 503 (and cost a client that is still sending an upload the
+/// answer). Otherwise (a flood) the 503 goes at once. The caller shuts the socket down after.
 pub async fn refuse(s: &Socket, vip: &VipRuntime, peer: SocketAddr, graceful: bool) {
     if vip.cfg.mode != L7Mode::Http {
         return;
@@ -781,15 +797,19 @@ async fn serve_conn(
             match parsed {
                 Ok(Some(r)) => break r,
                 Ok(None) if buf.len() > cfg.max_header_bytes => {
-                    return reject(client, &vip, peer, 431, None).await;
+                    return reject(client, &vip, peer, 431, None, None).await;
                 }
                 Ok(None) if started_late => {
                     head_deadline = tokio::time::Instant::now() + cfg.header_timeout;
                 }
                 Ok(None) => {}
-                Err(HeadError::TooLarge) => return reject(client, &vip, peer, 431, None).await,
-                Err(HeadError::Bad) => return reject(client, &vip, peer, 400, None).await,
-                Err(HeadError::Version) => return reject(client, &vip, peer, 505, None).await,
+                Err(HeadError::TooLarge) => {
+                    return reject(client, &vip, peer, 431, None, None).await;
+                }
+                Err(HeadError::Bad) => return reject(client, &vip, peer, 400, None, None).await,
+                Err(HeadError::Version) => {
+                    return reject(client, &vip, peer, 505, None, None).await;
+                }
             }
             let waiting_for_start = buf.is_empty() && !first;
             let deadline = if waiting_for_start { idle_deadline } else { head_deadline };
@@ -818,7 +838,7 @@ async fn serve_conn(
                 Ok(Ok(0)) | Ok(Err(_)) => return,
                 Ok(Ok(_)) => started_late = waiting_for_start,
                 Err(_) if !partial => return,
-                Err(_) => return reject(client, &vip, peer, 408, None).await,
+                Err(_) => return reject(client, &vip, peer, 408, None, None).await,
             }
         };
         first = false;
@@ -841,33 +861,33 @@ async fn serve_conn(
         // Latency counts from a complete request head: not the keep-alive wait before it.
         let started = Instant::now();
         if req.head.bytes.len() > cfg.max_header_bytes {
-            return reject(client, &vip, peer, 431, Some(&req)).await;
+            return reject(client, &vip, peer, 431, Some(&req), Some(started)).await;
         }
         // Transfer-Encoding in an HTTP/1.0 message means faulty framing (RFC 9112 6.1).
         let te10 = req.http10 && header(&req.head, "transfer-encoding").next().is_some();
         let Some(framing) = body_framing(&req.head, true).ok().filter(|_| !te10) else {
-            return reject(client, &vip, peer, 400, Some(&req)).await;
+            return reject(client, &vip, peer, 400, Some(&req), Some(started)).await;
         };
         let client_keepalive =
             if req.http10 { req.head.connection.keep_alive } else { !req.head.connection.close };
         let deadline = tokio::time::Instant::from_std(started) + cfg.request_timeout;
         // CONNECT asks for a tunnel, which only a forward proxy gives.
         if req.method() == "CONNECT" {
-            return reject(client, &vip, peer, 501, Some(&req)).await;
+            return reject(client, &vip, peer, 501, Some(&req), Some(started)).await;
         }
         // TRACE would echo the request as the backend got it: the client's cookies and
         // credentials, and the X-Forwarded-For the proxy adds (cross-site tracing). Refused, as
         // nginx does by default; no `Allow`, as the proxy does not know the resource's methods.
         if req.method() == "TRACE" {
-            return reject(client, &vip, peer, 405, Some(&req)).await;
+            return reject(client, &vip, peer, 405, Some(&req), Some(started)).await;
         }
         let Some(target) = target(&req, cfg.normalize_path) else {
-            return reject(client, &vip, peer, 400, Some(&req)).await;
+            return reject(client, &vip, peer, 400, Some(&req), Some(started)).await;
         };
         // An OPTIONS request with `Max-Forwards: 0` is for the proxy to answer as its final
         // recipient (RFC 9110 7.6.2); one whose Max-Forwards is not a number is refused.
         match max_forwards(&req) {
-            Err(()) => return reject(client, &vip, peer, 400, Some(&req)).await,
+            Err(()) => return reject(client, &vip, peer, 400, Some(&req), Some(started)).await,
             Ok(Some(0)) => {
                 finished(&vip, peer, 200, Some(&req), None, Some(started), None);
                 // The connection goes on as after a backend's answer, but for one with a
@@ -903,7 +923,7 @@ async fn serve_conn(
         // decode the one or drop the other first would serve the request by a path another
         // route takes: refused, rather than routed around that route.
         if cfg.normalize_path && !readings_agree(&vip, host, &target.path, pool) {
-            return reject(client, &vip, peer, 400, Some(&req)).await;
+            return reject(client, &vip, peer, 400, Some(&req), Some(started)).await;
         }
 
         // Sticky cookie, if the pool uses them.
@@ -1122,7 +1142,10 @@ async fn serve_conn(
                 _ => 502,
             };
             let backend = tried.last().map(|&i| pool.members[i].state.addr);
-            finished(&vip, peer, status, Some(&req), backend, Some(started), None);
+            // A client that left meanwhile is logged as 499; it still gets the answer (one
+            // that only ended its side reads it).
+            let logged = if client_left(client, &buf) { 499 } else { status };
+            finished(&vip, peer, logged, Some(&req), backend, Some(started), None);
             // The request body may be unread: the connection cannot continue, and closes
             // lingering so that the client reads this answer rather than a reset.
             let head_request = req.method() == "HEAD";
@@ -1165,7 +1188,6 @@ async fn serve_conn(
                 Some(started),
                 None,
             );
-            vip.duration.observe(started.elapsed());
             // So does whatever the client sent after its request head.
             let sent = write(client, out.split().freeze()).await.is_ok()
                 && (buf.is_empty() || write(&up, buf.split().freeze()).await.is_ok());
@@ -1214,9 +1236,16 @@ async fn serve_conn(
         // An HTTP/1.0 client cannot read the chunked coding (RFC 9112 6.1): it gets the body
         // decoded, delimited by the connection's close.
         let decode = req.http10 && rframing == Framing::Chunked;
+        // A client that left while the backend worked (`client_left`; not one whose body is
+        // still going to the backend, whose end that stream sees) is counted and logged as 499,
+        // as one whose answer cannot be written to it below. It is still sent the answer, with
+        // `close`: one that only ended its side (a half-close) reads it, and for one that closed
+        // it costs a reset.
+        let left = rest.is_none() && client_left(client, &buf);
         // A request body cut off (`Answer::cut`): the rest of it is still coming, and is not
         // a request.
         let keep = client_keepalive
+            && !left
             && !cut
             && rframing != Framing::UntilClose
             && !decode
@@ -1418,8 +1447,8 @@ async fn serve_conn(
             vip.request_bodies_cut[c as usize].inc();
         }
         let (backend, head, took) = (Some(member.addr), Some(&req), (Some(started), Some(end)));
-        finished_cut(&vip, peer, status, head, backend, took.0, took.1, cut_by, body_cut_by);
-        vip.duration.observe(end.saturating_duration_since(started));
+        let logged = if left { 499 } else { status };
+        finished_cut(&vip, peer, logged, head, backend, took.0, took.1, cut_by, body_cut_by);
         if cut_by.is_some() {
             // The body could not be passed on whole, and its head is with the client: a
             // reset tells it so. A clean close would not, where the close delimits the body
@@ -1474,6 +1503,16 @@ async fn serve_conn(
 /// sent yet: a large body reaching the client cut short, with an error.
 fn sends_more(client: &Socket, buf: &BytesMut) -> bool {
     !buf.is_empty() || client.has_unread()
+}
+
+/// Has the client left while its request was served: ended its side (FIN) or reset the
+/// connection, with no request pipelined behind this one, read already (`buf`) or waiting in
+/// the kernel? Looked at as its answer's head is about to go: a client that closes normally
+/// (`curl --max-time`, a browser's cancel) takes a small answer's write without an error, so
+/// only this tells that it left (nginx sees that end while waiting for the backend, its 499).
+/// A client that pipelined requests and then ended its side waits for their answers.
+fn client_left(client: &Socket, buf: &BytesMut) -> bool {
+    buf.is_empty() && client.ended()
 }
 
 /// Do the other readings backends may give the normalized `path` ([`super::path`]: escaped
@@ -2096,6 +2135,24 @@ async fn response_head(
 #[cfg(test)]
 mod tests {
     use super::{forward::valid_forwarded, *};
+
+    /// The access log's milliseconds print with at most 3 decimals, in the text format (a
+    /// float's `Debug`) and in JSON (serde_json), and stay a number there.
+    #[test]
+    fn access_log_milliseconds_print_to_the_microsecond() {
+        for (nanos, text) in [
+            (1_626_011, "1.626"),
+            (1_626_999, "1.626"),
+            (2_000_000, "2.0"),
+            (50_000, "0.05"),
+            (0, "0.0"),
+            (30_000_123_456, "30000.123"),
+        ] {
+            let ms = millis(Duration::from_nanos(nanos));
+            assert_eq!(format!("{ms:?}"), text, "{nanos} ns");
+            assert_eq!(serde_json::to_string(&ms).unwrap(), text, "{nanos} ns");
+        }
+    }
 
     /// A request with `pairs` as its headers, parsed.
     fn req(pairs: &[(&str, &str)]) -> ReqHead {
