@@ -1241,7 +1241,8 @@ async fn serve_conn(
         // as one whose answer cannot be written to it below. It is still sent the answer, with
         // `close`: one that only ended its side (a half-close) reads it, and for one that closed
         // it costs a reset.
-        let left = rest.is_none() && client_left(client, &buf);
+        let left =
+            rest.is_none() && started.elapsed() >= LEFT_LOOK_AFTER && client_left(client, &buf);
         // A request body cut off (`Answer::cut`): the rest of it is still coming, and is not
         // a request.
         let keep = client_keepalive
@@ -1504,6 +1505,12 @@ async fn serve_conn(
 fn sends_more(client: &Socket, buf: &BytesMut) -> bool {
     !buf.is_empty() || client.has_unread()
 }
+
+/// How long a request must have waited for its backend's answer before the proxy looks whether
+/// its client left meanwhile ([`client_left`]): the look is a system call, which every request
+/// of a busy VIP would pay, while clients give up on answers that keep them waiting (a timeout, a
+/// cancel), not on answers that come within milliseconds. A clock read is cheaper than the look.
+const LEFT_LOOK_AFTER: Duration = Duration::from_millis(5);
 
 /// Has the client left while its request was served: ended its side (FIN) or reset the
 /// connection, with no request pipelined behind this one, read already (`buf`) or waiting in
