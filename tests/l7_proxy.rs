@@ -1625,6 +1625,45 @@ fn path_routes_match_the_path_the_backend_serves() {
     );
 }
 
+/// Backends (nginx, Go's `URL.Path`, WSGI's `PATH_INFO`) decode every escape, and read raw and
+/// percent-encoded UTF-8 alike: however a request spells a route's path, it takes that route or
+/// is refused, never the default pool, and the backend gets raw UTF-8 encoded, as it gets the
+/// encoded form. Each of these went to the default pool.
+#[test]
+fn path_routes_take_every_spelling_of_their_path() {
+    let (colon, at, pipe, umlaut, def) = (
+        backend("colon", Mode::Ok),
+        backend("at", Mode::Ok),
+        backend("pipe", Mode::Ok),
+        backend("umlaut", Mode::Ok),
+        backend("default", Mode::Ok),
+    );
+    let routes = route("path_prefix = \"/v1:admin/\"", &colon)
+        + &route("path_prefix = \"/x@y/\"", &at)
+        + &route("path_prefix = \"/a|b/\"", &pipe)
+        + &route("path_prefix = \"/%C3%BC/\"", &umlaut);
+    let p = proxy(&[(&def, 1)], "", &routes);
+    let seen = |path: &str| {
+        let r = get(p.addr, path);
+        let mut words = r.2.split_whitespace().map(str::to_owned);
+        (r.0, words.next().unwrap_or_default(), words.next().unwrap_or_default())
+    };
+    // The prefix's own spelling takes its route.
+    for (path, to) in [("/v1:admin/x", "colon"), ("/x@y/z", "at"), ("/a|b/x", "pipe")] {
+        assert_eq!(seen(path), (200, to.to_owned(), path.to_owned()), "{path}");
+    }
+    // The other is refused: decoded, as backends read it, it is the route's.
+    for path in ["/v1%3Aadmin/x", "/v1%3aadmin/x", "/x%40y/z", "/a%7Cb/x", "/v1%3Aadmin%2Fx"] {
+        assert_eq!(seen(path).0, 400, "{path}");
+    }
+    // Raw UTF-8 is the encoded path, in either case of hex digits.
+    for path in ["/%C3%BC/x", "/%c3%bc/x", "/\u{fc}/x"] {
+        assert_eq!(seen(path), (200, "umlaut".into(), "/%C3%BC/x".into()), "{path}");
+    }
+    assert_eq!(seen("/v1:admin2/x"), (200, "default".into(), "/v1:admin2/x".into()));
+    assert_eq!(def.reqs.load(Ordering::Relaxed), 1);
+}
+
 #[test]
 fn tcp_mode_relays_with_half_close() {
     let echo = backend("echo", Mode::Echo);

@@ -899,9 +899,9 @@ async fn serve_conn(
         let host = target.host.and_then(|h| std::str::from_utf8(h).ok());
         // Borrowed from `vip`, which holds it for the request: no reference count moves.
         let pool = vip.pool_for(host, &target.path);
-        // An escaped slash, and a segment's `;` parameters, stay data here, but backends that
-        // decode the one or drop the other first would serve the request by a path another
-        // route takes: refused, rather than routed around that route.
+        // An escaped slash, a segment's `;` parameters and other escapes (`%3A`) stay data
+        // here, but backends that decode or drop them first would serve the request by a path
+        // another route takes: refused, rather than routed around that route.
         if cfg.normalize_path && !readings_agree(&vip, host, &target.path, pool) {
             return reject(client, &vip, peer, 400, Some(&req)).await;
         }
@@ -1477,21 +1477,33 @@ fn sends_more(client: &Socket, buf: &BytesMut) -> bool {
 }
 
 /// Do the other readings backends may give the normalized `path` ([`super::path`]: escaped
-/// separators decoded, `;` segment parameters dropped, or both) take the request to `pool`
-/// too, the pool the path as sent takes? A reading that is itself to be refused does not.
+/// separators decoded, `;` segment parameters dropped, or both; and each of those and the path
+/// itself with every other escape decoded) take the request to `pool` too, the pool the path as
+/// sent takes? A reading that is itself to be refused does not.
 fn readings_agree(vip: &VipRuntime, host: Option<&str>, path: &str, pool: &Arc<Pool>) -> bool {
-    use super::path::{params_stripped, separators_decoded};
+    use super::path::{escapes_decoded, params_stripped, separators_decoded};
     let agrees = |reading: &Option<Result<String, ()>>| match reading {
         None => true,
         Some(Ok(p)) => Arc::ptr_eq(vip.pool_for(host, p), pool),
         Some(Err(())) => false,
+    };
+    // A reading, and the same with every other escape decoded.
+    let agrees_also_decoded = |reading: &Option<Result<String, ()>>| {
+        agrees(reading)
+            && match reading {
+                Some(Ok(p)) => agrees(&escapes_decoded(p)),
+                _ => true,
+            }
     };
     let decoded = separators_decoded(path);
     let both = match &decoded {
         Some(Ok(p)) => params_stripped(p),
         _ => None,
     };
-    agrees(&decoded) && agrees(&params_stripped(path)) && agrees(&both)
+    agrees(&escapes_decoded(path))
+        && agrees_also_decoded(&decoded)
+        && agrees_also_decoded(&params_stripped(path))
+        && agrees_also_decoded(&both)
 }
 
 /// Whether a shared cache (a CDN in front of the proxy) may store a response by its backend's
