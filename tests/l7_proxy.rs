@@ -601,6 +601,47 @@ fn random_and_p2c_spread_over_all_backends() {
     }
 }
 
+/// One request at a time, nothing is in flight at a pick: `least_conn` and `p2c` then spread
+/// by weight, as nginx's least_conn does. (Each request waits until the one before it is no
+/// longer counted in flight: the client has its answer a moment before the proxy's thread has
+/// seen its write through, and a request sent in that moment finds the last backend busy.) least_conn within 5 % of each share (every backend
+/// ties, and smooth weighted round-robin, exact per proxy thread, breaks the tie). p2c's first
+/// draw, by weight, wins every tie, so each count is binomial: of 1200, the weight-1 backend's
+/// mean is 200 and sd √(1200 · 1/6 · 5/6) ≈ 12.9, and each backend is held to 4 sd of its
+/// share (a false failure about once in 5000 runs); the unit test `an_idle_pool_spreads_by_weight`
+/// in balance.rs holds it to 5 % over 60 000 picks. Weighing the request being placed,
+/// `(in_flight + 1) / weight`, least_conn sent every request to the heaviest backend, and p2c
+/// none to the lightest.
+#[test]
+fn least_conn_and_p2c_spread_an_idle_pool_by_weight() {
+    for (algo, n) in [("least_conn", 600), ("p2c", 1200)] {
+        let (a, b, c) = (backend("a", Mode::Ok), backend("b", Mode::Ok), backend("c", Mode::Ok));
+        let p = proxy(&[(&a, 1), (&b, 2), (&c, 3)], &format!("algorithm = \"{algo}\""), "");
+        let state = |b: &Backend| p.proxy.as_ref().unwrap().backend_state("web", b.addr).unwrap();
+        let states = [state(&a), state(&b), state(&c)];
+        let mut m = HashMap::<String, usize>::new();
+        for _ in 0..n {
+            let start = Instant::now();
+            while states.iter().any(|s| s.in_flight.load(Ordering::Relaxed) > 0) {
+                assert!(start.elapsed() < Duration::from_secs(2), "a request stays in flight");
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            let r = get(p.addr, "/");
+            assert_eq!(r.0, 200, "{r:?}");
+            *m.entry(who(&r)).or_default() += 1;
+        }
+        for (name, weight) in [("a", 1.0), ("b", 2.0), ("c", 3.0)] {
+            let (got, share) = (m.get(name).copied().unwrap_or(0) as f64, weight / 6.0);
+            let want = n as f64 * share;
+            let bound = match algo {
+                "least_conn" => 0.05 * want,
+                _ => 4.0 * (n as f64 * share * (1.0 - share)).sqrt(),
+            };
+            assert!((got - want).abs() <= bound, "{algo} {name}: {got} vs {want} ({m:?})");
+        }
+    }
+}
+
 #[test]
 fn least_conn_avoids_the_busy_backend() {
     let (fast, slow) = (backend("fast", Mode::Ok), backend("slow", Mode::Slow(100)));
