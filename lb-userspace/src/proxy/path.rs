@@ -16,9 +16,9 @@ use std::borrow::Cow;
 /// climbing above the root) and runs of slashes merged, as nginx's default `merge_slashes`
 /// does. The query is left as it is, and encoded slashes (`%2F`) stay encoded: they are data,
 /// not separators. Other escapes stay too (`%3A` is not `:` here): the backend gets them as
-/// sent, and [`escapes_decoded`] is the reading that decodes them. `None` for a malformed escape (`%` not followed by two hex
-/// digits), which a request must not carry, and for a path that common backends read as
-/// another one than its normal form says ([`ambiguous`]). Borrowed when the path is already
+/// sent, and [`escapes_decoded`] is the reading that decodes them. `None` for a malformed
+/// escape (`%` not followed by two hex digits), which a request must not carry, and for a path
+/// that common backends read as another one than its normal form says ([`ambiguous`]). Borrowed when the path is already
 /// normal, as nearly every request's is: the check is one pass over its bytes.
 pub fn normalize(target: &str) -> Option<Cow<'_, str>> {
     let (path, query) = target.split_at(target.find('?').unwrap_or(target.len()));
