@@ -1618,6 +1618,33 @@ fn routing_and_the_backend_see_one_host() {
     assert_eq!(def.reqs.load(Ordering::Relaxed) + api.reqs.load(Ordering::Relaxed), 8);
 }
 
+/// An HTTP/1.0 request without Host is forwarded with the address the client connected to as
+/// its Host, and routed by that host too: a route for it takes the request its backend reads
+/// as that host's. (Routed with no host, it went to the default pool, whose backend was told
+/// `Host: 127.0.0.1:<port>` all the same.)
+#[test]
+fn an_http10_request_without_host_is_routed_by_the_host_its_backend_gets() {
+    let hosts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = hosts.clone();
+    let local = serve_backend(move |s, reqs, _| {
+        let (mut w, mut r) = (&s, BufReader::new(&s));
+        while let Some((head, _)) = read_request(&mut r) {
+            reqs.fetch_add(1, Ordering::Relaxed);
+            let host = head.lines().find_map(|l| l.strip_prefix("Host: ")).unwrap_or("-");
+            seen.lock().unwrap().push(host.to_owned());
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nlocal");
+        }
+    });
+    let def = backend("default", Mode::Ok);
+    let p = proxy(&[(&def, 1)], "", &route("host = \"127.0.0.1\"", &local));
+    let r = request(p.addr, None, "GET /x HTTP/1.0\r\n\r\n").expect("an answer");
+    assert_eq!((r.0, r.2.as_str()), (200, "local"), "{r:?}");
+    assert_eq!(*hosts.lock().unwrap(), [p.addr.to_string()]);
+    // A Host sent routes it, as in HTTP/1.1.
+    let r = request(p.addr, None, "GET /x HTTP/1.0\r\nHost: www.example\r\n\r\n").unwrap();
+    assert_eq!((r.0, who(&r)), (200, "default".to_owned()), "{r:?}");
+}
+
 #[test]
 fn path_routes_match_the_path_the_backend_serves() {
     let (admin, def) = (backend("admin", Mode::Ok), backend("default", Mode::Ok));

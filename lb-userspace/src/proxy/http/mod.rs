@@ -895,8 +895,9 @@ async fn serve_conn(
             }
             Ok(_) => {}
         }
-        // valid_host admits ASCII only.
-        let host = target.host.and_then(|h| std::str::from_utf8(h).ok());
+        // The host the backend gets: for an HTTP/1.0 request without one, the listening address.
+        let host = target.routing_host(listen);
+        let host = host.as_deref();
         // Borrowed from `vip`, which holds it for the request: no reference count moves.
         let pool = vip.pool_for(host, &target.path);
         // An escaped slash, a segment's `;` parameters and other escapes (`%3A`) stay data
@@ -2543,6 +2544,31 @@ mod tests {
             assert_eq!(host("GET / HTTP/1.1", &[("Host", h)]), some(h, "/"), "{h}");
         }
         assert_eq!(host("GET / HTTP/1.0", &[]), Some((None, "/".to_owned())));
+        // Routed by the host the backend gets: the Host header, an absolute-form target's
+        // authority, or (HTTP/1.0 without Host) the listening address, not by none.
+        let listen = "198.18.1.6:8080".parse().unwrap();
+        for (line, pairs) in [
+            ("GET / HTTP/1.1", &[("Host", "a.example:80")][..]),
+            ("GET http://b.example/ HTTP/1.1", &[("Host", "a.example")]),
+            ("GET / HTTP/1.0", &[]),
+        ] {
+            let r = req_line(line, pairs);
+            let t = target(&r, true).expect("a valid target");
+            let head = upstream_head(
+                &mut BytesMut::new(),
+                &r,
+                &t,
+                listen,
+                Framing::None,
+                None,
+                None,
+                true,
+            );
+            let head = String::from_utf8(head.to_vec()).unwrap();
+            let sent = head.lines().find_map(|l| l.strip_prefix("Host: "));
+            assert_eq!(t.routing_host(listen).as_deref(), sent, "{line}: {head:?}");
+            assert!(sent.is_some(), "{line}: {head:?}");
+        }
         // Absolute form: the authority is the host, whatever Host says.
         assert_eq!(
             host("GET http://b.example/x?y HTTP/1.1", &[("Host", "a.example")]),
