@@ -53,7 +53,11 @@ pub(super) fn routes_past_caution(
 /// Can a route's `path_prefix` match a request path? It must start with `/` and hold no query
 /// or fragment, as a request's path does; and with `normalize` (requests are matched by their
 /// path in normal form) it must be in normal form itself, or it would match nothing or not
-/// what it seems to: the error names the form to write.
+/// what it seems to, and spelled as the reading with every escape decoded spells it
+/// (`proxy::path::escapes_decoded`: `/v1:admin/`, not `/v1%3Aadmin/`), which backends do not
+/// tell apart: the proxy refuses a request whose readings take different routes, so a prefix
+/// spelled otherwise would take the requests spelled its way only, and the others would be
+/// refused, or walk around it. The error names the form to write.
 pub(super) fn path_prefix_ok(p: &str, normalize: bool) -> Result<(), String> {
     if !p.starts_with('/') || p.contains(['?', '#']) || p.contains(char::is_whitespace) {
         return Err(format!(
@@ -70,11 +74,8 @@ pub(super) fn path_prefix_ok(p: &str, normalize: bool) -> Result<(), String> {
                     if b.is_ascii_graphic() { (b as char).to_string() } else { format!("%{b:02X}") }
                 })
                 .collect();
-        // In the normal form requests are matched by, or pasting it would meet the next error.
-        let write = match normalize.then(|| crate::proxy::path::normalize(&encoded)) {
-            Some(Some(n)) => n.into_owned(),
-            _ => encoded.clone(),
-        };
+        // In the form requests are matched in, or pasting it would meet the next error.
+        let write = normalize.then(|| matched_form(&encoded)).flatten().unwrap_or(encoded);
         // Advice that pastes back: the encoded form, if it passes; else what it would meet next.
         return Err(match path_prefix_ok(&write, normalize) {
             Ok(()) => format!(
@@ -90,21 +91,18 @@ pub(super) fn path_prefix_ok(p: &str, normalize: bool) -> Result<(), String> {
         });
     }
     if normalize {
-        match crate::proxy::path::normalize(p) {
-            Some(n) if n == p => {}
-            Some(n) => {
-                return Err(format!(
-                    "path_prefix `{}` is not in normal form, and requests are matched by their normalized path (`normalize_path`): write path_prefix = {}",
-                    quoted(p),
-                    toml_string(&n)
-                ));
-            }
-            None => {
-                return Err(format!(
-                    "path_prefix `{}` has a malformed escape (`%` needs two hex digits)",
-                    quoted(p)
-                ));
-            }
+        let Some(matched) = matched_form(p) else {
+            return Err(format!(
+                "path_prefix `{}` has a malformed escape (`%` needs two hex digits)",
+                quoted(p)
+            ));
+        };
+        if crate::proxy::path::normalize(p).is_some_and(|n| n != p) {
+            return Err(format!(
+                "path_prefix `{}` is not in normal form, and requests are matched by their normalized path (`normalize_path`): write path_prefix = {}",
+                quoted(p),
+                toml_string(&matched)
+            ));
         }
         // A request path that matches such a prefix reads, with its `;` parameters dropped as
         // Tomcat, Jetty and Spring drop them, as one that does not: refused as ambiguous, the
@@ -115,8 +113,27 @@ pub(super) fn path_prefix_ok(p: &str, normalize: bool) -> Result<(), String> {
                 quoted(p)
             ));
         }
+        if matched != p {
+            return Err(format!(
+                "path_prefix `{}` is not spelled as requests are matched (`normalize_path`): backends decode every escape (`%3A` and `:` are one character to them), so a request is matched with its escapes decoded too, spelled each character raw but controls, space, bytes past ASCII, `%?#;\"<>{{}}` and the backquote (escaped, as browsers send them) and escaped slashes, and one that reading routes elsewhere is refused, so a prefix spelled otherwise would take no request: write path_prefix = {}",
+                quoted(p),
+                toml_string(&matched)
+            ));
+        }
     }
     Ok(())
+}
+
+/// `p` in the form requests are matched in ([`path_prefix_ok`]): in normal form
+/// (`proxy::path::normalize`), spelled as the reading with every escape decoded spells it
+/// (`proxy::path::escapes_decoded`), unless it holds a `;`, which that spells `%3B` and
+/// [`path_prefix_ok`] refuses with advice of its own. `None` for a malformed escape.
+fn matched_form(p: &str) -> Option<String> {
+    let n = crate::proxy::path::normalize(p)?;
+    match crate::proxy::path::escapes_decoded(&n) {
+        Some(Ok(decoded)) if !n.contains(';') => Some(decoded),
+        _ => Some(n.into_owned()),
+    }
 }
 
 /// The routes of one VIP checked so far, for the check that none is hidden by an earlier one

@@ -101,6 +101,21 @@ fn path_prefixes_must_be_paths_in_normal_form() {
     assert!(err(&vip("", "/%61pi")).contains("write path_prefix = \"/api\""));
     assert!(err(&vip("", "/a%2f")).contains("write path_prefix = \"/a%2F\""));
     assert!(err(&vip("", "/a%g0")).contains("malformed escape"));
+    // Spelled as the reading with every escape decoded spells it, which backends read
+    // `/v1%3Aadmin/` as: one route for both spellings, not two.
+    for good in ["/v1:admin/", "/x@y/", "/a|b/", "/%C3%BC/", "/a%3Bb/", "/a%20b/", "/a%7Bb%7D/"] {
+        parse(&vip("", good)).unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+    for (bad, write) in [
+        ("/v1%3Aadmin/", "/v1:admin/"),
+        ("/x%40y/", "/x@y/"),
+        ("/a%7cb/", "/a|b/"),
+        ("/a{b}/", "/a%7Bb%7D/"),
+        ("/%2e/v1%3a/", "/v1:/"),
+    ] {
+        let e = err(&vip("", bad));
+        assert!(e.contains(&format!("write path_prefix = \"{write}\"")), "{bad}: {e}");
+    }
     // Requests matched as sent: any path will do.
     let cfg = parse(&vip("normalize_path = false", "/static/../api//")).unwrap();
     assert!(!cfg.vips[0].l7.as_ref().unwrap().normalize_path);

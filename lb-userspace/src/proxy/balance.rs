@@ -332,11 +332,12 @@ impl CookieMember {
 /// nested routes; a few stale ones, of other backends or secrets, may come with them.
 pub const COOKIE_VALUES_READ: usize = 4;
 
-/// Where a pool's rotation stands: the round-robin (and least-connections tie) cursor, and the
-/// identity of its smooth weighted round-robin state on each thread. Kept across the pool's
-/// snapshots: a health verdict, a drain or a reload rebuilds every pool, and a rotation that
-/// started afresh each time gave the first members an extra turn per rebuild (per thread, for
-/// smooth weighted round-robin), a skew that frequent verdict changes made lasting.
+/// Where a pool's rotation stands: the round-robin cursor, and the identity of its smooth
+/// weighted round-robin state on each thread (which also breaks least-connections ties). Kept
+/// across the pool's snapshots: a health verdict, a drain or a reload rebuilds every pool, and
+/// a rotation that started afresh each time gave the first members an extra turn per rebuild
+/// (per thread, for smooth weighted round-robin), a skew that frequent verdict changes made
+/// lasting.
 #[derive(Debug)]
 pub struct Rotation {
     /// Identifies the rotation in the per-thread smooth weighted round-robin states.
@@ -654,10 +655,6 @@ impl Pool {
         if cand.is_empty() {
             return None;
         }
-        let load = |i: usize| {
-            let m = &self.members[i];
-            (m.state.in_flight.load(Ordering::Relaxed) as f64 + 1.0) / m.weight as f64
-        };
         let i = match self.algorithm {
             // A retry goes to the next member after the one just tried, without moving the
             // turn: counted, each failed attempt would shift whose turn the next request is,
@@ -667,30 +664,8 @@ impl Pool {
                 None => cand[self.rotation.rr.fetch_add(1, Ordering::Relaxed) % cand.len()],
             },
             Algorithm::Random => cand[(rand() % cand.len() as u64) as usize],
-            Algorithm::P2c => {
-                if cand.len() == 1 {
-                    cand[0]
-                } else {
-                    let a = (rand() % cand.len() as u64) as usize;
-                    let mut b = (rand() % (cand.len() as u64 - 1)) as usize;
-                    if b >= a {
-                        b += 1;
-                    }
-                    if load(cand[b]) < load(cand[a]) { cand[b] } else { cand[a] }
-                }
-            }
-            Algorithm::LeastConn => {
-                // Ties go round-robin, so an idle pool still spreads.
-                let start = self.rotation.rr.fetch_add(1, Ordering::Relaxed);
-                let mut best = cand[start % cand.len()];
-                for k in 0..cand.len() {
-                    let i = cand[(start + k) % cand.len()];
-                    if load(i) < load(best) {
-                        best = i;
-                    }
-                }
-                best
-            }
+            Algorithm::P2c => self.two_choices(&cand),
+            Algorithm::LeastConn => self.least_loaded(&cand),
             Algorithm::Hash => {
                 // The client's address in the words XDP hashes (the same Maglev hash).
                 let (words, _) = crate::dataplane::addr_words(client);
@@ -708,6 +683,67 @@ impl Pool {
             },
         };
         Some((i, qualified))
+    }
+
+    /// `least_conn` over `cand`, as nginx's: the member with the fewest requests in flight per
+    /// weight, and among those that tie, the pick of smooth weighted round-robin. An idle pool
+    /// (every member ties at 0) then spreads by weight; weighing the request being placed too,
+    /// `(in_flight + 1) / weight`, the heaviest member took every request sent one at a time
+    /// (weights 1:2:3, 210 sequential requests: 0/0/210).
+    fn least_loaded(&self, cand: &[usize]) -> usize {
+        // Read once each: other threads move them while this compares.
+        let loads: SmallVec<[(usize, u64); STACK_MEMBERS]> =
+            cand.iter().map(|&i| (i, self.in_flight(i))).collect();
+        let lighter = |(a, la): (usize, u64), (b, lb): (usize, u64)| {
+            u128::from(la) * u128::from(self.members[b].weight)
+                < u128::from(lb) * u128::from(self.members[a].weight)
+        };
+        let Some(best) =
+            loads.iter().copied().reduce(|best, l| if lighter(l, best) { l } else { best })
+        else {
+            return cand[0];
+        };
+        let ties: Candidates =
+            loads.iter().filter(|&&l| !lighter(best, l)).map(|&(i, _)| i).collect();
+        if ties.len() == 1 { ties[0] } else { self.smooth_weighted(&ties) }
+    }
+
+    /// `p2c` over `cand` (two or more members, or one): of two members drawn by weight, the one
+    /// with fewer requests in flight per weight, or on a tie the first drawn. An idle pool then
+    /// spreads by weight (the first draw's odds); under load the comparison sends each request
+    /// towards the members with the most room per weight. Drawn alike (weights 1:2:3, a third
+    /// of the draws each) and compared by `(in_flight + 1) / weight`, the light member lost
+    /// every comparison while idle (210 sequential requests: 0/68/142).
+    fn two_choices(&self, cand: &[usize]) -> usize {
+        let weight = |i: usize| u64::from(self.members[i].weight);
+        // `cand` holds members of weight above 0 only ([`Pool::eligible`]).
+        let draw = |total: u64, skip: Option<usize>| {
+            let mut r = rand() % total.max(1);
+            for &i in cand.iter().filter(|&&i| Some(i) != skip) {
+                if r < weight(i) {
+                    return i;
+                }
+                r -= weight(i);
+            }
+            cand[0]
+        };
+        let total: u64 = cand.iter().map(|&i| weight(i)).sum();
+        let a = draw(total, None);
+        if cand.len() == 1 {
+            return a;
+        }
+        let b = draw(total - weight(a), Some(a));
+        let (la, lb) = (self.in_flight(a), self.in_flight(b));
+        if u128::from(lb) * u128::from(weight(a)) < u128::from(la) * u128::from(weight(b)) {
+            b
+        } else {
+            a
+        }
+    }
+
+    /// Requests (or relays) in flight on member `i`.
+    fn in_flight(&self, i: usize) -> u64 {
+        self.members[i].state.in_flight.load(Ordering::Relaxed) as u64
     }
 
     /// nginx's smooth weighted round-robin over `cand`.
@@ -1273,7 +1309,7 @@ mod tests {
     /// 1:3 hold exactly 10 and 30 of them after every pick once the start has gone by (the
     /// first 80 picks), and so get exactly 1/4 and 3/4 of the picks in the long run (within
     /// 5 % asserted). Exact, because the one that finished is always replaced on the member
-    /// it left: with 39 in flight, 9 and 30 weigh 10 < 31/3, and 10 and 29 weigh 11 > 30/3.
+    /// it left: with 39 in flight, 9 and 30 weigh 9 < 30/3, and 10 and 29 weigh 10 > 29/3.
     /// Ignoring the weights, the members would hold 20 each and share the picks 1:1.
     #[test]
     fn least_conn_holds_work_by_weight() {
@@ -1295,16 +1331,36 @@ mod tests {
     /// Under `p2c`, too, weight is capacity: with 400 requests held in flight as in
     /// [`least_conn_holds_work_by_weight`], members weighted 1, 3, 1, 3 each get their weight's
     /// share of 100 000 picks (1/8, 3/8) within 5 % (relative). Four members, not two: with two,
-    /// p2c always compares both and is least_conn. Not exact: p2c compares two members drawn at
-    /// random, so what each holds wanders around its share, and the request being placed (the
-    /// `+ 1` in the load) tilts the split towards the lighter members, by about 1.5 % at 400
-    /// held (simulated: 1.5 % at worst over 10 seeds, 1.4 % of it the tilt, which shrinks as
-    /// 1/held). The 5 % keeps a margin over that and the random seed; ignoring the weights
-    /// would give each member 1/4, twice a light member's share.
+    /// p2c always compares both. Not exact: p2c compares two members drawn at random, so what
+    /// each holds wanders around its share (simulated: 0.1 % at worst over 10 seeds; 1.5 %
+    /// when the load was `(in_flight + 1) / weight`, which tilted the split towards the
+    /// lighter members). The 5 % keeps a wide margin; ignoring the weights would give each
+    /// member 1/4, twice a light member's share.
     #[test]
     fn p2c_holds_work_by_weight() {
         let p = pool(&[1, 3, 1, 3], Algorithm::P2c);
         let picks = hold_work(&p, 400, 100_000, |_| {});
+        let rel = share_over_weight(&p, &picks);
+        assert!(
+            rel.iter().all(|r| (r - 1.0).abs() <= 0.05),
+            "picks {picks:?}: share over weight share {rel:?}"
+        );
+    }
+
+    /// An idle pool (each request through before the next: nothing in flight at a pick) spreads
+    /// by weight under `least_conn` and `p2c` too: weights 1:2:3 get 1/6, 2/6 and 3/6 of the
+    /// picks. least_conn exactly (every member ties, and smooth weighted round-robin breaks
+    /// the tie), p2c within 5 % (relative) of each share over 60 000 picks: its first draw, by
+    /// weight, wins every tie, so the light member's count is binomial (n = 60 000, p = 1/6,
+    /// sd 91), and 5 % of its 10 000 is 5.5 sd. Weighing the request being placed,
+    /// `(in_flight + 1) / weight`, the heaviest won every pick under least_conn, and under
+    /// p2c the lightest lost every comparison (it got no pick at all).
+    #[test]
+    fn an_idle_pool_spreads_by_weight() {
+        let p = pool(&[1, 2, 3], Algorithm::LeastConn);
+        assert_eq!(hold_work(&p, 1, 600, |_| {}), [100, 200, 300]);
+        let p = pool(&[1, 2, 3], Algorithm::P2c);
+        let picks = hold_work(&p, 1, 60_000, |_| {});
         let rel = share_over_weight(&p, &picks);
         assert!(
             rel.iter().all(|r| (r - 1.0).abs() <= 0.05),

@@ -21,8 +21,9 @@ use crate::proxy::{client_ip, path};
 
 /// Where a request is going: the host it names and the target sent on to the backend.
 pub(super) struct Target<'a> {
-    /// The host (and port) the request names, for routing: from an absolute-form target, else
-    /// from the Host header; `None` for an HTTP/1.0 request without one.
+    /// The host (and port) the request names: from an absolute-form target, else from the Host
+    /// header; `None` for an HTTP/1.0 request without one (routed by the listening address,
+    /// which its backend gets: [`Target::routing_host`]).
     pub(super) host: Option<&'a [u8]>,
     /// The request target in origin form (or `*`), as the backend gets it: its path normalized
     /// ([`path::normalize`]) unless the VIP says not to.
@@ -31,6 +32,22 @@ pub(super) struct Target<'a> {
     /// absolute-form target, or for an HTTP/1.0 request without Host the address the client
     /// connected to (HTTP/1.1 backends require one).
     host_out: Option<HostOut<'a>>,
+}
+
+impl Target<'_> {
+    /// The host (and port) the request is routed by: the one its backend gets as Host, so that
+    /// the router and the backend read the same host. For an HTTP/1.0 request without Host,
+    /// the address the client connected to (the backend gets it as Host): routed with no host,
+    /// such a request missed a route for that address (`host = "198.18.1.6"`) whose host the
+    /// backend then served it as. `None` only for a host that is not UTF-8, which
+    /// [`valid_host`] lets through none of.
+    pub(super) fn routing_host(&self, listen: SocketAddr) -> Option<Cow<'_, str>> {
+        match (self.host, &self.host_out) {
+            (_, Some(HostOut::Listen)) => Some(Cow::Owned(listen.to_string())),
+            (Some(h), _) => std::str::from_utf8(h).ok().map(Cow::Borrowed),
+            (None, _) => None,
+        }
+    }
 }
 
 /// A Host header written by the proxy.

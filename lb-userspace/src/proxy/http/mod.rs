@@ -915,13 +915,14 @@ async fn serve_conn(
             }
             Ok(_) => {}
         }
-        // valid_host admits ASCII only.
-        let host = target.host.and_then(|h| std::str::from_utf8(h).ok());
+        // The host the backend gets: for an HTTP/1.0 request without one, the listening address.
+        let host = target.routing_host(listen);
+        let host = host.as_deref();
         // Borrowed from `vip`, which holds it for the request: no reference count moves.
         let pool = vip.pool_for(host, &target.path);
-        // An escaped slash, and a segment's `;` parameters, stay data here, but backends that
-        // decode the one or drop the other first would serve the request by a path another
-        // route takes: refused, rather than routed around that route.
+        // An escaped slash, a segment's `;` parameters and other escapes (`%3A`) stay data
+        // here, but backends that decode or drop them first would serve the request by a path
+        // another route takes: refused, rather than routed around that route.
         if cfg.normalize_path && !readings_agree(&vip, host, &target.path, pool) {
             return reject(client, &vip, peer, 400, Some(&req), Some(started)).await;
         }
@@ -1523,21 +1524,33 @@ fn client_left(client: &Socket, buf: &BytesMut) -> bool {
 }
 
 /// Do the other readings backends may give the normalized `path` ([`super::path`]: escaped
-/// separators decoded, `;` segment parameters dropped, or both) take the request to `pool`
-/// too, the pool the path as sent takes? A reading that is itself to be refused does not.
+/// separators decoded, `;` segment parameters dropped, or both; and each of those and the path
+/// itself with every other escape decoded) take the request to `pool` too, the pool the path as
+/// sent takes? A reading that is itself to be refused does not.
 fn readings_agree(vip: &VipRuntime, host: Option<&str>, path: &str, pool: &Arc<Pool>) -> bool {
-    use super::path::{params_stripped, separators_decoded};
+    use super::path::{escapes_decoded, params_stripped, separators_decoded};
     let agrees = |reading: &Option<Result<String, ()>>| match reading {
         None => true,
         Some(Ok(p)) => Arc::ptr_eq(vip.pool_for(host, p), pool),
         Some(Err(())) => false,
+    };
+    // A reading, and the same with every other escape decoded.
+    let agrees_also_decoded = |reading: &Option<Result<String, ()>>| {
+        agrees(reading)
+            && match reading {
+                Some(Ok(p)) => agrees(&escapes_decoded(p)),
+                _ => true,
+            }
     };
     let decoded = separators_decoded(path);
     let both = match &decoded {
         Some(Ok(p)) => params_stripped(p),
         _ => None,
     };
-    agrees(&decoded) && agrees(&params_stripped(path)) && agrees(&both)
+    agrees(&escapes_decoded(path))
+        && agrees_also_decoded(&decoded)
+        && agrees_also_decoded(&params_stripped(path))
+        && agrees_also_decoded(&both)
 }
 
 /// Whether a shared cache (a CDN in front of the proxy) may store a response by its backend's
@@ -2595,6 +2608,31 @@ mod tests {
             assert_eq!(host("GET / HTTP/1.1", &[("Host", h)]), some(h, "/"), "{h}");
         }
         assert_eq!(host("GET / HTTP/1.0", &[]), Some((None, "/".to_owned())));
+        // Routed by the host the backend gets: the Host header, an absolute-form target's
+        // authority, or (HTTP/1.0 without Host) the listening address, not by none.
+        let listen = "198.18.1.6:8080".parse().unwrap();
+        for (line, pairs) in [
+            ("GET / HTTP/1.1", &[("Host", "a.example:80")][..]),
+            ("GET http://b.example/ HTTP/1.1", &[("Host", "a.example")]),
+            ("GET / HTTP/1.0", &[]),
+        ] {
+            let r = req_line(line, pairs);
+            let t = target(&r, true).expect("a valid target");
+            let head = upstream_head(
+                &mut BytesMut::new(),
+                &r,
+                &t,
+                listen,
+                Framing::None,
+                None,
+                None,
+                true,
+            );
+            let head = String::from_utf8(head.to_vec()).unwrap();
+            let sent = head.lines().find_map(|l| l.strip_prefix("Host: "));
+            assert_eq!(t.routing_host(listen).as_deref(), sent, "{line}: {head:?}");
+            assert!(sent.is_some(), "{line}: {head:?}");
+        }
         // Absolute form: the authority is the host, whatever Host says.
         assert_eq!(
             host("GET http://b.example/x?y HTTP/1.1", &[("Host", "a.example")]),
