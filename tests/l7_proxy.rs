@@ -2042,6 +2042,44 @@ fn a_backend_in_the_vips_pool_and_a_routes_shares_its_passive_state_from_the_sta
     wait_for_metric(&p, &want);
 }
 
+/// A backend a reload removed and a later one added back starts from zero (README, CONFIG.md),
+/// even when nothing went through the VIP between the two reloads: its old state, still held
+/// by the proxy threads' old snapshot, came back whole, ejected and with its old request count,
+/// so the re-added backend took no traffic for the rest of its `fail_timeout_ms`.
+#[test]
+fn a_backend_removed_and_added_back_while_the_vip_is_quiet_starts_from_zero() {
+    let (bad, good) = (backend("bad", Mode::Reset), backend("good", Mode::Ok));
+    let l7 = "algorithm = \"round_robin\"\nmax_fails = 1\nfail_timeout_ms = 60000";
+    let mut p = proxy(&[(&bad, 1), (&good, 1)], l7, "");
+    for _ in 0..4 {
+        assert_eq!(get(p.addr, "/").0, 200);
+    }
+    assert_eq!(bad.reqs.load(Ordering::Relaxed), 1, "bad is ejected after one failure");
+    // An idle keep-alive client holds the snapshot its last request ran under, and with it
+    // every backend state of that snapshot, until its next request.
+    let (mut w, mut r) = client(p.addr);
+    w.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut r).unwrap().0, 200);
+    let ejected = p.proxy.as_ref().unwrap().backend_state("web", bad.addr).unwrap();
+    assert!(ejected.passive_down());
+    drop(ejected);
+    let port = p.addr.port();
+    let update = |p: &mut Running, backends: &[(&Backend, u32)]| {
+        let (mut cfg, _) = proxy_config(backends, l7, "");
+        cfg.vips[0].port = port;
+        p.proxy.as_mut().unwrap().update(&cfg);
+    };
+    // Out, then back in, with no request between.
+    update(&mut p, &[(&good, 1)]);
+    update(&mut p, &[(&bad, 1), (&good, 1)]);
+    let state = p.proxy.as_ref().unwrap().backend_state("web", bad.addr).unwrap();
+    assert!(!state.passive_down(), "added back, it is no longer ejected");
+    assert_eq!(state.requests.load(Ordering::Relaxed), 0, "added back, it counts from zero");
+    let want = format!("edgelb_l7_backend_passive_down{{vip=\"web\",backend=\"{}\"}} 0", bad.addr);
+    wait_for_metric(&p, &want);
+    drop((w, r));
+}
+
 /// Once passive health has ejected every backend, the proxy fails open (sends to them anyway),
 /// and that is counted (`edgelb_l7_fail_open_total`) and logged: it showed nowhere before, not in
 /// `edgelb_vip_fail_open` (active health) nor in the log.

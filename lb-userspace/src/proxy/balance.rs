@@ -110,6 +110,18 @@ impl BackendState {
         }
     }
 
+    /// Forgets what passive health and the request count knew of the backend (its failure
+    /// streak, an ejection, its requests), keeping only what is in flight: for a backend that
+    /// a reload removed and a later one added back while something still held its state. The
+    /// docs promise such a backend starts from zero; it came back still ejected, with its old
+    /// count, when an idle thread's old snapshot had kept its state alive.
+    pub fn forget_history(&self) {
+        self.fails.store(0, Ordering::Relaxed);
+        self.down_until_ms.store(0, Ordering::Relaxed);
+        self.requests.store(0, Ordering::Relaxed);
+        self.health.store(IN_SERVICE, Ordering::Relaxed);
+    }
+
     /// Records a success: the failure streak ends, and a backend on trial is back in rotation.
     /// A success while ejected with no trial sent yet (a request sent before the ejection) does
     /// not end the ejection, which the failures that made it came after. Says whether this

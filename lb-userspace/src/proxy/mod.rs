@@ -1221,14 +1221,22 @@ impl Proxy {
         self.shared.generation.0.fetch_add(1, Ordering::Release);
     }
 
-    /// The live state of backend `key` (VIP name, address): the one it has, or had when the
-    /// last updates left it out if something in flight still holds that, else a fresh one.
+    /// The live state of backend `key` (VIP name, address): the one it has; or the one it had
+    /// when the last updates left it out, if something still holds that (a request in flight,
+    /// whose end must count down the in-flight figure the balancer reads; or an idle thread's
+    /// old snapshot), with its history forgotten (`BackendState::forget_history`: a backend
+    /// added back starts from zero, as a reload that removes it forgets it); else a fresh one.
     fn live_state(&self, key: &(String, SocketAddr)) -> Arc<BackendState> {
-        self.states
-            .get(key)
-            .cloned()
-            .or_else(|| self.retired.get(key).and_then(std::sync::Weak::upgrade))
-            .unwrap_or_else(|| Arc::new(BackendState::new(key.1)))
+        if let Some(s) = self.states.get(key) {
+            return s.clone();
+        }
+        match self.retired.get(key).and_then(std::sync::Weak::upgrade) {
+            Some(s) => {
+                s.forget_history();
+                s
+            }
+            None => Arc::new(BackendState::new(key.1)),
+        }
     }
 
     /// Live state of a backend of an L7 VIP (for tests and status): of every configured one,
