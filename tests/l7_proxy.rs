@@ -1845,6 +1845,23 @@ fn silent_until_reset(s: &mut TcpStream) -> Duration {
     took
 }
 
+/// A TCP-mode connection through the proxy at `addr` (reads time out after 3 s), its relay seen
+/// started: a round trip through an interactive echo backend.
+fn relay_through(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    round_trip(&mut s, b"ping").unwrap();
+    s
+}
+
+/// Asserts that the relay `s`, silent from now, is reset at a timeout of 300 ms (250-1500 ms
+/// after its last bytes, room for a loaded machine).
+fn cut_near_300_ms(s: &mut TcpStream) {
+    let took = silent_until_reset(s);
+    assert!(took >= Duration::from_millis(250), "cut {took:?} after the last bytes");
+    assert!(took < Duration::from_millis(1500), "cut {took:?} after the last bytes");
+}
+
 /// A TCP-mode relay is cut at `tunnel_timeout_ms` of silence, not at `idle_timeout_ms` (the
 /// HTTP keep-alive idle time), with a reset, and both its connections have the tunnel timeout as
 /// their TCP_USER_TIMEOUT. A relay keeps the value it started with across a reload, which
@@ -1856,9 +1873,7 @@ fn tcp_mode_is_cut_at_the_tunnel_timeout_not_the_idle_timeout() {
         format!("mode = \"tcp\"\nidle_timeout_ms = 60000\ntunnel_timeout_ms = {tunnel}")
     };
     let mut p = proxy(&[(&b, 1)], &l7(300), "");
-    let mut s = TcpStream::connect(p.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    round_trip(&mut s, b"ping").unwrap();
+    let mut s = relay_through(p.addr);
     let tunnel = Some(Duration::from_millis(300));
     assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [tunnel], "the client connection");
     let up = user_timeouts_to(b.addr);
@@ -1869,19 +1884,13 @@ fn tcp_mode_is_cut_at_the_tunnel_timeout_not_the_idle_timeout() {
     p.proxy.as_mut().unwrap().update(&cfg);
     let took = silent_until_reset(&mut s);
     assert!(took < Duration::from_millis(1500), "cut {took:?} after the last bytes");
-    let mut s = TcpStream::connect(p.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    round_trip(&mut s, b"ping").unwrap();
+    let s = relay_through(p.addr);
     let after = Some(Duration::from_secs(60));
     assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [after], "a relay after the reload");
     // Measured without a reload in between.
     let p = proxy(&[(&b, 1)], &l7(300), "");
-    let mut s = TcpStream::connect(p.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    round_trip(&mut s, b"ping").unwrap();
-    let took = silent_until_reset(&mut s);
-    assert!(took >= Duration::from_millis(250), "cut {took:?} after the last bytes");
-    assert!(took < Duration::from_millis(1500), "cut {took:?} after the last bytes");
+    let mut s = relay_through(p.addr);
+    cut_near_300_ms(&mut s);
 }
 
 /// A TCP-mode VIP that writes no timeout keeps its relays through silences of ten minutes (the
@@ -1892,23 +1901,17 @@ fn tcp_mode_is_cut_at_the_tunnel_timeout_not_the_idle_timeout() {
 fn tcp_mode_defaults_to_ten_minutes_and_keeps_a_written_idle_timeout() {
     let b = interactive_echo();
     let p = proxy(&[(&b, 1)], "mode = \"tcp\"", "");
-    let mut s = TcpStream::connect(p.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    round_trip(&mut s, b"ping").unwrap();
+    let mut s = relay_through(p.addr);
     let ten_minutes = Some(Duration::from_secs(600));
     assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [ten_minutes], "the client connection");
     s.shutdown(Shutdown::Write).unwrap();
     assert_eq!(s.read(&mut [0u8; 16]).unwrap(), 0, "a clean end");
 
     let p = proxy(&[(&b, 1)], "mode = \"tcp\"\nidle_timeout_ms = 300", "");
-    let mut s = TcpStream::connect(p.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    round_trip(&mut s, b"ping").unwrap();
+    let mut s = relay_through(p.addr);
     let written = Some(Duration::from_millis(300));
     assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [written], "the client connection");
-    let took = silent_until_reset(&mut s);
-    assert!(took >= Duration::from_millis(250), "cut {took:?} after the last bytes");
-    assert!(took < Duration::from_millis(1500), "cut {took:?} after the last bytes");
+    cut_near_300_ms(&mut s);
 }
 
 /// An upgraded connection (a WebSocket) is a tunnel too: from the 101 on, silent longer than a
@@ -1965,9 +1968,7 @@ fn upgraded_connections_keep_the_tunnel_timeout_not_the_idle_timeout() {
     let mut s = open(p.addr);
     let tunnel = Some(Duration::from_millis(300));
     assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [tunnel], "the client connection");
-    let took = silent_until_reset(&mut s);
-    assert!(took >= Duration::from_millis(250), "cut {took:?} after the last bytes");
-    assert!(took < Duration::from_millis(1500), "cut {took:?} after the last bytes");
+    cut_near_300_ms(&mut s);
 }
 
 #[test]
