@@ -348,6 +348,17 @@ fn vip_counter(m: &Metrics, name: &str) -> u64 {
     m.encode().lines().find_map(|l| l.strip_prefix(&prefix)?.parse().ok()).unwrap_or(0)
 }
 
+/// Waits (3 s at most) for VIP web's counter `name` to read `want`: a count the proxy makes
+/// after its answer went out may come after the client read that answer.
+fn wait_for_vip_counter(m: &Metrics, name: &str, want: u64) {
+    let t = Instant::now();
+    while vip_counter(m, name) != want {
+        let got = vip_counter(m, name);
+        assert!(t.elapsed() < Duration::from_secs(3), "{name}: {got}, not {want}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Out of descriptors, the proxy must blame no backend and pause its accepts. A connect that
 /// fails for want of a descriptor says nothing of the backend: the client gets 503 and the
 /// backend is not ejected (it was, and a descriptor spike ejected healthy backends). And a
@@ -1835,31 +1846,27 @@ fn round_trip(s: &mut TcpStream, what: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// How long `s` (just active) stays silent before it is reset, at most 3 s.
-fn silent_until_reset(s: &mut TcpStream) -> Duration {
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let quiet = Instant::now();
-    let end = s.read(&mut [0u8; 16]).map_err(|e| e.kind());
-    let took = quiet.elapsed();
-    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "after {took:?}");
-    took
-}
-
 /// A TCP-mode connection through the proxy at `addr` (reads time out after 3 s), its relay seen
-/// started: a round trip through an interactive echo backend.
-fn relay_through(addr: SocketAddr) -> TcpStream {
+/// started: a round trip through an interactive echo backend. With the moment just before that
+/// round trip, before which the relay cannot have gone quiet ([`cut_at_300_ms`]).
+fn relay_through(addr: SocketAddr) -> (TcpStream, Instant) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let before = Instant::now();
     round_trip(&mut s, b"ping").unwrap();
-    s
+    (s, before)
 }
 
-/// Asserts that the relay `s`, silent from now, is reset at a timeout of 300 ms (250-1500 ms
-/// after its last bytes, room for a loaded machine).
-fn cut_near_300_ms(s: &mut TcpStream) {
-    let took = silent_until_reset(s);
-    assert!(took >= Duration::from_millis(250), "cut {took:?} after the last bytes");
-    assert!(took < Duration::from_millis(1500), "cut {took:?} after the last bytes");
+/// Asserts that the relay `s`, which moved bytes last after `before`, is reset at a timeout of
+/// 300 ms: not within 300 ms of `before` (measured from before its last bytes, a test thread
+/// that wakes late cannot make it look early), and within 2 s (room for a loaded machine).
+fn cut_at_300_ms(s: &mut TcpStream, before: Instant) {
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let end = s.read(&mut [0u8; 16]).map_err(|e| e.kind());
+    let took = before.elapsed();
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "after {took:?}");
+    assert!(took >= Duration::from_millis(300), "cut {took:?} after the last round trip began");
+    assert!(took < Duration::from_millis(2000), "cut {took:?} after the last round trip began");
 }
 
 /// A TCP-mode relay is cut at `tunnel_timeout_ms` of silence, not at `idle_timeout_ms` (the
@@ -1872,25 +1879,32 @@ fn tcp_mode_is_cut_at_the_tunnel_timeout_not_the_idle_timeout() {
     let l7 = |tunnel: u64| {
         format!("mode = \"tcp\"\nidle_timeout_ms = 60000\ntunnel_timeout_ms = {tunnel}")
     };
-    let mut p = proxy(&[(&b, 1)], &l7(300), "");
-    let mut s = relay_through(p.addr);
-    let tunnel = Some(Duration::from_millis(300));
+    // Both connections' TCP_USER_TIMEOUT, on a relay whose tunnel timeout outlasts a stalled
+    // test thread (a 300 ms one may be gone before its sockets are looked at).
+    let mut p = proxy(&[(&b, 1)], &l7(5000), "");
+    let (s, _) = relay_through(p.addr);
+    let tunnel = Some(Duration::from_secs(5));
     assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [tunnel], "the client connection");
     let up = user_timeouts_to(b.addr);
     assert!(!up.is_empty() && up.iter().all(|&t| t == tunnel), "the backend connection: {up:?}");
-    // A reload lengthens it for relays to come, not for this one.
-    let (mut cfg, _) = proxy_config(&[(&b, 1)], &l7(60_000), "");
-    cfg.vips[0].port = p.addr.port();
-    p.proxy.as_mut().unwrap().update(&cfg);
-    let took = silent_until_reset(&mut s);
-    assert!(took < Duration::from_millis(1500), "cut {took:?} after the last bytes");
-    let s = relay_through(p.addr);
+    drop(s);
+    let reload = |p: &mut Running, tunnel: u64| {
+        let (mut cfg, _) = proxy_config(&[(&b, 1)], &l7(tunnel), "");
+        cfg.vips[0].port = p.addr.port();
+        p.proxy.as_mut().unwrap().update(&cfg);
+    };
+    // A reload lengthens it for relays to come, not for one started before it.
+    reload(&mut p, 300);
+    let (mut s, before) = relay_through(p.addr);
+    reload(&mut p, 60_000);
+    cut_at_300_ms(&mut s, before);
+    let (s, _) = relay_through(p.addr);
     let after = Some(Duration::from_secs(60));
     assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [after], "a relay after the reload");
     // Measured without a reload in between.
     let p = proxy(&[(&b, 1)], &l7(300), "");
-    let mut s = relay_through(p.addr);
-    cut_near_300_ms(&mut s);
+    let (mut s, before) = relay_through(p.addr);
+    cut_at_300_ms(&mut s, before);
 }
 
 /// A TCP-mode VIP that writes no timeout keeps its relays through silences of ten minutes (the
@@ -1901,17 +1915,22 @@ fn tcp_mode_is_cut_at_the_tunnel_timeout_not_the_idle_timeout() {
 fn tcp_mode_defaults_to_ten_minutes_and_keeps_a_written_idle_timeout() {
     let b = interactive_echo();
     let p = proxy(&[(&b, 1)], "mode = \"tcp\"", "");
-    let mut s = relay_through(p.addr);
+    let (mut s, _) = relay_through(p.addr);
     let ten_minutes = Some(Duration::from_secs(600));
     assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [ten_minutes], "the client connection");
     s.shutdown(Shutdown::Write).unwrap();
     assert_eq!(s.read(&mut [0u8; 16]).unwrap(), 0, "a clean end");
 
-    let p = proxy(&[(&b, 1)], "mode = \"tcp\"\nidle_timeout_ms = 300", "");
-    let mut s = relay_through(p.addr);
-    let written = Some(Duration::from_millis(300));
+    // Written, the idle timeout is the relays': their TCP_USER_TIMEOUT (looked at on one that
+    // outlasts a stalled test thread) and their cut.
+    let p = proxy(&[(&b, 1)], "mode = \"tcp\"\nidle_timeout_ms = 5000", "");
+    let (s, _) = relay_through(p.addr);
+    let written = Some(Duration::from_secs(5));
     assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [written], "the client connection");
-    cut_near_300_ms(&mut s);
+    drop(s);
+    let p = proxy(&[(&b, 1)], "mode = \"tcp\"\nidle_timeout_ms = 300", "");
+    let (mut s, before) = relay_through(p.addr);
+    cut_at_300_ms(&mut s, before);
 }
 
 /// An upgraded connection (a WebSocket) is a tunnel too: from the 101 on, silent longer than a
@@ -1951,24 +1970,29 @@ fn upgraded_connections_keep_the_tunnel_timeout_not_the_idle_timeout() {
         }
         assert!(head.starts_with(b"HTTP/1.1 101 "), "{}", String::from_utf8_lossy(&head));
         // Through the relay: it has started.
+        let before = Instant::now();
         round_trip(&mut s, b"ping").unwrap();
-        s
+        (s, before)
     };
     // A short idle timeout, the tunnel timeout's default: ten minutes.
     let p = proxy(&[(&b, 1)], "idle_timeout_ms = 300", "");
-    let mut s = open(p.addr);
+    let (mut s, _) = open(p.addr);
     let ten_minutes = Some(Duration::from_secs(600));
     assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [ten_minutes], "the client connection");
     assert_eq!(user_timeouts_to(b.addr), [ten_minutes], "the backend connection");
     std::thread::sleep(Duration::from_millis(1000));
     round_trip(&mut s, b"still here").expect("the WebSocket outlives the idle timeout");
     drop(s);
-    // A short tunnel timeout under a long idle timeout.
-    let p = proxy(&[(&b, 1)], "idle_timeout_ms = 60000\ntunnel_timeout_ms = 300", "");
-    let mut s = open(p.addr);
-    let tunnel = Some(Duration::from_millis(300));
+    // A tunnel timeout under a long idle timeout: the relay's TCP_USER_TIMEOUT (looked at on
+    // one that outlasts a stalled test thread), and a short one's cut.
+    let p = proxy(&[(&b, 1)], "idle_timeout_ms = 60000\ntunnel_timeout_ms = 5000", "");
+    let (s, _) = open(p.addr);
+    let tunnel = Some(Duration::from_secs(5));
     assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [tunnel], "the client connection");
-    cut_near_300_ms(&mut s);
+    drop(s);
+    let p = proxy(&[(&b, 1)], "idle_timeout_ms = 60000\ntunnel_timeout_ms = 300", "");
+    let (mut s, before) = open(p.addr);
+    cut_at_300_ms(&mut s, before);
 }
 
 #[test]
@@ -4354,7 +4378,7 @@ fn a_client_gone_before_its_answer_is_logged_as_499() {
 #[test]
 fn a_client_that_closes_normally_before_its_answer_is_logged_as_499() {
     let log = access_log();
-    let b = backend("b", Mode::Slow(300));
+    let b = backend("b", Mode::Slow(1000));
     let p = proxy(&[(&b, 1)], "access_log = true", "");
     let class =
         |c: &str, n: u64| format!("edgelb_l7_requests_total{{vip=\"web\",class=\"{c}\"}} {n}");
@@ -4391,7 +4415,8 @@ fn a_client_that_closes_normally_before_its_answer_is_logged_as_499() {
     wait_for_metric(&p, &class("4xx", 3));
     // The proxy's own answer too: a 504 at the response timeout.
     let silent = backend("silent", Mode::Silent);
-    let q = proxy(&[(&silent, 1)], "access_log = true\nresponse_timeout_ms = 300\nretries = 0", "");
+    let q =
+        proxy(&[(&silent, 1)], "access_log = true\nresponse_timeout_ms = 1000\nretries = 0", "");
     let c = TcpStream::connect(q.addr).unwrap();
     (&c).write_all(b"GET /closed-before-504 HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
     std::thread::sleep(Duration::from_millis(50));
@@ -8927,7 +8952,7 @@ fn private_backend_connections_closed_idle_leave_no_time_wait_here() {
     let left = proxy_side_time_waits(at(0), &ports) + proxy_side_time_waits(at(1), &ports);
     assert_eq!(left, 0, "TIME_WAITs on the proxy's side after {N} client connections");
     // Each was made private to its client connection, and counted.
-    assert_eq!(vip_counter(&p.metrics, "edgelb_l7_private_connections_total"), N as u64);
+    wait_for_vip_counter(&p.metrics, "edgelb_l7_private_connections_total", N as u64);
 
     // A drain moves a client off its private connection at its next request: closed idle too.
     let conns = || backends.each_ref().map(|b| b.conns.load(Ordering::Relaxed));
@@ -8942,7 +8967,7 @@ fn private_backend_connections_closed_idle_leave_no_time_wait_here() {
     assert_eq!(c.status(), 200);
     backend_saw_ends(&ended, N + 1, Duration::from_secs(5));
     assert_eq!(proxy_side_time_waits(at(hers), &ports), 0, "after the drain's move");
-    assert_eq!(vip_counter(&p.metrics, "edgelb_l7_private_connections_total"), N as u64 + 2);
+    wait_for_vip_counter(&p.metrics, "edgelb_l7_private_connections_total", N as u64 + 2);
 }
 
 /// Pooled backend connections closed idle leave no TIME_WAIT on this node either: those past
@@ -9032,7 +9057,7 @@ fn a_proxy_protocol_connection_carries_its_own_clients_requests() {
     }
     assert_eq!(backends.iter().map(|b| b.conns.load(Ordering::Relaxed)).sum::<usize>(), 2);
     // Each counted once, as it was made private.
-    assert_eq!(vip_counter(&p.metrics, "edgelb_l7_private_connections_total"), 2);
+    wait_for_vip_counter(&p.metrics, "edgelb_l7_private_connections_total", 2);
 
     // Drained, the first client's backend takes no more of its requests: the next goes to the
     // other backend, over a connection of its own with its own header.
@@ -9045,7 +9070,7 @@ fn a_proxy_protocol_connection_carries_its_own_clients_requests() {
     assert!(moved.ends_with(&format!(" from {} headers 1", ports[0])), "{moved}");
     assert_ne!(conn(&moved), conn(&firsts[1]), "{moved}");
     assert_eq!(ask_as(&mut clients[0], None).1, moved);
-    assert_eq!(vip_counter(&p.metrics, "edgelb_l7_private_connections_total"), 3);
+    wait_for_vip_counter(&p.metrics, "edgelb_l7_private_connections_total", 3);
 }
 
 /// A fresh backend connection's PROXY header and the request head after it leave in one write,
@@ -9195,7 +9220,7 @@ fn connection_bound_authentication_stays_with_its_client() {
     assert_eq!(ask_as(&mut carol, None), (200, format!("{carol_conn} user carol")));
     assert_eq!(ask_as(&mut alice, None), alice_is);
     // Alice's and carol's connections, and each stranger's, challenged.
-    assert_eq!(vip_counter(&p.metrics, "edgelb_l7_private_connections_total"), 1 + 1 + 24);
+    wait_for_vip_counter(&p.metrics, "edgelb_l7_private_connections_total", 1 + 1 + 24);
 
     // A client connection's end closes its private connection.
     drop(carol);
