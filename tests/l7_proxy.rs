@@ -9003,6 +9003,23 @@ fn pooled_backend_connections_closed_idle_leave_no_time_wait_here() {
     assert_eq!(proxy_side_time_waits(b.addr.port(), &ports), 0, "after the stop");
 }
 
+/// A backend that ignores `Connection: close` (here with `upstream_keepalive = 0`, each request
+/// asking its backend to close) leaves its connection idle, the response read whole: the proxy
+/// closes it after its wait (1 s) with a reset, as it closes other idle ones, not a FIN that
+/// left one TIME_WAIT here per request.
+#[test]
+fn a_backend_ignoring_close_leaves_no_time_wait_here() {
+    let (ports, ended) = (Ports::default(), Arc::new(AtomicUsize::new(0)));
+    let b = keep_alive_backend(ports.clone(), ended.clone(), Duration::ZERO);
+    let p = proxy(&[(&b, 1)], "upstream_keepalive = 0", "");
+    for _ in 0..3 {
+        assert_eq!(get(p.addr, "/").0, 200);
+    }
+    assert_eq!(b.conns.load(Ordering::Relaxed), 3, "a connection per request");
+    backend_saw_ends(&ended, 3, Duration::from_secs(4));
+    assert_eq!(proxy_side_time_waits(b.addr.port(), &ports), 0, "closed after the wait");
+}
+
 /// A backend behind `proxy_protocol = 1`. Every answer says `<name> conn <id> from <port>
 /// headers <n>`: the connection, the client port its PROXY header named, and how many PROXY
 /// headers it has read so far (one, at its start, for a connection that speaks for one client

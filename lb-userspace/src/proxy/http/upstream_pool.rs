@@ -172,7 +172,7 @@ const BACKEND_CLOSE_WAIT: Duration = Duration::from_secs(1);
 pub(super) fn close_after_backend(up: Socket) {
     tokio_uring::spawn(async move {
         let mut buf = BytesMut::with_capacity(64);
-        let _ = tokio::time::timeout(BACKEND_CLOSE_WAIT, async {
+        let ended = tokio::time::timeout(BACKEND_CLOSE_WAIT, async {
             while let Ok(n) = read_more(&up, &mut buf).await {
                 if n == 0 {
                     break;
@@ -181,7 +181,14 @@ pub(super) fn close_after_backend(up: Socket) {
             }
         })
         .await;
-        close(&up);
+        match ended {
+            // The backend closed first (or failed): the TIME_WAIT, if any, is its own.
+            Ok(()) => close(&up),
+            // A backend that ignores `close` (or is late with it) leaves the connection idle,
+            // its response read whole: closed as the proxy closes idle ones, with a reset, or
+            // each such request would hold one of this node's local ports for a minute.
+            Err(_) => close_idle(&up),
+        }
     });
 }
 
