@@ -923,7 +923,11 @@ async fn serve_conn(
         // An escaped slash, a segment's `;` parameters and other escapes (`%3A`) stay data
         // here, but backends that decode or drop them first would serve the request by a path
         // another route takes: refused, rather than routed around that route.
-        if cfg.normalize_path && !readings_agree(&vip, host, &target.path, pool) {
+        // A VIP without routes has one pool, which every reading takes.
+        if cfg.normalize_path
+            && !vip.routes.is_empty()
+            && !readings_agree(&vip, host, &target.path, pool)
+        {
             return reject(client, &vip, peer, 400, Some(&req), Some(started)).await;
         }
 
