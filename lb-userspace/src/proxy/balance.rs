@@ -697,6 +697,13 @@ impl Pool {
         Some((i, qualified))
     }
 
+    /// Is member `a`, with `la` requests in flight, less loaded per weight than member `b` with
+    /// `lb`? (Cross-multiplied, exact.) The one load rule of `least_conn` and `p2c`.
+    fn lighter(&self, (a, la): (usize, u64), (b, lb): (usize, u64)) -> bool {
+        u128::from(la) * u128::from(self.members[b].weight)
+            < u128::from(lb) * u128::from(self.members[a].weight)
+    }
+
     /// `least_conn` over `cand`, as nginx's: the member with the fewest requests in flight per
     /// weight, and among those that tie, the pick of smooth weighted round-robin. An idle pool
     /// (every member ties at 0) then spreads by weight; weighing the request being placed too,
@@ -706,17 +713,13 @@ impl Pool {
         // Read once each: other threads move them while this compares.
         let loads: SmallVec<[(usize, u64); STACK_MEMBERS]> =
             cand.iter().map(|&i| (i, self.in_flight(i))).collect();
-        let lighter = |(a, la): (usize, u64), (b, lb): (usize, u64)| {
-            u128::from(la) * u128::from(self.members[b].weight)
-                < u128::from(lb) * u128::from(self.members[a].weight)
-        };
         let Some(best) =
-            loads.iter().copied().reduce(|best, l| if lighter(l, best) { l } else { best })
+            loads.iter().copied().reduce(|best, l| if self.lighter(l, best) { l } else { best })
         else {
             return cand[0];
         };
         let ties: Candidates =
-            loads.iter().filter(|&&l| !lighter(best, l)).map(|&(i, _)| i).collect();
+            loads.iter().filter(|&&l| !self.lighter(best, l)).map(|&(i, _)| i).collect();
         if ties.len() == 1 { ties[0] } else { self.smooth_weighted(&ties) }
     }
 
@@ -745,12 +748,7 @@ impl Pool {
             return a;
         }
         let b = draw(total - weight(a), Some(a));
-        let (la, lb) = (self.in_flight(a), self.in_flight(b));
-        if u128::from(lb) * u128::from(weight(a)) < u128::from(la) * u128::from(weight(b)) {
-            b
-        } else {
-            a
-        }
+        if self.lighter((b, self.in_flight(b)), (a, self.in_flight(a))) { b } else { a }
     }
 
     /// Requests (or relays) in flight on member `i`.
