@@ -429,8 +429,8 @@ pub struct L7 {
     pub idle_timeout: Duration,
     /// The longest silence both ways of a TCP-mode connection or an upgraded one (WebSocket),
     /// and their TCP_USER_TIMEOUT: such connections sit silent far longer than HTTP
-    /// keep-alive ones should (default: ten minutes, or `idle_timeout` if longer). A relay
-    /// keeps the value it started with.
+    /// keep-alive ones should (default: ten minutes, or `idle_timeout` if longer; in TCP mode a
+    /// written `idle_timeout`). A relay keeps the value it started with.
     pub tunnel_timeout: Duration,
     /// Whole-request deadline (client and backend together).
     pub request_timeout: Duration,
