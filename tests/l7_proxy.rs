@@ -7281,6 +7281,48 @@ fn tcp_mode_counts_connections_by_outcome_and_retries() {
     wait_for_metric(&q, &retries(0));
 }
 
+/// A TCP-mode VIP at its `max_connections` resets a new client's connection (a FIN would read
+/// as an empty, complete stream), counts it (`outcome="over_limit"`) and says so: it was closed
+/// with a FIN, counted nowhere and logged nowhere, so a full VIP dropped clients unseen.
+#[test]
+fn tcp_mode_over_max_connections_resets_counts_and_says_so() {
+    let log = access_log();
+    let b = interactive_echo();
+    let p = proxy(&[(&b, 1)], "mode = \"tcp\"\nmax_connections = 1", "");
+    let series = "edgelb_l7_tcp_connections_total{vip=\"web\",outcome=\"over_limit\"} ";
+    let over = || -> u64 {
+        let text = p.metrics.encode();
+        text.lines().find_map(|l| l.strip_prefix(series)?.parse().ok()).unwrap_or(0)
+    };
+    // A relay, once the place the proxy helper's readiness probe took is free again.
+    let relay = || {
+        let t = Instant::now();
+        loop {
+            let mut s = TcpStream::connect(p.addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            if round_trip(&mut s, b"ping").is_ok() {
+                return s;
+            }
+            assert!(t.elapsed() < Duration::from_secs(3), "no room for a relay");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut held = relay();
+    let before = over();
+    let mut c = TcpStream::connect(p.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let end = c.read(&mut [0u8; 16]).map_err(|e| e.kind());
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "refused over the limit");
+    wait_for_metric(&p, &format!("{series}{}", before + 1));
+    let text = logged(&log);
+    assert!(text.contains("at its max_connections"), "{text}");
+    // Room again once the held relay ends.
+    held.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(held.read(&mut [0u8; 16]).unwrap(), 0, "a clean end");
+    drop(held);
+    drop(relay());
+}
+
 /// A drained backend (weight 0) takes no new clients but keeps its sticky ones, as a drained
 /// backend keeps its established flows in XDP; once it leaves the pool, they move.
 #[test]

@@ -274,8 +274,9 @@ impl L7Metrics {
         );
         registry.register(
             "edgelb_l7_tcp_connections",
-            "TCP-mode L7 connections by outcome: relayed to a backend, or reset because no \
-             backend could be connected (no_backend)",
+            "TCP-mode L7 connections by outcome: relayed to a backend, reset because no \
+             backend could be connected (no_backend), or reset because the VIP was at its \
+             max_connections (over_limit)",
             m.tcp_connections.clone(),
         );
         registry.register(
@@ -403,7 +404,7 @@ pub struct VipRuntime {
     pub retries: Counter,
     /// Connections of this VIP by outcome, indexed by `tcp::Outcome` (relayed, no backend):
     /// for a TCP-mode VIP; an HTTP VIP's count nowhere (it has no such series).
-    pub tcp_connections: [Counter; 2],
+    pub tcp_connections: [Counter; 3],
     /// Picks of this VIP that failed open ([`L7Metrics::fail_open`]).
     pub fail_open: Counter,
     /// Backend connections of this VIP made private ([`L7Metrics::private_connections`]).
@@ -460,6 +461,8 @@ impl std::fmt::Display for Failure {
 pub(crate) struct VipLines {
     /// "No backend could be connected" (TCP mode).
     pub(crate) no_backend: Throttle,
+    /// "A TCP-mode VIP is at its max_connections" ([`tcp::refuse`]).
+    pub(crate) over_limit: Throttle,
     /// "Sent to one anyway (fail open)" ([`VipRuntime::pick`]).
     pub(crate) fail_open: Throttle,
     /// "A backend's response head is too large" (HTTP mode).
@@ -1593,6 +1596,10 @@ async fn accept_loop(
                     // a burst of them must not keep the VIP refusing once its own connections
                     // end.
                     drop(counted);
+                    if mode == L7Mode::Tcp {
+                        tcp::refuse(&stream, &rt, peer);
+                        return;
+                    }
                     let graceful = Refusal::enter(&shared2.refusing);
                     http::refuse(&stream, &rt, peer, graceful.is_some()).await;
                     // A read given up on a timeout stays pending, and keeps the socket open,

@@ -185,17 +185,20 @@ pub(super) enum Outcome {
     /// No backend could be connected (every attempt failed, or the pool had none to pick): the
     /// client's connection was reset.
     NoBackend = 1,
+    /// The VIP was at its `max_connections`: the client's connection was reset at once.
+    OverLimit = 2,
 }
 
 impl Outcome {
     /// Every outcome, in the order of their index.
-    pub(super) const ALL: [Outcome; 2] = [Outcome::Relayed, Outcome::NoBackend];
+    pub(super) const ALL: [Outcome; 3] = [Outcome::Relayed, Outcome::NoBackend, Outcome::OverLimit];
 
     /// Its name as the metric's `outcome` label.
     pub(super) fn as_str(self) -> &'static str {
         match self {
             Outcome::Relayed => "relayed",
             Outcome::NoBackend => "no_backend",
+            Outcome::OverLimit => "over_limit",
         }
     }
 }
@@ -265,6 +268,19 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
 /// and `edgelb_l7_tcp_connections_total{outcome="no_backend"}` counts every one. Without it,
 /// such connections were logged only when their failures ejected a backend, so not at all once
 /// the pool failed open.
+/// Refuses a TCP-mode connection over the VIP's `max_connections`: reset (a FIN would read as a
+/// backend that accepted and closed at once, an empty stream passed for complete, as with no
+/// backend), counted ([`Outcome::OverLimit`]) and said at most every 10 s for the VIP. It was
+/// closed with a FIN, counted nowhere and logged nowhere: a full database VIP dropped clients
+/// while every counter looked healthy.
+pub(super) fn refuse(client: &Socket, vip: &VipRuntime, peer: SocketAddr) {
+    vip.tcp_connections[Outcome::OverLimit as usize].inc();
+    if vip.said.over_limit.ready() {
+        tracing::warn!(vip = vip.name, client = %client_ip(peer), max_connections = vip.cfg.max_connections, "a TCP-mode VIP is at its max_connections: the client's connection is reset (said at most every 10 s; edgelb_l7_tcp_connections_total with outcome over_limit counts every one)");
+    }
+    client.abort();
+}
+
 fn say_no_backend(vip: &VipRuntime, peer: SocketAddr, tried: usize, last: Option<&std::io::Error>) {
     if vip.said.no_backend.ready() {
         let error = last.map_or_else(|| "no backend to pick".to_owned(), ToString::to_string);

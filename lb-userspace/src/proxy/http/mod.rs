@@ -340,7 +340,7 @@ async fn discard(client: &Socket) {
 const REFUSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Over the connection limit: a 503 for HTTP (counted and logged as [`finished`], with no
-/// latency: it is refused before it is served), a plain close for TCP. When `graceful` (a
+/// latency: it is refused before it is served; TCP mode's refusal is `tcp::refuse`). When `graceful` (a
 /// place among the proxy's lingering refusals was free), the request head is read first, for at
 /// most [`REFUSE_WAIT`] and [`READ_CHUNK`] bytes: the answer to a HEAD request has no content,
 /// and the refusal is logged with the request it refused. The close then lingers, for
