@@ -246,9 +246,10 @@ struct Controller {
     /// Attached interfaces renamed since, with their new names (see
     /// [`Dataplane::renamed_interfaces`]): still balancing, under a name the config does not give.
     renamed: Vec<(String, String)>,
-    /// Whether the last look for lost interfaces could not tell where some stand
-    /// ([`InterfaceState::Unknown`]): said once when it begins, and once when it ends.
-    interfaces_untold: bool,
+    /// Whether the looks for lost interfaces could not tell where some stand
+    /// ([`InterfaceState::Unknown`]): said once when it begins, and once when it has ended for
+    /// a while ([`Lookups`]).
+    interfaces_untold: Lookups,
     /// The MTU and GRO warnings last logged ([`mtu_mismatches`], [`gro_warnings`]): a reload
     /// or a sample logs them again only when they change ([`same_warnings`]), or hundreds of
     /// reloads fill the log with the same lines.
@@ -336,6 +337,43 @@ const RELOAD_FORWARD_WAIT: Duration = Duration::from_secs(10);
 /// it held, its directory gone) passes, `edgelb status` answers again within seconds, and a
 /// cause that stays costs a try every few seconds, each bounded by [`ADMIN_RETRY_LOCK_WAIT`].
 const ADMIN_RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
+
+/// How long the attached interfaces' lookups must work again, after they failed, before that is
+/// said ([`Lookups`]).
+const LOOKUPS_BACK_AFTER: Duration = Duration::from_secs(30);
+
+/// Whether the attached interfaces' lookups work, as said in the log: a failure is said when an
+/// episode starts, and its end once lookups have worked for [`LOOKUPS_BACK_AFTER`]. A process
+/// near its descriptor limit fails and succeeds in turn from one second to the next, and each
+/// change said made a warning and an "again" line a second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lookups {
+    /// They work (or have since the last episode was said over).
+    Fine,
+    /// They fail.
+    Failing,
+    /// They work again since this moment, not yet for long enough to say so.
+    Recovering(Instant),
+}
+
+impl Lookups {
+    /// The state after a round whose lookups `failed` (or not) at `now`, and what to say: the
+    /// start of an episode (`Failing`) or its end (`Fine`).
+    fn step(self, failed: bool, now: Instant) -> (Lookups, Option<Lookups>) {
+        match (self, failed) {
+            (Lookups::Fine, true) => (Lookups::Failing, Some(Lookups::Failing)),
+            (Lookups::Fine, false) => (Lookups::Fine, None),
+            (Lookups::Failing | Lookups::Recovering(_), true) => (Lookups::Failing, None),
+            (Lookups::Failing, false) => (Lookups::Recovering(now), None),
+            (Lookups::Recovering(since), false)
+                if now.duration_since(since) >= LOOKUPS_BACK_AFTER =>
+            {
+                (Lookups::Fine, Some(Lookups::Fine))
+            }
+            (Lookups::Recovering(since), false) => (Lookups::Recovering(since), None),
+        }
+    }
+}
 
 /// How long a try from the controller's loop waits for the lock beside the admin socket:
 /// briefly (another start holds it microseconds), as the loop also applies health verdicts and
@@ -659,7 +697,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
         checks_missing: 0,
         lost: Vec::new(),
         renamed: Vec::new(),
-        interfaces_untold: false,
+        interfaces_untold: Lookups::Fine,
         link_warnings: Vec::new(),
         attach_failed: Vec::new(),
         links: links::LinkWatch::new(mtus),
@@ -2053,15 +2091,16 @@ impl Controller {
         self.dp.repin_links(false);
         let InterfacesSeen { lost, renamed, untold } =
             interfaces_seen(self.dp.interface_states(), &self.lost, &self.renamed);
-        match (untold.first(), self.interfaces_untold) {
-            (Some((_, e)), false) => {
+        let (next, say) = self.interfaces_untold.step(!untold.is_empty(), Instant::now());
+        self.interfaces_untold = next;
+        match (say, untold.first()) {
+            (Some(Lookups::Failing), Some((_, e))) => {
                 let interfaces: Vec<&str> = untold.iter().map(|(i, _)| i.as_str()).collect();
                 warn!(?interfaces, error = %e, "cannot tell whether XDP is still on these interfaces: looking them up fails (out of descriptors or memory?); each stays as last seen until it can be told again");
             }
-            (None, true) => info!("the attached interfaces can be looked up again"),
+            (Some(Lookups::Fine), _) => info!("the attached interfaces can be looked up again"),
             _ => {}
         }
-        self.interfaces_untold = !untold.is_empty();
         let mut lost = lost;
         for i in lost.iter().filter(|i| !self.lost.contains(i)) {
             error!(interface = %i, "XDP is no longer on this interface (deleted, deleted and re-created, or its link detached): its VIP traffic reaches the kernel unbalanced until XDP is attached again, which edgelb does as soon as the interface is there");
@@ -2711,6 +2750,30 @@ fn on_health(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Interface lookups that fail and work in turn (a process near its descriptor limit) say
+    /// one warning and, once they have worked for 30 s, one "again": each change was said, a
+    /// warning and an "again" line every second or two.
+    #[test]
+    fn flapping_lookups_are_said_once_per_episode() {
+        let t0 = Instant::now();
+        let s = |secs: u64| t0 + Duration::from_secs(secs);
+        let mut state = Lookups::Fine;
+        let mut said = Vec::new();
+        for (at, failed) in [(0, true), (1, false), (2, true), (3, false), (4, true), (5, false)] {
+            let (next, say) = state.step(failed, s(at));
+            state = next;
+            said.extend(say);
+        }
+        assert_eq!(said, [Lookups::Failing], "one warning for the whole flapping");
+        let (state, say) = state.step(false, s(34));
+        assert_eq!((state, say), (Lookups::Recovering(s(5)), None), "29 s of working lookups");
+        let (state, say) = state.step(false, s(35));
+        assert_eq!((state, say), (Lookups::Fine, Some(Lookups::Fine)), "30 s: said over");
+        let (state, say) = state.step(true, s(36));
+        assert_eq!((state, say), (Lookups::Failing, Some(Lookups::Failing)), "a new episode");
+        assert_eq!(Lookups::Fine.step(false, s(40)), (Lookups::Fine, None));
+    }
 
     /// A rate comes from the last two samples only while the last is recent: one older than
     /// two sampling periods (a loop that stopped sampling, as the L7 drain once did) gives no
