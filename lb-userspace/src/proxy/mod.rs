@@ -402,7 +402,8 @@ pub struct VipRuntime {
     pub duration: LatencyHistogram,
     /// Retry attempts of this VIP ([`L7Metrics::retries`]).
     pub retries: Counter,
-    /// Connections of this VIP by outcome, indexed by `tcp::Outcome` (relayed, no backend):
+    /// Connections of this VIP by outcome, indexed by `tcp::Outcome` (relayed, no backend,
+    /// over the limit):
     /// for a TCP-mode VIP; an HTTP VIP's count nowhere (it has no such series).
     pub tcp_connections: [Counter; 3],
     /// Picks of this VIP that failed open ([`L7Metrics::fail_open`]).

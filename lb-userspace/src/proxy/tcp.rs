@@ -268,6 +268,13 @@ pub async fn serve(client: Socket, peer: SocketAddr, listen: SocketAddr, vip: Ar
 /// and `edgelb_l7_tcp_connections_total{outcome="no_backend"}` counts every one. Without it,
 /// such connections were logged only when their failures ejected a backend, so not at all once
 /// the pool failed open.
+fn say_no_backend(vip: &VipRuntime, peer: SocketAddr, tried: usize, last: Option<&std::io::Error>) {
+    if vip.said.no_backend.ready() {
+        let error = last.map_or_else(|| "no backend to pick".to_owned(), ToString::to_string);
+        tracing::warn!(vip = vip.name, client = %client_ip(peer), tried, error = %error, "no backend could be connected for a TCP-mode connection; the client's connection is reset (said at most every 10 s; edgelb_l7_tcp_connections_total counts every one)");
+    }
+}
+
 /// Refuses a TCP-mode connection over the VIP's `max_connections`: reset (a FIN would read as a
 /// backend that accepted and closed at once, an empty stream passed for complete, as with no
 /// backend), counted ([`Outcome::OverLimit`]) and said at most every 10 s for the VIP. It was
@@ -279,11 +286,4 @@ pub(super) fn refuse(client: &Socket, vip: &VipRuntime, peer: SocketAddr) {
         tracing::warn!(vip = vip.name, client = %client_ip(peer), max_connections = vip.cfg.max_connections, "a TCP-mode VIP is at its max_connections: the client's connection is reset (said at most every 10 s; edgelb_l7_tcp_connections_total with outcome over_limit counts every one)");
     }
     client.abort();
-}
-
-fn say_no_backend(vip: &VipRuntime, peer: SocketAddr, tried: usize, last: Option<&std::io::Error>) {
-    if vip.said.no_backend.ready() {
-        let error = last.map_or_else(|| "no backend to pick".to_owned(), ToString::to_string);
-        tracing::warn!(vip = vip.name, client = %client_ip(peer), tried, error = %error, "no backend could be connected for a TCP-mode connection; the client's connection is reset (said at most every 10 s; edgelb_l7_tcp_connections_total counts every one)");
-    }
 }

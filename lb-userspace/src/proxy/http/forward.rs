@@ -282,20 +282,19 @@ pub(super) const UPSTREAM_HEAD_KEEP: usize = 4 * 1024;
 
 /// The request head as sent to the backend (shared by every attempt without copying), written
 /// into `out` (empty; the connection's, whose room comes back once the head sent before is
-/// dropped: no allocation per request) and split off it. An
-/// upgrade request (`upgrade`, from [`upgrade_of`]) keeps its `Upgrade` header and says
-/// `Connection: upgrade`. The request line and Host come from `target` (`listen` names the
-/// address the client connected to, for a Host the proxy adds). With `forwarded_for`, the
-/// client's forwarding headers are replaced by ones that append that client (Forwarded values
-/// that are not RFC 7239 left out: see [`valid_forwarded`]; and empty list elements of both:
-/// see [`list_elements`]). Without `reuse` (the connection
-/// will not be kept: no keep-alive, or a PROXY client's last request) the request says `Connection: close`: the backend then closes first, and
-/// the TIME_WAIT of each connection stays on its side (see [`close_after_backend`]).
+/// dropped: no allocation per request) and split off it; a head above [`UPSTREAM_HEAD_KEEP`]
+/// is written into a buffer of its own instead, freed with it. An upgrade request (`upgrade`,
+/// from [`upgrade_of`]) keeps its `Upgrade` header and says `Connection: upgrade`. The request
+/// line and Host come from `target` (`listen` names the address the client connected to, for
+/// a Host the proxy adds). With `forwarded_for`, the client's forwarding headers are replaced
+/// by ones that append that client (Forwarded values that are not RFC 7239 left out: see
+/// [`valid_forwarded`]; and empty list elements of both: see [`list_elements`]). Without
+/// `reuse` (the connection will not be kept: no keep-alive, or a PROXY client's last request)
+/// the request says `Connection: close`: the backend then closes first, and the TIME_WAIT of
+/// each connection stays on its side (see [`close_after_backend`]).
 ///
 /// [`close_after_backend`]: super::upstream_pool::close_after_backend
 /// [`upgrade_of`]: super::upgrade_of
-/// A head above [`UPSTREAM_HEAD_KEEP`] is written into a buffer of its own instead, freed with
-/// it.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn upstream_head(
     out: &mut BytesMut,

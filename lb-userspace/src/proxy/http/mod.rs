@@ -45,7 +45,7 @@ use super::{
     reuse::Idle as IdleClients,
     uring::{Armed, Socket},
 };
-use crate::config::{Algorithm, L7Mode};
+use crate::config::Algorithm;
 use forward::{ForwardedClient, target, upstream_head};
 pub(crate) use head::is_tchar;
 pub use head::parse_request_for_bench;
@@ -339,18 +339,16 @@ async fn discard(client: &Socket) {
 /// limit is not to be held long.
 const REFUSE_WAIT: Duration = Duration::from_secs(1);
 
-/// Over the connection limit: a 503 for HTTP (counted and logged as [`finished`], with no
-/// latency: it is refused before it is served; TCP mode's refusal is `tcp::refuse`). When `graceful` (a
-/// place among the proxy's lingering refusals was free), the request head is read first, for at
-/// most [`REFUSE_WAIT`] and [`READ_CHUNK`] bytes: the answer to a HEAD request has no content,
-/// and the refusal is logged with the request it refused. The close then lingers, for
-/// [`REFUSE_WAIT`] at most: the request was read no further, and closing with it unread would
-/// reset the connection under the 503 (and cost a client that is still sending an upload the
-/// answer). Otherwise (a flood) the 503 goes at once. The caller shuts the socket down after.
+/// Over the connection limit, an HTTP VIP answers 503 (counted and logged as [`finished`], with
+/// no latency: it is refused before it is served; a TCP-mode VIP's refusal is `tcp::refuse`).
+/// When `graceful` (a place among the proxy's lingering refusals was free), the request head is
+/// read first, for at most [`REFUSE_WAIT`] and [`READ_CHUNK`] bytes: the answer to a HEAD
+/// request has no content, and the refusal is logged with the request it refused. The close
+/// then lingers, for [`REFUSE_WAIT`] at most: the request was read no further, and closing with
+/// it unread would reset the connection under the 503 (and cost a client that is still sending
+/// an upload the answer). Otherwise (a flood) the 503 goes at once. The caller shuts the socket
+/// down after.
 pub async fn refuse(s: &Socket, vip: &VipRuntime, peer: SocketAddr, graceful: bool) {
-    if vip.cfg.mode != L7Mode::Http {
-        return;
-    }
     if !graceful {
         finished(vip, peer, 503, None, None, None, None);
         let _ = respond(s, 503, false).await;
