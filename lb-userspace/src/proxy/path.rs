@@ -18,8 +18,9 @@ use std::borrow::Cow;
 /// not separators. Other escapes stay too (`%3A` is not `:` here): the backend gets them as
 /// sent, and [`escapes_decoded`] is the reading that decodes them. `None` for a malformed
 /// escape (`%` not followed by two hex digits), which a request must not carry, and for a path
-/// that common backends read as another one than its normal form says ([`ambiguous`]). Borrowed when the path is already
-/// normal, as nearly every request's is: the check is one pass over its bytes.
+/// that common backends read as another one than its normal form says ([`ambiguous`]).
+/// Borrowed when the path is already normal, as nearly every request's is: the check is one
+/// pass over its bytes.
 pub fn normalize(target: &str) -> Option<Cow<'_, str>> {
     let (path, query) = target.split_at(target.find('?').unwrap_or(target.len()));
     if path.contains(['\\', ';']) && ambiguous(path) {
@@ -128,8 +129,7 @@ pub fn escapes_decoded(target: &str) -> Option<Result<String, ()>> {
     while i < b.len() {
         let (v, escaped) = match b[i] {
             b'%' => {
-                let digits = b.get(i + 1..i + 3).and_then(|d| Some(hex(d[0])? << 4 | hex(d[1])?));
-                let Some(v) = digits else { return Some(Err(())) };
+                let Some(v) = escape_at(b, i) else { return Some(Err(())) };
                 i += 3;
                 (v, true)
             }
@@ -191,12 +191,11 @@ fn unescape(path: &str) -> Option<String> {
             i += 1;
             continue;
         }
-        let (hi, lo) = (b.get(i + 1)?, b.get(i + 2)?);
-        let v = hex(*hi)? << 4 | hex(*lo)?;
+        let v = escape_at(b, i)?;
         if v.is_ascii_alphanumeric() || b"-._~".contains(&v) {
             out.push(v);
         } else {
-            out.extend([b'%', hi.to_ascii_uppercase(), lo.to_ascii_uppercase()]);
+            push_escape(&mut out, v);
         }
         i += 3;
     }
@@ -208,6 +207,12 @@ fn unescape(path: &str) -> Option<String> {
 fn push_escape(out: &mut Vec<u8>, v: u8) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     out.extend([b'%', HEX[usize::from(v >> 4)], HEX[usize::from(v & 15)]]);
+}
+
+/// The byte escaped at `b[i]` (a `%`): `None` unless two hex digits follow.
+fn escape_at(b: &[u8], i: usize) -> Option<u8> {
+    let d = b.get(i + 1..i + 3)?;
+    Some(hex(d[0])? << 4 | hex(d[1])?)
 }
 
 /// The value of hex digit `d`.
