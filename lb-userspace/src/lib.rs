@@ -75,6 +75,7 @@ pub mod panics;
 pub mod procfs;
 pub mod proxy;
 pub mod rlimit;
+pub mod tcp_info;
 pub mod testbed;
 #[cfg(test)]
 mod testlog;

@@ -261,7 +261,6 @@ impl Socket {
     /// long done is not idle while the peer drains them (a slow reader); a peer that takes
     /// nothing for the stall time has the connection aborted by the kernel (see
     /// [`Socket::new`]), which ends that. One getsockopt(TCP_INFO).
-    #[allow(unsafe_code)]
     pub(crate) fn delivering(&self) -> bool {
         // Linux's TCP states in which queued bytes still go out.
         const ESTABLISHED: u8 = 1;
@@ -269,23 +268,7 @@ impl Socket {
         const CLOSE_WAIT: u8 = 8;
         const LAST_ACK: u8 = 9;
         const CLOSING: u8 = 11;
-        let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        // SAFETY: a valid descriptor, and a buffer of `len` bytes the kernel fills (a shorter
-        // struct from an older kernel leaves the rest zero, which `zeroed` made a valid value).
-        let info = unsafe {
-            let r = libc::getsockopt(
-                self.0.stream.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_INFO,
-                info.as_mut_ptr().cast(),
-                &mut len,
-            );
-            if r != 0 {
-                return false;
-            }
-            info.assume_init()
-        };
+        let Ok((info, _)) = crate::tcp_info::get(&self.0.stream) else { return false };
         matches!(info.tcpi_state, ESTABLISHED | FIN_WAIT1 | CLOSE_WAIT | LAST_ACK | CLOSING)
             && (info.tcpi_unacked > 0 || info.tcpi_notsent_bytes > 0)
     }

@@ -225,26 +225,11 @@ pub fn http_get(
 /// # Panics
 ///
 /// If `getsockopt` fails: `s` is a connected TCP socket, so only a bug makes it.
-#[allow(unsafe_code)]
 pub fn data_segments_in(s: &TcpStream) -> Option<u32> {
-    use std::os::fd::AsRawFd;
-    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a valid descriptor, and a buffer of `len` bytes the kernel fills (a shorter
-    // struct from an older kernel leaves the rest zero, which `zeroed` made a valid value).
-    let info = unsafe {
-        let r = libc::getsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        );
-        assert_eq!(r, 0, "getsockopt(TCP_INFO): {}", std::io::Error::last_os_error());
-        info.assume_init()
-    };
+    let (info, len) =
+        crate::tcp_info::get(s).unwrap_or_else(|e| panic!("getsockopt(TCP_INFO): {e}"));
     let field = std::mem::offset_of!(libc::tcp_info, tcpi_data_segs_in);
-    (len as usize >= field + 4).then_some(info.tcpi_data_segs_in)
+    (len >= field + 4).then_some(info.tcpi_data_segs_in)
 }
 
 /// Connects from a specific local address (std has no bind-before-connect).
