@@ -116,11 +116,8 @@ fn http_parse(c: &mut Criterion) {
 /// mutex it replaced.
 fn latency_observe(c: &mut Criterion) {
     use std::time::Duration;
-    // The proxy's buckets (`proxy::latency_histogram`).
-    let bounds = [
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-        60.0, 120.0, 300.0,
-    ];
+    // The proxy's buckets.
+    let bounds = edgelb::proxy::LATENCY_BOUNDS;
     let ours = edgelb::metrics::LatencyHistogram::new(bounds);
     let theirs = prometheus_client::metrics::histogram::Histogram::new(bounds);
     let d = Duration::from_micros(3_700);

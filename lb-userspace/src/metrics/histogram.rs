@@ -182,11 +182,8 @@ mod tests {
         registry::{Registry, Unit},
     };
 
-    /// The L7 request-latency bounds (`proxy::latency_histogram`).
-    const BOUNDS: [f64; 18] = [
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-        60.0, 120.0, 300.0,
-    ];
+    /// The L7 request-latency bounds.
+    const BOUNDS: [f64; 18] = crate::proxy::LATENCY_BOUNDS;
 
     /// `metric`, registered as the proxy registers its latency, encoded.
     fn text(metric: impl EncodeMetric + Send + Sync + fmt::Debug + 'static) -> String {

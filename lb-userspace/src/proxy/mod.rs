@@ -213,15 +213,19 @@ struct BackendSeries {
     configured: Option<HashSet<BackendLabel>>,
 }
 
-/// The buckets of [`L7Metrics::duration`], in seconds: from 0.5 ms, for requests answered
-/// from a backend next door, to 300 s, past the default `response_timeout_ms` (30 s, whose
-/// 504s land at it) and `request_timeout_ms` (120 s, which long downloads run up to). They
-/// stopped at 10 s, so such requests went to +Inf alone and `histogram_quantile` said 10 s.
+/// The buckets' upper bounds of [`L7Metrics::duration`], in seconds: from 0.5 ms, for requests
+/// answered from a backend next door, to 300 s, past the default `response_timeout_ms` (30 s,
+/// whose 504s land at it) and `request_timeout_ms` (120 s, which long downloads run up to).
+/// They stopped at 10 s, so such requests went to +Inf alone and `histogram_quantile` said
+/// 10 s. Public for the benchmark and the histogram's tests, which measure with these.
+pub const LATENCY_BOUNDS: [f64; 18] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0,
+];
+
+/// A histogram of [`L7Metrics::duration`]'s ([`LATENCY_BOUNDS`]).
 fn latency_histogram() -> LatencyHistogram {
-    LatencyHistogram::new([
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-        60.0, 120.0, 300.0,
-    ])
+    LatencyHistogram::new(LATENCY_BOUNDS)
 }
 
 impl L7Metrics {
