@@ -20,6 +20,7 @@
 //! - [`logging`]: the log on stderr, through a queue that drops lines rather than stall;
 //! - [`panics`]: the panic hook of `edgelb run` (each panic logged and counted);
 //! - [`rlimit`]: the process's resource limits (one wrapper over getrlimit/setrlimit);
+//! - [`tcp_info`]: a TCP socket's kernel state (one wrapper over getsockopt(TCP_INFO));
 //! - [`procfs`]: `/proc/<pid>/stat` (whether a process runs, its parent);
 //! - [`proxy`]: the io_uring L7 proxy (HTTP/1.1 and TCP) for VIPs marked `l7`;
 //! - [`testbed`]: network-namespace topologies for `cargo xtask run` and the end-to-end tests.
