@@ -2,7 +2,10 @@
 //! stderr: with `--log-format json` they were the only lines a log pipeline could not parse, a
 //! connection task's panic (which the L7 proxy survives) was seen nowhere else, and nothing
 //! counted them. `edgelb run` installs [`install_hook`]: each panic, in any thread, is one
-//! error in the log (thread, place, message) and counts in `edgelb_panics_total`.
+//! error in the log (thread, place, message) and counts in `edgelb_panics_total`. A panic a
+//! request can set off again and again is said at most once every [`SAID_EVERY`] per place in
+//! the code ([`Said`]), with how many went unsaid meanwhile, so that it cannot flood the log
+//! (and cost a backtrace each); the counter counts every one.
 //!
 //! A panic that ends a long-lived thread whose work nothing else takes up (an L7 proxy thread,
 //! the metrics thread) ends the process ([`or_exit`]), for the service manager to restart it:
@@ -11,8 +14,10 @@
 
 use std::{
     any::Any,
+    collections::HashMap,
     panic::Location,
-    sync::{LazyLock, Once},
+    sync::{LazyLock, Mutex, Once, PoisonError},
+    time::{Duration, Instant},
 };
 
 use prometheus_client::metrics::counter::Counter;
@@ -79,10 +84,12 @@ pub fn install_hook() {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             let thread = std::thread::current();
-            on_panic(thread.name(), info.location(), info.payload(), &PANICS);
+            static SAID: LazyLock<Said> = LazyLock::new(Said::default);
+            let said = on_panic(thread.name(), info.location(), info.payload(), &PANICS, &SAID);
             // Also when the log's filter drops this module's errors (a `RUST_LOG` naming other
-            // targets only): the panic would otherwise be said nowhere.
-            if unheard() {
+            // targets only): the panic would otherwise be said nowhere. Not for one held back
+            // by [`Said`], which would flood stderr instead.
+            if said && unheard() {
                 previous(info);
             }
         }));
@@ -95,30 +102,79 @@ fn unheard() -> bool {
     !tracing::dispatcher::has_been_set() || !tracing::enabled!(tracing::Level::ERROR)
 }
 
-/// Counts a panic of thread `thread` (its name, if it has one) at `location` in `counter` and
-/// logs it as one error with the panic's message (and a backtrace when `RUST_BACKTRACE` asks
-/// for one, as Rust's own hook would print).
+/// How often the panics at one place in the code are said at most ([`Said`]).
+pub const SAID_EVERY: Duration = Duration::from_secs(10);
+
+/// When the panics at each place in the code were last said, and how many there were since:
+/// a panic in a connection task (which the proxy survives) that every request of some shape
+/// sets off would otherwise be one error line, and one backtrace captured, per request. Places
+/// are the code's, so few; should a bug ever make thousands, the record starts over.
+#[derive(Default)]
+struct Said(Mutex<HashMap<String, Place>>);
+
+/// One place's record in [`Said`].
+struct Place {
+    /// When its last line was said.
+    last: Instant,
+    /// Its panics since then, counted but not said.
+    unsaid: u64,
+}
+
+impl Said {
+    /// The most places remembered before the record starts over.
+    const PLACES: usize = 1024;
+
+    /// Whether a panic at `location` may be said now, and if so, how many there were at that
+    /// place since its last line; if not, it is counted for that next line.
+    fn admit(&self, location: &str, now: Instant) -> Option<u64> {
+        let mut places = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = places.get_mut(location) {
+            if now.saturating_duration_since(p.last) < SAID_EVERY {
+                p.unsaid += 1;
+                return None;
+            }
+            let unsaid = std::mem::take(&mut p.unsaid);
+            p.last = now;
+            return Some(unsaid);
+        }
+        if places.len() >= Self::PLACES {
+            places.clear();
+        }
+        places.insert(location.to_owned(), Place { last: now, unsaid: 0 });
+        Some(0)
+    }
+}
+
+/// Counts a panic of thread `thread` (its name, if it has one) at `location` in `counter` and,
+/// unless `said` holds it back (one line per place every [`SAID_EVERY`]), logs it as one error
+/// with the panic's message, the panics at that place held back since its last line, and a
+/// backtrace when `RUST_BACKTRACE` asks for one, as Rust's own hook would print. Whether it
+/// was said.
 fn on_panic(
     thread: Option<&str>,
     location: Option<&Location<'_>>,
     payload: &(dyn Any + Send),
     counter: &Counter,
-) {
+    said: &Said,
+) -> bool {
     counter.inc();
     let thread = thread.unwrap_or("<unnamed>");
     let location = location.map(|l| l.to_string()).unwrap_or_else(|| "<unknown>".to_owned());
+    let Some(unsaid) = said.admit(&location, Instant::now()) else { return false };
     let message = crate::panic_message(payload);
     let backtrace = std::backtrace::Backtrace::capture();
     if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
-        tracing::error!(thread, location, panic = message, %backtrace, "a thread panicked (a bug: please report it)");
+        tracing::error!(thread, location, panic = message, unsaid, %backtrace, "a thread panicked (a bug: please report it); `unsaid` panics at this place since its last line were counted, not logged (one line per place every 10 s)");
     } else {
         tracing::error!(
             thread,
             location,
             panic = message,
-            "a thread panicked (a bug: please report it)"
+            unsaid,
+            "a thread panicked (a bug: please report it); `unsaid` panics at this place since its last line were counted, not logged (one line per place every 10 s)"
         );
     }
+    true
 }
 
 #[cfg(test)]
@@ -210,7 +266,7 @@ mod tests {
         let payload = std::panic::catch_unwind(|| panic!("boom {}", 42)).unwrap_err();
         let location = Location::caller();
         tracing::subscriber::with_default(subscriber, || {
-            on_panic(Some("l7-0"), Some(location), &*payload, &counter);
+            assert!(on_panic(Some("l7-0"), Some(location), &*payload, &counter, &Said::default()));
         });
         assert_eq!(counter.get(), 1);
         let log = log.text();
@@ -223,5 +279,43 @@ mod tests {
         assert!(line["fields"]["message"].as_str().unwrap_or_default().contains("panicked"));
         let at = line["fields"]["location"].as_str().unwrap_or_default();
         assert!(at.starts_with("lb-userspace/src/panics.rs:"), "{log}");
+    }
+
+    /// A panic that comes again and again at one place is said once per [`SAID_EVERY`] there,
+    /// the next line carrying how many were held back meanwhile; another place is said at once;
+    /// every one counts.
+    #[test]
+    fn a_panic_repeated_at_one_place_is_said_once_per_period() {
+        let log = crate::testlog::Log::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || writer.clone())
+            .finish();
+        let counter = Counter::default();
+        let said = Said::default();
+        let payload = std::panic::catch_unwind(|| panic!("again")).unwrap_err();
+        let here = Location::caller();
+        let elsewhere = Location::caller();
+        tracing::subscriber::with_default(subscriber, || {
+            let mut told = Vec::new();
+            for _ in 0..50 {
+                told.push(on_panic(Some("l7-0"), Some(here), &*payload, &counter, &said));
+            }
+            assert_eq!(told.iter().filter(|t| **t).count(), 1, "{told:?}");
+            assert!(told[0]);
+            assert_ne!(here, elsewhere);
+            assert!(on_panic(Some("l7-1"), Some(elsewhere), &*payload, &counter, &said));
+        });
+        assert_eq!(counter.get(), 51);
+        let text = log.text();
+        let lines: Vec<serde_json::Value> =
+            text.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+        assert_eq!(lines[0]["fields"]["unsaid"], 0, "{text}");
+        // A period later, the place is said again, with the 49 held back.
+        let later = Instant::now() + SAID_EVERY;
+        assert_eq!(said.admit(&here.to_string(), later), Some(49));
+        assert_eq!(said.admit(&here.to_string(), later), None);
     }
 }
