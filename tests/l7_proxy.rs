@@ -13,7 +13,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use edgelb::{config::Config, metrics::Metrics, proxy::Proxy};
+use edgelb::{
+    config::Config,
+    metrics::Metrics,
+    proxy::{DrainKind, Proxy},
+};
 
 mod common;
 
@@ -2308,7 +2312,7 @@ fn a_draining_proxy_refuses_new_connections_at_once() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let mut proxy = p.proxy.take().unwrap();
-    let draining = proxy.drain();
+    let draining = proxy.drain(DrainKind::Stop);
     let wait = std::thread::spawn(move || draining.wait(Duration::from_secs(10)));
     // The accept loops see the stop at their next turn: a moment, not the drain.
     let t = Instant::now();
@@ -2362,6 +2366,103 @@ fn a_stop_closes_idle_keep_alive_connections_at_once() {
         assert_eq!(end, Ok(0), "the end of the stream");
     }
     assert_eq!(vip_counter(&p.metrics, "edgelb_l7_connections_closed_for_room_total"), 0);
+}
+
+/// Whether `c`'s connection is still open with nothing to read: neither an end of stream, a
+/// reset nor bytes have come.
+fn quiet(c: &Client) -> bool {
+    c.s.set_nonblocking(true).unwrap();
+    let quiet =
+        matches!(c.s.peek(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    c.s.set_nonblocking(false).unwrap();
+    quiet
+}
+
+/// The old process of a takeover keeps its client connections idle between keep-alive requests
+/// open rather than close them as a stop does: the next request on one (a client that did not
+/// notice a close would have sent it anyway) is served, with `Connection: close`, and the
+/// connection then closes; another closes when its client does. The drain ends as soon as the
+/// last of them is gone, long before its deadline. They were closed at once, and a client
+/// sending its next request on one got an end of stream instead of an answer.
+#[test]
+fn a_takeovers_drain_serves_the_next_request_of_idle_keep_alive_connections() {
+    let b = backend("b", Mode::Ok);
+    let mut p = proxy(&[(&b, 1)], "", "");
+    // Several, so that each thread has some (most likely).
+    let mut idle: Vec<Client> = (0..6).map(|_| Client::connect(p.addr)).collect();
+    for c in &mut idle {
+        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(c.status(), 200);
+    }
+    let mut proxy = p.proxy.take().unwrap();
+    // Counted idle once each connection waits for its next request, a moment after its answer.
+    let start = Instant::now();
+    while proxy.idle_clients() < idle.len() {
+        assert!(start.elapsed() < Duration::from_secs(5), "{} idle", proxy.idle_clients());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(proxy.idle_clients(), idle.len());
+    let draining = proxy.drain(DrainKind::Takeover);
+    let wait = std::thread::spawn(move || draining.wait(Duration::from_secs(20)));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!wait.is_finished(), "the drain waits for the idle connections");
+    for (i, c) in idle.iter().enumerate() {
+        assert!(quiet(c), "idle connection {i} closed by the drain");
+    }
+    let closing = idle.pop().unwrap();
+    for (i, c) in idle.iter_mut().enumerate() {
+        c.send(b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n");
+        let r = read_response(&mut c.r).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert_eq!(r.0, 200, "connection {i}: {r:?}");
+        assert_eq!(r.1.get("connection").map(String::as_str), Some("close"), "{i}: {r:?}");
+        let mut rest = Vec::new();
+        let end = c.r.read_to_end(&mut rest).map_err(|e| e.kind());
+        assert_eq!(end, Ok(0), "connection {i} closes after its answer");
+    }
+    assert!(!wait.is_finished(), "one idle connection left");
+    assert!(quiet(&closing), "the last idle connection is still open");
+    let t = Instant::now();
+    drop(closing);
+    while !wait.is_finished() {
+        assert!(t.elapsed() < Duration::from_secs(2), "the drain outlived its connections");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    wait.join().unwrap();
+    drop(proxy);
+    // Six first requests, and the next of all but the one closed.
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 11, "every request reached the backend");
+    assert_eq!(vip_counter(&p.metrics, "edgelb_l7_connections_closed_for_room_total"), 0);
+}
+
+/// A connection a takeover's drain keeps idle closes at the drain's deadline as the idle timeout
+/// closes one: its client reads the end of the stream, not a reset (a cut exchange's end).
+#[test]
+fn a_takeovers_drain_closes_idle_connections_plainly_at_its_deadline() {
+    let b = backend("b", Mode::Ok);
+    let mut p = proxy(&[(&b, 1)], "", "");
+    let mut idle: Vec<Client> = (0..4).map(|_| Client::connect(p.addr)).collect();
+    for c in &mut idle {
+        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(c.status(), 200);
+    }
+    let mut proxy = p.proxy.take().unwrap();
+    let start = Instant::now();
+    while proxy.idle_clients() < idle.len() {
+        assert!(start.elapsed() < Duration::from_secs(5), "{} idle", proxy.idle_clients());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t = Instant::now();
+    proxy.drain(DrainKind::Takeover).wait(Duration::from_millis(500));
+    let took = t.elapsed();
+    assert!(took >= Duration::from_millis(500), "the drain waited for its deadline: {took:?}");
+    assert!(took < Duration::from_secs(3), "the drain took {took:?}");
+    for (i, c) in idle.iter_mut().enumerate() {
+        let mut rest = Vec::new();
+        let end = c.r.read_to_end(&mut rest).map_err(|e| e.kind());
+        assert_eq!(end, Ok(0), "connection {i}: the end of the stream");
+        assert!(rest.is_empty(), "connection {i}: {rest:?}");
+    }
+    drop(proxy);
 }
 
 /// Pseudo-random garbage (a fixed xorshift stream, so failures reproduce) and hostile framing:

@@ -2968,6 +2968,101 @@ fn a_stop_signal_ends_the_drain_of_a_takeovers_old_process() {
     bed.wait_for(l7);
 }
 
+/// Reads one HTTP response with a Content-Length from `s`: its status line and headers (names
+/// lowercase), and its body.
+fn read_one_response(s: &mut std::net::TcpStream) -> std::io::Result<(String, Vec<u8>)> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            let got = String::from_utf8_lossy(&head).into_owned();
+            return Err(std::io::Error::other(format!("the end of the stream after {got:?}")));
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body)?;
+    Ok((head, body))
+}
+
+/// The old process of a takeover keeps a client keep-alive connection idle at the handover
+/// open: the client's next request on that same connection (a bare `http.client` loop sends it
+/// without looking for a close) is answered, 200 with `Connection: close`, and the connection
+/// closes after it. The old process then exits at once, its drain over, far from its 20 s
+/// deadline. It closed the connection as its drain began, and that request got an end of
+/// stream.
+#[test]
+fn a_takeovers_old_process_answers_the_next_request_of_an_idle_keep_alive_connection() {
+    use std::io::{Read, Write};
+    let Some(mut bed) = Bed::up("takeover-idle", &[1, 2, 3]) else { return };
+    let l7 = SocketAddr::new(IpAddr::V4(testbed::VIP_L7), 80);
+    bed.wait_for(l7);
+    // A drain deadline far beyond what the test waits for.
+    let text = std::fs::read_to_string(&bed.cfg_path).unwrap();
+    let text = text.replacen("[node]\n", "[node]\nl7_drain_timeout_ms = 20000\n", 1);
+    std::fs::write(&bed.cfg_path, text).unwrap();
+    let out = bed.e().cli(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(bed.cfg().node.l7_drain_timeout, Duration::from_secs(20));
+    wait_l7_connections(&bed, 0);
+    // One request on a keep-alive connection, which then stays idle.
+    let mut conn = netns::in_netns(&bed.tb.names.client, || {
+        let s = std::net::TcpStream::connect(l7).expect("connect to the L7 VIP");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    })
+    .unwrap();
+    conn.write_all(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let (head, _) = read_one_response(&mut conn).expect("the first answer");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: keep-alive"), "{head}");
+    wait_l7_connections(&bed, 1);
+    let mut old = bed.edgelb.take().unwrap();
+    let mut new = Edgelb::spawn_takeover(&old.ns, &old.config, &old.log);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !old.log().contains("L7 proxy: draining") {
+        assert!(Instant::now() < deadline, "no handover; log:\n{}", old.log());
+        if let Some(st) = new.child.as_mut().unwrap().exited() {
+            panic!("edgelb --takeover exited: {st}; log:\n{}", new.log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bed.edgelb = Some(new);
+    let mut old_child = old.child.take().unwrap();
+    let log = old.log();
+    let draining = log.lines().find(|l| l.contains("L7 proxy: draining")).unwrap();
+    assert!(draining.contains("idle_kept=1"), "{draining}");
+    // Well into the drain: a close at its start would have reached the client by now.
+    std::thread::sleep(Duration::from_millis(500));
+    let waited = old_child.exited().is_none();
+    conn.write_all(b"GET /second HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let (head, body) = read_one_response(&mut conn)
+        .unwrap_or_else(|e| panic!("the second request on the same connection: {e}"));
+    let answered = Instant::now();
+    assert!(waited, "the old edgelb waited for the idle connection");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(String::from_utf8_lossy(&body).starts_with("backend-"), "{body:?}");
+    let mut rest = Vec::new();
+    let end = conn.read_to_end(&mut rest).map_err(|e| e.kind());
+    assert_eq!(end, Ok(0), "the connection closes after the answer");
+    // Its last connection gone, the old process exits: not at the drain's deadline.
+    let st = old_child.wait(Duration::from_secs(3));
+    assert!(st.success(), "old edgelb exit status {st}");
+    eprintln!("the old edgelb exited {} ms after the answer", answered.elapsed().as_millis());
+    assert!(!old.log().contains("L7 drain deadline passed"), "{}", old.log());
+    // The new one serves.
+    bed.wait_for(l7);
+    drop(old);
+}
+
 /// A stop signal to an edgelb handing over ends it within moments, whatever the process taking
 /// over does: it used to go unheeded while the old process waited for the new one's start (up
 /// to 2 min). Before the new one's commit, the old one exits leaving the data plane as it wrote

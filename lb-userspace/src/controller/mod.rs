@@ -35,6 +35,7 @@ use crate::{
     error_chain,
     health::{Checker, HealthEvent},
     metrics::{BackendSample, KernelSnapshot, Metrics, Scrape, backend_label},
+    proxy::DrainKind,
     rlimit,
 };
 
@@ -856,7 +857,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     };
     let socket = ctl.cfg.node.admin_socket.clone();
     let pin_dir = ctl.cfg.node.pin_dir.clone();
-    ctl.drain_proxy(Some(&mut signals), matches!(exit, Exit::Teardown));
+    ctl.drain_proxy(Some(&mut signals), matches!(exit, Exit::Teardown), DrainKind::Stop);
     drop(ctl.checker);
     let result = match exit {
         Exit::Handover(..) => unreachable!("returned above"),
@@ -1569,8 +1570,12 @@ impl Controller {
         }
         // Done here: the new process serves, or a stop signal ended the handover. A (further)
         // stop signal ends the drain, as at a stop. The admin socket's path is left alone: it
-        // may be the new process's.
-        self.drain_proxy(Some(signals), false);
+        // may be the new process's. Client connections idle between keep-alive requests are
+        // kept for their next request while the new process serves the listeners (it has
+        // the data plane, and no stop signal came); a stop signal makes it a stop's drain,
+        // which closes them at once.
+        let kind = if stopped.is_none() { DrainKind::Takeover } else { DrainKind::Stop };
+        self.drain_proxy(Some(signals), false, kind);
         self.turn_away_queued();
         self.finish_forwarded_reloads(signals);
         if kept {
@@ -1767,11 +1772,14 @@ impl Controller {
     /// run until then, and the maps (and the draining proxy's pools) follow them, as they
     /// would in the serving loop, instead of keeping a dead backend for as long as the drain
     /// lasts. (At a handover the checks were stopped first, and nothing comes in.) `teardown`:
-    /// the exit that follows removes the data plane, as a refused `stop` is told.
+    /// the exit that follows removes the data plane, as a refused `stop` is told. `kind`: a
+    /// stop's drain closes the client connections idle between keep-alive requests at once, a
+    /// takeover's keeps them for their next request ([`DrainKind`]).
     fn drain_proxy(
         &mut self,
         mut signals: Option<&mut signal_hook::iterator::Signals>,
         teardown: bool,
+        kind: DrainKind,
     ) {
         let Some(proxy) = self.proxy.as_mut() else {
             // Nothing to drain: a SIGHUP that came meanwhile is still said.
@@ -1781,12 +1789,20 @@ impl Controller {
             return;
         };
         let grace = self.cfg.node.l7_drain_timeout;
-        info!(
-            "L7 proxy: draining (up to {} ms, node.l7_drain_timeout_ms; a second SIGTERM or SIGINT ends it now)",
-            grace.as_millis()
-        );
+        match kind {
+            DrainKind::Stop => info!(
+                "L7 proxy: draining (up to {} ms, node.l7_drain_timeout_ms; a second SIGTERM or SIGINT ends it now)",
+                grace.as_millis()
+            ),
+            // Counted just before the drain starts: one that goes idle in between is kept too.
+            DrainKind::Takeover => info!(
+                idle_kept = proxy.idle_clients(),
+                "L7 proxy: draining (up to {} ms, node.l7_drain_timeout_ms; a SIGTERM or SIGINT ends it now); client keep-alive connections idle now stay open for their next request, answered with `Connection: close`",
+                grace.as_millis()
+            ),
+        }
         let cut = proxy.cut_short();
-        let draining = proxy.drain();
+        let draining = proxy.drain(kind);
         let deadline = Instant::now() + grace;
         let (tx, rx) = mpsc::channel();
         let drain = std::thread::spawn(move || {

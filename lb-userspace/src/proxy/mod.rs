@@ -677,6 +677,10 @@ pub(crate) struct Shared {
     pub generation: Generation,
     pub metrics: Arc<L7Metrics>,
     pub stopping: AtomicBool,
+    /// Set with `stopping` (before it) by a takeover's drain ([`DrainKind::Takeover`]): the
+    /// connections idle between keep-alive requests stay open for their next request rather
+    /// than close at once ([`Shared::closes_idle`]).
+    pub keep_idle: AtomicBool,
     /// Wakes everything waiting in [`wait_stopping`] when `stopping` is set.
     pub stop: tokio::sync::Notify,
     /// Set when the grace period is over: the connections still open are reset, and the
@@ -705,6 +709,36 @@ impl Shared {
     fn end_now(&self) {
         self.force.store(true, Ordering::SeqCst);
     }
+
+    /// Is a keep-alive connection that waits for its next request to close now rather than
+    /// wait: the proxy stops, and not for a takeover ([`DrainKind`]). Read by every connection
+    /// as it goes idle: one relaxed load while the proxy runs.
+    pub(crate) fn closes_idle(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed) && {
+            // With the load above, synchronizes with the drain's store of `stopping`, made
+            // after that of `keep_idle`: the kind of the drain is seen with its start.
+            std::sync::atomic::fence(Ordering::Acquire);
+            !self.keep_idle.load(Ordering::Relaxed)
+        }
+    }
+}
+
+/// Why the proxy drains ([`Proxy::drain`]), which decides what becomes of the client
+/// connections idle between keep-alive requests at that moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainKind {
+    /// The process stops (SIGTERM, `edgelb stop`, a stop signal during a handover): idle
+    /// connections close at once (as nginx and HAProxy close theirs), since the drain need not
+    /// wait for clients that may never send another request, and nothing serves them after.
+    Stop,
+    /// The old process of a takeover: a new process serves the listeners already. An idle
+    /// connection stays open until its next request, which is answered with `Connection:
+    /// close` (its client then reconnects, to the new process); its client's close; its idle
+    /// timeout; or the drain's deadline, where it closes (plainly, not with a reset). Closed at
+    /// once, each cost a client that sent its next request without noticing the close (a bare
+    /// `http.client` loop, or one racing the FIN) a failed request, and every idle client
+    /// reconnected in the same instant.
+    Takeover,
 }
 
 /// A count of published snapshots ([`Shared::generation`]), read by every request of every
@@ -979,6 +1013,7 @@ impl Proxy {
             generation: Generation::default(),
             metrics,
             stopping: AtomicBool::new(false),
+            keep_idle: AtomicBool::new(false),
             stop: tokio::sync::Notify::new(),
             force: AtomicBool::new(false),
             open: AtomicUsize::new(0),
@@ -1274,11 +1309,19 @@ impl Proxy {
     /// [`CutShort::now`]), then resets the connections still open ([`wait_forced`]) and stops
     /// the threads.
     pub fn shutdown(mut self, grace: Duration) {
-        self.drain().wait(grace);
+        self.drain(DrainKind::Stop).wait(grace);
+    }
+
+    /// Client connections idle between keep-alive requests now, all VIPs and threads (as
+    /// `max_connections` room-making counts them, [`reuse`]): those a takeover's drain keeps,
+    /// for its log line.
+    pub fn idle_clients(&self) -> usize {
+        self.shared.idle.values().map(|shelves| reuse::idle_in(shelves)).sum()
     }
 
     /// Stops accepting and hands back the drain to wait for ([`Draining::wait`], on a thread of
-    /// its own if need be). The proxy itself stays with its owner meanwhile: its live state
+    /// its own if need be); `kind` says what becomes of the connections idle between keep-alive
+    /// requests ([`DrainKind`]): the caller knows whether a new process serves after this one. The proxy itself stays with its owner meanwhile: its live state
     /// (request counts, passive health) can still be read for `status`, and pool updates still
     /// reach the connections that are finishing (a backend found dead during a stop's drain is
     /// sent none of their further requests). Once the wait returns its threads have ended: it
@@ -1293,8 +1336,10 @@ impl Proxy {
     /// the socket itself): a socket another holds stays listening, its connections queued for
     /// the next process: systemd's (socket activation), or that of a takeover's new process,
     /// which has its own descriptors.
-    pub fn drain(&mut self) -> Draining {
+    pub fn drain(&mut self, kind: DrainKind) -> Draining {
         self.sockets.clear();
+        // Before `stopping`, which is what the connections and accept loops look at first.
+        self.shared.keep_idle.store(kind == DrainKind::Takeover, Ordering::SeqCst);
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.stop.notify_waiters();
         Draining { shared: self.shared.clone(), threads: std::mem::take(&mut self.threads) }
@@ -1310,7 +1355,9 @@ pub struct Draining {
 
 impl Draining {
     /// Lets in-flight requests finish for up to `grace` (or until [`CutShort::now`]), then
-    /// resets the connections still open ([`wait_forced`]) and stops the threads.
+    /// resets the connections still open ([`wait_forced`]) and stops the threads. Returns as
+    /// soon as no connection is left: those a takeover's drain keeps idle included, once each
+    /// has been used, closed by its client or timed out.
     pub fn wait(mut self, grace: Duration) {
         let deadline = Instant::now() + grace;
         while (self.shared.accepting.load(Ordering::SeqCst) > 0
@@ -1507,7 +1554,8 @@ pub(crate) fn say_local_failure(vip: &VipRuntime, backend: SocketAddr, e: &std::
 }
 
 /// Accepts connections on `l` until the proxy stops, and then closes this thread's connections
-/// of the VIP idle between keep-alive requests (`idle`, [`reuse::Idle::close_all`]).
+/// of the VIP idle between keep-alive requests (`idle`, [`reuse::Idle::close_all`]), unless
+/// the drain is a takeover's ([`DrainKind::Takeover`]), which leaves them to their next request.
 ///
 /// Accepting goes through tokio's readiness reactor (which tokio-uring's runtime also runs), not
 /// an io_uring accept: an io_uring accept abandoned at stop stays armed in the kernel and would
@@ -1540,7 +1588,7 @@ async fn accept_loop(
         // the service manager holds keeps it for the next process).
         let accepted = tokio::select! {
             biased;
-            _ = wait_stopping(&shared) => return idle.close_all(),
+            _ = wait_stopping(&shared) => return leave_idle(&shared, &idle),
             r = l.accept() => r,
         };
         // io_uring honours O_NONBLOCK (an operation that would wait fails with EAGAIN instead),
@@ -1566,7 +1614,7 @@ async fn accept_loop(
                 };
                 tokio::select! {
                     biased;
-                    _ = wait_stopping(&shared) => return idle.close_all(),
+                    _ = wait_stopping(&shared) => return leave_idle(&shared, &idle),
                     _ = tokio::time::sleep(pause) => {}
                 }
                 continue;
@@ -1633,6 +1681,17 @@ async fn accept_loop(
     }
 }
 
+/// What an accept loop does, once the proxy stops, with its thread's connections of the VIP
+/// idle between keep-alive requests: closes them at a stop ([`reuse::Idle::close_all`]), leaves
+/// them at a takeover's drain, each to end at its next request, its close, its idle timeout or
+/// the drain's deadline (`http::serve`). Nothing new is accepted after this, so none of them is
+/// closed to make room for a new connection but for a claim made before.
+fn leave_idle(shared: &Shared, idle: &reuse::Idle) {
+    if !shared.keep_idle.load(Ordering::SeqCst) {
+        idle.close_all();
+    }
+}
+
 /// One accepted connection, counted in its VIP's active-connections gauge (its connection
 /// count over all threads, which `max_connections` is checked against) and in the proxy's open
 /// count (which a stop waits on) for as long as this lives. Released on drop, so that a
@@ -1662,8 +1721,9 @@ impl Drop for Counted {
 
 /// Returns once the proxy is stopping. A notification, not a poll: every accept loop waits
 /// here. Connections idle between keep-alive requests do not: the accept loops close them
-/// ([`reuse::Idle::close_all`]), as a wait each, registered and dropped per request, took the
-/// `Notify`'s lock, shared by every thread, two or three times a request.
+/// ([`reuse::Idle::close_all`]; a takeover's drain leaves them be, [`leave_idle`]), as a wait
+/// each, registered and dropped per request, took the `Notify`'s lock, shared by every thread,
+/// two or three times a request.
 pub(crate) async fn wait_stopping(shared: &Shared) {
     wait_set(&shared.stopping, &shared.stop).await;
 }
@@ -1782,6 +1842,14 @@ pub(crate) fn wait_forced(shared: &Shared) -> WaitForced<'_> {
 /// response streamed by each request of the connection waits here, to count and log its cut).
 pub(crate) fn wait_forced_in_task(shared: &Shared) -> WaitForced<'_> {
     WaitForced { shared, wakes: false, polled: false, slot: None }
+}
+
+/// [`wait_forced_in_task`] as this thread sees it alone ([`Forced::over`], set when its
+/// [`run_thread`] has seen [`Shared::force`]): for the wait of a keep-alive connection for its
+/// next request, which every request makes, without an atomic load of a line other threads
+/// write. The task's own [`wait_forced`] wakes it once the thread has seen the end.
+pub(crate) fn wait_forced_seen(shared: &Shared) -> WaitForced<'_> {
+    WaitForced { shared, wakes: false, polled: true, slot: None }
 }
 
 /// Returns once `flag` is set, woken by `notify` (which the setter notifies after setting it).

@@ -10,7 +10,9 @@
 //! of a request (its head partly read, its body or response on the way) is never closed. Such a
 //! connection is closed as the idle timeout closes it (shut down: its client reads the end of
 //! the stream, as from any server closing an idle keep-alive connection, and opens a new one).
-//! A stop closes every idle connection of the thread so ([`Idle::close_all`]).
+//! A stop closes every idle connection of the thread so ([`Idle::close_all`]); a takeover's
+//! drain leaves them open for their next request (`super::DrainKind::Takeover`): nothing is
+//! accepted any more then, so none is closed for room but to meet a claim made before.
 //! A request that had arrived just before, read but not yet seen by the connection's task, is
 //! dropped unserved ([`Waiting::finish`]): the client finds the connection closed without an
 //! answer, as when the close comes first, and may send the request again on a new one; served,
@@ -59,6 +61,12 @@ pub(crate) struct Shelf {
 /// Every proxy thread's [`Shelf`] for one VIP, by thread index.
 pub(crate) fn shelves(threads: usize) -> Arc<[Shelf]> {
     (0..threads).map(|_| Shelf::default()).collect()
+}
+
+/// The connections idle now on `shelves` (one VIP's, every thread's), claims on them not yet
+/// met left out: what a takeover's drain keeps, for its log line.
+pub(crate) fn idle_in(shelves: &[Shelf]) -> usize {
+    shelves.iter().map(|s| s.idle.load(Ordering::SeqCst).max(0) as usize).sum()
 }
 
 /// This proxy thread's client connections of one VIP idle between requests, the longest idle
@@ -158,7 +166,8 @@ impl Idle {
 
     /// Closes every connection of this thread's idle now, as the idle timeout would: a stop
     /// ends the keep-alive connections idle between requests (as nginx and HAProxy do). Called
-    /// by the thread's accept loops once they see the stop; not counted as closed for room.
+    /// by the thread's accept loops once they see the stop (not a takeover's drain, which
+    /// keeps them: `super::DrainKind`); not counted as closed for room.
     /// Each connection's task reads the end of the stream, or finds it was taken
     /// ([`Waiting::finish`]), and ends; one that goes idle after this sees the stop itself
     /// (`http::serve`). So no idle connection waits on the stop's notification itself, which

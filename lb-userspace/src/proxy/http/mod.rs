@@ -821,12 +821,27 @@ async fn serve_conn(
             // new connection over `max_connections` does one (`super::reuse`): that shuts the
             // socket down, and the read ends with the end of the stream (or, had it completed
             // with a request before, the request is not served: `Waiting::finish`). One that
-            // goes idle after that sees the stop here.
+            // goes idle after that sees the stop here. A takeover's drain keeps them instead
+            // (`super::DrainKind::Takeover`): the next request is read and served with
+            // `close`, like one just accepted, and one going idle now (its answer said
+            // keep-alive before the drain began) waits as well.
             let closable = waiting_for_start.then(|| idle.waiting(client));
-            if closable.is_some() && shared.stopping.load(Ordering::Relaxed) {
+            if closable.is_some() && shared.closes_idle() {
                 return;
             }
-            let read = within(head_timer.as_mut(), deadline, read_more(client, &mut buf)).await;
+            let read = within(head_timer.as_mut(), deadline, read_more(client, &mut buf));
+            // Idle at the drain's deadline (kept by a takeover's drain): closed as the idle
+            // timeout closes it, not reset as a connection cut in the middle of an exchange
+            // (`accept_loop`), which would pass for a failure. Polled before that reset.
+            let read = if closable.is_some() {
+                tokio::select! {
+                    biased;
+                    () = super::wait_forced_seen(&shared) => return,
+                    read = read => read,
+                }
+            } else {
+                read.await
+            };
             // Taken to make room while the read completed: shut down, and whatever it read
             // (a request) is not served, as if the read had come after the shutdown.
             if closable.is_some_and(|w| !w.finish()) {
