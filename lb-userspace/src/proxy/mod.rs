@@ -1321,11 +1321,11 @@ impl Proxy {
 
     /// Stops accepting and hands back the drain to wait for ([`Draining::wait`], on a thread of
     /// its own if need be); `kind` says what becomes of the connections idle between keep-alive
-    /// requests ([`DrainKind`]): the caller knows whether a new process serves after this one. The proxy itself stays with its owner meanwhile: its live state
-    /// (request counts, passive health) can still be read for `status`, and pool updates still
-    /// reach the connections that are finishing (a backend found dead during a stop's drain is
-    /// sent none of their further requests). Once the wait returns its threads have ended: it
-    /// is only dropped.
+    /// requests ([`DrainKind`]): the caller knows whether a new process serves after this one.
+    /// The proxy itself stays with its owner meanwhile: its live state (request counts, passive
+    /// health) can still be read for `status`, and pool updates still reach the connections
+    /// that are finishing (a backend found dead during a stop's drain is sent none of their
+    /// further requests). Once the wait returns its threads have ended: it is only dropped.
     ///
     /// The descriptors kept to hand over ([`Proxy::sockets`]) close here, at the start, as the
     /// accept loops' own do once they see the stop: a draining proxy hands nothing over any
