@@ -1874,23 +1874,31 @@ fn cut_at_300_ms(s: &mut TcpStream, before: Instant) {
 }
 
 /// A TCP-mode relay is cut at `tunnel_timeout_ms` of silence, not at `idle_timeout_ms` (the
-/// HTTP keep-alive idle time), with a reset, and both its connections have the tunnel timeout as
-/// their TCP_USER_TIMEOUT. A relay keeps the value it started with across a reload, which
-/// reaches relays started after it.
+/// HTTP keep-alive idle time), with a reset, and neither of its connections has a
+/// TCP_USER_TIMEOUT (the kernel's clock would cut a client that reads slowly: the proxy keeps
+/// its own, [`tcp_mode_a_client_that_stops_reading_is_cut_at_the_tunnel_timeout`]). A relay
+/// keeps the value it started with across a reload, which reaches relays started after it.
 #[test]
 fn tcp_mode_is_cut_at_the_tunnel_timeout_not_the_idle_timeout() {
     let b = interactive_echo();
     let l7 = |tunnel: u64| {
         format!("mode = \"tcp\"\nidle_timeout_ms = 60000\ntunnel_timeout_ms = {tunnel}")
     };
-    // Both connections' TCP_USER_TIMEOUT, on a relay whose tunnel timeout outlasts a stalled
-    // test thread (a 300 ms one may be gone before its sockets are looked at).
+    // Looked at on a relay whose tunnel timeout outlasts a stalled test thread (a 300 ms one
+    // may be gone before its sockets are looked at).
     let mut p = proxy(&[(&b, 1)], &l7(5000), "");
     let (s, _) = relay_through(p.addr);
-    let tunnel = Some(Duration::from_secs(5));
-    assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [tunnel], "the client connection");
-    let up = user_timeouts_to(b.addr);
-    assert!(!up.is_empty() && up.iter().all(|&t| t == tunnel), "the backend connection: {up:?}");
+    assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [None], "the client connection");
+    // Waited for: a connect under way (the readiness probe's relay) has the connect timeout.
+    let t = Instant::now();
+    loop {
+        let up = user_timeouts_to(b.addr);
+        if !up.is_empty() && up.iter().all(Option::is_none) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(2), "the backend connection: {up:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     drop(s);
     let reload = |p: &mut Running, tunnel: u64| {
         let (mut cfg, _) = proxy_config(&[(&b, 1)], &l7(tunnel), "");
@@ -1902,9 +1910,9 @@ fn tcp_mode_is_cut_at_the_tunnel_timeout_not_the_idle_timeout() {
     let (mut s, before) = relay_through(p.addr);
     reload(&mut p, 60_000);
     cut_at_300_ms(&mut s, before);
-    let (s, _) = relay_through(p.addr);
-    let after = Some(Duration::from_secs(60));
-    assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [after], "a relay after the reload");
+    let (mut s, _) = relay_through(p.addr);
+    std::thread::sleep(Duration::from_millis(600));
+    round_trip(&mut s, b"still here").expect("a relay after the reload has its tunnel timeout");
     // Measured without a reload in between.
     let p = proxy(&[(&b, 1)], &l7(300), "");
     let (mut s, before) = relay_through(p.addr);
@@ -1912,26 +1920,21 @@ fn tcp_mode_is_cut_at_the_tunnel_timeout_not_the_idle_timeout() {
 }
 
 /// A TCP-mode VIP that writes no timeout keeps its relays through silences of ten minutes (the
-/// idle timeout's minute, before, reset a database connection idle in a pool under its client);
-/// one that writes `idle_timeout_ms` alone keeps its meaning, the relays' silence, as before
+/// idle timeout's minute, before, reset a database connection idle in a pool under its client;
+/// the value itself is the config's tests'), outliving a short pause; one that writes
+/// `idle_timeout_ms` alone keeps its meaning, the relays' silence, as before
 /// `tunnel_timeout_ms`: TCP mode has no other use for it.
 #[test]
 fn tcp_mode_defaults_to_ten_minutes_and_keeps_a_written_idle_timeout() {
     let b = interactive_echo();
     let p = proxy(&[(&b, 1)], "mode = \"tcp\"", "");
     let (mut s, _) = relay_through(p.addr);
-    let ten_minutes = Some(Duration::from_secs(600));
-    assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [ten_minutes], "the client connection");
+    std::thread::sleep(Duration::from_millis(600));
+    round_trip(&mut s, b"still here").unwrap();
     s.shutdown(Shutdown::Write).unwrap();
     assert_eq!(s.read(&mut [0u8; 16]).unwrap(), 0, "a clean end");
 
-    // Written, the idle timeout is the relays': their TCP_USER_TIMEOUT (looked at on one that
-    // outlasts a stalled test thread) and their cut.
-    let p = proxy(&[(&b, 1)], "mode = \"tcp\"\nidle_timeout_ms = 5000", "");
-    let (s, _) = relay_through(p.addr);
-    let written = Some(Duration::from_secs(5));
-    assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [written], "the client connection");
-    drop(s);
+    // Written, the idle timeout is the relays' cut.
     let p = proxy(&[(&b, 1)], "mode = \"tcp\"\nidle_timeout_ms = 300", "");
     let (mut s, before) = relay_through(p.addr);
     cut_at_300_ms(&mut s, before);
@@ -1939,8 +1942,10 @@ fn tcp_mode_defaults_to_ten_minutes_and_keeps_a_written_idle_timeout() {
 
 /// An upgraded connection (a WebSocket) is a tunnel too: from the 101 on, silent longer than a
 /// short `idle_timeout_ms` it goes on, cut (with a reset) only at `tunnel_timeout_ms`, which
-/// both its connections have as their TCP_USER_TIMEOUT. Before, the HTTP idle timeout cut
-/// WebSockets that pinged less often than once a minute.
+/// is also how long its sends wait for a client that takes nothing: one that stops reading for
+/// longer than the idle timeout, while what it sent comes back to it past the buffers on the
+/// way, is not cut either. Before, the HTTP idle timeout cut WebSockets that pinged less often
+/// than once a minute.
 #[test]
 fn upgraded_connections_keep_the_tunnel_timeout_not_the_idle_timeout() {
     let b = serve_backend(|s, _, _| {
@@ -1961,7 +1966,7 @@ fn upgraded_connections_keep_the_tunnel_timeout_not_the_idle_timeout() {
         }
     });
     let open = |addr: SocketAddr| {
-        let mut s = TcpStream::connect(addr).unwrap();
+        let mut s = connect_small_window(addr, SLOW_WINDOW);
         s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         let req =
             "GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
@@ -1981,19 +1986,20 @@ fn upgraded_connections_keep_the_tunnel_timeout_not_the_idle_timeout() {
     // A short idle timeout, the tunnel timeout's default: ten minutes.
     let p = proxy(&[(&b, 1)], "idle_timeout_ms = 300", "");
     let (mut s, _) = open(p.addr);
-    let ten_minutes = Some(Duration::from_secs(600));
-    assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [ten_minutes], "the client connection");
-    assert_eq!(user_timeouts_to(b.addr), [ten_minutes], "the backend connection");
+    assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [None], "the client connection");
+    assert_eq!(user_timeouts_to(b.addr), [None], "the backend connection");
     std::thread::sleep(Duration::from_millis(1000));
     round_trip(&mut s, b"still here").expect("the WebSocket outlives the idle timeout");
+    let sent: Arc<Vec<u8>> = Arc::new((0..4 << 20).map(|i| (i % 251) as u8).collect());
+    let (mut w, data) = (s.try_clone().unwrap(), sent.clone());
+    let writer = std::thread::spawn(move || w.write_all(&data));
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut back = vec![0u8; sent.len()];
+    s.read_exact(&mut back).expect("a client that paused reading is not cut at the idle timeout");
+    assert!(back == *sent, "all of it came back");
+    writer.join().unwrap().unwrap();
     drop(s);
-    // A tunnel timeout under a long idle timeout: the relay's TCP_USER_TIMEOUT (looked at on
-    // one that outlasts a stalled test thread), and a short one's cut.
-    let p = proxy(&[(&b, 1)], "idle_timeout_ms = 60000\ntunnel_timeout_ms = 5000", "");
-    let (s, _) = open(p.addr);
-    let tunnel = Some(Duration::from_secs(5));
-    assert_eq!(user_timeouts_to(s.local_addr().unwrap()), [tunnel], "the client connection");
-    drop(s);
+    // A tunnel timeout under a long idle timeout: a short one's cut.
     let p = proxy(&[(&b, 1)], "idle_timeout_ms = 60000\ntunnel_timeout_ms = 300", "");
     let (mut s, before) = open(p.addr);
     cut_at_300_ms(&mut s, before);
@@ -2694,23 +2700,153 @@ fn busy_moments_do_not_churn_upstream_connections() {
     assert!(all - first >= first - 8, "{first} then {all}: only 8 connections kept");
 }
 
+/// A connection to `addr` with a receive buffer of `rcvbuf` bytes (set before the handshake,
+/// which fixes the window scale), so that its window closes as soon as it stops reading.
+fn connect_small_window(addr: SocketAddr, rcvbuf: usize) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(rcvbuf).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    sock.into()
+}
+
+/// Reads `s` as a slow consumer does (`curl --limit-rate`, a download piped into a slow
+/// program): at most 4 KiB every 100 ms for [`SLOW_FOR`], then at full speed (so that a test
+/// can move several MiB, more than the proxy's send buffer takes, and keep the proxy's sends
+/// waiting while it reads slowly), until the end of the stream, an error, or `enough` says all
+/// of it is in. What came, and how it ended.
+fn read_slowly(
+    s: &mut TcpStream,
+    enough: impl Fn(&[u8]) -> bool,
+) -> (Vec<u8>, std::io::Result<()>) {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (start, mut got, mut chunk) = (Instant::now(), Vec::new(), vec![0u8; 64 << 10]);
+    let end = loop {
+        if enough(&got) {
+            break Ok(());
+        }
+        let want = if start.elapsed() < SLOW_FOR {
+            std::thread::sleep(Duration::from_millis(100));
+            4096
+        } else {
+            chunk.len()
+        };
+        match s.read(&mut chunk[..want]) {
+            Ok(0) => break Ok(()),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) => break Err(e),
+        }
+    };
+    (got, end)
+}
+
+/// How long a slow reader in a test reads slowly ([`read_slowly`]): four idle timeouts of 1 s.
+const SLOW_FOR: Duration = Duration::from_secs(4);
+
+/// How many bytes a slow reader takes in a test: far more than the kernel's buffers on the way
+/// to it hold (on loopback the proxy's send buffer grows to MiBs), so that the proxy's sends to
+/// it wait while it reads slowly.
+const SLOW_READ: usize = 16 << 20;
+
+/// The receive buffer of a slow reader in a test: small, so that its window closes between its
+/// reads, but not so small that the sender's segments shrink to fit it (Linux sizes them to
+/// half the largest window seen: a reader of 4 KiB, whose window opens whole with each read,
+/// was never cut).
+const SLOW_WINDOW: usize = 16 << 10;
+
+/// A client that reads a large response slowly, its window closed between its reads, is not
+/// idle: it gets the whole response, though it takes several idle timeouts. Before, every
+/// proxy socket had the idle timeout as its TCP_USER_TIMEOUT, and Linux times zero-window
+/// probing from the first probe, resetting that clock only when the window opens wide enough
+/// for the whole segment queued first: such a reader was reset at the idle timeout while it
+/// kept reading. The proxy now watches a waiting send itself, by the bytes the peer
+/// acknowledges.
+#[test]
+fn a_client_that_reads_slowly_gets_the_whole_response() {
+    let b = backend("big", Mode::Big(SLOW_READ));
+    let p = proxy(&[(&b, 1)], "idle_timeout_ms = 1000\nrequest_timeout_ms = 600000", "");
+    let mut s = connect_small_window(p.addr, SLOW_WINDOW);
+    (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let start = Instant::now();
+    let (got, end) = read_slowly(&mut s, |got| {
+        let Some(head) = got.windows(4).position(|w| w == b"\r\n\r\n") else { return false };
+        got.len() - head - 4 >= SLOW_READ
+    });
+    let took = start.elapsed();
+    assert!(end.is_ok(), "{end:?} after {} bytes in {took:?}", got.len());
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200 "), "{}", &text[..text.len().min(200)]);
+    let body = &got[got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+    assert_eq!(body.len(), SLOW_READ, "the whole body, after {took:?}");
+    assert!(body.ends_with(b"xxxx"), "the body's end");
+    assert!(took > Duration::from_secs(3), "the client read slowly: {took:?}");
+}
+
+/// A TCP-mode relay to a client that reads slowly, its window closed between its reads, is not
+/// idle: everything the backend sent arrives, then its clean end, though it takes several
+/// tunnel timeouts (see [`a_client_that_reads_slowly_gets_the_whole_response`]).
+#[test]
+fn tcp_mode_a_client_that_reads_slowly_gets_everything() {
+    let b = serve_backend(|mut s, _, _| {
+        let data: Vec<u8> = (0..SLOW_READ).map(|i| (i % 251) as u8).collect();
+        let _ = s.write_all(&data);
+    });
+    let l7 = "mode = \"tcp\"\nidle_timeout_ms = 60000\ntunnel_timeout_ms = 1000";
+    let p = proxy(&[(&b, 1)], l7, "");
+    let mut s = connect_small_window(p.addr, SLOW_WINDOW);
+    let start = Instant::now();
+    let (got, end) = read_slowly(&mut s, |_| false);
+    let took = start.elapsed();
+    assert!(end.is_ok(), "{end:?} after {} bytes in {took:?}", got.len());
+    assert_eq!(got.len(), SLOW_READ, "everything, then the end, after {took:?}");
+    assert!(got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8), "intact");
+    assert!(took > Duration::from_secs(3), "the client read slowly: {took:?}");
+}
+
 /// A client that asks for a large response and stops reading holds its connection (and the
 /// backend connection behind it) only until the idle timeout: sends wait at most that long.
 #[test]
 fn a_client_that_stops_reading_is_cut_off_at_the_idle_timeout() {
     let b = backend("big", Mode::Big(32 << 20));
     let p = proxy(&[(&b, 1)], "idle_timeout_ms = 1000\nrequest_timeout_ms = 600000", "");
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&p.addr.into()).unwrap();
-    let s: TcpStream = sock.into();
+    let s = connect_small_window(p.addr, 4096);
     (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let_go_at_1_s(&p, s, || b.reqs.load(Ordering::Relaxed) > 0);
+}
+
+/// A TCP-mode relay to a client that stops reading, its backend pushing far more than the
+/// buffers on the way hold, is cut (with a reset) at the tunnel timeout: not at the longer idle
+/// timeout, and not never. Its sends wait at most that long for a peer that takes nothing.
+#[test]
+fn tcp_mode_a_client_that_stops_reading_is_cut_at_the_tunnel_timeout() {
+    let b = serve_backend(|mut s, _, _| {
+        let feed = vec![b'f'; 64 << 10];
+        while s.write_all(&feed).is_ok() {}
+    });
+    let l7 = "mode = \"tcp\"\nidle_timeout_ms = 60000\ntunnel_timeout_ms = 1000";
+    let p = proxy(&[(&b, 1)], l7, "");
+    let s = connect_small_window(p.addr, 4096);
+    // Its own connection reached the backend (the proxy helper's readiness probe made one).
+    let s = let_go_at_1_s(&p, s, || b.conns.load(Ordering::Relaxed) >= 2);
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let end = loop {
+        match (&s).read(&mut [0u8; 64 << 10]) {
+            Ok(0) => break Ok(()),
+            Ok(_) => {}
+            Err(e) => break Err(e.kind()),
+        }
+    };
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "the client's end");
+}
+
+/// Waits for the one connection `s` of the proxy `p`, whose client reads nothing, to be let go
+/// (the VIP's active-connections gauge back at 0) once `served` says it is being served (the
+/// gauge alone could show the proxy helper's readiness probe, which connects and closes at
+/// once): at a stall time of 1 s, so not before 900 ms, and within 5 s. Hands `s` back.
+fn let_go_at_1_s(p: &Running, s: TcpStream, served: impl Fn() -> bool) -> TcpStream {
     let gauge = |n: u32| format!("edgelb_l7_active_connections{{vip=\"web\"}} {n}");
     let open = |n: u32| p.metrics.encode().lines().any(|l| l == gauge(n));
     let start = Instant::now();
-    // The request reached the backend: this connection is being served (the gauge alone could
-    // show the proxy helper's readiness probe, which connects and closes at once).
-    while b.reqs.load(Ordering::Relaxed) == 0 || !open(1) {
+    while !served() || !open(1) {
         assert!(start.elapsed() < Duration::from_secs(2), "the connection is counted");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -2723,8 +2859,8 @@ fn a_client_that_stops_reading_is_cut_off_at_the_idle_timeout() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(start.elapsed() >= Duration::from_millis(900), "not before the idle timeout");
-    drop(s);
+    assert!(start.elapsed() >= Duration::from_millis(900), "not before the stall time");
+    s
 }
 
 /// `max_connections` caps one VIP's concurrent client connections: the one over the limit, when
@@ -6402,7 +6538,8 @@ fn a_keep_alive_request_is_routed_by_the_pools_of_its_arrival() {
 }
 
 /// The TCP_USER_TIMEOUT of each socket of this process connected to `peer`: the proxy's side
-/// of its connections from (or to) that address.
+/// of its connections from (or to) that address. The proxy sets none (`None`): the kernel's
+/// clock would cut a client that reads slowly ([`a_client_that_reads_slowly_gets_the_whole_response`]).
 fn user_timeouts_to(peer: SocketAddr) -> Vec<Option<Duration>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
@@ -6419,32 +6556,79 @@ fn user_timeouts_to(peer: SocketAddr) -> Vec<Option<Duration>> {
     out
 }
 
-/// A reload's idle timeout reaches the connections already open: a keep-alive client
-/// connection's and a pooled backend connection's TCP_USER_TIMEOUT follow it from their next
-/// request. It was set once, at accept or connect, so the kernel went on aborting a client
-/// that stopped reading at the old value (a download reset after 65 KB at the old 2 s, with
-/// 60 s in force), and a pooled connection kept whichever VIP's value it was opened with.
+/// A reload's idle timeout reaches the connections already open, as the longest their sends
+/// wait for a peer that takes nothing: a keep-alive client connection's and a pooled backend
+/// connection's follow it from their next request. It was set once, at accept or connect (as
+/// their TCP_USER_TIMEOUT, then), so a client that stopped reading was cut at the old value (a
+/// download reset after 65 KB at the old 2 s, with 60 s in force), and a pooled connection
+/// kept whichever VIP's value it was opened with. Here the old value is the long one: with it,
+/// neither would be cut within the test.
 #[test]
 fn a_reloaded_idle_timeout_reaches_open_connections() {
-    let b = backend("b", Mode::Ok);
-    let mut p = proxy(&[(&b, 1)], "idle_timeout_ms = 2000", "");
-    let mut c = Client::connect(p.addr);
+    // `/big`: an answer far larger than the buffers on the way; `/upload`: its body never read.
+    let b = serve_backend(|s, r2, s2| {
+        let (mut w, mut r) = (&s, BufReader::new(&s));
+        loop {
+            let mut head = String::new();
+            while !head.ends_with("\r\n\r\n") {
+                if r.read_line(&mut head).unwrap_or(0) == 0 {
+                    return;
+                }
+            }
+            r2.fetch_add(1, Ordering::Relaxed);
+            let body = match head.split_whitespace().nth(1) {
+                Some("/upload") => return hold(s2, Duration::from_secs(10)),
+                Some("/big") => vec![b'x'; 32 << 20],
+                _ => b"ok".to_vec(),
+            };
+            let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+            if w.write_all(resp.as_bytes()).and_then(|()| w.write_all(&body)).is_err() {
+                return;
+            }
+        }
+    });
+    let l7 = |idle: u64| format!("idle_timeout_ms = {idle}\nrequest_timeout_ms = 600000");
+    let mut p = proxy(&[(&b, 1)], &l7(60_000), "");
     let ask = |c: &mut Client| {
         c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
         c.status()
     };
-    let client = c.s.local_addr().unwrap();
-    assert_eq!(ask(&mut c), 200);
-    let old = Some(Duration::from_secs(2));
-    assert_eq!(user_timeouts_to(client), [old], "the client connection");
-    assert_eq!(user_timeouts_to(b.addr), [old], "the backend connection");
-    let (cfg, _) = proxy_config(&[(&b, 1)], "idle_timeout_ms = 60000", "");
+    // Two keep-alive connections, each with a request (and its backend connection pooled).
+    let (mut reader, mut uploader) = (Client::connect(p.addr), Client::connect(p.addr));
+    assert_eq!(ask(&mut reader), 200);
+    assert_eq!(ask(&mut uploader), 200);
+    assert_eq!(user_timeouts_to(reader.s.local_addr().unwrap()), [None], "no TCP_USER_TIMEOUT");
+    let (cfg, _) = proxy_config(&[(&b, 1)], &l7(1000), "");
     p.proxy.as_mut().unwrap().update(&cfg);
-    assert_eq!(ask(&mut c), 200);
-    let new = Some(Duration::from_secs(60));
-    assert_eq!(user_timeouts_to(client), [new], "the client connection, after the reload");
-    assert_eq!(user_timeouts_to(b.addr), [new], "the pooled backend connection");
-    assert_eq!(b.conns.load(Ordering::Relaxed), 1, "one backend connection, reused");
+
+    // The pooled backend connection (reused: no new one): a backend that takes none of a
+    // request body is cut at about the new 1 s, and the client answered (502) well within the
+    // old 60 s.
+    let conns = b.conns.load(Ordering::Relaxed);
+    let start = Instant::now();
+    uploader.send(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 67108864\r\n\r\n");
+    let mut w = uploader.s.try_clone().unwrap();
+    let body = std::thread::spawn(move || w.write_all(&vec![b'u'; 64 << 20]));
+    let status = read_response(&mut uploader.r).map(|r| r.0);
+    assert!(matches!(status, Ok(500..)), "{status:?} after {:?}", start.elapsed());
+    assert!(start.elapsed() < Duration::from_secs(5), "answered after {:?}", start.elapsed());
+    assert_eq!(b.conns.load(Ordering::Relaxed), conns, "the upload went on a pooled connection");
+    uploader.s.shutdown(Shutdown::Both).unwrap();
+    let _ = body.join();
+
+    // The client connection: one that stops reading is reset at about the new 1 s.
+    let start = Instant::now();
+    reader.send(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(2500));
+    reader.s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let end = loop {
+        match (&reader.s).read(&mut [0u8; 64 << 10]) {
+            Ok(0) => break Ok(()),
+            Ok(_) => {}
+            Err(e) => break Err(e.kind()),
+        }
+    };
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "after {:?}", start.elapsed());
 }
 
 /// A backend that leaves the pools (found dead, drained out, reloaded away) while requests

@@ -1,6 +1,7 @@
 //! TCP_INFO: the one thin wrapper over `getsockopt(TCP_INFO)`, which the proxy reads to tell
-//! whether a peer still has bytes on their way to it (`proxy::uring::Socket::delivering`) and
-//! tests read to count the segments a write took (`testbed::servers::data_segments_in`).
+//! whether a peer still takes the bytes sent to it (`proxy::uring::Socket::send_all_with`,
+//! `Socket::draining`) or has some on their way to it (`Socket::unacknowledged`), and tests
+//! read to count the segments a write took (`testbed::servers::data_segments_in`).
 #![allow(unsafe_code)]
 
 use std::{io, os::fd::AsRawFd};

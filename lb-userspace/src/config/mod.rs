@@ -425,12 +425,13 @@ pub struct L7 {
     /// Time a backend has to send its response head.
     pub response_timeout: Duration,
     /// Idle keep-alive time, both sides, the longest pause inside an HTTP exchange, and the
-    /// TCP_USER_TIMEOUT of HTTP connections.
+    /// longest a send on an HTTP connection waits for a peer that takes nothing.
     pub idle_timeout: Duration,
     /// The longest silence both ways of a TCP-mode connection or an upgraded one (WebSocket),
-    /// and their TCP_USER_TIMEOUT: such connections sit silent far longer than HTTP
-    /// keep-alive ones should (default: ten minutes, or `idle_timeout` if longer; in TCP mode a
-    /// written `idle_timeout`). A relay keeps the value it started with.
+    /// and the longest their sends wait for a peer that takes nothing: such connections sit
+    /// silent far longer than HTTP keep-alive ones should (default: ten minutes, or
+    /// `idle_timeout` if longer; in TCP mode a written `idle_timeout`). A relay keeps the value
+    /// it started with.
     pub tunnel_timeout: Duration,
     /// Whole-request deadline (client and backend together).
     pub request_timeout: Duration,

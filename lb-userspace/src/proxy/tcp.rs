@@ -32,7 +32,8 @@ use super::{
 
 /// Relays bytes both ways between `client` and backend `up` until both directions are done,
 /// or nothing moved either way for `tunnel` (the VIP's tunnel timeout, which both sockets take as
-/// their TCP_USER_TIMEOUT here too: [`Socket::keep_stall`]), with `up`'s member `state`
+/// their stall time here too, the longest a send waits for a peer that takes nothing:
+/// [`Socket::keep_stall`]), with `up`'s member `state`
 /// counting the relay as in flight (least-connections sees it), then shuts both sockets down.
 /// TCP mode and upgraded HTTP connections (WebSocket) end in this; the value is the one in
 /// force when the relay started, which a reload does not change.
@@ -112,16 +113,21 @@ impl Clock<'_> {
         self.moved.get() + self.idle
     }
 
-    /// Has the relay been idle for the tunnel timeout? Not while the kernel still delivers bytes
-    /// the relay sent on either side ([`Socket::delivering`]): the relay's own sends end as soon
-    /// as the kernel has queued them, and a slow reader can take far longer than the tunnel
-    /// timeout to drain those buffers while it keeps reading; the clock then restarts. Looked at
-    /// only when the clock runs out: no system call while bytes move.
+    /// Has the relay been idle for the tunnel timeout? Not while a peer on either side drains
+    /// bytes the relay sent it ([`Socket::draining`]: bytes still queued for it, and more of
+    /// them acknowledged since the last look): the relay's own sends end as soon as the kernel
+    /// has queued them, and a slow reader can take far longer than the tunnel timeout to drain
+    /// those buffers while it keeps reading; the clock then restarts. A peer that took nothing
+    /// since the last look (it stopped reading, or went away, bytes still queued for it) does
+    /// not hold the relay: it is cut at the next look, within two tunnel timeouts of its last
+    /// progress. Looked at only when the clock runs out: no system call while bytes move.
     fn expired(&self) -> bool {
         if Instant::now() < self.deadline() {
             return false;
         }
-        if self.sockets.iter().any(|s| s.delivering()) {
+        // Both looked at: each look is the next one's baseline.
+        let [a, b] = self.sockets.map(Socket::draining);
+        if a || b {
             self.tick();
             return false;
         }

@@ -15,7 +15,7 @@ use std::{
     pin::Pin,
     rc::Rc,
     task::{Context, Poll, Waker},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::BytesMut;
@@ -34,58 +34,49 @@ pub(crate) struct Socket(Rc<Shared>);
 struct Shared {
     /// The socket.
     stream: TcpStream,
-    /// The TCP_USER_TIMEOUT it has, as last set (see [`Socket::keep_stall`]).
+    /// How long a send may wait with its peer taking none of the bytes sent to it (see
+    /// [`Socket::new`] and [`Socket::keep_stall`]).
     stall: Cell<Duration>,
+    /// The bytes the peer had acknowledged at [`Socket::draining`]'s last look.
+    acked: Cell<u64>,
 }
+
+/// How many times a send's peer is looked at within its socket's stall time, once the send
+/// waits that long: a peer that takes nothing is cut between one stall time and one and a
+/// quarter after its last progress (see [`Socket::send_all_with`]).
+const LOOKS_PER_STALL: u32 = 4;
 
 impl Socket {
     /// Wraps a connected socket (in blocking mode: io_uring honours O_NONBLOCK and would fail
     /// an operation that has to wait with EAGAIN instead of waiting). A peer that takes none
     /// of the data sent to it for `stall` (the VIP's idle timeout, or its tunnel timeout for a
-    /// relay: it stopped reading, or went away) has the connection aborted by the kernel
-    /// (TCP_USER_TIMEOUT, which also bounds zero-window probing), so a pending send fails
-    /// instead of holding the connection, and the one behind it, forever. The kernel keeps that
-    /// clock: no timer per send. Each request gives its connections the idle timeout in force
-    /// for it, and a relay its tunnel timeout ([`Socket::keep_stall`]).
+    /// relay: it stopped reading, or went away) has the connection aborted by the proxy, so a
+    /// pending send fails instead of holding the connection, and the one behind it, forever
+    /// ([`Socket::send_all_with`] watches the bytes the peer acknowledges). A peer that keeps
+    /// reading, however slowly, is not cut. Each request gives its connections the idle timeout
+    /// in force for it, and a relay its tunnel timeout ([`Socket::keep_stall`]).
+    ///
+    /// Not the kernel's TCP_USER_TIMEOUT, which was that clock before: Linux times zero-window
+    /// probing from the first probe, and starts that clock again only when the window opens
+    /// wide enough for the whole segment queued first, so a reader slower than its sender
+    /// that frees its window a few KiB at a time was aborted at the timeout while it kept
+    /// reading, and would be at any value.
     pub(crate) fn new(s: TcpStream, stall: Duration) -> Self {
-        let s = Self::of(s);
-        s.set_stall(stall);
-        s
+        Self(Rc::new(Shared { stream: s, stall: Cell::new(stall), acked: Cell::new(0) }))
     }
 
-    /// Wraps `s`, its TCP_USER_TIMEOUT not set yet.
-    fn of(s: TcpStream) -> Self {
-        Self(Rc::new(Shared { stream: s, stall: Cell::new(Duration::ZERO) }))
-    }
-
-    /// Gives the socket `stall` as its TCP_USER_TIMEOUT (see [`Socket::new`]) unless it has it
-    /// already: the idle timeout of the config a request runs under, which a reload may have
-    /// changed since the socket was made, or, on a pooled backend connection, which another
-    /// VIP's request may have set (the pool keeps connections by backend address alone).
-    /// Otherwise the kernel went on aborting a stalled peer at the old value while the proxy's
-    /// own idle clocks ran on the new one. One comparison when it has.
+    /// Gives the socket `stall` as its stall time (see [`Socket::new`]): the idle timeout of
+    /// the config a request runs under, which a reload may have changed since the socket was
+    /// made, or, on a pooled backend connection, which another VIP's request may have set (the
+    /// pool keeps connections by backend address alone), or a relay's tunnel timeout. Otherwise
+    /// a stalled peer went on being cut at the old value while the proxy's own idle clocks ran
+    /// on the new one. No system call: the proxy keeps that clock.
     pub(crate) fn keep_stall(&self, stall: Duration) {
-        if self.0.stall.get() != stall {
-            self.set_stall(stall);
-        }
-    }
-
-    /// Sets TCP_USER_TIMEOUT to `stall` (see [`Socket::new`]).
-    fn set_stall(&self, stall: Duration) {
-        // Recorded even if the kernel refuses it: not tried again for every request.
         self.0.stall.set(stall);
-        // Without it a stalled peer is still cut off by the whole-request deadline (or, for a
-        // relay, never): worth a warning (once), not a refused connection.
-        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        if let Err(e) = self.with_sock(|r| r.set_tcp_user_timeout(Some(stall)))
-            && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
-        {
-            tracing::warn!(error = %e, "setting TCP_USER_TIMEOUT: peers that stop reading are not cut off at the idle timeout");
-        }
     }
 
     /// Connects to `addr`, giving up after `within` (`TimedOut`); its sends may wait `stall`
-    /// each. The connection has TCP_NODELAY, as the client connections have it from their
+    /// for their peer to take something (see [`Socket::new`]). The connection has TCP_NODELAY, as the client connections have it from their
     /// listener: a relay or a request passes on bytes as they come, and under Nagle's algorithm
     /// a small write behind one not yet acknowledged waits for the peer's delayed ACK (some
     /// 40 ms on Linux), which a peer waiting for the rest of a message does not send sooner.
@@ -98,6 +89,7 @@ impl Socket {
     /// is `within` until the handshake completes as well, in case an attempt ever escapes the
     /// shutdown: Linux honours it in SYN_SENT, though only when the SYN retransmission timer
     /// fires (1 s, 3 s, 7 s... after the first SYN), so it alone would end the attempt late.
+    /// Connected, the socket has it no more: it would cut a slow reader (see [`Socket::new`]).
     pub(crate) async fn connect(
         addr: SocketAddr,
         within: Duration,
@@ -109,7 +101,7 @@ impl Socket {
         let _ = sock.set_tcp_user_timeout(Some(within));
         // Best effort too: without it the connection works, only slower.
         let _ = sock.set_tcp_nodelay(true);
-        let s = Self::of(TcpStream::from_std(sock.into()));
+        let s = Self::new(TcpStream::from_std(sock.into()), stall);
         let attempt = Connecting(Some(s.clone()));
         // Boxed: the operation keeps the address (which the SQE points to) until the kernel
         // completes it, wherever the box moves.
@@ -121,11 +113,23 @@ impl Socket {
         match tokio::time::timeout(within, op.submit()).await {
             Ok(Ok(())) => {
                 attempt.done();
-                s.set_stall(stall);
+                s.no_user_timeout();
                 Ok(s)
             }
             Ok(Err(e)) => Err(e),
             Err(_) => Err(io::ErrorKind::TimedOut.into()),
+        }
+    }
+
+    /// Takes the connect's TCP_USER_TIMEOUT off the connected socket (see [`Socket::connect`]).
+    /// Left on, it would abort a slow reader at the connect timeout: worth a warning (once), not
+    /// a refused connection (Linux does not refuse it).
+    fn no_user_timeout(&self) {
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if let Err(e) = self.with_sock(|r| r.set_tcp_user_timeout(None))
+            && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(error = %e, "clearing TCP_USER_TIMEOUT after a connect: the kernel may abort backend connections whose peer reads slowly, at the connect timeout");
         }
     }
 
@@ -196,15 +200,25 @@ impl Socket {
         Armed(UnsubmittedOneshot::new(Held { buf, _socket: self.clone() }, Received, sqe).submit())
     }
 
-    /// Sends all of `data`, returning it when done (or failing once the peer took nothing for
-    /// the socket's stall time: see [`Socket::new`]).
+    /// Sends all of `data`, returning it when done (or failing with `TimedOut` once the peer
+    /// took nothing for the socket's stall time: see [`Socket::new`]).
     pub(crate) async fn send_all<B: IoBuf>(&self, data: B) -> io::Result<B> {
         self.send_all_with(data, || {}).await
     }
 
-    /// [`Socket::send_all`], calling `progress` after each send that took part of `data`: a
-    /// slow receiver takes a large buffer in several sends, each of them progress that a relay's
-    /// idle clock must see.
+    /// [`Socket::send_all`], calling `progress` after each send that took part of `data`, and
+    /// whenever a send that waits sees its peer acknowledge more: a slow receiver takes a large
+    /// buffer in several sends, or in one that waits long, each of them progress that a
+    /// relay's idle clock must see.
+    ///
+    /// A send still waiting after a quarter of the stall time has its peer looked at
+    /// (TCP_INFO's `tcpi_bytes_acked`), and again every quarter: one that acknowledged more
+    /// since the look before makes progress, and the send goes on waiting; once none was seen
+    /// for the stall time (counted from the first look, which has nothing to compare with),
+    /// the connection is aborted ([`Socket::abort`]: a reset, which also completes the send,
+    /// with an error, as it must: a send is never dropped while the kernel has it, nor issued
+    /// again) and the send fails with `TimedOut`. A send that completes before its first look
+    /// costs a timer, no system call.
     pub(crate) async fn send_all_with<B: IoBuf>(
         &self,
         mut data: B,
@@ -219,7 +233,10 @@ impl Socket {
                 .flags(libc::MSG_NOSIGNAL)
                 .build();
             let held = Held { buf: data, _socket: self.clone() };
-            let (r, b) = UnsubmittedOneshot::new(held, Sent(PhantomData), sqe).submit().await;
+            let op = UnsubmittedOneshot::new(held, Sent(PhantomData), sqe).submit();
+            let Some((r, b)) = self.unless_stalled(op, &progress).await else {
+                return Err(io::ErrorKind::TimedOut.into());
+            };
             data = b;
             match r {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -229,6 +246,68 @@ impl Socket {
             progress();
         }
         Ok(data)
+    }
+
+    /// Waits for send `op` as long as its peer takes something within the stall time (see
+    /// [`Socket::send_all_with`]), calling `progress` when a look sees it take more. `None`
+    /// when it did not: the connection was aborted, and the send has completed (its outcome,
+    /// an error, dropped).
+    async fn unless_stalled<T>(
+        &self,
+        op: impl Future<Output = T>,
+        progress: &impl Fn(),
+    ) -> Option<T> {
+        let mut op = std::pin::pin!(op);
+        let stall = self.0.stall.get();
+        let every = ticks(stall / LOOKS_PER_STALL);
+        // On the thread's watch from its first wait on ([`Watch`]): no timer of its own.
+        let mut watched: Option<Watched> = None;
+        // The bytes acknowledged at the last look, and when progress was last seen (the first
+        // look's time, at first: what came before it is not known).
+        let mut seen: Option<(Option<u64>, Instant)> = None;
+        loop {
+            let done = std::future::poll_fn(|cx| {
+                if let Poll::Ready(out) = op.as_mut().poll(cx) {
+                    return Poll::Ready(Some(out));
+                }
+                match &watched {
+                    None => watched = Some(Watched::new(cx.waker(), every)),
+                    Some(w) if w.due() => return Poll::Ready(None),
+                    Some(w) => w.wake(cx.waker()),
+                }
+                Poll::Pending
+            })
+            .await;
+            let Some(w) = &watched else { return done };
+            if let Some(out) = done {
+                return Some(out);
+            }
+            let now = Instant::now();
+            let acked = self.acked_bytes();
+            match seen {
+                None => seen = Some((acked, now)),
+                Some((before, _)) if acked != before => {
+                    seen = Some((acked, now));
+                    progress();
+                }
+                Some((_, since)) if now.duration_since(since) >= stall => {
+                    drop(watched);
+                    self.abort();
+                    op.await;
+                    return None;
+                }
+                Some(_) => {}
+            }
+            w.again(every);
+        }
+    }
+
+    /// The bytes of this connection its peer has acknowledged (TCP_INFO's `tcpi_bytes_acked`,
+    /// Linux 4.1 on, older than io_uring's sends), or `None` if the kernel does not say.
+    fn acked_bytes(&self) -> Option<u64> {
+        let (info, len) = crate::tcp_info::get(&self.0.stream).ok()?;
+        let end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + size_of::<u64>();
+        (len >= end).then_some(info.tcpi_bytes_acked)
     }
 
     /// Ends the connection with a reset (RST) now, so that its peer reads an error, not an end
@@ -256,21 +335,164 @@ impl Socket {
         }
     }
 
+    /// Is the peer draining bytes sent on this connection: does the kernel still hold some
+    /// for it ([`Socket::unacknowledged`]), and has it acknowledged more since this was last
+    /// asked (or, the first time, ever)? A relay whose own sends are long done is not idle
+    /// while the peer drains them (a slow reader); one whose peer takes nothing more (it
+    /// stopped reading, or went away), bytes still queued for it, is, and so is one whose peer
+    /// has everything. One getsockopt(TCP_INFO).
+    pub(crate) fn draining(&self) -> bool {
+        let Ok((info, len)) = crate::tcp_info::get(&self.0.stream) else { return false };
+        let end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + size_of::<u64>();
+        let acked = if len >= end { info.tcpi_bytes_acked } else { 0 };
+        let more = acked != self.0.acked.replace(acked);
+        more && queued(&info)
+    }
+
     /// Does the kernel still hold bytes sent on this connection that its peer has not
-    /// acknowledged (sent or not yet), on a connection still up? A relay whose own sends are
-    /// long done is not idle while the peer drains them (a slow reader); a peer that takes
-    /// nothing for the stall time has the connection aborted by the kernel (see
-    /// [`Socket::new`]), which ends that. One getsockopt(TCP_INFO).
-    pub(crate) fn delivering(&self) -> bool {
-        // Linux's TCP states in which queued bytes still go out.
-        const ESTABLISHED: u8 = 1;
-        const FIN_WAIT1: u8 = 4;
-        const CLOSE_WAIT: u8 = 8;
-        const LAST_ACK: u8 = 9;
-        const CLOSING: u8 = 11;
-        let Ok((info, _)) = crate::tcp_info::get(&self.0.stream) else { return false };
-        matches!(info.tcpi_state, ESTABLISHED | FIN_WAIT1 | CLOSE_WAIT | LAST_ACK | CLOSING)
-            && (info.tcpi_unacked > 0 || info.tcpi_notsent_bytes > 0)
+    /// acknowledged (sent or not yet), on a connection still up? Closed at once, such a
+    /// connection would throw them away (`http::upstream_pool::close_idle`). One
+    /// getsockopt(TCP_INFO).
+    pub(crate) fn unacknowledged(&self) -> bool {
+        crate::tcp_info::get(&self.0.stream).is_ok_and(|(info, _)| queued(&info))
+    }
+}
+
+/// Does a connection whose TCP_INFO is `info` still hold bytes its peer has not acknowledged
+/// (sent or not yet), in a state in which they still go out?
+fn queued(info: &libc::tcp_info) -> bool {
+    // Linux's TCP states in which queued bytes still go out.
+    const ESTABLISHED: u8 = 1;
+    const FIN_WAIT1: u8 = 4;
+    const CLOSE_WAIT: u8 = 8;
+    const LAST_ACK: u8 = 9;
+    const CLOSING: u8 = 11;
+    matches!(info.tcpi_state, ESTABLISHED | FIN_WAIT1 | CLOSE_WAIT | LAST_ACK | CLOSING)
+        && (info.tcpi_unacked > 0 || info.tcpi_notsent_bytes > 0)
+}
+
+/// How often the thread's [`Watch`] ticks: the grain of the stall times of sends.
+const TICK: Duration = Duration::from_millis(50);
+
+/// `d` in [`TICK`]s, at least one.
+fn ticks(d: Duration) -> u64 {
+    (d.as_nanos() / TICK.as_nanos()).max(1) as u64
+}
+
+thread_local! {
+    /// The thread's sends that wait ([`Socket::send_all_with`]).
+    static WATCH: Watch = Watch::default();
+}
+
+/// The sends of a proxy thread that wait, each woken when it is due a look at its peer's
+/// progress, by one ticker task per thread (every [`TICK`], while any send waits) rather than a
+/// timer per send: the ring reports every send's completion only when the thread next waits,
+/// so nearly every send waits, and a timer-wheel entry (and a clock read) for each cost some
+/// 1 % of the proxy's core, 4-7 % fewer requests per CPU-second at c64 (docs/BENCHMARKS.md,
+/// eighth session). A send on the watch costs a slot and a waker's clone.
+#[derive(Default)]
+struct Watch {
+    /// The sends waiting, by slot: their task's waker and the tick at which they are due.
+    sends: std::cell::RefCell<Vec<Option<(Waker, u64)>>>,
+    /// Free slots of `sends`.
+    free: std::cell::RefCell<Vec<usize>>,
+    /// Ticks so far.
+    tick: Cell<u64>,
+    /// Is a ticker task running on this thread?
+    ticking: Cell<bool>,
+}
+
+/// A send on the thread's [`Watch`]: its slot, given back when it is dropped.
+struct Watched(usize);
+
+impl Watched {
+    /// Puts a send, its task woken by `waker`, on the watch, due in `every` ticks; starts the
+    /// thread's ticker if none runs.
+    fn new(waker: &Waker, every: u64) -> Watched {
+        WATCH.with(|w| {
+            let due = (waker.clone(), w.tick.get() + every);
+            let mut sends = w.sends.borrow_mut();
+            let slot = match w.free.borrow_mut().pop() {
+                Some(i) => {
+                    sends[i] = Some(due);
+                    i
+                }
+                None => {
+                    sends.push(Some(due));
+                    sends.len() - 1
+                }
+            };
+            if !w.ticking.replace(true) {
+                tokio_uring::spawn(tick());
+            }
+            Watched(slot)
+        })
+    }
+
+    /// Has the send's tick come?
+    fn due(&self) -> bool {
+        WATCH.with(|w| w.sends.borrow()[self.0].as_ref().is_some_and(|(_, at)| *at <= w.tick.get()))
+    }
+
+    /// The send is waited for by `waker` now (a task polls it with a waker of its own).
+    fn wake(&self, waker: &Waker) {
+        WATCH.with(|w| {
+            if let Some((known, _)) = &mut w.sends.borrow_mut()[self.0]
+                && !known.will_wake(waker)
+            {
+                *known = waker.clone();
+            }
+        });
+    }
+
+    /// Due again `every` ticks from now.
+    fn again(&self, every: u64) {
+        WATCH.with(|w| {
+            if let Some((_, at)) = &mut w.sends.borrow_mut()[self.0] {
+                *at = w.tick.get() + every;
+            }
+        });
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        // `try_with`: a task dropped as its thread ends may come after the watch.
+        let _ = WATCH.try_with(|w| {
+            w.sends.borrow_mut()[self.0] = None;
+            w.free.borrow_mut().push(self.0);
+        });
+    }
+}
+
+/// The thread's ticker: every [`TICK`], wakes the sends that are due; ends when none waits.
+async fn tick() {
+    /// Marks the ticker gone however it ends (its runtime may drop it), so that the next send
+    /// that waits starts another.
+    struct Ticking;
+    impl Drop for Ticking {
+        fn drop(&mut self) {
+            let _ = WATCH.try_with(|w| w.ticking.set(false));
+        }
+    }
+    let _ticking = Ticking;
+    let mut every = tokio::time::interval(TICK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let waiting = WATCH.with(|w| {
+            let now = w.tick.get() + 1;
+            w.tick.set(now);
+            let sends = w.sends.borrow();
+            for (waker, _) in sends.iter().flatten().filter(|(_, at)| *at <= now) {
+                waker.wake_by_ref();
+            }
+            sends.iter().any(Option::is_some)
+        });
+        if !waiting {
+            return;
+        }
     }
 }
 

@@ -147,11 +147,11 @@ pub(super) fn close(s: &Socket) {
 /// than SO_LINGER alone: clones of the socket (the receive pending on it) keep it open past
 /// this call, and a FIN first would let the backend's own FIN in, and the TIME_WAIT with it,
 /// before the last clone goes. Should the backend not have acknowledged everything sent to it
-/// yet ([`Socket::delivering`]: the end of a request body still on its way), an ordinary close
+/// yet ([`Socket::unacknowledged`]: the end of a request body still on its way), an ordinary close
 /// instead, as a reset would throw that away. A connection closed mid-exchange never comes
 /// here, nor one the backend closes itself ([`close_after_backend`]).
 pub(super) fn close_idle(s: &Socket) {
-    if s.delivering() {
+    if s.unacknowledged() {
         close(s);
     } else {
         s.abort();
@@ -553,7 +553,7 @@ mod tests {
             // More than the peer's window, less than the proxy's send buffer takes.
             let sent = tokio::time::timeout(Duration::from_secs(5), s.send_all(vec![7u8; SENT]));
             sent.await.expect("the send buffer takes it").unwrap();
-            assert!(s.delivering(), "bytes the peer has not acknowledged");
+            assert!(s.unacknowledged(), "bytes the peer has not acknowledged");
             close_idle(&s);
             drop(s);
             peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
