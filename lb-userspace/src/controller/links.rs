@@ -1,6 +1,7 @@
 //! What the kernel says of the attached interfaces that the config must agree with, looked at
 //! at a start, at each reload and while edgelb runs: each interface's MTU against `node.mtu`
-//! ([`super::mtu_mismatches`], every sample), and `node.gateway_mac` against the MAC the
+//! ([`mtu_mismatches`], every sample), GRO under generic XDP ([`gro_warnings`], at a start and
+//! each reload), and `node.gateway_mac` against the MAC the
 //! kernel's neighbour table gives the gateway of the route to the backends out of each
 //! interface ([`LinkWatch::judge_gateways`], every [`GATEWAY_EVERY`]). Both can change under a running edgelb (`ip link set ... mtu`; a
 //! router replaced, a failover without a virtual MAC), and nothing else would tell: the packets
@@ -9,13 +10,14 @@
 //! shows the namespace of whoever mounted it, which under `nsenter --net` is not edgelb's.
 
 use std::{
+    collections::BTreeSet,
     net::IpAddr,
     time::{Duration, Instant},
 };
 
 use tracing::{debug, error, info, warn};
 
-use super::{Controller, mtu_mismatches, same_warnings};
+use super::Controller;
 use crate::{
     config::{Config, Forwarding},
     dataplane::netlink,
@@ -56,7 +58,7 @@ type GatewayMismatch = (String, [u8; 6], Vec<[u8; 6]>);
 /// What the controller last saw of the attached interfaces.
 #[derive(Debug, Default)]
 pub(super) struct LinkWatch {
-    /// The GRO warnings of the last start or reload ([`super::gro_warnings`]): GRO is not
+    /// The GRO warnings of the last start or reload ([`gro_warnings`]): GRO is not
     /// looked at in between, and they are logged with the MTU ones.
     pub(super) gro: Vec<String>,
     /// (interface, MTU) as last read ([`link_mtus`]), for `edgelb_interface_mtu`.
@@ -227,6 +229,65 @@ pub(super) fn link_mtus(cfg: &Config, last: &[(String, u32)]) -> Vec<(String, u3
         .collect()
 }
 
+/// The interfaces where GRO on stalls uploads (see [`gro_warnings`]), from their GRO now.
+pub(super) fn gro_warnings_now(cfg: &Config, attached: &[(String, &'static str)]) -> Vec<String> {
+    let gro_on = |i: &str| crate::dataplane::netlink::gro_on(i).unwrap_or(false);
+    gro_warnings(cfg, attached, gro_on)
+}
+
+/// Whether the warnings `new` are those `last` logged, in whatever order: a reload then logs
+/// nothing again (a start logs them all).
+fn same_warnings(last: &[String], new: &[String]) -> bool {
+    last.iter().collect::<BTreeSet<_>>() == new.iter().collect::<BTreeSet<_>>()
+}
+
+/// The interfaces where XDP runs in generic mode with GRO on, when some VIP encapsulates, each
+/// with what to do. Generic XDP runs after the kernel's software GRO, which the kernel leaves on
+/// when it installs a generic program: TCP segments merged into one packet larger than the MTU
+/// no longer fit the path once encapsulated, and each merged upload is refused again. Without an
+/// encapsulating VIP nothing grows past the MTU, and turning GRO off would only cost the L7
+/// proxy (whose sockets take merged segments whole) throughput.
+fn gro_warnings(
+    cfg: &Config,
+    attached: &[(String, &'static str)],
+    gro_on: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    if !cfg.vips.iter().any(|v| v.forwarding == Forwarding::Ipip) {
+        return Vec::new();
+    }
+    attached
+        .iter()
+        .filter(|(interface, mode)| *mode == "generic" && gro_on(interface))
+        .map(|(interface, _)| {
+            format!(
+                "XDP runs in generic mode on {interface}, after the kernel merges received TCP segments (GRO): merged packets pass node.mtu once encapsulated and are refused, which stalls uploads through ipip VIPs; turn GRO off: `ethtool -K {interface} gro off`"
+            )
+        })
+        .collect()
+}
+
+/// Why `node.mtu` is wrong for the interfaces' own MTUs (`links`), if it is, when some VIP
+/// encapsulates (which makes packets larger): above an interface's MTU, or 0 (no check), a
+/// full-size client packet is encapsulated past what the NIC sends, and it is dropped
+/// silently (by the driver, or the next hop) instead of answered with frag-needed /
+/// packet-too-big so that the client sends smaller ones.
+pub(super) fn mtu_mismatches(cfg: &Config, links: &[(String, u32)]) -> Vec<String> {
+    if !cfg.vips.iter().any(|v| v.forwarding == Forwarding::Ipip) {
+        return Vec::new();
+    }
+    let mtu = cfg.node.mtu;
+    links
+        .iter()
+        .filter(|&&(_, link)| mtu == 0 || mtu > link)
+        .map(|(name, link)| {
+            let now = if mtu == 0 { "0 (no check)".to_owned() } else { mtu.to_string() };
+            format!(
+                "node.mtu is {now}, and interface {name} carries at most {link} bytes: an encapsulated packet above {link} bytes is dropped without an ICMP error, so clients never learn to send smaller ones; set node.mtu = {link} (or the smaller path MTU towards the backends)"
+            )
+        })
+        .collect()
+}
+
 impl Controller {
     /// At each sample (and at a reload): reads the interfaces' MTUs again, and logs the MTU
     /// and GRO warnings when they differ from those last logged ([`Controller::log_link_warnings`]):
@@ -295,11 +356,21 @@ impl Controller {
         }
         self.link_warnings = now;
     }
+
+    /// Logs the MTU and GRO warnings of a reload (GRO looked at again, the MTUs read again),
+    /// when they are not those last logged, and compares `node.gateway_mac` with the gateways'
+    /// MACs again ([`Controller::watch_links`]).
+    pub(super) fn warn_of_links(&mut self) {
+        self.links.gro = gro_warnings_now(&self.cfg, self.dp.attached());
+        self.links.look_at_gateways_now();
+        self.watch_links();
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::tests::{NODE, l7};
 
     fn parse(text: &str) -> Config {
         Config::parse(text, std::path::Path::new("t.toml")).expect("valid test config")
@@ -398,5 +469,65 @@ mod tests {
                 && m.contains("to the gateway's MAC"),
             "{m}"
         );
+    }
+
+    /// A `node.mtu` above an interface's MTU, or 0, is said, naming the interface and the
+    /// value to set; only when some VIP encapsulates (nothing else grows packets).
+    #[test]
+    fn an_mtu_the_interfaces_cannot_carry_is_said() {
+        let ipip = |mtu: u32| {
+            parse(&format!(
+                "{NODE}mtu = {mtu}\ngateway_mac = \"02:00:00:00:00:01\"\n[[vip]]\nname = \"v\"\naddress = \"198.18.1.1\"\nbackends = [{{ address = \"198.18.0.11\" }}]\n"
+            ))
+        };
+        let links = [("eth0".to_owned(), 1500), ("eth1".to_owned(), 9000)];
+        assert!(mtu_mismatches(&ipip(1500), &links).is_empty());
+        let w = mtu_mismatches(&ipip(9000), &links);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("interface eth0 carries at most 1500")
+                && w[0].contains("node.mtu = 1500"),
+            "{w:?}"
+        );
+        assert_eq!(mtu_mismatches(&ipip(0), &links).len(), 2);
+        // Without encapsulation, packets leave no larger than they came.
+        let l7_only = parse(&format!("{NODE}mtu = 9000\n{}", l7("a", 8001, "http")));
+        assert!(mtu_mismatches(&l7_only, &links).is_empty());
+    }
+
+    /// Generic mode with GRO on is said only where it hurts: on a generic-mode interface with
+    /// GRO on, when some VIP encapsulates. A node of L7 VIPs only is not told to turn GRO off,
+    /// which would cost its proxy throughput for nothing.
+    #[test]
+    fn gro_is_said_only_when_some_vip_encapsulates() {
+        let ipip = parse(&format!(
+            "{NODE}gateway_mac = \"02:00:00:00:00:01\"\n[[vip]]\nname = \"v\"\naddress = \"198.18.1.1\"\nbackends = [{{ address = \"198.18.0.11\" }}]\n{}",
+            l7("a", 8001, "http")
+        ));
+        let l7_only = parse(&format!("{NODE}{}", l7("a", 8001, "http")));
+        let attached = [("eth0".to_owned(), "generic"), ("eth1".to_owned(), "native")];
+        let w = gro_warnings(&ipip, &attached, |_| true);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("generic mode on eth0") && w[0].contains("ethtool -K eth0 gro off"));
+        assert!(gro_warnings(&ipip, &attached, |_| false).is_empty(), "GRO off: nothing to say");
+        assert_eq!(gro_warnings(&l7_only, &attached, |_| true), Vec::<String>::new());
+    }
+
+    /// A reload logs the MTU and GRO warnings again only when they change: the same ones (in
+    /// whatever order) are not logged at each of hundreds of reloads; one more, one fewer, one
+    /// reworded (another MTU) or none left are.
+    #[test]
+    fn a_reload_logs_link_warnings_only_when_they_change() {
+        let w = |ws: &[&str]| ws.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
+        let (mtu, gro) = ("node.mtu is 9000, and interface eth0", "generic mode on eth1");
+        assert!(same_warnings(&w(&[mtu, gro]), &w(&[mtu, gro])));
+        assert!(same_warnings(&w(&[mtu, gro]), &w(&[gro, mtu])), "order says nothing");
+        assert!(same_warnings(&[], &[]));
+        assert!(!same_warnings(&w(&[mtu]), &w(&[mtu, gro])), "one more");
+        assert!(!same_warnings(&w(&[mtu, gro]), &w(&[gro])), "one fewer");
+        assert!(!same_warnings(&w(&[mtu]), &[]), "none left");
+        assert!(!same_warnings(&[], &w(&[gro])), "a first one");
+        let other = "node.mtu is 0 (no check), and interface eth0";
+        assert!(!same_warnings(&w(&[mtu]), &w(&[other])), "another value");
     }
 }

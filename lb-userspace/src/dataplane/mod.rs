@@ -938,7 +938,7 @@ impl Dataplane {
             warn!(interface, running = used, configured = ?mode, "the pinned XDP link runs in another mode than node.xdp_mode asks; `edgelb stop` (which detaches) and a start attach in the configured one");
         }
         // Whether GRO is on here matters only to VIPs that encapsulate: the controller says so
-        // (`controller::gro_warnings`), knowing the config.
+        // (`controller::links::gro_warnings`), knowing the config.
         self.attached.push((interface.to_owned(), used));
         self.ifindexes.push(device.unwrap_or(0));
         self.links.push(link.map(HeldLink::new));
