@@ -2384,6 +2384,24 @@ fn quiet(c: &Client) -> bool {
     quiet
 }
 
+/// `n` clients of `p` that made one request each and now wait, idle, on their keep-alive
+/// connections, and `p`'s proxy, taken out of it to be drained, once it counts them all idle
+/// (a moment after each answer, when the connection waits for its next request).
+fn idle_keep_alive_clients(p: &mut Running, n: usize) -> (Vec<Client>, Proxy) {
+    let mut idle: Vec<Client> = (0..n).map(|_| Client::connect(p.addr)).collect();
+    for c in &mut idle {
+        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(c.status(), 200);
+    }
+    let proxy = p.proxy.take().unwrap();
+    let start = Instant::now();
+    while proxy.idle_clients() < idle.len() {
+        assert!(start.elapsed() < Duration::from_secs(5), "{} idle", proxy.idle_clients());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (idle, proxy)
+}
+
 /// The old process of a takeover keeps its client connections idle between keep-alive requests
 /// open rather than close them as a stop does: the next request on one (a client that did not
 /// notice a close would have sent it anyway) is served, with `Connection: close`, and the
@@ -2395,18 +2413,7 @@ fn a_takeovers_drain_serves_the_next_request_of_idle_keep_alive_connections() {
     let b = backend("b", Mode::Ok);
     let mut p = proxy(&[(&b, 1)], "", "");
     // Several, so that each thread has some (most likely).
-    let mut idle: Vec<Client> = (0..6).map(|_| Client::connect(p.addr)).collect();
-    for c in &mut idle {
-        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
-        assert_eq!(c.status(), 200);
-    }
-    let mut proxy = p.proxy.take().unwrap();
-    // Counted idle once each connection waits for its next request, a moment after its answer.
-    let start = Instant::now();
-    while proxy.idle_clients() < idle.len() {
-        assert!(start.elapsed() < Duration::from_secs(5), "{} idle", proxy.idle_clients());
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (mut idle, mut proxy) = idle_keep_alive_clients(&mut p, 6);
     assert_eq!(proxy.idle_clients(), idle.len());
     let draining = proxy.drain(DrainKind::Takeover);
     let wait = std::thread::spawn(move || draining.wait(Duration::from_secs(20)));
@@ -2446,17 +2453,7 @@ fn a_takeovers_drain_serves_the_next_request_of_idle_keep_alive_connections() {
 fn a_takeovers_drain_closes_idle_connections_plainly_at_its_deadline() {
     let b = backend("b", Mode::Ok);
     let mut p = proxy(&[(&b, 1)], "", "");
-    let mut idle: Vec<Client> = (0..4).map(|_| Client::connect(p.addr)).collect();
-    for c in &mut idle {
-        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
-        assert_eq!(c.status(), 200);
-    }
-    let mut proxy = p.proxy.take().unwrap();
-    let start = Instant::now();
-    while proxy.idle_clients() < idle.len() {
-        assert!(start.elapsed() < Duration::from_secs(5), "{} idle", proxy.idle_clients());
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (mut idle, mut proxy) = idle_keep_alive_clients(&mut p, 4);
     let t = Instant::now();
     proxy.drain(DrainKind::Takeover).wait(Duration::from_millis(500));
     let took = t.elapsed();

@@ -251,10 +251,9 @@ mod tests {
         assert!(!tracing::subscriber::with_default(errors, unheard));
     }
 
-    /// A panic is one error line naming the thread, the place and the message, in JSON too
-    /// (the format a log pipeline parses), and it counts.
-    #[test]
-    fn a_panic_is_logged_as_one_error_and_counted() {
+    /// A JSON log (the format a log pipeline parses) kept in memory, and the subscriber that
+    /// writes it, for a test to set as its default.
+    fn json_log() -> (crate::testlog::Log, impl tracing::Subscriber) {
         let log = crate::testlog::Log::default();
         let writer = log.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -262,6 +261,14 @@ mod tests {
             .with_max_level(tracing::Level::INFO)
             .with_writer(move || writer.clone())
             .finish();
+        (log, subscriber)
+    }
+
+    /// A panic is one error line naming the thread, the place and the message, in JSON too
+    /// (the format a log pipeline parses), and it counts.
+    #[test]
+    fn a_panic_is_logged_as_one_error_and_counted() {
+        let (log, subscriber) = json_log();
         let counter = Counter::default();
         let payload = std::panic::catch_unwind(|| panic!("boom {}", 42)).unwrap_err();
         let location = Location::caller();
@@ -286,13 +293,7 @@ mod tests {
     /// every one counts.
     #[test]
     fn a_panic_repeated_at_one_place_is_said_once_per_period() {
-        let log = crate::testlog::Log::default();
-        let writer = log.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .with_max_level(tracing::Level::INFO)
-            .with_writer(move || writer.clone())
-            .finish();
+        let (log, subscriber) = json_log();
         let counter = Counter::default();
         let said = Said::default();
         let payload = std::panic::catch_unwind(|| panic!("again")).unwrap_err();
