@@ -2835,6 +2835,141 @@ fn tcp_mode_a_client_that_stops_reading_is_cut_at_the_tunnel_timeout() {
     assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "the client's end");
 }
 
+/// The size of an answer that the proxy's send buffer on loopback takes whole (it grows to some
+/// 2.5 MiB at the handshake), so that the proxy is done sending it at once, whoever reads it.
+const QUEUED_ANSWER: usize = 2 << 20;
+
+/// Waits (5 s at most) until the kernel holds no socket of the proxy at `proxy` to `client`,
+/// neither open nor orphaned (closed by the proxy, the kernel still sending to the client):
+/// how long it took.
+fn proxy_socket_gone(proxy: SocketAddr, client: SocketAddr) -> Duration {
+    let start = Instant::now();
+    while let Some(queued) = tx_queue(proxy, client) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the proxy's socket to the client is still there, {queued} bytes queued"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
+/// Reads `s` until it fails or ends; how it ended.
+fn read_to_end_of(s: &TcpStream) -> Result<(), std::io::ErrorKind> {
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    loop {
+        match (&*s).read(&mut [0u8; 64 << 10]) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) => return Err(e.kind()),
+        }
+    }
+}
+
+/// A client that asks for an answer to close after (`Connection: close`) and reads none of it
+/// holds the proxy's socket no longer than the idle timeout, which then resets it, even when
+/// the proxy is done sending (the kernel's buffers took the whole answer). Before, the proxy
+/// closed its socket as soon as the answer was queued, and the kernel went on zero-window
+/// probing the client with the answer queued, an orphan for some 5.5 minutes, counted nowhere.
+#[test]
+fn a_client_that_reads_none_of_a_closing_answer_is_reset_at_the_idle_timeout() {
+    let b = backend("big", Mode::Big(QUEUED_ANSWER));
+    let p = proxy(&[(&b, 1)], "idle_timeout_ms = 500\nrequest_timeout_ms = 600000", "");
+    let s = connect_small_window(p.addr, 4096);
+    (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    let start = Instant::now();
+    while b.reqs.load(Ordering::Relaxed) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "the request reaches the backend");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = proxy_socket_gone(p.addr, s.local_addr().unwrap());
+    assert_eq!(read_to_end_of(&s), Err(std::io::ErrorKind::ConnectionReset), "after {took:?}");
+    p.connections_given_back().unwrap();
+}
+
+/// A connection whose close waits for a client that reads nothing (see
+/// [`a_client_that_reads_none_of_a_closing_answer_is_reset_at_the_idle_timeout`]) is still
+/// open to a stop, which waits for it to its drain deadline, not past it, and resets it there.
+#[test]
+fn a_stop_resets_a_closing_connection_whose_client_reads_nothing_at_its_deadline() {
+    let b = backend("big", Mode::Big(QUEUED_ANSWER));
+    let mut p = proxy(&[(&b, 1)], "idle_timeout_ms = 60000\nrequest_timeout_ms = 600000", "");
+    let s = connect_small_window(p.addr, 4096);
+    (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    let start = Instant::now();
+    while b.reqs.load(Ordering::Relaxed) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "the request reaches the backend");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    p.connections_open(1).unwrap();
+    let start = Instant::now();
+    p.proxy.take().unwrap().shutdown(Duration::from_millis(500));
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(450), "the stop waited for the connection: {took:?}");
+    assert!(took < Duration::from_secs(2), "but not past its deadline: {took:?}");
+    assert_eq!(tx_queue(p.addr, s.local_addr().unwrap()), None, "the proxy's socket is gone");
+    assert_eq!(read_to_end_of(&s), Err(std::io::ErrorKind::ConnectionReset));
+}
+
+/// A slow reader of an answer the proxy closes after (`Connection: close`) gets all of it, and
+/// its clean end, though it reads for several idle timeouts after the proxy was done sending
+/// (the kernel's buffers took the whole answer): the proxy waits for the client to have it
+/// while the client takes more, not for the idle timeout alone.
+#[test]
+fn a_slow_reader_of_a_closing_answer_gets_all_of_it() {
+    let b = backend("big", Mode::Big(QUEUED_ANSWER));
+    let p = proxy(&[(&b, 1)], "idle_timeout_ms = 1000\nrequest_timeout_ms = 600000", "");
+    let mut s = connect_small_window(p.addr, SLOW_WINDOW);
+    (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    let start = Instant::now();
+    let (got, end) = read_slowly(&mut s, |_| false);
+    let took = start.elapsed();
+    assert!(end.is_ok(), "{end:?} after {} bytes in {took:?}", got.len());
+    let head = got.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
+    assert_eq!(got.len() - head, QUEUED_ANSWER, "the whole body, after {took:?}");
+    assert!(got.ends_with(b"xxxx"), "the body's end");
+    assert!(took > Duration::from_secs(3), "the client read slowly: {took:?}");
+    p.connections_given_back().unwrap();
+}
+
+/// A TCP-mode client that half-closes and reads nothing of what the backend sends back holds
+/// the proxy's socket no longer than the tunnel timeout, which then resets it, even when the
+/// relay is done (the backend closed, the kernel's buffers took all it sent); and a slow reader
+/// in its place gets everything and the clean end (see
+/// [`a_client_that_reads_none_of_a_closing_answer_is_reset_at_the_idle_timeout`]).
+#[test]
+fn tcp_mode_a_half_closed_client_that_reads_nothing_is_reset_at_the_tunnel_timeout() {
+    let b = serve_backend(|mut s, r2, _| {
+        let _ = s.read_to_end(&mut Vec::new());
+        r2.fetch_add(1, Ordering::Relaxed);
+        let data: Vec<u8> = (0..QUEUED_ANSWER).map(|i| (i % 251) as u8).collect();
+        let _ = s.write_all(&data);
+    });
+    let l7 = "mode = \"tcp\"\nidle_timeout_ms = 60000\ntunnel_timeout_ms = 1000";
+    let p = proxy(&[(&b, 1)], l7, "");
+    let s = connect_small_window(p.addr, 4096);
+    s.shutdown(Shutdown::Write).unwrap();
+    let start = Instant::now();
+    // The proxy helper's readiness probe made one connection, which sent nothing too.
+    while b.reqs.load(Ordering::Relaxed) < 2 {
+        assert!(start.elapsed() < Duration::from_secs(5), "the backend answers");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = proxy_socket_gone(p.addr, s.local_addr().unwrap());
+    assert_eq!(read_to_end_of(&s), Err(std::io::ErrorKind::ConnectionReset), "after {took:?}");
+    p.connections_given_back().unwrap();
+
+    let mut s = connect_small_window(p.addr, SLOW_WINDOW);
+    s.shutdown(Shutdown::Write).unwrap();
+    let start = Instant::now();
+    let (got, end) = read_slowly(&mut s, |_| false);
+    let took = start.elapsed();
+    assert!(end.is_ok(), "{end:?} after {} bytes in {took:?}", got.len());
+    assert_eq!(got.len(), QUEUED_ANSWER, "everything, then the end, after {took:?}");
+    assert!(got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8), "intact");
+    assert!(took > Duration::from_secs(3), "the client read slowly: {took:?}");
+}
+
 /// Waits for the one connection `s` of the proxy `p`, whose client reads nothing, to be let go
 /// (the VIP's active-connections gauge back at 0) once `served` says it is being served (the
 /// gauge alone could show the proxy helper's readiness probe, which connects and closes at

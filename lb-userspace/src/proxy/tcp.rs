@@ -34,7 +34,9 @@ use super::{
 /// or nothing moved either way for `tunnel` (the VIP's tunnel timeout, which both sockets take as
 /// their stall time here too, the longest a send waits for a peer that takes nothing:
 /// [`Socket::keep_stall`]), with `up`'s member `state`
-/// counting the relay as in flight (least-connections sees it), then shuts both sockets down.
+/// counting the relay as in flight (least-connections sees it), then closes both sockets, each
+/// once its peer has what the kernel still holds for it, or took none of it for `tunnel`
+/// ([`Socket::close_when_delivered`]).
 /// TCP mode and upgraded HTTP connections (WebSocket) end in this; the value is the one in
 /// force when the relay started, which a reload does not change.
 ///
@@ -57,14 +59,17 @@ pub(super) async fn relay(client: &Socket, up: &Socket, tunnel: Duration, state:
     up.keep_stall(tunnel);
     let clock = Clock { moved: Cell::new(Instant::now()), idle: tunnel, sockets: [client, up] };
     let (upload, download) = tokio::join!(pump(client, up, &clock), pump(up, client, &clock));
-    unfinished.0 = None;
     drop(counted);
     if download == End::Eof && upload == End::Undeliverable {
         linger(client, tunnel).await;
     }
-    // Reads abandoned on an idle timeout stay pending until the sockets are shut down.
-    let _ = client.shutdown(Shutdown::Both);
-    let _ = up.shutdown(Shutdown::Both);
+    // Reads abandoned on an idle timeout stay pending until the sockets are shut down; not
+    // before each peer has what the kernel still holds for it, or took none of it for the
+    // tunnel timeout ([`Socket::close_when_delivered`]): a client that half-closed and reads
+    // nothing would otherwise keep an orphan socket in the kernel for minutes. A stop's drain
+    // deadline meanwhile drops this, which resets both.
+    tokio::join!(client.close_when_delivered(), up.close_when_delivered());
+    unfinished.0 = None;
 }
 
 /// The sockets of a relay under way, reset if it is dropped before it ends (see [`relay`]).

@@ -306,8 +306,7 @@ impl Socket {
     /// Linux 4.1 on, older than io_uring's sends), or `None` if the kernel does not say.
     fn acked_bytes(&self) -> Option<u64> {
         let (info, len) = crate::tcp_info::get(&self.0.stream).ok()?;
-        let end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + size_of::<u64>();
-        (len >= end).then_some(info.tcpi_bytes_acked)
+        acked_of(&info, len)
     }
 
     /// Ends the connection with a reset (RST) now, so that its peer reads an error, not an end
@@ -335,6 +334,59 @@ impl Socket {
         }
     }
 
+    /// Closes the connection once its peer has everything sent on it (this also completes a
+    /// receive still pending on it, as [`Socket::shutdown`] does): at once when the kernel
+    /// holds nothing for the peer any more ([`Socket::unacknowledged`], one getsockopt), the
+    /// common case. Otherwise the sending side is shut first (a FIN after the data) and the
+    /// close waits while the peer takes more (TCP_INFO's `tcpi_bytes_acked`), until it has
+    /// everything, or resets the connection ([`Socket::abort`]) once the peer took nothing for
+    /// the socket's stall time. Closed at once, the socket would become an orphan the kernel
+    /// keeps sending to for minutes, zero-window probing a peer that reads nothing (some 5.5
+    /// minutes seen), beyond the proxy's sight and `max_connections`; and no TCP_USER_TIMEOUT
+    /// set for the close would do instead, as it cuts a slow reader still reading the tail
+    /// (see [`Socket::new`]). The caller's connection stays open, and counted, while this
+    /// waits; a stop's drain deadline drops the wait and resets the connection.
+    ///
+    /// The peer is looked at [`FIRST_CLOSING_LOOK`] after the shutdown, then at twice the
+    /// interval before, up to a quarter of the stall time: a peer that reads has everything
+    /// within a round trip or so, and must not hold its connection for a quarter of the idle
+    /// timeout. A timer per look: a close that waits is rare.
+    pub(crate) async fn close_when_delivered(&self) {
+        if self.unacknowledged() {
+            let _ = self.shutdown(std::net::Shutdown::Write);
+            self.wait_delivered().await;
+        }
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Waits, its sending side shut, until the peer has everything sent on this connection,
+    /// or resets the connection once the peer took nothing for the stall time (see
+    /// [`Socket::close_when_delivered`]).
+    async fn wait_delivered(&self) {
+        let stall = self.0.stall.get();
+        let quarter = (stall / LOOKS_PER_STALL).max(FIRST_CLOSING_LOOK);
+        let mut every = FIRST_CLOSING_LOOK;
+        let mut acked = self.acked_bytes();
+        // When the connection is reset unless the peer takes more before.
+        let mut cut = tokio::time::Instant::now() + stall;
+        loop {
+            tokio::time::sleep_until(cut.min(tokio::time::Instant::now() + every)).await;
+            every = (every * 2).min(quarter);
+            let Ok((info, len)) = crate::tcp_info::get(&self.0.stream) else { return };
+            if !queued(&info) {
+                return;
+            }
+            let now = acked_of(&info, len);
+            if now != acked {
+                acked = now;
+                cut = tokio::time::Instant::now() + stall;
+            } else if tokio::time::Instant::now() >= cut {
+                self.abort();
+                return;
+            }
+        }
+    }
+
     /// Is the peer draining bytes sent on this connection: does the kernel still hold some
     /// for it ([`Socket::unacknowledged`]), and has it acknowledged more since this was last
     /// asked (or, the first time, ever)? A relay whose own sends are long done is not idle
@@ -343,8 +395,7 @@ impl Socket {
     /// has everything. One getsockopt(TCP_INFO).
     pub(crate) fn draining(&self) -> bool {
         let Ok((info, len)) = crate::tcp_info::get(&self.0.stream) else { return false };
-        let end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + size_of::<u64>();
-        let acked = if len >= end { info.tcpi_bytes_acked } else { 0 };
+        let acked = acked_of(&info, len).unwrap_or(0);
         let more = acked != self.0.acked.replace(acked);
         more && queued(&info)
     }
@@ -356,6 +407,13 @@ impl Socket {
     pub(crate) fn unacknowledged(&self) -> bool {
         crate::tcp_info::get(&self.0.stream).is_ok_and(|(info, _)| queued(&info))
     }
+}
+
+/// The bytes a connection's peer has acknowledged, from its TCP_INFO `info` of `len` bytes (as
+/// the kernel filled it: `tcpi_bytes_acked` came with Linux 4.1), or `None` if it does not say.
+fn acked_of(info: &libc::tcp_info, len: usize) -> Option<u64> {
+    let end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + size_of::<u64>();
+    (len >= end).then_some(info.tcpi_bytes_acked)
 }
 
 /// Does a connection whose TCP_INFO is `info` still hold bytes its peer has not acknowledged
@@ -370,6 +428,10 @@ fn queued(info: &libc::tcp_info) -> bool {
     matches!(info.tcpi_state, ESTABLISHED | FIN_WAIT1 | CLOSE_WAIT | LAST_ACK | CLOSING)
         && (info.tcpi_unacked > 0 || info.tcpi_notsent_bytes > 0)
 }
+
+/// How soon a connection closing with bytes still on their way to its peer first looks
+/// whether the peer has them all (see [`Socket::close_when_delivered`]).
+const FIRST_CLOSING_LOOK: Duration = Duration::from_millis(5);
 
 /// How often the thread's [`Watch`] ticks: the grain of the stall times of sends.
 const TICK: Duration = Duration::from_millis(50);

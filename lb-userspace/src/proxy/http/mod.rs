@@ -734,8 +734,11 @@ pub async fn serve(
 ) {
     serve_conn(&client, peer, listen, vip, shared, upstream, &idle).await;
     // A read abandoned on a timeout stays pending in the kernel and keeps the fd open; shutting
-    // the socket down completes it, so the connection really closes.
-    let _ = client.shutdown(std::net::Shutdown::Both);
+    // the socket down completes it, so the connection really closes. Not before the client has
+    // what the kernel still holds for it (the end of a `Connection: close` answer), or took
+    // none of it for the idle timeout: closed at once, the kernel would keep the socket for
+    // minutes for a client that reads nothing, uncounted.
+    client.close_when_delivered().await;
 }
 
 async fn serve_conn(

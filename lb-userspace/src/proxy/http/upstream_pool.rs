@@ -148,11 +148,15 @@ pub(super) fn close(s: &Socket) {
 /// this call, and a FIN first would let the backend's own FIN in, and the TIME_WAIT with it,
 /// before the last clone goes. Should the backend not have acknowledged everything sent to it
 /// yet ([`Socket::unacknowledged`]: the end of a request body still on its way), an ordinary close
-/// instead, as a reset would throw that away. A connection closed mid-exchange never comes
-/// here, nor one the backend closes itself ([`close_after_backend`]).
+/// instead, as a reset would throw that away, once the backend has them, in a task of its own
+/// ([`Socket::close_when_delivered`]: reset once the backend took none of them for the
+/// socket's stall time, the idle timeout, rather than left to the kernel, which would probe a
+/// backend that reads nothing for minutes). A connection closed mid-exchange never comes here,
+/// nor one the backend closes itself ([`close_after_backend`]).
 pub(super) fn close_idle(s: &Socket) {
     if s.unacknowledged() {
-        close(s);
+        let s = s.clone();
+        tokio_uring::spawn(async move { s.close_when_delivered().await });
     } else {
         s.abort();
     }
@@ -556,10 +560,48 @@ mod tests {
             assert!(s.unacknowledged(), "bytes the peer has not acknowledged");
             close_idle(&s);
             drop(s);
+            // Read on a thread of its own: the close waits in a task of this runtime.
+            let reader = std::thread::spawn(move || {
+                peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut got = Vec::new();
+                peer.read_to_end(&mut got).map(|_| got.len())
+            });
+            while !reader.is_finished() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let got = reader.join().unwrap().expect("the end of the stream, no reset");
+            assert_eq!(got, SENT);
+        });
+    }
+
+    /// An idle close that waits for bytes still on their way (see
+    /// [`an_idle_close_does_not_reset_bytes_still_on_their_way`]) resets the connection once
+    /// its peer took none of them for the socket's stall time. Closed with a FIN alone, the
+    /// kernel kept the socket for minutes, probing a peer that reads nothing.
+    #[test]
+    fn an_idle_close_resets_a_peer_that_takes_nothing_for_the_stall_time() {
+        use std::io::Read;
+        let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        l.set_recv_buffer_size(4096).unwrap();
+        l.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        l.listen(1).unwrap();
+        let l: std::net::TcpListener = l.into();
+        let addr = l.local_addr().unwrap();
+        const SENT: usize = 48 * 1024;
+        tokio_uring::start(async {
+            let stall = Duration::from_millis(300);
+            let s = Socket::connect(addr, Duration::from_secs(60), stall).await.unwrap();
+            let mut peer = l.accept().unwrap().0;
+            let sent = tokio::time::timeout(Duration::from_secs(5), s.send_all(vec![7u8; SENT]));
+            sent.await.expect("the send buffer takes it").unwrap();
+            close_idle(&s);
+            drop(s);
+            // The close's task runs meanwhile.
+            tokio::time::sleep(Duration::from_secs(1)).await;
             peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             let mut got = Vec::new();
-            peer.read_to_end(&mut got).expect("the end of the stream, no reset");
-            assert_eq!(got.len(), SENT);
+            let end = peer.read_to_end(&mut got).map_err(|e| e.kind());
+            assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "{} bytes", got.len());
         });
     }
 }
