@@ -15,7 +15,7 @@ use std::{
     pin::Pin,
     rc::Rc,
     task::{Context, Poll, Waker},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::BytesMut;
@@ -42,8 +42,8 @@ struct Shared {
 }
 
 /// How many times a send's peer is looked at within its socket's stall time, once the send
-/// waits that long: a peer that takes nothing is cut between one stall time and one and a
-/// quarter after its last progress (see [`Socket::send_all_with`]).
+/// waits that long, and how many looks in a row that see it take nothing cut it: between one
+/// stall time and one and a quarter after its last progress (see [`Socket::send_all_with`]).
 const LOOKS_PER_STALL: u32 = 4;
 
 impl Socket {
@@ -211,14 +211,19 @@ impl Socket {
     /// buffer in several sends, or in one that waits long, each of them progress that a
     /// relay's idle clock must see.
     ///
-    /// A send still waiting after a quarter of the stall time has its peer looked at
-    /// (TCP_INFO's `tcpi_bytes_acked`), and again every quarter: one that acknowledged more
-    /// since the look before makes progress, and the send goes on waiting; once none was seen
-    /// for the stall time (counted from the first look, which has nothing to compare with),
-    /// the connection is aborted ([`Socket::abort`]: a reset, which also completes the send,
-    /// with an error, as it must: a send is never dropped while the kernel has it, nor issued
-    /// again) and the send fails with `TimedOut`. A send that completes before its first look
-    /// costs a timer, no system call.
+    /// A send still waiting after a quarter of the stall time (rounded up to the watch's
+    /// [`TICK`]) has its peer looked at (TCP_INFO's `tcpi_bytes_acked`), and again every
+    /// quarter: one that acknowledged more since the look before makes progress, and the send
+    /// goes on waiting; the [`LOOKS_PER_STALL`]th look in a row that sees none (the first look
+    /// has nothing to compare with, and counts none) aborts the connection ([`Socket::abort`]:
+    /// a reset, which also completes the send, with an error, as it must: a send is never
+    /// dropped while the kernel has it, nor issued again) and the send fails with `TimedOut`.
+    /// So a peer is cut between one stall time and one and a quarter after its last progress
+    /// a look saw (the quarters rounded up), or one and a quarter after the send began to wait
+    /// if none did. Looks are counted, not timed: the ticks they come at are the stall time's
+    /// grain, and a clock read against the stall time cut at the fifth look or the sixth by a
+    /// tick's jitter. A send that completes before its first look costs no timer and no system
+    /// call.
     pub(crate) async fn send_all_with<B: IoBuf>(
         &self,
         mut data: B,
@@ -258,13 +263,10 @@ impl Socket {
         progress: &impl Fn(),
     ) -> Option<T> {
         let mut op = std::pin::pin!(op);
-        let stall = self.0.stall.get();
-        let every = ticks(stall / LOOKS_PER_STALL);
+        let every = ticks(self.0.stall.get() / LOOKS_PER_STALL);
         // On the thread's watch from its first wait on ([`Watch`]): no timer of its own.
         let mut watched: Option<Watched> = None;
-        // The bytes acknowledged at the last look, and when progress was last seen (the first
-        // look's time, at first: what came before it is not known).
-        let mut seen: Option<(Option<u64>, Instant)> = None;
+        let mut looks = Looks::default();
         loop {
             let done = std::future::poll_fn(|cx| {
                 if let Poll::Ready(out) = op.as_mut().poll(cx) {
@@ -282,21 +284,15 @@ impl Socket {
             if let Some(out) = done {
                 return Some(out);
             }
-            let now = Instant::now();
-            let acked = self.acked_bytes();
-            match seen {
-                None => seen = Some((acked, now)),
-                Some((before, _)) if acked != before => {
-                    seen = Some((acked, now));
-                    progress();
-                }
-                Some((_, since)) if now.duration_since(since) >= stall => {
+            match looks.look(self.acked_bytes()) {
+                Look::Progress => progress(),
+                Look::Nothing => {}
+                Look::Stalled => {
                     drop(watched);
                     self.abort();
                     op.await;
                     return None;
                 }
-                Some(_) => {}
             }
             w.again(every);
         }
@@ -429,6 +425,44 @@ fn queued(info: &libc::tcp_info) -> bool {
         && (info.tcpi_unacked > 0 || info.tcpi_notsent_bytes > 0)
 }
 
+/// What the looks at a waiting send's peer saw so far (see [`Socket::send_all_with`]).
+#[derive(Default)]
+struct Looks {
+    /// The bytes the peer had acknowledged at the last look (`Some(None)`: the kernel did not
+    /// say), `None` before the first.
+    acked: Option<Option<u64>>,
+    /// Looks in a row since then that saw it take nothing more.
+    idle: u32,
+}
+
+/// What one look at a waiting send's peer found ([`Looks::look`]).
+#[derive(Debug, PartialEq, Eq)]
+enum Look {
+    /// It acknowledged more since the look before.
+    Progress,
+    /// Nothing more, not for long enough to cut it (or this was the first look).
+    Nothing,
+    /// Nothing more at [`LOOKS_PER_STALL`] looks in a row: the connection is to be cut.
+    Stalled,
+}
+
+impl Looks {
+    /// Looks at a peer that has acknowledged `acked` bytes now.
+    fn look(&mut self, acked: Option<u64>) -> Look {
+        match self.acked.replace(acked) {
+            None => Look::Nothing,
+            Some(before) if before != acked => {
+                self.idle = 0;
+                Look::Progress
+            }
+            Some(_) => {
+                self.idle += 1;
+                if self.idle >= LOOKS_PER_STALL { Look::Stalled } else { Look::Nothing }
+            }
+        }
+    }
+}
+
 /// How soon a connection closing with bytes still on their way to its peer first looks
 /// whether the peer has them all (see [`Socket::close_when_delivered`]).
 const FIRST_CLOSING_LOOK: Duration = Duration::from_millis(5);
@@ -436,9 +470,10 @@ const FIRST_CLOSING_LOOK: Duration = Duration::from_millis(5);
 /// How often the thread's [`Watch`] ticks: the grain of the stall times of sends.
 const TICK: Duration = Duration::from_millis(50);
 
-/// `d` in [`TICK`]s, at least one.
+/// `d` in [`TICK`]s, rounded up (never shorter than `d`, so that [`LOOKS_PER_STALL`] looks
+/// never cut a peer before the stall time), at least one.
 fn ticks(d: Duration) -> u64 {
-    (d.as_nanos() / TICK.as_nanos()).max(1) as u64
+    d.as_nanos().div_ceil(TICK.as_nanos()).max(1) as u64
 }
 
 thread_local! {
@@ -661,5 +696,59 @@ impl<B> OneshotOutputTransform for Sent<B> {
         let r = cqe.result();
         let r = if r < 0 { Err(io::Error::from_raw_os_error(-r)) } else { Ok(r as usize) };
         (r, held.buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer that takes nothing is cut at the [`LOOKS_PER_STALL`]th look in a row that sees
+    /// it take nothing, after the first look (which has nothing to compare with): at the same
+    /// look every time, whatever the clock says between them.
+    #[test]
+    fn a_peer_is_cut_at_the_fourth_look_in_a_row_without_progress() {
+        let mut looks = Looks::default();
+        assert_eq!(looks.look(Some(10)), Look::Nothing, "the first look only starts the count");
+        for _ in 1..LOOKS_PER_STALL {
+            assert_eq!(looks.look(Some(10)), Look::Nothing);
+        }
+        assert_eq!(looks.look(Some(10)), Look::Stalled);
+    }
+
+    /// Progress at any look starts the count again; a kernel that does not say what was
+    /// acknowledged shows none.
+    #[test]
+    fn progress_starts_the_count_again() {
+        let mut looks = Looks::default();
+        looks.look(Some(10));
+        for _ in 1..LOOKS_PER_STALL {
+            assert_eq!(looks.look(Some(10)), Look::Nothing);
+        }
+        assert_eq!(looks.look(Some(11)), Look::Progress);
+        for _ in 1..LOOKS_PER_STALL {
+            assert_eq!(looks.look(Some(11)), Look::Nothing);
+        }
+        assert_eq!(looks.look(Some(11)), Look::Stalled);
+        let mut blind = Looks::default();
+        let seen: Vec<Look> = (0..=LOOKS_PER_STALL).map(|_| blind.look(None)).collect();
+        assert_eq!(seen.last(), Some(&Look::Stalled), "{seen:?}");
+    }
+
+    /// A look's interval is rounded up to whole ticks: [`LOOKS_PER_STALL`] of them never add up
+    /// to less than the stall time (75 ms was one tick, so a 300 ms stall time cut at 200 ms).
+    #[test]
+    fn look_intervals_round_up_to_whole_ticks() {
+        assert_eq!(ticks(Duration::ZERO), 1);
+        assert_eq!(ticks(Duration::from_millis(1)), 1);
+        assert_eq!(ticks(Duration::from_millis(50)), 1);
+        assert_eq!(ticks(Duration::from_millis(75)), 2);
+        assert_eq!(ticks(Duration::from_millis(250)), 5);
+        assert_eq!(ticks(Duration::from_secs(8) / LOOKS_PER_STALL), 40);
+        for ms in [1u64, 49, 51, 99, 300, 500, 999, 1001, 60_000] {
+            let stall = Duration::from_millis(ms);
+            let every = ticks(stall / LOOKS_PER_STALL);
+            assert!(TICK * (every as u32 * LOOKS_PER_STALL) >= stall, "{ms} ms");
+        }
     }
 }
