@@ -2448,9 +2448,11 @@ fn a_takeovers_drain_serves_the_next_request_of_idle_keep_alive_connections() {
 }
 
 /// A connection a takeover's drain keeps idle closes at the drain's deadline as the idle timeout
-/// closes one: its client reads the end of the stream, not a reset (a cut exchange's end).
+/// closes one: its client reads the end of the stream, not a reset (a cut exchange's end); and
+/// the log says so (it said "resetting the rest" of them).
 #[test]
 fn a_takeovers_drain_closes_idle_connections_plainly_at_its_deadline() {
+    let log = access_log();
     let b = backend("b", Mode::Ok);
     let mut p = proxy(&[(&b, 1)], "", "");
     let (mut idle, mut proxy) = idle_keep_alive_clients(&mut p, 4);
@@ -2466,6 +2468,13 @@ fn a_takeovers_drain_closes_idle_connections_plainly_at_its_deadline() {
         assert!(rest.is_empty(), "connection {i}: {rest:?}");
     }
     drop(proxy);
+    // Other tests' drains log here too: only this one has four idle connections left.
+    let text = logged(&log);
+    let said =
+        text.lines().find(|l| l.contains("L7 drain deadline passed") && l.contains("idle=4"));
+    let said = said.unwrap_or_else(|| panic!("no deadline line with idle=4 in\n{text}"));
+    assert!(said.contains("closing the idle connections left"), "{said}");
+    assert!(!said.contains("reset"), "{said}");
 }
 
 /// Pseudo-random garbage (a fixed xorshift stream, so failures reproduce) and hostile framing:

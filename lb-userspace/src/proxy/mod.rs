@@ -710,6 +710,12 @@ impl Shared {
         self.force.store(true, Ordering::SeqCst);
     }
 
+    /// Client connections idle between keep-alive requests now, all VIPs and threads (see
+    /// [`Proxy::idle_clients`]).
+    fn idle_clients(&self) -> usize {
+        self.idle.values().map(|shelves| reuse::idle_in(shelves)).sum()
+    }
+
     /// Is a keep-alive connection that waits for its next request to close now rather than
     /// wait: the proxy stops, and not for a takeover ([`DrainKind`]). Read by every connection
     /// as it goes idle: one relaxed load while the proxy runs.
@@ -1316,7 +1322,7 @@ impl Proxy {
     /// `max_connections` room-making counts them, [`reuse`]): those a takeover's drain keeps,
     /// for its log line.
     pub fn idle_clients(&self) -> usize {
-        self.shared.idle.values().map(|shelves| reuse::idle_in(shelves)).sum()
+        self.shared.idle_clients()
     }
 
     /// Stops accepting and hands back the drain to wait for ([`Draining::wait`], on a thread of
@@ -1368,8 +1374,21 @@ impl Draining {
             std::thread::sleep(Duration::from_millis(20));
         }
         let left = self.shared.open.load(Ordering::SeqCst);
-        if left > 0 {
-            warn!(connections = left, "L7 drain deadline passed; resetting the rest");
+        // Those idle between keep-alive requests (a takeover's drain keeps them) close as
+        // their idle timeout closes them, with a FIN (`http::serve`); the others, in the middle
+        // of an exchange or of its close, are reset (`accept_loop`).
+        let idle = self.shared.idle_clients().min(left);
+        match (idle, left - idle) {
+            (0, 0) => {}
+            (0, reset) => {
+                warn!(connections = reset, "L7 drain deadline passed; resetting the rest")
+            }
+            (idle, 0) => info!(idle, "L7 drain deadline passed; closing the idle connections left"),
+            (idle, reset) => warn!(
+                idle,
+                reset,
+                "L7 drain deadline passed; closing the idle connections left, resetting the rest"
+            ),
         }
         self.shared.end_now();
         for t in self.threads.drain(..) {
