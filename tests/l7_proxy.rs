@@ -5844,7 +5844,8 @@ fn an_early_answer_delimited_by_a_reset_close_is_no_failure() {
 /// a client that writes its whole body before it reads anything, as Python's http.client and
 /// requests do. Passing the answer on before reading the rest of the body deadlocked: the proxy
 /// waited to send to a client that did not read, the client to send to a proxy that did not
-/// read, until the idle timeout (TCP_USER_TIMEOUT) reset the connection. The proxy now reads
+/// read, until the idle timeout (then the kernel's TCP_USER_TIMEOUT, now the proxy's own stall
+/// check) reset the connection. The proxy now reads
 /// and drops the rest of the body while the answer streams.
 #[test]
 fn a_large_early_answer_reaches_a_client_that_writes_its_whole_body_first() {
@@ -7240,9 +7241,9 @@ fn tcp_mode_client_gets_a_backends_last_bytes_while_still_sending() {
 /// once, so the proxy itself moves nothing for longer than the tunnel timeout while the backend
 /// drains them. Before, the relay took that for silence and cut the connection at the
 /// timeout, and the answer was lost. (The reads keep loopback's receive window opening well
-/// within the tunnel timeout, which is also the connections' TCP_USER_TIMEOUT: its 64 KiB
-/// segments make a window reopen only in such steps, and a zero window held past the
-/// TCP_USER_TIMEOUT has the kernel abort the connection, as it should.)
+/// within the tunnel timeout, which is also the connections' stall time: its 64 KiB segments
+/// make a window reopen only in such steps, and a peer that acknowledges nothing for the stall
+/// time has the proxy abort the connection, as it should.)
 #[test]
 fn tcp_mode_a_slow_but_moving_upload_is_not_cut_at_the_tunnel_timeout() {
     const UPLOAD: usize = 512 << 10;

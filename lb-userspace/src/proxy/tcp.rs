@@ -90,8 +90,9 @@ enum End {
     Eof,
     /// Nothing moved either way for the tunnel timeout: both connections are reset.
     Idle,
-    /// Receiving failed (the sender reset its connection, or the kernel aborted it), passed on
-    /// as a reset.
+    /// Receiving failed (the sender reset its connection, or the proxy aborted it: a send to
+    /// that side whose peer took nothing for the tunnel timeout, [`Socket::send_all_with`]),
+    /// passed on as a reset.
     Reset,
     /// Sending failed: the receiver's connection can take nothing more.
     Undeliverable,

@@ -1887,7 +1887,8 @@ async fn attempt_once<'c>(
         // before it has the whole body (a 413 from a size check, a 401) and read no more of it,
         // or close the connection, which fails the body's write. Waiting for the body to go
         // through first would lose that answer (a 502 instead, and a passive-health failure
-        // charged to a healthy backend) or wait for the kernel to give up on the stalled send.
+        // charged to a healthy backend) or wait for the stalled send to be given up on (the
+        // backend taking nothing for the idle timeout: `Socket::send_all_with`).
         // The body stream goes first when both are ready: a body that is through is through.
         //
         // The body's stream is boxed and owns what it works with (clones of both sockets, and
@@ -1934,11 +1935,12 @@ async fn attempt_once<'c>(
                 Ok((Err(Side::Timeout), _)) => return Err(abandon(&up, Attempt::ClientTimeout)),
                 Ok((Err(Side::Dst), _)) => {
                     // The backend reset the connection (or took nothing for the idle timeout,
-                    // and the kernel aborted it): the body ends here for it. An answer it sent
-                    // before came before the reset (TCP delivers in order), so it is in the
-                    // socket and the read ends at once with it; without one, the read ends at
-                    // once with the error. The response timeout, which a complete request
-                    // would have had from here, bounds the rare wait in between.
+                    // and the proxy aborted it, `Socket::send_all_with`): the body ends here
+                    // for it. An answer it sent before came before the reset (TCP delivers in
+                    // order), so it is in the socket and the read ends at once with it;
+                    // without one, the read ends at once with the error. The response timeout,
+                    // which a complete request would have had from here, bounds the rare wait
+                    // in between.
                     let by = answer_by(tokio::time::Instant::now());
                     let waited =
                         head_within(timer.as_mut(), &mut reading, by, interim, wait, deadline);
