@@ -7721,6 +7721,10 @@ fn tcp_mode_over_max_connections_resets_counts_and_says_so() {
         let text = p.metrics.encode();
         text.lines().find_map(|l| l.strip_prefix(series)?.parse().ok()).unwrap_or(0)
     };
+    // The proxy helper's readiness probe relayed first: each thread has a SO_REUSEPORT listener
+    // of its own, and a thread slow to start accepting took the probe after the held relay
+    // below, over the limit (one refusal more than counted here).
+    wait_for_metric(&p, "edgelb_l7_tcp_connections_total{vip=\"web\",outcome=\"relayed\"} 1");
     // A relay, once the place the proxy helper's readiness probe took is free again.
     let relay = || {
         let t = Instant::now();
