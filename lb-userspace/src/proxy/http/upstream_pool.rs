@@ -535,6 +535,19 @@ mod tests {
         });
     }
 
+    /// A listener on loopback whose connections have a 4 KiB receive buffer (set before the
+    /// handshake, which fixes the window), so that a peer that reads nothing soon closes its
+    /// window; and its address.
+    fn small_window_listener() -> (std::net::TcpListener, SocketAddr) {
+        let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        l.set_recv_buffer_size(4096).unwrap();
+        l.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        l.listen(1).unwrap();
+        let l: std::net::TcpListener = l.into();
+        let addr = l.local_addr().unwrap();
+        (l, addr)
+    }
+
     /// An idle close resets only a connection whose peer has acknowledged everything sent to
     /// it: bytes still on their way (the end of a request body a backend answered early, and
     /// read slowly) would be thrown away by the reset, so such a connection closes with a FIN
@@ -543,12 +556,7 @@ mod tests {
     fn an_idle_close_does_not_reset_bytes_still_on_their_way() {
         use std::io::Read;
         // A peer with a small receive window, which reads nothing until the close.
-        let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        l.set_recv_buffer_size(4096).unwrap();
-        l.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
-        l.listen(1).unwrap();
-        let l: std::net::TcpListener = l.into();
-        let addr = l.local_addr().unwrap();
+        let (l, addr) = small_window_listener();
         let long = Duration::from_secs(60);
         const SENT: usize = 48 * 1024;
         tokio_uring::start(async {
@@ -581,12 +589,7 @@ mod tests {
     #[test]
     fn an_idle_close_resets_a_peer_that_takes_nothing_for_the_stall_time() {
         use std::io::Read;
-        let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        l.set_recv_buffer_size(4096).unwrap();
-        l.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
-        l.listen(1).unwrap();
-        let l: std::net::TcpListener = l.into();
-        let addr = l.local_addr().unwrap();
+        let (l, addr) = small_window_listener();
         const SENT: usize = 48 * 1024;
         tokio_uring::start(async {
             let stall = Duration::from_millis(300);
