@@ -330,13 +330,15 @@ impl Socket {
         }
     }
 
-    /// Closes the connection once its peer has everything sent on it (this also completes a
-    /// receive still pending on it, as [`Socket::shutdown`] does): at once when the kernel
-    /// holds nothing for the peer any more ([`Socket::unacknowledged`], one getsockopt), the
-    /// common case. Otherwise the sending side is shut first (a FIN after the data) and the
-    /// close waits while the peer takes more (TCP_INFO's `tcpi_bytes_acked`), until it has
-    /// everything, or resets the connection ([`Socket::abort`]) once the peer took nothing for
-    /// the socket's stall time. Closed at once, the socket would become an orphan the kernel
+    /// Closes the connection once the kernel has sent its peer everything sent on it (this
+    /// also completes a receive still pending on it, as [`Socket::shutdown`] does): at once
+    /// when nothing is left unsent ([`Socket::unsent`], one getsockopt), the common case, even
+    /// off loopback, where the last bytes are still on their way for a round trip: the kernel
+    /// delivers those, and gives up on a peer that vanished after its retransmissions
+    /// (`tcp_orphan_retries`). Otherwise (the peer's window is closed on the rest) the sending
+    /// side is shut first (a FIN after the data) and the close waits while the peer takes more
+    /// (TCP_INFO's `tcpi_bytes_acked`), until nothing is left unsent, or resets the connection
+    /// ([`Socket::abort`]) once the peer took nothing for the socket's stall time. Closed at once, the socket would become an orphan the kernel
     /// keeps sending to for minutes, zero-window probing a peer that reads nothing (some 5.5
     /// minutes seen), beyond the proxy's sight and `max_connections`; and no TCP_USER_TIMEOUT
     /// set for the close would do instead, as it cuts a slow reader still reading the tail
@@ -348,15 +350,15 @@ impl Socket {
     /// within a round trip or so, and must not hold its connection for a quarter of the idle
     /// timeout. A timer per look: a close that waits is rare.
     pub(crate) async fn close_when_delivered(&self) {
-        if self.unacknowledged() {
+        if self.unsent() {
             let _ = self.shutdown(std::net::Shutdown::Write);
             self.wait_delivered().await;
         }
         let _ = self.shutdown(std::net::Shutdown::Both);
     }
 
-    /// Waits, its sending side shut, until the peer has everything sent on this connection,
-    /// or resets the connection once the peer took nothing for the stall time (see
+    /// Waits, its sending side shut, until the kernel has sent the peer everything sent on this
+    /// connection, or resets the connection once the peer took nothing for the stall time (see
     /// [`Socket::close_when_delivered`]).
     async fn wait_delivered(&self) {
         let stall = self.0.stall.get();
@@ -369,7 +371,7 @@ impl Socket {
             tokio::time::sleep_until(cut.min(tokio::time::Instant::now() + every)).await;
             every = (every * 2).min(quarter);
             let Ok((info, len)) = crate::tcp_info::get(&self.0.stream) else { return };
-            if !queued(&info) {
+            if !unsent_in(&info) {
                 return;
             }
             let now = acked_of(&info, len);
@@ -381,6 +383,12 @@ impl Socket {
                 return;
             }
         }
+    }
+
+    /// Does the kernel still hold bytes sent on this connection that it has not sent its peer
+    /// yet (its window closed on them), on a connection still up? One getsockopt(TCP_INFO).
+    pub(crate) fn unsent(&self) -> bool {
+        crate::tcp_info::get(&self.0.stream).is_ok_and(|(info, _)| unsent_in(&info))
     }
 
     /// Is the peer draining bytes sent on this connection: does the kernel still hold some
@@ -461,6 +469,12 @@ impl Looks {
             }
         }
     }
+}
+
+/// Does a connection whose TCP_INFO is `info` still hold bytes it has not sent its peer yet,
+/// in a state in which they still go out ([`queued`])?
+fn unsent_in(info: &libc::tcp_info) -> bool {
+    queued(info) && info.tcpi_notsent_bytes > 0
 }
 
 /// How soon a connection closing with bytes still on their way to its peer first looks

@@ -148,8 +148,8 @@ pub(super) fn close(s: &Socket) {
 /// this call, and a FIN first would let the backend's own FIN in, and the TIME_WAIT with it,
 /// before the last clone goes. Should the backend not have acknowledged everything sent to it
 /// yet ([`Socket::unacknowledged`]: the end of a request body still on its way), an ordinary close
-/// instead, as a reset would throw that away, once the backend has them, in a task of its own
-/// ([`Socket::close_when_delivered`]: reset once the backend took none of them for the
+/// instead, as a reset would throw that away, once the kernel has sent them all, in a task of
+/// its own ([`Socket::close_when_delivered`]: reset once the backend took none of them for the
 /// socket's stall time, the idle timeout, rather than left to the kernel, which would probe a
 /// backend that reads nothing for minutes). A connection closed mid-exchange never comes here,
 /// nor one the backend closes itself ([`close_after_backend`]).
