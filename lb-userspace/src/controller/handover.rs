@@ -336,7 +336,10 @@ impl Controller {
     /// wait for the drain's end). Health verdicts still apply until the drain ends: the checks
     /// run until then, and the maps (and the draining proxy's pools) follow them, as they
     /// would in the serving loop, instead of keeping a dead backend for as long as the drain
-    /// lasts. (At a handover the checks were stopped first, and nothing comes in.) `teardown`:
+    /// lasts. (At a handover the checks were stopped first, and no verdict comes in: the
+    /// requests the old process still serves, in flight or the next of a client connection a
+    /// takeover's drain keeps, go by its pools as they were, with passive health and retries.)
+    /// `teardown`:
     /// the exit that follows removes the data plane, as a refused `stop` is told. `kind`: a
     /// stop's drain closes the client connections idle between keep-alive requests at once, a
     /// takeover's keeps them for their next request ([`DrainKind`]).
