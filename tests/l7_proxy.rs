@@ -2745,8 +2745,15 @@ fn read_slowly(
     (got, end)
 }
 
-/// How long a slow reader in a test reads slowly ([`read_slowly`]): four idle timeouts of 1 s.
-const SLOW_FOR: Duration = Duration::from_secs(4);
+/// How long a slow reader in a test reads slowly ([`read_slowly`]): four stall times of
+/// [`SLOW_STALL`].
+const SLOW_FOR: Duration = Duration::from_secs(8);
+
+/// The idle (or tunnel) timeout of the slow-reader tests: with this as TCP_USER_TIMEOUT, the
+/// reader was reset at about 1.7 times it. Not shorter: the kernel's own persist-timer gaps,
+/// for a reader that frees its window a few KiB at a time, reach half a second, and a busy CI
+/// machine may delay the reader's thread on top of that.
+const SLOW_STALL: &str = "2000";
 
 /// How many bytes a slow reader takes in a test: far more than the kernel's buffers on the way
 /// to it hold (on loopback the proxy's send buffer grows to MiBs), so that the proxy's sends to
@@ -2769,7 +2776,8 @@ const SLOW_WINDOW: usize = 16 << 10;
 #[test]
 fn a_client_that_reads_slowly_gets_the_whole_response() {
     let b = backend("big", Mode::Big(SLOW_READ));
-    let p = proxy(&[(&b, 1)], "idle_timeout_ms = 1000\nrequest_timeout_ms = 600000", "");
+    let l7 = format!("idle_timeout_ms = {SLOW_STALL}\nrequest_timeout_ms = 600000");
+    let p = proxy(&[(&b, 1)], &l7, "");
     let mut s = connect_small_window(p.addr, SLOW_WINDOW);
     (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
     let start = Instant::now();
@@ -2796,8 +2804,8 @@ fn tcp_mode_a_client_that_reads_slowly_gets_everything() {
         let data: Vec<u8> = (0..SLOW_READ).map(|i| (i % 251) as u8).collect();
         let _ = s.write_all(&data);
     });
-    let l7 = "mode = \"tcp\"\nidle_timeout_ms = 60000\ntunnel_timeout_ms = 1000";
-    let p = proxy(&[(&b, 1)], l7, "");
+    let l7 = format!("mode = \"tcp\"\nidle_timeout_ms = 60000\ntunnel_timeout_ms = {SLOW_STALL}");
+    let p = proxy(&[(&b, 1)], &l7, "");
     let mut s = connect_small_window(p.addr, SLOW_WINDOW);
     let start = Instant::now();
     let (got, end) = read_slowly(&mut s, |_| false);
@@ -2927,7 +2935,8 @@ fn a_stop_resets_a_closing_connection_whose_client_reads_nothing_at_its_deadline
 #[test]
 fn a_slow_reader_of_a_closing_answer_gets_all_of_it() {
     let b = backend("big", Mode::Big(QUEUED_ANSWER));
-    let p = proxy(&[(&b, 1)], "idle_timeout_ms = 1000\nrequest_timeout_ms = 600000", "");
+    let l7 = format!("idle_timeout_ms = {SLOW_STALL}\nrequest_timeout_ms = 600000");
+    let p = proxy(&[(&b, 1)], &l7, "");
     let mut s = connect_small_window(p.addr, SLOW_WINDOW);
     (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
     let start = Instant::now();
@@ -2968,6 +2977,8 @@ fn tcp_mode_a_half_closed_client_that_reads_nothing_is_reset_at_the_tunnel_timeo
     assert_eq!(read_to_end_of(&s), Err(std::io::ErrorKind::ConnectionReset), "after {took:?}");
     p.connections_given_back().unwrap();
 
+    let l7 = format!("mode = \"tcp\"\nidle_timeout_ms = 60000\ntunnel_timeout_ms = {SLOW_STALL}");
+    let p = proxy(&[(&b, 1)], &l7, "");
     let mut s = connect_small_window(p.addr, SLOW_WINDOW);
     s.shutdown(Shutdown::Write).unwrap();
     let start = Instant::now();
