@@ -76,10 +76,11 @@ impl Socket {
     }
 
     /// Connects to `addr`, giving up after `within` (`TimedOut`); its sends may wait `stall`
-    /// for their peer to take something (see [`Socket::new`]). The connection has TCP_NODELAY, as the client connections have it from their
-    /// listener: a relay or a request passes on bytes as they come, and under Nagle's algorithm
-    /// a small write behind one not yet acknowledged waits for the peer's delayed ACK (some
-    /// 40 ms on Linux), which a peer waiting for the rest of a message does not send sooner.
+    /// for their peer to take something (see [`Socket::new`]). The connection has TCP_NODELAY,
+    /// as the client connections have it from their listener: a relay or a request passes on
+    /// bytes as they come, and under Nagle's algorithm a small write behind one not yet
+    /// acknowledged waits for the peer's delayed ACK (some 40 ms on Linux), which a peer
+    /// waiting for the rest of a message does not send sooner.
     ///
     /// An attempt given up, on that timeout or because this future was dropped, ends in the
     /// kernel too: the connecting socket is shut down, which stops its SYN retransmissions at
@@ -338,12 +339,13 @@ impl Socket {
     /// (`tcp_orphan_retries`). Otherwise (the peer's window is closed on the rest) the sending
     /// side is shut first (a FIN after the data) and the close waits while the peer takes more
     /// (TCP_INFO's `tcpi_bytes_acked`), until nothing is left unsent, or resets the connection
-    /// ([`Socket::abort`]) once the peer took nothing for the socket's stall time. Closed at once, the socket would become an orphan the kernel
-    /// keeps sending to for minutes, zero-window probing a peer that reads nothing (some 5.5
-    /// minutes seen), beyond the proxy's sight and `max_connections`; and no TCP_USER_TIMEOUT
-    /// set for the close would do instead, as it cuts a slow reader still reading the tail
-    /// (see [`Socket::new`]). The caller's connection stays open, and counted, while this
-    /// waits; a stop's drain deadline drops the wait and resets the connection.
+    /// ([`Socket::abort`]) once the peer took nothing for the socket's stall time. Closed at
+    /// once, the socket would become an orphan the kernel keeps sending to for minutes,
+    /// zero-window probing a peer that reads nothing (some 5.5 minutes seen), beyond the
+    /// proxy's sight and `max_connections`; and no TCP_USER_TIMEOUT set for the close would do
+    /// instead, as it cuts a slow reader still reading the tail (see [`Socket::new`]). The
+    /// caller's connection stays open, and counted, while this waits; a stop's drain deadline
+    /// drops the wait and resets the connection.
     ///
     /// The peer is looked at [`FIRST_CLOSING_LOOK`] after the shutdown, then at twice the
     /// interval before, up to a quarter of the stall time: a peer that reads has everything
@@ -477,8 +479,8 @@ fn unsent_in(info: &libc::tcp_info) -> bool {
     queued(info) && info.tcpi_notsent_bytes > 0
 }
 
-/// How soon a connection closing with bytes still on their way to its peer first looks
-/// whether the peer has them all (see [`Socket::close_when_delivered`]).
+/// How soon a connection closing with bytes not yet sent to its peer first looks whether the
+/// kernel has sent them all (see [`Socket::close_when_delivered`]).
 const FIRST_CLOSING_LOOK: Duration = Duration::from_millis(5);
 
 /// How often the thread's [`Watch`] ticks: the grain of the stall times of sends.
