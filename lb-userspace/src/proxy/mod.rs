@@ -1760,16 +1760,9 @@ thread_local! {
 struct Forced {
     /// The grace period is over.
     over: std::cell::Cell<bool>,
-    /// The waiting tasks' wakers, by slot ([`WaitForced::slot`]).
-    wakers: std::cell::RefCell<Slots>,
-}
-
-/// The wakers of [`Forced`], in slots a wait keeps until it is dropped.
-#[derive(Default)]
-struct Slots {
-    wakers: Vec<Option<std::task::Waker>>,
-    /// Slots free for the next wait.
-    free: Vec<usize>,
+    /// The waiting tasks' wakers, by slot ([`WaitForced::slot`]), which a wait keeps until it
+    /// is dropped (emptied, not freed, as [`Forced::end`] wakes it).
+    wakers: std::cell::RefCell<slab::Slab<Option<std::task::Waker>>>,
 }
 
 impl Forced {
@@ -1777,7 +1770,7 @@ impl Forced {
     fn end(&self) {
         self.over.set(true);
         let woken: Vec<_> =
-            self.wakers.borrow_mut().wakers.iter_mut().filter_map(Option::take).collect();
+            self.wakers.borrow_mut().iter_mut().filter_map(|(_, w)| w.take()).collect();
         woken.into_iter().for_each(std::task::Waker::wake);
     }
 
@@ -1785,18 +1778,8 @@ impl Forced {
     /// [`Forced::end`]; cloned only when it is not the one kept already.
     fn register(&self, slot: &mut Option<usize>, waker: &std::task::Waker) {
         let mut slots = self.wakers.borrow_mut();
-        let k = match *slot {
-            Some(k) => k,
-            None => {
-                let k = slots.free.pop().unwrap_or_else(|| {
-                    slots.wakers.push(None);
-                    slots.wakers.len() - 1
-                });
-                *slot = Some(k);
-                k
-            }
-        };
-        let kept = &mut slots.wakers[k];
+        let k = *slot.get_or_insert_with(|| slots.insert(None));
+        let kept = &mut slots[k];
         if !kept.as_ref().is_some_and(|w| w.will_wake(waker)) {
             *kept = Some(waker.clone());
         }
@@ -1804,9 +1787,7 @@ impl Forced {
 
     /// Frees slot `k`.
     fn release(&self, k: usize) {
-        let mut slots = self.wakers.borrow_mut();
-        slots.wakers[k] = None;
-        slots.free.push(k);
+        self.wakers.borrow_mut().try_remove(k);
     }
 }
 

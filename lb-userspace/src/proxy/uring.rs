@@ -506,9 +506,7 @@ thread_local! {
 #[derive(Default)]
 struct Watch {
     /// The sends waiting, by slot: their task's waker and the tick at which they are due.
-    sends: std::cell::RefCell<Vec<Option<(Waker, u64)>>>,
-    /// Free slots of `sends`.
-    free: std::cell::RefCell<Vec<usize>>,
+    sends: std::cell::RefCell<slab::Slab<(Waker, u64)>>,
     /// Ticks so far.
     tick: Cell<u64>,
     /// Is a ticker task running on this thread?
@@ -523,18 +521,7 @@ impl Watched {
     /// thread's ticker if none runs.
     fn new(waker: &Waker, every: u64) -> Watched {
         WATCH.with(|w| {
-            let due = (waker.clone(), w.tick.get() + every);
-            let mut sends = w.sends.borrow_mut();
-            let slot = match w.free.borrow_mut().pop() {
-                Some(i) => {
-                    sends[i] = Some(due);
-                    i
-                }
-                None => {
-                    sends.push(Some(due));
-                    sends.len() - 1
-                }
-            };
+            let slot = w.sends.borrow_mut().insert((waker.clone(), w.tick.get() + every));
             if !w.ticking.replace(true) {
                 tokio_uring::spawn(tick());
             }
@@ -544,13 +531,13 @@ impl Watched {
 
     /// Has the send's tick come?
     fn due(&self) -> bool {
-        WATCH.with(|w| w.sends.borrow()[self.0].as_ref().is_some_and(|(_, at)| *at <= w.tick.get()))
+        WATCH.with(|w| w.sends.borrow().get(self.0).is_some_and(|(_, at)| *at <= w.tick.get()))
     }
 
     /// The send is waited for by `waker` now (a task polls it with a waker of its own).
     fn wake(&self, waker: &Waker) {
         WATCH.with(|w| {
-            if let Some((known, _)) = &mut w.sends.borrow_mut()[self.0]
+            if let Some((known, _)) = w.sends.borrow_mut().get_mut(self.0)
                 && !known.will_wake(waker)
             {
                 *known = waker.clone();
@@ -561,7 +548,7 @@ impl Watched {
     /// Due again `every` ticks from now.
     fn again(&self, every: u64) {
         WATCH.with(|w| {
-            if let Some((_, at)) = &mut w.sends.borrow_mut()[self.0] {
+            if let Some((_, at)) = w.sends.borrow_mut().get_mut(self.0) {
                 *at = w.tick.get() + every;
             }
         });
@@ -571,10 +558,7 @@ impl Watched {
 impl Drop for Watched {
     fn drop(&mut self) {
         // `try_with`: a task dropped as its thread ends may come after the watch.
-        let _ = WATCH.try_with(|w| {
-            w.sends.borrow_mut()[self.0] = None;
-            w.free.borrow_mut().push(self.0);
-        });
+        let _ = WATCH.try_with(|w| w.sends.borrow_mut().try_remove(self.0));
     }
 }
 
@@ -598,10 +582,10 @@ async fn tick() {
             let now = w.tick.get() + 1;
             w.tick.set(now);
             let sends = w.sends.borrow();
-            for (waker, _) in sends.iter().flatten().filter(|(_, at)| *at <= now) {
+            for (_, (waker, _)) in sends.iter().filter(|(_, (_, at))| *at <= now) {
                 waker.wake_by_ref();
             }
-            sends.iter().any(Option::is_some)
+            !sends.is_empty()
         });
         if !waiting {
             return;
