@@ -1706,7 +1706,7 @@ async fn accept_loop(
 /// the drain's deadline (`http::serve`). Nothing new is accepted after this, so none of them is
 /// closed to make room for a new connection but for a claim made before.
 fn leave_idle(shared: &Shared, idle: &reuse::Idle) {
-    if !shared.keep_idle.load(Ordering::SeqCst) {
+    if shared.closes_idle() {
         idle.close_all();
     }
 }
