@@ -2906,26 +2906,117 @@ fn a_client_that_reads_none_of_a_closing_answer_is_reset_at_the_idle_timeout() {
 
 /// A connection whose close waits for a client that reads nothing (see
 /// [`a_client_that_reads_none_of_a_closing_answer_is_reset_at_the_idle_timeout`]) is still
-/// open to a stop, which waits for it to its drain deadline, not past it, and resets it there.
+/// open to a stop, which waits for it to its drain deadline, not past it, and hands it to the
+/// kernel there (its answer is complete: see
+/// [`a_stop_hands_a_slow_reader_the_rest_of_a_complete_answer`]) with its stall time, the idle
+/// timeout, as TCP_USER_TIMEOUT: the kernel gives up on the client within about that time, and
+/// the client, reading at last, is reset. Handed over without it, such an orphan was probed
+/// for some 5.5 minutes, outside the proxy's sight. Before the handover the deadline reset the
+/// connection at once, and broke a slow reader with it.
 #[test]
-fn a_stop_resets_a_closing_connection_whose_client_reads_nothing_at_its_deadline() {
+fn a_stop_hands_a_closing_connection_whose_client_reads_nothing_to_the_kernel_for_its_stall_time() {
     let b = backend("big", Mode::Big(QUEUED_ANSWER));
-    let mut p = proxy(&[(&b, 1)], "idle_timeout_ms = 60000\nrequest_timeout_ms = 600000", "");
+    // Longer than the drain: the close's own clock would reset the connection before it.
+    let mut p = proxy(&[(&b, 1)], "idle_timeout_ms = 2000\nrequest_timeout_ms = 600000", "");
     let s = connect_small_window(p.addr, 4096);
     (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
-    let start = Instant::now();
-    while b.reqs.load(Ordering::Relaxed) == 0 {
-        assert!(start.elapsed() < Duration::from_secs(5), "the request reaches the backend");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let client = s.local_addr().unwrap();
+    answer_queued(p.addr, client, QUEUED_ANSWER as u64 / 2);
     p.connections_open(1).unwrap();
     let start = Instant::now();
     p.proxy.take().unwrap().shutdown(Duration::from_millis(500));
     let took = start.elapsed();
     assert!(took >= Duration::from_millis(450), "the stop waited for the connection: {took:?}");
     assert!(took < Duration::from_secs(2), "but not past its deadline: {took:?}");
-    assert_eq!(tx_queue(p.addr, s.local_addr().unwrap()), None, "the proxy's socket is gone");
+    assert_eq!(inode(p.addr, client), Some(0), "the proxy's socket is the kernel's alone");
+    // The stall time (2 s) from the drain's start, and the probes' grain: 5 s at most.
+    let gone = proxy_socket_gone(p.addr, client);
+    eprintln!("the kernel let the socket go {gone:?} after the stop");
     assert_eq!(read_to_end_of(&s), Err(std::io::ErrorKind::ConnectionReset));
+}
+
+/// Waits (5 s at most) until the proxy at `proxy` holds at least `bytes` for `client` in its
+/// socket's send queue (/proc/net/tcp's `tx_queue`): an answer the kernel's buffers take
+/// whole ([`QUEUED_ANSWER`]) is then all with the kernel within a moment, and the proxy's task
+/// in its close.
+fn answer_queued(proxy: SocketAddr, client: SocketAddr, bytes: u64) {
+    let start = Instant::now();
+    while tx_queue(proxy, client).is_none_or(|q| q < bytes) {
+        assert!(start.elapsed() < Duration::from_secs(5), "the answer is queued for the client");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+/// A slow reader of an answer the proxy closes after (`Connection: close`), still taking the
+/// end of it at a stop's drain deadline, gets all of it and its clean end: the answer is
+/// complete, only what the kernel holds for the reader is left, and the stop hands the
+/// connection to the kernel (its descriptor closed: the process is free to exit at its
+/// deadline, and does not wait for the reader), which delivers the rest. Before, the deadline
+/// reset it, and the reader lost the rest of an answer logged as whole.
+#[test]
+fn a_stop_hands_a_slow_reader_the_rest_of_a_complete_answer() {
+    let log = access_log();
+    let b = backend("big", Mode::Big(QUEUED_ANSWER));
+    // Longer than the reader reads slowly after the deadline: handed over, the connection has
+    // the kernel's clock, TCP_USER_TIMEOUT at this, which can cut such a reader.
+    let l7 = "idle_timeout_ms = 10000\nrequest_timeout_ms = 600000";
+    let mut p = proxy(&[(&b, 1)], l7, "");
+    let mut s = connect_small_window(p.addr, SLOW_WINDOW);
+    (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    let client = s.local_addr().unwrap();
+    let reader = std::thread::spawn(move || read_slowly(&mut s, |_| false));
+    answer_queued(p.addr, client, QUEUED_ANSWER as u64 * 3 / 4);
+    let start = Instant::now();
+    p.proxy.take().unwrap().shutdown(Duration::from_millis(500));
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(450), "the stop waited for the connection: {took:?}");
+    assert!(took < Duration::from_secs(2), "but not for the reader: {took:?}");
+    assert_eq!(inode(p.addr, client), Some(0), "the proxy's socket is the kernel's alone");
+    let (got, end) = reader.join().unwrap();
+    assert!(end.is_ok(), "{end:?} after {} bytes", got.len());
+    let head = got.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
+    assert_eq!(got.len() - head, QUEUED_ANSWER, "the whole body");
+    assert!(got.ends_with(b"xxxx"), "the body's end");
+    let text = logged(&log);
+    assert!(
+        text.lines().any(|l| l.contains("L7 drain deadline passed")
+            && l.contains("handed=1")
+            && l.contains("handing those still delivering a complete answer to the kernel")),
+        "no deadline line with handed=1 in\n{text}"
+    );
+}
+
+/// A TCP-mode relay whose both directions are done (the client half-closed, the backend sent
+/// everything and closed), its client still slowly taking the end of what the kernel holds for
+/// it at a stop's drain deadline, is handed to the kernel there, as an HTTP answer is (see
+/// [`a_stop_hands_a_slow_reader_the_rest_of_a_complete_answer`]): the client gets everything and
+/// the clean end. Before, the deadline reset both sides.
+#[test]
+fn tcp_mode_a_stop_hands_a_slow_reader_the_rest_of_a_finished_relay() {
+    let b = serve_backend(|mut s, r2, _| {
+        let _ = s.read_to_end(&mut Vec::new());
+        r2.fetch_add(1, Ordering::Relaxed);
+        let data: Vec<u8> = (0..QUEUED_ANSWER).map(|i| (i % 251) as u8).collect();
+        let _ = s.write_all(&data);
+    });
+    let l7 = "mode = \"tcp\"\nidle_timeout_ms = 60000\ntunnel_timeout_ms = 10000";
+    let mut p = proxy(&[(&b, 1)], l7, "");
+    let mut s = connect_small_window(p.addr, SLOW_WINDOW);
+    s.shutdown(Shutdown::Write).unwrap();
+    let client = s.local_addr().unwrap();
+    let reader = std::thread::spawn(move || read_slowly(&mut s, |_| false));
+    answer_queued(p.addr, client, QUEUED_ANSWER as u64 * 3 / 4);
+    let start = Instant::now();
+    p.proxy.take().unwrap().shutdown(Duration::from_millis(500));
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(450), "the stop waited for the connection: {took:?}");
+    assert!(took < Duration::from_secs(2), "but not for the reader: {took:?}");
+    assert_eq!(inode(p.addr, client), Some(0), "the proxy's socket is the kernel's alone");
+    let (got, end) = reader.join().unwrap();
+    assert!(end.is_ok(), "{end:?} after {} bytes", got.len());
+    assert_eq!(got.len(), QUEUED_ANSWER, "everything, then the end");
+    assert!(got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8), "intact");
 }
 
 /// A slow reader of an answer the proxy closes after (`Connection: close`) gets all of it, and
@@ -7182,6 +7273,20 @@ fn tx_queue(local: SocketAddr, remote: SocketAddr) -> Option<u64> {
         let f: Vec<&str> = l.split_whitespace().collect();
         (port(f[1]) == Some(local.port()) && port(f[2]) == Some(remote.port()))
             .then(|| u64::from_str_radix(f[4].split(':').next()?, 16).ok())
+            .flatten()
+    })
+}
+
+/// The inode of the socket of the connection from `local` to `remote`, from /proc/net/tcp: 0
+/// for an orphan, which no descriptor holds any more (the kernel still delivering what it
+/// has); None once it is gone.
+fn inode(local: SocketAddr, remote: SocketAddr) -> Option<u64> {
+    let port = |a: &str| a.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (port(f[1]) == Some(local.port()) && port(f[2]) == Some(remote.port()))
+            .then(|| f[9].parse().ok())
             .flatten()
     })
 }

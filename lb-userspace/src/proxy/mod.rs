@@ -695,6 +695,11 @@ pub(crate) struct Shared {
     /// Refusals over `max_connections` under way that read the request head and linger, all
     /// threads: bounded by [`MAX_GRACEFUL_REFUSALS`].
     pub refusing: AtomicUsize,
+    /// Open client connections, all threads, whose close has begun and waits for their peer to
+    /// take what the kernel still holds for it (the end of a complete answer or relayed
+    /// stream, `uring::Socket::close_when_delivered`): handed to the kernel at the drain
+    /// deadline, not reset ([`Closing`]).
+    pub closing: AtomicUsize,
     /// Every thread's count of its connections idle between keep-alive requests, by VIP name:
     /// where room is made for a connection over `max_connections` ([`reuse`]).
     pub idle: HashMap<String, Arc<[reuse::Shelf]>>,
@@ -704,8 +709,8 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Ends the grace period: the connections still open are reset (see [`wait_forced`]) and
-    /// the threads stop.
+    /// Ends the grace period: the connections still open are reset, or handed to the kernel
+    /// if only their close is left (see [`wait_forced`]), and the threads stop.
     fn end_now(&self) {
         self.force.store(true, Ordering::SeqCst);
     }
@@ -1026,6 +1031,7 @@ impl Proxy {
             // Every accept loop counts from the start, so none can be missed by an early stop.
             accepting: AtomicUsize::new(bound.per_thread.iter().map(Vec::len).sum()),
             refusing: AtomicUsize::new(0),
+            closing: AtomicUsize::new(0),
             idle: listeners
                 .iter()
                 .map(|(vip, _)| (vip.clone(), reuse::shelves(bound.per_thread.len())))
@@ -1375,20 +1381,23 @@ impl Draining {
         }
         let left = self.shared.open.load(Ordering::SeqCst);
         // Those idle between keep-alive requests (a takeover's drain keeps them) close as
-        // their idle timeout closes them, with a FIN (`http::serve`); the others, in the middle
-        // of an exchange or of its close, are reset (`accept_loop`).
+        // their idle timeout closes them, with a FIN (`http::serve`); those whose close waits
+        // for their peer to take the end of a complete answer are handed to the kernel, which
+        // delivers it; the others, in the middle of an exchange, are reset (`accept_loop`).
         let idle = self.shared.idle_clients().min(left);
-        match (idle, left - idle) {
-            (0, 0) => {}
-            (0, reset) => {
-                warn!(connections = reset, "L7 drain deadline passed; resetting the rest")
-            }
-            (idle, 0) => info!(idle, "L7 drain deadline passed; closing the idle connections left"),
-            (idle, reset) => warn!(
-                idle,
-                reset,
-                "L7 drain deadline passed; closing the idle connections left, resetting the rest"
-            ),
+        let handed = self.shared.closing.load(Ordering::SeqCst).min(left - idle);
+        let reset = left - idle - handed;
+        let said = [
+            (idle, "closing the idle connections left"),
+            (handed, "handing those still delivering a complete answer to the kernel"),
+            (reset, "resetting the rest"),
+        ];
+        let said: Vec<&str> = said.iter().filter(|(n, _)| *n > 0).map(|(_, s)| *s).collect();
+        let said = said.join(", ");
+        if reset > 0 {
+            warn!(idle, handed, reset, "L7 drain deadline passed; {said}");
+        } else if left > 0 {
+            info!(idle, handed, "L7 drain deadline passed; {said}");
         }
         self.shared.end_now();
         for t in self.threads.drain(..) {
@@ -1687,14 +1696,28 @@ async fn accept_loop(
                     }
                 }
             };
+            // Counted in `closing` from the first time the task waits in its close, for the
+            // drain deadline's log line: one Cell read a wake-up.
+            let mut work = std::pin::pin!(work);
+            let mut closing = None;
+            let work = std::future::poll_fn(|cx| {
+                let done = work.as_mut().poll(cx);
+                if done.is_pending() && closing.is_none() && client.closing() {
+                    closing = Some(Closing::new(&shared2.closing));
+                }
+                done
+            });
             // Past the grace period the connection is reset, not closed: a close would end a
-            // response delimited by it, or a relayed stream, as if whole. Its work goes first,
-            // so that a response cut here is counted and logged (`http::Cut::Drain`); dropping
-            // the work resets a relay's backend connection too (`tcp::relay`).
+            // response delimited by it, or a relayed stream, as if whole. Not one whose close
+            // has begun, its answer or stream complete, waiting for its peer to take the end
+            // of it: that one is handed to the kernel, which delivers the rest on its own
+            // (`uring::Socket::end_at_deadline`; reset, a slow reader lost it). Its work goes
+            // first, so that a response cut here is counted and logged (`http::Cut::Drain`);
+            // dropping the work ends a relay's backend connection alike (`tcp::relay`).
             tokio::select! {
                 biased;
                 () = work => {}
-                () = wait_forced(&shared2) => client.abort(),
+                () = wait_forced(&shared2) => client.end_at_deadline(),
             }
         });
     }
@@ -1735,6 +1758,25 @@ impl Drop for Counted {
     fn drop(&mut self) {
         self.gauge.dec();
         self.shared.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A client connection counted in [`Shared::closing`] while this lives: its close has begun, and
+/// waits for its peer to take what the kernel holds for it. Given back on drop, as the task
+/// ends.
+struct Closing<'a>(&'a AtomicUsize);
+
+impl<'a> Closing<'a> {
+    /// Counts one more in `count`.
+    fn new(count: &'a AtomicUsize) -> Closing<'a> {
+        count.fetch_add(1, Ordering::SeqCst);
+        Closing(count)
+    }
+}
+
+impl Drop for Closing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

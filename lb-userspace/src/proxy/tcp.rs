@@ -43,7 +43,9 @@ use super::{
 /// A relay dropped before it ends (the proxy's stop past its drain deadline drops the task of
 /// every connection still open, or the runtime goes) resets both connections: neither side
 /// ended its stream, and a clean close would pass an upload or a download cut there for a
-/// whole one.
+/// whole one. Not once both directions are done and only the close is left (each side's
+/// stream complete, the kernel still holding its end for a slow reader): each connection is
+/// then handed to the kernel, which delivers the rest ([`Socket::end_at_deadline`]).
 ///
 /// When the backend has ended its side cleanly and its connection can take no more (it closed
 /// while the client was still sending), the client connection closes lingering ([`linger`]:
@@ -67,18 +69,19 @@ pub(super) async fn relay(client: &Socket, up: &Socket, tunnel: Duration, state:
     // before each peer has what the kernel still holds for it, or took none of it for the
     // tunnel timeout ([`Socket::close_when_delivered`]): a client that half-closed and reads
     // nothing would otherwise keep an orphan socket in the kernel for minutes. A stop's drain
-    // deadline meanwhile drops this, which resets both.
+    // deadline meanwhile drops this, which hands both to the kernel (`Unfinished`).
     tokio::join!(client.close_when_delivered(), up.close_when_delivered());
     unfinished.0 = None;
 }
 
-/// The sockets of a relay under way, reset if it is dropped before it ends (see [`relay`]).
+/// The sockets of a relay under way, reset if it is dropped before it ends, or handed to the
+/// kernel if only their close was left (see [`relay`]).
 struct Unfinished<'a>(Option<[&'a Socket; 2]>);
 
 impl Drop for Unfinished<'_> {
     fn drop(&mut self) {
         for s in self.0.into_iter().flatten() {
-            s.abort();
+            s.end_at_deadline();
         }
     }
 }

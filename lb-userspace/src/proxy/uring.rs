@@ -39,6 +39,10 @@ struct Shared {
     stall: Cell<Duration>,
     /// The bytes the peer had acknowledged at [`Socket::draining`]'s last look.
     acked: Cell<u64>,
+    /// Its close has begun ([`Socket::close_when_delivered`]): what was to be sent on it is
+    /// all with the kernel, so a stop's drain deadline hands it to the kernel rather than
+    /// resetting it ([`Socket::end_at_deadline`]).
+    closing: Cell<bool>,
 }
 
 /// How many times a send's peer is looked at within its socket's stall time, once the send
@@ -62,7 +66,12 @@ impl Socket {
     /// that frees its window a few KiB at a time was aborted at the timeout while it kept
     /// reading, and would be at any value.
     pub(crate) fn new(s: TcpStream, stall: Duration) -> Self {
-        Self(Rc::new(Shared { stream: s, stall: Cell::new(stall), acked: Cell::new(0) }))
+        Self(Rc::new(Shared {
+            stream: s,
+            stall: Cell::new(stall),
+            acked: Cell::new(0),
+            closing: Cell::new(false),
+        }))
     }
 
     /// Gives the socket `stall` as its stall time (see [`Socket::new`]): the idle timeout of
@@ -345,13 +354,14 @@ impl Socket {
     /// proxy's sight and `max_connections`; and no TCP_USER_TIMEOUT set for the close would do
     /// instead, as it cuts a slow reader still reading the tail (see [`Socket::new`]). The
     /// caller's connection stays open, and counted, while this waits; a stop's drain deadline
-    /// drops the wait and resets the connection.
+    /// drops the wait and hands the socket to the kernel ([`Socket::end_at_deadline`]).
     ///
     /// The peer is looked at [`FIRST_CLOSING_LOOK`] after the shutdown, then at twice the
     /// interval before, up to a quarter of the stall time: a peer that reads has everything
     /// within a round trip or so, and must not hold its connection for a quarter of the idle
     /// timeout. A timer per look: a close that waits is rare.
     pub(crate) async fn close_when_delivered(&self) {
+        self.0.closing.set(true);
         if self.unsent() {
             let _ = self.shutdown(std::net::Shutdown::Write);
             self.wait_delivered().await;
@@ -385,6 +395,42 @@ impl Socket {
                 return;
             }
         }
+    }
+
+    /// Has its close begun ([`Socket::close_when_delivered`])? Then everything to be sent on
+    /// it is with the kernel (the answer, or a relay's direction, is complete).
+    pub(crate) fn closing(&self) -> bool {
+        self.0.closing.get()
+    }
+
+    /// Ends the connection at a stop's drain deadline: hands it to the kernel if its close has
+    /// begun ([`Socket::hand_to_kernel`]: what is left of a complete answer is still
+    /// delivered, after the process ends), or resets it ([`Socket::abort`]) if it is still in
+    /// the middle of an exchange, where a close would pass the part sent for the whole.
+    pub(crate) fn end_at_deadline(&self) {
+        if self.closing() { self.hand_to_kernel() } else { self.abort() }
+    }
+
+    /// Leaves a connection whose close has begun to the kernel, at a stop's drain deadline,
+    /// rather than waiting in [`Socket::close_when_delivered`] (the stop would wait for the
+    /// slowest reader) or resetting it (a slow reader still taking the tail of a complete
+    /// answer lost that tail): its TCP_USER_TIMEOUT becomes its stall time, and it is shut
+    /// down both ways (its sending side is shut already, the FIN queued behind the data;
+    /// this completes a receive still pending on it, whose clone of the socket would keep
+    /// the descriptor open), so that it closes as soon as the caller drops its last clone.
+    /// The kernel then delivers the rest to the peer on its own, an orphan, and gives up on a
+    /// peer that took nothing for the stall time (zero-window probes unanswered by a wider
+    /// window that long): without the timeout such an orphan was probed for some 5.5
+    /// minutes, outside the proxy's sight. The timeout is the kernel's clock, which also
+    /// cuts a reader that frees its window only a few KiB at a time (see [`Socket::new`])
+    /// once the rest takes it longer than about the stall time (4 KiB every 100 ms through a
+    /// 16 KiB receive buffer: cut some 1.5 stall times of 2 s after the handover): the proxy
+    /// is gone by then, and the bound is worth more than such a reader, who before lost the
+    /// rest at the deadline itself. Best effort: a socket reset meanwhile refuses both calls,
+    /// and has nothing left to deliver.
+    pub(crate) fn hand_to_kernel(&self) {
+        let _ = self.with_sock(|s| s.set_tcp_user_timeout(Some(self.0.stall.get())));
+        let _ = self.shutdown(std::net::Shutdown::Both);
     }
 
     /// Does the kernel still hold bytes sent on this connection that it has not sent its peer
