@@ -3512,11 +3512,11 @@ fn with_other_table_size(text: &str) -> String {
     text.replace(&from, &format!("conntrack_flows_per_cpu = {}", CT_FLOWS * 2))
 }
 
-/// A takeover whose config needs maps of another layout (another connection-table size), and
-/// that fails before it commits (its metrics port taken): the running edgelb stays in charge,
-/// and its maps stay pinned (the same map ids), so its next restart adopts them. The new
-/// process used to replace the pins with its own empty maps while it loaded, and the restart
-/// then started cold.
+/// A takeover whose config needs maps the running edgelb does not have (connection tables of
+/// another size, which it makes anew and fills from the pinned ones), and that fails before it
+/// commits (its metrics port taken): the running edgelb stays in charge, and its maps stay
+/// pinned (the same map ids), so its next restart adopts them. The new process used to replace
+/// the pins with its own maps while it loaded, and the restart then started cold.
 #[test]
 fn a_takeover_with_another_layout_that_fails_before_the_commit_leaves_the_pins() {
     let Some(mut bed) = Bed::up("takeover-layout", &[1, 2, 3]) else { return };
@@ -3534,7 +3534,7 @@ fn a_takeover_with_another_layout_that_fails_before_the_commit_leaves_the_pins()
     let stderr = failed_takeover(&bed, "failed takeover, other layout", &text);
     drop(squatter);
     assert!(stderr.contains("metrics endpoint 127.0.0.1:9112"), "{stderr}");
-    assert!(stderr.contains("pinned map not re-used"), "it saw another layout: {stderr}");
+    assert!(stderr.contains("connection tables resized from"), "it saw another size: {stderr}");
     assert_eq!(pinned_map_ids(&pins), before, "the running edgelb's maps stay pinned");
     in_charge_again(&mut bed);
     // Its next restart adopts them.
@@ -3551,9 +3551,10 @@ fn a_takeover_with_another_layout_that_fails_before_the_commit_leaves_the_pins()
     bed.wait_for(SocketAddr::new(IpAddr::V4(testbed::VIP), 80));
 }
 
-/// A takeover whose config needs maps of another layout, that fails after it committed (and
-/// pinned its own maps): the running edgelb takes the data plane back and pins its own maps
-/// again, so a restart adopts the maps that were forwarding.
+/// A takeover whose config needs maps the running edgelb does not have (connection tables of
+/// another size), that fails after it committed (and pinned its own maps): the running edgelb
+/// takes the data plane back and pins its own maps again, so a restart adopts the maps that
+/// were forwarding.
 #[test]
 fn a_takeover_with_another_layout_that_fails_late_gives_the_pins_back() {
     let Some(mut bed) = Bed::up("takeover-layout-late", &[1, 2, 3]) else { return };
@@ -3584,6 +3585,75 @@ fn a_takeover_with_another_layout_that_fails_late_gives_the_pins_back() {
     let log = bed.e().log();
     assert!(log.contains("this edgelb's program is back on its interfaces"), "{log}");
     in_charge_again(&mut bed);
+}
+
+/// The flows the log says a takeover carried over from connection tables of `from` to `to`
+/// flows per CPU, and those it dropped (the "connection tables resized" line).
+fn carried_over(log: &str, from: u64, to: u64) -> (u64, u64) {
+    let said = format!("connection tables resized from {from} to {to} flows per CPU: ");
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(&said)).collect();
+    assert_eq!(lines.len(), 1, "one line for the resize: {log}");
+    let rest = &lines[0][lines[0].find(&said).unwrap() + said.len()..];
+    let count = |after: &str| -> u64 {
+        let at = rest.find(after).unwrap_or_else(|| panic!("{after:?} in {rest}"));
+        rest[..at].rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    (count(" flows carried over"), count(" dropped (new buckets full)"))
+}
+
+/// A takeover at another `node.conntrack_flows_per_cpu` carries the connection tables over
+/// into tables of the new size: connections that the new file's ring sends elsewhere (a
+/// backend added to their VIP) keep their backend through a larger table, and those of a
+/// backend the next file drains (only the table keeps a drained backend's flows) through a
+/// smaller one; the log says how many flows each copy carried. Such a takeover used to make
+/// every map fresh, and those connections broke.
+#[test]
+fn a_takeover_at_another_table_size_keeps_established_connections() {
+    let Some(mut bed) = Bed::up("takeover-resize", &[1, 2]) else { return };
+    let grown = with_other_table_size(&config_text(&bed.tag, &[1, 2, 3]));
+    let next = Config::parse(&grown, &bed.cfg_path).unwrap();
+    let cfg = bed.cfg();
+    // Clients of backend 1 whose new flows backend 3 takes once it joins the echo VIP.
+    let clients: Vec<IpAddr> = (0..1000)
+        .map(|i| IpAddr::V4(testbed::pool_addr(i)))
+        .filter(|&c| {
+            backend_name(&cfg, "echo", c) == "backend-1"
+                && backend_name(&next, "echo", c) == "backend-3"
+        })
+        .take(6)
+        .collect();
+    assert_eq!(clients.len(), 6, "clients that backend 3 would take");
+    let mut conns = echo_conns(&bed, &clients);
+    for c in &mut conns {
+        assert_eq!(c.backend().unwrap(), "backend-1");
+    }
+    std::fs::write(&bed.cfg_path, &grown).unwrap();
+    let first = bed.edgelb.take().unwrap();
+    bed.edgelb = Some(first.take_over());
+    for (i, c) in conns.iter_mut().enumerate() {
+        let said = c.ask(&format!("grown {i}")).expect("the connection lives on");
+        assert_eq!(said, format!("backend-1:grown {i}"), "connection {i}");
+    }
+    let (carried, dropped) = carried_over(&bed.e().log(), CT_FLOWS, CT_FLOWS * 2);
+    assert!(carried >= clients.len() as u64 && dropped == 0, "{carried} {dropped}");
+
+    // Back to the first size, and backend 1 drained in the echo VIP.
+    let text = config_text(&bed.tag, &[1, 2, 3]);
+    let echo = text.find("name = \"echo\"").expect("the echo VIP");
+    let one = "{ address = \"198.18.0.11\", ";
+    let at = echo + text[echo..].find(one).expect("backend 1 in echo") + one.len();
+    std::fs::write(&bed.cfg_path, format!("{}weight = 0, {}", &text[..at], &text[at..])).unwrap();
+    let second = bed.edgelb.take().unwrap();
+    bed.edgelb = Some(second.take_over());
+    for (i, c) in conns.iter_mut().enumerate() {
+        let said = c.ask(&format!("shrunk {i}")).expect("the connection lives on");
+        assert_eq!(said, format!("backend-1:shrunk {i}"), "connection {i}");
+    }
+    let (carried, dropped) = carried_over(&bed.e().log(), CT_FLOWS * 2, CT_FLOWS);
+    assert!(carried >= clients.len() as u64 && dropped == 0, "{carried} {dropped}");
+    // New connections of those clients avoid the drained backend: only the table kept them.
+    let fresh = echo_conns(&bed, &clients[..1]).pop().unwrap().backend().unwrap();
+    assert_ne!(fresh, "backend-1");
 }
 
 /// `node.pin_dir` changed while a detached data plane runs: the next start finds the interface
@@ -3656,9 +3726,10 @@ fn status_says_the_attach_mode_after_a_restart() {
 }
 
 /// A start that fails after attaching, on a node where a detached edgelb left its data plane,
-/// leaves that data plane forwarding even when it could not adopt its maps (another table size,
-/// or another binary's layout, makes fresh ones): it used to remove every link, the one it had
-/// just taken over included, and the VIP went unbalanced.
+/// leaves that data plane forwarding even when it could not adopt its maps (another binary's
+/// layout makes fresh ones; here maps stamped with another layout version, as a rollback
+/// finds them): it used to remove every link, the one it had just taken over included, and the
+/// VIP went unbalanced.
 #[test]
 fn a_failed_start_keeps_a_running_data_plane_it_could_not_adopt() {
     let Some(mut bed) = Bed::up("start-late", &[1, 2, 3]) else { return };
@@ -3681,11 +3752,18 @@ fn a_failed_start_keeps_a_running_data_plane_it_could_not_adopt() {
         aux
     })
     .unwrap();
+    // Maps written under another map layout version: this build adopts none of them.
+    {
+        let config = bed.cfg().node.pin_dir.join(lb_common::maps::CONFIG);
+        let data = aya::maps::MapData::from_pin(config).expect("the CONFIG pin");
+        let mut config: aya::maps::Array<_, lb_common::GlobalConfig> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+        let mut c = config.get(&0, 0).unwrap();
+        c.maps_version = lb_common::MAPS_VERSION + 1;
+        config.set(0, &c, 0).unwrap();
+    }
     let text = std::fs::read_to_string(&bed.cfg_path).unwrap();
-    let text = text.replace("interfaces = [\"lb0\"]", "interfaces = [\"lb0\", \"elsl0\"]").replace(
-        &format!("conntrack_flows_per_cpu = {CT_FLOWS}"),
-        &format!("conntrack_flows_per_cpu = {}", CT_FLOWS * 2),
-    );
+    let text = text.replace("interfaces = [\"lb0\"]", "interfaces = [\"lb0\", \"elsl0\"]");
     let alt = bed.cfg_path.with_extension(format!("{}.toml", bed.tag));
     std::fs::write(&alt, text).unwrap();
     let out = output_within(run_command(&old.ns, &alt, &[]), "edgelb run", Duration::from_secs(60));

@@ -1896,8 +1896,9 @@ fn replaced(
 
 /// Upgrades through the production path: each start loads straight over the pins an earlier
 /// one left (no pin removed in between), and which maps it adopted is told by the map ids
-/// under the pins. Maps of another layout, table size, flags or layout version make every map
-/// fresh; the same build adopts every one.
+/// under the pins. Maps of another layout, flags or layout version make every map fresh;
+/// connection tables of another size alone are made anew (and filled from the pinned ones);
+/// the same build adopts every one.
 #[test]
 fn pinned_maps_with_another_layout_are_replaced_not_reused() {
     if !require_privileged("pinned_maps_with_another_layout_are_replaced_not_reused") {
@@ -1960,15 +1961,17 @@ fn pinned_maps_with_another_layout_are_replaced_not_reused() {
     drop(dp);
 
     // Another connection-table size (node.conntrack_flows_per_cpu changed between runs): the
-    // tables cannot be re-used, so every map starts fresh at the new size.
+    // rest is adopted, and the tables alone are made at the new size, filled from the pinned
+    // ones (a_restart_at_another_table_size_carries_the_flows_over).
     let small = TableShape::for_flows(Some(4096));
     assert_ne!(small, TableShape::auto());
     let before = pinned_ids(dir);
     let dp = Dataplane::load_with_table(Some(dir), small).expect("loads at another size");
-    assert!(!dp.adopted(), "tables of another size are not adopted");
+    assert!(dp.adopted(), "the maps but the tables are adopted");
     assert_eq!(dp.table_shape(), small);
-    assert!(dp.pins_found().adopted.is_empty(), "{:?}", dp.pins_found());
-    assert_eq!(replaced(&before, dir).len(), maps.len());
+    assert!(dp.pins_found().resized.is_some(), "{:?}", dp.pins_found());
+    let tables = [lb_common::maps::CONNTRACK_V4, lb_common::maps::CONNTRACK];
+    assert_eq!(replaced(&before, dir), tables);
     drop(dp);
     let dp = Dataplane::load_with_table(Some(dir), small).unwrap();
     assert!(dp.pins_found().problems.is_empty(), "{:?}", dp.pins_found());
@@ -2040,6 +2043,274 @@ fn pinned_map_names() -> Vec<&'static str> {
         n::BACKEND_STATS,
         n::REASONS,
     ]
+}
+
+/// [`one_vip`] with `pool` beside an IPv6 VIP (as [`one_vip6`] on port 80) with `pool6`, both
+/// connection tables sized to `flows` per CPU.
+fn two_families(flows: u32, pool: &[(&str, u32)], pool6: &[u8]) -> Config {
+    let v6 = one_vip6(80, pool6);
+    let vip6 = &v6[v6.find("[[vip]]").expect("a VIP")..];
+    let node = format!(
+        "[node]\nconntrack_flows_per_cpu = {flows}\nencap_source_v6 = \"2001:2:0:ff::/96\"\n"
+    );
+    let text = format!("{}\n{vip6}", one_vip(pool).replacen("[node]\n", &node, 1));
+    Config::parse(&text, "x".as_ref()).unwrap()
+}
+
+/// A flow of the resize tests: client and source port to a VIP's port 80.
+type AnyFlow = (IpAddr, u16);
+
+/// The frame of `flow`'s TCP segment with `flags` to its family's VIP of [`two_families`].
+fn flow_segment((client, sport): AnyFlow, flags: u8) -> Vec<u8> {
+    match client {
+        IpAddr::V4(c) => vip_segment((c, sport), flags),
+        IpAddr::V6(c) => eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_IPV6,
+            &tcp6(&c.to_string(), sport, "2001:2:0:1::1", 80, flags),
+        ),
+    }
+}
+
+/// Where `dp` sends the next segment (`flags`) of `flow`.
+fn sent_to(dp: &mut Dataplane, flow: AnyFlow, flags: u8) -> IpAddr {
+    let (verdict, out) = run_frame(dp, &flow_segment(flow, flags));
+    assert_eq!(verdict, XDP_TX, "{flow:?}");
+    match flow.0 {
+        IpAddr::V4(_) => outer_dst(&out),
+        IpAddr::V6(_) => IpAddr::V6(outer_dst6(&out)),
+    }
+}
+
+/// A restart at another `node.conntrack_flows_per_cpu` carries the connection tables over
+/// into tables of the new size: flows whose backend the restart's pool would change stay on
+/// theirs, through a larger table and through a smaller one, where flows that meet in a full
+/// bucket are dropped and counted. It used to make every map fresh, and they all moved.
+#[test]
+fn a_restart_at_another_table_size_carries_the_flows_over() {
+    if !require_privileged("a_restart_at_another_table_size_carries_the_flows_over") {
+        return;
+    }
+    // The connection table is per CPU: every run on CPU 0's.
+    netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
+    restart_resized("grow", 4096, 16384);
+    restart_resized("shrink", 16384, 4096);
+}
+
+/// [`a_restart_at_another_table_size_carries_the_flows_over`] from `from` to `to` flows per CPU.
+fn restart_resized(what: &str, from: u32, to: u32) {
+    let dir = PinDir::new(&format!("resize-{what}"));
+    let dir = &dir.0;
+    let six = [0x11, 0x12, 0x13];
+    let before = two_families(from, &THREE, &six);
+    let after = two_families(to, &FOUR, &[0x11, 0x12, 0x13, 0x14]);
+    let vip = |cfg: &Config, c: IpAddr| {
+        let name = if c.is_ipv4() { "v4tcp" } else { "v6" };
+        cfg.vips.iter().find(|v| v.name == name).unwrap().clone()
+    };
+    let backend = |cfg: &Config, c: IpAddr| route(&vip(cfg, c), c, 0).unwrap().address;
+    let moves = |c: &IpAddr| backend(&before, *c) != backend(&after, *c);
+    let bucket = |flows: u32, (c, sport): AnyFlow| {
+        conn_hash(&vip(&before, c), c, sport, 80) & (flows / lb_common::CONNTRACK_WAYS as u32 - 1)
+    };
+    // Flows of clients whose backend the larger pool changes: some that meet in one bucket of
+    // the smaller table (a full old bucket when it grows; one more than a new bucket holds when
+    // it shrinks), twenty IPv4 and ten IPv6 spread.
+    let v4_clients = |base| clients_from(base).map(IpAddr::V4).filter(moves);
+    let small = from.min(to);
+    let meet = bucket_overflow(
+        small / lb_common::CONNTRACK_WAYS as u32,
+        lb_common::CONNTRACK_WAYS + usize::from(to < from),
+        flows_of(clients_from("198.18.64.0").filter(|c| moves(&IpAddr::V4(*c)))),
+    );
+    let mut flows: Vec<AnyFlow> = meet.iter().map(|&(c, p)| (IpAddr::V4(c), p)).collect();
+    flows.extend(v4_clients("198.18.96.0").take(20).map(|c| (c, 50000)));
+    flows.extend(
+        (1..=250u16)
+            .map(|i| IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, 5, 0, 0, 0, i)))
+            .filter(moves)
+            .take(10)
+            .map(|c| (c, 50000)),
+    );
+    // What the copy must do: every flow fits the old table; a new bucket keeps four.
+    let per_bucket = |size: u32, v4: bool| {
+        let mut n = std::collections::HashMap::<u32, u64>::new();
+        for &f in flows.iter().filter(|f| f.0.is_ipv4() == v4) {
+            *n.entry(bucket(size, f)).or_default() += 1;
+        }
+        n
+    };
+    let ways = lb_common::CONNTRACK_WAYS as u64;
+    for v4 in [true, false] {
+        assert!(per_bucket(from, v4).values().all(|&n| n <= ways), "the old table holds all");
+    }
+    let dropped: u64 = [true, false]
+        .iter()
+        .flat_map(|&v4| per_bucket(to, v4).into_values())
+        .map(|n| n.saturating_sub(ways))
+        .sum();
+    assert_eq!(dropped, u64::from(to < from), "{what}: only those meeting overflow a new bucket");
+
+    let shape = |flows| TableShape::for_flows(Some(flows));
+    let mut dp = Dataplane::load_with_table(Some(dir), shape(from)).unwrap();
+    dp.apply(&before).unwrap();
+    for &f in &flows {
+        // The handshake, then its next segment puts the flow in the table.
+        assert_eq!(sent_to(&mut dp, f, SYN), backend(&before, f.0), "{f:?}");
+        assert_eq!(sent_to(&mut dp, f, ACK), backend(&before, f.0), "{f:?}");
+    }
+    assert_eq!(dp.maps().ct_stats().unwrap()[lb_common::ct_stats::EVICTED as usize], 0);
+    drop(dp);
+
+    let mut dp = Dataplane::load_with_table(Some(dir), shape(to)).expect("loads at another size");
+    assert!(dp.adopted(), "{what}: the data plane is adopted");
+    assert_eq!(dp.table_shape(), shape(to));
+    let found = dp.pins_found().clone();
+    let tables = [lb_common::maps::CONNTRACK_V4, lb_common::maps::CONNTRACK];
+    let others: Vec<&str> =
+        pinned_map_names().into_iter().filter(|n| !tables.contains(n)).collect();
+    assert_eq!(found.adopted, others, "{what}: {found:?}");
+    assert!(found.fresh.is_empty() && found.problems.is_empty(), "{what}: {found:?}");
+    let resized = found.resized.expect("the tables were resized");
+    let carried = flows.len() as u64 - dropped;
+    let (f, t) = (u64::from(from), u64::from(to));
+    assert_eq!((resized.v4_flows, resized.v6_flows), ((f, t), (f, t)));
+    assert_eq!(resized.flows, edgelb::dataplane::ResizeTally { carried, dropped, left: 0 });
+    let said = format!(
+        "connection tables resized from {from} to {to} flows per CPU: {carried} flows carried over, {dropped} dropped (new buckets full)"
+    );
+    assert!(resized.message().starts_with(&said), "{}", resized.message());
+    eprintln!("{what}: {}", resized.message());
+
+    // The larger pool would move every one of these flows: those carried over stay.
+    dp.apply(&after).unwrap();
+    let mut kept = 0;
+    for &f in &flows {
+        let to = sent_to(&mut dp, f, ACK);
+        if to == backend(&before, f.0) {
+            kept += 1;
+        } else {
+            assert_eq!(to, backend(&after, f.0), "{what}: {f:?} went elsewhere than the ring");
+            assert!(meet.iter().any(|&(c, p)| (IpAddr::V4(c), p) == f), "{what}: {f:?} lost");
+        }
+    }
+    assert_eq!(kept, carried, "{what}: each flow carried over keeps its backend");
+}
+
+/// Fills `flows` per CPU of the connection table pinned as `name` in `dir` (`buckets` per CPU)
+/// with made-up flows, each way in the bucket its hash names: `way(n)` is flow `n`'s entry,
+/// `hash` its table hash. Returns how many it placed (a few buckets stay short).
+fn fill_pinned<B, W>(
+    dir: &std::path::Path,
+    name: &str,
+    buckets: u32,
+    way: impl Fn(u32) -> W,
+    hash: impl Fn(&W) -> u32,
+    ways: impl Fn(&mut B) -> &mut [W; lb_common::CONNTRACK_WAYS],
+) -> u64
+where
+    B: aya::Pod + Default,
+    W: Copy,
+{
+    let data = aya::maps::MapData::from_pin(dir.join(name)).unwrap();
+    let mut table: aya::maps::Array<_, B> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    let cpus = table.len() / buckets;
+    let mut region = vec![(B::default(), 0usize); buckets as usize];
+    let mut placed = 0;
+    for cpu in 0..cpus {
+        region.iter_mut().for_each(|r| *r = (B::default(), 0));
+        // Twice the flows a region holds: most buckets fill up.
+        for n in 0..buckets * 2 * lb_common::CONNTRACK_WAYS as u32 {
+            let w = way(cpu << 24 | n);
+            let (bucket, used) = &mut region[(hash(&w) & (buckets - 1)) as usize];
+            if *used < lb_common::CONNTRACK_WAYS {
+                ways(bucket)[*used] = w;
+                *used += 1;
+                placed += 1;
+            }
+        }
+        for (i, (bucket, _)) in region.iter().enumerate() {
+            table.set(cpu * buckets + i as u32, bucket, 0).unwrap();
+        }
+    }
+    placed
+}
+
+/// The copy of the connection tables into tables of another size is bounded in time: both
+/// tables of 131 072 flows per CPU (the IPv4 default), nearly full, on every possible CPU, are
+/// read through memory maps and re-placed in well under the bound (a lookup per bucket, the
+/// obvious way, is a system call per bucket). The time is printed.
+#[test]
+fn full_tables_are_resized_in_bounded_time() {
+    if !require_privileged("full_tables_are_resized_in_bounded_time") {
+        return;
+    }
+    let (from, to) = (131_072, 65_536);
+    let dir = PinDir::new("resize-full");
+    let dir = &dir.0;
+    let cfg = two_families(from, &THREE, &[0x11, 0x12, 0x13]);
+    let shape = TableShape::for_flows(Some(from));
+    let mut dp = Dataplane::load_with_table(Some(dir), shape).unwrap();
+    dp.apply(&cfg).unwrap();
+    let (vip4, vip6) = (cfg.vips[0].clone(), cfg.vips[1].clone());
+    let id = dp.backend_id(&vip4, "198.18.0.11".parse().unwrap()).unwrap();
+    let tag = lb_common::Conn { backend: id, generation: 0 }.tag(6);
+    let vip6_index = dp.vip_index(&vip6).unwrap();
+    let vip6_addr = vip_key(&vip6).addr;
+    drop(dp);
+    let dst = u32::from_ne_bytes([198, 18, 1, 1]);
+    let v4 = fill_pinned(
+        dir,
+        lb_common::maps::CONNTRACK_V4,
+        shape.v4_buckets,
+        |n| lb_common::ConnEntryV4 { src: n, dst, ports: 80 << 16 | 0x1234, tag },
+        |w| {
+            let key = lb_common::FlowKeyV4 {
+                src: w.src,
+                dst: w.dst,
+                sport: w.ports as u16,
+                dport: (w.ports >> 16) as u16,
+                proto: 6,
+                _pad: [0; 3],
+            };
+            lb_common::hash::flow_key_v4_hash(&key, lb_common::HASH_SEED)
+        },
+        |b: &mut lb_common::ConnBucketV4| &mut b.ways,
+    );
+    let v6 = fill_pinned(
+        dir,
+        lb_common::maps::CONNTRACK,
+        shape.v6_buckets,
+        |n| lb_common::ConnEntry {
+            src: [0x0220_0120, 0, 0, n],
+            ports: 80 << 16 | 0x1234,
+            tag,
+            vip: vip6_index,
+            _pad: 0,
+        },
+        |w| {
+            let key = lb_common::FlowKey {
+                src: w.src,
+                dst: vip6_addr,
+                sport: w.ports as u16,
+                dport: (w.ports >> 16) as u16,
+                proto: 6,
+                family: lb_common::AF_INET6,
+                _pad: [0; 2],
+            };
+            lb_common::hash::flow_key_hash(&key, lb_common::HASH_SEED)
+        },
+        |b: &mut lb_common::ConnBucket| &mut b.ways,
+    );
+    let dp = Dataplane::load_with_table(Some(dir), TableShape::for_flows(Some(to))).unwrap();
+    let resized = dp.pins_found().resized.expect("resized");
+    eprintln!("{} + {} flows on {} CPUs: {}", v4, v6, shape.cpus, resized.message());
+    let t = resized.flows;
+    assert_eq!((t.carried + t.dropped, t.left), (v4 + v6, 0), "{t:?}");
+    assert!(t.carried >= u64::from(shape.cpus) * u64::from(to) * 2 * 9 / 10, "{t:?}");
+    assert!(resized.took < std::time::Duration::from_secs(5), "{}", resized.message());
 }
 
 /// [`one_vip`] as a UDP VIP on port 53: UDP flows enter the connection table at their first

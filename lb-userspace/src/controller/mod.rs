@@ -510,7 +510,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<(), RunError> {
     }
     log_carried("--takeover", &carried, &ctl.cfg);
     // A data plane ran here before this process: its maps adopted, or its links pinned even
-    // when the maps were not (another layout or table size makes fresh ones). A start that
+    // when the maps were not (another layout makes fresh ones). A start that
     // fails must leave it forwarding, not remove links that were balancing before it began.
     let adopted = ctl.dp.adopted() || ctl.dp.links_pinned();
     let taking_over = handover.is_some();

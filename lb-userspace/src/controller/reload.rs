@@ -155,8 +155,8 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
 }
 
 /// What to do about a reload of `path` refused for `restart` ([`restart_needed`]): a takeover restarts
-/// without refusing a connection; with a new `node.conntrack_flows_per_cpu` it cannot carry
-/// the connection tables over (their size is the maps' layout), and what that costs is said;
+/// without refusing a connection; with a new `node.conntrack_flows_per_cpu` it copies the
+/// connection tables into tables of the new size, and what that may still cost is said;
 /// a new `node.xdp_mode` or `node.pin_dir` (said only when among the changes) takes a stop,
 /// which detaches XDP, then a start.
 fn restart_advice(path: &Path, restart: &[String]) -> String {
@@ -165,10 +165,7 @@ fn restart_advice(path: &Path, restart: &[String]) -> String {
         path.display()
     );
     if restart.iter().any(|r| r.starts_with("node.conntrack_flows_per_cpu ")) {
-        advice.push_str(&format!(
-            ", but it cannot carry the connection tables over to another size: every map starts fresh, and {}",
-            crate::dataplane::FRESH_TABLES_COST
-        ));
+        advice.push_str(&format!(", and {}", crate::dataplane::RESIZED_TABLES_COST));
     }
     if restart.iter().any(|r| r.starts_with("node.xdp_mode ")) {
         advice.push_str("; a new node.xdp_mode takes `edgelb stop`, which detaches, then a start");
@@ -422,8 +419,8 @@ mod tests {
         let advice = restart_advice(Path::new("/etc/e.toml"), &restart_needed(&base, &native));
         assert!(advice.contains("a new node.xdp_mode takes `edgelb stop`"), "{advice}");
         assert!(!advice.contains("connection tables") && !advice.contains("pin_dir"), "{advice}");
-        // Another table size: the takeover cannot carry the connection tables over, and the
-        // advice says what that costs rather than promise that nothing is lost.
+        // Another table size: the takeover copies the connection tables into the new size, and
+        // the advice says what that may still cost rather than promise that nothing is lost.
         let sized = parse(&format!(
             "{NODE}conntrack_flows_per_cpu = 8192
 {}{}",
@@ -432,8 +429,9 @@ mod tests {
         ));
         let advice = restart_advice(Path::new("/etc/e.toml"), &restart_needed(&base, &sized));
         assert!(
-            advice.contains("cannot carry the connection tables over")
-                && advice.contains("on drained backends move to another backend"),
+            advice.contains("copies the connection tables into tables of the new size")
+                && advice.contains("most recently used flows")
+                && advice.contains("on a drained backend, move to another backend"),
             "{advice}"
         );
         let moved = parse(&format!(

@@ -32,6 +32,7 @@ mod links;
 pub mod maps;
 pub mod netlink;
 mod pins;
+mod resize;
 mod route;
 
 use std::{
@@ -46,8 +47,8 @@ use aya::{
     programs::{ProgramError, Xdp, links::FdLink},
 };
 use lb_common::{
-    AF_INET, AddrKey, Backend, Counters, GlobalConfig, MAX_BACKENDS, MAX_VIPS, VipKey, VipMeta,
-    addr_flags, backend_flags, programs, vip_flags,
+    AF_INET, AF_INET6, AddrKey, Backend, Counters, GlobalConfig, MAX_BACKENDS, MAX_VIPS, VipKey,
+    VipMeta, addr_flags, backend_flags, programs, vip_flags,
 };
 use tracing::{error, info, warn};
 
@@ -64,11 +65,12 @@ use links::{
     link_pin_holding, mode_differs, pinned_link_device, repin_after_reattach, replace_program,
 };
 pub use maps::Maps;
-pub use pins::{BPFFS, FRESH_TABLES_COST, ensure_bpffs};
+pub use pins::{BPFFS, FRESH_TABLES_COST, RESIZED_TABLES_COST, ensure_bpffs};
 use pins::{
     backend_entry_problem, check_pins, fresh_map_warning, is_link_pin, link_pin, link_pinned_in,
     map_layouts, pin_dir_ready, remove_pin, vip_entry_region, vip_entry_words,
 };
+pub use resize::{ResizeTally, TablesResized};
 pub use route::{
     RouteError, RouteFlow, addr_words, conn_hash, flow_hash, ring_slot_counts, route, vip_key,
     vip_ring, words_addr,
@@ -176,6 +178,18 @@ pub enum DataplaneError {
         path: PathBuf,
         /// Cause.
         error: MapError,
+    },
+    /// The connection tables pinned at another size could not be copied into this start's (a
+    /// memory map of either refused: out of memory or address space, say). Nothing was
+    /// replaced: the running data plane keeps forwarding with its tables.
+    #[error(
+        "copying the connection table pinned at {path} into one of this start's size failed ({error}): nothing was replaced; a retry may copy it, or `node.conntrack_flows_per_cpu` set back to the pinned size adopts it as it is"
+    )]
+    TableCopy {
+        /// The pinned table.
+        path: PathBuf,
+        /// Cause.
+        error: std::io::Error,
     },
     /// An entry of an adopted map that no edgelb of this build writes (a rollback to a build of
     /// another ring layout, an entry written by hand): the controller's view cannot be rebuilt
@@ -459,6 +473,10 @@ pub struct PinsFound {
     /// Each problem warned of: pins of another layout or version, a missing CONFIG pin, an
     /// adopted entry that made no sense.
     pub problems: Vec<String>,
+    /// Connection tables pinned at another size (`node.conntrack_flows_per_cpu` changed),
+    /// made at this start's size and filled from the pinned ones, and what became of their
+    /// flows. The tables are then in neither `adopted` nor `fresh`.
+    pub resized: Option<TablesResized>,
 }
 
 /// CPUs the connection table has a region for: every possible CPU
@@ -577,8 +595,10 @@ impl Dataplane {
     /// Loads the balancer beside a running edgelb (`run --takeover`) without changing a pin:
     /// pinned maps of this build's layout are adopted (as [`Dataplane::load_with_table`] does),
     /// but only under a CONFIG pin stamped with this build's [`lb_common::MAPS_VERSION`]. A
-    /// counter map of another layout is made fresh alone (`pins::counters_only`); any other map
-    /// of another layout (or table size), another version, no CONFIG pin, or an adopted entry
+    /// counter map of another layout is made fresh alone (`pins::counters_only`); connection
+    /// tables of another size (`node.conntrack_flows_per_cpu` changed) are made at this size and
+    /// filled from the pinned ones (`resize`, said in [`PinsFound::resized`] and logged once);
+    /// any other map of another layout, another version, no CONFIG pin, or an adopted entry
     /// that makes no sense (checked as the view is rebuilt) makes every map fresh. A map with no
     /// pin yet is made fresh too. Fresh maps are left unpinned: [`Dataplane::publish_pins`] pins
     /// them once this process has taken over, since until then the running edgelb may take
@@ -613,6 +633,9 @@ impl Dataplane {
             warn!(%problem, pin_dir = %dir.display(), "pinned map not re-used");
         }
         found.adopted = check.adopt;
+        // Tables of another size are copied only into a data plane otherwise adopted.
+        let resize = if found.adopted.is_empty() { Vec::new() } else { check.resize };
+        let resized = |name: &&'static str| resize.iter().any(|r| r.name == *name);
         if found.adopted.is_empty() {
             // No map pinned at all: a first start, or a data plane whose XDP link alone is left.
             if link_pinned_in(dir) {
@@ -626,12 +649,18 @@ impl Dataplane {
             // made fresh, and what that costs is said, or the "adopted" that follows would hide
             // it. (Counter maps of another layout were named with the problems.)
             for &name in &all {
-                if !found.adopted.contains(&name) && !check.fresh_counters.contains(&name) {
+                if !found.adopted.contains(&name)
+                    && !check.fresh_counters.contains(&name)
+                    && !resized(&name)
+                {
                     warn!(map = name, pin_dir = %dir.display(), "{}", fresh_map_warning(name));
                 }
             }
-            found.fresh =
-                all.iter().copied().filter(|name| !found.adopted.contains(name)).collect();
+            found.fresh = all
+                .iter()
+                .copied()
+                .filter(|name| !found.adopted.contains(name) && !resized(name))
+                .collect();
         }
         match Dataplane::load_object(Some(dir), shape, &found.adopted) {
             // An entry the view cannot be rebuilt from: as for maps of another layout, rather
@@ -641,6 +670,20 @@ impl Dataplane {
                 nothing_adopted(&mut found, &why);
                 found.problems.push(e.to_string());
                 Dataplane::load_object(Some(dir), shape, &[]).map(|dp| dp.found(found))
+            }
+            Ok(dp) if !resize.is_empty() => {
+                // Every VIP's address by its index: IPv6 entries name their VIP by index, and
+                // their bucket hash is of its address.
+                let v6_vips = dp
+                    .vips
+                    .iter()
+                    .filter(|(key, _)| key.family == AF_INET6)
+                    .map(|(key, slot)| (slot.index, key.addr))
+                    .collect();
+                let done = resize::carry_over(dir, &resize, &dp.maps, shape, &v6_vips)?;
+                info!(pin_dir = %dir.display(), "{}", done.message());
+                found.resized = Some(done);
+                Ok(dp.found(found))
             }
             r => r.map(|dp| dp.found(found)),
         }

@@ -16,7 +16,7 @@ use lb_common::{
 };
 use tracing::{info, warn};
 
-use super::{DataplaneError, TableShape, words_addr};
+use super::{DataplaneError, TableShape, resize::Resize, words_addr};
 
 // Map flags, as the kernel reports them (`bpf_map_info.map_flags`): the connection tables are
 // memory-mappable ([`lb_common::BPF_F_MMAPABLE`]); the access flags are left out of the
@@ -107,6 +107,12 @@ fn counters_only(name: &str) -> bool {
 /// failure) or when its backend is drained (drains keep flows only through the tables).
 pub const FRESH_TABLES_COST: &str = "established flows are placed anew by the rings: those whose backend changed since they began (the pool changed since) and those on drained backends move to another backend, and their connections break; counters start again from 0";
 
+/// What a start at another `node.conntrack_flows_per_cpu` still costs, said where a reload is
+/// refused for one: it copies the pinned connection tables into tables of the new size
+/// (`resize`), but a smaller table keeps only what its buckets hold, and flows that begin while
+/// the new process loads miss the copy.
+pub const RESIZED_TABLES_COST: &str = "it copies the connection tables into tables of the new size: a smaller table keeps each bucket's most recently used flows, and flows that do not fit, or that begin while the new process loads, are placed anew by the rings, so those whose backend changed since they began, or on a drained backend, move to another backend (their connections break)";
+
 /// Whether `error` (reading a pin) says that nothing is pinned there.
 fn pin_missing(error: &MapError) -> bool {
     matches!(error, MapError::SyscallError(e) if e.io_error.kind() == std::io::ErrorKind::NotFound)
@@ -120,6 +126,9 @@ pub(super) struct PinCheck {
     pub(super) adopt: Vec<&'static str>,
     /// Counter maps of another layout ([`counters_only`]): made fresh alone.
     pub(super) fresh_counters: Vec<&'static str>,
+    /// Connection tables of this build's layout at another size ([`resizable`]): made fresh at
+    /// this start's size and filled from the pinned ones.
+    pub(super) resize: Vec<Resize>,
     /// No map may be re-used: one other than a counter map has another layout, the maps were
     /// written under another layout version, or nothing says which (no CONFIG pin).
     pub(super) mismatched: bool,
@@ -137,6 +146,7 @@ pub(super) fn check_pins(dir: &Path, shape: TableShape) -> Result<PinCheck, Data
         }
     }
     let (mut mismatched, mut adopt, mut fresh_counters) = (false, Vec::new(), Vec::new());
+    let mut resize = Vec::new();
     for (name, ty, key, value, max, flags) in map_layouts(shape) {
         let path = dir.join(name);
         let info = match MapInfo::from_pin(&path) {
@@ -151,7 +161,11 @@ pub(super) fn check_pins(dir: &Path, shape: TableShape) -> Result<PinCheck, Data
             let flags = info.map_flags() & !(BPF_F_RDONLY | BPF_F_WRONLY | BPF_F_RDONLY_PROG);
             (t, info.key_size(), info.value_size(), info.max_entries(), flags)
         });
-        if found != Some((ty, key, value, max, flags)) {
+        if let Some(entries) =
+            found.and_then(|f| resizable(name, f, (ty, key, value, max, flags), shape))
+        {
+            resize.push(Resize { name, entries });
+        } else if found != Some((ty, key, value, max, flags)) {
             let alone = counters_only(name);
             problems.push(format!(
                 "{name}: pinned map is {found:?}, this edgelb needs {:?} (type, key, value, entries, flags){}",
@@ -169,7 +183,7 @@ pub(super) fn check_pins(dir: &Path, shape: TableShape) -> Result<PinCheck, Data
     }
     // Sizes alike, the meaning may still differ: the maps say which edgelb wrote them. Without
     // the CONFIG map that says it, nothing is adopted.
-    if !(adopt.is_empty() && fresh_counters.is_empty()) && !mismatched {
+    if !(adopt.is_empty() && fresh_counters.is_empty() && resize.is_empty()) && !mismatched {
         match pinned_maps_version(&dir.join(lb_common::maps::CONFIG))? {
             // 0: pinned by an edgelb that never wrote them (it stopped before its first
             // apply), so there is nothing in them to misread. (Maps from before the stamp have
@@ -193,7 +207,29 @@ pub(super) fn check_pins(dir: &Path, shape: TableShape) -> Result<PinCheck, Data
             }
         }
     }
-    Ok(PinCheck { problems, adopt, fresh_counters, mismatched })
+    Ok(PinCheck { problems, adopt, fresh_counters, resize, mismatched })
+}
+
+/// A pinned map's layout as [`check_pins`] compares it: type, key size, value size, entries,
+/// flags.
+type Layout = (MapType, u32, u32, u32, u32);
+
+/// The buckets of the pinned connection table `name` of layout `found`, when it differs from
+/// this build's (`want`, for `shape`) only by its size (`node.conntrack_flows_per_cpu`
+/// changed): a region per CPU of a power of two of buckets. Its flows are then copied into the
+/// new table (`resize::carry_over`) rather than every map made fresh. The possible-CPU count
+/// cannot have changed under pins (it is fixed at boot, and bpffs does not outlive one); a size
+/// that is no power of two of buckets per CPU is another layout, and makes every map fresh.
+fn resizable(name: &str, found: Layout, want: Layout, shape: TableShape) -> Option<u32> {
+    let is_table = name == lb_common::maps::CONNTRACK_V4 || name == lb_common::maps::CONNTRACK;
+    let (ty, key, value, entries, flags) = found;
+    let per_cpu = entries / shape.cpus.max(1);
+    (is_table
+        && (ty, key, value, flags) == (want.0, want.1, want.2, want.4)
+        && entries != want.3
+        && entries.is_multiple_of(shape.cpus.max(1))
+        && per_cpu.is_power_of_two())
+    .then_some(entries)
 }
 
 /// Whether `dir` holds the pin of an XDP link ([`is_link_pin`]).
