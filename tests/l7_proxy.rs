@@ -2948,6 +2948,23 @@ fn answer_queued(proxy: SocketAddr, client: SocketAddr, bytes: u64) {
     std::thread::sleep(Duration::from_millis(200));
 }
 
+/// Stops the proxy of `p` with a 500 ms drain while the client `s` reads slowly ([`read_slowly`])
+/// what is queued for it ([`answer_queued`]): the stop waits for the drain's deadline, not for
+/// the reader, and leaves the proxy's socket to the kernel alone (its descriptor closed). What
+/// the reader got, and how its stream ended.
+fn stop_while_reading_slowly(p: &mut Running, mut s: TcpStream) -> (Vec<u8>, std::io::Result<()>) {
+    let client = s.local_addr().unwrap();
+    let reader = std::thread::spawn(move || read_slowly(&mut s, |_| false));
+    answer_queued(p.addr, client, QUEUED_ANSWER as u64 * 3 / 4);
+    let start = Instant::now();
+    p.proxy.take().unwrap().shutdown(Duration::from_millis(500));
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(450), "the stop waited for the connection: {took:?}");
+    assert!(took < Duration::from_secs(2), "but not for the reader: {took:?}");
+    assert_eq!(inode(p.addr, client), Some(0), "the proxy's socket is the kernel's alone");
+    reader.join().unwrap()
+}
+
 /// A slow reader of an answer the proxy closes after (`Connection: close`), still taking the
 /// end of it at a stop's drain deadline, gets all of it and its clean end: the answer is
 /// complete, only what the kernel holds for the reader is left, and the stop hands the
@@ -2962,18 +2979,9 @@ fn a_stop_hands_a_slow_reader_the_rest_of_a_complete_answer() {
     // the kernel's clock, TCP_USER_TIMEOUT at this, which can cut such a reader.
     let l7 = "idle_timeout_ms = 10000\nrequest_timeout_ms = 600000";
     let mut p = proxy(&[(&b, 1)], l7, "");
-    let mut s = connect_small_window(p.addr, SLOW_WINDOW);
+    let s = connect_small_window(p.addr, SLOW_WINDOW);
     (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
-    let client = s.local_addr().unwrap();
-    let reader = std::thread::spawn(move || read_slowly(&mut s, |_| false));
-    answer_queued(p.addr, client, QUEUED_ANSWER as u64 * 3 / 4);
-    let start = Instant::now();
-    p.proxy.take().unwrap().shutdown(Duration::from_millis(500));
-    let took = start.elapsed();
-    assert!(took >= Duration::from_millis(450), "the stop waited for the connection: {took:?}");
-    assert!(took < Duration::from_secs(2), "but not for the reader: {took:?}");
-    assert_eq!(inode(p.addr, client), Some(0), "the proxy's socket is the kernel's alone");
-    let (got, end) = reader.join().unwrap();
+    let (got, end) = stop_while_reading_slowly(&mut p, s);
     assert!(end.is_ok(), "{end:?} after {} bytes", got.len());
     let head = got.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
     assert_eq!(got.len() - head, QUEUED_ANSWER, "the whole body");
@@ -3002,18 +3010,9 @@ fn tcp_mode_a_stop_hands_a_slow_reader_the_rest_of_a_finished_relay() {
     });
     let l7 = "mode = \"tcp\"\nidle_timeout_ms = 60000\ntunnel_timeout_ms = 10000";
     let mut p = proxy(&[(&b, 1)], l7, "");
-    let mut s = connect_small_window(p.addr, SLOW_WINDOW);
+    let s = connect_small_window(p.addr, SLOW_WINDOW);
     s.shutdown(Shutdown::Write).unwrap();
-    let client = s.local_addr().unwrap();
-    let reader = std::thread::spawn(move || read_slowly(&mut s, |_| false));
-    answer_queued(p.addr, client, QUEUED_ANSWER as u64 * 3 / 4);
-    let start = Instant::now();
-    p.proxy.take().unwrap().shutdown(Duration::from_millis(500));
-    let took = start.elapsed();
-    assert!(took >= Duration::from_millis(450), "the stop waited for the connection: {took:?}");
-    assert!(took < Duration::from_secs(2), "but not for the reader: {took:?}");
-    assert_eq!(inode(p.addr, client), Some(0), "the proxy's socket is the kernel's alone");
-    let (got, end) = reader.join().unwrap();
+    let (got, end) = stop_while_reading_slowly(&mut p, s);
     assert!(end.is_ok(), "{end:?} after {} bytes", got.len());
     assert_eq!(got.len(), QUEUED_ANSWER, "everything, then the end");
     assert!(got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8), "intact");
