@@ -2976,7 +2976,8 @@ fn a_stop_hands_a_slow_reader_the_rest_of_a_complete_answer() {
     let log = access_log();
     let b = backend("big", Mode::Big(QUEUED_ANSWER));
     // Longer than the reader reads slowly after the deadline: handed over, the connection has
-    // the kernel's clock, TCP_USER_TIMEOUT at this, which can cut such a reader.
+    // the kernel's clock, TCP_USER_TIMEOUT at least this (more for a reader seen reading),
+    // which can cut such a reader.
     let l7 = "idle_timeout_ms = 10000\nrequest_timeout_ms = 600000";
     let mut p = proxy(&[(&b, 1)], l7, "");
     let s = connect_small_window(p.addr, SLOW_WINDOW);
@@ -2994,6 +2995,51 @@ fn a_stop_hands_a_slow_reader_the_rest_of_a_complete_answer() {
         "no deadline line with handed=1 in\n{text}"
     );
 }
+
+/// A slow reader still taking a complete answer at a steady rate at a stop's drain deadline
+/// gets all of it, though the rest takes it some three stall times (the idle timeout, 1 s)
+/// after the handover: the kernel's timeout for the handed connection fits the rest at the
+/// rate the reader was seen taking it since the close began to wait (twice over, on top of the
+/// stall time). Before, it was the stall time alone, and Linux's clock for zero-window probing
+/// (from the first probe, whatever the reader takes meanwhile, for a reader that frees its
+/// window a few KiB at a time) reset such a reader about that long after the handover.
+#[test]
+fn a_stop_gives_a_steady_slow_reader_the_time_the_rest_takes_it() {
+    let b = backend("big", Mode::Big(STEADY_ANSWER));
+    let mut p = proxy(&[(&b, 1)], "idle_timeout_ms = 1000\nrequest_timeout_ms = 600000", "");
+    let mut s = connect_small_window(p.addr, SLOW_WINDOW);
+    (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    let client = s.local_addr().unwrap();
+    let reader = std::thread::spawn(move || {
+        let got = read_slowly(&mut s, |_| false);
+        (got, Instant::now())
+    });
+    answer_queued(p.addr, client, STEADY_ANSWER as u64 * 2 / 3);
+    // Some 3 s of the answer left at the reader's 40 KB/s, as the stop begins.
+    let start = Instant::now();
+    while tx_queue(p.addr, client).is_some_and(|q| q > 120_000) {
+        assert!(start.elapsed() < Duration::from_secs(10), "the reader takes the answer");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    p.proxy.take().unwrap().shutdown(Duration::from_millis(500));
+    let stopped = Instant::now();
+    assert_eq!(inode(p.addr, client), Some(0), "the proxy's socket is the kernel's alone");
+    let ((got, end), done) = reader.join().unwrap();
+    let after = done - stopped;
+    assert!(end.is_ok(), "{end:?} after {} bytes, {after:?} after the stop", got.len());
+    let head = got.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
+    assert_eq!(got.len() - head, STEADY_ANSWER, "the whole body");
+    assert!(got.ends_with(b"xxxx"), "the body's end");
+    assert!(
+        after > Duration::from_millis(1500),
+        "the rest took longer than the stall time: {after:?}"
+    );
+}
+
+/// The answer of [`a_stop_gives_a_steady_slow_reader_the_time_the_rest_takes_it`]: all in the
+/// kernel's buffers at once, and some 7 s of reading at [`read_slowly`]'s pace, within its
+/// [`SLOW_FOR`].
+const STEADY_ANSWER: usize = 300_000;
 
 /// A TCP-mode relay whose both directions are done (the client half-closed, the backend sent
 /// everything and closed), its client still slowly taking the end of what the kernel holds for

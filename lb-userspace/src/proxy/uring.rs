@@ -43,7 +43,20 @@ struct Shared {
     /// all with the kernel, so a stop's drain deadline hands it to the kernel rather than
     /// resetting it ([`Socket::end_at_deadline`]).
     closing: Cell<bool>,
+    /// The first and the last time its close, waiting for the peer ([`Socket::wait_delivered`]),
+    /// saw the peer take more, with the bytes it had acknowledged then (`None` until the
+    /// first): the rate at which the peer takes the rest, which sizes the kernel's timeout at
+    /// a handover ([`Socket::hand_to_kernel`]). From the first progress, not from the start of
+    /// the wait: what the peer took first may only have filled the room its window had then
+    /// (a client that reads nothing took 2 KiB more 40 ms into the wait, and nothing after).
+    taking: Cell<Option<[(std::time::Instant, u64); 2]>>,
 }
+
+/// The longest TCP_USER_TIMEOUT a connection handed to the kernel at a stop's drain deadline
+/// gets ([`Socket::hand_to_kernel`]) for a peer that takes the rest slowly, unless its stall
+/// time is longer: the kernel holds such an orphan, outside the proxy's sight and limits, no
+/// longer than this (or the stall time) after the process is gone, however slow the reader.
+const HANDED_TIMEOUT_CAP: Duration = Duration::from_secs(10 * 60);
 
 /// How many times a send's peer is looked at within its socket's stall time, once the send
 /// waits that long, and how many looks in a row that see it take nothing cut it: between one
@@ -71,6 +84,7 @@ impl Socket {
             stall: Cell::new(stall),
             acked: Cell::new(0),
             closing: Cell::new(false),
+            taking: Cell::new(None),
         }))
     }
 
@@ -388,6 +402,11 @@ impl Socket {
             }
             let now = acked_of(&info, len);
             if now != acked {
+                if let Some(now) = now {
+                    let seen = (std::time::Instant::now(), now);
+                    let first = self.0.taking.get().map_or(seen, |[first, _]| first);
+                    self.0.taking.set(Some([first, seen]));
+                }
                 acked = now;
                 cut = tokio::time::Instant::now() + stall;
             } else if tokio::time::Instant::now() >= cut {
@@ -414,23 +433,43 @@ impl Socket {
     /// Leaves a connection whose close has begun to the kernel, at a stop's drain deadline,
     /// rather than waiting in [`Socket::close_when_delivered`] (the stop would wait for the
     /// slowest reader) or resetting it (a slow reader still taking the tail of a complete
-    /// answer lost that tail): its TCP_USER_TIMEOUT becomes its stall time, and it is shut
-    /// down both ways (its sending side is shut already, the FIN queued behind the data;
-    /// this completes a receive still pending on it, whose clone of the socket would keep
-    /// the descriptor open), so that it closes as soon as the caller drops its last clone.
-    /// The kernel then delivers the rest to the peer on its own, an orphan, and gives up on a
-    /// peer that took nothing for the stall time (zero-window probes unanswered by a wider
-    /// window that long): without the timeout such an orphan was probed for some 5.5
-    /// minutes, outside the proxy's sight. The timeout is the kernel's clock, which also
-    /// cuts a reader that frees its window only a few KiB at a time (see [`Socket::new`])
-    /// once the rest takes it longer than about the stall time (4 KiB every 100 ms through a
-    /// 16 KiB receive buffer: cut some 1.5 stall times of 2 s after the handover): the proxy
-    /// is gone by then, and the bound is worth more than such a reader, who before lost the
-    /// rest at the deadline itself. Best effort: a socket reset meanwhile refuses both calls,
+    /// answer lost that tail): it gets a TCP_USER_TIMEOUT that fits what is left at the rate
+    /// its peer was seen taking it ([`handed_timeout`]), and is shut down both ways (its
+    /// sending side is shut already, the FIN queued behind the data; this completes a receive
+    /// still pending on it, whose clone of the socket would keep the descriptor open), so that
+    /// it closes as soon as the caller drops its last clone. The kernel then delivers the rest
+    /// to the peer on its own, an orphan, and gives up on it at that timeout: without one such
+    /// an orphan was probed for some 5.5 minutes, outside the proxy's sight.
+    ///
+    /// The timeout is the kernel's clock, not the proxy's stall clock: Linux times zero-window
+    /// probing from the first probe and starts that clock again only when the window opens
+    /// wide enough for the whole segment queued first (see [`Socket::new`]), so a reader that
+    /// frees its window a few KiB at a time is cut at the timeout however steadily it reads.
+    /// At the stall time alone, such a reader whose rest took longer than about that was cut
+    /// (30 readers at 50 KB/s through 256 KiB buffers, idle timeout 5 s: 9 reset 7.6 to 18 s
+    /// after the stop, one at 97 %). Hence the stall time plus twice the time the rest takes
+    /// at the rate the close saw the peer take bytes while it waited ([`Shared::taking`]),
+    /// capped at [`HANDED_TIMEOUT_CAP`] (or the stall time, if longer); a peer not seen taking
+    /// more than once (one that reads nothing, or a close that had not waited and looked yet)
+    /// gets the stall time alone: the bounded orphan this is for. Best effort: a socket reset meanwhile refuses every call,
     /// and has nothing left to deliver.
     pub(crate) fn hand_to_kernel(&self) {
-        let _ = self.with_sock(|s| s.set_tcp_user_timeout(Some(self.0.stall.get())));
+        let timeout = self.handed_timeout();
+        let _ = self.with_sock(|s| s.set_tcp_user_timeout(Some(timeout)));
         let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// The TCP_USER_TIMEOUT of this connection handed to the kernel now (see
+    /// [`Socket::hand_to_kernel`]). One getsockopt(TCP_INFO).
+    fn handed_timeout(&self) -> Duration {
+        let stall = self.0.stall.get();
+        let Some([(since, from), (until, to)]) = self.0.taking.get() else { return stall };
+        let Ok((info, _)) = crate::tcp_info::get(&self.0.stream) else { return stall };
+        // What the kernel still holds for the peer: not sent yet, and sent but not
+        // acknowledged (in segments: at most one MSS each).
+        let left = u64::from(info.tcpi_notsent_bytes)
+            + u64::from(info.tcpi_unacked) * u64::from(info.tcpi_snd_mss);
+        handed_timeout(stall, left, to.saturating_sub(from), until - since)
     }
 
     /// Does the kernel still hold bytes sent on this connection that it has not sent its peer
@@ -479,6 +518,20 @@ fn queued(info: &libc::tcp_info) -> bool {
     const CLOSING: u8 = 11;
     matches!(info.tcpi_state, ESTABLISHED | FIN_WAIT1 | CLOSE_WAIT | LAST_ACK | CLOSING)
         && (info.tcpi_unacked > 0 || info.tcpi_notsent_bytes > 0)
+}
+
+/// The TCP_USER_TIMEOUT of a connection handed to the kernel ([`Socket::hand_to_kernel`])
+/// whose stall time is `stall`, with `left` bytes still to deliver, its peer having taken
+/// `taken` bytes in the `over` since its close began to wait: `stall` plus twice the time the
+/// rest takes at that rate, at most [`HANDED_TIMEOUT_CAP`] (or `stall`, if longer); `stall`
+/// alone for a peer that took nothing.
+fn handed_timeout(stall: Duration, left: u64, taken: u64, over: Duration) -> Duration {
+    if taken == 0 || over.is_zero() {
+        return stall;
+    }
+    let cap = stall.max(HANDED_TIMEOUT_CAP).as_secs_f64();
+    let rest = over.as_secs_f64() * left as f64 / taken as f64;
+    Duration::from_secs_f64((stall.as_secs_f64() + 2.0 * rest).min(cap))
 }
 
 /// What the looks at a waiting send's peer saw so far (see [`Socket::send_all_with`]).
@@ -796,5 +849,20 @@ mod tests {
             let every = ticks(stall / LOOKS_PER_STALL);
             assert!(TICK * (every as u32 * LOOKS_PER_STALL) >= stall, "{ms} ms");
         }
+    }
+
+    /// A handed connection's timeout fits the rest at the rate its peer took bytes, twice
+    /// over, on top of the stall time; a peer that took nothing gets the stall time; a very
+    /// slow one the cap (or the stall time, if longer).
+    #[test]
+    fn a_handed_timeout_fits_the_rest_at_the_rate_seen() {
+        let s = Duration::from_secs;
+        // 100 KB left at 40 KB/s: 2.5 s, twice, on top of 1 s.
+        assert_eq!(handed_timeout(s(1), 100_000, 80_000, s(2)), s(6));
+        assert_eq!(handed_timeout(s(1), 100_000, 0, s(2)), s(1));
+        assert_eq!(handed_timeout(s(1), 100_000, 80_000, Duration::ZERO), s(1));
+        assert_eq!(handed_timeout(s(1), 0, 80_000, s(2)), s(1));
+        assert_eq!(handed_timeout(s(1), 1 << 30, 1, s(2)), HANDED_TIMEOUT_CAP);
+        assert_eq!(handed_timeout(s(3600), 1 << 30, 1, s(2)), s(3600));
     }
 }
