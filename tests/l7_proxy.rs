@@ -2952,10 +2952,22 @@ fn answer_queued(proxy: SocketAddr, client: SocketAddr, bytes: u64) {
 /// what is queued for it ([`answer_queued`]): the stop waits for the drain's deadline, not for
 /// the reader, and leaves the proxy's socket to the kernel alone (its descriptor closed). What
 /// the reader got, and how its stream ended.
-fn stop_while_reading_slowly(p: &mut Running, mut s: TcpStream) -> (Vec<u8>, std::io::Result<()>) {
+fn stop_while_reading_slowly(p: &mut Running, s: TcpStream) -> (Vec<u8>, std::io::Result<()>) {
+    stop_while_reading_slowly_after(p, s, |_| {})
+}
+
+/// [`stop_while_reading_slowly`], `then` given the client's socket once what is queued for it
+/// is, before the stop.
+fn stop_while_reading_slowly_after(
+    p: &mut Running,
+    mut s: TcpStream,
+    then: impl FnOnce(&TcpStream),
+) -> (Vec<u8>, std::io::Result<()>) {
     let client = s.local_addr().unwrap();
+    let other = s.try_clone().unwrap();
     let reader = std::thread::spawn(move || read_slowly(&mut s, |_| false));
     answer_queued(p.addr, client, QUEUED_ANSWER as u64 * 3 / 4);
+    then(&other);
     let start = Instant::now();
     p.proxy.take().unwrap().shutdown(Duration::from_millis(500));
     let took = start.elapsed();
@@ -2994,6 +3006,30 @@ fn a_stop_hands_a_slow_reader_the_rest_of_a_complete_answer() {
             && l.contains("handing those still delivering a complete answer to the kernel")),
         "no deadline line with handed=1 in\n{text}"
     );
+}
+
+/// A client that sends another request behind a `Connection: close` answer it reads slowly,
+/// once the proxy is done sending that answer (its close has begun, waiting for the client to
+/// take the rest), gets all of the answer and a clean end at a stop's drain deadline: the
+/// request, unread, is read and dropped as the connection is handed to the kernel. Before,
+/// the handed connection closed with it unread, which Linux answers with a reset, and the
+/// client lost the rest of the answer.
+#[test]
+fn a_stop_hands_over_a_client_that_sent_more_with_a_clean_end() {
+    let b = backend("big", Mode::Big(QUEUED_ANSWER));
+    let l7 = "idle_timeout_ms = 10000\nrequest_timeout_ms = 600000";
+    let mut p = proxy(&[(&b, 1)], l7, "");
+    let s = connect_small_window(p.addr, SLOW_WINDOW);
+    (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    let (got, end) = stop_while_reading_slowly_after(&mut p, s, |s| {
+        (&*s).write_all(b"GET /again HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    });
+    assert!(end.is_ok(), "{end:?} after {} bytes", got.len());
+    let head = got.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
+    assert_eq!(got.len() - head, QUEUED_ANSWER, "the whole body, and only it");
+    assert!(got.ends_with(b"xxxx"), "the body's end");
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 1, "the second request went nowhere");
 }
 
 /// A slow reader still taking a complete answer at a steady rate at a stop's drain deadline

@@ -58,6 +58,12 @@ struct Shared {
 /// longer than this (or the stall time) after the process is gone, however slow the reader.
 const HANDED_TIMEOUT_CAP: Duration = Duration::from_secs(10 * 60);
 
+/// The most unread bytes a connection handed to the kernel at a stop's drain deadline has read
+/// and dropped so that its close is a FIN, not a reset ([`Socket::hand_to_kernel`]): far more
+/// than pipelined requests take, and bounded, as the deadline does this for every such
+/// connection on the thread at once; a client with more unread is reset at the close.
+const HANDED_DISCARD: usize = 1 << 20;
+
 /// How many times a send's peer is looked at within its socket's stall time, once the send
 /// waits that long, and how many looks in a row that see it take nothing cut it: between one
 /// stall time and one and a quarter after its last progress (see [`Socket::send_all_with`]).
@@ -451,12 +457,33 @@ impl Socket {
     /// at the rate the close saw the peer take bytes while it waited ([`Shared::taking`]),
     /// capped at [`HANDED_TIMEOUT_CAP`] (or the stall time, if longer); a peer not seen taking
     /// more than once (one that reads nothing, or a close that had not waited and looked yet)
-    /// gets the stall time alone: the bounded orphan this is for. Best effort: a socket reset meanwhile refuses every call,
-    /// and has nothing left to deliver.
+    /// gets the stall time alone: the bounded orphan this is for.
+    ///
+    /// What the peer sent that nobody read (a request sent behind a `Connection: close`
+    /// answer) is read and dropped first ([`Socket::discard_unread`]): Linux resets a
+    /// connection closed with unread bytes, and the reset throws away the rest of the answer,
+    /// though the deadline counts the connection as handed. Bytes that arrive after the close
+    /// still reset it, as they would at any server's close. Best effort: a socket reset
+    /// meanwhile refuses every call, and has nothing left to deliver.
     pub(crate) fn hand_to_kernel(&self) {
+        self.discard_unread();
         let timeout = self.handed_timeout();
         let _ = self.with_sock(|s| s.set_tcp_user_timeout(Some(timeout)));
         let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Reads and drops, without waiting, what the peer sent that nobody read, up to
+    /// [`HANDED_DISCARD`] bytes (see [`Socket::hand_to_kernel`]): until nothing is left, the
+    /// peer's end, or an error.
+    fn discard_unread(&self) {
+        let mut sink = [std::mem::MaybeUninit::<u8>::uninit(); 16 << 10];
+        let mut left = HANDED_DISCARD;
+        while left > 0 {
+            match self.with_sock(|s| s.recv_with_flags(&mut sink, libc::MSG_DONTWAIT)) {
+                Ok(n) if n > 0 => left = left.saturating_sub(n),
+                _ => return,
+            }
+        }
     }
 
     /// The TCP_USER_TIMEOUT of this connection handed to the kernel now (see
