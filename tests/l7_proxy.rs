@@ -3008,6 +3008,34 @@ fn a_stop_hands_a_slow_reader_the_rest_of_a_complete_answer() {
     );
 }
 
+/// A slow reader of a `Connection: close` answer with a request pipelined behind it, still
+/// taking the answer at a stop's drain deadline, gets all of it and a clean end: the proxy's
+/// close lingers (the pipelined request is read and dropped, lest the close reset the
+/// connection), its answer complete, and the deadline hands it to the kernel as it hands a
+/// close that waits for its reader. Before, a lingering close was not marked as begun, and
+/// the deadline reset it: the client lost the rest of an answer logged whole.
+#[test]
+fn a_stop_hands_a_lingering_close_to_the_kernel() {
+    let log = access_log();
+    let b = backend("big", Mode::Big(QUEUED_ANSWER));
+    let l7 = "idle_timeout_ms = 10000\nrequest_timeout_ms = 600000";
+    let mut p = proxy(&[(&b, 1)], l7, "");
+    let s = connect_small_window(p.addr, SLOW_WINDOW);
+    let two = "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\nGET /next HTTP/1.1\r\nHost: t\r\n\r\n";
+    (&s).write_all(two.as_bytes()).unwrap();
+    let (got, end) = stop_while_reading_slowly(&mut p, s);
+    assert!(end.is_ok(), "{end:?} after {} bytes", got.len());
+    let head = got.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
+    assert_eq!(got.len() - head, QUEUED_ANSWER, "the whole body, and only it");
+    assert!(got.ends_with(b"xxxx"), "the body's end");
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 1, "the pipelined request went nowhere");
+    let text = logged(&log);
+    assert!(
+        text.lines().any(|l| l.contains("L7 drain deadline passed") && l.contains("handed=1")),
+        "no deadline line with handed=1 in\n{text}"
+    );
+}
+
 /// A client that sends another request behind a `Connection: close` answer it reads slowly,
 /// once the proxy is done sending that answer (its close has begun, waiting for the client to
 /// take the rest), gets all of the answer and a clean end at a stop's drain deadline: the

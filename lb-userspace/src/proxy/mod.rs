@@ -1665,6 +1665,9 @@ async fn accept_loop(
         let (shared2, upstream2, idle2) = (shared.clone(), upstream.clone(), idle.clone());
         tokio_uring::spawn(async move {
             let client = stream.clone();
+            // A refusal's close lingers, handed to the kernel at the deadline like any other
+            // (its answer is complete), but is not counted open, nor so in `closing`.
+            let refused = std::cell::Cell::new(false);
             let work = async {
                 // Moved in whole, so the connection stays counted until this task ends.
                 let counted = counted;
@@ -1677,6 +1680,7 @@ async fn accept_loop(
                     // a burst of them must not keep the VIP refusing once its own connections
                     // end.
                     drop(counted);
+                    refused.set(true);
                     if mode == L7Mode::Tcp {
                         tcp::refuse(&stream, &rt, peer);
                         return;
@@ -1702,7 +1706,7 @@ async fn accept_loop(
             let mut closing = None;
             let work = std::future::poll_fn(|cx| {
                 let done = work.as_mut().poll(cx);
-                if done.is_pending() && closing.is_none() && client.closing() {
+                if done.is_pending() && closing.is_none() && client.closing() && !refused.get() {
                     closing = Some(Closing::new(&shared2.closing));
                 }
                 done

@@ -51,7 +51,9 @@ use super::{
 /// while the client was still sending), the client connection closes lingering ([`linger`]:
 /// sending side shut, what the client still sends read and dropped, for a bounded time): closed
 /// at once with bytes unread, it would be reset, and the reset can throw away the backend's last
-/// bytes before the client has read them.
+/// bytes before the client has read them. Its download complete, that close has begun: a stop's
+/// drain deadline hands the client connection to the kernel meanwhile, and resets the
+/// backend's, which ended its side already.
 pub(super) async fn relay(client: &Socket, up: &Socket, tunnel: Duration, state: &BackendState) {
     let mut unfinished = Unfinished(Some([client, up]));
     let counted = InFlight::new(state);

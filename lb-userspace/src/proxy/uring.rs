@@ -39,7 +39,7 @@ struct Shared {
     stall: Cell<Duration>,
     /// The bytes the peer had acknowledged at [`Socket::draining`]'s last look.
     acked: Cell<u64>,
-    /// Its close has begun ([`Socket::close_when_delivered`]): what was to be sent on it is
+    /// Its close has begun ([`Socket::begin_close`]): what was to be sent on it is
     /// all with the kernel, so a stop's drain deadline hands it to the kernel rather than
     /// resetting it ([`Socket::end_at_deadline`]).
     closing: Cell<bool>,
@@ -381,7 +381,7 @@ impl Socket {
     /// within a round trip or so, and must not hold its connection for a quarter of the idle
     /// timeout. A timer per look: a close that waits is rare.
     pub(crate) async fn close_when_delivered(&self) {
-        self.0.closing.set(true);
+        self.begin_close();
         if self.unsent() {
             let _ = self.shutdown(std::net::Shutdown::Write);
             self.wait_delivered().await;
@@ -422,7 +422,16 @@ impl Socket {
         }
     }
 
-    /// Has its close begun ([`Socket::close_when_delivered`])? Then everything to be sent on
+    /// Marks its close as begun: everything to be sent on it is with the kernel (the answer,
+    /// or a relay's direction, is complete), so that a stop's drain deadline hands it to the
+    /// kernel rather than resetting it ([`Socket::end_at_deadline`]). Its close's
+    /// [`Socket::close_when_delivered`] does this, and so does a lingering close before it
+    /// (`http::linger`, after a complete answer), which otherwise was reset at the deadline.
+    pub(crate) fn begin_close(&self) {
+        self.0.closing.set(true);
+    }
+
+    /// Has its close begun ([`Socket::begin_close`])? Then everything to be sent on
     /// it is with the kernel (the answer, or a relay's direction, is complete).
     pub(crate) fn closing(&self) -> bool {
         self.0.closing.get()
@@ -456,8 +465,8 @@ impl Socket {
     /// after the stop, one at 97 %). Hence the stall time plus twice the time the rest takes
     /// at the rate the close saw the peer take bytes while it waited ([`Shared::taking`]),
     /// capped at [`HANDED_TIMEOUT_CAP`] (or the stall time, if longer); a peer not seen taking
-    /// more than once (one that reads nothing, or a close that had not waited and looked yet)
-    /// gets the stall time alone: the bounded orphan this is for.
+    /// more than once (one that reads nothing, or a close that had not waited and looked yet,
+    /// as one lingering has not) gets the stall time alone: the bounded orphan this is for.
     ///
     /// What the peer sent that nobody read (a request sent behind a `Connection: close`
     /// answer) is read and dropped first ([`Socket::discard_unread`]): Linux resets a

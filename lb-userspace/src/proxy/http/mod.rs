@@ -311,7 +311,13 @@ async fn respond(s: &Socket, status: u16, head_request: bool) -> io::Result<()> 
 /// Closing at once, with the body's rest unread or still arriving, would reset the connection,
 /// and a reset can cost the client the response it has not read yet, or fail the write it is in
 /// before it reads the response at all (nginx's lingering close, Go's `closeWriteAndWait`).
+///
+/// Every caller has sent its whole answer (or relayed stream) by then, so the close has begun
+/// ([`Socket::begin_close`]): a stop's drain deadline hands the connection to the kernel, which
+/// delivers the rest of the answer to a slow reader, rather than resetting it (what the client
+/// sent meanwhile is read and dropped first, so that the close is a FIN).
 pub(super) async fn linger(client: &Socket, idle: Duration) {
+    client.begin_close();
     let _ = client.shutdown(std::net::Shutdown::Write);
     let end = tokio::time::Instant::now() + LINGER.min(idle);
     // On the timeout the read stays pending until the socket is shut down, as `serve` does
