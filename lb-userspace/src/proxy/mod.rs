@@ -697,8 +697,8 @@ pub(crate) struct Shared {
     pub refusing: AtomicUsize,
     /// Open client connections, all threads, whose close has begun and waits for their peer to
     /// take what the kernel still holds for it (the end of a complete answer or relayed
-    /// stream, `uring::Socket::close_when_delivered`): handed to the kernel at the drain
-    /// deadline, not reset ([`Closing`]).
+    /// stream, `uring::Socket::close_when_delivered`), or lingers after it (`http::linger`):
+    /// handed to the kernel at the drain deadline, not reset ([`Closing`]).
     pub closing: AtomicUsize,
     /// Every thread's count of its connections idle between keep-alive requests, by VIP name:
     /// where room is made for a connection over `max_connections` ([`reuse`]).
@@ -1382,8 +1382,8 @@ impl Draining {
         let left = self.shared.open.load(Ordering::SeqCst);
         // Those idle between keep-alive requests (a takeover's drain keeps them) close as
         // their idle timeout closes them, with a FIN (`http::serve`); those whose close waits
-        // for their peer to take the end of a complete answer are handed to the kernel, which
-        // delivers it; the others, in the middle of an exchange, are reset (`accept_loop`).
+        // for their peer to take the end of a complete answer (or lingers after it) are handed
+        // to the kernel, which delivers it; the others, in the middle of an exchange, are reset (`accept_loop`).
         let idle = self.shared.idle_clients().min(left);
         let handed = self.shared.closing.load(Ordering::SeqCst).min(left - idle);
         let reset = left - idle - handed;
@@ -1877,7 +1877,8 @@ impl Drop for WaitForced<'_> {
 }
 
 /// Returns once the grace period of a stop is over (at its deadline, or cut short): every
-/// connection's task waits here, once (its client connection is then reset). Called on a proxy
+/// connection's task waits here, once (its client connection is then reset, or handed to the
+/// kernel if its close has begun: `uring::Socket::end_at_deadline`). Called on a proxy
 /// thread only.
 pub(crate) fn wait_forced(shared: &Shared) -> WaitForced<'_> {
     WaitForced { shared, wakes: true, polled: false, slot: None }
