@@ -15,7 +15,9 @@
 //! its VIP by index, whose address the adopted VIP table gives. Within a new bucket the old most
 //! recently used order is kept as far as it goes: a bucket of a larger table takes its ways from
 //! one old bucket, in their order; a bucket of a smaller table takes them from several, their
-//! most recently used ways first, and what does not fit is dropped (counted).
+//! most recently used ways first, and what does not fit is dropped (counted). As the program's
+//! eviction does, flows their client ended (FIN or RST seen) give way to live ones in the older
+//! half of a new bucket: they are placed after them, and dropped first ([`rehash_region`]).
 //!
 //! The old program keeps forwarding with the old tables while they are read (a start replaces
 //! it only once its own program is attached): an entry it writes after its bucket was read is
@@ -33,8 +35,8 @@ use std::{
 };
 
 use lb_common::{
-    AF_INET6, CONNTRACK_WAYS, Conn, ConnBucket, ConnBucketV4, ConnEntry, ConnEntryV4, FlowKey,
-    FlowKeyV4, HASH_SEED, hash,
+    AF_INET6, CONN_CLOSING, CONNTRACK_WAYS, Conn, ConnBucket, ConnBucketV4, ConnEntry, ConnEntryV4,
+    FlowKey, FlowKeyV4, HASH_SEED, hash,
 };
 
 use super::DataplaneError;
@@ -50,6 +52,12 @@ pub(super) trait Bucket: Copy + Default {
     fn ways_mut(&mut self) -> &mut [Self::Way; CONNTRACK_WAYS];
     /// Does `way` hold a flow?
     fn occupied(way: &Self::Way) -> bool;
+    /// The tag word of `way` ([`Conn::tag`]).
+    fn tag(way: &Self::Way) -> u32;
+    /// Has the client of `way`'s flow ended it (FIN or RST seen, [`CONN_CLOSING`])?
+    fn closing(way: &Self::Way) -> bool {
+        Self::tag(way) & CONN_CLOSING != 0
+    }
 }
 
 impl Bucket for ConnBucketV4 {
@@ -62,6 +70,9 @@ impl Bucket for ConnBucketV4 {
     }
     fn occupied(way: &ConnEntryV4) -> bool {
         way.tag != 0
+    }
+    fn tag(way: &ConnEntryV4) -> u32 {
+        way.tag
     }
 }
 
@@ -76,6 +87,9 @@ impl Bucket for ConnBucket {
     fn occupied(way: &ConnEntry) -> bool {
         way.tag != 0
     }
+    fn tag(way: &ConnEntry) -> u32 {
+        way.tag
+    }
 }
 
 /// What a copy did with the flows it found.
@@ -83,8 +97,9 @@ impl Bucket for ConnBucket {
 pub struct ResizeTally {
     /// Flows written into the new table.
     pub carried: u64,
-    /// Flows dropped because their new bucket was full (a smaller table): the least recently
-    /// used of those that met there.
+    /// Flows dropped because their new bucket was full (a smaller table): the last of those
+    /// that met there in [`rehash_region`]'s order (ended flows past the two most recent, then
+    /// the least recently used).
     pub dropped: u64,
     /// Flows left behind because no bucket could be computed for them: an IPv6 flow of a VIP
     /// index no VIP holds any more, or an entry not in the bucket its hash names (torn by a
@@ -102,12 +117,21 @@ impl std::ops::AddAssign for ResizeTally {
 
 /// Re-places the flows of one CPU's region `old` into `new`, an empty region of another number
 /// of buckets (both powers of two), by the bucket `hash` gives each way (`None`: none can be
-/// computed, the way is left behind). The most recently used order is kept as far as it goes:
-/// old buckets are taken in groups that share their low bucket bits, and each group's ways are
-/// placed by rank (every old bucket's most recent way, then every second most recent...), so a
-/// new bucket that several old ones meet in (a smaller table) keeps their most recent flows and
-/// one fed by a single old bucket (a larger table) keeps its order. A way whose hash names
-/// another old bucket than the one it is in is left behind too.
+/// computed, the way is left behind). A way whose hash names another old bucket than the one it
+/// is in is left behind too.
+///
+/// Each new bucket's candidates are ranked as the program's eviction (`victim()` in
+/// `lb-ebpf/src/conntrack.rs`) would rank them. Old buckets are taken in groups that share their
+/// low bucket bits, and each group's ways by rank (every old bucket's most recent way, then
+/// every second most recent...): a new bucket several old ones meet in (a smaller table) sees
+/// their most recent flows first, one fed by a single old bucket (a larger table) its order.
+/// The first [`CONNTRACK_WAYS`]` / 2` candidates of a new bucket take its newer half whatever
+/// their mark: `victim()` never gives up one of the two most recent ways before the least
+/// recent (an ended flow there may be a half-closed download whose ACKs still come). The
+/// others fill the older half live flows first, then those their client ended
+/// ([`CONN_CLOSING`]), each in their order: `victim()` gives up an ended flow of the older half
+/// (way 3, else way 2) before a live one, so ended flows sit last, where the program would
+/// evict them first, and are the first dropped when the new bucket is full.
 pub(super) fn rehash_region<B: Bucket>(
     old: &[B],
     new: &mut [B],
@@ -117,7 +141,21 @@ pub(super) fn rehash_region<B: Bucket>(
     assert!(from.is_power_of_two() && to.is_power_of_two(), "bucket counts are powers of two");
     let group = from.min(to);
     let mut tally = ResizeTally::default();
+    // Candidates of the group that fall past their new bucket's newer half, in rank order,
+    // with their new bucket.
+    let mut older: Vec<(usize, B::Way)> = Vec::new();
+    // Into the first free way of `bucket`, else dropped.
+    let place = |bucket: &mut B, way: B::Way, tally: &mut ResizeTally| {
+        let free = bucket.ways().iter().position(|w| !B::occupied(w));
+        if let Some(free) = free {
+            bucket.ways_mut()[free] = way;
+            tally.carried += 1;
+        } else {
+            tally.dropped += 1;
+        }
+    };
     for first in 0..group {
+        older.clear();
         for rank in 0..CONNTRACK_WAYS {
             for at in (first..from).step_by(group) {
                 let way = old[at].ways()[rank];
@@ -128,14 +166,21 @@ pub(super) fn rehash_region<B: Bucket>(
                     tally.left += 1;
                     continue;
                 };
-                let bucket = &mut new[h as usize & (to - 1)];
-                match bucket.ways().iter().position(|w| !B::occupied(w)) {
-                    Some(free) => {
-                        bucket.ways_mut()[free] = way;
-                        tally.carried += 1;
-                    }
-                    None => tally.dropped += 1,
+                let to_bucket = h as usize & (to - 1);
+                // Newer-half ways are placed as they come (none of their bucket waits yet: it
+                // waits only once the newer half is taken); the rest wait until the group is
+                // read, so that live ones are placed first.
+                let taken = new[to_bucket].ways().iter().filter(|w| B::occupied(w)).count();
+                if taken < CONNTRACK_WAYS / 2 {
+                    place(&mut new[to_bucket], way, &mut tally);
+                } else {
+                    older.push((to_bucket, way));
                 }
+            }
+        }
+        for ended in [false, true] {
+            for &(to_bucket, way) in older.iter().filter(|(_, w)| B::closing(w) == ended) {
+                place(&mut new[to_bucket], way, &mut tally);
             }
         }
     }
@@ -405,6 +450,36 @@ mod tests {
         let mut two = [ConnBucketV4::default(); 2];
         rehash_region(&old, &mut two, hash);
         assert_eq!(flows(&two[0]), [0, 2, 4, 6], "8, 12 and 10 dropped, the least recent");
+    }
+
+    /// The reviewer's case: two full old buckets, [a0 live, a1 ended, a2 ended, a3 live] and
+    /// [b0 ended, b1 live, b2 ended, b3 live], meet in one new bucket. Merged by rank they are
+    /// a0 b0 a1 b1 a2 b2 a3 b3; the two most recent (a0, and b0 though ended) keep the newer
+    /// half, as `victim()` never gives up the two most recent ways; in the older half live
+    /// flows come before ended ones, so b1 and a3 are kept, and a1, a2, b2 (ended) and b3 (the
+    /// least recent live flow) dropped. Without the rule a1 (ended) was kept and a3 dropped.
+    #[test]
+    fn a_smaller_table_gives_up_ended_flows_of_the_older_half_first() {
+        // Flow n's hash is n: a* even (old bucket 0), b* odd (old bucket 1).
+        let (a, b) = ([0, 2, 4, 6], [1, 3, 5, 7]);
+        let ended = [a[1], a[2], b[0], b[2]];
+        let mut old = [bucket(&a), bucket(&b)];
+        for w in old.iter_mut().flat_map(|b| b.ways.iter_mut()) {
+            if ended.contains(&w.src) {
+                w.tag |= lb_common::CONN_CLOSING;
+            }
+        }
+        let mut one = [ConnBucketV4::default()];
+        let t = rehash_region(&old, &mut one, |w: &ConnEntryV4| Some(w.src));
+        assert_eq!(t, ResizeTally { carried: 4, dropped: 4, left: 0 });
+        assert_eq!(flows(&one[0]), [a[0], b[0], b[1], a[3]], "a0 b0 (newer half), then live b1 a3");
+        // Two ended flows only in the older half: they go last, behind a live one, even when
+        // everything fits (the order `victim()` would give them up in).
+        let mut old = [bucket(&[0, 2, 4, 6])];
+        old[0].ways[2].tag |= lb_common::CONN_CLOSING;
+        let mut one = [ConnBucketV4::default()];
+        rehash_region(&old, &mut one, |w: &ConnEntryV4| Some(w.src));
+        assert_eq!(flows(&one[0]), [0, 2, 6, 4]);
     }
 
     /// A larger table: each old bucket's flows spread over the new buckets their hash names,
