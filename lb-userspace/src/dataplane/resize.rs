@@ -22,9 +22,14 @@
 //! The old program keeps forwarding with the old tables while they are read (a start replaces
 //! it only once its own program is attached): an entry it writes after its bucket was read is
 //! not carried over, and that flow's next packet is placed as after any restart (its handshake
-//! slot, another CPU's table, else the ring). An entry read while the old program rewrote it
-//! could be torn: one whose recomputed bucket is not the one it was read from is left behind,
-//! and the program checks every entry's backend, generation and VIP before following it.
+//! slot, another CPU's table, else the ring). A bucket read while the old program wrote it could
+//! hold a torn way (a way is four 32-bit stores) or one flow twice (mid-promotion): each
+//! region is read twice, and a bucket read differently is read again until two reads agree
+//! (else its flows are left behind, [`settle`]); a flow held twice is carried once
+//! ([`rehash_region`]). Two equal reads rule out a write under way unless one stalled
+//! mid-way across both reads; the hash check (a way whose recomputed bucket is not the one it
+//! was read from is left behind) catches only some tears, and the program checks every
+//! entry's backend, generation and VIP before following it.
 
 use std::{
     collections::HashMap,
@@ -43,7 +48,7 @@ use super::DataplaneError;
 
 /// A connection-table bucket, as the copy sees it: [`CONNTRACK_WAYS`] ways, most recently used
 /// first, an empty way all zero (tag 0).
-pub(super) trait Bucket: Copy + Default {
+pub(super) trait Bucket: Copy + Default + PartialEq {
     /// One way.
     type Way: Copy;
     /// The ways, most recently used first.
@@ -54,6 +59,8 @@ pub(super) trait Bucket: Copy + Default {
     fn occupied(way: &Self::Way) -> bool;
     /// The tag word of `way` ([`Conn::tag`]).
     fn tag(way: &Self::Way) -> u32;
+    /// Do `a` and `b` hold the same flow (5-tuple; their backends and closing marks aside)?
+    fn same_flow(a: &Self::Way, b: &Self::Way) -> bool;
     /// Has the client of `way`'s flow ended it (FIN or RST seen, [`CONN_CLOSING`])?
     fn closing(way: &Self::Way) -> bool {
         Self::tag(way) & CONN_CLOSING != 0
@@ -74,6 +81,10 @@ impl Bucket for ConnBucketV4 {
     fn tag(way: &ConnEntryV4) -> u32 {
         way.tag
     }
+    fn same_flow(a: &ConnEntryV4, b: &ConnEntryV4) -> bool {
+        (a.src, a.dst, a.ports, Conn::tag_proto(a.tag))
+            == (b.src, b.dst, b.ports, Conn::tag_proto(b.tag))
+    }
 }
 
 impl Bucket for ConnBucket {
@@ -90,6 +101,10 @@ impl Bucket for ConnBucket {
     fn tag(way: &ConnEntry) -> u32 {
         way.tag
     }
+    fn same_flow(a: &ConnEntry, b: &ConnEntry) -> bool {
+        (a.src, a.vip, a.ports, Conn::tag_proto(a.tag))
+            == (b.src, b.vip, b.ports, Conn::tag_proto(b.tag))
+    }
 }
 
 /// What a copy did with the flows it found.
@@ -101,9 +116,9 @@ pub struct ResizeTally {
     /// that met there in [`rehash_region`]'s order (ended flows past the two most recent, then
     /// the least recently used).
     pub dropped: u64,
-    /// Flows left behind because no bucket could be computed for them: an IPv6 flow of a VIP
-    /// index no VIP holds any more, or an entry not in the bucket its hash names (torn by a
-    /// write of the running program while it was read).
+    /// Flows left behind: an IPv6 flow of a VIP index no VIP holds any more, or an entry the
+    /// running program was writing as it was read (a bucket whose reads never agreed, an entry
+    /// not in the bucket its hash names, a flow a bucket held twice).
     pub left: u64,
 }
 
@@ -118,7 +133,10 @@ impl std::ops::AddAssign for ResizeTally {
 /// Re-places the flows of one CPU's region `old` into `new`, an empty region of another number
 /// of buckets (both powers of two), by the bucket `hash` gives each way (`None`: none can be
 /// computed, the way is left behind). A way whose hash names another old bucket than the one it
-/// is in is left behind too.
+/// is in is left behind too, and so is a way whose flow a more recent way of its bucket holds
+/// already (a bucket read while the program promoted a way, which copies way 0 into way 1
+/// before it writes way 0, holds one flow twice): two ways of one flow share their hash, so
+/// both would meet in the same new bucket, which keeps one.
 ///
 /// Each new bucket's candidates are ranked as the program's eviction (`victim()` in
 /// `lb-ebpf/src/conntrack.rs`) would rank them. Old buckets are taken in groups that share their
@@ -158,11 +176,14 @@ pub(super) fn rehash_region<B: Bucket>(
         older.clear();
         for rank in 0..CONNTRACK_WAYS {
             for at in (first..from).step_by(group) {
-                let way = old[at].ways()[rank];
+                let ways = old[at].ways();
+                let way = ways[rank];
                 if !B::occupied(&way) {
                     continue;
                 }
-                let Some(h) = hash(&way).filter(|&h| h as usize & (from - 1) == at) else {
+                let twice = ways[..rank].iter().any(|w| B::occupied(w) && B::same_flow(w, &way));
+                let Some(h) = hash(&way).filter(|&h| !twice && h as usize & (from - 1) == at)
+                else {
                     tally.left += 1;
                     continue;
                 };
@@ -293,15 +314,58 @@ pub(super) fn carry_table<B: Bucket>(
     let old = Mapped::<B>::map(old_map.fd().as_fd(), old_entries, false).map_err(failed)?;
     let mut into = Mapped::<B>::map(new, cpus * new_buckets, true).map_err(failed)?;
     let (from, to) = ((old_entries / cpus) as usize, new_buckets as usize);
-    let (mut region, mut placed) = (vec![B::default(); from], vec![B::default(); to]);
+    let (mut region, mut again) = (vec![B::default(); from], vec![B::default(); from]);
+    let mut placed = vec![B::default(); to];
     let mut tally = ResizeTally::default();
     for cpu in 0..cpus as usize {
         old.read(cpu * from, &mut region);
+        old.read(cpu * from, &mut again);
+        tally.left += settle(&old, cpu * from, &mut region, &again);
         placed.fill(B::default());
         tally += rehash_region(&region, &mut placed, &hash);
         into.write(cpu * to, &placed);
     }
     Ok(tally)
+}
+
+/// Reads of one bucket [`settle`] makes at most before it gives the bucket up.
+const BUCKET_READS: usize = 4;
+
+/// Keeps, of the buckets of `region` (read from `old` at `first`), only what the running
+/// program was not writing as they were read: a bucket read the same in `again` (read after
+/// it) stands; one read differently is read again until two reads in a row agree, at most
+/// [`BUCKET_READS`] reads in all, and a bucket that never settles is emptied. Returns the flows
+/// of the emptied buckets (of their last read), left behind.
+///
+/// A way is four 32-bit stores (the tag last), and a promotion moves several ways: a bucket
+/// read mid-write may hold a way of two flows, or a flow twice ([`rehash_region`] keeps it
+/// once). Two equal reads mean no write was under way across both, but for one stalled
+/// mid-write (an interrupt on the program's CPU) for as long as both reads took: a way torn so
+/// is carried over only if its hash still names its bucket, and the program checks each
+/// entry's backend and generation (and an IPv6 entry's VIP) before following it.
+fn settle<B: Bucket>(old: &Mapped<B>, first: usize, region: &mut [B], again: &[B]) -> u64 {
+    let mut left = 0;
+    let mut reread = [B::default()];
+    for (i, (bucket, next)) in region.iter_mut().zip(again).enumerate() {
+        if bucket == next {
+            continue;
+        }
+        *bucket = *next;
+        let mut settled = false;
+        for _ in 2..BUCKET_READS {
+            old.read(first + i, &mut reread);
+            settled = reread[0] == *bucket;
+            *bucket = reread[0];
+            if settled {
+                break;
+            }
+        }
+        if !settled {
+            left += bucket.ways().iter().filter(|w| B::occupied(w)).count() as u64;
+            *bucket = B::default();
+        }
+    }
+    left
 }
 
 /// A connection table pinned at another size than this start's, whose flows are copied into
@@ -505,6 +569,25 @@ mod tests {
         // 99: no hash; 4 sits in bucket 1, its hash names bucket 0.
         assert_eq!(t, ResizeTally { carried: 3, dropped: 0, left: 2 });
         assert_eq!((flows(&two[0]), flows(&two[1])), (vec![0, 2], vec![1]));
+    }
+
+    /// A bucket read while the program promoted a way (`promote` copies way 0 into way 1
+    /// before it writes the promoted way into way 0) holds one flow twice: the copy keeps the
+    /// more recent and leaves the other behind (counted), whatever their closing marks.
+    #[test]
+    fn a_flow_read_twice_in_a_bucket_is_carried_once() {
+        let mut old = [bucket(&[0, 0, 4, 8]), bucket(&[1, 5, 5, 5])];
+        old[1].ways[3].tag |= lb_common::CONN_CLOSING;
+        let hash = |w: &ConnEntryV4| Some(w.src);
+        let mut one = [ConnBucketV4::default()];
+        let t = rehash_region(&old, &mut one, hash);
+        assert_eq!(t, ResizeTally { carried: 4, dropped: 1, left: 3 });
+        assert_eq!(flows(&one[0]), [0, 1, 5, 4], "each flow once, 8 dropped");
+        let mut four = [ConnBucketV4::default(); 4];
+        let t = rehash_region(&old, &mut four, hash);
+        assert_eq!(t, ResizeTally { carried: 5, dropped: 0, left: 3 });
+        let got: Vec<Vec<u32>> = four.iter().map(flows).collect();
+        assert_eq!(got, [vec![0, 4, 8], vec![1, 5], vec![], vec![]]);
     }
 
     /// The hashes of the copy are the program's: an entry, as the program writes it (the
