@@ -2178,7 +2178,7 @@ fn restart_resized(what: &str, from: u32, to: u32) {
     assert_eq!((resized.v4_flows, resized.v6_flows), ((f, t), (f, t)));
     assert_eq!(resized.flows, edgelb::dataplane::ResizeTally { carried, dropped, left: 0 });
     let said = format!(
-        "connection tables resized from {from} to {to} flows per CPU: {carried} flows carried over, {dropped} dropped (new buckets full)"
+        "connection tables copied into the new size, from {from} to {to} flows per CPU: {carried} entries carried over, {dropped} dropped (new buckets full)"
     );
     assert!(resized.message().starts_with(&said), "{}", resized.message());
     eprintln!("{what}: {}", resized.message());

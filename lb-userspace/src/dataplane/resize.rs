@@ -110,13 +110,14 @@ impl Bucket for ConnBucket {
 /// What a copy did with the flows it found.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ResizeTally {
-    /// Flows written into the new table.
+    /// Entries written into the new table: flows, but for one a connection table holds in two
+    /// CPUs' regions (its packets came in on both), which counts twice.
     pub carried: u64,
-    /// Flows dropped because their new bucket was full (a smaller table): the last of those
+    /// Entries dropped because their new bucket was full (a smaller table): the last of those
     /// that met there in [`rehash_region`]'s order (ended flows past the two most recent, then
     /// the least recently used).
     pub dropped: u64,
-    /// Flows left behind: an IPv6 flow of a VIP index no VIP holds any more, or an entry the
+    /// Entries left behind: an IPv6 flow of a VIP index no VIP holds any more, or an entry the
     /// running program was writing as it was read (a bucket whose reads never agreed, an entry
     /// not in the bucket its hash names, a flow a bucket held twice).
     pub left: u64,
@@ -426,7 +427,7 @@ pub struct TablesResized {
     pub v4_flows: (u64, u64),
     /// IPv6 flows per CPU, pinned and now.
     pub v6_flows: (u64, u64),
-    /// What happened to the flows of both tables.
+    /// What happened to the entries of both tables.
     pub flows: ResizeTally,
     /// How long the copy took (the old program forwarded meanwhile).
     pub took: Duration,
@@ -438,11 +439,14 @@ impl TablesResized {
         if v4 == v6 { v4.to_string() } else { format!("{v4} IPv4 / {v6} IPv6") }
     }
 
-    /// The log line's message.
+    /// The log line's message, logged once the copy is the running data plane's (when this
+    /// process publishes its pins: a takeover committed, or a restart). It counts entries (a
+    /// flow in two CPUs' regions is two), and says what no copy made before the switch can
+    /// carry: flows the old program places until the new one is attached.
     pub fn message(&self) -> String {
         let ResizeTally { carried, dropped, left } = self.flows;
         let mut said = format!(
-            "connection tables resized from {} to {} flows per CPU: {carried} flows carried over, {dropped} dropped (new buckets full)",
+            "connection tables copied into the new size, from {} to {} flows per CPU: {carried} entries carried over, {dropped} dropped (new buckets full)",
             Self::sizes(self.v4_flows.0, self.v6_flows.0),
             Self::sizes(self.v4_flows.1, self.v6_flows.1),
         );
@@ -452,7 +456,7 @@ impl TablesResized {
             ));
         }
         said.push_str(&format!(
-            "; copied in {} ms while the old program forwarded: flows it placed meanwhile are placed by the new one as after any restart",
+            "; copied in {} ms while the old program forwarded: flows it places until the new program is attached are not carried (the new one places them as after any restart)",
             self.took.as_millis()
         ));
         said
@@ -643,7 +647,7 @@ mod tests {
             took: Duration::from_millis(3),
         };
         assert!(
-            r.message().starts_with("connection tables resized from 4096 to 8192 flows per CPU: 10 flows carried over, 2 dropped (new buckets full); copied in 3 ms"),
+            r.message().starts_with("connection tables copied into the new size, from 4096 to 8192 flows per CPU: 10 entries carried over, 2 dropped (new buckets full); copied in 3 ms"),
             "{}",
             r.message()
         );
