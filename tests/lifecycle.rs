@@ -3534,7 +3534,12 @@ fn a_takeover_with_another_layout_that_fails_before_the_commit_leaves_the_pins()
     let stderr = failed_takeover(&bed, "failed takeover, other layout", &text);
     drop(squatter);
     assert!(stderr.contains("metrics endpoint 127.0.0.1:9112"), "{stderr}");
-    assert!(stderr.contains("connection tables resized from"), "it saw another size: {stderr}");
+    assert!(
+        stderr.contains("copying the connection tables pinned at another size"),
+        "it saw another size: {stderr}"
+    );
+    // Copied, but never the running data plane's: no line says the tables were.
+    assert!(!stderr.contains("connection tables copied into the new size"), "{stderr}");
     assert_eq!(pinned_map_ids(&pins), before, "the running edgelb's maps stay pinned");
     in_charge_again(&mut bed);
     // Its next restart adopts them.
@@ -3588,9 +3593,10 @@ fn a_takeover_with_another_layout_that_fails_late_gives_the_pins_back() {
 }
 
 /// The flows the log says a takeover carried over from connection tables of `from` to `to`
-/// flows per CPU, and those it dropped (the "connection tables resized" line).
+/// flows per CPU, and those it dropped (the "connection tables copied into the new size" line).
 fn carried_over(log: &str, from: u64, to: u64) -> (u64, u64) {
-    let said = format!("connection tables resized from {from} to {to} flows per CPU: ");
+    let said =
+        format!("connection tables copied into the new size, from {from} to {to} flows per CPU: ");
     let lines: Vec<&str> = log.lines().filter(|l| l.contains(&said)).collect();
     assert_eq!(lines.len(), 1, "one line for the resize: {log}");
     let rest = &lines[0][lines[0].find(&said).unwrap() + said.len()..];
@@ -3598,7 +3604,7 @@ fn carried_over(log: &str, from: u64, to: u64) -> (u64, u64) {
         let at = rest.find(after).unwrap_or_else(|| panic!("{after:?} in {rest}"));
         rest[..at].rsplit(' ').next().unwrap().parse().unwrap()
     };
-    (count(" flows carried over"), count(" dropped (new buckets full)"))
+    (count(" entries carried over"), count(" dropped (new buckets full)"))
 }
 
 /// A takeover at another `node.conntrack_flows_per_cpu` carries the connection tables over

@@ -1897,8 +1897,9 @@ fn replaced(
 /// Upgrades through the production path: each start loads straight over the pins an earlier
 /// one left (no pin removed in between), and which maps it adopted is told by the map ids
 /// under the pins. Maps of another layout, flags or layout version make every map fresh;
-/// connection tables of another size alone are made anew (and filled from the pinned ones);
-/// the same build adopts every one.
+/// connection tables of another size alone are made anew (and filled from the pinned ones),
+/// but not beside another layout version, which makes every map fresh and copies nothing; the
+/// same build adopts every one.
 #[test]
 fn pinned_maps_with_another_layout_are_replaced_not_reused() {
     if !require_privileged("pinned_maps_with_another_layout_are_replaced_not_reused") {
@@ -2004,17 +2005,9 @@ fn pinned_maps_with_another_layout_are_replaced_not_reused() {
 
     // Maps of the same sizes written under another map layout version (an upgrade that changed
     // what entries mean, a bucket hash say): not adopted, the version named.
-    {
-        let data = aya::maps::MapData::from_pin(dir.join(lb_common::maps::CONFIG)).unwrap();
-        let mut config: aya::maps::Array<_, lb_common::GlobalConfig> =
-            aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
-        let mut c = config.get(&0, 0).unwrap();
-        assert_eq!(c.maps_version, lb_common::MAPS_VERSION, "apply stamps the maps");
-        c.maps_version = lb_common::MAPS_VERSION + 1;
-        config.set(0, &c, 0).unwrap();
-    }
+    stamp_another_maps_version(dir);
     let before = pinned_ids(dir);
-    let dp = Dataplane::load_with_table(Some(dir), small).unwrap();
+    let mut dp = Dataplane::load_with_table(Some(dir), small).unwrap();
     assert!(!dp.adopted(), "maps of another layout version are not adopted");
     let problems = &dp.pins_found().problems;
     assert!(
@@ -2023,6 +2016,41 @@ fn pinned_maps_with_another_layout_are_replaced_not_reused() {
         "{problems:?}"
     );
     assert_eq!(replaced(&before, dir).len(), maps.len(), "every map made fresh");
+    dp.apply(&cfg).unwrap();
+    drop(dp);
+
+    // Another layout version and another table size at once: the version decides, every map is
+    // made fresh (the tables at the new size), and nothing is copied from tables whose entries
+    // may mean something else.
+    stamp_another_maps_version(dir);
+    let larger = TableShape::for_flows(Some(8192));
+    assert_ne!(larger, small);
+    let before = pinned_ids(dir);
+    let dp = Dataplane::load_with_table(Some(dir), larger).unwrap();
+    assert!(!dp.adopted(), "maps of another layout version are not adopted");
+    assert_eq!(dp.table_shape(), larger);
+    let found = dp.pins_found();
+    assert_eq!(found.resized, None, "no table copied: {found:?}");
+    assert!(found.adopted.is_empty(), "{found:?}");
+    assert_eq!(found.fresh, maps);
+    assert!(
+        found.problems.len() == 1
+            && found.problems[0].contains(&format!("version {}", lb_common::MAPS_VERSION + 1)),
+        "{found:?}"
+    );
+    assert_eq!(replaced(&before, dir).len(), maps.len(), "every map made fresh");
+}
+
+/// Stamps the maps pinned in `dir` (written by an `apply`, which stamps this build's version)
+/// with another map layout version, as an edgelb of another layout would have written them.
+fn stamp_another_maps_version(dir: &std::path::Path) {
+    let data = aya::maps::MapData::from_pin(dir.join(lb_common::maps::CONFIG)).unwrap();
+    let mut config: aya::maps::Array<_, lb_common::GlobalConfig> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    let mut c = config.get(&0, 0).unwrap();
+    assert_eq!(c.maps_version, lb_common::MAPS_VERSION, "apply stamps the maps");
+    c.maps_version = lb_common::MAPS_VERSION + 1;
+    config.set(0, &c, 0).unwrap();
 }
 
 /// The names of the maps a data plane pins, in the order `Dataplane::pins_found` lists them.
@@ -2178,7 +2206,7 @@ fn restart_resized(what: &str, from: u32, to: u32) {
     assert_eq!((resized.v4_flows, resized.v6_flows), ((f, t), (f, t)));
     assert_eq!(resized.flows, edgelb::dataplane::ResizeTally { carried, dropped, left: 0 });
     let said = format!(
-        "connection tables resized from {from} to {to} flows per CPU: {carried} flows carried over, {dropped} dropped (new buckets full)"
+        "connection tables copied into the new size, from {from} to {to} flows per CPU: {carried} entries carried over, {dropped} dropped (new buckets full)"
     );
     assert!(resized.message().starts_with(&said), "{}", resized.message());
     eprintln!("{what}: {}", resized.message());
@@ -2240,7 +2268,8 @@ where
 
 /// The copy of nearly full connection tables into smaller ones accounts for every flow: both
 /// tables of 131 072 flows per CPU (the IPv4 default) on every possible CPU, halved, carry at
-/// least 90 % of what the new tables hold and drop the rest, none left uncounted. The copy's
+/// least 90 % of what the new tables hold and drop the rest, none left uncounted, and each
+/// CPU's flows land in that CPU's region of the new table, in their buckets. The copy's
 /// time is printed, not asserted: a speed figure, not a behaviour.
 #[test]
 fn full_tables_are_resized_with_every_flow_accounted_for() {
@@ -2266,17 +2295,7 @@ fn full_tables_are_resized_with_every_flow_accounted_for() {
         lb_common::maps::CONNTRACK_V4,
         shape.v4_buckets,
         |n| lb_common::ConnEntryV4 { src: n, dst, ports: 80 << 16 | 0x1234, tag },
-        |w| {
-            let key = lb_common::FlowKeyV4 {
-                src: w.src,
-                dst: w.dst,
-                sport: w.ports as u16,
-                dport: (w.ports >> 16) as u16,
-                proto: 6,
-                _pad: [0; 3],
-            };
-            lb_common::hash::flow_key_v4_hash(&key, lb_common::HASH_SEED)
-        },
+        v4_hash,
         |b: &mut lb_common::ConnBucketV4| &mut b.ways,
     );
     let v6 = fill_pinned(
@@ -2310,6 +2329,39 @@ fn full_tables_are_resized_with_every_flow_accounted_for() {
     let t = resized.flows;
     assert_eq!((t.carried + t.dropped, t.left), (v4 + v6, 0), "{t:?}");
     assert!(t.carried >= u64::from(shape.cpus) * u64::from(to) * 2 * 9 / 10, "{t:?}");
+
+    // Each CPU's flows are in that CPU's region of the new table, each in the bucket its hash
+    // names there: flow n of CPU c has c in the top byte of its client address (fill_pinned).
+    let new = dp.table_shape().v4_buckets;
+    let data = aya::maps::MapData::from_pin(dir.join(lb_common::maps::CONNTRACK_V4)).unwrap();
+    let table: aya::maps::Array<_, lb_common::ConnBucketV4> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    assert_eq!(table.len(), shape.cpus * new, "the pin names the new table");
+    for cpu in 0..shape.cpus {
+        let mut held = 0;
+        for bucket in 0..new {
+            for w in table.get(&(cpu * new + bucket), 0).unwrap().ways.iter().filter(|w| w.tag != 0)
+            {
+                assert_eq!(w.src >> 24, cpu, "CPU {cpu}'s region holds only its own flows");
+                assert_eq!(v4_hash(w) & (new - 1), bucket, "CPU {cpu}: {w:?} in its bucket");
+                held += 1;
+            }
+        }
+        assert!(held >= u64::from(new) * 4 * 9 / 10, "CPU {cpu}'s region filled: {held}");
+    }
+}
+
+/// The table hash of an IPv4 TCP entry [`fill_pinned`] writes.
+fn v4_hash(w: &lb_common::ConnEntryV4) -> u32 {
+    let key = lb_common::FlowKeyV4 {
+        src: w.src,
+        dst: w.dst,
+        sport: w.ports as u16,
+        dport: (w.ports >> 16) as u16,
+        proto: 6,
+        _pad: [0; 3],
+    };
+    lb_common::hash::flow_key_v4_hash(&key, lb_common::HASH_SEED)
 }
 
 /// [`one_vip`] as a UDP VIP on port 53: UDP flows enter the connection table at their first

@@ -457,6 +457,10 @@ pub struct Dataplane {
     shape: TableShape,
     /// What the load found under the pin directory ([`Dataplane::pins_found`]).
     pins_found: PinsFound,
+    /// A copy of the connection tables into another size not yet logged: it is logged once
+    /// this process's maps are published ([`Dataplane::publish_pins`]), so that a takeover
+    /// that fails before its commit does not say that it resized the tables.
+    resize_unsaid: Option<TablesResized>,
 }
 
 /// What a load found under `node.pin_dir` and did about it ([`Dataplane::pins_found`]): a
@@ -597,7 +601,8 @@ impl Dataplane {
     /// but only under a CONFIG pin stamped with this build's [`lb_common::MAPS_VERSION`]. A
     /// counter map of another layout is made fresh alone (`pins::counters_only`); connection
     /// tables of another size (`node.conntrack_flows_per_cpu` changed) are made at this size and
-    /// filled from the pinned ones (`resize`, said in [`PinsFound::resized`] and logged once);
+    /// filled from the pinned ones (`resize`, said in [`PinsFound::resized`], and logged by
+    /// [`Dataplane::publish_pins`]);
     /// any other map of another layout, another version, no CONFIG pin, or an adopted entry
     /// that makes no sense (checked as the view is rebuilt) makes every map fresh. A map with no
     /// pin yet is made fresh too. Fresh maps are left unpinned: [`Dataplane::publish_pins`] pins
@@ -680,8 +685,11 @@ impl Dataplane {
                     .filter(|(key, _)| key.family == AF_INET6)
                     .map(|(key, slot)| (slot.index, key.addr))
                     .collect();
+                info!(
+                    pin_dir = %dir.display(),
+                    "copying the connection tables pinned at another size (node.conntrack_flows_per_cpu changed) into tables of this start's; the old program forwards meanwhile"
+                );
                 let done = resize::carry_over(dir, &resize, &dp.maps, shape, &v6_vips)?;
-                info!(pin_dir = %dir.display(), "{}", done.message());
                 found.resized = Some(done);
                 Ok(dp.found(found))
             }
@@ -736,6 +744,7 @@ impl Dataplane {
             adopted: false,
             shape,
             pins_found: PinsFound::default(),
+            resize_unsaid: None,
         };
         if pins.is_some() {
             dp.adopt()?;
@@ -745,6 +754,7 @@ impl Dataplane {
 
     /// This data plane, with what its load found under the pin directory.
     fn found(mut self, found: PinsFound) -> Dataplane {
+        self.resize_unsaid = found.resized;
         self.pins_found = found;
         self
     }
@@ -787,6 +797,9 @@ impl Dataplane {
         }
         if replaced > 0 {
             info!(replaced, pin_dir = %dir.display(), "map pins now name this edgelb's maps");
+        }
+        if let Some(done) = self.resize_unsaid.take() {
+            info!(pin_dir = %dir.display(), "{}", done.message());
         }
         Ok(())
     }

@@ -111,7 +111,7 @@ pub const FRESH_TABLES_COST: &str = "established flows are placed anew by the ri
 /// refused for one: it copies the pinned connection tables into tables of the new size
 /// (`resize`), but a smaller table keeps only what its buckets hold, and flows that begin while
 /// the new process loads miss the copy.
-pub const RESIZED_TABLES_COST: &str = "it copies the connection tables into tables of the new size: a smaller table keeps each bucket's most recently used flows, and flows that do not fit, or that begin while the new process loads, are placed anew by the rings, so those whose backend changed since they began, or on a drained backend, move to another backend (their connections break)";
+pub const RESIZED_TABLES_COST: &str = "it copies the connection tables into tables of the new size: a smaller table keeps each bucket's most recently used flows (ended ones given up first, as a full bucket does), and flows that do not fit, or that begin while the new process loads, are placed anew by the rings, so those whose backend changed since they began, or on a drained backend, move to another backend (their connections break)";
 
 /// Whether `error` (reading a pin) says that nothing is pinned there.
 fn pin_missing(error: &MapError) -> bool {

@@ -15,14 +15,21 @@
 //! its VIP by index, whose address the adopted VIP table gives. Within a new bucket the old most
 //! recently used order is kept as far as it goes: a bucket of a larger table takes its ways from
 //! one old bucket, in their order; a bucket of a smaller table takes them from several, their
-//! most recently used ways first, and what does not fit is dropped (counted).
+//! most recently used ways first, and what does not fit is dropped (counted). As the program's
+//! eviction does, flows their client ended (FIN or RST seen) give way to live ones in the older
+//! half of a new bucket: they are placed after them, and dropped first ([`rehash_region`]).
 //!
 //! The old program keeps forwarding with the old tables while they are read (a start replaces
 //! it only once its own program is attached): an entry it writes after its bucket was read is
 //! not carried over, and that flow's next packet is placed as after any restart (its handshake
-//! slot, another CPU's table, else the ring). An entry read while the old program rewrote it
-//! could be torn: one whose recomputed bucket is not the one it was read from is left behind,
-//! and the program checks every entry's backend, generation and VIP before following it.
+//! slot, another CPU's table, else the ring). A bucket read while the old program wrote it could
+//! hold a torn way (a way is four 32-bit stores) or one flow twice (mid-promotion): each
+//! region is read twice, and a bucket read differently is read again until two reads agree
+//! (else its flows are left behind, [`settle`]); a flow held twice is carried once
+//! ([`rehash_region`]). Two equal reads rule out a write under way unless one stalled
+//! mid-way across both reads; the hash check (a way whose recomputed bucket is not the one it
+//! was read from is left behind) catches only some tears, and the program checks every
+//! entry's backend, generation and VIP before following it.
 
 use std::{
     collections::HashMap,
@@ -33,15 +40,15 @@ use std::{
 };
 
 use lb_common::{
-    AF_INET6, CONNTRACK_WAYS, Conn, ConnBucket, ConnBucketV4, ConnEntry, ConnEntryV4, FlowKey,
-    FlowKeyV4, HASH_SEED, hash,
+    AF_INET6, CONN_CLOSING, CONNTRACK_WAYS, Conn, ConnBucket, ConnBucketV4, ConnEntry, ConnEntryV4,
+    FlowKey, FlowKeyV4, HASH_SEED, hash,
 };
 
 use super::DataplaneError;
 
 /// A connection-table bucket, as the copy sees it: [`CONNTRACK_WAYS`] ways, most recently used
 /// first, an empty way all zero (tag 0).
-pub(super) trait Bucket: Copy + Default {
+pub(super) trait Bucket: Copy + Default + PartialEq {
     /// One way.
     type Way: Copy;
     /// The ways, most recently used first.
@@ -50,6 +57,14 @@ pub(super) trait Bucket: Copy + Default {
     fn ways_mut(&mut self) -> &mut [Self::Way; CONNTRACK_WAYS];
     /// Does `way` hold a flow?
     fn occupied(way: &Self::Way) -> bool;
+    /// The tag word of `way` ([`Conn::tag`]).
+    fn tag(way: &Self::Way) -> u32;
+    /// Do `a` and `b` hold the same flow (5-tuple; their backends and closing marks aside)?
+    fn same_flow(a: &Self::Way, b: &Self::Way) -> bool;
+    /// Has the client of `way`'s flow ended it (FIN or RST seen, [`CONN_CLOSING`])?
+    fn closing(way: &Self::Way) -> bool {
+        Self::tag(way) & CONN_CLOSING != 0
+    }
 }
 
 impl Bucket for ConnBucketV4 {
@@ -62,6 +77,13 @@ impl Bucket for ConnBucketV4 {
     }
     fn occupied(way: &ConnEntryV4) -> bool {
         way.tag != 0
+    }
+    fn tag(way: &ConnEntryV4) -> u32 {
+        way.tag
+    }
+    fn same_flow(a: &ConnEntryV4, b: &ConnEntryV4) -> bool {
+        (a.src, a.dst, a.ports, Conn::tag_proto(a.tag))
+            == (b.src, b.dst, b.ports, Conn::tag_proto(b.tag))
     }
 }
 
@@ -76,19 +98,28 @@ impl Bucket for ConnBucket {
     fn occupied(way: &ConnEntry) -> bool {
         way.tag != 0
     }
+    fn tag(way: &ConnEntry) -> u32 {
+        way.tag
+    }
+    fn same_flow(a: &ConnEntry, b: &ConnEntry) -> bool {
+        (a.src, a.vip, a.ports, Conn::tag_proto(a.tag))
+            == (b.src, b.vip, b.ports, Conn::tag_proto(b.tag))
+    }
 }
 
 /// What a copy did with the flows it found.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ResizeTally {
-    /// Flows written into the new table.
+    /// Entries written into the new table: flows, but for one a connection table holds in two
+    /// CPUs' regions (its packets came in on both), which counts twice.
     pub carried: u64,
-    /// Flows dropped because their new bucket was full (a smaller table): the least recently
-    /// used of those that met there.
+    /// Entries dropped because their new bucket was full (a smaller table): the last of those
+    /// that met there in [`rehash_region`]'s order (ended flows past the two most recent, then
+    /// the least recently used).
     pub dropped: u64,
-    /// Flows left behind because no bucket could be computed for them: an IPv6 flow of a VIP
-    /// index no VIP holds any more, or an entry not in the bucket its hash names (torn by a
-    /// write of the running program while it was read).
+    /// Entries left behind: an IPv6 flow of a VIP index no VIP holds any more, or an entry the
+    /// running program was writing as it was read (a bucket whose reads never agreed, an entry
+    /// not in the bucket its hash names, a flow a bucket held twice).
     pub left: u64,
 }
 
@@ -102,12 +133,24 @@ impl std::ops::AddAssign for ResizeTally {
 
 /// Re-places the flows of one CPU's region `old` into `new`, an empty region of another number
 /// of buckets (both powers of two), by the bucket `hash` gives each way (`None`: none can be
-/// computed, the way is left behind). The most recently used order is kept as far as it goes:
-/// old buckets are taken in groups that share their low bucket bits, and each group's ways are
-/// placed by rank (every old bucket's most recent way, then every second most recent...), so a
-/// new bucket that several old ones meet in (a smaller table) keeps their most recent flows and
-/// one fed by a single old bucket (a larger table) keeps its order. A way whose hash names
-/// another old bucket than the one it is in is left behind too.
+/// computed, the way is left behind). A way whose hash names another old bucket than the one it
+/// is in is left behind too, and so is a way whose flow a more recent way of its bucket holds
+/// already (a bucket read while the program promoted a way, which copies way 0 into way 1
+/// before it writes way 0, holds one flow twice): two ways of one flow share their hash, so
+/// both would meet in the same new bucket, which keeps one.
+///
+/// Each new bucket's candidates are ranked as the program's eviction (`victim()` in
+/// `lb-ebpf/src/conntrack.rs`) would rank them. Old buckets are taken in groups that share their
+/// low bucket bits, and each group's ways by rank (every old bucket's most recent way, then
+/// every second most recent...): a new bucket several old ones meet in (a smaller table) sees
+/// their most recent flows first, one fed by a single old bucket (a larger table) its order.
+/// The first [`CONNTRACK_WAYS`]` / 2` candidates of a new bucket take its newer half whatever
+/// their mark: `victim()` never gives up one of the two most recent ways before the least
+/// recent (an ended flow there may be a half-closed download whose ACKs still come). The
+/// others fill the older half live flows first, then those their client ended
+/// ([`CONN_CLOSING`]), each in their order: `victim()` gives up an ended flow of the older half
+/// (way 3, else way 2) before a live one, so ended flows sit last, where the program would
+/// evict them first, and are the first dropped when the new bucket is full.
 pub(super) fn rehash_region<B: Bucket>(
     old: &[B],
     new: &mut [B],
@@ -117,25 +160,49 @@ pub(super) fn rehash_region<B: Bucket>(
     assert!(from.is_power_of_two() && to.is_power_of_two(), "bucket counts are powers of two");
     let group = from.min(to);
     let mut tally = ResizeTally::default();
+    // Candidates of the group that fall past their new bucket's newer half, in rank order,
+    // with their new bucket.
+    let mut older: Vec<(usize, B::Way)> = Vec::new();
+    // Into the first free way of `bucket`, else dropped.
+    let place = |bucket: &mut B, way: B::Way, tally: &mut ResizeTally| {
+        let free = bucket.ways().iter().position(|w| !B::occupied(w));
+        if let Some(free) = free {
+            bucket.ways_mut()[free] = way;
+            tally.carried += 1;
+        } else {
+            tally.dropped += 1;
+        }
+    };
     for first in 0..group {
+        older.clear();
         for rank in 0..CONNTRACK_WAYS {
             for at in (first..from).step_by(group) {
-                let way = old[at].ways()[rank];
+                let ways = old[at].ways();
+                let way = ways[rank];
                 if !B::occupied(&way) {
                     continue;
                 }
-                let Some(h) = hash(&way).filter(|&h| h as usize & (from - 1) == at) else {
+                let twice = ways[..rank].iter().any(|w| B::occupied(w) && B::same_flow(w, &way));
+                let Some(h) = hash(&way).filter(|&h| !twice && h as usize & (from - 1) == at)
+                else {
                     tally.left += 1;
                     continue;
                 };
-                let bucket = &mut new[h as usize & (to - 1)];
-                match bucket.ways().iter().position(|w| !B::occupied(w)) {
-                    Some(free) => {
-                        bucket.ways_mut()[free] = way;
-                        tally.carried += 1;
-                    }
-                    None => tally.dropped += 1,
+                let to_bucket = h as usize & (to - 1);
+                // Newer-half ways are placed as they come (none of their bucket waits yet: it
+                // waits only once the newer half is taken); the rest wait until the group is
+                // read, so that live ones are placed first.
+                let taken = new[to_bucket].ways().iter().filter(|w| B::occupied(w)).count();
+                if taken < CONNTRACK_WAYS / 2 {
+                    place(&mut new[to_bucket], way, &mut tally);
+                } else {
+                    older.push((to_bucket, way));
                 }
+            }
+        }
+        for ended in [false, true] {
+            for &(to_bucket, way) in older.iter().filter(|(_, w)| B::closing(w) == ended) {
+                place(&mut new[to_bucket], way, &mut tally);
             }
         }
     }
@@ -248,15 +315,58 @@ pub(super) fn carry_table<B: Bucket>(
     let old = Mapped::<B>::map(old_map.fd().as_fd(), old_entries, false).map_err(failed)?;
     let mut into = Mapped::<B>::map(new, cpus * new_buckets, true).map_err(failed)?;
     let (from, to) = ((old_entries / cpus) as usize, new_buckets as usize);
-    let (mut region, mut placed) = (vec![B::default(); from], vec![B::default(); to]);
+    let (mut region, mut again) = (vec![B::default(); from], vec![B::default(); from]);
+    let mut placed = vec![B::default(); to];
     let mut tally = ResizeTally::default();
     for cpu in 0..cpus as usize {
         old.read(cpu * from, &mut region);
+        old.read(cpu * from, &mut again);
+        tally.left += settle(&old, cpu * from, &mut region, &again);
         placed.fill(B::default());
         tally += rehash_region(&region, &mut placed, &hash);
         into.write(cpu * to, &placed);
     }
     Ok(tally)
+}
+
+/// Reads of one bucket [`settle`] makes at most before it gives the bucket up.
+const BUCKET_READS: usize = 4;
+
+/// Keeps, of the buckets of `region` (read from `old` at `first`), only what the running
+/// program was not writing as they were read: a bucket read the same in `again` (read after
+/// it) stands; one read differently is read again until two reads in a row agree, at most
+/// [`BUCKET_READS`] reads in all, and a bucket that never settles is emptied. Returns the flows
+/// of the emptied buckets (of their last read), left behind.
+///
+/// A way is four 32-bit stores (the tag last), and a promotion moves several ways: a bucket
+/// read mid-write may hold a way of two flows, or a flow twice ([`rehash_region`] keeps it
+/// once). Two equal reads mean no write was under way across both, but for one stalled
+/// mid-write (an interrupt on the program's CPU) for as long as both reads took: a way torn so
+/// is carried over only if its hash still names its bucket, and the program checks each
+/// entry's backend and generation (and an IPv6 entry's VIP) before following it.
+fn settle<B: Bucket>(old: &Mapped<B>, first: usize, region: &mut [B], again: &[B]) -> u64 {
+    let mut left = 0;
+    let mut reread = [B::default()];
+    for (i, (bucket, next)) in region.iter_mut().zip(again).enumerate() {
+        if bucket == next {
+            continue;
+        }
+        *bucket = *next;
+        let mut settled = false;
+        for _ in 2..BUCKET_READS {
+            old.read(first + i, &mut reread);
+            settled = reread[0] == *bucket;
+            *bucket = reread[0];
+            if settled {
+                break;
+            }
+        }
+        if !settled {
+            left += bucket.ways().iter().filter(|w| B::occupied(w)).count() as u64;
+            *bucket = B::default();
+        }
+    }
+    left
 }
 
 /// A connection table pinned at another size than this start's, whose flows are copied into
@@ -317,7 +427,7 @@ pub struct TablesResized {
     pub v4_flows: (u64, u64),
     /// IPv6 flows per CPU, pinned and now.
     pub v6_flows: (u64, u64),
-    /// What happened to the flows of both tables.
+    /// What happened to the entries of both tables.
     pub flows: ResizeTally,
     /// How long the copy took (the old program forwarded meanwhile).
     pub took: Duration,
@@ -329,11 +439,14 @@ impl TablesResized {
         if v4 == v6 { v4.to_string() } else { format!("{v4} IPv4 / {v6} IPv6") }
     }
 
-    /// The log line's message.
+    /// The log line's message, logged once the copy is the running data plane's (when this
+    /// process publishes its pins: a takeover committed, or a restart). It counts entries (a
+    /// flow in two CPUs' regions is two), and says what no copy made before the switch can
+    /// carry: flows the old program places until the new one is attached.
     pub fn message(&self) -> String {
         let ResizeTally { carried, dropped, left } = self.flows;
         let mut said = format!(
-            "connection tables resized from {} to {} flows per CPU: {carried} flows carried over, {dropped} dropped (new buckets full)",
+            "connection tables copied into the new size, from {} to {} flows per CPU: {carried} entries carried over, {dropped} dropped (new buckets full)",
             Self::sizes(self.v4_flows.0, self.v6_flows.0),
             Self::sizes(self.v4_flows.1, self.v6_flows.1),
         );
@@ -343,7 +456,7 @@ impl TablesResized {
             ));
         }
         said.push_str(&format!(
-            "; copied in {} ms while the old program forwarded: flows it placed meanwhile are placed by the new one as after any restart",
+            "; copied in {} ms while the old program forwarded: flows it places until the new program is attached are not carried (the new one places them as after any restart)",
             self.took.as_millis()
         ));
         said
@@ -407,6 +520,36 @@ mod tests {
         assert_eq!(flows(&two[0]), [0, 2, 4, 6], "8, 12 and 10 dropped, the least recent");
     }
 
+    /// The reviewer's case: two full old buckets, [a0 live, a1 ended, a2 ended, a3 live] and
+    /// [b0 ended, b1 live, b2 ended, b3 live], meet in one new bucket. Merged by rank they are
+    /// a0 b0 a1 b1 a2 b2 a3 b3; the two most recent (a0, and b0 though ended) keep the newer
+    /// half, as `victim()` never gives up the two most recent ways; in the older half live
+    /// flows come before ended ones, so b1 and a3 are kept, and a1, a2, b2 (ended) and b3 (the
+    /// least recent live flow) dropped. Without the rule a1 (ended) was kept and a3 dropped.
+    #[test]
+    fn a_smaller_table_gives_up_ended_flows_of_the_older_half_first() {
+        // Flow n's hash is n: a* even (old bucket 0), b* odd (old bucket 1).
+        let (a, b) = ([0, 2, 4, 6], [1, 3, 5, 7]);
+        let ended = [a[1], a[2], b[0], b[2]];
+        let mut old = [bucket(&a), bucket(&b)];
+        for w in old.iter_mut().flat_map(|b| b.ways.iter_mut()) {
+            if ended.contains(&w.src) {
+                w.tag |= lb_common::CONN_CLOSING;
+            }
+        }
+        let mut one = [ConnBucketV4::default()];
+        let t = rehash_region(&old, &mut one, |w: &ConnEntryV4| Some(w.src));
+        assert_eq!(t, ResizeTally { carried: 4, dropped: 4, left: 0 });
+        assert_eq!(flows(&one[0]), [a[0], b[0], b[1], a[3]], "a0 b0 (newer half), then live b1 a3");
+        // Two ended flows only in the older half: they go last, behind a live one, even when
+        // everything fits (the order `victim()` would give them up in).
+        let mut old = [bucket(&[0, 2, 4, 6])];
+        old[0].ways[2].tag |= lb_common::CONN_CLOSING;
+        let mut one = [ConnBucketV4::default()];
+        rehash_region(&old, &mut one, |w: &ConnEntryV4| Some(w.src));
+        assert_eq!(flows(&one[0]), [0, 2, 6, 4]);
+    }
+
     /// A larger table: each old bucket's flows spread over the new buckets their hash names,
     /// in their old order; nothing is dropped.
     #[test]
@@ -430,6 +573,25 @@ mod tests {
         // 99: no hash; 4 sits in bucket 1, its hash names bucket 0.
         assert_eq!(t, ResizeTally { carried: 3, dropped: 0, left: 2 });
         assert_eq!((flows(&two[0]), flows(&two[1])), (vec![0, 2], vec![1]));
+    }
+
+    /// A bucket read while the program promoted a way (`promote` copies way 0 into way 1
+    /// before it writes the promoted way into way 0) holds one flow twice: the copy keeps the
+    /// more recent and leaves the other behind (counted), whatever their closing marks.
+    #[test]
+    fn a_flow_read_twice_in_a_bucket_is_carried_once() {
+        let mut old = [bucket(&[0, 0, 4, 8]), bucket(&[1, 5, 5, 5])];
+        old[1].ways[3].tag |= lb_common::CONN_CLOSING;
+        let hash = |w: &ConnEntryV4| Some(w.src);
+        let mut one = [ConnBucketV4::default()];
+        let t = rehash_region(&old, &mut one, hash);
+        assert_eq!(t, ResizeTally { carried: 4, dropped: 1, left: 3 });
+        assert_eq!(flows(&one[0]), [0, 1, 5, 4], "each flow once, 8 dropped");
+        let mut four = [ConnBucketV4::default(); 4];
+        let t = rehash_region(&old, &mut four, hash);
+        assert_eq!(t, ResizeTally { carried: 5, dropped: 0, left: 3 });
+        let got: Vec<Vec<u32>> = four.iter().map(flows).collect();
+        assert_eq!(got, [vec![0, 4, 8], vec![1, 5], vec![], vec![]]);
     }
 
     /// The hashes of the copy are the program's: an entry, as the program writes it (the
@@ -485,7 +647,7 @@ mod tests {
             took: Duration::from_millis(3),
         };
         assert!(
-            r.message().starts_with("connection tables resized from 4096 to 8192 flows per CPU: 10 flows carried over, 2 dropped (new buckets full); copied in 3 ms"),
+            r.message().starts_with("connection tables copied into the new size, from 4096 to 8192 flows per CPU: 10 entries carried over, 2 dropped (new buckets full); copied in 3 ms"),
             "{}",
             r.message()
         );
