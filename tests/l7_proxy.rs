@@ -2916,8 +2916,8 @@ fn a_client_that_reads_none_of_a_closing_answer_is_reset_at_the_idle_timeout() {
 #[test]
 fn a_stop_hands_a_closing_connection_whose_client_reads_nothing_to_the_kernel_for_its_stall_time() {
     let b = backend("big", Mode::Big(QUEUED_ANSWER));
-    // Longer than the drain: the close's own clock would reset the connection before it.
-    let mut p = proxy(&[(&b, 1)], "idle_timeout_ms = 2000\nrequest_timeout_ms = 600000", "");
+    // Well beyond the drain: the close's own clock would reset the connection before it.
+    let mut p = proxy(&[(&b, 1)], "idle_timeout_ms = 3000\nrequest_timeout_ms = 600000", "");
     let s = connect_small_window(p.addr, 4096);
     (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
     let client = s.local_addr().unwrap();
@@ -2929,7 +2929,7 @@ fn a_stop_hands_a_closing_connection_whose_client_reads_nothing_to_the_kernel_fo
     assert!(took >= Duration::from_millis(450), "the stop waited for the connection: {took:?}");
     assert!(took < Duration::from_secs(2), "but not past its deadline: {took:?}");
     assert_eq!(inode(p.addr, client), Some(0), "the proxy's socket is the kernel's alone");
-    // The stall time (2 s) from the drain's start, and the probes' grain: 5 s at most.
+    // The stall time (3 s) on the kernel's clock, begun before the stop: 5 s at most.
     let gone = proxy_socket_gone(p.addr, client);
     eprintln!("the kernel let the socket go {gone:?} after the stop");
     assert_eq!(read_to_end_of(&s), Err(std::io::ErrorKind::ConnectionReset));
@@ -3061,27 +3061,38 @@ fn a_stop_hands_over_a_client_that_sent_more_with_a_clean_end() {
 }
 
 /// A slow reader still taking a complete answer at a steady rate at a stop's drain deadline
-/// gets all of it, though the rest takes it some three stall times (the idle timeout, 1 s)
-/// after the handover: the kernel's timeout for the handed connection fits the rest at the
-/// rate the reader was seen taking it since the close began to wait (twice over, on top of the
-/// stall time). Before, it was the stall time alone, and Linux's clock for zero-window probing
+/// gets all of it, though the rest takes it some two stall times (the idle timeout, 2 s)
+/// after the handover: the kernel's timeout for the handed connection of a peer seen reading
+/// is ten minutes. Before, it was the stall time, and Linux's clock for zero-window probing
 /// (from the first probe, whatever the reader takes meanwhile, for a reader that frees its
-/// window a few KiB at a time) reset such a reader about that long after the handover.
+/// window a few KiB at a time) reset such a reader at most that long after the handover.
 #[test]
 fn a_stop_gives_a_steady_slow_reader_the_time_the_rest_takes_it() {
     let b = backend("big", Mode::Big(STEADY_ANSWER));
-    let mut p = proxy(&[(&b, 1)], "idle_timeout_ms = 1000\nrequest_timeout_ms = 600000", "");
-    let mut s = connect_small_window(p.addr, SLOW_WINDOW);
+    let l7 = format!("idle_timeout_ms = {SLOW_STALL}\nrequest_timeout_ms = 600000");
+    let mut p = proxy(&[(&b, 1)], &l7, "");
+    let s = connect_small_window(p.addr, SLOW_WINDOW);
     (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
     let client = s.local_addr().unwrap();
+    // 4 KiB every 100 ms to the end, however long that takes (not `read_slowly`, whose slow
+    // pace ends after a while).
     let reader = std::thread::spawn(move || {
-        let got = read_slowly(&mut s, |_| false);
-        (got, Instant::now())
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (mut got, mut chunk) = (Vec::new(), [0u8; 4096]);
+        let end = loop {
+            std::thread::sleep(Duration::from_millis(100));
+            match (&s).read(&mut chunk) {
+                Ok(0) => break Ok(()),
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(e) => break Err(e),
+            }
+        };
+        ((got, end), Instant::now())
     });
     answer_queued(p.addr, client, STEADY_ANSWER as u64 * 2 / 3);
-    // Some 3 s of the answer left at the reader's 40 KB/s, as the stop begins.
+    // Some 4 s of the answer left at the reader's 40 KB/s, as the stop begins.
     let start = Instant::now();
-    while tx_queue(p.addr, client).is_some_and(|q| q > 120_000) {
+    while tx_queue(p.addr, client).is_some_and(|q| q > 160_000) {
         assert!(start.elapsed() < Duration::from_secs(10), "the reader takes the answer");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -3095,14 +3106,13 @@ fn a_stop_gives_a_steady_slow_reader_the_time_the_rest_takes_it() {
     assert_eq!(got.len() - head, STEADY_ANSWER, "the whole body");
     assert!(got.ends_with(b"xxxx"), "the body's end");
     assert!(
-        after > Duration::from_millis(1500),
+        after > Duration::from_millis(2500),
         "the rest took longer than the stall time: {after:?}"
     );
 }
 
 /// The answer of [`a_stop_gives_a_steady_slow_reader_the_time_the_rest_takes_it`]: all in the
-/// kernel's buffers at once, and some 7 s of reading at [`read_slowly`]'s pace, within its
-/// [`SLOW_FOR`].
+/// kernel's buffers at once, and some 7.5 s of reading at its reader's pace.
 const STEADY_ANSWER: usize = 300_000;
 
 /// A TCP-mode relay whose both directions are done (the client half-closed, the backend sent

@@ -43,20 +43,19 @@ struct Shared {
     /// all with the kernel, so a stop's drain deadline hands it to the kernel rather than
     /// resetting it ([`Socket::end_at_deadline`]).
     closing: Cell<bool>,
-    /// The first and the last time its close, waiting for the peer ([`Socket::wait_delivered`]),
-    /// saw the peer take more, with the bytes it had acknowledged then (`None` until the
-    /// first): the rate at which the peer takes the rest, which sizes the kernel's timeout at
-    /// a handover ([`Socket::hand_to_kernel`]). From the first progress, not from the start of
-    /// the wait: what the peer took first may only have filled the room its window had then
-    /// (a client that reads nothing took 2 KiB more 40 ms into the wait, and nothing after).
-    taking: Cell<Option<[(std::time::Instant, u64); 2]>>,
+    /// How many of its close's looks at the peer ([`Socket::wait_delivered`]) saw it take
+    /// more, up to 2: one that took more at two looks at least is reading, and a handover gets
+    /// the kernel's timeout for a reader ([`Socket::hand_to_kernel`]). Not one look: what the
+    /// peer took first may only have filled the room its window had then (a client that reads
+    /// nothing took 2 KiB more 40 ms into the wait, and nothing after).
+    took_more: Cell<u8>,
 }
 
-/// The longest TCP_USER_TIMEOUT a connection handed to the kernel at a stop's drain deadline
-/// gets ([`Socket::hand_to_kernel`]) for a peer that takes the rest slowly, unless its stall
-/// time is longer: the kernel holds such an orphan, outside the proxy's sight and limits, no
-/// longer than this (or the stall time) after the process is gone, however slow the reader.
-const HANDED_TIMEOUT_CAP: Duration = Duration::from_secs(10 * 60);
+/// The TCP_USER_TIMEOUT a connection handed to the kernel at a stop's drain deadline gets
+/// ([`Socket::hand_to_kernel`]) when its peer was seen reading, unless its stall time is
+/// longer: the kernel holds such an orphan, outside the proxy's sight and limits, no longer
+/// than this (or the stall time) after the process is gone, however slow the reader.
+const HANDED_READER_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
 /// The most unread bytes a connection handed to the kernel at a stop's drain deadline has read
 /// and dropped so that its close is a FIN, not a reset ([`Socket::hand_to_kernel`]): far more
@@ -90,7 +89,7 @@ impl Socket {
             stall: Cell::new(stall),
             acked: Cell::new(0),
             closing: Cell::new(false),
-            taking: Cell::new(None),
+            took_more: Cell::new(0),
         }))
     }
 
@@ -408,11 +407,7 @@ impl Socket {
             }
             let now = acked_of(&info, len);
             if now != acked {
-                if let Some(now) = now {
-                    let seen = (std::time::Instant::now(), now);
-                    let first = self.0.taking.get().map_or(seen, |[first, _]| first);
-                    self.0.taking.set(Some([first, seen]));
-                }
+                self.0.took_more.set((self.0.took_more.get() + 1).min(2));
                 acked = now;
                 cut = tokio::time::Instant::now() + stall;
             } else if tokio::time::Instant::now() >= cut {
@@ -448,8 +443,8 @@ impl Socket {
     /// Leaves a connection whose close has begun to the kernel, at a stop's drain deadline,
     /// rather than waiting in [`Socket::close_when_delivered`] (the stop would wait for the
     /// slowest reader) or resetting it (a slow reader still taking the tail of a complete
-    /// answer lost that tail): it gets a TCP_USER_TIMEOUT that fits what is left at the rate
-    /// its peer was seen taking it ([`handed_timeout`]), and is shut down both ways (its
+    /// answer lost that tail): it gets a TCP_USER_TIMEOUT ([`handed_timeout`]), and is shut
+    /// down both ways (its
     /// sending side is shut already, the FIN queued behind the data; this completes a receive
     /// still pending on it, whose clone of the socket would keep the descriptor open), so that
     /// it closes as soon as the caller drops its last clone. The kernel then delivers the rest
@@ -462,11 +457,13 @@ impl Socket {
     /// frees its window a few KiB at a time is cut at the timeout however steadily it reads.
     /// At the stall time alone, such a reader whose rest took longer than about that was cut
     /// (30 readers at 50 KB/s through 256 KiB buffers, idle timeout 5 s: 9 reset 7.6 to 18 s
-    /// after the stop, one at 97 %). Hence the stall time plus twice the time the rest takes
-    /// at the rate the close saw the peer take bytes while it waited ([`Shared::taking`]),
-    /// capped at [`HANDED_TIMEOUT_CAP`] (or the stall time, if longer); a peer not seen taking
-    /// more than once (one that reads nothing, or a close that had not waited and looked yet,
-    /// as one lingering has not) gets the stall time alone: the bounded orphan this is for.
+    /// after the stop, one at 97 %). And that clock may have run long before the handover, all
+    /// through the answer's last sends and the close's wait, so no timeout sized from the
+    /// handover on (the rest at the rate seen) can be trusted to outlast it. Hence a peer the
+    /// close saw reading ([`Shared::took_more`]) gets [`HANDED_READER_TIMEOUT`], ten minutes
+    /// (or its stall time, if longer), a generous bound on an orphan; one not seen taking more
+    /// than once (one that reads nothing, or a close that had not waited and looked yet, as one
+    /// lingering has not) gets the stall time: the bounded orphan this is for.
     ///
     /// What the peer sent that nobody read (a request sent behind a `Connection: close`
     /// answer) is read and dropped first ([`Socket::discard_unread`]): Linux resets a
@@ -496,16 +493,9 @@ impl Socket {
     }
 
     /// The TCP_USER_TIMEOUT of this connection handed to the kernel now (see
-    /// [`Socket::hand_to_kernel`]). One getsockopt(TCP_INFO).
+    /// [`Socket::hand_to_kernel`]).
     fn handed_timeout(&self) -> Duration {
-        let stall = self.0.stall.get();
-        let Some([(since, from), (until, to)]) = self.0.taking.get() else { return stall };
-        let Ok((info, _)) = crate::tcp_info::get(&self.0.stream) else { return stall };
-        // What the kernel still holds for the peer: not sent yet, and sent but not
-        // acknowledged (in segments: at most one MSS each).
-        let left = u64::from(info.tcpi_notsent_bytes)
-            + u64::from(info.tcpi_unacked) * u64::from(info.tcpi_snd_mss);
-        handed_timeout(stall, left, to.saturating_sub(from), until - since)
+        handed_timeout(self.0.stall.get(), self.0.took_more.get())
     }
 
     /// Does the kernel still hold bytes sent on this connection that it has not sent its peer
@@ -557,17 +547,11 @@ fn queued(info: &libc::tcp_info) -> bool {
 }
 
 /// The TCP_USER_TIMEOUT of a connection handed to the kernel ([`Socket::hand_to_kernel`])
-/// whose stall time is `stall`, with `left` bytes still to deliver, its peer having taken
-/// `taken` bytes in the `over` since its close began to wait: `stall` plus twice the time the
-/// rest takes at that rate, at most [`HANDED_TIMEOUT_CAP`] (or `stall`, if longer); `stall`
-/// alone for a peer that took nothing.
-fn handed_timeout(stall: Duration, left: u64, taken: u64, over: Duration) -> Duration {
-    if taken == 0 || over.is_zero() {
-        return stall;
-    }
-    let cap = stall.max(HANDED_TIMEOUT_CAP).as_secs_f64();
-    let rest = over.as_secs_f64() * left as f64 / taken as f64;
-    Duration::from_secs_f64((stall.as_secs_f64() + 2.0 * rest).min(cap))
+/// whose stall time is `stall`, its close's looks having seen its peer take more `took_more`
+/// times: [`HANDED_READER_TIMEOUT`] (or `stall`, if longer) for a peer seen reading, at two
+/// looks at least; `stall` for one that was not.
+fn handed_timeout(stall: Duration, took_more: u8) -> Duration {
+    if took_more >= 2 { stall.max(HANDED_READER_TIMEOUT) } else { stall }
 }
 
 /// What the looks at a waiting send's peer saw so far (see [`Socket::send_all_with`]).
@@ -887,18 +871,15 @@ mod tests {
         }
     }
 
-    /// A handed connection's timeout fits the rest at the rate its peer took bytes, twice
-    /// over, on top of the stall time; a peer that took nothing gets the stall time; a very
-    /// slow one the cap (or the stall time, if longer).
+    /// A handed connection whose peer was seen reading (two looks at least) gets the reader's
+    /// timeout, or its stall time if longer; one seen taking more once, or never, its stall
+    /// time.
     #[test]
-    fn a_handed_timeout_fits_the_rest_at_the_rate_seen() {
+    fn a_handed_timeout_is_the_readers_for_a_peer_seen_reading() {
         let s = Duration::from_secs;
-        // 100 KB left at 40 KB/s: 2.5 s, twice, on top of 1 s.
-        assert_eq!(handed_timeout(s(1), 100_000, 80_000, s(2)), s(6));
-        assert_eq!(handed_timeout(s(1), 100_000, 0, s(2)), s(1));
-        assert_eq!(handed_timeout(s(1), 100_000, 80_000, Duration::ZERO), s(1));
-        assert_eq!(handed_timeout(s(1), 0, 80_000, s(2)), s(1));
-        assert_eq!(handed_timeout(s(1), 1 << 30, 1, s(2)), HANDED_TIMEOUT_CAP);
-        assert_eq!(handed_timeout(s(3600), 1 << 30, 1, s(2)), s(3600));
+        assert_eq!(handed_timeout(s(1), 2), HANDED_READER_TIMEOUT);
+        assert_eq!(handed_timeout(s(3600), 2), s(3600));
+        assert_eq!(handed_timeout(s(1), 1), s(1));
+        assert_eq!(handed_timeout(s(1), 0), s(1));
     }
 }
