@@ -49,6 +49,8 @@ struct Shared {
     /// peer took first may only have filled the room its window had then (a client that reads
     /// nothing took 2 KiB more 40 ms into the wait, and nothing after).
     took_more: Cell<u8>,
+    /// Ended at a stop's drain deadline already ([`Socket::end_at_deadline`]).
+    ended: Cell<bool>,
 }
 
 /// The TCP_USER_TIMEOUT a connection handed to the kernel at a stop's drain deadline gets
@@ -90,6 +92,7 @@ impl Socket {
             acked: Cell::new(0),
             closing: Cell::new(false),
             took_more: Cell::new(0),
+            ended: Cell::new(false),
         }))
     }
 
@@ -436,7 +439,12 @@ impl Socket {
     /// begun ([`Socket::hand_to_kernel`]: what is left of a complete answer is still
     /// delivered, after the process ends), or resets it ([`Socket::abort`]) if it is still in
     /// the middle of an exchange, where a close would pass the part sent for the whole.
+    /// Once: a finished relay's client socket comes here from the accept loop, then again as
+    /// the relay is dropped (`tcp::Unfinished`).
     pub(crate) fn end_at_deadline(&self) {
+        if self.0.ended.replace(true) {
+            return;
+        }
         if self.closing() { self.hand_to_kernel() } else { self.abort() }
     }
 
