@@ -55,8 +55,10 @@ pub(super) trait Bucket: Copy + Default + PartialEq {
     fn ways(&self) -> &[Self::Way; CONNTRACK_WAYS];
     /// The ways, to fill.
     fn ways_mut(&mut self) -> &mut [Self::Way; CONNTRACK_WAYS];
-    /// Does `way` hold a flow?
-    fn occupied(way: &Self::Way) -> bool;
+    /// Does `way` hold a flow? An empty way is all zero, its tag too (no flow has protocol 0).
+    fn occupied(way: &Self::Way) -> bool {
+        Self::tag(way) != 0
+    }
     /// The tag word of `way` ([`Conn::tag`]).
     fn tag(way: &Self::Way) -> u32;
     /// Do `a` and `b` hold the same flow (5-tuple; their backends and closing marks aside)?
@@ -75,9 +77,6 @@ impl Bucket for ConnBucketV4 {
     fn ways_mut(&mut self) -> &mut [ConnEntryV4; CONNTRACK_WAYS] {
         &mut self.ways
     }
-    fn occupied(way: &ConnEntryV4) -> bool {
-        way.tag != 0
-    }
     fn tag(way: &ConnEntryV4) -> u32 {
         way.tag
     }
@@ -94,9 +93,6 @@ impl Bucket for ConnBucket {
     }
     fn ways_mut(&mut self) -> &mut [ConnEntry; CONNTRACK_WAYS] {
         &mut self.ways
-    }
-    fn occupied(way: &ConnEntry) -> bool {
-        way.tag != 0
     }
     fn tag(way: &ConnEntry) -> u32 {
         way.tag

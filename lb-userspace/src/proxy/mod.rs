@@ -1383,7 +1383,8 @@ impl Draining {
         // Those idle between keep-alive requests (a takeover's drain keeps them) close as
         // their idle timeout closes them, with a FIN (`http::serve`); those whose close waits
         // for their peer to take the end of a complete answer (or lingers after it) are handed
-        // to the kernel, which delivers it; the others, in the middle of an exchange, are reset (`accept_loop`).
+        // to the kernel, which delivers it; the others, in the middle of an exchange, are
+        // reset (`accept_loop`).
         let idle = self.shared.idle_clients().min(left);
         let handed = self.shared.closing.load(Ordering::SeqCst).min(left - idle);
         let reset = left - idle - handed;

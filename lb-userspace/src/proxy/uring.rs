@@ -452,12 +452,12 @@ impl Socket {
     /// rather than waiting in [`Socket::close_when_delivered`] (the stop would wait for the
     /// slowest reader) or resetting it (a slow reader still taking the tail of a complete
     /// answer lost that tail): it gets a TCP_USER_TIMEOUT ([`handed_timeout`]), and is shut
-    /// down both ways (its
-    /// sending side is shut already, the FIN queued behind the data; this completes a receive
-    /// still pending on it, whose clone of the socket would keep the descriptor open), so that
-    /// it closes as soon as the caller drops its last clone. The kernel then delivers the rest
-    /// to the peer on its own, an orphan, and gives up on it at that timeout: without one such
-    /// an orphan was probed for some 5.5 minutes, outside the proxy's sight.
+    /// down both ways (its sending side is shut already, the FIN queued behind the data; this
+    /// completes a receive still pending on it, whose clone of the socket would keep the
+    /// descriptor open), so that it closes as soon as the caller drops its last clone. The
+    /// kernel then delivers the rest to the peer on its own, an orphan, and gives up on it at
+    /// that timeout: without one such an orphan was probed for some 5.5 minutes, outside the
+    /// proxy's sight.
     ///
     /// The timeout is the kernel's clock, not the proxy's stall clock: Linux times zero-window
     /// probing from the first probe and starts that clock again only when the window opens
