@@ -1459,6 +1459,9 @@ async fn run_thread(
     shared: Arc<Shared>,
     thread: usize,
 ) {
+    // Dropped last, as this ends: what the runtime still has in flight then is not freed
+    // under the kernel (`uring::Held`).
+    let _end = uring::RuntimeEnd::arm();
     let upstream = http::UpstreamPool::default();
     // Idle backend connections past their time are closed even if no request asks for their
     // backend again.

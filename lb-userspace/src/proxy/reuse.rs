@@ -264,7 +264,7 @@ mod tests {
         let closed_for_room = Counter::default();
         let idle = |thread| Idle::new(shelves.clone(), thread, closed_for_room.clone());
         let (mine, theirs) = (idle(0), idle(1));
-        tokio_uring::start(async {
+        crate::proxy::uring::start(async {
             let closer = tokio_uring::spawn(theirs.clone().close_claimed());
             let mut conns = Vec::new();
             for _ in 0..4 {
@@ -317,7 +317,7 @@ mod tests {
         let shelves = shelves(1);
         let closed_for_room = Counter::default();
         let idle = Idle::new(shelves.clone(), 0, closed_for_room.clone());
-        tokio_uring::start(async {
+        crate::proxy::uring::start(async {
             let mut conns = Vec::new();
             for _ in 0..3 {
                 let s = Socket::connect(addr, long, long).await.unwrap();
@@ -384,7 +384,7 @@ mod tests {
         let shelves = shelves(1);
         let idle = Idle::new(shelves.clone(), 0, Counter::default());
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        tokio_uring::start(async {
+        crate::proxy::uring::start(async {
             let long = std::time::Duration::from_secs(60);
             // The proxy's side of a client connection, and the client's.
             let conn = Socket::connect(l.local_addr().unwrap(), long, long).await.unwrap();

@@ -141,7 +141,7 @@ impl Socket {
         let sqe =
             opcode::Connect::new(types::Fd(s.0.stream.as_raw_fd()), to.as_ptr().cast(), to.len())
                 .build();
-        let op = UnsubmittedOneshot::new(Held { buf: to, _socket: s.clone() }, Connected, sqe);
+        let op = UnsubmittedOneshot::new(Held::new(to, s.clone()), Connected, sqe);
         match tokio::time::timeout(within, op.submit()).await {
             Ok(Ok(())) => {
                 attempt.done();
@@ -228,8 +228,9 @@ impl Socket {
             opcode::Recv::new(types::Fd(self.0.stream.as_raw_fd()), spare.as_mut_ptr().cast(), len)
                 .build();
         // The heap memory `sqe` points into moves with `buf` into the operation, which keeps it
-        // until the kernel completes (tokio-uring holds a dropped operation's data until then).
-        Armed(UnsubmittedOneshot::new(Held { buf, _socket: self.clone() }, Received, sqe).submit())
+        // until the kernel completes: tokio-uring holds a dropped operation's data until then,
+        // but for one still in flight as the runtime ends, which `Held` keeps from being freed.
+        Armed(UnsubmittedOneshot::new(Held::new(buf, self.clone()), Received, sqe).submit())
     }
 
     /// Sends all of `data`, returning it when done (or failing with `TimedOut` once the peer
@@ -269,7 +270,7 @@ impl Socket {
             let sqe = opcode::Send::new(types::Fd(self.0.stream.as_raw_fd()), ptr, len)
                 .flags(libc::MSG_NOSIGNAL)
                 .build();
-            let held = Held { buf: data, _socket: self.clone() };
+            let held = Held::new(data, self.clone());
             let op = UnsubmittedOneshot::new(held, Sent(PhantomData), sqe).submit();
             let Some((r, b)) = self.unless_stalled(op, &progress).await else {
                 return Err(io::ErrorKind::TimedOut.into());
@@ -768,9 +769,82 @@ impl Future for Armed {
 }
 
 /// What an operation in flight keeps alive: its buffer and its socket.
+///
+/// tokio-uring (0.5) keeps the data of an operation whose future was dropped until the kernel
+/// completes it, but not when its runtime ends first: the driver's drop frees the data of every
+/// operation still in flight, and only then asks the kernel to cancel them and waits. A receive
+/// whose bytes arrived before the cancel (a client's, on a connection still open at the end of
+/// a proxy thread) is copied into memory already freed, which the allocator may have handed
+/// out again, or whose free-list pointers it overwrites. So a buffer dropped here while its
+/// thread's runtime ends ([`RuntimeEnd`]) is leaked instead of freed: a few KiB per operation
+/// in flight, once, at the end of a proxy thread. The socket goes as usual: the kernel's
+/// operation holds the file of its own.
 struct Held<B> {
-    buf: B,
+    /// The operation's buffer (or a connect's address), `None` once given back with its
+    /// outcome.
+    buf: Option<B>,
     _socket: Socket,
+}
+
+impl<B> Held<B> {
+    /// The data of an operation on `socket` into or out of `buf`.
+    fn new(buf: B, socket: Socket) -> Self {
+        Self { buf: Some(buf), _socket: socket }
+    }
+
+    /// The buffer, back with the operation's outcome (the kernel is done with it).
+    fn give_back(mut self) -> B {
+        self.buf.take().expect("an operation's buffer is given back once")
+    }
+}
+
+impl<B> Drop for Held<B> {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take()
+            && ENDING.with(Cell::get)
+        {
+            std::mem::forget(buf);
+            KEPT.with(|k| k.set(k.get() + 1));
+        }
+    }
+}
+
+thread_local! {
+    /// Is this thread's runtime ending ([`RuntimeEnd`])? Then [`Held`] leaks what it holds.
+    static ENDING: Cell<bool> = const { Cell::new(false) };
+    /// Buffers [`Held`] leaked on this thread as its runtime ended.
+    static KEPT: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Marks the end of a tokio-uring runtime's work on this thread when dropped: created first
+/// thing in the future the runtime runs, it drops as that future ends (or unwinds), before the
+/// runtime itself, whose driver frees the data of operations still in flight before the kernel
+/// is done with them (see [`Held`]).
+pub(crate) struct RuntimeEnd(());
+
+impl RuntimeEnd {
+    /// Starts a runtime's work on this thread (operations dropped from now on are freed as
+    /// usual, once complete).
+    pub(crate) fn arm() -> Self {
+        ENDING.with(|e| e.set(false));
+        Self(())
+    }
+}
+
+impl Drop for RuntimeEnd {
+    fn drop(&mut self) {
+        ENDING.with(|e| e.set(true));
+    }
+}
+
+/// `tokio_uring::start` for tests, with the runtime's end marked ([`RuntimeEnd`]) as a proxy
+/// thread's is.
+#[cfg(test)]
+pub(crate) fn start<F: Future>(f: F) -> F::Output {
+    tokio_uring::start(async {
+        let _end = RuntimeEnd::arm();
+        f.await
+    })
 }
 
 /// Completes a receive: the bytes the kernel wrote become part of the buffer.
@@ -782,7 +856,7 @@ impl OneshotOutputTransform for Received {
 
     #[allow(unsafe_code)]
     fn transform_oneshot_output(self, held: Held<BytesMut>, cqe: cqueue::Entry) -> Self::Output {
-        let mut buf = held.buf;
+        let mut buf = held.give_back();
         let r = cqe.result();
         if r < 0 {
             return (Err(io::Error::from_raw_os_error(-r)), buf);
@@ -822,13 +896,46 @@ impl<B> OneshotOutputTransform for Sent<B> {
     fn transform_oneshot_output(self, held: Held<B>, cqe: cqueue::Entry) -> Self::Output {
         let r = cqe.result();
         let r = if r < 0 { Err(io::Error::from_raw_os_error(-r)) } else { Ok(r as usize) };
-        (r, held.buf)
+        (r, held.give_back())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A receive still in flight as its runtime ends keeps its buffer: the driver's drop frees
+    /// such an operation's data before the kernel has cancelled it, and bytes arriving
+    /// meanwhile would be copied into freed memory ([`Held`]).
+    #[test]
+    fn a_receive_in_flight_as_its_runtime_ends_keeps_its_buffer() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let before = KEPT.with(Cell::get);
+        let peer = tokio_uring::start(async {
+            let _end = RuntimeEnd::arm();
+            let long = Duration::from_secs(60);
+            let s = Socket::connect(addr, long, long).await.unwrap();
+            let peer = l.accept().unwrap().0;
+            // Its future dropped, the receive is the driver's to finish.
+            drop(s.recv_armed(BytesMut::new(), 64));
+            peer
+        });
+        assert_eq!(KEPT.with(Cell::get) - before, 1, "the pending receive's buffer is kept");
+        drop(peer);
+        // A runtime that ends as usual frees what completed: nothing is kept then.
+        let before = KEPT.with(Cell::get);
+        tokio_uring::start(async {
+            let _end = RuntimeEnd::arm();
+            let long = Duration::from_secs(60);
+            let s = Socket::connect(addr, long, long).await.unwrap();
+            let mut peer = l.accept().unwrap().0;
+            std::io::Write::write_all(&mut peer, b"x").unwrap();
+            let (n, buf) = s.recv(BytesMut::new(), 64).await;
+            assert_eq!((n.unwrap(), &buf[..]), (1, &b"x"[..]));
+        });
+        assert_eq!(KEPT.with(Cell::get), before, "a completed receive's buffer is not kept");
+    }
 
     /// A peer that takes nothing is cut at the [`LOOKS_PER_STALL`]th look in a row that sees
     /// it take nothing, after the first look (which has nothing to compare with): at the same

@@ -378,7 +378,7 @@ mod tests {
             let read = peer.read(&mut [0u8; 1]).map_err(|e| e.kind());
             read == Err(std::io::ErrorKind::ConnectionReset)
         };
-        tokio_uring::start(async {
+        crate::proxy::uring::start(async {
             let pool = UpstreamPool::default();
             let t0 = Instant::now();
             let mut peers = Vec::new();
@@ -429,7 +429,7 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let long = Duration::from_secs(60);
-        tokio_uring::start(async {
+        crate::proxy::uring::start(async {
             let pool = UpstreamPool::default();
             let now = Instant::now();
             // Put oldest first: `take` tries the most recently idle first.
@@ -484,7 +484,7 @@ mod tests {
             b
         };
         let small = || BytesMut::with_capacity(READ_CHUNK);
-        tokio_uring::start(async {
+        crate::proxy::uring::start(async {
             let pool = UpstreamPool::default();
             let now = Instant::now();
             for (buf, what) in [(grown(), "grown"), (behind_a_head(), "behind"), (small(), "small")]
@@ -516,7 +516,7 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let long = Duration::from_secs(60);
-        tokio_uring::start(async {
+        crate::proxy::uring::start(async {
             let pool = UpstreamPool::default();
             let now = Instant::now();
             let s = Socket::connect(addr, long, long).await.unwrap();
@@ -559,7 +559,7 @@ mod tests {
         let (l, addr) = small_window_listener();
         let long = Duration::from_secs(60);
         const SENT: usize = 48 * 1024;
-        tokio_uring::start(async {
+        crate::proxy::uring::start(async {
             let s = Socket::connect(addr, long, long).await.unwrap();
             let mut peer = l.accept().unwrap().0;
             // More than the peer's window, less than the proxy's send buffer takes.
@@ -591,7 +591,7 @@ mod tests {
         use std::io::Read;
         let (l, addr) = small_window_listener();
         const SENT: usize = 48 * 1024;
-        tokio_uring::start(async {
+        crate::proxy::uring::start(async {
             let stall = Duration::from_millis(300);
             let s = Socket::connect(addr, Duration::from_secs(60), stall).await.unwrap();
             let mut peer = l.accept().unwrap().0;
