@@ -2364,6 +2364,232 @@ fn v4_hash(w: &lb_common::ConnEntryV4) -> u32 {
     lb_common::hash::flow_key_v4_hash(&key, lb_common::HASH_SEED)
 }
 
+/// The resize copy while the old program writes the table it reads: the old program (still
+/// forwarding, as during a restart or a takeover at another `node.conntrack_flows_per_cpu`)
+/// runs on a second CPU, on a thread that enters new flows into and promotes established flows
+/// of the even buckets of that CPU's region, while a new data plane loads beside it at twice
+/// the IPv4 table and copies. Each copy, several in a row: every flow of a bucket the writer
+/// never touches (the odd buckets of its region, all of CPU 0's) is carried over, in its new
+/// bucket; every entry carried is whole, one of the entries the test or the writer made, and no
+/// flow is carried twice; the tally adds up to what the old table holds (every bucket stays
+/// full: the program never empties a way); and the writer ran during each copy. Nothing
+/// tested the double read (`settle`, in `dataplane::resize`) with a program writing until this.
+#[test]
+fn a_resize_copy_while_the_old_program_writes_carries_whole_entries() {
+    let test = "a_resize_copy_while_the_old_program_writes_carries_whole_entries";
+    if !require_privileged(test) {
+        return;
+    }
+    let Some(busy) = require_second_cpu(test, second_cpu()) else { return };
+    netns::pin_current_thread(Some(0)).expect("pin to CPU 0");
+    let dir = PinDir::new("resize-busy");
+    let dir = &dir.0;
+    // Only the IPv4 table changes size, so the copy's time is that table's.
+    let old_shape = TableShape::for_flows(Some(65_536));
+    let new_shape = TableShape { v4_buckets: old_shape.v4_buckets * 2, ..old_shape };
+    let buckets = old_shape.v4_buckets;
+    let regions = [0, busy as u32];
+    assert!(busy < old_shape.cpus as usize, "CPU {busy} has a region");
+    let cfg = Config::parse(&one_vip(&THREE[..1]), "x".as_ref()).unwrap();
+    let mut dp = Dataplane::load_with_table(Some(dir), old_shape).unwrap();
+    dp.apply(&cfg).unwrap();
+
+    // The entry the program writes for a flow (one backend: every flow's tag is the same),
+    // learnt from a probe through CPU 0.
+    let entry = |(c, sport): (Ipv4Addr, u16), tag| lb_common::ConnEntryV4 {
+        src: u32::from_ne_bytes(c.octets()),
+        dst: u32::from_ne_bytes([198, 18, 1, 1]),
+        ports: u32::from(sport.to_be()) | u32::from(80u16.to_be()) << 16,
+        tag,
+    };
+    let probe = (v4("198.18.200.1"), 40000);
+    for flags in [SYN, ACK] {
+        assert_eq!(run_frame(&mut dp, &vip_segment(probe, flags)).0, XDP_TX);
+    }
+    let held = dp.maps().conntrack_v4.get(&bucket_of(buckets, probe.0, probe.1), 0).unwrap();
+    let tag = held.ways[0].tag;
+    assert_eq!(held.ways[0], entry(probe, tag), "the probe's entry");
+
+    // Flow m of range `range`: 65 536 clients, a source port per range and 65 536 flows.
+    let flow = |range: u16, m: u32| {
+        (Ipv4Addr::from(u32::from(v4("198.19.0.0")) + (m & 0xffff)), range + (m >> 16) as u16)
+    };
+    // Every bucket of CPU 0's and the busy CPU's regions filled with four flows of their own.
+    let data = aya::maps::MapData::from_pin(dir.join(lb_common::maps::CONNTRACK_V4)).unwrap();
+    let mut table: aya::maps::Array<_, lb_common::ConnBucketV4> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    let mut setup: Vec<Vec<(Ipv4Addr, u16)>> = Vec::new();
+    for (r, &region) in regions.iter().enumerate() {
+        let mut filled = vec![(lb_common::ConnBucketV4::default(), 0usize); buckets as usize];
+        let (mut full, mut flows) = (0, Vec::new());
+        for f in (0..1u32 << 20).map(|m| flow(1024 + 20_000 * r as u16, m)) {
+            let (bucket, used) = &mut filled[bucket_of(buckets, f.0, f.1) as usize];
+            if *used < lb_common::CONNTRACK_WAYS {
+                bucket.ways[*used] = entry(f, tag);
+                *used += 1;
+                flows.push(f);
+                full += usize::from(*used == lb_common::CONNTRACK_WAYS);
+                if full == buckets as usize {
+                    break;
+                }
+            }
+        }
+        assert_eq!(full, buckets as usize, "every bucket of region {region} filled");
+        for (i, (bucket, _)) in filled.iter().enumerate() {
+            table.set(region * buckets + i as u32, bucket, 0).unwrap();
+        }
+        setup.push(flows);
+    }
+    let busy_bucket = |(c, sport): (Ipv4Addr, u16)| bucket_of(buckets, c, sport).is_multiple_of(2);
+    // The writer's own flows, all of even buckets.
+    let pool: Vec<(Ipv4Addr, u16)> =
+        (0..1u32 << 20).map(|m| flow(50_000, m)).filter(|&f| busy_bucket(f)).take(32_768).collect();
+    // What may be carried from each region: a setup flow's entry or one of the writer's.
+    // Entries as their four words (`ConnEntryV4` has no `Hash`).
+    let words = |w: lb_common::ConnEntryV4| (w.src, w.dst, w.ports, w.tag);
+    let mut known: Vec<std::collections::HashSet<_>> =
+        setup.iter().map(|flows| flows.iter().map(|&f| words(entry(f, tag))).collect()).collect();
+    known[1].extend(pool.iter().map(|&f| words(entry(f, tag))));
+    // What must be: every setup flow of a bucket the writer never writes.
+    let quiet: Vec<Vec<_>> =
+        [setup[0].clone(), setup[1].iter().copied().filter(|&f| !busy_bucket(f)).collect()]
+            .map(|flows| flows.into_iter().map(|f| words(entry(f, tag))).collect())
+            .into();
+    // Per step: a new flow's handshake and first ACK (it enters its bucket), and an ACK of a
+    // setup flow of an even bucket (promoted, if still there).
+    let promoted: Vec<(Ipv4Addr, u16)> =
+        setup[1].iter().copied().filter(|&f| busy_bucket(f)).collect();
+    let frames: Vec<[Vec<u8>; 3]> = (0..pool.len())
+        .map(|k| {
+            let old = promoted[k * 7 % promoted.len()];
+            [vip_segment(pool[k], SYN), vip_segment(pool[k], ACK), vip_segment(old, ACK)]
+        })
+        .collect();
+
+    // The writer: on the busy CPU, until told to stop (or two minutes), noting when each run
+    // began and ended (nanoseconds from `base`) while a copy may be under way.
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    };
+    struct Stop(Arc<AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, Relaxed);
+        }
+    }
+    let (stop, copying) =
+        (Stop(Arc::new(AtomicBool::new(false))), Arc::new(AtomicBool::new(false)));
+    let base = std::time::Instant::now();
+    let writer = {
+        let (stop, copying) = (stop.0.clone(), copying.clone());
+        std::thread::spawn(move || {
+            netns::pin_current_thread(Some(busy)).expect("pin the writer");
+            let mut spans: Vec<(u64, u64)> = Vec::new();
+            let mut runs = 0u64;
+            let ns = || base.elapsed().as_nanos() as u64;
+            'out: for step in frames.iter().cycle() {
+                for frame in step {
+                    if stop.load(Relaxed) || base.elapsed() > std::time::Duration::from_secs(120) {
+                        break 'out;
+                    }
+                    let began = ns();
+                    assert_eq!(run_frame(&mut dp, frame).0, XDP_TX, "the writer's segment");
+                    if copying.load(Relaxed) {
+                        spans.push((began, ns()));
+                    }
+                    runs += 1;
+                }
+            }
+            (runs, spans)
+        })
+    };
+
+    let mut windows = Vec::new();
+    let (mut reread, mut left) = (0, 0);
+    let started = std::time::Instant::now();
+    while windows.len() < 8 && (windows.len() < 3 || started.elapsed().as_secs() < 30) {
+        let n = windows.len();
+        copying.store(true, Relaxed);
+        let new = Dataplane::load_beside(Some(dir), new_shape).expect("loads at another size");
+        let returned = base.elapsed();
+        copying.store(false, Relaxed);
+        let resized = new.pins_found().resized.expect("the IPv4 table was resized");
+        // The copy ends just before the load returns: it began `took` before, or later.
+        windows.push(((returned - resized.took).as_nanos() as u64, returned.as_nanos() as u64));
+        let ways = lb_common::CONNTRACK_WAYS as u64;
+        let v6 = u64::from(old_shape.v6_buckets) * ways;
+        assert_eq!(resized.v4_flows, (u64::from(buckets) * ways, u64::from(buckets) * 2 * ways));
+        assert_eq!(resized.v6_flows, (v6, v6), "copy {n}: the IPv6 table keeps its size");
+        // (c) Every way of the two regions was read full: each entry is counted once.
+        let t = resized.flows;
+        assert_eq!(t.dropped, 0, "copy {n}: a larger table drops nothing: {t:?}");
+        assert_eq!(t.carried + t.left, 2 * u64::from(buckets) * ways, "copy {n}: {t:?}");
+        // An entry is left behind only from a bucket read differently (never settled, or torn
+        // or mid-promotion in its first read): a way written while both reads of its region
+        // were under way would have to stall for the whole copy.
+        assert!(t.left <= ways * resized.buckets_reread, "copy {n}: {t:?}, {resized:?}");
+        reread += resized.buckets_reread;
+        left += t.left;
+
+        let new_buckets = new_shape.v4_buckets;
+        let mut carried = 0;
+        for (r, &region) in regions.iter().enumerate() {
+            let (mut seen, mut flows) = (std::collections::HashSet::new(), Vec::new());
+            for b in 0..new_buckets {
+                let got = new.maps().conntrack_v4.get(&(region * new_buckets + b), 0).unwrap();
+                for w in got.ways.iter().filter(|w| w.tag != 0) {
+                    // (b) Whole entries the test or the writer made, each once, in its bucket.
+                    assert!(
+                        known[r].contains(&words(*w)),
+                        "copy {n}: region {region}: {w:?} was never written"
+                    );
+                    seen.insert(words(*w));
+                    flows.push((w.src, w.dst, w.ports));
+                    assert_eq!(v4_hash(w) & (new_buckets - 1), b, "copy {n}: {w:?} in its bucket");
+                }
+            }
+            let carried_here = flows.len();
+            flows.sort_unstable();
+            flows.dedup();
+            assert_eq!(
+                flows.len(),
+                carried_here,
+                "copy {n}: region {region}: a flow carried twice"
+            );
+            // (a) Every flow of a bucket nothing wrote is carried.
+            let lost: Vec<_> = quiet[r].iter().filter(|w| !seen.contains(w)).collect();
+            assert!(
+                lost.is_empty(),
+                "copy {n}: region {region}: {} quiet flows lost: {:?}",
+                lost.len(),
+                &lost[..lost.len().min(4)]
+            );
+            carried += carried_here as u64;
+        }
+        assert_eq!(carried, t.carried, "copy {n}: the tally counts what the new table holds");
+        eprintln!(
+            "copy {n}: {t:?}, {} buckets read again, in {:?}",
+            resized.buckets_reread, resized.took
+        );
+    }
+    drop(stop);
+    let (runs, spans) = writer.join().expect("the writer ran every segment to the VIP");
+    // (d) The writer ran during each copy: runs that began after the copy began and ended
+    // before the load returned.
+    let during: Vec<usize> = windows
+        .iter()
+        .map(|&(from, to)| spans.iter().filter(|&&(b, e)| b >= from && e <= to).count())
+        .collect();
+    eprintln!(
+        "{} copies of {} + {} quiet flows: writer runs during each {during:?} ({runs} runs in all); {reread} buckets read again, {left} entries left behind",
+        windows.len(),
+        quiet[0].len(),
+        quiet[1].len()
+    );
+    assert!(during.iter().all(|&d| d > 0), "the writer ran during every copy: {during:?}");
+}
+
 /// [`one_vip`] as a UDP VIP on port 53: UDP flows enter the connection table at their first
 /// datagram.
 fn one_udp_vip(backends: &[(&str, u32)]) -> Config {

@@ -296,7 +296,9 @@ impl<T> Drop for Mapped<T> {
 }
 
 /// Copies the pinned table at `old_pin` (`old_entries` buckets, a region per CPU of `cpus`)
-/// into the new, empty table `new` (`new_buckets` per CPU), region by region.
+/// into the new, empty table `new` (`new_buckets` per CPU), region by region. Returns what
+/// became of the entries, and how many buckets [`settle`] read again (the running program
+/// changed them between the two reads of their region).
 pub(super) fn carry_table<B: Bucket>(
     old_pin: &Path,
     old_entries: u32,
@@ -304,7 +306,7 @@ pub(super) fn carry_table<B: Bucket>(
     cpus: u32,
     new_buckets: u32,
     hash: impl Fn(&B::Way) -> Option<u32>,
-) -> Result<ResizeTally, DataplaneError> {
+) -> Result<(ResizeTally, u64), DataplaneError> {
     let failed = |error| DataplaneError::TableCopy { path: old_pin.to_owned(), error };
     let old_map = aya::maps::MapData::from_pin(old_pin)
         .map_err(|error| DataplaneError::PinUnreadable { path: old_pin.to_owned(), error })?;
@@ -313,16 +315,18 @@ pub(super) fn carry_table<B: Bucket>(
     let (from, to) = ((old_entries / cpus) as usize, new_buckets as usize);
     let (mut region, mut again) = (vec![B::default(); from], vec![B::default(); from]);
     let mut placed = vec![B::default(); to];
-    let mut tally = ResizeTally::default();
+    let (mut tally, mut reread) = (ResizeTally::default(), 0);
     for cpu in 0..cpus as usize {
         old.read(cpu * from, &mut region);
         old.read(cpu * from, &mut again);
-        tally.left += settle(&old, cpu * from, &mut region, &again);
+        let (left, read_again) = settle(&old, cpu * from, &mut region, &again);
+        tally.left += left;
+        reread += read_again;
         placed.fill(B::default());
         tally += rehash_region(&region, &mut placed, &hash);
         into.write(cpu * to, &placed);
     }
-    Ok(tally)
+    Ok((tally, reread))
 }
 
 /// Reads of one bucket [`settle`] makes at most before it gives the bucket up.
@@ -332,7 +336,8 @@ const BUCKET_READS: usize = 4;
 /// program was not writing as they were read: a bucket read the same in `again` (read after
 /// it) stands; one read differently is read again until two reads in a row agree, at most
 /// [`BUCKET_READS`] reads in all, and a bucket that never settles is emptied. Returns the flows
-/// of the emptied buckets (of their last read), left behind.
+/// of the emptied buckets (of their last read), left behind, and how many buckets were read
+/// again.
 ///
 /// A way is four 32-bit stores (the tag last), and a promotion moves several ways: a bucket
 /// read mid-write may hold a way of two flows, or a flow twice ([`rehash_region`] keeps it
@@ -340,13 +345,14 @@ const BUCKET_READS: usize = 4;
 /// mid-write (an interrupt on the program's CPU) for as long as both reads took: a way torn so
 /// is carried over only if its hash still names its bucket, and the program checks each
 /// entry's backend and generation (and an IPv6 entry's VIP) before following it.
-fn settle<B: Bucket>(old: &Mapped<B>, first: usize, region: &mut [B], again: &[B]) -> u64 {
-    let mut left = 0;
+fn settle<B: Bucket>(old: &Mapped<B>, first: usize, region: &mut [B], again: &[B]) -> (u64, u64) {
+    let (mut left, mut again_read) = (0, 0);
     let mut reread = [B::default()];
     for (i, (bucket, next)) in region.iter_mut().zip(again).enumerate() {
         if bucket == next {
             continue;
         }
+        again_read += 1;
         *bucket = *next;
         let mut settled = false;
         for _ in 2..BUCKET_READS {
@@ -362,7 +368,7 @@ fn settle<B: Bucket>(old: &Mapped<B>, first: usize, region: &mut [B], again: &[B
             *bucket = B::default();
         }
     }
-    left
+    (left, again_read)
 }
 
 /// A connection table pinned at another size than this start's, whose flows are copied into
@@ -399,16 +405,20 @@ pub(super) fn carry_over(
         if name == lb_common::maps::CONNTRACK_V4 {
             done.v4_flows.0 = flows;
             let new = maps.conntrack_v4.map().fd().as_fd();
-            done.flows +=
+            let (tally, reread) =
                 carry_table::<ConnBucketV4>(&pin, entries, new, cpus, shape.v4_buckets, v4_hash)?;
+            done.flows += tally;
+            done.buckets_reread += reread;
         } else {
             assert_eq!(name, lb_common::maps::CONNTRACK, "only the connection tables are resized");
             done.v6_flows.0 = flows;
             let new = maps.conntrack.map().fd().as_fd();
-            done.flows +=
+            let (tally, reread) =
                 carry_table::<ConnBucket>(&pin, entries, new, cpus, shape.v6_buckets, |w| {
                     v6_hash(v6_vips, w)
                 })?;
+            done.flows += tally;
+            done.buckets_reread += reread;
         }
     }
     done.took = started.elapsed();
@@ -425,6 +435,9 @@ pub struct TablesResized {
     pub v6_flows: (u64, u64),
     /// What happened to the entries of both tables.
     pub flows: ResizeTally,
+    /// Buckets read again because the old program changed them between the two reads of their
+    /// region ([`settle`]): how much it wrote the tables while they were copied.
+    pub buckets_reread: u64,
     /// How long the copy took (the old program forwarded meanwhile).
     pub took: Duration,
 }
@@ -640,6 +653,7 @@ mod tests {
             v4_flows: (4096, 8192),
             v6_flows: (4096, 8192),
             flows: ResizeTally { carried: 10, dropped: 2, left: 0 },
+            buckets_reread: 0,
             took: Duration::from_millis(3),
         };
         assert!(
