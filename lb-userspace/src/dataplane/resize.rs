@@ -48,7 +48,7 @@ use super::DataplaneError;
 
 /// A connection-table bucket, as the copy sees it: [`CONNTRACK_WAYS`] ways, most recently used
 /// first, an empty way all zero (tag 0).
-pub(super) trait Bucket: Copy + Default + PartialEq {
+pub(super) trait Bucket: aya::Pod + Default + PartialEq {
     /// One way.
     type Way: Copy;
     /// The ways, most recently used first.
@@ -239,9 +239,13 @@ struct Mapped<T> {
     ptr: NonNull<T>,
     entries: usize,
     bytes: usize,
+    /// Mapped writable ([`Mapped::write`] may be called)?
+    writable: bool,
 }
 
-impl<T: Copy> Mapped<T> {
+/// `aya::Pod`: plain data, for which any bytes (those another CPU's program left half
+/// written, too) are a value.
+impl<T: aya::Pod> Mapped<T> {
     /// Maps the `entries` values of the array map `fd`, read-only or writable.
     #[allow(unsafe_code)]
     fn map(fd: BorrowedFd<'_>, entries: u32, writable: bool) -> std::io::Result<Mapped<T>> {
@@ -260,7 +264,7 @@ impl<T: Copy> Mapped<T> {
             return Err(std::io::Error::last_os_error());
         }
         let ptr = NonNull::new(ptr.cast()).ok_or_else(|| std::io::Error::other("mmap gave 0"))?;
-        Ok(Mapped { ptr, entries, bytes })
+        Ok(Mapped { ptr, entries, bytes, writable })
     }
 
     /// Copies values `first..first + out.len()` into `out`. Volatile reads: the running program
@@ -270,7 +274,7 @@ impl<T: Copy> Mapped<T> {
         assert!(first + out.len() <= self.entries, "within the map");
         for (i, v) in out.iter_mut().enumerate() {
             // SAFETY: in bounds of the live mapping (checked above), page-aligned at its start
-            // and `T`-sized steps after; `T` is plain data (any bytes are a value).
+            // and `T`-sized steps after; `T` is `Pod` (any bytes are a value).
             *v = unsafe { self.ptr.as_ptr().add(first + i).read_volatile() };
         }
     }
@@ -278,6 +282,7 @@ impl<T: Copy> Mapped<T> {
     /// Writes `from` into values `first..first + from.len()` (of a map opened writable).
     #[allow(unsafe_code)]
     fn write(&mut self, first: usize, from: &[T]) {
+        assert!(self.writable, "a mapping written to is mapped writable");
         assert!(first + from.len() <= self.entries, "within the map");
         // SAFETY: in bounds of the live, writable mapping (checked above); no program runs
         // with this map yet, and nothing in this process holds a reference into it.
