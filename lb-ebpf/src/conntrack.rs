@@ -464,8 +464,13 @@ extern "C" fn search_step<B: Bucket>(cpu: u64, ctx: *mut c_void) -> i64 {
         return 1; // past the last CPU's region
     };
     s.reads += 1;
-    // SAFETY: a bucket in another CPU's region, which that CPU may be writing: only a copy of
-    // the entry is kept, and the caller validates it (`valid`) before use.
+    // SAFETY: a bucket in another CPU's region, which that CPU may be writing meanwhile. In
+    // Rust's model that makes this shared reference a data race; in BPF each read through it
+    // is one load of a word, which that CPU's stores never tear. A way read as it changes gives
+    // a flow not found, or an entry of another flow: only a copy is kept, and the caller checks
+    // its backend and generation (`valid`) before use, so the worst is one packet placed by a
+    // stale but live entry. Volatile copies of the ways would say this in the code, at the
+    // price of stack the program, at 496 of the verifier's 512 bytes, has little of.
     match unsafe { &*other }.find(&s.key, s.vip) {
         Some((_, conn, ended)) => {
             s.found = Some((conn, ended));
