@@ -471,7 +471,8 @@ impl Socket {
     /// close saw reading ([`Shared::took_more`]) gets [`HANDED_READER_TIMEOUT`], ten minutes
     /// (or its stall time, if longer), a generous bound on an orphan; one not seen taking more
     /// than once (one that reads nothing, or a close that had not waited and looked yet, as one
-    /// lingering has not) gets the stall time: the bounded orphan this is for.
+    /// lingering has not) gets the stall time, ten minutes at most (a relay's is its tunnel
+    /// timeout, up to a day): the bounded orphan this is for.
     ///
     /// What the peer sent that nobody read (a request sent behind a `Connection: close`
     /// answer) is read and dropped first ([`Socket::discard_unread`]): Linux resets a
@@ -557,9 +558,11 @@ fn queued(info: &libc::tcp_info) -> bool {
 /// The TCP_USER_TIMEOUT of a connection handed to the kernel ([`Socket::hand_to_kernel`])
 /// whose stall time is `stall`, its close's looks having seen its peer take more `took_more`
 /// times: [`HANDED_READER_TIMEOUT`] (or `stall`, if longer) for a peer seen reading, at two
-/// looks at least; `stall` for one that was not.
+/// looks at least; `stall` for one that was not, but never more than
+/// [`HANDED_READER_TIMEOUT`]: a relay's stall time is its tunnel timeout (up to a day), and a
+/// peer that reads nothing is not to keep an orphan that long after the process is gone.
 fn handed_timeout(stall: Duration, took_more: u8) -> Duration {
-    if took_more >= 2 { stall.max(HANDED_READER_TIMEOUT) } else { stall }
+    if took_more >= 2 { stall.max(HANDED_READER_TIMEOUT) } else { stall.min(HANDED_READER_TIMEOUT) }
 }
 
 /// What the looks at a waiting send's peer saw so far (see [`Socket::send_all_with`]).
@@ -881,7 +884,7 @@ mod tests {
 
     /// A handed connection whose peer was seen reading (two looks at least) gets the reader's
     /// timeout, or its stall time if longer; one seen taking more once, or never, its stall
-    /// time.
+    /// time, but no more than the reader's timeout (a relay's tunnel timeout may be a day).
     #[test]
     fn a_handed_timeout_is_the_readers_for_a_peer_seen_reading() {
         let s = Duration::from_secs;
@@ -889,5 +892,8 @@ mod tests {
         assert_eq!(handed_timeout(s(3600), 2), s(3600));
         assert_eq!(handed_timeout(s(1), 1), s(1));
         assert_eq!(handed_timeout(s(1), 0), s(1));
+        assert_eq!(handed_timeout(s(86_400), 0), HANDED_READER_TIMEOUT);
+        assert_eq!(handed_timeout(s(86_400), 1), HANDED_READER_TIMEOUT);
+        assert_eq!(handed_timeout(HANDED_READER_TIMEOUT, 0), HANDED_READER_TIMEOUT);
     }
 }
