@@ -43,12 +43,16 @@ struct Shared {
     /// all with the kernel, so a stop's drain deadline hands it to the kernel rather than
     /// resetting it ([`Socket::end_at_deadline`]).
     closing: Cell<bool>,
-    /// How many of its close's looks at the peer ([`Socket::wait_delivered`]) saw it take
-    /// more, up to 2: one that took more at two looks at least is reading, and a handover gets
-    /// the kernel's timeout for a reader ([`Socket::hand_to_kernel`]). Not one look: what the
-    /// peer took first may only have filled the room its window had then (a client that reads
-    /// nothing took 2 KiB more 40 ms into the wait, and nothing after).
+    /// How many of its close's looks at the peer ([`Socket::wait_delivered`], and a lingering
+    /// close's, [`Socket::look_lingering`]) saw it take more, up to 2: one that took more at
+    /// two looks at least is reading, and a handover gets the kernel's timeout for a reader
+    /// ([`Socket::hand_to_kernel`]). Not one look: what the peer took first may only have
+    /// filled the room its window had then (a client that reads nothing took 2 KiB more 40 ms
+    /// into the wait, and nothing after).
     took_more: Cell<u8>,
+    /// The bytes the peer had acknowledged at a lingering close's last look
+    /// ([`Socket::look_lingering`]); `None` before its first (or if the kernel does not say).
+    lingered: Cell<Option<u64>>,
     /// Ended at a stop's drain deadline already ([`Socket::end_at_deadline`]).
     ended: Cell<bool>,
 }
@@ -92,6 +96,7 @@ impl Socket {
             acked: Cell::new(0),
             closing: Cell::new(false),
             took_more: Cell::new(0),
+            lingered: Cell::new(None),
             ended: Cell::new(false),
         }))
     }
@@ -410,13 +415,34 @@ impl Socket {
             }
             let now = acked_of(&info, len);
             if now != acked {
-                self.0.took_more.set((self.0.took_more.get() + 1).min(2));
+                self.took_more();
                 acked = now;
                 cut = tokio::time::Instant::now() + stall;
             } else if tokio::time::Instant::now() >= cut {
                 self.abort();
                 return;
             }
+        }
+    }
+
+    /// Counts a look of its close that saw the peer take more ([`Shared::took_more`]).
+    fn took_more(&self) {
+        self.0.took_more.set((self.0.took_more.get() + 1).min(2));
+    }
+
+    /// Looks at the peer of a lingering close (`http::linger`: its answer complete, what the
+    /// client still sends read and dropped): has it acknowledged more since the look before?
+    /// Such a look counts as one of its close's ([`Shared::took_more`]), so that a stop's
+    /// deadline that comes while the close lingers hands a peer seen reading to the kernel
+    /// with the reader's timeout ([`handed_timeout`]), not its stall time: a slow reader of a
+    /// large answer, with a request pipelined behind it, was reset after the process exited.
+    /// The linger looks when it begins, and now and then while it lasts; the handover looks
+    /// once more ([`Socket::hand_to_kernel`]). One getsockopt(TCP_INFO): a linger is rare,
+    /// and an ordinary close does not look.
+    pub(crate) fn look_lingering(&self) {
+        let Some(now) = self.acked_bytes() else { return };
+        if self.0.lingered.replace(Some(now)).is_some_and(|before| now != before) {
+            self.took_more();
         }
     }
 
@@ -468,11 +494,12 @@ impl Socket {
     /// after the stop, one at 97 %). And that clock may have run long before the handover, all
     /// through the answer's last sends and the close's wait, so no timeout sized from the
     /// handover on (the rest at the rate seen) can be trusted to outlast it. Hence a peer the
-    /// close saw reading ([`Shared::took_more`]) gets [`HANDED_READER_TIMEOUT`], ten minutes
-    /// (or its stall time, if longer), a generous bound on an orphan; one not seen taking more
-    /// than once (one that reads nothing, or a close that had not waited and looked yet, as one
-    /// lingering has not) gets the stall time, ten minutes at most (a relay's is its tunnel
-    /// timeout, up to a day): the bounded orphan this is for.
+    /// close saw reading ([`Shared::took_more`]: its wait's looks, or a lingering close's,
+    /// with one more here) gets [`HANDED_READER_TIMEOUT`], ten minutes (or its stall time, if
+    /// longer), a generous bound on an orphan; one not seen taking more than once (one that
+    /// reads nothing, or a close that had not waited and looked yet) gets the stall time, ten
+    /// minutes at most (a relay's is its tunnel timeout, up to a day): the bounded orphan this
+    /// is for.
     ///
     /// What the peer sent that nobody read (a request sent behind a `Connection: close`
     /// answer) is read and dropped first ([`Socket::discard_unread`]): Linux resets a
@@ -482,6 +509,9 @@ impl Socket {
     /// meanwhile refuses every call, and has nothing left to deliver.
     pub(crate) fn hand_to_kernel(&self) {
         self.discard_unread();
+        if self.0.lingered.get().is_some() {
+            self.look_lingering();
+        }
         let timeout = self.handed_timeout();
         let _ = self.with_sock(|s| s.set_tcp_user_timeout(Some(timeout)));
         let _ = self.shutdown(std::net::Shutdown::Both);
