@@ -2957,6 +2957,63 @@ fn a_stop_hands_a_lingering_close_whose_client_reads_nothing_to_the_kernel_for_i
     assert_eq!(read_to_end_of(&s), Err(std::io::ErrorKind::ConnectionReset));
 }
 
+/// A pooled backend connection that still holds the end of a request body its backend has not
+/// taken (the backend answered after the head and reads nothing more), closed by a stop as the
+/// proxy's thread ends, is handed to the kernel with its stall time (the idle timeout) as
+/// TCP_USER_TIMEOUT: its close waits in a task of its own, which the thread's runtime drops
+/// as it ends, and the kernel gives up on the backend within about that time. Before, the
+/// dropped task closed the socket plainly, an orphan the kernel went on probing for minutes.
+#[test]
+fn a_stop_hands_a_pooled_connection_its_backend_has_not_taken_all_of_to_the_kernel() {
+    let proxy_sides = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = proxy_sides.clone();
+    let b = serve_backend(move |s, reqs, stop| {
+        seen.lock().unwrap().push(s.peer_addr().unwrap());
+        // The head alone, a byte at a time: the body stays with the kernel, unread.
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if (&s).read(&mut byte).unwrap_or(0) == 0 {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        reqs.fetch_add(1, Ordering::Relaxed);
+        let _ = (&s).write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    // The stall time, well beyond the stop: the pool keeps the connection until then.
+    let mut p = proxy(&[(&b, 1)], "idle_timeout_ms = 3000", "");
+    let s = TcpStream::connect(p.addr).unwrap();
+    let body = 1usize << 20;
+    let head = format!("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {body}\r\n\r\n");
+    let writer = {
+        let s = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            (&s).write_all(head.as_bytes()).unwrap();
+            (&s).write_all(&vec![b'b'; body]).unwrap();
+        })
+    };
+    let resp = read_response(&mut BufReader::new(&s)).unwrap();
+    assert_eq!(resp.0, 200);
+    writer.join().unwrap();
+    let proxy_side = proxy_sides.lock().unwrap()[0];
+    let start = Instant::now();
+    while tx_queue(proxy_side, b.addr).is_none_or(|q| q < body as u64 / 2) {
+        assert!(start.elapsed() < Duration::from_secs(5), "the body waits for the backend");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Pooled by now (its body all with the kernel): the client is done with it.
+    std::thread::sleep(Duration::from_millis(200));
+    p.proxy.take().unwrap().shutdown(Duration::from_millis(500));
+    assert_eq!(inode(proxy_side, b.addr), Some(0), "the proxy's socket is the kernel's alone");
+    // The stall time (3 s) on the kernel's clock, begun before the stop: 5 s at most.
+    let gone = proxy_socket_gone(proxy_side, b.addr);
+    eprintln!("the kernel let the socket go {gone:?} after the stop");
+}
+
 /// Waits (5 s at most) until the proxy at `proxy` holds at least `bytes` for `client` in its
 /// socket's send queue (/proc/net/tcp's `tx_queue`): an answer the kernel's buffers take
 /// whole ([`QUEUED_ANSWER`]) is then all with the kernel within a moment, and the proxy's task

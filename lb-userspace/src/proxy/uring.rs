@@ -396,6 +396,23 @@ impl Socket {
         let _ = self.shutdown(std::net::Shutdown::Both);
     }
 
+    /// [`Socket::close_when_delivered`] in a task of its own, for a connection nobody waits
+    /// for any more (`http::upstream_pool::close_idle`). The close is begun at once, and a task
+    /// dropped before its close is done (its thread's runtime ends at a stop, the task maybe
+    /// never polled) hands the socket to the kernel ([`Socket::end_at_deadline`], via
+    /// [`Detached`]) rather than closing it plainly: plainly, it was an orphan with no
+    /// TCP_USER_TIMEOUT, probed for minutes when its peer read nothing.
+    pub(crate) fn close_detached(self) {
+        self.begin_close();
+        let close = Detached(Some(self));
+        tokio_uring::spawn(async move {
+            if let Some(s) = &close.0 {
+                s.close_when_delivered().await;
+            }
+            close.done();
+        });
+    }
+
     /// Waits, its sending side shut, until the kernel has sent the peer everything sent on this
     /// connection, or resets the connection once the peer took nothing for the stall time (see
     /// [`Socket::close_when_delivered`]).
@@ -769,6 +786,25 @@ impl Drop for Connecting {
     fn drop(&mut self) {
         if let Some(s) = &self.0 {
             let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// A detached close under way ([`Socket::close_detached`]): dropped before [`Detached::done`]
+/// (its task dropped with its runtime), it hands the socket to the kernel.
+struct Detached(Option<Socket>);
+
+impl Detached {
+    /// The close is done: nothing to hand over.
+    fn done(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if let Some(s) = &self.0 {
+            s.end_at_deadline();
         }
     }
 }

@@ -149,14 +149,14 @@ pub(super) fn close(s: &Socket) {
 /// before the last clone goes. Should the backend not have acknowledged everything sent to it
 /// yet ([`Socket::unacknowledged`]: the end of a request body still on its way), an ordinary close
 /// instead, as a reset would throw that away, once the kernel has sent them all, in a task of
-/// its own ([`Socket::close_when_delivered`]: reset once the backend took none of them for the
+/// its own ([`Socket::close_detached`]: reset once the backend took none of them for the
 /// socket's stall time, the idle timeout, rather than left to the kernel, which would probe a
-/// backend that reads nothing for minutes). A connection closed mid-exchange never comes here,
+/// backend that reads nothing for minutes; handed to the kernel with that as TCP_USER_TIMEOUT
+/// should the thread end first, as it does at a stop). A connection closed mid-exchange never comes here,
 /// nor one the backend closes itself ([`close_after_backend`]).
 pub(super) fn close_idle(s: &Socket) {
     if s.unacknowledged() {
-        let s = s.clone();
-        tokio_uring::spawn(async move { s.close_when_delivered().await });
+        s.clone().close_detached();
     } else {
         s.abort();
     }
