@@ -388,8 +388,14 @@ impl Socket {
     /// within a round trip or so, and must not hold its connection for a quarter of the idle
     /// timeout. A timer per look: a close that waits is rare.
     pub(crate) async fn close_when_delivered(&self) {
+        self.close_delivered(self.unsent()).await;
+    }
+
+    /// [`Socket::close_when_delivered`], whose caller has looked whether the kernel holds
+    /// bytes it has not sent the peer yet (`unsent`, [`Socket::unsent`]).
+    async fn close_delivered(&self, unsent: bool) {
         self.begin_close();
-        if self.unsent() {
+        if unsent {
             let _ = self.shutdown(std::net::Shutdown::Write);
             self.wait_delivered().await;
         }
@@ -397,17 +403,19 @@ impl Socket {
     }
 
     /// [`Socket::close_when_delivered`] in a task of its own, for a connection nobody waits
-    /// for any more (`http::upstream_pool::close_idle`). The close is begun at once, and a task
+    /// for any more (`http::upstream_pool::close_idle`), whose caller has looked whether the
+    /// kernel holds bytes it has not sent the peer yet (`unsent`: [`Unacked::Unsent`]). The
+    /// close is begun at once, and a task
     /// dropped before its close is done (its thread's runtime ends at a stop, the task maybe
     /// never polled) hands the socket to the kernel ([`Socket::end_at_deadline`], via
     /// [`Detached`]) rather than closing it plainly: plainly, it was an orphan with no
     /// TCP_USER_TIMEOUT, probed for minutes when its peer read nothing.
-    pub(crate) fn close_detached(self) {
+    pub(crate) fn close_detached(self, unsent: bool) {
         self.begin_close();
         let close = Detached(Some(self));
         tokio_uring::spawn(async move {
             if let Some(s) = &close.0 {
-                s.close_when_delivered().await;
+                s.close_delivered(unsent).await;
             }
             close.done();
         });
@@ -574,12 +582,29 @@ impl Socket {
     }
 
     /// Does the kernel still hold bytes sent on this connection that its peer has not
-    /// acknowledged (sent or not yet), on a connection still up? Closed at once, such a
-    /// connection would throw them away (`http::upstream_pool::close_idle`). One
-    /// getsockopt(TCP_INFO).
-    pub(crate) fn unacknowledged(&self) -> bool {
-        crate::tcp_info::get(&self.0.stream).is_ok_and(|(info, _)| queued(&info))
+    /// acknowledged (sent or not yet), on a connection still up, and are some of them not sent
+    /// yet? Closed at once, such a connection would throw them away
+    /// (`http::upstream_pool::close_idle`), and its close waits if some are unsent
+    /// ([`Socket::close_detached`]). One getsockopt(TCP_INFO), for both.
+    pub(crate) fn unacknowledged(&self) -> Unacked {
+        match crate::tcp_info::get(&self.0.stream) {
+            Ok((info, _)) if unsent_in(&info) => Unacked::Unsent,
+            Ok((info, _)) if queued(&info) => Unacked::Sent,
+            _ => Unacked::Nothing,
+        }
     }
+}
+
+/// What the kernel holds of the bytes sent on a connection that its peer has not acknowledged
+/// ([`Socket::unacknowledged`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Unacked {
+    /// Nothing (or the connection is down, or the kernel did not say).
+    Nothing,
+    /// Some, all sent, on their way or waiting for the peer's acknowledgement.
+    Sent,
+    /// Some not sent yet (the peer's window closed on them).
+    Unsent,
 }
 
 /// The bytes a connection's peer has acknowledged, from its TCP_INFO `info` of `len` bytes (as

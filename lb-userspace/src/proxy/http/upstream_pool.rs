@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use super::{READ_CHUNK, read_more};
 use crate::proxy::{
     balance::{Member, Pool},
-    uring::{Armed, Socket},
+    uring::{Armed, Socket, Unacked},
 };
 
 /// Pooled connections idle longer than this are not reused (backends time out idle keep-alive
@@ -155,10 +155,9 @@ pub(super) fn close(s: &Socket) {
 /// should the thread end first, as it does at a stop). A connection closed mid-exchange never comes here,
 /// nor one the backend closes itself ([`close_after_backend`]).
 pub(super) fn close_idle(s: &Socket) {
-    if s.unacknowledged() {
-        s.clone().close_detached();
-    } else {
-        s.abort();
+    match s.unacknowledged() {
+        Unacked::Nothing => s.abort(),
+        held => s.clone().close_detached(held == Unacked::Unsent),
     }
 }
 
@@ -565,7 +564,8 @@ mod tests {
             // More than the peer's window, less than the proxy's send buffer takes.
             let sent = tokio::time::timeout(Duration::from_secs(5), s.send_all(vec![7u8; SENT]));
             sent.await.expect("the send buffer takes it").unwrap();
-            assert!(s.unacknowledged(), "bytes the peer has not acknowledged");
+            let held = s.unacknowledged();
+            assert_ne!(held, Unacked::Nothing, "bytes the peer has not acknowledged");
             close_idle(&s);
             drop(s);
             // Read on a thread of its own: the close waits in a task of this runtime.
