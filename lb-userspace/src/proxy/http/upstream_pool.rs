@@ -152,8 +152,8 @@ pub(super) fn close(s: &Socket) {
 /// its own ([`Socket::close_detached`]: reset once the backend took none of them for the
 /// socket's stall time, the idle timeout, rather than left to the kernel, which would probe a
 /// backend that reads nothing for minutes; handed to the kernel with that as TCP_USER_TIMEOUT
-/// should the thread end first, as it does at a stop). A connection closed mid-exchange never comes here,
-/// nor one the backend closes itself ([`close_after_backend`]).
+/// should the thread end first, as it does at a stop). A connection closed mid-exchange never
+/// comes here, nor one the backend closes itself ([`close_after_backend`]).
 pub(super) fn close_idle(s: &Socket) {
     match s.unacknowledged() {
         Unacked::Nothing => s.abort(),
