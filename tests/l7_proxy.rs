@@ -2935,6 +2935,85 @@ fn a_stop_hands_a_closing_connection_whose_client_reads_nothing_to_the_kernel_fo
     assert_eq!(read_to_end_of(&s), Err(std::io::ErrorKind::ConnectionReset));
 }
 
+/// A client that reads nothing of a `Connection: close` answer with a request pipelined behind
+/// it, stopped while the proxy's close lingers, is handed to the kernel with its stall time
+/// too, as a close that waits for it is: what its window took as the linger began is not
+/// reading, though the linger's looks count what the client acknowledges (see
+/// [`a_stop_gives_a_steady_slow_reader_in_a_lingering_close_the_time_the_rest_takes_it`]).
+#[test]
+fn a_stop_hands_a_lingering_close_whose_client_reads_nothing_to_the_kernel_for_its_stall_time() {
+    let b = backend("big", Mode::Big(QUEUED_ANSWER));
+    let mut p = proxy(&[(&b, 1)], "idle_timeout_ms = 3000\nrequest_timeout_ms = 600000", "");
+    let s = connect_small_window(p.addr, 4096);
+    let two = "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\nGET /next HTTP/1.1\r\nHost: t\r\n\r\n";
+    (&s).write_all(two.as_bytes()).unwrap();
+    let client = s.local_addr().unwrap();
+    answer_queued(p.addr, client, QUEUED_ANSWER as u64 / 2);
+    p.proxy.take().unwrap().shutdown(Duration::from_millis(500));
+    assert_eq!(inode(p.addr, client), Some(0), "the proxy's socket is the kernel's alone");
+    // The stall time (3 s) on the kernel's clock, begun before the stop: 5 s at most.
+    let gone = proxy_socket_gone(p.addr, client);
+    eprintln!("the kernel let the socket go {gone:?} after the stop");
+    assert_eq!(read_to_end_of(&s), Err(std::io::ErrorKind::ConnectionReset));
+}
+
+/// A pooled backend connection that still holds the end of a request body its backend has not
+/// taken (the backend answered after the head and reads nothing more), closed by a stop as the
+/// proxy's thread ends, is handed to the kernel with its stall time (the idle timeout) as
+/// TCP_USER_TIMEOUT: its close waits in a task of its own, which the thread's runtime drops
+/// as it ends, and the kernel gives up on the backend within about that time. Before, the
+/// dropped task closed the socket plainly, an orphan the kernel went on probing for minutes.
+#[test]
+fn a_stop_hands_a_pooled_connection_its_backend_has_not_taken_all_of_to_the_kernel() {
+    let proxy_sides = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = proxy_sides.clone();
+    let b = serve_backend(move |s, reqs, stop| {
+        seen.lock().unwrap().push(s.peer_addr().unwrap());
+        // The head alone, a byte at a time: the body stays with the kernel, unread.
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if (&s).read(&mut byte).unwrap_or(0) == 0 {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        reqs.fetch_add(1, Ordering::Relaxed);
+        let _ = (&s).write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    // The stall time, well beyond the stop: the pool keeps the connection until then.
+    let mut p = proxy(&[(&b, 1)], "idle_timeout_ms = 3000", "");
+    let s = TcpStream::connect(p.addr).unwrap();
+    let body = 1usize << 20;
+    let head = format!("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {body}\r\n\r\n");
+    let writer = {
+        let s = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            (&s).write_all(head.as_bytes()).unwrap();
+            (&s).write_all(&vec![b'b'; body]).unwrap();
+        })
+    };
+    let resp = read_response(&mut BufReader::new(&s)).unwrap();
+    assert_eq!(resp.0, 200);
+    writer.join().unwrap();
+    let proxy_side = proxy_sides.lock().unwrap()[0];
+    let start = Instant::now();
+    while tx_queue(proxy_side, b.addr).is_none_or(|q| q < body as u64 / 2) {
+        assert!(start.elapsed() < Duration::from_secs(5), "the body waits for the backend");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Pooled by now (its body all with the kernel): the client is done with it.
+    std::thread::sleep(Duration::from_millis(200));
+    p.proxy.take().unwrap().shutdown(Duration::from_millis(500));
+    assert_eq!(inode(proxy_side, b.addr), Some(0), "the proxy's socket is the kernel's alone");
+    // The stall time (3 s) on the kernel's clock, begun before the stop: 5 s at most.
+    let gone = proxy_socket_gone(proxy_side, b.addr);
+    eprintln!("the kernel let the socket go {gone:?} after the stop");
+}
+
 /// Waits (5 s at most) until the proxy at `proxy` holds at least `bytes` for `client` in its
 /// socket's send queue (/proc/net/tcp's `tx_queue`): an answer the kernel's buffers take
 /// whole ([`QUEUED_ANSWER`]) is then all with the kernel within a moment, and the proxy's task
@@ -3114,6 +3193,55 @@ fn a_stop_gives_a_steady_slow_reader_the_time_the_rest_takes_it() {
 /// The answer of [`a_stop_gives_a_steady_slow_reader_the_time_the_rest_takes_it`]: all in the
 /// kernel's buffers at once, and some 7.5 s of reading at its reader's pace.
 const STEADY_ANSWER: usize = 300_000;
+
+/// A steady slow reader of a `Connection: close` answer with a request pipelined behind it,
+/// stopped while the proxy's close still lingers (reading and dropping what the client sends
+/// after the answer, for the idle timeout at most: 2 s), gets all of the answer, though the rest
+/// takes it several stall times after the handover: the linger's looks at the bytes the client
+/// acknowledged see it reading, and the handed connection gets the reader's timeout. Before,
+/// a linger looked at nothing, and the handover gave the connection the stall time alone, on
+/// the kernel's clock, which reset the reader after the process was gone.
+#[test]
+fn a_stop_gives_a_steady_slow_reader_in_a_lingering_close_the_time_the_rest_takes_it() {
+    let b = backend("big", Mode::Big(STEADY_ANSWER));
+    let l7 = format!("idle_timeout_ms = {SLOW_STALL}\nrequest_timeout_ms = 600000");
+    let mut p = proxy(&[(&b, 1)], &l7, "");
+    let s = connect_small_window(p.addr, SLOW_WINDOW);
+    let two = "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\nGET /next HTTP/1.1\r\nHost: t\r\n\r\n";
+    (&s).write_all(two.as_bytes()).unwrap();
+    let client = s.local_addr().unwrap();
+    // 4 KiB every 100 ms to the end, however long that takes.
+    let reader = std::thread::spawn(move || {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (mut got, mut chunk) = (Vec::new(), [0u8; 4096]);
+        let end = loop {
+            std::thread::sleep(Duration::from_millis(100));
+            match (&s).read(&mut chunk) {
+                Ok(0) => break Ok(()),
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(e) => break Err(e),
+            }
+        };
+        ((got, end), Instant::now())
+    });
+    // Queued at once, and the linger begun with it: the stop's deadline (500 ms on) comes
+    // well within the linger's 2 s, with some 6 s of the answer left at the reader's pace.
+    answer_queued(p.addr, client, STEADY_ANSWER as u64 * 2 / 3);
+    p.proxy.take().unwrap().shutdown(Duration::from_millis(500));
+    let stopped = Instant::now();
+    assert_eq!(inode(p.addr, client), Some(0), "the proxy's socket is the kernel's alone");
+    let ((got, end), done) = reader.join().unwrap();
+    let after = done - stopped;
+    assert!(end.is_ok(), "{end:?} after {} bytes, {after:?} after the stop", got.len());
+    let head = got.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
+    assert_eq!(got.len() - head, STEADY_ANSWER, "the whole body, and only it");
+    assert!(got.ends_with(b"xxxx"), "the body's end");
+    assert_eq!(b.reqs.load(Ordering::Relaxed), 1, "the pipelined request went nowhere");
+    assert!(
+        after > Duration::from_millis(2500),
+        "the rest took longer than the stall time: {after:?}"
+    );
+}
 
 /// A TCP-mode relay whose both directions are done (the client half-closed, the backend sent
 /// everything and closed), its client still slowly taking the end of what the kernel holds for

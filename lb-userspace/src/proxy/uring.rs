@@ -43,12 +43,16 @@ struct Shared {
     /// all with the kernel, so a stop's drain deadline hands it to the kernel rather than
     /// resetting it ([`Socket::end_at_deadline`]).
     closing: Cell<bool>,
-    /// How many of its close's looks at the peer ([`Socket::wait_delivered`]) saw it take
-    /// more, up to 2: one that took more at two looks at least is reading, and a handover gets
-    /// the kernel's timeout for a reader ([`Socket::hand_to_kernel`]). Not one look: what the
-    /// peer took first may only have filled the room its window had then (a client that reads
-    /// nothing took 2 KiB more 40 ms into the wait, and nothing after).
+    /// How many of its close's looks at the peer ([`Socket::wait_delivered`], and a lingering
+    /// close's, [`Socket::look_lingering`]) saw it take more, up to 2: one that took more at
+    /// two looks at least is reading, and a handover gets the kernel's timeout for a reader
+    /// ([`Socket::hand_to_kernel`]). Not one look: what the peer took first may only have
+    /// filled the room its window had then (a client that reads nothing took 2 KiB more 40 ms
+    /// into the wait, and nothing after).
     took_more: Cell<u8>,
+    /// The bytes the peer had acknowledged at a lingering close's last look
+    /// ([`Socket::look_lingering`]); `None` before its first (or if the kernel does not say).
+    lingered: Cell<Option<u64>>,
     /// Ended at a stop's drain deadline already ([`Socket::end_at_deadline`]).
     ended: Cell<bool>,
 }
@@ -92,6 +96,7 @@ impl Socket {
             acked: Cell::new(0),
             closing: Cell::new(false),
             took_more: Cell::new(0),
+            lingered: Cell::new(None),
             ended: Cell::new(false),
         }))
     }
@@ -384,12 +389,37 @@ impl Socket {
     /// within a round trip or so, and must not hold its connection for a quarter of the idle
     /// timeout. A timer per look: a close that waits is rare.
     pub(crate) async fn close_when_delivered(&self) {
+        self.close_delivered(self.unsent()).await;
+    }
+
+    /// [`Socket::close_when_delivered`], whose caller has looked whether the kernel holds
+    /// bytes it has not sent the peer yet (`unsent`, [`Socket::unsent`]).
+    async fn close_delivered(&self, unsent: bool) {
         self.begin_close();
-        if self.unsent() {
+        if unsent {
             let _ = self.shutdown(std::net::Shutdown::Write);
             self.wait_delivered().await;
         }
         let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// [`Socket::close_when_delivered`] in a task of its own, for a connection nobody waits
+    /// for any more (`http::upstream_pool::close_idle`), whose caller has looked whether the
+    /// kernel holds bytes it has not sent the peer yet (`unsent`: [`Unacked::Unsent`]). The
+    /// close is begun at once, and a task
+    /// dropped before its close is done (its thread's runtime ends at a stop, the task maybe
+    /// never polled) hands the socket to the kernel ([`Socket::end_at_deadline`], via
+    /// [`Detached`]) rather than closing it plainly: plainly, it was an orphan with no
+    /// TCP_USER_TIMEOUT, probed for minutes when its peer read nothing.
+    pub(crate) fn close_detached(self, unsent: bool) {
+        self.begin_close();
+        let close = Detached(Some(self));
+        tokio_uring::spawn(async move {
+            if let Some(s) = &close.0 {
+                s.close_delivered(unsent).await;
+            }
+            close.done();
+        });
     }
 
     /// Waits, its sending side shut, until the kernel has sent the peer everything sent on this
@@ -411,13 +441,34 @@ impl Socket {
             }
             let now = acked_of(&info, len);
             if now != acked {
-                self.0.took_more.set((self.0.took_more.get() + 1).min(2));
+                self.took_more();
                 acked = now;
                 cut = tokio::time::Instant::now() + stall;
             } else if tokio::time::Instant::now() >= cut {
                 self.abort();
                 return;
             }
+        }
+    }
+
+    /// Counts a look of its close that saw the peer take more ([`Shared::took_more`]).
+    fn took_more(&self) {
+        self.0.took_more.set((self.0.took_more.get() + 1).min(2));
+    }
+
+    /// Looks at the peer of a lingering close (`http::linger`: its answer complete, what the
+    /// client still sends read and dropped): has it acknowledged more since the look before?
+    /// Such a look counts as one of its close's ([`Shared::took_more`]), so that a stop's
+    /// deadline that comes while the close lingers hands a peer seen reading to the kernel
+    /// with the reader's timeout ([`handed_timeout`]), not its stall time: a slow reader of a
+    /// large answer, with a request pipelined behind it, was reset after the process exited.
+    /// The linger looks when it begins, and now and then while it lasts; the handover looks
+    /// once more ([`Socket::hand_to_kernel`]). One getsockopt(TCP_INFO): a linger is rare,
+    /// and an ordinary close does not look.
+    pub(crate) fn look_lingering(&self) {
+        let Some(now) = self.acked_bytes() else { return };
+        if self.0.lingered.replace(Some(now)).is_some_and(|before| now != before) {
+            self.took_more();
         }
     }
 
@@ -469,10 +520,12 @@ impl Socket {
     /// after the stop, one at 97 %). And that clock may have run long before the handover, all
     /// through the answer's last sends and the close's wait, so no timeout sized from the
     /// handover on (the rest at the rate seen) can be trusted to outlast it. Hence a peer the
-    /// close saw reading ([`Shared::took_more`]) gets [`HANDED_READER_TIMEOUT`], ten minutes
-    /// (or its stall time, if longer), a generous bound on an orphan; one not seen taking more
-    /// than once (one that reads nothing, or a close that had not waited and looked yet, as one
-    /// lingering has not) gets the stall time: the bounded orphan this is for.
+    /// close saw reading ([`Shared::took_more`]: its wait's looks, or a lingering close's,
+    /// with one more here) gets [`HANDED_READER_TIMEOUT`], ten minutes (or its stall time, if
+    /// longer), a generous bound on an orphan; one not seen taking more than once (one that
+    /// reads nothing, or a close that had not waited and looked yet) gets the stall time, ten
+    /// minutes at most (a relay's is its tunnel timeout, up to a day): the bounded orphan this
+    /// is for.
     ///
     /// What the peer sent that nobody read (a request sent behind a `Connection: close`
     /// answer) is read and dropped first ([`Socket::discard_unread`]): Linux resets a
@@ -482,6 +535,9 @@ impl Socket {
     /// meanwhile refuses every call, and has nothing left to deliver.
     pub(crate) fn hand_to_kernel(&self) {
         self.discard_unread();
+        if self.0.lingered.get().is_some() {
+            self.look_lingering();
+        }
         let timeout = self.handed_timeout();
         let _ = self.with_sock(|s| s.set_tcp_user_timeout(Some(timeout)));
         let _ = self.shutdown(std::net::Shutdown::Both);
@@ -527,12 +583,29 @@ impl Socket {
     }
 
     /// Does the kernel still hold bytes sent on this connection that its peer has not
-    /// acknowledged (sent or not yet), on a connection still up? Closed at once, such a
-    /// connection would throw them away (`http::upstream_pool::close_idle`). One
-    /// getsockopt(TCP_INFO).
-    pub(crate) fn unacknowledged(&self) -> bool {
-        crate::tcp_info::get(&self.0.stream).is_ok_and(|(info, _)| queued(&info))
+    /// acknowledged (sent or not yet), on a connection still up, and are some of them not sent
+    /// yet? Closed at once, such a connection would throw them away
+    /// (`http::upstream_pool::close_idle`), and its close waits if some are unsent
+    /// ([`Socket::close_detached`]). One getsockopt(TCP_INFO), for both.
+    pub(crate) fn unacknowledged(&self) -> Unacked {
+        match crate::tcp_info::get(&self.0.stream) {
+            Ok((info, _)) if unsent_in(&info) => Unacked::Unsent,
+            Ok((info, _)) if queued(&info) => Unacked::Sent,
+            _ => Unacked::Nothing,
+        }
     }
+}
+
+/// What the kernel holds of the bytes sent on a connection that its peer has not acknowledged
+/// ([`Socket::unacknowledged`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Unacked {
+    /// Nothing (or the connection is down, or the kernel did not say).
+    Nothing,
+    /// Some, all sent, on their way or waiting for the peer's acknowledgement.
+    Sent,
+    /// Some not sent yet (the peer's window closed on them).
+    Unsent,
 }
 
 /// The bytes a connection's peer has acknowledged, from its TCP_INFO `info` of `len` bytes (as
@@ -558,9 +631,11 @@ fn queued(info: &libc::tcp_info) -> bool {
 /// The TCP_USER_TIMEOUT of a connection handed to the kernel ([`Socket::hand_to_kernel`])
 /// whose stall time is `stall`, its close's looks having seen its peer take more `took_more`
 /// times: [`HANDED_READER_TIMEOUT`] (or `stall`, if longer) for a peer seen reading, at two
-/// looks at least; `stall` for one that was not.
+/// looks at least; `stall` for one that was not, but never more than
+/// [`HANDED_READER_TIMEOUT`]: a relay's stall time is its tunnel timeout (up to a day), and a
+/// peer that reads nothing is not to keep an orphan that long after the process is gone.
 fn handed_timeout(stall: Duration, took_more: u8) -> Duration {
-    if took_more >= 2 { stall.max(HANDED_READER_TIMEOUT) } else { stall }
+    if took_more >= 2 { stall.max(HANDED_READER_TIMEOUT) } else { stall.min(HANDED_READER_TIMEOUT) }
 }
 
 /// What the looks at a waiting send's peer saw so far (see [`Socket::send_all_with`]).
@@ -737,6 +812,25 @@ impl Drop for Connecting {
     fn drop(&mut self) {
         if let Some(s) = &self.0 {
             let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// A detached close under way ([`Socket::close_detached`]): dropped before [`Detached::done`]
+/// (its task dropped with its runtime), it hands the socket to the kernel.
+struct Detached(Option<Socket>);
+
+impl Detached {
+    /// The close is done: nothing to hand over.
+    fn done(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if let Some(s) = &self.0 {
+            s.end_at_deadline();
         }
     }
 }
@@ -988,7 +1082,7 @@ mod tests {
 
     /// A handed connection whose peer was seen reading (two looks at least) gets the reader's
     /// timeout, or its stall time if longer; one seen taking more once, or never, its stall
-    /// time.
+    /// time, but no more than the reader's timeout (a relay's tunnel timeout may be a day).
     #[test]
     fn a_handed_timeout_is_the_readers_for_a_peer_seen_reading() {
         let s = Duration::from_secs;
@@ -996,5 +1090,8 @@ mod tests {
         assert_eq!(handed_timeout(s(3600), 2), s(3600));
         assert_eq!(handed_timeout(s(1), 1), s(1));
         assert_eq!(handed_timeout(s(1), 0), s(1));
+        assert_eq!(handed_timeout(s(86_400), 0), HANDED_READER_TIMEOUT);
+        assert_eq!(handed_timeout(s(86_400), 1), HANDED_READER_TIMEOUT);
+        assert_eq!(handed_timeout(HANDED_READER_TIMEOUT, 0), HANDED_READER_TIMEOUT);
     }
 }

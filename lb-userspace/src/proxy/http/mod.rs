@@ -315,15 +315,44 @@ async fn respond(s: &Socket, status: u16, head_request: bool) -> io::Result<()> 
 /// Every caller has sent its whole answer (or relayed stream) by then, so the close has begun
 /// ([`Socket::begin_close`]): a stop's drain deadline hands the connection to the kernel, which
 /// delivers the rest of the answer to a slow reader, rather than resetting it (what the client
-/// sent meanwhile is read and dropped first, so that the close is a FIN).
+/// sent meanwhile is read and dropped first, so that the close is a FIN). The linger looks at
+/// the bytes the client acknowledges as it begins, then [`LINGER_FIRST_LOOK`] later and at
+/// doubling intervals ([`Socket::look_lingering`]), so that such a handover gives a client
+/// seen reading the reader's timeout, not the stall time alone, which cut a slow reader of a
+/// large answer after the process exited.
 pub(super) async fn linger(client: &Socket, idle: Duration) {
     client.begin_close();
+    client.look_lingering();
     let _ = client.shutdown(std::net::Shutdown::Write);
     let end = tokio::time::Instant::now() + LINGER.min(idle);
+    let looks = async {
+        let mut every = LINGER_FIRST_LOOK;
+        loop {
+            tokio::time::sleep(every).await;
+            client.look_lingering();
+            every = (every * 2).min(LINGER_LOOKS_AT_MOST);
+        }
+    };
     // On the timeout the read stays pending until the socket is shut down, as `serve` does
     // next.
-    let _ = timeout_at(end, discard(client)).await;
+    let _ = timeout_at(end, async {
+        tokio::select! {
+            () = discard(client) => {}
+            () = looks => {}
+        }
+    })
+    .await;
 }
+
+/// How long after a lingering close begins it first looks at the bytes its client
+/// acknowledged since ([`linger`]): after the round trip or two in which a client that reads
+/// nothing may still take what room its window had, so that only a client reading takes more
+/// at two looks.
+const LINGER_FIRST_LOOK: Duration = Duration::from_millis(100);
+
+/// The longest interval between a lingering close's looks at its client ([`linger`]): a few
+/// looks over [`LINGER`], each a getsockopt, on a close that is rare.
+const LINGER_LOOKS_AT_MOST: Duration = Duration::from_secs(1);
 
 /// Reads and drops what the client sends until its side ends (or fails): the rest of a
 /// request body that is not passed on. Unbounded: callers bound it.

@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use super::{READ_CHUNK, read_more};
 use crate::proxy::{
     balance::{Member, Pool},
-    uring::{Armed, Socket},
+    uring::{Armed, Socket, Unacked},
 };
 
 /// Pooled connections idle longer than this are not reused (backends time out idle keep-alive
@@ -149,16 +149,15 @@ pub(super) fn close(s: &Socket) {
 /// before the last clone goes. Should the backend not have acknowledged everything sent to it
 /// yet ([`Socket::unacknowledged`]: the end of a request body still on its way), an ordinary close
 /// instead, as a reset would throw that away, once the kernel has sent them all, in a task of
-/// its own ([`Socket::close_when_delivered`]: reset once the backend took none of them for the
+/// its own ([`Socket::close_detached`]: reset once the backend took none of them for the
 /// socket's stall time, the idle timeout, rather than left to the kernel, which would probe a
-/// backend that reads nothing for minutes). A connection closed mid-exchange never comes here,
-/// nor one the backend closes itself ([`close_after_backend`]).
+/// backend that reads nothing for minutes; handed to the kernel with that as TCP_USER_TIMEOUT
+/// should the thread end first, as it does at a stop). A connection closed mid-exchange never
+/// comes here, nor one the backend closes itself ([`close_after_backend`]).
 pub(super) fn close_idle(s: &Socket) {
-    if s.unacknowledged() {
-        let s = s.clone();
-        tokio_uring::spawn(async move { s.close_when_delivered().await });
-    } else {
-        s.abort();
+    match s.unacknowledged() {
+        Unacked::Nothing => s.abort(),
+        held => s.clone().close_detached(held == Unacked::Unsent),
     }
 }
 
@@ -565,7 +564,8 @@ mod tests {
             // More than the peer's window, less than the proxy's send buffer takes.
             let sent = tokio::time::timeout(Duration::from_secs(5), s.send_all(vec![7u8; SENT]));
             sent.await.expect("the send buffer takes it").unwrap();
-            assert!(s.unacknowledged(), "bytes the peer has not acknowledged");
+            let held = s.unacknowledged();
+            assert_ne!(held, Unacked::Nothing, "bytes the peer has not acknowledged");
             close_idle(&s);
             drop(s);
             // Read on a thread of its own: the close waits in a task of this runtime.
