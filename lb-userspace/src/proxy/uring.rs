@@ -406,11 +406,11 @@ impl Socket {
     /// [`Socket::close_when_delivered`] in a task of its own, for a connection nobody waits
     /// for any more (`http::upstream_pool::close_idle`), whose caller has looked whether the
     /// kernel holds bytes it has not sent the peer yet (`unsent`: [`Unacked::Unsent`]). The
-    /// close is begun at once, and a task
-    /// dropped before its close is done (its thread's runtime ends at a stop, the task maybe
-    /// never polled) hands the socket to the kernel ([`Socket::end_at_deadline`], via
-    /// [`Detached`]) rather than closing it plainly: plainly, it was an orphan with no
-    /// TCP_USER_TIMEOUT, probed for minutes when its peer read nothing.
+    /// close is begun at once, and a task dropped before its close is done (its thread's
+    /// runtime ends at a stop, the task maybe never polled) hands the socket to the kernel
+    /// ([`Socket::end_at_deadline`], via [`Detached`]) rather than closing it plainly:
+    /// plainly, it was an orphan with no TCP_USER_TIMEOUT, probed for minutes when its peer
+    /// read nothing.
     pub(crate) fn close_detached(self, unsent: bool) {
         self.begin_close();
         let close = Detached(Some(self));
