@@ -39,9 +39,12 @@ use tracing_subscriber::{
 pub const QUEUE_LINES: usize = 16_384;
 
 /// How long a flush ([`flush`]) waits for the queue to be written out: at a stop, the last lines
-/// (the drain, "controller stopped") are written unless the reader is stalled, in which case
-/// the process still exits, its last lines lost, rather than hang (the writer itself gives up
-/// after about a second).
+/// (the drain, "controller stopped") are written unless the reader is stalled or slow, in which
+/// case the process still exits, its last lines lost, rather than hang. The writer itself gives
+/// up sooner: tracing-appender's guard waits 100 ms for room for its stop message behind the
+/// queue, then 1 s for the writer to reach it (saying so on stdout, not in the log, if it does
+/// not), so behind a full queue a reader taking fewer than some 16 000 lines a second loses the
+/// tail, the last lines among it.
 const FLUSH_WAIT: Duration = Duration::from_secs(2);
 
 /// The queue of this process's log, once [`init`] made one.
