@@ -3153,9 +3153,29 @@ fn a_stop_gives_a_steady_slow_reader_the_time_the_rest_takes_it() {
     let s = connect_small_window(p.addr, SLOW_WINDOW);
     (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
     let client = s.local_addr().unwrap();
-    // 4 KiB every 100 ms to the end, however long that takes (not `read_slowly`, whose slow
-    // pace ends after a while).
-    let reader = std::thread::spawn(move || {
+    let reader = read_steadily(s);
+    answer_queued(p.addr, client, STEADY_ANSWER as u64 * 2 / 3);
+    // Some 4 s of the answer left at the reader's 40 KB/s, as the stop begins.
+    let start = Instant::now();
+    while tx_queue(p.addr, client).is_some_and(|q| q > 160_000) {
+        assert!(start.elapsed() < Duration::from_secs(10), "the reader takes the answer");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    p.proxy.take().unwrap().shutdown(Duration::from_millis(500));
+    steady_reader_got_all(&p, client, reader);
+}
+
+/// The answer of [`a_stop_gives_a_steady_slow_reader_the_time_the_rest_takes_it`]: all in the
+/// kernel's buffers at once, and some 7.5 s of reading at its reader's pace.
+const STEADY_ANSWER: usize = 300_000;
+
+/// What a steady slow reader ([`read_steadily`]) got, and when it ended.
+type SteadyRead = std::thread::JoinHandle<((Vec<u8>, std::io::Result<()>), Instant)>;
+
+/// Reads `s` 4 KiB every 100 ms to its end, however long that takes (not `read_slowly`, whose
+/// slow pace ends after a while), on a thread of its own.
+fn read_steadily(s: TcpStream) -> SteadyRead {
+    std::thread::spawn(move || {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let (mut got, mut chunk) = (Vec::new(), [0u8; 4096]);
         let end = loop {
@@ -3167,32 +3187,26 @@ fn a_stop_gives_a_steady_slow_reader_the_time_the_rest_takes_it() {
             }
         };
         ((got, end), Instant::now())
-    });
-    answer_queued(p.addr, client, STEADY_ANSWER as u64 * 2 / 3);
-    // Some 4 s of the answer left at the reader's 40 KB/s, as the stop begins.
-    let start = Instant::now();
-    while tx_queue(p.addr, client).is_some_and(|q| q > 160_000) {
-        assert!(start.elapsed() < Duration::from_secs(10), "the reader takes the answer");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    p.proxy.take().unwrap().shutdown(Duration::from_millis(500));
+    })
+}
+
+/// Asserts, right after `p`'s stop, that its connection from `client` is the kernel's alone,
+/// and that the steady `reader` then got the whole [`STEADY_ANSWER`] and its clean end, later
+/// than the stall time after the stop.
+fn steady_reader_got_all(p: &Running, client: SocketAddr, reader: SteadyRead) {
     let stopped = Instant::now();
     assert_eq!(inode(p.addr, client), Some(0), "the proxy's socket is the kernel's alone");
     let ((got, end), done) = reader.join().unwrap();
     let after = done - stopped;
     assert!(end.is_ok(), "{end:?} after {} bytes, {after:?} after the stop", got.len());
     let head = got.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
-    assert_eq!(got.len() - head, STEADY_ANSWER, "the whole body");
+    assert_eq!(got.len() - head, STEADY_ANSWER, "the whole body, and only it");
     assert!(got.ends_with(b"xxxx"), "the body's end");
     assert!(
         after > Duration::from_millis(2500),
         "the rest took longer than the stall time: {after:?}"
     );
 }
-
-/// The answer of [`a_stop_gives_a_steady_slow_reader_the_time_the_rest_takes_it`]: all in the
-/// kernel's buffers at once, and some 7.5 s of reading at its reader's pace.
-const STEADY_ANSWER: usize = 300_000;
 
 /// A steady slow reader of a `Connection: close` answer with a request pipelined behind it,
 /// stopped while the proxy's close still lingers (reading and dropping what the client sends
@@ -3210,37 +3224,13 @@ fn a_stop_gives_a_steady_slow_reader_in_a_lingering_close_the_time_the_rest_take
     let two = "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\nGET /next HTTP/1.1\r\nHost: t\r\n\r\n";
     (&s).write_all(two.as_bytes()).unwrap();
     let client = s.local_addr().unwrap();
-    // 4 KiB every 100 ms to the end, however long that takes.
-    let reader = std::thread::spawn(move || {
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let (mut got, mut chunk) = (Vec::new(), [0u8; 4096]);
-        let end = loop {
-            std::thread::sleep(Duration::from_millis(100));
-            match (&s).read(&mut chunk) {
-                Ok(0) => break Ok(()),
-                Ok(n) => got.extend_from_slice(&chunk[..n]),
-                Err(e) => break Err(e),
-            }
-        };
-        ((got, end), Instant::now())
-    });
+    let reader = read_steadily(s);
     // Queued at once, and the linger begun with it: the stop's deadline (500 ms on) comes
     // well within the linger's 2 s, with some 6 s of the answer left at the reader's pace.
     answer_queued(p.addr, client, STEADY_ANSWER as u64 * 2 / 3);
     p.proxy.take().unwrap().shutdown(Duration::from_millis(500));
-    let stopped = Instant::now();
-    assert_eq!(inode(p.addr, client), Some(0), "the proxy's socket is the kernel's alone");
-    let ((got, end), done) = reader.join().unwrap();
-    let after = done - stopped;
-    assert!(end.is_ok(), "{end:?} after {} bytes, {after:?} after the stop", got.len());
-    let head = got.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
-    assert_eq!(got.len() - head, STEADY_ANSWER, "the whole body, and only it");
-    assert!(got.ends_with(b"xxxx"), "the body's end");
+    steady_reader_got_all(&p, client, reader);
     assert_eq!(b.reqs.load(Ordering::Relaxed), 1, "the pipelined request went nowhere");
-    assert!(
-        after > Duration::from_millis(2500),
-        "the rest took longer than the stall time: {after:?}"
-    );
 }
 
 /// A TCP-mode relay whose both directions are done (the client half-closed, the backend sent
