@@ -414,7 +414,7 @@ impl Socket {
     pub(crate) fn close_detached(self, unsent: bool) {
         self.begin_close();
         let close = Detached(Some(self));
-        tokio_uring::spawn(async move {
+        spawn(async move {
             if let Some(s) = &close.0 {
                 s.close_delivered(unsent).await;
             }
@@ -726,7 +726,7 @@ impl Watched {
         WATCH.with(|w| {
             let slot = w.sends.borrow_mut().insert((waker.clone(), w.tick.get() + every));
             if !w.ticking.replace(true) {
-                tokio_uring::spawn(tick());
+                spawn(tick());
             }
             Watched(slot)
         })
@@ -908,6 +908,9 @@ thread_local! {
     static ENDING: Cell<bool> = const { Cell::new(false) };
     /// Buffers [`Held`] leaked on this thread as its runtime ended.
     static KEPT: Cell<u64> = const { Cell::new(0) };
+    /// Has a task on this thread panicked since its runtime last ended ([`suspect_on_panic`],
+    /// [`end_runtime`])?
+    static SUSPECT: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Marks the end of a tokio-uring runtime's work on this thread when dropped: created first
@@ -928,6 +931,53 @@ impl RuntimeEnd {
 impl Drop for RuntimeEnd {
     fn drop(&mut self) {
         ENDING.with(|e| e.set(true));
+    }
+}
+
+/// Spawns `task`, a connection's or a detached one (not one of the thread's own, whose panic
+/// ends the process: `panics::or_exit_task`), on this thread's runtime, its panics seen
+/// ([`suspect_on_panic`]).
+pub(crate) fn spawn<F: Future + 'static>(task: F) -> tokio::task::JoinHandle<F::Output> {
+    tokio_uring::spawn(suspect_on_panic(task))
+}
+
+/// Runs `task`, marking this thread's runtime suspect ([`SUSPECT`]) if a poll of it panics,
+/// and then lets the panic go on as it would have: its runtime catches it and ends the task
+/// (and so the connection), the panic hook has logged and counted it. tokio-uring (0.5) may
+/// panic in `Driver::submit_op_2` after it has taken a slot for an operation the kernel never
+/// sees (an `io_uring_enter` failing other than with EBUSY or EINTR as it flushes a full
+/// submission queue); its driver's drop would wait for that operation for ever, and so would the
+/// thread's end and the stop joining it. That panic cannot be told apart from any other here, so
+/// any counts ([`end_runtime`]).
+async fn suspect_on_panic<F: Future>(task: F) -> F::Output {
+    let mut task = std::pin::pin!(task);
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task.as_mut().poll(cx))) {
+            Ok(polled) => polled,
+            Err(payload) => {
+                SUSPECT.with(|s| s.set(true));
+                std::panic::resume_unwind(payload)
+            }
+        }
+    })
+    .await
+}
+
+/// Ends `rt`, the runtime of thread `thread` whose work is done: drops it, unless a task on this
+/// thread panicked since ([`suspect_on_panic`]). Then its driver may hold an operation the kernel
+/// never saw, which its drop would wait for for ever: the runtime is left as it is (forgotten),
+/// with what it still holds (the operation's slot, a few KiB, and any connection still open)
+/// until the process exits, which follows a proxy's stop, and the kernel tears its io_uring
+/// down then.
+pub(crate) fn end_runtime(rt: tokio_uring::Runtime, thread: &str) {
+    if SUSPECT.with(|s| s.replace(false)) {
+        tracing::warn!(
+            thread,
+            "a task of L7 thread `{thread}` panicked (said above): its io_uring driver may hold an operation the kernel never saw, which dropping it would wait for for ever, so the thread's runtime is left as it is, and what it holds is freed as the process exits"
+        );
+        std::mem::forget(rt);
+    } else {
+        drop(rt);
     }
 }
 
@@ -1029,6 +1079,48 @@ mod tests {
             assert_eq!((n.unwrap(), &buf[..]), (1, &b"x"[..]));
         });
         assert_eq!(KEPT.with(Cell::get), before, "a completed receive's buffer is not kept");
+    }
+
+    /// A runtime one of whose tasks panicked is left at its end, not dropped: its driver may
+    /// wait for ever in its drop for an operation the kernel never saw ([`end_runtime`]). Seen
+    /// from the peer of a connection a task holds open: dropped, the runtime drops the task and
+    /// the connection ends (end of stream); left, it stays open. The panic goes on to the
+    /// runtime as before: the task's handle says it panicked.
+    #[test]
+    fn a_runtime_whose_task_panicked_is_left_at_its_end() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let ended = |panic: bool| {
+            let rt = tokio_uring::Runtime::new(&tokio_uring::builder()).unwrap();
+            let peer = rt.block_on(async {
+                let _end = RuntimeEnd::arm();
+                let long = Duration::from_secs(60);
+                let s = Socket::connect(addr, long, long).await.unwrap();
+                let peer = l.accept().unwrap().0;
+                // Holds the socket, waiting for bytes that never come.
+                let armed = s.recv_armed(BytesMut::new(), 64);
+                spawn(async move {
+                    let _s = s;
+                    let _ = armed.await;
+                });
+                if panic {
+                    let panicked = spawn(async { panic!("a task's fault (expected)") }).await;
+                    assert!(panicked.unwrap_err().is_panic(), "the runtime sees the panic");
+                }
+                peer
+            });
+            end_runtime(rt, "test");
+            peer.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            std::io::Read::read(&mut &peer, &mut [0u8; 1])
+        };
+        let left = ended(true);
+        assert!(
+            matches!(&left, Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)),
+            "the runtime is left, its connection open: {left:?}"
+        );
+        assert!(!SUSPECT.with(Cell::get), "the thread's next runtime starts unsuspected");
+        let dropped = ended(false);
+        assert_eq!(dropped.unwrap(), 0, "the runtime is dropped, its connection ended");
     }
 
     /// A peer that takes nothing is cut at the [`LOOKS_PER_STALL`]th look in a row that sees
