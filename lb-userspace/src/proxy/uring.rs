@@ -1123,6 +1123,39 @@ mod tests {
         assert_eq!(dropped.unwrap(), 0, "the runtime is dropped, its connection ended");
     }
 
+    /// Every task the proxy starts outside its tests goes through [`spawn`] (a panic makes the
+    /// thread's runtime suspect, [`end_runtime`]) or `panics::or_exit_task` (a panic ends the
+    /// process): a bare `tokio_uring::spawn` would let a panic leave a driver that hangs the
+    /// thread's end, and with it a stop.
+    #[test]
+    fn every_proxy_task_is_spawned_through_a_panic_wrapper() {
+        fn scan(dir: &std::path::Path, bare: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    scan(&path, bare);
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                // A file's unit tests come last, in its `mod tests`.
+                let code = text.split("#[cfg(test)]\nmod tests").next().unwrap();
+                for (i, line) in code.lines().enumerate() {
+                    let line = line.trim_start();
+                    if line.contains("tokio_uring::spawn(")
+                        && !line.starts_with("//")
+                        && !line.contains("or_exit_task(")
+                        && !line.starts_with("tokio_uring::spawn(suspect_on_panic(")
+                    {
+                        bare.push(format!("{}:{}: {line}", path.display(), i + 1));
+                    }
+                }
+            }
+        }
+        let mut bare = Vec::new();
+        scan(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/proxy"), &mut bare);
+        assert!(bare.is_empty(), "spawned without a panic wrapper: {bare:#?}");
+    }
+
     /// A peer that takes nothing is cut at the [`LOOKS_PER_STALL`]th look in a row that sees
     /// it take nothing, after the first look (which has nothing to compare with): at the same
     /// look every time, whatever the clock says between them.
