@@ -5362,3 +5362,178 @@ fn gro_is_read_from_the_kernel() {
     let missing = netns::in_netns(&ns, || edgelb::dataplane::netlink::gro_on("nosuch")).unwrap();
     assert!(missing.is_err(), "no such interface: {missing:?}");
 }
+
+/// An IPv4 VIP with an IPv4 backend and one with an IPv6 backend, under `mtu = 0` (no check).
+const NO_MTU_CONFIG: &str = r#"
+[node]
+interfaces = ["lo"]
+encap_source_v4 = "198.19.0.0/16"
+encap_source_v6 = "2001:2:0:ff::/96"
+mtu = 0
+
+[[vip]]
+name = "v4tcp"
+address = "198.18.1.1"
+port = 80
+backends = [{ address = "198.18.0.11", mac = "02:ed:00:00:00:11" }]
+
+[[vip]]
+name = "v4to6"
+address = "198.18.1.2"
+port = 80
+backends = [{ address = "2001:2::11", mac = "02:ed:00:00:00:11" }]
+"#;
+
+/// What became of a packet sent through the balancer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fate {
+    /// Encapsulated, its outer header saying this length (the whole outer IP packet).
+    Forwarded(usize),
+    /// Answered with frag-needed advertising this MTU.
+    Answered(u16),
+    /// Dropped as too big.
+    Dropped,
+}
+
+/// With `mtu = 0` (no MTU check), a packet that would be over 65 535 bytes once encapsulated
+/// is refused all the same, as a packet over any `mtu` is: it was sent with an outer IPv4
+/// length that had wrapped (a 65 520-byte packet went out saying 4 bytes) and counted as
+/// forwarded. BPF_PROG_TEST_RUN carries no 64 KiB frame to the program (it has no `xdp.frags`),
+/// so this runs it in generic mode on the `lo` of a namespace (MTU 65 536, as after GRO on a
+/// real interface), sends it raw IPv4 packets and watches what leaves with AF_PACKET.
+#[test]
+fn with_no_mtu_a_packet_too_big_to_encapsulate_is_refused() {
+    if !require_privileged("with_no_mtu_a_packet_too_big_to_encapsulate_is_refused") {
+        return;
+    }
+    let ns = format!("elbig{}", std::process::id());
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    assert!(
+        std::process::Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success()
+    );
+    let _cleanup = Cleanup(ns.clone());
+    for args in ["link set lo up", "addr add 198.18.1.1/32 dev lo", "addr add 198.18.1.2/32 dev lo"]
+    {
+        let ok = std::process::Command::new("ip")
+            .args(["-n", &ns])
+            .args(args.split(' '))
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip -n {ns} {args}");
+    }
+    let cfg = Config::parse(NO_MTU_CONFIG, "x".as_ref()).unwrap();
+    assert_eq!(cfg.node.mtu, 0);
+    netns::in_netns(&ns, || {
+        let mut dp = Dataplane::load(None).expect("loads");
+        dp.apply(&cfg).unwrap();
+        assert_eq!(dp.attach("lo", XdpAttachMode::Generic).expect("attaches"), "generic");
+        let capture = socket2::Socket::new(
+            socket2::Domain::PACKET,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(i32::from((libc::ETH_P_ALL as u16).to_be()))),
+        )
+        .expect("AF_PACKET socket");
+        // Room for the few 64 KiB frames each packet makes (the default holds about one).
+        let room: libc::c_int = 16 << 20;
+        // SAFETY: setsockopt reads the int it is given, alive for the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&capture),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&room as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+        capture.set_read_timeout(Some(std::time::Duration::from_millis(300))).unwrap();
+        let sender = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+        )
+        .expect("raw IPv4 socket");
+        let client = v4("198.18.4.1");
+        // (VIP, length of the IP packet sent, DF, what becomes of it). 65 515 bytes and 20 of
+        // outer IPv4 header are the largest IPv4 packet; 65 495 and 40 of IPv6, the 65 535 that
+        // `mtu = 0` stands for (a DF packet over it is answered, advertising what fits).
+        let cases = [
+            ("198.18.1.1", 1500, true, Fate::Forwarded(1520)),
+            ("198.18.1.1", 65515, true, Fate::Forwarded(65535)),
+            ("198.18.1.1", 65516, true, Fate::Answered(65515)),
+            ("198.18.1.1", 65520, true, Fate::Answered(65515)),
+            ("198.18.1.1", 65535, true, Fate::Answered(65515)),
+            ("198.18.1.1", 65516, false, Fate::Dropped),
+            ("198.18.1.1", 65535, false, Fate::Dropped),
+            ("198.18.1.2", 65495, true, Fate::Forwarded(65535)),
+            ("198.18.1.2", 65496, true, Fate::Answered(65495)),
+            ("198.18.1.2", 65535, false, Fate::Dropped),
+        ];
+        for (i, (vip, len, df, want)) in cases.into_iter().enumerate() {
+            let name = format!("{len} bytes to {vip}, DF {df}");
+            let vip = v4(vip);
+            let mut h = V4::new(client, vip, 6);
+            h.df = df;
+            let sport = 40000 + i as u16;
+            let packet =
+                h.packet(&tcp(client.into(), vip.into(), sport, 80, SYN, &vec![b'x'; len - 40]));
+            assert_eq!(packet.len(), len);
+            let before = dp.maps().reasons().unwrap();
+            let to = std::net::SocketAddr::from((vip, 0));
+            assert_eq!(sender.send_to(&packet, &to.into()).expect(&name), len, "{name}");
+            let slot = match want {
+                Fate::Forwarded(_) => Reason::TxEncap,
+                Fate::Answered(_) => Reason::TxIcmpTooBig,
+                Fate::Dropped => Reason::DropTooBig,
+            };
+            let start = std::time::Instant::now();
+            let after = loop {
+                let after = dp.maps().reasons().unwrap();
+                if after[slot as usize] > before[slot as usize]
+                    || start.elapsed() > std::time::Duration::from_secs(2)
+                {
+                    break after;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            };
+            // What left the balancer for this packet: the encapsulated frame (IPIP, or 4in6 to
+            // the IPv6 backend) or the frag-needed answer. The kernel's own copies of the packet
+            // sent (IPv4 carrying TCP) are not among them.
+            let mut seen = Vec::new();
+            let mut buf = vec![0u8; 70_000];
+            while let Ok(n) = std::io::Read::read(&mut &capture, &mut buf) {
+                let f = &buf[..n];
+                let ip = &f[14..];
+                match u16::from_be_bytes([f[12], f[13]]) {
+                    ETH_IP if ip[9] == 4 => {
+                        let said = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+                        assert_eq!(said, ip.len(), "{name}: outer IPv4 length as sent");
+                        seen.push(Fate::Forwarded(said));
+                    }
+                    ETH_IP if ip[9] == 1 && ip[20] == 3 && ip[21] == 4 => {
+                        seen.push(Fate::Answered(u16::from_be_bytes([ip[26], ip[27]])));
+                    }
+                    ETH_IPV6 if ip[6] == 4 => {
+                        let said = u16::from_be_bytes([ip[4], ip[5]]) as usize + 40;
+                        assert_eq!(said, ip.len(), "{name}: outer IPv6 length as sent");
+                        seen.push(Fate::Forwarded(said));
+                    }
+                    _ => {}
+                }
+            }
+            let want_seen = if want == Fate::Dropped { vec![] } else { vec![want] };
+            assert_eq!(seen, want_seen, "{name}: what left the balancer");
+            for r in [Reason::TxEncap, Reason::TxIcmpTooBig, Reason::DropTooBig] {
+                let moved = after[r as usize] - before[r as usize];
+                let name_r = REASON_NAMES[r as usize];
+                assert_eq!(moved, u64::from(r as usize == slot as usize), "{name}: {name_r}");
+            }
+        }
+    })
+    .unwrap();
+}

@@ -565,7 +565,8 @@ pub struct GlobalConfig {
     /// How many low bits of `src_v4` vary per flow (0..=16).
     pub src_v4_host_bits: u32,
     /// Largest IP packet the egress link carries; encapsulated packets larger than this are
-    /// answered with ICMP frag-needed / packet-too-big. 0 disables the check.
+    /// answered with ICMP frag-needed / packet-too-big. 0 checks no link's MTU but stands for
+    /// 65 535: a packet larger once encapsulated cannot be sent (its outer IPv4 length would wrap).
     pub mtu: u32,
     /// Source MAC for frames we send (the balancer's interface); all zero keeps the frame's
     /// destination MAC as the new source.

@@ -52,6 +52,9 @@ pub fn encap_v4(
     cfg: &GlobalConfig,
 ) -> Result<(), ()> {
     let ethertype = crate::parse::ETH_P_IP;
+    // `forward` refuses a packet over 65 535 bytes with its outer header; should one get here,
+    // it is not sent with a wrapped length.
+    let tot_len = inner_len.checked_add(IPV4_LEN as u16).ok_or(())?;
     // SAFETY: the helper only moves ctx->data; every pointer is re-derived below.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV4_LEN as i32)) } != 0 {
         return Err(());
@@ -61,7 +64,7 @@ pub fn encap_v4(
     let mut h = Ipv4Hdr {
         ver_ihl: 0x45,
         tos,
-        tot_len: (inner_len + IPV4_LEN as u16).to_be(),
+        tot_len: tot_len.to_be(),
         id: 0,
         frag_off: IP_DF,
         ttl: OUTER_TTL,

@@ -436,9 +436,15 @@ pub fn forward(
         return xdp_action::XDP_TX;
     }
     let overhead = if pick.backend.family == AF_INET { IPV4_LEN } else { IPV6_LEN } as u32;
-    if cfg.mtu != 0 && l3.tot_len as u32 + overhead > cfg.mtu {
-        if data_packet && l3.df && cfg.mtu > overhead {
-            return icmp::too_big(ctx, l3, cfg.mtu - overhead, &cfg);
+    // `mtu = 0` checks no link's MTU, but a packet that would be over 65 535 bytes once
+    // encapsulated cannot be sent at all: an outer IPv4 header's 16-bit length would wrap
+    // (generic XDP sees GRO-merged packets of up to 64 KiB, and `lo`'s MTU is 65 536). So 0
+    // stands for 65 535, the largest `mtu` the config takes, for both outer families, which keeps
+    // one comparison on the path (an outer IPv6 header could say 40 bytes more: refused as well).
+    let mtu = if cfg.mtu == 0 { u16::MAX as u32 } else { cfg.mtu };
+    if l3.tot_len as u32 + overhead > mtu {
+        if data_packet && l3.df && mtu > overhead {
+            return icmp::too_big(ctx, l3, mtu - overhead, &cfg);
         }
         count(Reason::DropTooBig);
         return xdp_action::XDP_DROP;
@@ -447,7 +453,7 @@ pub fn forward(
     // into the encapsulated frame: cut them when they would take it over the MTU (padding to
     // the 60-byte minimum never does, so the common path pays one comparison).
     let frame_l3 = (ctx.data_end() - ctx.data()).saturating_sub(l3.l3_off) as u32;
-    if cfg.mtu != 0 && frame_l3 + overhead > cfg.mtu {
+    if frame_l3 + overhead > mtu {
         let excess = frame_l3 - l3.tot_len as u32;
         // SAFETY: moves ctx->data_end only; the encapsulation re-derives its pointers.
         if unsafe { aya_ebpf::helpers::bpf_xdp_adjust_tail(ctx.ctx, -(excess as i32)) } != 0 {

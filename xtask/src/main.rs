@@ -143,6 +143,7 @@ const TEST_NAMESPACES: &[&str] = &[
     "elgro{pid}",
     "elfd{pid}",
     "elrx{pid}",
+    "elbig{pid}",
     "edgelb-noroute-{pid}",
     "edgelb-repin-{pid}",
 ];

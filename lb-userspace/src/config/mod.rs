@@ -130,7 +130,8 @@ pub struct Node {
     pub gateway_mac: Option<[u8; 6]>,
     /// Source MAC of frames we send; None keeps the interface's (the frame's destination).
     pub src_mac: Option<[u8; 6]>,
-    /// Egress MTU for the too-big check (0 disables it).
+    /// Egress MTU for the too-big check (0 disables it, but for packets over 65 535 bytes once
+    /// encapsulated, which cannot be sent at all and are refused all the same).
     pub mtu: u32,
     /// bpffs directory where maps and XDP links are pinned, so restarts are hitless.
     pub pin_dir: PathBuf,
