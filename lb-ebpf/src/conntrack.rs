@@ -470,7 +470,7 @@ extern "C" fn search_step<B: Bucket>(cpu: u64, ctx: *mut c_void) -> i64 {
     // a flow not found, or an entry of another flow: only a copy is kept, and the caller checks
     // its backend and generation (`valid`) before use, so the worst is one packet placed by a
     // stale but live entry. Volatile copies of the ways would say this in the code, at the
-    // price of stack the program, at 496 of the verifier's 512 bytes, has little of.
+    // price of stack, of which the program has little left under the verifier's 512 bytes.
     match unsafe { &*other }.find(&s.key, s.vip) {
         Some((_, conn, ended)) => {
             s.found = Some((conn, ended));
