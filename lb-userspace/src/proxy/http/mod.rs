@@ -98,18 +98,37 @@ struct TimedOut;
 /// took the runtime's timer lock to register and again to cancel, twice a request. Moved later
 /// (the usual case, from one request to the next), a registered timer takes no lock
 /// (`Sleep::reset`). `work` is polled first, as `timeout_at` polls it.
-async fn within<F: Future>(
+fn within<F: Future>(
     mut timer: Pin<&mut Sleep>,
     deadline: tokio::time::Instant,
     work: F,
-) -> Result<F::Output, TimedOut> {
+) -> Within<'_, F> {
     timer.as_mut().reset(deadline);
-    let mut work = std::pin::pin!(work);
-    std::future::poll_fn(|cx| match work.as_mut().poll(cx) {
-        Poll::Ready(r) => Poll::Ready(Ok(r)),
-        Poll::Pending => timer.as_mut().poll(cx).map(|()| Err(TimedOut)),
-    })
-    .await
+    Within { timer, work }
+}
+
+pin_project_lite::pin_project! {
+    /// A wait of [`within`]: a future of its own, not an `async fn` that pins its argument,
+    /// which would hold `work` twice (the argument, and the pinned copy), and copy both each
+    /// time it is made and moved into its caller's future: the response head's wait, made
+    /// once a request, was some 3 KiB instead of 1.5.
+    struct Within<'t, F> {
+        timer: Pin<&'t mut Sleep>,
+        #[pin]
+        work: F,
+    }
+}
+
+impl<F: Future> Future for Within<'_, F> {
+    type Output = Result<F::Output, TimedOut>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match this.work.poll(cx) {
+            Poll::Ready(r) => Poll::Ready(Ok(r)),
+            Poll::Pending => this.timer.as_mut().poll(cx).map(|()| Err(TimedOut)),
+        }
+    }
 }
 
 /// Writes all of `data` (a `Vec`, or `Bytes` split off a read buffer without copying).
@@ -1900,10 +1919,12 @@ async fn attempt_once<'c>(
             // fresh one (`Ok(None)`).
             let stale = !fresh && replayable;
             let first = Some(FirstRead::Done(first));
-            let reading = response_head(client, &up, ubuf, addr, expect, first, stale, interim);
-            let waited =
-                head_within(timer.as_mut(), reading, resp_deadline, interim, wait, deadline);
-            match waited.await {
+            let waited = {
+                let reading = response_head(client, &up, ubuf, addr, expect, first, stale, interim);
+                let reading = std::pin::pin!(reading);
+                head_within(timer.as_mut(), reading, resp_deadline, interim, wait, deadline).await
+            };
+            match waited {
                 Some(Ok(Some(resp))) => return Ok(Answer { up, resp, cut: false, rest: None }),
                 Some(Ok(None)) => continue,
                 Some(Err(e)) => return Err(abandon(&up, e)),
@@ -1956,7 +1977,7 @@ async fn attempt_once<'c>(
                     let squeezed = through + cfg.response_timeout > deadline;
                     let by = answer_by(through);
                     let waited =
-                        head_within(timer.as_mut(), &mut reading, by, interim, wait, deadline);
+                        head_within(timer.as_mut(), reading.as_mut(), by, interim, wait, deadline);
                     match waited.await {
                         Some(r) => (r, false, None),
                         None if squeezed => return Err(abandon(&up, Attempt::Squeezed)),
@@ -1978,7 +1999,7 @@ async fn attempt_once<'c>(
                     // in between.
                     let by = answer_by(tokio::time::Instant::now());
                     let waited =
-                        head_within(timer.as_mut(), &mut reading, by, interim, wait, deadline);
+                        head_within(timer.as_mut(), reading.as_mut(), by, interim, wait, deadline);
                     match waited.await {
                         Some(Ok(Some(resp))) => (Ok(Some(resp)), true, None),
                         Some(Err(e @ (Attempt::ClientGone | Attempt::TooLarge))) => {
@@ -2070,19 +2091,19 @@ impl Interim {
 /// 10.1). Never past `deadline` (the whole request's). `None` once the time is up. The timer
 /// (`timer`, the connection's for response heads: [`within`]) that runs out after an interim
 /// response is set again on the same read (a receive dropped to issue a new one would take the
-/// next bytes with it).
+/// next bytes with it). `reading` comes pinned by the caller, which holds it: taken by value
+/// and pinned here, it would be held twice (see [`Within`]).
 async fn head_within<F: Future>(
     mut timer: Pin<&mut Sleep>,
-    reading: F,
+    mut reading: Pin<&mut F>,
     by: tokio::time::Instant,
     interim: &Interim,
     wait: Duration,
     deadline: tokio::time::Instant,
 ) -> Option<F::Output> {
-    let mut reading = std::pin::pin!(reading);
     let mut until = by;
     loop {
-        match within(timer.as_mut(), until, &mut reading).await {
+        match within(timer.as_mut(), until, reading.as_mut()).await {
             Ok(r) => return Some(r),
             Err(_) => {
                 let later = interim.last.get().map_or(until, |at| (at + wait).min(deadline));
