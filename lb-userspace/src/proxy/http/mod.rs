@@ -1389,18 +1389,10 @@ async fn serve_conn(
             finished(&vip, peer, 499, Some(&req), Some(member.addr), Some(started), None);
             return;
         }
-        let streaming = stream_body(&up, &mut ubuf, client, rframing, decode, deadline, &clock);
         // The rest of a cut-off body is read and dropped while the answer streams; the rest of
         // one the backend answered 2xx goes on to it meanwhile (`Answer::rest`), where it
         // stands kept in `rest` even when the drain deadline drops the streams.
         let mut rest = rest.map(Rest::Going);
-        let body = async {
-            match rest.as_mut() {
-                _ if cut => with_the_rest_dropped(streaming, client).await,
-                Some(rest) => beside(streaming, rest, client, deadline).await,
-                None => streaming.await,
-            }
-        };
         // Who ended a body that could not be passed on whole. The backend, when it closed or
         // reset its connection or broke the chunked coding: a passive-health failure (but see
         // `blamed` below). The client, when the write to it failed (it left), or when the rest
@@ -1411,10 +1403,24 @@ async fn serve_conn(
         // drain deadline of a stop: none is the backend's fault. The response
         // is still counted and logged by the status its head gave the client (as nginx and
         // HAProxy log it), with the cut beside it.
-        let ended = tokio::select! {
-            biased;
-            r = body => Some(r),
-            () = super::wait_forced_in_task(&shared) => None,
+        let ended = {
+            let streaming = stream_body(&up, &mut ubuf, client, rframing, decode, deadline, &clock);
+            // Pinned here, once: the functions that go on beside it take it pinned, and `body`
+            // holds only a reference (by value, each would hold the stream twice, and `body`
+            // both ways of going on, some 2 KiB made and moved at every response).
+            let mut streaming = std::pin::pin!(streaming);
+            let body = async {
+                match rest.as_mut() {
+                    _ if cut => with_the_rest_dropped(streaming.as_mut(), client).await,
+                    Some(rest) => beside(streaming.as_mut(), rest, client, deadline).await,
+                    None => streaming.as_mut().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                r = body => Some(r),
+                () = super::wait_forced_in_task(&shared) => None,
+            }
         };
         let cut_by = match ended {
             None => Some(Cut::Drain),
@@ -1754,13 +1760,12 @@ fn body_cut(side: Side, deadline: tokio::time::Instant) -> Cut {
 /// same moment as the body's, gives up first (`Err(Side::Timeout)`: `cut=idle`, the body still
 /// going). Only a response stuck in a write to the client meanwhile lets the body's read give
 /// up first (a cut by the client).
-async fn beside(
-    response: impl Future<Output = Result<(), Side>>,
+async fn beside<F: Future<Output = Result<(), Side>>>(
+    mut response: Pin<&mut F>,
     rest: &mut Rest<'_>,
     client: &Socket,
     deadline: tokio::time::Instant,
 ) -> Result<(), Side> {
-    let mut response = std::pin::pin!(response);
     let Rest::Going(going) = rest else { return response.await };
     let first = tokio::select! {
         biased;
@@ -1794,11 +1799,10 @@ async fn beside(
 /// client's side ends the reading is polled no more; one left pending when the answer is
 /// through stays in flight with its buffer, harmlessly (what it gets is dropped anyway), and
 /// completes at the latest when `serve` shuts the socket down.
-async fn with_the_rest_dropped(
-    response: impl Future<Output = Result<(), Side>>,
+async fn with_the_rest_dropped<F: Future<Output = Result<(), Side>>>(
+    mut response: Pin<&mut F>,
     client: &Socket,
 ) -> Result<(), Side> {
-    let mut response = std::pin::pin!(response);
     let mut draining = std::pin::pin!(discard(client));
     let mut drained = false;
     loop {
