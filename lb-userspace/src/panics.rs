@@ -86,6 +86,9 @@ pub fn install_hook() {
             let thread = std::thread::current();
             static SAID: LazyLock<Said> = LazyLock::new(Said::default);
             let said = on_panic(thread.name(), info.location(), info.payload(), &PANICS, &SAID);
+            if info.location().is_some_and(|l| in_tokio_uring(l.file())) {
+                crate::proxy::suspect_driver();
+            }
             // Also when the log's filter drops this module's errors (a `RUST_LOG` naming other
             // targets only): the panic would otherwise be said nowhere. Not for one held back
             // by [`Said`], which would flood stderr instead.
@@ -94,6 +97,13 @@ pub fn install_hook() {
             }
         }));
     });
+}
+
+/// Is `file` (a panic's place) tokio-uring's own source? Such a panic may leave an L7
+/// thread's io_uring driver holding an operation the kernel never saw, whose drop would then
+/// wait for ever (`proxy::suspect_driver`).
+fn in_tokio_uring(file: &str) -> bool {
+    file.contains("/tokio-uring-")
 }
 
 /// Whether [`on_panic`]'s error goes nowhere: no `tracing` subscriber is set up yet, or the

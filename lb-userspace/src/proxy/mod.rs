@@ -24,6 +24,8 @@ mod reuse;
 mod tcp;
 mod uring;
 
+pub(crate) use uring::suspect_driver;
+
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
@@ -1080,8 +1082,8 @@ impl Proxy {
                         // A panic outside the connection tasks (their runtime catches theirs)
                         // ends the process: see `panics::or_exit`.
                         crate::panics::or_exit(&name, || rt.block_on(run_thread(socks, shared, t)));
-                        // Dropped, unless a task's panic may have left its driver waiting for
-                        // ever for an operation the kernel never saw.
+                        // Dropped, unless a panic in tokio-uring may have left its driver
+                        // waiting for ever for an operation the kernel never saw.
                         uring::end_runtime(rt, &name);
                     }
                     Err(e) => {
@@ -1456,8 +1458,8 @@ fn uring_runtime() -> tokio_uring::Builder {
 }
 
 /// One proxy thread: accept loops until the proxy stops, then this thread's connections finish
-/// until the grace period ends (dropping the runtime then closes whatever is left, unless a task
-/// panicked: `uring::end_runtime`).
+/// until the grace period ends (dropping the runtime then closes whatever is left, unless
+/// tokio-uring panicked on the thread: `uring::end_runtime`).
 async fn run_thread(
     socks: Vec<(String, SocketAddr, L7Mode, std::net::TcpListener)>,
     shared: Arc<Shared>,
@@ -1671,9 +1673,7 @@ async fn accept_loop(
         let stream = uring::Socket::new(stream, stall);
         let counted = Counted::new(&shared, &label);
         let (shared2, upstream2, idle2) = (shared.clone(), upstream.clone(), idle.clone());
-        // A panic here ends the connection only, and leaves the thread's runtime at its end
-        // (`uring::end_runtime`).
-        uring::spawn(async move {
+        tokio_uring::spawn(async move {
             let client = stream.clone();
             // A refusal's close lingers, handed to the kernel at the deadline like any other
             // (its answer is complete), but is not counted open, nor so in `closing`.

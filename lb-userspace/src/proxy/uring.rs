@@ -414,7 +414,7 @@ impl Socket {
     pub(crate) fn close_detached(self, unsent: bool) {
         self.begin_close();
         let close = Detached(Some(self));
-        spawn(async move {
+        tokio_uring::spawn(async move {
             if let Some(s) = &close.0 {
                 s.close_delivered(unsent).await;
             }
@@ -726,7 +726,7 @@ impl Watched {
         WATCH.with(|w| {
             let slot = w.sends.borrow_mut().insert((waker.clone(), w.tick.get() + every));
             if !w.ticking.replace(true) {
-                spawn(tick());
+                tokio_uring::spawn(tick());
             }
             Watched(slot)
         })
@@ -908,8 +908,8 @@ thread_local! {
     static ENDING: Cell<bool> = const { Cell::new(false) };
     /// Buffers [`Held`] leaked on this thread as its runtime ended.
     static KEPT: Cell<u64> = const { Cell::new(0) };
-    /// Has a task on this thread panicked since its runtime last ended ([`SuspectOnPanic`],
-    /// [`end_runtime`])?
+    /// Has tokio-uring's own code panicked on this thread since its runtime last ended
+    /// ([`suspect_driver`], [`end_runtime`])?
     static SUSPECT: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -934,56 +934,29 @@ impl Drop for RuntimeEnd {
     }
 }
 
-/// Spawns `task`, a connection's or a detached one (not one of the thread's own, whose panic
-/// ends the process: `panics::or_exit_task`), on this thread's runtime, its panics seen
-/// ([`SuspectOnPanic`]).
-pub(crate) fn spawn<F: Future + 'static>(task: F) -> tokio::task::JoinHandle<F::Output> {
-    tokio_uring::spawn(SuspectOnPanic { task })
+/// Marks this thread's io_uring driver suspect: the panic hook (`panics::install_hook`) saw
+/// a panic in tokio-uring's own code on this thread. tokio-uring (0.5) panics in
+/// `Driver::submit_op_2` after it has taken a slot for an operation the kernel never sees (an
+/// `io_uring_enter` failing other than with EBUSY or EINTR as it flushes a full submission
+/// queue); its driver's drop would wait for that operation for ever, and so would the thread's
+/// end and the stop joining it ([`end_runtime`]). Panics in edgelb's own code leave the driver
+/// as it was, and the runtime is dropped as usual, with what its drop does (a detached close
+/// handed to the kernel, a relay still open reset).
+pub(crate) fn suspect_driver() {
+    SUSPECT.with(|s| s.set(true));
 }
 
-pin_project_lite::pin_project! {
-    /// Runs `task`, marking this thread's runtime suspect ([`SUSPECT`]) if a poll of it
-    /// panics, and then lets the panic go on as it would have: its runtime catches it and ends
-    /// the task (and so the connection), the panic hook has logged and counted it. tokio-uring
-    /// (0.5) may panic in `Driver::submit_op_2` after it has taken a slot for an operation the
-    /// kernel never sees (an `io_uring_enter` failing other than with EBUSY or EINTR as it
-    /// flushes a full submission queue); its driver's drop would wait for that operation for
-    /// ever, and so would the thread's end and the stop joining it. That panic cannot be told
-    /// apart from any other here, so any counts ([`end_runtime`]). A future of its own, not an
-    /// `async fn` that pins its argument: that would hold the task twice (the argument, and the
-    /// pinned copy), 20 KiB a connection instead of 10.
-    struct SuspectOnPanic<F> {
-        #[pin]
-        task: F,
-    }
-}
-
-impl<F: Future> Future for SuspectOnPanic<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let task = self.project().task;
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task.poll(cx))) {
-            Ok(polled) => polled,
-            Err(payload) => {
-                SUSPECT.with(|s| s.set(true));
-                std::panic::resume_unwind(payload)
-            }
-        }
-    }
-}
-
-/// Ends `rt`, the runtime of thread `thread` whose work is done: drops it, unless a task on this
-/// thread panicked since ([`SuspectOnPanic`]). Then its driver may hold an operation the kernel
-/// never saw, which its drop would wait for for ever: the runtime is left as it is (forgotten),
-/// with what it still holds (the operation's slot, a few KiB, and any connection still open)
-/// until the process exits, which follows a proxy's stop, and the kernel tears its io_uring
-/// down then.
+/// Ends `rt`, the runtime of thread `thread` whose work is done: drops it, unless tokio-uring's
+/// own code panicked on this thread since ([`suspect_driver`]). Then its driver may hold an
+/// operation the kernel never saw, which its drop would wait for for ever: the runtime is left
+/// as it is (forgotten), with what it still holds (the operation's slot, a few KiB, and any
+/// connection still open, closed plainly as the process exits) until the process exits, which
+/// follows a proxy's stop, and the kernel tears its io_uring down then.
 pub(crate) fn end_runtime(rt: tokio_uring::Runtime, thread: &str) {
     if SUSPECT.with(|s| s.replace(false)) {
         tracing::warn!(
             thread,
-            "a task of L7 thread `{thread}` panicked (said above): its io_uring driver may hold an operation the kernel never saw, which dropping it would wait for for ever, so the thread's runtime is left as it is, and what it holds is freed as the process exits"
+            "tokio-uring panicked on L7 thread `{thread}` (said above): its io_uring driver may hold an operation the kernel never saw, which dropping it would wait for for ever, so the thread's runtime is left as it is, and what it holds is freed as the process exits"
         );
         std::mem::forget(rt);
     } else {
@@ -1091,79 +1064,80 @@ mod tests {
         assert_eq!(KEPT.with(Cell::get), before, "a completed receive's buffer is not kept");
     }
 
-    /// A runtime one of whose tasks panicked is left at its end, not dropped: its driver may
-    /// wait for ever in its drop for an operation the kernel never saw ([`end_runtime`]). Seen
+    /// A runtime on whose thread tokio-uring's own code panicked is left at its end, not
+    /// dropped: its driver may wait for ever in its drop for an operation the kernel never saw
+    /// ([`end_runtime`]); one on whose thread edgelb's code panicked is dropped as usual. Seen
     /// from the peer of a connection a task holds open: dropped, the runtime drops the task and
-    /// the connection ends (end of stream); left, it stays open. The panic goes on to the
-    /// runtime as before: the task's handle says it panicked.
+    /// the connection ends (end of stream); left, it stays open. The panic hook
+    /// (`panics::install_hook`) tells the two apart, so this runs in a child (this test binary
+    /// again, this test only), where it is installed. tokio-uring is made to panic by polling
+    /// a completed receive once more.
     #[test]
-    fn a_runtime_whose_task_panicked_is_left_at_its_end() {
+    fn a_runtime_whose_driver_panicked_is_left_at_its_end() {
+        const CHILD: &str = "EDGELB_TEST_DRIVER_PANIC";
+        let Some(case) = std::env::var_os(CHILD) else {
+            let exe = std::env::current_exe().expect("the test binary's path");
+            let name = "proxy::uring::tests::a_runtime_whose_driver_panicked_is_left_at_its_end";
+            for (case, end) in [("tokio-uring", "left"), ("edgelb", "dropped")] {
+                let out = std::process::Command::new(&exe)
+                    .args([name, "--exact", "--nocapture", "--test-threads=1"])
+                    .env(CHILD, case)
+                    .output()
+                    .expect("run the test binary again");
+                let said =
+                    String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+                assert!(out.status.success(), "{case}: {said}");
+                assert!(said.contains(&format!("the runtime was {end}")), "{case}: {said}");
+            }
+            return;
+        };
+        crate::panics::install_hook();
+        let in_driver = case == "tokio-uring";
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        let ended = |panic: bool| {
-            let rt = tokio_uring::Runtime::new(&tokio_uring::builder()).unwrap();
-            let peer = rt.block_on(async {
-                let _end = RuntimeEnd::arm();
-                let long = Duration::from_secs(60);
-                let s = Socket::connect(addr, long, long).await.unwrap();
-                let peer = l.accept().unwrap().0;
-                // Holds the socket, waiting for bytes that never come.
-                let armed = s.recv_armed(BytesMut::new(), 64);
-                spawn(async move {
-                    let _s = s;
-                    let _ = armed.await;
-                });
-                if panic {
-                    let panicked = spawn(async { panic!("a task's fault (expected)") }).await;
-                    assert!(panicked.unwrap_err().is_panic(), "the runtime sees the panic");
-                }
-                peer
+        let rt = tokio_uring::Runtime::new(&tokio_uring::builder()).unwrap();
+        let peer = rt.block_on(async {
+            let _end = RuntimeEnd::arm();
+            let long = Duration::from_secs(60);
+            // A connection a task holds open, waiting for bytes that never come.
+            let held = Socket::connect(addr, long, long).await.unwrap();
+            let peer = l.accept().unwrap().0;
+            let armed = held.recv_armed(BytesMut::new(), 64);
+            tokio_uring::spawn(async move {
+                let _s = held;
+                let _ = armed.await;
             });
-            end_runtime(rt, "test");
-            peer.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-            std::io::Read::read(&mut &peer, &mut [0u8; 1])
-        };
-        let left = ended(true);
-        assert!(
-            matches!(&left, Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)),
-            "the runtime is left, its connection open: {left:?}"
-        );
-        assert!(!SUSPECT.with(Cell::get), "the thread's next runtime starts unsuspected");
-        let dropped = ended(false);
-        assert_eq!(dropped.unwrap(), 0, "the runtime is dropped, its connection ended");
-    }
-
-    /// Every task the proxy starts outside its tests goes through [`spawn`] (a panic makes the
-    /// thread's runtime suspect, [`end_runtime`]) or `panics::or_exit_task` (a panic ends the
-    /// process): a bare `tokio_uring::spawn` would let a panic leave a driver that hangs the
-    /// thread's end, and with it a stop.
-    #[test]
-    fn every_proxy_task_is_spawned_through_a_panic_wrapper() {
-        fn scan(dir: &std::path::Path, bare: &mut Vec<String>) {
-            for entry in std::fs::read_dir(dir).unwrap() {
-                let path = entry.unwrap().path();
-                if path.is_dir() {
-                    scan(&path, bare);
-                    continue;
+            // Another, whose task panics.
+            let s = Socket::connect(addr, long, long).await.unwrap();
+            let mut other = l.accept().unwrap().0;
+            let faulty = tokio_uring::spawn(async move {
+                if in_driver {
+                    std::io::Write::write_all(&mut other, b"x").unwrap();
+                    let mut armed = s.recv_armed(BytesMut::new(), 64);
+                    let _ = (&mut armed).await;
+                    // A completed operation polled again: tokio-uring's own `expect` panics.
+                    std::future::poll_fn(|cx| {
+                        Poll::Ready(Pin::new(&mut armed).poll(cx).is_ready())
+                    })
+                    .await;
+                } else {
+                    panic!("a fault in edgelb's own code (expected)");
                 }
-                let text = std::fs::read_to_string(&path).unwrap();
-                // A file's unit tests come last, in its `mod tests`.
-                let code = text.split("#[cfg(test)]\nmod tests").next().unwrap();
-                for (i, line) in code.lines().enumerate() {
-                    let line = line.trim_start();
-                    if line.contains("tokio_uring::spawn(")
-                        && !line.starts_with("//")
-                        && !line.contains("or_exit_task(")
-                        && !line.starts_with("tokio_uring::spawn(SuspectOnPanic {")
-                    {
-                        bare.push(format!("{}:{}: {line}", path.display(), i + 1));
-                    }
-                }
+            });
+            assert!(faulty.await.unwrap_err().is_panic(), "the runtime sees the panic");
+            peer
+        });
+        end_runtime(rt, "test");
+        peer.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let end = match std::io::Read::read(&mut &peer, &mut [0u8; 1]) {
+            Ok(0) => "dropped",
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                "left"
             }
-        }
-        let mut bare = Vec::new();
-        scan(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/proxy"), &mut bare);
-        assert!(bare.is_empty(), "spawned without a panic wrapper: {bare:#?}");
+            other => panic!("{other:?}"),
+        };
+        assert!(!SUSPECT.with(Cell::get), "the thread's next runtime starts unsuspected");
+        println!("the runtime was {end}");
     }
 
     /// A peer that takes nothing is cut at the [`LOOKS_PER_STALL`]th look in a row that sees

@@ -173,7 +173,7 @@ const BACKEND_CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// Waits in a task of its own, so that the client's next request does not; closes anyway after
 /// [`BACKEND_CLOSE_WAIT`].
 pub(super) fn close_after_backend(up: Socket) {
-    crate::proxy::uring::spawn(async move {
+    tokio_uring::spawn(async move {
         let mut buf = BytesMut::with_capacity(64);
         let ended = tokio::time::timeout(BACKEND_CLOSE_WAIT, async {
             while let Ok(n) = read_more(&up, &mut buf).await {
