@@ -2589,6 +2589,27 @@ fn a_resize_copy_while_the_old_program_writes_carries_whole_entries() {
     assert!(reread > 0, "no bucket was read again in {} copies", windows.len());
 }
 
+/// A network namespace a test adds, named `prefix` and this process's PID (by which `./x test`
+/// tells an interrupted run's namespace from a running one's), and deletes when dropped, even
+/// on failure.
+struct ScratchNetns(String);
+
+impl ScratchNetns {
+    /// Adds the namespace `prefix` + PID.
+    fn add(prefix: &str) -> Self {
+        let name = format!("{prefix}{}", std::process::id());
+        let added = std::process::Command::new("ip").args(["netns", "add", &name]).status();
+        assert!(added.unwrap().success(), "ip netns add {name}");
+        Self(name)
+    }
+}
+
+impl Drop for ScratchNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
 /// [`one_vip`] as a UDP VIP on port 53: UDP flows enter the connection table at their first
 /// datagram.
 fn one_udp_vip(backends: &[(&str, u32)]) -> Config {
@@ -3002,17 +3023,8 @@ fn out_of_descriptors_an_interface_is_not_lost() {
     if std::env::var_os("EDGELB_FD_CHILD").is_none() {
         return common::in_child(NAME);
     }
-    let ns = format!("elfd{}", std::process::id());
-    struct Cleanup(String);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
-    assert!(
-        std::process::Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success()
-    );
-    let _cleanup = Cleanup(ns.clone());
+    let netns = ScratchNetns::add("elfd");
+    let ns = netns.0.clone();
     let cfg = Config::parse(&one_vip(&THREE), "x".as_ref()).unwrap();
     netns::in_netns(&ns, || {
         let mut dp = Dataplane::load(None).expect("loads");
@@ -5405,17 +5417,8 @@ fn with_no_mtu_a_packet_too_big_to_encapsulate_is_refused() {
     if !require_privileged("with_no_mtu_a_packet_too_big_to_encapsulate_is_refused") {
         return;
     }
-    let ns = format!("elbig{}", std::process::id());
-    struct Cleanup(String);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
-    assert!(
-        std::process::Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success()
-    );
-    let _cleanup = Cleanup(ns.clone());
+    let netns = ScratchNetns::add("elbig");
+    let ns = netns.0.clone();
     for args in ["link set lo up", "addr add 198.18.1.1/32 dev lo", "addr add 198.18.1.2/32 dev lo"]
     {
         let ok = std::process::Command::new("ip")

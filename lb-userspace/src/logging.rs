@@ -290,16 +290,10 @@ mod tests {
     fn a_stalled_sink_drops_and_counts_lines_and_a_flush_writes_the_rest() {
         const CHILD: &str = "EDGELB_TEST_LOG_QUEUE";
         if std::env::var_os(CHILD).is_none() {
-            let exe = std::env::current_exe().expect("the test binary's path");
             let name =
                 "logging::tests::a_stalled_sink_drops_and_counts_lines_and_a_flush_writes_the_rest";
-            let out = std::process::Command::new(&exe)
-                .args([name, "--exact", "--nocapture", "--test-threads=1"])
-                .env(CHILD, "1")
-                .output()
-                .expect("run the test binary again");
-            let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success() && said.contains("1 passed"), "{said}");
+            let (status, said) = crate::testlog::in_child(name, CHILD, "1");
+            assert!(status.success() && said.contains("1 passed"), "{said}");
             return;
         }
         let gate = Gate::default();

@@ -202,17 +202,10 @@ mod tests {
     fn a_long_lived_thread_that_panics_ends_the_process() {
         const CHILD: &str = "EDGELB_TEST_THREAD_PANIC";
         let Some(case) = std::env::var_os(CHILD) else {
-            let exe = std::env::current_exe().expect("the test binary's path");
             let name = "panics::tests::a_long_lived_thread_that_panics_ends_the_process";
             for case in ["thread", "task"] {
-                let out = std::process::Command::new(&exe)
-                    .args([name, "--exact", "--nocapture", "--test-threads=1"])
-                    .env(CHILD, case)
-                    .output()
-                    .expect("run the test binary again");
-                let said =
-                    String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
-                assert_eq!(out.status.code(), Some(THREAD_PANICKED_EXIT), "{case}: {said}");
+                let (status, said) = crate::testlog::in_child(name, CHILD, case);
+                assert_eq!(status.code(), Some(THREAD_PANICKED_EXIT), "{case}: {said}");
                 assert!(
                     said.contains("thread `l7-0` panicked and nothing else does its work"),
                     "{case}: {said}"

@@ -1076,17 +1076,10 @@ mod tests {
     fn a_runtime_whose_driver_panicked_is_left_at_its_end() {
         const CHILD: &str = "EDGELB_TEST_DRIVER_PANIC";
         let Some(case) = std::env::var_os(CHILD) else {
-            let exe = std::env::current_exe().expect("the test binary's path");
             let name = "proxy::uring::tests::a_runtime_whose_driver_panicked_is_left_at_its_end";
             for (case, end) in [("tokio-uring", "left"), ("edgelb", "dropped")] {
-                let out = std::process::Command::new(&exe)
-                    .args([name, "--exact", "--nocapture", "--test-threads=1"])
-                    .env(CHILD, case)
-                    .output()
-                    .expect("run the test binary again");
-                let said =
-                    String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
-                assert!(out.status.success(), "{case}: {said}");
+                let (status, said) = crate::testlog::in_child(name, CHILD, case);
+                assert!(status.success(), "{case}: {said}");
                 assert!(said.contains(&format!("the runtime was {end}")), "{case}: {said}");
             }
             return;
