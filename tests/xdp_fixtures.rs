@@ -2589,9 +2589,9 @@ fn a_resize_copy_while_the_old_program_writes_carries_whole_entries() {
     assert!(reread > 0, "no bucket was read again in {} copies", windows.len());
 }
 
-/// A network namespace a test adds, named `prefix` and this process's PID (by which `./x test`
-/// tells an interrupted run's namespace from a running one's), and deletes when dropped, even
-/// on failure.
+/// A network namespace a test adds, named `prefix` and this process's full PID (at most 7
+/// digits, by which `./x test` tells an interrupted run's namespace from a running one's and
+/// removes it), and deletes when dropped, even on failure.
 struct ScratchNetns(String);
 
 impl ScratchNetns {
@@ -2601,6 +2601,17 @@ impl ScratchNetns {
         let added = std::process::Command::new("ip").args(["netns", "add", &name]).status();
         assert!(added.unwrap().success(), "ip netns add {name}");
         Self(name)
+    }
+
+    /// Runs `ip -n <this namespace> <args>` (words split at spaces), which must succeed.
+    fn ip(&self, args: &str) {
+        let ns = &self.0;
+        let ok = std::process::Command::new("ip")
+            .args(["-n", ns])
+            .args(args.split(' '))
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip -n {ns} {args}");
     }
 }
 
@@ -2867,29 +2878,18 @@ fn pinned_links_follow_the_interfaces() {
     if !require_privileged("pinned_links_follow_the_interfaces") {
         return;
     }
-    // The full PID (at most 7 digits), so that `./x test` can tell an interrupted run's
-    // namespace from a running one's and remove it.
-    let ns = format!("elpl{}", std::process::id());
+    let netns = ScratchNetns::add("elpl");
+    let ns = netns.0.clone();
     let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/edgelb-links-{}", std::process::id()));
-    struct Cleanup(String, std::path::PathBuf);
-    impl Drop for Cleanup {
+    // Dropped before the namespace (declared after it).
+    struct Pins(std::path::PathBuf);
+    impl Drop for Pins {
         fn drop(&mut self) {
-            let _ = Dataplane::teardown(&self.1);
-            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+            let _ = Dataplane::teardown(&self.0);
         }
     }
-    let _cleanup = Cleanup(ns.clone(), dir.clone());
-    let ip = |args: &str| {
-        let ok = std::process::Command::new("ip")
-            .args(["-n", &ns])
-            .args(args.split(' '))
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "ip -n {ns} {args}");
-    };
-    assert!(
-        std::process::Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success()
-    );
+    let _pins = Pins(dir.clone());
+    let ip = |args: &str| netns.ip(args);
     ip("link add va type veth peer name vb");
     ip("link set va up");
     ip("link set vb up");
@@ -5421,12 +5421,7 @@ fn with_no_mtu_a_packet_too_big_to_encapsulate_is_refused() {
     let ns = netns.0.clone();
     for args in ["link set lo up", "addr add 198.18.1.1/32 dev lo", "addr add 198.18.1.2/32 dev lo"]
     {
-        let ok = std::process::Command::new("ip")
-            .args(["-n", &ns])
-            .args(args.split(' '))
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "ip -n {ns} {args}");
+        netns.ip(args);
     }
     let cfg = Config::parse(NO_MTU_CONFIG, "x".as_ref()).unwrap();
     assert_eq!(cfg.node.mtu, 0);
