@@ -407,24 +407,20 @@ pub(super) fn carry_over(
     for &Resize { name, entries } in resize {
         let flows = u64::from(entries / cpus) * CONNTRACK_WAYS as u64;
         let pin = dir.join(name);
-        if name == lb_common::maps::CONNTRACK_V4 {
+        let (tally, reread) = if name == lb_common::maps::CONNTRACK_V4 {
             done.v4_flows.0 = flows;
             let new = maps.conntrack_v4.map().fd().as_fd();
-            let (tally, reread) =
-                carry_table::<ConnBucketV4>(&pin, entries, new, cpus, shape.v4_buckets, v4_hash)?;
-            done.flows += tally;
-            done.buckets_reread += reread;
+            carry_table::<ConnBucketV4>(&pin, entries, new, cpus, shape.v4_buckets, v4_hash)?
         } else {
             assert_eq!(name, lb_common::maps::CONNTRACK, "only the connection tables are resized");
             done.v6_flows.0 = flows;
             let new = maps.conntrack.map().fd().as_fd();
-            let (tally, reread) =
-                carry_table::<ConnBucket>(&pin, entries, new, cpus, shape.v6_buckets, |w| {
-                    v6_hash(v6_vips, w)
-                })?;
-            done.flows += tally;
-            done.buckets_reread += reread;
-        }
+            carry_table::<ConnBucket>(&pin, entries, new, cpus, shape.v6_buckets, |w| {
+                v6_hash(v6_vips, w)
+            })?
+        };
+        done.flows += tally;
+        done.buckets_reread += reread;
     }
     done.took = started.elapsed();
     Ok(done)
