@@ -1039,8 +1039,7 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let before = KEPT.with(Cell::get);
-        let peer = tokio_uring::start(async {
-            let _end = RuntimeEnd::arm();
+        let peer = start(async {
             let long = Duration::from_secs(60);
             let s = Socket::connect(addr, long, long).await.unwrap();
             let peer = l.accept().unwrap().0;
@@ -1052,8 +1051,7 @@ mod tests {
         drop(peer);
         // A runtime that ends as usual frees what completed: nothing is kept then.
         let before = KEPT.with(Cell::get);
-        tokio_uring::start(async {
-            let _end = RuntimeEnd::arm();
+        start(async {
             let long = Duration::from_secs(60);
             let s = Socket::connect(addr, long, long).await.unwrap();
             let mut peer = l.accept().unwrap().0;
