@@ -3075,9 +3075,7 @@ fn a_stop_hands_a_slow_reader_the_rest_of_a_complete_answer() {
     (&s).write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
     let (got, end) = stop_while_reading_slowly(&mut p, s);
     assert!(end.is_ok(), "{end:?} after {} bytes", got.len());
-    let head = got.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
-    assert_eq!(got.len() - head, QUEUED_ANSWER, "the whole body");
-    assert!(got.ends_with(b"xxxx"), "the body's end");
+    whole_body(&got, QUEUED_ANSWER, "");
     let text = logged(&log);
     assert!(
         text.lines().any(|l| l.contains("L7 drain deadline passed")
@@ -3104,9 +3102,7 @@ fn a_stop_hands_a_lingering_close_to_the_kernel() {
     (&s).write_all(two.as_bytes()).unwrap();
     let (got, end) = stop_while_reading_slowly(&mut p, s);
     assert!(end.is_ok(), "{end:?} after {} bytes", got.len());
-    let head = got.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
-    assert_eq!(got.len() - head, QUEUED_ANSWER, "the whole body, and only it");
-    assert!(got.ends_with(b"xxxx"), "the body's end");
+    whole_body(&got, QUEUED_ANSWER, "");
     assert_eq!(b.reqs.load(Ordering::Relaxed), 1, "the pipelined request went nowhere");
     let text = logged(&log);
     assert!(
@@ -3133,9 +3129,7 @@ fn a_stop_hands_over_a_client_that_sent_more_with_a_clean_end() {
         std::thread::sleep(Duration::from_millis(50));
     });
     assert!(end.is_ok(), "{end:?} after {} bytes", got.len());
-    let head = got.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
-    assert_eq!(got.len() - head, QUEUED_ANSWER, "the whole body, and only it");
-    assert!(got.ends_with(b"xxxx"), "the body's end");
+    whole_body(&got, QUEUED_ANSWER, "");
     assert_eq!(b.reqs.load(Ordering::Relaxed), 1, "the second request went nowhere");
 }
 
@@ -3169,6 +3163,14 @@ fn a_stop_gives_a_steady_slow_reader_the_time_the_rest_takes_it() {
 /// kernel's buffers at once, and some 7.5 s of reading at its reader's pace.
 const STEADY_ANSWER: usize = 300_000;
 
+/// Asserts that `got` is a response head and a body of exactly `len` bytes, whole to its end
+/// (the test backends' bodies end in `xxxx`); `context` is added to the messages.
+fn whole_body(got: &[u8], len: usize, context: &str) {
+    let head = got.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
+    assert_eq!(got.len() - head, len, "the whole body, and only it{context}");
+    assert!(got.ends_with(b"xxxx"), "the body's end{context}");
+}
+
 /// What a steady slow reader ([`read_steadily`]) got, and when it ended.
 type SteadyRead = std::thread::JoinHandle<((Vec<u8>, std::io::Result<()>), Instant)>;
 
@@ -3199,9 +3201,7 @@ fn steady_reader_got_all(p: &Running, client: SocketAddr, reader: SteadyRead) {
     let ((got, end), done) = reader.join().unwrap();
     let after = done - stopped;
     assert!(end.is_ok(), "{end:?} after {} bytes, {after:?} after the stop", got.len());
-    let head = got.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
-    assert_eq!(got.len() - head, STEADY_ANSWER, "the whole body, and only it");
-    assert!(got.ends_with(b"xxxx"), "the body's end");
+    whole_body(&got, STEADY_ANSWER, "");
     assert!(
         after > Duration::from_millis(2500),
         "the rest took longer than the stall time: {after:?}"
@@ -3271,9 +3271,7 @@ fn a_slow_reader_of_a_closing_answer_gets_all_of_it() {
     let (got, end) = read_slowly(&mut s, |_| false);
     let took = start.elapsed();
     assert!(end.is_ok(), "{end:?} after {} bytes in {took:?}", got.len());
-    let head = got.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
-    assert_eq!(got.len() - head, QUEUED_ANSWER, "the whole body, after {took:?}");
-    assert!(got.ends_with(b"xxxx"), "the body's end");
+    whole_body(&got, QUEUED_ANSWER, &format!(" (after {took:?})"));
     assert!(took > Duration::from_secs(3), "the client read slowly: {took:?}");
     p.connections_given_back().unwrap();
 }
