@@ -2041,12 +2041,20 @@ fn pinned_maps_with_another_layout_are_replaced_not_reused() {
     assert_eq!(replaced(&before, dir).len(), maps.len(), "every map made fresh");
 }
 
+/// The array map pinned as `name` in `dir`, of `V` values.
+fn pinned_array<V: aya::Pod>(
+    dir: &std::path::Path,
+    name: &str,
+) -> aya::maps::Array<aya::maps::MapData, V> {
+    let data = aya::maps::MapData::from_pin(dir.join(name)).unwrap();
+    aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap()
+}
+
 /// Stamps the maps pinned in `dir` (written by an `apply`, which stamps this build's version)
 /// with another map layout version, as an edgelb of another layout would have written them.
 fn stamp_another_maps_version(dir: &std::path::Path) {
-    let data = aya::maps::MapData::from_pin(dir.join(lb_common::maps::CONFIG)).unwrap();
     let mut config: aya::maps::Array<_, lb_common::GlobalConfig> =
-        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+        pinned_array(dir, lb_common::maps::CONFIG);
     let mut c = config.get(&0, 0).unwrap();
     assert_eq!(c.maps_version, lb_common::MAPS_VERSION, "apply stamps the maps");
     c.maps_version = lb_common::MAPS_VERSION + 1;
@@ -2241,9 +2249,7 @@ where
     B: aya::Pod + Default,
     W: Copy,
 {
-    let data = aya::maps::MapData::from_pin(dir.join(name)).unwrap();
-    let mut table: aya::maps::Array<_, B> =
-        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    let mut table: aya::maps::Array<_, B> = pinned_array(dir, name);
     let cpus = table.len() / buckets;
     let mut region = vec![(B::default(), 0usize); buckets as usize];
     let mut placed = 0;
@@ -2333,9 +2339,8 @@ fn full_tables_are_resized_with_every_flow_accounted_for() {
     // Each CPU's flows are in that CPU's region of the new table, each in the bucket its hash
     // names there: flow n of CPU c has c in the top byte of its client address (fill_pinned).
     let new = dp.table_shape().v4_buckets;
-    let data = aya::maps::MapData::from_pin(dir.join(lb_common::maps::CONNTRACK_V4)).unwrap();
     let table: aya::maps::Array<_, lb_common::ConnBucketV4> =
-        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+        pinned_array(dir, lb_common::maps::CONNTRACK_V4);
     assert_eq!(table.len(), shape.cpus * new, "the pin names the new table");
     for cpu in 0..shape.cpus {
         let mut held = 0;
@@ -2415,9 +2420,8 @@ fn a_resize_copy_while_the_old_program_writes_carries_whole_entries() {
         (Ipv4Addr::from(u32::from(v4("198.19.0.0")) + (m & 0xffff)), range + (m >> 16) as u16)
     };
     // Every bucket of CPU 0's and the busy CPU's regions filled with four flows of their own.
-    let data = aya::maps::MapData::from_pin(dir.join(lb_common::maps::CONNTRACK_V4)).unwrap();
     let mut table: aya::maps::Array<_, lb_common::ConnBucketV4> =
-        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+        pinned_array(dir, lb_common::maps::CONNTRACK_V4);
     let mut setup: Vec<Vec<(Ipv4Addr, u16)>> = Vec::new();
     for (r, &region) in regions.iter().enumerate() {
         let mut filled = vec![(lb_common::ConnBucketV4::default(), 0usize); buckets as usize];
